@@ -1,0 +1,331 @@
+"""The catalog: the roadmap's phases and concepts as data, and the labs that exist for them.
+
+The roadmap (phases, concepts, titles, categories, slugs) ships inside the package as data
+files; the labs are discovered on disk from their ``lab.toml`` files. A concept whose lab
+does not exist yet is still in the catalog, with ``lab = None``, so it can be listed as
+"no lab yet" and never as done.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import re
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+KNOWN_SERVICES = ("postgres", "redis", "kafka", "rabbitmq")
+LANGUAGES = ("python", "c")
+ID_PATTERN = re.compile(r"^ph(\d+)\.(\d+|c)$")
+
+
+class CatalogError(Exception):
+    """A lab file or selector is wrong; the message names the file or argument and the fix."""
+
+
+@dataclass(frozen=True)
+class Lab:
+    """One lab on disk: a concept's exercise, or a phase's C example (id ``phN.c``)."""
+
+    id: str
+    slug: str
+    title: str
+    category: str
+    path: Path
+    services: tuple[str, ...]
+    language: str
+    points: int
+    learner_files: tuple[str, ...]
+    hints: tuple[str, ...]
+    timeout: float
+    build: str | None = None
+
+    @property
+    def phase_id(self) -> str:
+        return self.id.split(".")[0]
+
+    @property
+    def is_example(self) -> bool:
+        return self.id.endswith(".c")
+
+    @property
+    def starter_dir(self) -> Path:
+        return self.path / "starter"
+
+    @property
+    def solution_dir(self) -> Path:
+        return self.path / "solution"
+
+    @property
+    def test_files(self) -> list[Path]:
+        return sorted(self.path.glob("test_*.py"))
+
+    @property
+    def workspace_dir(self) -> str:
+        """Where the learner's copy lives inside a workspace: ``ph2/05-isolation-levels``."""
+        return f"{self.path.parent.name}/{self.path.name}"
+
+
+@dataclass(frozen=True)
+class Concept:
+    id: str
+    slug: str
+    title: str
+    category: str
+    lab: Lab | None = None
+
+    @property
+    def phase_id(self) -> str:
+        return self.id.split(".")[0]
+
+    @property
+    def number(self) -> int:
+        return int(self.id.split(".")[1])
+
+
+@dataclass(frozen=True)
+class Phase:
+    id: str
+    name: str
+    requires: tuple[str, ...]
+    concepts: tuple[Concept, ...]
+    examples: tuple[Lab, ...] = ()
+
+    @property
+    def number(self) -> int:
+        return int(self.id[2:])
+
+
+@dataclass
+class Catalog:
+    phases: list[Phase]
+    labs_root: Path | None = None
+    _by_id: dict[str, Concept] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_id = {c.id: c for p in self.phases for c in p.concepts}
+
+    @property
+    def concepts(self) -> list[Concept]:
+        return [c for p in self.phases for c in p.concepts]
+
+    @property
+    def labs(self) -> list[Lab]:
+        """Every runnable item: concept labs, then each phase's C example."""
+        out: list[Lab] = []
+        for phase in self.phases:
+            out.extend(c.lab for c in phase.concepts if c.lab is not None)
+            out.extend(phase.examples)
+        return out
+
+    def concept(self, concept_id: str) -> Concept:
+        return self._by_id[concept_id]
+
+    def phase(self, phase_id: str) -> Phase:
+        for phase in self.phases:
+            if phase.id == phase_id:
+                return phase
+        raise KeyError(phase_id)
+
+    def lab(self, lab_id: str) -> Lab:
+        for lab in self.labs:
+            if lab.id == lab_id:
+                return lab
+        raise KeyError(lab_id)
+
+    def select(self, selectors: Sequence[str]) -> list[Concept | Lab]:
+        """Resolve selectors (``all``, ``ph2``, ``ph2.5``, ``isolation-levels``, ``ph2.c``)
+        to concepts and C examples, in roadmap order, without repeats."""
+        if not selectors:
+            raise CatalogError("no selector given: name a phase (ph2), a concept (ph2.5), "
+                               "a slug (isolation-levels) or 'all'")
+        chosen: dict[str, Concept | Lab] = {}
+        for raw in selectors:
+            for item in self._resolve(raw.strip()):
+                chosen.setdefault(item.id, item)
+        order = {item.id: n for n, item in enumerate(self._all_items())}
+        return sorted(chosen.values(), key=lambda item: order[item.id])
+
+    def _all_items(self) -> list[Concept | Lab]:
+        items: list[Concept | Lab] = []
+        for phase in self.phases:
+            items.extend(phase.concepts)
+            items.extend(phase.examples)
+        return items
+
+    def _resolve(self, selector: str) -> list[Concept | Lab]:
+        key = selector.lower()
+        if key == "all":
+            return self._all_items()
+        for phase in self.phases:
+            if key == phase.id:
+                return [*phase.concepts, *phase.examples]
+        for item in self._all_items():
+            if key in (item.id, item.slug):
+                return [item]
+        candidates = ["all"] + [p.id for p in self.phases]
+        candidates += [i.id for i in self._all_items()] + [i.slug for i in self._all_items()]
+        close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise CatalogError(
+            f"unknown selector {selector!r}.{hint} "
+            "Use 'labrunner list' to see phases, concept ids and slugs."
+        )
+
+
+def _read_concepts_tsv(text: str) -> list[dict[str, str]]:
+    rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
+    for row in rows:
+        if set(row) != {"id", "title", "category"}:
+            raise CatalogError("concepts.tsv: expected columns id, title, category")
+    return rows
+
+
+def _data_text(name: str) -> str:
+    return resources.files("labrunner").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def _require(data: dict[str, object], key: str, kind: type, file: Path) -> object:
+    if key not in data:
+        raise CatalogError(f"{file}: missing field '{key}'")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CatalogError(
+            f"{file}: field '{key}' must be {kind.__name__}, found {type(value).__name__}"
+        )
+    return value
+
+
+def _string_list(data: dict[str, object], key: str, file: Path) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CatalogError(f"{file}: field '{key}' must be a list of strings")
+    return tuple(value)
+
+
+def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -> Lab:
+    """Read and validate one ``lab.toml``; every error names the file and the field."""
+    file = lab_dir / "lab.toml"
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CatalogError(f"{lab_dir}: no lab.toml (every lab folder needs one)") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{file}: not valid TOML: {exc}") from exc
+    lab_id = str(_require(data, "id", str, file))
+    if not ID_PATTERN.match(lab_id):
+        raise CatalogError(f"{file}: field 'id' must look like 'ph2.5' or 'ph2.c', got {lab_id!r}")
+    known = (concepts or {}).get(lab_id, {})
+    slug = str(_require(data, "slug", str, file))
+    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug):
+        raise CatalogError(f"{file}: field 'slug' must be lowercase words joined by '-'")
+    services = _string_list(data, "services", file)
+    for name in services:
+        if name not in KNOWN_SERVICES:
+            raise CatalogError(
+                f"{file}: field 'services' names unknown service {name!r}; "
+                f"known: {', '.join(KNOWN_SERVICES)}"
+            )
+    language = str(data.get("language", "python"))
+    if language not in LANGUAGES:
+        raise CatalogError(f"{file}: field 'language' must be one of {', '.join(LANGUAGES)}")
+    points = data.get("points", 10)
+    if not isinstance(points, int) or isinstance(points, bool) or points < 0:
+        raise CatalogError(f"{file}: field 'points' must be a whole number >= 0")
+    timeout = data.get("timeout", 120)
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        raise CatalogError(f"{file}: field 'timeout' must be a positive number of seconds")
+    learner_files = _string_list(data, "learner_files", file)
+    if not learner_files:
+        raise CatalogError(f"{file}: field 'learner_files' must list the files the learner edits")
+    for name in learner_files:
+        if name.startswith(("/", "..")) or "/../" in name or name.startswith("test_"):
+            raise CatalogError(f"{file}: learner file {name!r} must be a plain relative path")
+    build = data.get("build")
+    if build is not None and not isinstance(build, str):
+        raise CatalogError(f"{file}: field 'build' must be a make target name")
+    title = data.get("title", known.get("title"))
+    category = data.get("category", known.get("category"))
+    if not isinstance(title, str) or not isinstance(category, str):
+        raise CatalogError(f"{file}: fields 'title' and 'category' are required for {lab_id}")
+    return Lab(
+        id=lab_id,
+        slug=slug,
+        title=title,
+        category=category,
+        path=lab_dir.resolve(),
+        services=services,
+        language=language,
+        points=points,
+        learner_files=learner_files,
+        hints=_string_list(data, "hints", file),
+        timeout=float(timeout),
+        build=build,
+    )
+
+
+def _discover(dirs: Iterable[Path], concepts: dict[str, dict[str, str]]) -> dict[str, Lab]:
+    labs: dict[str, Lab] = {}
+    for root in dirs:
+        if not root.is_dir():
+            continue
+        for toml in sorted(root.glob("*/lab.toml")) + sorted(root.glob("*/*/lab.toml")):
+            lab = load_lab(toml.parent, concepts)
+            if lab.id in labs:
+                raise CatalogError(
+                    f"{toml}: id {lab.id} is already used by {labs[lab.id].path / 'lab.toml'}"
+                )
+            labs[lab.id] = lab
+    return labs
+
+
+def find_project_root(start: Path | None = None) -> Path | None:
+    """The labrunner checkout holding ``labs/``: from $LABRUNNER_HOME, or up from ``start``,
+    or up from this file (an editable install)."""
+    import os
+
+    env = os.environ.get("LABRUNNER_HOME")
+    if env:
+        return Path(env).resolve()
+    for base in (start or Path.cwd(), Path(__file__).resolve()):
+        for candidate in (base, *base.parents):
+            if (candidate / "labs").is_dir() and (candidate / "pyproject.toml").is_file():
+                return candidate
+    return None
+
+
+def load_catalog(root: Path | None = None) -> Catalog:
+    """The whole roadmap, with the labs found under ``root/labs`` and ``root/c_examples``."""
+    root = root or find_project_root()
+    rows = _read_concepts_tsv(_data_text("concepts.tsv"))
+    meta = tomllib.loads(_data_text("catalog.toml"))
+    slugs: dict[str, str] = meta["slugs"]
+    by_id = {row["id"]: row for row in rows}
+    labs = _discover([root / "labs", root / "c_examples"], by_id) if root else {}
+    for lab_id, lab in labs.items():
+        if not lab.is_example and lab_id not in by_id:
+            raise CatalogError(f"{lab.path / 'lab.toml'}: id {lab_id} is not a roadmap concept")
+    phases: list[Phase] = []
+    for entry in meta["phase"]:
+        pid = entry["id"]
+        concepts = tuple(
+            Concept(
+                id=row["id"],
+                slug=slugs[row["id"]],
+                title=row["title"],
+                category=row["category"],
+                lab=labs.get(row["id"]),
+            )
+            for row in rows
+            if row["id"].split(".")[0] == pid
+        )
+        examples = tuple(lab for lab in labs.values() if lab.is_example and lab.phase_id == pid)
+        phases.append(Phase(pid, entry["name"], tuple(entry["requires"]), concepts, examples))
+    return Catalog(phases=phases, labs_root=root / "labs" if root else None)
+
+
+def as_lab(item: Concept | Lab) -> Lab | None:
+    return item if isinstance(item, Lab) else item.lab

@@ -1,0 +1,581 @@
+"""The pytest plugin every lab's verification runs under (registered as ``labrunner``).
+
+It gives a verification two things:
+
+* ``learner``: the learner's code for this lab (a workspace copy, the starter or the reference
+  solution), loaded so that a syntax error, an import error or a missing function fails the
+  test with the file, the line and what to do, never with a traceback into labrunner;
+* service fixtures, each an isolated namespace on a real service: ``postgres`` (a fresh
+  database), ``redis_db`` (a logical database of its own), ``kafka`` (a topic and group
+  prefix), ``rabbitmq`` (a vhost).
+
+Services come from the runner's state file (``$LABRUNNER_SERVICES``) or, when pytest is run
+directly (``pytest labs/ph2``), are started here for the session and stopped at its end.
+
+Outcomes are reported to the runner through a pipe it opened (``$LABRUNNER_REPORT_FD``), each
+line signed with a key the runner sent down another pipe and that the learner's code never
+sees in its environment; the runner scores only what arrives signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib.util
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from .catalog import CatalogError, Lab, find_project_root, load_lab
+from .services.base import Endpoint, ServiceError
+from .services.isolation import (
+    allocate_redis_db,
+    create_database,
+    create_vhost,
+    delete_kafka_prefix,
+    delete_vhost,
+    drop_database,
+    namespace,
+    new_run_id,
+    redis_url,
+    release_redis_db,
+)
+
+ENV_SERVICES = "LABRUNNER_SERVICES"
+ENV_SRC = "LABRUNNER_SRC"
+ENV_REPORT_FD = "LABRUNNER_REPORT_FD"
+ENV_KEY_FD = "LABRUNNER_KEY_FD"
+ENV_RUN_ID = "LABRUNNER_RUN_ID"
+
+
+class LearnerCodeError(Exception):
+    """The learner's code could not be loaded or built; the message says where and why."""
+
+
+# --------------------------------------------------------------------------------------
+# Options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("labrunner")
+    group.addoption(
+        "--lab-target", default=None,
+        help="whose code to verify: 'solution' (default), 'starter', or a workspace folder",
+    )
+    group.addoption(
+        "--lab-src", default=None,
+        help="exact folder holding the learner's files for the (single) lab being run",
+    )
+    group.addoption(
+        "--lab-backend", default=None,
+        help="services backend when pytest starts them itself: auto, local, docker, external",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Signed outcome channel to the runner
+
+
+class _Reporter:
+    def __init__(self) -> None:
+        self.stream: Any = None
+        self.key = b""
+        fd = os.environ.pop(ENV_REPORT_FD, None)
+        key_fd = os.environ.pop(ENV_KEY_FD, None)
+        if fd is None or key_fd is None:
+            return
+        with os.fdopen(int(key_fd), "rb") as key_pipe:
+            self.key = key_pipe.read()
+        # Move the report pipe to a fresh descriptor so a learner guessing the number the
+        # runner used finds nothing there.
+        target = os.dup(int(fd))
+        os.close(int(fd))
+        os.set_inheritable(target, False)
+        self.stream = os.fdopen(target, "w", buffering=1, encoding="utf-8")
+
+    def send(self, record: dict[str, Any]) -> None:
+        if self.stream is None:
+            return
+        body = json.dumps(record, sort_keys=True)
+        mac = hmac.new(self.key, body.encode(), hashlib.sha256).hexdigest()
+        try:
+            self.stream.write(json.dumps({"body": body, "mac": mac}) + "\n")
+        except (OSError, ValueError):
+            self.stream = None
+
+
+_reporter: _Reporter | None = None
+_phase_outcomes: dict[str, dict[str, Any]] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _reporter
+    _reporter = _Reporter()
+    config.addinivalue_line("markers", "services(*names): services a test needs")
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _failure_message(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    crash = getattr(longrepr, "reprcrash", None)
+    if crash is not None:
+        message = str(crash.message)
+        # pytest prefixes "AssertionError: " / "Failed: " - keep the learner-facing part.
+        for prefix in ("Failed: ", "AssertionError: "):
+            if message.startswith(prefix):
+                message = message[len(prefix):]
+        return message
+    if isinstance(longrepr, tuple):
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    state = _phase_outcomes.setdefault(item.nodeid, {"outcome": "passed", "message": "",
+                                                      "duration": 0.0})
+    state["duration"] += report.duration
+    if report.failed and state["outcome"] != "failed":
+        state["outcome"] = "failed" if report.when == "call" else "error"
+        state["message"] = _failure_message(report)
+    elif report.skipped and state["outcome"] == "passed":
+        state["outcome"] = "skipped"
+        state["message"] = _failure_message(report)
+    if report.when == "teardown" and _reporter is not None:
+        _reporter.send({"nodeid": item.nodeid, **state})
+
+
+# --------------------------------------------------------------------------------------
+# The learner's code
+
+
+def _lab_for(path: Path) -> Lab:
+    for folder in (path, *path.parents):
+        if (folder / "lab.toml").is_file():
+            try:
+                return load_lab(folder)
+            except CatalogError as exc:
+                raise pytest.UsageError(str(exc)) from exc
+    raise pytest.UsageError(f"{path}: not inside a lab folder (no lab.toml above it)")
+
+
+def _src_dir(config: pytest.Config, lab: Lab) -> Path:
+    exact = config.getoption("--lab-src") or os.environ.get(ENV_SRC)
+    if exact:
+        return Path(exact).resolve()
+    target = config.getoption("--lab-target") or os.environ.get("LABRUNNER_TARGET") or "solution"
+    if target == "solution":
+        return lab.solution_dir
+    if target == "starter":
+        return lab.starter_dir
+    return (Path(target) / lab.workspace_dir).resolve()
+
+
+@dataclass
+class Learner:
+    """The learner's files for one lab, and ways to load, run and build them."""
+
+    lab: Lab
+    dir: Path
+    _loaded: list[str] = field(default_factory=list)
+    _build_dir: Path | None = None
+
+    def path(self, name: str) -> Path:
+        file = self.dir / name
+        if not file.exists():
+            raise LearnerCodeError(
+                f"{file} does not exist: the lab expects the file {name!r} "
+                f"(copy it from the starter: labrunner init)")
+        return file
+
+    def load(self, module: str) -> ModuleType:
+        """Import ``<module>.py`` from the learner's folder, fresh for this test."""
+        file = self.path(f"{module}.py")
+        name = f"learner_{self.lab.id.replace('.', '_')}_{module}_{len(self._loaded)}"
+        if str(self.dir) not in sys.path:
+            sys.path.insert(0, str(self.dir))
+        spec = importlib.util.spec_from_file_location(name, file)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except SyntaxError as exc:
+            raise LearnerCodeError(
+                f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
+        except Exception as exc:  # noqa: BLE001 - any error in the learner's module
+            frame = _learner_frame(exc, self.dir)
+            raise LearnerCodeError(
+                f"{frame}: importing {file.name} raised {type(exc).__name__}: {exc}") from None
+        self._loaded.append(name)
+        return mod
+
+    def function(self, module: str, name: str) -> Callable[..., Any]:
+        """A function the lab asks for, with a clear failure when it is missing."""
+        mod = self.load(module)
+        fn = getattr(mod, name, None)
+        if not callable(fn):
+            raise LearnerCodeError(f"{self.dir / (module + '.py')}: define a function {name}()")
+        return fn
+
+    def python(self, module: str, *args: str, env: dict[str, str] | None = None,
+               **popen: Any) -> subprocess.Popen[bytes]:
+        """Run ``<module>.py`` as its own process (for labs that kill and restart it)."""
+        file = self.path(f"{module}.py")
+        full_env = {**os.environ, "PYTHONPATH": str(self.dir), **(env or {})}
+        return subprocess.Popen([sys.executable, str(file), *args], env=full_env,
+                                cwd=self.dir, **popen)
+
+    def build(self) -> Path:
+        """Build the lab's C code with the c_examples Makefile (warnings are errors) into a
+        private folder; return that folder, which holds the binaries."""
+        if self._build_dir is not None:
+            return self._build_dir
+        if not self.lab.build:
+            raise pytest.UsageError(f"{self.lab.path / 'lab.toml'}: no 'build' target")
+        root = find_project_root(self.lab.path)
+        makefile_dir = (root / "c_examples") if root else self.lab.path.parents[1] / "c_examples"
+        out = Path(tempfile.mkdtemp(prefix=f"lrbuild-{self.lab.slug}-"))
+        done = subprocess.run(
+            ["make", "--no-print-directory", "-C", str(makefile_dir), self.lab.build,
+             f"SRC={self.dir}", f"OUT={out}"],
+            capture_output=True, text=True, timeout=180,
+        )
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).strip()
+            raise LearnerCodeError(
+                f"building {self.lab.build} from {self.dir} failed "
+                f"(-Wall -Wextra -Werror):\n{output[-3000:]}")
+        self._build_dir = out
+        return out
+
+    def cleanup(self) -> None:
+        for name in self._loaded:
+            sys.modules.pop(name, None)
+        if str(self.dir) in sys.path:
+            sys.path.remove(str(self.dir))
+        if self._build_dir is not None:
+            shutil.rmtree(self._build_dir, ignore_errors=True)
+
+
+def _learner_frame(exc: BaseException, folder: Path) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if frame.filename.startswith(str(folder)):
+            return f"{frame.filename}:{frame.lineno}"
+    return str(folder)
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest) -> Lab:
+    return _lab_for(Path(str(request.node.fspath)).parent)
+
+
+@pytest.fixture
+def learner(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Learner]:
+    src = _src_dir(request.config, lab)
+    if not src.is_dir():
+        pytest.fail(f"{src}: the lab folder is missing; run 'labrunner init' to create it",
+                    pytrace=False)
+    who = Learner(lab, src)
+    yield who
+    who.cleanup()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    outcome = yield
+    excinfo = outcome.excinfo
+    if excinfo is not None and isinstance(excinfo[1], LearnerCodeError):
+        outcome.force_exception(pytest.fail.Exception(str(excinfo[1]), pytrace=False))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    outcome = yield
+    excinfo = outcome.excinfo
+    if excinfo is not None and isinstance(excinfo[1], LearnerCodeError):
+        outcome.force_exception(pytest.fail.Exception(str(excinfo[1]), pytrace=False))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each lab's ``timeout`` becomes the per-test timeout, so an infinite loop in the
+    learner's code fails that test with 'timed out' instead of hanging the run."""
+    cache: dict[Path, float] = {}
+    for item in items:
+        folder = Path(str(item.fspath)).parent
+        if folder not in cache:
+            try:
+                cache[folder] = _lab_for(folder).timeout
+            except pytest.UsageError:
+                cache[folder] = 0
+        if cache[folder] and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(cache[folder]))
+
+
+# --------------------------------------------------------------------------------------
+# Services
+
+
+class _Services:
+    """The session's services: read from the runner's state file, or started here."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.run_id = os.environ.get(ENV_RUN_ID) or new_run_id()
+        self.counter = itertools.count(1)
+        self.lock = threading.Lock()
+        self.state_path = os.environ.get(ENV_SERVICES)
+        self.own: Any = None  # a ServiceSet we started, stopped at session end
+        self.backend_name = "local"
+        self.endpoints: dict[str, Endpoint] = {}
+        if self.state_path:
+            from .services.manager import read_state, read_state_backend
+
+            self.endpoints = read_state(Path(self.state_path))
+            self.backend_name = read_state_backend(Path(self.state_path))
+
+    def endpoint(self, name: str) -> Endpoint:
+        with self.lock:
+            if name in self.endpoints:
+                return self.endpoints[name]
+            if self.state_path:
+                raise ServiceError(f"the runner did not start {name}: add it to the lab's "
+                                   "'services' in lab.toml")
+            from .services.manager import ServiceSet, resolve_backend_name
+
+            if self.own is None:
+                self.backend_name = resolve_backend_name(self.config.getoption("--lab-backend"))
+                self.own = ServiceSet.ephemeral(self.backend_name)
+            self.endpoints.update(self.own.ensure([name]))
+            return self.endpoints[name]
+
+    def restart(self, name: str, **options: Any) -> Endpoint:
+        from .services.manager import make_backend
+
+        endpoint = self.endpoint(name)
+        if self.backend_name == "external":
+            pytest.skip(f"not verifiable on the external backend: {name} cannot be restarted")
+        backend = make_backend(self.backend_name, tied_to_parent=False)
+        if options and endpoint.backend == "local" and name == "postgres":
+            from .services.local import postgres as local_pg
+
+            return local_pg.restart(endpoint, **options)
+        return backend.restart(endpoint)
+
+    def next_name(self, label: str) -> str:
+        with self.lock:
+            return namespace(self.run_id, next(self.counter), label)
+
+    def close(self) -> None:
+        if self.own is not None:
+            self.own.stop()
+
+
+_services: _Services | None = None
+
+
+@pytest.fixture(scope="session")
+def lab_services(request: pytest.FixtureRequest) -> Iterator[_Services]:
+    global _services
+    _services = _Services(request.config)
+    yield _services
+    _services.close()
+    _services = None
+
+
+def _endpoint_or_fail(services: _Services, name: str) -> Endpoint:
+    try:
+        return services.endpoint(name)
+    except ServiceError as exc:
+        pytest.fail(f"{name} is not available: {exc}", pytrace=False)
+
+
+@dataclass
+class PostgresDB:
+    """A database of this test's own on a real Postgres server."""
+
+    dsn: str
+    name: str
+    endpoint: Endpoint
+    _services: _Services
+
+    def connect(self, **kwargs: Any) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.dsn, **kwargs)
+
+    @property
+    def admin_dsn(self) -> str:
+        return self.endpoint.url
+
+    def restart(self, mode: str = "fast") -> None:
+        """Restart the server keeping its data: ``fast`` (clean) or ``immediate`` (a crash:
+        the server replays its WAL at start). Connections open before are broken."""
+        self._services.restart("postgres", mode=mode)
+
+
+@pytest.fixture
+def postgres(lab_services: _Services, request: pytest.FixtureRequest) -> Iterator[PostgresDB]:
+    endpoint = _endpoint_or_fail(lab_services, "postgres")
+    name = lab_services.next_name(request.node.name[:12])
+    dsn = create_database(endpoint, name)
+    yield PostgresDB(dsn, name, endpoint, lab_services)
+    try:
+        drop_database(lab_services.endpoints.get("postgres", endpoint), name)
+    except Exception:  # noqa: BLE001 - the server may be down after a lab stopped it
+        pass
+
+
+@dataclass
+class RedisDB:
+    """A Redis logical database of this test's own."""
+
+    url: str
+    db: int
+    endpoint: Endpoint
+    _services: _Services
+
+    def client(self, **kwargs: Any) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url, **kwargs)
+
+    def restart(self) -> None:
+        """Restart the server with its data dir (settings made with CONFIG SET are kept)."""
+        self._services.restart("redis")
+
+
+@pytest.fixture
+def redis_db(lab_services: _Services) -> Iterator[RedisDB]:
+    endpoint = _endpoint_or_fail(lab_services, "redis")
+    db = allocate_redis_db(endpoint)
+    yield RedisDB(redis_url(endpoint, db), db, endpoint, lab_services)
+    try:
+        release_redis_db(endpoint, db)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# Consumer groups must form in a test in well under a second, not the client defaults.
+FAST_CONSUMER = {
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 500,
+    "auto.offset.reset": "earliest",
+    "topic.metadata.refresh.interval.ms": 1000,
+}
+
+
+@dataclass
+class KafkaNS:
+    """A topic and group prefix of this test's own on a real Kafka broker."""
+
+    bootstrap: str
+    prefix: str
+    endpoint: Endpoint
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def admin(self) -> Any:
+        from confluent_kafka.admin import AdminClient
+
+        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+
+    def create_topic(self, name: str, partitions: int = 1, **config: str) -> str:
+        from confluent_kafka.admin import NewTopic
+
+        full = self.topic(name)
+        futures = self.admin().create_topics(
+            [NewTopic(full, num_partitions=partitions, replication_factor=1, config=config)],
+            operation_timeout=15)
+        futures[full].result(timeout=30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # wait until every partition has a leader
+            meta = self.admin().list_topics(full, timeout=5).topics.get(full)
+            if meta and meta.error is None and len(meta.partitions) == partitions and all(
+                    p.leader >= 0 for p in meta.partitions.values()):
+                break
+            time.sleep(0.05)
+        return full
+
+    def producer_config(self, **overrides: Any) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap, "log_level": 0, **overrides}
+
+    def consumer_config(self, group: str, **overrides: Any) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap, "group.id": self.group(group),
+                "log_level": 0, **FAST_CONSUMER, **overrides}
+
+
+@pytest.fixture
+def kafka(lab_services: _Services, request: pytest.FixtureRequest) -> Iterator[KafkaNS]:
+    endpoint = _endpoint_or_fail(lab_services, "kafka")
+    prefix = lab_services.next_name(request.node.name[:12])
+    bootstrap = str(endpoint.extra.get("bootstrap") or endpoint.url)
+    yield KafkaNS(bootstrap, prefix, endpoint)
+    try:
+        delete_kafka_prefix(endpoint, prefix)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@dataclass
+class RabbitVhost:
+    """A RabbitMQ vhost of this test's own."""
+
+    url: str
+    vhost: str
+    endpoint: Endpoint
+
+    def parameters(self) -> Any:
+        import pika
+
+        return pika.URLParameters(self.url)
+
+    def connection(self) -> Any:
+        import pika
+
+        return pika.BlockingConnection(self.parameters())
+
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The management HTTP API (queues, bindings, message counts)."""
+        from .services.isolation import rabbitmq_api
+
+        return rabbitmq_api(self.endpoint, method, path, body)
+
+
+@pytest.fixture
+def rabbitmq(lab_services: _Services, request: pytest.FixtureRequest) -> Iterator[RabbitVhost]:
+    endpoint = _endpoint_or_fail(lab_services, "rabbitmq")
+    vhost = lab_services.next_name(request.node.name[:12])
+    url = create_vhost(endpoint, vhost)
+    yield RabbitVhost(url, vhost, endpoint)
+    try:
+        delete_vhost(endpoint, vhost)
+    except Exception:  # noqa: BLE001
+        pass

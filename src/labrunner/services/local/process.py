@@ -1,0 +1,152 @@
+"""Child processes for the local backend: started in their own session (so a Ctrl-C at the
+terminal reaches the runner, which stops them in order, and not the services half-way),
+optionally tied to the runner's life, and stopped by pid from any later process."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Ephemeral services must not outlive a runner that was SIGKILLed: the kernel sends
+    # them SIGTERM when the thread that started them dies.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def service_user() -> str | None:
+    """The unprivileged account services run as when we are root (initdb refuses root):
+    ``labrunner`` if the set-up created it, else ``nobody``. None when not root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("labrunner", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise RuntimeError("running as root but neither user 'labrunner' nor 'nobody' exists")
+
+
+def chown_for_service(path: Path) -> None:
+    """Give a directory tree to the service user (no-op when not root)."""
+    user = service_user()
+    if user is None:
+        return
+    entry = pwd.getpwnam(user)
+    for root, dirs, files in os.walk(path):
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+
+
+def runtime_dir() -> Path:
+    """Where local services keep their throwaway state: one folder per user, under the
+    system temp dir (not $HOME, which the unprivileged service user cannot enter)."""
+    base = Path(os.environ.get("LABRUNNER_RUNTIME_DIR") or
+                Path(tempfile.gettempdir()) / f"labrunner-{os.geteuid()}")
+    base.mkdir(parents=True, exist_ok=True)
+    os.chmod(base, 0o755)
+    return base
+
+
+def spawn(
+    cmd: Sequence[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    as_service_user: bool = False,
+    tied_to_parent: bool = True,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+            user=service_user() if as_service_user else None,
+            preexec_fn=_die_with_parent if tied_to_parent else None,
+        )
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists": reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def terminate(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM,
+              group: bool = True) -> None:
+    """Ask a process (and its session's group) to stop, then kill it after ``timeout``."""
+    if not pid_alive(pid):
+        return
+
+    def send(s: int) -> None:
+        try:
+            if group:
+                os.killpg(pid, s)
+            else:
+                os.kill(pid, s)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, s)
+            except ProcessLookupError:
+                pass
+
+    send(sig)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            send(signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return
+        time.sleep(0.02)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def which(name: str, *extra_dirs: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in extra_dirs:
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
