@@ -306,8 +306,13 @@ def load_catalog(root: Path | None = None) -> Catalog:
     by_id = {row["id"]: row for row in rows}
     labs = _discover([root / "labs", root / "c_examples"], by_id) if root else {}
     for lab_id, lab in labs.items():
-        if not lab.is_example and lab_id not in by_id:
+        if lab.is_example:
+            continue
+        if lab_id not in by_id:
             raise CatalogError(f"{lab.path / 'lab.toml'}: id {lab_id} is not a roadmap concept")
+        if lab.slug != slugs[lab_id]:
+            raise CatalogError(f"{lab.path / 'lab.toml'}: field 'slug' is {lab.slug!r} but "
+                               f"concept {lab_id} is {slugs[lab_id]!r}")
     phases: list[Phase] = []
     for entry in meta["phase"]:
         pid = entry["id"]

@@ -128,6 +128,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "services(*names): services a test needs")
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Sent before any learner code is imported (that happens inside the tests): the runner
+    # scores every one of these ids, and one that never reports counts as failed.
+    if _reporter is not None:
+        _reporter.send({"kind": "collected", "nodeids": [i.nodeid for i in session.items]})
+
+
 def _first_line(text: str) -> str:
     for line in text.splitlines():
         if line.strip():

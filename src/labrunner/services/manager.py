@@ -103,6 +103,7 @@ class ServiceSet:
             self.endpoints[name] = endpoint
             self.started_here.add(name)
             self.save()
+        self.save()  # also when every service was reused: the test process reads this file
         return dict(self.endpoints)
 
     def save(self) -> None:

@@ -1,0 +1,346 @@
+"""The ``labrunner`` command: thin click commands over the library.
+
+Exit codes: 0 all selected passed, 1 some failed, 2 usage or set-up errors, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .catalog import Catalog, CatalogError, Concept, Lab, as_lab, load_catalog
+from .report import console, err_console, progress_page, results_tables
+from .services.base import SERVICE_NAMES, ServiceError
+from .store import StoreError
+from .workspace import WorkspaceError, find_workspace, init_workspace
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageFailure(click.ClickException):
+    exit_code = EXIT_USAGE
+
+    def show(self, file: Any = None) -> None:
+        err_console.print(f"[bold red]error:[/] {self.message}")
+
+
+def friendly_errors(fn: F) -> F:
+    """Known failures become one clear line (exit 2); Ctrl-C exits 130 after cleanup."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (CatalogError, WorkspaceError, ServiceError, StoreError) as exc:
+            raise UsageFailure(str(exc)) from exc
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted:[/] services stopped; finished results "
+                              "were kept")
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _catalog() -> Catalog:
+    return load_catalog()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="labrunner")
+def main() -> None:
+    """Hands-on labs for the Backend Engineering Roadmap, verified against real services."""
+
+
+# --------------------------------------------------------------------------------------
+# list / hint
+
+
+@main.command("list")
+@click.argument("selectors", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+@friendly_errors
+def list_cmd(selectors: Sequence[str], as_json: bool) -> None:
+    """List phases and concepts (all, or those SELECTORS name)."""
+    catalog = _catalog()
+    chosen = {i.id for i in catalog.select(selectors)} if selectors else None
+    if as_json:
+        doc = {"version": 1, "phases": [
+            {"id": p.id, "name": p.name, "requires": list(p.requires),
+             "concepts": [
+                 {"id": c.id, "slug": c.slug, "title": c.title, "category": c.category,
+                  "lab": c.lab is not None,
+                  "services": list(c.lab.services) if c.lab else [],
+                  "language": c.lab.language if c.lab else None,
+                  "points": c.lab.points if c.lab else None}
+                 for c in p.concepts if chosen is None or c.id in chosen],
+             "c_examples": [{"id": e.id, "slug": e.slug, "title": e.title}
+                            for e in p.examples if chosen is None or e.id in chosen]}
+            for p in catalog.phases]}
+        click.echo(json.dumps(doc, indent=2))
+        return
+    for phase in catalog.phases:
+        items = [c for c in phase.concepts if chosen is None or c.id in chosen]
+        if not items:
+            continue
+        requires = ", ".join(phase.requires) or "none"
+        console.print(f"[bold]{phase.id} · {phase.name}[/] [dim](requires {requires})[/]")
+        for concept in items:
+            lab = concept.lab
+            extra = (f"[dim]{', '.join(lab.services) or 'no services'}"
+                     f"{' · C' if lab.language == 'c' else ''}[/]" if lab
+                     else "[yellow]no lab yet[/]")
+            console.print(f"  {concept.id:<6} {concept.slug:<28} {extra}")
+        for example in phase.examples:
+            if chosen is None or example.id in chosen:
+                console.print(f"  {example.id:<6} {example.slug:<28} [dim]C example[/]")
+
+
+@main.command()
+@click.argument("selector")
+@click.option("--all", "show_all", is_flag=True, help="Show every hint at once.")
+@friendly_errors
+def hint(selector: str, show_all: bool) -> None:
+    """Show the next hint for a concept (hints unlock one per failed attempt)."""
+    catalog = _catalog()
+    items = catalog.select([selector])
+    if len(items) != 1:
+        raise UsageFailure(f"{selector!r} names {len(items)} concepts: name one, e.g. ph2.5")
+    lab = as_lab(items[0])
+    if lab is None:
+        raise UsageFailure(f"{items[0].id} has no lab yet")
+    if not lab.hints:
+        console.print(f"{lab.id} has no hints: read {lab.path / 'README.md'}")
+        return
+    shown = len(lab.hints)
+    if not show_all:
+        try:
+            store = find_workspace().store()
+            failures = sum(1 for a in store.attempts(lab.id) if a.outcome != "passed")
+            shown = min(len(lab.hints), failures + 1)
+        except WorkspaceError:
+            shown = 1
+    for n, text in enumerate(lab.hints[:shown], 1):
+        console.print(f"[bold]Hint {n}/{len(lab.hints)}[/] for {lab.id} {lab.slug}: {text}")
+    if shown < len(lab.hints):
+        console.print("[dim]More hints unlock as you try (or use --all).[/]")
+
+
+# --------------------------------------------------------------------------------------
+# init / run / progress
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path), default=Path("."))
+@friendly_errors
+def init(directory: Path) -> None:
+    """Create a workspace in DIRECTORY with every lab's starter files (never overwrites)."""
+    workspace, created, kept = init_workspace(directory, _catalog())
+    console.print(f"workspace ready at [bold]{workspace.root}[/]: {len(created)} files "
+                  f"created, {len(kept)} of yours kept")
+    console.print("next: cd into it and run [bold]labrunner run ph0[/]")
+
+
+def _selected_labs(catalog: Catalog, selectors: Sequence[str]) -> tuple[list[Lab], list[str]]:
+    items: list[Concept | Lab] = catalog.select(selectors)
+    labs = [lab for lab in (as_lab(i) for i in items) if lab is not None]
+    without = [i.id for i in items if as_lab(i) is None]
+    return labs, without
+
+
+@main.command()
+@click.argument("selectors", nargs=-1, required=True)
+@click.option("--solutions", "target", flag_value="solution",
+              help="Verify the reference solutions (progress untouched).")
+@click.option("--starters", "target", flag_value="starter",
+              help="Verify the starters: they must fail (progress untouched).")
+@click.option("--workspace", "workspace_dir", type=click.Path(path_type=Path),
+              help="The workspace to verify (default: the one here or above).")
+@click.option("--backend", type=click.Choice(["auto", "local", "docker", "external"]),
+              default=None, help="Who runs the services (default: auto, or $LABRUNNER_BACKEND).")
+@click.option("-j", "--jobs", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Labs verified at once.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Write the versioned results document to this file.")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path),
+              help="Write JUnit XML to this file.")
+@click.option("--expect-fail", is_flag=True,
+              help="Exit 0 only if every selected lab FAILS (with --starters in CI).")
+@friendly_errors
+def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None,
+        backend: str | None, jobs: int, json_path: Path | None, junit_path: Path | None,
+        expect_fail: bool) -> None:
+    """Verify SELECTORS: a phase (ph2), a concept (ph2.5), a slug, or all."""
+    from .results import results_document, write_json, write_junit
+    from .services.manager import resolve_backend_name
+    from .session import verify
+
+    catalog = _catalog()
+    labs, without = _selected_labs(catalog, selectors)
+    if without:
+        err_console.print(f"[yellow]{len(without)} selected concepts have no lab yet "
+                          f"(not counted):[/] {', '.join(without)}")
+    if not labs:
+        raise UsageFailure("nothing to run: the selected concepts have no labs yet")
+    store = None
+    if target is None:
+        workspace = find_workspace(workspace_dir)
+        sources = {lab.id: workspace.lab_dir(lab) for lab in labs}
+        store = workspace.store()
+        shown_target = "workspace"
+    else:
+        sources = {lab.id: lab.solution_dir if target == "solution" else lab.starter_dir
+                   for lab in labs}
+        shown_target = target
+    backend_name = resolve_backend_name(backend)
+    outcome = verify(labs, sources, backend_name, jobs=jobs, store=store,
+                     show_progress=sys.stderr.isatty() or True)
+    results_tables(catalog, outcome.results, shown_target)
+    document = results_document(outcome.results, target=shown_target, backend=backend_name,
+                                started_at=outcome.started_at, duration=outcome.duration)
+    if json_path:
+        write_json(json_path, document)
+    if junit_path:
+        write_junit(junit_path, outcome.results)
+    passed = sum(1 for r in outcome.results if r.outcome == "passed")
+    console.print(f"{passed} passed, {len(outcome.results) - passed} failed "
+                  f"in {outcome.duration:.1f}s ({backend_name} backend)")
+    if expect_fail:
+        sys.exit(0 if passed == 0 else EXIT_FAIL)
+    if any(r.outcome == "error" for r in outcome.results) and passed == 0:
+        sys.exit(EXIT_FAIL)
+    sys.exit(0 if passed == len(outcome.results) else EXIT_FAIL)
+
+
+@main.command()
+@click.option("--workspace", "workspace_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print progress as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="List every concept's state.")
+@friendly_errors
+def progress(workspace_dir: Path | None, as_json: bool, verbose: bool) -> None:
+    """Show progress over all 8 phases, as the roadmap page does."""
+    catalog = _catalog()
+    status = find_workspace(workspace_dir).store().status()
+    if as_json:
+        done = [c.id for c in catalog.concepts if c.id in status and status[c.id].done]
+        click.echo(json.dumps({
+            "version": 1, "done": len(done), "total": len(catalog.concepts),
+            "phases": [{"id": p.id, "name": p.name, "total": len(p.concepts),
+                        "done": sum(1 for c in p.concepts if c.id in done)}
+                       for p in catalog.phases],
+            "concepts": {cid: {"state": s.state, "attempts": s.attempts}
+                         for cid, s in status.items()},
+        }, indent=2))
+        return
+    progress_page(catalog, status, verbose)
+
+
+# --------------------------------------------------------------------------------------
+# services / doctor / setup
+
+
+@main.group()
+def services() -> None:
+    """Keep a warm set of services for faster runs (up, status, down)."""
+
+
+@services.command("up")
+@click.argument("names", nargs=-1, type=click.Choice(SERVICE_NAMES))
+@click.option("--backend", type=click.Choice(["auto", "local", "docker"]), default=None)
+@friendly_errors
+def services_up(names: Sequence[str], backend: str | None) -> None:
+    """Start NAMES (default: all four) and leave them running for later runs."""
+    from .services.manager import ServiceSet, resolve_backend_name
+
+    warm = ServiceSet.warm_set(resolve_backend_name(backend))
+    for name in names or SERVICE_NAMES:
+        with err_console.status(f"starting {name}…"):
+            endpoint = warm.ensure([name])[name]
+        console.print(f"[green]✓[/] {name:<9} {endpoint.host}:{endpoint.port} "
+                      f"({endpoint.backend})")
+
+
+@services.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def services_status(as_json: bool) -> None:
+    """Show the warm services and whether they answer."""
+    from .services.manager import leftovers, make_backend, read_state, read_state_backend
+
+    rows = []
+    for state in leftovers():
+        backend = make_backend(read_state_backend(state), tied_to_parent=False)
+        for name, ep in read_state(state).items():
+            kind = "warm" if state.name.startswith("warm-") else "left by a crashed run"
+            rows.append({"service": name, "backend": ep.backend, "host": ep.host,
+                         "port": ep.port, "alive": backend.alive(ep), "kind": kind})
+    if as_json:
+        click.echo(json.dumps({"version": 1, "services": rows}, indent=2))
+        return
+    if not rows:
+        console.print("no warm services (start them with: labrunner services up)")
+    for row in rows:
+        status = "[green]up[/]" if row["alive"] else "[red]down[/]"
+        console.print(f"{row['service']:<9} {row['host']}:{row['port']:<6} "
+                      f"{row['backend']:<7} {status} [dim]{row['kind']}[/]")
+
+
+@services.command("down")
+@friendly_errors
+def services_down() -> None:
+    """Stop the warm services and anything a crashed run left behind."""
+    from .services.manager import clean_leftovers
+
+    stopped = clean_leftovers()
+    console.print(f"stopped {len(stopped)} service(s)" +
+                  (f": {', '.join(stopped)}" if stopped else ""))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def doctor(as_json: bool) -> None:
+    """Say which backend would be used and what is missing, with the command that fixes it."""
+    from .doctor import checks
+
+    found = checks()
+    if as_json:
+        click.echo(json.dumps([c.__dict__ for c in found], indent=2))
+    else:
+        for check in found:
+            sign = "[green]✓[/]" if check.ok else "[red]✗[/]"
+            console.print(f"{sign} {check.name:<18} {check.detail}")
+            if check.remedy:
+                console.print(f"   [yellow]fix:[/] {check.remedy}")
+    sys.exit(0 if all(c.ok for c in found) else EXIT_FAIL)
+
+
+@main.command()
+@click.option("--kafka/--no-kafka", default=True, help="Fetch the Kafka broker jars (Maven).")
+@friendly_errors
+def setup(kafka: bool) -> None:
+    """Fetch what the local backend needs once (the Kafka 4.3.1 jars through Maven)."""
+    if kafka:
+        from .services.local import kafka as local_kafka
+
+        with err_console.status(f"fetching Kafka {local_kafka.KAFKA_VERSION} jars via Maven…"):
+            libs = local_kafka.fetch_jars()
+        console.print(f"[green]✓[/] Kafka jars in {libs}")
+
+
+def entry() -> None:  # pragma: no cover - console script
+    main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

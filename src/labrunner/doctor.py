@@ -1,0 +1,57 @@
+"""``labrunner doctor``: which backend would run, and what is missing with the fix."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from .services.manager import docker_answers, resolve_backend_name
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    remedy: str = ""
+
+
+def _librdkafka_version() -> str | None:
+    try:
+        out = subprocess.run(["pkg-config", "--modversion", "rdkafka"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def checks() -> list[Check]:
+    from .services.local import MODULES
+
+    results: list[Check] = []
+    backend = resolve_backend_name(None)
+    results.append(Check("backend (auto)", True,
+                         f"{backend}" + (" — a Docker daemon answers" if docker_answers()
+                                         else " — no Docker daemon answers; local processes")))
+    for name, module in MODULES.items():
+        reason = module.missing()
+        results.append(Check(f"local {name}", reason is None, "ready to start" if reason is None
+                             else reason.split(". ")[0],
+                             "" if reason is None else reason.split(". ", 1)[-1]))
+    for tool, package in (("cc", "build-essential"), ("make", "make")):
+        found = shutil.which(tool)
+        results.append(Check(tool, found is not None, found or "not found",
+                             "" if found else f"sudo apt-get install {package}"))
+    for header, package in (("/usr/include/postgresql/libpq-fe.h", "libpq-dev"),
+                            ("/usr/include/hiredis/hiredis.h", "libhiredis-dev"),
+                            ("/usr/include/librdkafka/rdkafka.h", "librdkafka-dev")):
+        import os
+
+        ok = os.path.exists(header)
+        results.append(Check(package, ok, header if ok else "headers missing",
+                             "" if ok else f"sudo apt-get install {package}"))
+    version = _librdkafka_version()
+    if version:
+        results.append(Check("librdkafka", True, f"system librdkafka {version}"))
+    return results

@@ -1,0 +1,100 @@
+"""What the terminal shows: result tables per phase, and the roadmap-style progress page."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .catalog import Catalog
+from .runner import LabResult
+from .store import ConceptStatus
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+MARKS = {
+    "passed": ("✓", "green"),
+    "failed": ("✗", "red"),
+    "error": ("!", "red"),
+    "timeout": ("⏱", "yellow"),
+    "skipped": ("–", "yellow"),
+}
+
+
+def mark(outcome: str) -> Text:
+    symbol, style = MARKS.get(outcome, ("?", "white"))
+    return Text(symbol, style=f"bold {style}")
+
+
+def results_tables(catalog: Catalog, results: Sequence[LabResult], target: str) -> None:
+    by_phase: dict[str, list[LabResult]] = {}
+    for result in results:
+        by_phase.setdefault(result.lab.phase_id, []).append(result)
+    for phase in catalog.phases:
+        items = by_phase.get(phase.id)
+        if not items:
+            continue
+        table = Table(title=f"Phase {phase.number} · {phase.name}", title_justify="left",
+                      expand=False, show_lines=False)
+        table.add_column("", width=1)
+        table.add_column("concept", no_wrap=True)
+        table.add_column("time", justify="right", no_wrap=True)
+        table.add_column("first failure", overflow="fold")
+        for result in items:
+            table.add_row(mark(result.outcome), f"{result.lab.id} {result.lab.slug}",
+                          f"{result.duration:.1f}s",
+                          result.first_line if result.outcome != "passed" else "")
+        console.print(table)
+        concepts = [r for r in items if not r.lab.is_example]
+        done = sum(1 for r in concepts if r.outcome == "passed")
+        examples = [r for r in items if r.lab.is_example]
+        line = (f"Phase {phase.number}: {done}/{len(concepts)} concepts "
+                f"{'pass' if target != 'workspace' else 'done'}")
+        if examples:
+            line += f", C example {'✓' if examples[0].outcome == 'passed' else '✗'}"
+        missing = [c for c in phase.concepts if c.lab is None]
+        if missing and len(concepts) < len(phase.concepts):
+            line += f" ({len(missing)} concepts have no lab yet)"
+        console.print(line + "\n")
+
+
+def progress_page(catalog: Catalog, status: dict[str, ConceptStatus],
+                  verbose: bool = False) -> None:
+    """All 8 phases as the roadmap page shows them: done of total, percent, overall."""
+    total = len(catalog.concepts)
+    done_all = sum(1 for c in catalog.concepts if c.id in status and status[c.id].done)
+    console.print(f"[bold]Overall progress[/] {done_all * 100 // total}% · "
+                  f"{done_all} of {total} concepts done\n")
+    table = Table(show_header=True, expand=False)
+    table.add_column("phase")
+    table.add_column("name")
+    table.add_column("done", justify="right")
+    table.add_column("", min_width=22)
+    table.add_column("%", justify="right")
+    table.add_column("notes")
+    for phase in catalog.phases:
+        n = len(phase.concepts)
+        done = sum(1 for c in phase.concepts if c.id in status and status[c.id].done)
+        regressed = sum(1 for c in phase.concepts
+                        if c.id in status and status[c.id].state == "regressed")
+        no_lab = sum(1 for c in phase.concepts if c.lab is None)
+        filled = round(20 * done / n) if n else 0
+        bar = Text("█" * filled, style="green") + Text("░" * (20 - filled), style="dim")
+        notes = []
+        if regressed:
+            notes.append(f"[red]{regressed} regressed[/]")
+        if no_lab:
+            notes.append(f"[dim]{no_lab} without a lab yet[/]")
+        table.add_row(phase.id, phase.name, f"{done}/{n}", bar, f"{done * 100 // n}%",
+                      ", ".join(notes))
+    console.print(table)
+    if verbose:
+        for phase in catalog.phases:
+            for concept in phase.concepts:
+                state = status.get(concept.id)
+                label = "no lab yet" if concept.lab is None else (
+                    state.state if state else "not started")
+                console.print(f"  {concept.id:<6} {concept.slug:<28} {label}")

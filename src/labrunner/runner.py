@@ -1,0 +1,345 @@
+"""Running verifications: one pytest process per lab, outcomes read from a signed channel.
+
+Each lab runs in its own pytest process, so a learner's infinite loop, ``sys.exit`` or crash
+costs that lab alone. The process reports each test's outcome through a pipe, every line
+signed with a key sent down a second pipe; before any learner code runs it reports the test
+ids it collected. A collected test with no signed outcome scored as failed: a process that
+exits early, is killed or prints a fake summary gains nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .catalog import Lab
+from .services.local.process import _die_with_parent
+
+OUTCOMES = ("passed", "failed", "error", "timeout", "skipped")
+
+
+@dataclass
+class TestResult:
+    nodeid: str
+    outcome: str
+    message: str = ""
+    duration: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.nodeid.split("::", 1)[-1]
+
+
+@dataclass
+class LabResult:
+    lab: Lab
+    outcome: str  # passed, failed, error (could not run), timeout, skipped (not verifiable)
+    duration: float
+    message: str = ""
+    tests: list[TestResult] = field(default_factory=list)
+    output: str = ""
+    files_hash: str = ""
+    started_at: float = 0.0
+
+    @property
+    def first_line(self) -> str:
+        for line in self.message.splitlines():
+            if line.strip():
+                return line.strip()
+        return ""
+
+
+@dataclass
+class Sandbox:
+    """How to confine a lab's process (grading uses all of it; learners none)."""
+
+    user: str | None = None            # run as this user (when we are root)
+    memory_bytes: int | None = None
+    cpu_seconds: int | None = None
+    max_output: int = 1_000_000        # bytes of output kept; the rest is dropped
+    max_processes: int | None = None
+    extra_test_paths: tuple[Path, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _limits(sandbox: Sandbox) -> Callable[[], None]:
+    def apply() -> None:
+        import resource
+
+        _die_with_parent()
+        if sandbox.memory_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (sandbox.memory_bytes, sandbox.memory_bytes))
+        if sandbox.cpu_seconds:
+            resource.setrlimit(resource.RLIMIT_CPU, (sandbox.cpu_seconds, sandbox.cpu_seconds + 5))
+        if sandbox.max_processes:
+            resource.setrlimit(resource.RLIMIT_NPROC,
+                               (sandbox.max_processes, sandbox.max_processes))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def _read_capped(stream: Any, cap: int, sink: list[bytes]) -> None:
+    kept = 0
+    for chunk in iter(lambda: stream.read(65536), b""):
+        if kept < cap:
+            sink.append(chunk[: cap - kept])
+            kept += len(chunk)
+
+
+def _read_signed(fd: int, key: bytes, sink: list[dict[str, Any]]) -> None:
+    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as stream:
+        for line in stream:
+            try:
+                envelope = json.loads(line)
+                body = envelope["body"]
+                mac = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+                if hmac.compare_digest(mac, str(envelope["mac"])):
+                    sink.append(json.loads(body))
+            except (ValueError, KeyError, TypeError):
+                continue  # unsigned or garbled: not an outcome
+
+
+def pytest_command(lab: Lab, src: Path, sandbox: Sandbox, ini: Path) -> list[str]:
+    tests = [str(p) for p in lab.test_files]
+    for extra in sandbox.extra_test_paths:
+        tests += [str(p) for p in sorted(extra.glob("test_*.py"))]
+    return [
+        sys.executable, "-m", "pytest", *tests,
+        "-c", str(ini),             # our config only: no pytest.ini/pyproject from elsewhere
+        "--rootdir", str(lab.path),
+        "-p", "labrunner.plugin",
+        "-p", "pytest_timeout",
+        "-p", "no:cacheprovider",
+        "--import-mode=importlib",
+        "-q", "--no-header", "-rN", "--tb=short",
+        "--lab-src", str(src),
+    ]
+
+
+def run_lab(
+    lab: Lab,
+    src: Path,
+    state_file: Path | None,
+    run_id: str,
+    sandbox: Sandbox | None = None,
+    timeout: float | None = None,
+    on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None,
+) -> LabResult:
+    """Verify ``src`` (the learner's folder for ``lab``) and return what happened."""
+    sandbox = sandbox or Sandbox()
+    started = time.time()
+    if not src.is_dir():
+        return LabResult(lab, "error", 0.0, f"{src}: folder missing; run 'labrunner init'",
+                         started_at=started)
+    key = secrets.token_bytes(32)
+    report_r, report_w = os.pipe()
+    key_r, key_w = os.pipe()
+    os.write(key_w, key)
+    os.close(key_w)
+    workdir = Path(tempfile.mkdtemp(prefix=f"lr-{lab.slug}-"))
+    ini = workdir / "pytest.ini"
+    ini.write_text("[pytest]\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update({
+        "LABRUNNER_REPORT_FD": str(report_w),
+        "LABRUNNER_KEY_FD": str(key_r),
+        "LABRUNNER_RUN_ID": run_id,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Only the plugins we name: nothing installed or planted auto-loads into the run.
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+        **sandbox.env,
+    })
+    if state_file is not None:
+        env["LABRUNNER_SERVICES"] = str(state_file)
+    records: list[dict[str, Any]] = []
+    output: list[bytes] = []
+    budget = timeout or lab.timeout * max(2, len(lab.test_files) * 3) + 30
+    proc = subprocess.Popen(
+        pytest_command(lab, src, sandbox, ini),
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        pass_fds=(report_w, key_r),
+        start_new_session=True,   # its own process group: killed whole on timeout
+        user=sandbox.user,
+        preexec_fn=_limits(sandbox),
+    )
+    os.close(report_w)
+    os.close(key_r)
+    if on_process:
+        on_process(proc)
+    reader = threading.Thread(target=_read_signed, args=(report_r, key, records), daemon=True)
+    reader.start()
+    assert proc.stdout is not None
+    out_thread = threading.Thread(target=_read_capped,
+                                  args=(proc.stdout, sandbox.max_output, output), daemon=True)
+    out_thread.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=budget)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        _kill_group(proc)
+        if on_process:
+            on_process(None)
+    reader.join(timeout=5)
+    out_thread.join(timeout=5)
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    text = b"".join(output).decode("utf-8", errors="replace")
+    return _score(lab, records, proc.returncode, timed_out, budget, text, started)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=3)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Whatever the tests left in that group (servers they started) goes too.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, timed_out: bool,
+           budget: float, output: str, started: float) -> LabResult:
+    duration = time.time() - started
+    collected: list[str] = []
+    outcomes: dict[str, TestResult] = {}
+    for record in records:
+        if record.get("kind") == "collected":
+            collected = [str(n) for n in record.get("nodeids", [])]
+        elif "nodeid" in record and record.get("outcome") in OUTCOMES:
+            outcomes[record["nodeid"]] = TestResult(
+                record["nodeid"], record["outcome"], str(record.get("message", "")),
+                float(record.get("duration", 0.0)))
+    if not collected:
+        reason = _collection_problem(output) or (
+            f"timed out after {budget:.0f} s before any test ran" if timed_out else
+            f"the verification could not start (pytest exit {returncode})")
+        return LabResult(lab, "timeout" if timed_out else "error", duration, reason,
+                         output=output, started_at=started)
+    tests: list[TestResult] = []
+    for nodeid in collected:
+        result = outcomes.get(nodeid)
+        if result is None:
+            if timed_out:
+                result = TestResult(nodeid, "timeout", f"timed out after {budget:.0f} s")
+            else:
+                result = TestResult(
+                    nodeid, "failed",
+                    "the test process ended before this test reported "
+                    f"(exit code {returncode}): the code exited, crashed or was killed")
+        tests.append(result)
+    for test in tests:
+        if test.outcome == "failed" and test.message.startswith("Timeout (>"):
+            # pytest-timeout's wording, in the learner's terms.
+            limit = test.message.split(">", 1)[1].split("s)", 1)[0]
+            test.outcome = "timeout"
+            test.message = (f"timed out after {limit} s: an infinite loop, or a call that "
+                            "blocks forever (a lock, a socket read, a consumer poll)?")
+    first_bad = next((t for t in tests if t.outcome not in ("passed", "skipped")), None)
+    if first_bad is None:
+        skipped = [t for t in tests if t.outcome == "skipped"]
+        if skipped:
+            return LabResult(lab, "skipped", duration, skipped[0].message, tests, output,
+                             started_at=started)
+        return LabResult(lab, "passed", duration, "", tests, output, started_at=started)
+    outcome = "timeout" if any(t.outcome == "timeout" for t in tests) else "failed"
+    if all(t.outcome == "error" for t in tests if t.outcome != "passed"):
+        outcome = "error" if not any(t.outcome == "passed" for t in tests) else "failed"
+    message = first_bad.message or first_bad.outcome
+    return LabResult(lab, outcome, duration, message, tests, output, started_at=started)
+
+
+def _collection_problem(output: str) -> str:
+    """The first useful line of a collection error (the verification itself is broken)."""
+    for line in output.splitlines():
+        if line.startswith(("E   ", "ERROR ")) and "error" in line.lower():
+            return line.removeprefix("E   ").strip()
+    return ""
+
+
+@dataclass
+class RunPlan:
+    labs: Sequence[Lab]
+    sources: dict[str, Path]
+    state_file: Path | None
+    run_id: str
+    jobs: int = 1
+    sandbox: Sandbox | None = None
+
+
+def run_all(plan: RunPlan, on_result: Callable[[LabResult], None],
+            on_start: Callable[[Lab], None] | None = None) -> list[LabResult]:
+    """Run every lab of the plan (``jobs`` at a time); on Ctrl-C, kill the running ones and
+    re-raise after every process is gone."""
+    running: dict[str, subprocess.Popen[bytes]] = {}
+    lock = threading.Lock()
+    cancelled = threading.Event()
+    results: list[LabResult] = []
+
+    def one(lab: Lab) -> LabResult | None:
+        if cancelled.is_set():
+            return None
+        if on_start:
+            on_start(lab)
+
+        def track(proc: subprocess.Popen[bytes] | None) -> None:
+            with lock:
+                if proc is None:
+                    running.pop(lab.id, None)
+                else:
+                    running[lab.id] = proc
+
+        result = run_lab(lab, plan.sources[lab.id], plan.state_file, plan.run_id,
+                         plan.sandbox, on_process=track)
+        if cancelled.is_set():
+            return None
+        on_result(result)
+        return result
+
+    pool = ThreadPoolExecutor(max_workers=max(1, plan.jobs))
+    futures = [pool.submit(one, lab) for lab in plan.labs]
+    try:
+        for future in futures:
+            result = future.result()
+            if result is not None:
+                results.append(result)
+    except BaseException:
+        cancelled.set()
+        with lock:
+            procs = list(running.values())
+        for proc in procs:
+            _kill_group(proc)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results
