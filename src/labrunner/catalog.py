@@ -218,7 +218,9 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -
     lab_id = str(_require(data, "id", str, file))
     if not ID_PATTERN.match(lab_id):
         raise CatalogError(f"{file}: field 'id' must look like 'ph2.5' or 'ph2.c', got {lab_id!r}")
-    known = (concepts or {}).get(lab_id, {})
+    if concepts is None:
+        concepts = {row["id"]: row for row in _read_concepts_tsv(_data_text("concepts.tsv"))}
+    known = concepts.get(lab_id, {})
     slug = str(_require(data, "slug", str, file))
     if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug):
         raise CatalogError(f"{file}: field 'slug' must be lowercase words joined by '-'")

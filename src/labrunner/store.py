@@ -77,24 +77,35 @@ class ProgressStore:
         self.path = path
         self.lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # Results arrive from the runner's worker threads; a lock serialises our use.
-            self.db = sqlite3.connect(path, timeout=30, isolation_level=None,
-                                      check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                                (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise StoreError(f"{path}: written by a newer labrunner "
-                                 f"(schema {row[0]}); upgrade labrunner")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"{path}: the progress store is unreadable ({exc}). Move it aside and run "
-                "again to start a new one; your code is untouched.") from exc
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self._open(path)
+                break
+            except sqlite3.OperationalError as exc:
+                # Two runs creating the store at once: switching to WAL needs a moment alone.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise StoreError(f"{path}: {exc}; is another labrunner stuck?") from exc
+                time.sleep(0.05)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(
+                    f"{path}: the progress store is unreadable ({exc}). Move it aside and run "
+                    "again to start a new one; your code is untouched.") from exc
+
+    def _open(self, path: Path) -> None:
+        # Results arrive from the runner's worker threads; a lock serialises our use.
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                            (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"{path}: written by a newer labrunner "
+                             f"(schema {row[0]}); upgrade labrunner")
 
     def record(self, attempt: Attempt) -> None:
         with self.lock, self.db:  # one transaction: all or nothing even if we are killed here

@@ -1,0 +1,144 @@
+"""The command line, run as a user runs it: a real process, real services."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import FIXTURE_PROJECT, cli_env
+
+LABRUNNER = [sys.executable, "-m", "labrunner.cli"]
+
+
+def cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LABRUNNER, *args], capture_output=True, text=True, cwd=cwd,
+                          env=cli_env(**env), timeout=300)
+
+
+def test_list_json_has_80_concepts_in_8_phases() -> None:
+    done = cli("list", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["version"] == 1
+    assert len(doc["phases"]) == 8
+    assert sum(len(p["concepts"]) for p in doc["phases"]) == 80
+
+
+def test_unknown_selector_exits_2_with_suggestions() -> None:
+    done = cli("run", "isolaton-levels", "--solutions")
+    assert done.returncode == 2
+    assert "isolation-levels" in done.stderr
+
+
+def test_run_outside_a_workspace_says_how_to_make_one(tmp_path: Path) -> None:
+    done = cli("run", "ph2.5", cwd=tmp_path, LABRUNNER_HOME=str(FIXTURE_PROJECT))
+    assert done.returncode == 2
+    assert "labrunner init" in done.stderr
+
+
+def test_workspace_flow_progress_and_reports(tmp_path: Path) -> None:
+    home = {"LABRUNNER_HOME": str(FIXTURE_PROJECT)}
+    ws = tmp_path / "ws"
+    assert cli("init", str(ws), **home).returncode == 0
+    learner_file = ws / "ph2" / "05-isolation-levels" / "answer.py"
+    assert "NotImplementedError" in learner_file.read_text()
+
+    failed = cli("run", "ph2.5", "--json", str(tmp_path / "r.json"), "--junit",
+                 str(tmp_path / "j.xml"), cwd=ws, **home)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert "must ask Postgres for 6 * 7" in doc["concepts"][0]["message"]
+    assert "NotImplementedError" in failed.stdout
+    assert doc["version"] == 1 and doc["status"] == "fail"
+    assert doc["concepts"][0]["status"] == "failed"
+    assert "<testsuites" in (tmp_path / "j.xml").read_text()
+
+    # init again never overwrites the learner's work
+    learner_file.write_text((FIXTURE_PROJECT / "labs/ph2/05-isolation-levels/solution/"
+                             "answer.py").read_text())
+    assert cli("init", str(ws), **home).returncode == 0
+    assert "psycopg" in learner_file.read_text()
+
+    passed = cli("run", "isolation-levels", cwd=ws, **home)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "Phase 2: 1/1 concepts done" in passed.stdout
+
+    progress = json.loads(cli("progress", "--json", cwd=ws, **home).stdout)
+    assert progress["done"] == 1 and progress["total"] == 80
+    assert progress["concepts"]["ph2.5"] == {"state": "done", "attempts": 2}
+
+    learner_file.write_text("def answer(dsn):\n    return 0\n")
+    assert cli("run", "ph2.5", cwd=ws, **home).returncode == 1
+    progress = json.loads(cli("progress", "--json", cwd=ws, **home).stdout)
+    assert progress["concepts"]["ph2.5"]["state"] == "regressed"
+    page = cli("progress", cwd=ws, **home).stdout
+    assert "regressed" in page and "0 of 80" in page
+
+    hints = cli("hint", "ph2.5", cwd=ws, **home)
+    assert "Hint 1/2" in hints.stdout and "Hint 2/2" in hints.stdout
+
+
+def test_hint_unknown_concept_exits_2() -> None:
+    assert cli("hint", "ph9.9").returncode == 2
+
+
+def test_doctor_names_the_backend() -> None:
+    done = cli("doctor")
+    assert "backend (auto)" in done.stdout
+    assert "local postgres" in done.stdout
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{entry.name}: {cmd[:120]}")
+    return found
+
+
+def test_ctrl_c_mid_run_leaves_nothing_behind() -> None:
+    runtime = Path(tempfile.mkdtemp(prefix="lr-ctrlc-", dir="/tmp"))
+    os.chmod(runtime, 0o755)
+    env = cli_env(LABRUNNER_HOME=str(FIXTURE_PROJECT), LABRUNNER_RUNTIME_DIR=str(runtime))
+    proc = subprocess.Popen([*LABRUNNER, "run", "ph2.6", "--solutions", "--backend", "local"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    # Wait until the verification itself is running (services up, pytest in the test).
+    while time.monotonic() < deadline and not _processes_mentioning("test_deadlocks.py"):
+        time.sleep(0.2)
+    assert _processes_mentioning("test_deadlocks.py"), "the verification never started"
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    time.sleep(0.5)
+    assert _processes_mentioning(str(runtime)) == []
+    assert _processes_mentioning("test_deadlocks.py") == []
+    leftovers = [p.name for p in runtime.iterdir() if p.name.startswith("run-")]
+    assert leftovers == [], leftovers
+    subprocess.run(["rm", "-rf", str(runtime)], check=False)
+
+
+@pytest.mark.parametrize("selector", ["ph2.5"])
+def test_solutions_and_starters_flags(selector: str) -> None:
+    home = {"LABRUNNER_HOME": str(FIXTURE_PROJECT)}
+    assert cli("run", selector, "--solutions", **home).returncode == 0
+    starters = cli("run", selector, "--starters", **home)
+    assert starters.returncode == 1
+    assert cli("run", selector, "--starters", "--expect-fail", **home).returncode == 0

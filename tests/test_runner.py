@@ -1,0 +1,103 @@
+"""The runner against a real lab and real Postgres, with the learner failure modes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from labrunner.catalog import Lab, load_lab
+from labrunner.runner import LabResult, run_lab
+
+from .conftest import FIXTURE_PROJECT
+
+LAB_DIR = FIXTURE_PROJECT / "labs" / "ph2" / "05-isolation-levels"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Lab:
+    return load_lab(LAB_DIR)
+
+
+@pytest.fixture
+def run(lab: Lab, local_services: object, tmp_path: Path):  # type: ignore[no-untyped-def]
+    local_services.ensure(["postgres"])  # type: ignore[attr-defined]
+    state = local_services.state_file  # type: ignore[attr-defined]
+
+    def go(source: str) -> LabResult:
+        (tmp_path / "answer.py").write_text(source)
+        return run_lab(lab, tmp_path, state, "test")
+
+    return go
+
+
+SOLUTION = (LAB_DIR / "solution" / "answer.py").read_text()
+
+
+def test_reference_passes_and_starter_fails(lab: Lab, run) -> None:  # type: ignore[no-untyped-def]
+    assert run(SOLUTION).outcome == "passed"
+    result = run((LAB_DIR / "starter" / "answer.py").read_text())
+    assert result.outcome == "failed"
+    assert "must ask Postgres for 6 * 7" in result.first_line
+    assert [t.outcome for t in result.tests] == ["failed", "passed"]
+
+
+def test_wrong_answer_says_expected_and_seen(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("def answer(dsn):\n    return 41\n")
+    assert result.first_line == "expected 42 from Postgres, saw 41"
+
+
+def test_syntax_error_names_file_and_line(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("def answer(dsn)\n    return 42\n")
+    assert result.outcome == "failed"
+    assert f"{tmp_path / 'answer.py'}:1: syntax error" in result.first_line
+
+
+def test_import_error_names_the_line(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("import nonexistent_module_xyz\n")
+    assert "answer.py:1" in result.first_line
+    assert "ModuleNotFoundError" in result.first_line
+
+
+def test_missing_function_says_what_to_define(run) -> None:  # type: ignore[no-untyped-def]
+    assert "define a function answer()" in run("x = 1\n").first_line
+
+
+def test_infinite_loop_times_out_and_the_lab_still_reports(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("def answer(dsn):\n    while True:\n        pass\n")
+    assert result.outcome == "timeout"
+    assert result.first_line.startswith("timed out after 4.0 s")
+    assert result.duration < 30
+
+
+@pytest.mark.parametrize("trick", [
+    "import os\nos._exit(0)\n",
+    "import sys\nsys.exit(0)\n",
+    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    "print('2 passed in 0.01s')\nimport os\nos._exit(0)\n",
+    # Writing fake outcomes to every inherited descriptor: unsigned, so ignored.
+    "import os, json\n"
+    "for fd in range(3, 64):\n"
+    "    try:\n"
+    "        os.write(fd, (json.dumps({'body': json.dumps({'nodeid': 'x', 'outcome': "
+    "'passed'}), 'mac': '0'}) + '\\n').encode())\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "os._exit(0)\n",
+])
+def test_early_exit_and_fake_reports_score_failed(run, trick: str) -> None:  # type: ignore[no-untyped-def]
+    result = run(trick)
+    assert result.outcome == "failed", result
+    assert not any(t.outcome == "passed" and "answer_comes" in t.nodeid for t in result.tests)
+
+
+def test_missing_learner_folder_is_an_error(lab: Lab, tmp_path: Path) -> None:
+    result = run_lab(lab, tmp_path / "nope", None, "test")
+    assert result.outcome == "error" and "labrunner init" in result.message
+
+
+def test_learner_copy_is_not_modified(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run(SOLUTION)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answer.py"]
+    shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
