@@ -1,0 +1,237 @@
+"""Verification for ph1.1 rest-constraints.
+
+The learner's make_app(dsn) is served by real HTTP servers (wsgiref, threaded, 127.0.0.1:0)
+and driven with http.client. Two servers over the same database stand for two instances
+behind a load balancer: whatever one instance answers, the other must answer the same.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+
+SCHEMA = """
+CREATE TABLE users (
+    id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name  text NOT NULL,
+    email text NOT NULL UNIQUE
+);
+INSERT INTO users (name, email) VALUES ('Ada Lovelace', 'ada@example.com'),
+                                       ('Alan Turing', 'alan@example.com');
+"""
+
+
+# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
+        pass
+
+
+@contextmanager
+def serving(app: Callable[..., Any]) -> Iterator[str]:
+    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield its base URL."""
+    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
+                         handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            pytest.fail(f"expected a JSON body, saw {self.body[:200]!r}", pytrace=False)
+
+
+def call(host: str, method: str, path: str, body: Any = None,
+         headers: dict[str, str] | None = None) -> Reply:
+    conn = http.client.HTTPConnection(host, timeout=10)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**hdrs, **(headers or {})})
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+# ---- fixtures ---------------------------------------------------------------------------
+
+@pytest.fixture
+def dsn(postgres: Any) -> str:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return str(postgres.dsn)
+
+
+@pytest.fixture
+def instances(learner: Any, dsn: str) -> Iterator[list[str]]:
+    """Two independent app instances (two make_app calls, two servers) on one database."""
+    make_app = learner.function("users_api", "make_app")
+    with ExitStack() as stack:
+        yield [stack.enter_context(serving(make_app(dsn))) for _ in range(2)]
+
+
+def get_ok(host: str, path: str, headers: dict[str, str] | None = None) -> Reply:
+    reply = call(host, "GET", path, headers=headers)
+    assert reply.status == 200, (
+        f"GET {path}: expected 200, saw {reply.status} {reply.body[:200]!r}")
+    etag = reply.header("ETag")
+    assert etag and re.fullmatch(r'(W/)?"[^"]*"', etag), (
+        f"GET {path}: expected an ETag header like \"abc123\" (a quoted entity tag), saw "
+        f"{etag!r}: without a validator a cache can never revalidate, only refetch")
+    cache = reply.header("Cache-Control") or ""
+    assert re.search(r"max-age=\d+", cache) and "no-store" not in cache, (
+        f"GET {path}: expected Cache-Control with max-age=<seconds> (and no no-store), saw "
+        f"{cache!r}: a cacheable GET tells caches how long the copy stays fresh")
+    return reply
+
+
+def assert_not_modified(host: str, path: str, etag: str, because: str,
+                        if_none_match: str | None = None) -> None:
+    sent = if_none_match or etag
+    reply = call(host, "GET", path, headers={"If-None-Match": sent})
+    assert reply.status == 304, (
+        f"GET {path} with If-None-Match: {sent}: expected 304 Not Modified, saw "
+        f"{reply.status}: {because}")
+    assert reply.body == b"", (
+        f"GET {path}: a 304 must have no body, saw {reply.body[:100]!r}")
+    assert reply.header("ETag") == etag, (
+        f"GET {path}: the 304 must repeat the ETag {etag}, saw {reply.header('ETag')!r}")
+
+
+# ---- the verification -------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/users/1", "/users"])
+def test_conditional_get_answers_304(instances: list[str], path: str) -> None:
+    host = instances[0]
+    first = get_ok(host, path)
+    etag = first.header("ETag") or ""
+    assert_not_modified(host, path, etag,
+                        "the client already holds this representation; do not resend it")
+    weak = etag if etag.startswith("W/") else "W/" + etag
+    assert_not_modified(host, path, etag,
+                        "If-None-Match is a list and is compared weakly (W/ ignored)",
+                        if_none_match=f'"some-old-tag", {weak}')
+    stale = call(host, "GET", path, headers={"If-None-Match": '"some-old-tag"'})
+    assert stale.status == 200 and stale.body == first.body, (
+        f"GET {path} with a stale If-None-Match: expected 200 and the full body, saw "
+        f"{stale.status}: only a matching tag allows 304")
+
+
+def test_changed_resource_gets_new_etag(instances: list[str], dsn: str, postgres: Any) -> None:
+    host = instances[0]
+    before = get_ok(host, "/users/1")
+    old_tag = before.header("ETag") or ""
+    with postgres.connect(autocommit=True) as conn:  # another writer changes the row
+        conn.execute("UPDATE users SET name = 'Ada King' WHERE id = 1")
+    after = call(host, "GET", "/users/1", headers={"If-None-Match": old_tag})
+    assert after.status == 200, (
+        f"after the row changed in Postgres, GET /users/1 with the old ETag: expected 200 "
+        f"with the new data, saw {after.status}: the ETag must follow the data, not a "
+        "copy remembered by the process")
+    assert after.json().get("name") == "Ada King", (
+        f"GET /users/1 after the change: expected name 'Ada King', saw {after.json()!r}: "
+        "the app answered from a copy it kept in memory instead of the database")
+    assert after.header("ETag") != old_tag, (
+        "GET /users/1: the data changed but the ETag did not: a cache would keep the old copy")
+
+
+def test_two_instances_share_no_session(instances: list[str]) -> None:
+    a, b = instances
+    created = call(a, "POST", "/users", {"name": "Grace Hopper", "email": "grace@example.com"})
+    assert created.status == 201, (
+        f"POST /users on instance A: expected 201 Created, saw {created.status} "
+        f"{created.body[:200]!r}")
+    location = created.header("Location") or ""
+    assert re.fullmatch(r"(http://[^/]+)?/users/\d+", location), (
+        f"POST /users: expected Location: /users/<id> naming the new resource, saw {location!r}")
+    path = "/users/" + location.rsplit("/", 1)[1]
+    assert "Set-Cookie" not in created.headers, (
+        "POST /users answered with Set-Cookie: a stateless API keeps no session; each request "
+        "must carry everything the server needs")
+
+    on_b = get_ok(b, path)
+    assert on_b.json() == created.json(), (
+        f"GET {path} on instance B: expected the user created on A {created.json()!r}, saw "
+        f"{on_b.json()!r}: instances must share state only through the database")
+    on_a = get_ok(a, path)
+    assert on_a.header("ETag") == on_b.header("ETag"), (
+        f"GET {path}: instance A sent ETag {on_a.header('ETag')} and B sent "
+        f"{on_b.header('ETag')} for the same data: derive the tag from the representation, "
+        "not from something local to one process")
+    assert_not_modified(b, path, on_a.header("ETag") or "",
+                        "a tag issued by instance A must be honoured by instance B")
+
+    replaced = call(b, "PUT", path, {"name": "Grace B. Hopper", "email": "grace@example.com"})
+    assert replaced.status in (200, 204), (
+        f"PUT {path} on instance B: expected 200 or 204, saw {replaced.status} "
+        f"{replaced.body[:200]!r}")
+    again = call(a, "GET", path, headers={"If-None-Match": on_a.header("ETag") or ""})
+    assert again.status == 200 and again.json().get("name") == "Grace B. Hopper", (
+        f"GET {path} on instance A after B replaced it: expected 200 with name "
+        f"'Grace B. Hopper', saw {again.status} {again.body[:200]!r}: instance A answered "
+        "from state of its own")
+
+    deleted = call(a, "DELETE", path)
+    assert deleted.status == 204, f"DELETE {path} on A: expected 204, saw {deleted.status}"
+    gone = call(b, "GET", path)
+    assert gone.status == 404, (
+        f"GET {path} on instance B after A deleted it: expected 404, saw {gone.status}")
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("DELETE", "/users", {"GET", "POST"}),
+    ("PATCH", "/users", {"GET", "POST"}),
+    ("POST", "/users/1", {"GET", "PUT", "DELETE"}),
+])
+def test_uniform_interface_405(instances: list[str], method: str, path: str,
+                               allowed: set[str]) -> None:
+    reply = call(instances[0], method, path, {"name": "x", "email": "x@example.com"})
+    assert reply.status == 405, (
+        f"{method} {path}: expected 405 Method Not Allowed, saw {reply.status}: the resource "
+        "exists, the method does not apply to it")
+    seen = {m.strip().upper() for m in (reply.header("Allow") or "").split(",") if m.strip()}
+    assert allowed <= seen, (
+        f"{method} {path}: expected an Allow header listing {sorted(allowed)}, saw "
+        f"{reply.header('Allow')!r}: a 405 tells the client which methods the resource has")
+
+
+@pytest.mark.parametrize("path", ["/getUsers", "/user/1", "/users/1/delete", "/users/abc"])
+def test_only_nouns_are_resources(instances: list[str], path: str) -> None:
+    reply = call(instances[0], "GET", path)
+    assert reply.status == 404, (
+        f"GET {path}: expected 404, saw {reply.status}: resources are plural nouns "
+        "(/users, /users/<id>); the HTTP method is the verb")

@@ -1,0 +1,152 @@
+"""ph1.1 WRONG (ignores_if_none_match): sends ETag and Cache-Control but never answers 304.
+
+
+The app is a plain WSGI callable. It keeps no state between requests: every request opens a
+connection, reads or writes Postgres and answers. That is what lets two instances (or two
+hundred behind a load balancer) serve the same client interchangeably.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+# Caches may keep a representation for 30 s; after that they revalidate with If-None-Match.
+CACHE_CONTROL = "max-age=30, must-revalidate"
+
+USER_PATH = re.compile(r"^/users/(\d{1,18})$")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: str, message: str, headers: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or []
+
+
+def etag_of(body: bytes) -> str:
+    """A strong entity tag derived only from the bytes sent: every instance computes the same
+    tag for the same representation, and any change to the data changes it."""
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def if_none_match_hits(header: str | None, etag: str) -> bool:
+    """RFC 9110 13.1.2: If-None-Match is '*' or a list of tags, compared weakly (W/ ignored)."""
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    wanted = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == wanted for tag in header.split(","))
+
+
+def read_json(environ: dict[str, Any]) -> dict[str, Any]:
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    try:
+        data = json.loads(environ["wsgi.input"].read(length) or b"null")
+    except ValueError:
+        raise HTTPError("400 Bad Request", "the body is not valid JSON") from None
+    if (not isinstance(data, dict) or not isinstance(data.get("name"), str)
+            or not isinstance(data.get("email"), str)):
+        raise HTTPError("422 Unprocessable Entity", "expected {\"name\": str, \"email\": str}")
+    return data
+
+
+def make_app(dsn: str) -> WSGIApp:
+    def connect() -> psycopg.Connection[dict[str, Any]]:
+        # One short connection per request: nothing survives the request in this process.
+        # (A production service would use a pool; the point here is that no state does.)
+        return psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
+
+    def get_collection() -> Any:
+        with connect() as conn:
+            return conn.execute("SELECT id, name, email FROM users ORDER BY id").fetchall()
+
+    def get_user(user_id: int) -> Any:
+        with connect() as conn:
+            row = conn.execute("SELECT id, name, email FROM users WHERE id = %s",
+                               (user_id,)).fetchone()
+        if row is None:
+            raise HTTPError("404 Not Found", f"no user {user_id}")
+        return row
+
+    def create_user(data: dict[str, Any]) -> Any:
+        with connect() as conn:
+            return conn.execute(
+                "INSERT INTO users (name, email) VALUES (%s, %s) RETURNING id, name, email",
+                (data["name"], data["email"])).fetchone()
+
+    def replace_user(user_id: int, data: dict[str, Any]) -> Any:
+        with connect() as conn:
+            row = conn.execute(
+                "UPDATE users SET name = %s, email = %s WHERE id = %s RETURNING id, name, email",
+                (data["name"], data["email"], user_id)).fetchone()
+        if row is None:
+            raise HTTPError("404 Not Found", f"no user {user_id}")
+        return row
+
+    def delete_user(user_id: int) -> None:
+        with connect() as conn:
+            if conn.execute("DELETE FROM users WHERE id = %s", (user_id,)).rowcount == 0:
+                raise HTTPError("404 Not Found", f"no user {user_id}")
+
+    def cacheable(environ: dict[str, Any], start_response: StartResponse,
+                  document: Any) -> list[bytes]:
+        """A GET answer: 200 with ETag and Cache-Control, or 304 when the client's copy is
+        current. The 304 carries the same validators and no body."""
+        body = json.dumps(document).encode()
+        tag = etag_of(body)
+        headers = [("ETag", tag), ("Cache-Control", CACHE_CONTROL)]
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Content-Length", str(len(body))), *headers])
+        return [body]
+
+    def send(start_response: StartResponse, status: str, document: Any,
+             extra: list[tuple[str, str]] | None = None) -> list[bytes]:
+        body = json.dumps(document).encode()
+        start_response(status, [("Content-Type", "application/json"),
+                                ("Content-Length", str(len(body))), *(extra or [])])
+        return [body]
+
+    def route(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        if path == "/users":
+            if method == "GET":
+                return cacheable(environ, start_response, get_collection())
+            if method == "POST":
+                user = create_user(read_json(environ))
+                return send(start_response, "201 Created", user,
+                            [("Location", f"/users/{user['id']}")])
+            raise HTTPError("405 Method Not Allowed", f"{method} /users",
+                            [("Allow", "GET, POST")])
+        match = USER_PATH.match(path)
+        if match is None:
+            raise HTTPError("404 Not Found", f"no resource at {path}")
+        user_id = int(match.group(1))
+        if method == "GET":
+            return cacheable(environ, start_response, get_user(user_id))
+        if method == "PUT":
+            return send(start_response, "200 OK", replace_user(user_id, read_json(environ)))
+        if method == "DELETE":
+            delete_user(user_id)
+            start_response("204 No Content", [])
+            return []
+        raise HTTPError("405 Method Not Allowed", f"{method} {path}",
+                        [("Allow", "GET, PUT, DELETE")])
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        try:
+            return route(environ, start_response)
+        except HTTPError as err:
+            return send(start_response, err.status, {"error": str(err)}, err.headers)
+
+    return app
