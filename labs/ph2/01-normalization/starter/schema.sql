@@ -1,0 +1,15 @@
+-- Take orders_denormalized to third normal form.
+--
+-- This script runs once, in a database where orders_denormalized already exists and holds
+-- the data (see README.md for its columns). It must:
+--
+--   1. CREATE TABLE the normalized tables: one per determinant, with PRIMARY KEY,
+--      FOREIGN KEY (REFERENCES), UNIQUE, CHECK and NOT NULL constraints.
+--      Keep every original column name (customer_email stays customer_email).
+--   2. Move the data: INSERT INTO ... SELECT DISTINCT ... FROM orders_denormalized.
+--   3. CREATE VIEW orders_rebuilt with the ten original columns, rebuilt from your tables
+--      alone (not from orders_denormalized, which the check drops before reading the view).
+--
+-- Leave orders_denormalized in place.
+
+-- TODO: write the DDL, the data migration and the view here.

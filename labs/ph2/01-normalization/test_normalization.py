@@ -1,0 +1,487 @@
+"""ph2.1 normalization: the learner's schema.sql takes orders_denormalized to 3NF.
+
+Every check runs on real Postgres 15 in a database of its own: the original table is
+created and filled with data the learner has not seen, schema.sql runs, and then
+
+* the catalog (information_schema, pg_catalog) shows each fact stored once, in the table
+  whose primary key is the fact's determinant, with foreign keys, UNIQUE and NOT NULL;
+* rows that break the rules (orphans, duplicates, zero quantities, negative prices) are
+  rejected by the database itself;
+* with the original table dropped, the view orders_rebuilt gives back exactly the original
+  rows (EXCEPT ALL both ways, so duplicates and missing rows both count).
+
+The checks find the learner's tables by their keys, not by their names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors, sql
+
+# The original table's columns, in order, with their types.
+ORIGINAL_COLUMNS: list[tuple[str, str]] = [
+    ("order_id", "integer"),
+    ("order_date", "date"),
+    ("customer_id", "integer"),
+    ("customer_email", "text"),
+    ("customer_name", "text"),
+    ("customer_city", "text"),
+    ("product_sku", "text"),
+    ("product_name", "text"),
+    ("quantity", "integer"),
+    ("unit_price", "numeric(10,2)"),
+]
+ATTRIBUTES = [name for name, _ in ORIGINAL_COLUMNS]
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A determinant and the attributes it decides: one table in 3NF."""
+
+    name: str
+    key: tuple[str, ...]
+    decides: tuple[str, ...]
+
+
+# The functional dependencies of orders_denormalized (README.md states them in words).
+ENTITIES = [
+    Entity("customer", ("customer_id",), ("customer_email", "customer_name", "customer_city")),
+    Entity("product", ("product_sku",), ("product_name",)),
+    Entity("order", ("order_id",), ("order_date", "customer_id")),
+    Entity("order line", ("order_id", "product_sku"), ("quantity", "unit_price")),
+]
+DETERMINANT = {attr: e.key for e in ENTITIES for attr in e.decides}
+KEY_ATTRIBUTES = {"customer_id", "order_id", "product_sku"}
+VIEW = "orders_rebuilt"
+
+Row = tuple[Any, ...]
+Conn = psycopg.Connection[Any]
+
+
+# --------------------------------------------------------------------------------------
+# The original data: generated, so the learner's script cannot hard-code it. It contains
+# the traps a wrong decomposition falls into: two customers with the same name, two SKUs
+# with the same name, the same SKU sold at different prices, repeat customers.
+
+
+def original_rows(seed: int = 2024) -> list[Row]:
+    rng = random.Random(seed)
+    names = ["Ana Silva", "Ben Okafor", "Chen Wei", "Dora Novak", "Eli Cohen", "Fay Moreau",
+             "Gus Lindqvist", "Hana Sato", "Ivo Petrov", "Jo Kim", "Ana Silva", "Kai Müller"]
+    cities = ["Lisbon", "Lagos", "Shanghai", "Zagreb", "Haifa", "Lyon", "Malmö", "Osaka"]
+    customers = [
+        (cid, f"customer{cid}@shop.test", names[i % len(names)], rng.choice(cities))
+        for i, cid in enumerate(range(101, 101 + 24))
+    ]
+    products = [
+        ("SKU-CBL-1M", "USB-C cable", Decimal("9.90")),
+        ("SKU-CBL-2M", "USB-C cable", Decimal("12.90")),
+        ("SKU-KBD", "Keyboard", Decimal("49.00")),
+        ("SKU-MSE", "Mouse", Decimal("25.00")),
+        ("SKU-MON", "Monitor 27in", Decimal("289.00")),
+        ("SKU-HUB", "USB hub", Decimal("34.50")),
+        ("SKU-CAM", "Webcam", Decimal("59.00")),
+        ("SKU-MIC", "Microphone", Decimal("79.00")),
+        ("SKU-LMP", "Desk lamp", Decimal("39.00")),
+        ("SKU-PAD", "Mouse pad", Decimal("0.00")),  # a free gift: price 0 is allowed
+    ]
+    rows: list[Row] = []
+    day = dt.date(2024, 3, 1)
+    for order_id in range(5001, 5001 + 90):
+        customer = rng.choice(customers[:18])  # some customers order again and again
+        day += dt.timedelta(days=rng.choice([0, 0, 1, 2]))
+        for sku, pname, list_price in rng.sample(products, rng.randint(1, 4)):
+            # Promotions: the price charged depends on the order, not only on the product.
+            price = (list_price * Decimal(rng.choice(["1", "1", "0.9", "0.75"]))).quantize(
+                Decimal("0.01"))
+            rows.append((order_id, day, *customer, sku, pname, rng.randint(1, 5), price))
+    rng.shuffle(rows)
+    return rows
+
+
+ROWS = original_rows()
+
+
+def create_original(conn: Conn) -> None:
+    cols = ", ".join(f"{name} {kind} NOT NULL" for name, kind in ORIGINAL_COLUMNS)
+    conn.execute(f"CREATE TABLE orders_denormalized ({cols})")
+    with conn.cursor() as cur, cur.copy(
+            f"COPY orders_denormalized ({', '.join(ATTRIBUTES)}) FROM STDIN") as copy:
+        for row in ROWS:
+            copy.write_row(row)
+
+
+@pytest.fixture
+def db(postgres: Any) -> Iterator[Conn]:
+    """A database holding the original table and its data."""
+    with postgres.connect(autocommit=True) as conn:
+        create_original(conn)
+        yield conn
+
+
+def apply_schema(conn: Conn, learner: Any) -> None:
+    """Run schema.sql. Called by each test (not by the fixture) so that a broken script is a
+    failed check in the database's own words rather than a setup error."""
+    script = learner.path("schema.sql").read_text(encoding="utf-8")
+    body = "\n".join(line for line in script.splitlines()
+                     if not line.strip().startswith("--")).strip()
+    if not body:
+        pytest.fail("schema.sql has no statements yet: write the CREATE TABLEs, the "
+                    "INSERT ... SELECT migration and the orders_rebuilt view", pytrace=False)
+    try:
+        with conn.transaction():
+            conn.execute(script)  # type: ignore[arg-type]  # a whole script of statements
+    except psycopg.Error as exc:
+        pytest.fail(f"schema.sql failed on the original data: {describe(exc)}", pytrace=False)
+
+
+def describe(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    text = f"{type(exc).__name__} (SQLSTATE {exc.sqlstate}): {diag.message_primary}"
+    if diag.message_detail:
+        text += f" - {diag.message_detail}"
+    return text
+
+
+# --------------------------------------------------------------------------------------
+# The catalog, read the way a DBA would: which columns live where, which keys exist.
+
+
+@dataclass
+class Table:
+    name: str
+    columns: list[str]
+    primary_key: tuple[str, ...] | None
+    unique_keys: list[tuple[str, ...]]
+    foreign_keys: list[tuple[tuple[str, ...], str, tuple[str, ...]]]
+    not_null: set[str]
+
+
+def read_catalog(conn: Conn) -> dict[str, Table]:
+    tables: dict[str, Table] = {}
+    for name, column, nullable in conn.execute(
+        """SELECT c.table_name, c.column_name, c.is_nullable
+           FROM information_schema.columns c
+           JOIN information_schema.tables t USING (table_schema, table_name)
+           WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE'
+             AND c.table_name <> 'orders_denormalized'
+           ORDER BY c.table_name, c.ordinal_position"""
+    ):
+        table = tables.setdefault(name, Table(name, [], None, [], [], set()))
+        table.columns.append(column)
+        if nullable == "NO":
+            table.not_null.add(column)
+    constraints = conn.execute(
+        """SELECT con.contype::text, rel.relname::text,
+                  ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
+                        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n
+                        ORDER BY k.i),
+                  frel.relname::text,
+                  ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
+                        JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n
+                        ORDER BY k.i)
+           FROM pg_constraint con
+           JOIN pg_class rel ON rel.oid = con.conrelid
+           LEFT JOIN pg_class frel ON frel.oid = con.confrelid
+           WHERE rel.relnamespace = 'public'::regnamespace"""
+    ).fetchall()
+    for kind, name, cols, ref_table, ref_cols in constraints:
+        table = tables.get(name)
+        if table is None:
+            continue
+        if kind == "p":
+            table.primary_key = tuple(cols)
+        elif kind == "u":
+            table.unique_keys.append(tuple(cols))
+        elif kind == "f":
+            table.foreign_keys.append((tuple(cols), ref_table, tuple(ref_cols)))
+    # A unique index enforces uniqueness just as well as a UNIQUE constraint.
+    for name, cols in conn.execute(
+        """SELECT rel.relname::text,
+                  ARRAY(SELECT a.attname::text
+                        FROM unnest(ix.indkey::int2[]) WITH ORDINALITY k(n, i)
+                        JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = k.n
+                        WHERE k.i <= ix.indnkeyatts ORDER BY k.i)
+           FROM pg_index ix JOIN pg_class rel ON rel.oid = ix.indrelid
+           WHERE rel.relnamespace = 'public'::regnamespace AND ix.indisunique
+             AND NOT ix.indisprimary AND ix.indpred IS NULL AND ix.indexprs IS NULL"""
+    ):
+        if name in tables and tuple(cols) not in tables[name].unique_keys:
+            tables[name].unique_keys.append(tuple(cols))
+    return tables
+
+
+def homes(tables: dict[str, Table]) -> dict[str, Table]:
+    """For each entity, the table whose primary key is exactly its determinant."""
+    found: dict[str, Table] = {}
+    for entity in ENTITIES:
+        for table in tables.values():
+            if table.primary_key and set(table.primary_key) == set(entity.key):
+                found[entity.name] = table
+    return found
+
+
+def fmt(cols: tuple[str, ...] | None) -> str:
+    return "(" + ", ".join(cols) + ")" if cols else "no primary key"
+
+
+def require_homes(tables: dict[str, Table]) -> dict[str, Table]:
+    found = homes(tables)
+    for entity in ENTITIES:
+        if entity.name not in found:
+            have = "; ".join(f"{t.name} {fmt(t.primary_key)}" for t in tables.values())
+            pytest.fail(
+                f"no table has PRIMARY KEY {fmt(entity.key)}: {', '.join(entity.decides)} "
+                f"depend on {fmt(entity.key)}, so the {entity.name} facts need a table keyed "
+                f"by it (tables found: {have or 'none'})", pytrace=False)
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# 1. The decomposition
+
+
+def test_every_fact_is_stored_once_under_its_own_key(db: Conn, learner: Any) -> None:
+    apply_schema(db, learner)
+    tables = read_catalog(db)
+    where: dict[str, list[Table]] = {a: [] for a in ATTRIBUTES}
+    for table in tables.values():
+        for column in table.columns:
+            if column in where:
+                where[column].append(table)
+    missing = [a for a, found in where.items() if not found]
+    assert not missing, (
+        f"column {', '.join(missing)} is in no table: keep every original column name "
+        f"(tables found: {', '.join(tables) or 'none'}) - the check follows each fact by name")
+    found = require_homes(tables)
+
+    problems: list[str] = []
+    for attr, determinant in DETERMINANT.items():
+        if attr in KEY_ATTRIBUTES:
+            continue  # customer_id also appears as a foreign key; checked below
+        homes_of_attr = [t for t in where[attr]
+                         if set(t.primary_key or ()) == set(determinant)]
+        if len(homes_of_attr) > 1:
+            names = ", ".join(t.name for t in homes_of_attr)
+            problems.append(f"{attr} is stored in {names}: a fact stored twice can disagree")
+        for table in where[attr]:
+            key = table.primary_key or ()
+            if set(key) == set(determinant):
+                continue
+            if set(determinant) < set(key):
+                why = (f"partial dependency (breaks 2NF): it depends on {fmt(determinant)} "
+                       f"alone, a part of the key {fmt(key)}, so it repeats on every row")
+            elif set(key) < set(determinant):
+                why = (f"{fmt(key)} does not decide it: it depends on {fmt(determinant)}, "
+                       f"so one row per {fmt(key)} cannot hold its different values")
+            elif key:
+                why = (f"transitive dependency (breaks 3NF): {fmt(key)} decides it only "
+                       f"through {fmt(determinant)}, so it is copied for every {fmt(key)}")
+            else:
+                why = "the table has no primary key, so nothing stops copies"
+            problems.append(f"{attr} is stored in {table.name} {fmt(key)}: {why}")
+    assert not problems, "\n".join(problems)
+
+    # The order table must refer to a customer, not copy the customer's details.
+    order_table = found["order"]
+    assert "customer_id" in order_table.columns, (
+        f"{order_table.name} has no customer_id: order_id decides the customer, so the "
+        f"order row must say which customer (a foreign key to {found['customer'].name})")
+
+
+def test_foreign_keys_unique_and_not_null_are_declared(db: Conn, learner: Any) -> None:
+    apply_schema(db, learner)
+    tables = read_catalog(db)
+    found = require_homes(tables)
+    key_home = {e.key[0]: found[e.name] for e in ENTITIES if len(e.key) == 1}
+    problems: list[str] = []
+    # Wherever a key attribute appears outside its home, it is a reference to that home.
+    for table in tables.values():
+        for column in table.columns:
+            home = key_home.get(column)
+            if home is None or home is table:
+                continue
+            if (((column,), home.name, (column,)) not in table.foreign_keys):
+                problems.append(
+                    f"{table.name}.{column} has no FOREIGN KEY to {home.name}({column}): "
+                    f"nothing stops a {table.name} row pointing at a {column} that does not "
+                    f"exist")
+    customers = found["customer"]
+    if ("customer_email",) not in customers.unique_keys:
+        problems.append(
+            f"{customers.name}.customer_email is not UNIQUE: it is a second candidate key "
+            f"(one email, one customer), and only a UNIQUE constraint makes Postgres "
+            f"enforce that")
+    for attr in ATTRIBUTES:
+        for table in tables.values():
+            if attr in table.columns and attr not in table.not_null:
+                problems.append(f"{table.name}.{attr} allows NULL: every original row has a "
+                                f"value for it; declare it NOT NULL")
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------------------
+# 2. Rows that break the rules are rejected by the database
+
+
+@dataclass
+class Writer:
+    """Inserts into the learner's tables, found by their keys, each attempt in a savepoint."""
+
+    conn: Conn
+    tables: dict[str, Table]
+
+    def insert(self, entity: str, **values: Any) -> None:
+        table = self.tables[entity]
+        query = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            sql.Identifier(table.name),
+            sql.SQL(", ").join(map(sql.Identifier, values)),
+            sql.SQL(", ").join(sql.Placeholder() * len(values)))
+        self.conn.execute(query, list(values.values()))
+
+    def outcome(self, action: Callable[[], None]) -> type[psycopg.Error] | None:
+        try:
+            with self.conn.transaction(force_rollback=True):
+                action()
+        except psycopg.Error as exc:
+            return type(exc)
+        return None
+
+
+def test_rows_breaking_the_rules_are_rejected(db: Conn, learner: Any) -> None:
+    apply_schema(db, learner)
+    found = require_homes(read_catalog(db))
+    for entity in ENTITIES:
+        table = found[entity.name]
+        misplaced = [c for c in table.columns
+                     if c in ATTRIBUTES and c not in entity.key + entity.decides]
+        if misplaced:
+            pytest.fail(f"{table.name} also holds {', '.join(misplaced)}, which "
+                        f"{fmt(entity.key)} does not decide: fix the decomposition first "
+                        f"(see the check on where each fact is stored)", pytrace=False)
+    w = Writer(db, found)
+    some = ROWS[0]
+    order_id, customer_id, email = some[0], some[2], some[3]
+    sku_not_in_order = next(r[6] for r in ROWS if r[6] not in
+                            {x[6] for x in ROWS if x[0] == order_id})
+    new_customer = {"customer_id": 9001, "customer_email": "new@shop.test",
+                    "customer_name": "New Person", "customer_city": "Lisbon"}
+
+    def line(**over: Any) -> Callable[[], None]:
+        values = {"order_id": order_id, "product_sku": sku_not_in_order, "quantity": 2,
+                  "unit_price": Decimal("10.00"), **over}
+        return lambda: w.insert("order line", **values)
+
+    # Sanity first: well-formed rows go in, so a rejection below is about the rule.
+    valid = {
+        "a new customer": lambda: w.insert("customer", **new_customer),
+        "a new product": lambda: w.insert("product", product_sku="SKU-NEW",
+                                          product_name="Thing"),
+        "a new order for an existing customer": lambda: w.insert(
+            "order", order_id=9001, order_date=dt.date(2024, 6, 1), customer_id=customer_id),
+        "a new line on an existing order": line(),
+    }
+    for what, action in valid.items():
+        err = w.outcome(action)
+        assert err is None, (
+            f"inserting {what} was rejected with {err.__name__ if err else ''}: valid rows "
+            f"must be accepted (extra columns need defaults)")
+
+    cases: list[tuple[str, Callable[[], None], type[psycopg.Error], str]] = [
+        ("a second customer with an existing email",
+         lambda: w.insert("customer", **{**new_customer, "customer_email": email}),
+         errors.UniqueViolation, "customer_email must be UNIQUE"),
+        ("a customer without an email",
+         lambda: w.insert("customer", **{**new_customer, "customer_email": None}),
+         errors.NotNullViolation, "customer_email must be NOT NULL"),
+        ("an order for customer 999999, who does not exist",
+         lambda: w.insert("order", order_id=9002, order_date=dt.date(2024, 6, 1),
+                          customer_id=999999),
+         errors.ForeignKeyViolation, "the order's customer_id needs a FOREIGN KEY"),
+        ("a line on order 999999, which does not exist", line(order_id=999999),
+         errors.ForeignKeyViolation, "the line's order_id needs a FOREIGN KEY"),
+        ("a line for product SKU-NOPE, which does not exist", line(product_sku="SKU-NOPE"),
+         errors.ForeignKeyViolation, "the line's product_sku needs a FOREIGN KEY"),
+        ("a line with quantity 0", line(quantity=0),
+         errors.CheckViolation, "quantity needs CHECK (quantity > 0)"),
+        ("a line with quantity -3", line(quantity=-3),
+         errors.CheckViolation, "quantity needs CHECK (quantity > 0)"),
+        ("a line with unit_price -0.01", line(unit_price=Decimal("-0.01")),
+         errors.CheckViolation, "unit_price needs CHECK (unit_price >= 0)"),
+        ("the same product twice on one order", line(product_sku=some[6]),
+         errors.UniqueViolation, "a line is identified by (order_id, product_sku)"),
+    ]
+    problems = []
+    for what, action, expected, fix in cases:
+        err = w.outcome(action)
+        if err is None or not issubclass(err, expected):
+            saw = "it was accepted" if err is None else f"it failed with {err.__name__}"
+            problems.append(f"{what}: expected {expected.__name__}, {saw} - {fix}")
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------------------
+# 3. Nothing was lost: the view gives back the original rows
+
+
+def test_view_rebuilds_the_original_rows_exactly(db: Conn, learner: Any) -> None:
+    apply_schema(db, learner)
+    try:
+        with db.transaction():
+            db.execute("DROP TABLE orders_denormalized")
+    except errors.DependentObjectsStillExist:
+        pytest.fail(f"{VIEW} still reads orders_denormalized: the view must rebuild the rows "
+                    f"from your normalized tables alone (the original table is dropped "
+                    f"before the view is read)", pytrace=False)
+    except errors.UndefinedTable:
+        pass  # the script already dropped it; that is allowed
+    columns = sql.SQL(", ").join(map(sql.Identifier, ATTRIBUTES))
+    try:
+        with db.transaction():
+            db.execute(sql.SQL("SELECT {} FROM {} LIMIT 0").format(columns,
+                                                                   sql.Identifier(VIEW)))
+    except psycopg.Error as exc:
+        pytest.fail(f"cannot read the view {VIEW} with the original columns: {describe(exc)}",
+                    pytrace=False)
+
+    typed = ", ".join(f"{name} {kind}" for name, kind in ORIGINAL_COLUMNS)
+    db.execute(f"CREATE TEMP TABLE expected_rows ({typed})")
+    with db.cursor() as cur, cur.copy(f"COPY expected_rows ({', '.join(ATTRIBUTES)}) "
+                                      "FROM STDIN") as copy:
+        for row in ROWS:
+            copy.write_row(row)
+
+    def difference(left: str, right: str) -> list[Row]:
+        # EXCEPT ALL keeps multiplicity: a row that appears twice but should appear once
+        # shows up as a difference, which a plain EXCEPT would hide.
+        query = sql.SQL("SELECT {c} FROM {l} EXCEPT ALL SELECT {c} FROM {r} "
+                        "ORDER BY 1, 7").format(c=columns, l=sql.Identifier(left),
+                                                r=sql.Identifier(right))
+        return db.execute(query).fetchall()
+
+    try:
+        missing = difference("expected_rows", VIEW)
+        extra = difference(VIEW, "expected_rows")
+    except psycopg.Error as exc:
+        pytest.fail(f"cannot compare {VIEW} with the original rows: {describe(exc)} "
+                    f"(keep the original column types)", pytrace=False)
+    if missing or extra:
+        lines = [f"{VIEW} differs from the original: {len(missing)} original rows missing, "
+                 f"{len(extra)} rows that were not in the original"]
+        lines += [f"  missing: {show(r)}" for r in missing[:3]]
+        lines += [f"  extra:   {show(r)}" for r in extra[:3]]
+        lines.append("  (a value kept per product instead of per order line, or a join on a "
+                     "non-key column, changes or multiplies rows)")
+        pytest.fail("\n".join(lines), pytrace=False)
+
+
+def show(row: Row) -> str:
+    return ", ".join(f"{name}={value}" for name, value in zip(ATTRIBUTES, row, strict=True))
