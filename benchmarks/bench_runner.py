@@ -1,0 +1,97 @@
+"""Measure, in one run on this machine:
+
+1. time to ready for each local service, cold (a fresh start, no warm set; the Postgres and
+   Kafka templates already made) and warm (a warm set found alive and reused);
+2. for one lab, the wall time of ``labrunner run LAB --solutions`` against bare ``pytest`` on
+   the same test with the same running services, as a ratio (the runner's overhead).
+
+Side by side and repeated, so that the noisy shared machine affects both sides alike.
+Usage: python benchmarks/bench_runner.py [--lab ph2.5] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from labrunner.catalog import load_catalog
+from labrunner.services.local import MODULES
+from labrunner.services.manager import ServiceSet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def median_time(fn: object, repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()  # type: ignore[operator]
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def service_ready_times(repeat: int) -> None:
+    print("time to ready, local backend (median of %d)" % repeat)
+    print(f"{'service':<10}{'cold':>10}{'warm':>10}{'cold/warm':>12}")
+    for name in MODULES:
+        if MODULES[name].missing():
+            print(f"{name:<10}  skipped: {MODULES[name].missing()}")
+            continue
+        cold_samples = []
+        for _ in range(repeat if name in ("postgres", "redis") else max(1, repeat // 2)):
+            service_set = ServiceSet.ephemeral("local")
+            start = time.perf_counter()
+            service_set.ensure([name])
+            cold_samples.append(time.perf_counter() - start)
+            service_set.stop()
+        cold = statistics.median(cold_samples)
+        warm_set = ServiceSet.ephemeral("local")
+        endpoint = warm_set.ensure([name])[name]
+        # Warm: what a run pays to reuse a warm service: find it alive.
+        warm = median_time(lambda: MODULES[name].alive(endpoint), repeat)
+        warm_set.stop()
+        print(f"{name:<10}{cold:>9.2f}s{warm:>9.3f}s{cold / warm:>11.0f}x")
+
+
+def runner_overhead(lab_id: str, repeat: int) -> None:
+    lab = load_catalog().lab(lab_id)
+    service_set = ServiceSet.warm_set("local")
+    service_set.ensure(lab.services)
+    env = {**os.environ, "LABRUNNER_SERVICES": str(service_set.state_file)}
+    bare = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            *map(str, lab.test_files), "--lab-target", "solution"]
+    runner = [sys.executable, "-m", "labrunner.cli", "run", lab_id, "--solutions"]
+    for cmd in (bare, runner):  # warm the OS caches for both before measuring
+        subprocess.run(cmd, env=env, capture_output=True, check=False)
+    bare_t, runner_t = [], []
+    for _ in range(repeat):  # interleaved: each pair sees the same machine load
+        for cmd, sink in ((bare, bare_t), (runner, runner_t)):
+            start = time.perf_counter()
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            sink.append(time.perf_counter() - start)
+            if done.returncode != 0:
+                print(done.stdout[-2000:], done.stderr[-2000:])
+                raise SystemExit(f"{cmd[2]} failed")
+    b, r = statistics.median(bare_t), statistics.median(runner_t)
+    print(f"\nlab {lab_id}: bare pytest {b:.2f}s, labrunner run {r:.2f}s (median of {repeat}, "
+          f"warm services)")
+    print(f"runner/pytest ratio {r / b:.2f} (overhead {100 * (r - b) / b:.0f}% of the test's "
+          "own time)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lab", default="ph2.5")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    service_ready_times(args.repeat)
+    runner_overhead(args.lab, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
