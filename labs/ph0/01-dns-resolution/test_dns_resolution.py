@@ -1,0 +1,337 @@
+"""Verification for ph0.1: an iterative resolver with a TTL cache, against three real DNS
+servers (root, TLD, authoritative) that this test starts on loopback UDP.
+
+Real DNS puts every nameserver on port 53 and a referral's glue carries only an IP
+address, so the three servers share one port and each has its own loopback address
+(127.53.N.1-3; all of 127.0.0.0/8 is loopback on Linux). Each server logs every query it
+receives: the walk order and the cache behaviour are read from those logs, never from the
+resolver's own account.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from dnslib import CNAME, NS, QTYPE, RCODE, RR, SOA, A, DNSLabel, DNSRecord
+from dnslib.server import DNSLogger, DNSServer
+
+# ---------------------------------------------------------------------------- the zones
+
+API_TTL = 300        # api.shop.test A
+CNAME_TTL = 600      # www.shop.test CNAME edge.cdn.test
+EDGE_TTL = 120       # edge.cdn.test A (two addresses)
+NEGATIVE_TTL = 60    # SOA minimum of shop.test: how long NXDOMAIN may be cached
+
+
+@dataclass
+class Zone:
+    """The data one server is authoritative for, plus the child zones it delegates."""
+
+    origin: str
+    records: list[RR]
+    delegations: dict[str, tuple[list[RR], list[RR]]] = field(default_factory=dict)
+
+    @property
+    def soa(self) -> RR:
+        return RR(self.origin, QTYPE.SOA, ttl=3600, rdata=SOA(
+            "ns1." + self.origin, "hostmaster." + self.origin,
+            (1, 3600, 600, 86400, NEGATIVE_TTL)))
+
+
+@dataclass
+class QueryLog:
+    """Every query any of the three servers received, in arrival order."""
+
+    entries: list[tuple[str, str, bool]] = field(default_factory=list)  # (server, qname, rd)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, server: str, qname: str, rd: bool) -> None:
+        with self.lock:
+            self.entries.append((server, qname, rd))
+
+    def servers(self) -> list[str]:
+        with self.lock:
+            return [server for server, _, _ in self.entries]
+
+    def names_asked(self, server: str) -> list[str]:
+        with self.lock:
+            return [name.rstrip(".") for who, name, _ in self.entries if who == server]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+class ZoneServer:
+    """dnslib resolver plug-in: answers like an authoritative server (no recursion)."""
+
+    def __init__(self, label: str, zones: list[Zone], log: QueryLog) -> None:
+        self.label = label
+        self.zones = zones
+        self.log = log
+
+    def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
+        qname = DNSLabel(str(request.q.qname).lower())
+        self.log.add(self.label, str(qname), bool(request.header.rd))
+        reply = request.reply()
+        reply.header.ra = 0  # we never recurse, whatever the client asks for
+        zone = self._zone_for(qname)
+        if zone is None:
+            reply.header.rcode = RCODE.REFUSED
+            return reply
+        for child, (ns_rrs, glue) in zone.delegations.items():
+            if qname.matchSuffix(child):  # referral: "ask the child zone's servers"
+                reply.header.aa = 0
+                for rr in ns_rrs:
+                    reply.add_auth(rr)
+                for rr in glue:
+                    reply.add_ar(rr)
+                return reply
+        reply.header.aa = 1
+        owned = [rr for rr in zone.records if rr.rname == qname]
+        exact = [rr for rr in owned if rr.rtype == request.q.qtype]
+        cnames = [rr for rr in owned if rr.rtype == QTYPE.CNAME]
+        if exact or cnames:
+            for rr in exact or cnames:  # a CNAME to another zone is returned alone
+                reply.add_answer(rr)
+        else:  # NODATA when the name exists, NXDOMAIN when it does not
+            if not owned:
+                reply.header.rcode = RCODE.NXDOMAIN
+            reply.add_auth(zone.soa)
+        return reply
+
+    def _zone_for(self, qname: DNSLabel) -> Zone | None:
+        matching = [z for z in self.zones if qname.matchSuffix(z.origin) or z.origin == "."]
+        return max(matching, key=lambda z: len(z.origin.strip(".")), default=None)
+
+
+@dataclass
+class Hierarchy:
+    """The running servers: ``root``, ``tld``, ``auth`` addresses, a shared ``port``."""
+
+    root: str
+    tld: str
+    auth: str
+    port: int
+    log: QueryLog
+
+
+def _zones(tld_ip: str, auth_ip: str) -> dict[str, list[Zone]]:
+    def delegation(zone: str, ns: str, ip: str, ttl: int) -> tuple[list[RR], list[RR]]:
+        return ([RR(zone, QTYPE.NS, ttl=ttl, rdata=NS(ns))],
+                [RR(ns, QTYPE.A, ttl=ttl, rdata=A(ip))])
+
+    root = Zone(".", [], {"test.": delegation("test.", "a.nic.test.", tld_ip, 172800)})
+    tld = Zone("test.", [], {
+        "shop.test.": delegation("shop.test.", "ns1.shop.test.", auth_ip, 86400),
+        "cdn.test.": delegation("cdn.test.", "ns1.cdn.test.", auth_ip, 86400),
+    })
+    shop = Zone("shop.test.", [
+        RR("api.shop.test.", QTYPE.A, ttl=API_TTL, rdata=A("192.0.2.10")),
+        RR("www.shop.test.", QTYPE.CNAME, ttl=CNAME_TTL, rdata=CNAME("edge.cdn.test.")),
+        RR("ns1.shop.test.", QTYPE.A, ttl=86400, rdata=A(auth_ip)),
+    ])
+    cdn = Zone("cdn.test.", [
+        RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.20")),
+        RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.21")),
+    ])
+    return {"root": [root], "tld": [tld], "auth": [shop, cdn]}
+
+
+@pytest.fixture
+def dns() -> Iterator[Hierarchy]:
+    """Start root, TLD and authoritative servers on 127.53.N.1-3, one shared UDP port."""
+    quiet = DNSLogger(logf=lambda _msg: None)
+    log = QueryLog()
+    for _attempt in range(20):
+        block = random.randint(1, 254)  # a random /24 so parallel runs do not collide
+        ips = {"root": f"127.53.{block}.1", "tld": f"127.53.{block}.2",
+               "auth": f"127.53.{block}.3"}
+        zones = _zones(ips["tld"], ips["auth"])
+        servers: list[DNSServer] = []
+        try:
+            port = 0
+            for label in ("root", "tld", "auth"):
+                server = DNSServer(ZoneServer(label, zones[label], log), address=ips[label],
+                                   port=port, logger=quiet)
+                port = server.server.server_address[1]  # the root's port, shared by all
+                servers.append(server)
+        except OSError:  # that port is taken on one of the addresses: try another block
+            for server in servers:
+                server.server.server_close()
+            continue
+        for server in servers:
+            # dnslib's start_thread() polls for shutdown every 0.5 s; poll faster so the
+            # teardown does not dominate the run time.
+            threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.02},
+                             daemon=True).start()
+        yield Hierarchy(ips["root"], ips["tld"], ips["auth"], port, log)
+        for server in servers:
+            server.server.shutdown()
+            server.server.server_close()
+        return
+    pytest.fail("could not bind three loopback DNS servers on one port", pytrace=False)
+
+
+class FakeClock:
+    """The resolver's injected clock: time moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def resolver(learner: Any, dns: Hierarchy, clock: FakeClock) -> Any:
+    cls = learner.load("resolver").Resolver
+    return cls([dns.root], port=dns.port, clock=clock, timeout=2.0)
+
+
+def _bare(name: str) -> str:
+    return str(name).lower().rstrip(".")
+
+
+def _resolve(resolver: Any, dns: Hierarchy, name: str) -> Any:
+    try:
+        return resolver.resolve(name)
+    except NotImplementedError as exc:
+        pytest.fail(f"resolve() is not implemented yet: {exc}", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - report the learner's error with the walk
+        pytest.fail(f"resolve({name!r}) raised {type(exc).__name__}: {exc}\n"
+                    f"Servers asked so far: {_walk(dns.log)}.", pytrace=False)
+
+
+def _walk(log: QueryLog) -> str:
+    return " → ".join(log.servers()) or "no server at all"
+
+
+def _expect_addresses(answer: Any, want: list[str], name: str) -> None:
+    got = sorted(getattr(answer, "addresses", None) or [])
+    assert got == sorted(want), (
+        f"resolving {name} gave {got}, expected {sorted(want)}\n"
+        "The answer must hold the A records the authoritative server returned.")
+
+
+def _expect_no_queries(log: QueryLog, what: str) -> None:
+    count = len(log.servers())
+    assert count == 0, (
+        f"{what} sent {count} quer{'y' if count == 1 else 'ies'} ({_walk(log)}), "
+        "expected none\n"
+        "A record set cached with TTL t must be served from the cache for t seconds, "
+        "without asking any server.")
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def test_walks_root_tld_authoritative(resolver: Any, dns: Hierarchy) -> None:
+    answer = _resolve(resolver, dns, "api.shop.test")
+    walk = dns.log.servers()
+    assert walk == ["root", "tld", "auth"], (
+        f"the servers were asked in the order {_walk(dns.log)}, expected root → tld → auth\n"
+        "A referral (NS records in the authority section, their addresses as glue in the "
+        "additional section) means: ask those servers next, until one answers.")
+    _expect_addresses(answer, ["192.0.2.10"], "api.shop.test")
+    assert _bare(answer.canonical_name) == "api.shop.test", (
+        f"canonical_name is {answer.canonical_name!r}, expected 'api.shop.test' "
+        "(no CNAME on the way, so the final name is the name asked)")
+    assert answer.ttl == API_TTL and not answer.nxdomain, (
+        f"a fresh answer has ttl={answer.ttl}, nxdomain={answer.nxdomain}; expected "
+        f"ttl={API_TTL} (the record's TTL) and nxdomain=False")
+
+
+def test_queries_are_iterative(resolver: Any, dns: Hierarchy) -> None:
+    _resolve(resolver, dns, "api.shop.test")
+    recursive = [server for server, _, rd in dns.log.entries if rd]
+    assert not recursive, (
+        f"queries to {', '.join(recursive)} had the RD (recursion desired) flag set\n"
+        "An iterative resolver does the walk itself and asks each server only what it "
+        "knows: set query.header.rd = 0 (DNSRecord.question() sets it to 1).")
+
+
+def test_cached_repeat_sends_no_query(resolver: Any, dns: Hierarchy,
+                                      clock: FakeClock) -> None:
+    _expect_addresses(_resolve(resolver, dns, "api.shop.test"), ["192.0.2.10"], "api.shop.test")
+    dns.log.clear()
+    clock.advance(100)
+    answer = _resolve(resolver, dns, "api.shop.test")
+    _expect_no_queries(dns.log, "resolving api.shop.test again 100 s later")
+    _expect_addresses(answer, ["192.0.2.10"], "api.shop.test (from the cache)")
+    assert answer.ttl == API_TTL - 100, (
+        f"the cached answer says ttl={answer.ttl}, expected {API_TTL - 100}\n"
+        "A cache hands out the remaining lifetime (expiry - now), not the original TTL: "
+        "otherwise downstream caches would keep the record longer than its owner allows.")
+
+
+def test_requeries_after_ttl(resolver: Any, dns: Hierarchy, clock: FakeClock) -> None:
+    _expect_addresses(_resolve(resolver, dns, "api.shop.test"), ["192.0.2.10"], "api.shop.test")
+    dns.log.clear()
+    clock.advance(API_TTL - 1)
+    _resolve(resolver, dns, "api.shop.test")
+    _expect_no_queries(dns.log, f"resolving again {API_TTL - 1} s later (TTL {API_TTL})")
+    clock.advance(2)
+    answer = _resolve(resolver, dns, "api.shop.test")
+    asked = dns.log.names_asked("auth")
+    assert "api.shop.test" in asked, (
+        f"{API_TTL + 1} s after the first lookup (TTL {API_TTL}) the authoritative server "
+        f"was not asked again (queries: {_walk(dns.log)})\n"
+        "Once clock() passes the expiry the cached record is stale and must be fetched "
+        "again: a cache that ignores the TTL serves outdated addresses forever.")
+    _expect_addresses(answer, ["192.0.2.10"], "api.shop.test after expiry")
+
+
+def test_follows_cname_to_another_zone(resolver: Any, dns: Hierarchy) -> None:
+    answer = _resolve(resolver, dns, "www.shop.test")
+    _expect_addresses(answer, ["192.0.2.20", "192.0.2.21"], "www.shop.test")
+    assert "edge.cdn.test" in dns.log.names_asked("auth"), (
+        "the CNAME target edge.cdn.test was never asked for\n"
+        "www.shop.test answers only 'CNAME edge.cdn.test': resolution restarts with the "
+        "target name (its zone cdn.test is delegated by the TLD).")
+    assert _bare(answer.canonical_name) == "edge.cdn.test", (
+        f"canonical_name is {answer.canonical_name!r}, expected 'edge.cdn.test' "
+        "(the name at the end of the CNAME chain)")
+    assert answer.ttl == min(CNAME_TTL, EDGE_TTL), (
+        f"ttl is {answer.ttl}, expected {min(CNAME_TTL, EDGE_TTL)}: the CNAME lives "
+        f"{CNAME_TTL} s and the A records {EDGE_TTL} s, and an answer built from both is "
+        "only valid as long as the shorter one")
+
+
+def test_nxdomain_is_reported_and_cached(resolver: Any, dns: Hierarchy,
+                                         clock: FakeClock) -> None:
+    answer = _resolve(resolver, dns, "nope.shop.test")
+    assert answer.nxdomain and not answer.addresses, (
+        f"nope.shop.test gave nxdomain={answer.nxdomain}, addresses={answer.addresses}; "
+        "expected nxdomain=True and no addresses\n"
+        "The authoritative server answered NXDOMAIN (rcode 3): the name does not exist.")
+    assert dns.log.servers() == ["root", "tld", "auth"], (
+        f"the NXDOMAIN walk went {_walk(dns.log)}, expected root → tld → auth: only the "
+        "zone's authoritative server can say a name does not exist")
+    dns.log.clear()
+    clock.advance(NEGATIVE_TTL - 1)
+    again = _resolve(resolver, dns, "nope.shop.test")
+    _expect_no_queries(dns.log, f"asking for nope.shop.test again {NEGATIVE_TTL - 1} s later")
+    assert again.nxdomain, "the cached negative answer must still say nxdomain=True"
+    clock.advance(2)
+    _resolve(resolver, dns, "nope.shop.test")
+    assert "nope.shop.test" in dns.log.names_asked("auth"), (
+        f"{NEGATIVE_TTL + 1} s after the NXDOMAIN the name was not asked again\n"
+        f"A negative answer is cached for min(SOA TTL, SOA minimum) = {NEGATIVE_TTL} s "
+        "(RFC 2308), then it expires like any record.")
