@@ -1,0 +1,393 @@
+"""ph2.7 verification: one catalog in three models, same answers, the right structures.
+
+What is measured, and where:
+* the schemas are read from Postgres' catalog (information_schema, pg_index, pg_am);
+* "the JSONB query uses the GIN index" is read from the server's own counters
+  (pg_stat_user_tables.seq_scan, pg_stat_user_indexes.idx_scan) around each learner query:
+  they count the scans the learner's session really did, whatever SQL it sent. A backend
+  flushes its counters when it exits, so the test ends the learner's sessions before reading;
+* what the Redis model does for a query is read with MONITOR on a separate connection,
+  keeping only the commands sent to this test's own logical database.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+Product = dict[str, Any]
+
+CATEGORIES = ["books", "shirts", "mugs", "lamps", "chairs", "bags", "pens", "plants"]
+ADJECTIVES = ["eco", "gift", "sale", "new", "handmade", "vintage", "premium", "compact",
+              "travel", "kids"]
+NOUNS = ["home", "office", "garden", "kitchen", "desk", "outdoor", "winter", "summer",
+         "school", "party", "sport", "bath", "car", "pet", "art"]
+TAGS = [f"{a}-{n}" for a in ADJECTIVES for n in NOUNS]  # 150 tags: each one is selective
+COLORS = ["red", "blue", "green", "black", "white", "grey"]
+MODELS = ("RelationalCatalog", "DocumentCatalog", "RedisCatalog")
+
+
+def make_products(count: int, seed: int = 7) -> list[Product]:
+    """A deterministic catalog with the awkward cases: no tags, a quote and non-ASCII in a
+    name, attributes that only some categories have."""
+    rnd = random.Random(seed)
+    products: list[Product] = []
+    for pid in range(1, count + 1):
+        category = CATEGORIES[pid % len(CATEGORIES)]
+        tags = [] if pid % 97 == 0 else sorted(rnd.sample(TAGS, rnd.randint(1, 4)))
+        attributes = {"color": rnd.choice(COLORS), "brand": f"brand-{rnd.randint(0, 99):02d}"}
+        if category == "books":
+            attributes["author"] = rnd.choice(["Le Guin", "Borges", "Calvino", "Lem"])
+        if category == "shirts":
+            attributes["size"] = rnd.choice(["S", "M", "L", "XL"])
+        name = f"{category[:-1].title()} no. {pid}"
+        if pid == 42:
+            name = 'Crème brûlée "deluxe" mug'
+        products.append({"id": pid, "name": name, "category": category,
+                         "price_cents": rnd.randint(99, 99_999), "tags": tags,
+                         "attributes": attributes})
+    return products
+
+
+def ids_where(products: list[Product], keep: Callable[[Product], bool]) -> list[int]:
+    return [p["id"] for p in products if keep(p)]
+
+
+def tag_counts(products: list[Product]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for p in products:
+        for tag in p["tags"]:
+            counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------
+# The learner's classes
+
+
+def catalog_class(module: ModuleType, name: str) -> type:
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        pytest.fail(f"catalog.py: define a class {name} (see the README for its methods)",
+                    pytrace=False)
+    return cls
+
+
+def open_model(module: ModuleType, name: str, postgres: Any, redis_db: Any) -> Any:
+    cls = catalog_class(module, name)
+    return cls(redis_db.url) if name == "RedisCatalog" else cls(postgres.dsn)
+
+
+def load_model(module: ModuleType, name: str, postgres: Any, redis_db: Any,
+               products: list[Product]) -> Any:
+    store = open_model(module, name, postgres, redis_db)
+    store.create_schema()
+    store.add_products([dict(p, tags=list(p["tags"]), attributes=dict(p["attributes"]))
+                        for p in products])
+    return store
+
+
+# --------------------------------------------------------------------------------------
+# Postgres: catalog and scan counters
+
+
+def user_tables(conn: Any) -> set[str]:
+    rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    return {name for (name,) in rows}
+
+
+def columns_of(conn: Any, tables: set[str]) -> list[tuple[str, str, str]]:
+    return conn.execute(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name = ANY(%s) ORDER BY 1, 2",
+        (sorted(tables),)).fetchall()
+
+
+def gin_indexes(conn: Any, table: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT i.indexrelid::regclass::text FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam "
+        "WHERE i.indrelid = %s::regclass AND am.amname = 'gin'", (table,))
+    return [name for (name,) in rows]
+
+
+def end_learner_sessions(conn: Any) -> None:
+    """End every other session on this database and wait until they are gone: a backend
+    writes its scan counters to the shared statistics as it exits."""
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        (left,) = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()
+        if left == 0:
+            return
+        time.sleep(0.02)
+    pytest.fail("the learner's database sessions did not end within 10 s", pytrace=False)
+
+
+def scan_counts(conn: Any, table: str) -> tuple[int, dict[str, int]]:
+    """(sequential scans of the table, index scans per index) as the server counted them."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    (seq,) = conn.execute("SELECT seq_scan FROM pg_stat_user_tables WHERE relid = %s::regclass",
+                          (table,)).fetchone()
+    per_index = dict(conn.execute(
+        "SELECT indexrelid::regclass::text, idx_scan FROM pg_stat_user_indexes "
+        "WHERE relid = %s::regclass", (table,)).fetchall())
+    return seq, per_index
+
+
+# --------------------------------------------------------------------------------------
+# Redis: what the learner's code sends, from MONITOR
+
+MONITOR_LINE = re.compile(r"^\S+ \[(\d+) (\S*)\] (.*)$")
+MONITOR_ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
+CONNECTION_SETUP = {"SELECT", "HELLO", "AUTH", "CLIENT", "PING"}  # a new connection's chatter
+
+
+@contextmanager
+def redis_commands(redis_db: Any) -> Iterator[list[list[str]]]:
+    """Record the commands sent to this test's database while the block runs.
+
+    MONITOR streams every command the server executes, in order; a marker command sent
+    by the test after the block tells the reader it has seen everything up to there."""
+    commands: list[list[str]] = []
+    marker = f"labrunner-end-{uuid.uuid4().hex}"
+    watcher = redis_db.client(socket_timeout=15)
+    conn = watcher.connection_pool.get_connection()
+    conn.send_command("MONITOR")
+    if conn.read_response() not in (b"OK", "OK"):
+        pytest.fail("MONITOR was refused by the Redis server", pytrace=False)
+
+    def read() -> None:
+        while True:
+            raw = conn.read_response()
+            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            match = MONITOR_LINE.match(line)
+            if not match or int(match.group(1)) != redis_db.db:
+                continue
+            args = [a.replace('\\"', '"') for a in MONITOR_ARG.findall(match.group(3))]
+            if args and args[-1] == marker:
+                return
+            if args and args[0].upper() not in CONNECTION_SETUP:
+                commands.append([args[0].upper(), *args[1:]])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield commands
+    finally:
+        client = redis_db.client()
+        client.echo(marker)
+        client.close()
+        reader.join(15)
+        conn.disconnect()
+        watcher.close()
+
+
+# --------------------------------------------------------------------------------------
+# The checks
+
+
+def test_relational_model_is_normalised(learner: Any, postgres: Any) -> None:
+    module = learner.load("catalog")
+    with postgres.connect(autocommit=True) as conn:
+        before = user_tables(conn)
+        store = catalog_class(module, "RelationalCatalog")(postgres.dsn)
+        store.create_schema()
+        store.close()
+        tables = user_tables(conn) - before
+        assert len(tables) >= 2, (
+            f"RelationalCatalog.create_schema() created {sorted(tables) or 'no tables'}: "
+            "a product has many tags, so in a relational model the tags get a table of "
+            "their own (product_id, tag) next to the products table")
+        nested = [f"{t}.{c} ({d})" for t, c, d in columns_of(conn, tables)
+                  if d in ("json", "jsonb", "ARRAY", "USER-DEFINED")]
+        assert not nested, (
+            f"the relational model stores nested data in {', '.join(nested)}: normalise "
+            "tags and attributes into rows of their own tables; JSONB is the document model")
+        (foreign_keys,) = conn.execute(
+            "SELECT count(*) FROM information_schema.table_constraints "
+            "WHERE table_schema = 'public' AND constraint_type = 'FOREIGN KEY' "
+            "AND table_name = ANY(%s)", (sorted(tables),)).fetchone()
+        assert foreign_keys >= 1, (
+            f"no FOREIGN KEY among {sorted(tables)}: the tag and attribute rows must "
+            "reference their product, so that no tag can point at a missing product")
+
+
+def test_document_model_has_a_gin_index(learner: Any, postgres: Any) -> None:
+    module = learner.load("catalog")
+    with postgres.connect(autocommit=True) as conn:
+        before = user_tables(conn)
+        store = catalog_class(module, "DocumentCatalog")(postgres.dsn)
+        store.create_schema()
+        store.close()
+        tables = user_tables(conn) - before
+        jsonb_tables = sorted({t for t, _, d in columns_of(conn, tables) if d == "jsonb"})
+        assert jsonb_tables, (
+            f"DocumentCatalog.create_schema() created {sorted(tables) or 'no tables'} with no "
+            "jsonb column: the document model keeps each product as one JSONB document")
+        with_gin = {t: gin_indexes(conn, t) for t in jsonb_tables}
+        assert any(with_gin.values()), (
+            f"{', '.join(jsonb_tables)} has no GIN index: a B-tree cannot answer 'documents "
+            "containing tag X'; CREATE INDEX ... USING gin (doc jsonb_path_ops) can")
+
+
+def test_same_answers_in_all_three_models(learner: Any, postgres: Any, redis_db: Any) -> None:
+    module = learner.load("catalog")
+    products = make_products(600)
+    by_id = {p["id"]: p for p in products}
+    counts = tag_counts(products)
+    common_tag = max(counts, key=lambda t: (counts[t], t))
+    rare_tag = min(counts, key=lambda t: (counts[t], t))
+    untagged = next(p["id"] for p in products if not p["tags"])
+
+    cases: list[tuple[str, Callable[[Any], Any], Any]] = [
+        ("get(1)", lambda s: s.get(1), by_id[1]),
+        ("get(42)", lambda s: s.get(42), by_id[42]),
+        (f"get({untagged})", lambda s: s.get(untagged), by_id[untagged]),
+        ("get(999999)", lambda s: s.get(999_999), None),
+    ]
+    for category in ("books", "plants", "spaceships"):
+        cases.append((f"ids_in_category({category!r})",
+                      lambda s, c=category: s.ids_in_category(c),
+                      ids_where(products, lambda p, c=category: p["category"] == c)))
+    for tag in (common_tag, rare_tag, "no-such-tag"):
+        cases.append((f"ids_with_tag({tag!r})", lambda s, t=tag: s.ids_with_tag(t),
+                      ids_where(products, lambda p, t=tag: t in p["tags"])))
+    for name, value in (("color", "red"), ("brand", "brand-07"), ("size", "XL"),
+                        ("author", "Borges"), ("author", "Nobody")):
+        cases.append((f"ids_with_attribute({name!r}, {value!r})",
+                      lambda s, n=name, v=value: s.ids_with_attribute(n, v),
+                      ids_where(products,
+                                lambda p, n=name, v=value: p["attributes"].get(n) == v)))
+
+    problems: list[str] = []
+    for model in MODELS:
+        store = load_model(module, model, postgres, redis_db, products)
+        try:
+            for label, call, want in cases:
+                got = call(store)
+                if isinstance(got, tuple):
+                    got = list(got)
+                if got != want:
+                    problems.append(describe_difference(model, label, got, want))
+        finally:
+            store.close()
+    assert not problems, (
+        f"{problems[0]}\n" + "\n".join(problems[1:6])
+        + ("\nthe three models must give the same answer to the same access pattern"))
+
+
+def describe_difference(model: str, label: str, got: Any, want: Any) -> str:
+    if isinstance(want, list) and isinstance(got, list):
+        missing = sorted(set(want) - set(got))[:5]
+        extra = sorted(set(got) - set(want))[:5]
+        order = "" if set(got) != set(want) else " (same ids, not in ascending order)"
+        return (f"{model}.{label} returned {len(got)} ids, expected {len(want)}{order}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unexpected {extra}" if extra else ""))
+    return f"{model}.{label} returned {got!r}, expected {want!r}"
+
+
+def test_document_queries_use_the_gin_index(learner: Any, postgres: Any) -> None:
+    """On 4000 documents, with fresh statistics, a selective containment query is cheaper
+    through the GIN index: the planner picks it when the query is written so it can."""
+    module = learner.load("catalog")
+    products = make_products(4000, seed=11)
+    counts = tag_counts(products)
+    tag = min(counts, key=lambda t: (abs(counts[t] - 40), t))  # ~1% of the documents
+    queries: list[tuple[str, Callable[[Any], Any], list[int]]] = [
+        (f"ids_with_tag({tag!r})", lambda s: s.ids_with_tag(tag),
+         ids_where(products, lambda p: tag in p["tags"])),
+        ("ids_with_attribute('brand', 'brand-07')",
+         lambda s: s.ids_with_attribute("brand", "brand-07"),
+         ids_where(products, lambda p: p["attributes"]["brand"] == "brand-07")),
+    ]
+    with postgres.connect(autocommit=True) as conn:
+        before = user_tables(conn)
+        load_model(module, "DocumentCatalog", postgres, None, products).close()
+        tables = user_tables(conn) - before
+        jsonb_tables = sorted({t for t, _, d in columns_of(conn, tables) if d == "jsonb"})
+        if not jsonb_tables:
+            pytest.fail("DocumentCatalog created no table with a jsonb column", pytrace=False)
+        # the documents live in the jsonb table holding the most rows
+        table = max(jsonb_tables, key=lambda t: conn.execute(
+            f'SELECT count(*) FROM "{t}"').fetchone()[0])
+        gins = gin_indexes(conn, table)
+        assert gins, (
+            f"{table} has no GIN index: DocumentCatalog.create_schema() must create one "
+            "(CREATE INDEX ... USING gin (doc jsonb_path_ops))")
+        end_learner_sessions(conn)
+        # what autovacuum would do after a bulk load: statistics for the planner, and the
+        # GIN pending list merged into the index proper
+        conn.execute(f'VACUUM ANALYZE "{table}"')
+        for label, call, want in queries:
+            seq_before, idx_before = scan_counts(conn, table)
+            store = catalog_class(module, "DocumentCatalog")(postgres.dsn)
+            got = call(store)
+            store.close()
+            end_learner_sessions(conn)
+            assert list(got) == want, (
+                f"DocumentCatalog.{label} returned {len(got)} ids, expected {len(want)}")
+            seq_after, idx_after = scan_counts(conn, table)
+            gin_used = sum(idx_after.get(i, 0) - idx_before.get(i, 0) for i in gins)
+            seq_used = seq_after - seq_before
+            assert seq_used == 0 and gin_used > 0, (
+                f"DocumentCatalog.{label} read {table} with {seq_used} sequential scan(s) "
+                f"and {gin_used} scan(s) of its GIN index {', '.join(gins)}: expected the "
+                "GIN index only. Write the filter as containment, "
+                "doc @> '{\"tags\": [\"x\"]}', which GIN serves; doc->>'k' = v, or ? with "
+                "a jsonb_path_ops index, cannot use it")
+
+
+def test_redis_model_uses_hashes_and_index_sets(learner: Any, redis_db: Any) -> None:
+    module = learner.load("catalog")
+    products = make_products(600)
+    store = load_model(module, "RedisCatalog", None, redis_db, products)
+    counts = tag_counts(products)
+    tag = max(counts, key=lambda t: (counts[t], t))
+    client = redis_db.client(decode_responses=True)
+    try:
+        keys = list(client.scan_iter(count=1000))  # the test may scan; the learner may not
+        types = {k: client.type(k) for k in keys}
+        hashes = [k for k, t in types.items() if t == "hash"]
+        named = [k for k in hashes if 'Crème brûlée "deluxe" mug' in client.hvals(k)]
+        assert named, (
+            f"no Redis hash holds product 42's name (key types found: "
+            f"{sorted(set(types.values()))}): store each product as a hash, product:<id>")
+        want = {str(pid) for pid in ids_where(products, lambda p: tag in p["tags"])}
+        sets = [k for k, t in types.items() if t == "set" and client.scard(k) == len(want)]
+        index = [k for k in sets if client.smembers(k) == want]
+        assert index, (
+            f"no Redis set holds exactly the {len(want)} ids tagged {tag!r}: keep a set per "
+            "tag (and per category, per attribute value) as the secondary index, "
+            "updated together with the product")
+
+        lookups: list[tuple[str, Callable[[], Any]]] = [
+            (f"ids_with_tag({tag!r})", lambda: store.ids_with_tag(tag)),
+            ("ids_in_category('books')", lambda: store.ids_in_category("books")),
+            ("ids_with_attribute('color', 'red')",
+             lambda: store.ids_with_attribute("color", "red")),
+        ]
+        for label, call in lookups:
+            with redis_commands(redis_db) as sent:
+                call()
+            scans = [c for c in sent if c[0] in ("KEYS", "SCAN")]
+            assert not scans and len(sent) <= 5, (
+                f"RedisCatalog.{label} sent {len(sent)} commands "
+                f"({', '.join(sorted({c[0] for c in sent}))}): a secondary-index lookup is "
+                "one SMEMBERS (or SINTER) of the index set, never a walk over the keys")
+    finally:
+        client.close()
+        store.close()
