@@ -1,4 +1,4 @@
-# WRONG (tags_in_array_column): the relational model keeps tags in a text[] column, not in rows of their own table
+# WRONG (tags_in_array_column): tags in a text[] column, not rows of their own table
 """One product catalog, three data models: relational, JSONB document, Redis key-value.
 
 All three classes answer the same access patterns with the same results; what differs is
