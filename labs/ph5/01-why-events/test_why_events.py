@@ -1,0 +1,182 @@
+"""ph5.1 - why events: the producer publishes OrderPlaced to a Kafka topic and moves on; three
+consumer groups (billing, shipping, analytics) each get every event; a group started later
+replays the log from the beginning.
+
+Everything runs on the real broker: the test reads the topic back with its own consumer to see
+what the broker stored, and asks the broker which consumer groups exist."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka.admin import NewTopic
+
+GROUPS = ("billing", "shipping", "analytics")
+
+
+def make_orders(start: int, count: int) -> list[dict[str, Any]]:
+    return [{"order_id": f"order-{n}", "customer": f"customer-{n % 7}", "total_cents": 100 + n}
+            for n in range(start, start + count)]
+
+
+def create_topic(kafka: Any, name: str, partitions: int) -> str:
+    """Create a topic of this test's own and wait until every partition has a leader.
+    (Holds its AdminClient until the result arrives: kafka.create_topic() lets its client go
+    first and gets a _DESTROY error.)"""
+    topic = kafka.topic(name)
+    admin = kafka.admin()
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
+    for _ in range(300):
+        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
+        if meta and meta.error is None and len(meta.partitions) == partitions and all(
+                p.leader >= 0 for p in meta.partitions.values()):
+            return topic
+        time.sleep(0.05)
+    raise AssertionError(f"topic {topic} has no leader after 15 s")
+
+
+def read_log(kafka: Any, topic: str) -> list[dict[str, Any]]:
+    """Every record the broker holds for ``topic``, read with the test's own consumer
+    (assigned partitions, no group membership, no commits)."""
+    meta = kafka.admin().list_topics(topic, timeout=10).topics[topic]
+    consumer = Consumer(kafka.consumer_config("test-reader", **{
+        "enable.auto.commit": False, "enable.partition.eof": True}))
+    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+    records: list[dict[str, Any]] = []
+    at_end: set[int] = set()
+    try:
+        while len(at_end) < len(meta.partitions):
+            msg = consumer.poll(10)
+            assert msg is not None, f"reading {topic} back timed out"
+            if msg.error():
+                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                at_end.add(msg.partition())
+                continue
+            records.append({"partition": msg.partition(), "offset": msg.offset(),
+                            "key": msg.key(), "event": json.loads(msg.value())})
+    finally:
+        consumer.close()
+    return records
+
+
+def groups_under(kafka: Any) -> list[str]:
+    listed = kafka.admin().list_consumer_groups(request_timeout=10).result()
+    return sorted(g.group_id for g in listed.valid if g.group_id.startswith(kafka.prefix))
+
+
+def order_ids(events: list[dict[str, Any]]) -> list[str]:
+    return [str(e.get("order_id")) for e in events]
+
+
+def consume_exactly(consume: Callable[..., list[dict[str, Any]]], kafka: Any, topic: str,
+                    group: str, want: list[str], why: str) -> list[dict[str, Any]]:
+    """Run the learner's consume() for ``group`` and check it got exactly the orders
+    ``want`` (in any order across partitions), each once."""
+    got = consume(kafka.bootstrap, topic, kafka.group(group), len(want), 8.0)
+    ids = order_ids(got)
+    missing = sorted(set(want) - set(ids), key=lambda s: int(s.split("-")[1]))
+    extra = sorted(set(ids) - set(want), key=lambda s: int(s.split("-")[1]))
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    assert not missing and not extra and not repeated, (
+        f"group {group!r} {why}: expected the {len(want)} events {want[0]}..{want[-1]}, "
+        f"got {len(got)}; missing {missing[:5]}, unexpected {extra[:5]}, "
+        f"repeated {repeated[:5]}")
+    return got
+
+
+def test_publish_needs_no_consumer(learner: Any, kafka: Any) -> None:
+    """The producer is decoupled in time: with no consumer anywhere, publish_orders returns
+    once the broker holds every event, keyed by order id, at the offsets it reported."""
+    publish = learner.function("events", "publish_orders")
+    topic = create_topic(kafka, "orders", 3)
+    orders = make_orders(0, 30)
+
+    placed = publish(kafka.bootstrap, topic, orders)
+
+    assert isinstance(placed, list) and len(placed) == 30, (
+        f"publish_orders returned {placed!r:.120}; expected a list of 30 (partition, offset) "
+        "pairs, one per order, from the broker's delivery reports")
+    log = read_log(kafka, topic)
+    assert len(log) == 30, (
+        f"right after publish_orders returned the broker held {len(log)} of 30 events: "
+        "produce() only queues locally - wait for the acknowledgements (flush) before "
+        "telling the caller the events are published")
+    by_order = {str(r["event"].get("order_id")): r for r in log}
+    for order, where in zip(orders, placed, strict=True):
+        record = by_order.get(order["order_id"])
+        assert record is not None, f"no event for {order['order_id']} in the topic"
+        event = record["event"]
+        assert event.get("type") == "OrderPlaced" and event.get("event_id"), (
+            f"event for {order['order_id']} is {event}: expected type 'OrderPlaced' and an "
+            "event_id")
+        assert (event.get("customer"), event.get("total_cents")) == (
+            order["customer"], order["total_cents"]), (
+            f"event for {order['order_id']} carries {event}, not the order's customer and "
+            "total: consumers only know what the event tells them")
+        assert record["key"] == order["order_id"].encode(), (
+            f"event for {order['order_id']} has key {record['key']!r}: key events by order id "
+            "so every event about one order lands in one partition, in order")
+        assert tuple(where) == (record["partition"], record["offset"]), (
+            f"publish_orders said {order['order_id']} is at {tuple(where)}, the broker has it "
+            f"at {(record['partition'], record['offset'])}")
+    assert len({r["event"]["event_id"] for r in log}) == 30, "event ids must be unique"
+    assert groups_under(kafka) == [], (
+        f"publishing created consumer groups {groups_under(kafka)}: the producer must not "
+        "consume or wait for anyone")
+
+
+def test_every_group_gets_every_event(learner: Any, kafka: Any) -> None:
+    """Fan-out: billing, shipping and analytics each read all 30 events through their own
+    group; each group keeps its own position."""
+    publish = learner.function("events", "publish_orders")
+    consume = learner.function("events", "consume")
+    topic = create_topic(kafka, "orders", 3)
+    publish(kafka.bootstrap, topic, make_orders(0, 30))
+    everyone = order_ids(make_orders(0, 30))
+
+    seen: dict[str, set[str]] = {}
+    for group in GROUPS:
+        got = consume_exactly(consume, kafka, topic, group, everyone,
+                              "should receive every OrderPlaced event (fan-out)")
+        seen[group] = {str(e.get("event_id")) for e in got}
+    assert seen["billing"] == seen["shipping"] == seen["analytics"], (
+        "the three groups saw different event ids: they must read the same stored events")
+
+    publish(kafka.bootstrap, topic, make_orders(30, 5))
+    newer = order_ids(make_orders(30, 5))
+    for group in GROUPS:
+        consume_exactly(consume, kafka, topic, group, newer,
+                        "consumed 30 events already, so its next read should be only the 5 new "
+                        "ones - commit the group's position after reading")
+
+
+def test_group_started_later_replays_history(learner: Any, kafka: Any) -> None:
+    """Replay: an 'audit' group created after 20 events were published reads all of them
+    from the first offset; billing, which read 10 before, continues after those 10."""
+    publish = learner.function("events", "publish_orders")
+    consume = learner.function("events", "consume")
+    topic = create_topic(kafka, "orders", 3)
+
+    publish(kafka.bootstrap, topic, make_orders(0, 10))
+    consume_exactly(consume, kafka, topic, "billing", order_ids(make_orders(0, 10)),
+                    "is running from the start")
+    publish(kafka.bootstrap, topic, make_orders(10, 10))
+
+    audit = consume_exactly(consume, kafka, topic, "audit", order_ids(make_orders(0, 20)),
+                            "joined after 20 events were published and should replay all of "
+                            "them from the beginning of the log (a new group starts at "
+                            "auto.offset.reset: 'earliest')")
+    where = {(r["event"]["event_id"]): (r["partition"], r["offset"]) for r in read_log(kafka,
+                                                                                      topic)}
+    positions = [where[e["event_id"]] for e in audit]
+    for partition in {p for p, _ in positions}:
+        offsets = [o for p, o in positions if p == partition]
+        assert offsets == sorted(offsets), (
+            f"audit read partition {partition} out of order ({offsets}): a partition is an "
+            "ordered log")
+    consume_exactly(consume, kafka, topic, "billing", order_ids(make_orders(10, 10)),
+                    "read the first 10 events before and should now get only the 10 new ones")
