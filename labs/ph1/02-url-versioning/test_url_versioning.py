@@ -1,0 +1,233 @@
+"""Verification for ph1.2 url-versioning.
+
+The learner's make_app(dsn) runs behind a real HTTP server (wsgiref, threaded, 127.0.0.1:0)
+and is queried with http.client. Every expectation is computed here from the rows this test
+wrote to Postgres, never from the learner's code.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+
+USERS = {1: "Ada Lovelace", 2: "Alan Turing", 3: "Grace Hopper"}  # Grace has no orders
+ORDERS = [  # id, user_id, total_cents, currency, placed_at
+    (101, 1, 1250, "EUR", "2024-03-01T10:00:00+00:00"),
+    (102, 1, 399, "EUR", "2024-03-02T11:30:00+00:00"),
+    (201, 2, 10000, "GBP", "2024-03-03T09:15:00+00:00"),
+]
+MISSING_USER = 999
+VENDOR = "application/vnd.shop+json"
+
+
+# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
+        pass
+
+
+@contextmanager
+def serving(app: Callable[..., Any]) -> Iterator[str]:
+    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
+    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
+                         handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            pytest.fail(f"expected a JSON body, saw {self.body[:200]!r}", pytrace=False)
+
+
+def get(host: str, path: str, headers: dict[str, str] | None = None) -> Reply:
+    conn = http.client.HTTPConnection(host, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+# ---- the three ways of asking for a version ---------------------------------------------
+
+def ask(style: str, version: int | None, path: str) -> tuple[str, dict[str, str], str]:
+    """(path, headers, description) asking for `version` of `path` in the given style."""
+    if style == "uri":
+        return f"/v{version}{path}", {}, f"GET /v{version}{path}"
+    if style == "accept":
+        accept = f"{VENDOR};version={version}"
+        return path, {"Accept": accept}, f"GET {path} with Accept: {accept}"
+    if style == "query":
+        return f"{path}?version={version}", {}, f"GET {path}?version={version}"
+    return path, {}, f"GET {path} (no version asked)"
+
+
+def expected_order(order: tuple[int, int, int, str, str], version: int) -> dict[str, Any]:
+    oid, uid, cents, currency, placed = order
+    if version == 1:
+        return {"id": oid, "user_id": uid, "total": cents / 100}
+    return {"id": oid, "user_id": uid, "amount": {"cents": cents, "currency": currency},
+            "placed_at": placed}
+
+
+def normalise(item: Any) -> Any:
+    """Compare timestamps as instants, whatever ISO 8601 spelling the learner chose."""
+    if isinstance(item, dict) and isinstance(item.get("placed_at"), str):
+        try:
+            return {**item, "placed_at": datetime.fromisoformat(item["placed_at"])}
+        except ValueError:
+            return item
+    return item
+
+
+def expected_collection(user_id: int, version: int) -> Any:
+    return [expected_order(o, version) for o in ORDERS if o[1] == user_id]
+
+
+def check_collection(reply: Reply, user_id: int, version: int, what: str) -> None:
+    assert reply.status == 200, f"{what}: expected 200, saw {reply.status} {reply.body[:200]!r}"
+    want = expected_collection(user_id, version)
+    doc = reply.json()
+    if version == 1:
+        assert isinstance(doc, list) and [normalise(i) for i in doc] == \
+            [normalise(i) for i in want], (
+            f"{what}: expected the v1 representation (a bare list) {want}, saw {doc}")
+    else:
+        assert isinstance(doc, dict) and isinstance(doc.get("data"), list), (
+            f"{what}: expected the v2 envelope {{\"data\": [...], \"meta\": {{\"count\": n}}}}, "
+            f"saw {doc}: did you serve v1 to a client that asked for v2?")
+        assert [normalise(i) for i in doc["data"]] == [normalise(i) for i in want], (
+            f"{what}: expected data {want}, saw {doc['data']}")
+        assert doc.get("meta", {}).get("count") == len(want), (
+            f"{what}: expected meta.count {len(want)}, saw {doc.get('meta')}")
+    content_type = reply.headers.get("Content-Type", "")
+    assert content_type.split(";")[0].strip() == VENDOR and \
+        f"version={version}" in content_type.replace(" ", ""), (
+        f"{what}: expected Content-Type: {VENDOR}; version={version}, saw {content_type!r}: "
+        "the client must be able to see which version it got")
+
+
+# ---- fixtures ---------------------------------------------------------------------------
+
+@pytest.fixture
+def host(learner: Any, postgres: Any) -> Iterator[str]:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("""
+            CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL);
+            CREATE TABLE orders (
+                id          bigint PRIMARY KEY,
+                user_id     bigint NOT NULL REFERENCES users,
+                total_cents integer NOT NULL,
+                currency    text NOT NULL,
+                placed_at   timestamptz NOT NULL
+            );""")
+        for uid, name in USERS.items():
+            conn.execute("INSERT INTO users VALUES (%s, %s)", (uid, name))
+        for order in ORDERS:
+            conn.execute("INSERT INTO orders VALUES (%s, %s, %s, %s, %s)", order)
+    make_app = learner.function("orders_api", "make_app")
+    with serving(make_app(postgres.dsn)) as address:
+        yield address
+
+
+# ---- the verification -------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("style", ["uri", "accept", "query"])
+def test_version_selection(host: str, style: str, version: int) -> None:
+    path, headers, what = ask(style, version, "/users/1/orders")
+    reply = get(host, path, headers)
+    check_collection(reply, 1, version, what)
+    if style == "accept":
+        vary = {v.strip().lower() for v in reply.headers.get("Vary", "").split(",")}
+        assert "accept" in vary, (
+            f"{what}: expected Vary: Accept, saw {reply.headers.get('Vary')!r}: the same URL "
+            "answers v1 or v2 depending on Accept, and a cache that is not told so will "
+            "serve one client's version to the other")
+
+
+def test_no_version_means_v1(host: str) -> None:
+    check_collection(get(host, "/users/1/orders"), 1, 1, "GET /users/1/orders (no version)")
+    check_collection(get(host, "/users/1/orders", {"Accept": "application/json"}), 1, 1,
+                     "GET /users/1/orders with Accept: application/json")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("style", ["uri", "accept", "query"])
+def test_single_order(host: str, style: str, version: int) -> None:
+    path, headers, what = ask(style, version, "/users/2/orders/201")
+    reply = get(host, path, headers)
+    assert reply.status == 200, f"{what}: expected 200, saw {reply.status} {reply.body[:200]!r}"
+    want = expected_order(ORDERS[2], version)
+    assert normalise(reply.json()) == normalise(want), (
+        f"{what}: expected the v{version} order {want}, saw {reply.json()}")
+
+
+@pytest.mark.parametrize("style", ["uri", "accept", "query"])
+def test_empty_collection_is_not_missing(host: str, style: str) -> None:
+    path, headers, what = ask(style, 2, "/users/3/orders")
+    check_collection(get(host, path, headers), 3, 2, what + " (a user with no orders)")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("style", ["uri", "accept", "query"])
+def test_missing_parent_is_404(host: str, style: str, version: int) -> None:
+    path, headers, what = ask(style, version, f"/users/{MISSING_USER}/orders")
+    reply = get(host, path, headers)
+    assert reply.status == 404, (
+        f"{what}: expected 404, saw {reply.status} {reply.body[:120]!r}: user {MISSING_USER} "
+        "does not exist, so neither does its orders collection; an empty list would tell "
+        "the client the user exists and has no orders")
+
+
+@pytest.mark.parametrize("style", ["uri", "accept", "query"])
+def test_order_under_wrong_parent_is_404(host: str, style: str) -> None:
+    path, headers, what = ask(style, 1, "/users/1/orders/201")
+    reply = get(host, path, headers)
+    assert reply.status == 404, (
+        f"{what}: expected 404, saw {reply.status} {reply.body[:120]!r}: order 201 belongs "
+        "to user 2; under /users/1 it does not exist (and must not leak)")
+
+
+@pytest.mark.parametrize(("style", "status", "meaning"), [
+    ("uri", 404, "there is no /v3 tree of resources"),
+    ("accept", 406, "Not Acceptable: the server cannot produce the media type asked for"),
+    ("query", 400, "Bad Request: the query parameter has a value the API does not accept"),
+])
+def test_unknown_version(host: str, style: str, status: int, meaning: str) -> None:
+    path, headers, what = ask(style, 3, "/users/1/orders")
+    reply = get(host, path, headers)
+    assert reply.status == status, (
+        f"{what}: expected {status}, saw {reply.status} {reply.body[:120]!r}: {meaning}")
