@@ -16,6 +16,26 @@ MODULES: dict[str, ModuleType] = {
 }
 
 
+START_ATTEMPTS = 3
+
+
+def _remove_partial(service: str, workdir: Path) -> None:
+    """Kill and remove what a failed start left (its pid files name the processes)."""
+    from .process import pid_alive, remove_tree, terminate
+
+    folder = {"postgres": "pgdata", "redis": "redis", "kafka": "kafka",
+              "rabbitmq": "rabbitmq"}[service]
+    for pidfile in (workdir / folder).glob("*.pid"):
+        try:
+            first = pidfile.read_text().split()[0]
+            pid = int(first)
+        except (OSError, ValueError, IndexError):
+            continue
+        if pid_alive(pid):
+            terminate(pid, timeout=5)
+    remove_tree(workdir / folder)
+
+
 class LocalBackend:
     name = "local"
 
@@ -35,8 +55,18 @@ class LocalBackend:
         reason = self.missing(service)
         if reason:
             raise ServiceError(reason)
-        endpoint: Endpoint = MODULES[service].start(workdir, tied_to_parent=self.tied_to_parent)
-        return endpoint
+        module = MODULES[service]
+        for attempt in range(START_ATTEMPTS):
+            try:
+                endpoint: Endpoint = module.start(workdir, tied_to_parent=self.tied_to_parent)
+                return endpoint
+            except ServiceError:
+                # A free port is only free when we looked: another process may take it before
+                # the service binds it. Clean up and try again on fresh ports.
+                if attempt == START_ATTEMPTS - 1:
+                    raise
+                _remove_partial(service, workdir)
+        raise AssertionError("unreachable")
 
     def stop(self, endpoint: Endpoint) -> None:
         MODULES[endpoint.service].stop(endpoint)
