@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -158,7 +158,8 @@ def _failure_message(report: pytest.TestReport) -> str:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
     state = _phase_outcomes.setdefault(item.nodeid, {"outcome": "passed", "message": "",
@@ -245,7 +246,7 @@ class Learner:
         fn = getattr(mod, name, None)
         if not callable(fn):
             raise LearnerCodeError(f"{self.dir / (module + '.py')}: define a function {name}()")
-        return fn
+        return fn  # type: ignore[no-any-return]
 
     def python(self, module: str, *args: str, env: dict[str, str] | None = None,
                **popen: Any) -> subprocess.Popen[bytes]:
@@ -312,7 +313,7 @@ def learner(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Learner]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
     outcome = yield
     excinfo = outcome.excinfo
     if excinfo is not None and isinstance(excinfo[1], LearnerCodeError):
@@ -320,7 +321,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, Any, None]:
     outcome = yield
     excinfo = outcome.excinfo
     if excinfo is not None and isinstance(excinfo[1], LearnerCodeError):
@@ -515,7 +516,7 @@ class KafkaNS:
         return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
 
     def create_topic(self, name: str, partitions: int = 1, **config: str) -> str:
-        from confluent_kafka.admin import NewTopic
+        from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
         full = self.topic(name)
         futures = self.admin().create_topics(

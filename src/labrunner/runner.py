@@ -74,6 +74,14 @@ class Sandbox:
     max_processes: int | None = None
     extra_test_paths: tuple[Path, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # Grading: a numeric uid/gid to switch to (no passwd entry needed), after ``prepare``
+    # ran as root in the child (e.g. a private mount namespace); the pytest options below.
+    uid: int | None = None
+    gid: int | None = None
+    prepare: Callable[[], None] | None = None
+    minimal_env: bool = False          # start from an empty environment, not the runner's
+    tb: str = "short"
+    pytest_args: tuple[str, ...] = ()
 
 
 def _limits(sandbox: Sandbox) -> Callable[[], None]:
@@ -81,6 +89,8 @@ def _limits(sandbox: Sandbox) -> Callable[[], None]:
         import resource
 
         _die_with_parent()
+        if sandbox.prepare is not None:
+            sandbox.prepare()
         if sandbox.memory_bytes:
             resource.setrlimit(resource.RLIMIT_AS, (sandbox.memory_bytes, sandbox.memory_bytes))
         if sandbox.cpu_seconds:
@@ -89,6 +99,12 @@ def _limits(sandbox: Sandbox) -> Callable[[], None]:
             resource.setrlimit(resource.RLIMIT_NPROC,
                                (sandbox.max_processes, sandbox.max_processes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if sandbox.uid is not None:
+            gid = sandbox.gid if sandbox.gid is not None else sandbox.uid
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(sandbox.uid, sandbox.uid, sandbox.uid)
+            _die_with_parent()  # a change of credentials clears the parent-death signal
 
     return apply
 
@@ -126,7 +142,8 @@ def pytest_command(lab: Lab, src: Path, sandbox: Sandbox, ini: Path) -> list[str
         "-p", "pytest_timeout",
         "-p", "no:cacheprovider",
         "--import-mode=importlib",
-        "-q", "--no-header", "-rN", "--tb=short",
+        "-q", "--no-header", "-rN", f"--tb={sandbox.tb}",
+        *sandbox.pytest_args,
         "--lab-src", str(src),
     ]
 
@@ -154,7 +171,14 @@ def run_lab(
     workdir = Path(tempfile.mkdtemp(prefix=f"lr-{lab.slug}-"))
     ini = workdir / "pytest.ini"
     ini.write_text("[pytest]\n", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    if sandbox.uid is not None:  # the unprivileged process reads its config from here
+        os.chmod(workdir, 0o755)
+        os.chmod(ini, 0o644)
+    if sandbox.minimal_env:
+        env = {k: v for k, v in os.environ.items()
+               if k in ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")}
+    else:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update({
         "LABRUNNER_REPORT_FD": str(report_w),
         "LABRUNNER_KEY_FD": str(key_r),
