@@ -1,0 +1,296 @@
+"""ph2.8 verification: five structures on a real Redis, and what each call costs.
+
+"No KEYS or full scans" is checked on the commands the learner's code really sent. INFO
+commandstats counts commands server-wide, for every test running on the shared server at
+the same time, and CONFIG RESETSTAT would reset it for all of them; so instead a MONITOR
+connection records the commands executed in this test's own logical database (each MONITOR
+line names the database), between the start of a call and a marker the test sends after it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+MONITOR_LINE = re.compile(r"^\S+ \[(\d+) (\S*)\] (.*)$")
+MONITOR_ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
+CONNECTION_SETUP = {"SELECT", "HELLO", "AUTH", "CLIENT", "PING"}  # a new connection's chatter
+KEYSPACE_WALKS = {"KEYS", "SCAN"}
+ZRANGE_FAMILY = {"ZRANGE", "ZREVRANGE", "ZRANGEBYSCORE", "ZREVRANGEBYSCORE", "ZRANGESTORE"}
+
+
+@contextmanager
+def redis_commands(redis_db: Any) -> Iterator[list[list[str]]]:
+    """Record the commands executed in this test's database while the block runs.
+
+    MONITOR streams every command in execution order; a marker the test sends after the
+    block tells the reader it has seen everything the block sent."""
+    commands: list[list[str]] = []
+    marker = f"labrunner-end-{uuid.uuid4().hex}"
+    watcher = redis_db.client(socket_timeout=15)
+    conn = watcher.connection_pool.get_connection()
+    conn.send_command("MONITOR")
+    if conn.read_response() not in (b"OK", "OK"):
+        pytest.fail("MONITOR was refused by the Redis server", pytrace=False)
+
+    def read() -> None:
+        while True:
+            raw = conn.read_response()
+            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            match = MONITOR_LINE.match(line)
+            if not match or int(match.group(1)) != redis_db.db:
+                continue
+            args = [a.replace('\\"', '"') for a in MONITOR_ARG.findall(match.group(3))]
+            if args and args[-1] == marker:
+                return
+            if args and args[0].upper() not in CONNECTION_SETUP:
+                commands.append([args[0].upper(), *args[1:]])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield commands
+    finally:
+        client = redis_db.client()
+        client.echo(marker)
+        client.close()
+        reader.join(15)
+        conn.disconnect()
+        watcher.close()
+
+
+def recorded(redis_db: Any, action: Callable[[], Any]) -> tuple[Any, list[list[str]]]:
+    with redis_commands(redis_db) as sent:
+        result = action()
+    return result, sent
+
+
+def names(sent: list[list[str]]) -> str:
+    return ", ".join(sorted({c[0] for c in sent})) or "nothing"
+
+
+def assert_no_keyspace_walk(sent: list[list[str]], label: str) -> None:
+    walks = [" ".join(c) for c in sent if c[0] in KEYSPACE_WALKS]
+    assert not walks, (
+        f"{label} sent {walks[0]!r}: KEYS and SCAN walk the whole keyspace, O(N) in every "
+        "key of the database; keep the key names you need and address them directly")
+
+
+def structure(module: ModuleType, name: str, *args: Any) -> Any:
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        pytest.fail(f"structures.py: define a class {name} (see the README)", pytrace=False)
+    return cls(*args)
+
+
+def key_types(redis_db: Any) -> dict[str, str]:
+    client = redis_db.client(decode_responses=True)
+    try:
+        return {k: client.type(k) for k in client.scan_iter(count=1000)}  # the test may scan
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------------------
+
+
+def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -> None:
+    board = structure(learner.load("structures"), "Leaderboard", redis_db.url, "scores")
+    rnd = random.Random(3)
+    totals = dict(zip([f"player{i:03d}" for i in range(300)],
+                      rnd.sample(range(10, 100_000), 300), strict=True))
+    # points arrive in two parts for every player, in random order: the score is a sum
+    parts = [(p, t // 3) for p, t in totals.items()] + [(p, t - t // 3) for p, t in totals.items()]
+    rnd.shuffle(parts)
+    _, sent = recorded(redis_db, lambda: [board.add_points(p, pts) for p, pts in parts])
+    assert_no_keyspace_walk(sent, "add_points")
+
+    ranking = sorted(totals.items(), key=lambda kv: -kv[1])
+    top, sent = recorded(redis_db, lambda: board.top(10))
+    want = [(p, float(s)) for p, s in ranking[:10]]
+    assert [(p, float(s)) for p, s in top] == want, (
+        f"top(10) returned {top[:3]}..., expected {want[:3]}...: points added twice for a "
+        "player must add up (ZINCRBY), and top is highest first")
+    wide = [" ".join(c) for c in sent if c[0] in ZRANGE_FAMILY and not bounded(c, 10)]
+    assert not wide and not any(c[0] == "ZSCAN" for c in sent), (
+        f"top(10) sent {(wide or ['ZSCAN'])[0]!r}: it read more of the sorted set than the "
+        "10 entries it returns; ZREVRANGE key 0 9 WITHSCORES is O(log N + 10)")
+    assert_no_keyspace_walk(sent, "top(10)")
+
+    player, total = ranking[41]
+    rank, sent = recorded(redis_db, lambda: board.rank(player))
+    assert rank == 42, f"rank({player!r}) returned {rank!r}, expected 42 (1 = best)"
+    reads = [c[0] for c in sent if c[0] in ZRANGE_FAMILY | {"ZSCAN"}]
+    assert not reads, (
+        f"rank() sent {names(sent)}: finding a rank by reading the ranking is O(N); "
+        "ZREVRANK answers in O(log N)")
+    assert board.rank("nobody") is None, "rank('nobody') must be None for an unknown player"
+    assert board.score(player) == float(total), f"score({player!r}) expected {total}"
+    assert board.score("nobody") is None, "score('nobody') must be None"
+    assert key_types(redis_db).get("scores") == "zset", (
+        "the leaderboard is not a sorted set under the key 'scores' (the name passed in)")
+
+
+def bounded(command: list[str], limit: int) -> bool:
+    """A ZRANGE-family command that returns at most `limit` entries by index."""
+    args = [a.upper() for a in command[1:]]
+    if command[0] in ("ZRANGE", "ZREVRANGE") and "BYSCORE" not in args and "BYLEX" not in args:
+        try:
+            start, stop = int(command[2]), int(command[3])
+        except (IndexError, ValueError):
+            return False
+        return 0 <= start <= stop and stop - start + 1 <= limit
+    if "LIMIT" in args:  # ... BYSCORE ... LIMIT offset count
+        at = args.index("LIMIT")
+        try:
+            return 0 <= int(args[at + 2]) <= limit
+        except (IndexError, ValueError):
+            return False
+    return False
+
+
+def test_reliable_queue_keeps_claimed_jobs_until_acked(learner: Any, redis_db: Any) -> None:
+    module = learner.load("structures")
+    queue = structure(module, "ReliableQueue", redis_db.url, "jobs")
+    jobs = [f"job-{n}" for n in range(1, 6)]
+    for job in jobs:
+        queue.push(job)
+    claimed, sent = recorded(redis_db, lambda: [queue.claim() for _ in range(3)])
+    assert claimed == jobs[:3], (
+        f"three claims returned {claimed}, expected {jobs[:3]}: a queue is first in, first out")
+    queue.ack("job-1")
+
+    # The worker dies holding job-2 and job-3: a new worker starts and recovers them.
+    del queue
+    queue = structure(module, "ReliableQueue", redis_db.url, "jobs")
+    recovered = queue.recover()
+    assert recovered == 2, (
+        f"recover() found {recovered} unacknowledged jobs, expected 2 (job-2 and job-3 were "
+        "claimed and never acked): they must still be in Redis, in a processing list")
+    moves = [c[0] for c in sent if c[0] in ("LMOVE", "BLMOVE", "RPOPLPUSH", "BRPOPLPUSH")]
+    assert len(moves) == 3, (
+        f"claim() sent {names(sent)}: take the job with LMOVE queue processing, which moves it "
+        "atomically, so a job is never outside Redis while a worker holds it")
+    rest = [queue.claim() for _ in range(5)]
+    assert rest == ["job-2", "job-3", "job-4", "job-5", None], (
+        f"after recover(), claims returned {rest}, expected job-2, job-3 first (they were "
+        "next in line), then job-4, job-5, then None for the empty queue")
+    for job in rest[:4]:
+        queue.ack(job)  # type: ignore[arg-type]
+    assert queue.recover() == 0, "after every job is acked, recover() must find nothing"
+    assert queue.size() == 0, "size() must be 0 once every job is claimed"
+    _, sent = recorded(redis_db, queue.size)
+    assert not any(c[0] == "LRANGE" for c in sent), (
+        "size() read the list's contents: LLEN is O(1)")
+
+
+def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) -> None:
+    visitors = structure(learner.load("structures"), "UniqueVisitors", redis_db.url, "visitors")
+    rnd = random.Random(8)
+    days = {"2024-05-01": 700, "2024-05-02": 400, "2024-05-03": 250}
+    seen: dict[str, set[str]] = {}
+    visits = []
+    for day, distinct in days.items():
+        people = [f"v{rnd.randint(0, 1500)}" for _ in range(distinct * 2)]
+        seen[day] = set(people)
+        visits += [(day, who) for who in people]
+    _, sent = recorded(redis_db, lambda: [visitors.visit(d, v) for d, v in visits])
+    assert_no_keyspace_walk(sent, "visit")
+
+    day = "2024-05-01"
+    exact, sent = recorded(redis_db, lambda: visitors.exact(day))
+    assert exact == len(seen[day]), f"exact({day!r}) returned {exact}, expected {len(seen[day])}"
+    full = [c[0] for c in sent if c[0] in ("SMEMBERS", "SSCAN", "SUNION", "SINTER")]
+    assert not full, (
+        f"exact() sent {names(sent)}: counting a set by reading its members is O(N); "
+        "SCARD is O(1)")
+
+    estimate = visitors.estimate(day)
+    assert abs(estimate - len(seen[day])) <= 0.02 * len(seen[day]), (
+        f"estimate({day!r}) returned {estimate}, expected about {len(seen[day])} (within 2%; "
+        "a HyperLogLog's standard error is 0.81%)")
+    union = set().union(*seen.values())
+    across, sent = recorded(redis_db, lambda: visitors.estimate_across(list(days)))
+    assert abs(across - len(union)) <= 0.02 * len(union), (
+        f"estimate_across(3 days) returned {across}, expected about {len(union)} distinct "
+        "visitors (someone seen on two days counts once)")
+    full = [c[0] for c in sent if c[0] in ("SMEMBERS", "SSCAN", "SUNION", "SUNIONSTORE", "SCARD")]
+    assert not full and any(c[0] in ("PFCOUNT", "PFMERGE") for c in sent), (
+        f"estimate_across() sent {names(sent)}: merge the days' HyperLogLogs (PFCOUNT k1 k2 "
+        "k3), which never holds the visitors themselves")
+
+    client = redis_db.client()
+    try:
+        hlls = [k for k, t in key_types(redis_db).items()
+                if t == "string" and (client.getrange(k, 0, 3) == b"HYLL")]
+        sizes = {k: int(client.memory_usage(k) or 0) for k in hlls}
+    finally:
+        client.close()
+    assert len(hlls) >= len(days), (
+        f"found {len(hlls)} HyperLogLog keys, expected one per day (PFADD visitors:<day>:hll)")
+    assert max(sizes.values()) <= 16 * 1024, (
+        f"a HyperLogLog uses {max(sizes.values())} bytes: it should stay under 12 KB "
+        "whatever the number of visitors")
+
+
+def test_object_is_a_hash_updated_field_by_field(learner: Any, redis_db: Any) -> None:
+    profiles = structure(learner.load("structures"), "Profiles", redis_db.url)
+    profiles.save("7", {"name": "Ada", "city": "London", "logins": "0"})
+    _, sent = recorded(redis_db, lambda: profiles.set_field("7", "city", "Lisbon"))
+    writes = [c for c in sent if c[0] in ("HSET", "HMSET", "HSETNX")]
+    assert len(writes) == 1 and len(writes[0]) == 4 and len(sent) == 1, (
+        f"set_field() sent {names(sent)} ({len(sent)} commands): one HSET key field value "
+        "updates a field in O(1), without reading or rewriting the rest of the object")
+    increments, sent = recorded(redis_db, lambda: [profiles.increment("7", "logins")
+                                                   for _ in range(5)])
+    assert increments == [1, 2, 3, 4, 5], f"increment() returned {increments}, expected 1..5"
+    assert all(c[0] == "HINCRBY" for c in sent), (
+        f"increment() sent {names(sent)}: read-then-write loses updates from concurrent "
+        "clients; HINCRBY increments atomically on the server")
+    got = profiles.get("7")
+    assert got == {"name": "Ada", "city": "Lisbon", "logins": "5"}, f"get('7') returned {got}"
+    assert profiles.get("404") == {}, "get() of an unknown user must return {}"
+    types = key_types(redis_db)
+    assert "hash" in types.values() and "string" not in types.values(), (
+        f"the profile is stored as {sorted(set(types.values()))}: an object with fields "
+        "belongs in a hash (HSET user:7 name Ada city London), not a serialized string")
+
+
+def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any) -> None:
+    module = learner.load("structures")
+    log = structure(module, "EventLog", redis_db.url, "events")
+    appended = [log.append({"type": "order", "n": str(n)}) for n in range(10)]
+    assert len(set(appended)) == 10, f"append() returned {appended[:3]}...: ten distinct ids"
+    log.create_group("billing")
+    log.create_group("billing")  # idempotent: a second worker starting up does the same
+
+    first = log.read("billing", "worker-a", 4)
+    second = log.read("billing", "worker-b", 10)
+    got = [fields.get("n") for _, fields in first + second]
+    assert got == [str(n) for n in range(10)], (
+        f"worker-a then worker-b read events {got}, expected 0..9 each exactly once: "
+        "consumers of one group share the work (XREADGROUP >), they do not each see all")
+    assert [eid for eid, _ in first + second] == appended, "read() must return the event ids"
+    assert log.pending("billing") == 10, (
+        f"pending('billing') is {log.pending('billing')}, expected 10 delivered, unacked events")
+    acked = log.ack("billing", [eid for eid, _ in first])
+    assert acked == 4 and log.pending("billing") == 6, (
+        f"after acking worker-a's 4 events, pending is {log.pending('billing')}, expected 6")
+    assert log.read("billing", "worker-a", 10) == [], (
+        "a group's consumers must not receive already delivered events again")
+
+    log.create_group("audit")
+    audit = log.read("audit", "auditor", 100)
+    assert len(audit) == 10, (
+        f"a second group 'audit' read {len(audit)} events, expected all 10: every group "
+        "sees the whole log")
+    assert key_types(redis_db).get("events") == "stream", (
+        "the event log is not a stream under the key 'events' (the name passed in)")
