@@ -1,0 +1,285 @@
+"""Verification for ph1.3 method-idempotency.
+
+Two instances of the learner's make_app(dsn) run behind real HTTP servers (wsgiref,
+threaded, 127.0.0.1:0) over one database. The concurrent replay is driven step by step:
+the test holds a SHARE lock on `orders`, fires the requests from threads released together
+by a barrier, waits until every one of them is blocked inside Postgres, then lets them go.
+Any implementation that decides "this key is new" before the first insert commits is then
+caught every time, not only when the scheduler happens to interleave badly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+
+SCHEMA = """
+CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
+CREATE TABLE orders (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id    bigint NOT NULL REFERENCES users,
+    item       text NOT NULL,
+    quantity   integer NOT NULL CHECK (quantity > 0),
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE idempotency_keys (
+    key             text PRIMARY KEY,
+    request_hash    text NOT NULL,
+    response_status integer,
+    response_body   text,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO users VALUES (1, 'Ada Lovelace', 'ada@example.com');
+"""
+ORDER = {"user_id": 1, "item": "keyboard", "quantity": 2}
+CONCURRENT = 4
+
+
+# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
+        pass
+
+
+@contextmanager
+def serving(app: Callable[..., Any]) -> Iterator[str]:
+    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
+    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
+                         handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            pytest.fail(f"expected a JSON body, saw {self.body[:200]!r}", pytrace=False)
+
+
+def call(host: str, method: str, path: str, body: Any = None,
+         headers: dict[str, str] | None = None) -> Reply:
+    conn = http.client.HTTPConnection(host, timeout=20)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**hdrs, **(headers or {})})
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+def post_order(host: str, key: str | None, order: dict[str, Any] = ORDER) -> Reply:
+    return call(host, "POST", "/orders", order, {"Idempotency-Key": key} if key else {})
+
+
+# ---- fixtures and checks ----------------------------------------------------------------
+
+@pytest.fixture
+def db(postgres: Any) -> Any:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return postgres
+
+
+@pytest.fixture
+def instances(learner: Any, db: Any) -> Iterator[list[str]]:
+    """Two app instances (two make_app calls, two servers) over one database."""
+    make_app = learner.function("idempotency_api", "make_app")
+    with ExitStack() as stack:
+        yield [stack.enter_context(serving(make_app(db.dsn))) for _ in range(2)]
+
+
+def rows(db: Any, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with db.connect(autocommit=True) as conn:
+        return list(conn.execute(sql, params).fetchall())
+
+
+def order_count(db: Any) -> int:
+    return int(rows(db, "SELECT count(*) FROM orders")[0][0])
+
+
+def assert_one_order(db: Any, attempts: int, how: str) -> None:
+    count = order_count(db)
+    assert count == 1, (
+        f"{attempts} {how} POSTs with one Idempotency-Key created {count} orders, expected 1: "
+        "the key must make every retry of the same attempt a no-op")
+
+
+def assert_same_reply(first: Reply, other: Reply, what: str) -> None:
+    assert other.status == first.status, (
+        f"{what}: expected the stored status {first.status}, saw {other.status} "
+        f"{other.body[:200]!r}: a replay answers exactly like the first attempt")
+    assert other.json() == first.json(), (
+        f"{what}: expected the stored body {first.body.decode()[:200]}, saw "
+        f"{other.body.decode()[:200]}: a retrying client must get the same answer, "
+        "or it cannot tell which order it has")
+    assert other.headers.get("Location") == first.headers.get("Location"), (
+        f"{what}: expected Location {first.headers.get('Location')!r}, saw "
+        f"{other.headers.get('Location')!r}")
+
+
+def wait_for_lock_waiters(db: Any, count: int, timeout: float) -> int:
+    """Poll Postgres until `count` sessions of this database wait on a lock (the requests
+    are all inside the server), or the timeout passes; return how many were seen."""
+    deadline, seen = time.monotonic() + timeout, 0
+    with db.connect(autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            seen = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'").fetchone()[0]
+            if seen >= count:
+                break
+            time.sleep(0.02)
+    return int(seen)
+
+
+# ---- the verification -------------------------------------------------------------------
+
+def test_put_is_idempotent(instances: list[str], db: Any) -> None:
+    user = {"name": "Grace Hopper", "email": "grace@example.com"}
+    replies = [call(instances[i % 2], "PUT", "/users/7", user) for i in range(3)]
+    statuses = [r.status for r in replies]
+    assert statuses[0] in (200, 201, 204) and all(s in (200, 204) for s in statuses[1:]), (
+        f"PUT /users/7 three times: expected 201 (or 200/204) then 200/204, saw {statuses}: "
+        "PUT names its target, so a repeat replaces it instead of failing or adding")
+    stored = rows(db, "SELECT id, name, email FROM users WHERE id = 7 OR email = %s",
+                  user["email"])
+    assert stored == [(7, user["name"], user["email"])], (
+        f"after three identical PUT /users/7 expected exactly one row (7, {user['name']!r}, "
+        f"{user['email']!r}), saw {stored}: PUT must leave one state however often it runs")
+    changed = {"name": "Grace B. Hopper", "email": "grace@navy.mil"}
+    reply = call(instances[1], "PUT", "/users/7", changed)
+    assert reply.status in (200, 204), (
+        f"PUT /users/7 with a new representation: expected 200 or 204, saw {reply.status}")
+    stored = rows(db, "SELECT id, name, email FROM users WHERE id = 7")
+    assert stored == [(7, changed["name"], changed["email"])], (
+        f"PUT /users/7 replaces the user: expected {changed}, saw {stored}")
+
+
+def test_delete_is_idempotent(instances: list[str], db: Any) -> None:
+    rows(db, "INSERT INTO users VALUES (8, 'Alan Turing', 'alan@example.com') RETURNING id")
+    first = call(instances[0], "DELETE", "/users/8")
+    second = call(instances[1], "DELETE", "/users/8")
+    assert first.status == 204 and second.status in (204, 404), (
+        f"DELETE /users/8 twice: expected 204 then 204 or 404, saw {first.status} then "
+        f"{second.status}: a repeated DELETE must not fail with a server error")
+    left = [r[0] for r in rows(db, "SELECT id FROM users ORDER BY id")]
+    assert left == [1], f"after DELETE /users/8 expected users [1] to remain, saw {left}"
+
+
+def test_post_needs_a_key(instances: list[str], db: Any) -> None:
+    reply = post_order(instances[0], None)
+    assert reply.status == 400, (
+        f"POST /orders without Idempotency-Key: expected 400, saw {reply.status}: without a "
+        "key the server cannot tell a retry from a second order")
+    assert order_count(db) == 0, "POST /orders without a key must not create an order"
+
+
+def test_replayed_key_returns_the_stored_response(instances: list[str], db: Any) -> None:
+    key = str(uuid.uuid4())
+    first = post_order(instances[0], key)
+    assert first.status == 201, (
+        f"POST /orders with a new Idempotency-Key: expected 201, saw {first.status} "
+        f"{first.body[:200]!r}")
+    assert first.headers.get("Location", "").endswith(f"/orders/{first.json().get('id')}"), (
+        f"POST /orders: expected Location: /orders/<id of the new order>, saw "
+        f"{first.headers.get('Location')!r}")
+    for n, host in enumerate([instances[1], instances[0], instances[1]], start=2):
+        assert_same_reply(first, post_order(host, key), f"replay #{n} of the same key")
+    assert_one_order(db, 4, "sequential")
+    fetched = call(instances[1], "GET", first.headers.get("Location", ""))
+    assert fetched.status == 200, (
+        f"GET {first.headers.get('Location')}: expected 200, saw {fetched.status}")
+
+
+def test_key_reused_for_another_request_is_422(instances: list[str], db: Any) -> None:
+    key = str(uuid.uuid4())
+    first = post_order(instances[0], key)
+    assert first.status == 201, (
+        f"POST /orders with a new Idempotency-Key: expected 201, saw {first.status}")
+    other = post_order(instances[1], key, {**ORDER, "quantity": 5})
+    assert other.status == 422, (
+        f"the same Idempotency-Key with a different body: expected 422, saw {other.status}: "
+        "the client reused a key for a different request, which is its error; replaying the "
+        "old response would silently drop the new order")
+    assert_one_order(db, 2, "conflicting")
+
+
+def test_distinct_keys_are_distinct_orders(instances: list[str], db: Any) -> None:
+    first = post_order(instances[0], str(uuid.uuid4()))
+    second = post_order(instances[1], str(uuid.uuid4()))
+    assert (first.status, second.status) == (201, 201), (
+        f"two POSTs with different keys: expected 201 and 201, saw {first.status} and "
+        f"{second.status}")
+    assert order_count(db) == 2 and first.json().get("id") != second.json().get("id"), (
+        f"two POSTs with equal bodies but different keys must create two orders, saw "
+        f"{order_count(db)}: deduplicate by key, not by body (a customer may really order "
+        "the same thing twice)")
+
+
+def test_concurrent_replays_create_one_order(instances: list[str], db: Any) -> None:
+    key = str(uuid.uuid4())
+    barrier = threading.Barrier(CONCURRENT + 1)
+    replies: list[Reply | BaseException | None] = [None] * CONCURRENT
+
+    def fire(i: int) -> None:
+        barrier.wait()
+        try:
+            replies[i] = post_order(instances[i % 2], key)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            replies[i] = exc
+
+    threads = [threading.Thread(target=fire, args=(i,), daemon=True) for i in range(CONCURRENT)]
+    with db.connect() as gate:
+        # Hold back every INSERT INTO orders until all the requests are inside Postgres.
+        gate.execute("LOCK TABLE orders IN SHARE MODE")
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        wait_for_lock_waiters(db, CONCURRENT, timeout=3.0)
+        gate.commit()
+    for thread in threads:
+        thread.join(20)
+
+    failures = [r for r in replies if not isinstance(r, Reply)]
+    assert not failures, f"concurrent POSTs did not complete: {failures}"
+    done = [r for r in replies if isinstance(r, Reply)]
+    statuses = sorted(r.status for r in done)
+    assert statuses == [201] * CONCURRENT, (
+        f"{CONCURRENT} concurrent POSTs with one Idempotency-Key: expected {CONCURRENT}x 201 "
+        f"(one created, the rest replayed), saw {statuses}: a replay that arrives while the "
+        "first attempt is still running must wait for it and replay its answer")
+    assert_one_order(db, CONCURRENT, "concurrent")
+    for n, reply in enumerate(done[1:], start=2):
+        assert_same_reply(done[0], reply, f"concurrent request #{n}")

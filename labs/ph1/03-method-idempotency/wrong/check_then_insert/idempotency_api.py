@@ -1,0 +1,157 @@
+"""ph1.3 WRONG (check_then_insert): looks the key up first, and stores it after creating the order.
+
+Sequential replays work; two requests that arrive together both see "no such key".
+
+
+PUT and DELETE name their target, so repeating them converges on one state by construction.
+POST creates a new resource each time; a client that retries after a timeout would create
+two orders. The Idempotency-Key header lets the client name the *attempt*: the first request
+with a key creates the order and stores its response with the key, in one transaction;
+every later request with that key gets the stored response and creates nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+USER_PATH = re.compile(r"^/users/(\d{1,18})$")
+ORDER_PATH = re.compile(r"^/orders/(\d{1,18})$")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def read_json(environ: dict[str, Any]) -> Any:
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    try:
+        return json.loads(environ["wsgi.input"].read(length))
+    except ValueError:
+        raise HTTPError(400, "the body is not valid JSON") from None
+
+
+def require(data: Any, fields: dict[str, type]) -> dict[str, Any]:
+    if not isinstance(data, dict) or any(
+            not isinstance(data.get(name), kind) or isinstance(data.get(name), bool)
+            for name, kind in fields.items()):
+        raise HTTPError(422, f"expected an object with {', '.join(fields)}")
+    return {name: data[name] for name in fields}
+
+
+def fingerprint(method: str, path: str, payload: dict[str, Any]) -> str:
+    """What 'the same request' means for a key: same method, path and (canonical) body."""
+    canonical = json.dumps([method, path, payload], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def make_app(dsn: str) -> WSGIApp:
+    def connect() -> psycopg.Connection[dict[str, Any]]:
+        return psycopg.connect(dsn, row_factory=dict_row)
+
+    def put_user(user_id: int, data: dict[str, Any]) -> tuple[int, Any]:
+        # The URL names the row, so the write is an upsert: one row however often it runs.
+        with connect() as conn:
+            row = conn.execute(
+                """INSERT INTO users (id, name, email) VALUES (%s, %s, %s)
+                   ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email
+                   RETURNING id, name, email, (xmax = 0) AS created""",
+                (user_id, data["name"], data["email"])).fetchone()
+        assert row is not None
+        created = row.pop("created")
+        return (201 if created else 200), row
+
+    def delete_user(user_id: int) -> int:
+        with connect() as conn:
+            gone = conn.execute("DELETE FROM users WHERE id = %s", (user_id,)).rowcount
+        # The state after any number of DELETEs is the same (no row); only the answer
+        # tells the client whether this particular call removed it.
+        return 204 if gone else 404
+
+    def post_order(key: str, data: dict[str, Any]) -> tuple[int, str]:
+        request_hash = fingerprint("POST", "/orders", data)
+        with connect() as conn, conn.transaction():
+            # Claim the key. If another transaction inserted it and has not finished, this
+            # INSERT waits for it: concurrent replays queue here instead of racing.
+            stored = conn.execute(
+                """SELECT request_hash, response_status, response_body
+                   FROM idempotency_keys WHERE key = %s""", (key,)).fetchone()
+            if stored is not None:
+                if stored["request_hash"] != request_hash:
+                    raise HTTPError(422, "this Idempotency-Key was used for another request")
+                return stored["response_status"], stored["response_body"]
+            try:
+                order = conn.execute(
+                    """INSERT INTO orders (user_id, item, quantity) VALUES (%s, %s, %s)
+                       RETURNING id, user_id, item, quantity, created_at""",
+                    (data["user_id"], data["item"], data["quantity"])).fetchone()
+            except psycopg.errors.ForeignKeyViolation:
+                # Raising rolls the whole transaction back, the key claim included.
+                raise HTTPError(422, f"no user {data['user_id']}") from None
+            assert order is not None
+            body = json.dumps({**order, "created_at": order["created_at"].isoformat()})
+            conn.execute(
+                """INSERT INTO idempotency_keys (key, request_hash, response_status,
+                                                response_body) VALUES (%s, %s, 201, %s)
+                   ON CONFLICT (key) DO NOTHING""", (key, request_hash, body))
+        return 201, body
+
+    def get_order(order_id: int) -> Any:
+        with connect() as conn:
+            row = conn.execute("SELECT id, user_id, item, quantity, created_at FROM orders "
+                               "WHERE id = %s", (order_id,)).fetchone()
+        if row is None:
+            raise HTTPError(404, f"no order {order_id}")
+        return {**row, "created_at": row["created_at"].isoformat()}
+
+    def route(environ: dict[str, Any]) -> tuple[int, str | None, list[tuple[str, str]]]:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        if (match := USER_PATH.match(path)) is not None:
+            user_id = int(match.group(1))
+            if method == "PUT":
+                status, user = put_user(user_id, require(read_json(environ),
+                                                         {"name": str, "email": str}))
+                return status, json.dumps(user), []
+            if method == "DELETE":
+                return delete_user(user_id), None, []
+            raise HTTPError(405, f"{method} {path}")
+        if path == "/orders" and method == "POST":
+            key = environ.get("HTTP_IDEMPOTENCY_KEY", "").strip()
+            if not key:
+                raise HTTPError(400, "POST /orders needs an Idempotency-Key header")
+            payload = require(read_json(environ),
+                              {"user_id": int, "item": str, "quantity": int})
+            status, body = post_order(key, payload)
+            order_id = json.loads(body)["id"]
+            return status, body, [("Location", f"/orders/{order_id}")]
+        if (match := ORDER_PATH.match(path)) is not None and method == "GET":
+            return 200, json.dumps(get_order(int(match.group(1)))), []
+        raise HTTPError(404, f"no resource at {path}")
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        try:
+            status, body, headers = route(environ)
+        except HTTPError as err:
+            status, body, headers = err.status, json.dumps({"error": str(err)}), []
+        phrase = HTTPStatus(status).phrase
+        if body is None:
+            start_response(f"{status} {phrase}", headers)
+            return []
+        data = body.encode()
+        start_response(f"{status} {phrase}", [("Content-Type", "application/json"),
+                                              ("Content-Length", str(len(data))), *headers])
+        return [data]
+
+    return app
