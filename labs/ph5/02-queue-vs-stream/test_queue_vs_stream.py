@@ -1,0 +1,183 @@
+"""ph5.2 - message queue vs event stream: the same jobs on a RabbitMQ work queue and on a Kafka
+topic.
+
+RabbitMQ: competing workers each get different jobs, a nacked or orphaned job comes back
+(marked redelivered), and after the acks the queue is empty - checked through the management
+API. Kafka: reading removes nothing; a new group reads everything, and a group that seeks to
+offset 0 reads it all again."""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from typing import Any
+
+from confluent_kafka.admin import NewTopic
+
+JOBS = [f"job-{n}" for n in range(10)]
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def queue_contents(rabbitmq: Any, queue: str) -> list[str]:
+    """What the queue still holds, asked of the management API (a get that puts every
+    message straight back, so looking changes nothing)."""
+    vhost = urllib.parse.quote(rabbitmq.vhost, safe="")
+    got = rabbitmq.api("POST", f"/queues/{vhost}/{queue}/get",
+                       {"count": 100, "ackmode": "reject_requeue_true", "encoding": "auto"})
+    return [m["payload"] for m in got]
+
+
+def assert_queue_empty(rabbitmq: Any, queue: str) -> None:
+    left = queue_contents(rabbitmq, queue)
+    assert left == [], (
+        f"after every job was acknowledged the queue still holds {left}: on a work queue an "
+        "acked message is deleted (and an unacked one comes back when its worker leaves)")
+
+
+def take(worker: Any, timeout: float = 3.0) -> Any:
+    job = worker.next_job(timeout)
+    assert job is None or isinstance(getattr(job, "body", None), str), (
+        f"next_job returned {job!r}: expected a Job (body, redelivered, delivery_tag) or None")
+    return job
+
+
+def create_topic(kafka: Any, name: str, partitions: int) -> str:
+    """A topic of this test's own, every partition with a leader. (Holds its AdminClient
+    until the result arrives: kafka.create_topic() lets its client go too early.)"""
+    topic = kafka.topic(name)
+    admin = kafka.admin()
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
+    for _ in range(300):
+        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
+        if meta and meta.error is None and len(meta.partitions) == partitions and all(
+                p.leader >= 0 for p in meta.partitions.values()):
+            return topic
+        time.sleep(0.05)
+    raise AssertionError(f"topic {topic} has no leader after 15 s")
+
+
+def records_on_broker(kafka: Any, topic: str) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(kafka.consumer_config("test-watermarks"))
+    try:
+        meta = kafka.admin().list_topics(topic, timeout=10).topics[topic]
+        total = 0
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            total += high - low
+        return total
+    finally:
+        consumer.close()
+
+
+def assert_all_jobs(got: Any, who: str, why: str) -> None:
+    assert isinstance(got, list), f"{who} returned {got!r:.80}; expected a list of job bodies"
+    assert sorted(got) == sorted(JOBS), (
+        f"{who} read {len(got)} jobs {sorted(got)[:4]}...; expected each of the 10 jobs once: "
+        f"{why}")
+
+
+# --- RabbitMQ: a work queue --------------------------------------------------------------
+
+def test_competing_workers_share_the_queue(learner: Any, rabbitmq: Any) -> None:
+    """While worker 1 is busy with one job, worker 2 does the other nine: each job goes to
+    exactly one worker, and acknowledged jobs are gone from the queue."""
+    mod = learner.load("workload")
+    mod.rabbit_enqueue(rabbitmq.url, "work", JOBS)
+    w1, w2 = mod.RabbitWorker(rabbitmq.url, "work"), mod.RabbitWorker(rabbitmq.url, "work")
+    try:
+        busy = take(w1)
+        assert busy is not None, "worker 1 got no job from a queue holding 10"
+        others = []
+        for _ in range(len(JOBS)):
+            job = take(w2, 1.0)
+            if job is None:
+                break
+            others.append(job.body)
+            w2.ack(job)
+        assert len(others) == 9 and busy.body not in others, (
+            f"worker 2 got {len(others)} jobs ({others}) while worker 1 was busy with "
+            f"{busy.body}; expected the other 9: worker 1 is sitting on jobs it has not "
+            "started - limit unacknowledged jobs per worker with basic_qos(prefetch_count=1) "
+            "and acknowledge by hand")
+        w1.ack(busy)
+        assert sorted([busy.body, *others]) == sorted(JOBS), (
+            f"the two workers got {sorted([busy.body, *others])}: every job exactly once")
+    finally:
+        w1.close()
+        w2.close()
+    assert_queue_empty(rabbitmq, "work")
+
+
+def test_nacked_and_orphaned_jobs_are_redelivered(learner: Any, rabbitmq: Any) -> None:
+    """A nacked job comes back for another worker; a job whose worker died before acking
+    comes back too; both are marked redelivered. After the acks the queue is empty."""
+    mod = learner.load("workload")
+    mod.rabbit_enqueue(rabbitmq.url, "work", ["job-a", "job-b"])
+
+    w1 = mod.RabbitWorker(rabbitmq.url, "work")
+    first = take(w1)
+    assert first is not None and first.body == "job-a", f"worker 1 expected job-a, got {first}"
+    w1.nack(first)
+    w1.close()
+
+    w2 = mod.RabbitWorker(rabbitmq.url, "work")
+    again = take(w2)
+    assert again is not None and again.body == "job-a", (
+        f"after worker 1 nacked job-a, worker 2 got {again and again.body!r}; expected job-a "
+        "back at the head of the queue: nack with requeue=True gives the job back, "
+        "requeue=False (or auto-ack) throws it away")
+    assert again.redelivered, (
+        "job-a came back with redelivered=False: report the broker's redelivered flag, it "
+        "is how a worker knows a job may have been half done before")
+    w2.ack(again)
+    second = take(w2)
+    assert second is not None and second.body == "job-b", f"expected job-b, got {second}"
+    w2.close()  # dies without acking job-b
+
+    w3 = mod.RabbitWorker(rabbitmq.url, "work")
+    try:
+        orphan = take(w3)
+        assert orphan is not None and orphan.body == "job-b" and orphan.redelivered, (
+            f"worker 2 left without acking job-b, and worker 3 got {orphan!r}; expected job-b "
+            "redelivered: with manual acks an unacknowledged job survives its worker "
+            "(with auto_ack it was deleted the moment it was sent, and is lost)")
+        w3.ack(orphan)
+        assert take(w3, 0.3) is None, "the queue should be empty after job-a and job-b"
+    finally:
+        w3.close()
+    assert_queue_empty(rabbitmq, "work")
+
+
+# --- Kafka: a log ----------------------------------------------------------------------------
+
+def test_kafka_keeps_the_log_for_new_groups_and_replay(learner: Any, kafka: Any) -> None:
+    """Reading a topic removes nothing: the group that read it has nothing new, a new group
+    reads all 10 jobs, and the first group reads all 10 again after seeking to offset 0."""
+    mod = learner.load("workload")
+    topic = create_topic(kafka, "jobs", 2)
+    mod.kafka_publish(kafka.bootstrap, topic, JOBS)
+
+    assert_all_jobs(mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("workers")),
+                    "kafka_read_new for group workers", "a new group starts at the beginning")
+    again = mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("workers"))
+    assert again == [], (
+        f"group workers read {again} again on its second kafka_read_new; expected nothing: "
+        "commit the group's position after reading")
+    assert records_on_broker(kafka, topic) == 10, "the topic should still hold all 10 jobs"
+
+    assert_all_jobs(mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("auditors")),
+                    "kafka_read_new for a brand-new group auditors",
+                    "the log keeps what was read, so a new group (auto.offset.reset "
+                    "'earliest') replays it all")
+    assert_all_jobs(mod.kafka_replay(kafka.bootstrap, topic, kafka.group("workers")),
+                    "kafka_replay for group workers",
+                    "replay moves the group's partitions back to offset 0 (seek / "
+                    "OFFSET_BEGINNING in on_assign) - its committed position is at the end, so "
+                    "auto.offset.reset does nothing")
+    after = mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("workers"))
+    assert after == [], (
+        f"after the replay group workers still had {after} to read; expected nothing: "
+        "commit the position the replay reached")

@@ -1,0 +1,155 @@
+"""One workload, two brokers.
+
+RabbitMQ is a work queue: a job goes to exactly one of the competing workers, and once that
+worker acknowledges it the job is gone. Kafka is a log: reading does not remove anything, each
+consumer group keeps its own position, and any group can go back to offset 0 and read again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+
+
+@dataclass
+class Job:
+    """A job as a RabbitMQ worker received it."""
+
+    body: str
+    redelivered: bool   # True: the broker delivered it before and it came back (nack, crash)
+    delivery_tag: int   # what ack/nack name it by, on this worker's channel
+
+
+# --- RabbitMQ: a work queue ------------------------------------------------------------
+
+def rabbit_enqueue(amqp_url: str, queue: str, jobs: list[str]) -> None:
+    """Put the jobs on a durable queue as persistent messages, with publisher confirms so
+    every job is on the broker when this returns."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue=queue, durable=True)
+        channel.confirm_delivery()
+        for body in jobs:
+            # The default exchange routes by queue name; delivery_mode 2 = persistent.
+            channel.basic_publish(exchange="", routing_key=queue, body=body.encode(),
+                                  properties=pika.BasicProperties(delivery_mode=2),
+                                  mandatory=True)
+    finally:
+        connection.close()
+
+
+class RabbitWorker:
+    """One competing consumer: takes one job at a time and acknowledges it by hand."""
+
+    def __init__(self, amqp_url: str, queue: str) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        self.channel = self.connection.channel()
+        self.channel.queue_declare(queue=queue, durable=True)
+        # prefetch 1: the broker sends this worker its next job only after it acked the last,
+        # so a busy worker does not sit on jobs an idle worker could be doing.
+        # WRONG: no basic_qos - the broker pushes as many jobs as it likes to each worker.
+        # auto_ack=False: a delivered job stays on the broker, unacknowledged, until ack().
+        self.channel.basic_consume(queue, on_message_callback=self._arrived, auto_ack=False)
+        self._arrivals: deque[Job] = deque()
+
+    def _arrived(self, _channel: Any, method: Any, _properties: Any, body: bytes) -> None:
+        self._arrivals.append(Job(body.decode(), bool(method.redelivered), method.delivery_tag))
+
+    def next_job(self, timeout: float) -> Job | None:
+        """The next job for this worker, or None when none arrived within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self._arrivals:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.connection.process_data_events(time_limit=left)  # runs _arrived
+        return self._arrivals.popleft()
+
+    def ack(self, job: Job) -> None:
+        """Done: the broker deletes the job."""
+        self.channel.basic_ack(delivery_tag=job.delivery_tag)
+
+    def nack(self, job: Job) -> None:
+        """Could not do it: give it back to the queue for another try (possibly elsewhere)."""
+        self.channel.basic_nack(delivery_tag=job.delivery_tag, requeue=True)
+
+    def close(self) -> None:
+        """Leave. Jobs this worker received but never acknowledged go back to the queue."""
+        if self.connection.is_open:
+            self.connection.close()
+
+
+# --- Kafka: a log ----------------------------------------------------------------------
+
+def kafka_publish(bootstrap: str, topic: str, jobs: list[str]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for body in jobs:
+        producer.produce(topic, value=body.encode())
+    if producer.flush(30):
+        raise KafkaException("jobs not acknowledged by the broker within 30 s")
+
+
+def _read_to_end(bootstrap: str, topic: str, group: str, from_start: bool) -> list[str]:
+    """Join ``group``, read every assigned partition up to its current end, commit.
+
+    ``from_start`` moves each assigned partition to offset 0 first, whatever the group
+    committed: the log still holds everything, so the group simply reads it again."""
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "auto.offset.reset": "earliest",   # a new group starts at the beginning of the log
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,      # tell us when a partition has nothing more
+    })
+    assigned: set[int] = set()
+
+    def on_assign(c: Consumer, partitions: list[TopicPartition]) -> None:
+        if from_start:
+            for tp in partitions:
+                tp.offset = OFFSET_BEGINNING
+        c.assign(partitions)
+        assigned.update(tp.partition for tp in partitions)
+
+    bodies: list[str] = []
+    at_end: set[int] = set()
+    try:
+        consumer.subscribe([topic], on_assign=on_assign)
+        while not assigned or at_end < assigned:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition())
+                    continue
+                raise KafkaException(msg.error())
+            bodies.append(msg.value().decode())
+        if bodies:  # the group's position moves past what it read (nothing read: no commit)
+            consumer.commit(asynchronous=False)
+    finally:
+        consumer.close()
+    return bodies
+
+
+def kafka_read_new(bootstrap: str, topic: str, group: str) -> list[str]:
+    """Everything ``group`` has not read yet, up to the end of the log; the group's
+    position is committed. Reading removes nothing from the topic."""
+    return _read_to_end(bootstrap, topic, group, from_start=False)
+
+
+def kafka_replay(bootstrap: str, topic: str, group: str) -> list[str]:
+    """``group`` reads the whole log again from offset 0 (a seek, not a new group)."""
+    return _read_to_end(bootstrap, topic, group, from_start=True)
