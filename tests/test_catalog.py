@@ -101,3 +101,13 @@ def test_every_lab_in_the_repo_is_complete() -> None:
         for name in lab.learner_files:
             assert (lab.solution_dir / name).exists(), f"{lab.solution_dir / name} missing"
             assert (lab.starter_dir / name).exists(), f"{lab.starter_dir / name} missing"
+
+
+def test_a_draft_lab_is_listed_but_never_run(tmp_path: Path) -> None:
+    folder = _lab(tmp_path, 'id = "ph2.5"\nslug = "isolation-levels"\n'
+                            'learner_files = ["a.py"]\ndraft = true')
+    (tmp_path / "pyproject.toml").write_text("")
+    catalog = load_catalog(tmp_path)
+    assert catalog.concept("ph2.5").lab is None
+    assert [d.path for d in catalog.drafts] == [folder.resolve()]
+    assert catalog.labs == []

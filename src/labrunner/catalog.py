@@ -42,6 +42,8 @@ class Lab:
     hints: tuple[str, ...]
     timeout: float
     build: str | None = None
+    # A lab still being written: listed as such, never run, counted or checked.
+    draft: bool = False
 
     @property
     def phase_id(self) -> str:
@@ -102,6 +104,7 @@ class Phase:
 @dataclass
 class Catalog:
     phases: list[Phase]
+    drafts: list[Lab] = field(default_factory=list)
     labs_root: Path | None = None
     _by_id: dict[str, Concept] = field(default_factory=dict, repr=False)
 
@@ -246,6 +249,9 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -
     for name in learner_files:
         if name.startswith(("/", "..")) or "/../" in name or name.startswith("test_"):
             raise CatalogError(f"{file}: learner file {name!r} must be a plain relative path")
+    draft = data.get("draft", False)
+    if not isinstance(draft, bool):
+        raise CatalogError(f"{file}: field 'draft' must be true or false")
     build = data.get("build")
     if build is not None and not isinstance(build, str):
         raise CatalogError(f"{file}: field 'build' must be a make target name")
@@ -266,6 +272,7 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -
         hints=_string_list(data, "hints", file),
         timeout=float(timeout),
         build=build,
+        draft=draft,
     )
 
 
@@ -315,6 +322,8 @@ def load_catalog(root: Path | None = None) -> Catalog:
         if lab.slug != slugs[lab_id]:
             raise CatalogError(f"{lab.path / 'lab.toml'}: field 'slug' is {lab.slug!r} but "
                                f"concept {lab_id} is {slugs[lab_id]!r}")
+    drafts = [lab for lab in labs.values() if lab.draft]
+    labs = {lab_id: lab for lab_id, lab in labs.items() if not lab.draft}
     phases: list[Phase] = []
     for entry in meta["phase"]:
         pid = entry["id"]
@@ -331,7 +340,7 @@ def load_catalog(root: Path | None = None) -> Catalog:
         )
         examples = tuple(lab for lab in labs.values() if lab.is_example and lab.phase_id == pid)
         phases.append(Phase(pid, entry["name"], tuple(entry["requires"]), concepts, examples))
-    return Catalog(phases=phases, labs_root=root / "labs" if root else None)
+    return Catalog(phases=phases, drafts=drafts, labs_root=root / "labs" if root else None)
 
 
 def as_lab(item: Concept | Lab) -> Lab | None:

@@ -95,10 +95,12 @@ def list_cmd(selectors: Sequence[str], as_json: bool) -> None:
             continue
         requires = ", ".join(phase.requires) or "none"
         console.print(f"[bold]{phase.id} · {phase.name}[/] [dim](requires {requires})[/]")
+        drafts = {d.id for d in catalog.drafts}
         for concept in items:
             lab = concept.lab
             extra = (f"[dim]{', '.join(lab.services) or 'no services'}"
                      f"{' · C' if lab.language == 'c' else ''}[/]" if lab
+                     else "[yellow]lab in progress[/]" if concept.id in drafts
                      else "[yellow]no lab yet[/]")
             console.print(f"  {concept.id:<6} {concept.slug:<28} {extra}")
         for example in phase.examples:
