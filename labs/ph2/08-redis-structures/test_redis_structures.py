@@ -67,9 +67,13 @@ def redis_commands(redis_db: Any) -> Iterator[list[list[str]]]:
         watcher.close()
 
 
-def recorded(redis_db: Any, action: Callable[[], Any]) -> tuple[Any, list[list[str]]]:
+def recorded(redis_db: Any, label: str,
+             action: Callable[[], Any]) -> tuple[Any, list[list[str]]]:
+    """Run one learner call, return its result and the commands it sent; no call may walk
+    the keyspace."""
     with redis_commands(redis_db) as sent:
         result = action()
+    assert_no_keyspace_walk(sent, label)
     return result, sent
 
 
@@ -110,11 +114,10 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
     # points arrive in two parts for every player, in random order: the score is a sum
     parts = [(p, t // 3) for p, t in totals.items()] + [(p, t - t // 3) for p, t in totals.items()]
     rnd.shuffle(parts)
-    _, sent = recorded(redis_db, lambda: [board.add_points(p, pts) for p, pts in parts])
-    assert_no_keyspace_walk(sent, "add_points")
+    recorded(redis_db, "add_points()", lambda: [board.add_points(p, pts) for p, pts in parts])
 
     ranking = sorted(totals.items(), key=lambda kv: -kv[1])
-    top, sent = recorded(redis_db, lambda: board.top(10))
+    top, sent = recorded(redis_db, "top(10)", lambda: board.top(10))
     want = [(p, float(s)) for p, s in ranking[:10]]
     assert [(p, float(s)) for p, s in top] == want, (
         f"top(10) returned {top[:3]}..., expected {want[:3]}...: points added twice for a "
@@ -123,10 +126,9 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
     assert not wide and not any(c[0] == "ZSCAN" for c in sent), (
         f"top(10) sent {(wide or ['ZSCAN'])[0]!r}: it read more of the sorted set than the "
         "10 entries it returns; ZREVRANGE key 0 9 WITHSCORES is O(log N + 10)")
-    assert_no_keyspace_walk(sent, "top(10)")
 
     player, total = ranking[41]
-    rank, sent = recorded(redis_db, lambda: board.rank(player))
+    rank, sent = recorded(redis_db, "rank()", lambda: board.rank(player))
     assert rank == 42, f"rank({player!r}) returned {rank!r}, expected 42 (1 = best)"
     reads = [c[0] for c in sent if c[0] in ZRANGE_FAMILY | {"ZSCAN"}]
     assert not reads, (
@@ -163,7 +165,7 @@ def test_reliable_queue_keeps_claimed_jobs_until_acked(learner: Any, redis_db: A
     jobs = [f"job-{n}" for n in range(1, 6)]
     for job in jobs:
         queue.push(job)
-    claimed, sent = recorded(redis_db, lambda: [queue.claim() for _ in range(3)])
+    claimed, sent = recorded(redis_db, "claim()", lambda: [queue.claim() for _ in range(3)])
     assert claimed == jobs[:3], (
         f"three claims returned {claimed}, expected {jobs[:3]}: a queue is first in, first out")
     queue.ack("job-1")
@@ -187,7 +189,7 @@ def test_reliable_queue_keeps_claimed_jobs_until_acked(learner: Any, redis_db: A
         queue.ack(job)  # type: ignore[arg-type]
     assert queue.recover() == 0, "after every job is acked, recover() must find nothing"
     assert queue.size() == 0, "size() must be 0 once every job is claimed"
-    _, sent = recorded(redis_db, queue.size)
+    _, sent = recorded(redis_db, "size()", queue.size)
     assert not any(c[0] == "LRANGE" for c in sent), (
         "size() read the list's contents: LLEN is O(1)")
 
@@ -202,11 +204,10 @@ def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) 
         people = [f"v{rnd.randint(0, 1500)}" for _ in range(distinct * 2)]
         seen[day] = set(people)
         visits += [(day, who) for who in people]
-    _, sent = recorded(redis_db, lambda: [visitors.visit(d, v) for d, v in visits])
-    assert_no_keyspace_walk(sent, "visit")
+    recorded(redis_db, "visit()", lambda: [visitors.visit(d, v) for d, v in visits])
 
     day = "2024-05-01"
-    exact, sent = recorded(redis_db, lambda: visitors.exact(day))
+    exact, sent = recorded(redis_db, "exact()", lambda: visitors.exact(day))
     assert exact == len(seen[day]), f"exact({day!r}) returned {exact}, expected {len(seen[day])}"
     full = [c[0] for c in sent if c[0] in ("SMEMBERS", "SSCAN", "SUNION", "SINTER")]
     assert not full, (
@@ -218,7 +219,8 @@ def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) 
         f"estimate({day!r}) returned {estimate}, expected about {len(seen[day])} (within 2%; "
         "a HyperLogLog's standard error is 0.81%)")
     union = set().union(*seen.values())
-    across, sent = recorded(redis_db, lambda: visitors.estimate_across(list(days)))
+    across, sent = recorded(redis_db, "estimate_across()",
+                           lambda: visitors.estimate_across(list(days)))
     assert abs(across - len(union)) <= 0.02 * len(union), (
         f"estimate_across(3 days) returned {across}, expected about {len(union)} distinct "
         "visitors (someone seen on two days counts once)")
@@ -244,18 +246,19 @@ def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) 
 def test_object_is_a_hash_updated_field_by_field(learner: Any, redis_db: Any) -> None:
     profiles = structure(learner.load("structures"), "Profiles", redis_db.url)
     profiles.save("7", {"name": "Ada", "city": "London", "logins": "0"})
-    _, sent = recorded(redis_db, lambda: profiles.set_field("7", "city", "Lisbon"))
+    _, sent = recorded(redis_db, "set_field()",
+                       lambda: profiles.set_field("7", "city", "Lisbon"))
     writes = [c for c in sent if c[0] in ("HSET", "HMSET", "HSETNX")]
     assert len(writes) == 1 and len(writes[0]) == 4 and len(sent) == 1, (
         f"set_field() sent {names(sent)} ({len(sent)} commands): one HSET key field value "
         "updates a field in O(1), without reading or rewriting the rest of the object")
-    increments, sent = recorded(redis_db, lambda: [profiles.increment("7", "logins")
-                                                   for _ in range(5)])
+    increments, sent = recorded(redis_db, "increment()",
+                               lambda: [profiles.increment("7", "logins") for _ in range(5)])
     assert increments == [1, 2, 3, 4, 5], f"increment() returned {increments}, expected 1..5"
     assert all(c[0] == "HINCRBY" for c in sent), (
         f"increment() sent {names(sent)}: read-then-write loses updates from concurrent "
         "clients; HINCRBY increments atomically on the server")
-    got = profiles.get("7")
+    got, _ = recorded(redis_db, "get()", lambda: profiles.get("7"))
     assert got == {"name": "Ada", "city": "Lisbon", "logins": "5"}, f"get('7') returned {got}"
     assert profiles.get("404") == {}, "get() of an unknown user must return {}"
     types = key_types(redis_db)
@@ -272,8 +275,8 @@ def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any
     log.create_group("billing")
     log.create_group("billing")  # idempotent: a second worker starting up does the same
 
-    first = log.read("billing", "worker-a", 4)
-    second = log.read("billing", "worker-b", 10)
+    first, _ = recorded(redis_db, "read()", lambda: log.read("billing", "worker-a", 4))
+    second, _ = recorded(redis_db, "read()", lambda: log.read("billing", "worker-b", 10))
     got = [fields.get("n") for _, fields in first + second]
     assert got == [str(n) for n in range(10)], (
         f"worker-a then worker-b read events {got}, expected 0..9 each exactly once: "
