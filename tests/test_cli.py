@@ -110,26 +110,37 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_ctrl_c_mid_run_leaves_nothing_behind() -> None:
+@pytest.mark.parametrize(("selector", "test_file"), [
+    ("ph2.6", "test_deadlocks.py"),     # Postgres and Redis
+    ("ph5.1", "test_why_events.py"),    # the Kafka JVM, a RabbitMQ node and its epmd
+])
+def test_ctrl_c_mid_run_leaves_nothing_behind(selector: str, test_file: str) -> None:
     runtime = Path(tempfile.mkdtemp(prefix="lr-ctrlc-", dir="/tmp"))
     os.chmod(runtime, 0o755)
     env = cli_env(LABRUNNER_HOME=str(FIXTURE_PROJECT), LABRUNNER_RUNTIME_DIR=str(runtime))
-    proc = subprocess.Popen([*LABRUNNER, "run", "ph2.6", "--solutions", "--backend", "local"],
+    proc = subprocess.Popen([*LABRUNNER, "run", selector, "--solutions", "--backend", "local"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     # Wait until the verification itself is running (services up, pytest in the test).
-    while time.monotonic() < deadline and not _processes_mentioning("test_deadlocks.py"):
+    while time.monotonic() < deadline and not _processes_mentioning(test_file):
         time.sleep(0.2)
-    assert _processes_mentioning("test_deadlocks.py"), "the verification never started"
+    assert _processes_mentioning(test_file), "the verification never started"
     time.sleep(1.0)
+    # Processes that do not name the runtime dir on their command line (our private epmd).
+    state = json.loads(next(runtime.glob("run-*/state.json")).read_text())
+    private = [f"-port {ep['extra']['epmd_port']} " for ep in state["services"].values()
+               if "epmd_port" in ep["extra"]]
+    assert all(_processes_mentioning(p) for p in private)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
     assert "interrupted" in out
     time.sleep(0.5)
     assert _processes_mentioning(str(runtime)) == []
-    assert _processes_mentioning("test_deadlocks.py") == []
+    assert _processes_mentioning(test_file) == []
+    for marker in private:
+        assert _processes_mentioning(marker) == [], f"epmd ({marker}) left running"
     leftovers = [p.name for p in runtime.iterdir() if p.name.startswith("run-")]
     assert leftovers == [], leftovers
     subprocess.run(["rm", "-rf", str(runtime)], check=False)
