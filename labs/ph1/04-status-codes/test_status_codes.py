@@ -1,0 +1,258 @@
+"""Verification for ph1.4 status-codes.
+
+Table-driven over real HTTP: the learner's make_app(...) runs behind a threaded wsgiref
+server on 127.0.0.1:0 and every row of CASES is one real request with http.client, on a
+fresh database. The rate limit runs on an injected clock; the outage is real (the test
+closes the database to new connections and terminates the app's sessions).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import psycopg
+import pytest
+from psycopg import sql
+
+SCHEMA = """
+CREATE TABLE api_tokens (token text PRIMARY KEY,
+                         role  text NOT NULL CHECK (role IN ('reader', 'writer')));
+CREATE TABLE projects (id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                       name text NOT NULL UNIQUE);
+CREATE TABLE request_counts (token        text,
+                             window_start bigint,
+                             count        integer NOT NULL,
+                             PRIMARY KEY (token, window_start));
+INSERT INTO api_tokens VALUES ('writer-token', 'writer'), ('reader-token', 'reader'),
+                              ('other-token', 'writer');
+INSERT INTO projects (name) VALUES ('alpha'), ('to-delete');
+"""
+WRITER = {"Authorization": "Bearer writer-token"}
+READER = {"Authorization": "Bearer reader-token"}
+
+
+# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
+        pass
+
+
+@contextmanager
+def serving(app: Callable[..., Any]) -> Iterator[str]:
+    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
+    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
+                         handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+def call(host: str, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> Reply:
+    conn = http.client.HTTPConnection(host, timeout=15)
+    try:
+        hdrs = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers={**hdrs, **(headers or {})})
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+def js(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+# ---- the table --------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    name: str
+    method: str
+    path: str
+    status: int
+    meaning: str
+    headers: dict[str, str] = field(default_factory=lambda: dict(WRITER))
+    body: bytes | None = None
+    check: Callable[[Reply], str | None] | None = None  # extra check: an error message or None
+    current_etag: bool = False  # send If-None-Match with the project's current ETag
+
+
+def location_of_new_project(reply: Reply) -> str | None:
+    location = reply.headers.get("Location", "")
+    if not re.fullmatch(r"(http://[^/]+)?/projects/\d+", location):
+        return (f"expected Location: /projects/<new id>, saw {location!r}: a 201 names the "
+                "resource it created")
+    return None
+
+
+def has_etag(reply: Reply) -> str | None:
+    return None if reply.headers.get("ETag") else "expected an ETag header on the 200"
+
+
+def no_body(reply: Reply) -> str | None:
+    return None if reply.body == b"" else f"expected no body, saw {reply.body[:80]!r}"
+
+
+def bearer_challenge(reply: Reply) -> str | None:
+    challenge = reply.headers.get("WWW-Authenticate", "")
+    if not challenge.lower().startswith("bearer"):
+        return (f"expected WWW-Authenticate: Bearer ..., saw {challenge!r}: a 401 tells the "
+                "client how to authenticate")
+    return None
+
+
+CASES = [
+    Case("read", "GET", "/projects/1", 200, "OK: here it is", check=has_etag),
+    Case("create", "POST", "/projects", 201, "Created", body=js({"name": "beta"}),
+         check=location_of_new_project),
+    Case("delete", "DELETE", "/projects/2", 204, "No Content: done, nothing to say",
+         check=no_body),
+    Case("not-modified", "GET", "/projects/1", 304,
+         "Not Modified: your cached copy (If-None-Match) is current", current_etag=True,
+         check=no_body),
+    Case("broken-json", "POST", "/projects", 400,
+         "Bad Request: the body cannot even be parsed", body=b'{"name": "gamma"'),
+    Case("no-token", "GET", "/projects/1", 401,
+         "Unauthorized: who are you? (no credentials)", headers={}, check=bearer_challenge),
+    Case("bad-token", "GET", "/projects/1", 401,
+         "Unauthorized: unknown token, so still anonymous",
+         headers={"Authorization": "Bearer nope"}, check=bearer_challenge),
+    Case("reader-creates", "POST", "/projects", 403,
+         "Forbidden: we know you, and readers may not write", headers=dict(READER),
+         body=js({"name": "gamma"})),
+    Case("reader-deletes", "DELETE", "/projects/1", 403,
+         "Forbidden: we know you, and readers may not delete", headers=dict(READER)),
+    Case("missing", "GET", "/projects/999", 404, "Not Found: no project 999"),
+    Case("delete-missing", "DELETE", "/projects/999", 404, "Not Found: no project 999"),
+    Case("unknown-path", "GET", "/nothing-here", 404, "Not Found: no such resource"),
+    Case("duplicate", "POST", "/projects", 409,
+         "Conflict: a project named alpha already exists", body=js({"name": "alpha"})),
+    Case("empty-name", "POST", "/projects", 422,
+         "Unprocessable: valid JSON, invalid content (empty name)", body=js({"name": ""})),
+    Case("wrong-type", "POST", "/projects", 422,
+         "Unprocessable: valid JSON, invalid content (name is a number)", body=js({"name": 42})),
+    Case("no-name", "POST", "/projects", 422,
+         "Unprocessable: valid JSON, invalid content (no name)", body=js({})),
+]
+
+
+# ---- fixtures ---------------------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def db(postgres: Any) -> Any:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return postgres
+
+
+@pytest.fixture
+def make_app(learner: Any) -> Callable[..., Any]:
+    return learner.function("projects_api", "make_app")  # type: ignore[no-any-return]
+
+
+def expect(reply: Reply, status: int, what: str, meaning: str) -> None:
+    assert reply.status == status, (
+        f"{what}: expected {status}, saw {reply.status} {reply.body[:120]!r}: {meaning}")
+
+
+# ---- the verification -------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_status_table(make_app: Callable[..., Any], db: Any, case: Case) -> None:
+    with serving(make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=1000)) as host:
+        headers = dict(case.headers)
+        if case.current_etag:
+            first = call(host, "GET", case.path, headers=WRITER)
+            expect(first, 200, f"GET {case.path}", "the project exists")
+            headers["If-None-Match"] = first.headers.get("ETag", '"missing-etag"')
+        reply = call(host, case.method, case.path, case.body, headers)
+    what = f"{case.method} {case.path} ({case.name})"
+    expect(reply, case.status, what, case.meaning)
+    if case.check is not None:
+        problem = case.check(reply)
+        assert problem is None, f"{what}: {problem}"
+
+
+def test_rate_limit_is_429_with_retry_after(make_app: Callable[..., Any], db: Any) -> None:
+    clock = FakeClock(1000.0)  # windows of 10 s: [1000, 1010) is the first one used
+    with serving(make_app(db.dsn, clock=clock, rate_limit=3, window_seconds=10)) as host:
+        for n in range(1, 4):
+            expect(call(host, "GET", "/projects/1", headers=WRITER), 200,
+                   f"request {n} of 3 allowed in the window", "still within the limit")
+        over = call(host, "GET", "/projects/1", headers=WRITER)
+        expect(over, 429, "the 4th request in a 10 s window with a limit of 3",
+               "Too Many Requests")
+        assert over.headers.get("Retry-After") == "10", (
+            f"429 at t=1000.0 with the window ending at 1010: expected Retry-After: 10, saw "
+            f"{over.headers.get('Retry-After')!r}: tell the client when to come back, in "
+            "whole seconds")
+        clock.now = 1004.5
+        later = call(host, "GET", "/projects/1", headers=WRITER)
+        expect(later, 429, "t=1004.5, same window", "the window has not reset")
+        assert later.headers.get("Retry-After") == "6", (
+            f"429 at t=1004.5 with the window ending at 1010: expected Retry-After: 6 "
+            f"(ceil(5.5)), saw {later.headers.get('Retry-After')!r}")
+        other = call(host, "GET", "/projects/1", headers={"Authorization": "Bearer other-token"})
+        expect(other, 200, "another token in the same window",
+               "the limit is per client (per token), not global")
+        clock.now = 1010.0
+        expect(call(host, "GET", "/projects/1", headers=WRITER), 200,
+               "t=1010.0, a new window", "the budget is renewed")
+
+
+def test_database_down_is_503(make_app: Callable[..., Any], db: Any) -> None:
+    with serving(make_app(db.dsn, clock=FakeClock(1000.0))) as host:
+        expect(call(host, "GET", "/projects/1", headers=WRITER), 200, "GET /projects/1",
+               "the database is up")
+        # The outage: this test's database refuses new connections and loses its sessions.
+        with psycopg.connect(db.admin_dsn, autocommit=True) as admin:
+            name = sql.Identifier(db.name)
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(name))
+            try:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = %s", (db.name,))
+                down = call(host, "GET", "/projects/1", headers=WRITER)
+            finally:
+                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(name))
+        expect(down, 503, "GET /projects/1 while the database refuses connections",
+               "Service Unavailable: the request was fine, a dependency is down; 500 would "
+               "claim a bug, 401 or 404 would blame the client")
+        expect(call(host, "GET", "/projects/1", headers=WRITER), 200,
+               "GET /projects/1 after the database came back",
+               "the app must recover by itself (open a new connection)")
