@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import dataclasses
 import hashlib
 import html
 import io
@@ -294,7 +295,8 @@ def _blocked_ancestors(needed: Iterable[Path]) -> dict[Path, set[str]]:
     blocked: dict[Path, set[str]] = {}
     for path in needed:
         path = path.resolve()
-        for parent, child in zip(reversed(path.parents), [*reversed(path.parents)][1:] + [path]):
+        chain = [*reversed(path.parents), path]
+        for parent, child in zip(chain, chain[1:], strict=False):
             try:
                 mode = os.stat(parent).st_mode
             except OSError:
@@ -438,10 +440,7 @@ def fingerprint(config: GradeConfig, workspace: Path, student: str) -> str:
 
 
 def _test_name(nodeid: str, hidden_dir: Path | None) -> tuple[str, bool]:
-    path, _, name = nodeid.partition("::")
-    hidden = hidden_dir is not None and (f"/{hidden_dir.name}/" in f"/{path}")
-    file = Path(path).name
-    return (f"{HIDDEN_PREFIX}{file}::{name}" if hidden else f"{file}::{name}"), hidden
+    return nodeid, hidden_dir is not None and nodeid.startswith(HIDDEN_PREFIX)
 
 
 def concept_record(lab: Lab, result: LabResult, hidden_dir: Path | None) -> dict[str, Any]:
@@ -454,8 +453,6 @@ def concept_record(lab: Lab, result: LabResult, hidden_dir: Path | None) -> dict
                       "message": test.message, "duration": round(test.duration, 3)})
     first = next((t for t in tests if t["status"] != "pass"), None)
     message = result.message
-    if hidden_dir is not None and str(hidden_dir) in message:
-        message = message.replace(str(hidden_dir), "<hidden tests>")
     return {
         "id": lab.id, "slug": lab.slug, "title": lab.title,
         "status": status,
@@ -469,14 +466,40 @@ def concept_record(lab: Lab, result: LabResult, hidden_dir: Path | None) -> dict
     }
 
 
+def _scrub(result: LabResult, replace: dict[str, str]) -> None:
+    """Private paths out of the messages: they differ on every run and mean nothing."""
+
+    def clean(text: str) -> str:
+        for old, new in sorted(replace.items(), key=lambda kv: -len(kv[0])):
+            text = text.replace(old, new)
+        return text
+
+    result.message = clean(result.message)
+    for test in result.tests:
+        test.message = clean(test.message)
+
+
+_uid_counter = iter(range(1 << 62))
+_uid_lock = threading.Lock()
+SANDBOX_UID_COUNT = 4000
+
+
+def _next_uid() -> int:
+    """A uid for one graded run: never the same as a run going on, and rotated so that
+    processes a run left as zombies (under an init that does not reap) never count
+    against the process limit of the next one."""
+    with _uid_lock:
+        return SANDBOX_UID_BASE + next(_uid_counter) % SANDBOX_UID_COUNT
+
+
 class _Slot:
-    """One worker slot: its uid and its private base folder."""
+    """One worker slot: its private base folder; each run in it gets a uid of its own."""
 
     def __init__(self, index: int, base: Path, sandboxed: bool) -> None:
         self.index = index
-        self.uid = SANDBOX_UID_BASE + index if sandboxed else None
+        self.sandboxed = sandboxed
         self.base = base / f"slot{index}"
-        self.base.mkdir(mode=0o711, exist_ok=True)
+        self.base.mkdir(mode=0o755, exist_ok=True)
 
 
 def _private_dir(path: Path, uid: int | None) -> Path:
@@ -490,7 +513,7 @@ def _private_dir(path: Path, uid: int | None) -> Path:
 def _give(tree: Path, uid: int | None) -> None:
     if uid is None:
         return
-    for folder, dirs, files in os.walk(tree):
+    for folder, _dirs, files in os.walk(tree):
         os.chown(folder, uid, uid)
         for name in files:
             os.chown(os.path.join(folder, name), uid, uid)
@@ -508,7 +531,7 @@ class Grader:
         self.state_file = state_file
         self.sandboxed = os.geteuid() == 0
         self.base = Path(tempfile.mkdtemp(prefix="lr-grade-"))
-        os.chmod(self.base, 0o711)   # slots traverse it; none can list it
+        os.chmod(self.base, 0o755)   # pytest lists the parents of the tests it collects
         self.mounts: MountPlan | None = None
         self.notes: list[str] = []
         self.running: dict[int, Any] = {}
@@ -586,7 +609,9 @@ class Grader:
     def _run_one(self, submission: Submission, lab: Lab,
                  slot: _Slot) -> tuple[LabResult, Path | None]:
         assert submission.workspace is not None
-        uid = slot.uid
+        uid = _next_uid() if slot.sandboxed else None
+        if uid is not None:
+            _sweep_uid(uid)
         run_dir = _private_dir(slot.base / secrets.token_hex(4), uid)
         try:
             src = _private_dir(run_dir / "src", uid)
@@ -598,18 +623,29 @@ class Grader:
                 target = src / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
+            # The verification runs from a private copy of the lab (its tests, lab.toml and data;
+            # never its solution), so the hidden tests sit beside the lab's own, get the same
+            # fixtures, and every test id is relative to the lab: test_x.py::t, hidden/...
+            copy = run_dir / "lab"
+            shutil.copytree(lab.path, copy, ignore=shutil.ignore_patterns(
+                "solution", "starter", "__pycache__", ".*"))
+            run_as = dataclasses.replace(lab, path=copy)
             hidden_dir: Path | None = None
             extra: tuple[Path, ...] = ()
             hidden_files = hidden_tests_for(self.config.hidden, lab)
             if hidden_files:
-                hidden_dir = _private_dir(run_dir / "hidden", uid)
-                shutil.copyfile(lab.path / "lab.toml", hidden_dir / "lab.toml")
+                hidden_dir = copy / "hidden"
+                hidden_dir.mkdir()
                 for file in hidden_files:
                     shutil.copyfile(file, hidden_dir / file.name)
                 extra = (hidden_dir,)
             _give(run_dir, uid)
             limits = self.config.limits
+            from .catalog import find_project_root
+
+            project = find_project_root()
             env = {"HOME": str(home), "USER": "sandbox", "LOGNAME": "sandbox",
+                   **({"LABRUNNER_HOME": str(project)} if project else {}),
                    "TMPDIR": str(home), "LABRUNNER_PURGE": str(hidden_dir or "")}
             sandbox = Sandbox(
                 memory_bytes=limits.memory_mb * 1024 * 1024,
@@ -635,10 +671,13 @@ class Grader:
             from .services.isolation import new_run_id
 
             try:
-                result = run_lab(lab, src, self.state_file, new_run_id(), sandbox,
+                result = run_lab(run_as, src, self.state_file, new_run_id(), sandbox,
                                  timeout=limits.timeout, on_process=track)
             except (OSError, subprocess.SubprocessError) as exc:
                 result = LabResult(lab, "error", 0.0, f"the sandbox could not start: {exc}")
+            result.lab = lab
+            _scrub(result, {str(src): lab.workspace_dir, str(copy): lab.workspace_dir,
+                            str(run_dir): "<sandbox>"})
             return result, hidden_dir
         finally:
             if uid is not None:
@@ -950,3 +989,55 @@ def comparable(document: dict[str, Any]) -> dict[str, Any]:
         students.append({**{k: v for k, v in doc.items() if k not in ("graded_at",)},
                          "concepts": concepts})
     return {**document, "students": students}
+
+
+# --------------------------------------------------------------------------------------
+# With services, a progress bar and a summary (what the CLI calls)
+
+
+def grade_with_services(config: GradeConfig, paths: Sequence[Path],
+                        show_progress: bool = True) -> CohortOutcome:
+    """Bring up the services the labs need once for the cohort, then grade it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .report import err_console
+    from .session import services_for
+
+    with services_for(config.labs, config.backend, quiet=not show_progress) as service_set:
+        state = service_set.state_file if service_set.endpoints else None
+        progress = Progress(
+            TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("{task.fields[current]}"),
+            console=err_console, transient=True, disable=not show_progress)
+        with progress:
+            task = progress.add_task("grading", total=None, current="")
+            return grade_cohort(
+                config, paths, state,
+                on_start=lambda student: progress.update(task, current=student),
+                on_done=lambda doc, kept: progress.advance(task),
+                on_total=lambda n: progress.update(task, total=n))
+
+
+def print_summary(outcome: CohortOutcome, labs: Sequence[Lab]) -> None:
+    from rich.table import Table
+
+    from .report import console, err_console
+
+    table = Table(title="Gradebook")
+    table.add_column("student")
+    ids = [lab.id for lab in labs]
+    for lab_id in ids:
+        table.add_column(lab_id)
+    table.add_column("total", justify="right")
+    colours = {"pass": "green", "fail": "red", "error": "yellow", "timeout": "magenta"}
+    for doc in sorted(outcome.students, key=lambda d: d["student"]):
+        by_id = {c["id"]: c for c in doc["concepts"]}
+        cells = []
+        for lab_id in ids:
+            c = by_id.get(lab_id)
+            cells.append("" if c is None else
+                         f"[{colours.get(c['status'], 'white')}]{c['status']}[/] {c['points']}")
+        table.add_row(doc["student"], *cells, f"{doc['total']}/{doc['max_total']}")
+    console.print(table)
+    for note in outcome.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
