@@ -1,0 +1,328 @@
+"""ph2.9 verification: four caching patterns, with the DB queries counted on the wire.
+
+"A hit skips the DB" is not taken on the learner's word: the learner's code gets a DSN that
+points at a small TCP proxy in front of the real Postgres, which reads the frontend
+protocol as it passes and records every statement executed (a simple Query, or the
+prepared statement a Bind executes). A statement is recorded before its bytes are
+forwarded, so by the time the learner's call has its answer the count is final.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+PRODUCTS = [(1, "Espresso cup", 900), (2, "Teapot", 3500), (3, "Kettle", 4900),
+            (4, "Mug", 1200), (5, "Saucer", 400)]
+SSL_REQUEST, GSS_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
+
+
+class PgWire:
+    """A Postgres proxy on 127.0.0.1:<port 0> that records the statements clients run."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.statements: list[str] = []
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.upstream)
+            with self.lock:
+                self.sockets += [client, server]
+            threading.Thread(target=self._client_to_server, args=(client, server),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _client_to_server(self, client: socket.socket, server: socket.socket) -> None:
+        buffer = b""
+        started = False  # before the StartupMessage, messages carry no type byte
+        prepared: dict[bytes, str] = {}
+        try:
+            while data := client.recv(65536):
+                buffer += data
+                while True:
+                    if not started:
+                        if len(buffer) < 8:
+                            break
+                        (length,) = struct.unpack("!I", buffer[:4])
+                        if len(buffer) < length:
+                            break
+                        (code,) = struct.unpack("!I", buffer[4:8])
+                        started = code not in (SSL_REQUEST, GSS_REQUEST, CANCEL_REQUEST)
+                        buffer = buffer[length:]
+                        continue
+                    if len(buffer) < 5:
+                        break
+                    kind = buffer[:1]
+                    (length,) = struct.unpack("!I", buffer[1:5])
+                    if len(buffer) < 1 + length:
+                        break
+                    body, buffer = buffer[5:1 + length], buffer[1 + length:]
+                    if kind == b"Q":
+                        self._record(body.split(b"\0", 1)[0].decode())
+                    elif kind == b"P":  # Parse: statement name, query text
+                        name, query = body.split(b"\0")[:2]
+                        prepared[name] = query.decode()
+                    elif kind == b"B":  # Bind: portal name, statement name -> one execution
+                        statement = body.split(b"\0")[1]
+                        self._record(prepared.get(statement, "?"))
+                server.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, server):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _record(self, sql: str) -> None:
+        with self.lock:
+            self.statements.append(sql)
+
+    def count(self, pattern: str) -> int:
+        """How many statements so far match `pattern` (a regex, case-insensitive)."""
+        regex = re.compile(pattern, re.IGNORECASE | re.DOTALL)
+        with self.lock:
+            return sum(1 for sql in self.statements if regex.search(sql))
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+READS = r"^\s*(with\b.*)?select\b.*\bproducts\b"
+WRITES = r"^\s*(with\b.*)?(update|insert|delete|merge)\b.*\bproducts\b"
+
+
+@dataclass
+class Shop:
+    """The test's products table, the learner's (proxied) DSN, Redis, and the counters."""
+
+    dsn: str
+    redis_url: str
+    wire: PgWire
+    direct: Any  # the test's own connection, not proxied, not counted
+    redis: Any
+    module: ModuleType
+    opened: list[Any] = field(default_factory=list)
+
+    def reads(self) -> int:
+        return self.wire.count(READS)
+
+    def writes(self) -> int:
+        return self.wire.count(WRITES)
+
+    def db_price(self, product_id: int) -> int:
+        (price,) = self.direct.execute("SELECT price_cents FROM products WHERE id = %s",
+                                       (product_id,)).fetchone()
+        return int(price)
+
+    def cached(self, product_id: int) -> dict[str, Any] | None:
+        raw = self.redis.get(f"product:{product_id}")
+        return None if raw is None else dict(json.loads(raw))
+
+    def make(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        cls = getattr(self.module, name, None)
+        if not isinstance(cls, type):
+            pytest.fail(f"caching.py: define a class {name} (see the README)", pytrace=False)
+        instance = cls(*args, **kwargs)
+        self.opened.append(instance)
+        return instance
+
+
+@pytest.fixture
+def shop(learner: Any, postgres: Any, redis_db: Any) -> Iterator[Shop]:
+    direct = postgres.connect(autocommit=True)
+    direct.execute("CREATE TABLE products (id integer PRIMARY KEY, name text NOT NULL, "
+                   "price_cents integer NOT NULL)")
+    with direct.cursor() as cur:
+        cur.executemany("INSERT INTO products VALUES (%s, %s, %s)", PRODUCTS)
+    params = conninfo_to_dict(postgres.dsn)
+    wire = PgWire(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    # sslmode=disable: the proxy reads the protocol, so it must not be encrypted
+    dsn = make_conninfo(postgres.dsn, host="127.0.0.1", port=wire.port,
+                        sslmode="disable", gssencmode="disable")
+    client = redis_db.client(decode_responses=True)
+    state = Shop(dsn, redis_db.url, wire, direct, client, learner.load("caching"))
+    yield state
+    for instance in state.opened:
+        for method in ("stop", "close"):
+            if callable(getattr(instance, method, None)):
+                try:
+                    getattr(instance, method)()
+                except Exception:  # noqa: BLE001 - cleanup of learner objects
+                    pass
+    wire.close()
+    client.close()
+    direct.close()
+
+
+def row(product_id: int) -> dict[str, Any]:
+    pid, name, price = PRODUCTS[product_id - 1]
+    return {"id": pid, "name": name, "price_cents": price}
+
+
+def delta(counter: Callable[[], int], action: Callable[[], Any]) -> tuple[Any, int]:
+    before = counter()
+    result = action()
+    return result, counter() - before
+
+
+def assert_ttl(shop: Shop, product_id: int, ttl: int, pattern: str) -> None:
+    left = shop.redis.ttl(f"product:{product_id}")
+    assert left != -2, (
+        f"{pattern}: no Redis key product:{product_id} after reading product {product_id}: "
+        "the cache entry must be product:<id> holding the product as JSON")
+    assert 0 < left <= ttl, (
+        f"{pattern}: product:{product_id} has TTL {left}, expected 1..{ttl} seconds: without "
+        "an expiry an entry the invalidation missed stays wrong forever (SET key value EX ttl)")
+
+
+# --------------------------------------------------------------------------------------
+
+
+def test_cache_aside_hit_skips_the_database(shop: Shop) -> None:
+    app = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=120)
+    got, reads = delta(shop.reads, lambda: app.get_product(1))
+    assert got == row(1), f"get_product(1) returned {got!r}, expected {row(1)!r}"
+    assert reads == 1, (
+        f"the first get_product(1) ran {reads} SELECTs on products, expected 1 (a miss "
+        "reads the database once)")
+    assert shop.cached(1) == row(1), (
+        f"after a miss, Redis product:1 holds {shop.cached(1)!r}, expected the row as JSON")
+    assert_ttl(shop, 1, 120, "cache-aside")
+    for _ in range(3):
+        got, reads = delta(shop.reads, lambda: app.get_product(1))
+        assert got == row(1) and reads == 0, (
+            f"a repeated get_product(1) ran {reads} SELECTs on products, expected 0: a cache "
+            f"hit must not touch the database (returned {got!r})")
+    assert app.get_product(999) is None, "get_product(999) must return None (no such row)"
+
+
+def test_cache_aside_no_stale_read_after_write(shop: Shop) -> None:
+    writer = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+    other = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)  # 2nd server
+    assert writer.get_product(2) == row(2) and other.get_product(2) == row(2)
+    writer.update_price(2, 3333)
+    assert shop.db_price(2) == 3333, (
+        f"after update_price(2, 3333) the database holds {shop.db_price(2)}: cache-aside "
+        "writes go to the database")
+    for who, app in (("the writing instance", writer), ("another instance", other)):
+        got = app.get_product(2)
+        assert got is not None and got["price_cents"] == 3333, (
+            f"after update_price(2, 3333), {who} read price {got and got['price_cents']}: a "
+            "stale cache entry. Delete product:2 from Redis after the database write")
+
+
+def test_read_through_cache_calls_the_loader_only_on_a_miss(shop: Shop) -> None:
+    calls: list[int] = []
+
+    def loader(product_id: int) -> dict[str, Any] | None:
+        calls.append(product_id)
+        found = [row(pid) for pid, _, _ in PRODUCTS if pid == product_id]
+        return found[0] if found else None
+
+    cache = shop.make("ReadThrough", shop.redis_url, loader, ttl_seconds=60)
+    assert cache.get(3) == row(3), f"get(3) returned {cache.get(3)!r}, expected {row(3)!r}"
+    assert calls == [3], f"the first get(3) called the loader for {calls}, expected [3]"
+    assert_ttl(shop, 3, 60, "read-through")
+    assert cache.get(3) == row(3) and cache.get(3) == row(3)
+    assert calls == [3], (
+        f"the loader was called {len(calls)} times for product 3, expected once: the "
+        "cache answers hits itself")
+    assert cache.get(4) == row(4) and calls == [3, 4], (
+        f"get(4) must load product 4 through the loader once (loader calls: {calls})")
+    assert shop.reads() == 0, "the read-through cache must not query the database itself"
+
+
+def test_write_through_updates_database_and_cache_in_one_call(shop: Shop) -> None:
+    app = shop.make("WriteThrough", shop.dsn, shop.redis_url, ttl_seconds=90)
+    app.update_price(3, 4242)
+    assert shop.db_price(3) == 4242, (
+        f"when update_price(3, 4242) returned, the database held {shop.db_price(3)}: "
+        "write-through writes the database synchronously")
+    cached = shop.cached(3)
+    assert cached == dict(row(3), price_cents=4242), (
+        f"when update_price(3, 4242) returned, Redis product:3 held {cached!r}: write-through "
+        "writes the new value into the cache too (deleting it is cache-aside)")
+    assert_ttl(shop, 3, 90, "write-through")
+    got, reads = delta(shop.reads, lambda: app.get_product(3))
+    assert got == dict(row(3), price_cents=4242) and reads == 0, (
+        f"get_product(3) after the write ran {reads} SELECTs, returned {got!r}: it must be "
+        "served from the cache the write just filled")
+
+
+def test_write_behind_persists_eventually_even_after_a_crash(shop: Shop) -> None:
+    app = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    _, writes = delta(shop.writes, lambda: app.update_price(4, 1111))
+    assert writes == 0 and shop.db_price(4) == 1200, (
+        f"update_price(4, 1111) wrote to the database before returning ({writes} writes): "
+        "write-behind returns after updating the cache and queueing the write")
+    got, reads = delta(shop.reads, lambda: app.get_product(4))
+    assert got is not None and got["price_cents"] == 1111 and reads == 0, (
+        f"get_product(4) right after the write returned {got!r} with {reads} SELECTs: the "
+        "cache holds the new value and serves it")
+
+    # The process dies before its worker ever ran: `app` is abandoned here, never started,
+    # never stopped. A new process starts, with a worker of its own.
+    successor = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    for price in (1, 2, 3):
+        successor.update_price(5, price)
+    successor.start()
+    wait_for_db(shop, {4: 1111, 5: 3}, "write-behind")
+    successor.stop()
+
+
+def wait_for_db(shop: Shop, want: dict[int, int], pattern: str, within: float = 5) -> None:
+    deadline = time.monotonic() + within
+    seen: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        seen = {pid: shop.db_price(pid) for pid in want}
+        if seen == want:
+            return
+        time.sleep(0.05)
+    assert seen == want, (
+        f"{pattern}: {within:.0f} s after start() the database holds prices {seen}, expected "
+        f"{want}: the queued writes never reached Postgres. Keep the queue in Redis (a list), "
+        "not in the process: product 4's write was made by a process that died before its "
+        "worker ran, and the last of several writes to product 5 must win")

@@ -1,0 +1,201 @@
+# WRONG (write_behind_is_synchronous): write-behind writes the database inside update_price
+"""Four caching patterns over one Postgres table and one Redis.
+
+The table (created by the test):  products(id int primary key, name text, price_cents int)
+The cache entry for a product:     key product:<id>, value JSON {"id", "name", "price_cents"}
+
+* cache-aside   the application reads the cache, on a miss reads the DB and fills the cache;
+                on a write it updates the DB, then deletes the cache entry.
+* read-through  the cache object owns the loading: the application only ever asks the cache.
+* write-through a write goes to the DB and to the cache in the same call.
+* write-behind  a write goes to the cache and to a queue in Redis; a background worker
+                writes the queue to the DB later.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import redis
+
+Product = dict[str, Any]
+
+
+def cache_key(product_id: int) -> str:
+    return f"product:{product_id}"
+
+
+class _Store:
+    """What every pattern that talks to Postgres and Redis shares."""
+
+    def __init__(self, dsn: str, redis_url: str, ttl_seconds: int) -> None:
+        # autocommit: a read is not left as an open transaction holding a snapshot
+        self.dsn = dsn
+        self.db = psycopg.connect(dsn, autocommit=True)
+        self.r = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.ttl = ttl_seconds
+
+    def _load(self, product_id: int) -> Product | None:
+        row = self.db.execute("SELECT id, name, price_cents FROM products WHERE id = %s",
+                              (product_id,)).fetchone()
+        return None if row is None else {"id": row[0], "name": row[1], "price_cents": row[2]}
+
+    def _cached(self, product_id: int) -> Product | None:
+        raw = self.r.get(cache_key(product_id))
+        return None if raw is None else dict(json.loads(raw))
+
+    def _fill(self, product: Product) -> None:
+        # SET ... EX in one command: an entry never exists without its expiry
+        self.r.set(cache_key(product["id"]), json.dumps(product), ex=self.ttl)
+
+    def close(self) -> None:
+        self.db.close()
+        self.r.close()
+
+
+class CacheAside(_Store):
+    def __init__(self, dsn: str, redis_url: str, ttl_seconds: int = 300) -> None:
+        super().__init__(dsn, redis_url, ttl_seconds)
+
+    def get_product(self, product_id: int) -> Product | None:
+        cached = self._cached(product_id)
+        if cached is not None:
+            return cached  # hit: the DB is not touched
+        product = self._load(product_id)
+        if product is not None:
+            self._fill(product)
+        return product
+
+    def update_price(self, product_id: int, price_cents: int) -> None:
+        # DB first, then delete the entry (not overwrite it): the next reader loads the
+        # committed value. Deleting before the write would let a concurrent reader put
+        # the old value back in between.
+        self.db.execute("UPDATE products SET price_cents = %s WHERE id = %s",
+                        (price_cents, product_id))
+        self.r.delete(cache_key(product_id))
+
+
+class ReadThrough:
+    """The cache is the only thing the application talks to; it calls `loader` on a miss."""
+
+    def __init__(self, redis_url: str, loader: Callable[[int], Product | None],
+                 ttl_seconds: int = 300) -> None:
+        self.r = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.loader = loader
+        self.ttl = ttl_seconds
+
+    def get(self, product_id: int) -> Product | None:
+        raw = self.r.get(cache_key(product_id))
+        if raw is not None:
+            return dict(json.loads(raw))
+        product = self.loader(product_id)
+        if product is not None:
+            self.r.set(cache_key(product_id), json.dumps(product), ex=self.ttl)
+        return product
+
+    def close(self) -> None:
+        self.r.close()
+
+
+class WriteThrough(_Store):
+    def __init__(self, dsn: str, redis_url: str, ttl_seconds: int = 300) -> None:
+        super().__init__(dsn, redis_url, ttl_seconds)
+
+    def get_product(self, product_id: int) -> Product | None:
+        cached = self._cached(product_id)
+        if cached is not None:
+            return cached
+        product = self._load(product_id)
+        if product is not None:
+            self._fill(product)
+        return product
+
+    def update_price(self, product_id: int, price_cents: int) -> None:
+        # The DB is the system of record: write it first and take the row it now holds
+        # (RETURNING) as the value to cache, so the cache never holds what the DB refused.
+        row = self.db.execute(
+            "UPDATE products SET price_cents = %s WHERE id = %s RETURNING id, name, price_cents",
+            (price_cents, product_id)).fetchone()
+        if row is None:
+            raise KeyError(product_id)
+        self._fill({"id": row[0], "name": row[1], "price_cents": row[2]})
+
+
+class WriteBehind(_Store):
+    """Writes land in Redis at once; a worker thread copies them to Postgres later.
+
+    The queue of pending writes lives in Redis, not in this process: if the process dies
+    before the worker ran, the next process's worker still finds them. The worker moves an
+    entry to a processing list while it writes it (LMOVE), and removes it only after the
+    DB commit, so a crash in between leaves the entry to be retried, not lost."""
+
+    QUEUE = "write-behind:queue"
+    PROCESSING = "write-behind:processing"
+
+    def __init__(self, dsn: str, redis_url: str) -> None:
+        # No TTL: until the worker has written it, the cache holds the only copy of a write.
+        super().__init__(dsn, redis_url, ttl_seconds=0)
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    def get_product(self, product_id: int) -> Product | None:
+        cached = self._cached(product_id)
+        if cached is not None:
+            return cached
+        product = self._load(product_id)
+        if product is not None:
+            self.r.set(cache_key(product_id), json.dumps(product))
+        return product
+
+    def update_price(self, product_id: int, price_cents: int) -> None:
+        current = self.get_product(product_id)
+        if current is None:
+            raise KeyError(product_id)
+        current["price_cents"] = price_cents
+        change = json.dumps({"id": product_id, "price_cents": price_cents})
+        # cache entry and queued change together, in one MULTI/EXEC
+        self.db.execute("UPDATE products SET price_cents = %s WHERE id = %s",
+                        (price_cents, product_id))
+        self.r.set(cache_key(product_id), json.dumps(current))
+        del change
+
+    def start(self) -> None:
+        """Start the background worker that writes queued changes to the DB."""
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._run, name="write-behind", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=5)
+            self._worker = None
+
+    def _run(self) -> None:
+        # The worker has its own connections: psycopg and redis-py connections are not
+        # for sharing between threads mid-command.
+        db = psycopg.connect(self.dsn, autocommit=True)
+        r = redis.Redis(connection_pool=self.r.connection_pool)
+        try:
+            # leftovers of a worker that died mid-write come first
+            while r.lmove(self.PROCESSING, self.QUEUE, "LEFT", "RIGHT") is not None:
+                pass
+            while not self._stop.is_set():
+                # oldest change first; block briefly so stop() is noticed quickly
+                raw = r.blmove(self.QUEUE, self.PROCESSING, 0.2, "RIGHT", "LEFT")
+                if raw is None:
+                    continue
+                change = json.loads(raw)
+                db.execute("UPDATE products SET price_cents = %s WHERE id = %s",
+                           (change["price_cents"], change["id"]))
+                r.lrem(self.PROCESSING, 1, raw)
+        finally:
+            db.close()
+
+    def close(self) -> None:
+        self.stop()
+        super().close()
