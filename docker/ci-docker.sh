@@ -28,7 +28,7 @@ BASE_IMAGE="labrunner/debian-base:$SUITE"
 LABRUNNER_IMAGE="${LABRUNNER_IMAGE_TAG:-labrunner:ci}"
 PHASES="${LABRUNNER_DOCKER_PHASES:-ph2 ph5}"
 IN_IMAGE_SELECTORS="${LABRUNNER_IMAGE_SELECTORS:-ph2}"
-OUT_DIR="${LABRUNNER_DOCKER_OUT:-$ROOT/.labrunner-ci/docker}"
+OUT_DIR="${LABRUNNER_DOCKER_OUT:-$ROOT/out/docker}"
 
 export DOCKER_HOST="unix://$SOCK"
 export DOCKER_BUILDKIT=0                       # the daemon's own builder: no buildx needed
@@ -269,13 +269,31 @@ labrunner_image() {
     (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
         | xargs -0 -I{} sh -c '[ -e "{}" ] && printf "%s\0" "{}"' \
         | tar --null -T - -cf -) | tar -C "$stage" -xf -
+    # The wheels are made by the image's own Python (its version decides environment
+    # markers), in a container on the host network, with this machine's pip settings and CA
+    # bundle lent for the run only (nothing of them goes into an image).
+    build labrunner/python:ci "$stage" -f "$stage/docker/Dockerfile" --target python
     local wheels="$CACHE/wheelhouse"
     $SUDO mkdir -p "$wheels"
-    $SUDO chown "$(id -u):$(id -g)" "$wheels"
+    local pip_env=() ca=""
+    for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_DEFAULT_TIMEOUT; do
+        [ -n "${!var:-}" ] && pip_env+=(-e "$var=${!var}")
+    done
+    ca="${PIP_CERT:-${REQUESTS_CA_BUNDLE:-${SSL_CERT_FILE:-}}}"
+    if [ -z "$ca" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+        ca=/etc/ssl/certs/ca-certificates.crt
+    fi
+    [ -n "$ca" ] && pip_env+=(-v "$ca:/run/host-ca.crt:ro" -e PIP_CERT=/run/host-ca.crt)
     log "wheelhouse for labrunner's dependencies ($wheels)"
-    python3 -m pip wheel -q --wheel-dir "$wheels" --find-links "$wheels" "$stage" \
-        >"$RUN_DIR/wheelhouse.log" 2>&1 || { tail -n 30 "$RUN_DIR/wheelhouse.log" >&2; die "pip wheel failed"; }
-    rm -f "$wheels"/labrunner-*.whl
+    if ! docker run --rm --network host --label labrunner=1 --label labrunner.role=ci \
+            "${pip_env[@]}" -v "$stage:/src:ro" -v "$wheels:/wheels" labrunner/python:ci \
+            sh -c 'cp -r /src /tmp/src && python3 -m venv /tmp/v && /tmp/v/bin/pip wheel -q --disable-pip-version-check \
+                   --wheel-dir /wheels --find-links /wheels /tmp/src "setuptools>=68" wheel' \
+            >"$RUN_DIR/wheelhouse.log" 2>&1; then
+        tail -n 30 "$RUN_DIR/wheelhouse.log" >&2
+        die "building the wheelhouse failed"
+    fi
+    $SUDO rm -f "$wheels"/labrunner-*.whl
     cp -r "$wheels" "$stage/docker/wheelhouse"
     cp -r "$(kafka_libs)" "$stage/docker/kafka-libs"
     build "$LABRUNNER_IMAGE" "$stage" -f "$stage/docker/Dockerfile"
