@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from types import ModuleType
 
@@ -76,4 +77,17 @@ class LocalBackend:
         return restarted
 
     def alive(self, endpoint: Endpoint) -> bool:
-        return bool(MODULES[endpoint.service].alive(endpoint))
+        """Still there? Full readiness was proven when the service started; reusing a warm
+        one only needs its process and its port, and a run should not pay for importing
+        four client libraries to learn that."""
+        from .process import pid_alive
+
+        # The pid files, not the pid recorded at start: a lab may have restarted the service.
+        pid = int(MODULES[endpoint.service].current_pid(endpoint))
+        if pid and not pid_alive(pid):
+            return False
+        try:
+            with socket.create_connection((endpoint.host, endpoint.port), timeout=1):
+                return True
+        except OSError:
+            return False

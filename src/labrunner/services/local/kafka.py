@@ -227,7 +227,7 @@ def ready(endpoint: Endpoint) -> bool:
     return bool(metadata.brokers)
 
 
-def _pid(endpoint: Endpoint) -> int:
+def current_pid(endpoint: Endpoint) -> int:
     try:
         return int((Path(endpoint.extra["home"]) / "kafka.pid").read_text().strip())
     except (OSError, ValueError):
@@ -235,7 +235,7 @@ def _pid(endpoint: Endpoint) -> int:
 
 
 def stop(endpoint: Endpoint, remove: bool = True) -> None:
-    pid = _pid(endpoint)
+    pid = current_pid(endpoint)
     if pid and pid_alive(pid):
         # Throwaway data: no need for a controlled shutdown's seconds of leader moves.
         terminate(pid, timeout=10 if not remove else 3, sig=signal.SIGTERM, group=False)

@@ -153,7 +153,7 @@ def ready(endpoint: Endpoint) -> bool:
         return conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def _postmaster_pid(endpoint: Endpoint) -> int:
+def current_pid(endpoint: Endpoint) -> int:
     try:
         first = (Path(endpoint.extra["datadir"]) / "postmaster.pid").read_text().split("\n")[0]
         return int(first)
@@ -163,7 +163,7 @@ def _postmaster_pid(endpoint: Endpoint) -> int:
 
 def stop(endpoint: Endpoint, remove: bool = True, mode: str = "fast") -> None:
     sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT, "smart": signal.SIGTERM}[mode]
-    pid = _postmaster_pid(endpoint)
+    pid = current_pid(endpoint)
     if pid and pid_alive(pid):
         terminate(pid, timeout=15, sig=sig, group=False)
     if remove:

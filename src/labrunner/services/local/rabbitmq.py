@@ -143,6 +143,12 @@ def _pids(endpoint: Endpoint) -> list[int]:
     return pids
 
 
+def current_pid(endpoint: Endpoint) -> int:
+    """The node's beam process (from its pid file), else the start script's."""
+    pids = _pids(endpoint)
+    return pids[0] if pids else int(endpoint.extra.get("pid", 0))
+
+
 def stop(endpoint: Endpoint, remove: bool = True) -> None:
     # The beam process (rabbitmq.pid) stops cleanly on SIGTERM; the script and our epmd
     # follow. Signal the whole session group so erl_child_setup and inet_gethost go too.

@@ -87,7 +87,7 @@ def ready(endpoint: Endpoint) -> bool:
         client.close()
 
 
-def _pid(endpoint: Endpoint) -> int:
+def current_pid(endpoint: Endpoint) -> int:
     try:
         return int((Path(endpoint.extra["dir"]) / "redis.pid").read_text().strip())
     except (OSError, ValueError):
@@ -95,7 +95,7 @@ def _pid(endpoint: Endpoint) -> int:
 
 
 def stop(endpoint: Endpoint, remove: bool = True) -> None:
-    pid = _pid(endpoint)
+    pid = current_pid(endpoint)
     if pid and pid_alive(pid):
         # SIGTERM: redis flushes the AOF (if on) and exits cleanly.
         terminate(pid, timeout=10, sig=signal.SIGTERM, group=False)
