@@ -1,0 +1,303 @@
+"""ph5.3 - Kafka internals: keyed partitioning, a consumer group splitting partitions and
+rebalancing, manual commits, resuming after a crash, consumer lag.
+
+Ground truth is always the broker: where it stored each keyed record (produced with the
+Java-compatible ``murmur2_random`` partitioner, not the learner's code), which member it
+assigned each partition to, which offsets it holds as committed. The crash is a real one: a
+consumer process using the learner's GroupConsumer is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
+
+# Kafka's own test vectors for Utils.murmur2 (clients/src/test/.../UtilsTest.java).
+JAVA_MURMUR2 = {
+    b"21": -973932308,
+    b"foobar": -790332482,
+    b"a-little-bit-long-string": -985981536,
+    b"a-little-bit-longer-string": -1486304829,
+    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    b"abc": 479470107,
+}
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def create_topic(kafka: Any, name: str, partitions: int) -> str:
+    """A topic of this test's own, every partition with a leader. (Holds its AdminClient
+    until the result arrives: kafka.create_topic() lets its client go too early.)"""
+    topic = kafka.topic(name)
+    admin = kafka.admin()
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
+    for _ in range(300):
+        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
+        if meta and meta.error is None and len(meta.partitions) == partitions and all(
+                p.leader >= 0 for p in meta.partitions.values()):
+            return topic
+        time.sleep(0.05)
+    raise AssertionError(f"topic {topic} has no leader after 15 s")
+
+
+def fill(kafka: Any, topic: str, per_partition: dict[int, int], tag: str) -> None:
+    """Write ``count`` records to each partition (explicit partitions: the test, not a
+    partitioner, decides where they go)."""
+    producer = Producer(kafka.producer_config(acks="all"))
+    for partition, count in per_partition.items():
+        for n in range(count):
+            producer.produce(topic, value=f"{tag}-p{partition}-{n}".encode(), partition=partition)
+    assert producer.flush(15) == 0, "the test's own records were not acknowledged"
+
+
+def broker_assignment(admin: Any, group: str) -> list[set[int]]:
+    """The partitions the group coordinator assigned to each member, as the broker says.
+    (``admin`` is held by the caller: a client dropped mid-request fails with _DESTROY.)"""
+    described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    return sorted(({tp.partition for tp in m.assignment.topic_partitions}
+                   for m in described.members), key=lambda s: sorted(s))
+
+
+def committed(kafka: Any, topic: str, group: str, partitions: int) -> dict[int, int]:
+    """The group's committed offsets as stored on the broker (-1001: none)."""
+    reader = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group,
+                       "log_level": 0})
+    try:
+        got = reader.committed([TopicPartition(topic, p) for p in range(partitions)],
+                               timeout=10)
+        return {tp.partition: tp.offset for tp in got}
+    finally:
+        reader.close()
+
+
+def watermarks(kafka: Any, topic: str, partitions: int) -> dict[int, tuple[int, int]]:
+    reader = Consumer(kafka.consumer_config("test-watermarks"))
+    try:
+        return {p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                for p in range(partitions)}
+    finally:
+        reader.close()
+
+
+Records = list[tuple[int, int, str]]
+
+
+def drive(members: list[Any], until: Callable[[list[Records]], bool], what: str,
+          timeout: float = 20.0) -> list[Records]:
+    """Poll every member in turn (rebalances happen inside poll) until ``until(got)``, where
+    ``got`` holds the records each member returned meanwhile; return ``got``."""
+    got: list[Records] = [[] for _ in members]
+    deadline = time.monotonic() + timeout
+    while not until(got):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        for index, member in enumerate(members):
+            got[index] += member.poll_records(100, 0.1)
+    return got
+
+
+def offsets_of(records: Records) -> list[tuple[int, int]]:
+    return sorted((p, o) for p, o, _ in records)
+
+
+# --- partitioning ------------------------------------------------------------------------
+
+def test_murmur2_matches_java(learner: Any) -> None:
+    """murmur2 must give Java's signed 32-bit results for Kafka's own test vectors."""
+    murmur2 = learner.function("internals", "murmur2")
+    for key, want in JAVA_MURMUR2.items():
+        got = murmur2(key)
+        assert got == want, (
+            f"murmur2({key!r}) = {got}, Java's Utils.murmur2 gives {want}: keep every "
+            "intermediate to 32 bits (& 0xFFFFFFFF after each multiply), read 4-byte blocks "
+            "little-endian, and return a signed int")
+
+
+def test_partition_for_matches_the_broker(learner: Any, kafka: Any) -> None:
+    """300 keys of every length 0-40 (ASCII and UTF-8) produced with the Java-compatible
+    partitioner: partition_for must name the partition the broker stored each one in."""
+    partition_for = learner.function("internals", "partition_for")
+    topic = create_topic(kafka, "keyed", 6)
+    keys = [("k" * (n % 41))[: n % 41].encode() if n % 7 == 0 else
+            f"customer-{n}-{'é' * (n % 5)}-{'x' * (n % 13)}".encode() for n in range(300)]
+    placed: dict[bytes, int] = {}
+
+    def report(err: Any, msg: Any) -> None:
+        assert err is None, f"the test's produce failed: {err}"
+        placed[msg.key()] = msg.partition()
+
+    producer = Producer(kafka.producer_config(partitioner="murmur2_random", acks="all"))
+    for key in keys:
+        producer.produce(topic, key=key, value=b"v", on_delivery=report)
+    assert producer.flush(15) == 0
+    wrong = [(k, placed[k], partition_for(k, 6)) for k in placed if partition_for(k, 6) !=
+             placed[k]]
+    assert not wrong, (
+        f"{len(wrong)} of {len(placed)} keys: partition_for disagrees with the broker, e.g. "
+        f"key {wrong[0][0]!r} is in partition {wrong[0][1]}, partition_for says {wrong[0][2]}: "
+        "the partition is (murmur2(key) & 0x7fffffff) % partitions - the sign bit cleared, "
+        "not abs()")
+
+
+# --- the group ---------------------------------------------------------------------------
+
+def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> None:
+    """Member A reads all 4 partitions; B joins and the group splits 2+2 without B
+    re-reading what A processed; new records go to each partition's owner only; B leaves and
+    A takes everything back without re-reading what B processed."""
+    group_consumer = learner.function("internals", "GroupConsumer")
+    topic = create_topic(kafka, "events", 4)
+    group = kafka.group("workers")
+    config = kafka.consumer_config("workers")
+    admin = kafka.admin()
+    fill(kafka, topic, {p: 10 for p in range(4)}, "first")
+
+    a = group_consumer(config, topic)
+    b = None
+    try:
+        (first,) = drive([a], lambda got: len(got[0]) >= 40, "A, alone, to read 40 records")
+        assert broker_assignment(admin, group) == [{0, 1, 2, 3}], (
+            f"the broker shows the group's members owning {broker_assignment(admin, group)}; "
+            "expected one member with partitions 0-3")
+        assert offsets_of(first) == [(p, o) for p in range(4) for o in range(10)], (
+            f"A, alone in the group, read {len(first)} records; expected offsets 0-9 of each "
+            "of the 4 partitions")
+
+        b = group_consumer(config, topic)
+        during = drive([a, b], lambda _: broker_assignment(admin, group) == [{0, 1}, {2, 3}]
+                       and a.assignment() | b.assignment() == {0, 1, 2, 3}
+                       and not a.assignment() & b.assignment(),
+                       "the group to split 2+2 between A and B")
+        fill(kafka, topic, {p: 10 for p in range(4)}, "second")
+        got_a, got_b = drive([a, b], lambda got: len(got[0]) + len(got[1]) >= 40,
+                             "A and B to read 40 new records")
+        again = [(p, o) for p, o, _ in during[0] + during[1] + got_a + got_b if o < 10]
+        assert again == [], (
+            f"after B joined, records A had already processed were read again: {again[:6]}: "
+            "commit what you processed in the revoke callback (on_revoke), before the "
+            "partitions move to the other member")
+        for who, member, got in (("A", a, got_a), ("B", b, got_b)):
+            strays = [(p, o) for p, o, _ in got if p not in member.assignment()]
+            assert not strays, f"{who} got records of partitions it does not own: {strays[:5]}"
+        assert offsets_of(got_a + got_b) == [(p, o) for p in range(4) for o in range(10, 20)], (
+            "A and B together should read offsets 10-19 of each partition exactly once, got "
+            f"{offsets_of(got_a + got_b)[:8]}...")
+
+        b.commit()
+        b.close()
+        b = None
+        (after,) = drive([a], lambda _: broker_assignment(admin, group) == [{0, 1, 2, 3}]
+                         and a.assignment() == {0, 1, 2, 3}, "A to take back all 4 partitions")
+        assert after == [], (
+            f"after B committed and left, A read B's processed records again: "
+            f"{offsets_of(after)[:6]}")
+        fill(kafka, topic, {p: 1 for p in range(4)}, "third")
+        (last,) = drive([a], lambda got: len(got[0]) >= 4, "A to read one new record per partition")
+        assert offsets_of(last) == [(p, 20) for p in range(4)], (
+            f"A read {offsets_of(last)}; expected offset 20 of each partition")
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
+CRASHING_MEMBER = """
+import json, sys, time
+from internals import GroupConsumer
+config, topic = json.loads(sys.argv[1]), sys.argv[2]
+member = GroupConsumer(config, topic)
+done = []
+while len(done) < 8:
+    done += member.poll_records(8 - len(done), 1.0)
+member.commit()
+pending = []
+while len(pending) < 4:
+    pending += member.poll_records(4 - len(pending), 1.0)
+print(json.dumps({"committed": done, "uncommitted": pending}), flush=True)
+time.sleep(120)  # the test kills this process here
+"""
+
+
+def test_commit_crash_resume_and_lag(learner: Any, kafka: Any) -> None:
+    """A member processes 8 records, commits, processes 4 more and is killed (SIGKILL). The
+    broker must hold exactly the 8 as committed (next offset = last processed + 1); lag is
+    log end minus commit (log start where the group never committed); a new member resumes
+    at the commit, so the 4 uncommitted records come again and nothing is skipped."""
+    consumer_lag = learner.function("internals", "consumer_lag")
+    group_consumer = learner.function("internals", "GroupConsumer")
+    topic = create_topic(kafka, "ledger", 2)
+    group = kafka.group("resume")
+    fill(kafka, topic, {0: 10, 1: 10}, "rec")
+    # Partition 1's first 4 records age out: its log now starts at offset 4.
+    admin = kafka.admin()
+    for future in admin.delete_records([TopicPartition(topic, 1, 4)]).values():
+        future.result(timeout=10)
+
+    lag = consumer_lag(kafka.bootstrap, topic, group)
+    assert lag == {0: 10, 1: 6}, (
+        f"consumer_lag for a group that never committed = {lag}; expected {{0: 10, 1: 6}}: "
+        "such a group starts at the log start (low watermark), and partition 1's log starts "
+        "at offset 4 (records 0-3 were deleted)")
+
+    # Fast session expiry so the killed member leaves the group in 2 s; an auto-commit
+    # interval so short that a consumer still auto-committing shows it before the kill.
+    config = kafka.consumer_config("resume", **{"session.timeout.ms": 2000,
+                                                "heartbeat.interval.ms": 300,
+                                                "auto.commit.interval.ms": 100})
+    member = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_MEMBER, json.dumps(config), topic],
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(learner.dir)},
+        cwd=learner.dir)
+    try:
+        assert member.stdout is not None
+        line = member.stdout.readline()
+        assert line, f"the member process exited ({member.wait()}) before processing 12 records"
+        report = json.loads(line)
+        time.sleep(0.5)  # five auto-commit intervals: uncommitted progress would show now
+        on_broker = committed(kafka, topic, group, 2)
+    finally:
+        member.send_signal(signal.SIGKILL)
+        member.wait()
+
+    low = {p: lw for p, (lw, _) in watermarks(kafka, topic, 2).items()}
+    done = [tuple(r) for r in report["committed"]]
+    want = {p: max((o for q, o, _ in done if q == p), default=-1) + 1 for p in (0, 1)}
+    want = {p: o if o > 0 else -1001 for p, o in want.items()}
+    assert on_broker == want, (
+        f"after commit() of 8 processed records {offsets_of(done)} and 4 more processed but "
+        f"not committed, the broker holds committed offsets {on_broker}; expected {want} "
+        "(-1001 = none): commit the NEXT offset to read (last processed + 1), only for "
+        "processed records, and turn enable.auto.commit off")
+
+    high = {p: hw for p, (_, hw) in watermarks(kafka, topic, 2).items()}
+    start = {p: on_broker[p] if on_broker[p] >= 0 else low[p] for p in (0, 1)}
+    want_lag = {p: high[p] - start[p] for p in (0, 1)}
+    lag = consumer_lag(kafka.bootstrap, topic, group)
+    assert lag == want_lag, (
+        f"consumer_lag = {lag}, expected {want_lag}: lag = high watermark - committed offset "
+        "(or - low watermark when the group never committed that partition)")
+
+    resumed = group_consumer(kafka.consumer_config("resume"), topic)
+    try:
+        remaining = sum(want_lag.values())
+        (got,) = drive([resumed], lambda got: len(got[0]) >= remaining,
+                       f"the restarted member to read the {remaining} records after the commit")
+        expected = [(p, o) for p in (0, 1) for o in range(start[p], high[p])]
+        assert offsets_of(got) == expected, (
+            f"after the crash the new member read {offsets_of(got)}; expected {expected}: it "
+            "resumes at the committed offsets, so the 4 uncommitted records are processed "
+            "again (at-least-once) and none is skipped")
+        uncommitted = {(p, o) for p, o, _ in report["uncommitted"]}
+        assert uncommitted <= set(offsets_of(got)), "the 4 uncommitted records must come again"
+        resumed.commit()
+        lag = consumer_lag(kafka.bootstrap, topic, group)
+        assert lag == {0: 0, 1: 0}, f"after reading and committing everything lag is {lag}"
+    finally:
+        resumed.close()
