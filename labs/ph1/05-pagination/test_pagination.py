@@ -1,0 +1,302 @@
+"""Verification for ph1.5 pagination.
+
+The learner's make_app(connect) runs behind a threaded wsgiref server on 127.0.0.1:0 and is
+paged with real HTTP requests. Between page fetches the test inserts rows in front of the
+reader (a newer order, and one tied on created_at with the last row seen).
+
+The plan check does not trust the learner: every connection the app gets from `connect()`
+has Postgres' auto_explain loaded and reporting the *executed* plan of every statement, with
+actual row counts, to this test as a notice. A keyset page must read its rows through the
+index, without a Sort, and read no more rows than it returns (+1).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from socketserver import ThreadingMixIn
+from typing import Any
+from urllib.parse import urlencode
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import psycopg
+import pytest
+
+SCHEMA = """
+CREATE TABLE orders (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at  timestamptz NOT NULL,
+    customer    text NOT NULL,
+    total_cents integer NOT NULL
+);
+CREATE INDEX orders_newest_first ON orders (created_at DESC, id DESC);
+"""
+BASE = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
+SMALL = 23  # rows in the walking tests, in tie groups of 3 (page boundaries fall inside)
+PAGE = 5
+BIG = 20_000  # rows in the plan test
+DEEP = 15_000  # the keyset page starts after this many rows
+
+
+# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
+        pass
+
+
+@contextmanager
+def serving(app: Callable[..., Any]) -> Iterator[str]:
+    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
+    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
+                         handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def get(host: str, params: dict[str, Any]) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection(host, timeout=15)
+    try:
+        conn.request("GET", "/orders?" + urlencode(params))
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, body
+
+
+def page(host: str, params: dict[str, Any]) -> dict[str, Any]:
+    status, doc = get(host, params)
+    assert status == 200 and isinstance(doc, dict) and isinstance(doc.get("data"), list), (
+        f"GET /orders?{urlencode(params)}: expected 200 with {{\"data\": [...]}}, saw "
+        f"{status} {str(doc)[:200]}")
+    return doc
+
+
+# ---- the connection factory handed to the learner: plans reported by the server ---------
+
+class Explained:
+    """connect() for the learner: a real connection that has auto_explain report the plan of
+    each statement it executes (with actual rows) back to this test as a NOTICE."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.plans: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def _notice(self, diag: psycopg.errors.Diagnostic) -> None:
+        text = diag.message_primary or ""
+        if "plan:" in text:
+            with self.lock:
+                self.plans.append(json.loads(text.split("plan:", 1)[1]))
+
+    def __call__(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self.dsn, autocommit=True)
+        conn.execute("LOAD 'auto_explain'")
+        conn.execute("SET auto_explain.log_min_duration = 0")
+        conn.execute("SET auto_explain.log_analyze = on")
+        conn.execute("SET auto_explain.log_format = json")
+        conn.execute("SET auto_explain.log_level = notice")
+        conn.add_notice_handler(self._notice)
+        return conn
+
+    def take(self) -> list[dict[str, Any]]:
+        with self.lock:
+            plans, self.plans = self.plans, []
+        return plans
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
+
+
+# ---- fixtures and data ------------------------------------------------------------------
+
+@pytest.fixture
+def db(postgres: Any) -> Any:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return postgres
+
+
+@pytest.fixture
+def connect(db: Any) -> Explained:
+    return Explained(db.dsn)
+
+
+@pytest.fixture
+def host(learner: Any, connect: Explained) -> Iterator[str]:
+    make_app = learner.function("orders_pages", "make_app")
+    with serving(make_app(connect)) as address:
+        yield address
+
+
+def seed_small(db: Any) -> list[int]:
+    """SMALL orders in tie groups of three; return their ids newest first (the true order)."""
+    with db.connect(autocommit=True) as conn:
+        for i in range(SMALL):
+            conn.execute("INSERT INTO orders (created_at, customer, total_cents) "
+                         "VALUES (%s, %s, %s)", (BASE + timedelta(minutes=i // 3), f"c{i}", i))
+        return [r[0] for r in conn.execute(
+            "SELECT id FROM orders ORDER BY created_at DESC, id DESC").fetchall()]
+
+
+def insert_in_front(db: Any, last_seen_id: int) -> None:
+    """What other users do between two page fetches: a brand-new order, and one with the
+    same created_at as the last row the reader saw (a higher id sorts it in front of it)."""
+    with db.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO orders (created_at, customer, total_cents) "
+                     "VALUES (%s, 'newcomer', 1)", (BASE + timedelta(days=1),))
+        conn.execute("INSERT INTO orders (created_at, customer, total_cents) "
+                     "SELECT created_at, 'tied', 2 FROM orders WHERE id = %s", (last_seen_id,))
+
+
+def ids(doc: dict[str, Any]) -> list[int]:
+    return [row.get("id") for row in doc["data"]]
+
+
+def walk(host: str, db: Any, style: str) -> list[int]:
+    """Page through all orders with `style`, inserting in front between fetches."""
+    seen: list[int] = []
+    params: dict[str, Any] = {"style": style, "limit": PAGE}
+    for _ in range(2 * SMALL):  # a bound, in case the next-page link never ends
+        doc = page(host, params)
+        seen += ids(doc)
+        if style == "cursor":
+            if not doc.get("next_cursor"):
+                return seen
+            params = {"style": style, "limit": PAGE, "cursor": doc["next_cursor"]}
+        else:
+            following = doc.get("next")
+            if not following:
+                return seen
+            assert isinstance(following, dict) and {"before_created_at", "before_id"} <= set(
+                following), (
+                f"keyset page: expected next = {{\"before_created_at\": ..., \"before_id\": ...}}"
+                f", saw {following!r}")
+            params = {"style": style, "limit": PAGE, **following}
+        if doc["data"]:
+            insert_in_front(db, doc["data"][-1]["id"])
+    pytest.fail(f"{style} pages never ended after {2 * SMALL} pages: the next-page link "
+                "does not move forward", pytrace=False)
+
+
+# ---- the verification -------------------------------------------------------------------
+
+def test_offset_pages_shift_under_inserts(host: str, db: Any) -> None:
+    truth = seed_small(db)
+    first = page(host, {"style": "offset", "limit": PAGE, "offset": 0})
+    assert ids(first) == truth[:PAGE], (
+        f"offset page 1: expected ids {truth[:PAGE]} (created_at DESC, id DESC), saw "
+        f"{ids(first)}")
+    assert first.get("total_count") == SMALL, (
+        f"offset page 1: expected total_count {SMALL}, saw {first.get('total_count')!r}")
+    insert_in_front(db, ids(first)[-1])
+    second = page(host, {"style": "offset", "limit": PAGE, "offset": PAGE})
+    repeated = [i for i in ids(second) if i in ids(first)]
+    assert repeated == truth[PAGE - 2:PAGE], (
+        f"offset page 2 after two inserts in front: expected it to repeat ids "
+        f"{truth[PAGE - 2:PAGE]} (OFFSET {PAGE} now lands two rows earlier), saw page "
+        f"{ids(second)}: is the offset style really LIMIT/OFFSET?")
+
+
+@pytest.mark.parametrize("style", ["cursor", "keyset"])
+def test_pages_are_stable_under_inserts(host: str, db: Any, style: str) -> None:
+    truth = seed_small(db)
+    seen = walk(host, db, style)
+    repeated = sorted({i for i in seen if seen.count(i) > 1})
+    assert not repeated, (
+        f"{style} pages repeated orders {repeated} while rows were inserted in front: a page "
+        "must start after the last row seen, not after a count of rows")
+    skipped = [i for i in truth if i not in seen]
+    assert not skipped, (
+        f"{style} pages skipped orders {skipped}: rows tied on created_at with the last row "
+        "seen are lost unless the position includes the id (created_at, id)")
+    assert seen == truth, (
+        f"{style} pages: expected exactly the {SMALL} orders that existed when paging began, "
+        f"newest first {truth}, saw {seen}")
+
+
+def test_bad_cursor_is_400(host: str, db: Any) -> None:
+    seed_small(db)
+    status, doc = get(host, {"style": "cursor", "limit": PAGE, "cursor": "not-a-cursor!"})
+    assert status == 400, (
+        f"GET /orders?style=cursor&cursor=not-a-cursor!: expected 400, saw {status} "
+        f"{str(doc)[:150]}: a cursor the API did not issue is the client's error")
+
+
+def test_cursor_is_opaque(host: str, db: Any) -> None:
+    seed_small(db)
+    cursor = page(host, {"style": "cursor", "limit": PAGE}).get("next_cursor")
+    assert isinstance(cursor, str) and cursor, (
+        f"cursor page 1: expected a next_cursor string, saw {cursor!r}")
+    assert not cursor.isdigit(), (
+        f"cursor page 1: next_cursor is {cursor!r}, a bare number: that is an offset in "
+        "disguise, and clients will start doing arithmetic on it")
+
+
+def test_keyset_plan_uses_the_index(host: str, db: Any, connect: Explained) -> None:
+    with db.connect(autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO orders (created_at, customer, total_cents) "
+            "SELECT %s::timestamptz + (g / 3) * interval '1 minute', 'c' || g, g "
+            "FROM generate_series(1, %s) g", (BASE, BIG))
+        conn.execute("ANALYZE orders")
+        after_created, after_id = conn.execute(
+            "SELECT created_at, id FROM orders ORDER BY created_at DESC, id DESC "
+            "OFFSET %s LIMIT 1", (DEEP - 1,)).fetchone()
+        expected = [r[0] for r in conn.execute(
+            "SELECT id FROM orders ORDER BY created_at DESC, id DESC OFFSET %s LIMIT 10",
+            (DEEP,)).fetchall()]
+    connect.take()
+    doc = page(host, {"style": "keyset", "limit": 10,
+                      "before_created_at": after_created.isoformat(), "before_id": after_id})
+    assert ids(doc) == expected, (
+        f"keyset page after row {DEEP}: expected ids {expected}, saw {ids(doc)}")
+    plans = [p for p in connect.take() if "orders" in p.get("Query Text", "")]
+    assert plans, (
+        "no query on orders reached Postgres through the connection given to make_app: use "
+        "connect() for every query (the test reads the server's plans from it)")
+    for plan in plans:
+        query = " ".join(plan.get("Query Text", "").split())
+        for node in nodes(plan["Plan"]):
+            kind = node.get("Node Type", "")
+            assert kind not in ("Sort", "Incremental Sort"), (
+                f"keyset page: Postgres sorted rows ({kind}) for {query!r}: ORDER BY must "
+                "match the index (created_at DESC, id DESC) so the index gives the order")
+            assert not (kind == "Seq Scan" and node.get("Relation Name") == "orders"), (
+                f"keyset page: Postgres read the whole table (Seq Scan on orders) for "
+                f"{query!r}")
+            if kind in ("Index Scan", "Index Only Scan") and node.get("Relation Name") == "orders":
+                read = int(node.get("Actual Rows", 0)) + int(node.get("Rows Removed by Filter", 0))
+                assert read <= 11, (
+                    f"keyset page of 10: Postgres read {read} index entries for {query!r} "
+                    f"(Index Cond {node.get('Index Cond')!r}, Filter {node.get('Filter')!r}): "
+                    "the position must be an index condition - WHERE (created_at, id) < (x, y)"
+                    " - so the scan starts there instead of filtering from the top")
+    scans = [n for p in plans for n in nodes(p["Plan"])
+             if n.get("Node Type") in ("Index Scan", "Index Only Scan")
+             and n.get("Index Name") == "orders_newest_first"]
+    assert scans, (
+        "keyset page: no plan used the index orders_newest_first: "
+        + "; ".join(" ".join(p.get("Query Text", "").split()) for p in plans))
