@@ -177,7 +177,8 @@ def unpack(archive: Path, dest: Path) -> Path:
                     raise GradingError(f"more than {MAX_ARCHIVE_MEMBERS} entries")
                 for info in members:
                     mode = info.external_attr >> 16
-                    if info.is_dir() or (mode and not stat.S_ISREG(mode)):
+                    kind = stat.S_IFMT(mode)
+                    if info.is_dir() or (kind and kind != stat.S_IFREG):
                         continue  # folders come with their files; symlinks are dropped
                     target = _member_path(dest, info.filename)
                     with zf.open(info) as src:
@@ -826,11 +827,12 @@ def grade_cohort(
 
 
 def _dedupe(paths: Iterable[Path]) -> list[Path]:
+    """Distinct paths, none inside another (covering the outer one covers it)."""
+    resolved = sorted({p.resolve() for p in paths}, key=lambda p: len(p.parts))
     out: list[Path] = []
-    for path in paths:
-        resolved = path.resolve()
-        if resolved not in out:
-            out.append(resolved)
+    for path in resolved:
+        if not any(_inside(path, kept) for kept in out):
+            out.append(path)
     return out
 
 

@@ -1,0 +1,312 @@
+"""Instructor grading against real malicious submissions (tests/fixtures/submissions), run
+as an instructor runs it: the CLI in a real process, a sandbox per submission."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from labrunner.grading import (
+    GradingError,
+    comparable,
+    parse_shard,
+    read_learner_file,
+    shard_of,
+    unpack,
+)
+
+from .conftest import cli_env
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PROJECT = FIXTURES / "grading" / "project"
+HIDDEN = FIXTURES / "grading" / "hidden"
+SUBMISSIONS = FIXTURES / "submissions"
+LABRUNNER = [sys.executable, "-m", "labrunner.cli"]
+SELECT = ["--select", "ph2.1", "--select", "ph2.2"]
+NORM = "ph2/01-normalization/norm.py"
+IDX = "ph2/02-indexes/idx.py"
+GOOD_NORM = "def add(a, b):\n    return a + b\n"
+GOOD_IDX = "def first_index(xs, x):\n    return xs.index(x) if x in xs else -1\n"
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox uids need root")
+
+
+def grade(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LABRUNNER, "grade", *args], capture_output=True, text=True,
+                          env=cli_env(LABRUNNER_HOME=str(PROJECT)), timeout=timeout)
+
+
+def book(out: Path) -> dict:  # type: ignore[type-arg]
+    return comparable(json.loads((out / "grades.json").read_text()))
+
+
+def totals(out: Path) -> dict[str, int]:
+    doc = json.loads((out / "grades.json").read_text())
+    return {s["student"]: s["total"] for s in doc["students"]}
+
+
+def statuses(out: Path, student: str) -> dict[str, str]:
+    doc = json.loads((out / "results" / f"{student}.json").read_text())
+    return {c["id"]: c["status"] for c in doc["concepts"]}
+
+
+def workspace(root: Path, files: dict[str, str], marker: str = "") -> Path:
+    root.mkdir(parents=True)
+    (root / "labrunner.toml").write_text(marker or 'labrunner_version = "0.1.0"\n')
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A world-readable folder in /tmp (unlike pytest's tmp_path, which is 0700), so that
+    only the sandbox stands between a submission and what is in it."""
+    folder = Path(tempfile.mkdtemp(prefix="lr-cohort-", dir="/tmp"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sandbox_processes() -> list[str]:
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            uid = entry.stat().st_uid
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if 61000 <= uid < 65000 and state != "Z":
+            alive.append(f"{entry.name} uid {uid}")
+    return alive
+
+
+# --------------------------------------------------------------------------------------
+# Unit: archives, learner files, shards
+
+
+def test_unpack_refuses_traversal_and_drops_symlinks(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../escaped.py", "x = 1\n")
+    with pytest.raises(GradingError, match="escapes"):
+        unpack(evil, tmp_path / "a")
+    assert not (tmp_path / "escaped.py").exists()
+
+    tgz = tmp_path / "sub.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        data = GOOD_NORM.encode()
+        info = tarfile.TarInfo(f"wrapped/{NORM}")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo(f"wrapped/{IDX}")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tf.addfile(link)
+    root = unpack(tgz, tmp_path / "b")
+    assert (root / NORM).read_text() == GOOD_NORM      # the single top folder is the root
+    assert not (root / IDX).exists() and not (root / IDX).is_symlink()
+
+
+def test_learner_files_through_symlinks_are_ignored(tmp_path: Path) -> None:
+    from labrunner.catalog import load_lab
+
+    lab = load_lab(PROJECT / "labs" / "ph2" / "01-normalization")
+    outside = tmp_path / "outside.py"
+    outside.write_text(GOOD_NORM)
+    ws = workspace(tmp_path / "ws", {})
+    (ws / "ph2" / "01-normalization").mkdir(parents=True)
+    (ws / NORM).symlink_to(outside)
+    assert read_learner_file(ws, lab, "norm.py") is None
+    shutil.rmtree(ws / "ph2")
+    (ws / "ph2").symlink_to(tmp_path, target_is_directory=True)  # a folder link on the way
+    assert read_learner_file(ws, lab, "norm.py") is None
+
+
+def test_shards_partition_the_cohort_stably() -> None:
+    students = [f"s{n}" for n in range(200)]
+    slices = [{s for s in students if shard_of(s, 3) == i} for i in (1, 2, 3)]
+    assert set().union(*slices) == set(students) and sum(map(len, slices)) == 200
+    assert all(slices)
+    assert shard_of("alice", 4) == shard_of("alice", 4)
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("0/4", "5/4", "x"):
+        with pytest.raises(GradingError):
+            parse_shard(bad)
+
+
+# --------------------------------------------------------------------------------------
+# The malicious cohort
+
+
+@needs_root
+def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
+    cohort = open_dir / "cohort"
+    shutil.copytree(SUBMISSIONS, cohort, symlinks=True)
+    token = secrets.token_hex(8)
+    # A neighbour whose file carries a secret; slow, so the thief runs while it does.
+    workspace(cohort / "victim", {
+        NORM: f"# NEIGHBOUR-SECRET-{token}\nimport time\n\n\ndef add(a, b):\n"
+              "    time.sleep(1)\n    return a + b\n", IDX: GOOD_IDX})
+    # A learner file that is a symlink to a correct answer outside the submission.
+    outside = open_dir / "answer-outside.py"
+    outside.write_text(GOOD_NORM)
+    ws = workspace(cohort / "evil-symlink", {IDX: GOOD_IDX})
+    (ws / NORM).parent.mkdir(parents=True, exist_ok=True)
+    (ws / NORM).symlink_to(outside)
+    # Archives: a zip named after its student, a tar.gz whose labrunner.toml names one.
+    good = workspace(open_dir / "zipped", {NORM: GOOD_NORM, IDX: GOOD_IDX})
+    with zipfile.ZipFile(cohort / "zoe.zip", "w") as zf:
+        for file in good.rglob("*"):
+            zf.write(file, file.relative_to(good))
+    named = workspace(open_dir / "named", {NORM: GOOD_NORM},
+                      marker='student = "dave"\n')
+    with tarfile.open(cohort / "upload-1234.tar.gz", "w:gz") as tf:
+        tf.add(named, arcname="dave-workspace")
+    out = open_dir / "out"
+    # The fake-results submission looks for results/ folders: give it one to find.
+    before = {p: p.stat().st_mtime for p in cohort.rglob("*") if p.is_file()}
+
+    done = grade(str(cohort), *SELECT, "--out", str(out), "--jobs", "2", "--timeout", "12",
+                 "--hidden-tests", str(HIDDEN))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Gradebook" in done.stdout
+
+    got = totals(out)
+    assert got == {
+        "alice": 10, "bob": 0, "carol": 6, "dave": 6, "zoe": 10, "victim": 10,
+        "evil-big-alloc": 4, "evil-fake-results": 4, "evil-fake-summary": 4,
+        "evil-fork-storm": 4, "evil-infinite-loop": 4, "evil-kill-parent": 4,
+        "evil-neighbour": 0, "evil-os-exit": 4, "evil-planted-config": 0,
+        "evil-sys-exit": 0, "evil-symlink": 4,
+    }, got
+    assert statuses(out, "evil-infinite-loop")["ph2.1"] == "timeout"
+    assert statuses(out, "evil-fork-storm")["ph2.1"] == "timeout"
+    assert statuses(out, "evil-sys-exit") == {"ph2.1": "fail", "ph2.2": "fail"}
+    assert statuses(out, "bob") == {"ph2.1": "fail", "ph2.2": "fail"}
+
+    # Nothing outside the sandboxes changed: the cohort is as it was, no file of a sandbox
+    # uid anywhere in it or in the output, no sandbox process left running.
+    after = {p: p.stat().st_mtime for p in cohort.rglob("*") if p.is_file()}
+    assert after == before
+    owned = [p for p in open_dir.rglob("*") if p.lstat().st_uid >= 61000]
+    assert owned == []
+    assert sorted(p.name for p in (out / "results").iterdir()) == sorted(
+        f"{s}.json" for s in got)
+    assert _sandbox_processes() == []
+
+    # Feedback says what failed, hidden tests by their message only, never their code.
+    bob = (out / "feedback" / "bob.md").read_text()
+    assert "add(2, 3) should be 5, got -1" in bob
+    assert "a hidden test (fail): add must handle large numbers" in bob
+    assert "a hidden check failed" in bob
+    for leak in ("SECRET-MARKER", "== 15", "7, 8", "test_secret_case", "test_hidden_add"):
+        assert not any(leak in f.read_text() for f in (out / "feedback").iterdir()), leak
+    csv_lines = (out / "grades.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("student,ph2.1,ph2.2,total,max_total")
+    assert "alice,6,4,10,10,pass,pass" in csv_lines
+
+
+# --------------------------------------------------------------------------------------
+# Resume, shards and merge
+
+
+@needs_root
+def test_resume_after_ctrl_c_and_sharded_merge_equal_one_run(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for name in ("alice", "bob", "carol", "evil-os-exit", "evil-fake-summary"):
+        shutil.copytree(SUBMISSIONS / name, cohort / name)
+    workspace(cohort / "slowpoke", {
+        NORM: "import time\n\n\ndef add(a, b):\n    time.sleep(1.5)\n    return a + b\n",
+        IDX: GOOD_IDX})
+
+    whole = tmp_path / "whole"
+    done = grade(str(cohort), *SELECT, "--out", str(whole))
+    assert done.returncode == 0, done.stderr
+    assert "6 graded, 0 unchanged" in done.stdout
+
+    # Ctrl-C mid-cohort: what finished is kept, the re-run grades only the rest.
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen([*LABRUNNER, "grade", str(cohort), *SELECT, "--out", str(resumed)],
+                            env=cli_env(LABRUNNER_HOME=str(PROJECT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((resumed / "results").glob("*.json")):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    kept = len(list((resumed / "results").glob("*.json")))
+    assert 1 <= kept < 6, output
+    assert not list((resumed / "results").glob(".*tmp"))
+    again = grade(str(cohort), *SELECT, "--out", str(resumed))
+    assert again.returncode == 0, again.stderr
+    assert f"{6 - kept} graded, {kept} unchanged" in again.stdout
+    assert book(resumed) == book(whole)
+
+    # A changed submission is graded again; --force grades them all.
+    (cohort / "bob" / NORM).write_text(GOOD_NORM)
+    changed = grade(str(cohort), *SELECT, "--out", str(resumed))
+    assert "1 graded, 5 unchanged" in changed.stdout
+    assert totals(resumed)["bob"] == 6
+    (cohort / "bob" / NORM).write_text((SUBMISSIONS / "bob" / NORM).read_text())
+
+    # Two shards, merged, equal one unsharded run.
+    shards = [tmp_path / "shard1", tmp_path / "shard2"]
+    for n, folder in enumerate(shards, 1):
+        part = grade(str(cohort), *SELECT, "--out", str(folder), "--shard", f"{n}/2")
+        assert part.returncode == 0, part.stderr
+    sizes = [len(list((f / "results").glob("*.json"))) for f in shards]
+    assert sum(sizes) == 6 and all(sizes), sizes
+    merged = tmp_path / "merged"
+    done = subprocess.run([*LABRUNNER, "grade", "merge", *map(str, shards), "--out",
+                           str(merged)], capture_output=True, text=True,
+                          env=cli_env(LABRUNNER_HOME=str(PROJECT)), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert book(merged) == book(whole)
+    assert (merged / "grades.csv").read_text() == (whole / "grades.csv").read_text()
+    assert sorted(p.name for p in (merged / "feedback").iterdir()) == sorted(
+        p.name for p in (whole / "feedback").iterdir())
+
+
+@needs_root
+def test_service_lab_gets_its_own_database(tmp_path: Path) -> None:
+    lab = PROJECT / "labs" / "ph2" / "05-isolation-levels"
+    workspace(tmp_path / "cohort" / "good",
+              {"ph2/05-isolation-levels/answer.py": (lab / "solution" / "answer.py").read_text()})
+    workspace(tmp_path / "cohort" / "bad",
+              {"ph2/05-isolation-levels/answer.py": "def answer(dsn):\n    return 41\n"})
+    out = tmp_path / "out"
+    done = grade(str(tmp_path / "cohort"), "--select", "ph2.5", "--out", str(out),
+                 "--backend", "local", "--feedback", "html")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert totals(out) == {"good": 7, "bad": 0}
+    assert "expected 42 from Postgres, saw 41" in (out / "feedback" / "bad.html").read_text()
+
+
+def test_grade_usage_errors(tmp_path: Path) -> None:
+    done = grade(str(tmp_path), "--select", "ph2.1", "--shard", "3/2", "--out",
+                 str(tmp_path / "o"))
+    assert done.returncode == 2 and "--shard" in done.stderr
+    merged = subprocess.run([*LABRUNNER, "grade", "merge", str(tmp_path), "--out",
+                             str(tmp_path / "m")], capture_output=True, text=True,
+                            env=cli_env(LABRUNNER_HOME=str(PROJECT)), timeout=60)
+    assert merged.returncode == 2 and "results/" in merged.stderr
