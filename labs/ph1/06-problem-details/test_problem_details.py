@@ -1,0 +1,248 @@
+"""Verification for ph1.6 problem-details.
+
+The learner's make_app(dsn) runs behind a threaded wsgiref server on 127.0.0.1:0; every
+error path is provoked with a real HTTP request and its answer checked against RFC 7807:
+media type application/problem+json, members type, title, status, detail, instance, and
+the rules that tie them together. The 500 is real too: the test renames the table under the
+running app, and the answer must not leak what the database said.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+
+SCHEMA = """
+CREATE TABLE accounts (
+    id            bigint PRIMARY KEY,
+    owner         text NOT NULL,
+    balance_cents bigint NOT NULL CHECK (balance_cents >= 0)
+);
+INSERT INTO accounts VALUES (1, 'Ada Lovelace', 5000);
+"""
+VALIDATION = ("https://example.com/problems/validation-error", "Your request is not valid.")
+OUT_OF_CREDIT = ("https://example.com/problems/out-of-credit", "You do not have enough credit.")
+JSON = "application/json"
+
+
+# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
+        pass
+
+
+@contextmanager
+def serving(app: Callable[..., Any]) -> Iterator[str]:
+    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
+    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
+                         handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+def call(host: str, method: str, path: str, body: bytes | None = None,
+         content_type: str | None = None) -> Reply:
+    conn = http.client.HTTPConnection(host, timeout=15)
+    try:
+        headers = {"Content-Type": content_type} if content_type else {}
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+# ---- what a problem document must be ----------------------------------------------------
+
+def check_problem(reply: Reply, what: str, path: str, status: int,
+                  kind: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Assert an RFC 7807 answer; return the parsed document for further checks."""
+    assert reply.status == status, (
+        f"{what}: expected status {status}, saw {reply.status} {reply.body[:150]!r}")
+    media_type = (reply.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    assert media_type == "application/problem+json", (
+        f"{what}: expected Content-Type application/problem+json, saw "
+        f"{reply.headers.get('Content-Type')!r}: clients recognise a problem by its media type")
+    try:
+        doc = json.loads(reply.body)
+    except ValueError:
+        pytest.fail(f"{what}: the problem body is not JSON: {reply.body[:150]!r}", pytrace=False)
+    assert isinstance(doc, dict), f"{what}: a problem is a JSON object, saw {doc!r}"
+    missing = [m for m in ("type", "title", "status", "detail", "instance") if m not in doc]
+    assert not missing, f"{what}: the problem lacks {missing}; saw {doc}"
+    assert doc["status"] == status and isinstance(doc["status"], int), (
+        f"{what}: member status must be the number {status} (the HTTP status), saw "
+        f"{doc['status']!r}")
+    for member in ("type", "title", "detail", "instance"):
+        assert isinstance(doc[member], str) and doc[member].strip(), (
+            f"{what}: member {member} must be a non-empty string, saw {doc[member]!r}")
+    want_type, want_title = kind or ("about:blank", HTTPStatus(status).phrase)
+    assert doc["type"] == want_type, (
+        f"{what}: expected type {want_type!r}, saw {doc['type']!r}")
+    assert doc["title"] == want_title, (
+        f"{what}: expected title {want_title!r}, saw {doc['title']!r}: "
+        + ("with type about:blank the title is the HTTP status phrase" if kind is None else
+           "the title belongs to the type and is the same for every occurrence; the "
+           "specifics go in detail"))
+    instance = doc["instance"]
+    assert instance == path or re.fullmatch(r"urn:uuid:[0-9a-f-]{36}", instance), (
+        f"{what}: expected instance to identify this occurrence - the request path {path!r} "
+        f"or a urn:uuid: - saw {instance!r}")
+    return doc
+
+
+# ---- the table of error paths -----------------------------------------------------------
+
+@dataclass
+class Case:
+    name: str
+    method: str
+    path: str
+    status: int
+    kind: tuple[str, str] | None = None
+    body: bytes | None = None
+    content_type: str | None = JSON
+    check: Callable[[dict[str, Any], Reply], str | None] | None = field(default=None)
+
+
+def field_errors(doc: dict[str, Any], reply: Reply) -> str | None:
+    errors = doc.get("errors")
+    if not (isinstance(errors, list) and errors and all(
+            isinstance(e, dict) and "amount_cents" in str(e.get("pointer", "")) and
+            isinstance(e.get("detail"), str) for e in errors)):
+        return (f"expected an extension member errors: [{{\"pointer\": \"#/amount_cents\", "
+                f"\"detail\": ...}}] naming the invalid field, saw {errors!r}")
+    return None
+
+
+def balance_extension(doc: dict[str, Any], reply: Reply) -> str | None:
+    if doc.get("balance_cents") != 5000:
+        return (f"expected the extension member balance_cents: 5000 (problem types may add "
+                f"members a client can act on), saw {doc.get('balance_cents')!r}")
+    return None
+
+
+def allow_header(doc: dict[str, Any], reply: Reply) -> str | None:
+    if "GET" not in (reply.headers.get("Allow") or ""):
+        return f"a 405 keeps its Allow header (GET), saw {reply.headers.get('Allow')!r}"
+    return None
+
+
+def js(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+W = "/accounts/1/withdrawals"
+CASES = [
+    Case("missing-account", "GET", "/accounts/999", 404),
+    Case("unknown-path", "GET", "/nothing/here", 404),
+    Case("wrong-method", "DELETE", "/accounts/1", 405, check=allow_header),
+    Case("not-json-media-type", "POST", W, 415, body=b"amount=5", content_type="text/plain"),
+    Case("broken-json", "POST", W, 400, body=b'{"amount_cents": '),
+    Case("negative-amount", "POST", W, 422, VALIDATION, js({"amount_cents": -5}),
+         check=field_errors),
+    Case("amount-as-string", "POST", W, 422, VALIDATION, js({"amount_cents": "10"}),
+         check=field_errors),
+    Case("no-amount", "POST", W, 422, VALIDATION, js({}), check=field_errors),
+    Case("out-of-credit", "POST", W, 409, OUT_OF_CREDIT, js({"amount_cents": 10_000}),
+         check=balance_extension),
+    Case("withdraw-missing-account", "POST", "/accounts/999/withdrawals", 404,
+         body=js({"amount_cents": 5})),
+]
+
+
+# ---- fixtures ---------------------------------------------------------------------------
+
+@pytest.fixture
+def db(postgres: Any) -> Any:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return postgres
+
+
+@pytest.fixture
+def host(learner: Any, db: Any) -> Iterator[str]:
+    make_app = learner.function("accounts_api", "make_app")
+    with serving(make_app(db.dsn)) as address:
+        yield address
+
+
+# ---- the verification -------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_error_is_a_problem(host: str, case: Case) -> None:
+    reply = call(host, case.method, case.path, case.body,
+                 case.content_type if case.body is not None else None)
+    what = f"{case.method} {case.path} ({case.name})"
+    doc = check_problem(reply, what, case.path, case.status, case.kind)
+    if case.check is not None:
+        problem = case.check(doc, reply)
+        assert problem is None, f"{what}: {problem}"
+
+
+def test_one_type_one_title(host: str) -> None:
+    first = check_problem(call(host, "POST", W, js({"amount_cents": 0}), JSON),
+                          "POST with amount_cents 0", W, 422, VALIDATION)
+    second = check_problem(call(host, "POST", W, js({"amount": 3}), JSON),
+                           "POST with a misspelt member", W, 422, VALIDATION)
+    assert first["title"] == second["title"], (
+        f"two validation problems have titles {first['title']!r} and {second['title']!r}: "
+        "the title summarises the type and does not change between occurrences")
+
+
+def test_successes_stay_plain_json(host: str) -> None:
+    got = call(host, "GET", "/accounts/1")
+    assert got.status == 200 and (got.headers.get("Content-Type") or "").startswith(JSON), (
+        f"GET /accounts/1: expected 200 application/json, saw {got.status} "
+        f"{got.headers.get('Content-Type')!r} {got.body[:120]!r}")
+    paid = call(host, "POST", W, js({"amount_cents": 1200}), JSON)
+    assert paid.status == 201 and json.loads(paid.body).get("balance_cents") == 3800, (
+        f"POST {W} amount_cents 1200 from 5000: expected 201 with balance_cents 3800, saw "
+        f"{paid.status} {paid.body[:150]!r}")
+
+
+LEAKS = ["Traceback", 'File "', ".py", "psycopg", "UndefinedTable", "accounts_hidden",
+         "relation", "SELECT", "Error:", "line "]
+
+
+def test_500_leaks_nothing(host: str, db: Any) -> None:
+    with db.connect(autocommit=True) as conn:  # break the schema under the running app
+        conn.execute("ALTER TABLE accounts RENAME TO accounts_hidden")
+    reply = call(host, "GET", "/accounts/1")
+    doc = check_problem(reply, "GET /accounts/1 with its table gone", "/accounts/1", 500)
+    exposed = reply.body.decode(errors="replace") + "".join(
+        f"{k}: {v}\n" for k, v in reply.headers.items())
+    leaked = [word for word in LEAKS if word in exposed]
+    assert not leaked, (
+        f"the 500 problem leaks internals ({', '.join(leaked)}): {doc.get('detail')!r}: log "
+        "the exception on the server; tell the client only that something failed")
