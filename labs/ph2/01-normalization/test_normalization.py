@@ -138,7 +138,7 @@ def apply_schema(conn: Conn, learner: Any) -> None:
                     "INSERT ... SELECT migration and the orders_rebuilt view", pytrace=False)
     try:
         with conn.transaction():
-            conn.execute(script)  # type: ignore[arg-type]  # a whole script of statements
+            conn.execute(script)
     except psycopg.Error as exc:
         pytest.fail(f"schema.sql failed on the original data: {describe(exc)}", pytrace=False)
 
@@ -194,15 +194,15 @@ def read_catalog(conn: Conn) -> dict[str, Table]:
            WHERE rel.relnamespace = 'public'::regnamespace"""
     ).fetchall()
     for kind, name, cols, ref_table, ref_cols in constraints:
-        table = tables.get(name)
-        if table is None:
+        owner = tables.get(name)
+        if owner is None:
             continue
         if kind == "p":
-            table.primary_key = tuple(cols)
+            owner.primary_key = tuple(cols)
         elif kind == "u":
-            table.unique_keys.append(tuple(cols))
+            owner.unique_keys.append(tuple(cols))
         elif kind == "f":
-            table.foreign_keys.append((tuple(cols), ref_table, tuple(ref_cols)))
+            owner.foreign_keys.append((tuple(cols), ref_table, tuple(ref_cols)))
     # A unique index enforces uniqueness just as well as a UNIQUE constraint.
     for name, cols in conn.execute(
         """SELECT rel.relname::text,

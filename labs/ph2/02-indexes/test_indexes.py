@@ -157,7 +157,7 @@ def prepare(db: Conn, clean: Conn, learner: Any) -> Workload:
     script = learner.path("indexes.sql").read_text(encoding="utf-8")
     try:
         with db.transaction():
-            db.execute(script)  # type: ignore[arg-type]  # a whole script of statements
+            db.execute(script)
     except psycopg.Error as exc:
         pytest.fail(f"indexes.sql failed: {type(exc).__name__}: {exc.diag.message_primary}",
                     pytrace=False)

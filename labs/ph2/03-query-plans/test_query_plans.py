@@ -1,0 +1,286 @@
+"""ph2.3 query plans: explain_summary() against Postgres' own plans, and a slow query fixed.
+
+The data (10,000 customers, 100,000 orders) is generated server-side and analyzed with a
+statistics target that samples every row, so estimates and plans are the same on every
+run. For each query the check runs EXPLAIN (ANALYZE, FORMAT JSON) itself and walks the
+tree - that is the truth - then compares the learner's summary node by node: type,
+relation, index, depth, estimated rows, actual rows, loops; the join algorithms; the worst
+estimate. Planner switches (enable_hashjoin, ...) pin each join algorithm so every one of
+them is exercised.
+
+EXPLAIN ANALYZE executes what it explains: summarising a DELETE must leave the rows.
+
+The fixed slow query is explained on a fresh connection with stock planner settings: it
+must have no sequential scan, use an index, and return the same rows as the slow one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+
+Conn = psycopg.Connection[Any]
+Plan = dict[str, Any]
+
+CITIES = [("Paris", "FR"), ("Lyon", "FR"), ("Marseille", "FR"), ("Toulouse", "FR"),
+          ("Berlin", "DE"), ("Munich", "DE"), ("Hamburg", "DE"), ("Madrid", "ES"),
+          ("Sevilla", "ES"), ("Rome", "IT"), ("Milan", "IT"), ("Turin", "IT"),
+          ("Lisbon", "PT"), ("Porto", "PT"), ("Vienna", "AT"), ("Graz", "AT"),
+          ("Warsaw", "PL"), ("Krakow", "PL"), ("Prague", "CZ"), ("Brno", "CZ")]
+
+SCHEMA = f"""
+CREATE TABLE customers (
+    id      integer PRIMARY KEY,
+    email   text    NOT NULL,
+    city    text    NOT NULL,
+    country text    NOT NULL
+);
+INSERT INTO customers
+SELECT g, 'User' || g || '@Example.com',
+       (ARRAY[{", ".join(f"'{c}'" for c, _ in CITIES)}])[g % {len(CITIES)} + 1],
+       (ARRAY[{", ".join(f"'{k}'" for _, k in CITIES)}])[g % {len(CITIES)} + 1]
+FROM generate_series(1, 10000) AS g;
+
+CREATE TABLE orders (
+    id          bigint      PRIMARY KEY,
+    customer_id integer     NOT NULL,
+    created_at  timestamptz NOT NULL,
+    total_cents integer     NOT NULL
+);
+INSERT INTO orders
+SELECT g, (g * 7919) % 10000 + 1,
+       timestamptz '2024-01-01 00:00+00' + g * interval '7 minutes',
+       (g * 37) % 50000 + 100
+FROM generate_series(1, 100000) AS g;
+-- Added after the load: one validating join instead of a trigger call per row.
+ALTER TABLE orders ADD FOREIGN KEY (customer_id) REFERENCES customers (id);
+"""
+
+# The same text as SLOW_QUERY in the starter: every order of customer 4242.
+SLOW_QUERY = """
+SELECT o.id, o.created_at, o.total_cents
+FROM orders o
+JOIN customers c ON c.id = o.customer_id
+WHERE lower(c.email) = 'user4242@example.com'
+ORDER BY o.created_at, o.id
+"""
+
+JOIN_NODES = ("Nested Loop", "Hash Join", "Merge Join")
+INDEX_NODES = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
+NODE_FIELDS = ("node_type", "relation", "index", "depth", "estimated_rows", "actual_rows",
+               "loops")
+SUMMARY_KEYS = ("nodes", "join_algorithms", "worst_estimate", "planning_ms", "execution_ms")
+
+
+@pytest.fixture
+def conn(postgres: Any) -> Iterator[Conn]:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        # 400 x 300 = 120,000 sampled rows: every row, so the statistics never vary.
+        conn.execute("SET default_statistics_target = 400")
+        conn.execute("ANALYZE")
+        conn.execute("RESET default_statistics_target")
+        conn.execute("SET max_parallel_workers_per_gather = 0")  # no Gather: stable plans
+        yield conn
+
+
+# --------------------------------------------------------------------------------------
+# The truth: Postgres' own plan, walked here
+
+
+def explain(conn: Conn, sql: str) -> Plan:
+    """EXPLAIN (ANALYZE, FORMAT JSON), always rolled back."""
+    with conn.transaction(force_rollback=True):
+        row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}").fetchone()
+    assert row is not None
+    document: Plan = row[0][0]
+    return document
+
+
+def walk(plan: Plan, depth: int = 0) -> Iterator[tuple[Plan, int]]:
+    yield plan, depth
+    for child in plan.get("Plans", []):
+        yield from walk(child, depth + 1)
+
+
+def true_nodes(document: Plan) -> list[dict[str, Any]]:
+    return [{"node_type": p["Node Type"], "relation": p.get("Relation Name"),
+             "index": p.get("Index Name"), "depth": d, "estimated_rows": p["Plan Rows"],
+             "actual_rows": p["Actual Rows"], "loops": p["Actual Loops"]}
+            for p, d in walk(document["Plan"])]
+
+
+def factor(estimated: int, actual: int) -> float:
+    e, a = max(estimated, 1), max(actual, 1)
+    return max(a / e, e / a)
+
+
+def label(node: dict[str, Any]) -> str:
+    text = str(node.get("node_type"))
+    if node.get("index"):
+        text += f" using {node['index']}"
+    elif node.get("relation"):
+        text += f" on {node['relation']}"
+    return text
+
+
+def shape(nodes: list[dict[str, Any]]) -> str:
+    return " > ".join(label(n) for n in nodes)
+
+
+# --------------------------------------------------------------------------------------
+# Comparing the learner's summary with the truth
+
+
+def check_summary(mine: Any, truth: Plan, sql: str) -> None:
+    where = f"for {' '.join(sql.split())!r}"
+    assert isinstance(mine, dict), (
+        f"explain_summary returned {type(mine).__name__}, expected a dict with keys "
+        f"{', '.join(SUMMARY_KEYS)}")
+    missing = [k for k in SUMMARY_KEYS if k not in mine]
+    assert not missing, f"the summary has no {', '.join(missing)} (expected keys: " \
+                        f"{', '.join(SUMMARY_KEYS)})"
+    want = true_nodes(truth)
+    got = list(mine["nodes"])
+    got_types = [n.get("node_type") for n in got]
+    want_types = [n["node_type"] for n in want]
+    assert got_types == want_types, (
+        f"{where}: you reported {len(got)} node(s) [{', '.join(map(str, got_types))}], "
+        f"Postgres' plan has {len(want)}: {shape(want)} - visit every node's 'Plans', "
+        f"depth first, root first")
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        for key in NODE_FIELDS:
+            if g.get(key) != w[key]:
+                hint = {
+                    "actual_rows": "'Actual Rows' (per loop) comes only with ANALYZE",
+                    "estimated_rows": "'Plan Rows' is the planner's estimate",
+                    "loops": "'Actual Loops': how often the node ran (a Nested Loop's "
+                             "inner side, or a SubPlan, runs once per outer row)",
+                    "depth": "the root is 0, its children 1, ...",
+                    "relation": "'Relation Name' of scan nodes, None elsewhere",
+                    "index": "'Index Name' of index scans, None elsewhere",
+                }.get(key, "")
+                pytest.fail(
+                    f"{where}: node {i} ({label(w)}) has {key}={g.get(key)!r}, Postgres says "
+                    f"{w[key]!r}: {hint}", pytrace=False)
+    joins = [n["node_type"] for n in want if n["node_type"] in JOIN_NODES]
+    assert list(mine["join_algorithms"]) == joins, (
+        f"{where}: join_algorithms={mine['join_algorithms']!r}, expected {joins!r} "
+        f"(the join nodes' types, root first)")
+    worst = max(factor(n["estimated_rows"], n["actual_rows"]) for n in want)
+    reported = mine["worst_estimate"]
+    candidates = [n for n in want
+                  if math.isclose(factor(n["estimated_rows"], n["actual_rows"]), worst)]
+    assert any(reported.get("node_type") == n["node_type"]
+               and reported.get("estimated_rows") == n["estimated_rows"]
+               and reported.get("actual_rows") == n["actual_rows"] for n in candidates), (
+        f"{where}: worst_estimate is {label(reported)} (estimated "
+        f"{reported.get('estimated_rows')}, actual {reported.get('actual_rows')}), but the "
+        f"worst is {label(candidates[0])}: estimated {candidates[0]['estimated_rows']}, "
+        f"actual {candidates[0]['actual_rows']}, off by x{worst:.1f}")
+    assert math.isclose(float(reported.get("factor", 0)), worst, rel_tol=1e-6), (
+        f"{where}: worst_estimate factor={reported.get('factor')!r}, expected {worst:.3f} "
+        f"= max(actual/estimated, estimated/actual), counting 0 rows as 1")
+    for key in ("planning_ms", "execution_ms"):
+        value = mine[key]
+        assert isinstance(value, float) and value > 0, (
+            f"{where}: {key}={value!r}, expected the positive milliseconds Postgres reports "
+            f"('Planning Time', 'Execution Time')")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    sql: str
+    join: str | None  # the join algorithm this case exists to show
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+CASES = [
+    Case("index lookup", "SELECT * FROM customers WHERE id = 42", None),
+    Case("hash join",
+         "SELECT c.country, count(*) FROM orders o JOIN customers c ON c.id = o.customer_id "
+         "GROUP BY c.country", "Hash Join",
+         {"enable_mergejoin": "off", "enable_nestloop": "off"}),
+    Case("nested loop",
+         "SELECT o.id, c.email FROM orders o JOIN customers c ON c.id = o.customer_id "
+         "WHERE o.id <= 100", "Nested Loop",
+         {"enable_hashjoin": "off", "enable_mergejoin": "off"}),
+    Case("merge join",
+         "SELECT c.id, o.total_cents FROM customers c JOIN orders o ON o.id = c.id",
+         "Merge Join", {"enable_hashjoin": "off", "enable_nestloop": "off"}),
+    # city decides country, but the planner multiplies the two selectivities as if they
+    # were independent: a classic underestimate.
+    Case("misestimate",
+         "SELECT count(*) FROM customers WHERE city = 'Lyon' AND country = 'FR'", None),
+    Case("correlated subplan",
+         "SELECT c.id, (SELECT max(o.total_cents) FROM orders o WHERE o.customer_id = c.id) "
+         "FROM customers c WHERE c.id <= 3", None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "-") for c in CASES])
+def test_summary_matches_postgres(case: Case, conn: Conn, learner: Any) -> None:
+    explain_summary = learner.function("plans", "explain_summary")
+    for name, value in case.settings.items():
+        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+    truth = explain(conn, case.sql)
+    if case.join:  # guards the check itself: the case must show what it is named after
+        assert case.join in [n["node_type"] for n in true_nodes(truth)]
+    check_summary(explain_summary(conn, case.sql), truth, case.sql)
+
+
+def test_summarising_a_delete_deletes_nothing(conn: Conn, learner: Any) -> None:
+    explain_summary = learner.function("plans", "explain_summary")
+    sql = "DELETE FROM orders WHERE id <= 10"
+    truth = explain(conn, sql)
+    mine = explain_summary(conn, sql)
+    left = conn.execute("SELECT count(*) FROM orders WHERE id <= 10").fetchone()
+    assert left == (10,), (
+        f"after explain_summary(conn, {sql!r}) only {left[0] if left else 0} of the 10 "
+        f"orders are left: EXPLAIN ANALYZE executes the statement - run it in a transaction "
+        f"and roll it back")
+    check_summary(mine, truth, sql)
+
+
+def test_fixed_query_is_an_index_scan_with_the_same_rows(postgres: Any, conn: Conn,
+                                                         learner: Any) -> None:
+    fix_slow_query = learner.function("plans", "fix_slow_query")
+    expected = conn.execute(SLOW_QUERY).fetchall()
+    slow = true_nodes(explain(conn, SLOW_QUERY))
+    assert any(n["node_type"] == "Seq Scan" for n in slow)  # the starting point is slow
+
+    fixed_sql = fix_slow_query(conn)
+    assert isinstance(fixed_sql, str) and fixed_sql.strip(), (
+        f"fix_slow_query returned {fixed_sql!r}: return the SQL text of the fixed query")
+    # A fresh session with the planner's stock settings: SET enable_seqscan = off in the
+    # learner's session (or ALTER DATABASE ... SET) must not count as a fix.
+    with postgres.connect(autocommit=True) as fresh:
+        for name, boot in fresh.execute(
+                "SELECT name, boot_val FROM pg_settings WHERE (name LIKE 'enable\\_%' "
+                "OR name LIKE '%\\_cost') AND setting IS DISTINCT FROM boot_val").fetchall():
+            fresh.execute("SELECT set_config(%s, %s, false)", (name, boot))
+        fresh.execute("SET max_parallel_workers_per_gather = 0")
+        try:
+            nodes = true_nodes(explain(fresh, fixed_sql))
+            rows = fresh.execute(fixed_sql).fetchall()
+        except psycopg.Error as exc:
+            pytest.fail(f"the fixed query fails: {type(exc).__name__}: "
+                        f"{exc.diag.message_primary}", pytrace=False)
+
+    seq = [n for n in nodes if n["node_type"] == "Seq Scan"]
+    assert not seq, (
+        f"the fixed query still has {' and '.join(label(n) for n in seq)} on a fresh "
+        f"connection (plan: {shape(nodes)}): which column does each scan filter or join "
+        f"on, and does an index cover exactly that (an expression index for lower(email))?")
+    assert any(n["node_type"] in INDEX_NODES for n in nodes), (
+        f"the fixed query uses no index: plan {shape(nodes)}")
+    assert rows == expected, (
+        f"the fixed query returns {len(rows)} rows, the slow one {len(expected)} "
+        f"(first: {rows[:1]} vs {expected[:1]}): a fix must not change the answer or its "
+        f"order")
