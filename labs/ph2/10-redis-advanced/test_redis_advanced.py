@@ -1,0 +1,272 @@
+"""ph2.10 verification: Lua rate limiter, pub/sub fan-out, AOF persistence, on real Redis.
+
+* Atomicity is checked two ways: 100 concurrent calls behind a barrier allow exactly the
+  limit, and MONITOR (on a separate connection, only this test's database) shows that the
+  learner's clients sent EVALSHA while INCR and EXPIRE ran inside the script. The second
+  check is what makes a racy client-side GET/INCR fail every time, not just when the race
+  happens to show.
+* Pub/sub channels are server-wide (not per database): the test uses a channel name of
+  its own.
+* The AOF test restarts the shared Redis server. It takes a lock (a key in database 0) so
+  that two runs of this lab never restart it at the same time, starts from AOF switched
+  off, and puts the persistence settings back as they were when it is done.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis
+
+MONITOR_LINE = re.compile(r"^\S+ \[(\d+) (\S*)\] (.*)$")
+MONITOR_ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
+CONNECTION_SETUP = {"SELECT", "HELLO", "AUTH", "CLIENT", "PING"}
+
+
+@contextmanager
+def redis_commands(redis_db: Any) -> Iterator[list[tuple[str, list[str]]]]:
+    """Record (source, command) executed in this test's database while the block runs;
+    source is "lua" for commands a script ran, else the client's address.
+
+    MONITOR streams every command in execution order; a marker the test sends after the
+    block tells the reader it has seen everything the block sent."""
+    commands: list[tuple[str, list[str]]] = []
+    marker = f"labrunner-end-{uuid.uuid4().hex}"
+    watcher = redis_db.client(socket_timeout=15)
+    conn = watcher.connection_pool.get_connection()
+    conn.send_command("MONITOR")
+    if conn.read_response() not in (b"OK", "OK"):
+        pytest.fail("MONITOR was refused by the Redis server", pytrace=False)
+
+    def read() -> None:
+        while True:
+            raw = conn.read_response()
+            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            match = MONITOR_LINE.match(line)
+            if not match or int(match.group(1)) != redis_db.db:
+                continue
+            args = [a.replace('\\"', '"') for a in MONITOR_ARG.findall(match.group(3))]
+            if args and args[-1] == marker:
+                return
+            if args and args[0].upper() not in CONNECTION_SETUP:
+                commands.append((match.group(2), [args[0].upper(), *args[1:]]))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield commands
+    finally:
+        client = redis_db.client()
+        client.echo(marker)
+        client.close()
+        reader.join(15)
+        conn.disconnect()
+        watcher.close()
+
+
+def limiter_class(learner: Any) -> type:
+    cls = getattr(learner.load("advanced"), "RateLimiter", None)
+    if not isinstance(cls, type):
+        pytest.fail("advanced.py: define a class RateLimiter (see the README)", pytrace=False)
+    return cls
+
+
+def concurrent_calls(limiter: Any, key: str, calls: int) -> list[bool]:
+    """`calls` threads call allow(key) at once (released together by a barrier)."""
+    barrier = threading.Barrier(calls)
+    results: list[Any] = [None] * calls
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = limiter.allow(key)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        pytest.fail(f"allow() raised {type(errors[0]).__name__}: {errors[0]}", pytrace=False)
+    return [bool(r) for r in results]
+
+
+# --------------------------------------------------------------------------------------
+
+
+def test_rate_limiter_allows_exactly_the_limit_atomically(learner: Any, redis_db: Any) -> None:
+    limiter = limiter_class(learner)(redis_db.url, limit=10, window_seconds=60)
+    with redis_commands(redis_db) as sent:
+        allowed = concurrent_calls(limiter, "user-1", 100)
+    assert allowed.count(True) == 10, (
+        f"100 concurrent calls with limit 10 allowed {allowed.count(True)}: the count and the "
+        "decision must be one atomic step on the server (INCR inside a Lua script)")
+
+    from_clients = [cmd for source, cmd in sent if source != "lua"]
+    in_script = [cmd[0] for source, cmd in sent if source == "lua"]
+    outside = sorted({cmd[0] for cmd in from_clients
+                      if cmd[0] in ("INCR", "INCRBY", "EXPIRE", "PEXPIRE", "GET", "SET")})
+    assert not outside, (
+        f"the limiter's clients sent {', '.join(outside)} themselves: between two commands "
+        "another client can run, and a crash can leave a counter with no expiry. Do INCR and "
+        "EXPIRE inside one Lua script")
+    evalsha = sum(1 for cmd in from_clients if cmd[0] == "EVALSHA")
+    evals = sum(1 for cmd in from_clients if cmd[0] == "EVAL")
+    assert evalsha >= 100 and evals == 0, (
+        f"100 calls sent {evalsha} EVALSHA and {evals} EVAL: load the script once (SCRIPT "
+        "LOAD, or redis-py's register_script) and call it by its SHA1 with EVALSHA, instead "
+        "of sending its source every time")
+    assert "INCR" in in_script and ("EXPIRE" in in_script or "PEXPIRE" in in_script), (
+        f"the script ran {sorted(set(in_script))}: expected INCR and EXPIRE inside it")
+
+    assert concurrent_calls(limiter, "user-2", 20).count(True) == 10, (
+        "another key must have its own limit: user-2 was not allowed 10 calls")
+
+
+def test_rate_limit_window_is_fixed_and_restarts(learner: Any, redis_db: Any) -> None:
+    limiter = limiter_class(learner)(redis_db.url, limit=3, window_seconds=30)
+    client = redis_db.client()
+    try:
+        assert limiter.allow("ip-9") is True, "the first call in a window must be allowed"
+        keys = list(client.scan_iter(count=100))  # the test may scan its own database
+        assert len(keys) == 1, f"expected one counter key after one call, found {keys}"
+        key = keys[0]
+        first = client.pttl(key)
+        assert 0 < first <= 30_000, (
+            f"the counter {key!r} has PTTL {first} ms, expected 1..30000: EXPIRE it with the "
+            "window length when it is created")
+        time.sleep(0.2)  # let time pass, to see whether the expiry moves with it
+        limiter.allow("ip-9")
+        second = client.pttl(key)
+        # a fixed window has 200 ms less left now; one pushed back by each call has ~all
+        assert second <= first - 100, (
+            f"a later call moved the expiry from {first} ms to {second} ms: set EXPIRE only "
+            "when INCR returns 1, otherwise a steady stream of calls never ends the window")
+        assert limiter.allow("ip-9") is True and limiter.allow("ip-9") is False, (
+            "limit 3: calls 3 and 4 of the window must be allowed and refused")
+        # The window ends (the counter expires; here at once, instead of in 30 s).
+        client.pexpire(key, 1)
+        while client.exists(key):
+            time.sleep(0.005)
+        assert limiter.allow("ip-9") is True, (
+            "after the window's counter expired, the next call must be allowed again")
+        assert 0 < client.pttl(key) <= 30_000, (
+            "the new window's counter must get an expiry too")
+    finally:
+        client.close()
+
+
+def test_pubsub_fans_out_to_every_subscriber(learner: Any, redis_db: Any) -> None:
+    module = learner.load("advanced")
+    publish = learner.function("advanced", "publish")
+    cls = getattr(module, "Subscriber", None)
+    if not isinstance(cls, type):
+        pytest.fail("advanced.py: define a class Subscriber (see the README)", pytrace=False)
+    channel = f"lab:{uuid.uuid4().hex}"  # channels are server-wide: a name of our own
+    subscribers = [cls(redis_db.url, channel) for _ in range(5)]
+    admin = redis_db.client()
+    try:
+        deadline = time.monotonic() + 5
+        while (count := admin.pubsub_numsub(channel)[0][1]) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert count == 5, (
+            f"the server counts {count} subscribers on the channel after 5 Subscriber() "
+            "constructors returned: subscribe in the constructor (SUBSCRIBE), not later")
+        messages = [f"price-change-{n}" for n in range(20)]
+        receivers = [publish(redis_db.url, channel, m) for m in messages]
+        assert receivers == [5] * 20, (
+            f"publish() returned {receivers[:3]}...: PUBLISH returns how many subscribers "
+            "received the message, 5 here")
+        for n, sub in enumerate(subscribers):
+            got = [sub.receive(2.0) for _ in messages]
+            assert got == messages, (
+                f"subscriber {n} received {got[:3]}... ({sum(g is not None for g in got)} of "
+                "20): in pub/sub every subscriber receives every message, in order (a list "
+                "popped by several consumers gives each message to one of them)")
+            assert sub.receive(0.1) is None, f"subscriber {n} received more than was published"
+        late = cls(redis_db.url, channel)
+        subscribers.append(late)
+        assert late.receive(0.2) is None, (
+            "a subscriber that joined after the messages were published received one: "
+            "pub/sub is fire-and-forget, nothing is stored for later (that is a stream)")
+    finally:
+        for sub in subscribers:
+            sub.close()
+        admin.close()
+
+
+# --------------------------------------------------------------------------------------
+# AOF: the one test that restarts the shared server
+
+RESTART_LOCK = "labrunner:lock:redis-restart"
+PERSISTENCE_SETTINGS = ("appendonly", "appendfsync", "save")
+
+
+def server_admin(redis_db: Any) -> redis.Redis:
+    endpoint = redis_db.endpoint
+    return redis.Redis(host=endpoint.host, port=endpoint.port, db=0,
+                       username=endpoint.username or None, password=endpoint.password or None,
+                       decode_responses=True, socket_timeout=10)
+
+
+@contextmanager
+def exclusive_restarts(redis_db: Any) -> Iterator[redis.Redis]:
+    """Hold the restart lock; start from AOF off; put the persistence settings back."""
+    admin = server_admin(redis_db)
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + 90
+    while not admin.set(RESTART_LOCK, token, nx=True, px=120_000):
+        if time.monotonic() > deadline:
+            pytest.fail("another test kept the Redis restart lock for 90 s", pytrace=False)
+        time.sleep(0.1)
+    saved = {name: admin.config_get(name)[name] for name in PERSISTENCE_SETTINGS}
+    try:
+        admin.config_set("appendonly", "no")  # whatever an earlier run left: start from off
+        yield admin
+    finally:
+        admin.close()
+        admin = server_admin(redis_db)  # the server may have restarted: a new connection
+        for name, value in saved.items():
+            admin.config_set(name, value)
+        admin.config_rewrite()  # the restart wrote the learner's settings into the file
+        if admin.get(RESTART_LOCK) == token:
+            admin.delete(RESTART_LOCK)
+        admin.close()
+
+
+def test_keys_survive_a_restart_with_aof_on(learner: Any, redis_db: Any) -> None:
+    enable_aof = learner.function("advanced", "enable_aof")
+    with exclusive_restarts(redis_db) as admin:
+        enable_aof(redis_db.url)
+        info = admin.info("persistence")
+        assert info.get("aof_enabled") == 1, (
+            f"after enable_aof() the server reports aof_enabled:{info.get('aof_enabled')}: "
+            "turn the append-only file on (CONFIG SET appendonly yes)")
+        client = redis_db.client(decode_responses=True)
+        written = {f"session:{n}": f"user-{n}" for n in range(50)}
+        client.mset(written)
+        client.hset("cart:7", mapping={"sku-1": "2", "sku-9": "1"})
+        client.close()
+
+        redis_db.restart()  # a clean shutdown and start, with the same data directory
+
+        client = redis_db.client(decode_responses=True)
+        try:
+            survived = sum(1 for v in client.mget(list(written)) if v is not None)
+            cart = client.hgetall("cart:7")
+        finally:
+            client.close()
+        assert survived == 50 and cart == {"sku-1": "2", "sku-9": "1"}, (
+            f"after a restart {survived} of 50 keys written after enable_aof() were still "
+            "there: without the AOF (or with only an RDB snapshot taken before the writes) "
+            "everything since the last snapshot is lost")
