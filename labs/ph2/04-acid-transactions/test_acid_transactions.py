@@ -1,0 +1,352 @@
+"""ph2.4 ACID: the learner's transfer() on real Postgres 15.
+
+* Consistency: the schema itself refuses a negative balance, a non-positive amount and a
+  ledger row naming a missing account.
+* Atomicity: an overdraft, an unknown account, and a connection killed between the debit
+  and the credit (through the after_debit hook) all leave balances and ledger untouched.
+* Isolation: two transfers from one account are interleaved step by step - the first
+  holds its debit open while the second is seen waiting on its row lock - and only one may
+  spend the money; then four threads with their own connections run 100 transfers and
+  every balance must equal the sum of the transfers that returned.
+* Durability: a committed transfer survives an immediate (crash) restart of the server,
+  and a transfer caught mid-way by that crash leaves no trace.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import psycopg
+import pytest
+
+Conn = psycopg.Connection[Any]
+State = tuple[dict[int, int], list[tuple[int, int, int]]]
+
+
+@dataclass
+class Bank:
+    """The learner's bank module on this test's database, with the test's own views."""
+
+    postgres: Any
+    module: ModuleType
+
+    def connect(self) -> Conn:
+        conn: Conn = self.postgres.connect(autocommit=True)
+        return conn
+
+    def open(self, balances: dict[int, int]) -> None:
+        """Create the learner's schema and the accounts."""
+        with self.connect() as conn:
+            self.module.create_schema(conn)
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO accounts (id, balance) VALUES (%s, %s)",
+                                list(balances.items()))
+
+    def transfer(self, conn: Conn, from_id: int, to_id: int, amount: int,
+                 after_debit: Callable[[], None] | None = None) -> Any:
+        if after_debit is None:
+            return self.module.transfer(conn, from_id, to_id, amount)
+        return self.module.transfer(conn, from_id, to_id, amount, after_debit=after_debit)
+
+    def state(self) -> State:
+        """Balances and ledger, read on a new connection (so after a restart too)."""
+        with self.connect() as conn:
+            balances = dict(conn.execute("SELECT id, balance FROM accounts").fetchall())
+            ledger = conn.execute(
+                "SELECT from_id, to_id, amount FROM transfers ORDER BY id").fetchall()
+        return balances, ledger
+
+    @property
+    def insufficient(self) -> type[Exception]:
+        return self.module.InsufficientFunds  # type: ignore[no-any-return]
+
+    @property
+    def unknown(self) -> type[Exception]:
+        return self.module.UnknownAccount  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def bank(postgres: Any, learner: Any) -> Bank:
+    module = learner.load("bank")
+    for name in ("create_schema", "transfer", "InsufficientFunds", "UnknownAccount"):
+        if not hasattr(module, name):
+            pytest.fail(f"bank.py has no {name}: see README.md for the interface",
+                        pytrace=False)
+    return Bank(postgres, module)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    """Wait for an observable condition (not for a guessed amount of time)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
+        time.sleep(0.01)
+
+
+def waiting_on_lock(admin: Conn, pid: int) -> bool:
+    row = admin.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                        (pid,)).fetchone()
+    return row is not None and row[0] == "Lock"
+
+
+def outcome(future: Future[Any]) -> str:
+    """'ok' or the name of the exception the call raised."""
+    exc = future.exception(timeout=30)
+    return "ok" if exc is None else type(exc).__name__
+
+
+def diff(got: State, want: State) -> str:
+    (gb, gl), (wb, wl) = got, want
+    parts = []
+    for acct in sorted(set(gb) | set(wb)):
+        if gb.get(acct) != wb.get(acct):
+            parts.append(f"account {acct} holds {gb.get(acct)}, expected {wb.get(acct)}")
+    if gl != wl:
+        parts.append(f"ledger {gl}, expected {wl}")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Consistency and the simple paths
+
+
+def test_schema_enforces_the_invariants(bank: Bank) -> None:
+    bank.open({1: 10, 2: 0})
+    cases = [
+        ("UPDATE accounts SET balance = -1 WHERE id = 1", psycopg.errors.CheckViolation,
+         "a negative balance must be impossible: CHECK (balance >= 0) on accounts"),
+        ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 999, 5)",
+         psycopg.errors.ForeignKeyViolation,
+         "the ledger must only name existing accounts: to_id REFERENCES accounts"),
+        ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 2, 0)",
+         psycopg.errors.CheckViolation, "an amount must be positive: CHECK (amount > 0)"),
+    ]
+    problems = []
+    with bank.connect() as conn:
+        for statement, expected, why in cases:
+            try:
+                with conn.transaction(force_rollback=True):
+                    conn.execute(statement)
+                problems.append(f"{statement!r} was accepted: {why}")
+            except expected:
+                pass
+            except psycopg.Error as exc:
+                problems.append(f"{statement!r} failed with {type(exc).__name__}, expected "
+                                f"{expected.__name__}: {why}")
+    assert not problems, "\n".join(problems)
+
+
+def test_transfer_moves_money_and_records_it(bank: Bank) -> None:
+    bank.open({1: 100, 2: 5})
+    with bank.connect() as conn:
+        first = bank.transfer(conn, 1, 2, 30)
+        second = bank.transfer(conn, 2, 1, 35)  # all of account 2's money: allowed
+    got = bank.state()
+    want = ({1: 105, 2: 0}, [(1, 2, 30), (2, 1, 35)])
+    assert got == want, f"after 1->2 30 and 2->1 35: {diff(got, want)}"
+    with bank.connect() as conn:
+        ids = [r[0] for r in conn.execute("SELECT id FROM transfers ORDER BY id")]
+    assert [first, second] == ids, (
+        f"transfer() returned {first!r} and {second!r}, the ledger ids are {ids}: return "
+        f"the id of the transfers row you inserted")
+
+
+def test_overdraft_is_refused_and_changes_nothing(bank: Bank) -> None:
+    bank.open({1: 50, 2: 0})
+    before = bank.state()
+    with bank.connect() as conn:
+        try:
+            bank.transfer(conn, 1, 2, 51)
+        except bank.insufficient:
+            pass
+        else:
+            pytest.fail("transferring 51 from an account holding 50 succeeded: expected "
+                        "InsufficientFunds", pytrace=False)
+    after = bank.state()
+    assert after == before, f"the refused overdraft left a trace: {diff(after, before)}"
+
+
+@pytest.mark.parametrize(("from_id", "to_id"), [(1, 999), (999, 1)],
+                         ids=["to-unknown", "from-unknown"])
+def test_unknown_account_changes_nothing(bank: Bank, from_id: int, to_id: int) -> None:
+    bank.open({1: 100, 2: 0})
+    before = bank.state()
+    raised: BaseException | None = None
+    with bank.connect() as conn:
+        try:
+            bank.transfer(conn, from_id, to_id, 10)
+        except Exception as exc:  # noqa: BLE001 - which one is checked below
+            raised = exc
+    after = bank.state()
+    assert after == before, (
+        f"a transfer {from_id}->{to_id} (account 999 does not exist) changed the data: "
+        f"{diff(after, before)} - the debit and the credit must commit together or not at "
+        f"all (an UPDATE matching no row is not an error: check its rowcount)")
+    assert isinstance(raised, bank.unknown), (
+        f"a transfer {from_id}->{to_id} (account 999 does not exist) "
+        f"{'returned normally' if raised is None else 'raised ' + type(raised).__name__}: "
+        f"expected UnknownAccount")
+
+
+# --------------------------------------------------------------------------------------
+# Atomicity when the connection dies in the middle
+
+
+def test_connection_killed_between_debit_and_credit_leaves_nothing(bank: Bank) -> None:
+    bank.open({1: 100, 2: 50})
+    before = bank.state()
+    called = threading.Event()
+    with bank.connect() as admin, bank.connect() as conn:
+        pid = conn.info.backend_pid
+
+        def kill_backend() -> None:
+            """The 'crash': the server ends this transfer's session between its steps."""
+            called.set()
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            wait_until(lambda: admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                             (pid,)).fetchone() is None,
+                       "the killed session to end")
+
+        try:
+            bank.transfer(conn, 1, 2, 30, after_debit=kill_backend)
+        except Exception:  # noqa: BLE001, S110 - the transfer is expected to fail here
+            pass
+    assert called.is_set(), "transfer() never called after_debit(): call it between the " \
+                            "debit and the credit"
+    after = bank.state()
+    assert after == before, (
+        f"the session died after the debit and before the credit, yet: {diff(after, before)}"
+        f" - the debit was committed on its own; put both updates in one transaction")
+
+
+# --------------------------------------------------------------------------------------
+# Isolation
+
+
+def test_two_transfers_cannot_spend_the_same_money(bank: Bank) -> None:
+    """A debits account 1 and pauses; B tries to spend the same balance and must wait for
+    A's row lock; A commits; B must then see the new balance and be refused."""
+    bank.open({1: 100, 2: 0, 3: 0})
+    a_debited, release_a = threading.Event(), threading.Event()
+
+    def hold_a() -> None:
+        a_debited.set()
+        release_a.wait(timeout=30)
+
+    with (bank.connect() as admin, bank.connect() as conn_a, bank.connect() as conn_b,
+          ThreadPoolExecutor(max_workers=2) as pool):
+        fut_a = pool.submit(bank.transfer, conn_a, 1, 2, 60, hold_a)
+        wait_until(lambda: a_debited.is_set() or fut_a.done(), "transfer A's debit")
+        if fut_a.done():
+            pytest.fail(f"transfer A finished without calling after_debit() "
+                        f"({outcome(fut_a)}): call it between the debit and the credit",
+                        pytrace=False)
+        fut_b = pool.submit(bank.transfer, conn_b, 1, 3, 60)
+        pid_b = conn_b.info.backend_pid
+        # B either blocks on A's row lock (the transfers are serialized) or runs through
+        # (A's debit was already committed, or B never locked the row).
+        wait_until(lambda: fut_b.done() or waiting_on_lock(admin, pid_b),
+                   "transfer B to finish or wait for A's lock")
+        release_a.set()
+        results = {"A": outcome(fut_a), "B": outcome(fut_b)}
+    got = bank.state()
+    want = ({1: 40, 2: 60, 3: 0}, [(1, 2, 60)])
+    if got != want:
+        money = sum(got[0].values())
+        lost = (" - money was created: B read the balance before A's debit committed and "
+                "wrote its own result over A's (a lost update); let the database compute "
+                "balance - amount under the row lock, or SELECT ... FOR UPDATE first"
+                if money > 100 else "")
+        pytest.fail(f"account 1 held 100; A (1->2, 60) and B (1->3, 60) ran concurrently "
+                    f"and ended {results}: {diff(got, want)}{lost}", pytrace=False)
+    assert results == {"A": "ok", "B": "InsufficientFunds"}, (
+        f"A (1->2, 60) and B (1->3, 60) on an account holding 100 ended {results}: expected "
+        f"A ok and B InsufficientFunds once it sees A's committed debit")
+
+
+def test_many_concurrent_transfers_keep_the_total(bank: Bank) -> None:
+    accounts = {acct: 1000 for acct in range(1, 7)}
+    bank.open(accounts)
+    start = threading.Barrier(4)
+
+    def worker(seed: int) -> list[tuple[int, int, int, str]]:
+        rng = random.Random(seed)
+        done = []
+        with bank.connect() as conn:
+            start.wait(timeout=30)
+            for _ in range(25):
+                # From a lower to a higher id: every transfer locks rows in the same order,
+                # so these cannot deadlock (deadlocks are ph2.6).
+                src, dst = sorted(rng.sample(sorted(accounts), 2))
+                amount = rng.randint(1, 400)
+                try:
+                    bank.transfer(conn, src, dst, amount)
+                    done.append((src, dst, amount, "ok"))
+                except (bank.insufficient, psycopg.errors.DeadlockDetected) as exc:
+                    done.append((src, dst, amount, type(exc).__name__))
+        return done
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        runs = [f.result(timeout=60) for f in [pool.submit(worker, s) for s in range(4)]]
+    applied = [(s, d, a) for run in runs for (s, d, a, result) in run if result == "ok"]
+    expected = dict(accounts)
+    for src, dst, amount in applied:
+        expected[src] -= amount
+        expected[dst] += amount
+    balances, ledger = bank.state()
+    assert sum(balances.values()) == sum(accounts.values()), (
+        f"after 100 concurrent transfers the bank holds {sum(balances.values())}, it started "
+        f"with {sum(accounts.values())}: money was created or destroyed (lost updates)")
+    assert balances == expected, (
+        f"balances {balances} do not match the {len(applied)} transfers that returned "
+        f"(expected {expected}): a transfer that returned must be applied exactly once, "
+        f"one that raised not at all")
+    assert Counter(ledger) == Counter(applied), (
+        f"the ledger has {len(ledger)} rows for {len(applied)} transfers that returned")
+    assert min(balances.values()) >= 0
+
+
+# --------------------------------------------------------------------------------------
+# Durability
+
+
+def test_committed_transfer_survives_a_server_crash(bank: Bank, postgres: Any) -> None:
+    """Commit one transfer, then crash the server (immediate shutdown: no checkpoint, WAL
+    replayed at start) in the middle of a second one. The first must be there after
+    recovery, the second must have left no trace."""
+    bank.open({1: 100, 2: 0, 3: 0})
+    with bank.connect() as conn:
+        bank.transfer(conn, 1, 2, 30)
+
+    crashed = threading.Event()
+
+    def crash_server() -> None:
+        crashed.set()
+        postgres.restart(mode="immediate")
+
+    with bank.connect() as conn:
+        try:
+            bank.transfer(conn, 1, 3, 20, after_debit=crash_server)
+        except Exception:  # noqa: BLE001, S110 - its connection died with the server
+            pass
+    assert crashed.is_set(), "transfer() never called after_debit(): call it between the " \
+                             "debit and the credit"
+    got = bank.state()
+    want = ({1: 70, 2: 30, 3: 0}, [(1, 2, 30)])
+    if not got[0]:
+        pytest.fail("after the crash the accounts table is empty: an UNLOGGED table is not "
+                    "written to the WAL and is emptied by crash recovery - durable data "
+                    "needs a logged table", pytrace=False)
+    assert got == want, (
+        f"after a crash restart (WAL replay): {diff(got, want)} - expected the committed "
+        f"1->2 30 kept and the interrupted 1->3 20 gone")
+
