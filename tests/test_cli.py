@@ -153,3 +153,56 @@ def test_solutions_and_starters_flags(selector: str) -> None:
     starters = cli("run", selector, "--starters", **home)
     assert starters.returncode == 1
     assert cli("run", selector, "--starters", "--expect-fail", **home).returncode == 0
+
+
+def _private_runtime() -> Path:
+    runtime = Path(tempfile.mkdtemp(prefix="lr-warm-", dir="/tmp"))
+    os.chmod(runtime, 0o755)
+    return runtime
+
+
+def test_warm_set_is_reused_and_down_stops_it() -> None:
+    runtime = _private_runtime()
+    env = {"LABRUNNER_HOME": str(FIXTURE_PROJECT), "LABRUNNER_RUNTIME_DIR": str(runtime)}
+    try:
+        up = cli("services", "up", "postgres", "--backend", "local", **env)
+        assert up.returncode == 0, up.stderr
+        status = json.loads(cli("services", "status", "--json", **env).stdout)
+        [pg] = status["services"]
+        assert pg["service"] == "postgres" and pg["alive"] and pg["kind"] == "warm"
+        # A run reuses the warm Postgres: no "starting postgres" and it stays up afterwards.
+        run = cli("run", "ph2.5", "--solutions", "--backend", "local", **env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "starting postgres" not in run.stderr
+        assert json.loads(cli("services", "status", "--json", **env).stdout)["services"][0][
+            "alive"]
+        down = cli("services", "down", **env)
+        assert "local:postgres" in down.stdout
+        assert json.loads(cli("services", "status", "--json", **env).stdout)["services"] == []
+        assert _processes_mentioning(str(runtime)) == []
+    finally:
+        cli("services", "down", **env)
+        subprocess.run(["rm", "-rf", str(runtime)], check=False)
+
+
+def test_down_clears_what_a_killed_run_left() -> None:
+    runtime = _private_runtime()
+    env = cli_env(LABRUNNER_HOME=str(FIXTURE_PROJECT), LABRUNNER_RUNTIME_DIR=str(runtime))
+    proc = subprocess.Popen([*LABRUNNER, "run", "ph2.6", "--solutions", "--backend", "local"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _processes_mentioning("test_deadlocks.py"):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up
+        proc.wait(30)
+        assert [p for p in runtime.iterdir() if p.name.startswith("run-")], "nothing left?"
+        down = cli("services", "down", LABRUNNER_HOME=str(FIXTURE_PROJECT),
+                   LABRUNNER_RUNTIME_DIR=str(runtime))
+        assert down.returncode == 0, down.stderr
+        time.sleep(0.5)
+        assert [p for p in runtime.iterdir() if p.name.startswith("run-")] == []
+        assert _processes_mentioning(str(runtime)) == []
+    finally:
+        subprocess.run(["rm", "-rf", str(runtime)], check=False)
