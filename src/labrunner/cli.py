@@ -247,6 +247,59 @@ def progress(workspace_dir: Path | None, as_json: bool, verbose: bool) -> None:
     progress_page(catalog, status, verbose)
 
 
+@main.group()
+def dev() -> None:
+    """Tools for lab authors."""
+
+
+@dev.command("check")
+@click.argument("selectors", nargs=-1)
+@click.option("--backend", type=click.Choice(["auto", "local", "docker", "external"]),
+              default=None)
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Write every check's outcome to this file.")
+@friendly_errors
+def dev_check(selectors: Sequence[str], backend: str | None, json_path: Path | None) -> None:
+    """Every reference passes, every starter and wrong/ solution fails (default: all)."""
+    from rich.table import Table
+
+    from .devcheck import check, expectations
+    from .report import mark
+    from .services.isolation import new_run_id
+    from .services.manager import resolve_backend_name
+    from .session import services_for
+
+    labs, _ = _selected_labs(_catalog(), selectors or ["all"])
+    todo = list(expectations(labs))
+    outcomes = []
+    with services_for(labs, resolve_backend_name(backend)) as service_set:
+        state = service_set.state_file if service_set.endpoints else None
+        run_id = new_run_id()
+        with err_console.status("checking…") as status:
+            for n, expectation in enumerate(todo, 1):
+                status.update(f"[{n}/{len(todo)}] {expectation.lab.id} {expectation.variant}")
+                outcomes.append(check(expectation, state, run_id))
+    table = Table(title="dev check", title_justify="left")
+    for column in ("", "lab", "variant", "expected", "got", "first line"):
+        table.add_column(column, overflow="fold")
+    for outcome in outcomes:
+        exp = outcome.expectation
+        table.add_row(mark("passed" if outcome.met else "failed"), exp.lab.id, exp.variant,
+                      "pass" if exp.must_pass else "fail", outcome.result.outcome,
+                      outcome.result.first_line)
+    console.print(table)
+    unmet = [o for o in outcomes if not o.met]
+    console.print(f"{len(outcomes) - len(unmet)} of {len(outcomes)} expectations met")
+    if json_path:
+        from .results import write_json
+
+        write_json(json_path, {"version": 1, "checks": [
+            {"lab": o.expectation.lab.id, "variant": o.expectation.variant,
+             "must_pass": o.expectation.must_pass, "outcome": o.result.outcome,
+             "met": o.met, "message": o.result.first_line} for o in outcomes]})
+    sys.exit(EXIT_FAIL if unmet else 0)
+
+
 # --------------------------------------------------------------------------------------
 # services / doctor / setup
 

@@ -1,0 +1,70 @@
+"""``labrunner dev check``: every selected lab's reference passes its verification, its
+starter fails it, and each plausible wrong solution in ``wrong/`` fails it (rustlings'
+``dev check`` for this course). ``tests/test_labs.py`` runs the same checks under pytest."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .catalog import Lab
+from .runner import LabResult, run_lab
+
+
+@dataclass(frozen=True)
+class Expectation:
+    lab: Lab
+    variant: str          # "solution", "starter" or "wrong/<name>"
+    source: Path
+    must_pass: bool
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    expectation: Expectation
+    result: LabResult
+
+    @property
+    def met(self) -> bool:
+        passed = self.result.outcome == "passed"
+        if self.expectation.must_pass:
+            return passed
+        # A failing variant must fail the verification itself, with a message.
+        return self.result.outcome in ("failed", "timeout") and bool(self.result.first_line)
+
+
+def wrong_solutions(lab: Lab) -> list[Path]:
+    wrong = lab.path / "wrong"
+    return sorted(p for p in wrong.iterdir() if p.is_dir()) if wrong.is_dir() else []
+
+
+def expectations(labs: Sequence[Lab]) -> Iterator[Expectation]:
+    for lab in labs:
+        yield Expectation(lab, "solution", lab.solution_dir, True)
+        yield Expectation(lab, "starter", lab.starter_dir, False)
+        for folder in wrong_solutions(lab):
+            yield Expectation(lab, f"wrong/{folder.name}", folder, False)
+
+
+def complete_source(lab: Lab, folder: Path) -> tuple[Path, Callable[[], None]]:
+    """A wrong solution may hold only the file it gets wrong: the others come from the
+    reference. Returns the folder to verify and how to clean it up."""
+    missing = [name for name in lab.learner_files if not (folder / name).exists()]
+    if not missing:
+        return folder, lambda: None
+    merged = Path(tempfile.mkdtemp(prefix=f"lrwrong-{lab.slug}-"))
+    shutil.copytree(lab.solution_dir, merged, dirs_exist_ok=True)
+    shutil.copytree(folder, merged, dirs_exist_ok=True)
+    return merged, lambda: shutil.rmtree(merged, ignore_errors=True)
+
+
+def check(expectation: Expectation, state_file: Path | None, run_id: str) -> CheckOutcome:
+    source, cleanup = complete_source(expectation.lab, expectation.source)
+    try:
+        result = run_lab(expectation.lab, source, state_file, run_id)
+    finally:
+        cleanup()
+    return CheckOutcome(expectation, result)
