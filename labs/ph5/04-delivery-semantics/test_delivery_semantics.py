@@ -1,0 +1,258 @@
+"""ph5.4 - delivery semantics, proven by a real crash.
+
+The learner's worker runs as its own process (``python semantics.py MODE ...``). At its 4th
+record it reaches the lab's crash point - between its two steps - and freezes; the test looks
+at what the broker holds, kills the process with SIGKILL, starts it again and lets it finish.
+
+* at-most-once loses the 4th record (its offset was committed, its output never written);
+* at-least-once writes it twice (its output was written, its offset not committed);
+* exactly-once writes it once: the killed run's transaction is aborted by the restarted run
+  (same transactional.id), and read_committed readers never see the aborted copy.
+
+The input topic itself holds an aborted transaction of two "poison" records, which a worker
+reading with read_committed never sees."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
+
+PAYMENTS = [f"pay-{n}" for n in range(6)]
+FENCING = (" - the killed run's transaction is still open, and it holds the group's offsets "
+           "(and read_committed readers) until it is aborted: restart with the SAME "
+           "transactional.id so init_transactions() fences the dead run and aborts it")
+CRASH_AT = 4  # the 4th payment, pay-3
+
+
+@dataclass
+class View:
+    """What the broker holds at one moment."""
+
+    committed: int               # the group's committed offset on the input partition
+    output: list[str]            # the output as a read_committed consumer sees it
+    output_uncommitted: list[str]  # the output including records of open/aborted txns
+
+
+@dataclass
+class Run:
+    offsets: list[int]   # input offset of each payment
+    at_crash: View
+    final: View
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def create_topic(kafka: Any, name: str) -> str:
+    """A one-partition topic of this test's own. (Holds its AdminClient until the result
+    arrives: kafka.create_topic() lets its client go too early.)"""
+    topic = kafka.topic(name)
+    admin = kafka.admin()
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    for _ in range(300):
+        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
+        if meta and meta.error is None and meta.partitions and meta.partitions[0].leader >= 0:
+            return topic
+        time.sleep(0.05)
+    raise AssertionError(f"topic {topic} has no leader after 15 s")
+
+
+def write_input(kafka: Any, topic: str) -> None:
+    """pay-0..2 committed, poison-0..1 aborted, pay-3..5 committed - three transactions."""
+    producer = Producer(kafka.producer_config(**{"transactional.id": kafka.topic("feeder")}))
+    producer.init_transactions(30)
+    for values, commit in ((PAYMENTS[:3], True), (["poison-0", "poison-1"], False),
+                           (PAYMENTS[3:], True)):
+        producer.begin_transaction()
+        for value in values:
+            producer.produce(topic, key=b"acct-1", value=value.encode(), partition=0)
+        if commit:
+            producer.commit_transaction(30)
+        else:
+            producer.flush(30)
+            producer.abort_transaction(30)
+
+
+def read_topic(kafka: Any, topic: str, isolation: str) -> list[tuple[int, str]]:
+    """(offset, value) of every record in partition 0 visible at ``isolation``."""
+    consumer = Consumer(kafka.consumer_config("test-reader", **{
+        "enable.auto.commit": False, "enable.partition.eof": True,
+        "isolation.level": isolation, "fetch.wait.max.ms": 10}))
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    records: list[tuple[int, str]] = []
+    try:
+        while True:
+            msg = consumer.poll(10)
+            assert msg is not None, f"reading {topic} back timed out"
+            if msg.error():
+                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                return records
+            records.append((msg.offset(), msg.value().decode()))
+    finally:
+        consumer.close()
+
+
+def view(kafka: Any, topics: dict[str, str], group: str) -> View:
+    # read_uncommitted: a read_committed client asks for "stable" offsets and waits while a
+    # transaction holding offsets for this group is open (as at the exactly-once crash point).
+    reader = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group,
+                       "isolation.level": "read_uncommitted", "log_level": 0})
+    try:
+        (tp,) = reader.committed([TopicPartition(topics["input"], 0)], timeout=10)
+    finally:
+        reader.close()
+    return View(tp.offset,
+                [v for _, v in read_topic(kafka, topics["output"], "read_committed")],
+                [v for _, v in read_topic(kafka, topics["output"], "read_uncommitted")])
+
+
+def start(learner: Any, kafka: Any, mode: str, topics: dict[str, str], group: str,
+          crash_after: int | None = None) -> subprocess.Popen[bytes]:
+    args = [mode, "--bootstrap", kafka.bootstrap, "--input", topics["input"],
+            "--output", topics["output"], "--group", group]
+    if crash_after is not None:
+        args += ["--crash-after", str(crash_after)]
+    return learner.python("semantics", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The process's first line of output, or '' if it printed none within ``timeout``."""
+    assert proc.stdout is not None
+    line: list[bytes] = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return line[0].decode().strip() if line else ""
+
+
+def stderr_tail(proc: subprocess.Popen[bytes]) -> str:
+    assert proc.stderr is not None
+    return proc.stderr.read().decode(errors="replace").strip()[-1500:]
+
+
+def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
+    """Run ``mode`` until the crash point of the 4th payment, look, SIGKILL, run again to the
+    end of the input, look again."""
+    topics = {"input": create_topic(kafka, "payments"), "output": create_topic(kafka, "out")}
+    group = kafka.group(f"worker-{mode}")
+    write_input(kafka, topics["input"])
+    offsets = [o for o, _ in read_topic(kafka, topics["input"], "read_committed")]
+    poison_offsets = {o for o, v in read_topic(kafka, topics["input"], "read_uncommitted")
+                      if v.startswith("poison")}
+
+    first = start(learner, kafka, mode, topics, group, crash_after=CRASH_AT)
+    try:
+        line = first_line(first, 30)
+        if line != f"CRASH-POINT {CRASH_AT}":
+            first.kill()
+            code = first.wait()
+            errors = stderr_tail(first)
+            last = errors.splitlines()[-1] if errors else f"first output line {line!r}"
+            raise AssertionError(
+                f"{mode}: the worker never reached crash_point() for the 4th record (exit "
+                f"{code}: {last}): call crash_point(processed, crash_after) between your two "
+                f"steps for every record\n{errors}")
+        at_crash = view(kafka, topics, group)
+        poison = [v for v in at_crash.output_uncommitted if "poison" in v]
+        if at_crash.committed - 1 in poison_offsets:
+            poison.append(f"(a commit of the poison record at offset {at_crash.committed - 1})")
+        assert not poison, (
+            f"{mode}: the worker acted on records of an aborted input transaction: {poison} - "
+            "consume with isolation.level=read_committed")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+    second = start(learner, kafka, mode, topics, group)
+    try:
+        code = second.wait(30)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        second.wait()
+        raise AssertionError(f"{mode}: the restarted worker did not finish within 30 s (it must "
+                             "stop at the end of the input partition)"
+                             f"{FENCING if mode == 'exactly-once' else ''}") from None
+    assert code == 0, (
+        f"{mode}: the restarted worker exited with {code}{FENCING if mode == 'exactly-once' else ''}"
+        f"\n{stderr_tail(second)}")
+    return Run(offsets, at_crash, view(kafka, topics, group))
+
+
+def check_final(run: Run, mode: str, want: list[str], meaning: str) -> None:
+    got = run.final.output
+    assert not [v for v in got if v.startswith("processed:poison")], (
+        f"{mode}: the output holds {got}: the worker processed records of an aborted input "
+        "transaction - consume with isolation.level=read_committed")
+    assert got == [f"processed:{v}" for v in want], (
+        f"{mode}: after the crash and restart the output is {got}; expected "
+        f"{['processed:' + v for v in want]}: {meaning}")
+    assert run.final.committed == run.offsets[-1] + 1, (
+        f"{mode}: after the restarted run the committed input offset is "
+        f"{run.final.committed}, expected {run.offsets[-1] + 1} (past the last payment)")
+
+
+# --- the three modes ---------------------------------------------------------------------
+
+def test_at_most_once_loses_the_record_in_flight(learner: Any, kafka: Any) -> None:
+    run = crash_and_restart(learner, kafka, "at-most-once")
+    pay3 = run.offsets[3]
+    assert run.at_crash.committed == pay3 + 1 and len(run.at_crash.output) == 3, (
+        f"at-most-once at the crash point of pay-3: committed offset {run.at_crash.committed} "
+        f"and {len(run.at_crash.output)} output records; expected offset {pay3 + 1} (pay-3 "
+        "already committed) and 3 outputs (pay-3 not yet processed): commit FIRST, then "
+        "crash_point(), then produce")
+    check_final(run, "at-most-once", ["pay-0", "pay-1", "pay-2", "pay-4", "pay-5"],
+                "pay-3's offset was committed before it was processed, so the restarted "
+                "worker skips it - lost, never duplicated")
+
+
+def test_at_least_once_duplicates_the_record_in_flight(learner: Any, kafka: Any) -> None:
+    run = crash_and_restart(learner, kafka, "at-least-once")
+    pay2 = run.offsets[2]
+    assert run.at_crash.output == [f"processed:pay-{n}" for n in range(4)], (
+        f"at-least-once at the crash point of pay-3 the broker holds the outputs "
+        f"{run.at_crash.output}; expected pay-0..pay-3: produce the output and wait for the "
+        "broker's ack (flush) BEFORE committing - an unacknowledged output is not processed")
+    assert run.at_crash.committed == pay2 + 1, (
+        f"at-least-once at the crash point of pay-3 the committed offset is "
+        f"{run.at_crash.committed}; expected {pay2 + 1} (pay-3 not committed yet): process "
+        "first, then crash_point(), then commit")
+    check_final(run, "at-least-once",
+                ["pay-0", "pay-1", "pay-2", "pay-3", "pay-3", "pay-4", "pay-5"],
+                "pay-3 was processed but its offset not committed, so the restarted worker "
+                "processes it again - a duplicate, never a loss")
+
+
+def test_exactly_once_neither_loses_nor_duplicates(learner: Any, kafka: Any) -> None:
+    run = crash_and_restart(learner, kafka, "exactly-once")
+    pay2 = run.offsets[2]
+    assert run.at_crash.output_uncommitted == [f"processed:pay-{n}" for n in range(4)], (
+        f"exactly-once at the crash point of pay-3 the output (read_uncommitted) holds "
+        f"{run.at_crash.output_uncommitted}; expected pay-0..pay-3, pay-3 inside the open "
+        "transaction: begin_transaction, produce, send_offsets_to_transaction, then "
+        "crash_point(), then commit_transaction")
+    assert run.at_crash.output == [f"processed:pay-{n}" for n in range(3)], (
+        f"exactly-once at the crash point a read_committed reader sees {run.at_crash.output}; "
+        "expected pay-0..pay-2 only: pay-3's output must still be inside an uncommitted "
+        "transaction (use a transactional producer)")
+    assert run.at_crash.committed == pay2 + 1, (
+        f"exactly-once at the crash point the committed input offset is "
+        f"{run.at_crash.committed}, expected {pay2 + 1}: the offset is committed by the "
+        "transaction (send_offsets_to_transaction), not by the consumer")
+    check_final(run, "exactly-once", PAYMENTS,
+                "the killed run's transaction (pay-3's output and offset) must be aborted "
+                "and pay-3 processed once more in a committed one - the restarted worker must "
+                "use the SAME transactional.id so init_transactions() fences the dead one and "
+                "aborts its transaction (otherwise it stays open and blocks read_committed "
+                "readers at that point)")
+    aborted_copy = run.final.output_uncommitted.count("processed:pay-3")
+    assert aborted_copy == 2, (
+        f"read_uncommitted shows pay-3's output {aborted_copy} time(s); expected 2 - the "
+        "aborted copy from the killed run and the committed one: read_committed is what "
+        "hides the aborted copy")
