@@ -1,0 +1,318 @@
+"""Verification for ph1.8 grpc-services.
+
+The learner's user.proto is compiled here, at test time, with grpcio-tools into a temporary
+folder (stubs are never committed). The learner's UserService runs in a real grpc server on
+127.0.0.1:0 and is called through a real channel. Streams are driven in lock step with
+queues and reader threads: the test sends one bidi request, waits for its answer, then
+sends the next, so "answers as it reads" and "reads everything first" are told apart by
+what happens, not by timing luck.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib.resources
+import importlib.util
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2
+
+RPCS = {  # name -> (client streams, server streams)
+    "GetUser": (False, False),
+    "WatchUser": (False, True),
+    "CreateUsers": (True, False),
+    "UpdateUsers": (True, True),
+}
+ANSWER_WITHIN = 3.0  # seconds to wait for a message that should come at once
+
+
+# ---- stubs generated from the learner's user.proto --------------------------------------
+
+@dataclass
+class Stubs:
+    pb2: ModuleType
+    grpc: ModuleType
+
+
+_generated: dict[str, Stubs] = {}
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # user_pb2_grpc and the learner import it by this name
+    spec.loader.exec_module(module)
+    return module
+
+
+def generate_stubs(proto: Path) -> Stubs:
+    """protoc user.proto -> user_pb2.py + user_pb2_grpc.py in a temp dir, once per content
+    (protobuf refuses to load two different user.proto into one process)."""
+    key = hashlib.sha256(proto.read_bytes()).hexdigest()
+    if key not in _generated:
+        out = Path(tempfile.mkdtemp(prefix="ph1-8-stubs-"))
+        atexit.register(shutil.rmtree, out, True)
+        well_known = importlib.resources.files("grpc_tools") / "_proto"
+        done = subprocess.run(
+            [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto.parent}", f"-I{well_known}",
+             f"--python_out={out}", f"--grpc_python_out={out}", proto.name],
+            capture_output=True, text=True, cwd=proto.parent, timeout=60)
+        if done.returncode != 0:
+            pytest.fail(f"protoc rejected user.proto: {done.stderr.strip()[:800]}",
+                        pytrace=False)
+        _generated[key] = Stubs(_import("user_pb2", out / "user_pb2.py"),
+                                _import("user_pb2_grpc", out / "user_pb2_grpc.py"))
+    stubs = _generated[key]
+    sys.modules["user_pb2"], sys.modules["user_pb2_grpc"] = stubs.pb2, stubs.grpc
+    return stubs
+
+
+# ---- a real grpc server whose worker threads never keep the test process alive ----------
+
+class DaemonExecutor(Executor):
+    """A fixed pool of daemon threads. grpc runs each rpc handler on one of them; a handler
+    that never returns (the bug one test looks for) then cannot hang the test process."""
+
+    def __init__(self, workers: int) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(workers):
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # noqa: BLE001 - handed to the future
+                    future.set_exception(exc)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+
+@contextmanager
+def running(stubs: Stubs, service: Any, workers: int = 4) -> Iterator[Any]:
+    """The service in a grpc server on 127.0.0.1:<free port>; yield a stub on a channel."""
+    server = grpc.server(DaemonExecutor(workers))
+    stubs.grpc.add_UserServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield stubs.grpc.UserServiceStub(channel)
+    finally:
+        channel.close()
+        server.stop(grace=None)
+
+
+def drain(stream: Any) -> queue.Queue[Any]:
+    """Read a response stream on a thread into a queue; the final item is the RpcError that
+    ended it, or None for a clean end."""
+    out: queue.Queue[Any] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for message in stream:
+                out.put(message)
+            out.put(None)
+        except grpc.RpcError as err:
+            out.put(err)
+
+    threading.Thread(target=read, daemon=True).start()
+    return out
+
+
+def next_message(out: queue.Queue[Any], what: str, timeout: float = ANSWER_WITHIN) -> Any:
+    try:
+        item = out.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"{what}: nothing arrived within {timeout:.0f} s", pytrace=False)
+    if isinstance(item, grpc.RpcError):
+        pytest.fail(f"{what}: the stream failed with {item.code().name}: {item.details()}",
+                    pytrace=False)
+    if item is None:
+        pytest.fail(f"{what}: the stream ended instead", pytrace=False)
+    return item
+
+
+# ---- fixtures ---------------------------------------------------------------------------
+
+@pytest.fixture
+def stubs(learner: Any) -> Iterator[Stubs]:
+    generated = generate_stubs(Path(learner.path("user.proto")))
+    yield generated
+    for name in ("user_pb2", "user_pb2_grpc"):
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def service_class(learner: Any, stubs: Stubs) -> Any:
+    service = stubs.pb2.DESCRIPTOR.services_by_name.get("UserService")
+    declared = service.methods_by_name if service is not None else {}
+    missing = [name for name in RPCS if name not in declared]
+    if missing:
+        pytest.fail(f"user.proto: UserService has no rpc {', '.join(missing)} (see README.md)",
+                    pytrace=False)
+    return learner.function("user_service", "UserService")
+
+
+def create(stub: Any, stubs: Stubs, *names: str) -> list[str]:
+    requests = [stubs.pb2.CreateUserRequest(username=n, email=f"{n}@example.com") for n in names]
+    summary = stub.CreateUsers(iter(requests), timeout=5)
+    assert summary.created == len(names) and len(summary.user_ids) == len(names), (
+        f"CreateUsers with {len(names)} requests: expected created={len(names)} and "
+        f"{len(names)} user_ids, saw created={summary.created}, user_ids={list(summary.user_ids)}")
+    return list(summary.user_ids)
+
+
+def expect_status(call: Callable[[], Any], code: grpc.StatusCode, what: str) -> grpc.RpcError:
+    try:
+        result = call()
+    except grpc.RpcError as err:
+        assert err.code() == code, (
+            f"{what}: expected status {code.name}, saw {err.code().name} ({err.details()})")
+        return err
+    pytest.fail(f"{what}: expected status {code.name}, but the rpc succeeded with "
+                f"{str(result)[:150]!r}: a missing resource is an error status, not an empty "
+                "message", pytrace=False)
+
+
+# ---- the verification -------------------------------------------------------------------
+
+def test_proto_has_the_four_kinds_of_rpc(stubs: Stubs) -> None:
+    file = descriptor_pb2.FileDescriptorProto()
+    stubs.pb2.DESCRIPTOR.CopyToProto(file)
+    services = {s.name: s for s in file.service}
+    assert "UserService" in services, f"user.proto: no service UserService, saw {list(services)}"
+    methods = {m.name: m for m in services["UserService"].method}
+    for name, (client, server) in RPCS.items():
+        assert name in methods, f"user.proto: UserService has no rpc {name} (see README.md)"
+        seen = (methods[name].client_streaming, methods[name].server_streaming)
+        assert seen == (client, server), (
+            f"user.proto: rpc {name} must be {'stream ' if client else ''}request -> "
+            f"{'stream ' if server else ''}response, saw client_streaming={seen[0]}, "
+            f"server_streaming={seen[1]}")
+
+
+def test_unary_and_client_streaming(stubs: Stubs, service_class: Any) -> None:
+    with running(stubs, service_class()) as stub:
+        before = int(time.time())
+        ids = create(stub, stubs, "ada", "alan", "grace")
+        after = int(time.time()) + 1
+        assert len(set(ids)) == 3, f"CreateUsers gave duplicate user_ids: {ids}"
+        for user_id, name in zip(ids, ["ada", "alan", "grace"], strict=True):
+            user = stub.GetUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=5)
+            assert (user.user_id, user.username, user.email) == (
+                user_id, name, f"{name}@example.com"), (
+                f"GetUser({user_id!r}): expected the user created as {name!r} (user_ids follow "
+                f"the order of the requests), saw {user}")
+            assert before <= user.created_at <= after, (
+                f"GetUser({user_id!r}): created_at must be the Unix time of creation "
+                f"(~{before}), saw {user.created_at}")
+
+
+def test_missing_user_is_not_found(stubs: Stubs, service_class: Any) -> None:
+    with running(stubs, service_class()) as stub:
+        request = stubs.pb2.GetUserRequest(user_id="no-such-user")
+        expect_status(lambda: stub.GetUser(request, timeout=5), grpc.StatusCode.NOT_FOUND,
+                      "GetUser of an unknown user_id")
+        expect_status(lambda: list(stub.WatchUser(request, timeout=5)),
+                      grpc.StatusCode.NOT_FOUND, "WatchUser of an unknown user_id")
+        update = stubs.pb2.UpdateUserRequest(user_id="no-such-user", username="x")
+        expect_status(lambda: list(stub.UpdateUsers(iter([update]), timeout=5)),
+                      grpc.StatusCode.NOT_FOUND, "UpdateUsers of an unknown user_id")
+
+
+def test_watch_and_bidi_stream_in_order(stubs: Stubs, service_class: Any) -> None:
+    with running(stubs, service_class()) as stub:
+        (user_id,) = create(stub, stubs, "ada")
+        watch = stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=20)
+        watched = drain(watch)
+        first = next_message(watched, "WatchUser: the current state, sent first")
+        assert first.username == "ada", (
+            f"WatchUser: the first message must be the current state (username 'ada'), saw "
+            f"{first}")
+
+        outgoing: queue.Queue[Any] = queue.Queue()
+
+        def requests() -> Iterator[Any]:
+            while (request := outgoing.get()) is not None:
+                yield request
+
+        answers = drain(stub.UpdateUsers(requests(), timeout=20))
+        names = ["ada-1", "ada-2", "ada-3"]
+        for n, name in enumerate(names, start=1):
+            outgoing.put(stubs.pb2.UpdateUserRequest(user_id=user_id, username=name))
+            answer = next_message(
+                answers, f"UpdateUsers: the answer to update {n}, before update {n + 1} is sent "
+                "(a bidi rpc answers each message as it reads it, not after the stream ends)")
+            assert answer.username == name and answer.email == "ada@example.com", (
+                f"UpdateUsers answer {n}: expected username {name!r} and the unchanged email, "
+                f"saw {answer}")
+        outgoing.put(None)
+        seen = [next_message(watched, f"WatchUser: update {n} of {len(names)}").username
+                for n in range(1, len(names) + 1)]
+        assert seen == names, (
+            f"WatchUser: expected the updates in the order they happened {names}, saw {seen}")
+        watch.cancel()
+
+
+def test_watch_ends_at_the_deadline(stubs: Stubs, service_class: Any) -> None:
+    with running(stubs, service_class()) as stub:
+        (user_id,) = create(stub, stubs, "ada")
+        watched = drain(stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=0.5))
+        next_message(watched, "WatchUser: the current state, sent first")
+        try:
+            end = watched.get(timeout=ANSWER_WITHIN + 0.5)
+        except queue.Empty:
+            pytest.fail("WatchUser with a 0.5 s deadline had not ended after 3.5 s",
+                        pytrace=False)
+        assert isinstance(end, grpc.RpcError), (
+            f"WatchUser with a 0.5 s deadline and no updates: expected DEADLINE_EXCEEDED, but "
+            f"the server ended the stream itself ({end!r}): a watch stays open until the "
+            "client cancels or its deadline passes")
+        assert end.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (
+            f"WatchUser with a 0.5 s deadline: expected DEADLINE_EXCEEDED, saw "
+            f"{end.code().name} ({end.details()})")
+
+
+def test_expired_watches_free_their_threads(stubs: Stubs, service_class: Any) -> None:
+    workers = 2
+    with running(stubs, service_class(), workers=workers) as stub:
+        (user_id,) = create(stub, stubs, "ada")
+        for n in range(workers):  # each watch holds a server thread while it runs
+            watched = drain(stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id),
+                                           timeout=0.3))
+            next_message(watched, f"WatchUser #{n + 1}: the current state")
+            end = watched.get(timeout=ANSWER_WITHIN)
+            assert isinstance(end, grpc.RpcError), (
+                f"WatchUser #{n + 1} with a 0.3 s deadline ended by itself ({end!r}); expected "
+                "DEADLINE_EXCEEDED: a watch stays open until the client leaves")
+        try:
+            stub.GetUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=ANSWER_WITHIN)
+        except grpc.RpcError as err:
+            pytest.fail(
+                f"GetUser after {workers} watches passed their deadline, on a server with "
+                f"{workers} threads: {err.code().name}: the WatchUser handlers still hold "
+                "their threads after their clients left; wake the waiting handler when the "
+                "rpc ends (context.add_callback) and return", pytrace=False)
