@@ -1,0 +1,311 @@
+"""ph2.11 verification: pool size, server connection count, waiting and failing.
+
+Everything is observed from outside the learner's code:
+* server connections are counted in pg_stat_activity for this test's database, by a
+  connection to another database (so the counting never counts itself);
+* requests are held busy *on the server*: the test takes an advisory lock and each request
+  asks for it, so a request that has a connection shows up in pg_locks as waiting, and the
+  test knows exactly how many connections are in use;
+* a request still waiting for a connection is a thread blocked in a threading wait (the
+  pool's condition variable) with no server connection of its own.
+The test releases the lock to let everything finish.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import psycopg
+import pytest
+
+HOLD = "SELECT pg_advisory_xact_lock_shared(4242)"  # blocks while the test holds the lock
+
+
+class Call(threading.Thread):
+    """One request on its own thread: result or error, and how long it took."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.elapsed = 0.0
+
+    def run(self) -> None:
+        start = time.monotonic()
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            self.error = exc
+        self.elapsed = time.monotonic() - start
+
+
+def blocked_in_a_wait(thread: threading.Thread) -> bool:
+    """True while the thread sits in threading's Condition.wait (a pool's wait queue)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "wait" and frame.f_code.co_filename.endswith("threading.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def wait_until(check: Callable[[], bool], what: str, within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:.0f} s waiting until {what}", pytrace=False)
+        time.sleep(0.01)
+
+
+@dataclass
+class Server:
+    """The test's view of the server: counts connections and holds the lock."""
+
+    admin: Any      # connection to the maintenance database
+    dbname: str
+    holder: Any     # connection to the test database that takes the advisory lock
+
+    def connections(self) -> int:
+        """Client connections to the test database, besides the test's lock holder."""
+        (n,) = self.admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+            "AND backend_type = 'client backend' AND pid <> %s",
+            (self.dbname, self.holder.info.backend_pid)).fetchone()
+        return int(n)
+
+    def lock_waiters(self) -> int:
+        """Requests that have a connection and are running (waiting on the test's lock)."""
+        (n,) = self.admin.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+            "WHERE NOT l.granted AND l.locktype = 'advisory' AND a.datname = %s",
+            (self.dbname,)).fetchone()
+        return int(n)
+
+    def hold(self) -> None:
+        self.holder.execute("SELECT pg_advisory_lock(4242)")
+
+    def release(self) -> None:
+        self.holder.execute("SELECT pg_advisory_unlock(4242)")
+
+
+@pytest.fixture
+def server(postgres: Any) -> Iterator[Server]:
+    admin = psycopg.connect(postgres.admin_dsn, autocommit=True)
+    holder = postgres.connect(autocommit=True)
+    yield Server(admin, postgres.name, holder)
+    holder.close()
+    admin.close()
+
+
+@pytest.fixture
+def pooling(learner: Any) -> ModuleType:
+    module = learner.load("pooling")
+    for name in ("PoolExhausted", "Database"):
+        if not isinstance(getattr(module, name, None), type):
+            pytest.fail(f"pooling.py: define a class {name} (see the README)", pytrace=False)
+    return module
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Any]]:
+    """Databases the test opened, closed at the end whatever happened."""
+    dbs: list[Any] = []
+    yield dbs
+    for db in dbs:
+        try:
+            db.close()
+        except Exception:  # noqa: BLE001 - cleanup of learner objects
+            pass
+
+
+def open_db(pooling: ModuleType, opened: list[Any], dsn: str, rate: float, latency: float,
+            timeout: float, max_waiting: int = 0) -> Any:
+    db = pooling.Database(dsn, rate, latency, timeout, max_waiting=max_waiting)
+    opened.append(db)
+    return db
+
+
+def start(calls: list[Call]) -> list[Call]:
+    for call in calls:
+        call.start()
+    return calls
+
+
+def release(server: Server, calls: list[Call]) -> None:
+    """Release the lock and let every request run to its end."""
+    server.release()
+    for call in calls:
+        call.join(15)
+
+
+def assert_completed(calls: list[Call]) -> None:
+    failed = [c for c in calls if c.error is not None or c.is_alive()]
+    assert not failed, (
+        f"{len(failed)} of {len(calls)} requests did not complete once connections were free "
+        f"again: {failed[0].error!r}")
+
+
+def still_waiting(calls: list[Call], timeout: float) -> bool:
+    """For wait_until: while the pool is full these requests can only wait; fail at once,
+    with the reason, if one has already ended."""
+    for call in calls:
+        if call.error is not None:
+            pytest.fail(
+                f"a request failed after {call.elapsed:.2f} s while the pool was busy, with "
+                f"{type(call.error).__name__}: {call.error}. With an acquire timeout of "
+                f"{timeout:.0f} s it must wait for a connection to come free", pytrace=False)
+        if call.ident is not None and not call.is_alive():
+            pytest.fail(
+                f"a request completed ({call.result!r}) while every pooled connection was "
+                "busy: it cannot have used the pool; it must wait for a pooled connection",
+                pytrace=False)
+    return True
+
+
+def assert_pool_exhausted(pooling: ModuleType, call: Call, context: str) -> None:
+    assert call.error is not None, (
+        f"{context}: the request succeeded, expected pooling.PoolExhausted: with every "
+        "connection busy it can only have opened a connection of its own")
+    assert isinstance(call.error, pooling.PoolExhausted), (
+        f"{context}: the request raised {type(call.error).__module__}."
+        f"{type(call.error).__name__}, expected pooling.PoolExhausted: translate the "
+        "pool's errors into your own, so callers need not know which pool library you use")
+
+
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rate", "latency", "want"), [
+    (200, 0.05, 10),
+    (200, 0.07, 14),     # 200 * 0.07 = 14.000000000000002 in floating point
+    (30, 0.05, 2),       # 1.5 connections busy on average: round up
+    (1000, 0.2, 200),
+    (0.5, 0.1, 1),       # almost idle: still one connection
+])
+def test_pool_size_follows_littles_law(learner: Any, rate: float, latency: float,
+                                       want: int) -> None:
+    pool_size = learner.function("pooling", "pool_size")
+    got = pool_size(rate, latency)
+    assert got == want, (
+        f"pool_size({rate}/s, {latency} s) returned {got}, expected {want}: Little's Law, "
+        "L = arrival rate x time per request, rounded up (and at least 1)")
+
+
+def test_never_more_server_connections_than_the_pool(pooling: ModuleType, opened: list[Any],
+                                                     server: Server, postgres: Any) -> None:
+    db = open_db(pooling, opened, postgres.dsn, rate=40, latency=0.1, timeout=10)
+    assert db.max_connections == 4, f"max_connections is {db.max_connections}, expected 4"
+
+    peak = [0]
+    sampling = threading.Event()
+    sampler_conn = psycopg.connect(postgres.admin_dsn, autocommit=True)
+    sampler_view = Server(sampler_conn, server.dbname, server.holder)
+
+    def sample() -> None:  # the highest count seen while the requests run
+        while not sampling.is_set():
+            peak[0] = max(peak[0], sampler_view.connections())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    server.hold()
+    sampler.start()
+    calls = start([Call(db.query, HOLD) for _ in range(12)])
+    try:
+        # every request is either running on a connection or waiting for one
+        wait_until(lambda: still_waiting(calls, 10) and server.lock_waiters()
+                   + sum(blocked_in_a_wait(c) for c in calls) == 12,
+                   "all 12 requests are running or queued")
+        now = server.connections()
+        assert now <= 4, (
+            f"12 concurrent requests opened {now} server connections, expected at most the "
+            "pool's 4: a pool hands out the connections it has and makes the rest wait")
+        assert server.lock_waiters() == 4, (
+            f"{server.lock_waiters()} requests are running, expected 4: all of the pool's "
+            "connections should be in use while requests are queued")
+    finally:
+        release(server, calls)
+        sampling.set()
+        sampler.join(5)
+        sampler_conn.close()
+    assert_completed(calls)
+    assert peak[0] <= 4, (
+        f"at some point the test database had {peak[0]} client connections, expected at "
+        "most 4 (the pool's size) at every moment")
+    pids = {db.query("SELECT pg_backend_pid()")[0][0] for _ in range(20)}
+    assert len(pids) <= 4, (
+        f"20 sequential queries ran on {len(pids)} different server connections: a pool "
+        "reuses its connections instead of paying a new handshake per request")
+
+
+def test_excess_request_waits_then_fails_with_pool_exhausted(
+        pooling: ModuleType, opened: list[Any], server: Server, postgres: Any) -> None:
+    db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=0.5)
+    server.hold()
+    busy = start([Call(db.query, HOLD) for _ in range(2)])
+    try:
+        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections are busy")
+        extra = Call(db.query, "SELECT 1")
+        extra.run()  # on this thread: the pool is full
+        assert_pool_exhausted(pooling, extra, "a third request on a full pool of 2")
+        assert extra.elapsed >= 0.4, (
+            f"the third request failed after {extra.elapsed:.2f} s, expected it to wait for "
+            "the acquire timeout (0.5 s) first: a connection may come free meanwhile")
+        assert extra.elapsed <= 3, (
+            f"the third request waited {extra.elapsed:.1f} s, expected to give up after the "
+            "acquire timeout of 0.5 s")
+    finally:
+        release(server, busy)
+    assert_completed(busy)
+
+
+def test_waiting_request_gets_the_next_free_connection(
+        pooling: ModuleType, opened: list[Any], server: Server, postgres: Any) -> None:
+    db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=10)
+    server.hold()
+    busy = start([Call(db.query, HOLD) for _ in range(2)])
+    waiting = Call(db.query, "SELECT 42")
+    try:
+        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections are busy")
+        waiting.start()
+        wait_until(lambda: still_waiting([waiting], 10) and blocked_in_a_wait(waiting),
+                   "the third request waits in the pool")
+        assert server.connections() <= 2, (
+            f"while the third request waits, the server has {server.connections()} "
+            "connections: with both pooled connections busy it must queue, not connect")
+    finally:
+        release(server, [*busy, waiting])
+    assert_completed([*busy, waiting])
+    assert waiting.result == [(42,)], (
+        f"the waiting request returned {waiting.result!r} once a connection came free, "
+        "expected [(42,)]")
+
+
+def test_full_wait_queue_rejects_at_once(pooling: ModuleType, opened: list[Any],
+                                         server: Server, postgres: Any) -> None:
+    db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=10,
+                 max_waiting=2)
+    server.hold()
+    busy = start([Call(db.query, HOLD) for _ in range(2)])
+    queued: list[Call] = []
+    try:
+        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections are busy")
+        queued = start([Call(db.query, "SELECT 1") for _ in range(2)])
+        wait_until(lambda: still_waiting(queued, 10)
+                   and all(blocked_in_a_wait(c) for c in queued),
+                   "2 requests wait in the pool's queue")
+        extra = Call(db.query, "SELECT 1")
+        extra.run()
+        assert_pool_exhausted(pooling, extra, "a request with max_waiting=2 already waiting")
+        assert extra.elapsed < 1, (
+            f"the request was rejected after {extra.elapsed:.1f} s: with the wait queue full "
+            "(max_waiting=2) it must fail at once, not wait - that is backpressure")
+    finally:
+        release(server, [*busy, *queued])
+    assert_completed([*busy, *queued])
