@@ -342,7 +342,8 @@ run_in_image() {
 
 benchmark() {
     log "benchmark: time to ready, docker against local"
-    python3 "$ROOT/benchmarks/bench_docker_vs_local.py" || log "benchmark failed (not fatal)"
+    python3 "$ROOT/benchmarks/bench_docker_vs_local.py" --rounds "${LABRUNNER_BENCH_ROUNDS:-3}" \
+        --json "$OUT_DIR/bench_docker_vs_local.json" || log "benchmark failed (not fatal)"
 }
 
 # --- entry points ----------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_namespaces_work_on_docker_services(docker_services: ServiceSet) -> None
     isolation.delete_vhost(eps["rabbitmq"], "lr_docker_vhost")
 
     topic = f"lr_docker_{uuid.uuid4().hex[:6]}_t"
-    producer = Producer({"bootstrap.servers": eps["kafka"].url})
+    producer = Producer({"bootstrap.servers": eps["kafka"].url, "log_level": 0})
     producer.produce(topic, b"m1")
     assert producer.flush(30) == 0
     consumer = Consumer({"bootstrap.servers": eps["kafka"].url, "group.id": topic + "_g",

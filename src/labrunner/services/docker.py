@@ -401,10 +401,15 @@ class DockerBackend:
 def _container(image: str, ports: dict[int, int], env: dict[str, str],
                command: list[str] | None, labels: dict[str, str],
                endpoint: Endpoint) -> DockerContainer:
-    from testcontainers.core.config import testcontainers_config
+    from testcontainers.core.config import ConnectionMode, testcontainers_config
     from testcontainers.core.container import DockerContainer
 
-    testcontainers_config.ryuk_disabled = True  # see the module's docstring
+    # See the module's docstring. Ryuk stays off whatever the environment says: it would
+    # remove a warm set's containers when the process that started them exits.
+    testcontainers_config.ryuk_disabled = True
+    if testcontainers_config.connection_mode_override is None:  # imported before us
+        testcontainers_config.connection_mode_override = ConnectionMode(
+            os.environ.get("TESTCONTAINERS_CONNECTION_MODE") or "docker_host")
     kwargs: dict[str, Any] = {"labels": labels}
     if not os.environ.get("DOCKER_HOST"):
         # Skip testcontainers' guess of a "host network" to join when it believes it runs
