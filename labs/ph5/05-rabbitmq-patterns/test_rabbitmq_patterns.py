@@ -1,0 +1,235 @@
+"""ph5.5 - RabbitMQ patterns on a real node: direct, topic, fanout and headers exchanges; a
+dead-letter exchange for rejected and expired messages; per-message and per-queue TTL.
+
+The learner's functions declare exchanges, queues and bindings on a channel the test hands
+them; the test then publishes on its own channel (with publisher confirms, so every message is
+routed before it looks) and reads what each queue holds. TTLs are 200 ms; expiry is awaited by
+polling with a deadline."""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+
+DEADLINE = 5.0  # seconds to wait for a 200 ms TTL to fire
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+@pytest.fixture
+def channels(rabbitmq: Any) -> Iterator[tuple[Any, Any]]:
+    """(the learner's channel, the test's own channel with publisher confirms)."""
+    connection = rabbitmq.connection()
+    try:
+        mine = connection.channel()
+        mine.confirm_delivery()
+        yield connection.channel(), mine
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a learner function; a channel the broker closed becomes a readable failure."""
+    try:
+        return fn(*args)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        closed = f"{what}: RabbitMQ closed the channel: {exc.reply_code} {exc.reply_text}"
+    pytest.fail(closed, pytrace=False)
+
+
+def drain(ch: Any, queue: str) -> list[str]:
+    """Take every message the queue holds now (bodies, in queue order)."""
+    bodies = []
+    while True:
+        method, _props, body = ch.basic_get(queue, auto_ack=True)
+        if method is None:
+            return bodies
+        bodies.append(body.decode())
+
+
+def wait_for_message(ch: Any, queue: str) -> tuple[str, Any] | None:
+    """The first message to arrive in ``queue`` within DEADLINE, or None."""
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        method, props, body = ch.basic_get(queue, auto_ack=True)
+        if method is not None:
+            return body.decode(), props
+        time.sleep(0.05)
+    return None
+
+
+def death_of(props: Any) -> dict[str, Any]:
+    deaths = (props.headers or {}).get("x-death") or [{}]
+    return dict(deaths[0])
+
+
+def expect_queues(ch: Any, want: dict[str, list[str]], why: str) -> None:
+    for queue, expected in want.items():
+        got = drain(ch, queue)
+        assert sorted(got) == sorted(expected), (
+            f"queue {queue!r} received {sorted(got)}; expected {sorted(expected)}: {why}")
+
+
+# --- exchanges ---------------------------------------------------------------------------
+
+def test_direct_exchange_routes_by_exact_key(learner: Any, channels: Any) -> None:
+    setup_direct = learner.function("patterns", "setup_direct")
+    theirs, mine = channels
+    call("setup_direct", setup_direct, theirs, "logs-direct",
+         {"errors": ["error"], "everything": ["info", "warning", "error"]})
+    for severity in ("info", "warning", "error", "debug"):
+        mine.basic_publish("logs-direct", severity, severity.encode())
+    expect_queues(mine, {"errors": ["error"], "everything": ["info", "warning", "error"]},
+                  "a direct exchange delivers to every queue bound with exactly the message's "
+                  "routing key - bind the queue once per key ('debug' matches no binding and "
+                  "is dropped)")
+
+
+TOPIC_KEYS = ["billing.error", "billing.eu.error", "auth.error", "error", "billing.info",
+              "billing", "billing.eu.west.warning", "auth.info"]
+
+
+def test_topic_patterns_one_word_and_many(learner: Any, channels: Any) -> None:
+    mod = learner.load("patterns")
+    theirs, mine = channels
+    every_error, all_billing = getattr(mod, "EVERY_ERROR", None), getattr(mod, "ALL_BILLING",
+                                                                           None)
+    assert isinstance(every_error, str) and isinstance(all_billing, str), (
+        "define the topic patterns EVERY_ERROR and ALL_BILLING as strings in patterns.py")
+    call("setup_topic", mod.setup_topic, theirs, "logs-topic",
+         {"errors": [every_error], "billing": [all_billing]})
+    for key in TOPIC_KEYS:
+        mine.basic_publish("logs-topic", key, key.encode())
+    got_errors, got_billing = drain(mine, "errors"), drain(mine, "billing")
+    want_errors = ["billing.error", "billing.eu.error", "auth.error", "error"]
+    want_billing = ["billing.error", "billing.eu.error", "billing.info", "billing",
+                    "billing.eu.west.warning"]
+    assert sorted(got_errors) == sorted(want_errors), (
+        f"EVERY_ERROR = {every_error!r} matched {sorted(got_errors)}; expected "
+        f"{sorted(want_errors)}: '*' stands for exactly one word, '#' for zero or more")
+    assert sorted(got_billing) == sorted(want_billing), (
+        f"ALL_BILLING = {all_billing!r} matched {sorted(got_billing)}; expected "
+        f"{sorted(want_billing)}: '*' stands for exactly one word, '#' for zero or more")
+
+
+def test_fanout_copies_to_every_queue(learner: Any, channels: Any) -> None:
+    setup_fanout = learner.function("patterns", "setup_fanout")
+    theirs, mine = channels
+    call("setup_fanout", setup_fanout, theirs, "order-events", ["billing", "shipping", "audit"])
+    for n, key in enumerate(("orders.placed", "", "anything")):
+        mine.basic_publish("order-events", key, f"event-{n}".encode())
+    everything = ["event-0", "event-1", "event-2"]
+    expect_queues(mine, {"billing": everything, "shipping": everything, "audit": everything},
+                  "a fanout exchange copies every message to every bound queue and ignores "
+                  "the routing key")
+
+
+def test_headers_exchange_all_and_any(learner: Any, channels: Any) -> None:
+    setup_headers = learner.function("patterns", "setup_headers")
+    theirs, mine = channels
+    call("setup_headers", setup_headers, theirs, "documents", {
+        "eu-pdf": ({"format": "pdf", "region": "eu"}, True),
+        "urgent": ({"priority": "high", "customer": "vip"}, False),
+    })
+    messages = {
+        "pdf-eu": {"format": "pdf", "region": "eu"},
+        "pdf-us": {"format": "pdf", "region": "us"},
+        "pdf-eu-high": {"format": "pdf", "region": "eu", "priority": "high"},
+        "vip": {"customer": "vip"},
+        "low": {"priority": "low"},
+    }
+    for body, headers in messages.items():
+        mine.basic_publish("documents", "ignored", body.encode(),
+                           properties=pika.BasicProperties(headers=headers))
+    got_eu, got_urgent = drain(mine, "eu-pdf"), drain(mine, "urgent")
+    assert sorted(got_eu) == ["pdf-eu", "pdf-eu-high"], (
+        f"eu-pdf (format=pdf AND region=eu) received {sorted(got_eu)}; expected "
+        "['pdf-eu', 'pdf-eu-high']: bind with the arguments {'x-match': 'all', 'format': "
+        "'pdf', 'region': 'eu'}")
+    assert sorted(got_urgent) == ["pdf-eu-high", "vip"], (
+        f"urgent (priority=high OR customer=vip) received {sorted(got_urgent)}; expected "
+        "['pdf-eu-high', 'vip']: bind with 'x-match': 'any'")
+
+
+# --- dead letters and TTL ----------------------------------------------------------------
+
+def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: Any) -> None:
+    mod = learner.load("patterns")
+    theirs, mine = channels
+    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
+    for body in ("ok-1", "bad-1", "ok-2"):
+        mine.basic_publish("", "work", body.encode())
+    handled: list[str] = []
+
+    def handler(body: bytes) -> None:
+        if body.startswith(b"bad"):
+            raise ValueError(f"cannot handle {body!r}")
+        handled.append(body.decode())
+
+    results = [call("handle_one", mod.handle_one, theirs, "work", handler) for _ in range(4)]
+    assert results == [True, True, True, False] and handled == ["ok-1", "ok-2"], (
+        f"handle_one x4 returned {results} and handled {handled}; expected True x3, then "
+        "False (queue empty), with ok-1 and ok-2 handled: a failed message must be rejected "
+        "WITHOUT requeue, or it comes straight back and blocks the queue")
+    dead = wait_for_message(mine, "dead")
+    assert dead is not None, (
+        "bad-1 never reached the dead-letter queue: declare 'work' with "
+        "x-dead-letter-exchange, and make sure the DLX routes to 'dead' - a dead-lettered "
+        "message keeps its original routing key ('work'), so use a fanout DLX or set "
+        "x-dead-letter-routing-key")
+    body, props = dead
+    death = death_of(props)
+    assert body == "bad-1" and death.get("reason") == "rejected" and death.get(
+        "queue") == "work", (
+        f"the dead-letter queue got {body!r} with x-death {death}; expected bad-1, reason "
+        "'rejected', from queue 'work'")
+    assert drain(mine, "work") == [] and drain(mine, "dead") == [], (
+        "after the run 'work' and 'dead' should hold nothing more")
+
+
+def test_per_message_ttl_expires_into_the_dlx(learner: Any, channels: Any) -> None:
+    mod = learner.load("patterns")
+    theirs, mine = channels
+    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
+    call("publish_with_ttl", mod.publish_with_ttl, theirs, "", "work", b"short", 200)
+    call("publish_with_ttl", mod.publish_with_ttl, theirs, "", "work", b"long", 60_000)
+    dead = wait_for_message(mine, "dead")
+    assert dead is not None, (
+        f"a message published with a 200 ms TTL was not dead-lettered within {DEADLINE:.0f} s: "
+        "set the AMQP 'expiration' property (a string of milliseconds, e.g. '200') - a "
+        "header named x-message-ttl does nothing on a message")
+    body, props = dead
+    assert body == "short" and death_of(props).get("reason") == "expired", (
+        f"the dead-letter queue got {body!r} with x-death {death_of(props)}; expected 'short', "
+        "reason 'expired'")
+    still = drain(mine, "work")
+    assert still == ["long"], (
+        f"'work' holds {still}; expected only 'long' (60 s TTL): each message carries its own "
+        "expiration")
+
+
+def test_per_queue_ttl_expires_into_the_dlx(learner: Any, channels: Any,
+                                            rabbitmq: Any) -> None:
+    mod = learner.load("patterns")
+    theirs, mine = channels
+    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "slow-work", "dlx2", "dead2",
+         200)
+    vhost = urllib.parse.quote(rabbitmq.vhost, safe="")
+    arguments = rabbitmq.api("GET", f"/queues/{vhost}/slow-work")["arguments"]
+    assert arguments.get("x-message-ttl") == 200 and arguments.get(
+        "x-dead-letter-exchange") == "dlx2", (
+        f"the broker shows slow-work's arguments as {arguments}; expected x-message-ttl 200 "
+        "(an integer, milliseconds) and x-dead-letter-exchange 'dlx2'")
+    mine.basic_publish("", "slow-work", b"stale")
+    dead = wait_for_message(mine, "dead2")
+    assert dead is not None and dead[0] == "stale" and death_of(dead[1]).get(
+        "reason") == "expired", (
+        f"a message left in slow-work (queue TTL 200 ms) should be dead-lettered with reason "
+        f"'expired' within {DEADLINE:.0f} s; got {dead and (dead[0], death_of(dead[1]))}")
