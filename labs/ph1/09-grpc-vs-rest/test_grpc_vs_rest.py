@@ -1,0 +1,368 @@
+"""Verification for ph1.9 grpc-vs-rest.
+
+The learner serves 1,000 users as JSON over HTTP/1.1 (their WSGI app behind a threaded
+wsgiref server that speaks HTTP/1.1) and as protobuf over gRPC (their servicer in a real grpc
+server), and measures each case. The test measures the same traffic itself: the addresses
+it gives the learner are counting TCP proxies of its own, in front of the real servers, and
+a server interceptor records which rpcs were called. The learner's report must agree with
+what the test saw: bytes in each direction, connections, and a latency between what the
+proxy observed and the wall time of the call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib.resources
+import importlib.util
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from types import ModuleType
+from typing import Any
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
+
+import grpc
+import pytest
+
+USERS = [{"id": i, "username": f"user{i:04d}", "email": f"user{i:04d}@example.com",
+          "created_at": 1_700_000_000 + 37 * i} for i in range(1, 1001)]
+KEYS = {"users", "bytes_sent", "bytes_received", "connections", "seconds"}
+SLACK_BYTES = 100  # a frame or two that may cross after a client stops counting (GOAWAY)
+
+
+# ---- stubs generated from the learner's directory.proto ---------------------------------
+
+@dataclass
+class Stubs:
+    pb2: ModuleType
+    grpc: ModuleType
+
+
+_generated: dict[str, Stubs] = {}
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # the _grpc module and the learner import it by this name
+    spec.loader.exec_module(module)
+    return module
+
+
+def generate_stubs(proto: Path) -> Stubs:
+    """protoc directory.proto into a temp dir, once per content (never committed)."""
+    key = hashlib.sha256(proto.read_bytes()).hexdigest()
+    if key not in _generated:
+        out = Path(tempfile.mkdtemp(prefix="ph1-9-stubs-"))
+        atexit.register(shutil.rmtree, out, True)
+        well_known = importlib.resources.files("grpc_tools") / "_proto"
+        done = subprocess.run(
+            [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto.parent}", f"-I{well_known}",
+             f"--python_out={out}", f"--grpc_python_out={out}", proto.name],
+            capture_output=True, text=True, cwd=proto.parent, timeout=60)
+        if done.returncode != 0:
+            pytest.fail(f"protoc rejected directory.proto: {done.stderr.strip()[:800]}",
+                        pytrace=False)
+        _generated[key] = Stubs(_import("directory_pb2", out / "directory_pb2.py"),
+                                _import("directory_pb2_grpc", out / "directory_pb2_grpc.py"))
+    stubs = _generated[key]
+    sys.modules["directory_pb2"], sys.modules["directory_pb2_grpc"] = stubs.pb2, stubs.grpc
+    return stubs
+
+
+# ---- the test's own measurement: a counting TCP proxy ----------------------------------
+
+@dataclass
+class Link:
+    """One proxied TCP connection, as seen on the wire."""
+
+    sent: int = 0       # client -> server
+    received: int = 0   # server -> client
+    first_sent_at: float | None = None
+    received_log: list[tuple[float, int]] = field(default_factory=list)  # (time, bytes)
+    ends: int = 0       # directions finished (2 = closed)
+
+
+class CountingProxy:
+    """127.0.0.1:<free port> forwarding every connection to `target`, logging bytes and
+    times per connection."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self._target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.links: list[Link] = []
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            link = Link()
+            with self._lock:
+                self.links.append(link)
+                self._sockets += [client, upstream]
+            for source, sink, upward in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(link, source, sink, upward),
+                                 daemon=True).start()
+
+    def _pump(self, link: Link, source: socket.socket, sink: socket.socket,
+              upward: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                now = time.perf_counter()
+                with self._lock:
+                    if upward:
+                        link.sent += len(chunk)
+                        if link.first_sent_at is None:
+                            link.first_sent_at = now
+                    else:
+                        link.received += len(chunk)
+                        link.received_log.append((now, len(chunk)))
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock, how in ((sink, socket.SHUT_WR), (source, socket.SHUT_RD)):
+                try:
+                    sock.shutdown(how)
+                except OSError:
+                    pass
+            with self._lock:
+                link.ends += 1
+
+    def wait_closed(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(link.ends == 2 for link in self.links):
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def close(self) -> None:
+        try:  # wakes the accept() thread (Linux)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+# ---- the servers ------------------------------------------------------------------------
+
+class _ServerHandler11(ServerHandler):
+    http_version = "1.1"  # wsgiref answers HTTP/1.0 by default; this lab compares HTTP/1.1
+
+    def cleanup_headers(self) -> None:
+        super().cleanup_headers()
+        self.headers["Connection"] = "close"  # wsgiref serves one request per connection
+
+
+class _Handler11(WSGIRequestHandler):
+    def handle(self) -> None:
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.parse_request():
+            return
+        handler = _ServerHandler11(self.rfile, self.wfile, self.get_stderr(),
+                                   self.get_environ(), multithread=True)
+        handler.request_handler = self  # type: ignore[attr-defined]
+        handler.run(self.server.get_app())  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
+        pass
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class Recorder(grpc.ServerInterceptor):
+    """Counts the rpcs the server receives, by method name."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        self.calls[details.method.rsplit("/", 1)[-1]] += 1
+        return continuation(details)
+
+
+@dataclass
+class Servers:
+    http: tuple[str, int]
+    grpc: tuple[str, int]
+    http_requests: Counter[str]
+    rpcs: Recorder
+
+
+@contextmanager
+def servers(learner: Any, stubs: Stubs) -> Iterator[Servers]:
+    make_app = learner.function("grpc_vs_rest", "make_app")
+    directory = learner.function("grpc_vs_rest", "UserDirectory")
+    requests: Counter[str] = Counter()
+    app = make_app([dict(u) for u in USERS])
+
+    def counted(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        requests[f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO')}"] += 1
+        return app(environ, start_response)
+
+    http_server = make_server("127.0.0.1", 0, counted, server_class=_ThreadingServer,
+                              handler_class=_Handler11)
+    threading.Thread(target=http_server.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    recorder = Recorder()
+    grpc_server = grpc.server(ThreadPoolExecutor(4), interceptors=[recorder])
+    stubs.grpc.add_UserDirectoryServicer_to_server(directory([dict(u) for u in USERS]),
+                                                   grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    try:
+        yield Servers(("127.0.0.1", http_server.server_port), ("127.0.0.1", port), requests,
+                      recorder)
+    finally:
+        grpc_server.stop(None)
+        http_server.shutdown()
+        http_server.server_close()
+
+
+# ---- comparing a report with the test's own observation ---------------------------------
+
+@dataclass
+class Observed:
+    report: dict[str, Any]
+    links: list[Link]
+    wall: float
+
+    @property
+    def sent(self) -> int:
+        return sum(link.sent for link in self.links)
+
+    @property
+    def received(self) -> int:
+        return sum(link.received for link in self.links)
+
+    def transfer_span(self) -> float:
+        """From the first byte the client sent to the moment 90% of the response bytes had
+        passed the proxy: a latency the client cannot have beaten."""
+        starts = [link.first_sent_at for link in self.links if link.first_sent_at is not None]
+        chunks = sorted(chunk for link in self.links for chunk in link.received_log)
+        if not starts or not chunks:
+            return 0.0
+        arrived = 0
+        for when, size in chunks:
+            arrived += size
+            if arrived >= 0.9 * self.received:
+                return when - min(starts)
+        return chunks[-1][0] - min(starts)
+
+
+def run_case(learner: Any, name: str, target: tuple[str, int]) -> Observed:
+    measure = learner.function("grpc_vs_rest", name)
+    proxy = CountingProxy(target)
+    try:
+        start = time.perf_counter()
+        report = measure(proxy.address)
+        wall = time.perf_counter() - start
+        closed = proxy.wait_closed(3.0)
+    finally:
+        proxy.close()
+    assert isinstance(report, dict) and KEYS <= set(report), (
+        f"{name}() must return a dict with {sorted(KEYS)}, saw {report!r}")
+    assert closed, (
+        f"{name}(): a connection was still open 3 s after it returned: close the client "
+        "(conn.close(), channel.close()) inside the measurement")
+    return Observed(report, list(proxy.links), wall)
+
+
+def check_report(case: str, seen: Observed) -> None:
+    report = seen.report
+    assert report["users"] == len(USERS), (
+        f"{case}: the report says {report['users']} users were decoded, expected {len(USERS)}")
+    assert report["connections"] == len(seen.links), (
+        f"{case}: the report says {report['connections']} TCP connection(s), the test's proxy "
+        f"saw {len(seen.links)}")
+    for what, claimed, actual in (("bytes_sent", report["bytes_sent"], seen.sent),
+                                  ("bytes_received", report["bytes_received"], seen.received)):
+        assert abs(claimed - actual) <= SLACK_BYTES, (
+            f"{case}: the report says {what}={claimed}, the test counted {actual} bytes on the "
+            f"wire (allowed difference {SLACK_BYTES}): bytes on the wire include headers, "
+            "framing and connection setup, not only the payload")
+    span = seen.transfer_span()
+    seconds = report["seconds"]
+    assert isinstance(seconds, float | int) and 0.9 * span <= seconds <= seen.wall + 0.005, (
+        f"{case}: the report says seconds={seconds!r}; the test saw the transfer take at least "
+        f"{span:.4f} s and the whole call {seen.wall:.4f} s: report wall time in seconds, from "
+        "before connecting until the last user is decoded")
+
+
+# ---- fixtures ---------------------------------------------------------------------------
+
+@pytest.fixture
+def stubs(learner: Any) -> Iterator[Stubs]:
+    generated = generate_stubs(Path(learner.path("directory.proto")))
+    yield generated
+    for name in ("directory_pb2", "directory_pb2_grpc"):
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def running(learner: Any, stubs: Stubs) -> Iterator[Servers]:
+    with servers(learner, stubs) as started:
+        yield started
+
+
+# ---- the verification -------------------------------------------------------------------
+
+def test_json_over_http11(learner: Any, running: Servers) -> None:
+    seen = run_case(learner, "measure_json", running.http)
+    assert running.http_requests == Counter({"GET /users": 1}), (
+        f"measure_json: expected one GET /users, the server saw {dict(running.http_requests)}")
+    check_report("JSON over HTTP/1.1", seen)
+
+
+def test_protobuf_over_grpc_unary(learner: Any, running: Servers) -> None:
+    seen = run_case(learner, "measure_grpc_unary", running.grpc)
+    assert running.rpcs.calls == Counter({"ListUsers": 1}), (
+        f"measure_grpc_unary: expected one ListUsers call, the server saw "
+        f"{dict(running.rpcs.calls)}")
+    check_report("protobuf over gRPC (unary)", seen)
+
+
+def test_grpc_stream_uses_one_connection(learner: Any, running: Servers) -> None:
+    seen = run_case(learner, "measure_grpc_stream", running.grpc)
+    assert running.rpcs.calls == Counter({"StreamUsers": 1}), (
+        f"measure_grpc_stream: expected one StreamUsers call, the server saw "
+        f"{dict(running.rpcs.calls)}")
+    assert len(seen.links) == 1, (
+        f"measure_grpc_stream: the test's proxy saw {len(seen.links)} TCP connections; a "
+        "stream of 1,000 messages needs one connection (one channel, one call)")
+    check_report("protobuf over gRPC (stream)", seen)
+
+
+def test_protobuf_is_smaller_on_the_wire(learner: Any, running: Servers) -> None:
+    as_json = run_case(learner, "measure_json", running.http)
+    as_protobuf = run_case(learner, "measure_grpc_unary", running.grpc)
+    assert as_protobuf.received < as_json.received, (
+        f"the test counted {as_protobuf.received} bytes for protobuf/gRPC and "
+        f"{as_json.received} for JSON/HTTP/1.1: protobuf should be the smaller one - does "
+        "ListUsers send the same 1,000 users, and /users nothing more?")
