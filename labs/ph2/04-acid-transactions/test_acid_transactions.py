@@ -93,9 +93,10 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) ->
 
 
 def waiting_on_lock(admin: Conn, pid: int) -> bool:
-    row = admin.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
-                        (pid,)).fetchone()
-    return row is not None and row[0] == "Lock"
+    """Is that session waiting for a row lock (another transaction's row or xact)?"""
+    row = admin.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity "
+                        "WHERE pid = %s", (pid,)).fetchone()
+    return row is not None and row[0] == "Lock" and row[1] in ("transactionid", "tuple")
 
 
 def outcome(future: Future[Any]) -> str:

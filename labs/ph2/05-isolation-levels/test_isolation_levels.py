@@ -186,9 +186,10 @@ def doctors(connect: Callable[[], Conn]) -> Iterator[tuple[Doctor, Doctor, Conn]
 
 
 def blocked(admin: Conn, pid: int) -> bool:
-    row = admin.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
-                        (pid,)).fetchone()
-    return row is not None and row[0] == "Lock"
+    """Is that session waiting for a row lock (another transaction's row or xact)?"""
+    row = admin.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity "
+                        "WHERE pid = %s", (pid,)).fetchone()
+    return row is not None and row[0] == "Lock" and row[1] in ("transactionid", "tuple")
 
 
 def test_write_skew_is_prevented_by_serializable_with_retry(

@@ -1,0 +1,373 @@
+"""ph2.6 deadlocks, lock ordering, SKIP LOCKED and lock_timeout on real Postgres 15.
+
+* Opposite transfers: T1 (1->2) takes its first lock and is held there by the
+  after_first_lock hook; T2 (2->1) starts. With a fixed lock order T2 is seen waiting for
+  T1's row; without one it takes account 2 and reaches its own hook - then both go on,
+  each wanting the other's row, and Postgres aborts one with 40P01. Either way the check
+  knows which world it is in before letting anything proceed. A deadlock caught and
+  retried shows as a second call of the hook. Then four threads run random transfers in
+  both directions: no 40P01, totals kept.
+* Job queue: four workers, 200 jobs. Each worker's first handler waits until all four
+  hold a job at once (so SKIP LOCKED is really exercised); a worker seen waiting for a
+  row lock means the queue serializes. Every job must be handled exactly once, and a job
+  whose handler raised must go back to the queue.
+* lock_timeout: the check holds a row lock on its own connection; the learner's update
+  must fail with LockBusy after about the timeout (a LockNotAvailable underneath), leave
+  the connection usable and the setting not leaked to the session.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.pq import TransactionStatus
+
+Conn = psycopg.Connection[Any]
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    """Wait for an observable condition (not for a guessed amount of time)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
+        time.sleep(0.01)
+
+
+def blocked_on_lock(admin: Conn, pid: int) -> bool:
+    """Is that session waiting for a row lock (another transaction's row or xact)?"""
+    row = admin.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity "
+                        "WHERE pid = %s", (pid,)).fetchone()
+    return row is not None and row[0] == "Lock" and row[1] in ("transactionid", "tuple")
+
+
+def error_name(future: Future[Any]) -> str | None:
+    exc = future.exception(timeout=30)
+    return None if exc is None else type(exc).__name__
+
+
+def ended(future: Future[Any]) -> str:
+    """How a finished call ended, in words."""
+    exc = future.exception(timeout=30)
+    return "returned" if exc is None else f"raised {type(exc).__name__}: {exc}"
+
+
+def api(learner: Any, name: str) -> Any:
+    """The learner's locking module, loaded once (so LockBusy is the class it raises)."""
+    module = learner.load("locking")
+    if not callable(getattr(module, name, None)):
+        pytest.fail(f"locking.py: define a function {name}()", pytrace=False)
+    return module
+
+
+@dataclass
+class Db:
+    postgres: Any
+
+    def connect(self) -> Conn:
+        conn: Conn = self.postgres.connect(autocommit=True)
+        return conn
+
+    def balances(self) -> dict[int, int]:
+        with self.connect() as conn:
+            return dict(conn.execute("SELECT id, balance FROM accounts").fetchall())
+
+
+@pytest.fixture
+def db(postgres: Any) -> Db:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE accounts (id integer PRIMARY KEY, "
+                     "balance bigint NOT NULL CHECK (balance >= 0))")
+        conn.execute("INSERT INTO accounts SELECT g, 10000 FROM generate_series(1, 3) g")
+        conn.execute("""CREATE TABLE jobs (
+                            id      integer PRIMARY KEY,
+                            payload text    NOT NULL,
+                            status  text    NOT NULL DEFAULT 'queued',
+                            done_by text,
+                            done_at timestamptz)""")
+        conn.execute("INSERT INTO jobs (id, payload) "
+                     "SELECT g, 'job-' || g FROM generate_series(1, 200) g")
+    return Db(postgres)
+
+
+# --------------------------------------------------------------------------------------
+# Lock ordering
+
+
+@dataclass
+class Transfer:
+    """One transfer() in its own thread, held at after_first_lock on its first call."""
+
+    label: str
+    conn: Conn
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    calls: int = 0
+    future: Future[Any] | None = None
+
+    def after_first_lock(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.arrived.set()
+            self.release.wait(timeout=30)
+
+    @property
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
+
+
+def test_opposite_transfers_do_not_deadlock(db: Db, learner: Any) -> None:
+    transfer = api(learner, "transfer").transfer
+    with (db.connect() as admin, db.connect() as c1, db.connect() as c2,
+          ThreadPoolExecutor(max_workers=2) as pool):
+        t1, t2 = Transfer("1->2", c1), Transfer("2->1", c2)
+        t1.future = pool.submit(transfer, c1, 1, 2, 10, after_first_lock=t1.after_first_lock)
+        wait_until(lambda: t1.arrived.is_set() or t1.done, "transfer 1->2 to take a lock")
+        if not t1.arrived.is_set():
+            pytest.fail(f"transfer 1->2 {ended(t1.future)} - without calling "
+                        f"after_first_lock(): call it once you hold the first row lock",
+                        pytrace=False)
+        t2.future = pool.submit(transfer, c2, 2, 1, 10, after_first_lock=t2.after_first_lock)
+        pid2 = c2.info.backend_pid
+        # Either T2 queues behind T1 (same first row: ordered) or it holds account 2 and
+        # reaches its hook (each holds what the other needs next).
+        wait_until(lambda: t2.arrived.is_set() or t2.done or blocked_on_lock(admin, pid2),
+                   "transfer 2->1 to take its first lock or to wait for one")
+        t2_held_a_lock = t2.arrived.is_set()
+        t1.release.set()
+        t2.release.set()
+        errors = {t.label: error_name(t.future) for t in (t1, t2) if t.future is not None}
+
+    failed = {label: err for label, err in errors.items() if err}
+    if "DeadlockDetected" in failed.values():
+        pytest.fail(
+            f"deadlock detected (40P01) in {', '.join(failed)}: 1->2 held account 1 and "
+            f"waited for 2 while 2->1 held account 2 and waited for 1 - lock the two rows in "
+            f"the same order in every transfer (lowest id first)", pytrace=False)
+    assert not failed, f"the transfers failed: {failed}"
+    assert t1.calls == 1 and t2.calls == 1, (
+        f"after_first_lock was called {t1.calls} time(s) by 1->2 and {t2.calls} by 2->1: a "
+        f"transaction started over - a deadlock (40P01) caught and retried still costs a "
+        f"deadlock_timeout and an aborted transaction; lock in a fixed order instead")
+    assert not t2_held_a_lock, (
+        "2->1 took its first lock (account 2) while 1->2 held account 1: the two transfers "
+        "lock in opposite orders; it only did not deadlock by luck")
+    assert db.balances() == {1: 10000, 2: 10000, 3: 10000}, (
+        f"after 1->2 10 and 2->1 10 the balances are {db.balances()}, expected unchanged")
+
+
+def test_random_transfers_in_both_directions_never_deadlock(db: Db, learner: Any) -> None:
+    transfer = api(learner, "transfer").transfer
+    start = threading.Barrier(4)
+
+    def worker(seed: int) -> list[tuple[int, int, int]]:
+        rng = random.Random(seed)
+        done = []
+        with db.connect() as conn:
+            start.wait(timeout=30)
+            for _ in range(30):
+                src, dst = rng.sample([1, 2, 3], 2)
+                amount = rng.randint(1, 9)
+                transfer(conn, src, dst, amount)
+                done.append((src, dst, amount))
+        return done
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(worker, seed) for seed in range(4)]
+        failures = [f.exception(timeout=60) for f in futures]
+    errors = Counter(type(e).__name__ for e in failures if e is not None)
+    if errors.get("DeadlockDetected"):
+        pytest.fail(f"{errors['DeadlockDetected']} of 4 workers stopped with a deadlock "
+                    f"(40P01) running random transfers in both directions: lock accounts in "
+                    f"a fixed order (lowest id first) so no two transfers wait for each "
+                    f"other", pytrace=False)
+    first_error = next((e for e in failures if e is not None), None)
+    assert first_error is None, (
+        f"{sum(errors.values())} of 4 workers stopped: {type(first_error).__name__}: "
+        f"{first_error}")
+    expected = {1: 10000, 2: 10000, 3: 10000}
+    for f in futures:
+        for src, dst, amount in f.result():
+            expected[src] -= amount
+            expected[dst] += amount
+    assert db.balances() == expected, (
+        f"balances {db.balances()} after 120 transfers, expected {expected}")
+
+
+# --------------------------------------------------------------------------------------
+# A job queue with SKIP LOCKED
+
+
+def test_four_workers_take_200_jobs_exactly_once(db: Db, learner: Any) -> None:
+    take_job = api(learner, "take_job").take_job
+    names = [f"worker-{n}" for n in range(1, 5)]
+    handled: list[tuple[str, int, str]] = []
+    guard = threading.Lock()
+    holding = {name: threading.Event() for name in names}
+    go = threading.Event()
+
+    def work(name: str, conn: Conn) -> int:
+        first = True
+
+        def handle(job_id: int, payload: str) -> None:
+            nonlocal first
+            with guard:
+                handled.append((name, job_id, payload))
+            if first:  # hold the first job until all four workers hold one
+                first = False
+                holding[name].set()
+                go.wait(timeout=30)
+
+        taken = 0
+        while take_job(conn, name, handle) is not None:
+            taken += 1
+        return taken
+
+    with db.connect() as admin, ThreadPoolExecutor(max_workers=4) as pool:
+        conns = {name: db.connect() for name in names}
+        try:
+            futures = {name: pool.submit(work, name, conns[name]) for name in names}
+            pids = {name: conns[name].info.backend_pid for name in names}
+
+            def waiting() -> list[str]:
+                return [n for n in names if blocked_on_lock(admin, pids[n])]
+
+            wait_until(lambda: all(holding[n].is_set() or futures[n].done() for n in names)
+                       or bool(waiting()), "the four workers to each hold a job")
+            blocked = waiting()
+            at_once = sorted(n for n in names if holding[n].is_set())
+            go.set()
+            errors = {n: ended(f) for n, f in futures.items() if f.exception(timeout=30)}
+        finally:
+            for conn in conns.values():
+                conn.close()
+
+    assert not blocked, (
+        f"{', '.join(blocked)} waited for a row lock held by another worker: without SKIP "
+        f"LOCKED every worker queues behind the first one's locked job")
+    assert not errors, "workers stopped: " + "; ".join(f"{n} {e}" for n, e in errors.items())
+    by_job: dict[int, list[str]] = {}
+    for name, job_id, _ in handled:
+        by_job.setdefault(job_id, []).append(name)
+    twice = {job: who for job, who in by_job.items() if len(who) > 1}
+    assert not twice, (
+        f"{len(twice)} job(s) handled more than once, e.g. job {min(twice)} by "
+        f"{' and '.join(twice[min(twice)])}: two workers claimed the same row - lock it "
+        f"(FOR UPDATE) in the transaction that handles it")
+    assert at_once == names, (
+        f"only {', '.join(at_once) or 'no worker'} held a job while the others had none: "
+        f"the workers did not work in parallel")
+    missing = sorted(set(range(1, 201)) - set(by_job))
+    assert not missing, f"{len(missing)} job(s) never handled, e.g. {missing[:5]}"
+    with db.connect() as conn:
+        rows = conn.execute("SELECT id, status, done_by FROM jobs ORDER BY id").fetchall()
+    who = {job: names_[0] for job, names_ in by_job.items()}
+    wrong = [(job, status, done_by) for job, status, done_by in rows
+             if status != "done" or done_by != who.get(job)]
+    assert not wrong, (
+        f"{len(wrong)} job row(s) not marked done by the worker that handled them, e.g. "
+        f"{wrong[0]} (handled by {who.get(wrong[0][0])})")
+
+
+def test_a_job_whose_handler_fails_goes_back_to_the_queue(db: Db, learner: Any) -> None:
+    take_job = api(learner, "take_job").take_job
+
+    def crash(job_id: int, payload: str) -> None:
+        raise RuntimeError(f"handler crashed on {payload}")
+
+    seen: list[int] = []
+    with db.connect() as conn:
+        try:
+            take_job(conn, "worker-1", crash)
+        except RuntimeError:
+            pass  # the handler's error may propagate; it must not lose the job
+        assert conn.info.transaction_status == TransactionStatus.IDLE, (
+            "after the handler raised, the connection was left inside a transaction: "
+            "roll it back so the job's lock is released")
+        job = take_job(conn, "worker-2", lambda job_id, payload: seen.append(job_id))
+    assert job == 1 and seen == [1], (
+        f"the handler of job 1 raised, then the next take_job handled {seen or 'nothing'}: "
+        f"job 1 should have gone back to the queue - handle it inside the transaction that "
+        f"claimed it, so a failure rolls the claim back")
+
+
+# --------------------------------------------------------------------------------------
+# lock_timeout
+
+TIMEOUT_MS = 300
+
+
+def test_a_blocked_update_fails_within_the_lock_timeout(db: Db, learner: Any) -> None:
+    module = api(learner, "update_balance_with_timeout")
+    update, lock_busy = module.update_balance_with_timeout, module.LockBusy
+    with (db.connect() as holder, db.connect() as conn,
+          ThreadPoolExecutor(max_workers=1) as pool):
+        default = show_lock_timeout(conn)
+        # Without contention the call simply applies and commits the change...
+        update(conn, 1, 5, TIMEOUT_MS)
+        assert db.balances()[1] == 10005, (
+            f"with the row free, update_balance_with_timeout(conn, 1, 5, ...) left the "
+            f"balance at {db.balances()[1]}, expected 10005 (committed)")
+        assert_not_leaked(conn, default, "after a successful update")
+
+        # ...and with the row locked by someone else it gives up after the timeout.
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1 FROM accounts WHERE id = 1 FOR UPDATE")
+        started = time.monotonic()
+        future = pool.submit(update, conn, 1, 5, TIMEOUT_MS)
+        try:
+            exc = future.exception(timeout=10)
+        except TimeoutError:
+            holder.execute("ROLLBACK")  # let the learner's update finish
+            future.exception(timeout=30)
+            pytest.fail(f"the update was still waiting for the locked row after 10 s: set "
+                        f"lock_timeout = {TIMEOUT_MS}ms for the transaction", pytrace=False)
+        elapsed_ms = (time.monotonic() - started) * 1000
+        holder.execute("ROLLBACK")
+
+        assert exc is not None, (
+            "the update returned normally although the row was locked the whole time")
+        assert isinstance(exc, lock_busy), (
+            f"expected LockBusy, the update raised {type(exc).__name__}: {exc} - catch the "
+            f"lock timeout and raise your own error")
+        chain = {type(e) for e in (exc.__cause__, exc.__context__) if e is not None}
+        if psycopg.errors.QueryCanceled in chain:
+            pytest.fail("LockBusy came from a statement_timeout (57014): that cancels any "
+                        "slow statement; lock_timeout bounds only the wait for a lock (55P03)",
+                        pytrace=False)
+        assert psycopg.errors.LockNotAvailable in chain, (
+            f"LockBusy should be raised from the LockNotAvailable (55P03) that lock_timeout "
+            f"produces (raise LockBusy(...) from exc); its cause was {chain or 'nothing'}")
+        assert elapsed_ms >= TIMEOUT_MS * 0.8, (
+            f"LockBusy after {elapsed_ms:.0f} ms, before the {TIMEOUT_MS} ms timeout: that "
+            f"is NOWAIT (give up at once), not a bounded wait")
+        assert elapsed_ms <= TIMEOUT_MS + 2000, (
+            f"LockBusy only after {elapsed_ms:.0f} ms, for a timeout of {TIMEOUT_MS} ms")
+        assert conn.info.transaction_status == TransactionStatus.IDLE, (
+            f"after LockBusy the connection is {conn.info.transaction_status.name}: roll "
+            f"the failed transaction back")
+        assert_not_leaked(conn, default, "after LockBusy")
+    assert db.balances()[1] == 10005, "the refused update changed the balance"
+
+
+def show_lock_timeout(conn: Conn) -> str:
+    row = conn.execute("SHOW lock_timeout").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def assert_not_leaked(conn: Conn, default: str, when: str) -> None:
+    now = show_lock_timeout(conn)
+    assert now == default, (
+        f"{when}, lock_timeout on your connection is {now} (it was {default}): a plain SET "
+        f"stays for every later statement of the session - use SET LOCAL (or "
+        f"set_config(..., true)) inside the transaction")
