@@ -1,0 +1,275 @@
+"""Verification for ph0.2: graceful close, half-close and abortive close on real loopback
+TCP connections. The test holds the other end of each connection and reports what a peer
+really sees (EOF, reset, late data); TIME_WAIT is read from the kernel's /proc/net/tcp.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+LATE = b"late reply, sent after your FIN\n" * 64   # the peer's data after the half-close
+WAIT = 3.0                                          # generous bound for anything that must happen
+
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
+              5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
+              10: "LISTEN", 11: "CLOSING"}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Pair:
+    """Both ends of one established loopback connection, and their addresses (kept
+    because the learner's code closes its socket)."""
+
+    client: socket.socket  # the connect()ing end
+    server: socket.socket  # the accept()ed end
+    client_addr: tuple[str, int]
+    server_addr: tuple[str, int]
+
+    def client_end(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        """(local, remote) of the client's end, as the kernel lists it."""
+        return self.client_addr, self.server_addr
+
+    def server_end(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        return self.server_addr, self.client_addr
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=WAIT)
+        server, _ = listener.accept()
+    server.settimeout(WAIT)
+    yield Pair(client, server, client.getsockname(), server.getsockname())
+    client.close()
+    server.close()
+
+
+class Background:
+    """Runs one learner function in a thread so the test can play the peer meanwhile."""
+
+    def __init__(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        self.what = what
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported by check()/wait()
+            self.error = exc
+
+    def check(self) -> None:
+        """Fail now if the learner's function already raised."""
+        if self.error is not None:
+            if isinstance(self.error, NotImplementedError):
+                pytest.fail(f"{self.what} is not implemented yet: {self.error}", pytrace=False)
+            pytest.fail(f"{self.what} raised {type(self.error).__name__}: {self.error}",
+                        pytrace=False)
+
+    def wait(self) -> Any:
+        self.thread.join(WAIT)
+        if self.thread.is_alive():
+            pytest.fail(f"{self.what} did not return within {WAIT:.0f} s: it is still "
+                        "blocked, probably in recv() waiting for data that never comes",
+                        pytrace=False)
+        self.check()
+        return self.result
+
+
+def peer_reads(sock: socket.socket, running: Background) -> str:
+    """What the test's end sees next: 'eof', 'reset', 'data' or 'nothing' (for WAIT s)."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        running.check()
+        readable, _, _ = select.select([sock], [], [], 0.05)
+        if readable:
+            try:
+                return "data" if sock.recv(65536) else "eof"
+            except ConnectionResetError:
+                return "reset"
+    return "nothing"
+
+
+def tcp_state(local: tuple[str, int], remote: tuple[str, int]) -> str | None:
+    """The kernel's state for one connection end, from /proc/net/tcp (None: no socket)."""
+    def decode(field: str) -> tuple[str, int]:
+        ip_hex, port_hex = field.split(":")
+        return socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]), int(port_hex, 16)
+
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if decode(fields[1]) == local and decode(fields[2]) == remote:
+                return TCP_STATES.get(int(fields[3], 16), fields[3])
+    return None
+
+
+def wait_for_state(local: tuple[str, int], remote: tuple[str, int], want: str) -> str | None:
+    """Poll the kernel table briefly: the last segments are processed asynchronously."""
+    deadline = time.monotonic() + WAIT
+    state = tcp_state(local, remote)
+    while state != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+        state = tcp_state(local, remote)
+    return state
+
+
+SEEN = {
+    "reset": "a reset (RST): the connection was aborted, not closed",
+    "nothing": f"nothing at all for {WAIT:.0f} s: no FIN was sent",
+    "data": "unexpected data",
+    "eof": "an orderly EOF (your FIN)",
+}
+
+
+@dataclass
+class Exchange:
+    seen: str        # what the peer saw when the learner closed
+    returned: Any    # what graceful_close() returned
+
+
+def graceful_exchange(learner: Any, pair: Pair) -> Exchange:
+    """The learner half-closes its client end; the test's end reads the FIN, answers with
+    LATE, and closes."""
+    closing = learner.load("closing")
+    running = Background("graceful_close()", closing.graceful_close, pair.client)
+    seen = peer_reads(pair.server, running)
+    if seen == "eof":
+        try:
+            pair.server.sendall(LATE)  # data after the learner's half-close
+        except OSError:
+            pass  # reported through what graceful_close() returns
+    pair.server.close()
+    return Exchange(seen, running.wait())
+
+
+def expect_fin(exchange: Exchange) -> None:
+    assert exchange.seen == "eof", (
+        f"after graceful_close() the peer saw {SEEN[exchange.seen]}; expected an orderly "
+        "EOF\nsock.shutdown(socket.SHUT_WR) sends your FIN right away and keeps the socket "
+        "open for reading; wait for the peer's FIN only after sending yours.")
+
+
+# ---------------------------------------------------------------------------- graceful
+
+
+def test_graceful_close_sends_fin(learner: Any, pair: Pair) -> None:
+    expect_fin(graceful_exchange(learner, pair))
+
+
+def test_data_after_half_close_still_arrives(learner: Any, pair: Pair) -> None:
+    exchange = graceful_exchange(learner, pair)
+    expect_fin(exchange)
+    got = exchange.returned
+    assert got == LATE, (
+        f"graceful_close() returned {len(got or b'')} bytes, expected the {len(LATE)} bytes "
+        "the peer sent after your FIN\nA half-closed connection still delivers the other "
+        "direction: read until recv() returns b''. close() or shutdown(SHUT_RDWR) throws "
+        "that data away (the kernel answers it with RST).")
+    assert pair.client.fileno() == -1, (
+        "graceful_close() left the socket open: close it once the peer's FIN arrived")
+
+
+def test_active_closer_passes_through_time_wait(learner: Any, pair: Pair) -> None:
+    expect_fin(graceful_exchange(learner, pair))
+    mine = wait_for_state(*pair.client_end(), want="TIME_WAIT")
+    assert mine == "TIME_WAIT", (
+        f"your end of the connection is in state {mine or 'gone'}, expected TIME_WAIT "
+        "(read from /proc/net/tcp)\nThe side that sends the first FIN and then receives the "
+        "peer's FIN waits 2*MSL in TIME_WAIT; a socket that vanished at once was reset.")
+    theirs = tcp_state(*pair.server_end())
+    assert theirs != "TIME_WAIT", (
+        "the peer's end is in TIME_WAIT too: only the active closer (first FIN) should be")
+
+
+# ---------------------------------------------------------------------------- abortive
+
+
+def abort(learner: Any, pair: Pair) -> str:
+    closing = learner.load("closing")
+    running = Background("abortive_close()", closing.abortive_close, pair.client)
+    running.wait()
+    return peer_reads(pair.server, running)
+
+
+def test_abortive_close_resets_the_peer(learner: Any, pair: Pair) -> None:
+    seen = abort(learner, pair)
+    assert seen == "reset", (
+        f"after abortive_close() the peer saw {SEEN[seen]}; expected 'connection reset'\n"
+        "Set SO_LINGER to struct.pack('ii', 1, 0) before close(): with a zero linger time "
+        "the kernel sends RST instead of FIN.")
+    assert pair.client.fileno() == -1, "abortive_close() must close the socket"
+
+
+def test_abortive_close_skips_time_wait(learner: Any, pair: Pair) -> None:
+    seen = abort(learner, pair)
+    pair.server.close()
+    if seen == "reset":
+        state = tcp_state(*pair.client_end())  # a reset end is gone at once
+    else:  # it was an orderly close after all: let the FIN exchange finish and look
+        state = wait_for_state(*pair.client_end(), want="TIME_WAIT")
+    assert state is None, (
+        f"after abortive_close() your end is in state {state}, expected no socket at all\n"
+        f"(the peer saw {SEEN[seen]}). RST ends the connection at once: no FIN_WAIT, no "
+        "TIME_WAIT. That is why servers must not use it as a shortcut for a normal close: "
+        "unsent data is lost.")
+
+
+# ---------------------------------------------------------------------------- passive side
+
+
+def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> None:
+    requests: list[bytes] = []
+
+    def answer(request: bytes) -> bytes:
+        return b"%d bytes: " % len(request) + request.upper()
+
+    def handler(request: bytes) -> bytes:
+        requests.append(request)
+        return answer(request)
+
+    closing = learner.load("closing")
+    running = Background("serve_until_eof()", closing.serve_until_eof, pair.server, handler)
+    head, rest = b"report for:\n", b"line of the request\n" * 5000
+    pair.client.sendall(head)
+    # The request is not over until the client's FIN: nothing may come back before it.
+    readable, _, _ = select.select([pair.client], [], [], 0.3)
+    running.check()
+    assert not readable, (
+        "serve_until_eof() answered (or closed) after the first part of the request\n"
+        "The client marks the end of its request with its FIN: read until recv() returns "
+        "b'' before calling the handler.")
+    pair.client.sendall(rest)
+    pair.client.shutdown(socket.SHUT_WR)  # the client's half-close ends the request
+    reply = b""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        running.check()
+        chunk = pair.client.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    else:
+        pytest.fail("serve_until_eof() never closed its end: close the socket after "
+                    "sending the answer, the client reads until your FIN", pytrace=False)
+    running.wait()
+    want = answer(head + rest)
+    assert reply == want, (
+        f"the client read {len(reply)} bytes after its half-close, expected {len(want)} "
+        f"(the handler's answer to the whole {len(head + rest)}-byte request)\n"
+        "After the client's FIN your half of the connection is still open for sending.")
+    assert requests == [head + rest], (
+        "the handler was called with a partial request: read until EOF, then call it once")

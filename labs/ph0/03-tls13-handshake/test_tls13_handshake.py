@@ -1,0 +1,297 @@
+"""Verification for ph0.3: the learner's CA, server certificate and TLS 1.3-only contexts,
+checked by inspecting the certificates with `cryptography` and by real TLS handshakes
+over loopback TCP: the learner's server against the learner's client, a TLS 1.2-only
+client, OpenSSL's own s_client, and the learner's client against servers it must refuse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+HOSTNAME = "api.lab.test"
+TLS13_AEAD_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384",
+                     "TLS_CHACHA20_POLY1305_SHA256"}
+WAIT = 5.0
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def tls13(learner: Any) -> Any:
+    return learner.load("tls13")
+
+
+def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a learner function; NotImplementedError and crashes become clear failures."""
+    try:
+        return fn(*args)
+    except NotImplementedError as exc:
+        pytest.fail(f"{what} is not implemented yet: {exc}", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's error, reported plainly
+        pytest.fail(f"{what} raised {type(exc).__name__}: {exc}", pytrace=False)
+
+
+class Subject:
+    """The learner's PKI and contexts, built on first use inside the test (not in a
+    fixture) so that a missing piece is reported as that test's failure."""
+
+    def __init__(self, tls13: Any, tmp_path: Path) -> None:
+        self.tls13 = tls13
+        self.tmp_path = tmp_path
+        self._pki: Any = None
+
+    def pki(self, name: str = "pki") -> Any:
+        if name != "pki":  # a second, independent CA
+            return _call("create_pki()", self.tls13.create_pki, self.tmp_path / name, HOSTNAME)
+        if self._pki is None:
+            self._pki = _call("create_pki()", self.tls13.create_pki, self.tmp_path / name,
+                              HOSTNAME)
+        return self._pki
+
+    def server_ctx(self, pki: Any = None) -> ssl.SSLContext:
+        return _call("server_context()", self.tls13.server_context,  # type: ignore[no-any-return]
+                     pki or self.pki())
+
+    def client_ctx(self) -> ssl.SSLContext:
+        return _call("client_context()", self.tls13.client_context,  # type: ignore[no-any-return]
+                     self.pki().ca_cert)
+
+
+@pytest.fixture
+def lab(tls13: Any, tmp_path: Path) -> Subject:
+    return Subject(tls13, tmp_path)
+
+
+# ---------------------------------------------------------------------------- handshakes
+
+
+@dataclass
+class Handshake:
+    version: str | None = None      # what the client negotiated (None: it failed)
+    cipher: str | None = None
+    client_error: str | None = None
+    server_error: str | None = None
+    reply: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.client_error is None and self.version is not None
+
+
+class TlsServer:
+    """One loopback TLS server thread: accepts one connection with ``ctx`` and answers
+    b"pong:" + the first message."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(WAIT)
+        self.port = self.listener.getsockname()[1]
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            conn.settimeout(WAIT)
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                data = tls.recv(1024)
+                tls.sendall(b"pong:" + data)
+        except (OSError, ssl.SSLError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        self.thread.join(WAIT)
+        self.listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[ssl.SSLContext], TlsServer]]:
+    servers: list[TlsServer] = []
+
+    def start(ctx: ssl.SSLContext) -> TlsServer:
+        servers.append(TlsServer(ctx))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def handshake(server: TlsServer, client_ctx: ssl.SSLContext,
+              server_hostname: str = HOSTNAME) -> Handshake:
+    """Connect with ``client_ctx``, exchange ping/pong, and report what happened."""
+    result = Handshake()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as raw:
+        try:
+            with client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
+                suite = tls.cipher()
+                result.version, result.cipher = tls.version(), suite[0] if suite else None
+                tls.sendall(b"ping")
+                result.reply = tls.recv(1024)
+        except (OSError, ssl.SSLError) as exc:
+            result.client_error = f"{type(exc).__name__}: {exc}"
+    server.thread.join(WAIT)
+    result.server_error = server.error
+    return result
+
+
+def tls12_only_client(ca_file: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def tls12_only_server(pki: Any) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    return ctx
+
+
+def _load_cert(path: Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        pytest.fail(f"{what} ({path}) is not a PEM certificate: {exc}", pytrace=False)
+
+
+# ---------------------------------------------------------------------------- certificates
+
+
+def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> Any:
+    """The value of one extension, or None when the certificate lacks it."""
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def test_certificates_form_a_chain(lab: Subject) -> None:
+    pki = lab.pki()
+    ca = _load_cert(pki.ca_cert, "pki.ca_cert")
+    server = _load_cert(pki.server_cert, "pki.server_cert")
+    ca_basic = _extension(ca, x509.BasicConstraints)
+    assert ca_basic is not None and ca_basic.ca, (
+        "the CA certificate lacks BasicConstraints(ca=True)\nWithout it, verifiers refuse "
+        "to accept anything it signed: only a CA certificate may issue certificates.")
+    assert ca.issuer == ca.subject, "the CA certificate must be self-signed (issuer == subject)"
+    try:
+        server.verify_directly_issued_by(ca)
+    except (ValueError, TypeError) as exc:
+        pytest.fail(f"the server certificate was not signed by the CA: {exc}\nSign it with "
+                    "the CA's private key and set its issuer to the CA's subject.",
+                    pytrace=False)
+    san = _extension(server, x509.SubjectAlternativeName)
+    names = san.get_values_for_type(x509.DNSName) if san is not None else []
+    assert HOSTNAME in names, (
+        f"the server certificate's SubjectAlternativeName lists {names}, expected "
+        f"{HOSTNAME!r}\nTLS clients match the host they dialled against the SAN DNS names; "
+        "browsers ignore the common name altogether.")
+    server_basic = _extension(server, x509.BasicConstraints)
+    assert server_basic is None or not server_basic.ca, (
+        "the server certificate is itself a CA: a leaked server key could then sign "
+        "certificates for any site")
+    now = dt.datetime.now(dt.UTC)
+    assert server.not_valid_before_utc <= now < server.not_valid_after_utc, (
+        f"the server certificate is not valid now ({server.not_valid_before_utc} .. "
+        f"{server.not_valid_after_utc})")
+    key = serialization.load_pem_private_key(Path(pki.server_key).read_bytes(), None)
+    assert key.public_key() == server.public_key(), (
+        "pki.server_key does not belong to pki.server_cert")
+
+
+# ---------------------------------------------------------------------------- handshakes
+
+
+def test_handshake_is_tls13_with_an_aead_suite(serve: Any, lab: Subject) -> None:
+    result = handshake(serve(lab.server_ctx()), lab.client_ctx())
+    assert result.ok, (
+        f"the handshake between your server and your client failed: {result.client_error}"
+        f"\n(server side: {result.server_error}). Check that the server certificate names "
+        f"{HOSTNAME} in its SubjectAlternativeName and is signed by the CA the client trusts.")
+    assert result.version == "TLSv1.3", (
+        f"negotiated {result.version}, expected TLSv1.3")
+    assert result.cipher in TLS13_AEAD_SUITES, (
+        f"negotiated cipher suite {result.cipher}, expected a TLS 1.3 AEAD suite "
+        f"({', '.join(sorted(TLS13_AEAD_SUITES))})")
+    assert result.reply == b"pong:ping", (
+        f"application data did not round-trip over the TLS connection: got {result.reply!r}")
+
+
+def test_key_exchange_is_ephemeral(serve: Any, lab: Subject) -> None:
+    """OpenSSL's own client reports the key exchange: an ephemeral (EC)DHE share."""
+    openssl = shutil.which("openssl")
+    assert openssl, "the openssl command is needed for this check (apt-get install openssl)"
+    pki = lab.pki()
+    server = serve(lab.server_ctx())
+    done = subprocess.run(
+        [openssl, "s_client", "-connect", f"127.0.0.1:{server.port}", "-servername", HOSTNAME,
+         "-CAfile", str(pki.ca_cert), "-verify_return_error", "-brief"],
+        input=b"ping", capture_output=True, timeout=WAIT)
+    server.thread.join(WAIT)
+    report = done.stderr.decode(errors="replace") + done.stdout.decode(errors="replace")
+    details = dict(line.split(": ", 1) for line in report.splitlines() if ": " in line)
+    version = details.get("Protocol version")
+    temp_key = details.get("Peer Temp Key") or details.get("Server Temp Key")
+    assert version == "TLSv1.3" and temp_key, (
+        f"openssl s_client saw protocol {version}, key exchange {temp_key}; expected "
+        f"TLSv1.3 with an ephemeral key share\nopenssl said:\n{report.strip()[-800:]}")
+    assert any(group in temp_key for group in ("X25519", "X448", "ECDH", "DH")), (
+        f"the key exchange used {temp_key}, expected an ephemeral (EC)DHE group: that is "
+        "what gives forward secrecy")
+
+
+def test_tls12_only_client_is_refused(serve: Any, lab: Subject) -> None:
+    result = handshake(serve(lab.server_ctx()), tls12_only_client(lab.pki().ca_cert))
+    assert not result.ok, (
+        f"a TLS 1.2-only client was accepted (negotiated {result.version}, {result.cipher})"
+        "\nThe server context must refuse anything below TLS 1.3: "
+        "ctx.minimum_version = ssl.TLSVersion.TLSv1_3.")
+
+
+def test_client_refuses_a_tls12_server(serve: Any, lab: Subject) -> None:
+    result = handshake(serve(tls12_only_server(lab.pki())), lab.client_ctx())
+    assert not result.ok, (
+        f"your client completed a handshake with a TLS 1.2-only server ({result.version})\n"
+        "A downgrade must be refused by the client too: minimum_version = TLSv1_3.")
+
+
+def test_client_refuses_a_wrong_hostname(serve: Any, lab: Subject) -> None:
+    result = handshake(serve(lab.server_ctx()), lab.client_ctx(),
+                       server_hostname="evil.lab.test")
+    assert not result.ok, (
+        f"your client accepted the certificate for {HOSTNAME} while dialling evil.lab.test"
+        "\nWithout a hostname check any certificate from a trusted CA impersonates any "
+        "site: keep check_hostname=True (ssl.create_default_context does).")
+    assert "hostname" in (result.client_error or "").lower() \
+        or "match" in (result.client_error or "").lower(), (
+        f"the handshake failed, but not on the hostname: {result.client_error}")
+
+
+def test_client_refuses_an_untrusted_ca(serve: Any, lab: Subject) -> None:
+    # Another CA issues a certificate for the very same hostname: only the trust anchor
+    # differs, so only chain verification can tell them apart.
+    impostor_ctx = lab.server_ctx(lab.pki("impostor"))
+    result = handshake(serve(impostor_ctx), lab.client_ctx())
+    assert not result.ok, (
+        f"your client accepted a certificate from a CA it does not trust ({result.version})\n"
+        "The client must verify the chain up to the CA file it was given: "
+        "verify_mode=CERT_REQUIRED with load_verify_locations(ca_file).")
+    assert "certificate verify failed" in (result.client_error or ""), (
+        f"the handshake failed, but not on certificate verification: {result.client_error}")
