@@ -1,0 +1,347 @@
+"""ph2.12 verification: a migration runner, and an expand-contract rename under traffic.
+
+The runner is exercised on migration files the test writes to a temporary folder. The
+rename uses the learner's own migrations/ folder, applied one version at a time by the
+learner's runner while two versions of an application - threads on their own connections -
+keep inserting, reading and updating users:
+
+    V001 baseline        v1 (writes/reads users.name) running
+    V002 expand          v1 running
+    V003 backfill        v1 running, then v2 (users.full_name) starts: both running
+    (v1 retired)         v2 running
+    V004 contract        v2 running
+
+Every operation's outcome is checked (errors, and names read back against what was
+written, including across versions), so a step that breaks one version is caught even if
+the step itself succeeds.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psycopg
+import pytest
+
+# --------------------------------------------------------------------------------------
+# The runner
+
+
+@pytest.fixture
+def runner(learner: Any) -> ModuleType:
+    module = learner.load("migrate")
+    if not callable(getattr(module, "migrate", None)):
+        pytest.fail("migrate.py: define a function migrate(dsn, directory, target=None)",
+                    pytrace=False)
+    for name in ("MigrationError", "ChecksumMismatch"):
+        if not isinstance(getattr(module, name, None), type):
+            pytest.fail(f"migrate.py: define an exception class {name}", pytrace=False)
+    return module
+
+
+def write(folder: Path, files: dict[str, str]) -> None:
+    for name, sql in files.items():
+        (folder / name).write_text(sql, encoding="utf-8")
+
+
+def refused(call: Callable[[], Any], what: str) -> BaseException:
+    """The exception `call` raised; a teaching failure if it raised none."""
+    try:
+        result = call()
+    except Exception as exc:  # noqa: BLE001 - the caller checks the type
+        return exc
+    pytest.fail(f"migrate() {what} returned {result!r} instead of refusing", pytrace=False)
+
+
+BASIC = {
+    "V001__create_accounts.sql": "CREATE TABLE accounts (id int PRIMARY KEY, owner text);",
+    "V002__seed_admin.sql": "INSERT INTO accounts VALUES (1, 'admin');",
+    "V003__add_email.sql": "ALTER TABLE accounts ADD COLUMN email text;\n"
+                           "UPDATE accounts SET email = 'root@example.com';",
+    "README.md": "not a migration",
+}
+
+
+def count(postgres: Any, sql: str) -> int:
+    with postgres.connect() as conn:
+        return int(conn.execute(sql).fetchone()[0])
+
+
+def migration_tables(postgres: Any) -> set[str]:
+    with postgres.connect() as conn:
+        return {t for (t,) in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+
+
+def test_applies_in_order_and_rerun_is_a_noop(runner: ModuleType, postgres: Any,
+                                              tmp_path: Path) -> None:
+    write(tmp_path, BASIC)
+    first = runner.migrate(postgres.dsn, tmp_path)
+    assert list(first) == [1, 2, 3], (
+        f"migrate() on V001..V003 returned {first!r}, expected [1, 2, 3] (the versions it "
+        "applied, in order)")
+    again = runner.migrate(postgres.dsn, tmp_path)
+    assert list(again) == [], (
+        f"running migrate() a second time applied {again!r}, expected []: applied versions "
+        "are recorded (schema_migrations) and skipped")
+    rows = count(postgres, "SELECT count(*) FROM accounts")
+    assert rows == 1, (
+        f"after two runs accounts has {rows} rows, expected 1: V002 ran twice")
+    write(tmp_path, {"V004__index_owner.sql": "CREATE INDEX accounts_owner ON accounts (owner);"})
+    assert list(runner.migrate(postgres.dsn, tmp_path, target=3)) == [], (
+        "migrate(target=3) must not apply V004")
+    assert list(runner.migrate(postgres.dsn, tmp_path)) == [4], (
+        "a new V004 must be applied, alone, by the next run")
+
+
+def test_changed_applied_script_is_refused(runner: ModuleType, postgres: Any,
+                                           tmp_path: Path) -> None:
+    write(tmp_path, BASIC)
+    runner.migrate(postgres.dsn, tmp_path)
+    write(tmp_path, {
+        "V002__seed_admin.sql": "INSERT INTO accounts VALUES (1, 'admin'), (2, 'guest');",
+        "V004__index_owner.sql": "CREATE INDEX accounts_owner ON accounts (owner);",
+    })
+    error = refused(lambda: runner.migrate(postgres.dsn, tmp_path),
+                    "after the applied V002 was edited (checksum changed)")
+    assert isinstance(error, runner.ChecksumMismatch), (
+        f"migrate() after V002 was edited raised {type(error).__name__}: {error}; expected "
+        "ChecksumMismatch: the checksum recorded when V002 was applied no longer matches")
+    indexes = count(postgres, "SELECT count(*) FROM pg_indexes WHERE indexname = 'accounts_owner'")
+    assert indexes == 0, (
+        "V004 was applied although V002 was refused: validate every applied migration's "
+        "checksum before applying anything")
+
+
+def test_forward_only_refuses_an_older_version(runner: ModuleType, postgres: Any,
+                                               tmp_path: Path) -> None:
+    write(tmp_path, {k: v for k, v in BASIC.items() if not k.startswith("V002")})
+    assert list(runner.migrate(postgres.dsn, tmp_path)) == [1, 3]
+    write(tmp_path, {"V002__seed_admin.sql": BASIC["V002__seed_admin.sql"]})
+    error = refused(lambda: runner.migrate(postgres.dsn, tmp_path),
+                    "with a new V002 below the applied V003 (forward-only)")
+    assert isinstance(error, runner.MigrationError), (
+        f"migrate() with a new V002 below the applied V003 raised {type(error).__name__}, "
+        "expected MigrationError")
+    rows = count(postgres, "SELECT count(*) FROM accounts")
+    assert rows == 0, (
+        "V002 was applied after V003: migrations go forward only; an older version that "
+        "appears late must be refused (renumbered), not slipped in")
+
+
+def test_failed_migration_leaves_nothing_behind(runner: ModuleType, postgres: Any,
+                                                tmp_path: Path) -> None:
+    write(tmp_path, {
+        "V001__create_accounts.sql": BASIC["V001__create_accounts.sql"],
+        "V002__half_broken.sql": "CREATE TABLE audit (id int);\n"
+                                 "INSERT INTO no_such_table VALUES (1);",
+    })
+    refused(lambda: runner.migrate(postgres.dsn, tmp_path), "with a failing V002")
+    tables = migration_tables(postgres)
+    assert "audit" not in tables, (
+        "V002 failed on its second statement, but its first (CREATE TABLE audit) stayed: "
+        "run each migration in one transaction, with the row that records it")
+    write(tmp_path, {"V002__half_broken.sql": "CREATE TABLE audit (id int);"})
+    assert list(runner.migrate(postgres.dsn, tmp_path)) == [2], (
+        "once fixed, V002 must be applied by the next run (V001 stays applied)")
+
+
+def test_two_deploys_at_once_apply_each_migration_once(runner: ModuleType, postgres: Any,
+                                                       tmp_path: Path) -> None:
+    write(tmp_path, {
+        # slow enough that both runners are inside it at the same time without a lock
+        "V001__create_accounts.sql": "SELECT pg_sleep(0.5);\n" + BASIC["V001__create_accounts.sql"],
+        "V002__seed_admin.sql": BASIC["V002__seed_admin.sql"],
+    })
+    barrier = threading.Barrier(2)
+    outcomes: list[Any] = [None, None]
+
+    def deploy(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = list(runner.migrate(postgres.dsn, tmp_path))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=deploy, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    errors = [o for o in outcomes if isinstance(o, Exception)]
+    assert not errors, (
+        f"two migrate() runs started together: one failed with {type(errors[0]).__name__}: "
+        f"{errors[0]}. Serialise runners (pg_advisory_lock) so the second waits and then "
+        "finds everything applied")
+    assert sorted(map(tuple, outcomes)) == [(), (1, 2)], (
+        f"two runs at once returned {outcomes}, expected one to apply [1, 2] and the other []")
+
+
+# --------------------------------------------------------------------------------------
+# Expand-contract under traffic
+
+
+@dataclass
+class Traffic:
+    """Shared state of the application threads: what each user's name should be."""
+
+    expected: dict[int, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    errors: list[str] = field(default_factory=list)
+    step: str = "V001 baseline"
+
+
+class App(threading.Thread):
+    """One application version in a loop: insert a user, read one, rename one.
+
+    v1 knows only users.name, v2 only users.full_name. Operations of the two versions are
+    serialised through `traffic.lock` so that "the name read back" has one right answer;
+    the migrations are not, they run concurrently with everything."""
+
+    def __init__(self, version: str, column: str, dsn: str, traffic: Traffic) -> None:
+        super().__init__(daemon=True, name=f"app-{version}")
+        self.version, self.column, self.dsn, self.traffic = version, column, dsn, traffic
+        self.stop = threading.Event()
+        self.ops = 0
+        self.rnd = random.Random(version)
+        self.mine: list[int] = []
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                for op in (self.insert, self.read, self.rename):
+                    self.attempt(conn, op, n)
+                time.sleep(0.002)  # a steady stream, not a busy loop
+
+    def attempt(self, conn: Any, op: Callable[[Any, int], None], n: int) -> None:
+        with self.traffic.lock:
+            step = self.traffic.step
+            try:
+                op(conn, n)
+            except Exception as exc:  # noqa: BLE001 - every failure is a finding
+                self.traffic.errors.append(
+                    f"{self.version} app failed during '{step}' ({op.__name__}): "
+                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
+            self.ops += 1
+
+    def insert(self, conn: Any, n: int) -> None:
+        name = f"{self.version} user {n}"
+        (uid,) = conn.execute(
+            f"INSERT INTO users ({self.column}, email) VALUES (%s, %s) RETURNING id",
+            (name, f"{self.version}.{n}@example.com")).fetchone()
+        self.traffic.expected[uid] = name
+        self.mine.append(uid)
+
+    def read(self, conn: Any, n: int) -> None:
+        uid = self.rnd.choice(sorted(self.traffic.expected))
+        row = conn.execute(f"SELECT {self.column} FROM users WHERE id = %s", (uid,)).fetchone()
+        got, want = (row[0] if row else "<no row>"), self.traffic.expected[uid]
+        if got != want:
+            raise AssertionError(f"user {uid} read as {got!r}, expected {want!r}")
+
+    def rename(self, conn: Any, n: int) -> None:
+        if not self.mine:
+            return  # its inserts failed (already reported): nothing of its own to rename
+        uid = self.rnd.choice(self.mine)
+        name = f"{self.version} renamed {n}"
+        conn.execute(f"UPDATE users SET {self.column} = %s WHERE id = %s", (name, uid))
+        self.traffic.expected[uid] = name
+
+
+def keep_running(apps: list[App], ops: int = 8) -> None:
+    """Wait until each running app has done `ops` more operations."""
+    targets = {app: app.ops + ops for app in apps}
+    deadline = time.monotonic() + 15
+    while any(app.ops < target for app, target in targets.items()):
+        if time.monotonic() > deadline:
+            pytest.fail("the application threads stopped making progress for 15 s (a "
+                        "migration holding a lock for that long?)", pytrace=False)
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def traffic() -> Iterator[tuple[Traffic, list[App]]]:
+    state, apps = Traffic(), []
+    yield state, apps
+    for app in apps:
+        app.stop.set()
+    for app in apps:
+        app.join(10)
+
+
+def test_expand_contract_rename_without_downtime(runner: ModuleType, learner: Any,
+                                                postgres: Any,
+                                                traffic: tuple[Traffic, list[App]]) -> None:
+    folder = learner.dir / "migrations"
+    state, apps = traffic
+
+    def step(version: int, label: str) -> None:
+        with state.lock:
+            state.step = label
+        try:
+            runner.migrate(postgres.dsn, folder, target=version)
+        except Exception as exc:  # noqa: BLE001
+            failure = f"migration {label} failed: {type(exc).__name__}: {exc}"
+            if state.errors:  # what broke first is what to fix first
+                failure = f"{state.errors[0]}\n... and then {failure}"
+            pytest.fail(failure, pytrace=False)
+        keep_running([a for a in apps if a.is_alive()])
+
+    def start(version: str, column: str) -> App:
+        app = App(version, column, postgres.dsn, state)
+        apps.append(app)
+        app.start()
+        return app
+
+    runner.migrate(postgres.dsn, folder, target=1)
+    old = start("v1", "name")
+    keep_running([old])
+    step(2, "V002 expand")
+    step(3, "V003 backfill")
+    with state.lock:
+        state.step = "v2 deployed next to v1"
+    start("v2", "full_name")
+    keep_running(apps)
+    with state.lock:
+        state.step = "v1 retired"
+    old.stop.set()
+    old.join(10)
+    step(4, "V004 contract")
+    for app in apps:
+        app.stop.set()
+        app.join(10)
+
+    assert not state.errors, (
+        f"{state.errors[0]}\n" + "\n".join(state.errors[1:5])
+        + f"\n({len(state.errors)} failed operations): every step must keep both running "
+        "versions working - expand (add nullable + sync both ways), backfill, and contract "
+        "only after the old version is gone")
+    with postgres.connect() as conn:
+        columns = dict(conn.execute(
+            "SELECT column_name, is_nullable FROM information_schema.columns "
+            "WHERE table_schema = 'public' AND table_name = 'users'").fetchall())
+        triggers = [t for (t,) in conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'users'::regclass "
+            "AND NOT tgisinternal")]
+        names = dict(conn.execute("SELECT id, full_name FROM users").fetchall()) \
+            if "full_name" in columns else {}
+    assert columns.get("full_name") == "NO", (
+        f"after V004 users.full_name is {'missing' if 'full_name' not in columns else 'nullable'}"
+        ": the contract step makes it NOT NULL")
+    assert "name" not in columns, "after V004 the old column users.name still exists"
+    assert not triggers, f"the sync trigger {triggers} is still there after the contract step"
+    wrong = {uid: (names.get(uid), want) for uid, want in state.expected.items()
+             if names.get(uid) != want}
+    assert not wrong, (
+        f"{len(wrong)} users have the wrong full_name at the end, e.g. "
+        f"{next(iter(wrong.items()))} (id: (stored, expected)): every write by either "
+        "version must end up in full_name")
