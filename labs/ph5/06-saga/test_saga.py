@@ -1,0 +1,279 @@
+"""ph5.6 - the order saga.
+
+Orchestrated: the learner's orchestrator drives four participants the test provides. Each
+participant is a small "service" with its own state in Postgres: it logs every call it gets and
+records its effect idempotently (a repeated call changes nothing). The test makes step k fail
+(StepFailed) or makes the orchestrator "crash" at a call - an exception it must not handle,
+after which its connection is gone; a freshly loaded orchestrator (no memory of the first) must
+resume from the state in Postgres.
+
+Choreographed: four services, each its own consumer group on one Kafka topic, react to each
+other's events; the test reads the topic back and checks every order's chain of events."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
+
+STEPS = ("create_order", "charge_payment", "reserve_inventory", "schedule_shipping")
+ORDER = {"order_id": "order-1", "amount_cents": 4200, "sku": "book", "qty": 1, "country": "DE"}
+
+
+class Crash(BaseException):
+    """The orchestrator's process dies at this point (not a business failure: the
+    orchestrator must not catch it)."""
+
+
+@dataclass
+class Service:
+    """A participant: logs each call it receives, records its effect once (idempotent)."""
+
+    step: str
+    conn: Any
+    step_failed: type[Exception]
+    fail: bool = False           # do() refuses: raise the learner's StepFailed
+    crash: str | None = None     # "before" / "after" doing the work: raise Crash, once
+    crash_on: str = "do"
+
+    def do(self, saga_id: str, order: dict[str, Any]) -> None:
+        self._call("do", saga_id)
+
+    def undo(self, saga_id: str, order: dict[str, Any]) -> None:
+        self._call("undo", saga_id)
+
+    def _call(self, action: str, saga_id: str) -> None:
+        self.conn.execute("INSERT INTO svc_calls (saga_id, step, action) VALUES (%s, %s, %s)",
+                          (saga_id, self.step, action))
+        if action == "do" and self.fail:
+            raise self.step_failed(f"{self.step} refused")
+        crashing = self.crash if action == self.crash_on else None
+        if crashing == "before":
+            self.crash = None
+            raise Crash(f"orchestrator died calling {action} {self.step}")
+        self.conn.execute("INSERT INTO svc_effects VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                          (saga_id, self.step, action))
+        if crashing == "after":
+            self.crash = None
+            raise Crash(f"orchestrator died after {action} {self.step}")
+
+
+@pytest.fixture
+def world(postgres: Any, learner: Any) -> Any:
+    """The learner's saga module and the participants' tables (the learner's own tables are
+    created by its setup(), called at the start of each test)."""
+    conn = postgres.connect(autocommit=True)
+    conn.execute("CREATE TABLE svc_calls (id bigserial PRIMARY KEY, saga_id text, step text, "
+                 "action text)")
+    conn.execute("CREATE TABLE svc_effects (saga_id text, step text, action text, "
+                 "PRIMARY KEY (saga_id, step, action))")
+    yield learner.load("saga"), conn
+    conn.close()
+
+
+def services(mod: Any, conn: Any, **special: dict[str, Any]) -> dict[str, Service]:
+    return {step: Service(step, conn, mod.StepFailed, **special.get(step, {})) for step in STEPS}
+
+
+def calls(conn: Any, saga_id: str) -> list[str]:
+    rows = conn.execute("SELECT action, step FROM svc_calls WHERE saga_id = %s ORDER BY id",
+                        (saga_id,)).fetchall()
+    return [f"{a} {s}" for a, s in rows]
+
+
+def effects(conn: Any, saga_id: str) -> set[str]:
+    rows = conn.execute("SELECT action, step FROM svc_effects WHERE saga_id = %s",
+                        (saga_id,)).fetchall()
+    return {f"{a} {s}" for a, s in rows}
+
+
+def do(*indexes: int) -> list[str]:
+    return [f"do {STEPS[i]}" for i in indexes]
+
+
+def undo(*indexes: int) -> list[str]:
+    return [f"undo {STEPS[i]}" for i in indexes]
+
+
+def crash_run(mod: Any, postgres: Any, saga_id: str, parts: dict[str, Service]) -> None:
+    """Run the saga until the participant crashes it; the orchestrator must let it through."""
+    try:
+        result = mod.run_saga(postgres.dsn, saga_id, parts)
+    except Crash:
+        return
+    pytest.fail(f"run_saga returned {result!r} although the orchestrator crashed in the middle "
+                "(the test's Crash is a BaseException): never catch BaseException - a crash is "
+                "not a business failure to compensate", pytrace=False)
+
+
+# --- orchestration -----------------------------------------------------------------------
+
+def test_orchestrated_saga_completes(world: Any, postgres: Any) -> None:
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    mod.start_saga(postgres.dsn, "s-ok", ORDER)
+    status = mod.run_saga(postgres.dsn, "s-ok", services(mod, conn))
+    assert (status, calls(conn, "s-ok")) == ("completed", do(0, 1, 2, 3)), (
+        f"run_saga returned {status!r} after the calls {calls(conn, 's-ok')}; expected "
+        f"'completed' after {do(0, 1, 2, 3)}: each step once, in order")
+    assert mod.saga_status(postgres.dsn, "s-ok") == "completed", (
+        "saga_status must read the saga's state from Postgres")
+
+
+@pytest.mark.parametrize("k", range(4), ids=[f"fail_at_{s}" for s in STEPS])
+def test_failure_at_step_k_compensates_in_reverse(world: Any, postgres: Any, k: int) -> None:
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    saga_id = f"s-fail-{k}"
+    mod.start_saga(postgres.dsn, saga_id, ORDER)
+    status = mod.run_saga(postgres.dsn, saga_id, services(mod, conn, **{STEPS[k]: {"fail": True}}))
+    want = do(*range(k + 1)) + undo(*reversed(range(k)))
+    got = calls(conn, saga_id)
+    assert got == want, (
+        f"{STEPS[k]} failed; the participants saw {got}; expected {want}: compensate the "
+        "steps that completed before the failure, newest first - not the failed step (it did "
+        "nothing), and nothing after it")
+    assert status == "compensated" == mod.saga_status(postgres.dsn, saga_id), (
+        f"after compensating, run_saga returned {status!r} and saga_status says "
+        f"{mod.saga_status(postgres.dsn, saga_id)!r}; expected 'compensated'")
+
+
+def test_resume_after_crash_going_forward(world: Any, postgres: Any, learner: Any) -> None:
+    """The orchestrator dies while calling reserve_inventory (before the call took effect).
+    A new orchestrator resumes: it calls reserve_inventory again, then schedule_shipping -
+    and not the two steps recorded as done."""
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    mod.start_saga(postgres.dsn, "s-crash", ORDER)
+    parts = services(mod, conn, reserve_inventory={"crash": "before"})
+    crash_run(mod, postgres, "s-crash", parts)
+    status = mod.saga_status(postgres.dsn, "s-crash")
+    assert status == "running", f"after the crash the stored status is {status!r}, not 'running'"
+
+    fresh = learner.load("saga")  # a new process: nothing survives but Postgres
+    result = fresh.run_saga(postgres.dsn, "s-crash", parts)
+    got = calls(conn, "s-crash")
+    assert got == do(0, 1, 2, 2, 3), (
+        f"the participants saw {got}; expected {do(0, 1, 2, 2, 3)}: the resumed orchestrator "
+        "must continue from the state stored after each step - call the interrupted step "
+        "again (participants are idempotent), never redo a step recorded as done")
+    assert effects(conn, "s-crash") == set(do(0, 1, 2, 3)) and result == "completed", (
+        f"after the resume the participants' effects are {sorted(effects(conn, 's-crash'))} "
+        f"and run_saga returned {result!r}; expected all four steps done, 'completed': a step "
+        "is done when its participant answered, not when the orchestrator was about to call it")
+
+
+def test_resume_after_crash_while_compensating(world: Any, postgres: Any,
+                                               learner: Any) -> None:
+    """schedule_shipping fails; while compensating, the orchestrator dies right after
+    charge_payment's undo took effect. A new orchestrator finishes the compensation - it
+    does not go forward again."""
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    mod.start_saga(postgres.dsn, "s-comp", ORDER)
+    parts = services(mod, conn, schedule_shipping={"fail": True},
+                     charge_payment={"crash": "after", "crash_on": "undo"})
+    crash_run(mod, postgres, "s-comp", parts)
+    status = mod.saga_status(postgres.dsn, "s-comp")
+    assert status == "compensating", (
+        f"after a crash in the middle of compensating the stored status is {status!r}; "
+        "expected 'compensating' (store it: the next orchestrator must know to go backwards)")
+
+    fresh = learner.load("saga")
+    parts["schedule_shipping"].fail = False  # the world moved on: a forward retry would work
+    result = fresh.run_saga(postgres.dsn, "s-comp", parts)
+    got = calls(conn, "s-comp")
+    want = do(0, 1, 2, 3) + undo(2, 1, 1, 0)
+    assert got == want, (
+        f"the participants saw {got}; expected {want}: the resumed orchestrator repeats the "
+        "interrupted undo and continues backwards - a saga that started compensating "
+        "finishes compensating")
+    assert result == "compensated", f"run_saga returned {result!r}, expected 'compensated'"
+
+
+# --- choreography --------------------------------------------------------------------------
+
+CHAINS = {
+    "ok": ["OrderPlaced", "PaymentCharged", "InventoryReserved", "ShipmentScheduled",
+           "OrderCompleted"],
+    "declined": ["OrderPlaced", "PaymentDeclined", "OrderCancelled"],
+    "no-stock": ["OrderPlaced", "PaymentCharged", "InventoryRejected", "PaymentRefunded",
+                 "OrderCancelled"],
+    "no-shipping": ["OrderPlaced", "PaymentCharged", "InventoryReserved", "ShipmentRejected",
+                    "InventoryReleased", "PaymentRefunded", "OrderCancelled"],
+}
+ORDERS = {
+    "ok": {"amount_cents": 4200, "qty": 1, "country": "DE"},
+    "declined": {"amount_cents": 250_000, "qty": 1, "country": "DE"},
+    "no-stock": {"amount_cents": 4200, "qty": 50, "country": "FR"},
+    "no-shipping": {"amount_cents": 4200, "qty": 2, "country": "US"},
+}
+OWNER = {"PaymentCharged": "payment", "PaymentDeclined": "payment", "PaymentRefunded": "payment",
+         "InventoryReserved": "inventory", "InventoryRejected": "inventory",
+         "InventoryReleased": "inventory", "ShipmentScheduled": "shipping",
+         "ShipmentRejected": "shipping", "OrderCompleted": "order", "OrderCancelled": "order",
+         "OrderPlaced": "order"}
+
+
+def read_events(kafka: Any, topic: str) -> list[dict[str, Any]]:
+    consumer = Consumer(kafka.consumer_config("test-reader", **{
+        "enable.auto.commit": False, "enable.partition.eof": True, "fetch.wait.max.ms": 10}))
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    events = []
+    try:
+        while True:
+            msg = consumer.poll(10)
+            assert msg is not None, "reading the event topic back timed out"
+            if msg.error():
+                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                return events
+            events.append(json.loads(msg.value()))
+    finally:
+        consumer.close()
+
+
+def test_choreographed_saga_over_kafka(learner: Any, kafka: Any) -> None:
+    """Four orders, four outcomes: every order's events, in topic order, form the expected
+    chain, each event published by the service that owns it, compensations newest first."""
+    mod = learner.load("saga")
+    topic = kafka.topic("saga-events")
+    admin = kafka.admin()
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    producer = Producer(kafka.producer_config(acks="all"))
+    for name, order in ORDERS.items():
+        full = {"order_id": name, "sku": "book", **order}
+        producer.produce(topic, key=name.encode(), value=json.dumps(
+            {"type": "OrderPlaced", "order_id": name, "order": full, "source": "order"}).encode())
+    assert producer.flush(15) == 0
+
+    names = ("order", "payment", "inventory", "shipping")
+    running = [mod.ChoreographyService(kafka.bootstrap, topic, name, kafka.group(name))
+               for name in names]
+    try:
+        for _ in range(12):  # rounds: each service handles what is on the topic so far
+            if sum(service.pump() for service in running) == 0:
+                break
+        else:
+            pytest.fail("the services never went quiet after 12 rounds: some rule reacts to "
+                        "its own events forever", pytrace=False)
+    finally:
+        for service in running:
+            service.close()
+
+    events = read_events(kafka, topic)
+    for name, chain in CHAINS.items():
+        got = [e.get("type") for e in events if e.get("order_id") == name]
+        assert got == chain, (
+            f"order {name!r} ({ORDERS[name]}) produced the events {got}; expected {chain}: "
+            "every failure is answered by the compensations of the services that already "
+            "acted, newest first, and ends with the order's own OrderCompleted/OrderCancelled")
+    wrong_source = [(e["type"], e.get("source")) for e in events
+                    if OWNER.get(e.get("type")) != e.get("source")]
+    assert not wrong_source, (
+        f"events published by the wrong service: {wrong_source[:4]}: in a choreography each "
+        "service publishes its own facts (payment refunds, inventory releases)")
