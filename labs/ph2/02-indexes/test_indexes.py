@@ -159,8 +159,11 @@ def prepare(db: Conn, clean: Conn, learner: Any) -> Workload:
         with db.transaction():
             db.execute(script)
     except psycopg.Error as exc:
-        pytest.fail(f"indexes.sql failed: {type(exc).__name__}: {exc.diag.message_primary}",
-                    pytrace=False)
+        why = ("; the script runs as one transaction, so leave CONCURRENTLY out here (no "
+               "one else uses the table while it is indexed)"
+               if isinstance(exc, psycopg.errors.ActiveSqlTransaction) else "")
+        pytest.fail(f"indexes.sql failed: {type(exc).__name__}: "
+                    f"{exc.diag.message_primary}{why}", pytrace=False)
     # A statistics target of 400 samples 120,000 rows: all of them, so ANALYZE gives the
     # same statistics (and the planner the same plans) on every run. VACUUM sets the
     # visibility map, without which an Index Only Scan must still visit the heap.
