@@ -1,0 +1,154 @@
+"""ph2.c verification: the compiled cache-aside program against live Postgres and Redis.
+
+The learner's pg_cache.c is built with the harness main.c (-Wall -Wextra -Werror, ASan and
+UBSan) and run once per lookup, as its own process. Every run must leave no sanitizer
+report. Whether a lookup was served from the cache is proven, not printed: after the first
+run the test changes the row in Postgres, and the second run must still print the cached
+value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+USERS = [
+    (1, "Ada Lovelace", "ada@example.com"),
+    (2, 'Flann "the quote" O\\Brien', "flann@example.com"),   # a quote and a backslash
+    (3, "Zoë Wàng 王", "zoe@example.com"),                   # UTF-8
+]
+SANITIZER_MARKS = ("LeakSanitizer", "AddressSanitizer", "runtime error:",
+                   "UndefinedBehaviorSanitizer")
+
+
+@dataclass
+class Run:
+    args: list[str]
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def shown(self) -> str:
+        return self.stdout.strip() or "(nothing)"
+
+
+@dataclass
+class Program:
+    binary: Path
+    postgres: Any
+    redis_db: Any
+
+    def lookup(self, user_id: str) -> Run:
+        endpoint = self.redis_db.endpoint
+        args = [self.postgres.dsn, endpoint.host, str(endpoint.port), str(self.redis_db.db),
+                user_id]
+        env = {**os.environ,
+               "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
+               "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+        done = subprocess.run([str(self.binary), *args], capture_output=True, text=True,
+                              timeout=30, env=env)
+        run = Run(args, done.returncode, done.stdout, done.stderr)
+        reports = [m for m in SANITIZER_MARKS if m in done.stderr]
+        assert not reports, (
+            f"pg_cache {user_id!r}: {reports[0]} reported a memory or undefined-behaviour "
+            f"error:\n{done.stderr[-2500:]}")
+        return run
+
+
+@pytest.fixture
+def program(learner: Any, postgres: Any, redis_db: Any) -> Iterator[Program]:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE users (id integer PRIMARY KEY, name text NOT NULL, "
+                     "email text NOT NULL)")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO users VALUES (%s, %s, %s)", USERS)
+    yield Program(learner.build() / "pg_cache", postgres, redis_db)
+
+
+def as_json(user: tuple[int, str, str]) -> dict[str, Any]:
+    return {"id": user[0], "name": user[1], "email": user[2]}
+
+
+def parse(run: Run, user_id: str) -> tuple[str, dict[str, Any]]:
+    word, _, rest = run.stdout.strip().partition(" ")
+    assert run.code == 0 and word in ("HIT", "MISS"), (
+        f"pg_cache {user_id!r} printed {run.shown} (exit {run.code}), expected HIT or MISS "
+        f"and the user's JSON; stderr: {run.stderr.strip()[-500:]}")
+    try:
+        return word, json.loads(rest)
+    except json.JSONDecodeError as exc:
+        pytest.fail(f"pg_cache {user_id!r} printed invalid JSON ({exc}): {rest}",
+                    pytrace=False)
+
+
+def test_miss_then_hit_with_a_300_second_ttl(program: Program) -> None:
+    word, user = parse(program.lookup("1"), "1")
+    assert (word, user) == ("MISS", as_json(USERS[0])), (
+        f"the first lookup of user 1 gave {word} {user}, expected MISS {as_json(USERS[0])}")
+    cache = program.redis_db.client()
+    try:
+        raw = cache.get("user:1")
+        ttl = cache.ttl("user:1")
+    finally:
+        cache.close()
+    assert raw is not None and json.loads(raw) == as_json(USERS[0]), (
+        f"after a miss Redis user:1 holds {raw!r}, expected the user as JSON")
+    assert 290 <= ttl <= 300, (
+        f"user:1 has a TTL of {ttl} s, expected about 300: SET key value EX 300")
+
+    # Change the row behind the cache's back: only a cache hit still shows the old name.
+    with program.postgres.connect(autocommit=True) as conn:
+        conn.execute("UPDATE users SET name = 'Changed in the database' WHERE id = 1")
+    word, user = parse(program.lookup("1"), "1")
+    assert (word, user["name"]) == ("HIT", "Ada Lovelace"), (
+        f"the second lookup of user 1 gave {word} with name {user['name']!r}, expected HIT "
+        "with the cached 'Ada Lovelace': a hit is answered from Redis without the database")
+
+
+def test_json_escapes_quotes_backslashes_and_keeps_utf8(program: Program) -> None:
+    for user in USERS[1:]:
+        word, got = parse(program.lookup(str(user[0])), str(user[0]))
+        assert got == as_json(user), (
+            f"user {user[0]} came back as {got}, expected {as_json(user)}: escape \" and \\ "
+            "inside JSON strings; UTF-8 passes through as it is")
+
+
+def test_unknown_user_is_not_found(program: Program) -> None:
+    run = program.lookup("999")
+    assert run.code == 1 and run.stdout.strip() == "NOT FOUND", (
+        f"pg_cache 999 printed {run.shown} (exit {run.code}), expected NOT FOUND: "
+        "get_user_cached returns NULL when there is no row")
+
+
+@pytest.mark.parametrize("payload", [
+    "1; DROP TABLE users",
+    "1 OR 1=1",
+    "' OR '1'='1",
+    "1'; DELETE FROM users; --",
+])
+def test_injection_in_user_id_stays_harmless(program: Program, payload: str) -> None:
+    run = program.lookup(payload)
+    assert "{" not in run.stdout, (
+        f"the user id {payload!r} returned a user: {run.shown}. The id must reach the "
+        "server as a parameter ($1), never spliced into the SQL text")
+    with program.postgres.connect() as conn:
+        exists = conn.execute("SELECT to_regclass('public.users') IS NOT NULL").fetchone()[0]
+        rows = conn.execute("SELECT count(*) FROM users").fetchone()[0] if exists else 0
+    assert exists and rows == len(USERS), (
+        f"after looking up the user id {payload!r} the users table "
+        f"{'has ' + str(rows) + ' rows' if exists else 'is gone'}, expected {len(USERS)} "
+        "rows: the id was executed as SQL. Use PQexecParams with the id as $1")
+    cache = program.redis_db.client()
+    try:
+        cached = cache.get(f"user:{payload}")
+    finally:
+        cache.close()
+    assert cached is None, f"a result was cached for the user id {payload!r}: {cached!r}"
