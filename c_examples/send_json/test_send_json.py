@@ -1,0 +1,206 @@
+"""Verification for ph1.c send_json (the roadmap's C example of Phase 1).
+
+The learner's send_json.c is compiled with -Wall -Wextra -Werror under ASan+UBSan into a
+small HTTP server (harness.c) that answers every request with send_json(). A real HTTP
+client (http.client) judges the responses. The harness turns the learner's writes on the
+client socket into short writes and EINTRs, the same sequence every run, so a builder that
+does not loop is caught every time, not only on a busy machine. Every test ends by asking
+the server to quit and checking it exits 0 with nothing on stderr - no sanitizer report.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import http.client
+import os
+import queue
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REASONS = {
+    200: {"OK"}, 201: {"Created"}, 202: {"Accepted"}, 400: {"Bad Request"},
+    401: {"Unauthorized"}, 403: {"Forbidden"}, 404: {"Not Found"},
+    405: {"Method Not Allowed"}, 409: {"Conflict"},
+    422: {"Unprocessable Content", "Unprocessable Entity"},  # RFC 9110 / RFC 4918 name
+    429: {"Too Many Requests"}, 500: {"Internal Server Error"}, 502: {"Bad Gateway"},
+    503: {"Service Unavailable"},
+}
+WAIT = 10.0  # seconds for anything the server should do at once
+
+_binaries: dict[str, Path] = {}
+
+
+def server_binary(learner: Any) -> Path:
+    """Build once per version of send_json.c and keep the binary for the session (the
+    learner fixture removes its build folder after each test)."""
+    key = hashlib.sha256(Path(learner.path("send_json.c")).read_bytes()).hexdigest()
+    if key not in _binaries:
+        built = Path(learner.build()) / "send_json_server"
+        keep = Path(tempfile.mkdtemp(prefix="ph1-c-"))
+        atexit.register(shutil.rmtree, keep, True)
+        _binaries[key] = Path(shutil.copy2(built, keep / built.name))
+    return _binaries[key]
+
+
+def expected_body(status: int, size: int) -> bytes:
+    """What harness.c's make_body() builds."""
+    prefix = f'{{"status":{status},"pad":"'.encode()
+    size = max(size, len(prefix) + 2)
+    pad = bytes(ord("a") + i % 26 for i in range(len(prefix), size - 2))
+    return prefix + pad + b'"}'
+
+
+class Server:
+    """The harness process: its port, and its stdout lines as they come."""
+
+    def __init__(self, binary: Path, short_writes: bool) -> None:
+        env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1",
+               "UBSAN_OPTIONS": "print_stacktrace=1",
+               "SEND_JSON_SHORT_WRITES": "1" if short_writes else "0"}
+        self.proc = subprocess.Popen([str(binary)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.errors: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
+                         daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.errors.append),
+                         daemon=True).start()
+        first = self.next_line("the server to print its port")
+        assert first.startswith("PORT "), f"the harness printed {first!r} instead of its port"
+        self.port = int(first.split()[1])
+
+    @staticmethod
+    def _pump(stream: Any, sink: Any) -> None:
+        for raw in stream:
+            sink(raw.decode(errors="replace").rstrip("\n"))
+
+    def next_line(self, what: str) -> str:
+        try:
+            return self.lines.get(timeout=WAIT)
+        except queue.Empty:
+            pytest.fail(f"waited {WAIT:.0f} s for {what}: send_json() never returned (a loop "
+                        "that retries forever?)", pytrace=False)
+
+    def sent(self) -> tuple[int, int]:
+        """The (status, return value) of the last send_json() call."""
+        line = self.next_line("send_json() to return")
+        _, status, rc = line.split()
+        return int(status), int(rc)
+
+    def get(self, path: str) -> tuple[http.client.HTTPResponse, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response, response.read()
+        except (http.client.HTTPException, OSError) as exc:
+            pytest.fail(f"GET {path}: the HTTP client could not read the response "
+                        f"({type(exc).__name__}: {exc}): the bytes on the wire are not a whole "
+                        "HTTP response - did every write() write everything?", pytrace=False)
+        finally:
+            conn.close()
+
+    def finish(self) -> None:
+        """Ask the server to quit; it must exit 0 with nothing on stderr."""
+        self.get("/quit")
+        try:
+            code = self.proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail("the server did not exit after GET /quit", pytrace=False)
+        threading.Event().wait(0.1)  # let the stderr reader drain the pipe
+        report = "\n".join(self.errors).strip()
+        assert code == 0 and not report, (
+            f"the server exited with {code} and printed on stderr (ASan/UBSan):\n"
+            f"{report[:2000]}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextmanager
+def running(learner: Any, short_writes: bool = True) -> Iterator[Server]:
+    """The harness with the learner's send_json(); short_writes: have every write on the
+    client socket cut short or interrupted (harness.c)."""
+    server = Server(server_binary(learner), short_writes)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+# ---- the verification -------------------------------------------------------------------
+
+def test_reason_phrase_matches_status(learner: Any) -> None:
+    with running(learner, short_writes=False) as server:  # the status line alone
+        for status, reasons in REASONS.items():
+            response, body = server.get(f"/{status}?bytes=64")
+            assert response.status == status and response.version == 11, (
+                f"GET /{status}: expected an HTTP/1.1 {status} status line, saw "
+                f"HTTP/{response.version / 10:.1f} {response.status}")
+            assert response.reason in reasons, (
+                f"status {status}: expected the reason phrase {sorted(reasons)[0]!r}, saw "
+                f"{response.reason!r}: 'HTTP/1.1 {status} OK' contradicts itself; the phrase "
+                "must match the code")
+            assert response.getheader("Content-Type") == "application/json", (
+                f"status {status}: expected Content-Type: application/json, saw "
+                f"{response.getheader('Content-Type')!r}")
+            assert body == expected_body(status, 64), (
+                f"status {status}: the body differs from the one passed to send_json(): "
+                f"{body[:80]!r}")
+            assert server.sent() == (status, 0), f"status {status}: send_json() must return 0"
+        server.finish()
+
+
+@pytest.mark.parametrize("size", [100, 70_000, 1_000_000])
+def test_body_survives_partial_writes(learner: Any, size: int) -> None:
+    with running(learner) as server:
+        response, body = server.get(f"/200?bytes={size}")
+        _, rc = server.sent()
+        assert rc == 0, (
+            f"send_json() returned {rc} on a healthy connection while sending {size} bytes: a "
+            "write() was cut short or failed with EINTR and it gave up; loop on short writes "
+            "and retry EINTR")
+        length = response.getheader("Content-Length")
+        assert length == str(size), (
+            f"a {size}-byte body: expected Content-Length: {size}, saw {length!r}")
+        want = expected_body(200, size)
+        assert len(body) == size and body == want, (
+            f"a {size}-byte body arrived as {len(body)} bytes"
+            + ("" if len(body) != size else " with different content")
+            + ": write() may write fewer bytes than asked (and fail with EINTR); loop until "
+            "every byte is written")
+        server.finish()
+
+
+def test_vanished_client_is_an_error(learner: Any) -> None:
+    with running(learner, short_writes=False) as server:  # the error path alone
+        # A client that asks for 4 MB and resets the connection at once.
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(b"GET /200?bytes=4000000 HTTP/1.1\r\nHost: test\r\n\r\n")
+        sock.close()
+        _, rc = server.sent()
+        assert rc == -1, (
+            f"send_json() to a client that reset the connection returned {rc}, expected -1: "
+            "write() failing with EPIPE or ECONNRESET means the response was not delivered; "
+            "only EINTR is worth retrying")
+        response, body = server.get("/201?bytes=80")
+        assert response.status == 201 and body == expected_body(201, 80), (
+            "after a client vanished, the next request was not answered correctly")
+        server.sent()
+        server.finish()
