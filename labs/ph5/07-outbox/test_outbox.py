@@ -1,0 +1,374 @@
+"""ph5.7 - the outbox pattern: an order and its event in one transaction; a relay process that
+publishes outbox rows to Kafka with SELECT ... FOR UPDATE SKIP LOCKED.
+
+The relay is the learner's relay.py run as its own process. The test stops it at chosen
+points without touching its code:
+
+* the broker is unreachable (a closed port): the relay must fail without marking anything;
+* the test holds ``LOCK TABLE outbox IN SHARE MODE``: a relay can claim rows (FOR UPDATE takes
+  a ROW SHARE lock, which SHARE allows) and publish them, but its UPDATE that marks them waits
+  - the test sees it waiting in pg_stat_activity / pg_locks, and kills it there (SIGKILL), or
+  starts a second relay to see what it waits for.
+
+What counts is what the database and the broker hold afterwards."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka.admin import NewTopic
+
+RELAY_TIMEOUT = 30.0
+
+
+class Rollback(Exception):
+    pass
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def make_orders(count: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"order_id": f"order-{n}", "customer": f"customer-{n % 9}", "total_cents": 100 + n}
+            for n in range(start, start + count)]
+
+
+@pytest.fixture
+def shop(postgres: Any, learner: Any) -> Any:
+    """An autocommit connection with the lab's schema in place, and the learner's orders
+    module."""
+    orders = learner.load("orders")
+    conn = postgres.connect(autocommit=True)
+    orders.setup(conn)
+    yield conn, orders
+    conn.close()
+
+
+def place_all(conn: Any, orders_mod: Any, orders: list[dict[str, Any]]) -> None:
+    """Place many orders fast: one outer transaction, place_order's own becomes a
+    savepoint."""
+    with conn.transaction():
+        for order in orders:
+            orders_mod.place_order(conn, order)
+
+
+def create_topic(kafka: Any, name: str, partitions: int = 3) -> str:
+    topic = kafka.topic(name)
+    admin = kafka.admin()
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
+    return topic
+
+
+def read_events(kafka: Any, topic: str) -> list[dict[str, Any]]:
+    """Every event on the topic: its key and decoded value."""
+    admin = kafka.admin()
+    for _ in range(100):
+        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
+        if meta and meta.error is None and all(p.leader >= 0 for p in meta.partitions.values()):
+            break
+        time.sleep(0.05)
+    consumer = Consumer(kafka.consumer_config("test-reader", **{
+        "enable.auto.commit": False, "enable.partition.eof": True, "fetch.wait.max.ms": 10}))
+    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+    events: list[dict[str, Any]] = []
+    at_end: set[int] = set()
+    try:
+        while len(at_end) < len(meta.partitions):
+            msg = consumer.poll(10)
+            assert msg is not None, "reading the topic back timed out"
+            if msg.error():
+                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                at_end.add(msg.partition())
+                continue
+            events.append({"key": msg.key().decode() if msg.key() else None,
+                           **json.loads(msg.value())})
+    finally:
+        consumer.close()
+    return events
+
+
+def pending(conn: Any) -> int:
+    return int(conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+               .fetchone()[0])
+
+
+def start_relay(learner: Any, postgres: Any, bootstrap: str, topic: str, batch: int,
+                timeout: float = 10.0) -> subprocess.Popen[bytes]:
+    return learner.python("relay", "--dsn", postgres.dsn, "--bootstrap", bootstrap,
+                          "--topic", topic, "--batch-size", str(batch), "--timeout",
+                          str(timeout), "--once", stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+
+
+def finish(relay: subprocess.Popen[bytes], what: str) -> int:
+    try:
+        return relay.wait(RELAY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        relay.kill()
+        relay.wait()
+        pytest.fail(f"{what}: the relay (--once) did not exit within {RELAY_TIMEOUT:.0f} s",
+                    pytrace=False)
+
+
+def errors_of(relay: subprocess.Popen[bytes]) -> str:
+    """The relay's last error line, then the tail of its stderr."""
+    assert relay.stderr is not None
+    text = relay.stderr.read().decode(errors="replace").strip()
+    last = text.splitlines()[-1] if text else "(no error output)"
+    return f"{last}\n{text[-1500:]}"
+
+
+def run_relay(learner: Any, postgres: Any, kafka: Any, topic: str, batch: int) -> None:
+    relay = start_relay(learner, postgres, kafka.bootstrap, topic, batch)
+    code = finish(relay, "relay --once")
+    assert code == 0, f"relay --once exited with {code}: {errors_of(relay)}"
+
+
+def waiting_backends(conn: Any) -> dict[int, str]:
+    """Other sessions of this database waiting for a lock: pid -> the lock type they wait
+    for ('relation' = a table lock, 'transactionid'/'tuple' = another session's rows)."""
+    rows = conn.execute(
+        "SELECT a.pid, l.locktype FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
+        "WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() "
+        "AND NOT l.granted").fetchall()
+    return {int(pid): str(kind) for pid, kind in rows}
+
+
+def wait_until_blocked(conn: Any, relay: subprocess.Popen[bytes], known: set[int],
+                       what: str) -> tuple[int, str]:
+    """Wait until a backend not in ``known`` waits for a lock; return (pid, lock type)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        fresh = {p: k for p, k in waiting_backends(conn).items() if p not in known}
+        if fresh:
+            return next(iter(fresh.items()))
+        if relay.poll() is not None:
+            pytest.fail(f"{what}: the relay exited ({relay.returncode}) instead of waiting to "
+                        f"mark its batch published: {errors_of(relay)}", pytrace=False)
+        time.sleep(0.02)
+    pytest.fail(f"{what}: after 15 s the relay was still not waiting on the outbox table "
+                "(the test holds it in SHARE mode, so marking rows published must wait)",
+                pytrace=False)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_each_order_once(events: list[dict[str, Any]], orders: list[dict[str, Any]],
+                           allow_duplicates: bool) -> None:
+    by_id = Counter(e.get("event_id") for e in events)
+    ids_per_order: dict[str, set[Any]] = {}
+    for e in events:
+        ids_per_order.setdefault(str(e.get("key")), set()).add(e.get("event_id"))
+    missing = [o["order_id"] for o in orders if o["order_id"] not in ids_per_order]
+    assert not missing, (
+        f"{len(missing)} of {len(orders)} orders never reached Kafka (e.g. {missing[:3]}): an "
+        "order committed with its outbox row must be published sooner or later")
+    several = {k: v for k, v in ids_per_order.items() if len(v) > 1}
+    assert not several, (
+        f"orders with more than one distinct event id: {dict(list(several.items())[:3])}: a "
+        "republished row must carry the same event_id (the outbox id)")
+    assert len(by_id) == len(orders), (
+        f"{len(by_id)} distinct event ids for {len(orders)} orders")
+    if not allow_duplicates:
+        twice = [i for i, n in by_id.items() if n > 1]
+        assert not twice, (
+            f"{len(twice)} events were published more than once (e.g. event_id {twice[0]}) "
+            "although no relay crashed: two relays published the same rows - claim them with "
+            "SELECT ... FOR UPDATE SKIP LOCKED inside the batch's transaction")
+    for e in events:
+        order = next(o for o in orders if o["order_id"] == e.get("key"))
+        assert (e.get("type"), e.get("order_id"), e.get("customer"), e.get("total_cents")) == (
+            "OrderPlaced", order["order_id"], order["customer"], order["total_cents"]), (
+            f"event {e} does not describe {order}: publish the outbox payload, with "
+            "event_id and type")
+
+
+# --- the write side ----------------------------------------------------------------------
+
+def test_order_and_outbox_row_commit_together(shop: Any) -> None:
+    conn, orders_mod = shop
+    first = make_orders(2)
+    for order in first:
+        orders_mod.place_order(conn, order)
+    rows = conn.execute("SELECT aggregate_id, event_type, payload FROM outbox ORDER BY id"
+                        ).fetchall()
+    assert [(a, t) for a, t, _ in rows] == [("order-0", "OrderPlaced"), ("order-1",
+                                                                         "OrderPlaced")], (
+        f"after placing order-0 and order-1 the outbox holds {rows}; expected one pending "
+        "OrderPlaced row per order, aggregate_id = the order id")
+
+    doomed = make_orders(1, start=2)[0]
+    with pytest.raises(Rollback), conn.transaction():
+        orders_mod.place_order(conn, doomed)
+        raise Rollback
+    leftovers = conn.execute("SELECT count(*) FROM outbox WHERE aggregate_id = 'order-2'"
+                             ).fetchone()[0]
+    assert leftovers == 0, (
+        "an order placed inside a transaction that was rolled back still left its event in "
+        "the outbox: write both rows through the caller's connection, in its transaction")
+
+    # The outbox write fails (a trigger refuses it): the order must not be kept either.
+    conn.execute("""
+        CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF NEW.aggregate_id = 'order-poison' THEN RAISE EXCEPTION 'outbox refused'; END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_poison BEFORE INSERT ON outbox
+          FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+    """)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the learner lets through
+        orders_mod.place_order(conn, {"order_id": "order-poison", "customer": "c",
+                                      "total_cents": 500})
+    kept = conn.execute("SELECT count(*) FROM orders WHERE order_id = 'order-poison'"
+                        ).fetchone()[0]
+    assert kept == 0, (
+        "the outbox insert failed but order-poison was kept: an order without its event - "
+        "insert the order and the outbox row in ONE transaction")
+
+    # The order write fails (CHECK total_cents > 0): no event may announce it.
+    with pytest.raises(Exception):  # noqa: B017
+        orders_mod.place_order(conn, {"order_id": "order-free", "customer": "c",
+                                      "total_cents": 0})
+    announced = conn.execute("SELECT count(*) FROM outbox WHERE aggregate_id = 'order-free'"
+                             ).fetchone()[0]
+    assert announced == 0, (
+        "order-free was refused by the orders table, yet the outbox announces it: an event "
+        "for an order that does not exist")
+
+
+# --- the relay ---------------------------------------------------------------------------
+
+def test_relay_publishes_each_order(shop: Any, learner: Any, postgres: Any,
+                                    kafka: Any) -> None:
+    conn, orders_mod = shop
+    topic = create_topic(kafka, "orders")
+    orders = make_orders(50)
+    place_all(conn, orders_mod, orders)
+    run_relay(learner, postgres, kafka, topic, batch=20)
+    assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False)
+    assert pending(conn) == 0, f"{pending(conn)} outbox rows still unpublished after the relay"
+
+
+def test_broker_down_loses_nothing(shop: Any, learner: Any, postgres: Any,
+                                   kafka: Any) -> None:
+    """The orders are committed but the broker cannot be reached: the relay must not mark
+    anything published. When the broker is back, everything goes out."""
+    conn, orders_mod = shop
+    topic = create_topic(kafka, "orders")
+    orders = make_orders(20)
+    place_all(conn, orders_mod, orders)
+
+    dead = start_relay(learner, postgres, f"127.0.0.1:{closed_port()}", topic, batch=10,
+                       timeout=1.0)
+    try:
+        dead.wait(15)
+    except subprocess.TimeoutExpired:  # still retrying: fine, it is killed like a crash
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+    assert dead.returncode != 0, (
+        "the relay exited 0 although no broker was reachable: a relay that cannot publish "
+        "must fail (and leave the rows unpublished)")
+    assert pending(conn) == 20, (
+        f"with the broker unreachable the relay marked {20 - pending(conn)} of 20 rows "
+        "published: mark rows only after the broker acknowledged them (flush and check the "
+        "delivery reports), in the transaction that claimed them")
+
+    run_relay(learner, postgres, kafka, topic, batch=10)
+    assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False)
+    assert pending(conn) == 0
+
+
+def test_relay_killed_before_marking_loses_nothing(shop: Any, learner: Any, postgres: Any,
+                                                  kafka: Any) -> None:
+    """The relay claims and publishes a batch, then is killed (SIGKILL) while waiting to
+    mark it. Its transaction dies with it; the next relay publishes those rows again."""
+    conn, orders_mod = shop
+    topic = create_topic(kafka, "orders")
+    orders = make_orders(30)
+    place_all(conn, orders_mod, orders)
+
+    holder = postgres.connect()
+    holder.execute("LOCK TABLE outbox IN SHARE MODE")
+    relay = start_relay(learner, postgres, kafka.bootstrap, topic, batch=10)
+    try:
+        wait_until_blocked(conn, relay, set(), "relay 1")
+    finally:
+        relay.send_signal(signal.SIGKILL)
+        relay.wait()
+        holder.rollback()
+        holder.close()
+    assert pending(conn) == 30, f"the killed relay left {30 - pending(conn)} rows marked"
+
+    run_relay(learner, postgres, kafka, topic, batch=10)
+    events = read_events(kafka, topic)
+    assert_each_order_once(events, orders, allow_duplicates=True)
+    assert len(events) - 30 <= 10, (
+        f"{len(events) - 30} events were republished; at most the killed relay's batch of 10 "
+        "should be")
+    assert pending(conn) == 0
+
+
+def test_two_relays_share_the_outbox(shop: Any, learner: Any, postgres: Any,
+                                     kafka: Any) -> None:
+    """Relay A claims a batch and waits to mark it; relay B must skip A's rows and claim
+    others (SKIP LOCKED), not wait for A's rows nor take them too."""
+    conn, orders_mod = shop
+    topic = create_topic(kafka, "orders")
+    orders = make_orders(30)
+    place_all(conn, orders_mod, orders)
+
+    holder = postgres.connect()
+    holder.execute("LOCK TABLE outbox IN SHARE MODE")
+    relay_a = start_relay(learner, postgres, kafka.bootstrap, topic, batch=10)
+    relay_b = None
+    try:
+        pid_a, _ = wait_until_blocked(conn, relay_a, set(), "relay A")
+        relay_b = start_relay(learner, postgres, kafka.bootstrap, topic, batch=10)
+        _, waits_for = wait_until_blocked(conn, relay_b, {pid_a}, "relay B")
+        assert waits_for == "relation", (
+            f"relay B is waiting for a {waits_for} lock - relay A's claimed rows - instead of "
+            "claiming other rows: use FOR UPDATE SKIP LOCKED so relays never wait for each "
+            "other's batches")
+    except BaseException:
+        for relay in (relay_a, relay_b):
+            if relay is not None:
+                relay.kill()
+                relay.wait()
+        raise
+    finally:
+        holder.rollback()
+        holder.close()
+    assert finish(relay_a, "relay A") == 0, f"relay A failed: {errors_of(relay_a)}"
+    assert relay_b is not None and finish(relay_b, "relay B") == 0, (
+        f"relay B failed: {errors_of(relay_b)}")
+    assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False)
+    assert pending(conn) == 0
+
+
+def test_thousand_orders_thousand_events(shop: Any, learner: Any, postgres: Any,
+                                         kafka: Any) -> None:
+    conn, orders_mod = shop
+    topic = create_topic(kafka, "orders")
+    orders = make_orders(1000)
+    place_all(conn, orders_mod, orders)
+    started = time.monotonic()
+    run_relay(learner, postgres, kafka, topic, batch=200)
+    took = time.monotonic() - started
+    events = read_events(kafka, topic)
+    assert len(events) == 1000, f"1,000 orders gave {len(events)} events on the topic"
+    assert_each_order_once(events, orders, allow_duplicates=False)
+    assert took < 20, (
+        f"relaying 1,000 rows took {took:.1f} s: publish a batch and flush once per batch, "
+        "not once per row")
