@@ -46,13 +46,15 @@ class Pair:
 
 @pytest.fixture
 def pair() -> Iterator[Pair]:
+    # The listener stays open for the whole test: while it holds the port nobody else can
+    # listen there, so no new connection can reuse (and end) this one's TIME_WAIT.
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname(), timeout=WAIT)
         server, _ = listener.accept()
-    server.settimeout(WAIT)
-    yield Pair(client, server, client.getsockname(), server.getsockname())
-    client.close()
-    server.close()
+        server.settimeout(WAIT)
+        yield Pair(client, server, client.getsockname(), server.getsockname())
+        client.close()
+        server.close()
 
 
 class Background:

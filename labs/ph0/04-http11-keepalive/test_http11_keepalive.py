@@ -1,0 +1,288 @@
+"""Verification for ph0.4: the learner's HTTP/1.1 connection handler, behind a loopback
+listener the test runs, driven by a raw socket client that writes exact bytes (pipelined
+requests in one write, bodies in pieces) and parses responses with the standard
+library's HTTP header parser.
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, NoReturn
+
+import pytest
+
+WAIT = 2.0          # upper bound for anything that must happen
+QUIET = 0.3         # how long "nothing arrives" is watched for
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+@dataclass
+class Server:
+    """A loopback listener; every accepted connection goes to the learner's
+    handle_connection() in its own thread. The handler is the test's."""
+
+    module: Any
+    listener: socket.socket = field(init=False)
+    connections: int = 0
+    handled: list[str] = field(default_factory=list)       # "METHOD target", in call order
+    bodies: dict[str, bytes] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    slow_started: threading.Event = field(default_factory=threading.Event)
+    gate: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self.module.handle_connection(conn, self.handler)
+        except NotImplementedError as exc:
+            self.errors.append(f"handle_connection() is not implemented yet: {exc}")
+            conn.close()
+        except Exception as exc:  # noqa: BLE001 - surfaced in the test's failure message
+            self.errors.append(f"handle_connection() raised {type(exc).__name__}: {exc}")
+            conn.close()
+
+    def handler(self, request: Any) -> Any:
+        """The application: echoes what it was asked; /slow waits for the test's gate."""
+        label = f"{request.method} {request.target}"
+        self.handled.append(label)
+        self.bodies[request.target] = request.body
+        if request.target == "/slow":
+            self.slow_started.set()
+            self.gate.wait(WAIT)
+        body = f"{label} ({len(request.body)} bytes)".encode()
+        return self.module.Response(200, {"Content-Type": "text/plain"}, body)
+
+    def wait_for_slow(self) -> bool:
+        """Wait until /slow reached the handler; stop early if the learner's code died."""
+        for _ in range(int(WAIT / 0.05)):
+            if self.slow_started.wait(0.05):
+                return True
+            if self.errors:
+                pytest.fail(self.errors[0], pytrace=False)
+        return False
+
+    def close(self) -> None:
+        self.gate.set()
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def server(learner: Any) -> Iterator[Server]:
+    srv = Server(learner.load("http11"))
+    yield srv
+    srv.close()
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+def request(method: str, target: str, body: bytes = b"", **headers: str) -> bytes:
+    head = f"{method} {target} HTTP/1.1\r\nHost: lab.test\r\n"
+    for name, value in headers.items():
+        head += f"{name.replace('_', '-')}: {value}\r\n"
+    if body or method == "POST":
+        head += f"Content-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+class Client:
+    """One raw TCP connection; responses are read with http.client's own header parser."""
+
+    def __init__(self, srv: Server) -> None:
+        self.srv = srv
+        self.sock = socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT)
+        self.stream: BinaryIO = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            self._fail(f"the server closed the connection while the client was still "
+                       f"sending ({exc})")
+
+    def read(self, what: str) -> Reply | None:
+        """The next response, or None if the server closed the connection instead."""
+        try:
+            status_line: bytes | None = self.stream.readline(65537)
+        except TimeoutError:
+            status_line = None
+        except ConnectionResetError:
+            status_line = b""
+        if status_line is None:  # failing outside the except block keeps the message clean
+            self._fail(f"no response to {what} within {WAIT:.0f} s\nIf that request "
+                       "arrived in the same recv() as the one before it, the bytes after "
+                       "the first request must stay in the connection's buffer for the "
+                       "next one.")
+        if not status_line:
+            if self.srv.errors:
+                self._fail(f"the connection closed without a response to {what}")
+            return None
+        parts = status_line.decode("iso-8859-1").split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            self._fail(f"the response to {what} starts with {status_line[:80]!r}, "
+                       "expected a status line like 'HTTP/1.1 200 OK'")
+        headers = http.client.parse_headers(self.stream)
+        length = headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._fail(f"the response to {what} has no valid Content-Length ({length!r})\n"
+                       "On a connection that stays open, Content-Length is how the client "
+                       "knows where the body ends and the next response begins.")
+        body = self.stream.read(int(length))
+        return Reply(int(parts[1]), headers, body)
+
+    def expect(self, what: str, body: str) -> Reply:
+        reply = self.read(what)
+        if reply is None:
+            self._fail(f"the server closed the connection instead of answering {what}\n"
+                       "HTTP/1.1 connections are persistent: keep reading requests until "
+                       "the client closes or sends 'Connection: close'.")
+        assert reply.body == body.encode(), (
+            f"expected the response to {what} ({body!r}), got {reply.body!r}\n"
+            "Responses must come back in request order: a client pairs them by position.")
+        return reply
+
+    def closed(self) -> bool:
+        """True when the server has closed its end (EOF) within WAIT."""
+        try:
+            return self.stream.read(1) == b""
+        except (TimeoutError, ConnectionResetError):
+            return False
+
+    def quiet(self) -> bool:
+        """True when nothing at all arrives for QUIET seconds."""
+        readable, _, _ = select.select([self.sock], [], [], QUIET)
+        return not readable
+
+    def _fail(self, message: str) -> NoReturn:
+        if self.srv.errors:
+            message = f"{self.srv.errors[0]}\n({message})"
+        pytest.fail(message, pytrace=False)
+
+    def close(self) -> None:
+        self.stream.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[Client]:
+    c = Client(server)
+    yield c
+    c.close()
+
+
+def one_connection(server: Server) -> None:
+    assert server.connections == 1, (
+        f"the server accepted {server.connections} connections, expected the single one "
+        "the client opened")
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def test_keep_alive_serves_requests_one_after_another(server: Server, client: Client) -> None:
+    client.send(request("GET", "/first"))
+    reply = client.expect("GET /first", "GET /first (0 bytes)")
+    assert reply.status == 200, f"status {reply.status}, expected 200 from the handler"
+    client.send(request("GET", "/second"))
+    client.expect("GET /second on the same connection", "GET /second (0 bytes)")
+    one_connection(server)
+
+
+def test_pipelined_requests_are_answered_in_order(server: Server, client: Client) -> None:
+    client.send(request("GET", "/one") + request("POST", "/two", b"hello")
+                + request("GET", "/three"))  # one write: the requests arrive together
+    client.expect("pipelined request 1 (GET /one)", "GET /one (0 bytes)")
+    client.expect("pipelined request 2 (POST /two)", "POST /two (5 bytes)")
+    client.expect("pipelined request 3 (GET /three)", "GET /three (0 bytes)")
+    assert server.bodies.get("/two") == b"hello", (
+        f"the POST body reached the handler as {server.bodies.get('/two')!r}, expected b'hello'")
+    one_connection(server)
+
+
+def test_body_is_framed_by_content_length(server: Server, client: Client) -> None:
+    body = bytes(range(256)) * 800  # 200 KB: more than one recv() can return
+    whole = request("POST", "/upload", body) + request("GET", "/after")
+    cut1, cut2 = len(whole) // 3, 2 * len(whole) // 3
+    for piece in (whole[:cut1], whole[cut1:cut2], whole[cut2:]):
+        client.send(piece)
+    client.expect("POST /upload", f"POST /upload ({len(body)} bytes)")
+    got = server.bodies.get("/upload", b"")
+    assert got == body, (
+        f"the handler received a {len(got)}-byte body, expected exactly {len(body)} bytes\n"
+        "Read until Content-Length bytes of body are buffered, however many recv() calls "
+        "that takes, and not a byte more: what follows is the next request.")
+    client.expect("GET /after (sent right behind the body)", "GET /after (0 bytes)")
+
+
+def test_connection_close_ends_the_connection(server: Server, client: Client) -> None:
+    client.send(request("GET", "/a") + request("GET", "/b", Connection="close")
+                + request("GET", "/c"))
+    client.expect("GET /a", "GET /a (0 bytes)")
+    last = client.expect("GET /b (Connection: close)", "GET /b (0 bytes)")
+    assert (last.headers.get("Connection") or "").lower() == "close", (
+        "the response to a 'Connection: close' request must say 'Connection: close' too")
+    assert client.closed(), (
+        "after answering the 'Connection: close' request the server kept the connection "
+        "open (or answered the request behind it)\nClose right after that response.")
+    assert "GET /c" not in server.handled, (
+        "GET /c, sent after 'Connection: close', was handled: the server must stop there")
+
+
+def test_slow_first_request_blocks_the_second(server: Server, client: Client) -> None:
+    client.send(request("GET", "/slow") + request("GET", "/fast"))
+    assert server.wait_for_slow(), (
+        f"GET /slow never reached the handler (handled: {server.handled}, errors: "
+        f"{server.errors})")
+    early = client.quiet()
+    server.gate.set()  # let /slow finish
+    assert early, (
+        "a response arrived while GET /slow was still being handled\nIn HTTP/1.1 the "
+        "response to GET /fast may only follow the one to GET /slow: responses carry no "
+        "request id, so their order is the only way to match them. That wait is "
+        "head-of-line blocking.")
+    client.expect("GET /slow", "GET /slow (0 bytes)")
+    client.expect("GET /fast (queued behind /slow)", "GET /fast (0 bytes)")
+    one_connection(server)
+
+
+def test_malformed_request_gets_400(server: Server, client: Client) -> None:
+    client.send(b"THIS IS NOT HTTP\r\n\r\n")
+    reply = client.read("a malformed request")
+    assert reply is not None and reply.status == 400, (
+        f"a malformed request line got {reply.status if reply else 'no response'}, "
+        "expected 400 Bad Request (and then the connection closed: after a framing "
+        "error the server cannot know where the next request starts)")
+    assert client.closed(), "close the connection after a 400: the framing is lost"

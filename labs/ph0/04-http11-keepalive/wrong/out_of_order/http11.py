@@ -1,0 +1,160 @@
+"""A socket-level HTTP/1.1 server connection: framing, keep-alive, pipelining.
+
+HTTP/1.1 is a text protocol on a byte stream. A request is a head (request line and
+headers, ended by an empty line) and a body of exactly Content-Length bytes; nothing
+else marks where it ends. The connection stays open for the next request (keep-alive)
+unless either side says ``Connection: close``. A client may send several requests
+without waiting (pipelining), and because responses carry no request id they must come
+back in the same order: one slow response holds up every response behind it. That is
+head-of-line blocking, and the reason HTTP/2 multiplexes streams instead.
+"""
+
+# WRONG, kept to prove the verification catches it:
+# requests are handled concurrently and each response is sent as soon as it is
+# ready, so a fast response overtakes a slow one.
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+MAX_HEAD = 64 * 1024      # a request head larger than this is refused, not buffered forever
+CHUNK = 65536
+
+
+@dataclass
+class Request:
+    method: str
+    target: str               # e.g. "/users/1?full=yes"
+    version: str              # "HTTP/1.1" or "HTTP/1.0"
+    headers: dict[str, str]   # names lower-cased
+    body: bytes
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+Handler = Callable[[Request], Response]
+
+
+class BadRequest(Exception):
+    """The bytes on the wire are not an HTTP/1.1 request we can frame."""
+
+
+class _Reader:
+    """One connection's receive buffer: requests are cut out of it one at a time, and
+    whatever follows a request (the next pipelined one) stays for the next call."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buffer = bytearray()
+
+    def _fill(self) -> bool:
+        chunk = self.conn.recv(CHUNK)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def next_request(self) -> Request | None:
+        """The next request, or None when the client closed between requests."""
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            if len(self.buffer) > MAX_HEAD:
+                raise BadRequest("request head too large")
+            if not self._fill():
+                if self.buffer.strip():
+                    raise BadRequest("connection closed in the middle of a request head")
+                return None
+        head = bytes(self.buffer[:end]).decode("iso-8859-1")
+        del self.buffer[:end + 4]
+        request = _parse_head(head)
+        length = _content_length(request.headers)
+        while len(self.buffer) < length:
+            if not self._fill():
+                raise BadRequest("connection closed in the middle of a request body")
+        request.body = bytes(self.buffer[:length])
+        del self.buffer[:length]  # what remains is the next pipelined request
+        return request
+
+
+def _parse_head(head: str) -> Request:
+    request_line, *header_lines = head.split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest(f"malformed request line {request_line!r}")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise BadRequest(f"malformed header line {line!r}")
+        headers[name.lower()] = value.strip()
+    return Request(parts[0], parts[1], parts[2], headers, b"")
+
+
+def _content_length(headers: dict[str, str]) -> int:
+    if "transfer-encoding" in headers:  # chunked bodies are out of scope: refuse clearly
+        raise BadRequest("Transfer-Encoding is not supported, send Content-Length")
+    value = headers.get("content-length", "0")
+    if not value.isdigit():
+        raise BadRequest(f"bad Content-Length {value!r}")
+    return int(value)
+
+
+def _keep_alive(request: Request) -> bool:
+    connection = request.headers.get("connection", "").lower()
+    if request.version == "HTTP/1.0":
+        return connection == "keep-alive"  # 1.0 closes by default
+    return connection != "close"          # 1.1 keeps the connection by default
+
+
+def serialize(response: Response, close: bool) -> bytes:
+    """Status line, headers with Content-Length (the client's only way to find the end
+    of the body on a kept-alive connection), blank line, body."""
+    try:
+        reason = HTTPStatus(response.status).phrase
+    except ValueError:
+        reason = "Unknown"
+    headers = {k: v for k, v in response.headers.items()
+               if k.lower() not in ("content-length", "connection")}
+    headers["Content-Length"] = str(len(response.body))
+    if close:
+        headers["Connection"] = "close"
+    head = f"HTTP/1.1 {response.status} {reason}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (head + "\r\n").encode("iso-8859-1") + response.body
+
+
+def handle_connection(conn: socket.socket, handler: Handler) -> None:
+    """Serve requests on one connection, one after another and in order, until the
+    client closes it or asks to close it."""
+    reader = _Reader(conn)
+    lock = threading.Lock()
+    with conn:
+        try:
+            while True:
+                try:
+                    request = reader.next_request()
+                except BadRequest as exc:
+                    # After a framing error we cannot know where the next request starts.
+                    conn.sendall(serialize(Response(400, {"Content-Type": "text/plain"},
+                                                    f"{exc}\n".encode()), close=True))
+                    return
+                if request is None:
+                    return  # the client closed the connection between requests
+                close = not _keep_alive(request)
+
+                def answer(request: Request = request, close: bool = close) -> None:
+                    response = handler(request)  # "faster": each request in its own thread
+                    with lock:
+                        conn.sendall(serialize(response, close))
+
+                threading.Thread(target=answer).start()
+                if close:
+                    return
+        except (ConnectionResetError, BrokenPipeError):
+            return  # the client went away: nobody is left to answer
