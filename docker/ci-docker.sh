@@ -38,7 +38,10 @@ export LABRUNNER_BACKEND=docker
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
-    SUDO="sudo"
+    # Not root: the daemon, debootstrap and apt need root; sudo must not ask (CI has no tty).
+    command -v sudo >/dev/null || { echo "ci-docker: not root and no sudo" >&2; exit 1; }
+    sudo -n true 2>/dev/null || { echo "ci-docker: sudo asks for a password; run as root or allow it" >&2; exit 1; }
+    SUDO="sudo -n"
 fi
 
 log() { printf '[ci-docker %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -71,8 +74,8 @@ ensure_packages() {
 
 kafka_libs() {
     python3 - <<'PY'
-from labrunner.services.local.kafka import fetch_jars
-print(fetch_jars())
+from labrunner.services.local.kafka import fetch_jars, libs_dir
+print(libs_dir() or fetch_jars())
 PY
 }
 
@@ -88,6 +91,8 @@ daemon_up() {
         return
     fi
     $SUDO mkdir -p "$RUN_DIR" "$CACHE/docker-data"
+    # Logs and build contexts are written as us; dockerd (root) writes where it likes.
+    $SUDO chown "$(id -u):$(id -g)" "$RUN_DIR"
     # Our own bridge (not docker0), so a system Docker on the same machine is never touched
     # and nothing is left behind: it goes in `down`.
     if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
@@ -266,9 +271,9 @@ labrunner_image() {
     # The repository as git sees it (tracked and new files, nothing ignored), plus what the
     # build may not fetch by itself: the wheels of labrunner's dependencies, cached here, and
     # the Kafka jars of the local backend.
-    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
-        | xargs -0 -I{} sh -c '[ -e "{}" ] && printf "%s\0" "{}"' \
-        | tar --null -T - -cf -) | tar -C "$stage" -xf -
+    (cd "$ROOT" && git -c safe.directory="$ROOT" ls-files -z --cached --others --exclude-standard \
+        | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+        | tar --null --no-recursion -T - -cf -) | tar -C "$stage" -xf -
     # The wheels are made by the image's own Python (its version decides environment
     # markers), in a container on the host network, with this machine's pip settings and CA
     # bundle lent for the run only (nothing of them goes into an image).
@@ -284,19 +289,30 @@ labrunner_image() {
         ca=/etc/ssl/certs/ca-certificates.crt
     fi
     [ -n "$ca" ] && pip_env+=(-v "$ca:/run/host-ca.crt:ro" -e PIP_CERT=/run/host-ca.crt)
-    log "wheelhouse for labrunner's dependencies ($wheels)"
-    if ! docker run --rm --network host --label labrunner=1 --label labrunner.role=ci \
-            "${pip_env[@]}" -v "$stage:/src:ro" -v "$wheels:/wheels" labrunner/python:ci \
-            sh -c 'cp -r /src /tmp/src && python3 -m venv /tmp/v && /tmp/v/bin/pip wheel -q --disable-pip-version-check \
-                   --wheel-dir /wheels --find-links /wheels /tmp/src "setuptools>=68" wheel' \
-            >"$RUN_DIR/wheelhouse.log" 2>&1; then
-        tail -n 30 "$RUN_DIR/wheelhouse.log" >&2
-        die "building the wheelhouse failed"
+    # Made again only when the dependencies (pyproject.toml) or the Python image change.
+    local stamp
+    stamp="$wheels/.made-for-$( (cat "$stage/pyproject.toml"; docker image inspect \
+        --format '{{.Id}}' labrunner/python:ci) | sha256sum | cut -c1-16)"
+    if [ -f "$stamp" ]; then
+        log "wheelhouse: cached"
+    else
+        log "wheelhouse for labrunner's dependencies ($wheels)"
+        if ! docker run --rm --network host --label labrunner=1 --label labrunner.role=ci \
+                "${pip_env[@]}" -v "$stage:/src:ro" -v "$wheels:/wheels" labrunner/python:ci \
+                sh -c 'cp -r /src /tmp/src && python3 -m venv /tmp/v && /tmp/v/bin/pip wheel -q --disable-pip-version-check \
+                       --wheel-dir /wheels --find-links /wheels /tmp/src "setuptools>=68" wheel' \
+                >"$RUN_DIR/wheelhouse.log" 2>&1; then
+            tail -n 30 "$RUN_DIR/wheelhouse.log" >&2
+            die "building the wheelhouse failed"
+        fi
+        $SUDO rm -f "$wheels"/labrunner-*.whl "$wheels"/.made-for-*
+        $SUDO touch "$stamp"
     fi
-    $SUDO rm -f "$wheels"/labrunner-*.whl
     cp -r "$wheels" "$stage/docker/wheelhouse"
     cp -r "$(kafka_libs)" "$stage/docker/kafka-libs"
     build "$LABRUNNER_IMAGE" "$stage" -f "$stage/docker/Dockerfile"
+    # Images replaced by this build: the cache keeps only what the next run can use.
+    docker image prune -f >/dev/null
 }
 
 # --- runs ------------------------------------------------------------------------------------

@@ -224,8 +224,10 @@ def test_ctrl_c_on_a_run_removes_its_containers(tmp_path: Path) -> None:
     """A process that started services and gets SIGINT removes them on its way out."""
     script = tmp_path / "run.py"
     script.write_text(
-        "import sys, time\n"
+        "import signal, sys, time\n"
         "from labrunner.services.manager import ServiceSet\n"
+        # A CI shell may start us with SIGINT ignored (background jobs): take it back.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "s = ServiceSet.ephemeral('docker')\n"
         "try:\n"
         "    s.ensure(['redis'])\n"
