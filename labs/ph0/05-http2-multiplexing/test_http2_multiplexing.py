@@ -1,0 +1,319 @@
+"""Verification for ph0.5: the learner's HTTP/2 connection handler, served by an asyncio
+server the test runs in a background thread, and driven by a real HTTP/2 client (the h2
+library in client mode) over ONE TCP connection. The raw bytes the client receives are
+also split into frames with hyperframe, to measure the HPACK header blocks on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+)
+from h2.exceptions import ProtocolError
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
+
+WAIT = 2.0
+BIG = 300_000   # bytes: well beyond the default 65,535-byte flow-control window
+REPEATED_HEADERS = [
+    ("content-type", "text/plain; charset=utf-8"),
+    ("cache-control", "private, max-age=60"),
+    ("x-lab-trace", "lab-ph0-5; region=eu-west; build=2024.11.24-6f1c2a9; tier=gold"),
+]
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+class ServerThread:
+    """asyncio.start_server on 127.0.0.1:0 in its own loop/thread; every connection is
+    handed to the learner's handle_connection() with the test's handler."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.connections = 0
+        self.errors: list[str] = []
+        self.slow_started = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port: int = self._call(self._start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    async def _start(self) -> int:
+        self.gate = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            await self.module.handle_connection(reader, writer, self.handler)
+        except NotImplementedError as exc:
+            self.errors.append(f"handle_connection() is not implemented yet: {exc}")
+        except Exception as exc:  # noqa: BLE001 - surfaced in the test's failure message
+            self.errors.append(f"handle_connection() raised {type(exc).__name__}: {exc}")
+        finally:
+            writer.close()
+
+    async def handler(self, request: Any) -> Any:
+        """The application the learner's server runs."""
+        response = self.module.Response
+        if request.path == "/slow":
+            self.slow_started.set()
+            await asyncio.wait_for(self.gate.wait(), WAIT * 3)
+            return response(200, [("content-type", "text/plain")], b"slow done")
+        if request.path == "/big":
+            return response(200, [("content-type", "application/octet-stream")],
+                            bytes(range(256)) * (BIG // 256) + b"x" * (BIG % 256))
+        if request.path == "/echo":
+            return response(200, [("content-type", "application/octet-stream")],
+                            request.body)
+        return response(200, list(REPEATED_HEADERS), f"{request.path} ok".encode())
+
+    def release_slow(self) -> None:
+        self.loop.call_soon_threadsafe(self.gate.set)
+
+    async def _stop(self) -> None:
+        """Close the connections so the learner's loops see EOF and return by themselves;
+        cancel only what is still running after that."""
+        self.server.close()
+        self.gate.set()
+        for writer in self.writers:
+            writer.close()
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            _, pending = await asyncio.wait(others, timeout=0.5)
+            for task in pending:
+                task.cancel()
+
+    def close(self) -> None:
+        try:
+            self._call(self._stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(WAIT)
+
+
+@pytest.fixture
+def server(learner: Any) -> Iterator[ServerThread]:
+    srv = ServerThread(learner.load("h2server"))
+    yield srv
+    srv.close()
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+@dataclass
+class Stream:
+    path: str
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytearray = field(default_factory=bytearray)
+    ended: bool = False
+    header_block: int = 0   # bytes of HPACK-encoded header block received on the wire
+
+
+class Client:
+    """A real HTTP/2 client (h2, client side) on one blocking TCP connection."""
+
+    def __init__(self, srv: ServerThread) -> None:
+        self.srv = srv
+        self.sock = socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT)
+        self.h2 = H2Connection(H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self.streams: dict[int, Stream] = {}
+        self.finished: list[str] = []   # paths, in the order their streams ended
+        self.raw = bytearray()          # received bytes not yet split into frames
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            self.sock.sendall(self.h2.data_to_send())
+        except OSError as exc:
+            self.fail(f"the server closed the connection ({exc})")
+
+    def get(self, path: str, body: bytes = b"", send: bool = True) -> int:
+        sid = self.h2.get_next_available_stream_id()
+        self.streams[sid] = Stream(path)
+        method = "POST" if body else "GET"
+        self.h2.send_headers(sid, [(":method", method), (":path", path), (":scheme", "http"),
+                                   (":authority", "lab.test")], end_stream=not body)
+        for start in range(0, len(body), 1000):  # a body in several DATA frames
+            self.h2.send_data(sid, body[start:start + 1000],
+                              end_stream=start + 1000 >= len(body))
+        if send:
+            self.flush()
+        return sid
+
+    def run_until(self, done: Callable[[], bool], waiting_for: str, hint: str = "") -> None:
+        """Read and process frames until ``done()``; fail after WAIT seconds without."""
+        while not done():
+            try:
+                data: bytes | None = self.sock.recv(65536)
+            except TimeoutError:
+                data = None
+            except ConnectionResetError:
+                data = b""
+            if data is None:  # outside the except block: a clean failure message
+                self.fail(f"no {waiting_for} within {WAIT:.0f} s\n{hint}".strip())
+            if not data:
+                self.fail(f"the server closed the connection while the client waited for "
+                          f"{waiting_for}")
+            self._measure_frames(data)
+            try:
+                events = self.h2.receive_data(data)
+            except ProtocolError as exc:
+                self.fail(f"the server broke the HTTP/2 protocol: {type(exc).__name__}: {exc}")
+            for event in events:
+                self._on(event)
+            self.flush()
+
+    def _on(self, event: Any) -> None:
+        if isinstance(event, ResponseReceived):
+            stream = self.streams[event.stream_id]
+            stream.headers = {bytes(k).decode(): bytes(v).decode() for k, v in event.headers}
+            stream.status = int(stream.headers.get(":status", 0))
+        elif isinstance(event, DataReceived):
+            self.streams[event.stream_id].body += event.data
+            # Grant the window back, as any real client does.
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, StreamEnded):
+            self.streams[event.stream_id].ended = True
+            self.finished.append(self.streams[event.stream_id].path)
+        elif isinstance(event, StreamReset):
+            self.fail(f"the server reset the stream for {self.streams[event.stream_id].path} "
+                      f"(error code {event.error_code})")
+        elif isinstance(event, ConnectionTerminated):
+            self.fail(f"the server ended the connection (GOAWAY, error code {event.error_code})")
+
+    def _measure_frames(self, data: bytes) -> None:
+        """Split the byte stream into frames (hyperframe) and add up each stream's header
+        block: the HPACK-compressed size of its response headers on the wire."""
+        self.raw += data
+        while len(self.raw) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(self.raw[:9]))
+            if len(self.raw) < 9 + length:
+                return
+            frame.parse_body(memoryview(self.raw[9:9 + length]))
+            del self.raw[:9 + length]
+            if isinstance(frame, HeadersFrame | ContinuationFrame) \
+                    and frame.stream_id in self.streams:
+                self.streams[frame.stream_id].header_block += len(frame.data)
+
+    def ended(self, *sids: int) -> Callable[[], bool]:
+        return lambda: all(self.streams[s].ended for s in sids)
+
+    def fail(self, message: str) -> NoReturn:
+        if self.srv.errors:
+            message = f"{self.srv.errors[0]}\n({message})"
+        pytest.fail(message, pytrace=False)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Client]:
+    c = Client(server)
+    yield c
+    c.close()
+
+
+def one_connection(server: ServerThread) -> None:
+    assert server.connections == 1, (
+        f"the server saw {server.connections} TCP connections, expected the client's one")
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def test_slow_stream_does_not_hold_back_fast_ones(server: ServerThread, client: Client) -> None:
+    slow = client.get("/slow", send=False)
+    fast = [client.get(f"/fast/{n}", send=False) for n in (1, 2)]
+    client.flush()  # all three requests leave in one write, the slow one first
+    try:
+        client.run_until(
+            client.ended(*fast), "response to /fast/1 and /fast/2 while /slow was pending",
+            hint="Each stream's handler must run in its own task (asyncio.create_task) so "
+                 "the connection loop keeps reading frames and answering the other streams: "
+                 "that is HTTP/2 multiplexing. Awaiting the handler inside the read loop "
+                 "brings back head-of-line blocking.")
+    finally:
+        server.release_slow()
+    assert not client.streams[slow].ended, (
+        "the slow stream ended before it was released: the test's gate did not hold")
+    client.run_until(client.ended(slow), "response to /slow after its release")
+    assert client.finished == ["/fast/1", "/fast/2", "/slow"], (
+        f"streams finished in the order {client.finished}, expected the fast ones first")
+    for sid in (*fast, slow):
+        stream = client.streams[sid]
+        want = b"slow done" if stream.path == "/slow" else f"{stream.path} ok".encode()
+        assert stream.status == 200 and bytes(stream.body) == want, (
+            f"{stream.path}: status {stream.status}, body {bytes(stream.body)!r}; expected "
+            f"200 and {want!r}")
+    one_connection(server)
+
+
+def test_hpack_shrinks_a_repeated_header_block(server: ServerThread, client: Client) -> None:
+    first = client.get("/same/1")
+    client.run_until(client.ended(first), "first response")
+    second = client.get("/same/2")
+    client.run_until(client.ended(second), "second response")
+    a, b = client.streams[first], client.streams[second]
+    for stream in (a, b):
+        sent = {k: stream.headers.get(k) for k, _ in REPEATED_HEADERS}
+        assert sent == dict(REPEATED_HEADERS), (
+            f"{stream.path}: the response headers were {sent}, expected {dict(REPEATED_HEADERS)}"
+            "\nSend the handler's headers with the response.")
+    assert b.header_block < a.header_block / 2, (
+        f"the second response's header block took {b.header_block} bytes on the wire, the "
+        f"first {a.header_block}: expected far fewer the second time\nHPACK keeps a dynamic "
+        "table per connection: headers sent before are re-sent as 1-2 byte indexes. Use one "
+        "H2Connection for the whole connection.")
+    one_connection(server)
+
+
+def test_large_body_respects_flow_control(server: ServerThread, client: Client) -> None:
+    big = client.get("/big")
+    client.run_until(
+        client.ended(big), f"complete {BIG}-byte /big response",
+        hint="The body needs several flow-control windows: send DATA frames no larger than "
+             "local_flow_control_window() and max_outbound_frame_size, and when the window "
+             "is 0 wait for the client's WINDOW_UPDATE (a WindowUpdated event).")
+    got = client.streams[big].body
+    assert len(got) == BIG, (
+        f"/big arrived with {len(got)} bytes, expected {BIG}\nSend DATA frames no larger "
+        "than local_flow_control_window() and max_outbound_frame_size; when the window is "
+        "0, wait for the client's WINDOW_UPDATE.")
+
+
+def test_request_body_is_reassembled_from_data_frames(server: ServerThread,
+                                                      client: Client) -> None:
+    body = bytes(range(256)) * 20  # 5,120 bytes, sent as six DATA frames
+    sid = client.get("/echo", body)
+    client.run_until(client.ended(sid), "/echo response")
+    got = bytes(client.streams[sid].body)
+    assert got == body, (
+        f"/echo returned {len(got)} bytes, expected the {len(body)}-byte request body\n"
+        "Collect each stream's DATA frames until its StreamEnded event, then call the "
+        "handler with the whole body.")

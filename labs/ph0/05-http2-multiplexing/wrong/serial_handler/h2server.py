@@ -1,0 +1,159 @@
+"""An HTTP/2 server connection with the h2 library: many streams over one TCP connection.
+
+HTTP/2 cuts every request and response into binary frames (HEADERS, DATA, ...) tagged
+with a stream id, so responses interleave on one connection and a slow one no longer
+holds back the others (at the HTTP level: a lost TCP segment still stalls them all).
+Headers are HPACK-compressed against a table both ends keep for the connection, so a
+header block repeated on the next stream shrinks to a few index bytes. Each stream and
+the connection have a flow-control window: a sender may only send as many DATA bytes as
+the receiver has granted.
+
+h2 is "sans-IO": it turns bytes into events and calls into bytes, and leaves the socket
+and the concurrency to us. Here: one asyncio task reads the socket and feeds h2; one
+task per stream runs the handler and sends its response.
+"""
+
+# WRONG, kept to prove the verification catches it:
+# the read loop awaits each handler, so one slow stream stops all the others.
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+
+
+@dataclass
+class Request:
+    stream_id: int
+    method: str
+    path: str
+    headers: dict[str, str]   # regular headers, lower-case names (no pseudo-headers)
+    body: bytes = b""
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)  # lower-case names
+    body: bytes = b""
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 handler: Handler) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.handler = handler
+        self.h2 = H2Connection(H2Configuration(client_side=False))
+        self.requests: dict[int, Request] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        # Signalled whenever the peer grants more window (for a stream or the connection).
+        self.window_opened = asyncio.Event()
+
+    async def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def run(self) -> None:
+        self.h2.initiate_connection()  # our SETTINGS frame: the server preface
+        await self.flush()
+        try:
+            while data := await self.reader.read(65536):
+                try:
+                    events = self.h2.receive_data(data)
+                except ProtocolError:
+                    await self.flush()  # h2 queued a GOAWAY explaining the error
+                    return
+                for event in events:
+                    if not await self.dispatch(event):
+                        await self.flush()
+                        return
+                await self.flush()
+        finally:
+            for task in self.tasks.values():
+                task.cancel()
+
+    async def dispatch(self, event: object) -> bool:
+        """Act on one h2 event; False when the connection is over."""
+        if isinstance(event, RequestReceived):
+            headers = [(bytes(k).decode(), bytes(v).decode()) for k, v in event.headers]
+            pseudo = {k: v for k, v in headers if k.startswith(":")}
+            regular = {k: v for k, v in headers if not k.startswith(":")}
+            self.requests[event.stream_id] = Request(
+                event.stream_id, pseudo.get(":method", ""), pseudo.get(":path", ""), regular)
+        elif isinstance(event, DataReceived):
+            self.requests[event.stream_id].body += event.data
+            # Give the window back, or the client stalls once it has sent 64 KiB.
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, StreamEnded):
+            # The request is complete: answer it in its own task so this loop keeps
+            # reading and the other streams keep moving (multiplexing).
+            request = self.requests.pop(event.stream_id)
+            await self.respond(request)  # the read loop waits for this handler
+        elif isinstance(event, StreamReset):
+            task = self.tasks.pop(event.stream_id, None)
+            if task is not None:
+                task.cancel()
+        elif isinstance(event, WindowUpdated):
+            self.window_opened.set()
+        elif isinstance(event, ConnectionTerminated):
+            return False
+        return True
+
+    async def respond(self, request: Request) -> None:
+        sid = request.stream_id
+        try:
+            response = await self.handler(request)
+        except Exception:  # noqa: BLE001 - one failing handler must not end the connection
+            response = Response(500, [("content-type", "text/plain")], b"internal error\n")
+        try:
+            headers = [(":status", str(response.status)), *response.headers,
+                       ("content-length", str(len(response.body)))]
+            self.h2.send_headers(sid, headers, end_stream=not response.body)
+            await self.flush()
+            await self.send_body(sid, response.body)
+        except StreamClosedError:
+            pass  # the client reset the stream meanwhile
+        finally:
+            self.tasks.pop(sid, None)
+
+    async def send_body(self, sid: int, body: bytes) -> None:
+        """DATA frames within the flow-control window and the maximum frame size."""
+        view = memoryview(body)
+        while view:
+            window = self.h2.local_flow_control_window(sid)
+            if window <= 0:
+                self.window_opened.clear()
+                await self.window_opened.wait()  # the client will send WINDOW_UPDATE
+                continue
+            size = min(window, self.h2.max_outbound_frame_size, len(view))
+            self.h2.send_data(sid, view[:size].tobytes(), end_stream=size == len(view))
+            view = view[size:]
+            await self.flush()
+
+
+async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            handler: Handler) -> None:
+    """Serve one HTTP/2 (prior knowledge, cleartext) connection until the client ends it."""
+    try:
+        await _Connection(reader, writer, handler).run()
+    finally:
+        writer.close()
