@@ -1,0 +1,190 @@
+"""ph5.9 - event sourcing: an append-only event store in Postgres with expected-version
+concurrency, snapshots, and upcasting of v1 events to v2.
+
+The concurrent append is driven step by step on two real connections: A appends inside a
+transaction the test keeps open, B appends with the same expected version, A commits. Exactly
+one may win. Snapshots are checked against a full replay, and shown to be used: an old event
+changed behind the store's back alters the replay, not the snapshot-based load."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from psycopg.types.json import Jsonb
+
+
+@pytest.fixture
+def store(postgres: Any, learner: Any) -> Any:
+    mod = learner.load("eventstore")
+    conn = postgres.connect(autocommit=True)
+    mod.setup(conn)  # given: the schema
+    yield mod, conn
+    conn.close()
+
+
+def opened(owner: str = "ada") -> dict[str, Any]:
+    return {"type": "AccountOpened", "data": {"owner": owner, "currency": "EUR"}}
+
+
+def deposit(cents: int) -> dict[str, Any]:
+    return {"type": "MoneyDeposited", "data": {"amount_cents": cents, "currency": "EUR"}}
+
+
+def withdraw(cents: int) -> dict[str, Any]:
+    return {"type": "MoneyWithdrawn", "data": {"amount_cents": cents, "currency": "EUR"}}
+
+
+def account(balance: int, transactions: int, owner: str = "ada") -> dict[str, Any]:
+    return {"owner": owner, "currency": "EUR", "balance_cents": balance,
+            "transactions": transactions}
+
+
+def versions(conn: Any, stream: str) -> list[tuple[int, str]]:
+    return [(int(v), str(t)) for v, t in conn.execute(
+        "SELECT version, type FROM events WHERE stream_id = %s ORDER BY version",
+        (stream,)).fetchall()]
+
+
+def expect_conflict(mod: Any, conn: Any, stream: str, expected: int, why: str) -> None:
+    try:
+        got = mod.append(conn, stream, expected, [withdraw(1)])
+    except mod.ConcurrencyError:
+        return
+    pytest.fail(f"append({stream!r}, expected_version={expected}) returned {got!r}, but {why}: "
+                "it must raise ConcurrencyError - the caller decided on a state that is not "
+                "the stream's current one", pytrace=False)
+
+
+# --- appending -----------------------------------------------------------------------------
+
+def test_append_load_and_stale_expected_version(store: Any) -> None:
+    mod, conn = store
+    version = mod.append(conn, "acc-1", 0, [opened(), deposit(1000), withdraw(300)])
+    assert version == 3, f"appending 3 events to a new stream returned version {version}, not 3"
+    state, at = mod.load(conn, "acc-1")
+    assert (state, at) == (account(700, 2), 3), (
+        f"load('acc-1') = {(state, at)}; expected {(account(700, 2), 3)}: the state is the fold "
+        "of the events")
+    assert mod.append(conn, "acc-1", 3, [deposit(50)]) == 4
+
+    expect_conflict(mod, conn, "acc-1", 2, "the stream is at version 4")
+    assert versions(conn, "acc-1")[-1] == (4, "MoneyDeposited"), (
+        "a refused append must write nothing")
+    expect_conflict(mod, conn, "acc-new", 5, "the stream does not exist yet (version 0)")
+
+
+def test_concurrent_appends_with_the_same_expected_version(store: Any, postgres: Any) -> None:
+    """A and B both read version 3 and append. A's transaction is still open when B tries;
+    when A commits, B must get ConcurrencyError: only one decision made on version 3 wins."""
+    mod, conn = store
+    mod.append(conn, "acc-2", 0, [opened(), deposit(500), deposit(500)])
+    conn_a, conn_b = postgres.connect(autocommit=True), postgres.connect(autocommit=True)
+    pid_b = conn_b.execute("SELECT pg_backend_pid()").fetchone()[0]
+    outcome: dict[str, Any] = {}
+
+    def append_b() -> None:
+        try:
+            outcome["version"] = mod.append(conn_b, "acc-2", 3, [withdraw(800)])
+        except BaseException as exc:  # noqa: BLE001 - judged by the main thread
+            outcome["error"] = exc
+
+    tx_a = conn_a.transaction()
+    tx_a.__enter__()
+    try:
+        mod.append(conn_a, "acc-2", 3, [withdraw(900)])
+        worker = threading.Thread(target=append_b, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not outcome and time.monotonic() < deadline:  # B done, or B waits for A
+            if conn.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted",
+                            (pid_b,)).fetchone()[0]:
+                break
+            time.sleep(0.01)
+    finally:
+        tx_a.__exit__(None, None, None)  # A commits
+    worker.join(10)
+    conn_a.close()
+    conn_b.close()
+    error = outcome.get("error")
+    assert error is not None, (
+        f"both appends with expected version 3 succeeded (B returned version "
+        f"{outcome.get('version')}); the stream is now {versions(conn, 'acc-2')}: B decided on "
+        "a state that no longer existed - the second writer must get ConcurrencyError")
+    assert isinstance(error, mod.ConcurrencyError), (
+        f"B's append raised {type(error).__name__}: {error}; expected ConcurrencyError - "
+        "translate the primary-key violation of (stream_id, version) into it")
+    assert versions(conn, "acc-2") == [(1, "AccountOpened"), (2, "MoneyDeposited"),
+                                       (3, "MoneyDeposited"), (4, "MoneyWithdrawn")], (
+        f"the stream is {versions(conn, 'acc-2')}: expected A's withdrawal as version 4 and "
+        "nothing from B")
+    state, _ = mod.load(conn, "acc-2")
+    assert state["balance_cents"] == 100, f"balance {state['balance_cents']}, expected 100"
+
+
+# --- snapshots -----------------------------------------------------------------------------
+
+def test_snapshot_plus_tail_equals_full_replay(store: Any) -> None:
+    mod, conn = store
+    history = [opened()] + [deposit(100 + n) if n % 3 else withdraw(40 + n) for n in range(24)]
+    mod.append(conn, "acc-3", 0, history[:20])
+    snap_version = mod.save_snapshot(conn, "acc-3")
+    assert snap_version == 20, f"save_snapshot returned version {snap_version}, expected 20"
+    mod.append(conn, "acc-3", 20, history[20:])
+
+    loaded, replayed = mod.load(conn, "acc-3"), mod.replay(conn, "acc-3")
+    assert loaded == replayed and loaded[1] == 25, (
+        f"load (snapshot at 20 + events 21-25) = {loaded}, replay of all 25 events = "
+        f"{replayed}: they must agree - the tail starts AFTER the snapshot's version")
+
+    # Probe: change event 7 behind the store's back. A full replay sees it; a load that really
+    # starts from the snapshot at version 20 cannot.
+    conn.execute("UPDATE events SET data = jsonb_set(data, '{amount_cents}', '1000000') "
+                 "WHERE stream_id = 'acc-3' AND version = 7")
+    assert mod.replay(conn, "acc-3") != replayed, "replay must read every event"
+    assert mod.load(conn, "acc-3") == loaded, (
+        "load() changed when an event before the snapshot changed: it is replaying the whole "
+        "stream - read the snapshot, then only the events after its version")
+
+
+# --- upcasting -----------------------------------------------------------------------------
+
+LEGACY = [  # recorded years ago with schema v1: euros as decimal strings, no currency
+    ("AccountOpened", {"owner": "grace"}),
+    ("MoneyDeposited", {"amount": "12.50"}),
+    ("MoneyDeposited", {"amount": "0.29"}),
+    ("MoneyWithdrawn", {"amount": "4.35"}),
+]
+
+
+def test_v1_events_are_upcast_when_read(store: Any) -> None:
+    mod, conn = store
+    for version, (event_type, data) in enumerate(LEGACY, start=1):
+        conn.execute("INSERT INTO events (stream_id, version, type, schema_version, data) "
+                     "VALUES ('acc-old', %s, %s, 1, %s)", (version, event_type, Jsonb(data)))
+    mod.append(conn, "acc-old", 4, [deposit(1000)])
+
+    events = mod.read_stream(conn, "acc-old")
+    got = [(e["version"], e["type"], e["data"]) for e in events]
+    want = [(1, "AccountOpened", {"owner": "grace", "currency": "EUR"}),
+            (2, "MoneyDeposited", {"amount_cents": 1250, "currency": "EUR"}),
+            (3, "MoneyDeposited", {"amount_cents": 29, "currency": "EUR"}),
+            (4, "MoneyWithdrawn", {"amount_cents": 435, "currency": "EUR"}),
+            (5, "MoneyDeposited", {"amount_cents": 1000, "currency": "EUR"})]
+    assert got == want, (
+        f"read_stream gave {got}; expected every event in the v2 schema {want}: upcast v1 "
+        "(amount '12.50' euros, no currency) to v2 (amount_cents 1250, currency 'EUR') - with "
+        "Decimal: float('0.29') * 100 is 28.999999999999996")
+    state, version = mod.load(conn, "acc-old")
+    want_state = (account(1250 + 29 - 435 + 1000, 4, "grace"), 5)
+    assert (state, version) == want_state, (
+        f"load('acc-old') = {(state, version)}; expected {want_state}: fold the upcast events")
+    mod.save_snapshot(conn, "acc-old")
+    assert mod.load(conn, "acc-old") == mod.replay(conn, "acc-old")
+    stored = conn.execute("SELECT schema_version, data FROM events WHERE stream_id = 'acc-old' "
+                          "AND version = 2").fetchone()
+    assert tuple(stored) == (1, {"amount": "12.50"}), (
+        f"the stored v1 event became {tuple(stored)}: upcast when reading, never rewrite "
+        "recorded events - the log is append-only")
