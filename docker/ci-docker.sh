@@ -90,6 +90,7 @@ daemon_up() {
         log "daemon already answers on $SOCK"
         return
     fi
+    clean_run_dir   # what a daemon stopped without `down` left
     $SUDO mkdir -p "$RUN_DIR" "$CACHE/docker-data"
     # Logs and build contexts are written as us; dockerd (root) writes where it likes.
     $SUDO chown "$(id -u):$(id -g)" "$RUN_DIR"
@@ -165,13 +166,20 @@ daemon_down() {
     if ip link show "$BRIDGE" >/dev/null 2>&1; then
         $SUDO ip link delete "$BRIDGE" || true
     fi
-    if [ -d "$RUN_DIR" ]; then
-        # Mounts dockerd may have left (netns files, overlay of a killed container).
-        grep -o " $RUN_DIR[^ ]*" /proc/self/mounts 2>/dev/null | sort -r | while read -r mnt; do
-            $SUDO umount -l "$mnt" 2>/dev/null || true
-        done
-        $SUDO rm -rf "$RUN_DIR"
-    fi
+    clean_run_dir
+}
+
+# Remove the run folder of a daemon that no longer runs, and the mounts it may have left
+# (netns files, the overlay of a killed container).
+clean_run_dir() {
+    [ -d "$RUN_DIR" ] || return 0
+    local mounts
+    mounts="$(grep -o " $RUN_DIR[^ ]*" /proc/self/mounts 2>/dev/null | sort -r || true)"
+    local mnt
+    for mnt in $mounts; do
+        $SUDO umount -l "$mnt" 2>/dev/null || true
+    done
+    $SUDO rm -rf "$RUN_DIR"
 }
 
 # --- images ----------------------------------------------------------------------------------
