@@ -186,7 +186,7 @@ def test_reliable_queue_keeps_claimed_jobs_until_acked(learner: Any, redis_db: A
         f"after recover(), claims returned {rest}, expected job-2, job-3 first (they were "
         "next in line), then job-4, job-5, then None for the empty queue")
     for job in rest[:4]:
-        queue.ack(job)  # type: ignore[arg-type]
+        queue.ack(job)
     assert queue.recover() == 0, "after every job is acked, recover() must find nothing"
     assert queue.size() == 0, "size() must be 0 once every job is claimed"
     _, sent = recorded(redis_db, "size()", queue.size)

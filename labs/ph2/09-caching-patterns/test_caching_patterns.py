@@ -178,7 +178,7 @@ def shop(learner: Any, postgres: Any, redis_db: Any) -> Iterator[Shop]:
     with direct.cursor() as cur:
         cur.executemany("INSERT INTO products VALUES (%s, %s, %s)", PRODUCTS)
     params = conninfo_to_dict(postgres.dsn)
-    wire = PgWire(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    wire = PgWire(str(params.get("host", "127.0.0.1")), int(str(params.get("port", 5432))))
     # sslmode=disable: the proxy reads the protocol, so it must not be encrypted
     dsn = make_conninfo(postgres.dsn, host="127.0.0.1", port=wire.port,
                         sslmode="disable", gssencmode="disable")

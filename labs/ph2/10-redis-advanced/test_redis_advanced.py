@@ -229,7 +229,7 @@ def exclusive_restarts(redis_db: Any) -> Iterator[redis.Redis]:
         if time.monotonic() > deadline:
             pytest.fail("another test kept the Redis restart lock for 90 s", pytrace=False)
         time.sleep(0.1)
-    saved = {name: admin.config_get(name)[name] for name in PERSISTENCE_SETTINGS}
+    saved = {name: str(admin.config_get(name)[name]) for name in PERSISTENCE_SETTINGS}
     try:
         admin.config_set("appendonly", "no")  # whatever an earlier run left: start from off
         yield admin

@@ -106,7 +106,7 @@ def server(postgres: Any) -> Iterator[Server]:
 
 @pytest.fixture
 def pooling(learner: Any) -> ModuleType:
-    module = learner.load("pooling")
+    module: ModuleType = learner.load("pooling")
     for name in ("PoolExhausted", "Database"):
         if not isinstance(getattr(module, name, None), type):
             pytest.fail(f"pooling.py: define a class {name} (see the README)", pytrace=False)

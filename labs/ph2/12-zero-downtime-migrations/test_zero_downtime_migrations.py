@@ -36,7 +36,7 @@ import pytest
 
 @pytest.fixture
 def runner(learner: Any) -> ModuleType:
-    module = learner.load("migrate")
+    module: ModuleType = learner.load("migrate")
     if not callable(getattr(module, "migrate", None)):
         pytest.fail("migrate.py: define a function migrate(dsn, directory, target=None)",
                     pytrace=False)
@@ -270,7 +270,7 @@ def keep_running(apps: list[App], ops: int = 8) -> None:
 
 @pytest.fixture
 def traffic() -> Iterator[tuple[Traffic, list[App]]]:
-    state, apps = Traffic(), []
+    state, apps = Traffic(), list[App]()
     yield state, apps
     for app in apps:
         app.stop.set()

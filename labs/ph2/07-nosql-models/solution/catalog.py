@@ -89,7 +89,7 @@ class RelationalCatalog:
             return None
         tags = [t for (t,) in self.conn.execute(
             "SELECT tag FROM product_tags WHERE product_id = %s", (product_id,))]
-        attributes = dict(self.conn.execute(
+        attributes: dict[str, str] = dict(self.conn.execute(
             "SELECT name, value FROM product_attributes WHERE product_id = %s",
             (product_id,)).fetchall())
         return _product(product_id, row[0], row[1], row[2], tags, attributes)

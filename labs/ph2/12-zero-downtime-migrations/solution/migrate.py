@@ -75,7 +75,8 @@ def migrate(dsn: str, directory: str | Path, target: int | None = None) -> list[
                     checksum   text        NOT NULL,
                     applied_at timestamptz NOT NULL DEFAULT now()
                 )""")
-            applied = dict(conn.execute("SELECT version, checksum FROM schema_migrations"))
+            applied: dict[int, str] = dict(
+                conn.execute("SELECT version, checksum FROM schema_migrations"))
             pending = check(migrations, applied)
             for migration in pending:
                 apply(conn, migration)
