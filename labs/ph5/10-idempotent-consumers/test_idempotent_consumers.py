@@ -1,0 +1,234 @@
+"""ph5.10 - idempotent consumers: a dedup table checked and written in the same transaction
+as the event's effect.
+
+* Every event delivered three times applies once.
+* Two consumers handling the same event at the same moment, on two connections, driven step by
+  step: the test holds a lock on the balance row so the first consumer stops inside its
+  transaction, starts the second, waits until it is blocked too, then releases.
+* The consumer program (consumer.py, its own process, reading Kafka) is killed with SIGKILL
+  while inside an event's transaction - stopped there by a lock the test holds on the balance
+  row, or on the event's dedup key - and restarted: the balances must be exact."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import NewTopic
+
+Event = dict[str, Any]
+
+
+def payment(n: int, account: str, cents: int) -> Event:
+    return {"event_id": f"evt-{n}", "account": account, "amount_cents": cents}
+
+
+EVENTS = [payment(n, f"acct-{n % 3}", 100 * (n + 1)) for n in range(12)]
+
+
+def expected_balances(events: list[Event]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for e in events:
+        totals[e["account"]] = totals.get(e["account"], 0) + e["amount_cents"]
+    return totals
+
+
+@pytest.fixture
+def db(postgres: Any, learner: Any) -> Any:
+    mod = learner.load("consumer")
+    conn = postgres.connect(autocommit=True)
+    mod.setup(conn)  # given: the schema
+    yield mod, conn
+    conn.close()
+
+
+def balances(conn: Any) -> dict[str, int]:
+    return {a: int(c) for a, c in conn.execute("SELECT account, cents FROM balances "
+                                               "WHERE cents <> 0").fetchall()}
+
+
+def blocked_pids(conn: Any, ignore: set[int]) -> set[int]:
+    """Backends of this database waiting for a lock (other than ``ignore``)."""
+    rows = conn.execute("SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a "
+                        "ON a.pid = l.pid WHERE NOT l.granted AND a.datname = "
+                        "current_database()").fetchall()
+    return {int(r[0]) for r in rows} - ignore
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
+        time.sleep(0.01)
+
+
+# --- in-process ----------------------------------------------------------------------------
+
+def test_each_event_delivered_three_times_applies_once(db: Any) -> None:
+    mod, conn = db
+    deliveries = [e for round_ in range(3) for e in (EVENTS if round_ != 1 else EVENTS[::-1])]
+    results: dict[str, list[bool]] = {}
+    for event in deliveries:
+        results.setdefault(event["event_id"], []).append(bool(mod.handle(conn, event)))
+    wrong = {k: v for k, v in results.items() if v.count(True) != 1}
+    assert not wrong, (
+        f"handle() returned {dict(list(wrong.items())[:3])} for three deliveries of the same "
+        "event; expected True once (applied) and False twice (duplicate)")
+    assert balances(conn) == expected_balances(EVENTS), (
+        f"after every event was delivered three times the balances are {balances(conn)}; "
+        f"expected {expected_balances(EVENTS)}: each event applies once")
+
+
+def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner: Any) -> None:
+    """Consumer A and consumer B (separate connections, separately loaded code - no shared
+    memory) get the same event at the same moment."""
+    mod, conn = db
+    conn.execute("INSERT INTO balances VALUES ('acct-0', 0)")
+    event = payment(99, "acct-0", 700)
+    consumers = [learner.load("consumer"), learner.load("consumer")]
+    conns = [postgres.connect(autocommit=True), postgres.connect(autocommit=True)]
+    results: dict[int, Any] = {}
+
+    def consume(i: int) -> None:
+        try:
+            results[i] = bool(consumers[i].handle(conns[i], event))
+        except BaseException as exc:  # noqa: BLE001 - judged below
+            results[i] = exc
+
+    blocker = postgres.connect()
+    blocker.execute("SELECT * FROM balances WHERE account = 'acct-0' FOR UPDATE")
+    blocker_pid = blocker.execute("SELECT pg_backend_pid()").fetchone()[0]
+    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in (0, 1)]
+    try:
+        threads[0].start()
+        wait_for(lambda: 0 in results or blocked_pids(conn, {blocker_pid}),
+                 "consumer A to reach the balance row (locked by the test)")
+        first = blocked_pids(conn, {blocker_pid})
+        threads[1].start()
+        wait_for(lambda: 1 in results or blocked_pids(conn, {blocker_pid}) - first,
+                 "consumer B to block or finish")
+    finally:
+        blocker.rollback()  # release: A and B go on
+        blocker.close()
+    for thread in threads:
+        thread.join(10)
+    for c in conns:
+        c.close()
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    if errors and isinstance(errors[0], psycopg.errors.UniqueViolation):
+        pytest.fail(f"handling the same event at the same time raised {errors[0]!r}: the "
+                    "duplicate must be skipped, not crash the consumer - let the dedup table's "
+                    "primary key decide (INSERT ... ON CONFLICT DO NOTHING, then look at the row "
+                    "count) instead of checking first", pytrace=False)
+    assert not errors, f"handle() raised {type(errors[0]).__name__}: {errors[0]}"
+    assert balances(conn) == {"acct-0": 700}, (
+        f"acct-0 is {balances(conn).get('acct-0', 0)} after the same 700-cent event was handled "
+        "by two consumers at once; expected 700: both passed a 'processed yet?' check before "
+        "either committed - let the database decide (INSERT ... ON CONFLICT DO NOTHING on the "
+        "dedup key, in the effect's transaction), not a SELECT or the process's memory")
+    assert sorted(results.values()) == [False, True], (
+        f"the two consumers' handle() returned {results}; expected one True (applied) and one "
+        "False (duplicate)")
+
+
+# --- the consumer process, killed mid-event ------------------------------------------------
+
+def publish(kafka: Any, deliveries: list[Event]) -> str:
+    topic = kafka.topic("payments")
+    admin = kafka.admin()
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    producer = Producer(kafka.producer_config(acks="all"))
+    for event in deliveries:
+        producer.produce(topic, key=event["account"].encode(), value=json.dumps(event).encode(),
+                         partition=0)
+    assert producer.flush(15) == 0
+    return topic
+
+
+def start_consumer(learner: Any, postgres: Any, kafka: Any,
+                   topic: str) -> subprocess.Popen[bytes]:
+    return learner.python("consumer", "--dsn", postgres.dsn, "--bootstrap", kafka.bootstrap,
+                          "--topic", topic, "--group", kafka.group("payments"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def error_tail(proc: subprocess.Popen[bytes]) -> str:
+    assert proc.stderr is not None
+    text = proc.stderr.read().decode(errors="replace").strip()
+    return (text.splitlines()[-1] if text else "(no error output)") + "\n" + text[-1500:]
+
+
+def kill_mid_event(learner: Any, postgres: Any, kafka: Any, conn: Any, hold: str,
+                   args: tuple[Any, ...]) -> None:
+    """Run the consumer over the deliveries with the test holding a lock (``hold``, SQL),
+    kill it with SIGKILL when it waits for that lock, release, restart it to the end."""
+    deliveries = [e for e in EVENTS[:6]] + EVENTS[:4] + EVENTS[6:] + EVENTS[5:9]
+    topic = publish(kafka, deliveries)
+    blocker = postgres.connect()
+    blocker.execute(hold, args)
+    blocker_pid = blocker.execute("SELECT pg_backend_pid()").fetchone()[0]
+    first = start_consumer(learner, postgres, kafka, topic)
+    try:
+        deadline = time.monotonic() + 20
+        while not blocked_pids(conn, {blocker_pid}):
+            if first.poll() is not None:
+                pytest.fail(f"the consumer exited ({first.returncode}) before reaching the "
+                            f"locked row: {error_tail(first)}", pytrace=False)
+            if time.monotonic() > deadline:
+                pytest.fail("the consumer never reached the row the test locked (20 s)",
+                            pytrace=False)
+            time.sleep(0.01)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        blocker.rollback()
+        blocker.close()
+
+    second = start_consumer(learner, postgres, kafka, topic)
+    try:
+        code = second.wait(30)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        second.wait()
+        pytest.fail("the restarted consumer did not reach the end of the topic in 30 s",
+                    pytrace=False)
+    assert code == 0, f"the restarted consumer exited with {code}: {error_tail(second)}"
+
+
+def test_killed_while_applying_an_effect(db: Any, learner: Any, postgres: Any,
+                                         kafka: Any) -> None:
+    """The consumer is killed while waiting to update acct-2's balance (the test locks that
+    row): everything it did for that event must vanish with it, and the restart applies it."""
+    mod, conn = db
+    conn.execute("INSERT INTO balances VALUES ('acct-2', 0)")
+    kill_mid_event(learner, postgres, kafka, conn,
+                   "SELECT * FROM balances WHERE account = %s FOR UPDATE", ("acct-2",))
+    assert balances(conn) == expected_balances(EVENTS), (
+        f"after the kill and restart the balances are {balances(conn)}; expected "
+        f"{expected_balances(EVENTS)}: an event marked processed in one transaction and "
+        "applied in another is lost when the process dies between them - one transaction")
+
+
+def test_killed_while_recording_the_event_id(db: Any, learner: Any, postgres: Any,
+                                             kafka: Any) -> None:
+    """The test holds evt-4's dedup key (an uncommitted insert), so the consumer is killed
+    while recording evt-4 as processed: an effect committed before that would be applied again
+    after the restart."""
+    mod, conn = db
+    kill_mid_event(learner, postgres, kafka, conn,
+                   "INSERT INTO processed_events (event_id) VALUES (%s)", ("evt-4",))
+    assert balances(conn) == expected_balances(EVENTS), (
+        f"after the kill and restart the balances are {balances(conn)}; expected "
+        f"{expected_balances(EVENTS)}: an effect committed before its event id is recorded is "
+        "applied again after a crash - record and apply in one transaction")
+    processed = conn.execute("SELECT count(*) FROM processed_events").fetchone()[0]
+    assert processed == len(EVENTS), f"{processed} event ids recorded, expected {len(EVENTS)}"
