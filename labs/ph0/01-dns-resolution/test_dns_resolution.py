@@ -213,10 +213,11 @@ def _resolve(resolver: Any, dns: Hierarchy, name: str) -> Any:
     try:
         return resolver.resolve(name)
     except NotImplementedError as exc:
-        pytest.fail(f"resolve() is not implemented yet: {exc}", pytrace=False)
+        problem = f"resolve() is not implemented yet: {exc}"
     except Exception as exc:  # noqa: BLE001 - report the learner's error with the walk
-        pytest.fail(f"resolve({name!r}) raised {type(exc).__name__}: {exc}\n"
-                    f"Servers asked so far: {_walk(dns.log)}.", pytrace=False)
+        problem = (f"resolve({name!r}) raised {type(exc).__name__}: {exc}\n"
+                   f"Servers asked so far: {_walk(dns.log)}.")
+    pytest.fail(problem, pytrace=False)  # outside the except: no chained traceback
 
 
 def _walk(log: QueryLog) -> str:

@@ -1,0 +1,483 @@
+"""Verification for ph0.6: the learner's HTTP/3 server and client, each checked against an
+independent peer the test builds from aioquic itself, over real QUIC on UDP loopback:
+
+* the learner's server is driven by the test's HTTP/3 client, which reads the
+  negotiated ALPN and 0-RTT acceptance from the handshake;
+* the learner's client talks to the test's HTTP/3 server, which records for every
+  request whether it arrived before the handshake completed (that is, as 0-RTT data).
+
+Certificates are generated here, at test time, with `cryptography`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    ProtocolNegotiated,
+    QuicEvent,
+)
+from aioquic.tls import SessionTicket
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+HOST = "127.0.0.1"
+SERVER_NAME = "h3.lab.test"
+WAIT = 3.0       # bound for anything that must happen
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------- certificates
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: str
+    cert: str
+    key: str
+
+
+def make_certs(directory: Path) -> Certs:
+    """A CA and a certificate for SERVER_NAME signed by it, as PEM files."""
+    directory.mkdir(parents=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def build(subject: str, issuer: str, key: Any, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(hours=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = build(f"test CA {directory.name}", f"test CA {directory.name}", ca_key, ca_key, True)
+    cert = build(SERVER_NAME, f"test CA {directory.name}", key, ca_key, False)
+    certs = Certs(str(directory / "ca.pem"), str(directory / "cert.pem"),
+                  str(directory / "key.pem"))
+    Path(certs.ca).write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    Path(certs.cert).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    Path(certs.key).write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return certs
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certs:
+    return make_certs(tmp_path / "trusted")
+
+
+# ---------------------------------------------------------------------------- shared bits
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def bounded(what: str, awaitable: Awaitable[T], seconds: float = WAIT) -> T:
+    """Await with a deadline; a learner function that hangs or raises fails clearly."""
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except NotImplementedError as exc:
+        problem = f"{what} is not implemented yet: {exc}"
+    except TimeoutError:
+        problem = f"{what} did not finish within {seconds:.0f} s"
+    except Exception as exc:  # noqa: BLE001 - the learner's error, reported plainly
+        problem = f"{what} raised {type(exc).__name__}: {exc}"
+    pytest.fail(problem, pytrace=False)  # outside the except: no chained traceback
+
+
+def bound_port(server: Any) -> int:
+    """The UDP port a QuicServer listens on (aioquic's serve() has no accessor for it)."""
+    transport = getattr(server, "_transport", None)
+    if transport is None:
+        pytest.fail("start_server() must return the QuicServer from aioquic's serve()",
+                    pytrace=False)
+    return int(transport.get_extra_info("sockname")[1])
+
+
+class Gate:
+    """/slow's handler waits until /fast has finished, or gives up after WAIT seconds:
+    streams that are really independent get 200 for both; a server or client that
+    handles one stream at a time makes /slow give up with 504."""
+
+    def __init__(self) -> None:
+        self.fast_done = asyncio.Event()
+
+    async def handler(self, path: str) -> tuple[int, bytes]:
+        if path == "/slow":
+            try:
+                await asyncio.wait_for(self.fast_done.wait(), WAIT)
+            except TimeoutError:
+                return 504, b"gave up waiting for /fast"
+            return 200, b"slow ok"
+        if path == "/fast":
+            self.fast_done.set()
+        return 200, f"{path} ok".encode()
+
+
+# ---------------------------------------------------------------------------- the test's client
+
+
+@dataclass
+class Observed:
+    """What the test's client saw on one connection."""
+
+    alpn: str | None = None
+    early_data_accepted: bool = False
+    session_resumed: bool = False
+    responses: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # paths, in the order they completed
+
+
+class ProbeClient(QuicConnectionProtocol):
+    """The test's own HTTP/3 client (aioquic), used to probe the learner's server."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.h3 = H3Connection(self._quic)
+        self.seen = Observed()
+        self.handshake = asyncio.get_running_loop().create_future()
+        self.paths: dict[int, str] = {}
+        self.status: dict[int, int] = {}
+        self.bodies: dict[int, bytes] = {}
+        self.done: dict[str, asyncio.Event] = {}
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            self.seen.alpn = event.alpn_protocol
+            self.seen.early_data_accepted = event.early_data_accepted
+            self.seen.session_resumed = event.session_resumed
+            if not self.handshake.done():
+                self.handshake.set_result(None)
+        if isinstance(event, ConnectionTerminated) and not self.handshake.done():
+            self.handshake.set_exception(ConnectionError(event.reason_phrase))
+        for h3_event in self.h3.handle_event(event):
+            self._h3_event(h3_event)
+
+    def _h3_event(self, event: H3Event) -> None:
+        sid = getattr(event, "stream_id", None)
+        if sid not in self.paths:
+            return
+        if isinstance(event, HeadersReceived):
+            self.status[sid] = int(dict(event.headers).get(b":status", b"0"))
+        elif isinstance(event, DataReceived):
+            self.bodies[sid] = self.bodies.get(sid, b"") + event.data
+        if getattr(event, "stream_ended", False):
+            path = self.paths[sid]
+            self.seen.responses[path] = (self.status.get(sid, 0), self.bodies.get(sid, b""))
+            self.seen.order.append(path)
+            self.done[path].set()
+
+    def get(self, path: str) -> asyncio.Event:
+        sid = self._quic.get_next_available_stream_id()
+        self.paths[sid] = path
+        self.done[path] = asyncio.Event()
+        self.h3.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"https"),
+                                   (b":authority", SERVER_NAME.encode()),
+                                   (b":path", path.encode())], end_stream=True)
+        return self.done[path]
+
+
+async def probe(port: int, certs: Certs, paths: list[str],
+                ticket: SessionTicket | None = None,
+                on_done: dict[str, Callable[[], None]] | None = None,
+                ) -> tuple[Observed, list[SessionTicket]]:
+    """GET ``paths`` concurrently over one connection to the learner's server. With a
+    ticket, the requests are sent at once as 0-RTT data."""
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=SERVER_NAME)
+    config.load_verify_locations(certs.ca)
+    config.session_ticket = ticket
+    tickets: list[SessionTicket] = []
+    async with connect(HOST, port, configuration=config, create_protocol=ProbeClient,
+                       session_ticket_handler=tickets.append,
+                       wait_connected=ticket is None) as protocol:
+        client: ProbeClient = protocol  # type: ignore[assignment]
+        waits = {path: client.get(path) for path in paths}
+        client.transmit()
+        await bounded("the QUIC handshake with your server", client.handshake)
+        for path, done in waits.items():
+            try:
+                await asyncio.wait_for(done.wait(), WAIT * 2)
+            except TimeoutError:
+                pytest.fail(f"your server sent no complete response to {path} within "
+                            f"{WAIT * 2:.0f} s", pytrace=False)
+            if on_done and path in on_done:
+                on_done[path]()
+        return client.seen, tickets
+
+
+async def learner_server(h3: Any, certs: Certs, handler: Callable[..., Any]) -> QuicServer:
+    server: QuicServer = await bounded(
+        "start_server()", h3.start_server(HOST, 0, certfile=certs.cert, keyfile=certs.key,
+                                          handler=handler))
+    return server
+
+
+# ---------------------------------------------------------------------------- the test's server
+
+
+@dataclass
+class Arrival:
+    path: str
+    early: bool        # arrived before the handshake completed: 0-RTT data
+    connection: int    # which QUIC connection (1, 2, ...)
+
+
+class ProbeServer(QuicConnectionProtocol):
+    """The test's own HTTP/3 server (aioquic), used to probe the learner's client."""
+
+    log: list[Arrival]
+    alpns: list[str | None]
+    handler: Callable[[str], Awaitable[tuple[int, bytes]]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.h3: H3Connection | None = None
+        self.handshake_done = False
+        self.connection = len(self.alpns) + 1
+        self.alpns.append(None)
+        self.paths: dict[int, str] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, ProtocolNegotiated):
+            self.alpns[self.connection - 1] = event.alpn_protocol
+            if event.alpn_protocol in H3_ALPN:
+                self.h3 = H3Connection(self._quic)
+        if isinstance(event, HandshakeCompleted):
+            self.handshake_done = True
+        if self.h3 is None:
+            return
+        for h3_event in self.h3.handle_event(event):
+            if isinstance(h3_event, HeadersReceived):
+                path = dict(h3_event.headers).get(b":path", b"").decode()
+                self.paths[h3_event.stream_id] = path
+                self.log.append(Arrival(path, not self.handshake_done, self.connection))
+            if isinstance(h3_event, HeadersReceived | DataReceived) and h3_event.stream_ended:
+                task = asyncio.create_task(self.respond(h3_event.stream_id))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def respond(self, sid: int) -> None:
+        status, body = await self.handler(self.paths[sid])
+        assert self.h3 is not None
+        self.h3.send_headers(sid, [(b":status", str(status).encode())])
+        self.h3.send_data(sid, body, end_stream=True)
+        self.transmit()
+
+
+class TicketStore(dict[bytes, SessionTicket]):
+    def add(self, ticket: SessionTicket) -> None:
+        self[ticket.ticket] = ticket
+
+    def take(self, label: bytes) -> SessionTicket | None:
+        return self.pop(label, None)
+
+
+@dataclass
+class Probe:
+    server: QuicServer
+    port: int
+    log: list[Arrival]
+    alpns: list[str | None]
+
+
+async def probe_server(certs: Certs, handler: Callable[[str], Awaitable[tuple[int, bytes]]]
+                       ) -> Probe:
+    log: list[Arrival] = []
+    alpns: list[str | None] = []
+    protocol = type("BoundProbeServer", (ProbeServer,),
+                    {"log": log, "alpns": alpns, "handler": staticmethod(handler)})
+    config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
+    config.load_cert_chain(certs.cert, certs.key)
+    store = TicketStore()
+    server = await serve(HOST, 0, configuration=config, create_protocol=protocol,
+                         session_ticket_fetcher=store.take, session_ticket_handler=store.add)
+    return Probe(server, bound_port(server), log, alpns)
+
+
+async def learner_fetch(h3: Any, probe: Probe, certs: Certs, paths: list[str],
+                        ticket: Any = None) -> Any:
+    return await bounded(
+        f"fetch({paths})",
+        h3.fetch(HOST, probe.port, paths, cafile=certs.ca, server_name=SERVER_NAME,
+                 session_ticket=ticket),
+        WAIT * 2)
+
+
+# ---------------------------------------------------------------------------- the learner's server
+
+
+def test_server_speaks_h3_with_independent_streams(learner: Any, certs: Certs) -> None:
+    h3 = learner.load("h3")
+
+    async def scenario() -> Observed:
+        gate = Gate()
+        server = await learner_server(h3, certs, gate.handler)
+        try:
+            seen, _ = await probe(bound_port(server), certs, ["/slow", "/fast"])
+            return seen
+        finally:
+            server.close()
+
+    seen = run(scenario())
+    assert seen.alpn == "h3", (
+        f"the handshake negotiated ALPN {seen.alpn!r}, expected 'h3'\nBoth sides must "
+        "offer alpn_protocols=H3_ALPN: ALPN is how a QUIC connection says it carries HTTP/3.")
+    assert seen.responses.get("/fast") == (200, b"/fast ok"), (
+        f"/fast got {seen.responses.get('/fast')}, expected (200, b'/fast ok')")
+    assert seen.responses.get("/slow") == (200, b"slow ok"), (
+        f"/slow got {seen.responses.get('/slow')}, expected (200, b'slow ok')\n/slow's "
+        "handler waits for /fast to be handled: it gave up, so your server handled the "
+        "second stream only after the first. Start one task per request stream.")
+    assert seen.order == ["/fast", "/slow"], (
+        f"responses completed in the order {seen.order}, expected /fast before /slow")
+
+
+def test_server_accepts_0rtt_on_resumption(learner: Any, certs: Certs) -> None:
+    h3 = learner.load("h3")
+
+    async def scenario() -> tuple[Observed, list[SessionTicket], Observed]:
+        gate = Gate()
+        server = await learner_server(h3, certs, gate.handler)
+        try:
+            first, tickets = await probe(bound_port(server), certs, ["/first"])
+            if not tickets:
+                pytest.fail("your server issued no session ticket on the first connection\n"
+                            "aioquic hands out tickets, and resumes sessions, only when the "
+                            "server has a ticket store: serve(..., session_ticket_handler="
+                            "store.add, session_ticket_fetcher=store.pop).", pytrace=False)
+            second, _ = await probe(bound_port(server), certs, ["/zero"], ticket=tickets[-1])
+            return first, tickets, second
+        finally:
+            server.close()
+
+    first, tickets, second = run(scenario())
+    assert second.session_resumed, (
+        "the second connection presented the session ticket from the first, but the "
+        "server did not resume the session\nA server can only resume sessions whose "
+        "tickets it can look up again: pass session_ticket_fetcher and "
+        "session_ticket_handler (a ticket store) to serve().")
+    assert second.early_data_accepted, (
+        "the session was resumed but the server refused the 0-RTT early data")
+    assert second.responses.get("/zero") == (200, b"/zero ok"), (
+        f"the 0-RTT request got {second.responses.get('/zero')}, expected (200, b'/zero ok')")
+
+
+# ---------------------------------------------------------------------------- the learner's client
+
+
+def test_client_speaks_h3_with_independent_streams(learner: Any, certs: Certs) -> None:
+    h3 = learner.load("h3")
+    gate = Gate()
+
+    async def scenario() -> tuple[Any, Probe]:
+        probe = await probe_server(certs, gate.handler)
+        try:
+            return await learner_fetch(h3, probe, certs, ["/slow", "/fast"]), probe
+        finally:
+            probe.server.close()
+
+    result, probe = run(scenario())
+    assert probe.alpns == ["h3"], (
+        f"the server saw {len(probe.alpns)} connection(s) with ALPN {probe.alpns}, expected "
+        "one connection offering 'h3' (alpn_protocols=H3_ALPN)")
+    assert result.alpn == "h3", f"FetchResult.alpn is {result.alpn!r}, expected 'h3'"
+    assert result.responses.get("/slow") == (200, b"slow ok"), (
+        f"/slow got {result.responses.get('/slow')}, expected (200, b'slow ok')\nThe "
+        "server's /slow handler waits for /fast: it gave up, so /fast was only requested "
+        "after /slow had finished. Send every request on its own stream first, then wait "
+        "for the responses.")
+    assert result.responses.get("/fast") == (200, b"/fast ok"), (
+        f"/fast got {result.responses.get('/fast')}, expected (200, b'/fast ok')")
+
+
+def test_client_resumes_with_0rtt(learner: Any, certs: Certs) -> None:
+    h3 = learner.load("h3")
+    gate = Gate()
+
+    async def scenario() -> tuple[Any, Any, Probe]:
+        probe = await probe_server(certs, gate.handler)
+        try:
+            first = await learner_fetch(h3, probe, certs, ["/first"])
+            if getattr(first, "session_ticket", None) is None:
+                pytest.fail("FetchResult.session_ticket is None after the first fetch: keep "
+                            "the ticket the server sends (connect(..., "
+                            "session_ticket_handler=...)) and return it", pytrace=False)
+            second = await learner_fetch(h3, probe, certs, ["/zero"], first.session_ticket)
+            return first, second, probe
+        finally:
+            probe.server.close()
+
+    first, second, probe = run(scenario())
+    arrivals = [a for a in probe.log if a.path == "/zero"]
+    assert len(probe.alpns) == 2, (
+        f"the server saw {len(probe.alpns)} connections, expected 2 (one per fetch)")
+    assert arrivals and arrivals[0].connection == 2, (
+        f"/zero did not arrive on the second connection (log: {probe.log})")
+    assert arrivals[0].early, (
+        "/zero arrived after the handshake had completed: it was not sent as 0-RTT\nWith a "
+        "ticket, connect(..., wait_connected=False) and send the requests at once: they "
+        "then leave in the first flight, before the server's reply.")
+    assert second.early_data_accepted, (
+        "the server took /zero as early data, but FetchResult.early_data_accepted is "
+        "False: read it from the HandshakeCompleted event")
+    assert second.responses.get("/zero") == (200, b"/zero ok"), (
+        f"/zero got {second.responses.get('/zero')}, expected (200, b'/zero ok')")
+    assert not first.early_data_accepted, (
+        "the first fetch reports early_data_accepted=True without a ticket: impossible")
+
+
+def test_client_refuses_an_untrusted_certificate(learner: Any, certs: Certs,
+                                                 tmp_path: Path) -> None:
+    h3 = learner.load("h3")
+    impostor = make_certs(tmp_path / "impostor")  # same name, another CA
+    gate = Gate()
+
+    async def scenario() -> str | None:
+        probe = await probe_server(impostor, gate.handler)
+        try:
+            await asyncio.wait_for(
+                h3.fetch(HOST, probe.port, ["/secret"], cafile=certs.ca,
+                         server_name=SERVER_NAME), WAIT * 2)
+        except NotImplementedError as exc:
+            return f"not implemented: {exc}"
+        except TimeoutError:
+            return "timed out"
+        except Exception as exc:  # noqa: BLE001 - refusing is the expected outcome
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            probe.server.close()
+        return None
+
+    refused = run(scenario())
+    if refused and refused.startswith("not implemented: "):
+        pytest.fail(f"fetch() is not implemented yet: {refused[17:]}", pytrace=False)
+    assert refused is not None and refused != "timed out", (
+        f"fetch() {'hung' if refused else 'succeeded'} against a server whose certificate "
+        "comes from a CA it was not told to trust\nLoad cafile with "
+        "configuration.load_verify_locations() and keep verify_mode at CERT_REQUIRED: QUIC "
+        "always runs TLS 1.3, and TLS without verification is no protection.")
