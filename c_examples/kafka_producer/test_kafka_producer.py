@@ -1,0 +1,174 @@
+"""ph5.c verification: the compiled librdkafka producer against a live Kafka 4 broker.
+
+The learner's producer.c is built with the harness main.c (-Wall -Wextra -Werror, ASan and
+UBSan, linked against the system librdkafka) and run as its own process with KEY=VALUE
+arguments. A Python confluent-kafka consumer then reads what the broker stored. The partition
+each key must land in is not computed here: a Python producer configured with the
+Java-compatible partitioner (murmur2_random) places the same keys in a twin topic, and the
+C program must agree with it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
+
+SANITIZER_MARKS = ("LeakSanitizer", "AddressSanitizer", "runtime error:",
+                   "UndefinedBehaviorSanitizer")
+PARTITIONS = 6
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    def counts(self) -> tuple[int, int] | None:
+        found = re.search(r"delivered=(\d+) failed=(\d+)", self.stdout)
+        return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {"_dir": tmp_path_factory.mktemp("kafka_producer")}
+
+
+def binary_for(learner: Any, builds: dict[str, Path]) -> Path:
+    """Build once per learner source in this run (the build dir itself is temporary)."""
+    key = hashlib.sha256(learner.path("producer.c").read_bytes()).hexdigest()[:16]
+    if key not in builds:
+        target = builds["_dir"] / f"kafka_producer-{key}"
+        shutil.copy2(learner.build() / "kafka_producer", target)
+        builds[key] = target
+    return builds[key]
+
+
+def produce(binary: Path, brokers: str, topic: str, pairs: list[tuple[str, str]]) -> Run:
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
+           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    done = subprocess.run([str(binary), brokers, topic, *[f"{k}={v}" for k, v in pairs]],
+                          capture_output=True, text=True, timeout=60, env=env)
+    reports = [m for m in SANITIZER_MARKS if m in done.stderr]
+    assert not reports, (f"kafka_producer: {reports[0]} reported a memory or undefined-"
+                         f"behaviour error:\n{done.stderr[-2500:]}")
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def create_topic(kafka: Any, name: str, partitions: int, **config: str) -> str:
+    topic = kafka.topic(name)
+    admin = kafka.admin()
+    admin.create_topics([NewTopic(topic, partitions, 1, config=config)])[topic].result(
+        timeout=30)
+    for _ in range(300):
+        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
+        if meta and meta.error is None and len(meta.partitions) == partitions and all(
+                p.leader >= 0 for p in meta.partitions.values()):
+            return topic
+        time.sleep(0.05)
+    raise AssertionError(f"topic {topic} has no leader after 15 s")
+
+
+def java_partitions(kafka: Any, keys: set[str]) -> dict[str, int]:
+    """Where a Java-compatible producer (confluent-kafka, partitioner murmur2_random) puts
+    each key, observed on the broker through a twin topic."""
+    twin = create_topic(kafka, "twin", PARTITIONS)
+    placed: dict[str, int] = {}
+
+    def report(err: Any, msg: Any) -> None:
+        assert err is None, f"the test's own produce failed: {err}"
+        placed[msg.key().decode()] = msg.partition()
+
+    producer = Producer(kafka.producer_config(partitioner="murmur2_random"))
+    for key in sorted(keys):
+        producer.produce(twin, key=key.encode(), value=b"", on_delivery=report)
+    assert producer.flush(15) == 0
+    return placed
+
+
+def read_topic(kafka: Any, topic: str, partitions: int) -> list[tuple[int, str, str]]:
+    """(partition, key, value) of every record, in offset order per partition."""
+    consumer = Consumer(kafka.consumer_config("test-reader", **{
+        "enable.auto.commit": False, "enable.partition.eof": True, "fetch.wait.max.ms": 10}))
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    records: list[tuple[int, str, str]] = []
+    at_end: set[int] = set()
+    try:
+        while len(at_end) < partitions:
+            msg = consumer.poll(10)
+            assert msg is not None, "reading the topic back timed out"
+            if msg.error():
+                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                at_end.add(msg.partition())
+                continue
+            records.append((msg.partition(), (msg.key() or b"").decode(),
+                            (msg.value() or b"").decode()))
+    finally:
+        consumer.close()
+    return records
+
+
+KEYS = ["customer-1", "customer-2", "order-17", "order-42", "sku-9", "a", "zz", "customer-300"]
+PAIRS = [(KEYS[n % len(KEYS)], f"event-{n}") for n in range(30)]
+
+
+def test_keyed_events_land_where_java_would_put_them(learner: Any, kafka: Any,
+                                                     builds: dict[str, Path]) -> None:
+    binary = binary_for(learner, builds)
+    topic = create_topic(kafka, "events", PARTITIONS)
+    run = produce(binary, kafka.bootstrap, topic, PAIRS)
+    assert run.code == 0 and run.counts() == (30, 0), (
+        f"kafka_producer printed {run.stdout.strip()!r} and exited {run.code}; expected "
+        f"'delivered=30 failed=0' and exit 0: count each delivery report\n{run.stderr[-800:]}")
+
+    records = read_topic(kafka, topic, PARTITIONS)
+    got = sorted((k, v) for _, k, v in records)
+    assert got == sorted(PAIRS), (
+        f"the topic holds {len(records)} records; expected each of the 30 key=value pairs "
+        "exactly once")
+    java = java_partitions(kafka, set(KEYS))
+    stray = sorted({(k, p, java[k]) for p, k, _ in records if p != java[k]})
+    assert not stray, (
+        f"key {stray[0][0]!r} went to partition {stray[0][1]}, a Java client puts it in "
+        f"{stray[0][2]} ({len(stray)} keys differ): librdkafka's default partitioner "
+        "(consistent_random, CRC32) is not Java's - set partitioner=murmur2_random")
+    for key in KEYS:
+        values = [v for _, k, v in records if k == key]
+        sent = [v for k, v in PAIRS if k == key]
+        assert values == sent, (
+            f"key {key!r}: the partition holds {values}, sent in the order {sent}: one key, "
+            "one partition, in order")
+
+
+def test_a_rejected_message_is_counted_and_reported(learner: Any, kafka: Any,
+                                                    builds: dict[str, Path]) -> None:
+    """The topic accepts records up to 1,000 bytes: one 5,000-byte value is rejected by the
+    broker (its delivery report carries the error); the two small ones are delivered."""
+    binary = binary_for(learner, builds)
+    topic = create_topic(kafka, "small", PARTITIONS, **{"max.message.bytes": "1000"})
+    java = java_partitions(kafka, {"ok-1", "ok-2"} | {f"big-{n}" for n in range(20)})
+    # The big one must travel in a batch of its own: a partition the small ones do not use.
+    big = next(k for k in sorted(java) if k.startswith("big-")
+               and java[k] not in (java["ok-1"], java["ok-2"]))
+    pairs = [("ok-1", "small"), (big, "x" * 5000), ("ok-2", "small too")]
+    run = produce(binary, kafka.bootstrap, topic, pairs)
+    assert run.counts() == (2, 1) and run.code == 1, (
+        f"kafka_producer printed {run.stdout.strip()!r} and exited {run.code}; expected "
+        "'delivered=2 failed=1' and exit 1: the broker rejected the 5,000-byte message - "
+        "the delivery report callback sees msg->err for it and must count it as failed\n"
+        f"{run.stderr[-800:]}")
+    assert "too large" in run.stderr.lower() or "size" in run.stderr.lower(), (
+        f"the failure was not reported on stderr (got {run.stderr.strip()[-300:]!r}): print "
+        "rd_kafka_err2str(msg->err) for a failed delivery")
+    stored = sorted(k for _, k, _ in read_topic(kafka, topic, PARTITIONS))
+    assert stored == ["ok-1", "ok-2"], f"the topic holds {stored}, expected ok-1 and ok-2"
