@@ -387,10 +387,18 @@ class _Services:
         if self.backend_name == "external":
             pytest.skip(f"not verifiable on the external backend: {name} cannot be restarted")
         backend = make_backend(self.backend_name, tied_to_parent=False)
-        if options and endpoint.backend == "local" and name == "postgres":
-            from .services.local import postgres as local_pg
+        if options and name == "postgres":
+            # Postgres restarts come in two kinds (clean, or a crash with WAL replay); the
+            # local and docker backends both take the mode.
+            if endpoint.backend == "local":
+                from .services.local import postgres as local_pg
 
-            return local_pg.restart(endpoint, **options)
+                return local_pg.restart(endpoint, **options)
+            if endpoint.backend == "docker":
+                from .services.docker import DockerBackend
+
+                assert isinstance(backend, DockerBackend)
+                return backend.restart(endpoint, **options)
         return backend.restart(endpoint)
 
     def next_name(self, label: str) -> str:

@@ -53,7 +53,7 @@ def make_backend(name: str, tied_to_parent: bool = True) -> Backend:
     if name == "docker":
         from .docker import DockerBackend
 
-        return DockerBackend()
+        return DockerBackend(tied_to_parent=tied_to_parent)
     raise ServiceError(f"unknown backend {name!r}")
 
 
