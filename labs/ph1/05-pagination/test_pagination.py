@@ -17,7 +17,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from socketserver import ThreadingMixIn
 from typing import Any
 from urllib.parse import urlencode
@@ -35,7 +35,7 @@ CREATE TABLE orders (
 );
 CREATE INDEX orders_newest_first ON orders (created_at DESC, id DESC);
 """
-BASE = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
+BASE = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 SMALL = 23  # rows in the walking tests, in tie groups of 3 (page boundaries fall inside)
 PAGE = 5
 BIG = 20_000  # rows in the plan test

@@ -60,7 +60,8 @@ def decode_cursor(cursor: str) -> Position:
 
 
 def page_offset(conn: psycopg.Connection[Any], limit: int, offset: int) -> dict[str, Any]:
-    total = conn.execute("SELECT count(*) AS n FROM orders").fetchone()["n"]
+    counted = conn.execute("SELECT count(*) AS n FROM orders").fetchone()
+    total = counted["n"] if counted else 0
     rows = conn.execute(f"{SELECT} {NEWEST_FIRST} LIMIT %s OFFSET %s", (limit, offset)).fetchall()
     following = offset + limit
     return {"data": [as_json(r) for r in rows], "total_count": total,

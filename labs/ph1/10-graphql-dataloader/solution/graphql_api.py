@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 from aiodataloader import DataLoader
-from graphql import GraphQLResolveInfo, build_schema, graphql
+from graphql import FormattedExecutionResult, GraphQLResolveInfo, build_schema, graphql
 from psycopg.rows import dict_row
 
 StartResponse = Callable[..., Any]
@@ -98,7 +98,7 @@ class Context:
 
 
 async def resolve_users(_: Any, info: GraphQLResolveInfo, first: int = 50) -> list[dict[str, Any]]:
-    conn = info.context.conn
+    conn: Conn = info.context.conn
     cursor = await conn.execute("SELECT id, name FROM users ORDER BY id LIMIT %s", (first,))
     return await cursor.fetchall()
 
@@ -130,7 +130,7 @@ schema.get_type("User").fields["orders"].resolve = resolve_orders  # type: ignor
 
 
 async def execute(dsn: str, query: str, variables: dict[str, Any] | None,
-                  batched: bool) -> dict[str, Any]:
+                  batched: bool) -> FormattedExecutionResult:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True,
                                                      row_factory=dict_row) as conn:
         result = await graphql(schema, query, variable_values=variables,
@@ -140,6 +140,7 @@ async def execute(dsn: str, query: str, variables: dict[str, Any] | None,
 
 def make_app(dsn: str, *, batched: bool = True) -> WSGIApp:
     def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        document: Any
         if environ.get("PATH_INFO") != "/graphql" or environ["REQUEST_METHOD"] != "POST":
             status, document = "404 Not Found", {"errors": [{"message": "POST /graphql"}]}
         else:

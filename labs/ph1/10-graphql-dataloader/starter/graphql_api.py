@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from graphql import GraphQLResolveInfo, build_schema, graphql
+from graphql import FormattedExecutionResult, GraphQLResolveInfo, build_schema, graphql
 from psycopg.rows import dict_row
 
 StartResponse = Callable[..., Any]
@@ -50,8 +50,8 @@ class Context:
 
 
 async def resolve_users(_: Any, info: GraphQLResolveInfo, first: int = 50) -> list[dict[str, Any]]:
-    cursor = await info.context.conn.execute("SELECT id, name FROM users ORDER BY id LIMIT %s",
-                                             (first,))
+    conn: Conn = info.context.conn
+    cursor = await conn.execute("SELECT id, name FROM users ORDER BY id LIMIT %s", (first,))
     return await cursor.fetchall()
 
 
@@ -59,14 +59,15 @@ async def resolve_user(_: Any, info: GraphQLResolveInfo, id: str) -> dict[str, A
     if not id.isdigit() or len(id) > 18:
         return None
     # TODO (batched): load through a users-by-id DataLoader
-    cursor = await info.context.conn.execute("SELECT id, name FROM users WHERE id = %s",
-                                             (int(id),))
+    conn: Conn = info.context.conn
+    cursor = await conn.execute("SELECT id, name FROM users WHERE id = %s", (int(id),))
     return await cursor.fetchone()
 
 
 async def resolve_orders(user: dict[str, Any], info: GraphQLResolveInfo) -> list[dict[str, Any]]:
     # TODO (batched): load through an orders-by-user DataLoader instead of one query per user
-    cursor = await info.context.conn.execute(
+    conn: Conn = info.context.conn
+    cursor = await conn.execute(
         f"SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = %s ORDER BY id", (user["id"],))
     return await cursor.fetchall()
 
@@ -78,7 +79,7 @@ schema.get_type("User").fields["orders"].resolve = resolve_orders  # type: ignor
 
 
 async def execute(dsn: str, query: str, variables: dict[str, Any] | None,
-                  batched: bool) -> dict[str, Any]:
+                  batched: bool) -> FormattedExecutionResult:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True,
                                                      row_factory=dict_row) as conn:
         result = await graphql(schema, query, variable_values=variables,
@@ -88,6 +89,7 @@ async def execute(dsn: str, query: str, variables: dict[str, Any] | None,
 
 def make_app(dsn: str, *, batched: bool = True) -> WSGIApp:
     def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        document: Any
         if environ.get("PATH_INFO") != "/graphql" or environ["REQUEST_METHOD"] != "POST":
             status, document = "404 Not Found", {"errors": [{"message": "POST /graphql"}]}
         else:

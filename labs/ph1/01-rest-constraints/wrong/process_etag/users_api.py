@@ -10,8 +10,8 @@ hundred behind a load balancer) serve the same client interchangeably.
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any

@@ -1,4 +1,5 @@
-"""ph1.2 WRONG (missing_parent_empty_list): lists orders by user_id without checking the user exists.
+"""ph1.2 WRONG (missing_parent_empty_list):
+Lists orders by user_id without checking the user exists.
 
 /users/999/orders answers 200 [] instead of 404.
 

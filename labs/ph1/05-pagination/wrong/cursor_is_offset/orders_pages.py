@@ -1,4 +1,5 @@
-"""ph1.5 WRONG (cursor_is_offset): the "cursor" is the next offset, base64-encoded: opaque, but still OFFSET.
+"""ph1.5 WRONG (cursor_is_offset):
+The "cursor" is the next offset, base64-encoded: opaque, but still OFFSET.
 
 
 offset  LIMIT/OFFSET: jump to any page and show a total, but the window slides when rows

@@ -1,4 +1,5 @@
-"""ph1.5 WRONG (keyset_no_tiebreak): the position is created_at alone: rows tied with the last one seen are skipped.
+"""ph1.5 WRONG (keyset_no_tiebreak):
+The position is created_at alone: rows tied with the last one seen are skipped.
 
 
 offset  LIMIT/OFFSET: jump to any page and show a total, but the window slides when rows

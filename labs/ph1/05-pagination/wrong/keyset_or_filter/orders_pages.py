@@ -1,4 +1,5 @@
-"""ph1.5 WRONG (keyset_or_filter): spells the position as created_at < x OR (created_at = x AND id < y).
+"""ph1.5 WRONG (keyset_or_filter):
+Spells the position as created_at < x OR (created_at = x AND id < y).
 
 Correct rows, but Postgres cannot seek with it: it scans the index from the top and
 filters, so page n costs O(n) like OFFSET.

@@ -1,4 +1,5 @@
-"""ph1.6 WRONG (plain_json_errors): errors as {"error": "..."} in application/json, the ad-hoc style.
+"""ph1.6 WRONG (plain_json_errors):
+Errors as {"error": "..."} in application/json, the ad-hoc style.
 
 
 All errors leave through one function, problem(), so they all look alike:

@@ -1,4 +1,5 @@
-"""ph1.7 WRONG (invalid_spec): a typo in a $ref: the document points at a schema that does not exist.
+"""ph1.7 WRONG (invalid_spec):
+A typo in a $ref: the document points at a schema that does not exist.
 
 Spec first: openapi.yaml is the source of truth, and this module *uses* it. Every request is
 validated and unmarshalled by openapi-core against the spec before a handler sees it, so the
@@ -80,8 +81,8 @@ def make_app(dsn: str) -> WSGIApp:
 
     def handle(environ: dict[str, Any]) -> tuple[int, Any, list[tuple[str, str]]]:
         request = api.unmarshal_request(WerkzeugOpenAPIRequest(Request(environ)))
-        if request.errors:
-            raise rejection(request.errors[0])
+        for error in request.errors:  # the first reason is enough to refuse
+            raise rejection(error)
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         if path == "/users" and method == "GET":
             query = request.parameters.query  # defaults filled in from the spec
@@ -93,6 +94,7 @@ def make_app(dsn: str) -> WSGIApp:
             return 200, {"data": rows[:limit], "next_offset": following}, []
         if path == "/users" and method == "POST":
             body = request.body
+            assert isinstance(body, dict)  # the spec admits only a NewUser object here
             if not all(storable(body[key]) for key in ("name", "email")):
                 raise Problem(422, "name and email must be text Postgres can store")
             try:
