@@ -175,27 +175,27 @@ def unpack(archive: Path, dest: Path) -> Path:
                 members = zf.infolist()
                 if len(members) > MAX_ARCHIVE_MEMBERS:
                     raise GradingError(f"more than {MAX_ARCHIVE_MEMBERS} entries")
-                for info in members:
-                    mode = info.external_attr >> 16
+                for zinfo in members:
+                    mode = zinfo.external_attr >> 16
                     kind = stat.S_IFMT(mode)
-                    if info.is_dir() or (kind and kind != stat.S_IFREG):
+                    if zinfo.is_dir() or (kind and kind != stat.S_IFREG):
                         continue  # folders come with their files; symlinks are dropped
-                    target = _member_path(dest, info.filename)
-                    with zf.open(info) as src:
-                        _copy_capped(src, target, budget)
+                    target = _member_path(dest, zinfo.filename)
+                    with zf.open(zinfo) as zsrc:
+                        _copy_capped(zsrc, target, budget)
         else:
             with tarfile.open(archive, "r:gz") as tf:
                 count = 0
-                for info in tf:
+                for tinfo in tf:
                     count += 1
                     if count > MAX_ARCHIVE_MEMBERS:
                         raise GradingError(f"more than {MAX_ARCHIVE_MEMBERS} entries")
-                    if not info.isreg():
+                    if not tinfo.isreg():
                         continue
-                    target = _member_path(dest, info.name)
-                    src = tf.extractfile(info)
-                    if src is not None:
-                        _copy_capped(src, target, budget)
+                    target = _member_path(dest, tinfo.name)
+                    tsrc = tf.extractfile(tinfo)
+                    if tsrc is not None:
+                        _copy_capped(tsrc, target, budget)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         raise GradingError(f"{archive.name}: not a readable archive ({exc})") from exc
     root = dest
@@ -794,7 +794,7 @@ def grade_cohort(
             try:
                 if on_start:
                     on_start(sub.student)
-                doc = grader.grade(sub, slot, cancelled)  # type: ignore[union-attr]
+                doc = grader.grade(sub, slot, cancelled)
                 if doc is None or cancelled.is_set():
                     return
                 write_atomic(results / f"{sub.student}.json", json.dumps(doc, indent=2))
