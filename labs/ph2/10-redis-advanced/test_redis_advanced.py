@@ -190,9 +190,10 @@ def test_pubsub_fans_out_to_every_subscriber(learner: Any, redis_db: Any) -> Non
         for n, sub in enumerate(subscribers):
             got = [sub.receive(2.0) for _ in messages]
             assert got == messages, (
-                f"subscriber {n} received {got[:3]}... ({sum(g is not None for g in got)} of "
-                "20): in pub/sub every subscriber receives every message, in order (a list "
-                "popped by several consumers gives each message to one of them)")
+                f"subscriber {n} received {got[:3]}... ({sum(g is not None for g in got)} "
+                "items), expected the 20 published messages in order: in pub/sub every "
+                "subscriber receives every message (a list popped by several consumers gives "
+                "each to one of them), and only messages count - not the SUBSCRIBE reply")
             assert sub.receive(0.1) is None, f"subscriber {n} received more than was published"
         late = cls(redis_db.url, channel)
         subscribers.append(late)
