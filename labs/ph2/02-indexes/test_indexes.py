@@ -30,6 +30,8 @@ Plan = dict[str, Any]
 
 ROWS = 100_000
 
+# No autovacuum: the check runs VACUUM ANALYZE itself, once; an automatic ANALYZE later (a
+# smaller sample) must not change the statistics in the middle of a check.
 CREATE_TABLE = """
 CREATE TABLE orders (
     id           bigint      PRIMARY KEY,
@@ -39,7 +41,7 @@ CREATE TABLE orders (
     created_at   timestamptz NOT NULL,
     total_cents  integer     NOT NULL,
     note         text        NOT NULL
-)"""
+) WITH (autovacuum_enabled = false)"""
 
 # Server-side generation: 1,000 customers with 100 orders each, spread over the table;
 # about 1% pending, 9% cancelled, the rest shipped; five minutes between orders.
@@ -164,6 +166,10 @@ def prepare(db: Conn, clean: Conn, learner: Any) -> Workload:
                if isinstance(exc, psycopg.errors.ActiveSqlTransaction) else "")
         pytest.fail(f"indexes.sql failed: {type(exc).__name__}: "
                     f"{exc.diag.message_primary}{why}", pytrace=False)
+    count = db.execute("SELECT count(*) FROM orders").fetchone()
+    if count != (ROWS,):
+        pytest.fail(f"after indexes.sql the table holds {count[0] if count else 0:,} rows "
+                    f"instead of {ROWS:,}: the script may only add indexes", pytrace=False)
     # A statistics target of 400 samples 120,000 rows: all of them, so ANALYZE gives the
     # same statistics (and the planner the same plans) on every run. VACUUM sets the
     # visibility map, without which an Index Only Scan must still visit the heap.

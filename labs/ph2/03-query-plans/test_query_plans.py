@@ -34,12 +34,14 @@ CITIES = [("Paris", "FR"), ("Lyon", "FR"), ("Marseille", "FR"), ("Toulouse", "FR
           ("Warsaw", "PL"), ("Krakow", "PL"), ("Prague", "CZ"), ("Brno", "CZ")]
 
 SCHEMA = f"""
+-- No autovacuum: an automatic ANALYZE (a smaller sample) or VACUUM (a new visibility map)
+-- landing between two EXPLAINs of the same query could change its estimates or plan.
 CREATE TABLE customers (
     id      integer PRIMARY KEY,
     email   text    NOT NULL,
     city    text    NOT NULL,
     country text    NOT NULL
-);
+) WITH (autovacuum_enabled = false);
 INSERT INTO customers
 SELECT g, 'User' || g || '@Example.com',
        (ARRAY[{", ".join(f"'{c}'" for c, _ in CITIES)}])[g % {len(CITIES)} + 1],
@@ -51,7 +53,7 @@ CREATE TABLE orders (
     customer_id integer     NOT NULL,
     created_at  timestamptz NOT NULL,
     total_cents integer     NOT NULL
-);
+) WITH (autovacuum_enabled = false);
 INSERT INTO orders
 SELECT g, (g * 7919) % 10000 + 1,
        timestamptz '2024-01-01 00:00+00' + g * interval '7 minutes',
@@ -83,7 +85,7 @@ def conn(postgres: Any) -> Iterator[Conn]:
         conn.execute(SCHEMA)
         # 400 x 300 = 120,000 sampled rows: every row, so the statistics never vary.
         conn.execute("SET default_statistics_target = 400")
-        conn.execute("ANALYZE")
+        conn.execute("ANALYZE customers, orders")
         conn.execute("RESET default_statistics_target")
         conn.execute("SET max_parallel_workers_per_gather = 0")  # no Gather: stable plans
         yield conn
