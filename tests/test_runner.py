@@ -101,3 +101,34 @@ def test_learner_copy_is_not_modified(run, tmp_path: Path) -> None:  # type: ign
     run(SOLUTION)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["answer.py"]
     shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
+
+
+def test_an_exclusive_lab_never_runs_beside_another() -> None:
+    import threading
+    import time
+
+    from labrunner.runner import _SharedOrAlone
+
+    gate = _SharedOrAlone()
+    active: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+    lock = threading.Lock()
+
+    def lab(name: str, alone: bool) -> None:
+        with gate.hold(alone):
+            with lock:
+                active.append(name)
+                if alone and len(active) > 1 or any(a.startswith("X") for a in active
+                                                    if a != name):
+                    overlaps.append(tuple(active))
+            time.sleep(0.05)
+            with lock:
+                active.remove(name)
+
+    threads = [threading.Thread(target=lab, args=(f"{'X' if n % 3 == 0 else 's'}{n}",
+                                                 n % 3 == 0)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert overlaps == [], f"an exclusive lab ran beside {overlaps}"

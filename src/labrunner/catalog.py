@@ -44,6 +44,8 @@ class Lab:
     build: str | None = None
     # A lab still being written: listed as such, never run, counted or checked.
     draft: bool = False
+    # A lab that restarts a shared service: it runs alone, never beside another lab.
+    exclusive: bool = False
 
     @property
     def phase_id(self) -> str:
@@ -250,8 +252,10 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -
         if name.startswith(("/", "..")) or "/../" in name or name.startswith("test_"):
             raise CatalogError(f"{file}: learner file {name!r} must be a plain relative path")
     draft = data.get("draft", False)
-    if not isinstance(draft, bool):
-        raise CatalogError(f"{file}: field 'draft' must be true or false")
+    exclusive = data.get("exclusive", False)
+    for name, value in (("draft", draft), ("exclusive", exclusive)):
+        if not isinstance(value, bool):
+            raise CatalogError(f"{file}: field '{name}' must be true or false")
     build = data.get("build")
     if build is not None and not isinstance(build, str):
         raise CatalogError(f"{file}: field 'build' must be a make target name")
@@ -273,6 +277,7 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -
         timeout=float(timeout),
         build=build,
         draft=draft,
+        exclusive=exclusive,
     )
 
 

@@ -9,6 +9,7 @@ exits early, is killed or prints a fake summary gains nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,42 @@ def pytest_command(lab: Lab, src: Path, sandbox: Sandbox, ini: Path) -> list[str
     ]
 
 
+class _SharedOrAlone:
+    """Labs run side by side (shared) unless one restarts a service every other lab uses:
+    that one waits for the others to finish and runs alone (writers first, so it is not
+    starved by a stream of ordinary labs)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextlib.contextmanager
+    def hold(self, alone: bool) -> Iterator[None]:
+        with self._cond:
+            if alone:
+                self._waiting_alone += 1
+                self._cond.wait_for(lambda: self._running == 0 and not self._alone)
+                self._waiting_alone -= 1
+                self._alone = True
+            else:
+                self._cond.wait_for(lambda: not self._alone and not self._waiting_alone)
+                self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if alone:
+                    self._alone = False
+                else:
+                    self._running -= 1
+                self._cond.notify_all()
+
+
+_gate = _SharedOrAlone()
+
+
 def run_lab(
     lab: Lab,
     src: Path,
@@ -157,7 +194,21 @@ def run_lab(
     timeout: float | None = None,
     on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None,
 ) -> LabResult:
-    """Verify ``src`` (the learner's folder for ``lab``) and return what happened."""
+    """Verify ``src`` (the learner's folder for ``lab``) and return what happened. A lab
+    marked ``exclusive`` (it restarts a shared service) never runs beside another."""
+    with _gate.hold(lab.exclusive):
+        return _run_lab(lab, src, state_file, run_id, sandbox, timeout, on_process)
+
+
+def _run_lab(
+    lab: Lab,
+    src: Path,
+    state_file: Path | None,
+    run_id: str,
+    sandbox: Sandbox | None = None,
+    timeout: float | None = None,
+    on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None,
+) -> LabResult:
     sandbox = sandbox or Sandbox()
     started = time.time()
     if not src.is_dir():
