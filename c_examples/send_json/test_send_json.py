@@ -75,8 +75,9 @@ class Server:
         assert self.proc.stdout is not None and self.proc.stderr is not None
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
                          daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.errors.append),
-                         daemon=True).start()
+        self._stderr_reader = threading.Thread(
+            target=self._pump, args=(self.proc.stderr, self.errors.append), daemon=True)
+        self._stderr_reader.start()
         first = self.next_line("the server to print its port")
         assert first.startswith("PORT "), f"the harness printed {first!r} instead of its port"
         self.port = int(first.split()[1])
@@ -120,7 +121,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             pytest.fail("the server did not exit after GET /quit", pytrace=False)
-        threading.Event().wait(0.1)  # let the stderr reader drain the pipe
+        self._stderr_reader.join(WAIT)  # it ends at EOF, once everything was read
         report = "\n".join(self.errors).strip()
         assert code == 0 and not report, (
             f"the server exited with {code} and printed on stderr (ASan/UBSan):\n"
