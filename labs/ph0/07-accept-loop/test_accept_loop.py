@@ -1,0 +1,270 @@
+"""Verification for ph0.7: the learner's C accept loop, built with make (-Wall -Wextra
+-Werror, AddressSanitizer + UndefinedBehaviorSanitizer) and run as a real process:
+concurrent clients over loopback TCP, a restart on the same port while the previous
+run's connections sit in TIME_WAIT, SIGTERM, and no sanitizer report on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+READY = 3.0      # seconds for the server to print "listening on <port>"
+WAIT = 3.0       # seconds for an echo, or for the process to exit after SIGTERM
+CLIENTS = 50
+SANITIZER_REPORT = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+}
+
+
+# ---------------------------------------------------------------------------- the binary
+
+
+_builds: dict[Path, Path] = {}  # learner folder -> binary, built once per session
+
+
+@pytest.fixture
+def binary(learner: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build with the c_examples Makefile once, and keep a copy of the binary (the
+    learner fixture removes its build folder after each test)."""
+    if learner.dir not in _builds:
+        built = learner.build() / "accept_loop"
+        keep = tmp_path_factory.mktemp("accept_loop") / "accept_loop"
+        shutil.copy2(built, keep)
+        _builds[learner.dir] = keep
+    return _builds[learner.dir]
+
+
+@dataclass
+class Server:
+    """One run of the learner's server process."""
+
+    proc: subprocess.Popen[bytes]
+    port: int = 0
+    stderr: bytearray = field(default_factory=bytearray)
+    stdout: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        self._lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True),
+                         daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False),
+                         daemon=True).start()
+
+    def _pump(self, stream: Any, sink: bytearray, watch: bool) -> None:
+        """Drain a pipe (a full pipe would block the server) and spot the ready line."""
+        for line in iter(stream.readline, b""):
+            sink += line
+            if watch and (m := re.match(rb"listening on (\d+)", line)):
+                self.port = int(m.group(1))
+                self._ready.set()
+
+    def wait_ready(self, what: str) -> None:
+        deadline = time.monotonic() + READY
+        while time.monotonic() < deadline:
+            if self._ready.wait(0.05):
+                return
+            if self.proc.poll() is not None:
+                time.sleep(0.05)  # let the pumps collect the last output
+                pytest.fail(
+                    f"{what}: the server exited with status {self.proc.returncode} before "
+                    f"listening\nstderr: {self.stderr.decode(errors='replace').strip()[-600:]}",
+                    pytrace=False)
+        pytest.fail(f"{what}: the server did not print 'listening on <port>' within "
+                    f"{READY:.0f} s\nAfter listen(), print the bound port (getsockname) to "
+                    "stdout and fflush(stdout): the test needs to know where to connect.",
+                    pytrace=False)
+
+    def terminate(self) -> int | None:
+        """SIGTERM, then wait; None if the process is still running after WAIT."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def sanitizer_report(self) -> str | None:
+        text = self.stderr.decode(errors="replace")
+        match = SANITIZER_REPORT.search(text)
+        return text[max(0, match.start() - 200):][:1500] if match else None
+
+
+@pytest.fixture
+def launch(binary: Path) -> Iterator[Any]:
+    started: list[Server] = []
+
+    def start(port: int = 0, what: str = "starting the server") -> Server:
+        proc = subprocess.Popen([str(binary), str(port)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, **SANITIZER_ENV})
+        server = Server(proc)
+        started.append(server)
+        server.wait_ready(what)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+
+
+def recv_exactly(sock: socket.socket, size: int, deadline: float | None = None) -> bytes:
+    """Up to ``size`` bytes; fewer if the peer closes, resets, or ``deadline`` passes."""
+    deadline = deadline or time.monotonic() + WAIT
+    data = bytearray()
+    while len(data) < size and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(size - len(data))
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def echo_once(port: int, message: bytes) -> bytes:
+    with connect(port) as sock:
+        sock.sendall(message)
+        return recv_exactly(sock, len(message))
+
+
+def stop_cleanly(server: Server) -> None:
+    """SIGTERM must end the process with status 0 and no sanitizer report."""
+    status = server.terminate()
+    if status is None:
+        server.kill()
+        pytest.fail(f"the server was still running {WAIT:.0f} s after SIGTERM\nInstall a "
+                    "SIGTERM handler that sets a flag, with sigaction() and without "
+                    "SA_RESTART so that a blocked accept() returns -1/EINTR; then leave the "
+                    "loop and return 0. A signal that lands while the loop is not blocked in "
+                    "accept() (or in another thread) is only noticed at the next connection: "
+                    "ppoll()/pselect() with the signal blocked elsewhere closes that window.",
+                    pytrace=False)
+    report = server.sanitizer_report()
+    assert report is None, f"the sanitizers reported an error:\n{report}"
+    assert status == 0, (
+        f"after SIGTERM the server exited with status {status}, expected 0"
+        + ("\nNegative means killed by the signal: the default action of SIGTERM ends the "
+           "process abruptly. Handle it and return from main()." if status < 0 else
+           f"\nstderr: {server.stderr.decode(errors='replace').strip()[-400:]}"))
+
+
+def time_wait_on(port: int) -> bool:
+    """Is any TCP socket with local port ``port`` in TIME_WAIT (/proc/net/tcp)?"""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "06":
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def test_echoes_fifty_concurrent_clients(launch: Any) -> None:
+    server = launch()
+    clients = [connect(server.port) for _ in range(CLIENTS)]  # all open at once
+    try:
+        messages = [f"client {n:02d} ".encode() * (1 + n * 37) for n in range(CLIENTS)]
+        for sock, message in zip(clients, messages, strict=True):
+            sock.sendall(message)
+        deadline = time.monotonic() + WAIT  # one deadline for all: a serial server fails fast
+        echoed = [recv_exactly(sock, len(msg), deadline)
+                  for sock, msg in zip(clients, messages, strict=True)]
+    finally:
+        for sock in clients:
+            sock.close()
+    good = sum(got == want for got, want in zip(echoed, messages, strict=True))
+    silent = sum(not got for got in echoed)
+    cut = CLIENTS - good - silent
+    assert good == CLIENTS, (
+        f"{good} of {CLIENTS} concurrent clients got their bytes echoed back, expected all "
+        f"({silent} got nothing, {cut} only part)\n"
+        + ("With all clients connected at once, a loop that serves one connection to the "
+           "end before accepting the next leaves the others waiting: hand each accepted "
+           "connection to its own thread (pthread_create)." if silent else
+           "Echo in a loop until recv() returns 0: one recv() returns whatever has arrived "
+           "so far, not the whole message."))
+    stop_cleanly(server)
+
+
+def test_echoes_a_large_stream_completely(launch: Any) -> None:
+    server = launch()
+    payload = os.urandom(1 << 20)  # 1 MiB: many recv()/send() rounds on the server
+    with connect(server.port) as sock:
+        # Send from a thread while reading here: the echo flows back while we write.
+        sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+        sender.start()
+        got = recv_exactly(sock, len(payload))
+        sender.join(WAIT)
+    assert got == payload, (
+        f"a 1 MiB stream came back with {len(got)} bytes"
+        f"{' (different content)' if len(got) == len(payload) else ''}, expected all of "
+        "it, unchanged\nEcho in a loop until recv() returns 0, and send every byte each "
+        "recv() returned (send() may write less than asked).")
+    stop_cleanly(server)
+
+
+def test_sigterm_exits_zero_without_sanitizer_reports(launch: Any) -> None:
+    server = launch()
+    assert echo_once(server.port, b"finished connection\n") == b"finished connection\n", (
+        "the server did not echo a single message back")
+    idle = connect(server.port)  # a connection still open when SIGTERM arrives
+    idle.sendall(b"still here\n")
+    assert recv_exactly(idle, 11) == b"still here\n", "the second connection was not echoed"
+    try:
+        stop_cleanly(server)
+    finally:
+        idle.close()
+
+
+def test_restarts_on_the_same_port_right_after_stop(launch: Any) -> None:
+    first = launch()
+    port = first.port
+    sock = connect(port)
+    sock.sendall(b"ping\n")
+    assert recv_exactly(sock, 5) == b"ping\n", "the server did not echo"
+    stop_cleanly(first)  # the server's end of `sock` is closed by the exit: server FIN first
+    assert sock.recv(1) == b"", "after the server exited, its connection did not end (EOF)"
+    sock.close()         # our FIN: the server's end now sits in TIME_WAIT on `port`
+    deadline = time.monotonic() + WAIT
+    while not time_wait_on(port) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert time_wait_on(port), f"test setup: no TIME_WAIT socket on port {port}"
+    second = launch(port, what=f"restarting on port {port} with a TIME_WAIT connection "
+                                "on it (bind needs SO_REUSEADDR)")
+    assert second.port == port, f"restarted on port {second.port}, expected {port}"
+    assert echo_once(port, b"again\n") == b"again\n", "the restarted server did not echo"
+    stop_cleanly(second)
