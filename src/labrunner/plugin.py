@@ -166,7 +166,12 @@ def pytest_runtest_makereport(item: pytest.Item,
                                                       "duration": 0.0})
     state["duration"] += report.duration
     if report.failed and state["outcome"] != "failed":
-        state["outcome"] = "failed" if report.when == "call" else "error"
+        # A deliberate pytest.fail in a fixture (the learner's script did not apply, a
+        # function is missing) is the learner's failure; any other setup crash means the
+        # verification could not run.
+        failed_on_purpose = call.excinfo is not None and call.excinfo.errisinstance(
+            pytest.fail.Exception)
+        state["outcome"] = "failed" if report.when == "call" or failed_on_purpose else "error"
         state["message"] = _failure_message(report)
     elif report.skipped and state["outcome"] == "passed":
         state["outcome"] = "skipped"
@@ -208,6 +213,7 @@ class Learner:
     lab: Lab
     dir: Path
     _loaded: list[str] = field(default_factory=list)
+    _modules: dict[str, ModuleType] = field(default_factory=dict)
     _build_dir: Path | None = None
 
     def path(self, name: str) -> Path:
@@ -219,7 +225,10 @@ class Learner:
         return file
 
     def load(self, module: str) -> ModuleType:
-        """Import ``<module>.py`` from the learner's folder, fresh for this test."""
+        """Import ``<module>.py`` from the learner's folder, fresh for this test and once
+        per test (so an exception class from one call is the class the next one raises)."""
+        if module in self._modules:
+            return self._modules[module]
         file = self.path(f"{module}.py")
         name = f"learner_{self.lab.id.replace('.', '_')}_{module}_{len(self._loaded)}"
         if str(self.dir) not in sys.path:
@@ -238,6 +247,7 @@ class Learner:
             raise LearnerCodeError(
                 f"{frame}: importing {file.name} raised {type(exc).__name__}: {exc}") from None
         self._loaded.append(name)
+        self._modules[module] = mod
         return mod
 
     def function(self, module: str, name: str) -> Callable[..., Any]:
