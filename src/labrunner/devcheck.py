@@ -5,6 +5,7 @@ starter fails it, and each plausible wrong solution in ``wrong/`` fails it (rust
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,21 +38,42 @@ class CheckOutcome:
 
 
 def wrong_solutions(lab: Lab) -> list[Path]:
+    """``wrong/<name>.diff`` (a patch against the reference: the mistake and nothing else)
+    or ``wrong/<name>/`` (the learner's files as a wrong solution would have them)."""
     wrong = lab.path / "wrong"
-    return sorted(p for p in wrong.iterdir() if p.is_dir()) if wrong.is_dir() else []
+    if not wrong.is_dir():
+        return []
+    return sorted(p for p in wrong.iterdir() if p.is_dir() or p.suffix == ".diff")
 
 
 def expectations(labs: Sequence[Lab]) -> Iterator[Expectation]:
     for lab in labs:
         yield Expectation(lab, "solution", lab.solution_dir, True)
         yield Expectation(lab, "starter", lab.starter_dir, False)
-        for folder in wrong_solutions(lab):
-            yield Expectation(lab, f"wrong/{folder.name}", folder, False)
+        for variant in wrong_solutions(lab):
+            yield Expectation(lab, f"wrong/{variant.name.removesuffix('.diff')}", variant, False)
+
+
+class WrongSolutionError(Exception):
+    pass
 
 
 def complete_source(lab: Lab, folder: Path) -> tuple[Path, Callable[[], None]]:
-    """A wrong solution may hold only the file it gets wrong: the others come from the
-    reference. Returns the folder to verify and how to clean it up."""
+    """The folder to verify for a variant, and how to clean it up. A ``.diff`` is applied to
+    a copy of the reference; a folder may hold only the files it gets wrong, the others
+    come from the reference."""
+    if folder.suffix == ".diff":
+        patched = Path(tempfile.mkdtemp(prefix=f"lrwrong-{lab.slug}-"))
+        shutil.copytree(lab.solution_dir, patched, dirs_exist_ok=True)
+        with open(folder, "rb") as diff:
+            done = subprocess.run(["patch", "-p1", "-s", "-f", "-d", str(patched)],
+                                  stdin=diff, capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(patched, ignore_errors=True)
+            raise WrongSolutionError(
+                f"{folder}: does not apply to {lab.solution_dir} "
+                f"(regenerate it with scripts/wrong-to-diff.py): {done.stdout}{done.stderr}")
+        return patched, lambda: shutil.rmtree(patched, ignore_errors=True)
     missing = [name for name in lab.learner_files if not (folder / name).exists()]
     if not missing:
         return folder, lambda: None

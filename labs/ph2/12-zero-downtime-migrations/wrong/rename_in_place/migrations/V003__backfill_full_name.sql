@@ -1,2 +1,0 @@
--- WRONG (rename_in_place): renames the column in one step: every old instance breaks at once
-SELECT 1;  -- nothing to backfill, the column was renamed
