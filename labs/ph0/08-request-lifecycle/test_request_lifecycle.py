@@ -1,0 +1,267 @@
+"""Verification for ph0.8: the learner's HTTP pipeline, run in-process on a loopback port,
+exercised over real HTTP (http.client) against a database of the test's own on a real
+Postgres.
+
+The test counts reads of ``users`` in Postgres itself, not through the learner's code:
+``users`` is a view over a function that bumps a sequence on every query that reads it.
+Sequences are not transactional, so every read counts, committed or not, from whatever
+connection the app uses.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+TOKEN = "s3cret-lab-token"
+WAIT = 5.0
+
+SCHEMA = """
+CREATE TABLE user_rows (id integer PRIMARY KEY, name text NOT NULL, email text NOT NULL);
+CREATE SEQUENCE users_reads;
+CREATE FUNCTION counted_users() RETURNS SETOF user_rows LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM nextval('users_reads');   -- one tick per query that reads the view
+    RETURN QUERY SELECT * FROM user_rows;
+END $$;
+CREATE VIEW users AS SELECT * FROM counted_users();
+"""
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Db:
+    """The test's own view of the database: seed rows, count reads."""
+
+    postgres: Any
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        with self.postgres.connect(autocommit=True) as conn:
+            conn.execute(sql, params)
+
+    def reads(self) -> int:
+        with self.postgres.connect(autocommit=True) as conn:
+            row = conn.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                               "FROM users_reads").fetchone()
+        return int(row[0])
+
+
+@pytest.fixture
+def db(postgres: Any) -> Db:
+    database = Db(postgres)
+    database.execute(SCHEMA)
+    return database
+
+
+@dataclass
+class Trace:
+    """Records the test's own middleware as the learner's chain calls it."""
+
+    events: list[str] = field(default_factory=list)
+    request_ids: list[str | None] = field(default_factory=list)
+
+    def middleware(self, name: str) -> Callable[[Any, Callable[[Any], Any]], Any]:
+        def middleware(request: Any, next_: Callable[[Any], Any]) -> Any:
+            self.events.append(f"{name}>")
+            if name == "outer":
+                self.request_ids.append(request.headers.get("x-request-id"))
+            response = next_(request)
+            self.events.append(f"<{name}")
+            response.headers[f"X-Seen-By-{name.title()}"] = "yes"
+            return response
+        return middleware
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+@dataclass
+class Api:
+    """The learner's server, started on first use inside the test (so that a missing
+    start_server() fails the test itself), and a real HTTP client for it."""
+
+    app: Any
+    dsn: str
+    db: Db
+    trace: Trace = field(default_factory=Trace)
+    server: Any = None
+
+    def start(self) -> int:
+        if self.server is None:
+            try:
+                self.server = self.app.start_server(
+                    self.dsn, {TOKEN},
+                    [self.trace.middleware("outer"), self.trace.middleware("inner")])
+                return int(self.server.port)
+            except NotImplementedError as exc:
+                problem = f"start_server() is not implemented yet: {exc}"
+            except Exception as exc:  # noqa: BLE001 - the learner's error, reported plainly
+                problem = f"start_server() raised {type(exc).__name__}: {exc}"
+            pytest.fail(problem, pytrace=False)
+        return int(self.server.port)
+
+    def call(self, method: str, path: str, token: str | None = TOKEN,
+             headers: dict[str, str] | None = None) -> Reply:
+        conn = http.client.HTTPConnection("127.0.0.1", self.start(), timeout=WAIT)
+        try:
+            sent = dict(headers or {})
+            if token is not None:
+                sent["Authorization"] = f"Bearer {token}"
+            conn.request(method, path, headers=sent)
+            response = conn.getresponse()
+            return Reply(response.status, response.headers, response.read())
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+def api(learner: Any, db: Db, postgres: Any) -> Iterator[Api]:
+    subject = Api(learner.load("app"), postgres.dsn, db)
+    yield subject
+    subject.close()
+
+
+def add_user(db: Db) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:10]
+    user = {"id": 4242, "name": f"Ada {tag}", "email": f"ada.{tag}@lab.test"}
+    db.execute("INSERT INTO user_rows VALUES (%s, %s, %s)",
+               (user["id"], user["name"], user["email"]))
+    return user
+
+
+def expect_reads(api: Api, before: int, want: int, what: str, why: str) -> None:
+    got = api.db.reads() - before
+    assert got == want, (
+        f"{what} read the users table {got} time(s), expected {want} (counted in Postgres)"
+        f"\n{why}")
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def test_handler_row_comes_from_postgres(api: Api) -> None:
+    user = add_user(api.db)
+    api.start()  # whatever the app reads at start-up does not count
+    before = api.db.reads()
+    reply = api.call("GET", f"/users/{user['id']}")
+    assert reply.status == 200 and reply.json() == user, (
+        f"GET /users/{user['id']} returned {reply.status} {reply.body[:200]!r}, expected 200 "
+        f"with {json.dumps(user)}\nThe handler must read the row from Postgres "
+        "(SELECT id, name, email FROM users WHERE id = %s) and serialize it as JSON.")
+    assert (reply.headers.get("Content-Type") or "").startswith("application/json"), (
+        f"Content-Type is {reply.headers.get('Content-Type')!r}, expected application/json")
+    api.db.execute("UPDATE user_rows SET email = 'changed@lab.test' WHERE id = %s",
+                   (user["id"],))
+    again = api.call("GET", f"/users/{user['id']}").json() or {}
+    assert again.get("email") == "changed@lab.test", (
+        f"after the row changed in Postgres the response still said {again.get('email')!r}"
+        "\nEach request must query the database: nothing may be cached or made up.")
+    expect_reads(api, before, 2, "two GET /users/{id} requests",
+                 "One query per request.")
+
+
+def test_missing_token_is_401_before_any_query(api: Api) -> None:
+    user = add_user(api.db)
+    api.start()
+    before = api.db.reads()
+    for token, label in ((None, "no Authorization header"), ("wrong", "a wrong token")):
+        reply = api.call("GET", f"/users/{user['id']}", token=token)
+        assert reply.status == 401, (
+            f"GET /users/{user['id']} with {label} returned {reply.status}, expected 401")
+        assert (reply.headers.get("WWW-Authenticate") or "").lower().startswith("bearer"), (
+            "a 401 must say how to authenticate: WWW-Authenticate: Bearer")
+    expect_reads(api, before, 0, "two unauthenticated requests",
+                 "The auth middleware must answer 401 without calling next(): then the "
+                 "handler, and its query, never run. Checking the token after next() "
+                 "returns is too late - the database work is done.")
+
+
+def test_router_answers_404_and_405_itself(api: Api) -> None:
+    api.start()
+    before = api.db.reads()
+    for path, token in (("/nope", TOKEN), ("/nope", None), ("/users/abc", TOKEN)):
+        reply = api.call("GET", path, token=token)
+        assert reply.status == 404, (
+            f"GET {path} ({'with' if token else 'without'} a token) returned "
+            f"{reply.status}, expected 404 from the router\nRouting comes first: a path "
+            "no route matches is 404 before any middleware (auth included) runs.")
+    reply = api.call("POST", "/users/1")
+    assert reply.status == 405 and "GET" in (reply.headers.get("Allow") or ""), (
+        f"POST /users/1 returned {reply.status} (Allow: {reply.headers.get('Allow')!r}), "
+        "expected 405 with 'Allow: GET': the path exists, the method does not")
+    assert api.trace.events == [], (
+        f"the middleware chain ran for requests the router rejected: {api.trace.events}\n"
+        "Only a matched route enters the middleware chain.")
+    expect_reads(api, before, 0, "requests the router rejected", "No route, no handler.")
+
+
+def test_missing_row_is_404_from_the_handler(api: Api) -> None:
+    api.start()
+    before = api.db.reads()
+    reply = api.call("GET", "/users/999999")
+    assert reply.status == 404 and isinstance(reply.json(), dict), (
+        f"GET /users/999999 returned {reply.status} {reply.body[:100]!r}, expected 404 with "
+        "a JSON error body: the route matched, the row does not exist")
+    expect_reads(api, before, 1, "GET /users/999999",
+                 "This 404 comes from the handler, after its query found no row.")
+
+
+def test_middleware_runs_in_order_around_the_handler(api: Api) -> None:
+    user = add_user(api.db)
+    reply = api.call("GET", f"/users/{user['id']}")
+    assert reply.status == 200, f"GET /users/{user['id']} returned {reply.status}"
+    assert api.trace.events == ["outer>", "inner>", "<inner", "<outer"], (
+        f"the test's middleware ran as {api.trace.events}, expected "
+        "['outer>', 'inner>', '<inner', '<outer']\nThe first middleware in the list is the "
+        "outermost: it runs first on the way in and last on the way out.")
+    rid = reply.headers.get("X-Request-Id")
+    assert rid and api.trace.request_ids == [rid], (
+        f"X-Request-Id: the response says {rid!r}, the first extra middleware saw "
+        f"{api.trace.request_ids}\nThe request-id middleware is the outermost one: it sets "
+        "the id before every other middleware runs and puts it on the response.")
+    assert reply.headers.get("X-Seen-By-Inner") == "yes", (
+        "a header the inner middleware added on the way out is missing from the response")
+    echoed = api.call("GET", f"/users/{user['id']}", headers={"X-Request-Id": "req-77"})
+    assert echoed.headers.get("X-Request-Id") == "req-77", (
+        f"a request sent with X-Request-Id: req-77 got {echoed.headers.get('X-Request-Id')!r}"
+        " back: keep the caller's id when there is one")
+
+
+def test_auth_is_innermost_and_public_routes_skip_it(api: Api) -> None:
+    api.start()
+    before = api.db.reads()
+    denied = api.call("GET", "/users/1", token=None)
+    assert denied.status == 401, f"GET /users/1 without a token returned {denied.status}"
+    assert api.trace.events == ["outer>", "inner>", "<inner", "<outer"] \
+        and denied.headers.get("X-Request-Id"), (
+        f"for the 401 the test's middleware ran as {api.trace.events} and X-Request-Id was "
+        f"{denied.headers.get('X-Request-Id')!r}\nThe chain is [request_id, *middlewares, "
+        "auth]: even a refused request is logged and traced by the outer middleware.")
+    api.trace.events.clear()
+    public = api.call("GET", "/health", token=None)
+    assert public.status == 200 and public.json() == {"status": "ok"}, (
+        f"GET /health without a token returned {public.status} {public.body[:100]!r}, "
+        "expected 200 {\"status\": \"ok\"}: it is a public route, not wrapped by auth")
+    expect_reads(api, before, 0, "a 401 and a health check", "Neither needs the users table.")
