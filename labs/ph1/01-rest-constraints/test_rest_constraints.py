@@ -7,18 +7,14 @@ behind a load balancer: whatever one instance answers, the other must answer the
 
 from __future__ import annotations
 
-import http.client
-import json
 import re
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from socketserver import ThreadingMixIn
+from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
+
+from labrunner.testing import HttpReply, http_request, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE users (
@@ -31,60 +27,11 @@ INSERT INTO users (name, email) VALUES ('Ada Lovelace', 'ada@example.com'),
 """
 
 
-# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
-        pass
-
-
-@contextmanager
-def serving(app: Callable[..., Any]) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield its base URL."""
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return self.headers.get(name)
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            pytest.fail(f"expected a JSON body, saw {self.body[:200]!r}", pytrace=False)
-
+# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
 def call(host: str, method: str, path: str, body: Any = None,
-         headers: dict[str, str] | None = None) -> Reply:
-    conn = http.client.HTTPConnection(host, timeout=10)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        hdrs = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers={**hdrs, **(headers or {})})
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
+         headers: dict[str, str] | None = None) -> HttpReply:
+    return http_request(host, method, path, headers=headers, document=body, timeout=10)
 
 
 # ---- fixtures ---------------------------------------------------------------------------
@@ -101,10 +48,10 @@ def instances(learner: Any, dsn: str) -> Iterator[list[str]]:
     """Two independent app instances (two make_app calls, two servers) on one database."""
     make_app = learner.function("users_api", "make_app")
     with ExitStack() as stack:
-        yield [stack.enter_context(serving(make_app(dsn))) for _ in range(2)]
+        yield [stack.enter_context(serve_wsgi(make_app(dsn))) for _ in range(2)]
 
 
-def get_ok(host: str, path: str, headers: dict[str, str] | None = None) -> Reply:
+def get_ok(host: str, path: str, headers: dict[str, str] | None = None) -> HttpReply:
     reply = call(host, "GET", path, headers=headers)
     assert reply.status == 200, (
         f"GET {path}: expected 200, saw {reply.status} {reply.body[:200]!r}")

@@ -7,18 +7,13 @@ wrote to Postgres, never from the learner's code.
 
 from __future__ import annotations
 
-import http.client
-import json
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import datetime
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
+
+from labrunner.testing import HttpReply, http_request, serve_wsgi
 
 USERS = {1: "Ada Lovelace", 2: "Alan Turing", 3: "Grace Hopper"}  # Grace has no orders
 ORDERS = [  # id, user_id, total_cents, currency, placed_at
@@ -30,54 +25,10 @@ MISSING_USER = 999
 VENDOR = "application/vnd.shop+json"
 
 
-# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
+# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
-        pass
-
-
-@contextmanager
-def serving(app: Callable[..., Any]) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            pytest.fail(f"expected a JSON body, saw {self.body[:200]!r}", pytrace=False)
-
-
-def get(host: str, path: str, headers: dict[str, str] | None = None) -> Reply:
-    conn = http.client.HTTPConnection(host, timeout=10)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
+def get(host: str, path: str, headers: dict[str, str] | None = None) -> HttpReply:
+    return http_request(host, "GET", path, headers=headers, timeout=10)
 
 
 # ---- the three ways of asking for a version ---------------------------------------------
@@ -116,7 +67,7 @@ def expected_collection(user_id: int, version: int) -> Any:
     return [expected_order(o, version) for o in ORDERS if o[1] == user_id]
 
 
-def check_collection(reply: Reply, user_id: int, version: int, what: str) -> None:
+def check_collection(reply: HttpReply, user_id: int, version: int, what: str) -> None:
     assert reply.status == 200, f"{what}: expected 200, saw {reply.status} {reply.body[:200]!r}"
     want = expected_collection(user_id, version)
     doc = reply.json()
@@ -158,7 +109,7 @@ def host(learner: Any, postgres: Any) -> Iterator[str]:
         for order in ORDERS:
             conn.execute("INSERT INTO orders VALUES (%s, %s, %s, %s, %s)", order)
     make_app = learner.function("orders_api", "make_app")
-    with serving(make_app(postgres.dsn)) as address:
+    with serve_wsgi(make_app(postgres.dsn)) as address:
         yield address
 
 

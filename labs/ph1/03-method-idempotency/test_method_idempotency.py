@@ -10,19 +10,16 @@ caught every time, not only when the scheduler happens to interleave badly.
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from socketserver import ThreadingMixIn
+from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
+
+from labrunner.testing import HttpReply, http_request, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
@@ -46,60 +43,14 @@ ORDER = {"user_id": 1, "item": "keyboard", "quantity": 2}
 CONCURRENT = 4
 
 
-# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
-        pass
-
-
-@contextmanager
-def serving(app: Callable[..., Any]) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            pytest.fail(f"expected a JSON body, saw {self.body[:200]!r}", pytrace=False)
-
+# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
 def call(host: str, method: str, path: str, body: Any = None,
-         headers: dict[str, str] | None = None) -> Reply:
-    conn = http.client.HTTPConnection(host, timeout=20)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        hdrs = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers={**hdrs, **(headers or {})})
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
+         headers: dict[str, str] | None = None) -> HttpReply:
+    return http_request(host, method, path, headers=headers, document=body, timeout=20)
 
 
-def post_order(host: str, key: str | None, order: dict[str, Any] = ORDER) -> Reply:
+def post_order(host: str, key: str | None, order: dict[str, Any] = ORDER) -> HttpReply:
     return call(host, "POST", "/orders", order, {"Idempotency-Key": key} if key else {})
 
 
@@ -117,7 +68,7 @@ def instances(learner: Any, db: Any) -> Iterator[list[str]]:
     """Two app instances (two make_app calls, two servers) over one database."""
     make_app = learner.function("idempotency_api", "make_app")
     with ExitStack() as stack:
-        yield [stack.enter_context(serving(make_app(db.dsn))) for _ in range(2)]
+        yield [stack.enter_context(serve_wsgi(make_app(db.dsn))) for _ in range(2)]
 
 
 def rows(db: Any, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -136,7 +87,7 @@ def assert_one_order(db: Any, attempts: int, how: str) -> None:
         "the key must make every retry of the same attempt a no-op")
 
 
-def assert_same_reply(first: Reply, other: Reply, what: str) -> None:
+def assert_same_reply(first: HttpReply, other: HttpReply, what: str) -> None:
     assert other.status == first.status, (
         f"{what}: expected the stored status {first.status}, saw {other.status} "
         f"{other.body[:200]!r}: a replay answers exactly like the first attempt")
@@ -251,7 +202,7 @@ def test_distinct_keys_are_distinct_orders(instances: list[str], db: Any) -> Non
 def test_concurrent_replays_create_one_order(instances: list[str], db: Any) -> None:
     key = str(uuid.uuid4())
     barrier = threading.Barrier(CONCURRENT + 1)
-    replies: list[Reply | BaseException | None] = [None] * CONCURRENT
+    replies: list[HttpReply | BaseException | None] = [None] * CONCURRENT
 
     def fire(i: int) -> None:
         barrier.wait()
@@ -272,9 +223,9 @@ def test_concurrent_replays_create_one_order(instances: list[str], db: Any) -> N
     for thread in threads:
         thread.join(20)
 
-    failures = [r for r in replies if not isinstance(r, Reply)]
+    failures = [r for r in replies if not isinstance(r, HttpReply)]
     assert not failures, f"concurrent POSTs did not complete: {failures}"
-    done = [r for r in replies if isinstance(r, Reply)]
+    done = [r for r in replies if isinstance(r, HttpReply)]
     statuses = sorted(r.status for r in done)
     assert statuses == [201] * CONCURRENT, (
         f"{CONCURRENT} concurrent POSTs with one Idempotency-Key: expected {CONCURRENT}x 201 "

@@ -8,20 +8,17 @@ closes the database to new connections and terminates the app's sessions).
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psycopg
 import pytest
 from psycopg import sql
+
+from labrunner.testing import HttpReply, http_request, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE api_tokens (token text PRIMARY KEY,
@@ -40,50 +37,11 @@ WRITER = {"Authorization": "Bearer writer-token"}
 READER = {"Authorization": "Bearer reader-token"}
 
 
-# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
-        pass
-
-
-@contextmanager
-def serving(app: Callable[..., Any]) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
+# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
 def call(host: str, method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> Reply:
-    conn = http.client.HTTPConnection(host, timeout=15)
-    try:
-        hdrs = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=body, headers={**hdrs, **(headers or {})})
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
+         headers: dict[str, str] | None = None) -> HttpReply:
+    return http_request(host, method, path, body, headers)
 
 
 def js(value: Any) -> bytes:
@@ -101,11 +59,11 @@ class Case:
     meaning: str
     headers: dict[str, str] = field(default_factory=lambda: dict(WRITER))
     body: bytes | None = None
-    check: Callable[[Reply], str | None] | None = None  # extra check: an error message or None
+    check: Callable[[HttpReply], str | None] | None = None  # extra check: an error message or None
     current_etag: bool = False  # send If-None-Match with the project's current ETag
 
 
-def location_of_new_project(reply: Reply) -> str | None:
+def location_of_new_project(reply: HttpReply) -> str | None:
     location = reply.headers.get("Location", "")
     if not re.fullmatch(r"(http://[^/]+)?/projects/\d+", location):
         return (f"expected Location: /projects/<new id>, saw {location!r}: a 201 names the "
@@ -113,15 +71,15 @@ def location_of_new_project(reply: Reply) -> str | None:
     return None
 
 
-def has_etag(reply: Reply) -> str | None:
+def has_etag(reply: HttpReply) -> str | None:
     return None if reply.headers.get("ETag") else "expected an ETag header on the 200"
 
 
-def no_body(reply: Reply) -> str | None:
+def no_body(reply: HttpReply) -> str | None:
     return None if reply.body == b"" else f"expected no body, saw {reply.body[:80]!r}"
 
 
-def bearer_challenge(reply: Reply) -> str | None:
+def bearer_challenge(reply: HttpReply) -> str | None:
     challenge = reply.headers.get("WWW-Authenticate", "")
     if not challenge.lower().startswith("bearer"):
         return (f"expected WWW-Authenticate: Bearer ..., saw {challenge!r}: a 401 tells the "
@@ -186,7 +144,7 @@ def make_app(learner: Any) -> Callable[..., Any]:
     return learner.function("projects_api", "make_app")  # type: ignore[no-any-return]
 
 
-def expect(reply: Reply, status: int, what: str, meaning: str) -> None:
+def expect(reply: HttpReply, status: int, what: str, meaning: str) -> None:
     assert reply.status == status, (
         f"{what}: expected {status}, saw {reply.status} {reply.body[:120]!r}: {meaning}")
 
@@ -195,7 +153,7 @@ def expect(reply: Reply, status: int, what: str, meaning: str) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_status_table(make_app: Callable[..., Any], db: Any, case: Case) -> None:
-    with serving(make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=1000)) as host:
+    with serve_wsgi(make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=1000)) as host:
         headers = dict(case.headers)
         if case.current_etag:
             first = call(host, "GET", case.path, headers=WRITER)
@@ -211,7 +169,7 @@ def test_status_table(make_app: Callable[..., Any], db: Any, case: Case) -> None
 
 def test_rate_limit_is_429_with_retry_after(make_app: Callable[..., Any], db: Any) -> None:
     clock = FakeClock(1000.0)  # windows of 10 s: [1000, 1010) is the first one used
-    with serving(make_app(db.dsn, clock=clock, rate_limit=3, window_seconds=10)) as host:
+    with serve_wsgi(make_app(db.dsn, clock=clock, rate_limit=3, window_seconds=10)) as host:
         for n in range(1, 4):
             expect(call(host, "GET", "/projects/1", headers=WRITER), 200,
                    f"request {n} of 3 allowed in the window", "still within the limit")
@@ -237,7 +195,7 @@ def test_rate_limit_is_429_with_retry_after(make_app: Callable[..., Any], db: An
 
 
 def test_database_down_is_503(make_app: Callable[..., Any], db: Any) -> None:
-    with serving(make_app(db.dsn, clock=FakeClock(1000.0))) as host:
+    with serve_wsgi(make_app(db.dsn, clock=FakeClock(1000.0))) as host:
         expect(call(host, "GET", "/projects/1", headers=WRITER), 200, "GET /projects/1",
                "the database is up")
         # The outage: this test's database refuses new connections and loses its sessions.

@@ -12,19 +12,17 @@ index, without a Sort, and read no more rows than it returns (+1).
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from socketserver import ThreadingMixIn
 from typing import Any
 from urllib.parse import urlencode
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psycopg
 import pytest
+
+from labrunner.testing import http_request, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE orders (
@@ -42,45 +40,14 @@ BIG = 20_000  # rows in the plan test
 DEEP = 15_000  # the keyset page starts after this many rows
 
 
-# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
-        pass
-
-
-@contextmanager
-def serving(app: Callable[..., Any]) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
+# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
 def get(host: str, params: dict[str, Any]) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection(host, timeout=15)
+    reply = http_request(host, "GET", "/orders?" + urlencode(params))
     try:
-        conn.request("GET", "/orders?" + urlencode(params))
-        resp = conn.getresponse()
-        body = resp.read()
-    finally:
-        conn.close()
-    try:
-        return resp.status, json.loads(body)
+        return reply.status, json.loads(reply.body)
     except ValueError:
-        return resp.status, body
+        return reply.status, reply.body
 
 
 def page(host: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +114,7 @@ def connect(db: Any) -> Explained:
 @pytest.fixture
 def host(learner: Any, connect: Explained) -> Iterator[str]:
     make_app = learner.function("orders_pages", "make_app")
-    with serving(make_app(connect)) as address:
+    with serve_wsgi(make_app(connect)) as address:
         yield address
 
 

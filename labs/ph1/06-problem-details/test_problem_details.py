@@ -9,19 +9,16 @@ running app, and the answer must not leak what the database said.
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
-import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
+
+from labrunner.testing import HttpReply, http_request, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE accounts (
@@ -36,55 +33,18 @@ OUT_OF_CREDIT = ("https://example.com/problems/out-of-credit", "You do not have 
 JSON = "application/json"
 
 
-# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
-        pass
-
-
-@contextmanager
-def serving(app: Callable[..., Any]) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
+# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
 def call(host: str, method: str, path: str, body: bytes | None = None,
-         content_type: str | None = None) -> Reply:
-    conn = http.client.HTTPConnection(host, timeout=15)
-    try:
-        headers = {"Content-Type": content_type} if content_type else {}
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
+         content_type: str | None = None) -> HttpReply:
+    """Content-Type only when one is given (never implied by the body)."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    return http_request(host, method, path, body, headers, content_type=None)
 
 
 # ---- what a problem document must be ----------------------------------------------------
 
-def check_problem(reply: Reply, what: str, path: str, status: int,
+def check_problem(reply: HttpReply, what: str, path: str, status: int,
                   kind: tuple[str, str] | None = None) -> dict[str, Any]:
     """Assert an RFC 7807 answer; return the parsed document for further checks."""
     assert reply.status == status, (
@@ -132,10 +92,10 @@ class Case:
     kind: tuple[str, str] | None = None
     body: bytes | None = None
     content_type: str | None = JSON
-    check: Callable[[dict[str, Any], Reply], str | None] | None = field(default=None)
+    check: Callable[[dict[str, Any], HttpReply], str | None] | None = field(default=None)
 
 
-def field_errors(doc: dict[str, Any], reply: Reply) -> str | None:
+def field_errors(doc: dict[str, Any], reply: HttpReply) -> str | None:
     errors = doc.get("errors")
     if not (isinstance(errors, list) and errors and all(
             isinstance(e, dict) and "amount_cents" in str(e.get("pointer", "")) and
@@ -145,14 +105,14 @@ def field_errors(doc: dict[str, Any], reply: Reply) -> str | None:
     return None
 
 
-def balance_extension(doc: dict[str, Any], reply: Reply) -> str | None:
+def balance_extension(doc: dict[str, Any], reply: HttpReply) -> str | None:
     if doc.get("balance_cents") != 5000:
         return (f"expected the extension member balance_cents: 5000 (problem types may add "
                 f"members a client can act on), saw {doc.get('balance_cents')!r}")
     return None
 
 
-def allow_header(doc: dict[str, Any], reply: Reply) -> str | None:
+def allow_header(doc: dict[str, Any], reply: HttpReply) -> str | None:
     if "GET" not in (reply.headers.get("Allow") or ""):
         return f"a 405 keeps its Allow header (GET), saw {reply.headers.get('Allow')!r}"
     return None
@@ -193,7 +153,7 @@ def db(postgres: Any) -> Any:
 @pytest.fixture
 def host(learner: Any, db: Any) -> Iterator[str]:
     make_app = learner.function("accounts_api", "make_app")
-    with serving(make_app(db.dsn)) as address:
+    with serve_wsgi(make_app(db.dsn)) as address:
         yield address
 
 

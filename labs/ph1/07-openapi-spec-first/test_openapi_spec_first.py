@@ -11,19 +11,16 @@ Three independent judges, none of them the learner's code:
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 import yaml
+
+from labrunner.testing import http_request, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE users (
@@ -42,32 +39,7 @@ OPERATIONS = {
 EXAMPLES_PER_OPERATION = 15  # per generation mode (valid data, invalid data)
 
 
-# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
-        pass
-
-
-@contextmanager
-def serving(app: Callable[..., Any]) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
+# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
 @dataclass
 class Exchange:
@@ -92,16 +64,9 @@ def exchange(host: str, method: str, path: str, *, query: dict[str, str] | None 
              content_type: str = "application/json") -> Exchange:
     body = raw if raw is not None else (None if document is None else json.dumps(document).encode())
     target = path + ("?" + "&".join(f"{k}={v}" for k, v in (query or {}).items()) if query else "")
-    conn = http.client.HTTPConnection(host, timeout=15)
-    try:
-        conn.request(method, target, body=body,
-                     headers={"Content-Type": content_type} if body is not None else {})
-        resp = conn.getresponse()
-        data = resp.read()
-        return Exchange(method, path, query or {}, body, content_type, resp.status,
-                        dict(resp.headers.items()), data)
-    finally:
-        conn.close()
+    reply = http_request(host, method, target, body, content_type=content_type)
+    return Exchange(method, path, query or {}, body, content_type, reply.status,
+                    dict(reply.headers.items()), reply.body)
 
 
 # ---- reading the learner's spec ---------------------------------------------------------
@@ -165,7 +130,7 @@ def host(learner: Any, postgres: Any) -> Iterator[str]:
         app = make_app(postgres.dsn)
     except Exception as exc:  # noqa: BLE001 - e.g. a spec the app loads that does not load
         pytest.fail(f"make_app(dsn) raised {type(exc).__name__}: {short(exc)}", pytrace=False)
-    with serving(app) as address:
+    with serve_wsgi(app) as address:
         yield address
 
 

@@ -10,28 +10,21 @@ what happens, not by timing luck.
 
 from __future__ import annotations
 
-import atexit
-import hashlib
-import importlib.resources
-import importlib.util
 import queue
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
+
+from labrunner.testing import ProtoStubs, generate_stubs
 
 RPCS = {  # name -> (client streams, server streams)
     "GetUser": (False, False),
@@ -40,48 +33,6 @@ RPCS = {  # name -> (client streams, server streams)
     "UpdateUsers": (True, True),
 }
 ANSWER_WITHIN = 3.0  # seconds to wait for a message that should come at once
-
-
-# ---- stubs generated from the learner's user.proto --------------------------------------
-
-@dataclass
-class Stubs:
-    pb2: ModuleType
-    grpc: ModuleType
-
-
-_generated: dict[str, Stubs] = {}
-
-
-def _import(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # user_pb2_grpc and the learner import it by this name
-    spec.loader.exec_module(module)
-    return module
-
-
-def generate_stubs(proto: Path) -> Stubs:
-    """protoc user.proto -> user_pb2.py + user_pb2_grpc.py in a temp dir, once per content
-    (protobuf refuses to load two different user.proto into one process)."""
-    key = hashlib.sha256(proto.read_bytes()).hexdigest()
-    if key not in _generated:
-        out = Path(tempfile.mkdtemp(prefix="ph1-8-stubs-"))
-        atexit.register(shutil.rmtree, out, True)
-        well_known = importlib.resources.files("grpc_tools") / "_proto"
-        done = subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto.parent}", f"-I{well_known}",
-             f"--python_out={out}", f"--grpc_python_out={out}", proto.name],
-            capture_output=True, text=True, cwd=proto.parent, timeout=60)
-        if done.returncode != 0:
-            pytest.fail(f"protoc rejected user.proto: {done.stderr.strip()[:800]}",
-                        pytrace=False)
-        _generated[key] = Stubs(_import("user_pb2", out / "user_pb2.py"),
-                                _import("user_pb2_grpc", out / "user_pb2_grpc.py"))
-    stubs = _generated[key]
-    sys.modules["user_pb2"], sys.modules["user_pb2_grpc"] = stubs.pb2, stubs.grpc
-    return stubs
 
 
 # ---- a real grpc server whose worker threads never keep the test process alive ----------
@@ -111,7 +62,7 @@ class DaemonExecutor(Executor):
 
 
 @contextmanager
-def running(stubs: Stubs, service: Any, workers: int = 4) -> Iterator[Any]:
+def running(stubs: ProtoStubs, service: Any, workers: int = 4) -> Iterator[Any]:
     """The service in a grpc server on 127.0.0.1:<free port>; yield a stub on a channel."""
     server = grpc.server(DaemonExecutor(workers))
     stubs.grpc.add_UserServiceServicer_to_server(service, server)
@@ -158,15 +109,15 @@ def next_message(out: queue.Queue[Any], what: str, timeout: float = ANSWER_WITHI
 # ---- fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture
-def stubs(learner: Any) -> Iterator[Stubs]:
-    generated = generate_stubs(Path(learner.path("user.proto")))
+def stubs(learner: Any) -> Iterator[ProtoStubs]:
+    generated = generate_stubs(Path(learner.path("user.proto")), prefix="ph1-8-stubs-")
     yield generated
     for name in ("user_pb2", "user_pb2_grpc"):
         sys.modules.pop(name, None)
 
 
 @pytest.fixture
-def service_class(learner: Any, stubs: Stubs) -> Any:
+def service_class(learner: Any, stubs: ProtoStubs) -> Any:
     service = stubs.pb2.DESCRIPTOR.services_by_name.get("UserService")
     declared = service.methods_by_name if service is not None else {}
     missing = [name for name in RPCS if name not in declared]
@@ -176,7 +127,7 @@ def service_class(learner: Any, stubs: Stubs) -> Any:
     return learner.function("user_service", "UserService")
 
 
-def create(stub: Any, stubs: Stubs, *names: str) -> list[str]:
+def create(stub: Any, stubs: ProtoStubs, *names: str) -> list[str]:
     requests = [stubs.pb2.CreateUserRequest(username=n, email=f"{n}@example.com") for n in names]
     summary = stub.CreateUsers(iter(requests), timeout=5)
     assert summary.created == len(names) and len(summary.user_ids) == len(names), (
@@ -199,7 +150,7 @@ def expect_status(call: Callable[[], Any], code: grpc.StatusCode, what: str) -> 
 
 # ---- the verification -------------------------------------------------------------------
 
-def test_proto_has_the_four_kinds_of_rpc(stubs: Stubs) -> None:
+def test_proto_has_the_four_kinds_of_rpc(stubs: ProtoStubs) -> None:
     file = descriptor_pb2.FileDescriptorProto()
     stubs.pb2.DESCRIPTOR.CopyToProto(file)
     services = {s.name: s for s in file.service}
@@ -214,7 +165,7 @@ def test_proto_has_the_four_kinds_of_rpc(stubs: Stubs) -> None:
             f"server_streaming={seen[1]}")
 
 
-def test_unary_and_client_streaming(stubs: Stubs, service_class: Any) -> None:
+def test_unary_and_client_streaming(stubs: ProtoStubs, service_class: Any) -> None:
     with running(stubs, service_class()) as stub:
         before = int(time.time())
         ids = create(stub, stubs, "ada", "alan", "grace")
@@ -231,7 +182,7 @@ def test_unary_and_client_streaming(stubs: Stubs, service_class: Any) -> None:
                 f"(~{before}), saw {user.created_at}")
 
 
-def test_missing_user_is_not_found(stubs: Stubs, service_class: Any) -> None:
+def test_missing_user_is_not_found(stubs: ProtoStubs, service_class: Any) -> None:
     with running(stubs, service_class()) as stub:
         request = stubs.pb2.GetUserRequest(user_id="no-such-user")
         expect_status(lambda: stub.GetUser(request, timeout=5), grpc.StatusCode.NOT_FOUND,
@@ -243,7 +194,7 @@ def test_missing_user_is_not_found(stubs: Stubs, service_class: Any) -> None:
                       grpc.StatusCode.NOT_FOUND, "UpdateUsers of an unknown user_id")
 
 
-def test_watch_and_bidi_stream_in_order(stubs: Stubs, service_class: Any) -> None:
+def test_watch_and_bidi_stream_in_order(stubs: ProtoStubs, service_class: Any) -> None:
     with running(stubs, service_class()) as stub:
         (user_id,) = create(stub, stubs, "ada")
         watch = stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=20)
@@ -277,7 +228,7 @@ def test_watch_and_bidi_stream_in_order(stubs: Stubs, service_class: Any) -> Non
         watch.cancel()
 
 
-def test_watch_ends_at_the_deadline(stubs: Stubs, service_class: Any) -> None:
+def test_watch_ends_at_the_deadline(stubs: ProtoStubs, service_class: Any) -> None:
     with running(stubs, service_class()) as stub:
         (user_id,) = create(stub, stubs, "ada")
         watched = drain(stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=0.5))
@@ -296,7 +247,7 @@ def test_watch_ends_at_the_deadline(stubs: Stubs, service_class: Any) -> None:
             f"{end.code().name} ({end.details()})")
 
 
-def test_expired_watches_free_their_threads(stubs: Stubs, service_class: Any) -> None:
+def test_expired_watches_free_their_threads(stubs: ProtoStubs, service_class: Any) -> None:
     workers = 2
     with running(stubs, service_class(), workers=workers) as stub:
         (user_id,) = create(stub, stubs, "ada")

@@ -11,15 +11,8 @@ proxy observed and the wall time of the call.
 
 from __future__ import annotations
 
-import atexit
-import hashlib
-import importlib.resources
-import importlib.util
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -28,59 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from socketserver import ThreadingMixIn
-from types import ModuleType
 from typing import Any
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 import pytest
+
+from labrunner.testing import ProtoStubs, generate_stubs, serve_wsgi
 
 USERS = [{"id": i, "username": f"user{i:04d}", "email": f"user{i:04d}@example.com",
           "created_at": 1_700_000_000 + 37 * i} for i in range(1, 1001)]
 KEYS = {"users", "bytes_sent", "bytes_received", "connections", "seconds"}
 SLACK_BYTES = 100  # a frame or two that may cross after a client stops counting (GOAWAY)
-
-
-# ---- stubs generated from the learner's directory.proto ---------------------------------
-
-@dataclass
-class Stubs:
-    pb2: ModuleType
-    grpc: ModuleType
-
-
-_generated: dict[str, Stubs] = {}
-
-
-def _import(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # the _grpc module and the learner import it by this name
-    spec.loader.exec_module(module)
-    return module
-
-
-def generate_stubs(proto: Path) -> Stubs:
-    """protoc directory.proto into a temp dir, once per content (never committed)."""
-    key = hashlib.sha256(proto.read_bytes()).hexdigest()
-    if key not in _generated:
-        out = Path(tempfile.mkdtemp(prefix="ph1-9-stubs-"))
-        atexit.register(shutil.rmtree, out, True)
-        well_known = importlib.resources.files("grpc_tools") / "_proto"
-        done = subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto.parent}", f"-I{well_known}",
-             f"--python_out={out}", f"--grpc_python_out={out}", proto.name],
-            capture_output=True, text=True, cwd=proto.parent, timeout=60)
-        if done.returncode != 0:
-            pytest.fail(f"protoc rejected directory.proto: {done.stderr.strip()[:800]}",
-                        pytrace=False)
-        _generated[key] = Stubs(_import("directory_pb2", out / "directory_pb2.py"),
-                                _import("directory_pb2_grpc", out / "directory_pb2_grpc.py"))
-    stubs = _generated[key]
-    sys.modules["directory_pb2"], sys.modules["directory_pb2_grpc"] = stubs.pb2, stubs.grpc
-    return stubs
 
 
 # ---- the test's own measurement: a counting TCP proxy ----------------------------------
@@ -170,32 +121,6 @@ class CountingProxy:
 
 # ---- the servers ------------------------------------------------------------------------
 
-class _ServerHandler11(ServerHandler):
-    http_version = "1.1"  # wsgiref answers HTTP/1.0 by default; this lab compares HTTP/1.1
-
-    def cleanup_headers(self) -> None:
-        super().cleanup_headers()
-        self.headers["Connection"] = "close"  # wsgiref serves one request per connection
-
-
-class _Handler11(WSGIRequestHandler):
-    def handle(self) -> None:
-        self.raw_requestline = self.rfile.readline(65537)
-        if not self.parse_request():
-            return
-        handler = _ServerHandler11(self.rfile, self.wfile, self.get_stderr(),
-                                   self.get_environ(), multithread=True)
-        handler.request_handler = self  # type: ignore[attr-defined]
-        handler.run(self.server.get_app())  # type: ignore[attr-defined]
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
-        pass
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
 class Recorder(grpc.ServerInterceptor):
     """Counts the rpcs the server receives, by method name."""
 
@@ -216,7 +141,7 @@ class Servers:
 
 
 @contextmanager
-def servers(learner: Any, stubs: Stubs) -> Iterator[Servers]:
+def servers(learner: Any, stubs: ProtoStubs) -> Iterator[Servers]:
     make_app = learner.function("grpc_vs_rest", "make_app")
     directory = learner.function("grpc_vs_rest", "UserDirectory")
     requests: Counter[str] = Counter()
@@ -226,24 +151,19 @@ def servers(learner: Any, stubs: Stubs) -> Iterator[Servers]:
         requests[f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO')}"] += 1
         return app(environ, start_response)
 
-    http_server = make_server("127.0.0.1", 0, counted, server_class=_ThreadingServer,
-                              handler_class=_Handler11)
-    threading.Thread(target=http_server.serve_forever, kwargs={"poll_interval": 0.05},
-                     daemon=True).start()
-    recorder = Recorder()
-    grpc_server = grpc.server(ThreadPoolExecutor(4), interceptors=[recorder])
-    stubs.grpc.add_UserDirectoryServicer_to_server(directory([dict(u) for u in USERS]),
-                                                   grpc_server)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    grpc_server.start()
-    try:
-        yield Servers(("127.0.0.1", http_server.server_port), ("127.0.0.1", port), requests,
-                      recorder)
-    finally:
-        grpc_server.stop(None)
-        http_server.shutdown()
-        http_server.server_close()
-
+    # wsgiref answers HTTP/1.0 by default; this lab compares HTTP/1.1
+    with serve_wsgi(counted, http11=True) as http_address:
+        http_host, _, http_port = http_address.rpartition(":")
+        recorder = Recorder()
+        grpc_server = grpc.server(ThreadPoolExecutor(4), interceptors=[recorder])
+        stubs.grpc.add_UserDirectoryServicer_to_server(directory([dict(u) for u in USERS]),
+                                                       grpc_server)
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        grpc_server.start()
+        try:
+            yield Servers((http_host, int(http_port)), ("127.0.0.1", port), requests, recorder)
+        finally:
+            grpc_server.stop(None)
 
 # ---- comparing a report with the test's own observation ---------------------------------
 
@@ -318,15 +238,15 @@ def check_report(case: str, seen: Observed) -> None:
 # ---- fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture
-def stubs(learner: Any) -> Iterator[Stubs]:
-    generated = generate_stubs(Path(learner.path("directory.proto")))
+def stubs(learner: Any) -> Iterator[ProtoStubs]:
+    generated = generate_stubs(Path(learner.path("directory.proto")), prefix="ph1-9-stubs-")
     yield generated
     for name in ("directory_pb2", "directory_pb2_grpc"):
         sys.modules.pop(name, None)
 
 
 @pytest.fixture
-def running(learner: Any, stubs: Stubs) -> Iterator[Servers]:
+def running(learner: Any, stubs: ProtoStubs) -> Iterator[Servers]:
     with servers(learner, stubs) as started:
         yield started
 

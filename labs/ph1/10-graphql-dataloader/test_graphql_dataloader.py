@@ -11,181 +11,31 @@ computed by this test from the rows it inserted.
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
-import socket
-import struct
-import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from labrunner.testing import PgStatementProxy, http_request, serve_wsgi
 
 USERS = 50
 USERS_QUERY = "{ users(first: 50) { id name orders { id totalCents } } }"
-NOT_A_QUERY = re.compile(
-    r"^\s*(BEGIN|START|COMMIT|END|ROLLBACK|SAVEPOINT|RELEASE|SET|SHOW|RESET|DISCARD|"
-    r"DEALLOCATE|CLOSE|LISTEN|UNLISTEN)\b", re.IGNORECASE)
 
 
-# ---- counting statements on the Postgres wire -------------------------------------------
-
-class PgStatementCounter:
-    """A TCP proxy in front of Postgres that logs each statement the server is asked to
-    execute. Logging happens before the bytes are forwarded, so by the time a client has a
-    result, its statement is in the log."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._log: list[str] = []
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def take(self) -> list[str]:
-        """The statements logged since the last take()."""
-        with self._lock:
-            log, self._log = self._log, []
-        return log
-
-    def _record(self, sql: str) -> None:
-        sql = " ".join(sql.split())
-        if sql and not NOT_A_QUERY.match(sql):
-            with self._lock:
-                self._log.append(sql)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._frontend, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._relay, args=(upstream, client), daemon=True).start()
-
-    @staticmethod
-    def _relay(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while chunk := source.recv(65536):
-                sink.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            try:
-                sink.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def _frontend(self, client: socket.socket, upstream: socket.socket) -> None:
-        """Client -> server: parse messages, log statements, forward the bytes unchanged."""
-        buffer = bytearray()
-        started = False  # before the StartupMessage, messages have no type byte
-        prepared: dict[bytes, str] = {}  # statement name -> SQL (Parse)
-        portals: dict[bytes, str] = {}  # portal name -> SQL (Bind)
-        try:
-            while chunk := client.recv(65536):
-                buffer += chunk
-                while True:
-                    if not started:
-                        if len(buffer) < 8:
-                            break
-                        (length,) = struct.unpack("!I", buffer[:4])
-                        if len(buffer) < length:
-                            break
-                        (code,) = struct.unpack("!I", buffer[4:8])
-                        started = code not in (80877103, 80877104)  # SSL / GSSENC request
-                        del buffer[:length]
-                        continue
-                    if len(buffer) < 5:
-                        break
-                    (length,) = struct.unpack("!I", buffer[1:5])
-                    if len(buffer) < 1 + length:
-                        break
-                    kind, body = bytes(buffer[:1]), bytes(buffer[5:1 + length])
-                    del buffer[:1 + length]
-                    if kind == b"Q":
-                        for sql in body.rstrip(b"\0").decode(errors="replace").split(";"):
-                            self._record(sql)
-                    elif kind == b"P":
-                        name, sql = body.split(b"\0")[:2]
-                        prepared[name] = sql.decode(errors="replace")
-                    elif kind == b"B":
-                        portal, statement = body.split(b"\0")[:2]
-                        portals[portal] = prepared.get(statement, "")
-                    elif kind == b"E":
-                        self._record(portals.get(body.split(b"\0")[0], ""))
-                upstream.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            try:
-                upstream.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        for sock in self._sockets:
-            sock.close()
-
-
-# ---- a real HTTP server around the learner's WSGI app, and a real client -----------------
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
-        pass
-
-
-@contextmanager
-def serving(app: Callable[..., Any]) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1:<free port> in a thread; yield host:port."""
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
+# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
 def ask(host: str, query: str) -> dict[str, Any]:
-    conn = http.client.HTTPConnection(host, timeout=15)
-    try:
-        conn.request("POST", "/graphql", body=json.dumps({"query": query}),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        body = resp.read()
-    finally:
-        conn.close()
+    reply = http_request(host, "POST", "/graphql", document={"query": query})
+    status, body = reply.status, reply.body
     try:
         document = json.loads(body)
     except ValueError:
-        pytest.fail(f"POST /graphql {query}: expected JSON, saw {resp.status} {body[:200]!r}",
+        pytest.fail(f"POST /graphql {query}: expected JSON, saw {status} {body[:200]!r}",
                     pytrace=False)
-    assert resp.status == 200 and not document.get("errors"), (
-        f"POST /graphql {query}: expected 200 and no errors, saw {resp.status} "
+    assert status == 200 and not document.get("errors"), (
+        f"POST /graphql {query}: expected 200 and no errors, saw {status} "
         f"{str(document.get('errors'))[:300]}")
     return document.get("data") or {}
 
@@ -226,21 +76,17 @@ def expected_users(db: Any) -> list[dict[str, Any]]:
 # ---- fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture
-def counter(postgres: Any) -> Iterator[PgStatementCounter]:
+def counter(postgres: Any) -> Iterator[PgStatementProxy]:
     seed(postgres)
-    info = conninfo_to_dict(postgres.dsn)
-    proxy = PgStatementCounter(str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
+    proxy = PgStatementProxy.for_dsn(postgres.dsn)  # statements split, no transaction control
     yield proxy
     proxy.close()
 
 
 @pytest.fixture
-def proxied_dsn(postgres: Any, counter: PgStatementCounter) -> str:
+def proxied_dsn(postgres: Any, counter: PgStatementProxy) -> str:
     """The DSN handed to the learner: the proxy, no TLS, so every message can be read."""
-    info = conninfo_to_dict(postgres.dsn)
-    info.update(host="127.0.0.1", port=str(counter.port), sslmode="disable",
-                gssencmode="disable")
-    return make_conninfo(**info)
+    return counter.dsn_for(postgres.dsn)
 
 
 @pytest.fixture
@@ -248,7 +94,7 @@ def make_app(learner: Any) -> Callable[..., Any]:
     return learner.function("graphql_api", "make_app")  # type: ignore[no-any-return]
 
 
-def run(host: str, counter: PgStatementCounter, query: str) -> tuple[dict[str, Any], list[str]]:
+def run(host: str, counter: PgStatementProxy, query: str) -> tuple[dict[str, Any], list[str]]:
     counter.take()
     data = ask(host, query)
     return data, counter.take()
@@ -262,8 +108,8 @@ def listing(statements: list[str]) -> str:
 # ---- the verification -------------------------------------------------------------------
 
 def test_dataloader_needs_two_queries(make_app: Callable[..., Any], proxied_dsn: str,
-                                      counter: PgStatementCounter, postgres: Any) -> None:
-    with serving(make_app(proxied_dsn, batched=True)) as host:
+                                      counter: PgStatementProxy, postgres: Any) -> None:
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
         data, statements = run(host, counter, USERS_QUERY)
     assert data.get("users") == expected_users(postgres), (
         f"{USERS_QUERY}: the data differs from the database: each user must get exactly its "
@@ -274,9 +120,9 @@ def test_dataloader_needs_two_queries(make_app: Callable[..., Any], proxied_dsn:
 
 
 def test_naive_resolvers_show_n_plus_one(make_app: Callable[..., Any], proxied_dsn: str,
-                                         counter: PgStatementCounter, postgres: Any) -> None:
-    with serving(make_app(proxied_dsn, batched=False)) as naive, \
-            serving(make_app(proxied_dsn, batched=True)) as batched:
+                                         counter: PgStatementProxy, postgres: Any) -> None:
+    with serve_wsgi(make_app(proxied_dsn, batched=False)) as naive, \
+            serve_wsgi(make_app(proxied_dsn, batched=True)) as batched:
         slow, statements = run(naive, counter, USERS_QUERY)
         fast, _ = run(batched, counter, USERS_QUERY)
     assert len(statements) >= USERS + 1, (
@@ -289,8 +135,8 @@ def test_naive_resolvers_show_n_plus_one(make_app: Callable[..., Any], proxied_d
 
 
 def test_loaders_do_not_outlive_a_request(make_app: Callable[..., Any], proxied_dsn: str,
-                                          counter: PgStatementCounter, postgres: Any) -> None:
-    with serving(make_app(proxied_dsn, batched=True)) as host:
+                                          counter: PgStatementProxy, postgres: Any) -> None:
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
         run(host, counter, USERS_QUERY)
         with postgres.connect(autocommit=True) as conn:  # the data changes between requests
             conn.execute("INSERT INTO orders VALUES (9999, 4, 123456)")
@@ -302,11 +148,11 @@ def test_loaders_do_not_outlive_a_request(make_app: Callable[..., Any], proxied_
 
 
 def test_aliased_users_share_one_orders_query(make_app: Callable[..., Any], proxied_dsn: str,
-                                              counter: PgStatementCounter,
+                                              counter: PgStatementProxy,
                                               postgres: Any) -> None:
     query = ('{ a: user(id: "1") { orders { id } } b: user(id: "2") { orders { id } } '
              'c: user(id: "3") { name orders { totalCents } } nobody: user(id: "999") { name } }')
-    with serving(make_app(proxied_dsn, batched=True)) as host:
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
         data, statements = run(host, counter, query)
     expected = {u["id"]: u for u in expected_users(postgres)}
     assert data.get("nobody", "missing") is None, (

@@ -13,17 +13,15 @@ What is measured, and where:
 from __future__ import annotations
 
 import random
-import re
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from operator import methodcaller
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from labrunner.testing import redis_commands
 
 Product = dict[str, Any]
 
@@ -147,54 +145,6 @@ def scan_counts(conn: Any, table: str) -> tuple[int, dict[str, int]]:
         "SELECT indexrelid::regclass::text, idx_scan FROM pg_stat_user_indexes "
         "WHERE relid = %s::regclass", (table,)).fetchall())
     return seq, per_index
-
-
-# --------------------------------------------------------------------------------------
-# Redis: what the learner's code sends, from MONITOR
-
-MONITOR_LINE = re.compile(r"^\S+ \[(\d+) (\S*)\] (.*)$")
-MONITOR_ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
-CONNECTION_SETUP = {"SELECT", "HELLO", "AUTH", "CLIENT", "PING"}  # a new connection's chatter
-
-
-@contextmanager
-def redis_commands(redis_db: Any) -> Iterator[list[list[str]]]:
-    """Record the commands sent to this test's database while the block runs.
-
-    MONITOR streams every command the server executes, in order; a marker command sent
-    by the test after the block tells the reader it has seen everything up to there."""
-    commands: list[list[str]] = []
-    marker = f"labrunner-end-{uuid.uuid4().hex}"
-    watcher = redis_db.client(socket_timeout=15)
-    conn = watcher.connection_pool.get_connection()
-    conn.send_command("MONITOR")
-    if conn.read_response() not in (b"OK", "OK"):
-        pytest.fail("MONITOR was refused by the Redis server", pytrace=False)
-
-    def read() -> None:
-        while True:
-            raw = conn.read_response()
-            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-            match = MONITOR_LINE.match(line)
-            if not match or int(match.group(1)) != redis_db.db:
-                continue
-            args = [a.replace('\\"', '"') for a in MONITOR_ARG.findall(match.group(3))]
-            if args and args[-1] == marker:
-                return
-            if args and args[0].upper() not in CONNECTION_SETUP:
-                commands.append([args[0].upper(), *args[1:]])
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        yield commands
-    finally:
-        client = redis_db.client()
-        client.echo(marker)
-        client.close()
-        reader.join(15)
-        conn.disconnect()
-        watcher.close()
 
 
 # --------------------------------------------------------------------------------------

@@ -10,61 +10,16 @@ line names the database), between the start of a call and a marker the test send
 from __future__ import annotations
 
 import random
-import re
-import threading
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-MONITOR_LINE = re.compile(r"^\S+ \[(\d+) (\S*)\] (.*)$")
-MONITOR_ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
-CONNECTION_SETUP = {"SELECT", "HELLO", "AUTH", "CLIENT", "PING"}  # a new connection's chatter
+from labrunner.testing import redis_commands
+
 KEYSPACE_WALKS = {"KEYS", "SCAN"}
 ZRANGE_FAMILY = {"ZRANGE", "ZREVRANGE", "ZRANGEBYSCORE", "ZREVRANGEBYSCORE", "ZRANGESTORE"}
-
-
-@contextmanager
-def redis_commands(redis_db: Any) -> Iterator[list[list[str]]]:
-    """Record the commands executed in this test's database while the block runs.
-
-    MONITOR streams every command in execution order; a marker the test sends after the
-    block tells the reader it has seen everything the block sent."""
-    commands: list[list[str]] = []
-    marker = f"labrunner-end-{uuid.uuid4().hex}"
-    watcher = redis_db.client(socket_timeout=15)
-    conn = watcher.connection_pool.get_connection()
-    conn.send_command("MONITOR")
-    if conn.read_response() not in (b"OK", "OK"):
-        pytest.fail("MONITOR was refused by the Redis server", pytrace=False)
-
-    def read() -> None:
-        while True:
-            raw = conn.read_response()
-            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-            match = MONITOR_LINE.match(line)
-            if not match or int(match.group(1)) != redis_db.db:
-                continue
-            args = [a.replace('\\"', '"') for a in MONITOR_ARG.findall(match.group(3))]
-            if args and args[-1] == marker:
-                return
-            if args and args[0].upper() not in CONNECTION_SETUP:
-                commands.append([args[0].upper(), *args[1:]])
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        yield commands
-    finally:
-        client = redis_db.client()
-        client.echo(marker)
-        client.close()
-        reader.join(15)
-        conn.disconnect()
-        watcher.close()
 
 
 def recorded(redis_db: Any, label: str,

@@ -10,10 +10,6 @@ forwarded, so by the time the learner's call has its answer the count is final.
 from __future__ import annotations
 
 import json
-import re
-import socket
-import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,115 +17,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from labrunner.testing import PgStatementProxy
 
 PRODUCTS = [(1, "Espresso cup", 900), (2, "Teapot", 3500), (3, "Kettle", 4900),
             (4, "Mug", 1200), (5, "Saucer", 400)]
-SSL_REQUEST, GSS_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
-
-
-class PgWire:
-    """A Postgres proxy on 127.0.0.1:<port 0> that records the statements clients run."""
-
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream = (upstream_host, upstream_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        self.statements: list[str] = []
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            server = socket.create_connection(self.upstream)
-            with self.lock:
-                self.sockets += [client, server]
-            threading.Thread(target=self._client_to_server, args=(client, server),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def _client_to_server(self, client: socket.socket, server: socket.socket) -> None:
-        buffer = b""
-        started = False  # before the StartupMessage, messages carry no type byte
-        prepared: dict[bytes, str] = {}
-        try:
-            while data := client.recv(65536):
-                buffer += data
-                while True:
-                    if not started:
-                        if len(buffer) < 8:
-                            break
-                        (length,) = struct.unpack("!I", buffer[:4])
-                        if len(buffer) < length:
-                            break
-                        (code,) = struct.unpack("!I", buffer[4:8])
-                        started = code not in (SSL_REQUEST, GSS_REQUEST, CANCEL_REQUEST)
-                        buffer = buffer[length:]
-                        continue
-                    if len(buffer) < 5:
-                        break
-                    kind = buffer[:1]
-                    (length,) = struct.unpack("!I", buffer[1:5])
-                    if len(buffer) < 1 + length:
-                        break
-                    body, buffer = buffer[5:1 + length], buffer[1 + length:]
-                    if kind == b"Q":
-                        self._record(body.split(b"\0", 1)[0].decode())
-                    elif kind == b"P":  # Parse: statement name, query text
-                        name, query = body.split(b"\0")[:2]
-                        prepared[name] = query.decode()
-                    elif kind == b"B":  # Bind: portal name, statement name -> one execution
-                        statement = body.split(b"\0")[1]
-                        self._record(prepared.get(statement, "?"))
-                server.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (client, server):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def _record(self, sql: str) -> None:
-        with self.lock:
-            self.statements.append(sql)
-
-    def count(self, pattern: str) -> int:
-        """How many statements so far match `pattern` (a regex, case-insensitive)."""
-        regex = re.compile(pattern, re.IGNORECASE | re.DOTALL)
-        with self.lock:
-            return sum(1 for sql in self.statements if regex.search(sql))
-
-    def close(self) -> None:
-        self.listener.close()
-        with self.lock:
-            for s in self.sockets:
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-
 READS = r"^\s*(with\b.*)?select\b.*\bproducts\b"
 WRITES = r"^\s*(with\b.*)?(update|insert|delete|merge)\b.*\bproducts\b"
 
@@ -140,7 +32,7 @@ class Shop:
 
     dsn: str
     redis_url: str
-    wire: PgWire
+    wire: PgStatementProxy
     direct: Any  # the test's own connection, not proxied, not counted
     redis: Any
     module: ModuleType
@@ -177,11 +69,10 @@ def shop(learner: Any, postgres: Any, redis_db: Any) -> Iterator[Shop]:
                    "price_cents integer NOT NULL)")
     with direct.cursor() as cur:
         cur.executemany("INSERT INTO products VALUES (%s, %s, %s)", PRODUCTS)
-    params = conninfo_to_dict(postgres.dsn)
-    wire = PgWire(str(params.get("host", "127.0.0.1")), int(str(params.get("port", 5432))))
+    # Each Bind is one execution; a simple Query is counted as one statement, as sent.
+    wire = PgStatementProxy.for_dsn(postgres.dsn, count_on="bind", split=False, ignore=None)
     # sslmode=disable: the proxy reads the protocol, so it must not be encrypted
-    dsn = make_conninfo(postgres.dsn, host="127.0.0.1", port=wire.port,
-                        sslmode="disable", gssencmode="disable")
+    dsn = wire.dsn_for(postgres.dsn)
     client = redis_db.client(decode_responses=True)
     state = Shop(dsn, redis_db.url, wire, direct, client, learner.load("caching"))
     yield state

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
@@ -25,50 +24,7 @@ from typing import Any
 import pytest
 import redis
 
-MONITOR_LINE = re.compile(r"^\S+ \[(\d+) (\S*)\] (.*)$")
-MONITOR_ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
-CONNECTION_SETUP = {"SELECT", "HELLO", "AUTH", "CLIENT", "PING"}
-
-
-@contextmanager
-def redis_commands(redis_db: Any) -> Iterator[list[tuple[str, list[str]]]]:
-    """Record (source, command) executed in this test's database while the block runs;
-    source is "lua" for commands a script ran, else the client's address.
-
-    MONITOR streams every command in execution order; a marker the test sends after the
-    block tells the reader it has seen everything the block sent."""
-    commands: list[tuple[str, list[str]]] = []
-    marker = f"labrunner-end-{uuid.uuid4().hex}"
-    watcher = redis_db.client(socket_timeout=15)
-    conn = watcher.connection_pool.get_connection()
-    conn.send_command("MONITOR")
-    if conn.read_response() not in (b"OK", "OK"):
-        pytest.fail("MONITOR was refused by the Redis server", pytrace=False)
-
-    def read() -> None:
-        while True:
-            raw = conn.read_response()
-            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-            match = MONITOR_LINE.match(line)
-            if not match or int(match.group(1)) != redis_db.db:
-                continue
-            args = [a.replace('\\"', '"') for a in MONITOR_ARG.findall(match.group(3))]
-            if args and args[-1] == marker:
-                return
-            if args and args[0].upper() not in CONNECTION_SETUP:
-                commands.append((match.group(2), [args[0].upper(), *args[1:]]))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        yield commands
-    finally:
-        client = redis_db.client()
-        client.echo(marker)
-        client.close()
-        reader.join(15)
-        conn.disconnect()
-        watcher.close()
+from labrunner.testing import redis_commands
 
 
 def limiter_class(learner: Any) -> type:
@@ -106,7 +62,7 @@ def concurrent_calls(limiter: Any, key: str, calls: int) -> list[bool]:
 
 def test_rate_limiter_allows_exactly_the_limit_atomically(learner: Any, redis_db: Any) -> None:
     limiter = limiter_class(learner)(redis_db.url, limit=10, window_seconds=60)
-    with redis_commands(redis_db) as sent:
+    with redis_commands(redis_db, with_source=True) as sent:
         allowed = concurrent_calls(limiter, "user-1", 100)
     assert allowed.count(True) == 10, (
         f"100 concurrent calls with limit 10 allowed {allowed.count(True)}: the count and the "
