@@ -1,0 +1,90 @@
+"""labrunner.testing: the helpers lab verifications share (those needing no service)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+
+from labrunner.testing import PgStatementProxy, http_request, serve_wsgi
+
+
+def echo_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    size = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(size) if size else b""
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("X-Seen-Type", environ.get("CONTENT_TYPE", ""))])
+    return [body or b"{}"]
+
+
+@pytest.mark.parametrize("http11", [False, True])
+def test_serve_wsgi_and_http_request(http11: bool) -> None:
+    with serve_wsgi(echo_app, http11=http11) as host:
+        assert host.startswith("127.0.0.1:")
+        reply = http_request(host, "POST", "/", document={"a": 1})
+        assert reply.status == 200 and reply.json() == {"a": 1}
+        assert reply.header("X-Seen-Type") == "application/json"
+        raw = http_request(host, "POST", "/", b"{}", content_type=None)
+        assert raw.header("X-Seen-Type") == "text/plain"  # wsgiref's default: none was sent
+        overridden = http_request(host, "POST", "/", b"{}", {"Content-Type": "text/csv"})
+        assert overridden.header("X-Seen-Type") == "text/csv"
+        conn = socket.create_connection(("127.0.0.1", int(host.rsplit(":", 1)[1])))
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        status_line = conn.recv(64).split(b"\r\n")[0]
+        conn.close()
+    assert status_line.startswith(b"HTTP/1.1 200" if http11 else b"HTTP/1.0 200")
+
+
+def message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def frontend_bytes() -> bytes:
+    startup = struct.pack("!II", 8 + 9, 196608) + b"user\0me\0\0"
+    return b"".join([
+        startup,
+        message(b"Q", b"BEGIN; SELECT 1;\n  SELECT   2\0"),
+        message(b"P", b"s1\0SELECT $1\0\0\0"),
+        message(b"B", b"\0s1\0" + b"\0" * 6),
+        message(b"E", b"\0\0\0\0\0"),
+        message(b"S", b""),
+    ])
+
+
+def recorded(**options: Any) -> list[str]:
+    """Send a frontend stream through a proxy to a sink server; return what it recorded."""
+    sink = socket.create_server(("127.0.0.1", 0))
+    received = bytearray()
+
+    def drain() -> None:
+        conn, _ = sink.accept()
+        while chunk := conn.recv(65536):
+            received.extend(chunk)
+        conn.close()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    proxy = PgStatementProxy("127.0.0.1", sink.getsockname()[1], **options)
+    try:
+        data = frontend_bytes()
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            for i in range(0, len(data), 7):  # messages split across reads
+                client.sendall(data[i:i + 7])
+                time.sleep(0.001)
+        reader.join(5)
+        assert bytes(received) == data  # forwarded unchanged
+        return proxy.statements()
+    finally:
+        proxy.close()
+        sink.close()
+
+
+def test_pg_statement_proxy_records_each_execution() -> None:
+    assert recorded() == ["SELECT 1", "SELECT 2", "SELECT $1"]
+    assert recorded(count_on="bind", split=False, ignore=None) == [
+        "BEGIN; SELECT 1;\n  SELECT   2", "SELECT $1"]
