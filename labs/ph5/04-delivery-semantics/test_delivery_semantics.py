@@ -178,9 +178,9 @@ def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
         raise AssertionError(f"{mode}: the restarted worker did not finish within 30 s (it must "
                              "stop at the end of the input partition)"
                              f"{FENCING if mode == 'exactly-once' else ''}") from None
+    hint = FENCING if mode == "exactly-once" else ""
     assert code == 0, (
-        f"{mode}: the restarted worker exited with {code}{FENCING if mode == 'exactly-once' else ''}"
-        f"\n{stderr_tail(second)}")
+        f"{mode}: the restarted worker exited with {code}{hint}\n{stderr_tail(second)}")
     return Run(offsets, at_crash, view(kafka, topics, group))
 
 

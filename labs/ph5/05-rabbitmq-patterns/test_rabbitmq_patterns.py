@@ -46,7 +46,7 @@ def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 def drain(ch: Any, queue: str) -> list[str]:
     """Take every message the queue holds now (bodies, in queue order)."""
-    bodies = []
+    bodies: list[str] = []
     while True:
         method, _props, body = ch.basic_get(queue, auto_ack=True)
         if method is None:

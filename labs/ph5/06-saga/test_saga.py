@@ -13,7 +13,6 @@ other's events; the test reads the topic back and checks every order's chain of 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,7 +223,7 @@ def read_events(kafka: Any, topic: str) -> list[dict[str, Any]]:
     consumer = Consumer(kafka.consumer_config("test-reader", **{
         "enable.auto.commit": False, "enable.partition.eof": True, "fetch.wait.max.ms": 10}))
     consumer.assign([TopicPartition(topic, 0, 0)])
-    events = []
+    events: list[dict[str, Any]] = []
     try:
         while True:
             msg = consumer.poll(10)

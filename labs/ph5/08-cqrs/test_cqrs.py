@@ -49,7 +49,8 @@ def read_model(conn: Any) -> dict[str, list[Row]]:
     }
 
 
-def summary(order_id: str, name: str, items: int, total: int, status: str = "placed") -> dict:
+def summary(order_id: str, name: str, items: int, total: int,
+            status: str = "placed") -> dict[str, Any]:
     return {"order_id": order_id, "customer_name": name, "item_count": items,
             "total_cents": total, "status": status}
 

@@ -110,11 +110,11 @@ def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner:
     threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in (0, 1)]
     try:
         threads[0].start()
-        wait_for(lambda: 0 in results or blocked_pids(conn, {blocker_pid}),
+        wait_for(lambda: 0 in results or bool(blocked_pids(conn, {blocker_pid})),
                  "consumer A to reach the balance row (locked by the test)")
         first = blocked_pids(conn, {blocker_pid})
         threads[1].start()
-        wait_for(lambda: 1 in results or blocked_pids(conn, {blocker_pid}) - first,
+        wait_for(lambda: 1 in results or bool(blocked_pids(conn, {blocker_pid}) - first),
                  "consumer B to block or finish")
     finally:
         blocker.rollback()  # release: A and B go on

@@ -43,10 +43,11 @@ def publish_orders(bootstrap: str, topic: str,
 
     def delivered(index: int) -> Any:
         def report(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                errors.append(f"order {orders[index]['order_id']}: {err.str()}")
+            partition, offset = msg.partition(), msg.offset()
+            if err is not None or partition is None or offset is None:
+                errors.append(f"order {orders[index]['order_id']}: {err.str() if err else 'no offset'}")
             else:
-                placed[index] = (msg.partition(), msg.offset())
+                placed[index] = (partition, offset)
         return report
 
     for index, order in enumerate(orders):
@@ -81,9 +82,11 @@ def consume(bootstrap: str, topic: str, group: str, max_events: int,
             msg = consumer.poll(0.2)
             if msg is None:
                 continue
-            if msg.error():
-                raise KafkaException(msg.error())
-            events.append(json.loads(msg.value()))
+            err, value = msg.error(), msg.value()
+            if err is not None:
+                raise KafkaException(err)
+            if value is not None:  # a record without a value is not an event
+                events.append(json.loads(value))
         if events:
             consumer.commit(asynchronous=False)  # the group's position moves past these
     finally:

@@ -131,12 +131,13 @@ def _read_to_end(bootstrap: str, topic: str, group: str, from_start: bool) -> li
             msg = consumer.poll(0.5)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add(msg.partition())
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition() or 0)
                     continue
-                raise KafkaException(msg.error())
-            bodies.append(msg.value().decode())
+                raise KafkaException(err)
+            bodies.append((msg.value() or b"").decode())
         if bodies:  # the group's position moves past what it read (nothing read: no commit)
             consumer.commit(asynchronous=False)
     finally:

@@ -100,10 +100,12 @@ class GroupConsumer:
             msg = self._consumer.poll(min(left, 0.1))  # rebalance callbacks run in here
             if msg is None:
                 continue
-            if msg.error():
-                raise KafkaException(msg.error())
-            records.append((msg.partition(), msg.offset(), msg.value().decode()))
-            self._processed[msg.partition()] = msg.offset() + 1
+            err, partition, offset = msg.error(), msg.partition(), msg.offset()
+            if err is not None:
+                raise KafkaException(err)
+            assert partition is not None and offset is not None  # set on every fetched record
+            records.append((partition, offset, (msg.value() or b"").decode()))
+            self._processed[partition] = offset + 1
         return records
 
     def commit(self) -> None:

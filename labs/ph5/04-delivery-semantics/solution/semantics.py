@@ -88,10 +88,11 @@ def run(mode: str, bootstrap: str, input_topic: str, output_topic: str, group: s
             msg = consumer.poll(10)
             if msg is None:
                 raise TimeoutError("no input record or end-of-partition within 10 s")
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
                     break
-                raise KafkaException(msg.error())
+                raise KafkaException(err)
             processed += 1
             if mode == "at-most-once":
                 consumer.commit(message=msg, asynchronous=False)   # 1. commit
@@ -108,7 +109,7 @@ def run(mode: str, bootstrap: str, input_topic: str, output_topic: str, group: s
                 produce(producer, output_topic, msg)
                 # The input offset is committed by the transaction, with the output.
                 producer.send_offsets_to_transaction(
-                    [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)],
+                    [TopicPartition(input_topic, 0, next_offset(msg))],
                     consumer.consumer_group_metadata(), 30)
                 crash_point(processed, crash_after)
                 producer.commit_transaction(30)                     # both, or neither
@@ -119,7 +120,14 @@ def run(mode: str, bootstrap: str, input_topic: str, output_topic: str, group: s
 
 
 def produce(producer: Producer, topic: str, msg: Message) -> None:
-    producer.produce(topic, key=msg.key(), value=transform(msg.value()))
+    producer.produce(topic, key=msg.key(), value=transform(msg.value() or b""))
+
+
+def next_offset(msg: Message) -> int:
+    """The offset to commit after ``msg``: the next one to read."""
+    offset = msg.offset()
+    assert offset is not None  # set on every fetched record
+    return offset + 1
 
 
 def main(argv: list[str] | None = None) -> int:

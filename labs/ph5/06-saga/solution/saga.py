@@ -195,14 +195,16 @@ class ChoreographyService:
             msg = self.consumer.poll(10)
             if msg is None:
                 raise TimeoutError(f"{self.service}: no event at offset {position} in 10 s")
-            if msg.error():
-                raise KafkaException(msg.error())
-            event = json.loads(msg.value())
+            err, offset, value = msg.error(), msg.offset(), msg.value()
+            if err is not None:
+                raise KafkaException(err)
+            assert offset is not None and value is not None  # every event has both
+            event = json.loads(value)
             for reaction in react(self.service, event):
                 reaction["source"] = self.service
                 self.producer.produce(self.topic, key=str(reaction["order_id"]).encode(),
                                       value=json.dumps(reaction).encode())
-            position = msg.offset() + 1
+            position = offset + 1
             handled += 1
         if handled:
             # Reactions first, then the offset: a crash in between re-handles the events

@@ -77,11 +77,12 @@ def run(dsn: str, bootstrap: str, topic: str, group: str) -> int:
                 msg = consumer.poll(10)
                 if msg is None:
                     raise TimeoutError("no event or end-of-partition within 10 s")
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                err, value = msg.error(), msg.value()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
                         return applied
-                    raise KafkaException(msg.error())
-                if handle(conn, json.loads(msg.value())):
+                    raise KafkaException(err)
+                if value is not None and handle(conn, json.loads(value)):
                     applied += 1
                 consumer.commit(message=msg, asynchronous=False)
     finally:

@@ -70,7 +70,8 @@ def consume(bootstrap: str, topic: str, group: str, max_events: int,
     consumer = Consumer({
         "bootstrap.servers": bootstrap,
         "group.id": group,
-        "auto.offset.reset": "latest",  # WRONG: a new group only sees events published after it joined
+        # WRONG: a new group only sees events published after it joined
+        "auto.offset.reset": "latest",
         "enable.auto.commit": False,   # commit explicitly, after the events are handled
     })
     events: list[dict[str, Any]] = []

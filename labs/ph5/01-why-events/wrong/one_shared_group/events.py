@@ -69,7 +69,8 @@ def consume(bootstrap: str, topic: str, group: str, max_events: int,
     new service replay history."""
     consumer = Consumer({
         "bootstrap.servers": bootstrap,
-        "group.id": f"{topic}.consumers",  # WRONG: every service shares one group, so they split the events
+        # WRONG: every service shares one group, so they split the events between them
+        "group.id": f"{topic}.consumers",
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,   # commit explicitly, after the events are handled
     })

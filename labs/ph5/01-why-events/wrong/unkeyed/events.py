@@ -52,7 +52,7 @@ def publish_orders(bootstrap: str, topic: str,
     for index, order in enumerate(orders):
         event = order_placed(order)
         producer.produce(topic, key=None,  # WRONG: no key, events of one order scatter
-                        
+
                          value=json.dumps(event).encode(), on_delivery=delivered(index))
         producer.poll(0)  # serve delivery reports as we go, so the local queue never fills
     remaining = producer.flush(30)

@@ -110,7 +110,7 @@ def _read_to_end(bootstrap: str, topic: str, group: str, from_start: bool) -> li
     consumer = Consumer({
         "bootstrap.servers": bootstrap,
         "group.id": group,
-        "auto.offset.reset": "latest",  # WRONG: a new group skips the history   # a new group starts at the beginning of the log
+        "auto.offset.reset": "latest",  # WRONG: a new group skips the history
         "enable.auto.commit": False,
         "enable.partition.eof": True,      # tell us when a partition has nothing more
     })

@@ -84,7 +84,7 @@ class RabbitWorker:
 
     def nack(self, job: Job) -> None:
         """Could not do it: give it back to the queue for another try (possibly elsewhere)."""
-        self.channel.basic_nack(delivery_tag=job.delivery_tag, requeue=False)  # WRONG: drops the job
+        self.channel.basic_nack(delivery_tag=job.delivery_tag, requeue=False)  # WRONG: drops
 
     def close(self) -> None:
         """Leave. Jobs this worker received but never acknowledged go back to the queue."""

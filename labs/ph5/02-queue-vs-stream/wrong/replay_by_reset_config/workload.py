@@ -14,7 +14,6 @@ from typing import Any
 
 import pika
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,

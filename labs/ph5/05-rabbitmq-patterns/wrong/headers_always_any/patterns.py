@@ -59,7 +59,7 @@ def setup_headers(ch: BlockingChannel, exchange: str,
     """A headers exchange; each queue bound with the headers it matches on and whether all
     of them (``True``) or any one (``False``) must match. The routing key plays no part."""
     ch.exchange_declare(exchange, exchange_type="headers")
-    for queue, (headers, match_all) in bindings.items():
+    for queue, (headers, _match_all) in bindings.items():
         ch.queue_declare(queue)
         ch.queue_bind(queue, exchange,
                       arguments={"x-match": "any", **headers})  # WRONG: ignores match_all
