@@ -45,7 +45,8 @@ def publish_orders(bootstrap: str, topic: str,
         def report(err: KafkaError | None, msg: Message) -> None:
             partition, offset = msg.partition(), msg.offset()
             if err is not None or partition is None or offset is None:
-                errors.append(f"order {orders[index]['order_id']}: {err.str() if err else 'no offset'}")
+                why = err.str() if err is not None else "no offset reported"
+                errors.append(f"order {orders[index]['order_id']}: {why}")
             else:
                 placed[index] = (partition, offset)
         return report
