@@ -6,7 +6,6 @@ KAFKA_PRODUCER_DIR := $(CURDIR)/kafka_producer
 
 # The Makefile includes the rules.mk files before it defines `all`, so without this the first
 # target parsed here (this one, alphabetically) would become what a bare `make` builds.
-.DEFAULT_GOAL := all
 
 TARGETS += kafka_producer
 kafka_producer: SRC ?= $(KAFKA_PRODUCER_DIR)/solution

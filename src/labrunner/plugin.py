@@ -537,13 +537,16 @@ class KafkaNS:
         from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
         full = self.topic(name)
-        futures = self.admin().create_topics(
+        # One client for the whole call: a client destroyed before its futures resolve
+        # fails them with _DESTROY.
+        admin = self.admin()
+        futures = admin.create_topics(
             [NewTopic(full, num_partitions=partitions, replication_factor=1, config=config)],
             operation_timeout=15)
         futures[full].result(timeout=30)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:  # wait until every partition has a leader
-            meta = self.admin().list_topics(full, timeout=5).topics.get(full)
+            meta = admin.list_topics(full, timeout=5).topics.get(full)
             if meta and meta.error is None and len(meta.partitions) == partitions and all(
                     p.leader >= 0 for p in meta.partitions.values()):
                 break
