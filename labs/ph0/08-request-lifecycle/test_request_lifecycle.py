@@ -10,7 +10,6 @@ connection the app uses.
 
 from __future__ import annotations
 
-import http.client
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
+from labrunner.testing import HttpReply, http_request
 
 TOKEN = "s3cret-lab-token"
 WAIT = 5.0
@@ -81,19 +82,6 @@ class Trace:
 
 
 @dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            return None
-
-
-@dataclass
 class Api:
     """The learner's server, started on first use inside the test (so that a missing
     start_server() fails the test itself), and a real HTTP client for it."""
@@ -119,17 +107,12 @@ class Api:
         return int(self.server.port)
 
     def call(self, method: str, path: str, token: str | None = TOKEN,
-             headers: dict[str, str] | None = None) -> Reply:
-        conn = http.client.HTTPConnection("127.0.0.1", self.start(), timeout=WAIT)
-        try:
-            sent = dict(headers or {})
-            if token is not None:
-                sent["Authorization"] = f"Bearer {token}"
-            conn.request(method, path, headers=sent)
-            response = conn.getresponse()
-            return Reply(response.status, response.headers, response.read())
-        finally:
-            conn.close()
+             headers: dict[str, str] | None = None) -> HttpReply:
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        return http_request(f"127.0.0.1:{self.start()}", method, path, headers=sent,
+                            timeout=WAIT)
 
     def close(self) -> None:
         if self.server is not None:
