@@ -6,6 +6,7 @@ Exit codes: 0 all selected passed, 1 some failed, 2 usage or set-up errors, 130 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
@@ -60,6 +61,9 @@ def _catalog() -> Catalog:
 @click.version_option(__version__, prog_name="labrunner")
 def main() -> None:
     """Hands-on labs for the Backend Engineering Roadmap, verified against real services."""
+    # Python leaves SIGINT alone when it starts with it ignored (a background job of a
+    # script, a test harness): Ctrl-C must still stop services and keep finished results.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # --------------------------------------------------------------------------------------
