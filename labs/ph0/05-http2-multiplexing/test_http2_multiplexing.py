@@ -263,8 +263,8 @@ def test_slow_stream_does_not_hold_back_fast_ones(server: ServerThread, client: 
     assert not client.streams[slow].ended, (
         "the slow stream ended before it was released: the test's gate did not hold")
     client.run_until(client.ended(slow), "response to /slow after its release")
-    assert client.finished == ["/fast/1", "/fast/2", "/slow"], (
-        f"streams finished in the order {client.finished}, expected the fast ones first")
+    assert client.finished[-1] == "/slow" and len(client.finished) == 3, (
+        f"streams finished in the order {client.finished}, expected both fast ones first")
     for sid in (*fast, slow):
         stream = client.streams[sid]
         want = b"slow done" if stream.path == "/slow" else f"{stream.path} ok".encode()

@@ -119,12 +119,26 @@ def bound_port(server: Any) -> int:
 
 
 class Gate:
-    """/slow's handler waits until /fast has finished, or gives up after WAIT seconds:
-    streams that are really independent get 200 for both; a server or client that
-    handles one stream at a time makes /slow give up with 504."""
+    """/slow's handler waits until /fast is done, or gives up after WAIT seconds: streams
+    that are really independent get 200 for both; a server or client that handles one
+    stream at a time makes /slow give up with 504.
 
-    def __init__(self) -> None:
+    "Done" means handled by the server (``by_client=False``), or, stronger, received in
+    full by the test's own client (``by_client=True``: the test then calls ``release``)."""
+
+    def __init__(self, by_client: bool = False) -> None:
+        self.by_client = by_client
         self.fast_done = asyncio.Event()
+
+    def release(self) -> None:
+        self.fast_done.set()
+
+    def release_on(self, wanted: str) -> Callable[[str], None]:
+        """A completion callback for the test's client: release once ``wanted`` is in."""
+        def on_complete(path: str) -> None:
+            if path == wanted:
+                self.release()
+        return on_complete
 
     async def handler(self, path: str) -> tuple[int, bytes]:
         if path == "/slow":
@@ -133,8 +147,8 @@ class Gate:
             except TimeoutError:
                 return 504, b"gave up waiting for /fast"
             return 200, b"slow ok"
-        if path == "/fast":
-            self.fast_done.set()
+        if path == "/fast" and not self.by_client:
+            self.release()
         return 200, f"{path} ok".encode()
 
 
@@ -164,6 +178,7 @@ class ProbeClient(QuicConnectionProtocol):
         self.status: dict[int, int] = {}
         self.bodies: dict[int, bytes] = {}
         self.done: dict[str, asyncio.Event] = {}
+        self.on_complete: Callable[[str], None] = lambda path: None
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -190,6 +205,7 @@ class ProbeClient(QuicConnectionProtocol):
             self.seen.responses[path] = (self.status.get(sid, 0), self.bodies.get(sid, b""))
             self.seen.order.append(path)
             self.done[path].set()
+            self.on_complete(path)
 
     def get(self, path: str) -> asyncio.Event:
         sid = self._quic.get_next_available_stream_id()
@@ -203,7 +219,7 @@ class ProbeClient(QuicConnectionProtocol):
 
 async def probe(port: int, certs: Certs, paths: list[str],
                 ticket: SessionTicket | None = None,
-                on_done: dict[str, Callable[[], None]] | None = None,
+                on_complete: Callable[[str], None] = lambda path: None,
                 ) -> tuple[Observed, list[SessionTicket]]:
     """GET ``paths`` concurrently over one connection to the learner's server. With a
     ticket, the requests are sent at once as 0-RTT data."""
@@ -215,6 +231,7 @@ async def probe(port: int, certs: Certs, paths: list[str],
                        session_ticket_handler=tickets.append,
                        wait_connected=ticket is None) as protocol:
         client: ProbeClient = protocol  # type: ignore[assignment]
+        client.on_complete = on_complete
         waits = {path: client.get(path) for path in paths}
         client.transmit()
         await bounded("the QUIC handshake with your server", client.handshake)
@@ -224,8 +241,6 @@ async def probe(port: int, certs: Certs, paths: list[str],
             except TimeoutError:
                 pytest.fail(f"your server sent no complete response to {path} within "
                             f"{WAIT * 2:.0f} s", pytrace=False)
-            if on_done and path in on_done:
-                on_done[path]()
         return client.seen, tickets
 
 
@@ -335,10 +350,13 @@ def test_server_speaks_h3_with_independent_streams(learner: Any, certs: Certs) -
     h3 = learner.load("h3")
 
     async def scenario() -> Observed:
-        gate = Gate()
+        # /slow waits until the test's client has received all of /fast: the server must
+        # deliver one stream while another is still open.
+        gate = Gate(by_client=True)
         server = await learner_server(h3, certs, gate.handler)
         try:
-            seen, _ = await probe(bound_port(server), certs, ["/slow", "/fast"])
+            seen, _ = await probe(bound_port(server), certs, ["/slow", "/fast"],
+                                  on_complete=gate.release_on("/fast"))
             return seen
         finally:
             server.close()
@@ -351,8 +369,9 @@ def test_server_speaks_h3_with_independent_streams(learner: Any, certs: Certs) -
         f"/fast got {seen.responses.get('/fast')}, expected (200, b'/fast ok')")
     assert seen.responses.get("/slow") == (200, b"slow ok"), (
         f"/slow got {seen.responses.get('/slow')}, expected (200, b'slow ok')\n/slow's "
-        "handler waits for /fast to be handled: it gave up, so your server handled the "
-        "second stream only after the first. Start one task per request stream.")
+        "handler waits until the client has received /fast: it gave up, so your server "
+        "answered the second stream only after the first. Start one task per request "
+        "stream.")
     assert seen.order == ["/fast", "/slow"], (
         f"responses completed in the order {seen.order}, expected /fast before /slow")
 
