@@ -16,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 PACKAGES=(postgresql-15 redis-server rabbitmq-server erlang-base build-essential pkg-config
-          libpq-dev libhiredis-dev librdkafka-dev libssl-dev git patch)
+          libpq-dev libhiredis-dev librdkafka-dev libssl-dev openssl git patch)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
