@@ -349,6 +349,11 @@ run_tests() {
         (cd "$ROOT" && labrunner run "${phases[@]}" --solutions --backend docker \
             --json "$OUT_DIR/docker-backend.json" --junit "$OUT_DIR/docker-backend.xml") || status=$?
         log "phases on the docker backend: exit $status in $(elapsed $start)"
+        start=$SECONDS
+        log "labrunner run ${phases[*]} --starters --expect-fail --backend docker"
+        (cd "$ROOT" && labrunner run "${phases[@]}" --starters --expect-fail --backend docker \
+            --json "$OUT_DIR/docker-starters.json") || status=$?
+        log "starters on the docker backend (all must fail): exit $status in $(elapsed $start)"
     fi
     return $status
 }
