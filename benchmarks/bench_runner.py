@@ -36,7 +36,7 @@ def median_time(fn: object, repeat: int) -> float:
 
 
 def service_ready_times(repeat: int) -> None:
-    print("time to ready, local backend (median of %d)" % repeat)
+    print(f"time to ready, local backend (median of {repeat})")
     print(f"{'service':<10}{'cold':>10}{'warm':>10}{'cold/warm':>12}")
     for name in MODULES:
         if MODULES[name].missing():
@@ -53,7 +53,7 @@ def service_ready_times(repeat: int) -> None:
         warm_set = ServiceSet.ephemeral("local")
         endpoint = warm_set.ensure([name])[name]
         # Warm: what a run pays to reuse a warm service: find it alive.
-        warm = median_time(lambda: MODULES[name].alive(endpoint), repeat)
+        warm = median_time(lambda s=warm_set, e=endpoint: s.backend.alive(e), repeat)
         warm_set.stop()
         print(f"{name:<10}{cold:>9.2f}s{warm:>9.3f}s{cold / warm:>11.0f}x")
 

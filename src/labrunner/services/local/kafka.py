@@ -247,10 +247,3 @@ def restart(endpoint: Endpoint) -> Endpoint:
     stop(endpoint, remove=False)
     _launch(endpoint, tied_to_parent=False)
     return endpoint
-
-
-def alive(endpoint: Endpoint) -> bool:
-    try:
-        return ready(endpoint)
-    except Exception:  # noqa: BLE001
-        return False

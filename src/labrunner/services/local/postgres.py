@@ -178,10 +178,3 @@ def restart(endpoint: Endpoint, mode: str = "fast") -> Endpoint:
     # The restarted server must outlive the process that asked for the restart (a test).
     _launch(endpoint, tied_to_parent=False)
     return endpoint
-
-
-def alive(endpoint: Endpoint) -> bool:
-    try:
-        return ready(endpoint)
-    except Exception:  # noqa: BLE001
-        return False

@@ -124,10 +124,3 @@ def restart(endpoint: Endpoint) -> Endpoint:
 def _rewrite_done(client: object) -> bool:
     info = client.info("persistence")  # type: ignore[attr-defined]
     return not (info.get("aof_rewrite_in_progress") or info.get("aof_rewrite_scheduled"))
-
-
-def alive(endpoint: Endpoint) -> bool:
-    try:
-        return ready(endpoint)
-    except Exception:  # noqa: BLE001
-        return False
