@@ -51,6 +51,15 @@ from .local.process import pid_alive  # noqa: E402
 if TYPE_CHECKING:
     from testcontainers.core.container import DockerContainer
 
+def _cluster_id() -> str:
+    """A KRaft cluster id as Kafka's ``random-uuid`` makes them: base64 of 16 random bytes,
+    never starting with "-" (a command line would read it as an option)."""
+    while True:
+        candidate = urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+        if not candidate.startswith("-"):
+            return candidate
+
+
 LABEL = "labrunner"
 LABEL_SERVICE = "labrunner.service"
 LABEL_OWNER = "labrunner.owner_pid"
@@ -231,7 +240,7 @@ def _kafka_env(port: int) -> dict[str, str]:
         for key, value in settings.items()
     }
     env.update({
-        "CLUSTER_ID": urlsafe_b64encode(os.urandom(16)).decode().rstrip("="),
+        "CLUSTER_ID": _cluster_id(),
         "KAFKA_HEAP_OPTS": "-Xms128m -Xmx768m",
         "KAFKA_JVM_PERFORMANCE_OPTS": "-XX:+UseSerialGC -XX:TieredStopAtLevel=1 "
                                       "-Djava.awt.headless=true",

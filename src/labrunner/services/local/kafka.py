@@ -160,8 +160,9 @@ def template_dir(libs: Path) -> Path:
         props.write_text(_properties(staging, free_port(), free_port()), encoding="utf-8")
         cluster_id = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         done = subprocess.run(
-            _java_command(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                          "-c", str(props)),
+            # "--cluster-id=…" in one argument: a base64 id may start with "-".
+            _java_command(libs, "kafka.tools.StorageTool", "format",
+                          f"--cluster-id={cluster_id}", "-c", str(props)),
             capture_output=True, text=True,
         )
         props.unlink(missing_ok=True)
