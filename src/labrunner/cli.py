@@ -209,8 +209,9 @@ def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None
                    for lab in labs}
         shown_target = target
     backend_name = resolve_backend_name(backend)
-    outcome = verify(labs, sources, backend_name, jobs=jobs, store=store,
-                     show_progress=sys.stderr.isatty() or True)
+    # The bar is drawn only on a terminal (rich's live display); service start-up lines
+    # are printed either way, so a CI log shows what was started.
+    outcome = verify(labs, sources, backend_name, jobs=jobs, store=store)
     results_tables(catalog, outcome.results, shown_target)
     document = results_document(outcome.results, target=shown_target, backend=backend_name,
                                 started_at=outcome.started_at, duration=outcome.duration)
