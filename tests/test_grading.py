@@ -310,3 +310,97 @@ def test_grade_usage_errors(tmp_path: Path) -> None:
                              str(tmp_path / "m")], capture_output=True, text=True,
                             env=cli_env(LABRUNNER_HOME=str(PROJECT)), timeout=60)
     assert merged.returncode == 2 and "results/" in merged.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Private services: the real labs, graded as root
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def grade_real(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LABRUNNER, "grade", *args], capture_output=True, text=True,
+                          env=cli_env(LABRUNNER_HOME=str(REPO)), timeout=timeout)
+
+
+def solution(lab: str, name: str) -> str:
+    return (REPO / "labs" / lab / "solution" / name).read_text()
+
+
+SPY = '''
+import psycopg
+
+try:
+    with psycopg.connect("{dsn}", connect_timeout=3, autocommit=True) as conn:
+        conn.execute("CREATE TABLE pwned (x int)")
+    reached = "REACHED"
+except Exception as exc:  # noqa: BLE001
+    reached = "unreachable: " + type(exc).__name__
+raise RuntimeError("spy: the neighbour's database is " + reached)
+'''
+
+
+@needs_root
+def test_private_services_restart_for_the_lab_and_hide_everyone_else(tmp_path: Path) -> None:
+    """ph2.4 and ph2.10 restart their server mid-test: the graded process may not signal it,
+    the runner does it through the control socket. A spy that knows the address and admin
+    user of a Postgres running on this machine (a stand-in for a neighbour's, or a shared
+    one) cannot reach it from its private network."""
+    from labrunner.services.manager import ServiceSet
+
+    neighbour = ServiceSet.ephemeral("local")
+    try:
+        endpoint = neighbour.ensure(["postgres"])["postgres"]
+        workspace(tmp_path / "cohort" / "solved", {
+            "ph2/04-acid-transactions/bank.py": solution("ph2/04-acid-transactions", "bank.py"),
+            "ph2/10-redis-advanced/advanced.py": solution("ph2/10-redis-advanced",
+                                                          "advanced.py"),
+        })
+        workspace(tmp_path / "cohort" / "spy", {
+            "ph2/04-acid-transactions/bank.py": SPY.format(dsn=endpoint.url),
+        })
+        out = tmp_path / "out"
+        done = grade_real(str(tmp_path / "cohort"), "--select", "ph2.4", "--select", "ph2.10",
+                          "--out", str(out), "--backend", "local", "--jobs", "2")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert statuses(out, "solved") == {"ph2.4": "pass", "ph2.10": "pass"}
+        spy = json.loads((out / "results" / "spy.json").read_text())
+        message = spy["concepts"][0]["message"]
+        assert "spy: the neighbour's database is unreachable" in message, message
+        import psycopg
+
+        with psycopg.connect(endpoint.url) as conn:
+            tables = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'pwned'")
+            assert tables.fetchone() == (0,)
+        assert "services shared by all submissions" not in done.stderr
+    finally:
+        neighbour.stop()
+    assert not _sandbox_processes()
+    assert not [p for p in _uids_processes(71000, 75000)], "a private service outlived its run"
+
+
+def _uids_processes(low: int, high: int) -> list[str]:
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if low <= entry.stat().st_uid < high:
+                    alive.append(entry.name)
+            except OSError:
+                continue
+    return alive
+
+
+@needs_root
+def test_sanitized_c_lab_grades_despite_the_memory_limit(tmp_path: Path) -> None:
+    """AddressSanitizer reserves terabytes of address space: under RLIMIT_AS the server
+    could not even start. C labs get their memory cap from a cgroup instead."""
+    workspace(tmp_path / "cohort" / "solved", {
+        "ph0/07-accept-loop/server.c": solution("ph0/07-accept-loop", "server.c")})
+    out = tmp_path / "out"
+    done = grade_real(str(tmp_path / "cohort"), "--select", "ph0.7", "--out", str(out),
+                      "--backend", "local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert statuses(out, "solved") == {"ph0.7": "pass"}, (out / "results" / "solved.json"
+                                                          ).read_text()[:3000]

@@ -17,6 +17,11 @@ also gets a private mount namespace in which the submissions, the instructor's h
 and the output folder are covered by empty filesystems (and a Python installed under an
 unreadable home, e.g. pyenv in /root, is made reachable without exposing the rest of it).
 
+With the local backend (as root, where the kernel gives threads network namespaces), each lab
+run of each submission also gets services of its own, in a network namespace of its own
+(:mod:`labrunner.services.private`): no submission can connect to another's database, broker
+or cache, nor to anything else listening on the machine's loopback.
+
 Results are written per student (``OUT/results/<student>.json``, atomically, as each one
 finishes) with a fingerprint of what was graded, so a re-run skips what is unchanged and a
 crash or a Ctrl-C loses nothing that finished.
@@ -53,10 +58,15 @@ from typing import Any
 
 from . import __version__
 from .catalog import Lab
+from .cgroups import MemoryCgroup
 from .runner import LabResult, Sandbox, _kill_group, run_lab
+from .services.base import ServiceError
 
 GRADES_VERSION = 1
 SANDBOX_UID_BASE = int(os.environ.get("LABRUNNER_SANDBOX_UID_BASE", "61000"))
+# A graded run's private services run as its sandbox uid plus this: past the uids Debian
+# hands out (nobody is 65534), never one the submission has.
+SERVICE_UID_OFFSET = 10000
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 MAX_ARCHIVE_BYTES = 64 * 1024 * 1024      # unpacked, per submission
 MAX_ARCHIVE_MEMBERS = 5000
@@ -274,7 +284,8 @@ class Limits:
     timeout: float | None = None          # wall clock per lab (default: from the lab)
     memory_mb: int = 1024
     cpu_seconds: int = 120
-    processes: int = 64
+    # Threads count too: a test with a pool of workers needs room (a fork storm does not).
+    processes: int = 256
     output_bytes: int = 256 * 1024
 
 
@@ -421,6 +432,18 @@ class GradeConfig:
     shard: tuple[int, int] | None = None
     feedback_format: str = "md"
     selectors: tuple[str, ...] = ()
+    # Services per lab run in a private network (None: whenever the machine allows it).
+    private_services: bool | None = None
+
+
+def use_private_services(config: GradeConfig) -> bool:
+    """Private services need the local backend, root (for the sandbox uids) and a kernel
+    that lets a thread have a network namespace of its own."""
+    if config.private_services is False or config.backend != "local" or os.geteuid() != 0:
+        return False
+    from .services.private import private_networks_available
+
+    return private_networks_available()
 
 
 def _hidden_hash(config: GradeConfig, lab: Lab) -> str:
@@ -511,6 +534,14 @@ def _private_dir(path: Path, uid: int | None) -> Path:
     return path
 
 
+def _in_order(steps: Sequence[Callable[[], None]]) -> Callable[[], None]:
+    def run() -> None:
+        for step in steps:
+            step()
+
+    return run
+
+
 def _give(tree: Path, uid: int | None) -> None:
     if uid is None:
         return
@@ -531,6 +562,7 @@ class Grader:
         self.config = config
         self.state_file = state_file
         self.sandboxed = os.geteuid() == 0
+        self.private_services = use_private_services(config)
         self.base = Path(tempfile.mkdtemp(prefix="lr-grade-"))
         os.chmod(self.base, 0o755)   # pytest lists the parents of the tests it collects
         self.mounts: MountPlan | None = None
@@ -550,6 +582,12 @@ class Grader:
                   Path(labrunner.__file__).parent, *[lab.path for lab in self.config.labs]]
         if self.state_file is not None:
             needed.append(self.state_file.parent)
+        if not self.private_services and any(lab.services for lab in self.config.labs):
+            self.notes.append(
+                "services shared by all submissions (one database, vhost, prefix each): "
+                "a hostile submission graded at the same time as another could reach its "
+                "data; grade untrusted code as root with the local backend for private "
+                "services, or with --jobs 1")
         if not namespaces_available():
             blocked = _blocked_ancestors(needed)
             if blocked:
@@ -614,6 +652,7 @@ class Grader:
         if uid is not None:
             _sweep_uid(uid)
         run_dir = _private_dir(slot.base / secrets.token_hex(4), uid)
+        cgroup: MemoryCgroup | None = None
         try:
             src = _private_dir(run_dir / "src", uid)
             home = _private_dir(run_dir / "home", uid)
@@ -648,15 +687,27 @@ class Grader:
             env = {"HOME": str(home), "USER": "sandbox", "LOGNAME": "sandbox",
                    **({"LABRUNNER_HOME": str(project)} if project else {}),
                    "TMPDIR": str(home), "LABRUNNER_PURGE": str(hidden_dir or "")}
+            memory: int | None = limits.memory_mb * 1024 * 1024
+            if lab.language == "c":
+                # Sanitizer builds reserve terabytes of address space they never touch: no
+                # address-space limit lets them start, so their memory cap is a cgroup's.
+                assert memory is not None
+                cgroup = MemoryCgroup.create(memory) if uid is not None else None
+                memory = None
+                if cgroup is None:
+                    self._note("no memory cgroup could be made here: C labs (built with "
+                               "sanitizers) ran without a memory limit")
+            steps = [step for step in (self.mounts.apply if self.mounts else None,
+                                       cgroup.enter if cgroup else None) if step is not None]
             sandbox = Sandbox(
-                memory_bytes=limits.memory_mb * 1024 * 1024,
+                memory_bytes=memory,
                 cpu_seconds=limits.cpu_seconds,
                 max_output=limits.output_bytes,
                 max_processes=limits.processes if uid is not None else None,
                 extra_test_paths=extra,
                 env=env,
                 uid=uid, gid=uid,
-                prepare=self.mounts.apply if self.mounts else None,
+                prepare=_in_order(steps) if steps else None,
                 minimal_env=True,
                 tb="line",
                 pytest_args=("-p", PURGE_PLUGIN),
@@ -671,11 +722,19 @@ class Grader:
 
             from .services.isolation import new_run_id
 
+            def verify(state_file: Path | None) -> LabResult:
+                return run_lab(run_as, src, state_file, new_run_id(), sandbox,
+                               timeout=limits.timeout, on_process=track)
+
             try:
-                result = run_lab(run_as, src, self.state_file, new_run_id(), sandbox,
-                                 timeout=limits.timeout, on_process=track)
+                if self.private_services and uid is not None:
+                    result = self._with_private_services(lab, uid, run_dir, sandbox, verify)
+                else:
+                    result = verify(self.state_file)
             except (OSError, subprocess.SubprocessError) as exc:
                 result = LabResult(lab, "error", 0.0, f"the sandbox could not start: {exc}")
+            except ServiceError as exc:
+                result = LabResult(lab, "error", 0.0, f"the services could not start: {exc}")
             result.lab = lab
             _scrub(result, {str(src): lab.workspace_dir, str(copy): lab.workspace_dir,
                             str(run_dir): "<sandbox>"})
@@ -683,7 +742,34 @@ class Grader:
         finally:
             if uid is not None:
                 _sweep_uid(uid)
+                _sweep_uid(uid + SERVICE_UID_OFFSET)
+            if cgroup is not None:
+                cgroup.remove()
             shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _note(self, text: str) -> None:
+        with self.lock:
+            if text not in self.notes:
+                self.notes.append(text)
+
+    def _with_private_services(self, lab: Lab, uid: int, run_dir: Path, sandbox: Sandbox,
+                               verify: Callable[[Path | None], LabResult]) -> LabResult:
+        """Run ``verify`` in a network namespace of its own, with the lab's services started
+        there for this run alone (their uid: the sandbox's plus an offset)."""
+        from .services.local.process import ServiceOwner
+        from .services.private import ENV_CONTROL, in_private_network, private_services
+
+        owner = ServiceOwner(uid + SERVICE_UID_OFFSET,
+                             prepare=self.mounts.apply if self.mounts else None)
+
+        def body() -> LabResult:
+            if not lab.services:
+                return verify(None)
+            with private_services(lab.services, owner, uid, run_dir) as (state, control):
+                sandbox.env[ENV_CONTROL] = str(control)
+                return verify(state)
+
+        return in_private_network(body)
 
 
 # --------------------------------------------------------------------------------------
@@ -1005,7 +1091,8 @@ def grade_with_services(config: GradeConfig, paths: Sequence[Path],
     from .report import err_console
     from .session import services_for
 
-    with services_for(config.labs, config.backend, quiet=not show_progress) as service_set:
+    shared = [] if use_private_services(config) else config.labs
+    with services_for(shared, config.backend, quiet=not show_progress) as service_set:
         state = service_set.state_file if service_set.endpoints else None
         progress = Progress(
             TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(),
@@ -1021,24 +1108,36 @@ def grade_with_services(config: GradeConfig, paths: Sequence[Path],
 
 
 def print_summary(outcome: CohortOutcome, labs: Sequence[Lab]) -> None:
+    """A row per student: a column per concept, or per phase when the concepts would not
+    fit the terminal (grades.csv always has them all)."""
     from rich.table import Table
 
     from .report import console, err_console
 
+    colours = {"pass": "green", "fail": "red", "error": "yellow", "timeout": "magenta"}
+    ids = [lab.id for lab in labs]
+    per_concept = len(ids) * 10 + 30 <= console.width
+    phases = list(dict.fromkeys(lab.id.split(".")[0] for lab in labs))
     table = Table(title="Gradebook")
     table.add_column("student")
-    ids = [lab.id for lab in labs]
-    for lab_id in ids:
-        table.add_column(lab_id)
+    for column in ids if per_concept else phases:
+        table.add_column(column, justify="left" if per_concept else "right")
     table.add_column("total", justify="right")
-    colours = {"pass": "green", "fail": "red", "error": "yellow", "timeout": "magenta"}
     for doc in sorted(outcome.students, key=lambda d: d["student"]):
         by_id = {c["id"]: c for c in doc["concepts"]}
         cells = []
-        for lab_id in ids:
-            c = by_id.get(lab_id)
-            cells.append("" if c is None else
-                         f"[{colours.get(c['status'], 'white')}]{c['status']}[/] {c['points']}")
+        if per_concept:
+            for lab_id in ids:
+                c = by_id.get(lab_id)
+                cells.append("" if c is None else
+                             f"[{colours.get(c['status'], 'white')}]{c['status']}[/] "
+                             f"{c['points']}")
+        else:
+            for phase in phases:
+                mine = [c for c in doc["concepts"] if c["id"].split(".")[0] == phase]
+                passed = sum(c["status"] == "pass" for c in mine)
+                colour = "green" if passed == len(mine) else "red" if not passed else "yellow"
+                cells.append(f"[{colour}]{passed}/{len(mine)}[/]")
         table.add_row(doc["student"], *cells, f"{doc['total']}/{doc['max_total']}")
     console.print(table)
     for note in outcome.notes:

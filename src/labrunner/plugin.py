@@ -394,6 +394,17 @@ class _Services:
         from .services.manager import make_backend
 
         endpoint = self.endpoint(name)
+        from .services.private import ENV_CONTROL
+
+        control = os.environ.get(ENV_CONTROL)
+        if control:
+            # A graded run's private services belong to another uid: the runner restarts
+            # them for us.
+            from .services.private import request_restart
+
+            restarted = request_restart(control, name, **options)
+            self.endpoints[name] = restarted
+            return restarted
         if self.backend_name == "external":
             pytest.skip(f"not verifiable on the external backend: {name} cannot be restarted")
         backend = make_backend(self.backend_name, tied_to_parent=False)

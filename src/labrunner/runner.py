@@ -31,6 +31,7 @@ from .catalog import Lab
 from .services.local.process import _die_with_parent
 
 OUTCOMES = ("passed", "failed", "error", "timeout", "skipped")
+THREAD_STACK_BYTES = 2 * 1024 * 1024
 
 
 @dataclass
@@ -94,6 +95,9 @@ def _limits(sandbox: Sandbox) -> Callable[[], None]:
             sandbox.prepare()
         if sandbox.memory_bytes:
             resource.setrlimit(resource.RLIMIT_AS, (sandbox.memory_bytes, sandbox.memory_bytes))
+            # Under an address-space limit every thread's stack reservation counts (8 MB by
+            # default): a test with a hundred workers would not start. 2 MB is plenty.
+            resource.setrlimit(resource.RLIMIT_STACK, (THREAD_STACK_BYTES, THREAD_STACK_BYTES))
         if sandbox.cpu_seconds:
             resource.setrlimit(resource.RLIMIT_CPU, (sandbox.cpu_seconds, sandbox.cpu_seconds + 5))
         if sandbox.max_processes:
@@ -238,6 +242,9 @@ def _run_lab(
         "PYTHONUNBUFFERED": "1",
         # Only the plugins we name: nothing installed or planted auto-loads into the run.
         "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+        # glibc reserves up to 64 MB of address space per malloc arena, one per thread by
+        # default: under a memory limit a handful of threads would use it all up.
+        **({"MALLOC_ARENA_MAX": "2"} if sandbox.memory_bytes else {}),
         **sandbox.env,
     })
     if state_file is not None:

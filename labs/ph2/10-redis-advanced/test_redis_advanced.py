@@ -40,15 +40,22 @@ def concurrent_calls(limiter: Any, key: str, calls: int) -> list[bool]:
     results: list[Any] = [None] * calls
 
     def one(i: int) -> None:
-        barrier.wait()
         try:
+            barrier.wait(timeout=30)
             results[i] = limiter.allow(key)
         except Exception as exc:  # noqa: BLE001 - reported below
             results[i] = exc
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(calls)]
-    for t in threads:
-        t.start()
+    # Daemon threads with a bounded barrier: if the machine refuses a thread, the ones
+    # already waiting give up instead of keeping the test process alive for ever.
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(calls)]
+    try:
+        for t in threads:
+            t.start()
+    except RuntimeError as exc:
+        barrier.abort()
+        raise RuntimeError(f"could not start {calls} threads to call allow() at once: {exc}"
+                           " (the machine's thread or memory limit)") from exc
     for t in threads:
         t.join(30)
     errors = [r for r in results if isinstance(r, Exception)]

@@ -216,6 +216,14 @@ def _launch(endpoint: Endpoint, tied_to_parent: bool) -> None:
         f"the Kafka JVM exited with {proc.returncode}; last log lines:\n{tail(log)}",
         interval=0.1,
     )
+    wait_until(
+        lambda: coordinator_ready(endpoint),
+        timeout=60,
+        what=f"kafka's group coordinator on port {endpoint.port}",
+        failed=lambda: None if proc.poll() is None else
+        f"the Kafka JVM exited with {proc.returncode}; last log lines:\n{tail(log)}",
+        interval=0.2,
+    )
 
 
 def ready(endpoint: Endpoint) -> bool:
@@ -226,6 +234,25 @@ def ready(endpoint: Endpoint) -> bool:
                          "socket.connection.setup.timeout.ms": 1000})
     metadata = admin.list_topics(timeout=2)
     return bool(metadata.brokers)
+
+
+def coordinator_ready(endpoint: Endpoint) -> bool:
+    """A group's committed offsets can be read: the offsets topic exists and is loaded.
+    On a new broker the first group to ask creates that topic, and for a second or so every
+    group gets NOT_COORDINATOR: a lab's first commit must not be the one that pays for it."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": endpoint.url, "log_level": 0})
+    # Describing a group that does not exist asks its coordinator (list_consumer_group_offsets
+    # would too, but crashes librdkafka 2.16 on a broker this new).
+    futures = admin.describe_consumer_groups(["labrunner-readiness"], request_timeout=5)
+    try:
+        for future in futures.values():
+            future.result(timeout=10)
+    except KafkaException:
+        return False
+    return True
 
 
 def current_pid(endpoint: Endpoint) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -18,10 +19,11 @@ from pathlib import Path
 from ..base import Endpoint, ServiceError, free_port, tail, wait_until
 from .process import (
     chown_for_service,
+    default_service_user,
     pid_alive,
     remove_tree,
     runtime_dir,
-    service_user,
+    service_owner,
     spawn,
     terminate,
 )
@@ -55,7 +57,10 @@ def missing() -> str | None:
 
 def _run_as_service_user(cmd: list[str], log: Path) -> None:
     with open(log, "ab") as out:
-        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, user=service_user())
+        # The template is shared by every later start: always the default service user's,
+        # never a graded run's private owner.
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
+                              user=default_service_user())
     if done.returncode != 0:
         raise ServiceError(f"{' '.join(cmd[:2])} failed:\n{tail(log)}")
 
@@ -76,7 +81,10 @@ def template_dir() -> Path:
         staging = root / f"pg{PG_MAJOR}-template.{os.getpid()}"
         remove_tree(staging)
         staging.mkdir(mode=0o700)
-        chown_for_service(staging)
+        user = default_service_user()
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            os.chown(staging, entry.pw_uid, entry.pw_gid)
         _run_as_service_user(
             [str(bins / "initdb"), "-D", str(staging), "-U", SUPERUSER, "--auth=trust",
              "--encoding=UTF8", "--locale=C", "--no-sync"],
@@ -96,6 +104,8 @@ def start(workdir: Path, tied_to_parent: bool = True) -> Endpoint:
     workdir.mkdir(parents=True, exist_ok=True)
     # cp -a keeps the service user's ownership and the 0700 mode postgres insists on.
     subprocess.run(["cp", "-a", str(template), str(data)], check=True)
+    if service_owner() is not None:
+        chown_for_service(data)  # a graded run's private cluster belongs to its own uid
     sockets = workdir / "pgsock"
     sockets.mkdir(exist_ok=True)
     chown_for_service(sockets)

@@ -4,6 +4,8 @@ optionally tied to the runner's life, and stopped by pid from any later process.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import os
 import pwd
@@ -12,7 +14,8 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -25,7 +28,7 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def service_user() -> str | None:
+def default_service_user() -> str | None:
     """The unprivileged account services run as when we are root (initdb refuses root):
     ``labrunner`` if the set-up created it, else ``nobody``. None when not root."""
     if os.geteuid() != 0:
@@ -39,16 +42,56 @@ def service_user() -> str | None:
     raise RuntimeError("running as root but neither user 'labrunner' nor 'nobody' exists")
 
 
+@dataclass(frozen=True)
+class ServiceOwner:
+    """Who runs the services started from this thread, instead of the default user: a graded
+    run's private services belong to a uid of their own (no passwd entry needed), and may
+    first enter the sandbox's private view of the file system (``prepare``, run as root in
+    the child), so a database superuser's COPY ... PROGRAM sees no more than the submission."""
+
+    uid: int
+    prepare: Callable[[], None] | None = None
+
+
+# A context variable, not a global: grading starts several private sets at once, one per
+# worker thread, each for its own uid.
+_owner: contextvars.ContextVar[ServiceOwner | None] = contextvars.ContextVar(
+    "labrunner_service_owner", default=None)
+
+
+@contextlib.contextmanager
+def services_owned_by(owner: ServiceOwner) -> Iterator[None]:
+    token = _owner.set(owner)
+    try:
+        yield
+    finally:
+        _owner.reset(token)
+
+
+def service_owner() -> ServiceOwner | None:
+    return _owner.get()
+
+
+def service_user() -> str | int | None:
+    """The user (name or uid) services that refuse root run as, here and now."""
+    owner = _owner.get()
+    return owner.uid if owner is not None else default_service_user()
+
+
 def chown_for_service(path: Path) -> None:
     """Give a directory tree to the service user (no-op when not root)."""
     user = service_user()
     if user is None:
         return
-    entry = pwd.getpwnam(user)
+    if isinstance(user, int):
+        uid = gid = user
+    else:
+        entry = pwd.getpwnam(user)
+        uid, gid = entry.pw_uid, entry.pw_gid
     for root, dirs, files in os.walk(path):
-        os.chown(root, entry.pw_uid, entry.pw_gid)
+        os.chown(root, uid, gid)
         for name in dirs + files:
-            os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+            os.lchown(os.path.join(root, name), uid, gid)
 
 
 def runtime_dir() -> Path:
@@ -70,6 +113,8 @@ def spawn(
     cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
+    owner = _owner.get() if as_service_user else None
+    user = None if owner is not None else (service_user() if as_service_user else None)
     with open(log, "ab") as out:
         return subprocess.Popen(
             list(cmd),
@@ -79,9 +124,28 @@ def spawn(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
-            user=service_user() if as_service_user else None,
-            preexec_fn=_die_with_parent if tied_to_parent else None,
+            user=user,
+            preexec_fn=_become(owner, tied_to_parent),
         )
+
+
+def _become(owner: ServiceOwner | None,
+            tied_to_parent: bool) -> Callable[[], None] | None:
+    """What the child does before exec: enter the owner's view and switch to its uid (in
+    that order: the view needs root), and arrange to die with the starting thread."""
+    if owner is None:
+        return _die_with_parent if tied_to_parent else None
+
+    def apply() -> None:
+        if owner.prepare is not None:
+            owner.prepare()
+        os.setgroups([])
+        os.setresgid(owner.uid, owner.uid, owner.uid)
+        os.setresuid(owner.uid, owner.uid, owner.uid)
+        if tied_to_parent:
+            _die_with_parent()  # after the switch: a change of credentials clears it
+
+    return apply
 
 
 def pid_alive(pid: int) -> bool:

@@ -10,7 +10,15 @@ import signal
 from pathlib import Path
 
 from ..base import Endpoint, ServiceError, free_port, tail, wait_until
-from .process import pid_alive, remove_tree, spawn, terminate, which
+from .process import (
+    chown_for_service,
+    pid_alive,
+    remove_tree,
+    service_owner,
+    spawn,
+    terminate,
+    which,
+)
 
 DATABASES = 1024
 
@@ -52,6 +60,8 @@ def start(workdir: Path, tied_to_parent: bool = True) -> Endpoint:
         ]) + "\n",
         encoding="utf-8",
     )
+    if service_owner() is not None:
+        chown_for_service(data)  # a graded run's private server runs as its own uid
     endpoint = Endpoint(
         service="redis", backend="local", host="127.0.0.1", port=port,
         extra={"dir": str(data), "conf": str(conf), "binary": exe,
@@ -65,7 +75,8 @@ def _launch(endpoint: Endpoint, tied_to_parent: bool) -> None:
     extra = endpoint.extra
     log = Path(extra["log"])
     proc = spawn([extra["binary"], extra["conf"]], Path(extra["dir"]) / "stdout.log",
-                 tied_to_parent=tied_to_parent, cwd=Path(extra["dir"]))
+                 tied_to_parent=tied_to_parent, cwd=Path(extra["dir"]),
+                 as_service_user=service_owner() is not None)
     extra["pid"] = proc.pid
     wait_until(
         lambda: ready(endpoint),
