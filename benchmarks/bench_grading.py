@@ -62,6 +62,7 @@ def main() -> None:
         make_cohort(work / "cohort", labs, args.students)
         print(f"{args.students} submissions x {len(labs)} labs of {args.select} "
               f"({', '.join(lab.id for lab in labs)}), on {os.cpu_count()} CPUs")
+        seconds: dict[int, float] = {}
         for jobs in (1, 2):
             started = time.monotonic()
             done = subprocess.run(
@@ -73,8 +74,10 @@ def main() -> None:
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-2000:])
                 raise SystemExit(f"grading with --jobs {jobs} failed ({done.returncode})")
+            seconds[jobs] = elapsed
             print(f"--jobs {jobs}: {elapsed:6.1f} s, "
                   f"{args.students / elapsed * 60:6.1f} submissions/minute")
+        print(f"--jobs 2 grades {seconds[1] / seconds[2]:.2f}x as fast as --jobs 1")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
