@@ -208,22 +208,17 @@ def _launch(endpoint: Endpoint, tied_to_parent: bool) -> None:
     )
     endpoint.extra["pid"] = proc.pid
     (home / "kafka.pid").write_text(str(proc.pid), encoding="ascii")
-    wait_until(
-        lambda: ready(endpoint),
-        timeout=90,
-        what=f"kafka on port {endpoint.port}",
-        failed=lambda: None if proc.poll() is None else
-        f"the Kafka JVM exited with {proc.returncode}; last log lines:\n{tail(log)}",
-        interval=0.1,
-    )
-    wait_until(
-        lambda: coordinator_ready(endpoint),
-        timeout=60,
-        what=f"kafka's group coordinator on port {endpoint.port}",
-        failed=lambda: None if proc.poll() is None else
-        f"the Kafka JVM exited with {proc.returncode}; last log lines:\n{tail(log)}",
-        interval=0.2,
-    )
+
+    def exited() -> str | None:
+        if proc.poll() is None:
+            return None
+        return f"the Kafka JVM exited with {proc.returncode}; last log lines:\n{tail(log)}"
+
+    wait_until(lambda: ready(endpoint), timeout=90, what=f"kafka on port {endpoint.port}",
+               failed=exited, interval=0.1)
+    wait_until(lambda: coordinator_ready(endpoint), timeout=60,
+               what=f"kafka's group coordinator on port {endpoint.port}", failed=exited,
+               interval=0.2)
 
 
 def ready(endpoint: Endpoint) -> bool:
