@@ -54,4 +54,24 @@ def checks() -> list[Check]:
     version = _librdkafka_version()
     if version:
         results.append(Check("librdkafka", True, f"system librdkafka {version}"))
+    results.append(_grading_isolation())
     return results
+
+
+def _grading_isolation() -> Check:
+    """What ``labrunner grade`` can give each submission on this machine (informational:
+    learners do not need any of it)."""
+    import os
+
+    from .cgroups import memory_cgroups_available
+    from .services.private import private_networks_available
+
+    if os.geteuid() != 0:
+        return Check("grading sandbox", True, "not root: submissions would run as this user, "
+                     "with shared services", "grade untrusted code as root")
+    parts = ["a uid per run"]
+    parts.append("private services in a network namespace per run"
+                 if private_networks_available() else "shared services (no network namespaces)")
+    parts.append("memory cgroups for C labs" if memory_cgroups_available()
+                 else "no memory cgroup (C labs without a memory cap)")
+    return Check("grading sandbox", True, ", ".join(parts))
