@@ -432,14 +432,12 @@ class GradeConfig:
     shard: tuple[int, int] | None = None
     feedback_format: str = "md"
     selectors: tuple[str, ...] = ()
-    # Services per lab run in a private network (None: whenever the machine allows it).
-    private_services: bool | None = None
 
 
 def use_private_services(config: GradeConfig) -> bool:
     """Private services need the local backend, root (for the sandbox uids) and a kernel
     that lets a thread have a network namespace of its own."""
-    if config.private_services is False or config.backend != "local" or os.geteuid() != 0:
+    if config.backend != "local" or os.geteuid() != 0:
         return False
     from .services.private import private_networks_available
 
@@ -569,6 +567,13 @@ class Grader:
         self.notes: list[str] = []
         self.running: dict[int, Any] = {}
         self.lock = threading.Lock()
+        if self.sandboxed and not self.private_services and any(
+                lab.services for lab in config.labs):
+            self.notes.append(
+                "services shared by all submissions (one database, vhost, prefix each): "
+                "a hostile submission graded at the same time as another could reach its "
+                "data; grade untrusted code as root with the local backend for private "
+                "services, or with --jobs 1")
         if self.sandboxed:
             self._plan_mounts(hide)
         else:
@@ -582,12 +587,6 @@ class Grader:
                   Path(labrunner.__file__).parent, *[lab.path for lab in self.config.labs]]
         if self.state_file is not None:
             needed.append(self.state_file.parent)
-        if not self.private_services and any(lab.services for lab in self.config.labs):
-            self.notes.append(
-                "services shared by all submissions (one database, vhost, prefix each): "
-                "a hostile submission graded at the same time as another could reach its "
-                "data; grade untrusted code as root with the local backend for private "
-                "services, or with --jobs 1")
         if not namespaces_available():
             blocked = _blocked_ancestors(needed)
             if blocked:
@@ -687,20 +686,20 @@ class Grader:
             env = {"HOME": str(home), "USER": "sandbox", "LOGNAME": "sandbox",
                    **({"LABRUNNER_HOME": str(project)} if project else {}),
                    "TMPDIR": str(home), "LABRUNNER_PURGE": str(hidden_dir or "")}
-            memory: int | None = limits.memory_mb * 1024 * 1024
+            memory = limits.memory_mb * 1024 * 1024
+            address_space: int | None = memory
             if lab.language == "c":
                 # Sanitizer builds reserve terabytes of address space they never touch: no
                 # address-space limit lets them start, so their memory cap is a cgroup's.
-                assert memory is not None
+                address_space = None
                 cgroup = MemoryCgroup.create(memory) if uid is not None else None
-                memory = None
                 if cgroup is None:
                     self._note("no memory cgroup could be made here: C labs (built with "
                                "sanitizers) ran without a memory limit")
             steps = [step for step in (self.mounts.apply if self.mounts else None,
                                        cgroup.enter if cgroup else None) if step is not None]
             sandbox = Sandbox(
-                memory_bytes=memory,
+                memory_bytes=address_space,
                 cpu_seconds=limits.cpu_seconds,
                 max_output=limits.output_bytes,
                 max_processes=limits.processes if uid is not None else None,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Lab
-from .services.local.process import _die_with_parent
+from .services.local.process import _die_with_parent, become
 
 OUTCOMES = ("passed", "failed", "error", "timeout", "skipped")
 THREAD_STACK_BYTES = 2 * 1024 * 1024
@@ -106,10 +106,7 @@ def _limits(sandbox: Sandbox) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if sandbox.uid is not None:
             gid = sandbox.gid if sandbox.gid is not None else sandbox.uid
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(sandbox.uid, sandbox.uid, sandbox.uid)
-            _die_with_parent()  # a change of credentials clears the parent-death signal
+            become(sandbox.uid, gid, tied_to_parent=True)
 
     return apply
 

@@ -139,13 +139,18 @@ def _become(owner: ServiceOwner | None,
     def apply() -> None:
         if owner.prepare is not None:
             owner.prepare()
-        os.setgroups([])
-        os.setresgid(owner.uid, owner.uid, owner.uid)
-        os.setresuid(owner.uid, owner.uid, owner.uid)
-        if tied_to_parent:
-            _die_with_parent()  # after the switch: a change of credentials clears it
+        become(owner.uid, owner.uid, tied_to_parent)
 
     return apply
+
+
+def become(uid: int, gid: int, tied_to_parent: bool) -> None:
+    """In a child still root: drop to ``uid``/``gid`` for good (no supplementary groups)."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if tied_to_parent:
+        _die_with_parent()  # after the switch: a change of credentials clears it
 
 
 def pid_alive(pid: int) -> bool:
