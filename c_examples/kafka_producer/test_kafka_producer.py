@@ -14,14 +14,12 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
-from confluent_kafka.admin import NewTopic
 
 SANITIZER_MARKS = ("LeakSanitizer", "AddressSanitizer", "runtime error:",
                    "UndefinedBehaviorSanitizer")
@@ -65,24 +63,10 @@ def produce(binary: Path, brokers: str, topic: str, pairs: list[tuple[str, str]]
     return Run(done.returncode, done.stdout, done.stderr)
 
 
-def create_topic(kafka: Any, name: str, partitions: int, **config: str) -> str:
-    topic = kafka.topic(name)
-    admin = kafka.admin()
-    admin.create_topics([NewTopic(topic, partitions, 1, config=config)])[topic].result(
-        timeout=30)
-    for _ in range(300):
-        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
-        if meta and meta.error is None and len(meta.partitions) == partitions and all(
-                p.leader >= 0 for p in meta.partitions.values()):
-            return topic
-        time.sleep(0.05)
-    raise AssertionError(f"topic {topic} has no leader after 15 s")
-
-
 def java_partitions(kafka: Any, keys: set[str]) -> dict[str, int]:
     """Where a Java-compatible producer (confluent-kafka, partitioner murmur2_random) puts
     each key, observed on the broker through a twin topic."""
-    twin = create_topic(kafka, "twin", PARTITIONS)
+    twin = kafka.create_topic("twin", PARTITIONS)
     placed: dict[str, int] = {}
 
     def report(err: Any, msg: Any) -> None:
@@ -125,7 +109,7 @@ PAIRS = [(KEYS[n % len(KEYS)], f"event-{n}") for n in range(30)]
 def test_keyed_events_land_where_java_would_put_them(learner: Any, kafka: Any,
                                                      builds: dict[str, Path]) -> None:
     binary = binary_for(learner, builds)
-    topic = create_topic(kafka, "events", PARTITIONS)
+    topic = kafka.create_topic("events", PARTITIONS)
     run = produce(binary, kafka.bootstrap, topic, PAIRS)
     assert run.code == 0 and run.counts() == (30, 0), (
         f"kafka_producer printed {run.stdout.strip()!r} and exited {run.code}; expected "
@@ -155,7 +139,7 @@ def test_a_rejected_message_is_counted_and_reported(learner: Any, kafka: Any,
     """The topic accepts records up to 1,000 bytes: one 5,000-byte value is rejected by the
     broker (its delivery report carries the error); the two small ones are delivered."""
     binary = binary_for(learner, builds)
-    topic = create_topic(kafka, "small", PARTITIONS, **{"max.message.bytes": "1000"})
+    topic = kafka.create_topic("small", PARTITIONS, **{"max.message.bytes": "1000"})
     java = java_partitions(kafka, {"ok-1", "ok-2"} | {f"big-{n}" for n in range(20)})
     # The big one must travel in a batch of its own: a partition the small ones do not use.
     big = next(k for k in sorted(java) if k.startswith("big-")

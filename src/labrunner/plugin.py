@@ -560,9 +560,9 @@ class KafkaNS:
             meta = admin.list_topics(full, timeout=5).topics.get(full)
             if meta and meta.error is None and len(meta.partitions) == partitions and all(
                     p.leader >= 0 for p in meta.partitions.values()):
-                break
+                return full
             time.sleep(0.05)
-        return full
+        raise AssertionError(f"topic {full} has no leader for every partition after 15 s")
 
     def producer_config(self, **overrides: Any) -> dict[str, Any]:
         return {"bootstrap.servers": self.bootstrap, "log_level": 0, **overrides}

@@ -10,6 +10,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
 * :class:`PgStatementProxy` is a TCP proxy in front of Postgres that reads the frontend
   protocol and records every statement clients ask the server to run, so a verification can
   count queries on the wire instead of trusting the learner's code;
+* :func:`wait_until` waits for an observable condition (a lock wait, a row) instead of
+  sleeping for a guessed time, and fails the test saying what never happened;
 * :func:`generate_stubs` compiles a learner's ``.proto`` with grpcio-tools, at test time, into
   importable ``*_pb2`` / ``*_pb2_grpc`` modules (:class:`ProtoStubs`).
 
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -92,6 +95,18 @@ class _QuietHandler11(_QuietHandler):
                                    self.get_stderr(), self.get_environ(), multithread=True)
         handler.request_handler = self  # type: ignore[attr-defined]
         handler.run(self.server.get_app())  # type: ignore[attr-defined]
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    """Wait for an observable condition (not for a guessed amount of time); fail the test
+    with ``timed out after N s waiting for <what>``."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
+        time.sleep(0.01)
 
 
 @contextmanager

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,8 @@ from typing import Any
 
 import psycopg
 import pytest
+
+from labrunner.testing import wait_until
 
 Conn = psycopg.Connection[Any]
 State = tuple[dict[int, int], list[tuple[int, int, int]]]
@@ -81,15 +82,6 @@ def bank(postgres: Any, learner: Any) -> Bank:
             pytest.fail(f"bank.py has no {name}: see README.md for the interface",
                         pytrace=False)
     return Bank(postgres, module)
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    """Wait for an observable condition (not for a guessed amount of time)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
-        time.sleep(0.01)
 
 
 def waiting_on_lock(admin: Conn, pid: int) -> bool:

@@ -18,7 +18,6 @@ the stale count (a loop that never retried), the wrong isolation level.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,16 +27,9 @@ import psycopg
 import pytest
 from psycopg.pq import TransactionStatus
 
+from labrunner.testing import wait_until
+
 Conn = psycopg.Connection[Any]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    """Wait for an observable condition (not for a guessed amount of time)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
-        time.sleep(0.01)
 
 
 def isolation_of(conn: Conn) -> str:

@@ -22,7 +22,6 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,16 +30,9 @@ import psycopg
 import pytest
 from psycopg.pq import TransactionStatus
 
+from labrunner.testing import wait_until
+
 Conn = psycopg.Connection[Any]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    """Wait for an observable condition (not for a guessed amount of time)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
-        time.sleep(0.01)
 
 
 def blocked_on_lock(admin: Conn, pid: int) -> bool:

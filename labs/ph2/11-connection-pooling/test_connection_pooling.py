@@ -24,6 +24,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from labrunner.testing import wait_until
+
 HOLD = "SELECT pg_advisory_xact_lock_shared(4242)"  # blocks while the test holds the lock
 
 
@@ -54,14 +56,6 @@ def blocked_in_a_wait(thread: threading.Thread) -> bool:
             return True
         frame = frame.f_back
     return False
-
-
-def wait_until(check: Callable[[], bool], what: str, within: float = 10) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:.0f} s waiting until {what}", pytrace=False)
-        time.sleep(0.01)
 
 
 @dataclass
@@ -221,7 +215,7 @@ def test_never_more_server_connections_than_the_pool(pooling: ModuleType, opened
         # every request is either running on a connection or waiting for one
         wait_until(lambda: still_waiting(calls, 10) and server.lock_waiters()
                    + sum(blocked_in_a_wait(c) for c in calls) == 12,
-                   "all 12 requests are running or queued")
+                   "all 12 requests to be running or queued")
         now = server.connections()
         assert now <= 4, (
             f"12 concurrent requests opened {now} server connections, expected at most the "
@@ -250,7 +244,7 @@ def test_excess_request_waits_then_fails_with_pool_exhausted(
     server.hold()
     busy = start([Call(db.query, HOLD) for _ in range(2)])
     try:
-        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections are busy")
+        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections to be busy")
         extra = Call(db.query, "SELECT 1")
         extra.run()  # on this thread: the pool is full
         assert_pool_exhausted(pooling, extra, "a third request on a full pool of 2")
@@ -272,10 +266,10 @@ def test_waiting_request_gets_the_next_free_connection(
     busy = start([Call(db.query, HOLD) for _ in range(2)])
     waiting = Call(db.query, "SELECT 42")
     try:
-        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections are busy")
+        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections to be busy")
         waiting.start()
         wait_until(lambda: still_waiting([waiting], 10) and blocked_in_a_wait(waiting),
-                   "the third request waits in the pool")
+                   "the third request to wait in the pool")
         assert server.connections() <= 2, (
             f"while the third request waits, the server has {server.connections()} "
             "connections: with both pooled connections busy it must queue, not connect")
@@ -295,11 +289,11 @@ def test_full_wait_queue_rejects_at_once(pooling: ModuleType, opened: list[Any],
     busy = start([Call(db.query, HOLD) for _ in range(2)])
     queued: list[Call] = []
     try:
-        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections are busy")
+        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections to be busy")
         queued = start([Call(db.query, "SELECT 1") for _ in range(2)])
         wait_until(lambda: still_waiting(queued, 10)
                    and all(blocked_in_a_wait(c) for c in queued),
-                   "2 requests wait in the pool's queue")
+                   "2 requests to wait in the pool's queue")
         extra = Call(db.query, "SELECT 1")
         extra.run()
         assert_pool_exhausted(pooling, extra, "a request with max_waiting=2 already waiting")

@@ -8,12 +8,10 @@ what the broker stored, and asks the broker which consumer groups exist."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from confluent_kafka.admin import NewTopic
 
 GROUPS = ("billing", "shipping", "analytics")
 
@@ -21,22 +19,6 @@ GROUPS = ("billing", "shipping", "analytics")
 def make_orders(start: int, count: int) -> list[dict[str, Any]]:
     return [{"order_id": f"order-{n}", "customer": f"customer-{n % 7}", "total_cents": 100 + n}
             for n in range(start, start + count)]
-
-
-def create_topic(kafka: Any, name: str, partitions: int) -> str:
-    """Create a topic of this test's own and wait until every partition has a leader.
-    (Holds its AdminClient until the result arrives: kafka.create_topic() lets its client go
-    first and gets a _DESTROY error.)"""
-    topic = kafka.topic(name)
-    admin = kafka.admin()
-    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
-    for _ in range(300):
-        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
-        if meta and meta.error is None and len(meta.partitions) == partitions and all(
-                p.leader >= 0 for p in meta.partitions.values()):
-            return topic
-        time.sleep(0.05)
-    raise AssertionError(f"topic {topic} has no leader after 15 s")
 
 
 def read_log(kafka: Any, topic: str) -> list[dict[str, Any]]:
@@ -92,7 +74,7 @@ def test_publish_needs_no_consumer(learner: Any, kafka: Any) -> None:
     """The producer is decoupled in time: with no consumer anywhere, publish_orders returns
     once the broker holds every event, keyed by order id, at the offsets it reported."""
     publish = learner.function("events", "publish_orders")
-    topic = create_topic(kafka, "orders", 3)
+    topic = kafka.create_topic("orders", 3)
     orders = make_orders(0, 30)
 
     placed = publish(kafka.bootstrap, topic, orders)
@@ -134,7 +116,7 @@ def test_every_group_gets_every_event(learner: Any, kafka: Any) -> None:
     group; each group keeps its own position."""
     publish = learner.function("events", "publish_orders")
     consume = learner.function("events", "consume")
-    topic = create_topic(kafka, "orders", 3)
+    topic = kafka.create_topic("orders", 3)
     publish(kafka.bootstrap, topic, make_orders(0, 30))
     everyone = order_ids(make_orders(0, 30))
 
@@ -159,7 +141,7 @@ def test_group_started_later_replays_history(learner: Any, kafka: Any) -> None:
     from the first offset; billing, which read 10 before, continues after those 10."""
     publish = learner.function("events", "publish_orders")
     consume = learner.function("events", "consume")
-    topic = create_topic(kafka, "orders", 3)
+    topic = kafka.create_topic("orders", 3)
 
     publish(kafka.bootstrap, topic, make_orders(0, 10))
     consume_exactly(consume, kafka, topic, "billing", order_ids(make_orders(0, 10)),

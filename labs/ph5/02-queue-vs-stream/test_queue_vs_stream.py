@@ -8,11 +8,8 @@ offset 0 reads it all again."""
 
 from __future__ import annotations
 
-import time
 import urllib.parse
 from typing import Any
-
-from confluent_kafka.admin import NewTopic
 
 JOBS = [f"job-{n}" for n in range(10)]
 
@@ -40,21 +37,6 @@ def take(worker: Any, timeout: float = 3.0) -> Any:
     assert job is None or isinstance(getattr(job, "body", None), str), (
         f"next_job returned {job!r}: expected a Job (body, redelivered, delivery_tag) or None")
     return job
-
-
-def create_topic(kafka: Any, name: str, partitions: int) -> str:
-    """A topic of this test's own, every partition with a leader. (Holds its AdminClient
-    until the result arrives: kafka.create_topic() lets its client go too early.)"""
-    topic = kafka.topic(name)
-    admin = kafka.admin()
-    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
-    for _ in range(300):
-        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
-        if meta and meta.error is None and len(meta.partitions) == partitions and all(
-                p.leader >= 0 for p in meta.partitions.values()):
-            return topic
-        time.sleep(0.05)
-    raise AssertionError(f"topic {topic} has no leader after 15 s")
 
 
 def records_on_broker(kafka: Any, topic: str) -> int:
@@ -157,7 +139,7 @@ def test_kafka_keeps_the_log_for_new_groups_and_replay(learner: Any, kafka: Any)
     """Reading a topic removes nothing: the group that read it has nothing new, a new group
     reads all 10 jobs, and the first group reads all 10 again after seeking to offset 0."""
     mod = learner.load("workload")
-    topic = create_topic(kafka, "jobs", 2)
+    topic = kafka.create_topic("jobs", 2)
     mod.kafka_publish(kafka.bootstrap, topic, JOBS)
 
     assert_all_jobs(mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("workers")),

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import NewTopic
 
 # Kafka's own test vectors for Utils.murmur2 (clients/src/test/.../UtilsTest.java).
 JAVA_MURMUR2 = {
@@ -32,21 +31,6 @@ JAVA_MURMUR2 = {
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-def create_topic(kafka: Any, name: str, partitions: int) -> str:
-    """A topic of this test's own, every partition with a leader. (Holds its AdminClient
-    until the result arrives: kafka.create_topic() lets its client go too early.)"""
-    topic = kafka.topic(name)
-    admin = kafka.admin()
-    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
-    for _ in range(300):
-        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
-        if meta and meta.error is None and len(meta.partitions) == partitions and all(
-                p.leader >= 0 for p in meta.partitions.values()):
-            return topic
-        time.sleep(0.05)
-    raise AssertionError(f"topic {topic} has no leader after 15 s")
-
 
 def fill(kafka: Any, topic: str, per_partition: dict[int, int], tag: str) -> None:
     """Write ``count`` records to each partition (explicit partitions: the test, not a
@@ -130,7 +114,7 @@ def test_partition_for_matches_the_broker(learner: Any, kafka: Any) -> None:
     """300 keys of every length 0-40 (ASCII and UTF-8) produced with the Java-compatible
     partitioner: partition_for must name the partition the broker stored each one in."""
     partition_for = learner.function("internals", "partition_for")
-    topic = create_topic(kafka, "keyed", 6)
+    topic = kafka.create_topic("keyed", 6)
     keys = [("k" * (n % 41))[: n % 41].encode() if n % 7 == 0 else
             f"customer-{n}-{'é' * (n % 5)}-{'x' * (n % 13)}".encode() for n in range(300)]
     placed: dict[bytes, int] = {}
@@ -159,7 +143,7 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
     re-reading what A processed; new records go to each partition's owner only; B leaves and
     A takes everything back without re-reading what B processed."""
     group_consumer = learner.function("internals", "GroupConsumer")
-    topic = create_topic(kafka, "events", 4)
+    topic = kafka.create_topic("events", 4)
     group = kafka.group("workers")
     config = kafka.consumer_config("workers")
     admin = kafka.admin()
@@ -238,7 +222,7 @@ def test_commit_crash_resume_and_lag(learner: Any, kafka: Any) -> None:
     at the commit, so the 4 uncommitted records come again and nothing is skipped."""
     consumer_lag = learner.function("internals", "consumer_lag")
     group_consumer = learner.function("internals", "GroupConsumer")
-    topic = create_topic(kafka, "ledger", 2)
+    topic = kafka.create_topic("ledger", 2)
     group = kafka.group("resume")
     fill(kafka, topic, {0: 10, 1: 10}, "rec")
     # Partition 1's first 4 records age out: its log now starts at offset 4.

@@ -17,12 +17,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
-from confluent_kafka.admin import NewTopic
 
 PAYMENTS = [f"pay-{n}" for n in range(6)]
 FENCING = (" - the killed run's transaction is still open, and it holds the group's offsets "
@@ -48,20 +46,6 @@ class Run:
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-def create_topic(kafka: Any, name: str) -> str:
-    """A one-partition topic of this test's own. (Holds its AdminClient until the result
-    arrives: kafka.create_topic() lets its client go too early.)"""
-    topic = kafka.topic(name)
-    admin = kafka.admin()
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
-    for _ in range(300):
-        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
-        if meta and meta.error is None and meta.partitions and meta.partitions[0].leader >= 0:
-            return topic
-        time.sleep(0.05)
-    raise AssertionError(f"topic {topic} has no leader after 15 s")
-
 
 def write_input(kafka: Any, topic: str) -> None:
     """pay-0..2 committed, poison-0..1 aborted, pay-3..5 committed - three transactions."""
@@ -139,7 +123,7 @@ def stderr_tail(proc: subprocess.Popen[bytes]) -> str:
 def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
     """Run ``mode`` until the crash point of the 4th payment, look, SIGKILL, run again to the
     end of the input, look again."""
-    topics = {"input": create_topic(kafka, "payments"), "output": create_topic(kafka, "out")}
+    topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
     group = kafka.group(f"worker-{mode}")
     write_input(kafka, topics["input"])
     offsets = [o for o, _ in read_topic(kafka, topics["input"], "read_committed")]

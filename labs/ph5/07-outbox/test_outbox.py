@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from confluent_kafka.admin import NewTopic
 
 RELAY_TIMEOUT = 30.0
 
@@ -57,13 +56,6 @@ def place_all(conn: Any, orders_mod: Any, orders: list[dict[str, Any]]) -> None:
     with conn.transaction():
         for order in orders:
             orders_mod.place_order(conn, order)
-
-
-def create_topic(kafka: Any, name: str, partitions: int = 3) -> str:
-    topic = kafka.topic(name)
-    admin = kafka.admin()
-    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(timeout=30)
-    return topic
 
 
 def read_events(kafka: Any, topic: str) -> list[dict[str, Any]]:
@@ -253,7 +245,7 @@ def test_order_and_outbox_row_commit_together(shop: Any) -> None:
 def test_relay_publishes_each_order(shop: Any, learner: Any, postgres: Any,
                                     kafka: Any) -> None:
     conn, orders_mod = shop
-    topic = create_topic(kafka, "orders")
+    topic = kafka.create_topic("orders", 3)
     orders = make_orders(50)
     place_all(conn, orders_mod, orders)
     run_relay(learner, postgres, kafka, topic, batch=20)
@@ -266,7 +258,7 @@ def test_broker_down_loses_nothing(shop: Any, learner: Any, postgres: Any,
     """The orders are committed but the broker cannot be reached: the relay must not mark
     anything published. When the broker is back, everything goes out."""
     conn, orders_mod = shop
-    topic = create_topic(kafka, "orders")
+    topic = kafka.create_topic("orders", 3)
     orders = make_orders(20)
     place_all(conn, orders_mod, orders)
 
@@ -295,7 +287,7 @@ def test_relay_killed_before_marking_loses_nothing(shop: Any, learner: Any, post
     """The relay claims and publishes a batch, then is killed (SIGKILL) while waiting to
     mark it. Its transaction dies with it; the next relay publishes those rows again."""
     conn, orders_mod = shop
-    topic = create_topic(kafka, "orders")
+    topic = kafka.create_topic("orders", 3)
     orders = make_orders(30)
     place_all(conn, orders_mod, orders)
 
@@ -325,7 +317,7 @@ def test_two_relays_share_the_outbox(shop: Any, learner: Any, postgres: Any,
     """Relay A claims a batch and waits to mark it; relay B must skip A's rows and claim
     others (SKIP LOCKED), not wait for A's rows nor take them too."""
     conn, orders_mod = shop
-    topic = create_topic(kafka, "orders")
+    topic = kafka.create_topic("orders", 3)
     orders = make_orders(30)
     place_all(conn, orders_mod, orders)
 
@@ -360,7 +352,7 @@ def test_two_relays_share_the_outbox(shop: Any, learner: Any, postgres: Any,
 def test_thousand_orders_thousand_events(shop: Any, learner: Any, postgres: Any,
                                          kafka: Any) -> None:
     conn, orders_mod = shop
-    topic = create_topic(kafka, "orders")
+    topic = kafka.create_topic("orders", 3)
     orders = make_orders(1000)
     place_all(conn, orders_mod, orders)
     started = time.monotonic()
