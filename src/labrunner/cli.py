@@ -164,6 +164,18 @@ def _selected_labs(catalog: Catalog, selectors: Sequence[str]) -> tuple[list[Lab
     return labs, without
 
 
+def _labs_to(verb: str, skipped: str, catalog: Catalog, selectors: Sequence[str]) -> list[Lab]:
+    """The labs ``selectors`` name; concepts without a lab are listed (``skipped``: what
+    does not happen to them), and a selection with no lab at all is a usage error."""
+    labs, without = _selected_labs(catalog, selectors)
+    if without:
+        err_console.print(f"[yellow]{len(without)} selected concepts have no lab yet "
+                          f"({skipped}):[/] {', '.join(without)}")
+    if not labs:
+        raise UsageFailure(f"nothing to {verb}: the selected concepts have no labs yet")
+    return labs
+
+
 @main.command()
 @click.argument("selectors", nargs=-1, required=True)
 @click.option("--solutions", "target", flag_value="solution",
@@ -192,12 +204,7 @@ def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None
     from .session import verify
 
     catalog = _catalog()
-    labs, without = _selected_labs(catalog, selectors)
-    if without:
-        err_console.print(f"[yellow]{len(without)} selected concepts have no lab yet "
-                          f"(not counted):[/] {', '.join(without)}")
-    if not labs:
-        raise UsageFailure("nothing to run: the selected concepts have no labs yet")
+    labs = _labs_to("run", "not counted", catalog, selectors)
     store = None
     if target is None:
         workspace = find_workspace(workspace_dir)
@@ -456,12 +463,7 @@ def grade_cohort_cmd(submissions: Sequence[Path], selectors: Sequence[str], out:
     from .services.manager import resolve_backend_name
 
     catalog = _catalog()
-    labs, without = _selected_labs(catalog, selectors)
-    if without:
-        err_console.print(f"[yellow]{len(without)} selected concepts have no lab yet "
-                          f"(not graded):[/] {', '.join(without)}")
-    if not labs:
-        raise UsageFailure("nothing to grade: the selected concepts have no labs yet")
+    labs = _labs_to("grade", "not graded", catalog, selectors)
     try:
         config = GradeConfig(
             labs=labs, out=out.resolve(), backend=resolve_backend_name(backend), jobs=jobs,
