@@ -196,7 +196,10 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
         "evil-fork-storm": 4, "evil-infinite-loop": 4, "evil-kill-parent": 4,
         "evil-neighbour": 0, "evil-os-exit": 4, "evil-planted-config": 0,
         "evil-sys-exit": 0, "evil-symlink": 4,
+        # Attacks on the verification itself: its learner code runs in a process apart.
+        "evil-forge-outcomes": 4, "evil-read-hidden": 10,
     }, got
+    assert statuses(out, "evil-forge-outcomes")["ph2.1"] == "fail"
     assert statuses(out, "evil-infinite-loop")["ph2.1"] == "timeout"
     assert statuses(out, "evil-fork-storm")["ph2.1"] == "timeout"
     assert statuses(out, "evil-sys-exit") == {"ph2.1": "fail", "ph2.2": "fail"}
@@ -217,6 +220,7 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
     assert "add(2, 3) should be 5, got -1" in bob
     assert "a hidden test (fail): add must handle large numbers" in bob
     assert "a hidden check failed" in bob
+    assert "LEAKED" not in (out / "feedback" / "evil-read-hidden.md").read_text()
     for leak in ("SECRET-MARKER", "== 15", "7, 8", "test_secret_case", "test_hidden_add"):
         assert not any(leak in f.read_text() for f in (out / "feedback").iterdir()), leak
     csv_lines = (out / "grades.csv").read_text().splitlines()

@@ -28,14 +28,33 @@ def _explain(outcome: object) -> str:
 @pytest.mark.parametrize("expectation", CHECKS,
                          ids=[f"{e.lab.id}-{e.variant}" for e in CHECKS])
 def test_lab_expectation(expectation: Expectation, local_services: ServiceSet) -> None:
+    _meets(expectation, local_services, learner_process=False)
+
+
+def _meets(expectation: Expectation, local_services: ServiceSet,
+           learner_process: bool) -> None:
     state = None
     if expectation.lab.services:
         local_services.ensure(expectation.lab.services)
         state = local_services.state_file
-    outcome = check(expectation, state, "labcheck")
+    outcome = check(expectation, state, "labcheck", learner_process)
     wanted = "pass" if expectation.must_pass else "fail with a message"
-    assert outcome.met, (f"{expectation.lab.id} {expectation.variant} should {wanted}, "
+    how = " (learner code in its own process)" if learner_process else ""
+    assert outcome.met, (f"{expectation.lab.id} {expectation.variant}{how} should {wanted}, "
                          f"got {outcome.result.outcome}:\n{_explain(outcome)}")
+
+
+# Grading runs the learner's Python code in a process of its own: every lab that supports it
+# must give the same verdicts that way (a reference passes, a starter fails).
+APART = [e for e in CHECKS if e.variant in ("solution", "starter")
+         and e.lab.language == "python" and e.lab.learner_process]
+
+
+@pytest.mark.parametrize("expectation", APART,
+                         ids=[f"{e.lab.id}-{e.variant}-apart" for e in APART])
+def test_lab_expectation_with_learner_code_apart(expectation: Expectation,
+                                                 local_services: ServiceSet) -> None:
+    _meets(expectation, local_services, learner_process=True)
 
 
 def test_every_c_reference_builds_warning_free(tmp_path: Path) -> None:

@@ -46,6 +46,10 @@ class Lab:
     draft: bool = False
     # A lab that restarts a shared service: it runs alone, never beside another lab.
     exclusive: bool = False
+    # Grading runs the learner's Python code in a process of its own (learner_process.py).
+    # A lab whose verification shares live objects that cannot cross a process boundary
+    # (sockets, event loops, in-place mutation of what it hands over) says false.
+    learner_process: bool = True
 
     @property
     def phase_id(self) -> str:
@@ -253,7 +257,9 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -
             raise CatalogError(f"{file}: learner file {name!r} must be a plain relative path")
     draft = data.get("draft", False)
     exclusive = data.get("exclusive", False)
-    for name, value in (("draft", draft), ("exclusive", exclusive)):
+    learner_process = data.get("learner_process", True)
+    for name, value in (("draft", draft), ("exclusive", exclusive),
+                        ("learner_process", learner_process)):
         if not isinstance(value, bool):
             raise CatalogError(f"{file}: field '{name}' must be true or false")
     build = data.get("build")
@@ -278,6 +284,7 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -
         build=build,
         draft=draft,
         exclusive=exclusive,
+        learner_process=learner_process,
     )
 
 

@@ -270,8 +270,11 @@ def dev() -> None:
               default=None)
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Write every check's outcome to this file.")
+@click.option("--learner-process", is_flag=True,
+              help="Run the learner's code in a process of its own, as grading does.")
 @friendly_errors
-def dev_check(selectors: Sequence[str], backend: str | None, json_path: Path | None) -> None:
+def dev_check(selectors: Sequence[str], backend: str | None, json_path: Path | None,
+              learner_process: bool) -> None:
     """Every reference passes, every starter and wrong/ solution fails (default: all)."""
     from rich.table import Table
 
@@ -290,7 +293,7 @@ def dev_check(selectors: Sequence[str], backend: str | None, json_path: Path | N
         with err_console.status("checking…") as status:
             for n, expectation in enumerate(todo, 1):
                 status.update(f"[{n}/{len(todo)}] {expectation.lab.id} {expectation.variant}")
-                outcomes.append(check(expectation, state, run_id))
+                outcomes.append(check(expectation, state, run_id, learner_process))
     table = Table(title="dev check", title_justify="left")
     for column in ("", "lab", "variant", "expected", "got", "first line"):
         table.add_column(column, overflow="fold")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import Lab
-from .runner import LabResult, run_lab
+from .runner import LabResult, Sandbox, run_lab
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,14 @@ def complete_source(lab: Lab, folder: Path) -> tuple[Path, Callable[[], None]]:
     return merged, lambda: shutil.rmtree(merged, ignore_errors=True)
 
 
-def check(expectation: Expectation, state_file: Path | None, run_id: str) -> CheckOutcome:
+def check(expectation: Expectation, state_file: Path | None, run_id: str,
+          learner_process: bool = False) -> CheckOutcome:
+    """Run one expectation; ``learner_process``: with the learner's code in a process of its
+    own, as grading runs it (for the labs that support it)."""
     source, cleanup = complete_source(expectation.lab, expectation.source)
     try:
-        result = run_lab(expectation.lab, source, state_file, run_id)
+        result = run_lab(expectation.lab, source, state_file, run_id,
+                         Sandbox(learner_process=learner_process))
     finally:
         cleanup()
     return CheckOutcome(expectation, result)

@@ -67,6 +67,8 @@ SANDBOX_UID_BASE = int(os.environ.get("LABRUNNER_SANDBOX_UID_BASE", "61000"))
 # A graded run's private services run as its sandbox uid plus this: past the uids Debian
 # hands out (nobody is 65534), never one the submission has.
 SERVICE_UID_OFFSET = 10000
+# The learner's Python code (and nothing else) runs as the sandbox uid plus this.
+LEARNER_UID_OFFSET = 20000
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 MAX_ARCHIVE_BYTES = 64 * 1024 * 1024      # unpacked, per submission
 MAX_ARCHIVE_MEMBERS = 5000
@@ -484,6 +486,9 @@ def concept_record(lab: Lab, result: LabResult, hidden_dir: Path | None) -> dict
         "failed_test": first["name"] if first else None,
         "failed_hidden": bool(first and first["hidden"]),
         "duration": round(result.duration, 3),
+        # False: the learner's Python code shared the verification's interpreter (the lab
+        # does not support a process of its own yet), so this outcome is not tamper-proof.
+        "learner_code_apart": lab.learner_process or lab.language != "python",
         "tests": tests,
     }
 
@@ -574,6 +579,15 @@ class Grader:
                 "a hostile submission graded at the same time as another could reach its "
                 "data; grade untrusted code as root with the local backend for private "
                 "services, or with --jobs 1")
+        shared = [lab.id for lab in config.labs
+                  if lab.language == "python" and not lab.learner_process]
+        if shared:
+            self.notes.append(
+                f"{', '.join(shared)}: the learner's code runs in the verification's own "
+                "process for these labs (they share objects that cannot cross processes "
+                "yet), so a submission that attacks labrunner itself could forge their "
+                "outcomes; every other lab runs it in a process of its own, under a uid of "
+                "its own")
         if self.sandboxed:
             self._plan_mounts(hide)
         else:
@@ -679,6 +693,20 @@ class Grader:
                     shutil.copyfile(file, hidden_dir / file.name)
                 extra = (hidden_dir,)
             _give(run_dir, uid)
+            learner_uid = uid + LEARNER_UID_OFFSET if uid is not None else None
+            learner_home = _private_dir(run_dir / "learner", learner_uid)
+            if learner_uid is not None:
+                # The learner's processes pass through the run folder to their code and home,
+                # and see nothing else in it: the lab copy (hidden tests) stays the
+                # verification's alone.
+                os.chmod(run_dir, 0o711)
+                for private in (copy, home):
+                    os.chmod(private, 0o700)
+                _give(src, learner_uid)
+                for folder, _dirs, files in os.walk(src):
+                    os.chmod(folder, 0o755)
+                    for name in files:
+                        os.chmod(os.path.join(folder, name), 0o644)
             limits = self.config.limits
             from .catalog import find_project_root
 
@@ -708,6 +736,9 @@ class Grader:
                 uid=uid, gid=uid,
                 prepare=_in_order(steps) if steps else None,
                 minimal_env=True,
+                learner_process=True,
+                learner_uid=learner_uid,
+                learner_home=str(learner_home),
                 tb="line",
                 pytest_args=("-p", PURGE_PLUGIN),
             )
@@ -742,6 +773,7 @@ class Grader:
             if uid is not None:
                 _sweep_uid(uid)
                 _sweep_uid(uid + SERVICE_UID_OFFSET)
+                _sweep_uid(uid + LEARNER_UID_OFFSET)
             if cgroup is not None:
                 cgroup.remove()
             shutil.rmtree(run_dir, ignore_errors=True)

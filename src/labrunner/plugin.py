@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib.util
 import itertools
 import json
 import os
@@ -31,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,13 @@ from typing import Any
 import pytest
 
 from .catalog import CatalogError, Lab, find_project_root, load_lab
+from .learner_process import (
+    ENV_LEARNER_HOST,
+    LearnerCodeError,
+    LearnerHost,
+    RemoteModule,
+    import_learner_module,
+)
 from .services.base import Endpoint, ServiceError
 from .services.isolation import (
     allocate_redis_db,
@@ -60,10 +65,6 @@ ENV_SRC = "LABRUNNER_SRC"
 ENV_REPORT_FD = "LABRUNNER_REPORT_FD"
 ENV_KEY_FD = "LABRUNNER_KEY_FD"
 ENV_RUN_ID = "LABRUNNER_RUN_ID"
-
-
-class LearnerCodeError(Exception):
-    """The learner's code could not be loaded or built; the message says where and why."""
 
 
 # --------------------------------------------------------------------------------------
@@ -125,7 +126,24 @@ _phase_outcomes: dict[str, dict[str, Any]] = {}
 def pytest_configure(config: pytest.Config) -> None:
     global _reporter
     _reporter = _Reporter()
+    if os.environ.get(ENV_LEARNER_HOST):
+        _guard_the_verification()
     config.addinivalue_line("markers", "services(*names): services a test needs")
+
+
+def _guard_the_verification() -> None:
+    """The learner's code runs in other processes: make sure none of them (a learner's
+    script or C binary started by a test runs under this uid) can attach to this one, read
+    its memory or open its descriptors through /proc."""
+    import ctypes
+
+    how = os.environ.get(ENV_LEARNER_HOST, "")
+    if how.startswith("fd:") and how[3:].isdigit():
+        os.set_inheritable(int(how[3:]), False)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE 0
+    except (OSError, AttributeError):
+        pass
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -215,6 +233,7 @@ class Learner:
     _loaded: list[str] = field(default_factory=list)
     _modules: dict[str, ModuleType] = field(default_factory=dict)
     _build_dir: Path | None = None
+    _host: LearnerHost | None = None
 
     def path(self, name: str) -> Path:
         file = self.dir / name
@@ -226,29 +245,25 @@ class Learner:
 
     def load(self, module: str) -> ModuleType:
         """Import ``<module>.py`` from the learner's folder, fresh for this test and once
-        per test (so an exception class from one call is the class the next one raises)."""
+        per test (so an exception class from one call is the class the next one raises).
+
+        When grading (``$LABRUNNER_LEARNER_HOST``), the module lives in a process of its own
+        and this returns a proxy to it: see :mod:`labrunner.learner_process`."""
         if module in self._modules:
             return self._modules[module]
-        file = self.path(f"{module}.py")
+        self.path(f"{module}.py")
         name = f"learner_{self.lab.id.replace('.', '_')}_{module}_{len(self._loaded)}"
-        if str(self.dir) not in sys.path:
-            sys.path.insert(0, str(self.dir))
-        spec = importlib.util.spec_from_file_location(name, file)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except SyntaxError as exc:
-            raise LearnerCodeError(
-                f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
-        except Exception as exc:  # noqa: BLE001 - any error in the learner's module
-            frame = _learner_frame(exc, self.dir)
-            raise LearnerCodeError(
-                f"{frame}: importing {file.name} raised {type(exc).__name__}: {exc}") from None
+        how = os.environ.get(ENV_LEARNER_HOST) if self.lab.learner_process else None
+        mod: ModuleType | RemoteModule
+        if how:
+            if self._host is None:
+                self._host = LearnerHost.start(how)
+            mod = self._host.load(self.dir, module, name)
+        else:
+            mod = import_learner_module(self.dir, module, name)
         self._loaded.append(name)
-        self._modules[module] = mod
-        return mod
+        self._modules[module] = mod  # type: ignore[assignment]
+        return mod  # type: ignore[return-value]
 
     def function(self, module: str, name: str) -> Callable[..., Any]:
         """A function the lab asks for, with a clear failure when it is missing."""
@@ -290,20 +305,15 @@ class Learner:
         return out
 
     def cleanup(self) -> None:
+        if self._host is not None:
+            self._host.close()
+            self._host = None
         for name in self._loaded:
             sys.modules.pop(name, None)
         if str(self.dir) in sys.path:
             sys.path.remove(str(self.dir))
         if self._build_dir is not None:
             shutil.rmtree(self._build_dir, ignore_errors=True)
-
-
-def _learner_frame(exc: BaseException, folder: Path) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        if frame.filename.startswith(str(folder)):
-            return f"{frame.filename}:{frame.lineno}"
-    return str(folder)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Lab
+from .learner_process import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN, start_factory
 from .services.local.process import _die_with_parent, become
 
 OUTCOMES = ("passed", "failed", "error", "timeout", "skipped")
@@ -82,11 +84,16 @@ class Sandbox:
     gid: int | None = None
     prepare: Callable[[], None] | None = None
     minimal_env: bool = False          # start from an empty environment, not the runner's
+    # Grading: the learner's Python code runs in processes of its own (see learner_process),
+    # as ``learner_uid`` with ``learner_home`` when we are root, else as this user.
+    learner_process: bool = False
+    learner_uid: int | None = None
+    learner_home: str | None = None
     tb: str = "short"
     pytest_args: tuple[str, ...] = ()
 
 
-def _limits(sandbox: Sandbox) -> Callable[[], None]:
+def _limits(sandbox: Sandbox, factory_fd: int | None = None) -> Callable[[], None]:
     def apply() -> None:
         import resource
 
@@ -104,6 +111,11 @@ def _limits(sandbox: Sandbox) -> Callable[[], None]:
             resource.setrlimit(resource.RLIMIT_NPROC,
                                (sandbox.max_processes, sandbox.max_processes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if factory_fd is not None and sandbox.learner_uid is not None:
+            # Forked here: confined like the verification (namespaces, limits, cgroup) but
+            # as another uid, and in its process group (a timeout kills it with the rest).
+            start_factory(factory_fd, sandbox.learner_uid, sandbox.learner_uid,
+                          sandbox.learner_home or "/")
         if sandbox.uid is not None:
             gid = sandbox.gid if sandbox.gid is not None else sandbox.uid
             become(sandbox.uid, gid, tied_to_parent=True)
@@ -246,6 +258,16 @@ def _run_lab(
     })
     if state_file is not None:
         env["LABRUNNER_SERVICES"] = str(state_file)
+    pass_fds = [report_w, key_r]
+    factory_end: socket.socket | None = None
+    verifier_end: socket.socket | None = None
+    apart = sandbox.learner_process and lab.learner_process and lab.language == "python"
+    if apart and sandbox.learner_uid is not None:
+        verifier_end, factory_end = socket.socketpair()
+        pass_fds.append(verifier_end.fileno())
+        env[ENV_LEARNER_HOST] = f"{FACTORY_PREFIX}{verifier_end.fileno()}"
+    elif apart:
+        env[ENV_LEARNER_HOST] = SPAWN
     records: list[dict[str, Any]] = []
     output: list[bytes] = []
     budget = timeout or lab.timeout * max(2, len(lab.test_files) * 3) + 30
@@ -256,13 +278,16 @@ def _run_lab(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
-        pass_fds=(report_w, key_r),
+        pass_fds=tuple(pass_fds),
         start_new_session=True,   # its own process group: killed whole on timeout
         user=sandbox.user,
-        preexec_fn=_limits(sandbox),
+        preexec_fn=_limits(sandbox, factory_end.fileno() if factory_end else None),
     )
     os.close(report_w)
     os.close(key_r)
+    for end in (factory_end, verifier_end):
+        if end is not None:
+            end.close()
     if on_process:
         on_process(proc)
     reader = threading.Thread(target=_read_signed, args=(report_r, key, records), daemon=True)
