@@ -131,7 +131,7 @@ def test_plain_data_and_value_types_are_copied(module: Any) -> None:
     got = module.summary([1, 2, 3])
     assert type(got) is dict and type(got["tags"]) is set and type(got["pair"]) is tuple
     assert got == {"n": 3, "total": 6, "tags": {"a", "b"}, "pair": (1, [2])}
-    when = datetime.datetime(2024, 5, 1, 12, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2024, 5, 1, 12, tzinfo=datetime.UTC)
     later, double, path = module.typed(when, decimal.Decimal("1.25"), Path("/tmp"))
     assert later == when + datetime.timedelta(days=1)
     assert double == decimal.Decimal("2.50") and path == Path("/tmp/x")
