@@ -24,6 +24,7 @@ from labrunner.grading import (
     GradingError,
     comparable,
     parse_shard,
+    process_uid,
     read_learner_file,
     shard_of,
     unpack,
@@ -83,19 +84,25 @@ def open_dir() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _sandbox_processes() -> list[str]:
+def _uids_processes(*ranges: tuple[int, int]) -> list[str]:
+    """Live (not zombie) processes whose real uid is in one of ``ranges``."""
     alive = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        uid = process_uid(entry.name)
         try:
-            uid = entry.stat().st_uid
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if 61000 <= uid < 65000 and state != "Z":
+        if uid is not None and state != "Z" and any(low <= uid < high for low, high in ranges):
             alive.append(f"{entry.name} uid {uid}")
     return alive
+
+
+def _sandbox_processes() -> list[str]:
+    """The graded processes' and the learner's code's (services are checked apart)."""
+    return _uids_processes((61000, 65000), (81000, 85000))
 
 
 # --------------------------------------------------------------------------------------
@@ -381,19 +388,7 @@ def test_private_services_restart_for_the_lab_and_hide_everyone_else(tmp_path: P
     finally:
         neighbour.stop()
     assert not _sandbox_processes()
-    assert not [p for p in _uids_processes(71000, 75000)], "a private service outlived its run"
-
-
-def _uids_processes(low: int, high: int) -> list[str]:
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if low <= entry.stat().st_uid < high:
-                    alive.append(entry.name)
-            except OSError:
-                continue
-    return alive
+    assert not _uids_processes((71000, 75000)), "a private service outlived its run"
 
 
 @needs_root

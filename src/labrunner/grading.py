@@ -384,6 +384,19 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def process_uid(pid: str) -> int | None:
+    """A process's real uid, from its status (its /proc folder belongs to root when it made
+    itself undumpable, as the verification does)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _sweep_uid(uid: int) -> None:
     """Kill every process of ``uid`` and remove what it left in the shared temp folders."""
     for _ in range(3):
@@ -392,7 +405,7 @@ def _sweep_uid(uid: int) -> None:
             if not entry.name.isdigit():
                 continue
             try:
-                if entry.stat().st_uid != uid:
+                if process_uid(entry.name) != uid:
                     continue
                 os.kill(int(entry.name), signal.SIGKILL)
                 found = True

@@ -26,7 +26,8 @@ What crosses, and how:
 Processes: in grading, the sandbox starts a *factory* before it drops to the verification's
 uid (see :func:`start_factory`); the factory runs as the learner uid, re-executes a clean
 interpreter, and forks one fresh host per ``learner`` fixture, passing its socket back over
-a Unix socket. Outside grading (``spawn``), the verification starts hosts itself.
+a SOCK_SEQPACKET pair (one request per message). Outside grading (``spawn``), the
+verification starts hosts itself.
 """
 
 from __future__ import annotations
@@ -483,6 +484,7 @@ def serve_factory(sock: socket.socket) -> None:
     """Fork one host per request; reply with its socket (SCM_RIGHTS) and its pid."""
     _die_with_parent()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # hosts are reaped by the kernel
+    hosts: set[int] = set()
     while True:
         try:
             request = sock.recv(64)
@@ -500,9 +502,11 @@ def serve_factory(sock: socket.socket) -> None:
                 _die_with_parent()
                 serve_host(mine)
             mine.close()
+            hosts.add(pid)
             socket.send_fds(sock, [str(pid).encode()], [theirs.fileno()])
             theirs.close()
-        elif command == "kill" and arg.isdigit():
+        elif command == "kill" and arg.isdigit() and int(arg) in hosts:
+            hosts.discard(int(arg))
             try:
                 os.kill(int(arg), signal.SIGKILL)
             except OSError:
@@ -538,6 +542,9 @@ def start_factory(sock_fd: int, uid: int, gid: int, home: str) -> None:
         os._exit(127)
 
 
+_FACTORY_LOCK = threading.Lock()
+
+
 class _VerifierService(rpyc.VoidService):  # type: ignore[misc]
     _protocol = _VerifierConnection
 
@@ -554,8 +561,9 @@ class LearnerHost:
     def start(cls, how: str) -> LearnerHost:
         if how.startswith(FACTORY_PREFIX):
             factory = socket.socket(fileno=os.dup(int(how[len(FACTORY_PREFIX):])))
-            factory.sendall(b"spawn")
-            data, fds, _flags, _addr = socket.recv_fds(factory, 32, 1)
+            with _FACTORY_LOCK:   # one request and its reply at a time
+                factory.sendall(b"spawn")
+                data, fds, _flags, _addr = socket.recv_fds(factory, 32, 1)
             if not fds or not data.isdigit():
                 factory.close()
                 raise LearnerCodeError("the learner's process could not be started")
@@ -564,7 +572,8 @@ class LearnerHost:
 
             def kill() -> None:
                 try:
-                    factory.sendall(f"kill {pid}".encode())
+                    with _FACTORY_LOCK:
+                        factory.sendall(f"kill {pid}".encode())
                 except OSError:
                     pass
                 factory.close()

@@ -263,7 +263,7 @@ def _run_lab(
     verifier_end: socket.socket | None = None
     apart = sandbox.learner_process and lab.learner_process and lab.language == "python"
     if apart and sandbox.learner_uid is not None:
-        verifier_end, factory_end = socket.socketpair()
+        verifier_end, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pass_fds.append(verifier_end.fileno())
         env[ENV_LEARNER_HOST] = f"{FACTORY_PREFIX}{verifier_end.fileno()}"
     elif apart:
