@@ -32,10 +32,12 @@ verification starts hosts itself.
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import ctypes
 import datetime
 import decimal
+import importlib
 import importlib.util
 import os
 import signal
@@ -184,6 +186,10 @@ def _encode_value(obj: Any, inner: Any) -> tuple[Any, ...] | None:
         return ("json", kind.__name__, inner(obj.obj))
     if kind.__module__ == "psycopg.sql":
         return _encode_sql(obj, inner)
+    message = sys.modules.get("google.protobuf.message")
+    if message is not None and isinstance(obj, message.Message):
+        # gRPC serialises with the message class of its own process: send the bytes.
+        return ("pb", obj.DESCRIPTOR.full_name, obj.SerializeToString())
     if callable(obj) and getattr(obj, "__module__", None) == "psycopg.rows" and getattr(
             obj, "__name__", "") in _ROW_FACTORIES:
         return ("rows", obj.__name__)
@@ -239,6 +245,12 @@ def _decode_value(tag: str, items: tuple[Any, ...]) -> Any:
 
         return getattr(pg_json, "Jsonb" if items[0] == "Jsonb" else "Json")(
             _decode_plain(items[1]))
+    if tag == "pb":
+        from google.protobuf import message_factory
+        from google.protobuf.descriptor_pool import Default
+
+        descriptor = Default().FindMessageTypeByName(items[0])
+        return message_factory.GetMessageClass(descriptor).FromString(items[1])
     if tag == "rows" and items[0] in _ROW_FACTORIES:
         from psycopg import rows
 
@@ -417,6 +429,13 @@ class _HostService(rpyc.Service):  # type: ignore[misc]
         except LearnerCodeError as exc:
             return "error", str(exc)
 
+    def exposed_prepare(self, module: str, name: str, args: tuple[Any, ...]) -> None:
+        """Run one of labrunner's helpers here (never anything else)."""
+        if not module.startswith("labrunner."):
+            raise ValueError(f"{module}.{name}: only labrunner's helpers run here")
+        helper = getattr(importlib.import_module(module), name)
+        helper(*args)
+
     def exposed_describe(self, obj: Any) -> tuple[str, Any]:
         """What kind of attribute the verification got: a class (and whether an exception
         class, with its ancestors' names) or something else."""
@@ -469,7 +488,10 @@ def serve_host(sock: socket.socket) -> None:
     try:
         conn.serve_all()
     finally:
-        os._exit(0)   # learner threads still running must not keep the process alive
+        try:
+            atexit._run_exitfuncs()   # helpers' clean-ups (generated stubs' folders)
+        finally:
+            os._exit(0)   # learner threads still running must not keep the process alive
 
 
 def _die_with_parent() -> None:
@@ -591,6 +613,9 @@ class LearnerHost:
         conn = connect_stream(SocketStream(sock), service=_VerifierService,
                               config=_VERIFIER_CONFIG)
         return cls(conn, kill)
+
+    def prepare(self, helper: Any, args: tuple[Any, ...]) -> None:
+        self.conn.root.prepare(helper.__module__, helper.__qualname__, args)
 
     def load(self, folder: Path, module: str, name: str) -> RemoteModule:
         status, value = self.conn.root.load(str(folder), module, name)

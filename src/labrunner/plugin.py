@@ -253,17 +253,31 @@ class Learner:
             return self._modules[module]
         self.path(f"{module}.py")
         name = f"learner_{self.lab.id.replace('.', '_')}_{module}_{len(self._loaded)}"
-        how = os.environ.get(ENV_LEARNER_HOST) if self.lab.learner_process else None
+        host = self._learner_host()
         mod: ModuleType | RemoteModule
-        if how:
-            if self._host is None:
-                self._host = LearnerHost.start(how)
-            mod = self._host.load(self.dir, module, name)
+        if host is not None:
+            mod = host.load(self.dir, module, name)
         else:
             mod = import_learner_module(self.dir, module, name)
         self._loaded.append(name)
         self._modules[module] = mod  # type: ignore[assignment]
         return mod  # type: ignore[return-value]
+
+    def prepare(self, helper: Callable[..., Any], *args: Any) -> None:
+        """Run ``helper(*args)`` where the learner's code runs, before loading it: one of
+        labrunner's own functions that sets the stage for the learner's module, such as
+        ``labrunner.testing.generate_stubs`` for the gRPC stubs it imports."""
+        host = self._learner_host()
+        if host is not None:
+            host.prepare(helper, args)
+        else:
+            helper(*args)
+
+    def _learner_host(self) -> LearnerHost | None:
+        how = os.environ.get(ENV_LEARNER_HOST) if self.lab.learner_process else None
+        if how and self._host is None:
+            self._host = LearnerHost.start(how)
+        return self._host if how else None
 
     def function(self, module: str, name: str) -> Callable[..., Any]:
         """A function the lab asks for, with a clear failure when it is missing."""
