@@ -91,6 +91,17 @@ def reach(obj, fn, gen):
     return reached
 
 
+def set_attributes(obj):
+    obj.public = "changed"              # an existing data attribute: allowed
+    refused = []
+    for name, value in (("new_one", 1), ("method", lambda: "forged"), ("_secret", "x")):
+        try:
+            setattr(obj, name, value)
+        except Exception as exc:
+            refused.append(name)
+    return refused
+
+
 def whoami():
     had_pytest = "_pytest.runner" in sys.modules
     import labrunner.plugin as plugin
@@ -117,6 +128,9 @@ class Holder:
     def __init__(self) -> None:
         self._secret = "key"
         self.public = "ok"
+
+    def method(self) -> str:
+        return "real"
 
 
 def test_the_module_lives_in_another_process_without_the_reporter(module: Any) -> None:
@@ -182,6 +196,14 @@ def test_nothing_leads_from_a_handed_over_object_to_the_verification(module: Any
 
     reached = module.reach(Holder(), test_callbacks_run_in_the_verification, gen())
     assert reached == {name: "refused: AttributeError" for name in reached}, reached
+
+
+def test_the_learner_sets_existing_attributes_only(module: Any) -> None:
+    holder = Holder()
+    assert module.set_attributes(holder) == ["new_one", "method", "_secret"]
+    assert holder.public == "changed"
+    assert holder.method() == "real" and holder._secret == "key"
+    assert not hasattr(holder, "new_one")
 
 
 def test_an_infinite_loop_is_stopped_by_closing_the_host(tmp_path: Path) -> None:

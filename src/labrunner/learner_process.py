@@ -39,6 +39,7 @@ import datetime
 import decimal
 import importlib
 import importlib.util
+import inspect
 import os
 import signal
 import socket
@@ -388,6 +389,18 @@ class _VerifierConnection(_PlainDataConnection):
 
     refused_modules = _REFUSED_EXCEPTION_MODULES
 
+    def _handle_setattr(self, obj: Any, name: Any, value: Any) -> None:
+        """The learner may set what the object already has as a public data attribute or
+        property (``conn.row_factory``, ``conn.autocommit``); never add an attribute or
+        shadow a method with its own function."""
+        if not isinstance(name, str) or name.startswith("_"):
+            raise AttributeError(f"cannot set {name!r}")
+        static = inspect.getattr_static(type(obj), name, None)
+        instance_data = name in getattr(obj, "__dict__", {})
+        if not (isinstance(static, property) or (instance_data and static is None)):
+            raise AttributeError(f"cannot set {name!r}")
+        setattr(obj, name, value)
+
     def _check_attr(self, obj: Any, name: str, perm: str) -> str:
         if name.startswith(_WITHHELD_PREFIXES):
             raise AttributeError(f"cannot access {name!r}")
@@ -435,6 +448,14 @@ class _HostService(rpyc.Service):  # type: ignore[misc]
             raise ValueError(f"{module}.{name}: only labrunner's helpers run here")
         helper = getattr(importlib.import_module(module), name)
         helper(*args)
+
+    def exposed_serve_wsgi(self, app: Any, http11: bool) -> tuple[str, Any]:
+        """Serve the learner's WSGI app from its own process (see testing.serve_wsgi)."""
+        from .testing import serve_wsgi
+
+        served = serve_wsgi(app, http11=http11)
+        address = served.__enter__()
+        return address, lambda: served.__exit__(None, None, None)
 
     def exposed_describe(self, obj: Any) -> tuple[str, Any]:
         """What kind of attribute the verification got: a class (and whether an exception
@@ -664,6 +685,13 @@ class RemoteModule:
 
     def __repr__(self) -> str:
         return f"<learner module {self.__name__} (in its own process)>"
+
+
+def remote_connection(obj: Any) -> Any:
+    """The RPC connection ``obj`` is a proxy through, or None for a local object."""
+    if issubclass(type(obj), netref.BaseNetref):
+        return object.__getattribute__(obj, "____conn__")
+    return None
 
 
 def _stand_in_class(name: str, remote: Any) -> type:

@@ -117,7 +117,20 @@ def serve_wsgi(app: Callable[..., Any], *, http11: bool = False) -> Iterator[str
     process alive), and the server logs nothing. wsgiref answers HTTP/1.0; with
     ``http11=True`` the status line says HTTP/1.1 (and every answer carries
     ``Connection: close``, since wsgiref still serves one request per connection). The
-    server is shut down when the block ends."""
+    server is shut down when the block ends.
+
+    An app that lives in the learner's own process (grading) is served there, so the
+    server's calls into it (environ, start_response, the body it reads) stay local."""
+    from .learner_process import remote_connection
+
+    conn = remote_connection(app)
+    if conn is not None:
+        address, stop = conn.root.serve_wsgi(app, http11)
+        try:
+            yield str(address)
+        finally:
+            stop()
+        return
     handler = _QuietHandler11 if http11 else _QuietHandler
     server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer,
                          handler_class=handler)
