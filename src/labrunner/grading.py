@@ -708,6 +708,8 @@ class Grader:
             _give(run_dir, uid)
             learner_uid = uid + LEARNER_UID_OFFSET if uid is not None else None
             learner_home = _private_dir(run_dir / "learner", learner_uid)
+            shared = _private_dir(run_dir / "shared", uid)
+            os.chmod(shared, 0o755)   # learner.tmp_folder(): the test writes, the learner reads
             if learner_uid is not None:
                 # The learner's processes pass through the run folder to their code and home,
                 # and see nothing else in it: the lab copy (hidden tests) stays the
@@ -726,7 +728,8 @@ class Grader:
             project = find_project_root()
             env = {"HOME": str(home), "USER": "sandbox", "LOGNAME": "sandbox",
                    **({"LABRUNNER_HOME": str(project)} if project else {}),
-                   "TMPDIR": str(home), "LABRUNNER_PURGE": str(hidden_dir or "")}
+                   "TMPDIR": str(home), "LABRUNNER_PURGE": str(hidden_dir or ""),
+                   "LABRUNNER_SHARED_DIR": str(shared)}
             memory = limits.memory_mb * 1024 * 1024
             address_space: int | None = memory
             if lab.language == "c":

@@ -503,11 +503,29 @@ def _dump_with_ancestry() -> None:
 _dump_with_ancestry()
 
 
+# Threads serving the verification's requests in a host: an idle one takes over reading while
+# another runs a call, so up to this many calls (a test's concurrent requests, each perhaps
+# blocked on a lock) run at once instead of one after another.
+HOST_SERVING_THREADS = 16
+
+
+def _serve_until_closed(conn: Connection) -> None:
+    try:
+        while not conn.closed:
+            conn.serve(1)
+    except (EOFError, OSError, ValueError, AttributeError):
+        return   # the verification is gone (AttributeError: a connection torn down meanwhile)
+
+
 def serve_host(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # learner code may wait for its children
     conn = connect_stream(SocketStream(sock), service=_HostService, config=_HOST_CONFIG)
+    threading.stack_size(1 << 20)
+    for _ in range(HOST_SERVING_THREADS - 1):
+        threading.Thread(target=_serve_until_closed, args=(conn,), daemon=True).start()
+    threading.stack_size(0)   # the learner's own threads get the default
     try:
-        conn.serve_all()
+        _serve_until_closed(conn)
     finally:
         try:
             atexit._run_exitfuncs()   # helpers' clean-ups (generated stubs' folders)
@@ -577,8 +595,9 @@ def start_factory(sock_fd: int, uid: int, gid: int, home: str) -> None:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "TMPDIR": home,
                "LANG": os.environ.get("LANG", "C.UTF-8"), "PYTHONDONTWRITEBYTECODE": "1",
                "PYTHONUNBUFFERED": "1",
-               **({"MALLOC_ARENA_MAX": os.environ["MALLOC_ARENA_MAX"]}
-                  if "MALLOC_ARENA_MAX" in os.environ else {})}
+               # Under the sandbox's address-space limit: glibc would reserve 64 MB per
+               # malloc arena, one per serving thread (the verification sets the same).
+               "MALLOC_ARENA_MAX": "2"}
         os.execve(sys.executable, [sys.executable, "-I", "-m", __name__, "factory",
                                    str(sock_fd)], env)
     finally:

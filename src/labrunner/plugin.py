@@ -65,6 +65,8 @@ ENV_SRC = "LABRUNNER_SRC"
 ENV_REPORT_FD = "LABRUNNER_REPORT_FD"
 ENV_KEY_FD = "LABRUNNER_KEY_FD"
 ENV_RUN_ID = "LABRUNNER_RUN_ID"
+# Grading: a folder the verification may fill for the learner's process (another uid) to read.
+ENV_SHARED_DIR = "LABRUNNER_SHARED_DIR"
 
 
 # --------------------------------------------------------------------------------------
@@ -234,6 +236,7 @@ class Learner:
     _modules: dict[str, ModuleType] = field(default_factory=dict)
     _build_dir: Path | None = None
     _host: LearnerHost | None = None
+    _tmp_folders: list[Path] = field(default_factory=list)
 
     def path(self, name: str) -> Path:
         file = self.dir / name
@@ -262,6 +265,16 @@ class Learner:
         self._loaded.append(name)
         self._modules[module] = mod  # type: ignore[assignment]
         return mod  # type: ignore[return-value]
+
+    def tmp_folder(self) -> Path:
+        """A fresh folder for files the test writes and the learner's code reads: readable
+        by the learner's process, which runs as another uid when grading. Removed after
+        the test."""
+        folder = Path(tempfile.mkdtemp(prefix="lr-shared-",
+                                       dir=os.environ.get(ENV_SHARED_DIR) or None))
+        os.chmod(folder, 0o755)
+        self._tmp_folders.append(folder)
+        return folder
 
     def prepare(self, helper: Callable[..., Any], *args: Any) -> None:
         """Run ``helper(*args)`` where the learner's code runs, before loading it: one of
@@ -328,6 +341,8 @@ class Learner:
             sys.path.remove(str(self.dir))
         if self._build_dir is not None:
             shutil.rmtree(self._build_dir, ignore_errors=True)
+        for folder in self._tmp_folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -46,6 +46,13 @@ def runner(learner: Any) -> ModuleType:
     return module
 
 
+@pytest.fixture
+def migrations(learner: Any) -> Path:
+    """The folder the test writes migration scripts to: one the learner's code can read,
+    also from a process of its own under another uid (grading)."""
+    return learner.tmp_folder()  # type: ignore[no-any-return]
+
+
 def write(folder: Path, files: dict[str, str]) -> None:
     for name, sql in files.items():
         (folder / name).write_text(sql, encoding="utf-8")
@@ -81,35 +88,35 @@ def migration_tables(postgres: Any) -> set[str]:
 
 
 def test_applies_in_order_and_rerun_is_a_noop(runner: ModuleType, postgres: Any,
-                                              tmp_path: Path) -> None:
-    write(tmp_path, BASIC)
-    first = runner.migrate(postgres.dsn, tmp_path)
+                                              migrations: Path) -> None:
+    write(migrations, BASIC)
+    first = runner.migrate(postgres.dsn, migrations)
     assert list(first) == [1, 2, 3], (
         f"migrate() on V001..V003 returned {first!r}, expected [1, 2, 3] (the versions it "
         "applied, in order)")
-    again = runner.migrate(postgres.dsn, tmp_path)
+    again = runner.migrate(postgres.dsn, migrations)
     assert list(again) == [], (
         f"running migrate() a second time applied {again!r}, expected []: applied versions "
         "are recorded (schema_migrations) and skipped")
     rows = count(postgres, "SELECT count(*) FROM accounts")
     assert rows == 1, (
         f"after two runs accounts has {rows} rows, expected 1: V002 ran twice")
-    write(tmp_path, {"V004__index_owner.sql": "CREATE INDEX accounts_owner ON accounts (owner);"})
-    assert list(runner.migrate(postgres.dsn, tmp_path, target=3)) == [], (
+    write(migrations, {"V004__index_owner.sql": "CREATE INDEX accounts_owner ON accounts (owner);"})
+    assert list(runner.migrate(postgres.dsn, migrations, target=3)) == [], (
         "migrate(target=3) must not apply V004")
-    assert list(runner.migrate(postgres.dsn, tmp_path)) == [4], (
+    assert list(runner.migrate(postgres.dsn, migrations)) == [4], (
         "a new V004 must be applied, alone, by the next run")
 
 
 def test_changed_applied_script_is_refused(runner: ModuleType, postgres: Any,
-                                           tmp_path: Path) -> None:
-    write(tmp_path, BASIC)
-    runner.migrate(postgres.dsn, tmp_path)
-    write(tmp_path, {
+                                           migrations: Path) -> None:
+    write(migrations, BASIC)
+    runner.migrate(postgres.dsn, migrations)
+    write(migrations, {
         "V002__seed_admin.sql": "INSERT INTO accounts VALUES (1, 'admin'), (2, 'guest');",
         "V004__index_owner.sql": "CREATE INDEX accounts_owner ON accounts (owner);",
     })
-    error = refused(lambda: runner.migrate(postgres.dsn, tmp_path),
+    error = refused(lambda: runner.migrate(postgres.dsn, migrations),
                     "after the applied V002 was edited (checksum changed)")
     assert isinstance(error, runner.ChecksumMismatch), (
         f"migrate() after V002 was edited raised {type(error).__name__}: {error}; expected "
@@ -121,11 +128,11 @@ def test_changed_applied_script_is_refused(runner: ModuleType, postgres: Any,
 
 
 def test_forward_only_refuses_an_older_version(runner: ModuleType, postgres: Any,
-                                               tmp_path: Path) -> None:
-    write(tmp_path, {k: v for k, v in BASIC.items() if not k.startswith("V002")})
-    assert list(runner.migrate(postgres.dsn, tmp_path)) == [1, 3]
-    write(tmp_path, {"V002__seed_admin.sql": BASIC["V002__seed_admin.sql"]})
-    error = refused(lambda: runner.migrate(postgres.dsn, tmp_path),
+                                               migrations: Path) -> None:
+    write(migrations, {k: v for k, v in BASIC.items() if not k.startswith("V002")})
+    assert list(runner.migrate(postgres.dsn, migrations)) == [1, 3]
+    write(migrations, {"V002__seed_admin.sql": BASIC["V002__seed_admin.sql"]})
+    error = refused(lambda: runner.migrate(postgres.dsn, migrations),
                     "with a new V002 below the applied V003 (forward-only)")
     assert isinstance(error, runner.MigrationError), (
         f"migrate() with a new V002 below the applied V003 raised {type(error).__name__}, "
@@ -137,25 +144,25 @@ def test_forward_only_refuses_an_older_version(runner: ModuleType, postgres: Any
 
 
 def test_failed_migration_leaves_nothing_behind(runner: ModuleType, postgres: Any,
-                                                tmp_path: Path) -> None:
-    write(tmp_path, {
+                                                migrations: Path) -> None:
+    write(migrations, {
         "V001__create_accounts.sql": BASIC["V001__create_accounts.sql"],
         "V002__half_broken.sql": "CREATE TABLE audit (id int);\n"
                                  "INSERT INTO no_such_table VALUES (1);",
     })
-    refused(lambda: runner.migrate(postgres.dsn, tmp_path), "with a failing V002")
+    refused(lambda: runner.migrate(postgres.dsn, migrations), "with a failing V002")
     tables = migration_tables(postgres)
     assert "audit" not in tables, (
         "V002 failed on its second statement, but its first (CREATE TABLE audit) stayed: "
         "run each migration in one transaction, with the row that records it")
-    write(tmp_path, {"V002__half_broken.sql": "CREATE TABLE audit (id int);"})
-    assert list(runner.migrate(postgres.dsn, tmp_path)) == [2], (
+    write(migrations, {"V002__half_broken.sql": "CREATE TABLE audit (id int);"})
+    assert list(runner.migrate(postgres.dsn, migrations)) == [2], (
         "once fixed, V002 must be applied by the next run (V001 stays applied)")
 
 
 def test_two_deploys_at_once_apply_each_migration_once(runner: ModuleType, postgres: Any,
-                                                       tmp_path: Path) -> None:
-    write(tmp_path, {
+                                                       migrations: Path) -> None:
+    write(migrations, {
         # slow enough that both runners are inside it at the same time without a lock
         "V001__create_accounts.sql": "SELECT pg_sleep(0.5);\n" + BASIC["V001__create_accounts.sql"],
         "V002__seed_admin.sql": BASIC["V002__seed_admin.sql"],
@@ -166,7 +173,7 @@ def test_two_deploys_at_once_apply_each_migration_once(runner: ModuleType, postg
     def deploy(i: int) -> None:
         barrier.wait()
         try:
-            outcomes[i] = list(runner.migrate(postgres.dsn, tmp_path))
+            outcomes[i] = list(runner.migrate(postgres.dsn, migrations))
         except Exception as exc:  # noqa: BLE001 - reported below
             outcomes[i] = exc
 
