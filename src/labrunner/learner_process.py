@@ -295,6 +295,16 @@ def _decode_plain(value: Any) -> Any:
     return tuple(_decode_plain(x) for x in value)
 
 
+class _Shared:
+    """A container read as an object's attribute: it goes by reference, so an edit in place
+    on the other side (``response.headers[k] = v``) edits this one, as in one process."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 class _PlainDataConnection(Connection):  # type: ignore[misc]
     """A connection that copies plain data instead of proxying it, and maps exceptions."""
 
@@ -305,7 +315,15 @@ class _PlainDataConnection(Connection):  # type: ignore[misc]
         self.learner_exceptions: dict[tuple[str, str], type[BaseException]] = {}
         self._exceptions_lock = threading.RLock()
 
+    def _handle_getattr(self, obj: Any, name: Any) -> Any:
+        value = super()._handle_getattr(obj, name)
+        if type(value) in (list, dict, set) and not isinstance(obj, ModuleType):
+            return _Shared(value)
+        return value
+
     def _box(self, obj: Any) -> Any:
+        if type(obj) is _Shared:
+            return super()._box(obj.value)
         if type(obj) not in _PLAIN_SCALARS and not issubclass(type(obj), netref.BaseNetref) and (
                 type(obj) is not tuple or not brine.dumpable(obj)):
             try:
