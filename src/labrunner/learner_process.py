@@ -475,6 +475,15 @@ class _HostService(rpyc.Service):  # type: ignore[misc]
         address = served.__enter__()
         return address, lambda: served.__exit__(None, None, None)
 
+    def exposed_serve_grpc(self, servicer: Any, stubs_module: str, service: str,
+                           workers: int) -> tuple[int, Any]:
+        """Serve the learner's gRPC servicer from its own process (testing.serve_grpc)."""
+        from .testing import serve_grpc
+
+        served = serve_grpc(servicer, stubs_module, service, workers)
+        port = served.__enter__()
+        return port, lambda: served.__exit__(None, None, None)
+
     def exposed_describe(self, obj: Any) -> tuple[str, Any]:
         """What kind of attribute the verification got: a class (and whether an exception
         class, with its ancestors' names) or something else."""

@@ -24,9 +24,11 @@ from __future__ import annotations
 import atexit
 import hashlib
 import http.client
+import importlib
 import importlib.resources
 import importlib.util
 import json
+import queue
 import re
 import shutil
 import socket
@@ -38,6 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +146,64 @@ def serve_wsgi(app: Callable[..., Any], *, http11: bool = False) -> Iterator[str
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+class DaemonExecutor(futures.Executor):
+    """A fixed pool of daemon threads for a grpc server: a handler that never returns (a
+    bug some tests look for) cannot keep the test process alive."""
+
+    def __init__(self, workers: int) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(workers):
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # noqa: BLE001 - handed to the future
+                    future.set_exception(exc)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any,
+               **kwargs: Any) -> futures.Future[Any]:
+        future: futures.Future[Any] = futures.Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+
+@contextmanager
+def serve_grpc(servicer: Any, stubs_module: str, service: str,
+               workers: int = 4) -> Iterator[int]:
+    """Serve ``servicer`` as ``service`` (registered by ``add_<service>Servicer_to_server``
+    of the generated module ``stubs_module``, e.g. ``user_pb2_grpc``) in a grpc server on
+    127.0.0.1:<free port> with ``workers`` daemon threads; yield the port.
+
+    A servicer that lives in the learner's own process (grading) is served there, with that
+    process's stubs (see ``learner.prepare(generate_stubs, ...)``), so grpc's calls into it,
+    ``context.abort()`` and streams stay local."""
+    from .learner_process import remote_connection
+
+    conn = remote_connection(servicer)
+    if conn is not None:
+        port, stop = conn.root.serve_grpc(servicer, stubs_module, service, workers)
+        try:
+            yield int(port)
+        finally:
+            stop()
+        return
+    import grpc
+
+    module = sys.modules.get(stubs_module) or importlib.import_module(stubs_module)
+    server = grpc.server(DaemonExecutor(workers))
+    getattr(module, f"add_{service}Servicer_to_server")(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
-from labrunner.testing import ProtoStubs, generate_stubs
+from labrunner.testing import ProtoStubs, generate_stubs, serve_grpc
 
 RPCS = {  # name -> (client streams, server streams)
     "GetUser": (False, False),
@@ -37,43 +36,15 @@ ANSWER_WITHIN = 3.0  # seconds to wait for a message that should come at once
 
 # ---- a real grpc server whose worker threads never keep the test process alive ----------
 
-class DaemonExecutor(Executor):
-    """A fixed pool of daemon threads. grpc runs each rpc handler on one of them; a handler
-    that never returns (the bug one test looks for) then cannot hang the test process."""
-
-    def __init__(self, workers: int) -> None:
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(workers):
-            threading.Thread(target=self._work, daemon=True).start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, fn, args, kwargs = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except BaseException as exc:  # noqa: BLE001 - handed to the future
-                    future.set_exception(exc)
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._jobs.put((future, fn, args, kwargs))
-        return future
-
-
 @contextmanager
 def running(stubs: ProtoStubs, service: Any, workers: int = 4) -> Iterator[Any]:
     """The service in a grpc server on 127.0.0.1:<free port>; yield a stub on a channel."""
-    server = grpc.server(DaemonExecutor(workers))
-    stubs.grpc.add_UserServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield stubs.grpc.UserServiceStub(channel)
-    finally:
-        channel.close()
-        server.stop(grace=None)
+    with serve_grpc(service, "user_pb2_grpc", "UserService", workers) as port:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            yield stubs.grpc.UserServiceStub(channel)
+        finally:
+            channel.close()
 
 
 def drain(stream: Any) -> queue.Queue[Any]:
