@@ -451,6 +451,13 @@ def _existing_exception(modname: str, clsname: str,
 # The host (learner side)
 
 
+def _entered(context: Any) -> tuple[Any, Any]:
+    """Enter a context manager here; return what it yields and how to leave it (a server
+    the verification stops when its test ends)."""
+    value = context.__enter__()
+    return value, lambda: context.__exit__(None, None, None)
+
+
 class _HostService(rpyc.Service):  # type: ignore[misc]
     _protocol = _HostConnection
 
@@ -471,18 +478,14 @@ class _HostService(rpyc.Service):  # type: ignore[misc]
         """Serve the learner's WSGI app from its own process (see testing.serve_wsgi)."""
         from .testing import serve_wsgi
 
-        served = serve_wsgi(app, http11=http11)
-        address = served.__enter__()
-        return address, lambda: served.__exit__(None, None, None)
+        return _entered(serve_wsgi(app, http11=http11))
 
     def exposed_serve_grpc(self, servicer: Any, stubs_module: str, service: str,
                            workers: int) -> tuple[int, Any]:
         """Serve the learner's gRPC servicer from its own process (testing.serve_grpc)."""
         from .testing import serve_grpc
 
-        served = serve_grpc(servicer, stubs_module, service, workers)
-        port = served.__enter__()
-        return port, lambda: served.__exit__(None, None, None)
+        return _entered(serve_grpc(servicer, stubs_module, service, workers))
 
     def exposed_describe(self, obj: Any) -> tuple[str, Any]:
         """What kind of attribute the verification got: a class (and whether an exception
