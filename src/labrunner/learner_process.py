@@ -312,7 +312,7 @@ class _PlainDataConnection(Connection):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.learner_exceptions: dict[tuple[str, str], type[BaseException]] = {}
+        self.stand_in_exceptions: dict[tuple[str, str], type[BaseException]] = {}
         self._exceptions_lock = threading.RLock()
 
     def _handle_getattr(self, obj: Any, name: Any) -> Any:
@@ -346,7 +346,7 @@ class _PlainDataConnection(Connection):  # type: ignore[misc]
             args = tuple(args)
             extra = dict(attrs)
         except (TypeError, ValueError):
-            return RuntimeError("the learner's process sent an unreadable exception")
+            return RuntimeError("the other process sent an unreadable exception")
         mro = extra.pop("_lr_mro", ())
         cause = extra.pop("_lr_cause", None)
         cls = self.exception_class(str(modname), str(clsname), mro)
@@ -376,7 +376,7 @@ class _PlainDataConnection(Connection):  # type: ignore[misc]
             return local
         key = (modname, clsname)
         with self._exceptions_lock:
-            if key not in self.learner_exceptions:
+            if key not in self.stand_in_exceptions:
                 ancestry = [(str(entry[0]), str(entry[1])) for entry in mro
                             if isinstance(entry, tuple) and len(entry) == 2]
                 base: type[BaseException] = Exception
@@ -390,16 +390,13 @@ class _PlainDataConnection(Connection):  # type: ignore[misc]
                         # so ``except module.Base`` catches the subclass too.
                         base = self.exception_class(mod, name, ancestry[n:])
                         break
-                self.learner_exceptions[key] = type(clsname, (base,), {
+                self.stand_in_exceptions[key] = type(clsname, (base,), {
                     "__module__": modname, "__qualname__": clsname})
-            return self.learner_exceptions[key]
-
+            return self.stand_in_exceptions[key]
 
 
 class _HostConnection(_PlainDataConnection):
-    """The learner's side."""
-
-    refused_modules: tuple[str, ...] = ()
+    """The learner's side: it may be sent any exception class (it protects nothing)."""
 
 
 class _VerifierConnection(_PlainDataConnection):
