@@ -47,7 +47,7 @@ def _meets(expectation: Expectation, local_services: ServiceSet,
 # Grading runs the learner's Python code in a process of its own: every lab that supports it
 # must give the same verdicts that way (a reference passes, a starter fails).
 APART = [e for e in CHECKS if e.variant in ("solution", "starter")
-         and e.lab.language == "python" and e.lab.learner_process]
+         and e.lab.learner_code_in_own_process]
 
 
 @pytest.mark.parametrize("expectation", APART,

@@ -52,6 +52,18 @@ class Lab:
     learner_process: bool = True
 
     @property
+    def learner_code_in_own_process(self) -> bool:
+        """Grading imports this lab's learner code in a process of its own (a Python lab
+        that does not say ``learner_process = false``)."""
+        return self.language == "python" and self.learner_process
+
+    @property
+    def learner_code_apart(self) -> bool:
+        """Grading keeps the learner's code out of the verification's process: in a process
+        of its own, or, for a C lab, as the binary it always is."""
+        return self.language != "python" or self.learner_process
+
+    @property
     def phase_id(self) -> str:
         return self.id.split(".")[0]
 

@@ -59,6 +59,7 @@ from typing import Any
 from . import __version__
 from .catalog import Lab
 from .cgroups import MemoryCgroup
+from .learner_process import ENV_SHARED_DIR
 from .runner import LabResult, Sandbox, _kill_group, run_lab
 from .services.base import ServiceError
 
@@ -501,7 +502,7 @@ def concept_record(lab: Lab, result: LabResult, hidden_dir: Path | None) -> dict
         "duration": round(result.duration, 3),
         # False: the learner's Python code shared the verification's interpreter (the lab
         # does not support a process of its own yet), so this outcome is not tamper-proof.
-        "learner_code_apart": lab.learner_process or lab.language != "python",
+        "learner_code_apart": lab.learner_code_apart,
         "tests": tests,
     }
 
@@ -592,8 +593,7 @@ class Grader:
                 "a hostile submission graded at the same time as another could reach its "
                 "data; grade untrusted code as root with the local backend for private "
                 "services, or with --jobs 1")
-        shared = [lab.id for lab in config.labs
-                  if lab.language == "python" and not lab.learner_process]
+        shared = [lab.id for lab in config.labs if not lab.learner_code_apart]
         if shared:
             self.notes.append(
                 f"{', '.join(shared)}: the learner's code runs in the verification's own "
@@ -729,7 +729,7 @@ class Grader:
             env = {"HOME": str(home), "USER": "sandbox", "LOGNAME": "sandbox",
                    **({"LABRUNNER_HOME": str(project)} if project else {}),
                    "TMPDIR": str(home), "LABRUNNER_PURGE": str(hidden_dir or ""),
-                   "LABRUNNER_SHARED_DIR": str(shared)}
+                   ENV_SHARED_DIR: str(shared)}
             memory = limits.memory_mb * 1024 * 1024
             address_space: int | None = memory
             if lab.language == "c":

@@ -61,6 +61,8 @@ from rpyc.utils.factory import connect_stream
 from .services.local.process import become
 
 ENV_LEARNER_HOST = "LABRUNNER_LEARNER_HOST"
+# Grading: a folder the verification fills for the learner's process (another uid) to read.
+ENV_SHARED_DIR = "LABRUNNER_SHARED_DIR"
 SPAWN = "spawn"
 FACTORY_PREFIX = "fd:"
 

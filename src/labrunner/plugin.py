@@ -41,6 +41,8 @@ import pytest
 from .catalog import CatalogError, Lab, find_project_root, load_lab
 from .learner_process import (
     ENV_LEARNER_HOST,
+    ENV_SHARED_DIR,
+    FACTORY_PREFIX,
     LearnerCodeError,
     LearnerHost,
     RemoteModule,
@@ -65,8 +67,6 @@ ENV_SRC = "LABRUNNER_SRC"
 ENV_REPORT_FD = "LABRUNNER_REPORT_FD"
 ENV_KEY_FD = "LABRUNNER_KEY_FD"
 ENV_RUN_ID = "LABRUNNER_RUN_ID"
-# Grading: a folder the verification may fill for the learner's process (another uid) to read.
-ENV_SHARED_DIR = "LABRUNNER_SHARED_DIR"
 
 
 # --------------------------------------------------------------------------------------
@@ -140,8 +140,9 @@ def _guard_the_verification() -> None:
     import ctypes
 
     how = os.environ.get(ENV_LEARNER_HOST, "")
-    if how.startswith("fd:") and how[3:].isdigit():
-        os.set_inheritable(int(how[3:]), False)
+    fd = how.removeprefix(FACTORY_PREFIX)
+    if how.startswith(FACTORY_PREFIX) and fd.isdigit():
+        os.set_inheritable(int(fd), False)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE 0
     except (OSError, AttributeError):
@@ -287,7 +288,7 @@ class Learner:
             helper(*args)
 
     def _learner_host(self) -> LearnerHost | None:
-        how = os.environ.get(ENV_LEARNER_HOST) if self.lab.learner_process else None
+        how = os.environ.get(ENV_LEARNER_HOST) if self.lab.learner_code_in_own_process else None
         if how and self._host is None:
             self._host = LearnerHost.start(how)
         return self._host if how else None

@@ -261,7 +261,7 @@ def _run_lab(
     pass_fds = [report_w, key_r]
     factory_end: socket.socket | None = None
     verifier_end: socket.socket | None = None
-    apart = sandbox.learner_process and lab.learner_process and lab.language == "python"
+    apart = sandbox.learner_process and lab.learner_code_in_own_process
     if apart and sandbox.learner_uid is not None:
         verifier_end, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pass_fds.append(verifier_end.fileno())
