@@ -132,6 +132,16 @@ def import_learner_module(folder: Path, module: str, name: str) -> ModuleType:
     return mod
 
 
+def load_harness_module(source: str, filename: str, name: str) -> ModuleType:
+    """A lab's harness (code the verification runs beside the learner's) as a fresh module
+    called ``name``; ``filename`` names it in tracebacks."""
+    mod = ModuleType(name)
+    mod.__file__ = filename
+    sys.modules[name] = mod
+    exec(compile(source, filename, "exec"), mod.__dict__)  # noqa: S102 - the lab's own code
+    return mod
+
+
 # --------------------------------------------------------------------------------------
 # Plain data crosses by value
 
@@ -424,7 +434,9 @@ class _VerifierConnection(_PlainDataConnection):
         return super()._check_attr(obj, name, perm)  # type: ignore[no-any-return]
 
     def _box(self, obj: Any) -> Any:
-        if not issubclass(type(obj), netref.BaseNetref) and isinstance(obj, _WITHHELD_TYPES):
+        if type(obj) is RemoteModule:   # a module that lives over there goes back as itself
+            obj = obj.module_ref
+        elif not issubclass(type(obj), netref.BaseNetref) and isinstance(obj, _WITHHELD_TYPES):
             obj = f"<{type(obj).__name__} withheld>"
         return super()._box(obj)
 
@@ -466,12 +478,17 @@ class _HostService(rpyc.Service):  # type: ignore[misc]
         except LearnerCodeError as exc:
             return "error", str(exc)
 
-    def exposed_prepare(self, module: str, name: str, args: tuple[Any, ...]) -> None:
-        """Run one of labrunner's helpers here (never anything else)."""
+    def exposed_run_helper(self, module: str, name: str, args: tuple[Any, ...]) -> Any:
+        """Run one of labrunner's helpers here (never anything else); return its result."""
         if not module.startswith("labrunner."):
             raise ValueError(f"{module}.{name}: only labrunner's helpers run here")
         helper = getattr(importlib.import_module(module), name)
-        helper(*args)
+        return helper(*args)
+
+    def exposed_load_harness(self, source: str, filename: str, name: str) -> ModuleType:
+        """Load a lab's harness (its source sent by the verification: the lab's folder is
+        the verification's alone) as the module ``name``."""
+        return load_harness_module(str(source), str(filename), str(name))
 
     def exposed_serve_wsgi(self, app: Any, http11: bool) -> tuple[str, Any]:
         """Serve the learner's WSGI app from its own process (see testing.serve_wsgi)."""
@@ -683,14 +700,18 @@ class LearnerHost:
                               config=_VERIFIER_CONFIG)
         return cls(conn, kill)
 
-    def prepare(self, helper: Any, args: tuple[Any, ...]) -> None:
-        self.conn.root.prepare(helper.__module__, helper.__qualname__, args)
+    def run_helper(self, helper: Any, args: tuple[Any, ...]) -> Any:
+        return self.conn.root.run_helper(helper.__module__, helper.__qualname__, args)
 
     def load(self, folder: Path, module: str, name: str) -> RemoteModule:
         status, value = self.conn.root.load(str(folder), module, name)
         if status != "ok":
             raise LearnerCodeError(str(value))
         return RemoteModule(self, value, name)
+
+    def load_harness(self, file: Path, name: str) -> RemoteModule:
+        return RemoteModule(self, self.conn.root.load_harness(file.read_text(), str(file), name),
+                            name)
 
     def close(self) -> None:
         """Kill the host and drop the connection, without a goodbye it may never answer
@@ -711,14 +732,14 @@ class RemoteModule:
 
     def __init__(self, host: LearnerHost, module: Any, name: str) -> None:
         self._host = host
-        self._module = module
+        self.module_ref = module   # the proxy to the module over there
         self.__name__ = name
         self._classes: dict[str, type] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        value = getattr(self._module, name)
+        value = getattr(self.module_ref, name)
         if not isinstance(value, netref.BaseNetref):
             return value
         kind, detail = self._host.conn.root.describe(value)

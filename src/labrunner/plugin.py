@@ -47,6 +47,7 @@ from .learner_process import (
     LearnerHost,
     RemoteModule,
     import_learner_module,
+    load_harness_module,
 )
 from .services.base import Endpoint, ServiceError
 from .services.isolation import (
@@ -238,6 +239,7 @@ class Learner:
     _build_dir: Path | None = None
     _host: LearnerHost | None = None
     _tmp_folders: list[Path] = field(default_factory=list)
+    _harness: ModuleType | None = None
 
     def path(self, name: str) -> Path:
         file = self.dir / name
@@ -267,25 +269,50 @@ class Learner:
         self._modules[module] = mod  # type: ignore[assignment]
         return mod  # type: ignore[return-value]
 
-    def tmp_folder(self) -> Path:
+    def tmp_folder(self, *, learner_writes: bool = False) -> Path:
         """A fresh folder for files the test writes and the learner's code reads: readable
-        by the learner's process, which runs as another uid when grading. Removed after
-        the test."""
+        by the learner's process, which runs as another uid when grading. With
+        ``learner_writes``, the learner's code may write there too (files it makes private,
+        such as a key of mode 0600, the test then reads with ``run_helper(file_bytes, f)``).
+        Removed after the test."""
         folder = Path(tempfile.mkdtemp(prefix="lr-shared-",
                                        dir=os.environ.get(ENV_SHARED_DIR) or None))
-        os.chmod(folder, 0o755)
+        os.chmod(folder, 0o777 if learner_writes else 0o755)
         self._tmp_folders.append(folder)
         return folder
 
-    def prepare(self, helper: Callable[..., Any], *args: Any) -> None:
-        """Run ``helper(*args)`` where the learner's code runs, before loading it: one of
-        labrunner's own functions that sets the stage for the learner's module, such as
-        ``labrunner.testing.generate_stubs`` for the gRPC stubs it imports."""
+    def run_helper(self, helper: Callable[..., Any], *args: Any) -> Any:
+        """Run ``helper(*args)`` where the learner's code runs and return its result: one
+        of labrunner's own functions, such as ``labrunner.testing.generate_stubs`` (the gRPC
+        stubs the learner's module imports) or ``threads_waiting_in`` (what the learner's
+        threads are doing). Plain data comes back as a copy, anything else as a proxy."""
         host = self._learner_host()
         if host is not None:
-            host.prepare(helper, args)
+            return host.run_helper(helper, args)
+        return helper(*args)
+
+    def harness(self) -> ModuleType:
+        """The lab's ``harness.py``, loaded where the learner's code runs (fresh for this
+        test): code of the lab's that must sit beside the learner's, such as an asyncio
+        server on whose loop the learner's coroutines run. Pass it the modules ``load()``
+        returned. Whatever runs there, the learner's code could tamper with: make the
+        deciding observations from the test's side (the wire, the server, the client)."""
+        if self._harness is not None:
+            return self._harness
+        file = self.lab.path / "harness.py"
+        if not file.is_file():
+            raise pytest.UsageError(f"{file}: the lab's tests ask for a harness, and there is "
+                                    "none: write harness.py beside the tests")
+        name = f"lab_harness_{self.lab.id.replace('.', '_')}_{len(self._loaded)}"
+        host = self._learner_host()
+        mod: Any
+        if host is not None:
+            mod = host.load_harness(file, name)
         else:
-            helper(*args)
+            mod = load_harness_module(file.read_text(), str(file), name)
+        self._loaded.append(name)
+        self._harness = mod
+        return mod  # type: ignore[no-any-return]
 
     def _learner_host(self) -> LearnerHost | None:
         how = os.environ.get(ENV_LEARNER_HOST) if self.lab.learner_code_in_own_process else None

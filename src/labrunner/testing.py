@@ -12,6 +12,10 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   count queries on the wire instead of trusting the learner's code;
 * :func:`wait_until` waits for an observable condition (a lock wait, a row) instead of
   sleeping for a guessed time, and fails the test saying what never happened;
+* :func:`serve_tls_once` and :func:`tls_exchange` run a TLS server or client with a context
+  in the process the context lives in (the learner's own, when grading);
+* :func:`threads_waiting_in` and :func:`file_bytes` observe the learner's process from
+  inside it, through ``learner.run_helper``;
 * :func:`generate_stubs` compiles a learner's ``.proto`` with grpcio-tools, at test time, into
   importable ``*_pb2`` / ``*_pb2_grpc`` modules (:class:`ProtoStubs`).
 
@@ -61,7 +65,11 @@ __all__ = [
     "generate_stubs",
     "http_request",
     "redis_commands",
+    "file_bytes",
+    "serve_tls_once",
     "serve_wsgi",
+    "threads_waiting_in",
+    "tls_exchange",
 ]
 
 
@@ -181,7 +189,7 @@ def serve_grpc(servicer: Any, stubs_module: str, service: str,
     127.0.0.1:<free port> with ``workers`` daemon threads; yield the port.
 
     A servicer that lives in the learner's own process (grading) is served there, with that
-    process's stubs (see ``learner.prepare(generate_stubs, ...)``), so grpc's calls into it,
+    process's stubs (see ``learner.run_helper(generate_stubs, ...)``), so grpc's calls into it,
     ``context.abort()`` and streams stay local."""
     from .learner_process import remote_connection
 
@@ -496,6 +504,119 @@ class PgStatementProxy:
                 portals[portal] = prepared.get(statement, "")
         elif kind == b"E" and self._count_on == "execute":  # Execute: portal name
             self._record(portals.get(body.split(b"\0")[0], ""))
+
+
+# --------------------------------------------------------------------------------------
+# Observing the learner's process, and TLS endpoints made where a context lives
+
+
+def _beside(obj: Any, helper: Callable[..., Any], *args: Any) -> Any:
+    """``helper(obj, *args)`` run in the process ``obj`` lives in: the learner's own
+    (grading) for the learner's objects, this one for the test's."""
+    from .learner_process import remote_connection
+
+    conn = remote_connection(obj)
+    if conn is None:
+        return helper(obj, *args)
+    return conn.root.run_helper(helper.__module__, helper.__qualname__, (obj, *args))
+
+
+def threads_waiting_in(folder: str) -> int:
+    """How many threads of this process sit in a ``threading`` wait (a Condition, an Event,
+    a Semaphore: a pool's queue) called, at any depth, from code in ``folder``. Run it where
+    the learner's code runs: ``learner.run_helper(threads_waiting_in, str(learner.dir))``."""
+    prefix = str(folder).rstrip("/") + "/"
+    waiting = 0
+    for frame in sys._current_frames().values():
+        in_wait = from_folder = False
+        current: Any = frame
+        while current is not None:
+            code = current.f_code
+            if code.co_name == "wait" and code.co_filename.endswith("threading.py"):
+                in_wait = True
+            elif code.co_filename.startswith(prefix):
+                from_folder = True
+            current = current.f_back
+        waiting += in_wait and from_folder
+    return waiting
+
+
+def file_bytes(path: str) -> bytes:
+    """A file's bytes, read where this runs: ``learner.run_helper(file_bytes, key)`` reads a
+    file the learner's code made private to its own user (a 0600 key)."""
+    return Path(path).read_bytes()
+
+
+class TlsOnce:
+    """A loopback TLS server for one connection: it accepts with ``ctx``, reads one message
+    and answers ``b"pong:" + message``. ``error`` says how the handshake or exchange failed
+    on the server's side (None: it completed)."""
+
+    def __init__(self, ctx: Any, timeout: float) -> None:
+        self._ctx = ctx
+        self._timeout = timeout
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(timeout)
+        self.port: int = self._listener.getsockname()[1]
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import ssl
+
+        try:
+            conn, _ = self._listener.accept()
+            conn.settimeout(self._timeout)
+            with self._ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"pong:" + tls.recv(1024))
+        except (OSError, ssl.SSLError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def wait(self) -> str | None:
+        """Wait for the connection to end; the server's error, if any."""
+        self._thread.join(self._timeout)
+        return self.error
+
+    def close(self) -> None:
+        self._thread.join(self._timeout)
+        self._listener.close()
+
+
+def _tls_once_here(ctx: Any, timeout: float) -> TlsOnce:
+    return TlsOnce(ctx, timeout)
+
+
+def serve_tls_once(ctx: Any, timeout: float = 5.0) -> TlsOnce:
+    """A :class:`TlsOnce` server with ``ctx``, started in the process ``ctx`` lives in (the
+    learner's own when grading), so the context's handshake runs with its own sockets."""
+    return _beside(ctx, _tls_once_here, timeout)  # type: ignore[no-any-return]
+
+
+def _tls_exchange_here(ctx: Any, port: int, server_hostname: str, message: bytes,
+                       timeout: float) -> dict[str, Any]:
+    import ssl
+
+    seen: dict[str, Any] = {"version": None, "cipher": None, "error": None, "reply": b""}
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
+                suite = tls.cipher()
+                seen["version"], seen["cipher"] = tls.version(), suite[0] if suite else None
+                tls.sendall(message)
+                seen["reply"] = tls.recv(1024)
+        except (OSError, ssl.SSLError) as exc:
+            seen["error"] = f"{type(exc).__name__}: {exc}"
+    return seen
+
+
+def tls_exchange(ctx: Any, port: int, server_hostname: str, message: bytes = b"ping",
+                 timeout: float = 5.0) -> dict[str, Any]:
+    """Connect to 127.0.0.1:``port`` with the client context ``ctx`` (in the process it
+    lives in), send ``message``, read the reply. Returns plain data: ``version`` and
+    ``cipher`` negotiated (None if the handshake failed), ``error``, ``reply``."""
+    return _beside(ctx, _tls_exchange_here, port, server_hostname, message,  # type: ignore[no-any-return]
+                   timeout)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from labrunner.testing import TlsOnce, file_bytes, serve_tls_once, tls_exchange
 
 HOSTNAME = "api.lab.test"
 TLS13_AEAD_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384",
@@ -48,33 +48,53 @@ def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 class Subject:
     """The learner's PKI and contexts, built on first use inside the test (not in a
-    fixture) so that a missing piece is reported as that test's failure."""
+    fixture) so that a missing piece is reported as that test's failure.
 
-    def __init__(self, tls13: Any, tmp_path: Path) -> None:
+    The contexts live where the learner's code runs (a process of its own when grading):
+    servers and clients with them are started there (labrunner.testing.serve_tls_once,
+    tls_exchange), and the files the learner writes are read through that process too
+    (a private key is readable by its owner only)."""
+
+    def __init__(self, tls13: Any, learner: Any, tmp_path: Path) -> None:
         self.tls13 = tls13
+        self.learner = learner
         self.tmp_path = tmp_path
+        self.folder = learner.tmp_folder(learner_writes=True)
         self._pki: Any = None
+        self._copies = 0
 
     def pki(self, name: str = "pki") -> Any:
         if name != "pki":  # a second, independent CA
-            return _call("create_pki()", self.tls13.create_pki, self.tmp_path / name, HOSTNAME)
+            return _call("create_pki()", self.tls13.create_pki, self.folder / name, HOSTNAME)
         if self._pki is None:
-            self._pki = _call("create_pki()", self.tls13.create_pki, self.tmp_path / name,
+            self._pki = _call("create_pki()", self.tls13.create_pki, self.folder / name,
                               HOSTNAME)
         return self._pki
 
-    def server_ctx(self, pki: Any = None) -> ssl.SSLContext:
-        return _call("server_context()", self.tls13.server_context,  # type: ignore[no-any-return]
-                     pki or self.pki())
+    def read(self, path: Any, what: str) -> bytes:
+        try:
+            return self.learner.run_helper(file_bytes, str(path))  # type: ignore[no-any-return]
+        except OSError as exc:
+            problem = f"{what} ({path}) cannot be read: {exc}"
+        pytest.fail(problem, pytrace=False)
 
-    def client_ctx(self) -> ssl.SSLContext:
-        return _call("client_context()", self.tls13.client_context,  # type: ignore[no-any-return]
-                     self.pki().ca_cert)
+    def server_ctx(self, pki: Any = None) -> Any:
+        return _call("server_context()", self.tls13.server_context, pki or self.pki())
+
+    def client_ctx(self) -> Any:
+        return _call("client_context()", self.tls13.client_context, self.pki().ca_cert)
+
+    def local_copy(self, path: Any, what: str) -> Path:
+        """A copy of one of the learner's files the test's own contexts can load."""
+        self._copies += 1
+        copy = self.tmp_path / f"copy{self._copies}-{Path(path).name}"
+        copy.write_bytes(self.read(path, what))
+        return copy
 
 
 @pytest.fixture
-def lab(tls13: Any, tmp_path: Path) -> Subject:
-    return Subject(tls13, tmp_path)
+def subject(tls13: Any, learner: Any, tmp_path: Path) -> Subject:
+    return Subject(tls13, learner, tmp_path)
 
 
 # ---------------------------------------------------------------------------- handshakes
@@ -93,40 +113,13 @@ class Handshake:
         return self.client_error is None and self.version is not None
 
 
-class TlsServer:
-    """One loopback TLS server thread: accepts one connection with ``ctx`` and answers
-    b"pong:" + the first message."""
-
-    def __init__(self, ctx: ssl.SSLContext) -> None:
-        self.ctx = ctx
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(WAIT)
-        self.port = self.listener.getsockname()[1]
-        self.error: str | None = None
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-            conn.settimeout(WAIT)
-            with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                data = tls.recv(1024)
-                tls.sendall(b"pong:" + data)
-        except (OSError, ssl.SSLError) as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-
-    def close(self) -> None:
-        self.thread.join(WAIT)
-        self.listener.close()
-
-
 @pytest.fixture
-def serve() -> Iterator[Callable[[ssl.SSLContext], TlsServer]]:
-    servers: list[TlsServer] = []
+def serve(learner: Any) -> Iterator[Callable[[Any], TlsOnce]]:
+    """Start one-connection servers; closed before the learner's process ends."""
+    servers: list[TlsOnce] = []
 
-    def start(ctx: ssl.SSLContext) -> TlsServer:
-        servers.append(TlsServer(ctx))
+    def start(ctx: Any) -> TlsOnce:
+        servers.append(serve_tls_once(ctx, WAIT))
         return servers[-1]
 
     yield start
@@ -134,22 +127,12 @@ def serve() -> Iterator[Callable[[ssl.SSLContext], TlsServer]]:
         server.close()
 
 
-def handshake(server: TlsServer, client_ctx: ssl.SSLContext,
-              server_hostname: str = HOSTNAME) -> Handshake:
-    """Connect with ``client_ctx``, exchange ping/pong, and report what happened."""
-    result = Handshake()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as raw:
-        try:
-            with client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
-                suite = tls.cipher()
-                result.version, result.cipher = tls.version(), suite[0] if suite else None
-                tls.sendall(b"ping")
-                result.reply = tls.recv(1024)
-        except (OSError, ssl.SSLError) as exc:
-            result.client_error = f"{type(exc).__name__}: {exc}"
-    server.thread.join(WAIT)
-    result.server_error = server.error
-    return result
+def handshake(server: TlsOnce, client_ctx: Any, server_hostname: str = HOSTNAME) -> Handshake:
+    """Connect with ``client_ctx``, exchange ping/pong, and report what each side saw."""
+    seen = tls_exchange(client_ctx, server.port, server_hostname, b"ping", WAIT)
+    return Handshake(version=seen["version"], cipher=seen["cipher"],
+                     client_error=seen["error"], server_error=server.wait(),
+                     reply=seen["reply"])
 
 
 def tls12_only_client(ca_file: Path) -> ssl.SSLContext:
@@ -158,17 +141,24 @@ def tls12_only_client(ca_file: Path) -> ssl.SSLContext:
     return ctx
 
 
-def tls12_only_server(pki: Any) -> ssl.SSLContext:
+def own_server(subject: Subject, pki: Any = None, *, tls12_only: bool = False) -> ssl.SSLContext:
+    """The test's own server context with the learner's certificate and key: TLS 1.3 by
+    default (a server the learner's client must refuse for another reason), or TLS 1.2
+    only. Its side of the handshake is observed here, out of the learner's reach."""
+    pki = pki or subject.pki()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    if tls12_only:
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(subject.local_copy(pki.server_cert, "pki.server_cert"),
+                        subject.local_copy(pki.server_key, "pki.server_key"))
     return ctx
 
 
-def _load_cert(path: Path, what: str) -> x509.Certificate:
+def _load_cert(subject: Subject, path: Path, what: str) -> x509.Certificate:
+    data = subject.read(path, what)
     try:
-        return x509.load_pem_x509_certificate(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
         problem = f"{what} ({path}) is not a PEM certificate: {exc}"
     pytest.fail(problem, pytrace=False)
 
@@ -184,10 +174,10 @@ def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> Any:
         return None
 
 
-def test_certificates_form_a_chain(lab: Subject) -> None:
-    pki = lab.pki()
-    ca = _load_cert(pki.ca_cert, "pki.ca_cert")
-    server = _load_cert(pki.server_cert, "pki.server_cert")
+def test_certificates_form_a_chain(subject: Subject) -> None:
+    pki = subject.pki()
+    ca = _load_cert(subject, pki.ca_cert, "pki.ca_cert")
+    server = _load_cert(subject, pki.server_cert, "pki.server_cert")
     ca_basic = _extension(ca, x509.BasicConstraints)
     assert ca_basic is not None and ca_basic.ca, (
         "the CA certificate lacks BasicConstraints(ca=True)\nWithout it, verifiers refuse "
@@ -215,7 +205,7 @@ def test_certificates_form_a_chain(lab: Subject) -> None:
     assert server.not_valid_before_utc <= now < server.not_valid_after_utc, (
         f"the server certificate is not valid now ({server.not_valid_before_utc} .. "
         f"{server.not_valid_after_utc})")
-    key = serialization.load_pem_private_key(Path(pki.server_key).read_bytes(), None)
+    key = serialization.load_pem_private_key(subject.read(pki.server_key, "pki.server_key"), None)
     assert key.public_key() == server.public_key(), (
         "pki.server_key does not belong to pki.server_cert")
 
@@ -223,8 +213,8 @@ def test_certificates_form_a_chain(lab: Subject) -> None:
 # ---------------------------------------------------------------------------- handshakes
 
 
-def test_handshake_is_tls13_with_an_aead_suite(serve: Any, lab: Subject) -> None:
-    result = handshake(serve(lab.server_ctx()), lab.client_ctx())
+def test_handshake_is_tls13_with_an_aead_suite(serve: Any, subject: Subject) -> None:
+    result = handshake(serve(subject.server_ctx()), subject.client_ctx())
     assert result.ok, (
         f"the handshake between your server and your client failed: {result.client_error}"
         f"\n(server side: {result.server_error}). Check that the server certificate names "
@@ -238,17 +228,18 @@ def test_handshake_is_tls13_with_an_aead_suite(serve: Any, lab: Subject) -> None
         f"application data did not round-trip over the TLS connection: got {result.reply!r}")
 
 
-def test_key_exchange_is_ephemeral(serve: Any, lab: Subject) -> None:
+def test_key_exchange_is_ephemeral(serve: Any, subject: Subject) -> None:
     """OpenSSL's own client reports the key exchange: an ephemeral (EC)DHE share."""
     openssl = shutil.which("openssl")
     assert openssl, "the openssl command is needed for this check (apt-get install openssl)"
-    pki = lab.pki()
-    server = serve(lab.server_ctx())
+    pki = subject.pki()
+    server = serve(subject.server_ctx())
     done = subprocess.run(
         [openssl, "s_client", "-connect", f"127.0.0.1:{server.port}", "-servername", HOSTNAME,
-         "-CAfile", str(pki.ca_cert), "-verify_return_error", "-brief"],
+         "-CAfile", str(subject.local_copy(pki.ca_cert, "pki.ca_cert")), "-verify_return_error",
+         "-brief"],
         input=b"ping", capture_output=True, timeout=WAIT)
-    server.thread.join(WAIT)
+    server.wait()
     report = done.stderr.decode(errors="replace") + done.stdout.decode(errors="replace")
     details = dict(line.split(": ", 1) for line in report.splitlines() if ": " in line)
     version = details.get("Protocol version")
@@ -261,25 +252,26 @@ def test_key_exchange_is_ephemeral(serve: Any, lab: Subject) -> None:
         "what gives forward secrecy")
 
 
-def test_tls12_only_client_is_refused(serve: Any, lab: Subject) -> None:
-    result = handshake(serve(lab.server_ctx()), tls12_only_client(lab.pki().ca_cert))
+def test_tls12_only_client_is_refused(serve: Any, subject: Subject) -> None:
+    ca_file = subject.local_copy(subject.pki().ca_cert, "pki.ca_cert")
+    result = handshake(serve(subject.server_ctx()), tls12_only_client(ca_file))
     assert not result.ok, (
         f"a TLS 1.2-only client was accepted (negotiated {result.version}, {result.cipher})"
         "\nThe server context must refuse anything below TLS 1.3: "
         "ctx.minimum_version = ssl.TLSVersion.TLSv1_3.")
 
 
-def test_client_refuses_a_tls12_server(serve: Any, lab: Subject) -> None:
-    result = handshake(serve(tls12_only_server(lab.pki())), lab.client_ctx())
-    assert not result.ok, (
+def test_client_refuses_a_tls12_server(serve: Any, subject: Subject) -> None:
+    result = handshake(serve(own_server(subject, tls12_only=True)), subject.client_ctx())
+    assert not result.ok and result.server_error, (
         f"your client completed a handshake with a TLS 1.2-only server ({result.version})\n"
         "A downgrade must be refused by the client too: minimum_version = TLSv1_3.")
 
 
-def test_client_refuses_a_wrong_hostname(serve: Any, lab: Subject) -> None:
-    result = handshake(serve(lab.server_ctx()), lab.client_ctx(),
+def test_client_refuses_a_wrong_hostname(serve: Any, subject: Subject) -> None:
+    result = handshake(serve(own_server(subject)), subject.client_ctx(),
                        server_hostname="evil.lab.test")
-    assert not result.ok, (
+    assert not result.ok and result.server_error, (
         f"your client accepted the certificate for {HOSTNAME} while dialling evil.lab.test"
         "\nWithout a hostname check any certificate from a trusted CA impersonates any "
         "site: keep check_hostname=True (ssl.create_default_context does).")
@@ -288,12 +280,11 @@ def test_client_refuses_a_wrong_hostname(serve: Any, lab: Subject) -> None:
         f"the handshake failed, but not on the hostname: {result.client_error}")
 
 
-def test_client_refuses_an_untrusted_ca(serve: Any, lab: Subject) -> None:
+def test_client_refuses_an_untrusted_ca(serve: Any, subject: Subject) -> None:
     # Another CA issues a certificate for the very same hostname: only the trust anchor
     # differs, so only chain verification can tell them apart.
-    impostor_ctx = lab.server_ctx(lab.pki("impostor"))
-    result = handshake(serve(impostor_ctx), lab.client_ctx())
-    assert not result.ok, (
+    result = handshake(serve(own_server(subject, subject.pki("impostor"))), subject.client_ctx())
+    assert not result.ok and result.server_error, (
         f"your client accepted a certificate from a CA it does not trust ({result.version})\n"
         "The client must verify the chain up to the CA file it was given: "
         "verify_mode=CERT_REQUIRED with load_verify_locations(ca_file).")

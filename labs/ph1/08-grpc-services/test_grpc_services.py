@@ -84,7 +84,7 @@ def stubs(learner: Any) -> Iterator[ProtoStubs]:
     generated = generate_stubs(Path(learner.path("user.proto")), prefix="ph1-8-stubs-")
     # The learner's module imports these stubs: where it runs in a process of its own
     # (grading), that process generates its own.
-    learner.prepare(generate_stubs, Path(learner.path("user.proto")))
+    learner.run_helper(generate_stubs, Path(learner.path("user.proto")))
     yield generated
     for name in ("user_pb2", "user_pb2_grpc"):
         sys.modules.pop(name, None)

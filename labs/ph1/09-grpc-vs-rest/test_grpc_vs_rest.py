@@ -242,7 +242,7 @@ def stubs(learner: Any) -> Iterator[ProtoStubs]:
     generated = generate_stubs(Path(learner.path("directory.proto")), prefix="ph1-9-stubs-")
     # The learner's module imports these stubs: where it runs in a process of its own
     # (grading), that process generates its own.
-    learner.prepare(generate_stubs, Path(learner.path("directory.proto")))
+    learner.run_helper(generate_stubs, Path(learner.path("directory.proto")))
     yield generated
     for name in ("directory_pb2", "directory_pb2_grpc"):
         sys.modules.pop(name, None)
