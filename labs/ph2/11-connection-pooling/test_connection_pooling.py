@@ -7,13 +7,14 @@ Everything is observed from outside the learner's code:
   asks for it, so a request that has a connection shows up in pg_locks as waiting, and the
   test knows exactly how many connections are in use;
 * a request still waiting for a connection is a thread blocked in a threading wait (the
-  pool's condition variable) with no server connection of its own.
+  pool's condition variable) under the learner's code, with no server connection of its own;
+  those threads are counted where the learner's code runs (a process of its own when
+  grading), by labrunner.testing.threads_waiting_in.
 The test releases the lock to let everything finish.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from labrunner.testing import wait_until
+from labrunner.testing import threads_waiting_in, wait_until
 
 HOLD = "SELECT pg_advisory_xact_lock_shared(4242)"  # blocks while the test holds the lock
 
@@ -46,16 +47,6 @@ class Call(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - inspected by the test
             self.error = exc
         self.elapsed = time.monotonic() - start
-
-
-def blocked_in_a_wait(thread: threading.Thread) -> bool:
-    """True while the thread sits in threading's Condition.wait (a pool's wait queue)."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    while frame is not None:
-        if frame.f_code.co_name == "wait" and frame.f_code.co_filename.endswith("threading.py"):
-            return True
-        frame = frame.f_back
-    return False
 
 
 @dataclass
@@ -105,6 +96,12 @@ def pooling(learner: Any) -> ModuleType:
         if not isinstance(getattr(module, name, None), type):
             pytest.fail(f"pooling.py: define a class {name} (see the README)", pytrace=False)
     return module
+
+
+@pytest.fixture
+def queued(learner: Any) -> Callable[[], int]:
+    """How many requests are waiting in a threading wait inside the learner's code."""
+    return lambda: int(learner.run_helper(threads_waiting_in, str(learner.dir)))
 
 
 @pytest.fixture
@@ -193,7 +190,8 @@ def test_pool_size_follows_littles_law(learner: Any, rate: float, latency: float
 
 
 def test_never_more_server_connections_than_the_pool(pooling: ModuleType, opened: list[Any],
-                                                     server: Server, postgres: Any) -> None:
+                                                     server: Server, postgres: Any,
+                                                     queued: Callable[[], int]) -> None:
     db = open_db(pooling, opened, postgres.dsn, rate=40, latency=0.1, timeout=10)
     assert db.max_connections == 4, f"max_connections is {db.max_connections}, expected 4"
 
@@ -213,8 +211,8 @@ def test_never_more_server_connections_than_the_pool(pooling: ModuleType, opened
     calls = start([Call(db.query, HOLD) for _ in range(12)])
     try:
         # every request is either running on a connection or waiting for one
-        wait_until(lambda: still_waiting(calls, 10) and server.lock_waiters()
-                   + sum(blocked_in_a_wait(c) for c in calls) == 12,
+        wait_until(lambda: still_waiting(calls, 10)
+                   and server.lock_waiters() + queued() == 12,
                    "all 12 requests to be running or queued")
         now = server.connections()
         assert now <= 4, (
@@ -260,7 +258,8 @@ def test_excess_request_waits_then_fails_with_pool_exhausted(
 
 
 def test_waiting_request_gets_the_next_free_connection(
-        pooling: ModuleType, opened: list[Any], server: Server, postgres: Any) -> None:
+        pooling: ModuleType, opened: list[Any], server: Server, postgres: Any,
+        queued: Callable[[], int]) -> None:
     db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=10)
     server.hold()
     busy = start([Call(db.query, HOLD) for _ in range(2)])
@@ -268,7 +267,7 @@ def test_waiting_request_gets_the_next_free_connection(
     try:
         wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections to be busy")
         waiting.start()
-        wait_until(lambda: still_waiting([waiting], 10) and blocked_in_a_wait(waiting),
+        wait_until(lambda: still_waiting([waiting], 10) and queued() == 1,
                    "the third request to wait in the pool")
         assert server.connections() <= 2, (
             f"while the third request waits, the server has {server.connections()} "
@@ -282,17 +281,17 @@ def test_waiting_request_gets_the_next_free_connection(
 
 
 def test_full_wait_queue_rejects_at_once(pooling: ModuleType, opened: list[Any],
-                                         server: Server, postgres: Any) -> None:
+                                         server: Server, postgres: Any,
+                                         queued: Callable[[], int]) -> None:
     db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=10,
                  max_waiting=2)
     server.hold()
     busy = start([Call(db.query, HOLD) for _ in range(2)])
-    queued: list[Call] = []
+    waiting: list[Call] = []
     try:
         wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections to be busy")
-        queued = start([Call(db.query, "SELECT 1") for _ in range(2)])
-        wait_until(lambda: still_waiting(queued, 10)
-                   and all(blocked_in_a_wait(c) for c in queued),
+        waiting = start([Call(db.query, "SELECT 1") for _ in range(2)])
+        wait_until(lambda: still_waiting(waiting, 10) and queued() == 2,
                    "2 requests to wait in the pool's queue")
         extra = Call(db.query, "SELECT 1")
         extra.run()
@@ -301,5 +300,5 @@ def test_full_wait_queue_rejects_at_once(pooling: ModuleType, opened: list[Any],
             f"the request was rejected after {extra.elapsed:.1f} s: with the wait queue full "
             "(max_waiting=2) it must fail at once, not wait - that is backpressure")
     finally:
-        release(server, [*busy, *queued])
-    assert_completed([*busy, *queued])
+        release(server, [*busy, *waiting])
+    assert_completed([*busy, *waiting])
