@@ -1,14 +1,13 @@
 """Verification for ph0.5: the learner's HTTP/2 connection handler, served by an asyncio
-server the test runs in a background thread, and driven by a real HTTP/2 client (the h2
-library in client mode) over ONE TCP connection. The raw bytes the client receives are
-also split into frames with hyperframe, to measure the HPACK header blocks on the wire.
+server in a background thread (harness.py, where the learner's code runs), and driven by a
+real HTTP/2 client (the h2 library in client mode) over ONE TCP connection. The raw bytes
+the client receives are also split into frames with hyperframe, to measure the HPACK header
+blocks on the wire.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -38,84 +37,12 @@ REPEATED_HEADERS = [
 # ---------------------------------------------------------------------------- the server
 
 
-class ServerThread:
-    """asyncio.start_server on 127.0.0.1:0 in its own loop/thread; every connection is
-    handed to the learner's handle_connection() with the test's handler."""
-
-    def __init__(self, module: Any) -> None:
-        self.module = module
-        self.connections = 0
-        self.errors: list[str] = []
-        self.slow_started = threading.Event()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.port: int = self._call(self._start())
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
-
-    async def _start(self) -> int:
-        self.gate = asyncio.Event()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.writers.append(writer)
-        try:
-            await self.module.handle_connection(reader, writer, self.handler)
-        except NotImplementedError as exc:
-            self.errors.append(f"handle_connection() is not implemented yet: {exc}")
-        except Exception as exc:  # noqa: BLE001 - surfaced in the test's failure message
-            self.errors.append(f"handle_connection() raised {type(exc).__name__}: {exc}")
-        finally:
-            writer.close()
-
-    async def handler(self, request: Any) -> Any:
-        """The application the learner's server runs."""
-        response = self.module.Response
-        if request.path == "/slow":
-            self.slow_started.set()
-            await asyncio.wait_for(self.gate.wait(), WAIT * 3)
-            return response(200, [("content-type", "text/plain")], b"slow done")
-        if request.path == "/big":
-            return response(200, [("content-type", "application/octet-stream")],
-                            bytes(range(256)) * (BIG // 256) + b"x" * (BIG % 256))
-        if request.path == "/echo":
-            return response(200, [("content-type", "application/octet-stream")],
-                            request.body)
-        return response(200, list(REPEATED_HEADERS), f"{request.path} ok".encode())
-
-    def release_slow(self) -> None:
-        self.loop.call_soon_threadsafe(self.gate.set)
-
-    async def _stop(self) -> None:
-        """Close the connections so the learner's loops see EOF and return by themselves;
-        cancel only what is still running after that."""
-        self.server.close()
-        self.gate.set()
-        for writer in self.writers:
-            writer.close()
-        others = asyncio.all_tasks() - {asyncio.current_task()}
-        if others:
-            _, pending = await asyncio.wait(others, timeout=0.5)
-            for task in pending:
-                task.cancel()
-
-    def close(self) -> None:
-        try:
-            self._call(self._stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(WAIT)
-
-
 @pytest.fixture
-def server(learner: Any) -> Iterator[ServerThread]:
-    srv = ServerThread(learner.load("h2server"))
+def server(learner: Any) -> Iterator[Any]:
+    """The learner's handler on an asyncio server (harness.py), where the learner's code
+    runs; its application answers /slow (held by a gate), /big, /echo and the rest."""
+    srv = learner.harness().ServerThread(learner.load("h2server"), BIG,
+                                         list(REPEATED_HEADERS), WAIT)
     yield srv
     srv.close()
 
@@ -136,7 +63,7 @@ class Stream:
 class Client:
     """A real HTTP/2 client (h2, client side) on one blocking TCP connection."""
 
-    def __init__(self, srv: ServerThread) -> None:
+    def __init__(self, srv: Any) -> None:
         self.srv = srv
         self.sock = socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT)
         self.h2 = H2Connection(H2Configuration(client_side=True))
@@ -233,13 +160,13 @@ class Client:
 
 
 @pytest.fixture
-def client(server: ServerThread) -> Iterator[Client]:
+def client(server: Any) -> Iterator[Client]:
     c = Client(server)
     yield c
     c.close()
 
 
-def one_connection(server: ServerThread) -> None:
+def one_connection(server: Any) -> None:
     assert server.connections == 1, (
         f"the server saw {server.connections} TCP connections, expected the client's one")
 
@@ -247,7 +174,7 @@ def one_connection(server: ServerThread) -> None:
 # ---------------------------------------------------------------------------- the tests
 
 
-def test_slow_stream_does_not_hold_back_fast_ones(server: ServerThread, client: Client) -> None:
+def test_slow_stream_does_not_hold_back_fast_ones(server: Any, client: Client) -> None:
     slow = client.get("/slow", send=False)
     fast = [client.get(f"/fast/{n}", send=False) for n in (1, 2)]
     client.flush()  # all three requests leave in one write, the slow one first
@@ -274,7 +201,7 @@ def test_slow_stream_does_not_hold_back_fast_ones(server: ServerThread, client: 
     one_connection(server)
 
 
-def test_hpack_shrinks_a_repeated_header_block(server: ServerThread, client: Client) -> None:
+def test_hpack_shrinks_a_repeated_header_block(server: Any, client: Client) -> None:
     first = client.get("/same/1")
     client.run_until(client.ended(first), "first response")
     second = client.get("/same/2")
@@ -293,7 +220,7 @@ def test_hpack_shrinks_a_repeated_header_block(server: ServerThread, client: Cli
     one_connection(server)
 
 
-def test_large_body_respects_flow_control(server: ServerThread, client: Client) -> None:
+def test_large_body_respects_flow_control(server: Any, client: Client) -> None:
     big = client.get("/big")
     client.run_until(
         client.ended(big), f"complete {BIG}-byte /big response",
@@ -307,7 +234,7 @@ def test_large_body_respects_flow_control(server: ServerThread, client: Client) 
         "0, wait for the client's WINDOW_UPDATE.")
 
 
-def test_request_body_is_reassembled_from_data_frames(server: ServerThread,
+def test_request_body_is_reassembled_from_data_frames(server: Any,
                                                       client: Client) -> None:
     body = bytes(range(256)) * 20  # 5,120 bytes, sent as six DATA frames
     sid = client.get("/echo", body)

@@ -1,0 +1,90 @@
+"""Harness for ph0.5: the asyncio server the learner's HTTP/2 handler runs on, and the
+application it serves. It runs where the learner's code runs (a process of its own when
+grading: learner.harness()), because the learner's coroutine and the application's share
+one event loop and its streams. The test's HTTP/2 client talks to it over TCP, from the
+test's side."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+
+class ServerThread:
+    """asyncio.start_server on 127.0.0.1:0 in its own loop/thread; every connection is
+    handed to the learner's handle_connection() with the application's handler."""
+
+    def __init__(self, module: Any, big: int, headers: list[tuple[str, str]],
+                 wait: float) -> None:
+        self.module = module
+        self.big = big
+        self.headers = [tuple(h) for h in headers]
+        self.wait = wait
+        self.connections = 0
+        self.errors: list[str] = []
+        self.slow_started = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port: int = self._call(self._start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.wait)
+
+    async def _start(self) -> int:
+        self.gate = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            await self.module.handle_connection(reader, writer, self.handler)
+        except NotImplementedError as exc:
+            self.errors.append(f"handle_connection() is not implemented yet: {exc}")
+        except Exception as exc:  # noqa: BLE001 - surfaced in the test's failure message
+            self.errors.append(f"handle_connection() raised {type(exc).__name__}: {exc}")
+        finally:
+            writer.close()
+
+    async def handler(self, request: Any) -> Any:
+        """The application the learner's server runs."""
+        response = self.module.Response
+        if request.path == "/slow":
+            self.slow_started.set()
+            await asyncio.wait_for(self.gate.wait(), self.wait * 3)
+            return response(200, [("content-type", "text/plain")], b"slow done")
+        if request.path == "/big":
+            return response(200, [("content-type", "application/octet-stream")],
+                            bytes(range(256)) * (self.big // 256) + b"x" * (self.big % 256))
+        if request.path == "/echo":
+            return response(200, [("content-type", "application/octet-stream")],
+                            request.body)
+        return response(200, list(self.headers), f"{request.path} ok".encode())
+
+    def release_slow(self) -> None:
+        self.loop.call_soon_threadsafe(self.gate.set)
+
+    async def _stop(self) -> None:
+        """Close the connections so the learner's loops see EOF and return by themselves;
+        cancel only what is still running after that."""
+        self.server.close()
+        self.gate.set()
+        for writer in self.writers:
+            writer.close()
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            _, pending = await asyncio.wait(others, timeout=0.5)
+            for task in pending:
+                task.cancel()
+
+    def close(self) -> None:
+        try:
+            self._call(self._stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(self.wait)
