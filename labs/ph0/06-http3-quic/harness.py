@@ -1,0 +1,95 @@
+"""Harness for ph0.6: what runs where the learner's code runs (a process of its own when
+grading: learner.harness()), because the learner's coroutines need an event loop there:
+
+* :class:`LearnerServer` runs the learner's ``start_server()`` on a loop in a thread, with
+  the application the test asks for, and reports the UDP port;
+* :func:`fetch` runs the learner's ``fetch()`` to its end on a loop of its own.
+
+The test's own QUIC peers (its client and its server) stay on the test's side and make the
+observations that decide: what was negotiated, what arrived as 0-RTT, in which order."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+
+def _problem(what: str, exc: BaseException, seconds: float) -> str:
+    if isinstance(exc, NotImplementedError):
+        return f"{what} is not implemented yet: {exc}"
+    if isinstance(exc, TimeoutError):
+        return f"{what} did not finish within {seconds:.0f} s"
+    return f"{what} raised {type(exc).__name__}: {exc}"
+
+
+class LearnerServer:
+    """The learner's HTTP/3 server on 127.0.0.1:<free port>, serving an application in
+    which /slow waits until ``release()`` (or gives up after ``wait`` seconds with 504) and
+    every other path answers ``200 b"<path> ok"``. With ``release_on_fast``, /fast itself
+    releases /slow once handled. ``problem`` says why the server could not start."""
+
+    def __init__(self, h3: Any, certfile: str, keyfile: str, wait: float,
+                 release_on_fast: bool = False) -> None:
+        self.h3 = h3
+        self.wait = wait
+        self.release_on_fast = release_on_fast
+        self.problem: str | None = None
+        self.port = 0
+        self._server: Any = None
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._fast_done = asyncio.Event()
+        try:
+            self._server = asyncio.run_coroutine_threadsafe(
+                asyncio.wait_for(h3.start_server("127.0.0.1", 0, certfile=certfile,
+                                                 keyfile=keyfile, handler=self.handler),
+                                 wait), self.loop).result(wait + 1)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.problem = _problem("start_server()", exc, wait)
+            return
+        transport = getattr(self._server, "_transport", None)
+        if transport is None:
+            self.problem = "start_server() must return the QuicServer from aioquic's serve()"
+            return
+        self.port = int(transport.get_extra_info("sockname")[1])
+
+    async def handler(self, path: str) -> tuple[int, bytes]:
+        if path == "/slow":
+            try:
+                await asyncio.wait_for(self._fast_done.wait(), self.wait)
+            except TimeoutError:
+                return 504, b"gave up waiting for /fast"
+            return 200, b"slow ok"
+        if path == "/fast" and self.release_on_fast:
+            self._fast_done.set()
+        return 200, f"{path} ok".encode()
+
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(self._fast_done.set)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self.loop.call_soon_threadsafe(self._server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(self.wait)
+
+
+def fetch(h3: Any, port: int, paths: list[str], cafile: str, server_name: str,
+          ticket: Any, seconds: float) -> tuple[str, Any]:
+    """The learner's ``fetch()`` run to its end: ``("ok", FetchResult)``, or
+    ``("not implemented" | "timed out" | "error", message)``."""
+    async def bounded() -> Any:
+        return await asyncio.wait_for(
+            h3.fetch("127.0.0.1", port, list(paths), cafile=cafile, server_name=server_name,
+                     session_ticket=ticket), seconds)
+
+    try:
+        return "ok", asyncio.run(bounded())
+    except NotImplementedError as exc:
+        return "not implemented", _problem(f"fetch({list(paths)})", exc, seconds)
+    except TimeoutError as exc:
+        return "timed out", _problem(f"fetch({list(paths)})", exc, seconds)
+    except Exception as exc:  # noqa: BLE001 - refusing a server is an exception too
+        return "error", _problem(f"fetch({list(paths)})", exc, seconds)
