@@ -234,3 +234,114 @@ def test_a_broken_module_names_file_and_line(tmp_path: Path) -> None:
             host.load(tmp_path, "broken", "learner_test_broken_0")
     finally:
         host.close()
+
+
+HARNESS = '''
+import os
+import threading
+
+
+def where():
+    return os.getpid()
+
+
+def run_in_thread(module, value):
+    """A lab's harness receives the learner's module as itself, not a proxy to a proxy."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(module.call_back(lambda v: v * 2,
+                                                                         value)))
+    thread.start()
+    thread.join()
+    return type(module).__name__, out[0]
+'''
+
+
+def test_a_harness_runs_beside_the_learner_code_and_gets_its_module(tmp_path: Path) -> None:
+    (tmp_path / "mine.py").write_text("import datetime\n" + textwrap.dedent(LEARNER))
+    (tmp_path / "harness.py").write_text(HARNESS)
+    host = LearnerHost.start("spawn")
+    try:
+        module = host.load(tmp_path, "mine", "learner_test_mine_2")
+        harness = host.load_harness(tmp_path / "harness.py", "lab_harness_test_0")
+        assert harness.where() == module.whoami()[0] != os.getpid()
+        assert harness.run_in_thread(module, 5) == ("module", 11)
+    finally:
+        host.close()
+
+
+def test_run_helper_runs_labrunner_helpers_only_and_returns_their_result(
+        tmp_path: Path) -> None:
+    from labrunner.testing import file_bytes, threads_waiting_in
+
+    (tmp_path / "mine.py").write_text(textwrap.dedent('''
+        import threading
+
+        gate = threading.Event()
+
+        def wait_for_gate():
+            return gate.wait(10)
+
+        def open_gate():
+            gate.set()
+    '''))
+    (tmp_path / "key.pem").write_bytes(b"secret")
+    host = LearnerHost.start("spawn")
+    try:
+        module = host.load(tmp_path, "mine", "learner_test_mine_3")
+        assert host.run_helper(file_bytes, (str(tmp_path / "key.pem"),)) == b"secret"
+        assert host.run_helper(threads_waiting_in, (str(tmp_path),)) == 0
+        import threading
+        import time
+
+        waiter = threading.Thread(target=module.wait_for_gate, daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while host.run_helper(threads_waiting_in, (str(tmp_path),)) != 1:
+            assert time.monotonic() < deadline, "the learner's waiting thread was not counted"
+            time.sleep(0.02)
+        module.open_gate()
+        waiter.join(10)
+        assert host.run_helper(threads_waiting_in, (str(tmp_path),)) == 0
+        with pytest.raises(ValueError, match="only labrunner's helpers"):
+            host.conn.root.run_helper("os", "getpid", ())
+    finally:
+        host.close()
+
+
+def test_tls_endpoints_start_where_their_context_lives(tmp_path: Path) -> None:
+    """A learner's TLS context cannot cross processes: serve_tls_once and tls_exchange run
+    the server or client in the context's own process, and talk over loopback TCP."""
+    import ssl
+    import subprocess
+
+    from labrunner.testing import serve_tls_once, tls_exchange
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=tls.test", "-addext", "subjectAltName=DNS:tls.test",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True)
+    (tmp_path / "ctxs.py").write_text(textwrap.dedent('''
+        import ssl
+
+        def server(cert, key):
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            return ctx
+    '''))
+    host = LearnerHost.start("spawn")
+    try:
+        remote = host.load(tmp_path, "ctxs", "learner_test_ctxs_0")
+        server = serve_tls_once(remote.server(str(tmp_path / "cert.pem"),
+                                              str(tmp_path / "key.pem")))
+        client = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        seen = tls_exchange(client, server.port, "tls.test")
+        assert seen["error"] is None and seen["version"] == "TLSv1.3", seen
+        assert seen["reply"] == b"pong:ping" and server.wait() is None
+        refused = serve_tls_once(remote.server(str(tmp_path / "cert.pem"),
+                                               str(tmp_path / "key.pem")))
+        wrong_name = tls_exchange(client, refused.port, "other.test")
+        assert wrong_name["version"] is None and "match" in wrong_name["error"]
+        assert refused.wait() is not None   # the server saw the client give up
+    finally:
+        host.close()
