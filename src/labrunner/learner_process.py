@@ -41,10 +41,12 @@ import importlib
 import importlib.util
 import inspect
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import traceback
 import uuid
@@ -687,15 +689,20 @@ class LearnerHost:
                 factory.close()
         else:
             mine, theirs = socket.socketpair()
+            # The host is killed, never asked to exit: what it leaves in its temp folder
+            # (generated stubs, the learner's own files) goes with this folder.
+            scratch = tempfile.mkdtemp(prefix="lr-learner-")
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-m", __name__, "host", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                env={**os.environ, "TMPDIR": scratch})
             theirs.close()
             sock = mine
 
             def kill() -> None:
                 proc.kill()
                 proc.wait()
+                shutil.rmtree(scratch, ignore_errors=True)
         conn = connect_stream(SocketStream(sock), service=_VerifierService,
                               config=_VERIFIER_CONFIG)
         return cls(conn, kill)
