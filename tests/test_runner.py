@@ -92,6 +92,20 @@ def test_early_exit_and_fake_reports_score_failed(run, trick: str) -> None:  # t
     assert not any(t.outcome == "passed" and "answer_comes" in t.nodeid for t in result.tests)
 
 
+def test_a_thread_left_running_costs_the_exit_grace_not_the_budget(run) -> None:  # type: ignore[no-untyped-def]
+    # A non-daemon thread keeps the interpreter from exiting after the last test: the
+    # runner waits EXIT_GRACE once the session reported its end, then dumps every thread's
+    # stack into the output and stops the process. The outcomes already reported stand.
+    from labrunner.runner import EXIT_GRACE
+
+    result = run(SOLUTION + "\nimport threading, time\n"
+                 "def linger_forever():\n    time.sleep(3600)\n"
+                 "threading.Thread(target=linger_forever).start()\n")
+    assert result.outcome == "passed", result
+    assert EXIT_GRACE <= result.duration < EXIT_GRACE + 15
+    assert "linger_forever" in result.output
+
+
 def test_missing_learner_folder_is_an_error(lab: Lab, tmp_path: Path) -> None:
     result = run_lab(lab, tmp_path / "nope", None, "test")
     assert result.outcome == "error" and "labrunner init" in result.message

@@ -19,12 +19,14 @@ sees in its environment; the runner scores only what arrives signed.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import hmac
 import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,6 +125,11 @@ class _Reporter:
 
 
 _reporter: _Reporter | None = None
+# The process's stderr before pytest captures it (plugins named with -p load first).
+try:
+    _STDERR: Any = os.fdopen(os.dup(2), "w", closefd=True)
+except OSError:
+    _STDERR = None
 _phase_outcomes: dict[str, dict[str, Any]] = {}
 
 
@@ -155,6 +162,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # scores every one of these ids, and one that never reports counts as failed.
     if _reporter is not None:
         _reporter.send({"kind": "collected", "nodeids": [i.nodeid for i in session.items]})
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Every test has reported and every fixture is torn down: the runner waits only a short
+    # grace for this process to exit after this (a thread left running cannot hold it).
+    if _reporter is None or _reporter.stream is None:
+        return
+    _reporter.send({"kind": "finished"})
+    if _STDERR is not None:
+        # Should it linger, the runner asks for every thread's stack (SIGUSR1): they go to
+        # the real stderr, which pytest's capture has replaced by now.
+        faulthandler.register(signal.SIGUSR1, file=_STDERR, all_threads=True)
 
 
 def _first_line(text: str) -> str:

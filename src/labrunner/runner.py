@@ -298,9 +298,7 @@ def _run_lab(
     out_thread.start()
     timed_out = False
     try:
-        proc.wait(timeout=budget)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        timed_out = _wait_for_exit(proc, budget, records)
     finally:
         _kill_group(proc)
         if on_process:
@@ -312,6 +310,38 @@ def _run_lab(
     shutil.rmtree(workdir, ignore_errors=True)
     text = b"".join(output).decode("utf-8", errors="replace")
     return _score(lab, records, proc.returncode, timed_out, budget, text, started)
+
+
+# Seconds a verification may take to exit once it reported that its session finished.
+EXIT_GRACE = 10.0
+
+
+def _wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
+                   records: list[dict[str, Any]]) -> bool:
+    """Wait for the verification to exit; True if it ran out of ``budget``. Once it has
+    reported the end of its session, it gets EXIT_GRACE seconds more: something still
+    running in it (a non-daemon thread of the learner's, a stuck clean-up) then costs those
+    seconds, not the whole budget. Its threads' stacks go to its output first."""
+    deadline = time.monotonic() + budget
+    finished_at: float | None = None
+    while True:
+        try:
+            proc.wait(timeout=0.2)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if finished_at is None and any(r.get("kind") == "finished" for r in records[-3:]):
+            finished_at = now
+        if finished_at is not None and now - finished_at > EXIT_GRACE:
+            try:
+                os.kill(proc.pid, signal.SIGUSR1)   # faulthandler: every thread's stack
+                proc.wait(timeout=1)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            return False
+        if now > deadline:
+            return True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
