@@ -9,6 +9,7 @@ import pytest
 
 from labrunner.catalog import Lab, load_lab
 from labrunner.runner import LabResult, run_lab
+from labrunner.services.isolation import new_run_id
 
 from .conftest import FIXTURE_PROJECT
 
@@ -27,7 +28,9 @@ def run(lab: Lab, local_services: object, tmp_path: Path):  # type: ignore[no-un
 
     def go(source: str) -> LabResult:
         (tmp_path / "answer.py").write_text(source)
-        return run_lab(lab, tmp_path, state, "test")
+        # A run id of its own: xdist runs other tests of this lab at the same time, and
+        # the run id names each test's database.
+        return run_lab(lab, tmp_path, state, new_run_id())
 
     return go
 
@@ -101,7 +104,8 @@ def test_a_thread_left_running_costs_the_exit_grace_not_the_budget(run) -> None:
     result = run(SOLUTION + "\nimport threading, time\n"
                  "def linger_forever():\n    time.sleep(3600)\n"
                  "threading.Thread(target=linger_forever).start()\n")
-    assert result.outcome == "passed", result
+    assert result.outcome == "passed", (result.first_line, [t.outcome for t in result.tests],
+                                        result.output[-1500:])
     assert EXIT_GRACE <= result.duration < EXIT_GRACE + 15
     assert "linger_forever" in result.output
 
