@@ -464,13 +464,6 @@ def _existing_exception(modname: str, clsname: str,
 # The host (learner side)
 
 
-def _entered(context: Any) -> tuple[Any, Any]:
-    """Enter a context manager here; return what it yields and how to leave it (a server
-    the verification stops when its test ends)."""
-    value = context.__enter__()
-    return value, lambda: context.__exit__(None, None, None)
-
-
 class _HostService(rpyc.Service):  # type: ignore[misc]
     _protocol = _HostConnection
 
@@ -491,19 +484,6 @@ class _HostService(rpyc.Service):  # type: ignore[misc]
         """Load a lab's harness (its source sent by the verification: the lab's folder is
         the verification's alone) as the module ``name``."""
         return load_harness_module(str(source), str(filename), str(name))
-
-    def exposed_serve_wsgi(self, app: Any, http11: bool) -> tuple[str, Any]:
-        """Serve the learner's WSGI app from its own process (see testing.serve_wsgi)."""
-        from .testing import serve_wsgi
-
-        return _entered(serve_wsgi(app, http11=http11))
-
-    def exposed_serve_grpc(self, servicer: Any, stubs_module: str, service: str,
-                           workers: int) -> tuple[int, Any]:
-        """Serve the learner's gRPC servicer from its own process (testing.serve_grpc)."""
-        from .testing import serve_grpc
-
-        return _entered(serve_grpc(servicer, stubs_module, service, workers))
 
     def exposed_describe(self, obj: Any) -> tuple[str, Any]:
         """What kind of attribute the verification got: a class (and whether an exception

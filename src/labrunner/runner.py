@@ -331,7 +331,7 @@ def _wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
         except subprocess.TimeoutExpired:
             pass
         now = time.monotonic()
-        if finished_at is None and any(r.get("kind") == "finished" for r in records[-3:]):
+        if finished_at is None and records and records[-1].get("kind") == "finished":
             finished_at = now
         if finished_at is not None and now - finished_at > EXIT_GRACE:
             try:

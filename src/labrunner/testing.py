@@ -62,15 +62,53 @@ __all__ = [
     "HttpReply",
     "PgStatementProxy",
     "ProtoStubs",
+    "file_bytes",
     "generate_stubs",
     "http_request",
     "redis_commands",
-    "file_bytes",
     "serve_tls_once",
     "serve_wsgi",
     "threads_waiting_in",
     "tls_exchange",
 ]
+
+
+# --------------------------------------------------------------------------------------
+# Where an object lives: a helper that must share its process runs there
+
+
+def _lives_elsewhere(obj: Any) -> bool:
+    """True for a proxy to an object in another process (the learner's, when grading)."""
+    from .learner_process import remote_connection
+
+    return remote_connection(obj) is not None
+
+
+def _beside(obj: Any, helper: Callable[..., Any], *args: Any) -> Any:
+    """``helper(obj, *args)`` run in the process ``obj`` lives in: the learner's own
+    (grading) for the learner's objects, this one for the test's."""
+    from .learner_process import remote_connection
+
+    conn = remote_connection(obj)
+    if conn is None:
+        return helper(obj, *args)
+    return conn.root.run_helper(helper.__module__, helper.__qualname__, (obj, *args))
+
+
+def _entered(context: Any) -> tuple[Any, Callable[[], Any]]:
+    """Enter a context manager here; return what it yields and how to leave it (a server
+    the test stops when its block ends, from the other process)."""
+    value = context.__enter__()
+    return value, lambda: context.__exit__(None, None, None)
+
+
+def _serve_wsgi_there(app: Any, http11: bool) -> tuple[str, Callable[[], Any]]:
+    return _entered(serve_wsgi(app, http11=http11))
+
+
+def _serve_grpc_there(servicer: Any, stubs_module: str, service: str,
+                      workers: int) -> tuple[int, Callable[[], Any]]:
+    return _entered(serve_grpc(servicer, stubs_module, service, workers))
 
 
 # --------------------------------------------------------------------------------------
@@ -132,11 +170,8 @@ def serve_wsgi(app: Callable[..., Any], *, http11: bool = False) -> Iterator[str
 
     An app that lives in the learner's own process (grading) is served there, so the
     server's calls into it (environ, start_response, the body it reads) stay local."""
-    from .learner_process import remote_connection
-
-    conn = remote_connection(app)
-    if conn is not None:
-        address, stop = conn.root.serve_wsgi(app, http11)
+    if _lives_elsewhere(app):
+        address, stop = _beside(app, _serve_wsgi_there, http11)
         try:
             yield str(address)
         finally:
@@ -191,11 +226,8 @@ def serve_grpc(servicer: Any, stubs_module: str, service: str,
     A servicer that lives in the learner's own process (grading) is served there, with that
     process's stubs (see ``learner.run_helper(generate_stubs, ...)``), so grpc's calls into it,
     ``context.abort()`` and streams stay local."""
-    from .learner_process import remote_connection
-
-    conn = remote_connection(servicer)
-    if conn is not None:
-        port, stop = conn.root.serve_grpc(servicer, stubs_module, service, workers)
+    if _lives_elsewhere(servicer):
+        port, stop = _beside(servicer, _serve_grpc_there, stubs_module, service, workers)
         try:
             yield int(port)
         finally:
@@ -508,17 +540,6 @@ class PgStatementProxy:
 
 # --------------------------------------------------------------------------------------
 # Observing the learner's process, and TLS endpoints made where a context lives
-
-
-def _beside(obj: Any, helper: Callable[..., Any], *args: Any) -> Any:
-    """``helper(obj, *args)`` run in the process ``obj`` lives in: the learner's own
-    (grading) for the learner's objects, this one for the test's."""
-    from .learner_process import remote_connection
-
-    conn = remote_connection(obj)
-    if conn is None:
-        return helper(obj, *args)
-    return conn.root.run_helper(helper.__module__, helper.__qualname__, (obj, *args))
 
 
 def threads_waiting_in(folder: str) -> int:
