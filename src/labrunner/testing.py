@@ -600,18 +600,14 @@ class TlsOnce:
         return self.error
 
     def close(self) -> None:
-        self._thread.join(self._timeout)
+        self.wait()
         self._listener.close()
-
-
-def _tls_once_here(ctx: Any, timeout: float) -> TlsOnce:
-    return TlsOnce(ctx, timeout)
 
 
 def serve_tls_once(ctx: Any, timeout: float = 5.0) -> TlsOnce:
     """A :class:`TlsOnce` server with ``ctx``, started in the process ``ctx`` lives in (the
     learner's own when grading), so the context's handshake runs with its own sockets."""
-    return _beside(ctx, _tls_once_here, timeout)  # type: ignore[no-any-return]
+    return _beside(ctx, TlsOnce, timeout)  # type: ignore[no-any-return]
 
 
 def _tls_exchange_here(ctx: Any, port: int, server_hostname: str, message: bytes,

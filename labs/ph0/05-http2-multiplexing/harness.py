@@ -23,7 +23,6 @@ class ServerThread:
         self.wait = wait
         self.connections = 0
         self.errors: list[str] = []
-        self.slow_started = threading.Event()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -55,7 +54,6 @@ class ServerThread:
         """The application the learner's server runs."""
         response = self.module.Response
         if request.path == "/slow":
-            self.slow_started.set()
             await asyncio.wait_for(self.gate.wait(), self.wait * 3)
             return response(200, [("content-type", "text/plain")], b"slow done")
         if request.path == "/big":

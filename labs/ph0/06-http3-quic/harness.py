@@ -26,14 +26,12 @@ def _problem(what: str, exc: BaseException, seconds: float) -> str:
 class LearnerServer:
     """The learner's HTTP/3 server on 127.0.0.1:<free port>, serving an application in
     which /slow waits until ``release()`` (or gives up after ``wait`` seconds with 504) and
-    every other path answers ``200 b"<path> ok"``. With ``release_on_fast``, /fast itself
-    releases /slow once handled. ``problem`` says why the server could not start."""
+    every other path answers ``200 b"<path> ok"``. ``problem`` says why the server could
+    not start."""
 
-    def __init__(self, h3: Any, certfile: str, keyfile: str, wait: float,
-                 release_on_fast: bool = False) -> None:
+    def __init__(self, h3: Any, certfile: str, keyfile: str, wait: float) -> None:
         self.h3 = h3
         self.wait = wait
-        self.release_on_fast = release_on_fast
         self.problem: str | None = None
         self.port = 0
         self._server: Any = None
@@ -62,8 +60,6 @@ class LearnerServer:
             except TimeoutError:
                 return 504, b"gave up waiting for /fast"
             return 200, b"slow ok"
-        if path == "/fast" and self.release_on_fast:
-            self._fast_done.set()
         return 200, f"{path} ok".encode()
 
     def release(self) -> None:
