@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -303,11 +304,9 @@ def _run_lab(
         _kill_group(proc)
         if on_process:
             on_process(None)
+        shutil.rmtree(workdir, ignore_errors=True)   # on Ctrl-C too
     reader.join(timeout=5)
     out_thread.join(timeout=5)
-    import shutil
-
-    shutil.rmtree(workdir, ignore_errors=True)
     text = b"".join(output).decode("utf-8", errors="replace")
     return _score(lab, records, proc.returncode, timed_out, budget, text, started)
 
