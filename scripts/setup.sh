@@ -38,7 +38,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     policy_added=1
   fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO -E apt-get install -y -qq --no-install-recommends \
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
   [ -n "$policy_added" ] && $SUDO rm -f /usr/sbin/policy-rc.d
   # RabbitMQ's package scripts start an epmd on the standard port; stop it if it is new.
