@@ -113,6 +113,8 @@ class Phase:
     requires: tuple[str, ...]
     concepts: tuple[Concept, ...]
     examples: tuple[Lab, ...] = ()
+    level: str = ""                 # the roadmap's depth label: Prerequisite ... Production
+    tools: tuple[str, ...] = ()     # the tools and protocols the roadmap lists for the phase
 
     @property
     def number(self) -> int:
@@ -363,7 +365,8 @@ def load_catalog(root: Path | None = None) -> Catalog:
             if row["id"].split(".")[0] == pid
         )
         examples = tuple(lab for lab in labs.values() if lab.is_example and lab.phase_id == pid)
-        phases.append(Phase(pid, entry["name"], tuple(entry["requires"]), concepts, examples))
+        phases.append(Phase(pid, entry["name"], tuple(entry["requires"]), concepts, examples,
+                            level=entry.get("level", ""), tools=tuple(entry.get("tools", ()))))
     return Catalog(phases=phases, drafts=drafts, labs_root=root / "labs" if root else None)
 
 

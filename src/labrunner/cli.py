@@ -240,11 +240,27 @@ def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None
 @click.option("--workspace", "workspace_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print progress as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every concept's state.")
+@click.option("--html", "html_path", is_flag=False, flag_value=".", default=None,
+              type=click.Path(path_type=Path), metavar="[FILE]",
+              help="Write the roadmap page (self-contained HTML) to FILE "
+                   "(default: roadmap.html in the workspace).")
 @friendly_errors
-def progress(workspace_dir: Path | None, as_json: bool, verbose: bool) -> None:
+def progress(workspace_dir: Path | None, as_json: bool, verbose: bool,
+             html_path: Path | None) -> None:
     """Show progress over all 8 phases, as the roadmap page does."""
     catalog = _catalog()
-    status = find_workspace(workspace_dir).store().status()
+    workspace = find_workspace(workspace_dir)
+    if html_path is not None:
+        from .dashboard import write_page
+
+        target = workspace.root / "roadmap.html" if str(html_path) == "." else html_path
+        if target.is_dir():
+            target = target / "roadmap.html"
+        written = write_page(catalog, workspace, target)
+        console.print(f"wrote {written} (open it in a browser; `labrunner dashboard` serves "
+                      "it live)")
+        return
+    status = workspace.store().status()
     if as_json:
         done = [c.id for c in catalog.concepts if c.id in status and status[c.id].done]
         click.echo(json.dumps({
@@ -257,6 +273,40 @@ def progress(workspace_dir: Path | None, as_json: bool, verbose: bool) -> None:
         }, indent=2))
         return
     progress_page(catalog, status, verbose)
+
+
+@main.command()
+@click.option("--workspace", "workspace_dir", type=click.Path(path_type=Path))
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--open/--no-open", "open_browser", default=True,
+              help="Open the page in a browser when one can show a window.")
+@friendly_errors
+def dashboard(workspace_dir: Path | None, port: int, open_browser: bool) -> None:
+    """Serve the roadmap page of your workspace on loopback; it updates as runs finish."""
+    from . import dashboard as board
+
+    workspace = find_workspace(workspace_dir)
+    page = board.Dashboard(_catalog(), workspace)
+    try:
+        server = board.serve(page, port)
+    except OSError as exc:
+        page.close()
+        raise UsageFailure(f"--port {port}: cannot listen on 127.0.0.1 ({exc.strerror}); "
+                           "choose another port or 0 for any free one") from exc
+    url = board.url_of(server)
+    console.print(f"roadmap page of {workspace.root}: [bold]{url}[/] (Ctrl-C to stop)")
+    if open_browser and board.browser_available():
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        board.stop(server, page)
 
 
 @main.group()

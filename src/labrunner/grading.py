@@ -60,6 +60,7 @@ from . import __version__
 from .catalog import Lab
 from .cgroups import MemoryCgroup
 from .learner_process import ENV_SHARED_DIR
+from .roadmap_page import cohort_page
 from .runner import LabResult, Sandbox, _kill_group, run_lab
 from .services.base import ServiceError
 
@@ -1084,6 +1085,7 @@ def write_gradebook(out: Path, labs: Sequence[Lab], students: Sequence[dict[str,
     document = gradebook_document(labs, students)
     write_atomic(out / "grades.json", json.dumps(document, indent=2) + "\n")
     write_atomic(out / "grades.csv", grades_csv(document))
+    write_atomic(out / "cohort.html", cohort_page(document))
     feedback = out / "feedback"
     feedback.mkdir(exist_ok=True)
     for doc in document["students"]:

@@ -125,6 +125,11 @@ class ProgressStore:
             args = (concept_id,)
         return [Attempt(*row) for row in self.db.execute(query + " ORDER BY id", args)]
 
+    def revision(self) -> str:
+        """Changes whenever an attempt is recorded: what a live page compares to reload."""
+        row = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM attempts").fetchone()
+        return str(row[0])
+
     def status(self) -> dict[str, ConceptStatus]:
         """Each attempted concept's state, from its whole history."""
         history: dict[str, list[Attempt]] = {}
