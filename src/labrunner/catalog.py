@@ -159,6 +159,18 @@ class Catalog:
                 return lab
         raise KeyError(lab_id)
 
+    def lab_at(self, folder: Path, workspace_root: Path | None = None) -> Lab | None:
+        """The lab whose folder ``folder`` is or is inside: a workspace's copy of it, or the
+        lab itself in this checkout."""
+        folder = folder.resolve()
+        for lab in self.labs:
+            homes = [lab.path]
+            if workspace_root is not None:
+                homes.append((workspace_root / lab.workspace_dir).resolve())
+            if any(folder == home or folder.is_relative_to(home) for home in homes):
+                return lab
+        return None
+
     def select(self, selectors: Sequence[str]) -> list[Concept | Lab]:
         """Resolve selectors (``all``, ``ph2``, ``ph2.5``, ``isolation-levels``, ``ph2.c``)
         to concepts and C examples, in roadmap order, without repeats."""
@@ -186,8 +198,13 @@ class Catalog:
         for phase in self.phases:
             if key == phase.id:
                 return [*phase.concepts, *phase.examples]
+        if re.fullmatch(r"ph\d+", key):
+            raise CatalogError(f"unknown phase {selector!r}: the phases are "
+                               f"{self.phases[0].id} to {self.phases[-1].id}")
+        # A lab's folder name (05-isolation-levels) names its concept too.
+        folder = re.fullmatch(r"\d+-([a-z0-9-]+)", key)
         for item in self._all_items():
-            if key in (item.id, item.slug):
+            if key in (item.id, item.slug) or (folder and folder.group(1) == item.slug):
                 return [item]
         candidates = ["all"] + [p.id for p in self.phases]
         candidates += [i.id for i in self._all_items()] + [i.slug for i in self._all_items()]

@@ -157,8 +157,31 @@ def init(directory: Path) -> None:
     console.print("next: cd into it and run [bold]labrunner run ph0[/]")
 
 
+def _here_selectors(catalog: Catalog, selectors: Sequence[str]) -> list[str]:
+    """``.``, a lab folder's path, or nothing at all inside a lab folder: that lab."""
+    try:
+        root: Path | None = find_workspace().root
+    except WorkspaceError:
+        root = None
+    out = []
+    for raw in selectors or ["."]:
+        path = Path(raw)
+        if raw == "." or (("/" in raw or raw.startswith(".")) and path.is_dir()):
+            lab = catalog.lab_at(path, root)
+            if lab is None:
+                raise UsageFailure(
+                    f"{path.resolve()} is not a lab folder: run from inside one, or name what "
+                    "to run (a phase ph2, a concept ph2.5, a slug, or all)" if selectors else
+                    "name what to run: a phase (ph2), a concept (ph2.5), a slug "
+                    "(isolation-levels) or all; or run it from inside a lab folder")
+            out.append(lab.id)
+        else:
+            out.append(raw)
+    return out
+
+
 def _selected_labs(catalog: Catalog, selectors: Sequence[str]) -> tuple[list[Lab], list[str]]:
-    items: list[Concept | Lab] = catalog.select(selectors)
+    items: list[Concept | Lab] = catalog.select(_here_selectors(catalog, selectors))
     labs = [lab for lab in (as_lab(i) for i in items) if lab is not None]
     without = [i.id for i in items if as_lab(i) is None]
     return labs, without
@@ -176,8 +199,21 @@ def _labs_to(verb: str, skipped: str, catalog: Catalog, selectors: Sequence[str]
     return labs
 
 
+def _complete_selector(ctx: click.Context, param: click.Parameter,
+                       incomplete: str) -> list[str]:
+    """Shell completion: phases, concept ids and slugs that have labs."""
+    try:
+        catalog = _catalog()
+    except CatalogError:
+        return []
+    words = ["all", *(p.id for p in catalog.phases)]
+    for lab in catalog.labs:
+        words += [lab.id, lab.slug]
+    return [w for w in words if w.startswith(incomplete)]
+
+
 @main.command()
-@click.argument("selectors", nargs=-1, required=True)
+@click.argument("selectors", nargs=-1, shell_complete=_complete_selector)
 @click.option("--solutions", "target", flag_value="solution",
               help="Verify the reference solutions (progress untouched).")
 @click.option("--starters", "target", flag_value="starter",
@@ -194,11 +230,16 @@ def _labs_to(verb: str, skipped: str, catalog: Catalog, selectors: Sequence[str]
               help="Write JUnit XML to this file.")
 @click.option("--expect-fail", is_flag=True,
               help="Exit 0 only if every selected lab FAILS (with --starters in CI).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Every test with its whole message, where your code failed, and what it "
+                   "printed.")
 @friendly_errors
 def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None,
         backend: str | None, jobs: int, json_path: Path | None, junit_path: Path | None,
-        expect_fail: bool) -> None:
-    """Verify SELECTORS: a phase (ph2), a concept (ph2.5), a slug, or all."""
+        expect_fail: bool, verbose: bool) -> None:
+    """Verify SELECTORS: a phase (ph2), a concept (ph2.5), a slug, a lab folder, or all.
+    Inside a lab folder, no selector (or '.') runs that lab."""
+    from .report import result_line, verbose_result
     from .results import results_document, write_json, write_junit
     from .services.manager import resolve_backend_name
     from .session import verify
@@ -218,8 +259,10 @@ def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None
     backend_name = resolve_backend_name(backend)
     # The bar is drawn only on a terminal (rich's live display); service start-up lines
     # are printed either way, so a CI log shows what was started.
-    outcome = verify(labs, sources, backend_name, jobs=jobs, store=store)
-    results_tables(catalog, outcome.results, shown_target)
+    on_result = verbose_result if verbose else (lambda r: console.print(result_line(r)))
+    outcome = verify(labs, sources, backend_name, jobs=jobs, store=store, on_result=on_result)
+    if len(outcome.results) > 1:
+        results_tables(catalog, outcome.results, shown_target)
     document = results_document(outcome.results, target=shown_target, backend=backend_name,
                                 started_at=outcome.started_at, duration=outcome.duration)
     if json_path:
@@ -234,6 +277,62 @@ def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None
     if any(r.outcome == "error" for r in outcome.results) and passed == 0:
         sys.exit(EXIT_FAIL)
     sys.exit(0 if passed == len(outcome.results) else EXIT_FAIL)
+
+
+@main.command()
+@click.argument("selectors", nargs=-1, shell_complete=_complete_selector)
+@click.option("--backend", type=click.Choice(["auto", "local", "docker", "external"]),
+              default=None, help="Who runs the services (default: auto, or $LABRUNNER_BACKEND).")
+@friendly_errors
+def watch(selectors: Sequence[str], backend: str | None) -> None:
+    """Re-run a concept each time you save one of its files; its services stay up while
+    you watch. Inside a lab folder no selector is needed."""
+    from .services.manager import resolve_backend_name
+    from .watching import watch_labs
+
+    catalog = _catalog()
+    labs = _labs_to("watch", "not watched", catalog, selectors)
+    workspace = find_workspace()
+    watch_labs(labs, workspace, resolve_backend_name(backend))
+
+
+@main.command("next")
+@click.option("--workspace", "workspace_dir", type=click.Path(path_type=Path))
+@friendly_errors
+def next_cmd(workspace_dir: Path | None) -> None:
+    """The next concept to work on: the first not done of the earliest unlocked phase."""
+    from .workspace import next_concept
+
+    catalog = _catalog()
+    workspace = find_workspace(workspace_dir)
+    store = workspace.store()
+    done = {cid for cid, st in store.status().items() if st.done}
+    store.close()
+    lab, why = next_concept(catalog, done)
+    if lab is None:
+        console.print(why)
+        return
+    readme = workspace.lab_dir(lab) / "README.md"
+    console.print(f"next: [bold]{lab.id} {lab.slug}[/] · {lab.title} ({why})")
+    console.print(f"  read  {readme}")
+    console.print(f"  run   labrunner run {lab.id}   (or: labrunner watch {lab.id})")
+
+
+@main.command()
+@click.argument("selector", shell_complete=_complete_selector)
+@click.option("--workspace", "workspace_dir", type=click.Path(path_type=Path))
+@friendly_errors
+def reset(selector: str, workspace_dir: Path | None) -> None:
+    """Put a lab's starter files back; yours are kept in .labrunner/backups first."""
+    from .workspace import reset_lab
+
+    catalog = _catalog()
+    labs = _labs_to("reset", "nothing to reset", catalog, [selector])
+    workspace = find_workspace(workspace_dir)
+    for lab in labs:
+        restored, backup = reset_lab(workspace, lab)
+        where = f"; your files are in {backup}" if backup else ""
+        console.print(f"{lab.id}: starter restored ({', '.join(restored)}){where}")
 
 
 @main.command()

@@ -198,6 +198,40 @@ def _failure_message(report: pytest.TestReport) -> str:
     return str(longrepr)
 
 
+# The learner's own output (print, logging to stderr) of a failing test, kept this long.
+LEARNER_OUTPUT_CAP = 8_000
+
+
+def _learner_frames(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseException]) -> list[str]:
+    """Where in the learner's files an exception passed, innermost last: ``file:line in f``
+    with the line's source, so a crash in their code points at their code."""
+    learner = getattr(item, "funcargs", {}).get("learner")
+    folder = getattr(learner, "dir", None)
+    if folder is None:
+        return []
+    frames = []
+    for entry in excinfo.traceback:
+        path = Path(str(entry.path))
+        if not path.is_relative_to(folder):
+            continue
+        try:
+            source = str(entry.statement).strip()
+        except Exception:  # noqa: BLE001 - the source may be gone; the location is enough
+            source = ""
+        where = f"{path.relative_to(folder)}:{entry.lineno + 1} in {entry.name}"
+        frames.append(f"{where}\n    {source}" if source else where)
+    return frames
+
+
+def _captured_output(report: pytest.TestReport) -> str:
+    text = "".join(f"--- {name} ---\n{content}" for name, content in report.sections
+                   if name.startswith("Captured") and content.strip())
+    if len(text) > LEARNER_OUTPUT_CAP:
+        dropped = len(text) - LEARNER_OUTPUT_CAP
+        text = f"{text[:LEARNER_OUTPUT_CAP]}\n... ({dropped} more characters)"
+    return text
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item,
                               call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
@@ -214,6 +248,19 @@ def pytest_runtest_makereport(item: pytest.Item,
             pytest.fail.Exception)
         state["outcome"] = "failed" if report.when == "call" or failed_on_purpose else "error"
         state["message"] = _failure_message(report)
+        if call.excinfo is not None and not call.excinfo.errisinstance(
+                (AssertionError, pytest.fail.Exception)):
+            frames = _learner_frames(item, call.excinfo)
+            if frames:
+                # An exception the learner's code raised: say where, on the first line too.
+                first, _, rest = state["message"].partition("\n")
+                innermost = frames[-1].split("\n")[0]
+                state["message"] = (f"{first} (at {innermost})\n{rest}".rstrip("\n")
+                                    + "\nin your code, outermost first:\n  "
+                                    + "\n  ".join(frames))
+        output = _captured_output(report)
+        if output:
+            state["output"] = output
     elif report.skipped and state["outcome"] == "passed":
         state["outcome"] = "skipped"
         state["message"] = _failure_message(report)

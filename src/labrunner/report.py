@@ -29,6 +29,49 @@ def mark(outcome: str) -> Text:
     return Text(symbol, style=f"bold {style}")
 
 
+# How many lines of a multi-line failure (a compiler's errors) the one-line view shows.
+DETAIL_LINES = 8
+
+
+def result_line(result: LabResult) -> Text:
+    """One finished concept as a line: mark, id, time, and what failed."""
+    line = Text.assemble(mark(result.outcome), " ", (f"{result.lab.id} ", "bold"),
+                         f"{result.lab.slug} ", (f"{result.duration:.1f}s", "dim"))
+    if result.outcome != "passed":
+        line.append("  " + result.first_line)
+        detail = _detail(result)
+        if detail:
+            line.append("\n" + "\n".join(f"    {d}" for d in detail), style="dim")
+    return line
+
+
+def _detail(result: LabResult) -> list[str]:
+    """The lines under a first line that ends in ':' (a compiler's own errors): shown even
+    without -v, since such a first line alone says nothing."""
+    lines = [ln for ln in result.message.splitlines() if ln.strip()]
+    if len(lines) < 2 or not lines[0].rstrip().endswith(":"):
+        return []
+    errors = [ln for ln in lines[1:] if "error" in ln or "warning" in ln]
+    return (errors or lines[1:])[:DETAIL_LINES]
+
+
+def verbose_result(result: LabResult) -> None:
+    """Every test of a concept with its status and whole message, and what the learner's
+    code printed in a failing test."""
+    console.print(result_line(result))
+    for test in result.tests:
+        console.print(Text.assemble("    ", mark(test.outcome), f" {test.name} ",
+                                    (f"{test.duration:.2f}s", "dim")))
+        if test.outcome != "passed" and test.message:
+            console.print(Text("\n".join(f"        {ln}" for ln in test.message.splitlines())))
+        if test.output:
+            console.print(Text("        your code printed:", style="bold"))
+            console.print(Text("\n".join(f"        | {ln}" for ln in test.output.splitlines()),
+                               style="dim"))
+    if not result.tests and result.message:
+        console.print(Text("\n".join(f"        {ln}" for ln in result.message.splitlines())))
+
+
 def results_tables(catalog: Catalog, results: Sequence[LabResult], target: str) -> None:
     by_phase: dict[str, list[LabResult]] = {}
     for result in results:
@@ -51,12 +94,17 @@ def results_tables(catalog: Catalog, results: Sequence[LabResult], target: str) 
         concepts = [r for r in items if not r.lab.is_example]
         done = sum(1 for r in concepts if r.outcome == "passed")
         examples = [r for r in items if r.lab.is_example]
-        line = (f"Phase {phase.number}: {done}/{len(concepts)} concepts "
-                f"{'pass' if target != 'workspace' else 'done'}")
+        available = sum(1 for c in phase.concepts if c.lab is not None)
+        verb = "pass" if target != "workspace" else "done"
+        if len(concepts) < available:
+            noun = "selected concept" if len(concepts) == 1 else "selected concepts"
+            line = f"Phase {phase.number}: {done} of {len(concepts)} {noun} {verb}"
+        else:
+            line = f"Phase {phase.number}: {done}/{len(concepts)} concepts {verb}"
         if examples:
             line += f", C example {'✓' if examples[0].outcome == 'passed' else '✗'}"
         missing = [c for c in phase.concepts if c.lab is None]
-        if missing and len(concepts) < len(phase.concepts):
+        if missing and len(concepts) == available:
             line += f" ({len(missing)} concepts have no lab yet)"
         console.print(line + "\n")
 
@@ -65,9 +113,12 @@ def progress_page(catalog: Catalog, status: dict[str, ConceptStatus],
                   verbose: bool = False) -> None:
     """All 8 phases as the roadmap page shows them: done of total, percent, overall."""
     total = len(catalog.concepts)
-    done_all = sum(1 for c in catalog.concepts if c.id in status and status[c.id].done)
-    console.print(f"[bold]Overall progress[/] {done_all * 100 // total}% · "
-                  f"{done_all} of {total} concepts done\n")
+    available = sum(1 for c in catalog.concepts if c.lab is not None)
+    done_all = sum(1 for c in catalog.concepts
+                   if c.lab is not None and c.id in status and status[c.id].done)
+    percent = done_all * 100 // available if available else 0
+    console.print(f"[bold]Overall progress[/] {percent}% · {done_all} of {available} "
+                  f"available concepts done ({total} in the roadmap)\n")
     table = Table(show_header=True, expand=False)
     table.add_column("phase")
     table.add_column("name")

@@ -22,7 +22,8 @@ def overall_status(results: Sequence[LabResult]) -> str:
         return "error"
     if any(r.outcome == "error" for r in results):
         return "error" if all(r.outcome == "error" for r in results) else "fail"
-    return "pass" if all(r.outcome in ("passed", "skipped") for r in results) else "fail"
+    # A skipped lab was not verified: it is not a pass, just as the exit code says.
+    return "pass" if all(r.outcome == "passed" for r in results) else "fail"
 
 
 def results_document(results: Sequence[LabResult], *, target: str, backend: str,
@@ -54,7 +55,8 @@ def results_document(results: Sequence[LabResult], *, target: str, backend: str,
                 "files_hash": r.files_hash,
                 "tests": [
                     {"name": t.name, "status": t.outcome, "message": t.message,
-                     "duration": round(t.duration, 3)}
+                     "duration": round(t.duration, 3),
+                     **({"output": t.output} if t.output else {})}
                     for t in r.tests
                 ],
             }
@@ -102,5 +104,7 @@ def write_junit(path: Path, results: Sequence[LabResult]) -> None:
                     ET.SubElement(case, "error", message=first).text = test.message
                 elif test.outcome == "skipped":
                     ET.SubElement(case, "skipped", message=first)
+                if test.output:
+                    ET.SubElement(case, "system-out").text = test.output
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)

@@ -43,6 +43,7 @@ class TestResult:
     outcome: str
     message: str = ""
     duration: float = 0.0
+    output: str = ""  # what the learner's code printed during a failing test (capped)
 
     @property
     def name(self) -> str:
@@ -372,7 +373,7 @@ def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, time
         elif "nodeid" in record and record.get("outcome") in OUTCOMES:
             outcomes[record["nodeid"]] = TestResult(
                 record["nodeid"], record["outcome"], str(record.get("message", "")),
-                float(record.get("duration", 0.0)))
+                float(record.get("duration", 0.0)), str(record.get("output", "")))
     if not collected:
         reason = _collection_problem(output) or (
             f"timed out after {budget:.0f} s before any test ran" if timed_out else

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -90,12 +90,18 @@ def verify(
     store: ProgressStore | None = None,
     show_progress: bool = True,
     sandbox: Sandbox | None = None,
+    on_result: Callable[[LabResult], None] | None = None,
+    services: ServiceSet | None = None,
 ) -> RunOutcome:
     """Verify ``labs`` against ``sources`` (lab id → learner folder). With a store, each
     finished lab is recorded as it finishes, so an interrupted run keeps what it did."""
     started = time.time()
     results: list[LabResult] = []
-    with services_for(labs, backend, quiet=not show_progress) as service_set:
+    # A caller that keeps services up across runs (``labrunner watch``) passes its set.
+    scope: contextlib.AbstractContextManager[ServiceSet] = (
+        contextlib.nullcontext(services) if services is not None
+        else services_for(labs, backend, quiet=not show_progress))
+    with scope as service_set:
         state = service_set.state_file if service_set.endpoints else None
         plan = RunPlan(labs, sources, state, new_run_id(), jobs, sandbox)
         progress = Progress(
@@ -115,6 +121,8 @@ def verify(
                     store.record(Attempt(result.lab.id, result.started_at, result.outcome,
                                          result.duration, result.files_hash, result.message))
                 results.append(result)
+                if on_result is not None:
+                    on_result(result)  # printed above the bar as soon as the lab is done
                 progress.advance(task)
 
             run_all(plan, finished, started_lab)

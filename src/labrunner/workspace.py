@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,11 @@ def find_workspace(explicit: Path | None = None) -> Workspace:
 def init_workspace(root: Path, catalog: Catalog) -> tuple[Workspace, list[str], list[str]]:
     """Create or complete a workspace: copy each lab's starter files and README. Files the
     learner already has are never overwritten. Returns (workspace, created, kept)."""
+    for folder in root.resolve().parents:
+        if (folder / MARKER).is_file():
+            raise WorkspaceError(
+                f"{root} is inside the workspace {folder}: a workspace in a workspace would "
+                f"keep progress apart. To refresh yours, run: labrunner init {folder}")
     root.mkdir(parents=True, exist_ok=True)
     marker = root / MARKER
     if not marker.exists():
@@ -78,6 +84,9 @@ def init_workspace(root: Path, catalog: Catalog) -> tuple[Workspace, list[str], 
         readme = lab.path / "README.md"
         if readme.is_file():
             shutil.copyfile(readme, target / "README.md")  # ours: refreshed every time
+        for provided in provided_files(lab):
+            # A C lab's driver and headers, which its README points to: ours, refreshed.
+            shutil.copyfile(provided, target / provided.name)
         for item in sorted(lab.starter_dir.rglob("*")):
             if item.is_dir() or "__pycache__" in item.parts:
                 continue
@@ -93,3 +102,60 @@ def init_workspace(root: Path, catalog: Catalog) -> tuple[Workspace, list[str], 
     workspace = Workspace(root.resolve())
     workspace.store().close()
     return workspace, created, kept
+
+
+# A C lab's own files beside the learner's: its driver and headers (the verification's
+# Makefile target builds them with the learner's file), so the learner can compile by hand.
+PROVIDED_SUFFIXES = (".c", ".h")
+
+
+def provided_files(lab: Lab) -> list[Path]:
+    if lab.language != "c":
+        return []
+    learner = set(lab.learner_files)
+    return sorted(p for p in lab.path.iterdir()
+                  if p.is_file() and p.suffix in PROVIDED_SUFFIXES and p.name not in learner)
+
+
+def reset_lab(workspace: Workspace, lab: Lab) -> tuple[list[str], Path | None]:
+    """Put the starter back for ``lab``; the learner's files go to a backup folder first.
+    Returns the restored names and the backup folder (None when nothing was kept)."""
+    target = workspace.lab_dir(lab)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = workspace.root / ".labrunner" / "backups" / f"{lab.id}-{stamp}"
+    kept = False
+    restored = []
+    for item in sorted(lab.starter_dir.rglob("*")):
+        if item.is_dir() or "__pycache__" in item.parts:
+            continue
+        rel = item.relative_to(lab.starter_dir)
+        dest = target / rel
+        if dest.is_file():
+            (backup / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(dest, backup / rel)
+            kept = True
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(item, dest)
+        restored.append(str(rel))
+    return restored, backup if kept else None
+
+
+def next_concept(catalog: Catalog, done: set[str]) -> tuple[Lab | None, str]:
+    """The first concept not done yet of the earliest phase whose prerequisites are done
+    (the roadmap's order), with why; (None, why) when nothing is left to do."""
+    finished = {p.id for p in catalog.phases
+                if all(c.lab is None or c.id in done for c in p.concepts)}
+    for phase in catalog.phases:
+        if phase.id in finished:
+            continue
+        waiting = [r for r in phase.requires if r not in finished]
+        if waiting:
+            continue
+        for concept in phase.concepts:
+            if concept.lab is not None and concept.id not in done:
+                return concept.lab, f"the first concept of {phase.id} not done yet"
+    locked = [p.id for p in catalog.phases if p.id not in finished]
+    if locked:
+        return None, (f"every unlocked phase is done; {', '.join(locked)} wait for labs or "
+                      "prerequisites")
+    return None, "every concept with a lab is done"
