@@ -239,7 +239,7 @@ def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None
         expect_fail: bool, verbose: bool) -> None:
     """Verify SELECTORS: a phase (ph2), a concept (ph2.5), a slug, a lab folder, or all.
     Inside a lab folder, no selector (or '.') runs that lab."""
-    from .report import result_line, verbose_result
+    from .report import print_result, verbose_result
     from .results import results_document, write_json, write_junit
     from .services.manager import resolve_backend_name
     from .session import verify
@@ -259,7 +259,7 @@ def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None
     backend_name = resolve_backend_name(backend)
     # The bar is drawn only on a terminal (rich's live display); service start-up lines
     # are printed either way, so a CI log shows what was started.
-    on_result = verbose_result if verbose else (lambda r: console.print(result_line(r)))
+    on_result = verbose_result if verbose else print_result
     outcome = verify(labs, sources, backend_name, jobs=jobs, store=store, on_result=on_result)
     if len(outcome.results) > 1:
         results_tables(catalog, outcome.results, shown_target)

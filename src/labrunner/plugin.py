@@ -248,8 +248,13 @@ def pytest_runtest_makereport(item: pytest.Item,
             pytest.fail.Exception)
         state["outcome"] = "failed" if report.when == "call" or failed_on_purpose else "error"
         state["message"] = _failure_message(report)
-        if call.excinfo is not None and not call.excinfo.errisinstance(
-                (AssertionError, pytest.fail.Exception)):
+        timed_out = state["message"].startswith("Timeout (>")
+        if timed_out:
+            # One stuck call would stall every later test for its whole budget too: stop
+            # here, and say where the learner's code was when the time ran out.
+            item.session.shouldstop = "a test timed out"
+        if call.excinfo is not None and (timed_out or not call.excinfo.errisinstance(
+                (AssertionError, pytest.fail.Exception))):
             frames = _learner_frames(item, call.excinfo)
             if frames:
                 # An exception the learner's code raised: say where, on the first line too.

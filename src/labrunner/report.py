@@ -33,6 +33,11 @@ def mark(outcome: str) -> Text:
 DETAIL_LINES = 8
 
 
+def print_result(result: LabResult) -> None:
+    """A finished concept's line, unwrapped: a terminal wraps it, a log keeps it whole."""
+    console.print(result_line(result), soft_wrap=True)
+
+
 def result_line(result: LabResult) -> Text:
     """One finished concept as a line: mark, id, time, and what failed."""
     line = Text.assemble(mark(result.outcome), " ", (f"{result.lab.id} ", "bold"),
@@ -58,18 +63,24 @@ def _detail(result: LabResult) -> list[str]:
 def verbose_result(result: LabResult) -> None:
     """Every test of a concept with its status and whole message, and what the learner's
     code printed in a failing test."""
-    console.print(result_line(result))
+
+    def show(text: Text) -> None:
+        console.print(text, soft_wrap=True)
+
+    def indented(text: str, prefix: str = "        ") -> str:
+        return "\n".join(f"{prefix}{ln}" for ln in text.splitlines())
+
+    show(result_line(result))
     for test in result.tests:
-        console.print(Text.assemble("    ", mark(test.outcome), f" {test.name} ",
-                                    (f"{test.duration:.2f}s", "dim")))
+        show(Text.assemble("    ", mark(test.outcome), f" {test.name} ",
+                           (f"{test.duration:.2f}s", "dim")))
         if test.outcome != "passed" and test.message:
-            console.print(Text("\n".join(f"        {ln}" for ln in test.message.splitlines())))
+            show(Text(indented(test.message)))
         if test.output:
-            console.print(Text("        your code printed:", style="bold"))
-            console.print(Text("\n".join(f"        | {ln}" for ln in test.output.splitlines()),
-                               style="dim"))
+            show(Text("        your code printed:", style="bold"))
+            show(Text(indented(test.output, "        | "), style="dim"))
     if not result.tests and result.message:
-        console.print(Text("\n".join(f"        {ln}" for ln in result.message.splitlines())))
+        show(Text(indented(result.message)))
 
 
 def results_tables(catalog: Catalog, results: Sequence[LabResult], target: str) -> None:

@@ -381,10 +381,15 @@ def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, time
         return LabResult(lab, "timeout" if timed_out else "error", duration, reason,
                          output=output, started_at=started)
     tests: list[TestResult] = []
+    first_timeout = next((t for t in outcomes.values()
+                          if t.message.startswith("Timeout (>")), None)
     for nodeid in collected:
         result = outcomes.get(nodeid)
         if result is None:
-            if timed_out:
+            if first_timeout is not None and not timed_out:
+                result = TestResult(nodeid, "timeout",
+                                    f"not run: {first_timeout.name} timed out first")
+            elif timed_out:
                 result = TestResult(nodeid, "timeout", f"timed out after {budget:.0f} s")
             else:
                 result = TestResult(
@@ -396,9 +401,14 @@ def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, time
         if test.outcome == "failed" and test.message.startswith("Timeout (>"):
             # pytest-timeout's wording, in the learner's terms.
             limit = test.message.split(">", 1)[1].split("s)", 1)[0]
+            where = ""
+            if " (at " in test.message.splitlines()[0]:
+                where = " (at " + test.message.splitlines()[0].split(" (at ", 1)[1]
             test.outcome = "timeout"
-            test.message = (f"timed out after {limit} s: an infinite loop, or a call that "
-                            "blocks forever (a lock, a socket read, a consumer poll)?")
+            test.message = (f"timed out after {limit} s{where}: an infinite loop, or a call "
+                            "that blocks forever (a lock, a socket read, a consumer poll)?"
+                            + "".join("\n" + ln for ln in test.message.splitlines()[1:]
+                                      if not ln.startswith("Timeout")))
     first_bad = next((t for t in tests if t.outcome not in ("passed", "skipped")), None)
     if first_bad is None:
         skipped = [t for t in tests if t.outcome == "skipped"]

@@ -37,6 +37,22 @@ def needed_services(labs: Sequence[Lab]) -> list[str]:
     return [s for s in order if s in wanted]
 
 
+def syntax_problem(lab: Lab, source: Path) -> str | None:
+    """``file:line: syntax error: ...`` for the first learner Python file that does not
+    parse, else None (a missing file is the verification's to report)."""
+    for name in lab.learner_files:
+        path = source / name
+        if path.suffix != ".py" or not path.is_file():
+            continue
+        try:
+            compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            return f"{path}:{exc.lineno}: syntax error: {exc.msg}"
+        except ValueError as exc:  # NUL bytes
+            return f"{path}: cannot be read as Python source: {exc}"
+    return None
+
+
 @contextlib.contextmanager
 def services_for(labs: Sequence[Lab], backend: str, quiet: bool = False) -> Iterator[ServiceSet]:
     """The services ``labs`` need: reused from the warm set where it has them, the rest
@@ -97,6 +113,23 @@ def verify(
     finished lab is recorded as it finishes, so an interrupted run keeps what it did."""
     started = time.time()
     results: list[LabResult] = []
+    selected = list(labs)
+    # A file that does not even parse fails at once, before any service starts for it.
+    unparsable = {lab.id: problem for lab in labs
+                  if (problem := syntax_problem(lab, sources[lab.id])) is not None}
+    for lab in labs:
+        if lab.id in unparsable:
+            result = LabResult(lab, "failed", 0.0, unparsable[lab.id], started_at=time.time())
+            result.files_hash = files_hash(sources[lab.id], lab.learner_files)
+            if store is not None:
+                store.record(Attempt(lab.id, result.started_at, result.outcome, 0.0,
+                                     result.files_hash, result.message))
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    labs = [lab for lab in labs if lab.id not in unparsable]
+    if not labs:
+        return RunOutcome(results, started, time.time() - started, backend)
     # A caller that keeps services up across runs (``labrunner watch``) passes its set.
     scope: contextlib.AbstractContextManager[ServiceSet] = (
         contextlib.nullcontext(services) if services is not None
@@ -126,6 +159,6 @@ def verify(
                 progress.advance(task)
 
             run_all(plan, finished, started_lab)
-    order = {lab.id: n for n, lab in enumerate(labs)}
+    order = {lab.id: n for n, lab in enumerate(selected)}
     results.sort(key=lambda r: order[r.lab.id])
     return RunOutcome(results, started, time.time() - started, backend)

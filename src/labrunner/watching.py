@@ -13,7 +13,7 @@ from pathlib import Path
 from watchfiles import watch
 
 from .catalog import Lab
-from .report import console, result_line
+from .report import console, print_result
 from .services.manager import ServiceSet
 from .session import services_for, verify
 from .store import files_hash
@@ -44,7 +44,7 @@ def _round(labs: Sequence[Lab], workspace: Workspace, backend: str,
     try:
         sources = {lab.id: workspace.lab_dir(lab) for lab in labs}
         outcome = verify(labs, sources, backend, store=store, services=services,
-                         on_result=lambda r: console.print(result_line(r)))
+                         on_result=print_result)
     finally:
         store.close()
     passed = sum(1 for r in outcome.results if r.outcome == "passed")
