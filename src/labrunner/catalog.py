@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .errors import LabrunnerError
+
 KNOWN_SERVICES = ("postgres", "redis", "kafka", "rabbitmq")
 LANGUAGES = ("python", "c")
 ID_PATTERN = re.compile(r"^ph(\d+)\.(\d+|c)$")
 
 
-class CatalogError(Exception):
+class CatalogError(LabrunnerError):
     """A lab file or selector is wrong; the message names the file or argument and the fix."""
 
 

@@ -17,9 +17,9 @@ import click
 
 from . import __version__
 from .catalog import Catalog, CatalogError, Concept, Lab, as_lab, load_catalog
+from .errors import LabrunnerError
 from .report import console, err_console, progress_page, results_tables
-from .services.base import SERVICE_NAMES, ServiceError
-from .store import StoreError
+from .services.base import SERVICE_NAMES
 from .workspace import WorkspaceError, find_workspace, init_workspace
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,7 +43,7 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (CatalogError, WorkspaceError, ServiceError, StoreError) as exc:
+        except LabrunnerError as exc:
             raise UsageFailure(str(exc)) from exc
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted:[/] services stopped; finished results "

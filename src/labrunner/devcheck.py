@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import Lab
+from .errors import LabrunnerError
 from .runner import LabResult, Sandbox, run_lab
 
 
@@ -54,7 +55,7 @@ def expectations(labs: Sequence[Lab]) -> Iterator[Expectation]:
             yield Expectation(lab, f"wrong/{variant.name.removesuffix('.diff')}", variant, False)
 
 
-class WrongSolutionError(Exception):
+class WrongSolutionError(LabrunnerError):
     pass
 
 

@@ -59,6 +59,7 @@ from typing import Any
 from . import __version__
 from .catalog import Lab
 from .cgroups import MemoryCgroup
+from .errors import LabrunnerError
 from .learner_process import ENV_SHARED_DIR
 from .roadmap_page import cohort_page
 from .runner import LabResult, Sandbox, _kill_group, run_lab
@@ -80,7 +81,7 @@ STATUS = {"passed": "pass", "failed": "fail", "error": "error", "timeout": "time
 HIDDEN_PREFIX = "hidden/"
 
 
-class GradingError(Exception):
+class GradingError(LabrunnerError):
     """A submission set, an archive or an option is unusable; the message says which."""
 
 

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LabrunnerError
+
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -33,7 +35,7 @@ CREATE INDEX IF NOT EXISTS attempts_by_concept ON attempts (concept_id, id);
 """
 
 
-class StoreError(Exception):
+class StoreError(LabrunnerError):
     pass
 
 

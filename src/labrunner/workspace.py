@@ -18,13 +18,14 @@ from pathlib import Path
 
 from . import __version__
 from .catalog import Catalog, Lab
+from .errors import LabrunnerError
 from .store import ProgressStore
 
 MARKER = "labrunner.toml"
 ENV_WORKSPACE = "LABRUNNER_WORKSPACE"
 
 
-class WorkspaceError(Exception):
+class WorkspaceError(LabrunnerError):
     pass
 
 

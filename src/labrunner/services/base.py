@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import LabrunnerError
+
 SERVICE_NAMES = ("postgres", "redis", "kafka", "rabbitmq")
 
 
-class ServiceError(Exception):
+class ServiceError(LabrunnerError):
     """A service could not be started or reached; the message says why and what to do."""
 
 
