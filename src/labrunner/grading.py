@@ -61,6 +61,7 @@ from .catalog import Lab
 from .cgroups import MemoryCgroup
 from .errors import LabrunnerError
 from .learner_process import ENV_SHARED_DIR
+from .outcome import Outcome
 from .roadmap_page import cohort_page
 from .runner import LabResult, Sandbox, _kill_group, run_lab
 from .services.base import ServiceError
@@ -76,8 +77,7 @@ ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 MAX_ARCHIVE_BYTES = 64 * 1024 * 1024      # unpacked, per submission
 MAX_ARCHIVE_MEMBERS = 5000
 MAX_LEARNER_FILE = 2 * 1024 * 1024
-STATUS = {"passed": "pass", "failed": "fail", "error": "error", "timeout": "timeout",
-          "skipped": "error"}
+STATUS = {o.value: o.grade_status for o in Outcome}
 HIDDEN_PREFIX = "hidden/"
 
 

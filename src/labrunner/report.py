@@ -9,19 +9,14 @@ from rich.table import Table
 from rich.text import Text
 
 from .catalog import Catalog
+from .outcome import Outcome
 from .runner import LabResult
 from .store import ConceptStatus
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
-MARKS = {
-    "passed": ("✓", "green"),
-    "failed": ("✗", "red"),
-    "error": ("!", "red"),
-    "timeout": ("⏱", "yellow"),
-    "skipped": ("–", "yellow"),
-}
+MARKS = {o.value: (o.symbol, o.colour) for o in Outcome}
 
 
 def mark(outcome: str) -> Text:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .outcome import OUTCOMES, Outcome
 from .runner import LabResult
 
 RESULTS_VERSION = 1
@@ -23,13 +24,12 @@ def overall_status(results: Sequence[LabResult]) -> str:
     if any(r.outcome == "error" for r in results):
         return "error" if all(r.outcome == "error" for r in results) else "fail"
     # A skipped lab was not verified: it is not a pass, just as the exit code says.
-    return "pass" if all(r.outcome == "passed" for r in results) else "fail"
+    return "pass" if all(Outcome(r.outcome).is_pass for r in results) else "fail"
 
 
 def results_document(results: Sequence[LabResult], *, target: str, backend: str,
                      started_at: float, duration: float) -> dict[str, Any]:
-    counts = {o: sum(1 for r in results if r.outcome == o)
-              for o in ("passed", "failed", "error", "timeout", "skipped")}
+    counts = {o: sum(1 for r in results if r.outcome == o) for o in OUTCOMES}
     return {
         "version": RESULTS_VERSION,
         "tool": {"name": "labrunner", "version": __version__,

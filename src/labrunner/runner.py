@@ -31,9 +31,9 @@ from typing import Any
 
 from .catalog import Lab
 from .learner_process import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN, start_factory
+from .outcome import OUTCOMES
 from .services.local.process import _die_with_parent, become
 
-OUTCOMES = ("passed", "failed", "error", "timeout", "skipped")
 THREAD_STACK_BYTES = 2 * 1024 * 1024
 
 
