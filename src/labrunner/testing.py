@@ -397,6 +397,7 @@ class PgStatementProxy:
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._log: list[str] = []
+        self._rows = 0
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -467,18 +468,40 @@ class PgStatementProxy:
             with self._lock:
                 self._sockets += [client, upstream]
             threading.Thread(target=self._frontend, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._relay, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._backend, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _relay(source: socket.socket, sink: socket.socket) -> None:
+    def take_rows(self) -> int:
+        """How many rows the server sent to clients (DataRow messages) since the last
+        take_rows(): what the learner's code read, whatever it then kept."""
+        with self._lock:
+            rows, self._rows = self._rows, 0
+        return rows
+
+    def _backend(self, upstream: socket.socket, client: socket.socket) -> None:
+        """Server -> client: count DataRow messages, forward the bytes unchanged. With TLS
+        and GSS off (dsn_for) every server message is typed: a byte, then a length."""
+        buffer = bytearray()
         try:
-            while chunk := source.recv(65536):
-                sink.sendall(chunk)
+            while chunk := upstream.recv(65536):
+                buffer += chunk
+                rows = pos = 0
+                while len(buffer) - pos >= 5:
+                    length = int.from_bytes(buffer[pos + 1:pos + 5], "big")
+                    if len(buffer) - pos < 1 + length:
+                        break
+                    if buffer[pos] == ord("D"):
+                        rows += 1
+                    pos += 1 + length
+                del buffer[:pos]
+                if rows:
+                    with self._lock:
+                        self._rows += rows
+                client.sendall(chunk)
         except OSError:
             pass
         finally:
             try:
-                sink.shutdown(socket.SHUT_WR)
+                client.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
 

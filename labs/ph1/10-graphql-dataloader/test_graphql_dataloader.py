@@ -12,6 +12,7 @@ computed by this test from the rows it inserted.
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +21,8 @@ import pytest
 
 from labrunner.testing import PgStatementProxy, http_request, serve_wsgi
 
-USERS = 50
+USERS = 50          # the page the queries ask for
+ALL_USERS = 120     # the table holds more: reading them all shows in the rows counted
 USERS_QUERY = "{ users(first: 50) { id name orders { id totalCents } } }"
 
 
@@ -43,8 +45,9 @@ def ask(host: str, query: str) -> dict[str, Any]:
 # ---- data -------------------------------------------------------------------------------
 
 def orders_of(user_id: int) -> int:
-    """0 to 3 orders per user, with some users having none (a batch must keep their slot)."""
-    return (user_id * 7) % 4
+    """0 to 3 orders per user, with some users having none (a batch must keep their slot);
+    the users past the first page have many, so reading every order shows in the rows."""
+    return (user_id * 7) % 4 if user_id <= USERS else 25
 
 
 def seed(db: Any) -> None:
@@ -54,13 +57,17 @@ def seed(db: Any) -> None:
             CREATE TABLE orders (id bigint PRIMARY KEY, user_id bigint NOT NULL REFERENCES users,
                                  total_cents integer NOT NULL);
             CREATE INDEX orders_user ON orders (user_id);""")
-        order_id = 1000
-        for user_id in range(USERS, 0, -1):  # inserted newest user first: heap order != ids
-            conn.execute("INSERT INTO users VALUES (%s, %s)", (user_id, f"user {user_id}"))
-            for n in range(orders_of(user_id)):
-                order_id += 1
-                conn.execute("INSERT INTO orders VALUES (%s, %s, %s)",
-                             (order_id, user_id, 100 * user_id + n))
+        users = list(range(1, ALL_USERS + 1))
+        random.Random(10).shuffle(users)  # heap order is not id order: ORDER BY is needed
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO users VALUES (%s, %s)",
+                            [(uid, f"user {uid}") for uid in users])
+            rows = [(uid, n) for uid in range(1, ALL_USERS + 1) for n in range(orders_of(uid))]
+            ids = list(range(1001, 1001 + len(rows)))
+            random.Random(11).shuffle(ids)  # nor for orders: a user's orders come back mixed
+            cur.executemany("INSERT INTO orders VALUES (%s, %s, %s)",
+                            [(oid, uid, 100 * uid + n) for oid, (uid, n) in zip(ids, rows)])
+        conn.execute("ANALYZE users; ANALYZE orders")
 
 
 def expected_users(db: Any) -> list[dict[str, Any]]:
@@ -107,16 +114,48 @@ def listing(statements: list[str]) -> str:
 
 # ---- the verification -------------------------------------------------------------------
 
+def _first_difference(got: Any, want: list[dict[str, Any]]) -> str:
+    """Which user differs, and how: the learner's terms, not a dump of 50 users."""
+    if not isinstance(got, list):
+        return f"expected a list of {len(want)} users, saw {str(got)[:200]}"
+    if [u.get("id") for u in got] != [u["id"] for u in want]:
+        return (f"the users are not the first {len(want)} by id: saw ids "
+                f"{[u.get('id') for u in got][:8]}..., expected {[u['id'] for u in want][:8]}...")
+    for seen, wanted in zip(got, want):
+        if seen != wanted:
+            if sorted(seen.get("orders") or [], key=str) == sorted(wanted["orders"], key=str):
+                return (f"user {wanted['id']}: the right orders in the wrong order "
+                        f"{[o['id'] for o in seen['orders']]}; list them by id "
+                        f"{[o['id'] for o in wanted['orders']]} (ORDER BY id: rows come back in "
+                        "whatever order Postgres finds them)")
+            return (f"user {wanted['id']}: expected orders {wanted['orders']}, saw "
+                    f"{seen.get('orders')}: each user must get exactly its own orders (a batch "
+                    "returns one result per key, in the keys' order)")
+    return "the data differs"
+
+
 def test_dataloader_needs_two_queries(make_app: Callable[..., Any], proxied_dsn: str,
                                       counter: PgStatementProxy, postgres: Any) -> None:
+    want = expected_users(postgres)
+    needed_orders = sum(len(u["orders"]) for u in want)
     with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+        counter.take_rows()
+        run(host, counter, "{ users(first: 50) { id name } }")
+        user_rows = counter.take_rows()
         data, statements = run(host, counter, USERS_QUERY)
-    assert data.get("users") == expected_users(postgres), (
-        f"{USERS_QUERY}: the data differs from the database: each user must get exactly its "
-        f"own orders, in id order (first users: {str(data.get('users'))[:300]})")
+        rows = counter.take_rows()
+    assert data.get("users") == want, (
+        f"{USERS_QUERY}: {_first_difference(data.get('users'), want)}")
     assert len(statements) <= 2, (
         f"{USERS} users with their orders took {len(statements)} SQL queries, expected at most "
         f"2 (users, then all their orders in one batch): {listing(statements)}")
+    assert user_rows <= USERS, (
+        f"users(first: 50) read {user_rows} rows from Postgres for 50 users: the table holds "
+        f"{ALL_USERS}; limit in SQL (ORDER BY id LIMIT %s), not by slicing a list in Python")
+    assert rows - user_rows <= needed_orders, (
+        f"the orders of {USERS} users ({needed_orders} rows) were read as {rows - user_rows} "
+        f"rows: the batch fetched orders of users nobody asked for and filtered them in Python; "
+        f"filter in SQL (WHERE user_id = ANY(%s)) so only the wanted rows cross the wire")
 
 
 def test_naive_resolvers_show_n_plus_one(make_app: Callable[..., Any], proxied_dsn: str,
