@@ -122,8 +122,12 @@ def seed_small(db: Any) -> list[int]:
     """SMALL orders in tie groups of three; return their ids newest first (the true order)."""
     with db.connect(autocommit=True) as conn:
         for i in range(SMALL):
+            # Real timestamps have fractions of a second: a position kept to the second
+            # (or to the minute) compares wrongly.
+            group = i // 3
+            at = BASE + timedelta(minutes=group, microseconds=137_531 * group + 17)
             conn.execute("INSERT INTO orders (created_at, customer, total_cents) "
-                         "VALUES (%s, %s, %s)", (BASE + timedelta(minutes=i // 3), f"c{i}", i))
+                         "VALUES (%s, %s, %s)", (at, f"c{i}", i))
         return [r[0] for r in conn.execute(
             "SELECT id FROM orders ORDER BY created_at DESC, id DESC").fetchall()]
 
@@ -142,12 +146,21 @@ def ids(doc: dict[str, Any]) -> list[int]:
     return [row.get("id") for row in doc["data"]]
 
 
+def not_restarting(style: str, seen: list[int], doc: dict[str, Any]) -> None:
+    if seen and ids(doc) and ids(doc)[0] == seen[-1]:
+        pytest.fail(
+            f"{style} page {len(seen) // PAGE + 1} starts with order {seen[-1]}, the last row "
+            "of the page before: the position is compared inclusively (<=); a page must "
+            "start strictly after the last row seen: (created_at, id) < (...)", pytrace=False)
+
+
 def walk(host: str, db: Any, style: str) -> list[int]:
     """Page through all orders with `style`, inserting in front between fetches."""
     seen: list[int] = []
     params: dict[str, Any] = {"style": style, "limit": PAGE}
     for _ in range(2 * SMALL):  # a bound, in case the next-page link never ends
         doc = page(host, params)
+        not_restarting(style, seen, doc)
         seen += ids(doc)
         if style == "cursor":
             if not doc.get("next_cursor"):
@@ -185,6 +198,36 @@ def test_offset_pages_shift_under_inserts(host: str, db: Any) -> None:
         f"offset page 2 after two inserts in front: expected it to repeat ids "
         f"{truth[PAGE - 2:PAGE]} (OFFSET {PAGE} now lands two rows earlier), saw page "
         f"{ids(second)}: is the offset style really LIMIT/OFFSET?")
+
+
+@pytest.mark.parametrize("style", ["cursor", "keyset"])
+def test_positions_keep_fractions_of_a_second(host: str, db: Any, style: str) -> None:
+    """No ties here: every order has its own created_at, ten of them within one second."""
+    with db.connect(autocommit=True) as conn:
+        for i in range(12):
+            conn.execute("INSERT INTO orders (created_at, customer, total_cents) "
+                         "VALUES (%s, %s, %s)",
+                         (BASE + timedelta(milliseconds=83 * i + 5), f"f{i}", i))
+        truth = [r[0] for r in conn.execute(
+            "SELECT id FROM orders ORDER BY created_at DESC, id DESC").fetchall()]
+    seen: list[int] = []
+    params: dict[str, Any] = {"style": style, "limit": PAGE}
+    for _ in range(10):
+        doc = page(host, params)
+        not_restarting(style, seen, doc)
+        seen += ids(doc)
+        following = doc.get("next_cursor") if style == "cursor" else doc.get("next")
+        if not following:
+            break
+        params = ({"style": style, "limit": PAGE, "cursor": following} if style == "cursor"
+                  else {"style": style, "limit": PAGE, **following})
+    missing = [i for i in truth if i not in seen]
+    assert not missing, (
+        f"{style} pages over 12 orders created within one second (no two alike) skipped "
+        f"orders {missing}: the position lost the fraction of a second, so rows just after "
+        "the last one seen compare as already read; keep created_at exactly (microseconds, "
+        "e.g. isoformat()) in the cursor or link")
+    assert seen == truth, f"{style} pages: expected {truth}, saw {seen}"
 
 
 @pytest.mark.parametrize("style", ["cursor", "keyset"])

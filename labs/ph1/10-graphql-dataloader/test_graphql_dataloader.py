@@ -66,7 +66,7 @@ def seed(db: Any) -> None:
             ids = list(range(1001, 1001 + len(rows)))
             random.Random(11).shuffle(ids)  # nor for orders: a user's orders come back mixed
             cur.executemany("INSERT INTO orders VALUES (%s, %s, %s)",
-                            [(oid, uid, 100 * uid + n) for oid, (uid, n) in zip(ids, rows)])
+                            [(oid, uid, 100 * uid + n) for oid, (uid, n) in zip(ids, rows, strict=True)])
         conn.execute("ANALYZE users; ANALYZE orders")
 
 
@@ -121,7 +121,7 @@ def _first_difference(got: Any, want: list[dict[str, Any]]) -> str:
     if [u.get("id") for u in got] != [u["id"] for u in want]:
         return (f"the users are not the first {len(want)} by id: saw ids "
                 f"{[u.get('id') for u in got][:8]}..., expected {[u['id'] for u in want][:8]}...")
-    for seen, wanted in zip(got, want):
+    for seen, wanted in zip(got, want, strict=True):
         if seen != wanted:
             if sorted(seen.get("orders") or [], key=str) == sorted(wanted["orders"], key=str):
                 return (f"user {wanted['id']}: the right orders in the wrong order "
