@@ -66,7 +66,8 @@ def seed(db: Any) -> None:
             ids = list(range(1001, 1001 + len(rows)))
             random.Random(11).shuffle(ids)  # nor for orders: a user's orders come back mixed
             cur.executemany("INSERT INTO orders VALUES (%s, %s, %s)",
-                            [(oid, uid, 100 * uid + n) for oid, (uid, n) in zip(ids, rows, strict=True)])
+                            [(oid, uid, 100 * uid + n)
+                             for oid, (uid, n) in zip(ids, rows, strict=True)])
         conn.execute("ANALYZE users; ANALYZE orders")
 
 
