@@ -77,6 +77,10 @@ def assert_not_modified(host: str, path: str, etag: str, because: str,
         f"GET {path}: a 304 must have no body, saw {reply.body[:100]!r}")
     assert reply.header("ETag") == etag, (
         f"GET {path}: the 304 must repeat the ETag {etag}, saw {reply.header('ETag')!r}")
+    assert re.search(r"max-age=\d+", reply.header("Cache-Control") or ""), (
+        f"GET {path}: the 304 came without Cache-Control (saw "
+        f"{reply.header('Cache-Control')!r}): a 304 carries the same Cache-Control as the 200, "
+        "or the cache that revalidated no longer knows how long its copy stays fresh")
 
 
 # ---- the verification -------------------------------------------------------------------
@@ -114,6 +118,19 @@ def test_changed_resource_gets_new_etag(instances: list[str], dsn: str, postgres
         "the app answered from a copy it kept in memory instead of the database")
     assert after.header("ETag") != old_tag, (
         "GET /users/1: the data changed but the ETag did not: a cache would keep the old copy")
+
+
+def test_collection_etag_follows_every_field(instances: list[str], postgres: Any) -> None:
+    host = instances[0]
+    old_tag = get_ok(host, "/users").header("ETag") or ""
+    with postgres.connect(autocommit=True) as conn:  # same rows, same ids: one name changes
+        conn.execute("UPDATE users SET name = 'Alan M. Turing' WHERE id = 2")
+    after = call(host, "GET", "/users", headers={"If-None-Match": old_tag})
+    assert after.status == 200 and b"Alan M. Turing" in after.body, (
+        f"GET /users with the ETag from before user 2 was renamed: expected 200 with the new "
+        f"name, saw {after.status} {after.body[:120]!r}: the collection's ETag did not change "
+        "although its representation did; derive it from the whole body, not from the ids "
+        "or the count")
 
 
 def test_two_instances_share_no_session(instances: list[str]) -> None:
