@@ -82,9 +82,13 @@ def order_count(db: Any) -> int:
 
 def assert_one_order(db: Any, attempts: int, how: str) -> None:
     count = order_count(db)
+    why = ("the key must make every retry of the same attempt a no-op" if how != "concurrent"
+           else "requests that arrived together each found the key new - a check (SELECT) "
+           "then insert races; claim the key with one atomic statement (INSERT ... ON "
+           "CONFLICT on its primary key) in the same transaction as the order")
     assert count == 1, (
         f"{attempts} {how} POSTs with one Idempotency-Key created {count} orders, expected 1: "
-        "the key must make every retry of the same attempt a no-op")
+        f"{why}")
 
 
 def assert_same_reply(first: HttpReply, other: HttpReply, what: str) -> None:
