@@ -10,6 +10,7 @@ import http.client
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NoReturn
@@ -276,6 +277,52 @@ def test_slow_first_request_blocks_the_second(server: Server, client: Client) ->
     client.expect("GET /slow", "GET /slow (0 bytes)")
     client.expect("GET /fast (queued behind /slow)", "GET /fast (0 bytes)")
     one_connection(server)
+
+
+def test_header_names_are_case_insensitive(server: Server, client: Client) -> None:
+    # What many clients and proxies send: lower-case names (HTTP/2 gateways always do).
+    client.send(b"POST /lower HTTP/1.1\r\nhost: lab.test\r\ncontent-length: 5\r\n\r\nhello"
+                + request("GET", "/next"))
+    reply = client.read("POST /lower (sent with 'content-length: 5')")
+    got = server.bodies.get("/lower")
+    assert reply is not None and got == b"hello", (
+        f"a request sent with 'content-length: 5' (lower case) reached the handler with body "
+        f"{got!r}, expected b'hello'\nHeader names are case-insensitive (RFC 9110 5.1): "
+        "compare them lower-cased, or the body is read as the start of the next request.")
+    client.expect("GET /next (behind the lower-case request)", "GET /next (0 bytes)")
+    client.send(b"GET /bye HTTP/1.1\r\nHOST: lab.test\r\nCONNECTION: Close\r\n\r\n")
+    client.expect("GET /bye (CONNECTION: Close)", "GET /bye (0 bytes)")
+    assert client.closed(), (
+        "'CONNECTION: Close' did not close the connection: header names and the "
+        "Connection token are both case-insensitive")
+
+
+def test_request_head_in_pieces(server: Server, client: Client) -> None:
+    whole = request("GET", "/pieces", X_Trace="abc")
+    pieces = [whole[:7], whole[7:30], whole[30:-2], whole[-2:]]  # the last: the empty line
+    advice = ("One recv() returns whatever has arrived so far: keep reading until the blank "
+              "line that ends the head (\\r\\n\\r\\n) is in the buffer.")
+    for n, piece in enumerate(pieces, start=1):
+        try:
+            client.sock.sendall(piece)
+        except OSError:
+            pytest.fail(f"a request head sent in four pieces: the server closed the connection "
+                        f"before piece {n} of 4 was sent, with the head still incomplete"
+                        f"\n{advice}", pytrace=False)
+        time.sleep(0.15)  # separate segments: each reaches the server in a recv() of its own
+    reply = client.read("GET /pieces (its head sent in four pieces)")
+    assert reply is not None and reply.status == 200, (
+        f"a request whose head arrived in four pieces got "
+        f"{reply.status if reply else 'no response'}, expected 200\n{advice}")
+
+
+def test_http10_closes_by_default(server: Server, client: Client) -> None:
+    client.send(b"GET /old HTTP/1.0\r\nHost: lab.test\r\n\r\n")
+    client.expect("GET /old (HTTP/1.0)", "GET /old (0 bytes)")
+    assert client.closed(), (
+        "an HTTP/1.0 request without 'Connection: keep-alive' was answered and the "
+        "connection kept open: HTTP/1.0 closes after each response unless the client asks "
+        "to keep it; only HTTP/1.1 is persistent by default")
 
 
 def test_malformed_request_gets_400(server: Server, client: Client) -> None:
