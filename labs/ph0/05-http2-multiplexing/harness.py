@@ -59,6 +59,8 @@ class ServerThread:
         if request.path == "/big":
             return response(200, [("content-type", "application/octet-stream")],
                             bytes(range(256)) * (self.big // 256) + b"x" * (self.big % 256))
+        if request.path == "/boom":
+            raise RuntimeError("the application failed on purpose (ph0.5's /boom)")
         if request.path == "/echo":
             return response(200, [("content-type", "application/octet-stream")],
                             request.body)

@@ -105,7 +105,7 @@ class Client:
                 self.fail(f"no {waiting_for} within {WAIT:.0f} s\n{hint}".strip())
             if not data:
                 self.fail(f"the server closed the connection while the client waited for "
-                          f"{waiting_for}")
+                          f"{waiting_for}\n{hint}".strip())
             self._measure_frames(data)
             try:
                 events = self.h2.receive_data(data)
@@ -244,3 +244,50 @@ def test_request_body_is_reassembled_from_data_frames(server: Any,
         f"/echo returned {len(got)} bytes, expected the {len(body)}-byte request body\n"
         "Collect each stream's DATA frames until its StreamEnded event, then call the "
         "handler with the whole body.")
+
+
+def test_large_upload_needs_the_window_given_back(server: Any, client: Client) -> None:
+    body = bytes(range(256)) * 800  # 204,800 bytes: three times the initial window
+    sid = client.h2.get_next_available_stream_id()
+    client.streams[sid] = Stream("/echo")
+    client.h2.send_headers(sid, [(":method", "POST"), (":path", "/echo"), (":scheme", "http"),
+                                 (":authority", "lab.test")])
+    sent = 0
+    while sent < len(body):
+        window = min(client.h2.local_flow_control_window(sid),
+                     client.h2.max_outbound_frame_size, len(body) - sent)
+        if window <= 0:
+            before = sent
+            client.run_until(
+                lambda: client.h2.local_flow_control_window(sid) > 0,
+                f"WINDOW_UPDATE after the client had sent {before:,} of {len(body):,} bytes",
+                hint="The client may send only as many DATA bytes as the server granted. "
+                     "Each DataReceived must be acknowledged (acknowledge_received_data) so h2 "
+                     "sends WINDOW_UPDATE; without it every upload stalls at 64 KiB.")
+            continue
+        client.h2.send_data(sid, body[sent:sent + window], end_stream=sent + window == len(body))
+        sent += window
+        client.flush()
+    client.run_until(client.ended(sid), "/echo response to the 200 KB upload")
+    got = bytes(client.streams[sid].body)
+    assert got == body, (
+        f"/echo returned {len(got)} bytes, expected the {len(body)}-byte upload")
+
+
+def test_a_failing_handler_fails_its_stream_only(server: Any, client: Client) -> None:
+    boom = client.get("/boom", send=False)
+    fine = client.get("/fine", send=False)
+    client.flush()
+    client.run_until(
+        client.ended(boom, fine), "responses to /boom (the application raises) and /fine",
+        hint="When the application raises for one stream, answer that stream with 500 and "
+             "keep the connection: the other streams on it are someone else's requests.")
+    assert client.streams[boom].status == 500, (
+        f"/boom (the application raised): expected status 500 on that stream, saw "
+        f"{client.streams[boom].status}")
+    assert client.streams[fine].status == 200, (
+        f"/fine, beside a failing stream: expected 200, saw {client.streams[fine].status}")
+    later = client.get("/later")
+    client.run_until(client.ended(later), "a response on the same connection after /boom",
+                     hint="One stream's failure must not end the connection.")
+    one_connection(server)
