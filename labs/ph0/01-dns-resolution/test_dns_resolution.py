@@ -135,6 +135,8 @@ def _zones(tld_ip: str, auth_ip: str) -> dict[str, list[Zone]]:
         RR("api.shop.test.", QTYPE.A, ttl=API_TTL, rdata=A("192.0.2.10")),
         RR("www.shop.test.", QTYPE.CNAME, ttl=CNAME_TTL, rdata=CNAME("edge.cdn.test.")),
         RR("ns1.shop.test.", QTYPE.A, ttl=86400, rdata=A(auth_ip)),
+        RR("loop.shop.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("round.shop.test.")),
+        RR("round.shop.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("loop.shop.test.")),
     ])
     cdn = Zone("cdn.test.", [
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.20")),
@@ -336,3 +338,64 @@ def test_nxdomain_is_reported_and_cached(resolver: Any, dns: Hierarchy,
         f"{NEGATIVE_TTL + 1} s after the NXDOMAIN the name was not asked again\n"
         f"A negative answer is cached for min(SOA TTL, SOA minimum) = {NEGATIVE_TTL} s "
         "(RFC 2308), then it expires like any record.")
+
+
+def test_names_are_case_insensitive(resolver: Any, dns: Hierarchy) -> None:
+    _resolve(resolver, dns, "api.shop.test")
+    dns.log.clear()
+    advice = ("DNS names are case-insensitive (RFC 4343) and the trailing dot is optional: "
+              "compare and cache them lower-cased, fully qualified")
+    try:
+        answer = resolver.resolve("API.Shop.TEST.")
+    except Exception as exc:  # noqa: BLE001 - the learner's error, explained below
+        problem = f"resolving 'API.Shop.TEST.' raised {type(exc).__name__}: {exc}"
+    else:
+        problem = ""
+    if problem:
+        pytest.fail(f"the same name in capitals: {advice}\n({problem})", pytrace=False)
+    count = len(dns.log.servers())
+    assert count == 0, (
+        f"resolving 'API.Shop.TEST.' right after 'api.shop.test' sent {count} queries "
+        f"({_walk(dns.log)}), expected none: it is the same name\n{advice}")
+    _expect_addresses(answer, ["192.0.2.10"], "API.Shop.TEST.")
+
+
+def test_referrals_are_cached_too(resolver: Any, dns: Hierarchy) -> None:
+    _resolve(resolver, dns, "api.shop.test")
+    dns.log.clear()
+    _resolve(resolver, dns, "nope.shop.test")
+    walk = dns.log.servers()
+    assert walk == ["auth"], (
+        f"after api.shop.test, looking up nope.shop.test asked {_walk(dns.log)}, expected "
+        "the authoritative server alone\nThe referrals on the way (NS of test. and "
+        "shop.test., with their glue) have TTLs too: cache them, and start the next walk at "
+        "the deepest zone whose servers you know.")
+
+
+@pytest.mark.timeout(15)
+def test_a_cname_loop_ends_with_an_error(resolver: Any, dns: Hierarchy) -> None:
+    outcome: list[Any] = []
+
+    def attempt() -> None:
+        try:
+            outcome.append(resolver.resolve("loop.shop.test"))
+        except RecursionError as exc:
+            outcome.append(exc)
+        except Exception as exc:  # noqa: BLE001 - any error of the learner's is right here
+            outcome.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(5.0)
+    assert outcome, (
+        "loop.shop.test is a CNAME to round.shop.test, which is a CNAME back to "
+        f"loop.shop.test: resolve() was still going after 5 s ({len(dns.log.servers())} "
+        "queries sent)\nBound the CNAME chain (real resolvers stop after 8-16 links) and "
+        "raise an error instead of following it forever.")
+    result = outcome[0]
+    assert not isinstance(result, RecursionError), (
+        "a CNAME loop ended in RecursionError: bound the chain yourself and raise a "
+        "clear error (e.g. ResolutionError) before Python's stack runs out")
+    assert isinstance(result, Exception), (
+        f"a CNAME loop gave an answer {result!r}: a name whose aliases loop has no address; "
+        "raise an error (e.g. ResolutionError)")
