@@ -107,9 +107,16 @@ class Server:
             response = conn.getresponse()
             return response, response.read()
         except (http.client.HTTPException, OSError) as exc:
-            pytest.fail(f"GET {path}: the HTTP client could not read the response "
-                        f"({type(exc).__name__}: {exc}): the bytes on the wire are not a whole "
-                        "HTTP response - did every write() write everything?", pytrace=False)
+            seen = str(exc)
+            if "HTTP/1.1" in seen and not seen.lstrip("'\"").startswith("HTTP/1.1"):
+                cause = ("bytes arrived twice (the status line starts with a repeat): after a "
+                         "short write, go on from where it stopped (buf += n), not from the "
+                         "start")
+            else:
+                cause = ("bytes are missing: write() may write fewer bytes than asked; loop "
+                         "until every byte is written")
+            pytest.fail(f"GET {path}: the bytes on the wire are not a whole HTTP response: "
+                        f"{cause} ({type(exc).__name__}: {seen[:80]})", pytrace=False)
         finally:
             conn.close()
 
@@ -160,6 +167,11 @@ def test_reason_phrase_matches_status(learner: Any) -> None:
             assert response.getheader("Content-Type") == "application/json", (
                 f"status {status}: expected Content-Type: application/json, saw "
                 f"{response.getheader('Content-Type')!r}")
+            length = response.getheader("Content-Length")
+            assert length == str(len(expected_body(status, 64))), (
+                f"status {status}: Content-Length: {length} for a "
+                f"{len(expected_body(status, 64))}-byte body: count the body's bytes "
+                "(strlen(body)); sizeof(body) is the size of the pointer")
             assert body == expected_body(status, 64), (
                 f"status {status}: the body differs from the one passed to send_json(): "
                 f"{body[:80]!r}")
