@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -206,3 +208,50 @@ def test_500_leaks_nothing(host: str, db: Any) -> None:
     assert not leaked, (
         f"the 500 problem leaks internals ({', '.join(leaked)}): {doc.get('detail')!r}: log "
         "the exception on the server; tell the client only that something failed")
+
+
+def _lock_waiters(db: Any) -> int:
+    with db.connect(autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_concurrent_withdrawals_end_in_409_not_500(host: str, db: Any) -> None:
+    """Two withdrawals of 3000 from 5000 arrive together: one is paid, the other is the
+    out-of-credit problem. The test holds the account's row lock until both requests are
+    inside Postgres, so the race is run every time."""
+    replies: list[HttpReply | BaseException | None] = [None, None]
+
+    def withdraw(i: int) -> None:
+        try:
+            replies[i] = call(host, "POST", W, js({"amount_cents": 3000}), JSON)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            replies[i] = exc
+
+    threads = [threading.Thread(target=withdraw, args=(i,), daemon=True) for i in (0, 1)]
+    with db.connect() as gate:
+        gate.execute("SELECT 1 FROM accounts WHERE id = 1 FOR UPDATE")
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while _lock_waiters(db) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        gate.commit()
+    for thread in threads:
+        thread.join(20)
+    done = [r for r in replies if isinstance(r, HttpReply)]
+    assert len(done) == 2, f"two concurrent withdrawals did not both complete: {replies}"
+    statuses = sorted(r.status for r in done)
+    assert 500 not in statuses, (
+        f"two withdrawals of 3000 from 5000 at once answered {statuses}: the second one broke "
+        "the balance's CHECK constraint and became a 500. Both read the balance before "
+        "either wrote: lock the row while checking (SELECT ... FOR UPDATE), or make the "
+        "UPDATE itself conditional (WHERE balance_cents >= amount), and answer the "
+        "out-of-credit problem (409)")
+    assert statuses == [201, 409], (
+        f"two withdrawals of 3000 from 5000 at once: expected one 201 and one 409, saw "
+        f"{statuses}")
+    refused = next(r for r in done if r.status == 409)
+    check_problem(refused, "the refused concurrent withdrawal", W, 409, OUT_OF_CREDIT)
