@@ -1,0 +1,201 @@
+"""ph3.c verification: the compiled HS256 verifier against tokens PyJWT signed.
+
+The learner's jwt_verify.c is built with the harness main.c (-Wall -Wextra -Werror, ASan
+and UBSan) and fed tokens on stdin, one per line; the harness hands each to
+jwt_verify_token() in a heap block of exactly its length, without a NUL, so a read past
+the end is an AddressSanitizer report. Every run must leave no sanitizer report. Which
+comparison the code calls is read from the learner's object file: its undefined symbols
+(nm -u) are the functions it imports."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt as pyjwt
+import pytest
+
+SANITIZER_MARKS = ("LeakSanitizer", "AddressSanitizer", "runtime error:",
+                   "UndefinedBehaviorSanitizer")
+SECRETS = [b"k", b"a 32-byte secret for the lab!!!!", bytes(range(256))[:48] + b"\x00z",
+           b"long " * 30]          # the last is longer than SHA-256's 64-byte block
+CLAIMS = {"sub": "user-42", "iss": "https://auth.lab.test", "exp": 1_700_000_300}
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class Program:
+    binary: Path
+    obj: Path
+
+    def verify(self, secret: bytes, tokens: list[bytes]) -> list[str]:
+        env = {**os.environ,
+               "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
+               "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+        done = subprocess.run([str(self.binary), secret.hex()], input=b"\n".join(tokens)
+                              + b"\n", capture_output=True, timeout=60, env=env)
+        stderr = done.stderr.decode(errors="replace")
+        reports = [m for m in SANITIZER_MARKS if m in stderr]
+        lines = done.stdout.decode(errors="replace").split()
+        if reports or done.returncode != 0:
+            at = len(lines)
+            culprit = tokens[at] if at < len(tokens) else b"(after the last token)"
+            kind = re.search(r"(AddressSanitizer: [\w-]+|runtime error: [^\n]+)", stderr)
+            seen = kind.group(1) if kind else (reports[0] if reports
+                                               else f"exit status {done.returncode}")
+            pytest.fail(
+                f"jwt_verify failed with {seen} on a token of {len(culprit)} bytes: a read "
+                "or write outside a buffer or undefined behaviour. The token is NOT "
+                "NUL-terminated (use token_len, never strlen); check out_cap before writing "
+                "a decoded byte; index tables with unsigned values\n"
+                f"the token: {culprit[:120]!r}\n{stderr[-2500:]}", pytrace=False)
+        assert len(lines) == len(tokens), (
+            f"jwt_verify printed {len(lines)} verdicts for {len(tokens)} tokens")
+        return lines
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Programs already built in this run, by the hash of the learner's source."""
+    return {"_dir": tmp_path_factory.mktemp("jwt_verify")}
+
+
+@pytest.fixture
+def program(learner: Any, builds: dict[str, Any]) -> Iterator[Program]:
+    digest = hashlib.sha256(learner.path("jwt_verify.c").read_bytes()).hexdigest()[:16]
+    if digest not in builds:
+        built = learner.build()
+        target = builds["_dir"] / digest
+        target.mkdir()
+        for name in ("jwt_verify", "jwt_verify.o"):
+            shutil.copy2(built / name, target / name)  # the build dir is temporary
+        builds[digest] = Program(target / "jwt_verify", target / "jwt_verify.o")
+    yield builds[digest]
+
+
+def pyjwt_tokens(secret: bytes) -> list[str]:
+    """PyJWT tokens for this secret whose segments, together, contain '-' and '_' and
+    every length remainder (a decoder for the standard alphabet fails on them)."""
+    picked, seen = [], set()
+    for n in range(300):
+        token = pyjwt.encode({**CLAIMS, "n": n, "pad": "x" * (n % 3)}, secret,
+                             algorithm="HS256")
+        sig = token.rsplit(".", 1)[1]
+        marks = {c for c in sig if c in "-_"} | {f"p{len(token.split('.')[1]) % 4}"}
+        if marks - seen:
+            picked.append(token)
+            seen |= marks
+    return picked
+
+
+def test_accepts_tokens_pyjwt_signed(program: Program) -> None:
+    for secret in SECRETS:
+        tokens = pyjwt_tokens(secret)
+        verdicts = program.verify(secret, [t.encode() for t in tokens])
+        refused = [t for t, v in zip(tokens, verdicts, strict=True) if v != "VALID"]
+        assert not refused, (
+            f"jwt_verify refused {len(refused)} of {len(tokens)} valid tokens PyJWT signed "
+            f"with a {len(secret)}-byte secret: jwt_verify_token must return 1 when the "
+            "signature is base64url (- and _, no '=' padding) of HMAC-SHA256(secret, the "
+            f"bytes 'header.payload' before the second dot)\ne.g. {refused[0]}")
+
+
+def forgeries(secret: bytes) -> list[tuple[str, str]]:
+    good = pyjwt.encode(CLAIMS, secret, algorithm="HS256")
+    head, body, sig = good.split(".")
+    evil = b64(json.dumps({**CLAIMS, "sub": "admin"}).encode())
+    mid = len(sig) // 2
+    flipped = sig[:mid] + ("A" if sig[mid] != "A" else "B") + sig[mid + 1:]
+    raw_sig = base64.urlsafe_b64decode(sig + "=")
+    short = b64(raw_sig[:16])
+    return [
+        ("a signature with one character changed", f"{head}.{body}.{flipped}"),
+        ("a payload swapped under the signature (sub: admin)", f"{head}.{evil}.{sig}"),
+        ("a token signed with another secret",
+         pyjwt.encode(CLAIMS, secret + b"!", algorithm="HS256")),
+        ("alg none: an empty signature", f"{head}.{body}."),
+        ("the first 31 bytes of the right signature", f"{head}.{body}.{b64(raw_sig[:31])}"),
+        ("the first 16 bytes of the right signature", f"{head}.{body}.{short}"),
+        ("the first byte of the right signature", f"{head}.{body}.{b64(raw_sig[:1])}"),
+        ("the right signature with a byte appended", f"{head}.{body}.{b64(raw_sig + b'x')}"),
+        ("HS512 with the same secret",
+         pyjwt.encode(CLAIMS, secret, algorithm="HS512")),
+        ("an HMAC over the payload alone",
+         f"{head}.{body}."
+         + b64(hmac.new(secret, body.encode(), hashlib.sha256).digest())),
+        ("a fourth segment", f"{good}.{sig}"),
+        ("an empty header", f".{body}.{sig}"),
+    ]
+
+
+def test_rejects_tampered_and_wrong_secret_tokens(program: Program) -> None:
+    for secret in SECRETS[1:3]:
+        cases = forgeries(secret)
+        verdicts = program.verify(secret, [t.encode() for _, t in cases])
+        accepted = [name for (name, _), v in zip(cases, verdicts, strict=True)
+                    if v != "INVALID"]
+        assert not accepted, (
+            f"jwt_verify accepted {', '.join(accepted)}: expected INVALID. A signature "
+            "matches only when it has exactly the digest's length (32 bytes) and every "
+            "byte is equal: CRYPTO_memcmp(digest, sig, 32) == 0 after checking sig_len")
+
+
+def malformed(secret: bytes) -> list[bytes]:
+    good = pyjwt.encode(CLAIMS, secret, algorithm="HS256").encode()
+    head, body, sig = good.split(b".")
+    cases = [good[:n] for n in range(len(good))]          # every truncation
+    cases += [b"", b".", b"..", b"...", b"a.b", b"a.b.c", b"a..c", b"..c",
+              head + b"." + body + b"." + sig + b"=",
+              head + b"." + body + b"." + sig[:-1] + b"+",
+              head + b"." + body + b"." + sig[:-1] + b"/",
+              head + b"." + body + b"." + sig[:10] + b" " + sig[11:],
+              head + b"." + body + b"." + sig[:10] + b"\xff" + sig[11:],
+              head + b"." + body + b"." + sig[:10] + b"\x80\xc3\xa9" + sig[13:],
+              head + b"." + body + b"." + b"A" * 87,       # 65 bytes: one past any digest
+              head + b"." + body + b"." + b"A" * 200,
+              head + b"." + body + b"." + b"_" * 10_000,
+              head + b"." + body + b"." + sig + b"A",       # length 1 mod 4
+              b"." * 500]
+    return cases
+
+
+def test_truncated_and_malformed_input_is_invalid_without_sanitizer_reports(
+        program: Program) -> None:
+    secret = SECRETS[1]
+    cases = malformed(secret)
+    verdicts = program.verify(secret, cases)
+    accepted = [c for c, v in zip(cases, verdicts, strict=True) if v != "INVALID"]
+    assert not accepted, (
+        f"jwt_verify accepted {len(accepted)} malformed or truncated tokens, e.g. "
+        f"{accepted[0][:100]!r}: expected INVALID")
+
+
+def test_signature_compared_with_crypto_memcmp(program: Program) -> None:
+    nm = shutil.which("nm")
+    assert nm, "nm (binutils) is needed to read the symbols the object imports"
+    done = subprocess.run([nm, "-u", str(program.obj)], capture_output=True, text=True,
+                          check=True)
+    imported = {line.split()[-1] for line in done.stdout.splitlines() if line.strip()}
+    early_exit = sorted(imported & {"memcmp", "bcmp", "strcmp", "strncmp", "__memcmpeq"})
+    listed = ", ".join(sorted(i for i in imported if not i.startswith("__")))
+    assert "CRYPTO_memcmp" in imported and not early_exit, (
+        "jwt_verify.c "
+        + (f"calls {', '.join(early_exit)}" if early_exit else "does not call CRYPTO_memcmp")
+        + f" (its object imports: {listed})."
+        " Compare the signature with CRYPTO_memcmp: memcmp returns at the first differing "
+        "byte, so its time tells an attacker how many leading bytes of a forged signature "
+        "are right; a hand-written loop may be turned into the same early exit by the "
+        "compiler")

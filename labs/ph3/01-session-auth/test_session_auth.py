@@ -1,0 +1,239 @@
+"""Verification for ph3.1: the learner's WSGI app served on a loopback port
+(labrunner.testing.serve_wsgi) and spoken to over real HTTP, with the sessions read
+straight from the test's own Redis database.
+
+The attacks are real requests: a session id obtained before login and planted in the
+victim's browser (fixation), an id the server never issued, a cross-site POST without a
+CSRF token, with a wrong one, and with another user's valid one, a replayed session id
+after logout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from typing import Any
+
+import pytest
+
+from labrunner.testing import HttpReply, http_request, serve_wsgi
+
+USERS = {"alice": "wonderland-42", "bob": "builder-7"}
+EVIL = "https://evil.example"
+TTL = 1800
+
+
+@dataclass
+class Browser:
+    """A real HTTP client with a one-cookie jar, like a browser tab."""
+
+    host: str
+    sid: str | None = None
+    cookies: list[str] = field(default_factory=list)
+
+    def call(self, method: str, path: str, document: Any = None, csrf: str | None = None,
+             origin: str | None = None) -> HttpReply:
+        headers = {}
+        if self.sid is not None:
+            headers["Cookie"] = f"sid={self.sid}"
+        if csrf is not None:
+            headers["X-CSRF-Token"] = csrf
+        if origin is not None:
+            headers["Origin"] = origin
+        body = b"" if method == "POST" and document is None else None
+        reply = http_request(self.host, method, path, body, headers, document=document,
+                             timeout=10)
+        for raw in reply.headers.get_all("Set-Cookie") or []:
+            self.cookies.append(raw)
+            jar = SimpleCookie()
+            jar.load(raw)
+            if "sid" in jar:
+                morsel = jar["sid"]
+                gone = morsel["max-age"] in ("0", "-1") or not morsel.value
+                self.sid = None if gone else morsel.value
+        return reply
+
+    def csrf_from(self, reply: HttpReply, what: str) -> str:
+        data = reply.json()
+        token = data.get("csrf") if isinstance(data, dict) else None
+        assert isinstance(token, str) and token, (
+            f"{what} answered {data!r}, expected a JSON object with the session's csrf token")
+        return token
+
+
+@dataclass
+class Site:
+    host: str
+    redis: Any
+
+    def browser(self) -> Browser:
+        return Browser(self.host)
+
+    def session(self, sid: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(f"session:{sid}").items()}
+
+    def login(self, browser: Browser, user: str = "alice") -> str:
+        reply = browser.call("POST", "/login", {"username": user, "password": USERS[user]})
+        assert reply.status == 200, (
+            f"POST /login with {user}'s right password answered {reply.status} "
+            f"{reply.body[:150]!r}, expected 200 with the user and a CSRF token")
+        return browser.csrf_from(reply, "POST /login")
+
+
+@pytest.fixture
+def site(learner: Any, redis_db: Any) -> Iterator[Site]:
+    module = learner.load("app")
+    try:
+        app = module.make_app(redis_db.url, dict(USERS))
+    except NotImplementedError as exc:
+        pytest.fail(f"make_app() is not implemented yet: {exc}", pytrace=False)
+    client = redis_db.client()
+    try:
+        with serve_wsgi(app) as host:
+            yield Site(host, client)
+    finally:
+        client.close()
+
+
+def check_cookie(browser: Browser, what: str, site: Site) -> None:
+    raw = browser.cookies[-1] if browser.cookies else None
+    assert raw is not None and browser.sid, (
+        f"{what} set no sid cookie (Set-Cookie: {raw!r}): the browser holds its session "
+        "id in a cookie named sid")
+    attrs = {part.strip().split("=", 1)[0].lower(): part.strip().partition("=")[2]
+             for part in raw.split(";")[1:]}
+    missing = [why for name, why in (
+        ("httponly", "HttpOnly (page scripts, and so an XSS, could read the id)"),
+        ("secure", "Secure (the id would travel over plain HTTP)"),
+        ("samesite", "SameSite (other sites' requests would carry it)"))
+        if name not in attrs]
+    assert not missing, (f"{what} set the session cookie without {'; '.join(missing)}: "
+                         "every session cookie needs HttpOnly, Secure and SameSite=Lax or "
+                         f"Strict\nSet-Cookie: {raw}")
+    assert attrs["samesite"].lower() in ("lax", "strict"), (
+        f"{what} set SameSite={attrs['samesite']}: with None, a form on another site posts "
+        "with the user's cookie; use Lax or Strict")
+    assert len(browser.sid) >= 22, (
+        f"the session id {browser.sid!r} is too short to be unguessable: at least 128 "
+        "random bits (secrets.token_urlsafe(32))")
+    ttl = site.redis.ttl(f"session:{browser.sid}")
+    assert 0 < ttl <= TTL, (
+        f"after {what} Redis session:{browser.sid[:8]}... has a TTL of {ttl}, expected "
+        f"1..{TTL} s: " + ("the key does not exist: store the session as session:<id>"
+                           if ttl == -2 else "a session that never expires lives forever "
+                           "in Redis and in a stolen cookie; EXPIRE it"))
+
+
+def test_login_gives_a_hardened_session_cookie(site: Site) -> None:
+    tab = site.browser()
+    first = tab.call("GET", "/login")
+    assert first.status == 200, (
+        f"GET /login answered {first.status} {first.body[:120]!r}, expected 200 with an "
+        "anonymous session (cookie) and its CSRF token")
+    tab.csrf_from(first, "GET /login")
+    check_cookie(tab, "GET /login", site)
+    site.login(tab)
+    check_cookie(tab, "POST /login", site)
+    me = tab.call("GET", "/me")
+    assert me.status == 200 and me.json() == {"user": "alice"}, (
+        f"GET /me after alice logged in answered {me.status} {me.body[:120]!r}, expected "
+        "200 {\"user\": \"alice\"}")
+    other = site.browser()
+    site.login(other, "bob")
+    assert other.sid != tab.sid and other.call("GET", "/me").json() == {"user": "bob"}, (
+        "bob's login did not get a session of its own")
+
+
+def test_an_id_the_server_never_issued_is_not_adopted(site: Site) -> None:
+    chosen = "attacker-chosen-id-0123456789abcdefghij"
+    victim = Browser(site.host, sid=chosen)
+    site.login(victim)
+    assert victim.sid != chosen, (
+        f"POST /login with the cookie sid={chosen} kept that id: a server that adopts ids "
+        "it never issued lets an attacker choose the victim's session id")
+    assert not site.session(chosen) and Browser(site.host, sid=chosen).call(
+            "GET", "/me").status == 401, (
+        f"the attacker-chosen id {chosen} leads to a session: only ids the server issued "
+        "(and stored in Redis) are sessions")
+
+
+def test_session_fixation_old_id_dies_at_login(site: Site) -> None:
+    attacker = site.browser()
+    assert attacker.call("GET", "/login").status == 200
+    planted = attacker.sid
+    assert planted, "GET /login set no sid cookie"
+    victim = Browser(site.host, sid=planted)  # the attacker planted the id in the victim's tab
+    site.login(victim)
+    assert victim.sid != planted, (
+        "alice logged in with a session id obtained before login, and kept it: session "
+        "fixation. The attacker who planted that id is now logged in as alice. Issue a "
+        "NEW session id at login and delete the old session")
+    assert not site.session(planted), (
+        f"after login the pre-login session:{planted[:8]}... still exists in Redis: delete "
+        "the old session when issuing the new id")
+    seen = attacker.call("GET", "/me")
+    assert seen.status == 401, (
+        f"the attacker's copy of the pre-login id got {seen.status} {seen.body[:100]!r} "
+        "from GET /me, expected 401: the old id must die at login")
+
+
+def test_wrong_password_creates_no_session(site: Site) -> None:
+    tab = site.browser()
+    for creds in ({"username": "alice", "password": "wonderland-43"},
+                  {"username": "mallory", "password": "wonderland-42"}):
+        reply = tab.call("POST", "/login", creds)
+        assert reply.status == 401, (
+            f"POST /login with {creds} answered {reply.status}, expected 401")
+    logged_in = [k for k in site.redis.keys("session:*") if b"user" in site.redis.hkeys(k)]
+    assert not logged_in and tab.call("GET", "/me").status == 401, (
+        f"failed logins left logged-in sessions in Redis: {logged_in}")
+
+
+def test_csrf_token_required_on_post(site: Site) -> None:
+    alice = site.browser()
+    token = site.login(alice)
+    bob = site.browser()
+    bob_token = site.login(bob, "bob")
+    order = {"to": "mallory", "amount": 1000}
+    for csrf, what in ((None, "no CSRF token (a cross-site form post)"),
+                       ("forged-token-0123456789", "a made-up CSRF token"),
+                       (bob_token, "bob's valid CSRF token (another session's)"),
+                       ("", "an empty CSRF token")):
+        reply = alice.call("POST", "/transfer", order, csrf=csrf, origin=EVIL)
+        assert reply.status == 403, (
+            f"POST /transfer with alice's cookie and {what} answered {reply.status}, "
+            "expected 403: a state-changing POST needs the CSRF token bound to THIS "
+            "session (compared with hmac.compare_digest); the cookie alone proves nothing, "
+            "the browser attaches it to cross-site requests too")
+    reply = alice.call("POST", "/transfer", order, csrf=token)
+    assert reply.status == 200, (
+        f"POST /transfer with alice's cookie and her CSRF token answered {reply.status} "
+        f"{reply.body[:100]!r}, expected 200")
+    anonymous = site.browser()
+    reply = anonymous.call("POST", "/transfer", order, csrf=token)
+    assert reply.status == 401, (
+        f"POST /transfer without any session answered {reply.status}, expected 401")
+
+
+def test_logout_deletes_the_session(site: Site) -> None:
+    tab = site.browser()
+    token = site.login(tab)
+    sid = tab.sid
+    assert sid
+    reply = tab.call("POST", "/logout", origin=EVIL)
+    assert reply.status == 403 and site.session(sid), (
+        f"POST /logout without the CSRF token answered {reply.status}, expected 403 (a "
+        "cross-site page must not log users out either), and the session kept")
+    stolen = Browser(site.host, sid=sid)  # a copy of the cookie, e.g. from another machine
+    reply = tab.call("POST", "/logout", csrf=token)
+    assert reply.status == 200, f"POST /logout answered {reply.status}, expected 200"
+    assert tab.sid is None, (
+        f"POST /logout left the cookie (Set-Cookie: {tab.cookies[-1]!r}); clear it with "
+        "sid=; Max-Age=0")
+    assert not site.session(sid), (
+        f"after logout Redis still holds session:{sid[:8]}...: logout must DELETE the "
+        "session server-side; clearing the cookie alone leaves any copy of it valid")
+    seen = stolen.call("GET", "/me")
+    assert seen.status == 401, (
+        f"a copy of the cookie taken before logout still gets {seen.status} from GET /me, "
+        "expected 401")

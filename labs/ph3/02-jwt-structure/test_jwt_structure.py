@@ -1,0 +1,281 @@
+"""Verification for ph3.2: the learner's hand-made HS256 JWTs against PyJWT, both ways, and
+a table of tokens that must be refused (expired, not yet valid, wrong issuer or audience,
+alg none, HS512, a tampered payload or header, a wrong secret, malformed input). The clock
+is injected (decode's `now`), so every boundary is exact.
+
+Which comparison decode() uses for the signature is observed, not timed: harness.py wraps
+hmac.compare_digest where the learner's code runs and records what it was given."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt as pyjwt
+import pytest
+
+SECRET = b"k3y-for-lab-ph3.2-\x00\xff-with-odd-bytes"
+ISS = "https://auth.lab.test"
+AUD = "orders-api"
+NOW = 1_700_000_000
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def raw_token(header: dict[str, Any], claims: Any, secret: bytes = SECRET,
+              payload_bytes: bytes | None = None) -> str:
+    """A token signed by the test itself, HS256 over exactly the segments it sends."""
+    head = b64(json.dumps(header, separators=(",", ":")).encode())
+    body = b64(payload_bytes if payload_bytes is not None
+               else json.dumps(claims, separators=(",", ":")).encode())
+    sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def claims(**extra: Any) -> dict[str, Any]:
+    base = {"iss": ISS, "aud": AUD, "sub": "user-42", "iat": NOW, "exp": NOW + 300,
+            "jti": "7f1c9a"}
+    base.update(extra)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+@dataclass
+class Jwt:
+    module: Any
+
+    def encode(self, payload: dict[str, Any], secret: bytes = SECRET) -> str:
+        try:
+            token = self.module.encode(payload, secret)
+        except NotImplementedError as exc:
+            pytest.fail(f"encode() is not implemented yet: {exc}", pytrace=False)
+        assert isinstance(token, str), f"encode() returned {type(token).__name__}, expected str"
+        return token
+
+    def decode(self, token: str, now: float = NOW, leeway: float = 0,
+               audience: str = AUD) -> tuple[str, Any]:
+        """("ok", claims) or ("refused", message); anything else fails the test."""
+        try:
+            return "ok", self.module.decode(token, SECRET, issuer=ISS, audience=audience,
+                                            now=now, leeway=leeway)
+        except NotImplementedError as exc:
+            pytest.fail(f"decode() is not implemented yet: {exc}", pytrace=False)
+        except self.module.InvalidToken as exc:
+            return "refused", str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported as the learner's mistake
+            pytest.fail(f"decode({token[:60]!r}...) raised {type(exc).__name__}: {exc}; "
+                        "every token decode() refuses must raise InvalidToken, whatever is "
+                        "wrong with it (a caller catches one exception)", pytrace=False)
+
+
+@pytest.fixture
+def jwt(learner: Any) -> Jwt:
+    return Jwt(learner.load("jwt_hand"))
+
+
+# Claim sets whose encodings hit every base64 remainder and the URL-safe characters.
+PAYLOADS = [claims(), claims(name="Zoë 王"), claims(n=1), claims(n=12), claims(n=123),
+            claims(aud=[AUD, "billing"], blob="~~~???>>>")]
+
+
+def test_pyjwt_reads_what_encode_makes(jwt: Jwt) -> None:
+    for payload in PAYLOADS:
+        token = jwt.encode(payload)
+        parts = token.split(".")
+        assert len(parts) == 3, f"encode() made {token!r}: expected header.payload.signature"
+        bad = sorted({c for c in token if not (c.isalnum() or c in "-_.")})
+        assert not bad, (f"encode() made a token with the characters {bad}: segments are "
+                         "base64url (- and _ instead of + and /) with the '=' padding "
+                         f"stripped\n{token}")
+        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+        assert header.get("alg") == "HS256", f"the header is {header}, expected alg HS256"
+        try:
+            got = pyjwt.decode(token, SECRET, algorithms=["HS256"], audience=AUD,
+                               issuer=ISS, options={"verify_exp": False})
+        except pyjwt.PyJWTError as exc:
+            pytest.fail(f"PyJWT refused the token encode() made ({type(exc).__name__}: "
+                        f"{exc})\n{token}\nThe signature is HMAC-SHA256(secret, the ASCII "
+                        "bytes 'header.payload'), base64url without padding", pytrace=False)
+        assert got == payload, f"PyJWT read {got} from encode()'s token, expected {payload}"
+
+
+def pyjwt_tokens() -> list[tuple[dict[str, Any], str]]:
+    """PyJWT tokens, chosen so that their segments contain '-' and '_' (a decoder for the
+    standard alphabet fails on them) and every length remainder."""
+    picked: list[tuple[dict[str, Any], str]] = []
+    seen: set[str] = set()
+    for n in range(400):
+        payload = claims(n=n, note="x" * (n % 3))
+        token = pyjwt.encode(payload, SECRET, algorithm="HS256", headers={"kid": "k1"})
+        marks = {c for c in token if c in "-_"} | {f"len{len(token.split('.')[1]) % 4}"}
+        if marks - seen:
+            picked.append((payload, token))
+            seen |= marks
+    return picked
+
+
+def test_decode_reads_what_pyjwt_makes(jwt: Jwt) -> None:
+    for payload, token in pyjwt_tokens():
+        verdict, got = jwt.decode(token)
+        assert verdict == "ok", (
+            f"decode() refused a valid token PyJWT made ({got})\n{token}\nbase64url uses "
+            "- and _ and has no padding; verify the signature over the segments as they "
+            "arrived (PyJWT's JSON is not spaced or ordered like yours)")
+        assert got == payload, f"decode() returned {got}, expected {payload}"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    token: Callable[[], str]
+    now: float
+    leeway: float
+    accept: bool
+    why: str
+
+
+def signed(**extra: Any) -> Callable[[], str]:
+    return lambda: raw_token({"alg": "HS256", "typ": "JWT"}, claims(**extra))
+
+
+CLAIM_CASES = [
+    Case("exp one second ahead", signed(), NOW + 299, 0, True, "valid until exp"),
+    Case("now == exp", signed(), NOW + 300, 0, False,
+         "exp is the first instant the token is no longer valid (now must be before exp)"),
+    Case("expired an hour ago", signed(), NOW + 3900, 0, False, "an expired token"),
+    Case("expired 30 s ago, leeway 60", signed(), NOW + 330, 60, True,
+         "the leeway forgives clock skew: exp + leeway is still in the future"),
+    Case("expired 61 s ago, leeway 60", signed(), NOW + 361, 60, False,
+         "past exp + leeway"),
+    Case("nbf in 30 s", signed(nbf=NOW + 30), NOW, 0, False,
+         "not valid yet: now is before nbf"),
+    Case("nbf in 30 s, leeway 60", signed(nbf=NOW + 30), NOW, 60, True,
+         "now + leeway reaches nbf"),
+    Case("nbf in 61 s, leeway 60", signed(nbf=NOW + 61), NOW, 60, False,
+         "nbf is beyond now + leeway"),
+    Case("nbf now", signed(nbf=NOW), NOW, 0, True, "valid from nbf on"),
+    Case("no exp", signed(exp=None), NOW, 0, False, "a token without exp never expires: "
+         "this API requires exp"),
+    Case("exp as a string", signed(exp=str(NOW + 300)), NOW, 0, False,
+         "exp is a NumericDate (a JSON number)"),
+    Case("wrong issuer", signed(iss="https://evil.lab.test"), NOW, 0, False,
+         "iss must be the issuer decode() was given"),
+    Case("no issuer", signed(iss=None), NOW, 0, False, "iss is required"),
+    Case("wrong audience", signed(aud="billing"), NOW, 0, False,
+         "a token for another API (aud) must not be accepted here"),
+    Case("audience list with ours", signed(aud=["billing", AUD]), NOW, 0, True,
+         "aud may be a list: accept when ours is in it"),
+    Case("audience list without ours", signed(aud=["billing", "search"]), NOW, 0, False,
+         "ours is not in the aud list"),
+    Case("audience as a substring", signed(aud=f"{AUD}-admin"), NOW, 0, False,
+         "aud is compared whole, not as a substring"),
+    Case("no audience", signed(aud=None), NOW, 0, False, "aud is required"),
+]
+
+
+def test_registered_claims(jwt: Jwt) -> None:
+    wrong = []
+    for case in CLAIM_CASES:
+        verdict, got = jwt.decode(case.token(), now=case.now, leeway=case.leeway)
+        if verdict != ("ok" if case.accept else "refused"):
+            wrong.append(
+                f"{case.name}: decode() {'accepted' if verdict == 'ok' else 'refused'} the "
+                f"token (now = iat {case.now - NOW:+} s, leeway {case.leeway}), expected it "
+                f"to be {'accepted' if case.accept else 'refused'}: {case.why}"
+                + (f" (decode() said: {got})" if verdict != "ok" else ""))
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(CLAIM_CASES)} claim cases decided wrongly)")
+
+
+def swap_payload() -> str:
+    good = raw_token({"alg": "HS256", "typ": "JWT"}, claims())
+    evil = raw_token({"alg": "HS256", "typ": "JWT"}, claims(sub="admin"))
+    return ".".join([good.split(".")[0], evil.split(".")[1], good.split(".")[2]])
+
+
+def swap_header() -> str:
+    good = raw_token({"alg": "HS256", "typ": "JWT"}, claims())
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "other"}).encode())
+    return ".".join([head, *good.split(".")[1:]])
+
+
+def alg_none(alg: str) -> Callable[[], str]:
+    def make() -> str:
+        head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+        return f"{head}.{b64(json.dumps(claims()).encode())}."
+    return make
+
+
+ATTACKS: list[tuple[str, Callable[[], str], str]] = [
+    ("alg none", alg_none("none"), "alg none: an unsigned token. Only HS256 is accepted"),
+    ("alg None", alg_none("None"), "alg 'None' is alg none in another case"),
+    ("alg none with a signature", lambda: alg_none("none")() + b64(b"x" * 32),
+     "alg none: decode() must not trust the token's alg"),
+    ("HS512 with our secret", lambda: pyjwt.encode(claims(), SECRET, algorithm="HS512"),
+     "the token chose HS512: the algorithm is the verifier's choice (HS256), not the "
+     "token's"),
+    ("tampered payload", swap_payload,
+     "the payload (sub: admin) was swapped under a signature made for another payload"),
+    ("tampered header", swap_header, "the header changed after signing: the signature "
+     "covers header.payload as sent"),
+    ("wrong secret", lambda: raw_token({"alg": "HS256", "typ": "JWT"}, claims(),
+                                       secret=b"not-the-secret"), "signed with another key"),
+    ("truncated signature", lambda: raw_token({"alg": "HS256"}, claims())[:-5],
+     "the signature lost its last characters"),
+    ("empty signature", lambda: raw_token({"alg": "HS256"}, claims()).rpartition(".")[0] + ".",
+     "no signature at all"),
+    ("two segments", lambda: raw_token({"alg": "HS256"}, claims()).rpartition(".")[0],
+     "a JWT has three segments"),
+    ("four segments", lambda: raw_token({"alg": "HS256"}, claims()) + ".AAAA",
+     "a JWT has three segments"),
+    ("not base64url", lambda: "*!*." + raw_token({"alg": "HS256"}, claims()).split(".", 1)[1],
+     "a header that is not base64url"),
+    ("payload not JSON", lambda: raw_token({"alg": "HS256"}, None, payload_bytes=b"{oops"),
+     "a correctly signed payload that is not JSON"),
+    ("payload a JSON list", lambda: raw_token({"alg": "HS256"}, [1, 2]),
+     "a correctly signed payload that is not a JSON object"),
+    ("header a JSON string", lambda: b64(b'"HS256"') + "." + b64(json.dumps(claims()).encode())
+     + ".AAAA", "a header that is not a JSON object"),
+    ("empty token", lambda: "", "an empty string"),
+]
+
+
+def test_refuses_forged_and_malformed_tokens(jwt: Jwt) -> None:
+    wrong = []
+    for name, make, why in ATTACKS:
+        token = make()
+        verdict, got = jwt.decode(token)
+        if verdict != "refused":
+            wrong.append(f"{name}: decode() accepted {token[:40]!r}... (it returned the claims), "
+                         f"expected InvalidToken: {why}")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(ATTACKS)} forged or malformed tokens accepted)")
+
+
+def test_signature_compared_in_constant_time(jwt: Jwt, learner: Any) -> None:
+    payload, token = pyjwt_tokens()[0]
+    signature = token.rsplit(".", 1)[1]
+    raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    watch = learner.harness().watch(jwt.module)
+    try:
+        verdict, got = jwt.decode(token)
+        tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
+        jwt.decode(tampered)
+    finally:
+        calls = watch.calls()
+        watch.stop()
+    assert verdict == "ok", f"decode() refused a valid PyJWT token: {got}"
+    wanted = {raw, signature, signature.encode()}
+    compared = [c for c in calls if wanted & {c[0], c[1]}]
+    assert compared, (
+        "decode() checked the signature without hmac.compare_digest (it was called "
+        f"{len(calls)} time(s), never with the token's signature): compare the expected and "
+        "the received signature with hmac.compare_digest. '==' stops at the first "
+        "different byte, and how long it takes tells an attacker how many leading bytes of "
+        "a forged signature are right")

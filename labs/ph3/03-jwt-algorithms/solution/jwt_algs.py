@@ -1,0 +1,109 @@
+"""HS256, RS256 and ES256 with `cryptography`, keys chosen by kid from a JWKS.
+
+The verifier never lets the token pick how its key is used: the JWK named by kid fixes
+the key type, and the token's alg must be the one algorithm that key type is for. That is
+what defeats RS256 -> HS256 key confusion (an HMAC made with the public key as secret)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+KEY_TYPE = {"HS256": "oct", "RS256": "RSA", "ES256": "EC"}
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class InvalidToken(Exception):
+    """Any reason a token is refused."""
+
+
+def b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64d(text: str) -> bytes:
+    if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise InvalidToken("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _int(text: str) -> int:
+    return int.from_bytes(b64d(text), "big")
+
+
+def sign(claims: dict[str, Any], alg: str, key: bytes, kid: str) -> str:
+    """key: the HMAC secret (HS256) or a PEM private key (RS256, ES256)."""
+    header = {"alg": alg, "typ": "JWT", "kid": kid}
+    signing_input = ".".join(b64e(json.dumps(p, separators=(",", ":")).encode())
+                             for p in (header, claims)).encode("ascii")
+    if alg == "HS256":
+        signature = hmac.new(key, signing_input, hashlib.sha256).digest()
+    else:
+        private = serialization.load_pem_private_key(key, password=None)
+        if alg == "RS256" and isinstance(private, rsa.RSAPrivateKey):
+            signature = private.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+        elif alg == "ES256" and isinstance(private, ec.EllipticCurvePrivateKey):
+            der = private.sign(signing_input, ec.ECDSA(hashes.SHA256()))
+            r, s = decode_dss_signature(der)
+            signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")  # JWS: raw r || s
+        else:
+            raise ValueError(f"cannot sign {alg} with this key")
+    return f"{signing_input.decode('ascii')}.{b64e(signature)}"
+
+
+def _check(alg: str, jwk: dict[str, Any], signing_input: bytes, signature: bytes) -> None:
+    try:
+        if alg == "HS256":
+            expected = hmac.new(b64d(jwk["k"]), signing_input, hashlib.sha256).digest()
+            if not hmac.compare_digest(expected, signature):
+                raise InvalidSignature
+        elif alg == "RS256":
+            public = rsa.RSAPublicNumbers(_int(jwk["e"]), _int(jwk["n"])).public_key()
+            public.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            if jwk.get("crv") != "P-256" or len(signature) != 64:
+                raise InvalidSignature
+            point = ec.EllipticCurvePublicNumbers(_int(jwk["x"]), _int(jwk["y"]),
+                                                  ec.SECP256R1()).public_key()
+            der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
+                                       int.from_bytes(signature[32:], "big"))
+            point.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, KeyError, ValueError, TypeError) as exc:
+        raise InvalidToken(f"bad {alg} signature") from exc
+
+
+def verify(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3:
+        raise InvalidToken("a JWT has three segments")
+    try:
+        header = json.loads(b64d(parts[0]))
+        claims = json.loads(b64d(parts[1]))
+    except ValueError as exc:
+        raise InvalidToken("header or payload is not JSON") from exc
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise InvalidToken("header and payload must be JSON objects")
+    alg, kid = header.get("alg"), header.get("kid")
+    if alg not in KEY_TYPE:
+        raise InvalidToken(f"algorithm {alg!r} is not accepted")
+    matches = [k for k in jwks.get("keys", []) if k.get("kid") == kid]
+    if kid is None or len(matches) != 1:
+        raise InvalidToken(f"no single key with kid {kid!r}")
+    jwk = matches[0]
+    # The key decides: an RSA key only verifies RS256, whatever the token's header says.
+    if jwk.get("kty") != KEY_TYPE[alg] or jwk.get("alg", alg) != alg:
+        raise InvalidToken(f"key {kid!r} ({jwk.get('kty')}) is not for {alg}")
+    _check(alg, jwk, f"{parts[0]}.{parts[1]}".encode("ascii"), b64d(parts[2]))
+    return claims

@@ -1,0 +1,206 @@
+"""Verification for ph3.4: the learner's token service on a real Postgres (refresh tokens
+and their families) and a real Redis db (the jti denylist), on an injected clock.
+
+Access tokens are read with PyJWT and the test's copy of the secret; refresh tokens at
+rest are looked for in every row of every table; the denylist is read from Redis with
+its TTL. The attack is a real replay: a refresh token used twice, the second time by
+"the thief", must revoke its whole family (the user's newer token too) and nothing
+else (another device's session survives)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt as pyjwt
+import pytest
+
+SECRET = b"ph3.4-access-token-signing-secret-0123456789"
+T0 = 1_700_000_000.0
+DAY = 24 * 3600
+
+
+@dataclass
+class Clock:
+    now: float = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Service:
+    module: Any
+    svc: Any
+    postgres: Any
+    redis: Any
+    clock: Clock = field(default_factory=Clock)
+
+    def do(self, what: str, fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
+        """("ok", result) or ("refused", message); other exceptions fail the test."""
+        try:
+            return "ok", fn(*args)
+        except NotImplementedError as exc:
+            pytest.fail(f"not implemented yet: {exc}", pytrace=False)
+        except self.module.InvalidToken as exc:
+            return "refused", str(exc)
+        except Exception as exc:  # noqa: BLE001 - the learner's error, reported plainly
+            pytest.fail(f"{what} raised {type(exc).__name__}: {exc}; refusals raise "
+                        "InvalidToken", pytrace=False)
+
+    def login(self, user: str) -> tuple[str, str]:
+        verdict, pair = self.do(f"login({user!r})", self.svc.login, user)
+        assert verdict == "ok" and len(pair) == 2, f"login() returned {pair!r}"
+        return str(pair[0]), str(pair[1])
+
+    def refresh(self, token: str, what: str) -> tuple[str, Any]:
+        return self.do(f"refresh() of {what}", self.svc.refresh, token)
+
+    def authenticate(self, token: str, what: str) -> tuple[str, Any]:
+        return self.do(f"authenticate() of {what}", self.svc.authenticate, token)
+
+    def at_rest(self) -> str:
+        with self.postgres.connect(autocommit=True) as conn:
+            tables = [r[0] for r in conn.execute(
+                "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) "
+                "FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', "
+                "'information_schema')").fetchall()]
+            return "\n".join(str(r[0]) for t in tables
+                             for r in conn.execute(f"SELECT row_to_json(t)::text FROM {t} t"))
+
+
+@pytest.fixture
+def service(learner: Any, postgres: Any, redis_db: Any) -> Iterator[Service]:
+    module = learner.load("tokens")
+    clock = Clock()
+    svc = module.TokenService(postgres.dsn, redis_db.url, SECRET, clock)
+    try:
+        svc.setup()
+    except NotImplementedError as exc:
+        pytest.fail(f"setup() is not implemented yet: {exc}", pytrace=False)
+    client = redis_db.client()
+    try:
+        yield Service(module, svc, postgres, client, clock)
+    finally:
+        client.close()
+
+
+def claims_of(token: str, what: str) -> dict[str, Any]:
+    try:
+        return pyjwt.decode(token, SECRET, algorithms=["HS256"],
+                            options={"verify_exp": False, "verify_iat": False})
+    except pyjwt.PyJWTError as exc:
+        pytest.fail(f"{what} is not an HS256 JWT signed with the service's secret "
+                    f"({type(exc).__name__}: {exc})", pytrace=False)
+
+
+def test_short_access_token_and_hashed_refresh_token(service: Service) -> None:
+    access, refresh = service.login("alice")
+    claims = claims_of(access, "login()'s access token")
+    assert claims.get("sub") == "alice" and claims.get("jti"), (
+        f"the access token's claims are {claims}, expected sub 'alice' and a jti")
+    life = claims.get("exp", 0) - claims.get("iat", 0)
+    assert claims.get("iat") == int(T0) and 0 < life <= 900, (
+        f"the access token has iat {claims.get('iat')} and lives {life} s, expected iat = "
+        "the injected clock and a life of at most 15 minutes: access tokens are checked "
+        "without a lookup, so only a short life limits a stolen one")
+    other, _ = service.login("alice")
+    assert claims_of(other, "a second access token")["jti"] != claims["jti"], (
+        "two access tokens share a jti: it must be unique to denylist one token")
+    dump = service.at_rest()
+    assert refresh not in dump, (
+        "the refresh token is stored in plaintext in Postgres: anyone who reads the table "
+        "or a backup can refresh as the user for 30 days. Store SHA-256(token)")
+    assert hashlib.sha256(refresh.encode()).hexdigest() in dump, (
+        "the SHA-256 hex digest of the refresh token is not in the database: store "
+        "hashlib.sha256(token.encode()).hexdigest() and look tokens up by it")
+    verdict, got = service.authenticate(access, "a fresh access token")
+    assert verdict == "ok" and got.get("sub") == "alice", (
+        f"authenticate() of a fresh access token: {verdict} {got}")
+
+
+def test_refresh_rotates_and_each_token_is_single_use(service: Service) -> None:
+    _, r1 = service.login("alice")
+    service.clock.now = T0 + 600
+    verdict, pair = service.refresh(r1, "a fresh refresh token")
+    assert verdict == "ok", f"refresh() of a fresh refresh token was refused: {pair}"
+    a2, r2 = str(pair[0]), str(pair[1])
+    assert r2 != r1, (
+        "refresh() returned the same refresh token: rotate it, a new refresh token on each "
+        "use, so a stolen copy is used up by the next legitimate refresh")
+    assert claims_of(a2, "refresh()'s access token").get("iat") == int(T0 + 600), (
+        "the new access token's iat is not the injected clock's time")
+    verdict, _ = service.authenticate(a2, "the refreshed access token")
+    assert verdict == "ok", "the access token refresh() returned is not valid"
+    verdict, pair = service.refresh(r2, "the rotated refresh token")
+    assert verdict == "ok", f"refresh() of the token the last refresh returned: {pair}"
+
+
+def test_reuse_revokes_the_whole_family_and_only_it(service: Service) -> None:
+    _, stolen = service.login("alice")
+    _, laptop = service.login("alice")            # another device: another family
+    verdict, pair = service.refresh(stolen, "the user's refresh token")
+    assert verdict == "ok", f"refresh() refused a fresh token: {pair}"
+    users_new = str(pair[1])
+    verdict, got = service.refresh(stolen, "a refresh token already used (the thief's copy)")
+    assert verdict == "refused", (
+        "refresh() accepted a refresh token that was already used: one of two parties "
+        "holding it is a thief. A used token must be refused")
+    verdict, got = service.refresh(users_new, "the newest token of a family whose old "
+                                              "token was reused")
+    assert verdict == "refused", (
+        "after a used refresh token came back, the family's newest token still works: "
+        "reuse must revoke the WHOLE family - the server cannot tell the thief from the "
+        "user, so both log in again")
+    verdict, got = service.refresh(laptop, "another device's refresh token")
+    assert verdict == "ok", (
+        f"the reuse in one family also killed another device's session ({got}): revoke "
+        "the family of the reused token, not every token of the user")
+
+
+def test_expiry_on_the_injected_clock(service: Service) -> None:
+    access, refresh = service.login("alice")
+    exp = claims_of(access, "the access token")["exp"]
+    service.clock.now = exp - 1
+    verdict, got = service.authenticate(access, "an access token 1 s before exp")
+    assert verdict == "ok", f"authenticate() refused a token 1 s before its exp: {got}"
+    service.clock.now = exp
+    verdict, got = service.authenticate(access, "an access token at its exp")
+    assert verdict == "refused", (
+        "authenticate() accepted an access token at its exp (on the injected clock): "
+        "check exp against self.clock(), not the wall clock")
+    service.clock.now = T0 + 30 * DAY + 1
+    verdict, got = service.refresh(refresh, "a refresh token 30 days and 1 s old")
+    assert verdict == "refused", (
+        "refresh() accepted a refresh token older than 30 days (REFRESH_TTL)")
+
+
+def test_logout_denylists_the_jti_until_it_would_expire(service: Service) -> None:
+    access, refresh = service.login("alice")
+    other, _ = service.login("bob")
+    claims = claims_of(access, "the access token")
+    service.clock.now = T0 + 100
+    verdict, got = service.do("logout()", service.svc.logout, access, refresh)
+    assert verdict == "ok", f"logout() failed: {got}"
+    verdict, _ = service.authenticate(access, "a logged-out access token")
+    assert verdict == "refused", (
+        "authenticate() accepted an access token after logout: put its jti on the "
+        "denylist in Redis and check the denylist on every authenticate()")
+    keys = [k.decode() for k in service.redis.keys("*") if str(claims["jti"]) in k.decode()]
+    assert keys, (f"no Redis key holds the jti {claims['jti']!r} after logout: the denylist "
+                  "lives in Redis, one key per jti")
+    ttl = service.redis.ttl(keys[0])
+    remaining = claims["exp"] - (T0 + 100)
+    assert 0 < ttl <= remaining, (
+        f"the denylist key {keys[0]} has a TTL of {ttl}, expected 1..{remaining:.0f} s (what "
+        "is left of the token's life): " + (
+            "without a TTL the denylist grows forever" if ttl < 0 else
+            "after exp the token is refused anyway, so the entry is dead weight"))
+    verdict, _ = service.authenticate(other, "another user's access token")
+    assert verdict == "ok", "logout() of alice also revoked bob's access token"
+    verdict, _ = service.refresh(refresh, "the refresh token of a logged-out session")
+    assert verdict == "refused", (
+        "refresh() accepted the refresh token of a session that logged out: logout must "
+        "revoke its family, or the next refresh brings the session back")

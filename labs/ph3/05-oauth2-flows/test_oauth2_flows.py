@@ -1,0 +1,273 @@
+"""Verification for ph3.5: the learner's authorization server, a WSGI app served on a
+loopback port and driven end to end over real HTTP, with the clock injected.
+
+The client side is the test's: it makes its own PKCE verifier, reads the code from the
+Location header of the real 302 (never following it), posts form-encoded token requests,
+and checks the access tokens with PyJWT. The attacks are real requests: a replayed code, a
+wrong verifier, the challenge sent as the verifier (the plain method), a code redeemed
+with another redirect_uri or client, redirect URIs that are not registered, a wrong client
+secret, a device code polled too fast."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import jwt as pyjwt
+import pytest
+
+from labrunner.testing import HttpReply, http_request, serve_wsgi
+
+KEY = b"ph3.5-authorization-server-signing-key-0123"
+T0 = 1_700_000_000.0
+CB = "https://spa.example/cb"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+CLIENTS = {
+    "spa": {"type": "public", "redirect_uris": [CB, "https://spa.example/other"]},
+    "mobile": {"type": "public", "redirect_uris": ["com.example.app:/oauth"]},
+    "batch": {"type": "confidential", "secret": "batch-s3cret-value"},
+    "tv": {"type": "public", "device": True},
+}
+
+
+@dataclass
+class Clock:
+    now: float = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def challenge_of(verifier: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()
+                                    ).rstrip(b"=").decode()
+
+
+@dataclass
+class Server:
+    host: str
+    clock: Clock
+    verifiers: dict[str, str] = field(default_factory=dict)
+
+    def get(self, path: str, params: dict[str, str], user: str | None = "alice") -> HttpReply:
+        headers = {"X-User": user} if user else {}
+        return http_request(self.host, "GET", f"{path}?{urlencode(params)}", headers=headers,
+                            timeout=10)
+
+    def post(self, path: str, form: dict[str, str], headers: dict[str, str] | None = None
+             ) -> HttpReply:
+        return http_request(self.host, "POST", path, urlencode(form).encode(), headers,
+                            content_type="application/x-www-form-urlencoded", timeout=10)
+
+    def authorize(self, client: str = "spa", redirect_uri: str = CB, **extra: str
+                  ) -> HttpReply:
+        verifier = secrets.token_urlsafe(48)
+        params = {"response_type": "code", "client_id": client, "redirect_uri": redirect_uri,
+                  "state": secrets.token_urlsafe(8), "code_challenge": challenge_of(verifier),
+                  "code_challenge_method": "S256", "scope": "openid"}
+        params.update(extra)
+        reply = self.get("/authorize", {k: v for k, v in params.items() if v != ""})
+        reply.sent = params  # type: ignore[attr-defined]
+        self.verifiers[params["state"]] = verifier
+        return reply
+
+    def code(self, client: str = "spa", redirect_uri: str = CB) -> tuple[str, str]:
+        """A fresh authorization code and its verifier."""
+        reply = self.authorize(client, redirect_uri)
+        sent = reply.sent  # type: ignore[attr-defined]
+        location = reply.header("Location") or ""
+        query = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+        assert reply.status in (302, 303) and location.startswith(redirect_uri + "?") \
+            and "code" in query, (
+                f"GET /authorize (client {client}, S256 challenge, a logged-in user) answered "
+                f"{reply.status} Location: {location!r} {reply.body[:100]!r}, expected 302 "
+                f"to {redirect_uri}?code=...&state=...")
+        assert query.get("state") == sent["state"], (
+            f"the redirect carried state={query.get('state')!r}, expected the client's "
+            f"{sent['state']!r} back unchanged (it ties the answer to the request: CSRF)")
+        return query["code"], self.verifiers[sent["state"]]
+
+    def redeem(self, code: str, verifier: str | None, client: str = "spa",
+               redirect_uri: str = CB) -> HttpReply:
+        form = {"grant_type": "authorization_code", "code": code, "client_id": client,
+                "redirect_uri": redirect_uri}
+        if verifier is not None:
+            form["code_verifier"] = verifier
+        return self.post("/token", form)
+
+
+@pytest.fixture
+def server(learner: Any) -> Iterator[Server]:
+    module = learner.load("authserver")
+    clock = Clock()
+    try:
+        app = module.make_app({k: dict(v) for k, v in CLIENTS.items()}, KEY, clock)
+    except NotImplementedError as exc:
+        pytest.fail(f"make_app() is not implemented yet: {exc}", pytrace=False)
+    with serve_wsgi(app) as host:
+        yield Server(host, clock)
+
+
+def error_of(reply: HttpReply) -> str | None:
+    try:
+        data = reply.json()
+    except BaseException:  # noqa: BLE001 - a body that is not JSON has no error code
+        return None
+    return data.get("error") if isinstance(data, dict) else None
+
+
+def expect_token(reply: HttpReply, sub: str, client: str, what: str, why: str = "") -> None:
+    assert reply.status == 200, (
+        f"{what} answered {reply.status} {reply.body[:150]!r}, expected 200 with a token"
+        + (f": {why}" if why else ""))
+    data = reply.json()
+    assert isinstance(data, dict) and str(data.get("token_type", "")).lower() == "bearer", (
+        f"{what} answered {data!r}, expected access_token, token_type Bearer, expires_in")
+    try:
+        claims = pyjwt.decode(data.get("access_token", ""), KEY, algorithms=["HS256"],
+                              options={"verify_exp": False, "verify_iat": False})
+    except pyjwt.PyJWTError as exc:
+        pytest.fail(f"{what}: the access_token is not an HS256 JWT signed with the server's "
+                    f"key ({exc})", pytrace=False)
+    assert claims.get("sub") == sub and claims.get("client_id") == client, (
+        f"{what}: the token's sub/client_id are {claims.get('sub')!r}/"
+        f"{claims.get('client_id')!r}, expected {sub!r}/{client!r}")
+
+
+def expect_error(reply: HttpReply, errors: tuple[str, ...], what: str, why: str,
+                 status: tuple[int, ...] = (400,)) -> None:
+    got = error_of(reply)
+    assert reply.status in status and got in errors, (
+        f"{what} answered {reply.status} {reply.body[:120]!r}, expected {status[0]} "
+        f"{{\"error\": \"{errors[0]}\"}}: {why}")
+
+
+def test_authorization_code_with_pkce(server: Server) -> None:
+    code, verifier = server.code()
+    expect_token(server.redeem(code, verifier), "alice", "spa",
+                 "POST /token with the code and its verifier",
+                 "S256: BASE64URL(SHA256(code_verifier)), without '=', equals the "
+                 "code_challenge sent to /authorize")
+    expect_error(server.redeem(code, verifier), ("invalid_grant",),
+                 "the same code redeemed a second time",
+                 "a code is single-use: a replayed code (from a log, a Referer, a stolen "
+                 "redirect) must get nothing")
+    code, verifier = server.code()
+    expect_error(server.redeem(code, secrets.token_urlsafe(48)), ("invalid_grant",),
+                 "a code with the wrong code_verifier",
+                 "whoever intercepted the code has no verifier: BASE64URL(SHA256(verifier)) "
+                 "must equal the code_challenge")
+    code, verifier = server.code()
+    expect_error(server.redeem(code, challenge_of(verifier)), ("invalid_grant",),
+                 "a code with the code_challenge itself as the verifier",
+                 "the challenge travelled in the front channel, anyone may have it: compare "
+                 "S256(verifier), never the verifier itself, with the challenge")
+    code, verifier = server.code()
+    expect_error(server.redeem(code, None), ("invalid_grant", "invalid_request"),
+                 "a code without code_verifier", "PKCE was used at /authorize: the "
+                 "verifier is required")
+    code, verifier = server.code()
+    expect_error(server.redeem(code, verifier, redirect_uri="https://spa.example/other"),
+                 ("invalid_grant",), "a code redeemed with another registered redirect_uri",
+                 "redirect_uri at /token must equal the one the code was issued for")
+    code, verifier = server.code()
+    expect_error(server.redeem(code, verifier, client="mobile",
+                               redirect_uri=CB), ("invalid_grant",),
+                 "spa's code redeemed by the client 'mobile'", "a code belongs to its client")
+    code, verifier = server.code()
+    server.clock.now = T0 + 601
+    expect_error(server.redeem(code, verifier), ("invalid_grant",),
+                 "a code redeemed 601 s after it was issued",
+                 "codes are short-lived (at most 10 minutes, RFC 6749 4.1.2)")
+
+
+def test_authorize_never_redirects_where_it_should_not(server: Server) -> None:
+    for uri in ("https://evil.example/cb", "https://spa.example/cb/../../evil",
+                "https://spa.example/cbx", "https://spa.example/cb?next=https://evil.example",
+                "http://spa.example/cb"):
+        reply = server.authorize(redirect_uri=uri)
+        location = reply.header("Location") or ""
+        assert reply.status == 400 and not location, (
+            f"GET /authorize with the unregistered redirect_uri {uri} answered "
+            f"{reply.status} Location: {location!r}, expected 400 without a redirect: "
+            "compare redirect_uri with the registered ones exactly; redirecting elsewhere "
+            "sends codes (or errors) to the attacker")
+    for extra, what in (({"code_challenge": ""}, "without code_challenge"),
+                        ({"code_challenge_method": "plain"}, "with code_challenge_method "
+                                                               "plain")):
+        reply = server.authorize(**extra)
+        location = reply.header("Location") or ""
+        query = parse_qs(urlsplit(location).query)
+        assert "code" not in query and (reply.status >= 400 or "error" in query), (
+            f"GET /authorize {what} answered {reply.status} Location: {location!r}: "
+            "expected no code (an error redirect with error=invalid_request): this server "
+            "requires PKCE with S256")
+
+
+def test_client_credentials(server: Server) -> None:
+    def basic(cid: str, secret: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{cid}:{secret}".encode()
+                                                              ).decode()}
+    form = {"grant_type": "client_credentials"}
+    expect_token(server.post("/token", form, basic("batch", "batch-s3cret-value")), "batch",
+                 "batch", "client_credentials with the right Basic credentials")
+    expect_error(server.post("/token", form, basic("batch", "batch-s3cret-valuf")),
+                 ("invalid_client",), "client_credentials with a wrong secret",
+                 "client authentication failed: 401 invalid_client", status=(401,))
+    expect_error(server.post("/token", form, basic("spa", "")), ("invalid_client",
+                                                                 "unauthorized_client"),
+                 "client_credentials for a public client (no secret)",
+                 "a public client cannot authenticate, so it gets no machine token",
+                 status=(401, 400))
+    expect_error(server.post("/token", form), ("invalid_client",),
+                 "client_credentials without credentials", "no client authentication",
+                 status=(401,))
+
+
+def poll(server: Server, device_code: str) -> HttpReply:
+    return server.post("/token", {"grant_type": DEVICE_GRANT, "device_code": device_code,
+                                  "client_id": "tv"})
+
+
+def test_device_code_pending_slow_down_then_token(server: Server) -> None:
+    start = server.post("/device_authorization", {"client_id": "tv"})
+    data = start.json() if start.status == 200 else {}
+    assert start.status == 200 and {"device_code", "user_code", "verification_uri",
+                                    "interval", "expires_in"} <= set(data), (
+        f"POST /device_authorization answered {start.status} {start.body[:150]!r}, "
+        "expected 200 with device_code, user_code, verification_uri, expires_in, interval")
+    device, interval = data["device_code"], int(data["interval"])
+    steps = [
+        (0, "authorization_pending", "the user has not approved yet"),
+        (interval - 1, "slow_down", f"polled {interval - 1} s after the last poll with an "
+         f"interval of {interval} s"),
+        (interval + 1, "slow_down", f"polled {interval + 1} s after the last poll: after a "
+         f"slow_down the interval is {interval + 5} s for this and every later request "
+         "(RFC 8628 3.5)"),
+        (interval + 10, "authorization_pending", f"polled {interval + 10} s after the last "
+         f"poll, respecting the interval of {interval + 10} s (two slow_downs: +5 each)"),
+    ]
+    for wait, want, why in steps:
+        server.clock.now += wait
+        expect_error(poll(server, device), (want,), f"a device-code poll at t+"
+                     f"{server.clock.now - T0:.0f} s", why)
+    approve = server.post("/device", {"user_code": data["user_code"]}, {"X-User": "bob"})
+    assert approve.status == 200, (
+        f"POST /device with the user_code (bob logged in) answered {approve.status} "
+        f"{approve.body[:100]!r}, expected 200")
+    server.clock.now += 60
+    expect_token(poll(server, device), "bob", "tv", "the poll after bob approved")
+    server.clock.now += 60
+    reply = poll(server, device)
+    assert reply.status == 400 and error_of(reply) in ("invalid_grant", "expired_token"), (
+        f"polling again with a device code that already got its token answered "
+        f"{reply.status} {reply.body[:100]!r}, expected 400 invalid_grant: single use")
+    late = server.post("/device_authorization", {"client_id": "tv"}).json()
+    server.clock.now += int(late["expires_in"]) + 1
+    expect_error(poll(server, late["device_code"]), ("expired_token",),
+                 "a poll after the device code's expires_in", "the device code expired")

@@ -1,0 +1,230 @@
+"""Verification for ph3.7: the learner's deny-by-default policy engine against decision
+tables. The first table is the README's own document policy; the second is a hospital
+policy the README never shows, with cases chosen for the ways such engines go wrong:
+default allow, inheritance that is not transitive, an ABAC rule that narrows a role, deny
+that must win whatever the order, attributes that are missing, actions that only share a
+prefix, a role cycle. The policies are data, so an engine written for the README's
+example alone fails the second table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+DOCS_POLICY: dict[str, Any] = {
+    "roles": {
+        "viewer": {"permissions": ["doc:read"]},
+        "editor": {"inherits": ["viewer"], "permissions": ["doc:write"]},
+        "admin": {"inherits": ["editor"], "permissions": ["doc:delete"]},
+    },
+    "rules": [
+        {"effect": "require", "actions": ["doc:write", "doc:delete"],
+         "when": [["subject.dept", "==", "resource.dept"]]},
+        {"effect": "allow", "actions": ["doc:read"],
+         "when": [["resource.owner", "==", "subject.id"]]},
+        {"effect": "deny", "actions": ["doc:read", "doc:write", "doc:delete"],
+         "when": [["resource.classification", "==", "secret"],
+                  ["subject.clearance", "!=", "secret"]]},
+    ],
+}
+
+HOSPITAL_POLICY: dict[str, Any] = {
+    "roles": {
+        "nurse": {"permissions": ["record:read"]},
+        "doctor": {"inherits": ["nurse"], "permissions": ["record:write",
+                                                          "prescription:create"]},
+        "chief": {"inherits": ["doctor"], "permissions": ["record:archive"]},
+        "auditor": {"permissions": ["audit:read"]},
+        "locum": {"inherits": ["relief"], "permissions": []},
+        "relief": {"inherits": ["locum"], "permissions": ["record:read"]},
+        "records": {"permissions": ["record"]},
+    },
+    "rules": [
+        # the patient reads their own record, without any role (listed before the deny)
+        {"effect": "allow", "actions": ["record:read"],
+         "when": [["resource.patient_id", "==", "subject.id"]]},
+        {"effect": "allow", "actions": ["record:read"],
+         "when": [["subject.id", "in", "resource.care_team"]]},
+        {"effect": "deny", "actions": ["record:read", "record:write", "record:archive"],
+         "when": [["resource.status", "==", "sealed"]]},
+        {"effect": "require", "actions": ["record:write", "prescription:create"],
+         "when": [["subject.ward", "==", "resource.ward"]]},
+        {"effect": "require", "actions": ["record:read"],
+         "when": [["context.hour", ">=", 7], ["context.hour", "<=", 19]]},
+        {"effect": "deny", "actions": ["prescription:create"],
+         "when": [["subject.suspended", "==", True]]},
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    subject: dict[str, Any]
+    action: str
+    resource: dict[str, Any]
+    allow: bool
+    why: str
+    context: dict[str, Any] | None = field(default=None)
+
+
+def doc(**attrs: Any) -> dict[str, Any]:
+    return {"id": "d1", "dept": "eng", "owner": "u9", "classification": "internal", **attrs}
+
+
+DOCS_CASES = [
+    Case("viewer reads", {"id": "u1", "roles": ["viewer"], "dept": "eng"}, "doc:read", doc(),
+         True, "viewer has doc:read"),
+    Case("viewer writes", {"id": "u1", "roles": ["viewer"], "dept": "eng"}, "doc:write",
+         doc(), False, "no role grants doc:write to a viewer"),
+    Case("editor writes in their dept", {"id": "u2", "roles": ["editor"], "dept": "eng"},
+         "doc:write", doc(), True, "editor has doc:write and the depts match"),
+    Case("editor writes in another dept", {"id": "u2", "roles": ["editor"], "dept": "ops"},
+         "doc:write", doc(), False, "the require rule narrows the role: depts differ"),
+    Case("editor reads (inherited)", {"id": "u2", "roles": ["editor"], "dept": "ops"},
+         "doc:read", doc(), True, "editor inherits viewer's doc:read"),
+    Case("admin reads (inherited two levels)", {"id": "u3", "roles": ["admin"], "dept": "ops"},
+         "doc:read", doc(), True,
+         "admin -> editor -> viewer: inheritance is transitive, doc:read comes from viewer"),
+    Case("owner reads without a role", {"id": "u9", "roles": [], "dept": "ops"}, "doc:read",
+         doc(), True, "the allow rule: the owner reads their document"),
+    Case("admin reads a secret doc", {"id": "u3", "roles": ["admin"], "dept": "eng",
+                                      "clearance": "none"}, "doc:read",
+         doc(classification="secret"), False, "the deny rule wins over every role"),
+    Case("cleared admin reads a secret doc", {"id": "u3", "roles": ["admin"], "dept": "eng",
+                                              "clearance": "secret"}, "doc:read",
+         doc(classification="secret"), True,
+         "cleared, so the deny rule does not apply; doc:read comes from admin -> editor -> "
+         "viewer"),
+]
+
+
+def nurse(**attrs: Any) -> dict[str, Any]:
+    return {"id": "n1", "roles": ["nurse"], "ward": 3, "suspended": False, **attrs}
+
+
+def doctor(**attrs: Any) -> dict[str, Any]:
+    return {"id": "dr1", "roles": ["doctor"], "ward": 3, "suspended": False, **attrs}
+
+
+def record(**attrs: Any) -> dict[str, Any]:
+    return {"id": "r1", "patient_id": "p7", "ward": 3, "status": "open",
+            "care_team": ["c5", "dr1"], **attrs}
+
+
+DAY = {"hour": 10}
+NIGHT = {"hour": 23}
+
+HOSPITAL_CASES = [
+    Case("nurse reads by day", nurse(), "record:read", record(), True,
+         "nurse has record:read; the hour is within 7-19", DAY),
+    Case("nurse writes", nurse(), "record:write", record(), False,
+         "no role of a nurse grants record:write", DAY),
+    Case("doctor writes in their ward", doctor(), "record:write", record(), True,
+         "doctor has record:write and the wards match", DAY),
+    Case("doctor writes in another ward", doctor(ward=4), "record:write", record(), False,
+         "an ABAC require rule narrows the role: the wards differ", DAY),
+    Case("doctor reads (inherited from nurse)", doctor(ward=4), "record:read", record(), True,
+         "doctor inherits nurse: inheritance gives record:read", DAY),
+    Case("chief reads (inherited two levels)", {"id": "c1", "roles": ["chief"], "ward": 1},
+         "record:read", record(), True, "chief -> doctor -> nurse: inheritance is transitive",
+         DAY),
+    Case("chief archives", {"id": "c1", "roles": ["chief"], "ward": 1}, "record:archive",
+         record(), True, "chief has record:archive", DAY),
+    Case("chief writes in another ward", {"id": "c1", "roles": ["chief"], "ward": 1},
+         "record:write", record(), False, "the ward rule narrows every role, chief's too", DAY),
+    Case("chief reads a sealed record", {"id": "c1", "roles": ["chief"], "ward": 3},
+         "record:read", record(status="sealed"), False, "deny wins over any role", DAY),
+    Case("patient reads own record", {"id": "p7", "roles": []}, "record:read", record(),
+         True, "an allow rule grants it without any role", DAY),
+    Case("patient reads another's record", {"id": "p8", "roles": []}, "record:read",
+         record(), False, "nothing allows it: deny by default", DAY),
+    Case("patient reads own sealed record", {"id": "p7", "roles": []}, "record:read",
+         record(status="sealed"), False,
+         "deny wins even over an allow rule listed before it: order does not matter", DAY),
+    Case("patient reads own record at night", {"id": "p7", "roles": []}, "record:read",
+         record(), False, "the hour rule (require) narrows the allow rule too", NIGHT),
+    Case("care team member reads", {"id": "c5", "roles": []}, "record:read", record(), True,
+         "'in': subject.id is in resource.care_team", DAY),
+    Case("nurse reads at night", nurse(), "record:read", record(), False,
+         "require: context.hour must be within 7-19", NIGHT),
+    Case("nurse reads without a context", nurse(), "record:read", record(), False,
+         "context.hour is missing: a require rule that cannot be checked is not met", None),
+    Case("unknown action", {"id": "c1", "roles": ["chief"], "ward": 3}, "record:delete",
+         record(), False, "no role and no rule mentions record:delete: deny by default", DAY),
+    Case("action sharing a prefix", nurse(), "record:read:all", record(), False,
+         "record:read does not grant record:read:all: actions match exactly", DAY),
+    Case("permission that is a prefix", {"id": "x1", "roles": ["records"], "ward": 3},
+         "record:read", record(), False,
+         "the permission 'record' is not 'record:read': no prefixes, no wildcards", DAY),
+    Case("undefined role", {"id": "x2", "roles": ["superuser"], "ward": 3}, "record:read",
+         record(), False, "a role the policy does not define grants nothing", DAY),
+    Case("no roles attribute", {"id": "x3", "ward": 3}, "record:read", record(), False,
+         "a subject without roles gets nothing", DAY),
+    Case("doctor without a ward writes", {"id": "dr2", "roles": ["doctor"],
+                                          "suspended": False}, "record:write", record(),
+         False, "subject.ward is missing: the require rule is not met", DAY),
+    Case("doctor prescribes", doctor(), "prescription:create", record(), True,
+         "doctor has it, same ward, not suspended", DAY),
+    Case("suspended doctor prescribes", doctor(suspended=True), "prescription:create",
+         record(), False, "the deny rule: suspended", DAY),
+    Case("doctor with no 'suspended' prescribes", {"id": "dr3", "roles": ["doctor"],
+                                                   "ward": 3},
+         "prescription:create", record(), False,
+         "subject.suspended is missing: a deny rule that cannot be checked applies "
+         "(fail closed)", DAY),
+    Case("ward as a string", doctor(ward="3"), "record:write", record(), False,
+         "'3' is not 3: comparisons do not convert types", DAY),
+    Case("auditor reads the audit log", {"id": "a1", "roles": ["auditor"]}, "audit:read",
+         {"id": "log"}, True, "auditor has audit:read", DAY),
+    Case("auditor reads a record", {"id": "a1", "roles": ["auditor"]}, "record:read",
+         record(), False, "auditor has no record permission", DAY),
+    Case("locum (cyclic roles) reads", {"id": "l1", "roles": ["locum"], "ward": 3},
+         "record:read", record(), True,
+         "locum inherits relief, which inherits locum: walk each role once, and "
+         "relief's record:read is granted", DAY),
+    Case("locum (cyclic roles) writes", {"id": "l1", "roles": ["locum"], "ward": 3},
+         "record:write", record(), False, "neither locum nor relief grants it", DAY),
+]
+
+
+def decide(module: Any, policy: dict[str, Any], case: Case) -> str | None:
+    try:
+        got = module.is_allowed(case.subject, case.action, case.resource, policy,
+                                case.context)
+    except NotImplementedError as exc:
+        pytest.fail(f"is_allowed() is not implemented yet: {exc}", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's error, reported plainly
+        return (f"{case.name}: is_allowed() raised {type(exc).__name__}: {exc}; an engine "
+                "decides (False when in doubt), it does not crash")
+    if got is not True and got is not False:
+        return f"{case.name}: is_allowed() returned {got!r}, expected True or False"
+    if got != case.allow:
+        return (f"{case.name}: {case.action} was {'allowed' if got else 'denied'}, expected "
+                f"{'allow' if case.allow else 'deny'}: {case.why}")
+    return None
+
+
+def run_table(learner: Any, policy: dict[str, Any], cases: list[Case], label: str) -> None:
+    module = learner.load("policy")
+    wrong = [w for case in cases if (w := decide(module, policy, case))]
+    assert not wrong, "\n".join(wrong) + f"\n({len(wrong)} of {len(cases)} {label} wrong)"
+
+
+def test_readme_document_policy(learner: Any) -> None:
+    run_table(learner, DOCS_POLICY, DOCS_CASES, "decisions of the README's policy")
+
+
+def test_hospital_policy_decision_table(learner: Any) -> None:
+    run_table(learner, HOSPITAL_POLICY, HOSPITAL_CASES, "decisions of the hospital policy")
+
+
+def test_empty_policy_denies_everything(learner: Any) -> None:
+    module = learner.load("policy")
+    cases = [Case("empty policy", {"id": "u1", "roles": ["admin"]}, action, {"id": "x"},
+                  False, "no roles and no rules: nothing is allowed (deny by default)")
+             for action in ("doc:read", "doc:write", "")]
+    wrong = [w for case in cases if (w := decide(module, {"roles": {}, "rules": []}, case))]
+    assert not wrong, "\n".join(wrong)

@@ -1,0 +1,38 @@
+"""Password storage: argon2id with OWASP's parameters, rehash when they change, legacy
+bcrypt hashes upgraded on the first successful login."""
+
+from __future__ import annotations
+
+import bcrypt
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+# OWASP Password Storage Cheat Sheet: argon2id, m = 19 MiB, t = 2, p = 1.
+HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32,
+                        salt_len=16, type=Type.ID)
+BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+
+
+def hash_password(password: str) -> str:
+    return HASHER.hash(password)
+
+
+def login(stored: str, password: str) -> tuple[bool, str | None]:
+    """(ok, new_hash): new_hash is what to store instead of `stored`, or None to keep it."""
+    if stored.startswith("$argon2id$"):
+        try:
+            HASHER.verify(stored, password)  # constant time inside
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False, None
+        if HASHER.check_needs_rehash(stored):
+            return True, HASHER.hash(password)
+        return True, None
+    if stored.startswith(BCRYPT_PREFIXES):
+        try:
+            ok = bcrypt.checkpw(password.encode("utf-8"), stored.encode("ascii"))
+        except ValueError:  # a malformed hash, or a password bcrypt cannot take
+            return False, None
+        # Upgrade only now that the password is known to be right.
+        return (True, HASHER.hash(password)) if ok else (False, None)
+    # Anything else (plaintext, unsalted digests, other schemes) is never accepted.
+    return False, None

@@ -1,0 +1,188 @@
+"""Verification for ph3.8: the learner's password storage, judged by what it stores.
+
+The stored string is parsed (argon2-cffi's extract_parameters) and its variant and
+parameters checked against OWASP's Password Storage Cheat Sheet; it is verified with
+argon2-cffi independently of the learner's code. Old-parameter argon2id hashes and legacy
+bcrypt hashes are made by the test with the real libraries; login must upgrade them on a
+right password and never on a wrong one. Few hashes are made: each costs ~19 MiB."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import bcrypt
+import pytest
+from argon2 import PasswordHasher, Type, extract_parameters
+from argon2.exceptions import InvalidHashError, VerificationError
+
+PASSWORD = "correct horse battery staple"
+UNICODE = "pässwörd 🔑 ünïcode"
+# OWASP: argon2id with one of these (memory KiB, iterations), parallelism 1 (a minimum).
+OWASP = [(47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5)]
+OWASP_TEXT = ", ".join(f"m={m} t={t}" for m, t in OWASP)
+OLD = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1, type=Type.ID)
+
+
+@dataclass
+class Store:
+    module: Any
+
+    def hash(self, password: str) -> str:
+        try:
+            got = self.module.hash_password(password)
+        except NotImplementedError as exc:
+            pytest.fail(f"hash_password() is not implemented yet: {exc}", pytrace=False)
+        assert isinstance(got, str), f"hash_password() returned {type(got).__name__}, not str"
+        return got
+
+    def login(self, stored: str, password: str, what: str) -> tuple[bool, str | None]:
+        try:
+            got = self.module.login(stored, password)
+        except NotImplementedError as exc:
+            pytest.fail(f"login() is not implemented yet: {exc}", pytrace=False)
+        except Exception as exc:  # noqa: BLE001 - the learner's error, reported plainly
+            pytest.fail(f"login() with {what} raised {type(exc).__name__}: {exc}; a hash it "
+                        "cannot read or a wrong password is (False, None), not a crash",
+                        pytrace=False)
+        ok = isinstance(got, (tuple, list)) and len(got) == 2 and isinstance(got[0], bool) \
+            and (got[1] is None or isinstance(got[1], str))
+        assert ok, f"login() with {what} returned {got!r}, expected (bool, str | None)"
+        return bool(got[0]), got[1]
+
+
+@pytest.fixture
+def store(learner: Any) -> Store:
+    return Store(learner.load("passwords"))
+
+
+def looks_like(stored: str) -> str:
+    if re.fullmatch(r"[0-9a-f]{32}", stored):
+        return "an MD5 hex digest"
+    if re.fullmatch(r"[0-9a-f]{64}", stored):
+        return "a SHA-256 hex digest (a fast hash: billions of guesses per second on a GPU)"
+    if stored.startswith(("$2a$", "$2b$", "$2y$")):
+        return "a bcrypt hash"
+    if stored.startswith("$argon2i$"):
+        return ("argon2i (not argon2id: weaker against GPU time-memory trade-offs; OWASP "
+                "asks for argon2id)")
+    if stored.startswith("$argon2d$"):
+        return "argon2d (not argon2id: data-dependent memory access leaks by side channel)"
+    return "not a PHC string"
+
+
+def check_owasp(stored: str, what: str) -> None:
+    assert stored.startswith("$argon2id$"), (
+        f"{what} stored {stored[:40]!r}, which is {looks_like(stored)}; expected an argon2id "
+        "PHC string ($argon2id$v=19$m=...,t=...,p=...$salt$hash)")
+    try:
+        params = extract_parameters(stored)
+    except InvalidHashError as exc:
+        pytest.fail(f"{what} stored {stored!r}, which argon2 cannot parse: {exc}",
+                    pytrace=False)
+    m, t, p = params.memory_cost, params.time_cost, params.parallelism
+    assert any(m >= om and t >= ot for om, ot in OWASP) and p >= 1, (
+        f"{what} stored argon2id with m={m} KiB, t={t}, p={p}: below OWASP's minimum "
+        f"(one of {OWASP_TEXT}, p=1). Memory is what makes GPU guessing expensive")
+    assert params.version == 19, f"{what}: argon2 version {params.version}, expected 19"
+    assert params.salt_len >= 16, (
+        f"{what}: a {params.salt_len}-byte salt, expected at least 16 random bytes")
+
+
+def verifies(stored: str, password: str) -> bool:
+    try:
+        return PasswordHasher().verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def test_stored_hash_is_argon2id_with_owasp_parameters(store: Store) -> None:
+    first = store.hash(PASSWORD)
+    check_owasp(first, "hash_password()")
+    assert verifies(first, PASSWORD), (
+        "argon2-cffi does not verify the password against the hash hash_password() made: "
+        "store the string PasswordHasher.hash() returns, as it is")
+    second = store.hash(PASSWORD)
+    assert second != first, (
+        "hash_password() gave the same string twice for one password: each hash needs a "
+        "fresh random salt, or equal passwords are visible as equal hashes")
+    unicode = store.hash(UNICODE)
+    assert verifies(unicode, UNICODE), "a non-ASCII password does not verify after hashing"
+
+
+def test_login_with_a_current_hash(store: Store) -> None:
+    stored = store.hash(PASSWORD)
+    for password, want, what in (
+            (PASSWORD, True, "the right password"),
+            (PASSWORD.upper(), False, "the password in upper case"),
+            (PASSWORD + " ", False, "the password with a trailing space"),
+            ("", False, "an empty password")):
+        ok, new = store.login(stored, password, what)
+        assert ok is want, (
+            f"login() with {what} returned ok={ok}, expected {want}")
+        assert new is None, (
+            f"login() with {what} returned a new hash for a hash already at the current "
+            f"parameters{'' if ok else ' after a FAILED login'}: rehash only when "
+            "check_needs_rehash() says the parameters changed (and the password was right)")
+
+
+def test_old_argon2_parameters_rehashed_on_login(store: Store) -> None:
+    stored = OLD.hash(PASSWORD)  # m=8192 t=1: what an older release stored
+    ok, new = store.login(stored, "not the password", "a wrong password (old parameters)")
+    assert (ok, new) == (False, None), (
+        f"login() with a wrong password returned ({ok}, {str(new)[:30]}), expected "
+        "(False, None): nothing is rehashed without the right password")
+    ok, new = store.login(stored, PASSWORD, "the right password (old parameters)")
+    assert ok, "login() refused the right password for an argon2id hash with older parameters"
+    assert new is not None, (
+        "login() accepted a hash stored with m=8192 t=1 but returned no new hash: when the "
+        "parameters changed, rehash on login (PasswordHasher.check_needs_rehash), the only "
+        "moment the plaintext is at hand")
+    check_owasp(new, "the rehash on login")
+    assert verifies(new, PASSWORD), "the rehashed string does not verify the password"
+
+
+@pytest.mark.parametrize("prefix,cost", [(b"2b", 5), (b"2a", 4)])
+def test_legacy_bcrypt_upgraded_only_on_success(store: Store, prefix: bytes,
+                                                cost: int) -> None:
+    legacy = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost, prefix)).decode()
+    for wrong in ("correct horse battery stapler", ""):
+        ok, new = store.login(legacy, wrong, "a wrong password (legacy bcrypt)")
+        assert not ok, "login() accepted a wrong password against the legacy bcrypt hash"
+        assert new is None, (
+            "login() returned a new hash after a FAILED login against a legacy bcrypt hash: "
+            "the account would be rehashed from a password that is not the user's. Upgrade "
+            "only after bcrypt.checkpw() said yes")
+    ok, new = store.login(legacy, PASSWORD, "the right password (legacy bcrypt)")
+    assert ok, (f"login() refused the right password for a legacy ${prefix.decode()}$ bcrypt "
+                "hash: verify those with bcrypt.checkpw")
+    assert new is not None, (
+        "login() accepted a legacy bcrypt hash without upgrading it: return a new argon2id "
+        "hash, so the weaker hash leaves the table on the first successful login")
+    check_owasp(new, "the upgrade of a bcrypt hash")
+    assert verifies(new, PASSWORD), "the upgraded hash does not verify the password"
+
+
+def test_other_stored_strings_never_match(store: Store) -> None:
+    cases = [
+        (PASSWORD, "the plaintext itself (a table that never hashed)"),
+        (hashlib.md5(PASSWORD.encode()).hexdigest(), "an unsalted MD5 of the password"),
+        (hashlib.sha256(PASSWORD.encode()).hexdigest(), "an unsalted SHA-256"),
+        ("", "an empty string"),
+        ("$argon2id$v=19$m=19456,t=2,p=1$garbage", "a truncated argon2id string"),
+        ("$2b$04$tooshort", "a truncated bcrypt string"),
+        (PasswordHasher(type=Type.I, memory_cost=8192, time_cost=1).hash(PASSWORD),
+         "an argon2i hash (not a scheme this table uses)"),
+    ]
+    wrong = []
+    for stored, what in cases:
+        ok, new = store.login(stored, PASSWORD, what)
+        if ok or new is not None:
+            wrong.append(f"login() against {what} returned ({ok}, {str(new)[:20]}...), "
+                         "expected (False, None)")
+    assert not wrong, "\n".join(wrong) + (
+        "\nOnly argon2id and bcrypt strings are ever verified: comparing the stored string "
+        "with the password, or with a fast digest of it, accepts what an attacker who read "
+        "the table can compute")
