@@ -176,7 +176,7 @@ def test_half_open_lets_exactly_one_probe_through(mod: Any, backends: Any) -> No
     backend.release.set()
     thread.join(60)
     assert hits_during_probe == 0, (
-        f"while the half-open probe was in flight, another call reached the backend: "
+        "while the half-open probe was in flight, another call reached the backend: "
         "half-open lets ONE trial call through and refuses the rest with CircuitOpen until it "
         "answers, or a recovering service gets the full load at once")
     assert isinstance(out.get("error"), mod.CircuitOpen), (
@@ -195,9 +195,9 @@ def test_a_failed_probe_opens_for_a_full_timeout_again(mod: Any, backends: Any) 
     trip(mod, cb, caller(host), 3)
     clock.now += 30
     trip(mod, cb, caller(host), 1)
-    assert cb.state == "open", (f"the half-open probe failed, yet the state is {cb.state!r}: "
-                                "a failed probe opens the circuit again, for a full reset_timeout counted from "
-                                "the probe's failure")
+    assert cb.state == "open", (
+        f"the half-open probe failed, yet the state is {cb.state!r}: a failed probe opens the "
+        "circuit again, for a full reset_timeout counted from the probe's failure")
     clock.now += 29
     with pytest.raises(mod.CircuitOpen):
         cb.call(caller(host))
@@ -248,8 +248,9 @@ def test_a_slow_dependency_does_not_starve_another(mod: Any, backends: Any) -> N
                 break
         assert slow.hits == 2 and not thread.is_alive(), (
             f"a third call to the slow dependency (bulkhead of 2, both taken) "
-            f"{'reached the backend' if slow.hits > 2 else 'is still waiting after 10 s'}: a full bulkhead refuses at once with BulkheadFull; queueing callers "
-            "behind a hung dependency is how threads run out")
+            f"{'reached the backend' if slow.hits > 2 else 'is still waiting after 10 s'}: a "
+            "full bulkhead refuses at once with BulkheadFull; queueing callers behind a hung "
+            "dependency is how threads run out")
         assert isinstance(out.get("error"), mod.BulkheadFull) and slow.hits == 2, (
             f"a third call to the slow dependency ended with {out} (backend hits "
             f"{slow.hits}): expected BulkheadFull without reaching the backend")
