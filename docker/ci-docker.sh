@@ -2,7 +2,8 @@
 # The docker backend, proven against a real Docker engine: start Debian's docker.io daemon on
 # a private socket, build local stand-ins for the official service images (no container
 # registry is reachable here), run Phase 2 and Phase 5 with `--backend docker`, build the
-# labrunner image and run `labrunner run` inside it with the local backend, then stop
+# labrunner image and run `labrunner run` inside it with the local backend, build and run
+# ph6.7's multi-stage Dockerfile (the C server) on local stand-in bases, then stop
 # everything: no container, network, bridge or daemon is left behind.
 #
 #   docker/ci-docker.sh            all of it (what CI runs)
@@ -270,6 +271,8 @@ service_images() {
     cp -r "$ROOT/docker/images/kafka" "$stage/kafka"
     cp -r "$libs" "$stage/kafka/kafka-libs"
     build apache/kafka:4.3.1 "$stage/kafka"
+    # ph6.7 builds the learner's multi-stage Dockerfile: its pinned bases are replaced by these.
+    build labrunner/gcc:ci "$ROOT/docker/images/gcc"
 }
 
 labrunner_image() {
@@ -355,6 +358,13 @@ run_tests() {
             --json "$OUT_DIR/docker-starters.json") || status=$?
         log "starters on the docker backend (all must fail): exit $status in $(elapsed $start)"
     fi
+    start=$SECONDS
+    # ph6.7's build-and-run check needs an engine: here it must run, not be left out.
+    log "ph6.7 docker-multistage: the reference Dockerfile built and run on stand-in bases"
+    (cd "$ROOT" && LABRUNNER_REQUIRE_DOCKER=1 \
+        LABRUNNER_DOCKER_STANDINS="builder=labrunner/gcc:ci runtime=$BASE_IMAGE" \
+        labrunner run ph6.7 --solutions --json "$OUT_DIR/docker-multistage.json") || status=$?
+    log "ph6.7 in docker: exit $status in $(elapsed $start)"
     return $status
 }
 

@@ -51,4 +51,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/labrunner setup --kafka
+# actionlint (ph6.9 lints the learner's workflow with it): a Go program, built once, pinned.
+ACTIONLINT_BIN="${XDG_CACHE_HOME:-$HOME/.cache}/labrunner/bin"
+[ -x "$ACTIONLINT_BIN/actionlint" ] || { command -v go >/dev/null 2>&1 && mkdir -p "$ACTIONLINT_BIN" && GOBIN="$ACTIONLINT_BIN" GOFLAGS=-mod=mod go install github.com/rhysd/actionlint/cmd/actionlint@v1.7.7 2>/dev/null; } || echo "setup: no Go toolchain: ph6.9 needs actionlint (go install github.com/rhysd/actionlint/cmd/actionlint@v1.7.7)" >&2
 echo "setup: done. Try: .venv/bin/labrunner doctor"

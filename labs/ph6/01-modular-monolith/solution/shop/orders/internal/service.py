@@ -1,0 +1,33 @@
+"""How an order is placed: through the catalog's and billing's public interfaces only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shop import billing, catalog
+
+
+class OrderRejected(Exception):
+    pass
+
+
+_ORDERS: dict[str, dict[str, Any]] = {}
+
+
+def place_order(customer: str, sku: str, qty: int) -> dict[str, Any]:
+    try:
+        price = catalog.price_of(sku)
+        catalog.reserve(sku, qty)
+    except (catalog.UnknownProduct, catalog.OutOfStock) as exc:
+        raise OrderRejected(f"order for {qty} x {sku} rejected: {exc}") from exc
+    order_id = f"ord-{len(_ORDERS) + 1}"
+    total = price * qty
+    invoice_id = billing.charge(customer, total, reference=order_id)
+    order = {"order_id": order_id, "customer": customer, "sku": sku, "qty": qty,
+             "total_cents": total, "invoice_id": invoice_id}
+    _ORDERS[order_id] = order
+    return dict(order)
+
+
+def get_order(order_id: str) -> dict[str, Any]:
+    return dict(_ORDERS[order_id])

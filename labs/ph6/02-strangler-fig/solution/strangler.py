@@ -1,0 +1,65 @@
+"""A strangler-fig gateway: paths move one prefix at a time from the legacy system to the new
+service, switched at run time; everything else still goes to the legacy system."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+              "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+class Gateway:
+    def __init__(self, legacy_url: str, new_url: str) -> None:
+        self.upstreams = {"legacy": legacy_url, "new": new_url}
+        self._routes: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def route_to_new(self, prefix: str) -> None:
+        with self._lock:
+            self._routes[prefix.rstrip("/")] = "new"
+
+    def route_to_legacy(self, prefix: str) -> None:
+        with self._lock:
+            self._routes[prefix.rstrip("/")] = "legacy"
+
+    def target_for(self, path: str) -> str:
+        with self._lock:
+            routes = dict(self._routes)
+        best, target = -1, "legacy"
+        for prefix, where in routes.items():
+            if (path == prefix or path.startswith(prefix + "/")) and len(prefix) > best:
+                best, target = len(prefix), where
+        return target
+
+    def __call__(self, environ: dict[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        query = environ.get("QUERY_STRING") or ""
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        headers = {key[5:].replace("_", "-").title(): value
+                   for key, value in environ.items() if key.startswith("HTTP_")}
+        headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+        if environ.get("CONTENT_TYPE"):
+            headers["Content-Type"] = environ["CONTENT_TYPE"]
+        upstream = urlsplit(self.upstreams[self.target_for(path)])
+        conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
+        try:
+            conn.request(environ["REQUEST_METHOD"], path + ("?" + query if query else ""),
+                         body=body, headers=headers)
+            reply = conn.getresponse()
+            data = reply.read()
+        except OSError as exc:
+            start_response("502 Bad Gateway", [("Content-Type", "text/plain")])
+            return [f"upstream unreachable: {exc}".encode()]
+        finally:
+            conn.close()
+        out = [(k, v) for k, v in reply.getheaders() if k.lower() not in HOP_BY_HOP]
+        out.append(("Content-Length", str(len(data))))
+        start_response(f"{reply.status} {reply.reason}", out)
+        return [data]

@@ -1,0 +1,142 @@
+"""ph6.2 - the strangler fig: a gateway moving paths from a legacy system to a new service.
+
+Two real HTTP backends run on loopback (the "legacy" monolith and the "new" service); each
+answers with what it received (method, path, query, body, a request header) and counts its
+requests. The learner's gateway is served over real HTTP and driven by a real client; routes
+are switched on the running gateway, between requests."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from labrunner.testing import http_request, serve_wsgi
+
+
+class Backend:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.hits = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with self.lock:
+            self.hits += 1
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        seen = {"service": self.name, "method": environ["REQUEST_METHOD"],
+                "path": environ.get("PATH_INFO"), "query": environ.get("QUERY_STRING", ""),
+                "body": environ["wsgi.input"].read(length).decode() if length else "",
+                "request_id": environ.get("HTTP_X_REQUEST_ID")}
+        path = environ.get("PATH_INFO") or ""
+        if path.endswith("/missing"):
+            status, extra = "404 Not Found", []
+        elif environ["REQUEST_METHOD"] == "POST":
+            status, extra = "201 Created", [("Location", f"{path}/42")]
+        else:
+            status, extra = "200 OK", []
+        start_response(status, [("Content-Type", "application/json"), *extra])
+        return [json.dumps(seen).encode()]
+
+
+@pytest.fixture
+def world(learner: Any) -> Iterator[tuple[Any, str, dict[str, Backend]]]:
+    legacy, new = Backend("legacy"), Backend("new")
+    with serve_wsgi(legacy) as legacy_host, serve_wsgi(new) as new_host:
+        gateway = learner.load("strangler").Gateway(f"http://{legacy_host}",
+                                                    f"http://{new_host}")
+        with serve_wsgi(gateway) as host:
+            yield gateway, host, {"legacy": legacy, "new": new}
+
+
+def served_by(host: str, backends: dict[str, Backend], path: str) -> str:
+    before = {name: b.hits for name, b in backends.items()}
+    reply = http_request(host, "GET", path)
+    hits = {name: b.hits - before[name] for name, b in backends.items()}
+    if sum(hits.values()) != 1:
+        pytest.fail(f"GET {path} reached the backends {hits} times (the client got HTTP "
+                    f"{reply.status} {reply.body[:80]!r}): expected exactly one "
+                    "request to exactly one of them (no retry elsewhere, no fan-out)")
+    try:
+        service = reply.json().get("service")
+    except Exception:  # noqa: BLE001 - the gateway's own answer: reported below
+        service = None
+    name = next(n for n, h in hits.items() if h)
+    if service != name:
+        pytest.fail(f"GET {path} reached {name} but the client got HTTP {reply.status} "
+                    f"{reply.body[:200]!r}: the backend's answer must come back unchanged")
+    return name
+
+
+def check_routes(host: str, backends: dict[str, Backend], want: dict[str, str],
+                 why: str) -> None:
+    got = {path: served_by(host, backends, path) for path in want}
+    wrong = {p: g for p, g in got.items() if g != want[p]}
+    assert not wrong, (
+        f"{why}: " + "; ".join(f"GET {p} went to {g}, expected {want[p]}"
+                               for p, g in wrong.items())
+        + ". A prefix owns a path when the path equals it or continues with '/' "
+        "(/orders owns /orders/7, not /orders-archive); the longest matching prefix decides; "
+        "anything unrouted stays with legacy.")
+
+
+def test_unmigrated_paths_stay_with_legacy(world: Any) -> None:
+    _, host, backends = world
+    check_routes(host, backends, {"/orders/7": "legacy", "/users/1": "legacy", "/": "legacy"},
+                 "before any route moves")
+
+
+def test_a_prefix_moves_to_the_new_service_at_run_time(world: Any) -> None:
+    gateway, host, backends = world
+    assert served_by(host, backends, "/orders/7") == "legacy"
+    gateway.route_to_new("/orders")
+    check_routes(host, backends, {
+        "/orders": "new", "/orders/7": "new", "/orders/7/lines": "new",
+        "/orders-archive/2019": "legacy", "/ordersummary": "legacy", "/users/1": "legacy"},
+        "after route_to_new('/orders') on the running gateway")
+    gateway.route_to_legacy("/orders")
+    check_routes(host, backends, {"/orders/7": "legacy"},
+                 "after route_to_legacy('/orders') (the rollback of a migration)")
+
+
+def test_the_longest_prefix_wins(world: Any) -> None:
+    gateway, host, backends = world
+    gateway.route_to_new("/users")
+    gateway.route_to_legacy("/users/export")
+    check_routes(host, backends, {"/users/5": "new", "/users/export": "legacy",
+                                  "/users/export/csv": "legacy", "/users/exporter": "new"},
+                 "with /users moved to new, then /users/export carved out back to legacy")
+
+
+def test_requests_and_answers_pass_unchanged(world: Any) -> None:
+    gateway, host, backends = world
+    gateway.route_to_new("/orders")
+    for target, path in (("new", "/orders/7/lines"), ("legacy", "/users/9")):
+        reply = http_request(host, "POST", f"{path}?expand=items&page=2",
+                             document={"sku": "book", "qty": 2},
+                             headers={"X-Request-Id": "req-123"})
+        seen = reply.json() if reply.status == 201 else {}
+        want = {"service": target, "method": "POST", "path": path,
+                "query": "expand=items&page=2", "body": json.dumps({"sku": "book", "qty": 2}),
+                "request_id": "req-123"}
+        diff = {k: (seen.get(k), v) for k, v in want.items() if seen.get(k) != v}
+        assert reply.status == 201 and not diff, (
+            f"POST {path}?expand=items&page=2 through the gateway: the client got HTTP "
+            f"{reply.status}, the backend saw "
+            + ("; ".join(f"{k}={g!r} (sent {w!r})" for k, (g, w) in diff.items()) or "it all")
+            + ": the gateway must forward method, full path (prefix kept), query string, body "
+            "and headers unchanged, and relay the backend's status")
+        assert reply.header("Location") == f"{path}/42", (
+            f"the backend's Location header did not come back (got {reply.header('Location')!r})"
+            ": relay the response headers too")
+    reply = http_request(host, "GET", "/orders/missing")
+    assert reply.status == 404 and reply.json().get("service") == "new", (
+        f"the new service answered 404 for /orders/missing and the client got HTTP "
+        f"{reply.status} {reply.body[:120]!r}: an upstream 4xx is an answer to relay as is, "
+        "not a gateway error (and not a reason to ask legacy instead)")
+    assert backends["legacy"].hits == 1, (
+        f"legacy got {backends['legacy'].hits} requests, expected 1 (the POST /users/9): a "
+        "404 from the new service must not be retried on legacy")

@@ -1,0 +1,79 @@
+"""Request-reply over Kafka: each request carries a unique correlation id and the topic to
+reply to; one listener thread reads the reply topic and hands each reply to the caller
+waiting for that id; a caller that waits too long gets RpcTimeout."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+
+class RpcTimeout(Exception):
+    """No reply with our correlation id arrived in time."""
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.reply: Any = None
+
+
+class RpcClient:
+    def __init__(self, bootstrap: str, request_topic: str, reply_topic: str) -> None:
+        self.request_topic = request_topic
+        self.reply_topic = reply_topic
+        self.producer = Producer({"bootstrap.servers": bootstrap, "log_level": 0})
+        # No consumer group: this client reads every partition of the reply topic from its
+        # current end (replies to earlier clients are not ours), positioned before any call.
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused",
+                                  "enable.auto.commit": False, "log_level": 0})
+        meta = self.consumer.list_topics(reply_topic, timeout=10).topics[reply_topic]
+        positions = []
+        for partition in meta.partitions:
+            _, high = self.consumer.get_watermark_offsets(
+                TopicPartition(reply_topic, partition), timeout=10)
+            positions.append(TopicPartition(reply_topic, partition, high))
+        self.consumer.assign(positions)
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listener = threading.Thread(target=self._listen, daemon=True)
+        self._listener.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            msg = self.consumer.poll(0.1)
+            if msg is None or msg.error():
+                continue
+            headers = dict(msg.headers() or [])
+            cid = (headers.get("correlation_id") or b"").decode()
+            with self._lock:
+                waiter = self._pending.pop(cid, None)
+            if waiter is None:
+                continue                 # someone else's reply, or one that came too late
+            waiter.reply = json.loads(msg.value())
+            waiter.done.set()
+
+    def call(self, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        cid = str(uuid.uuid4())
+        waiter = _Pending()
+        with self._lock:
+            self._pending[cid] = waiter
+        self.producer.produce(self.request_topic, json.dumps(payload).encode(),
+                              headers=[("correlation_id", cid.encode()),
+                                       ("reply_to", self.reply_topic.encode())])
+        self.producer.flush(10)
+        if not waiter.done.wait(timeout):
+            with self._lock:
+                self._pending.pop(cid, None)
+            raise RpcTimeout(f"no reply to {cid} within {timeout} s")
+        return dict(waiter.reply)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.join(5)
+        self.consumer.close()

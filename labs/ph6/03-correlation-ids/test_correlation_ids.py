@@ -1,0 +1,178 @@
+"""ph6.3 - request-reply over Kafka with correlation ids, reply topics and timeouts.
+
+The learner writes the requesting side. The responding service is the test's: a real Kafka
+consumer on the request topic that collects the requests, checks their headers, and answers
+when and in the order the test decides - in reverse, with a stranger's reply first, late, or
+never. So "each caller gets its own reply" is checked with replies arriving out of order, and
+"a reply that never comes" really never comes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+
+@dataclass
+class Request:
+    cid: str | None
+    reply_to: str | None
+    payload: Any
+
+
+class Responder:
+    def __init__(self, kafka: Any, request_topic: str) -> None:
+        self.consumer = Consumer(kafka.consumer_config(f"responder-{uuid.uuid4().hex[:6]}",
+                                                       **{"enable.auto.commit": False}))
+        self.consumer.assign([TopicPartition(request_topic, 0, 0)])
+        self.producer = Producer(kafka.producer_config())
+
+    def collect(self, n: int, what: str, calls: list[tuple[threading.Thread, dict[str, Any]]],
+                timeout: float = 60) -> list[Request]:
+        got: list[Request] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < deadline:
+            ended = [out for thread, out in calls if not thread.is_alive()]
+            if len(ended) == len(calls):
+                first = ended[0].get("error", ended[0].get("value"))
+                pytest.fail(f"{what}: call() returned before its request was answered, with "
+                            f"{first!r} ({len(got)} of {n} requests seen on the request topic)")
+            msg = self.consumer.poll(0.1)
+            if msg is None or msg.error():
+                continue
+            headers = {k: (v or b"").decode() for k, v in (msg.headers() or [])}
+            try:
+                payload = json.loads(msg.value())
+            except ValueError:
+                payload = msg.value()
+            got.append(Request(headers.get("correlation_id"), headers.get("reply_to"), payload))
+        if len(got) < n:
+            pytest.fail(f"{what}: {len(got)} of {n} requests arrived on the request topic "
+                        f"within {timeout:.0f} s - does call() produce (and flush) its request?")
+        return got
+
+    def check_headers(self, requests: list[Request], reply_topic: str) -> None:
+        for req in requests:
+            assert req.cid, (
+                f"a request ({req.payload}) has no 'correlation_id' header: the responder has "
+                "nothing to copy into its reply, and the caller cannot tell its reply apart")
+            assert req.reply_to == reply_topic, (
+                f"request {req.cid} has reply_to {req.reply_to!r}, expected {reply_topic!r}: "
+                "the request names the topic its reply goes to - the responder knows nothing "
+                "of its callers")
+        cids = [r.cid for r in requests]
+        assert len(set(cids)) == len(cids), (
+            f"correlation ids repeat across requests: {cids}. Each request needs an id no "
+            "other request - of this client or any other - uses (uuid4)")
+
+    def reply(self, req: Request, doc: Any, topic: str, cid: str | None = None) -> None:
+        self.producer.produce(req.reply_to or topic, json.dumps(doc).encode(),
+                              headers=[("correlation_id", (cid or req.cid or "").encode())])
+        self.producer.flush(10)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@pytest.fixture
+def world(kafka: Any, learner: Any) -> Iterator[tuple[Any, Any, Responder, str, str]]:
+    requests, replies = kafka.create_topic("rpc.requests"), kafka.create_topic("rpc.replies")
+    mod = learner.load("rpc")
+    responder = Responder(kafka, requests)
+    yield mod, kafka, responder, requests, replies
+    responder.close()
+
+
+def in_thread(fn: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            out["error"] = exc
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_concurrent_calls_each_get_their_own_reply(world: Any) -> None:
+    mod, kafka, responder, requests, replies = world
+    client = mod.RpcClient(kafka.bootstrap, requests, replies)
+    try:
+        calls = [in_thread(client.call, {"n": n}, timeout=60) for n in range(8)]
+        got = responder.collect(8, "8 concurrent calls", calls)
+        responder.check_headers(got, replies)
+        responder.reply(got[0], {"n": -1, "square": 1}, replies, cid="someone-elses-request")
+        for req in reversed(got):
+            n = req.payload["n"]
+            responder.reply(req, {"n": n, "square": n * n}, replies)
+        for n, (thread, out) in enumerate(calls):
+            thread.join(60)
+            assert out.get("value") == {"n": n, "square": n * n}, (
+                f"call({{'n': {n}}}) among 8 concurrent calls, answered in reverse order after "
+                f"a reply for another client's request, returned "
+                f"{out.get('value', out.get('error', 'nothing yet'))!r}: expected "
+                f"{{'n': {n}, 'square': {n * n}}} - hand each reply to the caller whose "
+                "correlation id it carries, and ignore replies with ids you are not waiting for")
+    finally:
+        client.close()
+
+
+def test_a_missing_reply_times_out_and_a_late_one_is_dropped(world: Any) -> None:
+    mod, kafka, responder, requests, replies = world
+    client = mod.RpcClient(kafka.bootstrap, requests, replies)
+    try:
+        thread, out = in_thread(client.call, {"n": 1}, timeout=1.0)
+        (lost,) = responder.collect(1, "a call that gets no reply", [(thread, out)])
+        thread.join(30)
+        assert not thread.is_alive(), (
+            "call(..., timeout=1.0) got no reply and is still waiting 30 s later: a request "
+            "whose reply never comes must raise RpcTimeout after its timeout, or every lost "
+            "message hangs a caller (and its thread) forever")
+        assert isinstance(out.get("error"), mod.RpcTimeout), (
+            f"call(..., timeout=1.0) without a reply ended with "
+            f"{out.get('value', out.get('error'))!r}: expected RpcTimeout raised - a None or an "
+            "empty dict would be taken for an answer")
+        responder.reply(lost, {"n": 1, "square": 1, "late": True}, replies)
+        thread, out = in_thread(client.call, {"n": 7}, timeout=60)
+        (req,) = responder.collect(1, "the call after the timed-out one", [(thread, out)])
+        responder.reply(req, {"n": 7, "square": 49}, replies)
+        thread.join(60)
+        assert out.get("value") == {"n": 7, "square": 49}, (
+            f"after a timed-out call whose reply came late, the next call returned "
+            f"{out.get('value', out.get('error', 'nothing yet'))!r}: expected its own reply "
+            "{'n': 7, 'square': 49} - a late reply matches no waiting caller and is dropped")
+    finally:
+        client.close()
+
+
+def test_two_clients_share_one_reply_topic(world: Any) -> None:
+    mod, kafka, responder, requests, replies = world
+    first = mod.RpcClient(kafka.bootstrap, requests, replies)
+    second = mod.RpcClient(kafka.bootstrap, requests, replies)
+    try:
+        calls = [in_thread(first.call, {"n": 10}, timeout=60),
+                 in_thread(second.call, {"n": 20}, timeout=60)]
+        got = responder.collect(2, "one call from each of two clients", calls)
+        responder.check_headers(got, replies)
+        for req in sorted(got, key=lambda r: -r.payload["n"]):
+            n = req.payload["n"]
+            responder.reply(req, {"n": n, "square": n * n}, replies)
+        for n, (thread, out) in zip((10, 20), calls, strict=True):
+            thread.join(60)
+            assert out.get("value") == {"n": n, "square": n * n}, (
+                f"two clients on one reply topic: the call for n={n} returned "
+                f"{out.get('value', out.get('error', 'nothing yet'))!r}, expected "
+                f"{{'n': {n}, 'square': {n * n}}}")
+    finally:
+        first.close()
+        second.close()

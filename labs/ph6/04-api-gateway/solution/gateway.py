@@ -1,0 +1,137 @@
+"""An API gateway: one entry point that routes by path, checks the JWT before anything is
+forwarded, rate-limits per user, aggregates a dashboard for the frontend (BFF) and sends a
+weighted share of one route to a canary."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+
+HOP_BY_HOP = {"connection", "keep-alive", "te", "trailers", "transfer-encoding", "upgrade",
+              "host", "content-length", "authorization", "x-user-id"}
+
+
+class ApiGateway:
+    def __init__(self, routes: dict[str, str], *, jwt_secret: str, rate_limit: int = 5,
+                 window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 canary: dict[str, Any] | None = None) -> None:
+        self.routes = {p.rstrip("/"): url for p, url in routes.items()}
+        self.jwt_secret = jwt_secret
+        self.rate_limit = rate_limit
+        self.window = window
+        self.clock = clock
+        self.canary = canary
+        self._windows: dict[str, tuple[float, int]] = {}   # user -> (window start, count)
+        self._lock = threading.Lock()
+
+    # -- the checks, in order: who are you, how often, where to --------------------------
+
+    def authenticate(self, environ: dict[str, Any]) -> str | None:
+        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        try:
+            claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"],
+                                options={"require": ["exp", "sub"]})
+        except jwt.PyJWTError:
+            return None
+        return str(claims["sub"])
+
+    def allow(self, user: str) -> float | None:
+        """None if allowed, else the seconds until the user's window resets."""
+        now = self.clock()
+        with self._lock:
+            start, count = self._windows.get(user, (now, 0))
+            if now - start >= self.window:
+                start, count = now, 0
+            if count >= self.rate_limit:
+                return self.window - (now - start)
+            self._windows[user] = (start, count + 1)
+            return None
+
+    def upstream_for(self, path: str) -> str | None:
+        best = max((p for p in self.routes if path == p or path.startswith(p + "/")),
+                   key=len, default=None)
+        if best is None:
+            return None
+        canary = self.canary
+        if canary and best == canary["prefix"].rstrip("/") and \
+                random.random() * 100 < canary["percent"]:
+            return str(canary["url"])
+        return self.routes[best]
+
+    # -- forwarding -----------------------------------------------------------------------
+
+    @staticmethod
+    def forward(base: str, method: str, target: str, headers: dict[str, str],
+                body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        url = urlsplit(base)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        try:
+            conn.request(method, target, body=body, headers=headers)
+            reply = conn.getresponse()
+            return reply.status, reply.reason, reply.getheaders(), reply.read()
+        finally:
+            conn.close()
+
+    def __call__(self, environ: dict[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def answer(status: str, doc: Any, extra: list[tuple[str, str]] | None = None
+                   ) -> list[bytes]:
+            body = json.dumps(doc).encode()
+            start_response(status, [("Content-Type", "application/json"),
+                                    ("Content-Length", str(len(body))), *(extra or [])])
+            return [body]
+
+        user = self.authenticate(environ)
+        if user is None:
+            return answer("401 Unauthorized", {"error": "a valid bearer token is required"},
+                          [("WWW-Authenticate", 'Bearer realm="api"')])
+        wait = self.allow(user)
+        if wait is not None:
+            return answer("429 Too Many Requests", {"error": "rate limit exceeded"},
+                          [("Retry-After", str(max(1, int(wait + 0.999))))])
+        path = environ.get("PATH_INFO") or "/"
+        headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items()
+                   if k.startswith("HTTP_") and k[5:].replace("_", "-").lower() not in HOP_BY_HOP}
+        headers["X-User-Id"] = user              # identity asserted by the gateway only
+        if path == "/bff/dashboard":
+            return self.dashboard(user, headers, answer)
+        upstream = self.upstream_for(path)
+        if upstream is None:
+            return answer("404 Not Found", {"error": f"no route for {path}"})
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        if environ.get("CONTENT_TYPE"):
+            headers["Content-Type"] = environ["CONTENT_TYPE"]
+        query = environ.get("QUERY_STRING")
+        try:
+            status, reason, out, data = self.forward(
+                upstream, environ["REQUEST_METHOD"], path + (f"?{query}" if query else ""),
+                headers, body)
+        except OSError as exc:
+            return answer("502 Bad Gateway", {"error": f"upstream unreachable: {exc}"})
+        out = [(k, v) for k, v in out if k.lower() not in HOP_BY_HOP]
+        start_response(f"{status} {reason}", [*out, ("Content-Length", str(len(data)))])
+        return [data]
+
+    def dashboard(self, user: str, headers: dict[str, str], answer: Any) -> list[bytes]:
+        """Backend for frontend: one call from the app, two upstream calls, one document."""
+        parts = {}
+        for key, path in (("user", f"/users/{user}"), ("orders", f"/orders?user={user}")):
+            base = self.routes.get("/" + path.split("/")[1].split("?")[0])
+            if base is None:
+                return answer("502 Bad Gateway", {"error": f"no upstream for {path}"})
+            status, _, _, data = self.forward(base, "GET", path, headers, b"")
+            if status != 200:
+                return answer("502 Bad Gateway", {"error": f"{path} answered {status}"})
+            parts[key] = json.loads(data)
+        return answer("200 OK", parts)

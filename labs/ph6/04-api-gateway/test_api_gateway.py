@@ -1,0 +1,226 @@
+"""ph6.4 - an API gateway in front of real HTTP backends.
+
+Three backends run on loopback (users, orders, and a canary build of orders); each counts the
+requests that reach it and records the identity header the gateway asserted. The learner's
+gateway is served over real HTTP; tokens are real HS256 JWTs (PyJWT); the rate limiter reads
+the test's clock; the canary share is measured over 400 requests."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs
+
+import jwt
+import pytest
+
+from labrunner.testing import http_request, serve_wsgi
+
+SECRET = "gateway-test-secret-0123456789abcdef"
+N_CANARY, PERCENT, TOLERANCE = 400, 20, 8      # share in percent, +- 8 points (4 sigma)
+
+
+class Backend:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.hits = 0
+        self.users: list[str | None] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        user = environ.get("HTTP_X_USER_ID")
+        with self.lock:
+            self.hits += 1
+            self.users.append(user)
+        path = environ.get("PATH_INFO") or ""
+        if not user:
+            doc: Any = {"error": "no X-User-Id: requests must come through the gateway"}
+            status = "400 Bad Request"
+        elif self.name == "users":
+            doc, status = {"id": path.rsplit("/", 1)[-1], "name": "Ada"}, "200 OK"
+        elif path == "/orders":
+            who = parse_qs(environ.get("QUERY_STRING", "")).get("user", ["?"])[0]
+            doc, status = [{"id": 1, "user": who}, {"id": 2, "user": who}], "200 OK"
+        else:
+            doc, status = {"version": self.name, "path": path}, "200 OK"
+        start_response(status, [("Content-Type", "application/json")])
+        return [json.dumps(doc).encode()]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def token(sub: str = "alice", *, secret: str = SECRET, exp: float | None = None,
+          algorithm: str = "HS256", **extra: Any) -> str:
+    claims = {"sub": sub, "exp": int(exp if exp is not None else time.time() + 3600), **extra}
+    return jwt.encode(claims, secret if algorithm != "none" else None, algorithm=algorithm)
+
+
+def bearer(sub: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(sub)}"}
+
+
+class World:
+    def __init__(self, learner: Any) -> None:
+        self.learner = learner
+        self.backends = {name: Backend(name) for name in ("users", "stable", "canary")}
+        self._servers: list[Any] = []
+        self.hosts = {name: self._serve(b) for name, b in self.backends.items()}
+        self.clock = Clock()
+
+    def _serve(self, app: Any) -> str:
+        server = serve_wsgi(app)
+        self._servers.append(server)
+        return str(server.__enter__())
+
+    def gateway(self, *, own_clock: bool = False, **options: Any) -> str:
+        """own_clock: the gateway keeps its default clock (where time does not matter, and
+        each call of the test's clock would cross from the learner's process when grading)."""
+        mod = self.learner.load("gateway")
+        routes = {"/users": f"http://{self.hosts['users']}",
+                  "/orders": f"http://{self.hosts['stable']}"}
+        if not own_clock:
+            options["clock"] = self.clock
+        gw = mod.ApiGateway(routes, jwt_secret=SECRET, **options)
+        return self._serve(gw)
+
+    def hits(self) -> int:
+        return sum(b.hits for b in self.backends.values())
+
+    def close(self) -> None:
+        for server in reversed(self._servers):
+            server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def world(learner: Any) -> Iterator[World]:
+    w = World(learner)
+    yield w
+    w.close()
+
+
+INVALID = [
+    ("no Authorization header", {}),
+    ("not a bearer token", {"Authorization": "Basic YWxpY2U6cGFzc3dvcmQ="}),
+    ("a bearer token that is not a JWT", {"Authorization": "Bearer let-me-in"}),
+    ("a token signed with another key", {"Authorization": f"Bearer {token(secret='x' * 36)}"}),
+    ("an expired token", {"Authorization": f"Bearer {token(exp=time.time() - 120)}"}),
+    ("an unsigned token (alg none)", {"Authorization": f"Bearer {token(algorithm='none')}"}),
+    ("a token without a subject", {"Authorization": "Bearer " + jwt.encode(
+        {"exp": int(time.time() + 3600)}, SECRET, algorithm="HS256")}),
+]
+
+
+def test_invalid_tokens_never_reach_a_backend(world: World) -> None:
+    host = world.gateway(rate_limit=1000)
+    ok = http_request(host, "GET", "/orders/1", headers=bearer())
+    assert ok.status == 200 and world.hits() == 1, (
+        f"GET /orders/1 with a valid token got HTTP {ok.status} {ok.body[:120]!r} "
+        f"({world.hits()} backend requests): expected the stable orders backend's answer")
+    for name, headers in INVALID:
+        before = world.hits()
+        reply = http_request(host, "GET", "/orders/1", headers=headers)
+        reached = world.hits() - before
+        assert reply.status == 401 and reached == 0, (
+            f"{name}: the gateway answered HTTP {reply.status} and forwarded {reached} "
+            "request(s) to a backend: expected 401 with nothing forwarded - the gateway checks "
+            "the JWT (signature with the shared key, HS256 only, exp, sub) before anything "
+            "reaches a service")
+        assert "bearer" in (reply.header("WWW-Authenticate") or "").lower(), (
+            f"{name}: the 401 has no 'WWW-Authenticate: Bearer ...' header telling the client "
+            "how to authenticate")
+    reply = http_request(host, "GET", "/admin/secrets", headers=bearer())
+    assert reply.status == 404 and world.hits() == 1, (
+        f"GET /admin/secrets (no route) got HTTP {reply.status}: expected 404 from the "
+        "gateway itself, nothing forwarded")
+
+
+def test_the_backend_gets_the_identity_from_the_token(world: World) -> None:
+    host = world.gateway(rate_limit=1000)
+    reply = http_request(host, "GET", "/users/alice",
+                         headers={**bearer("alice"), "X-User-Id": "admin"})
+    seen = world.backends["users"].users
+    assert reply.status == 200 and seen == ["alice"], (
+        f"a client with alice's token sent 'X-User-Id: admin'; the users backend saw "
+        f"X-User-Id {seen} (client got HTTP {reply.status}): expected ['alice']. The "
+        "gateway asserts the identity it verified and drops the client's own claim - "
+        "backends trust that header")
+
+
+def test_rate_limit_per_user_follows_the_clock(world: World) -> None:
+    host = world.gateway(rate_limit=5, window=60.0)
+    stable = world.backends["stable"]
+    for n in range(1, 6):
+        reply = http_request(host, "GET", f"/orders/{n}", headers=bearer("alice"))
+        assert reply.status == 200, (f"request {n} of 5 allowed per minute got HTTP "
+                                     f"{reply.status}: expected 200")
+    reply = http_request(host, "GET", "/orders/6", headers=bearer("alice"))
+    assert reply.status == 429 and stable.hits == 5, (
+        f"the 6th request within the window got HTTP {reply.status} and the backend has seen "
+        f"{stable.hits} requests: expected 429 and still 5 - a limited request is refused "
+        "before it is forwarded")
+    retry = reply.header("Retry-After") or ""
+    assert retry.isdigit() and 1 <= int(retry) <= 60, (
+        f"the 429 carries Retry-After {retry!r}: expected the whole seconds until the window "
+        "resets (1..60)")
+    other = http_request(host, "GET", "/orders/1", headers=bearer("bob"))
+    assert other.status == 200, (
+        f"bob's first request got HTTP {other.status} while alice was limited: the limit is "
+        "per user (the token's sub), not one counter for everyone")
+    world.clock.now += 59.5
+    reply = http_request(host, "GET", "/orders/7", headers=bearer("alice"))
+    assert reply.status == 429, (f"59.5 s into alice's window her request got HTTP "
+                                 f"{reply.status}: expected still 429")
+    world.clock.now += 0.5
+    reply = http_request(host, "GET", "/orders/8", headers=bearer("alice"))
+    assert reply.status == 200, (
+        f"60 s later (by the injected clock) alice's request got HTTP {reply.status}: "
+        "expected a new window and 200. Read time from the clock you were given")
+
+
+def test_bff_dashboard_aggregates_two_services(world: World) -> None:
+    host = world.gateway(rate_limit=1000)
+    reply = http_request(host, "GET", "/bff/dashboard", headers=bearer("alice"))
+    try:
+        doc = reply.json() if reply.status == 200 else None
+    except BaseException:  # noqa: BLE001 - reported below
+        doc = None
+    want = {"user": {"id": "alice", "name": "Ada"},
+            "orders": [{"id": 1, "user": "alice"}, {"id": 2, "user": "alice"}]}
+    assert doc == want, (
+        f"GET /bff/dashboard as alice got HTTP {reply.status} {reply.body[:200]!r}: expected "
+        f"{want} - the gateway calls /users/alice and /orders?user=alice (with the "
+        "X-User-Id it asserts) and returns one document")
+    counts = {n: b.hits for n, b in world.backends.items() if n != "canary"}
+    assert counts == {"users": 1, "stable": 1}, (
+        f"one dashboard request made {counts} backend requests: expected one to each")
+
+
+def test_canary_gets_its_share(world: World) -> None:
+    host = world.gateway(rate_limit=100000, own_clock=True, canary={
+        "prefix": "/orders", "url": f"http://{world.hosts['canary']}", "percent": PERCENT})
+    headers = bearer("alice")
+    versions = []
+    for i in range(N_CANARY):
+        reply = http_request(host, "GET", f"/orders/{i}", headers=headers)
+        versions.append(reply.json().get("version") if reply.status == 200 else reply.status)
+    share = 100 * versions.count("canary") / N_CANARY
+    others = {v for v in versions if v not in ("stable", "canary")}
+    assert not others, f"some /orders requests did not get a backend's answer: {others}"
+    assert abs(share - PERCENT) <= TOLERANCE, (
+        f"{versions.count('canary')} of {N_CANARY} /orders requests went to the canary "
+        f"({share:.1f} %): expected {PERCENT} % +- {TOLERANCE} points. Send each request to "
+        "the canary with probability percent/100 (the rest to the stable upstream)")
+    for i in range(20):
+        http_request(host, "GET", f"/users/u{i}", headers=headers)
+    assert world.backends["users"].hits == 20 and \
+        world.backends["canary"].hits == versions.count("canary"), (
+            "/users requests reached the canary: the split applies to its own prefix only")

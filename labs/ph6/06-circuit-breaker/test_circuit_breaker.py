@@ -1,0 +1,285 @@
+"""ph6.6 - circuit breaker and bulkhead, against real HTTP backends.
+
+The backends are small HTTP services the test runs on loopback; each counts the requests that
+reach it, so "an open circuit never calls the backend" is read off the backend's own counter.
+Time is the test's clock (injected): no sleeps. A backend can be told to fail (500) or to hold
+requests until released, which makes half-open probes and full bulkheads happen exactly when
+the test wants."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from labrunner.testing import http_request, serve_wsgi, wait_until
+
+
+class BackendDown(Exception):
+    """The test's client saw a 5xx or no answer: a failed call."""
+
+
+class Backend:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mode = "ok"                 # ok | fail | hold
+        self.hits = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with self.lock:
+            self.hits += 1
+            mode = self.mode
+        if mode == "hold":
+            self.release.wait(60)
+        status = "500 Internal Server Error" if mode == "fail" else "200 OK"
+        start_response(status, [("Content-Type", "text/plain")])
+        return [self.name.encode()]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def backends() -> Iterator[dict[str, tuple[Backend, str]]]:
+    made = {}
+    servers = []
+    for name in ("payments", "search"):
+        backend = Backend(name)
+        server = serve_wsgi(backend)
+        made[name] = (backend, server.__enter__())
+        servers.append(server)
+    yield made
+    for backend, _ in made.values():
+        backend.release.set()
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def caller(host: str) -> Any:
+    def call() -> str:
+        try:
+            reply = http_request(host, "GET", "/quote", timeout=60)
+        except OSError as exc:
+            raise BackendDown(f"no answer: {exc}") from exc
+        if reply.status >= 500:
+            raise BackendDown(f"HTTP {reply.status}")
+        return reply.body.decode()
+    return call
+
+
+@pytest.fixture
+def mod(learner: Any) -> Any:
+    return learner.load("breaker")
+
+
+def trip(mod: Any, cb: Any, call: Any, times: int) -> None:
+    for _ in range(times):
+        with pytest.raises(BackendDown):
+            cb.call(call)
+
+
+def test_opens_after_consecutive_failures_and_then_never_calls(mod: Any, backends: Any) -> None:
+    backend, host = backends["payments"]
+    clock = Clock()
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
+    backend.mode = "fail"
+    for n in range(1, 4):
+        try:
+            cb.call(caller(host))
+        except BackendDown:
+            pass
+        except mod.CircuitOpen:
+            pytest.fail(f"call {n} with the circuit closed raised CircuitOpen after {n - 1} "
+                        "failures: the threshold is 3 consecutive failures")
+        want = "closed" if n < 3 else "open"
+        assert cb.state == want, (
+            f"after {n} consecutive failures (threshold 3) the state is {cb.state!r}, expected "
+            f"{want!r}: the failure that reaches the threshold opens the circuit")
+    assert backend.hits == 3
+    for _ in range(10):
+        with pytest.raises(mod.CircuitOpen):
+            cb.call(caller(host))
+    assert backend.hits == 3, (
+        f"10 calls with the circuit open reached the backend {backend.hits - 3} times: an open "
+        "circuit fails fast with CircuitOpen without calling the dependency at all - that is "
+        "what gives a struggling service room to recover")
+
+
+def test_a_success_resets_the_failure_count(mod: Any, backends: Any) -> None:
+    backend, host = backends["payments"]
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=Clock())
+    for n, mode in enumerate(("fail", "fail", "ok", "fail", "fail"), 1):
+        backend.mode = mode
+        try:
+            cb.call(caller(host))
+        except BackendDown:
+            pass
+        except mod.CircuitOpen:
+            pytest.fail("after fail, fail, success, fail the circuit is open (call "
+                        f"{n} raised CircuitOpen): the threshold (3) counts consecutive "
+                        "failures; the success in between must reset the count")
+    assert cb.state == "closed", (
+        f"fail, fail, success, fail, fail opened the circuit (state {cb.state!r}): the "
+        "threshold counts consecutive failures; a success in between resets the count")
+    backend.mode = "fail"
+    trip(mod, cb, caller(host), 1)
+    assert cb.state == "open", (f"the third failure in a row left the state {cb.state!r}, "
+                                "expected 'open'")
+
+
+def test_half_open_lets_exactly_one_probe_through(mod: Any, backends: Any) -> None:
+    backend, host = backends["payments"]
+    clock = Clock()
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
+    backend.mode = "fail"
+    trip(mod, cb, caller(host), 3)
+    clock.now += 29.5
+    with pytest.raises(mod.CircuitOpen):
+        cb.call(caller(host))
+    assert backend.hits == 3, "a call 29.5 s after opening (reset_timeout 30) reached the backend"
+    clock.now += 0.5
+    assert cb.state == "half_open", (
+        f"30 s (reset_timeout) after opening, by the injected clock, the state is "
+        f"{cb.state!r}: expected 'half_open'. Read time from the clock you were given, "
+        "not from time.monotonic()")
+    backend.mode = "hold"
+    result: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            result["value"] = cb.call(caller(host))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            result["error"] = repr(exc)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    wait_until(lambda: backend.hits == 4, "the half-open probe to reach the backend")
+    hits_during_probe = 0
+    for _ in range(5):
+        extra, out = run_in_thread(lambda: cb.call(caller(host)))
+        for _ in range(2000):        # refused at once, or it shows up at the backend
+            extra.join(0.01)
+            if not extra.is_alive() or backend.hits > 4:
+                break
+        hits_during_probe = backend.hits - 4
+        if hits_during_probe or not isinstance(out.get("error"), mod.CircuitOpen):
+            break
+    backend.release.set()
+    thread.join(60)
+    assert hits_during_probe == 0, (
+        "while the half-open probe was in flight, another call reached the backend: "
+        "half-open lets ONE trial call through and refuses the rest with CircuitOpen until it "
+        "answers, or a recovering service gets the full load at once")
+    assert isinstance(out.get("error"), mod.CircuitOpen), (
+        f"a call while the half-open probe was in flight ended with {out}: expected "
+        "CircuitOpen at once")
+    assert result.get("value") == "payments", f"the probe itself failed: {result}"
+    assert cb.state == "closed", (f"the probe succeeded, yet the state is {cb.state!r}: a "
+                                  "successful probe closes the circuit")
+
+
+def test_a_failed_probe_opens_for_a_full_timeout_again(mod: Any, backends: Any) -> None:
+    backend, host = backends["payments"]
+    clock = Clock()
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
+    backend.mode = "fail"
+    trip(mod, cb, caller(host), 3)
+    clock.now += 30
+    trip(mod, cb, caller(host), 1)
+    assert cb.state == "open", (
+        f"the half-open probe failed, yet the state is {cb.state!r}: a failed probe opens the "
+        "circuit again, for a full reset_timeout counted from the probe's failure")
+    clock.now += 29
+    with pytest.raises(mod.CircuitOpen):
+        cb.call(caller(host))
+    assert backend.hits == 4, (
+        f"29 s after the failed probe a call reached the backend (hits {backend.hits}, "
+        "expected 4): the failed probe restarts the 30 s timeout - the circuit was opened "
+        "again then, not when it first opened")
+    clock.now += 1
+    backend.mode = "ok"
+    assert cb.call(caller(host)) == "payments"
+    assert cb.state == "closed"
+
+
+def run_in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            out["error"] = exc
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_slow_dependency_does_not_starve_another(mod: Any, backends: Any) -> None:
+    slow, slow_host = backends["payments"]
+    fast, fast_host = backends["search"]
+    pool_slow, pool_fast = mod.Bulkhead(2), mod.Bulkhead(2)
+    slow.mode = "hold"
+    held = [run_in_thread(lambda: pool_slow.call(caller(slow_host))) for _ in range(2)]
+    wait_until(lambda: slow.hits == 2, "two calls to hang in the slow dependency")
+    try:
+        for i in range(5):
+            thread, out = run_in_thread(lambda: pool_fast.call(caller(fast_host)))
+            thread.join(10)
+            assert out.get("value") == "search", (
+                f"call {i + 1} to the fast dependency, while the slow one holds its two slots, "
+                f"{'is still waiting' if thread.is_alive() else 'ended with ' + repr(out)}: "
+                "each dependency needs a pool of its own (a bulkhead), so a slow one cannot "
+                "take the capacity another needs")
+        thread, out = run_in_thread(lambda: pool_slow.call(caller(slow_host)))
+        for _ in range(1000):        # ends at once when refused; up to 10 s when it waits
+            thread.join(0.01)
+            if not thread.is_alive() or slow.hits > 2:
+                break
+        assert slow.hits == 2 and not thread.is_alive(), (
+            f"a third call to the slow dependency (bulkhead of 2, both taken) "
+            f"{'reached the backend' if slow.hits > 2 else 'is still waiting after 10 s'}: a "
+            "full bulkhead refuses at once with BulkheadFull; queueing callers behind a hung "
+            "dependency is how threads run out")
+        assert isinstance(out.get("error"), mod.BulkheadFull) and slow.hits == 2, (
+            f"a third call to the slow dependency ended with {out} (backend hits "
+            f"{slow.hits}): expected BulkheadFull without reaching the backend")
+    finally:
+        slow.release.set()
+    for thread, _ in held:
+        thread.join(60)
+    slow.mode = "fail"
+    for n in range(1, 4):
+        try:
+            pool_slow.call(caller(slow_host))
+        except BackendDown:
+            pass
+        except mod.BulkheadFull:
+            pytest.fail(
+                f"call {n} to a bulkhead of 2 with nothing in flight, after {n - 1} calls that "
+                "raised, was refused with BulkheadFull: a slot must be given back when the call "
+                "raises too (try/finally), or every failure leaks one until the pool is empty")
+    slow.mode, slow.release = "hold", threading.Event()
+    again = [run_in_thread(lambda: pool_slow.call(caller(slow_host))) for _ in range(2)]
+    try:
+        wait_until(lambda: slow.hits == 7 or any("error" in o for _, o in again),
+                   "two more calls to reach the slow dependency")
+        errors = [o["error"] for _, o in again if "error" in o]
+        assert not errors, (
+            f"after calls that raised, the slow dependency's bulkhead (2 slots, none in use) "
+            f"refused a call: {errors[0]!r}. A slot must be given back when the call raises "
+            "too (try/finally), or every failure leaks one until the pool is empty")
+    finally:
+        slow.release.set()
+        for thread, _ in again:
+            thread.join(60)

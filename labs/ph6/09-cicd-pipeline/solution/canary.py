@@ -1,0 +1,44 @@
+"""A canary controller: 5 % -> 20 % -> 100 % of the traffic to the new version, rolled back
+to 0 % as soon as its error rate crosses the threshold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+
+class CanaryController:
+    def __init__(self, set_weight: Callable[[int], None], steps: Sequence[int] = (5, 20, 100),
+                 max_error_rate: float = 0.05, min_requests: int = 200) -> None:
+        self.set_weight = set_weight
+        self.steps = list(steps)
+        self.max_error_rate = max_error_rate
+        self.min_requests = min_requests
+        self.index = 0
+        self.status = "running"
+        self.weight = self.steps[0]
+        # The window of the current step starts at the counters seen when it began.
+        self.base_requests = 0
+        self.base_errors = 0
+        self.set_weight(self.weight)
+
+    def tick(self, requests_total: int, errors_total: int) -> str:
+        """Counters are cumulative (like Prometheus counters) for the canary version."""
+        if self.status != "running":
+            return self.status
+        requests = requests_total - self.base_requests
+        errors = errors_total - self.base_errors
+        if requests < self.min_requests:
+            return "hold"
+        if errors / requests > self.max_error_rate:
+            self.status = "rolled_back"
+            self.weight = 0
+            self.set_weight(0)
+            return "rollback"
+        self.index += 1
+        self.weight = self.steps[self.index]
+        self.base_requests, self.base_errors = requests_total, errors_total
+        self.set_weight(self.weight)
+        if self.index == len(self.steps) - 1:
+            self.status = "promoted"
+            return "promoted"
+        return "advance"

@@ -1,0 +1,216 @@
+"""ph6.10 - a twelve-factor app, run as the process a platform would run.
+
+The learner's app.py is started by the test with only its environment for configuration:
+$PORT, DATABASE_URL (a fresh Postgres database) and REDIS_URL (the test's own Redis database),
+none of them on a standard port. Checked from outside, as a platform sees an app: a missing
+or bad variable stops it at once with a non-zero status naming the variable; two instances
+share all state through the backing services; request logs arrive on stdout and no file is
+written; SIGTERM ends it with status 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labrunner.testing import http_request, wait_until
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process pid listens on, from /proc (its socket inodes in LISTEN)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd) if fd.is_symlink() else ""
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+class App:
+    def __init__(self, learner: Any, env: dict[str, str]) -> None:
+        self.port = int(env["PORT"]) if env.get("PORT", "").isdigit() else None
+        self.proc = learner.python("app", env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.readers = [threading.Thread(target=self._read, args=(stream, sink), daemon=True)
+                        for stream, sink in ((self.proc.stdout, self.out),
+                                             (self.proc.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream: Any, sink: list[str]) -> None:
+        for line in iter(stream.readline, b""):
+            sink.append(line.decode(errors="replace").rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.out + self.err)
+
+    def ready(self) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"app.py exited with status {self.proc.returncode} instead of "
+                            f"serving on $PORT={self.port}:\n{self.output()[-1500:]}")
+            ports = listening_ports(self.proc.pid)
+            if ports and self.port not in ports:
+                pytest.fail(f"app.py listens on {sorted(ports)}, not on $PORT={self.port}: "
+                            "the platform chooses the port and passes it in the environment")
+            return self.port is not None and self.port in ports and listening(self.port)
+
+        wait_until(up, f"app.py to listen on 127.0.0.1:$PORT ({self.port}) - the port comes "
+                   "from the environment", timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def env(postgres: Any, redis_db: Any) -> dict[str, str]:
+    return {"PORT": str(free_port()), "DATABASE_URL": postgres.dsn, "REDIS_URL": redis_db.url}
+
+
+@pytest.fixture
+def apps(learner: Any) -> Iterator[list[App]]:
+    started: list[App] = []
+    yield started
+    for app in started:
+        app.stop()
+
+
+BAD = [("DATABASE_URL", None), ("REDIS_URL", None), ("PORT", None), ("PORT", "eighty")]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD, ids=[f"{n}={v}" for n, v in BAD])
+def test_bad_config_fails_fast(learner: Any, env: dict[str, str], apps: list[App],
+                               monkeypatch: pytest.MonkeyPatch, name: str,
+                               value: str | None) -> None:
+    for var in ("PORT", "DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    env = dict(env)
+    what = f"{name} missing" if value is None else f"{name}={value!r}"
+    if value is None:
+        del env[name]
+    else:
+        env[name] = value
+    app = App(learner, env)
+    apps.append(app)
+    deadline = time.monotonic() + 20
+    while app.proc.poll() is None and time.monotonic() < deadline:
+        if listening_ports(app.proc.pid):
+            pytest.fail(f"with {what}, app.py started serving anyway: expected it to refuse "
+                        "to start - a default or a lazy read hides a broken deployment until "
+                        "the first request needs the value")
+        time.sleep(0.05)
+    if app.proc.poll() is None:
+        pytest.fail(f"with {what}, app.py is still running after 20 s: expected it to exit "
+                    "at once with a non-zero status naming the variable (fail fast)")
+    assert app.proc.returncode != 0, (
+        f"with {what}, app.py exited with status 0: a non-zero status tells the platform the "
+        "start failed (and to report it) - 0 means 'done, all is well'")
+    for reader in app.readers:
+        reader.join(10)
+    assert name in app.output(), (
+        f"with {what}, app.py exited with status {app.proc.returncode} without naming {name}; "
+        f"its output ended with: {app.output()[-400:]!r}. Say which variable is missing or "
+        "wrong - did it fall back to a default and fail later on?")
+
+
+def test_two_instances_share_state_through_backing_services(
+        learner: Any, env: dict[str, str], apps: list[App], postgres: Any) -> None:
+    before = {p.name for p in Path(learner.dir).iterdir()}
+    first = App(learner, env)
+    apps.append(first)
+    first.ready()
+    second = App(learner, {**env, "PORT": str(free_port())})
+    apps.append(second)
+    second.ready()
+    a, b = f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"
+    for host in (a, a, b):
+        assert http_request(host, "POST", "/visits").status == 200
+    counts = [http_request(host, "GET", "/visits").json().get("visits") for host in (a, b)]
+    assert counts == [3, 3], (
+        f"after 2 visits posted to one instance and 1 to the other, GET /visits answered "
+        f"{counts}: expected [3, 3]. Processes share nothing: the count lives in Redis "
+        "(REDIS_URL), so any instance can serve any request")
+    text = f"note-{uuid.uuid4().hex[:8]}"
+    created = http_request(a, "POST", "/notes", document={"text": text})
+    assert created.status == 201, f"POST /notes answered HTTP {created.status}"
+    listed = [n.get("text") for n in http_request(b, "GET", "/notes").json()]
+    with postgres.connect() as conn:
+        stored = [r[0] for r in conn.execute("SELECT text FROM notes")]
+    assert text in listed and text in stored, (
+        f"a note posted to one instance: the other lists {listed}, the database at "
+        f"DATABASE_URL holds {stored}: expected it in both - the notes live in the Postgres "
+        "the environment names")
+    after = {p.name for p in Path(learner.dir).iterdir()} - before - {"__pycache__"}
+    assert not after, (f"the app wrote {sorted(after)} in its folder: a twelve-factor app "
+                       "writes no log files; the platform captures stdout")
+    def logged(lines: list[str]) -> int:
+        return sum("/visits" in line for line in list(lines))
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and max(logged(first.out), logged(first.err)) < 3:
+        time.sleep(0.05)
+    assert logged(first.out) >= 3, (
+        f"the first instance served 3 requests to /visits; its stdout has {logged(first.out)} "
+        f"line(s) mentioning them, its stderr {logged(first.err)}: expected one line per "
+        "request on stdout, flushed as it happens - logs are an event stream the platform "
+        "reads from stdout (logging writes to stderr unless told otherwise). "
+        f"stdout ends with {first.out[-3:]}")
+
+
+def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str],
+                                          apps: list[App]) -> None:
+    app = App(learner, env)
+    apps.append(app)
+    app.ready()
+    assert http_request(f"127.0.0.1:{app.port}", "GET", "/visits").status == 200
+    app.proc.send_signal(signal.SIGTERM)
+    try:
+        code = app.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("app.py did not exit within 15 s of SIGTERM: the platform would SIGKILL "
+                    "it mid-request")
+    assert code == 0, (
+        f"after SIGTERM app.py exited with status {code}"
+        + (" (killed by the signal: no handler)" if code == -signal.SIGTERM else "")
+        + ": expected 0 - handle SIGTERM, stop the server, close the pools, exit 0")
