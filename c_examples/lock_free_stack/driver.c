@@ -1,0 +1,234 @@
+/* ph4.3 lock-free-cas: the lab's driver around the learner's Treiber stack (stack.c).
+ *
+ *   lock_free_stack empty        pop on an empty stack, then one push and two pops
+ *   lock_free_stack aba          the ABA interleaving, replayed inside the learner's pop
+ *   lock_free_stack pop_race     a push lands between pop's read of the head and its CAS
+ *   lock_free_stack push_race    a pop lands between push's read of the head and its CAS
+ *   lock_free_stack stress N     4 threads x N rounds of pop, pop, push, push over 64 nodes
+ *
+ * The scripted scenarios run on one thread: stack_interleave_point() (called by
+ * node_next()/node_set_next() in the middle of the learner's operation) runs "the other
+ * thread's" operations right there, so the interleaving happens every time, not by luck.
+ * Each prints "ok ..." and exits 0, or prints "FAIL <what was seen>" and exits 1.
+ * Built with -fsanitize=thread: the stress run must also produce no ThreadSanitizer report.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "stack.h"
+
+#define POOL 64
+#define THREADS 4
+
+static node_t nodes[8];
+static const char *names = "ABCDEFGH";
+static lfstack_t *S;
+
+static char name_of(node_t *n) {
+    if (n == NULL) return '-';
+    if (n >= nodes && n < nodes + 8) return names[n - nodes];
+    return '?';
+}
+
+/* ---- scripted interleavings ------------------------------------------------------------ */
+
+enum { NONE, ABA, POP_RACE, PUSH_RACE };
+static int armed = NONE;       /* the scenario waiting for its moment */
+static int armed_on_write = 0; /* the moment: node_set_next (1) or node_next (0) */
+static node_t *other_holds[4]; /* nodes "the other thread" popped and still holds */
+static int other_count = 0;
+static char other_log[128];
+
+void stack_interleave_point(node_t *n, int writing) {
+    (void)n;
+    if (armed == NONE || writing != armed_on_write) return;
+    int scenario = armed;
+    armed = NONE; /* once; the other thread's own operations run unhooked */
+    if (scenario == ABA) {
+        node_t *x = stack_pop(S);
+        node_t *y = stack_pop(S);
+        stack_push(S, x);
+        other_holds[other_count++] = y;
+        snprintf(other_log, sizeof other_log, "pop %c, pop %c, push %c", name_of(x),
+                 name_of(y), name_of(x));
+    } else if (scenario == POP_RACE) {
+        stack_push(S, &nodes[3]);
+        snprintf(other_log, sizeof other_log, "push D");
+    } else if (scenario == PUSH_RACE) {
+        node_t *x = stack_pop(S);
+        other_holds[other_count++] = x;
+        snprintf(other_log, sizeof other_log, "pop %c", name_of(x));
+    }
+}
+
+/* Pop everything that is left (at most 16, in case the list now has a cycle). */
+static int drain(char *out) {
+    int k = 0;
+    node_t *n;
+    while (k < 16 && (n = stack_pop(S)) != NULL) out[k++] = name_of(n);
+    out[k] = '\0';
+    return k;
+}
+
+static void fresh(const char *content) { /* content top first, e.g. "ABC" */
+    S = stack_new();
+    if (S == NULL) { puts("FAIL stack_new() returned NULL"); exit(1); }
+    memset(nodes, 0, sizeof nodes);
+    for (int i = (int)strlen(content) - 1; i >= 0; i--)
+        stack_push(S, &nodes[strchr(names, content[i]) - names]);
+}
+
+/* Every node of `expected` must be accounted for exactly once among: what the scenario's
+ * main operation returned, what the other thread holds, and what is left on the stack. */
+static int account(const char *scenario, const char *expected, node_t *returned,
+                   const char *left) {
+    char all[64];
+    int k = 0;
+    if (returned) all[k++] = name_of(returned);
+    for (int i = 0; i < other_count; i++) all[k++] = name_of(other_holds[i]);
+    for (const char *p = left; *p; p++) all[k++] = *p;
+    all[k] = '\0';
+    for (const char *p = expected; *p; p++) {
+        int seen = 0;
+        for (int i = 0; i < k; i++) seen += all[i] == *p;
+        if (seen != 1) {
+            printf("FAIL %s: node %c %s (the other thread did: %s; your operation returned "
+                   "%c; left on the stack, top first: %s)\n", scenario, *p,
+                   seen == 0 ? "was lost" : "is held twice (duplicated)", other_log,
+                   name_of(returned), *left ? left : "nothing");
+            return 1;
+        }
+    }
+    printf("ok %s: other thread did %s; returned %c; left %s\n", scenario, other_log,
+           name_of(returned), *left ? left : "nothing");
+    return 0;
+}
+
+static int run_empty(void) {
+    S = stack_new();
+    if (S == NULL) { puts("FAIL stack_new() returned NULL"); return 1; }
+    node_t *n = stack_pop(S);
+    if (n != NULL) { puts("FAIL empty: pop on an empty stack did not return NULL"); return 1; }
+    stack_push(S, &nodes[0]);
+    node_t *a = stack_pop(S), *b = stack_pop(S);
+    if (a != &nodes[0] || b != NULL) {
+        printf("FAIL empty: push A then two pops gave %c and %c, expected A and -\n",
+               name_of(a), name_of(b));
+        return 1;
+    }
+    stack_free(S);
+    puts("ok empty");
+    return 0;
+}
+
+static int run_scripted(int scenario) {
+    char left[32];
+    node_t *returned = NULL;
+    other_count = 0;
+    strcpy(other_log, "nothing (your operation never read a node's next pointer)");
+    if (scenario == ABA) {
+        fresh("ABC");
+        armed = ABA, armed_on_write = 0;
+        returned = stack_pop(S);
+        drain(left);
+        return account("aba", "ABC", returned, left);
+    }
+    if (scenario == POP_RACE) {
+        fresh("ABC");
+        armed = POP_RACE, armed_on_write = 0;
+        returned = stack_pop(S);
+        drain(left);
+        return account("pop_race", "ABCD", returned, left);
+    }
+    fresh("AB");
+    armed = PUSH_RACE, armed_on_write = 1;
+    stack_push(S, &nodes[3]);
+    drain(left);
+    return account("push_race", "ABD", NULL, left);
+}
+
+/* ---- stress ---------------------------------------------------------------------------- */
+
+static node_t pool[POOL];
+static long rounds;
+static atomic_long pops, empties;
+static atomic_int broken;
+
+static void take(node_t *n) {
+    /* relaxed on purpose: only the stack's own ordering may make the value write safe */
+    if (atomic_exchange_explicit(&n->held, 1, memory_order_relaxed) != 0) {
+        if (!atomic_exchange(&broken, 1))
+            printf("FAIL stress: node %ld was popped while another thread held it "
+                   "(duplicated)\n", (long)(n - pool));
+    }
+    n->value += 1; /* plain write: safe only if the pop synchronized with the last push */
+    atomic_fetch_add_explicit(&pops, 1, memory_order_relaxed);
+}
+
+static void give(node_t *n) {
+    atomic_store_explicit(&n->held, 0, memory_order_relaxed);
+    stack_push(S, n);
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    for (long i = 0; i < rounds && !atomic_load(&broken); i++) {
+        node_t *a = stack_pop(S);
+        if (a) take(a);
+        node_t *b = stack_pop(S);
+        if (b) take(b);
+        if (!a || !b) atomic_fetch_add_explicit(&empties, 1, memory_order_relaxed);
+        if (a) give(a);
+        if (b) give(b);
+    }
+    return NULL;
+}
+
+static int run_stress(long n) {
+    rounds = n;
+    S = stack_new();
+    if (S == NULL) { puts("FAIL stack_new() returned NULL"); return 1; }
+    for (int i = 0; i < POOL; i++) stack_push(S, &pool[i]);
+    pthread_t t[THREADS];
+    for (int i = 0; i < THREADS; i++) pthread_create(&t[i], NULL, worker, NULL);
+    for (int i = 0; i < THREADS; i++) pthread_join(t[i], NULL);
+    if (atomic_load(&broken)) return 1;
+    int seen[POOL] = {0}, count = 0;
+    node_t *x;
+    while (count <= POOL && (x = stack_pop(S)) != NULL) {
+        if (x < pool || x >= pool + POOL) { puts("FAIL stress: popped a foreign pointer"); return 1; }
+        seen[x - pool]++, count++;
+    }
+    uint64_t sum = 0;
+    for (int i = 0; i < POOL; i++) sum += pool[i].value;
+    long expect = atomic_load(&pops);
+    if (count != POOL) {
+        printf("FAIL stress: %d nodes left on the stack after every thread pushed back what "
+               "it popped, expected %d\n", count, POOL);
+        return 1;
+    }
+    for (int i = 0; i < POOL; i++)
+        if (seen[i] != 1) { printf("FAIL stress: node %d on the stack %d times\n", i, seen[i]); return 1; }
+    if (sum != (uint64_t)expect) {
+        printf("FAIL stress: checksum %llu, expected %ld (one increment per pop)\n",
+               (unsigned long long)sum, expect);
+        return 1;
+    }
+    stack_free(S);
+    printf("ok stress: %ld pops over %d threads, checksum %llu\n", expect, THREADS,
+           (unsigned long long)sum);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IONBF, 0);
+    if (argc < 2) { fputs("usage: lock_free_stack empty|aba|pop_race|push_race|stress N\n", stderr); return 2; }
+    if (!strcmp(argv[1], "empty")) return run_empty();
+    if (!strcmp(argv[1], "aba")) return run_scripted(ABA);
+    if (!strcmp(argv[1], "pop_race")) return run_scripted(POP_RACE);
+    if (!strcmp(argv[1], "push_race")) return run_scripted(PUSH_RACE);
+    if (!strcmp(argv[1], "stress") && argc > 2) return run_stress(atol(argv[2]));
+    return 2;
+}

@@ -1,0 +1,116 @@
+"""ph4.3 verification: the learner's Treiber stack (stack.c), built with make (-Wall -Wextra
+-Werror, ThreadSanitizer) together with the lab's driver (c_examples/lock_free_stack).
+
+The races a lock-free stack must survive are replayed exactly, on one thread, by the
+driver: node_next()/node_set_next() (which the stack calls between reading the head and
+its compare-and-swap) run "another thread's" operations right at that moment:
+
+* aba: inside pop (head A, next B read) the other thread pops A, pops B and pushes A back;
+  an untagged CAS succeeds and installs B, which the other thread still holds;
+* pop_race: inside pop a push of D lands; a plain store of the head loses D;
+* push_race: inside push a pop lands; a plain store of the head resurrects the popped node.
+
+Then a stress run: 4 threads x many pop/pop/push/push rounds over 64 nodes, each pop
+checked for duplicates and counted into a checksum; ThreadSanitizer must report nothing
+(the payload is a plain field, so the stack's own release/acquire must order it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TSAN_ENV = {"TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0"}
+STRESS_ROUNDS = 20_000
+RUN_TIMEOUT = 60
+
+_builds: dict[Path, Path] = {}
+
+
+@pytest.fixture
+def binary(learner: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if learner.dir not in _builds:
+        built = learner.build() / "lock_free_stack"
+        keep = tmp_path_factory.mktemp("lock_free_stack") / "lock_free_stack"
+        shutil.copy2(built, keep)
+        _builds[learner.dir] = keep
+    return _builds[learner.dir]
+
+
+def run(binary: Path, *args: str) -> tuple[int, str, str]:
+    try:
+        done = subprocess.run([str(binary), *args], capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT, env={**os.environ, **TSAN_ENV})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"'{' '.join(args)}' did not finish within {RUN_TIMEOUT} s: a CAS loop "
+                    "that never succeeds (retrying with a stale expected value?) or a cycle "
+                    "in the list", pytrace=False)
+    return done.returncode, done.stdout, done.stderr
+
+
+def tsan_report(stderr: str) -> str | None:
+    m = re.search(r"WARNING: ThreadSanitizer: .*", stderr)
+    return stderr[m.start():][:1800] if m else None
+
+
+def crashed(code: int, stderr: str) -> bool:
+    return code < 0 or "SEGV" in stderr or "ERROR: ThreadSanitizer" in stderr
+
+
+SCENARIOS = {
+    "empty": ("pop on an empty stack returns NULL; a pushed node comes back",
+              "Check for an empty stack (a NULL head) before reading top's next."),
+    "aba": ("the ABA interleaving",
+            "A CAS that compares only the pointer cannot see that the head was popped and "
+            "pushed back in between: keep a version tag beside the pointer in the same "
+            "atomic word and bump it on every successful CAS, so the stale CAS fails."),
+    "pop_race": ("a push landing inside your pop",
+                 "pop must install next with compare-and-swap from the head it read, and "
+                 "retry if the head changed; a plain store overwrites the other thread's push."),
+    "push_race": ("a pop landing inside your push",
+                  "push must install the node with compare-and-swap from the head it linked "
+                  "the node to, and retry (re-linking) if the head changed; a plain store "
+                  "puts back a node that another thread has already popped."),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_scripted_interleavings(binary: Path, scenario: str) -> None:
+    what, advice = SCENARIOS[scenario]
+    code, out, err = run(binary, scenario)
+    if crashed(code, err):
+        pytest.fail(f"{scenario}: the stack crashed during {what} (exit status {code})\n"
+                    f"{advice}\n{err.strip()[-800:]}", pytrace=False)
+    report = tsan_report(err)
+    assert report is None, f"{scenario}: ThreadSanitizer reported:\n{report}"
+    fail = next((line for line in out.splitlines() if line.startswith("FAIL")), None)
+    assert fail is None and code == 0, (
+        f"{fail[5:] if fail else f'{scenario}: exit status {code}'}\n{advice}")
+
+
+def test_stress_under_thread_sanitizer(binary: Path) -> None:
+    code, out, err = run(binary, "stress", str(STRESS_ROUNDS))
+    report = tsan_report(err)
+    if report is not None:
+        pytest.fail(
+            "ThreadSanitizer reported a data race under 4 threads of push/pop\n"
+            "Every access to the head must be atomic (atomic_load / compare_exchange, never "
+            "a plain read of a field that a CAS writes), and the CASes must order the "
+            "node's contents: memory_order_release on push's successful CAS, "
+            "memory_order_acquire on pop's load and CAS. With relaxed orders the payload "
+            "written before a push is not guaranteed visible to the thread that pops it."
+            f"\n{report}", pytrace=False)
+    if crashed(code, err):
+        pytest.fail(f"the stress run crashed (exit status {code})\n{err.strip()[-800:]}",
+                    pytrace=False)
+    fail = next((line for line in out.splitlines() if line.startswith("FAIL")), None)
+    assert fail is None and code == 0, (
+        f"{fail[5:] if fail else f'the stress run exited with status {code}'}\n"
+        "Under real contention a push or pop that is not a single successful CAS from the "
+        "head it read (or that is fooled by ABA) loses or duplicates nodes.")

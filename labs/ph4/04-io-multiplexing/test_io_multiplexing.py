@@ -1,0 +1,264 @@
+"""ph4.4 verification: the learner's edge-triggered epoll echo server (server.c), built with
+make (-Wall -Wextra -Werror, ASan + UBSan) and run as a real process on loopback.
+
+Nothing here waits for a time to pass to decide. When the test's clients expect bytes and
+none come, the server process is inspected in /proc: asleep (state S) in epoll_wait while
+bytes sit unread in its socket (/proc/net/tcp rx_queue) or connections sit unaccepted in
+its listen queue is the edge-triggered mistake (an event not drained), asleep in
+read()/recv() or accept() is a blocking descriptor. Seen a few times in a row, that fails
+the test at once with the diagnosis; threads are counted in /proc/<pid>/task.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BURST = 8 << 20          # 8 MiB in one go: far more than any one read() returns
+CLIENTS = 500
+STALLED = 8              # consecutive stalled observations, 25 ms apart, that fail a test
+DEADLINE = 60.0          # a safety net only: stalls are diagnosed long before
+EPOLL_WAIT = {232, 281, 441}          # epoll_wait, epoll_pwait, epoll_pwait2 (x86-64)
+READS = {0: "read()", 45: "recvfrom()/recv()", 19: "readv()"}
+ACCEPTS = {43: "accept()", 288: "accept4()"}
+SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=23",
+           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+
+_builds: dict[Path, Path] = {}
+
+
+@pytest.fixture
+def binary(learner: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if learner.dir not in _builds:
+        built = learner.build() / "epoll_echo"
+        keep = tmp_path_factory.mktemp("epoll_echo") / "epoll_echo"
+        shutil.copy2(built, keep)
+        _builds[learner.dir] = keep
+    return _builds[learner.dir]
+
+
+class Server:
+    def __init__(self, binary: Path) -> None:
+        self.proc = subprocess.Popen([str(binary), "0"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env={**os.environ, **SAN_ENV})
+        self.stderr = bytearray()
+        threading.Thread(target=self._drain, daemon=True).start()
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode(errors="replace")
+        m = re.match(r"listening on (\d+)", line)
+        if not m:
+            self.proc.kill()
+            self.proc.wait()
+            time.sleep(0.05)
+            pytest.fail("the server did not print 'listening on <port>' first (exit status "
+                        f"{self.proc.returncode})\n{self.stderr.decode(errors='replace')[-600:]}",
+                        pytrace=False)
+        self.port = int(m.group(1))
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in iter(self.proc.stderr.readline, b""):
+            self.stderr += line
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/task"))
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def exited(self) -> str | None:
+        if self.proc.poll() is None:
+            return None
+        time.sleep(0.05)
+        return (f"the server exited (status {self.proc.returncode})\n"
+                f"{self.stderr.decode(errors='replace').strip()[-1200:]}")
+
+    def asleep_in(self) -> int | None:
+        """The syscall every thread of the server sleeps in, or None if one is running."""
+        calls = set()
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                stat = Path(f"/proc/{self.pid}/task/{tid}/stat").read_text()
+                state = stat.rsplit(")", 1)[1].split()[0]
+                syscall = Path(f"/proc/{self.pid}/task/{tid}/syscall").read_text().split()
+            except (OSError, IndexError):
+                return None
+            if state != "S" or not syscall or not syscall[0].isdigit():
+                return None
+            calls.add(int(syscall[0]))
+        return calls.pop() if len(calls) == 1 else None
+
+    def queues(self) -> tuple[int, int]:
+        """(bytes unread in the server's connections, connections waiting in its listen
+        queue), from /proc/net/tcp: rx_queue of sockets whose local port is the server's."""
+        unread = backlog = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) != self.port:
+                continue
+            rx = int(f[4].split(":")[1], 16)
+            if f[3] == "0A":
+                backlog += rx
+            else:
+                unread += rx
+        return unread, backlog
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(binary: Path) -> Iterator[Server]:
+    srv = Server(binary)
+    yield srv
+    srv.stop()
+
+
+def diagnose(server: Server, waiting: str) -> str | None:
+    """Why is nothing moving? None while the server is doing something."""
+    gone = server.exited()
+    if gone:
+        return f"{waiting}: {gone}"
+    call = server.asleep_in()
+    if call is None:
+        return None
+    unread, backlog = server.queues()
+    if call in EPOLL_WAIT and backlog:
+        return (f"{waiting}: the server sleeps in epoll_wait() while {backlog} connections "
+                "wait in its listen queue\nOne event on the listening socket can stand for "
+                "many queued connections: accept() until it fails with EAGAIN (and make the "
+                "listening socket non-blocking).")
+    if call in EPOLL_WAIT and unread:
+        return (f"{waiting}: the server sleeps in epoll_wait() while {unread} bytes sit "
+                "unread in its sockets\nWith EPOLLET an event is reported once per change, "
+                "not while data remains: one read() per event leaves the rest of a burst "
+                "unread, and no new event ever comes for it. Read until read() fails with "
+                "EAGAIN.")
+    if call in READS:
+        return (f"{waiting}: the server's only thread is blocked in {READS[call]}\nA read "
+                "loop that runs until EAGAIN needs non-blocking sockets: set O_NONBLOCK on "
+                "every accepted descriptor (fcntl, or accept4 with SOCK_NONBLOCK), or the "
+                "last read() blocks and every other connection waits.")
+    if call in ACCEPTS:
+        return (f"{waiting}: the server is blocked in accept()\nMake the listening socket "
+                "non-blocking so that the accept loop ends with EAGAIN.")
+    return None
+
+
+def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: str) -> None:
+    """Receive wanted[i] on socks[i], failing fast with a diagnosis when the server sleeps
+    while the test still waits."""
+    got = [bytearray() for _ in socks]
+    pending = {i for i, w in enumerate(wanted) if w}
+    sel = selectors.DefaultSelector()
+    for i in pending:
+        sel.register(socks[i], selectors.EVENT_READ, i)
+    stalled, deadline = 0, time.monotonic() + DEADLINE
+    while pending:
+        progress = False
+        for key, _ in sel.select(timeout=0.025):
+            i = key.data
+            try:
+                chunk = socks[i].recv(1 << 20)
+            except ConnectionError as exc:
+                pytest.fail(f"{what}: connection {i} was reset ({exc}) before its echo was "
+                            "complete", pytrace=False)
+            if not chunk:
+                pytest.fail(f"{what}: connection {i} was closed by the server after "
+                            f"{len(got[i])} of {len(wanted[i])} bytes\nEAGAIN from read() "
+                            "means 'nothing more for now', not an error: keep the "
+                            "connection open; close only when read() returns 0.",
+                            pytrace=False)
+            got[i] += chunk
+            progress = True
+            if len(got[i]) >= len(wanted[i]):
+                pending.discard(i)
+                sel.unregister(socks[i])
+        if progress:
+            stalled = 0
+            continue
+        why = diagnose(server, what)
+        stalled = stalled + 1 if why else 0
+        if stalled >= STALLED:
+            pytest.fail(why or what, pytrace=False)
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: {len(pending)} connections still waiting after "
+                        f"{DEADLINE:.0f} s", pytrace=False)
+    sel.close()
+    for i, (g, w) in enumerate(zip(got, wanted, strict=True)):
+        assert bytes(g) == w, (f"{what}: connection {i} got different bytes back than it "
+                               f"sent ({len(g)} bytes, expected {len(w)})")
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def test_a_burst_larger_than_one_read_is_echoed_whole(server: Server) -> None:
+    payload = os.urandom(BURST)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        def send() -> None:
+            try:
+                sock.sendall(payload)
+            except OSError:
+                pass  # the server went away: pump() reports what it saw
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        pump(server, [sock], [payload], f"echoing an {BURST >> 20} MiB burst")
+        sender.join(10)
+        sock.setblocking(True)
+        sock.sendall(b"and once more\n")
+        pump(server, [sock], [b"and once more\n"], "a second message on the same "
+             "connection")
+
+
+def test_five_hundred_connections_on_one_thread(server: Server) -> None:
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(CLIENTS)]
+    try:
+        messages = [f"client {i} says hello\n".encode() * (1 + i % 7) for i in range(CLIENTS)]
+        for s, m in zip(socks, messages, strict=True):
+            s.sendall(m)
+        pump(server, socks, messages, f"{CLIENTS} connections opened at once")
+        threads = server.threads()
+        assert threads == 1, (
+            f"the server ran {threads} threads while serving {CLIENTS} connections, "
+            "expected 1\nThe point of epoll is that one thread watches every descriptor: "
+            "no thread per connection, no worker pool.")
+    finally:
+        for s in socks:
+            s.close()
+    # every client closed: the server must close its ends (read() returns 0)
+    stalled, deadline = 0, time.monotonic() + DEADLINE
+    while server.fds() > 16:
+        gone = server.exited()
+        assert gone is None, f"after the clients closed, {gone}"
+        asleep = server.asleep_in() in EPOLL_WAIT
+        stalled = stalled + 1 if asleep else 0
+        if stalled >= STALLED or time.monotonic() > deadline:
+            pytest.fail(
+                f"after all {CLIENTS} clients closed, the server sleeps in epoll_wait() "
+                f"holding {server.fds()} descriptors\nread() returning 0 means the peer "
+                "closed: close(fd) then (closing also removes it from the epoll set), or "
+                "every finished connection leaks a descriptor until the process hits its "
+                "limit.", pytrace=False)
+        time.sleep(0.025)
+    assert server.exited() is None, server.exited()
+    server.proc.send_signal(signal.SIGKILL)

@@ -1,0 +1,67 @@
+"""Runs beside the learner's cache (in its process when grading) and counts the work one
+cache operation does, so that O(n) eviction shows up as a count that grows with the
+capacity - never as a time.
+
+Two counts per run: calls of the keys' __hash__/__eq__ (a list.remove(key) or a scan that
+looks every key up costs one per entry), and line events the tracer sees inside the
+learner's cache.py (a Python loop over the entries costs lines per entry)."""
+
+from __future__ import annotations
+
+import sys
+from types import FrameType, ModuleType
+from typing import Any
+
+
+class CountingKey:
+    """A cache key that counts how often it is hashed or compared."""
+
+    hashes = 0
+    compares = 0
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        CountingKey.hashes += 1
+        return hash(self.n)
+
+    def __eq__(self, other: object) -> bool:
+        CountingKey.compares += 1
+        return isinstance(other, CountingKey) and other.n == self.n
+
+    def __repr__(self) -> str:
+        return f"K{self.n}"
+
+
+def work_per_operation(module: ModuleType, cls: str, capacity: int) -> dict[str, float]:
+    """Fill a cache to `capacity`, then run 2 * capacity operations that each evict (puts
+    of new keys, each after a get of a live key), counting the work of that second part."""
+    cache = getattr(module, cls)(capacity)
+    keys = [CountingKey(i) for i in range(3 * capacity + 1)]
+    for key in keys[:capacity]:
+        cache.put(key, key.n)
+    source = module.__file__
+    lines = 0
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal lines
+        if frame.f_code.co_filename != source:
+            return None
+        if event == "line":
+            lines += 1
+        return tracer
+
+    CountingKey.hashes = CountingKey.compares = 0
+    ops = 0
+    sys.settrace(tracer)
+    try:
+        for i in range(capacity, 3 * capacity):
+            cache.get(keys[i - 1])          # a live key: the one put just before
+            cache.put(keys[i], i)           # a new key: evicts one
+            ops += 2
+    finally:
+        sys.settrace(None)
+    return {"hash_eq": (CountingKey.hashes + CountingKey.compares) / ops,
+            "lines": lines / ops}

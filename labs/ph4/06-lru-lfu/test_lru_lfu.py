@@ -1,0 +1,276 @@
+"""ph4.6 verification: LRU and LFU caches.
+
+* Behaviour: Hypothesis stateful tests (RuleBasedStateMachine) drive the learner's cache and
+  a plain model side by side with random get/put sequences over a few keys and small
+  capacities; after every step the value returned, the size and which keys are still cached
+  must agree with the model. Runs are derandomized, so they are the same every time.
+* Cost: O(1) per operation is measured by counting, not timing (harness.py): the keys count
+  their own __hash__/__eq__ calls and a tracer counts the lines executed in cache.py; the
+  work per operation at capacity 2,000 must stay close to the work at capacity 50.
+* The structures are the learner's: cache.py may not import OrderedDict or lru_cache.
+"""
+
+from __future__ import annotations
+
+import ast
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+SETTINGS = settings(max_examples=60, stateful_step_count=20, derandomize=True,
+                    database=None, deadline=None, report_multiple_bugs=False,
+                    suppress_health_check=list(HealthCheck))
+KEYS = st.integers(min_value=0, max_value=4)
+VALUES = st.integers(min_value=0, max_value=999)
+SMALL, LARGE = 50, 2000
+GROWTH = 3.0  # work per operation may grow at most this much from SMALL to LARGE entries
+
+
+@pytest.fixture
+def cache(learner: Any) -> ModuleType:
+    module: ModuleType = learner.load("cache")
+    for name in ("LRUCache", "LFUCache"):
+        if not isinstance(getattr(module, name, None), type):
+            pytest.fail(f"cache.py: define a class {name} (see the README)", pytrace=False)
+    return module
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class LRUModel:
+    """Recency as a plain list, least recent first: slow and obviously right."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.data, self.order = capacity, {}, []
+
+    def use(self, key: int) -> None:
+        self.order.remove(key)
+        self.order.append(key)
+
+    def get(self, key: int) -> int | None:
+        if key not in self.data:
+            return None
+        self.use(key)
+        return self.data[key]
+
+    def put(self, key: int, value: int) -> int | None:
+        """Returns the evicted key, if any."""
+        evicted = None
+        if key in self.data:
+            self.use(key)
+        else:
+            if len(self.data) >= self.capacity:
+                evicted = self.order.pop(0)
+                del self.data[evicted]
+            self.order.append(key)
+        self.data[key] = value
+        return evicted
+
+
+class LFUModel:
+    """Each key's use count and the tick of its last use; the victim is the key with the
+    fewest uses, the least recently used among those."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.data, self.uses, self.last, self.tick = capacity, {}, {}, {}, 0
+
+    def use(self, key: int) -> None:
+        self.tick += 1
+        self.uses[key] += 1
+        self.last[key] = self.tick
+
+    def get(self, key: int) -> int | None:
+        if key not in self.data:
+            return None
+        self.use(key)
+        return self.data[key]
+
+    def put(self, key: int, value: int) -> int | None:
+        evicted = None
+        if key not in self.data:
+            if len(self.data) >= self.capacity:
+                evicted = min(self.data, key=lambda k: (self.uses[k], self.last[k]))
+                del self.data[evicted], self.uses[evicted], self.last[evicted]
+            self.uses[key] = 0
+        self.data[key] = value
+        self.use(key)
+        return evicted
+
+
+# ---------------------------------------------------------------------------- machines
+
+
+def machine_for(module: ModuleType, cls: str, model_cls: type, rule_text: str) -> type:
+    class CacheMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log: list[str] = []
+
+        @initialize(capacity=st.integers(min_value=1, max_value=3))
+        def create(self, capacity: int) -> None:
+            self.cache = getattr(module, cls)(capacity)
+            self.model = model_cls(capacity)
+            self.log.append(f"{cls}({capacity})")
+
+        def history(self) -> str:
+            return "; ".join(self.log[-12:])
+
+        @rule(key=KEYS)
+        def get(self, key: int) -> None:
+            want = self.model.get(key)
+            got = self.cache.get(key)
+            self.log.append(f"get({key}) -> {got}")
+            assert got == want, (
+                f"{cls}.get({key}) returned {got!r}, expected {want!r} ({rule_text})\n"
+                f"operations: {self.history()}")
+
+        @rule(key=KEYS, value=VALUES)
+        def put(self, key: int, value: int) -> None:
+            evicted = self.model.put(key, value)
+            self.cache.put(key, value)
+            self.log.append(f"put({key}, {value})")
+            if evicted is not None:
+                self.log[-1] += f" [evicts {evicted}]"
+
+        @invariant()
+        def same_keys(self) -> None:
+            if not hasattr(self, "cache"):
+                return
+            size = len(self.cache)
+            assert size == len(self.model.data), (
+                f"{cls} holds {size} entries, expected {len(self.model.data)} (capacity "
+                f"{self.model.capacity}; {rule_text})\noperations: {self.history()}")
+
+    CacheMachine.__name__ = f"{cls}Machine"
+    return CacheMachine
+
+
+LRU_RULE = ("the least recently used key goes when a new key arrives in a full cache; "
+            "both get and put of a key make it the most recently used, and updating a key "
+            "already cached evicts nothing")
+LFU_RULE = ("the key with the fewest uses goes when a new key arrives in a full cache, the "
+            "least recently used of them on a tie; every get and put counts as a use, a new "
+            "key starts at 1, and updating a key already cached evicts nothing")
+
+
+def run_machine(machine: type) -> None:
+    """Run a state machine; its assertion (with Hypothesis' minimal example) is the
+    failure the learner reads."""
+    machine.TestCase.settings = SETTINGS
+    case = machine.TestCase("runTest")
+    case.runTest()
+
+
+# Named cases first: each is one way these caches are commonly got wrong, so its failure can
+# say which rule was broken. (cache class, capacity, steps, the rule the case checks)
+# A step is ("put", key, value) or ("get", key); every get is compared with the model.
+CASES = [
+    ("LRUCache", 2, [("put", 1, 10), ("put", 2, 20), ("get", 1), ("put", 3, 30), ("get", 2),
+                     ("get", 1), ("get", 3)],
+     "a get makes its key the most recently used, so the next eviction spares it"),
+    ("LRUCache", 2, [("put", 1, 10), ("put", 2, 20), ("put", 1, 11), ("put", 3, 30),
+                     ("get", 2), ("get", 1)],
+     "a put of a cached key updates its value and makes it the most recently used"),
+    ("LRUCache", 2, [("put", 1, 10), ("put", 2, 20), ("put", 2, 21), ("get", 1), ("get", 2)],
+     "updating a key already cached evicts nothing, even in a full cache"),
+    ("LRUCache", 1, [("put", 1, 10), ("put", 2, 20), ("get", 1), ("get", 2)],
+     "capacity 1 keeps only the newest key"),
+    ("LFUCache", 2, [("put", 1, 10), ("get", 1), ("put", 2, 20), ("put", 3, 30), ("get", 2),
+                     ("get", 1), ("get", 3)],
+     "the key with the fewest uses is evicted, however recently it was used"),
+    ("LFUCache", 2, [("put", 1, 10), ("put", 2, 20), ("put", 3, 30), ("get", 1), ("get", 2)],
+     "among keys with equally few uses, the least recently used one is evicted"),
+    ("LFUCache", 2, [("put", 1, 10), ("get", 1), ("put", 2, 20), ("get", 2), ("put", 3, 30),
+                     ("put", 4, 40), ("get", 2), ("get", 3), ("get", 4)],
+     "a new key starts with 1 use, so after an insert the minimum frequency is 1 again: "
+     "the next eviction takes the newcomer with 1 use, not an older key with 2"),
+    ("LFUCache", 2, [("put", 1, 10), ("put", 1, 11), ("put", 2, 20), ("put", 3, 30),
+                     ("get", 1), ("get", 2)],
+     "a put of a cached key counts as a use, like a get"),
+    ("LFUCache", 2, [("put", 1, 10), ("put", 2, 20), ("put", 2, 21), ("get", 1), ("get", 2)],
+     "updating a key already cached evicts nothing, even in a full cache"),
+]
+
+
+@pytest.mark.parametrize(("cls", "capacity", "steps", "rule_text"), CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_named_cases(cache: ModuleType, cls: str, capacity: int,
+                     steps: list[tuple[Any, ...]], rule_text: str) -> None:
+    model = (LRUModel if cls == "LRUCache" else LFUModel)(capacity)
+    learner_cache = getattr(cache, cls)(capacity)
+    done: list[str] = []
+    for step in steps:
+        if step[0] == "put":
+            model.put(step[1], step[2])
+            learner_cache.put(step[1], step[2])
+            done.append(f"put({step[1]}, {step[2]})")
+            continue
+        want, got = model.get(step[1]), learner_cache.get(step[1])
+        done.append(f"get({step[1]})")
+        if got != want:
+            pytest.fail(
+                f"{cls}({capacity}): {'; '.join(done)} returned {got!r}, expected {want!r}"
+                f"\nThe rule: {rule_text}.", pytrace=False)
+    assert len(learner_cache) == len(model.data), (
+        f"{cls}({capacity}) holds {len(learner_cache)} entries after {'; '.join(done)}, "
+        f"expected {len(model.data)}")
+
+
+def test_lru_matches_the_model(cache: ModuleType) -> None:
+    run_machine(machine_for(cache, "LRUCache", LRUModel, LRU_RULE))
+
+
+def test_lfu_matches_the_model(cache: ModuleType) -> None:
+    run_machine(machine_for(cache, "LFUCache", LFUModel, LFU_RULE))
+
+
+# ---------------------------------------------------------------------------- structure
+
+
+FORBIDDEN = {"OrderedDict": "collections.OrderedDict", "lru_cache": "functools.lru_cache",
+             "cache": "functools.cache", "cachetools": "cachetools"}
+
+
+def test_builds_its_own_structures(learner: Any) -> None:
+    tree = ast.parse(learner.path("cache.py").read_text())
+    seen = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            seen |= {a.name for a in node.names if a.name in FORBIDDEN}
+            if node.module and node.module.split(".")[0] == "cachetools":
+                seen.add("cachetools")
+        elif isinstance(node, ast.Import):
+            seen |= {"cachetools" for a in node.names if a.name.split(".")[0] == "cachetools"}
+        elif isinstance(node, ast.Attribute) and node.attr in ("OrderedDict", "lru_cache"):
+            seen.add(node.attr)
+    assert not seen, (
+        f"cache.py uses {', '.join(sorted(FORBIDDEN[s] for s in seen))}: the point of the "
+        "lab is the structure underneath\nBuild LRU from a dict that maps each key to a node "
+        "of a doubly linked list you write (move a node to the front on use, unlink the "
+        "tail on eviction), and LFU from frequency buckets.")
+
+
+@pytest.mark.parametrize("cls", ["LRUCache", "LFUCache"])
+def test_operations_are_constant_work(learner: Any, cache: ModuleType, cls: str) -> None:
+    harness = learner.harness()
+    small = dict(harness.work_per_operation(cache, cls, SMALL))
+    large = dict(harness.work_per_operation(cache, cls, LARGE))
+    for what, meaning in (("hash_eq", "key hashes and comparisons"),
+                          ("lines", "lines of cache.py executed")):
+        ratio = large[what] / max(small[what], 1.0)
+        assert ratio <= GROWTH, (
+            f"{cls}: {meaning} per operation grew {ratio:.0f}x from {SMALL} to {LARGE} "
+            f"entries ({small[what]:.1f} -> {large[what]:.1f}), expected about the same: "
+            "get/put are O(n), not O(1)\n"
+            + ("A list of keys costs a comparison per entry on remove()/index(); a scan for "
+               "the oldest or least used key looks at every entry. " if what == "hash_eq"
+               else "A loop over the entries runs once per entry. ")
+            + ("Keep recency in a doubly linked list whose nodes the dict finds: moving or "
+               "unlinking a node is O(1)." if cls == "LRUCache" else
+               "Keep a bucket of keys per frequency and the minimum frequency: the victim is "
+               "the first key of the minimum bucket, and min_freq becomes 1 on every insert."))

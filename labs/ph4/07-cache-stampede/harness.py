@@ -1,0 +1,52 @@
+"""The stampede itself, run where the learner's code runs: 50 threads call get_or_load on a
+missing key at once. The loader (this harness's) holds its caller until every other caller
+has called the injected sleep() at least once - that is, has found the lock taken and is
+waiting - or until a second loader call shows up (the stampede). So the outcome does not
+depend on how the threads happen to be scheduled."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import ModuleType
+from typing import Any
+
+
+def stampede(module: ModuleType, url: str, key: str, callers: int, ttl_ms: int) -> dict[str, Any]:
+    cond = threading.Condition()
+    slept: set[int] = set()
+    loads = [0]
+    results: list[Any] = [None] * callers
+    errors: list[str] = []
+    held_until_all_waited = [False]
+
+    def loader() -> str:
+        with cond:
+            loads[0] += 1
+            cond.notify_all()
+            held_until_all_waited[0] = cond.wait_for(
+                lambda: len(slept) >= callers - 1 or loads[0] > 1, timeout=20)
+        return "fresh-value"
+
+    def sleeper(i: int) -> Any:
+        def sleep(seconds: float) -> None:
+            with cond:
+                slept.add(i)
+                cond.notify_all()
+            time.sleep(min(max(seconds, 0.0), 0.05))
+        return sleep
+
+    def call(i: int) -> None:
+        try:
+            results[i] = module.get_or_load(url, key, loader, ttl_ms, sleep=sleeper(i))
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    return {"loads": loads[0], "results": [str(r) for r in results], "errors": errors,
+            "slept": len(slept), "alive": sum(t.is_alive() for t in threads),
+            "held": held_until_all_waited[0]}

@@ -1,0 +1,170 @@
+"""ph4.7 verification, on a real Redis (a database of the test's own):
+
+* 50 callers miss the same key at once (harness.py runs them where the learner's code runs,
+  holding the one loader until all the others are waiting): the loader runs exactly once,
+  everyone gets its value; Redis' MONITOR shows the lock taken with SET NX PX and a random
+  token, and released by a Lua script that compares before deleting;
+* the lock is released only by its owner: when A's lock has expired and B holds it, A's
+  release must leave B's lock alone;
+* probabilistic early expiry (XFetch) with an injected clock and random source: recompute
+  exactly when now - delta * beta * ln(rand) >= expiry.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from labrunner.testing import redis_commands
+
+CALLERS = 50
+
+
+@pytest.fixture
+def stampede(learner: Any) -> ModuleType:
+    module: ModuleType = learner.load("stampede")
+    for name in ("get_or_load", "acquire_lock", "release_lock", "xfetch"):
+        if not callable(getattr(module, name, None)):
+            pytest.fail(f"stampede.py: define {name}() (see the README)", pytrace=False)
+    return module
+
+
+def test_fifty_callers_on_a_missing_key_load_once(learner: Any, stampede: ModuleType,
+                                                  redis_db: Any) -> None:
+    harness = learner.harness()
+    with redis_commands(redis_db, with_source=True) as seen:
+        out = dict(harness.stampede(stampede, redis_db.url, "product:42", CALLERS, 60_000))
+    assert not out["errors"], f"get_or_load raised: {out['errors'][0]}"
+    assert out["alive"] == 0, (
+        f"{out['alive']} of {CALLERS} callers had not returned 40 s after the value was "
+        "loaded\nWaiters must re-read the key between sleeps and return once it is there.")
+    assert out["loads"] == 1, (
+        f"the loader ran {out['loads']} times for {CALLERS} concurrent callers of one "
+        "missing key, expected exactly once: a cache stampede\nOn a miss, take a lock "
+        "(SET lock token NX PX ttl): only its winner loads and fills the cache; the others "
+        "sleep() and read the key again.")
+    if not out["held"]:
+        pytest.fail(f"only {out['slept']} of the {CALLERS - 1} other callers called the "
+                    "sleep() passed to get_or_load while the loader ran\nA caller that "
+                    "finds the lock taken must wait with the sleep function it was given "
+                    "(the verification watches it), then read the key again.", pytrace=False)
+    bad = [r for r in out["results"] if r != "fresh-value"]
+    assert not bad, f"{len(bad)} callers got {bad[0]!r} instead of the loaded value"
+
+    client_cmds = [c for src, c in seen if src != "lua"]
+    lua_cmds = [c for src, c in seen if src == "lua"]
+    locks = [c for c in client_cmds if c[0] == "SET" and "NX" in (a.upper() for a in c[3:])]
+    assert locks, ("no SET ... NX was sent: the lock must be taken atomically with SET key "
+                   "token NX PX ttl (SETNX then EXPIRE is two steps; a crash between them "
+                   "leaves a lock that never expires)")
+    args = [a.upper() for a in locks[0][3:]]
+    assert "PX" in args or "EX" in args, (
+        f"the lock was taken with {' '.join(locks[0])} - no expiry\nGive the lock a TTL "
+        "(PX): if its holder crashes, the lock must go away by itself.")
+    tokens = {c[2] for c in locks}
+    assert all(len(t) >= 16 for t in tokens), (
+        f"the lock's value was {locks[0][2]!r}: use a random owner token (secrets.token_hex)"
+        " so that only the owner can release it")
+    dels = [c for c in client_cmds if c[0] in ("DEL", "UNLINK") and c[1] == locks[0][1]]
+    assert not dels, (
+        f"the lock was released with a plain {dels[0][0]} from the client\nRelease it with "
+        "a Lua script that deletes the key only if it still holds your token (GET == token "
+        "then DEL, atomically): a lock that expired and was taken by someone else must not "
+        "be deleted by you.")
+    assert any(c[0] == "DEL" for c in lua_cmds), (
+        "the lock was never deleted by a Lua script (EVAL/EVALSHA running GET then DEL): "
+        "release it with a compare-and-delete script")
+    r = redis_db.client(decode_responses=True)
+    ttl = r.pttl("product:42")
+    assert 0 < ttl <= 60_000, f"the cached value has PTTL {ttl}, expected the 60 s TTL given"
+    left = sorted(k for k in r.keys("*") if k != "product:42")
+    assert not left, f"keys left behind after the load: {left}: the lock was not released"
+
+
+def test_the_lock_is_released_only_by_its_owner(stampede: ModuleType, redis_db: Any) -> None:
+    r = redis_db.client(decode_responses=True)
+    a = stampede.acquire_lock(redis_db.url, "lock:report", 30_000)
+    assert a, "acquire_lock on a free lock returned no token"
+    assert stampede.acquire_lock(redis_db.url, "lock:report", 30_000) is None, (
+        "acquire_lock succeeded while the lock was held: use SET ... NX")
+    r.delete("lock:report")  # A's lock expires while A is still working
+    b = stampede.acquire_lock(redis_db.url, "lock:report", 30_000)
+    assert b, "acquire_lock on an expired (deleted) lock returned no token"
+    assert a != b, f"two acquisitions got the same token {a!r}: tokens must be random"
+    with redis_commands(redis_db, with_source=True) as seen:
+        released = stampede.release_lock(redis_db.url, "lock:report", a)
+    holder = r.get("lock:report")
+    assert holder == b, (
+        "A released its lock after it had expired and B had taken it: B's lock is "
+        f"{'gone' if holder is None else 'now ' + repr(holder)}\nCompare the token before "
+        "deleting, in one atomic step (a Lua script: if GET == token then DEL): otherwise "
+        "A's late release lets a third caller in beside B.")
+    assert not released, "release_lock with a token that no longer owns the lock returned True"
+    client_side = [c[0] for src, c in seen if src != "lua"]
+    assert not {"GET", "DEL"} & set(client_side), (
+        f"release_lock sent {' and '.join(sorted({'GET', 'DEL'} & set(client_side)))} from "
+        "the client: between your GET and your DEL the lock can expire and be taken by "
+        "another owner. Do the comparison and the delete in one Lua script (EVAL).")
+    assert stampede.release_lock(redis_db.url, "lock:report", b), (
+        "the owner's release_lock returned False")
+    assert r.get("lock:report") is None, "the owner's release_lock did not delete the lock"
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# (seconds before the logical expiry, rand(), recompute?) with delta = 2 s, beta = 1:
+# recompute when 2 * -ln(rand) >= seconds left.
+XFETCH_CASES = [
+    (30.0, 0.5, False),        # far from expiry: 1.39 s < 30 s
+    (1.0, 0.5, True),          # 1.39 s >= 1 s: early recompute
+    (2.0, 0.5, False),         # 1.39 s < 2 s
+    (30.0, 1e-9, True),        # an unlucky draw: 41 s >= 30 s
+    (3.0, 0.2, True),          # 3.22 s >= 3 s
+    (3.5, 0.2, False),         # 3.22 s < 3.5 s
+    (-1.0, 0.999999, True),    # past the logical expiry: always
+]
+
+
+def test_probabilistic_early_expiry(stampede: ModuleType, redis_db: Any) -> None:
+    clock = Clock(1_000.0)
+    loads = []
+
+    def loader() -> str:
+        loads.append(clock.t)
+        clock.t += 2.0          # the computation takes 2 s of (fake) time: delta = 2
+        return f"v{len(loads)}"
+
+    first = stampede.xfetch(redis_db.url, "xf:report", loader, 100.0, beta=1.0, now=clock,
+                            rand=lambda: 0.5)
+    assert first == "v1" and len(loads) == 1, "a miss must call the loader once"
+    expiry = 1_002.0 + 100.0
+    for left, draw, recompute in XFETCH_CASES:
+        clock.t = expiry - left
+        before = len(loads)
+        stampede.xfetch(redis_db.url, "xf:report", loader, 100.0, beta=1.0, now=clock,
+                        rand=lambda d=draw: d)
+        did = len(loads) > before
+        if did:  # put the entry back as it was, so every case sees the same entry
+            r = redis_db.client(decode_responses=True)
+            r.hset("xf:report", mapping={"delta": 2.0, "expiry": expiry})
+        if did != recompute:
+            gap = 2.0 * -math.log(draw)
+            pytest.fail(
+                f"with {left:g} s left before the logical expiry, delta = 2 s, beta = 1 and "
+                f"rand() = {draw:g}, xfetch {'recomputed' if did else 'served the cached value'}"
+                f", expected it to {'recompute' if recompute else 'serve the cached value'} "
+                f"(delta * beta * -ln(rand) = {gap:.2f} s {'>=' if recompute else '<'} "
+                f"{left:g} s)\nRecompute when now() - delta * beta * ln(rand()) >= expiry, with "
+                "delta the time the last loader() took (measured with the now() given), and "
+                "the injected now() and rand(), never time.time() or random directly. Store "
+                "value, delta and expiry together (a hash) so that every reader can decide.",
+                pytrace=False)

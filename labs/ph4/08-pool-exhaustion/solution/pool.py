@@ -1,0 +1,108 @@
+"""A bounded connection pool for Postgres: validation on borrow, and a policy for when every
+connection is busy - queue (wait up to a timeout) or reject at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import psycopg
+
+
+class PoolExhausted(Exception):
+    """No connection could be had: the caller should shed load (e.g. answer 503)."""
+
+
+class Pool:
+    def __init__(self, dsn: str, size: int, *, policy: str = "queue",
+                 acquire_timeout: float = 5.0) -> None:
+        if policy not in ("queue", "reject"):
+            raise ValueError(f"unknown policy {policy!r}")
+        self.dsn, self.size, self.policy, self.acquire_timeout = dsn, size, policy, acquire_timeout
+        self._idle: deque[psycopg.Connection[Any]] = deque()
+        self._open = 0                      # connections that exist: idle + in use
+        self._waiting = 0
+        self._cond = threading.Condition()
+
+    def _healthy(self, conn: psycopg.Connection[Any]) -> bool:
+        """Validation on borrow: a backend killed on the server side is only noticed by
+        talking to it, so ask it something cheap."""
+        if conn.closed:
+            return False
+        try:
+            conn.execute("SELECT 1")
+            conn.rollback()
+            return True
+        except psycopg.Error:
+            return False
+
+    def acquire(self) -> psycopg.Connection[Any]:
+        deadline = time.monotonic() + self.acquire_timeout
+        with self._cond:
+            while True:
+                if self._idle:
+                    conn = self._idle.popleft()
+                    break
+                if self._open < self.size:
+                    self._open += 1         # reserve the slot, connect outside the lock
+                    conn = None
+                    break
+                if self.policy == "reject":
+                    raise PoolExhausted(f"all {self.size} connections are in use")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PoolExhausted(f"no connection free within {self.acquire_timeout} s")
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
+        if conn is not None and self._healthy(conn):
+            return conn
+        if conn is not None:                # dead: replace it in the same slot
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+        try:
+            return psycopg.connect(self.dsn)
+        except BaseException:
+            with self._cond:
+                self._open -= 1
+                self._cond.notify()
+            raise
+
+    def release(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            if not conn.closed:
+                conn.rollback()             # never hand out a connection mid-transaction
+        except psycopg.Error:
+            conn.close()
+        with self._cond:
+            if conn.closed:
+                self._open -= 1             # its slot is free: a waiter may open a new one
+            else:
+                self._idle.append(conn)
+            self._cond.notify()
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = self.acquire()
+        try:
+            cur = conn.execute(sql, params)
+            rows = cur.fetchall() if cur.description else []
+            conn.commit()
+            return rows
+        finally:
+            self.release(conn)
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"size": self.size, "open": self._open, "idle": len(self._idle),
+                    "in_use": self._open - len(self._idle), "waiting": self._waiting}
+
+    def close(self) -> None:
+        with self._cond:
+            while self._idle:
+                self._idle.popleft().close()

@@ -1,0 +1,281 @@
+"""ph4.8 verification, on a real Postgres (a database of the test's own):
+
+* backends killed with pg_terminate_backend while idle in the pool are replaced on borrow:
+  every later query succeeds, on new backends, and the server never holds more of the
+  pool's connections than its size (pg_stat_activity, counted from another database);
+* exhaustion, policy "queue": with every connection held, a borrower waits (a thread
+  blocked in a threading wait in the learner's code, counted where it runs) without opening
+  a connection, gets the next one released, and raises PoolExhausted when its timeout ends;
+* exhaustion, policy "reject": PoolExhausted at once, no waiting;
+* backpressure: 8 requests on a pool of 3, held busy on the server by an advisory lock the
+  test owns: exactly 3 run, 5 wait, then all complete;
+* a failing query gives its connection back, rolled back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import psycopg
+import pytest
+
+from labrunner.testing import threads_waiting_in, wait_until
+
+HOLD = "SELECT pg_advisory_xact_lock_shared(4242)"
+
+
+class Call(threading.Thread):
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            self.error = exc
+
+
+class Server:
+    def __init__(self, postgres: Any) -> None:
+        self.admin = psycopg.connect(postgres.admin_dsn, autocommit=True)
+        self.holder = postgres.connect(autocommit=True)
+        self.dbname = postgres.name
+
+    def pids(self) -> set[int]:
+        rows = self.admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND backend_type = "
+            "'client backend' AND pid <> %s", (self.dbname, self.holder.info.backend_pid))
+        return {r[0] for r in rows.fetchall()}
+
+    def terminate(self, pids: set[int]) -> None:
+        for pid in pids:
+            self.admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: not (self.pids() & pids), "the terminated backends to go away")
+
+    def lock_waiters(self) -> int:
+        (n,) = self.admin.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT "
+            "l.granted AND l.locktype = 'advisory' AND a.datname = %s",
+            (self.dbname,)).fetchone()
+        return int(n)
+
+    def close(self) -> None:
+        self.holder.close()
+        self.admin.close()
+
+
+@pytest.fixture
+def server(postgres: Any) -> Iterator[Server]:
+    srv = Server(postgres)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def mod(learner: Any) -> ModuleType:
+    module: ModuleType = learner.load("pool")
+    for name in ("Pool", "PoolExhausted"):
+        if not isinstance(getattr(module, name, None), type):
+            pytest.fail(f"pool.py: define a class {name} (see the README)", pytrace=False)
+    return module
+
+
+@pytest.fixture
+def pools() -> Iterator[list[Any]]:
+    made: list[Any] = []
+    yield made
+    for p in made:
+        try:
+            p.close()
+        except Exception:  # noqa: BLE001 - cleanup of learner objects
+            pass
+
+
+@pytest.fixture
+def waiting(learner: Any) -> Callable[[], int]:
+    return lambda: int(learner.run_helper(threads_waiting_in, str(learner.dir)))
+
+
+def make(mod: ModuleType, pools: list[Any], dsn: str, size: int, **kw: Any) -> Any:
+    pool = mod.Pool(dsn, size, **kw)
+    pools.append(pool)
+    return pool
+
+
+def stats(pool: Any) -> dict[str, int]:
+    try:
+        return dict(pool.stats())
+    except NotImplementedError:
+        pytest.fail("Pool.stats() is not implemented: it must report size, open, idle, "
+                    "in_use and waiting", pytrace=False)
+
+
+def test_killed_backends_are_replaced_on_borrow(mod: ModuleType, pools: list[Any],
+                                                 server: Server, postgres: Any) -> None:
+    pool = make(mod, pools, postgres.dsn, 3)
+    held = [pool.acquire() for _ in range(3)]
+    for conn in held:
+        pool.release(conn)
+    first = server.pids()
+    assert len(first) == 3, (
+        f"after 3 connections were borrowed and returned, the server holds {len(first)} "
+        "connections of the pool, expected 3: returned connections must stay open, idle in "
+        "the pool, for the next borrower")
+    server.terminate(first)  # e.g. a failover, or an idle timeout on a proxy in between
+    seen: set[int] = set()
+    for i in range(6):
+        try:
+            (pid,), = pool.execute("SELECT pg_backend_pid()")
+        except Exception as exc:  # noqa: BLE001 - the learner's failure is the message
+            pytest.fail(
+                f"query {i + 1} after the pool's idle backends were killed with "
+                f"pg_terminate_backend failed: {type(exc).__name__}: {exc}\nA connection "
+                "whose backend died looks fine on the client (conn.closed is still False) "
+                "until it is used. Validate on borrow: run SELECT 1 on the idle connection, "
+                "and if that fails close it and open a new one in its place.", pytrace=False)
+        seen.add(pid)
+    assert not (seen & first), "a query ran on a backend that had been terminated"
+    now = server.pids()
+    assert len(now) <= 3, (
+        f"after replacing killed backends the server holds {len(now)} of the pool's "
+        "connections, more than its size 3: a replaced connection must take the dead one's "
+        "place, not add to it")
+    s = stats(pool)
+    assert s["open"] == len(now) and s["in_use"] == 0, (
+        f"stats() says {s}, but the server holds {len(now)} of the pool's connections and "
+        "none is in use: count a dead connection out when you drop it")
+
+
+def test_queue_policy_waits_then_times_out(mod: ModuleType, pools: list[Any], server: Server,
+                                           postgres: Any, waiting: Callable[[], int]) -> None:
+    pool = make(mod, pools, postgres.dsn, 2, policy="queue", acquire_timeout=60)
+    a, b = pool.acquire(), pool.acquire()
+    waiter = Call(pool.acquire)
+    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
+               "the third borrower to wait for a connection")
+    if not waiter.is_alive():
+        how = (f"raised {type(waiter.error).__name__}: {waiter.error}" if waiter.error
+               else "got a connection")
+        pytest.fail(f"with both connections of a pool of 2 held, a third acquire() {how} "
+                    "instead of waiting\nPolicy 'queue': wait on a threading.Condition until "
+                    "a connection is released or acquire_timeout runs out.", pytrace=False)
+    assert len(server.pids()) == 2, (
+        f"while a borrower waits the server holds {len(server.pids())} of the pool's "
+        "connections, expected 2 (the size): a waiting borrower must not open one of its own")
+    pid_b = b.info.backend_pid
+    pool.release(b)
+    waiter.join(15)
+    assert waiter.error is None and not waiter.is_alive(), (
+        "a connection was released while a borrower waited, and the borrower did not get "
+        f"it: {waiter.error!r}\nrelease() must notify() the condition the waiters wait on.")
+    got = waiter.result
+    assert got.info.backend_pid == pid_b, (
+        "the waiting borrower got a new connection instead of the one just released")
+    pool.release(got)
+    pool.release(a)
+
+    short = make(mod, pools, postgres.dsn, 1, policy="queue", acquire_timeout=0.5)
+    only = short.acquire()
+    start = time.monotonic()
+    late = Call(short.acquire)
+    late.join(20)
+    elapsed = time.monotonic() - start
+    if late.is_alive():
+        pytest.fail("acquire() with acquire_timeout=0.5 was still waiting after 20 s: wait "
+                    "with a timeout (Condition.wait(remaining)) and give up when it ends",
+                    pytrace=False)
+    assert isinstance(late.error, mod.PoolExhausted), (
+        f"when the timeout ran out acquire() {'returned a connection' if late.error is None else f'raised {type(late.error).__name__}'}"
+        ", expected PoolExhausted: the caller needs a distinct error to shed load (503)")
+    assert elapsed >= 0.45, (
+        f"PoolExhausted came after {elapsed:.2f} s, before the 0.5 s acquire_timeout: the "
+        "queue policy waits for a connection first")
+    short.release(only)
+
+
+def test_reject_policy_fails_at_once(mod: ModuleType, pools: list[Any], postgres: Any,
+                                     waiting: Callable[[], int], server: Server) -> None:
+    pool = make(mod, pools, postgres.dsn, 2, policy="reject", acquire_timeout=30)
+    a, b = pool.acquire(), pool.acquire()
+    third = Call(pool.acquire)
+    wait_until(lambda: not third.is_alive() or waiting() >= 1,
+               "the third acquire() to end or wait")
+    assert not third.is_alive(), (
+        "policy 'reject': with every connection in use, acquire() waited; it must raise "
+        "PoolExhausted at once")
+    assert isinstance(third.error, mod.PoolExhausted), (
+        f"policy 'reject': acquire() on a full pool "
+        f"{'returned a connection' if third.error is None else f'raised {third.error!r}'}, "
+        "expected PoolExhausted" + (f" (the server now holds {len(server.pids())} of the "
+                                    "pool's connections, size 2)" if third.error is None
+                                    else ""))
+    pool.release(a)
+    pool.release(b)
+    assert pool.execute("SELECT 1") == [(1,)], "the pool did not work after a rejection"
+
+
+def test_backpressure_never_more_than_size(mod: ModuleType, pools: list[Any], server: Server,
+                                           postgres: Any, waiting: Callable[[], int]) -> None:
+    pool = make(mod, pools, postgres.dsn, 3, policy="queue", acquire_timeout=60)
+    server.holder.execute("SELECT pg_advisory_lock(4242)")
+    calls = [Call(pool.execute, HOLD) for _ in range(8)]
+
+    def settled() -> bool:
+        if any(c.error for c in calls):
+            return True
+        return server.lock_waiters() == 3 and waiting() == 5
+
+    try:
+        wait_until(settled, "3 requests to run (blocked on the test's lock) and 5 to wait "
+                   "for a connection")
+    except BaseException:
+        n = len(server.pids())
+        pytest.fail(f"8 requests on a pool of 3: the server holds {n} of the pool's "
+                    f"connections, {server.lock_waiters()} run, {waiting()} wait in the pool; "
+                    "expected 3 connections, 3 running and 5 waiting\nThe pool's size is a "
+                    "hard limit: a request that finds every connection busy waits.",
+                    pytrace=False)
+    errors = [c.error for c in calls if c.error]
+    assert not errors, f"a request failed while the pool was busy: {errors[0]!r}"
+    assert len(server.pids()) == 3, f"the server holds {len(server.pids())} connections, expected 3"
+    server.holder.execute("SELECT pg_advisory_unlock(4242)")
+    for c in calls:
+        c.join(30)
+    failed = [c for c in calls if c.error or c.is_alive()]
+    assert not failed, (f"{len(failed)} of 8 requests did not complete once the lock was "
+                        f"released: {failed[0].error!r}")
+    s = stats(pool)
+    assert s["in_use"] == 0 and s["waiting"] == 0 and s["open"] <= 3, (
+        f"after every request completed, stats() says {s}: expected nothing in use or "
+        "waiting, at most 3 open")
+
+
+def test_a_failing_query_returns_its_connection(mod: ModuleType, pools: list[Any],
+                                                postgres: Any) -> None:
+    pool = make(mod, pools, postgres.dsn, 1, policy="reject")
+    for i in range(3):
+        try:
+            pool.execute("SELECT * FROM no_such_table")
+        except mod.PoolExhausted:
+            pytest.fail(f"on a pool of 1, failing query {i + 1} found no free connection: "
+                        "the failed query kept its connection\nRelease the connection in a "
+                        "finally block, so that an exception gives it back too.", pytrace=False)
+        except psycopg.Error:
+            continue
+        pytest.fail("SELECT * FROM no_such_table did not raise", pytrace=False)
+    try:
+        rows = pool.execute("SELECT 41 + 1")
+    except Exception as exc:  # noqa: BLE001 - the learner's failure is the message
+        pytest.fail(f"after three failing queries, a good one failed with "
+                    f"{type(exc).__name__}: {exc}\nGive the connection back in a finally "
+                    "block, and roll back its failed transaction before another borrower "
+                    "gets it.", pytrace=False)
+    assert rows == [(42,)]

@@ -1,0 +1,186 @@
+"""ph4.9 verification: the four balancing algorithms, each checked against the exact
+sequence (or the exact key movement) it must produce.
+
+* round robin and smooth weighted round robin: the pick sequences are fixed by the algorithm
+  (nginx's smooth WRR for weights 5, 1, 1 is a a b a c a a), so they are compared literally;
+* least connections: a workload of requests with uneven durations is replayed tick by tick
+  (releases first, then one new request); the test keeps its own count of requests in flight
+  per backend and checks every choice against it;
+* consistent hashing: 10,000 keys over 4 nodes, then a 5th node joins: about 1/5 of the keys
+  move and every moved key moves to the new node; removing it restores the old placement.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+KEYS = [f"user:{i}" for i in range(10_000)]
+NODES = ["cache-a", "cache-b", "cache-c", "cache-d"]
+
+
+@pytest.fixture
+def balancer(learner: Any) -> ModuleType:
+    module: ModuleType = learner.load("balancer")
+    for name in ("RoundRobin", "SmoothWeightedRoundRobin", "LeastConnections",
+                 "ConsistentHashRing"):
+        if not isinstance(getattr(module, name, None), type):
+            pytest.fail(f"balancer.py: define a class {name} (see the README)", pytrace=False)
+    return module
+
+
+def picks(lb: Any, n: int) -> list[str]:
+    return [lb.pick() for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------- round robin
+
+
+def test_round_robin_takes_each_backend_in_turn(balancer: ModuleType) -> None:
+    got = picks(balancer.RoundRobin(["a", "b", "c"]), 9)
+    assert got == list("abcabcabc"), (
+        f"round robin over a, b, c gave {' '.join(got)}, expected a b c a b c a b c\n"
+        "Keep an index of the next backend and advance it by one (modulo the count) on "
+        "every pick.")
+
+
+# ---------------------------------------------------------------------------- weighted
+
+
+WRR_CASES = [  # weights -> one period of nginx's smooth weighted round robin
+    ({"a": 5, "b": 1, "c": 1}, "aabacaa"),
+    ({"a": 2, "b": 1}, "aba"),
+    ({"a": 1, "b": 2, "c": 3}, "cbacbc"),
+    ({"a": 4, "b": 2, "c": 1}, "abacaba"),
+]
+
+
+@pytest.mark.parametrize(("weights", "period"), WRR_CASES,
+                         ids=["5-1-1", "2-1", "1-2-3", "4-2-1"])
+def test_smooth_weighted_round_robin_sequence(balancer: ModuleType, weights: dict[str, int],
+                                              period: str) -> None:
+    got = picks(balancer.SmoothWeightedRoundRobin(weights), 2 * len(period))
+    want = list(period * 2)
+    shown = ", ".join(f"{k}={v}" for k, v in weights.items())
+    if got == want:
+        return
+    counts, wanted = Counter(got[:len(period)]), Counter(period)
+    if counts != wanted:
+        why = (f"one period of {len(period)} picks should hold each backend as often as its "
+               f"weight ({dict(wanted)}), it held {dict(counts)}: each pick adds every "
+               "backend's weight to its current value, and the chosen one loses the TOTAL "
+               "weight (not just its own)")
+    elif "".join(got[:len(period)]) == "".join(sorted(period, key=lambda b: -weights[b])):
+        why = ("the proportions are right but the heavy backend's turns come in one block: "
+               "that is plain weighted round robin, which sends a burst of consecutive "
+               "requests to one server. Smooth WRR interleaves them (nginx's algorithm)")
+    else:
+        why = ("the proportions are right but not the order: on a tie between current "
+               "values take the backend listed first, and add the weights to ALL backends "
+               "before choosing")
+    pytest.fail(f"smooth weighted round robin with {shown} gave {' '.join(got)}, expected "
+                f"{' '.join(want)}\n{why}.", pytrace=False)
+
+
+# ---------------------------------------------------------------------------- least conn
+
+
+# (arrival tick, duration in ticks): one long request every fourth, the rest short.
+WORKLOAD = [(t, 9 if t % 4 == 0 else 2) for t in range(40)]
+
+
+def test_least_connections_under_uneven_durations(balancer: ModuleType) -> None:
+    backends = ["a", "b", "c"]
+    lb = balancer.LeastConnections(backends)
+    active = dict.fromkeys(backends, 0)       # the test's own count of requests in flight
+    running: list[tuple[int, str]] = []        # (end tick, backend)
+    for tick, duration in WORKLOAD:
+        for end, backend in [r for r in running if r[0] == tick]:
+            lb.release(backend)
+            active[backend] -= 1
+            running.remove((end, backend))
+        fewest = min(active.values())
+        want = next(b for b in backends if active[b] == fewest)
+        got = lb.acquire()
+        if got != want:
+            state = ", ".join(f"{b}: {n}" for b, n in active.items())
+            pytest.fail(
+                f"request {tick} went to {got!r}, expected {want!r}: the requests in flight "
+                f"were {state}\nLeast connections sends each request to the backend with "
+                "the fewest requests in flight (the first listed on a tie). Count +1 on "
+                "acquire and -1 on release of that same backend; with uneven durations the "
+                "backend holding the long requests must be skipped, which a rotation "
+                "cannot know.", pytrace=False)
+        active[got] += 1
+        running.append((tick + duration, got))
+    for end, backend in running:
+        lb.release(backend)
+        active[backend] -= 1
+    seen = dict(lb.active())
+    assert seen == active, (
+        f"after every request was released, active() reported {seen}, expected {active}\n"
+        "release(backend) must take one request off that backend's count.")
+
+
+# ---------------------------------------------------------------------------- hashing
+
+
+def placement(ring: Any) -> list[str]:
+    return list(ring.nodes_for(KEYS))
+
+
+def test_consistent_hashing_spreads_keys_evenly(balancer: ModuleType) -> None:
+    where = placement(balancer.ConsistentHashRing(NODES))
+    shares = {node: where.count(node) / len(KEYS) for node in NODES}
+    shown = ", ".join(f"{n}: {s:.1%}" for n, s in shares.items())
+    assert all(0.15 <= s <= 0.35 for s in shares.values()), (
+        f"10,000 keys over 4 nodes were spread {shown}; expected each near 25% (15-35%)\n"
+        "With one point per node the arcs between points are very uneven: give each node "
+        "many virtual nodes (points from hashing 'node#0', 'node#1', ...), and use a hash "
+        "that scatters similar labels (MD5/SHA-1 of the label), not consecutive numbers.")
+
+
+def test_adding_a_node_moves_about_one_nth_of_the_keys(balancer: ModuleType) -> None:
+    ring = balancer.ConsistentHashRing(NODES)
+    before = placement(ring)
+    ring.add("cache-e")
+    after = placement(ring)
+    moved = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if b != a]
+    share = len(moved) / len(KEYS)
+    assert share <= 0.30, (
+        f"adding a 5th node moved {share:.1%} of 10,000 keys, expected about 1/5 (at most "
+        "30%)\nWith hash(key) % number_of_nodes almost every key changes node when the "
+        "count changes: place nodes and keys on a ring and give each key to the next node "
+        "point clockwise.")
+    strays = [KEYS[i] for i in moved if after[i] != "cache-e"]
+    assert not strays, (
+        f"{len(strays)} keys moved between two OLD nodes when cache-e joined (e.g. "
+        f"{strays[0]!r}: {before[KEYS.index(strays[0])]} -> {after[KEYS.index(strays[0])]})"
+        "\nA joining node should only take keys over, never reshuffle the others: keep the "
+        "ring's points sorted after adding, and search it with bisect.")
+    assert share >= 0.12, (
+        f"adding a 5th node moved only {share:.1%} of 10,000 keys, expected about 1/5 (at "
+        "least 12%)\nThe new node gets too small a share of the ring: give it as many "
+        "virtual nodes as the others.")
+    ring.remove("cache-e")
+    again = placement(ring)
+    differ = sum(b != a for b, a in zip(before, again, strict=True))
+    assert differ == 0, (
+        f"after cache-e left again, {differ} keys sat on a different node than before it "
+        "joined, expected none\nremove(node) must take away exactly that node's points.")
+
+
+def test_removing_a_node_moves_only_its_keys(balancer: ModuleType) -> None:
+    ring = balancer.ConsistentHashRing(NODES)
+    before = placement(ring)
+    ring.remove("cache-b")
+    after = placement(ring)
+    assert "cache-b" not in after, "keys still map to cache-b after remove('cache-b')"
+    moved_others = sum(b != a for b, a in zip(before, after, strict=True) if b != "cache-b")
+    assert moved_others == 0, (
+        f"removing cache-b also moved {moved_others} keys that were on other nodes, "
+        "expected only cache-b's keys to move\nEach of its keys should go to the next "
+        "point clockwise; every other key keeps its node.")
