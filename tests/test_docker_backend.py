@@ -273,3 +273,58 @@ def test_orphans_and_services_down(tmp_path: Path) -> None:
     removed = docker_backend.remove_labelled()
     assert any(warm.extra["container_id"][:12] in r for r in removed)
     assert not _containers(**{"labrunner.workdir": str(tmp_path / "warm-docker")})
+
+
+def test_postgres_stop_and_start_keep_data(docker_services: ServiceSet) -> None:
+    """postgres.stop()/start(): the container stops (clients refused) and starts again with
+    its data and port."""
+    import psycopg
+
+    endpoint = docker_services.ensure(["postgres"])["postgres"]
+    dsn = isolation.create_database(endpoint, "lr_suspend")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (9)")
+    DockerBackend().suspend(endpoint)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(dsn, connect_timeout=3).close()
+    DockerBackend().resume(endpoint)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT x FROM t").fetchone() == (9,)
+    isolation.drop_database(endpoint, "lr_suspend")
+
+
+def test_prometheus_container_scrapes_the_hosts_loopback() -> None:
+    """The container shares the host's network (listening on 127.0.0.1 only) and reads the
+    target files the tests write into a host folder."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+    registry = CollectorRegistry()
+    Counter("lr_docker_demo", "d", registry=registry).inc(3)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    service_set = ServiceSet.ephemeral("docker")
+    try:
+        endpoint = service_set.ensure(["prometheus"])["prometheus"]
+        assert endpoint.backend == "docker" and endpoint.host == "127.0.0.1"
+        container = _container(endpoint)
+        assert container.attrs["HostConfig"]["NetworkMode"] == "host"  # type: ignore[attr-defined]
+        folder = Path(endpoint.extra["targets_dir"])
+        (folder / "t.json").write_text(json.dumps(
+            [{"targets": [f"127.0.0.1:{server.server_port}"], "labels": {"job": "lr_dock"}}]))
+        query = urllib.parse.quote('lr_docker_demo_total{job="lr_dock"}')
+        deadline = time.monotonic() + 60
+        result: list[object] = []
+        while not result and time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{endpoint.url}/api/v1/query?query={query}") as resp:
+                result = json.load(resp)["data"]["result"]
+            time.sleep(0.2)
+        assert result, "the container's Prometheus never scraped the app on the host's loopback"
+    finally:
+        service_set.stop()
+        server.shutdown()
+        thread.join(timeout=5)
+    assert not _containers(**{"labrunner.workdir": str(service_set.workdir)})
+    assert not service_set.workdir.exists()

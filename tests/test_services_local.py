@@ -19,12 +19,12 @@ def _pids(endpoint: object) -> list[int]:
     return [int(extra["pid"])] if "pid" in extra else []
 
 
-@pytest.mark.parametrize("service", ["postgres", "redis", "kafka", "rabbitmq"])
+@pytest.mark.parametrize("service", ["postgres", "redis", "kafka", "rabbitmq", "prometheus"])
 def test_start_ready_stop_leaves_nothing(service: str) -> None:
     service_set = ServiceSet.ephemeral("local")
     started = time.monotonic()
     endpoint = service_set.ensure([service])[service]
-    assert endpoint.host == "127.0.0.1" and endpoint.port not in (5432, 6379, 9092, 5672)
+    assert endpoint.host == "127.0.0.1" and endpoint.port not in (5432, 6379, 9092, 5672, 9090)
     assert MODULES[service].ready(endpoint)
     pids = _pids(endpoint)
     assert pids and all(pid_alive(p) for p in pids)

@@ -7,7 +7,7 @@ It gives a verification two things:
   test with the file, the line and what to do, never with a traceback into labrunner;
 * service fixtures, each an isolated namespace on a real service: ``postgres`` (a fresh
   database), ``redis_db`` (a logical database of its own), ``kafka`` (a topic and group
-  prefix), ``rabbitmq`` (a vhost).
+  prefix), ``rabbitmq`` (a vhost), ``prometheus`` (scrape targets and jobs of the test's own).
 
 Services come from the runner's state file (``$LABRUNNER_SERVICES``) or, when pytest is run
 directly (``pytest labs/ph2``), are started here for the session and stopped at its end.
@@ -455,6 +455,7 @@ class _Services:
         self.own: Any = None  # a ServiceSet we started, stopped at session end
         self.backend_name = "local"
         self.endpoints: dict[str, Endpoint] = {}
+        self.suspended: set[str] = set()  # stopped by a test, to be started at its end
         if self.state_path:
             from .services.manager import read_state, read_state_backend
 
@@ -508,6 +509,35 @@ class _Services:
                 return backend.restart(endpoint, **options)
         return backend.restart(endpoint)
 
+    def suspend(self, name: str) -> None:
+        """Stop ``name`` keeping its data, until :meth:`resume` (or the test's end)."""
+        self._stop_or_start(name, "suspend")
+        self.suspended.add(name)
+
+    def resume(self, name: str) -> None:
+        self._stop_or_start(name, "resume")
+        self.suspended.discard(name)
+
+    def _stop_or_start(self, name: str, action: str) -> None:
+        endpoint = self.endpoint(name)
+        from .services.private import ENV_CONTROL
+
+        control = os.environ.get(ENV_CONTROL)
+        try:
+            if control:
+                from .services.private import request_restart
+
+                self.endpoints[name] = request_restart(control, name, action=action)
+                return
+            from .services.manager import make_backend
+
+            backend = make_backend(self.backend_name, tied_to_parent=False)
+            getattr(backend, action)(endpoint)
+        except ServiceError as exc:
+            verb = "stop" if action == "suspend" else "start"
+            pytest.fail(f"this lab needs to {verb} {name} mid-test, which the "
+                        f"{self.backend_name} backend cannot do: {exc}", pytrace=False)
+
     def next_name(self, label: str) -> str:
         with self.lock:
             return namespace(self.run_id, next(self.counter), label)
@@ -559,6 +589,16 @@ class PostgresDB:
         the server replays its WAL at start). Connections open before are broken."""
         self._services.restart("postgres", mode=mode)
 
+    def stop(self) -> None:
+        """Stop the server (a clean shutdown) keeping its data and port: clients now get
+        "connection refused". Labs that use it declare ``exclusive = true``."""
+        self._services.suspend("postgres")
+
+    def start(self) -> None:
+        """Start the stopped server again with its data; returns once it answers. A server
+        still stopped when the test ends is started again then."""
+        self._services.resume("postgres")
+
 
 @pytest.fixture
 def postgres(lab_services: _Services, request: pytest.FixtureRequest) -> Iterator[PostgresDB]:
@@ -566,6 +606,8 @@ def postgres(lab_services: _Services, request: pytest.FixtureRequest) -> Iterato
     name = lab_services.next_name(request.node.name[:12])
     dsn = create_database(endpoint, name)
     yield PostgresDB(dsn, name, endpoint, lab_services)
+    if "postgres" in lab_services.suspended:
+        lab_services.resume("postgres")
     try:
         drop_database(lab_services.endpoints.get("postgres", endpoint), name)
     except Exception:  # noqa: BLE001 - the server may be down after a lab stopped it
@@ -705,3 +747,122 @@ def rabbitmq(lab_services: _Services, request: pytest.FixtureRequest) -> Iterato
         delete_vhost(endpoint, vhost)
     except Exception:  # noqa: BLE001
         pass
+
+
+@dataclass
+class PrometheusServer:
+    """A real Prometheus server; the targets a test registers are its own (one ``job`` label
+    per registration) and are removed when the test ends."""
+
+    url: str
+    endpoint: Endpoint
+    _services: _Services
+    _label: str
+    _files: dict[str, Path] = field(default_factory=dict)
+
+    def scrape(self, target: str, *, path: str = "/metrics") -> str:
+        """Have Prometheus scrape ``host:port`` (at ``path``) for this test; return the job
+        name to filter every query on (``job="<name>"``)."""
+        if "/" in target or ":" not in target:
+            raise pytest.UsageError(f"prometheus.scrape({target!r}): give the target as "
+                                    "'host:port' and the path as path=...")
+        folder = self.endpoint.extra.get("targets_dir")
+        if not folder:
+            pytest.fail(
+                f"this lab registers its own scrape targets, and the external Prometheus at "
+                f"{self.url} has no folder of target files for that: set "
+                "LABRUNNER_PROMETHEUS_TARGETS_DIR to a folder that Prometheus reads with "
+                "file_sd_configs (files: ['<folder>/*.json']), or run with --backend local",
+                pytrace=False)
+        job = self._services.next_name(self._label)
+        file = Path(folder) / f"{job}.json"
+        tmp = file.with_name(file.name + ".tmp")  # not *.json: Prometheus ignores it
+        tmp.write_text(json.dumps([{"targets": [target],
+                                    "labels": {"job": job, "__metrics_path__": path}}]),
+                       encoding="utf-8")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, file)
+        self._files[job] = file
+        return job
+
+    def wait_for_scrapes(self, job: str, count: int = 1, timeout: float = 30) -> None:
+        """Return once Prometheus has scraped ``job``'s target successfully ``count`` times,
+        each scrape begun after this call (so it saw what the test did before calling)."""
+        if job not in self._files:
+            raise pytest.UsageError(f"prometheus.wait_for_scrapes({job!r}): not a job this "
+                                    "test registered with prometheus.scrape()")
+        since = time.time()
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            window = int(time.time() - since) + 5
+            series = self.query(f'up{{job="{job}"}}[{window}s]')
+            seen = sum(1 for s in series for stamp, value in s.get("values", [])
+                       if float(stamp) > since + 0.003 and value == "1")
+            if seen >= count:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        pytest.fail(self._not_scraped(job, count, seen, timeout), pytrace=False)
+
+    def _not_scraped(self, job: str, count: int, seen: int, timeout: float) -> str:
+        targets = self._api("/api/v1/targets", {"state": "active"}).get("activeTargets", [])
+        mine = [t for t in targets if t.get("labels", {}).get("job") == job]
+        if not mine:
+            return (f"Prometheus never started scraping job {job!r} within {timeout:.0f} s "
+                    "(it picks new targets up within about 10 s): is the machine overloaded?")
+        target = mine[0]
+        error = target.get("lastError") or "(none)"
+        return (f"Prometheus scraped {target.get('scrapeUrl')} successfully {seen} of the "
+                f"{count} time(s) waited for in {timeout:.0f} s; target health "
+                f"{target.get('health')!r}, last scrape error: {error}")
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query (``/api/v1/query``) evaluated now: ``data.result``."""
+        data = self._api("/api/v1/query", {"query": expr}, what=expr)
+        return list(data.get("result", []))
+
+    def query_range(self, expr: str, start: float, end: float,
+                    step: float | str) -> list[dict[str, Any]]:
+        """A range query (``/api/v1/query_range``), start and end in Unix seconds."""
+        data = self._api("/api/v1/query_range",
+                         {"query": expr, "start": start, "end": end, "step": step}, what=expr)
+        return list(data.get("result", []))
+
+    def _api(self, path: str, params: dict[str, Any], what: str = "") -> dict[str, Any]:
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        body = urllib.parse.urlencode(params)
+        if path.endswith("/targets"):  # GET only; the queries go by POST (they may be long)
+            request = urllib.request.Request(f"{self.url}{path}?{body}")
+        else:
+            request = urllib.request.Request(self.url + path, data=body.encode(), method="POST")
+            request.add_header("Content-Type", "application/x-www-form-urlencoded")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                payload = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                error = json.loads(exc.read()).get("error") or str(exc)
+            except ValueError:
+                error = str(exc)
+            pytest.fail(f"Prometheus rejected the query {what!r}: {error}" if what else
+                        f"Prometheus {path}: {error}", pytrace=False)
+        return dict(payload.get("data") or {})
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.unlink(missing_ok=True)
+        self._files.clear()
+
+
+@pytest.fixture
+def prometheus(lab_services: _Services,
+               request: pytest.FixtureRequest) -> Iterator[PrometheusServer]:
+    endpoint = _endpoint_or_fail(lab_services, "prometheus")
+    server = PrometheusServer(endpoint.url, endpoint, lab_services, request.node.name[:12])
+    yield server
+    server.close()

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-SERVICE_NAMES = ("postgres", "redis", "kafka", "rabbitmq")
+# In the order a run starts them.
+SERVICE_NAMES = ("postgres", "redis", "kafka", "rabbitmq", "prometheus")
 
 
 class ServiceError(Exception):
@@ -57,6 +58,8 @@ class Endpoint:
             return f"{self.host}:{self.port}"
         if self.service == "rabbitmq":
             return f"amqp://{auth}{self.host}:{self.port}/"
+        if self.service == "prometheus":
+            return str(self.extra.get("url") or f"http://{self.host}:{self.port}").rstrip("/")
         raise ValueError(self.service)
 
 
@@ -76,6 +79,13 @@ class Backend(Protocol):
 
     def restart(self, endpoint: Endpoint) -> Endpoint:
         """Stop and start the service keeping its data (for durability labs)."""
+
+    def suspend(self, endpoint: Endpoint) -> None:
+        """Stop the service keeping its data and port, until :meth:`resume` (for labs that
+        watch a dependency go down and come back)."""
+
+    def resume(self, endpoint: Endpoint) -> Endpoint:
+        """Start a suspended service again with its data; return once it is ready."""
 
     def alive(self, endpoint: Endpoint) -> bool:
         """Whether the service still answers."""

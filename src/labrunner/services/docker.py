@@ -29,11 +29,13 @@ import contextlib
 import importlib
 import os
 import secrets
+import shutil
 import socket
 import time
 import tomllib
 from base64 import urlsafe_b64encode
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +46,7 @@ os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
 from .base import Endpoint, ServiceError, free_port  # noqa: E402
 from .local import kafka as local_kafka  # noqa: E402
 from .local import postgres as local_pg  # noqa: E402
+from .local import prometheus as local_prometheus  # noqa: E402
 from .local import rabbitmq as local_rabbitmq  # noqa: E402
 from .local import redis as local_redis  # noqa: E402
 from .local.process import pid_alive  # noqa: E402
@@ -71,13 +74,15 @@ DEFAULT_IMAGES = {
     "redis": "redis:7",
     "kafka": f"apache/kafka:{local_kafka.KAFKA_VERSION}",
     "rabbitmq": "rabbitmq:3-management",
+    "prometheus": "prom/prometheus:v2.42.0",
 }
 IMAGE_ENV = {name: f"LABRUNNER_IMAGE_{name.upper()}" for name in DEFAULT_IMAGES}
 
 # Seconds to wait for a service to answer after its container started (the first start of
 # an image may also pull it; that is not counted here).
-READY_TIMEOUT = {"postgres": 60.0, "redis": 30.0, "kafka": 120.0, "rabbitmq": 120.0}
-POLL = {"postgres": 0.1, "redis": 0.05, "kafka": 0.2, "rabbitmq": 0.25}
+READY_TIMEOUT = {"postgres": 60.0, "redis": 30.0, "kafka": 120.0, "rabbitmq": 120.0,
+                 "prometheus": 60.0}
+POLL = {"postgres": 0.1, "redis": 0.05, "kafka": 0.2, "rabbitmq": 0.25, "prometheus": 0.05}
 
 REDIS_DATABASES = local_redis.DATABASES
 KAFKA_LOG_DIR = "/tmp/kraft-combined-logs"  # the official image's default
@@ -203,6 +208,8 @@ def _ready_check(endpoint: Endpoint) -> Callable[[], bool]:
         return lambda: local_kafka.ready(endpoint)
     if service == "rabbitmq":
         return lambda: local_rabbitmq.ready(endpoint)
+    if service == "prometheus":
+        return lambda: local_prometheus.ready(endpoint)
     raise ServiceError(f"unknown service {service!r}")
 
 
@@ -268,9 +275,42 @@ def _redis_command() -> list[str]:
     return ["sh", "-c", script, conf]
 
 
-def _spec(service: str, workdir: Path) -> tuple[Endpoint, dict[int, int], dict[str, str],
-                                                  list[str] | None]:
-    """The endpoint to be, container port -> host port, environment and command."""
+@dataclass
+class ContainerSpec:
+    """How to run one service's container: the endpoint to be, container port -> host port,
+    environment, command (None: the image's), host folders mounted at the same path, and
+    whether it shares the host's network (to reach targets on the host's loopback)."""
+
+    endpoint: Endpoint
+    ports: dict[int, int] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    command: list[str] | None = None
+    volumes: list[str] = field(default_factory=list)
+    host_network: bool = False
+
+
+def _prometheus_spec(workdir: Path) -> ContainerSpec:
+    """Prometheus scrapes the tests' apps on the host's loopback: it runs on the host's
+    network, listening on 127.0.0.1 only, and reads its config and target files from a host
+    folder mounted at the same path (the tests write the target files there)."""
+    root = workdir / "prometheus"
+    targets = root / "targets"
+    targets.mkdir(parents=True, exist_ok=True)
+    os.chmod(targets, 0o777)
+    config = root / "prometheus.yml"
+    config.write_text(local_prometheus.config_text(str(targets)), encoding="utf-8")
+    port = free_port()
+    endpoint = Endpoint("prometheus", "docker", "127.0.0.1", port,
+                        extra={"targets_dir": str(targets), "dir": str(root)})
+    # The image's entrypoint is the server: the command is its flags.
+    command = local_prometheus.command("", str(config), "/prometheus", port)[1:]
+    return ContainerSpec(endpoint, command=command, volumes=[str(root)], host_network=True)
+
+
+def _spec(service: str, workdir: Path) -> ContainerSpec:
+    """How to run ``service``."""
+    if service == "prometheus":
+        return _prometheus_spec(workdir)
     if service == "postgres":
         password = secrets.token_hex(12)
         port = free_port()
@@ -281,17 +321,17 @@ def _spec(service: str, workdir: Path) -> tuple[Endpoint, dict[int, int], dict[s
             command += ["-c", setting]
         # --no-sync: initdb of a throwaway cluster need not wait for the disk (as locally).
         env = {"POSTGRES_PASSWORD": password, "POSTGRES_INITDB_ARGS": "--no-sync"}
-        return endpoint, {5432: port}, env, command
+        return ContainerSpec(endpoint, {5432: port}, env, command)
     if service == "redis":
         port = free_port()
         endpoint = Endpoint("redis", "docker", "127.0.0.1", port,
                             extra={"databases": REDIS_DATABASES})
-        return endpoint, {6379: port}, {}, _redis_command()
+        return ContainerSpec(endpoint, {6379: port}, {}, _redis_command())
     if service == "kafka":
         port = free_port()
         endpoint = Endpoint("kafka", "docker", "127.0.0.1", port,
                             extra={"bootstrap": f"127.0.0.1:{port}"})
-        return endpoint, {port: port}, _kafka_env(port), None
+        return ContainerSpec(endpoint, {port: port}, _kafka_env(port))
     if service == "rabbitmq":
         port, mgmt = free_port(), free_port()
         password = secrets.token_hex(12)
@@ -300,7 +340,7 @@ def _spec(service: str, workdir: Path) -> tuple[Endpoint, dict[int, int], dict[s
                             extra={"management_port": mgmt,
                                    "management_url": f"http://127.0.0.1:{mgmt}/api"})
         env = {"RABBITMQ_DEFAULT_USER": "labrunner", "RABBITMQ_DEFAULT_PASS": password}
-        return endpoint, {5672: port, 15672: mgmt}, env, None
+        return ContainerSpec(endpoint, {5672: port, 15672: mgmt}, env)
     raise ServiceError(f"unknown service {service!r}")
 
 
@@ -325,7 +365,8 @@ class DockerBackend:
         reap_orphans()
         image = image_for(service)
         _ensure_image(image, service)
-        endpoint, ports, env, command = _spec(service, workdir)
+        spec = _spec(service, workdir)
+        endpoint = spec.endpoint
         warm = not self.tied_to_parent or workdir.name.startswith("warm-")
         labels = {
             LABEL: "1",
@@ -335,7 +376,7 @@ class DockerBackend:
             LABEL_WARM: "1" if warm else "0",
             "labrunner.workdir": str(workdir),
         }
-        container = _container(image, ports, env, command, labels, endpoint)
+        container = _container(image, spec, labels)
         started = time.monotonic()
         try:
             container.start()
@@ -367,6 +408,8 @@ class DockerBackend:
             pass
         finally:
             client.close()
+        if endpoint.extra.get("dir"):  # host folders mounted into the container
+            shutil.rmtree(endpoint.extra["dir"], ignore_errors=True)
 
     def restart(self, endpoint: Endpoint, mode: str = "fast") -> Endpoint:
         """Restart the container keeping its data; ports stay (bound explicitly).
@@ -393,6 +436,27 @@ class DockerBackend:
             client.close()
         return endpoint
 
+    def suspend(self, endpoint: Endpoint) -> None:
+        """Stop the container (a clean shutdown) keeping it, its volume and its ports."""
+        client = _client()
+        try:
+            client.containers.get(endpoint.extra["container_id"]).stop(timeout=30)
+        finally:
+            client.close()
+
+    def resume(self, endpoint: Endpoint) -> Endpoint:
+        client = _client()
+        try:
+            container = client.containers.get(endpoint.extra["container_id"])
+            container.start()
+            container.reload()
+            _wait_ready(container, _ready_check(endpoint),
+                        f"{endpoint.service} (started again) on 127.0.0.1:{endpoint.port}",
+                        READY_TIMEOUT[endpoint.service], POLL[endpoint.service])
+        finally:
+            client.close()
+        return endpoint
+
     def alive(self, endpoint: Endpoint) -> bool:
         try:
             client = _client(timeout=5)
@@ -407,9 +471,7 @@ class DockerBackend:
             return False
 
 
-def _container(image: str, ports: dict[int, int], env: dict[str, str],
-               command: list[str] | None, labels: dict[str, str],
-               endpoint: Endpoint) -> DockerContainer:
+def _container(image: str, spec: ContainerSpec, labels: dict[str, str]) -> DockerContainer:
     from testcontainers.core.config import ConnectionMode, testcontainers_config
     from testcontainers.core.container import DockerContainer
 
@@ -420,18 +482,22 @@ def _container(image: str, ports: dict[int, int], env: dict[str, str],
         testcontainers_config.connection_mode_override = ConnectionMode(
             os.environ.get("TESTCONTAINERS_CONNECTION_MODE") or "docker_host")
     kwargs: dict[str, Any] = {"labels": labels}
-    if not os.environ.get("DOCKER_HOST"):
+    if spec.host_network:
+        kwargs["network_mode"] = "host"
+    elif not os.environ.get("DOCKER_HOST"):
         # Skip testcontainers' guess of a "host network" to join when it believes it runs
         # inside a container: the default bridge is what publishes ports on this host.
         kwargs["network"] = "bridge"
     container = DockerContainer(image, **kwargs)
-    for inside, outside in ports.items():
+    for inside, outside in spec.ports.items():
         # with_bind_ports takes no host address: set the mapping docker-py understands.
         container.ports[f"{inside}/tcp"] = ("127.0.0.1", outside)  # type: ignore[assignment]
-    container.with_envs(**env)
-    if command is not None:
-        container.with_command(command)
-    container.waiting_for(_wait_strategy(endpoint))
+    for folder in spec.volumes:
+        container.with_volume_mapping(folder, folder, "ro")
+    container.with_envs(**spec.env)
+    if spec.command is not None:
+        container.with_command(spec.command)
+    container.waiting_for(_wait_strategy(spec.endpoint))
     return container
 
 

@@ -14,9 +14,13 @@ ENV = {
     "redis": "LABRUNNER_REDIS_URL",           # redis://[:pass@]host:6379/0
     "kafka": "LABRUNNER_KAFKA_BOOTSTRAP",     # host:9092
     "rabbitmq": "LABRUNNER_RABBITMQ_URL",     # amqp://user:pass@host:5672/
+    "prometheus": "LABRUNNER_PROMETHEUS_URL",  # http://host:9090
 }
 RABBITMQ_MANAGEMENT_ENV = "LABRUNNER_RABBITMQ_MANAGEMENT_URL"  # http://host:15672/api
 REDIS_DATABASES_ENV = "LABRUNNER_REDIS_DATABASES"
+# A folder the external Prometheus reads targets from (file_sd_configs over '<folder>/*.json',
+# with the target files' labels kept): without it, tests cannot register their own targets.
+PROMETHEUS_TARGETS_ENV = "LABRUNNER_PROMETHEUS_TARGETS_DIR"
 
 
 def _parse(service: str, value: str) -> Endpoint:
@@ -32,6 +36,11 @@ def _parse(service: str, value: str) -> Endpoint:
         extra["dbname"] = url.path.lstrip("/") or "postgres"
     if service == "redis":
         extra["databases"] = int(os.environ.get(REDIS_DATABASES_ENV, "16"))
+    if service == "prometheus":
+        extra["url"] = value.rstrip("/")
+        targets = os.environ.get(PROMETHEUS_TARGETS_ENV)
+        if targets:
+            extra["targets_dir"] = targets
     if service == "rabbitmq":
         mgmt = os.environ.get(RABBITMQ_MANAGEMENT_ENV)
         if not mgmt:
@@ -71,6 +80,14 @@ class ExternalBackend:
 
     def restart(self, endpoint: Endpoint) -> Endpoint:
         raise ServiceError("the external backend cannot restart a service it does not run")
+
+    def suspend(self, endpoint: Endpoint) -> None:
+        raise ServiceError(f"the external backend cannot stop {endpoint.service}: it does not "
+                           "run it (use --backend local or docker for this lab)")
+
+    def resume(self, endpoint: Endpoint) -> Endpoint:
+        raise ServiceError(f"the external backend cannot start {endpoint.service}: it does not "
+                           "run it (use --backend local or docker for this lab)")
 
     def alive(self, endpoint: Endpoint) -> bool:
         from .local import MODULES

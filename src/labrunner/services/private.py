@@ -38,7 +38,9 @@ CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 ENV_CONTROL = "LABRUNNER_SERVICE_CONTROL"
 RESTART_MODES = {"postgres": {"fast", "immediate", "smart"}, "redis": set(),
-                 "kafka": set(), "rabbitmq": set()}
+                 "kafka": set(), "rabbitmq": set(), "prometheus": set()}
+# What the graded process may ask for: a restart, or a stop now and a start later.
+ACTIONS = ("restart", "suspend", "resume")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -131,9 +133,11 @@ class ControlServer:
                     conn.sendall(json.dumps(answer).encode() + b"\n")
 
     def handle(self, request: Any) -> dict[str, Any]:
-        if not isinstance(request, dict) or not isinstance(request.get("restart"), str):
-            return {"error": "expected {\"restart\": SERVICE}"}
-        name = request["restart"]
+        action = next((a for a in ACTIONS if isinstance(request, dict)
+                       and isinstance(request.get(a), str)), None)
+        if action is None:
+            return {"error": "expected {\"restart\" | \"suspend\" | \"resume\": SERVICE}"}
+        name = request[action]
         mode = request.get("mode")
         endpoint = self.service_set.endpoints.get(name)
         if endpoint is None:
@@ -141,7 +145,11 @@ class ControlServer:
         if mode is not None and mode not in RESTART_MODES.get(name, set()):
             return {"error": f"{name} cannot be restarted in mode {mode!r}"}
         with self.lock:
-            if name == "postgres" and mode is not None:
+            if action == "suspend":
+                self.service_set.backend.suspend(endpoint)
+            elif action == "resume":
+                self.service_set.backend.resume(endpoint)
+            elif name == "postgres" and mode is not None:
                 from .local import postgres
 
                 postgres.restart(endpoint, mode=mode)
@@ -158,15 +166,17 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
 
-def request_restart(control: str, service: str, **options: Any) -> Endpoint:
-    """The graded process's side: ask the runner to restart ``service``; wait until it has."""
+def request_restart(control: str, service: str, action: str = "restart",
+                    **options: Any) -> Endpoint:
+    """The graded process's side: ask the runner to restart (or suspend, or resume)
+    ``service``; wait until it has."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(180)
         sock.connect(control)
-        sock.sendall(json.dumps({"restart": service, **options}).encode() + b"\n")
+        sock.sendall(json.dumps({action: service, **options}).encode() + b"\n")
         answer = json.loads(sock.makefile("r", encoding="utf-8").readline() or "{}")
     if "error" in answer or "endpoint" not in answer:
-        raise ServiceError(f"the runner could not restart {service}: "
+        raise ServiceError(f"the runner could not {action} {service}: "
                            f"{answer.get('error', 'no answer')}")
     return Endpoint.from_json(answer["endpoint"])
 

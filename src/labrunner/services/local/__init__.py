@@ -7,13 +7,14 @@ from pathlib import Path
 from types import ModuleType
 
 from ..base import Endpoint, ServiceError
-from . import kafka, postgres, rabbitmq, redis
+from . import kafka, postgres, prometheus, rabbitmq, redis
 
 MODULES: dict[str, ModuleType] = {
     "postgres": postgres,
     "redis": redis,
     "kafka": kafka,
     "rabbitmq": rabbitmq,
+    "prometheus": prometheus,
 }
 
 
@@ -25,7 +26,7 @@ def _remove_partial(service: str, workdir: Path) -> None:
     from .process import pid_alive, remove_tree, terminate
 
     folder = {"postgres": "pgdata", "redis": "redis", "kafka": "kafka",
-              "rabbitmq": "rabbitmq"}[service]
+              "rabbitmq": "rabbitmq", "prometheus": "prometheus"}[service]
     for pidfile in (workdir / folder).glob("*.pid"):
         try:
             first = pidfile.read_text().split()[0]
@@ -75,6 +76,14 @@ class LocalBackend:
     def restart(self, endpoint: Endpoint) -> Endpoint:
         restarted: Endpoint = MODULES[endpoint.service].restart(endpoint)
         return restarted
+
+    def suspend(self, endpoint: Endpoint) -> None:
+        MODULES[endpoint.service].stop(endpoint, remove=False)
+
+    def resume(self, endpoint: Endpoint) -> Endpoint:
+        # Started again by a test: it must outlive the process that asked.
+        MODULES[endpoint.service]._launch(endpoint, tied_to_parent=False)
+        return endpoint
 
     def alive(self, endpoint: Endpoint) -> bool:
         """Still there? Full readiness was proven when the service started; reusing a warm
