@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.services.local import MODULES
+from labrunner.services import kind
 from labrunner.services.local.process import pid_alive
 from labrunner.services.manager import ServiceSet
 
@@ -33,7 +33,7 @@ def test_prometheus_starts_and_leaves_nothing() -> None:
     endpoint = service_set.ensure(["prometheus"])["prometheus"]
     assert endpoint.host == "127.0.0.1" and endpoint.port != 9090
     assert endpoint.url == f"http://127.0.0.1:{endpoint.port}"
-    assert MODULES["prometheus"].ready(endpoint)
+    assert kind("prometheus").ready(endpoint)
     pid = int(endpoint.extra["pid"])
     assert pid_alive(pid)
     workdir = service_set.workdir

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .services.base import SERVICE_NAMES
+from .services import SERVICE_NAMES
 
 KNOWN_SERVICES = SERVICE_NAMES
 LANGUAGES = ("python", "c")

@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .catalog import Lab
 from .report import err_console
 from .runner import LabResult, RunPlan, Sandbox, run_all
-from .services.base import SERVICE_NAMES, Endpoint
+from .services import SERVICE_NAMES
+from .services.base import Endpoint
 from .services.isolation import new_run_id
 from .services.manager import ServiceSet, read_state, warm_state_file
 from .store import Attempt, ProgressStore, files_hash

@@ -37,8 +37,6 @@ from .manager import STATE_VERSION, ServiceSet
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 ENV_CONTROL = "LABRUNNER_SERVICE_CONTROL"
-RESTART_MODES = {"postgres": {"fast", "immediate", "smart"}, "redis": set(),
-                 "kafka": set(), "rabbitmq": set(), "prometheus": set()}
 # What the graded process may ask for: a restart, or a stop now and a start later.
 ACTIONS = ("restart", "suspend", "resume")
 
@@ -142,19 +140,14 @@ class ControlServer:
         endpoint = self.service_set.endpoints.get(name)
         if endpoint is None:
             return {"error": f"{name} is not running for this lab"}
-        if mode is not None and mode not in RESTART_MODES.get(name, set()):
-            return {"error": f"{name} cannot be restarted in mode {mode!r}"}
+        backend = self.service_set.backend
         with self.lock:
             if action == "suspend":
-                self.service_set.backend.suspend(endpoint)
+                backend.suspend(endpoint)
             elif action == "resume":
-                self.service_set.backend.resume(endpoint)
-            elif name == "postgres" and mode is not None:
-                from .local import postgres
-
-                postgres.restart(endpoint, mode=mode)
+                backend.resume(endpoint)
             else:
-                self.service_set.backend.restart(endpoint)
+                backend.restart(endpoint, mode)
             self.service_set.save()
         return {"ok": True, "endpoint": endpoint.to_json()}
 
