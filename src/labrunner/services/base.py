@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -87,13 +86,6 @@ class Backend(Protocol):
         """Whether the service still answers."""
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_until(
     check: Callable[[], bool],
     timeout: float,
@@ -116,15 +108,6 @@ def wait_until(
         if time.monotonic() > deadline:
             raise ServiceError(f"{what} was not ready after {timeout:.0f} s")
         time.sleep(interval)
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    """The last lines of a log file, to show when a service fails."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -22,19 +22,13 @@ from base64 import urlsafe_b64encode
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..base import (
-    ContainerSpec,
-    Endpoint,
-    Launch,
-    ServiceError,
-    ServiceKind,
-    ServiceScope,
-    free_port,
-    register,
-)
-from ..local.process import remove_tree, runtime_dir
+from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
+from ..local.process import free_port, remove_tree, runtime_dir
+
+if TYPE_CHECKING:
+    from ..base import ServiceScope
 
 KAFKA_VERSION = "4.3.1"
 

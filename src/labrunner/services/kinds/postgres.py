@@ -21,26 +21,21 @@ import subprocess
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..base import (
-    ContainerSpec,
-    Endpoint,
-    Launch,
-    ServiceError,
-    ServiceKind,
-    ServiceScope,
-    free_port,
-    register,
-    tail,
-)
+from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
 from ..local.process import (
     chown_for_service,
     default_service_user,
+    free_port,
     remove_tree,
     runtime_dir,
     service_owner,
+    tail,
 )
+
+if TYPE_CHECKING:
+    from ..base import ServiceScope
 
 PG_MAJOR = "15"
 SUPERUSER = "postgres"

@@ -22,19 +22,13 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..base import (
-    ContainerSpec,
-    Endpoint,
-    Launch,
-    ServiceError,
-    ServiceKind,
-    ServiceScope,
-    free_port,
-    register,
-)
-from ..local.process import chown_for_service, remove_tree, service_owner, which
+from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
+from ..local.process import chown_for_service, free_port, remove_tree, service_owner, which
+
+if TYPE_CHECKING:
+    from ..base import ServiceScope
 
 SCRAPE_INTERVAL = "500ms"
 # A scrape that times out is not counted as a success; the fixture just waits for the next.

@@ -16,19 +16,13 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..base import (
-    ContainerSpec,
-    Endpoint,
-    Launch,
-    ServiceError,
-    ServiceKind,
-    ServiceScope,
-    free_port,
-    register,
-)
-from ..local.process import remove_tree, which
+from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
+from ..local.process import free_port, remove_tree, which
+
+if TYPE_CHECKING:
+    from ..base import ServiceScope
 
 SBIN_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/sbin", "/usr/local/sbin")
 MANAGEMENT_ENV = "LABRUNNER_RABBITMQ_MANAGEMENT_URL"  # http://host:15672/api (external)

@@ -11,19 +11,13 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..base import (
-    ContainerSpec,
-    Endpoint,
-    Launch,
-    ServiceError,
-    ServiceKind,
-    ServiceScope,
-    free_port,
-    register,
-)
-from ..local.process import chown_for_service, remove_tree, service_owner, which
+from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
+from ..local.process import chown_for_service, free_port, remove_tree, service_owner, which
+
+if TYPE_CHECKING:
+    from ..base import ServiceScope
 
 DATABASES = 1024
 DATABASES_ENV = "LABRUNNER_REDIS_DATABASES"  # how many an external server has (default 16)

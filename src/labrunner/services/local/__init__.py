@@ -10,8 +10,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from ..base import Endpoint, ServiceError, ServiceKind, kind, tail, wait_until
-from .process import pid_alive, remove_tree, spawn, terminate
+from ..base import Endpoint, ServiceError, ServiceKind, kind, wait_until
+from .process import pid_alive, remove_tree, spawn, tail, terminate
 
 START_ATTEMPTS = 3
 
