@@ -208,9 +208,10 @@ class ServiceKind:
         """Why it cannot run locally here, with the command that fixes it; None if it can."""
         return None
 
-    def prepare(self, workdir: Path) -> Endpoint:
-        """Make its folder under ``workdir`` (config, data), pick its ports: the endpoint
-        to be. No process yet: the local backend launches :meth:`launches`."""
+    def prepare(self, folder: Path) -> Endpoint:
+        """Fill ``folder`` (the service's own, fresh and empty: config, data) and pick its
+        ports: the endpoint to be, with ``extra["dir"]`` = ``folder``. No process yet: the
+        local backend starts :meth:`launches`. Called only when :meth:`missing` is None."""
         raise NotImplementedError
 
     def launches(self, endpoint: Endpoint) -> list[Launch]:
@@ -225,10 +226,6 @@ class ServiceKind:
     def stop_signal(self, mode: str | None) -> int:
         """The signal that stops it (``mode``: a restart mode, None for a plain stop)."""
         return signal.SIGTERM
-
-    def local_folders(self, endpoint: Endpoint) -> list[Path]:
-        """What to remove when it is stopped for good."""
-        return [Path(endpoint.extra["dir"])]
 
     def before_restart(self, endpoint: Endpoint) -> None:
         """Anything to do while it still runs, before a restart (on every backend)."""

@@ -240,15 +240,10 @@ class Kafka(ServiceKind):
     def missing(self) -> str | None:
         return missing()
 
-    def prepare(self, workdir: Path) -> Endpoint:
-        reason = missing()
-        if reason:
-            raise ServiceError(reason)
+    def prepare(self, folder: Path) -> Endpoint:
         libs = libs_dir()
-        assert libs is not None
-        home = workdir / "kafka"
-        remove_tree(home)
-        home.mkdir(parents=True)
+        assert libs is not None  # missing() said so
+        home = folder
         data = home / "data"
         shutil.copytree(template_dir(libs), data)
         port, controller_port = free_port(), free_port()

@@ -107,7 +107,7 @@ class Postgres(ServiceKind):
     # fast: a clean shutdown; immediate: a crash (the WAL is replayed at start); smart: waits
     # for clients to leave.
     restart_modes = frozenset({"fast", "immediate", "smart"})
-    folder = "pgdata"
+    folder = "postgres"
     stop_timeout = 15.0
     image = f"postgres:{PG_MAJOR}"
     external_env = "LABRUNNER_POSTGRES_URL"  # postgresql://user:pass@host:5432/postgres
@@ -130,26 +130,22 @@ class Postgres(ServiceKind):
                     "(or set LABRUNNER_PG_BINDIR)")
         return None
 
-    def prepare(self, workdir: Path) -> Endpoint:
-        bins = bindir()
-        if bins is None:
-            raise ServiceError(self.missing() or "postgres missing")
+    def prepare(self, folder: Path) -> Endpoint:
         template = template_dir()
-        data = workdir / "pgdata"
-        remove_tree(data)
-        workdir.mkdir(parents=True, exist_ok=True)
+        data = folder / "data"
         # cp -a keeps the service user's ownership and the 0700 mode postgres insists on.
         subprocess.run(["cp", "-a", str(template), str(data)], check=True)
         if service_owner() is not None:
             chown_for_service(data)  # a graded run's private cluster belongs to its own uid
-        sockets = workdir / "pgsock"
-        sockets.mkdir(exist_ok=True)
+        sockets = folder / "sock"
+        sockets.mkdir()
         chown_for_service(sockets)
         return Endpoint(
             service="postgres", backend="local", host="127.0.0.1", port=free_port(),
             username=SUPERUSER,
-            extra={"dbname": "postgres", "datadir": str(data), "bindir": str(bins),
-                   "sockets": str(sockets), "log": str(workdir / "postgres.log")},
+            extra={"dir": str(folder), "dbname": "postgres", "datadir": str(data),
+                   "bindir": str(bindir()), "sockets": str(sockets),
+                   "log": str(folder / "postgres.log")},
         )
 
     def launches(self, endpoint: Endpoint) -> list[Launch]:
@@ -167,9 +163,6 @@ class Postgres(ServiceKind):
     def stop_signal(self, mode: str | None) -> int:
         return {"immediate": signal.SIGQUIT, "smart": signal.SIGTERM}.get(
             mode or "fast", signal.SIGINT)
-
-    def local_folders(self, endpoint: Endpoint) -> list[Path]:
-        return [Path(endpoint.extra["datadir"]), Path(endpoint.extra["sockets"])]
 
     def container(self, workdir: Path) -> ContainerSpec:
         password = secrets.token_hex(12)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
-from ..local.process import chown_for_service, free_port, remove_tree, service_owner, which
+from ..base import ContainerSpec, Endpoint, Launch, ServiceKind, register
+from ..local.process import chown_for_service, free_port, service_owner, which
 
 if TYPE_CHECKING:
     from ..base import ServiceScope
@@ -109,12 +109,8 @@ class Prometheus(ServiceKind):
                     "--no-install-recommends prometheus  (or set LABRUNNER_PROMETHEUS)")
         return None
 
-    def prepare(self, workdir: Path) -> Endpoint:
-        exe = binary()
-        if exe is None:
-            raise ServiceError(self.missing() or "prometheus missing")
-        root = workdir / "prometheus"
-        remove_tree(root)
+    def prepare(self, folder: Path) -> Endpoint:
+        root = folder
         targets = _config_folder(root)
         (root / "data").mkdir()
         if service_owner() is not None:
@@ -122,7 +118,7 @@ class Prometheus(ServiceKind):
             os.chmod(targets, 0o777)
         return Endpoint(
             service="prometheus", backend="local", host="127.0.0.1", port=free_port(),
-            extra={"dir": str(root), "targets_dir": str(targets), "binary": exe,
+            extra={"dir": str(root), "targets_dir": str(targets), "binary": binary(),
                    "log": str(root / "prometheus.log")},
         )
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
-from ..local.process import free_port, remove_tree, which
+from ..local.process import free_port, which
 
 if TYPE_CHECKING:
     from ..base import ServiceScope
@@ -77,13 +77,8 @@ class RabbitMQ(ServiceKind):
             return "epmd (Erlang) not found. Install it: sudo apt-get install erlang-base"
         return None
 
-    def prepare(self, workdir: Path) -> Endpoint:
-        exe = server()
-        if exe is None:
-            raise ServiceError(self.missing() or "rabbitmq missing")
-        home = workdir / "rabbitmq"
-        remove_tree(home)
-        home.mkdir(parents=True)
+    def prepare(self, folder: Path) -> Endpoint:
+        home = folder
         port, dist_port, epmd_port, mgmt_port = (free_port(), free_port(), free_port(),
                                                  free_port())
         (home / "rabbitmq.conf").write_text(
@@ -101,7 +96,7 @@ class RabbitMQ(ServiceKind):
         return Endpoint(
             service="rabbitmq", backend="local", host="127.0.0.1", port=port,
             username="guest", password="guest",
-            extra={"dir": str(home), "server": exe, "dist_port": dist_port,
+            extra={"dir": str(home), "server": server(), "dist_port": dist_port,
                    "epmd_port": epmd_port, "management_port": mgmt_port,
                    "node": f"labrunner{port}@localhost", "log": str(home / "rabbitmq.log")},
         )

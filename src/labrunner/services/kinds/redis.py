@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
-from ..local.process import chown_for_service, free_port, remove_tree, service_owner, which
+from ..local.process import chown_for_service, free_port, service_owner, which
 
 if TYPE_CHECKING:
     from ..base import ServiceScope
@@ -77,13 +77,8 @@ class Redis(ServiceKind):
             return "redis-server not found. Install it: sudo apt-get install redis-server"
         return None
 
-    def prepare(self, workdir: Path) -> Endpoint:
-        exe = binary()
-        if exe is None:
-            raise ServiceError(self.missing() or "redis missing")
-        data = workdir / "redis"
-        remove_tree(data)
-        data.mkdir(parents=True)
+    def prepare(self, folder: Path) -> Endpoint:
+        data = folder
         port = free_port()
         conf = data / "redis.conf"
         conf.write_text(config(port, str(data), local=True), encoding="utf-8")
@@ -91,7 +86,7 @@ class Redis(ServiceKind):
             chown_for_service(data)  # a graded run's private server runs as its own uid
         return Endpoint(
             service="redis", backend="local", host="127.0.0.1", port=port,
-            extra={"dir": str(data), "conf": str(conf), "binary": exe,
+            extra={"dir": str(data), "conf": str(conf), "binary": binary(),
                    "log": str(data / "redis.log")},
         )
 

@@ -33,7 +33,7 @@ def pids(service: ServiceKind, endpoint: Endpoint) -> list[int]:
 def _remove_partial(service: ServiceKind, workdir: Path) -> None:
     """Kill and remove what a failed start left (its pid files name the processes)."""
     folder = workdir / service.folder
-    for pidfile in folder.glob("*.pid"):
+    for pidfile in folder.rglob("*.pid"):
         pid = _read_pid(pidfile)
         if pid_alive(pid):
             terminate(pid, timeout=5)
@@ -71,8 +71,7 @@ def stop(endpoint: Endpoint, remove: bool = True, mode: str | None = None) -> No
             terminate(pid, timeout=timeout, sig=service.stop_signal(mode),
                       group=service.stop_group)
     if remove:
-        for folder in service.local_folders(endpoint):
-            remove_tree(folder)
+        remove_tree(Path(endpoint.extra["dir"]))
 
 
 class LocalBackend:
@@ -95,8 +94,11 @@ class LocalBackend:
         if reason:
             raise ServiceError(reason)
         for attempt in range(START_ATTEMPTS):
+            folder = workdir / what.folder
+            remove_tree(folder)
+            folder.mkdir(parents=True)
             try:
-                endpoint = what.prepare(workdir)
+                endpoint = what.prepare(folder)
                 launch(endpoint, self.tied_to_parent)
                 return endpoint
             except ServiceError:
