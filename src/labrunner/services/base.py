@@ -211,7 +211,8 @@ class ServiceKind:
     def prepare(self, folder: Path) -> Endpoint:
         """Fill ``folder`` (the service's own, fresh and empty: config, data) and pick its
         ports: the endpoint to be, with ``extra["dir"]`` = ``folder``. No process yet: the
-        local backend starts :meth:`launches`. Called only when :meth:`missing` is None."""
+        local backend then gives the folder to the service's uid and starts
+        :meth:`launches`. Called only when :meth:`missing` is None."""
         raise NotImplementedError
 
     def launches(self, endpoint: Endpoint) -> list[Launch]:

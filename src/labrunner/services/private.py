@@ -182,11 +182,12 @@ def private_services(services: Iterable[str], owner: ServiceOwner, visible_to: i
     both in ``run_dir``. Everything is stopped and removed at the end."""
     with services_owned_by(owner):
         service_set = ServiceSet.ephemeral("local")
-        # The services' folder belongs to their uid and nobody else may enter it: the Kafka
-        # and RabbitMQ nodes (root's) do not care, and the graded code cannot read the data
-        # files behind its services' backs.
+        # The services' folder belongs to their uid; each service's own folder in it is
+        # that uid's alone (0700; the Kafka and RabbitMQ nodes, root's, do not care), so the
+        # graded code cannot read the data files behind its services' backs. It may pass
+        # through to what a service shares with the tests: Prometheus' target files.
         os.chown(service_set.workdir, owner.uid, owner.uid)
-        os.chmod(service_set.workdir, 0o700)
+        os.chmod(service_set.workdir, 0o711)
         control: ControlServer | None = None
         try:
             service_set.ensure(services)

@@ -25,12 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
 from ..local.process import (
-    chown_for_service,
     default_service_user,
     free_port,
     remove_tree,
     runtime_dir,
-    service_owner,
     tail,
 )
 
@@ -135,11 +133,8 @@ class Postgres(ServiceKind):
         data = folder / "data"
         # cp -a keeps the service user's ownership and the 0700 mode postgres insists on.
         subprocess.run(["cp", "-a", str(template), str(data)], check=True)
-        if service_owner() is not None:
-            chown_for_service(data)  # a graded run's private cluster belongs to its own uid
         sockets = folder / "sock"
         sockets.mkdir()
-        chown_for_service(sockets)
         return Endpoint(
             service="postgres", backend="local", host="127.0.0.1", port=free_port(),
             username=SUPERUSER,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
-from ..local.process import chown_for_service, free_port, service_owner, which
+from ..local.process import free_port, service_owner, which
 
 if TYPE_CHECKING:
     from ..base import ServiceScope
@@ -82,8 +82,6 @@ class Redis(ServiceKind):
         port = free_port()
         conf = data / "redis.conf"
         conf.write_text(config(port, str(data), local=True), encoding="utf-8")
-        if service_owner() is not None:
-            chown_for_service(data)  # a graded run's private server runs as its own uid
         return Endpoint(
             service="redis", backend="local", host="127.0.0.1", port=port,
             extra={"dir": str(data), "conf": str(conf), "binary": binary(),

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 
 from ..base import Endpoint, ServiceError, ServiceKind, kind, wait_until
-from .process import pid_alive, remove_tree, spawn, tail, terminate
+from .process import chown_for_service, pid_alive, remove_tree, spawn, tail, terminate
 
 START_ATTEMPTS = 3
 
@@ -96,9 +96,12 @@ class LocalBackend:
         for attempt in range(START_ATTEMPTS):
             folder = workdir / what.folder
             remove_tree(folder)
-            folder.mkdir(parents=True)
+            # The service's uid's alone (a graded run's services have a uid of their own);
+            # a kind may open it to others for what it shares (Prometheus' target files).
+            folder.mkdir(parents=True, mode=0o700)
             try:
                 endpoint = what.prepare(folder)
+                chown_for_service(folder)
                 launch(endpoint, self.tied_to_parent)
                 return endpoint
             except ServiceError:
