@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 import urllib.error
 import urllib.parse
@@ -181,7 +182,10 @@ class PrometheusServer:
                 "LABRUNNER_PROMETHEUS_TARGETS_DIR to a folder that Prometheus reads with "
                 "file_sd_configs (files: ['<folder>/*.json']), or run with --backend local",
                 pytrace=False)
-        job = self._scope.new_name()
+        # Unique beyond this run too: series outlive their test (for 5 minutes, or for good
+        # with explicit timestamps), and another pytest process of the same run (dev check,
+        # grading) counts its names from 1 as well.
+        job = f"{self._scope.new_name()}_{secrets.token_hex(3)}"
         file = Path(folder) / f"{job}.json"
         tmp = file.with_name(file.name + ".tmp")  # not *.json: Prometheus ignores it
         tmp.write_text(json.dumps([{"targets": [target],
