@@ -74,7 +74,7 @@ ensure_packages() {
 
 kafka_libs() {
     python3 - <<'PY'
-from labrunner.services.local.kafka import fetch_jars, libs_dir
+from labrunner.services.kinds.kafka import fetch_jars, libs_dir
 print(libs_dir() or fetch_jars())
 PY
 }
