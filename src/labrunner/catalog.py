@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-KNOWN_SERVICES = ("postgres", "redis", "kafka", "rabbitmq")
+from .services import SERVICE_NAMES
+
+KNOWN_SERVICES = SERVICE_NAMES
 LANGUAGES = ("python", "c")
 ID_PATTERN = re.compile(r"^ph(\d+)\.(\d+|c)$")
 
