@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from labrunner.services.base import SERVICE_NAMES
+from labrunner.services import SERVICE_NAMES
 from labrunner.services.manager import ServiceSet, make_backend
 
 

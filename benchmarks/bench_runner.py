@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from labrunner.catalog import load_catalog
-from labrunner.services.local import MODULES
+from labrunner.services import kinds
 from labrunner.services.manager import ServiceSet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,12 +38,14 @@ def median_time(fn: object, repeat: int) -> float:
 def service_ready_times(repeat: int) -> None:
     print(f"time to ready, local backend (median of {repeat})")
     print(f"{'service':<10}{'cold':>10}{'warm':>10}{'cold/warm':>12}")
-    for name in MODULES:
-        if MODULES[name].missing():
-            print(f"{name:<10}  skipped: {MODULES[name].missing()}")
+    for service in kinds():
+        name = service.name
+        if service.missing():
+            print(f"{name:<10}  skipped: {service.missing()}")
             continue
         cold_samples = []
-        for _ in range(repeat if name in ("postgres", "redis") else max(1, repeat // 2)):
+        for _ in range(repeat if name in ("postgres", "redis", "prometheus")
+                       else max(1, repeat // 2)):
             service_set = ServiceSet.ephemeral("local")
             start = time.perf_counter()
             service_set.ensure([name])

@@ -75,7 +75,7 @@ ensure_packages() {
 
 kafka_libs() {
     python3 - <<'PY'
-from labrunner.services.local.kafka import fetch_jars, libs_dir
+from labrunner.services.kinds.kafka import fetch_jars, libs_dir
 print(libs_dir() or fetch_jars())
 PY
 }
@@ -267,6 +267,7 @@ service_images() {
     build postgres:15 "$ROOT/docker/images/postgres"
     build redis:7 "$ROOT/docker/images/redis"
     build rabbitmq:3-management "$ROOT/docker/images/rabbitmq"
+    build prom/prometheus:v2.42.0 "$ROOT/docker/images/prometheus"
     rm -rf "$stage/kafka"
     cp -r "$ROOT/docker/images/kafka" "$stage/kafka"
     cp -r "$libs" "$stage/kafka/kafka-libs"

@@ -15,7 +15,7 @@ if [ "$(id -u)" -ne 0 ]; then
   fi
 fi
 
-PACKAGES=(postgresql-15 redis-server rabbitmq-server erlang-base build-essential pkg-config
+PACKAGES=(postgresql-15 redis-server rabbitmq-server erlang-base prometheus build-essential pkg-config
           libpq-dev libhiredis-dev librdkafka-dev libssl-dev openssl git patch)
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -30,7 +30,8 @@ PYTHON=${PYTHON:-python3}
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   epmd_before=$(pgrep -x epmd || true)
-  # Package scripts must not start system-wide Redis/RabbitMQ/Postgres: policy-rc.d says no.
+  # Package scripts must not start system-wide Redis/RabbitMQ/Postgres/Prometheus:
+  # policy-rc.d says no.
   policy_added=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
@@ -43,6 +44,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ -n "$policy_added" ] && $SUDO rm -f /usr/sbin/policy-rc.d
   # RabbitMQ's package scripts start an epmd on the standard port; stop it if it is new.
   if [ -z "$epmd_before" ] && pgrep -x epmd >/dev/null; then $SUDO pkill -x epmd || true; fi
+  # Debian's prometheus package enables a system-wide server for the next boot: the runner
+  # starts its own, so keep that one off (policy-rc.d already kept it from starting now).
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

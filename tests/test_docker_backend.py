@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from labrunner.services import isolation
 from labrunner.services.base import Endpoint, ServiceError
+from labrunner.services.kinds import kafka as kf
+from labrunner.services.kinds import postgres as pg
+from labrunner.services.kinds import rabbitmq as rmq
+from labrunner.services.kinds import redis as rd
 from labrunner.services.manager import ServiceSet, make_backend
 
 docker_backend = pytest.importorskip("labrunner.services.docker")
@@ -104,20 +107,20 @@ def test_namespaces_work_on_docker_services(docker_services: ServiceSet) -> None
 
     eps = docker_services.ensure(SERVICES)
 
-    dsn = isolation.create_database(eps["postgres"], "lr_docker_ns")
+    dsn = pg.create_database(eps["postgres"], "lr_docker_ns")
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == ("lr_docker_ns",)
-    isolation.drop_database(eps["postgres"], "lr_docker_ns")
+    pg.drop_database(eps["postgres"], "lr_docker_ns")
 
-    db = isolation.allocate_redis_db(eps["redis"])
+    db = rd.allocate_db(eps["redis"])
     assert 1 <= db < 1024
-    client = redis.Redis.from_url(isolation.redis_url(eps["redis"], db))
+    client = redis.Redis.from_url(rd.db_url(eps["redis"], db))
     client.set("k", "v")
     assert client.get("k") == b"v"
     client.close()
-    isolation.release_redis_db(eps["redis"], db)
+    rd.release_db(eps["redis"], db)
 
-    url = isolation.create_vhost(eps["rabbitmq"], "lr_docker_vhost")
+    url = rmq.create_vhost(eps["rabbitmq"], "lr_docker_vhost")
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
     channel.queue_declare("q")
@@ -125,7 +128,7 @@ def test_namespaces_work_on_docker_services(docker_services: ServiceSet) -> None
     method, _, body = channel.basic_get("q", auto_ack=True)
     assert body == b"hello"
     connection.close()
-    isolation.delete_vhost(eps["rabbitmq"], "lr_docker_vhost")
+    rmq.delete_vhost(eps["rabbitmq"], "lr_docker_vhost")
 
     topic = f"lr_docker_{uuid.uuid4().hex[:6]}_t"
     producer = Producer({"bootstrap.servers": eps["kafka"].url, "log_level": 0})
@@ -142,7 +145,7 @@ def test_namespaces_work_on_docker_services(docker_services: ServiceSet) -> None
             got = msg.value()
     consumer.close()
     assert got == b"m1"
-    isolation.delete_kafka_prefix(eps["kafka"], topic[:16])
+    kf.delete_prefix(eps["kafka"], topic[:16])
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
@@ -151,7 +154,7 @@ def test_postgres_restart_keeps_committed_data(docker_services: ServiceSet, mode
 
     endpoint = docker_services.ensure(["postgres"])["postgres"]
     name = f"lr_restart_{mode}"
-    dsn = isolation.create_database(endpoint, name)
+    dsn = pg.create_database(endpoint, name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (7)")
     port = endpoint.port
@@ -159,7 +162,7 @@ def test_postgres_restart_keeps_committed_data(docker_services: ServiceSet, mode
     assert again.port == port and again.extra["container_id"] == endpoint.extra["container_id"]
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT x FROM t").fetchone() == (7,)
-    isolation.drop_database(endpoint, name)
+    pg.drop_database(endpoint, name)
 
 
 def test_redis_restart_keeps_aof_data(docker_services: ServiceSet) -> None:
@@ -273,3 +276,58 @@ def test_orphans_and_services_down(tmp_path: Path) -> None:
     removed = docker_backend.remove_labelled()
     assert any(warm.extra["container_id"][:12] in r for r in removed)
     assert not _containers(**{"labrunner.workdir": str(tmp_path / "warm-docker")})
+
+
+def test_postgres_stop_and_start_keep_data(docker_services: ServiceSet) -> None:
+    """postgres.stop()/start(): the container stops (clients refused) and starts again with
+    its data and port."""
+    import psycopg
+
+    endpoint = docker_services.ensure(["postgres"])["postgres"]
+    dsn = pg.create_database(endpoint, "lr_suspend")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (9)")
+    DockerBackend().suspend(endpoint)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(dsn, connect_timeout=3).close()
+    DockerBackend().resume(endpoint)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT x FROM t").fetchone() == (9,)
+    pg.drop_database(endpoint, "lr_suspend")
+
+
+def test_prometheus_container_scrapes_the_hosts_loopback() -> None:
+    """The container shares the host's network (listening on 127.0.0.1 only) and reads the
+    target files the tests write into a host folder."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+    registry = CollectorRegistry()
+    Counter("lr_docker_demo", "d", registry=registry).inc(3)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    service_set = ServiceSet.ephemeral("docker")
+    try:
+        endpoint = service_set.ensure(["prometheus"])["prometheus"]
+        assert endpoint.backend == "docker" and endpoint.host == "127.0.0.1"
+        container = _container(endpoint)
+        assert container.attrs["HostConfig"]["NetworkMode"] == "host"  # type: ignore[attr-defined]
+        folder = Path(endpoint.extra["targets_dir"])
+        (folder / "t.json").write_text(json.dumps(
+            [{"targets": [f"127.0.0.1:{server.server_port}"], "labels": {"job": "lr_dock"}}]))
+        query = urllib.parse.quote('lr_docker_demo_total{job="lr_dock"}')
+        deadline = time.monotonic() + 60
+        result: list[object] = []
+        while not result and time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{endpoint.url}/api/v1/query?query={query}") as resp:
+                result = json.load(resp)["data"]["result"]
+            time.sleep(0.2)
+        assert result, "the container's Prometheus never scraped the app on the host's loopback"
+    finally:
+        service_set.stop()
+        server.shutdown()
+        thread.join(timeout=5)
+    assert not _containers(**{"labrunner.workdir": str(service_set.workdir)})
+    assert not service_set.workdir.exists()

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from labrunner.services import isolation
-from labrunner.services.local import MODULES
+from labrunner.services import kind
+from labrunner.services.kinds import kafka as kf
+from labrunner.services.kinds import postgres as pg
+from labrunner.services.kinds import rabbitmq as rmq
+from labrunner.services.kinds import redis as rd
+from labrunner.services.local import LocalBackend
 from labrunner.services.local.process import pid_alive
 from labrunner.services.manager import ServiceSet
 
@@ -19,13 +23,13 @@ def _pids(endpoint: object) -> list[int]:
     return [int(extra["pid"])] if "pid" in extra else []
 
 
-@pytest.mark.parametrize("service", ["postgres", "redis", "kafka", "rabbitmq"])
+@pytest.mark.parametrize("service", ["postgres", "redis", "kafka", "rabbitmq", "prometheus"])
 def test_start_ready_stop_leaves_nothing(service: str) -> None:
     service_set = ServiceSet.ephemeral("local")
     started = time.monotonic()
     endpoint = service_set.ensure([service])[service]
-    assert endpoint.host == "127.0.0.1" and endpoint.port not in (5432, 6379, 9092, 5672)
-    assert MODULES[service].ready(endpoint)
+    assert endpoint.host == "127.0.0.1" and endpoint.port not in (5432, 6379, 9092, 5672, 9090)
+    assert kind(service).ready(endpoint)
     pids = _pids(endpoint)
     assert pids and all(pid_alive(p) for p in pids)
     workdir = service_set.workdir
@@ -39,13 +43,13 @@ def test_postgres_restart_keeps_committed_data(local_services: ServiceSet) -> No
     endpoint = local_services.ensure(["postgres"])["postgres"]
     import psycopg
 
-    dsn = isolation.create_database(endpoint, "lr_restart_check")
+    dsn = pg.create_database(endpoint, "lr_restart_check")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (7)")
-    MODULES["postgres"].restart(endpoint, mode="immediate")  # a crash, then WAL replay
+    LocalBackend().restart(endpoint, mode="immediate")  # a crash, then WAL replay
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT x FROM t").fetchone() == (7,)
-    isolation.drop_database(endpoint, "lr_restart_check")
+    pg.drop_database(endpoint, "lr_restart_check")
 
 
 def test_redis_restart_keeps_aof_data(tmp_path: Path) -> None:
@@ -57,7 +61,7 @@ def test_redis_restart_keeps_aof_data(tmp_path: Path) -> None:
         client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3)
         client.config_set("appendonly", "yes")
         client.set("kept", "yes")
-        MODULES["redis"].restart(endpoint)
+        LocalBackend().restart(endpoint)
         client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3)
         assert client.get("kept") == b"yes"
     finally:
@@ -66,23 +70,23 @@ def test_redis_restart_keeps_aof_data(tmp_path: Path) -> None:
 
 def test_namespaces_are_isolated(local_services: ServiceSet) -> None:
     endpoints = local_services.ensure(["postgres", "redis"])
-    first = isolation.allocate_redis_db(endpoints["redis"])
-    second = isolation.allocate_redis_db(endpoints["redis"])
+    first = rd.allocate_db(endpoints["redis"])
+    second = rd.allocate_db(endpoints["redis"])
     assert first != second
-    a = isolation.create_database(endpoints["postgres"], "lr_iso_a")
-    b = isolation.create_database(endpoints["postgres"], "lr_iso_b")
+    a = pg.create_database(endpoints["postgres"], "lr_iso_a")
+    b = pg.create_database(endpoints["postgres"], "lr_iso_b")
     assert a != b
     for name in ("lr_iso_a", "lr_iso_b"):
-        isolation.drop_database(endpoints["postgres"], name)
+        pg.drop_database(endpoints["postgres"], name)
 
 
 def test_rabbitmq_vhost_per_run(local_services: ServiceSet) -> None:
     import pika
 
     endpoint = local_services.ensure(["rabbitmq"])["rabbitmq"]
-    url = isolation.create_vhost(endpoint, "lr_test_vhost")
+    url = rmq.create_vhost(endpoint, "lr_test_vhost")
     pika.BlockingConnection(pika.URLParameters(url)).close()
-    isolation.delete_vhost(endpoint, "lr_test_vhost")
+    rmq.delete_vhost(endpoint, "lr_test_vhost")
     with pytest.raises(pika.exceptions.AMQPConnectionError):
         pika.BlockingConnection(pika.URLParameters(url))
 
@@ -94,7 +98,7 @@ def test_kafka_metadata_and_prefix_cleanup(local_services: ServiceSet) -> None:
     producer = Producer({"bootstrap.servers": endpoint.url, "log_level": 0})
     producer.produce("lr_cleanup_check.t", b"v")
     assert producer.flush(20) == 0
-    isolation.delete_kafka_prefix(endpoint, "lr_cleanup_check")
+    kf.delete_prefix(endpoint, "lr_cleanup_check")
     from confluent_kafka.admin import AdminClient
 
     deadline = time.monotonic() + 20

@@ -18,8 +18,9 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import LabrunnerError
+from .services import SERVICE_NAMES
 
-KNOWN_SERVICES = ("postgres", "redis", "kafka", "rabbitmq")
+KNOWN_SERVICES = SERVICE_NAMES
 LANGUAGES = ("python", "c")
 ID_PATTERN = re.compile(r"^ph(\d+)\.(\d+|c)$")
 

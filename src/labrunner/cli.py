@@ -19,7 +19,7 @@ from . import __version__
 from .catalog import Catalog, CatalogError, Concept, Lab, as_lab, load_catalog
 from .errors import LabrunnerError
 from .report import console, err_console, progress_page, results_tables
-from .services.base import SERVICE_NAMES
+from .services import SERVICE_NAMES
 from .workspace import WorkspaceError, find_workspace, init_workspace
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -550,7 +550,7 @@ def doctor(as_json: bool) -> None:
 def setup(kafka: bool) -> None:
     """Fetch what the local backend needs once (the Kafka 4.3.1 jars through Maven)."""
     if kafka:
-        from .services.local import kafka as local_kafka
+        from .services.kinds import kafka as local_kafka
 
         with err_console.status(f"fetching Kafka {local_kafka.KAFKA_VERSION} jars via Maven…"):
             libs = local_kafka.fetch_jars()

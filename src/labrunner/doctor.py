@@ -27,17 +27,17 @@ def _librdkafka_version() -> str | None:
 
 
 def checks() -> list[Check]:
-    from .services.local import MODULES
+    from .services import kinds
 
     results: list[Check] = []
     backend = resolve_backend_name(None)
     results.append(Check("backend (auto)", True,
                          f"{backend}" + (" — a Docker daemon answers" if docker_answers()
                                          else " — no Docker daemon answers; local processes")))
-    for name, module in MODULES.items():
-        reason = module.missing()
-        results.append(Check(f"local {name}", reason is None, "ready to start" if reason is None
-                             else reason.split(". ")[0],
+    for service in kinds():
+        reason = service.missing()
+        results.append(Check(f"local {service.name}", reason is None,
+                             "ready to start" if reason is None else reason.split(". ")[0],
                              "" if reason is None else reason.split(". ", 1)[-1]))
     for tool, package in (("cc", "build-essential"), ("make", "make")):
         found = shutil.which(tool)

@@ -7,7 +7,8 @@ It gives a verification two things:
   test with the file, the line and what to do, never with a traceback into labrunner;
 * service fixtures, each an isolated namespace on a real service: ``postgres`` (a fresh
   database), ``redis_db`` (a logical database of its own), ``kafka`` (a topic and group
-  prefix), ``rabbitmq`` (a vhost).
+  prefix), ``rabbitmq`` (a vhost), ``prometheus`` (scrape targets and jobs of the test's own),
+  one per service kind (see :mod:`labrunner.service_fixtures`).
 
 Services come from the runner's state file (``$LABRUNNER_SERVICES``) or, when pytest is run
 directly (``pytest labs/ph2``), are started here for the session and stopped at its end.
@@ -22,7 +23,6 @@ from __future__ import annotations
 import faulthandler
 import hashlib
 import hmac
-import itertools
 import json
 import os
 import shutil
@@ -30,8 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,19 +49,7 @@ from .learner_process import (
     import_learner_module,
     load_harness_module,
 )
-from .services.base import Endpoint, ServiceError
-from .services.isolation import (
-    allocate_redis_db,
-    create_database,
-    create_vhost,
-    delete_kafka_prefix,
-    delete_vhost,
-    drop_database,
-    namespace,
-    new_run_id,
-    redis_url,
-    release_redis_db,
-)
+from .service_fixtures import SessionServices, service_fixtures
 
 ENV_SERVICES = "LABRUNNER_SERVICES"
 ENV_SRC = "LABRUNNER_SRC"
@@ -495,265 +481,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # Services
 
 
-class _Services:
-    """The session's services: read from the runner's state file, or started here."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.run_id = os.environ.get(ENV_RUN_ID) or new_run_id()
-        self.counter = itertools.count(1)
-        self.lock = threading.Lock()
-        self.state_path = os.environ.get(ENV_SERVICES)
-        self.own: Any = None  # a ServiceSet we started, stopped at session end
-        self.backend_name = "local"
-        self.endpoints: dict[str, Endpoint] = {}
-        if self.state_path:
-            from .services.manager import read_state, read_state_backend
-
-            self.endpoints = read_state(Path(self.state_path))
-            self.backend_name = read_state_backend(Path(self.state_path))
-
-    def endpoint(self, name: str) -> Endpoint:
-        with self.lock:
-            if name in self.endpoints:
-                return self.endpoints[name]
-            if self.state_path:
-                raise ServiceError(f"the runner did not start {name}: add it to the lab's "
-                                   "'services' in lab.toml")
-            from .services.manager import ServiceSet, resolve_backend_name
-
-            if self.own is None:
-                self.backend_name = resolve_backend_name(self.config.getoption("--lab-backend"))
-                self.own = ServiceSet.ephemeral(self.backend_name)
-            self.endpoints.update(self.own.ensure([name]))
-            return self.endpoints[name]
-
-    def restart(self, name: str, **options: Any) -> Endpoint:
-        from .services.manager import make_backend
-
-        endpoint = self.endpoint(name)
-        from .services.private import ENV_CONTROL
-
-        control = os.environ.get(ENV_CONTROL)
-        if control:
-            # A graded run's private services belong to another uid: the runner restarts
-            # them for us.
-            from .services.private import request_restart
-
-            restarted = request_restart(control, name, **options)
-            self.endpoints[name] = restarted
-            return restarted
-        if self.backend_name == "external":
-            pytest.skip(f"not verifiable on the external backend: {name} cannot be restarted")
-        backend = make_backend(self.backend_name, tied_to_parent=False)
-        if options and name == "postgres":
-            # Postgres restarts come in two kinds (clean, or a crash with WAL replay); the
-            # local and docker backends both take the mode.
-            if endpoint.backend == "local":
-                from .services.local import postgres as local_pg
-
-                return local_pg.restart(endpoint, **options)
-            if endpoint.backend == "docker":
-                from .services.docker import DockerBackend
-
-                assert isinstance(backend, DockerBackend)
-                return backend.restart(endpoint, **options)
-        return backend.restart(endpoint)
-
-    def next_name(self, label: str) -> str:
-        with self.lock:
-            return namespace(self.run_id, next(self.counter), label)
-
-    def close(self) -> None:
-        if self.own is not None:
-            self.own.stop()
-
-
-_services: _Services | None = None
-
-
 @pytest.fixture(scope="session")
-def lab_services(request: pytest.FixtureRequest) -> Iterator[_Services]:
-    global _services
-    _services = _Services(request.config)
-    yield _services
-    _services.close()
-    _services = None
+def lab_services(request: pytest.FixtureRequest) -> Iterator[SessionServices]:
+    services = SessionServices(request.config.getoption("--lab-backend"),
+                               os.environ.get(ENV_SERVICES), os.environ.get(ENV_RUN_ID))
+    yield services
+    services.close()
 
 
-def _endpoint_or_fail(services: _Services, name: str) -> Endpoint:
-    try:
-        return services.endpoint(name)
-    except ServiceError as exc:
-        pytest.fail(f"{name} is not available: {exc}", pytrace=False)
-
-
-@dataclass
-class PostgresDB:
-    """A database of this test's own on a real Postgres server."""
-
-    dsn: str
-    name: str
-    endpoint: Endpoint
-    _services: _Services
-
-    def connect(self, **kwargs: Any) -> Any:
-        import psycopg
-
-        return psycopg.connect(self.dsn, **kwargs)
-
-    @property
-    def admin_dsn(self) -> str:
-        return self.endpoint.url
-
-    def restart(self, mode: str = "fast") -> None:
-        """Restart the server keeping its data: ``fast`` (clean) or ``immediate`` (a crash:
-        the server replays its WAL at start). Connections open before are broken."""
-        self._services.restart("postgres", mode=mode)
-
-
-@pytest.fixture
-def postgres(lab_services: _Services, request: pytest.FixtureRequest) -> Iterator[PostgresDB]:
-    endpoint = _endpoint_or_fail(lab_services, "postgres")
-    name = lab_services.next_name(request.node.name[:12])
-    dsn = create_database(endpoint, name)
-    yield PostgresDB(dsn, name, endpoint, lab_services)
-    try:
-        drop_database(lab_services.endpoints.get("postgres", endpoint), name)
-    except Exception:  # noqa: BLE001 - the server may be down after a lab stopped it
-        pass
-
-
-@dataclass
-class RedisDB:
-    """A Redis logical database of this test's own."""
-
-    url: str
-    db: int
-    endpoint: Endpoint
-    _services: _Services
-
-    def client(self, **kwargs: Any) -> Any:
-        import redis
-
-        return redis.Redis.from_url(self.url, **kwargs)
-
-    def restart(self) -> None:
-        """Restart the server with its data dir (settings made with CONFIG SET are kept)."""
-        self._services.restart("redis")
-
-
-@pytest.fixture
-def redis_db(lab_services: _Services) -> Iterator[RedisDB]:
-    endpoint = _endpoint_or_fail(lab_services, "redis")
-    db = allocate_redis_db(endpoint)
-    yield RedisDB(redis_url(endpoint, db), db, endpoint, lab_services)
-    try:
-        release_redis_db(endpoint, db)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-# Consumer groups must form in a test in well under a second, not the client defaults.
-FAST_CONSUMER = {
-    "session.timeout.ms": 6000,
-    "heartbeat.interval.ms": 500,
-    "auto.offset.reset": "earliest",
-    "topic.metadata.refresh.interval.ms": 1000,
-}
-
-
-@dataclass
-class KafkaNS:
-    """A topic and group prefix of this test's own on a real Kafka broker."""
-
-    bootstrap: str
-    prefix: str
-    endpoint: Endpoint
-
-    def topic(self, name: str) -> str:
-        return f"{self.prefix}.{name}"
-
-    def group(self, name: str) -> str:
-        return f"{self.prefix}.{name}"
-
-    def admin(self) -> Any:
-        from confluent_kafka.admin import AdminClient
-
-        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
-
-    def create_topic(self, name: str, partitions: int = 1, **config: str) -> str:
-        from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
-
-        full = self.topic(name)
-        # One client for the whole call: a client destroyed before its futures resolve
-        # fails them with _DESTROY.
-        admin = self.admin()
-        futures = admin.create_topics(
-            [NewTopic(full, num_partitions=partitions, replication_factor=1, config=config)],
-            operation_timeout=15)
-        futures[full].result(timeout=30)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:  # wait until every partition has a leader
-            meta = admin.list_topics(full, timeout=5).topics.get(full)
-            if meta and meta.error is None and len(meta.partitions) == partitions and all(
-                    p.leader >= 0 for p in meta.partitions.values()):
-                return full
-            time.sleep(0.05)
-        raise AssertionError(f"topic {full} has no leader for every partition after 15 s")
-
-    def producer_config(self, **overrides: Any) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap, "log_level": 0, **overrides}
-
-    def consumer_config(self, group: str, **overrides: Any) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap, "group.id": self.group(group),
-                "log_level": 0, **FAST_CONSUMER, **overrides}
-
-
-@pytest.fixture
-def kafka(lab_services: _Services, request: pytest.FixtureRequest) -> Iterator[KafkaNS]:
-    endpoint = _endpoint_or_fail(lab_services, "kafka")
-    prefix = lab_services.next_name(request.node.name[:12])
-    bootstrap = str(endpoint.extra.get("bootstrap") or endpoint.url)
-    yield KafkaNS(bootstrap, prefix, endpoint)
-    try:
-        delete_kafka_prefix(endpoint, prefix)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-@dataclass
-class RabbitVhost:
-    """A RabbitMQ vhost of this test's own."""
-
-    url: str
-    vhost: str
-    endpoint: Endpoint
-
-    def parameters(self) -> Any:
-        import pika
-
-        return pika.URLParameters(self.url)
-
-    def connection(self) -> Any:
-        import pika
-
-        return pika.BlockingConnection(self.parameters())
-
-    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """The management HTTP API (queues, bindings, message counts)."""
-        from .services.isolation import rabbitmq_api
-
-        return rabbitmq_api(self.endpoint, method, path, body)
-
-
-@pytest.fixture
-def rabbitmq(lab_services: _Services, request: pytest.FixtureRequest) -> Iterator[RabbitVhost]:
-    endpoint = _endpoint_or_fail(lab_services, "rabbitmq")
-    vhost = lab_services.next_name(request.node.name[:12])
-    url = create_vhost(endpoint, vhost)
-    yield RabbitVhost(url, vhost, endpoint)
-    try:
-        delete_vhost(endpoint, vhost)
-    except Exception:  # noqa: BLE001
-        pass
+# One fixture per service kind (postgres, redis_db, kafka, rabbitmq, prometheus), found by
+# pytest among this module's names.
+globals().update(service_fixtures())

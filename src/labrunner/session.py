@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .catalog import Lab
 from .report import err_console
 from .runner import LabResult, RunPlan, Sandbox, run_all
+from .services import SERVICE_NAMES
 from .services.base import Endpoint
 from .services.isolation import new_run_id
 from .services.manager import ServiceSet, read_state, warm_state_file
@@ -32,9 +33,8 @@ class RunOutcome:
 
 
 def needed_services(labs: Sequence[Lab]) -> list[str]:
-    order = ("postgres", "redis", "kafka", "rabbitmq")
     wanted = {s for lab in labs for s in lab.services}
-    return [s for s in order if s in wanted]
+    return [s for s in SERVICE_NAMES if s in wanted]
 
 
 def syntax_problem(lab: Lab, source: Path) -> str | None:

@@ -56,7 +56,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer,
 import pytest
 
 if TYPE_CHECKING:
-    from .plugin import RedisDB
+    from .services.kinds.redis import RedisDB
 
 __all__ = [
     "HttpReply",

@@ -1,16 +1,17 @@
 """The ``docker`` backend: each service a container started with testcontainers.
 
-The images are the official ones by default (``postgres:15``, ``redis:7``,
-``apache/kafka:4.3.1``, ``rabbitmq:3-management``); each can be replaced by an environment
-variable (``LABRUNNER_IMAGE_POSTGRES``, ``..._REDIS``, ``..._KAFKA``, ``..._RABBITMQ``) or by
+What to run comes from the service's kind (:attr:`ServiceKind.image` and
+:meth:`ServiceKind.container`). The images are the official ones by default (``postgres:15``,
+``redis:7``, ``apache/kafka:4.3.1``, ``rabbitmq:3-management``, ``prom/prometheus``); each can
+be replaced by an environment variable (``LABRUNNER_IMAGE_POSTGRES``, ``..._REDIS``, ...) or by
 an entry in a config file (``[docker.images]`` in ``~/.config/labrunner/config.toml`` or in the
 workspace's ``labrunner.toml``); the variable wins.
 
 Every published port is bound to 127.0.0.1 on a host port chosen here and bound explicitly,
 so a ``docker restart`` (durability labs restart Postgres and Redis) keeps the endpoint, and
-Kafka can advertise the very port clients reach it on. A service is handed back only once it
-answers for real, as with the local backend: a query for Postgres, PING for Redis, metadata
-naming the broker for Kafka, an AMQP connection plus the management API for RabbitMQ.
+Kafka can advertise the very port clients reach it on (Prometheus instead shares the host's
+network, to reach the tests' apps on its loopback). A service is handed back only once it
+answers for real (its kind's readiness check), as with the local backend.
 
 Containers carry the label ``labrunner=1`` (and the owner's pid and host):
 ``labrunner services down`` removes them all (:func:`remove_labelled`), a run removes its own
@@ -28,12 +29,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import secrets
+import shutil
 import socket
 import time
 import tomllib
-from base64 import urlsafe_b64encode
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,24 +41,11 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
 
-from .base import Endpoint, ServiceError, free_port  # noqa: E402
-from .local import kafka as local_kafka  # noqa: E402
-from .local import postgres as local_pg  # noqa: E402
-from .local import rabbitmq as local_rabbitmq  # noqa: E402
-from .local import redis as local_redis  # noqa: E402
+from .base import ContainerSpec, Endpoint, ServiceError, kind  # noqa: E402
 from .local.process import pid_alive  # noqa: E402
 
 if TYPE_CHECKING:
     from testcontainers.core.container import DockerContainer
-
-def _cluster_id() -> str:
-    """A KRaft cluster id as Kafka's ``random-uuid`` makes them: base64 of 16 random bytes,
-    never starting with "-" (a command line would read it as an option)."""
-    while True:
-        candidate = urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
-        if not candidate.startswith("-"):
-            return candidate
-
 
 LABEL = "labrunner"
 LABEL_SERVICE = "labrunner.service"
@@ -66,26 +53,14 @@ LABEL_OWNER = "labrunner.owner_pid"
 LABEL_HOST = "labrunner.host"
 LABEL_WARM = "labrunner.warm"
 
-DEFAULT_IMAGES = {
-    "postgres": "postgres:15",
-    "redis": "redis:7",
-    "kafka": f"apache/kafka:{local_kafka.KAFKA_VERSION}",
-    "rabbitmq": "rabbitmq:3-management",
-}
-IMAGE_ENV = {name: f"LABRUNNER_IMAGE_{name.upper()}" for name in DEFAULT_IMAGES}
 
-# Seconds to wait for a service to answer after its container started (the first start of
-# an image may also pull it; that is not counted here).
-READY_TIMEOUT = {"postgres": 60.0, "redis": 30.0, "kafka": 120.0, "rabbitmq": 120.0}
-POLL = {"postgres": 0.1, "redis": 0.05, "kafka": 0.2, "rabbitmq": 0.25}
 
-REDIS_DATABASES = local_redis.DATABASES
-KAFKA_LOG_DIR = "/tmp/kraft-combined-logs"  # the official image's default
-PG_SETTINGS = (
-    # As the local backend: throwaway clusters, fast starts; a restart still replays the WAL.
-    "fsync=off", "full_page_writes=off", "max_connections=300", "shared_buffers=64MB",
-    "log_min_messages=warning", "deadlock_timeout=200ms",
-)
+def default_image(service: str) -> str:
+    return kind(service).image
+
+
+def image_env(service: str) -> str:
+    return f"LABRUNNER_IMAGE_{service.upper()}"
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -110,7 +85,7 @@ def _config_files() -> list[Path]:
 def image_for(service: str) -> str:
     """The image for ``service``: $LABRUNNER_IMAGE_<SERVICE>, else ``[docker.images]`` in a
     config file, else the official image."""
-    env = os.environ.get(IMAGE_ENV[service], "").strip()
+    env = os.environ.get(image_env(service), "").strip()
     if env:
         return env
     for path in _config_files():
@@ -121,7 +96,7 @@ def image_for(service: str) -> str:
         images = data.get("docker", {}).get("images", {})
         if isinstance(images, dict) and isinstance(images.get(service), str):
             return str(images[service])
-    return DEFAULT_IMAGES[service]
+    return default_image(service)
 
 
 # --- the daemon ------------------------------------------------------------------------------
@@ -194,16 +169,8 @@ def _wait_ready(container: Any, check: Callable[[], bool], what: str, timeout: f
 
 
 def _ready_check(endpoint: Endpoint) -> Callable[[], bool]:
-    service = endpoint.service
-    if service == "postgres":
-        return lambda: local_pg.ready(endpoint)
-    if service == "redis":
-        return lambda: local_redis.ready(endpoint)
-    if service == "kafka":
-        return lambda: local_kafka.ready(endpoint)
-    if service == "rabbitmq":
-        return lambda: local_rabbitmq.ready(endpoint)
-    raise ServiceError(f"unknown service {service!r}")
+    service = kind(endpoint.service)
+    return lambda: service.ready(endpoint)
 
 
 def _wait_strategy(endpoint: Endpoint) -> Any:
@@ -216,92 +183,9 @@ def _wait_strategy(endpoint: Endpoint) -> Any:
         def wait_until_ready(self, container: Any) -> None:
             _wait_ready(container.get_wrapped_container(), _ready_check(endpoint),
                         f"{service} in a container on 127.0.0.1:{endpoint.port}",
-                        READY_TIMEOUT[service], POLL[service])
+                        kind(service).container_ready_timeout, kind(service).container_poll)
 
     return ServiceReady()
-
-
-# --- per-service container specs -------------------------------------------------------------
-
-def _kafka_env(port: int) -> dict[str, str]:
-    """The local backend's broker settings as the official image's KAFKA_* variables, with
-    the listener inside the container on the same port the host publishes, so the address
-    it advertises (127.0.0.1:port) is the one clients use."""
-    lines = local_kafka._properties(Path(KAFKA_LOG_DIR), port, 9093).splitlines()
-    settings = dict(line.split("=", 1) for line in lines if "=" in line)
-    settings.update({
-        "listeners": f"PLAINTEXT://0.0.0.0:{port},CONTROLLER://localhost:9093",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
-        "controller.quorum.voters": "1@localhost:9093",
-        "log.dirs": KAFKA_LOG_DIR,
-    })
-    env = {
-        "KAFKA_" + key.replace("_", "___").replace("-", "__").replace(".", "_").upper(): value
-        for key, value in settings.items()
-    }
-    env.update({
-        "CLUSTER_ID": _cluster_id(),
-        "KAFKA_HEAP_OPTS": "-Xms128m -Xmx768m",
-        "KAFKA_JVM_PERFORMANCE_OPTS": "-XX:+UseSerialGC -XX:TieredStopAtLevel=1 "
-                                      "-Djava.awt.headless=true",
-    })
-    return env
-
-
-def _redis_command() -> list[str]:
-    """Redis reads a config file in its data volume, written at first start: CONFIG REWRITE
-    then records settings changed at run time (a lab turning AOF on), so they survive a
-    ``docker restart``. Through the image's own entrypoint (user, permissions)."""
-    conf = "\n".join([
-        "port 6379",
-        "bind 0.0.0.0",
-        "protected-mode no",
-        "dir /data",
-        f"databases {REDIS_DATABASES}",
-        'save ""',
-        "appendonly no",
-        "enable-debug-command yes",
-    ])
-    # The config travels as the script's $0 and is printed into the file at first start.
-    script = ('test -f /data/redis.conf || printf "%s\\n" "$0" > /data/redis.conf; '
-              'exec docker-entrypoint.sh redis-server /data/redis.conf')
-    return ["sh", "-c", script, conf]
-
-
-def _spec(service: str, workdir: Path) -> tuple[Endpoint, dict[int, int], dict[str, str],
-                                                  list[str] | None]:
-    """The endpoint to be, container port -> host port, environment and command."""
-    if service == "postgres":
-        password = secrets.token_hex(12)
-        port = free_port()
-        endpoint = Endpoint("postgres", "docker", "127.0.0.1", port, username="postgres",
-                            password=password, extra={"dbname": "postgres"})
-        command = ["postgres"]
-        for setting in PG_SETTINGS:
-            command += ["-c", setting]
-        # --no-sync: initdb of a throwaway cluster need not wait for the disk (as locally).
-        env = {"POSTGRES_PASSWORD": password, "POSTGRES_INITDB_ARGS": "--no-sync"}
-        return endpoint, {5432: port}, env, command
-    if service == "redis":
-        port = free_port()
-        endpoint = Endpoint("redis", "docker", "127.0.0.1", port,
-                            extra={"databases": REDIS_DATABASES})
-        return endpoint, {6379: port}, {}, _redis_command()
-    if service == "kafka":
-        port = free_port()
-        endpoint = Endpoint("kafka", "docker", "127.0.0.1", port,
-                            extra={"bootstrap": f"127.0.0.1:{port}"})
-        return endpoint, {port: port}, _kafka_env(port), None
-    if service == "rabbitmq":
-        port, mgmt = free_port(), free_port()
-        password = secrets.token_hex(12)
-        endpoint = Endpoint("rabbitmq", "docker", "127.0.0.1", port, username="labrunner",
-                            password=password,
-                            extra={"management_port": mgmt,
-                                   "management_url": f"http://127.0.0.1:{mgmt}/api"})
-        env = {"RABBITMQ_DEFAULT_USER": "labrunner", "RABBITMQ_DEFAULT_PASS": password}
-        return endpoint, {5672: port, 15672: mgmt}, env, None
-    raise ServiceError(f"unknown service {service!r}")
 
 
 # --- the backend -----------------------------------------------------------------------------
@@ -317,15 +201,15 @@ class DockerBackend:
         return _daemon_problem()
 
     def start(self, service: str, workdir: Path) -> Endpoint:
-        if service not in DEFAULT_IMAGES:
-            raise ServiceError(f"unknown service {service!r}")
+        what = kind(service)
         problem = _daemon_problem()
         if problem:
             raise ServiceError(problem)
         reap_orphans()
         image = image_for(service)
         _ensure_image(image, service)
-        endpoint, ports, env, command = _spec(service, workdir)
+        spec = what.container(workdir)
+        endpoint = spec.endpoint
         warm = not self.tied_to_parent or workdir.name.startswith("warm-")
         labels = {
             LABEL: "1",
@@ -335,7 +219,7 @@ class DockerBackend:
             LABEL_WARM: "1" if warm else "0",
             "labrunner.workdir": str(workdir),
         }
-        container = _container(image, ports, env, command, labels, endpoint)
+        container = _container(image, spec, labels)
         started = time.monotonic()
         try:
             container.start()
@@ -367,30 +251,36 @@ class DockerBackend:
             pass
         finally:
             client.close()
+        if endpoint.extra.get("dir"):  # host folders mounted into the container
+            shutil.rmtree(endpoint.extra["dir"], ignore_errors=True)
 
-    def restart(self, endpoint: Endpoint, mode: str = "fast") -> Endpoint:
-        """Restart the container keeping its data; ports stay (bound explicitly).
-
-        Postgres: ``fast`` is a clean shutdown (the image's SIGINT), ``immediate`` a crash
-        (SIGQUIT: the WAL is replayed at start). Redis: settings changed at run time (AOF)
-        are written to its config file first, and an AOF being written is waited for."""
-        if endpoint.service == "redis":
-            _redis_prepare_restart(endpoint)
-        client = _client()
-        try:
-            container = client.containers.get(endpoint.extra["container_id"])
-            if endpoint.service == "postgres" and mode == "immediate":
-                container.kill(signal="SIGQUIT")
+    def restart(self, endpoint: Endpoint, mode: str | None = None) -> Endpoint:
+        """Restart the container keeping its data; ports stay (bound explicitly). A mode the
+        kind maps to a signal (Postgres' ``immediate``: SIGQUIT, a crash) kills the container
+        with it and starts it again; otherwise ``docker restart`` (a clean shutdown)."""
+        service = kind(endpoint.service)
+        service.check_mode(mode)
+        service.before_restart(endpoint)
+        kill = service.container_kill_signal(mode)
+        with _container_of(endpoint) as container:
+            if kill is not None:
+                container.kill(signal=kill)
                 container.wait(timeout=30)
                 container.start()
             else:
                 container.restart(timeout=30)
-            container.reload()
-            _wait_ready(container, _ready_check(endpoint),
-                        f"{endpoint.service} (restarted) on 127.0.0.1:{endpoint.port}",
-                        READY_TIMEOUT[endpoint.service], POLL[endpoint.service])
-        finally:
-            client.close()
+            _wait_again(container, endpoint, "restarted")
+        return endpoint
+
+    def suspend(self, endpoint: Endpoint) -> None:
+        """Stop the container (a clean shutdown) keeping it, its volume and its ports."""
+        with _container_of(endpoint) as container:
+            container.stop(timeout=30)
+
+    def resume(self, endpoint: Endpoint) -> Endpoint:
+        with _container_of(endpoint) as container:
+            container.start()
+            _wait_again(container, endpoint, "started again")
         return endpoint
 
     def alive(self, endpoint: Endpoint) -> bool:
@@ -407,9 +297,24 @@ class DockerBackend:
             return False
 
 
-def _container(image: str, ports: dict[int, int], env: dict[str, str],
-               command: list[str] | None, labels: dict[str, str],
-               endpoint: Endpoint) -> DockerContainer:
+@contextlib.contextmanager
+def _container_of(endpoint: Endpoint) -> Iterator[Any]:
+    client = _client()
+    try:
+        yield client.containers.get(endpoint.extra["container_id"])
+    finally:
+        client.close()
+
+
+def _wait_again(container: Any, endpoint: Endpoint, how: str) -> None:
+    container.reload()
+    service = kind(endpoint.service)
+    _wait_ready(container, _ready_check(endpoint),
+                f"{endpoint.service} ({how}) on 127.0.0.1:{endpoint.port}",
+                service.container_ready_timeout, service.container_poll)
+
+
+def _container(image: str, spec: ContainerSpec, labels: dict[str, str]) -> DockerContainer:
     from testcontainers.core.config import ConnectionMode, testcontainers_config
     from testcontainers.core.container import DockerContainer
 
@@ -420,18 +325,22 @@ def _container(image: str, ports: dict[int, int], env: dict[str, str],
         testcontainers_config.connection_mode_override = ConnectionMode(
             os.environ.get("TESTCONTAINERS_CONNECTION_MODE") or "docker_host")
     kwargs: dict[str, Any] = {"labels": labels}
-    if not os.environ.get("DOCKER_HOST"):
+    if spec.host_network:
+        kwargs["network_mode"] = "host"
+    elif not os.environ.get("DOCKER_HOST"):
         # Skip testcontainers' guess of a "host network" to join when it believes it runs
         # inside a container: the default bridge is what publishes ports on this host.
         kwargs["network"] = "bridge"
     container = DockerContainer(image, **kwargs)
-    for inside, outside in ports.items():
+    for inside, outside in spec.ports.items():
         # with_bind_ports takes no host address: set the mapping docker-py understands.
         container.ports[f"{inside}/tcp"] = ("127.0.0.1", outside)  # type: ignore[assignment]
-    container.with_envs(**env)
-    if command is not None:
-        container.with_command(command)
-    container.waiting_for(_wait_strategy(endpoint))
+    for folder in spec.volumes:
+        container.with_volume_mapping(folder, folder, "ro")
+    container.with_envs(**spec.env)
+    if spec.command is not None:
+        container.with_command(spec.command)
+    container.waiting_for(_wait_strategy(spec.endpoint))
     return container
 
 
@@ -457,27 +366,8 @@ def _ensure_image(image: str, service: str) -> None:
             raise ServiceError(
                 f"image {image} is not on this Docker host and could not be pulled ({exc}). "
                 f"Pull it (docker pull {image}), or name an image you have in "
-                f"{IMAGE_ENV[service]} or [docker.images] {service} = \"...\" in "
+                f"{image_env(service)} or [docker.images] {service} = \"...\" in "
                 "~/.config/labrunner/config.toml") from exc
-    finally:
-        client.close()
-
-
-def _redis_prepare_restart(endpoint: Endpoint) -> None:
-    import redis
-
-    client = redis.Redis(host=endpoint.host, port=endpoint.port, socket_timeout=5)
-    try:
-        # An AOF switched on at run time exists only once its first rewrite is done.
-        deadline = time.monotonic() + 30
-        while True:
-            info = client.info("persistence")
-            if not (info.get("aof_rewrite_in_progress") or info.get("aof_rewrite_scheduled")):
-                break
-            if time.monotonic() > deadline:
-                raise ServiceError("redis AOF rewrite still running after 30 s")
-            time.sleep(0.05)
-        client.config_rewrite()
     finally:
         client.close()
 

@@ -19,7 +19,7 @@ from typing import Any
 from .base import Backend, Endpoint, ServiceError, write_json_atomic
 from .local.process import pid_alive, remove_tree, runtime_dir
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: services as kinds (every local endpoint has extra["dir"])
 BACKENDS = ("auto", "local", "docker", "external")
 
 

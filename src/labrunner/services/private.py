@@ -37,8 +37,8 @@ from .manager import STATE_VERSION, ServiceSet
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 ENV_CONTROL = "LABRUNNER_SERVICE_CONTROL"
-RESTART_MODES = {"postgres": {"fast", "immediate", "smart"}, "redis": set(),
-                 "kafka": set(), "rabbitmq": set()}
+# What the graded process may ask for: a restart, or a stop now and a start later.
+ACTIONS = ("restart", "suspend", "resume")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -131,22 +131,23 @@ class ControlServer:
                     conn.sendall(json.dumps(answer).encode() + b"\n")
 
     def handle(self, request: Any) -> dict[str, Any]:
-        if not isinstance(request, dict) or not isinstance(request.get("restart"), str):
-            return {"error": "expected {\"restart\": SERVICE}"}
-        name = request["restart"]
+        action = next((a for a in ACTIONS if isinstance(request, dict)
+                       and isinstance(request.get(a), str)), None)
+        if action is None:
+            return {"error": "expected {\"restart\" | \"suspend\" | \"resume\": SERVICE}"}
+        name = request[action]
         mode = request.get("mode")
         endpoint = self.service_set.endpoints.get(name)
         if endpoint is None:
             return {"error": f"{name} is not running for this lab"}
-        if mode is not None and mode not in RESTART_MODES.get(name, set()):
-            return {"error": f"{name} cannot be restarted in mode {mode!r}"}
+        backend = self.service_set.backend
         with self.lock:
-            if name == "postgres" and mode is not None:
-                from .local import postgres
-
-                postgres.restart(endpoint, mode=mode)
+            if action == "suspend":
+                backend.suspend(endpoint)
+            elif action == "resume":
+                backend.resume(endpoint)
             else:
-                self.service_set.backend.restart(endpoint)
+                backend.restart(endpoint, mode)
             self.service_set.save()
         return {"ok": True, "endpoint": endpoint.to_json()}
 
@@ -158,15 +159,17 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
 
-def request_restart(control: str, service: str, **options: Any) -> Endpoint:
-    """The graded process's side: ask the runner to restart ``service``; wait until it has."""
+def request_restart(control: str, service: str, action: str = "restart",
+                    **options: Any) -> Endpoint:
+    """The graded process's side: ask the runner to restart (or suspend, or resume)
+    ``service``; wait until it has."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(180)
         sock.connect(control)
-        sock.sendall(json.dumps({"restart": service, **options}).encode() + b"\n")
+        sock.sendall(json.dumps({action: service, **options}).encode() + b"\n")
         answer = json.loads(sock.makefile("r", encoding="utf-8").readline() or "{}")
     if "error" in answer or "endpoint" not in answer:
-        raise ServiceError(f"the runner could not restart {service}: "
+        raise ServiceError(f"the runner could not {action} {service}: "
                            f"{answer.get('error', 'no answer')}")
     return Endpoint.from_json(answer["endpoint"])
 
@@ -179,11 +182,12 @@ def private_services(services: Iterable[str], owner: ServiceOwner, visible_to: i
     both in ``run_dir``. Everything is stopped and removed at the end."""
     with services_owned_by(owner):
         service_set = ServiceSet.ephemeral("local")
-        # The services' folder belongs to their uid and nobody else may enter it: the Kafka
-        # and RabbitMQ nodes (root's) do not care, and the graded code cannot read the data
-        # files behind its services' backs.
+        # The services' folder belongs to their uid; each service's own folder in it is
+        # that uid's alone (0700; the Kafka and RabbitMQ nodes, root's, do not care), so the
+        # graded code cannot read the data files behind its services' backs. It may pass
+        # through to what a service shares with the tests: Prometheus' target files.
         os.chown(service_set.workdir, owner.uid, owner.uid)
-        os.chmod(service_set.workdir, 0o700)
+        os.chmod(service_set.workdir, 0o711)
         control: ControlServer | None = None
         try:
             service_set.ensure(services)

@@ -1,0 +1,202 @@
+"""Verification for ph7.1 three-pillars.
+
+The learner's app runs behind a real HTTP server, exports its spans over OTLP/HTTP to a
+collector the test runs (labrunner.otlp), writes JSON log lines to a file, and exposes
+/metrics, which the test scrapes as Prometheus would (OpenMetrics, parsed with
+prometheus_client's own parser). For each request the test knows the trace id (it sends a
+traceparent, with leading zeros in the id, as the upstream caller) and looks for it in all
+three pillars: the span, the log line (with the span's own span id), and an exemplar on the
+request-duration histogram. The error request must show in all three as an error, and the
+metric labels must stay bounded (route template and status; no path, no id).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from labrunner.otlp import OtlpTraceReceiver, ReceivedSpan
+from labrunner.testing import http_request, serve_wsgi
+
+HISTOGRAM = "http_request_duration_seconds"
+COUNTER = "http_requests"
+ROUTE = "/orders/{id}"
+OM_ACCEPT = "application/openmetrics-text; version=1.0.0, text/plain;q=0.5"
+
+
+@dataclass
+class App:
+    host: str
+    provider: Any
+    receiver: OtlpTraceReceiver
+    log: Path
+
+    def get(self, path: str, trace_id: str | None = None) -> Any:
+        headers = {}
+        if trace_id:
+            headers["traceparent"] = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+        reply = http_request(self.host, "GET", path, headers=headers)
+        self.provider.force_flush()
+        return reply
+
+    def log_records(self) -> list[dict[str, Any]]:
+        records = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                pytest.fail(f"a log line is not JSON: {line[:150]!r}\nOne JSON object per "
+                            "line, so the log can be searched by trace_id", pytrace=False)
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    def scrape(self) -> dict[str, Any]:
+        reply = http_request(self.host, "GET", "/metrics", headers={"Accept": OM_ACCEPT})
+        assert reply.status == 200, f"GET /metrics: expected 200, saw {reply.status}"
+        text = reply.body.decode(errors="replace")
+        ctype = reply.header("Content-Type") or ""
+        try:
+            if "openmetrics" in ctype:
+                families = list(parse_om(text))
+            else:
+                families = list(parse_text(text))
+        except Exception as exc:  # noqa: BLE001 - the learner's exposition, reported
+            pytest.fail(f"/metrics (Content-Type {ctype!r}) does not parse with "
+                        f"prometheus_client's parser: {exc}\n{text[:300]}", pytrace=False)
+        return {"openmetrics": "openmetrics" in ctype,
+                "samples": [s for f in families for s in f.samples]}
+
+
+@pytest.fixture
+def app(learner: Any) -> Iterator[App]:
+    module = learner.load("pillars")
+    folder = learner.tmp_folder(learner_writes=True)
+    log = folder / "app.log"
+    log.touch()
+    os.chmod(log, 0o666)
+    with OtlpTraceReceiver() as receiver:
+        try:
+            provider = module.make_provider("orders", receiver.endpoint)
+        except NotImplementedError as exc:
+            pytest.fail(f"make_provider is not written yet ({exc})", pytrace=False)
+        with serve_wsgi(module.make_app(provider, str(log))) as host:
+            yield App(host, provider, receiver, log)
+        provider.shutdown()
+
+
+def new_trace_id() -> str:
+    return "00000000" + secrets.token_hex(12)  # leading zeros: ids are 32 hex, zero-padded
+
+
+def the_span(app: App, trace_id: str, what: str) -> ReceivedSpan:
+    spans = [s for s in app.receiver.snapshot() if s.trace_id == trace_id]
+    servers = [s for s in spans if s.kind == "SERVER"]
+    assert len(servers) == 1, (
+        f"{what}: the collector has {len(servers)} SERVER span(s) in the caller's trace "
+        f"{trace_id}, expected 1 (received: "
+        f"{[s.describe() for s in app.receiver.snapshot()][-4:]})\nOpen a SERVER span per "
+        "request, continuing the caller's traceparent, exported over OTLP.")
+    return servers[0]
+
+
+def the_log_line(app: App, trace_id: str, span: ReceivedSpan, what: str) -> dict[str, Any]:
+    records = app.log_records()
+    mine = [r for r in records if r.get("trace_id") == trace_id]
+    assert mine, (
+        f"{what}: no log line has trace_id {trace_id} (the request's span is in that trace); "
+        f"the log's trace ids: {[r.get('trace_id') for r in records][-4:]}\nWrite the log "
+        "line INSIDE the span, with the current span's trace id as 32 zero-padded hex "
+        "digits: that is what lets you go from a trace to its logs.")
+    assert any(r.get("span_id") == span.span_id for r in mine), (
+        f"{what}: the log line(s) of trace {trace_id} carry span_id "
+        f"{[r.get('span_id') for r in mine]}, expected the request's span {span.span_id}")
+    return mine[-1]
+
+
+def the_exemplar(app: App, trace_id: str, what: str) -> dict[str, Any]:
+    scraped = app.scrape()
+    samples = scraped["samples"]
+    buckets = [s for s in samples if s.name == f"{HISTOGRAM}_bucket"]
+    assert buckets, (
+        f"/metrics has no histogram {HISTOGRAM} (samples: "
+        f"{sorted({s.name for s in samples})[:8]})")
+    bad_labels = sorted({k for s in samples for k, v in s.labels.items()
+                         if trace_id in str(v) or k in ("trace_id", "path")
+                         or str(v).startswith("/orders/") and v != ROUTE})
+    assert not bad_labels, (
+        f"{what}: metric labels {bad_labels} take unbounded values (a trace id, a raw path): "
+        "every distinct label value is a new time series kept by Prometheus. Label with "
+        f"the route template ({ROUTE!r}) and the status; put the trace id in an EXEMPLAR.")
+    exemplars = [s.exemplar for s in samples if getattr(s, "exemplar", None)]
+    assert scraped["openmetrics"], (
+        f"{what}: /metrics answered in the classic text format, which has no exemplars, "
+        f"although the scrape asked for {OM_ACCEPT.split(';')[0]}\nServe OpenMetrics when "
+        "it is asked for (prometheus_client.openmetrics.exposition.generate_latest).")
+    ours = [e for e in exemplars if e.labels.get("trace_id") == trace_id]
+    assert ours, (
+        f"{what}: no exemplar on /metrics has trace_id {trace_id}; exemplars seen: "
+        f"{[e.labels for e in exemplars][:4]}\nObserve the request duration with "
+        "exemplar={'trace_id': <32 hex>, 'span_id': <16 hex>} of the current span.")
+    return dict(ours[-1].labels)
+
+
+def test_one_trace_id_across_log_metric_and_span(app: App) -> None:
+    for path, status in (("/orders/1", 200), ("/orders/999", 404), ("/orders/2", 200)):
+        trace_id = new_trace_id()
+        reply = app.get(path, trace_id)
+        what = f"GET {path} (trace {trace_id})"
+        assert reply.status == status, f"{what}: expected {status}, saw {reply.status}"
+        span = the_span(app, trace_id, what)
+        the_log_line(app, trace_id, span, what)
+        exemplar = the_exemplar(app, trace_id, what)  # scraped right after: buckets keep
+        if "span_id" in exemplar:                     # the latest exemplar only
+            assert exemplar["span_id"] == span.span_id, (
+                f"{what}: the exemplar's span_id {exemplar['span_id']} is not the request's "
+                f"span {span.span_id}")
+
+
+def test_counts_are_exact_with_bounded_labels(app: App) -> None:
+    for path in ("/orders/1", "/orders/2", "/orders/1", "/orders/404"):
+        app.get(path, new_trace_id())
+    samples = app.scrape()["samples"]
+    counts = {(s.labels.get("route"), s.labels.get("status")): s.value for s in samples
+              if s.name == f"{COUNTER}_total"}
+    want = {(ROUTE, "200"): 3.0, (ROUTE, "404"): 1.0}
+    assert {k: counts.get(k) for k in want} == want, (
+        f"{COUNTER}_total by (route, status) is {counts}, expected {want}\nCount every "
+        "request once, labelled route=<template> and status=<code>: a metric answers 'how "
+        "many', a log line 'what happened'.")
+    observed = sum(s.value for s in samples if s.name == f"{HISTOGRAM}_count")
+    assert observed == 4, f"{HISTOGRAM}_count is {observed}, expected 4 (one per request)"
+
+
+def test_an_error_shows_in_all_three(app: App) -> None:
+    trace_id = new_trace_id()
+    reply = app.get("/orders/boom", trace_id)
+    assert reply.status == 500, f"GET /orders/boom: expected 500, saw {reply.status}"
+    span = the_span(app, trace_id, "GET /orders/boom")
+    assert span.status == "ERROR", (
+        f"the span of the failing request has status {span.status}, expected ERROR: the "
+        "trace must show where it failed (span.set_status(Status(StatusCode.ERROR)))")
+    record = the_log_line(app, trace_id, span, "GET /orders/boom")
+    errors = [r for r in app.log_records()
+              if r.get("trace_id") == trace_id and r.get("level") == "ERROR"]
+    assert errors and any("RuntimeError" in json.dumps(r) for r in errors), (
+        f"the failing request's log lines {record} hold no ERROR line naming the "
+        "RuntimeError: the log says WHAT happened, with the exception")
+    the_exemplar(app, trace_id, "GET /orders/boom")
+    counts = {s.labels.get("status"): s.value for s in app.scrape()["samples"]
+              if s.name == f"{COUNTER}_total"}
+    assert counts.get("500") == 1.0, (
+        f"{COUNTER}_total by status is {counts}, expected one 500: errors must be counted "
+        "(the E of RED), or an alert on the error rate never fires")

@@ -1,0 +1,223 @@
+"""Verification for ph7.2 structured-logging.
+
+The learner's app runs behind a real HTTP server (labrunner.testing.serve_wsgi) and writes
+its log to a file the test reads back whole. The requests are hostile on purpose: a
+username carrying a quote, a newline and a forged JSON object, a handler that raises (a
+multi-line traceback), and secrets planted in a password, an Authorization header, an
+X-Api-Key header, a cookie and a query string. Every line must parse as one JSON object
+with the mandatory fields, an ISO-8601 UTC timestamp, a known level; the caller's trace id
+(W3C traceparent) must be on every line of its request; and no planted secret may appear
+anywhere in the file, in any form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labrunner.testing import HttpReply, http_request, serve_wsgi
+
+MANDATORY = ("timestamp", "level", "service", "trace_id", "span_id", "message")
+LEVELS = {"DEBUG", "INFO", "WARN", "ERROR", "FATAL"}
+PASSWORD = "correct horse battery staple"
+HOSTILE_USER = 'mallory"}\n{"level": "INFO", "message": "forged", "user": "admin'
+SERVICE = "orders-api"
+
+
+class Log:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def text(self) -> str:
+        return self.path.read_text(encoding="utf-8", errors="replace")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every line as a JSON object; a line that is not one fails the test."""
+        records = []
+        for number, line in enumerate(self.text().splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                pytest.fail(
+                    f"log line {number} is not JSON: {line[:160]!r}\nEvery line must be one "
+                    "JSON object: build a dict and json.dumps() it. Formatting JSON by hand "
+                    "(f-strings) breaks on a quote or newline a client sends, and lets a "
+                    "client forge lines; a traceback written as-is spans many lines: put it "
+                    "in a string field of its record.", pytrace=False)
+            if not isinstance(record, dict):
+                pytest.fail(f"log line {number} is JSON but not an object: {line[:160]!r}",
+                            pytrace=False)
+            records.append(record)
+        return records
+
+
+@pytest.fixture
+def serve(learner: Any) -> Any:
+    make_app = learner.function("jsonlog", "make_app")
+    folder = learner.tmp_folder(learner_writes=True)
+
+    def start(level: str = "INFO") -> tuple[Any, Log]:
+        path = folder / f"app-{level}.log"
+        path.touch()
+        os.chmod(path, 0o666)
+        return serve_wsgi(make_app(str(path), SERVICE, level)), Log(path)
+
+    return start
+
+
+def login(host: str, user: str, password: str, headers: dict[str, str] | None = None,
+          query: str = "") -> HttpReply:
+    return http_request(host, "POST", f"/login{query}", document={"username": user,
+                                                                  "password": password},
+                        headers=headers)
+
+
+def traceparent() -> tuple[str, str]:
+    trace_id = secrets.token_hex(16)
+    return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
+def check_record(n: int, record: dict[str, Any], before: datetime, after: datetime) -> None:
+    missing = [f for f in MANDATORY if f not in record]
+    assert not missing, (
+        f"log record {n} lacks the mandatory field(s) {missing}: {record}\nEvery line "
+        f"carries {', '.join(MANDATORY)}: a line without its service or trace id cannot be "
+        "found or correlated when many services log to one place.")
+    assert record["service"] == SERVICE, (
+        f"record {n}: service is {record['service']!r}, expected {SERVICE!r} (make_app's "
+        "argument)")
+    assert record["level"] in LEVELS, (
+        f"record {n}: level {record['level']!r} is not one of {sorted(LEVELS)}")
+    stamp = record["timestamp"]
+    try:
+        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        pytest.fail(f"record {n}: timestamp {stamp!r} is not ISO-8601 (expected e.g. "
+                    "2026-01-31T12:00:00.123Z)", pytrace=False)
+    assert when.tzinfo is not None and when.utcoffset() == timedelta(0), (
+        f"record {n}: timestamp {stamp!r} is not UTC, expected an explicit Z or +00:00\n"
+        "A timestamp without an offset is read in whatever zone the reader is in: use "
+        "datetime.now(timezone.utc).isoformat(), not datetime.now() or utcnow() (naive).")
+    assert before - timedelta(seconds=2) <= when <= after + timedelta(seconds=2), (
+        f"record {n}: timestamp {stamp} is not the time of the request (between {before} "
+        f"and {after}): log the current UTC time")
+    assert re.fullmatch(r"[0-9a-f]{32}", str(record["trace_id"])), (
+        f"record {n}: trace_id {record['trace_id']!r} is not 32 lowercase hex digits (W3C)")
+    assert re.fullmatch(r"[0-9a-f]{16}", str(record["span_id"])), (
+        f"record {n}: span_id {record['span_id']!r} is not 16 lowercase hex digits (W3C)")
+
+
+def test_every_line_is_a_json_object_with_the_mandatory_fields(serve: Any) -> None:
+    server, log = serve()
+    before = datetime.now(UTC)
+    with server as host:
+        assert login(host, "alice", PASSWORD).status == 200, "POST /login (right password)"
+        login(host, HOSTILE_USER, "wrong")
+        boom = http_request(host, "GET", "/boom")
+        http_request(host, "GET", "/no-such-page")
+    after = datetime.now(UTC)
+    assert boom.status == 500, f"GET /boom: expected 500, saw {boom.status}"
+    records = log.records()
+    assert len(records) >= 4, (
+        f"4 requests left {len(records)} log line(s), expected at least one per request "
+        "(an access line: method, path, status, duration)")
+    for n, record in enumerate(records, 1):
+        check_record(n, record, before, after)
+    forged = [r for r in records if r.get("message") == "forged"]
+    assert not forged, (
+        f"a client forged a log line: the username {HOSTILE_USER!r} became its own record "
+        f"{forged[0]}: never build JSON by concatenating strings")
+    hostile = [r for r in records if r.get("user") == HOSTILE_USER]
+    assert hostile, (
+        "the failed login of the hostile username was not logged with field user = the "
+        "exact username: log the value as data (json.dumps escapes it), do not drop it")
+    errors = [r for r in records if r["level"] == "ERROR"]
+    assert errors and any("RuntimeError" in json.dumps(r) for r in errors), (
+        "GET /boom raised RuntimeError in the handler, but no ERROR record mentions it: log "
+        "unhandled exceptions at ERROR with the exception (its traceback as a string field)")
+
+
+def test_levels_and_threshold(serve: Any) -> None:
+    for threshold, want_debug in (("INFO", False), ("DEBUG", True)):
+        server, log = serve(threshold)
+        with server as host:
+            http_request(host, "GET", "/debug-me")
+            login(host, "bob", "wrong")
+            http_request(host, "GET", "/boom")
+        records = log.records()
+        levels = [r.get("level") for r in records]
+        has_debug = "DEBUG" in levels
+        assert has_debug == want_debug, (
+            f"with level={threshold!r}, GET /debug-me (which logs a DEBUG 'cache lookup') "
+            f"left levels {levels}: expected {'a' if want_debug else 'no'} DEBUG record\n"
+            "Records below the configured level are not written; at DEBUG they are.")
+        by_status = {r.get("status"): r.get("level") for r in records if "status" in r}
+        want = {200: "INFO", 401: "WARN", 500: "ERROR"}
+        seen = {s: by_status.get(s) for s in want}
+        assert seen == want, (
+            f"access records by status: levels {seen}, expected {want}\nThe level says how "
+            "bad it is: a success is INFO, a client error WARN, a server error ERROR (log "
+            "access lines with method, path, status and the level their status deserves).")
+
+
+def test_trace_id_comes_from_traceparent(serve: Any) -> None:
+    server, log = serve()
+    trace_id, header = traceparent()
+    with server as host:
+        login(host, "carol", PASSWORD, headers={"traceparent": header})
+        http_request(host, "GET", "/no-such-page")
+        http_request(host, "GET", "/no-such-page")
+    records = log.records()
+    carol = [r for r in records if r.get("user") == "carol" or r.get("path") == "/login"]
+    ids = {r.get("trace_id") for r in carol}
+    assert carol and ids == {trace_id}, (
+        f"a request with traceparent {header} logged trace ids {ids}, expected only "
+        f"{trace_id}\nTake the trace id from the incoming traceparent (00-<trace id>-<parent "
+        "span id>-<flags>) so this service's lines join the caller's trace; put it on every "
+        "line of the request.")
+    others = [r.get("trace_id") for r in records if r.get("path") == "/no-such-page"]
+    assert len(others) == 2 and len(set(others)) == 2 and trace_id not in others, (
+        f"two requests without traceparent logged trace ids {others}, expected a fresh, "
+        "distinct id for each: an id shared by unrelated requests (a constant, or one made "
+        "at start-up) correlates things that are not related")
+
+
+def test_no_secret_is_ever_logged(serve: Any) -> None:
+    planted = {
+        "the password in the body": "hunter2-" + secrets.token_hex(6),
+        "a Bearer token in Authorization": "eyJhbGciOiJIUzI1NiJ9." + secrets.token_hex(12),
+        "an X-Api-Key header": "sk_live_" + secrets.token_hex(12),
+        "a session cookie": "sess-" + secrets.token_hex(12),
+        "a token in the query string": "qt-" + secrets.token_hex(12),
+        "the right password": PASSWORD,
+    }
+    server, log = serve("DEBUG")  # the most verbose setting: nothing may leak even there
+    with server as host:
+        headers = {"Authorization": f"Bearer {planted['a Bearer token in Authorization']}",
+                   "X-Api-Key": planted["an X-Api-Key header"],
+                   "Cookie": f"session={planted['a session cookie']}"}
+        login(host, "dave", planted["the password in the body"], headers=headers,
+              query=f"?token={planted['a token in the query string']}&lang=en")
+        login(host, "erin", PASSWORD, headers=headers)
+        http_request(host, "GET", "/boom", headers=headers)
+    text = log.text()
+    log.records()  # and still one JSON object per line
+    for what, secret in planted.items():
+        forms = {secret, json.dumps(secret)[1:-1], secret.replace(" ", "+"),
+                 secret.replace(" ", "%20")}
+        leaked = [f for f in forms if f in text]
+        assert not leaked, (
+            f"{what} ({secret!r}) appears in the log\nNever log secrets: no request bodies "
+            "or headers wholesale; redact credential headers (Authorization, Cookie, "
+            "X-Api-Key) and sensitive query parameters (token=...) in the path you log, and "
+            "run every field through a redaction filter as a second line of defence.")
+    assert '"dave"' in text, (
+        "the login of user 'dave' is not in the log: redact the secrets, keep the facts "
+        "(who logged in, the path, the status)")

@@ -1,0 +1,168 @@
+"""ph7.3 Metric types: a counter, a gauge and a histogram, checked by the system that consumes
+them - a real Prometheus scrapes the learner's /metrics while the test drives a known load
+through the learner's JobMetrics, and the test asks Prometheus what it saw: the counts, the
+jobs in progress, and histogram_quantile() against the exact quantiles of the load."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from labrunner.testing import http_request, serve_wsgi
+
+# What each metric must be, and why (the first line a learner sees when it is not).
+TYPES = {
+    "jobs": ("counter", "a count of finished jobs only goes up: make it a Counter, so rate() "
+                        "and increase() work and a restart reads as a reset, not a drop"),
+    "jobs_in_progress": ("gauge", "jobs in progress go up and down: make it a Gauge"),
+    "job_duration_seconds": ("histogram", "durations must be a Histogram: its buckets can be "
+                                          "summed across instances and read with "
+                                          "histogram_quantile(); a Summary's quantiles "
+                                          "cannot be aggregated"),
+}
+QUANTILE_TOLERANCE = 0.075
+
+
+def _durations() -> list[float]:
+    """The synthetic load: 1000 jobs from 20 ms to 1.9 s, most of them fast, a slow tail."""
+    rng = random.Random(7)
+    fast = [round(rng.uniform(0.02, 0.2), 4) for _ in range(880)]
+    slower = [round(rng.uniform(0.2, 0.9), 4) for _ in range(100)]
+    tail = [round(rng.uniform(0.9, 1.9), 4) for _ in range(20)]
+    mixed = fast + slower + tail
+    rng.shuffle(mixed)
+    return mixed
+
+
+def _exact_quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[math.ceil(q * len(ordered)) - 1]
+
+
+@contextmanager
+def _worker(learner: Any, prometheus: Any) -> Iterator[tuple[Any, str, str]]:
+    """The learner's JobMetrics, its /metrics served on loopback and scraped by Prometheus
+    under a job of this test's own."""
+    metrics = learner.load("metrics").JobMetrics()
+    with serve_wsgi(metrics.wsgi_app()) as address:
+        yield metrics, address, prometheus.scrape(address)
+
+
+def _series(prometheus: Any, expr: str, *labels: str) -> dict[tuple[str, ...], float]:
+    return {tuple(r["metric"].get(label, "") for label in labels): float(r["value"][1])
+            for r in prometheus.query(expr)}
+
+
+def test_each_metric_has_the_right_type(learner: Any) -> None:
+    metrics = learner.load("metrics").JobMetrics()
+    metrics.started("email")
+    metrics.finished("email", 0.1, True)
+    with serve_wsgi(metrics.wsgi_app()) as address:
+        reply = http_request(address, "GET", "/metrics")
+    assert reply.status == 200, f"GET /metrics answered {reply.status}, expected 200"
+    try:
+        families = {f.name: f.type for f in text_string_to_metric_families(
+            reply.body.decode())}
+    except Exception as exc:  # noqa: BLE001 - the parser's complaint is the message
+        pytest.fail(f"/metrics does not parse as Prometheus' text format: {exc}",
+                    pytrace=False)
+    for name, (wanted, why) in TYPES.items():
+        if name not in families and f"{name}_total" in families:  # not a counter's family
+            name = f"{name}_total"
+        assert name in families, (
+            f"no metric {name!r} in /metrics (saw: {', '.join(sorted(families)) or 'none'}): "
+            f"{why}; register it on JobMetrics.registry")
+        assert families[name] == wanted, (
+            f"{name} is exposed as a {families[name]}, expected a {wanted}: {why}")
+
+
+def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> None:
+    with _worker(learner, prometheus) as (metrics, _address, job):
+        # 37 email jobs succeed and 5 fail, 11 sms jobs succeed; 3 more email jobs are still
+        # running when Prometheus scrapes.
+        plan = [("email", True)] * 37 + [("email", False)] * 5 + [("sms", True)] * 11
+        for queue, _ok in plan:
+            metrics.started(queue)
+        for _ in range(3):
+            metrics.started("email")
+        for index, (queue, ok) in enumerate(plan):
+            metrics.finished(queue, 0.05 + index / 1000, ok)
+        prometheus.wait_for_scrapes(job)
+
+        seen = _series(prometheus, f'jobs_total{{job="{job}"}}', "queue", "outcome")
+        want = {("email", "ok"): 37, ("email", "error"): 5, ("sms", "ok"): 11}
+        for key, count in want.items():
+            got = seen.get(key)
+            assert got == count, (
+                f'Prometheus saw jobs_total{{queue="{key[0]}",outcome="{key[1]}"}} = {got}, '
+                f"expected {count}: count each job once, when it finishes, with its outcome "
+                "(the 3 jobs still running must not be counted yet)")
+        extra = sorted(set(seen) - set(want))
+        assert not extra, f"unexpected jobs_total series {extra}: outcome is 'ok' or 'error'"
+
+        running = _series(prometheus, f'jobs_in_progress{{job="{job}"}}', "queue")
+        assert running.get(("email",)) == 3, (
+            f"Prometheus saw jobs_in_progress{{queue=\"email\"}} = {running.get(('email',))}, "
+            "expected 3: 45 email jobs started and 42 finished (5 of them failed) - the gauge "
+            "goes down when a job finishes, failed ones too")
+
+        for _ in range(2):
+            metrics.finished("email", 0.1, False)
+        metrics.finished("email", 0.1, True)
+        prometheus.wait_for_scrapes(job)
+        running = _series(prometheus, f'jobs_in_progress{{job="{job}"}}', "queue")
+        assert running.get(("email",)) == 0, (
+            f"after the last 3 email jobs finished (2 failed), Prometheus saw "
+            f"jobs_in_progress{{queue=\"email\"}} = {running.get(('email',))}, expected 0: "
+            "decrement the gauge on every way out of a job, the failing ones included")
+        errors = _series(prometheus, f'jobs_total{{job="{job}",outcome="error"}}', "queue")
+        assert errors.get(("email",)) == 7, (
+            f"Prometheus saw {errors.get(('email',))} failed email jobs, expected 7")
+
+
+def test_histogram_quantiles_match_the_load(learner: Any, prometheus: Any) -> None:
+    durations = _durations()
+    with _worker(learner, prometheus) as (metrics, _address, job):
+        for seconds in durations:
+            metrics.started("email")
+            metrics.finished("email", seconds, True)
+        prometheus.wait_for_scrapes(job)
+        selector = f'job="{job}",queue="email"'
+
+        buckets = prometheus.query(f"job_duration_seconds_bucket{{{selector}}}")
+        if not buckets:
+            quantiles = prometheus.query(f"job_duration_seconds{{{selector}}}")
+            kind = "a Summary (quantile series)" if quantiles else "no series at all"
+            pytest.fail(
+                f"Prometheus has no job_duration_seconds_bucket series, it has {kind}: "
+                "histogram_quantile() needs a Histogram's cumulative buckets",
+                pytrace=False)
+        count = _series(prometheus, f"job_duration_seconds_count{{{selector}}}")
+        assert count.get(()) == len(durations), (
+            f"job_duration_seconds_count is {count.get(())}, expected {len(durations)}: "
+            "observe every finished job's duration once")
+        total = _series(prometheus, f"job_duration_seconds_sum{{{selector}}}").get((), 0.0)
+        assert math.isclose(total, sum(durations), rel_tol=1e-6), (
+            f"job_duration_seconds_sum is {total:.3f}, expected {sum(durations):.3f} (the "
+            "durations in seconds): observe seconds, the base unit the name promises, "
+            "not milliseconds")
+
+        bounds = sorted({float(b["metric"]["le"]) for b in buckets})
+        for q in (0.5, 0.9, 0.99):
+            expr = (f"histogram_quantile({q}, "
+                    f"sum by (le) (job_duration_seconds_bucket{{{selector}}}))")
+            estimate = _series(prometheus, expr).get((), math.nan)
+            exact = _exact_quantile(durations, q)
+            error = abs(estimate - exact) / exact
+            assert error <= QUANTILE_TOLERANCE, (
+                f"histogram_quantile({q}) reads {estimate:.3f} s, the load's exact p{q * 100:g} "
+                f"is {exact:.3f} s ({error:.0%} off, at most {QUANTILE_TOLERANCE:.1%} "
+                f"allowed): Prometheus interpolates linearly inside a bucket, so buckets "
+                f"{[b for b in bounds if b != math.inf]} are too coarse where these jobs fall "
+                "(20 ms - 2 s) - put bucket bounds close together over that range")

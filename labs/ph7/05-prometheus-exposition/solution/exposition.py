@@ -1,0 +1,51 @@
+"""Prometheus' text exposition format written by hand, and PromQL that reads a counter across
+resets the way Prometheus means it to be read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _escape_help(text: str) -> str:
+    # HELP text escapes only the backslash and the line feed.
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(value: str) -> str:
+    # Label values escape the backslash, the double quote and the line feed.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if value != int(value) or abs(value) >= 1e15 else str(int(value))
+
+
+def render(families: list[dict[str, Any]]) -> str:
+    """The families in the text format (version 0.0.4): for each, its HELP and TYPE lines,
+    then its samples together; a counter's samples and lines are named ``<name>_total``."""
+    lines: list[str] = []
+    for family in families:
+        name = family["name"]
+        if family["type"] == "counter":
+            name += "_total"
+        lines.append(f"# HELP {name} {_escape_help(family['help'])}")
+        lines.append(f"# TYPE {name} {family['type']}")
+        for sample in family["samples"]:
+            labels = ",".join(f'{key}="{_escape_label(str(value))}"'
+                              for key, value in sample["labels"].items())
+            lines.append(f"{name}{{{labels}}} {_number(sample['value'])}" if labels
+                         else f"{name} {_number(sample['value'])}")
+    return "\n".join(lines) + "\n"
+
+
+def total_increase(job: str, window: str) -> str:
+    """PromQL: requests served by all workers of ``job`` over the last ``window``.
+    increase() per series first (it knows a drop is a restart, not negative traffic), then
+    sum - a sum of counters is no counter, and its drops read as resets."""
+    return f'sum(increase(http_requests_total{{job="{job}"}}[{window}]))'
+
+
+def per_second(job: str, window: str) -> str:
+    """PromQL: requests per second served by all workers of ``job``, averaged over
+    ``window``."""
+    return f'sum(rate(http_requests_total{{job="{job}"}}[{window}]))'

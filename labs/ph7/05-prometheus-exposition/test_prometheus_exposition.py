@@ -1,0 +1,176 @@
+"""ph7.5 The exposition format by hand, read back by its two consumers: prometheus_client's
+parser (every HELP, TYPE, label and value must come back as written) and a real Prometheus
+that scrapes it. Then PromQL over a counter that resets when a worker restarts: the learner's
+query, evaluated by Prometheus, must count what the test did."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from labrunner.testing import serve_wsgi
+
+# Data meant to catch every escaping rule: quotes, backslashes and line feeds in label values,
+# a backslash, a quote and a line feed in HELP, non-ASCII, negative, tiny and large numbers.
+FAMILIES: list[dict[str, Any]] = [
+    {"name": "http_requests", "type": "counter",
+     "help": 'Requests served, by "path" and method.\nA \\ stays a backslash.',
+     "samples": [
+         {"labels": {"path": '/search?q="a b"', "method": "GET"}, "value": 3},
+         {"labels": {"path": "C:\\temp\\new", "method": "POST"}, "value": 12345678},
+         {"labels": {"path": "two\nlines", "method": "PUT"}, "value": 0},
+     ]},
+    {"name": "queue_depth", "type": "gauge", "help": "Jobs waiting, per queue.",
+     "samples": [
+         {"labels": {}, "value": -2.5},
+         {"labels": {"queue": "café"}, "value": 1e-06},
+         {"labels": {"queue": "bulk"}, "value": 1.5e+20},
+     ]},
+]
+
+
+def _sample_name(family: dict[str, Any]) -> str:
+    return family["name"] + ("_total" if family["type"] == "counter" else "")
+
+
+def _rendered(learner: Any, families: list[dict[str, Any]]) -> str:
+    text = learner.function("exposition", "render")(families)
+    assert isinstance(text, str), f"render() returned {type(text).__name__}, expected str"
+    return text
+
+
+@contextmanager
+def _exporter(first: str) -> Iterator[tuple[str, Any]]:
+    """The test's own /metrics endpoint serving whatever text it was last given."""
+    current = {"text": first}
+    lock = threading.Lock()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with lock:
+            body = current["text"].encode()
+        start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4")])
+        return [body]
+
+    def publish(text: str) -> None:
+        with lock:
+            current["text"] = text
+
+    with serve_wsgi(app) as address:
+        yield address, publish
+
+
+def test_the_parser_reads_back_what_was_written(learner: Any) -> None:
+    text = _rendered(learner, FAMILIES)
+    try:
+        parsed = {f.name: f for f in text_string_to_metric_families(text)}
+    except Exception as exc:  # noqa: BLE001 - the parser's complaint is the message
+        pytest.fail(f"prometheus_client's parser rejects the exposition: {exc}\n{text}",
+                    pytrace=False)
+    for family in FAMILIES:
+        name = family["name"]
+        assert name in parsed, (
+            f"no family {name!r} parsed back (saw {sorted(parsed)}): write '# HELP', "
+            f"'# TYPE' and the samples of {name}")
+        got = parsed[name]
+        assert got.type == family["type"], (
+            f"{name} parsed back as a {got.type}, expected a {family['type']}: its "
+            f"'# TYPE {_sample_name(family)} {family['type']}' line")
+        assert got.documentation == family["help"], (
+            f"{name}'s HELP parsed back as {got.documentation!r}, expected "
+            f"{family['help']!r}: in HELP text escape only the backslash (\\\\) and the line "
+            f"feed (\\n) - a double quote is written as it is")
+        samples = [(s.name, s.labels, s.value) for s in got.samples]
+        want = [(_sample_name(family), s["labels"], float(s["value"]))
+                for s in family["samples"]]
+        for wanted in want:
+            assert wanted in samples, (
+                f"sample {wanted[0]}{wanted[1]} = {wanted[2]} did not parse back; parsed "
+                f"{samples}: a counter's samples are named <name>_total, and label values "
+                "escape the backslash (\\\\), the double quote (\\\") and the line feed (\\n)")
+        assert len(samples) == len(want), f"{name}: parsed {samples}, expected {want}"
+    assert text.endswith("\n"), "the exposition must end with a line feed"
+
+
+def test_prometheus_ingests_it(learner: Any, prometheus: Any) -> None:
+    with _exporter(_rendered(learner, FAMILIES)) as (address, _publish):
+        job = prometheus.scrape(address)
+        prometheus.wait_for_scrapes(job)
+        for family in FAMILIES:
+            series = prometheus.query(f'{_sample_name(family)}{{job="{job}"}}')
+            if not series:
+                names = sorted({r["metric"]["__name__"] for r in prometheus.query(
+                    f'{{job="{job}",__name__=~"{family["name"]}.*"}}')})
+                pytest.fail(
+                    f"Prometheus stored no {_sample_name(family)} series (it has {names}): "
+                    + ("a counter's samples are named <name>_total - prometheus_client's "
+                       "parser adds the suffix for you, Prometheus stores what you wrote"
+                       if family["type"] == "counter" else "write its samples"),
+                    pytrace=False)
+            seen = sorted((sorted(_own_labels(r["metric"]).items()), float(r["value"][1]))
+                          for r in series)
+            want = sorted((sorted(s["labels"].items()), float(s["value"]))
+                          for s in family["samples"])
+            assert seen == want, (
+                f"Prometheus stored {_sample_name(family)} as {seen}, expected {want}")
+
+
+def _own_labels(metric: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in metric.items() if k not in ("__name__", "job", "instance")}
+
+
+def _counters(a: int, b: int) -> list[dict[str, Any]]:
+    return [{"name": "http_requests", "type": "counter", "help": "Requests served.",
+             "samples": [{"labels": {"worker": "a"}, "value": a},
+                         {"labels": {"worker": "b"}, "value": b}]}]
+
+
+def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> None:
+    """Worker a has served 10000 requests, b 5000; each step a serves 100 more and b 50.
+    At the seventh step b restarts: its counter starts again from 0 (it served none yet).
+    1750 requests in all, and Prometheus holds every value the counters had."""
+    module = learner.load("exposition")
+    a, b, served = 10000, 5000, 0
+    with _exporter(_rendered(learner, _counters(a, b))) as (address, publish):
+        job = prometheus.scrape(address)
+        prometheus.wait_for_scrapes(job)
+        for step in range(12):
+            a += 100
+            b = 0 if step == 6 else b + 50
+            served += 100 + (50 if step != 6 else 0)
+            publish(module.render(_counters(a, b)))
+            prometheus.wait_for_scrapes(job)
+        window = "5m"
+        for what, query, scale in (
+                ("total_increase", module.total_increase(job, window), 1.0),
+                ("per_second", module.per_second(job, window), 300.0)):
+            assert isinstance(query, str), f"{what}() returned {type(query).__name__}, not PromQL"
+            result = prometheus.query(query)
+            assert len(result) == 1, (
+                f"{what}({job!r}, {window!r}) = {query!r} gave {len(result)} series, expected "
+                "one number for the whole job: sum() across the workers")
+            value = float(result[0]["value"][1]) * scale
+            # Prometheus extrapolates increase() and rate() a little past the first and last
+            # samples of a series that starts inside the window: a few percent here.
+            assert math.isfinite(value) and served * 0.95 <= value <= served * 1.35, (
+                f"{what}: {query!r} reads {value:.0f} requests over the test, the workers "
+                f"served {served} (worker b restarted half-way, its counter back to 0): "
+                + _why(query))
+
+
+def _why(query: str) -> str:
+    compact = query.replace(" ", "")
+    if "delta(" in compact or "deriv(" in compact:
+        return ("delta() is for gauges: on a counter a restart reads as a huge negative "
+                "change - use increase() or rate(), which treat a drop as a reset")
+    if "increase(sum" in compact or "rate(sum" in compact:
+        return ("a sum of counters is no counter: when one worker restarts the sum drops, and "
+                "increase()/rate() over the sum take that drop for a reset of the whole - "
+                "apply increase()/rate() to each series first, then sum()")
+    return ("use increase() (or rate() for per second) on http_requests_total, per series, "
+            "then sum()")

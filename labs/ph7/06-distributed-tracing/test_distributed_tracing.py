@@ -1,0 +1,249 @@
+"""Verification for ph7.6 distributed-tracing.
+
+Two real HTTP services from the learner's code (frontend -> inventory), each with its own
+OpenTelemetry TracerProvider exporting over OTLP/HTTP to a collector the test runs
+(labrunner.otlp.OtlpTraceReceiver, decoding ExportTraceServiceRequest with
+opentelemetry-proto). Between them sits the test's recording proxy, which sees the headers
+of the frontend's outgoing call. The test plays the upstream caller: it sends its own
+traceparent (a trace id with leading zeros, a tracestate, sampled or not) and checks the
+trace the collector received: one trace id end to end, the parent of every span, span
+kinds, service names, the header's W3C format, the sampling decision and error status.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from labrunner.otlp import OtlpTraceReceiver, ReceivedSpan
+from labrunner.testing import http_request, serve_wsgi
+
+TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+
+
+class RecordingProxy:
+    """HTTP proxy on 127.0.0.1:0 in front of ``upstream``: records each request's headers."""
+
+    def __init__(self, upstream: str) -> None:
+        self.seen: list[dict[str, str]] = []
+        proxy = self
+        host, port = upstream.rsplit(":", 1)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                proxy.seen.append({k.lower(): v for k, v in self.headers.items()})
+                conn = http.client.HTTPConnection(host, int(port), timeout=10)
+                try:
+                    conn.request("GET", self.path, headers=dict(self.headers.items()))
+                    reply = conn.getresponse()
+                    body = reply.read()
+                finally:
+                    conn.close()
+                self.send_response(reply.status)
+                self.send_header("Content-Type", reply.getheader("Content-Type") or "")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Stack:
+    host: str
+    proxy: RecordingProxy
+    receiver: OtlpTraceReceiver
+    providers: list[Any]
+
+    def call(self, path: str, headers: dict[str, str] | None = None) -> Any:
+        reply = http_request(self.host, "GET", path, headers=headers or {})
+        for provider in self.providers:  # whatever span processor: everything exported now
+            provider.force_flush()
+        return reply
+
+    def trace(self, trace_id: str) -> list[ReceivedSpan]:
+        return [s for s in self.receiver.snapshot() if s.trace_id == trace_id]
+
+
+@pytest.fixture
+def stack(learner: Any) -> Iterator[Stack]:
+    module = learner.load("tracing")
+    for name in ("make_provider", "make_frontend", "make_inventory"):
+        if not callable(getattr(module, name, None)):
+            pytest.fail(f"tracing.py defines no function {name}()", pytrace=False)
+    with OtlpTraceReceiver() as receiver:
+        try:
+            front_provider = module.make_provider("frontend", receiver.endpoint)
+            inv_provider = module.make_provider("inventory", receiver.endpoint)
+        except NotImplementedError as exc:
+            pytest.fail(f"make_provider is not written yet ({exc})", pytrace=False)
+        with serve_wsgi(module.make_inventory(inv_provider)) as inventory:
+            proxy = RecordingProxy(inventory)
+            try:
+                with serve_wsgi(module.make_frontend(front_provider, proxy.url)) as host:
+                    yield Stack(host, proxy, receiver, [front_provider, inv_provider])
+            finally:
+                proxy.close()
+                for provider in (front_provider, inv_provider):
+                    provider.shutdown()
+
+
+def caller(sampled: bool = True) -> tuple[str, str, dict[str, str]]:
+    trace_id = "0000000000" + secrets.token_hex(11)  # leading zeros: format with padding
+    parent = secrets.token_hex(8)
+    header = f"00-{trace_id}-{parent}-{'01' if sampled else '00'}"
+    return trace_id, parent, {"traceparent": header, "tracestate": TRACESTATE}
+
+
+def listing(spans: list[ReceivedSpan]) -> str:
+    return "\n  ".join(s.describe() for s in spans) or "(none)"
+
+
+def one(spans: list[ReceivedSpan], service: str, kind: str, what: str,
+        everything: list[ReceivedSpan]) -> ReceivedSpan:
+    found = [s for s in spans if s.service == service and s.kind == kind]
+    assert len(found) == 1, (
+        f"expected one {kind} span from service {service!r} in the trace ({what}), found "
+        f"{len(found)}; the collector received:\n  {listing(everything)}\nEach service: a "
+        "SERVER span for the request it handles (kind=SpanKind.SERVER); the frontend: a "
+        "CLIENT span around its call to inventory; resource service.name set per service.")
+    return found[0]
+
+
+def outgoing_header(stack: Stack) -> dict[str, str]:
+    assert stack.proxy.seen, "the frontend never called inventory"
+    headers = stack.proxy.seen[-1]
+    raw = headers.get("traceparent")
+    assert raw is not None, (
+        f"the frontend's call to inventory carried no traceparent header (headers: "
+        f"{sorted(headers)})\nInject the current context into the outgoing request's "
+        "headers (TraceContextTextMapPropagator().inject(headers)): without it the "
+        "inventory cannot join the trace.")
+    assert TRACEPARENT.fullmatch(raw), (
+        f"the frontend sent traceparent {raw!r}, which is not W3C: expected "
+        "00-<32 lowercase hex trace id>-<16 hex parent id>-<2 hex flags>, zero-padded\n"
+        "Formatting ids by hand ({trace_id:x}) drops leading zeros; let the propagator "
+        "write the header.")
+    return headers
+
+
+def test_one_trace_across_two_services(stack: Stack) -> None:
+    trace_id, parent, headers = caller()
+    reply = stack.call("/checkout/KEY-0042", headers)
+    assert reply.status == 200, f"GET /checkout/KEY-0042: expected 200, saw {reply.status}"
+    everything = stack.receiver.snapshot()
+    spans = stack.trace(trace_id)
+    assert spans, (
+        f"no span of the caller's trace {trace_id} reached the collector; it received:\n  "
+        f"{listing(everything)}\nExtract the incoming traceparent "
+        "(propagator.extract(carrier)) and start the SERVER span with context=that: the "
+        "request continues the caller's trace instead of starting a new one.")
+    header = outgoing_header(stack)
+    front = one(spans, "frontend", "SERVER", "the frontend's request", everything)
+    client = one(spans, "frontend", "CLIENT", "the frontend's call to inventory", everything)
+    assert front.parent_span_id == parent, (
+        f"the frontend's SERVER span has parent {front.parent_span_id or 'none'}, expected "
+        f"{parent}, the span id in the caller's traceparent")
+    by_id = {s.span_id: s for s in spans}
+    chain, cursor = [], client
+    while cursor.parent_span_id in by_id and cursor is not front:
+        cursor = by_id[cursor.parent_span_id]
+        chain.append(cursor)
+    assert cursor is front, (
+        f"the CLIENT span {client.describe()} does not descend from the frontend's SERVER "
+        f"span {front.span_id}: start it while the SERVER span is current (nested with)")
+    got_trace, got_parent, flags = TRACEPARENT.fullmatch(header["traceparent"]).groups()
+    assert got_trace == trace_id, (
+        f"the frontend sent trace id {got_trace} to inventory, expected the caller's "
+        f"{trace_id}: the whole request is one trace")
+    assert got_parent == client.span_id, (
+        f"the traceparent sent to inventory names parent {got_parent}, expected the CLIENT "
+        f"span {client.span_id}"
+        + (" (it names the SERVER span: inject while the CLIENT span is current, inside "
+           "its with block)" if got_parent == front.span_id else ""))
+    assert flags == "01", f"the caller sampled (flags 01), the frontend sent flags {flags}"
+    assert "congo=t61rcWkgMzE" in header.get("tracestate", ""), (
+        f"the caller's tracestate {TRACESTATE!r} was not passed on (saw "
+        f"{header.get('tracestate')!r}): W3C trace context is traceparent AND tracestate; "
+        "the propagator extracts and injects both")
+    inv = one(spans, "inventory", "SERVER", "the inventory's request", everything)
+    assert inv.parent_span_id == client.span_id, (
+        f"the inventory's SERVER span has parent {inv.parent_span_id or 'none'}, expected "
+        f"the frontend's CLIENT span {client.span_id}: extract the incoming traceparent in "
+        "the inventory too")
+    assert front.start_ns <= client.start_ns and client.end_ns <= front.end_ns, (
+        "the CLIENT span does not lie within the SERVER span's time: end spans in order")
+
+
+def test_no_traceparent_starts_a_new_trace_per_request(stack: Stack) -> None:
+    ids = []
+    for _ in range(2):
+        before = {s.span_id for s in stack.receiver.snapshot()}
+        assert stack.call("/checkout/KEY-0007").status == 200, "GET /checkout/KEY-0007"
+        new = [s for s in stack.receiver.snapshot() if s.span_id not in before]
+        fronts = [s for s in new if s.service == "frontend" and s.kind == "SERVER"]
+        assert len(fronts) == 1, (
+            f"a request without traceparent left {len(fronts)} frontend SERVER spans, "
+            f"expected 1:\n  {listing(new)}")
+        root = fronts[0]
+        assert root.parent_span_id == "", (
+            f"without an incoming traceparent the frontend's SERVER span should be a root "
+            f"(no parent), saw parent {root.parent_span_id}")
+        invs = [s for s in new if s.service == "inventory" and s.kind == "SERVER"]
+        assert invs and invs[0].trace_id == root.trace_id, (
+            f"the inventory's span is in trace {invs[0].trace_id if invs else 'none'}, the "
+            f"frontend's in {root.trace_id}: propagate the context on the outgoing call")
+        ids.append(root.trace_id)
+    assert ids[0] != ids[1], f"two independent requests shared trace id {ids[0]}"
+
+
+def test_unsampled_caller_is_respected(stack: Stack) -> None:
+    trace_id, _, headers = caller(sampled=False)
+    assert stack.call("/checkout/KEY-0042", headers).status == 200, "GET /checkout/KEY-0042"
+    recorded = stack.trace(trace_id)
+    assert not recorded, (
+        f"the caller sent flags 00 (not sampled), yet {len(recorded)} span(s) of its trace "
+        f"were exported:\n  {listing(recorded)}\nThe sampling decision is made once, at the "
+        "root, and travels in the flags: use the default ParentBased sampler, not ALWAYS_ON.")
+    header = outgoing_header(stack)
+    got_trace, _, flags = TRACEPARENT.fullmatch(header["traceparent"]).groups()
+    assert (got_trace, flags) == (trace_id, "00"), (
+        f"the frontend passed on trace {got_trace} flags {flags}, expected {trace_id} flags "
+        "00: an unsampled trace is still propagated, with its decision")
+
+
+def test_a_failing_call_marks_spans_as_errors(stack: Stack) -> None:
+    trace_id, _, headers = caller()
+    reply = stack.call("/checkout/BOOM", headers)
+    assert reply.status == 502, f"GET /checkout/BOOM: expected 502, saw {reply.status}"
+    spans = stack.trace(trace_id)
+    everything = stack.receiver.snapshot()
+    inv = one(spans, "inventory", "SERVER", "the failing inventory request", everything)
+    client = one(spans, "frontend", "CLIENT", "the call that got a 500", everything)
+    assert (inv.status, client.status) == ("ERROR", "ERROR"), (
+        f"inventory answered 500: its SERVER span has status {inv.status}, the frontend's "
+        f"CLIENT span {client.status}; expected ERROR for both (span.set_status("
+        "Status(StatusCode.ERROR))), so the trace shows where it failed")

@@ -1,0 +1,290 @@
+"""Verification for ph7.12 graceful-shutdown: the learner's C server, built with make
+(-Wall -Wextra -Werror, AddressSanitizer + UndefinedBehaviorSanitizer) and run as a real
+process. Slow requests are held open by the test itself (each waits for the client's
+"END"), so "in flight when SIGTERM arrives" is a fact the test arranged, not a race won
+by a sleep: five requests in flight all complete after SIGTERM, new connections are
+refused meanwhile, the process exits 0 once drained, and a request that never finishes
+does not hold the process past its drain deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+READY = 5.0       # seconds for "listening on <port>"
+WAIT = 5.0        # seconds for an answer, or for the process to react
+SLOW = 5          # requests in flight at SIGTERM
+EXIT_GRACE = 2.0  # seconds a server that does not drain is given to finish exiting
+SANITIZER_REPORT = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+}
+
+_builds: dict[Path, Path] = {}
+
+
+@pytest.fixture
+def binary(learner: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if learner.dir not in _builds:
+        built = learner.build() / "graceful_server"
+        keep = tmp_path_factory.mktemp("graceful") / "graceful_server"
+        shutil.copy2(built, keep)
+        _builds[learner.dir] = keep
+    return _builds[learner.dir]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int = 0
+    stderr: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump_out, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+
+    def _pump_out(self) -> None:
+        assert self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, b""):
+            if (m := re.match(rb"listening on (\d+)", line)) and not self._ready.is_set():
+                self.port = int(m.group(1))
+                self._ready.set()
+
+    def _pump_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in iter(self.proc.stderr.readline, b""):
+            self.stderr += line
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY
+        while time.monotonic() < deadline:
+            if self._ready.wait(0.05):
+                return
+            if self.proc.poll() is not None:
+                pytest.fail(f"the server exited with status {self.proc.returncode} before "
+                            f"listening\nstderr: {self.err()[-600:]}", pytrace=False)
+        pytest.fail(f"the server did not print 'listening on <port>' within {READY:.0f} s: "
+                    "after listen(), print the bound port and fflush(stdout)", pytrace=False)
+
+    def err(self) -> str:
+        return self.stderr.decode(errors="replace").strip()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def sanitizer_report(self) -> str | None:
+        text = self.stderr.decode(errors="replace")
+        match = SANITIZER_REPORT.search(text)
+        return text[max(0, match.start() - 200):][:1500] if match else None
+
+
+@pytest.fixture
+def launch(binary: Path) -> Iterator[Any]:
+    started: list[Server] = []
+
+    def start(drain_ms: int = 30000, leak_check: bool = True) -> Server:
+        env = {**os.environ, **SANITIZER_ENV}
+        if not leak_check:  # an exit without LeakSanitizer's pass at exit is immediate
+            env["ASAN_OPTIONS"] = env["ASAN_OPTIONS"].replace("detect_leaks=1", "detect_leaks=0")
+        proc = subprocess.Popen([str(binary), "0", str(drain_ms)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        server = Server(proc)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        if server.alive():
+            server.proc.kill()
+            server.proc.wait()
+
+
+# ---------------------------------------------------------------------------- a request
+
+
+class Slow:
+    """One slow request, held in flight until the test calls finish()."""
+
+    def __init__(self, port: int, ident: str) -> None:
+        self.ident = ident
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.buffer = b""
+        self.sock.sendall(f"BEGIN {ident}\n".encode())
+        started = self.line()
+        assert started == f"STARTED {ident}", (
+            f"request {ident}: expected 'STARTED {ident}' after 'BEGIN {ident}', saw "
+            f"{started!r}: answer STARTED as soon as the request line arrived")
+
+    def line(self) -> str | None:
+        """The next line, or None on EOF, reset or timeout."""
+        deadline = time.monotonic() + WAIT
+        while b"\n" not in self.buffer and (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(4096)
+            except (TimeoutError, ConnectionResetError):
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+        if b"\n" not in self.buffer:
+            return None
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    def finish(self) -> str | None:
+        try:
+            self.sock.sendall(b"END\n")
+        except OSError:
+            return None
+        return self.line()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def killed_by(status: int | None) -> str:
+    if status is not None and status < 0:
+        return (f" (killed by signal {-status}: the default action of SIGTERM ends the "
+                "process at once, in-flight requests and all; install a handler with "
+                "sigaction() that sets an atomic flag)")
+    return ""
+
+
+def sigterm(server: Server) -> None:
+    server.proc.send_signal(signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def test_idle_server_exits_zero_on_sigterm(launch: Any) -> None:
+    server = launch()
+    done = Slow(server.port, "warmup")
+    assert done.finish() == "DONE warmup", "a request was not answered DONE <id> after END"
+    done.close()
+    sigterm(server)
+    status = server.wait_exit(WAIT)
+    if status is None:
+        pytest.fail(
+            f"an idle server was still running {WAIT:.0f} s after SIGTERM\nThe accept loop "
+            "never saw the flag: with SA_RESTART (or signal(), which implies it) a blocked "
+            "accept() is restarted by the kernel instead of returning EINTR, and a signal "
+            "delivered to another thread does not interrupt it at all. Leave SA_RESTART out "
+            "and keep the signal blocked outside one wait (ppoll/pselect with the old mask).",
+            pytrace=False)
+    report = server.sanitizer_report()
+    assert report is None, f"the sanitizers reported an error:\n{report}"
+    assert status == 0, (
+        f"after SIGTERM with nothing in flight the server exited with status {status}, "
+        f"expected 0{killed_by(status)}\nstderr: {server.err()[-400:]}")
+
+
+def test_five_in_flight_complete_new_refused_then_exit_zero(launch: Any) -> None:
+    server = launch(leak_check=False)  # leaks are checked by the idle test
+    port = server.port
+    slow = [Slow(port, f"req-{n}") for n in range(SLOW)]  # all five in flight, all STARTED
+    try:
+        sigterm(server)
+        # Stop accepting: a listening socket still open would let the kernel complete the
+        # handshake into a backlog nobody accepts from; closed, connect() is refused.
+        deadline = time.monotonic() + WAIT
+        while not refused(port):
+            if not server.alive() or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        # Give a server that returns from main() without draining the time to finish
+        # exiting (its worker threads keep answering until the exit completes): a drained
+        # server is still here after this wait whatever the load, since nothing it waits
+        # for has happened yet.
+        status = server.wait_exit(EXIT_GRACE)
+        assert status is None, (
+            f"the server exited (status {status}) while {SLOW} requests were still in "
+            f"flight{killed_by(status)}\nAfter SIGTERM, drain: wait until the in-flight "
+            "counter is 0 before returning from main(); returning ends every thread.")
+        assert refused(port), (
+            f"{WAIT:.0f} s after SIGTERM a new connection to port {port} was still accepted, "
+            "expected it refused\nStop accepting by close()-ing the listening socket when "
+            "the flag is set: a socket left listening (even if accept() is never called "
+            "again) lets clients connect into the backlog and hang, and accepting them to "
+            "close them at once fails their requests instead of sending them elsewhere.")
+        answers = []
+        for n, request in enumerate(slow):
+            answers.append(request.finish())
+            if n < SLOW - 1:
+                status = server.proc.poll()
+                assert status is None, (
+                    f"the server exited (status {status}) after {n + 1} of the {SLOW} "
+                    f"in-flight requests completed, expected it to wait for all"
+                    f"{killed_by(status)}: drain until the in-flight count is 0")
+        want = [f"DONE req-{n}" for n in range(SLOW)]
+        assert answers == want, (
+            f"after SIGTERM the {SLOW} requests in flight got {answers}, expected {want}\n"
+            "A request already accepted must still be answered during shutdown (None means "
+            "the connection was cut): count requests in flight (atomic) and wait for 0.")
+        status = server.wait_exit(WAIT)
+        assert status is not None, (
+            f"every request had completed but the server was still running {WAIT:.0f} s "
+            "later: once the in-flight counter reaches 0, return 0 from main()")
+        report = server.sanitizer_report()
+        assert report is None, f"the sanitizers reported an error:\n{report}"
+        assert status == 0, (
+            f"after draining, the server exited with status {status}, expected 0"
+            f"{killed_by(status)}\nstderr: {server.err()[-400:]}")
+    finally:
+        for request in slow:
+            request.close()
+
+
+def test_a_stuck_request_does_not_hold_shutdown_past_the_deadline(launch: Any) -> None:
+    server = launch(drain_ms=1500)
+    stuck = Slow(server.port, "stuck")      # never finished by the client
+    quick = Slow(server.port, "quick")
+    try:
+        sigterm(server)
+        assert quick.finish() == "DONE quick", (
+            "after SIGTERM, a request in flight was not answered: drain before exiting")
+        status = server.wait_exit(1.5 + WAIT)
+        assert status is not None, (
+            f"one request never finished and the server was still running {1.5 + WAIT:.1f} s "
+            "after SIGTERM with a drain deadline of 1500 ms (argv[2])\nDrain with a "
+            "deadline: a client that never completes must not keep the process alive; a "
+            "supervisor sends SIGKILL after its grace period anyway (Kubernetes: "
+            "terminationGracePeriodSeconds). Wait while in_flight > 0 AND now < deadline.")
+        assert status == 0, (
+            f"after the drain deadline the server exited with status {status}, expected 0"
+            f"{killed_by(status)}\nstderr: {server.err()[-400:]}")
+        assert stuck.line() is None, "the stuck request got an answer it never asked for"
+    finally:
+        stuck.close()
+        quick.close()

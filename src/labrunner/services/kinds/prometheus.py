@@ -1,0 +1,270 @@
+"""Prometheus: scrape targets and jobs of each test's own.
+
+Locally Debian's prometheus server on a free loopback port, with a throwaway TSDB and its own
+config; in a container ``prom/prometheus`` on the host's network (listening on 127.0.0.1
+only), so it reaches the tests' apps on the host's loopback; external: a URL, and a folder
+of target files that server reads.
+
+Nothing is scraped statically: the config reads its targets from JSON files in a folder
+(``file_sd_configs``), which Prometheus watches, so each test registers the targets it wants
+(with a ``job`` label of its own) at run time and removes them at its end. The scrape interval
+is short (labs wait for a few scrapes, not minutes); ``--web.enable-lifecycle`` lets a test or
+the runner ask for a reload or a clean quit over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..base import ContainerSpec, Endpoint, Launch, ServiceKind, register
+from ..local.process import free_port, service_owner, which
+
+if TYPE_CHECKING:
+    from ..base import ServiceScope
+
+SCRAPE_INTERVAL = "500ms"
+# A scrape that times out is not counted as a success; the fixture just waits for the next.
+SCRAPE_TIMEOUT = "500ms"
+# How often Prometheus applies changed target files (it also watches them with inotify; its
+# discovery and scrape managers then apply target changes at most every 5 s).
+FILE_SD_REFRESH = "1s"
+
+
+# A folder the external Prometheus reads targets from (file_sd_configs over '<folder>/*.json',
+# with the target files' labels kept): without it, tests cannot register their own targets.
+TARGETS_ENV = "LABRUNNER_PROMETHEUS_TARGETS_DIR"
+
+
+def binary() -> str | None:
+    return os.environ.get("LABRUNNER_PROMETHEUS") or which("prometheus", "/usr/bin")
+
+
+def config_text(targets_dir: str) -> str:
+    """The server's whole config: one job whose targets (and per-target ``job`` label, which
+    wins over the job name) come from the files in ``targets_dir``."""
+    return "\n".join([
+        "global:",
+        f"  scrape_interval: {SCRAPE_INTERVAL}",
+        f"  scrape_timeout: {SCRAPE_TIMEOUT}",
+        f"  evaluation_interval: {SCRAPE_INTERVAL}",
+        "scrape_configs:",
+        "  - job_name: labrunner",
+        "    file_sd_configs:",
+        "      - files:",
+        f"          - '{targets_dir}/*.json'",
+        f"        refresh_interval: {FILE_SD_REFRESH}",
+    ]) + "\n"
+
+
+def flags(config: str, data: str, port: int) -> list[str]:
+    return [
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-lifecycle",
+        "--storage.tsdb.retention.time=1d",
+        "--log.level=warn",
+    ]
+
+
+def _config_folder(root: Path) -> Path:
+    """Write the config into ``root`` beside an empty, world-writable folder of target files
+    (the tests, maybe another uid when grading, write there); return that folder."""
+    targets = root / "targets"
+    targets.mkdir(parents=True, exist_ok=True)
+    os.chmod(targets, 0o777)
+    (root / "prometheus.yml").write_text(config_text(str(targets)), encoding="utf-8")
+    return targets
+
+
+@register
+class Prometheus(ServiceKind):
+    name = "prometheus"
+    fixture = "prometheus"
+    folder = "prometheus"
+    ready_interval = 0.02
+    image = "prom/prometheus:v2.42.0"
+    container_poll = 0.05
+    external_env = "LABRUNNER_PROMETHEUS_URL"  # http://host:9090
+
+    def url(self, endpoint: Endpoint) -> str:
+        return str(endpoint.extra.get("url") or
+                   f"http://{endpoint.host}:{endpoint.port}").rstrip("/")
+
+    def ready(self, endpoint: Endpoint) -> bool:
+        with urllib.request.urlopen(endpoint.url + "/-/ready", timeout=2) as response:
+            return int(response.status) == 200
+
+    def missing(self) -> str | None:
+        if binary() is None:
+            return ("prometheus not found. Install it: sudo apt-get install "
+                    "--no-install-recommends prometheus  (or set LABRUNNER_PROMETHEUS)")
+        return None
+
+    def prepare(self, folder: Path) -> Endpoint:
+        root = folder
+        targets = _config_folder(root)
+        (root / "data").mkdir(mode=0o700)
+        # The tests (another uid when grading) pass through to the target files.
+        os.chmod(root, 0o711)
+        return Endpoint(
+            service="prometheus", backend="local", host="127.0.0.1", port=free_port(),
+            extra={"dir": str(root), "targets_dir": str(targets), "binary": binary(),
+                   "log": str(root / "prometheus.log")},
+        )
+
+    def launches(self, endpoint: Endpoint) -> list[Launch]:
+        root = Path(endpoint.extra["dir"])
+        cmd = [endpoint.extra["binary"],
+               *flags(str(root / "prometheus.yml"), str(root / "data"), endpoint.port)]
+        # Prometheus writes no pid file of its own.
+        return [Launch(cmd, Path(endpoint.extra["log"]), cwd=root,
+                       as_service_user=service_owner() is not None,
+                       pidfile=root / "prometheus.pid")]
+
+    def container(self, workdir: Path) -> ContainerSpec:
+        """On the host's network, listening on 127.0.0.1 only; its config and target files
+        in a host folder mounted at the same path. The image's entrypoint is the server:
+        the command is its flags."""
+        root = workdir / "prometheus"
+        targets = _config_folder(root)
+        port = free_port()
+        endpoint = Endpoint("prometheus", "docker", "127.0.0.1", port,
+                            extra={"targets_dir": str(targets), "dir": str(root)})
+        command = flags(str(root / "prometheus.yml"), "/prometheus", port)
+        return ContainerSpec(endpoint, command=command, volumes=[str(root)], host_network=True)
+
+    def external_extra(self, url: urllib.parse.SplitResult) -> dict[str, Any]:
+        extra = {"url": url.geturl().rstrip("/")}
+        if os.environ.get(TARGETS_ENV):
+            extra["targets_dir"] = os.environ[TARGETS_ENV]
+        return extra
+
+    def open(self, endpoint: Endpoint, scope: ServiceScope) -> PrometheusServer:
+        return PrometheusServer(endpoint.url, endpoint, scope)
+
+    def close(self, handle: Any, scope: ServiceScope) -> None:
+        handle.close()
+
+
+@dataclass
+class PrometheusServer:
+    """A real Prometheus server; the targets a test registers are its own (one ``job`` label
+    per registration) and are removed when the test ends."""
+
+    url: str
+    endpoint: Endpoint
+    _scope: ServiceScope
+    _files: dict[str, Path] = field(default_factory=dict)
+
+    def scrape(self, target: str, *, path: str = "/metrics") -> str:
+        """Have Prometheus scrape ``host:port`` (at ``path``) for this test; return the job
+        name to filter every query on (``job="<name>"``)."""
+        import pytest
+
+        if "/" in target or ":" not in target:
+            raise pytest.UsageError(f"prometheus.scrape({target!r}): give the target as "
+                                    "'host:port' and the path as path=...")
+        folder = self.endpoint.extra.get("targets_dir")
+        if not folder:
+            pytest.fail(
+                f"this lab registers its own scrape targets, and the external Prometheus at "
+                f"{self.url} has no folder of target files for that: set "
+                "LABRUNNER_PROMETHEUS_TARGETS_DIR to a folder that Prometheus reads with "
+                "file_sd_configs (files: ['<folder>/*.json']), or run with --backend local",
+                pytrace=False)
+        # Unique beyond this run too: series outlive their test (for 5 minutes, or for good
+        # with explicit timestamps), and another pytest process of the same run (dev check,
+        # grading) counts its names from 1 as well.
+        job = f"{self._scope.new_name()}_{secrets.token_hex(3)}"
+        file = Path(folder) / f"{job}.json"
+        tmp = file.with_name(file.name + ".tmp")  # not *.json: Prometheus ignores it
+        tmp.write_text(json.dumps([{"targets": [target],
+                                    "labels": {"job": job, "__metrics_path__": path}}]),
+                       encoding="utf-8")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, file)
+        self._files[job] = file
+        return job
+
+    def wait_for_scrapes(self, job: str, count: int = 1, timeout: float = 30) -> None:
+        """Return once Prometheus has scraped ``job``'s target successfully ``count`` times,
+        each scrape begun after this call (so it saw what the test did before calling)."""
+        import pytest
+
+        if job not in self._files:
+            raise pytest.UsageError(f"prometheus.wait_for_scrapes({job!r}): not a job this "
+                                    "test registered with prometheus.scrape()")
+        since = time.time()
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            window = int(time.time() - since) + 5
+            series = self.query(f'up{{job="{job}"}}[{window}s]')
+            seen = sum(1 for s in series for stamp, value in s.get("values", [])
+                       if float(stamp) > since + 0.003 and value == "1")
+            if seen >= count:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        pytest.fail(self._not_scraped(job, count, seen, timeout), pytrace=False)
+
+    def _not_scraped(self, job: str, count: int, seen: int, timeout: float) -> str:
+        targets = self._api("/api/v1/targets", {"state": "active"}).get("activeTargets", [])
+        mine = [t for t in targets if t.get("labels", {}).get("job") == job]
+        if not mine:
+            return (f"Prometheus never started scraping job {job!r} within {timeout:.0f} s "
+                    "(it picks new targets up within about 10 s): is the machine overloaded?")
+        target = mine[0]
+        error = target.get("lastError") or "(none)"
+        return (f"Prometheus scraped {target.get('scrapeUrl')} successfully {seen} of the "
+                f"{count} time(s) waited for in {timeout:.0f} s; target health "
+                f"{target.get('health')!r}, last scrape error: {error}")
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query (``/api/v1/query``) evaluated now: ``data.result``."""
+        data = self._api("/api/v1/query", {"query": expr}, what=expr)
+        return list(data.get("result", []))
+
+    def query_range(self, expr: str, start: float, end: float,
+                    step: float | str) -> list[dict[str, Any]]:
+        """A range query (``/api/v1/query_range``), start and end in Unix seconds."""
+        data = self._api("/api/v1/query_range",
+                         {"query": expr, "start": start, "end": end, "step": step}, what=expr)
+        return list(data.get("result", []))
+
+    def _api(self, path: str, params: dict[str, Any], what: str = "") -> dict[str, Any]:
+        import pytest
+
+        body = urllib.parse.urlencode(params)
+        if path.endswith("/targets"):  # GET only; the queries go by POST (they may be long)
+            request = urllib.request.Request(f"{self.url}{path}?{body}")
+        else:
+            request = urllib.request.Request(self.url + path, data=body.encode(), method="POST")
+            request.add_header("Content-Type", "application/x-www-form-urlencoded")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                payload = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                error = json.loads(exc.read()).get("error") or str(exc)
+            except ValueError:
+                error = str(exc)
+            pytest.fail(f"Prometheus rejected the query {what!r}: {error}" if what else
+                        f"Prometheus {path}: {error}", pytrace=False)
+        return dict(payload.get("data") or {})
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.unlink(missing_ok=True)
+        self._files.clear()

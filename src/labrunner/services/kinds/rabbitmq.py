@@ -1,0 +1,232 @@
+"""RabbitMQ: a vhost per test, made through the management HTTP API (the same way on the
+local, docker and external backends).
+
+Locally a private node: its own node name, AMQP, distribution and management ports, its own
+epmd on a private port, and its own directories, so it never meets a system RabbitMQ. In a
+container the official ``rabbitmq:3-management`` image."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
+from ..local.process import free_port, which
+
+if TYPE_CHECKING:
+    from ..base import ServiceScope
+
+SBIN_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/sbin", "/usr/local/sbin")
+MANAGEMENT_ENV = "LABRUNNER_RABBITMQ_MANAGEMENT_URL"  # http://host:15672/api (external)
+
+
+def server() -> str | None:
+    # The Debian wrapper in /usr/sbin switches to the 'rabbitmq' user and the system node;
+    # the script in /usr/lib/rabbitmq/bin runs a node as whoever we are, with our settings.
+    direct = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+    if direct.is_file():
+        return str(direct)
+    return os.environ.get("LABRUNNER_RABBITMQ_SERVER") or which("rabbitmq-server", *SBIN_DIRS)
+
+
+@register
+class RabbitMQ(ServiceKind):
+    name = "rabbitmq"
+    fixture = "rabbitmq"
+    folder = "rabbitmq"
+    ready_timeout = 90.0
+    ready_interval = 0.2
+    stop_timeout = 15.0
+    # The beam process stops cleanly on SIGTERM; the script and our epmd follow. The whole
+    # session group is signalled so erl_child_setup and inet_gethost go too.
+    stop_group = True
+    image = "rabbitmq:3-management"
+    container_ready_timeout = 120.0
+    container_poll = 0.25
+    external_env = "LABRUNNER_RABBITMQ_URL"  # amqp://user:pass@host:5672/
+
+    def url(self, endpoint: Endpoint) -> str:
+        auth = f"{endpoint.username}:{endpoint.password}@" if endpoint.username else ""
+        return f"amqp://{auth}{endpoint.host}:{endpoint.port}/"
+
+    def ready(self, endpoint: Endpoint) -> bool:
+        """An AMQP connection opens and the management API answers."""
+        import pika
+
+        params = pika.ConnectionParameters(
+            host=endpoint.host, port=endpoint.port,
+            credentials=pika.PlainCredentials(endpoint.username, endpoint.password),
+            connection_attempts=1, socket_timeout=2, blocked_connection_timeout=2,
+        )
+        pika.BlockingConnection(params).close()
+        api(endpoint, "GET", "/overview")
+        return True
+
+    def missing(self) -> str | None:
+        if server() is None:
+            return "rabbitmq-server not found. Install it: sudo apt-get install rabbitmq-server"
+        if which("epmd", "/usr/lib/erlang/bin") is None:
+            return "epmd (Erlang) not found. Install it: sudo apt-get install erlang-base"
+        return None
+
+    def prepare(self, folder: Path) -> Endpoint:
+        home = folder
+        port, dist_port, epmd_port, mgmt_port = (free_port(), free_port(), free_port(),
+                                                 free_port())
+        (home / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{port}\n"
+            f"management.tcp.ip = 127.0.0.1\n"
+            f"management.tcp.port = {mgmt_port}\n"
+            "loopback_users.guest = true\n"
+            "log.file.level = warning\n"
+            "log.console = true\n"
+            "log.console.level = warning\n",
+            encoding="utf-8",
+        )
+        (home / "enabled_plugins").write_text("[rabbitmq_management].\n", encoding="utf-8")
+        (home / "rabbitmq-env.conf").write_text("", encoding="utf-8")
+        return Endpoint(
+            service="rabbitmq", backend="local", host="127.0.0.1", port=port,
+            username="guest", password="guest",
+            extra={"dir": str(home), "server": server(), "dist_port": dist_port,
+                   "epmd_port": epmd_port, "management_port": mgmt_port,
+                   "node": f"labrunner{port}@localhost", "log": str(home / "rabbitmq.log")},
+        )
+
+    def launches(self, endpoint: Endpoint) -> list[Launch]:
+        extra = endpoint.extra
+        home = Path(extra["dir"])
+        epmd = which("epmd", "/usr/lib/erlang/bin") or "epmd"
+        return [
+            # Our own epmd, in the foreground, as our child: the node registers with it, and
+            # it goes when we stop it instead of lingering as a system-wide daemon.
+            Launch([epmd, "-port", str(extra["epmd_port"]), "-address", "127.0.0.1"],
+                   home / "epmd.log", pidfile=home / "epmd.pid"),
+            Launch([extra["server"]], Path(extra["log"]), env=_env(endpoint), cwd=home,
+                   pidfile=home / "server.pid"),
+        ]
+
+    def pid_files(self, endpoint: Endpoint) -> list[Path]:
+        # The node's beam process (its own pid file) first, then what we started.
+        home = Path(endpoint.extra["dir"])
+        return [home / "rabbitmq.pid", home / "server.pid", home / "epmd.pid"]
+
+    def container(self, workdir: Path) -> ContainerSpec:
+        port, mgmt = free_port(), free_port()
+        password = secrets.token_hex(12)
+        endpoint = Endpoint("rabbitmq", "docker", "127.0.0.1", port, username="labrunner",
+                            password=password,
+                            extra={"management_port": mgmt,
+                                   "management_url": f"http://127.0.0.1:{mgmt}/api"})
+        env = {"RABBITMQ_DEFAULT_USER": "labrunner", "RABBITMQ_DEFAULT_PASS": password}
+        return ContainerSpec(endpoint, {5672: port, 15672: mgmt}, env)
+
+    def external_extra(self, url: urllib.parse.SplitResult) -> dict[str, Any]:
+        mgmt = os.environ.get(MANAGEMENT_ENV)
+        if not mgmt:
+            raise ServiceError(
+                f"{MANAGEMENT_ENV} is not set: the external RabbitMQ needs its "
+                "management API (http://host:15672/api) so each run gets its own vhost")
+        return {"management_url": mgmt.rstrip("/")}
+
+    def open(self, endpoint: Endpoint, scope: ServiceScope) -> RabbitVhost:
+        vhost = scope.new_name()
+        return RabbitVhost(create_vhost(endpoint, vhost), vhost, endpoint)
+
+    def close(self, handle: Any, scope: ServiceScope) -> None:
+        delete_vhost(handle.endpoint, handle.vhost)
+
+
+def _env(endpoint: Endpoint) -> dict[str, str]:
+    extra = endpoint.extra
+    home = Path(extra["dir"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+    env.update({
+        "HOME": str(home),  # the Erlang cookie lives here, private to this node
+        "RABBITMQ_NODENAME": extra["node"],
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(endpoint.port),
+        "RABBITMQ_DIST_PORT": str(extra["dist_port"]),
+        "ERL_EPMD_PORT": str(extra["epmd_port"]),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "RABBITMQ_CONFIG_FILE": str(home / "rabbitmq.conf"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(home / "advanced.config"),
+        "RABBITMQ_CONF_ENV_FILE": str(home / "rabbitmq-env.conf"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(home / "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": str(home / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(home / "log"),
+        "RABBITMQ_PLUGINS_EXPAND_DIR": str(home / "plugins-expand"),
+        "RABBITMQ_PID_FILE": str(home / "rabbitmq.pid"),
+        "RABBITMQ_LOGS": "-",
+    })
+    return env
+
+
+@dataclass
+class RabbitVhost:
+    """A RabbitMQ vhost of this test's own (the ``rabbitmq`` fixture)."""
+
+    url: str
+    vhost: str
+    endpoint: Endpoint
+
+    def parameters(self) -> Any:
+        import pika
+
+        return pika.URLParameters(self.url)
+
+    def connection(self) -> Any:
+        import pika
+
+        return pika.BlockingConnection(self.parameters())
+
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The management HTTP API (queues, bindings, message counts)."""
+        return api(self.endpoint, method, path, body)
+
+
+def api(endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """Call the management HTTP API as the service's user."""
+    base = endpoint.extra.get("management_url") or (
+        f"http://{endpoint.host}:{endpoint.extra['management_port']}/api")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method)
+    token = base64.b64encode(f"{endpoint.username}:{endpoint.password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as exc:
+        if method == "DELETE" and exc.code == 404:
+            return None
+        raise ServiceError(f"RabbitMQ management API {method} {path}: {exc}") from exc
+    return json.loads(payload) if payload else None
+
+
+def create_vhost(endpoint: Endpoint, vhost: str) -> str:
+    """Create a vhost the service's user may use fully; return its AMQP URL."""
+    quoted = urllib.parse.quote(vhost, safe="")
+    api(endpoint, "PUT", f"/vhosts/{quoted}")
+    user = urllib.parse.quote(endpoint.username, safe="")
+    api(endpoint, "PUT", f"/permissions/{quoted}/{user}",
+        {"configure": ".*", "write": ".*", "read": ".*"})
+    return vhost_url(endpoint, vhost)
+
+
+def vhost_url(endpoint: Endpoint, vhost: str) -> str:
+    password = urllib.parse.quote(endpoint.password, safe="")
+    return (f"amqp://{endpoint.username}:{password}@{endpoint.host}:{endpoint.port}/"
+            f"{urllib.parse.quote(vhost, safe='')}")
+
+
+def delete_vhost(endpoint: Endpoint, vhost: str) -> None:
+    api(endpoint, "DELETE", f"/vhosts/{urllib.parse.quote(vhost, safe='')}")

@@ -1,0 +1,105 @@
+"""The Prometheus service and fixture for real (a real server scraping a real
+prometheus_client app), and Postgres stopped and started mid-test with its data kept."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from labrunner.services import kind
+from labrunner.services.local.process import pid_alive
+from labrunner.services.manager import ServiceSet
+
+
+@pytest.fixture
+def app() -> Iterator[tuple[str, Any]]:
+    """A prometheus_client app on a free loopback port with a counter of its own."""
+    from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+    registry = CollectorRegistry()
+    counter = Counter("lr_demo_requests", "requests seen", registry=registry)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    yield f"127.0.0.1:{server.server_port}", counter
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_prometheus_starts_and_leaves_nothing() -> None:
+    service_set = ServiceSet.ephemeral("local")
+    endpoint = service_set.ensure(["prometheus"])["prometheus"]
+    assert endpoint.host == "127.0.0.1" and endpoint.port != 9090
+    assert endpoint.url == f"http://127.0.0.1:{endpoint.port}"
+    assert kind("prometheus").ready(endpoint)
+    pid = int(endpoint.extra["pid"])
+    assert pid_alive(pid)
+    workdir = service_set.workdir
+    service_set.stop()
+    assert not pid_alive(pid), "prometheus still running after stop"
+    assert not workdir.exists(), f"{workdir} left behind"
+
+
+def test_fixture_scrapes_a_real_app(prometheus: Any, app: tuple[str, Any]) -> None:
+    target, counter = app
+    job = prometheus.scrape(target)
+    counter.inc(7)
+    prometheus.wait_for_scrapes(job, count=2)
+    result = prometheus.query(f'lr_demo_requests_total{{job="{job}"}}')
+    assert [float(r["value"][1]) for r in result] == [7.0], result
+    # Another registration is another job: a test never sees another's series.
+    other = prometheus.scrape(target)
+    assert other != job
+    now = time.time()
+    ranged = prometheus.query_range(f'up{{job="{job}"}}', now - 30, now, 1)
+    assert ranged and all(v == "1" for _, v in ranged[0]["values"])
+
+
+def test_fixture_reports_promql_errors(prometheus: Any) -> None:
+    with pytest.raises(pytest.fail.Exception, match="parse error"):
+        prometheus.query("rate(x[")
+
+
+def test_fixture_names_the_scrape_error(prometheus: Any) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody answers on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        job = prometheus.scrape(f"127.0.0.1:{port}")
+        with pytest.raises(pytest.fail.Exception, match="connection refused"):
+            prometheus.wait_for_scrapes(job, timeout=15)
+
+
+def test_targets_removed_at_test_end(prometheus: Any, app: tuple[str, Any]) -> None:
+    from pathlib import Path
+
+    job = prometheus.scrape(app[0])
+    folder = Path(prometheus.endpoint.extra["targets_dir"])
+    assert (folder / f"{job}.json").is_file()
+    prometheus.close()
+    assert not list(folder.glob("*.json"))
+
+
+def test_postgres_stop_and_start_keep_data(postgres: Any) -> None:
+    import psycopg
+
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
+    postgres.stop()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(postgres.dsn, connect_timeout=3).close()
+    postgres.start()
+    with postgres.connect() as conn:
+        assert conn.execute("SELECT x FROM kept").fetchone() == (42,)
+
+
+def test_postgres_left_stopped_is_started_again(postgres: Any) -> None:
+    postgres.stop()  # the fixture's teardown starts it again for the next test
+
+
+def test_postgres_answers_after_a_test_left_it_stopped(postgres: Any) -> None:
+    with postgres.connect() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
