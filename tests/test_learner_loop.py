@@ -80,7 +80,7 @@ def test_verbose_shows_where_the_code_failed_and_what_it_printed(ws: Path,
                str(tmp_path / "r.xml"), cwd=ws, **HOME)
     assert done.returncode == 1
     first = done.stdout.splitlines()[0]
-    assert "ZeroDivisionError" in first and "(at answer.py:3 in answer)" in first
+    assert "ZeroDivisionError" in first and "(at answer.py:3 in answer)" in first, done.stdout
     assert "return 1 // 0" in done.stdout
     assert "checking the dsn" in done.stdout
     doc = json.loads((tmp_path / "r.json").read_text())
