@@ -90,8 +90,11 @@ def check(expectation: Expectation, state_file: Path | None, run_id: str,
     own, as grading runs it (for the labs that support it)."""
     source, cleanup = complete_source(expectation.lab, expectation.source)
     try:
+        # A variant that must fail is judged by its first failure: the tests after it need
+        # not run (pytest -x), which keeps a check of every wrong solution quick.
+        stop_early = () if expectation.must_pass else ("-x",)
         result = run_lab(expectation.lab, source, state_file, run_id,
-                         Sandbox(learner_process=learner_process))
+                         Sandbox(learner_process=learner_process, pytest_args=stop_early))
     finally:
         cleanup()
     return CheckOutcome(expectation, result)
