@@ -182,3 +182,20 @@ def test_unknown_version(host: str, style: str, status: int, meaning: str) -> No
     reply = get(host, path, headers)
     assert reply.status == status, (
         f"{what}: expected {status}, saw {reply.status} {reply.body[:120]!r}: {meaning}")
+
+
+@pytest.mark.parametrize(("accept", "version"), [
+    (f"{VENDOR}; version=2", 2),                                   # a space after ';'
+    (f"text/html;q=0.5, {VENDOR};version=2", 2),                    # a list, best q first
+    (f"{VENDOR};version=1;q=0.4, {VENDOR};version=2", 2),           # q decides
+    (f'{VENDOR};version="2"', 2),                                  # a quoted value
+])
+def test_accept_is_parsed_as_media_ranges(host: str, accept: str, version: int) -> None:
+    reply = get(host, "/users/1/orders", {"Accept": accept})
+    what = f"GET /users/1/orders with Accept: {accept}"
+    assert reply.status == 200, (
+        f"{what}: expected 200 with version {version}, saw {reply.status} "
+        f"{reply.body[:100]!r}: Accept is a comma-separated list of media ranges, each with "
+        "parameters after ';' (spaces allowed, values may be quoted) and a q weight; parse it, "
+        "do not compare it as one string")
+    check_collection(reply, 1, version, what)
