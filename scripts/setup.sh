@@ -35,7 +35,7 @@ PACKAGES=(postgresql-15 redis-server rabbitmq-server erlang-base build-essential
 PACKAGES+=(${LABRUNNER_SETUP_EXTRA_PACKAGES:-})
 missing=()
 for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
 done
 # Tools that may come from elsewhere than Debian (a JDK from Temurin, a Python from pyenv):
 # only installed when the command is missing.
@@ -88,7 +88,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   # A misspelt or unavailable name fails here, before anything is installed.
   unknown=()
   for p in "${missing[@]}"; do
-    apt-cache show --no-all-versions "$p" 2>/dev/null | grep -q '^Package:' || unknown+=("$p")
+    apt-cache show --no-all-versions "$p" >/dev/null 2>&1 || unknown+=("$p")
   done
   if [ ${#unknown[@]} -gt 0 ]; then
     say "no Debian package named: ${unknown[*]} (misspelt, or not in this machine's apt sources); nothing was installed" >&2
