@@ -273,6 +273,9 @@ main() {
     trap cleanup EXIT
     trap 'exit 130' INT TERM
     mkdir -p "$OUT" "$WORK" "$PCACHE"
+    # One stage at a time on a machine: the roots and the caches are shared.
+    exec 9>"$WORK/.lock"
+    flock -n 9 || { log "another pristine stage runs on this machine; waiting for it"; flock 9; }
     rm -f "$OUT"/*.log
     base_tarball
     local run

@@ -100,7 +100,7 @@ def _pkg_config(module: str) -> str:
     return lines[0] if lines and re.match(r"\d", lines[0]) else ""
 
 
-# --- the checks ------------------------------------------------------------------------------------
+# --- the checks ---------------------------------------------------------------------------
 
 
 def _service(name: str, found: Callable[[], tuple[str, str]]) -> Check:
