@@ -107,6 +107,12 @@ fresh_root() {
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
         "$(hostname)" >"$dir/etc/hosts"
     echo force-unsafe-io >"$dir/etc/dpkg/dpkg.cfg.d/labrunner-ci-unsafe-io"
+    # This machine's own trust and pip settings (a proxy's CA, an index), as its admin set
+    # them up: the CAs are taken in when set-up installs ca-certificates (and Java's store).
+    if compgen -G "/usr/local/share/ca-certificates/*" >/dev/null; then
+        cp -r /usr/local/share/ca-certificates/. "$dir/usr/local/share/ca-certificates/"
+    fi
+    [ ! -f /etc/pip.conf ] || cp /etc/pip.conf "$dir/etc/pip.conf"
     echo "$dir"
 }
 
@@ -201,10 +207,11 @@ root_run() {
             echo "postgresql-15 was installed anyway"; exit 1; fi
         [ ! -e .venv ] || { echo ".venv was made anyway"; exit 1; }
         echo "setup refused the misspelt package with exit $status, nothing installed"' || true
-    check root run-references-ph2 "$dir" "$home" root "$REFS_PH2" || true
-    check root doctor "$dir" "$home" root "$DOCTOR" || true
-    check root run-references-ph5 "$dir" "$home" root "$REFS_PH5" || true
-    check root learner-path "$dir" "$home" root "$LEARNER_PATH" || true
+    # Each step needs the one before: the first failure ends the run.
+    check root run-references-ph2 "$dir" "$home" root "$REFS_PH2" \
+        && check root doctor "$dir" "$home" root "$DOCTOR" \
+        && check root run-references-ph5 "$dir" "$home" root "$REFS_PH5" \
+        && check root learner-path "$dir" "$home" root "$LEARNER_PATH" || true
     cp "$dir/root/labrunner/out/results.json" "$OUT/root-results.json" 2>/dev/null || true
     [ "${LABRUNNER_PRISTINE_KEEP:-0}" = 1 ] || remove_root "$dir"
     CURRENT=""
@@ -239,12 +246,11 @@ learner_run() {
             echo "'"$LEARNER"' ALL=(ALL) NOPASSWD:ALL" >/etc/sudoers.d/learner
             chmod 440 /etc/sudoers.d/learner' >"$OUT/learner-sudo.log" 2>&1; then
         log "learner: sudo installed for the user ($(( SECONDS - start )) s)"
-        check learner run-references-ph2 "$dir" "$home" "$LEARNER" "$REFS_PH2" || true
-        check learner doctor "$dir" "$home" "$LEARNER" "$DOCTOR" || true
-        if [ "$USER_PH5" = 1 ]; then
-            check learner run-references-ph5 "$dir" "$home" "$LEARNER" "$REFS_PH5" || true
-        fi
-        check learner learner-path "$dir" "$home" "$LEARNER" "$LEARNER_PATH" || true
+        check learner run-references-ph2 "$dir" "$home" "$LEARNER" "$REFS_PH2" \
+            && check learner doctor "$dir" "$home" "$LEARNER" "$DOCTOR" \
+            && { [ "$USER_PH5" != 1 ] \
+                 || check learner run-references-ph5 "$dir" "$home" "$LEARNER" "$REFS_PH5"; } \
+            && check learner learner-path "$dir" "$home" "$LEARNER" "$LEARNER_PATH" || true
     else
         log "learner: installing sudo failed; see $OUT/learner-sudo.log"
         STATUS=1
