@@ -23,6 +23,7 @@
 #   LABRUNNER_SKIP_PRISTINE=1          skip the stage (scripts/test.sh honours it)
 #   LABRUNNER_PRISTINE_RUNS="root learner"   which runs
 #   LABRUNNER_PRISTINE_KEEP=1          keep the roots (under $LABRUNNER_PRISTINE_DIR) to look at
+#   LABRUNNER_PRISTINE_TMPFS=8g        each root is a tmpfs of at most this size (0: on disk)
 #
 # The Debian mirror is read from this machine's own apt sources at run time; none is written
 # in this repository. Must run as root (CI does).
@@ -37,6 +38,7 @@ WORK="${LABRUNNER_PRISTINE_DIR:-/var/tmp/labrunner-pristine}"
 OUT="${LABRUNNER_PRISTINE_OUT:-$ROOT/out/pristine}"
 RUNS="${LABRUNNER_PRISTINE_RUNS:-root learner}"
 USER_PH5="${LABRUNNER_PRISTINE_USER_PH5:-0}"
+TMPFS_SIZE="${LABRUNNER_PRISTINE_TMPFS:-8g}"   # 0: the roots on disk, under $WORK
 LEARNER=learner
 
 log() { printf '[pristine %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -102,6 +104,11 @@ fresh_root() {
     local dir="$WORK/$1"
     remove_root "$dir"
     mkdir -p "$dir"
+    # In memory: unpacking a JDK, Erlang and Postgres and removing them again is what takes
+    # the time on a slow disk. umount frees it all at once.
+    if [ "$TMPFS_SIZE" != 0 ]; then
+        mount -t tmpfs -o "size=$TMPFS_SIZE,mode=755" labrunner-pristine "$dir"
+    fi
     tar -C "$dir" --numeric-owner -xf "$TARBALL"
     cp -L /etc/resolv.conf "$dir/etc/resolv.conf"
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
