@@ -194,7 +194,10 @@ OUT_LOG=/tmp/ph2.out; '"$NO_BANNER"'
 grep -q "setup: done in" /tmp/ph2.out'
 REFS_PH5='cd ~/labrunner && bash scripts/run-references.sh ph5'
 DOCTOR='command -v labrunner; labrunner doctor'
-LEARNER_PATH='labrunner init ~/backend-labs && cd ~/backend-labs && labrunner list | tail -n 5'
+LEARNER_PATH='labrunner init ~/backend-labs && cd ~/backend-labs && labrunner list | tail -n 5
+status=0; labrunner run ph0.1 || status=$?
+[ $status -eq 1 ] || { echo "labrunner run ph0.1 on the untouched starter exited $status;" \
+    "expected 1 (it runs, and fails as a starter does)"; exit 1; }'
 
 root_run() {
     local dir home=/root
