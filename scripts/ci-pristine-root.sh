@@ -17,12 +17,13 @@
 #
 # Every step must pass, and set-up must print no warning banner; any failure fails the stage.
 # Downloads happen once: apt's .deb archive, pip's cache and Maven's repository live outside
-# the fresh roots, under $CACHE/pristine, bind-mounted in. Nothing is left running or mounted:
+# the fresh roots, under $CACHE/pristine/<run>, bind-mounted in. Nothing is left running or mounted:
 # the namespace's processes die with it (also on failure or Ctrl-C), and the roots are removed.
 #
 #   LABRUNNER_SKIP_PRISTINE=1          skip the stage (scripts/test.sh honours it)
 #   LABRUNNER_PRISTINE_RUNS="root learner"   which runs
 #   LABRUNNER_PRISTINE_KEEP=1          keep the roots (under $LABRUNNER_PRISTINE_DIR) to look at
+#   LABRUNNER_PRISTINE_PARALLEL=0      the runs one after the other (default: side by side)
 #   LABRUNNER_PRISTINE_TMPFS=8g        each root is a tmpfs of at most this size (0: on disk)
 #
 # The Debian mirror is read from this machine's own apt sources at run time; none is written
@@ -38,7 +39,8 @@ WORK="${LABRUNNER_PRISTINE_DIR:-/var/tmp/labrunner-pristine}"
 OUT="${LABRUNNER_PRISTINE_OUT:-$ROOT/out/pristine}"
 RUNS="${LABRUNNER_PRISTINE_RUNS:-root learner}"
 USER_PH5="${LABRUNNER_PRISTINE_USER_PH5:-0}"
-TMPFS_SIZE="${LABRUNNER_PRISTINE_TMPFS:-8g}"   # 0: the roots on disk, under $WORK
+TMPFS_SIZE="${LABRUNNER_PRISTINE_TMPFS:-8g}"
+PARALLEL="${LABRUNNER_PRISTINE_PARALLEL:-1}"   # the two runs side by side (0: one by one)   # 0: the roots on disk, under $WORK
 LEARNER=learner
 
 log() { printf '[pristine %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -142,10 +144,10 @@ inside() {
     local uid gid
     uid="$(chroot "$dir" id -u "$who")"
     gid="$(chroot "$dir" id -g "$who")"
-    mkdir -p "$PCACHE/apt-archives/partial" "$PCACHE/pip" "$PCACHE/m2" \
+    mkdir -p "$RUN_CACHE/apt-archives/partial" "$RUN_CACHE/pip" "$RUN_CACHE/m2" \
         "$dir/var/cache/apt/archives" "$dir$home/.cache/pip" "$dir$home/.m2"
     # pip wants its cache owned by whoever runs it (root: by root); the root owns home itself.
-    chown -R "$uid:$gid" "$PCACHE/pip" "$PCACHE/m2" "$dir$home/.cache" "$dir$home/.m2"
+    chown -R "$uid:$gid" "$RUN_CACHE/pip" "$RUN_CACHE/m2" "$dir$home/.cache" "$dir$home/.m2"
     unshare --mount --propagation private --pid --fork --kill-child -- bash -c '
         set -e
         dir=$1 home=$2 who=$3 pcache=$4 script=$5
@@ -158,7 +160,7 @@ inside() {
         mount --bind "$pcache/m2" "$dir$home/.m2"
         exec chroot "$dir" /usr/bin/env -i TERM=dumb LANG=C.UTF-8 \
             /usr/sbin/runuser -l "$who" -c "export LANG=C.UTF-8; set -eo pipefail; $script"
-    ' _ "$dir" "$home" "$who" "$PCACHE" "$script" &
+    ' _ "$dir" "$home" "$who" "$RUN_CACHE" "$script" &
     NS_PID=$!
     local status=0
     wait "$NS_PID" || status=$?
@@ -284,28 +286,62 @@ cleanup() {
     fi
 }
 
+# start_run NAME: the run in a subshell of its own (its own namespace, root and caches -
+# apt locks its archive folder, so each run has its own), in the background when parallel.
+RUN_PIDS=()
+start_run() {
+    (
+        RUN_CACHE="$PCACHE/$1"
+        STATUS=0
+        FAILED=()
+        trap cleanup EXIT
+        trap 'exit 130' INT TERM
+        "$1_run"
+        printf '%s\n' "${FAILED[@]}" >"$OUT/$1.failed"
+        exit "$STATUS"
+    ) &
+    RUN_PIDS+=($!)
+    if [ "$PARALLEL" != 1 ]; then wait_runs; fi
+}
+
+wait_runs() {
+    local pid
+    for pid in "${RUN_PIDS[@]}"; do
+        wait "$pid" || STATUS=1
+    done
+    RUN_PIDS=()
+}
+
+stop_runs() {
+    local pid
+    for pid in "${RUN_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${RUN_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    RUN_PIDS=()
+}
+
 main() {
     local start=$SECONDS
-    trap cleanup EXIT
+    trap stop_runs EXIT
     trap 'exit 130' INT TERM
     mkdir -p "$OUT" "$WORK" "$PCACHE"
     # One stage at a time on a machine: the roots and the caches are shared.
     exec 9>"$WORK/.lock"
     flock -n 9 || { log "another pristine stage runs on this machine; waiting for it"; flock 9; }
-    rm -f "$OUT"/*.log
+    rm -f "$OUT"/*.log "$OUT"/*.failed
     base_tarball
     local run
     for run in $RUNS; do
         case "$run" in
-            root) root_run ;;
-            learner) learner_run ;;
+            root|learner) start_run "$run" ;;
             *) die "unknown run $run (root, learner)" ;;
         esac
     done
+    wait_runs
     if [ $STATUS -eq 0 ]; then
         log "pristine stage: passed in $(( SECONDS - start )) s"
     else
-        log "pristine stage: FAILED (${FAILED[*]}) in $(( SECONDS - start )) s; logs in $OUT"
+        log "pristine stage: FAILED ($(cat "$OUT"/*.failed 2>/dev/null | xargs)) in" \
+            "$(( SECONDS - start )) s; logs in $OUT"
     fi
     return $STATUS
 }
