@@ -140,7 +140,13 @@ fi
 # --- Kafka jars -----------------------------------------------------------------------------
 t=$SECONDS
 run "fetching the Kafka jars with Maven" .venv/bin/labrunner setup --kafka
-libs=$(.venv/bin/python -c 'from labrunner.services.local.kafka import libs_dir; print(libs_dir())')
+libs=$(.venv/bin/python -c '
+try:
+    from labrunner.services.kinds.kafka import libs_dir
+except ImportError:
+    from labrunner.services.local.kafka import libs_dir
+print(libs_dir())' 2>/dev/null) || libs="ready"
+
 step "Kafka jars" "$libs ($((SECONDS - t)) s)"
 
 # --- launcher -------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from labrunner import doctor
-from labrunner.services.local import postgres
 
 from .conftest import cli_env
 
@@ -72,7 +71,7 @@ def test_after_setup_doctor_reports_everything_ready_with_versions() -> None:
 
 def test_a_missing_service_says_what_and_how_to_install_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(postgres, "bindir", lambda: None)
+    monkeypatch.setattr(doctor._module("postgres"), "bindir", lambda: None)
     check = next(c for c in doctor.checks() if c.name == "local postgres")
     assert not check.ok
     assert "not found" in check.detail and "apt-get install postgresql-15" in check.remedy, check

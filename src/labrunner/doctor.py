@@ -10,7 +10,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from .services.manager import docker_answers, resolve_backend_name
 
@@ -103,38 +106,52 @@ def _pkg_config(module: str) -> str:
 # --- the checks ---------------------------------------------------------------------------
 
 
-def _service(name: str, found: Callable[[], tuple[str, str]]) -> Check:
-    """A local service: its module's own ``missing()`` decides; ``found`` gives the version
-    and what was found, for the line."""
-    from .services.local import MODULES
+def _module(name: str) -> ModuleType:
+    """A service's module: ``services/kinds/<name>.py``, or ``services/local/<name>.py`` in
+    the layout before the service kinds."""
+    try:
+        return import_module(f"{__package__}.services.kinds.{name}")
+    except ModuleNotFoundError:
+        return import_module(f"{__package__}.services.local.{name}")
 
-    reason = MODULES[name].missing()
+
+def _services() -> list[tuple[str, Any]]:
+    """(name, object with ``missing()``) for every service, in the order a run starts them."""
+    services = import_module(f"{__package__}.services")
+    if hasattr(services, "kinds"):
+        return [(kind.name, kind) for kind in services.kinds()]
+    from .services.local import MODULES
+    return list(MODULES.items())
+
+
+def _service(name: str, service: Any,
+             found: Callable[[], tuple[str, str]] | None) -> Check:
+    """A local service: its own ``missing()`` decides; ``found`` gives the version and what
+    was found, for the line."""
+    reason = service.missing()
     if reason is not None:
         first, _, rest = reason.partition(". ")
         return Check(f"local {name}", False, first, rest or reason)
-    version, detail = found()
+    version, detail = found() if found else ("", "ready to start")
     return Check(f"local {name}", True, detail, version=version)
 
 
 def _postgres() -> tuple[str, str]:
-    from .services.local import postgres
-
+    postgres = _module("postgres")
     bins = postgres.bindir()
     version = postgres_version(_output([str(bins / "postgres"), "--version"])) if bins else ""
     return version, f"PostgreSQL {version or '?'} ({bins})"
 
 
 def _redis() -> tuple[str, str]:
-    from .services.local import redis
-
+    redis = _module("redis")
     exe = redis.binary() or ""
     version = redis_version(_output([exe, "--version"]))
     return version, f"redis-server {version or '?'} ({exe})"
 
 
 def _kafka() -> tuple[str, str]:
-    from .services.local import kafka
-
+    kafka = _module("kafka")
     exe = kafka.java() or ""
     libs = kafka.libs_dir()
     jars = len(list(libs.glob("*.jar"))) if libs else 0
@@ -143,9 +160,14 @@ def _kafka() -> tuple[str, str]:
                                  f"Java {java or '?'}")
 
 
-def _rabbitmq() -> tuple[str, str]:
-    from .services.local import rabbitmq
+def _prometheus() -> tuple[str, str]:
+    exe = _module("prometheus").binary() or ""
+    version = _first(r"version\s+(\d+(?:\.\d+)*)", _output([exe, "--version"]))
+    return version, f"Prometheus {version or '?'} ({exe})"
 
+
+def _rabbitmq() -> tuple[str, str]:
+    rabbitmq = _module("rabbitmq")
     version = rabbitmq_version(rabbitmq.server())
     return version, f"RabbitMQ {version or '?'}, Erlang/OTP {erlang_version() or '?'}"
 
@@ -195,17 +217,16 @@ def launcher_check(path_env: str | None = None) -> Check:
 
 
 def checks() -> list[Check]:
-    from .services.local import MODULES
-
     results: list[Check] = []
     backend = resolve_backend_name(None)
     results.append(Check("backend (auto)", True,
                          f"{backend}" + (" — a Docker daemon answers" if docker_answers()
                                          else " — no Docker daemon answers; local processes")))
     results.append(_python())
-    found = {"postgres": _postgres, "redis": _redis, "kafka": _kafka, "rabbitmq": _rabbitmq}
-    for name in MODULES:
-        results.append(_service(name, found[name]))
+    found = {"postgres": _postgres, "redis": _redis, "kafka": _kafka, "rabbitmq": _rabbitmq,
+             "prometheus": _prometheus}
+    for name, service in _services():
+        results.append(_service(name, service, found.get(name)))
     results.append(_tool("cc", "build-essential", gcc_version, "gcc"))
     results.append(_tool("make", "make", make_version, "GNU Make"))
     for package, header, module, label in (
