@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
 # Install what is missing, then run the whole test suite: lint and types, unit tests,
 # integration tests on real local services, every lab's reference (must pass), starter and
-# wrong solutions (must fail), and the C examples.
+# wrong solutions (must fail), and the C examples. Then the two CI stages (each skippable):
+# the docker backend against a real engine, and set-up from a pristine Debian 12 root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --tests
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/mypy
 .venv/bin/python -m pytest tests -p no:cacheprovider "$@"
+status=0
 # The docker backend, proven against a real Docker engine: a private dockerd, locally built
 # stand-in images, Phase 2 and Phase 5 with --backend docker, labrunner's own image.
 # Skip with LABRUNNER_SKIP_DOCKER=1 (e.g. on a laptop whose Docker you do not want touched).
 if [ "${LABRUNNER_SKIP_DOCKER:-0}" != 1 ]; then
   PATH="$PWD/.venv/bin:$PATH" LABRUNNER_DOCKER_BENCH=${LABRUNNER_DOCKER_BENCH:-0} \
-    bash docker/ci-docker.sh
+    bash docker/ci-docker.sh || status=1
 fi
+# The README's first command from a pristine Debian 12 (nothing installed), as root and as a
+# sudoer, and a broken install step must fail. Needs root. Skip with LABRUNNER_SKIP_PRISTINE=1.
+if [ "${LABRUNNER_SKIP_PRISTINE:-0}" != 1 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    bash scripts/ci-pristine-root.sh || status=1
+  else
+    echo "test: the pristine-root stage needs root: skipped (LABRUNNER_SKIP_PRISTINE=1 to silence)" >&2
+  fi
+fi
+exit $status

@@ -529,7 +529,7 @@ def services_down() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def doctor(as_json: bool) -> None:
-    """Say which backend would be used and what is missing, with the command that fixes it."""
+    """What was found (with versions), what is missing and the command that installs it."""
     from .doctor import checks
 
     found = checks()
@@ -541,6 +541,9 @@ def doctor(as_json: bool) -> None:
             console.print(f"{sign} {check.name:<18} {check.detail}")
             if check.remedy:
                 console.print(f"   [yellow]fix:[/] {check.remedy}")
+        not_ready = [c.name for c in found if not c.ok]
+        console.print("[green]everything ready[/]" if not not_ready
+                      else f"[red]not ready:[/] {', '.join(not_ready)}")
     sys.exit(0 if all(c.ok for c in found) else EXIT_FAIL)
 
 
