@@ -91,6 +91,18 @@ def test_rate_limiter_allows_exactly_the_limit_atomically(learner: Any, redis_db
         "of sending its source every time")
     assert "INCR" in in_script and ("EXPIRE" in in_script or "PEXPIRE" in in_script), (
         f"the script ran {sorted(set(in_script))}: expected INCR and EXPIRE inside it")
+    # EVALSHA sha numkeys key... arg...: the counter's key must be declared as a KEY, or
+    # Redis (a cluster, a proxy, ACLs) cannot know which key the script touches.
+    undeclared = [cmd for cmd in from_clients if cmd[0] == "EVALSHA"
+                  and (len(cmd) < 3 or not cmd[2].isdigit() or int(cmd[2]) < 1)]
+    incr_keys = {cmd[1] for source, cmd in sent if source == "lua" and cmd[0] == "INCR"}
+    declared = {cmd[3] for cmd in from_clients if cmd[0] == "EVALSHA" and len(cmd) > 3
+                and cmd[2].isdigit() and int(cmd[2]) >= 1}
+    assert not undeclared and incr_keys <= declared, (
+        f"the script was called as {' '.join(undeclared[0][:5]) if undeclared else '...'} "
+        f"and INCRed {sorted(incr_keys)}: pass the counter's key in KEYS (EVALSHA sha 1 "
+        f"<key> <window>), not in ARGV or built inside the script - a script must declare "
+        f"every key it touches")
 
     assert concurrent_calls(limiter, "user-2", 20).count(True) == 10, (
         "another key must have its own limit: user-2 was not allowed 10 calls")
@@ -108,6 +120,10 @@ def test_rate_limit_window_is_fixed_and_restarts(learner: Any, redis_db: Any) ->
         assert 0 < first <= 30_000, (
             f"the counter {key!r} has PTTL {first} ms, expected 1..30000: EXPIRE it with the "
             "window length when it is created")
+        assert first > 15_000, (
+            f"the counter {key!r} of a 30 s window has PTTL {first} ms right after it was "
+            f"created: the window is far too short - EXPIRE takes seconds, PEXPIRE "
+            f"milliseconds")
         time.sleep(0.2)  # let time pass, to see whether the expiry moves with it
         limiter.allow("ip-9")
         second = client.pttl(key)
