@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 GROUPS = ("billing", "shipping", "analytics")
