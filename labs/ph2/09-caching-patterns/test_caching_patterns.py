@@ -265,6 +265,13 @@ def wait_for_db(shop: Shop, want: dict[int, int], pattern: str, within: float = 
         if seen == want:
             return
         time.sleep(0.05)
+    older = {5: (1, 2)}  # the earlier writes to product 5
+    if seen.get(4) == want.get(4) and seen.get(5) in older[5]:
+        pytest.fail(
+            f"{pattern}: {within:.0f} s after start() the database holds prices {seen}, "
+            f"expected {want}: product 5 ended with an OLDER write ({seen[5]}) - the worker "
+            f"applied the queued writes out of order; take the oldest first (push on one end "
+            f"of the list, pop from the other)", pytrace=False)
     assert seen == want, (
         f"{pattern}: {within:.0f} s after start() the database holds prices {seen}, expected "
         f"{want}: the queued writes never reached Postgres. Keep the queue in Redis (a list), "
