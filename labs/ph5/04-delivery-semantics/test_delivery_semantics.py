@@ -16,8 +16,9 @@ The input topic itself holds an aborted transaction of two "poison" records, whi
 reading with read_committed never sees.
 
 Mistakes a learner makes here, each caught with its own message:
-- at-most-once committing after producing, or committing asynchronously (the commit is still
-  in the client when the process dies)                         -> the offset at the crash
+- at-most-once committing after producing                       -> the offset at the crash
+  (an asynchronous commit is named when it is seen still in the client at the crash; it
+  usually leaves the client within microseconds, so it is not reliably observable)
 - at-least-once without waiting for the ack (no flush)          -> pay-3 missing at the crash
 - at-least-once committing first                                -> the offset at the crash
 - committing the record's own offset, not the next one          -> off by one, named
