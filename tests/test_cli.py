@@ -206,3 +206,33 @@ def test_down_clears_what_a_killed_run_left() -> None:
         assert _processes_mentioning(str(runtime)) == []
     finally:
         subprocess.run(["rm", "-rf", str(runtime)], check=False)
+
+
+def test_dev_check_strength_lists_each_wrong_solution(tmp_path: Path) -> None:
+    """``dev check --strength``: a row per wrong solution, killed or not, with the first line
+    of its message; the JSON says the same for scripts; exit 1 when one slips through."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(FIXTURE_PROJECT, project)
+    lab = project / "labs" / "ph2" / "05-isolation-levels"
+    (lab / "wrong" / "off_by_one").mkdir(parents=True)
+    (lab / "wrong" / "off_by_one" / "answer.py").write_text(
+        "def answer(dsn):\n    return 41\n")
+    (lab / "wrong" / "answers_without_postgres").mkdir()
+    (lab / "wrong" / "answers_without_postgres" / "answer.py").write_text(
+        "def answer(dsn):\n    return 6 * 7\n")
+    out = tmp_path / "strength.json"
+    done = cli("dev", "check", "--strength", "ph2.5", "--json", str(out),
+               LABRUNNER_HOME=str(project), COLUMNS="200")
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = json.loads(out.read_text())
+    rows = {r["wrong"]: r for r in doc["strength"]}
+    assert set(rows) == {"off_by_one", "answers_without_postgres"}, rows
+    assert rows["off_by_one"]["killed"] is True
+    assert "expected 42 from Postgres, saw 41" in rows["off_by_one"]["first_line"]
+    assert rows["answers_without_postgres"]["killed"] is False
+    assert rows["answers_without_postgres"]["outcome"] == "passed"
+    assert doc["labs"] == {"ph2.5": {"wrong": 2, "killed": 1}}
+    assert "off_by_one" in done.stdout and "kills 1 of 2" in done.stdout
+    assert "solution" not in {r["wrong"] for r in doc["strength"]}

@@ -98,3 +98,41 @@ def check(expectation: Expectation, state_file: Path | None, run_id: str,
     finally:
         cleanup()
     return CheckOutcome(expectation, result)
+
+
+# --------------------------------------------------------------------------------------
+# ``dev check --strength``: what each lab catches, one row per wrong solution
+
+
+def strength_expectations(labs: Sequence[Lab]) -> Iterator[Expectation]:
+    """Only the wrong solutions: a lab's strength is the mistakes it kills."""
+    return (e for e in expectations(labs) if e.variant.startswith("wrong/"))
+
+
+@dataclass(frozen=True)
+class StrengthRow:
+    lab: str
+    wrong: str            # the wrong solution's name, without "wrong/"
+    killed: bool          # the verification failed it with a message
+    outcome: str          # the runner's outcome: failed, timeout, passed, error, ...
+    first_line: str       # the first line of the message the learner would see
+
+    def as_json(self) -> dict[str, object]:
+        return {"lab": self.lab, "wrong": self.wrong, "killed": self.killed,
+                "outcome": self.outcome, "first_line": self.first_line}
+
+
+def strength_rows(outcomes: Sequence[CheckOutcome]) -> list[StrengthRow]:
+    return [StrengthRow(o.expectation.lab.id, o.expectation.variant.removeprefix("wrong/"),
+                        o.met, o.result.outcome, o.result.first_line or "")
+            for o in outcomes if o.expectation.variant.startswith("wrong/")]
+
+
+def strength_summary(rows: Sequence[StrengthRow]) -> dict[str, dict[str, int]]:
+    """Per lab: how many wrong solutions it has and how many it kills."""
+    summary: dict[str, dict[str, int]] = {}
+    for row in rows:
+        lab = summary.setdefault(row.lab, {"wrong": 0, "killed": 0})
+        lab["wrong"] += 1
+        lab["killed"] += int(row.killed)
+    return summary

@@ -12,6 +12,22 @@ EXPLAIN ANALYZE executes what it explains: summarising a DELETE must leave the r
 
 The fixed slow query is explained on a fresh connection with stock planner settings: it
 must have no sequential scan, use an index, and return the same rows as the slow one.
+
+The data is not kind: orders' created_at is a permutation of their ids (a missing ORDER BY
+does not come back sorted by luck), and a second customer's email differs from the one
+searched only in case (a case-sensitive rewrite loses their orders).
+
+Mistakes a learner makes here, each caught with its own message:
+- only the root, or only the first child of each node       -> node count and types
+- breadth first instead of depth first                      -> two branches of a UNION ALL
+- plain EXPLAIN (no actual rows, no timings)                -> actual rows / timings
+- actual rows x loops (Actual Rows is per loop)             -> the nested loop's inner side
+- worst estimate counting only underestimates (actual/est)  -> an overestimate case
+- worst estimate keeping the last of equal factors          -> a Limit above its scan
+- dividing by 0 actual rows                                 -> a case with 0 rows
+- EXPLAIN ANALYZE of a DELETE outside a rolled-back transaction
+- index on email (not lower(email)), no index on the foreign key, SET enable_seqscan=off
+- the fixed query without ORDER BY, or matching case-sensitively
 """
 
 from __future__ import annotations
@@ -47,6 +63,8 @@ SELECT g, 'User' || g || '@Example.com',
        (ARRAY[{", ".join(f"'{c}'" for c, _ in CITIES)}])[g % {len(CITIES)} + 1],
        (ARRAY[{", ".join(f"'{k}'" for _, k in CITIES)}])[g % {len(CITIES)} + 1]
 FROM generate_series(1, 10000) AS g;
+-- The same address as customer 4242's but for case: lower(email) finds both.
+INSERT INTO customers VALUES (10001, 'USER4242@example.COM', 'Paris', 'FR');
 
 CREATE TABLE orders (
     id          bigint      PRIMARY KEY,
@@ -56,9 +74,13 @@ CREATE TABLE orders (
 ) WITH (autovacuum_enabled = false);
 INSERT INTO orders
 SELECT g, (g * 7919) % 10000 + 1,
-       timestamptz '2024-01-01 00:00+00' + g * interval '7 minutes',
+       -- a permutation of the ids, so that id order is not created_at order
+       timestamptz '2024-01-01 00:00+00' + ((g * 7907) % 100000) * interval '7 minutes',
        (g * 37) % 50000 + 100
 FROM generate_series(1, 100000) AS g;
+INSERT INTO orders
+SELECT 100000 + g, 10001, timestamptz '2024-03-01 00:00+00' - g * interval '1 day', 999
+FROM generate_series(1, 5) AS g;
 -- Added after the load: one validating join instead of a trigger call per row.
 ALTER TABLE orders ADD FOREIGN KEY (customer_id) REFERENCES customers (id);
 """
@@ -151,15 +173,26 @@ def check_summary(mine: Any, truth: Plan, sql: str) -> None:
     got = list(mine["nodes"])
     got_types = [n.get("node_type") for n in got]
     want_types = [n["node_type"] for n in want]
-    assert got_types == want_types, (
-        f"{where}: you reported {len(got)} node(s) [{', '.join(map(str, got_types))}], "
-        f"Postgres' plan has {len(want)}: {shape(want)} - visit every node's 'Plans', "
-        f"depth first, root first")
+    if got_types != want_types:
+        why = "visit every node's 'Plans', depth first, root first"
+        if sorted(map(str, got_types)) == sorted(want_types):
+            why = ("the right nodes in the wrong order: list them depth first (a node, then "
+                   "all of its first child's subtree, then the next child's), not breadth "
+                   "first (level by level)")
+        elif len(got_types) < len(want_types) and len(got_types) > 1:
+            why = ("nodes are missing: a node may have several children in 'Plans' (a "
+                   "join has two; visit them all, recursively), not only the first")
+        pytest.fail(
+            f"{where}: you reported {len(got)} node(s) [{', '.join(map(str, got_types))}], "
+            f"Postgres' plan has {len(want)}: {shape(want)} - {why}", pytrace=False)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         for key in NODE_FIELDS:
             if g.get(key) != w[key]:
                 hint = {
-                    "actual_rows": "'Actual Rows' (per loop) comes only with ANALYZE",
+                    "actual_rows": "'Actual Rows' (per loop) comes only with ANALYZE"
+                    + (f"; it is already per loop - do not multiply it by loops "
+                       f"({w['loops']})" if w["loops"] > 1
+                       and g.get(key) == w[key] * w["loops"] else ""),
                     "estimated_rows": "'Plan Rows' is the planner's estimate",
                     "loops": "'Actual Loops': how often the node ran (a Nested Loop's "
                              "inner side, or a SubPlan, runs once per outer row)",
@@ -176,15 +209,26 @@ def check_summary(mine: Any, truth: Plan, sql: str) -> None:
         f"(the join nodes' types, root first)")
     worst = max(factor(n["estimated_rows"], n["actual_rows"]) for n in want)
     reported = mine["worst_estimate"]
-    candidates = [n for n in want
-                  if math.isclose(factor(n["estimated_rows"], n["actual_rows"]), worst)]
-    assert any(reported.get("node_type") == n["node_type"]
-               and reported.get("estimated_rows") == n["estimated_rows"]
-               and reported.get("actual_rows") == n["actual_rows"] for n in candidates), (
-        f"{where}: worst_estimate is {label(reported)} (estimated "
-        f"{reported.get('estimated_rows')}, actual {reported.get('actual_rows')}), but the "
-        f"worst is {label(candidates[0])}: estimated {candidates[0]['estimated_rows']}, "
-        f"actual {candidates[0]['actual_rows']}, off by x{worst:.1f}")
+    candidates = [n for n in want if factor(n["estimated_rows"], n["actual_rows"]) == worst]
+    first = candidates[0]
+    same = (reported.get("node_type") == first["node_type"]
+            and reported.get("relation") == first["relation"]
+            and reported.get("estimated_rows") == first["estimated_rows"]
+            and reported.get("actual_rows") == first["actual_rows"])
+    if not same:
+        why = ""
+        if any(reported.get("node_type") == n["node_type"]
+               and reported.get("estimated_rows") == n["estimated_rows"] for n in candidates):
+            why = (f" - {len(candidates)} nodes are off by the same factor; the worst estimate "
+                   f"is the first of them, root first (keep the first maximum: > not >=)")
+        elif first["estimated_rows"] > max(first["actual_rows"], 1):
+            why = (" - that is an OVERestimate (estimated more rows than came): the factor "
+                   "is max(actual/estimated, estimated/actual), both directions count")
+        pytest.fail(
+            f"{where}: worst_estimate is {label(reported)} (estimated "
+            f"{reported.get('estimated_rows')}, actual {reported.get('actual_rows')}), but the "
+            f"worst is {label(first)}: estimated {first['estimated_rows']}, actual "
+            f"{first['actual_rows']}, off by x{worst:.1f}{why}", pytrace=False)
     assert math.isclose(float(reported.get("factor", 0)), worst, rel_tol=1e-6), (
         f"{where}: worst_estimate factor={reported.get('factor')!r}, expected {worst:.3f} "
         f"= max(actual/estimated, estimated/actual), counting 0 rows as 1")
@@ -195,12 +239,40 @@ def check_summary(mine: Any, truth: Plan, sql: str) -> None:
             f"('Planning Time', 'Execution Time')")
 
 
+def breadth_first(document: Plan) -> list[str]:
+    level, order = [document["Plan"]], []
+    while level:
+        order += [p["Node Type"] for p in level]
+        level = [c for p in level for c in p.get("Plans", [])]
+    return order
+
+
+def factors(nodes: list[dict[str, Any]]) -> list[float]:
+    return [factor(n["estimated_rows"], n["actual_rows"]) for n in nodes]
+
+
+GUARDS = {  # what a case must show for its mistake to be caught
+    "two branches": lambda doc, nodes: breadth_first(doc) != [n["node_type"]
+                                                               for n in nodes],
+    "overestimate, no rows": lambda doc, nodes: any(
+        n["actual_rows"] == 0 and n["estimated_rows"] > 1
+        and factor(n["estimated_rows"], 0) == max(factors(nodes)) for n in nodes),
+    "equal factors": lambda doc, nodes: factors(nodes).count(max(factors(nodes))) > 1,
+    "nested loop": lambda doc, nodes: any(n["loops"] > 1 and n["actual_rows"] > 0
+                                          for n in nodes),
+}
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
     sql: str
     join: str | None  # the join algorithm this case exists to show
     settings: dict[str, str] = field(default_factory=dict)
+
+    def guard(self, document: Plan, nodes: list[dict[str, Any]]) -> bool:
+        check = GUARDS.get(self.name)
+        return check is None or bool(check(document, nodes))
 
 
 CASES = [
@@ -223,6 +295,19 @@ CASES = [
     Case("correlated subplan",
          "SELECT c.id, (SELECT max(o.total_cents) FROM orders o WHERE o.customer_id = c.id) "
          "FROM customers c WHERE c.id <= 3", None),
+    # Two branches, each three deep: depth first and breadth first list the nodes in
+    # different orders.
+    Case("two branches",
+         "(SELECT id FROM orders ORDER BY total_cents DESC, id LIMIT 3) UNION ALL "
+         "(SELECT id FROM customers ORDER BY email LIMIT 3)", None),
+    # city and country contradict each other: the planner expects rows, none come - an
+    # OVERestimate (estimated/actual), with 0 actual rows to count as 1.
+    Case("overestimate, no rows",
+         "SELECT * FROM customers WHERE city = 'Lyon' AND country = 'DE'", None),
+    # The Limit and the scan under it are off by the same factor: the root-most one is the
+    # worst estimate.
+    Case("equal factors",
+         "SELECT * FROM customers WHERE city = 'Lyon' AND country = 'FR' LIMIT 5000", None),
 ]
 
 
@@ -232,9 +317,29 @@ def test_summary_matches_postgres(case: Case, conn: Conn, learner: Any) -> None:
     for name, value in case.settings.items():
         conn.execute("SELECT set_config(%s, %s, false)", (name, value))
     truth = explain(conn, case.sql)
+    nodes = true_nodes(truth)
     if case.join:  # guards the check itself: the case must show what it is named after
-        assert case.join in [n["node_type"] for n in true_nodes(truth)]
-    check_summary(explain_summary(conn, case.sql), truth, case.sql)
+        assert case.join in [n["node_type"] for n in nodes]
+    assert case.guard(truth, nodes), (
+        f"the check itself: case {case.name!r} no longer shows what it is for: {shape(nodes)}")
+    check_summary(summarise(explain_summary, conn, case.sql, nodes), truth, case.sql)
+
+
+def summarise(explain_summary: Any, conn: Conn, sql: str,
+              nodes: list[dict[str, Any]]) -> Any:
+    try:
+        return explain_summary(conn, sql)
+    except ZeroDivisionError:
+        zero = [label(n) for n in nodes if n["actual_rows"] == 0 or n["estimated_rows"] == 0]
+        pytest.fail(
+            f"explain_summary raised ZeroDivisionError for {' '.join(sql.split())!r}: "
+            f"{', '.join(zero) or 'a node'} returned 0 rows - count 0 rows as 1 when "
+            f"computing the factor", pytrace=False)
+    except KeyError as exc:
+        pytest.fail(
+            f"explain_summary raised KeyError {exc} for {' '.join(sql.split())!r}: not every "
+            f"node has every key ('Relation Name' only scans, 'Index Name' only index scans, "
+            f"'Plans' only inner nodes) - use .get()", pytrace=False)
 
 
 def test_summarising_a_delete_deletes_nothing(conn: Conn, learner: Any) -> None:
@@ -282,6 +387,17 @@ def test_fixed_query_is_an_index_scan_with_the_same_rows(postgres: Any, conn: Co
         f"on, and does an index cover exactly that (an expression index for lower(email))?")
     assert any(n["node_type"] in INDEX_NODES for n in nodes), (
         f"the fixed query uses no index: plan {shape(nodes)}")
+    if sorted(rows) == sorted(expected) and rows != expected:
+        pytest.fail(
+            f"the fixed query returns the right {len(rows)} rows in another order: keep "
+            f"ORDER BY o.created_at, o.id - without it rows come in whatever order the plan "
+            f"reads them", pytrace=False)
+    if len(rows) < len(expected) and set(rows) <= set(expected):
+        pytest.fail(
+            f"the fixed query returns {len(rows)} of the slow query's {len(expected)} rows: "
+            f"the slow query matches the email case-insensitively (here two customers' "
+            f"emails differ only in case) - keep lower(c.email) and index that expression",
+            pytrace=False)
     assert rows == expected, (
         f"the fixed query returns {len(rows)} rows, the slow one {len(expected)} "
         f"(first: {rows[:1]} vs {expected[:1]}): a fix must not change the answer or its "

@@ -142,7 +142,13 @@ def test_transfer_moves_money_and_records_it(bank: Bank) -> None:
     bank.open({1: 100, 2: 5})
     with bank.connect() as conn:
         first = bank.transfer(conn, 1, 2, 30)
-        second = bank.transfer(conn, 2, 1, 35)  # all of account 2's money: allowed
+        try:
+            second = bank.transfer(conn, 2, 1, 35)  # all of account 2's money: allowed
+        except bank.insufficient:
+            pytest.fail("transferring 35 from account 2, which holds exactly 35, raised "
+                        "InsufficientFunds: moving all of an account's money is allowed - "
+                        "refuse only when the balance is LESS than the amount (balance >= "
+                        "amount may go on)", pytrace=False)
     got = bank.state()
     want = ({1: 105, 2: 0}, [(1, 2, 30), (2, 1, 35)])
     assert got == want, f"after 1->2 30 and 2->1 35: {diff(got, want)}"

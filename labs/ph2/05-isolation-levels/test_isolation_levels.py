@@ -13,6 +13,24 @@ alice writes and commits; then bob writes. Under SERIALIZABLE bob's transaction 
 with 40001 and must be retried, see one doctor on call, and refuse. Anything else is
 reported: nobody on call (write skew), an escaped 40001 (no retry), a refusal decided on
 the stale count (a loop that never retried), the wrong isolation level.
+
+The error paths are taken too, with triggers the check installs (deterministic, no race):
+every attempt failing with 40001 (the loop must make exactly max_attempts attempts, then
+let the 40001 out), a 40001 raised at COMMIT by a deferred constraint trigger (the COMMIT
+must be inside the retry), and an error that is not 40001 (never retried).
+
+Mistakes a learner makes here, each caught with its own message:
+- both reads in separate transactions (autocommit)              -> status between reads
+- SET TRANSACTION before BEGIN / the wrong level                  -> level seen in between()
+- SET SESSION CHARACTERISTICS / default_transaction_isolation    -> the session default
+  changed (or "restored" to the server default, not to what it was) after read_twice
+- conn.isolation_level changed and left so                       -> attribute compared
+- no retry, a retry loop inside the aborted transaction          -> bob's 40001 escapes
+- a failed attempt decides "refused"                             -> bob refused on count 2
+- max_attempts + 1 attempts, or never giving up                  -> attempts counted
+- giving up with a return value instead of the 40001             -> exhausted retries
+- COMMIT outside the retry (40001 at COMMIT escapes or is lost)  -> deferred trigger
+- retrying every error (psycopg.Error, Exception)                -> a CheckViolation
 """
 
 from __future__ import annotations
@@ -102,7 +120,15 @@ def test_read_twice(case: ReadCase, connect: Callable[[], Conn], learner: Any) -
         setup.execute("CREATE TABLE accounts (id integer PRIMARY KEY, balance integer)")
         setup.execute("INSERT INTO accounts VALUES (1, 100), (2, 200)")
     seen: dict[str, Any] = {}
+    # The learner's session starts with a default level that is neither the server's nor
+    # the one asked for: a SET SESSION that is left behind, or "restored" with RESET (to
+    # the server's default), shows after the call.
+    session_default = ("repeatable read" if case.isolation in ("READ COMMITTED",
+                                                               "READ UNCOMMITTED")
+                       else "read committed")
     with connect() as conn, connect() as other:
+        conn.execute(f"SET default_transaction_isolation = '{session_default}'")
+        attribute_before = conn.isolation_level
 
         def between() -> None:
             # Look at the learner's session first: are we between two reads of ONE
@@ -116,6 +142,10 @@ def test_read_twice(case: ReadCase, connect: Callable[[], Conn], learner: Any) -
         first, second = read_twice(conn, case.query, case.isolation, between)
         if case.change == "uncommitted":
             other.execute("ROLLBACK")
+        after = conn.execute("SHOW default_transaction_isolation").fetchone()
+        seen["default_after"] = after[0] if after else None
+        seen["status_after"] = conn.info.transaction_status
+        attribute_after = conn.isolation_level
 
     assert seen, "read_twice never called between(): call it between the two reads"
     assert seen["status"] == TransactionStatus.INTRANS, (
@@ -126,6 +156,22 @@ def test_read_twice(case: ReadCase, connect: Callable[[], Conn], learner: Any) -
         f"asked for {case.isolation}, your transaction ran at {seen['level']}: SET "
         f"TRANSACTION ISOLATION LEVEL must be the first statement inside the transaction "
         f"(outside one it is ignored with a warning)")
+    assert seen["status_after"] == TransactionStatus.IDLE, (
+        f"read_twice returned with its transaction still open (status "
+        f"{seen['status_after'].name}): end it (leave the with conn.transaction() block, or "
+        f"COMMIT/ROLLBACK) before returning")
+    assert seen["default_after"] == session_default, (
+        f"read_twice changed the session's default isolation level: it was "
+        f"{session_default!r} before the call, {seen['default_after']!r} after - SET SESSION "
+        f"CHARACTERISTICS / SET default_transaction_isolation (and RESET, which goes back "
+        f"to the server's default, not to what the session had) changes every later "
+        f"transaction on this connection; set the level of this one transaction only, "
+        f"with SET TRANSACTION ISOLATION LEVEL as its first statement")
+    assert attribute_after == attribute_before, (
+        f"read_twice left conn.isolation_level = {attribute_after!r} (it was "
+        f"{attribute_before!r}): every later transaction on the caller's connection now "
+        f"runs at that level - set the level of this one transaction (SET TRANSACTION "
+        f"ISOLATION LEVEL inside it), or put the attribute back")
     got = ([tuple(r) for r in first], [tuple(r) for r in second])
     assert got == (case.first, case.second), (
         f"{case.isolation}, {case.query!r} with {CHANGES[case.change]!r} "
@@ -228,6 +274,13 @@ def test_write_skew_is_prevented_by_serializable_with_retry(
     levels = sorted(alice.levels | bob.levels)
     on_call = [r[0] for r in admin.execute(
         "SELECT name FROM doctors WHERE on_call ORDER BY name").fetchall()]
+    if not on_call and levels == ["serializable"]:
+        pytest.fail(
+            f"nobody is on call: alice and bob each read 2 on call (after_check saw "
+            f"{alice.counts} and {bob.counts}) and each went off, though both ran at "
+            f"SERIALIZABLE: the count and the UPDATE were not in the same transaction, so "
+            f"SSI never saw the read the write depends on - read, decide and write in ONE "
+            f"transaction, and retry all of it", pytrace=False)
     assert on_call, (
         f"nobody is on call: alice and bob each read 2 on call (after_check saw "
         f"{alice.counts} and {bob.counts}) and each went off - a write skew, which "
@@ -249,3 +302,127 @@ def test_write_skew_is_prevented_by_serializable_with_retry(
         f"go_off_call returned alice={results['alice']!r}, bob={results['bob']!r}, on call "
         f"now: {on_call}; expected bob refused (after a retry that sees 1 on call) and bob "
         f"still on call")
+
+
+# --------------------------------------------------------------------------------------
+# Part 3: the error paths - retries that run out, a 40001 at COMMIT, errors not to retry
+
+# A trigger raises the error at the UPDATE (or, deferred, at COMMIT) for the first
+# ``failures`` attempts; a sequence counts them, since it is not rolled back with the
+# transaction. After that the update goes through, so a loop that never stops ends too.
+INJECT = """
+CREATE SEQUENCE injected;
+CREATE FUNCTION inject() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF nextval('injected') <= {failures} THEN
+    RAISE EXCEPTION '{message}' USING ERRCODE = '{sqlstate}';
+  END IF;
+  RETURN NEW;
+END $$;
+"""
+AT_STATEMENT = ("CREATE TRIGGER inject BEFORE UPDATE ON doctors FOR EACH ROW "
+                "EXECUTE FUNCTION inject()")
+AT_COMMIT = ("CREATE CONSTRAINT TRIGGER inject AFTER UPDATE ON doctors DEFERRABLE "
+             "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION inject()")
+
+
+def inject(admin: Conn, *, failures: int, sqlstate: str, message: str, when: str) -> None:
+    admin.execute(INJECT.format(failures=failures, sqlstate=sqlstate, message=message))
+    admin.execute(when)
+
+
+def call_recorded(go_off_call: Any, conn: Conn, **kw: Any) -> tuple[Any, BaseException | None,
+                                                                    list[int]]:
+    counts: list[int] = []
+    try:
+        return go_off_call(conn, "alice", after_check=counts.append, **kw), None, counts
+    except Exception as exc:  # noqa: BLE001 - what escaped is what the test judges
+        return None, exc, counts
+
+
+def on_call(admin: Conn) -> list[str]:
+    return [r[0] for r in admin.execute(
+        "SELECT name FROM doctors WHERE on_call ORDER BY name").fetchall()]
+
+
+def test_gives_up_after_exactly_max_attempts_and_lets_the_40001_out(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    inject(admin, failures=8, sqlstate="40001", when=AT_STATEMENT,
+           message="could not serialize access (injected by the check)")
+    result, exc, counts = call_recorded(go_off_call, alice.conn, max_attempts=3)
+    attempts = len(counts)
+    if exc is None:
+        pytest.fail(
+            f"every attempt failed with 40001 and max_attempts=3, yet go_off_call returned "
+            f"{result!r} after {attempts} attempt(s): when the attempts run out, let the last "
+            f"SerializationFailure out (re-raise it) - "
+            + ("your loop went past max_attempts until the injected failures stopped"
+               if attempts > 3 else
+               f"returning {result!r} reports a decision no transaction committed"),
+            pytrace=False)
+    assert isinstance(exc, psycopg.errors.SerializationFailure), (
+        f"every attempt failed with 40001 and max_attempts=3: go_off_call raised "
+        f"{type(exc).__name__} ({str(exc).splitlines()[0] if str(exc) else ''}) after "
+        f"{attempts} attempt(s); expected the last SerializationFailure itself, re-raised, "
+        f"so the caller sees why it failed")
+    assert attempts == 3, (
+        f"max_attempts=3 but go_off_call made {attempts} attempts before letting the 40001 "
+        f"out (after_check was called {attempts} times): "
+        + ("one too many - an off-by-one such as range(max_attempts + 1) or attempts "
+           "counted from 0 and compared with >" if attempts == 4 else
+           "it must make exactly max_attempts attempts, the first one included"))
+
+
+def test_a_40001_at_commit_is_retried_too(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    # The UPDATE succeeds; the deferred trigger fails the first COMMIT with 40001 - as
+    # SERIALIZABLE does when the conflict is found at commit time.
+    inject(admin, failures=1, sqlstate="40001", when=AT_COMMIT,
+           message="could not serialize access (injected at COMMIT by the check)")
+    result, exc, counts = call_recorded(go_off_call, alice.conn, max_attempts=3)
+    if isinstance(exc, psycopg.errors.SerializationFailure):
+        pytest.fail(
+            f"the first attempt's UPDATE went through but its COMMIT failed with 40001, and "
+            f"go_off_call let it out after {len(counts)} attempt(s): the COMMIT is part of "
+            f"the transaction your retry must cover - commit inside the try (leaving "
+            f"'with conn.transaction()' commits), not after the loop", pytrace=False)
+    if exc is not None:
+        pytest.fail(
+            f"the first COMMIT failed with 40001 (injected) and go_off_call raised "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} - after "
+            f"a failed COMMIT the transaction is over; start a new one and run it again",
+            pytrace=False)
+    now = on_call(admin)
+    assert "alice" not in now, (
+        f"go_off_call returned {result!r} but alice is still on call: the COMMIT failed "
+        f"with 40001 (injected) and rolled the update back, and your code did not notice - "
+        f"the commit must be inside the retry, and True returned only after it succeeded")
+    assert result is True and len(counts) == 2, (
+        f"with the first COMMIT failing (40001), expected a second attempt that commits and "
+        f"returns True; saw {len(counts)} attempt(s), returned {result!r}")
+
+
+def test_an_error_that_is_not_40001_is_not_retried(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    inject(admin, failures=8, sqlstate="23514", when=AT_STATEMENT,
+           message="doctors must give a week of notice (injected by the check)")
+    result, exc, counts = call_recorded(go_off_call, alice.conn, max_attempts=5)
+    if exc is None:
+        pytest.fail(
+            f"the UPDATE failed with a CheckViolation (SQLSTATE 23514, not a serialization "
+            f"failure) and go_off_call returned {result!r} after {len(counts)} attempt(s): "
+            f"only 40001 may be caught and retried - any other error must reach the caller",
+            pytrace=False)
+    assert len(counts) == 1, (
+        f"the UPDATE failed with a CheckViolation (SQLSTATE 23514) and go_off_call tried "
+        f"{len(counts)} times: a retry cannot fix a rule the data breaks - catch only "
+        f"psycopg.errors.SerializationFailure (40001), not psycopg.Error or Exception")
+    assert isinstance(exc, psycopg.errors.CheckViolation), (
+        f"the UPDATE failed with a CheckViolation (SQLSTATE 23514) and go_off_call raised "
+        f"{type(exc).__name__} instead: let the database's error out unchanged")

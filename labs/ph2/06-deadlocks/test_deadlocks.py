@@ -14,6 +14,23 @@
 * lock_timeout: the check holds a row lock on its own connection; the learner's update
   must fail with LockBusy after about the timeout (a LockNotAvailable underneath), leave
   the connection usable and the setting not leaked to the session.
+
+The data is not kind: jobs are stored in an order that is not their id order (a claim
+without ORDER BY takes whatever the heap holds first), and the learner's session starts
+with a lock_timeout that is not the server's default (a RESET "restores" the wrong value).
+
+Mistakes a learner makes here, each caught with its own message:
+- locking from then to (opposite orders)           -> 2->1 seen holding account 2 / 40P01
+- catching 40P01 and retrying                      -> after_first_lock called twice
+- no row lock (read, then write)                   -> balances
+- FOR UPDATE without SKIP LOCKED                   -> a worker seen waiting for a row lock
+- claim committed before handling                  -> a failed handler's job is lost
+- a handler's error swallowed and the job marked done -> the job is not taken again
+- the oldest job not taken first (no ORDER BY)     -> jobs taken out of id order
+- NOWAIT instead of a bounded wait                 -> LockBusy before the timeout
+- statement_timeout instead of lock_timeout        -> the cause is QueryCanceled
+- SET (session) instead of SET LOCAL, or SET then RESET -> lock_timeout after the call
+- lock_timeout in the wrong unit (0 disables it)   -> still waiting after 10 s
 """
 
 from __future__ import annotations
@@ -86,8 +103,10 @@ def db(postgres: Any) -> Db:
                             status  text    NOT NULL DEFAULT 'queued',
                             done_by text,
                             done_at timestamptz)""")
+        # Stored out of id order: 1 is not the first row of the heap.
         conn.execute("INSERT INTO jobs (id, payload) "
-                     "SELECT g, 'job-' || g FROM generate_series(1, 200) g")
+                     "SELECT g, 'job-' || g FROM generate_series(1, 200) g "
+                     "ORDER BY (g * 73) % 200 DESC")
     return Db(postgres)
 
 
@@ -270,10 +289,24 @@ def test_four_workers_take_200_jobs_exactly_once(db: Db, learner: Any) -> None:
         f"{wrong[0]} (handled by {who.get(wrong[0][0])})")
 
 
+def test_jobs_are_taken_oldest_first(db: Db, learner: Any) -> None:
+    take_job = api(learner, "take_job").take_job
+    seen: list[int] = []
+    with db.connect() as conn:
+        for _ in range(3):
+            take_job(conn, "worker-1", lambda job_id, payload: seen.append(job_id))
+    assert seen == [1, 2, 3], (
+        f"three take_job calls on a fresh queue handled jobs {seen}, expected the oldest "
+        f"first: [1, 2, 3]. The rows are not stored in id order here - without ORDER BY id "
+        f"(before LIMIT 1 FOR UPDATE SKIP LOCKED) you get whichever row the scan meets first")
+
+
 def test_a_job_whose_handler_fails_goes_back_to_the_queue(db: Db, learner: Any) -> None:
     take_job = api(learner, "take_job").take_job
+    crashed: list[int] = []
 
     def crash(job_id: int, payload: str) -> None:
+        crashed.append(job_id)
         raise RuntimeError(f"handler crashed on {payload}")
 
     seen: list[int] = []
@@ -282,14 +315,23 @@ def test_a_job_whose_handler_fails_goes_back_to_the_queue(db: Db, learner: Any) 
             take_job(conn, "worker-1", crash)
         except RuntimeError:
             pass  # the handler's error may propagate; it must not lose the job
+        assert crashed, "take_job(conn, worker, handle) never called handle(job_id, payload)"
         assert conn.info.transaction_status == TransactionStatus.IDLE, (
             "after the handler raised, the connection was left inside a transaction: "
             "roll it back so the job's lock is released")
         job = take_job(conn, "worker-2", lambda job_id, payload: seen.append(job_id))
-    assert job == 1 and seen == [1], (
-        f"the handler of job 1 raised, then the next take_job handled {seen or 'nothing'}: "
-        f"job 1 should have gone back to the queue - handle it inside the transaction that "
-        f"claimed it, so a failure rolls the claim back")
+        (status, done_by) = conn.execute("SELECT status, done_by FROM jobs WHERE id = %s",
+                                         (crashed[0],)).fetchone() or (None, None)
+    if seen != crashed and status == "done":
+        pytest.fail(
+            f"the handler of job {crashed[0]} raised, yet the job is marked done (by "
+            f"{done_by}) and was never handled again: an error in the handler must not be "
+            f"swallowed - let it roll the claiming transaction back, so the job stays "
+            f"queued", pytrace=False)
+    assert seen == crashed and job == crashed[0], (
+        f"the handler of job {crashed[0]} raised, then the next take_job handled "
+        f"{seen or 'nothing'}: job {crashed[0]} should have gone back to the queue - handle "
+        f"it inside the transaction that claimed it, so a failure rolls the claim back")
 
 
 # --------------------------------------------------------------------------------------
@@ -303,6 +345,9 @@ def test_a_blocked_update_fails_within_the_lock_timeout(db: Db, learner: Any) ->
     update, lock_busy = module.update_balance_with_timeout, module.LockBusy
     with (db.connect() as holder, db.connect() as conn,
           ThreadPoolExecutor(max_workers=1) as pool):
+        # The caller's session has a lock_timeout of its own, not the server's default:
+        # it must be what it was after the call (a RESET would give the server's 0).
+        conn.execute("SET lock_timeout = '7s'")
         default = show_lock_timeout(conn)
         # Without contention the call simply applies and commits the change...
         update(conn, 1, 5, TIMEOUT_MS)
@@ -321,8 +366,11 @@ def test_a_blocked_update_fails_within_the_lock_timeout(db: Db, learner: Any) ->
         except TimeoutError:
             holder.execute("ROLLBACK")  # let the learner's update finish
             future.exception(timeout=30)
-            pytest.fail(f"the update was still waiting for the locked row after 10 s: set "
-                        f"lock_timeout = {TIMEOUT_MS}ms for the transaction", pytrace=False)
+            pytest.fail(f"the update was still waiting for the locked row after 10 s: no "
+                        f"lock_timeout of {TIMEOUT_MS} ms was in effect - SET LOCAL "
+                        f"lock_timeout = '{TIMEOUT_MS}ms' inside the transaction, before the "
+                        f"UPDATE (a value without a unit is milliseconds; 0 means wait "
+                        f"forever)", pytrace=False)
         elapsed_ms = (time.monotonic() - started) * 1000
         holder.execute("ROLLBACK")
 
@@ -341,7 +389,8 @@ def test_a_blocked_update_fails_within_the_lock_timeout(db: Db, learner: Any) ->
             f"produces (raise LockBusy(...) from exc); its cause was {chain or 'nothing'}")
         assert elapsed_ms >= TIMEOUT_MS * 0.8, (
             f"LockBusy after {elapsed_ms:.0f} ms, before the {TIMEOUT_MS} ms timeout: that "
-            f"is NOWAIT (give up at once), not a bounded wait")
+            f"is NOWAIT (give up at once), or a lock_timeout shorter than asked, not a "
+            f"bounded wait of timeout_ms")
         assert elapsed_ms <= TIMEOUT_MS + 2000, (
             f"LockBusy only after {elapsed_ms:.0f} ms, for a timeout of {TIMEOUT_MS} ms")
         assert conn.info.transaction_status == TransactionStatus.IDLE, (
@@ -360,6 +409,9 @@ def show_lock_timeout(conn: Conn) -> str:
 def assert_not_leaked(conn: Conn, default: str, when: str) -> None:
     now = show_lock_timeout(conn)
     assert now == default, (
-        f"{when}, lock_timeout on your connection is {now} (it was {default}): a plain SET "
-        f"stays for every later statement of the session - use SET LOCAL (or "
-        f"set_config(..., true)) inside the transaction")
+        f"{when}, lock_timeout on your connection is {now} (it was {default}): "
+        + ("a RESET (or SET back to 0) restores the server's default, not what the "
+           "caller's session had" if now in ("0", "0ms") else
+           "a plain SET stays for every later statement of the session")
+        + " - use SET LOCAL (or set_config(..., true)) inside the transaction: it ends "
+          "with the transaction")

@@ -88,10 +88,14 @@ def open_model(module: ModuleType, name: str, postgres: Any, redis_db: Any) -> A
 
 def load_model(module: ModuleType, name: str, postgres: Any, redis_db: Any,
                products: list[Product]) -> Any:
+    """The products go in out of id order, each with its tags in reverse: ids in ascending
+    order and sorted tags must come from the queries (ORDER BY, sorted()), not from the order
+    the rows happen to be stored in."""
     store = open_model(module, name, postgres, redis_db)
     store.create_schema()
-    store.add_products([dict(p, tags=list(p["tags"]), attributes=dict(p["attributes"]))
-                        for p in products])
+    shuffled = sorted(products, key=lambda p: (p["id"] * 7919) % 10007)
+    store.add_products([dict(p, tags=list(reversed(p["tags"])),
+                             attributes=dict(p["attributes"])) for p in shuffled])
     return store
 
 
@@ -241,10 +245,21 @@ def test_same_answers_in_all_three_models(learner: Any, postgres: Any, redis_db:
 
 
 def describe_difference(model: str, label: str, got: Any, want: Any) -> str:
+    if isinstance(want, dict) and isinstance(got, dict):
+        diff = [k for k in want if got.get(k) != want[k]]
+        if diff == ["tags"] and sorted(got.get("tags") or []) == want["tags"]:
+            return (f"{model}.{label} returned tags {got['tags']}, expected them sorted: "
+                    f"{want['tags']} - the products were added with their tags in another "
+                    f"order; sort them when reading (ORDER BY tag, sorted())")
+        if diff:
+            shown = "; ".join(f"{k}={got.get(k)!r} (expected {want[k]!r})" for k in diff[:3])
+            return f"{model}.{label}: {shown}"
     if isinstance(want, list) and isinstance(got, list):
         missing = sorted(set(want) - set(got))[:5]
         extra = sorted(set(got) - set(want))[:5]
-        order = "" if set(got) != set(want) else " (same ids, not in ascending order)"
+        order = "" if set(got) != set(want) else (
+            " (same ids, not in ascending order: the products were added out of id order - "
+            "ORDER BY the id, or sort the ids as numbers, not as strings)")
         return (f"{model}.{label} returned {len(got)} ids, expected {len(want)}{order}"
                 + (f"; missing {missing}" if missing else "")
                 + (f"; unexpected {extra}" if extra else ""))

@@ -149,6 +149,24 @@ def test_reliable_queue_keeps_claimed_jobs_until_acked(learner: Any, redis_db: A
         "size() read the list's contents: LLEN is O(1)")
 
 
+def test_ack_removes_one_claim_of_a_job_queued_twice(learner: Any, redis_db: Any) -> None:
+    """The same job can be queued twice (a retry, a resend): acking one claim must leave the
+    other claim in the processing list, where recover() finds it."""
+    queue = structure(learner.load("structures"), "ReliableQueue", redis_db.url, "mail")
+    queue.push("email:42")
+    queue.push("email:42")
+    claims = [queue.claim(), queue.claim()]
+    assert claims == ["email:42", "email:42"], f"two claims returned {claims}"
+    queue.ack("email:42")  # one worker finished; the other died holding its copy
+    recovered = queue.recover()
+    assert recovered == 1, (
+        f"email:42 was queued and claimed twice and acked once; recover() then found "
+        f"{recovered} unacknowledged claim(s), expected 1: ack must remove ONE copy from the "
+        f"processing list (LREM processing 1 job) - LREM with count 0 removes every copy, "
+        f"and a crashed worker's claim is lost")
+    assert queue.claim() == "email:42", "the recovered copy of email:42 must be next in line"
+
+
 def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) -> None:
     visitors = structure(learner.load("structures"), "UniqueVisitors", redis_db.url, "visitors")
     rnd = random.Random(8)

@@ -145,6 +145,59 @@ def test_cache_aside_no_stale_read_after_write(shop: Shop) -> None:
             "stale cache entry. Delete product:2 from Redis after the database write")
 
 
+def test_cache_aside_invalidates_after_the_write_not_before(shop: Shop, postgres: Any) -> None:
+    """The race delete-then-write loses: the test holds product 2's row lock, so the
+    writer's UPDATE waits; meanwhile another server reads product 2. If the cache entry was
+    already deleted, that read misses, reads the old row (the UPDATE is not committed) and
+    puts it back in the cache - where it stays after the write. Deleting AFTER the write
+    leaves nothing stale."""
+    import threading
+
+    writer = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+    other = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+    assert other.get_product(2) == row(2)  # product:2 is cached
+    shop.direct.execute("BEGIN")
+    shop.direct.execute("SELECT 1 FROM products WHERE id = 2 FOR UPDATE")
+    done: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            writer.update_price(2, 3333)
+            done.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            done.append(exc)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        with postgres.connect(autocommit=True) as watch:
+            deadline = time.monotonic() + 15
+            while not done and time.monotonic() < deadline:
+                (waiting,) = watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'").fetchone()
+                if waiting:
+                    break
+                time.sleep(0.01)
+            else:
+                if not done:
+                    pytest.fail("update_price(2, ...) never reached the database's row lock "
+                                "within 15 s", pytrace=False)
+        # the writer's UPDATE is waiting; another server reads product 2 now
+        during = other.get_product(2)
+    finally:
+        shop.direct.execute("COMMIT")
+        thread.join(15)
+    assert done and done[0] is None, f"update_price(2, 3333) failed: {done and done[0]!r}"
+    after = other.get_product(2)
+    assert after is not None and after["price_cents"] == 3333, (
+        f"after update_price(2, 3333) returned, another server reads price "
+        f"{after and after['price_cents']} (cache: {shop.cached(2)}): product:2 was deleted "
+        f"BEFORE the database write, so a read in between ({during and during['price_cents']}"
+        f" then) refilled the cache with the old row - write the database first, then delete "
+        f"the cache entry")
+
+
 def test_read_through_cache_calls_the_loader_only_on_a_miss(shop: Shop) -> None:
     calls: list[int] = []
 
@@ -212,6 +265,13 @@ def wait_for_db(shop: Shop, want: dict[int, int], pattern: str, within: float = 
         if seen == want:
             return
         time.sleep(0.05)
+    older = {5: (1, 2)}  # the earlier writes to product 5
+    if seen.get(4) == want.get(4) and seen.get(5) in older[5]:
+        pytest.fail(
+            f"{pattern}: {within:.0f} s after start() the database holds prices {seen}, "
+            f"expected {want}: product 5 ended with an OLDER write ({seen[5]}) - the worker "
+            f"applied the queued writes out of order; take the oldest first (push on one end "
+            f"of the list, pop from the other)", pytrace=False)
     assert seen == want, (
         f"{pattern}: {within:.0f} s after start() the database holds prices {seen}, expected "
         f"{want}: the queued writes never reached Postgres. Keep the queue in Redis (a list), "

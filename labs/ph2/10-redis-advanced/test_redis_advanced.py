@@ -71,6 +71,22 @@ def test_rate_limiter_allows_exactly_the_limit_atomically(learner: Any, redis_db
     limiter = limiter_class(learner)(redis_db.url, limit=10, window_seconds=60)
     with redis_commands(redis_db, with_source=True) as sent:
         allowed = concurrent_calls(limiter, "user-1", 100)
+    if allowed.count(True) != 10:
+        expiries = [cmd for source, cmd in sent if source == "lua"
+                    and cmd[0] in ("EXPIRE", "PEXPIRE") and len(cmd) > 2]
+        tiny = [c for c in expiries if c[0] == "PEXPIRE" and c[2].isdigit() and int(c[2]) < 1000]
+        if tiny:
+            pytest.fail(
+                f"100 concurrent calls with limit 10 allowed {allowed.count(True)}: the "
+                f"script ran {' '.join(tiny[0])} - a 60 s window set in milliseconds lasts "
+                f"60 ms, so the counter expired and restarted during the calls (EXPIRE takes "
+                f"seconds)", pytrace=False)
+        created = sum(1 for source, cmd in sent if source == "lua" and cmd[0] == "EXPIRE")
+        if created > 1 and allowed.count(True) > 10:
+            pytest.fail(
+                f"100 concurrent calls with limit 10 allowed {allowed.count(True)}: the "
+                f"counter was given an expiry {created} times - it expired in the middle of "
+                f"the calls; the window must last window_seconds", pytrace=False)
     assert allowed.count(True) == 10, (
         f"100 concurrent calls with limit 10 allowed {allowed.count(True)}: the count and the "
         "decision must be one atomic step on the server (INCR inside a Lua script)")
@@ -91,6 +107,18 @@ def test_rate_limiter_allows_exactly_the_limit_atomically(learner: Any, redis_db
         "of sending its source every time")
     assert "INCR" in in_script and ("EXPIRE" in in_script or "PEXPIRE" in in_script), (
         f"the script ran {sorted(set(in_script))}: expected INCR and EXPIRE inside it")
+    # EVALSHA sha numkeys key... arg...: the counter's key must be declared as a KEY, or
+    # Redis (a cluster, a proxy, ACLs) cannot know which key the script touches.
+    undeclared = [cmd for cmd in from_clients if cmd[0] == "EVALSHA"
+                  and (len(cmd) < 3 or not cmd[2].isdigit() or int(cmd[2]) < 1)]
+    incr_keys = {cmd[1] for source, cmd in sent if source == "lua" and cmd[0] == "INCR"}
+    declared = {cmd[3] for cmd in from_clients if cmd[0] == "EVALSHA" and len(cmd) > 3
+                and cmd[2].isdigit() and int(cmd[2]) >= 1}
+    assert not undeclared and incr_keys <= declared, (
+        f"the script was called as {' '.join(undeclared[0][:5]) if undeclared else '...'} "
+        f"and INCRed {sorted(incr_keys)}: pass the counter's key in KEYS (EVALSHA sha 1 "
+        f"<key> <window>), not in ARGV or built inside the script - a script must declare "
+        f"every key it touches")
 
     assert concurrent_calls(limiter, "user-2", 20).count(True) == 10, (
         "another key must have its own limit: user-2 was not allowed 10 calls")
@@ -108,6 +136,10 @@ def test_rate_limit_window_is_fixed_and_restarts(learner: Any, redis_db: Any) ->
         assert 0 < first <= 30_000, (
             f"the counter {key!r} has PTTL {first} ms, expected 1..30000: EXPIRE it with the "
             "window length when it is created")
+        assert first > 15_000, (
+            f"the counter {key!r} of a 30 s window has PTTL {first} ms right after it was "
+            f"created: the window is far too short - EXPIRE takes seconds, PEXPIRE "
+            f"milliseconds")
         time.sleep(0.2)  # let time pass, to see whether the expiry moves with it
         limiter.allow("ip-9")
         second = client.pttl(key)

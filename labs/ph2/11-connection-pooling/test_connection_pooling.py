@@ -11,6 +11,20 @@ Everything is observed from outside the learner's code:
   those threads are counted where the learner's code runs (a process of its own when
   grading), by labrunner.testing.threads_waiting_in.
 The test releases the lock to let everything finish.
+
+Mistakes a learner makes here, each caught with its own message:
+- floor / int() instead of ceil, ceil of float noise (14.000000000000002 -> 15)
+- round() (or round to 1 decimal) before ceil: only fractions below .5 show it (1.2, 1.01)
+- no minimum of 1: no traffic still needs a connection
+- no pool at all, or a pool per query                      -> server connections counted
+- the library's PoolTimeout / TooManyRequests let out      -> the exception's class
+- no acquire timeout, or no wait (fails at once)           -> how long the request took
+- no max_waiting (an unbounded queue)                      -> a third waiter not rejected
+- getconn() without commit: putconn() rolls the write back -> a row written, read back
+- getconn() without try/finally: a failing query keeps its connection (a leak)
+                                                           -> failing queries, then a query
+- every error turned into PoolExhausted (a SQL error is not an exhausted pool)
+- close() that leaves the connections open                 -> counted after close()
 """
 
 from __future__ import annotations
@@ -177,16 +191,32 @@ def assert_pool_exhausted(pooling: ModuleType, call: Call, context: str) -> None
     (200, 0.05, 10),
     (200, 0.07, 14),     # 200 * 0.07 = 14.000000000000002 in floating point
     (30, 0.05, 2),       # 1.5 connections busy on average: round up
+    (30, 0.04, 2),       # 1.2: round() first would give 1
+    (101, 0.01, 2),      # 1.01: rounding to a decimal or two first would give 1
+    (7, 0.3, 3),         # 2.1 (2.0999999999999996 in floating point)
     (1000, 0.2, 200),
     (0.5, 0.1, 1),       # almost idle: still one connection
+    (0, 0.1, 1),         # no traffic yet: still one connection, never a pool of 0
 ])
 def test_pool_size_follows_littles_law(learner: Any, rate: float, latency: float,
                                        want: int) -> None:
     pool_size = learner.function("pooling", "pool_size")
     got = pool_size(rate, latency)
-    assert got == want, (
-        f"pool_size({rate}/s, {latency} s) returned {got}, expected {want}: Little's Law, "
-        "L = arrival rate x time per request, rounded up (and at least 1)")
+    busy = rate * latency
+    why = "Little's Law, L = arrival rate x time per request, rounded up (and at least 1)"
+    if want == 1 and got == 0:
+        why = "a pool of 0 serves nobody: at least 1 connection, whatever the traffic"
+    elif got == round(busy) < want:
+        why = (f"{busy!r} busy on average rounds to {got} but needs {want}: round() (or "
+               f"any rounding to the nearest) before ceil() drops a fraction below .5 - "
+               f"round only the floating-point noise away (e.g. round(x, 9)), then ceil")
+    elif got == want - 1:
+        why = (f"{busy!r} busy on average: a fraction of a connection still needs a whole "
+               f"one - round UP (ceil), not down (floor, int())")
+    elif got == want + 1:
+        why = (f"{busy!r} is {want} plus floating-point noise: ceil() of it opens a "
+               f"connection nobody needs - round the noise away (e.g. round(x, 9)) first")
+    assert got == want, f"pool_size({rate}/s, {latency} s) returned {got}, expected {want}: {why}"
 
 
 def test_never_more_server_connections_than_the_pool(pooling: ModuleType, opened: list[Any],
@@ -302,3 +332,68 @@ def test_full_wait_queue_rejects_at_once(pooling: ModuleType, opened: list[Any],
     finally:
         release(server, [*busy, *waiting])
     assert_completed([*busy, *waiting])
+
+
+def test_writes_are_committed_and_a_failing_query_gives_its_connection_back(
+        pooling: ModuleType, opened: list[Any], server: Server, postgres: Any) -> None:
+    db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=1)
+    with postgres.connect(autocommit=True) as setup:
+        setup.execute("CREATE TABLE visits (page text)")
+    try:
+        inserted = db.query("INSERT INTO visits VALUES (%s)", ("home",))
+    except Exception as exc:  # noqa: BLE001 - explained below
+        pytest.fail(
+            f"query('INSERT ...') raised {type(exc).__name__}: {exc} - a statement that "
+            f"returns no rows must give [] (check cursor.description before fetchall())",
+            pytrace=False)
+    assert inserted == [], f"query('INSERT ...') returned {inserted!r}, expected []"
+    with postgres.connect(autocommit=True) as check:
+        (rows,) = check.execute("SELECT count(*) FROM visits").fetchone()
+    assert rows == 1, (
+        f"after query('INSERT ...') returned, another connection sees {rows} rows, expected "
+        f"1: the write was not committed - a connection taken with getconn() and given back "
+        f"with putconn() is rolled back; commit (with pool.connection() as conn: commits "
+        f"when the block ends)")
+
+    # More failing queries than the pool has connections: each must give its connection
+    # back, and reach the caller as the database's error, not as an exhausted pool.
+    for n in range(1, 4):
+        call = Call(db.query, "SELECT 1 / 0")
+        call.run()
+        if call.error is None:
+            pytest.fail(f"query('SELECT 1 / 0') returned {call.result!r}: the database's "
+                        f"error must reach the caller", pytrace=False)
+        if isinstance(call.error, pooling.PoolExhausted):
+            if n == 1:
+                pytest.fail(
+                    "query('SELECT 1 / 0') raised PoolExhausted: a division by zero is not "
+                    "an exhausted pool - translate only the pool's own errors (PoolTimeout, "
+                    "TooManyRequests) and let the database's errors out", pytrace=False)
+            pytest.fail(
+                f"after {n - 1} failing queries, query #{n} found no free connection in a "
+                f"pool of 2 (PoolExhausted): each failing query kept its connection - give "
+                f"it back whatever happens (with pool.connection() as conn:, or putconn() "
+                f"in a finally)", pytrace=False)
+        assert type(call.error).__name__ == "DivisionByZero", (
+            f"query('SELECT 1 / 0') raised {type(call.error).__name__}: {call.error}, "
+            f"expected psycopg.errors.DivisionByZero - let the database's error out as it is")
+    after = Call(db.query, "SELECT 7")
+    after.run()
+    if isinstance(after.error, pooling.PoolExhausted):
+        pytest.fail(
+            "after 3 failing queries a pool of 2 had no free connection for 'SELECT 7': the "
+            "failing queries kept their connections - give a connection back whatever "
+            "happens (with pool.connection() as conn:)", pytrace=False)
+    assert after.error is None and after.result == [(7,)], (
+        f"after 3 failing queries, query('SELECT 7') gave {after.result!r} / "
+        f"{after.error!r}: a connection that saw an error must be rolled back before reuse")
+
+    db.close()
+    opened.remove(db)
+    try:
+        wait_until(lambda: server.connections() == 0, "the pool's connections to close")
+    except BaseException:
+        pytest.fail(
+            f"after close() the server still has {server.connections()} connections from "
+            f"your pool: close() must close the pool and every connection it opened",
+            pytrace=False)

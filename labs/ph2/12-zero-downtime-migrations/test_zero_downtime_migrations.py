@@ -108,6 +108,33 @@ def test_applies_in_order_and_rerun_is_a_noop(runner: ModuleType, postgres: Any,
         "a new V004 must be applied, alone, by the next run")
 
 
+def test_versions_are_numbers_and_target_is_inclusive(runner: ModuleType, postgres: Any,
+                                                      migrations: Path) -> None:
+    """Versions without zero padding: V10 comes after V9 (though 'V10__' sorts before
+    'V9__' as text); target=2 includes V2."""
+    write(migrations, {
+        "V1__create_accounts.sql": BASIC["V001__create_accounts.sql"],
+        "V2__seed_admin.sql": BASIC["V002__seed_admin.sql"],
+        "V9__add_email.sql": "ALTER TABLE accounts ADD COLUMN email text;",
+        "V10__fill_email.sql": "UPDATE accounts SET email = 'root@example.com';",
+    })
+    first = runner.migrate(postgres.dsn, migrations, target=2)
+    assert list(first) == [1, 2], (
+        f"migrate(target=2) on V1, V2, V9, V10 applied {first!r}, expected [1, 2]: "
+        + ("the target is inclusive (version <= target)" if list(first) == [1] else
+           "apply the versions up to the target, in version order"))
+    try:
+        rest = runner.migrate(postgres.dsn, migrations)
+    except Exception as exc:  # noqa: BLE001 - explained
+        pytest.fail(f"migrate() with V9 and V10 pending raised {type(exc).__name__}: {exc} - "
+                    f"V10 (which needs V9's column) ran first? Versions are numbers: V10 "
+                    f"comes after V9, though 'V10__' sorts before 'V9__' as text",
+                    pytrace=False)
+    assert list(rest) == [9, 10], (
+        f"migrate() with V9 and V10 pending applied {rest!r}, expected [9, 10]: order "
+        f"versions as numbers, not file names as text")
+
+
 def test_changed_applied_script_is_refused(runner: ModuleType, postgres: Any,
                                            migrations: Path) -> None:
     write(migrations, BASIC)

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 GROUPS = ("billing", "shipping", "analytics")
@@ -102,9 +103,16 @@ def test_publish_needs_no_consumer(learner: Any, kafka: Any) -> None:
         assert record["key"] == order["order_id"].encode(), (
             f"event for {order['order_id']} has key {record['key']!r}: key events by order id "
             "so every event about one order lands in one partition, in order")
-        assert tuple(where) == (record["partition"], record["offset"]), (
-            f"publish_orders said {order['order_id']} is at {tuple(where)}, the broker has it "
-            f"at {(record['partition'], record['offset'])}")
+        if tuple(where) != (record["partition"], record["offset"]):
+            actual = {(r["partition"], r["offset"]) for r in log}
+            why = ("the right positions in another order: return them in the order of "
+                   "`orders` (delivery reports arrive per partition batch, not in produce "
+                   "order - record each at its order's index)"
+                   if {tuple(w) for w in placed} == actual else
+                   "take the partition and offset from each event's delivery report")
+            pytest.fail(
+                f"publish_orders said {order['order_id']} is at {tuple(where)}, the broker "
+                f"has it at {(record['partition'], record['offset'])}: {why}", pytrace=False)
     assert len({r["event"]["event_id"] for r in log}) == 30, "event ids must be unique"
     assert groups_under(kafka) == [], (
         f"publishing created consumer groups {groups_under(kafka)}: the producer must not "
@@ -162,3 +170,36 @@ def test_group_started_later_replays_history(learner: Any, kafka: Any) -> None:
             "ordered log")
     consume_exactly(consume, kafka, topic, "billing", order_ids(make_orders(10, 10)),
                     "read the first 10 events before and should now get only the 10 new ones")
+
+
+def test_a_small_read_commits_only_what_it_returns(learner: Any, kafka: Any) -> None:
+    """20 events are waiting; billing reads 5, then 5, then the rest: a read commits the
+    position after the events it RETURNS, not after everything the client fetched."""
+    publish = learner.function("events", "publish_orders")
+    consume = learner.function("events", "consume")
+    topic = kafka.create_topic("orders", 1)
+    publish(kafka.bootstrap, topic, make_orders(0, 20))
+    got: list[str] = []
+    for waiting in (20, 15):
+        batch = consume(kafka.bootstrap, topic, kafka.group("billing"), 5, 10.0)
+        if waiting == 15 and len(batch) < 5:
+            pytest.fail(
+                f"billing read 5 of 20 events, then its next consume(max_events=5) returned "
+                f"{len(batch)}: the first read committed the group's position past events it "
+                f"fetched but did not return - commit the offsets of the events you return, "
+                f"not the consumer's whole fetch", pytrace=False)
+        assert len(batch) == 5, (
+            f"consume(max_events=5) with {waiting} events waiting returned {len(batch)} "
+            f"events: return at most max_events (and wait up to the timeout for them)")
+        got += [str(e.get("order_id")) for e in batch]
+    rest = consume(kafka.bootstrap, topic, kafka.group("billing"), 100, 3.0)
+    got += [str(e.get("order_id")) for e in rest]
+    want = order_ids(make_orders(0, 20))
+    missing = [o for o in want if o not in got]
+    assert not missing, (
+        f"billing read 5, 5, then the rest, and never saw {len(missing)} of the 20 events "
+        f"(e.g. {missing[:3]}): a read committed the group's position past events it fetched "
+        f"but did not return - commit the offsets of the events you return, not the "
+        f"consumer's whole fetch")
+    assert got == want, (
+        f"billing read the 20 events as {got}: expected each once, in order (one partition)")

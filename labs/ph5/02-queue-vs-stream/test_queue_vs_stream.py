@@ -61,6 +61,24 @@ def assert_all_jobs(got: Any, who: str, why: str) -> None:
         f"{why}")
 
 
+def assert_survives_a_broker_restart(rabbitmq: Any, queue: str) -> None:
+    """A job queue outlives a broker restart only if the queue is durable AND each message
+    is persistent (delivery_mode 2): read from the management API, which reports both."""
+    vhost = urllib.parse.quote(rabbitmq.vhost, safe="")
+    info = rabbitmq.api("GET", f"/queues/{vhost}/{queue}")
+    assert info.get("durable") is True, (
+        f"the queue {queue!r} is not durable: a broker restart deletes it with every job in "
+        f"it - queue_declare(queue, durable=True) (in the producer and the workers alike)")
+    got = rabbitmq.api("POST", f"/queues/{vhost}/{queue}/get",
+                       {"count": 100, "ackmode": "reject_requeue_true", "encoding": "auto"})
+    transient = [m["payload"] for m in got
+                 if (m.get("properties") or {}).get("delivery_mode") != 2]
+    assert not transient, (
+        f"{len(transient)} of {len(got)} jobs were published as transient messages (e.g. "
+        f"{transient[0]!r}): a durable queue keeps only persistent messages over a restart - "
+        f"publish with properties=pika.BasicProperties(delivery_mode=2)")
+
+
 # --- RabbitMQ: a work queue --------------------------------------------------------------
 
 def test_competing_workers_share_the_queue(learner: Any, rabbitmq: Any) -> None:
@@ -68,6 +86,7 @@ def test_competing_workers_share_the_queue(learner: Any, rabbitmq: Any) -> None:
     exactly one worker, and acknowledged jobs are gone from the queue."""
     mod = learner.load("workload")
     mod.rabbit_enqueue(rabbitmq.url, "work", JOBS)
+    assert_survives_a_broker_restart(rabbitmq, "work")
     w1, w2 = mod.RabbitWorker(rabbitmq.url, "work"), mod.RabbitWorker(rabbitmq.url, "work")
     try:
         busy = take(w1)

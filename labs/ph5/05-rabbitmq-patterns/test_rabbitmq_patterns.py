@@ -41,6 +41,10 @@ def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     except pika.exceptions.ChannelClosedByBroker as exc:
         closed = f"{what}: RabbitMQ closed the channel: {exc.reply_code} {exc.reply_text}"
+        if exc.reply_code == 406 and "unknown delivery tag" in str(exc.reply_text):
+            closed += (" - a message was acked or rejected twice: after basic_ack (or a "
+                       "get with auto_ack=True) it is gone, and cannot be rejected any more; "
+                       "ack only after the handler succeeded, reject only if it raised")
     pytest.fail(closed, pytrace=False)
 
 
@@ -160,7 +164,8 @@ def test_headers_exchange_all_and_any(learner: Any, channels: Any) -> None:
 
 # --- dead letters and TTL ----------------------------------------------------------------
 
-def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: Any) -> None:
+def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: Any,
+                                                        rabbitmq: Any) -> None:
     mod = learner.load("patterns")
     theirs, mine = channels
     call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
@@ -179,6 +184,21 @@ def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: 
         "False (queue empty), with ok-1 and ok-2 handled: a failed message must be rejected "
         "WITHOUT requeue, or it comes straight back and blocks the queue")
     dead = wait_for_message(mine, "dead")
+    vhost = urllib.parse.quote(rabbitmq.vhost, safe="")
+    arguments = rabbitmq.api("GET", f"/queues/{vhost}/work").get("arguments") or {}
+    routes = False
+    if dead is None and "x-dead-letter-exchange" in arguments:
+        # Does the dead-letter route work? The test sends a probe the way the broker
+        # dead-letters (to the DLX, with the original or the configured routing key).
+        mine.basic_publish(str(arguments["x-dead-letter-exchange"]),
+                           str(arguments.get("x-dead-letter-routing-key", "work")), b"probe")
+        routes = wait_for_message(mine, "dead") is not None
+    assert dead is not None or not routes, (
+        "bad-1 never reached the dead-letter queue, though 'work' has an "
+        f"x-dead-letter-exchange ({arguments.get('x-dead-letter-exchange')!r}): handle_one "
+        "took it with auto_ack=True (or acked it before the handler ran), so the broker had "
+        "already deleted it when the handler failed - get with auto_ack=False, ack after "
+        "success, basic_reject(requeue=False) on failure")
     assert dead is not None, (
         "bad-1 never reached the dead-letter queue: declare 'work' with "
         "x-dead-letter-exchange, and make sure the DLX routes to 'dead' - a dead-lettered "

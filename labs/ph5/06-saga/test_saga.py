@@ -8,7 +8,22 @@ after which its connection is gone; a freshly loaded orchestrator (no memory of 
 resume from the state in Postgres.
 
 Choreographed: four services, each its own consumer group on one Kafka topic, react to each
-other's events; the test reads the topic back and checks every order's chain of events."""
+other's events; the test reads the topic back and checks every order's chain of events.
+
+The rules are also checked one by one on react(), at their boundaries (a limit is
+inclusive: exactly 100000 cents, exactly 10 items), and a crash that is an ordinary
+exception (a participant's connection error) must escape like any other crash.
+
+Mistakes a learner makes here, each caught with its own message:
+- compensating the failed step too, or forward order               -> the calls seen
+- progress kept in memory, or marked done before calling            -> resume after a crash
+- the compensation not stored (a resumed run goes forward again)    -> resume while compensating
+- any exception treated as a refusal (except Exception / BaseException): a crash compensates
+                                                                    -> a ConnectionError
+- state updated for every saga, not this one                        -> two sagas at once
+- limits off by one (< instead of <=)                               -> react() at the limit
+- the order cancelled without a refund, refund on the wrong event   -> the chains over Kafka
+"""
 
 from __future__ import annotations
 
@@ -195,7 +210,107 @@ def test_resume_after_crash_while_compensating(world: Any, postgres: Any,
     assert result == "compensated", f"run_saga returned {result!r}, expected 'compensated'"
 
 
+def test_a_crash_that_is_an_ordinary_exception_is_not_a_refusal(world: Any,
+                                                                 postgres: Any) -> None:
+    """reserve_inventory's service is unreachable (ConnectionError, an Exception but not
+    StepFailed): that is not a business refusal - nothing may be compensated; the error
+    escapes and the saga stays 'running', to be resumed."""
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    mod.start_saga(postgres.dsn, "s-down", ORDER)
+    parts = services(mod, conn)
+
+    def unreachable(saga_id: str, order: dict[str, Any]) -> None:
+        conn.execute("INSERT INTO svc_calls (saga_id, step, action) VALUES (%s, %s, 'do')",
+                     (saga_id, "reserve_inventory"))
+        raise ConnectionError("inventory service unreachable")
+
+    parts["reserve_inventory"].do = unreachable  # type: ignore[method-assign]
+    try:
+        result = mod.run_saga(postgres.dsn, "s-down", parts)
+    except ConnectionError:
+        result = None
+    except Exception as exc:  # noqa: BLE001 - explained below
+        result = f"raised {type(exc).__name__}: {exc}"
+    got = calls(conn, "s-down")
+    undone = [c for c in got if c.startswith("undo")]
+    assert not undone, (
+        f"reserve_inventory raised ConnectionError (its service is down - a crash, not a "
+        f"refusal) and the orchestrator compensated: {undone}. Only StepFailed is a "
+        f"refusal; catch StepFailed alone and let any other exception escape, the saga "
+        f"staying 'running' to be resumed")
+    assert result is None, (
+        f"reserve_inventory raised ConnectionError and run_saga {result!r} instead of "
+        f"letting that ConnectionError escape: a crash is not a result")
+    status = mod.saga_status(postgres.dsn, "s-down")
+    assert status == "running", (
+        f"after reserve_inventory's ConnectionError the stored status is {status!r}; "
+        f"expected 'running' (nothing was refused: a resumed run goes forward)")
+
+
+def test_two_sagas_keep_their_own_state(world: Any, postgres: Any, learner: Any) -> None:
+    """Saga A crashes before reserve_inventory; saga B then runs to its end; A resumed
+    goes on from its own state, not B's."""
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    mod.start_saga(postgres.dsn, "s-a", ORDER)
+    mod.start_saga(postgres.dsn, "s-b", {**ORDER, "order_id": "order-2"})
+    crash_run(mod, postgres, "s-a", services(mod, conn, reserve_inventory={"crash": "before"}))
+    b = mod.run_saga(postgres.dsn, "s-b", services(mod, conn, schedule_shipping={"fail": True}))
+    status_a = mod.saga_status(postgres.dsn, "s-a")
+    assert b == "compensated" and status_a == "running", (
+        f"saga s-b (schedule_shipping refused) ended {b!r}, and saga s-a - crashed earlier, "
+        f"untouched since - is now stored as {status_a!r}, expected 'compensated' and "
+        f"'running': every state change must be for its own saga (WHERE saga_id = ...)")
+    result = learner.load("saga").run_saga(postgres.dsn, "s-a", services(mod, conn))
+    got = calls(conn, "s-a")
+    assert got == do(0, 1, 2, 2, 3) and result == "completed", (
+        f"saga s-a resumed after saga s-b ran: its participants saw {got}, run_saga "
+        f"returned {result!r}; expected {do(0, 1, 2, 2, 3)} and 'completed' - each saga "
+        f"resumes from its own stored position")
+
+
 # --- choreography --------------------------------------------------------------------------
+
+RULES = [  # (service, event, order, what it publishes) - the boundaries are inclusive
+    ("payment", "OrderPlaced", {"amount_cents": 100_000}, ["PaymentCharged"]),
+    ("payment", "OrderPlaced", {"amount_cents": 100_001}, ["PaymentDeclined"]),
+    ("inventory", "PaymentCharged", {"qty": 10}, ["InventoryReserved"]),
+    ("inventory", "PaymentCharged", {"qty": 11}, ["InventoryRejected"]),
+    ("shipping", "InventoryReserved", {"country": "NL"}, ["ShipmentScheduled"]),
+    ("shipping", "InventoryReserved", {"country": "BE"}, ["ShipmentRejected"]),
+    ("payment", "InventoryReleased", {}, ["PaymentRefunded"]),
+    ("payment", "InventoryRejected", {}, ["PaymentRefunded"]),
+    ("inventory", "ShipmentRejected", {}, ["InventoryReleased"]),
+    ("order", "InventoryRejected", {}, []),          # the order waits for the refund
+    ("order", "ShipmentRejected", {}, []),
+    ("order", "PaymentRefunded", {}, ["OrderCancelled"]),
+    ("payment", "PaymentCharged", {}, []),           # nobody reacts to its own facts
+    ("shipping", "ShipmentScheduled", {}, []),
+]
+
+
+@pytest.mark.parametrize(("service", "kind", "fields", "want"), RULES,
+                         ids=[f"{r[0]}-{r[1]}-{'-'.join(map(str, r[2].values())) or 'any'}"
+                              for r in RULES])
+def test_react_follows_the_rules(learner: Any, service: str, kind: str,
+                                 fields: dict[str, Any], want: list[str]) -> None:
+    react = learner.function("saga", "react")
+    order = {"order_id": "o-7", "sku": "book", "amount_cents": 4200, "qty": 1,
+             "country": "DE", **fields}
+    out = react(service, {"type": kind, "order_id": "o-7", "order": order, "source": "x"})
+    got = [e.get("type") for e in out]
+    if got != want:
+        limit = {"amount_cents": "the credit limit, 100000 cents, is inclusive (<=)",
+                 "qty": "the stock, 10 per SKU, is inclusive (<=)",
+                 "country": "ships to DE, FR and NL only"}
+        why = "; ".join(limit[k] for k in fields if k in limit) or (
+            "see the rules table: which service answers which event")
+        pytest.fail(f"react({service!r}, {kind} with {fields or order}) published {got}, "
+                    f"expected {want}: {why}", pytrace=False)
+    for e in out:
+        assert e.get("order_id") == "o-7" and e.get("order") == order, (
+            f"react({service!r}, {kind}) published {e}: carry the order_id and the order on")
 
 CHAINS = {
     "ok": ["OrderPlaced", "PaymentCharged", "InventoryReserved", "ShipmentScheduled",

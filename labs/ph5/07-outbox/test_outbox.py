@@ -10,7 +10,24 @@ points without touching its code:
   - the test sees it waiting in pg_stat_activity / pg_locks, and kills it there (SIGKILL), or
   starts a second relay to see what it waits for.
 
-What counts is what the database and the broker hold afterwards."""
+What counts is what the database and the broker hold afterwards.
+
+The data is not kind: in the ordering test the outbox rows are not stored in id order (the
+oldest rows were updated, so they sit at the end of the table), and an order has two events
+whose order matters.
+
+Mistakes a learner makes here, each caught with its own message:
+- order and outbox row in two transactions, or the outbox row first  -> failing inserts
+- marking before publishing, or in another transaction                -> broker down
+- fire and forget (no flush), or flush() checked but not the delivery reports (a message
+  that failed fast counts as "flushed")                                 -> broker down
+- marking every pending row, not only the batch published             -> rows marked, not sent
+- claiming without ORDER BY id (not the oldest first)                 -> an order's events
+  out of order on its partition
+- a new event_id per publish (not the outbox id)                       -> after a kill
+- no row locks, or FOR UPDATE without SKIP LOCKED                      -> two relays
+- a flush per row                                                      -> 1,000 rows
+"""
 
 from __future__ import annotations
 
@@ -157,12 +174,20 @@ def closed_port() -> int:
 
 
 def assert_each_order_once(events: list[dict[str, Any]], orders: list[dict[str, Any]],
-                           allow_duplicates: bool) -> None:
+                           allow_duplicates: bool, conn: Any = None) -> None:
     by_id = Counter(e.get("event_id") for e in events)
     ids_per_order: dict[str, set[Any]] = {}
     for e in events:
         ids_per_order.setdefault(str(e.get("key")), set()).add(e.get("event_id"))
     missing = [o["order_id"] for o in orders if o["order_id"] not in ids_per_order]
+    if missing and conn is not None:
+        marked = conn.execute("SELECT count(*) FROM outbox WHERE aggregate_id = ANY(%s) AND "
+                              "published_at IS NOT NULL", (missing,)).fetchone()[0]
+        assert not marked, (
+            f"{marked} outbox rows are marked published but never reached Kafka (e.g. "
+            f"{missing[:3]}): mark only the rows of the batch you published and the broker "
+            f"acknowledged (UPDATE ... WHERE id = ANY(<the batch's ids>)), not every pending "
+            f"row")
     assert not missing, (
         f"{len(missing)} of {len(orders)} orders never reached Kafka (e.g. {missing[:3]}): an "
         "order committed with its outbox row must be published sooner or later")
@@ -249,8 +274,38 @@ def test_relay_publishes_each_order(shop: Any, learner: Any, postgres: Any,
     orders = make_orders(50)
     place_all(conn, orders_mod, orders)
     run_relay(learner, postgres, kafka, topic, batch=20)
-    assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False)
+    assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False, conn=conn)
     assert pending(conn) == 0, f"{pending(conn)} outbox rows still unpublished after the relay"
+
+
+def test_an_orders_events_keep_their_order(shop: Any, learner: Any, postgres: Any,
+                                           kafka: Any) -> None:
+    """Each order has OrderPlaced then OrderShipped; the older rows were updated, so the
+    table no longer holds them first. Claimed oldest first (by id), the events of one order
+    reach its partition in the order they were written."""
+    conn, orders_mod = shop
+    topic = kafka.create_topic("orders", 3)
+    orders = make_orders(10)
+    place_all(conn, orders_mod, orders)
+    conn.execute("INSERT INTO outbox (aggregate_id, event_type, payload) "
+                 "SELECT aggregate_id, 'OrderShipped', payload FROM outbox ORDER BY id")
+    # An UPDATE writes a new row version at the end of the table: the OrderPlaced rows now
+    # come after the OrderShipped ones in a scan without ORDER BY.
+    conn.execute("UPDATE outbox SET created_at = created_at WHERE event_type = 'OrderPlaced'")
+    # The pending-rows index would hand the rows over in id order whatever the query says:
+    # the relay's sessions get no index scans, so only ORDER BY id orders its claim.
+    for setting in ("enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan"):
+        conn.execute(f'ALTER DATABASE "{postgres.name}" SET {setting} = off')
+    run_relay(learner, postgres, kafka, topic, batch=5)
+    seen: dict[str, list[str]] = {}
+    for e in read_events(kafka, topic):  # in partition order: one order, one partition
+        seen.setdefault(str(e.get("key")), []).append(str(e.get("type")))
+    wrong = {k: v for k, v in seen.items() if v != ["OrderPlaced", "OrderShipped"]}
+    assert not wrong, (
+        f"{len(wrong)} of 10 orders' events reached Kafka out of order, e.g. "
+        f"{next(iter(wrong))}: {wrong[next(iter(wrong))]}; expected OrderPlaced then "
+        f"OrderShipped - claim the oldest rows first (ORDER BY id before LIMIT ... FOR UPDATE "
+        f"SKIP LOCKED): without it a batch holds whatever rows the table scan meets first")
 
 
 def test_broker_down_loses_nothing(shop: Any, learner: Any, postgres: Any,

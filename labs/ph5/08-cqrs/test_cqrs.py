@@ -114,6 +114,28 @@ def test_queries_are_served_from_the_read_model(store: Any) -> None:
         "0 spent after the only order was cancelled")
 
 
+def test_a_failing_command_changes_nothing_and_appends_no_event(store: Any) -> None:
+    """place_order with an unknown product fails on its second line: the order row, its
+    first line and the event must all be gone - one transaction per command."""
+    mod, conn = store
+    seed(mod, conn)
+    events_before = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    try:
+        mod.place_order(conn, "o9", "alice", [("book", 1), ("no-such-sku", 1)])
+    except Exception:  # noqa: BLE001 - refusing is right; what it left is checked below
+        pass
+    else:
+        pytest.fail("place_order with an unknown product ('no-such-sku') succeeded: refuse it",
+                    pytrace=False)
+    orders = conn.execute("SELECT count(*) FROM orders WHERE order_id = 'o9'").fetchone()[0]
+    lines = conn.execute("SELECT count(*) FROM order_lines WHERE order_id = 'o9'").fetchone()[0]
+    events = conn.execute("SELECT count(*) FROM events").fetchone()[0] - events_before
+    assert (orders, lines, events) == (0, 0, 0), (
+        f"place_order failed on its second line, yet left {orders} order row(s), {lines} "
+        f"order line(s) and {events} event(s) behind: a command is ONE transaction - the "
+        f"write tables and its event change together or not at all (with conn.transaction())")
+
+
 EXPECTED_AFTER_CATCH_UP = {
     "order_summaries": [("o1", "alice", "Alice", 1, 4500, "placed"),
                         ("o2", "bob", "Bob", 4, 800, "cancelled"),

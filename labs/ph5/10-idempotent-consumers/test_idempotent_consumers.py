@@ -32,6 +32,9 @@ def payment(n: int, account: str, cents: int) -> Event:
 
 
 EVENTS = [payment(n, f"acct-{n % 3}", 100 * (n + 1)) for n in range(12)]
+# Two different payments of the same amount to the same account (two coffees): a dedup on
+# the event's content instead of its id would drop the second.
+EVENTS.append(payment(12, "acct-0", 100))
 
 
 def expected_balances(events: list[Event]) -> dict[str, int]:
@@ -80,6 +83,11 @@ def test_each_event_delivered_three_times_applies_once(db: Any) -> None:
     for event in deliveries:
         results.setdefault(event["event_id"], []).append(bool(mod.handle(conn, event)))
     wrong = {k: v for k, v in results.items() if v.count(True) != 1}
+    if wrong and list(wrong) == ["evt-12"] and results["evt-12"].count(True) == 0:
+        pytest.fail(
+            "evt-12 (acct-0, 100 cents) was never applied: it has the same account and amount "
+            "as evt-0 but is another payment - deduplicate on the event_id, not on the "
+            "event's content", pytrace=False)
     assert not wrong, (
         f"handle() returned {dict(list(wrong.items())[:3])} for three deliveries of the same "
         "event; expected True once (applied) and False twice (duplicate)")

@@ -19,6 +19,7 @@ Run as a program:
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Any
@@ -31,13 +32,13 @@ MODES = ("at-most-once", "at-least-once", "exactly-once")
 # --- given by the lab ------------------------------------------------------------------
 
 def crash_point(processed: int, crash_after: int | None) -> None:
-    """The lab's crash hook: at the ``crash_after``-th record, announce it and freeze, so the
-    test can look at the broker and then kill this process with SIGKILL (no cleanup, no
-    commit, no flush - like a power cut)."""
+    """The lab's crash hook: at the ``crash_after``-th record, announce it and die at once with
+    SIGKILL - no cleanup, no commit, and nothing the client library still holds in memory is
+    sent (no flush, no background delivery): like a power cut. The test then looks at what
+    the broker holds."""
     if crash_after is not None and processed == crash_after:
         print(f"CRASH-POINT {processed}", flush=True)
-        while True:
-            signal.pause()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def transform(value: bytes) -> bytes:
@@ -98,6 +99,9 @@ def run(mode: str, bootstrap: str, input_topic: str, output_topic: str, group: s
                 consumer.commit(message=msg, asynchronous=False)   # 1. commit
                 crash_point(processed, crash_after)
                 produce(producer, output_topic, msg)                # 2. process
+                # acks=0: no ack to wait for, but the record must leave the client (a
+                # process killed with it still queued loses it as well)
+                producer.flush(30)
             elif mode == "at-least-once":
                 produce(producer, output_topic, msg)                # 1. process...
                 if producer.flush(30):                              # ...acknowledged
