@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from .services.manager import docker_answers, resolve_backend_name
@@ -106,22 +105,16 @@ def _pkg_config(module: str) -> str:
 # --- the checks ---------------------------------------------------------------------------
 
 
-def _module(name: str) -> ModuleType:
-    """A service's module: ``services/kinds/<name>.py``, or ``services/local/<name>.py`` in
-    the layout before the service kinds."""
-    try:
-        return import_module(f"{__package__}.services.kinds.{name}")
-    except ModuleNotFoundError:
-        return import_module(f"{__package__}.services.local.{name}")
+def _module(name: str) -> Any:
+    """A service's module: ``services/kinds/<name>.py``."""
+    return import_module(f"{__package__}.services.kinds.{name}")
 
 
 def _services() -> list[tuple[str, Any]]:
-    """(name, object with ``missing()``) for every service, in the order a run starts them."""
-    services = import_module(f"{__package__}.services")
-    if hasattr(services, "kinds"):
-        return [(kind.name, kind) for kind in services.kinds()]
-    from .services.local import MODULES
-    return list(MODULES.items())
+    """(name, kind) for every service, in the order a run starts them."""
+    from .services.base import kinds
+
+    return [(kind.name, kind) for kind in kinds()]
 
 
 def _service(name: str, service: Any,
