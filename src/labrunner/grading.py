@@ -729,7 +729,7 @@ class Grader:
             env = {"HOME": str(home), "USER": "sandbox", "LOGNAME": "sandbox",
                    **({"LABRUNNER_HOME": str(project)} if project else {}),
                    "TMPDIR": str(home), "LABRUNNER_PURGE": str(hidden_dir or ""),
-                   ENV_SHARED_DIR: str(shared)}
+                   ENV_SHARED_DIR: str(shared), "LABRUNNER_LEARNER_HOME": str(learner_home)}
             memory = limits.memory_mb * 1024 * 1024
             address_space: int | None = memory
             if lab.language == "c":

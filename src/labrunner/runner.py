@@ -298,8 +298,9 @@ def _run_lab(
                                   args=(proc.stdout, sandbox.max_output, output), daemon=True)
     out_thread.start()
     timed_out = False
+    lingered = [False]
     try:
-        timed_out = _wait_for_exit(proc, budget, records)
+        timed_out = _wait_for_exit(proc, budget, records, lingered)
     finally:
         _kill_group(proc)
         if on_process:
@@ -308,7 +309,8 @@ def _run_lab(
     reader.join(timeout=5)
     out_thread.join(timeout=5)
     text = b"".join(output).decode("utf-8", errors="replace")
-    return _score(lab, records, proc.returncode, timed_out, budget, text, started)
+    return _score(lab, records, proc.returncode, timed_out, budget, text, started,
+                  ended_on_its_own=not timed_out and not lingered[0])
 
 
 # Seconds a verification may take to exit once it reported that its session finished.
@@ -316,7 +318,7 @@ EXIT_GRACE = 10.0
 
 
 def _wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
-                   records: list[dict[str, Any]]) -> bool:
+                   records: list[dict[str, Any]], lingered: list[bool]) -> bool:
     """Wait for the verification to exit; True if it ran out of ``budget``. Once it has
     reported the end of its session, it gets EXIT_GRACE seconds more: something still
     running in it (a non-daemon thread of the learner's, a stuck clean-up) then costs those
@@ -333,6 +335,7 @@ def _wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
         if finished_at is None and records and records[-1].get("kind") == "finished":
             finished_at = now
         if finished_at is not None and now - finished_at > EXIT_GRACE:
+            lingered[0] = True
             try:
                 os.kill(proc.pid, signal.SIGUSR1)   # faulthandler: every thread's stack
                 proc.wait(timeout=1)
@@ -361,9 +364,33 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
+# pytest's own exit codes: tests failed or not, the session ran to its end.
+PYTEST_EXITS = (0, 1, 2, 5)
+
+
 def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, timed_out: bool,
-           budget: float, output: str, started: float) -> LabResult:
+           budget: float, output: str, started: float,
+           ended_on_its_own: bool = True) -> LabResult:
     duration = time.time() - started
+    finished = any(r.get("kind") == "finished" for r in records)
+    if ended_on_its_own and not (finished and returncode in PYTEST_EXITS):
+        # A tests process that was killed (by a signal: the learner's program could send
+        # one), exited early or lost its channel: what it reported counts for nothing,
+        # since a pass written by anyone but a session that ran to its end is not ours.
+        records = [r for r in records if r.get("kind") == "collected"]
+        how = (f"was killed by signal {-returncode}" if returncode is not None and
+               returncode < 0 else f"exited with code {returncode}" if not finished else
+               f"ended with code {returncode}")
+        listed = next((r for r in records if r.get("kind") == "collected"), None)
+        if listed is not None:
+            return LabResult(
+                lab, "error" if returncode is not None and returncode < 0 else "failed",
+                duration,
+                f"the test process {how} before its session finished: every test of this "
+                "lab counts as failed (the code exited, crashed or killed it)",
+                [TestResult(str(n), "failed",
+                            f"the test process {how} before its session finished")
+                 for n in listed.get("nodeids", [])], output, started_at=started)
     collected: list[str] = []
     outcomes: dict[str, TestResult] = {}
     for record in records:
