@@ -212,6 +212,38 @@ def _failure_message(report: pytest.TestReport) -> str:
     return str(longrepr)
 
 
+_PYTEST_DIRS = tuple(str(Path(m.__file__).parent) + os.sep
+                     for m in (pytest, sys.modules["_pytest"], sys.modules["pluggy"]))
+MAX_AUTHORED = 500
+
+
+def _authored_message(item: pytest.Item, call: pytest.CallInfo[None]) -> str:
+    """The failure's message when the test's own code wrote it (an ``assert ..., "msg"``,
+    a ``raise AssertionError("msg")`` or a ``pytest.fail("msg")`` in the test file), else
+    "". What the learner's code raises (any class, any text) is never authored: its
+    innermost frame is in the RPC's code, not in the test file. Feedback shows a hidden
+    test's failure by this alone."""
+    excinfo = call.excinfo
+    if excinfo is None:
+        return ""
+    exc = excinfo.value
+    if type(exc) is not AssertionError and not isinstance(exc, pytest.fail.Exception):
+        return ""
+    frames = []
+    tb = excinfo.tb
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    while frames and frames[-1].startswith(_PYTEST_DIRS):
+        frames.pop()
+    if not frames or os.path.realpath(frames[-1]) != os.path.realpath(str(item.path)):
+        return ""
+    text = str(exc.msg if isinstance(exc, pytest.fail.Exception) else exc)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    # A bare assert's text is its expression (expected values): not a message.
+    return "" if first.startswith("assert ") else first[:MAX_AUTHORED]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item,
                               call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
@@ -228,6 +260,7 @@ def pytest_runtest_makereport(item: pytest.Item,
             pytest.fail.Exception)
         state["outcome"] = "failed" if report.when == "call" or failed_on_purpose else "error"
         state["message"] = _failure_message(report)
+        state["authored"] = _authored_message(item, call) if report.when == "call" else ""
     elif report.skipped and state["outcome"] == "passed":
         state["outcome"] = "skipped"
         state["message"] = _failure_message(report)

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -43,6 +44,7 @@ class TestResult:
     outcome: str
     message: str = ""
     duration: float = 0.0
+    authored: str = ""    # the message the test's own code wrote, if it failed on one
 
     @property
     def name(self) -> str:
@@ -398,8 +400,9 @@ def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, time
             collected = [str(n) for n in record.get("nodeids", [])]
         elif "nodeid" in record and record.get("outcome") in OUTCOMES:
             outcomes[record["nodeid"]] = TestResult(
-                record["nodeid"], record["outcome"], str(record.get("message", "")),
-                float(record.get("duration", 0.0)))
+                record["nodeid"], record["outcome"], clean_text(record.get("message", "")),
+                float(record.get("duration", 0.0)),
+                clean_text(record.get("authored", ""), MAX_AUTHORED))
     if not collected:
         reason = _collection_problem(output) or (
             f"timed out after {budget:.0f} s before any test ran" if timed_out else
@@ -437,6 +440,26 @@ def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, time
         outcome = "error" if not any(t.outcome == "passed" for t in tests) else "failed"
     message = first_bad.message or first_bad.outcome
     return LabResult(lab, outcome, duration, message, tests, output, started_at=started)
+
+
+MAX_MESSAGE = 4000
+MAX_AUTHORED = 500
+# Escape sequences (CSI, OSC, other ESC forms) and control characters but tab and newline.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|"
+                      r"\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e"
+                      r"\u2066-\u2069]")
+
+
+def clean_text(value: Any, cap: int = MAX_MESSAGE) -> str:
+    """Text from the test process (so possibly the learner's) as it may be shown: no
+    terminal escape sequences or control characters (a ``cat`` of the feedback must not
+    clear the screen or fake a line), no bidirectional overrides, at most ``cap``
+    characters."""
+    text = str(value)[: cap * 4]
+    text = _CONTROL.sub("", text.replace("\r\n", "\n"))
+    if len(text) > cap:
+        text = text[:cap] + " [...]"
+    return text
 
 
 def _collection_problem(output: str) -> str:
