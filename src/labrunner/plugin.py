@@ -212,7 +212,7 @@ def _failure_message(report: pytest.TestReport) -> str:
     return str(longrepr)
 
 
-_PYTEST_DIRS = tuple(str(Path(m.__file__).parent) + os.sep
+_PYTEST_DIRS = tuple(str(Path(str(m.__file__)).parent) + os.sep
                      for m in (pytest, sys.modules["_pytest"], sys.modules["pluggy"]))
 MAX_AUTHORED = 500
 
@@ -230,7 +230,7 @@ def _authored_message(item: pytest.Item, call: pytest.CallInfo[None]) -> str:
     if type(exc) is not AssertionError and not isinstance(exc, pytest.fail.Exception):
         return ""
     frames = []
-    tb = excinfo.tb
+    tb: Any = excinfo.tb
     while tb is not None:
         frames.append(tb.tb_frame.f_code.co_filename)
         tb = tb.tb_next

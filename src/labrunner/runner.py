@@ -79,6 +79,8 @@ class Sandbox:
     cpu_seconds: int | None = None
     max_output: int = 1_000_000        # bytes of output kept; the rest is dropped
     max_processes: int | None = None
+    file_size_bytes: int | None = None   # RLIMIT_FSIZE: the largest file it may write
+    workdir_root: Path | None = None     # where the run's pytest folder is made
     extra_test_paths: tuple[Path, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     # Grading: a numeric uid/gid to switch to (no passwd entry needed), after ``prepare``
@@ -114,6 +116,9 @@ def _limits(sandbox: Sandbox, factory_fd: int | None = None) -> Callable[[], Non
             resource.setrlimit(resource.RLIMIT_NPROC,
                                (sandbox.max_processes, sandbox.max_processes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if sandbox.file_size_bytes:
+            resource.setrlimit(resource.RLIMIT_FSIZE,
+                               (sandbox.file_size_bytes, sandbox.file_size_bytes))
         if factory_fd is not None and sandbox.learner_uid is not None:
             # Forked here: confined like the verification (namespaces, limits, cgroup) but
             # as another uid, and in its process group (a timeout kills it with the rest).
@@ -235,7 +240,7 @@ def _run_lab(
     key_r, key_w = os.pipe()
     os.write(key_w, key)
     os.close(key_w)
-    workdir = Path(tempfile.mkdtemp(prefix=f"lr-{lab.slug}-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"lr-{lab.slug}-", dir=sandbox.workdir_root))
     ini = workdir / "pytest.ini"
     ini.write_text("[pytest]\n", encoding="utf-8")
     if sandbox.uid is not None:  # the unprivileged process reads its config from here
@@ -265,7 +270,10 @@ def _run_lab(
     factory_end: socket.socket | None = None
     verifier_end: socket.socket | None = None
     apart = sandbox.learner_process and lab.learner_code_in_own_process
-    if apart and sandbox.learner_uid is not None:
+    if sandbox.learner_process and sandbox.learner_uid is not None:
+        # The learner's factory, as the learner's uid: it hosts the learner's Python code
+        # (labs that keep it apart) and starts the learner's programs (learner.popen: C
+        # binaries, scripts) in every lab.
         verifier_end, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pass_fds.append(verifier_end.fileno())
         env[ENV_LEARNER_HOST] = f"{FACTORY_PREFIX}{verifier_end.fileno()}"
