@@ -431,6 +431,22 @@ class MountPlan:
             _mount("none", "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
 
 
+def _private_tmp(keep_candidates: Sequence[Path],
+                 covered: dict[Path, set[str]]) -> dict[Path, list[Path]]:
+    """Each shared writable folder (a private tmpfs in the namespace), with the paths in it
+    to bind back in."""
+    private: dict[Path, list[Path]] = {}
+    for name in SHARED_WRITABLE:
+        folder = Path(name)
+        if folder.is_symlink() or not folder.is_dir() or \
+                any(_inside(folder, f) for f in covered):
+            continue
+        keep = _dedupe([p for p in keep_candidates if p.exists() and _inside(p, folder) and
+                        p.resolve() != folder.resolve()])
+        private[folder.resolve()] = [p.resolve() for p in keep]
+    return private
+
+
 def namespaces_available() -> bool:
     if os.geteuid() != 0 or not sys.platform.startswith("linux"):
         return False
@@ -685,6 +701,7 @@ class Grader:
         self.base = Path(tempfile.mkdtemp(prefix="lr-grade-"))
         os.chmod(self.base, 0o755)   # pytest lists the parents of the tests it collects
         self.mounts: MountPlan | None = None
+        self.service_mounts: MountPlan | None = None
         self.notes: list[str] = []
         self.running: dict[int, Any] = {}
         self.lock = threading.Lock()
@@ -734,15 +751,7 @@ class Grader:
         os.chmod(plan.empty_file, 0)
         # Every shared writable folder becomes private; what the run needs inside one (the
         # grader's run folders, the services' state) is bound back in.
-        keep_candidates = [self.base, *needed]
-        for name in SHARED_WRITABLE:
-            folder = Path(name)
-            if folder.is_symlink() or not folder.is_dir() or \
-                    any(_inside(folder, f) for f in plan.reexpose):
-                continue
-            keep = _dedupe([p for p in keep_candidates if _inside(p, folder) and
-                            p.resolve() != folder.resolve() and p.exists()])
-            plan.private_tmp[folder.resolve()] = [p.resolve() for p in keep]
+        plan.private_tmp = _private_tmp([self.base, *needed], plan.reexpose)
         for path in hide:
             if any(_inside(path, folder) for folder in plan.reexpose):
                 continue  # under a folder the namespace already covers
@@ -754,6 +763,13 @@ class Grader:
                 continue
             (plan.hide_dirs if path.is_dir() else plan.hide_files).append(path.resolve())
         self.mounts = plan
+        # The run's private services see the same, and their own folders under the
+        # services' runtime folder (the graded process, which reaches them over its private
+        # loopback, does not: no other service's socket is in its sight).
+        from .services.local.process import runtime_dir
+
+        self.service_mounts = dataclasses.replace(
+            plan, private_tmp=_private_tmp([self.base, *needed, runtime_dir()], plan.reexpose))
 
     def close(self) -> None:
         remove_tree(self.base)
@@ -939,7 +955,7 @@ class Grader:
         from .services.private import ENV_CONTROL, in_private_network, private_services
 
         owner = ServiceOwner(uid + SERVICE_UID_OFFSET,
-                             prepare=self.mounts.apply if self.mounts else None)
+                             prepare=self.service_mounts.apply if self.service_mounts else None)
 
         def body() -> LabResult:
             if not lab.services:
