@@ -345,3 +345,110 @@ def test_tls_endpoints_start_where_their_context_lives(tmp_path: Path) -> None:
         assert refused.wait() is not None   # the server saw the client give up
     finally:
         host.close()
+
+
+WALKER = '''
+from rpyc.core import netref
+
+
+def walk(root, limit, max_depth):
+    """Every public attribute reachable from ``root`` (breadth first): try to set each to
+    the value it already has, and to change each container in place. Return the paths where
+    that worked, and how many objects were reached."""
+    seen = set()
+    queue = [("", root, 0)]
+    written, containers, reached = [], [], 0
+    while queue and reached < limit:
+        path, obj, depth = queue.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        reached += 1
+        try:
+            names = [n for n in dir(obj) if not n.startswith("_")]
+        except Exception:
+            continue
+        for name in names[:200]:
+            try:
+                value = getattr(obj, name)
+            except Exception:
+                continue
+            where = f"{path}.{name}" if path else name
+            try:
+                setattr(obj, name, value)
+                written.append(where)
+            except Exception:
+                pass
+            if isinstance(value, netref.BaseNetref):
+                try:
+                    value.__setitem__   # a container handed by reference
+                    containers.append(where)
+                except Exception:
+                    pass
+                if depth < max_depth:
+                    queue.append((where, value, depth + 1))
+    return written, containers, reached
+'''
+
+
+def _tests_side_code(obj: Any) -> bool:
+    """A class, a module, a function, a frame, or an object of labrunner's or pytest's."""
+    import inspect
+
+    if inspect.isclass(obj) or inspect.ismodule(obj) or inspect.isroutine(obj) or \
+            inspect.isframe(obj) or inspect.iscode(obj) or isinstance(obj, property):
+        return True
+    return type(obj).__module__.split(".")[0] in ("labrunner", "_pytest", "pytest", "pluggy")
+
+
+def _resolve(root: Any, path: str) -> Any:
+    obj = root
+    for name in path.split(".")[:-1]:
+        obj = getattr(obj, name)
+    return obj
+
+
+def test_nothing_of_the_tests_side_handed_over_is_writable(
+        tmp_path: Path, local_services: Any) -> None:
+    """Walk every attribute reachable from each object a lab hands the learner (a psycopg
+    connection and cursor, a redis client, confluent_kafka and pika objects, the fixtures'
+    own objects): no class, module, function, frame or labrunner object of the tests' side
+    may be written, nor a container of theirs changed in place."""
+    import confluent_kafka
+    import pika
+    import psycopg
+    import redis
+
+    from labrunner.plugin import KafkaNS, PostgresDB, RabbitVhost, RedisDB
+
+    endpoints = local_services.ensure(["postgres", "redis"])
+    pg, rd = endpoints["postgres"], endpoints["redis"]
+    (tmp_path / "walker.py").write_text(WALKER)
+    host = LearnerHost.start("spawn")
+    conn = psycopg.connect(pg.url, autocommit=True)
+    try:
+        walker = host.load(tmp_path, "walker", "learner_test_walker_0")
+        roots: dict[str, Any] = {
+            "psycopg connection": conn,
+            "psycopg cursor": conn.cursor(),
+            "redis client": redis.Redis.from_url(rd.url),
+            "kafka producer": confluent_kafka.Producer({"bootstrap.servers": "127.0.0.1:9",
+                                                        "log_level": 0}),
+            "pika parameters": pika.URLParameters("amqp://guest:guest@127.0.0.1:9/%2F"),
+            "postgres fixture": PostgresDB(pg.url, "db", pg, None),  # type: ignore[arg-type]
+            "redis fixture": RedisDB(rd.url, 1, rd, None),  # type: ignore[arg-type]
+            "kafka fixture": KafkaNS("127.0.0.1:9", "p", pg),
+            "rabbitmq fixture": RabbitVhost("amqp://127.0.0.1:9/v", "v", pg),
+        }
+        bad: list[str] = []
+        for label, root in roots.items():
+            written, containers, reached = walker.walk(root, 300, 3)
+            assert reached > 1, f"{label}: nothing reached"
+            for path in written + containers:
+                parent = _resolve(root, path)
+                if _tests_side_code(parent):
+                    bad.append(f"{label}: {path} (on {type(parent).__name__})")
+        assert not bad, "\n".join(bad)
+    finally:
+        conn.close()
+        host.close()
