@@ -878,11 +878,13 @@ class Grader:
                    ENV_SHARED_DIR: str(shared), "LABRUNNER_LEARNER_HOME": str(learner_home)}
             memory = limits.memory_mb * 1024 * 1024
             address_space: int | None = memory
+            # Every lab's process tree is in a memory cgroup where one can be made: it counts
+            # what an address-space limit misses (tmpfs and /dev/shm pages, memfd).
+            cgroup = MemoryCgroup.create(memory) if uid is not None else None
             if lab.language == "c":
                 # Sanitizer builds reserve terabytes of address space they never touch: no
-                # address-space limit lets them start, so their memory cap is a cgroup's.
+                # address-space limit lets them start, so their memory cap is the cgroup's.
                 address_space = None
-                cgroup = MemoryCgroup.create(memory) if uid is not None else None
                 if cgroup is None:
                     self._note("no memory cgroup could be made here: C labs (built with "
                                "sanitizers) ran without a memory limit")
