@@ -856,18 +856,23 @@ class Grader:
             learner_home = _private_dir(run_dir / "learner", learner_uid)
             shared = _private_dir(run_dir / "shared", uid)
             os.chmod(shared, 0o755)   # learner.tmp_folder(): the test writes, the learner reads
-            if learner_uid is not None:
+            if learner_uid is not None and uid is not None:
                 # The learner's processes pass through the run folder to their code and home,
                 # and see nothing else in it: the lab copy (hidden tests) stays the
-                # verification's alone.
-                os.chmod(run_dir, 0o711)
+                # verification's alone. Nobody else (a neighbour's uids) may enter it: the
+                # run folder's group is the learner's, the code's the verification's.
+                os.chown(run_dir, uid, learner_uid)
+                os.chmod(run_dir, 0o710)
                 for private in (copy, home):
                     os.chmod(private, 0o700)
-                _give(src, learner_uid)
+                os.chown(shared, uid, learner_uid)
+                os.chmod(shared, 0o750)
                 for folder, _dirs, files in os.walk(src):
-                    os.chmod(folder, 0o755)
+                    os.chown(folder, learner_uid, uid)
+                    os.chmod(folder, 0o750)
                     for name in files:
-                        os.chmod(os.path.join(folder, name), 0o644)
+                        os.chown(os.path.join(folder, name), learner_uid, uid)
+                        os.chmod(os.path.join(folder, name), 0o640)
             limits = self.config.limits
             from .catalog import find_project_root
 
