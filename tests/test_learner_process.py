@@ -452,3 +452,64 @@ def test_nothing_of_the_tests_side_handed_over_is_writable(
     finally:
         conn.close()
         host.close()
+
+
+LEARNER_PROGRAMS = """
+import os, signal, socket, subprocess, sys, tempfile
+
+from labrunner.learner_programs import LearnerProgram
+from labrunner.learner_process import FACTORY_PREFIX, start_factory
+
+learner_uid = 64990 + 20000
+home = tempfile.mkdtemp(prefix="lr-learner-home-", dir="/tmp")
+os.chmod(home, 0o755)
+mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+start_factory(os.dup(theirs.fileno()), learner_uid, learner_uid, home)
+theirs.close()
+how = f"{FACTORY_PREFIX}{mine.fileno()}"
+who = LearnerProgram(how, ["id", "-u"], stdout=subprocess.PIPE)
+assert who.communicate(timeout=60)[0].decode().strip() == str(learner_uid)
+assert who.returncode == 0
+echo = LearnerProgram(how, ["sh", "-c", "cat; exit 3"], stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+assert echo.communicate(b"hello", timeout=60) == (b"hello", None)
+assert echo.returncode == 3
+sleeper = LearnerProgram(how, ["sleep", "600"])
+try:
+    sleeper.wait(0.2)
+    raise AssertionError("no timeout")
+except subprocess.TimeoutExpired:
+    pass
+assert sleeper.poll() is None
+sleeper.kill()
+assert sleeper.wait(60) == -signal.SIGKILL
+try:
+    LearnerProgram(how, ["/nonexistent/program"])
+    raise AssertionError("started a missing program")
+except FileNotFoundError:
+    pass
+mine.close()
+os.rmdir(home)
+print("ALL GOOD")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the learner's uid needs root")
+def test_learner_programs_run_as_the_learner_uid_and_behave_like_popen(tmp_path: Path) -> None:
+    """learner.popen when grading: the factory (as the learner's uid) starts the program;
+    output, input, exit codes, signals and a missing program work as with Popen. Run in a
+    mount namespace like the grader's, where the learner's uid reaches Python."""
+    import subprocess
+    import sys
+
+    import labrunner
+    from labrunner.grading import MountPlan, _blocked_ancestors
+
+    plan = MountPlan(reexpose=_blocked_ancestors([
+        Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix),
+        Path(labrunner.__file__).parent]), read_only_root=False, hide_processes=False)
+    plan.holder = tmp_path / "park"
+    plan.holder.mkdir()
+    done = subprocess.run([sys.executable, "-c", LEARNER_PROGRAMS], capture_output=True,
+                          text=True, timeout=300, preexec_fn=plan.apply)
+    assert done.returncode == 0 and "ALL GOOD" in done.stdout, done.stdout + done.stderr

@@ -159,8 +159,12 @@ class LearnerProgram(subprocess.Popen):  # type: ignore[type-arg]
         return self.returncode
 
     def _wait(self, timeout: float | None) -> int:
-        if not self._collect(timeout):
-            raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+        # In short slices, never holding the lock long: another thread may kill it meanwhile.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._collect(0.05 if deadline is None else
+                                max(0.0, min(0.05, deadline - time.monotonic()))):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
         assert self.returncode is not None
         return self.returncode
 
