@@ -1253,15 +1253,28 @@ def feedback_markdown(doc: dict[str, Any]) -> str:
         lines += [f"## {c['id']} {c['slug']}: {c['status']}", ""]
         bad = [t for t in c["tests"] if t["status"] != "pass"]
         if not bad:
-            lines += [f"- {_shown_message(c, c.get('failed_hidden', False))}", ""]
+            first, _, rest = _shown_message(c, c.get("failed_hidden", False)).partition("\n")
+            lines += [f"- {html.escape(first, quote=False)}", ""]
             continue
         for test in bad:
             label = ("a hidden test" if test["hidden"]
                      else f"`{test['name'].split('::', 1)[-1]}`")
             shown = _shown_message(test, test["hidden"]) or test["status"]
-            lines.append(f"- {label} ({test['status']}): {shown}")
+            lines += _md_item(f"{label} ({test['status']})", shown)
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _md_item(label: str, text: str) -> list[str]:
+    """A list item whose text (perhaps the learner's) cannot add markup: its first line
+    with HTML escaped, the rest in a fenced block no backtick run in it can close."""
+    first, _, rest = text.partition("\n")
+    item = [f"- {label}: {html.escape(first, quote=False)}"]
+    if rest.strip():
+        longest = max((len(m) for m in re.findall(r"`+", rest)), default=0)
+        fence = "`" * max(3, longest + 1)
+        item += [f"  {fence}text", *(f"  {line}" for line in rest.splitlines()), f"  {fence}"]
+    return item
 
 
 def feedback_html(doc: dict[str, Any]) -> str:
