@@ -584,3 +584,27 @@ def test_learner_text_is_capped_and_stripped() -> None:
     text = clean_text("\x1b[2J\x1b[31mred\x1b[0m\x1b]0;t\x07 ok\r\n\u202eevil\x00" + "x" * 10_000)
     assert text.startswith("red ok\nevil") and len(text) < 4100
     assert not any(c in text for c in ("\x1b", "\x07", "\r", "\u202e", "\x00"))
+
+
+@needs_root
+def test_two_grading_commands_at_once_never_share_uids(tmp_path: Path) -> None:
+    """Each command leases its own slice of sandbox uids: one's clean-up never kills the
+    other's runs, so both grade their cohort as if alone."""
+    outs = []
+    procs = []
+    for n in range(2):
+        cohort = tmp_path / f"cohort{n}"
+        workspace(cohort / "good", {NORM: GOOD_NORM, IDX: GOOD_IDX})
+        shutil.copytree(SUBMISSIONS / "evil-fork-storm", cohort / "storm")
+        out = tmp_path / f"out{n}"
+        outs.append(out)
+        procs.append(subprocess.Popen(
+            [*LABRUNNER, "grade", str(cohort), *SELECT, "--out", str(out), "--jobs", "2",
+             "--timeout", "12"], env=cli_env(LABRUNNER_HOME=str(PROJECT)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for proc in procs:
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output
+    for out in outs:
+        assert totals(out) == {"good": 10, "storm": 4}
+    assert not _sandbox_processes()

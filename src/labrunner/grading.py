@@ -11,11 +11,14 @@ collected tests as failed.
 When the grader runs as root, each worker slot (``--jobs``) runs its submissions under a uid
 of its own (``SANDBOX_UID_BASE + slot``, no passwd entry needed), so two submissions graded
 at once never share a uid; a slot's private folders are ``0700`` and owned by its uid, and
-are removed, together with every process and every file that uid left in /tmp, /var/tmp and
-/dev/shm, before the slot takes the next submission. Where the kernel allows it, the process
-also gets a private mount namespace in which the submissions, the instructor's hidden tests
-and the output folder are covered by empty filesystems (and a Python installed under an
-unreadable home, e.g. pyenv in /root, is made reachable without exposing the rest of it).
+are removed, together with every process and every file that uid left in the folders every
+user may write to, before the slot takes the next submission. Each grading command leases a
+slice of the uids (:func:`lease_uids`), so two commands never share one. Where the kernel
+allows it, the process also gets private mount and IPC namespaces in which the submissions,
+the instructor's hidden tests and the output folder are covered by empty filesystems, every
+shared writable folder is a private size-capped tmpfs, the root file system is read-only and
+/proc shows only its own uid's processes (and a Python installed under an unreadable home,
+e.g. pyenv in /root, is made reachable without exposing the rest of it).
 
 With the local backend (as root, where the kernel gives threads network namespaces), each lab
 run of each submission also gets services of its own, in a network namespace of its own
