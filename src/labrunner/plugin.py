@@ -407,6 +407,23 @@ class Learner:
             return LearnerProgram(how, args, **popen)
         return subprocess.Popen(args, **popen)
 
+    def run(self, args: Any, *, input: Any = None, timeout: float | None = None,
+            capture_output: bool = False, **popen: Any) -> subprocess.CompletedProcess[Any]:
+        """``subprocess.run`` for one of the learner's programs, through ``popen`` (as the
+        learner's uid when grading): on timeout it is killed and TimeoutExpired raised."""
+        if capture_output:
+            popen["stdout"] = popen["stderr"] = subprocess.PIPE
+        if input is not None:
+            popen["stdin"] = subprocess.PIPE
+        with self.popen(args, **popen) as proc:
+            try:
+                out, err = proc.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
     def python(self, module: str, *args: str, env: dict[str, str] | None = None,
                **popen: Any) -> subprocess.Popen[bytes]:
         """Run ``<module>.py`` as its own process (for labs that kill and restart it), as
