@@ -2,7 +2,7 @@
 print the seconds each took (rounds interleaved A B A B, so the machine's load hits both).
 
 Usage: python benchmarks/bench_grading_ab.py --old DIR --new DIR [--students 4]
-       [--select ph2] [--jobs 2] [--rounds 2]
+       [--select ph2] [--jobs 2] [--rounds 2] [--project tests/fixtures/grading/project]
 (DIR: a checkout, e.g. a `git worktree` of main and one of a branch; each grades with its
 own src/ and its own labs.)
 """
@@ -33,8 +33,11 @@ def main() -> None:
     parser.add_argument("--select", default="ph2")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--project", default=".",
+                        help="the project to grade, inside each checkout (e.g. "
+                             "tests/fixtures/grading/project: no services, quick)")
     args = parser.parse_args()
-    os.environ["LABRUNNER_HOME"] = str(args.new.resolve())
+    os.environ["LABRUNNER_HOME"] = str(args.new.resolve() / args.project)
     labs = [lab for lab in (as_lab(i) for i in load_catalog().select([args.select])) if lab]
     work = Path(tempfile.mkdtemp(prefix="lr-bench-ab-"))
     cohort = work / "cohort"
@@ -43,7 +46,8 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name, home in (("old", args.old), ("new", args.new)):
             env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-            env.update(PYTHONPATH=str(home.resolve() / "src"), LABRUNNER_HOME=str(home))
+            env.update(PYTHONPATH=str(home.resolve() / "src"),
+                       LABRUNNER_HOME=str(home.resolve() / args.project))
             out = work / f"out-{name}-{round_}"
             started = time.monotonic()
             done = subprocess.run(
