@@ -101,8 +101,10 @@ def _uids_processes(*ranges: tuple[int, int]) -> list[str]:
 
 
 def _sandbox_processes() -> list[str]:
-    """The graded processes' and the learner's code's (services are checked apart)."""
-    return _uids_processes((61000, 65000), (81000, 85000))
+    """The graded processes' and the learner's code's (services are checked apart). Each
+    grading command leases its uids from the top of the range (lease_uids), while a grader
+    of an older version on this machine counts up from 61000: its runs are not ours."""
+    return _uids_processes((62000, 65000), (82000, 85000))
 
 
 # --------------------------------------------------------------------------------------
@@ -198,13 +200,18 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
 
     got = totals(out)
     assert got == {
-        "alice": 10, "bob": 0, "carol": 6, "dave": 6, "zoe": 10, "victim": 10,
+        # The archive's name is the id: its labrunner.toml's student = "dave" is ignored.
+        "alice": 10, "bob": 0, "carol": 6, "upload-1234": 6, "zoe": 10, "victim": 10,
         "evil-big-alloc": 4, "evil-fake-results": 4, "evil-fake-summary": 4,
         "evil-fork-storm": 4, "evil-infinite-loop": 4, "evil-kill-parent": 4,
         "evil-neighbour": 0, "evil-os-exit": 4, "evil-planted-config": 0,
         "evil-sys-exit": 0, "evil-symlink": 4,
         # Attacks on the verification itself: its learner code runs in a process apart.
         "evil-forge-outcomes": 4, "evil-read-hidden": 10,
+        # Issue 13: claims alice's id; leaks hidden inputs through its own exception class
+        # with escape sequences and megabytes of text; leaves files, a huge file, shared
+        # memory and a deep tree behind.
+        "evil-impersonate": 4, "evil-leak-hidden": 4, "evil-persist": 10,
     }, got
     assert statuses(out, "evil-forge-outcomes")["ph2.1"] == "fail"
     assert statuses(out, "evil-infinite-loop")["ph2.1"] == "timeout"
@@ -230,6 +237,31 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
     assert "LEAKED" not in (out / "feedback" / "evil-read-hidden.md").read_text()
     for leak in ("SECRET-MARKER", "== 15", "7, 8", "test_secret_case", "test_hidden_add"):
         assert not any(leak in f.read_text() for f in (out / "feedback").iterdir()), leak
+    # Hidden tests show the instructor's message or "a hidden check failed", never what the
+    # learner raised; no message carries an escape sequence, a control or bidi character,
+    # or more than a few kB.
+    leak = (out / "feedback" / "evil-leak-hidden.md").read_text()
+    # add() raised before the assert could judge: the hidden tests' failures are the
+    # learner's own exception, so neither shows a word of it.
+    assert leak.count("a hidden test (fail): a hidden check failed") == 2, leak[-600:]
+    assert "LEAKED-CASE add(1000000, 1)" not in leak and "add(7, 8)" not in leak, leak[:2000]
+    assert "Gotcha" in leak                      # its own test's message is its own text
+    for file in [*(out / "feedback").iterdir(), out / "grades.json", out / "grades.csv"]:
+        text = file.read_text()
+        assert not any(c in text for c in ("\x1b", "\x07", "\r", "\u202e")), file
+    assert (out / "grades.json").stat().st_size < 1_000_000
+    assert len(leak) < 20_000
+    # The impostor is graded as itself; alice keeps her grade.
+    assert statuses(out, "evil-impersonate") == {"ph2.1": "fail", "ph2.2": "pass"}
+    assert statuses(out, "alice") == {"ph2.1": "pass", "ph2.2": "pass"}
+    # Nothing the persister wrote outlived its runs.
+    for folder in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue"):
+        assert not os.path.lexists(os.path.join(folder, "lr-evil-persist")), folder
+    assert not os.path.lexists("/tmp/lr-evil-persist-deep")
+    shm = Path("/proc/sysvipc/shm")
+    if shm.exists():
+        keys = [line.split()[0] for line in shm.read_text().splitlines()[1:]]
+        assert str(0x4C52) not in keys, "a System V segment outlived the run"
     csv_lines = (out / "grades.csv").read_text().splitlines()
     assert csv_lines[0].startswith("student,ph2.1,ph2.2,total,max_total")
     assert "alice,6,4,10,10,pass,pass" in csv_lines
@@ -388,7 +420,7 @@ def test_private_services_restart_for_the_lab_and_hide_everyone_else(tmp_path: P
     finally:
         neighbour.stop()
     assert not _sandbox_processes()
-    assert not _uids_processes((71000, 75000)), "a private service outlived its run"
+    assert not _uids_processes((72000, 75000)), "a private service outlived its run"
 
 
 @needs_root
@@ -403,3 +435,178 @@ def test_sanitized_c_lab_grades_despite_the_memory_limit(tmp_path: Path) -> None
     assert done.returncode == 0, done.stdout + done.stderr
     assert statuses(out, "solved") == {"ph0.7": "pass"}, (out / "results" / "solved.json"
                                                           ).read_text()[:3000]
+
+
+# --------------------------------------------------------------------------------------
+# Issue 13 and 23: attacks on the grader itself
+
+
+ATTACKS = FIXTURES / "attacks"
+
+
+@needs_root
+def test_learner_programs_and_proxies_cannot_reach_the_tests_process(tmp_path: Path) -> None:
+    """evil-c-forge: a learner's C binary (started by the tests as learner.popen) looks for
+    the tests process up its ancestry and in /proc and tries ptrace attach, /proc/<pid>/mem,
+    pidfd_getfd and SIGKILL on it: every one fails, and it scores 0. evil-class-patch: a
+    learner assigns psycopg's Cursor.fetchone (a class of the tests process) through the
+    connection it was handed: refused, so it scores 0. The references beside them score
+    full marks, graded at the same time (--jobs 2)."""
+    cohort = tmp_path / "cohort"
+    shutil.copytree(ATTACKS / "evil-c-forge", cohort / "evil-c-forge")
+    shutil.copytree(ATTACKS / "evil-class-patch", cohort / "evil-class-patch")
+    workspace(cohort / "solved", {
+        "ph0/07-accept-loop/server.c": solution("ph0/07-accept-loop", "server.c"),
+        "ph2/05-isolation-levels/isolation.py": solution("ph2/05-isolation-levels",
+                                                         "isolation.py")})
+    out = tmp_path / "out"
+    done = grade_real(str(cohort), "--select", "ph0.7", "--select", "ph2.5", "--out", str(out),
+                      "--backend", "local", "--jobs", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert totals(out) == {"solved": 20, "evil-c-forge": 0, "evil-class-patch": 0}
+    forge = json.loads((out / "results" / "evil-c-forge.json").read_text())
+    c_lab = next(c for c in forge["concepts"] if c["id"] == "ph0.7")
+    assert c_lab["status"] == "fail", c_lab
+    seen = [t["message"] for t in c_lab["tests"]]
+    assert any("ATTACK found=1 attached=0 mem=0 fds=0 killed=0" in m for m in seen), seen[:2]
+    patch = json.loads((out / "results" / "evil-class-patch.json").read_text())
+    message = next(c for c in patch["concepts"] if c["id"] == "ph2.5")["message"]
+    assert "PATCHED" not in message and "cursor_factory.fetchone=refused" in message, message
+    assert not _sandbox_processes()
+
+
+def _tar_with_huge_header(path: Path) -> None:
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tf:
+        data = GOOD_NORM.encode()
+        info = tarfile.TarInfo(NORM)
+        info.size = len(data)
+        info.pax_headers = {"comment": "x" * (2 << 20)}
+        tf.addfile(info, io.BytesIO(data))
+
+
+@needs_root
+def test_one_submission_never_stops_the_cohort(open_dir: Path) -> None:
+    """Archives that once aborted everyone (a huge extended tar header, a file and a folder
+    of one name, a name that sanitises to nothing, two submissions of one id) each become
+    that submission's error naming the archive; the others are graded."""
+    cohort = open_dir / "cohort"
+    shutil.copytree(SUBMISSIONS / "alice", cohort / "alice")
+    good = workspace(open_dir / "good", {NORM: GOOD_NORM, IDX: GOOD_IDX})
+    with zipfile.ZipFile(cohort / "alice.zip", "w") as zf:   # alice/ and alice.zip: a conflict
+        for file in good.rglob("*"):
+            zf.write(file, file.relative_to(good))
+    _tar_with_huge_header(cohort / "pax-bomb.tar.gz")
+    with zipfile.ZipFile(cohort / "clash.zip", "w") as zf:
+        zf.writestr("ph2/01-normalization", "a file\n")
+        zf.writestr(NORM, GOOD_NORM)
+    with zipfile.ZipFile(cohort / "@@@.zip", "w") as zf:
+        for file in good.rglob("*"):
+            zf.write(file, file.relative_to(good))
+    shutil.copytree(SUBMISSIONS / "carol", cohort / "carol")
+    out = open_dir / "out"
+    done = grade(str(cohort), *SELECT, "--out", str(out), "--jobs", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads((out / "grades.json").read_text())
+    by_id = {s["student"]: s for s in doc["students"]}
+    assert by_id["carol"]["total"] == 6
+    hashed = [s for s in by_id if s.startswith("submission-")]
+    assert len(hashed) == 1 and by_id[hashed[0]]["total"] == 10
+    for student, words in {"alice": ("alice.zip", "alice"), "pax-bomb": ("pax-bomb.tar.gz",
+                                                                          "header"),
+                           "clash": ("clash.zip",)}.items():
+        concepts = by_id[student]["concepts"]
+        assert all(c["status"] == "error" for c in concepts), concepts
+        assert all(w in concepts[0]["message"] for w in words), concepts[0]["message"]
+    # A problem is never kept as a result: fixed, it is graded on the next run.
+    (cohort / "alice.zip").unlink()
+    again = grade(str(cohort), *SELECT, "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert totals(out)["alice"] == 10
+
+
+def test_an_infrastructure_error_is_retried_once_and_never_cached(tmp_path: Path) -> None:
+    from labrunner.catalog import load_lab
+    from labrunner.grading import GradeConfig, Grader, Submission, infrastructure_error
+    from labrunner.runner import LabResult, TestResult
+
+    lab = load_lab(PROJECT / "labs" / "ph2" / "01-normalization")
+    ws = workspace(tmp_path / "ws", {NORM: GOOD_NORM})
+    grader = Grader.__new__(Grader)
+    grader.config = GradeConfig(labs=[lab], out=tmp_path / "out")
+    runs: list[str] = []
+
+    def run_one(outcomes: list[LabResult]) -> object:
+        def fake(sub: Submission, lab_: object, slot: object) -> tuple[LabResult, None]:
+            runs.append(sub.student)
+            return outcomes[min(len(runs), len(outcomes)) - 1], None
+        return fake
+
+    not_ready = LabResult(lab, "error", 1.0, "the services could not start: not ready in 30 s")
+    passed = LabResult(lab, "passed", 1.0, "", [TestResult("test_x.py::t", "passed")])
+    timeout = LabResult(lab, "timeout", 1.0, "timed out", [TestResult("t", "timeout")])
+    setup_crash = LabResult(lab, "error", 1.0, "boom", [TestResult("t", "error", "boom")])
+    assert infrastructure_error(not_ready) and infrastructure_error(setup_crash)
+    assert not infrastructure_error(timeout) and not infrastructure_error(passed)
+    sub = Submission("s", ws, ws)
+    import threading
+
+    for outcomes, retried, status, cached in (
+            ([not_ready, passed], True, "pass", True),
+            ([not_ready, not_ready], True, "error", False),
+            ([timeout, passed], False, "timeout", True)):
+        runs.clear()
+        grader._run_one = run_one(outcomes)  # type: ignore[method-assign]
+        doc = grader.grade(sub, None, threading.Event())  # type: ignore[arg-type]
+        assert doc is not None
+        concept = doc["concepts"][0]
+        assert (concept["retried"], concept["status"]) == (retried, status), concept
+        assert len(runs) == (2 if retried else 1)
+        assert bool(doc["fingerprint"]) == cached
+
+
+def test_sandbox_uid_leases_differ_between_grading_commands(tmp_path: Path) -> None:
+    code = ("import sys; from labrunner.grading import lease_uids; print(*lease_uids(), "
+            "flush=True); sys.stdin.read()")
+    env = cli_env(LABRUNNER_LEASE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    try:
+        leases = [tuple(map(int, p.stdout.readline().split())) for p in procs]  # type: ignore[union-attr]
+    finally:
+        for p in procs:
+            p.communicate("", timeout=30)
+    (base1, size1), (base2, size2) = leases
+    assert size1 == size2 > 0
+    assert abs(base1 - base2) >= size1, leases
+
+
+def test_learner_text_is_capped_and_stripped() -> None:
+    from labrunner.runner import clean_text
+
+    text = clean_text("\x1b[2J\x1b[31mred\x1b[0m\x1b]0;t\x07 ok\r\n\u202eevil\x00" + "x" * 10_000)
+    assert text.startswith("red ok\nevil") and len(text) < 4100
+    assert not any(c in text for c in ("\x1b", "\x07", "\r", "\u202e", "\x00"))
+
+
+@needs_root
+def test_two_grading_commands_at_once_never_share_uids(tmp_path: Path) -> None:
+    """Each command leases its own slice of sandbox uids: one's clean-up never kills the
+    other's runs, so both grade their cohort as if alone."""
+    outs = []
+    procs = []
+    for n in range(2):
+        cohort = tmp_path / f"cohort{n}"
+        workspace(cohort / "good", {NORM: GOOD_NORM, IDX: GOOD_IDX})
+        shutil.copytree(SUBMISSIONS / "evil-fork-storm", cohort / "storm")
+        out = tmp_path / f"out{n}"
+        outs.append(out)
+        procs.append(subprocess.Popen(
+            [*LABRUNNER, "grade", str(cohort), *SELECT, "--out", str(out), "--jobs", "2",
+             "--timeout", "30"], env=cli_env(LABRUNNER_HOME=str(PROJECT)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for proc in procs:
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output
+    for out in outs:
+        assert totals(out) == {"good": 10, "storm": 4}
+    assert not _sandbox_processes()

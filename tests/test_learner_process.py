@@ -345,3 +345,171 @@ def test_tls_endpoints_start_where_their_context_lives(tmp_path: Path) -> None:
         assert refused.wait() is not None   # the server saw the client give up
     finally:
         host.close()
+
+
+WALKER = '''
+from rpyc.core import netref
+
+
+def walk(root, limit, max_depth):
+    """Every public attribute reachable from ``root`` (breadth first): try to set each to
+    the value it already has, and to change each container in place. Return the paths where
+    that worked, and how many objects were reached."""
+    seen = set()
+    queue = [("", root, 0)]
+    written, containers, reached = [], [], 0
+    while queue and reached < limit:
+        path, obj, depth = queue.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        reached += 1
+        try:
+            names = [n for n in dir(obj) if not n.startswith("_")]
+        except Exception:
+            continue
+        for name in names[:200]:
+            try:
+                value = getattr(obj, name)
+            except Exception:
+                continue
+            where = f"{path}.{name}" if path else name
+            try:
+                setattr(obj, name, value)
+                written.append(where)
+            except Exception:
+                pass
+            if isinstance(value, netref.BaseNetref):
+                try:
+                    value.__setitem__   # a container handed by reference
+                    containers.append(where)
+                except Exception:
+                    pass
+                if depth < max_depth:
+                    queue.append((where, value, depth + 1))
+    return written, containers, reached
+'''
+
+
+def _tests_side_code(obj: Any) -> bool:
+    """A class, a module, a function, a frame, or an object of labrunner's or pytest's."""
+    import inspect
+
+    if inspect.isclass(obj) or inspect.ismodule(obj) or inspect.isroutine(obj) or \
+            inspect.isframe(obj) or inspect.iscode(obj) or isinstance(obj, property):
+        return True
+    return type(obj).__module__.split(".")[0] in ("labrunner", "_pytest", "pytest", "pluggy")
+
+
+def _resolve(root: Any, path: str) -> Any:
+    obj = root
+    for name in path.split(".")[:-1]:
+        obj = getattr(obj, name)
+    return obj
+
+
+def test_nothing_of_the_tests_side_handed_over_is_writable(
+        tmp_path: Path, local_services: Any) -> None:
+    """Walk every attribute reachable from each object a lab hands the learner (a psycopg
+    connection and cursor, a redis client, confluent_kafka and pika objects, the fixtures'
+    own objects): no class, module, function, frame or labrunner object of the tests' side
+    may be written, nor a container of theirs changed in place."""
+    import confluent_kafka
+    import pika
+    import psycopg
+    import redis
+
+    from labrunner.plugin import KafkaNS, PostgresDB, RabbitVhost, RedisDB
+
+    endpoints = local_services.ensure(["postgres", "redis"])
+    pg, rd = endpoints["postgres"], endpoints["redis"]
+    (tmp_path / "walker.py").write_text(WALKER)
+    host = LearnerHost.start("spawn")
+    conn = psycopg.connect(pg.url, autocommit=True)
+    try:
+        walker = host.load(tmp_path, "walker", "learner_test_walker_0")
+        roots: dict[str, Any] = {
+            "psycopg connection": conn,
+            "psycopg cursor": conn.cursor(),
+            "redis client": redis.Redis.from_url(rd.url),
+            "kafka producer": confluent_kafka.Producer({"bootstrap.servers": "127.0.0.1:9",
+                                                        "log_level": 0}),
+            "pika parameters": pika.URLParameters("amqp://guest:guest@127.0.0.1:9/%2F"),
+            "postgres fixture": PostgresDB(pg.url, "db", pg, None),  # type: ignore[arg-type]
+            "redis fixture": RedisDB(rd.url, 1, rd, None),  # type: ignore[arg-type]
+            "kafka fixture": KafkaNS("127.0.0.1:9", "p", pg),
+            "rabbitmq fixture": RabbitVhost("amqp://127.0.0.1:9/v", "v", pg),
+        }
+        bad: list[str] = []
+        for label, root in roots.items():
+            written, containers, reached = walker.walk(root, 300, 3)
+            assert reached > 1, f"{label}: nothing reached"
+            for path in written + containers:
+                parent = _resolve(root, path)
+                if _tests_side_code(parent):
+                    bad.append(f"{label}: {path} (on {type(parent).__name__})")
+        assert not bad, "\n".join(bad)
+    finally:
+        conn.close()
+        host.close()
+
+
+LEARNER_PROGRAMS = """
+import os, signal, socket, subprocess, sys, tempfile
+
+from labrunner.learner_programs import LearnerProgram
+from labrunner.learner_process import FACTORY_PREFIX, start_factory
+
+learner_uid = 64990 + 20000
+home = tempfile.mkdtemp(prefix="lr-learner-home-", dir="/tmp")
+os.chmod(home, 0o755)
+mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+start_factory(os.dup(theirs.fileno()), learner_uid, learner_uid, home)
+theirs.close()
+how = f"{FACTORY_PREFIX}{mine.fileno()}"
+who = LearnerProgram(how, ["id", "-u"], stdout=subprocess.PIPE)
+assert who.communicate(timeout=60)[0].decode().strip() == str(learner_uid)
+assert who.returncode == 0
+echo = LearnerProgram(how, ["sh", "-c", "cat; exit 3"], stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+assert echo.communicate(b"hello", timeout=60) == (b"hello", None)
+assert echo.returncode == 3
+sleeper = LearnerProgram(how, ["sleep", "600"])
+try:
+    sleeper.wait(0.2)
+    raise AssertionError("no timeout")
+except subprocess.TimeoutExpired:
+    pass
+assert sleeper.poll() is None
+sleeper.kill()
+assert sleeper.wait(60) == -signal.SIGKILL
+try:
+    LearnerProgram(how, ["/nonexistent/program"])
+    raise AssertionError("started a missing program")
+except FileNotFoundError:
+    pass
+mine.close()
+os.rmdir(home)
+print("ALL GOOD")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the learner's uid needs root")
+def test_learner_programs_run_as_the_learner_uid_and_behave_like_popen(tmp_path: Path) -> None:
+    """learner.popen when grading: the factory (as the learner's uid) starts the program;
+    output, input, exit codes, signals and a missing program work as with Popen. Run in a
+    mount namespace like the grader's, where the learner's uid reaches Python."""
+    import subprocess
+    import sys
+
+    import labrunner
+    from labrunner.grading import MountPlan, _blocked_ancestors
+
+    plan = MountPlan(reexpose=_blocked_ancestors([
+        Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix),
+        Path(labrunner.__file__).parent]), read_only_root=False, hide_processes=False)
+    plan.holder = tmp_path / "park"
+    plan.holder.mkdir()
+    done = subprocess.run([sys.executable, "-c", LEARNER_PROGRAMS], capture_output=True,
+                          text=True, timeout=300, preexec_fn=plan.apply)
+    assert done.returncode == 0 and "ALL GOOD" in done.stdout, done.stdout + done.stderr

@@ -94,7 +94,9 @@ def test_infinite_loop_times_out_and_the_lab_still_reports(run) -> None:  # type
 ])
 def test_early_exit_and_fake_reports_score_failed(run, trick: str) -> None:  # type: ignore[no-untyped-def]
     result = run(trick)
-    assert result.outcome == "failed", result
+    # A tests process killed by a signal is an error; one that exits early, a failure:
+    # never a pass, whatever it reported before.
+    assert result.outcome == ("error" if "SIGKILL" in trick else "failed"), result
     assert not any(t.outcome == "passed" and "answer_comes" in t.nodeid for t in result.tests)
 
 

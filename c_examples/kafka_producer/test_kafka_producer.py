@@ -9,16 +9,12 @@ C program must agree with it."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 SANITIZER_MARKS = ("LeakSanitizer", "AddressSanitizer", "runtime error:",
@@ -37,26 +33,18 @@ class Run:
         return (int(found.group(1)), int(found.group(2))) if found else None
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return {"_dir": tmp_path_factory.mktemp("kafka_producer")}
+def binary_for(learner: Any) -> Path:
+    """Built once per session (learner.build() keeps it)."""
+    return Path(learner.build()) / "kafka_producer"
 
 
-def binary_for(learner: Any, builds: dict[str, Path]) -> Path:
-    """Build once per learner source in this run (the build dir itself is temporary)."""
-    key = hashlib.sha256(learner.path("producer.c").read_bytes()).hexdigest()[:16]
-    if key not in builds:
-        target = builds["_dir"] / f"kafka_producer-{key}"
-        shutil.copy2(learner.build() / "kafka_producer", target)
-        builds[key] = target
-    return builds[key]
-
-
-def produce(binary: Path, brokers: str, topic: str, pairs: list[tuple[str, str]]) -> Run:
+def produce(learner: Any, brokers: str, topic: str, pairs: list[tuple[str, str]]) -> Run:
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
-    done = subprocess.run([str(binary), brokers, topic, *[f"{k}={v}" for k, v in pairs]],
-                          capture_output=True, text=True, timeout=60, env=env)
+    # learner.run: when grading, the learner's binary runs as the learner's uid.
+    done = learner.run([str(binary_for(learner)), brokers, topic,
+                        *[f"{k}={v}" for k, v in pairs]],
+                       capture_output=True, text=True, timeout=60, env=env)
     reports = [m for m in SANITIZER_MARKS if m in done.stderr]
     assert not reports, (f"kafka_producer: {reports[0]} reported a memory or undefined-"
                          f"behaviour error:\n{done.stderr[-2500:]}")
@@ -106,11 +94,9 @@ KEYS = ["customer-1", "customer-2", "order-17", "order-42", "sku-9", "a", "zz", 
 PAIRS = [(KEYS[n % len(KEYS)], f"event-{n}") for n in range(30)]
 
 
-def test_keyed_events_land_where_java_would_put_them(learner: Any, kafka: Any,
-                                                     builds: dict[str, Path]) -> None:
-    binary = binary_for(learner, builds)
+def test_keyed_events_land_where_java_would_put_them(learner: Any, kafka: Any) -> None:
     topic = kafka.create_topic("events", PARTITIONS)
-    run = produce(binary, kafka.bootstrap, topic, PAIRS)
+    run = produce(learner, kafka.bootstrap, topic, PAIRS)
     assert run.code == 0 and run.counts() == (30, 0), (
         f"kafka_producer printed {run.stdout.strip()!r} and exited {run.code}; expected "
         f"'delivered=30 failed=0' and exit 0: count each delivery report\n{run.stderr[-800:]}")
@@ -134,18 +120,16 @@ def test_keyed_events_land_where_java_would_put_them(learner: Any, kafka: Any,
             "one partition, in order")
 
 
-def test_a_rejected_message_is_counted_and_reported(learner: Any, kafka: Any,
-                                                    builds: dict[str, Path]) -> None:
+def test_a_rejected_message_is_counted_and_reported(learner: Any, kafka: Any) -> None:
     """The topic accepts records up to 1,000 bytes: one 5,000-byte value is rejected by the
     broker (its delivery report carries the error); the two small ones are delivered."""
-    binary = binary_for(learner, builds)
     topic = kafka.create_topic("small", PARTITIONS, **{"max.message.bytes": "1000"})
     java = java_partitions(kafka, {"ok-1", "ok-2"} | {f"big-{n}" for n in range(20)})
     # The big one must travel in a batch of its own: a partition the small ones do not use.
     big = next(k for k in sorted(java) if k.startswith("big-")
                and java[k] not in (java["ok-1"], java["ok-2"]))
     pairs = [("ok-1", "small"), (big, "x" * 5000), ("ok-2", "small too")]
-    run = produce(binary, kafka.bootstrap, topic, pairs)
+    run = produce(learner, kafka.bootstrap, topic, pairs)
     assert run.counts() == (2, 1) and run.code == 1, (
         f"kafka_producer printed {run.stdout.strip()!r} and exited {run.code}; expected "
         "'delivered=2 failed=1' and exit 1: the broker rejected the 5,000-byte message - "

@@ -10,16 +10,12 @@ the server to quit and checking it exits 0 with nothing on stderr - no sanitizer
 
 from __future__ import annotations
 
-import atexit
-import hashlib
 import http.client
 import os
 import queue
-import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,19 +34,9 @@ REASONS = {
 }
 WAIT = 10.0  # seconds for anything the server should do at once
 
-_binaries: dict[str, Path] = {}
-
-
 def server_binary(learner: Any) -> Path:
-    """Build once per version of send_json.c and keep the binary for the session (the
-    learner fixture removes its build folder after each test)."""
-    key = hashlib.sha256(Path(learner.path("send_json.c")).read_bytes()).hexdigest()
-    if key not in _binaries:
-        built = Path(learner.build()) / "send_json_server"
-        keep = Path(tempfile.mkdtemp(prefix="ph1-c-"))
-        atexit.register(shutil.rmtree, keep, True)
-        _binaries[key] = Path(shutil.copy2(built, keep / built.name))
-    return _binaries[key]
+    """Built once per session (learner.build() keeps it)."""
+    return Path(learner.build()) / "send_json_server"
 
 
 def expected_body(status: int, size: int) -> bytes:
@@ -64,12 +50,13 @@ def expected_body(status: int, size: int) -> bytes:
 class Server:
     """The harness process: its port, and its stdout lines as they come."""
 
-    def __init__(self, binary: Path, short_writes: bool) -> None:
+    def __init__(self, learner: Any, binary: Path, short_writes: bool) -> None:
         env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1",
                "UBSAN_OPTIONS": "print_stacktrace=1",
                "SEND_JSON_SHORT_WRITES": "1" if short_writes else "0"}
-        self.proc = subprocess.Popen([str(binary)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+        # learner.popen: when grading, the learner's binary runs as the learner's uid.
+        self.proc = learner.popen([str(binary)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env)
         self.lines: queue.Queue[str] = queue.Queue()
         self.errors: list[str] = []
         assert self.proc.stdout is not None and self.proc.stderr is not None
@@ -144,7 +131,7 @@ class Server:
 def running(learner: Any, short_writes: bool = True) -> Iterator[Server]:
     """The harness with the learner's send_json(); short_writes: have every write on the
     client socket cut short or interrupted (harness.c)."""
-    server = Server(server_binary(learner), short_writes)
+    server = Server(learner, server_binary(learner), short_writes)
     try:
         yield server
     finally:

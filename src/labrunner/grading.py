@@ -11,11 +11,14 @@ collected tests as failed.
 When the grader runs as root, each worker slot (``--jobs``) runs its submissions under a uid
 of its own (``SANDBOX_UID_BASE + slot``, no passwd entry needed), so two submissions graded
 at once never share a uid; a slot's private folders are ``0700`` and owned by its uid, and
-are removed, together with every process and every file that uid left in /tmp, /var/tmp and
-/dev/shm, before the slot takes the next submission. Where the kernel allows it, the process
-also gets a private mount namespace in which the submissions, the instructor's hidden tests
-and the output folder are covered by empty filesystems (and a Python installed under an
-unreadable home, e.g. pyenv in /root, is made reachable without exposing the rest of it).
+are removed, together with every process and every file that uid left in the folders every
+user may write to, before the slot takes the next submission. Each grading command leases a
+slice of the uids (:func:`lease_uids`), so two commands never share one. Where the kernel
+allows it, the process also gets private mount and IPC namespaces in which the submissions,
+the instructor's hidden tests and the output folder are covered by empty filesystems, every
+shared writable folder is a private size-capped tmpfs, the root file system is read-only and
+/proc shows only its own uid's processes (and a Python installed under an unreadable home,
+e.g. pyenv in /root, is made reachable without exposing the rest of it).
 
 With the local backend (as root, where the kernel gives threads network namespaces), each lab
 run of each submission also gets services of its own, in a network namespace of its own
@@ -48,7 +51,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import tomllib
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +65,7 @@ from .errors import LabrunnerError
 from .learner_process import ENV_SHARED_DIR
 from .outcome import Outcome
 from .roadmap_page import cohort_page
-from .runner import LabResult, Sandbox, _kill_group, run_lab
+from .runner import LabResult, Sandbox, _kill_group, clean_text, run_lab
 from .services.base import ServiceError
 
 GRADES_VERSION = 1
@@ -94,6 +96,7 @@ class Submission:
     student: str
     source: Path          # the folder or archive as given
     workspace: Path | None = None   # the folder to read learner files from (after unpacking)
+    problem: str = ""     # why it cannot be graded (an archive refused, an id conflict)
 
 
 def _is_archive(path: Path) -> bool:
@@ -115,9 +118,12 @@ def _looks_like_workspace(path: Path) -> bool:
 
 
 def safe_student_id(raw: str) -> str:
+    """The student id for a folder's or an archive's name: the instructor's side names a
+    student, never the submission's content. A name with nothing usable in it gets an id
+    derived from it (``submission-<hash>``), so it is graded all the same."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", raw.strip()).strip("._-")
     if not cleaned:
-        raise GradingError(f"{raw!r}: not usable as a student id")
+        return "submission-" + hashlib.sha256(raw.encode("utf-8", "replace")).hexdigest()[:10]
     return cleaned[:100]
 
 
@@ -146,26 +152,48 @@ def discover(paths: Sequence[Path]) -> list[Submission]:
     return found
 
 
-def _student_field(workspace: Path) -> str | None:
-    marker = workspace / "labrunner.toml"
-    try:
-        info = os.lstat(marker)
-    except OSError:
-        return None
-    if not stat.S_ISREG(info.st_mode) or info.st_size > 64 * 1024:
-        return None
-    try:
-        value = tomllib.loads(marker.read_text(encoding="utf-8")).get("student")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
-        return None
-    return value if isinstance(value, str) and value.strip() else None
+MAX_MEMBER_DEPTH = 32
+MAX_MEMBER_NAME = 1024
+MAX_ARCHIVE_FILE = 64 * 1024 * 1024       # the archive itself, before it is opened
+MAX_TAR_HEADER = 64 * 1024                # a pax or GNU long-name header
 
 
 def _member_path(dest: Path, name: str) -> Path:
+    if len(name) > MAX_MEMBER_NAME:
+        raise GradingError(f"archive member name longer than {MAX_MEMBER_NAME} characters")
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if not parts or name.startswith("/") or ".." in parts or ":" in parts[0]:
-        raise GradingError(f"archive member {name!r} escapes the archive")
+        raise GradingError(f"archive member {name[:200]!r} escapes the archive")
+    if len(parts) > MAX_MEMBER_DEPTH:
+        raise GradingError(f"archive member {name[:200]!r} is nested deeper than "
+                           f"{MAX_MEMBER_DEPTH} folders")
     return dest.joinpath(*parts)
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended (pax) or GNU long-name block is refused past a size,
+    before tarfile reads it whole into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                         tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) and \
+                self.size > MAX_TAR_HEADER:
+            raise GradingError(f"an extended tar header of {self.size} bytes (more than "
+                               f"{MAX_TAR_HEADER})")
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder a submission could have filled (any depth, any names): GNU rm walks
+    it without recursion, where shutil.rmtree would overflow Python's stack."""
+    if not os.path.lexists(path):
+        return
+    try:
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=600, check=False)
+    except (OSError, subprocess.SubprocessError):
+        pass
 
 
 def _copy_capped(src: Any, target: Path, budget: list[int]) -> None:
@@ -185,6 +213,12 @@ def unpack(archive: Path, dest: Path) -> Path:
     budget = [MAX_ARCHIVE_BYTES]
     dest.mkdir(parents=True, exist_ok=True)
     try:
+        size = archive.stat().st_size
+    except OSError as exc:
+        raise GradingError(f"{archive.name}: not readable ({exc})") from exc
+    if size > MAX_ARCHIVE_FILE:
+        raise GradingError(f"{archive.name}: {size} bytes, more than {MAX_ARCHIVE_FILE}")
+    try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
                 members = zf.infolist()
@@ -199,7 +233,7 @@ def unpack(archive: Path, dest: Path) -> Path:
                     with zf.open(zinfo) as zsrc:
                         _copy_capped(zsrc, target, budget)
         else:
-            with tarfile.open(archive, "r:gz") as tf:
+            with tarfile.open(archive, "r:gz", tarinfo=_CappedTarInfo) as tf:
                 count = 0
                 for tinfo in tf:
                     count += 1
@@ -211,7 +245,10 @@ def unpack(archive: Path, dest: Path) -> Path:
                     tsrc = tf.extractfile(tinfo)
                     if tsrc is not None:
                         _copy_capped(tsrc, target, budget)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    except GradingError as exc:
+        raise GradingError(f"{archive.name}: {exc}") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError,
+            RecursionError) as exc:
         raise GradingError(f"{archive.name}: not a readable archive ({exc})") from exc
     root = dest
     entries = [p for p in root.iterdir()]
@@ -292,11 +329,20 @@ class Limits:
     # Threads count too: a test with a pool of workers needs room (a fork storm does not).
     processes: int = 256
     output_bytes: int = 256 * 1024
+    # The largest file a graded process may write (RLIMIT_FSIZE): no run fills the disk.
+    file_mb: int = 256
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 4096, 16384, 1 << 18
+MS_REMOUNT, MS_NOEXEC = 32, 8
+# The folders every user may write to on a usual Linux: in a graded process's namespace each
+# is a private tmpfs of a capped size (whatever is written there is gone with the run), and
+# the root file system is read-only, so nothing it writes outlives it but in its run folder.
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue")
+PRIVATE_TMP_BYTES = 256 * 1024 * 1024
 
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
@@ -333,10 +379,18 @@ class MountPlan:
     reexpose: dict[Path, set[str]] = field(default_factory=dict)
     holder: Path | None = None   # an empty root-owned folder to park bind mounts on
     empty_file: Path | None = None
+    # Shared writable folders made private (a tmpfs each), with the paths inside them the
+    # run needs (its run folder, the services' state) bound back in.
+    private_tmp: dict[Path, list[Path]] = field(default_factory=dict)
+    tmp_bytes: int = PRIVATE_TMP_BYTES
+    read_only_root: bool = True
+    hide_processes: bool = True
 
     def apply(self) -> None:
         """Runs in the child, as root, before the switch to the sandbox uid."""
-        if _libc.unshare(CLONE_NEWNS) != 0:
+        # A mount namespace, and an IPC namespace: System V segments and POSIX queues it
+        # makes are its own and go with it.
+        if _libc.unshare(CLONE_NEWNS | CLONE_NEWIPC) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"unshare: {os.strerror(err)}")
         _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
@@ -362,6 +416,40 @@ class MountPlan:
         for file in self.hide_files:
             assert self.empty_file is not None
             _mount(str(self.empty_file), str(file), None, MS_BIND, None)
+        for folder, keep in sorted(self.private_tmp.items()):
+            handles = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in keep]
+            _mount("tmpfs", str(folder), "tmpfs", MS_NOSUID | MS_NODEV,
+                   f"size={self.tmp_bytes},mode=1777")
+            for path, handle in handles:
+                os.makedirs(path, mode=0o755, exist_ok=True)
+                _mount(f"/proc/self/fd/{handle}", str(path), None, MS_BIND | MS_REC, None)
+                os.close(handle)
+        if self.hide_processes:
+            # A /proc of its own showing only its uid's processes: no other verification's
+            # command line (run folders, hidden test names), no neighbour to signal.
+            try:
+                _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                       "hidepid=invisible")
+            except OSError:
+                _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
+        if self.read_only_root:
+            _mount("none", "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+
+
+def _private_tmp(keep_candidates: Sequence[Path],
+                 covered: dict[Path, set[str]]) -> dict[Path, list[Path]]:
+    """Each shared writable folder (a private tmpfs in the namespace), with the paths in it
+    to bind back in."""
+    private: dict[Path, list[Path]] = {}
+    for name in SHARED_WRITABLE:
+        folder = Path(name)
+        if folder.is_symlink() or not folder.is_dir() or \
+                any(_inside(folder, f) for f in covered):
+            continue
+        keep = _dedupe([p for p in keep_candidates if p.exists() and _inside(p, folder) and
+                        p.resolve() != folder.resolve()])
+        private[folder.resolve()] = [p.resolve() for p in keep]
+    return private
 
 
 def namespaces_available() -> bool:
@@ -375,7 +463,7 @@ def namespaces_available() -> bool:
 
 
 def _unshare_or_fail() -> None:
-    if _libc.unshare(CLONE_NEWNS) != 0:
+    if _libc.unshare(CLONE_NEWNS | CLONE_NEWIPC) != 0:
         os._exit(1)
 
 
@@ -417,7 +505,7 @@ def _sweep_uid(uid: int) -> None:
         if not found:
             break
         time.sleep(0.05)
-    for shared in (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm")):
+    for shared in map(Path, SHARED_WRITABLE):
         try:
             entries = list(shared.iterdir())
         except OSError:
@@ -427,7 +515,7 @@ def _sweep_uid(uid: int) -> None:
                 if entry.lstat().st_uid != uid:
                     continue
                 if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
+                    remove_tree(entry)
                 else:
                     entry.unlink()
             except OSError:
@@ -490,7 +578,8 @@ def concept_record(lab: Lab, result: LabResult, hidden_dir: Path | None) -> dict
         name, hidden = _test_name(test.nodeid, hidden_dir)
         tests.append({"name": name, "hidden": hidden, "status": STATUS.get(test.outcome,
                                                                            "error"),
-                      "message": test.message, "duration": round(test.duration, 3)})
+                      "message": test.message, "authored": test.authored,
+                      "duration": round(test.duration, 3)})
     first = next((t for t in tests if t["status"] != "pass"), None)
     message = result.message
     return {
@@ -501,6 +590,7 @@ def concept_record(lab: Lab, result: LabResult, hidden_dir: Path | None) -> dict
         "message": "" if status == "pass" else (message.splitlines() or [""])[0],
         "failed_test": first["name"] if first else None,
         "failed_hidden": bool(first and first["hidden"]),
+        "authored": first["authored"] if first else "",
         "duration": round(result.duration, 3),
         # False: the learner's Python code shared the verification's interpreter (the lab
         # does not support a process of its own yet), so this outcome is not tamper-proof.
@@ -525,14 +615,45 @@ def _scrub(result: LabResult, replace: dict[str, str]) -> None:
 _uid_counter = iter(range(1 << 62))
 _uid_lock = threading.Lock()
 SANDBOX_UID_COUNT = 4000
+# The sandbox uids are split in leases: each grading command on the machine holds one (an
+# exclusive lock on a file of LEASE_DIR while it runs), so two commands never share a uid,
+# and one's sweep never kills the other's runs.
+UID_LEASES = 8
+LEASE_DIR = Path(os.environ.get("LABRUNNER_LEASE_DIR", "/run/labrunner-uids"))
+_lease: dict[str, Any] = {"base": SANDBOX_UID_BASE, "count": SANDBOX_UID_COUNT, "fd": None}
+
+
+def lease_uids() -> tuple[int, int]:
+    """Take a free uid lease for this command (kept until it exits); its first uid and
+    size. Raises GradingError when every lease is taken."""
+    import fcntl
+
+    with _uid_lock:
+        if _lease["fd"] is not None:
+            return _lease["base"], _lease["count"]
+        LEASE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        size = SANDBOX_UID_COUNT // UID_LEASES
+        # From the top: a grader of an older version counts up from the base.
+        for index in reversed(range(UID_LEASES)):
+            fd = os.open(LEASE_DIR / f"lease-{index}", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            os.set_inheritable(fd, False)
+            _lease.update(base=SANDBOX_UID_BASE + index * size, count=size, fd=fd)
+            return _lease["base"], size
+    raise GradingError(f"all {UID_LEASES} sandbox uid leases in {LEASE_DIR} are taken: "
+                       "that many grading commands run on this machine already")
 
 
 def _next_uid() -> int:
-    """A uid for one graded run: never the same as a run going on, and rotated so that
-    processes a run left as zombies (under an init that does not reap) never count
-    against the process limit of the next one."""
+    """A uid for one graded run: never the same as a run going on (in this command or
+    another: see lease_uids), and rotated so that processes a run left as zombies (under an
+    init that does not reap) never count against the process limit of the next one."""
     with _uid_lock:
-        return SANDBOX_UID_BASE + next(_uid_counter) % SANDBOX_UID_COUNT
+        return int(_lease["base"]) + next(_uid_counter) % int(_lease["count"])
 
 
 class _Slot:
@@ -585,6 +706,7 @@ class Grader:
         self.base = Path(tempfile.mkdtemp(prefix="lr-grade-"))
         os.chmod(self.base, 0o755)   # pytest lists the parents of the tests it collects
         self.mounts: MountPlan | None = None
+        self.service_mounts: MountPlan | None = None
         self.notes: list[str] = []
         self.running: dict[int, Any] = {}
         self.lock = threading.Lock()
@@ -604,6 +726,7 @@ class Grader:
                 "outcomes; every other lab runs it in a process of its own, under a uid of "
                 "its own")
         if self.sandboxed:
+            lease_uids()
             self._plan_mounts(hide)
         else:
             self.notes.append("not running as root: submissions run as this user, without a "
@@ -631,17 +754,30 @@ class Grader:
         plan.empty_file = self.base / "empty"
         plan.empty_file.touch()
         os.chmod(plan.empty_file, 0)
+        # Every shared writable folder becomes private; what the run needs inside one (the
+        # grader's run folders, the services' state) is bound back in.
+        plan.private_tmp = _private_tmp([self.base, *needed], plan.reexpose)
         for path in hide:
             if any(_inside(path, folder) for folder in plan.reexpose):
                 continue  # under a folder the namespace already covers
+            if any(_inside(path, folder) and not any(_inside(path, k) for k in keep)
+                   for folder, keep in plan.private_tmp.items()):
+                continue  # under a private tmpfs: out of sight already
             if any(_inside(n, path) for n in [*needed, self.base]):
                 self.notes.append(f"{path} holds what the verification needs: not hidden")
                 continue
             (plan.hide_dirs if path.is_dir() else plan.hide_files).append(path.resolve())
         self.mounts = plan
+        # The run's private services see the same, and their own folders under the
+        # services' runtime folder (the graded process, which reaches them over its private
+        # loopback, does not: no other service's socket is in its sight).
+        from .services.local.process import runtime_dir
+
+        self.service_mounts = dataclasses.replace(
+            plan, private_tmp=_private_tmp([self.base, *needed, runtime_dir()], plan.reexpose))
 
     def close(self) -> None:
-        shutil.rmtree(self.base, ignore_errors=True)
+        remove_tree(self.base)
 
     def kill_all(self) -> None:
         with self.lock:
@@ -658,15 +794,28 @@ class Grader:
             if cancelled.is_set():
                 return None
             result, hidden_dir = self._run_one(submission, lab, slot)
+            retried = False
+            if infrastructure_error(result) and not cancelled.is_set():
+                # Load must not change a grade: the machine's failure (a service not ready
+                # in time, the sandbox or the runner failing) is graded once more before it
+                # is recorded. A timeout is the learner's and is not.
+                retried = True
+                result, hidden_dir = self._run_one(submission, lab, slot)
             if cancelled.is_set():
                 return None
-            concepts.append(concept_record(lab, result, hidden_dir))
+            record = concept_record(lab, result, hidden_dir)
+            record["retried"] = retried
+            record["infrastructure_error"] = infrastructure_error(result)
+            concepts.append(record)
         total = sum(c["points"] for c in concepts)
+        machine_failed = any(c["infrastructure_error"] for c in concepts)
         return {
             "version": GRADES_VERSION,
             "student": submission.student,
             "source": submission.source.name,
-            "fingerprint": fingerprint(config, submission.workspace, submission.student),
+            # An infrastructure error is never kept as a result: a re-run grades it again.
+            "fingerprint": "" if machine_failed else fingerprint(
+                config, submission.workspace, submission.student),
             "graded_at": time.time(),
             "concepts": concepts,
             "total": total,
@@ -712,18 +861,23 @@ class Grader:
             learner_home = _private_dir(run_dir / "learner", learner_uid)
             shared = _private_dir(run_dir / "shared", uid)
             os.chmod(shared, 0o755)   # learner.tmp_folder(): the test writes, the learner reads
-            if learner_uid is not None:
+            if learner_uid is not None and uid is not None:
                 # The learner's processes pass through the run folder to their code and home,
                 # and see nothing else in it: the lab copy (hidden tests) stays the
-                # verification's alone.
-                os.chmod(run_dir, 0o711)
+                # verification's alone. Nobody else (a neighbour's uids) may enter it: the
+                # run folder's group is the learner's, the code's the verification's.
+                os.chown(run_dir, uid, learner_uid)
+                os.chmod(run_dir, 0o710)
                 for private in (copy, home):
                     os.chmod(private, 0o700)
-                _give(src, learner_uid)
+                os.chown(shared, uid, learner_uid)
+                os.chmod(shared, 0o750)
                 for folder, _dirs, files in os.walk(src):
-                    os.chmod(folder, 0o755)
+                    os.chown(folder, learner_uid, uid)
+                    os.chmod(folder, 0o750)
                     for name in files:
-                        os.chmod(os.path.join(folder, name), 0o644)
+                        os.chown(os.path.join(folder, name), learner_uid, uid)
+                        os.chmod(os.path.join(folder, name), 0o640)
             limits = self.config.limits
             from .catalog import find_project_root
 
@@ -731,14 +885,16 @@ class Grader:
             env = {"HOME": str(home), "USER": "sandbox", "LOGNAME": "sandbox",
                    **({"LABRUNNER_HOME": str(project)} if project else {}),
                    "TMPDIR": str(home), "LABRUNNER_PURGE": str(hidden_dir or ""),
-                   ENV_SHARED_DIR: str(shared)}
+                   ENV_SHARED_DIR: str(shared), "LABRUNNER_LEARNER_HOME": str(learner_home)}
             memory = limits.memory_mb * 1024 * 1024
             address_space: int | None = memory
+            # Every lab's process tree is in a memory cgroup where one can be made: it counts
+            # what an address-space limit misses (tmpfs and /dev/shm pages, memfd).
+            cgroup = MemoryCgroup.create(memory) if uid is not None else None
             if lab.language == "c":
                 # Sanitizer builds reserve terabytes of address space they never touch: no
-                # address-space limit lets them start, so their memory cap is a cgroup's.
+                # address-space limit lets them start, so their memory cap is the cgroup's.
                 address_space = None
-                cgroup = MemoryCgroup.create(memory) if uid is not None else None
                 if cgroup is None:
                     self._note("no memory cgroup could be made here: C labs (built with "
                                "sanitizers) ran without a memory limit")
@@ -749,6 +905,8 @@ class Grader:
                 cpu_seconds=limits.cpu_seconds,
                 max_output=limits.output_bytes,
                 max_processes=limits.processes if uid is not None else None,
+                file_size_bytes=limits.file_mb * 1024 * 1024,
+                workdir_root=run_dir,
                 extra_test_paths=extra,
                 env=env,
                 uid=uid, gid=uid,
@@ -794,7 +952,7 @@ class Grader:
                 _sweep_uid(uid + LEARNER_UID_OFFSET)
             if cgroup is not None:
                 cgroup.remove()
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_tree(run_dir)
 
     def _note(self, text: str) -> None:
         with self.lock:
@@ -809,7 +967,7 @@ class Grader:
         from .services.private import ENV_CONTROL, in_private_network, private_services
 
         owner = ServiceOwner(uid + SERVICE_UID_OFFSET,
-                             prepare=self.mounts.apply if self.mounts else None)
+                             prepare=self.service_mounts.apply if self.service_mounts else None)
 
         def body() -> LabResult:
             if not lab.services:
@@ -819,6 +977,36 @@ class Grader:
                 return verify(state)
 
         return in_private_network(body)
+
+
+# Messages of a run that could not happen for the machine's reasons, not the learner's.
+_INFRASTRUCTURE = ("the sandbox could not start", "the services could not start",
+                   "the verification could not start", "the test process was killed by signal")
+
+
+def infrastructure_error(result: LabResult) -> bool:
+    """Did this run fail for the machine's reasons (a service not ready, the sandbox or the
+    runner failing, a setup that crashed), not for the learner's code? Timeouts are the
+    learner's."""
+    if result.outcome != "error":
+        return False
+    if result.message.startswith(_INFRASTRUCTURE) or not result.tests:
+        return True
+    return any(t.outcome == "error" for t in result.tests)
+
+
+def problem_document(labs: Sequence[Lab], sub: Submission) -> dict[str, Any]:
+    """The result of a submission that could not be graded at all: every concept an error
+    that names why (never cached: no fingerprint)."""
+    message = clean_text(sub.problem or "could not be graded", 1000)
+    concepts: list[dict[str, Any]] = [{
+        "id": lab.id, "slug": lab.slug, "title": lab.title, "status": "error", "points": 0,
+        "max_points": lab.points, "message": message, "failed_test": None,
+        "failed_hidden": False, "duration": 0.0, "learner_code_apart": lab.learner_code_apart,
+        "tests": [], "retried": False, "infrastructure_error": False} for lab in labs]
+    return {"version": GRADES_VERSION, "student": sub.student, "source": sub.source.name,
+            "fingerprint": "", "graded_at": time.time(), "concepts": concepts, "total": 0,
+            "max_total": sum(lab.points for lab in labs), "problem": message}
 
 
 # --------------------------------------------------------------------------------------
@@ -857,22 +1045,36 @@ def read_result(path: Path) -> dict[str, Any] | None:
 
 
 def prepare_submissions(submissions: list[Submission], staging: Path) -> list[Submission]:
-    """Unpack archives (into root-only staging) and apply each one's ``student`` field;
-    duplicate ids are an error."""
-    seen: dict[str, Path] = {}
+    """Unpack archives (into root-only staging). The student id is the folder's or the
+    archive's name (a ``student`` field in the submission is not trusted). A submission
+    that cannot be unpacked, or whose id another one has too, keeps a ``problem``: it is
+    recorded as an error, and the cohort goes on."""
+    seen: dict[str, Submission] = {}
+    unique: list[Submission] = []
     for sub in submissions:
         if sub.source.is_dir():
             sub.workspace = sub.source
         else:
-            sub.workspace = unpack(sub.source, staging / secrets.token_hex(6))
-        named = _student_field(sub.workspace)
-        if named:
-            sub.student = safe_student_id(named)
+            try:
+                sub.workspace = unpack(sub.source, staging / secrets.token_hex(6))
+            except GradingError as exc:
+                message = str(exc)
+                if sub.source.name not in message:
+                    message = f"{sub.source.name}: {message}"
+                sub.problem = message
+            except (OSError, ValueError, RecursionError, MemoryError) as exc:
+                sub.problem = f"{sub.source.name}: could not be unpacked ({exc})"
         if sub.student in seen:
-            raise GradingError(f"student id {sub.student!r} is used by both "
-                               f"{seen[sub.student]} and {sub.source}")
-        seen[sub.student] = sub.source
-    return submissions
+            # Two submissions named alike (alice/ and alice.zip): neither is graded as
+            # alice's, and nobody else is affected.
+            first = seen[sub.student]
+            conflict = (f"student id {sub.student!r} is the name of both {first.source.name} "
+                        f"and {sub.source.name}: rename one and grade again")
+            first.problem = sub.problem = conflict
+            continue
+        seen[sub.student] = sub
+        unique.append(sub)
+    return unique
 
 
 def grade_cohort(
@@ -900,8 +1102,19 @@ def grade_cohort(
         todo: list[tuple[Submission, str]] = []
         skipped: list[str] = []
         for sub in submissions:
-            assert sub.workspace is not None
-            mark = fingerprint(config, sub.workspace, sub.student)
+            if sub.problem or sub.workspace is None:
+                doc = problem_document(config.labs, sub)
+                write_atomic(results / f"{sub.student}.json", json.dumps(doc, indent=2))
+                if on_done:
+                    on_done(doc, False)
+                continue
+            try:
+                mark = fingerprint(config, sub.workspace, sub.student)
+            except (OSError, RecursionError) as exc:
+                sub.problem = f"{sub.source.name}: could not be read ({exc})"
+                doc = problem_document(config.labs, sub)
+                write_atomic(results / f"{sub.student}.json", json.dumps(doc, indent=2))
+                continue
             old = read_result(results / f"{sub.student}.json")
             if not config.force and old is not None and old.get("fingerprint") == mark:
                 skipped.append(sub.student)
@@ -958,7 +1171,7 @@ def grade_cohort(
     finally:
         if grader is not None:
             grader.close()
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
 
 
 def _dedupe(paths: Iterable[Path]) -> list[Path]:
@@ -994,11 +1207,14 @@ def gradebook_document(labs: Sequence[Lab], students: Sequence[dict[str, Any]]) 
     for doc in ordered:
         for concept in doc["concepts"]:
             counts[concept["status"]] = counts.get(concept["status"], 0) + 1
+    retried = [f"{doc['student']} {c['id']}" for doc in ordered for c in doc["concepts"]
+               if c.get("retried")]
     return {
         "version": GRADES_VERSION,
         "tool": {"name": "labrunner", "version": __version__},
         "concepts": lab_columns(labs, ordered),
-        "summary": {"students": len(ordered), **counts},
+        # Runs graded twice because the first ended in an infrastructure error.
+        "summary": {"students": len(ordered), **counts, "retried": retried},
         "students": ordered,
     }
 
@@ -1018,16 +1234,14 @@ def grades_csv(document: dict[str, Any]) -> str:
 
 
 def _shown_message(test_or_concept: dict[str, Any], hidden: bool) -> str:
-    message = str(test_or_concept.get("message") or "")
-    first = (message.splitlines() or [""])[0].strip()
+    message = clean_text(test_or_concept.get("message") or "")
     if not hidden:
         return message.strip()
-    # An instructor's own message is shown; an assert's expression (which could reveal the
-    # expected values), a traceback or source code never is.
-    if not first or first.startswith(("assert ", "Traceback", "File ", "E ")) or \
-            re.match(r"^\w+Error\b", first):
-        return "a hidden check failed"
-    return first
+    # A hidden test shows only what its own code wrote (the assert's message, recorded by
+    # the verification as "authored"), never what the learner's code can raise (any class,
+    # any text), an assert's expression, a traceback or source code.
+    authored = clean_text(test_or_concept.get("authored") or "", 500).strip()
+    return authored.splitlines()[0] if authored else "a hidden check failed"
 
 
 def feedback_markdown(doc: dict[str, Any]) -> str:
@@ -1044,15 +1258,28 @@ def feedback_markdown(doc: dict[str, Any]) -> str:
         lines += [f"## {c['id']} {c['slug']}: {c['status']}", ""]
         bad = [t for t in c["tests"] if t["status"] != "pass"]
         if not bad:
-            lines += [f"- {_shown_message(c, c.get('failed_hidden', False))}", ""]
+            first, _, rest = _shown_message(c, c.get("failed_hidden", False)).partition("\n")
+            lines += [f"- {html.escape(first, quote=False)}", ""]
             continue
         for test in bad:
             label = ("a hidden test" if test["hidden"]
                      else f"`{test['name'].split('::', 1)[-1]}`")
             shown = _shown_message(test, test["hidden"]) or test["status"]
-            lines.append(f"- {label} ({test['status']}): {shown}")
+            lines += _md_item(f"{label} ({test['status']})", shown)
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _md_item(label: str, text: str) -> list[str]:
+    """A list item whose text (perhaps the learner's) cannot add markup: its first line
+    with HTML escaped, the rest in a fenced block no backtick run in it can close."""
+    first, _, rest = text.partition("\n")
+    item = [f"- {label}: {html.escape(first, quote=False)}"]
+    if rest.strip():
+        longest = max((len(m) for m in re.findall(r"`+", rest)), default=0)
+        fence = "`" * max(3, longest + 1)
+        item += [f"  {fence}text", *(f"  {line}" for line in rest.splitlines()), f"  {fence}"]
+    return item
 
 
 def feedback_html(doc: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ import builtins
 import ctypes
 import datetime
 import decimal
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -51,7 +52,21 @@ import threading
 import traceback
 import uuid
 from pathlib import Path, PurePath, PurePosixPath
-from types import CodeType, FrameType, ModuleType, TracebackType
+from types import (
+    BuiltinFunctionType,
+    ClassMethodDescriptorType,
+    CodeType,
+    FrameType,
+    FunctionType,
+    GetSetDescriptorType,
+    MemberDescriptorType,
+    MethodDescriptorType,
+    MethodType,
+    MethodWrapperType,
+    ModuleType,
+    TracebackType,
+    WrapperDescriptorType,
+)
 from typing import Any
 
 import rpyc
@@ -418,11 +433,22 @@ class _VerifierConnection(_PlainDataConnection):
 
     refused_modules = _REFUSED_EXCEPTION_MODULES
 
+    def _handle_getattr(self, obj: Any, name: Any) -> Any:
+        value = Connection._handle_getattr(self, obj, name)
+        if type(value) in (list, dict, set) and not _fixed(obj) and \
+                name in getattr(obj, "__dict__", {}):
+            # An instance's own container goes by reference (edits in place land there);
+            # a class's, a module's or labrunner's own object's goes as a copy.
+            return _Shared(value)
+        return value
+
     def _handle_setattr(self, obj: Any, name: Any, value: Any) -> None:
-        """The learner may set what the object already has as a public data attribute or
-        property (``conn.row_factory``, ``conn.autocommit``); never add an attribute or
-        shadow a method with its own function."""
-        if not isinstance(name, str) or name.startswith("_"):
+        """The learner may set what an instance of the field's libraries already has as a
+        public data attribute or property (``conn.row_factory``, ``conn.autocommit``); never
+        add an attribute or shadow a method with its own function, and never set anything
+        on a class, a module, a function or an object of labrunner's or pytest's: those are
+        the verification's code, shared by every test and by the tests' own connections."""
+        if not isinstance(name, str) or name.startswith("_") or _fixed(obj):
             raise AttributeError(f"cannot set {name!r}")
         static = inspect.getattr_static(type(obj), name, None)
         instance_data = name in getattr(obj, "__dict__", {})
@@ -441,6 +467,23 @@ class _VerifierConnection(_PlainDataConnection):
         elif not issubclass(type(obj), netref.BaseNetref) and isinstance(obj, _WITHHELD_TYPES):
             obj = f"<{type(obj).__name__} withheld>"
         return super()._box(obj)
+
+_FIXED_TYPES = (type, ModuleType, FunctionType, BuiltinFunctionType, MethodType,
+                MethodWrapperType, WrapperDescriptorType, MethodDescriptorType,
+                ClassMethodDescriptorType, GetSetDescriptorType, MemberDescriptorType,
+                staticmethod, classmethod, property, functools.partial, FrameType, CodeType,
+                TracebackType)
+
+
+def _fixed(obj: Any) -> bool:
+    """Is ``obj`` code of the verification's side (a class, a module, a function, a
+    descriptor) or an object of labrunner's or pytest's own, which the learner may read
+    and call but never change?"""
+    if isinstance(obj, _FIXED_TYPES):
+        return True
+    module = getattr(type(obj), "__module__", "") or ""
+    return module.split(".")[0] in _REFUSED_EXCEPTION_MODULES
+
 
 def _existing_exception(modname: str, clsname: str,
                         refused: tuple[str, ...]) -> type[BaseException] | None:
@@ -570,17 +613,27 @@ def _die_with_parent() -> None:
 
 
 def serve_factory(sock: socket.socket) -> None:
-    """Fork one host per request; reply with its socket (SCM_RIGHTS) and its pid."""
+    """Fork one host per request; reply with its socket (SCM_RIGHTS) and its pid. Start
+    the learner's programs the verification asks for (``learner_programs``)."""
     _die_with_parent()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # hosts are reaped by the kernel
     hosts: set[int] = set()
     while True:
         try:
-            request = sock.recv(64)
+            request, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
         except OSError:
             return
         if not request:
             return
+        if request.startswith(b"exec "):
+            # A learner's program (a built binary, a script): started as this uid, by a
+            # monitor that reports its exit and forwards the verification's signals.
+            from .learner_programs import start_program
+
+            start_program(request[5:], list(fds), sock)
+            continue
+        for fd in fds:
+            os.close(fd)
         command, _, arg = request.decode("ascii", "replace").partition(" ")
         if command == "spawn":
             mine, theirs = socket.socketpair()

@@ -56,6 +56,8 @@ ENV_SRC = "LABRUNNER_SRC"
 ENV_REPORT_FD = "LABRUNNER_REPORT_FD"
 ENV_KEY_FD = "LABRUNNER_KEY_FD"
 ENV_RUN_ID = "LABRUNNER_RUN_ID"
+# Grading: the learner's uid's home, for the learner's scripts (HOME, TMPDIR).
+ENV_LEARNER_HOME = "LABRUNNER_LEARNER_HOME"
 
 
 # --------------------------------------------------------------------------------------
@@ -119,8 +121,26 @@ except OSError:
 _phase_outcomes: dict[str, dict[str, Any]] = {}
 
 
+def _undumpable() -> None:
+    """No process of this uid (a learner's binary or script a test starts, in a lab of any
+    kind) may attach to this one, read its memory or take its descriptors through /proc
+    or pidfd_getfd: PR_SET_DUMPABLE 0, before the key is read."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE 0
+    except (OSError, AttributeError):
+        pass
+
+
+if os.environ.get(ENV_REPORT_FD):
+    _undumpable()   # as this module is imported (-p loads it first), every lab, C or Python
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _reporter
+    if os.environ.get(ENV_REPORT_FD):
+        _undumpable()
     _reporter = _Reporter()
     if os.environ.get(ENV_LEARNER_HOST):
         _guard_the_verification()
@@ -128,19 +148,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _guard_the_verification() -> None:
-    """The learner's code runs in other processes: make sure none of them (a learner's
-    script or C binary started by a test runs under this uid) can attach to this one, read
-    its memory or open its descriptors through /proc."""
-    import ctypes
-
+    """The learner's code runs in other processes: make sure none of them can attach to
+    this one, read its memory or open its descriptors through /proc."""
     how = os.environ.get(ENV_LEARNER_HOST, "")
     fd = how.removeprefix(FACTORY_PREFIX)
     if how.startswith(FACTORY_PREFIX) and fd.isdigit():
         os.set_inheritable(int(fd), False)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE 0
-    except (OSError, AttributeError):
-        pass
+    _undumpable()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -218,6 +232,38 @@ def _captured_output(report: pytest.TestReport) -> str:
     return text
 
 
+_PYTEST_DIRS = tuple(str(Path(str(m.__file__)).parent) + os.sep
+                     for m in (pytest, sys.modules["_pytest"], sys.modules["pluggy"]))
+MAX_AUTHORED = 500
+
+
+def _authored_message(item: pytest.Item, call: pytest.CallInfo[None]) -> str:
+    """The failure's message when the test's own code wrote it (an ``assert ..., "msg"``,
+    a ``raise AssertionError("msg")`` or a ``pytest.fail("msg")`` in the test file), else
+    "". What the learner's code raises (any class, any text) is never authored: its
+    innermost frame is in the RPC's code, not in the test file. Feedback shows a hidden
+    test's failure by this alone."""
+    excinfo = call.excinfo
+    if excinfo is None:
+        return ""
+    exc = excinfo.value
+    if type(exc) is not AssertionError and not isinstance(exc, pytest.fail.Exception):
+        return ""
+    frames = []
+    tb: Any = excinfo.tb
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    while frames and frames[-1].startswith(_PYTEST_DIRS):
+        frames.pop()
+    if not frames or os.path.realpath(frames[-1]) != os.path.realpath(str(item.path)):
+        return ""
+    text = str(exc.msg if isinstance(exc, pytest.fail.Exception) else exc)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    # A bare assert's text is its expression (expected values): not a message.
+    return "" if first.startswith("assert ") else first[:MAX_AUTHORED]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item,
                               call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
@@ -252,6 +298,7 @@ def pytest_runtest_makereport(item: pytest.Item,
         output = _captured_output(report)
         if output:
             state["output"] = output
+        state["authored"] = _authored_message(item, call) if report.when == "call" else ""
     elif report.skipped and state["outcome"] == "passed":
         state["outcome"] = "skipped"
         state["message"] = _failure_message(report)
@@ -385,24 +432,64 @@ class Learner:
             raise LearnerCodeError(f"{self.dir / (module + '.py')}: define a function {name}()")
         return fn  # type: ignore[no-any-return]
 
+    def popen(self, args: Any, **popen: Any) -> subprocess.Popen[bytes]:
+        """Start one of the learner's programs (a binary ``build()`` made, a script):
+        ``subprocess.Popen(args, **popen)``, except that when grading it runs as the
+        learner's uid, never as the verification's, so it can neither signal nor inspect
+        the tests. ``wait``, ``poll``, ``kill``, ``communicate`` and pipes work as usual;
+        ``shell``, ``preexec_fn``, ``pass_fds`` and ``user`` are not available."""
+        how = os.environ.get(ENV_LEARNER_HOST, "")
+        if how.startswith(FACTORY_PREFIX):
+            from .learner_programs import LearnerProgram
+
+            return LearnerProgram(how, args, **popen)
+        return subprocess.Popen(args, **popen)
+
+    def run(self, args: Any, *, input: Any = None, timeout: float | None = None,
+            capture_output: bool = False, **popen: Any) -> subprocess.CompletedProcess[Any]:
+        """``subprocess.run`` for one of the learner's programs, through ``popen`` (as the
+        learner's uid when grading): on timeout it is killed and TimeoutExpired raised."""
+        if capture_output:
+            popen["stdout"] = popen["stderr"] = subprocess.PIPE
+        if input is not None:
+            popen["stdin"] = subprocess.PIPE
+        with self.popen(args, **popen) as proc:
+            try:
+                out, err = proc.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
     def python(self, module: str, *args: str, env: dict[str, str] | None = None,
                **popen: Any) -> subprocess.Popen[bytes]:
-        """Run ``<module>.py`` as its own process (for labs that kill and restart it)."""
+        """Run ``<module>.py`` as its own process (for labs that kill and restart it), as
+        the learner's uid when grading (see ``popen``)."""
         file = self.path(f"{module}.py")
-        full_env = {**os.environ, "PYTHONPATH": str(self.dir), **(env or {})}
-        return subprocess.Popen([sys.executable, str(file), *args], env=full_env,
-                                cwd=self.dir, **popen)
+        home = os.environ.get(ENV_LEARNER_HOME)
+        full_env = {**os.environ, "PYTHONPATH": str(self.dir),
+                    **({"HOME": home, "TMPDIR": home} if home else {}), **(env or {})}
+        return self.popen([sys.executable, str(file), *args], env=full_env,
+                          cwd=self.dir, **popen)
 
     def build(self) -> Path:
         """Build the lab's C code with the c_examples Makefile (warnings are errors) into a
-        private folder; return that folder, which holds the binaries."""
+        folder the learner's programs can read; return that folder, which holds the
+        binaries. Built once per session; run them with ``learner.popen``."""
         if self._build_dir is not None:
             return self._build_dir
         if not self.lab.build:
             raise pytest.UsageError(f"{self.lab.path / 'lab.toml'}: no 'build' target")
+        cached = _BUILDS.get((self.dir, self.lab.build))
+        if cached is not None and cached.is_dir():
+            self._build_dir = cached
+            return cached
         root = find_project_root(self.lab.path)
         makefile_dir = (root / "c_examples") if root else self.lab.path.parents[1] / "c_examples"
-        out = Path(tempfile.mkdtemp(prefix=f"lrbuild-{self.lab.slug}-"))
+        out = Path(tempfile.mkdtemp(prefix=f"lrbuild-{self.lab.slug}-",
+                                    dir=os.environ.get(ENV_SHARED_DIR) or None))
+        os.chmod(out, 0o755)   # the learner's uid runs what is built here
         done = subprocess.run(
             ["make", "--no-print-directory", "-C", str(makefile_dir), self.lab.build,
              f"SRC={self.dir}", f"OUT={out}"],
@@ -414,6 +501,7 @@ class Learner:
                 f"building {self.lab.build} from {self.dir} failed "
                 f"(-Wall -Wextra -Werror):\n{output[-3000:]}")
         self._build_dir = out
+        _BUILDS[(self.dir, self.lab.build)] = out
         return out
 
     def cleanup(self) -> None:
@@ -424,10 +512,18 @@ class Learner:
             sys.modules.pop(name, None)
         if str(self.dir) in sys.path:
             sys.path.remove(str(self.dir))
-        if self._build_dir is not None:
-            shutil.rmtree(self._build_dir, ignore_errors=True)
         for folder in self._tmp_folders:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# Builds of the learner's C code, once per session: (learner folder, target) -> folder.
+_BUILDS: dict[tuple[Path, str], Path] = {}
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for folder in _BUILDS.values():
+        shutil.rmtree(folder, ignore_errors=True)
+    _BUILDS.clear()
 
 
 @pytest.fixture

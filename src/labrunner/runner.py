@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -43,7 +44,8 @@ class TestResult:
     outcome: str
     message: str = ""
     duration: float = 0.0
-    output: str = ""  # what the learner's code printed during a failing test (capped)
+    output: str = ""      # what the learner's code printed during a failing test (capped)
+    authored: str = ""    # the message the test's own code wrote, if it failed on one
 
     @property
     def name(self) -> str:
@@ -78,6 +80,8 @@ class Sandbox:
     cpu_seconds: int | None = None
     max_output: int = 1_000_000        # bytes of output kept; the rest is dropped
     max_processes: int | None = None
+    file_size_bytes: int | None = None   # RLIMIT_FSIZE: the largest file it may write
+    workdir_root: Path | None = None     # where the run's pytest folder is made
     extra_test_paths: tuple[Path, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     # Grading: a numeric uid/gid to switch to (no passwd entry needed), after ``prepare``
@@ -113,6 +117,9 @@ def _limits(sandbox: Sandbox, factory_fd: int | None = None) -> Callable[[], Non
             resource.setrlimit(resource.RLIMIT_NPROC,
                                (sandbox.max_processes, sandbox.max_processes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if sandbox.file_size_bytes:
+            resource.setrlimit(resource.RLIMIT_FSIZE,
+                               (sandbox.file_size_bytes, sandbox.file_size_bytes))
         if factory_fd is not None and sandbox.learner_uid is not None:
             # Forked here: confined like the verification (namespaces, limits, cgroup) but
             # as another uid, and in its process group (a timeout kills it with the rest).
@@ -234,7 +241,7 @@ def _run_lab(
     key_r, key_w = os.pipe()
     os.write(key_w, key)
     os.close(key_w)
-    workdir = Path(tempfile.mkdtemp(prefix=f"lr-{lab.slug}-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"lr-{lab.slug}-", dir=sandbox.workdir_root))
     ini = workdir / "pytest.ini"
     ini.write_text("[pytest]\n", encoding="utf-8")
     if sandbox.uid is not None:  # the unprivileged process reads its config from here
@@ -264,7 +271,10 @@ def _run_lab(
     factory_end: socket.socket | None = None
     verifier_end: socket.socket | None = None
     apart = sandbox.learner_process and lab.learner_code_in_own_process
-    if apart and sandbox.learner_uid is not None:
+    if sandbox.learner_process and sandbox.learner_uid is not None:
+        # The learner's factory, as the learner's uid: it hosts the learner's Python code
+        # (labs that keep it apart) and starts the learner's programs (learner.popen: C
+        # binaries, scripts) in every lab.
         verifier_end, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pass_fds.append(verifier_end.fileno())
         env[ENV_LEARNER_HOST] = f"{FACTORY_PREFIX}{verifier_end.fileno()}"
@@ -299,8 +309,9 @@ def _run_lab(
                                   args=(proc.stdout, sandbox.max_output, output), daemon=True)
     out_thread.start()
     timed_out = False
+    lingered = [False]
     try:
-        timed_out = _wait_for_exit(proc, budget, records)
+        timed_out = _wait_for_exit(proc, budget, records, lingered)
     finally:
         _kill_group(proc)
         if on_process:
@@ -309,7 +320,8 @@ def _run_lab(
     reader.join(timeout=5)
     out_thread.join(timeout=5)
     text = b"".join(output).decode("utf-8", errors="replace")
-    return _score(lab, records, proc.returncode, timed_out, budget, text, started)
+    return _score(lab, records, proc.returncode, timed_out, budget, text, started,
+                  ended_on_its_own=not timed_out and not lingered[0])
 
 
 # Seconds a verification may take to exit once it reported that its session finished.
@@ -317,7 +329,7 @@ EXIT_GRACE = 10.0
 
 
 def _wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
-                   records: list[dict[str, Any]]) -> bool:
+                   records: list[dict[str, Any]], lingered: list[bool]) -> bool:
     """Wait for the verification to exit; True if it ran out of ``budget``. Once it has
     reported the end of its session, it gets EXIT_GRACE seconds more: something still
     running in it (a non-daemon thread of the learner's, a stuck clean-up) then costs those
@@ -334,6 +346,7 @@ def _wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
         if finished_at is None and records and records[-1].get("kind") == "finished":
             finished_at = now
         if finished_at is not None and now - finished_at > EXIT_GRACE:
+            lingered[0] = True
             try:
                 os.kill(proc.pid, signal.SIGUSR1)   # faulthandler: every thread's stack
                 proc.wait(timeout=1)
@@ -362,9 +375,33 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
+# pytest's own exit codes: tests failed or not, the session ran to its end.
+PYTEST_EXITS = (0, 1, 2, 5)
+
+
 def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, timed_out: bool,
-           budget: float, output: str, started: float) -> LabResult:
+           budget: float, output: str, started: float,
+           ended_on_its_own: bool = True) -> LabResult:
     duration = time.time() - started
+    finished = any(r.get("kind") == "finished" for r in records)
+    if ended_on_its_own and not (finished and returncode in PYTEST_EXITS):
+        # A tests process that was killed (by a signal: the learner's program could send
+        # one), exited early or lost its channel: what it reported counts for nothing,
+        # since a pass written by anyone but a session that ran to its end is not ours.
+        records = [r for r in records if r.get("kind") == "collected"]
+        how = (f"was killed by signal {-returncode}" if returncode is not None and
+               returncode < 0 else f"exited with code {returncode}" if not finished else
+               f"ended with code {returncode}")
+        listed = next((r for r in records if r.get("kind") == "collected"), None)
+        if listed is not None:
+            return LabResult(
+                lab, "error" if returncode is not None and returncode < 0 else "failed",
+                duration,
+                f"the test process {how} before its session finished: every test of this "
+                "lab counts as failed (the code exited, crashed or killed it)",
+                [TestResult(str(n), "failed",
+                            f"the test process {how} before its session finished")
+                 for n in listed.get("nodeids", [])], output, started_at=started)
     collected: list[str] = []
     outcomes: dict[str, TestResult] = {}
     for record in records:
@@ -372,8 +409,10 @@ def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, time
             collected = [str(n) for n in record.get("nodeids", [])]
         elif "nodeid" in record and record.get("outcome") in OUTCOMES:
             outcomes[record["nodeid"]] = TestResult(
-                record["nodeid"], record["outcome"], str(record.get("message", "")),
-                float(record.get("duration", 0.0)), str(record.get("output", "")))
+                record["nodeid"], record["outcome"], clean_text(record.get("message", "")),
+                float(record.get("duration", 0.0)),
+                output=clean_text(record.get("output", ""), MAX_OUTPUT),
+                authored=clean_text(record.get("authored", ""), MAX_AUTHORED))
     if not collected:
         reason = _collection_problem(output) or (
             f"timed out after {budget:.0f} s before any test ran" if timed_out else
@@ -421,6 +460,27 @@ def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, time
         outcome = "error" if not any(t.outcome == "passed" for t in tests) else "failed"
     message = first_bad.message or first_bad.outcome
     return LabResult(lab, outcome, duration, message, tests, output, started_at=started)
+
+
+MAX_MESSAGE = 4000
+MAX_AUTHORED = 500
+MAX_OUTPUT = 8000      # the learner's printed output of a failing test
+# Escape sequences (CSI, OSC, other ESC forms) and control characters but tab and newline.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|"
+                      r"\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e"
+                      r"\u2066-\u2069]")
+
+
+def clean_text(value: Any, cap: int = MAX_MESSAGE) -> str:
+    """Text from the test process (so possibly the learner's) as it may be shown: no
+    terminal escape sequences or control characters (a ``cat`` of the feedback must not
+    clear the screen or fake a line), no bidirectional overrides, at most ``cap``
+    characters."""
+    text = str(value)[: cap * 4]
+    text = _CONTROL.sub("", text.replace("\r\n", "\n"))
+    if len(text) > cap:
+        text = text[:cap] + " [...]"
+    return text
 
 
 def _collection_problem(output: str) -> str:

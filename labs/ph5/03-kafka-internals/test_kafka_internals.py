@@ -241,7 +241,9 @@ def test_commit_crash_resume_and_lag(learner: Any, kafka: Any) -> None:
     config = kafka.consumer_config("resume", **{"session.timeout.ms": 2000,
                                                 "heartbeat.interval.ms": 300,
                                                 "auto.commit.interval.ms": 100})
-    member = subprocess.Popen(
+    # learner.popen: the member runs the learner's code, so when grading it runs as the
+    # learner's uid, never as the tests'.
+    member = learner.popen(
         [sys.executable, "-c", CRASHING_MEMBER, json.dumps(config), topic],
         stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(learner.dir)},
         cwd=learner.dir)
