@@ -39,7 +39,7 @@ async def main(port: int, n: int) -> None:
         writer.write(line)
         try:
             return await asyncio.wait_for(reader.readline(), 60) == line
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             return False
 
     oks = await asyncio.gather(*(ping(i, r, w) for i, (r, w) in enumerate(conns)))

@@ -128,7 +128,7 @@ def test_ten_thousand_connections_at_once(server: Any) -> None:
             c.stdin.write(b"go\n")
             c.stdin.flush()
         echoed = 0
-        for i, out in enumerate(outs):
+        for out in outs:
             line = out.next(180) or ""
             m = re.match(r"echoed (\d+)", line)
             echoed += int(m.group(1)) if m else 0
