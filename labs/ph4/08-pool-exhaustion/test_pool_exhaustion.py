@@ -192,9 +192,11 @@ def test_queue_policy_waits_then_times_out(mod: ModuleType, pools: list[Any], se
         pytest.fail("acquire() with acquire_timeout=0.5 was still waiting after 20 s: wait "
                     "with a timeout (Condition.wait(remaining)) and give up when it ends",
                     pytrace=False)
+    outcome = ("returned a connection" if late.error is None
+               else f"raised {type(late.error).__name__}")
     assert isinstance(late.error, mod.PoolExhausted), (
-        f"when the timeout ran out acquire() {'returned a connection' if late.error is None else f'raised {type(late.error).__name__}'}"
-        ", expected PoolExhausted: the caller needs a distinct error to shed load (503)")
+        f"when the timeout ran out acquire() {outcome}, expected PoolExhausted: the caller "
+        "needs a distinct error to shed load (503)")
     assert elapsed >= 0.45, (
         f"PoolExhausted came after {elapsed:.2f} s, before the 0.5 s acquire_timeout: the "
         "queue policy waits for a connection first")

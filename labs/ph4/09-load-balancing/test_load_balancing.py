@@ -116,7 +116,7 @@ def test_least_connections_under_uneven_durations(balancer: ModuleType) -> None:
                 "cannot know.", pytrace=False)
         active[got] += 1
         running.append((tick + duration, got))
-    for end, backend in running:
+    for _end, backend in running:
         lb.release(backend)
         active[backend] -= 1
     seen = dict(lb.active())

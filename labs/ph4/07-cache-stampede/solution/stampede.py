@@ -4,6 +4,7 @@ Lua compare-and-delete) and probabilistic early expiry (XFetch)."""
 from __future__ import annotations
 
 import math
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -64,7 +65,7 @@ def get_or_load(url: str, key: str, loader: Callable[[], str], ttl_ms: int, *,
 
 def xfetch(url: str, key: str, loader: Callable[[], str], ttl_s: float, *, beta: float = 1.0,
            now: Callable[[], float] = time.time,
-           rand: Callable[[], float] = __import__("random").random) -> str:
+           rand: Callable[[], float] = random.random) -> str:
     """Probabilistic early expiry (Vattani et al., "XFetch"): recompute before the logical
     expiry with a probability that rises as it nears, scaled by how long the last
     computation took (delta): recompute when now - delta * beta * ln(rand()) >= expiry."""

@@ -1,0 +1,295 @@
+"""ph4.2 verification: a readers-writer lock with writer preference, a limiter, a bounded
+queue - each driven step by step.
+
+Worker threads take a primitive and then hold it until the test says go (an Event). After
+each step the test waits until every worker has settled - either inside (it set its
+`entered` event) or blocked in a threading wait inside the learner's code (counted by
+labrunner.testing.threads_waiting_in, in the process where that code runs) - and then
+reads who is where. So "the second reader got in while a writer waited" is an observation,
+never a race the scheduler may or may not produce.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from labrunner.testing import threads_waiting_in, wait_until
+
+
+class Worker(threading.Thread):
+    """Takes a primitive (enter), holds it until go, then lets go of it (leave)."""
+
+    def __init__(self, name: str, enter: Callable[[], Any], leave: Callable[[], Any]) -> None:
+        super().__init__(daemon=True, name=name)
+        self.enter, self.leave = enter, leave
+        self.entered, self.go, self.done = threading.Event(), threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.enter()
+            self.entered.set()
+            self.go.wait(60)
+            self.leave()
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+class Stage:
+    def __init__(self, learner: Any) -> None:
+        self.learner = learner
+        self.workers: list[Worker] = []
+
+    def waiting(self) -> int:
+        return int(self.learner.run_helper(threads_waiting_in, str(self.learner.dir)))
+
+    def add(self, name: str, enter: Callable[[], Any], leave: Callable[[], Any] = lambda: None
+            ) -> Worker:
+        w = Worker(name, enter, leave)
+        self.workers.append(w)
+        self.settle()
+        return w
+
+    def settle(self) -> None:
+        """Until every live worker is inside (holding) or blocked in the learner's code."""
+        def settled() -> bool:
+            busy = [w for w in self.workers if not w.done.is_set()]
+            inside = sum(w.entered.is_set() for w in busy)
+            return inside + self.waiting() >= len(busy)
+        try:
+            wait_until(settled, "every thread to be either inside or waiting", 5)
+        except BaseException:
+            stuck = [w.name for w in self.workers
+                     if not w.done.is_set() and not w.entered.is_set()]
+            pytest.fail(
+                f"{', '.join(stuck)} neither got in nor waits in a threading.Condition "
+                "(or Semaphore) wait\nBuild these primitives on threading.Condition: a "
+                "thread that cannot go on waits in cond.wait() (a plain Lock blocks readers "
+                "against each other, and its waits cannot be told apart from work).",
+                pytrace=False)
+        failed = [w for w in self.workers if w.error is not None]
+        if failed:
+            w = failed[0]
+            pytest.fail(f"{w.name} raised {type(w.error).__name__}: {w.error}", pytrace=False)
+
+    def release(self, w: Worker) -> None:
+        w.go.set()
+        wait_until(w.done.is_set, f"{w.name} to let go")
+        self.settle()
+
+    def inside(self) -> list[str]:
+        return [w.name for w in self.workers if w.entered.is_set() and not w.done.is_set()]
+
+    def expect(self, names: list[str], message: Callable[[], str]) -> None:
+        """After a release someone must get in; wake-ups take a moment, so wait for it (a
+        correct primitive gets there at once; only a wrong one runs into the timeout)."""
+        try:
+            wait_until(lambda: self.inside() == names, "the expected thread to get in", 5)
+        except BaseException:
+            pytest.fail(message(), pytrace=False)
+
+    def finish(self) -> None:
+        for w in self.workers:
+            w.go.set()
+
+
+@pytest.fixture
+def sync(learner: Any) -> ModuleType:
+    module: ModuleType = learner.load("sync")
+    for name in ("RWLock", "Limiter", "BoundedQueue"):
+        if not isinstance(getattr(module, name, None), type):
+            pytest.fail(f"sync.py: define a class {name} (see the README)", pytrace=False)
+    return module
+
+
+@pytest.fixture
+def stage(learner: Any) -> Any:
+    s = Stage(learner)
+    yield s
+    s.finish()
+
+
+def reader(stage: Stage, lock: Any, name: str) -> Worker:
+    return stage.add(name, lock.acquire_read, lock.release_read)
+
+
+def writer(stage: Stage, lock: Any, name: str) -> Worker:
+    return stage.add(name, lock.acquire_write, lock.release_write)
+
+
+# ---------------------------------------------------------------------------- RW lock
+
+
+def test_readers_share_the_lock(sync: ModuleType, stage: Stage) -> None:
+    lock = sync.RWLock()
+    for i in range(3):
+        reader(stage, lock, f"reader {i + 1}")
+    inside = stage.inside()
+    assert len(inside) == 3, (
+        f"three readers asked for the read lock with no writer around; {len(inside)} got in "
+        f"({', '.join(inside) or 'none'}), the others wait\nReaders only exclude writers: "
+        "count the readers inside instead of holding one mutex for the whole read.")
+
+
+def test_a_writer_excludes_everyone(sync: ModuleType, stage: Stage) -> None:
+    lock = sync.RWLock()
+    r1 = reader(stage, lock, "reader 1")
+    w1 = writer(stage, lock, "writer 1")
+    assert stage.inside() == ["reader 1"], (
+        f"a writer got the lock while a reader held it (inside: {', '.join(stage.inside())})"
+        "\nacquire_write must wait until no reader and no writer is inside.")
+    stage.release(r1)
+    stage.expect(["writer 1"], lambda: (
+        f"when the last reader left, the waiting writer did not get in (inside: "
+        f"{', '.join(stage.inside()) or 'nobody'})\nThe last release_read must wake the "
+        "waiting writers (notify_all on the condition)."))
+    writer(stage, lock, "writer 2")
+    reader(stage, lock, "reader 2")
+    assert stage.inside() == ["writer 1"], (
+        f"while writer 1 held the lock, {', '.join(n for n in stage.inside() if n != 'writer 1')}"
+        " got in too: a writer must be alone")
+    stage.release(w1)
+    stage.expect(["writer 2"], lambda: (
+        f"writer 1 left with writer 2 and reader 2 waiting; inside now: "
+        f"{', '.join(stage.inside()) or 'nobody'}, expected writer 2 (writer preference, "
+        "and a writer alone)"))
+
+
+def test_writers_are_not_starved_by_new_readers(sync: ModuleType, stage: Stage) -> None:
+    lock = sync.RWLock()
+    r1 = reader(stage, lock, "reader 1")
+    w = writer(stage, lock, "writer")
+    reader(stage, lock, "reader 2")
+    if "reader 2" in stage.inside():
+        pytest.fail(
+            "reader 2 arrived while a writer was already waiting, and got in ahead of it\n"
+            "With readers arriving continuously, such a writer never finds zero readers: "
+            "writer starvation. Writer preference: count the waiting writers, and make "
+            "acquire_read wait while a writer is inside OR waiting.", pytrace=False)
+    stage.release(r1)
+    stage.expect(["writer"], lambda: (
+        f"reader 1 left; inside now: {', '.join(stage.inside()) or 'nobody'}, expected the "
+        "writer that had been waiting (before reader 2)"))
+    stage.release(w)
+    stage.expect(["reader 2"], lambda: (
+        f"the writer left; inside now: {', '.join(stage.inside()) or 'nobody'}, expected "
+        "reader 2: release_write must wake the waiting readers"))
+
+
+# ---------------------------------------------------------------------------- limiter
+
+
+def test_the_limiter_admits_at_most_its_limit(sync: ModuleType, stage: Stage) -> None:
+    limiter = sync.Limiter(3)
+    workers = [stage.add(f"caller {i + 1}", limiter.__enter__,
+                         lambda: limiter.__exit__(None, None, None)) for i in range(5)]
+    inside = stage.inside()
+    assert len(inside) == 3, (
+        f"5 callers entered a Limiter(3); {len(inside)} are inside at once, expected 3\n"
+        "A counting semaphore (threading.Semaphore(limit)): acquire in __enter__, release "
+        "in __exit__.")
+    stage.release(workers[0])
+    stage.expect([w.name for w in workers[1:4]], lambda: (
+        f"one caller left a full Limiter(3) with two waiting; inside now: "
+        f"{', '.join(stage.inside())}, expected callers 2-4 (one waiter admitted)"))
+    for w in workers:
+        stage.release(w)
+    boom = sync.Limiter(1)
+    for i in range(2):
+        failing = stage.add(f"failing body {i + 1}", boom.__enter__, lambda: boom.__exit__(
+            ValueError, ValueError("the body failed"), None))
+        if failing.entered.is_set():
+            stage.release(failing)
+    last = stage.add("after failures", boom.__enter__, lambda: boom.__exit__(None, None, None))
+    assert last.entered.is_set(), (
+        "a Limiter(1) whose body raised twice no longer admits anyone: __exit__ must release "
+        "the slot whatever the body did (it is called with the exception)")
+
+
+# ---------------------------------------------------------------------------- queue
+
+
+def test_bounded_queue_blocks_when_full_and_when_empty(sync: ModuleType, stage: Stage) -> None:
+    q = sync.BoundedQueue(2)
+    q.put("a")
+    q.put("b")
+    producer = stage.add("producer", lambda: q.put("c"))
+    assert not producer.entered.is_set(), (
+        "put() into a full BoundedQueue(2) returned at once: it must block until a get() "
+        "makes room (that blocking is the backpressure on producers)")
+    got = q.get()
+    stage.settle()
+    wait_until(producer.entered.is_set, "the blocked put to finish after a get made room")
+    rest = [q.get(), q.get()]
+    assert [got, *rest] == ["a", "b", "c"], f"items came out as {[got, *rest]}, expected FIFO"
+
+    consumers = [stage.add(f"consumer {i + 1}", q.get) for i in range(2)]
+    early = [c.result for c in consumers if c.entered.is_set()]
+    assert not early, (f"get() on an empty queue returned {early[0]!r} at once: it must "
+                       "block until an item arrives")
+    q.put("x")
+    q.put("y")
+    wait_until(lambda: all(c.done.is_set() or c.entered.is_set() for c in consumers),
+               "both waiting consumers to get an item")
+    stage.settle()
+    assert sorted(str(c.result) for c in consumers) == ["x", "y"], (
+        f"two consumers waiting, then two puts: they got {[c.result for c in consumers]}, "
+        "expected 'x' and 'y' once each")
+
+
+def test_producers_and_consumers_lose_nothing(sync: ModuleType) -> None:
+    q = sync.BoundedQueue(3)
+    per, producers, consumers = 120, 3, 3
+    received: list[Any] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def produce(p: int) -> None:
+        try:
+            for i in range(per):
+                q.put(f"{p}:{i}")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def consume() -> None:
+        try:
+            while True:
+                item = q.get()
+                if item == "STOP":
+                    return
+                if item is None:
+                    continue
+                with lock:
+                    received.append(item)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    cs = [threading.Thread(target=consume, daemon=True) for _ in range(consumers)]
+    ps = [threading.Thread(target=produce, args=(p,), daemon=True) for p in range(producers)]
+    for t in cs + ps:
+        t.start()
+    for t in ps:
+        t.join(60)
+    for _ in cs:
+        q.put("STOP")
+    for t in cs:
+        t.join(60)
+    assert not errors, f"a producer or consumer raised {errors[0]!r}"
+    want = Counter(f"{p}:{i}" for p in range(producers) for i in range(per))
+    got = Counter(received)
+    lost, dup = want - got, got - want
+    assert not lost and not dup, (
+        f"{producers} producers x {per} items through a BoundedQueue(3) with {consumers} "
+        f"consumers: {sum(lost.values())} lost, {sum(dup.values())} duplicated\nEvery "
+        "change of the deque must happen with the condition's lock held, and every wait "
+        "must re-check its predicate in a while loop.")

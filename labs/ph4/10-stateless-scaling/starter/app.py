@@ -1,0 +1,88 @@
+"""A web app that keeps its state in the process - fine on one instance. Make it stateless:
+every piece of state (sessions, carts, the counter) in Redis (REDIS_URL), so that any
+instance can serve any request and an instance can die without losing anything.
+
+    python app.py            (env: REDIS_URL, INSTANCE; prints "listening on <port>")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from http.cookies import SimpleCookie
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import redis
+
+SESSION_TTL = 3600
+INSTANCE = os.environ.get("INSTANCE", "?")
+r = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)  # unused yet
+
+SESSIONS: dict[str, str] = {}      # TODO: in Redis
+CARTS: dict[str, list[str]] = {}   # TODO: in Redis
+COUNTER = [0]                      # TODO: in Redis
+
+
+def reply(start: Any, status: str, doc: Any, headers: list[tuple[str, str]] | None = None
+          ) -> list[bytes]:
+    body = json.dumps(doc).encode()
+    start(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                   ("X-Instance", INSTANCE), *(headers or [])])
+    return [body]
+
+
+def session_user(environ: dict[str, Any]) -> tuple[str, str] | None:
+    cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
+    if "session" not in cookie:
+        return None
+    sid = cookie["session"].value
+    user = SESSIONS.get(sid)
+    return (sid, user) if user else None
+
+
+def app(environ: dict[str, Any], start: Any) -> list[bytes]:
+    method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
+    size = int(environ.get("CONTENT_LENGTH") or 0)
+    doc = json.loads(environ["wsgi.input"].read(size) or b"{}") if size else {}
+    if method == "POST" and path == "/login":
+        sid = secrets.token_urlsafe(24)
+        SESSIONS[sid] = doc["user"]
+        return reply(start, "200 OK", {"user": doc["user"]},
+                     [("Set-Cookie", f"session={sid}; HttpOnly; Path=/")])
+    if method == "POST" and path == "/counter":
+        COUNTER[0] += 1
+        return reply(start, "200 OK", {"value": COUNTER[0]})
+    if method == "GET" and path == "/counter":
+        return reply(start, "200 OK", {"value": COUNTER[0]})
+    who = session_user(environ)
+    if who is None:
+        return reply(start, "401 Unauthorized", {"error": "log in first"})
+    sid, user = who
+    if method == "GET" and path == "/me":
+        return reply(start, "200 OK", {"user": user})
+    if method == "POST" and path == "/cart":
+        CARTS.setdefault(sid, []).append(doc["item"])
+        return reply(start, "200 OK", {"added": doc["item"]})
+    if method == "GET" and path == "/cart":
+        return reply(start, "200 OK", {"items": CARTS.get(sid, [])})
+    return reply(start, "404 Not Found", {"error": "no such route"})
+
+
+class Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+if __name__ == "__main__":
+    httpd = make_server("127.0.0.1", 0, app, server_class=Server, handler_class=Quiet)
+    print(f"listening on {httpd.server_port}", flush=True)
+    sys.stdout.flush()
+    httpd.serve_forever()
