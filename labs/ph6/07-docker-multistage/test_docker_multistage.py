@@ -205,9 +205,8 @@ def docker_client() -> Any:
     import docker
 
     try:
-        client = docker.from_env(timeout=600)
-        client.ping()
-        return client
+        docker.from_env(timeout=10).ping()
+        return docker.from_env(timeout=600)       # builds take their time
     except Exception as exc:
         return (f"no Docker engine answers ({os.environ.get('DOCKER_HOST') or 'default socket'}"
                 f": {str(exc).splitlines()[0][:120]}); the image is built and run where one "
