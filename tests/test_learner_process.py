@@ -419,7 +419,11 @@ def test_nothing_of_the_tests_side_handed_over_is_writable(
     import psycopg
     import redis
 
-    from labrunner.plugin import KafkaNS, PostgresDB, RabbitVhost, RedisDB
+    from labrunner.services.kinds.kafka import KafkaNS
+    from labrunner.services.kinds.postgres import PostgresDB
+    from labrunner.services.kinds.prometheus import PrometheusServer
+    from labrunner.services.kinds.rabbitmq import RabbitVhost
+    from labrunner.services.kinds.redis import RedisDB
 
     endpoints = local_services.ensure(["postgres", "redis"])
     pg, rd = endpoints["postgres"], endpoints["redis"]
@@ -439,6 +443,8 @@ def test_nothing_of_the_tests_side_handed_over_is_writable(
             "redis fixture": RedisDB(rd.url, 1, rd, None),  # type: ignore[arg-type]
             "kafka fixture": KafkaNS("127.0.0.1:9", "p", pg),
             "rabbitmq fixture": RabbitVhost("amqp://127.0.0.1:9/v", "v", pg),
+            "prometheus fixture": PrometheusServer("http://127.0.0.1:9", pg,
+                                                   None),  # type: ignore[arg-type]
         }
         bad: list[str] = []
         for label, root in roots.items():
