@@ -66,10 +66,7 @@ class App:
         text = reply.body.decode(errors="replace")
         ctype = reply.header("Content-Type") or ""
         try:
-            if "openmetrics" in ctype:
-                families = list(parse_om(text))
-            else:
-                families = list(parse_text(text))
+            families = list(parse_om(text) if "openmetrics" in ctype else parse_text(text))
         except Exception as exc:  # noqa: BLE001 - the learner's exposition, reported
             pytest.fail(f"/metrics (Content-Type {ctype!r}) does not parse with "
                         f"prometheus_client's parser: {exc}\n{text[:300]}", pytrace=False)

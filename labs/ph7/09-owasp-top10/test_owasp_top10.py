@@ -1,0 +1,290 @@
+"""Verification for ph7.9 owasp-top10.
+
+The learner's app runs behind a real HTTP server (labrunner.testing.serve_wsgi) on the
+test's own Postgres database, and is attacked with real payloads, all on loopback:
+
+* SQL injection on GET /products?name=: tautologies, UNION exfiltration of a planted API
+  key, stacked DROP TABLE; the rows returned and the database afterwards are checked;
+* broken access control on /documents: another user's document read, overwritten, listed
+  by a client-chosen owner_id; the rows are checked in the database;
+* command injection on GET /reports/lines?file=: shell metacharacters that would create a
+  canary file, option injection, path traversal; the canary must never exist;
+* SSRF on POST /fetch: an internal HTTP server on 127.0.0.1 that must never receive a
+  request (hit counter), reached directly under many spellings, through URL-parsing
+  confusion, and through redirects from the allowed partner (also to private ranges and
+  the cloud metadata address); an allowed redirect must still be followed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from labrunner.testing import HttpReply, http_request, serve_wsgi
+
+API_KEY = "sk_live_" + secrets.token_hex(16)
+BOB_SECRET = "bob salary review " + secrets.token_hex(6)
+SCHEMA = f"""
+CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL);
+INSERT INTO products VALUES (1, 'widget'), (2, 'gadget'), (3, 'gizmo');
+CREATE TABLE api_keys (id int PRIMARY KEY, secret text NOT NULL);
+INSERT INTO api_keys VALUES (1, '{API_KEY}');
+CREATE TABLE users (id int PRIMARY KEY, name text NOT NULL, token text UNIQUE NOT NULL);
+INSERT INTO users VALUES (1, 'alice', 'tok-alice'), (2, 'bob', 'tok-bob');
+CREATE TABLE documents (id int PRIMARY KEY, owner_id int NOT NULL REFERENCES users,
+                        title text NOT NULL, body text NOT NULL);
+INSERT INTO documents VALUES (10, 1, 'alice notes', 'shopping list'),
+                             (20, 2, 'bob review', '{BOB_SECRET}');
+"""
+ALICE = {"Authorization": "Bearer tok-alice"}
+
+
+class Site:
+    """An HTTP server on 127.0.0.1:0 with fixed routes; counts every request it gets."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
+        self.hits: list[str] = []
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                site.hits.append(self.path)
+                status, headers, body = site.routes.get(self.path.split("?")[0],
+                                                        (404, {}, b"not here"))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET  # noqa: N815
+
+        self.routes = routes
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Target:
+    host: str
+    db: Any
+    reports: Path
+    partner: Site
+    internal: Site
+    canary_dir: Path
+
+
+@pytest.fixture
+def target(learner: Any, postgres: Any) -> Iterator[Target]:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    shared = learner.tmp_folder()          # removed after the test, with all below
+    reports = shared / "reports"
+    reports.mkdir()
+    os.chmod(reports, 0o755)
+    (reports / "q1.txt").write_text("a\nb\nc\n")
+    (shared / "outside.txt").write_text("x\n" * 7)
+    canaries = learner.tmp_folder(learner_writes=True)  # where an injected `touch` could write
+    internal = Site({"/admin": (200, {}, b"internal admin: delete everything"),
+                     "/latest/meta-data/": (200, {}, b"iam credentials")})
+    partner = Site({})
+    partner.routes.update({
+        "/ok": (200, {}, b"hello from the partner"),
+        "/to-ok": (302, {"Location": "/ok"}, b""),
+        "/to-internal": (302, {"Location": f"http://127.0.0.1:{internal.port}/admin"}, b""),
+        "/to-localhost": (307, {"Location": f"http://localhost:{internal.port}/admin"}, b""),
+        "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
+        "/to-private": (301, {"Location": "http://10.0.0.7/"}, b""),
+        "/to-file": (302, {"Location": "file:///etc/passwd"}, b""),
+    })
+    make_app = learner.function("secure_app", "make_app")
+    try:
+        with serve_wsgi(make_app(postgres.dsn, str(reports),
+                                 [f"http://127.0.0.1:{partner.port}"])) as host:
+            yield Target(host, postgres, reports, partner, internal, canaries)
+    finally:
+        partner.close()
+        internal.close()
+
+
+def call(t: Target, method: str, path: str, headers: dict[str, str] | None = None,
+         document: Any = None) -> HttpReply:
+    return http_request(t.host, method, path, headers=headers, document=document, timeout=20)
+
+
+def body_json(reply: HttpReply) -> Any:
+    try:
+        return json.loads(reply.body)
+    except ValueError:
+        return None
+
+
+# ---- A03 SQL injection ------------------------------------------------------------------
+
+SQLI = [
+    ("' OR '1'='1", "a tautology that makes WHERE true for every row"),
+    ("x' OR 1=1 --", "a tautology with the rest of the query commented out"),
+    ("' UNION SELECT id, secret FROM api_keys --", "UNION exfiltration of the api_keys table"),
+    ("x'; DROP TABLE products; --", "a stacked DROP TABLE"),
+    ("widget' --", "a comment that cuts the query"),
+]
+
+
+def test_sql_injection(target: Target) -> None:
+    reply = call(target, "GET", "/products?name=widget")
+    assert reply.status == 200 and body_json(reply) == [{"id": 1, "name": "widget"}], (
+        f"GET /products?name=widget: expected [{{'id': 1, 'name': 'widget'}}], saw "
+        f"{reply.status} {reply.body[:150]!r}")
+    for payload, what in SQLI:
+        reply = call(target, "GET", f"/products?name={quote(payload)}")
+        rows = body_json(reply)
+        leaked = API_KEY in reply.body.decode(errors="replace")
+        assert not leaked and reply.status < 500 and rows in ([], None), (
+            f"SQL injection ({what}): name={payload!r} was answered {reply.status} with "
+            f"{reply.body[:200]!r}, expected 200 and no rows (no product has that name)\n"
+            "The value was spliced into the SQL text and ran as SQL. Pass it as a query "
+            "parameter: conn.execute('... WHERE name = %s', (name,)); never build SQL with "
+            "f-strings, % or +, and escaping by hand is not a fix.")
+    with target.db.connect() as conn:
+        left = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'products'"
+                            ).fetchone()[0]
+    assert left == 1, "the stacked query dropped the products table: the payload ran as SQL"
+
+
+# ---- A01 broken access control ----------------------------------------------------------
+
+def test_broken_access_control(target: Target) -> None:
+    own = call(target, "GET", "/documents/10", headers=ALICE)
+    assert own.status == 200 and (body_json(own) or {}).get("title") == "alice notes", (
+        f"alice reading her own document 10: expected 200 with it, saw {own.status} "
+        f"{own.body[:120]!r}")
+    anon = call(target, "GET", "/documents/10")
+    assert anon.status == 401, f"no token: expected 401, saw {anon.status}"
+    other = call(target, "GET", "/documents/20", headers=ALICE)
+    assert other.status in (403, 404) and BOB_SECRET not in other.body.decode(errors="replace"), (
+        f"alice (authenticated) asked for bob's document 20 and got {other.status} "
+        f"{other.body[:150]!r}, expected 403 or 404\nAuthentication says who the caller is; "
+        "authorisation must still check that THIS caller may see THIS object (IDOR): look "
+        "the document up with the owner in the WHERE clause.")
+    write = call(target, "PUT", "/documents/20", headers=ALICE, document={"body": "pwned"})
+    with target.db.connect() as conn:
+        body = conn.execute("SELECT body FROM documents WHERE id = 20").fetchone()[0]
+    assert write.status in (403, 404) and body == BOB_SECRET, (
+        f"alice PUT bob's document 20: answered {write.status}, and the row now reads "
+        f"{body!r}, expected 403/404 and the row untouched\nCheck ownership before every "
+        "write, in the UPDATE's WHERE clause too.")
+    listing = call(target, "GET", "/documents?owner_id=2", headers=ALICE)
+    ids = [d.get("id") for d in body_json(listing) or [] if isinstance(d, dict)]
+    assert listing.status == 200 and ids == [10], (
+        f"alice listing /documents?owner_id=2 got ids {ids} ({listing.status}), expected "
+        "only her own [10]\nWhose data to read comes from the authenticated identity, never "
+        "from a parameter the client can change.")
+
+
+# ---- A03 command injection --------------------------------------------------------------
+
+def test_command_injection(target: Target) -> None:
+    ok = call(target, "GET", "/reports/lines?file=q1.txt")
+    assert ok.status == 200 and (body_json(ok) or {}).get("lines") == 3, (
+        f"GET /reports/lines?file=q1.txt: expected 200 with lines 3, saw {ok.status} "
+        f"{ok.body[:120]!r}")
+    canary_dir = target.canary_dir
+    payloads = []
+    for n, template in enumerate(["q1.txt; touch {c}", "q1.txt && touch {c}", "$(touch {c})",
+                                  "`touch {c}`", "q1.txt | touch {c}", "q1.txt\ntouch {c}"]):
+        canary = canary_dir / f"pwned-{os.getpid()}-{n}-{secrets.token_hex(4)}"
+        payloads.append((template.format(c=canary), canary))
+    for payload, canary in payloads:
+        reply = call(target, "GET", f"/reports/lines?file={quote(payload)}")
+        assert not canary.exists(), (
+            f"command injection: file={payload!r} made the server run `touch` (the canary "
+            f"{canary.name} now exists)\nNever hand client input to a shell (shell=True, "
+            "os.system, popen of a string): run the program with an argument list, "
+            "subprocess.run(['wc', '-l', '--', name]), and validate the name first.")
+        assert reply.status in (400, 404), (
+            f"file={payload!r} was answered {reply.status}, expected 400 (not a valid file "
+            "name) or 404")
+    for payload, what in (("--version", "an option instead of a file name"),
+                          ("../outside.txt",
+                           "a path outside the reports folder")):
+        reply = call(target, "GET", f"/reports/lines?file={quote(payload)}")
+        text = reply.body.decode(errors="replace")
+        assert reply.status in (400, 404) and "coreutils" not in text, (
+            f"file={payload!r} ({what}) was answered {reply.status} {text[:150]!r}, "
+            "expected 400 or 404\n"
+            + ("A name starting with '-' is read as an option by the program: put '--' "
+               "before it, or refuse names that start with '-'." if payload.startswith("-")
+               else "Allow only plain file names (letters, digits, _ . -, no '/' or '..'): "
+                    "path traversal reads files outside the folder."))
+
+
+# ---- A10 SSRF ---------------------------------------------------------------------------
+
+def test_ssrf(target: Target) -> None:
+    p, q = target.partner.port, target.internal.port
+    good = call(target, "POST", "/fetch", document={"url": f"http://127.0.0.1:{p}/ok"})
+    assert good.status == 200 and "hello from the partner" in good.body.decode(errors="replace"), (
+        f"fetching the allowed partner http://127.0.0.1:{p}/ok: expected 200 with its body, "
+        f"saw {good.status} {good.body[:150]!r}")
+    hop = call(target, "POST", "/fetch", document={"url": f"http://127.0.0.1:{p}/to-ok"})
+    assert hop.status == 200 and "hello from the partner" in hop.body.decode(errors="replace"), (
+        f"the partner redirected to its own /ok: expected 200 with its body, saw "
+        f"{hop.status} {hop.body[:150]!r}: follow redirects that stay allowed (validate each "
+        "hop), do not refuse all of them")
+    attacks = [
+        (f"http://127.0.0.1:{q}/admin", "the internal server directly"),
+        (f"http://localhost:{q}/admin", "the internal server by name"),
+        (f"http://2130706433:{q}/admin", "127.0.0.1 as a decimal integer"),
+        (f"http://0x7f000001:{q}/admin", "127.0.0.1 in hex"),
+        (f"http://127.1:{q}/admin", "127.0.0.1 shortened"),
+        (f"http://0.0.0.0:{q}/admin", "0.0.0.0, which Linux routes to this host"),
+        (f"http://[::ffff:127.0.0.1]:{q}/admin", "127.0.0.1 as an IPv4-mapped IPv6 address"),
+        (f"http://127.0.0.1:{p}@127.0.0.1:{q}/admin",
+         "the partner's origin as userinfo: the real host is after the @"),
+        (f"http://127.0.0.1:{p}/to-internal", "a partner redirect (302) to the internal server"),
+        (f"http://127.0.0.1:{p}/to-localhost", "a partner redirect (307) to localhost"),
+        (f"http://127.0.0.1:{p}/to-metadata", "a partner redirect to the cloud metadata address"),
+        (f"http://127.0.0.1:{p}/to-private", "a partner redirect to a private range (10/8)"),
+        (f"http://127.0.0.1:{p}/to-file", "a partner redirect to file:///etc/passwd"),
+        ("http://169.254.169.254/latest/meta-data/", "the cloud metadata address"),
+        ("http://10.0.0.7/", "a private range (10/8)"),
+        ("file:///etc/passwd", "a file: URL"),
+        ("gopher://127.0.0.1:6379/_INFO", "a gopher: URL to a local Redis"),
+    ]
+    for url, what in attacks:
+        before = len(target.internal.hits)
+        reply = call(target, "POST", "/fetch", document={"url": url})
+        text = reply.body.decode(errors="replace")
+        reached = target.internal.hits[before:]
+        assert not reached, (
+            f"SSRF ({what}): fetching {url!r} made the server request {reached} from the "
+            f"internal server on 127.0.0.1:{q}\nAllow only listed origins, comparing scheme, "
+            "host and port after parsing (a prefix check is fooled by 'allowed@evil'), "
+            "refuse credentials in URLs, and do not let the HTTP client follow redirects: "
+            "follow them yourself and validate every hop.")
+        assert reply.status == 400 and "root:" not in text and "iam credentials" not in text, (
+            f"SSRF ({what}): fetching {url!r} was answered {reply.status} {text[:150]!r}, "
+            "expected 400 (refused before connecting)\nAnything not on the allowlist is "
+            "refused up front: an attempt to connect (502, a timeout) already lets an "
+            "attacker scan the internal network.")
