@@ -278,22 +278,26 @@ def test_orphans_and_services_down(tmp_path: Path) -> None:
     assert not _containers(**{"labrunner.workdir": str(tmp_path / "warm-docker")})
 
 
-def test_postgres_stop_and_start_keep_data(docker_services: ServiceSet) -> None:
+def test_postgres_stop_and_start_keep_data(tmp_path: Path) -> None:
     """postgres.stop()/start(): the container stops (clients refused) and starts again with
-    its data and port."""
+    its data and port. A container of its own: test_orphans_and_services_down removes every
+    labelled container, the session's too."""
     import psycopg
 
-    endpoint = docker_services.ensure(["postgres"])["postgres"]
-    dsn = pg.create_database(endpoint, "lr_suspend")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (9)")
-    DockerBackend().suspend(endpoint)
-    with pytest.raises(psycopg.OperationalError):
-        psycopg.connect(dsn, connect_timeout=3).close()
-    DockerBackend().resume(endpoint)
-    with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT x FROM t").fetchone() == (9,)
-    pg.drop_database(endpoint, "lr_suspend")
+    backend = DockerBackend()
+    endpoint = backend.start("postgres", tmp_path)
+    try:
+        dsn = pg.create_database(endpoint, "lr_suspend")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (9)")
+        backend.suspend(endpoint)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(dsn, connect_timeout=3).close()
+        backend.resume(endpoint)
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT x FROM t").fetchone() == (9,)
+    finally:
+        backend.stop(endpoint)
 
 
 def test_prometheus_container_scrapes_the_hosts_loopback() -> None:
