@@ -265,6 +265,14 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
     csv_lines = (out / "grades.csv").read_text().splitlines()
     assert csv_lines[0].startswith("student,ph2.1,ph2.2,total,max_total")
     assert "alice,6,4,10,10,pass,pass" in csv_lines
+    # The cohort page shows each concept's pass rate as the gradebook has it.
+    cohort = (out / "cohort.html").read_text()
+    doc = json.loads((out / "grades.json").read_text())
+    for concept in ("ph2.1", "ph2.2"):
+        graded = [c for s in doc["students"] for c in s["concepts"] if c["id"] == concept]
+        rate = sum(1 for c in graded if c["status"] == "pass") / len(graded)
+        assert f'data-concept="{concept}" data-rate="{rate:.3f}"' in cohort, concept
+    assert not any(c in cohort for c in ("\x1b", "\x07", "\u202e")), "cohort.html"
 
 
 # --------------------------------------------------------------------------------------
