@@ -141,7 +141,10 @@ def end_learner_sessions(conn: Any) -> None:
 
 
 def scan_counts(conn: Any, table: str) -> tuple[int, dict[str, int]]:
-    """(sequential scans of the table, index scans per index) as the server counted them."""
+    """(sequential scans of the table, index scans per index) as the server counted them.
+    This session's own scans (the test's count(*)) are flushed first: a backend sends its
+    counters at most once a second, so they would otherwise land in a later reading."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
     conn.execute("SELECT pg_stat_clear_snapshot()")
     (seq,) = conn.execute("SELECT seq_scan FROM pg_stat_user_tables WHERE relid = %s::regclass",
                           (table,)).fetchone()
