@@ -280,6 +280,12 @@ def pytest_runtest_makereport(item: pytest.Item,
             pytest.fail.Exception)
         state["outcome"] = "failed" if report.when == "call" or failed_on_purpose else "error"
         state["message"] = _failure_message(report)
+        if call.excinfo is not None and call.excinfo.errisinstance(EOFError) \
+                and os.environ.get(ENV_LEARNER_HOST):
+            # The proxy's connection to the learner's process broke: RPyC words it by which
+            # side noticed first, so say what happened, the same every time.
+            state["message"] = ("your code's process ended while the test was using it: it "
+                                "exited (sys.exit, os._exit) or crashed")
         timed_out = state["message"].startswith("Timeout (>")
         if timed_out:
             # One stuck call would stall every later test for its whole budget too: stop
