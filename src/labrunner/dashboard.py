@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .catalog import Catalog, Lab
-from .roadmap_page import learner_page, progress_view, state_json
+from .roadmap_page import ProgressView, learner_page, progress_view, state_json
 from .store import ProgressStore
 from .workspace import Workspace
 
@@ -74,19 +74,19 @@ class Dashboard:
     def _readme_href(self, lab: Lab) -> str:
         return f"readme/{urllib.parse.quote(lab.id)}"
 
-    def page(self) -> str:
+    def _view(self) -> tuple[ProgressView, str]:
+        """The progress and its revision, read together (one snapshot of the store)."""
         with self.store.lock:
             status, attempts = self.store.status(), self.store.attempts()
             revision = self.store.revision()
-        view = progress_view(self.catalog, status, attempts, self._readme_href)
+        return progress_view(self.catalog, status, attempts, self._readme_href), revision
+
+    def page(self) -> str:
+        view, revision = self._view()
         return learner_page(view, revision=revision, live=True)
 
     def state(self) -> str:
-        with self.store.lock:
-            status, attempts = self.store.status(), self.store.attempts()
-            revision = self.store.revision()
-        return state_json(progress_view(self.catalog, status, attempts, self._readme_href),
-                          revision)
+        return state_json(*self._view())
 
     def revision(self) -> str:
         with self.store.lock:

@@ -114,19 +114,23 @@ def verify(
     started = time.time()
     results: list[LabResult] = []
     selected = list(labs)
+
+    def settle(result: LabResult) -> None:
+        """A lab is done: hash the files it ran, record the attempt, show its line."""
+        result.files_hash = files_hash(sources[result.lab.id], result.lab.learner_files)
+        if store is not None:
+            store.record(Attempt(result.lab.id, result.started_at, result.outcome,
+                                 result.duration, result.files_hash, result.message))
+        results.append(result)
+        if on_result is not None:
+            on_result(result)  # printed above the bar as soon as the lab is done
+
     # A file that does not even parse fails at once, before any service starts for it.
     unparsable = {lab.id: problem for lab in labs
                   if (problem := syntax_problem(lab, sources[lab.id])) is not None}
     for lab in labs:
         if lab.id in unparsable:
-            result = LabResult(lab, "failed", 0.0, unparsable[lab.id], started_at=time.time())
-            result.files_hash = files_hash(sources[lab.id], lab.learner_files)
-            if store is not None:
-                store.record(Attempt(lab.id, result.started_at, result.outcome, 0.0,
-                                     result.files_hash, result.message))
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
+            settle(LabResult(lab, "failed", 0.0, unparsable[lab.id], started_at=time.time()))
     labs = [lab for lab in labs if lab.id not in unparsable]
     if not labs:
         return RunOutcome(results, started, time.time() - started, backend)
@@ -149,13 +153,7 @@ def verify(
                 progress.update(task, current=f"{lab.id} {lab.slug}")
 
             def finished(result: LabResult) -> None:
-                result.files_hash = files_hash(sources[result.lab.id], result.lab.learner_files)
-                if store is not None:
-                    store.record(Attempt(result.lab.id, result.started_at, result.outcome,
-                                         result.duration, result.files_hash, result.message))
-                results.append(result)
-                if on_result is not None:
-                    on_result(result)  # printed above the bar as soon as the lab is done
+                settle(result)
                 progress.advance(task)
 
             run_all(plan, finished, started_lab)
