@@ -5,10 +5,23 @@
 # the docker backend against a real engine, and set-up from a pristine Debian 12 root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each stage's time, printed as it ends and summed up at the end: what to shorten next.
+STAGE_START=$SECONDS
+STAGES=()
+stage_done() {
+  local took=$(( SECONDS - STAGE_START ))
+  STAGES+=("$1 $(( took / 60 ))m$(( took % 60 ))s")
+  echo "test: stage '$1' took $(( took / 60 ))m$(( took % 60 ))s" >&2
+  STAGE_START=$SECONDS
+}
+trap 'echo "test: stages: ${STAGES[*]:-none}" >&2' EXIT
 bash scripts/setup.sh --tests
+stage_done setup
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/mypy
-.venv/bin/python -m pytest tests -p no:cacheprovider "$@"
+stage_done lint
+.venv/bin/python -m pytest tests -p no:cacheprovider --durations=25 "$@"
+stage_done pytest
 status=0
 # The docker backend, proven against a real Docker engine: a private dockerd, locally built
 # stand-in images, Phase 2 and Phase 5 with --backend docker, labrunner's own image.
@@ -16,12 +29,14 @@ status=0
 if [ "${LABRUNNER_SKIP_DOCKER:-0}" != 1 ]; then
   PATH="$PWD/.venv/bin:$PATH" LABRUNNER_DOCKER_BENCH=${LABRUNNER_DOCKER_BENCH:-0} \
     bash docker/ci-docker.sh || status=1
+  stage_done docker
 fi
 # The README's first command from a pristine Debian 12 (nothing installed), as root and as a
 # sudoer, and a broken install step must fail. Needs root. Skip with LABRUNNER_SKIP_PRISTINE=1.
 if [ "${LABRUNNER_SKIP_PRISTINE:-0}" != 1 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     bash scripts/ci-pristine-root.sh || status=1
+    stage_done pristine-root
   else
     echo "test: the pristine-root stage needs root: skipped (LABRUNNER_SKIP_PRISTINE=1 to silence)" >&2
   fi

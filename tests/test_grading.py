@@ -100,11 +100,14 @@ def _uids_processes(*ranges: tuple[int, int]) -> list[str]:
     return alive
 
 
-def _sandbox_processes() -> list[str]:
-    """The graded processes' and the learner's code's (services are checked apart). Each
-    grading command leases its uids from the top of the range (lease_uids), while a grader
-    of an older version on this machine counts up from 61000: its runs are not ours."""
-    return _uids_processes((62000, 65000), (82000, 85000))
+def _sandbox_processes(out: Path) -> list[str]:
+    """The graded processes' and the learner's code's (services are checked apart) of the
+    grading command that wrote ``out``: its grades.json names the uids it leased. Another
+    grading command on this machine (another test, a benchmark) uses other uids: its runs
+    are not ours."""
+    ranges = json.loads((out / "grades.json").read_text())["tool"]["sandbox_uids"]
+    assert ranges, "grades.json names no sandbox uids: was the cohort graded as root?"
+    return _uids_processes(*(tuple(r) for r in ranges))
 
 
 # --------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
     assert owned == []
     assert sorted(p.name for p in (out / "results").iterdir()) == sorted(
         f"{s}.json" for s in got)
-    assert _sandbox_processes() == []
+    assert _sandbox_processes(out) == []
 
     # Feedback says what failed, hidden tests by their message only, never their code.
     bob = (out / "feedback" / "bob.md").read_text()
@@ -427,7 +430,7 @@ def test_private_services_restart_for_the_lab_and_hide_everyone_else(tmp_path: P
         assert "services shared by all submissions" not in done.stderr
     finally:
         neighbour.stop()
-    assert not _sandbox_processes()
+    assert not _sandbox_processes(out)
     assert not _uids_processes((72000, 75000)), "a private service outlived its run"
 
 
@@ -480,7 +483,7 @@ def test_learner_programs_and_proxies_cannot_reach_the_tests_process(tmp_path: P
     patch = json.loads((out / "results" / "evil-class-patch.json").read_text())
     message = next(c for c in patch["concepts"] if c["id"] == "ph2.5")["message"]
     assert "PATCHED" not in message and "cursor_factory.fetchone=refused" in message, message
-    assert not _sandbox_processes()
+    assert not _sandbox_processes(out)
 
 
 def _tar_with_huge_header(path: Path) -> None:
@@ -615,6 +618,9 @@ def test_two_grading_commands_at_once_never_share_uids(tmp_path: Path) -> None:
     for proc in procs:
         output, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, output
+    ranges = [json.loads((out / "grades.json").read_text())["tool"]["sandbox_uids"]
+              for out in outs]
+    assert ranges[0] != ranges[1], f"both commands leased the same uids: {ranges[0]}"
     for out in outs:
         assert totals(out) == {"good": 10, "storm": 4}
-    assert not _sandbox_processes()
+        assert not _sandbox_processes(out)

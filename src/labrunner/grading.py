@@ -648,6 +648,18 @@ def lease_uids() -> tuple[int, int]:
                        "that many grading commands run on this machine already")
 
 
+def leased_uid_ranges() -> list[list[int]]:
+    """The uid ranges this command's graded processes and learner code run under, as
+    ``[first, end)`` pairs; empty when nothing was leased (no sandbox). Written into
+    grades.json so that a check of what a run left behind looks at this command's uids only,
+    not at another grading command's beside it."""
+    with _uid_lock:
+        if _lease["fd"] is None:
+            return []
+        base, count = int(_lease["base"]), int(_lease["count"])
+    return [[base, base + count], [base + LEARNER_UID_OFFSET, base + count + LEARNER_UID_OFFSET]]
+
+
 def _next_uid() -> int:
     """A uid for one graded run: never the same as a run going on (in this command or
     another: see lease_uids), and rotated so that processes a run left as zombies (under an
@@ -1211,7 +1223,8 @@ def gradebook_document(labs: Sequence[Lab], students: Sequence[dict[str, Any]]) 
                if c.get("retried")]
     return {
         "version": GRADES_VERSION,
-        "tool": {"name": "labrunner", "version": __version__},
+        "tool": {"name": "labrunner", "version": __version__,
+                 "sandbox_uids": leased_uid_ranges()},
         "concepts": lab_columns(labs, ordered),
         # Runs graded twice because the first ended in an infrastructure error.
         "summary": {"students": len(ordered), **counts, "retried": retried},
