@@ -202,7 +202,7 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
     assert "Gradebook" in done.stdout
 
     got = totals(out)
-    assert got == {
+    expected = {
         # The archive's name is the id: its labrunner.toml's student = "dave" is ignored.
         "alice": 10, "bob": 0, "carol": 6, "upload-1234": 6, "zoe": 10, "victim": 10,
         "evil-big-alloc": 4, "evil-fake-results": 4, "evil-fake-summary": 4,
@@ -215,7 +215,13 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
         # with escape sequences and megabytes of text; leaves files, a huge file, shared
         # memory and a deep tree behind.
         "evil-impersonate": 4, "evil-leak-hidden": 4, "evil-persist": 10,
-    }, got
+    }
+    # On a mismatch, say which concept of which student scored what, and why.
+    assert got == expected, "\n".join(
+        f"{student}: {got.get(student)} points, expected {points}: "
+        + "; ".join(f"{c['id']} {c['status']} {c.get('message', '')[:160]!r}" for c in json.loads(
+            (out / "results" / f"{student}.json").read_text())["concepts"])
+        for student, points in expected.items() if got.get(student) != points)
     assert statuses(out, "evil-forge-outcomes")["ph2.1"] == "fail"
     assert statuses(out, "evil-infinite-loop")["ph2.1"] == "timeout"
     assert statuses(out, "evil-fork-storm")["ph2.1"] == "timeout"

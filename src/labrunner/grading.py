@@ -1357,7 +1357,8 @@ def merge(dirs: Sequence[Path], out: Path, feedback_format: str = "md") -> dict[
 
 
 def comparable(document: dict[str, Any]) -> dict[str, Any]:
-    """A gradebook without what differs between two equal gradings (times, durations)."""
+    """A gradebook without what differs between two equal gradings (times, durations, the
+    sandbox uids the grading command happened to lease)."""
     students = []
     for doc in document["students"]:
         concepts = [{**{k: v for k, v in c.items() if k != "duration"},
@@ -1366,7 +1367,8 @@ def comparable(document: dict[str, Any]) -> dict[str, Any]:
                     for c in doc["concepts"]]
         students.append({**{k: v for k, v in doc.items() if k not in ("graded_at",)},
                          "concepts": concepts})
-    return {**document, "students": students}
+    tool = {k: v for k, v in document.get("tool", {}).items() if k != "sandbox_uids"}
+    return {**document, "tool": tool, "students": students}
 
 
 # --------------------------------------------------------------------------------------
