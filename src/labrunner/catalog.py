@@ -49,7 +49,7 @@ class Lab:
     draft: bool = False
     # A lab that restarts a shared service: it runs alone, never beside another lab.
     exclusive: bool = False
-    # Grading runs the learner's Python code in a process of its own (learner_process.py).
+    # Grading runs the learner's Python code in a process of its own (the learner package).
     # A lab whose verification shares live objects that cannot cross a process boundary
     # (sockets, event loops, in-place mutation of what it hands over) says false.
     learner_process: bool = True

@@ -39,12 +39,13 @@ from typing import Any
 import pytest
 
 from .catalog import CatalogError, Lab, find_project_root, load_lab
-from .learner_process import (
+from .learner import (
     ENV_LEARNER_HOST,
     ENV_SHARED_DIR,
     FACTORY_PREFIX,
     LearnerCodeError,
     LearnerHost,
+    LearnerProcessEnded,
     RemoteModule,
     import_learner_module,
     load_harness_module,
@@ -183,13 +184,17 @@ def _first_line(text: str) -> str:
     return ""
 
 
+_PROCESS_ENDED = f"{LearnerProcessEnded.__module__}.{LearnerProcessEnded.__qualname__}: "
+
+
 def _failure_message(report: pytest.TestReport) -> str:
     longrepr = report.longrepr
     crash = getattr(longrepr, "reprcrash", None)
     if crash is not None:
         message = str(crash.message)
-        # pytest prefixes "AssertionError: " / "Failed: " - keep the learner-facing part.
-        for prefix in ("Failed: ", "AssertionError: "):
+        # pytest prefixes "AssertionError: " / "Failed: " (and the class of the proxy's own
+        # LearnerProcessEnded) - keep the learner-facing part.
+        for prefix in ("Failed: ", "AssertionError: ", _PROCESS_ENDED):
             if message.startswith(prefix):
                 message = message[len(prefix):]
         return message
@@ -280,12 +285,6 @@ def pytest_runtest_makereport(item: pytest.Item,
             pytest.fail.Exception)
         state["outcome"] = "failed" if report.when == "call" or failed_on_purpose else "error"
         state["message"] = _failure_message(report)
-        if call.excinfo is not None and call.excinfo.errisinstance(EOFError) \
-                and os.environ.get(ENV_LEARNER_HOST):
-            # The proxy's connection to the learner's process broke: RPyC words it by which
-            # side noticed first, so say what happened, the same every time.
-            state["message"] = ("your code's process ended while the test was using it: it "
-                                "exited (sys.exit, os._exit) or crashed")
         timed_out = state["message"].startswith("Timeout (>")
         if timed_out:
             # One stuck call would stall every later test for its whole budget too: stop
@@ -364,7 +363,7 @@ class Learner:
         per test (so an exception class from one call is the class the next one raises).
 
         When grading (``$LABRUNNER_LEARNER_HOST``), the module lives in a process of its own
-        and this returns a proxy to it: see :mod:`labrunner.learner_process`."""
+        and this returns a proxy to it: see :mod:`labrunner.learner`."""
         if module in self._modules:
             return self._modules[module]
         self.path(f"{module}.py")
@@ -446,7 +445,7 @@ class Learner:
         ``shell``, ``preexec_fn``, ``pass_fds`` and ``user`` are not available."""
         how = os.environ.get(ENV_LEARNER_HOST, "")
         if how.startswith(FACTORY_PREFIX):
-            from .learner_programs import LearnerProgram
+            from .learner import LearnerProgram
 
             return LearnerProgram(how, args, **popen)
         return subprocess.Popen(args, **popen)

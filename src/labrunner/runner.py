@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Lab
-from .learner_process import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN, start_factory
+from .learner import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN, start_factory
 from .outcome import OUTCOMES
 from .services.local.process import _die_with_parent, become
 
