@@ -33,6 +33,9 @@ from dockerfile_parse import DockerfileParser
 from labrunner.testing import wait_until
 
 APP = Path(__file__).parent / "app"
+# The server this image ships is ph0.7's reference echo server: one source, copied into the
+# build context at test time rather than kept twice in the repository.
+SERVER_C = Path(__file__).resolve().parents[2] / "ph0" / "07-accept-loop" / "solution" / "server.c"
 PORT = 8080
 # What a careless build context holds besides the sources: (path, content).
 JUNK = [(".git/HEAD", "ref: refs/heads/main\n"), (".git/config", "[core]\n"),
@@ -173,6 +176,8 @@ def test_healthcheck_and_exec_form_entrypoint(
 def context_dir(tmp: Path, learner: Any) -> Path:
     ctx = tmp / "context"
     shutil.copytree(APP, ctx)
+    (ctx / "src").mkdir(exist_ok=True)
+    shutil.copy(SERVER_C, ctx / "src" / "server.c")
     for rel, text in JUNK:
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         (ctx / rel).write_text(text)
