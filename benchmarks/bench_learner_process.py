@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from labrunner.learner_process import ENV_LEARNER_HOST, SPAWN
+from labrunner.learner import ENV_LEARNER_HOST, SPAWN
 
 
 def timed_run(select: str, apart: bool) -> float:

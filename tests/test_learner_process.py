@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.learner_process import LearnerCodeError, LearnerHost, RemoteModule
+from labrunner.learner import LearnerCodeError, LearnerHost, RemoteModule
 
 LEARNER = '''
 import os
@@ -463,8 +463,8 @@ def test_nothing_of_the_tests_side_handed_over_is_writable(
 LEARNER_PROGRAMS = """
 import os, signal, socket, subprocess, sys, tempfile
 
-from labrunner.learner_programs import LearnerProgram
-from labrunner.learner_process import FACTORY_PREFIX, start_factory
+from labrunner.learner import LearnerProgram
+from labrunner.learner import FACTORY_PREFIX, start_factory
 
 learner_uid = 64990 + 20000
 home = tempfile.mkdtemp(prefix="lr-learner-home-", dir="/tmp")

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from .errors import LabrunnerError
 from .services import SERVICE_NAMES
@@ -49,7 +50,7 @@ class Lab:
     draft: bool = False
     # A lab that restarts a shared service: it runs alone, never beside another lab.
     exclusive: bool = False
-    # Grading runs the learner's Python code in a process of its own (learner_process.py).
+    # Grading runs the learner's Python code in a process of its own (the learner package).
     # A lab whose verification shares live objects that cannot cross a process boundary
     # (sockets, event loops, in-place mutation of what it hands over) says false.
     learner_process: bool = True
@@ -392,3 +393,21 @@ def load_catalog(root: Path | None = None) -> Catalog:
 
 def as_lab(item: Concept | Lab) -> Lab | None:
     return item if isinstance(item, Lab) else item.lab
+
+
+def catalog_json(catalog: Catalog, chosen: set[str] | None = None) -> dict[str, Any]:
+    """``labrunner list --json``: the phases, their concepts (those in ``chosen``, default
+    all) with what their labs need, and the phases' C examples (version 1)."""
+    return {"version": 1, "phases": [
+            {"id": p.id, "name": p.name, "requires": list(p.requires),
+             "concepts": [
+                 {"id": c.id, "slug": c.slug, "title": c.title, "category": c.category,
+                  "lab": c.lab is not None,
+                  "services": list(c.lab.services) if c.lab else [],
+                  "language": c.lab.language if c.lab else None,
+                  "points": c.lab.points if c.lab else None}
+                 for c in p.concepts if chosen is None or c.id in chosen],
+             "c_examples": [{"id": e.id, "slug": e.slug, "title": e.title}
+                            for e in p.examples if chosen is None or e.id in chosen]}
+            for p in catalog.phases]}
+

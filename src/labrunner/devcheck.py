@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .catalog import Lab
 from .errors import LabrunnerError
@@ -136,3 +137,11 @@ def strength_summary(rows: Sequence[StrengthRow]) -> dict[str, dict[str, int]]:
         lab["wrong"] += 1
         lab["killed"] += int(row.killed)
     return summary
+
+
+def checks_json(outcomes: Sequence[CheckOutcome]) -> dict[str, Any]:
+    """``dev check --json`` (version 1): every check's lab, variant, expectation and result."""
+    return {"version": 1, "checks": [
+        {"lab": o.expectation.lab.id, "variant": o.expectation.variant,
+         "must_pass": o.expectation.must_pass, "outcome": o.result.outcome,
+         "met": o.met, "message": o.result.first_line} for o in outcomes]}

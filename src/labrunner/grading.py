@@ -62,7 +62,7 @@ from . import __version__
 from .catalog import Lab
 from .cgroups import MemoryCgroup
 from .errors import LabrunnerError
-from .learner_process import ENV_SHARED_DIR
+from .learner import ENV_SHARED_DIR
 from .outcome import Outcome
 from .roadmap_page import cohort_page
 from .runner import LabResult, Sandbox, _kill_group, clean_text, run_lab

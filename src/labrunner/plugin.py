@@ -21,9 +21,6 @@ sees in its environment; the runner scores only what arrives signed.
 from __future__ import annotations
 
 import faulthandler
-import hashlib
-import hmac
-import json
 import os
 import shutil
 import signal
@@ -38,8 +35,19 @@ from typing import Any
 
 import pytest
 
+from . import failures
 from .catalog import CatalogError, Lab, find_project_root, load_lab
-from .learner_process import (
+from .channel import (
+    COLLECTED,
+    ENV_LEARNER_HOME,
+    ENV_REPORT_FD,
+    ENV_RUN_ID,
+    ENV_SERVICES,
+    ENV_SRC,
+    FINISHED,
+    Reporter,
+)
+from .learner import (
     ENV_LEARNER_HOST,
     ENV_SHARED_DIR,
     FACTORY_PREFIX,
@@ -50,15 +58,6 @@ from .learner_process import (
     load_harness_module,
 )
 from .service_fixtures import SessionServices, service_fixtures
-
-ENV_SERVICES = "LABRUNNER_SERVICES"
-ENV_SRC = "LABRUNNER_SRC"
-ENV_REPORT_FD = "LABRUNNER_REPORT_FD"
-ENV_KEY_FD = "LABRUNNER_KEY_FD"
-ENV_RUN_ID = "LABRUNNER_RUN_ID"
-# Grading: the learner's uid's home, for the learner's scripts (HOME, TMPDIR).
-ENV_LEARNER_HOME = "LABRUNNER_LEARNER_HOME"
-
 
 # --------------------------------------------------------------------------------------
 # Options
@@ -84,35 +83,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # Signed outcome channel to the runner
 
 
-class _Reporter:
-    def __init__(self) -> None:
-        self.stream: Any = None
-        self.key = b""
-        fd = os.environ.pop(ENV_REPORT_FD, None)
-        key_fd = os.environ.pop(ENV_KEY_FD, None)
-        if fd is None or key_fd is None:
-            return
-        with os.fdopen(int(key_fd), "rb") as key_pipe:
-            self.key = key_pipe.read()
-        # Move the report pipe to a fresh descriptor so a learner guessing the number the
-        # runner used finds nothing there.
-        target = os.dup(int(fd))
-        os.close(int(fd))
-        os.set_inheritable(target, False)
-        self.stream = os.fdopen(target, "w", buffering=1, encoding="utf-8")
-
-    def send(self, record: dict[str, Any]) -> None:
-        if self.stream is None:
-            return
-        body = json.dumps(record, sort_keys=True)
-        mac = hmac.new(self.key, body.encode(), hashlib.sha256).hexdigest()
-        try:
-            self.stream.write(json.dumps({"body": body, "mac": mac}) + "\n")
-        except (OSError, ValueError):
-            self.stream = None
-
-
-_reporter: _Reporter | None = None
+_reporter: Reporter | None = None
 # The process's stderr before pytest captures it (plugins named with -p load first).
 try:
     _STDERR: Any = os.fdopen(os.dup(2), "w", closefd=True)
@@ -141,7 +112,7 @@ def pytest_configure(config: pytest.Config) -> None:
     global _reporter
     if os.environ.get(ENV_REPORT_FD):
         _undumpable()
-    _reporter = _Reporter()
+    _reporter = Reporter()
     if os.environ.get(ENV_LEARNER_HOST):
         _guard_the_verification()
     config.addinivalue_line("markers", "services(*names): services a test needs")
@@ -161,7 +132,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # Sent before any learner code is imported (that happens inside the tests): the runner
     # scores every one of these ids, and one that never reports counts as failed.
     if _reporter is not None:
-        _reporter.send({"kind": "collected", "nodeids": [i.nodeid for i in session.items]})
+        _reporter.send({"kind": COLLECTED, "nodeids": [i.nodeid for i in session.items]})
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -169,99 +140,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     # grace for this process to exit after this (a thread left running cannot hold it).
     if _reporter is None or _reporter.stream is None:
         return
-    _reporter.send({"kind": "finished"})
+    _reporter.send({"kind": FINISHED})
     if _STDERR is not None:
         # Should it linger, the runner asks for every thread's stack (SIGUSR1): they go to
         # the real stderr, which pytest's capture has replaced by now.
         faulthandler.register(signal.SIGUSR1, file=_STDERR, all_threads=True)
-
-
-def _first_line(text: str) -> str:
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
-
-
-def _failure_message(report: pytest.TestReport) -> str:
-    longrepr = report.longrepr
-    crash = getattr(longrepr, "reprcrash", None)
-    if crash is not None:
-        message = str(crash.message)
-        # pytest prefixes "AssertionError: " / "Failed: " - keep the learner-facing part.
-        for prefix in ("Failed: ", "AssertionError: "):
-            if message.startswith(prefix):
-                message = message[len(prefix):]
-        return message
-    if isinstance(longrepr, tuple):
-        return str(longrepr[2])
-    return str(longrepr)
-
-
-# The learner's own output (print, logging to stderr) of a failing test, kept this long.
-LEARNER_OUTPUT_CAP = 8_000
-
-
-def _learner_frames(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseException]) -> list[str]:
-    """Where in the learner's files an exception passed, innermost last: ``file:line in f``
-    with the line's source, so a crash in their code points at their code."""
-    learner = getattr(item, "funcargs", {}).get("learner")
-    folder = getattr(learner, "dir", None)
-    if folder is None:
-        return []
-    frames = []
-    for entry in excinfo.traceback:
-        path = Path(str(entry.path))
-        if not path.is_relative_to(folder):
-            continue
-        try:
-            source = str(entry.statement).strip()
-        except Exception:  # noqa: BLE001 - the source may be gone; the location is enough
-            source = ""
-        where = f"{path.relative_to(folder)}:{entry.lineno + 1} in {entry.name}"
-        frames.append(f"{where}\n    {source}" if source else where)
-    return frames
-
-
-def _captured_output(report: pytest.TestReport) -> str:
-    text = "".join(f"--- {name} ---\n{content}" for name, content in report.sections
-                   if name.startswith("Captured") and content.strip())
-    if len(text) > LEARNER_OUTPUT_CAP:
-        dropped = len(text) - LEARNER_OUTPUT_CAP
-        text = f"{text[:LEARNER_OUTPUT_CAP]}\n... ({dropped} more characters)"
-    return text
-
-
-_PYTEST_DIRS = tuple(str(Path(str(m.__file__)).parent) + os.sep
-                     for m in (pytest, sys.modules["_pytest"], sys.modules["pluggy"]))
-MAX_AUTHORED = 500
-
-
-def _authored_message(item: pytest.Item, call: pytest.CallInfo[None]) -> str:
-    """The failure's message when the test's own code wrote it (an ``assert ..., "msg"``,
-    a ``raise AssertionError("msg")`` or a ``pytest.fail("msg")`` in the test file), else
-    "". What the learner's code raises (any class, any text) is never authored: its
-    innermost frame is in the RPC's code, not in the test file. Feedback shows a hidden
-    test's failure by this alone."""
-    excinfo = call.excinfo
-    if excinfo is None:
-        return ""
-    exc = excinfo.value
-    if type(exc) is not AssertionError and not isinstance(exc, pytest.fail.Exception):
-        return ""
-    frames = []
-    tb: Any = excinfo.tb
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_filename)
-        tb = tb.tb_next
-    while frames and frames[-1].startswith(_PYTEST_DIRS):
-        frames.pop()
-    if not frames or os.path.realpath(frames[-1]) != os.path.realpath(str(item.path)):
-        return ""
-    text = str(exc.msg if isinstance(exc, pytest.fail.Exception) else exc)
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    # A bare assert's text is its expression (expected values): not a message.
-    return "" if first.startswith("assert ") else first[:MAX_AUTHORED]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -279,13 +162,7 @@ def pytest_runtest_makereport(item: pytest.Item,
         failed_on_purpose = call.excinfo is not None and call.excinfo.errisinstance(
             pytest.fail.Exception)
         state["outcome"] = "failed" if report.when == "call" or failed_on_purpose else "error"
-        state["message"] = _failure_message(report)
-        if call.excinfo is not None and call.excinfo.errisinstance(EOFError) \
-                and os.environ.get(ENV_LEARNER_HOST):
-            # The proxy's connection to the learner's process broke: RPyC words it by which
-            # side noticed first, so say what happened, the same every time.
-            state["message"] = ("your code's process ended while the test was using it: it "
-                                "exited (sys.exit, os._exit) or crashed")
+        state["message"] = failures.failure_message(report)
         timed_out = state["message"].startswith("Timeout (>")
         if timed_out:
             # One stuck call would stall every later test for its whole budget too: stop
@@ -293,7 +170,7 @@ def pytest_runtest_makereport(item: pytest.Item,
             item.session.shouldstop = "a test timed out"
         if call.excinfo is not None and (timed_out or not call.excinfo.errisinstance(
                 (AssertionError, pytest.fail.Exception))):
-            frames = _learner_frames(item, call.excinfo)
+            frames = failures.learner_frames(item, call.excinfo)
             if frames:
                 # An exception the learner's code raised: say where, on the first line too.
                 first, _, rest = state["message"].partition("\n")
@@ -301,13 +178,13 @@ def pytest_runtest_makereport(item: pytest.Item,
                 state["message"] = (f"{first} (at {innermost})\n{rest}".rstrip("\n")
                                     + "\nin your code, outermost first:\n  "
                                     + "\n  ".join(frames))
-        output = _captured_output(report)
+        output = failures.captured_output(report)
         if output:
             state["output"] = output
-        state["authored"] = _authored_message(item, call) if report.when == "call" else ""
+        state["authored"] = failures.authored_message(item, call) if report.when == "call" else ""
     elif report.skipped and state["outcome"] == "passed":
         state["outcome"] = "skipped"
-        state["message"] = _failure_message(report)
+        state["message"] = failures.failure_message(report)
     if report.when == "teardown" and _reporter is not None:
         _reporter.send({"nodeid": item.nodeid, **state})
 
@@ -364,7 +241,7 @@ class Learner:
         per test (so an exception class from one call is the class the next one raises).
 
         When grading (``$LABRUNNER_LEARNER_HOST``), the module lives in a process of its own
-        and this returns a proxy to it: see :mod:`labrunner.learner_process`."""
+        and this returns a proxy to it: see :mod:`labrunner.learner`."""
         if module in self._modules:
             return self._modules[module]
         self.path(f"{module}.py")
@@ -446,7 +323,7 @@ class Learner:
         ``shell``, ``preexec_fn``, ``pass_fds`` and ``user`` are not available."""
         how = os.environ.get(ENV_LEARNER_HOST, "")
         if how.startswith(FACTORY_PREFIX):
-            from .learner_programs import LearnerProgram
+            from .learner import LearnerProgram
 
             return LearnerProgram(how, args, **popen)
         return subprocess.Popen(args, **popen)

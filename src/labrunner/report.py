@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -10,7 +11,7 @@ from rich.text import Text
 
 from .catalog import Catalog
 from .outcome import Outcome
-from .runner import LabResult
+from .scoring import LabResult
 from .store import ConceptStatus
 
 console = Console(highlight=False)
@@ -155,3 +156,17 @@ def progress_page(catalog: Catalog, status: dict[str, ConceptStatus],
                 label = "no lab yet" if concept.lab is None else (
                     state.state if state else "not started")
                 console.print(f"  {concept.id:<6} {concept.slug:<28} {label}")
+
+
+def progress_json(catalog: Catalog, status: dict[str, Any]) -> dict[str, Any]:
+    """``labrunner progress --json`` (version 1): done of total, per phase, each concept's
+    state and attempts."""
+    done = [c.id for c in catalog.concepts if c.id in status and status[c.id].done]
+    return {
+        "version": 1, "done": len(done), "total": len(catalog.concepts),
+        "phases": [{"id": p.id, "name": p.name, "total": len(p.concepts),
+                    "done": sum(1 for c in p.concepts if c.id in done)}
+                   for p in catalog.phases],
+        "concepts": {cid: {"state": s.state, "attempts": s.attempts}
+                     for cid, s in status.items()},
+    }

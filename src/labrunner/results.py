@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .outcome import OUTCOMES, Outcome
-from .runner import LabResult
+from .scoring import LabResult
 
 RESULTS_VERSION = 1
 

@@ -10,11 +10,7 @@ exits early, is killed or prints a fake summary gains nothing.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
-import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -31,44 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Lab
-from .learner_process import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN, start_factory
-from .outcome import OUTCOMES
+from .channel import (
+    ENV_KEY_FD,
+    ENV_REPORT_FD,
+    ENV_RUN_ID,
+    ENV_SERVICES,
+    FINISHED,
+    read_signed,
+)
+from .learner import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN, start_factory
+from .scoring import Ended, LabResult, TestResult, clean_text, score
 from .services.local.process import _die_with_parent, become
 
+__all__ = ["LabResult", "RunPlan", "Sandbox", "TestResult", "clean_text", "run_all", "run_lab"]
+
 THREAD_STACK_BYTES = 2 * 1024 * 1024
-
-
-@dataclass
-class TestResult:
-    nodeid: str
-    outcome: str
-    message: str = ""
-    duration: float = 0.0
-    output: str = ""      # what the learner's code printed during a failing test (capped)
-    authored: str = ""    # the message the test's own code wrote, if it failed on one
-
-    @property
-    def name(self) -> str:
-        return self.nodeid.split("::", 1)[-1]
-
-
-@dataclass
-class LabResult:
-    lab: Lab
-    outcome: str  # passed, failed, error (could not run), timeout, skipped (not verifiable)
-    duration: float
-    message: str = ""
-    tests: list[TestResult] = field(default_factory=list)
-    output: str = ""
-    files_hash: str = ""
-    started_at: float = 0.0
-
-    @property
-    def first_line(self) -> str:
-        for line in self.message.splitlines():
-            if line.strip():
-                return line.strip()
-        return ""
 
 
 @dataclass
@@ -140,19 +113,6 @@ def _read_capped(stream: Any, cap: int, sink: list[bytes]) -> None:
             kept += len(chunk)
 
 
-def _read_signed(fd: int, key: bytes, sink: list[dict[str, Any]]) -> None:
-    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as stream:
-        for line in stream:
-            try:
-                envelope = json.loads(line)
-                body = envelope["body"]
-                mac = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
-                if hmac.compare_digest(mac, str(envelope["mac"])):
-                    sink.append(json.loads(body))
-            except (ValueError, KeyError, TypeError):
-                continue  # unsigned or garbled: not an outcome
-
-
 def pytest_command(lab: Lab, src: Path, sandbox: Sandbox, ini: Path) -> list[str]:
     tests = [str(p) for p in lab.test_files]
     for extra in sandbox.extra_test_paths:
@@ -222,6 +182,86 @@ def run_lab(
         return _run_lab(lab, src, state_file, run_id, sandbox, timeout, on_process)
 
 
+def _read_both(proc: subprocess.Popen[bytes], report_r: int, key: bytes, cap: int
+               ) -> tuple[list[dict[str, Any]], list[bytes], list[threading.Thread]]:
+    """Threads reading the signed records and the process's output (capped) as they come."""
+    records: list[dict[str, Any]] = []
+    output: list[bytes] = []
+    assert proc.stdout is not None
+    readers = [threading.Thread(target=read_signed, args=(report_r, key, records), daemon=True),
+               threading.Thread(target=_read_capped, args=(proc.stdout, cap, output),
+                                daemon=True)]
+    for reader in readers:
+        reader.start()
+    return records, output, readers
+
+
+def _channel_pipes(key: bytes) -> tuple[int, int, int]:
+    """The records' pipe (both ends) and the key's read end, the key already in it."""
+    report_r, report_w = os.pipe()
+    key_r, key_w = os.pipe()
+    os.write(key_w, key)
+    os.close(key_w)
+    return report_r, report_w, key_r
+
+
+def _workdir(lab: Lab, sandbox: Sandbox) -> tuple[Path, Path]:
+    """The tests process's working folder and its empty pytest.ini (no rootdir config of
+    anyone else's applies)."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"lr-{lab.slug}-", dir=sandbox.workdir_root))
+    ini = workdir / "pytest.ini"
+    ini.write_text("[pytest]\n", encoding="utf-8")
+    if sandbox.uid is not None:  # the unprivileged process reads its config from here
+        os.chmod(workdir, 0o755)
+        os.chmod(ini, 0o644)
+    return workdir, ini
+
+
+def _environment(sandbox: Sandbox, state_file: Path | None, run_id: str, report_w: int,
+                 key_r: int) -> dict[str, str]:
+    """The tests process's environment: the channel's ends (see channel), the services'
+    state file, and nothing that would load a plugin we did not name."""
+    if sandbox.minimal_env:
+        env = {k: v for k, v in os.environ.items()
+               if k in ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")}
+    else:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update({
+        ENV_REPORT_FD: str(report_w),
+        ENV_KEY_FD: str(key_r),
+        ENV_RUN_ID: run_id,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Only the plugins we name: nothing installed or planted auto-loads into the run.
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+        # glibc reserves up to 64 MB of address space per malloc arena, one per thread by
+        # default: under a memory limit a handful of threads would use it all up.
+        **({"MALLOC_ARENA_MAX": "2"} if sandbox.memory_bytes else {}),
+        **sandbox.env,
+    })
+    if state_file is not None:
+        env[ENV_SERVICES] = str(state_file)
+    return env
+
+
+def _learner_host(lab: Lab, sandbox: Sandbox, env: dict[str, str], pass_fds: list[int]
+                  ) -> tuple[socket.socket | None, socket.socket | None]:
+    """Where the learner's code runs, said in ``env``: the factory's socket pair when
+    grading as another uid, ``spawn`` for a lab that keeps it apart, else nowhere else."""
+    apart = sandbox.learner_process and lab.learner_code_in_own_process
+    if sandbox.learner_process and sandbox.learner_uid is not None:
+        # The learner's factory, as the learner's uid: it hosts the learner's Python code
+        # (labs that keep it apart) and starts the learner's programs (learner.popen: C
+        # binaries, scripts) in every lab.
+        verifier_end, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pass_fds.append(verifier_end.fileno())
+        env[ENV_LEARNER_HOST] = f"{FACTORY_PREFIX}{verifier_end.fileno()}"
+        return factory_end, verifier_end
+    if apart:
+        env[ENV_LEARNER_HOST] = SPAWN
+    return None, None
+
+
 def _run_lab(
     lab: Lab,
     src: Path,
@@ -237,51 +277,11 @@ def _run_lab(
         return LabResult(lab, "error", 0.0, f"{src}: folder missing; run 'labrunner init'",
                          started_at=started)
     key = secrets.token_bytes(32)
-    report_r, report_w = os.pipe()
-    key_r, key_w = os.pipe()
-    os.write(key_w, key)
-    os.close(key_w)
-    workdir = Path(tempfile.mkdtemp(prefix=f"lr-{lab.slug}-", dir=sandbox.workdir_root))
-    ini = workdir / "pytest.ini"
-    ini.write_text("[pytest]\n", encoding="utf-8")
-    if sandbox.uid is not None:  # the unprivileged process reads its config from here
-        os.chmod(workdir, 0o755)
-        os.chmod(ini, 0o644)
-    if sandbox.minimal_env:
-        env = {k: v for k, v in os.environ.items()
-               if k in ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")}
-    else:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.update({
-        "LABRUNNER_REPORT_FD": str(report_w),
-        "LABRUNNER_KEY_FD": str(key_r),
-        "LABRUNNER_RUN_ID": run_id,
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONUNBUFFERED": "1",
-        # Only the plugins we name: nothing installed or planted auto-loads into the run.
-        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
-        # glibc reserves up to 64 MB of address space per malloc arena, one per thread by
-        # default: under a memory limit a handful of threads would use it all up.
-        **({"MALLOC_ARENA_MAX": "2"} if sandbox.memory_bytes else {}),
-        **sandbox.env,
-    })
-    if state_file is not None:
-        env["LABRUNNER_SERVICES"] = str(state_file)
+    report_r, report_w, key_r = _channel_pipes(key)
+    workdir, ini = _workdir(lab, sandbox)
+    env = _environment(sandbox, state_file, run_id, report_w, key_r)
     pass_fds = [report_w, key_r]
-    factory_end: socket.socket | None = None
-    verifier_end: socket.socket | None = None
-    apart = sandbox.learner_process and lab.learner_code_in_own_process
-    if sandbox.learner_process and sandbox.learner_uid is not None:
-        # The learner's factory, as the learner's uid: it hosts the learner's Python code
-        # (labs that keep it apart) and starts the learner's programs (learner.popen: C
-        # binaries, scripts) in every lab.
-        verifier_end, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pass_fds.append(verifier_end.fileno())
-        env[ENV_LEARNER_HOST] = f"{FACTORY_PREFIX}{verifier_end.fileno()}"
-    elif apart:
-        env[ENV_LEARNER_HOST] = SPAWN
-    records: list[dict[str, Any]] = []
-    output: list[bytes] = []
+    factory_end, verifier_end = _learner_host(lab, sandbox, env, pass_fds)
     budget = timeout or lab.timeout * max(2, len(lab.test_files) * 3) + 30
     proc = subprocess.Popen(
         pytest_command(lab, src, sandbox, ini),
@@ -295,19 +295,14 @@ def _run_lab(
         user=sandbox.user,
         preexec_fn=_limits(sandbox, factory_end.fileno() if factory_end else None),
     )
-    os.close(report_w)
-    os.close(key_r)
-    for end in (factory_end, verifier_end):
-        if end is not None:
+    for end in (report_w, key_r, factory_end, verifier_end):   # the child's ends
+        if isinstance(end, int):
+            os.close(end)
+        elif end is not None:
             end.close()
     if on_process:
         on_process(proc)
-    reader = threading.Thread(target=_read_signed, args=(report_r, key, records), daemon=True)
-    reader.start()
-    assert proc.stdout is not None
-    out_thread = threading.Thread(target=_read_capped,
-                                  args=(proc.stdout, sandbox.max_output, output), daemon=True)
-    out_thread.start()
+    records, output, readers = _read_both(proc, report_r, key, sandbox.max_output)
     timed_out = False
     lingered = [False]
     try:
@@ -317,11 +312,11 @@ def _run_lab(
         if on_process:
             on_process(None)
         shutil.rmtree(workdir, ignore_errors=True)   # on Ctrl-C too
-    reader.join(timeout=5)
-    out_thread.join(timeout=5)
+    for reader in readers:
+        reader.join(timeout=5)
     text = b"".join(output).decode("utf-8", errors="replace")
-    return _score(lab, records, proc.returncode, timed_out, budget, text, started,
-                  ended_on_its_own=not timed_out and not lingered[0])
+    return score(lab, records, Ended(proc.returncode, timed_out, budget, text, started,
+                                     on_its_own=not timed_out and not lingered[0]))
 
 
 # Seconds a verification may take to exit once it reported that its session finished.
@@ -343,7 +338,7 @@ def _wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
         except subprocess.TimeoutExpired:
             pass
         now = time.monotonic()
-        if finished_at is None and records and records[-1].get("kind") == "finished":
+        if finished_at is None and records and records[-1].get("kind") == FINISHED:
             finished_at = now
         if finished_at is not None and now - finished_at > EXIT_GRACE:
             lingered[0] = True
@@ -373,122 +368,6 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-# pytest's own exit codes: tests failed or not, the session ran to its end.
-PYTEST_EXITS = (0, 1, 2, 5)
-
-
-def _score(lab: Lab, records: list[dict[str, Any]], returncode: int | None, timed_out: bool,
-           budget: float, output: str, started: float,
-           ended_on_its_own: bool = True) -> LabResult:
-    duration = time.time() - started
-    finished = any(r.get("kind") == "finished" for r in records)
-    if ended_on_its_own and not (finished and returncode in PYTEST_EXITS):
-        # A tests process that was killed (by a signal: the learner's program could send
-        # one), exited early or lost its channel: what it reported counts for nothing,
-        # since a pass written by anyone but a session that ran to its end is not ours.
-        records = [r for r in records if r.get("kind") == "collected"]
-        how = (f"was killed by signal {-returncode}" if returncode is not None and
-               returncode < 0 else f"exited with code {returncode}" if not finished else
-               f"ended with code {returncode}")
-        listed = next((r for r in records if r.get("kind") == "collected"), None)
-        if listed is not None:
-            return LabResult(
-                lab, "error" if returncode is not None and returncode < 0 else "failed",
-                duration,
-                f"the test process {how} before its session finished: every test of this "
-                "lab counts as failed (the code exited, crashed or killed it)",
-                [TestResult(str(n), "failed",
-                            f"the test process {how} before its session finished")
-                 for n in listed.get("nodeids", [])], output, started_at=started)
-    collected: list[str] = []
-    outcomes: dict[str, TestResult] = {}
-    for record in records:
-        if record.get("kind") == "collected":
-            collected = [str(n) for n in record.get("nodeids", [])]
-        elif "nodeid" in record and record.get("outcome") in OUTCOMES:
-            outcomes[record["nodeid"]] = TestResult(
-                record["nodeid"], record["outcome"], clean_text(record.get("message", "")),
-                float(record.get("duration", 0.0)),
-                output=clean_text(record.get("output", ""), MAX_OUTPUT),
-                authored=clean_text(record.get("authored", ""), MAX_AUTHORED))
-    if not collected:
-        reason = _collection_problem(output) or (
-            f"timed out after {budget:.0f} s before any test ran" if timed_out else
-            f"the verification could not start (pytest exit {returncode})")
-        return LabResult(lab, "timeout" if timed_out else "error", duration, reason,
-                         output=output, started_at=started)
-    tests: list[TestResult] = []
-    first_timeout = next((t for t in outcomes.values()
-                          if t.message.startswith("Timeout (>")), None)
-    for nodeid in collected:
-        result = outcomes.get(nodeid)
-        if result is None:
-            if first_timeout is not None and not timed_out:
-                result = TestResult(nodeid, "timeout",
-                                    f"not run: {first_timeout.name} timed out first")
-            elif timed_out:
-                result = TestResult(nodeid, "timeout", f"timed out after {budget:.0f} s")
-            else:
-                result = TestResult(
-                    nodeid, "failed",
-                    "the test process ended before this test reported "
-                    f"(exit code {returncode}): the code exited, crashed or was killed")
-        tests.append(result)
-    for test in tests:
-        if test.outcome == "failed" and test.message.startswith("Timeout (>"):
-            # pytest-timeout's wording, in the learner's terms.
-            limit = test.message.split(">", 1)[1].split("s)", 1)[0]
-            where = ""
-            if " (at " in test.message.splitlines()[0]:
-                where = " (at " + test.message.splitlines()[0].split(" (at ", 1)[1]
-            test.outcome = "timeout"
-            test.message = (f"timed out after {limit} s{where}: an infinite loop, or a call "
-                            "that blocks forever (a lock, a socket read, a consumer poll)?"
-                            + "".join("\n" + ln for ln in test.message.splitlines()[1:]
-                                      if not ln.startswith("Timeout")))
-    first_bad = next((t for t in tests if t.outcome not in ("passed", "skipped")), None)
-    if first_bad is None:
-        skipped = [t for t in tests if t.outcome == "skipped"]
-        if skipped:
-            return LabResult(lab, "skipped", duration, skipped[0].message, tests, output,
-                             started_at=started)
-        return LabResult(lab, "passed", duration, "", tests, output, started_at=started)
-    outcome = "timeout" if any(t.outcome == "timeout" for t in tests) else "failed"
-    if all(t.outcome == "error" for t in tests if t.outcome != "passed"):
-        outcome = "error" if not any(t.outcome == "passed" for t in tests) else "failed"
-    message = first_bad.message or first_bad.outcome
-    return LabResult(lab, outcome, duration, message, tests, output, started_at=started)
-
-
-MAX_MESSAGE = 4000
-MAX_AUTHORED = 500
-MAX_OUTPUT = 8000      # the learner's printed output of a failing test
-# Escape sequences (CSI, OSC, other ESC forms) and control characters but tab and newline.
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|"
-                      r"\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e"
-                      r"\u2066-\u2069]")
-
-
-def clean_text(value: Any, cap: int = MAX_MESSAGE) -> str:
-    """Text from the test process (so possibly the learner's) as it may be shown: no
-    terminal escape sequences or control characters (a ``cat`` of the feedback must not
-    clear the screen or fake a line), no bidirectional overrides, at most ``cap``
-    characters."""
-    text = str(value)[: cap * 4]
-    text = _CONTROL.sub("", text.replace("\r\n", "\n"))
-    if len(text) > cap:
-        text = text[:cap] + " [...]"
-    return text
-
-
-def _collection_problem(output: str) -> str:
-    """The first useful line of a collection error (the verification itself is broken)."""
-    for line in output.splitlines():
-        if line.startswith(("E   ", "ERROR ")) and "error" in line.lower():
-            return line.removeprefix("E   ").strip()
-    return ""
 
 
 @dataclass

@@ -160,3 +160,14 @@ def next_concept(catalog: Catalog, done: set[str]) -> tuple[Lab | None, str]:
         return None, (f"every unlocked phase is done; {', '.join(locked)} wait for labs or "
                       "prerequisites")
     return None, "every concept with a lab is done"
+
+
+def hints_unlocked(lab: Lab) -> int:
+    """How many of a lab's hints the learner may see: one, and one more per failed attempt
+    recorded in the workspace (one outside a workspace)."""
+    try:
+        store = find_workspace().store()
+    except WorkspaceError:
+        return 1
+    failures = sum(1 for a in store.attempts(lab.id) if a.outcome != "passed")
+    return min(len(lab.hints), failures + 1)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import HttpReply, http_request, serve_wsgi
+from labrunner.testing import HttpReply, call, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE users (
@@ -25,13 +25,6 @@ CREATE TABLE users (
 INSERT INTO users (name, email) VALUES ('Ada Lovelace', 'ada@example.com'),
                                        ('Alan Turing', 'alan@example.com');
 """
-
-
-# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
-
-def call(host: str, method: str, path: str, body: Any = None,
-         headers: dict[str, str] | None = None) -> HttpReply:
-    return http_request(host, method, path, headers=headers, document=body, timeout=10)
 
 
 # ---- fixtures ---------------------------------------------------------------------------

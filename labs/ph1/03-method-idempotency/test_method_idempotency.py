@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import HttpReply, http_request, serve_wsgi
+from labrunner.testing import HttpReply, call, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
@@ -44,11 +44,6 @@ CONCURRENT = 4
 
 
 # ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
-
-def call(host: str, method: str, path: str, body: Any = None,
-         headers: dict[str, str] | None = None) -> HttpReply:
-    return http_request(host, method, path, headers=headers, document=body, timeout=20)
-
 
 def post_order(host: str, key: str | None, order: dict[str, Any] = ORDER) -> HttpReply:
     return call(host, "POST", "/orders", order, {"Idempotency-Key": key} if key else {})

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from labrunner.testing import HttpReply, http_request, serve_wsgi
+from labrunner.testing import HttpReply, call, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE api_tokens (token text PRIMARY KEY,
@@ -35,13 +35,6 @@ INSERT INTO projects (name) VALUES ('alpha'), ('to-delete');
 """
 WRITER = {"Authorization": "Bearer writer-token"}
 READER = {"Authorization": "Bearer reader-token"}
-
-
-# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
-
-def call(host: str, method: str, path: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> HttpReply:
-    return http_request(host, method, path, body, headers)
 
 
 def js(value: Any) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import HttpReply, http_request, serve_wsgi
+from labrunner.testing import HttpReply, call, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE accounts (
@@ -33,15 +33,6 @@ INSERT INTO accounts VALUES (1, 'Ada Lovelace', 5000);
 VALIDATION = ("https://example.com/problems/validation-error", "Your request is not valid.")
 OUT_OF_CREDIT = ("https://example.com/problems/out-of-credit", "You do not have enough credit.")
 JSON = "application/json"
-
-
-# ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
-
-def call(host: str, method: str, path: str, body: bytes | None = None,
-         content_type: str | None = None) -> HttpReply:
-    """Content-Type only when one is given (never implied by the body)."""
-    headers = {"Content-Type": content_type} if content_type else {}
-    return http_request(host, method, path, body, headers, content_type=None)
 
 
 # ---- what a problem document must be ----------------------------------------------------
@@ -163,8 +154,7 @@ def host(learner: Any, db: Any) -> Iterator[str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_error_is_a_problem(host: str, case: Case) -> None:
-    reply = call(host, case.method, case.path, case.body,
-                 case.content_type if case.body is not None else None)
+    reply = call(host, case.method, case.path, case.body, content_type=case.content_type)
     what = f"{case.method} {case.path} ({case.name})"
     doc = check_problem(reply, what, case.path, case.status, case.kind)
     if case.check is not None:
@@ -173,9 +163,9 @@ def test_error_is_a_problem(host: str, case: Case) -> None:
 
 
 def test_one_type_one_title(host: str) -> None:
-    first = check_problem(call(host, "POST", W, js({"amount_cents": 0}), JSON),
+    first = check_problem(call(host, "POST", W, {"amount_cents": 0}),
                           "POST with amount_cents 0", W, 422, VALIDATION)
-    second = check_problem(call(host, "POST", W, js({"amount": 3}), JSON),
+    second = check_problem(call(host, "POST", W, {"amount": 3}),
                            "POST with a misspelt member", W, 422, VALIDATION)
     assert first["title"] == second["title"], (
         f"two validation problems have titles {first['title']!r} and {second['title']!r}: "
@@ -187,7 +177,7 @@ def test_successes_stay_plain_json(host: str) -> None:
     assert got.status == 200 and (got.headers.get("Content-Type") or "").startswith(JSON), (
         f"GET /accounts/1: expected 200 application/json, saw {got.status} "
         f"{got.headers.get('Content-Type')!r} {got.body[:120]!r}")
-    paid = call(host, "POST", W, js({"amount_cents": 1200}), JSON)
+    paid = call(host, "POST", W, {"amount_cents": 1200})
     assert paid.status == 201 and json.loads(paid.body).get("balance_cents") == 3800, (
         f"POST {W} amount_cents 1200 from 5000: expected 201 with balance_cents 3800, saw "
         f"{paid.status} {paid.body[:150]!r}")
@@ -226,7 +216,7 @@ def test_concurrent_withdrawals_end_in_409_not_500(host: str, db: Any) -> None:
 
     def withdraw(i: int) -> None:
         try:
-            replies[i] = call(host, "POST", W, js({"amount_cents": 3000}), JSON)
+            replies[i] = call(host, "POST", W, {"amount_cents": 3000})
         except BaseException as exc:  # noqa: BLE001 - reported below
             replies[i] = exc
 

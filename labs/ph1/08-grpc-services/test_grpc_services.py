@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
-from labrunner.testing import ProtoStubs, generate_stubs, serve_grpc
+from labrunner.testing import ProtoStubs, drain, generate_stubs, next_message, serve_grpc
 
 RPCS = {  # name -> (client streams, server streams)
     "GetUser": (False, False),
@@ -45,36 +44,6 @@ def running(stubs: ProtoStubs, service: Any, workers: int = 4) -> Iterator[Any]:
             yield stubs.grpc.UserServiceStub(channel)
         finally:
             channel.close()
-
-
-def drain(stream: Any) -> queue.Queue[Any]:
-    """Read a response stream on a thread into a queue; the final item is the RpcError that
-    ended it, or None for a clean end."""
-    out: queue.Queue[Any] = queue.Queue()
-
-    def read() -> None:
-        try:
-            for message in stream:
-                out.put(message)
-            out.put(None)
-        except grpc.RpcError as err:
-            out.put(err)
-
-    threading.Thread(target=read, daemon=True).start()
-    return out
-
-
-def next_message(out: queue.Queue[Any], what: str, timeout: float = ANSWER_WITHIN) -> Any:
-    try:
-        item = out.get(timeout=timeout)
-    except queue.Empty:
-        pytest.fail(f"{what}: nothing arrived within {timeout:.0f} s", pytrace=False)
-    if isinstance(item, grpc.RpcError):
-        pytest.fail(f"{what}: the stream failed with {item.code().name}: {item.details()}",
-                    pytrace=False)
-    if item is None:
-        pytest.fail(f"{what}: the stream ended instead", pytrace=False)
-    return item
 
 
 # ---- fixtures ---------------------------------------------------------------------------

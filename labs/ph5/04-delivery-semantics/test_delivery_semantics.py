@@ -35,7 +35,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from labrunner.testing import read_all
 
 PAYMENTS = [f"pay-{n}" for n in range(6)]
 FENCING = (" - the killed run's transaction is still open, and it holds the group's offsets "
@@ -80,21 +82,8 @@ def write_input(kafka: Any, topic: str) -> None:
 
 def read_topic(kafka: Any, topic: str, isolation: str) -> list[tuple[int, str]]:
     """(offset, value) of every record in partition 0 visible at ``isolation``."""
-    consumer = Consumer(kafka.consumer_config("test-reader", **{
-        "enable.auto.commit": False, "enable.partition.eof": True,
-        "isolation.level": isolation, "fetch.wait.max.ms": 10}))
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    records: list[tuple[int, str]] = []
-    try:
-        while True:
-            msg = consumer.poll(10)
-            assert msg is not None, f"reading {topic} back timed out"
-            if msg.error():
-                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
-                return records
-            records.append((msg.offset(), msg.value().decode()))
-    finally:
-        consumer.close()
+    return [(r.offset, (r.value or b"").decode())
+            for r in read_all(kafka, topic, isolation=isolation, partitions=[0])]
 
 
 def view(kafka: Any, topics: dict[str, str], group: str) -> View:

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka import Producer
+
+from labrunner.testing import read_all
 
 STEPS = ("create_order", "charge_payment", "reserve_inventory", "schedule_shipping")
 ORDER = {"order_id": "order-1", "amount_cents": 4200, "sku": "book", "qty": 1, "country": "DE"}
@@ -335,29 +336,14 @@ OWNER = {"PaymentCharged": "payment", "PaymentDeclined": "payment", "PaymentRefu
 
 
 def read_events(kafka: Any, topic: str) -> list[dict[str, Any]]:
-    consumer = Consumer(kafka.consumer_config("test-reader", **{
-        "enable.auto.commit": False, "enable.partition.eof": True, "fetch.wait.max.ms": 10}))
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    events: list[dict[str, Any]] = []
-    try:
-        while True:
-            msg = consumer.poll(10)
-            assert msg is not None, "reading the event topic back timed out"
-            if msg.error():
-                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
-                return events
-            events.append(json.loads(msg.value()))
-    finally:
-        consumer.close()
+    return [json.loads(r.value or b"null") for r in read_all(kafka, topic)]
 
 
 def test_choreographed_saga_over_kafka(learner: Any, kafka: Any) -> None:
     """Four orders, four outcomes: every order's events, in topic order, form the expected
     chain, each event published by the service that owns it, compensations newest first."""
     mod = learner.load("saga")
-    topic = kafka.topic("saga-events")
-    admin = kafka.admin()
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    topic = kafka.create_topic("saga-events")
     producer = Producer(kafka.producer_config(acks="all"))
     for name, order in ORDERS.items():
         full = {"order_id": name, "sku": "book", **order}

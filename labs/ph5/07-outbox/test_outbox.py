@@ -40,7 +40,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from labrunner.testing import read_all
 
 RELAY_TIMEOUT = 30.0
 
@@ -77,30 +78,8 @@ def place_all(conn: Any, orders_mod: Any, orders: list[dict[str, Any]]) -> None:
 
 def read_events(kafka: Any, topic: str) -> list[dict[str, Any]]:
     """Every event on the topic: its key and decoded value."""
-    admin = kafka.admin()
-    for _ in range(100):
-        meta = admin.list_topics(topic, timeout=5).topics.get(topic)
-        if meta and meta.error is None and all(p.leader >= 0 for p in meta.partitions.values()):
-            break
-        time.sleep(0.05)
-    consumer = Consumer(kafka.consumer_config("test-reader", **{
-        "enable.auto.commit": False, "enable.partition.eof": True, "fetch.wait.max.ms": 10}))
-    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
-    events: list[dict[str, Any]] = []
-    at_end: set[int] = set()
-    try:
-        while len(at_end) < len(meta.partitions):
-            msg = consumer.poll(10)
-            assert msg is not None, "reading the topic back timed out"
-            if msg.error():
-                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
-                at_end.add(msg.partition())
-                continue
-            events.append({"key": msg.key().decode() if msg.key() else None,
-                           **json.loads(msg.value())})
-    finally:
-        consumer.close()
-    return events
+    return [{"key": r.key.decode() if r.key else None, **json.loads(r.value or b"null")}
+            for r in read_all(kafka, topic)]
 
 
 def pending(conn: Any) -> int:

@@ -4,7 +4,7 @@ as the learner's uid, never as the verification's.
 A program the verification started itself would run under the verification's uid: it could
 signal the verification, read what that uid can read and, were the verification dumpable,
 attach to it. So when grading (``$LABRUNNER_LEARNER_HOST`` is ``fd:N``, the learner factory
-of :mod:`labrunner.learner_process`), ``learner.popen()`` asks the factory, which runs as the
+of :mod:`labrunner.learner`), ``learner.popen()`` asks the factory, which runs as the
 learner's uid, to start the program: the factory forks a *monitor*, the monitor forks and
 execs the program with the standard streams the verification passed (SCM_RIGHTS), reports
 its pid and then its exit status down a status pipe, and forwards the signals the
@@ -25,7 +25,8 @@ import threading
 import time
 from typing import Any
 
-FACTORY_PREFIX = "fd:"
+from .modes import FACTORY_LOCK, FACTORY_PREFIX
+
 _START_TIMEOUT = 60.0
 _SEND_LOCK = threading.Lock()
 
@@ -33,11 +34,9 @@ _SEND_LOCK = threading.Lock()
 def send_exec(how: str, payload: bytes, fds: list[int]) -> None:
     """Ask the factory behind ``how`` (``fd:N``) to start a program (no reply: the monitor
     answers on the status pipe)."""
-    from .learner_process import _FACTORY_LOCK
-
     factory = socket.socket(fileno=os.dup(int(how[len(FACTORY_PREFIX):])))
     try:
-        with _FACTORY_LOCK:
+        with FACTORY_LOCK:
             socket.send_fds(factory, [b"exec " + payload], fds)
     finally:
         factory.close()

@@ -1,0 +1,5 @@
+"""``python -m labrunner.cli``."""
+
+from labrunner.cli import main
+
+main()

@@ -1,0 +1,81 @@
+"""The factory: forked as the learner's uid before the sandbox drops to the verification's,
+it forks one fresh host per request and starts the learner's programs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+from ..services.local.process import become
+from .host import _die_with_parent, serve_host
+
+
+def serve_factory(sock: socket.socket) -> None:
+    """Fork one host per request; reply with its socket (SCM_RIGHTS) and its pid. Start
+    the learner's programs the verification asks for (``programs``)."""
+    _die_with_parent()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # hosts are reaped by the kernel
+    hosts: set[int] = set()
+    while True:
+        try:
+            request, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
+        except OSError:
+            return
+        if not request:
+            return
+        if request.startswith(b"exec "):
+            # A learner's program (a built binary, a script): started as this uid, by a
+            # monitor that reports its exit and forwards the verification's signals.
+            from .programs import start_program
+
+            start_program(request[5:], list(fds), sock)
+            continue
+        for fd in fds:
+            os.close(fd)
+        command, _, arg = request.decode("ascii", "replace").partition(" ")
+        if command == "spawn":
+            mine, theirs = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                theirs.close()
+                _die_with_parent()
+                serve_host(mine)
+            mine.close()
+            hosts.add(pid)
+            socket.send_fds(sock, [str(pid).encode()], [theirs.fileno()])
+            theirs.close()
+        elif command == "kill" and arg.isdigit() and int(arg) in hosts:
+            hosts.discard(int(arg))
+            try:
+                os.kill(int(arg), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def start_factory(sock_fd: int, uid: int, gid: int, home: str) -> None:
+    """In the sandbox's child, still root and already confined (namespaces, limits): fork
+    the factory as ``uid`` and replace its image with a clean interpreter, so nothing of
+    the grader's memory (the signing key among it) reaches the learner's side."""
+    pid = os.fork()
+    if pid != 0:
+        os.close(sock_fd)
+        return
+    try:
+        os.closerange(3, sock_fd)
+        os.closerange(sock_fd + 1, 65536)
+        become(uid, gid, tied_to_parent=False)
+        os.set_inheritable(sock_fd, True)
+        os.chdir(home)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "TMPDIR": home,
+               "LANG": os.environ.get("LANG", "C.UTF-8"), "PYTHONDONTWRITEBYTECODE": "1",
+               "PYTHONUNBUFFERED": "1",
+               # Under the sandbox's address-space limit: glibc would reserve 64 MB per
+               # malloc arena, one per serving thread (the verification sets the same).
+               "MALLOC_ARENA_MAX": "2"}
+        os.execve(sys.executable, [sys.executable, "-I", "-m", "labrunner.learner", "factory",
+                                   str(sock_fd)], env)
+    finally:
+        os._exit(127)

@@ -1,0 +1,267 @@
+"""The verification's side of the process boundary: a learner host started (spawned, or
+asked of the factory), the connection to it with what the learner may reach, and the
+learner's module and classes as local stand-ins."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import (
+    BuiltinFunctionType,
+    ClassMethodDescriptorType,
+    CodeType,
+    FrameType,
+    FunctionType,
+    GetSetDescriptorType,
+    MemberDescriptorType,
+    MethodDescriptorType,
+    MethodType,
+    MethodWrapperType,
+    ModuleType,
+    TracebackType,
+    WrapperDescriptorType,
+)
+from typing import Any
+
+import rpyc
+from rpyc.core import netref
+from rpyc.core.protocol import Connection
+from rpyc.core.stream import SocketStream
+from rpyc.utils.factory import connect_stream
+
+from .loading import LearnerCodeError
+from .modes import FACTORY_LOCK, FACTORY_PREFIX
+from .wire import _PlainDataConnection, _Shared
+
+# The verification side lets the learner use public attributes of what it was handed, and
+# never sends its own tracebacks (they would show hidden tests' code).
+_VERIFIER_CONFIG: dict[str, Any] = {
+    "allow_public_attrs": True, "allow_setattr": False, "allow_delattr": False,
+    "allow_pickle": False, "bind_threads": True, "sync_request_timeout": None,
+    "include_local_traceback": False, "include_local_version": False,
+    "import_custom_exceptions": False, "instantiate_custom_exceptions": False,
+    "log_exceptions": False,
+}
+
+# Attributes that lead from an object to code and globals: a frame's, a generator's, a
+# traceback's. Dunders are refused by RPyC already (except its list of safe operators).
+_WITHHELD_PREFIXES = ("f_", "gi_", "cr_", "ag_", "tb_", "co_")
+_WITHHELD_TYPES = (ModuleType, FrameType, CodeType, TracebackType)
+# Exception classes never instantiated from what the learner's side sends: pytest's outcomes
+# (a fake skip or exit), labrunner's and the RPC's own.
+_REFUSED_EXCEPTION_MODULES = ("_pytest", "pytest", "pluggy", "labrunner", "rpyc", "xdist")
+
+
+class LearnerProcessEnded(EOFError):
+    """The learner's process went away while the verification was using it (it exited, was
+    killed, or crashed). RPyC words a broken connection by which side noticed first; this
+    says what happened, the same every time."""
+
+    MESSAGE = ("your code's process ended while the test was using it: it exited (sys.exit, "
+               "os._exit) or crashed")
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
+
+
+class _VerifierConnection(_PlainDataConnection):
+    """The verification's side: what the learner may reach of it, and what it may raise."""
+
+    refused_modules = _REFUSED_EXCEPTION_MODULES
+
+    def sync_request(self, handler: Any, *args: Any) -> Any:
+        try:
+            return super().sync_request(handler, *args)
+        except EOFError as exc:
+            if hasattr(exc, "remote_traceback"):
+                raise   # an EOFError the learner's code raised (input() at the end): its own
+            raise LearnerProcessEnded() from None
+
+    def _handle_getattr(self, obj: Any, name: Any) -> Any:
+        value = Connection._handle_getattr(self, obj, name)
+        if type(value) in (list, dict, set) and not _fixed(obj) and \
+                name in getattr(obj, "__dict__", {}):
+            # An instance's own container goes by reference (edits in place land there);
+            # a class's, a module's or labrunner's own object's goes as a copy.
+            return _Shared(value)
+        return value
+
+    def _handle_setattr(self, obj: Any, name: Any, value: Any) -> None:
+        """The learner may set what an instance of the field's libraries already has as a
+        public data attribute or property (``conn.row_factory``, ``conn.autocommit``); never
+        add an attribute or shadow a method with its own function, and never set anything
+        on a class, a module, a function or an object of labrunner's or pytest's: those are
+        the verification's code, shared by every test and by the tests' own connections."""
+        if not isinstance(name, str) or name.startswith("_") or _fixed(obj):
+            raise AttributeError(f"cannot set {name!r}")
+        static = inspect.getattr_static(type(obj), name, None)
+        instance_data = name in getattr(obj, "__dict__", {})
+        if not (isinstance(static, property) or (instance_data and static is None)):
+            raise AttributeError(f"cannot set {name!r}")
+        setattr(obj, name, value)
+
+    def _check_attr(self, obj: Any, name: str, perm: str) -> str:
+        if name.startswith(_WITHHELD_PREFIXES):
+            raise AttributeError(f"cannot access {name!r}")
+        return super()._check_attr(obj, name, perm)  # type: ignore[no-any-return]
+
+    def _box(self, obj: Any) -> Any:
+        if type(obj) is RemoteModule:   # a module that lives over there goes back as itself
+            obj = obj.module_ref
+        elif not issubclass(type(obj), netref.BaseNetref) and isinstance(obj, _WITHHELD_TYPES):
+            obj = f"<{type(obj).__name__} withheld>"
+        return super()._box(obj)
+
+_FIXED_TYPES = (type, ModuleType, FunctionType, BuiltinFunctionType, MethodType,
+                MethodWrapperType, WrapperDescriptorType, MethodDescriptorType,
+                ClassMethodDescriptorType, GetSetDescriptorType, MemberDescriptorType,
+                staticmethod, classmethod, property, functools.partial, FrameType, CodeType,
+                TracebackType)
+
+
+def _fixed(obj: Any) -> bool:
+    """Is ``obj`` code of the verification's side (a class, a module, a function, a
+    descriptor) or an object of labrunner's or pytest's own, which the learner may read
+    and call but never change?"""
+    if isinstance(obj, _FIXED_TYPES):
+        return True
+    module = getattr(type(obj), "__module__", "") or ""
+    return module.split(".")[0] in _REFUSED_EXCEPTION_MODULES
+
+
+
+class _VerifierService(rpyc.VoidService):  # type: ignore[misc]
+    _protocol = _VerifierConnection
+
+
+class LearnerHost:
+    """One learner host process and the RPC connection to it."""
+
+    def __init__(self, conn: _VerifierConnection, kill: Any) -> None:
+        self.conn = conn
+        self._kill = kill
+        self._serving = rpyc.BgServingThread(conn)
+
+    @classmethod
+    def start(cls, how: str) -> LearnerHost:
+        if how.startswith(FACTORY_PREFIX):
+            factory = socket.socket(fileno=os.dup(int(how[len(FACTORY_PREFIX):])))
+            with FACTORY_LOCK:   # one request and its reply at a time
+                factory.sendall(b"spawn")
+                data, fds, _flags, _addr = socket.recv_fds(factory, 32, 1)
+            if not fds or not data.isdigit():
+                factory.close()
+                raise LearnerCodeError("the learner's process could not be started")
+            pid = int(data)
+            sock = socket.socket(fileno=fds[0])
+
+            def kill() -> None:
+                try:
+                    with FACTORY_LOCK:
+                        factory.sendall(f"kill {pid}".encode())
+                except OSError:
+                    pass
+                factory.close()
+        else:
+            mine, theirs = socket.socketpair()
+            # The host is killed, never asked to exit: what it leaves in its temp folder
+            # (generated stubs, the learner's own files) goes with this folder.
+            scratch = tempfile.mkdtemp(prefix="lr-learner-")
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "labrunner.learner", "host", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                env={**os.environ, "TMPDIR": scratch})
+            theirs.close()
+            sock = mine
+
+            def kill() -> None:
+                proc.kill()
+                proc.wait()
+                shutil.rmtree(scratch, ignore_errors=True)
+        conn = connect_stream(SocketStream(sock), service=_VerifierService,
+                              config=_VERIFIER_CONFIG)
+        return cls(conn, kill)
+
+    def run_helper(self, helper: Any, args: tuple[Any, ...]) -> Any:
+        return self.conn.root.run_helper(helper.__module__, helper.__qualname__, args)
+
+    def load(self, folder: Path, module: str, name: str) -> RemoteModule:
+        status, value = self.conn.root.load(str(folder), module, name)
+        if status != "ok":
+            raise LearnerCodeError(str(value))
+        return RemoteModule(self, value, name)
+
+    def load_harness(self, file: Path, name: str) -> RemoteModule:
+        return RemoteModule(self, self.conn.root.load_harness(file.read_text(), str(file), name),
+                            name)
+
+    def close(self) -> None:
+        """Kill the host and drop the connection, without a goodbye it may never answer
+        (its code may be stuck in a loop)."""
+        self._kill()
+        self._serving._active = False   # its loop ends at the next turn; no join
+        try:
+            self.conn._closed = True
+            self.conn._channel.close()
+        except Exception:  # noqa: BLE001 - the connection is gone already
+            pass
+
+
+class RemoteModule:
+    """A learner module living in the host. Attributes are the module's; its classes come
+    back as local stand-ins (so ``isinstance(module.X, type)`` holds and ``module.X(...)``
+    builds the learner's object over there); its exception classes as local classes."""
+
+    def __init__(self, host: LearnerHost, module: Any, name: str) -> None:
+        self._host = host
+        self.module_ref = module   # the proxy to the module over there
+        self.__name__ = name
+        self._classes: dict[str, type] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        value = getattr(self.module_ref, name)
+        if not isinstance(value, netref.BaseNetref):
+            return value
+        kind, detail = self._host.conn.root.describe(value)
+        if kind == "exception":
+            return self._host.conn.exception_class(
+                str(detail[0][0]), str(detail[0][1]), detail)
+        if kind == "class":
+            if name not in self._classes:
+                self._classes[name] = _stand_in_class(name, value)
+            return self._classes[name]
+        return value
+
+    def __repr__(self) -> str:
+        return f"<learner module {self.__name__} (in its own process)>"
+
+
+def remote_connection(obj: Any) -> Any:
+    """The RPC connection ``obj`` is a proxy through, or None for a local object."""
+    if issubclass(type(obj), netref.BaseNetref):
+        return object.__getattribute__(obj, "____conn__")
+    return None
+
+
+def _stand_in_class(name: str, remote: Any) -> type:
+    """A local class whose instances are the learner's objects in the host."""
+
+    def __new__(_cls: type, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+        return remote(*args, **kwargs)
+
+    def __getattr__(_cls: Any, attr: str) -> Any:  # class attributes, static methods
+        return getattr(remote, attr)
+
+    meta = type(f"{name}Type", (type,), {"__getattr__": __getattr__})
+    stand_in: type = meta(name, (), {"__new__": __new__, "__module__": "learner",
+                                     "remote": remote})
+    return stand_in

@@ -1,0 +1,65 @@
+"""Helpers for lab verifications: the peers and probes several labs' tests need.
+
+One module a concern (http, grpc, tls, kafka, redis, pg, beside: the learner's process,
+waiting); every public name is importable from here, as labs import them.
+
+A verification imports what it needs (``from labrunner.testing import serve_wsgi``):
+
+* :func:`serve_wsgi` runs a learner's WSGI app behind a real threaded HTTP server on
+  ``127.0.0.1:0``, and :func:`http_request` sends it one real request with ``http.client``
+  (an :class:`HttpReply` comes back);
+* :func:`redis_commands` records, with ``MONITOR``, the commands executed in the test's own
+  Redis database while a block runs;
+* :class:`PgStatementProxy` is a TCP proxy in front of Postgres that reads the frontend
+  protocol and records every statement clients ask the server to run, so a verification can
+  count queries on the wire instead of trusting the learner's code;
+* :func:`wait_until` waits for an observable condition (a lock wait, a row) instead of
+  sleeping for a guessed time, and fails the test saying what never happened;
+* :func:`serve_tls_once` and :func:`tls_exchange` run a TLS server or client with a context
+  in the process the context lives in (the learner's own, when grading);
+* :func:`threads_waiting_in` and :func:`file_bytes` observe the learner's process from
+  inside it, through ``learner.run_helper``;
+* :func:`call` is the request most HTTP labs send (a JSON document or bytes, headers);
+* :func:`read_all` reads a Kafka topic back to its end (:class:`KafkaRecord`);
+* :func:`drain` reads a gRPC response stream on a thread, :func:`next_message` takes its
+  next message or fails saying what never came;
+* :func:`generate_stubs` compiles a learner's ``.proto`` with grpcio-tools, at test time, into
+  importable ``*_pb2`` / ``*_pb2_grpc`` modules (:class:`ProtoStubs`).
+
+Everything here fails a test with ``pytest.fail(..., pytrace=False)`` where the cause is the
+learner's (a ``.proto`` protoc rejects, a body that is not JSON), like the plugin does.
+"""
+
+from .beside import file_bytes, threads_waiting_in
+from .grpc import DaemonExecutor, ProtoStubs, drain, generate_stubs, next_message, serve_grpc
+from .http import HttpReply, call, http_request, serve_wsgi
+from .kafka import KafkaRecord, read_all
+from .pg import TRANSACTION_CONTROL, PgStatementProxy
+from .redis import CONNECTION_SETUP, redis_commands
+from .tls import TlsOnce, serve_tls_once, tls_exchange
+from .waiting import wait_until
+
+__all__ = [
+    "CONNECTION_SETUP",
+    "TRANSACTION_CONTROL",
+    "DaemonExecutor",
+    "HttpReply",
+    "KafkaRecord",
+    "PgStatementProxy",
+    "ProtoStubs",
+    "TlsOnce",
+    "call",
+    "drain",
+    "file_bytes",
+    "generate_stubs",
+    "http_request",
+    "next_message",
+    "read_all",
+    "redis_commands",
+    "serve_grpc",
+    "serve_tls_once",
+    "serve_wsgi",
+    "threads_waiting_in",
+    "tls_exchange",
+    "wait_until",
+]

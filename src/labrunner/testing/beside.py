@@ -1,0 +1,61 @@
+"""Where an object lives: a helper that must share its process runs there (the learner's
+own, when grading), and the probes that observe the learner's process from inside it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _lives_elsewhere(obj: Any) -> bool:
+    """True for a proxy to an object in another process (the learner's, when grading)."""
+    from ..learner import remote_connection
+
+    return remote_connection(obj) is not None
+
+
+def _beside(obj: Any, helper: Callable[..., Any], *args: Any) -> Any:
+    """``helper(obj, *args)`` run in the process ``obj`` lives in: the learner's own
+    (grading) for the learner's objects, this one for the test's."""
+    from ..learner import remote_connection
+
+    conn = remote_connection(obj)
+    if conn is None:
+        return helper(obj, *args)
+    return conn.root.run_helper(helper.__module__, helper.__qualname__, (obj, *args))
+
+
+def _entered(context: Any) -> tuple[Any, Callable[[], Any]]:
+    """Enter a context manager here; return what it yields and how to leave it (a server
+    the test stops when its block ends, from the other process)."""
+    value = context.__enter__()
+    return value, lambda: context.__exit__(None, None, None)
+
+
+
+def threads_waiting_in(folder: str) -> int:
+    """How many threads of this process sit in a ``threading`` wait (a Condition, an Event,
+    a Semaphore: a pool's queue) called, at any depth, from code in ``folder``. Run it where
+    the learner's code runs: ``learner.run_helper(threads_waiting_in, str(learner.dir))``."""
+    prefix = str(folder).rstrip("/") + "/"
+    waiting = 0
+    for frame in sys._current_frames().values():
+        in_wait = from_folder = False
+        current: Any = frame
+        while current is not None:
+            code = current.f_code
+            if code.co_name == "wait" and code.co_filename.endswith("threading.py"):
+                in_wait = True
+            elif code.co_filename.startswith(prefix):
+                from_folder = True
+            current = current.f_back
+        waiting += in_wait and from_folder
+    return waiting
+
+
+def file_bytes(path: str) -> bytes:
+    """A file's bytes, read where this runs: ``learner.run_helper(file_bytes, key)`` reads a
+    file the learner's code made private to its own user (a 0600 key)."""
+    return Path(path).read_bytes()

@@ -1,0 +1,209 @@
+"""Postgres: statements counted on the wire, by a proxy that reads the frontend protocol."""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import threading
+from typing import Any, Literal
+
+# Requests a client may send before (or instead of) a StartupMessage: SSL, GSSAPI, cancel.
+_PRE_STARTUP_CODES = (80877103, 80877104, 80877102)
+TRANSACTION_CONTROL = re.compile(
+    r"^\s*(BEGIN|START|COMMIT|END|ROLLBACK|SAVEPOINT|RELEASE|SET|SHOW|RESET|DISCARD|"
+    r"DEALLOCATE|CLOSE|LISTEN|UNLISTEN)\b", re.IGNORECASE)
+
+
+class PgStatementProxy:
+    """A TCP proxy on 127.0.0.1:<free port> in front of Postgres that records each statement
+    clients ask the server to run, reading the frontend protocol as it passes.
+
+    A statement is a simple Query ('Q') or an execution of a Parse'd statement, so prepared
+    statements count each time too. It is recorded before its bytes are forwarded: by the
+    time a client has a result, its statement is in the log. Hand the learner
+    :meth:`dsn_for` (no TLS, so every message can be read).
+
+    Where verifications differ, the choice is a parameter:
+
+    * ``count_on``: record an execution at its Execute message (``"execute"``, the portal's
+      statement) or at its Bind (``"bind"``);
+    * ``split``: a simple Query holding several statements separated by ``;`` records each
+      (whitespace folded, empty ones left out) instead of the text as sent;
+    * ``ignore``: statements matching this regex are not recorded (e.g.
+      :data:`TRANSACTION_CONTROL`: BEGIN, COMMIT, SET ... are not queries).
+    """
+
+    def __init__(self, host: str, port: int, *,
+                 count_on: Literal["execute", "bind"] = "execute", split: bool = True,
+                 ignore: re.Pattern[str] | None = TRANSACTION_CONTROL) -> None:
+        self._target = (host, port)
+        self._count_on = count_on
+        self._split = split
+        self._ignore = ignore
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._log: list[str] = []
+        self._rows = 0
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @classmethod
+    def for_dsn(cls, dsn: str, **options: Any) -> PgStatementProxy:
+        """A proxy in front of the server ``dsn`` names (a TCP host and port)."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        info = conninfo_to_dict(dsn)
+        return cls(str(info.get("host") or "127.0.0.1"), int(str(info.get("port") or 5432)),
+                   **options)
+
+    def dsn_for(self, dsn: str) -> str:
+        """``dsn`` pointed at this proxy, with TLS and GSS encryption off."""
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(dsn, host="127.0.0.1", port=self.port, sslmode="disable",
+                             gssencmode="disable")
+
+    # -- reading the log
+
+    def statements(self) -> list[str]:
+        """Every statement recorded so far (since the last :meth:`take`)."""
+        with self._lock:
+            return list(self._log)
+
+    def take(self) -> list[str]:
+        """The statements recorded since the last take(), removed from the log."""
+        with self._lock:
+            log, self._log = self._log, []
+        return log
+
+    def count(self, pattern: str) -> int:
+        """How many recorded statements match ``pattern`` (a regex, case-insensitive)."""
+        regex = re.compile(pattern, re.IGNORECASE | re.DOTALL)
+        with self._lock:
+            return sum(1 for sql in self._log if regex.search(sql))
+
+    def close(self) -> None:
+        try:  # wakes the accept() thread (Linux)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+    # -- the proxy
+
+    def _record(self, sql: str) -> None:
+        if self._split:
+            sql = " ".join(sql.split())
+            if not sql:
+                return
+        if self._ignore is not None and self._ignore.match(sql):
+            return
+        with self._lock:
+            self._log.append(sql)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._frontend, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._backend, args=(upstream, client), daemon=True).start()
+
+    def take_rows(self) -> int:
+        """How many rows the server sent to clients (DataRow messages) since the last
+        take_rows(): what the learner's code read, whatever it then kept."""
+        with self._lock:
+            rows, self._rows = self._rows, 0
+        return rows
+
+    def _backend(self, upstream: socket.socket, client: socket.socket) -> None:
+        """Server -> client: count DataRow messages, forward the bytes unchanged. With TLS
+        and GSS off (dsn_for) every server message is typed: a byte, then a length."""
+        buffer = bytearray()
+        try:
+            while chunk := upstream.recv(65536):
+                buffer += chunk
+                rows = pos = 0
+                while len(buffer) - pos >= 5:
+                    length = int.from_bytes(buffer[pos + 1:pos + 5], "big")
+                    if len(buffer) - pos < 1 + length:
+                        break
+                    if buffer[pos] == ord("D"):
+                        rows += 1
+                    pos += 1 + length
+                del buffer[:pos]
+                if rows:
+                    with self._lock:
+                        self._rows += rows
+                client.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            try:
+                client.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _frontend(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Client -> server: parse messages, record statements, forward the bytes unchanged."""
+        buffer = bytearray()
+        started = False  # before the StartupMessage, messages have no type byte
+        prepared: dict[bytes, str] = {}  # statement name -> SQL (Parse)
+        portals: dict[bytes, str] = {}  # portal name -> SQL (Bind)
+        try:
+            while chunk := client.recv(65536):
+                buffer += chunk
+                while True:
+                    if not started:
+                        if len(buffer) < 8:
+                            break
+                        (length,) = struct.unpack("!I", buffer[:4])
+                        if len(buffer) < length:
+                            break
+                        (code,) = struct.unpack("!I", buffer[4:8])
+                        started = code not in _PRE_STARTUP_CODES
+                        del buffer[:length]
+                        continue
+                    if len(buffer) < 5:
+                        break
+                    (length,) = struct.unpack("!I", buffer[1:5])
+                    if len(buffer) < 1 + length:
+                        break
+                    kind, body = bytes(buffer[:1]), bytes(buffer[5:1 + length])
+                    del buffer[:1 + length]
+                    self._message(kind, body, prepared, portals)
+                upstream.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            try:
+                upstream.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _message(self, kind: bytes, body: bytes, prepared: dict[bytes, str],
+                 portals: dict[bytes, str]) -> None:
+        if kind == b"Q":
+            text = body.split(b"\0", 1)[0].decode(errors="replace")
+            for sql in text.split(";") if self._split else [text]:
+                self._record(sql)
+        elif kind == b"P":  # Parse: statement name, query text
+            name, query = body.split(b"\0")[:2]
+            prepared[name] = query.decode(errors="replace")
+        elif kind == b"B":  # Bind: portal name, statement name
+            portal, statement = body.split(b"\0")[:2]
+            if self._count_on == "bind":
+                self._record(prepared.get(statement, "?"))
+            else:
+                portals[portal] = prepared.get(statement, "")
+        elif kind == b"E" and self._count_on == "execute":  # Execute: portal name
+            self._record(portals.get(body.split(b"\0")[0], ""))
