@@ -62,8 +62,10 @@ def pair() -> Iterator[Pair]:
 class Background:
     """Runs one learner function in a thread so the test can play the peer meanwhile."""
 
-    def __init__(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+    def __init__(self, what: str, fn: Callable[..., Any], *args: Any,
+                 blocked: str = "") -> None:
         self.what = what
+        self.blocked = blocked  # what a recv() timing out means for this function
         self.result: Any = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
@@ -80,6 +82,9 @@ class Background:
         if self.error is not None:
             if isinstance(self.error, NotImplementedError):
                 pytest.fail(f"{self.what} is not implemented yet: {self.error}", pytrace=False)
+            if isinstance(self.error, TimeoutError) and self.blocked:
+                pytest.fail(f"{self.what} gave up after {WAIT:.0f} s blocked in recv() (the "
+                            f"socket's timeout): {self.blocked}", pytrace=False)
             pytest.fail(f"{self.what} raised {type(self.error).__name__}: {self.error}",
                         pytrace=False)
 
@@ -179,7 +184,11 @@ def graceful_exchange(learner: Any, pair: Pair) -> Exchange:
     LATE in LATE_WRITES writes (each one only once the learner has read the one before,
     so no single recv() can return them all), and closes."""
     closing = learner.load("closing")
-    running = Background("graceful_close()", closing.graceful_close, pair.client)
+    running = Background(
+        "graceful_close()", closing.graceful_close, pair.client,
+        blocked="it waited for the peer's FIN before sending its own, while the peer waited "
+                "for yours\nThe active closer sends its FIN first (sock.shutdown("
+                "socket.SHUT_WR)), then reads until recv() returns b''.")
     seen = peer_reads(pair.server, running)
     if seen == "eof":
         piece = -(-len(LATE) // LATE_WRITES)
