@@ -195,7 +195,8 @@ def private_services(services: Iterable[str], owner: ServiceOwner, visible_to: i
             write_json_atomic(state, {
                 "version": STATE_VERSION, "backend": "local", "owner_pid": os.getpid(),
                 "workdir": "", "services": {n: ep.to_json()
-                                            for n, ep in service_set.endpoints.items()}})
+                                            for n, ep in service_set.endpoints.items()}},
+                              mode=0o600)
             os.chown(state, visible_to, visible_to)
             control = ControlServer(run_dir / "control.sock", service_set, visible_to)
             yield state, control.path
