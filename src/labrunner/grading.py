@@ -452,6 +452,14 @@ def _private_tmp(keep_candidates: Sequence[Path],
     return private
 
 
+def _service_programs() -> list[Path]:
+    """What the private services run from, when it is not where every user can read."""
+    from .services.kinds import kafka
+
+    libs = kafka.libs_dir()
+    return [libs] if libs is not None else []
+
+
 def namespaces_available() -> bool:
     if os.geteuid() != 0 or not sys.platform.startswith("linux"):
         return False
@@ -773,8 +781,13 @@ class Grader:
         # loopback, does not: no other service's socket is in its sight).
         from .services.local.process import runtime_dir
 
+        # They run unprivileged (a uid of their own), so what they execute must be in
+        # their sight too: the Kafka jars may live in root's cache.
+        service_needed = [*needed, *_service_programs()]
+        reexpose = _blocked_ancestors(service_needed)
         self.service_mounts = dataclasses.replace(
-            plan, private_tmp=_private_tmp([self.base, *needed, runtime_dir()], plan.reexpose))
+            plan, reexpose=reexpose,
+            private_tmp=_private_tmp([self.base, *service_needed, runtime_dir()], reexpose))
 
     def close(self) -> None:
         remove_tree(self.base)
