@@ -165,11 +165,17 @@ def _write_manifest(template: Path) -> None:
     os.replace(staging, manifest)
 
 
+def template_path(root: Path) -> Path:
+    # Named for its access rules: a template of an older labrunner (trust, no manifest) in
+    # the same runtime folder is never mistaken for it, nor it for one.
+    return root / f"pg{PG_MAJOR}-template-scram"
+
+
 def template_dir() -> Path:
     """An initdb'd cluster, made once and copied for every start, checked against its
     manifest before each copy (and made again when it differs)."""
     root = runtime_dir()
-    template = root / f"pg{PG_MAJOR}-template"
+    template = template_path(root)
     if (template / "PG_VERSION").is_file() and check_template(template) is None:
         return template
     bins = bindir()
