@@ -75,6 +75,11 @@ SANDBOX_UID_BASE = int(os.environ.get("LABRUNNER_SANDBOX_UID_BASE", "61000"))
 SERVICE_UID_OFFSET = 10000
 # The learner's Python code (and nothing else) runs as the sandbox uid plus this.
 LEARNER_UID_OFFSET = 20000
+# A graded run's private services share a memory cgroup of this size, apart from the
+# graded process's: whatever a submission makes them hold (a superuser's work_mem, a huge
+# hash) is that run's, and the run beside it keeps its memory. Kafka's heap (768 MB) and a
+# RabbitMQ node (256 MB watermark) fit with room.
+SERVICES_MEMORY_BYTES = 2048 * 1024 * 1024
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 MAX_ARCHIVE_BYTES = 64 * 1024 * 1024      # unpacked, per submission
 MAX_ARCHIVE_MEMBERS = 5000
@@ -979,8 +984,11 @@ class Grader:
         from .services.local.process import ServiceOwner
         from .services.private import ENV_CONTROL, in_private_network, private_services
 
+        cgroup = MemoryCgroup.create(SERVICES_MEMORY_BYTES) if lab.services else None
+        steps = [step for step in (self.service_mounts.apply if self.service_mounts else None,
+                                   cgroup.enter if cgroup else None) if step is not None]
         owner = ServiceOwner(uid + SERVICE_UID_OFFSET,
-                             prepare=self.service_mounts.apply if self.service_mounts else None)
+                             prepare=_in_order(steps) if steps else None)
 
         def body() -> LabResult:
             if not lab.services:
@@ -989,7 +997,12 @@ class Grader:
                 sandbox.env[ENV_CONTROL] = str(control)
                 return verify(state)
 
-        return in_private_network(body)
+        try:
+            return in_private_network(body)
+        finally:
+            if cgroup is not None:
+                _sweep_uid(uid + SERVICE_UID_OFFSET)
+                cgroup.remove()
 
 
 # Messages of a run that could not happen for the machine's reasons, not the learner's.
