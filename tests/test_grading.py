@@ -745,3 +745,12 @@ def test_services_of_a_graded_run_are_never_root(service_attacks: dict[str, Any]
                 f"{proc['comm']} (pid {proc['pid']}) of a graded run runs as uid "
                 f"{proc['uid']}, expected the run's service uid {service_uid}")
     assert seen >= SERVICE_COMMANDS, f"service processes seen: {sorted(seen)}"
+    from labrunner.cgroups import memory_cgroups_available
+
+    if memory_cgroups_available():
+        # ...and in a memory cgroup of their run's own, not the grader's nor the lab's.
+        started = [r for r in records if r["when"] == "started"]
+        for record in started:
+            groups = {p["cgroup"] for p in record["processes"]}
+            assert len(groups) == 1 and "/labrunner-" in groups.pop(), record["processes"]
+        assert len({r["processes"][0]["cgroup"] for r in started}) == len(started)

@@ -192,9 +192,13 @@ def processes_in_this_network() -> list[dict[str, Any]]:
             uid = next(int(line.split()[1]) for line in
                        (entry / "status").read_text(encoding="ascii", errors="replace")
                        .splitlines() if line.startswith("Uid:"))
+            groups = (entry / "cgroup").read_text(encoding="utf-8", errors="replace")
         except (OSError, StopIteration, ValueError, IndexError):
             continue  # gone meanwhile
-        found.append({"pid": int(entry.name), "comm": comm, "uid": uid})
+        # The memory cgroup (v1 "N:memory:/path", or v2's single "0::/path").
+        memory = next((line.split(":", 2)[2] for line in groups.splitlines()
+                       if line.split(":", 2)[1:2] in (["memory"], [""])), "")
+        found.append({"pid": int(entry.name), "comm": comm, "uid": uid, "cgroup": memory})
     return found
 
 
