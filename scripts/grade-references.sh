@@ -11,18 +11,20 @@ cohort=$(mktemp -d /tmp/lr-references-XXXXXX)
 trap 'rm -rf "$cohort"' EXIT
 chmod 755 "$cohort"
 .venv/bin/python - "$cohort/references" <<'PY'
-import shutil, sys, tomllib
+import shutil, sys
 from pathlib import Path
+
+from labrunner.catalog import load_lab
 
 root = Path(sys.argv[1])
 root.mkdir()
 (root / "labrunner.toml").write_text('labrunner_version = "0.1.0"\n')
-for toml in sorted(Path("labs").glob("ph*/*/lab.toml")):
-    lab = toml.parent
-    for name in tomllib.loads(toml.read_text())["learner_files"]:
-        target = root / lab.relative_to("labs") / name
+for toml in sorted([*Path("labs").glob("ph*/*/lab.toml"), *Path("c_examples").glob("*/lab.toml")]):
+    lab = load_lab(toml.parent)
+    for name in lab.learner_files:
+        target = root / lab.workspace_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(lab / "solution" / name, target)
+        shutil.copyfile(lab.path / "solution" / name, target)
 PY
 args=("$@")
 if [[ " $* " != *" --select "* ]]; then
