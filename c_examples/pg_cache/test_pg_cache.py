@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,10 @@ class Program:
         endpoint = self.redis_db.endpoint
         args = [self.postgres.dsn, endpoint.host, str(endpoint.port), str(self.redis_db.db),
                 user_id]
+        url = urllib.parse.urlsplit(self.redis_db.url)   # the lab user's credentials
         env = {**os.environ,
+               "REDIS_USERNAME": urllib.parse.unquote(url.username or ""),
+               "REDIS_PASSWORD": urllib.parse.unquote(url.password or ""),
                "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
                "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
         # learner.run: when grading, the learner's binary runs as the learner's uid.

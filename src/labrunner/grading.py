@@ -75,6 +75,11 @@ SANDBOX_UID_BASE = int(os.environ.get("LABRUNNER_SANDBOX_UID_BASE", "61000"))
 SERVICE_UID_OFFSET = 10000
 # The learner's Python code (and nothing else) runs as the sandbox uid plus this.
 LEARNER_UID_OFFSET = 20000
+# A graded run's private services share a memory cgroup of this size, apart from the
+# graded process's: whatever a submission makes them hold (a superuser's work_mem, a huge
+# hash) is that run's, and the run beside it keeps its memory. Kafka's heap (768 MB) and a
+# RabbitMQ node (256 MB watermark) fit with room.
+SERVICES_MEMORY_BYTES = 2048 * 1024 * 1024
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 MAX_ARCHIVE_BYTES = 64 * 1024 * 1024      # unpacked, per submission
 MAX_ARCHIVE_MEMBERS = 5000
@@ -452,6 +457,14 @@ def _private_tmp(keep_candidates: Sequence[Path],
     return private
 
 
+def _service_programs() -> list[Path]:
+    """What the private services run from, when it is not where every user can read."""
+    from .services.kinds import kafka
+
+    libs = kafka.libs_dir()
+    return [libs] if libs is not None else []
+
+
 def namespaces_available() -> bool:
     if os.geteuid() != 0 or not sys.platform.startswith("linux"):
         return False
@@ -785,8 +798,13 @@ class Grader:
         # loopback, does not: no other service's socket is in its sight).
         from .services.local.process import runtime_dir
 
+        # They run unprivileged (a uid of their own), so what they execute must be in
+        # their sight too: the Kafka jars may live in root's cache.
+        service_needed = [*needed, *_service_programs()]
+        reexpose = _blocked_ancestors(service_needed)
         self.service_mounts = dataclasses.replace(
-            plan, private_tmp=_private_tmp([self.base, *needed, runtime_dir()], plan.reexpose))
+            plan, reexpose=reexpose,
+            private_tmp=_private_tmp([self.base, *service_needed, runtime_dir()], reexpose))
 
     def close(self) -> None:
         remove_tree(self.base)
@@ -978,8 +996,11 @@ class Grader:
         from .services.local.process import ServiceOwner
         from .services.private import ENV_CONTROL, in_private_network, private_services
 
+        cgroup = MemoryCgroup.create(SERVICES_MEMORY_BYTES) if lab.services else None
+        steps = [step for step in (self.service_mounts.apply if self.service_mounts else None,
+                                   cgroup.enter if cgroup else None) if step is not None]
         owner = ServiceOwner(uid + SERVICE_UID_OFFSET,
-                             prepare=self.service_mounts.apply if self.service_mounts else None)
+                             prepare=_in_order(steps) if steps else None)
 
         def body() -> LabResult:
             if not lab.services:
@@ -988,7 +1009,12 @@ class Grader:
                 sandbox.env[ENV_CONTROL] = str(control)
                 return verify(state)
 
-        return in_private_network(body)
+        try:
+            return in_private_network(body)
+        finally:
+            if cgroup is not None:
+                _sweep_uid(uid + SERVICE_UID_OFFSET)
+                cgroup.remove()
 
 
 # Messages of a run that could not happen for the machine's reasons, not the learner's.
@@ -1386,6 +1412,11 @@ def grade_with_services(config: GradeConfig, paths: Sequence[Path],
     shared = [] if use_private_services(config) else config.labs
     with services_for(shared, config.backend, quiet=not show_progress) as service_set:
         state = service_set.state_file if service_set.endpoints else None
+        if state is not None:
+            # Shared services: every sandboxed run reads their admin credentials (stated in
+            # docs/GRADING.md); private services hand each run its own state instead.
+            service_set.state_mode = 0o644
+            os.chmod(state, 0o644)
         progress = Progress(
             TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("{task.fields[current]}"),
