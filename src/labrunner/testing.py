@@ -591,6 +591,18 @@ def file_bytes(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
+def process_threads(pid: int) -> int:
+    """How many threads process ``pid`` runs (its entries in /proc/<pid>/task), or -1 when it
+    is gone or out of sight. Run it where the learner's code runs:
+    ``learner.run_helper(process_threads, proc.pid)`` counts the threads of a program that
+    ``learner.python`` or ``learner.popen`` started, which under grading runs as the
+    learner's uid, in a /proc where the verification's uid cannot see it (ph4.1)."""
+    try:
+        return sum(1 for _ in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return -1
+
+
 class TlsOnce:
     """A loopback TLS server for one connection: it accepts with ``ctx``, reads one message
     and answers ``b"pong:" + message``. ``error`` says how the handshake or exchange failed
