@@ -298,6 +298,10 @@ def server_sides(port: int) -> dict[int, ServerSide]:
     return out
 
 
+def threads_word(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def reading(side: ServerSide) -> bool:
     return side.being_read
 
@@ -371,7 +375,7 @@ def test_thread_per_connection_serves_200_slow_clients_at_once(
         threads = server.threads()
         server.fail(
             f"with {DROPPED} slow clients connected, the thread-per-connection server was "
-            f"reading {read} of them at once (running {threads} threads), expected all "
+            f"reading {read} of them at once (running {threads_word(threads)}), expected all "
             f"{DROPPED}\n" + serial_hint(threads))
     load.drop(gone[: DROPPED // 2], "fin")
     load.drop(gone[DROPPED // 2:], "rst")
@@ -384,7 +388,7 @@ def test_thread_per_connection_serves_200_slow_clients_at_once(
     if not all_read:
         server.fail(
             f"with {CLIENTS} slow clients connected, the thread-per-connection server was "
-            f"reading {read} of them at once (running {threads} threads), expected all "
+            f"reading {read} of them at once (running {threads_word(threads)}), expected all "
             f"{CLIENTS}\n" + serial_hint(threads))
     if threads < CLIENTS + 1:
         server.fail(
@@ -442,7 +446,7 @@ def test_bounded_pool_queues_then_rejects_with_503(
         read = count(server, gone, reading)
         server.fail(
             f"with {WORKERS} slow clients connected and {WORKERS} workers, the pool server "
-            f"was reading {read} of them at once (running {server.threads()} threads)\n"
+            f"was reading {read} of them at once (running {threads_word(server.threads())})\n"
             f"Start {WORKERS} worker threads that each take a connection from the queue "
             "(queue.Queue.get()) and serve it with handle(), while the accept loop only "
             "accepts and queues.")
@@ -460,7 +464,7 @@ def test_bounded_pool_queues_then_rejects_with_503(
             f"after {WORKERS} clients disconnected mid-request ({WORKERS // 2} closed, "
             f"{WORKERS // 2} reset), only {read} of the next {WORKERS} clients were taken "
             f"up by a worker ({got} were answered instead; the server runs "
-            f"{server.threads()} threads)\nA worker that meets a client error must go back "
+            f"{threads_word(server.threads())})\nA worker that meets a client error must go back "
             "to the queue: catch ClientGone and OSError around handle() inside the worker's "
             "loop, and give back whatever marks the worker busy in a finally. Otherwise "
             "each client that leaves early costs the pool a worker for good.")
