@@ -3,8 +3,9 @@ stdin/stdout by the test, one JSON line per command and per reply. A client is s
 because the test holds it: it sends the first lines of its request and then nothing until
 the test says "finish". Every connection reads whatever the server sends, until EOF.
 
-    -> {"open": N, "send": "head"|"none"}   N new connections; "head" sends the start of
-    <- {"ports": [p, ...]}                    a request (no blank line), "none" nothing
+    -> {"open": N, "send": "head"|"none", "port": P}   N new connections to 127.0.0.1:P;
+    <- {"ports": [p, ...]}     "head" sends the start of a request (no blank line), "none"
+                               nothing; the reply lists the clients' own ports
     -> {"finish": [i, ...]}                 send the rest of those requests
     <- {"ok": true}
     -> {"drop": [i, ...], "how": "fin"|"rst"}   close them (FIN) or abort them (RST)
@@ -56,7 +57,7 @@ async def main() -> None:
     conns: list[Conn] = []
     gate = asyncio.Semaphore(64)
 
-    async def open_one(conn: Conn, send: str) -> int:
+    async def open_one(conn: Conn, send: str, port: int) -> int:
         async with gate:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", port), CONNECT_TIMEOUT)
@@ -71,7 +72,6 @@ async def main() -> None:
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
 
-    port = int(sys.argv[1])
     while True:
         line = await stdin.readline()
         if not line:
@@ -81,7 +81,8 @@ async def main() -> None:
             if "open" in cmd:
                 new = [Conn(len(conns) + i) for i in range(int(cmd["open"]))]
                 conns.extend(new)
-                ports = await asyncio.gather(*(open_one(c, cmd["send"]) for c in new))
+                port = int(cmd["port"])
+                ports = await asyncio.gather(*(open_one(c, cmd["send"], port) for c in new))
                 reply({"ports": ports})
             elif "finish" in cmd:
                 for i in cmd["finish"]:

@@ -108,19 +108,6 @@ class Server:
         self.proc.wait()
 
 
-@pytest.fixture
-def start(learner: Any) -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def starter(*args: str) -> Server:
-        servers.append(Server(learner, *args))
-        return servers[-1]
-
-    yield starter
-    for s in servers:
-        s.stop()
-
-
 # ---------------------------------------------------------------------------------------
 # The clients, in processes of their own
 
@@ -137,10 +124,10 @@ class Client:
 
 
 class ClientProcess:
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "clients.py"),
-                                      str(server.port)],
+    server: Server
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "clients.py")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.replies: queue.Queue[str | None] = queue.Queue()
@@ -178,17 +165,9 @@ class ClientProcess:
         return reply  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(b'{"quit": true}\n')
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        """Killed: the kernel closes its connections (the test is over, nothing to say)."""
+        self.proc.kill()
+        self.proc.wait()
 
 
 @dataclass
@@ -209,9 +188,15 @@ class Seen:
 class Load:
     """Slow clients spread over CLIENT_PROCESSES processes."""
 
-    def __init__(self, server: Server) -> None:
-        self.procs = [ClientProcess(server) for _ in range(CLIENT_PROCESSES)]
+    def __init__(self) -> None:
+        self.procs = [ClientProcess() for _ in range(CLIENT_PROCESSES)]
         self.count = [0] * CLIENT_PROCESSES
+        self.port = 0
+
+    def attach(self, server: Server) -> None:
+        self.port = server.port
+        for proc in self.procs:
+            proc.server = server
 
     def open(self, n: int, send: str = "head") -> list[Client]:
         """n new connections; "head": each sends the start of a request and holds."""
@@ -219,7 +204,8 @@ class Load:
         shares = [n // len(self.procs) + (i < n % len(self.procs)) for i in range(len(self.procs))]
         for p, share in enumerate(shares):
             if share:
-                ports = self.procs[p].ask({"open": share, "send": send})["ports"]
+                ports = self.procs[p].ask({"open": share, "send": send,
+                                           "port": self.port})["ports"]
                 opened += [Client(p, self.count[p] + i, port) for i, port in enumerate(ports)]
                 self.count[p] += share
         return opened
@@ -254,16 +240,24 @@ class Load:
 
 
 @pytest.fixture
-def load_for() -> Iterator[Callable[[Server], Load]]:
+def start(learner: Any) -> Iterator[Callable[..., tuple[Server, Load]]]:
+    """start(*args): the client processes (starting beside the server, to save a second
+    on a loaded machine), then server.py *args; both stopped when the test ends."""
+    made: list[tuple[Server, Load]] = []
     loads: list[Load] = []
 
-    def make(server: Server) -> Load:
-        loads.append(Load(server))
-        return loads[-1]
+    def starter(*args: str) -> tuple[Server, Load]:
+        loads.append(Load())
+        server = Server(learner, *args)
+        made.append((server, loads[-1]))
+        loads[-1].attach(server)
+        return server, loads[-1]
 
-    yield make
+    yield starter
     for load in loads:
         load.close()
+    for server, _ in made:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,9 +360,8 @@ def hold(load: Load, server: Server, n: int) -> list[Client]:
 
 
 def test_thread_per_connection_serves_200_slow_clients_at_once(
-        start: Callable[..., Server], load_for: Callable[[Server], Load]) -> None:
-    server = start("threads")
-    load = load_for(server)
+        start: Callable[..., tuple[Server, Load]]) -> None:
+    server, load = start("threads")
     gone = hold(load, server, DROPPED)
     if not settle(server, lambda: count(server, gone, reading) == DROPPED):
         read = count(server, gone, reading)
@@ -423,9 +416,8 @@ def serial_hint(threads: int) -> str:
 
 
 def test_bounded_pool_queues_then_rejects_with_503(
-        start: Callable[..., Server], load_for: Callable[[Server], Load]) -> None:
-    server = start("pool", "--workers", str(WORKERS), "--queue", str(QUEUE))
-    load = load_for(server)
+        start: Callable[..., tuple[Server, Load]]) -> None:
+    server, load = start("pool", "--workers", str(WORKERS), "--queue", str(QUEUE))
     bound = WORKERS + 2   # the workers, the main thread, and one more if accept has its own
 
     def threads_bounded(stage: str) -> None:
@@ -543,9 +535,8 @@ def test_bounded_pool_queues_then_rejects_with_503(
 
 
 def test_asyncio_serves_200_slow_clients_on_one_thread(
-        start: Callable[..., Server], load_for: Callable[[Server], Load]) -> None:
-    server = start("asyncio")
-    load = load_for(server)
+        start: Callable[..., tuple[Server, Load]]) -> None:
+    server, load = start("asyncio")
 
     def one_thread(stage: str) -> None:
         if server.max_threads > 1:
