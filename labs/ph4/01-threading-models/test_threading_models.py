@@ -54,8 +54,9 @@ class Server:
     """server.py <model>, as the learner's program; stdout and stderr drained (a full pipe
     would stall it), the port from its first line."""
 
-    def __init__(self, learner: Any, *args: str) -> None:
+    def __init__(self, learner: Any, *args: str, warm: threading.Thread | None = None) -> None:
         self.learner = learner
+        self.warm = warm
         self.name = "server.py " + " ".join(args)
         self.proc = learner.python("server", *args, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
@@ -84,7 +85,16 @@ class Server:
             self.out.put(None)
 
     def threads(self) -> int:
+        if self.warm is not None:   # the one starting the learner's host: wait for it
+            self.warm.join()
+            self.warm = None
         count = int(self.learner.run_helper(process_threads, self.proc.pid))
+        if count < 0:
+            if self.gone() is not None:
+                self.fail("the server must keep running")
+            pytest.fail(f"the verification could not count the threads of {self.name} "
+                        f"(pid {self.proc.pid}): /proc/{self.proc.pid}/task is out of sight",
+                        pytrace=False)
         self.max_threads = max(self.max_threads, count)
         return count
 
@@ -247,8 +257,13 @@ def start(learner: Any) -> Iterator[Callable[..., tuple[Server, Load]]]:
     loads: list[Load] = []
 
     def starter(*args: str) -> tuple[Server, Load]:
+        # Where the learner's code runs apart (grading), process_threads runs in the
+        # learner's host process: start it now, beside the server and the clients.
+        warm = threading.Thread(target=learner.run_helper, args=(process_threads, 1),
+                                daemon=True)
+        warm.start()
         loads.append(Load())
-        server = Server(learner, *args)
+        server = Server(learner, *args, warm=warm)
         made.append((server, loads[-1]))
         loads[-1].attach(server)
         return server, loads[-1]
