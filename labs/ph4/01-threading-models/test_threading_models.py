@@ -54,9 +54,8 @@ class Server:
     """server.py <model>, as the learner's program; stdout and stderr drained (a full pipe
     would stall it), the port from its first line."""
 
-    def __init__(self, learner: Any, *args: str, warm: threading.Thread | None = None) -> None:
+    def __init__(self, learner: Any, *args: str) -> None:
         self.learner = learner
-        self.warm = warm
         self.name = "server.py " + " ".join(args)
         self.proc = learner.python("server", *args, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
@@ -65,6 +64,11 @@ class Server:
         threading.Thread(target=self._drain, args=(self.proc.stdout, True), daemon=True).start()
         threading.Thread(target=self._drain, args=(self.proc.stderr, False),
                          daemon=True).start()
+        self.port = 0
+        self.max_threads = 0
+
+    def ready(self) -> None:
+        """Wait for its "listening on <port>"."""
         try:
             line = self.out.get(timeout=READY)
         except queue.Empty:
@@ -75,7 +79,6 @@ class Server:
             self.fail(f"{self.name} did not print 'listening on <port>' (got {line!r}): "
                       "keep main() as given")
         self.port = int(m.group(1))
-        self.max_threads = 0
 
     def _drain(self, stream: Any, keep_lines: bool) -> None:
         for raw in iter(stream.readline, b""):
@@ -85,9 +88,6 @@ class Server:
             self.out.put(None)
 
     def threads(self) -> int:
-        if self.warm is not None:   # the one starting the learner's host: wait for it
-            self.warm.join()
-            self.warm = None
         count = int(self.learner.run_helper(process_threads, self.proc.pid))
         if count < 0:
             if self.gone() is not None:
@@ -257,14 +257,13 @@ def start(learner: Any) -> Iterator[Callable[..., tuple[Server, Load]]]:
     loads: list[Load] = []
 
     def starter(*args: str) -> tuple[Server, Load]:
-        # Where the learner's code runs apart (grading), process_threads runs in the
-        # learner's host process: start it now, beside the server and the clients.
-        warm = threading.Thread(target=learner.run_helper, args=(process_threads, 1),
-                                daemon=True)
-        warm.start()
         loads.append(Load())
-        server = Server(learner, *args, warm=warm)
+        server = Server(learner, *args)
         made.append((server, loads[-1]))
+        # Where the learner's code runs apart (grading), process_threads runs in the
+        # learner's host process: have it start while the server and the clients do.
+        learner.run_helper(process_threads, 1)
+        server.ready()
         loads[-1].attach(server)
         return server, loads[-1]
 
