@@ -39,7 +39,7 @@ WORKERS, QUEUE = 8, 16  # the bounded pool's size and queue bound, passed on its
 DROPPED = 4            # clients that disconnect mid-request (half FIN, half RST)
 CLIENT_PROCESSES = 2
 READY = 30.0           # for the server to print its port
-FAIL_WAIT = 20.0       # how long a wrong server gets to do what a correct one does at once
+FAIL_WAIT = 30.0       # how long a wrong server gets to do what a correct one does at once
 REPLY_WAIT = 120.0     # for a client process to answer a command
 HERE = Path(__file__).parent
 
