@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -99,9 +99,10 @@ class Server:
         return count
 
     def gone(self) -> int | None:
-        return self.proc.poll()
+        status: int | None = self.proc.poll()
+        return status
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> NoReturn:
         status = self.proc.poll()
         if status is not None:
             time.sleep(0.2)   # let the drain thread take the traceback's last lines
@@ -172,7 +173,7 @@ class ClientProcess:
                 self.server.fail(f"the server must accept the clients ({reply['error']})")
             pytest.fail(f"the verification's client process failed to {what} connections: "
                         f"{reply['error']}\n" + "\n".join(self.err), pytrace=False)
-        return reply  # type: ignore[no-any-return]
+        return reply
 
     def close(self) -> None:
         """Killed: the kernel closes its connections (the test is over, nothing to say)."""
