@@ -15,7 +15,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
 * :func:`serve_tls_once` and :func:`tls_exchange` run a TLS server or client with a context
   in the process the context lives in (the learner's own, when grading);
 * :func:`threads_waiting_in` and :func:`file_bytes` observe the learner's process from
-  inside it, through ``learner.run_helper``;
+  inside it, and :func:`process_threads` counts the threads of a learner's program beside
+  it, through ``learner.run_helper``;
 * :func:`generate_stubs` compiles a learner's ``.proto`` with grpcio-tools, at test time, into
   importable ``*_pb2`` / ``*_pb2_grpc`` modules (:class:`ProtoStubs`).
 
