@@ -18,7 +18,7 @@ import pytest
 
 LATE = b"late reply, sent after your FIN\n" * 64   # the peer's data after the half-close
 LATE_WRITES = 3                                     # ...sent in this many separate writes
-WAIT = 3.0                                          # generous bound for anything that must happen
+WAIT = 6.0                                          # generous bound for anything that must happen
 
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
               5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
