@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import wait_until
+from labrunner.testing import process_resources, wait_until
 
 TOTAL, PROCESSES = 10_000, 4
 PER_CONNECTION_KB = 25
@@ -28,11 +28,26 @@ READY = 30.0
 CLIENTS = Path(__file__).with_name("clients.py")
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+class Resources:
+    """The server's threads, descriptors and resident memory. Graded, the server runs as the
+    learner's uid in a /proc the verification cannot see: then they are read by
+    process_resources in the learner's host process, which runs beside the server."""
+
+    def __init__(self, learner: Any, proc: subprocess.Popen[bytes]) -> None:
+        self.learner, self.proc = learner, proc
+        self.in_sight = Path(f"/proc/{proc.pid}/task").is_dir()
+
+    def now(self) -> tuple[int, int, int]:
+        if self.in_sight:
+            seen = process_resources(self.proc.pid)
+        else:
+            seen = tuple(self.learner.run_helper(process_resources, self.proc.pid))
+        if seen[0] < 0:
+            gone = self.proc.poll()
+            pytest.fail("the server exited" + (f" with status {gone}" if gone is not None
+                                               else " or went out of the verification's sight")
+                        + ": it must keep serving every connection", pytrace=False)
+        return seen  # type: ignore[return-value]
 
 
 class Lines:
@@ -62,8 +77,9 @@ class Lines:
 
 
 @pytest.fixture
-def server(learner: Any) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def server(learner: Any) -> Iterator[tuple[subprocess.Popen[bytes], int, Resources]]:
     proc = learner.python("server", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    resources = Resources(learner, proc)
     out = Lines(proc)
     line = out.next(READY)
     m = re.match(r"listening on (\d+)", line or "")
@@ -73,15 +89,15 @@ def server(learner: Any) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         assert proc.stderr is not None
         pytest.fail(f"server.py did not print 'listening on <port>' (got {line!r})\n"
                     f"{proc.stderr.read().decode(errors='replace')[-1200:]}", pytrace=False)
-    yield proc, int(m.group(1))
+    yield proc, int(m.group(1)), resources
     if proc.poll() is None:
         proc.kill()
     proc.wait()
 
 
 def test_ten_thousand_connections_at_once(server: Any) -> None:
-    proc, port = server
-    base = rss_kb(proc.pid)
+    proc, port, resources = server
+    base = resources.now()[2]
     share = TOTAL // PROCESSES
     clients = [subprocess.Popen([sys.executable, str(CLIENTS), str(port), str(share)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -99,17 +115,13 @@ def test_ten_thousand_connections_at_once(server: Any) -> None:
                     + "\nAccept with a deep backlog (listen(4096)) from an event loop that "
                     "never blocks; select() cannot watch descriptors above 1024.",
                     pytrace=False)
-        def fds() -> int:
-            return len(list(Path(f"/proc/{proc.pid}/fd").iterdir()))
-
         try:  # the kernel completes connections before the server accepts them
-            wait_until(lambda: fds() >= TOTAL or proc.poll() is not None,
+            wait_until(lambda: proc.poll() is not None or resources.now()[1] >= TOTAL,
                        "the server to accept every connection", 120)
         except BaseException:
             pass
-        fds_now = fds()
-        threads = len(list(Path(f"/proc/{proc.pid}/task").iterdir()))
-        grown = rss_kb(proc.pid) - base
+        threads, fds_now, rss = resources.now()
+        grown = rss - base
         assert fds_now >= TOTAL, (
             f"with {TOTAL} clients connected the server holds {fds_now} descriptors: it does "
             "not accept them all (select() cannot watch descriptors above 1024)")
@@ -132,7 +144,7 @@ def test_ten_thousand_connections_at_once(server: Any) -> None:
             line = out.next(180) or ""
             m = re.match(r"echoed (\d+)", line)
             echoed += int(m.group(1)) if m else 0
-        after = len(list(Path(f"/proc/{proc.pid}/task").iterdir()))
+        after = resources.now()[0]
         assert after <= 2, (
             f"after echoing, the server runs {after} threads, expected at most 2\nHanding "
             "reads or writes to worker threads (asyncio.to_thread, an executor) brings the "

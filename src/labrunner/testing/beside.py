@@ -71,3 +71,20 @@ def process_threads(pid: int) -> int:
         return sum(1 for _ in Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return -1
+
+
+def process_resources(pid: int) -> tuple[int, int, int]:
+    """What process ``pid`` holds: (threads, open descriptors, resident KiB), each -1 when
+    it is gone or out of sight. Like :func:`process_threads`, run it where the learner's code
+    runs when the verification's /proc cannot see the learner's program (grading): ph4.5
+    reads a C10K server's descriptors, threads and memory this way."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        threads = sum(1 for _ in (proc / "task").iterdir())
+        fds = sum(1 for _ in (proc / "fd").iterdir())
+        rss = next((int(line.split()[1]) for line in
+                    (proc / "status").read_text().splitlines() if line.startswith("VmRSS:")),
+                   0)
+    except (OSError, ValueError):
+        return -1, -1, -1
+    return threads, fds, rss
