@@ -96,6 +96,12 @@ def test_doctor_names_the_backend() -> None:
     assert "local postgres" in done.stdout
 
 
+def _verification_running(test_file: str) -> list[str]:
+    """This checkout's fixture-project verification of ``test_file`` (not a run of the same
+    lab by anything else on the machine)."""
+    return [p for p in _processes_mentioning(test_file) if str(FIXTURE_PROJECT) in p]
+
+
 def _processes_mentioning(text: str) -> list[str]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -106,7 +112,7 @@ def _processes_mentioning(text: str) -> list[str]:
         except OSError:
             continue
         if text in cmd:
-            found.append(f"{entry.name}: {cmd[:120]}")
+            found.append(f"{entry.name}: {cmd[:400]}")
     return found
 
 
@@ -123,9 +129,9 @@ def test_ctrl_c_mid_run_leaves_nothing_behind(selector: str, test_file: str) -> 
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     # Wait until the verification itself is running (services up, pytest in the test).
-    while time.monotonic() < deadline and not _processes_mentioning(test_file):
+    while time.monotonic() < deadline and not _verification_running(test_file):
         time.sleep(0.2)
-    assert _processes_mentioning(test_file), "the verification never started"
+    assert _verification_running(test_file), "the verification never started"
     time.sleep(1.0)
     # Processes that do not name the runtime dir on their command line (our private epmd).
     state = json.loads(next(runtime.glob("run-*/state.json")).read_text())
@@ -138,7 +144,7 @@ def test_ctrl_c_mid_run_leaves_nothing_behind(selector: str, test_file: str) -> 
     assert "interrupted" in out
     time.sleep(0.5)
     assert _processes_mentioning(str(runtime)) == []
-    assert _processes_mentioning(test_file) == []
+    assert _verification_running(test_file) == []
     for marker in private:
         assert _processes_mentioning(marker) == [], f"epmd ({marker}) left running"
     leftovers = [p.name for p in runtime.iterdir() if p.name.startswith("run-")]
@@ -193,7 +199,7 @@ def test_down_clears_what_a_killed_run_left() -> None:
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not _processes_mentioning("test_deadlocks.py"):
+        while time.monotonic() < deadline and not _verification_running("test_deadlocks.py"):
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up
         proc.wait(30)

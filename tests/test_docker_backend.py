@@ -170,12 +170,14 @@ def test_redis_restart_keeps_aof_data(docker_services: ServiceSet) -> None:
     import redis
 
     endpoint = docker_services.ensure(["redis"])["redis"]
-    client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3)
+    client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3,
+                         username=endpoint.username, password=endpoint.password)
     client.config_set("appendonly", "yes")
     client.set("kept", "yes")
     client.close()
     DockerBackend().restart(endpoint)
-    client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3)
+    client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3,
+                         username=endpoint.username, password=endpoint.password)
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     assert client.get("kept") == b"yes"
     client.config_set("appendonly", "no")

@@ -17,6 +17,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -630,3 +631,138 @@ def test_two_grading_commands_at_once_never_share_uids(tmp_path: Path) -> None:
     for out in outs:
         assert totals(out) == {"good": 10, "storm": 4}
         assert not _sandbox_processes(out)
+
+
+# --------------------------------------------------------------------------------------
+# Issue 23, round two: the services a graded run gets
+
+
+SERVICE_LABS = ["--select", "ph2.4", "--select", "ph2.5", "--select", "ph2.10",
+                "--select", "ph5.2"]
+# The service processes' command names (RabbitMQ's node is beam.smp; Kafka, java).
+SERVICE_COMMANDS = {"postgres", "redis-server", "beam.smp", "epmd", "java"}
+
+
+@pytest.fixture(scope="module")
+def service_attacks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One cohort graded once, as an instructor would (--jobs 2, private services): the two
+    attacks on the services and a neighbour with the reference of every lab they attack.
+    Every service process of every run is recorded (LABRUNNER_SERVICE_AUDIT)."""
+    if os.geteuid() != 0:
+        pytest.skip("private services need root")
+    from labrunner.services.local.process import runtime_dir
+
+    root = tmp_path_factory.mktemp("service-attacks")
+    cohort = root / "cohort"
+    for name in ("evil-service-auth", "evil-service-memory"):
+        shutil.copytree(ATTACKS / name, cohort / name)
+    workspace(cohort / "solved", {
+        "ph2/04-acid-transactions/bank.py": solution("ph2/04-acid-transactions", "bank.py"),
+        "ph2/05-isolation-levels/isolation.py": solution("ph2/05-isolation-levels",
+                                                         "isolation.py"),
+        "ph2/10-redis-advanced/advanced.py": solution("ph2/10-redis-advanced", "advanced.py"),
+        "ph5/02-queue-vs-stream/workload.py": solution("ph5/02-queue-vs-stream",
+                                                       "workload.py")})
+    audit = root / "audit"
+    audit.mkdir()
+    out = root / "out"
+    runtime = runtime_dir()
+    done = subprocess.run(
+        [*LABRUNNER, "grade", str(cohort), *SERVICE_LABS, "--out", str(out),
+         "--backend", "local", "--jobs", "2"], capture_output=True, text=True, timeout=1800,
+        env=cli_env(LABRUNNER_HOME=str(REPO), LABRUNNER_SERVICE_AUDIT=str(audit),
+                    LABRUNNER_RUNTIME_DIR=str(runtime)))
+    return {"done": done, "out": out, "audit": audit, "runtime": runtime}
+
+
+def _messages(out: Path, student: str, concept: str) -> list[str]:
+    doc = json.loads((out / "results" / f"{student}.json").read_text())
+    found = next(c for c in doc["concepts"] if c["id"] == concept)
+    return [found.get("message") or "", *[t.get("message") or "" for t in found["tests"]]]
+
+
+def _attack_seen(out: Path, student: str, concept: str, *parts: str) -> str:
+    """The first ATTACK report of ``student`` on ``concept`` that has every part."""
+    seen = [m for m in _messages(out, student, concept) if "ATTACK" in m]
+    for message in seen:
+        if all(part in message for part in parts):
+            return message
+    raise AssertionError(f"{student} {concept}: no report with {parts}; saw {seen[:3]}")
+
+
+def test_services_never_trust_a_connection(service_attacks: dict[str, Any]) -> None:
+    """evil-service-auth looks for every Postgres socket in its sight (another run's, a
+    warm set's) and every port in its network, and tries each as the superuser with no
+    password; then RabbitMQ's guest on every AMQP and management port, and the management
+    API with its own lab user. None is in sight or lets it in; the neighbour scores full."""
+    done, out = service_attacks["done"], service_attacks["out"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert totals(out)["solved"] == 40, (out / "results" / "solved.json").read_text()[:3000]
+    assert totals(out)["evil-service-auth"] == 0
+    _attack_seen(out, "evil-service-auth", "ph2.5", "sockets=0 nopw-reached=0 nopw-asked=1")
+    _attack_seen(out, "evil-service-auth", "ph5.2", "amqp-ports=1 guest-amqp=0",
+                 "management-ports=1 guest-api=0 lab-user-admin=0 lab-user=lab")
+
+
+def test_the_postgres_template_is_out_of_reach_and_checked(
+        service_attacks: dict[str, Any]) -> None:
+    """evil-service-auth tries to change the template every later Postgres start copies:
+    from its own process (the folder is not in its sight) and as the superuser of its own
+    server (COPY TO, COPY TO PROGRAM, pg_ls_dir run as the service's uid, which may not
+    enter root's template). The template still matches the manifest made with it."""
+    from labrunner.services.kinds import postgres
+
+    out = service_attacks["out"]
+    _attack_seen(out, "evil-service-auth", "ph2.5", "template direct=refused(",
+                 "copy=refused program=refused ls=refused")
+    template = postgres.template_path(service_attacks["runtime"])
+    postgres._verified.clear()   # hash every file again, not only its metadata
+    assert postgres.check_template(template) is None
+    assert "pwned" not in (template / "postgresql.conf").read_text()
+
+
+def test_a_run_cannot_take_its_services_from_the_run_beside_it(
+        service_attacks: dict[str, Any]) -> None:
+    """evil-service-memory asks its Redis, with the lab's own URL, for DEBUG, MODULE,
+    CONFIG SET maxmemory 0, ACL, FLUSHALL, MONITOR and SHUTDOWN (all refused), then writes
+    megabytes until maxmemory stops it; on Postgres, a sort far past work_mem stops at
+    temp_file_limit with Postgres' own error. It scores 0; the reference graded beside it
+    (--jobs 2) scores full marks on the same labs."""
+    out = service_attacks["out"]
+    assert totals(out)["evil-service-memory"] == 0
+    assert statuses(out, "solved") == {"ph2.4": "pass", "ph2.5": "pass", "ph2.10": "pass",
+                                       "ph5.2": "pass"}
+    _attack_seen(out, "evil-service-memory", "ph2.10",
+                 "debug=refused debug-segfault=refused module=refused config=refused "
+                 "acl=refused flushall=refused monitor=refused shutdown=refused nopw=refused "
+                 "fill=stopped(")
+    _attack_seen(out, "evil-service-memory", "ph2.4", "temp=stopped(", "temp_file_limit")
+
+
+def test_services_of_a_graded_run_are_never_root(service_attacks: dict[str, Any]) -> None:
+    """Every process in each graded run's network namespace, read from /proc/<pid>/status
+    once its services are up and again before they stop: Postgres, Redis, RabbitMQ (beam
+    and the rest of the node), its epmd and Kafka's JVM all run as the run's service uid."""
+    records = [json.loads(p.read_text()) for p in service_attacks["audit"].glob("*.json")]
+    assert {r["when"] for r in records} == {"started", "finished"}, records[:2]
+    seen: set[str] = set()
+    for record in records:
+        service_uid, sandbox = record["service_uid"], record["sandbox_uid"]
+        for proc in record["processes"]:
+            seen.add(proc["comm"])
+            expected = ({service_uid} if record["when"] == "started" or
+                        proc["comm"] in SERVICE_COMMANDS else
+                        {service_uid, sandbox, sandbox + 20000})
+            assert proc["uid"] in expected and proc["uid"] != 0, (
+                f"{proc['comm']} (pid {proc['pid']}) of a graded run runs as uid "
+                f"{proc['uid']}, expected the run's service uid {service_uid}")
+    assert seen >= SERVICE_COMMANDS, f"service processes seen: {sorted(seen)}"
+    from labrunner.cgroups import memory_cgroups_available
+
+    if memory_cgroups_available():
+        # ...and in a memory cgroup of their run's own, not the grader's nor the lab's.
+        started = [r for r in records if r["when"] == "started"]
+        for record in started:
+            groups = {p["cgroup"] for p in record["processes"]}
+            assert len(groups) == 1 and "/labrunner-" in groups.pop(), record["processes"]
+        assert len({r["processes"][0]["cgroup"] for r in started}) == len(started)

@@ -58,11 +58,13 @@ def test_redis_restart_keeps_aof_data(tmp_path: Path) -> None:
     service_set = ServiceSet.ephemeral("local")
     try:
         endpoint = service_set.ensure(["redis"])["redis"]
-        client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3)
+        client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3,
+                             username=endpoint.username, password=endpoint.password)
         client.config_set("appendonly", "yes")
         client.set("kept", "yes")
         LocalBackend().restart(endpoint)
-        client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3)
+        client = redis.Redis(host=endpoint.host, port=endpoint.port, db=3,
+                             username=endpoint.username, password=endpoint.password)
         assert client.get("kept") == b"yes"
     finally:
         service_set.stop()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -88,3 +91,22 @@ def test_pg_statement_proxy_records_each_execution() -> None:
     assert recorded() == ["SELECT 1", "SELECT 2", "SELECT $1"]
     assert recorded(count_on="bind", split=False, ignore=None) == [
         "BEGIN; SELECT 1;\n  SELECT   2", "SELECT $1"]
+
+
+def test_process_threads_counts_a_process_threads_and_says_when_it_is_gone() -> None:
+    from labrunner.testing import process_threads
+
+    stop = threading.Event()
+    extra = [threading.Thread(target=stop.wait, daemon=True) for _ in range(3)]
+    before = process_threads(os.getpid())
+    for t in extra:
+        t.start()
+    try:
+        assert process_threads(os.getpid()) == before + 3
+    finally:
+        stop.set()
+        for t in extra:
+            t.join()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert process_threads(child.pid) == -1

@@ -1,6 +1,7 @@
 /* Harness for the ph2.c example: connects to Postgres and Redis, asks get_user_cached()
  * for one user and prints what it got.
  *
+ *   REDIS_USERNAME=... REDIS_PASSWORD=... \
  *   pg_cache <conninfo> <redis_host> <redis_port> <redis_db> <user_id>
  *
  * Prints "HIT <json>" or "MISS <json>" (exit 0), "NOT FOUND" (exit 1); errors go to
@@ -32,6 +33,22 @@ int main(int argc, char **argv)
         redisFree(rc);
         PQfinish(pg);
         return 2;
+    }
+    /* The server asks every client for a password: the lab's user and its password come
+     * in the environment (REDIS_USERNAME, REDIS_PASSWORD), never on the command line. */
+    const char *user = getenv("REDIS_USERNAME"), *password = getenv("REDIS_PASSWORD");
+    if (password != NULL && *password != '\0') {
+        redisReply *authed = user != NULL && *user != '\0'
+            ? redisCommand(rc, "AUTH %s %s", user, password)
+            : redisCommand(rc, "AUTH %s", password);
+        int accepted = authed != NULL && authed->type == REDIS_REPLY_STATUS;
+        freeReplyObject(authed);
+        if (!accepted) {
+            fprintf(stderr, "redis: AUTH failed\n");
+            redisFree(rc);
+            PQfinish(pg);
+            return 2;
+        }
     }
     redisReply *selected = redisCommand(rc, "SELECT %d", db);
     int ok = selected != NULL && selected->type == REDIS_REPLY_STATUS;

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,9 @@ USERS = [
     (1, "Ada Lovelace", "ada@example.com"),
     (2, 'Flann "the quote" O\\Brien', "flann@example.com"),   # a quote and a backslash
     (3, "Zoë Wàng 王", "zoe@example.com"),                   # UTF-8
+    # Escapes that outgrow any fixed slack: 40 quotes (2 bytes each) and 12 control
+    # characters (6 bytes each as \u00XX) - a tab and a 0x01 that JSON forbids raw.
+    (4, "Quoted " + '"' * 40 + " tab\there" + "\x01" * 11 + " end", "ctl@example.com"),
 ]
 SANITIZER_MARKS = ("LeakSanitizer", "AddressSanitizer", "runtime error:",
                    "UndefinedBehaviorSanitizer")
@@ -50,7 +55,10 @@ class Program:
         endpoint = self.redis_db.endpoint
         args = [self.postgres.dsn, endpoint.host, str(endpoint.port), str(self.redis_db.db),
                 user_id]
+        url = urllib.parse.urlsplit(self.redis_db.url)   # the lab user's credentials
         env = {**os.environ,
+               "REDIS_USERNAME": urllib.parse.unquote(url.username or ""),
+               "REDIS_PASSWORD": urllib.parse.unquote(url.password or ""),
                "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
                "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
         # learner.run: when grading, the learner's binary runs as the learner's uid.
@@ -59,9 +67,28 @@ class Program:
         run = Run(args, done.returncode, done.stdout, done.stderr)
         reports = [m for m in SANITIZER_MARKS if m in done.stderr]
         assert not reports, (
-            f"pg_cache {user_id!r}: {reports[0]} reported a memory or undefined-behaviour "
-            f"error:\n{done.stderr[-2500:]}")
+            f"pg_cache {user_id!r}: {diagnose(done.stderr, reports[0])}\n"
+            f"{done.stderr[-2500:]}")
         return run
+
+
+def diagnose(stderr: str, mark: str) -> str:
+    """The sanitizer's finding in one line: what it saw and, where the stack says it, the
+    mistake behind it."""
+    found = re.search(r"ERROR: (?:Leak|Address|UndefinedBehavior)Sanitizer: ([^\n(]+)", stderr)
+    what = found.group(1).split(" on address")[0].strip() if found else "an error"
+    frame = re.search(r"in (\w+) \S*pg_cache\.c:(\d+)", stderr)
+    where = f" in {frame.group(1)} (pg_cache.c:{frame.group(2)})" if frame else ""
+    if mark == "LeakSanitizer" and re.search(r"PQmakeEmptyPGresult|pqResultAlloc|PQexec", stderr):
+        return (f"LeakSanitizer {what}: a PGresult was never freed - PQclear(res) on "
+                "every path, the error and not-found ones too")
+    if mark == "LeakSanitizer" and "redisCommand" in stderr:
+        return (f"LeakSanitizer {what}: a redisReply was never freed - "
+                "freeReplyObject() every reply")
+    if "overflow" in what and "json" in where.lower():
+        return (f"AddressSanitizer: {what}{where}: the JSON is longer than its "
+                "buffer - size it for the worst case, every byte escaped (\\u00XX is 6 bytes)")
+    return f"{mark}: {what}{where}: a memory or undefined-behaviour error"
 
 
 def binary_for(learner: Any) -> Path:
@@ -92,7 +119,10 @@ def parse(run: Run, user_id: str) -> tuple[str, dict[str, Any]]:
     try:
         return word, json.loads(rest)
     except json.JSONDecodeError as exc:
-        pytest.fail(f"pg_cache {user_id!r} printed invalid JSON ({exc}): {rest}",
+        raw = sorted({f"0x{ord(c):02x}" for c in rest if ord(c) < 0x20})
+        hint = (f": it holds the control character(s) {', '.join(raw)} raw - inside a JSON "
+                "string a byte below 0x20 must be written \\u00XX") if raw else ""
+        pytest.fail(f"pg_cache {user_id!r} printed invalid JSON ({exc}){hint}: {rest!r}",
                     pytrace=False)
 
 
@@ -126,6 +156,29 @@ def test_json_escapes_quotes_backslashes_and_keeps_utf8(program: Program) -> Non
         assert got == as_json(user), (
             f"user {user[0]} came back as {got}, expected {as_json(user)}: escape \" and \\ "
             "inside JSON strings; UTF-8 passes through as it is")
+
+
+def test_a_failed_query_is_an_error_not_a_missing_user(program: Program) -> None:
+    """'abc' is no integer: Postgres refuses the query. fetch_user must see the error
+    status, print the server's message and return -1; nothing may be cached."""
+    run = program.lookup("abc")
+    assert run.code == 1 and "{" not in run.stdout, (
+        f"pg_cache 'abc' printed {run.shown} (exit {run.code}), expected NOT FOUND: a query "
+        "Postgres refused returns no user")
+    assert 'column "abc" does not exist' not in run.stderr, (
+        "pg_cache 'abc': Postgres read the user id as SQL (column \"abc\" does not exist): "
+        "the id was spliced into the SQL text - pass it as a parameter ($1) with PQexecParams")
+    assert "ERROR:" in run.stderr, (
+        f"pg_cache 'abc': Postgres refused the query (invalid input syntax for type integer) "
+        f"but the program said nothing about it on stderr ({run.stderr.strip()[-200:]!r}): an "
+        "error is not 'no such row' - check PQresultStatus(res) == PGRES_TUPLES_OK and print "
+        "PQerrorMessage(conn) when it is not")
+    cache = program.redis_db.client()
+    try:
+        cached = cache.get("user:abc")
+    finally:
+        cache.close()
+    assert cached is None, f"a failed query was cached as user:abc = {cached!r}"
 
 
 def test_unknown_user_is_not_found(program: Program) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,8 @@ from typing import Any
 import pytest
 
 LATE = b"late reply, sent after your FIN\n" * 64   # the peer's data after the half-close
-WAIT = 3.0                                          # generous bound for anything that must happen
+LATE_WRITES = 3                                     # ...sent in this many separate writes
+WAIT = 6.0                                          # generous bound for anything that must happen
 
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
               5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
@@ -60,8 +62,10 @@ def pair() -> Iterator[Pair]:
 class Background:
     """Runs one learner function in a thread so the test can play the peer meanwhile."""
 
-    def __init__(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+    def __init__(self, what: str, fn: Callable[..., Any], *args: Any,
+                 blocked: str = "") -> None:
         self.what = what
+        self.blocked = blocked  # what a recv() timing out means for this function
         self.result: Any = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
@@ -78,6 +82,9 @@ class Background:
         if self.error is not None:
             if isinstance(self.error, NotImplementedError):
                 pytest.fail(f"{self.what} is not implemented yet: {self.error}", pytrace=False)
+            if isinstance(self.error, TimeoutError) and self.blocked:
+                pytest.fail(f"{self.what} gave up after {WAIT:.0f} s blocked in recv() (the "
+                            f"socket's timeout): {self.blocked}", pytrace=False)
             pytest.fail(f"{self.what} raised {type(self.error).__name__}: {self.error}",
                         pytrace=False)
 
@@ -119,6 +126,35 @@ def tcp_state(local: tuple[str, int], remote: tuple[str, int]) -> str | None:
     return None
 
 
+def tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(bytes sent but not yet acknowledged, bytes received but not yet read) for one
+    connection end, from /proc/net/tcp (None: no socket)."""
+    def decode(field: str) -> tuple[str, int]:
+        ip_hex, port_hex = field.split(":")
+        return socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]), int(port_hex, 16)
+
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if decode(fields[1]) == local and decode(fields[2]) == remote:
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    return None
+
+
+def wait_until_read(pair: Pair, running: Background) -> None:
+    """Until the learner's end has read everything the test's end sent: delivered (the
+    test's end has no unacknowledged bytes) and taken out of the receive queue by recv().
+    Returns early when the learner's function is over; never fails by itself."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and running.thread.is_alive():
+        sent = tcp_queues(*pair.server_end())
+        received = tcp_queues(*pair.client_end())
+        if sent is None or received is None or (sent[0] == 0 and received[1] == 0):
+            return
+        time.sleep(0.005)
+
+
 def wait_for_state(local: tuple[str, int], remote: tuple[str, int], want: str) -> str | None:
     """Poll the kernel table briefly: the last segments are processed asynchronously."""
     deadline = time.monotonic() + WAIT
@@ -145,16 +181,32 @@ class Exchange:
 
 def graceful_exchange(learner: Any, pair: Pair) -> Exchange:
     """The learner half-closes its client end; the test's end reads the FIN, answers with
-    LATE, and closes."""
+    LATE in LATE_WRITES writes (each one only once the learner has read the one before,
+    so no single recv() can return them all), and closes."""
     closing = learner.load("closing")
-    running = Background("graceful_close()", closing.graceful_close, pair.client)
+    running = Background(
+        "graceful_close()", closing.graceful_close, pair.client,
+        blocked="it waited for the peer's FIN before sending its own, while the peer waited "
+                "for yours\nThe active closer sends its FIN first (sock.shutdown("
+                "socket.SHUT_WR)), then reads until recv() returns b''.")
     seen = peer_reads(pair.server, running)
     if seen == "eof":
+        piece = -(-len(LATE) // LATE_WRITES)
         try:
-            pair.server.sendall(LATE)  # data after the learner's half-close
+            for start in range(0, len(LATE), piece):
+                pair.server.sendall(LATE[start:start + piece])  # after the learner's FIN
+                wait_until_read(pair, running)
         except OSError:
             pass  # reported through what graceful_close() returns
     pair.server.close()
+    running.thread.join(WAIT)
+    if isinstance(running.error, ConnectionResetError):
+        pytest.fail(
+            "graceful_close() raised ConnectionResetError, but the peer never reset: it read "
+            "your FIN, sent its late data and closed normally\nYour own end answered that "
+            "data with RST because its read direction was already shut (shutdown(SHUT_RDWR), "
+            "or close() before draining). Shut only the write side: "
+            "sock.shutdown(socket.SHUT_WR), then recv() until b''.", pytrace=False)
     return Exchange(seen, running.wait())
 
 
@@ -176,6 +228,14 @@ def test_data_after_half_close_still_arrives(learner: Any, pair: Pair) -> None:
     exchange = graceful_exchange(learner, pair)
     expect_fin(exchange)
     got = exchange.returned
+    piece = -(-len(LATE) // LATE_WRITES)
+    assert not (isinstance(got, bytes) and got and len(got) < len(LATE)
+                and LATE.startswith(got)), (
+        f"graceful_close() returned the first {len(got)} of the {len(LATE)} bytes the peer "
+        f"sent after your FIN: it stopped reading too early\nThe peer sent them in "
+        f"{LATE_WRITES} writes of {piece} bytes. A recv() that returns fewer bytes than you "
+        "asked for is not the end of the stream; only b'' (the peer's FIN) is: keep "
+        "calling recv() until it returns b''.")
     assert got == LATE, (
         f"graceful_close() returned {len(got or b'')} bytes, expected the {len(LATE)} bytes "
         "the peer sent after your FIN\nA half-closed connection still delivers the other "
@@ -183,6 +243,31 @@ def test_data_after_half_close_still_arrives(learner: Any, pair: Pair) -> None:
         "that data away (the kernel answers it with RST).")
     assert pair.client.fileno() == -1, (
         "graceful_close() left the socket open: close it once the peer's FIN arrived")
+
+
+def test_peer_reset_during_drain_still_closes(learner: Any, pair: Pair) -> None:
+    """The error path: the peer aborts (RST) while graceful_close() drains. recv() raises
+    ConnectionResetError; the socket must be closed all the same."""
+    closing = learner.load("closing")
+    running = Background("graceful_close()", closing.graceful_close, pair.client)
+    seen = peer_reads(pair.server, running)
+    expect_fin(Exchange(seen, None))
+    pair.server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    pair.server.close()  # RST: the peer crashed instead of answering
+    running.thread.join(WAIT)
+    if running.thread.is_alive():
+        pytest.fail("graceful_close() did not return within "
+                    f"{WAIT:.0f} s after the peer reset the connection", pytrace=False)
+    error = running.error
+    if error is not None and not isinstance(error, ConnectionError | OSError):
+        running.check()
+    fd = pair.client.fileno()
+    assert fd == -1, (
+        f"the peer reset the connection while graceful_close() was draining; graceful_close() "
+        f"{'raised ' + type(error).__name__ if error else 'returned'} and left the socket "
+        f"open (file descriptor {fd}), expected it closed\nrecv() raises "
+        "ConnectionResetError when the peer aborts: close the socket in a finally block "
+        "(try: shutdown, drain / finally: close), or every aborted peer leaks a descriptor.")
 
 
 def test_active_closer_passes_through_time_wait(learner: Any, pair: Pair) -> None:
@@ -258,16 +343,26 @@ def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> Non
     pair.client.shutdown(socket.SHUT_WR)  # the client's half-close ends the request
     reply = b""
     deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
+    ended = False
+    while time.monotonic() < deadline and not ended:
         running.check()
-        chunk = pair.client.recv(65536)
-        if not chunk:
+        try:
+            chunk = pair.client.recv(65536)
+        except TimeoutError:
             break
+        ended = not chunk
         reply += chunk
-    else:
-        pytest.fail("serve_until_eof() never closed its end: close the socket after "
-                    "sending the answer, the client reads until your FIN", pytrace=False)
+    if not ended:
+        pytest.fail(f"the client read {len(reply)} bytes of the answer and then waited "
+                    f"{WAIT:.0f} s for serve_until_eof()'s FIN, which never came\nThe "
+                    "client reads the answer until EOF: send it, then close the socket "
+                    "(its FIN ends the answer).", pytrace=False)
     running.wait()
+    if len(requests) == 1 and len(requests[0]) < len(head + rest):
+        pytest.fail(f"the handler was called with the first {len(requests[0])} of the "
+                    f"{len(head + rest)} bytes of the request\nThe client marks the end of "
+                    "its request with its FIN: read until recv() returns b'' before calling "
+                    "the handler.", pytrace=False)
     want = answer(head + rest)
     assert reply == want, (
         f"the client read {len(reply)} bytes after its half-close, expected {len(want)} "
@@ -275,3 +370,9 @@ def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> Non
         "After the client's FIN your half of the connection is still open for sending.")
     assert requests == [head + rest], (
         "the handler was called with a partial request: read until EOF, then call it once")
+    fd = pair.server.fileno()
+    assert fd == -1, (
+        f"serve_until_eof() returned with its socket still open (file descriptor {fd}); "
+        "the client saw EOF because shutdown() sent the FIN, but the descriptor was never "
+        "released\nshutdown() ends a direction; only close() frees the socket: a server "
+        "that forgets it runs out of file descriptors after enough connections.")

@@ -7,8 +7,10 @@ client, OpenSSL's own s_client, and the learner's client against servers it must
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import ssl
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 from labrunner.testing import TlsOnce, file_bytes, serve_tls_once, tls_exchange
 
@@ -174,6 +177,12 @@ def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> Any:
         return None
 
 
+def _usages(usage: x509.KeyUsage) -> str:
+    names = ("digital_signature", "content_commitment", "key_encipherment",
+             "data_encipherment", "key_agreement", "key_cert_sign", "crl_sign")
+    return ", ".join(n for n in names if getattr(usage, n)) or "nothing"
+
+
 def test_certificates_form_a_chain(subject: Subject) -> None:
     pki = subject.pki()
     ca = _load_cert(subject, pki.ca_cert, "pki.ca_cert")
@@ -183,6 +192,12 @@ def test_certificates_form_a_chain(subject: Subject) -> None:
         "the CA certificate lacks BasicConstraints(ca=True)\nWithout it, verifiers refuse "
         "to accept anything it signed: only a CA certificate may issue certificates.")
     assert ca.issuer == ca.subject, "the CA certificate must be self-signed (issuer == subject)"
+    ca_usage = _extension(ca, x509.KeyUsage)
+    assert ca_usage is None or ca_usage.key_cert_sign, (
+        "the CA certificate's KeyUsage does not allow key_cert_sign (it allows "
+        f"{_usages(ca_usage)})\nVerifiers refuse a certificate signed by a CA whose KeyUsage "
+        "lacks keyCertSign: give the CA KeyUsage(key_cert_sign=True, crl_sign=True, ...), "
+        "not the server's digital_signature.")
     try:
         server.verify_directly_issued_by(ca)
         signed = ""
@@ -257,20 +272,43 @@ def test_tls12_only_client_is_refused(serve: Any, subject: Subject) -> None:
     result = handshake(serve(subject.server_ctx()), tls12_only_client(ca_file))
     assert not result.ok, (
         f"a TLS 1.2-only client was accepted (negotiated {result.version}, {result.cipher})"
-        "\nThe server context must refuse anything below TLS 1.3: "
-        "ctx.minimum_version = ssl.TLSVersion.TLSv1_3.")
+        f"{_bounds(subject.server_ctx())}\nThe server context must refuse anything below "
+        "TLS 1.3: ctx.minimum_version = ssl.TLSVersion.TLSv1_3 (maximum_version only caps "
+        "the newest version).")
 
 
 def test_client_refuses_a_tls12_server(serve: Any, subject: Subject) -> None:
     result = handshake(serve(own_server(subject, tls12_only=True)), subject.client_ctx())
     assert not result.ok and result.server_error, (
-        f"your client completed a handshake with a TLS 1.2-only server ({result.version})\n"
-        "A downgrade must be refused by the client too: minimum_version = TLSv1_3.")
+        f"your client completed a handshake with a TLS 1.2-only server ({result.version})"
+        f"{_bounds(subject.client_ctx())}\nA downgrade must be refused by the client too: "
+        "minimum_version = TLSv1_3.")
+
+
+def _bounds(ctx: Any) -> str:
+    """What a context's version bounds say, when they explain an accepted TLS 1.2."""
+    try:
+        low = ssl.TLSVersion(int(ctx.minimum_version)).name
+        high = ssl.TLSVersion(int(ctx.maximum_version)).name
+    except Exception:  # noqa: BLE001 - not a context: the other checks say so
+        return ""
+    if "TLSv1_3" in high and "TLSv1_3" not in low:
+        return f": your context sets maximum_version = {high} but minimum_version is {low}"
+    return ""
 
 
 def test_client_refuses_a_wrong_hostname(serve: Any, subject: Subject) -> None:
-    result = handshake(serve(own_server(subject)), subject.client_ctx(),
-                       server_hostname="evil.lab.test")
+    client_ctx = subject.client_ctx()
+    result = handshake(serve(own_server(subject)), client_ctx, server_hostname="evil.lab.test")
+    try:
+        unverified = int(client_ctx.verify_mode) == int(ssl.CERT_NONE)
+    except Exception:  # noqa: BLE001 - not a context: the other checks say so
+        unverified = False
+    assert not (result.ok and unverified), (
+        "your client context does not verify certificates at all (verify_mode = CERT_NONE): "
+        f"it accepted the certificate for {HOSTNAME} while dialling evil.lab.test\nAnyone "
+        "on the path can then present any certificate. Keep verify_mode=CERT_REQUIRED and "
+        "check_hostname=True (ssl.create_default_context sets both) and trust your CA file.")
     assert not result.ok and result.server_error, (
         f"your client accepted the certificate for {HOSTNAME} while dialling evil.lab.test"
         "\nWithout a hostname check any certificate from a trusted CA impersonates any "
@@ -290,3 +328,51 @@ def test_client_refuses_an_untrusted_ca(serve: Any, subject: Subject) -> None:
         "verify_mode=CERT_REQUIRED with load_verify_locations(ca_file).")
     assert "certificate verify failed" in (result.client_error or ""), (
         f"the handshake failed, but not on certificate verification: {result.client_error}")
+
+
+# ---------------------------------------------------------------------------- keys and trust
+
+
+def test_server_key_is_private_and_its_own(subject: Subject) -> None:
+    pki = subject.pki()
+    mode = stat.S_IMODE(os.stat(pki.server_key).st_mode)
+    assert mode & 0o077 == 0, (
+        f"pki.server_key ({pki.server_key}) has mode {mode:04o}: other users can read the "
+        "server's private key\nWhoever reads it can impersonate the server. Make the file "
+        "readable by its owner only: path.chmod(0o600) (or create it with os.open(..., "
+        "0o600)).")
+    ca = _load_cert(subject, pki.ca_cert, "pki.ca_cert")
+    server = _load_cert(subject, pki.server_cert, "pki.server_cert")
+    assert server.public_key() != ca.public_key(), (
+        "the server certificate carries the CA's own public key: the server's key IS the "
+        "CA's key\nThen pki.server_key, which sits on every server, can sign certificates "
+        "for any host. Generate a separate key pair for the server and keep the CA's key "
+        "off the servers.")
+
+
+def test_client_trusts_only_the_given_ca(subject: Subject) -> None:
+    ctx = subject.client_ctx()
+    try:
+        trusted = [dict(c) for c in ctx.get_ca_certs()]
+    except Exception as exc:  # noqa: BLE001 - the learner's object, reported plainly
+        problem = f"client_context() returned {type(ctx).__name__}, not an SSLContext: {exc}"
+        pytest.fail(problem, pytrace=False)
+    ca = _load_cert(subject, subject.pki().ca_cert, "pki.ca_cert")
+    ours = ca.subject.rfc4514_string()
+    cns = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    others = ([c for c in trusted if _subject_cn(c) != cns[0].value] if cns else trusted[1:])
+    assert not others, (
+        f"your client context trusts {len(trusted)} CA certificates, expected only yours "
+        f"({ours})\nIt also trusts, e.g., {', '.join(_subject_cn(c) for c in others[:3])}: "
+        "the system's public CAs (create_default_context() without cafile, or "
+        "load_default_certs()). Any of them could then vouch for your internal host: "
+        "build the context with cafile=ca_file only.")
+
+
+def _subject_cn(cert: dict[str, Any]) -> str:
+    """The common name in one entry of SSLContext.get_ca_certs()."""
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return repr(cert.get("subject"))

@@ -7,6 +7,7 @@ test's side."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from typing import Any
 
@@ -26,7 +27,19 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        self.loop.set_exception_handler(self._unhandled)
         self.port: int = self._call(self._start())
+
+    def _unhandled(self, loop: Any, context: dict[str, Any]) -> None:
+        """A task of the learner's that died with an exception nobody awaited."""
+        exc = context.get("exception")
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else context.get("message")
+        self.errors.append(f"a task of your server failed with {what}")
+
+    def problems(self) -> list[str]:
+        """What went wrong where the learner's code runs (collected tasks included)."""
+        gc.collect()  # a failed task is reported when it is collected
+        return list(self.errors)
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.wait)

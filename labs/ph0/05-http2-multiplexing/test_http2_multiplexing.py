@@ -15,14 +15,17 @@ from typing import Any, NoReturn
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     ResponseReceived,
     StreamEnded,
     StreamReset,
 )
 from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
 
 WAIT = 2.0
@@ -50,6 +53,13 @@ def server(learner: Any) -> Iterator[Any]:
 # ---------------------------------------------------------------------------- the client
 
 
+def _code(error_code: Any) -> str:
+    try:
+        return f"{ErrorCodes(int(error_code)).name}, error code {int(error_code)}"
+    except ValueError:
+        return f"error code {error_code}"
+
+
 @dataclass
 class Stream:
     path: str
@@ -63,11 +73,14 @@ class Stream:
 class Client:
     """A real HTTP/2 client (h2, client side) on one blocking TCP connection."""
 
-    def __init__(self, srv: Any) -> None:
+    def __init__(self, srv: Any, settings: dict[int, int] | None = None) -> None:
         self.srv = srv
         self.sock = socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT)
         self.h2 = H2Connection(H2Configuration(client_side=True))
         self.h2.initiate_connection()
+        if settings:  # this client's own SETTINGS, beside h2's defaults
+            self.h2.update_settings(settings)
+        self.pings_acked = 0
         self.streams: dict[int, Stream] = {}
         self.finished: list[str] = []   # paths, in the order their streams ended
         self.raw = bytearray()          # received bytes not yet split into frames
@@ -92,8 +105,13 @@ class Client:
             self.flush()
         return sid
 
-    def run_until(self, done: Callable[[], bool], waiting_for: str, hint: str = "") -> None:
-        """Read and process frames until ``done()``; fail after WAIT seconds without."""
+    def run_until(self, done: Callable[[], bool], waiting_for: str | Callable[[], str],
+                  hint: str = "") -> None:
+        """Read and process frames until ``done()``; fail after WAIT seconds without.
+        ``waiting_for`` names what is awaited (a callable: worded when it fails)."""
+        def what() -> str:
+            return waiting_for() if callable(waiting_for) else waiting_for
+
         while not done():
             try:
                 data: bytes | None = self.sock.recv(65536)
@@ -102,10 +120,10 @@ class Client:
             except ConnectionResetError:
                 data = b""
             if data is None:  # outside the except block: a clean failure message
-                self.fail(f"no {waiting_for} within {WAIT:.0f} s\n{hint}".strip())
+                self.fail(f"no {what()} within {WAIT:.0f} s\n{hint}".strip())
             if not data:
                 self.fail(f"the server closed the connection while the client waited for "
-                          f"{waiting_for}\n{hint}".strip())
+                          f"{what()}\n{hint}".strip())
             self._measure_frames(data)
             try:
                 events = self.h2.receive_data(data)
@@ -127,9 +145,17 @@ class Client:
         elif isinstance(event, StreamEnded):
             self.streams[event.stream_id].ended = True
             self.finished.append(self.streams[event.stream_id].path)
+        elif isinstance(event, PingAckReceived):
+            self.pings_acked += 1
         elif isinstance(event, StreamReset):
-            self.fail(f"the server reset the stream for {self.streams[event.stream_id].path} "
-                      f"(error code {event.error_code})")
+            path = self.streams[event.stream_id].path
+            if path == "/boom":
+                self.fail(f"the server reset the stream for /boom ({_code(event.error_code)}) "
+                          "when the application raised; expected a 500 response on that "
+                          "stream\nNo response has started yet, so answer with :status 500 "
+                          "(and a short body): a reset tells the client nothing about what "
+                          "failed.")
+            self.fail(f"the server reset the stream for {path} ({_code(event.error_code)})")
         elif isinstance(event, ConnectionTerminated):
             self.fail(f"the server ended the connection (GOAWAY, error code {event.error_code})")
 
@@ -151,8 +177,9 @@ class Client:
         return lambda: all(self.streams[s].ended for s in sids)
 
     def fail(self, message: str) -> NoReturn:
-        if self.srv.errors:
-            message = f"{self.srv.errors[0]}\n({message})"
+        errors = self.srv.problems()
+        if errors:
+            message = f"{errors[0]}\n({message})"
         pytest.fail(message, pytrace=False)
 
     def close(self) -> None:
@@ -164,6 +191,15 @@ def client(server: Any) -> Iterator[Client]:
     c = Client(server)
     yield c
     c.close()
+
+
+def early_handler(got: bytes, body: bytes) -> None:
+    """Fail, naming the mistake, when /echo saw only a first part of the request body."""
+    assert not (len(got) < len(body) and body.startswith(got)), (
+        f"/echo answered with only the first {len(got):,} of the {len(body):,} body bytes: "
+        "the handler ran before the request was complete\nRequestReceived only means the "
+        "headers arrived; DATA frames may follow. Start the handler on StreamEnded (the "
+        "client's END_STREAM), when the body is whole.")
 
 
 def one_connection(server: Any) -> None:
@@ -240,6 +276,7 @@ def test_request_body_is_reassembled_from_data_frames(server: Any,
     sid = client.get("/echo", body)
     client.run_until(client.ended(sid), "/echo response")
     got = bytes(client.streams[sid].body)
+    early_handler(got, body)
     assert got == body, (
         f"/echo returned {len(got)} bytes, expected the {len(body)}-byte request body\n"
         "Collect each stream's DATA frames until its StreamEnded event, then call the "
@@ -270,6 +307,7 @@ def test_large_upload_needs_the_window_given_back(server: Any, client: Client) -
         client.flush()
     client.run_until(client.ended(sid), "/echo response to the 200 KB upload")
     got = bytes(client.streams[sid].body)
+    early_handler(got, body)
     assert got == body, (
         f"/echo returned {len(got)} bytes, expected the {len(body)}-byte upload")
 
@@ -291,3 +329,50 @@ def test_a_failing_handler_fails_its_stream_only(server: Any, client: Client) ->
     client.run_until(client.ended(later), "a response on the same connection after /boom",
                      hint="One stream's failure must not end the connection.")
     one_connection(server)
+
+
+def test_connection_window_runs_out_first(server: Any) -> None:
+    """A client that grants each stream 1 MiB: only the CONNECTION's window (65,535 bytes,
+    raised by WINDOW_UPDATE on stream 0) ever runs out while /big is sent."""
+    client = Client(server, {SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    try:
+        big = client.get("/big")
+        client.run_until(
+            client.ended(big),
+            lambda: f"complete {BIG}-byte /big response from a client whose stream windows "
+                    f"are 1 MiB (it had {len(client.streams[big].body):,} bytes: the "
+                    "connection's 65,535-byte window ran out, the stream's had not)",
+            hint="The connection has a flow-control window of its own, shared by all streams "
+                 "and granted back by WINDOW_UPDATE on stream 0: h2 reports it as "
+                 "WindowUpdated with stream_id 0. A sender waiting for its own stream's "
+                 "WindowUpdated never wakes: wake every waiting stream on any WindowUpdated "
+                 "and re-read local_flow_control_window().")
+        assert bytes(client.streams[big].body) == bytes(range(256)) * (BIG // 256) + \
+            b"x" * (BIG % 256), "/big arrived complete but its bytes differ from what was sent"
+    finally:
+        client.close()
+
+
+def test_handler_runs_when_the_request_is_complete(server: Any, client: Client) -> None:
+    """The request body comes in two parts; the first one, and a PING behind it, are
+    processed by the server (the PING's ACK proves it) before the second is even sent."""
+    body = bytes(range(256)) * 24  # 6,144 bytes
+    half = len(body) // 2
+    sid = client.h2.get_next_available_stream_id()
+    client.streams[sid] = Stream("/echo")
+    client.h2.send_headers(sid, [(":method", "POST"), (":path", "/echo"), (":scheme", "http"),
+                                 (":authority", "lab.test")])
+    client.h2.send_data(sid, body[:half])
+    client.h2.ping(b"lab-ph05")
+    client.flush()
+    client.run_until(lambda: client.pings_acked == 1,
+                     "PING ACK (h2 answers a PING by itself: write data_to_send() after "
+                     "every receive_data())")
+    client.h2.send_data(sid, body[half:], end_stream=True)
+    client.flush()
+    client.run_until(client.ended(sid), "/echo response to a body sent in two parts")
+    got = bytes(client.streams[sid].body)
+    early_handler(got, body)
+    assert got == body, (
+        f"/echo returned {len(got)} bytes, expected the {len(body)}-byte body sent in two "
+        "parts")

@@ -10,7 +10,10 @@ connection the app uses.
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,9 +29,15 @@ WAIT = 5.0
 SCHEMA = """
 CREATE TABLE user_rows (id integer PRIMARY KEY, name text NOT NULL, email text NOT NULL);
 CREATE SEQUENCE users_reads;
+CREATE TABLE lab_failure (message text NOT NULL);   -- a row: every read of users fails
 CREATE FUNCTION counted_users() RETURNS SETOF user_rows LANGUAGE plpgsql AS $$
+DECLARE
+    failure text := (SELECT message FROM lab_failure LIMIT 1);
 BEGIN
     PERFORM nextval('users_reads');   -- one tick per query that reads the view
+    IF failure IS NOT NULL THEN
+        RAISE EXCEPTION USING MESSAGE = failure;
+    END IF;
     RETURN QUERY SELECT * FROM user_rows;
 END $$;
 CREATE VIEW users AS SELECT * FROM counted_users();
@@ -68,12 +77,15 @@ class Trace:
 
     events: list[str] = field(default_factory=list)
     request_ids: list[str | None] = field(default_factory=list)
+    header_names: list[str] = field(default_factory=list)   # as the outer one saw them
 
     def middleware(self, name: str) -> Callable[[Any, Callable[[Any], Any]], Any]:
         def middleware(request: Any, next_: Callable[[Any], Any]) -> Any:
             self.events.append(f"{name}>")
             if name == "outer":
-                self.request_ids.append(request.headers.get("x-request-id"))
+                headers = dict(request.headers)
+                self.request_ids.append(headers.get("x-request-id"))
+                self.header_names = list(headers)
             response = next_(request)
             self.events.append(f"<{name}")
             response.headers[f"X-Seen-By-{name.title()}"] = "yes"
@@ -111,8 +123,17 @@ class Api:
         sent = dict(headers or {})
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"
-        return http_request(f"127.0.0.1:{self.start()}", method, path, headers=sent,
-                            timeout=WAIT)
+        port = self.start()
+        try:
+            return http_request(f"127.0.0.1:{port}", method, path, headers=sent, timeout=WAIT)
+        except TimeoutError:
+            problem = (f"{method} {path}: no response within {WAIT:.0f} s")
+        except (http.client.HTTPException, ConnectionError) as exc:
+            problem = (f"{method} {path}: the server dropped the connection without a "
+                       f"response ({type(exc).__name__}): an exception escaped your pipeline"
+                       "\nhttp.server closes the connection when do_GET raises: catch errors "
+                       "around the chain and answer 500 with a JSON error instead.")
+        pytest.fail(problem, pytrace=False)
 
     def close(self) -> None:
         if self.server is not None:
@@ -175,7 +196,15 @@ def test_missing_token_is_401_before_any_query(api: Api) -> None:
             f"GET /users/{user['id']} with {label} returned {reply.status}, expected 401")
         assert (reply.headers.get("WWW-Authenticate") or "").lower().startswith("bearer"), (
             "a 401 must say how to authenticate: WWW-Authenticate: Bearer")
-    expect_reads(api, before, 0, "two unauthenticated requests",
+    for value in (TOKEN, f"Basic {TOKEN}", f"Bearer{TOKEN}"):
+        reply = api.call("GET", f"/users/{user['id']}", token=None,
+                         headers={"Authorization": value})
+        assert reply.status == 401, (
+            f"GET /users/{user['id']} with 'Authorization: {value}' returned {reply.status}, "
+            "expected 401\nThe header is '<scheme> <credentials>': accept only the Bearer "
+            "scheme followed by a space and a known token. removeprefix('Bearer ') or "
+            "split()[-1] leaves a bare token, or another scheme's, looking valid.")
+    expect_reads(api, before, 0, "five requests without a valid Bearer token",
                  "The auth middleware must answer 401 without calling next(): then the "
                  "handler, and its query, never run. Checking the token after next() "
                  "returns is too late - the database work is done.")
@@ -190,6 +219,14 @@ def test_router_answers_404_and_405_itself(api: Api) -> None:
             f"GET {path} ({'with' if token else 'without'} a token) returned "
             f"{reply.status}, expected 404 from the router\nRouting comes first: a path "
             "no route matches is 404 before any middleware (auth included) runs.")
+    for path in ("/users/4242/orders", "/users/4242x"):
+        seen = len(api.trace.events)
+        reply = api.call("GET", path)
+        assert reply.status == 404 and len(api.trace.events) == seen, (
+            f"GET {path} was routed to GET /users/{{id}} (status {reply.status}, the "
+            "middleware chain ran): expected the router's 404, no route matches the whole "
+            "path\nA route pattern must match the path to its end (re.fullmatch, or ^...$):"
+            " re.match() alone lets /users/{id} match any longer path.")
     reply = api.call("POST", "/users/1")
     assert reply.status == 405 and "GET" in (reply.headers.get("Allow") or ""), (
         f"POST /users/1 returned {reply.status} (Allow: {reply.headers.get('Allow')!r}), "
@@ -219,6 +256,12 @@ def test_middleware_runs_in_order_around_the_handler(api: Api) -> None:
         f"the test's middleware ran as {api.trace.events}, expected "
         "['outer>', 'inner>', '<inner', '<outer']\nThe first middleware in the list is the "
         "outermost: it runs first on the way in and last on the way out.")
+    not_lower = [n for n in api.trace.header_names if n != n.lower()]
+    assert not not_lower, (
+        f"Request.headers has names that are not lower-case: {not_lower} (the outer "
+        "middleware read request.headers.get('x-request-id'))\nHeader names are "
+        "case-insensitive, and Request.headers promises lower-case names: lower-case them "
+        "when you build the Request, and look them up in lower case.")
     rid = reply.headers.get("X-Request-Id")
     assert rid and api.trace.request_ids == [rid], (
         f"X-Request-Id: the response says {rid!r}, the first extra middleware saw "
@@ -248,3 +291,98 @@ def test_auth_is_innermost_and_public_routes_skip_it(api: Api) -> None:
         f"GET /health without a token returned {public.status} {public.body[:100]!r}, "
         "expected 200 {\"status\": \"ok\"}: it is a public route, not wrapped by auth")
     expect_reads(api, before, 0, "a 401 and a health check", "Neither needs the users table.")
+
+
+def test_query_string_and_header_case(api: Api) -> None:
+    user = add_user(api.db)
+    reply = api.call("GET", f"/users/{user['id']}?fields=all")
+    assert reply.status == 200 and reply.json() == user, (
+        f"GET /users/{user['id']}?fields=all returned {reply.status} {reply.body[:100]!r}, "
+        f"expected 200 with the row\nThe query string is not part of the path: route on "
+        "urlsplit(self.path).path (and put the query in Request.query).")
+    reply = api.call("GET", f"/users/{user['id']}", token=None,
+                     headers={"authorization": f"Bearer {TOKEN}", "x-request-id": "req-lc"})
+    assert reply.status == 200, (
+        f"GET /users/{user['id']} with the header sent as 'authorization: Bearer ...' "
+        f"(lower-case name, as HTTP/2 clients and many proxies send it) returned "
+        f"{reply.status}, expected 200\nHeader names are case-insensitive: lower-case them "
+        "when you build Request.headers and look them up in lower case.")
+    assert reply.headers.get("X-Request-Id") == "req-lc", (
+        f"a request sent with 'x-request-id: req-lc' got {reply.headers.get('X-Request-Id')!r}"
+        " back: the caller's id counts whatever the case of the header name")
+
+
+def test_database_error_is_a_500_and_the_server_recovers(api: Api) -> None:
+    user = add_user(api.db)
+    api.start()
+    secret = "lab: relation storage offline (internal detail)"
+    api.db.execute("INSERT INTO lab_failure VALUES (%s)", (secret,))
+    reply = api.call("GET", f"/users/{user['id']}")
+    body = reply.body.decode(errors="replace")
+    assert reply.status == 500, (
+        f"GET /users/{user['id']} while every query fails returned {reply.status} "
+        f"{reply.body[:100]!r}, expected 500\nA failing query is the server's fault: catch "
+        "the error around the chain and answer 500 with a JSON error.")
+    assert isinstance(reply.json(), dict) and secret not in body, (
+        f"the 500 said {reply.body[:200]!r}: expected a JSON error that does not show the "
+        "database's message (it tells a caller about your internals)")
+    api.db.execute("DELETE FROM lab_failure")
+    again = api.call("GET", f"/users/{user['id']}")
+    assert again.status == 200 and again.json() == user, (
+        f"once the database worked again, GET /users/{user['id']} returned {again.status} "
+        f"{again.body[:150]!r}, expected 200 with the row\nThe failed query must not break "
+        "the app for later requests: a connection left in a failed transaction refuses "
+        "every statement until rollback (use autocommit, or the pool's connection() "
+        "context, which rolls back on error).")
+
+
+def test_a_slow_request_does_not_block_others(api: Api) -> None:
+    """One request is held where the learner's code runs: its query waits for a lock the
+    test holds on the table (Postgres says when it waits). Another client must still be
+    answered meanwhile."""
+    user = add_user(api.db)
+    port = api.start()
+    slow: list[Any] = []
+
+    def held_request() -> None:
+        try:
+            slow.append(http_request(f"127.0.0.1:{port}", "GET", f"/users/{user['id']}",
+                                     headers={"Authorization": f"Bearer {TOKEN}"},
+                                     timeout=WAIT * 3))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            slow.append(exc)
+
+    with api.db.postgres.connect() as locker, api.db.postgres.connect(autocommit=True) as watch:
+        locker.execute("LOCK TABLE user_rows IN ACCESS EXCLUSIVE MODE")  # until rollback
+        holder = threading.Thread(target=held_request, daemon=True)
+        holder.start()
+        try:
+            deadline = time.monotonic() + WAIT
+            waiting = 0
+            while not waiting and time.monotonic() < deadline:
+                row = watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                    "current_database() AND wait_event_type = 'Lock'"
+                                    ).fetchone()
+                waiting = int(row[0]) if row else 0
+                if not waiting:
+                    time.sleep(0.01)
+            assert waiting, (
+                f"GET /users/{user['id']} never reached the database while the test held a "
+                f"lock on the table (no query waited for it within {WAIT:.0f} s)")
+            try:
+                reply: HttpReply | None = http_request(f"127.0.0.1:{port}", "GET", "/health",
+                                                       timeout=WAIT)
+            except TimeoutError:
+                reply = None
+            assert reply is not None and reply.status == 200, (
+                f"while GET /users/{user['id']} waited for the database (a slow query), GET "
+                f"/health got {'no response' if reply is None else reply.status} within "
+                f"{WAIT:.0f} s\nThe server handles one request at a time: serve each "
+                "connection in its own thread (http.server.ThreadingHTTPServer, not "
+                "HTTPServer).")
+        finally:
+            locker.rollback()  # the held query goes on
+            holder.join(WAIT * 3)
+    assert slow and isinstance(slow[0], HttpReply) and slow[0].status == 200, (
+        f"the GET /users/{user['id']} held by the lock did not complete once released: "
+        f"{slow[0] if slow else 'no answer'}")

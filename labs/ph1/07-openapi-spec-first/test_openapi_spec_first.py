@@ -114,6 +114,21 @@ def operation(spec: dict[str, Any], operation_id: str) -> dict[str, Any]:
     return op
 
 
+def undeclared(spec: dict[str, Any], ex: Exchange) -> None:
+    """Fail if the operation the exchange called does not declare the status it got."""
+    route = "/users" if ex.path == "/users" else "/users/{userId}"
+    name = next((op for op, (method, path) in OPERATIONS.items()
+                 if method == ex.method.lower() and path == route), None)
+    if name is None:
+        return
+    declared = {str(code) for code in operation(spec, name).get("responses", {})}
+    family = f"{str(ex.status)[0]}XX"
+    assert str(ex.status) in declared or family in declared or "default" in declared, (
+        f"{ex.label()}: the code answered {ex.status}, a status openapi.yaml does not declare "
+        f"for {name} (it declares {sorted(declared)}): every status the code can send belongs "
+        "in the spec, or generated clients cannot handle it")
+
+
 # ---- fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture
@@ -205,6 +220,17 @@ def test_real_responses_match_the_spec(spec_path: Path, host: str) -> None:
         f"POST /users with a valid NewUser: expected 201, saw {created.status} "
         f"{created.data[:200]!r}")
     user_id = json.loads(created.data).get("id")
+    location = created.headers.get("Location")
+    assert location, (
+        f"POST /users -> 201 came without a Location header, which openapi.yaml declares for "
+        f"createUser 201: the code must send what the spec promises (Location: "
+        f"/users/{user_id})")
+    target = location.split("://", 1)[-1]
+    target = target[target.index("/"):] if "://" in location else target
+    followed = exchange(host, "GET", target)
+    assert followed.status == 200 and json.loads(followed.data).get("id") == user_id, (
+        f"the new user's Location {location!r} does not lead to it: GET {target} -> "
+        f"{followed.status} {followed.data[:150]!r}")
     script = [
         created,
         exchange(host, "GET", f"/users/{user_id}"),
@@ -214,18 +240,25 @@ def test_real_responses_match_the_spec(spec_path: Path, host: str) -> None:
         exchange(host, "POST", "/users", document={"name": "Ada", "email": "ada@example.com"}),
         exchange(host, "POST", "/users", document={"name": "No Email"}),
         exchange(host, "POST", "/users", raw=b'{"name": "Broken"'),
+        exchange(host, "GET", "/users/abc"),
+        exchange(host, "DELETE", "/users/0"),
         exchange(host, "DELETE", f"/users/{user_id}"),
         exchange(host, "DELETE", f"/users/{user_id}"),
     ]
-    expected = [201, 200, 200, 200, 404, 409, None, 400, 204, 404]
+    expected = [201, 200, 200, 200, 404, 409, None, 400, "4xx", "4xx", 204, 404]
     for ex, status in zip(script, expected, strict=True):
         if status is None:
             assert ex.status in (400, 422), (
                 f"{ex.label()}: a body without the required email must be refused with 400 or "
                 f"422, saw {ex.status}")
+        elif status == "4xx":
+            assert 400 <= ex.status < 500, (
+                f"{ex.label()}: a userId that is not a positive integer names no user: "
+                f"expected a 4xx the spec declares, saw {ex.status} {ex.data[:150]!r}")
         else:
             assert ex.status == status, (
                 f"{ex.method} {ex.path}: expected {status}, saw {ex.status} {ex.data[:150]!r}")
+        undeclared(load_spec(spec_path), ex)
         request = MockRequest("http://127.0.0.1", ex.method.lower(), ex.path, args=ex.query,
                               data=ex.body, content_type=ex.content_type)
         response = MockResponse(ex.data, status_code=ex.status, headers=ex.headers,
@@ -237,6 +270,50 @@ def test_real_responses_match_the_spec(spec_path: Path, host: str) -> None:
             pytest.fail(f"{ex.label()}: the real response does not match openapi.yaml: "
                         f"{type(exc).__name__}: {reason[:400]}; body {ex.data[:200]!r}",
                         pytrace=False)
+
+
+def test_the_code_enforces_the_bounds_its_spec_declares(spec_path: Path, host: str) -> None:
+    """What the spec forbids, the code refuses: the bounds are read from the learner's own
+    openapi.yaml, and one request just beyond each is sent."""
+    spec = load_spec(spec_path)
+    probes: list[tuple[str, Exchange]] = []
+    new_user = resolve(spec, (resolve(spec, operation(spec, "createUser").get("requestBody", {}))
+                              .get("content", {}).get("application/json", {}).get("schema")))
+    fields = (new_user or {}).get("properties") or {}
+    for name in ("name", "email"):
+        field_schema = resolve(spec, fields.get(name)) or {}
+        longest = field_schema.get("maxLength")
+        if isinstance(longest, int) and 0 < longest < 10_000:
+            value = "x" * (longest + 1) if name == "name" else \
+                "a" * (longest + 1 - len("@example.com")) + "@example.com"
+            other = {"name": "Bounded", "email": "bounded@example.com"}
+            probes.append((f"a {name} of {longest + 1} characters (openapi.yaml: maxLength "
+                           f"{longest})", exchange(host, "POST", "/users",
+                                                   document={**other, name: value})))
+        shortest = field_schema.get("minLength")
+        if isinstance(shortest, int) and shortest > 0:
+            probes.append((f"an empty {name} (openapi.yaml: minLength {shortest})",
+                           exchange(host, "POST", "/users", document={
+                               "name": "Short", "email": "short@example.com", name: ""})))
+    for param in operation(spec, "listUsers").get("parameters", []):
+        param = resolve(spec, param)
+        schema = resolve(spec, param.get("schema")) or {}
+        if param.get("in") != "query" or schema.get("type") != "integer":
+            continue
+        for bound, beyond in (("maximum", 1), ("minimum", -1)):
+            if isinstance(schema.get(bound), int):
+                value = schema[bound] + beyond
+                probes.append((f"{param.get('name')}={value} (openapi.yaml: {bound} "
+                               f"{schema[bound]})", exchange(host, "GET", "/users", query={
+                                   str(param.get("name")): str(value)})))
+    assert probes, (
+        "openapi.yaml declares no bounds: give NewUser's strings maxLength/minLength and "
+        "listUsers' limit and offset a minimum and maximum")
+    for what, ex in probes:
+        assert 400 <= ex.status < 500, (
+            f"{ex.label()}: the code accepted {what}, a request its own spec forbids: "
+            "validate every request against openapi.yaml (openapi_core unmarshal_request) "
+            "and refuse it with the error the spec declares, rather than checking by hand")
 
 
 def test_property_based_run_finds_no_5xx(spec_path: Path, host: str) -> None:

@@ -79,7 +79,26 @@ def create(stub: Any, stubs: ProtoStubs, *names: str) -> list[str]:
     return list(summary.user_ids)
 
 
-def expect_status(call: Callable[[], Any], code: grpc.StatusCode, what: str) -> grpc.RpcError:
+def updates_seen(out: queue.Queue[Any], count: int) -> list[str]:
+    """The usernames of up to `count` updates a watch received; fewer if the stream went
+    quiet or ended (a watch that missed an update is told apart from one that failed)."""
+    seen: list[str] = []
+    while len(seen) < count:
+        try:
+            item = out.get(timeout=ANSWER_WITHIN)
+        except queue.Empty:
+            break
+        if item is None or isinstance(item, grpc.RpcError):
+            what = "ended" if item is None else f"failed with {item.code().name}"
+            pytest.fail(f"WatchUser: the stream {what} after {len(seen)} of {count} updates; "
+                        "a watch stays open until the client cancels", pytrace=False)
+        seen.append(item.username)
+    return seen
+
+
+def expect_status(call: Callable[[], Any], code: grpc.StatusCode, what: str,
+                  meaning: str = "a missing resource is an error status, not an empty "
+                  "message") -> grpc.RpcError:
     try:
         result = call()
     except grpc.RpcError as err:
@@ -87,8 +106,7 @@ def expect_status(call: Callable[[], Any], code: grpc.StatusCode, what: str) -> 
             f"{what}: expected status {code.name}, saw {err.code().name} ({err.details()})")
         return err
     pytest.fail(f"{what}: expected status {code.name}, but the rpc succeeded with "
-                f"{str(result)[:150]!r}: a missing resource is an error status, not an empty "
-                "message", pytrace=False)
+                f"{str(result)[:150]!r}: {meaning}", pytrace=False)
 
 
 # ---- the verification -------------------------------------------------------------------
@@ -137,6 +155,19 @@ def test_missing_user_is_not_found(stubs: ProtoStubs, service_class: Any) -> Non
                       grpc.StatusCode.NOT_FOUND, "UpdateUsers of an unknown user_id")
 
 
+def test_empty_fields_are_invalid_argument(stubs: ProtoStubs, service_class: Any) -> None:
+    with running(stubs, service_class()) as stub:
+        for bad in (stubs.pb2.CreateUserRequest(username="", email="nobody@example.com"),
+                    stubs.pb2.CreateUserRequest(username="nobody", email="")):
+            batch = [stubs.pb2.CreateUserRequest(username="ada", email="ada@example.com"), bad]
+            empty = "username" if not bad.username else "email"
+            expect_status(lambda batch=batch: stub.CreateUsers(iter(batch), timeout=5),
+                          grpc.StatusCode.INVALID_ARGUMENT,
+                          f"CreateUsers with an empty {empty} in its second request",
+                          f"a user without {empty} was stored; a request that breaks the "
+                          "contract is the client's error: context.abort(INVALID_ARGUMENT)")
+
+
 def test_watch_and_bidi_stream_in_order(stubs: ProtoStubs, service_class: Any) -> None:
     with running(stubs, service_class()) as stub:
         (user_id,) = create(stub, stubs, "ada")
@@ -146,6 +177,10 @@ def test_watch_and_bidi_stream_in_order(stubs: ProtoStubs, service_class: Any) -
         assert first.username == "ada", (
             f"WatchUser: the first message must be the current state (username 'ada'), saw "
             f"{first}")
+        # A second client watches the same user: both must hear of every update.
+        other_watch = stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=20)
+        other = drain(other_watch)
+        next_message(other, "WatchUser #2 of the same user: the current state, sent first")
 
         outgoing: queue.Queue[Any] = queue.Queue()
 
@@ -164,11 +199,21 @@ def test_watch_and_bidi_stream_in_order(stubs: ProtoStubs, service_class: Any) -
                 f"UpdateUsers answer {n}: expected username {name!r} and the unchanged email, "
                 f"saw {answer}")
         outgoing.put(None)
-        seen = [next_message(watched, f"WatchUser: update {n} of {len(names)}").username
-                for n in range(1, len(names) + 1)]
-        assert seen == names, (
-            f"WatchUser: expected the updates in the order they happened {names}, saw {seen}")
+        heard = {label: updates_seen(out, len(names))
+                 for label, out in (("#1", watched), ("#2", other))}
+        deaf = [label for label, seen in heard.items() if not seen]
+        hearing = [f"{label} received {seen}" for label, seen in heard.items() if seen]
+        assert not deaf or not hearing, (
+            f"two WatchUser streams of the same user: watch {deaf[0]} received none of the "
+            f"{len(names)} updates while {hearing[0] if hearing else ''}: "
+            "every watcher of a user must get each update - keep all of a user's watchers "
+            "(a set of queues), not one slot that the latest WatchUser replaces")
+        for label, seen in heard.items():
+            assert seen == names, (
+                f"WatchUser {label}: expected the updates in the order they happened {names}, "
+                f"saw {seen}")
         watch.cancel()
+        other_watch.cancel()
 
 
 def test_watch_ends_at_the_deadline(stubs: ProtoStubs, service_class: Any) -> None:

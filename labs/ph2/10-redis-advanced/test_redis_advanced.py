@@ -243,7 +243,7 @@ def exclusive_restarts(redis_db: Any) -> Iterator[redis.Redis]:
 def test_keys_survive_a_restart_with_aof_on(learner: Any, redis_db: Any) -> None:
     enable_aof = learner.function("advanced", "enable_aof")
     with exclusive_restarts(redis_db) as admin:
-        enable_aof(redis_db.url)
+        enable_aof(redis_db.config_url)  # a user that may CONFIG SET
         info = admin.info("persistence")
         assert info.get("aof_enabled") == 1, (
             f"after enable_aof() the server reports aof_enabled:{info.get('aof_enabled')}: "

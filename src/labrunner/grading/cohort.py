@@ -190,6 +190,11 @@ def grade_with_services(config: GradeConfig, paths: Sequence[Path],
     shared = [] if use_private_services(config) else config.labs
     with services_for(shared, config.backend, quiet=not show_progress) as service_set:
         state = service_set.state_file if service_set.endpoints else None
+        if state is not None:
+            # Shared services: every sandboxed run reads their admin credentials (stated in
+            # docs/GRADING.md); private services hand each run its own state instead.
+            service_set.state_mode = 0o644
+            os.chmod(state, 0o644)
         progress = Progress(
             TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("{task.fields[current]}"),

@@ -33,6 +33,7 @@ from .config import (
 from .sandbox import (
     LEARNER_UID_OFFSET,
     SERVICE_UID_OFFSET,
+    SERVICES_MEMORY_BYTES,
     MountPlan,
     _blocked_ancestors,
     _give,
@@ -41,6 +42,7 @@ from .sandbox import (
     _next_uid,
     _private_dir,
     _private_tmp,
+    _service_programs,
     _Slot,
     _sweep_uid,
     lease_uids,
@@ -251,8 +253,13 @@ class Grader:
         # loopback, does not: no other service's socket is in its sight).
         from ..services.local.process import runtime_dir
 
+        # They run unprivileged (a uid of their own), so what they execute must be in
+        # their sight too: the Kafka jars may live in root's cache.
+        service_needed = [*needed, *_service_programs()]
+        reexpose = _blocked_ancestors(service_needed)
         self.service_mounts = dataclasses.replace(
-            plan, private_tmp=_private_tmp([self.base, *needed, runtime_dir()], plan.reexpose))
+            plan, reexpose=reexpose,
+            private_tmp=_private_tmp([self.base, *service_needed, runtime_dir()], reexpose))
 
     def close(self) -> None:
         remove_tree(self.base)
@@ -410,8 +417,11 @@ class Grader:
         from ..services.local.process import ServiceOwner
         from ..services.private import ENV_CONTROL, in_private_network, private_services
 
+        cgroup = MemoryCgroup.create(SERVICES_MEMORY_BYTES) if lab.services else None
+        steps = [step for step in (self.service_mounts.apply if self.service_mounts else None,
+                                   cgroup.enter if cgroup else None) if step is not None]
         owner = ServiceOwner(uid + SERVICE_UID_OFFSET,
-                             prepare=self.service_mounts.apply if self.service_mounts else None)
+                             prepare=_in_order(steps) if steps else None)
 
         def body() -> LabResult:
             if not lab.services:
@@ -420,7 +430,12 @@ class Grader:
                 sandbox.env[ENV_CONTROL] = str(control)
                 return verify(state)
 
-        return in_private_network(body)
+        try:
+            return in_private_network(body)
+        finally:
+            if cgroup is not None:
+                _sweep_uid(uid + SERVICE_UID_OFFSET)
+                cgroup.remove()
 
 
 _INFRASTRUCTURE = ("the sandbox could not start", "the services could not start",

@@ -28,6 +28,11 @@ SERVICE_UID_OFFSET = 10000
 
 
 LEARNER_UID_OFFSET = 20000
+# A graded run's private services share a memory cgroup of this size, apart from the
+# graded process's: whatever a submission makes them hold (a superuser's work_mem, a huge
+# hash) is that run's, and the run beside it keeps its memory. Kafka's heap (768 MB) and a
+# RabbitMQ node (256 MB watermark) fit with room.
+SERVICES_MEMORY_BYTES = 2048 * 1024 * 1024
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -158,6 +163,14 @@ def _private_tmp(keep_candidates: Sequence[Path],
                         p.resolve() != folder.resolve()])
         private[folder.resolve()] = [p.resolve() for p in keep]
     return private
+
+
+def _service_programs() -> list[Path]:
+    """What the private services run from, when it is not where every user can read."""
+    from ..services.kinds import kafka
+
+    libs = kafka.libs_dir()
+    return [libs] if libs is not None else []
 
 
 def namespaces_available() -> bool:

@@ -112,11 +112,15 @@ def wait_until(
         time.sleep(interval)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader never sees half a file, even if we are killed mid-write."""
+def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
+    """Write JSON so that a reader never sees half a file, even if we are killed mid-write;
+    ``mode`` is set before it appears (0600 for what holds the services' passwords)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w",
+              encoding="utf-8") as out:
+        os.fchmod(out.fileno(), mode)
+        out.write(json.dumps(data, indent=2))
     os.replace(tmp, path)
 
 

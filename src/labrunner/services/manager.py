@@ -69,12 +69,17 @@ class ServiceSet:
     warm: bool = False
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     started_here: set[str] = field(default_factory=set)
+    # The state file names the services' passwords: its owner's alone, unless a grader
+    # shares the set with sandboxed runs (a stated limit of shared services).
+    state_mode: int = 0o600
 
     @classmethod
     def ephemeral(cls, backend_name: str) -> ServiceSet:
         workdir = runtime_dir() / f"run-{os.getpid()}-{secrets.token_hex(3)}"
         workdir.mkdir(parents=True)
-        os.chmod(workdir, 0o755)
+        # Its services' users pass through to their own folders; the state file (with the
+        # services' passwords) is this user's alone.
+        os.chmod(workdir, 0o711)
         return cls(make_backend(backend_name), workdir, workdir / "state.json")
 
     @classmethod
@@ -82,7 +87,7 @@ class ServiceSet:
         """The long-lived set: services started here outlive this process."""
         workdir = runtime_dir() / f"warm-{backend_name}"
         workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(workdir, 0o755)
+        os.chmod(workdir, 0o711)
         state = warm_state_file(backend_name)
         service_set = cls(make_backend(backend_name, tied_to_parent=False), workdir, state,
                           warm=True)
@@ -113,7 +118,7 @@ class ServiceSet:
             "owner_pid": None if self.warm else os.getpid(),
             "workdir": str(self.workdir),
             "services": {name: ep.to_json() for name, ep in self.endpoints.items()},
-        })
+        }, mode=self.state_mode)
 
     def stop(self, names: Iterable[str] | None = None) -> None:
         """Stop the given services (all by default) and forget them."""

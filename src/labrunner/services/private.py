@@ -37,6 +37,9 @@ from .manager import STATE_VERSION, ServiceSet
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 ENV_CONTROL = "LABRUNNER_SERVICE_CONTROL"
+# A folder where each private set writes who its processes run as, once started and again
+# before it is stopped (the tests read it to prove no service of a graded run is root's).
+ENV_AUDIT = "LABRUNNER_SERVICE_AUDIT"
 # What the graded process may ask for: a restart, or a stop now and a start later.
 ACTIONS = ("restart", "suspend", "resume")
 
@@ -174,6 +177,40 @@ def request_restart(control: str, service: str, action: str = "restart",
     return Endpoint.from_json(answer["endpoint"])
 
 
+def processes_in_this_network() -> list[dict[str, Any]]:
+    """Every process in the calling thread's network namespace but this one: pid, command
+    name and real uid (read from /proc as root)."""
+    mine = os.readlink("/proc/thread-self/ns/net")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if os.readlink(entry / "ns" / "net") != mine:
+                continue
+            comm = (entry / "comm").read_text(encoding="utf-8", errors="replace").strip()
+            uid = next(int(line.split()[1]) for line in
+                       (entry / "status").read_text(encoding="ascii", errors="replace")
+                       .splitlines() if line.startswith("Uid:"))
+            groups = (entry / "cgroup").read_text(encoding="utf-8", errors="replace")
+        except (OSError, StopIteration, ValueError, IndexError):
+            continue  # gone meanwhile
+        # The memory cgroup (v1 "N:memory:/path", or v2's single "0::/path").
+        memory = next((line.split(":", 2)[2] for line in groups.splitlines()
+                       if line.split(":", 2)[1:2] in (["memory"], [""])), "")
+        found.append({"pid": int(entry.name), "comm": comm, "uid": uid, "cgroup": memory})
+    return found
+
+
+def _audit(when: str, owner: ServiceOwner, visible_to: int) -> None:
+    folder = os.environ.get(ENV_AUDIT)
+    if not folder:
+        return
+    path = Path(folder) / f"{visible_to}-{when}-{os.getpid()}-{threading.get_ident()}.json"
+    write_json_atomic(path, {"when": when, "service_uid": owner.uid, "sandbox_uid": visible_to,
+                             "processes": processes_in_this_network()})
+
+
 @contextlib.contextmanager
 def private_services(services: Iterable[str], owner: ServiceOwner, visible_to: int,
                      run_dir: Path) -> Iterator[tuple[Path, Path]]:
@@ -195,10 +232,13 @@ def private_services(services: Iterable[str], owner: ServiceOwner, visible_to: i
             write_json_atomic(state, {
                 "version": STATE_VERSION, "backend": "local", "owner_pid": os.getpid(),
                 "workdir": "", "services": {n: ep.to_json()
-                                            for n, ep in service_set.endpoints.items()}})
+                                            for n, ep in service_set.endpoints.items()}},
+                              mode=0o600)
             os.chown(state, visible_to, visible_to)
             control = ControlServer(run_dir / "control.sock", service_set, visible_to)
+            _audit("started", owner, visible_to)
             yield state, control.path
+            _audit("finished", owner, visible_to)
         finally:
             if control is not None:
                 control.close()

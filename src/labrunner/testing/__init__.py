@@ -18,7 +18,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
 * :func:`serve_tls_once` and :func:`tls_exchange` run a TLS server or client with a context
   in the process the context lives in (the learner's own, when grading);
 * :func:`threads_waiting_in` and :func:`file_bytes` observe the learner's process from
-  inside it, through ``learner.run_helper``;
+  inside it, and :func:`process_threads` counts the threads of a learner's program beside
+  it, through ``learner.run_helper``;
 * :func:`call` is the request most HTTP labs send (a JSON document or bytes, headers);
 * :func:`read_all` reads a Kafka topic back to its end (:class:`KafkaRecord`);
 * :func:`drain` reads a gRPC response stream on a thread, :func:`next_message` takes its
@@ -32,7 +33,7 @@ Everything here fails a test with ``pytest.fail(..., pytrace=False)`` where the 
 learner's (a ``.proto`` protoc rejects, a body that is not JSON), like the plugin does.
 """
 
-from .beside import file_bytes, threads_waiting_in
+from .beside import file_bytes, process_threads, threads_waiting_in
 from .grpc import DaemonExecutor, ProtoStubs, drain, generate_stubs, next_message, serve_grpc
 from .http import HttpReply, call, http_request, serve_wsgi
 from .kafka import KafkaRecord, read_all
@@ -57,6 +58,7 @@ __all__ = [
     "generate_stubs",
     "http_request",
     "next_message",
+    "process_threads",
     "read_all",
     "redis_commands",
     "serve_grpc",

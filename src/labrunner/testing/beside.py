@@ -59,3 +59,15 @@ def file_bytes(path: str) -> bytes:
     """A file's bytes, read where this runs: ``learner.run_helper(file_bytes, key)`` reads a
     file the learner's code made private to its own user (a 0600 key)."""
     return Path(path).read_bytes()
+
+
+def process_threads(pid: int) -> int:
+    """How many threads process ``pid`` runs (its entries in /proc/<pid>/task), or -1 when it
+    is gone or out of sight. Run it where the learner's code runs:
+    ``learner.run_helper(process_threads, proc.pid)`` counts the threads of a program that
+    ``learner.python`` or ``learner.popen`` started, which under grading runs as the
+    learner's uid, in a /proc where the verification's uid cannot see it (ph4.1)."""
+    try:
+        return sum(1 for _ in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return -1

@@ -49,7 +49,9 @@ def redis_commands(redis_db: RedisDB | Any, *, with_source: bool = False
 def _monitor(redis_db: Any, with_source: bool) -> Iterator[list[Any]]:
     commands: list[Any] = []
     marker = f"labrunner-end-{uuid.uuid4().hex}"
-    watcher = redis_db.client(socket_timeout=15)
+    # MONITOR is the admin's (the lab's own user may not run it: it sees every database).
+    opener = getattr(redis_db, "admin_client", None) or redis_db.client
+    watcher = opener(socket_timeout=15)
     conn = watcher.connection_pool.get_connection()
     conn.send_command("MONITOR")
     if conn.read_response() not in (b"OK", "OK"):

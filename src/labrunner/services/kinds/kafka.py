@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
-from ..local.process import free_port, remove_tree, runtime_dir
+from ..local.process import free_port, remove_tree, runtime_dir, service_owner
 
 if TYPE_CHECKING:
     from ..base import ServiceScope
@@ -260,8 +260,11 @@ class Kafka(ServiceKind):
         home = Path(endpoint.extra["dir"])
         cmd = _java_command(Path(endpoint.extra["libs"]), "kafka.Kafka",
                             str(home / "server.properties"), log4j=home / "log4j2.properties")
+        # A graded run's broker is its service uid's, like its Postgres and Redis. Its
+        # PLAINTEXT listeners are on the loopback of the run's own network namespace, which
+        # nothing else on the machine can reach.
         return [Launch(cmd, Path(endpoint.extra["log"]), cwd=home,
-                       pidfile=home / "kafka.pid")]
+                       pidfile=home / "kafka.pid", as_service_user=service_owner() is not None)]
 
     def container(self, workdir: Path) -> ContainerSpec:
         port = free_port()

@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..base import ContainerSpec, Endpoint, Launch, ServiceError, ServiceKind, register
-from ..local.process import free_port, which
+from ..local.process import free_port, service_owner, which
 
 if TYPE_CHECKING:
     from ..base import ServiceScope
 
 SBIN_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/sbin", "/usr/local/sbin")
 MANAGEMENT_ENV = "LABRUNNER_RABBITMQ_MANAGEMENT_URL"  # http://host:15672/api (external)
+ADMIN_USER, LAB_USER = "labrunner", "lab"
+MEMORY_HIGH_WATERMARK = 256 * 1024 * 1024   # bytes the node may use before it blocks publishers
+DISK_FREE_LIMIT = 64 * 1024 * 1024
 
 
 def server() -> str | None:
@@ -58,7 +61,8 @@ class RabbitMQ(ServiceKind):
         return f"amqp://{auth}{endpoint.host}:{endpoint.port}/"
 
     def ready(self, endpoint: Endpoint) -> bool:
-        """An AMQP connection opens and the management API answers."""
+        """An AMQP connection opens and the management API answers (and the lab user is
+        there: made the first time)."""
         import pika
 
         params = pika.ConnectionParameters(
@@ -68,6 +72,10 @@ class RabbitMQ(ServiceKind):
         )
         pika.BlockingConnection(params).close()
         api(endpoint, "GET", "/overview")
+        lab_user = endpoint.extra.get("lab_username")
+        if lab_user:
+            api(endpoint, "PUT", f"/users/{urllib.parse.quote(lab_user, safe='')}",
+                {"password": endpoint.extra["lab_password"], "tags": ""})
         return True
 
     def missing(self) -> str | None:
@@ -81,22 +89,32 @@ class RabbitMQ(ServiceKind):
         home = folder
         port, dist_port, epmd_port, mgmt_port = (free_port(), free_port(), free_port(),
                                                  free_port())
-        (home / "rabbitmq.conf").write_text(
+        admin_password, lab_password = secrets.token_hex(16), secrets.token_hex(16)
+        conf = home / "rabbitmq.conf"
+        conf.write_text(
             f"listeners.tcp.default = 127.0.0.1:{port}\n"
             f"management.tcp.ip = 127.0.0.1\n"
             f"management.tcp.port = {mgmt_port}\n"
-            "loopback_users.guest = true\n"
+            # The seeded user (no guest): an administrator with this start's password.
+            f"default_user = {ADMIN_USER}\n"
+            f"default_pass = {admin_password}\n"
+            "default_user_tags.administrator = true\n"
+            "loopback_users = none\n"
+            f"vm_memory_high_watermark.absolute = {MEMORY_HIGH_WATERMARK}\n"
+            f"disk_free_limit.absolute = {DISK_FREE_LIMIT}\n"
             "log.file.level = warning\n"
             "log.console = true\n"
             "log.console.level = warning\n",
             encoding="utf-8",
         )
+        os.chmod(conf, 0o600)
         (home / "enabled_plugins").write_text("[rabbitmq_management].\n", encoding="utf-8")
         (home / "rabbitmq-env.conf").write_text("", encoding="utf-8")
         return Endpoint(
             service="rabbitmq", backend="local", host="127.0.0.1", port=port,
-            username="guest", password="guest",
+            username=ADMIN_USER, password=admin_password,
             extra={"dir": str(home), "server": server(), "dist_port": dist_port,
+                   "lab_username": LAB_USER, "lab_password": lab_password,
                    "epmd_port": epmd_port, "management_port": mgmt_port,
                    "node": f"labrunner{port}@localhost", "log": str(home / "rabbitmq.log")},
         )
@@ -105,13 +123,16 @@ class RabbitMQ(ServiceKind):
         extra = endpoint.extra
         home = Path(extra["dir"])
         epmd = which("epmd", "/usr/lib/erlang/bin") or "epmd"
+        # A graded run's node and epmd are its service uid's, like its Postgres and Redis.
+        unprivileged = service_owner() is not None
         return [
             # Our own epmd, in the foreground, as our child: the node registers with it, and
             # it goes when we stop it instead of lingering as a system-wide daemon.
             Launch([epmd, "-port", str(extra["epmd_port"]), "-address", "127.0.0.1"],
-                   home / "epmd.log", pidfile=home / "epmd.pid"),
+                   home / "epmd.log", pidfile=home / "epmd.pid",
+                   as_service_user=unprivileged),
             Launch([extra["server"]], Path(extra["log"]), env=_env(endpoint), cwd=home,
-                   pidfile=home / "server.pid"),
+                   pidfile=home / "server.pid", as_service_user=unprivileged),
         ]
 
     def pid_files(self, endpoint: Endpoint) -> list[Path]:
@@ -213,18 +234,25 @@ def api(endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None 
 
 
 def create_vhost(endpoint: Endpoint, vhost: str) -> str:
-    """Create a vhost the service's user may use fully; return its AMQP URL."""
+    """Create a vhost the service's user and the lab user may use fully; return its AMQP
+    URL (the lab user's)."""
     quoted = urllib.parse.quote(vhost, safe="")
     api(endpoint, "PUT", f"/vhosts/{quoted}")
-    user = urllib.parse.quote(endpoint.username, safe="")
-    api(endpoint, "PUT", f"/permissions/{quoted}/{user}",
-        {"configure": ".*", "write": ".*", "read": ".*"})
+    for name in dict.fromkeys([endpoint.username, endpoint.extra.get("lab_username")]):
+        if not name:
+            continue
+        user = urllib.parse.quote(name, safe="")
+        api(endpoint, "PUT", f"/permissions/{quoted}/{user}",
+            {"configure": ".*", "write": ".*", "read": ".*"})
     return vhost_url(endpoint, vhost)
 
 
 def vhost_url(endpoint: Endpoint, vhost: str) -> str:
-    password = urllib.parse.quote(endpoint.password, safe="")
-    return (f"amqp://{endpoint.username}:{password}@{endpoint.host}:{endpoint.port}/"
+    """The vhost's AMQP URL for the lab user (the endpoint's own where there is none)."""
+    name = endpoint.extra.get("lab_username") or endpoint.username
+    password = urllib.parse.quote(endpoint.extra.get("lab_password") or endpoint.password,
+                                  safe="")
+    return (f"amqp://{name}:{password}@{endpoint.host}:{endpoint.port}/"
             f"{urllib.parse.quote(vhost, safe='')}")
 
 

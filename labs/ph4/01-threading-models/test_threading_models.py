@@ -1,0 +1,604 @@
+"""ph4.1 verification: the learner's server.py, run as its own process in each of its three
+models, against 200 slow clients driven from two client processes (clients.py).
+
+A client is slow because the test holds it: it sends the first lines of a request and then
+nothing until the test releases it, so "200 at once" is a fact, not a timing hope. What the
+server does with them is read from the kernel and from /proc, never from the server's word:
+
+- /proc/net/tcp shows each server-side socket: accepted or still in the listen backlog
+  (inode 0), and whether the server has read what its client sent (rx_queue 0), i.e.
+  whether some thread or coroutine is serving it right now;
+- /proc/<pid>/task counts the server's threads: read here when this process can see it,
+  else (grading runs the server as the learner's uid, in a /proc hidden from the
+  verification's) by the helper process_threads in the learner's host process;
+- each client records what came back and whether the server closed the connection.
+
+Every wait below ends at once for a correct server; only a wrong one meets FAIL_WAIT.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+from labrunner.testing import process_threads
+
+CLIENTS = 200          # slow clients held at once
+WORKERS, QUEUE = 8, 16  # the bounded pool's size and queue bound, passed on its command line
+DROPPED = 4            # clients that disconnect mid-request (half FIN, half RST)
+CLIENT_PROCESSES = 2
+READY = 30.0           # for the server to print its port
+FAIL_WAIT = 30.0       # how long a wrong server gets to do what a correct one does at once
+REPLY_WAIT = 120.0     # for a client process to answer a command
+HERE = Path(__file__).parent
+
+ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
+
+
+# ---------------------------------------------------------------------------------------
+# The server under test
+
+
+class Server:
+    """server.py <model>, as the learner's program; stdout and stderr drained (a full pipe
+    would stall it), the port from its first line."""
+
+    def __init__(self, learner: Any, *args: str) -> None:
+        self.learner = learner
+        self.name = "server.py " + " ".join(args)
+        self.proc = learner.python("server", *args, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        self.out: queue.Queue[str | None] = queue.Queue()
+        self.err: collections.deque[str] = collections.deque(maxlen=40)
+        threading.Thread(target=self._drain, args=(self.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=self._drain, args=(self.proc.stderr, False),
+                         daemon=True).start()
+        self.port = 0
+        self.max_threads = 0
+        # Graded, the server runs as the learner's uid, in a /proc the verification cannot
+        # see: its threads are counted by process_threads in the learner's host process.
+        self.in_sight = Path(f"/proc/{self.proc.pid}/task").is_dir()
+
+    def ready(self) -> None:
+        """Wait for its "listening on <port>"."""
+        try:
+            line = self.out.get(timeout=READY)
+        except queue.Empty:
+            line = None
+        m = re.match(r"listening on (\d+)", line or "")
+        if not m:
+            self.stop()
+            self.fail(f"{self.name} did not print 'listening on <port>' (got {line!r}): "
+                      "keep main() as given")
+        self.port = int(m.group(1))
+
+    def _drain(self, stream: Any, keep_lines: bool) -> None:
+        for raw in iter(stream.readline, b""):
+            text = raw.decode(errors="replace").rstrip()
+            (self.out.put if keep_lines else self.err.append)(text)
+        if keep_lines:
+            self.out.put(None)
+
+    def threads(self) -> int:
+        if self.in_sight:
+            count = process_threads(self.proc.pid)
+        else:
+            count = int(self.learner.run_helper(process_threads, self.proc.pid))
+        if count < 0:
+            if self.gone() is not None:
+                self.fail("the server must keep running")
+            pytest.fail(f"the verification could not count the threads of {self.name} "
+                        f"(pid {self.proc.pid}): /proc/{self.proc.pid}/task is out of sight",
+                        pytrace=False)
+        self.max_threads = max(self.max_threads, count)
+        return count
+
+    def gone(self) -> int | None:
+        status: int | None = self.proc.poll()
+        return status
+
+    def fail(self, message: str) -> NoReturn:
+        status = self.proc.poll()
+        if status is not None:
+            time.sleep(0.2)   # let the drain thread take the traceback's last lines
+            err = "\n".join(self.err)
+            last = next((ln for ln in reversed(self.err) if ln.strip()), "")
+            message = (f"{self.name} stopped (exit status {status}): {last}\n"
+                       f"while the verification was checking: {message.splitlines()[0]}\n"
+                       f"{err[-2500:]}")
+        pytest.fail(message, pytrace=False)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------
+# The clients, in processes of their own
+
+
+@dataclass(frozen=True)
+class Client:
+    proc: int
+    index: int
+    port: int          # the client's own port: the server-side socket's remote port
+
+    @property
+    def path(self) -> str:
+        return f"/c/{self.index}"
+
+
+class ClientProcess:
+    server: Server
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "clients.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.replies: queue.Queue[str | None] = queue.Queue()
+        self.err: collections.deque[str] = collections.deque(maxlen=20)
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            self.replies.put(raw.decode(errors="replace"))
+        self.replies.put(None)
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in iter(self.proc.stderr.readline, b""):
+            self.err.append(raw.decode(errors="replace").rstrip())
+
+    def ask(self, command: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((json.dumps(command) + "\n").encode())
+            self.proc.stdin.flush()
+            line = self.replies.get(timeout=REPLY_WAIT)
+        except (OSError, queue.Empty):
+            line = None
+        reply = json.loads(line) if line else {"error": "no answer"}
+        if "error" in reply:
+            what = next(iter(command))
+            time.sleep(0.2)
+            if self.server.gone() is not None:
+                self.server.fail(f"the server must accept the clients ({reply['error']})")
+            pytest.fail(f"the verification's client process failed to {what} connections: "
+                        f"{reply['error']}\n" + "\n".join(self.err), pytrace=False)
+        return reply
+
+    def close(self) -> None:
+        """Killed: the kernel closes its connections (the test is over, nothing to say)."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+@dataclass
+class Seen:
+    data: str
+    closed: str | None   # None: still open; "eof": the server closed it; "reset"
+
+    @property
+    def status(self) -> int | None:
+        m = re.match(r"HTTP/1\.[01] (\d{3}) ", self.data)
+        return int(m.group(1)) if m else None
+
+    @property
+    def body(self) -> str:
+        return self.data.partition("\r\n\r\n")[2]
+
+
+class Load:
+    """Slow clients spread over CLIENT_PROCESSES processes."""
+
+    def __init__(self) -> None:
+        self.procs = [ClientProcess() for _ in range(CLIENT_PROCESSES)]
+        self.count = [0] * CLIENT_PROCESSES
+        self.port = 0
+
+    def attach(self, server: Server) -> None:
+        self.port = server.port
+        for proc in self.procs:
+            proc.server = server
+
+    def open(self, n: int, send: str = "head") -> list[Client]:
+        """n new connections; "head": each sends the start of a request and holds."""
+        opened: list[Client] = []
+        shares = [n // len(self.procs) + (i < n % len(self.procs)) for i in range(len(self.procs))]
+        for p, share in enumerate(shares):
+            if share:
+                ports = self.procs[p].ask({"open": share, "send": send,
+                                           "port": self.port})["ports"]
+                opened += [Client(p, self.count[p] + i, port) for i, port in enumerate(ports)]
+                self.count[p] += share
+        return opened
+
+    def _each(self, clients: list[Client], command: dict[str, Any]) -> None:
+        for p, proc in enumerate(self.procs):
+            mine = [c.index for c in clients if c.proc == p]
+            if mine:
+                proc.ask({**command, next(iter(command)): mine})
+
+    def finish(self, clients: list[Client]) -> None:
+        """Release them: each sends the rest of its request."""
+        self._each(clients, {"finish": []})
+
+    def drop(self, clients: list[Client], how: str) -> None:
+        self._each(clients, {"drop": [], "how": how})
+
+    def seen(self) -> dict[Client, Seen]:
+        out: dict[Client, Seen] = {}
+        for p, proc in enumerate(self.procs):
+            for i, (data, closed) in enumerate(proc.ask({"state": True})["conns"]):
+                out[Client(p, i, 0)] = Seen(data, closed)
+        return out
+
+    def seen_by(self, clients: list[Client]) -> list[Seen]:
+        state = self.seen()
+        return [state[Client(c.proc, c.index, 0)] for c in clients]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.close()
+
+
+@pytest.fixture
+def start(learner: Any) -> Iterator[Callable[..., tuple[Server, Load]]]:
+    """start(*args): the client processes (starting beside the server, to save a second
+    on a loaded machine), then server.py *args; both stopped when the test ends."""
+    made: list[tuple[Server, Load]] = []
+    loads: list[Load] = []
+
+    def starter(*args: str) -> tuple[Server, Load]:
+        loads.append(Load())
+        server = Server(learner, *args)
+        made.append((server, loads[-1]))
+        if not server.in_sight:   # have the learner's host start beside server and clients
+            learner.run_helper(process_threads, 1)
+        server.ready()
+        loads[-1].attach(server)
+        return server, loads[-1]
+
+    yield starter
+    for load in loads:
+        load.close()
+    for server, _ in made:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# What the kernel shows of the server's side of each connection
+
+
+@dataclass
+class ServerSide:
+    state: int
+    rx_queue: int     # bytes the client sent that the server has not read yet
+    inode: int        # 0: not accepted (still in the listen backlog) or already closed
+
+    @property
+    def accepted(self) -> bool:
+        return self.inode != 0 and self.state in (ESTABLISHED, CLOSE_WAIT)
+
+    @property
+    def being_read(self) -> bool:
+        return self.accepted and self.state == ESTABLISHED and self.rx_queue == 0
+
+
+def server_sides(port: int) -> dict[int, ServerSide]:
+    """The server-side sockets of connections to ``port``, by the client's port."""
+    out: dict[int, ServerSide] = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        local, remote = f[1], f[2]
+        if int(local.split(":")[1], 16) != port or remote.endswith(":0000"):
+            continue
+        rx = int(f[4].split(":")[1], 16)
+        out[int(remote.split(":")[1], 16)] = ServerSide(int(f[3], 16), rx, int(f[9]))
+    return out
+
+
+def threads_word(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
+def reading(side: ServerSide) -> bool:
+    return side.being_read
+
+
+def count(server: Server, clients: list[Client], what: Callable[[ServerSide], bool]) -> int:
+    sides = server_sides(server.port)
+    return sum(1 for c in clients if c.port in sides and what(sides[c.port]))
+
+
+def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = False) -> bool:
+    """Poll until ``condition()`` holds (True) or FAIL_WAIT passes (False); fail at once if
+    the server process dies. With watch_threads, the thread count is sampled as it goes."""
+    deadline = time.monotonic() + FAIL_WAIT
+    while True:
+        if server.gone() is not None:
+            server.fail("the server must keep running")
+        if watch_threads:
+            server.threads()
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+def served(load: Load, server: Server, clients: list[Client], model: str) -> None:
+    """After releasing ``clients``: each must get 200 with its own path, then EOF."""
+    settle(server, lambda: all(s.closed for s in load.seen_by(clients)))
+    seen = load.seen_by(clients)
+    bad = [(c, s) for c, s in zip(clients, seen, strict=True)
+           if s.status != 200 or s.body != f"hello {c.path}\n"]
+    if bad:
+        c, s = bad[0]
+        got = (f"{s.data[:120]!r}" if s.data else "nothing") + (
+            f", then the connection {'closed' if s.closed == 'eof' else 'was reset'}"
+            if s.closed else ", the connection still open")
+        server.fail(
+            f"{len(bad)} of {len(clients)} released clients were not answered 200 "
+            f"(the {model} server): {c.path} got {got}\nOnce a slow client sends the rest "
+            "of its request it must get 'HTTP/1.1 200' with 'hello <path>' (handle() "
+            f"does it), and its connection closed. {FAIL_WAIT:.0f} s were allowed.")
+
+
+def dropped_closed(load: Load, server: Server, gone: list[Client], model: str) -> None:
+    """Clients that left mid-request: the server must have closed its side (no CLOSE_WAIT)."""
+    if not settle(server, lambda: count(server, gone, lambda s: s.state == CLOSE_WAIT) == 0):
+        left = count(server, gone, lambda s: s.state == CLOSE_WAIT)
+        server.fail(
+            f"the {model} server never closed {left} connections whose clients closed them "
+            "mid-request (they sit in CLOSE_WAIT)\nWhen read_request() raises ClientGone "
+            "(or readuntil() IncompleteReadError), close your side: each forgotten "
+            "connection keeps a descriptor, and under load the server runs out of them.")
+
+
+def hold(load: Load, server: Server, n: int) -> list[Client]:
+    """n slow clients, each having sent the start of its request."""
+    return load.open(n, "head")
+
+
+# ---------------------------------------------------------------------------------------
+# 1. A thread per connection
+
+
+def test_thread_per_connection_serves_200_slow_clients_at_once(
+        start: Callable[..., tuple[Server, Load]]) -> None:
+    server, load = start("threads")
+    gone = hold(load, server, DROPPED)
+    if not settle(server, lambda: count(server, gone, reading) == DROPPED):
+        read = count(server, gone, reading)
+        threads = server.threads()
+        server.fail(
+            f"with {DROPPED} slow clients connected, the thread-per-connection server was "
+            f"reading {read} of them at once (running {threads_word(threads)}), expected all "
+            f"{DROPPED}\n" + serial_hint(threads))
+    load.drop(gone[: DROPPED // 2], "fin")
+    load.drop(gone[DROPPED // 2:], "rst")
+
+    held = hold(load, server, CLIENTS)
+    all_read = settle(server, lambda: count(server, held, reading)
+                      == CLIENTS)
+    threads = server.threads()
+    read = count(server, held, reading)
+    if not all_read:
+        server.fail(
+            f"with {CLIENTS} slow clients connected, the thread-per-connection server was "
+            f"reading {read} of them at once (running {threads_word(threads)}), expected all "
+            f"{CLIENTS}\n" + serial_hint(threads))
+    if threads < CLIENTS + 1:
+        server.fail(
+            f"with {CLIENTS} slow clients held open, the thread-per-connection server ran "
+            f"{threads} threads, expected at least {CLIENTS + 1} (one per connection, plus "
+            "the one accepting)\nThis model gives every accepted connection a thread of "
+            "its own (threading.Thread(target=..., args=(conn,)).start()) and the accept "
+            "loop goes straight back to accept(); a capped pool is the second model.")
+    load.finish(held)
+    served(load, server, held, "thread-per-connection")
+    if not settle(server, lambda: server.threads() <= 3):
+        server.fail(
+            f"after all {CLIENTS + DROPPED} connections ended, the thread-per-connection "
+            f"server still runs {server.threads()} threads, expected at most 3\nA "
+            "connection's thread must end with its connection, also when the client left "
+            "mid-request (catch ClientGone and return); threads that never end are a leak "
+            "the next burst adds to.")
+    dropped_closed(load, server, gone, "thread-per-connection")
+
+
+def serial_hint(threads: int) -> str:
+    if threads <= 2:
+        return ("It serves one connection at a time: handle() runs in the accept loop, so "
+                "the first slow client holds everyone behind it. Start a thread per "
+                "accepted connection and go straight back to accept().")
+    return ("A fixed number of threads serves a fixed number of clients; this model "
+            "gives every connection a thread of its own.")
+
+
+# ---------------------------------------------------------------------------------------
+# 2. A bounded pool with a queue, 503 when it is full
+
+
+def test_bounded_pool_queues_then_rejects_with_503(
+        start: Callable[..., tuple[Server, Load]]) -> None:
+    server, load = start("pool", "--workers", str(WORKERS), "--queue", str(QUEUE))
+    bound = WORKERS + 2   # the workers, the main thread, and one more if accept has its own
+
+    def threads_bounded(stage: str) -> None:
+        threads = server.threads()
+        if threads > bound:
+            server.fail(
+                f"with {stage}, the pool server had {threads} threads; a bounded pool of "
+                f"{WORKERS} workers must stay at <= {WORKERS} + main (+1 accepting)\nStart "
+                f"the {WORKERS} workers once and hand them connections through a queue; a "
+                "thread per connection, however counted, is the first model again, with "
+                "no bound on memory or scheduling.")
+
+    # Clients that leave mid-request: every worker must come back from them.
+    gone = hold(load, server, WORKERS)
+    if not settle(server, lambda: count(server, gone, reading) == WORKERS,
+                  watch_threads=True):
+        threads_bounded(f"{WORKERS} clients connected")
+        read = count(server, gone, reading)
+        server.fail(
+            f"with {WORKERS} slow clients connected and {WORKERS} workers, the pool server "
+            f"was reading {read} of them at once (running {threads_word(server.threads())})\n"
+            f"Start {WORKERS} worker threads that each take a connection from the queue "
+            "(queue.Queue.get()) and serve it with handle(), while the accept loop only "
+            "accepts and queues.")
+    threads_bounded(f"{WORKERS} clients held")
+    load.drop(gone[: WORKERS // 2], "fin")
+    load.drop(gone[WORKERS // 2:], "rst")
+
+    # Every worker busy with a slow client.
+    busy = hold(load, server, WORKERS)
+    if not settle(server, lambda: count(server, busy, reading) == WORKERS,
+                  watch_threads=True):
+        read = count(server, busy, reading)
+        got = sum(1 for s in load.seen_by(busy) if s.data)
+        server.fail(
+            f"after {WORKERS} clients disconnected mid-request ({WORKERS // 2} closed, "
+            f"{WORKERS // 2} reset), only {read} of the next {WORKERS} clients were taken "
+            f"up by a worker ({got} were answered instead; the server runs "
+            f"{threads_word(server.threads())})\nA worker that meets a client error must go back "
+            "to the queue: catch ClientGone and OSError around handle() inside the worker's "
+            "loop, and give back whatever marks the worker busy in a finally. Otherwise "
+            "each client that leaves early costs the pool a worker for good.")
+    threads_bounded(f"{WORKERS} workers busy")
+
+    # The queue fills: accepted, waiting, not answered.
+    waiting = hold(load, server, QUEUE)
+
+    def queued_or_answered() -> bool:
+        answered = any(s.data or s.closed for s in load.seen_by(waiting))
+        return answered or count(server, waiting, lambda s: s.accepted) == QUEUE
+
+    settle(server, queued_or_answered)
+    answered = [s for s in load.seen_by(waiting) if s.data or s.closed]
+    if answered:
+        server.fail(
+            f"with {WORKERS} workers busy and an empty queue of {QUEUE}, {len(answered)} of "
+            f"the next {QUEUE} clients were answered at once ({answered[0].data[:40]!r}), "
+            f"expected them to wait in the queue\nReject only when the queue is full: "
+            f"{WORKERS} busy + {QUEUE} waiting is the capacity. A busy count that is not "
+            "given back when a client leaves mid-request (give it back in a finally) or a "
+            "queue that does not count makes the pool refuse work it has room for.")
+    accepted = count(server, waiting, lambda s: s.accepted)
+    if accepted != QUEUE:
+        server.fail(
+            f"with {WORKERS} workers busy, the pool server accepted {accepted} of the next "
+            f"{QUEUE} clients, expected all {QUEUE} into its queue\nThe accept loop keeps "
+            "accepting; a connection that finds every worker busy waits in the queue (up "
+            f"to --queue {QUEUE}), and only beyond that is it refused.")
+    threads_bounded(f"{WORKERS + QUEUE} clients held")
+
+    # Beyond capacity: 503 at once, and the connection closed.
+    extra = load.open(CLIENTS - WORKERS - QUEUE, "none")
+    settle(server, lambda: all(s.closed for s in load.seen_by(extra)), watch_threads=True)
+    threads_bounded(f"{CLIENTS} clients held open")
+    seen = load.seen_by(extra)
+    rejected = sum(1 for s in seen if s.status == 503)
+    open_held = count(server, busy + waiting + extra, lambda s: s.accepted)
+    if rejected < len(extra):
+        silent = sum(1 for s in seen if not s.data)
+        server.fail(
+            f"with {WORKERS} workers busy and {QUEUE} clients queued, {rejected} of "
+            f"{len(extra)} further clients got 503 Service Unavailable, expected all "
+            f"{len(extra)} ({silent} got nothing; the server holds {open_held} connections, "
+            f"expected {WORKERS + QUEUE})\n" + (
+                "The queue never fills: a queue.Queue() without maxsize, or a check that "
+                "lets one more in (>= vs >), hoards connections it cannot serve. "
+                if open_held > WORKERS + QUEUE else "")
+            + f"Bound the queue (queue.Queue(maxsize={QUEUE}), put_nowait) and answer "
+            "queue.Full with BUSY at once from the accept loop.")
+    still_open = sum(1 for s in seen if not s.closed)
+    if still_open or open_held > WORKERS + QUEUE:
+        server.fail(
+            f"{still_open or len(extra)} rejected clients got their 503 but the server kept "
+            f"their connections open (it holds {open_held}, expected {WORKERS + QUEUE})\n"
+            "A rejected connection is answered and closed: kept open (or queued anyway) it "
+            "still costs a descriptor, and a worker when its turn comes.")
+    early = [s for s in load.seen_by(busy + waiting) if s.data or s.closed]
+    if early:
+        server.fail(
+            f"{len(early)} clients that were being served or queued got "
+            f"{early[0].data[:40]!r} before they finished their requests\nOnly connections "
+            "beyond the queue get 503; the queued ones wait for a worker.")
+
+    # Released: every served and every queued client gets its answer.
+    load.finish(busy + waiting)
+    served(load, server, busy + waiting, "pool")
+    threads_bounded(f"the {WORKERS + QUEUE} held clients released")
+    again = hold(load, server, 1)
+    load.finish(again)
+    served(load, server, again, "pool (after the burst)")
+
+
+# ---------------------------------------------------------------------------------------
+# 3. asyncio: one thread
+
+
+def test_asyncio_serves_200_slow_clients_on_one_thread(
+        start: Callable[..., tuple[Server, Load]]) -> None:
+    server, load = start("asyncio")
+
+    def one_thread(stage: str) -> None:
+        if server.max_threads > 1:
+            server.fail(
+                f"the asyncio server ran {server.max_threads} threads ({stage}), expected "
+                "1\nAn event loop serves every connection from its one thread: "
+                "run_in_executor/to_thread per connection brings thread-per-request back "
+                "(capped by the executor's size). Await the streams instead, and give "
+                "start_server the listening socket (sock=listener): a host name makes it "
+                "resolve in an executor thread.")
+
+    gone = hold(load, server, DROPPED)
+    settle(server, lambda: count(server, gone, reading) == DROPPED,
+           watch_threads=True)
+    one_thread(f"{DROPPED} clients connected")
+    read = count(server, gone, reading)
+    if read < DROPPED:
+        server.fail(
+            f"with {DROPPED} slow clients connected, the asyncio server was reading {read} "
+            f"of them at once, expected all {DROPPED}\n" + BLOCKED_LOOP)
+    load.drop(gone[: DROPPED // 2], "fin")
+    load.drop(gone[DROPPED // 2:], "rst")
+
+    held = hold(load, server, CLIENTS)
+    settle(server, lambda: count(server, held, reading) == CLIENTS,
+           watch_threads=True)
+    one_thread(f"{CLIENTS} slow clients held open")
+    read = count(server, held, reading)
+    if read < CLIENTS:
+        server.fail(
+            f"with {CLIENTS} slow clients connected, the asyncio server was reading {read} "
+            f"of them at once, expected all {CLIENTS}\n" + BLOCKED_LOOP)
+    load.finish(held)
+    served(load, server, held, "asyncio")
+    server.threads()
+    one_thread(f"after answering {CLIENTS} clients")
+    dropped_closed(load, server, gone, "asyncio")
+
+
+BLOCKED_LOOP = (
+    "Something blocks the event loop: a blocking call in a coroutine (handle() or "
+    "read_request() on a blocking socket, socket.recv, time.sleep) stops every other "
+    "connection until it returns, and a slow client never lets it. Use "
+    "asyncio.start_server(handle_async, sock=listener) and await reader.readuntil().")
