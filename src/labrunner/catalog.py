@@ -250,24 +250,9 @@ def _string_list(data: dict[str, object], key: str, file: Path) -> tuple[str, ..
     return tuple(value)
 
 
-def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -> Lab:
-    """Read and validate one ``lab.toml``; every error names the file and the field."""
-    file = lab_dir / "lab.toml"
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CatalogError(f"{lab_dir}: no lab.toml (every lab folder needs one)") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise CatalogError(f"{file}: not valid TOML: {exc}") from exc
-    lab_id = str(_require(data, "id", str, file))
-    if not ID_PATTERN.match(lab_id):
-        raise CatalogError(f"{file}: field 'id' must look like 'ph2.5' or 'ph2.c', got {lab_id!r}")
-    if concepts is None:
-        concepts = {row["id"]: row for row in _read_concepts_tsv(_data_text("concepts.tsv"))}
-    known = concepts.get(lab_id, {})
-    slug = str(_require(data, "slug", str, file))
-    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug):
-        raise CatalogError(f"{file}: field 'slug' must be lowercase words joined by '-'")
+def _run_fields(data: dict[str, Any], file: Path
+                ) -> tuple[tuple[str, ...], str, int, int | float, tuple[str, ...]]:
+    """What running the lab needs: services, language, points, timeout, learner files."""
     services = _string_list(data, "services", file)
     for name in services:
         if name not in KNOWN_SERVICES:
@@ -290,6 +275,11 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -
     for name in learner_files:
         if name.startswith(("/", "..")) or "/../" in name or name.startswith("test_"):
             raise CatalogError(f"{file}: learner file {name!r} must be a plain relative path")
+    return services, language, points, timeout, learner_files
+
+
+def _flags(data: dict[str, Any], file: Path) -> tuple[bool, bool, bool, str | None]:
+    """The lab's switches (draft, exclusive, learner_process) and its C build target."""
     draft = data.get("draft", False)
     exclusive = data.get("exclusive", False)
     learner_process = data.get("learner_process", True)
@@ -300,6 +290,29 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -
     build = data.get("build")
     if build is not None and not isinstance(build, str):
         raise CatalogError(f"{file}: field 'build' must be a make target name")
+    return draft, exclusive, learner_process, build
+
+
+def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None) -> Lab:
+    """Read and validate one ``lab.toml``; every error names the file and the field."""
+    file = lab_dir / "lab.toml"
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CatalogError(f"{lab_dir}: no lab.toml (every lab folder needs one)") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{file}: not valid TOML: {exc}") from exc
+    lab_id = str(_require(data, "id", str, file))
+    if not ID_PATTERN.match(lab_id):
+        raise CatalogError(f"{file}: field 'id' must look like 'ph2.5' or 'ph2.c', got {lab_id!r}")
+    if concepts is None:
+        concepts = {row["id"]: row for row in _read_concepts_tsv(_data_text("concepts.tsv"))}
+    known = concepts.get(lab_id, {})
+    slug = str(_require(data, "slug", str, file))
+    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug):
+        raise CatalogError(f"{file}: field 'slug' must be lowercase words joined by '-'")
+    services, language, points, timeout, learner_files = _run_fields(data, file)
+    draft, exclusive, learner_process, build = _flags(data, file)
     title = data.get("title", known.get("title"))
     category = data.get("category", known.get("category"))
     if not isinstance(title, str) or not isinstance(category, str):

@@ -25,6 +25,9 @@ from .learner.modes import ENV_LEARNER_HOST, ENV_SHARED_DIR
 # What the runner sets for the plugin.
 ENV_SERVICES = "LABRUNNER_SERVICES"     # the run's services state file
 ENV_SRC = "LABRUNNER_SRC"               # the learner's folder for this lab
+# Set by hand only (pytest run without the runner): which of a lab's own folders to verify,
+# solution (the default) or starter; --lab-target says the same.
+ENV_TARGET = "LABRUNNER_TARGET"
 ENV_REPORT_FD = "LABRUNNER_REPORT_FD"   # the records' pipe (write end)
 ENV_KEY_FD = "LABRUNNER_KEY_FD"         # the key's pipe (read end)
 ENV_RUN_ID = "LABRUNNER_RUN_ID"         # names the run's per-test namespaces
@@ -40,8 +43,8 @@ FINISHED = "finished"
 
 __all__ = [
     "COLLECTED", "ENV_KEY_FD", "ENV_LEARNER_HOME", "ENV_LEARNER_HOST", "ENV_REPORT_FD",
-    "ENV_RUN_ID", "ENV_SERVICES", "ENV_SHARED_DIR", "ENV_SRC", "FINISHED", "MAX_AUTHORED",
-    "MAX_OUTPUT", "Reporter", "read_signed", "sign", "verified",
+    "ENV_RUN_ID", "ENV_SERVICES", "ENV_SHARED_DIR", "ENV_SRC", "ENV_TARGET", "FINISHED",
+    "MAX_AUTHORED", "MAX_OUTPUT", "Reporter", "read_signed", "sign", "verified",
 ]
 
 

@@ -44,6 +44,7 @@ from .channel import (
     ENV_RUN_ID,
     ENV_SERVICES,
     ENV_SRC,
+    ENV_TARGET,
     FINISHED,
     Reporter,
 )
@@ -207,7 +208,7 @@ def _src_dir(config: pytest.Config, lab: Lab) -> Path:
     exact = config.getoption("--lab-src") or os.environ.get(ENV_SRC)
     if exact:
         return Path(exact).resolve()
-    target = config.getoption("--lab-target") or os.environ.get("LABRUNNER_TARGET") or "solution"
+    target = config.getoption("--lab-target") or os.environ.get(ENV_TARGET) or "solution"
     if target == "solution":
         return lab.solution_dir
     if target == "starter":

@@ -98,6 +98,14 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _progress_bar(show: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[current]}"),
+        console=err_console, transient=True, disable=not show,
+    )
+
+
 def verify(
     labs: Sequence[Lab],
     sources: dict[str, Path],
@@ -141,11 +149,7 @@ def verify(
     with scope as service_set:
         state = service_set.state_file if service_set.endpoints else None
         plan = RunPlan(labs, sources, state, new_run_id(), jobs, sandbox)
-        progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[current]}"),
-            console=err_console, transient=True, disable=not show_progress,
-        )
+        progress = _progress_bar(show_progress)
         with progress:
             task = progress.add_task("verifying", total=len(labs), current="")
 

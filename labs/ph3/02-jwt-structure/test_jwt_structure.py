@@ -19,6 +19,8 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 
+from labrunner.testing import verdict
+
 SECRET = b"k3y-for-lab-ph3.2-\x00\xff-with-odd-bytes"
 ISS = "https://auth.lab.test"
 AUD = "orders-api"
@@ -61,17 +63,12 @@ class Jwt:
     def decode(self, token: str, now: float = NOW, leeway: float = 0,
                audience: str = AUD) -> tuple[str, Any]:
         """("ok", claims) or ("refused", message); anything else fails the test."""
-        try:
-            return "ok", self.module.decode(token, SECRET, issuer=ISS, audience=audience,
-                                            now=now, leeway=leeway)
-        except NotImplementedError as exc:
-            pytest.fail(f"decode() is not implemented yet: {exc}", pytrace=False)
-        except self.module.InvalidToken as exc:
-            return "refused", str(exc)
-        except Exception as exc:  # noqa: BLE001 - reported as the learner's mistake
-            pytest.fail(f"decode({token[:60]!r}...) raised {type(exc).__name__}: {exc}; "
-                        "every token decode() refuses must raise InvalidToken, whatever is "
-                        "wrong with it (a caller catches one exception)", pytrace=False)
+        return verdict("decode()", self.module.decode, token, SECRET, issuer=ISS,
+                       audience=audience, now=now, leeway=leeway,
+                       refusal=self.module.InvalidToken,
+                       crash=f"for {token[:60]!r}...: every token decode() refuses must raise "
+                             "InvalidToken, whatever is wrong with it (a caller catches one "
+                             "exception)")
 
 
 @pytest.fixture

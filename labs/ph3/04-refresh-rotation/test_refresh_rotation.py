@@ -17,6 +17,8 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 
+from labrunner.testing import verdict
+
 SECRET = b"ph3.4-access-token-signing-secret-0123456789"
 T0 = 1_700_000_000.0
 DAY = 24 * 3600
@@ -40,15 +42,8 @@ class Service:
 
     def do(self, what: str, fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
         """("ok", result) or ("refused", message); other exceptions fail the test."""
-        try:
-            return "ok", fn(*args)
-        except NotImplementedError as exc:
-            pytest.fail(f"not implemented yet: {exc}", pytrace=False)
-        except self.module.InvalidToken as exc:
-            return "refused", str(exc)
-        except Exception as exc:  # noqa: BLE001 - the learner's error, reported plainly
-            pytest.fail(f"{what} raised {type(exc).__name__}: {exc}; refusals raise "
-                        "InvalidToken", pytrace=False)
+        return verdict(what, fn, *args, refusal=self.module.InvalidToken,
+                       crash="refusals raise InvalidToken")
 
     def login(self, user: str) -> tuple[str, str]:
         verdict, pair = self.do(f"login({user!r})", self.svc.login, user)

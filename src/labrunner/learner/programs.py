@@ -236,6 +236,12 @@ def _monitor(spec: dict[str, Any], fds: list[int]) -> None:
         os.write(status, b"error " + failure + b"\n")
         return
     os.write(status, f"pid {child}\n".encode())
+    _relay(child, ctl, status)
+
+
+def _relay(child: int, ctl: int, status: int) -> None:
+    """Forward the signals the verification writes to ``ctl`` to the program; report its
+    exit status on ``status``."""
     pidfd = os.pidfd_open(child)
     watching = [pidfd, ctl]
     while True:

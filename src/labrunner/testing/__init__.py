@@ -24,6 +24,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
 * :func:`read_all` reads a Kafka topic back to its end (:class:`KafkaRecord`);
 * :func:`drain` reads a gRPC response stream on a thread, :func:`next_message` takes its
   next message or fails saying what never came;
+* :func:`verdict` calls the learner's code where a refusal is an answer ("ok" or
+  "refused"), failing the test on what is neither;
 * :func:`generate_stubs` compiles a learner's ``.proto`` with grpcio-tools, at test time, into
   importable ``*_pb2`` / ``*_pb2_grpc`` modules (:class:`ProtoStubs`).
 
@@ -38,6 +40,7 @@ from .kafka import KafkaRecord, read_all
 from .pg import TRANSACTION_CONTROL, PgStatementProxy
 from .redis import CONNECTION_SETUP, redis_commands
 from .tls import TlsOnce, serve_tls_once, tls_exchange
+from .verdicts import verdict
 from .waiting import wait_until
 
 __all__ = [
@@ -64,5 +67,6 @@ __all__ = [
     "serve_wsgi",
     "threads_waiting_in",
     "tls_exchange",
+    "verdict",
     "wait_until",
 ]
