@@ -233,19 +233,24 @@ def _complete_selector(ctx: click.Context, param: click.Parameter,
 @click.option("-v", "--verbose", is_flag=True,
               help="Every test with its whole message, where your code failed, and what it "
                    "printed.")
+@click.option("--keep/--no-keep", default=True, show_default=True,
+              help="Leave the services this run starts running for the next run, until "
+                   "they have been idle $LABRUNNER_WARM_IDLE seconds (default 300).")
 @friendly_errors
 def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None,
         backend: str | None, jobs: int, json_path: Path | None, junit_path: Path | None,
-        expect_fail: bool, verbose: bool) -> None:
+        expect_fail: bool, verbose: bool, keep: bool) -> None:
     """Verify SELECTORS: a phase (ph2), a concept (ph2.5), a slug, a lab folder, or all.
     Inside a lab folder, no selector (or '.') runs that lab."""
     from .report import print_result, verbose_result
     from .results import results_document, write_json, write_junit
     from .services.manager import resolve_backend_name
-    from .session import verify
+    from .services.warm import expire_due, idle_seconds
+    from .session import verify, warm_owner
 
     catalog = _catalog()
     labs = _labs_to("run", "not counted", catalog, selectors)
+    expire_due()
     store = None
     if target is None:
         workspace = find_workspace(workspace_dir)
@@ -260,7 +265,8 @@ def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None
     # The bar is drawn only on a terminal (rich's live display); service start-up lines
     # are printed either way, so a CI log shows what was started.
     on_result = verbose_result if verbose else print_result
-    outcome = verify(labs, sources, backend_name, jobs=jobs, store=store, on_result=on_result)
+    outcome = verify(labs, sources, backend_name, jobs=jobs, store=store, on_result=on_result,
+                     keep=idle_seconds() if keep else 0.0, owner=warm_owner(workspace_dir))
     if len(outcome.results) > 1:
         results_tables(catalog, outcome.results, shown_target)
     document = results_document(outcome.results, target=shown_target, backend=backend_name,
@@ -439,7 +445,9 @@ def dev_check(selectors: Sequence[str], backend: str | None, json_path: Path | N
     labs, _ = _selected_labs(_catalog(), selectors or ["all"])
     todo = list(strength_expectations(labs) if strength else expectations(labs))
     outcomes = []
-    with services_for(labs, resolve_backend_name(backend)) as service_set:
+    from .session import warm_owner
+
+    with services_for(labs, resolve_backend_name(backend), owner=warm_owner()) as service_set:
         state = service_set.state_file if service_set.endpoints else None
         run_id = new_run_id()
         with err_console.status("checking…") as status:
@@ -508,53 +516,127 @@ def services() -> None:
 @services.command("up")
 @click.argument("names", nargs=-1, type=click.Choice(SERVICE_NAMES))
 @click.option("--backend", type=click.Choice(["auto", "local", "docker"]), default=None)
+@click.option("--workspace", "workspace_dir", type=click.Path(path_type=Path),
+              help="Whose set (default: the workspace here or above, else this checkout).")
 @friendly_errors
-def services_up(names: Sequence[str], backend: str | None) -> None:
-    """Start NAMES (default: all four) and leave them running for later runs."""
-    from .services.manager import ServiceSet, resolve_backend_name
+def services_up(names: Sequence[str], backend: str | None,
+                workspace_dir: Path | None) -> None:
+    """Start NAMES (default: all four) at once for this workspace and keep them running
+    (no idle deadline) until 'labrunner services down'."""
+    from .services.manager import ServiceSet, Startup, resolve_backend_name
+    from .services.warm import WarmSet
+    from .session import warm_owner
 
-    warm = ServiceSet.warm_set(resolve_backend_name(backend))
+    backend_name = resolve_backend_name(backend)
+    owner = warm_owner(workspace_dir)
+    warm = WarmSet.of(backend_name, owner)
+    with warm.locked():
+        service_set = ServiceSet.warm_set(backend_name, owner)
+        service_set.meta["warm"].update(pinned=True, deadline=None)
+        service_set.save()
+        startup = Startup(service_set, list(names or SERVICE_NAMES), keep_threads=False,
+                          on_start=lambda n: err_console.print(f"[dim]starting {n}…[/]"))
+        try:
+            startup.begin().wait()
+        except KeyboardInterrupt:
+            startup.cancel()
+            startup.join()
+            raise
     for name in names or SERVICE_NAMES:
-        with err_console.status(f"starting {name}…"):
-            endpoint = warm.ensure([name])[name]
+        if name in startup.errors:
+            console.print(f"[red]✗[/] {name:<9} {startup.errors[name]}")
+            continue
+        endpoint = service_set.endpoints[name]
+        took = (f"started in {startup.durations[name]:.1f} s" if name in startup.durations
+                else "already up")
         console.print(f"[green]✓[/] {name:<9} {endpoint.host}:{endpoint.port} "
-                      f"({endpoint.backend})")
+                      f"({endpoint.backend}, {took})")
+    console.print(f"[dim]kept for {owner} until: labrunner services down[/]")
+    if startup.errors:
+        sys.exit(EXIT_FAIL)
+
+
+def _status_rows() -> list[dict[str, Any]]:
+    import time
+
+    from .services.manager import leftovers, make_backend, read_state, read_state_backend
+    from .services.warm import WarmSet
+
+    rows: list[dict[str, Any]] = []
+    now = time.time()
+    for warm in WarmSet.all():
+        meta = warm.meta()
+        deadline = warm.deadline()
+        backend = make_backend(warm.backend_name(), tied_to_parent=False)
+        users = warm.live_users()
+        for name, ep in warm.endpoints().items():
+            rows.append({
+                "service": name, "backend": ep.backend, "host": ep.host, "port": ep.port,
+                "alive": backend.alive(ep), "kind": "warm",
+                "owner": meta.get("owner"), "pinned": bool(meta.get("pinned")),
+                "idle_deadline": deadline,
+                "idle_left": None if deadline is None else max(0.0, round(deadline - now, 1)),
+                "users": users})
+    for state in leftovers():
+        if state.parent.name.startswith("warm-"):
+            continue
+        backend = make_backend(read_state_backend(state), tied_to_parent=False)
+        for name, ep in read_state(state).items():
+            kind = "warm" if state.name.startswith("warm-") else "left by a crashed run"
+            rows.append({"service": name, "backend": ep.backend, "host": ep.host,
+                         "port": ep.port, "alive": backend.alive(ep), "kind": kind,
+                         "owner": None, "pinned": kind == "warm", "idle_deadline": None,
+                         "idle_left": None, "users": []})
+    return rows
 
 
 @services.command("status")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def services_status(as_json: bool) -> None:
-    """Show the warm services and whether they answer."""
-    from .services.manager import leftovers, make_backend, read_state, read_state_backend
+    """Show the warm services: whose, whether they answer, until when they stay warm."""
+    import time
 
-    rows = []
-    for state in leftovers():
-        backend = make_backend(read_state_backend(state), tied_to_parent=False)
-        for name, ep in read_state(state).items():
-            kind = "warm" if state.name.startswith("warm-") else "left by a crashed run"
-            rows.append({"service": name, "backend": ep.backend, "host": ep.host,
-                         "port": ep.port, "alive": backend.alive(ep), "kind": kind})
+    from .services.warm import expire_due
+
+    expire_due()
+    rows = _status_rows()
     if as_json:
-        click.echo(json.dumps({"version": 1, "services": rows}, indent=2))
+        click.echo(json.dumps({"version": 2, "services": rows}, indent=2))
         return
     if not rows:
-        console.print("no warm services (start them with: labrunner services up)")
+        console.print("no warm services (a run keeps what it starts for a while; "
+                      "'labrunner services up' keeps them until 'services down')")
     for row in rows:
         status = "[green]up[/]" if row["alive"] else "[red]down[/]"
+        if row["pinned"]:
+            until = "until services down"
+        elif row["idle_deadline"] is not None:
+            stamp = time.strftime("%H:%M:%S", time.localtime(row["idle_deadline"]))
+            until = f"idle deadline {stamp} (in {row['idle_left']:.0f} s)"
+        else:
+            until = ""
+        used = f", in use by run {', '.join(map(str, row['users']))}" if row["users"] else ""
         console.print(f"{row['service']:<9} {row['host']}:{row['port']:<6} "
-                      f"{row['backend']:<7} {status} [dim]{row['kind']}[/]")
+                      f"{row['backend']:<7} {status} [dim]{row['kind']}"
+                      f"{' of ' + row['owner'] if row['owner'] else ''} {until}{used}[/]")
 
 
 @services.command("down")
 @friendly_errors
 def services_down() -> None:
-    """Stop the warm services and anything a crashed run left behind."""
-    from .services.manager import clean_leftovers
+    """Stop the warm services and anything a crashed run left behind; a set a live run
+    uses is kept (and said so)."""
+    from .services.manager import clean
 
-    stopped = clean_leftovers()
-    console.print(f"stopped {len(stopped)} service(s)" +
-                  (f": {', '.join(stopped)}" if stopped else ""))
+    report = clean()
+    console.print(f"stopped {len(report.stopped)} service(s)" +
+                  (f": {', '.join(report.stopped)}" if report.stopped else ""))
+    if report.cleared:
+        console.print(f"[dim]cleared the records of {len(report.cleared)} service(s) that "
+                      f"had already stopped: {', '.join(report.cleared)}[/]")
+    for why in report.kept:
+        console.print(f"[yellow]kept[/] {why}")
 
 
 @main.command()
