@@ -672,6 +672,16 @@ def setup(kafka: bool) -> None:
         with err_console.status(f"fetching Kafka {local_kafka.KAFKA_VERSION} jars via Maven…"):
             libs = local_kafka.fetch_jars()
         console.print(f"[green]✓[/] Kafka jars in {libs}")
+        # Once, and again only when the jars or the JVM change: the broker then starts
+        # from an AppCDS archive (a JVM start without it still works, only slower).
+        with err_console.status("making the Kafka broker's AppCDS archive…"):
+            try:
+                archive = local_kafka.build_cds_archive()
+            except LabrunnerError as exc:
+                archive = None
+                err_console.print(f"[yellow]no AppCDS archive:[/] {exc}")
+        if archive is not None:
+            console.print(f"[green]✓[/] Kafka AppCDS archive {archive}")
 
 
 # --------------------------------------------------------------------------------------
