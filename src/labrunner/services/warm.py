@@ -250,7 +250,7 @@ class WarmSet:
             service_set.stop(names)
         for name in names:  # a start that was cancelled may have left its folder
             remove_tree(self.folder / name)
-        if not service_set.endpoints and not self.live_users():
+        if not service_set.endpoints and not self.live_users(exclude=os.getpid()):
             self.stop_all()
         elif data and not service_set.endpoints:
             self.state_file.unlink(missing_ok=True)
