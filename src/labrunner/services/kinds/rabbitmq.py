@@ -11,9 +11,7 @@ import base64
 import json
 import os
 import secrets
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,6 +215,9 @@ class RabbitVhost:
 
 def api(endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call the management HTTP API as the service's user."""
+    import urllib.error
+    import urllib.request  # here: every labrunner command imports the kinds
+
     base = endpoint.extra.get("management_url") or (
         f"http://{endpoint.host}:{endpoint.extra['management_port']}/api")
     data = json.dumps(body).encode() if body is not None else None
