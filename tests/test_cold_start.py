@@ -102,7 +102,10 @@ def test_a_postgres_lab_does_not_wait_for_rabbitmq(runtime: Path,
     outcome = verify(labs, {lab.id: lab.solution_dir for lab in labs}, "local",
                      show_progress=False, on_result=on_result, on_event=on_event)
     by_lab = {r.lab.id: r for r in outcome.results}
-    assert by_lab["ph2.5"].outcome == "passed", by_lab["ph2.5"].message
+    # Ran against its Postgres (its outcome is the lab's business: a loaded machine may time
+    # its 4 s test out), not failed for want of a service.
+    assert by_lab["ph2.5"].tests, by_lab["ph2.5"].message
+    assert "could not start" not in by_lab["ph2.5"].message
     # Every service began starting before any lab result: they start together.
     first_result = events.index("result:ph2.5")
     assert {"start:postgres", "start:rabbitmq", "start:kafka"} <= set(events[:first_result]), \

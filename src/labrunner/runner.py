@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .catalog import Lab
-from .learner_process import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN, start_factory
 from .outcome import OUTCOMES
 from .services.local.process import _die_with_parent, become
 
@@ -100,6 +99,14 @@ class Sandbox:
 
 
 def _limits(sandbox: Sandbox, factory_fd: int | None = None) -> Callable[[], None]:
+    # Imported here, before the fork (never in the child): RPyC costs a learner's
+    # ``labrunner run`` a noticeable part of its start and only grading needs it.
+    start_factory: Callable[[int, int, int, str], None] | None = None
+    if factory_fd is not None and sandbox.learner_uid is not None:
+        from .learner_process import start_factory as factory
+
+        start_factory = factory
+
     def apply() -> None:
         import resource
 
@@ -120,7 +127,8 @@ def _limits(sandbox: Sandbox, factory_fd: int | None = None) -> Callable[[], Non
         if sandbox.file_size_bytes:
             resource.setrlimit(resource.RLIMIT_FSIZE,
                                (sandbox.file_size_bytes, sandbox.file_size_bytes))
-        if factory_fd is not None and sandbox.learner_uid is not None:
+        if start_factory is not None and factory_fd is not None and \
+                sandbox.learner_uid is not None:
             # Forked here: confined like the verification (namespaces, limits, cgroup) but
             # as another uid, and in its process group (a timeout kills it with the rest).
             start_factory(factory_fd, sandbox.learner_uid, sandbox.learner_uid,
@@ -271,6 +279,8 @@ def _run_lab(
     factory_end: socket.socket | None = None
     verifier_end: socket.socket | None = None
     apart = sandbox.learner_process and lab.learner_code_in_own_process
+    if sandbox.learner_process:
+        from .learner_process import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN
     if sandbox.learner_process and sandbox.learner_uid is not None:
         # The learner's factory, as the learner's uid: it hosts the learner's Python code
         # (labs that keep it apart) and starts the learner's programs (learner.popen: C
