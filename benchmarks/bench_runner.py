@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -116,8 +117,9 @@ def sequential_vs_concurrent(medians: dict[str, float]) -> None:
           f"{concurrent / slowest_alone if slowest_alone else float('nan'):.2f})")
 
 
-def first_result(args: list[str]) -> tuple[float, float, int]:
-    """Seconds to the first result line, to the end, and the exit code of a run."""
+def first_result(args: list[str], stop: bool = False) -> tuple[float, float, int]:
+    """Seconds to the first result line, to the end, and the exit code of a run; with
+    ``stop``, the run is interrupted (Ctrl-C) once its first result is in."""
     start = time.perf_counter()
     proc = subprocess.Popen([*RUNNER, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
@@ -126,23 +128,25 @@ def first_result(args: list[str]) -> tuple[float, float, int]:
     for line in proc.stdout:
         if first != first and line.lstrip().startswith(("✓", "✗", "!", "⏱", "-")):
             first = time.perf_counter() - start
+            if stop:
+                proc.send_signal(signal.SIGINT)
     code = proc.wait()
     return first, time.perf_counter() - start, code
 
 
 def first_results() -> None:
     print("\n3. first result, cold (no warm set) and a second run right after")
-    clean()
+    clean(docker=False)
     for selector in ("ph5", "ph2"):
-        first, total, code = first_result(["run", selector, "--solutions"])
-        print(f"   run {selector:<6} cold: first result after {first:6.2f}s, all done "
-              f"{total:6.2f}s (exit {code})")
-        clean()
+        first, total, code = first_result(["run", selector, "--solutions"], stop=True)
+        print(f"   run {selector:<6} cold: first result after {first:6.2f}s (then "
+              f"interrupted; exit {code})")
+        clean(docker=False)
     cold = first_result(["run", "ph5.1", "--solutions"])
     warm = first_result(["run", "ph5.1", "--solutions"])
     print(f"   run ph5.1  cold {cold[1]:6.2f}s, second run right after {warm[1]:6.2f}s: "
           f"{cold[1] / warm[1]:.1f}x faster")
-    clean()
+    clean(docker=False)
 
 
 def runner_overhead(lab_id: str, repeat: int) -> None:
@@ -183,7 +187,7 @@ def runner_overhead(lab_id: str, repeat: int) -> None:
     r = med["labrunner run"]
     print(f"   labrunner run / pytest as the runner calls it: {r / base:.2f} "
           f"(overhead {100 * (r - base) / base:+.0f}%)")
-    clean()
+    clean(docker=False)
 
 
 def main() -> None:
@@ -194,7 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"runtime dir {os.environ['LABRUNNER_RUNTIME_DIR']}; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
-    clean()
+    clean(docker=False)
     # Templates (Postgres' initdb, Kafka's storage format) are made once per runtime dir:
     # made here, before anything is measured.
     warm_up = ServiceSet.ephemeral("local")

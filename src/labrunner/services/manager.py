@@ -341,7 +341,7 @@ def clean_leftovers() -> list[str]:
     return clean().stopped
 
 
-def clean() -> CleanReport:
+def clean(docker: bool = True) -> CleanReport:
     """Stop every warm set no live run uses and everything crashed runs left; keep what a
     live run uses (and say why). Only services that were running count as stopped: the
     entries of services that had already died are cleared and reported apart."""
@@ -391,7 +391,7 @@ def clean() -> CleanReport:
         pid = folder.name.split("-")[1]
         if pid.isdigit() and not pid_alive(int(pid)) and not (folder / "state.json").exists():
             remove_tree(folder)
-    if docker_answers():
+    if docker and docker_answers():
         from .docker import remove_labelled
 
         report.stopped += remove_labelled()
