@@ -77,7 +77,7 @@ def service_ready_times(repeat: int) -> dict[str, float]:
             if docker else "      -  "
         warm_set = ServiceSet.ephemeral("local")
         endpoint = warm_set.ensure([name])[name]
-        warm = median_time(lambda s=warm_set, e=endpoint: s.backend.alive(e), repeat)
+        warm = median_time(lambda: warm_set.backend.alive(endpoint), repeat)  # noqa: B023
         warm_set.stop()
         print(f"{name:<11}{medians[name]:8.2f}s{dock}{warm:11.3f}s   "
               + " ".join(f"{s:.2f}" for s in samples))
@@ -88,7 +88,7 @@ def service_ready_times(repeat: int) -> dict[str, float]:
 
 def sequential_vs_concurrent(medians: dict[str, float]) -> None:
     catalog = load_catalog()
-    phase5 = [lab for lab in catalog.labs() if lab.id.startswith("ph5.")]
+    phase5 = [lab for lab in catalog.labs if lab.id.startswith("ph5.")]
     names = needed_services(phase5)
     print(f"\n2. the Phase 5 set ({', '.join(names)}): one after another vs all at once")
     seq_set = ServiceSet.ephemeral("local")

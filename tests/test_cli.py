@@ -122,7 +122,9 @@ def test_ctrl_c_mid_run_leaves_nothing_behind(selector: str, test_file: str) -> 
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 120
-    # Wait until the verification itself is running (services up, pytest in the test).
+    # Wait until the verification itself is running (services up, pytest in the test): this
+    # checkout's fixture lab by its full path, not another checkout's run of the same lab.
+    test_file = str(next(FIXTURE_PROJECT.glob(f"labs/*/*/{test_file}")))
     while time.monotonic() < deadline and not _processes_mentioning(test_file):
         time.sleep(0.2)
     assert _processes_mentioning(test_file), "the verification never started"
@@ -193,7 +195,8 @@ def test_down_clears_what_a_killed_run_left() -> None:
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not _processes_mentioning("test_deadlocks.py"):
+        mine = str(next(FIXTURE_PROJECT.glob("labs/*/*/test_deadlocks.py")))
+        while time.monotonic() < deadline and not _processes_mentioning(mine):
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up
         proc.wait(30)

@@ -56,6 +56,11 @@ def _cli(runtime: Path, *args: str, **env: str) -> subprocess.CompletedProcess[s
                                       LABRUNNER_HOME=str(FIXTURE_PROJECT), **env))
 
 
+def _lab_test(name: str) -> str:
+    """A fixture lab's test file by its full path: other checkouts run the same labs."""
+    return str(next(FIXTURE_PROJECT.glob(f"labs/*/*/{name}")))
+
+
 def _ran(done: subprocess.CompletedProcess[str]) -> None:
     """The run verified its lab against its services (whether the fixture lab's 4 s test
     passes on a loaded machine is not what these tests are about)."""
@@ -133,7 +138,7 @@ def test_warm_set_is_the_workspaces_and_down_keeps_a_set_in_use(runtime: Path) -
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        _until(lambda: bool(_processes_mentioning("test_deadlocks.py")),
+        _until(lambda: bool(_processes_mentioning(_lab_test("test_deadlocks.py"))),
                "the ph2.6 verification runs")
         down = _cli(runtime, "services", "down")
         assert down.returncode == 0, down.stderr
@@ -228,7 +233,7 @@ def test_ctrl_c_during_start_leaves_nothing_and_no_false_report(runtime: Path,
 
     _until(lambda: len(spawned()) == len(pid_files), "the services spawn")
     pids = spawned()
-    assert not _processes_mentioning("test_why_events.py")
+    assert not _processes_mentioning(_lab_test("test_why_events.py"))
     for _ in range(presses):
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     out, _ = proc.communicate(timeout=PATIENCE)
