@@ -1,108 +1,219 @@
-"""Measure, in one run on this machine:
+"""Measure, in one run on this machine, side by side (issue #22):
 
-1. time to ready for each local service, cold (a fresh start, no warm set; the Postgres and
-   Kafka templates already made) and warm (a warm set found alive and reused);
-2. for one lab, the wall time of ``labrunner run LAB --solutions`` against bare ``pytest`` on
-   the same test with the same running services, as a ratio (the runner's overhead).
+1. time to ready of each service, local backend (median of ``--repeat``; RabbitMQ and Kafka
+   at least 3) and docker where a daemon answers, and what reusing a warm one costs;
+2. the Phase 5 service set started one after another against all at once (the run's way);
+3. first-result latency of ``labrunner run ph5`` and ``run ph2`` from cold (no warm set),
+   and ``labrunner run ph5.1`` cold against a second ``run ph5.1`` right after (no
+   ``services up``: the first run left its services warm);
+4. the runner's overhead on one lab with warm services: ``labrunner run LAB`` against the
+   pytest command the runner builds, run by hand.
 
-Side by side and repeated, so that the noisy shared machine affects both sides alike.
-Usage: python benchmarks/bench_runner.py [--lab ph2.5] [--repeat 5]
+Everything runs in $LABRUNNER_RUNTIME_DIR (default: a folder of its own under /tmp): the
+warm sets there are stopped first and at the end. Templates (Postgres, Kafka storage) are
+made before measuring. Usage: python benchmarks/bench_runner.py [--lab ph2.5] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from labrunner.catalog import load_catalog
-from labrunner.services import kinds
-from labrunner.services.manager import ServiceSet
+if not os.environ.get("LABRUNNER_RUNTIME_DIR"):
+    os.environ["LABRUNNER_RUNTIME_DIR"] = str(Path(tempfile.gettempdir()) /
+                                              f"labrunner-bench-{os.geteuid()}")
+
+from labrunner.catalog import load_catalog  # noqa: E402
+from labrunner.services import kinds  # noqa: E402
+from labrunner.services.manager import ServiceSet, Startup, clean, docker_answers  # noqa: E402
+from labrunner.session import needed_services  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+RUNNER = [sys.executable, "-m", "labrunner.cli"]
 
 
-def median_time(fn: object, repeat: int) -> float:
+def median_time(fn: Callable[[], object], repeat: int) -> float:
     samples = []
     for _ in range(repeat):
         start = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
 
-def service_ready_times(repeat: int) -> None:
-    print(f"time to ready, local backend (median of {repeat})")
-    print(f"{'service':<10}{'cold':>10}{'warm':>10}{'cold/warm':>12}")
+def ready_time(backend: str, name: str) -> float:
+    service_set = ServiceSet.ephemeral(backend)
+    start = time.perf_counter()
+    try:
+        service_set.ensure([name])
+        return time.perf_counter() - start
+    finally:
+        service_set.stop()
+
+
+def service_ready_times(repeat: int) -> dict[str, float]:
+    docker = docker_answers()
+    print(f"1. time to ready (median of {max(3, repeat)} for kafka and rabbitmq, "
+          f"{repeat} for the others)")
+    print(f"{'service':<11}{'local':>9}{'docker':>9}{'warm reuse':>12}   local samples")
+    medians: dict[str, float] = {}
     for service in kinds():
         name = service.name
         if service.missing():
-            print(f"{name:<10}  skipped: {service.missing()}")
+            print(f"{name:<11}  skipped: {service.missing()}")
             continue
-        cold_samples = []
-        for _ in range(repeat if name in ("postgres", "redis", "prometheus")
-                       else max(1, repeat // 2)):
-            service_set = ServiceSet.ephemeral("local")
-            start = time.perf_counter()
-            service_set.ensure([name])
-            cold_samples.append(time.perf_counter() - start)
-            service_set.stop()
-        cold = statistics.median(cold_samples)
+        n = max(3, repeat) if name in ("kafka", "rabbitmq") else repeat
+        samples = [ready_time("local", name) for _ in range(n)]
+        medians[name] = statistics.median(samples)
+        dock = f"{statistics.median(ready_time('docker', name) for _ in range(n)):8.2f}s" \
+            if docker else "      -  "
         warm_set = ServiceSet.ephemeral("local")
         endpoint = warm_set.ensure([name])[name]
-        # Warm: what a run pays to reuse a warm service: find it alive.
-        warm = median_time(lambda s=warm_set, e=endpoint: s.backend.alive(e), repeat)
+        warm = median_time(lambda: warm_set.backend.alive(endpoint), repeat)  # noqa: B023
         warm_set.stop()
-        print(f"{name:<10}{cold:>9.2f}s{warm:>9.3f}s{cold / warm:>11.0f}x")
+        print(f"{name:<11}{medians[name]:8.2f}s{dock}{warm:11.3f}s   "
+              + " ".join(f"{s:.2f}" for s in samples))
+    if not docker:
+        print("(docker: no daemon answers here)")
+    return medians
+
+
+def sequential_vs_concurrent(medians: dict[str, float]) -> None:
+    catalog = load_catalog()
+    phase5 = [lab for lab in catalog.labs if lab.id.startswith("ph5.")]
+    names = needed_services(phase5)
+    print(f"\n2. the Phase 5 set ({', '.join(names)}): one after another vs all at once")
+    seq_set = ServiceSet.ephemeral("local")
+    start = time.perf_counter()
+    try:
+        seq_set.ensure(names)
+        sequential = time.perf_counter() - start
+    finally:
+        seq_set.stop()
+    conc_set = ServiceSet.ephemeral("local")
+    startup = Startup(conc_set, names)
+    start = time.perf_counter()
+    try:
+        startup.begin().wait()
+        concurrent = time.perf_counter() - start
+        if startup.errors:
+            print(f"   failed: {startup.errors}")
+    finally:
+        conc_set.stop()
+        startup.release()
+    slowest = max(startup.durations.values()) if startup.durations else float("nan")
+    slowest_alone = max(medians.get(n, 0.0) for n in names)
+    print(f"   sequential {sequential:6.2f}s   concurrent {concurrent:6.2f}s   "
+          f"(slowest service inside the concurrent start {slowest:.2f}s; slowest alone, "
+          f"median above {slowest_alone:.2f}s; concurrent / slowest alone "
+          f"{concurrent / slowest_alone if slowest_alone else float('nan'):.2f})")
+
+
+def first_result(args: list[str], stop: bool = False) -> tuple[float, float, int]:
+    """Seconds to the first result line, to the end, and the exit code of a run; with
+    ``stop``, the run is interrupted (Ctrl-C) once its first result is in."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([*RUNNER, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    first = float("nan")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if first != first and line.lstrip().startswith(("✓", "✗", "!", "⏱", "-")):
+            first = time.perf_counter() - start
+            if stop:
+                proc.send_signal(signal.SIGINT)
+    code = proc.wait()
+    return first, time.perf_counter() - start, code
+
+
+def first_results() -> None:
+    print("\n3. first result, cold (no warm set) and a second run right after")
+    clean(docker=False)
+    for selector in ("ph5", "ph2"):
+        first, total, code = first_result(["run", selector, "--solutions"], stop=True)
+        print(f"   run {selector:<6} cold: first result after {first:6.2f}s (then "
+              f"interrupted; exit {code})")
+        clean(docker=False)
+    cold = first_result(["run", "ph5.1", "--solutions"])
+    warm = first_result(["run", "ph5.1", "--solutions"])
+    print(f"   run ph5.1  cold {cold[1]:6.2f}s, second run right after {warm[1]:6.2f}s: "
+          f"{cold[1] / warm[1]:.1f}x faster")
+    clean(docker=False)
 
 
 def runner_overhead(lab_id: str, repeat: int) -> None:
+    from labrunner.runner import Sandbox, pytest_command
+
     lab = load_catalog().lab(lab_id)
-    service_set = ServiceSet.warm_set("local")
+    service_set = ServiceSet.warm_set("local", REPO)
+    service_set.meta["warm"].update(pinned=True, deadline=None)
     service_set.ensure(lab.services)
     env = {**os.environ, "LABRUNNER_SERVICES": str(service_set.state_file)}
-    bare = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-            *map(str, lab.test_files), "--lab-target", "solution"]
-    # The same pytest invocation the runner makes (no plugin autoload), run by hand: the
-    # difference to `labrunner run` is the runner's own cost (CLI, catalog, services check,
-    # signed report channel, results table).
-    lean = [*bare, "-p", "labrunner.plugin", "-p", "pytest_timeout"]
+    ini = Path(tempfile.mkdtemp()) / "pytest.ini"
+    ini.write_text("[pytest]\n", encoding="utf-8")
+    # The very command the runner builds (no plugin autoload, the labrunner plugin, its
+    # options), run by hand: the difference to `labrunner run` is the runner's own cost
+    # (CLI, catalog, warm set, signed report channel, results).
+    lean = pytest_command(lab, lab.solution_dir, Sandbox(), ini)
     lean_env = {**env, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    runner = [sys.executable, "-m", "labrunner.cli", "run", lab_id, "--solutions"]
-    sides = [("bare pytest", bare, env), ("pytest as the runner calls it", lean, lean_env),
-             ("labrunner run", runner, env)]
+    runner = [*RUNNER, "run", lab_id, "--solutions"]
+    sides = [("pytest as the runner calls it", lean, lean_env), ("labrunner run", runner, env)]
     for _, cmd, cmd_env in sides:  # warm the OS caches for every side before measuring
-        subprocess.run(cmd, env=cmd_env, capture_output=True, check=False)
+        subprocess.run(cmd, env=cmd_env, capture_output=True, check=False, cwd=ini.parent)
     times: dict[str, list[float]] = {name: [] for name, _, _ in sides}
     for _ in range(repeat):  # interleaved: each round sees the same machine load
         for name, cmd, cmd_env in sides:
             start = time.perf_counter()
-            done = subprocess.run(cmd, env=cmd_env, capture_output=True, text=True)
+            done = subprocess.run(cmd, env=cmd_env, capture_output=True, text=True,
+                                  cwd=ini.parent)
             times[name].append(time.perf_counter() - start)
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-2000:])
                 raise SystemExit(f"{name} failed")
     med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"\nlab {lab_id}, warm services, median of {repeat}:")
+    print(f"\n4. runner overhead, lab {lab_id}, warm services, median of {repeat}:")
     for name, value in med.items():
-        print(f"  {name:<32}{value:6.2f}s")
+        print(f"   {name:<32}{value:6.2f}s   "
+              + " ".join(f"{s:.2f}" for s in times[name]))
+    base = med["pytest as the runner calls it"]
     r = med["labrunner run"]
-    for base in ("bare pytest", "pytest as the runner calls it"):
-        print(f"labrunner run / {base}: {r / med[base]:.2f} "
-              f"(overhead {100 * (r - med[base]) / med[base]:+.0f}%)")
+    print(f"   labrunner run / pytest as the runner calls it: {r / base:.2f} "
+          f"(overhead {100 * (r - base) / base:+.0f}%)")
+    clean(docker=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lab", default="ph2.5")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="1234", help="which parts, e.g. 14")
     args = parser.parse_args()
-    service_ready_times(args.repeat)
-    runner_overhead(args.lab, args.repeat)
+    print(f"runtime dir {os.environ['LABRUNNER_RUNTIME_DIR']}; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    clean(docker=False)
+    # Templates (Postgres' initdb, Kafka's storage format) are made once per runtime dir:
+    # made here, before anything is measured.
+    warm_up = ServiceSet.ephemeral("local")
+    warm_up.ensure([k.name for k in kinds() if not k.missing()])
+    warm_up.stop()
+    medians: dict[str, float] = {}
+    if "1" in args.only:
+        medians = service_ready_times(args.repeat)
+    if "2" in args.only:
+        sequential_vs_concurrent(medians)
+    if "3" in args.only:
+        first_results()
+    if "4" in args.only:
+        runner_overhead(args.lab, args.repeat)
+    print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -31,5 +31,8 @@ def local_services() -> Iterator[object]:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABRUNNER_", "PYTEST_"))}
+    # A run keeps what it starts warm for a while by default: these tests expect fresh
+    # services and nothing left once a command ends (tests of warm sets set their own).
+    env["LABRUNNER_WARM_IDLE"] = "0"
     env.update(extra)
     return env

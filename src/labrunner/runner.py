@@ -20,11 +20,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .catalog import Lab
 from .channel import (
@@ -370,6 +370,20 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
+class Readiness(Protocol):
+    """Which services are ready (``services.manager.Startup``): a lab starts when its own
+    are, not when every service of the run is."""
+
+    def settled(self, names: Iterable[str]) -> bool:
+        """Each of ``names`` is ready or failed."""
+
+    def problem(self, names: Iterable[str]) -> str | None:
+        """Why one of ``names`` cannot be used, else None."""
+
+    def wait_change(self, timeout: float) -> None:
+        """Block until some service settles (or ``timeout``)."""
+
+
 @dataclass
 class RunPlan:
     labs: Sequence[Lab]
@@ -378,20 +392,46 @@ class RunPlan:
     run_id: str
     jobs: int = 1
     sandbox: Sandbox | None = None
+    readiness: Readiness | None = None
 
 
 def run_all(plan: RunPlan, on_result: Callable[[LabResult], None],
             on_start: Callable[[Lab], None] | None = None) -> list[LabResult]:
-    """Run every lab of the plan (``jobs`` at a time); on Ctrl-C, kill the running ones and
-    re-raise after every process is gone."""
+    """Run every lab of the plan (``jobs`` at a time), each as soon as the services it needs
+    are ready (the first such lab in the plan's order); a lab whose service failed to start
+    is an error of its own. On Ctrl-C, kill the running ones and re-raise after every
+    process is gone."""
     running: dict[str, subprocess.Popen[bytes]] = {}
     lock = threading.Lock()
     cancelled = threading.Event()
     results: list[LabResult] = []
+    pending = list(plan.labs)
+    gate = plan.readiness
+
+    def take() -> Lab | None:
+        """The next lab whose services are ready or failed, waiting for one if need be."""
+        while not cancelled.is_set():
+            with lock:
+                if not pending:
+                    return None
+                for lab in pending:
+                    if gate is None or gate.settled(lab.services):
+                        pending.remove(lab)
+                        return lab
+            assert gate is not None
+            gate.wait_change(0.5)
+        return None
 
     def one(lab: Lab) -> LabResult | None:
         if cancelled.is_set():
             return None
+        problem = gate.problem(lab.services) if gate is not None else None
+        if problem:
+            result = LabResult(lab, "error", 0.0,
+                               f"{problem}\n(this lab needs it; labrunner doctor shows what "
+                               "is installed)", started_at=time.time())
+            on_result(result)
+            return result
         if on_start:
             on_start(lab)
 
@@ -409,13 +449,19 @@ def run_all(plan: RunPlan, on_result: Callable[[LabResult], None],
         on_result(result)
         return result
 
-    pool = ThreadPoolExecutor(max_workers=max(1, plan.jobs))
-    futures = [pool.submit(one, lab) for lab in plan.labs]
+    def worker() -> list[LabResult]:
+        done = []
+        while (lab := take()) is not None:
+            result = one(lab)
+            if result is not None:
+                done.append(result)
+        return done
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(plan.jobs, len(plan.labs))))
+    futures = [pool.submit(worker) for _ in range(max(1, min(plan.jobs, len(plan.labs))))]
     try:
         for future in futures:
-            result = future.result()
-            if result is not None:
-                results.append(result)
+            results += future.result()
     except BaseException:
         cancelled.set()
         with lock:

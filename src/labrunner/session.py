@@ -5,23 +5,28 @@ Kept out of the CLI so that grading, benchmarks and tests drive the same path.""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING, Any
 
 from .catalog import Lab
 from .report import err_console
 from .runner import LabResult, RunPlan, Sandbox, run_all
 from .services import SERVICE_NAMES
-from .services.base import Endpoint
+from .services.base import Endpoint, ServiceError
 from .services.isolation import new_run_id
-from .services.manager import ServiceSet, read_state, warm_state_file
+from .services.manager import ServiceSet, Startup
+from .services.warm import WarmSet
 from .store import Attempt, ProgressStore, files_hash
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 @dataclass
@@ -53,31 +58,172 @@ def syntax_problem(lab: Lab, source: Path) -> str | None:
     return None
 
 
+def warm_owner(workspace_dir: Path | None = None) -> Path:
+    """Whose warm set a command uses: the workspace (``workspace_dir`` or the one here or
+    above), else the labrunner checkout (``--solutions``/``--starters`` runs, dev check)."""
+    from .catalog import find_project_root
+    from .workspace import WorkspaceError, find_workspace
+
+    try:
+        return find_workspace(workspace_dir).root.resolve()
+    except WorkspaceError:
+        return (find_project_root() or Path.cwd()).resolve()
+
+
 @contextlib.contextmanager
-def services_for(labs: Sequence[Lab], backend: str, quiet: bool = False) -> Iterator[ServiceSet]:
-    """The services ``labs`` need: reused from the warm set where it has them, the rest
-    started for this run and stopped when it ends, also on Ctrl-C or SIGTERM."""
+def _sigint_ignored() -> Iterator[None]:
+    """Clean-up that a second and third Ctrl-C must not cut short (they used to leave a
+    ``run-<pid>-*`` folder and services behind)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def services_for(labs: Sequence[Lab], backend: str, quiet: bool = False,
+                 keep: float = 0.0, owner: Path | None = None,
+                 wait_all: bool = True,
+                 on_event: Callable[[str, str], None] | None = None) -> Iterator[ServiceSet]:
+    """The services ``labs`` need, all started at once (one thread each).
+
+    Reused from ``owner``'s warm set where it has them (the run counts as one of its users,
+    so ``labrunner services down`` keeps the set while the run lasts). With ``keep`` (idle
+    seconds), the missing ones are started into that warm set and left running for ``keep``
+    seconds after the run (a detached reaper stops them then); without, they belong to this
+    run and stop when it ends. On Ctrl-C or SIGTERM every start still going gives up, what
+    this run started is stopped and nothing of the run is left.
+
+    With ``wait_all`` the set is yielded once every service is ready (a service that failed
+    raises); without, at once: ``service_set.startup`` tells which are ready (the runner
+    starts each lab when its own services are). ``on_event(kind, name)`` hears "start",
+    "ready" and "failed" (tests and benchmarks order labs against them)."""
+    names = needed_services(labs)
     run_set = ServiceSet.ephemeral(backend)
-    warm = {name: ep for name, ep in read_state(warm_state_file(backend)).items()}
-    reused: dict[str, Endpoint] = {}
-    for name in needed_services(labs):
-        if name in warm and run_set.backend.alive(warm[name]):
-            reused[name] = warm[name]
-    run_set.endpoints.update(reused)
+    warm = WarmSet.of(backend, owner) if owner is not None and backend != "external" else None
+    warm_set: ServiceSet | None = None
+    lock: Any = None
+    lock_released = threading.Event()
+    lock_released.set()
+    startup: Startup | None = None
+    interrupted = False
+    guard = threading.Lock()
+    me = os.getpid()
+
+    def event(kind: str, name: str) -> None:
+        if on_event is not None:
+            on_event(kind, name)
 
     def announce(name: str) -> None:
-        if not quiet:
+        event("start", name)
+        if not quiet and not (startup is not None and startup.cancelled.is_set()):
             err_console.print(f"[dim]starting {name} ({backend})…[/]")
+
+    def ready(name: str, endpoint: Endpoint, took: float) -> None:
+        with guard:
+            if run_set.workdir.is_dir():
+                run_set.endpoints[name] = endpoint
+                run_set.save()
+        event("ready", name)
+        if not quiet and not (startup is not None and startup.cancelled.is_set()):
+            err_console.print(f"[dim]{name} ready in {took:.1f} s[/]")
+
+    def failed(name: str, message: str) -> None:
+        event("failed", name)
 
     try:
         with _terminate_as_interrupt():
-            run_set.ensure(needed_services(labs), on_start=announce)
+            reused: dict[str, Endpoint] = {}
+            if warm is not None:
+                lock_released.clear()
+                lock = warm.acquire()
+                if warm.expired():
+                    warm.stop_all()   # its deadline passed and its reaper is gone
+                assert owner is not None
+                warm_set = ServiceSet.warm_set(backend, owner)
+                reused = {n: ep for n, ep in warm_set.endpoints.items() if n in names}
+                warm.add_user(me)
+                if keep > 0:
+                    meta = warm_set.meta["warm"]
+                    if not meta.get("pinned"):
+                        meta.update(idle=keep, deadline=time.time() + keep)
+                    warm_set.save()
+            run_set.endpoints.update(reused)
+            run_set.save()
+            target = warm_set if (warm_set is not None and keep > 0) else run_set
+            startup = Startup(target, [n for n in names if n not in reused],
+                              on_start=announce, on_ready=ready, on_failed=failed,
+                              keep_threads=target is run_set)
+            run_set.startup = startup
+            startup.begin()
+            if warm is not None:
+                if target is warm_set:
+                    warm.ensure_reaper()
+
+                    def release_when_started() -> None:
+                        startup.wait()
+                        WarmSet.release(lock)
+                        lock_released.set()
+
+                    threading.Thread(target=release_when_started, daemon=True).start()
+                else:
+                    WarmSet.release(lock)
+                    lock_released.set()
+            if wait_all:
+                startup.wait()
+                problem = startup.problem(names)
+                if problem:
+                    raise ServiceError(problem)
             yield run_set
+    except BaseException:
+        interrupted = True
+        raise
     finally:
-        # Forget the warm services before stopping: they belong to the warm set.
-        for name in reused:
-            run_set.endpoints.pop(name, None)
+        with _sigint_ignored():
+            _finish(run_set, warm, warm_set, startup, keep, interrupted, lock_released, me)
+
+
+def _finish(run_set: ServiceSet, warm: WarmSet | None, warm_set: ServiceSet | None,
+            startup: Startup | None, keep: float, interrupted: bool,
+            lock_released: threading.Event, me: int) -> None:
+    """A run's services at its end (see :func:`services_for`)."""
+    if startup is not None:
+        startup.cancel()   # no-op for the starts that finished
+        startup.join()
+    lock_released.wait(60)
+    kept_warm = warm is not None and warm_set is not None and keep > 0
+    if warm is not None:
+        with warm.locked():
+            if kept_warm:
+                started = [n for n in (startup.names if startup else [])]
+                if interrupted:
+                    # Ctrl-C: what this run started goes (unless another run took it up);
+                    # what was warm before stays warm.
+                    if not warm.live_users(exclude=me):
+                        warm.stop_some(started)
+                elif not warm.pinned() and warm.read():
+                    warm.write_meta(idle=keep, deadline=time.time() + keep)
+                    warm.ensure_reaper()
+            warm.remove_user(me)
+            if warm.folder.is_dir() and not warm.read() and not warm.live_users():
+                warm.stop_all()   # nothing in it (all failed, or stopped above)
+    # The run's own folder: its own services (not kept) and the state the tests read.
+    for name in list(run_set.endpoints):
+        if name not in run_set.started_here:
+            run_set.endpoints.pop(name)
+    try:
         run_set.stop()
+    finally:
+        from .services.local.process import remove_tree
+
+        remove_tree(run_set.workdir)
+        if startup is not None:
+            startup.release()
 
 
 @contextlib.contextmanager
@@ -99,6 +245,15 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def _progress_bar(show: bool) -> Progress:
+    # Imported here: rich's live display is only needed once a run starts.
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn("{task.fields[current]}"),
@@ -116,9 +271,14 @@ def verify(
     sandbox: Sandbox | None = None,
     on_result: Callable[[LabResult], None] | None = None,
     services: ServiceSet | None = None,
+    keep: float = 0.0,
+    owner: Path | None = None,
+    on_event: Callable[[str, str], None] | None = None,
 ) -> RunOutcome:
     """Verify ``labs`` against ``sources`` (lab id → learner folder). With a store, each
-    finished lab is recorded as it finishes, so an interrupted run keeps what it did."""
+    finished lab is recorded as it finishes, so an interrupted run keeps what it did. The
+    services start together and each lab starts once its own are ready; ``keep`` and
+    ``owner``: see :func:`services_for`."""
     started = time.time()
     results: list[LabResult] = []
     selected = list(labs)
@@ -145,10 +305,13 @@ def verify(
     # A caller that keeps services up across runs (``labrunner watch``) passes its set.
     scope: contextlib.AbstractContextManager[ServiceSet] = (
         contextlib.nullcontext(services) if services is not None
-        else services_for(labs, backend, quiet=not show_progress))
+        else services_for(labs, backend, quiet=not show_progress, keep=keep, owner=owner,
+                          wait_all=False, on_event=on_event))
     with scope as service_set:
-        state = service_set.state_file if service_set.endpoints else None
-        plan = RunPlan(labs, sources, state, new_run_id(), jobs, sandbox)
+        startup = service_set.startup
+        state = (service_set.state_file
+                 if service_set.endpoints or (startup is not None and startup.names) else None)
+        plan = RunPlan(labs, sources, state, new_run_id(), jobs, sandbox, readiness=startup)
         progress = _progress_bar(show_progress)
         with progress:
             task = progress.add_task("verifying", total=len(labs), current="")

@@ -54,7 +54,11 @@ def _round(labs: Sequence[Lab], workspace: Workspace, backend: str,
 def watch_labs(labs: Sequence[Lab], workspace: Workspace, backend: str) -> None:
     folders = [workspace.lab_dir(lab) for lab in labs]
     hashes = {lab.id: files_hash(workspace.lab_dir(lab), lab.learner_files) for lab in labs}
-    with services_for(labs, backend) as services:
+    from .services.warm import idle_seconds
+
+    # The workspace's warm set: reused, and what the watch starts stays warm after it.
+    with services_for(labs, backend, keep=idle_seconds(),
+                      owner=workspace.root.resolve()) as services:
         _round(labs, workspace, backend, services)
         for changes in watch(*folders, debounce=DEBOUNCE_MS, raise_interrupt=True):
             candidates = changed_labs(labs, workspace, (path for _, path in changes))

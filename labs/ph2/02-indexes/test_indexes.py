@@ -17,6 +17,7 @@ Finally no index may be redundant (a left prefix of, or equal to, another) or un
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -187,7 +188,14 @@ def prepare(db: Conn, clean: Conn, learner: Any) -> Workload:
 
 
 @pytest.fixture
-def workload(postgres: Any, learner: Any) -> Iterator[Callable[[], Workload]]:
+def script_written(learner: Any) -> None:
+    """Before the test's database is made: the starter's script fails at once."""
+    refuse_empty_script(learner)
+
+
+@pytest.fixture
+def workload(script_written: None, postgres: Any,
+             learner: Any) -> Iterator[Callable[[], Workload]]:
     """The orders table with 100,000 rows and only its primary key; calling the fixture's
     value runs indexes.sql. The script runs inside the test, so a broken script is a
     failed check in the database's words rather than a setup error."""
@@ -195,6 +203,17 @@ def workload(postgres: Any, learner: Any) -> Iterator[Callable[[], Workload]]:
         db.execute(CREATE_TABLE)
         db.execute(FILL_TABLE)
         yield lambda: prepare(db, clean, learner)
+
+
+def refuse_empty_script(learner: Any) -> None:
+    """An indexes.sql with no statement at all (the starter: comments only) fails before
+    the 100,000 rows are generated and analyzed: there is nothing to explain yet."""
+    script = learner.path("indexes.sql").read_text(encoding="utf-8")
+    without_comments = re.sub(r"--[^\n]*|/\*.*?\*/", "", script, flags=re.DOTALL)
+    if not without_comments.replace(";", "").strip():
+        pytest.fail("indexes.sql has no statement yet: write the CREATE INDEX statements the "
+                    "workload in README.md needs (Q1 history, Q2 count, Q3 lookup, Q4 "
+                    "pending queue)", pytrace=False)
 
 
 def no_index_message(query: Query, plan: Plan, need: str) -> str:

@@ -43,12 +43,12 @@ def dev_check(selectors: Sequence[str], backend: str | None, json_path: Path | N
     from ..report import mark
     from ..services.isolation import new_run_id
     from ..services.manager import resolve_backend_name
-    from ..session import services_for
+    from ..session import services_for, warm_owner
 
     labs, _ = _selected_labs(_catalog(), selectors or ["all"])
     todo = list(strength_expectations(labs) if strength else expectations(labs))
     outcomes = []
-    with services_for(labs, resolve_backend_name(backend)) as service_set:
+    with services_for(labs, resolve_backend_name(backend), owner=warm_owner()) as service_set:
         state = service_set.state_file if service_set.endpoints else None
         run_id = new_run_id()
         with err_console.status("checking…") as status:

@@ -109,18 +109,23 @@ def init(directory: Path) -> None:
 @click.option("-v", "--verbose", is_flag=True,
               help="Every test with its whole message, where your code failed, and what it "
                    "printed.")
+@click.option("--keep/--no-keep", default=True, show_default=True,
+              help="Leave the services this run starts running for the next run, until "
+                   "they have been idle $LABRUNNER_WARM_IDLE seconds (default 300).")
 def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None,
         backend: str | None, jobs: int, json_path: Path | None, junit_path: Path | None,
-        expect_fail: bool, verbose: bool) -> None:
+        expect_fail: bool, verbose: bool, keep: bool) -> None:
     """Verify SELECTORS: a phase (ph2), a concept (ph2.5), a slug, a lab folder, or all.
     Inside a lab folder, no selector (or '.') runs that lab."""
     from ..report import print_result, verbose_result
     from ..results import results_document, write_json, write_junit
     from ..services.manager import resolve_backend_name
-    from ..session import verify
+    from ..services.warm import expire_due, idle_seconds
+    from ..session import verify, warm_owner
 
     catalog = _catalog()
     labs = _labs_to("run", "not counted", catalog, selectors)
+    expire_due()
     store = None
     if target is None:
         workspace = find_workspace(workspace_dir)
@@ -135,7 +140,8 @@ def run(selectors: Sequence[str], target: str | None, workspace_dir: Path | None
     # The bar is drawn only on a terminal (rich's live display); service start-up lines
     # are printed either way, so a CI log shows what was started.
     on_result = verbose_result if verbose else print_result
-    outcome = verify(labs, sources, backend_name, jobs=jobs, store=store, on_result=on_result)
+    outcome = verify(labs, sources, backend_name, jobs=jobs, store=store, on_result=on_result,
+                     keep=idle_seconds() if keep else 0.0, owner=warm_owner(workspace_dir))
     if len(outcome.results) > 1:
         results_tables(catalog, outcome.results, shown_target)
     document = results_document(outcome.results, target=shown_target, backend=backend_name,

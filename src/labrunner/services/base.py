@@ -17,9 +17,11 @@ subclass of :class:`ServiceKind` decorated with :func:`register`) and its import
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import signal
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -32,6 +34,22 @@ from ..errors import LabrunnerError
 
 class ServiceError(LabrunnerError):
     """A service could not be started or reached; the message says why and what to do."""
+
+
+class StartCancelled(ServiceError):
+    """The run that was starting the service stopped (Ctrl-C): give up, leave nothing."""
+
+
+# Set by the thread that starts a service for a run (``manager.Startup``): a Ctrl-C sets the
+# event and every wait for readiness gives up at its next poll, so nothing keeps starting
+# (and printing) after the run was interrupted.
+start_cancel: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "labrunner_start_cancel", default=None)
+
+
+def start_cancelled() -> bool:
+    event = start_cancel.get()
+    return event is not None and event.is_set()
 
 
 @dataclass
@@ -99,6 +117,8 @@ def wait_until(
     (the process exited) with the reason to show."""
     deadline = time.monotonic() + timeout
     while True:
+        if start_cancelled():
+            raise StartCancelled(f"{what}: start cancelled")
         reason = failed()
         if reason:
             raise ServiceError(f"{what} failed to start: {reason}")

@@ -13,8 +13,11 @@ depend on the ports a later start picks.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -139,17 +142,114 @@ def _properties(data: Path, port: int, controller_port: int) -> str:
         "auto.create.topics.enable": "true",
         "delete.topic.enable": "true",
         "log.segment.bytes": "16777216",
+        # Start-up: no lab compacts a topic (no cleaner threads to start), a test broker
+        # needs few threads, and nothing is worth recovering from a fresh copy of the
+        # template.
+        "log.cleaner.enable": "false",
+        "num.network.threads": "2",
+        "num.io.threads": "2",
+        "background.threads": "2",
+        "num.recovery.threads.per.data.dir": "1",
+        "num.replica.fetchers": "1",
+        "controller.quorum.election.timeout.ms": "200",
+        "controller.quorum.fetch.timeout.ms": "1000",
+        "initial.broker.registration.timeout.ms": "10000",
     }
     return "".join(f"{k}={v}\n" for k, v in settings.items())
 
 
-def _java_command(libs: Path, main: str, *args: str, log4j: Path | None = None) -> list[str]:
+def _java_command(libs: Path, main: str, *args: str, log4j: Path | None = None,
+                  cds: list[str] | None = None) -> list[str]:
     cmd = [java() or "java", "-Xms128m", "-Xmx768m", "-XX:+UseSerialGC",
            # C1 only: a one-node test broker starts a second faster and needs no peak speed.
-           "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true"]
+           "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true", *(cds or [])]
     if log4j is not None:
         cmd.append(f"-Dlog4j2.configurationFile={log4j}")
     return [*cmd, "-cp", f"{libs}/*", main, *args]
+
+
+# --- class-data sharing -----------------------------------------------------------------
+# The broker's JVM spends most of its start loading and verifying some 4,000 classes. An
+# AppCDS archive (JDK 13+ dynamic archive: -XX:ArchiveClassesAtExit) made once at set-up
+# maps them ready-parsed instead. The JVM checks the archive against the class path and its
+# own build and runs without it if they differ; we also use it only while its stamp (the
+# java binary and every jar, with sizes and times) matches, so a Kafka or JDK upgrade
+# rebuilds it at the next ``labrunner setup`` and never half-uses a stale one.
+
+log = logging.getLogger(__name__)
+
+
+def cds_archive() -> Path:
+    return cache_dir() / "kafka-broker.jsa"
+
+
+def _cds_stamp(libs: Path) -> str:
+    binary = Path(os.path.realpath(java() or "java"))
+    parts = [str(binary), str(binary.stat().st_size) if binary.exists() else "?"]
+    for jar in sorted(libs.glob("*.jar")):
+        stat = jar.stat()
+        parts.append(f"{jar.name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def cds_options(libs: Path) -> tuple[list[str], str]:
+    """The JVM options that use the archive, and what to log: none and why when it is
+    missing or stale."""
+    archive = cds_archive()
+    stamp = archive.with_suffix(".stamp")
+    if not archive.is_file():
+        return [], f"no AppCDS archive at {archive} (labrunner setup makes it): JVM starts cold"
+    try:
+        current = stamp.read_text(encoding="ascii").strip() == _cds_stamp(libs)
+    except OSError:
+        current = False
+    if not current:
+        return [], (f"the AppCDS archive {archive} was made for other jars or another JVM "
+                    "(labrunner setup makes it again): JVM starts cold")
+    return ([f"-XX:SharedArchiveFile={archive}", "-Xshare:auto", "-Xlog:cds=off",
+             "-Xlog:cds+dynamic=off"], f"AppCDS archive {archive}")
+
+
+def build_cds_archive(force: bool = False) -> Path | None:
+    """Make the broker's AppCDS archive once: start a broker with -XX:ArchiveClassesAtExit,
+    wait until it is ready (a group coordinator too: those classes load then), stop it
+    cleanly (the JVM writes the archive as it exits). Idempotent; None if no Kafka here."""
+    libs = libs_dir()
+    if libs is None or java() is None:
+        return None
+    archive = cds_archive()
+    stamp = archive.with_suffix(".stamp")
+    if not force and archive.is_file() and stamp.is_file() and \
+            stamp.read_text(encoding="ascii").strip() == _cds_stamp(libs):
+        return archive
+    from ..base import wait_until
+    from ..local.process import spawn, terminate
+
+    work = runtime_dir() / f"kafka-cds.{os.getpid()}"
+    remove_tree(work)
+    work.mkdir(parents=True)
+    staging = archive.with_name(f"{archive.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    try:
+        endpoint = Kafka().prepare(work)
+        cmd = _java_command(libs, "kafka.Kafka", str(work / "server.properties"),
+                            log4j=work / "log4j2.properties",
+                            cds=[f"-XX:ArchiveClassesAtExit={staging}"])
+        proc = spawn(cmd, work / "kafka.log", cwd=work)
+        wait_until(lambda: broker_ready(endpoint) and coordinator_ready(endpoint), 150,
+                   "kafka (making the AppCDS archive)",
+                   failed=lambda: None if proc.poll() is None else "the broker exited")
+        terminate(proc.pid, timeout=60, sig=signal.SIGTERM, group=False)
+        proc.wait(timeout=10)
+        if not staging.is_file():
+            raise ServiceError("the JVM wrote no AppCDS archive: "
+                               f"{(work / 'kafka.log').read_text(errors='replace')[-500:]}")
+        os.replace(staging, archive)
+        stamp.write_text(_cds_stamp(libs), encoding="ascii")
+        return archive
+    finally:
+        staging.unlink(missing_ok=True)
+        remove_tree(work)
 
 
 def template_dir(libs: Path) -> Path:
@@ -258,8 +358,17 @@ class Kafka(ServiceKind):
 
     def launches(self, endpoint: Endpoint) -> list[Launch]:
         home = Path(endpoint.extra["dir"])
-        cmd = _java_command(Path(endpoint.extra["libs"]), "kafka.Kafka",
-                            str(home / "server.properties"), log4j=home / "log4j2.properties")
+        libs = Path(endpoint.extra["libs"])
+        cds, why = cds_options(libs)
+        log_file = Path(endpoint.extra["log"])
+        if not log_file.exists() or cds:
+            log.info("kafka: %s", why)
+        if not cds:
+            # Said in the broker's own log, where one looks when it starts slowly.
+            with open(log_file, "a", encoding="utf-8") as out:
+                out.write(f"labrunner: {why}\n")
+        cmd = _java_command(libs, "kafka.Kafka", str(home / "server.properties"),
+                            log4j=home / "log4j2.properties", cds=cds)
         # A graded run's broker is its service uid's, like its Postgres and Redis. Its
         # PLAINTEXT listeners are on the loopback of the run's own network namespace, which
         # nothing else on the machine can reach.

@@ -11,9 +11,7 @@ import base64
 import json
 import os
 import secrets
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +44,7 @@ class RabbitMQ(ServiceKind):
     fixture = "rabbitmq"
     folder = "rabbitmq"
     ready_timeout = 90.0
-    ready_interval = 0.2
+    ready_interval = 0.05
     stop_timeout = 15.0
     # The beam process stops cleanly on SIGTERM; the script and our epmd follow. The whole
     # session group is signalled so erl_child_setup and inet_gethost go too.
@@ -61,8 +59,14 @@ class RabbitMQ(ServiceKind):
         return f"amqp://{auth}{endpoint.host}:{endpoint.port}/"
 
     def ready(self, endpoint: Endpoint) -> bool:
-        """An AMQP connection opens and the management API answers (and the lab user is
-        there: made the first time)."""
+        """An AMQP connection opens (the port first: a refused connect costs nothing, a pika
+        import and handshake do). The management API may come later: a test's vhost is
+        made through it, and :meth:`open` waits for it there, so a lab that only needs
+        AMQP never waits for it."""
+        import socket
+
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=1):
+            pass
         import pika
 
         params = pika.ConnectionParameters(
@@ -71,11 +75,6 @@ class RabbitMQ(ServiceKind):
             connection_attempts=1, socket_timeout=2, blocked_connection_timeout=2,
         )
         pika.BlockingConnection(params).close()
-        api(endpoint, "GET", "/overview")
-        lab_user = endpoint.extra.get("lab_username")
-        if lab_user:
-            api(endpoint, "PUT", f"/users/{urllib.parse.quote(lab_user, safe='')}",
-                {"password": endpoint.extra["lab_password"], "tags": ""})
         return True
 
     def missing(self) -> str | None:
@@ -159,6 +158,7 @@ class RabbitMQ(ServiceKind):
         return {"management_url": mgmt.rstrip("/")}
 
     def open(self, endpoint: Endpoint, scope: ServiceScope) -> RabbitVhost:
+        await_management(endpoint)
         vhost = scope.new_name()
         return RabbitVhost(create_vhost(endpoint, vhost), vhost, endpoint)
 
@@ -187,8 +187,28 @@ def _env(endpoint: Endpoint) -> dict[str, str]:
         "RABBITMQ_PLUGINS_EXPAND_DIR": str(home / "plugins-expand"),
         "RABBITMQ_PID_FILE": str(home / "rabbitmq.pid"),
         "RABBITMQ_LOGS": "-",
+        # Start-up on a small shared machine: idle schedulers sleep instead of spinning
+        # (busy-waiting steals the CPU the other services are starting on at the same time).
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "+sbwt none +sbwtdcpu none +sbwtdio none",
     })
     return env
+
+
+def await_management(endpoint: Endpoint, timeout: float = 60.0) -> None:
+    """Wait until the management API answers (readiness needs only AMQP), and make sure the
+    lab user exists: it is made through that API (idempotent: the same password each time)."""
+    if endpoint.extra.get("management_ready"):
+        return
+    from ..base import wait_until
+
+    wait_until(lambda: api(endpoint, "GET", "/overview") is not None, timeout,
+               f"the RabbitMQ management API on port {endpoint.extra.get('management_port')}",
+               interval=0.1)
+    lab_user = endpoint.extra.get("lab_username")
+    if lab_user:
+        api(endpoint, "PUT", f"/users/{urllib.parse.quote(lab_user, safe='')}",
+            {"password": endpoint.extra["lab_password"], "tags": ""})
+    endpoint.extra["management_ready"] = True
 
 
 @dataclass
@@ -216,6 +236,9 @@ class RabbitVhost:
 
 def api(endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call the management HTTP API as the service's user."""
+    import urllib.error
+    import urllib.request  # here: every labrunner command imports the kinds
+
     base = endpoint.extra.get("management_url") or (
         f"http://{endpoint.host}:{endpoint.extra['management_port']}/api")
     data = json.dumps(body).encode() if body is not None else None

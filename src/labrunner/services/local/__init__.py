@@ -10,7 +10,15 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from ..base import Endpoint, ServiceError, ServiceKind, kind, wait_until
+from ..base import (
+    Endpoint,
+    ServiceError,
+    ServiceKind,
+    StartCancelled,
+    kind,
+    start_cancelled,
+    wait_until,
+)
 from .process import chown_for_service, pid_alive, remove_tree, spawn, tail, terminate
 
 START_ATTEMPTS = 3
@@ -94,6 +102,8 @@ class LocalBackend:
         if reason:
             raise ServiceError(reason)
         for attempt in range(START_ATTEMPTS):
+            if start_cancelled():
+                raise StartCancelled(f"{service}: start cancelled")
             folder = workdir / what.folder
             remove_tree(folder)
             # The service's uid's alone (a graded run's services have a uid of their own);
@@ -104,11 +114,12 @@ class LocalBackend:
                 chown_for_service(folder)
                 launch(endpoint, self.tied_to_parent)
                 return endpoint
-            except ServiceError:
+            except ServiceError as exc:
                 # A free port is only free when we looked: another process may take it before
                 # the service binds it. Clean up and try again on fresh ports.
                 _remove_partial(what, workdir)
-                if attempt == START_ATTEMPTS - 1:
+                if isinstance(exc, StartCancelled) or start_cancelled() or \
+                        attempt == START_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
