@@ -395,79 +395,93 @@ class RunPlan:
     readiness: Readiness | None = None
 
 
+class _Scheduler:
+    """The labs of one plan, handed to ``jobs`` workers: each takes the first lab in the
+    plan's order whose services are ready (or failed: that lab is an error of its own)."""
+
+    def __init__(self, plan: RunPlan, on_result: Callable[[LabResult], None],
+                 on_start: Callable[[Lab], None] | None) -> None:
+        self.plan, self.on_result, self.on_start = plan, on_result, on_start
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.lock = threading.Lock()
+        self.cancelled = threading.Event()
+        self.pending = list(plan.labs)
+        self.gate = plan.readiness
+
+    def take(self) -> Lab | None:
+        """The next lab whose services are ready or failed, waiting for one if need be."""
+        while not self.cancelled.is_set():
+            with self.lock:
+                if not self.pending:
+                    return None
+                for lab in self.pending:
+                    if self.gate is None or self.gate.settled(lab.services):
+                        self.pending.remove(lab)
+                        return lab
+            assert self.gate is not None
+            self.gate.wait_change(0.5)
+        return None
+
+    def one(self, lab: Lab) -> LabResult | None:
+        if self.cancelled.is_set():
+            return None
+        problem = self.gate.problem(lab.services) if self.gate is not None else None
+        if problem:
+            result = LabResult(lab, "error", 0.0,
+                               f"{problem}\n(this lab needs it; labrunner doctor shows what "
+                               "is installed)", started_at=time.time())
+            self.on_result(result)
+            return result
+        if self.on_start:
+            self.on_start(lab)
+
+        def track(proc: subprocess.Popen[bytes] | None) -> None:
+            with self.lock:
+                if proc is None:
+                    self.running.pop(lab.id, None)
+                else:
+                    self.running[lab.id] = proc
+
+        plan = self.plan
+        result = run_lab(lab, plan.sources[lab.id], plan.state_file, plan.run_id,
+                         plan.sandbox, on_process=track)
+        if self.cancelled.is_set():
+            return None
+        self.on_result(result)
+        return result
+
+    def worker(self) -> list[LabResult]:
+        done = []
+        while (lab := self.take()) is not None:
+            result = self.one(lab)
+            if result is not None:
+                done.append(result)
+        return done
+
+    def kill_running(self) -> None:
+        self.cancelled.set()
+        with self.lock:
+            procs = list(self.running.values())
+        for proc in procs:
+            _kill_group(proc)
+
+
 def run_all(plan: RunPlan, on_result: Callable[[LabResult], None],
             on_start: Callable[[Lab], None] | None = None) -> list[LabResult]:
     """Run every lab of the plan (``jobs`` at a time), each as soon as the services it needs
     are ready (the first such lab in the plan's order); a lab whose service failed to start
     is an error of its own. On Ctrl-C, kill the running ones and re-raise after every
     process is gone."""
-    running: dict[str, subprocess.Popen[bytes]] = {}
-    lock = threading.Lock()
-    cancelled = threading.Event()
+    scheduler = _Scheduler(plan, on_result, on_start)
+    workers = max(1, min(plan.jobs, len(plan.labs)))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(scheduler.worker) for _ in range(workers)]
     results: list[LabResult] = []
-    pending = list(plan.labs)
-    gate = plan.readiness
-
-    def take() -> Lab | None:
-        """The next lab whose services are ready or failed, waiting for one if need be."""
-        while not cancelled.is_set():
-            with lock:
-                if not pending:
-                    return None
-                for lab in pending:
-                    if gate is None or gate.settled(lab.services):
-                        pending.remove(lab)
-                        return lab
-            assert gate is not None
-            gate.wait_change(0.5)
-        return None
-
-    def one(lab: Lab) -> LabResult | None:
-        if cancelled.is_set():
-            return None
-        problem = gate.problem(lab.services) if gate is not None else None
-        if problem:
-            result = LabResult(lab, "error", 0.0,
-                               f"{problem}\n(this lab needs it; labrunner doctor shows what "
-                               "is installed)", started_at=time.time())
-            on_result(result)
-            return result
-        if on_start:
-            on_start(lab)
-
-        def track(proc: subprocess.Popen[bytes] | None) -> None:
-            with lock:
-                if proc is None:
-                    running.pop(lab.id, None)
-                else:
-                    running[lab.id] = proc
-
-        result = run_lab(lab, plan.sources[lab.id], plan.state_file, plan.run_id,
-                         plan.sandbox, on_process=track)
-        if cancelled.is_set():
-            return None
-        on_result(result)
-        return result
-
-    def worker() -> list[LabResult]:
-        done = []
-        while (lab := take()) is not None:
-            result = one(lab)
-            if result is not None:
-                done.append(result)
-        return done
-
-    pool = ThreadPoolExecutor(max_workers=max(1, min(plan.jobs, len(plan.labs))))
-    futures = [pool.submit(worker) for _ in range(max(1, min(plan.jobs, len(plan.labs))))]
     try:
         for future in futures:
             results += future.result()
     except BaseException:
-        cancelled.set()
-        with lock:
-            procs = list(running.values())
-        for proc in procs:
-            _kill_group(proc)
+        scheduler.kill_running()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)

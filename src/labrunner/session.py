@@ -23,6 +23,7 @@ from .services.base import Endpoint, ServiceError
 from .services.isolation import new_run_id
 from .services.manager import ServiceSet, Startup
 from .services.warm import WarmSet
+from .services.warm_admin import stop_some
 from .store import Attempt, ProgressStore, files_hash
 
 if TYPE_CHECKING:
@@ -107,73 +108,31 @@ def services_for(labs: Sequence[Lab], backend: str, quiet: bool = False,
     run_set = ServiceSet.ephemeral(backend)
     warm = WarmSet.of(backend, owner) if owner is not None and backend != "external" else None
     warm_set: ServiceSet | None = None
-    lock: Any = None
     lock_released = threading.Event()
     lock_released.set()
     startup: Startup | None = None
     interrupted = False
-    guard = threading.Lock()
     me = os.getpid()
-
-    def event(kind: str, name: str) -> None:
-        if on_event is not None:
-            on_event(kind, name)
-
-    def announce(name: str) -> None:
-        event("start", name)
-        if not quiet and not (startup is not None and startup.cancelled.is_set()):
-            err_console.print(f"[dim]starting {name} ({backend})…[/]")
-
-    def ready(name: str, endpoint: Endpoint, took: float) -> None:
-        with guard:
-            if run_set.workdir.is_dir():
-                run_set.endpoints[name] = endpoint
-                run_set.save()
-        event("ready", name)
-        if not quiet and not (startup is not None and startup.cancelled.is_set()):
-            err_console.print(f"[dim]{name} ready in {took:.1f} s[/]")
-
-    def failed(name: str, message: str) -> None:
-        event("failed", name)
-
+    news = _StartNews(run_set, backend, quiet, on_event)
     try:
         with _terminate_as_interrupt():
+            lock: Any = None
             reused: dict[str, Endpoint] = {}
             if warm is not None:
-                lock_released.clear()
-                lock = warm.acquire()
-                if warm.expired():
-                    warm.stop_all()   # its deadline passed and its reaper is gone
                 assert owner is not None
-                warm_set = ServiceSet.warm_set(backend, owner)
-                reused = {n: ep for n, ep in warm_set.endpoints.items() if n in names}
-                warm.add_user(me)
-                if keep > 0:
-                    meta = warm_set.meta["warm"]
-                    if not meta.get("pinned"):
-                        meta.update(idle=keep, deadline=time.time() + keep)
-                    warm_set.save()
+                lock_released.clear()
+                lock, warm_set, reused = _join_warm(warm, backend, owner, names, keep, me)
             run_set.endpoints.update(reused)
             run_set.save()
             target = warm_set if (warm_set is not None and keep > 0) else run_set
             startup = Startup(target, [n for n in names if n not in reused],
-                              on_start=announce, on_ready=ready, on_failed=failed,
-                              keep_threads=target is run_set)
-            run_set.startup = startup
+                              on_start=news.announce, on_ready=news.ready,
+                              on_failed=news.failed, keep_threads=target is run_set)
+            news.startup = run_set.startup = startup
             startup.begin()
             if warm is not None:
-                if target is warm_set:
-                    warm.ensure_reaper()
-
-                    def release_when_started() -> None:
-                        startup.wait()
-                        WarmSet.release(lock)
-                        lock_released.set()
-
-                    threading.Thread(target=release_when_started, daemon=True).start()
-                else:
-                    WarmSet.release(lock)
-                    lock_released.set()
+                _release_warm(warm, lock, startup, lock_released,
+                              kept=target is warm_set)
             if wait_all:
                 startup.wait()
                 problem = startup.problem(names)
@@ -186,6 +145,77 @@ def services_for(labs: Sequence[Lab], backend: str, quiet: bool = False,
     finally:
         with _sigint_ignored():
             _finish(run_set, warm, warm_set, startup, keep, interrupted, lock_released, me)
+
+
+class _StartNews:
+    """What a run says (and tells ``on_event``) as its services start: starting, ready,
+    failed; nothing more once Ctrl-C cancelled the start."""
+
+    def __init__(self, run_set: ServiceSet, backend: str, quiet: bool,
+                 on_event: Callable[[str, str], None] | None) -> None:
+        self.run_set, self.backend, self.quiet, self.on_event = run_set, backend, quiet, on_event
+        self.startup: Startup | None = None
+        self.guard = threading.Lock()
+
+    def _event(self, kind: str, name: str) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, name)
+
+    def _say(self, text: str) -> None:
+        if not self.quiet and not (self.startup is not None
+                                   and self.startup.cancelled.is_set()):
+            err_console.print(f"[dim]{text}[/]")
+
+    def announce(self, name: str) -> None:
+        self._event("start", name)
+        self._say(f"starting {name} ({self.backend})…")
+
+    def ready(self, name: str, endpoint: Endpoint, took: float) -> None:
+        with self.guard:
+            if self.run_set.workdir.is_dir():
+                self.run_set.endpoints[name] = endpoint
+                self.run_set.save()
+        self._event("ready", name)
+        self._say(f"{name} ready in {took:.1f} s")
+
+    def failed(self, name: str, message: str) -> None:
+        self._event("failed", name)
+
+
+def _join_warm(warm: WarmSet, backend: str, owner: Path, names: Sequence[str], keep: float,
+               me: int) -> tuple[Any, ServiceSet, dict[str, Endpoint]]:
+    """Take ``owner``'s warm set (its lock held until released): count this run as one of
+    its users, push its idle deadline, and say which of ``names`` it already runs."""
+    lock = warm.acquire()
+    if warm.expired():
+        warm.stop_all()   # its deadline passed and its reaper is gone
+    warm_set = ServiceSet.warm_set(backend, owner)
+    reused = {n: ep for n, ep in warm_set.endpoints.items() if n in names}
+    warm.add_user(me)
+    if keep > 0:
+        meta = warm_set.meta["warm"]
+        if not meta.get("pinned"):
+            meta.update(idle=keep, deadline=time.time() + keep)
+        warm_set.save()
+    return lock, warm_set, reused
+
+
+def _release_warm(warm: WarmSet, lock: Any, startup: Startup, lock_released: threading.Event,
+                  kept: bool) -> None:
+    """Let the warm set's lock go: at once when this run starts nothing into it, else once
+    its starts have ended (a second run then finds them, not half of them)."""
+    if not kept:
+        WarmSet.release(lock)
+        lock_released.set()
+        return
+    warm.ensure_reaper()
+
+    def release_when_started() -> None:
+        startup.wait()
+        WarmSet.release(lock)
+        lock_released.set()
+
+    threading.Thread(target=release_when_started, daemon=True).start()
 
 
 def _finish(run_set: ServiceSet, warm: WarmSet | None, warm_set: ServiceSet | None,
@@ -205,7 +235,7 @@ def _finish(run_set: ServiceSet, warm: WarmSet | None, warm_set: ServiceSet | No
                     # Ctrl-C: what this run started goes (unless another run took it up);
                     # what was warm before stays warm.
                     if not warm.live_users(exclude=me):
-                        warm.stop_some(started)
+                        stop_some(warm, started)
                 elif not warm.pinned() and warm.read():
                     warm.write_meta(idle=keep, deadline=time.time() + keep)
                     warm.ensure_reaper()
@@ -261,6 +291,34 @@ def _progress_bar(show: bool) -> Progress:
     )
 
 
+def _fail_unparsable(labs: Sequence[Lab], sources: dict[str, Path],
+                     settle: Callable[[LabResult], None]) -> list[Lab]:
+    """A file that does not even parse fails at once, before any service starts for it:
+    settle those; the labs left to run."""
+    unparsable = {lab.id: problem for lab in labs
+                  if (problem := syntax_problem(lab, sources[lab.id])) is not None}
+    for lab in labs:
+        if lab.id in unparsable:
+            settle(LabResult(lab, "failed", 0.0, unparsable[lab.id], started_at=time.time()))
+    return [lab for lab in labs if lab.id not in unparsable]
+
+
+def _run_with_bar(plan: RunPlan, settle: Callable[[LabResult], None], show: bool) -> None:
+    """Run the plan under a progress bar naming the lab being verified."""
+    progress = _progress_bar(show)
+    with progress:
+        task = progress.add_task("verifying", total=len(plan.labs), current="")
+
+        def started_lab(lab: Lab) -> None:
+            progress.update(task, current=f"{lab.id} {lab.slug}")
+
+        def finished(result: LabResult) -> None:
+            settle(result)
+            progress.advance(task)
+
+        run_all(plan, finished, started_lab)
+
+
 def verify(
     labs: Sequence[Lab],
     sources: dict[str, Path],
@@ -293,13 +351,7 @@ def verify(
         if on_result is not None:
             on_result(result)  # printed above the bar as soon as the lab is done
 
-    # A file that does not even parse fails at once, before any service starts for it.
-    unparsable = {lab.id: problem for lab in labs
-                  if (problem := syntax_problem(lab, sources[lab.id])) is not None}
-    for lab in labs:
-        if lab.id in unparsable:
-            settle(LabResult(lab, "failed", 0.0, unparsable[lab.id], started_at=time.time()))
-    labs = [lab for lab in labs if lab.id not in unparsable]
+    labs = _fail_unparsable(labs, sources, settle)
     if not labs:
         return RunOutcome(results, started, time.time() - started, backend)
     # A caller that keeps services up across runs (``labrunner watch``) passes its set.
@@ -312,18 +364,7 @@ def verify(
         state = (service_set.state_file
                  if service_set.endpoints or (startup is not None and startup.names) else None)
         plan = RunPlan(labs, sources, state, new_run_id(), jobs, sandbox, readiness=startup)
-        progress = _progress_bar(show_progress)
-        with progress:
-            task = progress.add_task("verifying", total=len(labs), current="")
-
-            def started_lab(lab: Lab) -> None:
-                progress.update(task, current=f"{lab.id} {lab.slug}")
-
-            def finished(result: LabResult) -> None:
-                settle(result)
-                progress.advance(task)
-
-            run_all(plan, finished, started_lab)
+        _run_with_bar(plan, settle, show_progress)
     order = {lab.id: n for n, lab in enumerate(selected)}
     results.sort(key=lambda r: order[r.lab.id])
     return RunOutcome(results, started, time.time() - started, backend)

@@ -33,7 +33,7 @@ def services_up(names: Sequence[str], backend: str | None,
     """Start NAMES (default: all) at once for this workspace and keep them running (no
     idle deadline) until 'labrunner services down'."""
     from ..services.manager import resolve_backend_name
-    from ..services.warm import pin_warm_set
+    from ..services.warm_admin import pin_warm_set
     from ..session import warm_owner
 
     owner = warm_owner(workspace_dir)
@@ -61,7 +61,8 @@ def services_status(as_json: bool) -> None:
     """Show the warm services: whose, whether they answer, until when they stay warm."""
     import time
 
-    from ..services.warm import expire_due, status_rows
+    from ..services.warm import expire_due
+    from ..services.warm_admin import status_rows
 
     expire_due()
     rows = status_rows()

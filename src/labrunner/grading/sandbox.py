@@ -170,7 +170,8 @@ def _service_programs() -> list[Path]:
     from ..services.kinds import kafka
 
     libs = kafka.libs_dir()
-    return [libs] if libs is not None else []
+    archive = kafka.cds_archive()   # the broker's class-data archive, next to its jars
+    return [p for p in (libs, archive if archive.is_file() else None) if p is not None]
 
 
 def namespaces_available() -> bool:

@@ -23,8 +23,10 @@ from typing import Any
 
 from .base import Backend, Endpoint, ServiceError, StartCancelled, start_cancel, write_json_atomic
 from .local.process import pid_alive, remove_tree, runtime_dir
+from .state import STATE_VERSION, make_backend, read_state, read_state_backend
 
-STATE_VERSION = 2  # 2: services as kinds (every local endpoint has extra["dir"])
+__all__ = ["STATE_VERSION", "make_backend", "read_state", "read_state_backend"]
+
 BACKENDS = ("auto", "local", "docker", "external")
 
 
@@ -44,22 +46,6 @@ def resolve_backend_name(requested: str | None) -> str:
     if requested == "auto":
         return "docker" if docker_answers() else "local"
     return requested
-
-
-def make_backend(name: str, tied_to_parent: bool = True) -> Backend:
-    if name == "local":
-        from .local import LocalBackend
-
-        return LocalBackend(tied_to_parent=tied_to_parent)
-    if name == "external":
-        from .external import ExternalBackend
-
-        return ExternalBackend()
-    if name == "docker":
-        from .docker import DockerBackend
-
-        return DockerBackend(tied_to_parent=tied_to_parent)
-    raise ServiceError(f"unknown backend {name!r}")
 
 
 def warm_state_file(backend: str) -> Path:
@@ -271,23 +257,6 @@ class Startup:
     def release(self) -> None:
         """The services this startup spawned tied to us were stopped: let the threads go."""
         self.released.set()
-
-
-def read_state(path: Path) -> dict[str, Endpoint]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if data.get("version") != STATE_VERSION:
-        return {}
-    return {name: Endpoint.from_json(ep) for name, ep in data.get("services", {}).items()}
-
-
-def read_state_backend(path: Path) -> str:
-    try:
-        return str(json.loads(path.read_text(encoding="utf-8")).get("backend", "local"))
-    except (OSError, ValueError):
-        return "local"
 
 
 def _owner(state: Path) -> int | None:

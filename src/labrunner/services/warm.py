@@ -113,7 +113,7 @@ class WarmSet:
         return str(self.read().get("backend") or self.folder.name.split("-")[1])
 
     def endpoints(self) -> dict[str, Endpoint]:
-        from .manager import read_state
+        from .state import read_state
 
         return read_state(self.state_file)
 
@@ -215,7 +215,7 @@ class WarmSet:
     def stop_all(self, kill_reaper: bool = True) -> tuple[list[str], list[str]]:
         """Stop every service of the set and remove it (call under the lock); return the
         services that were running and were stopped, and those that were already gone."""
-        from .manager import make_backend
+        from .state import make_backend
 
         stopped: list[str] = []
         gone: list[str] = []
@@ -237,24 +237,6 @@ class WarmSet:
         self.lock_file.unlink(missing_ok=True)
         return stopped, gone
 
-    def stop_some(self, names: list[str]) -> None:
-        """Stop ``names`` (a run's own starts, on Ctrl-C) and forget them; the set goes when
-        nothing is left in it (call under the lock)."""
-        from .manager import ServiceSet, make_backend
-
-        data = self.read()
-        backend = make_backend(self.backend_name(), tied_to_parent=False)
-        service_set = ServiceSet(backend, self.folder, self.state_file, warm=True,
-                                 endpoints=self.endpoints(), meta={"warm": self.meta()})
-        with contextlib.suppress(Exception):
-            service_set.stop(names)
-        for name in names:  # a start that was cancelled may have left its folder
-            remove_tree(self.folder / name)
-        if not service_set.endpoints and not self.live_users(exclude=os.getpid()):
-            self.stop_all()
-        elif data and not service_set.endpoints:
-            self.state_file.unlink(missing_ok=True)
-
 
 def expire_due() -> list[str]:
     """Stop the warm sets whose idle deadline passed with no live user and no reaper left to
@@ -268,59 +250,3 @@ def expire_due() -> list[str]:
                 stopped += warm.stop_all()[0]
     return stopped
 
-
-def pin_warm_set(backend_name: str, owner: Path, names: list[str],
-                 on_start: Any = None) -> tuple[Any, Any]:
-    """``labrunner services up``: start ``names`` at once in ``owner``'s warm set and keep
-    it with no idle deadline; the set and its finished :class:`Startup` (errors, times).
-    Ctrl-C stops what was being started."""
-    from .manager import ServiceSet, Startup
-
-    warm = WarmSet.of(backend_name, owner)
-    with warm.locked():
-        service_set = ServiceSet.warm_set(backend_name, owner)
-        service_set.meta["warm"].update(pinned=True, deadline=None)
-        service_set.save()
-        startup = Startup(service_set, names, keep_threads=False, on_start=on_start)
-        try:
-            startup.begin().wait()
-        except KeyboardInterrupt:
-            startup.cancel()
-            startup.join()
-            raise
-    return service_set, startup
-
-
-def status_rows() -> list[dict[str, Any]]:
-    """Every warm service (whose, alive, idle deadline, used by which runs) and what crashed
-    runs left behind: what ``labrunner services status`` shows."""
-    import time
-
-    from .manager import leftovers, make_backend, read_state, read_state_backend
-
-    rows: list[dict[str, Any]] = []
-    now = time.time()
-    for warm in WarmSet.all():
-        meta = warm.meta()
-        deadline = warm.deadline()
-        backend = make_backend(warm.backend_name(), tied_to_parent=False)
-        users = warm.live_users()
-        for name, ep in warm.endpoints().items():
-            rows.append({
-                "service": name, "backend": ep.backend, "host": ep.host, "port": ep.port,
-                "alive": backend.alive(ep), "kind": "warm",
-                "owner": meta.get("owner"), "pinned": bool(meta.get("pinned")),
-                "idle_deadline": deadline,
-                "idle_left": None if deadline is None else max(0.0, round(deadline - now, 1)),
-                "users": users})
-    for state in leftovers():
-        if state.parent.name.startswith("warm-"):
-            continue
-        backend = make_backend(read_state_backend(state), tied_to_parent=False)
-        for name, ep in read_state(state).items():
-            kind = "warm" if state.name.startswith("warm-") else "left by a crashed run"
-            rows.append({"service": name, "backend": ep.backend, "host": ep.host,
-                         "port": ep.port, "alive": backend.alive(ep), "kind": kind,
-                         "owner": None, "pinned": kind == "warm", "idle_deadline": None,
-                         "idle_left": None, "users": []})
-    return rows
