@@ -71,19 +71,25 @@ def warm_owner(workspace_dir: Path | None = None) -> Path:
         return (find_project_root() or Path.cwd()).resolve()
 
 
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
+def _sigint_ignored() -> contextlib.AbstractContextManager[None]:
     """Clean-up that a second and third Ctrl-C must not cut short (they used to leave a
     ``run-<pid>-*`` folder and services behind)."""
+    return _signal_handled(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _signal_handled(signum: int, handler: Any) -> Iterator[None]:
+    """``handler`` for ``signum`` while the block runs (only the main thread may set one:
+    elsewhere the block runs as it is)."""
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = signal.signal(signum, handler)
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
 
 
 @contextlib.contextmanager
@@ -256,22 +262,13 @@ def _finish(run_set: ServiceSet, warm: WarmSet | None, warm_set: ServiceSet | No
             startup.release()
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def _terminate_as_interrupt() -> contextlib.AbstractContextManager[None]:
     """SIGTERM (a CI cancel, a kill) takes the same clean path as Ctrl-C."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _signal_handled(signal.SIGTERM, handler)
 
 
 def _progress_bar(show: bool) -> Progress:

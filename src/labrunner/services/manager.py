@@ -23,7 +23,7 @@ from typing import Any
 
 from .base import Backend, Endpoint, ServiceError, StartCancelled, start_cancel, write_json_atomic
 from .local.process import pid_alive, remove_tree, runtime_dir
-from .state import STATE_VERSION, make_backend, read_state, read_state_backend
+from .state import STATE_VERSION, make_backend, read_state, read_state_backend, stop_endpoint
 
 __all__ = ["STATE_VERSION", "make_backend", "read_state", "read_state_backend"]
 
@@ -342,14 +342,9 @@ def clean(docker: bool = True) -> CleanReport:
         own = (read_state(state) if state.parent == runtime_dir()
                else _own_services(state))
         for name, endpoint in own.items():
-            try:
-                alive = backend.alive(endpoint)
-            except Exception:  # noqa: BLE001 - cannot tell: stop it anyway
-                alive = True
-            try:
-                backend.stop(endpoint)
-            except Exception:  # noqa: BLE001 - keep going; report what we could stop
-                continue
+            alive = stop_endpoint(backend, endpoint)
+            if alive is None:
+                continue  # keep going; report what we could stop
             (report.stopped if alive else report.cleared).append(f"{backend.name}:{name}")
         state.unlink(missing_ok=True)
         if state.parent != runtime_dir():

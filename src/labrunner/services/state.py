@@ -42,3 +42,17 @@ def read_state_backend(path: Path) -> str:
         return str(json.loads(path.read_text(encoding="utf-8")).get("backend", "local"))
     except (OSError, ValueError):
         return "local"
+
+
+def stop_endpoint(backend: Backend, endpoint: Endpoint) -> bool | None:
+    """Stop one service; whether it was running (True) or already gone (False), or None
+    when stopping it failed. Never raises: clean-ups go on to the next service."""
+    try:
+        alive = backend.alive(endpoint)
+    except Exception:  # noqa: BLE001 - cannot tell: stop it anyway
+        alive = True
+    try:
+        backend.stop(endpoint)
+    except Exception:  # noqa: BLE001 - keep stopping the others
+        return None
+    return alive

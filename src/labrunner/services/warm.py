@@ -215,21 +215,14 @@ class WarmSet:
     def stop_all(self, kill_reaper: bool = True) -> tuple[list[str], list[str]]:
         """Stop every service of the set and remove it (call under the lock); return the
         services that were running and were stopped, and those that were already gone."""
-        from .state import make_backend
+        from .state import make_backend, stop_endpoint
 
         stopped: list[str] = []
         gone: list[str] = []
         backend = make_backend(self.backend_name(), tied_to_parent=False)
         for name, endpoint in self.endpoints().items():
-            try:
-                alive = backend.alive(endpoint)
-            except Exception:  # noqa: BLE001 - cannot tell: stop it anyway
-                alive = True
-            try:
-                backend.stop(endpoint)
-            except Exception:  # noqa: BLE001 - keep stopping the others
-                pass
-            (stopped if alive else gone).append(f"{backend.name}:{name}")
+            alive = stop_endpoint(backend, endpoint)
+            (stopped if alive is not False else gone).append(f"{backend.name}:{name}")
         reaper = self.reaper_pid()
         if kill_reaper and reaper is not None and reaper != os.getpid():
             terminate(reaper, timeout=5, group=False)
