@@ -258,7 +258,8 @@ def api(endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None 
 
 def create_vhost(endpoint: Endpoint, vhost: str) -> str:
     """Create a vhost the service's user and the lab user may use fully; return its AMQP
-    URL (the lab user's)."""
+    URL (the lab user's). Waits for the management API first (the lab user is made there)."""
+    await_management(endpoint)
     quoted = urllib.parse.quote(vhost, safe="")
     api(endpoint, "PUT", f"/vhosts/{quoted}")
     for name in dict.fromkeys([endpoint.username, endpoint.extra.get("lab_username")]):
