@@ -28,7 +28,8 @@ def actionlint() -> str:
         if candidate and Path(candidate).is_file():
             return str(candidate)
     pytest.fail("actionlint is not installed: run scripts/setup.sh (it builds "
-                "github.com/rhysd/actionlint/cmd/actionlint with Go into ~/.cache/labrunner/bin)")
+                "github.com/rhysd/actionlint/cmd/actionlint with Go into /usr/local/bin as "
+                "root, else into ~/.cache/labrunner/bin)")
 
 
 def workflow(learner: Any) -> dict[str, Any]:
