@@ -33,7 +33,13 @@ Everything here fails a test with ``pytest.fail(..., pytrace=False)`` where the 
 learner's (a ``.proto`` protoc rejects, a body that is not JSON), like the plugin does.
 """
 
-from .beside import file_bytes, process_resources, process_threads, threads_waiting_in
+from .beside import (
+    file_bytes,
+    listening_ports,
+    process_resources,
+    process_threads,
+    threads_waiting_in,
+)
 from .grpc import DaemonExecutor, ProtoStubs, drain, generate_stubs, next_message, serve_grpc
 from .http import HttpReply, call, http_request, serve_wsgi
 from .kafka import KafkaRecord, read_all
@@ -57,6 +63,7 @@ __all__ = [
     "file_bytes",
     "generate_stubs",
     "http_request",
+    "listening_ports",
     "next_message",
     "process_resources",
     "process_threads",

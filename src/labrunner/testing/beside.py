@@ -3,6 +3,7 @@ own, when grading), and the probes that observe the learner's process from insid
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -88,3 +89,29 @@ def process_resources(pid: int) -> tuple[int, int, int]:
     except (OSError, ValueError):
         return -1, -1, -1
     return threads, fds, rss
+
+
+def listening_ports(pid: int) -> list[int]:
+    """The TCP ports process ``pid`` listens on (its socket inodes in LISTEN in
+    /proc/net/tcp and tcp6), sorted; empty when it is gone or out of sight. Like
+    :func:`process_threads`, run it beside the learner's program when grading hides its
+    /proc from the verification (ph6.10)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd) if fd.is_symlink() else ""
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return []
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
