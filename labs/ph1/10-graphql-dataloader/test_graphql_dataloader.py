@@ -232,7 +232,7 @@ def test_aliased_users_share_one_orders_query(make_app: Callable[..., Any], prox
     assert data.get("nobody", "missing") is None, (
         f"user(id: \"999\") must be null for a user that does not exist, saw "
         f"{data.get('nobody', 'no such field')!r}")
-    assert data.get("c") == {"name": "user 3", "orders": [
+    assert data.get("c") == {"id": "3", "name": "user 3", "orders": [
         {"totalCents": o["totalCents"]} for o in expected["3"]["orders"]]}, (
         f"user(id: \"3\"): expected {expected['3']}, saw {data.get('c')}")
     for alias, uid in (("a", "1"), ("b", "2")):
