@@ -26,6 +26,9 @@ API_TTL = 300        # api.shop.test A
 CNAME_TTL = 600      # www.shop.test CNAME edge.cdn.test
 EDGE_TTL = 120       # edge.cdn.test A (two addresses)
 NEGATIVE_TTL = 60    # SOA minimum of shop.test: how long NXDOMAIN may be cached
+SHORT_CNAME_TTL = 30  # short.shop.test CNAME edge.cdn.test: the chain's shortest record
+CDN_SOA_TTL = 30     # cdn.test's SOA record lives less than its MINIMUM field (60):
+                     # its NXDOMAIN may be cached min(30, 60) = 30 s (RFC 2308)
 
 
 @dataclass
@@ -35,10 +38,11 @@ class Zone:
     origin: str
     records: list[RR]
     delegations: dict[str, tuple[list[RR], list[RR]]] = field(default_factory=dict)
+    soa_ttl: int = 3600  # the SOA record's own TTL (its MINIMUM field is NEGATIVE_TTL)
 
     @property
     def soa(self) -> RR:
-        return RR(self.origin, QTYPE.SOA, ttl=3600, rdata=SOA(
+        return RR(self.origin, QTYPE.SOA, ttl=self.soa_ttl, rdata=SOA(
             "ns1." + self.origin, "hostmaster." + self.origin,
             (1, 3600, 600, 86400, NEGATIVE_TTL)))
 
@@ -137,11 +141,13 @@ def _zones(tld_ip: str, auth_ip: str) -> dict[str, list[Zone]]:
         RR("ns1.shop.test.", QTYPE.A, ttl=86400, rdata=A(auth_ip)),
         RR("loop.shop.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("round.shop.test.")),
         RR("round.shop.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("loop.shop.test.")),
+        RR("short.shop.test.", QTYPE.CNAME, ttl=SHORT_CNAME_TTL,
+           rdata=CNAME("edge.cdn.test.")),
     ])
     cdn = Zone("cdn.test.", [
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.20")),
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.21")),
-    ])
+    ], soa_ttl=CDN_SOA_TTL)
     return {"root": [root], "tld": [tld], "auth": [shop, cdn]}
 
 
@@ -290,9 +296,18 @@ def test_requeries_after_ttl(resolver: Any, dns: Hierarchy, clock: FakeClock) ->
     clock.advance(API_TTL - 1)
     _resolve(resolver, dns, "api.shop.test")
     _expect_no_queries(dns.log, f"resolving again {API_TTL - 1} s later (TTL {API_TTL})")
-    clock.advance(2)
+    clock.advance(1)  # exactly the TTL: the record has 0 s left, it may not be served
+    _resolve(resolver, dns, "api.shop.test")
+    at_expiry = "api.shop.test" in dns.log.names_asked("auth")
+    clock.advance(1)
     answer = _resolve(resolver, dns, "api.shop.test")
     asked = dns.log.names_asked("auth")
+    assert at_expiry or "api.shop.test" not in asked, (
+        f"exactly {API_TTL} s after the first lookup (TTL {API_TTL}) the cached record was "
+        f"still served, with 0 s left; only at {API_TTL + 1} s was the server asked again\n"
+        "Off by one at the expiry: a record cached at t with TTL T is valid while "
+        "clock() < t + T; at clock() == t + T it has expired (a TTL of 0 means 'do not "
+        "reuse'). Compare with >=, not >.")
     assert "api.shop.test" in asked, (
         f"{API_TTL + 1} s after the first lookup (TTL {API_TTL}) the authoritative server "
         f"was not asked again (queries: {_walk(dns.log)})\n"
@@ -317,6 +332,30 @@ def test_follows_cname_to_another_zone(resolver: Any, dns: Hierarchy) -> None:
         "only valid as long as the shorter one")
 
 
+def test_chain_ttl_is_its_shortest_record(resolver: Any, dns: Hierarchy,
+                                          clock: FakeClock) -> None:
+    """Here the CNAME is the short-lived record: an answer that reports its final A
+    record's TTL alone (or the first record's) says it lives longer than its alias."""
+    answer = _resolve(resolver, dns, "short.shop.test")
+    _expect_addresses(answer, ["192.0.2.20", "192.0.2.21"], "short.shop.test")
+    expected = min(SHORT_CNAME_TTL, EDGE_TTL)
+    seen = ("the TTL of the final A records alone" if answer.ttl == EDGE_TTL else
+            "the TTL of the first record alone" if answer.ttl == SHORT_CNAME_TTL else
+            "neither record's TTL")
+    assert answer.ttl == expected, (
+        f"short.shop.test (CNAME, TTL {SHORT_CNAME_TTL}) -> edge.cdn.test (A, TTL {EDGE_TTL}) "
+        f"was answered with ttl={answer.ttl} ({seen}), expected {expected}\n"
+        "An answer built from a CNAME chain is only valid as long as its shortest-lived "
+        "record: take the minimum of the remaining TTLs of every link.")
+    dns.log.clear()
+    clock.advance(SHORT_CNAME_TTL + 1)
+    _resolve(resolver, dns, "short.shop.test")
+    assert "short.shop.test" in dns.log.names_asked("auth"), (
+        f"{SHORT_CNAME_TTL + 1} s later (the CNAME's TTL) short.shop.test was answered from the "
+        f"cache without asking for the CNAME again (queries: {_walk(dns.log)})\n"
+        "The alias expired: cache each record of the chain with its own TTL.")
+
+
 def test_nxdomain_is_reported_and_cached(resolver: Any, dns: Hierarchy,
                                          clock: FakeClock) -> None:
     answer = _resolve(resolver, dns, "nope.shop.test")
@@ -338,6 +377,25 @@ def test_nxdomain_is_reported_and_cached(resolver: Any, dns: Hierarchy,
         f"{NEGATIVE_TTL + 1} s after the NXDOMAIN the name was not asked again\n"
         f"A negative answer is cached for min(SOA TTL, SOA minimum) = {NEGATIVE_TTL} s "
         "(RFC 2308), then it expires like any record.")
+
+
+def test_negative_ttl_is_the_smaller_of_soa_ttl_and_minimum(
+        resolver: Any, dns: Hierarchy, clock: FakeClock) -> None:
+    """cdn.test's SOA record has TTL 30 and MINIMUM 60: the NXDOMAIN lives 30 s."""
+    answer = _resolve(resolver, dns, "nope.cdn.test")
+    assert answer.nxdomain, f"nope.cdn.test gave nxdomain={answer.nxdomain}, expected True"
+    dns.log.clear()
+    clock.advance(CDN_SOA_TTL - 1)
+    _resolve(resolver, dns, "nope.cdn.test")
+    _expect_no_queries(dns.log, f"asking for nope.cdn.test again {CDN_SOA_TTL - 1} s later")
+    clock.advance(2)
+    _resolve(resolver, dns, "nope.cdn.test")
+    assert "nope.cdn.test" in dns.log.names_asked("auth"), (
+        f"the NXDOMAIN for nope.cdn.test was still served from the cache {CDN_SOA_TTL + 1} s "
+        f"later; its SOA record has TTL {CDN_SOA_TTL} and MINIMUM {NEGATIVE_TTL}\n"
+        f"A negative answer lives min(SOA TTL, SOA MINIMUM) = {CDN_SOA_TTL} s (RFC 2308 "
+        "section 5): the MINIMUM field alone caches it longer than the SOA record itself "
+        "may be kept.")
 
 
 def test_names_are_case_insensitive(resolver: Any, dns: Hierarchy) -> None:

@@ -325,11 +325,52 @@ def test_http10_closes_by_default(server: Server, client: Client) -> None:
         "to keep it; only HTTP/1.1 is persistent by default")
 
 
-def test_malformed_request_gets_400(server: Server, client: Client) -> None:
-    client.send(b"THIS IS NOT HTTP\r\n\r\n")
-    reply = client.read("a malformed request")
-    assert reply is not None and reply.status == 400, (
-        f"a malformed request line got {reply.status if reply else 'no response'}, "
-        "expected 400 Bad Request (and then the connection closed: after a framing "
-        "error the server cannot know where the next request starts)")
+def test_http10_keep_alive_when_asked(server: Server, client: Client) -> None:
+    client.send(b"GET /old1 HTTP/1.0\r\nHost: lab.test\r\nConnection: keep-alive\r\n\r\n")
+    client.expect("GET /old1 (HTTP/1.0, Connection: keep-alive)", "GET /old1 (0 bytes)")
+    client.send(b"GET /old2 HTTP/1.0\r\nHost: lab.test\r\nConnection: keep-alive\r\n\r\n")
+    reply = client.read("a second HTTP/1.0 keep-alive request on the same connection")
+    assert reply is not None and reply.body == b"GET /old2 (0 bytes)", (
+        "an HTTP/1.0 request with 'Connection: keep-alive' was answered and then the "
+        "connection was closed\nHTTP/1.0 closes by default, but a client that sends "
+        "'Connection: keep-alive' asks to keep it open: honour the header for 1.0 too, "
+        "only its default differs from 1.1.")
+    one_connection(server)
+
+
+MALFORMED = {
+    "request line": (b"THIS IS NOT HTTP\r\n\r\n", "a request line that is not "
+                     "'METHOD target HTTP/1.x'"),
+    "header without colon": (b"GET /x HTTP/1.1\r\nHost lab.test\r\n\r\n",
+                             "a header line without ':'"),
+    "content-length not a number": (
+        b"POST /x HTTP/1.1\r\nHost: lab.test\r\nContent-Length: abc\r\n\r\n",
+        "'Content-Length: abc'"),
+    "negative content-length": (
+        b"POST /x HTTP/1.1\r\nHost: lab.test\r\nContent-Length: -5\r\n\r\nhello",
+        "'Content-Length: -5'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_request_gets_400(server: Server, client: Client, case: str) -> None:
+    data, what = MALFORMED[case]
+    client.send(data)
+    try:
+        reply = client.read(f"a request with {what}")
+    except pytest.fail.Exception:  # the connection died: say why below
+        reply = None
+    if reply is None:
+        crashed = f" ({server.errors[0]})" if server.errors else ""
+        pytest.fail(
+            f"a request with {what} got no response: the connection was closed"
+            f"{crashed}; expected 400 Bad Request, then the connection closed\n"
+            "Validate what you parse and answer a framing error with 400: a Content-Length "
+            "must be a non-negative decimal integer (RFC 9112 6.3), checked before int(), "
+            "or the connection dies with an exception instead of an answer.", pytrace=False)
+    assert reply.status == 400, (
+        f"a request with {what} got {reply.status}, expected 400 Bad Request (and then the "
+        "connection closed)\nThe server cannot frame this request: with a Content-Length "
+        "that is not a non-negative integer it does not know where the body ends, so it "
+        "must refuse it rather than guess.")
     assert client.closed(), "close the connection after a 400: the framing is lost"

@@ -388,6 +388,8 @@ def test_server_accepts_0rtt_on_resumption(learner: Any, certs: Certs) -> None:
                         "server has a ticket store: serve(..., session_ticket_handler="
                         "store.add, session_ticket_fetcher=store.pop).", pytrace=False)
         second, _ = run(probe(server.port, certs, ["/zero"], ticket=tickets[-1]))
+        # The same ticket once more: what an attacker who recorded the first flight sends.
+        replay, _ = run(probe(server.port, certs, ["/again"], ticket=tickets[-1]))
     assert second.session_resumed, (
         "the second connection presented the session ticket from the first, but the "
         "server did not resume the session\nA server can only resume sessions whose "
@@ -397,6 +399,15 @@ def test_server_accepts_0rtt_on_resumption(learner: Any, certs: Certs) -> None:
         "the session was resumed but the server refused the 0-RTT early data")
     assert second.responses.get("/zero") == (200, b"/zero ok"), (
         f"the 0-RTT request got {second.responses.get('/zero')}, expected (200, b'/zero ok')")
+    assert not replay.early_data_accepted, (
+        "a session ticket presented a second time was accepted again, with its 0-RTT data: "
+        "an attacker who captured the first flight can replay it\nEarly data has no "
+        "replay protection of its own: make every ticket single-use (the store's fetcher "
+        "pops the ticket, it does not just look it up), so a replayed ticket falls back to "
+        "a full handshake.")
+    assert replay.responses.get("/again") == (200, b"/again ok"), (
+        f"the request sent with the replayed ticket got {replay.responses.get('/again')}, "
+        "expected (200, b'/again ok') after a full handshake")
 
 
 # ---------------------------------------------------------------------------- the learner's client
@@ -459,6 +470,37 @@ def test_client_resumes_with_0rtt(learner: Any, certs: Certs) -> None:
         f"/zero got {second.responses.get('/zero')}, expected (200, b'/zero ok')")
     assert not first.early_data_accepted, (
         "the first fetch reports early_data_accepted=True without a ticket: impossible")
+
+
+def test_client_reports_refused_0rtt(learner: Any, certs: Certs) -> None:
+    """A ticket presented to a server that cannot resume it (another instance, a ticket
+    store that forgot it): the server refuses the early data, the client's requests are
+    sent again after the handshake, and FetchResult must say the 0-RTT was not accepted."""
+    gate = Gate()
+
+    async def scenario() -> tuple[Any, Probe]:
+        issuer = await probe_server(certs, gate.handler)
+        other = await probe_server(certs, gate.handler)  # same certificate, its own tickets
+        try:
+            first = await fetched(learner, issuer, certs, ["/first"])
+            if getattr(first, "session_ticket", None) is None:
+                pytest.fail("FetchResult.session_ticket is None after the first fetch: keep "
+                            "the ticket the server sends and return it", pytrace=False)
+            return await fetched(learner, other, certs, ["/zero"], first.session_ticket), other
+        finally:
+            issuer.server.close()
+            other.server.close()
+
+    result, other = run(scenario())
+    assert result.responses.get("/zero") == (200, b"/zero ok"), (
+        f"/zero got {result.responses.get('/zero')} from a server that refused the 0-RTT "
+        "data, expected (200, b'/zero ok'): the request must still be answered")
+    early = [a.path for a in other.log if a.early]
+    assert not early and not result.early_data_accepted, (
+        "fetch() reports early_data_accepted=True, but the server did not know the ticket "
+        "and refused the early data (/zero arrived only after the handshake)\nSending "
+        "0-RTT data is an offer: read whether the server took it from the handshake "
+        "(HandshakeCompleted.early_data_accepted), never assume it from having a ticket.")
 
 
 def test_client_refuses_an_untrusted_certificate(learner: Any, certs: Certs,

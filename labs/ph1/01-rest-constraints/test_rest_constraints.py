@@ -89,6 +89,11 @@ def test_conditional_get_answers_304(instances: list[str], path: str) -> None:
     assert_not_modified(host, path, etag,
                         "If-None-Match is a list and is compared weakly (W/ ignored)",
                         if_none_match=f'"some-old-tag", {weak}')
+    assert_not_modified(host, path, etag,
+                        "If-None-Match: * matches any current representation (RFC 9110 "
+                        "13.1.2): a client holding any copy asks 'send it only if none "
+                        "exists'",
+                        if_none_match="*")
     stale = call(host, "GET", path, headers={"If-None-Match": '"some-old-tag"'})
     assert stale.status == 200 and stale.body == first.body, (
         f"GET {path} with a stale If-None-Match: expected 200 and the full body, saw "
@@ -124,6 +129,37 @@ def test_collection_etag_follows_every_field(instances: list[str], postgres: Any
         f"name, saw {after.status} {after.body[:120]!r}: the collection's ETag did not change "
         "although its representation did; derive it from the whole body, not from the ids "
         "or the count")
+
+
+def test_collection_is_ordered_by_id(instances: list[str], postgres: Any) -> None:
+    host = instances[0]
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO users (name, email) SELECT 'User ' || n, 'u' || n || "
+                     "'@example.com' FROM generate_series(3, 8) AS n")
+        # Rewriting rows moves them in the table's storage: a query without ORDER BY then
+        # returns them in another order although no id changed.
+        conn.execute("UPDATE users SET name = name || '.' WHERE id IN (1, 2, 4)")
+    ids = [user.get("id") for user in get_ok(host, "/users").json()]
+    assert ids == sorted(ids), (
+        f"GET /users listed the ids {ids}, expected them ordered by id {sorted(ids)}: "
+        "without ORDER BY id Postgres returns rows in storage order, which changes when a "
+        "row is updated - so the list, and its ETag, would change with no change of data")
+
+
+def test_missing_user_is_404(instances: list[str]) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        missing_user_is_404(instances[0], method)
+
+
+def missing_user_is_404(host: str, method: str) -> None:
+    body = {"name": "Nobody", "email": "nobody@example.com"} if method == "PUT" else None
+    reply = call(host, method, "/users/999999", body)
+    assert reply.status == 404, (
+        f"{method} /users/999999 (no such user): expected 404, saw {reply.status}: the "
+        "resource does not exist, so there is nothing to "
+        f"{'read' if method == 'GET' else 'replace' if method == 'PUT' else 'delete'}; "
+        "check what the statement found (rowcount, RETURNING) and answer 404 when it found "
+        "nothing - a 2xx tells the client the operation happened")
 
 
 def test_two_instances_share_no_session(instances: list[str]) -> None:
@@ -167,6 +203,11 @@ def test_two_instances_share_no_session(instances: list[str]) -> None:
     gone = call(b, "GET", path)
     assert gone.status == 404, (
         f"GET {path} on instance B after A deleted it: expected 404, saw {gone.status}")
+    twice = call(b, "DELETE", path)
+    assert twice.status == 404, (
+        f"DELETE {path} on instance B after A deleted it: expected 404, saw {twice.status}: "
+        "the user no longer exists; DELETE is idempotent in its effect (the row stays "
+        "gone), not in its answer")
 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), [

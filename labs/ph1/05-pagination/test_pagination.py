@@ -255,6 +255,19 @@ def test_bad_cursor_is_400(host: str, db: Any) -> None:
         f"{str(doc)[:150]}: a cursor the API did not issue is the client's error")
 
 
+@pytest.mark.parametrize("style", ["offset", "cursor", "keyset"])
+@pytest.mark.parametrize("limit", [101, 0, -1, "ten"])
+def test_limit_out_of_bounds_is_400(host: str, db: Any, style: str, limit: Any) -> None:
+    seed_small(db)
+    status, doc = get(host, {"style": style, "limit": limit})
+    rows = len(doc.get("data") or []) if isinstance(doc, dict) else 0
+    assert status == 400, (
+        f"GET /orders?style={style}&limit={limit}: expected 400, saw {status}"
+        + (f" with {rows} orders" if status == 200 else f" {str(doc)[:120]}")
+        + ": limit is 1..100 - the upper bound is what keeps one request from reading "
+        "(and sending) the whole table; refuse a limit outside it instead of serving it")
+
+
 def test_cursor_is_opaque(host: str, db: Any) -> None:
     seed_small(db)
     cursor = page(host, {"style": "cursor", "limit": PAGE}).get("next_cursor")

@@ -36,6 +36,16 @@ def ask(host: str, query: str) -> dict[str, Any]:
     except ValueError:
         pytest.fail(f"POST /graphql {query}: expected JSON, saw {status} {body[:200]!r}",
                     pytrace=False)
+    nulls = [e for e in document.get("errors") or []
+             if isinstance(e, dict) and "Cannot return null for non-nullable field"
+             in str(e.get("message"))]
+    if nulls:
+        field = str(nulls[0].get("message")).rsplit("field ", 1)[-1].rstrip(".")
+        pytest.fail(
+            f"POST /graphql {query}: {field} resolved to null at {nulls[0].get('path')} "
+            f"({len(nulls)} such error(s)), but the schema says it is never null: a batch "
+            "function returns one result per key, and for a key with no rows that result is "
+            "an empty list ([]), not None", pytrace=False)
     assert status == 200 and not document.get("errors"), (
         f"POST /graphql {query}: expected 200 and no errors, saw {status} "
         f"{str(document.get('errors'))[:300]}")
@@ -187,18 +197,42 @@ def test_loaders_do_not_outlive_a_request(make_app: Callable[..., Any], proxied_
         f"{user_4.get('orders')}: a DataLoader caches what it loaded, so create it per request")
 
 
+def test_first_limits_the_page(make_app: Callable[..., Any], proxied_dsn: str,
+                               counter: PgStatementProxy) -> None:
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+        data, _ = run(host, counter, "{ users(first: 7) { id } }")
+    ids = [u.get("id") for u in data.get("users") or []]
+    assert ids == [str(n) for n in range(1, 8)], (
+        f"users(first: 7) returned {len(ids)} users ({ids[:10]}...), expected the first 7 "
+        "by id: the resolver receives first as an argument - pass it to the query's LIMIT "
+        "instead of a fixed page size")
+
+
 def test_aliased_users_share_one_orders_query(make_app: Callable[..., Any], proxied_dsn: str,
                                               counter: PgStatementProxy,
                                               postgres: Any) -> None:
-    query = ('{ a: user(id: "1") { orders { id } } b: user(id: "2") { orders { id } } '
-             'c: user(id: "3") { name orders { totalCents } } nobody: user(id: "999") { name } }')
+    # The ids are asked out of order, the missing one among them: a batch function must
+    # answer in the order of the keys it is given, whatever order the rows come back in.
+    query = ('{ a: user(id: "1") { id orders { id } } c: user(id: "3") { id name orders '
+             '{ totalCents } } nobody: user(id: "999") { name } b: user(id: "2") '
+             '{ id orders { id } } }')
     with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
         data, statements = run(host, counter, query)
     expected = {u["id"]: u for u in expected_users(postgres)}
+    mixed = {alias: (uid, (data.get(alias) or {}).get("id"))
+             for alias, uid in (("a", "1"), ("c", "3"), ("b", "2"))
+             if (data.get(alias) or {}).get("id") != uid}
+    assert not mixed, (
+        "aliases asked for users 1, 3, 999, 2 (in that order) in one request and got "
+        + ", ".join(f"{alias}: user(id: \"{uid}\") -> {got!r}"
+                    for alias, (uid, got) in mixed.items())
+        + ": the batch function's results are paired with the keys by position - return "
+        "them in the order of the keys it was given (look each key up in what the query "
+        "returned), not sorted, not in the order Postgres sent the rows")
     assert data.get("nobody", "missing") is None, (
         f"user(id: \"999\") must be null for a user that does not exist, saw "
         f"{data.get('nobody', 'no such field')!r}")
-    assert data.get("c") == {"name": "user 3", "orders": [
+    assert data.get("c") == {"id": "3", "name": "user 3", "orders": [
         {"totalCents": o["totalCents"]} for o in expected["3"]["orders"]]}, (
         f"user(id: \"3\"): expected {expected['3']}, saw {data.get('c')}")
     for alias, uid in (("a", "1"), ("b", "2")):

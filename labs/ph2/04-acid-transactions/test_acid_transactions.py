@@ -227,6 +227,34 @@ def test_connection_killed_between_debit_and_credit_leaves_nothing(bank: Bank) -
         f" - the debit was committed on its own; put both updates in one transaction")
 
 
+def test_a_failing_ledger_insert_leaves_nothing(bank: Bank) -> None:
+    bank.open({1: 100, 2: 50})
+    before = bank.state()
+    with bank.connect() as admin:
+        # The ledger refuses the next row: the last step of a transfer fails.
+        admin.execute("""
+            CREATE FUNCTION refuse_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'the ledger is closed (injected by the check)'; END $$;
+            CREATE TRIGGER refuse_ledger BEFORE INSERT ON transfers
+                FOR EACH ROW EXECUTE FUNCTION refuse_ledger()""")
+    raised: BaseException | None = None
+    with bank.connect() as conn:
+        try:
+            bank.transfer(conn, 1, 2, 30)
+        except Exception as exc:  # noqa: BLE001 - any error is right here
+            raised = exc
+    after = bank.state()
+    assert after == before, (
+        f"the ledger INSERT failed (a trigger the check installed refused it) and the "
+        f"transfer {'returned' if raised is None else 'raised ' + type(raised).__name__}, "
+        f"yet: {diff(after, before)} - the money moved without its ledger row. The ledger "
+        f"row belongs to the same transaction as the debit and the credit: insert it before "
+        f"that transaction commits, so a failure there rolls the money back too")
+    assert raised is not None, (
+        "the ledger INSERT failed (a trigger the check installed refused it) and transfer() "
+        "returned normally: let the error out, the transfer did not happen")
+
+
 # --------------------------------------------------------------------------------------
 # Isolation
 

@@ -230,6 +230,67 @@ def blocked(admin: Conn, pid: int) -> bool:
     return row is not None and row[0] == "Lock" and row[1] in ("transactionid", "tuple")
 
 
+def attempts_made(admin: Conn) -> int:
+    """How many attempts reached the UPDATE: the injecting trigger's sequence counts them
+    (a sequence is not rolled back with the transaction)."""
+    row = admin.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                        "FROM injected").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_after_check_is_called_in_every_attempt(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    inject(admin, failures=1, sqlstate="40001", when=AT_STATEMENT,
+           message="could not serialize access (injected by the check)")
+    result, exc, counts = call_recorded(go_off_call, alice.conn, max_attempts=3)
+    made = attempts_made(admin)
+    if made == 1 and exc is not None:
+        pytest.fail(
+            f"the first attempt's UPDATE failed with 40001 (injected) and go_off_call let "
+            f"{type(exc).__name__} out without a second attempt: catch "
+            f"psycopg.errors.SerializationFailure and run the whole transaction again",
+            pytrace=False)
+    assert len(counts) == made, (
+        f"the UPDATE ran in {made} attempts (the first failed with 40001, injected) but "
+        f"after_check was called {len(counts)} time(s) ({counts}): call after_check(count) "
+        f"in every attempt, right after that attempt reads the count - a retry reads the "
+        f"roster again (a count read once, outside the retry, is stale after the 40001), "
+        f"and what it read is what it decides on")
+    assert result is True, (
+        f"the first attempt failed with 40001 (injected) and the second could commit, yet "
+        f"go_off_call returned {result!r} (exception: {exc!r})")
+
+
+def test_go_off_call_leaves_the_session_as_it_found_it(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, _ = doctors
+    conn = alice.conn
+    conn.execute("SET default_transaction_isolation = 'repeatable read'")
+    attribute_before = conn.isolation_level
+    result = go_off_call(conn, "alice")
+    default_after = conn.execute("SHOW default_transaction_isolation").fetchone()
+    with conn.transaction():
+        level_after = isolation_of(conn)
+    assert result is True, f"alice could go off call (2 on call) but got {result!r}"
+    assert conn.isolation_level == attribute_before, (
+        f"go_off_call left conn.isolation_level = {conn.isolation_level!r} (it was "
+        f"{attribute_before!r}): every later transaction on the caller's connection now runs "
+        f"at that level - set the level of your own transaction only (SET TRANSACTION "
+        f"ISOLATION LEVEL SERIALIZABLE as its first statement), or put the attribute back")
+    assert default_after is not None and default_after[0] == "repeatable read", (
+        f"go_off_call changed the session's default isolation level from 'repeatable read' "
+        f"to {default_after[0] if default_after else None!r}: set the level of this one "
+        f"transaction only")
+    assert level_after == "repeatable read", (
+        f"after go_off_call, a new transaction on the caller's connection ran at "
+        f"{level_after!r}, not the session's 'repeatable read': go_off_call must not "
+        f"change the level of transactions that are not its own")
+
+
 def test_write_skew_is_prevented_by_serializable_with_retry(
         doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
     go_off_call = learner.function("isolation", "go_off_call")
@@ -294,9 +355,11 @@ def test_write_skew_is_prevented_by_serializable_with_retry(
         f"(after_check saw {alice.counts})")
     if results["bob"] is False and bob.counts[-1] != 1:
         pytest.fail(
-            f"bob was refused after seeing only {bob.counts} on call: his attempt failed "
-            f"with 40001 and go_off_call gave up instead of retrying - a failed attempt "
-            f"decides nothing; run it again and decide on what the new attempt reads",
+            f"bob was refused, but after_check saw only {bob.counts} on call: either his "
+            f"attempt failed with 40001 and go_off_call gave up instead of retrying (a "
+            f"failed attempt decides nothing), or it retried without calling "
+            f"after_check(count) in the new attempt - every attempt that reads the count "
+            f"reports it, then decides on what it read",
             pytrace=False)
     assert results["bob"] is False and on_call == ["bob"], (
         f"go_off_call returned alice={results['alice']!r}, bob={results['bob']!r}, on call "
@@ -406,23 +469,35 @@ def test_a_40001_at_commit_is_retried_too(
         f"returns True; saw {len(counts)} attempt(s), returned {result!r}")
 
 
+NOT_40001 = {
+    # sqlstate: (error class, how the learner reads it, why retrying is wrong)
+    "23514": (psycopg.errors.CheckViolation, "a CheckViolation (an IntegrityError)",
+              "a retry cannot fix a rule the data breaks",
+              "doctors must give a week of notice (injected by the check)"),
+    "53100": (psycopg.errors.DiskFull, "a DiskFull (an OperationalError, like 40001, but "
+              "not a serialization failure)", "the disk is no emptier on the next attempt",
+              "could not extend file: No space left on device (injected by the check)"),
+}
+
+
+@pytest.mark.parametrize("sqlstate", list(NOT_40001))
 def test_an_error_that_is_not_40001_is_not_retried(
-        doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any, sqlstate: str) -> None:
     go_off_call = learner.function("isolation", "go_off_call")
     alice, _, admin = doctors
-    inject(admin, failures=8, sqlstate="23514", when=AT_STATEMENT,
-           message="doctors must give a week of notice (injected by the check)")
+    error, what, why, message = NOT_40001[sqlstate]
+    inject(admin, failures=8, sqlstate=sqlstate, when=AT_STATEMENT, message=message)
     result, exc, counts = call_recorded(go_off_call, alice.conn, max_attempts=5)
+    made = attempts_made(admin)
     if exc is None:
         pytest.fail(
-            f"the UPDATE failed with a CheckViolation (SQLSTATE 23514, not a serialization "
-            f"failure) and go_off_call returned {result!r} after {len(counts)} attempt(s): "
-            f"only 40001 may be caught and retried - any other error must reach the caller",
-            pytrace=False)
-    assert len(counts) == 1, (
-        f"the UPDATE failed with a CheckViolation (SQLSTATE 23514) and go_off_call tried "
-        f"{len(counts)} times: a retry cannot fix a rule the data breaks - catch only "
-        f"psycopg.errors.SerializationFailure (40001), not psycopg.Error or Exception")
-    assert isinstance(exc, psycopg.errors.CheckViolation), (
-        f"the UPDATE failed with a CheckViolation (SQLSTATE 23514) and go_off_call raised "
+            f"the UPDATE failed with {what}, SQLSTATE {sqlstate}, and go_off_call returned "
+            f"{result!r} after {made} attempt(s): only 40001 may be caught and retried - any "
+            f"other error must reach the caller", pytrace=False)
+    assert made == 1, (
+        f"the UPDATE failed with {what}, SQLSTATE {sqlstate}, and go_off_call tried {made} "
+        f"times: {why} - catch only psycopg.errors.SerializationFailure (40001), not "
+        f"psycopg.OperationalError, psycopg.Error or Exception")
+    assert isinstance(exc, error), (
+        f"the UPDATE failed with {what}, SQLSTATE {sqlstate}, and go_off_call raised "
         f"{type(exc).__name__} instead: let the database's error out unchanged")

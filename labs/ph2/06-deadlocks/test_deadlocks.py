@@ -154,11 +154,19 @@ def test_opposite_transfers_do_not_deadlock(db: Db, learner: Any) -> None:
         wait_until(lambda: t2.arrived.is_set() or t2.done or blocked_on_lock(admin, pid2),
                    "transfer 2->1 to take its first lock or to wait for one")
         t2_held_a_lock = t2.arrived.is_set()
+        held = row_locks(admin) if t2_held_a_lock else {}
         t1.release.set()
         t2.release.set()
         errors = {t.label: error_name(t.future) for t in (t1, t2) if t.future is not None}
 
     failed = {label: err for label, err in errors.items() if err}
+    if held.get(1) == "shared" and held.get(2) is None:
+        pytest.fail(
+            f"both transfers held account 1 at the same time (1->2 and 2->1 each passed "
+            f"after_first_lock with it; then {failed or 'no error'}): the first lock is "
+            f"shared (FOR SHARE / FOR KEY SHARE), so both get it, and each one's UPDATE then "
+            f"waits for the other's share lock - a lock-upgrade deadlock even in the right "
+            f"order. Lock the rows you will write with FOR UPDATE", pytrace=False)
     if "DeadlockDetected" in failed.values():
         pytest.fail(
             f"deadlock detected (40P01) in {', '.join(failed)}: 1->2 held account 1 and "
@@ -174,6 +182,26 @@ def test_opposite_transfers_do_not_deadlock(db: Db, learner: Any) -> None:
         "lock in opposite orders; it only did not deadlock by luck")
     assert db.balances() == {1: 10000, 2: 10000, 3: 10000}, (
         f"after 1->2 10 and 2->1 10 the balances are {db.balances()}, expected unchanged")
+
+
+def row_locks(admin: Conn) -> dict[int, str | None]:
+    """Which of accounts 1 and 2 are locked right now, probed with NOWAIT from the test's
+    own connection: "exclusive" (FOR UPDATE/NO KEY UPDATE), "shared" (FOR SHARE/KEY SHARE:
+    another share lock is granted, an update lock is not) or None (free)."""
+    held: dict[int, str | None] = {}
+    for account in (1, 2):
+        state: str | None = "exclusive"
+        for mode, free_state in (("UPDATE", None), ("SHARE", "shared")):
+            try:
+                with admin.transaction():
+                    admin.execute(f"SELECT 1 FROM accounts WHERE id = %s FOR {mode} NOWAIT",
+                                  (account,))
+            except psycopg.errors.LockNotAvailable:
+                continue  # held in a mode that conflicts: try the weaker probe
+            state = free_state  # granted: nothing stronger than that is held
+            break
+        held[account] = state
+    return held
 
 
 def test_random_transfers_in_both_directions_never_deadlock(db: Db, learner: Any) -> None:
@@ -332,6 +360,42 @@ def test_a_job_whose_handler_fails_goes_back_to_the_queue(db: Db, learner: Any) 
         f"the handler of job {crashed[0]} raised, then the next take_job handled "
         f"{seen or 'nothing'}: job {crashed[0]} should have gone back to the queue - handle "
         f"it inside the transaction that claimed it, so a failure rolls the claim back")
+
+
+def test_a_job_whose_worker_dies_goes_back_to_the_queue(db: Db, learner: Any) -> None:
+    take_job = api(learner, "take_job").take_job
+    crashed: list[int] = []
+    with db.connect() as admin:
+        with db.connect() as conn:
+            pid = conn.info.backend_pid
+
+            def die(job_id: int, payload: str) -> None:
+                # The worker dies in the middle of the job: its database session goes with
+                # it, as when its process is killed.
+                crashed.append(job_id)
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                raise RuntimeError(f"worker killed while handling {payload}")
+
+            try:
+                take_job(conn, "worker-1", die)
+            except Exception:  # noqa: BLE001, S110 - the dead worker's errors do not matter
+                pass
+        assert crashed, "take_job(conn, worker, handle) never called handle(job_id, payload)"
+        wait_until(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                          (pid,)).fetchone() == (0,),
+                   "the dead worker's session to end")
+        status = admin.execute("SELECT status FROM jobs WHERE id = %s",
+                               (crashed[0],)).fetchone()
+    seen: list[int] = []
+    with db.connect() as conn:
+        take_job(conn, "worker-2", lambda job_id, payload: seen.append(job_id))
+    assert seen == crashed, (
+        f"job {crashed[0]}'s worker died while handling it; afterwards the job is "
+        f"{status[0] if status else None!r} and the next take_job handled {seen or 'nothing'} "
+        f"instead of it: the claim was committed before the work was done, so it outlived "
+        f"the worker (an except block that puts it back never runs when the process dies). "
+        f"Keep the claim - the row lock - in the transaction that handles the job and marks "
+        f"it done: a dead worker's transaction, and its claim, vanish with it")
 
 
 # --------------------------------------------------------------------------------------

@@ -198,6 +198,22 @@ def test_cache_aside_invalidates_after_the_write_not_before(shop: Shop, postgres
         f"the cache entry")
 
 
+def test_cache_aside_write_deletes_the_entry(shop: Shop) -> None:
+    app = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+    assert app.get_product(1) == row(1)  # product:1 is cached
+    app.update_price(1, 1500)
+    assert shop.db_price(1) == 1500, (
+        f"after update_price(1, 1500) the database holds {shop.db_price(1)}")
+    left = shop.cached(1)
+    assert left is None, (
+        f"after update_price(1, 1500) Redis product:1 holds {left}: cache-aside DELETES the "
+        "entry after the database write. Writing the new value into the cache instead races "
+        "with another writer: A writes 1500 to the database, B writes 1600 to the database "
+        "and to the cache, then A's cache write lands last - the cache serves 1500 for a "
+        "whole TTL while the database holds 1600. A delete cannot go stale: the next read "
+        "loads the committed row")
+
+
 def test_read_through_cache_calls_the_loader_only_on_a_miss(shop: Shop) -> None:
     calls: list[int] = []
 
@@ -236,6 +252,28 @@ def test_write_through_updates_database_and_cache_in_one_call(shop: Shop) -> Non
         "served from the cache the write just filled")
 
 
+def test_write_through_caches_only_what_the_database_accepted(shop: Shop) -> None:
+    app = shop.make("WriteThrough", shop.dsn, shop.redis_url, ttl_seconds=90)
+    assert app.get_product(3) == row(3)
+    shop.direct.execute("ALTER TABLE products ADD CONSTRAINT price_positive "
+                        "CHECK (price_cents > 0)")
+    refused: BaseException | None = None
+    try:
+        app.update_price(3, -5)
+    except Exception as exc:  # noqa: BLE001 - any error is right: the write was refused
+        refused = exc
+    cached = shop.cached(3)
+    assert cached is None or cached.get("price_cents") == row(3)["price_cents"], (
+        f"update_price(3, -5) was refused by the database (CHECK price_cents > 0"
+        f"{'' if refused is None else ', ' + type(refused).__name__}), yet Redis product:3 "
+        f"now holds {cached}: the cache was written before the database. Write-through "
+        "writes the system of record first and caches what it accepted (UPDATE ... "
+        "RETURNING), so the cache never serves a price the database never held")
+    assert refused is not None, (
+        "update_price(3, -5) was refused by the database (CHECK price_cents > 0) but "
+        "returned normally: let the database's error out")
+
+
 def test_write_behind_persists_eventually_even_after_a_crash(shop: Shop) -> None:
     app = shop.make("WriteBehind", shop.dsn, shop.redis_url)
     _, writes = delta(shop.writes, lambda: app.update_price(4, 1111))
@@ -255,6 +293,47 @@ def test_write_behind_persists_eventually_even_after_a_crash(shop: Shop) -> None
     successor.start()
     wait_for_db(shop, {4: 1111, 5: 3}, "write-behind")
     successor.stop()
+
+
+def test_write_behind_worker_dying_mid_write_loses_nothing(shop: Shop,
+                                                            postgres: Any) -> None:
+    app = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    app.update_price(4, 1111)
+    # Hold product 4's row: the worker takes the change off the queue and its UPDATE waits.
+    shop.direct.execute("BEGIN")
+    shop.direct.execute("SELECT 1 FROM products WHERE id = 4 FOR UPDATE")
+    try:
+        app.start()
+        with postgres.connect(autocommit=True) as watch:
+            deadline, pid = time.monotonic() + 15, None
+            while pid is None and time.monotonic() < deadline:
+                found = watch.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> %s",
+                    (shop.direct.info.backend_pid,)).fetchone()
+                pid = found[0] if found else None
+                time.sleep(0.01)
+            if pid is None:
+                pytest.fail("write-behind: after start() no worker UPDATE of product 4 reached "
+                            "the database within 15 s", pytrace=False)
+            # The worker dies in the middle of its write: its session is cut.
+            watch.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    finally:
+        shop.direct.execute("COMMIT")
+    app.stop()
+    successor = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    successor.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and shop.db_price(4) != 1111:
+        time.sleep(0.05)
+    successor.stop()
+    assert shop.db_price(4) == 1111, (
+        f"write-behind: the worker's session died while it wrote product 4's queued change "
+        f"(its UPDATE was waiting for a row lock); a new worker ran for 5 s and the database "
+        f"still holds {shop.db_price(4)}, not 1111: the change left the Redis queue before it "
+        f"reached Postgres (a pop), so it died with the worker. Move it to a processing list "
+        f"(LMOVE/BLMOVE), remove it only after the UPDATE committed, and have a starting "
+        f"worker take back what is left there")
 
 
 def wait_for_db(shop: Shop, want: dict[int, int], pattern: str, within: float = 5) -> None:

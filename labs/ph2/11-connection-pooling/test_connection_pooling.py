@@ -192,7 +192,8 @@ def assert_pool_exhausted(pooling: ModuleType, call: Call, context: str) -> None
     (200, 0.07, 14),     # 200 * 0.07 = 14.000000000000002 in floating point
     (30, 0.05, 2),       # 1.5 connections busy on average: round up
     (30, 0.04, 2),       # 1.2: round() first would give 1
-    (101, 0.01, 2),      # 1.01: rounding to a decimal or two first would give 1
+    (101, 0.01, 2),      # 1.01: rounding to a decimal first would give 1
+    (1001, 0.001, 2),    # 1.001: rounding to two (or three) decimals first would give 1
     (7, 0.3, 3),         # 2.1 (2.0999999999999996 in floating point)
     (1000, 0.2, 200),
     (0.5, 0.1, 1),       # almost idle: still one connection
@@ -210,6 +211,11 @@ def test_pool_size_follows_littles_law(learner: Any, rate: float, latency: float
         why = (f"{busy!r} busy on average rounds to {got} but needs {want}: round() (or "
                f"any rounding to the nearest) before ceil() drops a fraction below .5 - "
                f"round only the floating-point noise away (e.g. round(x, 9)), then ceil")
+    elif got == want - 1 and 0 < busy - int(busy) < 0.01:
+        why = (f"{busy!r} busy on average needs {want}, not {got}: the fraction is small but "
+               f"real - rounding to a few decimals before ceil() (round(x, 2)) drops it, and "
+               f"so does rounding down; round only the floating-point noise away (e.g. "
+               f"round(x, 9)), then ceil")
     elif got == want - 1:
         why = (f"{busy!r} busy on average: a fraction of a connection still needs a whole "
                f"one - round UP (ceil), not down (floor, int())")

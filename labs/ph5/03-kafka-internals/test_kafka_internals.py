@@ -181,6 +181,17 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
             f"{offsets_of(got_a + got_b)[:8]}...")
 
         b.commit()
+        b_owns = b.assignment()
+        before = committed(kafka, topic, group, 4)
+        a.commit()  # A commits what it processed: only A's own partitions may move
+        moved = {p: (before[p], now) for p, now in committed(kafka, topic, group, 4).items()
+                 if p in b_owns and now != before[p]}
+        assert not moved, (
+            f"A's commit() moved the committed offsets of B's partitions {sorted(moved)} "
+            f"(before -> after: {moved}): A still held offsets it had processed on those "
+            "partitions before they were revoked, and committed them again, rewinding B's "
+            "progress - once a partition is revoked (after committing it in on_revoke), "
+            "forget its processed offset")
         b.close()
         b = None
         (after,) = drive([a], lambda _: broker_assignment(admin, group) == [{0, 1, 2, 3}]
@@ -235,6 +246,21 @@ def test_commit_crash_resume_and_lag(learner: Any, kafka: Any) -> None:
         f"consumer_lag for a group that never committed = {lag}; expected {{0: 10, 1: 6}}: "
         "such a group starts at the log start (low watermark), and partition 1's log starts "
         "at offset 4 (records 0-3 were deleted)")
+
+    # A group that committed offset 1 of partition 1 before retention deleted past it: it
+    # can only resume at the log start, so it is 6 behind there, not 9.
+    stale = Consumer(kafka.consumer_config("stale", **{"enable.auto.commit": False}))
+    try:
+        stale.commit(offsets=[TopicPartition(topic, 1, 1)], asynchronous=False)
+    finally:
+        stale.close()
+    lag = consumer_lag(kafka.bootstrap, topic, kafka.group("stale"))
+    assert lag == {0: 10, 1: 6}, (
+        f"consumer_lag for a group whose commit on partition 1 (offset 1) is older than that "
+        f"log's start (offset 4: records 0-3 were deleted) = {lag}; expected {{0: 10, 1: 6}}: "
+        "the group can only resume at the log start, so lag = high watermark - max(committed, "
+        "low watermark) - subtracting a commit below the log start counts records that no "
+        "longer exist")
 
     # Fast session expiry so the killed member leaves the group in 2 s; an auto-commit
     # interval so short that a consumer still auto-committing shows it before the kill.

@@ -249,6 +249,48 @@ def test_a_crash_that_is_an_ordinary_exception_is_not_a_refusal(world: Any,
         f"expected 'running' (nothing was refused: a resumed run goes forward)")
 
 
+def test_a_compensation_that_fails_is_retried_not_skipped(world: Any, postgres: Any,
+                                                          learner: Any) -> None:
+    """schedule_shipping refuses; while compensating, payment's service is down: its undo
+    raises ConnectionError. The refund must not be skipped: the error escapes, the saga
+    stays 'compensating', and a resumed run issues that undo again."""
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    mod.start_saga(postgres.dsn, "s-undo-down", ORDER)
+    parts = services(mod, conn, schedule_shipping={"fail": True})
+    down = [True]
+    real_undo = parts["charge_payment"].undo
+
+    def flaky_undo(saga_id: str, order: dict[str, Any]) -> None:
+        if down[0]:
+            conn.execute("INSERT INTO svc_calls (saga_id, step, action) VALUES (%s, %s, "
+                         "'undo')", (saga_id, "charge_payment"))
+            raise ConnectionError("payment service unreachable")
+        real_undo(saga_id, order)
+
+    parts["charge_payment"].undo = flaky_undo  # type: ignore[method-assign]
+    try:
+        result = mod.run_saga(postgres.dsn, "s-undo-down", parts)
+    except ConnectionError:
+        result = None
+    assert result is None, (
+        f"charge_payment's undo raised ConnectionError (the payment service is down) and "
+        f"run_saga went on to {result!r}; the participants saw {calls(conn, 's-undo-down')}: "
+        f"the charge was never refunded. A compensation must eventually succeed - let the "
+        f"error escape with the saga still 'compensating', so a resumed run issues that undo "
+        f"again; never skip it or count it as done")
+    status = mod.saga_status(postgres.dsn, "s-undo-down")
+    assert status == "compensating", (
+        f"after charge_payment's undo failed the stored status is {status!r}; expected "
+        f"'compensating' (the undo is still owed)")
+    down[0] = False
+    resumed = learner.load("saga").run_saga(postgres.dsn, "s-undo-down", parts)
+    assert "undo charge_payment" in effects(conn, "s-undo-down") and resumed == "compensated", (
+        f"the resumed run returned {resumed!r} and the participants saw "
+        f"{calls(conn, 's-undo-down')}: expected charge_payment's undo issued again, then "
+        f"create_order's, and 'compensated'")
+
+
 def test_two_sagas_keep_their_own_state(world: Any, postgres: Any, learner: Any) -> None:
     """Saga A crashes before reserve_inventory; saga B then runs to its end; A resumed
     goes on from its own state, not B's."""
@@ -377,3 +419,19 @@ def test_choreographed_saga_over_kafka(learner: Any, kafka: Any) -> None:
     assert not wrong_source, (
         f"events published by the wrong service: {wrong_source[:4]}: in a choreography each "
         "service publishes its own facts (payment refunds, inventory releases)")
+
+    # Every service restarts (a deploy): each resumes at its committed offset and, since it
+    # handled everything, finds nothing to handle.
+    again: dict[str, int] = {}
+    for name in names:
+        restarted = mod.ChoreographyService(kafka.bootstrap, topic, name, kafka.group(name))
+        try:
+            again[name] = restarted.pump()
+        finally:
+            restarted.close()
+    redone = {name: n for name, n in again.items() if n}
+    assert not redone, (
+        f"after a restart the services handled events again: {redone} - each had handled "
+        "and committed everything, so the committed offset must be the NEXT one to read "
+        "(the last handled offset + 1); committing the last handled one makes every restart "
+        "handle it, and publish its reaction, twice")

@@ -341,8 +341,10 @@ def test_relay_killed_before_marking_loses_nothing(shop: Any, learner: Any, post
     events = read_events(kafka, topic)
     assert_each_order_once(events, orders, allow_duplicates=True)
     assert len(events) - 30 <= 10, (
-        f"{len(events) - 30} events were republished; at most the killed relay's batch of 10 "
-        "should be")
+        f"{len(events) - 30} events were republished after the relay (--batch-size 10) was "
+        "killed before marking its batch: it had claimed and published more than 10 rows in "
+        "one transaction - claim at most --batch-size rows (LIMIT) per batch, or one crash "
+        "republishes everything pending and one transaction locks all of it")
     assert pending(conn) == 0
 
 
@@ -381,6 +383,47 @@ def test_two_relays_share_the_outbox(shop: Any, learner: Any, postgres: Any,
         f"relay B failed: {errors_of(relay_b)}")
     assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False)
     assert pending(conn) == 0
+
+
+def test_relay_marks_only_the_rows_it_claimed(shop: Any, learner: Any, postgres: Any,
+                                              kafka: Any) -> None:
+    """Another relay holds the oldest row (the test, with FOR UPDATE). This relay skips it,
+    publishes the others and must mark exactly those: row 1 stays pending, and marking never
+    waits for it."""
+    conn, orders_mod = shop
+    topic = kafka.create_topic("orders", 3)
+    orders = make_orders(12)
+    place_all(conn, orders_mod, orders)
+    holder = postgres.connect()
+    (held,) = holder.execute("SELECT id FROM outbox ORDER BY id LIMIT 1 FOR UPDATE").fetchone()
+    relay = start_relay(learner, postgres, kafka.bootstrap, topic, batch=5)
+    try:
+        deadline, waits_for = time.monotonic() + RELAY_TIMEOUT, None
+        while relay.poll() is None and time.monotonic() < deadline and waits_for is None:
+            waits_for = next((kind for kind in waiting_backends(conn).values()
+                              if kind in ("transactionid", "tuple")), None)
+            time.sleep(0.02)
+        if waits_for is not None:
+            pytest.fail(
+                f"the relay waits for outbox row {held}, which another relay holds and this "
+                "relay never claimed (SKIP LOCKED passed over it): it marks more than its "
+                "batch - a range (id <= the highest claimed) or every pending row. Mark "
+                "exactly the ids it claimed and published (WHERE id = ANY(%s)): otherwise it "
+                "marks rows another relay is still publishing, or that nobody sent",
+                pytrace=False)
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+        relay.wait()
+        holder.rollback()
+        holder.close()
+    assert relay.returncode == 0, f"relay --once exited with {relay.returncode}: " \
+                                  f"{errors_of(relay)}"
+    still = conn.execute("SELECT id FROM outbox WHERE published_at IS NULL").fetchall()
+    assert still == [(held,)], (
+        f"after a relay ran while row {held} was held by another relay, the unpublished rows "
+        f"are {[r[0] for r in still]}, expected [{held}]: mark exactly the rows this relay "
+        "claimed and published")
 
 
 def test_thousand_orders_thousand_events(shop: Any, learner: Any, postgres: Any,
