@@ -24,10 +24,9 @@ from .learner.modes import ENV_LEARNER_HOST, ENV_SHARED_DIR
 
 # What the runner sets for the plugin.
 ENV_SERVICES = "LABRUNNER_SERVICES"     # the run's services state file
-ENV_SRC = "LABRUNNER_SRC"               # the learner's folder for this lab
-# Set by hand only (pytest run without the runner): which of a lab's own folders to verify,
-# solution (the default) or starter; --lab-target says the same.
-ENV_TARGET = "LABRUNNER_TARGET"
+# The learner's folder reaches the plugin one way from the runner (--lab-src, the exact
+# folder) and one way by hand (--lab-target: solution, starter or a workspace); no
+# environment variable says it.
 ENV_REPORT_FD = "LABRUNNER_REPORT_FD"   # the records' pipe (write end)
 ENV_KEY_FD = "LABRUNNER_KEY_FD"         # the key's pipe (read end)
 ENV_RUN_ID = "LABRUNNER_RUN_ID"         # names the run's per-test namespaces
@@ -43,7 +42,7 @@ FINISHED = "finished"
 
 __all__ = [
     "COLLECTED", "ENV_KEY_FD", "ENV_LEARNER_HOME", "ENV_LEARNER_HOST", "ENV_REPORT_FD",
-    "ENV_RUN_ID", "ENV_SERVICES", "ENV_SHARED_DIR", "ENV_SRC", "ENV_TARGET", "FINISHED",
+    "ENV_RUN_ID", "ENV_SERVICES", "ENV_SHARED_DIR", "FINISHED",
     "MAX_AUTHORED", "MAX_OUTPUT", "Reporter", "read_signed", "sign", "verified",
 ]
 

@@ -43,8 +43,6 @@ from .channel import (
     ENV_REPORT_FD,
     ENV_RUN_ID,
     ENV_SERVICES,
-    ENV_SRC,
-    ENV_TARGET,
     FINISHED,
     Reporter,
 )
@@ -205,10 +203,10 @@ def _lab_for(path: Path) -> Lab:
 
 
 def _src_dir(config: pytest.Config, lab: Lab) -> Path:
-    exact = config.getoption("--lab-src") or os.environ.get(ENV_SRC)
+    exact = config.getoption("--lab-src")
     if exact:
         return Path(exact).resolve()
-    target = config.getoption("--lab-target") or os.environ.get(ENV_TARGET) or "solution"
+    target = config.getoption("--lab-target") or "solution"
     if target == "solution":
         return lab.solution_dir
     if target == "starter":
