@@ -36,6 +36,7 @@ from .sandbox import (
     SERVICES_MEMORY_BYTES,
     MountPlan,
     _blocked_ancestors,
+    _dedupe,
     _give,
     _in_order,
     _inside,
@@ -114,6 +115,8 @@ class _Run:
     learner_uid: int | None
     learner_home: Path
     shared: Path
+    # What the graded process's sandbox does before it runs (mounts, cgroup), in order.
+    prepare_steps: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
 
 def _lay_out(workspace: Path, lab: Lab, run_dir: Path, uid: int | None,
@@ -355,6 +358,7 @@ class Grader:
                            "sanitizers) ran without a memory limit")
         steps = [step for step in (self.mounts.apply if self.mounts else None,
                                    cgroup.enter if cgroup else None) if step is not None]
+        run.prepare_steps = steps
         return Sandbox(
             memory_bytes=address_space,
             cpu_seconds=limits.cpu_seconds,
@@ -395,7 +399,8 @@ class Grader:
 
         try:
             if self.private_services and uid is not None:
-                result = self._with_private_services(lab, uid, run.run_dir, sandbox, verify)
+                result = self._with_private_services(lab, uid, run.run_dir, sandbox, verify,
+                                                     run.prepare_steps)
             else:
                 result = verify(self.state_file)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -411,7 +416,8 @@ class Grader:
                 self.notes.append(text)
 
     def _with_private_services(self, lab: Lab, uid: int, run_dir: Path, sandbox: Sandbox,
-                               verify: Callable[[Path | None], LabResult]) -> LabResult:
+                               verify: Callable[[Path | None], LabResult],
+                               steps: Sequence[Callable[[], None]] = ()) -> LabResult:
         """Run ``verify`` in a network namespace of its own, with the lab's services started
         there for this run alone (their uid: the sandbox's plus an offset)."""
         from ..services.local.process import ServiceOwner
@@ -428,6 +434,7 @@ class Grader:
                 return verify(None)
             with private_services(lab.services, owner, uid, run_dir) as (state, control):
                 sandbox.env[ENV_CONTROL] = str(control)
+                self._share_with_run(state, sandbox, steps)
                 return verify(state)
 
         try:
@@ -436,6 +443,26 @@ class Grader:
             if cgroup is not None:
                 _sweep_uid(uid + SERVICE_UID_OFFSET)
                 cgroup.remove()
+
+
+    def _share_with_run(self, state: Path, sandbox: Sandbox,
+                        steps: Sequence[Callable[[], None]]) -> None:
+        """What the run's own services share with its tests (Prometheus' target folder,
+        where a test registers what to scrape) is bound into the graded process's private
+        /tmp: its own services' folders, never another's."""
+        if self.mounts is None or not steps:
+            return
+        from ..services.state import read_state
+
+        shared = [Path(ep.extra["targets_dir"]) for ep in read_state(state).values()
+                  if ep.extra.get("targets_dir")]
+        if not shared:
+            return
+        private_tmp = {folder: _dedupe([*keep, *[p for p in shared if _inside(p, folder)]])
+                       for folder, keep in self.mounts.private_tmp.items()}
+        plan = dataclasses.replace(self.mounts, private_tmp=private_tmp)
+        sandbox.prepare = _in_order([plan.apply if step == self.mounts.apply else step
+                                     for step in steps])
 
 
 _INFRASTRUCTURE = ("the sandbox could not start", "the services could not start",

@@ -36,7 +36,7 @@ ADMIN_USER, LAB_USER, CONFIG_USER = "labrunner", "lab", "lab-config"
 # What a lab's own connections may do: everything but the dangerous commands, save these.
 LAB_RULES = ("~* &* +@all -@dangerous +info +keys +flushdb +sort +sort_ro +config|get "
              "+lastsave +role")
-CONFIG_RULES = LAB_RULES + " +config|set +bgrewriteaof"
+CONFIG_RULES = LAB_RULES + " +config|set +bgrewriteaof +bgsave +save"  # persistence lessons
 
 
 def passwords() -> dict[str, str]:
