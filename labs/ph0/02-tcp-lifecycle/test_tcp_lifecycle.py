@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from labrunner.testing import TcpSocket, tcp_sockets
+
 LATE = b"late reply, sent after your FIN\n" * 64   # the peer's data after the half-close
 LATE_WRITES = 3                                     # ...sent in this many separate writes
 WAIT = 6.0                                          # generous bound for anything that must happen
@@ -112,34 +114,23 @@ def peer_reads(sock: socket.socket, running: Background) -> str:
     return "nothing"
 
 
+def _socket(local: tuple[str, int], remote: tuple[str, int]) -> TcpSocket | None:
+    """One connection end as the kernel sees it (None: no socket)."""
+    return next((sock for sock in tcp_sockets()
+                 if sock.local == local and sock.remote == remote), None)
+
+
 def tcp_state(local: tuple[str, int], remote: tuple[str, int]) -> str | None:
     """The kernel's state for one connection end, from /proc/net/tcp (None: no socket)."""
-    def decode(field: str) -> tuple[str, int]:
-        ip_hex, port_hex = field.split(":")
-        return socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]), int(port_hex, 16)
-
-    with open("/proc/net/tcp") as table:
-        for line in table.readlines()[1:]:
-            fields = line.split()
-            if decode(fields[1]) == local and decode(fields[2]) == remote:
-                return TCP_STATES.get(int(fields[3], 16), fields[3])
-    return None
+    sock = _socket(local, remote)
+    return None if sock is None else TCP_STATES.get(sock.state, f"{sock.state:02X}")
 
 
 def tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
     """(bytes sent but not yet acknowledged, bytes received but not yet read) for one
     connection end, from /proc/net/tcp (None: no socket)."""
-    def decode(field: str) -> tuple[str, int]:
-        ip_hex, port_hex = field.split(":")
-        return socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]), int(port_hex, 16)
-
-    with open("/proc/net/tcp") as table:
-        for line in table.readlines()[1:]:
-            fields = line.split()
-            if decode(fields[1]) == local and decode(fields[2]) == remote:
-                tx, rx = fields[4].split(":")
-                return int(tx, 16), int(rx, 16)
-    return None
+    sock = _socket(local, remote)
+    return None if sock is None else (sock.tx_queue, sock.rx_queue)
 
 
 def wait_until_read(pair: Pair, running: Background) -> None:

@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from labrunner.testing import process_threads
+from labrunner.testing import process_threads, tcp_sockets
 
 CLIENTS = 200          # slow clients held at once
 WORKERS, QUEUE = 8, 16  # the bounded pool's size and queue bound, passed on its command line
@@ -303,13 +303,10 @@ class ServerSide:
 def server_sides(port: int) -> dict[int, ServerSide]:
     """The server-side sockets of connections to ``port``, by the client's port."""
     out: dict[int, ServerSide] = {}
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        local, remote = f[1], f[2]
-        if int(local.split(":")[1], 16) != port or remote.endswith(":0000"):
+    for sock in tcp_sockets():
+        if sock.local[1] != port or sock.remote[1] == 0:
             continue
-        rx = int(f[4].split(":")[1], 16)
-        out[int(remote.split(":")[1], 16)] = ServerSide(int(f[3], 16), rx, int(f[9]))
+        out[sock.remote[1]] = ServerSide(sock.state, sock.rx_queue, sock.inode)
     return out
 
 

@@ -34,10 +34,12 @@ learner's (a ``.proto`` protoc rejects, a body that is not JSON), like the plugi
 """
 
 from .beside import (
+    TcpSocket,
     file_bytes,
     listening_ports,
     process_resources,
     process_threads,
+    tcp_sockets,
     threads_waiting_in,
 )
 from .grpc import DaemonExecutor, ProtoStubs, drain, generate_stubs, next_message, serve_grpc
@@ -57,6 +59,7 @@ __all__ = [
     "KafkaRecord",
     "PgStatementProxy",
     "ProtoStubs",
+    "TcpSocket",
     "TlsOnce",
     "call",
     "drain",
@@ -72,6 +75,7 @@ __all__ = [
     "serve_grpc",
     "serve_tls_once",
     "serve_wsgi",
+    "tcp_sockets",
     "threads_waiting_in",
     "tls_exchange",
     "verdict",

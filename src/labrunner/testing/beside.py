@@ -4,8 +4,10 @@ own, when grading), and the probes that observe the learner's process from insid
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,45 @@ def process_resources(pid: int) -> tuple[int, int, int]:
     return threads, fds, rss
 
 
+@dataclass(frozen=True)
+class TcpSocket:
+    """One row of /proc/net/tcp: a TCP socket as the kernel sees it."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: int          # the kernel's TCP state number (0x0A: LISTEN, 0x01: ESTABLISHED...)
+    tx_queue: int       # bytes sent and not yet acknowledged
+    rx_queue: int       # bytes received and not yet read
+    inode: int          # 0 while a connection waits in the listen backlog
+
+
+def tcp_sockets(tables: tuple[str, ...] = ("/proc/net/tcp",)) -> list[TcpSocket]:
+    """Every TCP socket of this network namespace, from /proc/net/tcp (and tcp6 when asked):
+    the one parser the verifications that watch the kernel's view of a connection share."""
+    def address(field: str) -> tuple[str, int]:
+        ip_hex, port_hex = field.split(":")
+        raw = bytes.fromhex(ip_hex)
+        ip = (socket.inet_ntoa(raw[::-1]) if len(raw) == 4
+              else socket.inet_ntop(socket.AF_INET6, b"".join(
+                  raw[i:i + 4][::-1] for i in range(0, 16, 4))))
+        return ip, int(port_hex, 16)
+
+    found = []
+    for table in tables:
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) < 10:
+                continue
+            tx, rx = cols[4].split(":")
+            found.append(TcpSocket(address(cols[1]), address(cols[2]), int(cols[3], 16),
+                                   int(tx, 16), int(rx, 16), int(cols[9])))
+    return found
+
+
 def listening_ports(pid: int) -> list[int]:
     """The TCP ports process ``pid`` listens on (its socket inodes in LISTEN in
     /proc/net/tcp and tcp6), sorted; empty when it is gone or out of sight. Like
@@ -104,14 +145,6 @@ def listening_ports(pid: int) -> list[int]:
                 inodes.add(target[8:-1])
     except OSError:
         return []
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:
-                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    ports = {sock.local[1] for sock in tcp_sockets(("/proc/net/tcp", "/proc/net/tcp6"))
+             if sock.state == 0x0A and str(sock.inode) in inodes}
     return sorted(ports)

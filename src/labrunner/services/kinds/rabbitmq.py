@@ -158,8 +158,7 @@ class RabbitMQ(ServiceKind):
         return {"management_url": mgmt.rstrip("/")}
 
     def open(self, endpoint: Endpoint, scope: ServiceScope) -> RabbitVhost:
-        await_management(endpoint)
-        vhost = scope.new_name()
+        vhost = scope.new_name()   # create_vhost waits for the management API
         return RabbitVhost(create_vhost(endpoint, vhost), vhost, endpoint)
 
     def close(self, handle: Any, scope: ServiceScope) -> None:
