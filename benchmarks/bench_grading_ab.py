@@ -49,19 +49,36 @@ def main() -> None:
             env.update(PYTHONPATH=str(home.resolve() / "src"),
                        LABRUNNER_HOME=str(home.resolve() / args.project))
             out = work / f"out-{name}-{round_}"
+            # Each checkout's own environment where it has one: a sandboxed learner host
+            # or tests process imports labrunner from the interpreter's site-packages, not
+            # from PYTHONPATH, so one shared venv would mix the two versions.
+            own = home.resolve() / ".venv" / "bin" / "python"
+            python = str(own) if own.exists() else sys.executable
             started = time.monotonic()
             done = subprocess.run(
-                [sys.executable, "-m", "labrunner.cli", "grade", str(cohort), "--select",
+                [python, "-m", "labrunner.cli", "grade", str(cohort), "--select",
                  args.select, "--out", str(out), "--jobs", str(args.jobs), "--force"],
                 env=env, capture_output=True, text=True)
             took = time.monotonic() - started
             times[name].append(took)
             last = (done.stdout.strip().splitlines() or [""])[-1]
+            last += f" | {_statuses(out)}"
             print(f"round {round_ + 1} {name}: {took:.1f} s (exit {done.returncode}) {last}",
                   flush=True)
     old, new = statistics.median(times["old"]), statistics.median(times["new"])
     print(f"median: old {old:.1f} s, new {new:.1f} s: {100 * (new / old - 1):+.1f}% "
           f"({args.students} submissions x {len(labs)} labs, --jobs {args.jobs})")
+
+
+def _statuses(out: Path) -> str:
+    """How the labs graded, counted: a run whose labs broke is quick and proves nothing."""
+    import collections
+    import json
+
+    counts: collections.Counter[str] = collections.Counter()
+    for result in (out / "results").glob("*.json"):
+        counts.update(c["status"] for c in json.loads(result.read_text())["concepts"])
+    return " ".join(f"{status}={n}" for status, n in sorted(counts.items()))
 
 
 if __name__ == "__main__":

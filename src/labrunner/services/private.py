@@ -179,7 +179,7 @@ def request_restart(control: str, service: str, action: str = "restart",
 
 def processes_in_this_network() -> list[dict[str, Any]]:
     """Every process in the calling thread's network namespace but this one: pid, command
-    name and real uid (read from /proc as root)."""
+    name, real uid, state and memory cgroup (read from /proc as root)."""
     mine = os.readlink("/proc/thread-self/ns/net")
     found = []
     for entry in Path("/proc").iterdir():
@@ -189,16 +189,20 @@ def processes_in_this_network() -> list[dict[str, Any]]:
             if os.readlink(entry / "ns" / "net") != mine:
                 continue
             comm = (entry / "comm").read_text(encoding="utf-8", errors="replace").strip()
-            uid = next(int(line.split()[1]) for line in
-                       (entry / "status").read_text(encoding="ascii", errors="replace")
-                       .splitlines() if line.startswith("Uid:"))
+            status = (entry / "status").read_text(encoding="ascii", errors="replace")
+            uid = next(int(line.split()[1]) for line in status.splitlines()
+                       if line.startswith("Uid:"))
+            state = next(line.split()[1] for line in status.splitlines()
+                         if line.startswith("State:"))
             groups = (entry / "cgroup").read_text(encoding="utf-8", errors="replace")
         except (OSError, StopIteration, ValueError, IndexError):
             continue  # gone meanwhile
-        # The memory cgroup (v1 "N:memory:/path", or v2's single "0::/path").
+        # The memory cgroup (v1 "N:memory:/path", or v2's single "0::/path"). An exited
+        # child not yet reaped (state Z) reads "/" on cgroup v1: the kernel has let go of it.
         memory = next((line.split(":", 2)[2] for line in groups.splitlines()
                        if line.split(":", 2)[1:2] in (["memory"], [""])), "")
-        found.append({"pid": int(entry.name), "comm": comm, "uid": uid, "cgroup": memory})
+        found.append({"pid": int(entry.name), "comm": comm, "uid": uid, "state": state,
+                      "cgroup": memory})
     return found
 
 
