@@ -2,9 +2,11 @@
 print the seconds each took (rounds interleaved A B A B, so the machine's load hits both).
 
 Usage: python benchmarks/bench_grading_ab.py --old DIR --new DIR [--students 4]
-       [--select ph2] [--jobs 2] [--rounds 2] [--project tests/fixtures/grading/project]
+       [--select ph2[,ph3.1,...]] [--jobs 2] [--rounds 2]
+       [--project tests/fixtures/grading/project]
 (DIR: a checkout, e.g. a `git worktree` of main and one of a branch; each grades with its
-own src/ and its own labs.)
+own src/ and its own labs. To time only the grading code, give both the same labs: a folder
+whose src/ links to one checkout's and whose labs/ and c_examples/ are copies of the other's.)
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def main() -> None:
                              "tests/fixtures/grading/project: no services, quick)")
     args = parser.parse_args()
     os.environ["LABRUNNER_HOME"] = str(args.new.resolve() / args.project)
-    labs = [lab for lab in (as_lab(i) for i in load_catalog().select([args.select])) if lab]
+    selectors = args.select.split(",")
+    labs = [lab for lab in (as_lab(i) for i in load_catalog().select(selectors)) if lab]
     work = Path(tempfile.mkdtemp(prefix="lr-bench-ab-"))
     cohort = work / "cohort"
     make_cohort(cohort, labs, args.students)
@@ -56,8 +59,9 @@ def main() -> None:
             python = str(own) if own.exists() else sys.executable
             started = time.monotonic()
             done = subprocess.run(
-                [python, "-m", "labrunner.cli", "grade", str(cohort), "--select",
-                 args.select, "--out", str(out), "--jobs", str(args.jobs), "--force"],
+                [python, "-m", "labrunner.cli", "grade", str(cohort),
+                 *(f"--select={selector}" for selector in selectors),
+                 "--out", str(out), "--jobs", str(args.jobs), "--force"],
                 env=env, capture_output=True, text=True)
             took = time.monotonic() - started
             times[name].append(took)

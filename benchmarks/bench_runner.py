@@ -9,7 +9,8 @@
 4. the runner's overhead on one lab with warm services: ``labrunner run LAB`` against the
    pytest command the runner builds, run by hand.
 
-Everything runs in $LABRUNNER_RUNTIME_DIR (default: a folder of its own under /tmp): the
+Everything runs in $LABRUNNER_RUNTIME_DIR (default: a folder of its own where labrunner keeps
+its throwaway state, /dev/shm when it is a tmpfs with room): the
 warm sets there are stopped first and at the end. Templates (Postgres, Kafka storage) are
 made before measuring. Usage: python benchmarks/bench_runner.py [--lab ph2.5] [--repeat 3]
 """
@@ -28,7 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 if not os.environ.get("LABRUNNER_RUNTIME_DIR"):
-    os.environ["LABRUNNER_RUNTIME_DIR"] = str(Path(tempfile.gettempdir()) /
+    from labrunner.services.local.process import fast_temp_root
+
+    os.environ["LABRUNNER_RUNTIME_DIR"] = str(fast_temp_root() /
                                               f"labrunner-bench-{os.geteuid()}")
 
 from labrunner.catalog import load_catalog  # noqa: E402

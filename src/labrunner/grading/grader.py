@@ -22,6 +22,7 @@ from ..cgroups import MemoryCgroup
 from ..channel import ENV_LEARNER_HOME, ENV_SHARED_DIR
 from ..runner import LabResult, Sandbox, _kill_group, clean_text, run_lab
 from ..services.base import ServiceError
+from ..services.local.process import fast_temp_root
 from .config import (
     GRADES_VERSION,
     HIDDEN_PREFIX,
@@ -186,7 +187,8 @@ class Grader:
         self.state_file = state_file
         self.sandboxed = os.geteuid() == 0
         self.private_services = use_private_services(config)
-        self.base = Path(tempfile.mkdtemp(prefix="lr-grade-"))
+        # Each run lays out its copy and starts its private services' data folders here.
+        self.base = Path(tempfile.mkdtemp(prefix="lr-grade-", dir=fast_temp_root()))
         os.chmod(self.base, 0o755)   # pytest lists the parents of the tests it collects
         self.mounts: MountPlan | None = None
         self.service_mounts: MountPlan | None = None

@@ -95,11 +95,34 @@ def chown_for_service(path: Path) -> None:
             os.lchown(os.path.join(root, name), uid, gid)
 
 
+# A RAM-backed folder is used for throwaway state only with this much room left in it (a
+# container's /dev/shm is often 64 MB: too small for Kafka's logs).
+FAST_TEMP_MIN_BYTES = 2 << 30
+
+
+def fast_temp_root() -> Path:
+    """Where throwaway state goes: /dev/shm when it is a tmpfs with room, else the system
+    temp dir. Creating a service's data folder is mostly metadata (a Postgres cluster is a
+    thousand files): 1.1 s on this machine's ext4, 0.08 s on tmpfs, for every start."""
+    shm = Path("/dev/shm")
+    try:
+        mounts = Path("/proc/self/mounts").read_text(encoding="utf-8").splitlines()
+        tmpfs = any(line.split()[1:3] == [str(shm), "tmpfs"] for line in mounts
+                    if len(line.split()) > 2)
+        room = os.statvfs(shm)
+        if (tmpfs and room.f_bavail * room.f_frsize >= FAST_TEMP_MIN_BYTES
+                and os.access(shm, os.W_OK | os.X_OK)):
+            return shm
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir())
+
+
 def runtime_dir() -> Path:
-    """Where local services keep their throwaway state: one folder per user, under the
-    system temp dir (not $HOME, which the unprivileged service user cannot enter)."""
+    """Where local services keep their throwaway state: one folder per user, under
+    :func:`fast_temp_root` (not $HOME, which the unprivileged service user cannot enter)."""
     base = Path(os.environ.get("LABRUNNER_RUNTIME_DIR") or
-                Path(tempfile.gettempdir()) / f"labrunner-{os.geteuid()}")
+                fast_temp_root() / f"labrunner-{os.geteuid()}")
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o755)
     return base
