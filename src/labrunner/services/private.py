@@ -36,6 +36,7 @@ from .manager import STATE_VERSION, ServiceSet
 
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+PF_EXITING = 0x4
 ENV_CONTROL = "LABRUNNER_SERVICE_CONTROL"
 # A folder where each private set writes who its processes run as, once started and again
 # before it is stopped (the tests read it to prove no service of a graded run is root's).
@@ -179,7 +180,8 @@ def request_restart(control: str, service: str, action: str = "restart",
 
 def processes_in_this_network() -> list[dict[str, Any]]:
     """Every process in the calling thread's network namespace but this one: pid, command
-    name, real uid, state and memory cgroup (read from /proc as root)."""
+    name, real uid, state, whether it is on its way out, and its memory cgroup (read from
+    /proc as root)."""
     mine = os.readlink("/proc/thread-self/ns/net")
     found = []
     for entry in Path("/proc").iterdir():
@@ -194,15 +196,19 @@ def processes_in_this_network() -> list[dict[str, Any]]:
                        if line.startswith("Uid:"))
             state = next(line.split()[1] for line in status.splitlines()
                          if line.startswith("State:"))
+            # /proc/<pid>/stat's flags (the 7th field after the command): PF_EXITING.
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+            exiting = bool(int(stat.rsplit(")", 1)[1].split()[6]) & PF_EXITING)
             groups = (entry / "cgroup").read_text(encoding="utf-8", errors="replace")
         except (OSError, StopIteration, ValueError, IndexError):
             continue  # gone meanwhile
-        # The memory cgroup (v1 "N:memory:/path", or v2's single "0::/path"). An exited
-        # child not yet reaped (state Z) reads "/" on cgroup v1: the kernel has let go of it.
+        # The memory cgroup (v1 "N:memory:/path", or v2's single "0::/path"). A process on
+        # its way out (exiting, or a zombie not yet reaped) reads "/" on cgroup v1: the
+        # kernel has let go of it before it is gone.
         memory = next((line.split(":", 2)[2] for line in groups.splitlines()
                        if line.split(":", 2)[1:2] in (["memory"], [""])), "")
         found.append({"pid": int(entry.name), "comm": comm, "uid": uid, "state": state,
-                      "cgroup": memory})
+                      "exiting": exiting or state in ("Z", "X"), "cgroup": memory})
     return found
 
 
