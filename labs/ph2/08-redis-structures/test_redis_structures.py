@@ -90,10 +90,46 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
         f"rank() sent {names(sent)}: finding a rank by reading the ranking is O(N); "
         "ZREVRANK answers in O(log N)")
     assert board.rank("nobody") is None, "rank('nobody') must be None for an unknown player"
+    # The ends of the ranking: ZREVRANK answers 0 for the best player, a falsy number a
+    # truth test mistakes for "no rank".
+    best, worst = ranking[0][0], ranking[-1][0]
+    for who, want_rank in ((best, 1), (worst, len(ranking))):
+        got_rank = board.rank(who)
+        assert got_rank is not None or want_rank != 1, (
+            f"rank({who!r}) of the best player returned None, expected 1: ZREVRANK answers "
+            f"0 for the best player, and 0 is falsy - test the reply with 'is None', not "
+            f"with 'if position'")
+        assert got_rank == want_rank, (
+            f"rank({who!r}) returned {got_rank!r}, expected {want_rank} (1 = best, "
+            f"{len(ranking)} players)")
     assert board.score(player) == float(total), f"score({player!r}) expected {total}"
     assert board.score("nobody") is None, "score('nobody') must be None"
+    board.add_points("newcomer", 0)  # on the board, with nothing scored yet
+    zero = board.score("newcomer")
+    assert zero == 0.0, (
+        f"score('newcomer') after add_points('newcomer', 0) returned {zero!r}, expected 0.0: "
+        f"the player is on the board with 0 points - ZSCORE answers '0', which is not "
+        f"'unknown'; test the reply with 'is None', not its truth")
     assert key_types(redis_db).get("scores") == "zset", (
         "the leaderboard is not a sorted set under the key 'scores' (the name passed in)")
+
+
+def starts_at_end(redis_db: Any, group: str, appended: list[str]) -> None:
+    """A group that read nothing of a stream holding events: was it created at '$' (its
+    position at the end of the stream), so the events before it will never be delivered?"""
+    client = redis_db.client(decode_responses=True)
+    try:
+        groups = {g["name"]: g for g in client.xinfo_groups("events")}
+    finally:
+        client.close()
+    info = groups.get(group)
+    if info is not None and info.get("last-delivered-id") == appended[-1]:
+        pytest.fail(
+            f"group {group!r} read nothing of the {len(appended)} events in the stream: it "
+            f"was created with its position at the stream's end (last-delivered-id "
+            f"{appended[-1]}, the newest event) - XGROUP CREATE ... $ means 'only events "
+            f"appended from now on'; create the group at 0 so it reads the log from its "
+            f"start", pytrace=False)
 
 
 def bounded(command: list[str], limit: int) -> bool:
@@ -251,6 +287,8 @@ def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any
     first, _ = recorded(redis_db, "read()", lambda: log.read("billing", "worker-a", 4))
     second, _ = recorded(redis_db, "read()", lambda: log.read("billing", "worker-b", 10))
     got = [fields.get("n") for _, fields in first + second]
+    if not got:
+        starts_at_end(redis_db, "billing", appended)
     assert got == [str(n) for n in range(10)], (
         f"worker-a then worker-b read events {got}, expected 0..9 each exactly once: "
         "consumers of one group share the work (XREADGROUP >), they do not each see all")
@@ -265,6 +303,8 @@ def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any
 
     log.create_group("audit")
     audit = log.read("audit", "auditor", 100)
+    if not audit:
+        starts_at_end(redis_db, "audit", appended)
     assert len(audit) == 10, (
         f"a second group 'audit' read {len(audit)} events, expected all 10: every group "
         "sees the whole log")

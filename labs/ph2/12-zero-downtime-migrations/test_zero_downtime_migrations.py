@@ -210,12 +210,69 @@ def test_two_deploys_at_once_apply_each_migration_once(runner: ModuleType, postg
     for t in threads:
         t.join(30)
     errors = [o for o in outcomes if isinstance(o, Exception)]
-    assert not errors, (
-        f"two migrate() runs started together: one failed with {type(errors[0]).__name__}: "
-        f"{errors[0]}. Serialise runners (pg_advisory_lock) so the second waits and then "
-        "finds everything applied")
-    assert sorted(map(tuple, outcomes)) == [(), (1, 2)], (
-        f"two runs at once returned {outcomes}, expected one to apply [1, 2] and the other []")
+    if errors or sorted(map(tuple, outcomes)) != [(), (1, 2)]:
+        seen = (f"one failed with {type(errors[0]).__name__}: "
+                f"{(str(errors[0]).strip().splitlines() or [''])[0]}" if errors
+                else f"they returned {outcomes}, expected one to apply [1, 2] and the other []")
+        pytest.fail(f"two migrate() runs started together both ran migrations: "
+                    f"{lock_diagnosis(runner, postgres, migrations)} ({seen})", pytrace=False)
+
+
+# A migration that records which advisory locks its own session holds while it runs.
+LOCK_PROBE = ("CREATE TABLE lock_probe AS SELECT count(*) AS held FROM pg_locks "
+              "WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid();")
+
+
+def lock_diagnosis(runner: ModuleType, postgres: Any, migrations: Path) -> str:
+    """Why two runners were not serialised: does the runner hold an advisory lock while a
+    migration runs at all? A probe migration, applied alone, looks at its own session."""
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS lock_probe")
+    write(migrations, {"V099__lock_probe.sql": LOCK_PROBE})
+    try:
+        runner.migrate(postgres.dsn, migrations)
+        held = count(postgres, "SELECT held FROM lock_probe")
+    except Exception:  # noqa: BLE001 - the race left a state the probe cannot run on
+        held = None
+    if held == 0:
+        return ("while a migration runs, the runner's session holds no advisory lock: a "
+                "lock taken with pg_advisory_xact_lock on an autocommit connection (or "
+                "inside a transaction that ended) is released as soon as that transaction "
+                "ends. Take pg_advisory_lock (session-level) before reading what is applied, "
+                "hold it on the same connection for the whole run, unlock at the end")
+    return ("serialise runners (pg_advisory_lock) so the second waits and then finds "
+            "everything applied")
+
+
+def test_each_migration_is_recorded_in_its_own_transaction(
+        runner: ModuleType, postgres: Any, migrations: Path) -> None:
+    """A migration and the row recording it are written by ONE transaction: each probe
+    migration notes its own transaction id, and some row of another table (the runner's
+    record of it) must carry that id as its xmin."""
+    note = "INSERT INTO probe VALUES ({v}, txid_current() % 4294967296);"
+    write(migrations, {
+        "V001__create_probe.sql": "CREATE TABLE probe (version int, tx bigint);\n"
+                                  + note.format(v=1),
+        "V002__second.sql": note.format(v=2),
+    })
+    runner.migrate(postgres.dsn, migrations)
+    with postgres.connect(autocommit=True) as conn:
+        txs = dict(conn.execute("SELECT version, tx FROM probe").fetchall())
+        tables = [t for (t,) in conn.execute(
+            "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables "
+            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') "
+            "AND NOT (schemaname = 'public' AND tablename = 'probe')")]
+        for version, tx in sorted(txs.items()):
+            written = sum(int(conn.execute(f"SELECT count(*) FROM {table} "  # noqa: S608
+                                           "WHERE xmin::text = %s", (str(tx),)).fetchone()[0])
+                          for table in tables)
+            assert written, (
+                f"V00{version} ran in transaction {tx}, but no row of {', '.join(tables)} "
+                f"was written by that transaction: the row recording V00{version} was "
+                f"committed by another one. Record each migration in the SAME transaction "
+                f"as its statements (BEGIN; script; INSERT INTO schema_migrations; COMMIT): "
+                f"a crash between two transactions leaves it applied but unrecorded, and the "
+                f"next run applies it again")
 
 
 # --------------------------------------------------------------------------------------
@@ -354,6 +411,18 @@ def test_expand_contract_rename_without_downtime(runner: ModuleType, learner: An
         app.stop.set()
         app.join(10)
 
+    with postgres.connect() as conn:
+        leftovers = [f"trigger {t}" for (t,) in conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'users'::regclass "
+            "AND NOT tgisinternal")] + [f"function {f}()" for (f,) in conn.execute(
+                "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = 'public' AND p.prorettype = 'trigger'::regtype")]
+    contract = [e for e in state.errors if "'V004 contract'" in e]
+    assert not (contract and leftovers), (
+        f"after V004 dropped users.name, {' and '.join(leftovers)} of the expand step "
+        f"{'is' if len(leftovers) == 1 else 'are'} still there, and every write now runs it "
+        f"and fails: {contract[0]} - the contract step drops the sync machinery (DROP "
+        f"TRIGGER, DROP FUNCTION) with the old column")
     assert not state.errors, (
         f"{state.errors[0]}\n" + "\n".join(state.errors[1:5])
         + f"\n({len(state.errors)} failed operations): every step must keep both running "
@@ -373,6 +442,9 @@ def test_expand_contract_rename_without_downtime(runner: ModuleType, learner: An
         ": the contract step makes it NOT NULL")
     assert "name" not in columns, "after V004 the old column users.name still exists"
     assert not triggers, f"the sync trigger {triggers} is still there after the contract step"
+    assert not leftovers, (
+        f"after the contract step {', '.join(leftovers)} is still there: nothing calls it "
+        f"any more, but the contract removes all of the expand step's sync machinery")
     wrong = {uid: (names.get(uid), want) for uid, want in state.expected.items()
              if names.get(uid) != want}
     assert not wrong, (

@@ -54,6 +54,31 @@ def records_on_broker(kafka: Any, topic: str) -> int:
         consumer.close()
 
 
+def positions(kafka: Any, topic: str, group: str) -> dict[int, tuple[int, int]]:
+    """Per partition: (the group's committed offset, the end of the log); -1001 = none."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(kafka.consumer_config(group))
+    try:
+        meta = kafka.admin().list_topics(topic, timeout=10).topics[topic]
+        parts = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+        return {tp.partition: (committed[tp.partition],
+                               consumer.get_watermark_offsets(tp, timeout=10)[1])
+                for tp in parts}
+    finally:
+        consumer.close()
+
+
+def produce_split(kafka: Any, topic: str, jobs: list[str]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer(kafka.producer_config(acks="all"))
+    for n, body in enumerate(jobs):
+        producer.produce(topic, value=body.encode(), partition=n % 2)
+    assert producer.flush(30) == 0, "the test's producer could not deliver the jobs"
+
+
 def assert_all_jobs(got: Any, who: str, why: str) -> None:
     assert isinstance(got, list), f"{who} returned {got!r:.80}; expected a list of job bodies"
     assert sorted(got) == sorted(JOBS), (
@@ -159,11 +184,23 @@ def test_kafka_keeps_the_log_for_new_groups_and_replay(learner: Any, kafka: Any)
     reads all 10 jobs, and the first group reads all 10 again after seeking to offset 0."""
     mod = learner.load("workload")
     topic = kafka.create_topic("jobs", 2)
-    mod.kafka_publish(kafka.bootstrap, topic, JOBS)
+    # The ten jobs go to both partitions, five each (a producer's sticky partitioner may put
+    # a quick burst all in one): a group's position is per partition, and a commit that
+    # covers only one of them must show.
+    produce_split(kafka, topic, JOBS)
 
     assert_all_jobs(mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("workers")),
                     "kafka_read_new for group workers", "a new group starts at the beginning")
+    where = positions(kafka, topic, "workers")  # what the first read committed
     again = mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("workers"))
+    if again:
+        behind = {p: c for p, (c, end) in where.items() if c < end}
+        assert not (behind and len(behind) < len(where)), (
+            f"group workers read {again} again on its second kafka_read_new: after its first "
+            f"read the group had committed the end of some partitions but not of partitions "
+            f"{sorted(behind)} (committed offset, end of log: {where}) - commit(message=msg) "
+            f"commits only msg's partition; commit every partition read (commit() with no "
+            f"argument commits each assigned partition's position)")
     assert again == [], (
         f"group workers read {again} again on its second kafka_read_new; expected nothing: "
         "commit the group's position after reading")
@@ -173,12 +210,24 @@ def test_kafka_keeps_the_log_for_new_groups_and_replay(learner: Any, kafka: Any)
                     "kafka_read_new for a brand-new group auditors",
                     "the log keeps what was read, so a new group (auto.offset.reset "
                     "'earliest') replays it all")
-    assert_all_jobs(mod.kafka_replay(kafka.bootstrap, topic, kafka.group("workers")),
-                    "kafka_replay for group workers",
-                    "replay moves the group's partitions back to offset 0 (seek / "
-                    "OFFSET_BEGINNING in on_assign) - its committed position is at the end, so "
-                    "auto.offset.reset does nothing")
+    # Two more jobs arrive before the replay: replaying moves the group ITSELF back to 0,
+    # so it reads them too, and afterwards they are no longer new to it.
+    more = ["job-10", "job-11"]
+    mod.kafka_publish(kafka.bootstrap, topic, more)
+    replayed = mod.kafka_replay(kafka.bootstrap, topic, kafka.group("workers"))
+    assert isinstance(replayed, list), (
+        f"kafka_replay returned {replayed!r:.80}; expected a list of job bodies")
+    assert sorted(replayed) == sorted(JOBS + more), (
+        f"kafka_replay for group workers read {len(replayed)} jobs {sorted(replayed)[:4]}...; "
+        f"expected all 12 in the log: replay moves the group's partitions back to offset 0 "
+        f"(seek / OFFSET_BEGINNING in on_assign) - its committed position is at the end, so "
+        f"auto.offset.reset does nothing")
     after = mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("workers"))
+    assert sorted(after) != sorted(more), (
+        f"after kafka_replay read all 12 jobs, group workers still had {after} to read - the "
+        f"two published since its last read: the replay did not move group workers itself "
+        f"(another group id, or no commit). Replay = the SAME group seeks its partitions to "
+        f"offset 0, reads to the end and commits")
     assert after == [], (
         f"after the replay group workers still had {after} to read; expected nothing: "
         "commit the position the replay reached")

@@ -113,6 +113,26 @@ def test_queries_are_served_from_the_read_model(store: Any) -> None:
         f"customer_summary('alice') = {customer}; expected Alice Liddell, 0 open orders, "
         "0 spent after the only order was cancelled")
 
+    # A command the write model's rules refuse records no event: cancelling the cancelled
+    # o1 again, and an order that does not exist.
+    for order_id in ("o1", "no-such-order"):
+        events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        try:
+            mod.cancel_order(conn, order_id)
+        except Exception:  # noqa: BLE001 - refusing is right; what it recorded is checked
+            pass
+        added = conn.execute("SELECT type FROM events ORDER BY seq OFFSET %s",
+                             (events,)).fetchall()
+        project(mod, conn)
+        customer = mod.customer_summary(conn, "alice")
+        assert not added, (
+            f"cancel_order({order_id!r}) of an order that is "
+            f"{'already cancelled' if order_id == 'o1' else 'not there'} appended "
+            f"{[a for (a,) in added]}; projected, alice's summary is now {customer}: a command "
+            f"checks the write model's rule first (only a placed order can be cancelled: "
+            f"UPDATE ... WHERE status = 'placed', then look at rowcount) and refuses - an "
+            f"event records what happened, and this cancellation changed nothing")
+
 
 def test_a_failing_command_changes_nothing_and_appends_no_event(store: Any) -> None:
     """place_order with an unknown product fails on its second line: the order row, its
@@ -218,8 +238,15 @@ def test_rebuild_gives_the_same_model(store: Any) -> None:
         "empty the read model, reset the checkpoint, replay every event")
 
 
-def test_event_committed_late_is_not_skipped(store: Any, postgres: Any) -> None:
-    """A's place_order is inside a transaction that stays open; B places an order meanwhile;
+# The command whose transaction commits late, holding the lower seq: another order, or a
+# command of another kind - every command appends, so every one must take its turn.
+LATE_COMMANDS = ["place_order", "rename_customer"]
+
+
+@pytest.mark.parametrize("late_command", LATE_COMMANDS)
+def test_event_committed_late_is_not_skipped(store: Any, postgres: Any,
+                                             late_command: str) -> None:
+    """A's command is inside a transaction that stays open; B places an order meanwhile;
     the projector runs; then A commits. A's event (the lower seq) must reach the read model."""
     mod, conn = store
     seed(mod, conn)
@@ -238,7 +265,10 @@ def test_event_committed_late_is_not_skipped(store: Any, postgres: Any) -> None:
     tx_a = conn_a.transaction()
     tx_a.__enter__()
     try:
-        mod.place_order(conn_a, "late", "alice", [("book", 1)])  # holds the lower seq
+        if late_command == "place_order":  # holds the lower seq
+            mod.place_order(conn_a, "late", "alice", [("book", 1)])
+        else:
+            mod.rename_customer(conn_a, "alice", "Alice Late")
         worker = threading.Thread(target=place_b, daemon=True)
         worker.start()
         deadline = time.monotonic() + 10
@@ -255,9 +285,19 @@ def test_event_committed_late_is_not_skipped(store: Any, postgres: Any) -> None:
     assert "error" not in outcome, f"place_order on the second connection failed: " \
                                    f"{outcome.get('error')!r}"
     project(mod, conn)
-    missing = [o for o in ("late", "early") if mod.order_summary(conn, o) is None]
+    missing = [o for o in ("late", "early") if mod.order_summary(conn, o) is None
+               and (o == "early" or late_command == "place_order")]
+    alice = mod.customer_summary(conn, "alice")
     conn_a.close()
     conn_b.close()
+    if late_command == "rename_customer":
+        assert not missing and alice is not None and alice["name"] == "Alice Late", (
+            f"rename_customer('alice', 'Alice Late') took the lower event seq and committed "
+            f"after place_order('early') on another connection; after projecting, alice's "
+            f"summary is {alice} and {missing or 'no order'} is missing: the projector had "
+            f"already moved its checkpoint past 'early', so the rename was skipped. Every "
+            f"command appends an event, so EVERY one must take its turn (the same "
+            f"pg_advisory_xact_lock before each append), not only place_order")
     assert not missing, (
         f"{missing} never reached the read model: 'late' got the lower event seq but committed "
         "after 'early', and the projector had already moved its checkpoint past 'early'. Make "

@@ -148,6 +148,58 @@ def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner:
         "False (duplicate)")
 
 
+def test_two_different_events_for_a_new_account_at_once(db: Any, postgres: Any,
+                                                       learner: Any) -> None:
+    """Consumers A and B handle two DIFFERENT payments to an account that has no balance row
+    yet, at the same moment. The test holds the new row in an uncommitted insert, so both
+    stop right where they create it; it then rolls back, and both go on: the row must be
+    created once and both amounts added."""
+    mod, conn = db
+    events = [payment(200, "acct-new", 300), payment(201, "acct-new", 400)]
+    consumers = [learner.load("consumer"), learner.load("consumer")]
+    conns = [postgres.connect(autocommit=True), postgres.connect(autocommit=True)]
+    results: dict[int, Any] = {}
+
+    def consume(i: int) -> None:
+        try:
+            results[i] = bool(consumers[i].handle(conns[i], events[i]))
+        except BaseException as exc:  # noqa: BLE001 - judged below
+            results[i] = exc
+
+    blocker = postgres.connect()
+    blocker.execute("INSERT INTO balances VALUES ('acct-new', 0)")  # not committed
+    blocker_pid = blocker.execute("SELECT pg_backend_pid()").fetchone()[0]
+    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in (0, 1)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(results) == 2 or len(blocked_pids(conn, {blocker_pid})) == 2
+                 or (len(results) == 1 and len(blocked_pids(conn, {blocker_pid})) == 1),
+                 "both consumers to reach the new account's balance row")
+    finally:
+        blocker.rollback()  # the row was never there: A and B go on
+        blocker.close()
+    for thread in threads:
+        thread.join(10)
+    for c in conns:
+        c.close()
+    errors = [r for r in results.values() if isinstance(r, BaseException)]
+    if errors and type(errors[0]).__name__ == "UniqueViolation":
+        pytest.fail(
+            f"two different payments (evt-200, evt-201) to the new account acct-new, handled "
+            f"at once: one raised UniqueViolation ({str(errors[0]).splitlines()[0]}): both "
+            f"looked for the balance row, found none, and both INSERTed it - check-then-act "
+            f"on the balance row. Create-or-add in one statement: INSERT ... ON CONFLICT "
+            f"(account) DO UPDATE SET cents = balances.cents + EXCLUDED.cents", pytrace=False)
+    assert not errors, f"handle() raised {type(errors[0]).__name__}: {errors[0]}"
+    assert results == {0: True, 1: True}, (
+        f"two different events handled at once returned {results}; expected both True: they "
+        f"are different payments (different event_id), both to be applied")
+    assert balances(conn) == {"acct-new": 700}, (
+        f"acct-new is {balances(conn).get('acct-new', 0)} after two different payments of 300 "
+        f"and 400 handled at once; expected 700")
+
+
 # --- the consumer process, killed mid-event ------------------------------------------------
 
 def publish(kafka: Any, deliveries: list[Event]) -> str:
@@ -198,6 +250,16 @@ def kill_mid_event(learner: Any, postgres: Any, kafka: Any, conn: Any, hold: str
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+        # A crash is an instant: what the consumer had not finished when it died must not
+        # happen afterwards. Its server session, still waiting for the test's lock, would
+        # otherwise finish the statement it was sent (and commit it, outside a transaction)
+        # once the lock is released; end it, as if the process had died before sending it.
+        stuck = blocked_pids(conn, {blocker_pid})
+        for pid in stuck:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_for(lambda: not conn.execute("SELECT count(*) FROM pg_stat_activity "
+                                          "WHERE pid = ANY(%s)", (list(stuck),)).fetchone()[0],
+                 "the killed consumer's database session to end")
         blocker.rollback()
         blocker.close()
 
@@ -212,6 +274,40 @@ def kill_mid_event(learner: Any, postgres: Any, kafka: Any, conn: Any, hold: str
     assert code == 0, f"the restarted consumer exited with {code}: {error_tail(second)}"
 
 
+def diagnose(conn: Any, killed: str) -> None:
+    """After the kill and the restart, name what went wrong from what the database holds:
+    events never processed (the restart began after them: their offset was committed before
+    their transaction), events recorded without their payment, or payments applied twice."""
+    processed = {r[0] for r in conn.execute("SELECT event_id FROM processed_events")}
+    lost = [e["event_id"] for e in EVENTS if e["event_id"] not in processed]
+    got, want = balances(conn), expected_balances(EVENTS)
+    short = {a: want[a] - got.get(a, 0) for a in want if got.get(a, 0) < want[a]}
+    over = {a: got[a] - want.get(a, 0) for a in got if got[a] > want.get(a, 0)}
+    if not lost and short and not over:
+        pytest.fail(
+            f"after the kill (inside {killed}'s handling) and the restart, {short} cents are "
+            f"missing from the balances {got} (expected {want}), yet every event id is "
+            f"recorded as processed: {killed}'s id was committed without its payment (the "
+            f"dedup INSERT and the balance update in separate transactions - autocommit, or "
+            f"two conn.transaction() blocks), so the restart skipped it as done. Record the id "
+            f"and apply the payment in ONE transaction", pytrace=False)
+    if not lost and over and not short:
+        pytest.fail(
+            f"after the kill (inside {killed}'s handling) and the restart, the balances {got} "
+            f"hold {over} cents too many (expected {want}): a payment committed before its "
+            f"event id was recorded was applied again after the crash - record the id and "
+            f"apply the payment in ONE transaction", pytrace=False)
+    if lost:
+        pytest.fail(
+            f"after the kill and restart {', '.join(lost)} {'was' if len(lost) == 1 else 'were'}"
+            f" never processed (balances {balances(conn)}, expected "
+            f"{expected_balances(EVENTS)}): the consumer was killed inside {killed}'s "
+            f"transaction and the restart began after it - the Kafka offset had been "
+            f"committed before the event's database transaction. Commit the offset only "
+            f"after handle() committed: a crash in between then redelivers the event, and the "
+            f"dedup table skips it if it was done", pytrace=False)
+
+
 def test_killed_while_applying_an_effect(db: Any, learner: Any, postgres: Any,
                                          kafka: Any) -> None:
     """The consumer is killed while waiting to update acct-2's balance (the test locks that
@@ -220,6 +316,7 @@ def test_killed_while_applying_an_effect(db: Any, learner: Any, postgres: Any,
     conn.execute("INSERT INTO balances VALUES ('acct-2', 0)")
     kill_mid_event(learner, postgres, kafka, conn,
                    "SELECT * FROM balances WHERE account = %s FOR UPDATE", ("acct-2",))
+    diagnose(conn, "evt-2")
     assert balances(conn) == expected_balances(EVENTS), (
         f"after the kill and restart the balances are {balances(conn)}; expected "
         f"{expected_balances(EVENTS)}: an event marked processed in one transaction and "
@@ -234,6 +331,7 @@ def test_killed_while_recording_the_event_id(db: Any, learner: Any, postgres: An
     mod, conn = db
     kill_mid_event(learner, postgres, kafka, conn,
                    "INSERT INTO processed_events (event_id) VALUES (%s)", ("evt-4",))
+    diagnose(conn, "evt-4")
     assert balances(conn) == expected_balances(EVENTS), (
         f"after the kill and restart the balances are {balances(conn)}; expected "
         f"{expected_balances(EVENTS)}: an effect committed before its event id is recorded is "
