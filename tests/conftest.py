@@ -10,6 +10,34 @@ import pytest
 
 FIXTURE_PROJECT = Path(__file__).parent / "fixtures" / "project"
 REPO = Path(__file__).resolve().parents[1]
+SLOW_TESTS = Path(__file__).parent / "slow_tests.txt"
+# Fixtures too costly to make twice (module scope): under xdist each worker would make its
+# own, so every test using one goes to the same worker (--dist loadgroup).
+SHARED_FIXTURES = ("service_attacks", "browser", "docker_services")
+
+
+def _known_seconds() -> dict[str, float]:
+    seconds = {}
+    for line in SLOW_TESTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            took, nodeid = line.split(maxsplit=1)
+            seconds[nodeid] = float(took)
+    return seconds
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist adds the group to the node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist: the known-slow tests first, longest first, so that both workers finish
+    together (a long test dealt last keeps one worker busy while the other idles); the tests
+    of one costly module fixture grouped on one worker. Without xdist the order is left."""
+    if not hasattr(config, "workerinput"):
+        return
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+    known = _known_seconds()
+    items.sort(key=lambda item: -known.get(item.nodeid, 0.0))
 
 
 @pytest.fixture
