@@ -12,7 +12,6 @@ import sys
 from ..services.local.process import become
 from .host import _die_with_parent, serve_host
 
-
 # The field's libraries most learners' modules import, imported once here so that every
 # host forked from the factory has them already: psycopg or redis take a second or two to
 # import on a loaded machine, and a lab's verification starts a host for every test. Only
