@@ -11,9 +11,6 @@ import pytest
 FIXTURE_PROJECT = Path(__file__).parent / "fixtures" / "project"
 REPO = Path(__file__).resolve().parents[1]
 SLOW_TESTS = Path(__file__).parent / "slow_tests.txt"
-# Fixtures too costly to make twice (module scope): under xdist each worker would make its
-# own, so every test using one goes to the same worker (--dist loadgroup).
-SHARED_FIXTURES = ("service_attacks", "browser", "docker_services")
 
 
 def _known_seconds() -> dict[str, float]:
@@ -25,17 +22,15 @@ def _known_seconds() -> dict[str, float]:
     return seconds
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist adds the group to the node ids
+@pytest.hookimpl(tryfirst=True)   # before xdist adds a test's group to its node id
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under xdist: the known-slow tests first, longest first, so that both workers finish
-    together (a long test dealt last keeps one worker busy while the other idles); the tests
-    of one costly module fixture grouped on one worker. Without xdist the order is left."""
+    together (a long test dealt last keeps one worker busy while the other idles). Tests
+    sharing a costly module fixture say ``@pytest.mark.xdist_group(...)``: with --dist
+    loadgroup they run on one worker, which makes the fixture once. Without xdist the order
+    is left as it is."""
     if not hasattr(config, "workerinput"):
         return
-    for item in items:
-        for name in SHARED_FIXTURES:
-            if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(name))
     known = _known_seconds()
     items.sort(key=lambda item: -known.get(item.nodeid, 0.0))
 
