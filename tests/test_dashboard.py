@@ -122,7 +122,6 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-@pytest.mark.xdist_group("browser")   # one Chromium per run (--dist loadgroup)
 def test_dashboard_in_chromium_shows_states_and_updates_live(
         browser: Any, workspace: Workspace, catalog: Catalog) -> None:
     page_server = board.Dashboard(catalog, workspace)
@@ -164,7 +163,6 @@ def test_dashboard_in_chromium_shows_states_and_updates_live(
         board.stop(server, page_server)
 
 
-@pytest.mark.xdist_group("browser")   # one Chromium per run (--dist loadgroup)
 def test_cohort_page_in_chromium(browser: Any, tmp_path: Path) -> None:
     target = tmp_path / "cohort.html"
     target.write_text(cohort_page(_cohort()), encoding="utf-8")

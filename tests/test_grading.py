@@ -643,10 +643,6 @@ SERVICE_LABS = ["--select", "ph2.4", "--select", "ph2.5", "--select", "ph2.10",
 SERVICE_COMMANDS = {"postgres", "redis-server", "beam.smp", "epmd", "java"}
 
 
-# Its tests run on one worker under xdist (--dist loadgroup): the cohort is graded once.
-SERVICE_ATTACKS_WORKER = pytest.mark.xdist_group("service_attacks")
-
-
 @pytest.fixture(scope="module")
 def service_attacks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One cohort graded once, as an instructor would (--jobs 2, private services): the two
@@ -694,7 +690,6 @@ def _attack_seen(out: Path, student: str, concept: str, *parts: str) -> str:
     raise AssertionError(f"{student} {concept}: no report with {parts}; saw {seen[:3]}")
 
 
-@SERVICE_ATTACKS_WORKER
 def test_services_never_trust_a_connection(service_attacks: dict[str, Any]) -> None:
     """evil-service-auth looks for every Postgres socket in its sight (another run's, a
     warm set's) and every port in its network, and tries each as the superuser with no
@@ -709,7 +704,6 @@ def test_services_never_trust_a_connection(service_attacks: dict[str, Any]) -> N
                  "management-ports=1 guest-api=0 lab-user-admin=0 lab-user=lab")
 
 
-@SERVICE_ATTACKS_WORKER
 def test_the_postgres_template_is_out_of_reach_and_checked(
         service_attacks: dict[str, Any]) -> None:
     """evil-service-auth tries to change the template every later Postgres start copies:
@@ -727,7 +721,6 @@ def test_the_postgres_template_is_out_of_reach_and_checked(
     assert "pwned" not in (template / "postgresql.conf").read_text()
 
 
-@SERVICE_ATTACKS_WORKER
 def test_a_run_cannot_take_its_services_from_the_run_beside_it(
         service_attacks: dict[str, Any]) -> None:
     """evil-service-memory asks its Redis, with the lab's own URL, for DEBUG, MODULE,
@@ -746,7 +739,6 @@ def test_a_run_cannot_take_its_services_from_the_run_beside_it(
     _attack_seen(out, "evil-service-memory", "ph2.4", "temp=stopped(", "temp_file_limit")
 
 
-@SERVICE_ATTACKS_WORKER
 def test_services_of_a_graded_run_are_never_root(service_attacks: dict[str, Any]) -> None:
     """Every process in each graded run's network namespace, read from /proc/<pid>/status
     once its services are up and again before they stop: Postgres, Redis, RabbitMQ (beam
