@@ -159,9 +159,11 @@ def test_a_learner_session_in_a_terminal(tmp_path: Path) -> None:
     # Services run as an unprivileged user when we are root: their folder must be reachable.
     runtime = Path(tempfile.mkdtemp(prefix="lr-term-", dir="/tmp"))
     os.chmod(runtime, 0o755)
+    # As a learner has it: the services a command started stay warm for the next one (run,
+    # then watch), in this test's own runtime folder; `services down` ends them.
     env = cli_env(PATH=f"{bin_dir}:{os.environ['PATH']}", LABRUNNER_HOME=str(REPO),
                   LABRUNNER_RUNTIME_DIR=str(runtime), TERM="xterm-256color",
-                  HOME=str(tmp_path))
+                  HOME=str(tmp_path), LABRUNNER_WARM_IDLE="600")
     term = Terminal(f"lr-{os.getpid()}", tmp_path, env)
     try:
         term.type("labrunner init backend-labs && cd backend-labs/ph2/05-isolation-levels")
@@ -183,4 +185,6 @@ def test_a_learner_session_in_a_terminal(tmp_path: Path) -> None:
         assert "next: ph0.1 dns-resolution" in screen
     finally:
         term.close()
+        subprocess.run([sys.executable, "-m", "labrunner.cli", "services", "down"],
+                       capture_output=True, timeout=300, env=env)
         shutil.rmtree(runtime, ignore_errors=True)

@@ -104,6 +104,73 @@ def in_thread(fn: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, dic
     return thread, out
 
 
+# A witness's reply is sent again, up to this many times, until the witness has it (as an
+# at-least-once responder may): a client that reads its reply topic at all hands one copy
+# over at the first, whichever of its threads reads.
+COPIES = 100
+
+
+def answered_call(client: Any, responder: Responder, replies: str, n: int,
+                  what: str) -> dict[str, Any]:
+    """One more call, answered as soon as its request is seen and again until it returns;
+    return how it ended, or with ``"unanswered": (copies, seconds)`` when COPIES replies
+    did not end it. A call that ends before its request is seen (it took another's reply)
+    is no witness: its outcome is returned as it is, for the caller to judge."""
+    thread, out = in_thread(client.call, {"n": n}, timeout=60)
+    try:
+        (req,) = responder.collect(1, what, [(thread, out)])
+    except pytest.fail.Exception:
+        return out
+    started = time.monotonic()
+    for _ in range(COPIES):
+        responder.reply(req, {"n": n, "square": n * n}, replies)
+        thread.join(0.05)
+        if not thread.is_alive():
+            return out
+    out["unanswered"] = (COPIES, time.monotonic() - started)
+    return out
+
+
+def read_past_every_reply(client: Any, responder: Responder, replies: str,
+                          calls: list[tuple[threading.Thread, dict[str, Any]]]) -> bool:
+    """After the test has sent every call its reply: make the client show it has read past
+    all of them, then give the callers whose reply was read time to return, counted in what
+    the client does rather than in seconds. Return whether the client read past them.
+
+    A witness call answered after them comes back: its reply is behind theirs on the
+    reply topic (one partition), so the client read theirs first. Then a call with no reply
+    (timeout 1 s), begun after that, comes and goes, up to three times while a caller is
+    still waiting: a caller whose reply was read and handed over has had all that time to
+    return. A witness that its replies, sent again and again, never reach fails the test."""
+    witness = answered_call(client, responder, replies, 100, "a call made after the replies")
+    if "unanswered" in witness:
+        copies, took = witness["unanswered"]
+        waiting = [n for n, (thread, _) in enumerate(calls) if thread.is_alive()]
+        pytest.fail(
+            f"a call answered {copies} times over {took:.0f} s never got its reply, and of "
+            f"the 8 concurrent calls answered before it, n={waiting} still wait for theirs: "
+            "the replies this client reads never reach their callers - do its callers read "
+            "the reply topic themselves and drop the replies they take for others? Read it "
+            "in one place (one consumer, one listener thread) and hand each reply to the "
+            "caller waiting for its correlation id", pytrace=False)
+    if witness.get("value") != {"n": 100, "square": 10000}:
+        return False
+    for n in range(101, 104):
+        if all(not thread.is_alive() for thread, _ in calls):
+            break
+        thread, _ = in_thread(client.call, {"n": n}, timeout=1.0)
+        thread.join(30)
+    return True
+
+
+def close_within(client: Any, seconds: float) -> None:
+    """``client.close()``, not waited on past ``seconds``: a client whose callers read the
+    consumer themselves may block in close() until their own calls time out, long after
+    the test has said what failed."""
+    thread, _ = in_thread(client.close)
+    thread.join(seconds)
+
+
 def test_concurrent_calls_each_get_their_own_reply(world: Any) -> None:
     mod, kafka, responder, requests, replies = world
     client = mod.RpcClient(kafka.bootstrap, requests, replies)
@@ -115,8 +182,16 @@ def test_concurrent_calls_each_get_their_own_reply(world: Any) -> None:
         for req in reversed(got):
             n = req.payload["n"]
             responder.reply(req, {"n": n, "square": n * n}, replies)
+        read_past = read_past_every_reply(client, responder, replies, calls)
         for n, (thread, out) in enumerate(calls):
-            thread.join(60)
+            thread.join(0 if read_past else 60)
+            assert not (read_past and thread.is_alive()), (
+                f"call({{'n': {n}}}) among 8 concurrent calls is still waiting for a reply the "
+                "client has already read: a call answered after it came back, and calls made "
+                "after that came and went, yet this one never got its own. Another caller "
+                "read its reply and dropped it - read the reply topic in one place (one "
+                "consumer, one listener thread) and hand each reply to the caller waiting "
+                "for its correlation id")
             assert out.get("value") == {"n": n, "square": n * n}, (
                 f"call({{'n': {n}}}) among 8 concurrent calls, answered in reverse order after "
                 f"a reply for another client's request, returned "
@@ -124,7 +199,28 @@ def test_concurrent_calls_each_get_their_own_reply(world: Any) -> None:
                 f"{{'n': {n}, 'square': {n * n}}} - hand each reply to the caller whose "
                 "correlation id it carries, and ignore replies with ids you are not waiting for")
     finally:
-        client.close()
+        close_within(client, 10)
+
+
+def wait_out_a_timeout(client: Any, responder: Responder, replies: str,
+                       thread: threading.Thread, timeout: float) -> float:
+    """Wait for a call with ``timeout`` and no reply to end; return the seconds waited.
+
+    Its clock starts once its request is acknowledged, which an answered call made now
+    (same producer) waits for too. From that call's return the test waits the timeout
+    twice over, then three more answered calls: a caller that times out has had all that
+    to return. One that does not stops being waited for then, not half a minute later."""
+    started = time.monotonic()
+    answered_call(client, responder, replies, 200, "a call made beside the unanswered one")
+    acknowledged = time.monotonic()
+    while thread.is_alive() and time.monotonic() < acknowledged + 2 * timeout:
+        thread.join(0.05)
+    for n in range(201, 204):
+        if not thread.is_alive():
+            break
+        answered_call(client, responder, replies, n, "a call made after the timeout")
+    thread.join(0.05)
+    return time.monotonic() - started
 
 
 def test_a_missing_reply_times_out_and_a_late_one_is_dropped(world: Any) -> None:
@@ -133,11 +229,12 @@ def test_a_missing_reply_times_out_and_a_late_one_is_dropped(world: Any) -> None
     try:
         thread, out = in_thread(client.call, {"n": 1}, timeout=1.0)
         (lost,) = responder.collect(1, "a call that gets no reply", [(thread, out)])
-        thread.join(30)
+        lingered = wait_out_a_timeout(client, responder, replies, thread, 1.0)
         assert not thread.is_alive(), (
-            "call(..., timeout=1.0) got no reply and is still waiting 30 s later: a request "
-            "whose reply never comes must raise RpcTimeout after its timeout, or every lost "
-            "message hangs a caller (and its thread) forever")
+            f"call(..., timeout=1.0) got no reply and was still waiting {lingered:.1f} s after "
+            "its request went out, while calls made after its second had run out came and "
+            "went: a request whose reply never comes must raise RpcTimeout after its "
+            "timeout, or every lost message hangs a caller (and its thread) forever")
         assert isinstance(out.get("error"), mod.RpcTimeout), (
             f"call(..., timeout=1.0) without a reply ended with "
             f"{out.get('value', out.get('error'))!r}: expected RpcTimeout raised - a None or an "

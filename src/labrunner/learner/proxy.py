@@ -4,6 +4,7 @@ learner's module and classes as local stand-ins."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import (
     BuiltinFunctionType,
@@ -141,6 +143,46 @@ class _VerifierService(rpyc.VoidService):  # type: ignore[misc]
     _protocol = _VerifierConnection
 
 
+_spawned: dict[str, Any] = {}
+_spawned_lock = threading.Lock()
+
+
+def _spawn_factory() -> int:
+    """The socket (its descriptor) of this process's learner factory, started on first use:
+    ``python -I -m labrunner.learner factory``, a clean interpreter that forks one host per
+    request (see :mod:`.factory`). Its parent-death signal follows the thread that starts
+    it, so a thread of its own starts it and lives as long as this process. The hosts are
+    killed, never asked to exit: what they leave in their temp folder (generated stubs, the
+    learner's own files) goes with that folder when this process exits."""
+    with _spawned_lock:
+        if "fd" not in _spawned:
+            started = threading.Event()
+
+            def keeper() -> None:
+                try:
+                    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    scratch = tempfile.mkdtemp(prefix="lr-learner-")
+                    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+                    subprocess.Popen(
+                        [sys.executable, "-I", "-m", "labrunner.learner", "factory",
+                         str(theirs.fileno())],
+                        pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                        env={**os.environ, "TMPDIR": scratch})
+                    theirs.close()
+                    _spawned["fd"] = mine.detach()
+                except BaseException as exc:  # noqa: BLE001 - raised where it was asked
+                    _spawned["error"] = exc
+                finally:
+                    started.set()
+                threading.Event().wait()
+
+            threading.Thread(target=keeper, name="learner-factory", daemon=True).start()
+            started.wait()
+            if "error" in _spawned:
+                raise _spawned.pop("error")
+        return int(_spawned["fd"])
+
+
 class LearnerHost:
     """One learner host process and the RPC connection to it."""
 
@@ -151,40 +193,29 @@ class LearnerHost:
 
     @classmethod
     def start(cls, how: str) -> LearnerHost:
-        if how.startswith(FACTORY_PREFIX):
-            factory = socket.socket(fileno=os.dup(int(how[len(FACTORY_PREFIX):])))
-            with FACTORY_LOCK:   # one request and its reply at a time
-                factory.sendall(b"spawn")
-                data, fds, _flags, _addr = socket.recv_fds(factory, 32, 1)
-            if not fds or not data.isdigit():
-                factory.close()
-                raise LearnerCodeError("the learner's process could not be started")
-            pid = int(data)
-            sock = socket.socket(fileno=fds[0])
+        """A fresh host forked by a factory: grading's (``fd:N``, as the learner's uid), or
+        outside grading (``spawn``) this process's own - a fork of a clean interpreter that
+        has run no learner code, not a new interpreter and its imports for every test."""
+        fd = int(how[len(FACTORY_PREFIX):]) if how.startswith(FACTORY_PREFIX) else (
+            _spawn_factory())
+        factory = socket.socket(fileno=os.dup(fd))
+        with FACTORY_LOCK:   # one request and its reply at a time
+            factory.sendall(b"spawn")
+            data, fds, _flags, _addr = socket.recv_fds(factory, 32, 1)
+        if not fds or not data.isdigit():
+            factory.close()
+            raise LearnerCodeError("the learner's process could not be started")
+        pid = int(data)
+        sock = socket.socket(fileno=fds[0])
 
-            def kill() -> None:
-                try:
-                    with FACTORY_LOCK:
-                        factory.sendall(f"kill {pid}".encode())
-                except OSError:
-                    pass
-                factory.close()
-        else:
-            mine, theirs = socket.socketpair()
-            # The host is killed, never asked to exit: what it leaves in its temp folder
-            # (generated stubs, the learner's own files) goes with this folder.
-            scratch = tempfile.mkdtemp(prefix="lr-learner-")
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "labrunner.learner", "host", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                env={**os.environ, "TMPDIR": scratch})
-            theirs.close()
-            sock = mine
+        def kill() -> None:
+            try:
+                with FACTORY_LOCK:
+                    factory.sendall(f"kill {pid}".encode())
+            except OSError:
+                pass
+            factory.close()
 
-            def kill() -> None:
-                proc.kill()
-                proc.wait()
-                shutil.rmtree(scratch, ignore_errors=True)
         conn = connect_stream(SocketStream(sock), service=_VerifierService,
                               config=_VERIFIER_CONFIG)
         return cls(conn, kill)

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from .base import Endpoint, ServiceError, write_json_atomic
 from .local.process import ServiceOwner, services_owned_by
-from .manager import STATE_VERSION, ServiceSet
+from .manager import STATE_VERSION, ServiceSet, Startup
 
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
@@ -236,8 +236,16 @@ def private_services(services: Iterable[str], owner: ServiceOwner, visible_to: i
         os.chown(service_set.workdir, owner.uid, owner.uid)
         os.chmod(service_set.workdir, 0o711)
         control: ControlServer | None = None
+        # All at once, a thread each (they inherit this thread's network namespace and, by
+        # the context, the services' owner): a lab that needs RabbitMQ and Kafka waits for
+        # the slower of the two, not for both in turn. Each thread outlives its start (the
+        # parent-death signal follows the thread that spawned a service) until the stop.
+        startup = Startup(service_set, list(services)).begin()
         try:
-            service_set.ensure(services)
+            startup.wait()
+            problem = startup.problem(startup.names)
+            if problem:
+                raise ServiceError(problem)
             state = run_dir / "services.json"
             write_json_atomic(state, {
                 "version": STATE_VERSION, "backend": "local", "owner_pid": os.getpid(),
@@ -252,4 +260,7 @@ def private_services(services: Iterable[str], owner: ServiceOwner, visible_to: i
         finally:
             if control is not None:
                 control.close()
+            startup.cancel()   # a start still waiting (after another failed) gives up
+            startup.join()
             service_set.stop()
+            startup.release()
