@@ -190,12 +190,12 @@ def sleeps_between(earlier: Activity, later: Activity) -> int:
 
 def too_many_threads(threads: int, held: int) -> str:
     if threads - 1 >= held // 2:
-        return (f"the server runs {threads} threads for {held} connections, expected at most "
-                "2: a thread per connection\nA thread costs a stack and a scheduler entry "
+        return (f"the server runs {threads} threads for {held} sockets, expected at most 2: "
+                "a thread per connection\nA thread costs a stack and a scheduler entry "
                 "each; at 10,000 that is what C10K is about. One event loop (asyncio, "
                 "selectors/epoll) serves them all from one thread.")
-    return (f"the server runs {threads} threads while holding {held} connections, expected "
-            "at most 2: its socket work is handed to worker threads\nA pool of N threads "
+    return (f"the server runs {threads} threads while holding {held} sockets, expected at "
+            "most 2: its socket work is handed to worker threads\nA pool of N threads "
             "doing blocking reads serves N connections at a time, and asyncio.to_thread or "
             "run_in_executor per read is thread-per-request again; socket I/O belongs on the "
             "event loop (transport callbacks or awaited streams).")
