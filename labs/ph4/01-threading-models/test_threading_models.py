@@ -51,7 +51,7 @@ HERE = Path(__file__).parent
 
 ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
 
-Activity = tuple[int, int, tuple[tuple[int, int], ...]]
+Activity = tuple[int, int, tuple[tuple[int, int, int], ...]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,8 +119,8 @@ class Server:
             seen = process_activity(self.proc.pid)
         else:
             seen = self.learner.run_helper(process_activity, self.proc.pid)
-        awake, cpu, sleeps = seen
-        return int(awake), int(cpu), tuple((int(t), int(n)) for t, n in sleeps)
+        awake, cpu, threads = seen
+        return int(awake), int(cpu), tuple((int(t), int(n), int(c)) for t, n, c in threads)
 
     def clients_asleep(self) -> bool:
         """Every client process asleep: none has anything left to read or to report."""
@@ -378,7 +378,7 @@ def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = 
 def asleep_throughout(before: Activity, after: Activity) -> bool:
     """No thread of the server ran between the two readings, and none is runnable."""
     return before[0] == 0 and after[0] == 0 and before[1] == after[1] and (
-        [t for t, _ in before[2]] == [t for t, _ in after[2]])
+        [t[0] for t in before[2]] == [t[0] for t in after[2]])
 
 
 def served(load: Load, server: Server, clients: list[Client], model: str) -> None:

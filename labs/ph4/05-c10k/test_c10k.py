@@ -38,7 +38,12 @@ from typing import Any, NoReturn
 
 import pytest
 
-from labrunner.testing import process_activity, process_resources, tcp_sockets
+from labrunner.testing import (
+    process_activity,
+    process_resources,
+    process_threads,
+    tcp_sockets,
+)
 
 TOTAL, PROCESSES = 10_000, 4
 SHARE = TOTAL // PROCESSES
@@ -46,15 +51,20 @@ PER_CONNECTION_KB = 25
 READY = 30.0
 CONNECT_WAIT = 120.0   # safety nets: a wrong server is caught long before
 ECHO_WAIT = 180.0
-STALLED = 8            # consecutive observations of a stuck server that decide
-SLEEPS = 3             # times every server thread slept between two observations of a
-#                        line left unread: a blocked loop (a correct loop: never)
+STALLED = 8            # consecutive observations of server and clients asleep that decide
+BLOCKED_SEEN = 3       # observations of the server asleep outside a readiness wait (a
+#                        correct loop: never) that decide
+WAITS = {7, 23, 232, 270, 271, 281, 441}   # poll, select, epoll_wait, pselect6, ppoll,
+#                                            epoll_pwait, epoll_pwait2 (x86-64)
+CALLS = {0: "read()", 1: "write()", 35: "nanosleep() (time.sleep)",
+         230: "clock_nanosleep() (time.sleep)", 44: "sendto() (a blocking send)",
+         45: "recvfrom() (a blocking recv)", 202: "a futex (a lock or a thread wait)"}
 THREADS_SEEN = 100     # connections in before a third thread is called per connection or pool
-POLL, ECHO_POLL = 0.05, 0.1
+POLL, ECHO_POLL = 0.05, 0.2
 ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
 CLIENTS = Path(__file__).with_name("clients.py")
 
-Activity = tuple[int, int, tuple[tuple[int, int], ...]]
+Activity = tuple[int, int, tuple[tuple[int, int, int], ...]]
 
 
 class Server:
@@ -104,10 +114,10 @@ class Server:
         return seen  # type: ignore[return-value]
 
     def activity(self) -> Activity:
-        awake, cpu, sleeps = self._read(process_activity)
+        awake, cpu, threads = self._read(process_activity)
         if awake < 0:
             self.fail("the server went out of the verification's sight")
-        return int(awake), int(cpu), tuple((int(t), int(n)) for t, n in sleeps)
+        return int(awake), int(cpu), tuple((int(t), int(n), int(c)) for t, n, c in threads)
 
     def fail(self, message: str) -> NoReturn:
         if self.proc.poll() is None:
@@ -158,6 +168,9 @@ class Client:
     def asleep(self) -> bool:
         return process_activity(self.proc.pid)[0] == 0
 
+    def cpu(self) -> int:
+        return process_activity(self.proc.pid)[1]
+
     def close(self) -> None:
         """Killed: the kernel closes its connections (the test is over; a process still
         connecting would not read a word)."""
@@ -178,14 +191,7 @@ def server(learner: Any) -> Iterator[Server]:
 def asleep_throughout(before: Activity, after: Activity) -> bool:
     """No thread of the server ran between the two readings, and none is runnable."""
     return before[0] == 0 and after[0] == 0 and before[1] == after[1] and (
-        [t for t, _ in before[2]] == [t for t, _ in after[2]])
-
-
-def sleeps_between(earlier: Activity, later: Activity) -> int:
-    """How many times every thread of the server went to sleep between the readings."""
-    if [t for t, _ in earlier[2]] != [t for t, _ in later[2]]:
-        return 0
-    return min(b - a for (_, a), (_, b) in zip(earlier[2], later[2], strict=True))
+        [t[0] for t in before[2]] == [t[0] for t in after[2]])
 
 
 def too_many_threads(threads: int, held: int) -> str:
@@ -242,20 +248,20 @@ def connect(server: Server, clients: list[Client], base_fds: int) -> None:
                     "Accept with a deep backlog (listen(4096)) from an event loop that never "
                     "blocks; select() cannot watch descriptors above 1024.", pytrace=False)
             connected.add(i)
-        threads, fds, _ = server.resources()
-        if server.proc.poll() is not None:
-            server.fail(f"{fds - base_fds} connections were open (select() cannot watch "
-                        "descriptors above 1024)")
-        held = fds - base_fds
+        threads = int(server._read(process_threads))   # cheap: the descriptors only if
+        if threads < 0 or server.proc.poll() is not None:   # there is a third thread
+            server.fail("the clients were connecting (select() cannot watch descriptors "
+                        "above 1024)")
+        held = server.resources()[1] - base_fds if threads > 2 else 0
         if threads > 2 and (held >= THREADS_SEEN or threads > THREADS_SEEN
                             or len(connected) == len(clients)):
             pytest.fail(too_many_threads(threads, held), pytrace=False)
         if time.monotonic() > deadline:
             pytest.fail(
                 f"{len(connected)} of {len(clients)} client processes connected their "
-                f"{SHARE} clients within {CONNECT_WAIT:.0f} s (the server holds {held} "
-                "descriptors)\nAccept with a deep backlog (listen(4096)) from an event loop "
-                "that never blocks.", pytrace=False)
+                f"{SHARE} clients within {CONNECT_WAIT:.0f} s (the server holds "
+                f"{server.resources()[1] - base_fds} sockets)\nAccept with a deep backlog "
+                "(listen(4096)) from an event loop that never blocks.", pytrace=False)
         time.sleep(POLL)
 
 
@@ -283,12 +289,10 @@ def echo(server: Server, clients: list[Client]) -> None:
     seen stuck (blocked loop, lines kept), or the safety net."""
     for c in clients:
         c.say("go")
-    port = server.port
     reports: dict[int, int] = {}
     deadline = time.monotonic() + ECHO_WAIT
-    blocked = stuck = 0
-    previous: tuple[set[int], Activity] | None = None
-    frozen_cpu = 0
+    blocked: list[int] = []
+    stuck, frozen = 0, (0, ())
     verdict = ""
     while len(reports) < len(clients):
         for i, c in enumerate(clients):
@@ -300,45 +304,32 @@ def echo(server: Server, clients: list[Client]) -> None:
             break
         if server.proc.poll() is not None:
             server.fail("the clients were waiting for their echoes")
-        before = server.activity()
-        unread: set[int] = set()
-        in_flight = 0
-        for s in tcp_sockets():
-            if s.local == ("127.0.0.1", port) and s.remote[1]:
-                in_flight += s.rx_queue + s.tx_queue
-                if s.inode and s.rx_queue and s.state in (ESTABLISHED, CLOSE_WAIT):
-                    unread.add(s.remote[1])
-            elif s.remote == ("127.0.0.1", port):
-                in_flight += s.rx_queue + s.tx_queue
-        after = server.activity()
+        now = server.activity()
         waiting = [c for i, c in enumerate(clients) if i not in reports]
-        # A blocked loop: the same lines unread while every thread slept again and again.
-        if previous is not None:
-            still = previous[0] & unread
-            slept = sleeps_between(previous[1], before)
-            blocked = blocked + 1 if still and slept >= SLEEPS else 0
-            if blocked >= STALLED // 4:
-                verdict = (
-                    f"the event loop is blocked: {len(still)} connections' lines sat unread "
-                    f"while every thread of the server went to sleep {slept} times and read "
-                    "none of them\nA callback that sleeps (time.sleep) or makes a blocking "
-                    "call stops every connection until it returns: the loop runs nothing "
-                    "else meanwhile. Echo at once in data_received; wait with 'await "
-                    "asyncio.sleep()' in a coroutine, never time.sleep() on the loop.")
+        # A blocked loop: every thread asleep, none of them in a readiness wait.
+        calls = [call for _, _, call in now[2]]
+        if now[0] == 0 and calls and all(c >= 0 and c not in WAITS for c in calls):
+            blocked += calls
+            if len(blocked) >= BLOCKED_SEEN * len(calls):
+                verdict = blocked_loop(max(set(blocked), key=blocked.count))
                 break
-        previous = (unread, after)
-        # Lines kept: everything read, nothing in flight, everyone asleep, echoes missing.
-        quiet = (asleep_throughout(before, after) and not in_flight
-                 and all(c.asleep() for c in waiting))
-        if not quiet:
+        # Lines kept: the server and the clients asleep all along, echoes missing.
+        seen = (now[1], tuple(c.cpu() for c in waiting))
+        if not (now[0] == 0 and all(c.asleep() for c in waiting)):
             stuck = 0
-        elif stuck and after[1] == frozen_cpu:
+        elif stuck and seen == frozen:
             stuck += 1
         else:
-            stuck, frozen_cpu = 1, after[1]
+            stuck, frozen = 1, seen
         if stuck >= STALLED:
-            verdict = "kept"
-            break
+            unread, in_flight = queues(server.port)
+            if unread:
+                verdict = blocked_loop(-1, unread)
+                break
+            if not in_flight:
+                verdict = "kept"
+                break
+            stuck = 0
         if time.monotonic() > deadline:
             verdict = "slow"
             break
@@ -366,3 +357,28 @@ def echo(server: Server, clients: list[Client]) -> None:
         f"{ECHO_WAIT:.0f} s, expected all\nEvery connection must be served while the "
         "others stay open: echo each line as it arrives (do not wait for EOF), and never "
         "block the loop (no time.sleep, no blocking socket calls in a callback).")
+
+
+def blocked_loop(call: int, unread: int = 0) -> str:
+    where = (f"asleep in {CALLS.get(call, f'system call {call}')}" if call >= 0 else
+             f"asleep while {unread} of its connections hold lines it has not read")
+    return (f"the event loop is blocked: with clients waiting for their echoes the server "
+            f"was seen {where}, not waiting for readiness (epoll_wait)\nA callback that "
+            "sleeps (time.sleep) or makes a blocking call (a blocking recv/send) stops every "
+            "connection until it returns: the loop runs nothing else meanwhile. Echo at once "
+            "in data_received; wait with 'await asyncio.sleep()' in a coroutine, never "
+            "time.sleep() on the loop.")
+
+
+def queues(port: int) -> tuple[int, int]:
+    """(the server's connections holding bytes it has not read, bytes on their way to the
+    clients): read once, when everything has been seen asleep (the table is slow to read
+    with 20,000 sockets on a loaded machine)."""
+    unread = in_flight = 0
+    for s in tcp_sockets():
+        if s.local == ("127.0.0.1", port) and s.remote[1]:
+            unread += bool(s.inode and s.rx_queue and s.state in (ESTABLISHED, CLOSE_WAIT))
+            in_flight += s.tx_queue
+        elif s.remote == ("127.0.0.1", port):
+            in_flight += s.rx_queue
+    return unread, in_flight
