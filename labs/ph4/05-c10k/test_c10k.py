@@ -2,6 +2,8 @@
 10,000 clients held open at once from 4 client processes (clients.py; a process may hold
 20,000 open files here, so the clients cannot share the server's or the test's process).
 
+The clients first connect 100 each and echo a line on them: a blocked loop or a server that
+keeps the lines shows on 400 connections, before 10,000 are made. Then the rest connect.
 While the clients connect, the server's threads are counted (/proc/<pid>/task): a third
 thread fails at once, as a thread per connection or as worker threads, whichever the count
 shows once a hundred connections are in. With all 10,000 connected: the server's open
@@ -47,6 +49,8 @@ from labrunner.testing import (
 
 TOTAL, PROCESSES = 10_000, 4
 SHARE = TOTAL // PROCESSES
+EARLY = 100            # per client process: a first round on 400 connections shows a blocked
+#                        loop or kept lines before 10,000 connections are made
 PER_CONNECTION_KB = 25
 READY = 30.0
 CONNECT_WAIT = 120.0   # safety nets: a wrong server is caught long before
@@ -139,7 +143,8 @@ class Client:
     """One clients.py process: its lines, read as they come."""
 
     def __init__(self, port: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(CLIENTS), str(port), str(SHARE)],
+        self.proc = subprocess.Popen([sys.executable, str(CLIENTS), str(port), str(SHARE),
+                                      str(EARLY)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -211,7 +216,11 @@ def test_ten_thousand_connections_at_once(server: Server) -> None:
     _, base_fds, base_rss = server.resources()
     clients = [Client(server.port) for _ in range(PROCESSES)]
     try:
-        connect(server, clients, base_fds)
+        connect(server, clients, base_fds, EARLY)
+        echo(server, clients, EARLY * PROCESSES)
+        for c in clients:
+            c.say("more")
+        connect(server, clients, base_fds, SHARE)
         accepted(server, base_fds)
         threads, fds, rss = server.resources()
         grown = rss - base_rss
@@ -225,14 +234,14 @@ def test_ten_thousand_connections_at_once(server: Server) -> None:
             f"connections ({grown // TOTAL} KiB each), expected at most {PER_CONNECTION_KB} "
             "KiB per connection\nKeep per-connection state small: no big buffers per "
             "connection, no thread stacks.")
-        echo(server, clients)
+        echo(server, clients, TOTAL)
     finally:
         for c in clients:
             c.close()
 
 
-def connect(server: Server, clients: list[Client], base_fds: int) -> None:
-    """Until every client process has its share connected; the threads counted all along."""
+def connect(server: Server, clients: list[Client], base_fds: int, share: int) -> None:
+    """Until every client process has ``share`` connected; the threads counted all along."""
     connected: set[int] = set()
     deadline = time.monotonic() + CONNECT_WAIT
     while len(connected) < len(clients):
@@ -240,11 +249,11 @@ def connect(server: Server, clients: list[Client], base_fds: int) -> None:
             line = c.line() if i not in connected else None
             if line is None:
                 continue
-            if line != f"connected {SHARE}":
+            if line != f"connected {share}":
                 if server.proc.poll() is not None:
-                    server.fail(f"client process {i + 1} was connecting its {SHARE} clients")
+                    server.fail(f"client process {i + 1} was connecting its {share} clients")
                 pytest.fail(
-                    f"client process {i + 1} could not connect its {SHARE} clients: {line}\n"
+                    f"client process {i + 1} could not connect its {share} clients: {line}\n"
                     "Accept with a deep backlog (listen(4096)) from an event loop that never "
                     "blocks; select() cannot watch descriptors above 1024.", pytrace=False)
             connected.add(i)
@@ -259,7 +268,7 @@ def connect(server: Server, clients: list[Client], base_fds: int) -> None:
         if time.monotonic() > deadline:
             pytest.fail(
                 f"{len(connected)} of {len(clients)} client processes connected their "
-                f"{SHARE} clients within {CONNECT_WAIT:.0f} s (the server holds "
+                f"{share} clients within {CONNECT_WAIT:.0f} s (the server holds "
                 f"{server.resources()[1] - base_fds} sockets)\nAccept with a deep backlog "
                 "(listen(4096)) from an event loop that never blocks.", pytrace=False)
         time.sleep(POLL)
@@ -284,7 +293,7 @@ def accepted(server: Server, base_fds: int) -> None:
         time.sleep(POLL)
 
 
-def echo(server: Server, clients: list[Client]) -> None:
+def echo(server: Server, clients: list[Client], total: int) -> None:
     """Every client sends its lines; until each process reports its echoes, or the server is
     seen stuck (blocked loop, lines kept), or the safety net."""
     for c in clients:
@@ -341,19 +350,19 @@ def echo(server: Server, clients: list[Client]) -> None:
             reports[i] = int(m.group(1)) if m else 0
     echoed = sum(reports.values())
     if verdict and verdict not in ("kept", "slow"):
-        pytest.fail(verdict + f"\n({echoed} of {TOTAL} lines were echoed.)", pytrace=False)
+        pytest.fail(verdict + f"\n({echoed} of {total} lines were echoed.)", pytrace=False)
     after_threads = server.resources()[0]
     if after_threads > 2:
-        pytest.fail(too_many_threads(after_threads, TOTAL), pytrace=False)
-    if echoed < TOTAL and verdict == "kept":
+        pytest.fail(too_many_threads(after_threads, total), pytrace=False)
+    if echoed < total and verdict == "kept":
         pytest.fail(
-            f"{echoed} of {TOTAL} connected clients got their line echoed: the server read "
+            f"{echoed} of {total} connected clients got their line echoed: the server read "
             "every line and went idle without answering the rest\nEcho each line as it "
             "arrives (data_received -> transport.write). A server that waits for EOF (or for "
             "more data) before it answers never answers a client that keeps its connection "
             "open.", pytrace=False)
-    assert echoed == TOTAL, (
-        f"{echoed} of {TOTAL} connected clients got their line echoed within "
+    assert echoed == total, (
+        f"{echoed} of {total} connected clients got their line echoed within "
         f"{ECHO_WAIT:.0f} s, expected all\nEvery connection must be served while the "
         "others stay open: echo each line as it arrives (do not wait for EOF), and never "
         "block the loop (no time.sleep, no blocking socket calls in a callback).")
