@@ -110,3 +110,25 @@ def test_process_threads_counts_a_process_threads_and_says_when_it_is_gone() -> 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert process_threads(child.pid) == -1
+
+
+def test_process_activity_tells_a_sleeping_process_and_what_it_sleeps_in() -> None:
+    from labrunner.testing import process_activity
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; print(1, flush=True); "
+                              "time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        deadline = time.monotonic() + 30
+        while (seen := process_activity(child.pid))[0] != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)   # until it has gone to sleep (awake: runnable on a loaded box)
+        again = process_activity(child.pid)
+        awake, cpu, threads = again
+        assert awake == 0 and cpu == seen[1] > 0, (seen, again)   # asleep, CPU unmoved
+        assert [t[0] for t in threads] == [child.pid]
+        assert threads[0][2] in (35, 230)   # nanosleep / clock_nanosleep (time.sleep)
+    finally:
+        child.kill()
+        child.wait()
+    assert process_activity(child.pid) == (-1, -1, ())

@@ -144,4 +144,5 @@ def checks_json(outcomes: Sequence[CheckOutcome]) -> dict[str, Any]:
     return {"version": 1, "checks": [
         {"lab": o.expectation.lab.id, "variant": o.expectation.variant,
          "must_pass": o.expectation.must_pass, "outcome": o.result.outcome,
-         "met": o.met, "message": o.result.first_line} for o in outcomes]}
+         "met": o.met, "message": o.result.first_line,
+         "duration": round(o.result.duration, 1)} for o in outcomes]}

@@ -13,7 +13,11 @@ server does with them is read from the kernel and from /proc, never from the ser
   verification's) by the helper process_threads in the learner's host process;
 - each client records what came back and whether the server closed the connection.
 
-Every wait below ends at once for a correct server; only a wrong one meets FAIL_WAIT.
+Every wait below ends at once for a correct server. A wrong one is given up on as soon as
+nothing can change any more: the server asleep all along (every thread in state S, its CPU
+time unmoved: /proc/<pid>/task/*) and the client processes asleep too, STALLED times in a
+row. A correct server with work waiting for it is never asleep (at worst runnable, state R,
+on a loaded machine); FAIL_WAIT is only a safety net.
 """
 
 from __future__ import annotations
@@ -33,18 +37,21 @@ from typing import Any, NoReturn
 
 import pytest
 
-from labrunner.testing import process_threads, tcp_sockets
+from labrunner.testing import process_activity, process_threads, tcp_sockets
 
 CLIENTS = 200          # slow clients held at once
 WORKERS, QUEUE = 8, 16  # the bounded pool's size and queue bound, passed on its command line
 DROPPED = 4            # clients that disconnect mid-request (half FIN, half RST)
 CLIENT_PROCESSES = 2
 READY = 30.0           # for the server to print its port
-FAIL_WAIT = 30.0       # how long a wrong server gets to do what a correct one does at once
+FAIL_WAIT = 30.0       # a safety net: a stuck server is seen asleep long before
+STALLED = 8            # consecutive observations of server and clients asleep that end a wait
 REPLY_WAIT = 120.0     # for a client process to answer a command
 HERE = Path(__file__).parent
 
 ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
+
+Activity = tuple[int, int, tuple[tuple[int, int, int], ...]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -67,6 +74,7 @@ class Server:
                          daemon=True).start()
         self.port = 0
         self.max_threads = 0
+        self.client_pids: list[int] = []
         # Graded, the server runs as the learner's uid, in a /proc the verification cannot
         # see: its threads are counted by process_threads in the learner's host process.
         self.in_sight = Path(f"/proc/{self.proc.pid}/task").is_dir()
@@ -104,6 +112,19 @@ class Server:
                         pytrace=False)
         self.max_threads = max(self.max_threads, count)
         return count
+
+    def activity(self) -> Activity:
+        """(threads awake, CPU ns used, each thread's sleeps): see process_activity."""
+        if self.in_sight:
+            seen = process_activity(self.proc.pid)
+        else:
+            seen = self.learner.run_helper(process_activity, self.proc.pid)
+        awake, cpu, threads = seen
+        return int(awake), int(cpu), tuple((int(t), int(n), int(c)) for t, n, c in threads)
+
+    def clients_asleep(self) -> bool:
+        """Every client process asleep: none has anything left to read or to report."""
+        return all(process_activity(pid)[0] == 0 for pid in self.client_pids)
 
     def gone(self) -> int | None:
         status: int | None = self.proc.poll()
@@ -215,6 +236,7 @@ class Load:
         self.port = server.port
         for proc in self.procs:
             proc.server = server
+        server.client_pids = [proc.proc.pid for proc in self.procs]
 
     def open(self, n: int, send: str = "head") -> list[Client]:
         """n new connections; "head": each sends the start of a request and holds."""
@@ -324,19 +346,39 @@ def count(server: Server, clients: list[Client], what: Callable[[ServerSide], bo
 
 
 def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = False) -> bool:
-    """Poll until ``condition()`` holds (True) or FAIL_WAIT passes (False); fail at once if
-    the server process dies. With watch_threads, the thread count is sampled as it goes."""
+    """Poll until ``condition()`` holds (True), or until it cannot come any more (False):
+    the server asleep throughout an observation (no thread runnable, CPU time unmoved) while
+    the client processes sleep too, STALLED times in a row with the server's CPU time
+    unmoved all along. Nothing is then on its way to anyone: a correct server would be
+    running. FAIL_WAIT is a safety net. Fail at once if the server process dies. With
+    watch_threads, the thread count is sampled as it goes."""
     deadline = time.monotonic() + FAIL_WAIT
+    stalled, frozen = 0, 0
     while True:
         if server.gone() is not None:
             server.fail("the server must keep running")
         if watch_threads:
             server.threads()
+        clients_asleep = server.clients_asleep()   # before condition() wakes them
+        before = server.activity()
         if condition():
             return True
-        if time.monotonic() > deadline:
+        after = server.activity()
+        if not (clients_asleep and asleep_throughout(before, after)):
+            stalled = 0
+        elif stalled and after[1] == frozen:
+            stalled += 1
+        else:
+            stalled, frozen = 1, after[1]
+        if stalled >= STALLED or time.monotonic() > deadline:
             return False
         time.sleep(0.02)
+
+
+def asleep_throughout(before: Activity, after: Activity) -> bool:
+    """No thread of the server ran between the two readings, and none is runnable."""
+    return before[0] == 0 and after[0] == 0 and before[1] == after[1] and (
+        [t[0] for t in before[2]] == [t[0] for t in after[2]])
 
 
 def served(load: Load, server: Server, clients: list[Client], model: str) -> None:
@@ -354,7 +396,7 @@ def served(load: Load, server: Server, clients: list[Client], model: str) -> Non
             f"{len(bad)} of {len(clients)} released clients were not answered 200 "
             f"(the {model} server): {c.path} got {got}\nOnce a slow client sends the rest "
             "of its request it must get 'HTTP/1.1 200' with 'hello <path>' (handle() "
-            f"does it), and its connection closed. {FAIL_WAIT:.0f} s were allowed.")
+            "does it), and its connection closed.")
 
 
 def dropped_closed(load: Load, server: Server, gone: list[Client], model: str) -> None:

@@ -19,7 +19,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   in the process the context lives in (the learner's own, when grading);
 * :func:`threads_waiting_in` and :func:`file_bytes` observe the learner's process from
   inside it, and :func:`process_threads` / :func:`process_resources` count the threads
-  (descriptors, memory) of a learner's program beside it, through ``learner.run_helper``;
+  (descriptors, memory) of a learner's program beside it, through ``learner.run_helper``,
+  and :func:`process_activity` tells whether it sleeps while work waits for it;
 * :func:`call` is the request most HTTP labs send (a JSON document or bytes, headers);
 * :func:`read_all` reads a Kafka topic back to its end (:class:`KafkaRecord`);
 * :func:`drain` reads a gRPC response stream on a thread, :func:`next_message` takes its
@@ -37,6 +38,7 @@ from .beside import (
     TcpSocket,
     file_bytes,
     listening_ports,
+    process_activity,
     process_resources,
     process_threads,
     tcp_sockets,
@@ -68,6 +70,7 @@ __all__ = [
     "http_request",
     "listening_ports",
     "next_message",
+    "process_activity",
     "process_resources",
     "process_threads",
     "read_all",

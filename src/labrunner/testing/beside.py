@@ -93,6 +93,45 @@ def process_resources(pid: int) -> tuple[int, int, int]:
     return threads, fds, rss
 
 
+def process_activity(pid: int) -> tuple[int, int, tuple[tuple[int, int, int], ...]]:
+    """Whether process ``pid`` is doing anything: (threads not asleep, CPU nanoseconds its
+    threads have used, each thread's (tid, voluntary sleeps so far, the system call it sleeps
+    in: -1 when running or not readable)); (-1, -1, ()) when it is gone or out of sight. A
+    thread asleep (state S) whose CPU time has not moved between two readings slept all
+    along: nothing it waits for has come. Such readings tell a server that sleeps while work
+    waits for it (a blocked loop, a request swallowed) from one merely slow on a loaded
+    machine (runnable, state R). Like :func:`process_threads`, run it beside the learner's
+    program when grading hides its /proc (ph4.1, ph4.5)."""
+    awake, cpu, threads = 0, 0, []
+    try:
+        tids = sorted(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir())
+    except (OSError, ValueError):
+        return -1, -1, ()
+    for tid in tids:
+        task = Path(f"/proc/{pid}/task/{tid}")
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text()
+            try:
+                ran = int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):   # no schedstats: clock ticks
+                ran = (int(fields[11]) + int(fields[12])) * 10_000_000
+        except (OSError, IndexError, ValueError):
+            continue   # the thread ended while being read
+        try:
+            call = (task / "syscall").read_text().split()[0]
+        except (OSError, IndexError):
+            call = ""
+        voluntary = next((int(line.split()[1]) for line in status.splitlines()
+                          if line.startswith("voluntary_ctxt_switches:")), 0)
+        awake += fields[0] not in ("S", "Z", "X")
+        cpu += ran
+        threads.append((tid, voluntary, int(call) if call.isdigit() else -1))
+    if not threads:
+        return -1, -1, ()
+    return awake, cpu, tuple(threads)
+
+
 @dataclass(frozen=True)
 class TcpSocket:
     """One row of /proc/net/tcp: a TCP socket as the kernel sees it."""
