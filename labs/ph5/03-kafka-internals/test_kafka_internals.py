@@ -325,8 +325,8 @@ def test_commit_crash_resume_and_lag(learner: Any, kafka: Any) -> None:
 
 
 def test_commit_returns_once_the_broker_stored_the_offsets(learner: Any, kafka: Any) -> None:
-    """The member reaches the broker through a proxy; the group coordinator refuses its
-    commit (the proxy changes the request's generation, as a rebalance would). commit() must
+    """The member reaches the broker through a proxy, which refuses its commit (it answers
+    the OffsetCommit with an error in the broker's place and stores nothing). commit() must
     wait for that answer: raise, or commit again until the broker took it - not return as if
     the offsets were stored, or a process killed right after loses a commit it believed
     made."""
@@ -348,9 +348,9 @@ def test_commit_returns_once_the_broker_stored_the_offsets(learner: Any, kafka: 
             stored = committed(kafka, topic, group, 1)[0]
             kinds = [e.kind for e in proxy.events() if e.request.api_key == OFFSET_COMMIT]
             assert outcome != "returned" or stored == 5, (
-                f"commit() returned before the broker stored the offsets: the group "
-                f"coordinator refused the OffsetCommit (the test changed its generation) and "
-                f"the broker holds offset {stored} for the 5 records read (-1001 = none), yet "
+                f"commit() returned before the broker stored the offsets: the test refused the "
+                f"OffsetCommit (answered it with an error, never forwarded) and the broker "
+                f"holds offset {stored} for the 5 records read (-1001 = none), yet "
                 f"commit() returned as if it had worked (the proxy saw: {kinds}). An "
                 f"asynchronous commit (asynchronous=True, the default of consumer.commit()) "
                 f"returns at once and reports only to a callback; a process killed right "

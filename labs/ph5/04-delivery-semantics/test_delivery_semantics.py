@@ -28,8 +28,8 @@ Mistakes a learner makes here, each caught with its own message:
 
 Two mistakes hide from a crash at crash_point(), because librdkafka finishes them in the
 background before the kill; a proxy in front of the broker shows them at the protocol point:
-- at-least-once committing asynchronously: the group coordinator refuses the first commit
-  (the proxy changes its generation) and the worker's next output reaches the broker before
+- at-least-once committing asynchronously: the proxy refuses the first commit (answers it
+  with an error, never forwarded) and the worker's next output reaches the broker before
   any commit of the first record was stored - it never waited for the answer
 - exactly-once committing the input offset with consumer.commit() after commit_transaction:
   the worker is killed the moment that OffsetCommit arrives (it is never forwarded), and the
@@ -332,9 +332,9 @@ def went_on_before_a_stored_commit(events: list[KafkaEvent]) -> int:
 
 def test_at_least_once_waits_for_the_broker_to_store_each_commit(learner: Any,
                                                                    kafka: Any) -> None:
-    """The worker runs behind a proxy; the group coordinator refuses its first commit (pay-0's
-    offset). A worker that waits for the answer stops there (commit raises) or commits again;
-    one that commits asynchronously has already gone on to pay-1."""
+    """The worker runs behind a proxy, which refuses its first commit (pay-0's offset: answered
+    with an error, never forwarded). A worker that waits for the answer stops there (commit
+    raises) or commits again; one that commits asynchronously has already gone on to pay-1."""
     topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
     group = kafka.group("worker-alo-wire")
     write_input(kafka, topics["input"])
@@ -351,8 +351,8 @@ def test_at_least_once_waits_for_the_broker_to_store_each_commit(learner: Any,
         "acknowledged")
     ahead = went_on_before_a_stored_commit(events)
     assert ahead == 0, (
-        f"at-least-once: commit() returned before the broker stored the offset - the group "
-        f"coordinator refused the commit of pay-0 (the test changed its generation), yet "
+        f"at-least-once: commit() returned before the broker stored the offset - the test "
+        f"refused the commit of pay-0 (answered it with an error, never forwarded), yet "
         f"{ahead} more output(s) reached the broker before any commit of pay-0 was stored "
         f"(requests in order: {wire(events, PRODUCE, OFFSET_COMMIT)}): the worker went on "
         f"without waiting for the answer. An asynchronous commit (asynchronous=True, the "

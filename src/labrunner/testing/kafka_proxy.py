@@ -36,9 +36,10 @@ API_NAMES = {
 _ADDRESS_RESPONSES = (METADATA, FIND_COORDINATOR, DESCRIBE_CLUSTER)
 # First flexible version (compact strings, tagged fields) of the requests whose body is read.
 _FLEXIBLE_FROM = {PRODUCE: 9, OFFSET_COMMIT: 8}
-# An OffsetCommit the test has refused carries this generation: no group has it, so the
-# group coordinator itself answers ILLEGAL_GENERATION (or UNKNOWN_MEMBER_ID) and stores nothing.
-REFUSED_GENERATION = 0x5EF05ED
+# A refused OffsetCommit is answered in the broker's place with this error for every
+# partition: OFFSET_METADATA_TOO_LARGE, which clients take as final (no retry, no rejoin of
+# the group, unlike ILLEGAL_GENERATION), and nothing is stored.
+REFUSAL_ERROR = 12
 
 Rule = Literal["forward", "hold", "drop", "refuse"]
 EventKind = Literal["request", "answer", "forwarded", "dropped", "refused", "gone"]
@@ -66,7 +67,7 @@ class KafkaRequest:
 class KafkaEvent:
     """What the proxy saw or did, in order: a request arrived ("request"), its answer left
     for the client ("answer"), or the proxy did not forward it as sent: "dropped",
-    "refused" (rewritten so the broker refuses it), "gone" (held while its client closed
+    "refused" (answered with an error, never forwarded), "gone" (held while its client closed
     the connection: never forwarded)."""
 
     kind: EventKind
@@ -122,11 +123,58 @@ def parse_request(frame: bytes, connection: int) -> tuple[KafkaRequest, int]:
                         time.monotonic(), acks, txn), pos
 
 
-def refuse_offset_commit(frame: bytearray, body: int, version: int) -> None:
-    """Rewrite an OffsetCommit in place so the group coordinator refuses it: its generation
-    (right after the group id) becomes one no group has. Same width: the size stays."""
-    _group, pos = _string(bytes(frame), body, compact=version >= _FLEXIBLE_FROM[OFFSET_COMMIT])
-    struct.pack_into(">i", frame, pos, REFUSED_GENERATION)
+def _count(data: bytes, pos: int, compact: bool) -> tuple[int, int]:
+    if compact:
+        count, pos = _uvarint(data, pos)
+        return count - 1, pos
+    (count,) = struct.unpack_from(">i", data, pos)
+    return count, pos + 4
+
+
+def _put_count(count: int, compact: bool) -> bytes:
+    if not compact:
+        return struct.pack(">i", count)
+    value, out = count + 1, bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def offset_commit_refusal(frame: bytes, body: int, version: int,
+                          error: int = REFUSAL_ERROR) -> bytes:
+    """The answer to an OffsetCommit request (v2-v9) refusing every partition it names
+    with ``error``: the frame the broker would send, built from the request."""
+    flexible = version >= _FLEXIBLE_FROM[OFFSET_COMMIT]
+    tags = b"\0" if flexible else b""
+    _group, pos = _string(frame, body, flexible)
+    _member, pos = _string(frame, pos + 4, flexible)  # after the generation
+    if version >= 7:
+        _instance, pos = _string(frame, pos, flexible)
+    if version <= 4:
+        pos += 8  # retention_time_ms
+    out = bytearray(frame[8:12]) + tags  # the correlation id (+ the header's tags)
+    if version >= 3:
+        out += bytes(4)  # throttle_time_ms
+    topics, pos = _count(frame, pos, flexible)
+    out += _put_count(topics, flexible)
+    for _ in range(topics):
+        start = pos
+        _name, pos = _string(frame, pos, flexible)
+        out += frame[start:pos]
+        partitions, pos = _count(frame, pos, flexible)
+        out += _put_count(partitions, flexible)
+        for _ in range(partitions):
+            out += frame[pos:pos + 4] + struct.pack(">h", error) + tags
+            pos += 12 + (4 if version >= 6 else 0)  # index, offset, leader epoch
+            _metadata, pos = _string(frame, pos, flexible)
+            if flexible:
+                pos = _skip_tags(frame, pos)
+        if flexible:
+            pos = _skip_tags(frame, pos)
+        out += tags
+    out += tags
+    return struct.pack(">i", len(out)) + bytes(out)
 
 
 def _read_frame(sock: socket.socket, buffer: bytearray) -> bytes | None:
@@ -153,7 +201,7 @@ class KafkaProxy:
     * observe: :meth:`requests` (every request, in arrival order), :meth:`events`
       (requests and the answers sent back, in order), :meth:`wait_for`;
     * intervene per api key: :meth:`hold` until :meth:`release`, :meth:`drop` (never
-      forwarded, never answered), :meth:`refuse` (the broker answers with an error), and
+      forwarded, never answered), :meth:`refuse` (answered with an error), and
       :meth:`on_request` (call a function when such a request arrives, before anything is
       done with it: kill the learner's process there).
 
@@ -235,9 +283,10 @@ class KafkaProxy:
         self._rule(api_key, "drop")
 
     def refuse(self, api_key: int = OFFSET_COMMIT, count: int | None = 1) -> None:
-        """Have the broker refuse the next ``count`` requests of ``api_key`` (None: all).
-        Only OffsetCommit: its generation is changed, so the group coordinator answers
-        ILLEGAL_GENERATION / UNKNOWN_MEMBER_ID and stores nothing."""
+        """Refuse the next ``count`` requests of ``api_key`` (None: all): answer them in the
+        broker's place with an error, never forwarded, so nothing is stored. Only
+        OffsetCommit (v2-v9), answered OFFSET_METADATA_TOO_LARGE for every partition: an
+        error clients take as final (no retry, no rebalance)."""
         if api_key != OFFSET_COMMIT:
             raise ValueError("only OffsetCommit requests can be refused")
         self._rule(api_key, "refuse", count)
@@ -302,13 +351,15 @@ class KafkaProxy:
                 number = self._connections
                 self._sockets += [client, upstream]
             pending: dict[int, KafkaRequest] = {}
-            threading.Thread(target=self._requests, args=(client, upstream, number, pending),
+            sending = threading.Lock()  # whole answers to the client, from either thread
+            threading.Thread(target=self._requests,
+                             args=(client, upstream, number, pending, sending),
                              daemon=True).start()
-            threading.Thread(target=self._answers, args=(upstream, client, pending),
+            threading.Thread(target=self._answers, args=(upstream, client, pending, sending),
                              daemon=True).start()
 
     def _requests(self, client: socket.socket, upstream: socket.socket, number: int,
-                  pending: dict[int, KafkaRequest]) -> None:
+                  pending: dict[int, KafkaRequest], sending: threading.Lock) -> None:
         """Client -> broker: record each request, apply the hooks and rules, forward."""
         buffer = bytearray()
         try:
@@ -325,19 +376,18 @@ class KafkaProxy:
                     except Exception as exc:  # noqa: BLE001 - the test reads errors
                         self.errors.append(f"on_request({request.name}): {exc!r}")
                 what = self._decide(request, client)
+                if what == "forwarded":
+                    upstream.sendall(frame)
+                    continue
+                with self._changed:
+                    self._events.append(KafkaEvent(what, request))
+                    self._changed.notify_all()
                 if what == "refused":
-                    data = bytearray(frame)
-                    refuse_offset_commit(data, body, request.api_version)
-                    frame = bytes(data)
-                if what != "forwarded":
-                    with self._changed:
-                        if what != "refused":
-                            pending.pop(request.correlation_id, None)
-                        self._events.append(KafkaEvent(what, request))
-                        self._changed.notify_all()
-                    if what != "refused":
-                        continue
-                upstream.sendall(frame)
+                    self._answer(client, sending, pending, request,
+                                 offset_commit_refusal(frame, body, request.api_version))
+                else:
+                    with self._lock:
+                        pending.pop(request.correlation_id, None)
         except OSError:
             pass
         finally:
@@ -363,7 +413,9 @@ class KafkaProxy:
                     return "gone"
             if rule == "drop":
                 return "dropped"
-            if rule == "refuse":
+            if rule == "refuse" and request.api_version > 9:
+                self.errors.append(f"cannot refuse {request.name} v{request.api_version}")
+            elif rule == "refuse":
                 if count is not None:
                     self._rules[request.api_key] = (
                         ("refuse", count - 1) if count > 1 else ("forward", None))
@@ -371,21 +423,17 @@ class KafkaProxy:
             return "forwarded"
 
     def _answers(self, upstream: socket.socket, client: socket.socket,
-                 pending: dict[int, KafkaRequest]) -> None:
+                 pending: dict[int, KafkaRequest], sending: threading.Lock) -> None:
         """Broker -> client: point broker addresses back at the proxy, record, forward."""
         buffer = bytearray()
         try:
             while (frame := _read_frame(upstream, buffer)) is not None:
                 (correlation,) = struct.unpack_from(">i", frame, 4)
                 with self._lock:
-                    request = pending.pop(correlation, None)
+                    request = pending.get(correlation)
                 if request is not None and request.api_key in _ADDRESS_RESPONSES:
                     frame = self._rewrite_addresses(frame)
-                if request is not None:
-                    with self._changed:
-                        self._events.append(KafkaEvent("answer", request))
-                        self._changed.notify_all()
-                client.sendall(frame)
+                self._answer(client, sending, pending, request, frame)
         except OSError:
             pass
         finally:
@@ -393,6 +441,18 @@ class KafkaProxy:
                 client.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+    def _answer(self, client: socket.socket, sending: threading.Lock,
+                pending: dict[int, KafkaRequest], request: KafkaRequest | None,
+                frame: bytes) -> None:
+        """Record the answer to ``request`` (before the client can act on it), send it."""
+        if request is not None:
+            with self._changed:
+                pending.pop(request.correlation_id, None)
+                self._events.append(KafkaEvent("answer", request))
+                self._changed.notify_all()
+        with sending:
+            client.sendall(frame)
 
     def _rewrite_addresses(self, frame: bytes) -> bytes:
         """Every broker port that follows a broker host string (compact or classic) ->
