@@ -384,7 +384,8 @@ def test_exactly_once_commits_the_offset_inside_the_transaction(learner: Any,
         events = proxy.events()
     order = wire(events, PRODUCE, ADD_OFFSETS_TO_TXN, TXN_OFFSET_COMMIT, END_TXN, OFFSET_COMMIT)
     if "OffsetCommit" not in order:
-        assert code == 0, f"exactly-once: the worker behind the proxy exited with {code}"
+        assert code == 0, (f"exactly-once: the worker behind the proxy exited with {code}\n"
+                           f"{stderr_tail(workers[0])}")
         return
     second = start(learner, kafka, "exactly-once", topics, group)
     code = finished(second, "exactly-once", "restarted after the kill")
@@ -400,4 +401,5 @@ def test_exactly_once_commits_the_offset_inside_the_transaction(learner: Any,
         f"producer.send_offsets_to_transaction([...offset + 1], "
         f"consumer.consumer_group_metadata()) before commit_transaction(), never "
         f"consumer.commit()")
-    assert code == 0, f"exactly-once: the restarted worker exited with {code}"
+    assert code == 0, (f"exactly-once: the restarted worker exited with {code}\n"
+                       f"{stderr_tail(second)}")
