@@ -19,6 +19,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from labrunner.testing import KafkaProxy
+from labrunner.testing.kafka_proxy import OFFSET_COMMIT
+
 # Kafka's own test vectors for Utils.murmur2 (clients/src/test/.../UtilsTest.java).
 JAVA_MURMUR2 = {
     b"21": -973932308,
@@ -319,3 +322,43 @@ def test_commit_crash_resume_and_lag(learner: Any, kafka: Any) -> None:
         assert lag == {0: 0, 1: 0}, f"after reading and committing everything lag is {lag}"
     finally:
         resumed.close()
+
+
+def test_commit_returns_once_the_broker_stored_the_offsets(learner: Any, kafka: Any) -> None:
+    """The member reaches the broker through a proxy, which refuses its commit (it answers
+    the OffsetCommit with an error in the broker's place and stores nothing). commit() must
+    wait for that answer: raise, or commit again until the broker took it - not return as if
+    the offsets were stored, or a process killed right after loses a commit it believed
+    made."""
+    group_consumer = learner.function("internals", "GroupConsumer")
+    topic = kafka.create_topic("acked", 1)
+    group = kafka.group("acked")
+    fill(kafka, topic, {0: 5}, "rec")
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        member = group_consumer(kafka.consumer_config(
+            "acked", **{"bootstrap.servers": proxy.bootstrap}), topic)
+        try:
+            drive([member], lambda got: len(got[0]) >= 5, "the member to read 5 records")
+            proxy.refuse(OFFSET_COMMIT, count=1)
+            try:
+                member.commit()
+                outcome = "returned"
+            except Exception as exc:  # noqa: BLE001 - crossed from the learner's process
+                outcome = f"raised {type(exc).__name__}: {exc}"
+            stored = committed(kafka, topic, group, 1)[0]
+            kinds = [e.kind for e in proxy.events() if e.request.api_key == OFFSET_COMMIT]
+            assert outcome != "returned" or stored == 5, (
+                f"commit() returned before the broker stored the offsets: the test refused the "
+                f"OffsetCommit (answered it with an error, never forwarded) and the broker "
+                f"holds offset {stored} for the 5 records read (-1001 = none), yet "
+                f"commit() returned as if it had worked (the proxy saw: {kinds}). An "
+                f"asynchronous commit (asynchronous=True, the default of consumer.commit()) "
+                f"returns at once and reports only to a callback; a process killed right "
+                f"after loses the commit - commit with asynchronous=False, which waits for "
+                f"the broker and raises when it refuses")
+            assert "request" in kinds, (
+                f"commit() {outcome} without sending an OffsetCommit to the broker: commit "
+                "the processed offsets with consumer.commit(offsets=..., asynchronous=False)")
+        finally:
+            proxy.release(OFFSET_COMMIT)
+            member.close()

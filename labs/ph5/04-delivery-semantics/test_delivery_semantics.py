@@ -25,6 +25,15 @@ Mistakes a learner makes here, each caught with its own message:
 - a restarted worker starting from the beginning, not from the committed offset
 - exactly-once: offsets committed by the consumer, idempotence without a transaction, a fresh
   transactional.id per run (no fencing), reading read_uncommitted (poison records)
+
+Two mistakes hide from a crash at crash_point(), because librdkafka finishes them in the
+background before the kill; a proxy in front of the broker shows them at the protocol point:
+- at-least-once committing asynchronously: the proxy refuses the first commit (answers it
+  with an error, never forwarded) and the worker's next output reaches the broker before
+  any commit of the first record was stored - it never waited for the answer
+- exactly-once committing the input offset with consumer.commit() after commit_transaction:
+  the worker is killed the moment that OffsetCommit arrives (it is never forwarded), and the
+  restarted worker processes again a record whose output is already committed
 """
 
 from __future__ import annotations
@@ -37,7 +46,14 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from labrunner.testing import read_all
+from labrunner.testing import API_NAMES, KafkaEvent, KafkaProxy, read_all
+from labrunner.testing.kafka_proxy import (
+    ADD_OFFSETS_TO_TXN,
+    END_TXN,
+    OFFSET_COMMIT,
+    PRODUCE,
+    TXN_OFFSET_COMMIT,
+)
 
 PAYMENTS = [f"pay-{n}" for n in range(6)]
 FENCING = (" - the killed run's transaction is still open, and it holds the group's offsets "
@@ -101,8 +117,9 @@ def view(kafka: Any, topics: dict[str, str], group: str) -> View:
 
 
 def start(learner: Any, kafka: Any, mode: str, topics: dict[str, str], group: str,
-          crash_after: int | None = None) -> subprocess.Popen[bytes]:
-    args = [mode, "--bootstrap", kafka.bootstrap, "--input", topics["input"],
+          crash_after: int | None = None,
+          bootstrap: str | None = None) -> subprocess.Popen[bytes]:
+    args = [mode, "--bootstrap", bootstrap or kafka.bootstrap, "--input", topics["input"],
             "--output", topics["output"], "--group", group]
     if crash_after is not None:
         args += ["--crash-after", str(crash_after)]
@@ -277,3 +294,112 @@ def test_exactly_once_neither_loses_nor_duplicates(learner: Any, kafka: Any) -> 
         f"{1 + sent_before_crash} - the committed one"
         + (" and the aborted copy from the killed run" if sent_before_crash else "")
         + ": read_committed is what hides an aborted copy")
+
+
+# --- at the protocol point: a proxy between the worker and the broker ------------------------
+
+def finished(proc: subprocess.Popen[bytes], mode: str, what: str) -> int:
+    """Wait for the worker to exit (killing it after 30 s); its exit code."""
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"{mode}: the worker {what} did not exit within 30 s (it must stop "
+                             "at the end of the input partition)") from None
+
+
+def wire(events: list[KafkaEvent], *api_keys: int) -> list[str]:
+    """The requests of ``api_keys`` that arrived, by name, in order."""
+    return [API_NAMES[e.request.api_key] for e in events
+            if e.kind == "request" and e.request.api_key in api_keys]
+
+
+def went_on_before_a_stored_commit(events: list[KafkaEvent]) -> int:
+    """How many Produce requests (outputs after the first record's) arrived before any
+    OffsetCommit the broker took (one answered that the proxy had not refused)."""
+    refused = {(e.request.connection, e.request.correlation_id) for e in events
+               if e.kind == "refused"}
+    produced = 0
+    for e in events:
+        key = (e.request.connection, e.request.correlation_id)
+        if e.kind == "answer" and e.request.api_key == OFFSET_COMMIT and key not in refused:
+            break
+        if e.kind == "request" and e.request.api_key == PRODUCE:
+            produced += 1
+    return max(produced - 1, 0)
+
+
+def test_at_least_once_waits_for_the_broker_to_store_each_commit(learner: Any,
+                                                                   kafka: Any) -> None:
+    """The worker runs behind a proxy, which refuses its first commit (pay-0's offset: answered
+    with an error, never forwarded). A worker that waits for the answer stops there (commit
+    raises) or commits again; one that commits asynchronously has already gone on to pay-1."""
+    topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
+    group = kafka.group("worker-alo-wire")
+    write_input(kafka, topics["input"])
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        proxy.refuse(OFFSET_COMMIT, count=1)
+        worker = start(learner, kafka, "at-least-once", topics, group,
+                       bootstrap=proxy.bootstrap)
+        finished(worker, "at-least-once", "whose first commit was refused")
+        events = proxy.events()
+    assert wire(events, OFFSET_COMMIT), (
+        f"at-least-once: the worker sent no OffsetCommit (requests seen: "
+        f"{wire(events, PRODUCE, OFFSET_COMMIT, TXN_OFFSET_COMMIT)}): commit each record's "
+        "offset with consumer.commit(message=msg, asynchronous=False) after its output is "
+        "acknowledged")
+    ahead = went_on_before_a_stored_commit(events)
+    assert ahead == 0, (
+        f"at-least-once: commit() returned before the broker stored the offset - the test "
+        f"refused the commit of pay-0 (answered it with an error, never forwarded), yet "
+        f"{ahead} more output(s) reached the broker before any commit of pay-0 was stored "
+        f"(requests in order: {wire(events, PRODUCE, OFFSET_COMMIT)}): the worker went on "
+        f"without waiting for the answer. An asynchronous commit (asynchronous=True, the "
+        f"default of consumer.commit()) returns at once, so a worker killed right after "
+        f"loses commits it believed made, and processes more than the one record in flight "
+        f"again - commit with asynchronous=False, which waits and raises on a refusal")
+
+
+def test_exactly_once_commits_the_offset_inside_the_transaction(learner: Any,
+                                                                 kafka: Any) -> None:
+    """The worker runs behind a proxy that kills it (SIGKILL) the moment it sends an
+    OffsetCommit - the consumer's own commit, outside any transaction - before the broker
+    sees it. A worker that commits its offsets in the transaction (TxnOffsetCommit) sends
+    none and finishes; one that commits after commit_transaction is restarted, and must not
+    process again a record whose output is already committed."""
+    topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
+    group = kafka.group("worker-eos-wire")
+    write_input(kafka, topics["input"])
+    ready = threading.Event()
+    workers: list[subprocess.Popen[bytes]] = []
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        proxy.drop(OFFSET_COMMIT)
+        proxy.on_request(OFFSET_COMMIT, lambda _request: ready.wait(30)
+                         and workers[0].send_signal(signal.SIGKILL))
+        workers.append(start(learner, kafka, "exactly-once", topics, group,
+                             bootstrap=proxy.bootstrap))
+        ready.set()
+        code = finished(workers[0], "exactly-once", "behind the proxy")
+        events = proxy.events()
+    order = wire(events, PRODUCE, ADD_OFFSETS_TO_TXN, TXN_OFFSET_COMMIT, END_TXN, OFFSET_COMMIT)
+    if "OffsetCommit" not in order:
+        assert code == 0, (f"exactly-once: the worker behind the proxy exited with {code}\n"
+                           f"{stderr_tail(workers[0])}")
+        return
+    second = start(learner, kafka, "exactly-once", topics, group)
+    code = finished(second, "exactly-once", "restarted after the kill")
+    output = [v for _, v in read_topic(kafka, topics["output"], "read_committed")]
+    twice = sorted({v for v in output if output.count(v) > 1})
+    cut = order.index("OffsetCommit") + 1
+    assert not twice, (
+        f"exactly-once: the worker committed its input offset with the consumer's own "
+        f"OffsetCommit, outside the transaction (requests until then: {order[:cut]}); killed "
+        f"as that OffsetCommit arrived, its transaction was already committed and the offset "
+        f"was not, so the restarted worker processed {twice} again - read_committed now "
+        f"shows {output}. Commit the offset IN the transaction: "
+        f"producer.send_offsets_to_transaction([...offset + 1], "
+        f"consumer.consumer_group_metadata()) before commit_transaction(), never "
+        f"consumer.commit()")
+    assert code == 0, (f"exactly-once: the restarted worker exited with {code}\n"
+                       f"{stderr_tail(second)}")

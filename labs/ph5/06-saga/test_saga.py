@@ -23,6 +23,9 @@ Mistakes a learner makes here, each caught with its own message:
 - state updated for every saga, not this one                        -> two sagas at once
 - limits off by one (< instead of <=)                               -> react() at the limit
 - the order cancelled without a refund, refund on the wrong event   -> the chains over Kafka
+- a service committing its input offset before its reactions are acknowledged (flush after
+  commit): its reaction's Produce request is held at a proxy until pump() waits in flush()
+  (a harness follows its calls); an OffsetCommit arriving before that is the mistake
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from labrunner.testing import read_all
+from labrunner.testing import API_NAMES, KafkaProxy, read_all, wait_until
+from labrunner.testing.kafka_proxy import OFFSET_COMMIT, PRODUCE
 
 STEPS = ("create_order", "charge_payment", "reserve_inventory", "schedule_shipping")
 ORDER = {"order_id": "order-1", "amount_cents": 4200, "sku": "book", "qty": 1, "country": "DE"}
@@ -435,3 +439,47 @@ def test_choreographed_saga_over_kafka(learner: Any, kafka: Any) -> None:
         "and committed everything, so the committed offset must be the NEXT one to read "
         "(the last handled offset + 1); committing the last handled one makes every restart "
         "handle it, and publish its reaction, twice")
+
+
+def test_a_service_commits_only_after_its_reactions_are_acknowledged(learner: Any,
+                                                                      kafka: Any) -> None:
+    """The payment service reads one OrderPlaced and must publish PaymentCharged. It reaches
+    the broker through a proxy that holds its Produce requests: the reaction cannot be
+    acknowledged until the test sees pump() waiting for it (in the producer's flush() or
+    poll()); only then is it released. An OffsetCommit that arrives before that commits an
+    event whose reaction may still be lost: a crash right there, and nobody publishes it."""
+    mod = learner.load("saga")
+    harness = learner.harness()
+    topic = kafka.create_topic("saga-acked")
+    order = {"order_id": "acked", "sku": "book", **ORDERS["ok"]}
+    producer = Producer(kafka.producer_config(acks="all"))
+    producer.produce(topic, key=b"acked", value=json.dumps(
+        {"type": "OrderPlaced", "order_id": "acked", "order": order, "source": "order"}).encode())
+    assert producer.flush(15) == 0
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        service = mod.ChoreographyService(proxy.bootstrap, topic, "payment",
+                                          kafka.group("payment-acked"))
+        try:
+            proxy.hold(PRODUCE)
+            pump = harness.Pump(service)
+            wait_until(lambda: proxy.requests(OFFSET_COMMIT) or pump.waiting_in_producer()
+                       or pump.done(), "pump() to commit or to wait for its reaction's ack")
+            early = [r.name for r in proxy.requests(PRODUCE, OFFSET_COMMIT)]
+            proxy.release(PRODUCE)
+            outcome = pump.join(30)
+        finally:
+            proxy.release(PRODUCE)
+            service.close()
+        answered = [API_NAMES[e.request.api_key] for e in proxy.events()
+                    if e.kind == "answer" and e.request.api_key in (PRODUCE, OFFSET_COMMIT)]
+    assert "OffsetCommit" not in early, (
+        f"payment committed its input offset while its reaction was not yet acknowledged: "
+        f"an OffsetCommit reached the broker while the test held the reaction's Produce "
+        f"request (requests so far: {early}) - a crash right there loses PaymentCharged for "
+        f"good: the restarted service resumes after the OrderPlaced it committed. Publish the "
+        f"reactions, flush() until the broker acknowledged them, THEN commit the offset")
+    assert outcome is not None and outcome.startswith("returned"), (
+        f"pump() with one OrderPlaced to handle {outcome or 'did not finish within 30 s'}")
+    assert answered[-1:] == ["OffsetCommit"] and "Produce" in answered, (
+        f"payment's pump() returned, but the broker answered {answered}: expected its "
+        "reaction acknowledged (Produce), then its offset committed (OffsetCommit)")

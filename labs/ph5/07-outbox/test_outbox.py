@@ -21,6 +21,8 @@ Mistakes a learner makes here, each caught with its own message:
 - marking before publishing, or in another transaction                -> broker down
 - fire and forget (no flush), or flush() checked but not the delivery reports (a message
   that failed fast counts as "flushed")                                 -> broker down
+- acks=0: flush() returns once the bytes left, no broker acknowledged  -> a broker that never
+  acknowledges (the relay's Produce requests dropped at a proxy, their acks read there)
 - marking every pending row, not only the batch published             -> rows marked, not sent
 - claiming without ORDER BY id (not the oldest first)                 -> an order's events
   out of order on its partition
@@ -41,7 +43,8 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import read_all
+from labrunner.testing import KafkaProxy, read_all
+from labrunner.testing.kafka_proxy import PRODUCE
 
 RELAY_TIMEOUT = 30.0
 
@@ -314,6 +317,38 @@ def test_broker_down_loses_nothing(shop: Any, learner: Any, postgres: Any,
     run_relay(learner, postgres, kafka, topic, batch=10)
     assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False)
     assert pending(conn) == 0
+
+
+def test_a_broker_that_never_acknowledges_gets_nothing_marked(shop: Any, learner: Any,
+                                                            postgres: Any, kafka: Any) -> None:
+    """The broker is up, but the relay reaches it through a proxy that drops every Produce
+    request: no record is stored, no acknowledgement ever comes. A relay that waits for the
+    broker's acks fails its batch (--timeout 1) and marks nothing; the proxy also reads the
+    acks each Produce request asked for."""
+    conn, orders_mod = shop
+    topic = kafka.create_topic("orders", 3)
+    place_all(conn, orders_mod, make_orders(10))
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        proxy.drop(PRODUCE)
+        relay = start_relay(learner, postgres, proxy.bootstrap, topic, batch=10, timeout=1.0)
+        try:
+            relay.wait(20)
+        except subprocess.TimeoutExpired:  # still retrying: fine, it is killed like a crash
+            relay.send_signal(signal.SIGKILL)
+            relay.wait()
+        asked = sorted({r.acks for r in proxy.requests(PRODUCE)}, key=str)
+    marked = 10 - pending(conn)
+    assert 0 not in asked, (
+        f"the relay's Produce requests carried acks=0 (acks seen: {asked}), and with the "
+        f"broker storing none of them it marked {marked} of 10 rows published: with acks=0 "
+        "the broker never answers, so flush() returns once the bytes left the client and "
+        "every delivery report says 'delivered' - nothing was acknowledged. Produce with "
+        "acks=all (enable.idempotence=True): only then does a delivery report mean the "
+        "broker stored the record")
+    assert marked == 0, (
+        f"the broker acknowledged none of the relay's records (the test dropped its Produce "
+        f"requests), yet the relay marked {marked} of 10 rows published: mark a batch only "
+        "when flush() has returned 0 AND every delivery report came without an error")
 
 
 def test_relay_killed_before_marking_loses_nothing(shop: Any, learner: Any, postgres: Any,

@@ -23,6 +23,10 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   and :func:`process_activity` tells whether it sleeps while work waits for it;
 * :func:`call` is the request most HTTP labs send (a JSON document or bytes, headers);
 * :func:`read_all` reads a Kafka topic back to its end (:class:`KafkaRecord`);
+* :class:`KafkaProxy` is a TCP proxy in front of the Kafka broker that reads the protocol:
+  every request a learner's client sends (a Produce's ``acks``, OffsetCommit vs
+  TxnOffsetCommit), held, dropped, refused or met with a test's action (a SIGKILL) at the
+  moment it arrives;
 * :func:`drain` reads a gRPC response stream on a thread, :func:`next_message` takes its
   next message or fails saying what never came;
 * :func:`verdict` calls the learner's code where a refusal is an answer ("ok" or
@@ -47,6 +51,7 @@ from .beside import (
 from .grpc import DaemonExecutor, ProtoStubs, drain, generate_stubs, next_message, serve_grpc
 from .http import HttpReply, call, http_request, serve_wsgi
 from .kafka import KafkaRecord, read_all
+from .kafka_proxy import API_NAMES, KafkaEvent, KafkaProxy, KafkaRequest
 from .pg import TRANSACTION_CONTROL, PgStatementProxy
 from .redis import CONNECTION_SETUP, redis_commands
 from .tls import TlsOnce, serve_tls_once, tls_exchange
@@ -54,11 +59,15 @@ from .verdicts import verdict
 from .waiting import wait_until
 
 __all__ = [
+    "API_NAMES",
     "CONNECTION_SETUP",
     "TRANSACTION_CONTROL",
     "DaemonExecutor",
     "HttpReply",
+    "KafkaEvent",
+    "KafkaProxy",
     "KafkaRecord",
+    "KafkaRequest",
     "PgStatementProxy",
     "ProtoStubs",
     "TcpSocket",
