@@ -394,10 +394,9 @@ def test_padded_upload_needs_the_padding_given_back(server: Any, client: Client)
             before = sent
             client.run_until(
                 lambda: client.h2.local_flow_control_window(sid) >= 256,
-                lambda before=before: f"WINDOW_UPDATE after the client had sent {before} "
-                        f"body bytes in "
-                        f"{before // 2} padded DATA frames ({before * 128:,} window bytes): "
-                        "the server gave back only the data, not the padding",
+                lambda before=before: "WINDOW_UPDATE for the padding (the server gave "
+                        f"back only the data of {before // 2} padded DATA frames: {before} "
+                        f"body bytes, {before * 128:,} window bytes)",
                 hint="Padding counts against the window like data. Acknowledge "
                      "event.flow_controlled_length (data + padding), not len(event.data): "
                      "otherwise every padded frame keeps part of the window for good and "
