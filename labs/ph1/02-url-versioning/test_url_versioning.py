@@ -222,12 +222,13 @@ def test_accept_is_parsed_as_media_ranges(host: str, accept: str, version: int) 
     check_collection(reply, 1, version, what)
 
 
-@pytest.mark.parametrize("accept", [
-    f"{VENDOR};version=2;q=0",                                     # q=0: NOT acceptable
-    f"{VENDOR};version=2;q=0, {VENDOR};version=3",
-])
-def test_q_zero_means_not_acceptable(host: str, accept: str) -> None:
-    reply = get(host, "/users/1/orders", {"Accept": accept})
+def test_q_zero_means_not_acceptable(host: str) -> None:
+    for accept in (f"{VENDOR};version=2;q=0",                    # q=0: NOT acceptable
+                   f"{VENDOR};version=2;q=0, {VENDOR};version=3"):
+        check_not_acceptable(get(host, "/users/1/orders", {"Accept": accept}), accept)
+
+
+def check_not_acceptable(reply: HttpReply, accept: str) -> None:
     assert reply.status == 406, (
         f"GET /users/1/orders with Accept: {accept}: expected 406, saw {reply.status} "
         f"{reply.headers.get('Content-Type')!r}: a media range with q=0 is one the client "
