@@ -5,9 +5,11 @@ really sees (EOF, reset, late data); TIME_WAIT is read from the kernel's /proc/n
 
 from __future__ import annotations
 
+import fcntl
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from labrunner.testing import TcpSocket, tcp_sockets
 LATE = b"late reply, sent after your FIN\n" * 64   # the peer's data after the half-close
 LATE_WRITES = 3                                     # ...sent in this many separate writes
 WAIT = 6.0                                          # generous bound for anything that must happen
+PAUSE = 2.5   # the peer's silence before its last write: only ever slows a right answer
 
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
               5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
@@ -126,11 +129,15 @@ def tcp_state(local: tuple[str, int], remote: tuple[str, int]) -> str | None:
     return None if sock is None else TCP_STATES.get(sock.state, f"{sock.state:02X}")
 
 
-def tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
-    """(bytes sent but not yet acknowledged, bytes received but not yet read) for one
-    connection end, from /proc/net/tcp (None: no socket)."""
-    sock = _socket(local, remote)
-    return None if sock is None else (sock.tx_queue, sock.rx_queue)
+def _queued(sock: socket.socket, request: int) -> int | None:
+    """One queue of one socket this process holds, from the kernel (ioctl): bytes not yet
+    acknowledged (TIOCOUTQ) or not yet read (FIONREAD); None once it is closed. Unlike
+    /proc/net/tcp it does not grow with every other connection on the machine."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    return int(struct.unpack("i", raw)[0])
 
 
 def wait_until_read(pair: Pair, running: Background) -> None:
@@ -139,9 +146,9 @@ def wait_until_read(pair: Pair, running: Background) -> None:
     Returns early when the learner's function is over; never fails by itself."""
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline and running.thread.is_alive():
-        sent = tcp_queues(*pair.server_end())
-        received = tcp_queues(*pair.client_end())
-        if sent is None or received is None or (sent[0] == 0 and received[1] == 0):
+        sent = _queued(pair.server, termios.TIOCOUTQ)
+        received = _queued(pair.client, termios.FIONREAD)
+        if sent is None or received is None or (sent == 0 and received == 0):
             return
         time.sleep(0.005)
 
@@ -170,10 +177,11 @@ class Exchange:
     returned: Any    # what graceful_close() returned
 
 
-def graceful_exchange(learner: Any, pair: Pair) -> Exchange:
+def graceful_exchange(learner: Any, pair: Pair, pause: float = 0.0) -> Exchange:
     """The learner half-closes its client end; the test's end reads the FIN, answers with
     LATE in LATE_WRITES writes (each one only once the learner has read the one before,
-    so no single recv() can return them all), and closes."""
+    so no single recv() can return them all; with ``pause``, the last one only after that
+    many seconds of silence), and closes."""
     closing = learner.load("closing")
     running = Background(
         "graceful_close()", closing.graceful_close, pair.client,
@@ -185,6 +193,8 @@ def graceful_exchange(learner: Any, pair: Pair) -> Exchange:
         piece = -(-len(LATE) // LATE_WRITES)
         try:
             for start in range(0, len(LATE), piece):
+                if pause and start + piece >= len(LATE):
+                    time.sleep(pause)  # silence is not a FIN: a right answer just waits
                 pair.server.sendall(LATE[start:start + piece])  # after the learner's FIN
                 wait_until_read(pair, running)
         except OSError:
@@ -234,6 +244,22 @@ def test_data_after_half_close_still_arrives(learner: Any, pair: Pair) -> None:
         "that data away (the kernel answers it with RST).")
     assert pair.client.fileno() == -1, (
         "graceful_close() left the socket open: close it once the peer's FIN arrived")
+
+
+def test_a_pause_is_not_the_end(learner: Any, pair: Pair) -> None:
+    exchange = graceful_exchange(learner, pair, pause=PAUSE)
+    expect_fin(exchange)
+    got = exchange.returned
+    if isinstance(got, bytes) and len(got) < len(LATE) and LATE.startswith(got):
+        pytest.fail(
+            f"graceful_close() returned the first {len(got)} of the {len(LATE)} bytes the "
+            f"peer sent after your FIN: the peer was silent for {PAUSE} s before its last "
+            "write, and graceful_close() took the silence for the end\nOnly the peer's FIN "
+            "(recv() returning b'') ends its stream; a recv() timeout says nothing about "
+            "what is still coming - do not turn one into the end of the data.", pytrace=False)
+    assert got == LATE, (
+        f"graceful_close() returned {len(got or b'')} bytes, expected the {len(LATE)} bytes "
+        f"the peer sent after your FIN (the last part after {PAUSE} s of silence)")
 
 
 def test_peer_reset_during_drain_still_closes(learner: Any, pair: Pair) -> None:
@@ -367,3 +393,64 @@ def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> Non
         "the client saw EOF because shutdown() sent the FIN, but the descriptor was never "
         "released\nshutdown() ends a direction; only close() frees the socket: a server "
         "that forgets it runs out of file descriptors after enough connections.")
+
+
+def test_handler_error_still_closes(learner: Any, pair: Pair) -> None:
+    """The error path of the passive side: the handler raises. Whether serve_until_eof()
+    lets the error through or not, its socket must be closed, and the client must see
+    the end of the connection instead of waiting forever."""
+    def handler(request: bytes) -> bytes:
+        raise RuntimeError("the application failed on this request")
+
+    closing = learner.load("closing")
+    running = Background("serve_until_eof()", closing.serve_until_eof, pair.server, handler)
+    pair.client.sendall(b"a request whose handler fails\n")
+    pair.client.shutdown(socket.SHUT_WR)
+    running.thread.join(WAIT)
+    if running.thread.is_alive():
+        pytest.fail(f"serve_until_eof() did not return within {WAIT:.0f} s after the client's "
+                    "FIN (its handler raises)", pytrace=False)
+    error = running.error
+    if error is not None and not isinstance(error, RuntimeError | OSError):
+        running.check()
+    fd = pair.server.fileno()
+    seen = peer_reads(pair.client, Background("nothing", lambda: None)) if fd != -1 else ""
+    assert fd == -1, (
+        f"the handler raised RuntimeError and serve_until_eof() "
+        f"{'let it through' if error else 'returned'} with its socket still open (file "
+        f"descriptor {fd}); the client saw {SEEN.get(seen, seen)}\nClose the socket in a "
+        "finally block (try: read, answer / finally: close): otherwise every failing "
+        "request leaks a descriptor and leaves its client waiting for a FIN.")
+
+
+def test_a_large_answer_is_sent_whole(learner: Any, pair: Pair) -> None:
+    """A small send buffer on the server's end: one send() takes only part of a large
+    answer (it returns how many bytes it took); the client must get all of it."""
+    want = b"0123456789abcdef" * 32768  # 512 KiB
+    pair.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    closing = learner.load("closing")
+    running = Background("serve_until_eof()", closing.serve_until_eof, pair.server,
+                         lambda request: want)
+    pair.client.sendall(b"send me the large answer\n")
+    pair.client.shutdown(socket.SHUT_WR)
+    reply, ended = b"", False
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and not ended:
+        running.check()
+        try:
+            chunk = pair.client.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            break
+        ended = not chunk
+        reply += chunk
+    running.wait()
+    assert reply == want, (
+        f"the client read {len(reply)} of the {len(want)} bytes of the answer"
+        + (", then your FIN" if ended else "")
+        + (": only part of it was sent - send() may take fewer bytes than it is given (it "
+           "returns how many); use sendall()\nHere the server's send buffer is small, so one "
+           "send() takes only what fits; sendall() loops until everything is sent."
+           if want.startswith(reply) else
+           ": the bytes differ from the handler's answer - send exactly what it returned"))

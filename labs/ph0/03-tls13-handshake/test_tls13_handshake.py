@@ -85,7 +85,26 @@ class Subject:
         return _call("server_context()", self.tls13.server_context, pki or self.pki())
 
     def client_ctx(self) -> Any:
-        return _call("client_context()", self.tls13.client_context, self.pki().ca_cert)
+        ctx = _call("client_context()", self.tls13.client_context, self.pki().ca_cert)
+        try:
+            side = int(ctx.protocol)
+            verify, hostname = int(ctx.verify_mode), bool(ctx.check_hostname)
+        except Exception:  # noqa: BLE001 - not an SSLContext: the tests below say so
+            return ctx
+        if side == int(ssl.PROTOCOL_TLS_SERVER):
+            pytest.fail(
+                "client_context() returned a SERVER-side context (PROTOCOL_TLS_SERVER): it "
+                "cannot open a client connection, and it verifies no certificate and no "
+                "hostname\nssl.Purpose.CLIENT_AUTH is the purpose of a server that checks "
+                "its clients; a client that checks its server wants "
+                "create_default_context(ssl.Purpose.SERVER_AUTH, cafile=...)", pytrace=False)
+        if verify != int(ssl.CERT_REQUIRED) or not hostname:
+            pytest.fail(
+                f"client_context() returned a context with verify_mode "
+                f"{ssl.VerifyMode(verify).name} and check_hostname={hostname}: it would accept "
+                "any certificate, or one for another host - keep CERT_REQUIRED and "
+                "check_hostname=True", pytrace=False)
+        return ctx
 
     def local_copy(self, path: Any, what: str) -> Path:
         """A copy of one of the learner's files the test's own contexts can load."""

@@ -24,6 +24,7 @@ class ServerThread:
         self.wait = wait
         self.connections = 0
         self.errors: list[str] = []
+        self.cancelled: list[str] = []  # paths whose handler was cancelled (stream reset)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -35,6 +36,9 @@ class ServerThread:
         exc = context.get("exception")
         what = f"{type(exc).__name__}: {exc}" if exc is not None else context.get("message")
         self.errors.append(f"a task of your server failed with {what}")
+
+    def cancelled_paths(self) -> list[str]:
+        return list(self.cancelled)
 
     def problems(self) -> list[str]:
         """What went wrong where the learner's code runs (collected tasks included)."""
@@ -66,8 +70,12 @@ class ServerThread:
     async def handler(self, request: Any) -> Any:
         """The application the learner's server runs."""
         response = self.module.Response
-        if request.path == "/slow":
-            await asyncio.wait_for(self.gate.wait(), self.wait * 3)
+        if request.path in ("/slow", "/held"):
+            try:
+                await asyncio.wait_for(self.gate.wait(), self.wait * 3)
+            except asyncio.CancelledError:
+                self.cancelled.append(request.path)
+                raise
             return response(200, [("content-type", "text/plain")], b"slow done")
         if request.path == "/big":
             return response(200, [("content-type", "application/octet-stream")],

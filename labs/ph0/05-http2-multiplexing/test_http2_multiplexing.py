@@ -8,6 +8,7 @@ blocks on the wire.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -376,3 +377,86 @@ def test_handler_runs_when_the_request_is_complete(server: Any, client: Client) 
     assert got == body, (
         f"/echo returned {len(got)} bytes, expected the {len(body)}-byte body sent in two "
         "parts")
+
+
+def test_padded_upload_needs_the_padding_given_back(server: Any, client: Client) -> None:
+    """DATA frames may carry padding, and padding counts against the flow-control window
+    like data: 400 frames of 2 bytes, each padded to 256 bytes, are 102,400 window bytes
+    for 800 bytes of body - more than the initial 65,535."""
+    body = bytes(range(200)) * 4  # 800 bytes
+    sid = client.h2.get_next_available_stream_id()
+    client.streams[sid] = Stream("/echo")
+    client.h2.send_headers(sid, [(":method", "POST"), (":path", "/echo"), (":scheme", "http"),
+                                 (":authority", "lab.test")])
+    sent = 0
+    while sent < len(body):
+        if client.h2.local_flow_control_window(sid) < 256:
+            before = sent
+            client.run_until(
+                lambda: client.h2.local_flow_control_window(sid) >= 256,
+                lambda before=before: "WINDOW_UPDATE for the padding (the server gave "
+                        f"back only the data of {before // 2} padded DATA frames: {before} "
+                        f"body bytes, {before * 128:,} window bytes)",
+                hint="Padding counts against the window like data. Acknowledge "
+                     "event.flow_controlled_length (data + padding), not len(event.data): "
+                     "otherwise every padded frame keeps part of the window for good and "
+                     "the upload stalls.")
+            continue
+        client.h2.send_data(sid, body[sent:sent + 2], end_stream=sent + 2 == len(body),
+                            pad_length=253)
+        sent += 2
+        client.flush()
+    client.run_until(client.ended(sid), "/echo response to the padded upload")
+    got = bytes(client.streams[sid].body)
+    assert got == body, (
+        f"/echo returned {len(got)} bytes, expected the {len(body)}-byte padded upload "
+        "(without its padding)")
+
+
+def test_stream_window_smaller_than_the_connections(server: Any) -> None:
+    """A client that grants each stream only 4,096 bytes (the connection keeps 65,535):
+    here the STREAM's window is the one that runs out."""
+    client = Client(server, {SettingCodes.INITIAL_WINDOW_SIZE: 4096})
+    try:
+        big = client.get("/big")
+        try:
+            client.run_until(client.ended(big), f"complete {BIG}-byte /big response")
+        except pytest.fail.Exception as failed:
+            got = len(client.streams[big].body)
+            flow = [e for e in server.problems() if "low" in e and "ontrol" in e]
+            pytest.fail(
+                f"/big to a client whose streams have a 4,096-byte window (its connection "
+                f"window is 65,535) stopped after {got:,} bytes"
+                + (f": your server tried to send more than the stream's window ({flow[0]})"
+                   if flow else "")
+                + ": a DATA frame may exceed neither the stream's window nor the "
+                "connection's - size it with local_flow_control_window(stream_id), the "
+                f"smaller of the two, not the connection's window alone\n({failed})",
+                pytrace=False)
+        assert bytes(client.streams[big].body) == bytes(range(256)) * (BIG // 256) + \
+            b"x" * (BIG % 256), "/big arrived complete but its bytes differ from what was sent"
+    finally:
+        client.close()
+
+
+def test_a_reset_stream_cancels_its_handler(server: Any, client: Client) -> None:
+    """The client cancels a request (RST_STREAM) while its handler is still working: the
+    work must stop, not run on for nobody."""
+    held = client.get("/held")
+    client.h2.ping(b"lab-held")
+    client.flush()
+    client.run_until(lambda: client.pings_acked == 1, "PING ACK behind the /held request")
+    client.h2.reset_stream(held, error_code=ErrorCodes.CANCEL)
+    client.h2.ping(b"lab-rst!")
+    client.flush()
+    client.run_until(lambda: client.pings_acked == 2, "PING ACK behind the RST_STREAM")
+    deadline = time.monotonic() + WAIT
+    while "/held" not in server.cancelled_paths() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "/held" in server.cancelled_paths(), (
+        "the client reset the /held stream (RST_STREAM, CANCEL) and the server processed it "
+        f"(it answered the PING behind it), yet /held's handler was still running {WAIT:.0f} "
+        "s later: on StreamReset cancel that stream's task - the client will never read "
+        "the answer, and the work (a query, a call) runs on for nobody")
+    later = client.get("/after-reset")
+    client.run_until(client.ended(later), "a response on the same connection after a reset")

@@ -25,6 +25,7 @@ from labrunner.testing import HttpReply, http_request
 
 TOKEN = "s3cret-lab-token"
 WAIT = 5.0
+FAILURES = 12  # failing requests in a row: more than a connection pool usually holds
 
 SCHEMA = """
 CREATE TABLE user_rows (id integer PRIMARY KEY, name text NOT NULL, email text NOT NULL);
@@ -310,6 +311,14 @@ def test_query_string_and_header_case(api: Api) -> None:
     assert reply.headers.get("X-Request-Id") == "req-lc", (
         f"a request sent with 'x-request-id: req-lc' got {reply.headers.get('X-Request-Id')!r}"
         " back: the caller's id counts whatever the case of the header name")
+    for scheme in ("bearer", "BEARER"):
+        reply = api.call("GET", f"/users/{user['id']}", token=None,
+                         headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert reply.status == 200, (
+            f"GET /users/{user['id']} with 'Authorization: {scheme} <valid token>' returned "
+            f"{reply.status}, expected 200\nThe authentication scheme is case-insensitive "
+            "(RFC 9110 11.1): compare scheme.lower() == 'bearer'; only the token is compared "
+            "exactly.")
 
 
 def test_database_error_is_a_500_and_the_server_recovers(api: Api) -> None:
@@ -326,6 +335,23 @@ def test_database_error_is_a_500_and_the_server_recovers(api: Api) -> None:
     assert isinstance(reply.json(), dict) and secret not in body, (
         f"the 500 said {reply.body[:200]!r}: expected a JSON error that does not show the "
         "database's message (it tells a caller about your internals)")
+    # More failures than any pool holds connections: each must give its connection back.
+    port = api.start()
+    for failed in range(1, FAILURES + 1):
+        try:
+            more = http_request(f"127.0.0.1:{port}", "GET", f"/users/{user['id']}",
+                                headers={"Authorization": f"Bearer {TOKEN}"}, timeout=WAIT)
+        except (TimeoutError, http.client.HTTPException, ConnectionError) as exc:
+            pytest.fail(
+                f"after {failed} failed queries in a row, the next request got no answer "
+                f"within {WAIT:.0f} s ({type(exc).__name__}): every failure kept its database "
+                "connection (getconn() without putconn() on the error path, a connection "
+                "never closed when the query raised), so the pool ran dry and requests now "
+                "wait for a connection that never comes back - give it back in a `with` "
+                "block or a finally", pytrace=False)
+        assert more.status == 500, (
+            f"failed query {failed + 1} of {FAILURES + 1} in a row returned {more.status} "
+            f"{more.body[:100]!r}, expected 500")
     api.db.execute("DELETE FROM lab_failure")
     again = api.call("GET", f"/users/{user['id']}")
     assert again.status == 200 and again.json() == user, (

@@ -71,6 +71,13 @@ def check_collection(reply: HttpReply, user_id: int, version: int, what: str) ->
     assert reply.status == 200, f"{what}: expected 200, saw {reply.status} {reply.body[:200]!r}"
     want = expected_collection(user_id, version)
     doc = reply.json()
+    items = doc if version == 1 else doc.get("data") if isinstance(doc, dict) else None
+    if isinstance(items, list) and all(isinstance(i, dict) for i in items):
+        ids, want_ids = [i.get("id") for i in items], [i["id"] for i in want]
+        assert ids == want_ids or sorted(ids, key=str) != sorted(want_ids, key=str), (
+            f"{what}: the orders came back as ids {ids}, expected them ordered by id "
+            f"{want_ids}: without ORDER BY id Postgres returns rows in storage order (here "
+            "the order they were inserted in, highest id first) - sort in the query")
     if version == 1:
         assert isinstance(doc, list) and [normalise(i) for i in doc] == \
             [normalise(i) for i in want], (
@@ -106,7 +113,9 @@ def host(learner: Any, postgres: Any) -> Iterator[str]:
             );""")
         for uid, name in USERS.items():
             conn.execute("INSERT INTO users VALUES (%s, %s)", (uid, name))
-        for order in ORDERS:
+        # Highest id first: the table's storage order is then NOT id order, so a list
+        # that is not sorted by the query (ORDER BY id) comes back in the wrong order.
+        for order in sorted(ORDERS, reverse=True):
             conn.execute("INSERT INTO orders VALUES (%s, %s, %s, %s, %s)", order)
     make_app = learner.function("orders_api", "make_app")
     with serve_wsgi(make_app(postgres.dsn)) as address:
@@ -122,15 +131,27 @@ def test_version_selection(host: str, style: str, version: int) -> None:
     reply = get(host, path, headers)
     check_collection(reply, 1, version, what)
     if style == "accept":
-        vary = {v.strip().lower() for v in reply.headers.get("Vary", "").split(",")}
-        assert "accept" in vary, (
-            f"{what}: expected Vary: Accept, saw {reply.headers.get('Vary')!r}: the same URL "
-            "answers v1 or v2 depending on Accept, and a cache that is not told so will "
-            "serve one client's version to the other")
+        check_vary(reply, what, "the same URL answers v1 or v2 depending on Accept, and a "
+                   "cache that is not told so will serve one client's version to the other")
+    if style == "query":
+        check_vary(reply, what, VARY_ANYWAY)
+
+
+VARY_ANYWAY = ("the URI did not fix the version, so an Accept header (read before ?version= "
+               "and the default) would have changed this answer; without Vary: Accept a "
+               "cache hands this body to a client that asks for the other version by Accept")
+
+
+def check_vary(reply: HttpReply, what: str, why: str) -> None:
+    vary = {v.strip().lower() for v in reply.headers.get("Vary", "").split(",")}
+    assert "accept" in vary, (
+        f"{what}: expected Vary: Accept, saw {reply.headers.get('Vary')!r}: {why}")
 
 
 def test_no_version_means_v1(host: str) -> None:
-    check_collection(get(host, "/users/1/orders"), 1, 1, "GET /users/1/orders (no version)")
+    reply = get(host, "/users/1/orders")
+    check_collection(reply, 1, 1, "GET /users/1/orders (no version)")
+    check_vary(reply, "GET /users/1/orders (no version, v1 by default)", VARY_ANYWAY)
     check_collection(get(host, "/users/1/orders", {"Accept": "application/json"}), 1, 1,
                      "GET /users/1/orders with Accept: application/json")
 
@@ -199,3 +220,17 @@ def test_accept_is_parsed_as_media_ranges(host: str, accept: str, version: int) 
         "parameters after ';' (spaces allowed, values may be quoted) and a q weight; parse it, "
         "do not compare it as one string")
     check_collection(reply, 1, version, what)
+
+
+def test_q_zero_means_not_acceptable(host: str) -> None:
+    for accept in (f"{VENDOR};version=2;q=0",                    # q=0: NOT acceptable
+                   f"{VENDOR};version=2;q=0, {VENDOR};version=3"):
+        check_not_acceptable(get(host, "/users/1/orders", {"Accept": accept}), accept)
+
+
+def check_not_acceptable(reply: HttpReply, accept: str) -> None:
+    assert reply.status == 406, (
+        f"GET /users/1/orders with Accept: {accept}: expected 406, saw {reply.status} "
+        f"{reply.headers.get('Content-Type')!r}: a media range with q=0 is one the client "
+        "refuses (RFC 9110 12.4.2), not its last choice - drop q=0 ranges before choosing; "
+        "nothing acceptable is left, so the answer is 406 Not Acceptable")

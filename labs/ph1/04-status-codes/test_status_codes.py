@@ -112,6 +112,13 @@ CASES = [
          "Unprocessable: valid JSON, invalid content (name is a number)", body=js({"name": 42})),
     Case("no-name", "POST", "/projects", 422,
          "Unprocessable: valid JSON, invalid content (no name)", body=js({})),
+    Case("name-at-limit", "POST", "/projects", 201,
+         "Created: a name of exactly 100 characters is valid (at most 100 - check the "
+         "boundary with > 100, not >= 100)", body=js({"name": "n" * 100}),
+         check=location_of_new_project),
+    Case("name-too-long", "POST", "/projects", 422,
+         "Unprocessable: a name of 101 characters is longer than the 100 allowed",
+         body=js({"name": "n" * 101})),
 ]
 
 
@@ -207,3 +214,37 @@ def test_database_down_is_503(make_app: Callable[..., Any], db: Any) -> None:
         expect(call(host, "GET", "/projects/1", headers=WRITER), 200,
                "GET /projects/1 after the database came back",
                "the app must recover by itself (open a new connection)")
+
+
+def test_rate_limit_is_shared_by_every_instance(make_app: Callable[..., Any], db: Any) -> None:
+    clock = FakeClock(1000.0)
+    first = make_app(db.dsn, clock=clock, rate_limit=3, window_seconds=10)
+    second = make_app(db.dsn, clock=clock, rate_limit=3, window_seconds=10)
+    with serve_wsgi(first) as host_a, serve_wsgi(second) as host_b:
+        for n, host in enumerate((host_a, host_a, host_b), start=1):
+            expect(call(host, "GET", "/projects/1", headers=WRITER), 200,
+                   f"request {n} of 3 allowed in the window", "still within the limit")
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            counted = conn.execute("SELECT coalesce(sum(count), 0) FROM request_counts "
+                                   "WHERE token = 'writer-token'").fetchone()
+        over = call(host_b, "GET", "/projects/1", headers=WRITER)
+    assert over.status == 429, (
+        f"the token's 4th request in the window (2 sent to one instance, then 2 to a second "
+        f"one) got {over.status}, expected 429; request_counts holds "
+        f"{counted[0] if counted else 0} request(s) for it after 3: "
+        + ("each instance counts on its own (in its memory), so N instances allow N times "
+           "the limit - count in request_counts, the table every instance shares"
+           if not counted or counted[0] != 3 else "the shared count is there, yet not enforced"))
+
+
+def test_refused_requests_count_too(make_app: Callable[..., Any], db: Any) -> None:
+    with serve_wsgi(make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=3,
+                             window_seconds=10)) as host:
+        for n in range(1, 4):
+            expect(call(host, "POST", "/projects", js({"name": f"r{n}"}), READER), 403,
+                   f"a reader's POST {n} of 3 in the window", "readers may not write")
+        over = call(host, "POST", "/projects", js({"name": "r4"}), READER)
+    expect(over, 429, "a reader's 4th POST in a 10 s window with a limit of 3",
+           "the rate limit (check 2) comes before the role check (check 3): a request "
+           "refused with 403 still counts, or a token can hammer the write endpoints for "
+           "free - throttle right after authenticating, before deciding what it may do")

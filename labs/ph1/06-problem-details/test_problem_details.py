@@ -38,10 +38,10 @@ JSON = "application/json"
 # ---- what a problem document must be ----------------------------------------------------
 
 def check_problem(reply: HttpReply, what: str, path: str, status: int,
-                  kind: tuple[str, str] | None = None) -> dict[str, Any]:
+                  kind: tuple[str, str] | None = None, why: str = "") -> dict[str, Any]:
     """Assert an RFC 7807 answer; return the parsed document for further checks."""
     assert reply.status == status, (
-        f"{what}: expected status {status}, saw {reply.status} {reply.body[:150]!r}")
+        f"{what}: expected status {status}, saw {reply.status}{why} {reply.body[:150]!r}")
     media_type = (reply.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     assert media_type == "application/problem+json", (
         f"{what}: expected Content-Type application/problem+json, saw "
@@ -86,6 +86,7 @@ class Case:
     body: bytes | None = None
     content_type: str | None = JSON
     check: Callable[[dict[str, Any], HttpReply], str | None] | None = field(default=None)
+    why: str = ""  # what a wrong status means here, said after "expected .., saw .."
 
 
 def field_errors(doc: dict[str, Any], reply: HttpReply) -> str | None:
@@ -127,10 +128,19 @@ CASES = [
     Case("amount-as-string", "POST", W, 422, VALIDATION, js({"amount_cents": "10"}),
          check=field_errors),
     Case("no-amount", "POST", W, 422, VALIDATION, js({}), check=field_errors),
+    Case("amount-true", "POST", W, 422, VALIDATION, js({"amount_cents": True}),
+         check=field_errors,
+         why=": JSON true is not a number of cents, but in Python bool is a subclass of int "
+             "(isinstance(True, int) is True, and True == 1) - refuse booleans explicitly"),
+    Case("amount-fraction", "POST", W, 422, VALIDATION, js({"amount_cents": 12.5}),
+         check=field_errors, why=": 12.5 is not a whole number of cents"),
     Case("out-of-credit", "POST", W, 409, OUT_OF_CREDIT, js({"amount_cents": 10_000}),
          check=balance_extension),
     Case("withdraw-missing-account", "POST", "/accounts/999/withdrawals", 404,
-         body=js({"amount_cents": 5})),
+         body=js({"amount_cents": 5}),
+         why=": account 999 does not exist, so a withdrawal from it is the 404 problem - "
+             "not out-of-credit or another error; tell a missing account from a low "
+             "balance (e.g. when a conditional UPDATE finds no row, look at why)"),
 ]
 
 
@@ -156,7 +166,7 @@ def host(learner: Any, db: Any) -> Iterator[str]:
 def test_error_is_a_problem(host: str, case: Case) -> None:
     reply = call(host, case.method, case.path, case.body, content_type=case.content_type)
     what = f"{case.method} {case.path} ({case.name})"
-    doc = check_problem(reply, what, case.path, case.status, case.kind)
+    doc = check_problem(reply, what, case.path, case.status, case.kind, case.why)
     if case.check is not None:
         problem = case.check(doc, reply)
         assert problem is None, f"{what}: {problem}"
@@ -170,6 +180,17 @@ def test_one_type_one_title(host: str) -> None:
     assert first["title"] == second["title"], (
         f"two validation problems have titles {first['title']!r} and {second['title']!r}: "
         "the title summarises the type and does not change between occurrences")
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8",
+                                          "Application/JSON"])
+def test_json_media_type_with_parameters_or_case(host: str, content_type: str) -> None:
+    paid = call(host, "POST", W, js({"amount_cents": 100}), content_type=content_type)
+    assert paid.status == 201, (
+        f"POST {W} with Content-Type: {content_type} and a JSON body: expected 201, saw "
+        f"{paid.status} {paid.body[:120]!r}: the media type is the part before ';' and is "
+        "case-insensitive; parameters such as charset=utf-8 do not change it - compare "
+        "only the lower-cased type/subtype, not the whole header")
 
 
 def test_successes_stay_plain_json(host: str) -> None:
