@@ -49,10 +49,13 @@ SHARED_FIXTURE_TESTS = {
 }
 
 
+# Optional: this conftest is also loaded by the pytest a lab runs in when the lab lives under
+# tests/ (the fixture projects), where xdist is not loaded and an unknown hook is an error.
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """--dist loadgroup: tests dealt one at a time in the workers' (slowest-first) order,
     each test on its own except the groups of SHARED_FIXTURE_TESTS."""
-    if config.getvalue("dist") != "loadgroup":
+    if config.getoption("dist", None) != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 

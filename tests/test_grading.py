@@ -101,6 +101,16 @@ def _uids_processes(*ranges: tuple[int, int]) -> list[str]:
     return alive
 
 
+def _service_processes(out: Path) -> list[str]:
+    """The private services of the grading command that wrote ``out`` (its leased uids plus
+    the services' offset): another command's, running beside it, are not ours."""
+    from labrunner.grading.sandbox import SERVICE_UID_OFFSET
+
+    ranges = json.loads((out / "grades.json").read_text())["tool"]["sandbox_uids"]
+    return _uids_processes(*((low + SERVICE_UID_OFFSET, high + SERVICE_UID_OFFSET)
+                             for low, high in ranges))
+
+
 def _sandbox_processes(out: Path) -> list[str]:
     """The graded processes' and the learner's code's (services are checked apart) of the
     grading command that wrote ``out``: its grades.json names the uids it leased. Another
@@ -438,7 +448,7 @@ def test_private_services_restart_for_the_lab_and_hide_everyone_else(tmp_path: P
     finally:
         neighbour.stop()
     assert not _sandbox_processes(out)
-    assert not _uids_processes((72000, 75000)), "a private service outlived its run"
+    assert not _service_processes(out), "a private service outlived its run"
 
 
 @needs_root
