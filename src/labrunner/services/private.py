@@ -191,14 +191,13 @@ def processes_in_this_network() -> list[dict[str, Any]]:
             if os.readlink(entry / "ns" / "net") != mine:
                 continue
             comm = (entry / "comm").read_text(encoding="utf-8", errors="replace").strip()
-            status = (entry / "status").read_text(encoding="ascii", errors="replace")
-            uid = next(int(line.split()[1]) for line in status.splitlines()
-                       if line.startswith("Uid:"))
-            state = next(line.split()[1] for line in status.splitlines()
-                         if line.startswith("State:"))
-            # /proc/<pid>/stat's flags (the 7th field after the command): PF_EXITING.
+            uid = next(int(line.split()[1]) for line in
+                       (entry / "status").read_text(encoding="ascii", errors="replace")
+                       .splitlines() if line.startswith("Uid:"))
+            # /proc/<pid>/stat after the command: the state first, the flags 7th.
             stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
-            exiting = bool(int(stat.rsplit(")", 1)[1].split()[6]) & PF_EXITING)
+            fields = stat.rsplit(")", 1)[1].split()
+            state, exiting = fields[0], bool(int(fields[6]) & PF_EXITING)
             groups = (entry / "cgroup").read_text(encoding="utf-8", errors="replace")
         except (OSError, StopIteration, ValueError, IndexError):
             continue  # gone meanwhile
