@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import subprocess
@@ -96,19 +95,21 @@ def test_pg_statement_proxy_records_each_execution() -> None:
 def test_process_threads_counts_a_process_threads_and_says_when_it_is_gone() -> None:
     from labrunner.testing import process_threads
 
-    stop = threading.Event()
-    extra = [threading.Thread(target=stop.wait, daemon=True) for _ in range(3)]
-    before = process_threads(os.getpid())
-    for t in extra:
-        t.start()
+    # A child of its own, not the pytest worker: the worker's own threads (execnet's, a
+    # finished test's) come and go while the count is read, and made this test flaky in CI.
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, threading\n"
+         "for _ in range(3): threading.Thread(target=sys.stdin.read, daemon=True).start()\n"
+         "print('started', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        assert process_threads(os.getpid()) == before + 3
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"started\n"
+        assert process_threads(child.pid) == 1 + 3   # its main thread and the three it started
     finally:
-        stop.set()
-        for t in extra:
-            t.join()
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
+        child.kill()
+        child.wait()
     assert process_threads(child.pid) == -1
 
 
