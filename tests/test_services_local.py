@@ -110,3 +110,23 @@ def test_kafka_metadata_and_prefix_cleanup(local_services: ServiceSet) -> None:
             break
         time.sleep(0.2)
     assert "lr_cleanup_check.t" not in topics
+
+
+def test_rabbitmq_node_loads_only_the_applications_it_runs(tmp_path: Path) -> None:
+    """The node's plugins folder holds rabbit, the management plugin and what they need,
+    not the 70 applications Debian ships: each one on the code path costs start-up time."""
+    if rmq.server() is None:
+        pytest.skip("rabbitmq-server is not installed")
+    script = rmq.private_server(tmp_path / "server", rmq.PLUGINS)
+    assert script is not None, "Debian's RabbitMQ layout was not recognised"
+    plugins = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "server" / "plugins").iterdir()}
+    assert {"rabbit", "rabbit_common", "rabbitmq_prelaunch", "rabbitmq_management",
+            "rabbitmq_management_agent", "cowboy", "ranch", "ra"} <= plugins
+    assert not plugins & {"rabbitmq_mqtt", "rabbitmq_stomp", "rabbitmq_shovel",
+                          "rabbitmq_federation", "rabbitmq_auth_backend_ldap"}
+    assert len(plugins) < 40
+    sbin = tmp_path / "server" / "sbin"
+    # Copies, not links: rabbitmq-env finds RABBITMQ_HOME (and so the plugins) from where
+    # the script really is.
+    assert not (sbin / "rabbitmq-server").is_symlink()
+    assert (sbin / "rabbitmq-env").is_file() and (sbin / "rabbitmq-defaults").is_file()
