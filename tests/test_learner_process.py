@@ -519,3 +519,12 @@ def test_learner_programs_run_as_the_learner_uid_and_behave_like_popen(tmp_path:
     done = subprocess.run([sys.executable, "-c", LEARNER_PROGRAMS], capture_output=True,
                           text=True, timeout=300, preexec_fn=plan.apply)
     assert done.returncode == 0 and "ALL GOOD" in done.stdout, done.stdout + done.stderr
+
+
+def test_failures_name_the_process_ended_error_as_it_is() -> None:
+    """failures.py names LearnerProcessEnded by a string (the runner must not load RPyC)."""
+    from labrunner import failures
+    from labrunner.learner import LearnerProcessEnded
+
+    named = f"{LearnerProcessEnded.__module__}.{LearnerProcessEnded.__qualname__}: "
+    assert named == failures._PROCESS_ENDED

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from .channel import MAX_AUTHORED, MAX_OUTPUT
-from .learner import LearnerProcessEnded
 
 
 def first_line(text: str) -> str:
@@ -22,7 +21,9 @@ def first_line(text: str) -> str:
     return ""
 
 
-_PROCESS_ENDED = f"{LearnerProcessEnded.__module__}.{LearnerProcessEnded.__qualname__}: "
+# By name, not by import: the runner reads failures and must not load RPyC to do so
+# (tests/test_learner_process.py checks the name).
+_PROCESS_ENDED = "labrunner.learner.proxy.LearnerProcessEnded: "
 
 
 def failure_message(report: pytest.TestReport) -> str:

@@ -35,7 +35,7 @@ from .channel import (
     FINISHED,
     read_signed,
 )
-from .learner import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN, start_factory
+from .learner import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN
 from .scoring import Ended, LabResult, TestResult, clean_text, score
 from .services.local.process import _die_with_parent, become
 
@@ -73,6 +73,11 @@ class Sandbox:
 
 
 def _limits(sandbox: Sandbox, factory_fd: int | None = None) -> Callable[[], None]:
+    # Imported here, before the fork (an import in the forked child could wait forever on a
+    # lock another thread held), and only for a graded run: it loads RPyC.
+    if factory_fd is not None and sandbox.learner_uid is not None:
+        from .learner import start_factory
+
     def apply() -> None:
         import resource
 

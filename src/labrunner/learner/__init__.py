@@ -38,11 +38,40 @@ Only this package touches RPyC's internals.
 
 from __future__ import annotations
 
-from .factory import start_factory
-from .loading import LearnerCodeError, import_learner_module, learner_frame, load_harness_module
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .modes import ENV_LEARNER_HOST, ENV_SHARED_DIR, FACTORY_PREFIX, SPAWN
-from .programs import LearnerProgram
-from .proxy import LearnerHost, LearnerProcessEnded, RemoteModule, remote_connection
+
+if TYPE_CHECKING:
+    from .factory import start_factory
+    from .loading import (
+        LearnerCodeError,
+        import_learner_module,
+        learner_frame,
+        load_harness_module,
+    )
+    from .programs import LearnerProgram
+    from .proxy import LearnerHost, LearnerProcessEnded, RemoteModule, remote_connection
+
+# Imported when first used (PEP 562): every labrunner command imports the runner, and
+# RPyC, which only a graded or ``spawn`` run needs, costs a noticeable part of start-up.
+_LAZY = {
+    "start_factory": "factory",
+    "LearnerCodeError": "loading", "import_learner_module": "loading",
+    "learner_frame": "loading", "load_harness_module": "loading",
+    "LearnerProgram": "programs",
+    "LearnerHost": "proxy", "LearnerProcessEnded": "proxy", "RemoteModule": "proxy",
+    "remote_connection": "proxy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
 
 __all__ = [
     "ENV_LEARNER_HOST",

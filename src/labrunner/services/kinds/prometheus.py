@@ -18,9 +18,7 @@ import json
 import os
 import secrets
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +99,8 @@ class Prometheus(ServiceKind):
                    f"http://{endpoint.host}:{endpoint.port}").rstrip("/")
 
     def ready(self, endpoint: Endpoint) -> bool:
+        import urllib.request  # here: every labrunner command imports the kinds
+
         with urllib.request.urlopen(endpoint.url + "/-/ready", timeout=2) as response:
             return int(response.status) == 200
 
@@ -244,6 +244,9 @@ class PrometheusServer:
         return list(data.get("result", []))
 
     def _api(self, path: str, params: dict[str, Any], what: str = "") -> dict[str, Any]:
+        import urllib.error
+        import urllib.request
+
         import pytest
 
         body = urllib.parse.urlencode(params)
