@@ -58,8 +58,10 @@ ensure_packages() {
     command -v ip >/dev/null || missing+=(iproute2)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]} with apt"
-        $SUDO apt-get update -q >/dev/null
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        # The pristine-root stage may be using apt beside us: wait for its lock.
+        $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
+            install -y -q --no-install-recommends \
             "${missing[@]}" >/dev/null
     fi
     if ! command -v docker >/dev/null; then
@@ -216,12 +218,15 @@ apt_mirror() {
     echo "$uri"
 }
 
-base_image() {
-    if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-        log "base image $BASE_IMAGE: cached"
-        return
-    fi
-    local tarball="$CACHE/debian-$SUITE-minbase.tar"
+# The debootstrapped Debian base, made once and cached: this stage imports it as the base
+# image, the pristine-root stage unpacks it for each run. The two stages may run side by
+# side (scripts/test.sh), so the first makes it under a lock and the other waits for it.
+base_tarball() {
+    local tarball="$CACHE/debian-$SUITE-minbase.tar" lock="/tmp/labrunner-base-$SUITE.lock"
+    [ -s "$tarball" ] && return 0
+    [ -e "$lock" ] || : >"$lock"
+    exec 8<"$lock"
+    flock 8
     if [ ! -s "$tarball" ]; then
         local mirror rootfs start=$SECONDS
         mirror="$(apt_mirror)"
@@ -238,6 +243,17 @@ base_image() {
         $SUDO rm -rf "$rootfs"
         log "debootstrap done in $(elapsed $start)"
     fi
+    flock -u 8
+    exec 8<&-
+}
+
+base_image() {
+    if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+        log "base image $BASE_IMAGE: cached"
+        return
+    fi
+    local tarball="$CACHE/debian-$SUITE-minbase.tar"
+    base_tarball
     docker import --change 'CMD ["bash"]' --change 'ENV LANG=C.UTF-8' \
         "$tarball" "$BASE_IMAGE" >/dev/null
     log "imported $BASE_IMAGE"
@@ -421,5 +437,6 @@ case "${1:-all}" in
     in-image) run_in_image ;;
     bench) benchmark ;;
     mirror) apt_mirror ;;
-    *) echo "usage: $0 [all|up|down|images|tests|in-image|bench]" >&2; exit 2 ;;
+    base-tarball) base_tarball ;;
+    *) echo "usage: $0 [all|up|down|images|tests|in-image|bench|mirror|base-tarball]" >&2; exit 2 ;;
 esac

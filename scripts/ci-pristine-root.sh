@@ -69,20 +69,10 @@ base_tarball() {
         DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
             --no-install-recommends debootstrap >/dev/null
     fi
-    local mirror rootfs start=$SECONDS
-    mirror="$(bash "$ROOT/docker/ci-docker.sh" mirror)"
-    rootfs="$CACHE/rootfs-$SUITE.$$"
-    log "debootstrap $SUITE (minbase) from this machine's apt mirror"
-    mkdir -p "$CACHE"
-    rm -rf "$rootfs"
-    debootstrap --variant=minbase "$SUITE" "$rootfs" "$mirror" >"$CACHE/debootstrap.log" 2>&1 \
-        || { tail -n 20 "$CACHE/debootstrap.log" >&2; die "debootstrap failed"; }
-    chroot "$rootfs" apt-get clean
-    rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
-    tar -C "$rootfs" --numeric-owner -cf "$TARBALL.tmp" .
-    mv "$TARBALL.tmp" "$TARBALL"
-    rm -rf "$rootfs"
-    log "base made in $(( SECONDS - start )) s"
+    # Made by the docker stage's script, under its lock: that stage may be making it now.
+    LABRUNNER_DOCKER_CACHE="$CACHE" LABRUNNER_DEBIAN_SUITE="$SUITE" \
+        bash "$ROOT/docker/ci-docker.sh" base-tarball
+    [ -s "$TARBALL" ] || die "no base tarball at $TARBALL"
 }
 
 # Mounts under $1 seen from here (none expected: the runs mount in their own namespace).
