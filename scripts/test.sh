@@ -38,7 +38,9 @@ if [ "${LABRUNNER_SKIP_PRISTINE:-0}" != 1 ]; then
     mkdir -p out
     bash scripts/ci-pristine-root.sh >"$PRISTINE_LOG" 2>&1 &
     PRISTINE_PID=$!
-    trap 'kill -- "$PRISTINE_PID" 2>/dev/null; echo "test: stages: ${STAGES[*]:-none}" >&2' EXIT
+    # Stopped if we end early (its own traps unmount and clean up on TERM).
+    trap '[ -z "$PRISTINE_PID" ] || kill "$PRISTINE_PID" 2>/dev/null || true
+          echo "test: stages: ${STAGES[*]:-none}" >&2' EXIT
   else
     echo "test: the pristine-root stage needs root: skipped (LABRUNNER_SKIP_PRISTINE=1 to silence)" >&2
   fi
