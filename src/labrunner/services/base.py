@@ -159,6 +159,9 @@ class Launch:
     cwd: Path | None = None
     as_service_user: bool = False
     pidfile: Path | None = None
+    # A port this process must accept connections on before the next one is started
+    # (RabbitMQ's node registers with its epmd as it boots).
+    wait_port: int | None = None
 
 
 @dataclass

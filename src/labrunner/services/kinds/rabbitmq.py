@@ -184,7 +184,7 @@ class RabbitMQ(ServiceKind):
             # it goes when we stop it instead of lingering as a system-wide daemon.
             Launch([epmd, "-port", str(extra["epmd_port"]), "-address", "127.0.0.1"],
                    home / "epmd.log", pidfile=home / "epmd.pid",
-                   as_service_user=unprivileged),
+                   as_service_user=unprivileged, wait_port=extra["epmd_port"]),
             Launch([extra["server"]], Path(extra["log"]), env=_env(endpoint), cwd=home,
                    pidfile=home / "server.pid", as_service_user=unprivileged),
         ]
@@ -243,7 +243,15 @@ def _env(endpoint: Endpoint) -> dict[str, str]:
         "RABBITMQ_LOGS": "-",
         # Start-up on a small shared machine: idle schedulers sleep instead of spinning
         # (busy-waiting steals the CPU the other services are starting on at the same time).
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "+sbwt none +sbwtdcpu none +sbwtdio none",
+        # The node is distributed from its first instant, on our epmd (running already,
+        # never started by erl: -start_epmd false), its distribution port on loopback: the
+        # prelaunch then skips booting a second VM only to make sure an epmd runs.
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
+            "+sbwt none +sbwtdcpu none +sbwtdio none -start_epmd false "
+            f"-sname {extra['node']} "
+            f"-kernel inet_dist_listen_min {extra['dist_port']} "
+            f"-kernel inet_dist_listen_max {extra['dist_port']} "
+            "-kernel inet_dist_use_interface {127,0,0,1}"),
     })
     return env
 

@@ -8,10 +8,12 @@ process) and restarting are the same for every service and live here.
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 from ..base import (
     Endpoint,
+    Launch,
     ServiceError,
     ServiceKind,
     StartCancelled,
@@ -48,6 +50,19 @@ def _remove_partial(service: ServiceKind, workdir: Path) -> None:
     remove_tree(folder)
 
 
+def _wait_for_port(proc: subprocess.Popen[bytes], one: Launch, port: int,
+                   timeout: float) -> None:
+    """Until ``one``'s process accepts connections on ``port`` (or has exited)."""
+    def accepts() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
+    wait_until(accepts, timeout=timeout, what=f"{Path(one.cmd[0]).name} on port {port}",
+               failed=lambda: None if proc.poll() is None else
+               f"{one.cmd[0]} exited with {proc.returncode}; last log lines:\n{tail(one.log)}",
+               interval=0.01)
+
+
 def launch(endpoint: Endpoint, tied_to_parent: bool) -> None:
     """Start the service's processes and return once it answers."""
     service = kind(endpoint.service)
@@ -58,6 +73,8 @@ def launch(endpoint: Endpoint, tied_to_parent: bool) -> None:
         if one.pidfile is not None:
             one.pidfile.write_text(str(proc.pid), encoding="ascii")
         procs.append((proc, one.log))
+        if one.wait_port is not None:
+            _wait_for_port(proc, one, one.wait_port, service.ready_timeout)
     main, log = procs[-1]
     endpoint.extra["pid"] = main.pid
     wait_until(
