@@ -338,6 +338,9 @@ labrunner_image() {
     fi
     cp -r "$wheels" "$stage/docker/wheelhouse"
     cp -r "$(kafka_libs)" "$stage/docker/kafka-libs"
+    # The builder stage tagged too: untagged, the prune below removed it and every run
+    # installed all the dependencies again (minutes), whatever had changed.
+    build labrunner/builder:ci "$stage" -f "$stage/docker/Dockerfile" --target builder
     build "$LABRUNNER_IMAGE" "$stage" -f "$stage/docker/Dockerfile"
     # Images replaced by this build: the cache keeps only what the next run can use.
     docker image prune -f >/dev/null
