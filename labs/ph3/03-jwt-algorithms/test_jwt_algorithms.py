@@ -127,7 +127,7 @@ def test_es256_signatures_are_always_64_bytes(lib: Lib) -> None:
         token = lib.sign("ES256", key, "ec-b")
         signature = unb64(token.rsplit(".", 1)[1])
         assert len(signature) == 64, (
-            f"ES256 signature {n} that sign() made is {len(signature)} bytes, expected "
+            f"ES256 signature no. {n} that sign() made is {len(signature)} bytes, expected "
             "always 64: r and s are 32 bytes each, big-endian, zero-padded - "
             "r.to_bytes(32, 'big'), not their minimal length (about 1 signature in 128 has "
             "an r or s below 2^248, and every verifier refuses it)")

@@ -43,8 +43,10 @@ class Api:
         key = self.store.create(owner, scopes)
         assert isinstance(key, str), f"create() returned {type(key).__name__}, expected str"
         assert re.fullmatch(r"lk_[A-Za-z0-9]+_[A-Za-z0-9_-]+", key), (
-            f"create() returned {key!r}, expected lk_<prefix>_<secret> (the prefix without "
-            "'_', the secret base64url or hex)")
+            f"create() returned {key!r}, expected lk_<prefix>_<secret> (the prefix letters "
+            "and digits only, the secret base64url or hex): a prefix with '_' or '-' in it "
+            "(secrets.token_urlsafe) makes the key split in the wrong place - use "
+            "secrets.token_hex for the prefix")
         return key
 
     def call(self, method: str, key: str | None, scheme: str = "Bearer") -> HttpReply:
