@@ -159,11 +159,13 @@ def test_an_id_the_server_never_issued_is_not_adopted(site: Site) -> None:
 
 def test_session_fixation_old_id_dies_at_login(site: Site) -> None:
     attacker = site.browser()
-    assert attacker.call("GET", "/login").status == 200
+    first = attacker.call("GET", "/login")
+    assert first.status == 200
     planted = attacker.sid
     assert planted, "GET /login set no sid cookie"
+    planted_csrf = attacker.csrf_from(first, "GET /login")
     victim = Browser(site.host, sid=planted)  # the attacker planted the id in the victim's tab
-    site.login(victim)
+    victim_csrf = site.login(victim)
     assert victim.sid != planted, (
         "alice logged in with a session id obtained before login, and kept it: session "
         "fixation. The attacker who planted that id is now logged in as alice. Issue a "
@@ -175,6 +177,18 @@ def test_session_fixation_old_id_dies_at_login(site: Site) -> None:
     assert seen.status == 401, (
         f"the attacker's copy of the pre-login id got {seen.status} {seen.body[:100]!r} "
         "from GET /me, expected 401: the old id must die at login")
+    # The CSRF token is session state too: the attacker who planted the anonymous session
+    # read its token (GET /login); carried over, it lets him forge the victim's POSTs.
+    assert victim_csrf != planted_csrf, (
+        "POST /login kept the pre-login session's CSRF token for the logged-in session: the "
+        "attacker who planted (or read) the anonymous session knows it and can forge the "
+        "victim's POSTs - a login issues a new id AND a new CSRF token")
+    forged = victim.call("POST", "/transfer", {"to": "mallory", "amount": 1000},
+                         csrf=planted_csrf, origin=EVIL)
+    assert forged.status == 403, (
+        f"POST /transfer with the victim's new session and the PRE-login CSRF token "
+        f"answered {forged.status}, expected 403: only the token issued at login is this "
+        "session's token")
 
 
 def test_wrong_password_creates_no_session(site: Site) -> None:
@@ -213,6 +227,17 @@ def test_csrf_token_required_on_post(site: Site) -> None:
     reply = anonymous.call("POST", "/transfer", order, csrf=token)
     assert reply.status == 401, (
         f"POST /transfer without any session answered {reply.status}, expected 401")
+    # An anonymous session (GET /login, nobody logged in) has a CSRF token of its own:
+    # a session existing is not a login.
+    guest = site.browser()
+    guest_token = guest.csrf_from(guest.call("GET", "/login"), "GET /login")
+    for path in ("/transfer", "/logout"):
+        reply = guest.call("POST", path, order if path == "/transfer" else None,
+                           csrf=guest_token)
+        assert reply.status == 401, (
+            f"POST {path} from an anonymous session (GET /login, no login) with that "
+            f"session's own CSRF token answered {reply.status}, expected 401: a session "
+            "existing is not a login - check that the session has a user, not only an id")
 
 
 def test_logout_deletes_the_session(site: Site) -> None:
@@ -221,9 +246,13 @@ def test_logout_deletes_the_session(site: Site) -> None:
     sid = tab.sid
     assert sid
     reply = tab.call("POST", "/logout", origin=EVIL)
-    assert reply.status == 403 and site.session(sid), (
-        f"POST /logout without the CSRF token answered {reply.status}, expected 403 (a "
-        "cross-site page must not log users out either), and the session kept")
+    assert reply.status == 403, (
+        f"POST /logout without the CSRF token answered {reply.status}, expected 403: a "
+        "cross-site page must not log users out either")
+    assert site.session(sid) and tab.call("GET", "/me").status == 200, (
+        "POST /logout without the CSRF token was refused with 403, but the session was "
+        "deleted anyway: check the CSRF token BEFORE deleting anything - a refused request "
+        "must change nothing, or any site can log your users out")
     stolen = Browser(site.host, sid=sid)  # a copy of the cookie, e.g. from another machine
     reply = tab.call("POST", "/logout", csrf=token)
     assert reply.status == 200, f"POST /logout answered {reply.status}, expected 200"

@@ -173,6 +173,18 @@ CLAIM_CASES = [
     Case("audience as a substring", signed(aud=f"{AUD}-admin"), NOW, 0, False,
          "aud is compared whole, not as a substring"),
     Case("no audience", signed(aud=None), NOW, 0, False, "aud is required"),
+    # NumericDates and leeways need not be whole seconds: the clock is compared as given.
+    Case("exp at +300.5, now +300.2", signed(exp=NOW + 300.5), NOW + 300.2, 0, True,
+         "exp (a NumericDate) may be fractional: 0.3 s before it the token is valid"),
+    Case("exp at +300.5, now +300.7", signed(exp=NOW + 300.5), NOW + 300.7, 0, False,
+         "exp (a NumericDate) may be fractional: 0.2 s after it the token has expired - "
+         "compare now as given, never rounded or truncated to whole seconds"),
+    Case("expired 0.7 s ago, leeway 0.5", signed(), NOW + 300.7, 0.5, False,
+         "past exp + leeway (leeway 0.5 s): compare now as given, never rounded or "
+         "truncated to whole seconds"),
+    Case("nbf at +0.5, now +0.8", signed(nbf=NOW + 0.5), NOW + 0.8, 0, True,
+         "nbf may be fractional: 0.3 s after it the token is valid - compare now as given, "
+         "never rounded or truncated to whole seconds"),
 ]
 
 
@@ -183,7 +195,8 @@ def test_registered_claims(jwt: Jwt) -> None:
         if verdict != ("ok" if case.accept else "refused"):
             wrong.append(
                 f"{case.name}: decode() {'accepted' if verdict == 'ok' else 'refused'} the "
-                f"token (now = iat {case.now - NOW:+} s, leeway {case.leeway}), expected it "
+                f"token (now = iat {round(case.now - NOW, 3):+g} s, leeway {case.leeway}), "
+                f"expected it "
                 f"to be {'accepted' if case.accept else 'refused'}: {case.why}"
                 + (f" (decode() said: {got})" if verdict != "ok" else ""))
     assert not wrong, "\n".join(wrong) + (
@@ -200,6 +213,26 @@ def swap_header() -> str:
     good = raw_token({"alg": "HS256", "typ": "JWT"}, claims())
     head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "other"}).encode())
     return ".".join([head, *good.split(".")[1:]])
+
+
+def signature_variant(kind: str) -> Callable[[], str]:
+    """A correctly signed token whose signature segment is spelled in a way base64url
+    does not allow: a decoder must refuse it (InvalidToken), not crash or repair it."""
+    def make() -> str:
+        for n in range(1000):  # a signature with a '-' and a '_' in it (deterministic)
+            token = raw_token({"alg": "HS256", "typ": "JWT"}, claims(n=n))
+            sig = token.rsplit(".", 1)[1]
+            if "-" in sig and "_" in sig:
+                break
+        head = token.rsplit(".", 1)[0]
+        return f"{head}." + {
+            "standard": sig.replace("-", "+").replace("_", "/"),
+            "padded": sig + "=",
+            "length 4k+1": sig[:41],
+            "inner junk": sig[:20] + "!*" + sig[20:],
+            "non-ASCII": sig[:-1] + "é",
+        }[kind]
+    return make
 
 
 def alg_none(alg: str) -> Callable[[], str]:
@@ -240,6 +273,20 @@ ATTACKS: list[tuple[str, Callable[[], str], str]] = [
     ("header a JSON string", lambda: b64(b'"HS256"') + "." + b64(json.dumps(claims()).encode())
      + ".AAAA", "a header that is not a JSON object"),
     ("empty token", lambda: "", "an empty string"),
+    ("signature in standard base64 (+ and /)", signature_variant("standard"),
+     "the signature's bytes are right but spelled in the standard alphabet: base64url has "
+     "'-' and '_', never '+' or '/' - a lenient decoder accepts many spellings of one "
+     "signature (check the alphabet before decoding)"),
+    ("signature with '=' padding", signature_variant("padded"),
+     "base64url in a JWT has no '=' padding"),
+    ("signature with junk characters inside", signature_variant("inner junk"),
+     "'!' and '*' are not base64url: a lenient decoder silently drops them"),
+]
+# Malformed signature segments must raise InvalidToken, not a decoder's own error.
+CRASHES = [
+    ("a signature 41 characters long (4k+1: no base64 string has that length)",
+     signature_variant("length 4k+1")),
+    ("a signature with a non-ASCII character", signature_variant("non-ASCII")),
 ]
 
 
@@ -253,6 +300,20 @@ def test_refuses_forged_and_malformed_tokens(jwt: Jwt) -> None:
                          f"expected InvalidToken: {why}")
     assert not wrong, "\n".join(wrong) + (
         f"\n({len(wrong)} of {len(ATTACKS)} forged or malformed tokens accepted)")
+    for name, make in CRASHES:
+        token = make()
+        verdict, got = verdict_of(jwt.module, token)
+        assert verdict == "refused", (
+            f"decode() with {name} "
+            + (f"raised {got} instead of InvalidToken: validate each segment (the "
+               "base64url alphabet, a length that is not 4k+1) and wrap the decoder's "
+               "errors - a caller catches one exception" if verdict == "crashed" else
+               "accepted the token, expected InvalidToken"))
+
+
+def verdict_of(module: Any, token: str) -> tuple[str, Any]:
+    return verdict("decode()", module.decode, token, SECRET, issuer=ISS, audience=AUD,
+                   now=NOW, refusal=module.InvalidToken)
 
 
 def test_signature_compared_in_constant_time(jwt: Jwt, learner: Any) -> None:

@@ -115,6 +115,34 @@ def test_pyjwt_verifies_what_sign_makes(lib: Lib) -> None:
                         f"{exc}): {how}", pytrace=False)
         assert got == CLAIMS, f"PyJWT read {got} from sign()'s {alg} token"
 
+
+def test_es256_signatures_are_always_64_bytes(lib: Lib) -> None:
+    """r and s are 32 bytes each even when they are small: about 1 signature in 128 has an r
+    or an s with a leading zero byte. Sign until one such signature was seen (checked on
+    the signature itself), so the case is always exercised."""
+    k = keys()
+    public = k.ec_b.public_key()
+    key = pem(k.ec_b)
+    for n in range(1, 5001):
+        token = lib.sign("ES256", key, "ec-b")
+        signature = unb64(token.rsplit(".", 1)[1])
+        assert len(signature) == 64, (
+            f"ES256 signature no. {n} that sign() made is {len(signature)} bytes, expected "
+            "always 64: r and s are 32 bytes each, big-endian, zero-padded - "
+            "r.to_bytes(32, 'big'), not their minimal length (about 1 signature in 128 has "
+            "an r or s below 2^248, and every verifier refuses it)")
+        if signature[0] == 0 or signature[32] == 0:  # r or s with a leading zero byte
+            try:
+                pyjwt.decode(token, public, algorithms=["ES256"],
+                             options={"verify_exp": False})
+            except pyjwt.PyJWTError as exc:
+                pytest.fail(f"PyJWT refused an ES256 token sign() made whose r or s has a "
+                            f"leading zero byte ({type(exc).__name__}: {exc})",
+                            pytrace=False)
+            return
+    pytest.fail("5000 ES256 signatures and none had an r or s with a leading zero byte: "
+                "are r and s random?", pytrace=False)
+
 def test_verify_reads_pyjwt_tokens_by_kid(lib: Lib) -> None:
     k = keys()
     for alg, key, kid in (("RS256", k.rsa_old, "rsa-2023"), ("RS256", k.rsa_new, "rsa-2024"),
@@ -191,6 +219,10 @@ def forged(name: str) -> str:  # noqa: C901 - one forgery per branch, kept side 
         body = b64(json.dumps(CLAIMS).encode())
         der = k.ec_a.sign(f"{head}.{body}".encode(), ec.ECDSA(hashes.SHA256()))
         return f"{head}.{body}.{b64(der)}"
+    if name == "es_padded":  # a valid r || s, each half zero-padded to 33 bytes (66)
+        token = pyjwt.encode(CLAIMS, k.ec_a, algorithm="ES256", headers={"kid": "ec-a"})
+        raw = unb64(token.rsplit(".", 1)[1])
+        return token.rsplit(".", 1)[0] + "." + b64(b"\0" + raw[:32] + b"\0" + raw[32:])
     if name == "es_as_rs":
         token = pyjwt.encode(CLAIMS, k.ec_a, algorithm="ES256", headers={"kid": "ec-a"})
         head = b64(json.dumps({"alg": "RS256", "kid": "ec-a"}).encode())
@@ -218,6 +250,9 @@ FORGERIES = [
     ("rs_on_oct", "an RS256 token naming the HS256 key hs-1"),
     ("other_rsa_kid", "a token signed by rsa-2024 that claims kid rsa-2023"),
     ("es_der", "an ES256 signature in DER form: JWS requires raw r || s, 64 bytes"),
+    ("es_padded", "an ES256 signature 66 bytes long (r and s each zero-padded to 33 bytes): "
+     "ES256 signatures are exactly 64 bytes - refuse every other length instead of "
+     "splitting at the half, or one signature has many accepted spellings"),
     ("es_as_rs", "an ES256 signature relabelled RS256, naming an EC key"),
     ("none", "alg none"),
     ("unknown_kid", "a kid the JWKS does not have"),
@@ -237,3 +272,22 @@ def test_forged_tokens_are_refused(lib: Lib) -> None:
             wrong.append(f"verify() raised {got} for {why}: raise InvalidToken, the one "
                          "exception its callers catch")
     assert not wrong, "\n".join(wrong) + f"\n({len(wrong)} of {len(FORGERIES)} forgeries)"
+
+
+def test_hmac_compared_in_constant_time(lib: Lib, learner: Any) -> None:
+    token = pyjwt.encode(CLAIMS, SECRET, algorithm="HS256", headers={"kid": "hs-1"})
+    raw = unb64(token.rsplit(".", 1)[1])
+    watch = learner.harness().watch(lib.module)
+    try:
+        verdict, got = lib.verify(token)
+        lib.verify(token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB"))
+    finally:
+        calls = watch.calls()
+        watch.stop()
+    assert verdict == "ok", f"verify() refused a valid HS256 token: {got}"
+    wanted = {raw, token.rsplit(".", 1)[1], token.rsplit(".", 1)[1].encode()}
+    assert [c for c in calls if wanted & {c[0], c[1]}], (
+        "verify() checked the HS256 signature without hmac.compare_digest (it was called "
+        f"{len(calls)} time(s), never with the token's signature): '==' or '!=' stops at "
+        "the first different byte, and its timing tells an attacker how many leading bytes "
+        "of a forged HMAC are right - compare with hmac.compare_digest")

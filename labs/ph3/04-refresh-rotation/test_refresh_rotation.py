@@ -10,6 +10,8 @@ else (another device's session survives)."""
 from __future__ import annotations
 
 import hashlib
+import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 
-from labrunner.testing import verdict
+from labrunner.testing import PgStatementProxy, verdict, wait_until
 
 SECRET = b"ph3.4-access-token-signing-secret-0123456789"
 T0 = 1_700_000_000.0
@@ -27,8 +29,17 @@ DAY = 24 * 3600
 @dataclass
 class Clock:
     now: float = T0
+    # Armed: the hold-th call from now on stops until `release` is set (a race, step by step).
+    hold: int = 0
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
     def __call__(self) -> float:
+        if self.hold > 0:
+            self.hold -= 1
+            if self.hold == 0:
+                self.arrived.set()
+                self.release.wait(timeout=30)
         return self.now
 
 
@@ -133,18 +144,42 @@ def test_refresh_rotates_and_each_token_is_single_use(service: Service) -> None:
     assert verdict == "ok", f"refresh() of the token the last refresh returned: {pair}"
 
 
-def test_reuse_revokes_the_whole_family_and_only_it(service: Service) -> None:
+def test_reuse_revokes_the_whole_family_and_only_it(service: Service, redis_db: Any) -> None:
+    proxy = PgStatementProxy.for_dsn(service.postgres.dsn, ignore=None)
+    try:
+        watched = service.module.TokenService(proxy.dsn_for(service.postgres.dsn),
+                                              redis_db.url, SECRET, service.clock)
+        reuse_revokes(Service(service.module, watched, service.postgres, service.redis,
+                              service.clock), proxy)
+    finally:
+        proxy.close()
+
+
+def reuse_revokes(service: Service, proxy: PgStatementProxy) -> None:
     _, stolen = service.login("alice")
     _, laptop = service.login("alice")            # another device: another family
     verdict, pair = service.refresh(stolen, "the user's refresh token")
     assert verdict == "ok", f"refresh() refused a fresh token: {pair}"
     users_new = str(pair[1])
+    proxy.take()
     verdict, got = service.refresh(stolen, "a refresh token already used (the thief's copy)")
+    during = proxy.take()
     assert verdict == "refused", (
         "refresh() accepted a refresh token that was already used: one of two parties "
         "holding it is a thief. A used token must be refused")
     verdict, got = service.refresh(users_new, "the newest token of a family whose old "
                                               "token was reused")
+    writes = [i for i, sql in enumerate(during)
+              if re.match(r"\s*(UPDATE|DELETE|INSERT)\b", sql, re.IGNORECASE)]
+    ends = [sql.split()[0].upper() for sql in during[writes[-1]:]
+            if re.match(r"\s*(COMMIT|END|ROLLBACK)\b", sql, re.IGNORECASE)] if writes else []
+    if verdict == "ok" and ends[:1] == ["ROLLBACK"]:
+        pytest.fail(
+            "after a used refresh token came back, the family's newest token still works - "
+            f"refresh() did write the revocation ({during[writes[-1]][:80]!r}) but that "
+            "transaction was ROLLED BACK: raising InvalidToken inside the transaction block "
+            "undoes the revocation with it. Commit the revocation first, then raise",
+            pytrace=False)
     assert verdict == "refused", (
         "after a used refresh token came back, the family's newest token still works: "
         "reuse must revoke the WHOLE family - the server cannot tell the thief from the "
@@ -199,3 +234,78 @@ def test_logout_denylists_the_jti_until_it_would_expire(service: Service) -> Non
     assert verdict == "refused", (
         "refresh() accepted the refresh token of a session that logged out: logout must "
         "revoke its family, or the next refresh brings the session back")
+
+
+def waiting_on_lock(service: Service) -> bool:
+    with service.postgres.connect(autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                           "current_database() AND wait_event_type = 'Lock'").fetchone()
+    return bool(row and row[0])
+
+
+def test_two_concurrent_refreshes_of_one_token(service: Service) -> None:
+    """Two refreshes of the same token race: the first is stopped at its 1st, 2nd, then 3rd
+    call of the clock (wherever it stands between reading the token and marking it used)
+    while the second runs to its end (or waits on a lock). At most one may succeed."""
+    for step in (1, 2, 3):
+        results = race_once(service, step)
+        if results is None:
+            break  # refresh() calls the clock fewer times: every step was tried
+        both = [n for n in ("first", "second") if results.get(n, ("",))[0] == "ok"]
+        assert len(both) < 2, (
+            "two concurrent refresh() calls with the SAME refresh token both succeeded (the "
+            f"first was held at its clock call {step} while the second ran): each got a new "
+            "token, so a thief racing the user is never detected. 'Is it unused?' and "
+            "'mark it used' are two steps another refresh slips between: make them one - "
+            "UPDATE ... SET used = true WHERE token_hash = %s AND NOT used and check the "
+            "rowcount, or SELECT ... FOR UPDATE in the same transaction as the UPDATE")
+
+
+def race_once(service: Service, step: int) -> dict[str, tuple[str, Any]] | None:
+    _, token = service.login("alice")
+    clock = service.clock
+    clock.arrived.clear()
+    clock.release.clear()
+    clock.hold = step
+    results: dict[str, tuple[str, Any]] = {}
+
+    def run(name: str) -> None:
+        results[name] = service.do(f"refresh() ({name})", service.svc.refresh, token)
+
+    first = threading.Thread(target=run, args=("first",), daemon=True)
+    second = threading.Thread(target=run, args=("second",), daemon=True)
+    first.start()
+    try:
+        wait_until(lambda: clock.arrived.is_set() or not first.is_alive(),
+                   "the first refresh() to call the clock")
+        clock.hold = 0
+        if not clock.arrived.is_set():
+            first.join(timeout=30)
+            return None
+        second.start()
+        wait_until(lambda: not second.is_alive() or waiting_on_lock(service),
+                   "the second refresh() to finish or wait for a lock")
+    finally:
+        clock.hold = 0
+        clock.release.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    return results
+
+
+def test_logout_with_an_expired_access_token(service: Service) -> None:
+    access, refresh = service.login("alice")
+    exp = claims_of(access, "the access token")["exp"]
+    service.clock.now = exp + 60  # the user comes back after the access token lapsed
+    verdict, got = service.do("logout() with an expired access token", service.svc.logout,
+                              access, refresh)
+    assert verdict == "ok", (
+        f"logout() with an access token that has already expired raised ({got}): logging "
+        "out must still revoke the refresh token's family - an expired access token needs "
+        "no denylist entry, but the refresh token lives 30 days")
+    verdict, got = service.refresh(refresh, "the refresh token of a session that logged "
+                                            "out with an expired access token")
+    assert verdict == "refused", (
+        "after logout() with an expired access token, the refresh token still works: "
+        "revoke the family whatever the state of the access token (an expired one is the "
+        "usual case at logout)")

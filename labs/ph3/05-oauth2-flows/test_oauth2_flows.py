@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import jwt as pyjwt
 import pytest
 
-from labrunner.testing import HttpReply, http_request, serve_wsgi
+from labrunner.testing import HttpReply, http_request, serve_wsgi, wait_until
 
 KEY = b"ph3.5-authorization-server-signing-key-0123"
 T0 = 1_700_000_000.0
@@ -38,8 +39,16 @@ CLIENTS = {
 @dataclass
 class Clock:
     now: float = T0
+    # Armed: the next call stops until `release` is set (a race, driven step by step).
+    hold: bool = False
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
     def __call__(self) -> float:
+        if self.hold:
+            self.hold = False
+            self.arrived.set()
+            self.release.wait(timeout=30)
         return self.now
 
 
@@ -271,3 +280,66 @@ def test_device_code_pending_slow_down_then_token(server: Server) -> None:
     server.clock.now += int(late["expires_in"]) + 1
     expect_error(poll(server, late["device_code"]), ("expired_token",),
                  "a poll after the device code's expires_in", "the device code expired")
+
+
+def test_a_code_is_used_up_by_its_first_redemption(server: Server) -> None:
+    """A failed redemption uses the code up too, and two redemptions at once get one token
+    at most: whoever holds a code gets one try."""
+    for failed, wrong in (("a wrong code_verifier", {"verifier": secrets.token_urlsafe(48)}),
+                          ("another registered redirect_uri",
+                           {"redirect_uri": "https://spa.example/other"})):
+        code, verifier = server.code()
+        args: dict[str, Any] = {"verifier": verifier, **wrong}
+        first = server.redeem(code, args.pop("verifier"), **args)
+        assert first.status == 400, f"the redemption with {failed} answered {first.status}"
+        again = server.redeem(code, verifier)
+        assert again.status != 200, (
+            f"a code whose first redemption failed ({failed}) was then redeemed with the "
+            f"right verifier and got a token: a code is used up by its FIRST redemption, "
+            "failed or not (RFC 6749 4.1.2: once) - take it out of the store before "
+            "checking anything, or whoever holds a stolen code gets as many tries as they "
+            "like")
+    # Two redemptions of one code at once: the first is held at its clock() call.
+    code, verifier = server.code()
+    clock = server.clock
+    clock.arrived.clear()
+    clock.release.clear()
+    clock.hold = True
+    replies: dict[str, HttpReply] = {}
+
+    def redeem(name: str) -> None:
+        replies[name] = server.redeem(code, verifier)
+
+    first = threading.Thread(target=redeem, args=("first",), daemon=True)
+    first.start()
+    try:
+        wait_until(lambda: clock.arrived.is_set() or not first.is_alive(),
+                   "the first redemption to call the clock")
+        clock.hold = False
+        second = threading.Thread(target=redeem, args=("second",), daemon=True)
+        second.start()
+        second.join(timeout=30)
+    finally:
+        clock.hold = False
+        clock.release.set()
+    first.join(timeout=30)
+    tokens = [n for n, r in replies.items() if r.status == 200]
+    assert len(tokens) < 2, (
+        "two concurrent POST /token with the same code both got a token (the first was "
+        "held at its clock() call while the second ran): the code was looked up, checked, "
+        "and only then removed - pop it from the store (under a lock) before checking "
+        "anything, so exactly one redemption ever sees it")
+
+
+def test_a_device_code_belongs_to_its_client(server: Server) -> None:
+    data = server.post("/device_authorization", {"client_id": "tv"}).json()
+    approve = server.post("/device", {"user_code": data["user_code"]}, {"X-User": "bob"})
+    assert approve.status == 200, f"POST /device answered {approve.status}"
+    server.clock.now += 60
+    reply = server.post("/token", {"grant_type": DEVICE_GRANT,
+                                   "device_code": data["device_code"],
+                                   "client_id": "mobile"})
+    assert reply.status != 200, (
+        "the device code issued to the client 'tv' (approved by bob) was redeemed by the "
+        "client 'mobile' and got bob's token: a device code belongs to the client it was "
+        "issued to - compare client_id at /token (400 invalid_grant)")

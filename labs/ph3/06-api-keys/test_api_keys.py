@@ -43,12 +43,14 @@ class Api:
         key = self.store.create(owner, scopes)
         assert isinstance(key, str), f"create() returned {type(key).__name__}, expected str"
         assert re.fullmatch(r"lk_[A-Za-z0-9]+_[A-Za-z0-9_-]+", key), (
-            f"create() returned {key!r}, expected lk_<prefix>_<secret> (the prefix without "
-            "'_', the secret base64url or hex)")
+            f"create() returned {key!r}, expected lk_<prefix>_<secret> (the prefix letters "
+            "and digits only, the secret base64url or hex): a prefix with '_' or '-' in it "
+            "(secrets.token_urlsafe) makes the key split in the wrong place - use "
+            "secrets.token_hex for the prefix")
         return key
 
-    def call(self, method: str, key: str | None) -> HttpReply:
-        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    def call(self, method: str, key: str | None, scheme: str = "Bearer") -> HttpReply:
+        headers = {"Authorization": f"{scheme} {key}"} if key is not None else {}
         return http_request(self.host, method, "/reports",
                             b"{}" if method == "POST" else None, headers, timeout=10)
 
@@ -91,7 +93,9 @@ def expect(api: Api, method: str, key: str | None, status: int, what: str, why: 
 
 
 def test_keys_are_random_and_not_stored_in_plaintext(api: Api, learner: Any) -> None:
-    keys = [api.create(f"team-{i}", ["reports:read"]) for i in range(12)]
+    # 60 keys: a prefix drawn from an alphabet with '_' or '-' (token_urlsafe) shows one
+    # in about 1 key in 5, so the format is checked on enough keys to see it.
+    keys = [api.create(f"team-{i}", ["reports:read"]) for i in range(60)]
     assert len(set(keys)) == len(keys) and len({k.split("_")[1] for k in keys}) == len(keys), (
         "create() returned repeated keys or prefixes: each key needs a prefix and a secret "
         "of its own")
@@ -119,6 +123,12 @@ def test_scopes_401_and_403_over_http(api: Api) -> None:
     reader = api.create("analytics", ["reports:read"])
     writer = api.create("etl", ["reports:read", "reports:write"])
     expect(api, "GET", reader, 200, "a key with reports:read", "the key has the scope")
+    for scheme in ("bearer", "BEARER"):
+        reply = api.call("GET", reader, scheme)
+        assert reply.status == 200, (
+            f"GET /reports with 'Authorization: {scheme} <a valid key>' answered "
+            f"{reply.status}, expected 200: the authentication scheme is case-insensitive "
+            "(RFC 9110 11.1) - compare it with scheme.lower() == 'bearer'")
     expect(api, "POST", writer, 201, "a key with reports:write", "the key has the scope")
     expect(api, "POST", reader, 403, "a read-only key",
            "the key is valid but lacks reports:write: 403 Forbidden (401 is for keys "
@@ -160,6 +170,37 @@ def test_lookup_by_prefix_compared_in_constant_time(api: Api, learner: Any) -> N
         "authenticate() read the keys without a WHERE clause "
         f"({scans[0][:120] if scans else 'no SELECT at all'}): look the row up by the "
         "key's prefix (an indexed column), then compare the hash of that one row")
+    prefix = key.split("_", 2)[1]
+    for sql in reads:
+        plan = plan_without_seqscan(api, sql, [prefix, key, digest])
+        if plan is not None and "Seq Scan" in plan:
+            pytest.fail(
+                f"authenticate()'s lookup ({' '.join(sql.split())[:120]}) has no index to "
+                "use: even with sequential scans disabled Postgres plans a Seq Scan - every "
+                "request reads every key. Make the prefix column UNIQUE (or index it)",
+                pytrace=False)
+
+
+def plan_without_seqscan(api: Api, sql: str, values: list[str]) -> str | None:
+    """EXPLAIN of the learner's statement with sequential scans disabled (so any usable
+    index is taken, however small the table); its $n parameters are tried with each of
+    `values` (the prefix, the key, its hash): the plan of the first that runs."""
+    import psycopg
+
+    params = sorted(set(re.findall(r"\$(\d+)", sql)), key=int)
+    if len(params) > 1:
+        return None  # only the one-parameter lookups are judged
+    with api.postgres.connect(autocommit=True) as conn:
+        conn.execute("SET enable_seqscan = off")
+        for value in values:
+            text = sql.replace(f"${params[0]}", "%s") if params else sql
+            try:
+                rows = conn.execute(f"EXPLAIN {text}", (value,) if params else None
+                                    ).fetchall()
+            except psycopg.Error:
+                continue
+            return "\n".join(str(r[0]) for r in rows)
+    return None
 
 
 def test_rotation_overlaps_until_the_grace_ends(api: Api) -> None:

@@ -144,10 +144,14 @@ def test_old_argon2_parameters_rehashed_on_login(store: Store) -> None:
     assert verifies(new, PASSWORD), "the rehashed string does not verify the password"
 
 
-@pytest.mark.parametrize("prefix,cost", [(b"2b", 5), (b"2a", 4)])
+@pytest.mark.parametrize("prefix,cost", [(b"2b", 5), (b"2a", 4), (b"2y", 4)])
 def test_legacy_bcrypt_upgraded_only_on_success(store: Store, prefix: bytes,
                                                 cost: int) -> None:
-    legacy = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost, prefix)).decode()
+    # $2y$ (PHP's crypt) is the same algorithm as $2b$: the library makes 2a/2b, the
+    # prefix is renamed for 2y (bcrypt.checkpw reads all three).
+    made = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost, b"2b" if prefix == b"2y"
+                                                           else prefix)).decode()
+    legacy = f"${prefix.decode()}${made[4:]}"
     for wrong in ("correct horse battery stapler", ""):
         ok, new = store.login(legacy, wrong, "a wrong password (legacy bcrypt)")
         assert not ok, "login() accepted a wrong password against the legacy bcrypt hash"
@@ -157,7 +161,8 @@ def test_legacy_bcrypt_upgraded_only_on_success(store: Store, prefix: bytes,
             "only after bcrypt.checkpw() said yes")
     ok, new = store.login(legacy, PASSWORD, "the right password (legacy bcrypt)")
     assert ok, (f"login() refused the right password for a legacy ${prefix.decode()}$ bcrypt "
-                "hash: verify those with bcrypt.checkpw")
+                "hash: $2a$, $2b$ and $2y$ (PHP's) are all bcrypt - recognise every one of "
+                "them and verify it with bcrypt.checkpw")
     assert new is not None, (
         "login() accepted a legacy bcrypt hash without upgrading it: return a new argon2id "
         "hash, so the weaker hash leaves the table on the first successful login")
@@ -186,3 +191,23 @@ def test_other_stored_strings_never_match(store: Store) -> None:
         "\nOnly argon2id and bcrypt strings are ever verified: comparing the stored string "
         "with the password, or with a fast digest of it, accepts what an attacker who read "
         "the table can compute")
+
+
+def test_bcrypt_checked_in_constant_time(store: Store, learner: Any) -> None:
+    legacy = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4, b"2b")).decode()
+    watch = learner.harness().watch(store.module)
+    try:
+        for password, what in ((PASSWORD, "the right password"),
+                               ("correct horse battery stapler", "a wrong password")):
+            store.login(legacy, password, f"{what} (legacy bcrypt)")
+    finally:
+        calls = watch.calls()
+        watch.stop()
+    if "checkpw" in calls:
+        return
+    assert "hashpw" not in calls or "compare_digest" in calls, (
+        "login() checked the legacy bcrypt hash by recomputing it with bcrypt.hashpw and "
+        "comparing the result with '==' (bcrypt.checkpw was never called, nor "
+        "hmac.compare_digest): '==' stops at the first different byte, and its timing "
+        "leaks how much of the hash a guess got right - use bcrypt.checkpw, which compares "
+        "in constant time")
