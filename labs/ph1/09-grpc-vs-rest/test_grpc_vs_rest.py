@@ -168,7 +168,7 @@ class GoawayFirstCall(CountingProxy):
                 except OSError:
                     pass
             with self._lock:
-                link.ends = 2
+                link.ends += 1  # the other direction's pump ends too: its socket is shut
 
 
 # ---- the servers ------------------------------------------------------------------------
