@@ -361,6 +361,20 @@ def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: An
            if 500 in seen else ""))
 
 
+def test_text_postgres_cannot_store_is_refused(host: str) -> None:
+    """JSON strings may hold a NUL character or a lone surrogate, and a string schema allows
+    both; Postgres text stores neither. The request is the client's error (4xx), not a
+    crash (5xx)."""
+    for what, name in (("a NUL character (\\u0000)", "Nul\x00Name"),
+                       ("a lone surrogate (\\ud800, not encodable as UTF-8)", "Lone\ud800")):
+        ex = exchange(host, "POST", "/users",
+                      document={"name": name, "email": f"text{len(what)}@example.com"})
+        assert 400 <= ex.status < 500, (
+            f"POST /users with a name holding {what}: expected a 4xx (422), saw {ex.status} "
+            f"{ex.data[:120]!r}: it is valid JSON and the schema allows it, but Postgres text "
+            "cannot store it - check the strings before the INSERT and refuse them with 422")
+
+
 def test_property_based_run_finds_no_5xx(spec_path: Path, host: str) -> None:
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
