@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from labrunner.testing import listening_ports, process_resources
 
 READY = 3.0      # seconds for the server to print "listening on <port>"
 WAIT = 3.0       # seconds for an echo, or for the process to exit after SIGTERM
@@ -47,6 +50,20 @@ class Server:
     port: int = 0
     stderr: bytearray = field(default_factory=bytearray)
     stdout: bytearray = field(default_factory=bytearray)
+    learner: Any = None
+
+    def read(self, helper: Any) -> Any:
+        """A /proc reading of the server process: here when the test can see it, else
+        beside the learner's program (grading runs it as another user)."""
+        if Path(f"/proc/{self.proc.pid}/task").is_dir() or self.learner is None:
+            return helper(self.proc.pid)
+        return self.learner.run_helper(helper, self.proc.pid)
+
+    def descriptors(self) -> int:
+        return int(self.read(process_resources)[1])
+
+    def threads(self) -> int:
+        return int(self.read(process_resources)[0])
 
     def __post_init__(self) -> None:
         self._lines: list[str] = []
@@ -107,7 +124,7 @@ def launch(binary: Path, learner: Any) -> Iterator[Any]:
         # learner.popen: when grading, the learner's binary runs as the learner's uid.
         proc = learner.popen([str(binary), str(port)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env={**os.environ, **SANITIZER_ENV})
-        server = Server(proc)
+        server = Server(proc, learner=learner)
         started.append(server)
         server.wait_ready(what)
         return server
@@ -194,20 +211,35 @@ def test_echoes_fifty_concurrent_clients(launch: Any) -> None:
         deadline = time.monotonic() + WAIT  # one deadline for all: a serial server fails fast
         echoed = [recv_exactly(sock, len(msg), deadline)
                   for sock, msg in zip(clients, messages, strict=True)]
+        threads = server.threads()  # while all 50 connections are still open
     finally:
         for sock in clients:
             sock.close()
     good = sum(got == want for got, want in zip(echoed, messages, strict=True))
     silent = sum(not got for got in echoed)
     cut = CLIENTS - good - silent
+    if silent and threads > CLIENTS // 2:
+        advice = (f"The server ran {threads} threads for the {CLIENTS} open connections, yet "
+                  f"{silent} clients were never answered: the threads exist but do not serve "
+                  "their own connection. A thread that reads its descriptor through a pointer "
+                  "to the accept loop's variable (&client) gets whichever connection was "
+                  "accepted LAST, so several threads share one descriptor and others are never "
+                  "read: pass the descriptor by value, pthread_create(..., (void *)(intptr_t)"
+                  "client).")
+    elif silent:
+        advice = ("With all clients connected at once, a loop that serves one connection to "
+                  "the end before accepting the next leaves the others waiting: hand each "
+                  "accepted connection to its own thread (pthread_create).")
+    else:
+        advice = ("Echo in a loop until recv() returns 0: one recv() returns whatever has "
+                  "arrived so far, not the whole message.")
+    shared = silent and threads > CLIENTS // 2
     assert good == CLIENTS, (
+        (f"{silent} of {CLIENTS} concurrent clients got nothing back although the server ran "
+         f"{threads} threads for them: the threads do not each serve their own connection "
+         f"(a descriptor handed over as &client?)\n{advice}") if shared else
         f"{good} of {CLIENTS} concurrent clients got their bytes echoed back, expected all "
-        f"({silent} got nothing, {cut} only part)\n"
-        + ("With all clients connected at once, a loop that serves one connection to the "
-           "end before accepting the next leaves the others waiting: hand each accepted "
-           "connection to its own thread (pthread_create)." if silent else
-           "Echo in a loop until recv() returns 0: one recv() returns whatever has arrived "
-           "so far, not the whole message."))
+        f"({silent} got nothing, {cut} only part)\n{advice}")
     stop_cleanly(server)
 
 
@@ -241,6 +273,34 @@ def test_sigterm_exits_zero_without_sanitizer_reports(launch: Any) -> None:
         idle.close()
 
 
+def test_reset_connections_are_closed(launch: Any) -> None:
+    """Clients that end with a reset (RST: SO_LINGER 0) instead of a FIN: recv() fails with
+    ECONNRESET, and the connection's descriptor must be closed on that path too."""
+    server = launch()
+    before = server.descriptors()  # listening, no connection yet
+    assert echo_once(server.port, b"warm-up\n") == b"warm-up\n", "the server did not echo"
+    deadline = time.monotonic() + WAIT
+    while server.descriptors() > before and time.monotonic() < deadline:
+        time.sleep(0.02)  # the warm-up connection's close (a FIN) may still be on its way
+    resets = 5
+    clients = [connect(server.port) for _ in range(resets)]
+    for n, sock in enumerate(clients):
+        sock.sendall(b"reset me %d\n" % n)
+        assert recv_exactly(sock, 11) == b"reset me %d\n" % n, "the server did not echo"
+    for sock in clients:  # SO_LINGER with a zero timeout: close() sends RST, not FIN
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    deadline = time.monotonic() + WAIT
+    while (held := server.descriptors() - before) > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert held <= 0, (
+        f"{resets} clients reset their connections (RST) and {held} of their descriptors are "
+        f"still open in the server {WAIT:.0f} s later: when recv() fails (-1, ECONNRESET) the "
+        "connection is over as surely as when it returns 0 - close(fd) on every way out of "
+        "the echo loop, or each reset leaks a descriptor until accept() fails with EMFILE")
+    stop_cleanly(server)
+
+
 def test_restarts_on_the_same_port_right_after_stop(launch: Any) -> None:
     first = launch()
     port = first.port
@@ -257,5 +317,15 @@ def test_restarts_on_the_same_port_right_after_stop(launch: Any) -> None:
     second = launch(port, what=f"restarting on port {port} with a TIME_WAIT connection "
                                 "on it (bind needs SO_REUSEADDR)")
     assert second.port == port, f"restarted on port {second.port}, expected {port}"
+    ports = second.read(listening_ports)
+    if ports and port not in ports:
+        swapped = int.from_bytes(port.to_bytes(2, "big"), "little")
+        pytest.fail(
+            f"started as 'accept_loop {port}', the server printed 'listening on {port}' but "
+            f"listens on {ports}"
+            + (f": {swapped} is {port} with its two bytes swapped - sin_port holds the port in "
+               "network byte order: addr.sin_port = htons(port) (with port 0 the kernel picks "
+               "and stores the port itself, which hid it)" if swapped in ports else
+               ": bind() the port given in argv[1]"), pytrace=False)
     assert echo_once(port, b"again\n") == b"again\n", "the restarted server did not echo"
     stop_cleanly(second)

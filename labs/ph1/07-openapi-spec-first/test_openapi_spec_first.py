@@ -12,6 +12,7 @@ Three independent judges, none of them the learner's code:
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from labrunner.testing import http_request, serve_wsgi
+from labrunner.testing import http_request, serve_wsgi, wait_until
 
 SCHEMA = """
 CREATE TABLE users (
@@ -314,6 +315,64 @@ def test_the_code_enforces_the_bounds_its_spec_declares(spec_path: Path, host: s
             f"{ex.label()}: the code accepted {what}, a request its own spec forbids: "
             "validate every request against openapi.yaml (openapi_core unmarshal_request) "
             "and refuse it with the error the spec declares, rather than checking by hand")
+
+
+def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: Any) -> None:
+    """Two POST /users with the same new email, at once. The test holds a SHARE lock on
+    users (reads pass, writes wait) until both requests wait on it, so both have done
+    whatever they do before writing - a check-then-insert has checked - and then lets them
+    write together: the database's UNIQUE constraint decides, and the spec's 409 must
+    come out of it."""
+    document = {"name": "Racer", "email": "race@example.com"}
+    statuses: list[Any] = [None, None]
+
+    def post(i: int) -> None:
+        try:
+            statuses[i] = exchange(host, "POST", "/users", document=dict(document)).status
+        except Exception as exc:  # noqa: BLE001 - reported below
+            statuses[i] = exc
+
+    with postgres.connect(autocommit=True) as holder, postgres.connect(autocommit=True) as look:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE users IN SHARE MODE")
+        threads = [threading.Thread(target=post, args=(i,), daemon=True) for i in range(2)]
+        for thread in threads:
+            thread.start()
+
+        def both_waiting_or_done() -> bool:
+            (waiting,) = look.execute(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'users'::regclass "
+                "AND NOT granted").fetchone()
+            return waiting + sum(not th.is_alive() for th in threads) >= 2
+
+        try:
+            wait_until(both_waiting_or_done, "both POST /users to reach the users table")
+        finally:
+            holder.execute("COMMIT")
+        for thread in threads:
+            thread.join(30)
+    seen = sorted(s if isinstance(s, int) else -1 for s in statuses)
+    assert seen == [201, 409], (
+        f"two concurrent POST /users with the same new email {document['email']!r}: expected "
+        f"one 201 and one 409, saw {[s if isinstance(s, int) else repr(s) for s in statuses]}"
+        + (": both requests found the email free, then both INSERTed and the second hit the "
+           "UNIQUE constraint - a check (SELECT) before the INSERT cannot see a concurrent "
+           "request's row; let the INSERT decide and map its UniqueViolation to the spec's 409"
+           if 500 in seen else ""))
+
+
+def test_text_postgres_cannot_store_is_refused(host: str) -> None:
+    """JSON strings may hold a NUL character or a lone surrogate, and a string schema allows
+    both; Postgres text stores neither. The request is the client's error (4xx), not a
+    crash (5xx)."""
+    for what, name in (("a NUL character (\\u0000)", "Nul\x00Name"),
+                       ("a lone surrogate (\\ud800, not encodable as UTF-8)", "Lone\ud800")):
+        ex = exchange(host, "POST", "/users",
+                      document={"name": name, "email": f"text{len(what)}@example.com"})
+        assert 400 <= ex.status < 500, (
+            f"POST /users with a name holding {what}: expected a 4xx (422), saw {ex.status} "
+            f"{ex.data[:120]!r}: it is valid JSON and the schema allows it, but Postgres text "
+            "cannot store it - check the strings before the INSERT and refuse them with 422")
 
 
 def test_property_based_run_finds_no_5xx(spec_path: Path, host: str) -> None:

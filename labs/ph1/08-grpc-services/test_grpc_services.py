@@ -126,6 +126,52 @@ def test_proto_has_the_four_kinds_of_rpc(stubs: ProtoStubs) -> None:
             f"server_streaming={seen[1]}")
 
 
+# The wire contract the README gives: field numbers are what goes on the wire, names are
+# not. A client generated from the published contract decodes by number.
+_T = descriptor_pb2.FieldDescriptorProto
+MESSAGES = {  # message -> field name -> (number, type, repeated)
+    "GetUserRequest": {"user_id": (1, _T.TYPE_STRING, False)},
+    "UserResponse": {"user_id": (1, _T.TYPE_STRING, False), "username": (2, _T.TYPE_STRING, False),
+                     "email": (3, _T.TYPE_STRING, False), "created_at": (4, _T.TYPE_INT64, False)},
+    "CreateUserRequest": {"username": (1, _T.TYPE_STRING, False),
+                          "email": (2, _T.TYPE_STRING, False)},
+    "CreateUsersSummary": {"created": (1, _T.TYPE_INT32, False),
+                           "user_ids": (2, _T.TYPE_STRING, True)},
+    "UpdateUserRequest": {"user_id": (1, _T.TYPE_STRING, False),
+                          "username": (2, _T.TYPE_STRING, False),
+                          "email": (3, _T.TYPE_STRING, False)},
+}
+
+
+def test_messages_keep_the_contracts_field_numbers(stubs: ProtoStubs) -> None:
+    file = descriptor_pb2.FileDescriptorProto()
+    stubs.pb2.DESCRIPTOR.CopyToProto(file)
+    messages = {m.name: m for m in file.message_type}
+    problems: list[str] = []
+    for name, fields in MESSAGES.items():
+        if name not in messages:
+            problems.append(f"message {name} is missing")
+            continue
+        seen = {f.name: f for f in messages[name].field}
+        by_number = {f.number: f.name for f in messages[name].field}
+        for field, (number, kind, repeated) in fields.items():
+            got = seen.get(field)
+            if got is None:
+                problems.append(f"{name} has no field {field}")
+            elif got.number != number:
+                other = by_number.get(number)
+                problems.append(f"{name}.{field} is field {got.number}, the contract says {number}"
+                                + (f" (your {number} is {other})" if other else ""))
+            elif got.type != kind or (got.label == _T.LABEL_REPEATED) != repeated:
+                want = _T.Type.Name(kind).removeprefix("TYPE_").lower()
+                problems.append(f"{name}.{field} must be {'repeated ' if repeated else ''}{want}")
+    if problems:
+        pytest.fail("user.proto does not keep the README's wire contract: " + "; ".join(problems)
+                    + " - a client generated from the published contract decodes fields by "
+                    "NUMBER, so a renumbered field reads one value as another (keep the numbers "
+                    "of the README; never reuse or swap them)", pytrace=False)
+
+
 def test_unary_and_client_streaming(stubs: ProtoStubs, service_class: Any) -> None:
     with running(stubs, service_class()) as stub:
         before = int(time.time())

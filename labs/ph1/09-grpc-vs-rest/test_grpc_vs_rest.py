@@ -125,6 +125,52 @@ class CountingProxy:
             sock.close()
 
 
+class GoawayFirstCall(CountingProxy):
+    """A CountingProxy whose FIRST connection is turned away the way a server going down
+    does it: when the client's first HEADERS frame (its rpc) arrives, the proxy answers
+    GOAWAY(last_stream_id=0) and closes. The rpc never reached the server, so gRPC retries
+    it, transparently, on a new connection: the call makes two TCP connections."""
+
+    _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    _GOAWAY = bytes([0, 0, 8, 7, 0, 0, 0, 0, 0]) + bytes(8)  # last stream 0, NO_ERROR
+
+    def _pump(self, link: Link, source: socket.socket, sink: socket.socket,
+              upward: bool) -> None:
+        if not upward or link is not self.links[0]:
+            super()._pump(link, source, sink, upward)
+            return
+        buffer = b""
+        try:
+            while chunk := source.recv(65536):
+                now = time.perf_counter()
+                with self._lock:
+                    link.sent += len(chunk)
+                    if link.first_sent_at is None:
+                        link.first_sent_at = now
+                buffer += chunk
+                at = len(self._PREFACE) if buffer.startswith(self._PREFACE) else 0
+                while len(buffer) >= at + 9:
+                    size = int.from_bytes(buffer[at:at + 3], "big")
+                    if buffer[at + 3] == 1:  # HEADERS: the rpc itself
+                        sink.sendall(buffer[:at])  # the frames before it (SETTINGS...)
+                        with self._lock:
+                            link.received += len(self._GOAWAY)
+                            link.received_log.append((time.perf_counter(), len(self._GOAWAY)))
+                        source.sendall(self._GOAWAY)
+                        return
+                    at += 9 + size
+        except OSError:
+            pass
+        finally:
+            for sock in (sink, source):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            with self._lock:
+                link.ends += 1  # the other direction's pump ends too: its socket is shut
+
+
 # ---- the servers ------------------------------------------------------------------------
 
 class Recorder(grpc.ServerInterceptor):
@@ -202,22 +248,29 @@ class Observed:
         return chunks[-1][0] - min(starts)
 
 
-def run_case(learner: Any, name: str, target: tuple[str, int]) -> Observed:
+def run_case(learner: Any, name: str, target: tuple[str, int],
+             proxy: CountingProxy | None = None, proxy_class: type = CountingProxy
+             ) -> Observed:
+    """One measurement through a proxy of its own, or through `proxy` (kept open: the same
+    address measured again); the links are the connections of this measurement only."""
     measure = learner.function("grpc_vs_rest", name)
-    proxy = CountingProxy(target)
+    own = proxy is None
+    proxy = proxy_class(target) if proxy is None else proxy
+    earlier = len(proxy.links)
     try:
         start = time.perf_counter()
         report = measure(proxy.address)
         wall = time.perf_counter() - start
         closed = proxy.wait_closed(3.0)
     finally:
-        proxy.close()
+        if own:
+            proxy.close()
     assert isinstance(report, dict) and set(report) >= KEYS, (
         f"{name}() must return a dict with {sorted(KEYS)}, saw {report!r}")
     assert closed, (
         f"{name}(): a connection was still open 3 s after it returned: close the client "
         "(conn.close(), channel.close()) inside the measurement")
-    return Observed(report, list(proxy.links), wall)
+    return Observed(report, list(proxy.links[earlier:]), wall)
 
 
 def check_report(case: str, seen: Observed, before: Observed | None = None) -> None:
@@ -235,7 +288,8 @@ def check_report(case: str, seen: Observed, before: Observed | None = None) -> N
             f"{case}, measured a second time: the report says {carried[0]}="
             f"{report[carried[0]]}, the earlier measurement's count plus this one's: the "
             "counters carry over from one measurement to the next - give every measurement "
-            "a relay with counts of its own (instance attributes, not class or module ones)")
+            "a relay with counts of its own (instance attributes, not class or module ones, "
+            "and a new relay per measurement, not one kept per address and reused)")
     assert report["connections"] == len(seen.links), (
         f"{case}: the report says {report['connections']} TCP connection(s), the test's proxy "
         f"saw {len(seen.links)}")
@@ -315,9 +369,30 @@ def test_grpc_stream_uses_one_connection(learner: Any, running: Servers) -> None
 
 
 def test_a_second_measurement_counts_only_itself(learner: Any, running: Servers) -> None:
-    first = run_case(learner, "measure_grpc_unary", running.grpc)
-    second = run_case(learner, "measure_grpc_unary", running.grpc)
+    # The same address twice: a relay kept per address (and its counts) must not carry over.
+    proxy = CountingProxy(running.grpc)
+    try:
+        first = run_case(learner, "measure_grpc_unary", running.grpc, proxy)
+        second = run_case(learner, "measure_grpc_unary", running.grpc, proxy)
+    finally:
+        proxy.close()
     check_report("protobuf over gRPC (unary)", second, before=first)
+
+
+def test_a_call_that_reconnects_counts_both_connections(learner: Any,
+                                                       running: Servers) -> None:
+    """The first connection is turned away (GOAWAY before the rpc is served) and gRPC
+    retries on a second one: the report must count what happened, two connections."""
+    seen = run_case(learner, "measure_grpc_unary", running.grpc, proxy_class=GoawayFirstCall)
+    assert len(seen.links) == 2, (
+        f"test setup: expected the client to reconnect once after GOAWAY, the proxy saw "
+        f"{len(seen.links)} connection(s)")
+    assert seen.report["connections"] == 2, (
+        f"a ListUsers call whose first connection was sent away (GOAWAY) and retried on a "
+        f"second: the report says connections={seen.report['connections']}, the test's proxy "
+        "saw 2 - count the connections your relay accepts (one per accept()), do not assume "
+        "one client means one connection")
+    check_report("protobuf over gRPC (unary, reconnected)", seen)
 
 
 def test_protobuf_is_smaller_on_the_wire(learner: Any, running: Servers) -> None:

@@ -484,3 +484,40 @@ def test_view_rebuilds_the_original_rows_exactly(db: Conn, learner: Any) -> None
 
 def show(row: Row) -> str:
     return ", ".join(f"{name}={value}" for name, value in zip(ATTRIBUTES, row, strict=True))
+
+
+# --------------------------------------------------------------------------------------
+# 4. Every reference can be followed back without reading the whole referencing table
+
+
+def test_every_foreign_key_column_leads_an_index(db: Conn, learner: Any) -> None:
+    apply_schema(db, learner)
+    tables = read_catalog(db)
+    indexed: dict[str, list[tuple[str, ...]]] = {}
+    for name, cols in db.execute(
+        """SELECT rel.relname::text,
+                  ARRAY(SELECT a.attname::text
+                        FROM unnest(ix.indkey::int2[]) WITH ORDINALITY k(n, i)
+                        JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = k.n
+                        WHERE k.i <= ix.indnkeyatts ORDER BY k.i)
+           FROM pg_index ix JOIN pg_class rel ON rel.oid = ix.indrelid
+           WHERE rel.relnamespace = 'public'::regnamespace AND ix.indpred IS NULL
+             AND ix.indisvalid"""
+    ):
+        indexed.setdefault(name, []).append(tuple(cols))
+    problems: list[str] = []
+    for table in tables.values():
+        for cols, ref_table, _ in table.foreign_keys:
+            leading = [ix for ix in indexed.get(table.name, [])
+                       if set(ix[:len(cols)]) == set(cols)]
+            if not leading:
+                have = ", ".join(fmt(ix) for ix in indexed.get(table.name, [])) or "none"
+                problems.append(
+                    f"{table.name}{fmt(cols)} references {ref_table} but no index of "
+                    f"{table.name} starts with {fmt(cols)} (its indexes: {have})")
+    assert not problems, (
+        "\n".join(problems) + "\n  Postgres indexes the referenced key, never the referencing "
+        "column: without an index that starts with it, every delete or key update in the "
+        "parent table (the foreign key check) and every 'rows of this parent' query reads the "
+        "whole child table. A composite primary key only serves its leading column: "
+        "CREATE INDEX ON <table> (<column>) for each other foreign key column.")

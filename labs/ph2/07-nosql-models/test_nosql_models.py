@@ -48,6 +48,12 @@ def make_products(count: int, seed: int = 7) -> list[Product]:
             attributes["author"] = rnd.choice(["Le Guin", "Borges", "Calvino", "Lem"])
         if category == "shirts":
             attributes["size"] = rnd.choice(["S", "M", "L", "XL"])
+        # Attribute names are the seller's: some are also names of the product's own
+        # fields (a plant's botanical name, a bag's sub-category).
+        if category == "plants":
+            attributes["name"] = ["Ficus lyrata", "Monstera deliciosa", "Pilea"][pid % 3]
+        if category == "bags":
+            attributes["category"] = ["tote", "backpack"][pid % 2]
         name = f"{category[:-1].title()} no. {pid}"
         if pid == 42:
             name = 'Crème brûlée "deluxe" mug'
@@ -215,6 +221,8 @@ def test_same_answers_in_all_three_models(learner: Any, postgres: Any, redis_db:
         ("get(1)", methodcaller("get", 1), by_id[1]),
         ("get(42)", methodcaller("get", 42), by_id[42]),
         (f"get({untagged})", methodcaller("get", untagged), by_id[untagged]),
+        ("get(7) (a plant with a 'name' attribute)", methodcaller("get", 7), by_id[7]),
+        ("get(5) (a bag with a 'category' attribute)", methodcaller("get", 5), by_id[5]),
         ("get(999999)", methodcaller("get", 999_999), None),
     ]
     for category in ("books", "plants", "spaceships"):
@@ -225,7 +233,8 @@ def test_same_answers_in_all_three_models(learner: Any, postgres: Any, redis_db:
         cases.append((f"ids_with_tag({tag!r})", methodcaller("ids_with_tag", tag),
                       [p["id"] for p in products if tag in p["tags"]]))
     for name, value in (("color", "red"), ("brand", "brand-07"), ("size", "XL"),
-                        ("author", "Borges"), ("author", "Nobody")):
+                        ("author", "Borges"), ("author", "Nobody"), ("category", "tote"),
+                        ("name", "Pilea")):
         cases.append((f"ids_with_attribute({name!r}, {value!r})",
                       methodcaller("ids_with_attribute", name, value),
                       [p["id"] for p in products if p["attributes"].get(name) == value]))
@@ -256,6 +265,12 @@ def describe_difference(model: str, label: str, got: Any, want: Any) -> str:
                     f"order; sort them when reading (ORDER BY tag, sorted())")
         if diff:
             shown = "; ".join(f"{k}={got.get(k)!r} (expected {want[k]!r})" for k in diff[:3])
+            clash = sorted(set(want.get("attributes", {})) & (set(want) - {"attributes"}))
+            if clash:
+                shown += (f" - this product has an attribute named {', '.join(map(repr, clash))}"
+                          ", like one of the product's own fields: an attribute must never "
+                          "overwrite (or be read back as) a field; keep attributes apart "
+                          "(a prefix such as attribute:<name>, or a key of their own)")
             return f"{model}.{label}: {shown}"
     if isinstance(want, list) and isinstance(got, list):
         missing = sorted(set(want) - set(got))[:5]
@@ -320,10 +335,109 @@ def test_document_queries_use_the_gin_index(learner: Any, postgres: Any) -> None
                 "a jsonb_path_ops index, cannot use it")
 
 
+def tables_holding(conn: Any, tables: set[str], value: str) -> list[str]:
+    """The tables (of `tables`) with a text column holding `value`: where a lookup of it
+    must go."""
+    found: list[str] = []
+    for table, column, kind in columns_of(conn, tables):
+        if kind in ("text", "character varying") and table not in found:
+            hit = conn.execute(f'SELECT EXISTS (SELECT 1 FROM "{table}" WHERE "{column}" = %s)',
+                               (value,)).fetchone()
+            if hit and hit[0]:
+                found.append(table)
+    return found
+
+
+def test_relational_lookups_use_an_index(learner: Any, postgres: Any) -> None:
+    """On 4000 products, "products with tag X" and "products with attribute a=v" (each ~1%
+    of the rows) are index lookups in the relational model too: the primary key of a
+    (product_id, tag) table serves "tags of a product" only."""
+    module = learner.load("catalog")
+    products = make_products(4000, seed=11)
+    counts = tag_counts(products)
+    tag = min(counts, key=lambda t: (abs(counts[t] - 40), t))
+    queries: list[tuple[str, str, Callable[[Any], Any], list[int], str]] = [
+        (f"ids_with_tag({tag!r})", tag, lambda s: s.ids_with_tag(tag),
+         ids_where(products, lambda p: tag in p["tags"]), "(tag, product_id)"),
+        ("ids_with_attribute('brand', 'brand-07')", "brand-07",
+         lambda s: s.ids_with_attribute("brand", "brand-07"),
+         ids_where(products, lambda p: p["attributes"]["brand"] == "brand-07"),
+         "(name, value, product_id)"),
+    ]
+    with postgres.connect(autocommit=True) as conn:
+        before = user_tables(conn)
+        load_model(module, "RelationalCatalog", postgres, None, products).close()
+        tables = user_tables(conn) - before
+        end_learner_sessions(conn)
+        for table in sorted(tables):
+            conn.execute(f'VACUUM ANALYZE "{table}"')
+        for label, value, call, want, columns in queries:
+            holders = tables_holding(conn, tables, value)
+            counted = {t: scan_counts(conn, t)[0] for t in holders}
+            store = catalog_class(module, "RelationalCatalog")(postgres.dsn)
+            got = call(store)
+            store.close()
+            end_learner_sessions(conn)
+            assert list(got) == want, (
+                f"RelationalCatalog.{label} returned {len(got)} ids, expected {len(want)}")
+            scanned = {t: scan_counts(conn, t)[0] - n for t, n in counted.items()}
+            full = [f"{t} ({n} sequential scan(s))" for t, n in scanned.items() if n]
+            assert not full, (
+                f"RelationalCatalog.{label} read the whole of {', '.join(full)} for one "
+                f"value that ~1% of its rows hold: no index starts with the looked-up "
+                f"column(s). A primary key (product_id, ...) serves 'the rows of a product' "
+                f"only; 'the products with this value' needs an index that starts with the "
+                f"value, e.g. CREATE INDEX ON <table> {columns}")
+
+
+WRITES = {"HSET", "HMSET", "HSETNX", "SADD", "SET", "RPUSH", "LPUSH", "ZADD"}
+
+
+def writes_not_atomic(commands: list[list[str]]) -> str | None:
+    """What is wrong with how add_products wrote: every write inside MULTI ... EXEC, and a
+    product's hash in the same transaction as the index sets that list its id."""
+    block = -1
+    in_multi = False
+    outside: list[list[str]] = []
+    hash_block: dict[str, int] = {}
+    index_block: list[tuple[str, str, int]] = []
+    for command in commands:
+        name = command[0]
+        if name == "MULTI":
+            in_multi, block = True, block + 1
+        elif name in ("EXEC", "DISCARD"):
+            in_multi = False
+        elif name in WRITES:
+            if not in_multi:
+                outside.append(command)
+                continue
+            key = command[1] if len(command) > 1 else ""
+            if name.startswith("H") and key.rsplit(":", 1)[-1].isdigit():
+                hash_block[key.rsplit(":", 1)[-1]] = block
+            elif name == "SADD":
+                index_block += [(key, member, block) for member in command[2:]]
+    if outside:
+        shown = ", ".join(" ".join(c[:2]) for c in outside[:3])
+        return (f"RedisCatalog.add_products sent {len(outside)} write(s) outside MULTI ... EXEC "
+                f"(first: {shown}): a product's hash and its index sets must appear together, "
+                "or a reader finds an id in index:tag:<t> whose product:<id> is not written "
+                "yet (and a crash between them leaves the index and the data disagreeing) - "
+                "write them in one transaction: pipeline(transaction=True) sends MULTI/EXEC")
+    split = [(key, member) for key, member, b in index_block
+             if member in hash_block and hash_block[member] != b]
+    if split:
+        key, member = split[0]
+        return (f"RedisCatalog.add_products added product {member} to {key} in another "
+                "MULTI ... EXEC than its hash: the product and its index entries must be "
+                "written in the same transaction")
+    return None
+
+
 def test_redis_model_uses_hashes_and_index_sets(learner: Any, redis_db: Any) -> None:
     module = learner.load("catalog")
     products = make_products(600)
-    store = load_model(module, "RedisCatalog", None, redis_db, products)
+    with redis_commands(redis_db) as written:
+        store = load_model(module, "RedisCatalog", None, redis_db, products)
     counts = tag_counts(products)
     tag = max(counts, key=lambda t: (counts[t], t))
     client = redis_db.client(decode_responses=True)
@@ -342,6 +456,9 @@ def test_redis_model_uses_hashes_and_index_sets(learner: Any, redis_db: Any) -> 
             f"no Redis set holds exactly the {len(want)} ids tagged {tag!r}: keep a set per "
             "tag (and per category, per attribute value) as the secondary index, "
             "updated together with the product")
+
+        problem = writes_not_atomic(written)
+        assert problem is None, problem
 
         lookups: list[tuple[str, Callable[[], Any]]] = [
             (f"ids_with_tag({tag!r})", lambda: store.ids_with_tag(tag)),

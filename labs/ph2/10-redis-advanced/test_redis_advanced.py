@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -161,6 +163,35 @@ def test_rate_limit_window_is_fixed_and_restarts(learner: Any, redis_db: Any) ->
         client.close()
 
 
+def test_window_starts_at_the_first_call(learner: Any, redis_db: Any) -> None:
+    """A fixed window starts at the key's first call: a clock boundary (time // window)
+    passing inside it must not open a new one. The first call is made in the middle of a
+    clock-aligned period and the second just after that period ends, both well inside the
+    window (1.5 s on either side of the edges)."""
+    window = 3
+    limiter = limiter_class(learner)(redis_db.url, limit=1, window_seconds=window)
+
+    def phase() -> float:
+        return time.time() % window
+
+    while not 1.4 <= phase() < 1.6:
+        time.sleep(0.01)
+    first_at = time.time()
+    assert limiter.allow("edge") is True, "the first call of a window must be allowed"
+    period = int(first_at) // window
+    while int(time.time()) // window == period:
+        time.sleep(0.01)
+    second_at = time.time()
+    allowed = limiter.allow("edge")
+    if time.time() - first_at < window - 0.3:  # the check is meaningful only inside the window
+        assert allowed is False, (
+            f"limit 1 per {window} s: a second call {second_at - first_at:.1f} s after the "
+            f"first was allowed, just after the clock passed a multiple of {window} s: the "
+            "window restarted at a clock boundary (a key or count per time // window) - "
+            "the README's window starts at the key's first call: one counter key per key, "
+            "whose EXPIRE, set when INCR returns 1, ends the window")
+
+
 def test_pubsub_fans_out_to_every_subscriber(learner: Any, redis_db: Any) -> None:
     module = learner.load("advanced")
     publish = learner.function("advanced", "publish")
@@ -199,6 +230,103 @@ def test_pubsub_fans_out_to_every_subscriber(learner: Any, redis_db: Any) -> Non
         for sub in subscribers:
             sub.close()
         admin.close()
+
+
+class SubscribeHold:
+    """A TCP proxy in front of Redis that holds every client->server chunk carrying a
+    SUBSCRIBE until release(): the subscription cannot be confirmed before the test says so.
+    Everything else (the connection's HELLO/AUTH/SELECT) passes at once."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.held = threading.Event()
+        self._released = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                return
+            self._sockets += [client, upstream]
+            for source, sink, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(source, sink, up), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, up: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if up and b"SUBSCRIBE" in chunk.upper():
+                    self.held.set()
+                    self._released.wait(30)
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (sink, source):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self.release()
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) -> None:
+    """The server's confirmation of SUBSCRIBE is what makes "subscribed when the constructor
+    returns" true: the test holds the SUBSCRIBE on its way and watches the constructor."""
+    cls = getattr(learner.load("advanced"), "Subscriber", None)
+    if not isinstance(cls, type):
+        pytest.fail("advanced.py: define a class Subscriber (see the README)", pytrace=False)
+    url = urlsplit(redis_db.url)
+    proxy = SubscribeHold(url.hostname or "127.0.0.1", url.port or 6379)
+    netloc = url.netloc.rsplit("@", 1)
+    netloc[-1] = f"127.0.0.1:{proxy.port}"
+    via = urlunsplit(url._replace(netloc="@".join(netloc)))
+    box: dict[str, Any] = {}
+    returned = threading.Event()
+
+    def construct() -> None:
+        try:
+            box["sub"] = cls(via, f"lab:{uuid.uuid4().hex}")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            box["error"] = exc
+        returned.set()
+
+    threading.Thread(target=construct, daemon=True).start()
+    try:
+        if not proxy.held.wait(10):
+            returned.wait(10)
+            pytest.fail("Subscriber() never sent SUBSCRIBE on its connection "
+                        f"({box.get('error')!r}): subscribe in the constructor", pytrace=False)
+        early = returned.wait(1.0)  # SUBSCRIBE is held: nothing can have confirmed it
+        assert not early or "error" in box, (
+            "Subscriber() returned while its SUBSCRIBE had not reached the server yet (the "
+            "test held it): the constructor sent the command and did not wait for the "
+            "server's confirmation, so a message published right after it returns can reach "
+            "no one - read the 'subscribe' confirmation (pubsub.get_message(timeout=...)) "
+            "before returning")
+        proxy.release()
+        assert returned.wait(10), "Subscriber() did not return after SUBSCRIBE was confirmed"
+        if "error" in box:
+            pytest.fail(f"Subscriber() raised {type(box['error']).__name__}: {box['error']}",
+                        pytrace=False)
+    finally:
+        proxy.release()
+        if "sub" in box:
+            box["sub"].close()
+        proxy.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -248,6 +376,14 @@ def test_keys_survive_a_restart_with_aof_on(learner: Any, redis_db: Any) -> None
         assert info.get("aof_enabled") == 1, (
             f"after enable_aof() the server reports aof_enabled:{info.get('aof_enabled')}: "
             "turn the append-only file on (CONFIG SET appendonly yes)")
+        running = {k: info.get(k) for k in ("aof_rewrite_in_progress", "aof_rewrite_scheduled")}
+        assert not any(running.values()), (
+            f"enable_aof() returned while the server still reports "
+            f"{', '.join(f'{k}:{v}' for k, v in running.items())}: switching the AOF on starts "
+            "a background rewrite that writes the existing data into the new AOF, and until it "
+            "finishes the AOF does not hold that data (a restart now would load an incomplete "
+            "file) - after CONFIG SET appendonly yes, wait until INFO persistence shows "
+            "aof_rewrite_in_progress:0 and aof_rewrite_scheduled:0")
         client = redis_db.client(decode_responses=True)
         written = {f"session:{n}": f"user-{n}" for n in range(50)}
         client.mset(written)

@@ -80,3 +80,7 @@ FROM order_lines l
 JOIN orders    o ON o.order_id    = l.order_id
 JOIN customers c ON c.customer_id = o.customer_id
 JOIN products  p ON p.product_sku = l.product_sku;
+
+-- Indexes for the other references: "orders of a customer", and the foreign key check
+-- when a customer is deleted, read orders by customer_id.
+CREATE INDEX orders_customer_id_idx ON orders (customer_id);
