@@ -181,8 +181,8 @@ def check_against_rules(reply: Any, doc: Any, sent: bytes) -> None:
         return
     assert reply.status == 422, (
         f"an invalid order {doc!r} (wrong: {sorted(bad)}) was answered {reply.status} "
-        f"{reply.body[:150]!r}, expected 422\n"
-        + (why_accepted(doc, bad) if reply.status < 300 else
+        f"{reply.body[:150]!r}, expected 422"
+        + (": " + why_accepted(doc, bad) if reply.status < 300 else "\n" +
            "422 Unprocessable Content is for a body that is well-formed JSON whose content "
            "breaks the rules; 400 is for a body that is not JSON at all."))
     body = reply.json()
