@@ -342,11 +342,18 @@ def held(server: Server, what: str) -> bool:
     return False
 
 
-def open_gate(fifo: Path) -> None:
-    try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: nobody is held there
-    except OSError:
-        return
+def open_gate(fifo: Path, *, wait: bool = True) -> None:
+    """Let the held step go on: open the FIFO for writing once the gate has it open for
+    reading (ENXIO until then: the gate prints its line just before it opens)."""
+    deadline = time.monotonic() + (WAIT if wait else 0)
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
     try:
         os.write(fd, b"x")
     finally:
@@ -387,7 +394,7 @@ def test_a_request_accepted_before_sigterm_is_drained_even_if_its_thread_has_not
             f"after draining, the server exited with status {status}, expected 0"
             f"{killed_by(status)}")
     finally:
-        open_gate(fifo)
+        open_gate(fifo, wait=False)
         sock.close()
 
 
@@ -420,5 +427,5 @@ def test_a_request_counts_as_in_flight_until_its_answer_is_out(
             f"after draining, the server exited with status {status}, expected 0"
             f"{killed_by(status)}")
     finally:
-        open_gate(fifo)
+        open_gate(fifo, wait=False)
         request.close()
