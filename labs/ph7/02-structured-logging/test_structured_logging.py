@@ -151,6 +151,8 @@ def test_levels_and_threshold(serve: Any) -> None:
             http_request(host, "GET", "/debug-me")
             login(host, "bob", "wrong")
             http_request(host, "GET", "/boom")
+            http_request(host, "POST", "/login", document={"username": "bob"})  # 400
+            http_request(host, "GET", "/no-such-page")  # 404
         records = log.records()
         levels = [r.get("level") for r in records]
         has_debug = "DEBUG" in levels
@@ -159,17 +161,22 @@ def test_levels_and_threshold(serve: Any) -> None:
             f"left levels {levels}: expected {'a' if want_debug else 'no'} DEBUG record\n"
             "Records below the configured level are not written; at DEBUG they are.")
         by_status = {r.get("status"): r.get("level") for r in records if "status" in r}
-        want = {200: "INFO", 401: "WARN", 500: "ERROR"}
+        want = {200: "INFO", 400: "WARN", 401: "WARN", 404: "WARN", 500: "ERROR"}
         seen = {s: by_status.get(s) for s in want}
-        assert seen == want, (
-            f"access records by status: levels {seen}, expected {want}\nThe level says how "
-            "bad it is: a success is INFO, a client error WARN, a server error ERROR (log "
-            "access lines with method, path, status and the level their status deserves).")
+        wrong = {s: (seen[s], want[s]) for s in want if seen[s] != want[s]}
+        assert not wrong, (
+            "access records logged at the wrong level: "
+            + "; ".join(f"status {s} at {got}, expected {exp}" for s, (got, exp)
+                        in wrong.items())
+            + f" (all: {seen})\nThe level says how bad it is: every 2xx/3xx is INFO, every "
+            "4xx (400 through 499, 400 itself included) WARN, every 5xx ERROR - compare with "
+            ">= 400 and >= 500, and log access lines at the level their status deserves.")
 
 
 def test_trace_id_comes_from_traceparent(serve: Any) -> None:
     server, log = serve()
     trace_id, header = traceparent()
+    parent_span = header.split("-")[2]
     with server as host:
         login(host, "carol", PASSWORD, headers={"traceparent": header})
         http_request(host, "GET", "/no-such-page")
@@ -182,6 +189,17 @@ def test_trace_id_comes_from_traceparent(serve: Any) -> None:
         f"{trace_id}\nTake the trace id from the incoming traceparent (00-<trace id>-<parent "
         "span id>-<flags>) so this service's lines join the caller's trace; put it on every "
         "line of the request.")
+    reused = [r for r in carol if r.get("span_id") == parent_span]
+    assert not reused, (
+        f"a request with traceparent {header} logged span_id {parent_span} - the CALLER's "
+        "span id (the traceparent's third part) - on its line(s) "
+        f"{[r.get('message') for r in reused]}\nThat id names the caller's span; this "
+        "request is a new span, its child: keep the trace id, make a new span id "
+        "(secrets.token_hex(8)) for the request.")
+    spans = [r.get("span_id") for r in records if r.get("path") == "/no-such-page"]
+    assert len(set(spans)) == len(spans), (
+        f"two different requests logged the same span_id {spans}: each request is its own "
+        "span, with a new span id")
     others = [r.get("trace_id") for r in records if r.get("path") == "/no-such-page"]
     assert len(others) == 2 and len(set(others)) == 2 and trace_id not in others, (
         f"two requests without traceparent logged trace ids {others}, expected a fresh, "
@@ -197,6 +215,10 @@ def test_no_secret_is_ever_logged(serve: Any) -> None:
         "a session cookie": "sess-" + secrets.token_hex(12),
         "a token in the query string": "qt-" + secrets.token_hex(12),
         "the right password": PASSWORD,
+        "the password of a login body without a username (answered 400)":
+            "nouser-" + secrets.token_hex(8),
+        "the password of a login body that is not valid JSON (answered 400)":
+            "badjson-" + secrets.token_hex(8),
     }
     server, log = serve("DEBUG")  # the most verbose setting: nothing may leak even there
     with server as host:
@@ -207,14 +229,26 @@ def test_no_secret_is_ever_logged(serve: Any) -> None:
               query=f"?token={planted['a token in the query string']}&lang=en")
         login(host, "erin", PASSWORD, headers=headers)
         http_request(host, "GET", "/boom", headers=headers)
+        # the error paths: requests the app cannot read still carry secrets
+        http_request(host, "POST", "/login", document={"password": planted[
+            "the password of a login body without a username (answered 400)"]})
+        http_request(host, "POST", "/login", body=(
+            '{"username": "frank", "password": "' + planted[
+                "the password of a login body that is not valid JSON (answered 400)"]
+            + '"').encode())
     text = log.text()
     log.records()  # and still one JSON object per line
     for what, secret in planted.items():
         forms = {secret, json.dumps(secret)[1:-1], secret.replace(" ", "+"),
                  secret.replace(" ", "%20")}
         leaked = [f for f in forms if f in text]
+        where = [r.get("message") for r in log.records()
+                 if any(f in json.dumps(r, ensure_ascii=False) or f in json.dumps(r)
+                        for f in forms)]
         assert not leaked, (
-            f"{what} ({secret!r}) appears in the log\nNever log secrets: no request bodies "
+            f"{what} ({secret!r}) appears in the log, in the record(s) {where}\nNever log "
+            "secrets - on the error paths neither: a request the app cannot parse is no "
+            "less secret (never log its raw body 'to debug it'); no request bodies "
             "or headers wholesale; redact credential headers (Authorization, Cookie, "
             "X-Api-Key) and sensitive query parameters (token=...) in the path you log, and "
             "run every field through a redaction filter as a second line of defence.")

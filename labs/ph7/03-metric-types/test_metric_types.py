@@ -82,8 +82,16 @@ def test_each_metric_has_the_right_type(learner: Any) -> None:
             f"{name} is exposed as a {families[name]}, expected a {wanted}: {why}")
 
 
+def _exposed(address: str, family: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The learner's own /metrics, read directly: each sample of ``family`` by its labels."""
+    reply = http_request(address, "GET", "/metrics")
+    return {tuple(sorted(sample.labels.items())): sample.value
+            for f in text_string_to_metric_families(reply.body.decode())
+            for sample in f.samples if sample.name == family}
+
+
 def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> None:
-    with _worker(learner, prometheus) as (metrics, _address, job):
+    with _worker(learner, prometheus) as (metrics, address, job):
         # 37 email jobs succeed and 5 fail, 11 sms jobs succeed; 3 more email jobs are still
         # running when Prometheus scrapes.
         plan = [("email", True)] * 37 + [("email", False)] * 5 + [("sms", True)] * 11
@@ -91,6 +99,13 @@ def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> Non
             metrics.started(queue)
         for _ in range(3):
             metrics.started("email")
+        level = _exposed(address, "jobs_in_progress").get((("queue", "email"),))
+        assert level == 45, (
+            f"45 email jobs started and none finished yet, and /metrics shows "
+            f'jobs_in_progress{{queue="email"}} = {level}, expected 45: the gauge is how many '
+            "jobs are in progress - inc() when one starts, dec() when one finishes"
+            + (" (set(1) / set(0) records one job's state, not how many are running)"
+               if level == 1 else ""))
         for index, (queue, ok) in enumerate(plan):
             metrics.finished(queue, 0.05 + index / 1000, ok)
         prometheus.wait_for_scrapes(job)
@@ -105,6 +120,17 @@ def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> Non
                 "(the 3 jobs still running must not be counted yet)")
         extra = sorted(set(seen) - set(want))
         assert not extra, f"unexpected jobs_total series {extra}: outcome is 'ok' or 'error'"
+        observed = _series(prometheus, f'job_duration_seconds_count{{job="{job}"}}', "queue")
+        for queue, finished, failed in (("email", 42, 5), ("sms", 11, 0)):
+            got = observed.get((queue,))
+            assert got == finished, (
+                f'job_duration_seconds_count{{queue="{queue}"}} = {got}, but {finished} {queue} '
+                f"jobs finished ({failed} of them failed)"
+                + (": only the successful jobs' durations were observed - a failed job "
+                   "took time too; observe every finished job's duration, whatever its "
+                   "outcome (a latency histogram without the failures hides the slow errors)"
+                   if got == finished - failed and failed else
+                   ": observe each finished job's duration once, in finished()"))
 
         running = _series(prometheus, f'jobs_in_progress{{job="{job}"}}', "queue")
         assert running.get(("email",)) == 3, (

@@ -243,7 +243,28 @@ def test_a_failing_call_marks_spans_as_errors(stack: Stack) -> None:
     everything = stack.receiver.snapshot()
     inv = one(spans, "inventory", "SERVER", "the failing inventory request", everything)
     client = one(spans, "frontend", "CLIENT", "the call that got a 500", everything)
+    misplaced = [s for s in spans if s.status == "ERROR" and s.kind == "INTERNAL"]
     assert (inv.status, client.status) == ("ERROR", "ERROR"), (
         f"inventory answered 500: its SERVER span has status {inv.status}, the frontend's "
         f"CLIENT span {client.status}; expected ERROR for both (span.set_status("
-        "Status(StatusCode.ERROR))), so the trace shows where it failed")
+        "Status(StatusCode.ERROR))), so the trace shows where it failed"
+        + (f" - the ERROR was set on the INTERNAL span(s) "
+           f"{[f'{s.service}/{s.name}' for s in misplaced]}: set it on the span of the "
+           "request itself (the SERVER span you started with kind=SERVER, not whatever "
+           "trace.get_current_span() is at that moment)" if misplaced else ""))
+
+
+def test_a_client_error_is_not_a_server_error(stack: Stack) -> None:
+    trace_id, _, headers = caller()
+    reply = stack.call("/checkout/NO-SUCH-SKU", headers)
+    assert reply.status == 404, f"GET /checkout/NO-SUCH-SKU: expected 404, saw {reply.status}"
+    spans = stack.trace(trace_id)
+    everything = stack.receiver.snapshot()
+    servers = [one(spans, service, "SERVER", "a request for an unknown sku", everything)
+               for service in ("inventory", "frontend")]
+    wrong = [f"{s.service} SERVER span {s.status}" for s in servers if s.status == "ERROR"]
+    assert not wrong, (
+        f"a request for an unknown sku (inventory answered 404) left {', '.join(wrong)}: a "
+        "4xx is the CLIENT's mistake, not a failure of the server - the HTTP semantic "
+        "conventions leave a SERVER span's status UNSET for 4xx and set ERROR for 5xx only "
+        "(compare with >= 500, not >= 400), or every bad request reads as an outage")

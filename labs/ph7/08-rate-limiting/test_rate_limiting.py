@@ -45,6 +45,19 @@ SCRIPTS = [
         Step(5000.0, 9, 5, "after a long idle time the bucket holds `capacity` tokens, not "
              "rate x idle time: refill is capped"),
     ]),
+    # A real clock: epoch seconds (10 integer digits) with sub-millisecond steps. State kept
+    # with fewer than 17 significant digits (Lua's tostring keeps 14, whole milliseconds
+    # keep 13) moves the last refill time by tens of microseconds: at 1000 tokens/s that is
+    # a few hundredths of a token, enough to tip 0.98 over 1.
+    Script("token-bucket-epoch-clock", "TokenBucket", {"capacity": 1, "rate": 1000.0}, [
+        Step(1700000000.00004, 2, 1, "a new bucket of capacity 1: one passes"),
+        Step(1700000000.00102, 1, 0, "0.98 ms later at 1000 tokens/s the bucket holds 0.98 "
+             "token: refused. Allowing it means the stored refill time lost its last digits "
+             "(1700000000.00004 kept as 1700000000): store tokens and time with full "
+             "precision - string.format('%.17g', x) or repr() - never tostring() (14 "
+             "digits) nor whole milliseconds"),
+        Step(1700000000.0011, 1, 1, "0.08 ms more: 1.06 tokens, one passes"),
+    ]),
     Script("sliding-log", "SlidingWindowLog", {"limit": 3, "window": 10.0}, [
         Step(100.0, 1, 1, "first request in an empty window"),
         Step(101.0, 1, 1, "second"),
@@ -113,6 +126,46 @@ def test_exact_limits_on_an_injected_clock(learner: Any, redis_db: Any, script: 
     # other keys have budgets of their own
     fresh = decide(limiter, "client-b", script.steps[-1].now, f"{script.cls}, another key")
     assert fresh, f"{script.cls}: a different key was refused: each key has its own budget"
+
+
+EXPIRY_CASES = [
+    # (class, params, how long a key's state still matters after a request at a window's
+    #  start, in seconds of the same clock)
+    ("TokenBucket", {"capacity": 5, "rate": 0.25}, 20.0,
+     "the bucket needs capacity / rate = 20 s to refill; a key that expires sooner hands "
+     "out a full bucket early"),
+    ("SlidingWindowLog", {"limit": 3, "window": 10.0}, 10.0,
+     "an entry counts for one window"),
+    ("SlidingWindowCounter", {"limit": 10, "window": 10.0}, 20.0,
+     "a window's counter is read for the whole NEXT window too (as the weighted previous "
+     "count): it must live about two windows, not one"),
+]
+
+
+@pytest.mark.parametrize("cls,params,needed,why", EXPIRY_CASES,
+                         ids=[c[0] for c in EXPIRY_CASES])
+def test_keys_do_not_expire_while_their_state_still_counts(
+        learner: Any, redis_db: Any, cls: str, params: dict[str, float], needed: float,
+        why: str) -> None:
+    limiter = make(learner, redis_db, cls, "ttl", **params)
+    decide(limiter, "client-a", 1000.0, f"{cls} at t=1000.0")
+    client = redis_db.client()
+    try:
+        keys = sorted(k.decode() for k in client.scan_iter(match="ttl*"))
+        assert keys, (
+            f"{cls}: after a request, no Redis key starts with the limiter's prefix 'ttl': "
+            "the state must live in Redis, under the prefix given, so every app instance "
+            "shares one budget - not in the process")
+        short = {k: client.pttl(k) / 1000 for k in keys}
+    finally:
+        client.close()
+    short = {k: ttl for k, ttl in short.items() if 0 <= ttl < needed - 1}
+    assert not short, (
+        f"{cls}({params}): right after a request the key(s) "
+        + ", ".join(f"{k} expire in {ttl:.1f} s" for k, ttl in short.items())
+        + f", but their state still counts for {needed:g} s: {why}. With a real clock "
+        "(now = time.time()) the limiter then forgets requests it must still count and "
+        "lets extra ones through. Set the TTL to at least that (plus a margin).")
 
 
 CONCURRENT_CASES = [

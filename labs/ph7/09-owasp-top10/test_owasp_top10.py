@@ -117,6 +117,11 @@ def target(learner: Any, postgres: Any) -> Iterator[Target]:
         "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
         "/to-private": (301, {"Location": "http://10.0.0.7/"}, b""),
         "/to-file": (302, {"Location": "file:///etc/passwd"}, b""),
+        # a chain of 4 redirects, all within the partner: one more than the 3 allowed
+        "/r4": (302, {"Location": "/r3"}, b""),
+        "/r3": (302, {"Location": "/r2"}, b""),
+        "/r2": (302, {"Location": "/r1"}, b""),
+        "/r1": (302, {"Location": "/ok"}, b""),
     })
     make_app = learner.function("secure_app", "make_app")
     try:
@@ -148,7 +153,10 @@ SQLI = [
     ("' UNION SELECT id, secret FROM api_keys --", "UNION exfiltration of the api_keys table"),
     ("x'; DROP TABLE products; --", "a stacked DROP TABLE"),
     ("widget' --", "a comment that cuts the query"),
+    ("%", "a LIKE wildcard that matches every name"),
+    ("_idget", "a LIKE one-character wildcard"),
 ]
+LIKE_WILDCARDS = {"%", "_idget"}
 
 
 def test_sql_injection(target: Target) -> None:
@@ -163,9 +171,13 @@ def test_sql_injection(target: Target) -> None:
         assert not leaked and reply.status < 500 and rows in ([], None), (
             f"SQL injection ({what}): name={payload!r} was answered {reply.status} with "
             f"{reply.body[:200]!r}, expected 200 and no rows (no product has that name)\n"
-            "The value was spliced into the SQL text and ran as SQL. Pass it as a query "
-            "parameter: conn.execute('... WHERE name = %s', (name,)); never build SQL with "
-            "f-strings, % or +, and escaping by hand is not a fix.")
+            + ("The query compares with LIKE: in a LIKE pattern % and _ are wildcards, so the "
+               "client still chooses what matches (name=% lists every product). An exact-"
+               "name search is WHERE name = %s; if you do want LIKE, escape % _ and \\ in "
+               "the value first." if payload in LIKE_WILDCARDS else
+               "The value was spliced into the SQL text and ran as SQL. Pass it as a query "
+               "parameter: conn.execute('... WHERE name = %s', (name,)); never build SQL "
+               "with f-strings, % or +, and escaping by hand is not a fix."))
     with target.db.connect() as conn:
         left = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'products'"
                             ).fetchone()[0]
@@ -252,6 +264,7 @@ def test_ssrf(target: Target) -> None:
         f"the partner redirected to its own /ok: expected 200 with its body, saw "
         f"{hop.status} {hop.body[:150]!r}: follow redirects that stay allowed (validate each "
         "hop), do not refuse all of them")
+    allowed_origin = f"http://127.0.0.1:{p}"
     attacks = [
         (f"http://127.0.0.1:{q}/admin", "the internal server directly"),
         (f"http://localhost:{q}/admin", "the internal server by name"),
@@ -277,9 +290,14 @@ def test_ssrf(target: Target) -> None:
         reply = call(target, "POST", "/fetch", document={"url": url})
         text = reply.body.decode(errors="replace")
         reached = target.internal.hits[before:]
+        same_host = url.startswith(f"http://127.0.0.1:{q}/")
         assert not reached, (
             f"SSRF ({what}): fetching {url!r} made the server request {reached} from the "
-            f"internal server on 127.0.0.1:{q}\nAllow only listed origins, comparing scheme, "
+            f"internal server on 127.0.0.1:{q}, an origin not on the allowlist "
+            f"[{allowed_origin}]"
+            + (f" - same scheme and host as the allowed origin, another PORT: an origin is "
+               f"scheme, host AND port, and port {q} is not {p}" if same_host else "")
+            + "\nAllow only listed origins, comparing scheme, "
             "host and port after parsing (a prefix check is fooled by 'allowed@evil'), "
             "refuse credentials in URLs, and do not let the HTTP client follow redirects: "
             "follow them yourself and validate every hop.")
@@ -288,3 +306,12 @@ def test_ssrf(target: Target) -> None:
             "expected 400 (refused before connecting)\nAnything not on the allowlist is "
             "refused up front: an attempt to connect (502, a timeout) already lets an "
             "attacker scan the internal network.")
+    before = len(target.partner.hits)
+    chain = call(target, "POST", "/fetch", document={"url": f"http://127.0.0.1:{p}/r4"})
+    followed = target.partner.hits[before:]
+    assert chain.status == 400 and "/ok" not in followed, (
+        f"a chain of 4 redirects (/r4 -> /r3 -> /r2 -> /r1 -> /ok) was answered "
+        f"{chain.status} {chain.body[:100]!r}; the partner was asked {followed}: at most 3 "
+        "redirects may be followed, so /r1's redirect (the 4th) must be refused (400) and "
+        "/ok never requested - count the hops: the first request plus 3 redirects is 4 "
+        "requests in all, an off-by-one follows one more (and a loop runs away)")

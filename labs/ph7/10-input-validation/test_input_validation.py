@@ -79,8 +79,13 @@ BAD = {"sku": ["abc-1234", "ABC-123", "ABC-1234\n", " ABC-1234", "ABC_1234",
                 "ABC-１２３４", "", "ABC-1234; DROP TABLE orders", 1234, None],
        "quantity": [True, False, 0, -1, 101, 10**30, 5.0, 2.5, "5", None, [5]],
        "email": ["", "no-at-sign", "a@b", "a@@b.io", "a@b.io\n", "<a@b.io>",
-                             "a" * 250 + "@b.io", 42],
-       "note": ["x" * 201, "line\nbreak", "nul\x00byte", "bidi\u202etxt", 7, []]}
+                             "a" * 250 + "@b.io", 42,
+                             # every part within the pattern's bounds, 255 characters in all
+                             "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 62],
+       "note": ["x" * 201, "line\nbreak", "nul\x00byte", "bidi\u202etxt", "c1\x85next",
+                "zero\u200bwidth", 7, []]}
+# the longest address the rules allow: 254 characters, every part at its bound
+EMAIL_254 = "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 61
 EXTRA = [("is_admin", True), ("price", 0), ("__proto__", {}), ("Sku", "ABC-1234")]
 extra_field = st.sampled_from(EXTRA)
 BASE = {"sku": "KEY-0042", "quantity": 3, "email": "ana@shop.example", "note": "ring twice"}
@@ -144,6 +149,20 @@ def why_accepted(doc: Any, bad: set[str]) -> str:
     missing = [f for f in ("sku", "quantity", "email") if f not in doc]
     if missing:
         return f"Accepted an order without {missing}: required fields must be present."
+    email = doc.get("email")
+    if "email" in bad and isinstance(email, str) and len(email) > 254:
+        return (f"Accepted an email of {len(email)} characters: the pattern bounds each part "
+                "(local part 64, each label 63) but not the whole; an address is at most 254 "
+                "characters - check len(email) <= 254 as well.")
+    note = doc.get("note")
+    if "note" in bad and isinstance(note, str) and len(note) <= 200:
+        odd = sorted({f"U+{ord(c):04X} ({unicodedata.category(c)})" for c in note
+                      if unicodedata.category(c) in ("Cc", "Cf", "Cs")})
+        if odd:
+            return (f"Accepted a note holding {', '.join(odd)}: control (Cc: C0 AND C1, "
+                    "e.g. U+0085), format (Cf: U+202E right-to-left override, U+200B zero "
+                    "width) and surrogate (Cs) characters are all refused - test "
+                    "unicodedata.category(ch), not ord(ch) < 32.")
     return ("Accepted a value outside the rules: check every field's exact type, range "
             "(1 <= quantity <= 100) and length (note <= 200, email <= 254), and forbid "
             "control characters.")
@@ -162,8 +181,8 @@ def check_against_rules(reply: Any, doc: Any, sent: bytes) -> None:
         return
     assert reply.status == 422, (
         f"an invalid order {doc!r} (wrong: {sorted(bad)}) was answered {reply.status} "
-        f"{reply.body[:150]!r}, expected 422\n"
-        + (why_accepted(doc, bad) if reply.status < 300 else
+        f"{reply.body[:150]!r}, expected 422"
+        + (": " + why_accepted(doc, bad) if reply.status < 300 else "\n" +
            "422 Unprocessable Content is for a body that is well-formed JSON whose content "
            "breaks the rules; 400 is for a body that is not JSON at all."))
     body = reply.json()
@@ -193,6 +212,9 @@ ONE_MISTAKE = ([(f"{field}={value!r}", {**BASE, field: value})
 
 def test_each_typical_mistake_is_a_422(host: str) -> None:
     check_against_rules(post(host, json.dumps(BASE).encode()), BASE, json.dumps(BASE).encode())
+    longest = {**BASE, "email": EMAIL_254}
+    check_against_rules(post(host, json.dumps(longest).encode()), longest,
+                        json.dumps(longest).encode())
     for _, doc in ONE_MISTAKE:
         sent = json.dumps(doc).encode()
         check_against_rules(post(host, sent), doc, sent)
@@ -299,4 +321,8 @@ def test_too_large_is_413_before_the_body_is_read(host: str) -> None:
         status = head.split(b"\r\n")[0]
         assert re.match(rb"HTTP/1\.\d 4\d\d ", status), (
             f"Content-Length: {bad_length.decode()} was answered {status!r}, expected a "
-            "4xx (400): the header is client input too; int() of it can raise")
+            "4xx (400): the header is client input too; "
+            + ("a negative length passes a 'length > max_body' check, and read(-1) then "
+               "reads until the client closes - accept only digits (str.isdigit), not "
+               "whatever int() takes" if bad_length.startswith(b"-") else
+               "int() of it raises - check it is digits first"))

@@ -35,6 +35,22 @@ SANITIZER_ENV = {
 }
 
 _builds: dict[Path, Path] = {}
+_shim: list[Path] = []
+
+
+@pytest.fixture
+def gate_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gate_shim.c (next to this file) built once: preloaded, it holds one step of one
+    request until the test opens a FIFO - see its header."""
+    if not _shim:
+        out = tmp_path_factory.mktemp("gate") / "gate_shim.so"
+        done = subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(out),
+                               str(Path(__file__).with_name("gate_shim.c")), "-ldl"],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the test's gate_shim.c did not build: {done.stderr}")
+        _shim.append(out)
+    return _shim[0]
 
 
 @pytest.fixture
@@ -103,10 +119,15 @@ class Server:
 def launch(binary: Path) -> Iterator[Any]:
     started: list[Server] = []
 
-    def start(drain_ms: int = 30000, leak_check: bool = True) -> Server:
+    def start(drain_ms: int = 30000, leak_check: bool = True,
+              gate: tuple[Path, str, Path] | None = None) -> Server:
         env = {**os.environ, **SANITIZER_ENV}
         if not leak_check:  # an exit without LeakSanitizer's pass at exit is immediate
             env["ASAN_OPTIONS"] = env["ASAN_OPTIONS"].replace("detect_leaks=1", "detect_leaks=0")
+        if gate is not None:  # (shim, what to hold, FIFO)
+            env["LD_PRELOAD"] = str(gate[0])
+            env["SHUTDOWN_TEST_HOLD"], env["SHUTDOWN_TEST_GATE"] = gate[1], str(gate[2])
+            env["ASAN_OPTIONS"] += ":verify_asan_link_order=0"
         proc = subprocess.Popen([str(binary), "0", str(drain_ms)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env)
         server = Server(proc)
@@ -267,12 +288,28 @@ def test_five_in_flight_complete_new_refused_then_exit_zero(launch: Any) -> None
 
 
 def test_a_stuck_request_does_not_hold_shutdown_past_the_deadline(launch: Any) -> None:
-    server = launch(drain_ms=1500)
+    server = launch(drain_ms=1500, leak_check=False)  # leaks are checked by the idle test
+    up = time.monotonic()
     stuck = Slow(server.port, "stuck")      # never finished by the client
     quick = Slow(server.port, "quick")
     try:
+        # The server has been running longer than its drain deadline when the signal comes
+        # (a lower bound on elapsed time, not a race): the deadline counts from the SIGTERM,
+        # so a deadline taken at start-up would already have passed.
+        time.sleep(max(0.0, up + 1.8 - time.monotonic()))
         sigterm(server)
-        assert quick.finish() == "DONE quick", (
+        signalled = time.monotonic()
+        # Two requests are in flight and the deadline is 1500 ms after the signal: whatever
+        # the load, the server is still there 0.5 s after it.
+        status = server.wait_exit(0.5)
+        assert status is None, (
+            f"the server exited (status {status}) {time.monotonic() - signalled:.2f} s after "
+            "SIGTERM with 2 requests in flight, before its drain deadline of 1500 ms: it "
+            f"had been running {signalled - up:.1f} s - the deadline counts from the signal "
+            "(compute now + DRAIN_MS when the flag is seen, after the accept loop); a "
+            f"deadline taken at start-up has already passed{killed_by(status)}")
+        answer = quick.finish()
+        assert answer == "DONE quick", (
             "after SIGTERM, a request in flight was not answered: drain before exiting")
         status = server.wait_exit(1.5 + WAIT)
         assert status is not None, (
@@ -288,3 +325,107 @@ def test_a_stuck_request_does_not_hold_shutdown_past_the_deadline(launch: Any) -
     finally:
         stuck.close()
         quick.close()
+
+
+# ------------------------------------------------- races arranged with the test's gate
+
+
+def held(server: Server, what: str) -> bool:
+    """True once the gate reports it holds ``what`` (within WAIT)."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if f"[test-gate] holding {what}".encode() in server.stderr:
+            return True
+        if not server.alive():
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def open_gate(fifo: Path, *, wait: bool = True) -> None:
+    """Let the held step go on: open the FIFO for writing once the gate has it open for
+    reading (ENXIO until then: the gate prints its line just before it opens)."""
+    deadline = time.monotonic() + (WAIT if wait else 0)
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
+
+
+def test_a_request_accepted_before_sigterm_is_drained_even_if_its_thread_has_not_run(
+        launch: Any, gate_shim: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    server = launch(leak_check=False, gate=(gate_shim, "worker", fifo))
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+    try:
+        sock.sendall(b"BEGIN early\n")
+        assert held(server, "worker"), (
+            "the server did not create a thread for an accepted connection within "
+            f"{WAIT:.0f} s (the test holds the first thread's start, to send SIGTERM between "
+            "accept() and the worker's first line)")
+        sigterm(server)  # accepted, its thread created but not yet running
+        status = server.wait_exit(EXIT_GRACE / 2)
+        assert status is None, (
+            f"the server exited (status {status}) after SIGTERM although it had accepted a "
+            "connection whose worker thread had not started yet: that request was never "
+            "counted as in flight, so the drain saw 0 and cut it - count a request in "
+            "main() right after accept() returns, before creating its thread (a thread "
+            "that counts itself is invisible to the drain until the scheduler runs it)"
+            f"{killed_by(status)}")
+        open_gate(fifo)
+        request = Slow.__new__(Slow)
+        request.ident, request.sock, request.buffer = "early", sock, b""
+        assert request.line() == "STARTED early", (
+            "the request accepted before SIGTERM was not answered STARTED once its thread "
+            "ran: drain lets requests already accepted finish")
+        assert request.finish() == "DONE early", (
+            "the request accepted before SIGTERM was not answered DONE: drain before exiting")
+        status = server.wait_exit(WAIT)
+        assert status == 0, (
+            f"after draining, the server exited with status {status}, expected 0"
+            f"{killed_by(status)}")
+    finally:
+        open_gate(fifo, wait=False)
+        sock.close()
+
+
+def test_a_request_counts_as_in_flight_until_its_answer_is_out(
+        launch: Any, gate_shim: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    server = launch(leak_check=False, gate=(gate_shim, "done", fifo))
+    request = Slow(server.port, "last")
+    try:
+        sigterm(server)
+        deadline = time.monotonic() + WAIT
+        while not refused(server.port) and server.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        request.sock.sendall(b"END\n")
+        if held(server, "DONE"):  # the worker is about to send DONE: the test holds it there
+            status = server.wait_exit(EXIT_GRACE / 2)
+            assert status is None, (
+                f"the server exited (status {status}) while its last request's answer "
+                "'DONE last' was still being sent: the request stopped counting as in "
+                "flight before its answer was out, so the drain saw 0 and main() returned "
+                "- decrement the in-flight counter after the answer is sent (and the "
+                f"socket closed), not when END is read{killed_by(status)}")
+        open_gate(fifo)
+        assert request.line() == "DONE last", (
+            "after SIGTERM the request in flight was not answered 'DONE last': drain "
+            "until its answer is out")
+        status = server.wait_exit(WAIT)
+        assert status == 0, (
+            f"after draining, the server exited with status {status}, expected 0"
+            f"{killed_by(status)}")
+    finally:
+        open_gate(fifo, wait=False)
+        request.close()
