@@ -189,7 +189,7 @@ def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: 
         except (ValueError, TimeoutError) as exc:
             pytest.fail(
                 f"handle_one (message {n + 1} of 4) let the handler's {type(exc).__name__} "
-                f"({exc}) escape: that message was neither acked nor rejected - it stays "
+                "escape: that message was neither acked nor rejected - it stays "
                 "unacked until the channel closes, then comes back. Any exception of the "
                 "handler must dead-letter the message (except Exception: basic_reject with "
                 "requeue=False)", pytrace=False)
