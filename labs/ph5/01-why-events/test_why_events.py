@@ -51,6 +51,38 @@ def groups_under(kafka: Any) -> list[str]:
     return sorted(g.group_id for g in listed.valid if g.group_id.startswith(kafka.prefix))
 
 
+def check_committed(kafka: Any, topic: str, group: str, read: int) -> None:
+    """After ``group`` read everything the topic holds, its committed position on every
+    partition must be that partition's end: tell a commit that covered only some partitions
+    from no commit at all."""
+    meta = kafka.admin().list_topics(topic, timeout=10).topics[topic]
+    probe = Consumer(kafka.consumer_config(group, **{"enable.auto.commit": False}))
+    try:
+        ends = {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in meta.partitions}
+        committed = {tp.partition: tp.offset for tp in probe.committed(
+            [TopicPartition(topic, p) for p in meta.partitions], timeout=10)}
+    finally:
+        probe.close()
+    behind = {p: (max(committed[p], 0), end) for p, end in ends.items()
+              if end > 0 and committed[p] != end}
+    if not behind:
+        return
+    covered = sorted(p for p, end in ends.items() if end > 0 and p not in behind)
+    if covered:
+        pytest.fail(
+            f"group {group!r} read all {read} events, but committed its position only on "
+            f"partition(s) {covered}; on {sorted(behind)} it committed (committed, end) "
+            f"{behind}: its next read gets those events again. A commit of one message "
+            "(commit(message=last)) covers only that message's partition - commit the "
+            "position of every partition you read (consumer.commit() with no argument)",
+            pytrace=False)
+    pytest.fail(
+        f"group {group!r} read all {read} events but committed no position (committed, end "
+        f"per partition: {behind}): its next read starts over - commit the group's position "
+        "after reading (consumer.commit(), or auto-commit and close())", pytrace=False)
+
+
 def order_ids(events: list[dict[str, Any]]) -> list[str]:
     return [str(e.get("order_id")) for e in events]
 
@@ -119,6 +151,26 @@ def test_publish_needs_no_consumer(learner: Any, kafka: Any) -> None:
         "consume or wait for anyone")
 
 
+def test_a_refused_event_is_not_reported_published(learner: Any, kafka: Any) -> None:
+    """The broker refuses one event (larger than the topic's max.message.bytes): its delivery
+    report carries the error, and publish_orders must not return as if every event were
+    stored - the caller would believe an order was announced that nobody will ever read."""
+    publish = learner.function("events", "publish_orders")
+    topic = kafka.create_topic("orders-small", 1, **{"max.message.bytes": "2000"})
+    orders = make_orders(0, 3)
+    orders[1] = {**orders[1], "customer": "c" * 4000}
+    try:
+        placed = publish(kafka.bootstrap, topic, orders)
+    except Exception:  # noqa: BLE001 - raising is right: the caller learns of the refusal
+        return
+    pytest.fail(
+        f"publish_orders returned {placed!r:.80} for 3 orders, though the broker refused "
+        f"the event of {orders[1]['order_id']} (larger than the topic's max.message.bytes): "
+        "a delivery report with an error means the event was NOT published - collect the "
+        "errors the delivery callback reports and raise, never return as if all were stored",
+        pytrace=False)
+
+
 def test_every_group_gets_every_event(learner: Any, kafka: Any) -> None:
     """Fan-out: billing, shipping and analytics each read all 30 events through their own
     group; each group keeps its own position."""
@@ -135,6 +187,8 @@ def test_every_group_gets_every_event(learner: Any, kafka: Any) -> None:
         seen[group] = {str(e.get("event_id")) for e in got}
     assert seen["billing"] == seen["shipping"] == seen["analytics"], (
         "the three groups saw different event ids: they must read the same stored events")
+    for group in GROUPS:
+        check_committed(kafka, topic, group, 30)
 
     publish(kafka.bootstrap, topic, make_orders(30, 5))
     newer = order_ids(make_orders(30, 5))

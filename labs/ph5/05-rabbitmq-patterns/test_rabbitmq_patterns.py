@@ -169,18 +169,32 @@ def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: 
     mod = learner.load("patterns")
     theirs, mine = channels
     call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
-    for body in ("ok-1", "bad-1", "ok-2"):
+    for body in ("ok-1", "bad-1", "ok-2", "bad-2"):
         mine.basic_publish("", "work", body.encode())
     handled: list[str] = []
+    # A handler fails in more than one way: a message it refuses (ValueError) and a
+    # dependency that timed out (TimeoutError). Either way the message is dead-lettered.
+    failures = {b"bad-1": ValueError("cannot handle bad-1"),
+                b"bad-2": TimeoutError("the payment service did not answer for bad-2")}
 
     def handler(body: bytes) -> None:
-        if body.startswith(b"bad"):
-            raise ValueError(f"cannot handle {body!r}")
+        if body in failures:
+            raise failures[body]
         handled.append(body.decode())
 
-    results = [call("handle_one", mod.handle_one, theirs, "work", handler) for _ in range(4)]
-    assert results == [True, True, True, False] and handled == ["ok-1", "ok-2"], (
-        f"handle_one x4 returned {results} and handled {handled}; expected True x3, then "
+    results = []
+    for n in range(5):
+        try:
+            results.append(call("handle_one", mod.handle_one, theirs, "work", handler))
+        except (ValueError, TimeoutError) as exc:
+            pytest.fail(
+                f"handle_one (message {n + 1} of 4) let the handler's {type(exc).__name__} "
+                "escape: that message was neither acked nor rejected - it stays "
+                "unacked until the channel closes, then comes back. Any exception of the "
+                "handler must dead-letter the message (except Exception: basic_reject with "
+                "requeue=False)", pytrace=False)
+    assert results == [True, True, True, True, False] and handled == ["ok-1", "ok-2"], (
+        f"handle_one x5 returned {results} and handled {handled}; expected True x4, then "
         "False (queue empty), with ok-1 and ok-2 handled: a failed message must be rejected "
         "WITHOUT requeue, or it comes straight back and blocks the queue")
     dead = wait_for_message(mine, "dead")
@@ -210,6 +224,10 @@ def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: 
         "queue") == "work", (
         f"the dead-letter queue got {body!r} with x-death {death}; expected bad-1, reason "
         "'rejected', from queue 'work'")
+    second = wait_for_message(mine, "dead")
+    assert second is not None and second[0] == "bad-2", (
+        f"after bad-1 the dead-letter queue got {second and second[0]!r}; expected bad-2, "
+        "whose handler raised TimeoutError: every failure of the handler dead-letters")
     assert drain(mine, "work") == [] and drain(mine, "dead") == [], (
         "after the run 'work' and 'dead' should hold nothing more")
 
@@ -226,10 +244,23 @@ def test_per_message_ttl_expires_into_the_dlx(learner: Any, channels: Any) -> No
         "set the AMQP 'expiration' property (a string of milliseconds, e.g. '200') - a "
         "header named x-message-ttl does nothing on a message")
     body, props = dead
+    expiration = death_of(props).get("original-expiration")
+    assert body != "short" or expiration in (None, "200"), (
+        f"publish_with_ttl(..., ttl_ms=200) sent a message whose expiration was "
+        f"{expiration!r}: AMQP's expiration is a string of MILLISECONDS - '200' here, not "
+        "seconds or anything else")
     assert body == "short" and death_of(props).get("reason") == "expired", (
         f"the dead-letter queue got {body!r} with x-death {death_of(props)}; expected 'short', "
         "reason 'expired'")
     still = drain(mine, "work")
+    if still != ["long"]:
+        late = wait_for_message(mine, "dead") if "long" not in still else None
+        if late is not None and late[0] == "long":
+            pytest.fail(
+                f"the message published with ttl_ms=60000 (60 s) was dead-lettered within "
+                f"seconds, as {death_of(late[1]).get('reason')!r} with expiration "
+                f"{death_of(late[1]).get('original-expiration')!r}: expiration is a string "
+                "of MILLISECONDS ('60000')", pytrace=False)
     assert still == ["long"], (
         f"'work' holds {still}; expected only 'long' (60 s TTL): each message carries its own "
         "expiration")
@@ -247,6 +278,14 @@ def test_per_queue_ttl_expires_into_the_dlx(learner: Any, channels: Any,
         "x-dead-letter-exchange") == "dlx2", (
         f"the broker shows slow-work's arguments as {arguments}; expected x-message-ttl 200 "
         "(an integer, milliseconds) and x-dead-letter-exchange 'dlx2'")
+    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "instant-work", "dlx3",
+         "dead3", 0)
+    instant = rabbitmq.api("GET", f"/queues/{vhost}/instant-work")["arguments"]
+    assert instant.get("x-message-ttl") == 0, (
+        f"setup_dead_lettering(..., queue_ttl_ms=0) declared instant-work with the arguments "
+        f"{instant}: expected x-message-ttl 0 - a TTL of 0 is a TTL (a message expires unless "
+        "it is delivered at once), not 'no TTL'; test `queue_ttl_ms is not None`, not its "
+        "truth")
     mine.basic_publish("", "slow-work", b"stale")
     dead = wait_for_message(mine, "dead2")
     assert dead is not None and dead[0] == "stale" and death_of(dead[1]).get(

@@ -124,6 +124,26 @@ def test_concurrent_appends_with_the_same_expected_version(store: Any, postgres:
     assert state["balance_cents"] == 100, f"balance {state['balance_cents']}, expected 100"
 
 
+def test_an_append_is_all_or_nothing(store: Any) -> None:
+    """Three events in one append, the last of which the database refuses (a NUL character:
+    jsonb cannot store it): none of the three may stay - one append is one decision."""
+    mod, conn = store
+    mod.append(conn, "acc-5", 0, [opened(), deposit(100)])
+    refused = {"type": "MoneyDeposited",
+               "data": {"amount_cents": 5, "currency": "EUR", "memo": "bad\u0000byte"}}
+    try:
+        got = mod.append(conn, "acc-5", 2, [deposit(10), deposit(20), refused])
+    except Exception:  # noqa: BLE001 - any error is right: the database refused an event
+        got = None
+    stored = versions(conn, "acc-5")
+    assert stored == [(1, "AccountOpened"), (2, "MoneyDeposited")], (
+        f"an append of 3 events whose 3rd the database refused (jsonb cannot store a NUL "
+        f"character) {'returned ' + repr(got) if got is not None else 'raised'}, and left "
+        f"the stream as {stored}: the events before the refused one were stored on their "
+        "own - write one append's events in ONE transaction (with conn.transaction():), so "
+        "it is all or nothing")
+
+
 # --- snapshots -----------------------------------------------------------------------------
 
 def test_snapshot_plus_tail_equals_full_replay(store: Any) -> None:
@@ -147,6 +167,56 @@ def test_snapshot_plus_tail_equals_full_replay(store: Any) -> None:
     assert mod.load(conn, "acc-3") == loaded, (
         "load() changed when an event before the snapshot changed: it is replaying the whole "
         "stream - read the snapshot, then only the events after its version")
+
+
+def test_a_slow_snapshot_never_replaces_a_newer_one(store: Any, postgres: Any) -> None:
+    """Two writers snapshot one stream: A reads it at version 20, B stores a snapshot at
+    version 25 while A is still on its way. When A's write lands, the stored snapshot must
+    stay at 25 - a snapshot only ever moves forward."""
+    mod, conn = store
+    history = [opened()] + [deposit(10 + n) for n in range(24)]
+    mod.append(conn, "acc-6", 0, history[:20])
+    mod.save_snapshot(conn, "acc-6")
+    holder = postgres.connect()          # B's transaction, holding the snapshot row
+    conn_a = postgres.connect(autocommit=True)
+    pid_a = conn_a.execute("SELECT pg_backend_pid()").fetchone()[0]
+    outcome: dict[str, Any] = {}
+    try:
+        holder.execute("SELECT version FROM snapshots WHERE stream_id = 'acc-6' FOR UPDATE")
+
+        def save_a() -> None:
+            try:
+                outcome["version"] = mod.save_snapshot(conn_a, "acc-6")
+            except BaseException as exc:  # noqa: BLE001 - judged below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=save_a, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not outcome and time.monotonic() < deadline:   # A waits for B's row lock
+            if conn.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted",
+                            (pid_a,)).fetchone()[0]:
+                break
+            time.sleep(0.01)
+        mod.append(conn, "acc-6", 20, history[20:])
+        newer, _ = mod.replay(conn, "acc-6")
+        holder.execute("UPDATE snapshots SET version = 25, state = %s WHERE stream_id = 'acc-6'",
+                       (Jsonb(newer),))
+        holder.commit()
+        worker.join(10)
+    finally:
+        holder.close()
+        conn_a.close()
+    error = outcome.get("error")
+    assert error is None, f"save_snapshot raised {type(error).__name__}: {error}"
+    row = conn.execute("SELECT version FROM snapshots WHERE stream_id = 'acc-6'").fetchone()
+    assert row is not None and row[0] == 25, (
+        f"a save_snapshot that had read the stream at version 20 finished after a newer "
+        f"snapshot (version 25) was stored, and the stored snapshot is now at version "
+        f"{row and row[0]}: the slower writer moved it back - replace a snapshot only with a "
+        "newer one (ON CONFLICT (stream_id) DO UPDATE ... WHERE snapshots.version < "
+        "EXCLUDED.version)")
+    assert mod.load(conn, "acc-6") == mod.replay(conn, "acc-6")
 
 
 # --- upcasting -----------------------------------------------------------------------------

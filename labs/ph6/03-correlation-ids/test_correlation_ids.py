@@ -19,6 +19,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from labrunner.testing import KafkaProxy, objects_alive
+from labrunner.testing.kafka_proxy import FETCH, PRODUCE
+
 
 @dataclass
 class Request:
@@ -171,6 +174,78 @@ def close_within(client: Any, seconds: float) -> None:
     thread.join(seconds)
 
 
+def test_a_reply_that_overtakes_the_ack_is_not_lost(world: Any) -> None:
+    """The broker stores a request and the responder answers it before the broker's
+    acknowledgement reaches the caller (a slow ack, a loaded network): the reply must still
+    reach its caller - a caller that starts waiting for its id only once its produce is
+    acknowledged has let its reply go by as 'nobody's'."""
+    mod, kafka, responder, requests, replies = world
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        client = mod.RpcClient(proxy.bootstrap, requests, replies)
+        try:
+            proxy.hold_answers(PRODUCE)
+            thread, out = in_thread(client.call, {"n": 9}, timeout=10)
+            (req,) = responder.collect(1, "a call whose acknowledgement is held", [(thread, out)])
+            responder.reply(req, {"n": 9, "square": 81}, replies)
+            # The client's consumer fetches the reply: a Fetch that arrived after the reply
+            # was stored, answered, and one more after it (the listener has had its turn).
+            fetched = len(proxy.requests(FETCH))
+            proxy.wait_for(FETCH, fetched + 3, what=" from the client's reply consumer")
+            proxy.release_answers(PRODUCE)
+            thread.join(30)
+            if out.get("value") != {"n": 9, "square": 81}:
+                fail_if_reading_through_a_group(kafka, replies, "a call never got its reply")
+        finally:
+            proxy.release_answers(PRODUCE)
+            close_within(client, 10)
+    assert out.get("value") == {"n": 9, "square": 81}, (
+        f"a reply that arrived before the broker's acknowledgement of its request reached "
+        f"the caller was lost: the call ended with "
+        f"{out.get('value', out.get('error', 'nothing yet'))!r}, expected {{'n': 9, "
+        "'square': 81}. The caller registered its correlation id only after its produce "
+        "was acknowledged, so the listener dropped the reply as nobody's - register the "
+        "waiter BEFORE producing the request")
+
+
+def groups_reading(kafka: Any, topic: str) -> list[str]:
+    """The consumer groups with a member assigned a partition of ``topic``: a client that
+    reads its replies through a group (subscribe) instead of assigning the partitions."""
+    admin = kafka.admin()
+    try:
+        listed = admin.list_consumer_groups(request_timeout=10).result()
+        ids = [g.group_id for g in listed.valid]
+        if not ids:
+            return []
+        found = []
+        for group_id, future in admin.describe_consumer_groups(
+                ids, request_timeout=10).items():
+            try:
+                described = future.result()
+            except Exception:  # noqa: BLE001 - a group that went away meanwhile
+                continue
+            if any(tp.topic == topic for member in described.members
+                   for tp in (member.assignment.topic_partitions if member.assignment else [])):
+                found.append(group_id)
+        return found
+    except Exception:  # noqa: BLE001 - no diagnosis then; the caller's message stands
+        return []
+
+
+def fail_if_reading_through_a_group(kafka: Any, replies: str, what: str) -> None:
+    """A call lost its reply: say so if the client reads its replies through a consumer
+    group - the usual cause, and not one the caller-side messages describe."""
+    groups = groups_reading(kafka, replies)
+    if groups:
+        pytest.fail(
+            f"{what}, and your client reads the reply topic through the consumer group "
+            f"{groups[0]!r} (subscribe): a group is assigned its partitions only after it "
+            "joins, so replies written before that are skipped (auto.offset.reset), and two "
+            "clients in one group split the partitions - one never sees its replies. Assign "
+            "every partition of the reply topic yourself, at its end offsets, before the "
+            "first call (assign + get_watermark_offsets): a reply topic is read, not shared "
+            "out", pytrace=False)
+
+
 def test_concurrent_calls_each_get_their_own_reply(world: Any) -> None:
     mod, kafka, responder, requests, replies = world
     client = mod.RpcClient(kafka.bootstrap, requests, replies)
@@ -185,13 +260,18 @@ def test_concurrent_calls_each_get_their_own_reply(world: Any) -> None:
         read_past = read_past_every_reply(client, responder, replies, calls)
         for n, (thread, out) in enumerate(calls):
             thread.join(0 if read_past else 60)
+            if out.get("value") != {"n": n, "square": n * n}:
+                fail_if_reading_through_a_group(
+                    kafka, replies, f"call({{'n': {n}}}) among 8 concurrent calls never got "
+                    "its reply")
             assert not (read_past and thread.is_alive()), (
                 f"call({{'n': {n}}}) among 8 concurrent calls is still waiting for a reply the "
                 "client has already read: a call answered after it came back, and calls made "
-                "after that came and went, yet this one never got its own. Another caller "
-                "read its reply and dropped it - read the reply topic in one place (one "
-                "consumer, one listener thread) and hand each reply to the caller waiting "
-                "for its correlation id")
+                "after that came and went, yet this one never got its own. Its reply was "
+                "dropped: read by another caller, or read before this caller registered its "
+                "correlation id - register the waiter before producing, read the reply topic "
+                "in one place (one consumer, one listener thread) and hand each reply to the "
+                "caller waiting for its correlation id")
             assert out.get("value") == {"n": n, "square": n * n}, (
                 f"call({{'n': {n}}}) among 8 concurrent calls, answered in reverse order after "
                 f"a reply for another client's request, returned "
@@ -266,6 +346,10 @@ def test_two_clients_share_one_reply_topic(world: Any) -> None:
             responder.reply(req, {"n": n, "square": n * n}, replies)
         for n, (thread, out) in zip((10, 20), calls, strict=True):
             thread.join(60)
+            if out.get("value") != {"n": n, "square": n * n}:
+                fail_if_reading_through_a_group(
+                    kafka, replies, f"two clients on one reply topic: the call for n={n} "
+                    "never got its reply")
             assert out.get("value") == {"n": n, "square": n * n}, (
                 f"two clients on one reply topic: the call for n={n} returned "
                 f"{out.get('value', out.get('error', 'nothing yet'))!r}, expected "
@@ -273,3 +357,39 @@ def test_two_clients_share_one_reply_topic(world: Any) -> None:
     finally:
         first.close()
         second.close()
+
+
+# What a caller waits on, whatever the client is built with: an Event, a Condition, a Future,
+# a Queue. Counted in the process the client lives in.
+WAITERS = ("threading.Event", "threading.Condition", "concurrent.futures._base.Future",
+           "queue.Queue", "queue.SimpleQueue", "_queue.SimpleQueue")
+LOST = 20
+
+
+def test_a_timed_out_call_leaves_nothing_behind(world: Any, learner: Any) -> None:
+    """20 calls whose replies never come: each raises RpcTimeout, and the client must forget
+    each one - a waiter left in the map of pending calls is kept for the client's lifetime,
+    one more for every lost reply."""
+    mod, kafka, responder, requests, replies = world
+    client = mod.RpcClient(kafka.bootstrap, requests, replies)
+    try:
+        before = int(learner.run_helper(objects_alive, WAITERS))
+        outcomes = []
+        for n in range(LOST):
+            try:
+                outcomes.append(client.call({"n": n}, timeout=0.05))
+            except mod.RpcTimeout:
+                outcomes.append("RpcTimeout")
+        assert outcomes == ["RpcTimeout"] * LOST, (
+            f"{LOST} calls whose replies never come (timeout=0.05) ended with "
+            f"{sorted(set(map(repr, outcomes)))}: expected RpcTimeout each")
+        after = int(learner.run_helper(objects_alive, WAITERS))
+        assert after - before < LOST, (
+            f"after {LOST} calls that timed out the client keeps {after - before} more "
+            f"waiting objects (Events, Conditions, Futures, Queues) alive than before: a "
+            "caller that gives up must remove its entry from the pending calls (pop its "
+            "correlation id) - or every lost reply leaks one for the client's lifetime")
+    finally:
+        close_within(client, 10)
+
+

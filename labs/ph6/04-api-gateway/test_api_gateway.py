@@ -181,9 +181,48 @@ def test_rate_limit_per_user_follows_the_clock(world: World) -> None:
                                  f"{reply.status}: expected still 429")
     world.clock.now += 0.5
     reply = http_request(host, "GET", "/orders/8", headers=bearer("alice"))
+    if reply.status == 429:
+        # Which mistake: a window that ends one tick late, or time not read from the clock?
+        world.clock.now += 0.5
+        later = http_request(host, "GET", "/orders/9", headers=bearer("alice"))
+        if later.status == 200:
+            pytest.fail(
+                "exactly 60 s (the window) after alice's window began, by the injected clock, "
+                "her request got HTTP 429, and 0.5 s later 200: the window ends one tick late - "
+                "a window of 60 s covers [start, start + 60); a new one begins when "
+                "clock() - start >= window, not > window", pytrace=False)
     assert reply.status == 200, (
-        f"60 s later (by the injected clock) alice's request got HTTP {reply.status}: "
-        "expected a new window and 200. Read time from the clock you were given")
+        f"60 s later (by the injected clock) alice's request got HTTP {reply.status}, and "
+        "0.5 s after that still: expected a new window and 200. Read time from the clock "
+        "you were given")
+
+
+SEGMENT_CASES = [  # (path, the backend it belongs to, or None: no route)
+    ("/users", "users"), ("/users/7", "users"), ("/orders/3/items", "stable"),
+    ("/usersettings", None), ("/orders-archive/1", None), ("/user", None),
+]
+
+
+def test_routes_match_whole_path_segments(world: World) -> None:
+    """A route '/users' owns '/users' and '/users/...': not '/usersettings', which another
+    team may own tomorrow, nor '/user'."""
+    host = world.gateway(rate_limit=1000)
+    for path, owner in SEGMENT_CASES:
+        before = {n: b.hits for n, b in world.backends.items()}
+        reply = http_request(host, "GET", path, headers=bearer())
+        reached = [n for n, b in world.backends.items() if b.hits > before[n]]
+        if owner is None:
+            seen = (f"forwarded to the {reached[0]} backend" if reached
+                    else f"answered HTTP {reply.status}")
+            assert reply.status == 404 and not reached, (
+                f"GET {path} was {seen}: "
+                "expected 404 from the gateway - the route '/users' covers '/users' and "
+                "'/users/...', not every path that begins with the same letters; match whole "
+                "path segments (path == prefix or path.startswith(prefix + '/'))")
+        else:
+            assert reply.status == 200 and reached == [owner], (
+                f"GET {path} got HTTP {reply.status} and reached {reached or 'no backend'}: "
+                f"expected the {owner} backend's answer (longest matching route prefix)")
 
 
 def test_bff_dashboard_aggregates_two_services(world: World) -> None:

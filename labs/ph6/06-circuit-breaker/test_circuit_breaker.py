@@ -136,6 +136,60 @@ def test_a_success_resets_the_failure_count(mod: Any, backends: Any) -> None:
                                 "expected 'open'")
 
 
+def diagnose_not_half_open(mod: Any, cb: Any, clock: Any, backend: Any, host: str,
+                           state: str) -> None:
+    """The state was not 'half_open' exactly reset_timeout after opening: tell a timeout
+    that ends one tick late, a state that is only updated by calls, and time not read from
+    the clock apart. Always fails."""
+    clock.now += 1
+    later = cb.state
+    if later == "half_open":
+        pytest.fail(
+            f"exactly 30 s (reset_timeout) after opening, by the injected clock, the state is "
+            f"{state!r}, and 1 s later 'half_open': the timeout ends one tick late - the "
+            "circuit is half-open once clock() - opened_at >= reset_timeout (not >)",
+            pytrace=False)
+    backend.mode = "ok"
+    try:
+        cb.call(caller(host))
+    except (mod.CircuitOpen, BackendDown):
+        pass
+    if backend.hits > 3:
+        pytest.fail(
+            f"31 s after opening (reset_timeout 30) the state still reads {later!r}, yet the "
+            "next call went through to the backend as the probe: `state` must report "
+            "'half_open' as soon as reset_timeout has passed on the clock, not only once a "
+            "call has changed it", pytrace=False)
+    pytest.fail(
+        f"30 s (reset_timeout) after opening, by the injected clock, the state is {state!r} "
+        f"(31 s: {later!r}) and a call is still refused: expected 'half_open'. Read time "
+        "from the clock you were given, not from time.monotonic()", pytrace=False)
+
+
+def test_a_closed_circuit_lets_calls_run_side_by_side(mod: Any, backends: Any) -> None:
+    """Closed, the breaker only counts: two calls to a slow backend are both in flight at
+    once - a breaker that runs fn under its lock turns every caller into a queue."""
+    backend, host = backends["payments"]
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=Clock())
+    backend.mode = "hold"
+    calls = [run_in_thread(lambda: cb.call(caller(host))) for _ in range(2)]
+    try:
+        for _ in range(1000):      # both at the backend at once, or 10 s gone
+            if backend.hits >= 2 or not all(t.is_alive() for t, _ in calls):
+                break
+            calls[0][0].join(0.01)
+        in_flight = backend.hits
+    finally:
+        backend.release.set()
+        for thread, _ in calls:
+            thread.join(60)
+    assert in_flight >= 2, (
+        f"two calls through a closed breaker to a backend that holds its answers: only "
+        f"{in_flight} reached the backend while the other waited: "
+        "the breaker runs fn while holding its lock, so every call waits for the one before - "
+        "hold the lock only to check and to record the outcome, never around fn")
+
+
 def test_half_open_lets_exactly_one_probe_through(mod: Any, backends: Any) -> None:
     backend, host = backends["payments"]
     clock = Clock()
@@ -147,10 +201,9 @@ def test_half_open_lets_exactly_one_probe_through(mod: Any, backends: Any) -> No
         cb.call(caller(host))
     assert backend.hits == 3, "a call 29.5 s after opening (reset_timeout 30) reached the backend"
     clock.now += 0.5
-    assert cb.state == "half_open", (
-        f"30 s (reset_timeout) after opening, by the injected clock, the state is "
-        f"{cb.state!r}: expected 'half_open'. Read time from the clock you were given, "
-        "not from time.monotonic()")
+    state = cb.state
+    if state != "half_open":
+        diagnose_not_half_open(mod, cb, clock, backend, host, state)
     backend.mode = "hold"
     result: dict[str, Any] = {}
 
@@ -173,8 +226,14 @@ def test_half_open_lets_exactly_one_probe_through(mod: Any, backends: Any) -> No
         hits_during_probe = backend.hits - 4
         if hits_during_probe or not isinstance(out.get("error"), mod.CircuitOpen):
             break
+    blocked = extra.is_alive()
     backend.release.set()
     thread.join(60)
+    assert not blocked, (
+        "a call made while the half-open probe was in flight was neither refused nor sent: "
+        "it waited 20 s for the probe to end - the breaker holds its lock while the probe "
+        "runs. Take the lock to decide (and refuse with CircuitOpen at once) and to record "
+        "the outcome, never around fn itself")
     assert hits_during_probe == 0, (
         "while the half-open probe was in flight, another call reached the backend: "
         "half-open lets ONE trial call through and refuses the rest with CircuitOpen until it "

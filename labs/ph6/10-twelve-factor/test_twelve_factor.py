@@ -21,7 +21,13 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import http_request, listening_ports, wait_until
+from labrunner.testing import (
+    http_request,
+    listening_ports,
+    redis_commands,
+    signals_caught,
+    wait_until,
+)
 
 
 def free_port() -> int:
@@ -41,8 +47,10 @@ def listening(port: int) -> bool:
 class App:
     def __init__(self, learner: Any, env: dict[str, str]) -> None:
         self.port = int(env["PORT"]) if env.get("PORT", "").isdigit() else None
-        self.proc = learner.python("app", env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+        # As a platform runs it: stdout is a pipe, and nothing asks Python to leave its
+        # output unbuffered (the runner's own PYTHONUNBUFFERED is not the platform's).
+        self.proc = learner.python("app", env={**env, "PYTHONUNBUFFERED": ""},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out: list[str] = []
         self.err: list[str] = []
         self.readers = [threading.Thread(target=self._read, args=(stream, sink), daemon=True)
@@ -54,6 +62,11 @@ class App:
         # its listening ports are read beside it, in the learner's host process.
         self.learner = learner
         self.in_sight = Path(f"/proc/{self.proc.pid}").is_dir()
+
+    def caught(self) -> list[int]:
+        if self.in_sight:
+            return signals_caught(self.proc.pid)
+        return list(self.learner.run_helper(signals_caught, self.proc.pid))
 
     def ports(self) -> set[int]:
         if self.in_sight:
@@ -193,9 +206,64 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str],
     try:
         code = app.proc.wait(15)
     except subprocess.TimeoutExpired:
-        pytest.fail("app.py did not exit within 15 s of SIGTERM: the platform would SIGKILL "
-                    "it mid-request")
+        if signal.SIGTERM in app.caught():
+            pytest.fail(
+                "app.py has a SIGTERM handler, yet it had not exited 15 s after SIGTERM: the "
+                "handler never lets serve_forever() return - server.shutdown() called in the "
+                "handler waits for serve_forever, which runs in that same main thread, "
+                "forever. Start shutdown() in another thread (or set a flag the loop reads)",
+                pytrace=False)
+        pytest.fail("app.py did not exit within 15 s of SIGTERM (and has no handler for it "
+                    "that could have ignored it...): the platform would SIGKILL it "
+                    "mid-request", pytrace=False)
     assert code == 0, (
         f"after SIGTERM app.py exited with status {code}"
         + (" (killed by the signal: no handler)" if code == -signal.SIGTERM else "")
         + ": expected 0 - handle SIGTERM, stop the server, close the pools, exit 0")
+
+
+def test_concurrent_visits_are_each_counted(learner: Any, env: dict[str, str], apps: list[App],
+                                           redis_db: Any) -> None:
+    """Two instances, each with several requests in flight at once: the shared count must
+    move by exactly one per POST, whichever instance serves it - an increment read, added to
+    and written back by the app loses the visits counted in between."""
+    first = App(learner, env)
+    apps.append(first)
+    first.ready()
+    second = App(learner, {**env, "PORT": str(free_port())})
+    apps.append(second)
+    second.ready()
+    hosts = [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
+    per_thread, threads = 10, 8
+    answers: list[Any] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def visitor(host: str) -> None:
+        start.wait(30)
+        for _ in range(per_thread):
+            reply = http_request(host, "POST", "/visits")
+            with lock:
+                answers.append(reply.json().get("visits") if reply.status == 200 else reply.status)
+
+    with redis_commands(redis_db) as commands:
+        workers = [threading.Thread(target=visitor, args=(hosts[n % 2],), daemon=True)
+                   for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(120)
+    total = per_thread * threads
+    count = http_request(hosts[0], "GET", "/visits").json().get("visits")
+    repeated = sorted({a for a in answers if answers.count(a) > 1}, key=str)
+    names = [c[0] for c in commands]
+    atomic = {"INCR", "INCRBY", "HINCRBY", "EVAL", "EVALSHA", "FCALL", "EXEC"}
+    assert count == total and not repeated, (
+        f"{total} concurrent POST /visits on two instances left the count at {count} "
+        f"(answers repeated: {repeated[:5]}): visits were lost - reading the count, adding "
+        f"one and writing it back lets two requests read the same value. Let Redis do the "
+        f"increment atomically (INCR)")
+    assert atomic & set(names), (
+        f"{total} concurrent POST /visits were counted right this time, but the app sent "
+        f"Redis only {sorted(set(names))}: a read, then a write of the new value, loses the "
+        f"visits counted in between by another instance - use INCR, atomic in Redis")

@@ -26,7 +26,11 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
 * :class:`KafkaProxy` is a TCP proxy in front of the Kafka broker that reads the protocol:
   every request a learner's client sends (a Produce's ``acks``, OffsetCommit vs
   TxnOffsetCommit), held, dropped, refused or met with a test's action (a SIGKILL) at the
-  moment it arrives;
+  moment it arrives - or forwarded with the broker's answer held back (a reply overtaking
+  the acknowledgement of its request);
+* :func:`signals_caught` reads which signals a learner's program handles (a SIGTERM
+  handler that never lets it end vs no handler), :func:`objects_alive` counts objects of
+  named classes the learner's process keeps alive (waiters left behind by timed-out calls);
 * :func:`drain` reads a gRPC response stream on a thread, :func:`next_message` takes its
   next message or fails saying what never came;
 * :func:`verdict` calls the learner's code where a refusal is an answer ("ok" or
@@ -54,6 +58,7 @@ from .kafka import KafkaRecord, read_all
 from .kafka_proxy import API_NAMES, KafkaEvent, KafkaProxy, KafkaRequest
 from .pg import TRANSACTION_CONTROL, PgStatementProxy
 from .redis import CONNECTION_SETUP, redis_commands
+from .signals import objects_alive, signals_caught
 from .tls import TlsOnce, serve_tls_once, tls_exchange
 from .verdicts import verdict
 from .waiting import wait_until
@@ -79,6 +84,7 @@ __all__ = [
     "http_request",
     "listening_ports",
     "next_message",
+    "objects_alive",
     "process_activity",
     "process_resources",
     "process_threads",
@@ -87,6 +93,7 @@ __all__ = [
     "serve_grpc",
     "serve_tls_once",
     "serve_wsgi",
+    "signals_caught",
     "tcp_sockets",
     "threads_waiting_in",
     "tls_exchange",

@@ -200,7 +200,8 @@ class KafkaProxy:
 
     * observe: :meth:`requests` (every request, in arrival order), :meth:`events`
       (requests and the answers sent back, in order), :meth:`wait_for`;
-    * intervene per api key: :meth:`hold` until :meth:`release`, :meth:`drop` (never
+    * intervene per api key: :meth:`hold` until :meth:`release`, :meth:`hold_answers`
+      until :meth:`release_answers` (forwarded, but the answer waits), :meth:`drop` (never
       forwarded, never answered), :meth:`refuse` (answered with an error), and
       :meth:`on_request` (call a function when such a request arrives, before anything is
       done with it: kill the learner's process there).
@@ -217,6 +218,7 @@ class KafkaProxy:
         self._events: list[KafkaEvent] = []
         self._rules: dict[int, tuple[Rule, int | None]] = {}
         self._hooks: dict[int, list[Callable[[KafkaRequest], object]]] = {}
+        self._held_answers: set[int] = set()
         self._held = 0
         self._connections = 0
         self._closed = False
@@ -276,6 +278,21 @@ class KafkaProxy:
     def release(self, api_key: int) -> None:
         """Forward the held requests of ``api_key`` and the later ones."""
         self._rule(api_key, "forward")
+
+    def hold_answers(self, api_key: int) -> None:
+        """Forward requests of ``api_key`` to the broker as usual, but hold the broker's
+        answers to them (and, as on one TCP connection, the answers after them on the same
+        connection) until :meth:`release_answers`: the broker has done the work (a Produce
+        is stored, others can read it) while the client still waits to hear so."""
+        with self._changed:
+            self._held_answers.add(api_key)
+            self._changed.notify_all()
+
+    def release_answers(self, api_key: int) -> None:
+        """Send the held answers to requests of ``api_key``, and the later ones at once."""
+        with self._changed:
+            self._held_answers.discard(api_key)
+            self._changed.notify_all()
 
     def drop(self, api_key: int) -> None:
         """Never forward requests of ``api_key``: their client waits for an answer that
@@ -433,6 +450,10 @@ class KafkaProxy:
                     request = pending.get(correlation)
                 if request is not None and request.api_key in _ADDRESS_RESPONSES:
                     frame = self._rewrite_addresses(frame)
+                if request is not None:
+                    with self._changed:
+                        while request.api_key in self._held_answers and not self._closed:
+                            self._changed.wait(0.05)
                 self._answer(client, sending, pending, request, frame)
         except OSError:
             pass
