@@ -110,7 +110,7 @@ def test_smooth_weighted_round_robin_sequence(balancer: ModuleType, weights: dic
                "values take the backend listed first, and add the weights to ALL backends "
                "before choosing")
     pytest.fail(f"smooth weighted round robin with {shown} gave {' '.join(got)}, expected "
-                f"{' '.join(want)}\n{why}.", pytrace=False)
+                f"{' '.join(want)}: {why}.", pytrace=False)
 
 
 # ---------------------------------------------------------------------------- least conn
