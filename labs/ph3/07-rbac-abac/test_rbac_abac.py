@@ -40,6 +40,7 @@ HOSPITAL_POLICY: dict[str, Any] = {
         "locum": {"inherits": ["relief"], "permissions": []},
         "relief": {"inherits": ["locum"], "permissions": ["record:read"]},
         "records": {"permissions": ["record"]},
+        "exporter": {"permissions": ["record:export"]},
     },
     "rules": [
         # the patient reads their own record, without any role (listed before the deny)
@@ -55,6 +56,12 @@ HOSPITAL_POLICY: dict[str, Any] = {
          "when": [["context.hour", ">=", 7], ["context.hour", "<=", 19]]},
         {"effect": "deny", "actions": ["prescription:create"],
          "when": [["subject.suspended", "==", True]]},
+        # archiving needs a second factor: the boolean true, not a 1 that equals it in Python
+        {"effect": "require", "actions": ["record:archive"],
+         "when": [["subject.mfa", "==", True]]},
+        # a deny over a context attribute: without a context it cannot be checked
+        {"effect": "deny", "actions": ["record:export"],
+         "when": [["context.network", "==", "public"]]},
     ],
 }
 
@@ -131,8 +138,31 @@ HOSPITAL_CASES = [
     Case("chief reads (inherited two levels)", {"id": "c1", "roles": ["chief"], "ward": 1},
          "record:read", record(), True, "chief -> doctor -> nurse: inheritance is transitive",
          DAY),
-    Case("chief archives", {"id": "c1", "roles": ["chief"], "ward": 1}, "record:archive",
-         record(), True, "chief has record:archive", DAY),
+    Case("chief archives", {"id": "c1", "roles": ["chief"], "ward": 1, "mfa": True},
+         "record:archive", record(), True, "chief has record:archive, with mfa true", DAY),
+    Case("chief with mfa 1 archives", {"id": "c1", "roles": ["chief"], "ward": 1, "mfa": 1},
+         "record:archive", record(), False,
+         "subject.mfa is 1, the rule needs the boolean true: 1 == True holds in Python, but "
+         "values are compared without converting types (check type(a) is type(b), so a 1, "
+         "1.0 or '1' never stands in for true)", DAY),
+    Case("chief with mfa 'true' archives", {"id": "c1", "roles": ["chief"], "ward": 1,
+                                            "mfa": "true"}, "record:archive", record(), False,
+         "subject.mfa is the string 'true', not the boolean: no type conversion", DAY),
+    Case("exporter exports on the internal network", {"id": "e1", "roles": ["exporter"]},
+         "record:export", record(), True, "exporter has record:export; network is internal",
+         {"hour": 10, "network": "internal"}),
+    Case("exporter exports from a public network", {"id": "e1", "roles": ["exporter"]},
+         "record:export", record(), False, "the deny rule: context.network is public",
+         {"hour": 10, "network": "public"}),
+    Case("exporter exports with a context lacking network", {"id": "e1", "roles": ["exporter"]},
+         "record:export", record(), False,
+         "context.network is missing: the deny rule cannot be checked, so it applies "
+         "(fail closed)", {"hour": 10}),
+    Case("exporter exports without a context", {"id": "e1", "roles": ["exporter"]},
+         "record:export", record(), False,
+         "context is None, so context.network is a MISSING attribute (unknown), not the "
+         "literal string 'context.network': a deny rule that cannot be checked applies "
+         "(fail closed) - read 'context.x' from an empty context when none is given", None),
     Case("chief writes in another ward", {"id": "c1", "roles": ["chief"], "ward": 1},
          "record:write", record(), False, "the ward rule narrows every role, chief's too", DAY),
     Case("chief reads a sealed record", {"id": "c1", "roles": ["chief"], "ward": 3},

@@ -186,6 +186,22 @@ def test_writers_are_not_starved_by_new_readers(sync: ModuleType, stage: Stage) 
         "reader 2: release_write must wake the waiting readers"))
 
 
+def test_a_leaving_writer_lets_every_waiting_reader_in(sync: ModuleType, stage: Stage) -> None:
+    lock = sync.RWLock()
+    w = writer(stage, lock, "writer")
+    for i in range(3):
+        reader(stage, lock, f"reader {i + 1}")
+    assert stage.inside() == ["writer"], (
+        f"readers got in while a writer held the lock (inside: {', '.join(stage.inside())})")
+    stage.release(w)
+    stage.expect(["reader 1", "reader 2", "reader 3"], lambda: (
+        f"the writer left with three readers waiting; inside now: "
+        f"{', '.join(stage.inside()) or 'nobody'}, expected all three readers together\n"
+        "release_write woke only one waiter (notify()): readers share the lock, so every "
+        "waiting reader may enter - wake them all with notify_all(); the ones that still "
+        "cannot go re-check and wait again."))
+
+
 # ---------------------------------------------------------------------------- limiter
 
 
@@ -247,10 +263,44 @@ def test_bounded_queue_blocks_when_full_and_when_empty(sync: ModuleType, stage: 
         "expected 'x' and 'y' once each")
 
 
+def test_a_wake_up_reaches_the_producer(learner: Any, sync: ModuleType, stage: Stage) -> None:
+    """Two consumers wait on an empty BoundedQueue(1); a producer puts 'x' and at once 'y'.
+    The first put wakes a consumer; the second finds the queue full and waits; the woken
+    consumer takes 'x' - and its wake-up must reach the producer, not only the other
+    consumer (who finds the queue empty and waits again)."""
+    q = sync.BoundedQueue(1)
+    consumers = [stage.add(f"consumer {i + 1}", q.get) for i in range(2)]
+    assert not any(c.entered.is_set() for c in consumers), (
+        "get() on an empty queue returned at once: it must block until an item arrives")
+    harness = learner.harness()
+    done = harness.put_two_at_once(q, "x", "y")
+    try:
+        wait_until(lambda: done.is_set() and all(c.entered.is_set() for c in consumers),
+                   "both puts to return and both consumers to get an item", 5)
+    except BaseException:
+        got = [c.result for c in consumers if c.entered.is_set()]
+        pytest.fail(
+            f"two consumers waited on an empty BoundedQueue(1); a producer put 'x', then at "
+            f"once 'y' (the queue was full, so it waited). The consumers got {got}, and then "
+            f"nothing moved: the producer still waits in put() though the queue "
+            f"{'is empty' if len(q) == 0 else 'has room'}, and the other consumer still waits "
+            "in get()\nA lost wake-up: the consumer's notify() woke ONE waiter - the other "
+            "consumer, who went back to waiting - instead of the producer. Producers and "
+            "consumers wait on the same condition, so wake them all (notify_all()), or keep "
+            "two conditions (not_full, not_empty) and notify the one the change concerns.",
+            pytrace=False)
+    finally:
+        harness.restore_switch_interval()
+    stage.settle()
+    assert sorted(str(c.result) for c in consumers) == ["x", "y"], (
+        f"two consumers, then puts of 'x' and 'y': they got {[c.result for c in consumers]}")
+
+
 def test_producers_and_consumers_lose_nothing(sync: ModuleType) -> None:
     q = sync.BoundedQueue(3)
     per, producers, consumers = 120, 3, 3
     received: list[Any] = []
+    sizes: list[int] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -271,6 +321,7 @@ def test_producers_and_consumers_lose_nothing(sync: ModuleType) -> None:
                     continue
                 with lock:
                     received.append(item)
+                    sizes.append(len(q))
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -284,7 +335,20 @@ def test_producers_and_consumers_lose_nothing(sync: ModuleType) -> None:
         q.put("STOP")
     for t in cs:
         t.join(60)
+    if errors and isinstance(errors[0], IndexError):
+        pytest.fail(
+            f"a consumer's get() raised {errors[0]!r} with 3 consumers and 3 producers on a "
+            "BoundedQueue(3): it was woken, did not check again that an item was there, and "
+            "popped an empty deque - another consumer had taken the item first. Wait in a "
+            "loop: `while not self._items: cond.wait()` (and `while full` in put), never "
+            "`if`.", pytrace=False)
     assert not errors, f"a producer or consumer raised {errors[0]!r}"
+    over = [n for n in sizes if n > 3]
+    assert not over, (
+        f"a BoundedQueue(3) held {max(over)} items at once, more than its capacity: a "
+        "producer woken while the queue was full did not check again before appending "
+        "(another producer had filled the free slot first). Wait in a loop: `while "
+        "len(items) >= capacity: cond.wait()`, never `if`.")
     want = Counter(f"{p}:{i}" for p in range(producers) for i in range(per))
     got = Counter(received)
     lost, dup = want - got, got - want

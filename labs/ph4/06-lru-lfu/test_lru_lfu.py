@@ -126,8 +126,8 @@ def machine_for(module: ModuleType, cls: str, model_cls: type, rule_text: str) -
             got = self.cache.get(key)
             self.log.append(f"get({key}) -> {got}")
             assert got == want, (
-                f"{cls}.get({key}) returned {got!r}, expected {want!r} ({rule_text})\n"
-                f"operations: {self.history()}")
+                f"{self.history()}: {cls}.get({key}) returned {got!r}, expected {want!r}"
+                f"{diagnose(self.model, key, got, want)} ({rule_text})")
 
         @rule(key=KEYS, value=VALUES)
         def put(self, key: int, value: int) -> None:
@@ -148,6 +148,22 @@ def machine_for(module: ModuleType, cls: str, model_cls: type, rule_text: str) -
 
     CacheMachine.__name__ = f"{cls}Machine"
     return CacheMachine
+
+
+def diagnose(model: Any, key: int, got: Any, want: Any) -> str:
+    """What the model knows about the key the learner's cache answered wrongly for."""
+    if want is None:
+        return (f": key {key} is not cached any more (the model evicted it, see [evicts] "
+                "above), so your cache kept a key it should have evicted")
+    if got is None and not want:
+        return (f": key {key} is cached with the value {want!r}, which is falsy - a cached "
+                "0, '' or None is a hit: test whether the KEY is cached (key in dict), not "
+                "whether the value is true")
+    if got is None:
+        uses = getattr(model, "uses", {}).get(key)
+        return (f": key {key} is still cached" + (f" with {uses} uses" if uses else "")
+                + ", so your cache evicted the wrong key (or lost it) earlier")
+    return ""
 
 
 LRU_RULE = ("the least recently used key goes when a new key arrives in a full cache; "
@@ -189,6 +205,19 @@ CASES = [
                      ("put", 4, 40), ("get", 2), ("get", 3), ("get", 4)],
      "a new key starts with 1 use, so after an insert the minimum frequency is 1 again: "
      "the next eviction takes the newcomer with 1 use, not an older key with 2"),
+    ("LFUCache", 2, [("put", 1, 10), ("put", 2, 20), ("get", 2), ("get", 2), ("put", 3, 30),
+                     ("get", 2), ("get", 1), ("get", 3)],
+     "min_freq moves up only when a use empties the bucket min_freq itself: key 2 going from "
+     "2 to 3 uses leaves key 1 with 1 use, so the next eviction still takes key 1, not the "
+     "most used key"),
+    ("LFUCache", 2, [("put", 1, 0), ("get", 1), ("put", 2, 20), ("put", 3, 30), ("get", 1),
+                     ("get", 2), ("get", 3)],
+     "a cached value of 0 is a hit (and a use): check whether the key is cached, not "
+     "whether its value is true"),
+    ("LRUCache", 2, [("put", 1, 0), ("get", 1), ("put", 2, 20), ("put", 3, 30), ("get", 1),
+                     ("get", 2)],
+     "a cached value of 0 is a hit (and a use): check whether the key is cached, not "
+     "whether its value is true"),
     ("LFUCache", 2, [("put", 1, 10), ("put", 1, 11), ("put", 2, 20), ("put", 3, 30),
                      ("get", 1), ("get", 2)],
      "a put of a cached key counts as a use, like a get"),
@@ -209,13 +238,20 @@ def test_named_cases(cache: ModuleType, cls: str, capacity: int,
             model.put(step[1], step[2])
             learner_cache.put(step[1], step[2])
             done.append(f"put({step[1]}, {step[2]})")
+            size = len(learner_cache)
+            if size > capacity:
+                pytest.fail(
+                    f"{cls}({capacity}): after {'; '.join(done)} the cache holds {size} "
+                    f"entries, more than its capacity {capacity}: a put of a new key into a "
+                    "FULL cache (len == capacity, so test >=, not >) evicts one entry first",
+                    pytrace=False)
             continue
         want, got = model.get(step[1]), learner_cache.get(step[1])
         done.append(f"get({step[1]})")
         if got != want:
             pytest.fail(
-                f"{cls}({capacity}): {'; '.join(done)} returned {got!r}, expected {want!r}"
-                f"\nThe rule: {rule_text}.", pytrace=False)
+                f"{cls}({capacity}): {'; '.join(done)} returned {got!r}, expected {want!r}: "
+                f"{rule_text}.", pytrace=False)
     assert len(learner_cache) == len(model.data), (
         f"{cls}({capacity}) holds {len(learner_cache)} entries after {'; '.join(done)}, "
         f"expected {len(model.data)}")

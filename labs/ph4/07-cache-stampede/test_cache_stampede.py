@@ -13,6 +13,11 @@
 from __future__ import annotations
 
 import math
+import socket
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -32,6 +37,144 @@ def stampede(learner: Any) -> ModuleType:
     return module
 
 
+def _resp_command(buf: bytes) -> tuple[list[bytes], int] | None:
+    """One RESP command (an array of bulk strings) from the start of buf, and its length."""
+    if not buf.startswith(b"*"):
+        return None
+    end = buf.find(b"\r\n")
+    if end < 0:
+        return None
+    count, pos, parts = int(buf[1:end]), end + 2, []
+    for _ in range(count):
+        end = buf.find(b"\r\n", pos)
+        if end < 0 or buf[pos:pos + 1] != b"$":
+            return None
+        size = int(buf[pos + 1:end])
+        if len(buf) < end + 2 + size + 2:
+            return None
+        parts.append(buf[end + 2:end + 2 + size])
+        pos = end + 2 + size + 2
+    return parts, pos
+
+
+@contextmanager
+def redis_gate(url: str, before: Callable[[list[bytes]], None]) -> Iterator[str]:
+    """A TCP proxy in front of Redis that reads each command a client sends and runs
+    before(command) before passing it on - so the test acts at an exact point of the
+    learner's sequence (between its GET and its SET NX). Yields the URL to hand out."""
+    parts = urllib.parse.urlsplit(url)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def pipe_back(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    def serve(client: socket.socket) -> None:
+        upstream = socket.create_connection((parts.hostname, parts.port))
+        threading.Thread(target=pipe_back, args=(upstream, client), daemon=True).start()
+        buf = b""
+        try:
+            while data := client.recv(65536):
+                buf += data
+                while (got := _resp_command(buf)) is not None:
+                    command, used = got
+                    before(command)
+                    upstream.sendall(buf[:used])
+                    buf = buf[used:]
+                if buf and not buf.startswith(b"*"):  # inline command: pass it on
+                    upstream.sendall(buf)
+                    buf = b""
+        except OSError:
+            pass
+        finally:
+            upstream.close()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    netloc_out = f"{netloc[0]}@{host}" if len(netloc) == 2 else host
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(netloc=netloc_out))
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_the_lock_winner_reads_the_key_again(stampede: ModuleType, redis_db: Any) -> None:
+    """Another caller fills the key and releases its lock between this caller's miss (GET)
+    and its SET NX: the lock is free, but the value is there now."""
+    r = redis_db.client(decode_responses=True)
+    done = threading.Event()
+    loads: list[int] = []
+
+    def before(command: list[bytes]) -> None:
+        if (not done.is_set() and command[0].upper() == b"SET"
+                and any(a.upper() == b"NX" for a in command[3:])):
+            r.set("product:7", "filled-by-another", px=60_000)
+            done.set()
+
+    def loader() -> str:
+        loads.append(1)
+        return "loaded-again"
+
+    with redis_gate(redis_db.url, before) as url:
+        got = stampede.get_or_load(url, "product:7", loader, 60_000, sleep=lambda s: None)
+    if not done.is_set():
+        return  # no SET NX went through the proxy: the other tests judge the lock
+    assert not loads, (
+        "between get_or_load's miss (GET) and its lock (SET NX), another caller filled the "
+        "key and released its lock; get_or_load then won the free lock and called loader() "
+        f"AGAIN (it returned {got!r}, the cache held 'filled-by-another')\nAfter winning the "
+        "lock, read the key once more before loading: the previous holder may have filled it "
+        "just before you locked - otherwise every caller that missed at the moment of a fill "
+        "loads once more.")
+    assert got == "filled-by-another", f"get_or_load returned {got!r}, the cache held "\
+        "'filled-by-another'"
+    left = sorted(k for k in r.keys("*") if k != "product:7")
+    assert not left, f"keys left behind: {left}: the lock was not released"
+
+
+def test_a_failing_loader_releases_the_lock(stampede: ModuleType, redis_db: Any) -> None:
+    r = redis_db.client(decode_responses=True)
+
+    def failing() -> str:
+        raise RuntimeError("the database is down")
+
+    try:
+        stampede.get_or_load(redis_db.url, "product:9", failing, 60_000, lock_ttl_ms=60_000,
+                             sleep=lambda s: None)
+    except RuntimeError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - the learner's code changed the error
+        pytest.fail(f"loader() raised RuntimeError and get_or_load raised "
+                    f"{type(exc).__name__}: {exc}: let the loader's error through",
+                    pytrace=False)
+    else:
+        pytest.fail("loader() raised RuntimeError, and get_or_load returned instead of "
+                    "raising it", pytrace=False)
+    held = {k: r.pttl(k) for k in r.keys("*")}
+    assert not held, (
+        f"loader() raised, and afterwards {sorted(held)} still exist (PTTL ms: {held}): the "
+        "lock stays held until its TTL, and every other caller sleeps that long for a value "
+        "nobody is loading\nRelease the lock in a finally block, so a failing loader gives "
+        "it back too.")
+
+
 def test_fifty_callers_on_a_missing_key_load_once(learner: Any, stampede: ModuleType,
                                                   redis_db: Any) -> None:
     harness = learner.harness()
@@ -41,6 +184,15 @@ def test_fifty_callers_on_a_missing_key_load_once(learner: Any, stampede: Module
     assert out["alive"] == 0, (
         f"{out['alive']} of {CALLERS} callers had not returned 40 s after the value was "
         "loaded\nWaiters must re-read the key between sleeps and return once it is there.")
+    client_cmds = [c for src, c in seen if src != "lua"]
+    wins = [c for c in client_cmds if c[0] == "SET" and "NX" in (a.upper() for a in c[3:])
+            and c[1].endswith(":lock")]
+    fills = [c for c in client_cmds if c[0] == "SET" and c[1] == "product:42"]
+    assert not (out["loads"] > 1 and len(fills) > 1 and wins), (
+        f"the loader ran {out['loads']} times for {CALLERS} concurrent callers of one "
+        f"missing key, and the key was filled {len(fills)} times, expected once: a caller "
+        "that missed before the first fill took the lock after its release and loaded again"
+        "\nAfter winning the lock, read the key once more before calling loader().")
     assert out["loads"] == 1, (
         f"the loader ran {out['loads']} times for {CALLERS} concurrent callers of one "
         "missing key, expected exactly once: a cache stampede\nOn a miss, take a lock "
@@ -54,7 +206,6 @@ def test_fifty_callers_on_a_missing_key_load_once(learner: Any, stampede: Module
     bad = [r for r in out["results"] if r != "fresh-value"]
     assert not bad, f"{len(bad)} callers got {bad[0]!r} instead of the loaded value"
 
-    client_cmds = [c for src, c in seen if src != "lua"]
     lua_cmds = [c for src, c in seen if src == "lua"]
     locks = [c for c in client_cmds if c[0] == "SET" and "NX" in (a.upper() for a in c[3:])]
     assert locks, ("no SET ... NX was sent: the lock must be taken atomically with SET key "
@@ -146,6 +297,13 @@ def test_probabilistic_early_expiry(stampede: ModuleType, redis_db: Any) -> None
     first = stampede.xfetch(redis_db.url, "xf:report", loader, 100.0, beta=1.0, now=clock,
                             rand=lambda: 0.5)
     assert first == "v1" and len(loads) == 1, "a miss must call the loader once"
+    real_ttl = redis_db.client().pttl("xf:report")
+    assert real_ttl == -1 or real_ttl > 100_000, (
+        f"xfetch stored its entry with a Redis TTL of {real_ttl} ms, the logical ttl is 100 s"
+        ": at the logical expiry the key VANISHES, every reader misses at once and all of "
+        "them reload - the very stampede XFetch avoids\nLet the expiry stored in the hash "
+        "decide; give the Redis key a longer TTL (the logical one plus a margin), so readers "
+        "keep finding it and one of them refreshes early.")
     expiry = 1_002.0 + 100.0
     for left, draw, recompute in XFETCH_CASES:
         clock.t = expiry - left

@@ -203,6 +203,91 @@ def test_queue_policy_waits_then_times_out(mod: ModuleType, pools: list[Any], se
     short.release(only)
 
 
+def test_a_woken_waiter_beaten_to_the_connection_waits_on(
+        learner: Any, mod: ModuleType, pools: list[Any], postgres: Any,
+        waiting: Callable[[], int]) -> None:
+    pool = make(mod, pools, postgres.dsn, 1, policy="queue", acquire_timeout=60)
+    held = pool.acquire()
+    waiter = Call(pool.acquire)
+    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
+               "a second borrower to wait for the only connection")
+    assert waiter.is_alive(), f"a borrower of a full pool did not wait: {waiter.error!r}"
+    barged = learner.harness().release_and_barge(pool, held)
+    if isinstance(barged, str):
+        pytest.fail(f"release() then acquire() at once, with a borrower waiting: the acquire "
+                    f"raised {barged}", pytrace=False)
+    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
+               "the woken borrower to wait again or to end")
+    if not waiter.is_alive():
+        got = ("got a connection too - two borrowers hold the pool's only connection"
+               if waiter.error is None else
+               f"raised {type(waiter.error).__name__}: {waiter.error}")
+        pytest.fail(
+            "a borrower waiting (acquire_timeout=60) was woken by a release, but another "
+            f"borrower took the connection first; the woken one then {got}, instead of "
+            "waiting on until a connection is free or its 60 s are over\nA wake-up is a "
+            "hint, not a promise: wait in a loop (`while nothing free: cond.wait(remaining)`) "
+            "and re-check after every wake-up; raise PoolExhausted only when the deadline has "
+            "passed.", pytrace=False)
+    pool.release(barged)
+    waiter.join(15)
+    assert waiter.error is None and not waiter.is_alive(), (
+        f"the waiting borrower did not get the connection released next: {waiter.error!r}")
+    pool.release(waiter.result)
+
+
+def test_a_failed_connect_gives_its_slot_back(mod: ModuleType, pools: list[Any],
+                                              server: Server, postgres: Any) -> None:
+    pool = make(mod, pools, postgres.dsn, 2, policy="reject")
+    server.admin.execute(f'ALTER DATABASE "{postgres.name}" ALLOW_CONNECTIONS false')
+    try:
+        for i in range(3):
+            try:
+                pool.acquire().close()
+            except mod.PoolExhausted:
+                pytest.fail(
+                    f"the database refused new connections (ALLOW_CONNECTIONS false) and "
+                    f"attempt {i + 1} to borrow from an EMPTY pool of 2 raised PoolExhausted: "
+                    f"the {i} failed connect(s) before it kept their slots, so the pool now "
+                    "counts connections that never opened\nWhen psycopg.connect fails, give "
+                    "the reserved slot back (open -= 1, notify) before re-raising - or one "
+                    "database hiccup leaves the pool refusing everyone forever.",
+                    pytrace=False)
+            except psycopg.Error:
+                continue
+            pytest.fail("a connection opened while the database refused connections",
+                        pytrace=False)
+    finally:
+        server.admin.execute(f'ALTER DATABASE "{postgres.name}" ALLOW_CONNECTIONS true')
+    try:
+        rows = pool.execute("SELECT 41 + 1")
+    except Exception as exc:  # noqa: BLE001 - the learner's failure is the message
+        pytest.fail(
+            f"after 3 connects failed while the database was down, the database came back "
+            f"and a query on the pool failed with {type(exc).__name__}: {exc}\nA failed "
+            "connect must give its slot back (open -= 1), so the pool can open a connection "
+            "once the database is back.", pytrace=False)
+    assert rows == [(42,)]
+
+
+def test_a_connection_given_back_mid_transaction_is_rolled_back(
+        mod: ModuleType, pools: list[Any], postgres: Any) -> None:
+    with postgres.connect(autocommit=True) as setup:
+        setup.execute("CREATE TABLE IF NOT EXISTS ph48_ledger (note text)")
+        setup.execute("TRUNCATE ph48_ledger")
+    pool = make(mod, pools, postgres.dsn, 1, policy="reject")
+    conn = pool.acquire()
+    conn.execute("INSERT INTO ph48_ledger VALUES ('half-done work')")
+    pool.release(conn)  # the borrower gave up without committing
+    with postgres.connect(autocommit=True) as check:
+        (n,), = check.execute("SELECT count(*) FROM ph48_ledger").fetchall()
+    assert n == 0, (
+        "a borrower INSERTed a row and gave the connection back without committing; the row "
+        "is now committed: release() committed the open transaction\nrelease() must ROLL "
+        "BACK: work the borrower did not commit was abandoned (an error, a timeout), and "
+        "committing it hands half-done changes to everyone.")
+
+
 def test_reject_policy_fails_at_once(mod: ModuleType, pools: list[Any], postgres: Any,
                                      waiting: Callable[[], int], server: Server) -> None:
     pool = make(mod, pools, postgres.dsn, 2, policy="reject", acquire_timeout=30)

@@ -12,6 +12,8 @@ sequence (or the exact key movement) it must produce.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 from collections import Counter
 from types import ModuleType
 from typing import Any
@@ -55,15 +57,33 @@ WRR_CASES = [  # weights -> one period of nginx's smooth weighted round robin
     ({"a": 2, "b": 1}, "aba"),
     ({"a": 1, "b": 2, "c": 3}, "cbacbc"),
     ({"a": 4, "b": 2, "c": 1}, "abacaba"),
+    # listed out of name order: ties go to the backend listed FIRST, not to the first name
+    ({"web-3": 1, "web-1": 1, "web-2": 1}, ["web-3", "web-1", "web-2"]),
+    ({"z": 2, "m": 2, "a": 1}, ["z", "m", "a", "z", "m"]),
 ]
 
 
+def _swrr(weights: dict[str, int], n: int, order: list[str]) -> list[str]:
+    """nginx's smooth WRR with ties broken by `order` (for naming a wrong tie-break)."""
+    current = dict.fromkeys(weights, 0)
+    total = sum(weights.values())
+    out = []
+    for _ in range(n):
+        for b in weights:
+            current[b] += weights[b]
+        best = min(order, key=lambda b: (-current[b], order.index(b)))
+        current[best] -= total
+        out.append(best)
+    return out
+
+
 @pytest.mark.parametrize(("weights", "period"), WRR_CASES,
-                         ids=["5-1-1", "2-1", "1-2-3", "4-2-1"])
+                         ids=["5-1-1", "2-1", "1-2-3", "4-2-1", "1-1-1-unsorted",
+                              "2-2-1-unsorted"])
 def test_smooth_weighted_round_robin_sequence(balancer: ModuleType, weights: dict[str, int],
-                                              period: str) -> None:
+                                              period: Any) -> None:
     got = picks(balancer.SmoothWeightedRoundRobin(weights), 2 * len(period))
-    want = list(period * 2)
+    want = list(period) * 2
     shown = ", ".join(f"{k}={v}" for k, v in weights.items())
     if got == want:
         return
@@ -73,7 +93,15 @@ def test_smooth_weighted_round_robin_sequence(balancer: ModuleType, weights: dic
                f"weight ({dict(wanted)}), it held {dict(counts)}: each pick adds every "
                "backend's weight to its current value, and the chosen one loses the TOTAL "
                "weight (not just its own)")
-    elif "".join(got[:len(period)]) == "".join(sorted(period, key=lambda b: -weights[b])):
+    elif got == _swrr(weights, len(got), sorted(weights)):
+        why = (f"ties between equal current values went to the backend first BY NAME "
+               f"({sorted(weights)[0]!r}), not to the one listed first "
+               f"({next(iter(weights))!r}): keep the order the weights were given in (a dict "
+               "keeps it) and replace the best only on a strictly greater current value")
+    elif got == _swrr(weights, len(got), list(reversed(list(weights)))):
+        why = ("ties between equal current values went to the backend listed LAST: replace "
+               "the best only on a strictly greater current value (>, not >=)")
+    elif got[:len(period)] == sorted(period, key=lambda b: -weights[b]):
         why = ("the proportions are right but the heavy backend's turns come in one block: "
                "that is plain weighted round robin, which sends a burst of consecutive "
                "requests to one server. Smooth WRR interleaves them (nginx's algorithm)")
@@ -82,7 +110,7 @@ def test_smooth_weighted_round_robin_sequence(balancer: ModuleType, weights: dic
                "values take the backend listed first, and add the weights to ALL backends "
                "before choosing")
     pytest.fail(f"smooth weighted round robin with {shown} gave {' '.join(got)}, expected "
-                f"{' '.join(want)}\n{why}.", pytrace=False)
+                f"{' '.join(want)}: {why}.", pytrace=False)
 
 
 # ---------------------------------------------------------------------------- least conn
@@ -123,6 +151,28 @@ def test_least_connections_under_uneven_durations(balancer: ModuleType) -> None:
     assert seen == active, (
         f"after every request was released, active() reported {seen}, expected {active}\n"
         "release(backend) must take one request off that backend's count.")
+
+
+def test_least_connections_choice_and_count_are_one_step(learner: Any,
+                                                         balancer: ModuleType) -> None:
+    out = dict(learner.harness().racing_acquires(balancer, ["a", "b", "c"]))
+    if out.get("errors"):
+        pytest.fail(f"LeastConnections.acquire() raised {list(out['errors'])[0]}",
+                    pytrace=False)
+    if not out.get("judged"):
+        return  # the choice never looks a backend's count up by name: nothing to hold
+    got = dict(out["got"])
+    assert not out["second_inside"], (
+        "while one acquire() was choosing a backend (held by the test as it looked up a "
+        "backend's count), a second acquire() came in and chose too - it picked "
+        f"{got.get('second')!r}, the held one then picked {got.get('first')!r}. Both read the "
+        "counts before either added its +1, so under load two requests go to the same "
+        "'least loaded' backend and the counts drift. Take the lock around the choice AND "
+        "the +1 together (one `with self._lock:` around min() and the increment), not just "
+        "around the increment.")
+    assert sorted(got.values()) == ["a", "b"], (
+        f"two concurrent acquire() calls on idle backends a, b, c got {sorted(got.values())}, "
+        "expected a and b: each call must count its request before the next one chooses")
 
 
 # ---------------------------------------------------------------------------- hashing
@@ -171,6 +221,68 @@ def test_adding_a_node_moves_about_one_nth_of_the_keys(balancer: ModuleType) -> 
     assert differ == 0, (
         f"after cache-e left again, {differ} keys sat on a different node than before it "
         "joined, expected none\nremove(node) must take away exactly that node's points.")
+
+
+_POINTS = {
+    "md5[:8]": lambda b: int.from_bytes(hashlib.md5(b).digest()[:8], "big"),
+    "md5": lambda b: int.from_bytes(hashlib.md5(b).digest(), "big"),
+    "md5[:4]": lambda b: int.from_bytes(hashlib.md5(b).digest()[:4], "big"),
+    "sha1[:8]": lambda b: int.from_bytes(hashlib.sha1(b).digest()[:8], "big"),
+    "sha1": lambda b: int.from_bytes(hashlib.sha1(b).digest(), "big"),
+    "sha256[:8]": lambda b: int.from_bytes(hashlib.sha256(b).digest()[:8], "big"),
+    "sha256": lambda b: int.from_bytes(hashlib.sha256(b).digest(), "big"),
+}
+_LABELS = ["{n}#{i}", "{n}-{i}", "{n}:{i}", "{n}{i}", "{n}_{i}", "{n}/{i}"]
+
+
+def _ring_placement(point: Any, label: str, keys: list[str]) -> tuple[list[str], list[int]]:
+    """Where each key belongs on a ring built with that point function and label: the first
+    point at or after the key's own, wrapping past the end to the first point."""
+    owner = {point(label.format(n=n, i=i).encode()): n for n in NODES for i in range(160)}
+    points = sorted(owner)
+    where, wrapped = [], []
+    for k, key in enumerate(keys):
+        i = bisect.bisect_left(points, point(key.encode()))
+        if i == len(points):
+            wrapped.append(k)
+        where.append(owner[points[i % len(points)]])
+    return where, wrapped
+
+
+def test_a_key_past_the_last_point_wraps_to_the_first(balancer: ModuleType) -> None:
+    """With the ring's points known (a hashlib hash of 'node#i'-like labels, as the README
+    and hints suggest), every key's node is determined: this names keys placed elsewhere -
+    above all those hashing past the last point, which belong to the FIRST point's node."""
+    where = placement(balancer.ConsistentHashRing(NODES))
+    sample = KEYS[:400]
+    best, agree = None, 0
+    for pname, point in _POINTS.items():
+        for label in _LABELS:
+            want, _ = _ring_placement(point, label, sample)
+            same = sum(w == g for w, g in zip(want, where[:400], strict=True))
+            if same > agree:
+                best, agree = (pname, point, label), same
+    if best is None or agree < 0.97 * len(sample):
+        return  # another point function: the placement cannot be recomputed here
+    want, wrapped = _ring_placement(best[1], best[2], KEYS)
+    wrong = [k for k in range(len(KEYS)) if want[k] != where[k]]
+    if not wrong:
+        return
+    k = wrong[0]
+    past_end = [k for k in wrong if k in set(wrapped)]
+    if len(past_end) == len(wrong):
+        pytest.fail(
+            f"{len(wrong)} of the {len(wrapped)} keys that hash past the LAST point of the "
+            f"ring were not given to the first point's node (e.g. {KEYS[k]!r} went to "
+            f"{where[k]!r}, its node is {want[k]!r}; points: {best[0]} of "
+            f"'{best[2]}')\nThe ring is a circle: a key above every point belongs to the "
+            "first point - wrap the index (i % len(points)), do not clamp it to the last one.",
+            pytrace=False)
+    pytest.fail(
+        f"{len(wrong)} of 10,000 keys are not on the node of the first point at or after "
+        f"their own (e.g. {KEYS[k]!r} went to {where[k]!r}, expected {want[k]!r}; points: "
+        f"{best[0]} of '{best[2]}')\nGive a key to the first point clockwise: "
+        "bisect_left over the sorted points, wrapping past the end.", pytrace=False)
 
 
 def test_removing_a_node_moves_only_its_keys(balancer: ModuleType) -> None:

@@ -30,16 +30,22 @@ class Backend:
         seen = {"service": self.name, "method": environ["REQUEST_METHOD"],
                 "path": environ.get("PATH_INFO"), "query": environ.get("QUERY_STRING", ""),
                 "body": environ["wsgi.input"].read(length).decode() if length else "",
-                "request_id": environ.get("HTTP_X_REQUEST_ID")}
+                "request_id": environ.get("HTTP_X_REQUEST_ID"),
+                "content_type": environ.get("CONTENT_TYPE")}
         path = environ.get("PATH_INFO") or ""
         if path.endswith("/missing"):
             status, extra = "404 Not Found", []
         elif environ["REQUEST_METHOD"] == "POST":
-            status, extra = "201 Created", [("Location", f"{path}/42")]
+            status, extra = "201 Created", [("Location", f"{path}/42"), *COOKIES]
         else:
             status, extra = "200 OK", []
         start_response(status, [("Content-Type", "application/json"), *extra])
         return [json.dumps(seen).encode()]
+
+
+# a response header that comes twice: each must reach the client (a dict keeps one)
+COOKIES = [("Set-Cookie", "session=s-81; Path=/; HttpOnly"), ("Set-Cookie", "theme=dark; Path=/")]
+CONTENT_TYPE = "application/vnd.shop+json"
 
 
 @pytest.fixture
@@ -117,12 +123,19 @@ def test_requests_and_answers_pass_unchanged(world: Any) -> None:
     for target, path in (("new", "/orders/7/lines"), ("legacy", "/users/9")):
         reply = http_request(host, "POST", f"{path}?expand=items&page=2",
                              document={"sku": "book", "qty": 2},
-                             headers={"X-Request-Id": "req-123"})
+                             headers={"X-Request-Id": "req-123"}, content_type=CONTENT_TYPE)
         seen = reply.json() if reply.status == 201 else {}
         want = {"service": target, "method": "POST", "path": path,
                 "query": "expand=items&page=2", "body": json.dumps({"sku": "book", "qty": 2}),
-                "request_id": "req-123"}
+                "request_id": "req-123", "content_type": CONTENT_TYPE}
         diff = {k: (seen.get(k), v) for k, v in want.items() if seen.get(k) != v}
+        if reply.status == 201 and set(diff) == {"content_type"}:
+            pytest.fail(
+                f"POST {path} with Content-Type: {CONTENT_TYPE} reached {target} with "
+                f"Content-Type {seen.get('content_type')!r}: WSGI hands the request's "
+                "Content-Type over as environ['CONTENT_TYPE'] (and its length as "
+                "CONTENT_LENGTH), not as an HTTP_* key - copying only the HTTP_* keys drops "
+                "it, and the backend can no longer tell what the body is", pytrace=False)
         assert reply.status == 201 and not diff, (
             f"POST {path}?expand=items&page=2 through the gateway: the client got HTTP "
             f"{reply.status}, the backend saw "
@@ -132,6 +145,12 @@ def test_requests_and_answers_pass_unchanged(world: Any) -> None:
         assert reply.header("Location") == f"{path}/42", (
             f"the backend's Location header did not come back (got {reply.header('Location')!r})"
             ": relay the response headers too")
+        cookies = reply.headers.get_all("Set-Cookie") or []
+        assert sorted(cookies) == sorted(v for _, v in COOKIES), (
+            f"the backend sent two Set-Cookie headers ({[v for _, v in COOKIES]}), the client "
+            f"got {cookies}: a header may come more than once, and each must be relayed - "
+            "keep the upstream's headers as a list of (name, value) pairs "
+            "(reply.getheaders()), never through a dict, which keeps only the last")
     reply = http_request(host, "GET", "/orders/missing")
     assert reply.status == 404 and reply.json().get("service") == "new", (
         f"the new service answered 404 for /orders/missing and the client got HTTP "
