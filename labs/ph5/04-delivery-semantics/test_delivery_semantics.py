@@ -41,6 +41,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,6 +360,39 @@ def test_at_least_once_waits_for_the_broker_to_store_each_commit(learner: Any,
         f"default of consumer.commit()) returns at once, so a worker killed right after "
         f"loses commits it believed made, and processes more than the one record in flight "
         f"again - commit with asynchronous=False, which waits and raises on a refusal")
+
+
+def test_at_least_once_commits_only_after_its_output_is_acknowledged(learner: Any,
+                                                                    kafka: Any) -> None:
+    """The worker runs behind a proxy that holds its Produce requests: its first output
+    cannot be acknowledged. A worker that waits for the ack (flush) sends no OffsetCommit
+    meanwhile; one that commits after produce() without waiting does, and a crash right
+    there loses that output for good. (No timing decides against a right worker: it is
+    only given 3 s in which a wrong one would commit.)"""
+    topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
+    group = kafka.group("worker-alo-ack")
+    write_input(kafka, topics["input"])
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        proxy.hold(PRODUCE)
+        worker = start(learner, kafka, "at-least-once", topics, group,
+                       bootstrap=proxy.bootstrap)
+        try:
+            proxy.wait_for(PRODUCE, timeout=30, what="the at-least-once worker's first output")
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and not proxy.requests(OFFSET_COMMIT):
+                time.sleep(0.05)
+            early = wire(proxy.events(), PRODUCE, OFFSET_COMMIT)
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            proxy.release(PRODUCE)
+    assert "OffsetCommit" not in early, (
+        f"at-least-once: the worker committed its input offset while its output was not yet "
+        f"acknowledged - the test held the output's Produce request, and an OffsetCommit "
+        f"arrived anyway (requests in order: {early}). produce() only queues the record in "
+        f"the client: a crash right after the commit loses that output, and the restarted "
+        f"worker resumes after it. flush() (or wait for the delivery report) until the broker "
+        f"acknowledged the output, THEN commit")
 
 
 def test_exactly_once_commits_the_offset_inside_the_transaction(learner: Any,

@@ -1,12 +1,9 @@
 """Kafka: a proxy that reads the protocol between a learner's client and the broker.
 
-A verification hands the learner ``proxy.bootstrap`` instead of the broker's own address (its
-own clients keep the real one). Every request the learner's client sends passes through the
-proxy, which records it (api key, version, when, on which connection; a Produce request's
-``acks``) and may hold it, drop it, have the broker refuse it, or call a test's function at
-the moment it arrives - so a test can kill the learner's process at an exact protocol point
-(an OffsetCommit that arrived and was never forwarded) instead of after a guessed pause.
-"""
+A verification hands the learner ``proxy.bootstrap`` instead of the broker's address. Every
+request the learner's client sends is recorded (api key, version, when, connection, a
+Produce's ``acks``) and may be held, dropped, refused, or hooked - so a test can kill the
+learner's process at an exact protocol point instead of after a guessed pause."""
 
 from __future__ import annotations
 
@@ -198,8 +195,7 @@ class KafkaProxy:
     (Metadata, FindCoordinator, DescribeCluster) are rewritten to ports of this proxy, one
     per broker, so the client never goes around it.
 
-    * observe: :meth:`requests` (every request, in arrival order), :meth:`events`
-      (requests and the answers sent back, in order), :meth:`wait_for`;
+    * observe: :meth:`requests`, :meth:`events` (requests and answers, in order), :meth:`wait_for`;
     * intervene per api key: :meth:`hold` until :meth:`release`, :meth:`hold_answers`
       until :meth:`release_answers` (forwarded, but the answer waits), :meth:`drop` (never
       forwarded, never answered), :meth:`refuse` (answered with an error), and
@@ -279,20 +275,17 @@ class KafkaProxy:
         """Forward the held requests of ``api_key`` and the later ones."""
         self._rule(api_key, "forward")
 
-    def hold_answers(self, api_key: int) -> None:
-        """Forward requests of ``api_key`` to the broker as usual, but hold the broker's
-        answers to them (and, as on one TCP connection, the answers after them on the same
-        connection) until :meth:`release_answers`: the broker has done the work (a Produce
-        is stored, others can read it) while the client still waits to hear so."""
+    def hold_answers(self, api_key: int, held: bool = True) -> None:
+        """Forward requests of ``api_key``, but hold the broker's answers to them (and the
+        later answers on their connection) until :meth:`release_answers`: the broker did
+        the work (a Produce is stored) while the client still waits to hear so."""
         with self._changed:
-            self._held_answers.add(api_key)
+            (self._held_answers.add if held else self._held_answers.discard)(api_key)
             self._changed.notify_all()
 
     def release_answers(self, api_key: int) -> None:
         """Send the held answers to requests of ``api_key``, and the later ones at once."""
-        with self._changed:
-            self._held_answers.discard(api_key)
-            self._changed.notify_all()
+        self.hold_answers(api_key, held=False)
 
     def drop(self, api_key: int) -> None:
         """Never forward requests of ``api_key``: their client waits for an answer that
