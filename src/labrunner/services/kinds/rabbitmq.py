@@ -8,6 +8,7 @@ container the official ``rabbitmq:3-management`` image."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -49,7 +50,8 @@ def private_server(folder: Path, plugins: tuple[str, ...]) -> str | None:
     loads every module of every application there at boot to find its boot steps, so the
     full folder costs seconds of start-up on a small machine. The scripts are copied, not
     linked: rabbitmq-env takes RABBITMQ_HOME from where the script really is. None when
-    this RabbitMQ is not laid out as Debian and the upstream packages lay it out."""
+    this RabbitMQ is not laid out that way (sbin/ and plugins/ under one home, as Debian's
+    and upstream's packages are): the caller then starts the installed script as it is."""
     script = server()
     if script is None:
         return None
@@ -79,14 +81,16 @@ def private_server(folder: Path, plugins: tuple[str, ...]) -> str | None:
 _APP_DEPENDENCIES = re.compile(r"\{\s*(?:included_)?applications\s*,\s*\[([^\]]*)\]")
 
 
-def _applications(plugins: Path) -> dict[str, tuple[Path, set[str]]]:
+@functools.cache
+def _applications(plugins: Path) -> dict[str, tuple[Path, frozenset[str]]]:
     """Each application in a RabbitMQ plugins folder: its folder and the applications it
-    needs, read from its ``ebin/<name>.app`` resource file."""
-    found: dict[str, tuple[Path, set[str]]] = {}
+    needs, read from its ``ebin/<name>.app`` resource file. Read once per process: every
+    node started (each test worker's, each graded run's) would read the same 70 files."""
+    found: dict[str, tuple[Path, frozenset[str]]] = {}
     for resource in plugins.glob("*/ebin/*.app"):
         text = resource.read_text(encoding="utf-8", errors="replace")
-        needs = {dep for deps in _APP_DEPENDENCIES.findall(text)
-                 for dep in re.findall(r"[a-z][A-Za-z0-9_]*", deps)}
+        needs = frozenset(dep for deps in _APP_DEPENDENCIES.findall(text)
+                          for dep in re.findall(r"[a-z][A-Za-z0-9_]*", deps))
         found[resource.stem] = (resource.parent.parent, needs)
     return found
 
