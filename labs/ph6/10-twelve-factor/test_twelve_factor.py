@@ -152,15 +152,21 @@ def test_bad_config_fails_fast(learner: Any, env: dict[str, str], apps: list[App
         "wrong - did it fall back to a default and fail later on?")
 
 
-def test_two_instances_share_state_through_backing_services(
-        learner: Any, env: dict[str, str], apps: list[App], postgres: Any) -> None:
-    before = {p.name for p in Path(learner.dir).iterdir()}
+def two_instances(learner: Any, env: dict[str, str], apps: list[App]) -> tuple[App, App]:
+    """Two instances of the app from the same config, on different ports, both ready."""
     first = App(learner, env)
     apps.append(first)
     first.ready()
     second = App(learner, {**env, "PORT": str(free_port())})
     apps.append(second)
     second.ready()
+    return first, second
+
+
+def test_two_instances_share_state_through_backing_services(
+        learner: Any, env: dict[str, str], apps: list[App], postgres: Any) -> None:
+    before = {p.name for p in Path(learner.dir).iterdir()}
+    first, second = two_instances(learner, env, apps)
     a, b = f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"
     for host in (a, a, b):
         assert http_request(host, "POST", "/visits").status == 200
@@ -227,12 +233,7 @@ def test_concurrent_visits_are_each_counted(learner: Any, env: dict[str, str], a
     """Two instances, each with several requests in flight at once: the shared count must
     move by exactly one per POST, whichever instance serves it - an increment read, added to
     and written back by the app loses the visits counted in between."""
-    first = App(learner, env)
-    apps.append(first)
-    first.ready()
-    second = App(learner, {**env, "PORT": str(free_port())})
-    apps.append(second)
-    second.ready()
+    first, second = two_instances(learner, env, apps)
     hosts = [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
     per_thread, threads = 10, 8
     answers: list[Any] = []
