@@ -133,3 +133,81 @@ def test_process_activity_tells_a_sleeping_process_and_what_it_sleeps_in() -> No
         child.kill()
         child.wait()
     assert process_activity(child.pid) == (-1, -1, ())
+
+
+def _echo_server() -> tuple[socket.socket, list[bytes]]:
+    """A real TCP server on loopback that echoes each connection's bytes back in capitals
+    and, when its client half-closes, answers b"<END>" and closes: it shows what reached it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                received.append(data)
+                conn.sendall(data.upper())
+            conn.sendall(b"<END>")
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, received
+
+
+def test_tcp_relay_passes_bytes_both_ways_and_a_half_close_through() -> None:
+    from labrunner.testing import RelayLink, TcpRelay
+
+    class Counting(TcpRelay):
+        up = down = 0
+
+        def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+            self.up += len(chunk)
+            return super().upward(link, chunk)
+
+        def downward(self, link: RelayLink, chunk: bytes) -> bool | None:
+            self.down += len(chunk)
+            return super().downward(link, chunk)
+
+    listener, received = _echo_server()
+    with listener, Counting(listener.getsockname()) as relay:
+        client = socket.create_connection(("127.0.0.1", relay.port))
+        client.sendall(b"hello ")
+        client.sendall(b"relay")
+        client.shutdown(socket.SHUT_WR)   # the server must see the end of the client's data
+        answer = b""
+        while data := client.recv(65536):
+            answer += data
+        client.close()
+        assert answer == b"HELLO RELAY<END>", answer
+        assert b"".join(received) == b"hello relay"
+        assert (relay.up, relay.down) == (11, 16)
+        assert relay.wait_closed(5.0) and len(relay.links) == 1
+
+
+def test_tcp_relay_hook_that_returns_false_shuts_the_connection_both_ways() -> None:
+    from labrunner.testing import RelayLink, TcpRelay
+
+    class TurnAway(TcpRelay):
+        def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+            if b"QUIT" in chunk:
+                link.client.sendall(b"bye")   # answered in the server's place
+                return False
+            return super().upward(link, chunk)
+
+    listener, received = _echo_server()
+    with listener, TurnAway(listener.getsockname()) as relay:
+        client = socket.create_connection(("127.0.0.1", relay.port))
+        client.sendall(b"QUIT")
+        answer = b""
+        client.settimeout(5.0)
+        while data := client.recv(65536):
+            answer += data
+        client.close()
+        assert answer == b"bye" and received == []
+        assert relay.wait_closed(5.0)

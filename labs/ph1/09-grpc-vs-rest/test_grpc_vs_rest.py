@@ -11,9 +11,7 @@ proxy observed and the wall time of the call.
 
 from __future__ import annotations
 
-import socket
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 
-from labrunner.testing import ProtoStubs, generate_stubs, serve_wsgi
+from labrunner.testing import ProtoStubs, RelayLink, TcpRelay, generate_stubs, serve_wsgi
 
 USERS = [{"id": i, "username": f"user{i:04d}", "email": f"user{i:04d}@example.com",
           "created_at": 1_700_000_000 + 37 * i} for i in range(1, 1001)]
@@ -41,88 +39,48 @@ HOLD_SECONDS = 0.25
 # ---- the test's own measurement: a counting TCP proxy ----------------------------------
 
 @dataclass
-class Link:
+class Link(RelayLink):
     """One proxied TCP connection, as seen on the wire."""
 
     sent: int = 0       # client -> server
     received: int = 0   # server -> client
     first_sent_at: float | None = None
     received_log: list[tuple[float, int]] = field(default_factory=list)  # (time, bytes)
-    ends: int = 0       # directions finished (2 = closed)
 
 
-class CountingProxy:
+class CountingProxy(TcpRelay):
     """127.0.0.1:<free port> forwarding every connection to `target`, logging bytes and
     times per connection."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
-        self._target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self.links: list[Link] = []
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+    link_class = Link
+    links: list[Link]  # type: ignore[assignment]  # made by link_class
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            link = Link()
-            with self._lock:
-                self.links.append(link)
-                self._sockets += [client, upstream]
-            for source, sink, upward in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pump, args=(link, source, sink, upward),
-                                 daemon=True).start()
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        assert isinstance(link, Link)
+        self._count_sent(link, chunk)
+        link.upstream.sendall(chunk)
+        return None
 
-    def _pump(self, link: Link, source: socket.socket, sink: socket.socket,
-              upward: bool) -> None:
-        try:
-            while chunk := source.recv(65536):
-                if not upward and not link.received_log:
-                    time.sleep(HOLD_SECONDS)  # see HOLD_SECONDS
-                now = time.perf_counter()
-                with self._lock:
-                    if upward:
-                        link.sent += len(chunk)
-                        if link.first_sent_at is None:
-                            link.first_sent_at = now
-                    else:
-                        link.received += len(chunk)
-                        link.received_log.append((now, len(chunk)))
-                sink.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for sock, how in ((sink, socket.SHUT_WR), (source, socket.SHUT_RD)):
-                try:
-                    sock.shutdown(how)
-                except OSError:
-                    pass
-            with self._lock:
-                link.ends += 1
+    def downward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        assert isinstance(link, Link)
+        if not link.received_log:
+            time.sleep(HOLD_SECONDS)  # see HOLD_SECONDS
+        self._count_received(link, len(chunk))
+        link.client.sendall(chunk)
+        return None
 
-    def wait_closed(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if all(link.ends == 2 for link in self.links):
-                    return True
-            time.sleep(0.01)
-        return False
+    def _count_sent(self, link: Link, chunk: bytes) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            link.sent += len(chunk)
+            if link.first_sent_at is None:
+                link.first_sent_at = now
 
-    def close(self) -> None:
-        try:  # wakes the accept() thread (Linux)
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        for sock in self._sockets:
-            sock.close()
+    def _count_received(self, link: Link, size: int) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            link.received += size
+            link.received_log.append((now, size))
 
 
 class GoawayFirstCall(CountingProxy):
@@ -134,41 +92,22 @@ class GoawayFirstCall(CountingProxy):
     _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     _GOAWAY = bytes([0, 0, 8, 7, 0, 0, 0, 0, 0]) + bytes(8)  # last stream 0, NO_ERROR
 
-    def _pump(self, link: Link, source: socket.socket, sink: socket.socket,
-              upward: bool) -> None:
-        if not upward or link is not self.links[0]:
-            super()._pump(link, source, sink, upward)
-            return
-        buffer = b""
-        try:
-            while chunk := source.recv(65536):
-                now = time.perf_counter()
-                with self._lock:
-                    link.sent += len(chunk)
-                    if link.first_sent_at is None:
-                        link.first_sent_at = now
-                buffer += chunk
-                at = len(self._PREFACE) if buffer.startswith(self._PREFACE) else 0
-                while len(buffer) >= at + 9:
-                    size = int.from_bytes(buffer[at:at + 3], "big")
-                    if buffer[at + 3] == 1:  # HEADERS: the rpc itself
-                        sink.sendall(buffer[:at])  # the frames before it (SETTINGS...)
-                        with self._lock:
-                            link.received += len(self._GOAWAY)
-                            link.received_log.append((time.perf_counter(), len(self._GOAWAY)))
-                        source.sendall(self._GOAWAY)
-                        return
-                    at += 9 + size
-        except OSError:
-            pass
-        finally:
-            for sock in (sink, source):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            with self._lock:
-                link.ends += 1  # the other direction's pump ends too: its socket is shut
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        assert isinstance(link, Link)
+        if link.index != 0:
+            return super().upward(link, chunk)
+        self._count_sent(link, chunk)
+        buffer = link.state["buffer"] = link.state.get("buffer", b"") + chunk
+        at = len(self._PREFACE) if buffer.startswith(self._PREFACE) else 0
+        while len(buffer) >= at + 9:
+            size = int.from_bytes(buffer[at:at + 3], "big")
+            if buffer[at + 3] == 1:  # HEADERS: the rpc itself
+                link.upstream.sendall(buffer[:at])  # the frames before it (SETTINGS...)
+                self._count_received(link, len(self._GOAWAY))
+                link.client.sendall(self._GOAWAY)
+                return False  # and the connection is shut both ways
+            at += 9 + size
+        return None
 
 
 # ---- the servers ------------------------------------------------------------------------

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -26,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 
-from labrunner.testing import redis_commands
+from labrunner.testing import RelayLink, TcpRelay, redis_commands
 
 
 def limiter_class(learner: Any) -> type:
@@ -232,55 +231,28 @@ def test_pubsub_fans_out_to_every_subscriber(learner: Any, redis_db: Any) -> Non
         admin.close()
 
 
-class SubscribeHold:
+class SubscribeHold(TcpRelay):
     """A TCP proxy in front of Redis that holds every client->server chunk carrying a
     SUBSCRIBE until release(): the subscription cannot be confirmed before the test says so.
     Everything else (the connection's HELLO/AUTH/SELECT) passes at once."""
 
     def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
+        super().__init__((host, port))
         self.held = threading.Event()
         self._released = threading.Event()
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-                upstream = socket.create_connection(self._target)
-            except OSError:
-                return
-            self._sockets += [client, upstream]
-            for source, sink, up in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pump, args=(source, sink, up), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, up: bool) -> None:
-        try:
-            while chunk := source.recv(65536):
-                if up and b"SUBSCRIBE" in chunk.upper():
-                    self.held.set()
-                    self._released.wait(30)
-                sink.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for sock in (sink, source):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        if b"SUBSCRIBE" in chunk.upper():
+            self.held.set()
+            self._released.wait(30)
+        return super().upward(link, chunk)
 
     def release(self) -> None:
         self._released.set()
 
     def close(self) -> None:
         self.release()
-        self._listener.close()
-        for sock in self._sockets:
-            sock.close()
+        super().close()
 
 
 def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) -> None:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import redis_commands
+from labrunner.testing import RelayLink, TcpRelay, redis_commands
 
 CALLERS = 50
 
@@ -57,62 +56,38 @@ def _resp_command(buf: bytes) -> tuple[list[bytes], int] | None:
     return parts, pos
 
 
+class CommandGate(TcpRelay):
+    """Calls ``before(command)`` for each RESP command a client sends, before passing it on."""
+
+    def __init__(self, target: tuple[str, int], before: Callable[[list[bytes]], None]) -> None:
+        super().__init__(target)
+        self._before = before
+
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        buf = link.state.get("buf", b"") + chunk
+        while (got := _resp_command(buf)) is not None:
+            command, used = got
+            self._before(command)
+            link.upstream.sendall(buf[:used])
+            buf = buf[used:]
+        if buf and not buf.startswith(b"*"):  # inline command: pass it on
+            link.upstream.sendall(buf)
+            buf = b""
+        link.state["buf"] = buf
+        return None
+
+
 @contextmanager
 def redis_gate(url: str, before: Callable[[list[bytes]], None]) -> Iterator[str]:
     """A TCP proxy in front of Redis that reads each command a client sends and runs
     before(command) before passing it on - so the test acts at an exact point of the
     learner's sequence (between its GET and its SET NX). Yields the URL to hand out."""
     parts = urllib.parse.urlsplit(url)
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-
-    def pipe_back(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            dst.close()
-
-    def serve(client: socket.socket) -> None:
-        upstream = socket.create_connection((parts.hostname, parts.port))
-        threading.Thread(target=pipe_back, args=(upstream, client), daemon=True).start()
-        buf = b""
-        try:
-            while data := client.recv(65536):
-                buf += data
-                while (got := _resp_command(buf)) is not None:
-                    command, used = got
-                    before(command)
-                    upstream.sendall(buf[:used])
-                    buf = buf[used:]
-                if buf and not buf.startswith(b"*"):  # inline command: pass it on
-                    upstream.sendall(buf)
-                    buf = b""
-        except OSError:
-            pass
-        finally:
-            upstream.close()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{port}"
-    netloc_out = f"{netloc[0]}@{host}" if len(netloc) == 2 else host
-    try:
+    with CommandGate((parts.hostname or "127.0.0.1", parts.port or 6379), before) as gate:
+        netloc = parts.netloc.rsplit("@", 1)
+        host = f"127.0.0.1:{gate.port}"
+        netloc_out = f"{netloc[0]}@{host}" if len(netloc) == 2 else host
         yield urllib.parse.urlunsplit(parts._replace(netloc=netloc_out))
-    finally:
-        stop.set()
-        listener.close()
 
 
 def test_the_lock_winner_reads_the_key_again(stampede: ModuleType, redis_db: Any) -> None:

@@ -31,6 +31,9 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
 * :func:`signals_caught` reads which signals a learner's program handles (a SIGTERM
   handler that never lets it end vs no handler), :func:`objects_alive` counts objects of
   named classes the learner's process keeps alive (waiters left behind by timed-out calls);
+* :class:`TcpRelay` sits between a learner's client and a real server and hands every
+  chunk, each way, to a hook of the test's (count it, hold it, act between two commands,
+  answer in the server's place);
 * :func:`drain` reads a gRPC response stream on a thread, :func:`next_message` takes its
   next message or fails saying what never came;
 * :func:`verdict` calls the learner's code where a refusal is an answer ("ok" or
@@ -58,6 +61,7 @@ from .kafka import KafkaRecord, read_all
 from .kafka_proxy import API_NAMES, KafkaEvent, KafkaProxy, KafkaRequest
 from .pg import TRANSACTION_CONTROL, PgStatementProxy
 from .redis import CONNECTION_SETUP, redis_commands
+from .relay import RelayLink, TcpRelay
 from .signals import objects_alive, signals_caught
 from .tls import TlsOnce, serve_tls_once, tls_exchange
 from .verdicts import verdict
@@ -75,6 +79,8 @@ __all__ = [
     "KafkaRequest",
     "PgStatementProxy",
     "ProtoStubs",
+    "RelayLink",
+    "TcpRelay",
     "TcpSocket",
     "TlsOnce",
     "call",
