@@ -70,8 +70,19 @@ def crashed(code: int, stderr: str) -> bool:
 
 
 SCENARIOS = {
+    # the races first: a retry that reuses stale data fails there, with its own advice,
+    # before the ABA cases (which it fails too) blame the tag
     "empty": ("pop on an empty stack returns NULL; a pushed node comes back",
               "Check for an empty stack (a NULL head) before reading top's next."),
+    "pop_race": ("a push landing inside your pop",
+                 "pop must install next with compare-and-swap from the head it read, and "
+                 "retry if the head changed - re-reading top AND top's next from the new "
+                 "head: a next read once before the loop is stale after a failed CAS, and a "
+                 "plain store overwrites the other thread's push."),
+    "push_race": ("a pop landing inside your push",
+                  "push must install the node with compare-and-swap from the head it linked "
+                  "the node to, and retry (re-linking) if the head changed; a plain store "
+                  "puts back a node that another thread has already popped."),
     "aba": ("the ABA interleaving",
             "A CAS that compares only the pointer cannot see that the head was popped and "
             "pushed back in between: keep a version tag beside the pointer in the same "
@@ -81,13 +92,6 @@ SCENARIOS = {
                  "or fewer (the pointer's alignment bits hold 3) wraps after 256 operations, "
                  "which a preempted thread easily sleeps through. Use the 16 spare top bits "
                  "of the 64-bit word (user-space pointers fit in 48), or a 128-bit CAS."),
-    "pop_race": ("a push landing inside your pop",
-                 "pop must install next with compare-and-swap from the head it read, and "
-                 "retry if the head changed; a plain store overwrites the other thread's push."),
-    "push_race": ("a pop landing inside your push",
-                  "push must install the node with compare-and-swap from the head it linked "
-                  "the node to, and retry (re-linking) if the head changed; a plain store "
-                  "puts back a node that another thread has already popped."),
 }
 
 
