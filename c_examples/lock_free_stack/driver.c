@@ -6,6 +6,7 @@
  *   lock_free_stack push_race    a pop lands between push's read of the head and its CAS
  *   lock_free_stack aba_wrap     ABA again, with 256 successful CASes in between (a tag
  *                                of 8 bits or fewer - the pointer's alignment bits - wraps)
+ *   lock_free_stack free         stack_free on a stack that still holds (static) nodes
  *   lock_free_stack stress N     4 threads x N rounds of pop, pop, push, push over 64 nodes
  *
  * The scripted scenarios run on one thread: stack_interleave_point() (called by
@@ -167,6 +168,23 @@ static int run_empty(void) {
 
 static int scripted(int scenario);
 
+/* stack_free frees the stack only: the nodes are the caller's (here static: free() of one
+ * aborts the process). */
+static int run_free(void) {
+    S = stack_new();
+    if (S == NULL) { puts("FAIL stack_new() returned NULL"); return 1; }
+    memset(nodes, 0, sizeof nodes);
+    stack_push(S, &nodes[1]);
+    stack_push(S, &nodes[0]);
+    stack_free(S);
+    if (nodes[0].value != 0 || nodes[1].value != 0) {
+        puts("FAIL free: stack_free() wrote into the nodes it still held");
+        return 1;
+    }
+    puts("ok free");
+    return 0;
+}
+
 static int run_scripted(int scenario) {
     pthread_t dog;
     if (pipe(wake) < 0 || pthread_create(&dog, NULL, watchdog, NULL) != 0) {
@@ -288,8 +306,9 @@ static int run_stress(long n) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
-    if (argc < 2) { fputs("usage: lock_free_stack empty|aba|aba_wrap|pop_race|push_race|stress N\n", stderr); return 2; }
+    if (argc < 2) { fputs("usage: lock_free_stack empty|free|aba|aba_wrap|pop_race|push_race|stress N\n", stderr); return 2; }
     if (!strcmp(argv[1], "empty")) return run_empty();
+    if (!strcmp(argv[1], "free")) return run_free();
     if (!strcmp(argv[1], "aba")) return run_scripted(ABA);
     if (!strcmp(argv[1], "pop_race")) return run_scripted(POP_RACE);
     if (!strcmp(argv[1], "push_race")) return run_scripted(PUSH_RACE);

@@ -66,7 +66,9 @@ def tsan_report(stderr: str) -> str | None:
 
 
 def crashed(code: int, stderr: str) -> bool:
-    return code < 0 or "SEGV" in stderr or "ERROR: ThreadSanitizer" in stderr
+    # a CHECK failure of ThreadSanitizer's allocator: free() of memory it never gave out
+    return (code < 0 or "SEGV" in stderr or "ERROR: ThreadSanitizer" in stderr
+            or "ThreadSanitizer: CHECK failed" in stderr)
 
 
 SCENARIOS = {
@@ -74,6 +76,10 @@ SCENARIOS = {
     # before the ABA cases (which it fails too) blame the tag
     "empty": ("pop on an empty stack returns NULL; a pushed node comes back",
               "Check for an empty stack (a NULL head) before reading top's next."),
+    "free": ("stack_free() of a stack still holding two nodes the caller owns",
+             "stack_free() frees the stack only, never the nodes: they belong to whoever "
+             "pushed them (here they are static; elsewhere still in use, or in a pool). "
+             "free(s) and nothing else."),
     "pop_race": ("a push landing inside your pop",
                  "pop must install next with compare-and-swap from the head it read, and "
                  "retry if the head changed - re-reading top AND top's next from the new "

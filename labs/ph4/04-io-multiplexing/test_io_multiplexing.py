@@ -201,10 +201,11 @@ def diagnose(server: Server, waiting: str, all_sent: bool = True,
                     "and nothing ever wakes you to send it: register EPOLLIN | EPOLLOUT | "
                     "EPOLLET (or add EPOLLOUT while output is pending) and flush on EPOLLOUT.")
         return (f"{waiting}: {short}; the server sleeps in epoll_wait() with nothing unread "
-                "and nothing left in the kernel to send: the rest of the echo was dropped\n"
-                "send() on a non-blocking socket can write less than asked or fail with "
-                "EAGAIN when the peer reads slowly: keep what was not written in a "
-                "per-connection buffer and send it on the next EPOLLOUT; never discard it.")
+                "and nothing left in the kernel to send: the rest of the echo was dropped, or "
+                "sits in your buffer unsent\nsend() on a non-blocking socket can write less "
+                "than asked or fail with EAGAIN when the peer reads slowly: keep what was "
+                "not written in a per-connection buffer, never discard it, and send it when "
+                "EPOLLOUT fires (an EPOLLOUT event without EPOLLIN must flush too).")
     if call in READS:
         return (f"{waiting}: the server's only thread is blocked in {READS[call]}\nA read "
                 "loop that runs until EAGAIN needs non-blocking sockets: set O_NONBLOCK on "
