@@ -4,6 +4,9 @@
  *   lock_free_stack aba          the ABA interleaving, replayed inside the learner's pop
  *   lock_free_stack pop_race     a push lands between pop's read of the head and its CAS
  *   lock_free_stack push_race    a pop lands between push's read of the head and its CAS
+ *   lock_free_stack aba_wrap     ABA again, with 256 successful CASes in between (a tag
+ *                                of 8 bits or fewer - the pointer's alignment bits - wraps)
+ *   lock_free_stack free         stack_free on a stack that still holds (static) nodes
  *   lock_free_stack stress N     4 threads x N rounds of pop, pop, push, push over 64 nodes
  *
  * The scripted scenarios run on one thread: stack_interleave_point() (called by
@@ -13,9 +16,11 @@
  * Built with -fsanitize=thread: the stress run must also produce no ThreadSanitizer report.
  */
 #include <pthread.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "stack.h"
 
@@ -34,19 +39,31 @@ static char name_of(node_t *n) {
 
 /* ---- scripted interleavings ------------------------------------------------------------ */
 
-enum { NONE, ABA, POP_RACE, PUSH_RACE };
+enum { NONE, ABA, POP_RACE, PUSH_RACE, ABA_WRAP };
 static int armed = NONE;       /* the scenario waiting for its moment */
 static int armed_on_write = 0; /* the moment: node_set_next (1) or node_next (0) */
 static node_t *other_holds[4]; /* nodes "the other thread" popped and still holds */
 static int other_count = 0;
 static char other_log[128];
+static atomic_int in_other;    /* 1 while "the other thread's" operations run inside yours */
 
 void stack_interleave_point(node_t *n, int writing) {
     (void)n;
     if (armed == NONE || writing != armed_on_write) return;
     int scenario = armed;
     armed = NONE; /* once; the other thread's own operations run unhooked */
-    if (scenario == ABA) {
+    atomic_store(&in_other, 1);
+    if (scenario == ABA_WRAP) {
+        /* pop A, pop B, push E, 126 x (pop E, push E), push A: 256 successful CASes */
+        node_t *x = stack_pop(S);
+        node_t *y = stack_pop(S);
+        stack_push(S, &nodes[4]);
+        for (int i = 0; i < 126; i++) stack_push(S, stack_pop(S));
+        stack_push(S, x);
+        other_holds[other_count++] = y;
+        snprintf(other_log, sizeof other_log, "pop %c, pop %c, push E, 126 x (pop E, push E), "
+                 "push %c: 256 successful CASes", name_of(x), name_of(y), name_of(x));
+    } else if (scenario == ABA) {
         node_t *x = stack_pop(S);
         node_t *y = stack_pop(S);
         stack_push(S, x);
@@ -61,6 +78,32 @@ void stack_interleave_point(node_t *n, int writing) {
         other_holds[other_count++] = x;
         snprintf(other_log, sizeof other_log, "pop %c", name_of(x));
     }
+    atomic_store(&in_other, 0);
+}
+
+/* A safety net for the scripted scenarios (each takes microseconds): if one has not
+ * finished after 5 s, say where it hangs instead of leaving the test to time out. */
+static void say(const char *msg) {
+    ssize_t w = write(1, msg, strlen(msg));
+    (void)w;
+}
+
+static int wake[2]; /* a byte on wake[1] ends the watchdog before its 5 s */
+
+static void *watchdog(void *arg) {
+    (void)arg;
+    struct pollfd p = {.fd = wake[0], .events = POLLIN};
+    if (poll(&p, 1, 5000) > 0) return NULL;
+    if (atomic_load(&in_other))
+        say("FAIL hang: \"the other thread's\" operation, run in the middle of yours, never "
+            "finished: it waits for something only your unfinished operation can release "
+            "(a lock or spinlock around push/pop?). Lock-free means no operation ever waits "
+            "for another: a thread preempted mid-operation must not stop the rest.\n");
+    else
+        say("FAIL hang: your operation never finished: a CAS loop that never succeeds "
+            "(retrying with an expected value that is never refreshed?) or a cycle in the "
+            "list\n");
+    _exit(1);
 }
 
 /* Pop everything that is left (at most 16, in case the list now has a cycle). */
@@ -123,7 +166,39 @@ static int run_empty(void) {
     return 0;
 }
 
+static int scripted(int scenario);
+
+/* stack_free frees the stack only: the nodes are the caller's (here static: free() of one
+ * aborts the process). */
+static int run_free(void) {
+    S = stack_new();
+    if (S == NULL) { puts("FAIL stack_new() returned NULL"); return 1; }
+    memset(nodes, 0, sizeof nodes);
+    stack_push(S, &nodes[1]);
+    stack_push(S, &nodes[0]);
+    stack_free(S);
+    if (nodes[0].value != 0 || nodes[1].value != 0) {
+        puts("FAIL free: stack_free() wrote into the nodes it still held");
+        return 1;
+    }
+    puts("ok free");
+    return 0;
+}
+
 static int run_scripted(int scenario) {
+    pthread_t dog;
+    if (pipe(wake) < 0 || pthread_create(&dog, NULL, watchdog, NULL) != 0) {
+        puts("FAIL the driver could not start its watchdog");
+        return 1;
+    }
+    int failed = scripted(scenario);
+    ssize_t w = write(wake[1], "", 1);
+    (void)w;
+    pthread_join(dog, NULL);
+    return failed;
+}
+
+static int scripted(int scenario) {
     char left[32];
     node_t *returned = NULL;
     other_count = 0;
@@ -134,6 +209,13 @@ static int run_scripted(int scenario) {
         returned = stack_pop(S);
         drain(left);
         return account("aba", "ABC", returned, left);
+    }
+    if (scenario == ABA_WRAP) {
+        fresh("ABC");
+        armed = ABA_WRAP, armed_on_write = 0;
+        returned = stack_pop(S);
+        drain(left);
+        return account("aba_wrap", "ABCE", returned, left);
     }
     if (scenario == POP_RACE) {
         fresh("ABC");
@@ -224,11 +306,13 @@ static int run_stress(long n) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
-    if (argc < 2) { fputs("usage: lock_free_stack empty|aba|pop_race|push_race|stress N\n", stderr); return 2; }
+    if (argc < 2) { fputs("usage: lock_free_stack empty|free|aba|aba_wrap|pop_race|push_race|stress N\n", stderr); return 2; }
     if (!strcmp(argv[1], "empty")) return run_empty();
+    if (!strcmp(argv[1], "free")) return run_free();
     if (!strcmp(argv[1], "aba")) return run_scripted(ABA);
     if (!strcmp(argv[1], "pop_race")) return run_scripted(POP_RACE);
     if (!strcmp(argv[1], "push_race")) return run_scripted(PUSH_RACE);
+    if (!strcmp(argv[1], "aba_wrap")) return run_scripted(ABA_WRAP);
     if (!strcmp(argv[1], "stress") && argc > 2) return run_stress(atol(argv[2]));
     return 2;
 }

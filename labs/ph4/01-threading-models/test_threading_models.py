@@ -614,6 +614,7 @@ def test_asyncio_serves_200_slow_clients_on_one_thread(
     one_thread(f"{DROPPED} clients connected")
     read = count(server, gone, reading)
     if read < DROPPED:
+        early(load, server, gone)
         server.fail(
             f"with {DROPPED} slow clients connected, the asyncio server was reading {read} "
             f"of them at once, expected all {DROPPED}\n" + BLOCKED_LOOP)
@@ -626,6 +627,7 @@ def test_asyncio_serves_200_slow_clients_on_one_thread(
     one_thread(f"{CLIENTS} slow clients held open")
     read = count(server, held, reading)
     if read < CLIENTS:
+        early(load, server, held)
         server.fail(
             f"with {CLIENTS} slow clients connected, the asyncio server was reading {read} "
             f"of them at once, expected all {CLIENTS}\n" + BLOCKED_LOOP)
@@ -634,6 +636,23 @@ def test_asyncio_serves_200_slow_clients_on_one_thread(
     server.threads()
     one_thread(f"after answering {CLIENTS} clients")
     dropped_closed(load, server, gone, "asyncio")
+
+
+def early(load: Load, server: Server, clients: list[Client]) -> None:
+    """Fail if the server answered or closed clients whose request head is not complete."""
+    seen = load.seen_by(clients)
+    done = [x for x in seen if x.data or x.closed]
+    if done:
+        first = next((x.data[:40] for x in done if x.data), "")
+        got = f": got {first!r}" if first else ""
+        server.fail(
+            f"{len(done)} of {len(clients)} slow clients were "
+            f"{'answered' if first else 'closed'} before their request was complete (they "
+            f"had sent only its first lines, no blank line yet{got})"
+            "\nA request head ends at the blank line (\\r\\n\\r\\n): await "
+            "reader.readuntil(HEAD_END). One read() returns whatever has arrived so far - "
+            "here only the request line - and a client whose head spans several segments "
+            "gets answered too early or not at all.")
 
 
 BLOCKED_LOOP = (

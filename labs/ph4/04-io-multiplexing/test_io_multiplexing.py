@@ -20,7 +20,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ BURST = 8 << 20          # 8 MiB in one go: far more than any one read() returns
 CLIENTS = 500
 STALLED = 8              # consecutive stalled observations, 25 ms apart, that fail a test
 DEADLINE = 60.0          # a safety net only: stalls are diagnosed long before
+EPOLLOUT, EPOLLET = 0x4, 1 << 31
 EPOLL_WAIT = {232, 281, 441}          # epoll_wait, epoll_pwait, epoll_pwait2 (x86-64)
 READS = {0: "read()", 45: "recvfrom()/recv()", 19: "readv()"}
 ACCEPTS = {43: "accept()", 288: "accept4()"}
@@ -119,6 +120,42 @@ class Server:
                 unread += rx
         return unread, backlog
 
+    def sent_queue(self) -> int:
+        """Bytes the server's connections have written that the kernel has not delivered."""
+        total = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == self.port and f[3] != "0A":
+                total += int(f[4].split(":")[0], 16)
+        return total
+
+    def registrations(self) -> dict[int, int]:
+        """{descriptor: events mask} of the connections in the server's epoll sets (read
+        from /proc/<pid>/fdinfo), the listening socket left out."""
+        listening = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == self.port:
+                listening.add(f"socket:[{f[9]}]")
+        masks: dict[int, int] = {}
+        fd_dir = Path(f"/proc/{self.pid}/fd")
+        try:
+            for fd in os.listdir(fd_dir):
+                if os.readlink(fd_dir / fd) != "anon_inode:[eventpoll]":
+                    continue
+                info = Path(f"/proc/{self.pid}/fdinfo/{fd}").read_text()
+                for m in re.finditer(r"tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)", info):
+                    tfd = int(m.group(1))
+                    try:
+                        if os.readlink(fd_dir / str(tfd)) in listening:
+                            continue
+                    except OSError:
+                        continue
+                    masks[tfd] = int(m.group(2), 16)
+        except OSError:
+            pass
+        return masks
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -132,8 +169,10 @@ def server(binary: Path) -> Iterator[Server]:
     srv.stop()
 
 
-def diagnose(server: Server, waiting: str) -> str | None:
-    """Why is nothing moving? None while the server is doing something."""
+def diagnose(server: Server, waiting: str, all_sent: bool = True,
+             short: str = "") -> str | None:
+    """Why is nothing moving? None while the server is doing something. all_sent: the
+    test has written everything it expects back; short: which connection lacks what."""
     gone = server.exited()
     if gone:
         return f"{waiting}: {gone}"
@@ -152,6 +191,21 @@ def diagnose(server: Server, waiting: str) -> str | None:
                 "not while data remains: one read() per event leaves the rest of a burst "
                 "unread, and no new event ever comes for it. Read until read() fails with "
                 "EAGAIN.")
+    if call in EPOLL_WAIT and all_sent and not unread and not server.sent_queue():
+        masks = server.registrations()
+        if masks and not any(mask & EPOLLOUT for mask in masks.values()):
+            return (f"{waiting}: {short}; the server sleeps in epoll_wait() with nothing "
+                    "unread and nothing left in the kernel to send, and no connection is "
+                    "registered for EPOLLOUT\nsend() on a non-blocking socket writes less "
+                    "than asked when the peer reads slowly; the rest waits in your buffer "
+                    "and nothing ever wakes you to send it: register EPOLLIN | EPOLLOUT | "
+                    "EPOLLET (or add EPOLLOUT while output is pending) and flush on EPOLLOUT.")
+        return (f"{waiting}: {short}; the server sleeps in epoll_wait() with nothing unread "
+                "and nothing left in the kernel to send: the rest of the echo was dropped, or "
+                "sits in your buffer unsent\nsend() on a non-blocking socket can write less "
+                "than asked or fail with EAGAIN when the peer reads slowly: keep what was "
+                "not written in a per-connection buffer, never discard it, and send it when "
+                "EPOLLOUT fires (an EPOLLOUT event without EPOLLIN must flush too).")
     if call in READS:
         return (f"{waiting}: the server's only thread is blocked in {READS[call]}\nA read "
                 "loop that runs until EAGAIN needs non-blocking sockets: set O_NONBLOCK on "
@@ -163,7 +217,8 @@ def diagnose(server: Server, waiting: str) -> str | None:
     return None
 
 
-def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: str) -> None:
+def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: str,
+         all_sent: Callable[[], bool] = lambda: True, half_closed: bool = False) -> None:
     """Receive wanted[i] on socks[i], failing fast with a diagnosis when the server sleeps
     while the test still waits."""
     got = [bytearray() for _ in socks]
@@ -179,8 +234,23 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
             try:
                 chunk = socks[i].recv(1 << 20)
             except ConnectionError as exc:
+                if half_closed:
+                    pytest.fail(f"{what}: connection {i} was reset by the server after "
+                                f"{len(got[i])} of {len(wanted[i])} bytes of its echo "
+                                f"({exc})\nThe client had only shut down its sending side "
+                                "(shutdown SHUT_WR) and was still reading: read() returning "
+                                "0 means the peer will send no more, not that it stopped "
+                                "reading. Finish writing what is pending (on EPOLLOUT), "
+                                "then close.", pytrace=False)
                 pytest.fail(f"{what}: connection {i} was reset ({exc}) before its echo was "
                             "complete", pytrace=False)
+            if not chunk and half_closed:
+                pytest.fail(f"{what}: connection {i} was closed by the server after "
+                            f"{len(got[i])} of {len(wanted[i])} bytes of its echo\nThe "
+                            "client had only shut down its sending side (shutdown SHUT_WR) "
+                            "and was still reading: read() returning 0 means the peer will "
+                            "send no more, not that it stopped reading. Finish writing what "
+                            "is pending (on EPOLLOUT), then close.", pytrace=False)
             if not chunk:
                 pytest.fail(f"{what}: connection {i} was closed by the server after "
                             f"{len(got[i])} of {len(wanted[i])} bytes\nEAGAIN from read() "
@@ -195,7 +265,9 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
         if progress:
             stalled = 0
             continue
-        why = diagnose(server, what)
+        short = next(f"connection {i} got {len(got[i])} of {len(wanted[i])} bytes back"
+                     for i in sorted(pending))
+        why = diagnose(server, what, all_sent(), short)
         stalled = stalled + 1 if why else 0
         if stalled >= STALLED:
             pytest.fail(why or what, pytrace=False)
@@ -222,7 +294,8 @@ def test_a_burst_larger_than_one_read_is_echoed_whole(server: Server) -> None:
 
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
-        pump(server, [sock], [payload], f"echoing an {BURST >> 20} MiB burst")
+        pump(server, [sock], [payload], f"echoing an {BURST >> 20} MiB burst",
+             lambda: not sender.is_alive())
         sender.join(10)
         sock.setblocking(True)
         sock.sendall(b"and once more\n")
@@ -237,6 +310,14 @@ def test_five_hundred_connections_on_one_thread(server: Server) -> None:
         for s, m in zip(socks, messages, strict=True):
             s.sendall(m)
         pump(server, socks, messages, f"{CLIENTS} connections opened at once")
+        masks = server.registrations()
+        level = sorted(fd for fd, mask in masks.items() if not mask & EPOLLET)
+        assert not level, (
+            f"{len(level)} of the {len(masks)} connections in the server's epoll set are "
+            f"registered without EPOLLET (events 0x{masks[level[0]]:x} for descriptor "
+            f"{level[0]}, read in /proc/<pid>/fdinfo), expected edge-triggered\nThis lab's "
+            "server is edge-triggered: add EPOLLET to every accepted connection's events, "
+            "and read/accept until EAGAIN, since an edge is reported once per change.")
         threads = server.threads()
         assert threads == 1, (
             f"the server ran {threads} threads while serving {CLIENTS} connections, "
@@ -262,3 +343,56 @@ def test_five_hundred_connections_on_one_thread(server: Server) -> None:
         time.sleep(0.025)
     assert server.exited() is None, server.exited()
     server.proc.send_signal(signal.SIGKILL)
+
+
+def wait_for_descriptors(server: Server, at_most: int, what: str, advice: str) -> None:
+    """Wait (diagnosing, not timing) until the server holds at most `at_most` descriptors."""
+    stalled, deadline = 0, time.monotonic() + DEADLINE
+    while server.fds() > at_most:
+        gone = server.exited()
+        assert gone is None, f"{what}, {gone}"
+        asleep = server.asleep_in() in EPOLL_WAIT
+        stalled = stalled + 1 if asleep else 0
+        if stalled >= STALLED or time.monotonic() > deadline:
+            pytest.fail(f"{what}, the server sleeps in epoll_wait() holding {server.fds()} "
+                        f"descriptors, expected at most {at_most}\n{advice}", pytrace=False)
+        time.sleep(0.025)
+
+
+def test_half_closed_clients_get_their_whole_echo(server: Server) -> None:
+    payload = os.urandom(4 << 20)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        def send() -> None:
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the server went away: pump() reports what it saw
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        pump(server, [sock], [payload], "a client that sends 4 MiB then shuts down its "
+             "sending side", lambda: not sender.is_alive(), half_closed=True)
+        sender.join(10)
+        sock.settimeout(DEADLINE)
+        try:
+            rest = sock.recv(1)
+        except OSError:
+            rest = b""
+        assert rest == b"", "after the whole echo the server sent more bytes than it got"
+
+
+def test_reset_connections_are_closed(server: Server) -> None:
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(50)]
+    for s in socks:
+        s.sendall(b"ping\n")
+    pump(server, socks, [b"ping\n"] * len(socks), "50 connections about to be reset")
+    base = server.fds() - len(socks)   # every connection echoed: each has its descriptor
+    for s in socks:  # SO_LINGER 0: close() sends RST, read() on the server fails
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+    wait_for_descriptors(
+        server, base, "after 50 clients reset their connections (RST)",
+        "A reset connection makes read() fail with ECONNRESET (the event carries "
+        "EPOLLERR/EPOLLHUP): an error other than EAGAIN/EINTR ends the connection, so "
+        "close(fd) then, as for read() returning 0, or every reset leaks a descriptor.")
