@@ -137,8 +137,8 @@ class Server:
             pytest.fail(message, pytrace=False)
         time.sleep(0.2)   # let the drain thread take the traceback's last lines
         last = next((ln for ln in reversed(self.err) if ln.strip()), "")
-        pytest.fail(f"the server exited (status {self.proc.returncode}) while "
-                    f"{message.splitlines()[0]}: {last}\nIt must keep serving every "
+        pytest.fail(f"the server exited (status {self.proc.returncode}): {last} (during: "
+                    f"{message.splitlines()[0]})\nIt must keep serving every "
                     "connection: an error on one connection (a reset, a failed send) closes "
                     "that connection only.\n" + "\n".join(self.err)[-2000:], pytrace=False)
 
