@@ -36,6 +36,7 @@ from labrunner.testing import redis_commands
 
 READY = 20.0
 USER = "annabelle-k"
+MIN_TTL = 300          # seconds: shorter, a session ends while its user is still there
 # commands that write a value read before (a read-modify-write, unless under WATCH)
 OVERWRITES = {"SET", "SETEX", "PSETEX", "GETSET", "MSET", "HSET", "HMSET"}
 CREATES = {"SET", "HSET", "HMSET", "RPUSH", "LPUSH", "SADD", "ZADD", "INCR", "APPEND"}
@@ -159,12 +160,14 @@ def keys_written(commands: list[list[str]]) -> list[str]:
     return keys
 
 
-def check_expiry(redis_db: Any, what: str, commands: list[list[str]], why: str) -> None:
-    """Every key the request created or wrote is in Redis with an expiry."""
+def check_expiry(redis_db: Any, what: str, commands: list[list[str]], why: str,
+                 short_only: bool = False) -> None:
+    """Every key the request created or wrote is in Redis with an expiry (short_only: none
+    of them expires within minutes - checked at once, before they are gone)."""
     client = redis_db.client(decode_responses=True)
     try:
         kept = [k for k in keys_written(commands) if client.exists(k)]
-        if not kept:
+        if not kept and not short_only:
             pytest.fail(
                 f"{what} left nothing in Redis (commands seen: "
                 f"{[c[0] for c in commands][:8] or 'none'}), expected its state there\nState "
@@ -172,7 +175,15 @@ def check_expiry(redis_db: Any, what: str, commands: list[list[str]], why: str) 
                 "by instances on other machines: write it to Redis (REDIS_URL).",
                 pytrace=False)
         forever = [k for k in kept if client.ttl(k) == -1]
-        if forever:
+        short = [(k, client.pttl(k)) for k in kept if 0 <= client.pttl(k) < MIN_TTL * 1000]
+        if short:
+            key, ms = short[0]
+            pytest.fail(
+                f"{what} wrote the Redis key {key!r} with {ms / 1000:.1f} s to live, expected "
+                f"at least {MIN_TTL // 60} minutes\nA session or cart that vanishes within "
+                "seconds logs the user out mid-visit: EXPIRE takes seconds, PEXPIRE and "
+                "SET ... PX milliseconds.", pytrace=False)
+        if forever and not short_only:
             pytest.fail(
                 f"{what} wrote the Redis key {forever[0]!r} with no expiry (TTL -1), expected "
                 f"one\n{why} Give it a TTL (EXPIRE key seconds, or SET ... EX) when you write "
@@ -185,6 +196,7 @@ def test_a_session_continues_on_the_other_instance(cluster: Any, redis_db: Any) 
     lb, _ = cluster
     with redis_commands(redis_db) as sent:
         cookie = login(lb, USER)                    # served by A
+    check_expiry(redis_db, "POST /login", sent, "", short_only=True)
     for _ in range(4):                              # B, A, B, A
         reply = lb.request("GET", "/me", cookie=cookie)
         assert reply.status == 200 and reply.json().get("user") == USER, (
