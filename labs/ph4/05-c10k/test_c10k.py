@@ -381,6 +381,7 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
                 "A reset arrives as ECONNRESET (or EPIPE) on the next recv/send: handle it "
                 "by closing that connection only.")
     threads_kept(server)      # two connections open: a thread each shows here
+    sleeps_when_idle(server)
     # A client that sends a lot and does not read, beside one that asks for its echo.
     bulk = Conn(server, f"a client connected to send {BULK >> 20} MiB")
     payload = b"".join(bulk_line(i) for i in range(BULK // BULK_LINE))
@@ -430,6 +431,27 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
     for conn in (a, b, bulk, d, *closing):
         conn.close()
     left_open(server, base_fds)
+
+
+def sleeps_when_idle(server: Server) -> None:
+    """With nothing sent, a loop sleeps in its readiness wait: seen asleep all along between
+    two readings passes; a second of CPU burnt without once sleeping like that fails."""
+    start = last = server.activity()
+    deadline = time.monotonic() + CONNECT_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(ECHO_POLL)
+        now = server.activity()
+        if asleep_throughout(last, now):
+            return
+        if now[1] - start[1] > 1_000_000_000:
+            pytest.fail(
+                f"with every client idle the server used {(now[1] - start[1]) / 1e9:.1f} s of "
+                "CPU and was never seen asleep, expected it to sleep until a socket is ready"
+                "\nA loop that polls (recv on every non-blocking socket in turn, select or "
+                "epoll with a timeout of 0) burns a core doing nothing, and at 10,000 sockets "
+                "each pass is 10,000 system calls: wait in epoll (selectors, asyncio) for the "
+                "sockets that are ready.", pytrace=False)
+        last = now
 
 
 def left_open(server: Server, base_fds: int) -> None:
