@@ -23,6 +23,13 @@ server's threads (/proc/<pid>/task/*: asleep or not, CPU used, sleeps so far):
 
 Each must be seen STALLED times in a row; a correct server on a loaded machine is runnable
 (state R) or busy, never that. The deadlines are safety nets only.
+
+Before the 10,000, a few connections held by the test send what the big run never does: a
+line in two writes (the server has read the first part before the second is sent), two lines
+in one write, 24 MiB on a connection that does not read meanwhile while another connection
+asks for its echo (a loop blocked in a send, or a send() whose leftover is dropped), a
+client that resets its connection (RST), and clients that close: the server must close its
+side (no socket left in CLOSE_WAIT, its descriptors back where they were).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from __future__ import annotations
 import collections
 import queue
 import re
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -128,10 +137,10 @@ class Server:
             pytest.fail(message, pytrace=False)
         time.sleep(0.2)   # let the drain thread take the traceback's last lines
         last = next((ln for ln in reversed(self.err) if ln.strip()), "")
-        pytest.fail(f"the server exited (status {self.proc.returncode}): {last}\nIt must keep "
-                    f"serving every connection; this happened while: "
-                    f"{message.splitlines()[0]}\n" + "\n".join(self.err)[-2000:],
-                    pytrace=False)
+        pytest.fail(f"the server exited (status {self.proc.returncode}): {last} (during: "
+                    f"{message.splitlines()[0]})\nIt must keep serving every "
+                    "connection: an error on one connection (a reset, a failed send) closes "
+                    "that connection only.\n" + "\n".join(self.err)[-2000:], pytrace=False)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -210,6 +219,270 @@ def too_many_threads(threads: int, held: int) -> str:
             "doing blocking reads serves N connections at a time, and asyncio.to_thread or "
             "run_in_executor per read is thread-per-request again; socket I/O belongs on the "
             "event loop (transport callbacks or awaited streams).")
+
+
+MIN_BACKLOG = 1024
+BULK = 24 << 20        # more than a client's receive and the server's send buffers hold
+BULK_LINE = 64
+
+
+def bulk_line(i: int) -> bytes:
+    return f"{i:0{BULK_LINE - 1}d}\n".encode()
+
+
+class Conn:
+    """One connection of the test's own, read with the server watched: the verdict "never"
+    is the server asleep, its CPU time unmoved, STALLED times in a row with bytes missing."""
+
+    def __init__(self, server: Server, what: str) -> None:
+        self.server = server
+        try:
+            self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        except OSError as exc:
+            self.died(what)
+            pytest.fail(f"{what}: a new connection failed ({exc})", pytrace=False)
+        self.sock.settimeout(ECHO_POLL)
+        self.local = self.sock.getsockname()
+
+    def died(self, what: str) -> None:
+        """A connection refused or reset: the server exiting? (its exit takes a moment)"""
+        try:
+            self.server.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return
+        self.server.fail(what)
+
+    def server_side(self) -> Any:
+        return next((s for s in tcp_sockets() if s.local == ("127.0.0.1", self.server.port)
+                     and s.remote == self.local), None)
+
+    def read_exact(self, n: int, what: str, sink: bytearray | None = None) -> bytes:
+        got = bytearray() if sink is None else sink
+        stuck, last = 0, None
+        deadline = time.monotonic() + ECHO_WAIT
+        while len(got) < n and time.monotonic() < deadline:
+            try:
+                chunk = self.sock.recv(min(1 << 20, n - len(got)))
+            except TimeoutError:
+                chunk = None
+            except OSError as exc:
+                self.died(what)
+                pytest.fail(f"{what}: the server reset the connection ({exc})", pytrace=False)
+            if chunk == b"":
+                self.died(what)
+                break
+            if chunk:
+                got += chunk
+                stuck = 0
+                continue
+            if self.server.proc.poll() is not None:
+                self.server.fail(what)
+            now = self.server.activity()
+            calls = [c for _, _, c in now[2]]
+            if now[0] == 0 and calls and all(c >= 0 and c not in WAITS for c in calls):
+                pytest.fail(blocked_loop(max(set(calls), key=calls.count)) + f"\n(while: "
+                            f"{what})", pytrace=False)
+            seen = (now[0], now[1], len(got))
+            stuck = stuck + 1 if now[0] == 0 and seen == last else 0
+            last = seen
+            if stuck >= STALLED:
+                break
+        return bytes(got)
+
+    def close(self, reset: bool = False) -> None:
+        if reset:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+def listen_backlog(port: int) -> int | None:
+    """The accept backlog of the TCP socket listening on 127.0.0.1:port (sock_diag netlink:
+    a listening socket's wqueue is its backlog, what ss shows as Send-Q); None if unknown."""
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4)  # NETLINK_SOCK_DIAG
+    except OSError:
+        return None
+    with nl:
+        req = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 1 << 10)
+        req += struct.pack("!HH", port, 0) + bytes(44)
+        nl.sendall(struct.pack("=IHHII", 16 + len(req), 20, 0x301, 1, 0) + req)
+        while True:
+            data = nl.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, off)
+                if kind in (2, 3) or length < 16:  # NLMSG_ERROR, NLMSG_DONE
+                    return None
+                msg = data[off + 16:off + length]
+                if len(msg) >= 72 and struct.unpack_from("!H", msg, 4)[0] == port:
+                    return struct.unpack_from("=I", msg, 60)[0]
+                off += (length + 3) & ~3
+            if not data:
+                return None
+
+
+def expect_echo(conn: Conn, sent: bytes, what: str, fix: str) -> None:
+    got = conn.read_exact(len(sent), what)
+    if got != sent:
+        threads_kept(conn.server)
+        calls = [c for _, _, c in conn.server.activity()[2]]
+        if 45 in calls and any(c in WAITS for c in calls):
+            pytest.fail(
+                f"{what}: the server answered {got!r}, expected {sent!r}, and one of its "
+                "threads waits in a blocking recv() beside the event loop\nTwo readers on one "
+                "socket (the loop's transport and a thread) take its bytes from each other, "
+                "and a thread per read is thread-per-connection again: socket I/O belongs on "
+                "the event loop (transport callbacks or awaited streams).", pytrace=False)
+        pytest.fail(f"{what}: the server answered {got!r}, expected {sent!r}\n{fix}",
+                    pytrace=False)
+
+
+def threads_kept(server: Server) -> None:
+    threads = server.resources()[0]
+    if threads > 2:
+        held = sum(1 for s in tcp_sockets() if s.local == ("127.0.0.1", server.port)
+                   and s.remote[1] and s.state in (ESTABLISHED, CLOSE_WAIT))
+        pytest.fail(too_many_threads(threads, held), pytrace=False)
+
+
+def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) -> None:
+    base_fds = server.resources()[1]
+    backlog = listen_backlog(server.port)
+    if backlog is not None and backlog < MIN_BACKLOG:
+        pytest.fail(
+            f"the server listens with an accept backlog of {backlog}, expected at least "
+            f"{MIN_BACKLOG} (listen(4096), create_server(..., backlog=4096))\nThousands of "
+            "clients connecting at once overflow a short accept queue: the kernel drops their "
+            "SYNs and they retry after 1 s, 3 s, 7 s... (asyncio's default is 100, "
+            "socket.listen()'s 128).", pytrace=False)
+    a = Conn(server, "a first client connected")
+    a.sock.sendall(b"hel")
+    side, deadline = a.server_side(), time.monotonic() + READY
+    while (side is None or side.rx_queue) and time.monotonic() < deadline:
+        time.sleep(POLL)      # until the server has read the first part
+        side = a.server_side()
+    a.sock.sendall(b"lo\n")
+    expect_echo(a, b"hello\n", "a line sent in two writes ('hel', then 'lo\\n' once the "
+                "server had read the first)",
+                "TCP is a byte stream: one recv() may hold part of a line, or several. Echo "
+                "the bytes as they come (or keep the partial line until its newline): never "
+                "add a newline per chunk, never wait for more than arrived.")
+    a.sock.sendall(b"one\ntwo\n")
+    expect_echo(a, b"one\ntwo\n", "two lines sent in one write",
+                "One recv() may hold several lines: echo every one of them (or all the bytes), "
+                "not only the first.")
+    # A client that resets its connection, then one more echo: the server must live on.
+    c = Conn(server, "a client connected (to reset its connection)")
+    c.sock.sendall(b"bye\n")
+    c.close(reset=True)
+    d = Conn(server, "a client connected just after another reset its connection (RST)")
+    d.sock.sendall(b"still there?\n")
+    expect_echo(d, b"still there?\n", "after a client reset its connection (RST)",
+                "A reset arrives as ECONNRESET (or EPIPE) on the next recv/send: handle it "
+                "by closing that connection only.")
+    threads_kept(server)      # two connections open: a thread each shows here
+    sleeps_when_idle(server)
+    # A client that sends a lot and does not read, beside one that asks for its echo.
+    bulk = Conn(server, f"a client connected to send {BULK >> 20} MiB")
+    payload = b"".join(bulk_line(i) for i in range(BULK // BULK_LINE))
+    sent = threading.Event()
+
+    def send_all() -> None:
+        try:
+            bulk.sock.settimeout(ECHO_WAIT)
+            bulk.sock.sendall(payload)
+        except OSError:
+            pass
+        sent.set()
+
+    threading.Thread(target=send_all, daemon=True).start()
+    deadline = time.monotonic() + READY
+    while not sent.is_set() and time.monotonic() < deadline:
+        side = bulk.server_side()   # until the server's buffers toward it are full
+        if side is not None and side.tx_queue and not side.rx_queue:
+            break
+        time.sleep(POLL)
+    b = Conn(server, f"a client connected while another sent {BULK >> 20} MiB")
+    b.sock.sendall(b"ping\n")
+    expect_echo(b, b"ping\n", f"a client asked for its echo while another had sent "
+                f"{BULK >> 20} MiB without reading its echoes yet",
+                "One slow reader must not hold the others: a blocking send to it stops the "
+                "loop. Write without blocking and keep what the socket did not take "
+                "(asyncio's transport.write buffers it and sends it when it can).")
+    bulk.sock.settimeout(ECHO_POLL)
+    back = bytearray()
+    bulk.read_exact(len(payload), "the 24 MiB client read its echoes", back)
+    if bytes(back) != payload:
+        at = next((i for i in range(0, len(back), BULK_LINE)
+                   if back[i:i + BULK_LINE] != payload[i:i + BULK_LINE]), len(back))
+        pytest.fail(
+            f"a client that sent {len(payload)} bytes (lines of {BULK_LINE}) got "
+            f"{len(back)} back, different from byte {at} on (expected "
+            f"{payload[at:at + 20]!r}, got {bytes(back[at:at + 20])!r}): the bytes a send() "
+            "did not take were dropped\nA non-blocking send() takes what fits in the "
+            "socket's buffer and returns how much: keep the rest and write it when the socket "
+            "is writable (asyncio's transport.write does this for you).", pytrace=False)
+    # Clients that close: the server closes its side.
+    closing = [Conn(server, "20 short-lived clients connected") for _ in range(20)]
+    for conn in closing:
+        conn.sock.sendall(b"x\n")
+        expect_echo(conn, b"x\n", "20 short-lived clients", "Echo each line as it arrives.")
+    threads_kept(server)
+    for conn in (a, b, bulk, d, *closing):
+        conn.close()
+    left_open(server, base_fds)
+
+
+def sleeps_when_idle(server: Server) -> None:
+    """With nothing sent, a loop sleeps in its readiness wait: seen asleep all along between
+    two readings passes; a second of CPU burnt without once sleeping like that fails."""
+    start = last = server.activity()
+    deadline = time.monotonic() + CONNECT_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(ECHO_POLL)
+        now = server.activity()
+        if asleep_throughout(last, now):
+            return
+        if now[1] - start[1] > 1_000_000_000:
+            pytest.fail(
+                f"with every client idle the server used {(now[1] - start[1]) / 1e9:.1f} s of "
+                "CPU and was never seen asleep, expected it to sleep until a socket is ready"
+                "\nA loop that polls (recv on every non-blocking socket in turn, select or "
+                "epoll with a timeout of 0) burns a core doing nothing, and at 10,000 sockets "
+                "each pass is 10,000 system calls: wait in epoll (selectors, asyncio) for the "
+                "sockets that are ready.", pytrace=False)
+        last = now
+
+
+def left_open(server: Server, base_fds: int) -> None:
+    """Until the server holds no socket in CLOSE_WAIT (the client closed, the server not):
+    seen asleep STALLED times, or having burnt a second of CPU, with them still there."""
+    stalled, last, start_cpu = 0, None, server.activity()[1]
+    deadline = time.monotonic() + CONNECT_WAIT
+    while True:
+        waiting = sum(1 for s in tcp_sockets() if s.local == ("127.0.0.1", server.port)
+                      and s.state == CLOSE_WAIT)
+        now = server.activity()
+        if server.proc.poll() is not None:
+            server.fail("clients were closing their connections")
+        if not waiting:
+            return
+        busy = now[1] - start_cpu > 1_000_000_000
+        stalled = stalled + 1 if now[0] == 0 and (now[1], waiting) == last else 0
+        last = (now[1], waiting)
+        if stalled >= STALLED or busy or time.monotonic() > deadline:
+            fds = server.resources()[1]
+            how = ("spinning on them (a second of CPU used meanwhile: a closed socket stays "
+                   "readable, recv() returning b'' each time)" if busy else "asleep")
+            pytest.fail(
+                f"after 24 clients closed their connections the server still holds {waiting} "
+                f"of them open (CLOSE_WAIT; {fds} descriptors, {base_fds} before), {how}, "
+                "expected it to close each one\nA client that closes sends EOF: recv() "
+                "returns b'' (asyncio: eof_received, which should return False, then "
+                "connection_lost). Close the socket then; each one left open is a descriptor "
+                "leaked, and with 10,000 clients coming and going the server runs out.",
+                pytrace=False)
+        time.sleep(ECHO_POLL)
 
 
 def test_ten_thousand_connections_at_once(server: Server) -> None:

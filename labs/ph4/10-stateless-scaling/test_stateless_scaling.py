@@ -6,11 +6,21 @@
 * 8 clients x 25 increments of a shared counter through the balancer: the values handed
   out are exactly 1..200;
 * mid-run one instance is killed with SIGKILL; the balancer retries the refused request on
-  the survivor; the cart still holds every item, in order.
+  the survivor; the cart still holds every item, in order (items repeat: a set or a hash
+  loses them).
+
+What the app does in Redis is read with MONITOR (labrunner.testing.redis_commands), so a
+claim is checked at its source: the keys a login and a cart write create must be in Redis
+with an expiry (a session nobody deletes must not live forever), the cart's items must reach
+Redis (a file on the shared disk passes the kill but is state of one machine), and the
+counter must not be read then written back (GET + SET loses increments that interleave,
+whatever the timing of one run). A session id must be random (not the user's name) and an
+unknown or missing session must get 401 on every route that needs one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
@@ -22,7 +32,16 @@ from typing import Any
 
 import pytest
 
+from labrunner.testing import redis_commands
+
 READY = 20.0
+USER = "annabelle-k"
+MIN_TTL = 300          # seconds: shorter, a session ends while its user is still there
+# commands that write a value read before (a read-modify-write, unless under WATCH)
+OVERWRITES = {"SET", "SETEX", "PSETEX", "GETSET", "MSET", "HSET", "HMSET"}
+CREATES = {"SET", "HSET", "HMSET", "RPUSH", "LPUSH", "SADD", "ZADD", "INCR", "APPEND"}
+NOT_KEYS = {"MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH", "ECHO", "EVAL", "EVALSHA",
+            "FCALL", "SCRIPT", "FUNCTION", "INFO", "DBSIZE", "TIME"}
 
 
 class Instance:
@@ -132,20 +151,100 @@ def login(lb: RoundRobin, user: str) -> str:
     return m.group(1)
 
 
-def test_a_session_continues_on_the_other_instance(cluster: Any) -> None:
+def keys_written(commands: list[list[str]]) -> list[str]:
+    """The keys the commands name (their first argument), in order, once each."""
+    keys: list[str] = []
+    for c in commands:
+        if c[0] not in NOT_KEYS and len(c) > 1 and c[1] not in keys:
+            keys.append(c[1])
+    return keys
+
+
+def check_expiry(redis_db: Any, what: str, commands: list[list[str]], why: str,
+                 short_only: bool = False) -> None:
+    """Every key the request created or wrote is in Redis with an expiry (short_only: none
+    of them expires within minutes - checked at once, before they are gone)."""
+    client = redis_db.client(decode_responses=True)
+    try:
+        kept = [k for k in keys_written(commands) if client.exists(k)]
+        if not kept and not short_only:
+            pytest.fail(
+                f"{what} left nothing in Redis (commands seen: "
+                f"{[c[0] for c in commands][:8] or 'none'}), expected its state there\nState "
+                "kept in the process, in a file or anywhere else on one machine is not shared "
+                "by instances on other machines: write it to Redis (REDIS_URL).",
+                pytrace=False)
+        forever = [k for k in kept if client.ttl(k) == -1]
+        short = [(k, client.pttl(k)) for k in kept if 0 <= client.pttl(k) < MIN_TTL * 1000]
+        if short:
+            key, ms = short[0]
+            pytest.fail(
+                f"{what} wrote the Redis key {key!r} with {ms / 1000:.1f} s to live, expected "
+                f"at least {MIN_TTL // 60} minutes\nA session or cart that vanishes within "
+                "seconds logs the user out mid-visit: EXPIRE takes seconds, PEXPIRE and "
+                "SET ... PX milliseconds.", pytrace=False)
+        if forever and not short_only:
+            pytest.fail(
+                f"{what} wrote the Redis key {forever[0]!r} with no expiry (TTL -1), expected "
+                f"one\n{why} Give it a TTL (EXPIRE key seconds, or SET ... EX) when you write "
+                "it.", pytrace=False)
+    finally:
+        client.close()
+
+
+def test_a_session_continues_on_the_other_instance(cluster: Any, redis_db: Any) -> None:
     lb, _ = cluster
-    cookie = login(lb, "ann")                       # served by A
+    with redis_commands(redis_db) as sent:
+        cookie = login(lb, USER)                    # served by A
+    check_expiry(redis_db, "POST /login", sent, "", short_only=True)
     for _ in range(4):                              # B, A, B, A
         reply = lb.request("GET", "/me", cookie=cookie)
-        assert reply.status == 200 and reply.json().get("user") == "ann", (
+        assert reply.status == 200 and reply.json().get("user") == USER, (
             f"logged in on instance A; GET /me on instance {reply.served_by} answered "
-            f"{reply.status} {reply.body[:120]!r}, expected 200 with user 'ann'\nThe "
+            f"{reply.status} {reply.body[:120]!r}, expected 200 with user {USER!r}\nThe "
             "session lives where the login happened: keep sessions in Redis (a key per "
             "session id, with a TTL) and keep nothing per instance - no dict in the "
             "process, no key or secret that differs between instances.")
+    check_expiry(redis_db, "POST /login", sent,
+                 "A session nobody logs out of stays in Redis forever: sessions pile up "
+                 "until Redis runs out of memory.")
+    other = login(lb, USER)
+    sid, other_sid = cookie.split("=", 1)[1], other.split("=", 1)[1]
+    if sid == other_sid or USER in sid:
+        pytest.fail(
+            f"two logins of {USER!r} got the session ids {sid!r} and {other_sid!r}, expected "
+            "two random ids\nAn id made of the user's name (or the same id every time) is "
+            "one anyone can write into a cookie to become that user: the id must be "
+            "unguessable (secrets.token_urlsafe), the user kept under it in Redis.",
+            pytrace=False)
 
 
-def test_a_shared_counter_is_exact(cluster: Any) -> None:
+def test_without_a_known_session_401(cluster: Any, redis_db: Any) -> None:
+    lb, _ = cluster
+    for cookie in (None, "session=made-up-0123456789abcdef"):
+        unknown_session_401(lb, redis_db, cookie)
+
+
+def unknown_session_401(lb: RoundRobin, redis_db: Any, cookie: str | None) -> None:
+    what = "no cookie" if cookie is None else f"the cookie {cookie!r} (never issued)"
+    for method, path, doc in (("GET", "/me", None), ("POST", "/cart", {"item": "x"}),
+                              ("GET", "/cart", None)):
+        with redis_commands(redis_db) as sent:
+            reply = lb.request(method, path, doc, cookie=cookie)
+        writes = [c for c in sent if c[0] in CREATES]
+        if reply.status != 401:
+            pytest.fail(
+                f"{method} {path} with {what} answered {reply.status} "
+                f"{reply.body[:120]!r}, expected 401\nA session id Redis does not know is "
+                "no session: when the lookup finds nothing, answer 401 before doing "
+                "anything with it.", pytrace=False)
+        if writes:
+            pytest.fail(f"{method} {path} with {what} answered 401 but wrote to Redis first "
+                        f"({writes[0]}): check the session before you change anything",
+                        pytrace=False)
+
+
+def test_a_shared_counter_is_exact(cluster: Any, redis_db: Any) -> None:
     lb, _ = cluster
     values: list[int] = []
     errors: list[str] = []
@@ -161,12 +260,32 @@ def test_a_shared_counter_is_exact(cluster: Any) -> None:
                 values.append(int(reply.json()["value"]))
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    with redis_commands(redis_db) as sent:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
     assert not errors, f"POST /counter failed: {errors[0]}"
-    final = lb.request("GET", "/counter").json().get("value")
+    names = [c[0] for c in sent]
+    rewritten = [c for c in sent if c[0] in OVERWRITES]
+    if rewritten and "WATCH" not in names:
+        pytest.fail(
+            f"POST /counter reads the counter and writes it back ({rewritten[0][0]} "
+            f"{' '.join(rewritten[0][1:3])} after a read, no WATCH), expected one atomic "
+            "increment\nTwo instances that both read 7 both write 8: one increment is lost "
+            "whenever two requests interleave, however rarely a test run shows it. Use INCR "
+            "(atomic in Redis), not GET then SET.", pytrace=False)
+    finals = {}
+    for _ in range(2):                              # GET /counter on both instances
+        got = lb.request("GET", "/counter")
+        finals[got.served_by] = got.json().get("value")
+    if len(set(finals.values())) > 1:
+        pytest.fail(
+            f"after 200 increments GET /counter answered {finals} on the two instances, "
+            "expected 200 on both\nAn instance that answers reads from what it remembers "
+            "(the last value it handed out) does not see the other's increments: read the "
+            "counter from Redis.", pytrace=False)
+    final = next(iter(finals.values()))
     dupes = len(values) - len(set(values))
     assert sorted(values) == list(range(1, 201)) and final == 200, (
         f"200 increments through two instances handed out {len(set(values))} distinct "
@@ -176,17 +295,33 @@ def test_a_shared_counter_is_exact(cluster: Any) -> None:
         "increments that interleave. Use one atomic command: INCR.")
 
 
-def test_killing_an_instance_loses_nothing(cluster: Any) -> None:
+def test_killing_an_instance_loses_nothing(cluster: Any, redis_db: Any) -> None:
     lb, instances = cluster
     cookie = login(lb, "bob")
     served = set()
+    by: list[str] = []
+    want = [f"item-{i % 7}" for i in range(20)]    # items repeat: a cart is a list
     for i in range(20):
         if i == 10:
             victim = instances[1]
             victim.proc.send_signal(signal.SIGKILL)   # no goodbye, no flush
             victim.proc.wait()
-        reply = lb.request("POST", "/cart", {"item": f"item-{i}"}, cookie=cookie)
+        watch = redis_commands(redis_db) if i == 0 else contextlib.nullcontext([])
+        with watch as sent:
+            reply = lb.request("POST", "/cart", {"item": want[i]}, cookie=cookie)
+        if i == 0 and reply.status == 200:
+            if not any(want[0] in arg for c in sent for arg in c[1:]):
+                pytest.fail(
+                    f"POST /cart {{'item': {want[0]!r}}} answered 200 but no command sent to "
+                    f"Redis carried the item (commands: {[c[0] for c in sent][:8]}), expected "
+                    "the cart in Redis\nA cart kept in the process or in a file on this "
+                    "machine is state an instance on another machine never sees: RPUSH it "
+                    "onto a list in Redis.", pytrace=False)
+            check_expiry(redis_db, "POST /cart", sent,
+                         "A cart outlives the session it belongs to and is never read again: "
+                         "it stays in Redis forever.")
         served.add(reply.served_by)
+        by.append(reply.served_by)
         assert reply.status == 200, (
             f"adding item {i} on instance {reply.served_by}"
             f"{' after B was killed' if i >= 10 else ''} answered {reply.status} "
@@ -194,9 +329,24 @@ def test_killing_an_instance_loses_nothing(cluster: Any) -> None:
     assert served == {"A", "B"}, f"test setup: only {served} served requests"
     reply = lb.request("GET", "/cart", cookie=cookie)
     items = reply.json().get("items") if reply.status == 200 else None
-    want = [f"item-{i}" for i in range(20)]
+    if isinstance(items, list) and items != want:
+        why = ""
+        if sorted(items) == sorted(want):
+            why = ("the same items in another order: a set or a sorted structure does not "
+                   "keep the order they were added in (LPUSH reverses it)")
+        elif set(items) == set(want) and len(items) == len(set(items)):
+            why = (f"{len(items)} items, each once: repeated items were collapsed - a set or "
+                   "a hash keeps one of each")
+        elif items and items == want[:len(items)] and (len(items) > 10 or "B" not in by[
+                len(items):10]):
+            why = (f"the first {len(items)} only: read the whole list (LRANGE key 0 -1), "
+                   "not a page of it")
+        if why:
+            pytest.fail(f"the cart holds {items!r}, expected {want!r} ({why})\nA cart is a "
+                        "list: RPUSH each item, LRANGE 0 -1 to read them in order.",
+                        pytrace=False)
     assert items == want, (
         f"after instance B was killed with SIGKILL halfway, the cart read on "
-        f"{reply.served_by} holds {items!r}, expected all 20 items in order\nItems that "
-        "instance B kept in its memory died with it. Keep the cart in Redis (RPUSH onto a "
-        "list per session): a killed instance then takes nothing with it.")
+        f"{reply.served_by} holds {items!r}, expected all 20 items in order ({want!r})\n"
+        "Items that instance B kept in its memory died with it. Keep the cart in Redis "
+        "(RPUSH onto a list per session): a killed instance then takes nothing with it.")
