@@ -70,6 +70,13 @@ def test_instances_appear_with_a_ttl(world: Any, redis_db: Any) -> None:
         f"after registering api/a1 and api/a2 (and api-admin/x1), lookup('api') gave {got}: "
         f"expected {sorted(API.values())} - every live instance of that service, and only "
         "that service (match services:api:*, not services:api*)")
+    try:
+        nobody = lookup(reg, "billing")
+    except Exception as exc:  # noqa: BLE001 - the learner's error, named below
+        pytest.fail(f"lookup('billing'), a service with no instance, raised "
+                    f"{type(exc).__name__}: {exc} - expected [] (an empty SCAN gives no keys: "
+                    "MGET with none is an error in Redis, skip it)")
+    assert nobody == [], f"lookup('billing') (no instance registered) gave {nobody}, expected []"
     pttl = r.pttl(key("api", "a1"))
     assert 0 < pttl <= 30_000, (
         f"the key {key('api', 'a1')} has PTTL {pttl} ms: expected a TTL of at most 30 s "

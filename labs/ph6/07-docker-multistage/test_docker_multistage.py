@@ -255,6 +255,16 @@ def test_runs_as_a_non_root_user(dockerfile: tuple[DockerfileParser, list[Stage]
     assert who.split(":")[0] not in ("root", "0"), (
         f"the runtime stage's last USER is {who!r}, which is root: switch to an unprivileged "
         "user after the steps that need root")
+    switched = False
+    for ins in stages[-1].lines:
+        if ins["instruction"] == "USER":
+            switched = ins["value"].strip().split(":")[0] not in ("root", "0")
+        elif switched and ins["instruction"] == "RUN" and re.search(
+                r"\b(useradd|adduser|groupadd|addgroup|apt-get|apt|apk|chown)\b", ins["value"]):
+            pytest.fail(
+                f"RUN {ins['value'][:70]} comes after USER switched to an unprivileged user: it "
+                "runs as that user and fails (permission denied), so the image does not "
+                "build. Do the steps that need root first, and USER after them")
     name = who.split(":")[0]
     if not name.isdigit() and name not in KNOWN_USERS:
         made = re.search(rf"\b(useradd|adduser)\b[^\n;&|]*\s{re.escape(name)}(\s|$)",

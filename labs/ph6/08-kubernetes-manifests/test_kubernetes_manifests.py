@@ -98,12 +98,17 @@ def test_the_api_server_admits_it(docs: list[dict[str, Any]]) -> None:
     for secret in of_kind(docs, "Secret"):
         for key, value in (secret.get("data") or {}).items():
             try:
-                base64.b64decode(str(value), validate=True)
+                plain = base64.b64decode(str(value), validate=True)
             except (binascii.Error, ValueError):
                 pytest.fail(
                     f"Secret {secret['metadata'].get('name')!r}: data.{key} is "
                     f"{str(value)[:40]!r}, not base64: the API server refuses it (data holds "
                     "base64-encoded bytes). Put plain text under stringData, or encode it")
+            assert plain.startswith(b"-----BEGIN") or not plain.endswith(b"\n"), (
+                f"Secret {secret['metadata'].get('name')!r}: data.{key} decodes to "
+                f"{plain[-24:]!r}, ending in a newline (echo adds one: echo x | base64): the "
+                "app gets the value with a trailing newline, and a URL or password with one "
+                "fails. Encode without it (echo -n, printf) or use stringData")
     for c in containers(docs):
         res = c.get("resources") or {}
         for what in ("cpu", "memory"):
