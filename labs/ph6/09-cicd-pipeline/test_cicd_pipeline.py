@@ -205,8 +205,9 @@ DEFAULTS = {"steps": (5, 20, 100), "max_error_rate": 0.05, "min_requests": 200}
 CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[str, Any]]] = [
     ("healthy release", [(120, 0), (250, 2), (300, 2), (500, 5)],
      ["hold", "advance", "hold", "promoted"], [5, 20, 100],
-     "the 20 % step began at 250 requests, so at 300 its own window holds 50 requests, below "
-     "min_requests (200): hold. Judge each step on the requests and errors since it began",
+     "a window below min_requests (200) holds: 120 requests at 5 %, and at 300 only the 50 "
+     "since the 20 % step began at 250. Judge each step on the requests and errors since it "
+     "began",
      DEFAULTS),
     ("errors at the 5 % step", [(250, 25), (900, 25)], ["rollback", "rolled_back"], [5, 0],
      "25 errors in 250 requests is 10 %, above 5 %: set_weight(0) and 'rollback'; after it, "
@@ -246,6 +247,13 @@ CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[st
 ]
 
 
+def first_wrong(ticks: list[tuple[int, int]], got: list[str], want: list[str]) -> str:
+    for (r, e), g, w in zip(ticks, got, want, strict=True):
+        if g != w:
+            return f"tick({r}, {e}) answered {g!r}, expected {w!r} - "
+    return ""
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_canary_controller(learner: Any, case: tuple[Any, ...]) -> None:
     name, ticks, decisions, weights, why, params = case
@@ -267,5 +275,6 @@ def test_canary_controller(learner: Any, case: tuple[Any, ...]) -> None:
     want = ", ".join(f"tick({r}, {e}) -> {d!r}" for (r, e), d in
                      zip(ticks, decisions, strict=True))
     assert got == decisions and seen == weights, (
-        f"{name}: the controller decided {story} and set the weights {seen}; expected {want} "
-        f"and the weights {weights}: {why}")
+        f"{name}: {first_wrong(ticks, got, decisions)}{why}. The controller decided {story} "
+        f"and set the weights {seen}; "
+        f"expected {want} and the weights {weights}")
