@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import re
 import shutil
 import socket
@@ -40,11 +41,14 @@ PORT = 8080
 # What a careless build context holds besides the sources: (path, content).
 JUNK = [(".git/HEAD", "ref: refs/heads/main\n"), (".git/config", "[core]\n"),
         ("bin/server", "a stale binary built on the host\n"),
-        ("build/server.o", "object file\n"), (".env", "DATABASE_PASSWORD=hunter2\n"),
+        ("build/server.o", "object file\n"), ("src/server.o", "an in-tree object file\n"),
+        (".env", "DATABASE_PASSWORD=hunter2\n"),
         ("debug.log", "x" * 4096)]
 MUST_SEND = ["Makefile", "src/server.c"]
-MUST_NOT_SEND = [".git/HEAD", "bin/server", "build/server.o", ".env"]
+MUST_NOT_SEND = [".git/HEAD", "bin/server", "build/server.o", "src/server.o", ".env"]
 COMPILERS = ("gcc", "clang", "buildpack-deps")
+KNOWN_USERS = {"nobody", "nonroot", "daemon", "www-data"}   # in the bases already
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_KEY|CREDENTIAL", re.I)
 
 
 @dataclass
@@ -95,6 +99,89 @@ def pinned(image: str) -> bool:
     return tag != "latest" and bool(re.search(r"\d+\.\d+|\d{8}", tag))
 
 
+def exec_args(value: str) -> list[str] | None:
+    """The argv of an exec-form (JSON array) value, None for the shell form."""
+    try:
+        parsed = json.loads(value.strip())
+    except ValueError:
+        return None
+    return [str(w) for w in parsed] if isinstance(parsed, list) else None
+
+
+def copy_parts(ins: dict[str, Any]) -> tuple[str | None, list[str], str]:
+    """(--from stage or None, sources, destination) of a COPY/ADD, shell or JSON form."""
+    value = ins["value"].strip()
+    words = [w for w in value.split() if not w.startswith("--")]
+    flags = [w for w in value.split() if w.startswith("--")]
+    rest = value[len(" ".join(flags)):].strip() if flags and value.startswith("--") else value
+    listed = exec_args(rest)
+    if listed:
+        words = listed
+    src = next((f.split("=", 1)[1] for f in flags if f.startswith("--from=")), None)
+    return src, words[:-1], words[-1] if words else ""
+
+
+def workdirs(stage: Stage) -> list[str]:
+    """The working directory in force at each of the stage's instructions."""
+    cwd, out = "/", []
+    for ins in stage.lines:
+        if ins["instruction"] == "WORKDIR":
+            cwd = posixpath.normpath(posixpath.join(cwd, ins["value"].strip()))
+        out.append(cwd)
+    return out
+
+
+def runs(stage: Stage) -> str:
+    return "\n".join(i["value"] for i in stage.all("RUN"))
+
+
+def base_name(image: str) -> tuple[str, str]:
+    """(repository's last part, tag) of an image reference."""
+    ref = image.split("@")[0]
+    repo, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
+    return repo.rsplit("/", 1)[-1], tag
+
+
+def stage_by_ref(stages: list[Stage], ref: str) -> Stage | None:
+    return next((s for s in stages if s.name == ref or str(s.index) == ref), None)
+
+
+def binary_made(builder: Stage) -> str:
+    """Where the build stage's `make release` leaves bin/server."""
+    cwds = workdirs(builder)
+    at = next((cwds[k] for k, i in enumerate(builder.lines)
+               if i["instruction"] == "RUN" and "make" in i["value"]), cwds[-1] if cwds else "/")
+    return posixpath.join(at, "bin/server")
+
+
+def shipped_binary(stages: list[Stage]) -> list[tuple[str, str]]:
+    """(source in the build stage, path in the runtime image) of each COPY --from that
+    carries the server binary, following directory copies."""
+    final, out = stages[-1], []
+    cwds = workdirs(final)
+    for k, ins in enumerate(final.lines):
+        if ins["instruction"] not in ("COPY", "ADD"):
+            continue
+        ref, sources, dest = copy_parts(ins)
+        builder = stage_by_ref(stages, ref) if ref else None
+        if builder is None:
+            continue
+        made = binary_made(builder)
+        dest_abs = posixpath.join(cwds[k], dest)
+        for src in sources:
+            src_abs = posixpath.normpath(posixpath.join(workdirs(builder)[-1] if
+                                                        builder.lines else "/", src))
+            if src_abs == made or src_abs in runs(builder):
+                into_dir = dest.endswith("/") or dest in (".", "./") or len(sources) > 1
+                out.append((src_abs, posixpath.normpath(
+                    posixpath.join(dest_abs, posixpath.basename(src_abs)) if into_dir
+                    else dest_abs)))
+            elif made.startswith(src_abs.rstrip("/") + "/"):
+                out.append((src_abs, posixpath.normpath(posixpath.join(
+                    dest_abs, posixpath.relpath(made, src_abs)))))
+    return out
+
+
 @pytest.fixture
 def dockerfile(learner: Any) -> tuple[DockerfileParser, list[Stage]]:
     return parse(learner.path("Dockerfile"))
@@ -120,8 +207,16 @@ def test_a_build_stage_and_a_slim_runtime_stage(
         f"the Dockerfile has {len(stages)} stage: expected a build stage with the compiler and "
         "a runtime stage that copies only the binary (COPY --from=builder): a single stage "
         "ships gcc, make and the sources in the image")
-    builders = build_stages(stages)
     final = stages[-1]
+    for ins in final.all("COPY") + final.all("ADD"):
+        ref = copy_from(ins)
+        if ref is not None and stage_by_ref(stages, ref) is None:
+            pytest.fail(
+                f"{ins['instruction']} --from={ref} names no stage of this Dockerfile (stages: "
+                f"{[s.name or s.index for s in stages[:-1]]}): Docker takes it for an image "
+                f"called {ref!r} and tries to pull it. Name the build stage as you copy from "
+                "it: FROM gcc:<version> AS builder ... COPY --from=builder")
+    builders = build_stages(stages)
     assert builders, (
         f"the final stage (FROM {final.image}) copies nothing from an earlier stage: expected "
         "COPY --from=<build stage> /src/bin/server ... so the binary is built in one stage and "
@@ -134,6 +229,20 @@ def test_a_build_stage_and_a_slim_runtime_stage(
         f"the runtime stage starts FROM {final.image}, a compiler image like the build stage "
         f"({builders[0].image}): the runtime needs only libc; start it from a slim base such "
         "as debian:12.8-slim")
+    repo, tag = base_name(final.image)
+    static = "-static" in runs(builders[0]) or "-static" in (APP / "Makefile").read_text()
+    assert repo != "alpine" and "alpine" not in tag, (
+        f"the runtime stage starts FROM {final.image}, a musl image, while the build stage "
+        f"({builders[0].image}) links the server against glibc: the binary does not start "
+        "there ('exec ./server: no such file or directory', its loader is missing). Ship it "
+        "on the libc it was built for: debian:12.8-slim")
+    assert static or (final.image != "scratch" and "static" not in repo + tag), (
+        f"the runtime stage starts FROM {final.image}, which has no C library, and the "
+        "server is linked dynamically: it cannot start there. Use debian:12.8-slim")
+    assert repo != "debian" or "slim" in tag, (
+        f"the runtime stage starts FROM {final.image}, the full Debian image: it only needs "
+        "libc, so ship it on the slim variant (debian:12.8-slim), tens of MB smaller and "
+        "with fewer packages to patch")
 
 
 def test_runs_as_a_non_root_user(dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
@@ -146,9 +255,41 @@ def test_runs_as_a_non_root_user(dockerfile: tuple[DockerfileParser, list[Stage]
     assert who.split(":")[0] not in ("root", "0"), (
         f"the runtime stage's last USER is {who!r}, which is root: switch to an unprivileged "
         "user after the steps that need root")
+    switched = False
+    for ins in stages[-1].lines:
+        if ins["instruction"] == "USER":
+            switched = ins["value"].strip().split(":")[0] not in ("root", "0")
+        elif switched and ins["instruction"] == "RUN" and re.search(
+                r"\b(useradd|adduser|groupadd|addgroup|apt-get|apt|apk|chown)\b", ins["value"]):
+            pytest.fail(
+                f"RUN {ins['value'][:70]} comes after USER switched to an unprivileged user: it "
+                "runs as that user and fails (permission denied), so the image does not "
+                "build. Do the steps that need root first, and USER after them")
+    name = who.split(":")[0]
+    if not name.isdigit() and name not in KNOWN_USERS:
+        made = re.search(rf"\b(useradd|adduser)\b[^\n;&|]*\s{re.escape(name)}(\s|$)",
+                         runs(stages[-1]))
+        assert made, (
+            f"USER {name}: no RUN of the runtime stage creates a user called {name!r} "
+            "(useradd/adduser), and the base image has none: the container fails to start "
+            "('unable to find user'). Create it in this stage, or switch to the numeric uid "
+            "you gave useradd --uid")
 
 
-def test_healthcheck_and_exec_form_entrypoint(
+def health_argv(value: str) -> tuple[list[str], bool]:
+    """The HEALTHCHECK's command as Docker runs it, and whether it is the shell form."""
+    words = value.split()
+    while words and words[0].startswith("--"):
+        words.pop(0)
+    rest = " ".join(words[1:]) if words[:1] and words[0].upper() == "CMD" else " ".join(words)
+    argv = exec_args(rest)
+    return (argv, False) if argv is not None else (["/bin/sh", "-c", rest], True)
+
+
+SHELLS = {"sh", "bash", "dash", "ash"}
+
+
+def test_healthcheck_works_in_the_runtime_image(
         dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
     _, stages = dockerfile
     final = stages[-1]
@@ -156,21 +297,155 @@ def test_healthcheck_and_exec_form_entrypoint(
     assert checks and checks[-1]["value"].strip().upper() != "NONE", (
         "the runtime stage has no HEALTHCHECK: Docker (and Compose, Swarm) cannot tell a "
         "hung server from a healthy one")
-    start = final.all("ENTRYPOINT") or final.all("CMD")
+    argv, shell_form = health_argv(checks[-1]["value"])
+    command = " ".join(argv)
+    if "/dev/tcp/" in command:
+        before = command.split("/dev/tcp/")[0]
+        assert re.search(r"(^|[\s/])bash\b", before), (
+            f"HEALTHCHECK {'CMD ' + argv[2] if shell_form else argv} uses /dev/tcp, a bash "
+            f"feature, but Docker runs it with {argv[0]} (dash in Debian"
+            f"{', the shell form' if shell_form else ''}): "
+            "there /dev/tcp is an ordinary missing file and the check fails on a healthy "
+            'server. Run it with bash: HEALTHCHECK CMD ["bash", "-c", "exec 3<>/dev/tcp/'
+            f'127.0.0.1/{PORT}"]')
+    assert "http://" not in command and "https://" not in command, (
+        f"HEALTHCHECK {command!r} speaks HTTP, but the server is a raw TCP echo server: it "
+        "echoes the request line back and the HTTP client fails on a healthy server. Check "
+        f"that port {PORT} accepts a connection (bash's /dev/tcp)")
+    tools = [t for t in ("curl", "wget", "nc", "netcat") if re.search(rf"\b{t}\b", command)]
+    installed = runs(final)
+    missing = [t for t in tools if not re.search(rf"\b(install|add)\b[^\n]*\b{t}\b", installed)]
+    assert not missing, (
+        f"HEALTHCHECK {command!r} runs {missing[0]}, which {final.image} does not have (and no "
+        "RUN of the runtime stage installs it): the check fails on a healthy server. Use what "
+        f"the image has: bash -c 'exec 3<>/dev/tcp/127.0.0.1/{PORT}'")
+    found = re.findall(r"/dev/tcp/[^/\s]+/(\d+)|(?:localhost|127\.0\.0\.1|0\.0\.0\.0):(\d+)",
+                       command)
+    ports = {int(port) for pair in found for port in pair if port}
+    assert not ports or PORT in ports, (
+        f"HEALTHCHECK {command!r} probes port {sorted(ports)}, but the server listens on "
+        f"{PORT}: the check fails on a healthy server. Probe {PORT}")
+
+
+def test_exec_form_entrypoint_starts_the_copied_binary(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    final = stages[-1]
+    entry, cmd = final.all("ENTRYPOINT")[-1:], final.all("CMD")[-1:]
+    start = entry or cmd
     assert start, "the runtime stage has no ENTRYPOINT or CMD: the container would start bash"
-    value = start[-1]["value"].strip()
-    try:
-        exec_form = isinstance(json.loads(value), list)
-    except ValueError:
-        exec_form = False
-    assert exec_form, (
-        f"{start[-1]['instruction']} {value} is in shell form: Docker runs it as "
-        "/bin/sh -c '...', sh is PID 1 and `docker stop`'s SIGTERM never reaches the server "
-        "(it is SIGKILLed after the grace period). Use the exec form: "
-        'ENTRYPOINT ["./server"] CMD ["8080"]')
+    for ins in entry + cmd:
+        value = ins["value"].strip()
+        assert exec_args(value) is not None, (
+            f"{ins['instruction']} {value} is in shell form: Docker runs it as "
+            + (f"['/bin/sh', '-c', {value!r}], appended to the ENTRYPOINT: the server gets "
+               "'/bin/sh' as its port argument" if ins is not start[0] else
+               "/bin/sh -c '...', sh is PID 1 and `docker stop`'s SIGTERM never reaches the "
+               "server (it is SIGKILLed after the grace period)")
+            + '. Use the exec form: ENTRYPOINT ["./server"] CMD ["8080"]')
+    # CMD alone is the whole command; after an ENTRYPOINT, CMD is its arguments.
+    argv = [w for ins in entry + cmd for w in exec_args(ins["value"]) or []]
+    assert argv, "the ENTRYPOINT/CMD is an empty list: nothing would start"
+    assert posixpath.basename(argv[0]) not in SHELLS, (
+        f"the container starts {argv}: the shell is PID 1, not the server, so `docker stop`'s "
+        "SIGTERM goes to the shell and the server is SIGKILLed after the grace period. Start "
+        'the server itself: ENTRYPOINT ["./server"] CMD ["8080"]')
     exposed = " ".join(i["value"] for i in final.all("EXPOSE"))
     assert str(PORT) in exposed.replace("/tcp", "").split(), (
         f"the runtime stage does not EXPOSE {PORT} (EXPOSE: {exposed or 'none'})")
+    assert str(PORT) in argv[1:], (
+        f"the container starts {argv}: the server takes its port as its argument and the "
+        f"image EXPOSEs {PORT}; pass it: CMD [\"{PORT}\"]")
+    shipped = {dest for _, dest in shipped_binary(stages)}
+    cwd = workdirs(final)[-1] if final.lines else "/"
+    program = argv[0]
+    if "/" in program:
+        where = {posixpath.normpath(posixpath.join(cwd, program))}
+    else:
+        where = {posixpath.join(d, program) for d in ("/usr/local/sbin", "/usr/local/bin",
+                                                      "/usr/sbin", "/usr/bin", "/sbin", "/bin")}
+    assert not shipped or where & shipped, (
+        f"the container starts {program!r}, which is "
+        f"{sorted(where)[0] if len(where) == 1 else 'looked up in PATH'}"
+        f" (WORKDIR {cwd}), but the binary was copied to {sorted(shipped)}: the container "
+        "exits at once ('no such file or directory'). Start the path you copied it to")
+
+
+def test_runtime_ships_only_the_binary(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    final = stages[-1]
+    for ins in final.all("COPY") + final.all("ADD"):
+        ref, sources, _ = copy_parts(ins)
+        assert ref is not None, (
+            f"the runtime stage runs {ins['instruction']} {ins['value']} from the build context: "
+            "sources (or anything else of the checkout) land in the shipped image. The runtime "
+            "stage takes only the binary, with COPY --from=builder")
+        builder = stage_by_ref(stages, ref)
+        if builder is None:
+            continue
+        made, cwd = binary_made(builder), workdirs(builder)[-1] if builder.lines else "/"
+        for src in sources:
+            src_abs = posixpath.normpath(posixpath.join(cwd, src))
+            assert not (made.startswith(src_abs.rstrip("/") + "/")
+                        and posixpath.dirname(made) != src_abs), (
+                f"COPY --from={ref} {src} copies the build stage's {src_abs} whole (the "
+                "sources, the Makefile, object files) into the runtime image: copy only the "
+                f"binary, {made}")
+    assert shipped_binary(stages), (
+        f"the runtime stage copies nothing the build made: `make release` in the build "
+        f"stage writes "
+        f"{binary_made(build_stages(stages)[0]) if build_stages(stages) else 'bin/server'}"
+        "; COPY --from=builder that path")
+
+
+def test_layers_are_ordered_for_the_cache(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    for stage in stages:
+        copied = None
+        for ins in stage.lines:
+            if ins["instruction"] in ("COPY", "ADD") and copy_from(ins) is None:
+                copied = copied or ins
+            if (ins["instruction"] == "RUN" and copied is not None and re.search(
+                    r"\b(apt-get|apt|apk|yum|dnf|pip3?)\b[^\n]*\b(install|add)\b", ins["value"])):
+                pytest.fail(
+                    f"RUN {ins['value'][:80]} comes after {copied['instruction']} "
+                    f"{copied['value']}: every edit of a source invalidates that layer, so the "
+                    "packages are downloaded and installed again on every build. Install "
+                    "first, copy the sources after")
+    final = stages[-1]
+    got_binary = False
+    for ins in final.lines:
+        if ins["instruction"] in ("COPY", "ADD") and copy_from(ins) is not None:
+            got_binary = True
+        elif ins["instruction"] == "RUN" and got_binary:
+            pytest.fail(
+                f"the runtime stage runs RUN {ins['value'][:80]} after copying the binary: "
+                "every new build of the server changes that COPY layer, so this step runs "
+                "again each time and adds a layer per release. Do the setup (useradd, "
+                "packages) before COPY --from, and set modes with COPY --chmod/--chown")
+
+
+def test_no_secret_baked_into_a_layer(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    for stage in stages:
+        for ins in stage.all("ENV") + stage.all("ARG"):
+            keys = re.findall(r"(?:^|\s)([A-Za-z_]\w*)=", ins["value"]) or ins["value"].split()[:1]
+            hit = [k for k in keys if SECRET_NAME.search(k)]
+            assert not hit, (
+                f"{ins['instruction']} {ins['value'][:60]} puts a secret ({hit[0]}) into the "
+                "image: ENV and ARG values are kept in its config and `docker history` for "
+                "anyone who pulls it. Pass secrets at run time (docker run -e / --env-file, "
+                "a mounted file) or to a build step with RUN --mount=type=secret")
+        for ins in stage.all("COPY") + stage.all("ADD"):
+            _, sources, _ = copy_parts(ins)
+            env = [s for s in sources if posixpath.basename(s.rstrip("/")).startswith(".env")]
+            assert not env, (
+                f"{ins['instruction']} {ins['value']} copies {env[0]} into a layer: the password "
+                "stays in the image (and its history) for anyone who pulls it. Give it to the "
+                "container at run time (--env-file)")
 
 
 def context_dir(tmp: Path, learner: Any) -> Path:
@@ -197,7 +472,9 @@ def test_dockerignore_keeps_the_context_small(learner: Any, tmp_path: Path) -> N
     assert not leaked, (
         f"with this .dockerignore the build context sends {leaked} to the daemon: the git "
         "history, host binaries and object files and the .env secrets end up in the context "
-        "(and in the image with COPY . .); exclude them")
+        "(and in the image with COPY . .); exclude them"
+        + (". A pattern without a slash matches the context's top level only (*.o is not "
+           "src/server.o, unlike .gitignore): write **/*.o" if "src/server.o" in leaked else ""))
     lost = [p for p in MUST_SEND if p not in sent]
     assert not lost, (f"this .dockerignore leaves {lost} out of the build context: the build "
                       "stage cannot compile without them")

@@ -9,6 +9,9 @@ keys that exist."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Any
 
 import kubernetes_validate
@@ -18,6 +21,22 @@ import yaml
 K8S_VERSION = "1.30.0"
 APP_PATHS = {"/health/live", "/health/ready", "/orders"}   # what the app serves (README)
 HOST = "orders.example.com"
+APP_PORT = 8080                                            # where the app listens (README)
+REPLICAS = 3
+SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(value: Any) -> float | None:
+    """A Kubernetes resource quantity (100m, 128Mi, 0.5, 1e3) as a number, None if invalid."""
+    found = re.fullmatch(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|[mkMGTPE]?)",
+                         str(value).strip())
+    if not found:
+        return None
+    try:
+        return float(found.group(1)) * SUFFIX[found.group(2)]
+    except ValueError:
+        return None
 
 
 @pytest.fixture
@@ -74,6 +93,49 @@ def test_every_document_matches_the_kubernetes_schema(docs: list[dict[str, Any]]
                         "use the current one (apps/v1, networking.k8s.io/v1, v1)")
 
 
+def test_the_api_server_admits_it(docs: list[dict[str, Any]]) -> None:
+    """What the API server refuses beyond the OpenAPI schema (its validation code)."""
+    for secret in of_kind(docs, "Secret"):
+        for key, value in (secret.get("data") or {}).items():
+            try:
+                plain = base64.b64decode(str(value), validate=True)
+            except (binascii.Error, ValueError):
+                pytest.fail(
+                    f"Secret {secret['metadata'].get('name')!r}: data.{key} is "
+                    f"{str(value)[:40]!r}, not base64: the API server refuses it (data holds "
+                    "base64-encoded bytes). Put plain text under stringData, or encode it")
+            assert plain.startswith(b"-----BEGIN") or not plain.endswith(b"\n"), (
+                f"Secret {secret['metadata'].get('name')!r}: data.{key} decodes to "
+                f"{plain[-24:]!r}, ending in a newline (echo adds one: echo x | base64): the "
+                "app gets the value with a trailing newline, and a URL or password with one "
+                "fails. Encode without it (echo -n, printf) or use stringData")
+    for c in containers(docs):
+        res = c.get("resources") or {}
+        for what in ("cpu", "memory"):
+            ask, cap = ((res.get(k) or {}).get(what) for k in ("requests", "limits"))
+            for kind, raw in (("requests", ask), ("limits", cap)):
+                if raw is not None and quantity(raw) is None:
+                    pytest.fail(f"container {c.get('name')!r}: resources.{kind}.{what} = "
+                                f"{raw!r} is not a Kubernetes quantity (100m, 0.5, 128Mi): "
+                                "the API server refuses it")
+            if ask is not None and cap is not None:
+                assert (quantity(ask) or 0) <= (quantity(cap) or 0), (
+                    f"container {c.get('name')!r} requests {what} {ask} but is limited to "
+                    f"{cap}: the API server refuses a request above its limit (the request "
+                    "is what the pod is guaranteed, the limit its ceiling)")
+    for dep in of_kind(docs, "Deployment"):
+        rolling = ((dep["spec"].get("strategy") or {}).get("rollingUpdate") or {})
+        if rolling and str(rolling.get("maxSurge", 1)) in ("0", "0%") and str(
+                rolling.get("maxUnavailable", 1)) in ("0", "0%"):
+            pytest.fail(f"Deployment {dep['metadata'].get('name')!r}: maxSurge and "
+                        "maxUnavailable are both 0, which the API server refuses: a rollout "
+                        "could neither add a new pod nor remove an old one")
+
+
+def namespace(doc: dict[str, Any]) -> str:
+    return str((doc.get("metadata") or {}).get("namespace") or "default")
+
+
 def test_selectors_select_the_pods(docs: list[dict[str, Any]]) -> None:
     labels = pod_labels(docs)
     dep = one(docs, "Deployment")
@@ -82,13 +144,32 @@ def test_selectors_select_the_pods(docs: list[dict[str, Any]]) -> None:
     assert match and not wrong, (
         f"the Deployment's selector {match} does not match its pod template's labels "
         f"{labels}: the API server refuses a Deployment whose selector misses its own pods")
+    spaces: dict[str, list[str]] = {}
+    for d in docs:
+        spaces.setdefault(namespace(d), []).append(
+            f"{d.get('kind')} {(d.get('metadata') or {}).get('name')}")
+    assert len(spaces) == 1, (
+        "the objects are in different namespaces ("
+        + "; ".join(f"{ns}: {', '.join(objs)}" for ns, objs in spaces.items())
+        + "): a Service selects pods of its "
+        "own namespace only, an Ingress reaches Services and TLS Secrets of its own, a pod "
+        "reads ConfigMaps and Secrets of its own - so across namespaces the references find "
+        "nothing. Put them all in one namespace (or leave it to kubectl -n)")
     for svc in of_kind(docs, "Service"):
         sel = svc["spec"].get("selector") or {}
+        app = str(dep["metadata"].get("name", ""))
+        loose = {} if any(app and app in str(v) for v in sel.values()) else {
+            k: v for k, v in match.items() if sel.get(k) != v}
         wrong = {k: v for k, v in sel.items() if labels.get(k) != v}
         assert sel and not wrong, (
             f"Service {svc['metadata']['name']!r} selects {sel}, but the pods are labelled "
             f"{labels}: its endpoints would be empty and every request to it refused "
             f"(mismatch on {wrong or 'an empty selector'})")
+        assert not loose, (
+            f"Service {svc['metadata']['name']!r} selects {sel}: every pod of the namespace "
+            f"with those labels (other apps' {sel} pods too), not only this Deployment's - "
+            f"its selector lacks {loose}. Select at least the Deployment's own labels "
+            f"{match}")
 
 
 def port_exists(container: dict[str, Any], port: Any) -> bool:
@@ -98,8 +179,36 @@ def port_exists(container: dict[str, Any], port: Any) -> bool:
     return any(p.get("containerPort") == port for p in ports)
 
 
+def resolve(container: dict[str, Any], port: Any) -> Any:
+    """The container port number a named or numbered port stands for."""
+    for p in container.get("ports") or []:
+        if p.get("name") == port or p.get("containerPort") == port:
+            return p.get("containerPort")
+    return None
+
+
+def routes(path: dict[str, Any], url: str) -> bool:
+    """Whether an Ingress path matches the request path url (Exact or Prefix semantics)."""
+    want = str(path.get("path") or "/")
+    if path.get("pathType") == "Exact":
+        return url == want
+    base = want.rstrip("/")
+    return base == "" or url == base or url.startswith(base + "/")
+
+
 def test_service_and_ingress_reach_a_declared_port(docs: list[dict[str, Any]]) -> None:
     (container, *_) = containers(docs) or [{}]
+    declared = [p.get("containerPort") for p in container.get("ports") or []]
+    assert APP_PORT in declared, (
+        f"container {container.get('name')!r} declares the ports {declared}, but the app "
+        f"listens on {APP_PORT} (README): the Service and the probes that follow the port "
+        f"name reach a port nothing listens on. Declare containerPort: {APP_PORT}")
+    for svc in of_kind(docs, "Service"):
+        kind = svc["spec"].get("type", "ClusterIP")
+        assert kind == "ClusterIP", (
+            f"Service {svc['metadata']['name']!r} is of type {kind}: it opens a port on every "
+            "node (and a cloud load balancer), so the pods are reachable from outside without "
+            "the Ingress and its TLS. Behind an Ingress the Service stays type ClusterIP")
     for svc in of_kind(docs, "Service"):
         for p in svc["spec"].get("ports") or []:
             target = p.get("targetPort", p.get("port"))
@@ -107,7 +216,23 @@ def test_service_and_ingress_reach_a_declared_port(docs: list[dict[str, Any]]) -
                 f"Service {svc['metadata']['name']!r} forwards to targetPort {target!r}, which "
                 f"the container does not declare (its ports: {container.get('ports')}): "
                 "traffic would go to a port nothing listens on")
+            assert resolve(container, target) == APP_PORT, (
+                f"Service {svc['metadata']['name']!r} forwards to targetPort {target!r}, which "
+                f"is container port {resolve(container, target)}, not {APP_PORT} where the app "
+                "listens")
     ing = one(docs, "Ingress")
+    hosts = [r.get("host") for r in ing["spec"].get("rules") or []]
+    assert HOST in hosts, (
+        f"the Ingress has rules for the hosts {hosts}, none of them {HOST}: requests for "
+        f"{HOST} match no rule (and its TLS entry names a host no rule serves)")
+    rule = next(r for r in ing["spec"]["rules"] if r.get("host") == HOST)
+    paths = (rule.get("http") or {}).get("paths") or []
+    for url in ("/orders", "/orders/42"):
+        hit = [p for p in paths if routes(p, url)]
+        assert hit, (
+            f"on {HOST}, a request for {url} matches none of the Ingress's paths "
+            f"{[(p.get('path'), p.get('pathType')) for p in paths]}: pathType Exact matches "
+            "only that one path. Use pathType: Prefix, path: / to send the whole app")
     for rule in ing["spec"].get("rules") or []:
         for path in (rule.get("http") or {}).get("paths") or []:
             backend = path["backend"]["service"]
@@ -140,6 +265,12 @@ def test_probes_hit_a_declared_port_and_a_served_path(docs: list[dict[str, Any]]
             f"{probe} of {c.get('name')!r} asks for {http.get('path')!r}, a path the app does "
             f"not serve (it serves {sorted(APP_PATHS)}): a 404 is a failed probe")
     for c in containers(docs):
+        ready = c.get("readinessProbe", {}).get("httpGet", {}).get("path")
+        assert ready not in APP_PATHS or ready == "/health/ready", (
+            f"the readinessProbe of {c.get('name')!r} asks {ready}, which answers 200 while "
+            "the database is unreachable: the pod stays in the Service's endpoints and "
+            "fails every request it gets. Readiness asks whether it can serve "
+            "(/health/ready)")
         live = c.get("livenessProbe", {}).get("httpGet", {}).get("path")
         assert live != "/health/ready", (
             f"the livenessProbe of {c.get('name')!r} asks /health/ready, which checks the "
@@ -156,6 +287,44 @@ def test_resources_requested_and_limited(docs: list[dict[str, Any]]) -> None:
                     f"container {c.get('name')!r} sets no resources.{kind}.{what} (has "
                     f"{res or 'none'}): without requests the scheduler packs pods blindly, "
                     "without limits one pod can starve its node")
+        memory = [(k, (res.get(k) or {}).get("memory")) for k in ("requests", "limits")]
+        for kind, raw in memory:
+            amount = quantity(raw) or 0
+            assert amount >= 4 * 2**20, (
+                f"container {c.get('name')!r}: resources.{kind}.memory = {raw!r} is "
+                f"{amount:g} bytes" + (" (m means milli: thousandths of a byte)"
+                                       if str(raw).endswith("m") else "")
+                + ": the container would be OOM-killed at start. Write mebibytes: 128Mi")
+        for kind in ("requests", "limits"):
+            raw = (res.get(kind) or {}).get("cpu")
+            assert (quantity(raw) or 0) <= 64, (
+                f"container {c.get('name')!r}: resources.{kind}.cpu = {raw!r} is "
+                f"{quantity(raw):g} CPUs: no node has that many, the pod would stay Pending. "
+                "Millicores are written with m: 500m is half a CPU")
+
+
+def test_deployment_rolls_out_safely(docs: list[dict[str, Any]]) -> None:
+    dep = one(docs, "Deployment")
+    replicas = dep["spec"].get("replicas", 1)
+    assert replicas == REPLICAS, (
+        f"the Deployment runs {replicas} replica(s), expected {REPLICAS} (README): with one "
+        "pod, a node drain, a crash or a rollout leaves nobody serving")
+    rolling = ((dep["spec"].get("strategy") or {}).get("rollingUpdate") or {})
+    down = rolling.get("maxUnavailable", "25%")
+    down_pods = (int(str(down)[:-1]) * replicas // 100 if str(down).endswith("%")
+                 else int(down))
+    assert down_pods < replicas, (
+        f"rollingUpdate.maxUnavailable = {down!r} lets a rollout take {down_pods} of "
+        f"{replicas} pods down at once: every pod can be gone at the same time. Keep it below "
+        "the replica count (0 with maxSurge: 1 keeps full capacity)")
+    for c in containers(docs):
+        image = str(c.get("image", ""))
+        tag = image.rsplit("/", 1)[-1].partition(":")[2]
+        assert "@sha256:" in image or (tag and tag != "latest"), (
+            f"container {c.get('name')!r} runs image {image!r}: "
+            + ("'latest'" if tag else "no tag (that is 'latest')")
+            + " moves, so the pods of one Deployment run different code and a rollback goes "
+            "nowhere. Use the release's tag (orders:1.4.2) or a digest")
 
 
 def keys_of(doc: dict[str, Any]) -> set[str]:

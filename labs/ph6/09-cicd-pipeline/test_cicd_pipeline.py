@@ -10,6 +10,7 @@ counters of the canary's requests and errors, as a Prometheus scrape would give 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -97,37 +98,176 @@ def test_nothing_is_deployed_past_a_failed_stage(learner: Any) -> None:
             "before production)")
 
 
+GATES = ("lint", "unit", "integration", "smoke")             # the stages that judge
+DEPLOYERS = ("push", "staging", "production")                # what must never run for a PR
+SWALLOW = re.compile(r"\|\|\s*(true|:|exit\s+0)\s*$|;\s*(true|exit\s+0)\s*$|\bset\s+\+e\b", re.M)
+BUILDS = re.compile(r"\bdocker\s+(buildx\s+)?build\b|\bbuildah\s+bud\b|\bpodman\s+build\b")
+MAIN_GATE = re.compile(r"github\.ref\s*==\s*'refs/heads/main'|github\.ref_name\s*==\s*'main'|"
+                       r"github\.event_name\s*==\s*'push'")
+
+
+def steps(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return [st for st in job.get("steps") or [] if isinstance(st, dict)]
+
+
+def test_a_failing_check_stops_the_pipeline(learner: Any) -> None:
+    jobs = workflow(learner)["jobs"]
+    for stage in GATES:
+        job = jobs.get(stage) or {}
+        assert str(job.get("continue-on-error", False)).lower() in ("false", ""), (
+            f"job {stage!r} has `continue-on-error: {job.get('continue-on-error')}`: when it "
+            "fails the run still counts it as passed, so the stages that need it go on and a "
+            "failing check reaches production. Drop it: a gate must fail the pipeline")
+        for st in steps(job):
+            what = st.get("run") or st.get("uses") or st.get("name")
+            assert str(st.get("continue-on-error", False)).lower() in ("false", ""), (
+                f"a step of job {stage!r} ({what!r}) has `continue-on-error: "
+                f"{st.get('continue-on-error')}`: its failure is ignored and {stage} passes "
+                "anyway, so the next stages run on a failed check. Drop it")
+            found = SWALLOW.search(str(st.get("run") or ""))
+            assert not found, (
+                f"job {stage!r} runs {str(st.get('run')).strip()!r}: `{found.group(0).strip()}` "
+                "turns the check's failure into exit 0, so the job passes whatever the tests "
+                "say and the stages after it go on. Let the command's exit status fail the job")
+
+
+def test_the_image_is_built_once_and_the_tested_one_deployed(learner: Any) -> None:
+    jobs = workflow(learner)["jobs"]
+    builders = sorted(name for name, job in jobs.items() for st in steps(job)
+                      if BUILDS.search(str(st.get("run") or ""))
+                      or "build-push-action" in str(st.get("uses") or ""))
+    extra = [b for b in builders if b != "build"]
+    assert not extra, (
+        f"job(s) {extra} build the image again (docker build): what they ship is not the "
+        "image that was tested and staged - a rebuild can pick up other base layers or "
+        "dependencies. Build once in `build`, then push and deploy that image")
+    images: dict[str, list[str]] = {}
+    for stage in ("staging", "production"):
+        runs = " ".join(str(st.get("run") or "") for st in steps(jobs.get(stage) or {}))
+        images[stage] = re.findall(
+            r"(?:\$\{?IMAGE\}?|[\w./-]+/orders):((?:\$\{\{[^}]*\}\}|[^\s\"'$])+)", runs)
+        tags = set(images[stage])
+        assert not tags or all("github.sha" in t for t in tags), (
+            f"job {stage!r} deploys the image tag(s) {sorted(tags)}, not the commit's "
+            "${{ github.sha }} pushed by `push`: a moving tag like latest deploys whatever was "
+            "pushed last, which may not be what staging and smoke tested. Deploy "
+            '"$IMAGE:${{ github.sha }}"')
+
+
+def gated_to_main(jobs: dict[str, Any], name: str, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether the job (or a job it needs, whose skip it inherits) runs only on main."""
+    job = jobs.get(name) or {}
+    if MAIN_GATE.search(str(job.get("if", ""))):
+        return True
+    return any(gated_to_main(jobs, n, seen | {name}) for n in needs(job) if n not in seen)
+
+
+def test_pull_requests_never_deploy(learner: Any) -> None:
+    doc = workflow(learner)
+    triggers = doc.get("on", doc.get(True, {}))      # YAML 1.1 reads a bare `on` as True
+    names = ([triggers] if isinstance(triggers, str) else list(triggers or []))
+    if not any(str(t).startswith("pull_request") for t in names):
+        return
+    for stage in DEPLOYERS:
+        assert gated_to_main(doc["jobs"], stage), (
+            f"the workflow runs on pull_request and job {stage!r} has no condition (nor any job "
+            "it needs) restricting it to main: every pull request - anyone's branch - would be "
+            "pushed and deployed. Gate the push with "
+            "`if: github.ref == 'refs/heads/main'` (the later stages inherit its skip)")
+
+
+def test_actions_pinned_and_permissions_least(learner: Any) -> None:
+    doc = workflow(learner)
+    for name, job in doc["jobs"].items():
+        for st in steps(job):
+            uses = str(st.get("uses") or "")
+            if not uses or uses.startswith(("./", "docker://")):
+                continue
+            ref = uses.rpartition("@")[2] if "@" in uses else ""
+            assert re.fullmatch(r"v\d+(\.\d+)*|[0-9a-f]{40}", ref), (
+                f"job {name!r} uses {uses!r}: "
+                + (f"{ref!r} is a branch, it moves" if ref else "no ref at all")
+                + " - the action's code can change under the pipeline (and with it what runs "
+                "with your secrets). Pin a release tag (@v4) or a commit SHA")
+    for where, perms in [("the workflow", doc.get("permissions"))] + [
+            (f"job {n!r}", j.get("permissions")) for n, j in doc["jobs"].items()]:
+        assert perms != "write-all", (
+            f"{where} has `permissions: write-all`: every job's GITHUB_TOKEN can push code, "
+            "edit releases and settings. Grant only what is needed (contents: read, "
+            "packages: write to push the image)")
+
+
 # --- the canary controller ------------------------------------------------------------------
 
-# (name, ticks of cumulative (requests, errors), decisions expected, weights set expected)
-CASES = [
+DEFAULTS = {"steps": (5, 20, 100), "max_error_rate": 0.05, "min_requests": 200}
+# (name, ticks of cumulative (requests, errors), decisions expected, weights set expected,
+#  what the case teaches, the controller's parameters)
+CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[str, Any]]] = [
     ("healthy release", [(120, 0), (250, 2), (300, 2), (500, 5)],
-     ["hold", "advance", "hold", "promoted"], [5, 20, 100]),
-    ("errors at the 5 % step", [(250, 25), (900, 25)], ["rollback", "rolled_back"], [5, 0]),
+     ["hold", "advance", "hold", "promoted"], [5, 20, 100],
+     "a window below min_requests (200) holds: 120 requests at 5 %, and at 300 only the 50 "
+     "since the 20 % step began at 250. Judge each step on the requests and errors since it "
+     "began",
+     DEFAULTS),
+    ("errors at the 5 % step", [(250, 25), (900, 25)], ["rollback", "rolled_back"], [5, 0],
+     "25 errors in 250 requests is 10 %, above 5 %: set_weight(0) and 'rollback'; after it, "
+     "tick() changes nothing and answers 'rolled_back'", DEFAULTS),
     ("errors only once at 20 % (old good traffic must not dilute them)",
-     [(1000, 10), (1300, 40), (4000, 40)], ["advance", "rollback", "rolled_back"], [5, 20, 0]),
+     [(1000, 10), (1300, 40), (4000, 40)], ["advance", "rollback", "rolled_back"], [5, 20, 0],
+     "the 20 % step's window is 300 requests with 30 errors (10 %): counted since the rollout "
+     "began it would be 40 of 1300 (3 %), the 5 % step's good traffic hiding the failure",
+     DEFAULTS),
+    ("errors of the 5 % step are not counted again at 20 %", [(250, 10), (500, 13)],
+     ["advance", "promoted"], [5, 20, 100],
+     "the 20 % step's window is 250 requests with 3 errors (1.2 %): its errors start at the "
+     "step's start too, not at the rollout's (13 of 250 would be 5.2 %)", DEFAULTS),
+    ("a new step is not judged before min_requests of its own",
+     [(1000, 0), (1050, 20), (1250, 20)], ["advance", "hold", "rollback"], [5, 20, 0],
+     "50 requests since the 20 % step began are too few to judge, even with 20 errors: hold "
+     "until the step's own window has min_requests (then 20 of 250, 8 %: rollback)", DEFAULTS),
     ("an error rate exactly at the threshold does not cross it", [(200, 10), (400, 20)],
-     ["advance", "promoted"], [5, 20, 100]),
+     ["advance", "promoted"], [5, 20, 100],
+     "10 errors of 200 is exactly 5 %: only a rate strictly above max_error_rate rolls back",
+     DEFAULTS),
+    ("an error rate just above the threshold (5.5 %)", [(200, 11)], ["rollback"], [5, 0],
+     "11 errors of 200 is 5.5 %, above 5 %: compare the real ratio (errors / requests), not "
+     "whole percents (11 * 100 // 200 = 5)", DEFAULTS),
     ("too few requests to judge", [(50, 0), (199, 0), (200, 0)], ["hold", "hold", "advance"],
-     [5, 20]),
+     [5, 20], "a window of 199 requests is below min_requests (200): hold; 200 is enough",
+     DEFAULTS),
     ("promoted stays promoted", [(200, 0), (400, 0), (600, 600)],
-     ["advance", "promoted", "promoted"], [5, 20, 100]),
+     ["advance", "promoted", "promoted"], [5, 20, 100],
+     "once at 100 % the rollout is over: later errors change nothing", DEFAULTS),
+    ("the controller's own parameters (steps 1, 10, 50, 100; 1 %; 1000 requests)",
+     [(999, 0), (1000, 10), (2000, 10), (3000, 21)], ["hold", "advance", "advance", "rollback"],
+     [1, 10, 50, 0],
+     "use the steps, max_error_rate and min_requests given to __init__, not the defaults: "
+     "999 requests hold, 10 of 1000 (1 %) advances, 11 of 1000 (1.1 %) rolls back",
+     {"steps": (1, 10, 50, 100), "max_error_rate": 0.01, "min_requests": 1000}),
 ]
+
+
+def first_wrong(ticks: list[tuple[int, int]], got: list[str], want: list[str]) -> str:
+    for (r, e), g, w in zip(ticks, got, want, strict=True):
+        if g != w:
+            return f"tick({r}, {e}) answered {g!r}, expected {w!r} - "
+    return ""
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_canary_controller(learner: Any, case: tuple[Any, ...]) -> None:
-    name, ticks, decisions, weights = case
+    name, ticks, decisions, weights, why, params = case
     mod = learner.load("canary")
     seen: list[int] = []
 
     def set_weight(percent: int) -> None:
         seen.append(int(percent))
 
-    ctl = mod.CanaryController(set_weight, steps=(5, 20, 100), max_error_rate=0.05,
-                               min_requests=200)
-    assert seen == [5], (f"after CanaryController(...) the weights set were {seen}: expected "
-                         "[5] - the canary starts by getting 5 % of the traffic")
+    ctl = mod.CanaryController(set_weight, **params)
+    first = params["steps"][0]
+    assert seen == [first], (
+        f"after CanaryController(..., steps={params['steps']}) the weights set were {seen}: "
+        f"expected [{first}] - the canary starts at once with the first step's share")
     got = []
     for requests, errors in ticks:
         got.append(ctl.tick(requests, errors))
@@ -135,7 +275,6 @@ def test_canary_controller(learner: Any, case: tuple[Any, ...]) -> None:
     want = ", ".join(f"tick({r}, {e}) -> {d!r}" for (r, e), d in
                      zip(ticks, decisions, strict=True))
     assert got == decisions and seen == weights, (
-        f"{name}: the controller decided {story} and set the weights {seen}; expected {want} "
-        f"and the weights {weights} (steps 5 -> 20 -> 100, rollback to 0 when the errors of "
-        "the current step's window, counted since the step began, exceed 5 % of at least 200 "
-        "requests; nothing moves once promoted or rolled back)")
+        f"{name}: {first_wrong(ticks, got, decisions)}{why}. The controller decided {story} "
+        f"and set the weights {seen}; "
+        f"expected {want} and the weights {weights}")
