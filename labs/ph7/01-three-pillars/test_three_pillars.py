@@ -260,7 +260,8 @@ def test_classic_scrape_and_a_request_without_a_caller(app: App) -> None:
             "serve OpenMetrics only when the Accept header asks for it")
     known = {s.span_id for s in app.receiver.snapshot()}
     reply = app.get("/orders/2")  # no traceparent: the app starts the trace
-    assert reply.status == 200, f"GET /orders/2 without traceparent: expected 200, saw {reply.status}"
+    assert reply.status == 200, (
+        f"GET /orders/2 without traceparent: expected 200, saw {reply.status}")
     fresh = [s for s in app.receiver.snapshot() if s.span_id not in known and s.kind == "SERVER"]
     assert len(fresh) == 1, (
         f"GET /orders/2 without a traceparent left {len(fresh)} new SERVER span(s), expected 1: "
@@ -268,9 +269,10 @@ def test_classic_scrape_and_a_request_without_a_caller(app: App) -> None:
     span = fresh[0]
     records = app.log_records()
     mine = [r for r in records if r.get("span_id") == span.span_id]
+    ids = [(r.get("trace_id"), r.get("span_id")) for r in records][-2:]
     assert mine and all(r.get("trace_id") == span.trace_id for r in mine), (
         f"GET /orders/2 without a traceparent: its span is in trace {span.trace_id}, but the "
-        f"log lines' (trace_id, span_id) are {[(r.get('trace_id'), r.get('span_id')) for r in records][-2:]}"
+        f"log lines' (trace_id, span_id) are {ids}"
         ": take the ids from the current span (trace.get_current_span().get_span_context()), "
         "not from the request's traceparent header - with no caller there is no header, "
         "and the span started a trace of its own")
