@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,10 @@ def the_span(app: App, trace_id: str, what: str) -> ReceivedSpan:
 def the_log_line(app: App, trace_id: str, span: ReceivedSpan, what: str) -> dict[str, Any]:
     records = app.log_records()
     mine = [r for r in records if r.get("trace_id") == trace_id]
+    assert records, (
+        f"{what}: the log file {app.log.name} is still empty after the request was answered: "
+        "write each line as it happens and flush it (a buffered file keeps the lines in the "
+        "process until it exits - a crash loses exactly the lines that explain it)")
     latest = [str(r.get("trace_id")) for r in records][-4:]
     assert mine or "0" * 32 not in latest, (
         f"{what}: the log line carries trace_id {'0' * 32} (the log's trace ids: {latest}): it "
@@ -210,8 +215,10 @@ def test_one_trace_id_across_log_metric_and_span(app: App) -> None:
 
 
 def test_counts_are_exact_with_bounded_labels(app: App) -> None:
+    started = time.perf_counter()
     for path in ("/orders/1", "/orders/2", "/orders/1", "/orders/404"):
         app.get(path, new_trace_id())
+    wall = time.perf_counter() - started
     samples = app.scrape()["samples"]
     counts = {(s.labels.get("route"), s.labels.get("status")): s.value for s in samples
               if s.name == f"{COUNTER}_total"}
@@ -222,6 +229,11 @@ def test_counts_are_exact_with_bounded_labels(app: App) -> None:
         "many', a log line 'what happened'.")
     observed = sum(s.value for s in samples if s.name == f"{HISTOGRAM}_count")
     assert observed == 4, f"{HISTOGRAM}_count is {observed}, expected 4 (one per request)"
+    seconds = sum(s.value for s in samples if s.name == f"{HISTOGRAM}_sum")
+    assert 0 < seconds <= wall, (
+        f"{HISTOGRAM}_sum is {seconds:g} after 4 requests that took {wall:.3f} s in all, "
+        "from the caller's side: observe each request's duration in SECONDS (the unit in "
+        "the name; time.perf_counter() differences), measured while the request is handled")
 
 
 def test_an_error_shows_in_all_three(app: App) -> None:

@@ -27,6 +27,7 @@ FAMILIES: list[dict[str, Any]] = [
          {"labels": {"path": '/search?q="a b"', "method": "GET"}, "value": 3},
          {"labels": {"path": "C:\\temp\\new", "method": "POST"}, "value": 12345678},
          {"labels": {"path": "two\nlines", "method": "PUT"}, "value": 0},
+         {"labels": {"path": "/tab\there", "method": "GET"}, "value": 7},
      ]},
     {"name": "queue_depth", "type": "gauge", "help": "Jobs waiting, per queue.",
      "samples": [
@@ -119,9 +120,13 @@ def test_the_parser_reads_back_what_was_written(learner: Any) -> None:
                 "write the value exactly (an integer without a fraction, any other float as "
                 "repr() writes it) - fixed decimals or %g round tiny values and fractions away"
                 if same else
-                f"sample {wanted[0]}{wanted[1]} = {wanted[2]} did not parse back; parsed "
-                f"{samples}: a counter's samples are named <name>_total, and label values "
-                "escape the backslash (\\\\), the double quote (\\\") and the line feed (\\n)")
+                f"sample {wanted[0]}{wanted[1]} = {wanted[2]} did not parse back"
+                + "".join(f" (the sample of that value came back as {n}{labels})"
+                          for n, labels, v in samples if v == wanted[2])[:300]
+                + ": label values escape ONLY the backslash (\\\\), the double quote (\\\") "
+                "and the line feed (\\n) - other escapes (JSON's or repr()'s \\t, \\u00e9) "
+                "are not undone; a counter's samples are named <name>_total. Parsed: "
+                f"{samples}")
         assert len(samples) == len(want), f"{name}: parsed {samples}, expected {want}"
     assert text.endswith("\n"), "the exposition must end with a line feed"
 
