@@ -11,6 +11,7 @@ then come out exact, and the test compares them tightly."""
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -123,6 +124,11 @@ def _check(prometheus: Any, learner: Any, job: str, what: str,
             f"{what}()[{name!r}] = {query!r} does not select job {job!r}: every service "
             "Prometheus scrapes exports the same metric names (another one runs right now) - "
             'filter every selector on {job="<job>"}, or the figure mixes services')
+        assert "irate(" not in query.replace(" ", ""), (
+            f"{what}()[{name!r}] = {query!r} uses irate(): it reads only the last two samples "
+            "in the range, so the figure jumps with every scrape and says nothing about the "
+            f"window ({window}) - use rate() over [window] for a dashboard's and an alert's "
+            "figure")
         result = prometheus.query_range(query, end, end, 1)
         assert len(result) == 1, (
             f"{what}()[{name!r}] = {query!r} gave {len(result)} series, expected one number "
@@ -130,12 +136,16 @@ def _check(prometheus: Any, learner: Any, job: str, what: str,
         value = float(result[0]["values"][-1][1])
         assert math.isfinite(value) and abs(value - expected) <= TOLERANCE * expected, (
             f"{what}()[{name!r}] reads {value:.4g}, the load's {name} is {expected:g}: "
-            f"{_diagnosis(name, query, value) or why}. Query: {query}")
+            f"{_diagnosis(name, query, value, window) or why}. Query: {query}")
 
 
-def _diagnosis(name: str, query: str, value: float) -> str:
+def _diagnosis(name: str, query: str, value: float, window: str) -> str:
     """What the query did, when the figure it gave shows it."""
     compact = query.replace(" ", "")
+    ranges = sorted(set(re.findall(r"(?<=[}\w)])\[([^\]:]+)", compact)))
+    if ranges and ranges != [window]:
+        return (f"the query's range is {ranges}, not the window asked for ({window}): put "
+                "the window argument in every range selector")
     if "rate(" not in compact and "increase(" not in compact:
         return ("the query reads the counters' totals since the service started (its bad "
                 "spell before the test included), not what happened over the window: take "
