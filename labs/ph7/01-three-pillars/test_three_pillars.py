@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,17 +99,46 @@ def new_trace_id() -> str:
 def the_span(app: App, trace_id: str, what: str) -> ReceivedSpan:
     spans = [s for s in app.receiver.snapshot() if s.trace_id == trace_id]
     servers = [s for s in spans if s.kind == "SERVER"]
+    assert servers or not spans, (
+        f"{what}: the request's span in the caller's trace is {spans[-1].describe()}, kind "
+        f"{spans[-1].kind}, expected SERVER: the span of a request a service receives is "
+        "kind=SpanKind.SERVER (that is what trace views and service maps read)")
+    roots = [s for s in app.receiver.snapshot() if s.kind == "SERVER" and not
+             s.parent_span_id and s.trace_id != trace_id]
+    assert servers or not roots, (
+        f"{what}: no span in the caller's trace {trace_id}, but a new trace was started "
+        f"({roots[-1].describe()}): extract the caller's traceparent "
+        "(TraceContextTextMapPropagator().extract) and start the SERVER span in that context")
     assert len(servers) == 1, (
         f"{what}: the collector has {len(servers)} SERVER span(s) in the caller's trace "
         f"{trace_id}, expected 1 (received: "
         f"{[s.describe() for s in app.receiver.snapshot()][-4:]})\nOpen a SERVER span per "
         "request, continuing the caller's traceparent, exported over OTLP.")
+    assert servers[0].service == "orders", (
+        f"{what}: the span's resource has service.name {servers[0].service!r}, expected "
+        "'orders' (the name given to make_provider): without it every service's spans "
+        "show as unknown_service - TracerProvider(resource=Resource.create("
+        "{'service.name': ...}))")
     return servers[0]
 
 
 def the_log_line(app: App, trace_id: str, span: ReceivedSpan, what: str) -> dict[str, Any]:
     records = app.log_records()
     mine = [r for r in records if r.get("trace_id") == trace_id]
+    assert records, (
+        f"{what}: the log file {app.log.name} is still empty after the request was answered: "
+        "write each line as it happens and flush it (a buffered file keeps the lines in the "
+        "process until it exits - a crash loses exactly the lines that explain it)")
+    latest = [str(r.get("trace_id")) for r in records][-4:]
+    assert mine or "0" * 32 not in latest, (
+        f"{what}: the log line carries trace_id {'0' * 32} (the log's trace ids: {latest}): it "
+        "was written outside any span, where the current span is the invalid one - write the "
+        "log line INSIDE the request's span (within the with block), errors too")
+    assert mine or trace_id.lstrip("0") not in latest, (
+        f"{what}: the log line carries trace_id {trace_id.lstrip('0')}, the request's trace "
+        f"is {trace_id}: the leading zeros were dropped - format the ids as 32 and 16 "
+        "zero-padded hex digits (format(ctx.trace_id, '032x')), or the search by trace id "
+        "finds nothing")
     assert mine, (
         f"{what}: no log line has trace_id {trace_id} (the request's span is in that trace); "
         f"the log's trace ids: {[r.get('trace_id') for r in records][-4:]}\nWrite the log "
@@ -135,16 +165,28 @@ def the_exemplar(app: App, trace_id: str, what: str) -> dict[str, Any]:
         "every distinct label value is a new time series kept by Prometheus. Label with "
         f"the route template ({ROUTE!r}) and the status; put the trace id in an EXEMPLAR.")
     exemplars = [s.exemplar for s in samples if getattr(s, "exemplar", None)]
+    on_buckets = [s.exemplar for s in buckets if getattr(s, "exemplar", None)]
     assert scraped["openmetrics"], (
         f"{what}: /metrics answered in the classic text format, which has no exemplars, "
         f"although the scrape asked for {OM_ACCEPT.split(';')[0]}\nServe OpenMetrics when "
         "it is asked for (prometheus_client.openmetrics.exposition.generate_latest).")
-    ours = [e for e in exemplars if e.labels.get("trace_id") == trace_id]
+    ours = [e for e in on_buckets if e.labels.get("trace_id") == trace_id]
+    elsewhere = [s.name for s in samples if getattr(s, "exemplar", None)
+                 and s.exemplar.labels.get("trace_id") == trace_id]
     assert ours, (
+        f"{what}: the exemplar with trace_id {trace_id} is on {elsewhere} but not on a "
+        f"{HISTOGRAM}_bucket: the jump from a latency spike to a slow request starts at the "
+        "duration histogram's bucket - observe the duration with exemplar=... too"
+        if elsewhere else
         f"{what}: no exemplar on /metrics has trace_id {trace_id}; exemplars seen: "
         f"{[e.labels for e in exemplars][:4]}\nObserve the request duration with "
         "exemplar={'trace_id': <32 hex>, 'span_id': <16 hex>} of the current span.")
-    return dict(ours[-1].labels)
+    labels = dict(ours[-1].labels)
+    assert "span_id" in labels, (
+        f"{what}: the exemplar {labels} has no span_id: give both ids of the current span, "
+        "exemplar={'trace_id': <32 hex>, 'span_id': <16 hex>}, so the jump lands on the "
+        "request's own span")
+    return labels
 
 
 def test_one_trace_id_across_log_metric_and_span(app: App) -> None:
@@ -154,17 +196,33 @@ def test_one_trace_id_across_log_metric_and_span(app: App) -> None:
         what = f"GET {path} (trace {trace_id})"
         assert reply.status == status, f"{what}: expected {status}, saw {reply.status}"
         span = the_span(app, trace_id, what)
+        assert path.rsplit("/", 1)[-1] not in span.name, (
+            f"{what}: the span is named {span.name!r}, with the order's id in it: span names "
+            "are grouped and indexed like metric labels - name it by the route template "
+            f"('GET {ROUTE}') and put the raw path in an attribute (url.path)")
         the_log_line(app, trace_id, span, what)
         exemplar = the_exemplar(app, trace_id, what)  # scraped right after: buckets keep
-        if "span_id" in exemplar:                     # the latest exemplar only
-            assert exemplar["span_id"] == span.span_id, (
-                f"{what}: the exemplar's span_id {exemplar['span_id']} is not the request's "
-                f"span {span.span_id}")
+        assert exemplar["span_id"] == span.span_id, (  # the latest exemplar only
+            f"{what}: the exemplar's span_id {exemplar['span_id']} is not the request's "
+            f"span {span.span_id}")
+        if status == 404:
+            assert span.status != "ERROR", (
+                f"{what}: the 404's span has status ERROR: a 4xx is the caller's mistake, "
+                "not a failure of this server (OpenTelemetry leaves a SERVER span's status "
+                "unset for 4xx) - set ERROR for 5xx and exceptions only, or error traces "
+                "fill with clients' typos")
+            levels = [r.get("level") for r in app.log_records() if r.get("trace_id") == trace_id]
+            assert "ERROR" not in levels, (
+                f"{what}: the 404 was logged at level ERROR (levels {levels}): a client asking "
+                "for an order that does not exist is not the service failing - log it at "
+                "WARN or INFO, keep ERROR for the failures someone must look at")
 
 
 def test_counts_are_exact_with_bounded_labels(app: App) -> None:
+    started = time.perf_counter()
     for path in ("/orders/1", "/orders/2", "/orders/1", "/orders/404"):
         app.get(path, new_trace_id())
+    wall = time.perf_counter() - started
     samples = app.scrape()["samples"]
     counts = {(s.labels.get("route"), s.labels.get("status")): s.value for s in samples
               if s.name == f"{COUNTER}_total"}
@@ -175,6 +233,11 @@ def test_counts_are_exact_with_bounded_labels(app: App) -> None:
         "many', a log line 'what happened'.")
     observed = sum(s.value for s in samples if s.name == f"{HISTOGRAM}_count")
     assert observed == 4, f"{HISTOGRAM}_count is {observed}, expected 4 (one per request)"
+    seconds = sum(s.value for s in samples if s.name == f"{HISTOGRAM}_sum")
+    assert 0 < seconds <= wall, (
+        f"{HISTOGRAM}_sum is {seconds:g} after 4 requests that took {wall:.3f} s in all, "
+        "from the caller's side: observe each request's duration in SECONDS (the unit in "
+        "the name; time.perf_counter() differences), measured while the request is handled")
 
 
 def test_an_error_shows_in_all_three(app: App) -> None:
@@ -197,3 +260,39 @@ def test_an_error_shows_in_all_three(app: App) -> None:
     assert counts.get("500") == 1.0, (
         f"{COUNTER}_total by status is {counts}, expected one 500: errors must be counted "
         "(the E of RED), or an alert on the error rate never fires")
+
+
+def test_classic_scrape_and_a_request_without_a_caller(app: App) -> None:
+    app.get("/orders/1", new_trace_id())
+    for accept in (None, "text/plain; version=0.0.4"):
+        headers = {"Accept": accept} if accept else {}
+        reply = http_request(app.host, "GET", "/metrics", headers=headers)
+        ctype = reply.header("Content-Type") or ""
+        asked = f"Accept {accept!r}" if accept else "no Accept header"
+        assert reply.status == 200 and "openmetrics" not in ctype, (
+            f"GET /metrics with {asked} answered {reply.status} with Content-Type {ctype!r}: "
+            "a scraper that does not ask for OpenMetrics gets the classic text format "
+            "(prometheus_client.exposition.generate_latest, text/plain; version=0.0.4) - "
+            "serve OpenMetrics only when the Accept header asks for it")
+    known = {s.span_id for s in app.receiver.snapshot()}
+    reply = app.get("/orders/2")  # no traceparent: the app starts the trace
+    assert reply.status == 200, (
+        f"GET /orders/2 without traceparent: expected 200, saw {reply.status}")
+    fresh = [s for s in app.receiver.snapshot() if s.span_id not in known and s.kind == "SERVER"]
+    assert len(fresh) == 1, (
+        f"GET /orders/2 without a traceparent left {len(fresh)} new SERVER span(s), expected 1: "
+        "a request from no traced caller starts a new trace with its SERVER span")
+    span = fresh[0]
+    records = app.log_records()
+    mine = [r for r in records if r.get("span_id") == span.span_id]
+    ids = [(r.get("trace_id"), r.get("span_id")) for r in records][-2:]
+    assert mine and all(r.get("trace_id") == span.trace_id for r in mine), (
+        f"GET /orders/2 without a traceparent: its span is in trace {span.trace_id}, but the "
+        f"log lines' (trace_id, span_id) are {ids}"
+        ": take the ids from the current span (trace.get_current_span().get_span_context()), "
+        "not from the request's traceparent header - with no caller there is no header, "
+        "and the span started a trace of its own")
+    exemplar = the_exemplar(app, span.trace_id, "GET /orders/2 without traceparent")
+    assert exemplar["span_id"] == span.span_id, (
+        f"GET /orders/2 without traceparent: the exemplar's span_id {exemplar['span_id']} is "
+        f"not the request's span {span.span_id}")

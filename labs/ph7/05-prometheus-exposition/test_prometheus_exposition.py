@@ -5,6 +5,7 @@ query, evaluated by Prometheus, must count what the test did."""
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from collections.abc import Iterator
@@ -20,17 +21,21 @@ from labrunner.testing import serve_wsgi
 # a backslash, a quote and a line feed in HELP, non-ASCII, negative, tiny and large numbers.
 FAMILIES: list[dict[str, Any]] = [
     {"name": "http_requests", "type": "counter",
-     "help": 'Requests served, by "path" and method.\nA \\ stays a backslash.',
+     "help": ('Requests served, by "path" and method.\nA \\ stays a backslash, and '
+              'C:\\new is no line feed.'),
      "samples": [
          {"labels": {"path": '/search?q="a b"', "method": "GET"}, "value": 3},
          {"labels": {"path": "C:\\temp\\new", "method": "POST"}, "value": 12345678},
          {"labels": {"path": "two\nlines", "method": "PUT"}, "value": 0},
+         {"labels": {"path": "/tab\there", "method": "GET"}, "value": 7},
      ]},
     {"name": "queue_depth", "type": "gauge", "help": "Jobs waiting, per queue.",
      "samples": [
          {"labels": {}, "value": -2.5},
          {"labels": {"queue": "café"}, "value": 1e-06},
          {"labels": {"queue": "bulk"}, "value": 1.5e+20},
+         {"labels": {"queue": "thin"}, "value": 1.23456789e-09},
+         {"labels": {"queue": "third"}, "value": 1 / 3},
      ]},
 ]
 
@@ -40,8 +45,17 @@ def _sample_name(family: dict[str, Any]) -> str:
 
 
 def _rendered(learner: Any, families: list[dict[str, Any]]) -> str:
+    given = copy.deepcopy(families)
     text = learner.function("exposition", "render")(families)
     assert isinstance(text, str), f"render() returned {type(text).__name__}, expected str"
+    changed = [f"{old['name']!r} -> {new.get('name')!r}" if old["name"] != new.get("name")
+               else repr(old["name"]) for old, new in zip(given, families, strict=False)
+               if old != new]
+    assert not changed and len(given) == len(families), (
+        f"render() changed the families it was given ({', '.join(changed) or 'the list'}): "
+        "the caller renders the same families at every scrape, so the next /metrics would "
+        "show them changed (e.g. http_requests_total_total) - build the output from local "
+        "names, leave the input as it was")
     return text
 
 
@@ -67,6 +81,18 @@ def _exporter(first: str) -> Iterator[tuple[str, Any]]:
 
 def test_the_parser_reads_back_what_was_written(learner: Any) -> None:
     text = _rendered(learner, FAMILIES)
+    for family in FAMILIES:
+        name = _sample_name(family)
+        for kind in ("HELP", "TYPE"):
+            mine = [line for line in text.splitlines() if line.startswith(f"# {kind} ")
+                    and line.split(" ")[2:3] in ([name], [family["name"]])]
+            assert any(line.split(" ")[2] == name for line in mine), (
+                f"no '# {kind} {name} ...' line; the {kind} line(s) written for "
+                f"{family['name']}: {mine}. "
+                + ("A counter's HELP, TYPE and samples are all named <name>_total"
+                   if family["type"] == "counter" else "HELP and TYPE name the metric")
+                + f" ({name}): Prometheus files the type and help under the samples' name, "
+                "and a TYPE for another name leaves the samples untyped")
     try:
         parsed = {f.name: f for f in text_string_to_metric_families(text)}
     except Exception as exc:  # noqa: BLE001 - the parser's complaint is the message
@@ -83,16 +109,24 @@ def test_the_parser_reads_back_what_was_written(learner: Any) -> None:
             f"'# TYPE {_sample_name(family)} {family['type']}' line")
         assert got.documentation == family["help"], (
             f"{name}'s HELP parsed back as {got.documentation!r}, expected "
-            f"{family['help']!r}: in HELP text escape only the backslash (\\\\) and the line "
-            f"feed (\\n) - a double quote is written as it is")
+            f"{family['help']!r}: " + _help_why(got.documentation, family["help"]))
         samples = [(s.name, s.labels, s.value) for s in got.samples]
         want = [(_sample_name(family), s["labels"], float(s["value"]))
                 for s in family["samples"]]
         for wanted in want:
+            same = [v for n, labels, v in samples if (n, labels) == wanted[:2]]
             assert wanted in samples, (
-                f"sample {wanted[0]}{wanted[1]} = {wanted[2]} did not parse back; parsed "
-                f"{samples}: a counter's samples are named <name>_total, and label values "
-                "escape the backslash (\\\\), the double quote (\\\") and the line feed (\\n)")
+                f"sample {wanted[0]}{wanted[1]} = {wanted[2]!r} parsed back as {same[0]!r}: "
+                "write the value exactly (an integer without a fraction, any other float as "
+                "repr() writes it) - fixed decimals or %g round tiny values and fractions away"
+                if same else
+                f"sample {wanted[0]}{wanted[1]} = {wanted[2]} did not parse back"
+                + "".join(f" (the sample of that value came back as {n}{labels})"
+                          for n, labels, v in samples if v == wanted[2])[:300]
+                + ": label values escape ONLY the backslash (\\\\), the double quote (\\\") "
+                "and the line feed (\\n) - other escapes (JSON's or repr()'s \\t, \\u00e9) "
+                "are not undone; a counter's samples are named <name>_total. Parsed: "
+                f"{samples}")
         assert len(samples) == len(want), f"{name}: parsed {samples}, expected {want}"
     assert text.endswith("\n"), "the exposition must end with a line feed"
 
@@ -120,6 +154,18 @@ def test_prometheus_ingests_it(learner: Any, prometheus: Any) -> None:
                 f"Prometheus stored {_sample_name(family)} as {seen}, expected {want}")
 
 
+def _help_why(seen: str, want: str) -> str:
+    if '\\"' in seen:
+        return ("a double quote came back with a backslash: in HELP text escape only the "
+                "backslash (\\\\) and the line feed (\\n) - a quote is written as it is")
+    if seen.replace("\n", "\\n") == want.replace("\n", "\\n") or "\\\\" in seen:
+        return ("a backslash in the HELP text was not escaped first, so '\\n' in the text "
+                "reads back as a line feed (or an escape was escaped twice): replace the "
+                "backslash with \\\\ FIRST, then the line feed with \\n")
+    return ("in HELP text escape the backslash (\\\\) first, then the line feed (\\n); "
+            "nothing else")
+
+
 def _own_labels(metric: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in metric.items() if k not in ("__name__", "job", "instance")}
 
@@ -133,11 +179,27 @@ def _counters(a: int, b: int) -> list[dict[str, Any]]:
 def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> None:
     """Worker a has served 10000 requests, b 5000; each step a serves 100 more and b 50.
     At the seventh step b restarts: its counter starts again from 0 (it served none yet).
-    1750 requests in all, and Prometheus holds every value the counters had."""
+    1750 requests in all, and Prometheus holds every value the counters had. Meanwhile
+    another job's http_requests_total grows by 100000: the queries are about `job` only."""
     module = learner.load("exposition")
+    window = "317s"  # longer than the test; an odd length, so a fixed window shows
+    for what in ("total_increase", "per_second"):
+        query = getattr(module, what)("checkout_7", window)
+        assert isinstance(query, str), f"{what}() returned {type(query).__name__}, not PromQL"
+        assert f"[{window}" in query.replace(" ", ""), (
+            f"{what}('checkout_7', {window!r}) = {query!r} has no range [{window}]: the "
+            "window is the caller's (a dashboard's range), put it in the range selector "
+            "instead of a fixed one")
+        assert 'job="checkout_7"' in query.replace(" ", "") or "checkout_7" in query, (
+            f"{what}('checkout_7', {window!r}) = {query!r} does not select job "
+            "\"checkout_7\": every job exports http_requests_total - filter on "
+            '{job="<job>"}, or the sum counts every service Prometheus scrapes')
     a, b, served = 10000, 5000, 0
-    with _exporter(_rendered(learner, _counters(a, b))) as (address, publish):
+    with _exporter(_rendered(learner, _counters(a, b))) as (address, publish), \
+            _exporter(module.render(_counters(0, 0))) as (other, publish_other):
         job = prometheus.scrape(address)
+        other_job = prometheus.scrape(other)
+        prometheus.wait_for_scrapes(other_job)
         prometheus.wait_for_scrapes(job)
         for step in range(12):
             a += 100
@@ -145,11 +207,11 @@ def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> 
             served += 100 + (50 if step != 6 else 0)
             publish(module.render(_counters(a, b)))
             prometheus.wait_for_scrapes(job)
-        window = "5m"
+        publish_other(module.render(_counters(100000, 0)))
+        prometheus.wait_for_scrapes(other_job)
         for what, query, scale in (
                 ("total_increase", module.total_increase(job, window), 1.0),
-                ("per_second", module.per_second(job, window), 300.0)):
-            assert isinstance(query, str), f"{what}() returned {type(query).__name__}, not PromQL"
+                ("per_second", module.per_second(job, window), 317.0)):
             result = prometheus.query(query)
             assert len(result) == 1, (
                 f"{what}({job!r}, {window!r}) = {query!r} gave {len(result)} series, expected "
@@ -159,12 +221,21 @@ def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> 
             # samples of a series that starts inside the window: a few percent here.
             assert math.isfinite(value) and served * 0.95 <= value <= served * 1.35, (
                 f"{what}: {query!r} reads {value:.0f} requests over the test, the workers "
-                f"served {served} (worker b restarted half-way, its counter back to 0): "
-                + _why(query))
+                f"of job {job} served {served} (worker b restarted half-way, its counter back "
+                "to 0; another job served 100000 meanwhile): " + _why(query, value, served))
 
 
-def _why(query: str) -> str:
+def _why(query: str, value: float, served: int) -> str:
     compact = query.replace(" ", "")
+    if value > 50000:
+        return ("that counts another job's requests too: select the job's series only, "
+                'http_requests_total{job="<job>"}')
+    if "irate(" in compact:
+        return ("irate() is the rate between the last two samples only, not over the window: "
+                "use rate() (or increase()) over [window]")
+    if "offset" in compact or "max_over_time" in compact or "min_over_time" in compact:
+        return ("subtracting an older value reads a restart (the counter back to 0) as "
+                "negative traffic: increase() and rate() treat a drop as a reset - use them")
     if "delta(" in compact or "deriv(" in compact:
         return ("delta() is for gauges: on a counter a restart reads as a huge negative "
                 "change - use increase() or rate(), which treat a drop as a reset")
