@@ -251,7 +251,7 @@ def setup(learner: Any) -> Any:
     folder = learner.tmp_folder()
     logs = learner.tmp_folder(learner_writes=True)
     log = logs / "config.log"
-    log.touch()
+    log.write_text(EARLIER + "\n")
     os.chmod(log, 0o666)
     return module, folder, log
 
@@ -259,6 +259,7 @@ def setup(learner: Any) -> Any:
 V1, V2 = rand(20), rand(20)
 TOKEN = rand(32)
 TOKEN_20, TOKEN_19 = rand(20), rand(19)
+EARLIER = "2026-01-01T00:00:00 an earlier line of the service's log"
 
 
 def base_env(folder: Path) -> dict[str, str]:
@@ -393,6 +394,15 @@ def test_no_secret_in_logs_or_repr(setup: Any) -> None:
                 f"part of {name} ({seen[0]!r}, 4 of its characters) appears in {where}: "
                 f"{text[:200]!r}\nA mask that keeps part of the value (the first or last "
                 "characters) still gives part of the secret away: show '***' only")
+    logged = shown["the log file"]
+    assert logged.startswith(EARLIER), (
+        f"the log file no longer starts with the line it held before Config started "
+        f"({EARLIER!r}); it now starts {logged[:80]!r}: append to log_path (mode 'a'), "
+        "never rewrite it - a service's log is history")
+    assert "db.internal" in logged[len(EARLIER):], (
+        f"the log file holds no configuration (DATABASE_HOST 'db.internal' is not in "
+        f"{logged[len(EARLIER):][:200]!r}): log the configuration at start, secrets masked "
+        "- an operator needs to see what the service runs with")
     assert "db.internal" in shown["str(config)"], (
         "str(config) does not show DATABASE_HOST: mask the secrets, keep the rest visible "
         "(it is what an operator needs to see)")
