@@ -375,7 +375,11 @@ def test_no_secret_in_logs_or_repr(setup: Any) -> None:
     config.get("DB_PASSWORD")
     k8s_secret(folder, "2026_02_01", {"db_password": V2 + "\n"})
     clock.now += 11
-    get_after_rotation(config, "DB_PASSWORD")
+    got = get_after_rotation(config, "DB_PASSWORD")
+    assert got == V2, (
+        f"with ttl=10, 11 s after the secret file was rotated DB_PASSWORD is still "
+        f"{'the old value' if got == V1 else repr(got)}, expected the new one: use the ttl "
+        "Config was given (here 10 s), not a fixed 60")
     shown = {"repr(config)": repr(config), "str(config)": str(config),
              "the log file": log.read_text(errors="replace")}
     for where, text in shown.items():
