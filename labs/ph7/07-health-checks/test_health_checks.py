@@ -198,6 +198,10 @@ def expect(host: str, path: str, status: int, situation: str, why: str,
                     "(psycopg's connect_timeout, redis' socket_timeout and "
                     "socket_connect_timeout, in seconds) and answer 503 when it expires.",
                     pytrace=False)
+    if got == 500 and status != 500 and _checks(body):
+        pytest.fail(f"{situation}: GET {path} answered 500 with {body}, expected {status}: "
+                    "not ready is 503 Service Unavailable (take me out of rotation, try "
+                    "again later); 500 says the app itself is broken", pytrace=False)
     if got == 500 and status != 500:
         pytest.fail(f"{situation}: GET {path} answered 500, expected {status}: the app "
                     "raised while answering - a failed check must be caught and reported "
