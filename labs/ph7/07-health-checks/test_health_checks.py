@@ -31,16 +31,25 @@ HUNG_BUDGET = 4.0     # ... when a dependency hangs: the check's own timeout mus
 
 class TcpProxy:
     """127.0.0.1:<port> relaying to ``target``; mode "up", "down" (accept, close at once)
-    or "hang" (accept, never answer). Leaving "up" cuts every relayed connection."""
+    or "hang" (accept, never answer). Leaving "up" cuts every relayed connection.
+
+    ``reached()`` counts what clients did towards the dependency (connections accepted plus
+    bytes sent to it): it grows when, and only when, the app really talked to it."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.mode = "up"
         self.lock = threading.Lock()
         self.pairs: list[socket.socket] = []
+        self.accepted = 0
+        self.sent = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def reached(self) -> int:
+        with self.lock:
+            return self.accepted + self.sent
 
     def _accept(self) -> None:
         while True:
@@ -51,24 +60,28 @@ class TcpProxy:
             with self.lock:
                 mode = self.mode
                 self.pairs.append(client)
+                self.accepted += 1
             if mode == "down":
                 client.close()
             elif mode == "up":
                 try:
                     upstream = socket.create_connection(self.target, timeout=5)
+                    upstream.settimeout(None)  # an idle pooled connection is not cut
                 except OSError:
                     client.close()
                     continue
                 with self.lock:
                     self.pairs.append(upstream)
-                for a, b in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                for a, b, out in ((client, upstream, True), (upstream, client, False)):
+                    threading.Thread(target=self._pipe, args=(a, b, out), daemon=True).start()
             # "hang": keep the socket open and never read or answer
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, outgoing: bool) -> None:
         try:
             while data := source.recv(65536):
+                if outgoing:
+                    with self.lock:
+                        self.sent += len(data)
                 sink.sendall(data)
         except OSError:
             pass
@@ -95,22 +108,39 @@ class TcpProxy:
         self.listener.close()
 
 
+class Deps:
+    """The two dependencies as the app sees them: each behind a TcpProxy of the test."""
+
+    def __init__(self, pg: TcpProxy, pg_dsn: str, redis: TcpProxy, redis_url: str) -> None:
+        self.pg, self.pg_dsn, self.redis, self.redis_url = pg, pg_dsn, redis, redis_url
+        self.proxies = {"postgres": pg, "redis": redis}
+
+    def reached(self) -> dict[str, int]:
+        return {name: proxy.reached() for name, proxy in self.proxies.items()}
+
+
 @pytest.fixture
-def redis_proxy(redis_db: Any) -> Iterator[tuple[TcpProxy, str]]:
+def deps(postgres: Any, redis_db: Any) -> Iterator[Deps]:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    info = conninfo_to_dict(postgres.dsn)
+    pg = TcpProxy(str(info.get("host") or "127.0.0.1"), int(str(info.get("port") or 5432)))
+    pg_dsn = make_conninfo(postgres.dsn, host="127.0.0.1", port=pg.port)
     url = urlsplit(redis_db.url)
     proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
     netloc = url.netloc.rsplit("@", 1)
     hostport = f"127.0.0.1:{proxy.port}"
     proxied = urlunsplit(url._replace(netloc=f"{netloc[0]}@{hostport}" if len(netloc) == 2
                                       else hostport))
-    yield proxy, proxied
+    yield Deps(pg, pg_dsn, proxy, proxied)
     proxy.close()
+    pg.close()
 
 
 @pytest.fixture
-def host(learner: Any, postgres: Any, redis_proxy: tuple[TcpProxy, str]) -> Iterator[str]:
+def host(learner: Any, deps: Deps) -> Iterator[str]:
     make_app = learner.function("health", "make_app")
-    with serve_wsgi(make_app(postgres.dsn, redis_proxy[1])) as address:
+    with serve_wsgi(make_app(deps.pg_dsn, deps.redis_url)) as address:
         yield address
 
 
@@ -135,24 +165,95 @@ def probe(host: str, path: str, budget: float = PROBE_TIMEOUT) -> tuple[int, Any
     return status, body, time.monotonic() - started
 
 
+def _checks(body: Any) -> dict[str, Any] | None:
+    """The body's report per dependency: {"postgres": ..., "redis": ...} found under
+    "checks" (or at the top level), keys matched by name; None when there is none."""
+    if not isinstance(body, dict):
+        return None
+    found: dict[str, Any] = {}
+    for where in (body.get("checks"), body):
+        if isinstance(where, dict):
+            for key, value in where.items():
+                for dep in ("postgres", "redis"):
+                    if dep in str(key).lower() and dep not in found:
+                        found[dep] = value
+    return found or None
+
+
+def _is_ok(value: Any) -> bool:
+    if isinstance(value, dict):
+        value = value.get("status", value.get("state"))
+    if value is True:
+        return True
+    return str(value).strip().lower() in ("ok", "up", "healthy", "pass", "ready")
+
+
 def expect(host: str, path: str, status: int, situation: str, why: str,
            budget: float = PROBE_TIMEOUT) -> Any:
     got, body, took = probe(host, path, budget)
     if got == 0:
         pytest.fail(f"{situation}: GET {path} did not answer within {budget:.0f} s, "
-                    f"expected {status}\nA probe that hangs fails late and ties up a "
-                    "worker: bound every dependency check with a short timeout "
-                    "(connect_timeout, socket_timeout) and answer 503 when it expires.",
+                    f"expected {status} at once: a probe that hangs fails late and ties up a "
+                    "worker - bound every dependency check with a short timeout "
+                    "(psycopg's connect_timeout, redis' socket_timeout and "
+                    "socket_connect_timeout, in seconds) and answer 503 when it expires.",
                     pytrace=False)
+    if got == 500 and status != 500 and _checks(body):
+        pytest.fail(f"{situation}: GET {path} answered 500 with {body}, expected {status}: "
+                    "not ready is 503 Service Unavailable (take me out of rotation, try "
+                    "again later); 500 says the app itself is broken", pytrace=False)
+    if got == 500 and status != 500:
+        pytest.fail(f"{situation}: GET {path} answered 500, expected {status}: the app "
+                    "raised while answering - a failed check must be caught and reported "
+                    "('down: <error>' and 503), never escape: 500 says the app itself is "
+                    "broken. Catch every failure of a check (redis.TimeoutError is not a "
+                    "redis.ConnectionError; psycopg raises OperationalError and others)",
+                    pytrace=False)
+    if got == 200 and status == 503:
+        checks = _checks(body)
+        if checks and not all(_is_ok(v) for v in checks.values()):
+            pytest.fail(f"{situation}: GET {path} answered 200 with the body {body}, "
+                        "expected 503: the body says a check failed but the status says "
+                        "ready - the orchestrator and the load balancer read the status "
+                        "code, not the body: answer 503 when any check fails",
+                        pytrace=False)
     assert got == status, f"{situation}: GET {path} answered {got} {body}, expected {status}: {why}"
     return body
 
 
+def reported(body: Any, down: set[str], up: set[str], situation: str) -> None:
+    """The body reports each dependency: those in ``down`` as failed, those in ``up`` ok."""
+    checks = _checks(body)
+    if checks is None:
+        pytest.fail(f"{situation}: the body {body} does not report the checks: expected "
+                    '{"checks": {"postgres": "ok" or "down: <error>", "redis": ...}} - '
+                    "say which check failed, or the on-call engineer starts by guessing",
+                    pytrace=False)
+    for dep in sorted(down | up):
+        if dep not in checks:
+            failed = sorted(d for d, v in checks.items() if not _is_ok(v))
+            why = (f"the check stopped after {' and '.join(failed)} failed - run EVERY check "
+                   "on every probe and report each one: stopping at the first failure hides "
+                   "a second outage from the on-call engineer" if failed else
+                   f"readiness must check {dep} too ({'PING' if dep == 'redis' else 'SELECT 1'}"
+                   "): the app cannot serve without it")
+            pytest.fail(f"{situation}: the body {body} says nothing about {dep}, expected "
+                        f"it reported as {'down' if dep in down else 'ok'}: {why}",
+                        pytrace=False)
+    for dep in sorted(down):
+        if _is_ok(checks[dep]):
+            pytest.fail(f"{situation}: the body reports {dep} as {checks[dep]!r}, expected "
+                        f"it down: {dep} is unreachable in this outage", pytrace=False)
+    for dep in sorted(up):
+        if not _is_ok(checks[dep]):
+            pytest.fail(f"{situation}: the body reports {dep} as {checks[dep]!r}, but {dep} "
+                        f"answers (only {', '.join(sorted(down))} is down): report each "
+                        "check's own result, not the overall one", pytrace=False)
+
+
 def names(body: Any, dependency: str, situation: str) -> None:
-    assert dependency in json.dumps(body or {}).lower(), (
-        f"{situation}: the 503 body {body} does not name {dependency}: say which check "
-        "failed ({\"checks\": {\"postgres\": \"down: ...\", \"redis\": \"ok\"}}), or the "
-        "on-call engineer starts by guessing")
+    other = {"postgres", "redis"} - {dependency}
+    reported(body, {dependency}, other, situation)
 
 
 def wait_ready(host: str, situation: str) -> None:
@@ -175,10 +276,28 @@ LIVE_WHY = ("liveness says 'restart me'; a dependency outage is not fixed by res
             "nothing outside the process")
 
 
-def test_baseline(host: str) -> None:
+def test_baseline(host: str, deps: Deps) -> None:
     expect(host, "/health/live", 200, "everything up", "the process is fine")
     body = expect(host, "/health/ready", 200, "everything up", "both dependencies answer")
     assert body is not None, "/health/ready should answer JSON"
+    reported(body, set(), {"postgres", "redis"}, "everything up")
+    for _ in range(3):
+        before = deps.reached()
+        expect(host, "/health/live", 200, "everything up", "the process is fine")
+        touched = [dep for dep, n in deps.reached().items() if n != before[dep]]
+        assert not touched, (
+            f"GET /health/live talked to {' and '.join(touched)} (connected or sent a "
+            f"command), expected it to touch no dependency: {LIVE_WHY}")
+    for attempt in range(1, 5):
+        before = deps.reached()
+        expect(host, "/health/ready", 200, "everything up", "both dependencies answer")
+        silent = [dep for dep, n in deps.reached().items() if n == before[dep]]
+        assert not silent, (
+            f"probe {attempt} of 4 in a row: /health/ready answered 200 without talking to "
+            f"{' or '.join(silent)} (no connection, no byte sent): the answer was "
+            "remembered (or never checked), expected every probe to check again - a cached "
+            "'ready' keeps sending traffic to an instance whose database went down a moment "
+            "ago")
 
 
 def test_postgres_stopped_and_started(host: str, postgres: Any) -> None:
@@ -200,21 +319,30 @@ def test_postgres_stopped_and_started(host: str, postgres: Any) -> None:
     expect(host, "/health/live", 200, "Postgres started again", "the process is fine")
 
 
-def test_redis_down_then_back(host: str, redis_proxy: tuple[TcpProxy, str]) -> None:
-    proxy = redis_proxy[0]
+def test_redis_down_then_both_then_back(host: str, deps: Deps) -> None:
     expect(host, "/health/ready", 200, "before the outage", "both dependencies answer")
-    proxy.set("down")
+    deps.redis.set("down")
     situation = "Redis unreachable (connections refused and cut)"
     body = expect(host, "/health/ready", 503, situation,
                   "a dependency the app needs is unreachable: check Redis too (PING)")
     names(body, "redis", situation)
     expect(host, "/health/live", 200, situation, LIVE_WHY)
-    proxy.set("up")
+    deps.pg.set("down")
+    situation = "Postgres and Redis both unreachable"
+    body = expect(host, "/health/ready", 503, situation,
+                  "no dependency answers: the instance cannot serve")
+    reported(body, {"postgres", "redis"}, set(), situation)
+    deps.pg.set("up")
+    situation = "Postgres back, Redis still unreachable"
+    body = expect(host, "/health/ready", 503, situation,
+                  "Redis is still unreachable: the instance still cannot serve")
+    names(body, "redis", situation)
+    deps.redis.set("up")
     wait_ready(host, "Redis reachable again")
 
 
-def test_a_hung_dependency_is_a_quick_503(host: str, redis_proxy: tuple[TcpProxy, str]) -> None:
-    proxy = redis_proxy[0]
+def test_a_hung_dependency_is_a_quick_503(host: str, deps: Deps) -> None:
+    proxy = deps.redis
     expect(host, "/health/ready", 200, "before the outage", "both dependencies answer")
     proxy.set("hang")
     situation = "Redis accepting connections but never answering"
@@ -225,3 +353,37 @@ def test_a_hung_dependency_is_a_quick_503(host: str, redis_proxy: tuple[TcpProxy
     expect(host, "/health/live", 200, situation, LIVE_WHY)
     proxy.set("up")
     wait_ready(host, "Redis answering again")
+    deps.pg.set("hang")
+    situation = "Postgres accepting connections but never answering"
+    body = expect(host, "/health/ready", 503, situation,
+                  "a dependency that does not answer within the check's timeout is down",
+                  budget=HUNG_BUDGET)
+    names(body, "postgres", situation)
+    expect(host, "/health/live", 200, situation, LIVE_WHY)
+    deps.pg.set("up")
+    wait_ready(host, "Postgres answering again")
+
+
+def test_starts_while_dependencies_are_down(learner: Any, deps: Deps) -> None:
+    deps.pg.set("down")
+    deps.redis.set("down")
+    make_app = learner.function("health", "make_app")
+    try:
+        app = make_app(deps.pg_dsn, deps.redis_url)
+    except Exception as exc:  # noqa: BLE001 - whatever it raised is the finding
+        first = (str(exc).splitlines() or [""])[0]
+        pytest.fail("make_app() raised while Postgres and Redis were unreachable, expected "
+                    "an app that starts and answers /health/live 200 and /health/ready 503: "
+                    "dependencies come and go, an app that cannot start without them "
+                    "crash-loops instead of saying 'not ready' - connect in the checks (or "
+                    f"lazily), not in make_app\n(it raised {type(exc).__name__}: {first})",
+                    pytrace=False)
+    situation = "started while Postgres and Redis were unreachable"
+    with serve_wsgi(app) as address:
+        expect(address, "/health/live", 200, situation, LIVE_WHY)
+        body = expect(address, "/health/ready", 503, situation,
+                      "no dependency answers: the instance cannot serve")
+        reported(body, {"postgres", "redis"}, set(), situation)
+        deps.pg.set("up")
+        deps.redis.set("up")
+        wait_ready(address, "Postgres and Redis reachable after the start")

@@ -39,6 +39,26 @@ DOTENV_PASSWORD = rand(18, ALNUM + "!#%&*+-")
 CLIENT_SECRET = rand(24)
 JSON_KEY = rand(32)
 
+
+def shaped(counts: list[int]) -> str:
+    """A random value whose characters repeat ``counts`` times: its entropy is fixed."""
+    chars = RNG.sample(ALNUM, len(counts))
+    value = [c for c, n in zip(chars, counts, strict=True) for _ in range(n)]
+    RNG.shuffle(value)
+    return "".join(value)
+
+
+ASIA = "ASIA" + rand(16, string.ascii_uppercase + string.digits)
+GITHUB_APP = "ghs_" + rand(36)
+STRIPE_RESTRICTED = "rk_live_" + rand(30)
+PASSWD = rand(20)
+CAMEL_KEY = rand(28)
+FLOW_TOKEN = rand(24)
+SECRET_12 = shaped([1] * 12)                        # 12 characters: the shortest flagged
+TOKEN_11 = shaped([1] * 11)                         # 11: too short, however random
+MODERATE = shaped([2, 2, 2, 2, 2, 2, 2, 1, 1])      # 3.125 bits/char: flagged
+LOW = shaped([2, 2, 2, 2, 2, 3, 2, 1])              # 2.95 bits/char: not
+
 # (file, [(line text, secret description or None for a look-alike)])
 CORPUS: dict[str, list[tuple[str, str | None]]] = {
     "app/settings.py": [
@@ -50,11 +70,18 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
         ('password = "changeme"', None),
         (f'SECRET_KEY = "{SECRET_KEY}"', "a random Django SECRET_KEY"),
         ('ADMIN_PASSWORD = "aaaaaaaaaaaaaaaaaaaaaaaa"', None),
+        (f'AWS_SESSION_ID = "{ASIA}"', "an AWS temporary key id (ASIA...)"),
+        ('API_TOKEN = os.environ.get("API_TOKEN")', None),
+        (f'REFRESH_TOKEN = "{SECRET_12}"', "a 12-character random token (the minimum length)"),
+        (f'SESSION_TOKEN = "{TOKEN_11}"', None),
     ],
     ".env": [
         (f"DB_PASSWORD={DOTENV_PASSWORD}", "a random password in .env"),
         ("API_TOKEN=${API_TOKEN}", None),
         ("LOG_LEVEL=debug", None),
+        (f"DB_PASSWD={PASSWD}", "a random password under the name passwd"),
+        (f"SESSION_SECRET={MODERATE}", "a secret of 3.125 bits/char (above the 3.0 threshold)"),
+        (f"CACHE_TOKEN={LOW}", None),
     ],
     "deploy/values.yaml": [
         ("image: registry.local/shop:1.4.2", None),
@@ -62,16 +89,23 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
         (f'client_secret: "{CLIENT_SECRET}"', "a random client_secret in YAML"),
         ("checksum: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", None),
         ("secret_ref: {{ .Values.dbSecretName }}", None),
+        ("db_secret: {{.Values.dbSecretName}}", None),
+        (f"auth: {{token_type: bearer, access_token: {FLOW_TOKEN}}}",
+         "a random access_token, second assignment on its line"),
     ],
     ".github/workflows/ci.yml": [
         ("env:", None),
         (f"  GH_TOKEN: {GITHUB}", "a GitHub personal access token"),
         ("  GH_TOKEN_DOCS: ghp_xxxxxxxxxxxxxxxx", None),
+        ("  GH_TOKEN_CI: ${{ secrets.GH_TOKEN }}", None),
+        (f"  DEPLOY_AUTH: {GITHUB_APP}", "a GitHub app token (ghs_...)"),
     ],
     "config/payments.json": [
         ("{", None),
         (f'  "api_key": "{JSON_KEY}",', "a random api_key in JSON"),
         ('  "currency": "EUR",', None),
+        (f'  "apiKey": "{CAMEL_KEY}",', "a random apiKey (camelCase) in JSON"),
+        (f'  "restricted": "{STRIPE_RESTRICTED}",', "a Stripe restricted live key (rk_live_)"),
         (f'  "stripe": "{STRIPE}"', "a Stripe live key"),
         ("}", None),
     ],
@@ -79,6 +113,11 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
         ("-----BEGIN OPENSSH PRIVATE KEY-----", "a private key"),
         (rand(70, ALNUM + "+/"), None),
         ("-----END OPENSSH PRIVATE KEY-----", None),
+    ],
+    "keys/service_account.pem": [
+        ("-----BEGIN PRIVATE KEY-----", "a PKCS#8 private key (no key type in its header)"),
+        (rand(64, ALNUM + "+/"), None),
+        ("-----END PRIVATE KEY-----", None),
     ],
     "keys/server.pub.pem": [
         ("-----BEGIN PUBLIC KEY-----", None),
@@ -104,6 +143,7 @@ def build_corpus(root: Path) -> tuple[dict[tuple[str, int], str], dict[tuple[str
                 secrets[(rel, number)] = what
             else:
                 lookalikes[(rel, number)] = text
+    (root / "app" / "old_settings.py").symlink_to("removed_settings.py")  # dangling
     (root / "assets").mkdir()
     (root / "assets" / "logo.png").write_bytes(bytes(RNG.randrange(256) for _ in range(512)))
     return secrets, lookalikes
@@ -116,9 +156,27 @@ def test_scanner_finds_every_planted_secret_and_no_lookalike(learner: Any) -> No
     for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
         os.chmod(folder, 0o755)
     try:
-        found = {(str(path), int(line)) for path, line in scan_tree(str(root))}
+        entries = [(str(path), int(line)) for path, line in scan_tree(str(root))]
     except NotImplementedError as exc:
         pytest.fail(f"scan_tree is not written yet ({exc})", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's scanner failed: say on what
+        pytest.fail(f"scan_tree raised {type(exc).__name__}: {exc}, expected it to skip what "
+                    "it cannot read: the tree holds a binary file and a dangling symlink "
+                    "(app/old_settings.py -> a file that is gone); a scanner that stops at "
+                    "the first odd file reports nothing at all", pytrace=False)
+    found = set(entries)
+    if found:
+        shifted = {(p, n + 1) for p, n in found} & set(secrets)
+        absolute = {(p, n) for p, n in found if os.path.isabs(p)}
+        if len(shifted) > 2 * len(found & set(secrets)):
+            pytest.fail(f"the scanner's line numbers are one less than the lines' (it "
+                        f"reported {sorted(found)[:3]}...): lines are 1-based - "
+                        "enumerate(lines, 1)", pytrace=False)
+        if absolute:
+            pytest.fail(f"the scanner reported absolute paths ({sorted(absolute)[0][0]}), "
+                        "expected paths relative to the root it was given "
+                        "(path.relative_to(root))", pytrace=False)
+    twice = sorted({e for e in entries if entries.count(e) > 1})
     missed = {k: v for k, v in secrets.items() if k not in found}
     assert not missed, (
         f"the scanner missed {len(missed)} of {len(secrets)} planted secrets: "
@@ -136,6 +194,9 @@ def test_scanner_finds_every_planted_secret_and_no_lookalike(learner: Any) -> No
         "key (…EXAMPLE), placeholders (${X}, <...>, {{ }}), references (os.environ[...]), "
         "short or low-entropy values (changeme, aaaa...), and high-entropy values whose name "
         "is not secret-sounding (a checksum, a commit id, a PUBLIC key).")
+    assert not twice, (
+        f"the scanner reported {twice[:3]} more than once, expected one entry per line "
+        "holding a secret (the line is what someone has to fix)")
     unknown = found - set(secrets) - set(lookalikes)
     assert not unknown, f"the scanner reported lines that do not exist: {sorted(unknown)}"
 
@@ -154,6 +215,7 @@ def k8s_secret(folder: Path, version: str, values: dict[str, str]) -> None:
     """Lay out (or rotate) a Secret volume as the kubelet does: files in a timestamped
     folder, a ..data symlink to it swapped atomically, and per-key symlinks through it."""
     target = folder / f"..{version}"
+    old = os.readlink(folder / "..data") if (folder / "..data").is_symlink() else None
     target.mkdir()
     for key, value in values.items():
         (target / key).write_text(value)
@@ -166,6 +228,21 @@ def k8s_secret(folder: Path, version: str, values: dict[str, str]) -> None:
         link = folder / key
         if not link.is_symlink():
             link.symlink_to(f"..data/{key}")
+    if old is not None:  # the kubelet removes the version it replaced
+        for path in (folder / old).iterdir():
+            path.unlink()
+        (folder / old).rmdir()
+
+
+def get_after_rotation(config: Any, name: str) -> str:
+    try:
+        return str(config.get(name))
+    except Exception as exc:  # noqa: BLE001 - the learner's error, explained
+        pytest.fail(f"config.get({name!r}) raised {type(exc).__name__}: {exc} after the "
+                    "secret was rotated, expected the new value: Kubernetes swaps the ..data "
+                    "symlink and REMOVES the old version's folder - open the path you were "
+                    "given (NAME_FILE) again, not the file it pointed to at start (realpath)",
+                    pytrace=False)
 
 
 @pytest.fixture
@@ -174,13 +251,15 @@ def setup(learner: Any) -> Any:
     folder = learner.tmp_folder()
     logs = learner.tmp_folder(learner_writes=True)
     log = logs / "config.log"
-    log.touch()
+    log.write_text(EARLIER + "\n")
     os.chmod(log, 0o666)
     return module, folder, log
 
 
-V1, V2 = "pw-v1-" + rand(14), "pw-v2-" + rand(14)
-TOKEN = "tok-" + rand(28)
+V1, V2 = rand(20), rand(20)
+TOKEN = rand(32)
+TOKEN_20, TOKEN_19 = rand(20), rand(19)
+EARLIER = "2026-01-01T00:00:00 an earlier line of the service's log"
 
 
 def base_env(folder: Path) -> dict[str, str]:
@@ -188,13 +267,14 @@ def base_env(folder: Path) -> dict[str, str]:
             "API_TOKEN": TOKEN}
 
 
-def make_config(module: Any, env: dict[str, str], clock: Clock, log: Path, **kw: Any) -> Any:
+def make_config(module: Any, env: dict[str, str], clock: Clock, log: Path,
+                what: str = "a complete configuration", **kw: Any) -> Any:
     try:
         return module.Config(env, clock, str(log), **kw)
     except Exception as exc:  # noqa: BLE001 - the learner's error, reported
-        pytest.fail(f"Config(env, clock, log_path) raised {type(exc).__name__}: {exc} for a "
-                    f"complete configuration (variables {sorted(env)}): read NAME or "
-                    "NAME_FILE for each secret", pytrace=False)
+        pytest.fail(f"{what}: Config(env, clock, log_path) raised {type(exc).__name__}: {exc}, "
+                    f"expected it to start (variables {sorted(env)}): read NAME or NAME_FILE "
+                    "for each secret", pytrace=False)
 
 
 def raises_config_error(module: Any, env: dict[str, str], log: Path, what: str) -> str:
@@ -216,7 +296,8 @@ def test_config_from_env_and_files_fails_fast(setup: Any) -> None:
     module, folder, log = setup
     if not hasattr(module, "ConfigError"):
         pytest.fail("secrets_lab.py defines no ConfigError exception", pytrace=False)
-    k8s_secret(folder, "2026_01_01", {"db_password": V1 + "\n"})
+    k8s_secret(folder, "2026_01_01", {"db_password": V1 + "\n", "empty": "\n",
+                                      "token19": TOKEN_19 + "\n", "token20": TOKEN_20 + "\n"})
     config = make_config(module, base_env(folder), Clock(), log)
     got = config.get("DB_PASSWORD")
     assert got == V1, (
@@ -226,6 +307,15 @@ def test_config_from_env_and_files_fails_fast(setup: Any) -> None:
     assert config.get("API_TOKEN") == TOKEN, "API_TOKEN from the environment"
     assert config.get("DATABASE_HOST") == "db.internal", "DATABASE_HOST from the environment"
     assert config.get("LOG_LEVEL") == "INFO", "LOG_LEVEL defaults to INFO"
+    swapped = make_config(module, {"DATABASE_HOST": "db.internal", "DB_PASSWORD": V2,
+                                   "API_TOKEN_FILE": str(folder / "token20")}, Clock(), log,
+                          "DB_PASSWORD from the environment and API_TOKEN_FILE holding exactly "
+                          "20 characters (the minimum) and a newline")
+    got = swapped.get("API_TOKEN")
+    assert got == TOKEN_20, (
+        f"API_TOKEN from API_TOKEN_FILE (20 characters and a newline, the minimum) is "
+        f"{got!r}, expected {TOKEN_20!r}: every secret may come from NAME or NAME_FILE")
+    assert swapped.get("DB_PASSWORD") == V2, "DB_PASSWORD from the environment"
     messages = []
     cases = [
         ({k: v for k, v in base_env(folder).items() if k != "DATABASE_HOST"},
@@ -237,6 +327,15 @@ def test_config_from_env_and_files_fails_fast(setup: Any) -> None:
         ({**base_env(folder), "DB_PASSWORD_FILE": str(folder / "missing")},
          "DB_PASSWORD_FILE names no file"),
         ({**base_env(folder), "API_TOKEN": "short-" + V2[:8]}, "API_TOKEN shorter than 20"),
+        ({**base_env(folder), "API_TOKEN": TOKEN_19}, "API_TOKEN of 19 characters"),
+        ({**base_env(folder), "DB_PASSWORD_FILE": str(folder / "empty")},
+         "DB_PASSWORD_FILE holds only a newline (an empty password)"),
+        ({**base_env(folder), "API_TOKEN": ""}, "API_TOKEN set but empty"),
+        ({**base_env(folder), "DB_PASSWORD": ""},
+         "both DB_PASSWORD (set, empty) and DB_PASSWORD_FILE set"),
+        ({k: v for k, v in base_env(folder).items() if k != "API_TOKEN"}
+         | {"API_TOKEN_FILE": str(folder / "token19")},
+         "API_TOKEN_FILE holding 19 characters and a newline"),
     ]
     for env, what in cases:
         messages.append((what, raises_config_error(module, env, log, what)))
@@ -256,15 +355,16 @@ def test_rotation_is_picked_up_after_the_ttl(setup: Any) -> None:
     assert config.get("DB_PASSWORD") == V1, "DB_PASSWORD before the rotation"
     k8s_secret(folder, "2026_02_01", {"db_password": V2 + "\n"})  # the kubelet's swap
     clock.now += 61
-    got = config.get("DB_PASSWORD")
+    got = get_after_rotation(config, "DB_PASSWORD")
     assert got == V2, (
         f"61 s (ttl 60) after the secret file was rotated, DB_PASSWORD is still "
         f"{'the old value' if got == V1 else repr(got)}, expected the new one\nRotation "
-        "without restart: re-read the file when the cached value is older than the TTL, by "
-        "path (open it again): Kubernetes swaps the ..data symlink, so a descriptor kept "
+        "without restart: re-read the file when the cached value is older than the TTL (by "
+        "the clock Config was given, not time.time()), by path (open it again): Kubernetes "
+        "swaps the ..data symlink, so a descriptor kept "
         "open, or a value read once at start, keeps the old secret forever.")
     clock.now += 500
-    assert config.get("DB_PASSWORD") == V2, "DB_PASSWORD later on"
+    assert get_after_rotation(config, "DB_PASSWORD") == V2, "DB_PASSWORD later on"
 
 
 def test_no_secret_in_logs_or_repr(setup: Any) -> None:
@@ -275,7 +375,11 @@ def test_no_secret_in_logs_or_repr(setup: Any) -> None:
     config.get("DB_PASSWORD")
     k8s_secret(folder, "2026_02_01", {"db_password": V2 + "\n"})
     clock.now += 11
-    config.get("DB_PASSWORD")
+    got = get_after_rotation(config, "DB_PASSWORD")
+    assert got == V2, (
+        f"with ttl=10, 11 s after the secret file was rotated DB_PASSWORD is still "
+        f"{'the old value' if got == V1 else repr(got)}, expected the new one: use the ttl "
+        "Config was given (here 10 s), not a fixed 60")
     shown = {"repr(config)": repr(config), "str(config)": str(config),
              "the log file": log.read_text(errors="replace")}
     for where, text in shown.items():
@@ -285,6 +389,24 @@ def test_no_secret_in_logs_or_repr(setup: Any) -> None:
                 f"{name} appears in {where}: {text[:200]!r}\nNever show a secret: give "
                 "Config a __repr__ that masks secret values (the default repr of a "
                 "dataclass or a dict of the environment prints them), and log that.")
+    for where, text in shown.items():
+        for name, secret in (("DB_PASSWORD v1", V1), ("DB_PASSWORD v2", V2),
+                             ("API_TOKEN", TOKEN)):
+            parts = {secret[i:i + 4] for i in range(len(secret) - 3)}
+            seen = sorted(p for p in parts if p in text)
+            assert not seen, (
+                f"part of {name} ({seen[0]!r}, 4 of its characters) appears in {where}: "
+                f"{text[:200]!r}\nA mask that keeps part of the value (the first or last "
+                "characters) still gives part of the secret away: show '***' only")
+    logged = shown["the log file"]
+    assert logged.startswith(EARLIER), (
+        f"the log file no longer starts with the line it held before Config started "
+        f"({EARLIER!r}); it now starts {logged[:80]!r}: append to log_path (mode 'a'), "
+        "never rewrite it - a service's log is history")
+    assert "db.internal" in logged[len(EARLIER):], (
+        f"the log file holds no configuration (DATABASE_HOST 'db.internal' is not in "
+        f"{logged[len(EARLIER):][:200]!r}): log the configuration at start, secrets masked "
+        "- an operator needs to see what the service runs with")
     assert "db.internal" in shown["str(config)"], (
         "str(config) does not show DATABASE_HOST: mask the secrets, keep the rest visible "
         "(it is what an operator needs to see)")
