@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -263,9 +263,7 @@ def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) 
         pytest.fail("advanced.py: define a class Subscriber (see the README)", pytrace=False)
     url = urlsplit(redis_db.url)
     proxy = SubscribeHold(url.hostname or "127.0.0.1", url.port or 6379)
-    netloc = url.netloc.rsplit("@", 1)
-    netloc[-1] = f"127.0.0.1:{proxy.port}"
-    via = urlunsplit(url._replace(netloc="@".join(netloc)))
+    via = proxy.url_for(redis_db.url)
     box: dict[str, Any] = {}
     returned = threading.Event()
 

@@ -84,10 +84,7 @@ def redis_gate(url: str, before: Callable[[list[bytes]], None]) -> Iterator[str]
     learner's sequence (between its GET and its SET NX). Yields the URL to hand out."""
     parts = urllib.parse.urlsplit(url)
     with CommandGate((parts.hostname or "127.0.0.1", parts.port or 6379), before) as gate:
-        netloc = parts.netloc.rsplit("@", 1)
-        host = f"127.0.0.1:{gate.port}"
-        netloc_out = f"{netloc[0]}@{host}" if len(netloc) == 2 else host
-        yield urllib.parse.urlunsplit(parts._replace(netloc=netloc_out))
+        yield gate.url_for(url)
 
 
 def test_the_lock_winner_reads_the_key_again(stampede: ModuleType, redis_db: Any) -> None:

@@ -14,22 +14,21 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
-from labrunner.testing import serve_wsgi
+from labrunner.testing import RelayLink, TcpRelay, serve_wsgi
 
 PROBE_TIMEOUT = 8.0   # seconds a probe may take before the test calls it hung
 HUNG_BUDGET = 4.0     # ... when a dependency hangs: the check's own timeout must cut it
                       # (Kubernetes' default probe timeoutSeconds is 1)
 
 
-class TcpProxy:
+class TcpProxy(TcpRelay):
     """127.0.0.1:<port> relaying to ``target``; mode "up", "down" (accept, close at once)
     or "hang" (accept, never answer). Leaving "up" cuts every relayed connection.
 
@@ -37,75 +36,42 @@ class TcpProxy:
     bytes sent to it): it grows when, and only when, the app really talked to it."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
+        super().__init__((host, port))
         self.mode = "up"
-        self.lock = threading.Lock()
-        self.pairs: list[socket.socket] = []
         self.accepted = 0
         self.sent = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._hung: list[socket.socket] = []
 
     def reached(self) -> int:
         with self.lock:
             return self.accepted + self.sent
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                mode = self.mode
-                self.pairs.append(client)
-                self.accepted += 1
-            if mode == "down":
-                client.close()
-            elif mode == "up":
-                try:
-                    upstream = socket.create_connection(self.target, timeout=5)
-                    upstream.settimeout(None)  # an idle pooled connection is not cut
-                except OSError:
-                    client.close()
-                    continue
-                with self.lock:
-                    self.pairs.append(upstream)
-                for a, b, out in ((client, upstream, True), (upstream, client, False)):
-                    threading.Thread(target=self._pipe, args=(a, b, out), daemon=True).start()
-            # "hang": keep the socket open and never read or answer
+    def admit(self, client: socket.socket) -> bool:
+        with self.lock:
+            mode = self.mode
+            self.accepted += 1
+            if mode == "hang":   # keep the socket open and never read or answer
+                self._hung.append(client)
+        if mode == "down":
+            client.close()
+        return mode == "up"
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, outgoing: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if outgoing:
-                    with self.lock:
-                        self.sent += len(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        with self.lock:
+            self.sent += len(chunk)
+        return super().upward(link, chunk)
 
     def set(self, mode: str) -> None:
         with self.lock:
             self.mode = mode
-            pairs, self.pairs = self.pairs, []
-        for s in pairs:  # the outage breaks what was open too
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
+            hung, self._hung = self._hung, []
+        self.cut()   # the outage breaks what was open too
+        for sock in hung:
+            self.shut(sock)
 
     def close(self) -> None:
         self.set("down")
-        self.listener.close()
+        super().close()
 
 
 class Deps:
@@ -128,11 +94,7 @@ def deps(postgres: Any, redis_db: Any) -> Iterator[Deps]:
     pg_dsn = make_conninfo(postgres.dsn, host="127.0.0.1", port=pg.port)
     url = urlsplit(redis_db.url)
     proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
-    netloc = url.netloc.rsplit("@", 1)
-    hostport = f"127.0.0.1:{proxy.port}"
-    proxied = urlunsplit(url._replace(netloc=f"{netloc[0]}@{hostport}" if len(netloc) == 2
-                                      else hostport))
-    yield Deps(pg, pg_dsn, proxy, proxied)
+    yield Deps(pg, pg_dsn, proxy, proxy.url_for(redis_db.url))
     proxy.close()
     pg.close()
 

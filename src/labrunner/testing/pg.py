@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import socket
 import struct
-import threading
 from typing import Any, Literal
+
+from .relay import RelayLink, TcpRelay
 
 # Requests a client may send before (or instead of) a StartupMessage: SSL, GSSAPI, cancel.
 _PRE_STARTUP_CODES = (80877103, 80877104, 80877102)
@@ -15,9 +15,9 @@ TRANSACTION_CONTROL = re.compile(
     r"DEALLOCATE|CLOSE|LISTEN|UNLISTEN)\b", re.IGNORECASE)
 
 
-class PgStatementProxy:
-    """A TCP proxy on 127.0.0.1:<free port> in front of Postgres that records each statement
-    clients ask the server to run, reading the frontend protocol as it passes.
+class PgStatementProxy(TcpRelay):
+    """A :class:`TcpRelay` on 127.0.0.1:<free port> in front of Postgres that records each
+    statement clients ask the server to run, reading the frontend protocol as it passes.
 
     A statement is a simple Query ('Q') or an execution of a Parse'd statement, so prepared
     statements count each time too. It is recorded before its bytes are forwarded: by the
@@ -37,17 +37,12 @@ class PgStatementProxy:
     def __init__(self, host: str, port: int, *,
                  count_on: Literal["execute", "bind"] = "execute", split: bool = True,
                  ignore: re.Pattern[str] | None = TRANSACTION_CONTROL) -> None:
-        self._target = (host, port)
+        super().__init__((host, port))
         self._count_on = count_on
         self._split = split
         self._ignore = ignore
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
         self._log: list[str] = []
         self._rows = 0
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
 
     @classmethod
     def for_dsn(cls, dsn: str, **options: Any) -> PgStatementProxy:
@@ -69,30 +64,20 @@ class PgStatementProxy:
 
     def statements(self) -> list[str]:
         """Every statement recorded so far (since the last :meth:`take`)."""
-        with self._lock:
+        with self.lock:
             return list(self._log)
 
     def take(self) -> list[str]:
         """The statements recorded since the last take(), removed from the log."""
-        with self._lock:
+        with self.lock:
             log, self._log = self._log, []
         return log
 
     def count(self, pattern: str) -> int:
         """How many recorded statements match ``pattern`` (a regex, case-insensitive)."""
         regex = re.compile(pattern, re.IGNORECASE | re.DOTALL)
-        with self._lock:
+        with self.lock:
             return sum(1 for sql in self._log if regex.search(sql))
-
-    def close(self) -> None:
-        try:  # wakes the accept() thread (Linux)
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
 
     # -- the proxy
 
@@ -103,92 +88,66 @@ class PgStatementProxy:
                 return
         if self._ignore is not None and self._ignore.match(sql):
             return
-        with self._lock:
+        with self.lock:
             self._log.append(sql)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            upstream = socket.create_connection(self._target)
-            with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._frontend, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._backend, args=(upstream, client), daemon=True).start()
 
     def take_rows(self) -> int:
         """How many rows the server sent to clients (DataRow messages) since the last
         take_rows(): what the learner's code read, whatever it then kept."""
-        with self._lock:
+        with self.lock:
             rows, self._rows = self._rows, 0
         return rows
 
-    def _backend(self, upstream: socket.socket, client: socket.socket) -> None:
+    def downward(self, link: RelayLink, chunk: bytes) -> bool | None:
         """Server -> client: count DataRow messages, forward the bytes unchanged. With TLS
         and GSS off (dsn_for) every server message is typed: a byte, then a length."""
-        buffer = bytearray()
-        try:
-            while chunk := upstream.recv(65536):
-                buffer += chunk
-                rows = pos = 0
-                while len(buffer) - pos >= 5:
-                    length = int.from_bytes(buffer[pos + 1:pos + 5], "big")
-                    if len(buffer) - pos < 1 + length:
-                        break
-                    if buffer[pos] == ord("D"):
-                        rows += 1
-                    pos += 1 + length
-                del buffer[:pos]
-                if rows:
-                    with self._lock:
-                        self._rows += rows
-                client.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            try:
-                client.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+        buffer: bytearray = link.state.setdefault("from_server", bytearray())
+        buffer += chunk
+        rows = pos = 0
+        while len(buffer) - pos >= 5:
+            length = int.from_bytes(buffer[pos + 1:pos + 5], "big")
+            if len(buffer) - pos < 1 + length:
+                break
+            if buffer[pos] == ord("D"):
+                rows += 1
+            pos += 1 + length
+        del buffer[:pos]
+        if rows:
+            with self.lock:
+                self._rows += rows
+        link.client.sendall(chunk)
+        return None
 
-    def _frontend(self, client: socket.socket, upstream: socket.socket) -> None:
-        """Client -> server: parse messages, record statements, forward the bytes unchanged."""
-        buffer = bytearray()
-        started = False  # before the StartupMessage, messages have no type byte
-        prepared: dict[bytes, str] = {}  # statement name -> SQL (Parse)
-        portals: dict[bytes, str] = {}  # portal name -> SQL (Bind)
-        try:
-            while chunk := client.recv(65536):
-                buffer += chunk
-                while True:
-                    if not started:
-                        if len(buffer) < 8:
-                            break
-                        (length,) = struct.unpack("!I", buffer[:4])
-                        if len(buffer) < length:
-                            break
-                        (code,) = struct.unpack("!I", buffer[4:8])
-                        started = code not in _PRE_STARTUP_CODES
-                        del buffer[:length]
-                        continue
-                    if len(buffer) < 5:
-                        break
-                    (length,) = struct.unpack("!I", buffer[1:5])
-                    if len(buffer) < 1 + length:
-                        break
-                    kind, body = bytes(buffer[:1]), bytes(buffer[5:1 + length])
-                    del buffer[:1 + length]
-                    self._message(kind, body, prepared, portals)
-                upstream.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            try:
-                upstream.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        """Client -> server: parse messages, record statements, forward the bytes unchanged.
+        Before the StartupMessage, messages have no type byte."""
+        state = link.state
+        if "buffer" not in state:   # (the other direction keeps its own key here)
+            state.update(buffer=bytearray(), started=False,
+                         prepared={}, portals={})   # statement / portal name -> SQL
+        buffer: bytearray = state["buffer"]
+        buffer += chunk
+        while True:
+            if not state["started"]:
+                if len(buffer) < 8:
+                    break
+                (length,) = struct.unpack("!I", buffer[:4])
+                if len(buffer) < length:
+                    break
+                (code,) = struct.unpack("!I", buffer[4:8])
+                state["started"] = code not in _PRE_STARTUP_CODES
+                del buffer[:length]
+                continue
+            if len(buffer) < 5:
+                break
+            (length,) = struct.unpack("!I", buffer[1:5])
+            if len(buffer) < 1 + length:
+                break
+            kind, body = bytes(buffer[:1]), bytes(buffer[5:1 + length])
+            del buffer[:1 + length]
+            self._message(kind, body, state["prepared"], state["portals"])
+        link.upstream.sendall(chunk)
+        return None
 
     def _message(self, kind: bytes, body: bytes, prepared: dict[bytes, str],
                  portals: dict[bytes, str]) -> None:

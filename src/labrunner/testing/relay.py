@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -50,7 +51,19 @@ class TcpRelay:
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name="relay-accept").start()
 
+    def url_for(self, url: str) -> str:
+        """``url`` (``redis://user:pw@host:port/0``...) pointed at this relay, the rest kept."""
+        parts = urllib.parse.urlsplit(url)
+        userinfo, _, _ = parts.netloc.rpartition("@")
+        netloc = f"{userinfo}@{self.address}" if userinfo else self.address
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
     # ---- hooks -------------------------------------------------------------------------
+
+    def admit(self, client: socket.socket) -> bool:
+        """A client connected: relay it (True, the default), or not (False: the hook keeps
+        or closes ``client`` itself - a dependency that is down, or one that hangs)."""
+        return True
 
     def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
         """A chunk the client sent: pass it to the server (override to watch or steer)."""
@@ -70,6 +83,8 @@ class TcpRelay:
                 client, _ = self._listener.accept()
             except OSError:
                 return   # closed
+            if not self.admit(client):
+                continue
             try:
                 upstream = socket.create_connection(self.target)
             except OSError:
@@ -114,17 +129,30 @@ class TcpRelay:
             time.sleep(0.01)
         return False
 
+    def cut(self) -> None:
+        """Break every connection relayed so far, both ways, as an outage does."""
+        with self.lock:
+            links = list(self.links)
+        for link in links:
+            self.shut(link.client)
+            self.shut(link.upstream)
+
+    @staticmethod
+    def shut(sock: socket.socket) -> None:
+        """End ``sock`` both ways and close it (a peer blocked on it wakes up)."""
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
     def close(self) -> None:
         try:   # wakes the accept() thread (Linux)
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._listener.close()
-        with self.lock:
-            links = list(self.links)
-        for link in links:
-            link.client.close()
-            link.upstream.close()
+        self.cut()
 
     def __enter__(self) -> TcpRelay:
         return self

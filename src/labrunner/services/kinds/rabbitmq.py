@@ -30,7 +30,7 @@ MANAGEMENT_ENV = "LABRUNNER_RABBITMQ_MANAGEMENT_URL"  # http://host:15672/api (e
 ADMIN_USER, LAB_USER = "labrunner", "lab"
 # What the labs use beyond AMQP: the management API makes each test's vhost.
 PLUGINS = ("rabbitmq_management",)
-PRELOAD_FILE = "preload.eterm"   # in the private server folder: see _write_preload
+PRELOAD_FILE = "preload.eterm"   # in the private server folder: see _preload_term
 # Run first by the node's init (ERL_AFLAGS come before rabbit's own `-s rabbit boot`), in a
 # process of its own. erlexec splits ERL_AFLAGS at blanks and drops quotes: hence no blank
 # and no string in it, and the list's path comes through an environment variable.
@@ -76,7 +76,9 @@ def private_server(folder: Path, plugins: tuple[str, ...]) -> str | None:
     for name in wanted:
         app_dir = apps[name][0]
         (folder / "plugins" / app_dir.name).symlink_to(app_dir)
-    _write_preload(folder / PRELOAD_FILE, apps, plugins)
+    term = _preload_term(home / "plugins", plugins)
+    if term is not None:
+        (folder / PRELOAD_FILE).write_text(term, encoding="utf-8")
     return str(folder / "sbin" / "rabbitmq-server")
 
 
@@ -92,26 +94,27 @@ def _closure(apps: dict[str, tuple[Path, frozenset[str]]], roots: list[str]) -> 
     return wanted
 
 
-def _write_preload(target: Path, plugins_apps: dict[str, tuple[Path, frozenset[str]]],
-                   plugins: tuple[str, ...]) -> None:
+@functools.cache
+def _preload_term(plugins_folder: Path, plugins: tuple[str, ...]) -> str | None:
     """The list of every module of every application the node will run (rabbit's, the
     plugins', and the OTP ones they need: about 1,100), as an Erlang term. At boot, RabbitMQ
     loads all of them one by one, through the code server, to read their boot-step
     attributes: about 2 s of the node's 4. Given this list, the node loads them in one
     batch in the background from its first instant (``code:ensure_modules_loaded``, which
     prepares modules in parallel and never searches the path), and is ready in about 1.5 s.
-    Nothing is written when Erlang's lib folder cannot be found: the node then starts the
-    slow way."""
+    Made once per process (every node of a test worker or a grading command has the same
+    list: 40 folders listed). None when Erlang's lib folder cannot be found: the node then
+    starts the slow way."""
     erl = which("erl", "/usr/lib/erlang/bin")
     otp_lib = Path(erl).resolve().parent.parent / "lib" if erl else None
     if otp_lib is None or not otp_lib.is_dir():
-        return
-    apps = {**_applications(otp_lib), **plugins_apps}
+        return None
+    apps = {**_applications(otp_lib), **_applications(plugins_folder)}
     wanted = _closure(apps, ["kernel", "stdlib", "sasl", "rabbit", "rabbitmq_prelaunch",
                              *plugins])
     modules = sorted({beam.stem for name in wanted
                       for beam in (apps[name][0] / "ebin").glob("*.beam")})
-    target.write_text("[" + ",".join(f"'{m}'" for m in modules) + "].\n", encoding="utf-8")
+    return "[" + ",".join(f"'{m}'" for m in modules) + "].\n"
 
 
 _APP_DEPENDENCIES = re.compile(r"\{\s*(?:included_)?applications\s*,\s*\[([^\]]*)\]")
