@@ -369,13 +369,15 @@ run_tests() {
     done
     if [ ${#phases[@]} -gt 0 ]; then
         log "labrunner run ${phases[*]} --solutions --backend docker"
-        (cd "$ROOT" && labrunner run "${phases[@]}" --solutions --backend docker \
+        # Three labs at a time: a lab mostly waits on its containers (labs that restart a
+        # service still run alone), and this is the one place `run --jobs` meets an engine.
+        (cd "$ROOT" && labrunner run "${phases[@]}" --solutions --backend docker --jobs 3 \
             --json "$OUT_DIR/docker-backend.json" --junit "$OUT_DIR/docker-backend.xml") || status=$?
         log "phases on the docker backend: exit $status in $(elapsed $start)"
         start=$SECONDS
         log "labrunner run ${phases[*]} --starters --expect-fail --backend docker"
         (cd "$ROOT" && labrunner run "${phases[@]}" --starters --expect-fail --backend docker \
-            --json "$OUT_DIR/docker-starters.json") || status=$?
+            --jobs 3 --json "$OUT_DIR/docker-starters.json") || status=$?
         log "starters on the docker backend (all must fail): exit $status in $(elapsed $start)"
     fi
     start=$SECONDS
@@ -394,7 +396,7 @@ run_in_image() {
     # No network at all: the image must hold everything the local backend needs.
     docker run --rm --network none --label labrunner=1 --label labrunner.role=ci \
         -e LABRUNNER_BACKEND=local "$LABRUNNER_IMAGE" \
-        run $IN_IMAGE_SELECTORS --solutions --backend local || status=$?
+        run $IN_IMAGE_SELECTORS --solutions --backend local --jobs 2 || status=$?
     log "in-image run: exit $status in $(elapsed $start)"
     return $status
 }
