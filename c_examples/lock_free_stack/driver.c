@@ -203,26 +203,18 @@ static int scripted(int scenario) {
     node_t *returned = NULL;
     other_count = 0;
     strcpy(other_log, "nothing (your operation never read a node's next pointer)");
-    if (scenario == ABA) {
+    /* The pop scenarios: one pop from "ABC" with the scenario's interleaving armed, and
+     * what the stack must hold afterwards. */
+    static const struct { int scenario; const char *name, *expected; } pops[] = {
+        {ABA, "aba", "ABC"}, {ABA_WRAP, "aba_wrap", "ABCE"}, {POP_RACE, "pop_race", "ABCD"},
+    };
+    for (size_t i = 0; i < sizeof pops / sizeof pops[0]; i++) {
+        if (pops[i].scenario != scenario) continue;
         fresh("ABC");
-        armed = ABA, armed_on_write = 0;
+        armed = scenario, armed_on_write = 0;
         returned = stack_pop(S);
         drain(left);
-        return account("aba", "ABC", returned, left);
-    }
-    if (scenario == ABA_WRAP) {
-        fresh("ABC");
-        armed = ABA_WRAP, armed_on_write = 0;
-        returned = stack_pop(S);
-        drain(left);
-        return account("aba_wrap", "ABCE", returned, left);
-    }
-    if (scenario == POP_RACE) {
-        fresh("ABC");
-        armed = POP_RACE, armed_on_write = 0;
-        returned = stack_pop(S);
-        drain(left);
-        return account("pop_race", "ABCD", returned, left);
+        return account(pops[i].name, pops[i].expected, returned, left);
     }
     fresh("AB");
     armed = PUSH_RACE, armed_on_write = 1;

@@ -304,26 +304,17 @@ def test_redis_down_then_both_then_back(host: str, deps: Deps) -> None:
 
 
 def test_a_hung_dependency_is_a_quick_503(host: str, deps: Deps) -> None:
-    proxy = deps.redis
     expect(host, "/health/ready", 200, "before the outage", "both dependencies answer")
-    proxy.set("hang")
-    situation = "Redis accepting connections but never answering"
-    body = expect(host, "/health/ready", 503, situation,
-                  "a dependency that does not answer within the check's timeout is down",
-                  budget=HUNG_BUDGET)
-    names(body, "redis", situation)
-    expect(host, "/health/live", 200, situation, LIVE_WHY)
-    proxy.set("up")
-    wait_ready(host, "Redis answering again")
-    deps.pg.set("hang")
-    situation = "Postgres accepting connections but never answering"
-    body = expect(host, "/health/ready", 503, situation,
-                  "a dependency that does not answer within the check's timeout is down",
-                  budget=HUNG_BUDGET)
-    names(body, "postgres", situation)
-    expect(host, "/health/live", 200, situation, LIVE_WHY)
-    deps.pg.set("up")
-    wait_ready(host, "Postgres answering again")
+    for proxy, name, label in ((deps.redis, "redis", "Redis"), (deps.pg, "postgres", "Postgres")):
+        proxy.set("hang")
+        situation = f"{label} accepting connections but never answering"
+        body = expect(host, "/health/ready", 503, situation,
+                      "a dependency that does not answer within the check's timeout is down",
+                      budget=HUNG_BUDGET)
+        names(body, name, situation)
+        expect(host, "/health/live", 200, situation, LIVE_WHY)
+        proxy.set("up")
+        wait_ready(host, f"{label} answering again")
 
 
 def test_starts_while_dependencies_are_down(learner: Any, deps: Deps) -> None:
