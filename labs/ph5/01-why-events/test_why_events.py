@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
+
+from labrunner.testing.kafka import read_all
 
 GROUPS = ("billing", "shipping", "analytics")
 
@@ -25,25 +27,8 @@ def make_orders(start: int, count: int) -> list[dict[str, Any]]:
 def read_log(kafka: Any, topic: str) -> list[dict[str, Any]]:
     """Every record the broker holds for ``topic``, read with the test's own consumer
     (assigned partitions, no group membership, no commits)."""
-    meta = kafka.admin().list_topics(topic, timeout=10).topics[topic]
-    consumer = Consumer(kafka.consumer_config("test-reader", **{
-        "enable.auto.commit": False, "enable.partition.eof": True}))
-    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
-    records: list[dict[str, Any]] = []
-    at_end: set[int] = set()
-    try:
-        while len(at_end) < len(meta.partitions):
-            msg = consumer.poll(10)
-            assert msg is not None, f"reading {topic} back timed out"
-            if msg.error():
-                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
-                at_end.add(msg.partition())
-                continue
-            records.append({"partition": msg.partition(), "offset": msg.offset(),
-                            "key": msg.key(), "event": json.loads(msg.value())})
-    finally:
-        consumer.close()
-    return records
+    return [{"partition": r.partition, "offset": r.offset, "key": r.key,
+             "event": json.loads(r.value or b"null")} for r in read_all(kafka, topic)]
 
 
 def groups_under(kafka: Any) -> list[str]:

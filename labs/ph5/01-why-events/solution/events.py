@@ -27,17 +27,29 @@ def order_placed(order: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_producers: dict[str, Producer] = {}
+
+
+def producer_for(bootstrap: str) -> Producer:
+    """One producer per cluster for the whole process, as the client is meant to be used:
+    it is thread-safe and long-lived. A new one per call would open its connections and,
+    being idempotent, wait for its producer id (about half a second) every time."""
+    if bootstrap not in _producers:
+        _producers[bootstrap] = Producer({
+            "bootstrap.servers": bootstrap,
+            "acks": "all",                 # acknowledged = written to the log, not just sent
+            "enable.idempotence": True,    # a retried send is not stored twice
+            "linger.ms": 5,
+        })
+    return _producers[bootstrap]
+
+
 def publish_orders(bootstrap: str, topic: str,
                    orders: list[dict[str, Any]]) -> list[tuple[int, int]]:
     """Publish one OrderPlaced event per order, keyed by order id. Return the (partition,
     offset) the broker gave each event, in the order of ``orders``, once every event is
     acknowledged. No consumer is involved: the broker stores the events for whoever comes."""
-    producer = Producer({
-        "bootstrap.servers": bootstrap,
-        "acks": "all",                 # acknowledged = written to the log, not just sent
-        "enable.idempotence": True,    # a retried send is not stored twice
-        "linger.ms": 5,
-    })
+    producer = producer_for(bootstrap)
     placed: list[tuple[int, int] | None] = [None] * len(orders)
     errors: list[str] = []
 
