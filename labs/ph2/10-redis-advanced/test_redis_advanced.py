@@ -166,29 +166,35 @@ def test_window_starts_at_the_first_call(learner: Any, redis_db: Any) -> None:
     """A fixed window starts at the key's first call: a clock boundary (time // window)
     passing inside it must not open a new one. The first call is made in the middle of a
     clock-aligned period and the second just after that period ends, both well inside the
-    window (1.5 s on either side of the edges)."""
-    window = 3
-    limiter = limiter_class(learner)(redis_db.url, limit=1, window_seconds=window)
+    window (half a window on either side of the edges). A machine too slow to make the
+    second call inside the window judges nothing, so the test tries again with a window
+    twice as long (3, 6, then 12 s): a slow machine costs time, never the verdict."""
+    for attempt, window in enumerate((3, 6, 12)):
+        limiter = limiter_class(learner)(redis_db.url, limit=1, window_seconds=window)
+        key = f"edge-{attempt}"
 
-    def phase() -> float:
-        return time.time() % window
+        def phase(window: int = window) -> float:
+            return time.time() % window
 
-    while not 1.4 <= phase() < 1.6:
-        time.sleep(0.01)
-    first_at = time.time()
-    assert limiter.allow("edge") is True, "the first call of a window must be allowed"
-    period = int(first_at) // window
-    while int(time.time()) // window == period:
-        time.sleep(0.01)
-    second_at = time.time()
-    allowed = limiter.allow("edge")
-    if time.time() - first_at < window - 0.3:  # the check is meaningful only inside the window
+        while not window / 2 - 0.1 <= phase() < window / 2 + 0.1:
+            time.sleep(0.01)
+        first_at = time.time()
+        assert limiter.allow(key) is True, "the first call of a window must be allowed"
+        period = int(first_at) // window
+        while int(time.time()) // window == period:
+            time.sleep(0.01)
+        second_at = time.time()
+        allowed = limiter.allow(key)
+        if time.time() - first_at >= window - 0.3:
+            continue  # the second call may have come after the real window: judge nothing
         assert allowed is False, (
             f"limit 1 per {window} s: a second call {second_at - first_at:.1f} s after the "
             f"first was allowed, just after the clock passed a multiple of {window} s: the "
             "window restarted at a clock boundary (a key or count per time // window) - "
             "the README's window starts at the key's first call: one counter key per key, "
             "whose EXPIRE, set when INCR returns 1, ends the window")
+        return
+    pytest.skip("the machine was too slow to make a second call inside a 12 s window")
 
 
 def test_pubsub_fans_out_to_every_subscriber(learner: Any, redis_db: Any) -> None:
