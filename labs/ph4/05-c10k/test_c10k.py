@@ -397,9 +397,18 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
 
     threading.Thread(target=send_all, daemon=True).start()
     deadline = time.monotonic() + READY
+    stalled, last_rx = 0, None
     while not sent.is_set() and time.monotonic() < deadline:
         side = bulk.server_side()   # until the server's buffers toward it are full
         if side is not None and side.tx_queue and not side.rx_queue:
+            break
+        # ... or until the server stopped reading it with its send buffer full (a second
+        # without a byte of its receive queue taken): the loop is stuck in that send, which
+        # the echo below then names, instead of waiting here for the full READY.
+        stalled = stalled + 1 if side is not None and side.tx_queue and \
+            side.rx_queue and side.rx_queue == last_rx else 0
+        last_rx = side.rx_queue if side is not None else None
+        if stalled * POLL >= 1.0:
             break
         time.sleep(POLL)
     b = Conn(server, f"a client connected while another sent {BULK >> 20} MiB")
