@@ -4,15 +4,25 @@
  *   lock_free_stack aba          the ABA interleaving, replayed inside the learner's pop
  *   lock_free_stack pop_race     a push lands between pop's read of the head and its CAS
  *   lock_free_stack push_race    a pop lands between push's read of the head and its CAS
+ *   lock_free_stack pop_last     the stack holds one node; another pop takes it between
+ *                                pop's read of the head (not empty) and its CAS
  *   lock_free_stack aba_wrap     ABA again, with 256 successful CASes in between (a tag
  *                                of 8 bits or fewer - the pointer's alignment bits - wraps)
+ *   lock_free_stack aba_at_cas   ABA again, landing right before pop's CAS: after every
+ *                                check pop makes (a tag kept in a word of its own and
+ *                                checked before a pointer-only CAS does not see it)
  *   lock_free_stack free         stack_free on a stack that still holds (static) nodes
  *   lock_free_stack stress N     4 threads x N rounds of pop, pop, push, push over 64 nodes
  *
  * The scripted scenarios run on one thread: stack_interleave_point() (called by
  * node_next()/node_set_next() in the middle of the learner's operation) runs "the other
  * thread's" operations right there, so the interleaving happens every time, not by luck.
- * Each prints "ok ..." and exits 0, or prints "FAIL <what was seen>" and exits 1.
+ * The moment right before a compare-and-swap is reached the same way: ThreadSanitizer's
+ * instrumentation turns every CAS into a call of __tsan_atomic{64,128}_compare_exchange_*,
+ * and the build links those calls to the wrappers below (ld --wrap, see rules.mk).
+ * Each prints "ok ..." and exits 0, or prints "FAIL <what was seen>" and exits 1; a line
+ * "step ..." says when the other thread's operations are done and yours resumes (so a
+ * crash after it is known to be your operation's, on its retry).
  * Built with -fsanitize=thread: the stress run must also produce no ThreadSanitizer report.
  */
 #include <pthread.h>
@@ -39,21 +49,41 @@ static char name_of(node_t *n) {
 
 /* ---- scripted interleavings ------------------------------------------------------------ */
 
-enum { NONE, ABA, POP_RACE, PUSH_RACE, ABA_WRAP };
-static int armed = NONE;       /* the scenario waiting for its moment */
-static int armed_on_write = 0; /* the moment: node_set_next (1) or node_next (0) */
+/* What "the other thread" does when it runs in the middle of your operation. */
+enum other { ABA, ABA_WRAP, PUSH_D, POP_ONE };
+/* Where in your operation: at its node_next() (node_set_next() in a push), between its
+ * read of the head and its CAS; or right before its (first) compare-and-swap. */
+enum moment { AT_LINK, AT_CAS };
+
+/* The scripted scenarios: from the stack `start` (top first), your pop (or your push of D)
+ * runs with "the other thread's" operations landing at `moment`. Afterwards every node of
+ * `expected` must be accounted for exactly once. */
+static const struct script {
+    const char *name, *start;
+    int push;          /* your operation: push D (1) or pop (0) */
+    enum moment moment;
+    enum other other;  /* what the other thread does in its middle */
+    const char *expected;
+} scripts[] = {
+    {"pop_race", "ABC", 0, AT_LINK, PUSH_D, "ABCD"},
+    {"push_race", "AB", 1, AT_LINK, POP_ONE, "ABD"},
+    {"pop_last", "A", 0, AT_LINK, POP_ONE, "A"}, /* your retry must see NULL: empty */
+    {"aba", "ABC", 0, AT_LINK, ABA, "ABC"},
+    {"aba_wrap", "ABC", 0, AT_LINK, ABA_WRAP, "ABCE"},
+    {"aba_at_cas", "ABC", 0, AT_CAS, ABA, "ABC"},
+};
+
+static const struct script *armed; /* the scenario waiting for its moment */
 static node_t *other_holds[4]; /* nodes "the other thread" popped and still holds */
 static int other_count = 0;
 static char other_log[128];
 static atomic_int in_other;    /* 1 while "the other thread's" operations run inside yours */
 
-void stack_interleave_point(node_t *n, int writing) {
-    (void)n;
-    if (armed == NONE || writing != armed_on_write) return;
-    int scenario = armed;
-    armed = NONE; /* once; the other thread's own operations run unhooked */
+static void other_thread_runs(void) {
+    const struct script *script = armed;
+    armed = NULL; /* once; the other thread's own operations run unhooked */
     atomic_store(&in_other, 1);
-    if (scenario == ABA_WRAP) {
+    if (script->other == ABA_WRAP) {
         /* pop A, pop B, push E, 126 x (pop E, push E), push A: 256 successful CASes */
         node_t *x = stack_pop(S);
         node_t *y = stack_pop(S);
@@ -63,23 +93,65 @@ void stack_interleave_point(node_t *n, int writing) {
         other_holds[other_count++] = y;
         snprintf(other_log, sizeof other_log, "pop %c, pop %c, push E, 126 x (pop E, push E), "
                  "push %c: 256 successful CASes", name_of(x), name_of(y), name_of(x));
-    } else if (scenario == ABA) {
+    } else if (script->other == ABA) {
         node_t *x = stack_pop(S);
         node_t *y = stack_pop(S);
         stack_push(S, x);
         other_holds[other_count++] = y;
         snprintf(other_log, sizeof other_log, "pop %c, pop %c, push %c", name_of(x),
                  name_of(y), name_of(x));
-    } else if (scenario == POP_RACE) {
+    } else if (script->other == PUSH_D) {
         stack_push(S, &nodes[3]);
         snprintf(other_log, sizeof other_log, "push D");
-    } else if (scenario == PUSH_RACE) {
+    } else if (script->other == POP_ONE) {
         node_t *x = stack_pop(S);
         other_holds[other_count++] = x;
         snprintf(other_log, sizeof other_log, "pop %c", name_of(x));
     }
     atomic_store(&in_other, 0);
+    printf("step %s: the other thread did %s; your %s resumes\n", script->name, other_log,
+           script->push ? "push" : "pop");
 }
+
+void stack_interleave_point(node_t *n, int writing) {
+    (void)n;
+    if (armed != NULL && armed->moment == AT_LINK && writing == armed->push)
+        other_thread_runs();
+}
+
+static void before_cas(void) {
+    if (armed != NULL && armed->moment == AT_CAS) other_thread_runs();
+}
+
+/* The CAS wrappers (ThreadSanitizer's memory orders are an int-sized enum). */
+#define CAS_WRAPPERS(BITS, T)                                                                 \
+    int __real___tsan_atomic##BITS##_compare_exchange_strong(volatile T *, T *, T, int, int); \
+    int __real___tsan_atomic##BITS##_compare_exchange_weak(volatile T *, T *, T, int, int);   \
+    T __real___tsan_atomic##BITS##_compare_exchange_val(volatile T *, T, T, int, int);        \
+    int __wrap___tsan_atomic##BITS##_compare_exchange_strong(volatile T *a, T *c, T v,        \
+                                                             int mo, int fail_mo);            \
+    int __wrap___tsan_atomic##BITS##_compare_exchange_strong(volatile T *a, T *c, T v,        \
+                                                             int mo, int fail_mo) {           \
+        before_cas();                                                                         \
+        return __real___tsan_atomic##BITS##_compare_exchange_strong(a, c, v, mo, fail_mo);    \
+    }                                                                                         \
+    int __wrap___tsan_atomic##BITS##_compare_exchange_weak(volatile T *a, T *c, T v, int mo,  \
+                                                           int fail_mo);                      \
+    int __wrap___tsan_atomic##BITS##_compare_exchange_weak(volatile T *a, T *c, T v, int mo,  \
+                                                           int fail_mo) {                     \
+        before_cas();                                                                         \
+        return __real___tsan_atomic##BITS##_compare_exchange_weak(a, c, v, mo, fail_mo);      \
+    }                                                                                         \
+    T __wrap___tsan_atomic##BITS##_compare_exchange_val(volatile T *a, T c, T v, int mo,      \
+                                                        int fail_mo);                         \
+    T __wrap___tsan_atomic##BITS##_compare_exchange_val(volatile T *a, T c, T v, int mo,      \
+                                                        int fail_mo) {                        \
+        before_cas();                                                                         \
+        return __real___tsan_atomic##BITS##_compare_exchange_val(a, c, v, mo, fail_mo);       \
+    }
+
+CAS_WRAPPERS(64, long)
+CAS_WRAPPERS(128, __int128)
 
 /* A safety net for the scripted scenarios (each takes microseconds): if one has not
  * finished after 5 s, say where it hangs instead of leaving the test to time out. */
@@ -166,7 +238,6 @@ static int run_empty(void) {
     return 0;
 }
 
-static int scripted(int scenario);
 
 /* stack_free frees the stack only: the nodes are the caller's (here static: free() of one
  * aborts the process). */
@@ -185,42 +256,27 @@ static int run_free(void) {
     return 0;
 }
 
-static int run_scripted(int scenario) {
+static int run_scripted(const struct script *script) {
     pthread_t dog;
     if (pipe(wake) < 0 || pthread_create(&dog, NULL, watchdog, NULL) != 0) {
         puts("FAIL the driver could not start its watchdog");
         return 1;
     }
-    int failed = scripted(scenario);
-    ssize_t w = write(wake[1], "", 1);
-    (void)w;
-    pthread_join(dog, NULL);
-    return failed;
-}
-
-static int scripted(int scenario) {
     char left[32];
     node_t *returned = NULL;
     other_count = 0;
     strcpy(other_log, "nothing (your operation never read a node's next pointer)");
-    /* The pop scenarios: one pop from "ABC" with the scenario's interleaving armed, and
-     * what the stack must hold afterwards. */
-    static const struct { int scenario; const char *name, *expected; } pops[] = {
-        {ABA, "aba", "ABC"}, {ABA_WRAP, "aba_wrap", "ABCE"}, {POP_RACE, "pop_race", "ABCD"},
-    };
-    for (size_t i = 0; i < sizeof pops / sizeof pops[0]; i++) {
-        if (pops[i].scenario != scenario) continue;
-        fresh("ABC");
-        armed = scenario, armed_on_write = 0;
-        returned = stack_pop(S);
-        drain(left);
-        return account(pops[i].name, pops[i].expected, returned, left);
-    }
-    fresh("AB");
-    armed = PUSH_RACE, armed_on_write = 1;
-    stack_push(S, &nodes[3]);
+    fresh(script->start);
+    armed = script;
+    if (script->push) stack_push(S, &nodes[3]);
+    else returned = stack_pop(S);
+    armed = NULL;
     drain(left);
-    return account("push_race", "ABD", NULL, left);
+    int failed = account(script->name, script->expected, returned, left);
+    ssize_t w = write(wake[1], "", 1);
+    (void)w;
+    pthread_join(dog, NULL);
+    return failed;
 }
 
 /* ---- stress ---------------------------------------------------------------------------- */
@@ -298,13 +354,17 @@ static int run_stress(long n) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
-    if (argc < 2) { fputs("usage: lock_free_stack empty|free|aba|aba_wrap|pop_race|push_race|stress N\n", stderr); return 2; }
+    if (argc < 2) {
+        fputs("usage: lock_free_stack empty|free|stress N", stderr);
+        for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++)
+            fprintf(stderr, "|%s", scripts[i].name);
+        fputs("\n", stderr);
+        return 2;
+    }
     if (!strcmp(argv[1], "empty")) return run_empty();
     if (!strcmp(argv[1], "free")) return run_free();
-    if (!strcmp(argv[1], "aba")) return run_scripted(ABA);
-    if (!strcmp(argv[1], "pop_race")) return run_scripted(POP_RACE);
-    if (!strcmp(argv[1], "push_race")) return run_scripted(PUSH_RACE);
-    if (!strcmp(argv[1], "aba_wrap")) return run_scripted(ABA_WRAP);
+    for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++)
+        if (!strcmp(argv[1], scripts[i].name)) return run_scripted(&scripts[i]);
     if (!strcmp(argv[1], "stress") && argc > 2) return run_stress(atol(argv[2]));
     return 2;
 }
