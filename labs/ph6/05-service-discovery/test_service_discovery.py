@@ -4,19 +4,21 @@ The learner's Registry runs against the test's own Redis database; the test read
 keys itself (GET, PTTL) to see what the registry really stored. "Time passing" for a key is
 simulated with PEXPIRE (as if most of its TTL had run out), and the one real expiry waits for
 Redis itself. The instance process is the learner's registry.py, started, SIGTERMed and
-SIGKILLed by the test."""
+SIGKILLed by the test; its heartbeats are timed by Redis' own clock (MONITOR), so a gap
+longer than the TTL is seen as the expiry it is, however late the test looks."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from labrunner.testing import redis_commands, wait_until
+from labrunner.testing import redis_commands, timed_redis_commands, wait_until
 
 API = {"a1": "127.0.0.1:7001", "a2": "127.0.0.1:7002"}
 
@@ -38,20 +40,39 @@ def lookup(reg: Any, service: str) -> list[str]:
     return sorted(reg.lookup(service))
 
 
+# How a command gives the key it writes a TTL: SET's and GETEX's options (looked for from the
+# argument after the value), and the commands whose third argument is the TTL; each with its
+# milliseconds per unit and whether it is a point in time (PXAT, EXPIREAT) or a duration.
+TTL_OPTIONS = {"PX": (1, False), "EX": (1000, False), "PXAT": (1, True), "EXAT": (1000, True)}
+OPTIONS_FROM = {"SET": 3, "GETEX": 2}
+TTL_ARGUMENT = {"PSETEX": (1, False), "SETEX": (1000, False), "PEXPIRE": (1, False),
+                "EXPIRE": (1000, False), "PEXPIREAT": (1, True), "EXPIREAT": (1000, True)}
+
+
+def ttl_of(command: list[str], at: float | None = None) -> int | None:
+    """The TTL in ms `command` (run at `at`, Unix seconds) gives the key it writes, None if
+    it gives none (or a point in time, when `at` is not known)."""
+    up = [a.upper() for a in command]
+    found = [(i + 1, *TTL_OPTIONS[a]) for i, a in enumerate(up)
+             if i >= OPTIONS_FROM.get(up[0], len(up)) and a in TTL_OPTIONS]
+    if up[0] in TTL_ARGUMENT:
+        found.append((2, *TTL_ARGUMENT[up[0]]))
+    for where, scale, absolute in found:
+        if where >= len(command):
+            continue
+        if not absolute:
+            return int(float(command[where]) * scale)
+        if at is not None:
+            return int(float(command[where]) * scale - at * 1000)
+    return None
+
+
 def ttl_written(commands: list[list[str]], name: str) -> int | None:
     """The TTL in ms the last command writing key `name` gave it (None: none given)."""
     given = None
     for c in commands:
-        if c[1:2] != [name]:
-            continue
-        up = [a.upper() for a in c]
-        if c[0] == "SET":
-            given = None
-            for flag, scale in (("PX", 1), ("EX", 1000)):
-                if flag in up[3:] and up.index(flag, 3) + 1 < len(c):
-                    given = int(float(c[up.index(flag, 3) + 1]) * scale)
-        elif c[0] in ("PSETEX", "SETEX", "PEXPIRE", "EXPIRE") and len(c) > 2:
-            given = int(float(c[2]) * (1 if c[0][0] == "P" else 1000))
+        if c[1:2] == [name] and (c[0] == "SET" or ttl_of(c) is not None):
+            given = ttl_of(c)
     return given
 
 
@@ -251,8 +272,118 @@ def test_deregister_removes_one_instance_at_once(world: Any) -> None:
 def start(learner: Any, redis_db: Any, iid: str, ttl: str) -> subprocess.Popen[bytes]:
     return learner.python("registry", "--redis", redis_db.url, "--service", "pay", "--id", iid,
                           "--address", f"127.0.0.1:80{iid[-1]}", "--ttl", ttl,
-                          "--interval", "0.2", stdout=subprocess.DEVNULL,
+                          "--interval", str(INTERVAL), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
+
+
+INTERVAL = 0.2   # the --interval every process is started with
+
+
+def stopped(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def exited_early(proc: subprocess.Popen[bytes], ttl: str, when: str) -> None:
+    """Fail the test if registry.py has exited, saying how (its last line of stderr)."""
+    if proc.poll() is None:
+        return
+    err = proc.stderr.read().decode()[-800:] if proc.stderr else ""
+    last = (err.strip().splitlines() or [""])[-1]
+    hint = (": the TTL is a number of seconds that may have a fraction (type=float)"
+            if "." in ttl and "--ttl" in last else "")
+    pytest.fail(f"registry.py --ttl {ttl} exited with {proc.returncode} {when} ({last}){hint}"
+                f"\n{err}")
+
+
+def wait_registered(proc: subprocess.Popen[bytes], r: Any, iid: str, ttl: str) -> None:
+    wait_until(lambda: exited_early(proc, ttl, "before registering") or bool(
+        r.exists(key("pay", iid))), f"registry.py to register pay/{iid}")
+
+
+def renewals(seen: list[tuple[float, list[str]]], name: str) -> list[tuple[float, int]]:
+    """(server time, TTL in ms) of each write that gave key `name` a TTL, in order."""
+    return [(at, ttl) for at, c in list(seen)
+            if c[1:2] == [name] and (ttl := ttl_of(c, at)) is not None]
+
+
+def lapse(writes: list[tuple[float, int]], until: float | None = None) -> int | None:
+    """The first write whose TTL ran out before the next write came (or, for the last one,
+    before `until`), if any."""
+    ends = [then for then, _ in writes[1:]] + ([until] if until is not None else [])
+    return next((i for i, ((at, ttl), end) in enumerate(zip(writes, ends, strict=False))
+                 if (end - at) * 1000 >= ttl), None)
+
+
+def watch_renewals(proc: subprocess.Popen[bytes], r: Any, name: str, ttl: str,
+                   seen: list[tuple[float, list[str]]], wanted: int = 2) -> None:
+    """Return once `name` has been renewed `wanted` times, or has lapsed: a write came after
+    the previous one's TTL ran out, or the key is gone (then wait up to two TTLs more for
+    the write that brings it back, to say how far apart they were)."""
+    deadline = time.monotonic() + 3 * float(ttl) + 1
+    gone_since = None
+    while time.monotonic() < deadline:
+        exited_early(proc, ttl, "while its registration was watched")
+        writes = renewals(seen, name)
+        if len(writes) > wanted or lapse(writes) is not None:
+            return
+        if gone_since is None and not r.exists(name):
+            gone_since = time.monotonic()
+        if gone_since is not None and time.monotonic() - gone_since > 2 * float(ttl):
+            return
+        time.sleep(0.01)
+
+
+def lapse_message(writes: list[tuple[float, int]], until: float, name: str, ttl: str
+                  ) -> str | None:
+    """What the writes of `name` say about a registration that expired while its process was
+    alive, watched until `until` (None: it never did)."""
+    want = int(float(ttl) * 1000)
+    i = lapse(writes, until)
+    if i is None:
+        return None
+    at, given = writes[i]
+    expired = (at - writes[0][0]) * 1000 + given
+    gap = (writes[i + 1][0] - at) * 1000 if i + 1 < len(writes) else None
+    when = (f"between two writes of the key {gap:.0f} ms apart, the first giving it a TTL of "
+            f"{given} ms" if gap is not None else
+            f"{given} ms after its last write, and no renewal came in "
+            f"{(until - at) * 1000 - given:.0f} ms more")
+    why = (f"the heartbeat renews it with a TTL of {given} ms, not --ttl's {want} ms (was "
+           "--interval passed as the TTL?): renew with the instance's TTL, every --interval "
+           "seconds" if given < want * 0.9 else
+           f"the process sent no heartbeat at all in {(until - at):.1f} s: renew every "
+           "--interval seconds (in seconds, like --ttl)" if len(writes) == 1 else
+           f"renew well within the TTL - every --interval ({INTERVAL * 1000:.0f} ms here; "
+           "a third of the TTL or less in general), not every TTL: a heartbeat a little late "
+           "and clients lose a live instance")
+    return (f"{name} (registry.py --ttl {ttl} --interval {INTERVAL}) expired while its "
+            f"process was alive, {expired:.0f} ms after registering, {when}: {why}")
+
+
+def test_the_instance_process_renews_well_within_its_ttl(learner: Any, redis_db: Any
+                                                          ) -> None:
+    """Every write of the key, with its time by Redis' own clock (MONITOR), so the gaps are
+    measured where the TTL runs out; then a SIGKILLed process's registration expires."""
+    r = redis_db.client(decode_responses=True)
+    name, ttl = key("pay", "p2"), "1.5"
+    with timed_redis_commands(redis_db) as seen:
+        crashed = start(learner, redis_db, "p2", ttl)
+        try:
+            wait_registered(crashed, r, "p2", ttl)
+            watch_renewals(crashed, r, name, ttl, seen)
+            seconds, micros = r.time()   # Redis' clock, as the writes' times: still alive
+            until = seconds + micros / 1e6
+        finally:
+            stopped(crashed)
+    writes = renewals(seen, name)
+    message = lapse_message(writes, until, name, ttl)
+    assert message is None, f"{message} (writes at ms after registering, TTL: " + ", ".join(
+        f"{(at - writes[0][0]) * 1000:.0f}: {given}" for at, given in writes[:6]) + ")"
+    wait_until(lambda: not r.exists(name),
+               "pay/p2, SIGKILLed (no chance to deregister), to expire with its 1.5 s TTL")
+    r.close()
 
 
 def test_the_instance_process_heartbeats_and_deregisters_on_sigterm(
@@ -260,14 +391,7 @@ def test_the_instance_process_heartbeats_and_deregisters_on_sigterm(
     r = redis_db.client(decode_responses=True)
     proc = start(learner, redis_db, "p1", "30")
     try:
-        def registered() -> bool:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode()[-800:] if proc.stderr else ""
-                pytest.fail(f"registry.py exited with {proc.returncode} before registering: "
-                            f"{err}")
-            return bool(r.exists(key("pay", "p1")))
-
-        wait_until(registered, "registry.py to register pay/p1")
+        wait_registered(proc, r, "p1", "30")
         r.pexpire(key("pay", "p1"), 3000)
         wait_until(lambda: r.pttl(key("pay", "p1")) > 20_000,
                    "registry.py's heartbeats (--interval 0.2) to renew the TTL of pay/p1")
@@ -283,27 +407,5 @@ def test_the_instance_process_heartbeats_and_deregisters_on_sigterm(
             "process with SIGTERM; without a handler clients keep being sent to it until "
             "the TTL runs out")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    crashed = start(learner, redis_db, "p2", "1.5")
-    try:
-        def up() -> bool:
-            if crashed.poll() is not None:
-                err = crashed.stderr.read().decode()[-600:] if crashed.stderr else ""
-                last = err.strip().splitlines()[-1:] or [""]
-                pytest.fail(f"registry.py --ttl 1.5 exited with {crashed.returncode} before "
-                            f"registering ({last[0]}): the TTL is a number of seconds that "
-                            f"may have a fraction (type=float)\n{err}")
-            return bool(r.exists(key("pay", "p2")))
-
-        wait_until(up, "registry.py to register pay/p2")
-        crashed.kill()
-        crashed.wait()
-        wait_until(lambda: not r.exists(key("pay", "p2")),
-                   "pay/p2, SIGKILLed (no chance to deregister), to expire with its 1 s TTL")
-    finally:
-        if crashed.poll() is None:
-            crashed.kill()
-            crashed.wait()
+        stopped(proc)
         r.close()

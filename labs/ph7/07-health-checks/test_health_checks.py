@@ -4,9 +4,11 @@ The learner's app runs behind a real HTTP server with the test's own Postgres da
 Redis db. The outages are real: the runner's Postgres server is stopped and started again
 (postgres.stop()/start(), so the lab is exclusive), and Redis is reached through the test's
 TCP proxy, which can refuse connections (down) or accept them and never answer (a hung
-dependency) and cut the connections it relays. Through each outage /health/live must stay
-200 and /health/ready must answer 503 naming the dependency, quickly; when the dependency
-is back, /health/ready must return to 200 by itself.
+dependency) and cut the connections it relays; Postgres is reached through one too, whose
+cut breaks the connections the app holds while the server stays up. Through each outage
+/health/live must stay 200 and /health/ready must answer 503 naming the dependency,
+quickly; when the dependency is back (or only a connection broke), /health/ready must
+return to 200 by itself.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class TcpProxy(TcpRelay):
     def reached(self) -> int:
         with self.lock:
             return self.accepted + self.sent
+
+    def connections(self) -> tuple[int, int]:
+        """(connections accepted so far, those of them still open)."""
+        with self.lock:
+            return self.accepted, sum(1 for link in self.links if link.ends < 2)
 
     def admit(self, client: socket.socket) -> bool:
         with self.lock:
@@ -218,15 +225,23 @@ def names(body: Any, dependency: str, situation: str) -> None:
     reported(body, {dependency}, other, situation)
 
 
-def wait_ready(host: str, situation: str) -> None:
-    deadline = time.monotonic() + 20
+def answers_until_ready(host: str, budget: float) -> tuple[list[int], Any]:
+    """Probe /health/ready until it answers 200 or ``budget`` seconds have gone: the
+    statuses seen, and the last body."""
+    deadline = time.monotonic() + budget
     seen: list[int] = []
-    while time.monotonic() < deadline:
+    while True:
         status, body, _ = probe(host, "/health/ready")
         seen.append(status)
-        if status == 200:
-            return
+        if status == 200 or time.monotonic() > deadline:
+            return seen, body
         time.sleep(0.05)
+
+
+def wait_ready(host: str, situation: str) -> None:
+    seen, body = answers_until_ready(host, 20)
+    if seen[-1] == 200:
+        return
     pytest.fail(f"{situation}: /health/ready never returned to 200 within 20 s (last "
                 f"answers {seen[-3:]}, body {body})\nReadiness must recover by itself: a "
                 "connection opened at start-up is broken by the outage; open one per check "
@@ -260,6 +275,45 @@ def test_baseline(host: str, deps: Deps) -> None:
             "remembered (or never checked), expected every probe to check again - a cached "
             "'ready' keeps sending traffic to an instance whose database went down a moment "
             "ago")
+
+
+RECONNECT_BUDGET = 5.0   # seconds readiness may take to replace a broken connection
+# (dependency, its label, how a check gets a connection that survives one breaking)
+RECONNECTS = (
+    ("postgres", "Postgres", "open a connection per check (psycopg.connect(...) in a with "
+     "block, with its timeouts), or use a pool that replaces broken connections"),
+    ("redis", "Redis", "keep a redis.Redis client (its connection pool drops a broken "
+     "connection and connects again), not one socket opened once"),
+)
+
+
+def test_readiness_reconnects_when_its_connection_breaks(host: str, deps: Deps) -> None:
+    """Each dependency stays up, but the connections the app has open to it are cut (what a
+    server restart, a failover or a firewall's idle timeout does to them): the next probes
+    must find their way back to 200 by themselves, quickly."""
+    for name, label, fix in RECONNECTS:
+        proxy = deps.proxies[name]
+        expect(host, "/health/ready", 200, f"before the app's {label} connections are cut",
+               "both dependencies answer")
+        accepted, held = proxy.connections()
+        proxy.cut()
+        seen, body = answers_until_ready(host, RECONNECT_BUDGET)
+        if seen[-1] == 200:
+            continue
+        opened = proxy.connections()[0] - accepted
+        situation = f"{label} up, the app's {held} open connection(s) to it cut by the test"
+        answered = "/".join(str(status) for status in sorted(set(seen)))
+        if opened == 0:
+            pytest.fail(f"{situation}: /health/ready answered {answered} to all {len(seen)} "
+                        f"probes in {RECONNECT_BUDGET:.0f} s ({body}) and opened no new "
+                        f"connection to {label}, expected 200 again at once ({label} itself "
+                        "is up): the readiness check reuses one connection opened earlier (at "
+                        "start-up, or at its first check) and never reconnects after it broke "
+                        f"- {fix}", pytrace=False)
+        pytest.fail(f"{situation}: /health/ready still answered {seen[-1]} {body} after "
+                    f"{RECONNECT_BUDGET:.0f} s ({len(seen)} probes, {opened} new connection(s) "
+                    f"to {label}), expected 200: {label} is up and accepts new connections",
+                    pytrace=False)
 
 
 def test_postgres_stopped_and_started(host: str, postgres: Any) -> None:

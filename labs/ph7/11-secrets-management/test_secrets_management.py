@@ -8,7 +8,8 @@
    and line, and no look-alike flagged.
 2. The learner's Config runs on files laid out as Kubernetes mounts a Secret (a ..data
    symlink swapped atomically on rotation), with the test's clock: values with their
-   trailing newline stripped, fail-fast errors, the rotated secret picked up after the TTL;
+   trailing newline stripped, fail-fast errors, the rotated secret picked up after the TTL
+   whether the file was rewritten in place, replaced by rename or swapped by the kubelet;
    and no secret value in its log file, its repr or any error message.
 """
 
@@ -347,24 +348,85 @@ def test_config_from_env_and_files_fails_fast(setup: Any) -> None:
                 "and crash reports.")
 
 
+def rewrite_in_place(folder: Path, version: str, value: str) -> None:
+    """The same file (inode) given new content, as `echo new > file` does."""
+    with open(folder / "db_password", "r+", encoding="utf-8") as file:
+        file.truncate(0)
+        file.write(value)
+
+
+def replace_by_rename(folder: Path, version: str, value: str) -> None:
+    """A new file written beside the old one and renamed over it: readers see the old or the
+    new secret, never half of one. The path now names a new file; the old one lives on,
+    unlinked, for whoever still holds it open."""
+    current = Path(os.path.realpath(folder / "db_password"))
+    fresh = current.with_name(".db_password.new")
+    fresh.write_text(value)
+    os.chmod(fresh, 0o644)
+    os.replace(fresh, current)
+
+
+def kubelet_swap(folder: Path, version: str, value: str) -> None:
+    k8s_secret(folder, version, {"db_password": value})
+
+
+# Each way a secret file is rotated, in this order; which of them a Config picks up tells
+# how it reads the file (see stale_because).
+IN_PLACE, RENAMED, KUBELET = (
+    "rewritten in place (the same file, new content)",
+    "replaced by rename (a new file written beside it and renamed over it, the atomic way "
+    "to rotate)",
+    "rotated by the kubelet (a new version folder, the ..data symlink swapped, the old "
+    "folder removed)")
+ROTATIONS = ((IN_PLACE, rewrite_in_place), (RENAMED, replace_by_rename),
+             (KUBELET, kubelet_swap))
+
+
+def stale_because(picked_up: dict[str, bool]) -> str:
+    """Why a Config returned an old secret after a rotation, from which rotations it picked
+    up: each way of reading misses rotations of its own."""
+    if picked_up[IN_PLACE] and not picked_up[RENAMED]:
+        return ("the same file rewritten in place was picked up, yet not a new file renamed "
+                "over it: the re-read goes through a file descriptor kept open (seek(0) and "
+                "read), which still points at the OLD file - a rename gives the path a new "
+                "file, and the old one lives on, unlinked, for whoever holds it open. Reopen "
+                "the path on each re-read (Path(file).read_text()); Kubernetes rotates by "
+                "swapping a ..data symlink, so a kept descriptor never sees a new secret")
+    if not picked_up[IN_PLACE] and (picked_up[RENAMED] or picked_up[KUBELET]):
+        return ("a new file renamed over it was picked up, yet not the same file rewritten "
+                "in place: the secret is re-read only when the path names another file "
+                "(another inode) - re-read the content whenever the TTL has passed, "
+                "whatever file it is")
+    if not picked_up[IN_PLACE]:
+        return ("no rotation was picked up, however it was done: re-read the file when the "
+                "cached value is older than the TTL (by the clock Config was given, not "
+                "time.time()), by path - a value read once at start keeps the old secret "
+                "until a restart")
+    return ("the kubelet's swap of the ..data symlink was missed: open the path you were "
+            "given (NAME_FILE) on each re-read, not the file it led to at start")
+
+
 def test_rotation_is_picked_up_after_the_ttl(setup: Any) -> None:
     module, folder, log = setup
     k8s_secret(folder, "2026_01_01", {"db_password": V1 + "\n"})
     clock = Clock()
     config = make_config(module, base_env(folder), clock, log, ttl=60.0)
     assert config.get("DB_PASSWORD") == V1, "DB_PASSWORD before the rotation"
-    k8s_secret(folder, "2026_02_01", {"db_password": V2 + "\n"})  # the kubelet's swap
-    clock.now += 61
-    got = get_after_rotation(config, "DB_PASSWORD")
-    assert got == V2, (
-        f"61 s (ttl 60) after the secret file was rotated, DB_PASSWORD is still "
-        f"{'the old value' if got == V1 else repr(got)}, expected the new one\nRotation "
-        "without restart: re-read the file when the cached value is older than the TTL (by "
-        "the clock Config was given, not time.time()), by path (open it again): Kubernetes "
-        "swaps the ..data symlink, so a descriptor kept "
-        "open, or a value read once at start, keeps the old secret forever.")
+    values, got, picked_up = [V1], {}, {}
+    for month, (how, rotate) in enumerate(ROTATIONS, 2):
+        values.append(rand(20))
+        rotate(folder, f"2026_{month:02}_01", values[-1] + "\n")
+        clock.now += 61
+        got[how] = get_after_rotation(config, "DB_PASSWORD")
+        picked_up[how] = got[how] == values[-1]
+    for how, value in got.items():
+        assert picked_up[how], (
+            f"61 s (ttl 60) after the secret file was {how}, DB_PASSWORD is still "
+            + (f"an old value, expected the new one: {stale_because(picked_up)}"
+               if value in values else f"{value!r}, expected the new one: read the file's "
+               "whole content, its trailing newline stripped"))
     clock.now += 500
-    assert get_after_rotation(config, "DB_PASSWORD") == V2, "DB_PASSWORD later on"
+    assert get_after_rotation(config, "DB_PASSWORD") == values[-1], "DB_PASSWORD later on"
 
 
 def test_no_secret_in_logs_or_repr(setup: Any) -> None:

@@ -9,7 +9,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   ``127.0.0.1:0``, and :func:`http_request` sends it one real request with ``http.client``
   (an :class:`HttpReply` comes back);
 * :func:`redis_commands` records, with ``MONITOR``, the commands executed in the test's own
-  Redis database while a block runs;
+  Redis database while a block runs (:func:`timed_redis_commands`: with the server's time
+  of each);
 * :class:`PgStatementProxy` is a TCP proxy in front of Postgres that reads the frontend
   protocol and records every statement clients ask the server to run, so a verification can
   count queries on the wire instead of trusting the learner's code;
@@ -60,7 +61,7 @@ from .http import HttpReply, call, http_request, serve_wsgi
 from .kafka import KafkaRecord, read_all
 from .kafka_proxy import API_NAMES, KafkaEvent, KafkaProxy, KafkaRequest
 from .pg import TRANSACTION_CONTROL, PgStatementProxy
-from .redis import CONNECTION_SETUP, redis_commands
+from .redis import CONNECTION_SETUP, redis_commands, timed_redis_commands
 from .relay import RelayLink, TcpRelay
 from .signals import objects_alive, signals_caught
 from .tls import TlsOnce, serve_tls_once, tls_exchange
@@ -102,6 +103,7 @@ __all__ = [
     "signals_caught",
     "tcp_sockets",
     "threads_waiting_in",
+    "timed_redis_commands",
     "tls_exchange",
     "verdict",
     "wait_until",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -14,7 +14,7 @@ import pytest
 if TYPE_CHECKING:
     from ..services.kinds.redis import RedisDB
 
-_MONITOR_LINE = re.compile(r"^\S+ \[(\d+) (\S*)\] (.*)$")
+_MONITOR_LINE = re.compile(r"^(\S+) \[(\d+) (\S*)\] (.*)$")
 _MONITOR_ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
 # What a new connection sends before its first command: not the learner's commands.
 CONNECTION_SETUP = frozenset({"SELECT", "HELLO", "AUTH", "CLIENT", "PING"})
@@ -42,11 +42,23 @@ def redis_commands(redis_db: RedisDB | Any, *, with_source: bool = False
     MONITOR streams every command the server executes, in order, each line naming its
     database; a marker command the test sends after the block tells the reader it has seen
     everything up to there, so the list is complete when the block has ended."""
-    return _monitor(redis_db, with_source)
+    return _monitor(redis_db, lambda at, source, command: (
+        (source, command) if with_source else command))
+
+
+def timed_redis_commands(redis_db: RedisDB | Any
+                         ) -> AbstractContextManager[list[tuple[float, list[str]]]]:
+    """:func:`redis_commands` with the time each command ran, by the server's clock (Unix
+    seconds, to the microsecond): ``(at, [NAME, arg, ...])``. The list fills as commands
+    arrive (a test may poll it inside the block) and is complete when the block has ended.
+    For the cadence of what a process writes (heartbeats against a TTL, ph6.5), measured
+    where the TTL runs, so a test that is itself slow to look does not skew it."""
+    return _monitor(redis_db, lambda at, source, command: (at, command))
 
 
 @contextmanager
-def _monitor(redis_db: Any, with_source: bool) -> Iterator[list[Any]]:
+def _monitor(redis_db: Any, shape: Callable[[float, str, list[str]], Any]
+             ) -> Iterator[list[Any]]:
     commands: list[Any] = []
     marker = f"labrunner-end-{uuid.uuid4().hex}"
     # MONITOR is the admin's (the lab's own user may not run it: it sees every database).
@@ -62,14 +74,14 @@ def _monitor(redis_db: Any, with_source: bool) -> Iterator[list[Any]]:
             raw = conn.read_response()
             line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
             match = _MONITOR_LINE.match(line)
-            if not match or int(match.group(1)) != redis_db.db:
+            if not match or int(match.group(2)) != redis_db.db:
                 continue
-            args = [a.replace('\\"', '"') for a in _MONITOR_ARG.findall(match.group(3))]
+            args = [a.replace('\\"', '"') for a in _MONITOR_ARG.findall(match.group(4))]
             if args and args[-1] == marker:
                 return
             if args and args[0].upper() not in CONNECTION_SETUP:
                 command = [args[0].upper(), *args[1:]]
-                commands.append((match.group(2), command) if with_source else command)
+                commands.append(shape(float(match.group(1)), match.group(3), command))
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
