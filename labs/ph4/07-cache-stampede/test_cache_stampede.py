@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import math
 import threading
-import urllib.parse
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from labrunner.testing import RelayLink, TcpRelay, redis_commands
+from labrunner.testing import redis_commands, redis_gate
 
 CALLERS = 50
 
@@ -34,57 +31,6 @@ def stampede(learner: Any) -> ModuleType:
         if not callable(getattr(module, name, None)):
             pytest.fail(f"stampede.py: define {name}() (see the README)", pytrace=False)
     return module
-
-
-def _resp_command(buf: bytes) -> tuple[list[bytes], int] | None:
-    """One RESP command (an array of bulk strings) from the start of buf, and its length."""
-    if not buf.startswith(b"*"):
-        return None
-    end = buf.find(b"\r\n")
-    if end < 0:
-        return None
-    count, pos, parts = int(buf[1:end]), end + 2, []
-    for _ in range(count):
-        end = buf.find(b"\r\n", pos)
-        if end < 0 or buf[pos:pos + 1] != b"$":
-            return None
-        size = int(buf[pos + 1:end])
-        if len(buf) < end + 2 + size + 2:
-            return None
-        parts.append(buf[end + 2:end + 2 + size])
-        pos = end + 2 + size + 2
-    return parts, pos
-
-
-class CommandGate(TcpRelay):
-    """Calls ``before(command)`` for each RESP command a client sends, before passing it on."""
-
-    def __init__(self, target: tuple[str, int], before: Callable[[list[bytes]], None]) -> None:
-        super().__init__(target)
-        self._before = before
-
-    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
-        buf = link.state.get("buf", b"") + chunk
-        while (got := _resp_command(buf)) is not None:
-            command, used = got
-            self._before(command)
-            link.upstream.sendall(buf[:used])
-            buf = buf[used:]
-        if buf and not buf.startswith(b"*"):  # inline command: pass it on
-            link.upstream.sendall(buf)
-            buf = b""
-        link.state["buf"] = buf
-        return None
-
-
-@contextmanager
-def redis_gate(url: str, before: Callable[[list[bytes]], None]) -> Iterator[str]:
-    """A TCP proxy in front of Redis that reads each command a client sends and runs
-    before(command) before passing it on - so the test acts at an exact point of the
-    learner's sequence (between its GET and its SET NX). Yields the URL to hand out."""
-    parts = urllib.parse.urlsplit(url)
-    with CommandGate((parts.hostname or "127.0.0.1", parts.port or 6379), before) as gate:
-        yield gate.url_for(url)
 
 
 def test_the_lock_winner_reads_the_key_again(stampede: ModuleType, redis_db: Any) -> None:

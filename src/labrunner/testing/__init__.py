@@ -10,7 +10,9 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   (an :class:`HttpReply` comes back);
 * :func:`redis_commands` records, with ``MONITOR``, the commands executed in the test's own
   Redis database while a block runs (:func:`timed_redis_commands`: with the server's time
-  of each);
+  of each); :func:`redis_gate` puts a :class:`RedisGate` between a learner's Redis
+  client and the server, calling a hook of the test's before each command (act there,
+  or hold the command: a read-modify-write interleaved step by step);
 * :class:`PgStatementProxy` is a TCP proxy in front of Postgres that reads the frontend
   protocol and records every statement clients ask the server to run, so a verification can
   count queries on the wire instead of trusting the learner's code;
@@ -61,7 +63,14 @@ from .http import HttpReply, call, http_request, serve_wsgi
 from .kafka import KafkaRecord, read_all
 from .kafka_proxy import API_NAMES, KafkaEvent, KafkaProxy, KafkaRequest
 from .pg import TRANSACTION_CONTROL, PgStatementProxy
-from .redis import CONNECTION_SETUP, redis_commands, timed_redis_commands
+from .redis import (
+    CONNECTION_SETUP,
+    RedisGate,
+    redis_commands,
+    redis_gate,
+    resp_command,
+    timed_redis_commands,
+)
 from .relay import RelayLink, TcpRelay
 from .signals import objects_alive, signals_caught
 from .tls import TlsOnce, serve_tls_once, tls_exchange
@@ -80,6 +89,7 @@ __all__ = [
     "KafkaRequest",
     "PgStatementProxy",
     "ProtoStubs",
+    "RedisGate",
     "RelayLink",
     "TcpRelay",
     "TcpSocket",
@@ -97,6 +107,8 @@ __all__ = [
     "process_threads",
     "read_all",
     "redis_commands",
+    "redis_gate",
+    "resp_command",
     "serve_grpc",
     "serve_tls_once",
     "serve_wsgi",

@@ -1,15 +1,19 @@
-"""Redis: the commands executed in the test's own database, read with MONITOR."""
+"""Redis: the commands executed in the test's own database, read with MONITOR; and a gate
+in front of the server that acts at an exact command of a learner's client."""
 
 from __future__ import annotations
 
 import re
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pytest
+
+from .relay import RelayLink, TcpRelay
 
 if TYPE_CHECKING:
     from ..services.kinds.redis import RedisDB
@@ -94,3 +98,60 @@ def _monitor(redis_db: Any, shape: Callable[[float, str, list[str]], Any]
         reader.join(15)
         conn.disconnect()
         watcher.close()
+
+
+def resp_command(buf: bytes) -> tuple[list[bytes], int] | None:
+    """One RESP command (an array of bulk strings) from the start of ``buf`` and the bytes it
+    took, or None while it is incomplete (or ``buf`` holds no array: an inline command)."""
+    if not buf.startswith(b"*"):
+        return None
+    end = buf.find(b"\r\n")
+    if end < 0:
+        return None
+    count, pos, parts = int(buf[1:end]), end + 2, []
+    for _ in range(count):
+        end = buf.find(b"\r\n", pos)
+        if end < 0 or buf[pos:pos + 1] != b"$":
+            return None
+        size = int(buf[pos + 1:end])
+        if len(buf) < end + 2 + size + 2:
+            return None
+        parts.append(buf[end + 2:end + 2 + size])
+        pos = end + 2 + size + 2
+    return parts, pos
+
+
+class RedisGate(TcpRelay):
+    """A :class:`TcpRelay` in front of Redis that calls ``before(command)`` (``[NAME, arg,
+    ...]`` as bytes) for each command a client sends, before passing it on. ``before`` runs
+    on the connection's own relay thread: it may act (write a key, kill a process) or block
+    until the test lets the command through - commands sent on the client's other
+    connections go on meanwhile."""
+
+    def __init__(self, target: tuple[str, int], before: Callable[[list[bytes]], None]) -> None:
+        super().__init__(target)
+        self._before = before
+
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        buf = link.state.get("buf", b"") + chunk
+        while (got := resp_command(buf)) is not None:
+            command, used = got
+            self._before(command)
+            link.upstream.sendall(buf[:used])
+            buf = buf[used:]
+        if buf and not buf.startswith(b"*"):  # inline command: pass it on
+            link.upstream.sendall(buf)
+            buf = b""
+        link.state["buf"] = buf
+        return None
+
+
+@contextmanager
+def redis_gate(url: str, before: Callable[[list[bytes]], None]) -> Iterator[str]:
+    """A :class:`RedisGate` in front of the server ``url`` names, running ``before(command)``
+    before each command a client sends through it - so a test acts at an exact point of the
+    learner's sequence (between its GET and its SET). Yields ``url`` pointed at the gate (the
+    learner's to use; the test's own clients keep ``url``)."""
+    parts = urllib.parse.urlsplit(url)
+    with RedisGate((parts.hostname or "127.0.0.1", parts.port or 6379), before) as gate:
+        yield gate.url_for(url)
