@@ -7,7 +7,11 @@
   out are exactly 1..200;
 * mid-run one instance is killed with SIGKILL; the balancer retries the refused request on
   the survivor; the cart still holds every item, in order (items repeat: a set or a hash
-  loses them).
+  loses them);
+* two adds to one cart at once, interleaved step by step: instance A's Redis connection goes
+  through a gate (labrunner.testing.redis_gate) that holds the command carrying A's item
+  until B's add has answered - a read-modify-write of the whole cart (GET, append, SET)
+  then writes back a cart without B's item, on every run, not once in a while.
 
 What the app does in Redis is read with MONITOR (labrunner.testing.redis_commands), so a
 claim is checked at its source: the keys a login and a cart write create must be in Redis
@@ -15,7 +19,9 @@ with an expiry (a session nobody deletes must not live forever), the cart's item
 Redis (a file on the shared disk passes the kill but is state of one machine), and the
 counter must not be read then written back (GET + SET loses increments that interleave,
 whatever the timing of one run). A session id must be random (not the user's name) and an
-unknown or missing session must get 401 on every route that needs one.
+unknown or missing session must get 401 on every route that needs one. A value the app
+answers is checked for its type before its value: Redis answers strings, and a counter
+handed back as "200" is named as such.
 """
 
 from __future__ import annotations
@@ -27,16 +33,21 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from labrunner.testing import redis_commands
+from labrunner.testing import redis_commands, redis_gate, wait_until
 
 READY = 20.0
 USER = "annabelle-k"
 MIN_TTL = 300          # seconds: shorter, a session ends while its user is still there
+ALONE = 1.0            # seconds B's add gets to send its item while A's write is held;
+                       # one that has not by then waits for A (a lock): A then goes on
+KINDS = {str: "string", int: "int", float: "float", list: "list", dict: "object",
+         bool: "boolean", type(None): "null", bytes: "bytes"}
 # commands that write a value read before (a read-modify-write, unless under WATCH)
 OVERWRITES = {"SET", "SETEX", "PSETEX", "GETSET", "MSET", "HSET", "HMSET"}
 CREATES = {"SET", "HSET", "HMSET", "RPUSH", "LPUSH", "SADD", "ZADD", "INCR", "APPEND"}
@@ -111,35 +122,84 @@ class RoundRobin:
                 ) -> Reply:
         for _ in range(len(self.instances)):
             inst = self.pick()
-            conn = http.client.HTTPConnection("127.0.0.1", inst.port, timeout=30)
-            body = json.dumps(doc).encode() if doc is not None else None
-            headers = {"Content-Type": "application/json"} if body else {}
-            if cookie:
-                headers["Cookie"] = cookie
-            try:
-                conn.request(method, path, body=body, headers=headers)
-            except ConnectionRefusedError:
-                with self.lock:
-                    self.dead.add(inst.name)
-                continue
-            resp = conn.getresponse()
-            reply = Reply(resp.status, resp.read(), dict(resp.getheaders()), inst.name)
-            conn.close()
-            return reply
+            reply = self.send(inst, method, path, doc, cookie)
+            if reply is not None:
+                return reply
+            with self.lock:
+                self.dead.add(inst.name)
         pytest.fail(f"{method} {path}: every instance refused the connection", pytrace=False)
 
+    @staticmethod
+    def send(inst: Instance, method: str, path: str, doc: Any = None,
+             cookie: str | None = None) -> Reply | None:
+        """The request to that instance (None: it refused the connection)."""
+        conn = http.client.HTTPConnection("127.0.0.1", inst.port, timeout=30)
+        body = json.dumps(doc).encode() if doc is not None else None
+        headers = {"Content-Type": "application/json"} if body else {}
+        if cookie:
+            headers["Cookie"] = cookie
+        try:
+            conn.request(method, path, body=body, headers=headers)
+        except ConnectionRefusedError:
+            return None
+        resp = conn.getresponse()
+        reply = Reply(resp.status, resp.read(), dict(resp.getheaders()), inst.name)
+        conn.close()
+        return reply
 
-@pytest.fixture
-def cluster(learner: Any, redis_db: Any) -> Iterator[tuple[RoundRobin, list[Instance]]]:
+
+@contextlib.contextmanager
+def running(learner: Any, urls: dict[str, str]) -> Iterator[tuple[RoundRobin, list[Instance]]]:
+    """An instance per name, each with its REDIS_URL, behind the balancer."""
     learner.path("app.py")
     instances: list[Instance] = []
     try:
-        for name in ("A", "B"):
-            instances.append(Instance(learner, name, redis_db.url))
+        for name, url in urls.items():
+            instances.append(Instance(learner, name, url))
         yield RoundRobin(instances), instances
     finally:
         for inst in instances:
             inst.stop()
+
+
+@pytest.fixture
+def cluster(learner: Any, redis_db: Any) -> Iterator[tuple[RoundRobin, list[Instance]]]:
+    with running(learner, {"A": redis_db.url, "B": redis_db.url}) as both:
+        yield both
+
+
+def check_type(what: str, got: Any, kind: type, want: Any = None) -> None:
+    """Fail naming both types when a value the app answered is not of the kind expected
+    (``want``: the value it should have been, when the test knows it)."""
+    if isinstance(got, kind) and not (isinstance(got, bool) and kind is not bool):
+        return
+    name = KINDS[kind]
+    expected = (f"the {name} {want!r}" if want is not None
+                else f"{'an' if name[0] in 'aeiou' else 'a'} {name}")
+    why = ""
+    if isinstance(got, str) and kind in (int, float):
+        why = (" - Redis returns strings (GET of a counter INCR made answers '3', not 3): "
+               "convert with int() before answering")
+    elif isinstance(got, str) and kind is list:
+        why = (" - that is the text Redis holds, not the list: read the list (LRANGE) or "
+               "decode the text (json.loads) before answering")
+    pytest.fail(f"{what}: got the {KINDS.get(type(got), type(got).__name__)} {got!r}, "
+                f"expected {expected}{why}", pytrace=False)
+
+
+def numeric(text: Any) -> int | None:
+    """The int a numeric string stands for (what the app should have answered), else None."""
+    return int(text) if isinstance(text, str) and re.fullmatch(r"\s*-?\d+\s*", text) else None
+
+
+def cart_items(reply: Reply, what: str) -> list[Any]:
+    """The items GET /cart answered: a list, or the test fails saying what came instead."""
+    assert reply.status == 200, (
+        f"{what}: GET /cart on {reply.served_by} answered {reply.status} "
+        f"{reply.body[:120]!r}, expected 200")
+    items = reply.json().get("items") if isinstance(reply.json(), dict) else None
+    check_type(f"{what}: GET /cart answered {{'items': ...}}", items, list)
+    return items
 
 
 def login(lb: RoundRobin, user: str) -> str:
@@ -246,7 +306,7 @@ def unknown_session_401(lb: RoundRobin, redis_db: Any, cookie: str | None) -> No
 
 def test_a_shared_counter_is_exact(cluster: Any, redis_db: Any) -> None:
     lb, _ = cluster
-    values: list[int] = []
+    values: list[Any] = []
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -256,8 +316,9 @@ def test_a_shared_counter_is_exact(cluster: Any, redis_db: Any) -> None:
             if reply.status != 200:
                 errors.append(f"{reply.status} {reply.body[:100]!r}")
                 return
+            answer = reply.json()
             with lock:
-                values.append(int(reply.json()["value"]))
+                values.append(answer.get("value") if isinstance(answer, dict) else answer)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
     with redis_commands(redis_db) as sent:
@@ -266,6 +327,8 @@ def test_a_shared_counter_is_exact(cluster: Any, redis_db: Any) -> None:
         for t in threads:
             t.join(120)
     assert not errors, f"POST /counter failed: {errors[0]}"
+    for value in values:
+        check_type("POST /counter answered {'value': ...}", value, int, numeric(value))
     names = [c[0] for c in sent]
     rewritten = [c for c in sent if c[0] in OVERWRITES]
     if rewritten and "WATCH" not in names:
@@ -279,6 +342,8 @@ def test_a_shared_counter_is_exact(cluster: Any, redis_db: Any) -> None:
     for _ in range(2):                              # GET /counter on both instances
         got = lb.request("GET", "/counter")
         finals[got.served_by] = got.json().get("value")
+        check_type(f"after 200 increments GET /counter on instance {got.served_by} answered "
+                   "{'value': ...}", finals[got.served_by], int, 200)
     if len(set(finals.values())) > 1:
         pytest.fail(
             f"after 200 increments GET /counter answered {finals} on the two instances, "
@@ -328,8 +393,8 @@ def test_killing_an_instance_loses_nothing(cluster: Any, redis_db: Any) -> None:
             f"{reply.body[:120]!r}\nThe session must be readable by every instance.")
     assert served == {"A", "B"}, f"test setup: only {served} served requests"
     reply = lb.request("GET", "/cart", cookie=cookie)
-    items = reply.json().get("items") if reply.status == 200 else None
-    if isinstance(items, list) and items != want:
+    items = cart_items(reply, "after 20 adds and the kill of B")
+    if items != want:
         why = ""
         if sorted(items) == sorted(want):
             why = ("the same items in another order: a set or a sorted structure does not "
@@ -350,3 +415,75 @@ def test_killing_an_instance_loses_nothing(cluster: Any, redis_db: Any) -> None:
         f"{reply.served_by} holds {items!r}, expected all 20 items in order ({want!r})\n"
         "Items that instance B kept in its memory died with it. Keep the cart in Redis "
         "(RPUSH onto a list per session): a killed instance then takes nothing with it.")
+
+
+def test_concurrent_adds_to_one_cart_keep_both(learner: Any, redis_db: Any) -> None:
+    """Two adds to one cart at once, interleaved step by step. Both instances talk to Redis
+    through a gate that holds the command carrying A's item (after whatever A read before
+    it) until B's add has answered; then lets it go. An atomic append (RPUSH) keeps both; a
+    cart read, extended in Python and written back whole (GET, SET) writes A's stale copy
+    over B's add - every run, not once in a while. An add that serializes behind a lock
+    never sends its item while A holds the lock: A is let go on then, and B follows."""
+    mine, theirs = "race-item-from-A", "race-item-from-B"
+    held: list[list[bytes]] = []
+    sent_theirs = threading.Event()
+    release = threading.Event()
+
+    def before(command: list[bytes]) -> None:
+        if any(theirs.encode() in arg for arg in command[1:]):
+            sent_theirs.set()
+        elif not held and any(mine.encode() in arg for arg in command[1:]):
+            held.append(command)
+            release.wait(60)
+
+    added: dict[str, Reply | None] = {}
+
+    def add(inst: Instance, item: str) -> None:
+        added[item] = RoundRobin.send(inst, "POST", "/cart", {"item": item}, cookie)
+
+    with redis_gate(redis_db.url, before) as gated, \
+            running(learner, {"A": gated, "B": gated}) as (lb, (a, b)):
+        try:
+            cookie = login(lb, "carol")
+            add(b, "item-first")
+            first = added["item-first"]
+            assert first is not None and first.status == 200, (
+                f"POST /cart on B answered {first and first.status}, expected 200")
+            adds = [threading.Thread(target=add, args=(a, mine), daemon=True),
+                    threading.Thread(target=add, args=(b, theirs), daemon=True)]
+            adds[0].start()
+            wait_until(lambda: bool(held) or not adds[0].is_alive(),
+                       "instance A's POST /cart to send its item to Redis", timeout=30)
+            adds[1].start()              # B's whole add, while A's write waits
+            began = time.monotonic()
+            wait_until(lambda: not adds[1].is_alive() or (
+                not sent_theirs.is_set() and time.monotonic() - began > ALONE),
+                "instance B's POST /cart to answer (it sent its item to Redis)", timeout=30)
+        finally:
+            release.set()
+        for t in adds:
+            t.join(30)
+        for item in (mine, theirs):
+            got = added.get(item)
+            assert got is not None and got.status == 200, (
+                f"POST /cart {{'item': {item!r}}} answered "
+                f"{got and f'{got.status} {got.body[:120]!r}'}, expected 200")
+        cart = RoundRobin.send(b, "GET", "/cart", cookie=cookie)
+        assert cart is not None, "instance B refused GET /cart"
+        items = cart_items(cart, "after two adds at once")
+    lost = [item for item in ("item-first", theirs, mine) if item not in items]
+    if lost and held:
+        name, key = (held[0][0].decode(errors="replace").upper(),
+                     held[0][1][:60].decode(errors="replace"))
+        pytest.fail(
+            f"two adds to one cart at once kept {items!r}, lost {', '.join(map(repr, lost))}: "
+            "a read-modify-write of the whole cart loses concurrent updates - use an atomic "
+            f"Redis operation\nThe test held instance A's {name} {key} (the command carrying "
+            f"A's item) until instance B had added {theirs!r}; then A wrote back the cart as "
+            "it had read it before, plus its own item. Two instances (or two threads) adding "
+            "to one cart interleave like this whenever a user double-clicks. RPUSH appends to "
+            "a list in one step in Redis; a cart that must stay one value needs WATCH/MULTI "
+            "(retried when EXEC fails) or a Lua script.", pytrace=False)
+    assert not lost, (
+        f"two adds to one cart at once kept {items!r}, lost {', '.join(map(repr, lost))}, "
+        "expected every item: each add must reach the one cart in Redis")
