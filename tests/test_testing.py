@@ -211,3 +211,41 @@ def test_tcp_relay_hook_that_returns_false_shuts_the_connection_both_ways() -> N
         client.close()
         assert answer == b"bye" and received == []
         assert relay.wait_closed(5.0)
+
+
+def test_resp_command_reads_one_command_and_waits_for_the_rest() -> None:
+    from labrunner.testing import resp_command
+
+    whole = b"*3\r\n$3\r\nSET\r\n$4\r\ncart\r\n$7\r\n[\"a\r\n\"]\r\n*1\r\n$4\r\nPING\r\n"
+    first = resp_command(whole)
+    assert first is not None and first[0] == [b"SET", b"cart", b"[\"a\r\n\"]"]
+    assert resp_command(whole[first[1]:]) == ([b"PING"], 14)
+    for cut in (1, 5, 12, first[1] - 1):          # an incomplete command: wait for more
+        assert resp_command(whole[:cut]) is None
+    assert resp_command(b"PING\r\n") is None       # an inline command is no array
+
+
+def test_redis_gate_calls_before_for_each_command_before_passing_it_on() -> None:
+    from labrunner.testing import redis_gate
+
+    listener, received = _echo_server()
+    seen: list[tuple[list[bytes], bool]] = []
+    host, port = listener.getsockname()
+    url = f"redis://lab:pw@{host}:{port}/3"
+
+    def before(command: list[bytes]) -> None:
+        seen.append((command, command[0] in b"".join(received)))   # the server has it?
+
+    with listener, redis_gate(url, before) as gated:
+        assert gated.startswith("redis://lab:pw@127.0.0.1:") and gated.endswith("/3")
+        client = socket.create_connection(
+            ("127.0.0.1", int(gated.rsplit(":", 1)[1].split("/")[0])))
+        get, put = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+        client.sendall(get + put[:9])
+        client.sendall(put[9:])
+        client.shutdown(socket.SHUT_WR)
+        while client.recv(65536):
+            pass
+        client.close()
+    assert seen == [([b"GET", b"k"], False), ([b"SET", b"k", b"v"], False)]
+    assert b"".join(received) == get + put
