@@ -1,11 +1,18 @@
 """ph7.5 The exposition format by hand, read back by its two consumers: prometheus_client's
 parser (every HELP, TYPE, label and value must come back as written) and a real Prometheus
 that scrapes it. Then PromQL over a counter that resets when a worker restarts: the learner's
-query, evaluated by Prometheus, must count what the test did."""
+query, evaluated by Prometheus, must count what the test did.
+
+Label-value escaping is checked first, on its own, against the text the format requires for
+each case (LABEL_ESCAPES): a wrong escaper makes the parser (or Prometheus) reject the whole
+exposition with an error about the line, not about the mistake; compared case by case, the
+mistake is named (which character is not escaped, or escaped in which wrong order)."""
 
 from __future__ import annotations
 
 import copy
+import itertools
+import json
 import math
 import threading
 from collections.abc import Iterator
@@ -38,6 +45,103 @@ FAMILIES: list[dict[str, Any]] = [
          {"labels": {"queue": "third"}, "value": 1 / 3},
      ]},
 ]
+
+
+# Label values, and the text the exposition format requires for each between the quotes of
+# v="...": the backslash, the double quote and the line feed escaped (\\, \", \n), the
+# backslash first so no escape is escaped again, anything else as it is.
+LABEL_ESCAPES: list[tuple[str, str]] = [
+    ("C:\\temp", r"C:\\temp"),                     # a backslash
+    ('say "hi"', r'say \"hi\"'),                     # double quotes
+    ("two\nlines", r"two\nlines"),                   # a line feed
+    ('a\\"b', r'a\\\"b'),                           # a backslash, then a quote
+    ('a"\\b', r'a\"\\b'),                           # a quote, then a backslash
+    ("ends in \\", r"ends in \\"),                  # a trailing backslash
+    ("\\n is no line feed", r"\\n is no line feed"),  # a backslash and an n
+    ("\\\n", r"\\\n"),                              # a backslash, then a line feed
+    ("tab\there, café", "tab\there, café"),          # nothing else is escaped
+]
+ESCAPE = {"\\": r"\\", '"': r"\"", "\n": r"\n"}
+CHAR = {"\\": "backslash", '"': "double quote", "\n": "line feed"}
+
+
+def _escaper(order: tuple[str, ...]) -> Any:
+    """A label escaper that replaces the characters of ``order``, in that order."""
+    def escape(value: str) -> str:
+        for char in order:
+            value = value.replace(char, ESCAPE[char])
+        return value
+    return escape
+
+
+def _escaping_mistake(got: dict[str, str]) -> str:
+    """The first line of the message: what a label escaper that wrote ``got`` (value -> text)
+    did wrong, found by trying the escapers people write (the three replaces in some order,
+    some left out; JSON's escapes) on every case."""
+    for k in range(3, -1, -1):
+        for order in itertools.permutations(ESCAPE, k):
+            if all(_escaper(order)(value) == text for value, text in got.items()):
+                return _named(order)
+    if any(all(json.dumps(value, ensure_ascii=ascii)[1:-1] == text
+               for value, text in got.items()) for ascii in (True, False)):
+        return (r"label values: render() escapes them as JSON strings (a tab as \t, é as "
+                r"\u00e9) - the format escapes only the backslash (\\), the double quote "
+                r'(\") and the line feed (\n), and a parser does not undo other escapes')
+    return ("label values escaped wrongly - escape backslashes first, then quotes and line "
+            "feeds, nothing else")
+
+
+def _named(order: tuple[str, ...]) -> str:
+    """The mistake of an escaper that replaces the characters of ``order`` in that order."""
+    missing = [CHAR[c] for c in ESCAPE if c not in order]
+    before = list(order[:order.index("\\")]) if "\\" in order else []
+    if before:
+        first = '"' if '"' in before else before[0]
+        return (
+            "label values: escape backslashes first, then quotes and line feeds - render() "
+            f"escaped the backslash after the {' and the '.join(CHAR[c] for c in before)}, "
+            f"so the backslash of each {ESCAPE[first]} it had just written was escaped "
+            f"again ({ESCAPE[first]} became \\{ESCAPE[first]}: "
+            + ("the quote then ends the value)" if first == '"' else
+               "a line feed reads back as a backslash and an n)")
+            + (f"; and the {' and the '.join(missing)} not escaped" if missing else ""))
+    return (f"label values: render() does not escape the {' nor the '.join(missing)} - a "
+            r'label value escapes the backslash (\\), the double quote (\") and the line '
+            r"feed (\n), the backslash first")
+
+
+def _label_escaping(learner: Any) -> str:
+    """'' when render() writes every LABEL_ESCAPES value as the format requires; else the
+    message naming the mistake, each case's expected and actual text below it."""
+    render = learner.function("exposition", "render")
+    got: dict[str, str] = {}
+    for value, _ in LABEL_ESCAPES:
+        text = render([{"name": "escape_probe", "type": "gauge", "help": "Label escaping.",
+                        "samples": [{"labels": {"v": value}, "value": 1}]}])
+        start = text.find("escape_probe{") if isinstance(text, str) else -1
+        if start < 0:
+            return ("render() of a gauge escape_probe with one sample labelled v wrote no "
+                    f"'escape_probe{{v=\"...\"}} 1' line: {text!r}")
+        labels = text[start + len("escape_probe{"):text.rfind("}")].rstrip(",")
+        got[value] = labels[3:-1] if labels.startswith('v="') and labels.endswith('"') \
+            else labels
+    wrong = [(value, want, got[value]) for value, want in LABEL_ESCAPES if got[value] != want]
+    if not wrong:
+        return ""
+    return (
+        _escaping_mistake(got) + "\n"
+        + r'A label value escapes exactly three characters: \ as \\, " as \", a line feed '
+        r"as \n - the backslash FIRST: escaped after the others, it doubles the backslash "
+        "each of their escapes begins with. Each value (as Python writes it), the text the "
+        'format requires between v="...", and what render() wrote:\n'
+        + "\n".join(f"  {value!r}: expected {want}  got {text}"
+                    for value, want, text in wrong))
+
+
+def test_label_values_are_escaped_backslash_first(learner: Any) -> None:
+    mistake = _label_escaping(learner)
+    if mistake:
+        pytest.fail(mistake, pytrace=False)
 
 
 def _sample_name(family: dict[str, Any]) -> str:
@@ -96,7 +200,8 @@ def test_the_parser_reads_back_what_was_written(learner: Any) -> None:
     try:
         parsed = {f.name: f for f in text_string_to_metric_families(text)}
     except Exception as exc:  # noqa: BLE001 - the parser's complaint is the message
-        pytest.fail(f"prometheus_client's parser rejects the exposition: {exc}\n{text}",
+        pytest.fail(_label_escaping(learner) or
+                    f"prometheus_client's parser rejects the exposition: {exc}\n{text}",
                     pytrace=False)
     for family in FAMILIES:
         name = family["name"]
