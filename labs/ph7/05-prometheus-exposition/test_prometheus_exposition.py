@@ -10,7 +10,6 @@ mistake is named (which character is not escaped, or escaped in which wrong orde
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -149,13 +148,18 @@ def _sample_name(family: dict[str, Any]) -> str:
 
 
 def _rendered(learner: Any, families: list[dict[str, Any]]) -> str:
-    given = copy.deepcopy(families)
-    text = learner.function("exposition", "render")(families)
-    assert isinstance(text, str), f"render() returned {type(text).__name__}, expected str"
+    """The text render() writes for ``families``, rendered twice where the learner's code
+    runs (the harness), as an endpoint renders the same families at every scrape: a render
+    that changed the families it was given is named."""
+    out = json.loads(learner.harness().render_twice(learner.load("exposition"),
+                                                    json.dumps(families)))
+    text, again = out["texts"]
+    assert isinstance(text, str), f"render() returned {out['type']}, expected str"
+    given, after = out["given"], out["after"]
     changed = [f"{old['name']!r} -> {new.get('name')!r}" if old["name"] != new.get("name")
-               else repr(old["name"]) for old, new in zip(given, families, strict=False)
+               else repr(old["name"]) for old, new in zip(given, after, strict=False)
                if old != new]
-    assert not changed and len(given) == len(families), (
+    assert not changed and len(given) == len(after) and again == text, (
         f"render() changed the families it was given ({', '.join(changed) or 'the list'}): "
         "the caller renders the same families at every scrape, so the next /metrics would "
         "show them changed (e.g. http_requests_total_total) - build the output from local "
