@@ -270,10 +270,12 @@ def diagnose(server: Server, waiting: str, all_sent: bool = True,
 
 def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: str,
          all_sent: Callable[[], bool] = lambda: True, half_closed: bool = False,
-         lost: Callable[[str], str] | None = None) -> None:
+         lost: Callable[[str], str] | None = None,
+         read_when: Callable[[], bool] = lambda: True) -> None:
     """Receive wanted[i] on socks[i], failing fast with a diagnosis when the server sleeps
     while the test still waits. lost: the message when a connection is closed or reset
-    before its echo is complete, or the server exits (given what was seen)."""
+    before its echo is complete, or the server exits (given what was seen). read_when: the
+    clients read nothing until it says so."""
     got = [bytearray() for _ in socks]
     pending = {i for i, w in enumerate(wanted) if w}
     sel = selectors.DefaultSelector()
@@ -281,6 +283,9 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
         sel.register(socks[i], selectors.EVENT_READ, i)
     stalled, deadline = 0, time.monotonic() + DEADLINE
     while pending:
+        if not read_when():
+            time.sleep(0.025)
+            continue
         progress = False
         for key, _ in sel.select(timeout=0.025):
             i = key.data
@@ -348,24 +353,71 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
 # ---------------------------------------------------------------------------- the tests
 
 
+class Sender:
+    """Sends a payload on a socket from a thread of its own (then shuts down the sending
+    side, if asked); ``sent`` counts the bytes the kernel has taken."""
+
+    def __init__(self, sock: socket.socket, payload: bytes, shut_wr: bool = False) -> None:
+        self.sent = 0
+        self.thread = threading.Thread(target=self._send, args=(sock, payload, shut_wr),
+                                       daemon=True)
+        self.thread.start()
+
+    def _send(self, sock: socket.socket, payload: bytes, shut_wr: bool) -> None:
+        view = memoryview(payload)
+        try:
+            while self.sent < len(view):
+                self.sent += sock.send(view[self.sent:self.sent + (1 << 20)])
+            if shut_wr:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server went away: pump() reports what it saw
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+
+def once_sent_or_held(server: Server, sender: Sender) -> Callable[[], bool]:
+    """pump()'s read_when for a client that reads only once it has sent everything, or once
+    the server stops taking its bytes (asleep in epoll_wait, nothing sent, STALLED times in
+    a row): a server may rightly stop reading while its own output waits."""
+    seen = {"sent": -1, "still": 0, "reading": 0}
+
+    def ready() -> bool:
+        if not seen["reading"]:
+            if sender.done():
+                seen["reading"] = 1
+            elif sender.sent == seen["sent"] and server.asleep_in() in EPOLL_WAIT:
+                seen["still"] += 1
+                seen["reading"] = int(seen["still"] >= STALLED)
+            else:
+                seen["sent"], seen["still"] = sender.sent, 0
+        return bool(seen["reading"])
+
+    return ready
+
+
 def test_a_burst_larger_than_one_read_is_echoed_whole(server: Server) -> None:
     payload = os.urandom(BURST)
+    what = f"echoing an {BURST >> 20} MiB burst"
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        def send() -> None:
-            try:
-                sock.sendall(payload)
-            except OSError:
-                pass  # the server went away: pump() reports what it saw
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        pump(server, [sock], [payload], f"echoing an {BURST >> 20} MiB burst",
-             lambda: not sender.is_alive())
-        sender.join(10)
-        sock.setblocking(True)
+        sender = Sender(sock, payload)
+        pump(server, [sock], [payload], what, sender.done)
+        sender.thread.join(10)
         sock.sendall(b"and once more\n")
         pump(server, [sock], [b"and once more\n"], "a second message on the same "
              "connection")
+    # The same burst to a client that reads nothing until it has sent it all: the kernel's
+    # buffers (a 64 KiB receive buffer here, at most 4 MiB to send on the server's side)
+    # take far less than 8 MiB, so the server's send() meets EAGAIN for certain and the rest
+    # waits in its buffer. When the client reads, no more input comes to wake the server:
+    # only EPOLLOUT tells it to send the rest.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.connect(("127.0.0.1", server.port))
+        sender = Sender(sock, payload)
+        pump(server, [sock], [payload], f"{what} to a client that reads only once it has "
+             "sent it all", sender.done, read_when=once_sent_or_held(server, sender))
 
 
 def test_five_hundred_connections_on_one_thread(server: Server) -> None:
@@ -434,18 +486,10 @@ def wait_for_descriptors(server: Server, at_most: int, what: str, advice: str) -
 def test_half_closed_clients_get_their_whole_echo(server: Server) -> None:
     payload = os.urandom(4 << 20)
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        def send() -> None:
-            try:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # the server went away: pump() reports what it saw
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
+        sender = Sender(sock, payload, shut_wr=True)
         pump(server, [sock], [payload], "a client that sends 4 MiB then shuts down its "
-             "sending side", lambda: not sender.is_alive(), half_closed=True)
-        sender.join(10)
+             "sending side", sender.done, half_closed=True)
+        sender.thread.join(10)
         sock.settimeout(DEADLINE)
         try:
             rest = sock.recv(1)
