@@ -3,9 +3,10 @@ stdin/stdout by the test, one JSON line per command and per reply. A client is s
 because the test holds it: it sends the first lines of its request and then nothing until
 the test says "finish". Every connection reads whatever the server sends, until EOF.
 
-    -> {"open": N, "send": "head"|"none", "port": P}   N new connections to 127.0.0.1:P;
-    <- {"ports": [p, ...]}     "head" sends the start of a request (no blank line), "none"
-                               nothing; the reply lists the clients' own ports
+    -> {"open": N, "send": "head"|"full"|"none", "port": P}   N new connections to
+    <- {"ports": [p, ...]}     127.0.0.1:P; "head" sends the start of a request (no blank
+                               line), "full" the whole request in one write, "none" nothing;
+                               the reply lists the clients' own ports
     -> {"finish": [i, ...]}                 send the rest of those requests
     <- {"ok": true}
     -> {"drop": [i, ...], "how": "fin"|"rst"}   close them (FIN) or abort them (RST)
@@ -26,6 +27,7 @@ import sys
 
 LIMIT = 64 * 1024
 CONNECT_TIMEOUT = 60.0
+REST = b"X-Slow: released\r\n\r\n"   # the end of a request: "finish" sends it
 
 
 class Conn:
@@ -62,8 +64,9 @@ async def main() -> None:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", port), CONNECT_TIMEOUT)
         conn.reader, conn.writer = reader, writer
-        if send == "head":
-            writer.write(f"GET /c/{conn.index} HTTP/1.1\r\nHost: lab\r\n".encode())
+        if send in ("head", "full"):
+            writer.write(f"GET /c/{conn.index} HTTP/1.1\r\nHost: lab\r\n".encode()
+                         + (REST if send == "full" else b""))
             await writer.drain()
         conn.task = asyncio.create_task(conn.read_all())
         return int(writer.get_extra_info("sockname")[1])
@@ -89,7 +92,7 @@ async def main() -> None:
                     writer = conns[i].writer
                     assert writer is not None
                     try:
-                        writer.write(b"X-Slow: released\r\n\r\n")
+                        writer.write(REST)
                     except (ConnectionError, OSError, RuntimeError):
                         pass   # the server closed it already: state shows what came
                 reply({"ok": True})

@@ -521,6 +521,8 @@ def test_bounded_pool_queues_then_rejects_with_503(
             "loop, and give back whatever marks the worker busy in a finally. Otherwise "
             "each client that leaves early costs the pool a worker for good.")
     threads_bounded(f"{WORKERS} workers busy")
+    busy = reset_after_full_request(load, server, busy)
+    threads_bounded(f"{WORKERS} workers busy again")
 
     # The queue fills: accepted, waiting, not answered.
     waiting = hold(load, server, QUEUE)
@@ -588,6 +590,46 @@ def test_bounded_pool_queues_then_rejects_with_503(
     again = hold(load, server, 1)
     load.finish(again)
     served(load, server, again, "pool (after the burst)")
+
+
+def reset_after_full_request(load: Load, server: Server, busy: list[Client]) -> list[Client]:
+    """While every worker serves one of ``busy``, WORKERS clients send a whole request, wait
+    in the queue, and reset their connections (RST). Released, the busy clients are answered
+    and each worker takes a reset connection: the kernel kept the request that came before
+    the RST, so it is read whole, and sending the answer fails (ConnectionResetError, an
+    OSError that is not ClientGone). Then WORKERS new slow clients must all be taken up at
+    once: every worker survived. Returns them (the workers busy again)."""
+    before = server.threads()
+    resets = load.open(WORKERS, "full")
+    # Queued (accepted, no worker free to read them) with the whole request arrived, before
+    # the RST: a client reset before that would be a mid-request one. (A server that does
+    # not queue them is named by the queue's own check below.)
+    settle(server, lambda: count(server, resets, lambda s: s.accepted and s.rx_queue > 0)
+           == WORKERS)
+    load.drop(resets, "rst")
+    # Each server side is gone once the kernel has taken its RST in: only then does a
+    # worker's answer meet the reset, not a connection still open.
+    settle(server, lambda: count(server, resets, lambda s: s.accepted) == 0)
+    load.finish(busy)
+    served(load, server, busy, "pool")
+    again = hold(load, server, WORKERS)
+    if not settle(server, lambda: count(server, again, reading) == WORKERS):
+        read = count(server, again, reading)
+        now = server.threads()
+        died = (f"{before - now} of the workers died on a connection reset after a full "
+                "request" if now < before else "the workers never came back from a "
+                "connection reset after a full request")
+        server.fail(
+            f"after {WORKERS} clients reset their connections right after sending a whole "
+            f"request, {died}: only {read} of the next {WORKERS} clients were taken up by a "
+            f"worker (the server runs {threads_word(now)}, {before} before)\nA worker reads "
+            "such a request whole (the kernel keeps what arrived before the RST), then "
+            "sending the answer raises ConnectionResetError (BrokenPipeError on a later "
+            "send): an OSError, not ClientGone. Escaping the worker's loop, it ends the "
+            "worker's thread, and the pool has lost a worker for good, without a word. A "
+            "worker must survive any client error: catch OSError (ClientGone and OSError) "
+            "around a client's handling, inside the worker's loop.")
+    return again
 
 
 # ---------------------------------------------------------------------------------------

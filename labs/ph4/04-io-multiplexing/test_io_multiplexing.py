@@ -7,12 +7,17 @@ bytes sit unread in its socket (/proc/net/tcp rx_queue) or connections sit unacc
 its listen queue is the edge-triggered mistake (an event not drained), asleep in
 read()/recv() or accept() is a blocking descriptor. Seen a few times in a row, that fails
 the test at once with the diagnosis; threads are counted in /proc/<pid>/task.
+
+The server is started with a limit on open files of NOFILE (the test raises its own too), so
+that MANY connections at once give it descriptors past 1023: a table of 1024 connections or
+select()'s fd_set overflows there (ASan and UBSan make that a crash, named from its report).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -28,6 +33,8 @@ import pytest
 
 BURST = 8 << 20          # 8 MiB in one go: far more than any one read() returns
 CLIENTS = 500
+MANY = 1100              # at once: past a table of 1024 connections and select's FD_SETSIZE
+NOFILE = 4096            # open files the test and the server may use (for MANY, with room)
 STALLED = 8              # consecutive stalled observations, 25 ms apart, that fail a test
 DEADLINE = 60.0          # a safety net only: stalls are diagnosed long before
 EPOLLOUT, EPOLLET = 0x4, 1 << 31
@@ -50,10 +57,35 @@ def binary(learner: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _builds[learner.dir]
 
 
+def raise_nofile(want: int) -> tuple[int, int]:
+    """Raise this process's soft limit on open files to ``want``: any user may, up to the
+    hard limit (a non-root shell often starts at 1024). Root may raise a hard limit below
+    ``want`` too, unless a container withholds CAP_SYS_RESOURCE. Returns (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return soft, hard
+    if hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want, want
+        except (ValueError, OSError):
+            pass   # not allowed: up to the hard limit only
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    return min(want, hard), hard
+
+
+# The server is given the test's limit on open files by its own first act (setrlimit, then
+# exec of the learner's binary), not by inheritance: it holds however the server is started,
+# also through learner.popen, whose programs the learner's factory starts with its own.
+WITH_NOFILE = 'ulimit -H -n "$2" && ulimit -S -n "$1" && shift 2 && exec "$@"'
+
+
 class Server:
     def __init__(self, binary: Path) -> None:
-        self.proc = subprocess.Popen([str(binary), "0"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env={**os.environ, **SAN_ENV})
+        soft, hard = raise_nofile(NOFILE)
+        self.proc = subprocess.Popen(
+            ["/bin/sh", "-c", WITH_NOFILE, "sh", str(soft), str(hard), str(binary), "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **SAN_ENV})
         self.stderr = bytearray()
         threading.Thread(target=self._drain, daemon=True).start()
         assert self.proc.stdout is not None
@@ -67,6 +99,7 @@ class Server:
                         f"{self.proc.returncode})\n{self.stderr.decode(errors='replace')[-600:]}",
                         pytrace=False)
         self.port = int(m.group(1))
+        self.limit = soft   # the server's limit on open files
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
@@ -82,6 +115,24 @@ class Server:
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def exiting(self) -> bool:
+        """Its descriptors are closed: a process on its way out (it always holds its
+        listening socket while it lives)."""
+        try:
+            return not os.listdir(f"/proc/{self.pid}/fd")
+        except OSError:
+            return True
+
+    def highest_fd(self) -> int:
+        return max((int(fd) for fd in os.listdir(f"/proc/{self.pid}/fd")), default=-1)
+
+    def nofile(self) -> int:
+        """The server's own soft limit on open files (/proc/<pid>/limits)."""
+        for line in Path(f"/proc/{self.pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+        return -1
 
     def exited(self) -> str | None:
         if self.proc.poll() is None:
@@ -218,9 +269,13 @@ def diagnose(server: Server, waiting: str, all_sent: bool = True,
 
 
 def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: str,
-         all_sent: Callable[[], bool] = lambda: True, half_closed: bool = False) -> None:
+         all_sent: Callable[[], bool] = lambda: True, half_closed: bool = False,
+         lost: Callable[[str], str] | None = None,
+         read_when: Callable[[], bool] = lambda: True) -> None:
     """Receive wanted[i] on socks[i], failing fast with a diagnosis when the server sleeps
-    while the test still waits."""
+    while the test still waits. lost: the message when a connection is closed or reset
+    before its echo is complete, or the server exits (given what was seen). read_when: the
+    clients read nothing until it says so."""
     got = [bytearray() for _ in socks]
     pending = {i for i, w in enumerate(wanted) if w}
     sel = selectors.DefaultSelector()
@@ -228,22 +283,35 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
         sel.register(socks[i], selectors.EVENT_READ, i)
     stalled, deadline = 0, time.monotonic() + DEADLINE
     while pending:
+        if not read_when():
+            time.sleep(0.025)
+            continue
         progress = False
         for key, _ in sel.select(timeout=0.025):
             i = key.data
             try:
-                chunk = socks[i].recv(1 << 20)
-            except ConnectionError as exc:
+                chunk, reset = socks[i].recv(1 << 20), None
+            except ConnectionError as error:   # failed below, not chained to it
+                chunk, reset = b"", error
+            if reset is not None:
+                if lost:
+                    pytest.fail(lost(f"connection {i} was reset after {len(got[i])} of "
+                                     f"{len(wanted[i])} bytes of its echo ({reset})"),
+                                pytrace=False)
                 if half_closed:
                     pytest.fail(f"{what}: connection {i} was reset by the server after "
                                 f"{len(got[i])} of {len(wanted[i])} bytes of its echo "
-                                f"({exc})\nThe client had only shut down its sending side "
+                                f"({reset})\nThe client had only shut down its sending side "
                                 "(shutdown SHUT_WR) and was still reading: read() returning "
                                 "0 means the peer will send no more, not that it stopped "
                                 "reading. Finish writing what is pending (on EPOLLOUT), "
                                 "then close.", pytrace=False)
-                pytest.fail(f"{what}: connection {i} was reset ({exc}) before its echo was "
+                pytest.fail(f"{what}: connection {i} was reset ({reset}) before its echo was "
                             "complete", pytrace=False)
+            if not chunk and lost:
+                pytest.fail(lost(f"connection {i} was closed by the server after "
+                                 f"{len(got[i])} of {len(wanted[i])} bytes of its echo"),
+                            pytrace=False)
             if not chunk and half_closed:
                 pytest.fail(f"{what}: connection {i} was closed by the server after "
                             f"{len(got[i])} of {len(wanted[i])} bytes of its echo\nThe "
@@ -267,6 +335,8 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
             continue
         short = next(f"connection {i} got {len(got[i])} of {len(wanted[i])} bytes back"
                      for i in sorted(pending))
+        if lost is not None and server.exited():
+            pytest.fail(lost("the server exited"), pytrace=False)
         why = diagnose(server, what, all_sent(), short)
         stalled = stalled + 1 if why else 0
         if stalled >= STALLED:
@@ -283,24 +353,71 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
 # ---------------------------------------------------------------------------- the tests
 
 
+class Sender:
+    """Sends a payload on a socket from a thread of its own (then shuts down the sending
+    side, if asked); ``sent`` counts the bytes the kernel has taken."""
+
+    def __init__(self, sock: socket.socket, payload: bytes, shut_wr: bool = False) -> None:
+        self.sent = 0
+        self.thread = threading.Thread(target=self._send, args=(sock, payload, shut_wr),
+                                       daemon=True)
+        self.thread.start()
+
+    def _send(self, sock: socket.socket, payload: bytes, shut_wr: bool) -> None:
+        view = memoryview(payload)
+        try:
+            while self.sent < len(view):
+                self.sent += sock.send(view[self.sent:self.sent + (1 << 20)])
+            if shut_wr:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server went away: pump() reports what it saw
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+
+def once_sent_or_held(server: Server, sender: Sender) -> Callable[[], bool]:
+    """pump()'s read_when for a client that reads only once it has sent everything, or once
+    the server stops taking its bytes (asleep in epoll_wait, nothing sent, STALLED times in
+    a row): a server may rightly stop reading while its own output waits."""
+    seen = {"sent": -1, "still": 0, "reading": 0}
+
+    def ready() -> bool:
+        if not seen["reading"]:
+            if sender.done():
+                seen["reading"] = 1
+            elif sender.sent == seen["sent"] and server.asleep_in() in EPOLL_WAIT:
+                seen["still"] += 1
+                seen["reading"] = int(seen["still"] >= STALLED)
+            else:
+                seen["sent"], seen["still"] = sender.sent, 0
+        return bool(seen["reading"])
+
+    return ready
+
+
 def test_a_burst_larger_than_one_read_is_echoed_whole(server: Server) -> None:
     payload = os.urandom(BURST)
+    what = f"echoing an {BURST >> 20} MiB burst"
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        def send() -> None:
-            try:
-                sock.sendall(payload)
-            except OSError:
-                pass  # the server went away: pump() reports what it saw
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        pump(server, [sock], [payload], f"echoing an {BURST >> 20} MiB burst",
-             lambda: not sender.is_alive())
-        sender.join(10)
-        sock.setblocking(True)
+        sender = Sender(sock, payload)
+        pump(server, [sock], [payload], what, sender.done)
+        sender.thread.join(10)
         sock.sendall(b"and once more\n")
         pump(server, [sock], [b"and once more\n"], "a second message on the same "
              "connection")
+    # The same burst to a client that reads nothing until it has sent it all: the kernel's
+    # buffers (a 64 KiB receive buffer here, at most 4 MiB to send on the server's side)
+    # take far less than 8 MiB, so the server's send() meets EAGAIN for certain and the rest
+    # waits in its buffer. When the client reads, no more input comes to wake the server:
+    # only EPOLLOUT tells it to send the rest.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.connect(("127.0.0.1", server.port))
+        sender = Sender(sock, payload)
+        pump(server, [sock], [payload], f"{what} to a client that reads only once it has "
+             "sent it all", sender.done, read_when=once_sent_or_held(server, sender))
 
 
 def test_five_hundred_connections_on_one_thread(server: Server) -> None:
@@ -323,6 +440,13 @@ def test_five_hundred_connections_on_one_thread(server: Server) -> None:
             f"the server ran {threads} threads while serving {CLIENTS} connections, "
             "expected 1\nThe point of epoll is that one thread watches every descriptor: "
             "no thread per connection, no worker pool.")
+        assert len(masks) >= CLIENTS, (
+            f"{len(masks)} of the {CLIENTS} open connections are in an epoll set of the "
+            f"server (read in /proc/<pid>/fdinfo), expected all {CLIENTS}: it watches them "
+            "with select() or poll(), not epoll\nThis lab's server watches every connection "
+            "with epoll (epoll_ctl EPOLL_CTL_ADD for each accepted descriptor). select() takes "
+            "a bitmap of FD_SETSIZE = 1024 descriptors (FD_SET on a higher one is undefined "
+            "behaviour) and, like poll(), scans every descriptor on every call.")
     finally:
         for s in socks:
             s.close()
@@ -362,18 +486,10 @@ def wait_for_descriptors(server: Server, at_most: int, what: str, advice: str) -
 def test_half_closed_clients_get_their_whole_echo(server: Server) -> None:
     payload = os.urandom(4 << 20)
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        def send() -> None:
-            try:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # the server went away: pump() reports what it saw
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
+        sender = Sender(sock, payload, shut_wr=True)
         pump(server, [sock], [payload], "a client that sends 4 MiB then shuts down its "
-             "sending side", lambda: not sender.is_alive(), half_closed=True)
-        sender.join(10)
+             "sending side", sender.done, half_closed=True)
+        sender.thread.join(10)
         sock.settimeout(DEADLINE)
         try:
             rest = sock.recv(1)
@@ -396,3 +512,75 @@ def test_reset_connections_are_closed(server: Server) -> None:
         "A reset connection makes read() fail with ECONNRESET (the event carries "
         "EPOLLERR/EPOLLHUP): an error other than EAGAIN/EINTR ends the connection, so "
         "close(fd) then, as for read() returning 0, or every reset leaks a descriptor.")
+
+
+def test_more_than_1024_connections_each_get_their_own_echo(server: Server) -> None:
+    """MANY connections open at once: the server's descriptors go past 1023, where a table
+    of 1024 connections indexed by descriptor ends, and select()'s fd_set too."""
+    soft, hard = raise_nofile(NOFILE)
+    if min(soft, server.nofile()) < MANY + 64:
+        pytest.fail(
+            f"this machine lets the verification open {soft} files and the server "
+            f"{server.nofile()} (hard limit {hard}, which the verification may not raise): "
+            f"{MANY} connections at once need {MANY + 64} on each side\nNot your server's "
+            "fault: raise the hard limit on open files (ulimit -Hn, LimitNOFILE=) for the "
+            "user running labrunner.", pytrace=False)
+    what = f"{MANY} connections open at once"
+
+    def lost(seen: str) -> str:
+        if server.exiting():   # its connections reset as it exits: its report is coming
+            server.proc.wait(DEADLINE)
+        if server.exited() is None:
+            held, top = server.fds(), server.highest_fd()
+            return (
+                f"{what}: {seen}, the server holding {held} descriptors, the highest {top}"
+                + (": it drops connections past 1024 (a fixed table of 1024 connections)"
+                   if top < 1024 or held < 1024 + 16 else "")
+                + "\n" + table_of_1024(server))
+        time.sleep(0.05)   # the drain thread's last lines
+        report = [line for line in server.stderr.decode(errors="replace").splitlines()
+                  if re.search(r"ERROR: AddressSanitizer|runtime error|is located|SUMMARY|"
+                               r"overflow detected", line)]
+        culprit = ("select()'s fd_set, FD_SETSIZE 1024" if re.search(
+            r"fd_mask|fd_set|fdelt", " ".join(report)) else "a fixed table of 1024 connections")
+        return (f"{what}: the server crashed (exit status {server.proc.returncode}) once its "
+                f"descriptors went past 1023 ({culprit}): {seen}\n{table_of_1024(server)}\n"
+                + ("\n".join(report) or server.stderr.decode(errors="replace")[-1200:]))
+
+    socks: list[socket.socket] = []
+    try:
+        refused: OSError | None = None
+        while len(socks) < MANY and refused is None:
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", server.port)))
+            except OSError as exc:
+                refused = exc
+        if refused is not None:
+            if server.exited() is None and not server.exiting():
+                raise refused
+            pytest.fail(lost(f"connection {len(socks)} could not connect ({refused})"),
+                        pytrace=False)
+        messages = [f"connection {i} of {MANY}\n".encode() for i in range(MANY)]
+        for sock, message in zip(socks, messages, strict=True):
+            sock.sendall(message)
+        pump(server, socks, messages, what, lost=lost)
+        top = server.highest_fd()
+        assert top >= 1024, (
+            f"{what}, each echoed: the server's highest descriptor is {top}, expected "
+            f"{MANY} connections to hold descriptors past 1023 at once\nAn echo server "
+            "keeps each connection open until its client closes it.")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def table_of_1024(server: Server) -> str:
+    return (
+        "A descriptor is the lowest number free, up to the limit on open files (the "
+        f"verification gave the server {server.limit}), so more than 1024 connections at "
+        "once get descriptors of 1024 and above. A fixed table of 1024 connections "
+        "(conns[1024], the fd used as index into a fixed array) overflows or refuses there, "
+        "and so does select()'s fd_set (FD_SETSIZE is 1024: FD_SET, FD_ISSET on a higher "
+        "descriptor is undefined behaviour). Size the table dynamically: grow it (realloc) "
+        "when a descriptor does not fit, or key it by a map; and watch descriptors with "
+        "epoll only, which has no such bound.")
