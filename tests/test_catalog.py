@@ -111,3 +111,27 @@ def test_a_draft_lab_is_listed_but_never_run(tmp_path: Path) -> None:
     assert catalog.concept("ph2.5").lab is None
     assert [d.path for d in catalog.drafts] == [folder.resolve()]
     assert catalog.labs == []
+
+
+def test_parsed_lab_files_are_kept_by_content_and_an_edit_or_a_break_is_seen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog keeps parsed lab.toml files in the user's cache: a second load reads them
+    from there, an edited file is read again, a file broken after it was kept still fails."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "pyproject.toml").write_text("")
+    folder = _lab(tmp_path, 'id = "ph2.5"\nslug = "isolation-levels"\n'
+                            'learner_files = ["a.py"]\npoints = 10')
+    assert load_catalog(tmp_path).lab("ph2.5").points == 10
+    assert (tmp_path / "cache" / "labrunner" / "lab-toml.json").is_file()
+    assert load_catalog(tmp_path).lab("ph2.5").points == 10
+    (folder / "lab.toml").write_text('id = "ph2.5"\nslug = "isolation-levels"\n'
+                                     'learner_files = ["a.py"]\npoints = 20')
+    assert load_catalog(tmp_path).lab("ph2.5").points == 20
+    (folder / "lab.toml").write_text('id = "ph2.5"\nslug = "isolation-levels"\n'
+                                     'learner_files = ["a.py"]\npoints = "ten"')
+    with pytest.raises(CatalogError, match="field 'points'"):
+        load_catalog(tmp_path)
+    (tmp_path / "cache" / "labrunner" / "lab-toml.json").write_text("{not json")
+    (folder / "lab.toml").write_text('id = "ph2.5"\nslug = "isolation-levels"\n'
+                                     'learner_files = ["a.py"]\npoints = 30')
+    assert load_catalog(tmp_path).lab("ph2.5").points == 30

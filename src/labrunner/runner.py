@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -336,25 +337,51 @@ def _wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
     seconds, not the whole budget. Its threads' stacks go to its output first."""
     deadline = time.monotonic() + budget
     finished_at: float | None = None
-    while True:
-        try:
-            proc.wait(timeout=0.2)
-            return False
-        except subprocess.TimeoutExpired:
-            pass
-        now = time.monotonic()
-        if finished_at is None and records and records[-1].get("kind") == FINISHED:
-            finished_at = now
-        if finished_at is not None and now - finished_at > EXIT_GRACE:
-            lingered[0] = True
-            try:
-                os.kill(proc.pid, signal.SIGUSR1)   # faulthandler: every thread's stack
-                proc.wait(timeout=1)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-            return False
-        if now > deadline:
+    with _exit_watch(proc) as exited:
+        while not exited(0.2):
+            now = time.monotonic()
+            if finished_at is None and records and records[-1].get("kind") == FINISHED:
+                finished_at = now
+            if finished_at is not None and now - finished_at > EXIT_GRACE:
+                lingered[0] = True
+                try:
+                    os.kill(proc.pid, signal.SIGUSR1)   # faulthandler: every thread's stack
+                    proc.wait(timeout=1)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+                return False
+            if now > deadline:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _exit_watch(proc: subprocess.Popen[bytes]) -> Iterator[Callable[[float], bool]]:
+    """``exited(timeout)``: whether ``proc`` exited (reaped), waiting at most ``timeout``
+    seconds and waking the moment it exits: a pidfd in select(), where subprocess' own
+    timed wait looks every 50 ms (25 ms of every lab's run on average)."""
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):   # an old kernel: subprocess' polling wait
+        pidfd = None
+
+    def exited(timeout: float) -> bool:
+        if pidfd is not None:
+            if not select.select([pidfd], [], [], timeout)[0]:
+                return False
+            proc.wait()
             return True
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    try:
+        yield exited
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
