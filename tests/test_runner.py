@@ -104,7 +104,7 @@ def test_a_thread_left_running_costs_the_exit_grace_not_the_budget(run) -> None:
     # A non-daemon thread keeps the interpreter from exiting after the last test: the
     # runner waits EXIT_GRACE once the session reported its end, then dumps every thread's
     # stack into the output and stops the process. The outcomes already reported stand.
-    from labrunner.runner import EXIT_GRACE
+    from labrunner.lab_exit import EXIT_GRACE
 
     result = run(SOLUTION + "\nimport threading, time\n"
                  "def linger_forever():\n    time.sleep(3600)\n"

@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,9 +31,9 @@ from .channel import (
     ENV_REPORT_FD,
     ENV_RUN_ID,
     ENV_SERVICES,
-    FINISHED,
     read_signed,
 )
+from .lab_exit import kill_group, wait_for_exit
 from .learner import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN
 from .scoring import Ended, LabResult, TestResult, clean_text, score
 from .services.local.process import _die_with_parent, become
@@ -312,9 +310,9 @@ def _run_lab(
     timed_out = False
     lingered = [False]
     try:
-        timed_out = _wait_for_exit(proc, budget, records, lingered)
+        timed_out = wait_for_exit(proc, budget, records, lingered)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
         if on_process:
             on_process(None)
         shutil.rmtree(workdir, ignore_errors=True)   # on Ctrl-C too
@@ -323,83 +321,6 @@ def _run_lab(
     text = b"".join(output).decode("utf-8", errors="replace")
     return score(lab, records, Ended(proc.returncode, timed_out, budget, text, started,
                                      on_its_own=not timed_out and not lingered[0]))
-
-
-# Seconds a verification may take to exit once it reported that its session finished.
-EXIT_GRACE = 10.0
-
-
-def _wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
-                   records: list[dict[str, Any]], lingered: list[bool]) -> bool:
-    """Wait for the verification to exit; True if it ran out of ``budget``. Once it has
-    reported the end of its session, it gets EXIT_GRACE seconds more: something still
-    running in it (a non-daemon thread of the learner's, a stuck clean-up) then costs those
-    seconds, not the whole budget. Its threads' stacks go to its output first."""
-    deadline = time.monotonic() + budget
-    finished_at: float | None = None
-    with _exit_watch(proc) as exited:
-        while not exited(0.2):
-            now = time.monotonic()
-            if finished_at is None and records and records[-1].get("kind") == FINISHED:
-                finished_at = now
-            if finished_at is not None and now - finished_at > EXIT_GRACE:
-                lingered[0] = True
-                try:
-                    os.kill(proc.pid, signal.SIGUSR1)   # faulthandler: every thread's stack
-                    proc.wait(timeout=1)
-                except (OSError, subprocess.TimeoutExpired):
-                    pass
-                return False
-            if now > deadline:
-                return True
-    return False
-
-
-@contextlib.contextmanager
-def _exit_watch(proc: subprocess.Popen[bytes]) -> Iterator[Callable[[float], bool]]:
-    """``exited(timeout)``: whether ``proc`` exited (reaped), waiting at most ``timeout``
-    seconds and waking the moment it exits: a pidfd in select(), where subprocess' own
-    timed wait looks every 50 ms (25 ms of every lab's run on average)."""
-    try:
-        pidfd: int | None = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):   # an old kernel: subprocess' polling wait
-        pidfd = None
-
-    def exited(timeout: float) -> bool:
-        if pidfd is not None:
-            if not select.select([pidfd], [], [], timeout)[0]:
-                return False
-            proc.wait()
-            return True
-        try:
-            proc.wait(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-
-    try:
-        yield exited
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=3)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    # Whatever the tests left in that group (servers they started) goes too.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class Readiness(Protocol):
@@ -495,7 +416,7 @@ class _Scheduler:
         with self.lock:
             procs = list(self.running.values())
         for proc in procs:
-            _kill_group(proc)
+            kill_group(proc)
 
 
 def run_all(plan: RunPlan, on_result: Callable[[LabResult], None],

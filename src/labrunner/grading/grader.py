@@ -20,7 +20,8 @@ from typing import Any
 from ..catalog import Lab
 from ..cgroups import MemoryCgroup
 from ..channel import ENV_LEARNER_HOME, ENV_SHARED_DIR
-from ..runner import LabResult, Sandbox, _kill_group, clean_text, run_lab
+from ..lab_exit import kill_group
+from ..runner import LabResult, Sandbox, clean_text, run_lab
 from ..services.base import ServiceError
 from ..services.local.process import fast_temp_root
 from .config import (
@@ -273,7 +274,7 @@ class Grader:
         with self.lock:
             procs = list(self.running.values())
         for proc in procs:
-            _kill_group(proc)
+            kill_group(proc)
 
     def grade(self, submission: Submission, slot: _Slot,
               cancelled: threading.Event) -> dict[str, Any] | None:

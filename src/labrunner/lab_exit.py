@@ -1,0 +1,92 @@
+"""How a lab's pytest process ends: waited for within its budget (with a grace period once it
+reported the end of its session, and every thread's stack when it lingers past it), seen the
+moment it exits, and its whole process group killed after."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .channel import FINISHED
+
+# Seconds a verification may take to exit once it reported that its session finished.
+EXIT_GRACE = 10.0
+
+
+def wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
+                  records: list[dict[str, Any]], lingered: list[bool]) -> bool:
+    """Wait for the verification to exit; True if it ran out of ``budget``. Once it has
+    reported the end of its session, it gets EXIT_GRACE seconds more: something still
+    running in it (a non-daemon thread of the learner's, a stuck clean-up) then costs those
+    seconds, not the whole budget. Its threads' stacks go to its output first."""
+    deadline = time.monotonic() + budget
+    finished_at: float | None = None
+    with _exit_watch(proc) as exited:
+        while not exited(0.2):
+            now = time.monotonic()
+            if finished_at is None and records and records[-1].get("kind") == FINISHED:
+                finished_at = now
+            if finished_at is not None and now - finished_at > EXIT_GRACE:
+                lingered[0] = True
+                try:
+                    os.kill(proc.pid, signal.SIGUSR1)   # faulthandler: every thread's stack
+                    proc.wait(timeout=1)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+                return False
+            if now > deadline:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _exit_watch(proc: subprocess.Popen[bytes]) -> Iterator[Callable[[float], bool]]:
+    """``exited(timeout)``: whether ``proc`` exited (reaped), waiting at most ``timeout``
+    seconds and waking the moment it exits: a pidfd in select(), where subprocess' own
+    timed wait looks every 50 ms (25 ms of every lab's run on average)."""
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):   # an old kernel: subprocess' polling wait
+        pidfd = None
+
+    def exited(timeout: float) -> bool:
+        if pidfd is not None:
+            if not select.select([pidfd], [], [], timeout)[0]:
+                return False
+            proc.wait()
+            return True
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    try:
+        yield exited
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=3)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Whatever the tests left in that group (servers they started) goes too.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
