@@ -58,11 +58,18 @@ ensure_packages() {
     command -v ip >/dev/null || missing+=(iproute2)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]} with apt"
-        # The pristine-root stage may be using apt beside us: wait for its lock.
-        $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
-            install -y -q --no-install-recommends \
-            "${missing[@]}" >/dev/null
+        # The pristine-root stage may be using apt beside us: apt's lock timeout covers
+        # dpkg's lock, not the package lists' (apt-get update fails at once), so both stages
+        # take this lock around their apt work (as scripts/ci-pristine-root.sh does).
+        local apt_lock=/tmp/labrunner-apt.lock
+        [ -e "$apt_lock" ] || { : >"$apt_lock"; chmod 666 "$apt_lock" 2>/dev/null || true; }
+        (
+            flock 7
+            $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
+            $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
+                install -y -q --no-install-recommends \
+                "${missing[@]}" >/dev/null
+        ) 7<"$apt_lock"
     fi
     if ! command -v docker >/dev/null; then
         die "no docker client after installing docker.io"

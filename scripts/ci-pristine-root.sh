@@ -54,6 +54,7 @@ done
 STATUS=0
 FAILED=()
 NS_PID=""
+APT_LOCK=/tmp/labrunner-apt.lock   # shared with docker/ci-docker.sh
 CURRENT=""
 
 # --- the base and the fresh roots ------------------------------------------------------------
@@ -65,9 +66,16 @@ base_tarball() {
     fi
     if ! command -v debootstrap >/dev/null && [ ! -x /usr/sbin/debootstrap ]; then
         log "installing debootstrap with apt"
-        apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
-            --no-install-recommends debootstrap >/dev/null
+        # The docker stage may be installing its packages beside us: apt's own lock timeout
+        # covers dpkg's lock but not the package lists' (apt-get update fails at once), so
+        # both stages take this lock around their apt work (as docker/ci-docker.sh does).
+        [ -e "$APT_LOCK" ] || { : >"$APT_LOCK"; chmod 666 "$APT_LOCK"; }
+        (
+            flock 7
+            apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+                --no-install-recommends debootstrap >/dev/null
+        ) 7<"$APT_LOCK"
     fi
     # Made by the docker stage's script, under its lock: that stage may be making it now.
     LABRUNNER_DOCKER_CACHE="$CACHE" LABRUNNER_DEBIAN_SUITE="$SUITE" \
