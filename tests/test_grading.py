@@ -465,6 +465,54 @@ def test_sanitized_c_lab_grades_despite_the_memory_limit(tmp_path: Path) -> None
                                                           ).read_text()[:3000]
 
 
+def wrong_solution(lab: str, name: str, wrong: str) -> str:
+    """The reference with one of the lab's wrong/ diffs applied."""
+    folder = Path(tempfile.mkdtemp(prefix="lr-wrong-"))
+    try:
+        (folder / name).write_text(solution(lab, name))
+        subprocess.run(["patch", "-p1", "-s", "-f", "-d", str(folder)],
+                       input=(REPO / "labs" / lab / "wrong" / f"{wrong}.diff").read_text(),
+                       text=True, check=True, capture_output=True)
+        return (folder / name).read_text()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@needs_root
+def test_c_labs_run_programs_as_the_learner_and_read_their_proc_beside_them(
+        tmp_path: Path) -> None:
+    """When grading, a C lab's programs run as the learner's uid (learner.popen / run), in a
+    /proc the verification's uid cannot see (hidepid): its readings of them (descriptors,
+    threads, the system call they sleep in, epoll sets) go through a host of the learner's
+    uid. A reading that came back empty there once let ph0.7's descriptor leak score full
+    marks; ph3.c, ph4.3, ph4.4 and ph7.12 started the binary as the verification's uid."""
+    cohort = tmp_path / "cohort"
+    labs = {"ph0.7": ("ph0/07-accept-loop", "server.c"),
+            "ph3.c": ("../c_examples/jwt_verify", "jwt_verify.c"),
+            "ph4.3": ("ph4/03-lock-free-cas", "stack.c"),
+            "ph4.4": ("ph4/04-io-multiplexing", "server.c"),
+            "ph7.12": ("ph7/12-graceful-shutdown", "server.c")}
+    workspace(cohort / "solved", {f"{lab.removeprefix('../')}/{name}": solution(lab, name)
+                                  for lab, name in labs.values()})
+    workspace(cohort / "wrong", {
+        "ph0/07-accept-loop/server.c": wrong_solution("ph0/07-accept-loop", "server.c",
+                                                      "leak_fd_on_reset"),
+        "ph4/04-io-multiplexing/server.c": wrong_solution(
+            "ph4/04-io-multiplexing", "server.c", "no_epollout_registered")})
+    out = tmp_path / "out"
+    selects = [arg for lab_id in labs for arg in ("--select", lab_id)]
+    done = grade_real(str(cohort), *selects, "--out", str(out), "--backend", "local",
+                      "--jobs", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert statuses(out, "solved") == dict.fromkeys(labs, "pass"), (
+        out / "results" / "solved.json").read_text()[:3000]
+    wrong = json.loads((out / "results" / "wrong.json").read_text())
+    messages = {c["id"]: c["message"] for c in wrong["concepts"] if c["status"] == "fail"}
+    assert "descriptors are still open" in messages.get("ph0.7", ""), wrong
+    assert "no connection is registered for EPOLLOUT" in messages.get("ph4.4", ""), wrong
+    assert not _sandbox_processes(out)
+
+
 # --------------------------------------------------------------------------------------
 # Issue 13 and 23: attacks on the grader itself
 

@@ -4,6 +4,7 @@ through the real runner against real services (the same checks as `labrunner dev
 
 from __future__ import annotations
 
+import ast
 import subprocess
 from pathlib import Path
 
@@ -67,3 +68,37 @@ def test_every_c_reference_builds_warning_free(tmp_path: Path) -> None:
 def test_labs_exist() -> None:
     assert LABS, "no labs found"
     assert all(isinstance(lab, Lab) for lab in LABS)
+
+
+def _programs_started_as_the_tests(source: str) -> list[str]:
+    """Calls in a lab's tests that start a program with subprocess themselves, other than
+    the test's own tools named by a literal first argument (["cc", ...], ["make", ...])."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        func = node.func
+        if not (isinstance(func.value, ast.Name) and func.value.id == "subprocess"
+                and func.attr in ("Popen", "run", "call", "check_call", "check_output")):
+            continue
+        argv = node.args[0] if node.args else None
+        own_tool = isinstance(argv, ast.List) and bool(argv.elts) and \
+            isinstance(argv.elts[0], ast.Constant) and isinstance(argv.elts[0].value, str) \
+            and not argv.elts[0].value.startswith(("/", "."))
+        if not own_tool:
+            shown = ast.unparse(argv) if argv else ""
+            found.append(f"line {node.lineno}: subprocess.{func.attr}({shown})")
+    return found
+
+
+@pytest.mark.parametrize("lab", [lab for lab in LABS if lab.language == "c"],
+                         ids=lambda lab: lab.id)
+def test_c_labs_start_the_learners_programs_through_learner(lab: Lab) -> None:
+    """A C lab's binary is the learner's code: under grading it must run as the learner's
+    uid (learner.popen / learner.run), never as the verification's, which subprocess would
+    do (see docs/GRADING.md)."""
+    offending = [f"{file.name} {call}" for file in sorted(lab.path.glob("test_*.py"))
+                 for call in _programs_started_as_the_tests(file.read_text())]
+    assert not offending, (
+        f"{lab.id} starts programs with subprocess itself: {offending}; start the learner's "
+        "binary with learner.popen or learner.run")

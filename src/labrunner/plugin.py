@@ -271,8 +271,10 @@ class Learner:
         """Run ``helper(*args)`` where the learner's code runs and return its result: one
         of labrunner's own functions, such as ``labrunner.testing.generate_stubs`` (the gRPC
         stubs the learner's module imports) or ``threads_waiting_in`` (what the learner's
-        threads are doing). Plain data comes back as a copy, anything else as a proxy."""
-        host = self._learner_host()
+        threads are doing). Plain data comes back as a copy, anything else as a proxy.
+        For a C lab when grading, that is a process of the learner's uid beside its programs
+        (``popen``): what they do is in a /proc the verification's uid cannot read."""
+        host = self._learner_host(beside_programs=True)
         if host is not None:
             return host.run_helper(helper, args)
         return helper(*args)
@@ -300,11 +302,18 @@ class Learner:
         self._harness = mod
         return mod  # type: ignore[no-any-return]
 
-    def _learner_host(self) -> LearnerHost | None:
-        how = os.environ.get(ENV_LEARNER_HOST) if self.lab.learner_code_in_own_process else None
-        if how and self._host is None:
+    def _learner_host(self, beside_programs: bool = False) -> LearnerHost | None:
+        """The process the learner's code runs in, when it is not this one; with
+        ``beside_programs``, for a C lab under grading too: a host of the learner's uid, the
+        uid its programs run as."""
+        how = os.environ.get(ENV_LEARNER_HOST, "")
+        apart = self.lab.learner_code_in_own_process or (
+            beside_programs and self.lab.language != "python" and how.startswith(FACTORY_PREFIX))
+        if not how or not apart:
+            return None
+        if self._host is None:
             self._host = LearnerHost.start(how)
-        return self._host if how else None
+        return self._host
 
     def function(self, module: str, name: str) -> Callable[..., Any]:
         """A function the lab asks for, with a clear failure when it is missing."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,33 +33,28 @@ SANITIZER_ENV = {
     "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
 }
 
-_builds: dict[Path, Path] = {}
-_shim: list[Path] = []
+@pytest.fixture
+def gate(learner: Any) -> tuple[Path, Path]:
+    """(gate_shim.c built: preloaded, it holds one step of one request until the test opens
+    a FIFO - see its header; that FIFO), in a folder the server can read: it runs as the
+    learner's uid when grading (learner.popen)."""
+    folder = learner.tmp_folder()
+    shim = folder / "gate_shim.so"
+    done = subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(shim),
+                           str(Path(__file__).with_name("gate_shim.c")), "-ldl"],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the test's gate_shim.c did not build: {done.stderr}")
+    fifo = folder / "gate"
+    os.mkfifo(fifo)
+    os.chmod(fifo, 0o644)   # the server opens it to read; only the test writes
+    return shim, fifo
 
 
 @pytest.fixture
-def gate_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """gate_shim.c (next to this file) built once: preloaded, it holds one step of one
-    request until the test opens a FIFO - see its header."""
-    if not _shim:
-        out = tmp_path_factory.mktemp("gate") / "gate_shim.so"
-        done = subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(out),
-                               str(Path(__file__).with_name("gate_shim.c")), "-ldl"],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"the test's gate_shim.c did not build: {done.stderr}")
-        _shim.append(out)
-    return _shim[0]
-
-
-@pytest.fixture
-def binary(learner: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if learner.dir not in _builds:
-        built = learner.build() / "graceful_server"
-        keep = tmp_path_factory.mktemp("graceful") / "graceful_server"
-        shutil.copy2(built, keep)
-        _builds[learner.dir] = keep
-    return _builds[learner.dir]
+def binary(learner: Any) -> Path:
+    """Built with the c_examples Makefile (once per session: learner.build() keeps it)."""
+    return learner.build() / "graceful_server"  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -116,7 +110,7 @@ class Server:
 
 
 @pytest.fixture
-def launch(binary: Path) -> Iterator[Any]:
+def launch(learner: Any, binary: Path) -> Iterator[Any]:
     started: list[Server] = []
 
     def start(drain_ms: int = 30000, leak_check: bool = True,
@@ -128,8 +122,9 @@ def launch(binary: Path) -> Iterator[Any]:
             env["LD_PRELOAD"] = str(gate[0])
             env["SHUTDOWN_TEST_HOLD"], env["SHUTDOWN_TEST_GATE"] = gate[1], str(gate[2])
             env["ASAN_OPTIONS"] += ":verify_asan_link_order=0"
-        proc = subprocess.Popen([str(binary), "0", str(drain_ms)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env)
+        # learner.popen: when grading, the learner's binary runs as the learner's uid.
+        proc = learner.popen([str(binary), "0", str(drain_ms)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env)
         server = Server(proc)
         started.append(server)
         server.wait_ready()
@@ -365,9 +360,8 @@ def open_gate(fifo: Path, *, wait: bool = True) -> None:
 
 
 def test_a_request_accepted_before_sigterm_is_drained_even_if_its_thread_has_not_run(
-        launch: Any, gate_shim: Path, tmp_path: Path) -> None:
-    fifo = tmp_path / "gate"
-    os.mkfifo(fifo)
+        launch: Any, gate: tuple[Path, Path]) -> None:
+    gate_shim, fifo = gate
     server = launch(leak_check=False, gate=(gate_shim, "worker", fifo))
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
     try:
@@ -403,9 +397,8 @@ def test_a_request_accepted_before_sigterm_is_drained_even_if_its_thread_has_not
 
 
 def test_a_request_counts_as_in_flight_until_its_answer_is_out(
-        launch: Any, gate_shim: Path, tmp_path: Path) -> None:
-    fifo = tmp_path / "gate"
-    os.mkfifo(fifo)
+        launch: Any, gate: tuple[Path, Path]) -> None:
+    gate_shim, fifo = gate
     server = launch(leak_check=False, gate=(gate_shim, "done", fifo))
     request = Slow(server.port, "last")
     try:

@@ -24,6 +24,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   inside it, and :func:`process_threads` / :func:`process_resources` count the threads
   (descriptors, memory) of a learner's program beside it, through ``learner.run_helper``,
   and :func:`process_activity` tells whether it sleeps while work waits for it;
+  :func:`open_descriptors`, :func:`open_files_limit` and :func:`epoll_interest` read which
+  descriptors it holds, its limit on them and what its epoll sets watch;
 * :func:`call` is the request most HTTP labs send (a JSON document or bytes, headers);
 * :func:`read_all` reads a Kafka topic back to its end (:class:`KafkaRecord`);
 * :class:`KafkaProxy` is a TCP proxy in front of the Kafka broker that reads the protocol:
@@ -50,8 +52,11 @@ learner's (a ``.proto`` protoc rejects, a body that is not JSON), like the plugi
 
 from .beside import (
     TcpSocket,
+    epoll_interest,
     file_bytes,
     listening_ports,
+    open_descriptors,
+    open_files_limit,
     process_activity,
     process_resources,
     process_threads,
@@ -96,12 +101,15 @@ __all__ = [
     "TlsOnce",
     "call",
     "drain",
+    "epoll_interest",
     "file_bytes",
     "generate_stubs",
     "http_request",
     "listening_ports",
     "next_message",
     "objects_alive",
+    "open_descriptors",
+    "open_files_limit",
     "process_activity",
     "process_resources",
     "process_threads",

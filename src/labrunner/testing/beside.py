@@ -4,6 +4,7 @@ own, when grading), and the probes that observe the learner's process from insid
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable
@@ -130,6 +131,52 @@ def process_activity(pid: int) -> tuple[int, int, tuple[tuple[int, int, int], ..
     if not threads:
         return -1, -1, ()
     return awake, cpu, tuple(threads)
+
+
+
+def open_descriptors(pid: int) -> list[int] | None:
+    """The descriptor numbers process ``pid`` holds (its /proc/<pid>/fd), sorted; None when
+    it is gone or out of sight. Run it beside the learner's program when grading hides its
+    /proc (ph4.4: the highest descriptor of a server holding 1,100 connections)."""
+    try:
+        return sorted(int(fd.name) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except (OSError, ValueError):
+        return None
+
+
+def open_files_limit(pid: int) -> int:
+    """Process ``pid``'s own soft limit on open files (/proc/<pid>/limits); -1 when it is
+    gone or out of sight."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    except (OSError, IndexError, ValueError):
+        pass
+    return -1
+
+
+def epoll_interest(pid: int) -> dict[int, tuple[int, str]]:
+    """Every descriptor in the epoll sets of process ``pid``: {descriptor: (the events mask
+    it is registered with, what it is: its /proc/<pid>/fd link, such as socket:[inode])},
+    from /proc/<pid>/fdinfo; empty when it is gone or out of sight. Run it beside the
+    learner's program when grading hides its /proc (ph4.4 reads EPOLLOUT and EPOLLET)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    interest: dict[int, tuple[int, str]] = {}
+    try:
+        for fd in fd_dir.iterdir():
+            if os.readlink(fd) != "anon_inode:[eventpoll]":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+            for match in re.finditer(r"tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)", info):
+                try:
+                    target = os.readlink(fd_dir / match.group(1))
+                except OSError:
+                    continue   # closed since
+                interest[int(match.group(1))] = (int(match.group(2), 16), target)
+    except OSError:
+        pass
+    return interest
 
 
 @dataclass(frozen=True)
