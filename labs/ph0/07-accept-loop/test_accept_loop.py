@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import listening_ports, process_resources
+from labrunner.testing import listening_ports, process_resources, program_reading
 
 READY = 3.0      # seconds for the server to print "listening on <port>"
 WAIT = 3.0       # seconds for an echo, or for the process to exit after SIGTERM
@@ -55,9 +55,7 @@ class Server:
     def read(self, helper: Any) -> Any:
         """A /proc reading of the server process: here when the test can see it, else
         beside the learner's program (grading runs it as another user)."""
-        if Path(f"/proc/{self.proc.pid}/task").is_dir() or self.learner is None:
-            return helper(self.proc.pid)
-        return self.learner.run_helper(helper, self.proc.pid)
+        return program_reading(self.learner, self.proc, helper)
 
     def descriptors(self) -> int:
         return int(self.read(process_resources)[1])

@@ -36,6 +36,7 @@ from labrunner.testing import (
     open_files_limit,
     process_activity,
     process_threads,
+    program_reading,
 )
 
 BURST = 8 << 20          # 8 MiB in one go: far more than any one read() returns
@@ -121,9 +122,7 @@ class Server:
         """A /proc reading of the server process: here when the test can see it, else
         beside the learner's program (grading runs it as another user, whose /proc the
         test's user cannot read)."""
-        if Path(f"/proc/{self.pid}/task").is_dir():
-            return helper(self.pid)
-        return self.learner.run_helper(helper, self.pid)
+        return program_reading(self.learner, self.proc, helper)
 
     def threads(self) -> int:
         return int(self.read(process_threads))
@@ -136,8 +135,11 @@ class Server:
 
     def exiting(self) -> bool:
         """Its descriptors are closed: a process on its way out (it always holds its
-        listening socket while it lives)."""
-        return not self.descriptors()
+        listening socket while it lives): its /proc unreadable counts too, as it goes."""
+        try:
+            return not self.descriptors()
+        except RuntimeError:
+            return True
 
     def highest_fd(self) -> int:
         return max(self.descriptors(), default=-1)

@@ -25,7 +25,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   (descriptors, memory) of a learner's program beside it, through ``learner.run_helper``,
   and :func:`process_activity` tells whether it sleeps while work waits for it;
   :func:`open_descriptors`, :func:`open_files_limit` and :func:`epoll_interest` read which
-  descriptors it holds, its limit on them and what its epoll sets watch;
+  descriptors it holds, its limit on them and what its epoll sets watch, and
+  :func:`program_reading` runs one of them where the program's /proc can be seen;
 * :func:`call` is the request most HTTP labs send (a JSON document or bytes, headers);
 * :func:`read_all` reads a Kafka topic back to its end (:class:`KafkaRecord`);
 * :class:`KafkaProxy` is a TCP proxy in front of the Kafka broker that reads the protocol:
@@ -60,6 +61,7 @@ from .beside import (
     process_activity,
     process_resources,
     process_threads,
+    program_reading,
     tcp_sockets,
     threads_waiting_in,
 )
@@ -113,6 +115,7 @@ __all__ = [
     "process_activity",
     "process_resources",
     "process_threads",
+    "program_reading",
     "read_all",
     "redis_commands",
     "redis_gate",

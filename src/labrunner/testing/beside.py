@@ -134,6 +134,34 @@ def process_activity(pid: int) -> tuple[int, int, tuple[tuple[int, int, int], ..
 
 
 
+def _unreadable(value: Any) -> bool:
+    """The "gone or out of sight" answer of the /proc helpers here: -1, None, or a tuple
+    whose first item is -1."""
+    if value is None:
+        return True
+    if isinstance(value, tuple):
+        return bool(value) and value[0] == -1
+    return isinstance(value, int) and value == -1
+
+
+def program_reading(learner: Any, proc: Any, helper: Callable[[int], Any]) -> Any:
+    """``helper(proc.pid)`` for one of the learner's programs (``learner.popen``), read where
+    its /proc can be seen: here when it can, else beside it (``learner.run_helper``: under
+    grading the program runs as the learner's uid, hidden from the verification's). A
+    reading that comes back empty while the program still runs raises instead of being
+    returned: a check given -1 for "no descriptors" would judge nothing (ph0.7 did, under
+    grading, until this)."""
+    pid = int(proc.pid)
+    value = helper(pid) if Path(f"/proc/{pid}/task").is_dir() or learner is None else None
+    if _unreadable(value) and learner is not None:
+        value = learner.run_helper(helper, pid)
+    if _unreadable(value) and proc.poll() is None:
+        raise RuntimeError(
+            f"{helper.__name__}({pid}): the /proc of the learner's running program could not "
+            "be read, here or beside it: the verification cannot judge it")
+    return value
+
+
 def open_descriptors(pid: int) -> list[int] | None:
     """The descriptor numbers process ``pid`` holds (its /proc/<pid>/fd), sorted; None when
     it is gone or out of sight. Run it beside the learner's program when grading hides its
