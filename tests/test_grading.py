@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -524,7 +525,9 @@ ATTACKS = FIXTURES / "attacks"
 def test_learner_programs_and_proxies_cannot_reach_the_tests_process(tmp_path: Path) -> None:
     """evil-c-forge: a learner's C binary (started by the tests as learner.popen) looks for
     the tests process up its ancestry and in /proc and tries ptrace attach, /proc/<pid>/mem,
-    pidfd_getfd and SIGKILL on it: every one fails, and it scores 0. evil-class-patch: a
+    pidfd_getfd and SIGKILL on it: every one fails, and it scores 0. Its own uid's processes
+    above it (its monitor, the factory that forks the hosts reading its /proc for the
+    tests) it can neither attach to nor read: they are not dumpable. evil-class-patch: a
     learner assigns psycopg's Cursor.fetchone (a class of the tests process) through the
     connection it was handed: refused, so it scores 0. The references beside them score
     full marks, graded at the same time (--jobs 2)."""
@@ -544,7 +547,10 @@ def test_learner_programs_and_proxies_cannot_reach_the_tests_process(tmp_path: P
     c_lab = next(c for c in forge["concepts"] if c["id"] == "ph0.7")
     assert c_lab["status"] == "fail", c_lab
     seen = [t["message"] for t in c_lab["tests"]]
-    assert any("ATTACK found=1 attached=0 mem=0 fds=0 killed=0" in m for m in seen), seen[:2]
+    # found: the tests process when the walk up reaches it, or the group and session
+    # leaders; own: at least its monitor.
+    assert any(re.search(r"ATTACK found=\d+ attached=0 mem=0 fds=0 killed=0 own=[1-9] "
+                         r"own_attached=0 own_mem=0", m) for m in seen), seen[:2]
     patch = json.loads((out / "results" / "evil-class-patch.json").read_text())
     message = next(c for c in patch["concepts"] if c["id"] == "ph2.5")["message"]
     assert "PATCHED" not in message and "cursor_factory.fetchone=refused" in message, message
