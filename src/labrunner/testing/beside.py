@@ -133,7 +133,6 @@ def process_activity(pid: int) -> tuple[int, int, tuple[tuple[int, int, int], ..
     return awake, cpu, tuple(threads)
 
 
-
 def _unreadable(value: Any) -> bool:
     """The "gone or out of sight" answer of the /proc helpers here: -1, None, or a tuple
     whose first item is -1."""
