@@ -5,6 +5,7 @@ through the real runner against real services (the same checks as `labrunner dev
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 from pathlib import Path
 
@@ -102,3 +103,20 @@ def test_c_labs_start_the_learners_programs_through_learner(lab: Lab) -> None:
     assert not offending, (
         f"{lab.id} starts programs with subprocess itself: {offending}; start the learner's "
         "binary with learner.popen or learner.run")
+
+
+OUTSIDE_THE_LAB = re.compile(r"__file__\)[^\n]*(\.parents\[\d+\]|\.parent\.parent)")
+
+
+@pytest.mark.parametrize("lab", LABS, ids=lambda lab: lab.id)
+def test_lab_tests_reach_nothing_outside_their_own_folder(lab: Lab) -> None:
+    """Grading runs a lab's tests from a private copy of that lab's folder alone (no
+    solution, no starter, no other lab): a path from the tests into a neighbouring folder
+    leads nowhere there, and every submission fails (ph6.7 read ph0.7's reference so, and
+    its own reference scored 0 in grading). Reach another lab through the catalog."""
+    offending = [f"{file.name}:{n}" for file in sorted(lab.path.rglob("*.py"))
+                 for n, line in enumerate(file.read_text().splitlines(), 1)
+                 if OUTSIDE_THE_LAB.search(line)]
+    assert not offending, (
+        f"{lab.id}: {offending} reach outside the lab's folder from __file__; use "
+        "labrunner.catalog.load_catalog().lab(ID) for another lab's files")
