@@ -57,6 +57,7 @@ from .learner import (
     load_harness_module,
 )
 from .service_fixtures import SessionServices, service_fixtures
+from .services.local.process import undumpable
 
 # --------------------------------------------------------------------------------------
 # Options
@@ -91,26 +92,14 @@ except OSError:
 _phase_outcomes: dict[str, dict[str, Any]] = {}
 
 
-def _undumpable() -> None:
-    """No process of this uid (a learner's binary or script a test starts, in a lab of any
-    kind) may attach to this one, read its memory or take its descriptors through /proc
-    or pidfd_getfd: PR_SET_DUMPABLE 0, before the key is read."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE 0
-    except (OSError, AttributeError):
-        pass
-
-
 if os.environ.get(ENV_REPORT_FD):
-    _undumpable()   # as this module is imported (-p loads it first), every lab, C or Python
+    undumpable()   # as this module is imported (-p loads it first), every lab, C or Python
 
 
 def pytest_configure(config: pytest.Config) -> None:
     global _reporter
     if os.environ.get(ENV_REPORT_FD):
-        _undumpable()
+        undumpable()
     _reporter = Reporter()
     if os.environ.get(ENV_LEARNER_HOST):
         _guard_the_verification()
@@ -124,7 +113,7 @@ def _guard_the_verification() -> None:
     fd = how.removeprefix(FACTORY_PREFIX)
     if how.startswith(FACTORY_PREFIX) and fd.isdigit():
         os.set_inheritable(int(fd), False)
-    _undumpable()
+    undumpable()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

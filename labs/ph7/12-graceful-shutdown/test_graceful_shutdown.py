@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,18 +34,26 @@ SANITIZER_ENV = {
     "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
 }
 
-@pytest.fixture
-def gate(learner: Any) -> tuple[Path, Path]:
-    """(gate_shim.c built: preloaded, it holds one step of one request until the test opens
-    a FIFO - see its header; that FIFO), in a folder the server can read: it runs as the
-    learner's uid when grading (learner.popen)."""
-    folder = learner.tmp_folder()
-    shim = folder / "gate_shim.so"
+@pytest.fixture(scope="session")
+def gate_shim_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gate_shim.c (next to this file) built once: preloaded, it holds one step of one
+    request until the test opens a FIFO - see its header."""
+    shim = tmp_path_factory.mktemp("gate") / "gate_shim.so"
     done = subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(shim),
                            str(Path(__file__).with_name("gate_shim.c")), "-ldl"],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the test's gate_shim.c did not build: {done.stderr}")
+    return shim
+
+
+@pytest.fixture
+def gate(learner: Any, gate_shim_built: Path) -> tuple[Path, Path]:
+    """(the gate shim, its FIFO) in a folder the server can read: it runs as the learner's
+    uid when grading (learner.popen), and the built shim's folder is the test's alone."""
+    folder = learner.tmp_folder()
+    shim = folder / "gate_shim.so"
+    shutil.copy2(gate_shim_built, shim)
     fifo = folder / "gate"
     os.mkfifo(fifo)
     os.chmod(fifo, 0o644)   # the server opens it to read; only the test writes

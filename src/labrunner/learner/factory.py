@@ -3,14 +3,13 @@ it forks one fresh host per request and starts the learner's programs."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import signal
 import socket
 import sys
 
-from ..services.local.process import become
+from ..services.local.process import become, undumpable
 from .host import _die_with_parent, serve_host
 
 # The field's libraries most learners' modules import, imported once here so that every
@@ -28,19 +27,14 @@ def _preload() -> None:
             pass
 
 
-def _undumpable() -> None:
-    """PR_SET_DUMPABLE 0, inherited by every host and program monitor forked from here: a
-    learner's program runs as this uid, and could otherwise attach to the factory, its own
-    monitor or a host (ptrace, /proc/<pid>/mem) and forge what a host reads of its /proc
-    for the verification. A program's exec makes it dumpable again, so a host may still
-    read its /proc."""
-    ctypes.CDLL(None, use_errno=True).prctl(4, 0)   # PR_SET_DUMPABLE
-
-
 def serve_factory(sock: socket.socket) -> None:
     """Fork one host per request; reply with its socket (SCM_RIGHTS) and its pid. Start
     the learner's programs the verification asks for (``programs``)."""
-    _undumpable()
+    # Inherited by every host and program monitor forked from here: a learner's program runs
+    # as this uid and could otherwise attach to them and forge what a host reads of its
+    # /proc for the verification. The program's own exec makes it dumpable again, so a host
+    # can still read its /proc.
+    undumpable()
     _die_with_parent()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # hosts are reaped by the kernel
     _preload()

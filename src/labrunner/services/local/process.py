@@ -29,6 +29,17 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def undumpable() -> None:
+    """PR_SET_DUMPABLE 0 for this process (and what it forks, until an exec): no process of
+    its uid may attach to it, read its memory or take its descriptors (ptrace, /proc/<pid>/mem,
+    pidfd_getfd). The verification does it before it reads its key; the learner factory, so
+    that a learner's program cannot reach the factory, a host or its own monitor."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):
+        pass
+
+
 def default_service_user() -> str | None:
     """The unprivileged account services run as when we are root (initdb refuses root):
     ``labrunner`` if the set-up created it, else ``nobody``. None when not root."""
