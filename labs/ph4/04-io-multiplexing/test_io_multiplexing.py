@@ -45,6 +45,7 @@ MANY = 1100              # at once: past a table of 1024 connections and select'
 NOFILE = 4096            # open files the test and the server may use (for MANY, with room)
 STALLED = 8              # consecutive stalled observations, 25 ms apart, that fail a test
 DEADLINE = 60.0          # a safety net only: stalls are diagnosed long before
+CLOSES_WITHIN = 10.0     # after the last byte of an echo to a half-closed client
 EPOLLOUT, EPOLLET = 0x4, 1 << 31
 EPOLL_WAIT = {232, 281, 441}          # epoll_wait, epoll_pwait, epoll_pwait2 (x86-64)
 READS = {0: "read()", 45: "recvfrom()/recv()", 19: "readv()"}
@@ -491,10 +492,19 @@ def test_half_closed_clients_get_their_whole_echo(server: Server) -> None:
         pump(server, [sock], [payload], "a client that sends 4 MiB then shuts down its "
              "sending side", sender.done, half_closed=True)
         sender.thread.join(10)
-        sock.settimeout(DEADLINE)
+        # The client is done: it sent everything and has its whole echo. The server must end
+        # the connection now; a client waiting for that end would otherwise wait forever.
+        sock.settimeout(CLOSES_WITHIN)
         try:
             rest = sock.recv(1)
-        except OSError:
+        except TimeoutError:
+            pytest.fail(
+                f"the server echoed all 4 MiB to a client that had shut down its sending side, "
+                f"then kept the connection open ({CLOSES_WITHIN:.0f} s): read() returning 0 "
+                "means the peer sends nothing more - note it, finish writing what is queued, "
+                "then close(fd), or that client waits for the end forever and the descriptor "
+                "leaks", pytrace=False)
+        except OSError:   # reset: closed, with our unread nothing
             rest = b""
         assert rest == b"", "after the whole echo the server sent more bytes than it got"
 

@@ -334,11 +334,21 @@ def test_backpressure_never_more_than_size(mod: ModuleType, pools: list[Any], se
     assert not errors, f"a request failed while the pool was busy: {errors[0]!r}"
     assert len(server.pids()) == 3, f"the server holds {len(server.pids())} connections, expected 3"
     server.holder.execute("SELECT pg_advisory_unlock(4242)")
+    # One deadline for all 8, not 30 s each: a right pool finishes them in milliseconds,
+    # and a pool whose waiters are never woken must not keep the run for their 60 s.
+    deadline = time.monotonic() + 15
     for c in calls:
-        c.join(30)
+        c.join(max(0.0, deadline - time.monotonic()))
+    stuck = [c for c in calls if c.is_alive()]
+    if stuck and len(stuck) < len(calls):
+        pytest.fail(f"{len(calls) - len(stuck)} of 8 requests finished once the lock was "
+                    f"released and gave their connections back, but {len(stuck)} were still "
+                    "waiting for a connection 15 s later: release() must wake a borrower "
+                    "waiting for one (notify the condition), or it sleeps until its "
+                    "acquire_timeout", pytrace=False)
     failed = [c for c in calls if c.error or c.is_alive()]
-    assert not failed, (f"{len(failed)} of 8 requests did not complete once the lock was "
-                        f"released: {failed[0].error!r}")
+    assert not failed, (f"{len(failed)} of 8 requests did not complete within 15 s once the "
+                        f"lock was released: {failed[0].error!r}")
     s = stats(pool)
     assert s["in_use"] == 0 and s["waiting"] == 0 and s["open"] <= 3, (
         f"after every request completed, stats() says {s}: expected nothing in use or "

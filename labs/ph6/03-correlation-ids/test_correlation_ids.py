@@ -332,6 +332,9 @@ def test_a_missing_reply_times_out_and_a_late_one_is_dropped(world: Any) -> None
         client.close()
 
 
+REPLY_WITHIN = 20.0   # seconds both calls may take to return once their replies are sent
+
+
 def test_two_clients_share_one_reply_topic(world: Any) -> None:
     mod, kafka, responder, requests, replies = world
     first = mod.RpcClient(kafka.bootstrap, requests, replies)
@@ -344,15 +347,22 @@ def test_two_clients_share_one_reply_topic(world: Any) -> None:
         for req in sorted(got, key=lambda r: -r.payload["n"]):
             n = req.payload["n"]
             responder.reply(req, {"n": n, "square": n * n}, replies)
+        # One deadline for both replies, not 60 s each: a right client has its reply within
+        # a second of it being sent; a wrong one must not keep the run for the calls' 60 s.
+        deadline = time.monotonic() + REPLY_WITHIN
         for n, (thread, out) in zip((10, 20), calls, strict=True):
-            thread.join(60)
+            thread.join(max(0.0, deadline - time.monotonic()))
             if out.get("value") != {"n": n, "square": n * n}:
                 fail_if_reading_through_a_group(
                     kafka, replies, f"two clients on one reply topic: the call for n={n} "
                     "never got its reply")
+            assert not thread.is_alive(), (
+                f"two clients on one reply topic: the call for n={n} had not returned "
+                f"{REPLY_WITHIN:.0f} s after its reply was sent - each client must see the "
+                "replies to its own requests, whichever client wrote the other request")
             assert out.get("value") == {"n": n, "square": n * n}, (
                 f"two clients on one reply topic: the call for n={n} returned "
-                f"{out.get('value', out.get('error', 'nothing yet'))!r}, expected "
+                f"{out.get('value', out.get('error'))!r}, expected "
                 f"{{'n': {n}, 'square': {n * n}}}")
     finally:
         first.close()
