@@ -19,6 +19,8 @@
 set -Eeuo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/apt-lib.sh
+. "$ROOT/scripts/apt-lib.sh"
 RUN_DIR="${LABRUNNER_DOCKER_RUN_DIR:-/tmp/labrunner-docker}"
 CACHE="${LABRUNNER_DOCKER_CACHE:-/var/cache/labrunner}"
 SOCK="$RUN_DIR/docker.sock"
@@ -58,18 +60,10 @@ ensure_packages() {
     command -v ip >/dev/null || missing+=(iproute2)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]} with apt"
-        # The pristine-root stage may be using apt beside us: apt's lock timeout covers
-        # dpkg's lock, not the package lists' (apt-get update fails at once), so both stages
-        # take this lock around their apt work (as scripts/ci-pristine-root.sh does).
-        local apt_lock=/tmp/labrunner-apt.lock
-        [ -e "$apt_lock" ] || { : >"$apt_lock"; chmod 666 "$apt_lock" 2>/dev/null || true; }
-        (
-            flock 7
-            $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
-            $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
-                install -y -q --no-install-recommends \
-                "${missing[@]}" >/dev/null
-        ) 7<"$apt_lock"
+        # The pristine-root stage may be using apt beside us: apt_get waits for it.
+        apt_get "$SUDO" update -q >/dev/null || die "apt-get update failed"
+        apt_get "$SUDO" install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+            || die "apt-get install ${missing[*]} failed"
     fi
     if ! command -v docker >/dev/null; then
         die "no docker client after installing docker.io"

@@ -31,6 +31,8 @@
 set -Eeuo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/apt-lib.sh
+. "$ROOT/scripts/apt-lib.sh"
 CACHE="${LABRUNNER_DOCKER_CACHE:-/var/cache/labrunner}"
 SUITE="${LABRUNNER_DEBIAN_SUITE:-bookworm}"
 TARBALL="$CACHE/debian-$SUITE-minbase.tar"
@@ -54,7 +56,6 @@ done
 STATUS=0
 FAILED=()
 NS_PID=""
-APT_LOCK=/tmp/labrunner-apt.lock   # shared with docker/ci-docker.sh
 CURRENT=""
 
 # --- the base and the fresh roots ------------------------------------------------------------
@@ -66,16 +67,10 @@ base_tarball() {
     fi
     if ! command -v debootstrap >/dev/null && [ ! -x /usr/sbin/debootstrap ]; then
         log "installing debootstrap with apt"
-        # The docker stage may be installing its packages beside us: apt's own lock timeout
-        # covers dpkg's lock but not the package lists' (apt-get update fails at once), so
-        # both stages take this lock around their apt work (as docker/ci-docker.sh does).
-        [ -e "$APT_LOCK" ] || { : >"$APT_LOCK"; chmod 666 "$APT_LOCK"; }
-        (
-            flock 7
-            apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
-            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
-                --no-install-recommends debootstrap >/dev/null
-        ) 7<"$APT_LOCK"
+        # The docker stage may be installing its packages beside us: apt_get waits for it.
+        apt_get "" update -q >/dev/null || die "apt-get update failed"
+        apt_get "" install -y -q --no-install-recommends debootstrap >/dev/null \
+            || die "apt-get install debootstrap failed"
     fi
     # Made by the docker stage's script, under its lock: that stage may be making it now.
     LABRUNNER_DOCKER_CACHE="$CACHE" LABRUNNER_DEBIAN_SUITE="$SUITE" \

@@ -17,6 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
+# shellcheck source=scripts/apt-lib.sh
+. "$REPO/scripts/apt-lib.sh"
 START=$SECONDS
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -89,7 +91,12 @@ run() {
 # --- Debian packages ------------------------------------------------------------------------
 t=$SECONDS
 if [ ${#missing[@]} -gt 0 ]; then
-  run "apt-get update" $SUDO apt-get -o DPkg::Lock::Timeout=600 update
+  # Waits (saying so) while another apt runs: apt-daily on a fresh machine, for one.
+  echo "+ apt-get update" >>"$LOG"
+  if ! apt_get "$SUDO" update >>"$LOG"; then
+    { say "apt-get update failed. The end of $LOG:"; tail -n 40 "$LOG" | sed 's/^/    /'; } >&2
+    exit 1
+  fi
   # A misspelt or unavailable name fails here, before anything is installed.
   unknown=()
   for p in "${missing[@]}"; do
@@ -110,8 +117,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     policy_added=1
   fi
   status=0
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y \
-    --no-install-recommends "${missing[@]}" >>"$LOG" 2>&1 || status=$?
+  apt_get "$SUDO" install -y --no-install-recommends "${missing[@]}" >>"$LOG" || status=$?
   if [ -n "$policy_added" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
   if [ $status -ne 0 ]; then
     { say "apt-get install failed. The end of $LOG:"; tail -n 40 "$LOG" | sed 's/^/    /'; } >&2
