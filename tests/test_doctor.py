@@ -109,7 +109,8 @@ def test_setup_without_root_or_sudo_lists_the_packages_and_creates_nothing() -> 
 def _setup_as_nobody(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
-    shutil.copy(REPO / "scripts" / "setup.sh", repo / "scripts" / "setup.sh")
+    for script in ("setup.sh", "apt-lib.sh"):   # set-up sources apt-lib.sh
+        shutil.copy(REPO / "scripts" / script, repo / "scripts" / script)
     shutil.copy(REPO / "pyproject.toml", repo / "pyproject.toml")
     home = tmp_path / "home"
     home.mkdir()
