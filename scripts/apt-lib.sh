@@ -8,12 +8,13 @@
 # is often held on a fresh machine: Debian's apt-daily runs `apt-get update` minutes after
 # the first boot. CI's docker and pristine-root stages also install beside each other.
 
-LABRUNNER_APT_LOCK=/tmp/labrunner-apt.lock   # labrunner's own scripts queue here first
-LABRUNNER_APT_WAIT=${LABRUNNER_APT_WAIT:-600}  # seconds to wait for a foreign apt
+LABRUNNER_APT_LOCK=${LABRUNNER_APT_LOCK:-/tmp/labrunner-apt.lock}  # our own scripts queue here
+LABRUNNER_APT_WAIT=${LABRUNNER_APT_WAIT:-600}   # seconds to wait for another apt
+LABRUNNER_APT_RETRY=${LABRUNNER_APT_RETRY:-3}   # seconds between tries
 
 # apt_get SUDO ARGS...: `apt-get ARGS` (noninteractive, as SUDO: "" or "sudo"), its output on
-# stdout. While another apt holds one of its locks, retried every 3 s for up to
-# $LABRUNNER_APT_WAIT seconds; any other failure returns at once with apt's status.
+# stdout. While another apt holds one of its locks, tried again every $LABRUNNER_APT_RETRY s
+# for up to $LABRUNNER_APT_WAIT s; any other failure returns at once with apt's status.
 apt_get() {
     local sudo=$1; shift
     local out status deadline=$((SECONDS + LABRUNNER_APT_WAIT)) waited=""
@@ -38,7 +39,7 @@ apt_get() {
                 echo "apt-get $1: another apt holds its lock; waiting (up to ${LABRUNNER_APT_WAIT} s)" >&2
                 waited=1
             fi
-            sleep 3
+            sleep "$LABRUNNER_APT_RETRY"
             continue
         fi
         cat "$out"

@@ -127,3 +127,89 @@ def _setup_as_nobody(tmp_path: Path) -> None:
     made = [p.name for p in (repo / "out", repo / ".venv", home / ".local", home / ".cache")
             if p.exists()]
     assert not made, f"set-up stopped but created {made} first"
+
+
+# --- apt_get (scripts/apt-lib.sh): waiting for another apt instead of failing ----------------
+
+FAKE_APT = """#!/bin/sh
+# Stands in for apt-get: the behaviour under test is apt_get's, not apt's. Each call is
+# logged with its start and end; the first $LOCKED calls fail as apt does on a held lock.
+n=$(($(wc -l < "$CALLS") + 1))
+echo "start $$ $(date +%s.%N)" >> "$CALLS.times"
+echo "$*" >> "$CALLS"
+sleep "${HOLD:-0}"
+echo "end $$ $(date +%s.%N)" >> "$CALLS.times"
+if [ "$n" -le "${LOCKED:-0}" ]; then
+    echo "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 4242 (apt-get)"
+    exit 100
+fi
+if [ -n "$UNKNOWN" ]; then echo "E: Unable to locate package $UNKNOWN"; exit 100; fi
+echo "Reading package lists..."
+"""
+
+
+def _apt_get(tmp_path: Path, *args: str, background: bool = False,
+             **env: str) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+    bin_dir = tmp_path / "bin"
+    if not bin_dir.exists():
+        bin_dir.mkdir()
+        (bin_dir / "apt-get").write_text(FAKE_APT)
+        (bin_dir / "apt-get").chmod(0o755)
+        (tmp_path / "calls").write_text("")
+    script = f'. "{REPO}/scripts/apt-lib.sh"; apt_get "" {" ".join(args)}'
+    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CALLS": str(tmp_path / "calls"),
+                "LABRUNNER_APT_LOCK": str(tmp_path / "apt.lock"), "LABRUNNER_APT_RETRY": "0.2",
+                **env}
+    if background:
+        return subprocess.Popen(["bash", "-c", script], env=full_env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(["bash", "-c", script], env=full_env, text=True,
+                          capture_output=True, timeout=60)
+
+
+def test_apt_get_waits_while_another_apt_holds_a_lock(tmp_path: Path) -> None:
+    done = _apt_get(tmp_path, "update", LOCKED="2")
+    assert isinstance(done, subprocess.CompletedProcess)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert done.returncode == 0 and len(calls) == 3, (
+        f"with the lock held for two tries apt_get should try 3 times and succeed; it tried "
+        f"{len(calls)} times and returned {done.returncode}: {done.stdout!r} {done.stderr!r}")
+    assert "Reading package lists" in done.stdout and "Could not get lock" not in done.stdout
+    assert done.stderr.count("waiting") == 1, (
+        f"apt_get should say once that it waits, not on every try: {done.stderr!r}")
+
+
+def test_apt_get_fails_at_once_on_anything_else(tmp_path: Path) -> None:
+    done = _apt_get(tmp_path, "install", "-y", "postgresql-155", UNKNOWN="postgresql-155")
+    assert isinstance(done, subprocess.CompletedProcess)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert (done.returncode, len(calls)) == (100, 1), (
+        f"a misspelt package must fail at once with apt's status 100; apt_get tried "
+        f"{len(calls)} times and returned {done.returncode}")
+    assert "Unable to locate package postgresql-155" in done.stdout, done.stdout
+
+
+def test_apt_get_gives_up_when_the_lock_is_never_released(tmp_path: Path) -> None:
+    done = _apt_get(tmp_path, "update", LOCKED="1000", LABRUNNER_APT_WAIT="1")
+    assert isinstance(done, subprocess.CompletedProcess)
+    assert done.returncode == 100 and "Could not get lock" in done.stdout, (
+        f"after LABRUNNER_APT_WAIT apt_get must fail with apt's own message; it returned "
+        f"{done.returncode}: {done.stdout!r}")
+
+
+def test_two_apt_gets_at_once_take_turns(tmp_path: Path) -> None:
+    """CI's docker and pristine-root stages install beside each other: labrunner's own lock
+    makes one wait for the other instead of both racing for apt's."""
+    first = _apt_get(tmp_path, "update", background=True, HOLD="0.5")
+    second = _apt_get(tmp_path, "update", background=True, HOLD="0.5")
+    assert isinstance(first, subprocess.Popen) and isinstance(second, subprocess.Popen)
+    assert (first.wait(30), second.wait(30)) == (0, 0)
+    times: dict[str, dict[str, float]] = {}
+    for line in (tmp_path / "calls.times").read_text().splitlines():
+        what, pid, at = line.split()
+        times.setdefault(pid, {})[what] = float(at)
+    (a_start, a_end), (b_start, b_end) = sorted(
+        (t["start"], t["end"]) for t in times.values())
+    assert b_start >= a_end, (
+        f"two apt_get calls ran apt-get at the same time ({a_start:.2f}-{a_end:.2f} and "
+        f"{b_start:.2f}-{b_end:.2f}): they must take turns on labrunner's apt lock")
