@@ -833,3 +833,36 @@ def test_services_of_a_graded_run_are_never_root(service_attacks: dict[str, Any]
             assert len(groups) == 1 and "/labrunner-" in groups.pop(), record["processes"]
         assert len({next(p["cgroup"] for p in r["processes"] if not p["exiting"])
                     for r in started}) == len(started)
+
+
+@needs_root
+def test_the_wrong_solution_sweep_names_what_scores_the_wrong_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/grade-wrong-solutions.py (docs/STRENGTH.md): a real `labrunner grade` of a
+    lab's reference and wrong solutions. A "wrong" solution that is the reference scores full
+    marks and must be named; one that is the starter scores 0 and must not be."""
+    import importlib.util
+
+    from labrunner.catalog import load_catalog
+
+    spec = importlib.util.spec_from_file_location(
+        "grade_wrong_solutions", REPO / "scripts" / "grade-wrong-solutions.py")
+    assert spec is not None and spec.loader is not None
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    lab = load_catalog().lab("ph3.7")   # no services: quick
+    passes, fails = tmp_path / "wrong" / "same_as_reference", tmp_path / "wrong" / "starter"
+    for folder, source in ((passes, lab.solution_dir), (fails, lab.starter_dir)):
+        folder.mkdir(parents=True)
+        for file in lab.learner_files:
+            shutil.copy(source / file, folder / file)
+    monkeypatch.setattr(sweep, "wrong_solutions", lambda _lab: [passes, fails])
+    for name in [n for n in os.environ if n.startswith(("LABRUNNER_", "PYTEST_"))]:
+        monkeypatch.delenv(name)   # the grade it runs is the instructor's, as cli_env makes
+    monkeypatch.setenv("LABRUNNER_WARM_IDLE", "0")
+
+    wrong = sweep.grade_lab(lab, tmp_path / "out", 2)
+
+    assert [line.split(":")[0] for line in wrong] == ["same_as_reference"], (
+        f"the sweep should name only the variant that scored full marks; it named {wrong}")
+    assert "pass" in wrong[0], wrong
