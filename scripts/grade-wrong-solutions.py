@@ -25,8 +25,7 @@ from pathlib import Path
 
 from labrunner.catalog import Lab, load_catalog
 from labrunner.devcheck import complete_source, wrong_solutions
-
-WORKSPACE_MARKER = 'labrunner_version = "0.1.0"\n'
+from labrunner.workspace import write_marker
 
 
 def _nothing() -> None:
@@ -43,7 +42,7 @@ def make_cohort(lab: Lab, cohort: Path) -> list[str]:
         try:
             student = cohort / name
             (student / lab.workspace_dir).mkdir(parents=True)
-            (student / "labrunner.toml").write_text(WORKSPACE_MARKER)
+            write_marker(student)
             for file in lab.learner_files:
                 if (folder / file).exists():
                     target = student / lab.workspace_dir / file

@@ -63,6 +63,13 @@ def find_workspace(explicit: Path | None = None) -> Workspace:
         "(or pass --workspace DIR, or --solutions / --starters to check the references)")
 
 
+def write_marker(root: Path) -> None:
+    """What makes ``root`` a workspace: its ``labrunner.toml``, naming this version."""
+    (root / MARKER).write_text(
+        f'# A labrunner workspace: your code for each lab, and your progress.\n'
+        f'labrunner_version = "{__version__}"\n', encoding="utf-8")
+
+
 def init_workspace(root: Path, catalog: Catalog) -> tuple[Workspace, list[str], list[str]]:
     """Create or complete a workspace: copy each lab's starter files and README. Files the
     learner already has are never overwritten. Returns (workspace, created, kept)."""
@@ -72,11 +79,8 @@ def init_workspace(root: Path, catalog: Catalog) -> tuple[Workspace, list[str], 
                 f"{root} is inside the workspace {folder}: a workspace in a workspace would "
                 f"keep progress apart. To refresh yours, run: labrunner init {folder}")
     root.mkdir(parents=True, exist_ok=True)
-    marker = root / MARKER
-    if not marker.exists():
-        marker.write_text(
-            f'# A labrunner workspace: your code for each lab, and your progress.\n'
-            f'labrunner_version = "{__version__}"\n', encoding="utf-8")
+    if not (root / MARKER).exists():
+        write_marker(root)
     created: list[str] = []
     kept: list[str] = []
     for lab in catalog.labs:
