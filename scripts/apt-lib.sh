@@ -23,16 +23,14 @@ apt_get() {
     out=$(mktemp)
     while :; do
         status=0
-        if [ -r "$LABRUNNER_APT_LOCK" ]; then
+        # Our lock first, when we may read it (another user's, made unreadable: apt's own
+        # locks still hold, and the retry below waits for them).
+        (
+            if [ -r "$LABRUNNER_APT_LOCK" ]; then exec 7<"$LABRUNNER_APT_LOCK"; flock 7; fi
             # shellcheck disable=SC2086
-            ( flock 7; $sudo env DEBIAN_FRONTEND=noninteractive \
-                apt-get -o DPkg::Lock::Timeout="$LABRUNNER_APT_WAIT" "$@" ) \
-                7<"$LABRUNNER_APT_LOCK" >"$out" 2>&1 || status=$?
-        else
-            # shellcheck disable=SC2086
-            $sudo env DEBIAN_FRONTEND=noninteractive \
-                apt-get -o DPkg::Lock::Timeout="$LABRUNNER_APT_WAIT" "$@" >"$out" 2>&1 || status=$?
-        fi
+            exec $sudo env DEBIAN_FRONTEND=noninteractive \
+                apt-get -o DPkg::Lock::Timeout="$LABRUNNER_APT_WAIT" "$@"
+        ) >"$out" 2>&1 || status=$?
         if [ "$status" -ne 0 ] && grep -q "Could not get lock" "$out" \
                 && [ "$SECONDS" -lt "$deadline" ]; then
             if [ -z "$waited" ]; then
