@@ -41,6 +41,7 @@ HOSPITAL_POLICY: dict[str, Any] = {
         "relief": {"inherits": ["locum"], "permissions": ["record:read"]},
         "records": {"permissions": ["record"]},
         "exporter": {"permissions": ["record:export"]},
+        "pharmacist": {"permissions": ["dose:approve"]},
     },
     "rules": [
         # the patient reads their own record, without any role (listed before the deny)
@@ -62,6 +63,9 @@ HOSPITAL_POLICY: dict[str, Any] = {
         # a deny over a context attribute: without a context it cannot be checked
         {"effect": "deny", "actions": ["record:export"],
          "when": [["context.network", "==", "public"]]},
+        # an ordering between two attributes: numbers only, never text or booleans
+        {"effect": "require", "actions": ["dose:approve"],
+         "when": [["subject.level", ">=", "resource.min_level"]]},
     ],
 }
 
@@ -215,6 +219,22 @@ HOSPITAL_CASES = [
          "record:read", record(), True,
          "locum inherits relief, which inherits locum: walk each role once, and "
          "relief's record:read is granted", DAY),
+    Case("pharmacist of level 10 approves a level-9 dose",
+         {"id": "ph1", "roles": ["pharmacist"], "level": 10}, "dose:approve",
+         {"id": "dose1", "min_level": 9}, True, "10 >= 9: the require rule holds", DAY),
+    Case("pharmacist of level 9 approves a level-10 dose",
+         {"id": "ph1", "roles": ["pharmacist"], "level": 9}, "dose:approve",
+         {"id": "dose1", "min_level": 10}, False, "9 >= 10 is false", DAY),
+    Case("levels as strings '9' >= '10'",
+         {"id": "ph1", "roles": ["pharmacist"], "level": "9"}, "dose:approve",
+         {"id": "dose1", "min_level": "10"}, False,
+         "<= and >= compare numbers only: two strings compare as text, where '9' >= '10' "
+         "holds - a level kept as text would approve what it must not", DAY),
+    Case("level True >= 1",
+         {"id": "ph1", "roles": ["pharmacist"], "level": True}, "dose:approve",
+         {"id": "dose1", "min_level": 1}, False,
+         "True is a boolean, not a number, though True >= 1 holds in Python: <= and >= take "
+         "int and float, never bool", DAY),
     Case("locum (cyclic roles) writes", {"id": "l1", "roles": ["locum"], "ward": 3},
          "record:write", record(), False, "neither locum nor relief grants it", DAY),
 ]

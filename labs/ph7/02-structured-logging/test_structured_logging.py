@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import HttpReply, http_request, serve_wsgi
+from labrunner.testing import HttpReply, http_request, local_timezone, serve_wsgi
 
 MANDATORY = ("timestamp", "level", "service", "trace_id", "span_id", "message")
 LEVELS = {"DEBUG", "INFO", "WARN", "ERROR", "FATAL"}
@@ -58,10 +58,16 @@ class Log:
         return records
 
 
+# The learner's code runs in a local zone that is not UTC (a half-hour offset, like India's):
+# on a machine in UTC, the local time labelled "Z" would look right.
+LOCAL_ZONE, LOCAL_OFFSET = "LAB-5:30", timedelta(hours=5, minutes=30)
+
+
 @pytest.fixture
 def serve(learner: Any) -> Any:
     make_app = learner.function("jsonlog", "make_app")
     folder = learner.tmp_folder(learner_writes=True)
+    previous = learner.run_helper(local_timezone, LOCAL_ZONE)
 
     def start(level: str = "INFO") -> tuple[Any, Log]:
         path = folder / f"app-{level}.log"
@@ -69,7 +75,8 @@ def serve(learner: Any) -> Any:
         os.chmod(path, 0o666)
         return serve_wsgi(make_app(str(path), SERVICE, level)), Log(path)
 
-    return start
+    yield start
+    learner.run_helper(local_timezone, previous)
 
 
 def login(host: str, user: str, password: str, headers: dict[str, str] | None = None,
@@ -105,7 +112,14 @@ def check_record(n: int, record: dict[str, Any], before: datetime, after: dateti
         f"record {n}: timestamp {stamp!r} is not UTC, expected an explicit Z or +00:00\n"
         "A timestamp without an offset is read in whatever zone the reader is in: use "
         "datetime.now(timezone.utc).isoformat(), not datetime.now() or utcnow() (naive).")
-    assert before - timedelta(seconds=2) <= when <= after + timedelta(seconds=2), (
+    slack = timedelta(seconds=2)
+    if before - slack <= when - LOCAL_OFFSET <= after + slack:
+        pytest.fail(
+            f"record {n}: timestamp {stamp} is the local time of the app's machine (UTC+05:30 "
+            f"in this test) labelled as UTC: the request was at {before:%H:%M:%S} UTC. "
+            "datetime.now() is local time, whatever suffix is added: use "
+            "datetime.now(timezone.utc)", pytrace=False)
+    assert before - slack <= when <= after + slack, (
         f"record {n}: timestamp {stamp} is not the time of the request (between {before} "
         f"and {after}): log the current UTC time")
     assert re.fullmatch(r"[0-9a-f]{32}", str(record["trace_id"])), (

@@ -58,6 +58,7 @@ FLOW_TOKEN = rand(24)
 SECRET_12 = shaped([1] * 12)                        # 12 characters: the shortest flagged
 TOKEN_11 = shaped([1] * 11)                         # 11: too short, however random
 MODERATE = shaped([2, 2, 2, 2, 2, 2, 2, 1, 1])      # 3.125 bits/char: flagged
+AT_THRESHOLD = shaped([2] * 8)                      # exactly 3.0 bits/char: flagged (>=)
 LOW = shaped([2, 2, 2, 2, 2, 3, 2, 1])              # 2.95 bits/char: not
 
 # (file, [(line text, secret description or None for a look-alike)])
@@ -83,6 +84,8 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
         (f"DB_PASSWD={PASSWD}", "a random password under the name passwd"),
         (f"SESSION_SECRET={MODERATE}", "a secret of 3.125 bits/char (above the 3.0 threshold)"),
         (f"CACHE_TOKEN={LOW}", None),
+        (f"WEBHOOK_SECRET={AT_THRESHOLD}",
+         "a secret of exactly 3.0 bits/char (the threshold is inclusive: >= 3.0)"),
     ],
     "deploy/values.yaml": [
         ("image: registry.local/shop:1.4.2", None),

@@ -21,7 +21,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
 * :func:`serve_tls_once` and :func:`tls_exchange` run a TLS server or client with a context
   in the process the context lives in (the learner's own, when grading);
 * :func:`threads_waiting_in` and :func:`file_bytes` observe the learner's process from
-  inside it, and :func:`process_threads` / :func:`process_resources` count the threads
+  inside it (:func:`local_timezone` sets its local zone), and :func:`process_threads` /
+  :func:`process_resources` count the threads
   (descriptors, memory) of a learner's program beside it, through ``learner.run_helper``,
   and :func:`process_activity` tells whether it sleeps while work waits for it;
   :func:`open_descriptors`, :func:`open_files_limit` and :func:`epoll_interest` read which
@@ -56,6 +57,7 @@ from .beside import (
     epoll_interest,
     file_bytes,
     listening_ports,
+    local_timezone,
     open_descriptors,
     open_files_limit,
     process_activity,
@@ -108,6 +110,7 @@ __all__ = [
     "generate_stubs",
     "http_request",
     "listening_ports",
+    "local_timezone",
     "next_message",
     "objects_alive",
     "open_descriptors",

@@ -65,6 +65,23 @@ def file_bytes(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
+def local_timezone(spec: str | None) -> str | None:
+    """Set the local time zone of the process this runs in (``TZ``, then ``tzset``) and
+    return the one it had (None: unset). ``learner.run_helper(local_timezone, "LAB-5:30")``
+    puts the learner's code in UTC+05:30 for a test - a POSIX zone, no tzdata needed - and
+    ``learner.run_helper(local_timezone, previous)`` puts it back: a machine in UTC hides
+    local time written where UTC is meant."""
+    import time
+
+    previous = os.environ.get("TZ")
+    if spec is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = spec
+    time.tzset()
+    return previous
+
+
 def process_threads(pid: int) -> int:
     """How many threads process ``pid`` runs (its entries in /proc/<pid>/task), or -1 when it
     is gone or out of sight. Run it where the learner's code runs:
