@@ -262,6 +262,27 @@ def test_an_error_shows_in_all_three(app: App) -> None:
         "(the E of RED), or an alert on the error rate never fires")
 
 
+# Accept headers that ask for OpenMetrics without naming it first: with a lower-q classic
+# format listed before it, and Prometheus' own scrape header.
+OPENMETRICS_ASKED = (
+    "text/plain;version=0.0.4;q=0.5,application/openmetrics-text;version=1.0.0",
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+)
+
+
+def test_openmetrics_whenever_the_accept_header_lists_it(app: App) -> None:
+    for accept in OPENMETRICS_ASKED:
+        reply = http_request(app.host, "GET", "/metrics", headers={"Accept": accept})
+        ctype = reply.header("Content-Type") or ""
+        assert reply.status == 200 and "openmetrics" in ctype, (
+            f"GET /metrics with Accept {accept!r} answered {reply.status} with Content-Type "
+            f"{ctype!r}: the header lists application/openmetrics-text (preferred: the "
+            "classic format has a lower q), so the scrape must get OpenMetrics, the format "
+            "that carries exemplars. An Accept header is a list: look for the media type in "
+            "each of its comma-separated entries, wherever it stands.")
+
+
 def test_classic_scrape_and_a_request_without_a_caller(app: App) -> None:
     app.get("/orders/1", new_trace_id())
     for accept in (None, "text/plain; version=0.0.4"):
