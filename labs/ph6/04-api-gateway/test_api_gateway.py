@@ -21,6 +21,7 @@ from labrunner.testing import http_request, serve_wsgi
 
 SECRET = "gateway-test-secret-0123456789abcdef"
 N_CANARY, PERCENT, TOLERANCE = 400, 20, 8      # share in percent, +- 8 points (4 sigma)
+BURST, BURST_LIMIT, LINE_DELAY = 10, 3, 0.002   # requests at once, their limit, s per line
 
 
 class Backend:
@@ -84,7 +85,7 @@ class World:
     def gateway(self, *, own_clock: bool = False, **options: Any) -> str:
         """own_clock: the gateway keeps its default clock (where time does not matter, and
         each call of the test's clock would cross from the learner's process when grading)."""
-        mod = self.learner.load("gateway")
+        mod = self.module = self.learner.load("gateway")
         routes = {"/users": f"http://{self.hosts['users']}",
                   "/orders": f"http://{self.hosts['stable']}"}
         if not own_clock:
@@ -195,6 +196,42 @@ def test_rate_limit_per_user_follows_the_clock(world: World) -> None:
         f"60 s later (by the injected clock) alice's request got HTTP {reply.status}, and "
         "0.5 s after that still: expected a new window and 200. Read time from the clock "
         "you were given")
+
+
+def test_a_concurrent_burst_gets_only_the_limit_through(world: World, learner: Any) -> None:
+    """The gateway serves each request on a thread of its own: a user's count must be read,
+    checked and written back as one step, or requests that arrive together all read the
+    same count. The harness makes each line of the gateway take LINE_DELAY s in the
+    server's threads, so the requests interleave line by line as on a busy many-core box."""
+    # the gateway's own clock: the test's, called across from the learner's process when
+    # grading, would space the requests out one call at a time
+    host = world.gateway(rate_limit=BURST_LIMIT, window=600.0, own_clock=True)
+    harness = learner.harness()
+    start = threading.Barrier(BURST)
+    statuses: list[int] = []
+
+    def one(n: int) -> None:
+        start.wait(30)
+        statuses.append(http_request(host, "GET", f"/orders/{n}", headers=bearer("alice"),
+                                     timeout=60).status)
+
+    harness.stretch_lines(world.module, LINE_DELAY)
+    try:
+        clients = [threading.Thread(target=one, args=(n,)) for n in range(BURST)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(90)
+    finally:
+        harness.unstretch()
+    reached = world.backends["stable"].hits
+    assert statuses.count(200) == BURST_LIMIT and reached == BURST_LIMIT, (
+        f"{BURST} requests from alice at the same moment, limit {BURST_LIMIT} per window: "
+        f"{statuses.count(200)} got 200 and {reached} reached the backend (statuses "
+        f"{sorted(statuses)}): expected exactly {BURST_LIMIT} - requests run on concurrent "
+        "threads; reading the user's count, checking it and storing count + 1 must be one "
+        "atomic step (one lock held around all three), or several requests read the same "
+        "count and all get past the limit")
 
 
 SEGMENT_CASES = [  # (path, the backend it belongs to, or None: no route)

@@ -234,6 +234,35 @@ def test_a_heartbeat_renews_the_ttl(world: Any) -> None:
     assert lookup(reg, "api") == [API["a1"]]
 
 
+def registration_of(r: Any, name: str) -> str:
+    """What the key holds now, and its TTL, for a message."""
+    raw, pttl = r.get(name), r.pttl(name)
+    return "nothing (the key is gone)" if raw is None else f"{raw!r} with a PTTL of {pttl} ms"
+
+
+def test_a_heartbeat_after_the_key_expired_registers_again(world: Any) -> None:
+    """A live instance that missed its TTL (a GC pause, a network blip, a Redis failover)
+    must come back with its next heartbeat, not stay gone for the rest of its life."""
+    reg, r = world
+    name = key("api", "a1")
+    reg.register("api", "a1", API["a1"], 0.3)
+    wait_until(lambda: not r.exists(name),
+               f"{name}, registered with ttl=0.3 s and no heartbeat, to expire in Redis")
+    try:
+        reg.heartbeat("api", "a1", 30)
+        outcome = ""
+    except Exception as exc:  # noqa: BLE001 - what the heartbeat did is the message
+        outcome = f" (it raised {type(exc).__name__}: {exc})"
+    pttl = r.pttl(name)
+    assert pttl > 20_000 and lookup(reg, "api") == [API["a1"]], (
+        f"{name} expired while its instance lived (a pause longer than the TTL); the "
+        f"instance's next heartbeat(ttl=30){outcome} left {registration_of(r, name)} and "
+        f"lookup('api') gives {lookup(reg, 'api')}: expected the registration written again "
+        "with a fresh 30 s TTL and a1 found - a heartbeat is the live instance asserting "
+        "itself, so it writes the whole record (SET ... PX, no XX); renewing only a key that "
+        "still exists (SET XX, PEXPIRE alone) leaves the instance gone for good")
+
+
 def test_lookup_returns_healthy_instances_only(world: Any) -> None:
     reg, _ = world
     for iid, addr in API.items():
@@ -277,6 +306,16 @@ def start(learner: Any, redis_db: Any, iid: str, ttl: str) -> subprocess.Popen[b
 
 
 INTERVAL = 0.2   # the --interval every process is started with
+
+
+def wait_for(condition: Any, timeout: float) -> bool:
+    """Whether condition() came true within timeout seconds (polled every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def stopped(proc: subprocess.Popen[bytes]) -> None:
@@ -395,6 +434,15 @@ def test_the_instance_process_heartbeats_and_deregisters_on_sigterm(
         r.pexpire(key("pay", "p1"), 3000)
         wait_until(lambda: r.pttl(key("pay", "p1")) > 20_000,
                    "registry.py's heartbeats (--interval 0.2) to renew the TTL of pay/p1")
+        r.delete(key("pay", "p1"))             # as if it had expired during a long pause
+        back = wait_for(lambda: bool(r.exists(key("pay", "p1"))), 15)
+        exited_early(proc, "30", "after its registration disappeared")
+        assert back, (
+            f"pay/p1's key disappeared while registry.py lived (as when a pause outlasts the "
+            f"TTL) and 15 s of heartbeats every {INTERVAL} s later it is still "
+            f"{registration_of(r, key('pay', 'p1'))}: expected the next heartbeat to write "
+            "the registration again - a live instance must not stay out of the registry "
+            "for the rest of its life")
         proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(15)

@@ -270,6 +270,51 @@ def test_a_failed_probe_opens_for_a_full_timeout_again(mod: Any, backends: Any) 
     assert cb.state == "closed"
 
 
+def outcome(mod: Any, cb: Any, host: str) -> str:
+    """One call through the breaker: 'answered', 'failed' (the backend's error came back)
+    or 'refused' (CircuitOpen, the backend never called)."""
+    try:
+        cb.call(caller(host))
+    except BackendDown:
+        return "failed"
+    except mod.CircuitOpen:
+        return "refused"
+    return "answered"
+
+
+def test_a_recovered_circuit_starts_afresh(mod: Any, backends: Any) -> None:
+    """Open, recover through a successful probe, and do it again: each time the circuit
+    closes it is a new closed state - no failures counted yet, no probe in flight."""
+    backend, host = backends["payments"]
+    clock = Clock()
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
+    backend.mode = "fail"
+    trip(mod, cb, caller(host), 3)
+    for recovery in (1, 2):
+        clock.now += 30
+        backend.mode = "ok"
+        hits = backend.hits
+        probe = outcome(mod, cb, host)
+        assert probe == "answered" and backend.hits == hits + 1 and cb.state == "closed", (
+            f"recovery {recovery}: 30 s after the circuit opened the probe was {probe} "
+            f"({backend.hits - hits} request(s) reached the backend; state now "
+            f"{cb.state!r}): expected it sent and the circuit closed"
+            + (" - the first recovery's probe was left marked 'in flight' after it "
+               "succeeded, so every later probe is refused and the circuit never closes "
+               "again: closing clears the probe" if recovery == 2 and probe == "refused"
+               else ""))
+        backend.mode = "fail"
+        got = [outcome(mod, cb, host) for _ in range(3)]
+        assert got == ["failed", "failed", "failed"] and cb.state == "open", (
+            f"after recovery {recovery} (a successful probe closed the circuit) three "
+            f"failures in a row gave {got} and state {cb.state!r}: expected the first two "
+            "to reach the backend and fail with the circuit still closed, the third to open "
+            "it (threshold 3) - "
+            + ("the failures counted before the circuit opened were kept: closing after a "
+               "successful probe starts a fresh closed state with no failures counted"
+               if got[:2] != ["failed", "failed"] else "the threshold is still 3"))
+
+
 def run_in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
     out: dict[str, Any] = {}
 

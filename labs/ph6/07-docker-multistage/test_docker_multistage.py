@@ -248,6 +248,67 @@ def test_a_build_stage_and_a_slim_runtime_stage(
         "with fewer packages to patch")
 
 
+# The C library each glibc-based release ships, by codename, with Debian's and Ubuntu's
+# version numbers for them. A binary asks for the versioned glibc symbols it was linked
+# against (GLIBC_2.34 ...): it runs on that glibc or a newer one, not on an older one.
+GLIBC = {"buster": "2.28", "bullseye": "2.31", "bookworm": "2.36", "trixie": "2.41",
+         "focal": "2.31", "jammy": "2.35", "noble": "2.39"}
+RELEASES = {("debian", "10"): "buster", ("debian", "11"): "bullseye",
+            ("debian", "12"): "bookworm", ("debian", "13"): "trixie",
+            ("ubuntu", "20.04"): "focal", ("ubuntu", "22.04"): "jammy",
+            ("ubuntu", "24.04"): "noble"}
+# Images whose tag does not name their release: the official gcc image of gcc 13 has been
+# built on Debian bookworm since 13.1.0 (docker-library/gcc, 13/Dockerfile: FROM
+# buildpack-deps:bookworm). Any other untold base is left alone: the tag cannot tell.
+GCC_DEFAULT_RELEASE = {"13": "bookworm"}
+
+
+def release_of(stages: list[Stage], stage: Stage) -> str | None:
+    """The Debian/Ubuntu release a stage's base is built on, when its tag says so (an earlier
+    stage as base: that stage's); None when the Dockerfile alone cannot tell."""
+    seen = set()
+    while (parent := stage_by_ref(stages, stage.image)) is not None and parent.index not in seen:
+        seen.add(parent.index)
+        stage = parent
+    repo, tag = base_name(stage.image)
+    words = re.split(r"[-.]", tag)
+    named = next((w for w in words if w in GLIBC), None)
+    if named:
+        return named
+    number = tag.split("-")[0]
+    if repo == "debian":
+        return RELEASES.get((repo, number.split(".")[0]))
+    if repo == "ubuntu":
+        return RELEASES.get((repo, number))
+    if repo == "gcc" and re.fullmatch(r"\d+(\.\d+)*", number):
+        return GCC_DEFAULT_RELEASE.get(number.split(".")[0])
+    return None
+
+
+def test_the_runtime_has_the_libc_the_binary_was_built_against(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    """A dynamically linked binary needs the glibc it was linked against or a newer one.
+    What the Dockerfile alone tells: the release each base's tag names (stand-in bases in
+    CI cannot show it by running the image)."""
+    _, stages = dockerfile
+    final = stages[-1]
+    runtime = release_of(stages, final)
+    if runtime is None:
+        return
+    for builder in build_stages(stages):
+        built = release_of(stages, builder)
+        if built is None:
+            continue
+        have, need = GLIBC[runtime], GLIBC[built]
+        assert tuple(map(int, have.split("."))) >= tuple(map(int, need.split("."))), (
+            f"the build stage (FROM {builder.image}) is {built}, glibc {need}; the runtime "
+            f"stage (FROM {final.image}) is {runtime}, glibc {have}: the server is linked "
+            f"against glibc {need}, and a binary is only sure to run on the glibc it was linked "
+            "against or a newer one: on an older one the loader refuses it as soon as it "
+            "needs a newer symbol ('version `GLIBC_2.34' not found'). Ship it on the "
+            "builder's release (or a newer one): debian:12.8-slim for gcc:13.2.0 (bookworm)")
+
+
 def test_runs_as_a_non_root_user(dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
     _, stages = dockerfile
     users = stages[-1].all("USER")

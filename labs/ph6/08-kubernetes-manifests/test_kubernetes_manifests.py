@@ -246,6 +246,18 @@ def test_service_and_ingress_reach_a_declared_port(docs: list[dict[str, Any]]) -
                         f"which has {svc['spec']['ports']}")
 
 
+# The app's paths that fail while the database is down, and why.
+DEPENDS_ON_DATABASE = {"/health/ready": "which checks the database",
+                       "/orders": "which reads the database"}
+# The probes whose failure restarts the container, and what a database outage then does.
+RESTARTING_PROBES = {
+    "startupProbe": "while the database is down (a rollout or a rescheduled pod during an "
+                    "outage or a failover) every new pod is killed after failureThreshold x "
+                    "periodSeconds and loops in CrashLoopBackOff, though the process is fine.",
+    "livenessProbe": "when the database is down every pod would be restarted, over and over.",
+}
+
+
 @pytest.mark.parametrize("probe", ["startupProbe", "livenessProbe", "readinessProbe"])
 def test_probes_hit_a_declared_port_and_a_served_path(docs: list[dict[str, Any]],
                                                       probe: str) -> None:
@@ -271,11 +283,14 @@ def test_probes_hit_a_declared_port_and_a_served_path(docs: list[dict[str, Any]]
             "the database is unreachable: the pod stays in the Service's endpoints and "
             "fails every request it gets. Readiness asks whether it can serve "
             "(/health/ready)")
-        live = c.get("livenessProbe", {}).get("httpGet", {}).get("path")
-        assert live != "/health/ready", (
-            f"the livenessProbe of {c.get('name')!r} asks /health/ready, which checks the "
-            "database: when the database is down every pod would be restarted, over and over. "
-            "Liveness asks only whether the process is alive (/health/live)")
+        for restarting, when in RESTARTING_PROBES.items():
+            path = c.get(restarting, {}).get("httpGet", {}).get("path")
+            assert path not in DEPENDS_ON_DATABASE, (
+                f"the {restarting} of {c.get('name')!r} asks {path}, "
+                f"{DEPENDS_ON_DATABASE.get(path)}: a failing {restarting} restarts the "
+                f"container, so {when} Ask it only whether the process is up (/health/live); "
+                "whether it can serve is readiness's question, and readiness only takes the "
+                "pod out of the Service's endpoints")
 
 
 def test_resources_requested_and_limited(docs: list[dict[str, Any]]) -> None:
