@@ -138,7 +138,35 @@ def running(learner: Any, short_writes: bool = True) -> Iterator[Server]:
         server.kill()
 
 
+# Codes the README does not list: the phrase is the code's own (RFC 9110's) or a generic one
+# of its class - never another class's ("HTTP/1.1 207 Client Error" contradicts itself too).
+# No 1xx, 204 or 304: those carry no body, and the harness always sends one.
+UNLISTED = (207, 299, 308, 399, 418, 451, 499, 507, 599)
+CLASS_PHRASES = {2: {"Success", "OK"}, 3: {"Redirection", "Redirect"}, 4: {"Client Error"},
+                 5: {"Server Error"}}
+
+
+def phrases_for(status: int) -> set[str]:
+    own = {s.phrase for s in http.HTTPStatus if s.value == status}
+    return own | CLASS_PHRASES[status // 100]
+
+
 # ---- the verification -------------------------------------------------------------------
+
+def test_unlisted_statuses_get_a_phrase_of_their_class(learner: Any) -> None:
+    with running(learner, short_writes=False) as server:
+        for status in UNLISTED:
+            response, _ = server.get(f"/{status}?bytes=64")
+            assert response.status == status, (
+                f"GET /{status}: expected an HTTP/1.1 {status} status line, saw "
+                f"{response.status}")
+            assert response.reason in phrases_for(status), (
+                f"status {status} (not in the list you were given): saw the reason phrase "
+                f"{response.reason!r}, expected its own or one of its class "
+                f"({', '.join(sorted(phrases_for(status)))}): a generic phrase follows the "
+                f"code's class (status / 100: 2xx success, 3xx redirection, 4xx client "
+                "error, 5xx server error), never another class's")
+
 
 def test_reason_phrase_matches_status(learner: Any) -> None:
     with running(learner, short_writes=False) as server:  # the status line alone
