@@ -127,7 +127,16 @@ def forgeries(secret: bytes) -> list[tuple[str, str]]:
          + b64(hmac.new(secret, body.encode(), hashlib.sha256).digest())),
         ("a fourth segment", f"{good}.{sig}"),
         ("an empty header", f".{body}.{sig}"),
+        # Signed right: only the rule "no empty header or payload" refuses them.
+        ("an empty payload, correctly signed", signed(secret, f"{head}.")),
+        ("an empty header, correctly signed", signed(secret, f".{body}")),
     ]
+
+
+def signed(secret: bytes, signing_input: str) -> str:
+    """``signing_input`` with its right HS256 signature appended."""
+    digest = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(digest)}"
 
 
 def test_rejects_tampered_and_wrong_secret_tokens(program: Program) -> None:
@@ -139,7 +148,9 @@ def test_rejects_tampered_and_wrong_secret_tokens(program: Program) -> None:
         assert not accepted, (
             f"jwt_verify accepted {', '.join(accepted)}: expected INVALID. A signature "
             "matches only when it has exactly the digest's length (32 bytes) and every "
-            "byte is equal: CRYPTO_memcmp(digest, sig, 32) == 0 after checking sig_len")
+            "byte is equal: CRYPTO_memcmp(digest, sig, 32) == 0 after checking sig_len; "
+            "and a token is header.payload.signature with neither the header nor the "
+            "payload empty, whatever its signature (jwt_verify.h)")
 
 
 def malformed(secret: bytes) -> list[bytes]:
