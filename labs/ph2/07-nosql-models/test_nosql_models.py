@@ -32,6 +32,9 @@ NOUNS = ["home", "office", "garden", "kitchen", "desk", "outdoor", "winter", "su
          "school", "party", "sport", "bath", "car", "pet", "art"]
 TAGS = [f"{a}-{n}" for a in ADJECTIVES for n in NOUNS]  # 150 tags: each one is selective
 COLORS = ["red", "blue", "green", "black", "white", "grey"]
+# Tags are the seller's free text: a model that joins or splits them on a separator, or
+# builds a key from them without care, returns other tags than it was given.
+AWKWARD_TAGS = ["gift, wrapped", "size:xl", "red|blue", "après ski"]
 MODELS = ("RelationalCatalog", "DocumentCatalog", "RedisCatalog")
 
 
@@ -43,6 +46,8 @@ def make_products(count: int, seed: int = 7) -> list[Product]:
     for pid in range(1, count + 1):
         category = CATEGORIES[pid % len(CATEGORIES)]
         tags = [] if pid % 97 == 0 else sorted(rnd.sample(TAGS, rnd.randint(1, 4)))
+        if pid % 89 == 0:  # a seller's own tags: a comma, a colon, a pipe, a space, an accent
+            tags = sorted(tags + AWKWARD_TAGS)
         attributes = {"color": rnd.choice(COLORS), "brand": f"brand-{rnd.randint(0, 99):02d}"}
         if category == "books":
             attributes["author"] = rnd.choice(["Le Guin", "Borges", "Calvino", "Lem"])
@@ -224,12 +229,13 @@ def test_same_answers_in_all_three_models(learner: Any, postgres: Any, redis_db:
         ("get(7) (a plant with a 'name' attribute)", methodcaller("get", 7), by_id[7]),
         ("get(5) (a bag with a 'category' attribute)", methodcaller("get", 5), by_id[5]),
         ("get(999999)", methodcaller("get", 999_999), None),
+        (f"get(89) (tags {AWKWARD_TAGS})", methodcaller("get", 89), by_id[89]),
     ]
     for category in ("books", "plants", "spaceships"):
         cases.append((f"ids_in_category({category!r})",
                       methodcaller("ids_in_category", category),
                       [p["id"] for p in products if p["category"] == category]))
-    for tag in (common_tag, rare_tag, "no-such-tag"):
+    for tag in (common_tag, rare_tag, "no-such-tag", *AWKWARD_TAGS, "gift"):
         cases.append((f"ids_with_tag({tag!r})", methodcaller("ids_with_tag", tag),
                       [p["id"] for p in products if tag in p["tags"]]))
     for name, value in (("color", "red"), ("brand", "brand-07"), ("size", "XL"),
