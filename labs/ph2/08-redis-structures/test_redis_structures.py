@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import redis_commands
+from labrunner.testing import CONNECTION_SETUP, redis_commands, redis_gate
 
 KEYSPACE_WALKS = {"KEYS", "SCAN"}
 ZRANGE_FAMILY = {"ZRANGE", "ZREVRANGE", "ZRANGEBYSCORE", "ZREVRANGEBYSCORE", "ZRANGESTORE"}
@@ -183,6 +183,46 @@ def test_reliable_queue_keeps_claimed_jobs_until_acked(learner: Any, redis_db: A
     _, sent = recorded(redis_db, "size()", queue.size)
     assert not any(c[0] == "LRANGE" for c in sent), (
         "size() read the list's contents: LLEN is O(1)")
+
+
+def test_recover_loses_no_job_a_live_worker_claims_meanwhile(learner: Any,
+                                                             redis_db: Any) -> None:
+    """recover() may run while other workers are alive and claiming. Right after its first
+    command, a live worker claims a job (LMOVE into the processing list): whatever
+    recover() does next, every job not acked must still be in the queue or the processing
+    list - a read of the list, then a DEL of it, deletes the claim that came in between."""
+    module = learner.load("structures")
+    jobs = [f"job-{n}" for n in range(1, 6)]
+    setup = structure(module, "ReliableQueue", redis_db.url, "work")
+    for job in jobs:
+        setup.push(job)
+    dead = [setup.claim(), setup.claim()]          # a worker dies holding job-1 and job-2
+    live = redis_db.client(decode_responses=True)  # a worker that is alive
+    sent: list[str] = []
+    claimed: list[str | None] = []
+
+    def before(command: list[bytes]) -> None:
+        name = command[0].decode(errors="replace").upper()
+        if name in CONNECTION_SETUP:
+            return
+        sent.append(name)
+        if len(sent) == 2 and not claimed:   # between recover()'s first and second command
+            claimed.append(live.lmove("work", "work:processing", "RIGHT", "LEFT"))
+
+    with redis_gate(redis_db.url, before) as gated:
+        recovering = structure(module, "ReliableQueue", gated, "work")
+        recovering.recover()
+    held = live.lrange("work", 0, -1) + live.lrange("work:processing", 0, -1)
+    lost = [job for job in jobs if job not in held]
+    assert not lost, (
+        f"recover() lost {lost}: the worker that died held {dead}; after recover()'s first "
+        f"command ({sent[0] if sent else '-'}) a live worker claimed "
+        f"{claimed[0] if claimed else '-'} "
+        f"(LMOVE into the processing list), and recover() then sent {sent[1:]}. Afterwards "
+        f"the queue and the processing list hold {sorted(held)}: reading the processing list "
+        "and deleting it in a later step deletes every claim made in between. Move the jobs "
+        "back one at a time with LMOVE processing queue, an atomic step that takes only what "
+        "is there")
 
 
 def test_ack_removes_one_claim_of_a_job_queued_twice(learner: Any, redis_db: Any) -> None:
