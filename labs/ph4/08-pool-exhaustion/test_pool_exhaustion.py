@@ -9,11 +9,16 @@
 * exhaustion, policy "reject": PoolExhausted at once, no waiting;
 * backpressure: 8 requests on a pool of 3, held busy on the server by an advisory lock the
   test owns: exactly 3 run, 5 wait, then all complete;
-* a failing query gives its connection back, rolled back.
+* a failing query gives its connection back, rolled back;
+* a connect that fails - for a new slot or replacing a dead connection - gives its slot
+  back: the database refusing connections (ALLOW_CONNECTIONS false) never leaves the pool
+  counting connections that do not exist, and a borrower waiting for the slot while the
+  connect fails (held, then ended, by a relay in front of Postgres) is woken and connects.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +27,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from labrunner.testing import threads_waiting_in, wait_until
+from labrunner.testing import TcpRelay, threads_waiting_in, wait_until
 
 HOLD = "SELECT pg_advisory_xact_lock_shared(4242)"
 
@@ -236,9 +242,30 @@ def test_a_woken_waiter_beaten_to_the_connection_waits_on(
     pool.release(waiter.result)
 
 
-def test_a_failed_connect_gives_its_slot_back(mod: ModuleType, pools: list[Any],
+def fill_with_dead(pool: Any, server: Server, n: int) -> None:
+    """n idle connections in the pool whose backends the server has since killed (a
+    failover): the next borrower finds a dead one and must replace it in its slot."""
+    held = [pool.acquire() for _ in range(n)]
+    for conn in held:
+        pool.release(conn)
+    server.terminate(server.pids())
+
+
+# Where a connect can fail: (what the pool held when it did, which connect it was).
+CONNECTS = {
+    "new slot": ("an EMPTY pool of 2", "the connect for a new slot"),
+    "replacement": ("a pool of 2 whose 2 idle connections had had their backends killed "
+                    "(pg_terminate_backend)", "the connect replacing a dead connection"),
+}
+
+
+@pytest.mark.parametrize("where", list(CONNECTS))
+def test_a_failed_connect_gives_its_slot_back(where: str, mod: ModuleType, pools: list[Any],
                                               server: Server, postgres: Any) -> None:
+    pool_was, which = CONNECTS[where]
     pool = make(mod, pools, postgres.dsn, 2, policy="reject")
+    if where == "replacement":
+        fill_with_dead(pool, server, 2)
     server.admin.execute(f'ALTER DATABASE "{postgres.name}" ALLOW_CONNECTIONS false')
     try:
         for i in range(3):
@@ -247,12 +274,12 @@ def test_a_failed_connect_gives_its_slot_back(mod: ModuleType, pools: list[Any],
             except mod.PoolExhausted:
                 pytest.fail(
                     f"the database refused new connections (ALLOW_CONNECTIONS false) and "
-                    f"attempt {i + 1} to borrow from an EMPTY pool of 2 raised PoolExhausted: "
-                    f"the {i} failed connect(s) before it kept their slots, so the pool now "
-                    "counts connections that never opened\nWhen psycopg.connect fails, give "
-                    "the reserved slot back (open -= 1, notify) before re-raising - or one "
-                    "database hiccup leaves the pool refusing everyone forever.",
-                    pytrace=False)
+                    f"attempt {i + 1} to borrow from {pool_was} raised PoolExhausted: the "
+                    f"{i} failed connect(s) before it kept their slots, so the pool now "
+                    f"counts connections that never opened\n{which} failed and did not give "
+                    "its slot back. Every failure path of a connect must give the reserved "
+                    "slot back (open -= 1, notify) before re-raising - or one database "
+                    "hiccup leaves the pool refusing everyone forever.", pytrace=False)
             except psycopg.Error:
                 continue
             pytest.fail("a connection opened while the database refused connections",
@@ -263,11 +290,106 @@ def test_a_failed_connect_gives_its_slot_back(mod: ModuleType, pools: list[Any],
         rows = pool.execute("SELECT 41 + 1")
     except Exception as exc:  # noqa: BLE001 - the learner's failure is the message
         pytest.fail(
-            f"after 3 connects failed while the database was down, the database came back "
-            f"and a query on the pool failed with {type(exc).__name__}: {exc}\nA failed "
-            "connect must give its slot back (open -= 1), so the pool can open a connection "
-            "once the database is back.", pytrace=False)
+            f"after 3 connects failed while the database was down ({which}, in {pool_was}), "
+            f"the database came back and a query on the pool failed with "
+            f"{type(exc).__name__}: {exc}\nA failed connect must give its slot back "
+            "(open -= 1), so the pool can open a connection once the database is back.",
+            pytrace=False)
     assert rows == [(42,)]
+
+
+class ConnectGate(TcpRelay):
+    """A relay in front of Postgres that can hold new connections: a connect through it
+    hangs (a server slow to answer after a failover) until the test ends it, and then it
+    fails the way a server going away makes it fail."""
+
+    def __init__(self, dsn: str) -> None:
+        info = conninfo_to_dict(dsn)
+        super().__init__((str(info.get("host") or "127.0.0.1"), int(str(info.get("port") or 5432))))
+        self.dsn = make_conninfo(dsn, host="127.0.0.1", port=self.port, sslmode="disable",
+                                 gssencmode="disable")
+        self.holding = False
+        self.held: list[socket.socket] = []
+
+    def admit(self, client: socket.socket) -> bool:
+        with self.lock:
+            if self.holding:
+                self.held.append(client)
+                return False
+        return True
+
+    def fail_held(self) -> None:
+        """End the held connects (they fail); connections from now on go through."""
+        with self.lock:
+            held, self.held, self.holding = self.held, [], False
+        for sock in held:
+            self.shut(sock)
+
+
+@pytest.fixture
+def gate(postgres: Any) -> Iterator[ConnectGate]:
+    with ConnectGate(postgres.dsn) as relay:
+        yield relay
+
+
+def outcome_of(call: Call) -> str:
+    return ("got a connection" if call.error is None
+            else f"raised {type(call.error).__name__}: {call.error}")
+
+
+@pytest.mark.parametrize("where", list(CONNECTS))
+def test_a_failed_connect_wakes_a_waiting_borrower(
+        where: str, mod: ModuleType, pools: list[Any], server: Server, gate: ConnectGate,
+        waiting: Callable[[], int]) -> None:
+    _, which = CONNECTS[where]
+    pool = make(mod, pools, gate.dsn, 1, policy="queue", acquire_timeout=60)
+    if where == "replacement":
+        fill_with_dead(pool, server, 1)
+    gate.holding = True
+    first = Call(pool.acquire)
+    wait_until(lambda: bool(gate.held) or not first.is_alive(),
+               f"acquire() to connect ({which}) to the database")
+    if not first.is_alive():
+        pytest.fail(f"acquire() on a pool of 1 ({where}) {outcome_of(first)} without "
+                    "connecting to the database", pytrace=False)
+    second = Call(pool.acquire)
+    # It waits in the pool's condition (or, in a pool that connects holding its lock, on
+    # that lock: then it simply goes on once the first borrower lets go).
+    deadline = time.monotonic() + 10
+    while waiting() < 1 and second.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not second.is_alive():
+        pytest.fail(f"while {which} was still in progress on a pool of 1, a second "
+                    f"acquire() {outcome_of(second)} instead of waiting for the slot",
+                    pytrace=False)
+    gate.fail_held()  # the first borrower's connect fails; the database answers again
+    first.join(15)
+    if first.is_alive():
+        pytest.fail(f"{which} failed (the server closed the connection), and acquire() was "
+                    "still running 15 s later", pytrace=False)
+    if first.error is None:
+        pool.release(first.result)   # it tried again and got one: fine, pass it on
+    second.join(15)
+    if second.is_alive():
+        s = stats(pool)
+        head, fix = ((f"the slot of a failed connect was never given back: stats() says {s}, "
+                      "open still counts a connection that never opened",
+                      "Give the slot back when a connect fails, whichever connect it was (a "
+                      "new slot or a replacement), and notify a waiter.")
+                     if s.get("open") else
+                     (f"a borrower waiting for a slot was never woken when a connect failed "
+                      f"and gave its slot back (stats() says {s})",
+                      "When a connect fails, give the slot back AND notify() the condition, "
+                      "as release() does: a waiter otherwise sleeps until its timeout though "
+                      "a slot is free."))
+        pytest.fail(f"{head}\nA borrower waited for the only slot of a pool of 1 while "
+                    f"{which} failed; the failing acquire() {outcome_of(first)}. 15 s later, "
+                    f"with the database answering again, the waiter was still waiting.\n{fix}",
+                    pytrace=False)
+    assert second.error is None, (
+        f"a borrower waiting for the slot {which} had failed in then {outcome_of(second)}, "
+        "once the database answered again: expected a new connection")
+    pool.release(second.result)
 
 
 def test_a_connection_given_back_mid_transaction_is_rolled_back(

@@ -7,7 +7,9 @@ sequence (or the exact key movement) it must produce.
   (releases first, then one new request); the test keeps its own count of requests in flight
   per backend and checks every choice against it;
 * consistent hashing: 10,000 keys over 4 nodes, then a 5th node joins: about 1/5 of the keys
-  move and every moved key moves to the new node; removing it restores the old placement.
+  move and every moved key moves to the new node; removing it restores the old placement -
+  with node names that are prefixes of each other (10.0.0.1, 10.0.0.11) too, and a ring
+  places keys the same whatever order its nodes are listed in (no two nodes share a point).
 """
 
 from __future__ import annotations
@@ -208,10 +210,34 @@ def test_consistent_hashing_spreads_keys_evenly(balancer: ModuleType) -> None:
         "that scatters similar labels (MD5/SHA-1 of the label), not consecutive numbers.")
 
 
-def test_adding_a_node_moves_about_one_nth_of_the_keys(balancer: ModuleType) -> None:
-    ring = balancer.ConsistentHashRing(NODES)
+# Fleets of nodes as (the nodes, the one that joins). Addresses are prefixes of each other:
+# a virtual-node label that runs name and index together makes ('10.0.0.1', 10) and
+# ('10.0.0.11', 0) the same string '10.0.0.110', so two nodes would claim one point.
+FLEETS = {
+    "cache names": (NODES, "cache-e"),
+    "addresses": (["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], "10.0.0.11"),
+}
+
+
+def shared_points_hint(nodes: list[str]) -> str:
+    """Why two nodes may have claimed the same point, when their names allow it."""
+    pairs = [(a, b) for a in nodes for b in nodes if a != b and b.startswith(a)
+             and b[len(a):].isdigit()]
+    if not pairs:
+        return ""
+    a, b = pairs[0]
+    return (f" ({a!r} and {b!r}: labels that run name and index together collide - "
+            f"{a!r} + '{b[len(a):]}0' and {b!r} + '0' both read '{b}0'; separate them: "
+            "'node#i')")
+
+
+@pytest.mark.parametrize("fleet", list(FLEETS))
+def test_adding_a_node_moves_about_one_nth_of_the_keys(balancer: ModuleType,
+                                                        fleet: str) -> None:
+    nodes, new = FLEETS[fleet]
+    ring = balancer.ConsistentHashRing(nodes)
     before = placement(ring)
-    ring.add("cache-e")
+    ring.add(new)
     after = placement(ring)
     moved = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if b != a]
     share = len(moved) / len(KEYS)
@@ -220,9 +246,9 @@ def test_adding_a_node_moves_about_one_nth_of_the_keys(balancer: ModuleType) -> 
         "30%)\nWith hash(key) % number_of_nodes almost every key changes node when the "
         "count changes: place nodes and keys on a ring and give each key to the next node "
         "point clockwise.")
-    strays = [KEYS[i] for i in moved if after[i] != "cache-e"]
+    strays = [KEYS[i] for i in moved if after[i] != new]
     assert not strays, (
-        f"{len(strays)} keys moved between two OLD nodes when cache-e joined (e.g. "
+        f"{len(strays)} keys moved between two OLD nodes when {new} joined (e.g. "
         f"{strays[0]!r}: {before[KEYS.index(strays[0])]} -> {after[KEYS.index(strays[0])]})"
         "\nA joining node should only take keys over, never reshuffle the others: keep the "
         "ring's points sorted after adding, and search it with bisect.")
@@ -230,12 +256,39 @@ def test_adding_a_node_moves_about_one_nth_of_the_keys(balancer: ModuleType) -> 
         f"adding a 5th node moved only {share:.1%} of 10,000 keys, expected about 1/5 (at "
         "least 12%)\nThe new node gets too small a share of the ring: give it as many "
         "virtual nodes as the others.")
-    ring.remove("cache-e")
+    ring.remove(new)
     again = placement(ring)
-    differ = sum(b != a for b, a in zip(before, again, strict=True))
-    assert differ == 0, (
-        f"after cache-e left again, {differ} keys sat on a different node than before it "
-        "joined, expected none\nremove(node) must take away exactly that node's points.")
+    differ = [i for i, (b, a) in enumerate(zip(before, again, strict=True)) if b != a]
+    if differ:
+        lost = Counter(before[i] for i in differ)
+        pytest.fail(
+            f"after {new} joined and left again, {len(differ)} keys sat on a different node "
+            f"than before it joined, expected none: removing {new} took ring points that "
+            f"were also {', '.join(f'{n} ({c} keys)' for n, c in lost.most_common())}'s - "
+            "two nodes shared points\nremove(node) must take away exactly that node's "
+            "points, and each virtual node must be a point of its own"
+            f"{shared_points_hint([*nodes, new])}.", pytrace=False)
+
+
+def test_placement_does_not_depend_on_the_order_of_the_nodes(balancer: ModuleType) -> None:
+    """Every client of a cache cluster builds its own ring from its configuration: listed
+    in any order, the same nodes must place every key the same way."""
+    nodes, new = FLEETS["addresses"]
+    fleet = [*nodes, new]
+    one = placement(balancer.ConsistentHashRing(fleet))
+    other = placement(balancer.ConsistentHashRing(fleet[::-1]))
+    differ = [i for i, (a, b) in enumerate(zip(one, other, strict=True)) if a != b]
+    if differ:
+        k = differ[0]
+        pytest.fail(
+            f"two rings over the same nodes {fleet}, listed in opposite orders, place "
+            f"{len(differ)} of 10,000 keys differently (e.g. {KEYS[k]!r}: {one[k]} in "
+            f"one, {other[k]} in the other), expected the same placement: two nodes "
+            "claim the same ring points, and which one gets them depends on the order"
+            "\nEvery client builds its own ring and they must agree. Each (node, index) "
+            "must hash a label of its own"
+            f"{shared_points_hint(fleet)}, with enough bits that distinct labels do not "
+            "share a point (64 bits of MD5, not 16).", pytrace=False)
 
 
 def _digest_int(name: str, size: int | None = None) -> Any:

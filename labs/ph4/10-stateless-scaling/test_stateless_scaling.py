@@ -2,7 +2,9 @@
 (learner.python), behind a round-robin balancer the test runs, with state in a real Redis
 (a database of the test's own).
 
-* a session started on one instance continues on the other;
+* a session started on one instance continues on the other, and once its keys are deleted
+  in Redis (a logout, a revocation, its TTL) no instance serves it any more: an instance
+  keeps no copy of its own;
 * 8 clients x 25 increments of a shared counter through the balancer: the values handed
   out are exactly 1..200;
 * mid-run one instance is killed with SIGKILL; the balancer retries the refused request on
@@ -43,6 +45,7 @@ from labrunner.testing import redis_commands, redis_gate, wait_until
 
 READY = 20.0
 USER = "annabelle-k"
+REVOKED_WITHIN = 5.0   # seconds: a session deleted in Redis must be gone on every instance
 MIN_TTL = 300          # seconds: shorter, a session ends while its user is still there
 ALONE = 3.0            # seconds B's add gets to send its item while A's write is held;
                        # one that has not by then waits for A (a lock): A then goes on
@@ -254,7 +257,7 @@ def check_expiry(redis_db: Any, what: str, commands: list[list[str]], why: str,
 
 
 def test_a_session_continues_on_the_other_instance(cluster: Any, redis_db: Any) -> None:
-    lb, _ = cluster
+    lb, instances = cluster
     with redis_commands(redis_db) as sent:
         cookie = login(lb, USER)                    # served by A
     check_expiry(redis_db, "POST /login", sent, "", short_only=True)
@@ -278,6 +281,44 @@ def test_a_session_continues_on_the_other_instance(cluster: Any, redis_db: Any) 
             "one anyone can write into a cookie to become that user: the id must be "
             "unguessable (secrets.token_urlsafe), the user kept under it in Redis.",
             pytrace=False)
+    a_revoked_session_ends_everywhere(instances, redis_db, cookie, keys_written(sent))
+
+
+def a_revoked_session_ends_everywhere(instances: list[Instance], redis_db: Any, cookie: str,
+                                      keys: list[str]) -> None:
+    """Both instances have just served the session; its keys are then deleted in Redis (a
+    logout on any instance, an admin's revocation, or its TTL running out look the same):
+    every instance must answer 401 from now on - one that still knows the user holds a
+    copy of the session of its own."""
+    client = redis_db.client(decode_responses=True)
+    try:
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+    deadline = time.monotonic() + REVOKED_WITHIN
+    stale: list[str] = []
+    while True:
+        stale = []
+        for inst in instances:
+            for path in ("/me", "/cart"):
+                reply = RoundRobin.send(inst, "GET", path, cookie=cookie)
+                if reply is not None and reply.status != 401:
+                    stale.append(f"GET {path} on {inst.name}: {reply.status} "
+                                 f"{reply.body[:80]!r}")
+        if not stale or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if stale:
+        where = sorted({line.split(" on ")[1].split(":")[0] for line in stale})
+        pytest.fail(
+            f"{'instances' if len(where) > 1 else 'instance'} {' and '.join(where)} kept a "
+            "copy of a session in the process: "
+            f"{REVOKED_WITHIN:.0f} s after the session's keys were deleted in Redis "
+            f"({', '.join(keys)}: a logout, a revocation or its TTL running out) it still "
+            f"served it ({'; '.join(stale)}), expected 401 on every instance\nA copy in the "
+            "process (a dict, an lru_cache of the lookup) is state that never learns what "
+            "changed in Redis: look the session up in Redis on every request.", pytrace=False)
 
 
 def test_without_a_known_session_401(cluster: Any, redis_db: Any) -> None:
