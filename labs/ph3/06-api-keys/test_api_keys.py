@@ -217,3 +217,23 @@ def test_rotation_overlaps_until_the_grace_ends(api: Api) -> None:
     expect(api, "GET", old, 401, "the old key when the grace period has ended",
            "after the grace period the old key is refused")
     expect(api, "GET", new, 200, "the new key after the grace period", "it stays valid")
+
+
+def test_rotating_again_never_extends_the_old_keys_end(api: Api) -> None:
+    """A key already ending (rotated, or leaked and rotated in a hurry) keeps the earliest
+    end it was given: rotating it again during its grace issues another key, but must not
+    move its end later - or a leaked key could be kept alive for ever, one rotation at a
+    time."""
+    old = api.create("partner", ["reports:read"])
+    api.store.rotate(old, 3600)                 # ends at T0 + 3600
+    api.clock.now = T0 + 3000
+    again = api.store.rotate(old, 3600)         # would end at T0 + 6600
+    assert isinstance(again, str) and again != old, (
+        f"rotate() of a key in its grace period returned {again!r}, expected a new key")
+    api.clock.now = T0 + 3600
+    expect(api, "GET", old, 401,
+           "the old key at 3600 s, rotated at 0 s (grace 3600 s) and again at 3000 s",
+           "a second rotation must not extend the end the first one set (T0 + 3600): the "
+           "end of a key only ever moves earlier - keep the earlier of the two ends "
+           "(LEAST(expires_at, new end))")
+    expect(api, "GET", again, 200, "the key the second rotation issued", "it stays valid")
