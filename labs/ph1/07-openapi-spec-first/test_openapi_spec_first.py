@@ -365,14 +365,20 @@ def test_text_postgres_cannot_store_is_refused(host: str) -> None:
     """JSON strings may hold a NUL character or a lone surrogate, and a string schema allows
     both; Postgres text stores neither. The request is the client's error (4xx), not a
     crash (5xx)."""
-    for what, name in (("a NUL character (\\u0000)", "Nul\x00Name"),
-                       ("a lone surrogate (\\ud800, not encodable as UTF-8)", "Lone\ud800")):
-        ex = exchange(host, "POST", "/users",
-                      document={"name": name, "email": f"text{len(what)}@example.com"})
-        assert 400 <= ex.status < 500, (
-            f"POST /users with a name holding {what}: expected a 4xx (422), saw {ex.status} "
-            f"{ex.data[:120]!r}: it is valid JSON and the schema allows it, but Postgres text "
-            "cannot store it - check the strings before the INSERT and refuse them with 422")
+    bad = (("a NUL character (\\u0000)", "\x00"),
+           ("a lone surrogate (\\ud800, not encodable as UTF-8)", "\ud800"))
+    for field in ("name", "email"):   # every string of the request, the formatted one too
+        for n, (what, char) in enumerate(bad):
+            document = {"name": f"Text {n}", "email": f"text{n}.{field}@example.com"}
+            document[field] = (f"Nul{char}Name" if field == "name"
+                               else f"text{n}{char}x@example.com")
+            ex = exchange(host, "POST", "/users", document=document)
+            assert 400 <= ex.status < 500, (
+                f"POST /users with {'an' if field == 'email' else 'a'} {field} holding {what}: "
+                f"expected a 4xx (422), saw {ex.status} {ex.data[:120]!r}: it is valid JSON "
+                "and the schema allows it (format: email checks little more than an @), but "
+                "Postgres text cannot store it - check every string before the INSERT, not "
+                "only the free-text ones, and refuse them with 422")
 
 
 def test_property_based_run_finds_no_5xx(spec_path: Path, host: str) -> None:
