@@ -11,6 +11,11 @@
  *   lock_free_stack aba_at_cas   ABA again, landing right before pop's CAS: after every
  *                                check pop makes (a tag kept in a word of its own and
  *                                checked before a pointer-only CAS does not see it)
+ *   lock_free_stack push_retry_aba   your push's first CAS fails and it retries, while a
+ *   lock_free_stack pop_retry_aba    third thread's pop waits right before its CAS: the
+ *                                word your retry installs must carry a tag newer than the
+ *                                head it replaced (recomputed from the re-read head, not
+ *                                from the first read), or that stale CAS matches it later
  *   lock_free_stack free         stack_free on a stack that still holds (static) nodes
  *   lock_free_stack stress N     4 threads x N rounds of pop, pop, push, push over 64 nodes
  *
@@ -20,6 +25,9 @@
  * The moment right before a compare-and-swap is reached the same way: ThreadSanitizer's
  * instrumentation turns every CAS into a call of __tsan_atomic{64,128}_compare_exchange_*,
  * and the build links those calls to the wrappers below (ld --wrap, see rules.mk).
+ * The *_retry_aba scenarios need a pop that overlaps yours without nesting in it (it reads
+ * the head inside your operation and CASes after it): a real third thread, which runs only
+ * while the main thread waits for it, so the order is still the script's.
  * Each prints "ok ..." and exits 0, or prints "FAIL <what was seen>" and exits 1; a line
  * "step ..." says when the other thread's operations are done and yours resumes (so a
  * crash after it is known to be your operation's, on its retry).
@@ -27,6 +35,7 @@
  */
 #include <pthread.h>
 #include <poll.h>
+#include <semaphore.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,34 +59,115 @@ static char name_of(node_t *n) {
 /* ---- scripted interleavings ------------------------------------------------------------ */
 
 /* What "the other thread" does when it runs in the middle of your operation. */
-enum other { ABA, ABA_WRAP, PUSH_D, POP_ONE };
+enum other { ABA, ABA_WRAP, PUSH_D, POP_ONE, STEPS };
 /* Where in your operation: at its node_next() (node_set_next() in a push), between its
  * read of the head and its CAS; or right before its (first) compare-and-swap. */
 enum moment { AT_LINK, AT_CAS };
 
 /* The scripted scenarios: from the stack `start` (top first), your pop (or your push of D)
  * runs with "the other thread's" operations landing at `moment`. Afterwards every node of
- * `expected` must be accounted for exactly once. */
+ * `expected` must be accounted for exactly once.
+ * STEPS spells the other thread's operations out, in `during` (inside your operation) and
+ * `after` (once it returned): 'o' pops a node (the other thread holds it), a letter pushes
+ * that node back, 'S' starts a third thread's pop, which reads the head and stops right
+ * before its CAS, and 'R' lets that CAS go and waits for the pop to end. */
 static const struct script {
     const char *name, *start;
     int push;          /* your operation: push D (1) or pop (0) */
     enum moment moment;
     enum other other;  /* what the other thread does in its middle */
     const char *expected;
+    const char *during, *after; /* STEPS only */
 } scripts[] = {
-    {"pop_race", "ABC", 0, AT_LINK, PUSH_D, "ABCD"},
-    {"push_race", "AB", 1, AT_LINK, POP_ONE, "ABD"},
-    {"pop_last", "A", 0, AT_LINK, POP_ONE, "A"}, /* your retry must see NULL: empty */
-    {"aba", "ABC", 0, AT_LINK, ABA, "ABC"},
-    {"aba_wrap", "ABC", 0, AT_LINK, ABA_WRAP, "ABCE"},
-    {"aba_at_cas", "ABC", 0, AT_CAS, ABA, "ABC"},
+    {"pop_race", "ABC", 0, AT_LINK, PUSH_D, "ABCD", NULL, NULL},
+    {"push_race", "AB", 1, AT_LINK, POP_ONE, "ABD", NULL, NULL},
+    {"pop_last", "A", 0, AT_LINK, POP_ONE, "A", NULL, NULL}, /* your retry must see NULL */
+    {"aba", "ABC", 0, AT_LINK, ABA, "ABC", NULL, NULL},
+    {"aba_wrap", "ABC", 0, AT_LINK, ABA_WRAP, "ABCE", NULL, NULL},
+    {"aba_at_cas", "ABC", 0, AT_CAS, ABA, "ABC", NULL, NULL},
+    /* (A,t): pop A, push A -> (A,t+2), the third pop reads it (next B); pop A, pop B, push A
+     * -> (A,t+5) A->C. Your push of D retries: (D,t+6) (a tag from the first read: (D,t+1)).
+     * Pop D -> (A,t+7) (stale: (A,t+2), the third pop's expected value: it installs B,
+     * which the other thread holds). */
+    {"push_retry_aba", "ABC", 1, AT_LINK, STEPS, "ABCD", "oASooA", "oR"},
+    /* (A,t): pop A -> (B,t+1), the third pop reads it (next C); pop B, pop C, push B,
+     * push A -> (A,t+5) A->B->D. Your pop retries: (B,t+6) (a tag from the first read:
+     * (B,t+1), the third pop's expected value: it installs C, which the other thread
+     * holds). */
+    {"pop_retry_aba", "ABCD", 0, AT_LINK, STEPS, "ABCD", "oSooBA", "R"},
 };
 
 static const struct script *armed; /* the scenario waiting for its moment */
-static node_t *other_holds[4]; /* nodes "the other thread" popped and still holds */
+static node_t *other_holds[8]; /* nodes "the other thread" popped and still holds */
 static int other_count = 0;
-static char other_log[128];
+static char other_log[256];
 static atomic_int in_other;    /* 1 while "the other thread's" operations run inside yours */
+
+/* ---- the third thread: a pop stopped right before its CAS ----------------------------- */
+
+static pthread_t third;
+static int third_started;
+static node_t *third_returned;
+static _Thread_local int i_am_third;
+static node_t *third_top;          /* the top the third thread's pop read */
+static atomic_int third_stops;     /* 1: the third thread's next CAS waits for 'R' */
+static atomic_int third_stopped;   /* 1: it did stop before a CAS (0: its pop made none) */
+static sem_t third_paused, third_go; /* paused: at its CAS, or done */
+
+static void *third_pop(void *arg) {
+    (void)arg;
+    i_am_third = 1;
+    third_returned = stack_pop(S);
+    if (atomic_exchange(&third_stops, 0)) sem_post(&third_paused); /* it never CASed */
+    return NULL;
+}
+
+static void third_before_cas(void) {
+    if (!i_am_third || !atomic_exchange(&third_stops, 0)) return;
+    atomic_store(&third_stopped, 1);
+    sem_post(&third_paused);
+    sem_wait(&third_go);
+}
+
+static void log_step(const char *what, char node) { /* what: "pop %c", ... */
+    size_t k = strlen(other_log);
+    if (k > 0 && other_log[k - 1] != ' ' && what[0] != ';')
+        snprintf(other_log + k, sizeof other_log - k, ", ");
+    k = strlen(other_log);
+    snprintf(other_log + k, sizeof other_log - k, what, node);
+}
+
+/* The other thread's operations, spelled as in the scripts' `during` and `after`. */
+static void run_steps(const char *steps) {
+    for (const char *p = steps; *p; p++) {
+        if (*p == 'o') {
+            node_t *x = stack_pop(S);
+            other_holds[other_count++] = x;
+            log_step("pop %c", name_of(x));
+        } else if (*p == 'S') {
+            atomic_store(&third_stops, 1);
+            third_started = pthread_create(&third, NULL, third_pop, NULL) == 0;
+            if (!third_started) { puts("FAIL the driver could not start a thread"); exit(1); }
+            sem_wait(&third_paused);
+            log_step("a third thread's pop read the head (top %c) and stopped before its CAS",
+                     name_of(third_top));
+        } else if (*p == 'R') {
+            if (!third_started) continue;
+            if (atomic_load(&third_stopped)) sem_post(&third_go);
+            pthread_join(third, NULL);
+            third_started = 0;
+            other_holds[other_count++] = third_returned;
+            log_step("the third thread's CAS went on: its pop returned %c",
+                     name_of(third_returned));
+        } else {
+            node_t *n = &nodes[strchr(names, *p) - names];
+            for (int i = 0; i < other_count; i++)
+                if (other_holds[i] == n) other_holds[i] = other_holds[--other_count];
+            stack_push(S, n);
+            log_step("push %c", *p);
+        }
+    }
+}
 
 static void other_thread_runs(void) {
     const struct script *script = armed;
@@ -107,6 +197,9 @@ static void other_thread_runs(void) {
         node_t *x = stack_pop(S);
         other_holds[other_count++] = x;
         snprintf(other_log, sizeof other_log, "pop %c", name_of(x));
+    } else if (script->other == STEPS) {
+        other_log[0] = '\0';
+        run_steps(script->during);
     }
     atomic_store(&in_other, 0);
     printf("step %s: the other thread did %s; your %s resumes\n", script->name, other_log,
@@ -114,13 +207,14 @@ static void other_thread_runs(void) {
 }
 
 void stack_interleave_point(node_t *n, int writing) {
-    (void)n;
+    if (i_am_third && third_top == NULL) third_top = n;
     if (armed != NULL && armed->moment == AT_LINK && writing == armed->push)
         other_thread_runs();
 }
 
 static void before_cas(void) {
-    if (armed != NULL && armed->moment == AT_CAS) other_thread_runs();
+    third_before_cas();
+    if (armed != NULL && armed->moment == AT_CAS && !i_am_third) other_thread_runs();
 }
 
 /* The CAS wrappers (ThreadSanitizer's memory orders are an int-sized enum). */
@@ -258,7 +352,8 @@ static int run_free(void) {
 
 static int run_scripted(const struct script *script) {
     pthread_t dog;
-    if (pipe(wake) < 0 || pthread_create(&dog, NULL, watchdog, NULL) != 0) {
+    if (sem_init(&third_paused, 0, 0) < 0 || sem_init(&third_go, 0, 0) < 0 || pipe(wake) < 0
+        || pthread_create(&dog, NULL, watchdog, NULL) != 0) {
         puts("FAIL the driver could not start its watchdog");
         return 1;
     }
@@ -270,6 +365,16 @@ static int run_scripted(const struct script *script) {
     armed = script;
     if (script->push) stack_push(S, &nodes[3]);
     else returned = stack_pop(S);
+    if (script->after != NULL && armed == NULL) { /* the other thread ran inside yours */
+        if (script->push) log_step("; your push returned; then ", 0);
+        else log_step("; your pop returned %c; then ", name_of(returned));
+        char *then = other_log + strlen(other_log);
+        atomic_store(&in_other, 1);
+        run_steps(script->after);
+        atomic_store(&in_other, 0);
+        printf("step %s: after your %s: %s\n", script->name,
+               script->push ? "push" : "pop", then);
+    }
     armed = NULL;
     drain(left);
     int failed = account(script->name, script->expected, returned, left);

@@ -1,16 +1,39 @@
-"""Runs where the learner's queue runs (in its process when grading): two put() calls, one
+"""Runs where the learner's primitives run (in their process when grading): two calls, one
 right after the other, in one thread that keeps the interpreter (a long switch interval)
-from the first put's wake-up until the second put is inside the queue - so a consumer woken
-by the first put has not run yet when the second put finds the queue full and waits. The
-interleaving is then the same every time, not only when the scheduler says so."""
+from the first call's wake-up until the second call has looked at the state - so a thread
+woken by the first has not run yet when the second decides whether to wait. The
+interleaving is then the same every time, not only when the scheduler says so.
+
+- put_two_at_once: a consumer woken by the first put has not taken its item when the
+  second put finds the queue full;
+- leave_write_then_read: a writer leaves and a reader arrives at that very moment, before
+  the writer that was waiting (and is now woken) gets to run."""
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import Any
 
 _normal = sys.getswitchinterval()
+
+
+def _keep_the_interpreter() -> None:
+    """A long switch interval; then a moment asleep, so that a thread already waiting for
+    the interpreter (with the short interval it began waiting with) runs now rather than
+    between the two calls."""
+    sys.setswitchinterval(2.0)
+    time.sleep(0.005)
+
+
+def leave_write_then_read(lock: Any) -> None:
+    """release_write() and at once acquire_read(), with no other thread running between
+    them: returns when the read lock is held (the caller releases it). The interval is put
+    back by restore_switch_interval() once the test has seen where the reader is."""
+    _keep_the_interpreter()
+    lock.release_write()
+    lock.acquire_read()
 
 
 def put_two_at_once(queue: Any, first: Any, second: Any) -> threading.Event:
@@ -18,7 +41,7 @@ def put_two_at_once(queue: Any, first: Any, second: Any) -> threading.Event:
     done = threading.Event()
 
     def run() -> None:
-        sys.setswitchinterval(2.0)
+        _keep_the_interpreter()
         try:
             queue.put(first)
             queue.put(second)

@@ -162,7 +162,8 @@ def test_a_writer_excludes_everyone(sync: ModuleType, stage: Stage) -> None:
     stage.expect(["writer 2"], lambda: (
         f"writer 1 left with writer 2 and reader 2 waiting; inside now: "
         f"{', '.join(stage.inside()) or 'nobody'}, expected writer 2 (writer preference, "
-        "and a writer alone)"))
+        "and a writer alone)\nWriter 2 was waiting before reader 2 arrived: a writer waiting "
+        "behind another writer counts as waiting too, so readers wait behind it."))
 
 
 def test_writers_are_not_starved_by_new_readers(sync: ModuleType, stage: Stage) -> None:
@@ -184,6 +185,68 @@ def test_writers_are_not_starved_by_new_readers(sync: ModuleType, stage: Stage) 
     stage.expect(["reader 2"], lambda: (
         f"the writer left; inside now: {', '.join(stage.inside()) or 'nobody'}, expected "
         "reader 2: release_write must wake the waiting readers"))
+
+
+def two_writers_wait_behind_a_reader(stage: Stage, lock: Any) -> tuple[Worker, Worker, str]:
+    r1 = reader(stage, lock, "reader 1")
+    writers = [writer(stage, lock, "writer 1"), writer(stage, lock, "writer 2")]
+    stage.release(r1)
+    try:
+        wait_until(lambda: len(stage.inside()) == 1, "one of the writers to get in", 5)
+    except BaseException:
+        pytest.fail(
+            f"reader 1 left with writers 1 and 2 waiting; inside now: "
+            f"{', '.join(stage.inside()) or 'nobody'}, expected one writer alone",
+            pytrace=False)
+    first, second = sorted(writers, key=lambda w: not w.entered.is_set())
+    return first, second, (f"writers 1 and 2 both waited behind reader 1; when it left, "
+                           f"{first.name} got in")
+
+
+def a_writer_waits_behind_a_writer(stage: Stage, lock: Any) -> tuple[Worker, Worker, str]:
+    first = writer(stage, lock, "writer 1")
+    second = writer(stage, lock, "writer 2")
+    return first, second, "writer 2 arrived while writer 1 held the lock, and waited"
+
+
+@pytest.mark.parametrize("setup", [two_writers_wait_behind_a_reader,
+                                   a_writer_waits_behind_a_writer],
+                         ids=["two writers behind a reader", "a writer behind a writer"])
+def test_a_reader_arriving_as_a_writer_leaves_waits_for_the_next_writer(
+        learner: Any, sync: ModuleType, stage: Stage,
+        setup: Callable[[Stage, Any], tuple[Worker, Worker, str]]) -> None:
+    """One writer inside, another waiting. The first leaves and, in that very instant -
+    before the waiting writer, woken, has run - reader 2 arrives: one thread calls
+    release_write() then acquire_read() with no thread switch between (the harness). A
+    writer is still waiting, so reader 2 must wait behind it."""
+    lock = sync.RWLock()
+    first, second, story = setup(stage, lock)
+    assert stage.inside() == [first.name], (
+        f"{story}; inside: {', '.join(stage.inside())}, expected {first.name} alone")
+    harness = learner.harness()
+    first.leave = lambda: None    # its release_write() is made by reader 2's thread
+    stage.release(first)
+    try:
+        stage.add("reader 2", lambda: harness.leave_write_then_read(lock), lock.release_read)
+    finally:
+        harness.restore_switch_interval()
+    if "reader 2" in stage.inside():
+        pytest.fail(
+            f"{first.name} left while {second.name} still waited, and reader 2, arriving "
+            f"that very moment, got in ahead of {second.name} ({story})\nExpected reader 2 "
+            f"to wait: a writer was waiting. With readers arriving continuously, "
+            f"{second.name} never gets in (writer starvation). Writer preference must "
+            "remember every waiting writer: count them (a single flag is cleared by the "
+            "first writer to get in while others still wait), count a writer as waiting "
+            "from the moment it arrives (whatever is in its way, a reader or a writer), and "
+            "make acquire_read wait while that count is not zero.", pytrace=False)
+    stage.expect([second.name], lambda: (
+        f"{first.name} left with {second.name} and then reader 2 waiting; inside now: "
+        f"{', '.join(stage.inside()) or 'nobody'}, expected {second.name}"))
+    stage.release(second)
+    stage.expect(["reader 2"], lambda: (
+        f"{second.name} left with reader 2 waiting; inside now: "
+        f"{', '.join(stage.inside()) or 'nobody'}, expected reader 2"))
 
 
 def test_a_leaving_writer_lets_every_waiting_reader_in(sync: ModuleType, stage: Stage) -> None:

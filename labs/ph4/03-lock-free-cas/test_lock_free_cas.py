@@ -16,7 +16,12 @@ its compare-and-swap) run "another thread's" operations right at that moment:
   pointer's alignment bits) has wrapped back to the same value;
 * aba_at_cas: ABA again, landing right before pop's compare-and-swap (the driver's build
   routes every CAS through a wrapper): a tag kept in a word of its own, checked before a
-  CAS of the pointer alone, does not see it.
+  CAS of the pointer alone, does not see it;
+* push_retry_aba, pop_retry_aba: your operation's first CAS fails and it retries while a
+  third thread's pop (a real thread, run only while the driver waits for it) has read the
+  head and waits right before its CAS; a retry that installs a tag derived from its FIRST
+  read (computed once, before the loop) sets the version back to the value that pop
+  expects, and its stale CAS wins.
 
 A lock around push/pop (the nested operation waits for the outer one: a double lock that
 ThreadSanitizer reports, or a spinlock that never opens) is named as such by the driver's
@@ -155,6 +160,24 @@ SCENARIOS = {
         mistake="the pointer and its ABA tag must change together in ONE compare-and-swap: "
                 "your CAS compared the pointer alone, and an ABA landing after your checks, "
                 "right before the CAS, got through"),
+    # a retry that reuses a tag derived from its first read of the head: last, once every
+    # other mistake has had its own scenario
+    **{f"{op}_retry_aba": Scenario(
+        f"a retry of your {op} while a third thread's pop waited right before its CAS",
+        f"Your {op}'s first CAS failed (the head had changed) and its retry succeeded - with "
+        "a tag worked out from the head it read the first time, so the head's version went "
+        "BACK: the value a third thread's stalled pop had read came round again, its stale "
+        "CAS matched, and it installed a node the other thread holds (ABA, long before the "
+        "16-bit tag could wrap). The tag protects only if every successful CAS installs a "
+        "version newer than the one it replaces: inside the loop, derive everything from "
+        "the head the failed CAS handed back - "
+        + ("the node's link and the new word with its tag (pack(n, old) in the CAS call)."
+           if op == "push" else
+           "top, its next and the new word with its tag (pack(next, old) in the CAS call)."),
+        mistake=f"a retry must recompute everything it derives from the head it re-read, "
+                f"the version tag too: your {op} retried and installed a tag older than the "
+                "head it replaced, and a stalled CAS from long before then succeeded")
+       for op in ("push", "pop")},
 }
 
 

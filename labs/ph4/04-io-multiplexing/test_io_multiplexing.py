@@ -477,10 +477,11 @@ def wait_for_descriptors(server: Server, at_most: int, what: str, advice: str) -
     while server.fds() > at_most:
         gone = server.exited()
         assert gone is None, f"{what}, {gone}"
-        asleep = server.asleep_in() in EPOLL_WAIT
-        stalled = stalled + 1 if asleep else 0
+        call = server.asleep_in()   # asleep: in epoll_wait, or select/poll, with nothing to do
+        stalled = stalled + 1 if call is not None else 0
         if stalled >= STALLED or time.monotonic() > deadline:
-            pytest.fail(f"{what}, the server sleeps in epoll_wait() holding {server.fds()} "
+            where = " in epoll_wait()" if call in EPOLL_WAIT else ""
+            pytest.fail(f"{what}, the server sleeps{where} holding {server.fds()} "
                         f"descriptors, expected at most {at_most}\n{advice}", pytrace=False)
         time.sleep(0.025)
 
@@ -509,20 +510,90 @@ def test_half_closed_clients_get_their_whole_echo(server: Server) -> None:
         assert rest == b"", "after the whole echo the server sent more bytes than it got"
 
 
+def reset(sock: socket.socket) -> None:
+    """close() with SO_LINGER 0: the kernel sends RST, the server's next recv() or send()
+    on that connection fails."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
 def test_reset_connections_are_closed(server: Server) -> None:
     socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(50)]
     for s in socks:
         s.sendall(b"ping\n")
     pump(server, socks, [b"ping\n"] * len(socks), "50 connections about to be reset")
     base = server.fds() - len(socks)   # every connection echoed: each has its descriptor
-    for s in socks:  # SO_LINGER 0: close() sends RST, read() on the server fails
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        s.close()
+    for s in socks:  # RST: read() on the server fails
+        reset(s)
     wait_for_descriptors(
         server, base, "after 50 clients reset their connections (RST)",
         "A reset connection makes read() fail with ECONNRESET (the event carries "
         "EPOLLERR/EPOLLHUP): an error other than EAGAIN/EINTR ends the connection, so "
         "close(fd) then, as for read() returning 0, or every reset leaks a descriptor.")
+
+
+def echo_held(server: Server, sock: socket.socket, sent: int) -> int:
+    """How much of the echo of `sent` bytes the server still holds itself: neither in the
+    client's socket (rx_queue) nor in the server's, on its way (tx_queue)."""
+    port, queued = sock.getsockname()[1], 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        local, remote = (int(f[i].rsplit(":", 1)[1], 16) for i in (1, 2))
+        tx, rx = (int(q, 16) for q in f[4].split(":"))
+        queued += rx if local == port else tx if (local, remote) == (server.port, port) else 0
+    return sent - queued
+
+
+def settle(server: Server, sender: Sender, what: str) -> None:
+    """Until the server has taken what the client sent (with the FIN after a SHUT_WR) - or
+    stopped taking it - and sleeps: STALLED observations in a row with nothing moving."""
+    last, still, deadline = None, 0, time.monotonic() + DEADLINE
+    while still < STALLED:
+        gone = server.exited()
+        if gone:
+            pytest.fail(f"{what}: {gone}", pytrace=False)
+        now = (sender.sent, sender.done())
+        still = still + 1 if now == last and server.asleep_in() is not None else 0
+        last = now
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: the server was still busy after {DEADLINE:.0f} s",
+                        pytrace=False)
+        time.sleep(0.025)
+
+
+@pytest.mark.parametrize("shut_wr", [True, False],
+                         ids=["half-closed then reset", "reset with its echo pending"])
+def test_a_reset_with_its_echo_pending_closes_the_connection(server: Server,
+                                                            shut_wr: bool) -> None:
+    """A client sends 8 MiB without reading its echo (a 64 KiB receive buffer: most of the
+    echo waits in the server's own buffer), shuts down its sending side or not, and once
+    the server has taken everything resets the connection (RST). The server's recv() - if
+    it still calls it - or its send() now fails: either error must close the descriptor."""
+    payload = os.urandom(BURST)
+    client = ("a client that sent 8 MiB without reading its echo"
+              + (" and shut down its sending side (so the server read EOF)" if shut_wr else ""))
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.connect(("127.0.0.1", server.port))
+        sender = Sender(sock, payload, shut_wr=shut_wr)
+        settle(server, sender, client)
+        held = echo_held(server, sock, sender.sent)
+        base = server.fds() - 1   # all but this connection's descriptor
+    finally:
+        reset(sock)
+    wait_for_descriptors(
+        server, base,
+        f"after {client} reset the connection (RST) with {held} bytes of its echo still in "
+        "the server's buffer",
+        "The reset makes the connection's next send() fail with ECONNRESET or EPIPE, and "
+        "its next recv() with ECONNRESET"
+        + (" - but after read() returned 0 a server may no longer call recv()" if shut_wr
+           else "") + ". An error from send() other than EAGAIN/EWOULDBLOCK (and EINTR) "
+        "means the connection is dead, not 'not writable yet': close(fd) there, as for a "
+        "recv() error. Waiting for EPOLLOUT instead never ends: a dead socket raises no "
+        "new edge, so the descriptor and its buffer leak. Every error path of send() and "
+        "recv() must release the descriptor.")
 
 
 def test_more_than_1024_connections_each_get_their_own_echo(server: Server) -> None:
