@@ -8,15 +8,20 @@ what the broker stored, and asks the broker which consumer groups exist."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from labrunner.testing import KafkaProxy, verdict
 from labrunner.testing.kafka import read_all
+from labrunner.testing.kafka_proxy import PRODUCE
 
 GROUPS = ("billing", "shipping", "analytics")
+ACK_TIMEOUT = 2.0   # the timeout the test gives publish_orders while no ack can come
+GIVE_UP_SLACK = 20.0  # how much later than that it may raise (a loaded machine)
 
 
 def make_orders(start: int, count: int) -> list[dict[str, Any]]:
@@ -154,6 +159,43 @@ def test_a_refused_event_is_not_reported_published(learner: Any, kafka: Any) -> 
         "a delivery report with an error means the event was NOT published - collect the "
         "errors the delivery callback reports and raise, never return as if all were stored",
         pytrace=False)
+
+
+def test_unacknowledged_events_are_not_reported_published(learner: Any, kafka: Any) -> None:
+    """The broker does not acknowledge in time (a leader election, a partition): the
+    learner's producer reaches it through a proxy that holds every Produce request, and
+    publish_orders(..., timeout=2) must raise once its timeout has passed - events still in
+    flight are not published, and the caller must not move on as if they were."""
+    publish = learner.function("events", "publish_orders")
+    topic = kafka.create_topic("orders-unacked", 1)
+    orders = make_orders(0, 5)
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        proxy.hold(PRODUCE)
+        started = time.monotonic()
+        outcome, detail = verdict("publish_orders", publish, proxy.bootstrap, topic, orders,
+                                  refusal=(), crash=None, timeout=ACK_TIMEOUT)
+        took = time.monotonic() - started
+        produced = len(proxy.requests(PRODUCE))
+        acked = sum(1 for e in proxy.events()
+                    if e.kind == "answer" and e.request.api_key == PRODUCE)
+    if outcome == "ok":
+        pytest.fail(
+            f"publish_orders(timeout={ACK_TIMEOUT:g}) returned {detail!r:.80} after "
+            f"{took:.1f} s, though the broker had acknowledged none of the 5 events (the test "
+            f"held the producer's Produce requests: {produced} sent, {acked} answered): "
+            "expected it to raise - flush(timeout) returns how many events are still "
+            "unacknowledged, and "
+            "when that is not 0 they are NOT published; raise instead of returning as if "
+            "they were stored", pytrace=False)
+    if detail.startswith("TypeError") and "argument" in detail:
+        pytest.fail(f"publish_orders(bootstrap, topic, orders, timeout={ACK_TIMEOUT:g}) "
+                    f"raised {detail}: publish_orders must take a `timeout` (seconds to wait "
+                    "for the acknowledgements)", pytrace=False)
+    assert took <= ACK_TIMEOUT + GIVE_UP_SLACK, (
+        f"publish_orders(timeout={ACK_TIMEOUT:g}) raised only after {took:.0f} s while the "
+        f"broker acknowledged nothing: expected it to give up after about {ACK_TIMEOUT:g} s "
+        "- wait for the acknowledgements at most `timeout` seconds (flush(timeout)), not a "
+        "fixed time or forever")
 
 
 def test_every_group_gets_every_event(learner: Any, kafka: Any) -> None:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
+import pytest
+
+from labrunner.testing import verdict
+
 JOBS = [f"job-{n}" for n in range(10)]
 
 
@@ -175,6 +179,31 @@ def test_nacked_and_orphaned_jobs_are_redelivered(learner: Any, rabbitmq: Any) -
     finally:
         w3.close()
     assert_queue_empty(rabbitmq, "work")
+
+
+def test_a_refused_job_is_not_reported_enqueued(learner: Any, rabbitmq: Any) -> None:
+    """The broker refuses jobs: a policy caps the queue at 2 messages and rejects publishes
+    beyond that (overflow reject-publish: the broker nacks them - a disk or memory alarm, a
+    quota, do the same). rabbit_enqueue of 5 jobs must raise: only a publisher confirm says a
+    job is on the broker, and the caller must not believe 3 dropped jobs are queued."""
+    mod = learner.load("workload")
+    vhost = urllib.parse.quote(rabbitmq.vhost, safe="")
+    rabbitmq.api("PUT", f"/policies/{vhost}/cap-full", {
+        "pattern": "^full$", "apply-to": "queues",
+        "definition": {"max-length": 2, "overflow": "reject-publish"}})
+    jobs = [f"job-{n}" for n in range(5)]
+    outcome, detail = verdict("rabbit_enqueue", mod.rabbit_enqueue, rabbitmq.url, "full", jobs,
+                              refusal=(), crash=None)
+    held = queue_contents(rabbitmq, "full")
+    if outcome == "ok":
+        pytest.fail(
+            f"rabbit_enqueue returned normally for {len(jobs)} jobs, but the broker refused "
+            f"{len(jobs) - len(held)} of them (the queue is capped at 2 with overflow "
+            f"reject-publish; it holds {held}): expected it to raise - the caller now "
+            "believes jobs are queued that are lost. Without publisher confirms a publish is "
+            "fire-and-forget: channel.confirm_delivery() makes basic_publish raise NackError "
+            "for a job the broker refuses - let that reach the caller, never catch it and "
+            "carry on", pytrace=False)
 
 
 # --- Kafka: a log ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from labrunner.testing import API_NAMES, KafkaEvent, KafkaProxy, read_all
@@ -61,6 +62,11 @@ FENCING = (" - the killed run's transaction is still open, and it holds the grou
            "(and read_committed readers) until it is aborted: restart with the SAME "
            "transactional.id so init_transactions() fences the dead run and aborts it")
 CRASH_AT = 4  # the 4th payment, pay-3
+ACK_TIMEOUT = 2.0   # --ack-timeout of the at-least-once worker whose output is never acked
+# How long the test waits for that worker to give up or commit: long, since a right worker
+# exits soon after ACK_TIMEOUT, and a wrong one that ignores --ack-timeout and commits after
+# a fixed flush(30) that timed out must show too.
+ACK_WATCH = 45.0
 
 
 @dataclass
@@ -118,12 +124,14 @@ def view(kafka: Any, topics: dict[str, str], group: str) -> View:
 
 
 def start(learner: Any, kafka: Any, mode: str, topics: dict[str, str], group: str,
-          crash_after: int | None = None,
-          bootstrap: str | None = None) -> subprocess.Popen[bytes]:
+          crash_after: int | None = None, bootstrap: str | None = None,
+          ack_timeout: float | None = None) -> subprocess.Popen[bytes]:
     args = [mode, "--bootstrap", bootstrap or kafka.bootstrap, "--input", topics["input"],
             "--output", topics["output"], "--group", group]
     if crash_after is not None:
         args += ["--crash-after", str(crash_after)]
+    if ack_timeout is not None:
+        args += ["--ack-timeout", f"{ack_timeout:g}"]
     return learner.python("semantics", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -364,35 +372,51 @@ def test_at_least_once_waits_for_the_broker_to_store_each_commit(learner: Any,
 
 def test_at_least_once_commits_only_after_its_output_is_acknowledged(learner: Any,
                                                                     kafka: Any) -> None:
-    """The worker runs behind a proxy that holds its Produce requests: its first output
-    cannot be acknowledged. A worker that waits for the ack (flush) sends no OffsetCommit
-    meanwhile; one that commits after produce() without waiting does, and a crash right
-    there loses that output for good. (No timing decides against a right worker: it is
-    only given 3 s in which a wrong one would commit.)"""
+    """The worker runs with --ack-timeout 2 behind a proxy that holds its Produce requests:
+    its first output is never acknowledged. A right worker sends no OffsetCommit and gives up
+    (raises) once its ack timeout has passed. A wrong one commits anyway: at once (it did not
+    wait for the ack), or when its wait timed out (it did not look at what flush() returned)
+    - and a crash right there loses that output for good. No timing decides against a right
+    worker: the test only watches for an OffsetCommit until the worker exits (or 45 s)."""
     topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
     group = kafka.group("worker-alo-ack")
     write_input(kafka, topics["input"])
     with KafkaProxy(kafka.bootstrap) as proxy:
         proxy.hold(PRODUCE)
         worker = start(learner, kafka, "at-least-once", topics, group,
-                       bootstrap=proxy.bootstrap)
+                       bootstrap=proxy.bootstrap, ack_timeout=ACK_TIMEOUT)
         try:
-            proxy.wait_for(PRODUCE, timeout=30, what="the at-least-once worker's first output")
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and not proxy.requests(OFFSET_COMMIT):
+            produced = proxy.wait_for(PRODUCE, timeout=30,
+                                      what="the at-least-once worker's first output")
+            deadline = time.monotonic() + ACK_WATCH
+            while (time.monotonic() < deadline and not proxy.requests(OFFSET_COMMIT)
+                   and worker.poll() is None):
                 time.sleep(0.05)
             early = wire(proxy.events(), PRODUCE, OFFSET_COMMIT)
+            commits = proxy.requests(OFFSET_COMMIT)
         finally:
             worker.send_signal(signal.SIGKILL)
             worker.wait()
             proxy.release(PRODUCE)
-    assert "OffsetCommit" not in early, (
-        f"at-least-once: the worker committed its input offset while its output was not yet "
+    if not commits:
+        return
+    waited = commits[0].at - produced.at
+    given = (f"--ack-timeout {ACK_TIMEOUT:g}" if waited < ACK_TIMEOUT + 5 else
+             f"not the --ack-timeout {ACK_TIMEOUT:g} it was given: wait ack_timeout seconds")
+    why = (f"it committed {waited:.1f} s after sending the output, once its wait for the ack "
+           f"had timed out ({given}): flush(timeout) returns how many "
+           f"records are still unacknowledged - when that is not 0 the output is NOT "
+           f"processed: raise instead of committing"
+           if waited >= ACK_TIMEOUT - 0.5 else
+           f"it committed {waited:.1f} s after sending the output, without waiting for the "
+           f"ack: produce() only queues the record in the client - flush() (or wait for the "
+           f"delivery report) until the broker acknowledged the output, THEN commit")
+    pytest.fail(
+        f"at-least-once: the worker committed its input offset while its output was not "
         f"acknowledged - the test held the output's Produce request, and an OffsetCommit "
-        f"arrived anyway (requests in order: {early}). produce() only queues the record in "
-        f"the client: a crash right after the commit loses that output, and the restarted "
-        f"worker resumes after it. flush() (or wait for the delivery report) until the broker "
-        f"acknowledged the output, THEN commit")
+        f"arrived anyway (requests in order: {early}); {why}. A crash right after that "
+        f"commit loses the output, and the restarted worker resumes after it",
+        pytrace=False)
 
 
 def test_exactly_once_commits_the_offset_inside_the_transaction(learner: Any,

@@ -232,6 +232,40 @@ def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: 
         "after the run 'work' and 'dead' should hold nothing more")
 
 
+def test_dead_letters_are_routed_whatever_their_key(learner: Any, channels: Any) -> None:
+    """A dead letter keeps the routing key it was published with - the queue's name only when
+    it came through the default exchange. Messages reach 'work' three ways (the default
+    exchange, and a topic exchange of the test's with a one-word and a three-word key); the
+    test rejects each (requeue=False) on its own channel, and every one must reach 'dead'."""
+    mod = learner.load("patterns")
+    theirs, mine = channels
+    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
+    mine.exchange_declare("events", exchange_type="topic")
+    mine.queue_bind("work", "events", routing_key="#")
+    sent = {"work": ("", "via-default"), "audit": ("events", "via-audit"),
+            "billing.eu.error": ("events", "via-billing-eu-error")}
+    for key, (exchange, body) in sent.items():
+        mine.basic_publish(exchange, key, body.encode())
+    rejected = 0
+    while True:
+        method, _props, _body = mine.basic_get("work", auto_ack=False)
+        if method is None:
+            break
+        mine.basic_reject(method.delivery_tag, requeue=False)
+        rejected += 1
+    assert rejected == len(sent), f"'work' held {rejected} of the {len(sent)} messages sent"
+    arrived: list[str] = []
+    while len(arrived) < len(sent) and (dead := wait_for_message(mine, "dead")) is not None:
+        arrived.append(dead[0])
+    lost = {key: body for key, (_exchange, body) in sent.items() if body not in arrived}
+    assert not lost, (
+        f"rejected messages with the routing keys {sorted(lost)} never reached the dead-letter "
+        f"queue (it got {sorted(arrived)}): a dead letter keeps its routing key, and a DLX "
+        "that routes only some keys drops the rest silently - bind a fanout DLX, or a topic "
+        "DLX with '#' (zero or more words; '*' is exactly one word), or set "
+        "x-dead-letter-routing-key to the key the DLX binds")
+
+
 def test_per_message_ttl_expires_into_the_dlx(learner: Any, channels: Any) -> None:
     mod = learner.load("patterns")
     theirs, mine = channels

@@ -44,11 +44,13 @@ def producer_for(bootstrap: str) -> Producer:
     return _producers[bootstrap]
 
 
-def publish_orders(bootstrap: str, topic: str,
-                   orders: list[dict[str, Any]]) -> list[tuple[int, int]]:
+def publish_orders(bootstrap: str, topic: str, orders: list[dict[str, Any]],
+                   timeout: float = 30.0) -> list[tuple[int, int]]:
     """Publish one OrderPlaced event per order, keyed by order id. Return the (partition,
     offset) the broker gave each event, in the order of ``orders``, once every event is
-    acknowledged. No consumer is involved: the broker stores the events for whoever comes."""
+    acknowledged; raise if the broker refused one or did not acknowledge them all within
+    ``timeout`` seconds. No consumer is involved: the broker stores the events for whoever
+    comes."""
     producer = producer_for(bootstrap)
     placed: list[tuple[int, int] | None] = [None] * len(orders)
     errors: list[str] = []
@@ -68,7 +70,7 @@ def publish_orders(bootstrap: str, topic: str,
         producer.produce(topic, key=str(order["order_id"]).encode(),
                          value=json.dumps(event).encode(), on_delivery=delivered(index))
         producer.poll(0)  # serve delivery reports as we go, so the local queue never fills
-    remaining = producer.flush(30)
+    remaining = producer.flush(timeout)  # how many are still unacknowledged
     if remaining or errors:
         raise KafkaException(f"{remaining} events unacknowledged; errors: {errors}")
     return [p for p in placed if p is not None]

@@ -15,10 +15,11 @@ def order_placed(order: dict[str, Any]) -> dict[str, Any]:
     raise NotImplementedError("order_placed: build the OrderPlaced event dict")
 
 
-def publish_orders(bootstrap: str, topic: str,
-                   orders: list[dict[str, Any]]) -> list[tuple[int, int]]:
+def publish_orders(bootstrap: str, topic: str, orders: list[dict[str, Any]],
+                   timeout: float = 30.0) -> list[tuple[int, int]]:
     """Publish one OrderPlaced event per order, keyed by order id; return each event's
-    (partition, offset) once the broker acknowledged it."""
+    (partition, offset) once the broker acknowledged it. Raise if an event was refused or
+    not every event was acknowledged within ``timeout`` seconds."""
     raise NotImplementedError("publish_orders: produce the events with a Producer and wait "
                               "for the broker's acknowledgements")
 

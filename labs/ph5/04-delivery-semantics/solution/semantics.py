@@ -73,9 +73,10 @@ def producer_config(bootstrap: str, mode: str, transactional_id: str) -> dict[st
 
 
 def run(mode: str, bootstrap: str, input_topic: str, output_topic: str, group: str,
-        crash_after: int | None = None) -> int:
+        crash_after: int | None = None, ack_timeout: float = 30.0) -> int:
     """Process partition 0 of ``input_topic`` from the group's committed offset to its end;
-    return how many records this run processed."""
+    return how many records this run processed. At-least-once: an output the broker has not
+    acknowledged within ``ack_timeout`` seconds is not processed - raise, never commit it."""
     consumer = Consumer(consumer_config(bootstrap, group))
     producer = Producer(producer_config(bootstrap, mode, f"{group}.{input_topic}.0"))
     if mode == "exactly-once":
@@ -104,8 +105,9 @@ def run(mode: str, bootstrap: str, input_topic: str, output_topic: str, group: s
                 producer.flush(30)
             elif mode == "at-least-once":
                 produce(producer, output_topic, msg)                # 1. process...
-                if producer.flush(30):                              # ...acknowledged
-                    raise KafkaException("output not acknowledged within 30 s")
+                if producer.flush(ack_timeout):                     # ...acknowledged
+                    raise KafkaException(f"output not acknowledged within {ack_timeout:g} s: "
+                                         "not committing its input")
                 crash_point(processed, crash_after)
                 consumer.commit(message=msg, asynchronous=False)   # 2. commit
             else:
@@ -142,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--group", required=True)
     parser.add_argument("--crash-after", type=int, default=None)
+    parser.add_argument("--ack-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     count = run(args.mode, args.bootstrap, args.input, args.output, args.group,
-                args.crash_after)
+                args.crash_after, args.ack_timeout)
     print(f"processed {count}", flush=True)
     return 0
 

@@ -36,10 +36,12 @@ def transform(value: bytes) -> bytes:
 # --- yours -------------------------------------------------------------------------------
 
 def run(mode: str, bootstrap: str, input_topic: str, output_topic: str, group: str,
-        crash_after: int | None = None) -> int:
+        crash_after: int | None = None, ack_timeout: float = 30.0) -> int:
     """Process partition 0 of ``input_topic`` from the group's committed offset to its end,
     writing transform(value) to ``output_topic`` with the same key; return how many records
-    this run processed. ``mode`` decides the order of "produce" and "commit"."""
+    this run processed. ``mode`` decides the order of "produce" and "commit". An output the
+    broker has not acknowledged within ``ack_timeout`` seconds is not processed: raise, never
+    commit its input."""
     raise NotImplementedError(
         f"run({mode!r}): consume partition 0 of the input, produce transform(value) to the "
         "output, commit the offset - in the order the mode requires, with crash_point() "
@@ -54,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--group", required=True)
     parser.add_argument("--crash-after", type=int, default=None)
+    parser.add_argument("--ack-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     count = run(args.mode, args.bootstrap, args.input, args.output, args.group,
-                args.crash_after)
+                args.crash_after, args.ack_timeout)
     print(f"processed {count}", flush=True)
     return 0
 
