@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +30,10 @@ class SessionServices:
     def __init__(self, backend_option: str | None, state_path: str | None,
                  run_id: str | None) -> None:
         self.backend_option = backend_option
-        self.run_id = run_id or new_run_id()
+        # Every pytest process of a run (one a lab, one a variant under `dev check`) counts
+        # its names from 1: a part of its own keeps a test's names from meeting those of
+        # the same test in the process before, whose topics may still be being deleted.
+        self.run_id = (run_id or new_run_id()) + secrets.token_hex(2)
         self.counter = itertools.count(1)
         self.lock = threading.Lock()
         self.state_path = state_path
