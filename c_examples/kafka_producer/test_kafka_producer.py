@@ -5,12 +5,15 @@ UBSan, linked against the system librdkafka) and run as its own process with KEY
 arguments. A Python confluent-kafka consumer then reads what the broker stored. The partition
 each key must land in is not computed here: a Python producer configured with the
 Java-compatible partitioner (murmur2_random) places the same keys in a twin topic, and the
-C program must agree with it."""
+C program must agree with it. Against a broker that cannot be reached every message must come
+out counted as failed: the ones still queued when the flush gives up too."""
 
 from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 SANITIZER_MARKS = ("LeakSanitizer", "AddressSanitizer", "runtime error:",
                    "UndefinedBehaviorSanitizer")
 PARTITIONS = 6
+RUN_TIMEOUT = 60
 
 
 @dataclass
@@ -43,9 +47,15 @@ def produce(learner: Any, brokers: str, topic: str, pairs: list[tuple[str, str]]
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
     # learner.run: when grading, the learner's binary runs as the learner's uid.
-    done = learner.run([str(binary_for(learner)), brokers, topic,
-                        *[f"{k}={v}" for k, v in pairs]],
-                       capture_output=True, text=True, timeout=60, env=env)
+    try:
+        done = learner.run([str(binary_for(learner)), brokers, topic,
+                            *[f"{k}={v}" for k, v in pairs]],
+                           capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"kafka_producer did not finish within {RUN_TIMEOUT} s (brokers "
+                    f"{brokers}): bound every wait - message.timeout.ms gives up on a message "
+                    "that cannot be delivered, and rd_kafka_flush takes a timeout",
+                    pytrace=False)
     reports = [m for m in SANITIZER_MARKS if m in done.stderr]
     if reports:
         found = re.search(r"ERROR: \w+Sanitizer: ([^\n(]+)", done.stderr)
@@ -186,3 +196,37 @@ def test_a_rejected_message_is_counted_and_reported(learner: Any, kafka: Any) ->
         f"the failure was not reported on stderr (got {run.stderr.strip()[-300:]!r}): print "
         "rd_kafka_err2str(msg->err) for a failed delivery")
     assert stored == ["ok-1", "ok-2"], f"the topic holds {stored}, expected ok-1 and ok-2"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_messages_that_never_got_a_report_count_as_failed(learner: Any) -> None:
+    """No broker listens at the address given: no message can be delivered. Each one ends
+    either with a failed delivery report (message.timeout.ms) or still queued when
+    rd_kafka_flush() gives up - and then it is a failure too, never left uncounted."""
+    pairs = [("a", "1"), ("b", "2"), ("c", "3")]
+    run = produce(learner, f"127.0.0.1:{closed_port()}", "unreachable", pairs)
+    counted = run.counts()
+    if counted is not None and sum(counted) < len(pairs):
+        pytest.fail(
+            f"kafka_producer printed {run.stdout.strip()!r} for {len(pairs)} messages to a "
+            f"broker that cannot be reached: {len(pairs) - sum(counted)} of them counted "
+            "neither delivered nor failed. They were still queued, without a delivery report, "
+            "when rd_kafka_flush() returned RD_KAFKA_RESP_ERR__TIMED_OUT: count those as "
+            "failed (rd_kafka_outq_len says how many), or set message.timeout.ms below the "
+            f"flush timeout so librdkafka fails each one in its report\n{run.stderr[-600:]}",
+            pytrace=False)
+    assert counted == (0, len(pairs)) and run.code == 1, (
+        f"kafka_producer printed {run.stdout.strip()!r} and exited {run.code} with no broker "
+        f"reachable; expected 'delivered=0 failed={len(pairs)}' and exit 1: nothing can be "
+        f"delivered\n{run.stderr[-600:]}")
+    own = [line for line in run.stderr.splitlines() if line.strip()
+           and not line.startswith("%")]  # librdkafka's own log lines start with %
+    assert own, (
+        "every message failed but the program printed nothing on stderr (only librdkafka's "
+        "own log): print why - the delivery report's rd_kafka_err2str(msg->err), or how "
+        "many were left after the flush")

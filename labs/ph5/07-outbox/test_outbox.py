@@ -23,6 +23,8 @@ Mistakes a learner makes here, each caught with its own message:
   that failed fast counts as "flushed")                                 -> broker down
 - acks=0: flush() returns once the bytes left, no broker acknowledged  -> a broker that never
   acknowledges (the relay's Produce requests dropped at a proxy, their acks read there)
+- acks=1 (the leader's ack only) or a producer that is not idempotent -> the acks of every
+  Produce request, and its InitProducerId, read at a proxy on the 50-orders run
 - marking every pending row, not only the batch published             -> rows marked, not sent
 - claiming without ORDER BY id (not the oldest first)                 -> an order's events
   out of order on its partition
@@ -45,6 +47,8 @@ import pytest
 
 from labrunner.testing import KafkaProxy, read_all
 from labrunner.testing.kafka_proxy import PRODUCE
+
+INIT_PRODUCER_ID = 22  # the request an idempotent producer opens with
 
 RELAY_TIMEOUT = 30.0
 
@@ -116,8 +120,9 @@ def errors_of(relay: subprocess.Popen[bytes]) -> str:
     return f"{last}\n{text[-1500:]}"
 
 
-def run_relay(learner: Any, postgres: Any, kafka: Any, topic: str, batch: int) -> None:
-    relay = start_relay(learner, postgres, kafka.bootstrap, topic, batch)
+def run_relay(learner: Any, postgres: Any, kafka: Any, topic: str, batch: int,
+              bootstrap: str | None = None) -> None:
+    relay = start_relay(learner, postgres, bootstrap or kafka.bootstrap, topic, batch)
     code = finish(relay, "relay --once")
     assert code == 0, f"relay --once exited with {code}: {errors_of(relay)}"
 
@@ -249,13 +254,43 @@ def test_order_and_outbox_row_commit_together(shop: Any) -> None:
 
 # --- the relay ---------------------------------------------------------------------------
 
+def assert_durable_producer(proxy: KafkaProxy) -> None:
+    """What the relay's producer asked the broker for, read off its Produce requests: every
+    one with acks=all (-1), and an idempotent producer (it asked the broker for a producer id
+    with InitProducerId, which its batches then carry with their sequence numbers)."""
+    asked = sorted({r.acks for r in proxy.requests(PRODUCE)}, key=str)
+    assert asked, "the relay published its batches without a single Produce request"
+    meaning = {
+        0: "acks=0: nobody acknowledges, flush() returns once the bytes left the client and "
+           "every delivery report says 'delivered'",
+        1: "acks=1: only the partition leader has the record when it answers; if the leader "
+           "dies before its followers copied it the record is gone, while the relay has "
+           "already marked the row published and never sends it again",
+    }
+    assert asked == [-1], (
+        f"the relay's Produce requests asked for acks {asked}, expected only -1 (acks=all): "
+        f"{'; '.join(meaning.get(a, f'acks={a}') for a in asked if a != -1)}. A row may be "
+        "marked published only once the record is durably stored: produce with acks=all "
+        "(and enable.idempotence=True)")
+    assert proxy.requests(INIT_PRODUCER_ID), (
+        "the relay's producer is not idempotent (it never asked the broker for a producer id: "
+        "no InitProducerId request, so its batches carry none), expected enable.idempotence="
+        "True: librdkafka retries a failed batch while later ones are in flight, and without "
+        "producer id and sequence numbers a retried OrderPlaced can land after its order's "
+        "OrderShipped in the partition (and twice)")
+
+
 def test_relay_publishes_each_order(shop: Any, learner: Any, postgres: Any,
                                     kafka: Any) -> None:
+    """50 orders through the relay (behind a proxy that only reads its requests): each one
+    event, nothing pending, and the producer asked for durable, ordered delivery."""
     conn, orders_mod = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(50)
     place_all(conn, orders_mod, orders)
-    run_relay(learner, postgres, kafka, topic, batch=20)
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        run_relay(learner, postgres, kafka, topic, batch=20, bootstrap=proxy.bootstrap)
+        assert_durable_producer(proxy)
     assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False, conn=conn)
     assert pending(conn) == 0, f"{pending(conn)} outbox rows still unpublished after the relay"
 

@@ -5,7 +5,8 @@ Checks, on real Postgres: queries lag until the projector runs (so they cannot b
 write side); the projector continues from its checkpoint, also after failing part-way; a
 rebuild from the events gives the same model; and an event whose transaction commits late,
 after a later event was projected, is not skipped (two real connections, driven step by
-step)."""
+step); two projectors running at once apply an event once (the checkpoint read under a row
+lock, not a plain SELECT, FOR SHARE or a position read once per run)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,50 @@ def project(mod: Any, conn: Any, **kwargs: Any) -> int:
         twice = f"project() applied an event a second time ({detail})"
     pytest.fail(f"{twice}: continue after the checkpoint, and move the checkpoint together "
                 "with each event's changes, in one transaction", pytrace=False)
+
+
+class Background:
+    """A call of the learner's code on a thread of its own: its result or its exception."""
+
+    def __init__(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        self.outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                self.outcome["result"] = fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                self.outcome["error"] = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def done(self) -> bool:
+        return bool(self.outcome)
+
+    def join(self, what: str, timeout: float = 30) -> Any:
+        self.thread.join(timeout)
+        if not self.outcome:
+            pytest.fail(f"{what} did not return within {timeout:.0f} s", pytrace=False)
+        return self.outcome.get("result")
+
+
+def backend_pid(conn: Any) -> int:
+    return int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+
+
+def waits_for_lock(conn: Any, pid: int) -> bool:
+    return bool(conn.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted",
+                             (pid,)).fetchone()[0])
+
+
+def wait_blocked_or_done(conn: Any, pid: int, call: Background, timeout: float = 15) -> bool:
+    """Wait until the backend ``pid`` waits for a lock (True) or ``call`` returned (False)."""
+    deadline = time.monotonic() + timeout
+    while not call.done() and time.monotonic() < deadline:
+        if waits_for_lock(conn, pid):
+            return True
+        time.sleep(0.01)
+    return False
 
 
 # --- tests -------------------------------------------------------------------------------
@@ -252,16 +297,7 @@ def test_event_committed_late_is_not_skipped(store: Any, postgres: Any,
     seed(mod, conn)
     project(mod, conn)
     conn_a, conn_b = postgres.connect(autocommit=True), postgres.connect(autocommit=True)
-    pid_b = conn_b.execute("SELECT pg_backend_pid()").fetchone()[0]
-    outcome: dict[str, Any] = {}
-
-    def place_b() -> None:
-        try:
-            mod.place_order(conn_b, "early", "bob", [("pen", 1)])
-            outcome["done"] = True
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            outcome["error"] = exc
-
+    pid_b = backend_pid(conn_b)
     tx_a = conn_a.transaction()
     tx_a.__enter__()
     try:
@@ -269,21 +305,14 @@ def test_event_committed_late_is_not_skipped(store: Any, postgres: Any,
             mod.place_order(conn_a, "late", "alice", [("book", 1)])
         else:
             mod.rename_customer(conn_a, "alice", "Alice Late")
-        worker = threading.Thread(target=place_b, daemon=True)
-        worker.start()
-        deadline = time.monotonic() + 10
-        while not outcome and time.monotonic() < deadline:  # B finished or B waits for A
-            waiting = conn.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted",
-                                   (pid_b,)).fetchone()[0]
-            if waiting:
-                break
-            time.sleep(0.01)
+        place_b = Background(mod.place_order, conn_b, "early", "bob", [("pen", 1)])
+        wait_blocked_or_done(conn, pid_b, place_b, timeout=10)  # B finished or B waits for A
         project(mod, conn)  # runs while A is still open
     finally:
         tx_a.__exit__(None, None, None)  # A commits
-    worker.join(10)
-    assert "error" not in outcome, f"place_order on the second connection failed: " \
-                                   f"{outcome.get('error')!r}"
+    place_b.join("place_order on the second connection")
+    assert "error" not in place_b.outcome, (
+        f"place_order on the second connection failed: {place_b.outcome.get('error')!r}")
     project(mod, conn)
     missing = [o for o in ("late", "early") if mod.order_summary(conn, o) is None
                and (o == "early" or late_command == "place_order")]
@@ -303,3 +332,57 @@ def test_event_committed_late_is_not_skipped(store: Any, postgres: Any,
         "after 'early', and the projector had already moved its checkpoint past 'early'. Make "
         "events commit in seq order (serialize appends, e.g. pg_advisory_xact_lock in each "
         "command) or hold back events behind still-open transactions")
+
+
+def test_two_projectors_at_once_apply_each_event_once(store: Any, postgres: Any) -> None:
+    """Two projectors run at once (two instances of the service). The test holds the
+    customer_stats table (SHARE mode), so projector 1 reads the checkpoint and the pending
+    OrderCancelled, then waits to apply it; projector 2 starts meanwhile. It must wait for
+    projector 1's checkpoint (or skip the event), not read the same checkpoint and apply the
+    same event a second time once the table is released."""
+    mod, conn = store
+    seed(mod, conn)
+    mod.place_order(conn, "o1", "alice", [("lamp", 1)])
+    project(mod, conn)
+    mod.cancel_order(conn, "o1")  # the one pending event
+    first, second = postgres.connect(autocommit=True), postgres.connect(autocommit=True)
+    pids = backend_pid(first), backend_pid(second)  # before the projectors use them
+    holder = postgres.connect()
+    holder.execute("LOCK TABLE customer_stats IN SHARE MODE")
+    try:
+        p1 = Background(mod.project, first)
+        wait_blocked_or_done(conn, pids[0], p1)
+        p2 = Background(mod.project, second)
+        wait_blocked_or_done(conn, pids[1], p2)
+    finally:
+        holder.rollback()  # the read model is writable again: both go on
+        holder.close()
+    calls = [(p1, "projector 1"), (p2, "projector 2")]
+    applied = [call.join(what) for call, what in calls]
+    first.close()
+    second.close()
+    alice = mod.customer_summary(conn, "alice")
+    for call, what in calls:
+        error = call.outcome.get("error")
+        if isinstance(error, psycopg.errors.UniqueViolation | psycopg.errors.DeadlockDetected):
+            pytest.fail(
+                f"{what} failed with {type(error).__name__} while another projector ran "
+                f"({str(error).splitlines()[0]}): both read the same checkpoint and went for "
+                f"the same event. Lock the checkpoint row (SELECT ... FOR UPDATE, not FOR "
+                f"SHARE) in the transaction that applies the event: a second projector then "
+                f"waits and reads the moved checkpoint", pytrace=False)
+        assert error is None, (
+            f"{what} raised {error!r} while another projector ran: the second one should "
+            "wait for the first (SELECT ... FOR UPDATE on the checkpoint) and then find "
+            "nothing left, or skip what the first holds")
+    counts = [int(a) for a in applied]
+    stats = None if alice is None else (alice["open_orders"], alice["spent_cents"])
+    twice = sum(counts) > 1 or (stats is not None and stats[0] < 0)
+    assert sum(counts) == 1 and stats == (0, 0), (
+        f"two projectors ran at once with one event pending (OrderCancelled of o1): they "
+        f"returned {counts} events applied and alice's (open_orders, spent_cents) are now "
+        f"{stats}, expected one event applied in all and (0, 0)"
+        + (": both read the checkpoint before either moved it, and both applied the "
+           "cancellation. Read the checkpoint with SELECT ... FOR UPDATE in the transaction "
+           "that applies the event and moves it: a second projector then waits for the "
+           "first and sees the moved checkpoint" if twice else ""))

@@ -2,6 +2,8 @@
 as the event's effect.
 
 * Every event delivered three times applies once.
+* A failure that is not a duplicate (a CHECK on the dedup insert, a trigger refusing the
+  balance, a connection the database ends) makes handle() raise, never return False.
 * Two consumers handling the same event at the same moment, on two connections, driven step by
   step: the test holds a lock on the balance row so the first consumer stops inside its
   transaction, starts the second, waits until it is blocked too, then releases.
@@ -198,6 +200,73 @@ def test_two_different_events_for_a_new_account_at_once(db: Any, postgres: Any,
     assert balances(conn) == {"acct-new": 700}, (
         f"acct-new is {balances(conn).get('acct-new', 0)} after two different payments of 300 "
         f"and 400 handled at once; expected 700")
+
+
+# Failures that are NOT a duplicate, each at another point of handle()'s transaction: where
+# the error is raised (the dedup insert, the balance update), its class (an IntegrityError
+# that is not a unique violation, a plain error, a dropped connection), and the SQL that
+# installs it (%(event)s / %(account)s: the event's) and removes it again.
+NOT_DUPLICATES = [
+    ("the dedup insert is refused by a CHECK (an IntegrityError, not a unique violation)",
+     payment(300, "acct-check", 500),
+     "ALTER TABLE processed_events ADD CONSTRAINT no_evt_300 CHECK (event_id <> 'evt-300')",
+     "ALTER TABLE processed_events DROP CONSTRAINT no_evt_300"),
+    ("a trigger refuses the balance update (RAISE EXCEPTION)",
+     payment(301, "acct-refused", 600),
+     """CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'balance refused for %', NEW.account; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON balances FOR EACH ROW
+          WHEN (NEW.account = 'acct-refused') EXECUTE FUNCTION refuse()""",
+     "DROP TRIGGER refuse ON balances; DROP FUNCTION refuse()"),
+    ("the database ends the connection mid-transaction (as a Postgres restart does)",
+     payment(302, "acct-cut", 700),
+     """CREATE FUNCTION cut() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); PERFORM pg_sleep(5);
+        RETURN NEW; END $$;
+        CREATE TRIGGER cut BEFORE INSERT OR UPDATE ON balances FOR EACH ROW
+          WHEN (NEW.account = 'acct-cut') EXECUTE FUNCTION cut()""",
+     "DROP TRIGGER cut ON balances; DROP FUNCTION cut()"),
+]
+
+
+@pytest.mark.parametrize("failure", NOT_DUPLICATES, ids=["check", "trigger", "connection"])
+def test_a_failure_that_is_not_a_duplicate_raises(db: Any, postgres: Any,
+                                                  failure: tuple[str, Event, str, str]) -> None:
+    """The database fails handle()'s transaction for a reason other than "already processed":
+    handle() must raise (run() then commits no offset and the event comes again), leave
+    nothing recorded, and apply the event once the cause is gone."""
+    mod, conn = db
+    what, event, install, remove = failure
+    conn.execute(install)
+    consumer = postgres.connect(autocommit=True)
+    try:
+        answer: Any = bool(mod.handle(consumer, event))
+    except Exception as exc:  # noqa: BLE001 - raising is right; what it left is checked
+        answer = exc
+    finally:
+        consumer.close()
+    conn.execute(remove)
+    recorded = conn.execute("SELECT count(*) FROM processed_events WHERE event_id = %s",
+                            (event["event_id"],)).fetchone()[0]
+    assert isinstance(answer, Exception), (
+        f"handle({event['event_id']}) returned {answer} when {what}: the event is not a "
+        f"duplicate and was not applied. Expected an exception: returning False lets run() "
+        f"commit the offset, so the payment is never made. Only the dedup key's conflict "
+        f"means 'already processed' (INSERT ... ON CONFLICT (event_id) DO NOTHING, "
+        f"rowcount 0) - do not catch psycopg.Error, IntegrityError or Exception as a "
+        f"duplicate")
+    assert not recorded, (
+        f"handle({event['event_id']}) failed ({what}) but left the event id recorded as "
+        f"processed: its redelivery would be skipped - record and apply in one transaction")
+    retry = postgres.connect(autocommit=True)
+    try:
+        again = bool(mod.handle(retry, event))
+    finally:
+        retry.close()
+    assert again and balances(conn).get(event["account"]) == event["amount_cents"], (
+        f"redelivered once the cause was gone ({what}), {event['event_id']} gave "
+        f"handle() = {again} and balances {balances(conn)}: expected True and "
+        f"{event['amount_cents']} cents on {event['account']}")
 
 
 # --- the consumer process, killed mid-event ------------------------------------------------

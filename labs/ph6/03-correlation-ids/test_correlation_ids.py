@@ -4,7 +4,8 @@ The learner writes the requesting side. The responding service is the test's: a 
 consumer on the request topic that collects the requests, checks their headers, and answers
 when and in the order the test decides - in reverse, with a stranger's reply first, late, or
 never. So "each caller gets its own reply" is checked with replies arriving out of order, and
-"a reply that never comes" really never comes."""
+"a reply that never comes" really never comes. A reply topic of three partitions, one reply
+on each, checks that the client reads the whole reply topic, not its partition 0."""
 
 from __future__ import annotations
 
@@ -75,9 +76,12 @@ class Responder:
             f"correlation ids repeat across requests: {cids}. Each request needs an id no "
             "other request - of this client or any other - uses (uuid4)")
 
-    def reply(self, req: Request, doc: Any, topic: str, cid: str | None = None) -> None:
+    def reply(self, req: Request, doc: Any, topic: str, cid: str | None = None,
+              partition: int | None = None) -> None:
+        where = {} if partition is None else {"partition": partition}
         self.producer.produce(req.reply_to or topic, json.dumps(doc).encode(),
-                              headers=[("correlation_id", (cid or req.cid or "").encode())])
+                              headers=[("correlation_id", (cid or req.cid or "").encode())],
+                              **where)
         self.producer.flush(10)
 
     def close(self) -> None:
@@ -367,6 +371,50 @@ def test_two_clients_share_one_reply_topic(world: Any) -> None:
     finally:
         first.close()
         second.close()
+
+
+REPLY_PARTITIONS = 3
+
+
+def test_a_reply_on_any_partition_of_the_reply_topic_arrives(world: Any) -> None:
+    """The reply topic has 3 partitions, and a responder may write a reply to any of them
+    (keyed by its correlation id, or spread by the default partitioner). Three calls, each
+    answered on another partition: every caller gets its reply."""
+    mod, kafka, responder, requests, _ = world
+    replies = kafka.create_topic("rpc.replies3", REPLY_PARTITIONS)
+    client = mod.RpcClient(kafka.bootstrap, requests, replies)
+    try:
+        calls = [in_thread(client.call, {"n": n}, timeout=60) for n in range(REPLY_PARTITIONS)]
+        got = responder.collect(REPLY_PARTITIONS, "3 calls over a 3-partition reply topic",
+                                calls)
+        responder.check_headers(got, replies)
+        on = {}  # n -> the partition its reply was written to: the last call's on partition 0
+        for partition, req in enumerate(sorted(got, key=lambda r: -r.payload["n"])):
+            n = req.payload["n"]
+            on[n] = partition
+            responder.reply(req, {"n": n, "square": n * n}, replies, partition=partition)
+        deadline = time.monotonic() + REPLY_WITHIN
+        for thread, _ in calls:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        outcomes = {n: out.get("value", out.get("error", "still waiting"))
+                    for n, (_, out) in enumerate(calls)}
+        lost = sorted(on[n] for n, value in outcomes.items()
+                      if value != {"n": n, "square": n * n})
+        if lost:
+            fail_if_reading_through_a_group(
+                kafka, replies, f"replies written to partition(s) {lost} of a "
+                f"{REPLY_PARTITIONS}-partition reply topic never reached their callers")
+        assert not lost, (
+            f"3 calls answered on partitions 0, 1 and 2 of a {REPLY_PARTITIONS}-partition "
+            f"reply topic: the ones answered on partition(s) {lost} got "
+            f"{[outcomes[n] for n in sorted(on) if on[n] in lost]!r} "
+            f"{REPLY_WITHIN:.0f} s after their replies were sent, expected their replies: "
+            "the client reads only part of the reply topic. A reply may be on any partition "
+            "(a responder keys it, or lets the partitioner spread it): assign EVERY partition "
+            "of the reply topic (list_topics), each at its own end offset, before the first "
+            "call")
+    finally:
+        close_within(client, 10)
 
 
 # What a caller waits on, whatever the client is built with: an Event, a Condition, a Future,

@@ -385,6 +385,22 @@ FAST_CONSUMER = {
 }
 
 
+def offsets_served(admin: Any, topic: str, partitions: int) -> bool:
+    """Every partition's leader answers ListOffsets. The metadata names a new partition's
+    leader a moment before that broker serves it (KRaft publishes the metadata first): a
+    client's get_watermark_offsets then fails with NOT_LEADER_FOR_PARTITION."""
+    from confluent_kafka import KafkaException, TopicPartition
+    from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
+
+    asked = {TopicPartition(topic, p): OffsetSpec.latest() for p in range(partitions)}
+    try:
+        for future in admin.list_offsets(asked, request_timeout=5).values():
+            future.result(timeout=10)
+    except KafkaException:
+        return False
+    return True
+
+
 @dataclass
 class KafkaNS:
     """A topic and group prefix of this test's own on a real Kafka broker (the ``kafka``
@@ -420,7 +436,8 @@ class KafkaNS:
         while time.monotonic() < deadline:  # wait until every partition has a leader
             meta = admin.list_topics(full, timeout=5).topics.get(full)
             if meta and meta.error is None and len(meta.partitions) == partitions and all(
-                    p.leader >= 0 for p in meta.partitions.values()):
+                    p.leader >= 0 for p in meta.partitions.values()) and offsets_served(
+                    admin, full, partitions):
                 return full
             time.sleep(0.05)
         raise AssertionError(f"topic {full} has no leader for every partition after 15 s")
