@@ -392,7 +392,8 @@ def offsets_served(admin: Any, topic: str, partitions: int) -> bool:
     from confluent_kafka import KafkaException, TopicPartition
     from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
 
-    asked = {TopicPartition(topic, p): OffsetSpec.latest() for p in range(partitions)}
+    latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+    asked = {TopicPartition(topic, p): latest for p in range(partitions)}
     try:
         for future in admin.list_offsets(asked, request_timeout=5).values():
             future.result(timeout=10)
