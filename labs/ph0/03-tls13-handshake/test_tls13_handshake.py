@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 import ssl
 import stat
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -367,6 +369,63 @@ def test_server_key_is_private_and_its_own(subject: Subject) -> None:
         "CA's key\nThen pki.server_key, which sits on every server, can sign certificates "
         "for any host. Generate a separate key pair for the server and keep the CA's key "
         "off the servers.")
+
+
+PRIVATE_PEM = b"PRIVATE KEY-----"   # "-----BEGIN (EC |RSA |ENCRYPTED |OPENSSH )PRIVATE KEY-----"
+
+
+def _private_key_in(data: bytes) -> bool:
+    """Whether a file's bytes carry a private key: a PEM block (PKCS#8, SEC1, PKCS#1,
+    OpenSSH, encrypted or not, alone or bundled with certificates) or a DER key."""
+    if PRIVATE_PEM in data:
+        return True
+    try:
+        serialization.load_der_private_key(data, None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: wants a password
+        return False
+    return True
+
+
+def _whose_key(data: bytes, keys: dict[str, Any]) -> str:
+    """Which of the PKI's keys a file holds, for the message."""
+    block = re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
+                      data, re.S)
+    try:
+        key = (serialization.load_pem_private_key(block.group(), None) if block
+               else serialization.load_der_private_key(data, None))
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return "a private key"
+    return next((name for name, public in keys.items() if key.public_key() == public),
+                "a private key")
+
+
+def test_no_private_key_is_left_readable_by_others(subject: Subject) -> None:
+    """Every file create_pki leaves behind (in its folder or beside it) that holds private
+    key material must be its owner's only: the CA's key (if it is kept at all) most of all,
+    a key bundled into a certificate file, a leftover temporary copy."""
+    pki = subject.pki()
+    keys = {"the CA's private key": _load_cert(subject, pki.ca_cert, "pki.ca_cert").public_key(),
+            "the server's private key":
+                _load_cert(subject, pki.server_cert, "pki.server_cert").public_key()}
+    exposed = []
+    for folder, _dirs, files in os.walk(subject.folder):  # a folder others cannot enter: private
+        for name in sorted(files):
+            path = Path(folder) / name
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISREG(mode) or stat.S_IMODE(mode) & 0o077 == 0:
+                continue
+            data = subject.read(path, path.name)
+            if _private_key_in(data):
+                exposed.append(f"{path.relative_to(subject.folder)} (mode "
+                               f"{stat.S_IMODE(mode):04o}) holds {_whose_key(data, keys)}")
+    assert not exposed, (
+        f"create_pki() left private key material readable by other users: "
+        f"{'; '.join(exposed)}; expected every file holding a private key to be mode 0600\n"
+        "Whoever reads the CA's key can issue a certificate for any hostname your clients "
+        "trust; whoever reads the server's key can impersonate the server. Write each key "
+        "file with os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) (or chmod "
+        "0o600 it), keep keys out of certificate files, and do not keep the CA's key at "
+        "all when nothing needs it.")
 
 
 def test_client_trusts_only_the_given_ca(subject: Subject) -> None:

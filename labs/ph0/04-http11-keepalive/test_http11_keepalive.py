@@ -338,39 +338,88 @@ def test_http10_keep_alive_when_asked(server: Server, client: Client) -> None:
     one_connection(server)
 
 
+CONTENT_LENGTH_DIGITS = (
+    "A Content-Length is 1*DIGIT (RFC 9112 6.3): check it is plain ASCII digits before "
+    "int() (which also takes '+5', ' 5' and '1_0'); anything else means the server does not "
+    "know where the body ends, so it must refuse the request rather than guess.")
+SMUGGLING = (
+    "When two hops can frame one request differently, the bytes one of them takes for a "
+    "body the other takes for the next request (request smuggling), so RFC 9112 says to "
+    "refuse it: ")
+
+
+@dataclass(frozen=True)
+class Malformed:
+    data: bytes
+    what: str                                   # "a request with <what>"
+    why: str                                    # the rule, in the failure message
+    statuses: tuple[int, ...] = (400,)          # the answers that refuse it
+
+
 MALFORMED = {
-    "request line": (b"THIS IS NOT HTTP\r\n\r\n", "a request line that is not "
-                     "'METHOD target HTTP/1.x'"),
-    "header without colon": (b"GET /x HTTP/1.1\r\nHost lab.test\r\n\r\n",
-                             "a header line without ':'"),
-    "content-length not a number": (
+    "request line": Malformed(
+        b"THIS IS NOT HTTP\r\n\r\n", "a request line that is not 'METHOD target HTTP/1.x'",
+        "A request line is exactly 'METHOD target HTTP/1.x'."),
+    "header without colon": Malformed(
+        b"GET /x HTTP/1.1\r\nHost lab.test\r\n\r\n", "a header line without ':'",
+        "Every header line is 'name: value'."),
+    "content-length not a number": Malformed(
         b"POST /x HTTP/1.1\r\nHost: lab.test\r\nContent-Length: abc\r\n\r\n",
-        "'Content-Length: abc'"),
-    "negative content-length": (
+        "'Content-Length: abc'", CONTENT_LENGTH_DIGITS),
+    "negative content-length": Malformed(
         b"POST /x HTTP/1.1\r\nHost: lab.test\r\nContent-Length: -5\r\n\r\nhello",
-        "'Content-Length: -5'"),
+        "'Content-Length: -5'", CONTENT_LENGTH_DIGITS),
+    "signed content-length": Malformed(
+        b"POST /x HTTP/1.1\r\nHost: lab.test\r\nContent-Length: +5\r\n\r\nhello",
+        "'Content-Length: +5'", CONTENT_LENGTH_DIGITS),
+    "space before the colon": Malformed(
+        b"POST /x HTTP/1.1\r\nHost: lab.test\r\nContent-Length : 5\r\n\r\nhello",
+        "whitespace between a header name and its colon ('Content-Length : 5')",
+        SMUGGLING + "a server MUST answer 400 to whitespace between a field name and the "
+        "colon (RFC 9112 5.1), never strip it: a proxy that reads 'Content-Length ' as some "
+        "other header frames this request with no body."),
+    "tab before the colon": Malformed(
+        b"POST /x HTTP/1.1\r\nHost: lab.test\r\nContent-Length\t: 5\r\n\r\nhello",
+        "a tab between a header name and its colon ('Content-Length\\t: 5')",
+        SMUGGLING + "a server MUST answer 400 to whitespace between a field name and the "
+        "colon (RFC 9112 5.1), a tab as much as a space: never strip it."),
+    "two content-lengths": Malformed(
+        b"POST /x HTTP/1.1\r\nHost: lab.test\r\nContent-Length: 5\r\nContent-Length: 0"
+        b"\r\n\r\nhello",
+        "two different Content-Length headers (5, then 0)",
+        SMUGGLING + "differing Content-Length values are an unrecoverable framing error "
+        "(RFC 9112 6.3): one hop keeps the first, another the last. A repeated header is one "
+        "comma-separated list ('5, 0'), not a value that overwrites the one before."),
+    "transfer-encoding and content-length": Malformed(
+        b"POST /x HTTP/1.1\r\nHost: lab.test\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+        "both 'Transfer-Encoding: chunked' and 'Content-Length: 5'",
+        SMUGGLING + "Transfer-Encoding overrides Content-Length (RFC 9112 6.3), and this "
+        "server does not decode chunked bodies: framing the body by Content-Length while a "
+        "proxy decodes chunks is the classic CL.TE smuggling. Refuse any Transfer-Encoding "
+        "(400, or 501 Not Implemented).", (400, 501)),
 }
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_request_gets_400(server: Server, client: Client, case: str) -> None:
-    data, what = MALFORMED[case]
-    client.send(data)
+    bad = MALFORMED[case]
+    client.send(bad.data)
     try:
-        reply = client.read(f"a request with {what}")
+        reply = client.read(f"a request with {bad.what}")
     except pytest.fail.Exception:  # the connection died: say why below
         reply = None
+    expected = " or ".join(str(status) for status in bad.statuses)
     if reply is None:
         crashed = f" ({server.errors[0]})" if server.errors else ""
         pytest.fail(
-            f"a request with {what} got no response: the connection was closed"
-            f"{crashed}; expected 400 Bad Request, then the connection closed\n"
-            "Validate what you parse and answer a framing error with 400: a Content-Length "
-            "must be a non-negative decimal integer (RFC 9112 6.3), checked before int(), "
-            "or the connection dies with an exception instead of an answer.", pytrace=False)
-    assert reply.status == 400, (
-        f"a request with {what} got {reply.status}, expected 400 Bad Request (and then the "
-        "connection closed)\nThe server cannot frame this request: with a Content-Length "
-        "that is not a non-negative integer it does not know where the body ends, so it "
-        "must refuse it rather than guess.")
+            f"a request with {bad.what} got no response: the connection was closed"
+            f"{crashed}; expected {expected}, then the connection closed\n{bad.why} "
+            "Validate what you parse and answer with an error, or the connection dies with "
+            "an exception instead of an answer.", pytrace=False)
+    handled = (f" (the handler got {server.handled[0]} with a "
+               f"{len(server.bodies.get('/x', b''))}-byte body)" if server.handled else "")
+    assert reply.status in bad.statuses, (
+        f"a request with {bad.what} got {reply.status}{handled}, expected {expected} (and "
+        f"then the connection closed)\n{bad.why}")
     assert client.closed(), "close the connection after a 400: the framing is lost"

@@ -25,6 +25,7 @@ from labrunner.testing import listening_ports, process_resources, program_readin
 
 READY = 3.0      # seconds for the server to print "listening on <port>"
 WAIT = 3.0       # seconds for an echo, or for the process to exit after SIGTERM
+STREAM_WAIT = 20.0  # upper bound for a short-write echo to end (EOF ends it long before)
 CLIENTS = 50
 SANITIZER_REPORT = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
 SANITIZER_ENV = {
@@ -40,6 +41,13 @@ SANITIZER_ENV = {
 def binary(learner: Any) -> Path:
     """Built with the c_examples Makefile (once per session: learner.build() keeps it)."""
     return learner.build() / "accept_loop"  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def short_writes_binary(binary: Path) -> Path:
+    """The same server.c linked with c_examples/accept_loop/short_writes.c (ld --wrap):
+    each send(), sendto() or write() on a socket writes at most half of what it is asked."""
+    return binary.parent / "accept_loop_short_writes"
 
 
 @dataclass
@@ -114,8 +122,7 @@ class Server:
         return text[max(0, match.start() - 200):][:1500] if match else None
 
 
-@pytest.fixture
-def launch(binary: Path, learner: Any) -> Iterator[Any]:
+def launcher(binary: Path, learner: Any) -> Iterator[Any]:
     started: list[Server] = []
 
     def start(port: int = 0, what: str = "starting the server") -> Server:
@@ -130,6 +137,16 @@ def launch(binary: Path, learner: Any) -> Iterator[Any]:
     yield start
     for server in started:
         server.kill()
+
+
+@pytest.fixture
+def launch(binary: Path, learner: Any) -> Iterator[Any]:
+    yield from launcher(binary, learner)
+
+
+@pytest.fixture
+def launch_short_writes(short_writes_binary: Path, learner: Any) -> Iterator[Any]:
+    yield from launcher(short_writes_binary, learner)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -255,6 +272,39 @@ def test_echoes_a_large_stream_completely(launch: Any) -> None:
         f"{' (different content)' if len(got) == len(payload) else ''}, expected all of "
         "it, unchanged\nEcho in a loop until recv() returns 0, and send every byte each "
         "recv() returned (send() may write less than asked).")
+    stop_cleanly(server)
+
+
+def test_short_writes_are_completed(launch_short_writes: Any) -> None:
+    """send() may write fewer bytes than asked (a signal after some bytes went out, a send
+    timeout, a full buffer on a non-blocking socket). This build makes every send() on a
+    socket write at most half of what it is asked: only a server that loops on the count
+    it returns, from where the last call stopped, echoes the stream intact."""
+    server = launch_short_writes()
+    payload = os.urandom(1 << 18)
+    with connect(server.port) as sock:
+        def send_then_finish() -> None:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)  # our FIN: the server closes after the echo
+        sender = threading.Thread(target=send_then_finish, daemon=True)
+        sender.start()
+        got = recv_exactly(sock, len(payload) + 1, time.monotonic() + STREAM_WAIT)
+        sender.join(WAIT)
+    if got != payload:
+        common = min(len(got), len(payload))
+        differ = next((i for i in range(common) if got[i] != payload[i]), common)
+        if len(got) < len(payload) and got == payload[:len(got)]:
+            seen = f"stopped after {len(got)} of {len(payload)} bytes"
+        else:
+            seen = (f"came back with {len(got)} bytes, differing from what was sent from "
+                    f"byte {differ} on")
+        pytest.fail(
+            f"with send() writing only part of what it is asked (this build makes every "
+            f"send()/write() on a socket write at most half), a {len(payload) >> 10} KiB "
+            f"echo {seen}; expected every byte back, in order\nsend() returns how many bytes "
+            "it wrote, and that may be fewer than you asked (a signal, a send timeout, a "
+            "full buffer): loop until all n bytes are out, each call starting where the "
+            "last one stopped: send(fd, buf + sent, n - sent, MSG_NOSIGNAL).", pytrace=False)
     stop_cleanly(server)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,7 @@ INSERT INTO projects (name) VALUES ('alpha'), ('to-delete');
 """
 WRITER = {"Authorization": "Bearer writer-token"}
 READER = {"Authorization": "Bearer reader-token"}
+HOLD = 20.0  # upper bound for concurrent requests to reach the held lock, and to finish
 
 
 def js(value: Any) -> bytes:
@@ -235,6 +238,67 @@ def test_rate_limit_is_shared_by_every_instance(make_app: Callable[..., Any], db
         + ("each instance counts on its own (in its memory), so N instances allow N times "
            "the limit - count in request_counts, the table every instance shares"
            if not counted or counted[0] != 3 else "the shared count is there, yet not enforced"))
+
+
+def _lock_waiters(admin: psycopg.Connection[Any], database: str) -> int:
+    """How many sessions of the test's database wait for a lock right now."""
+    row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                        "AND wait_event_type = 'Lock'", (database,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_concurrent_requests_are_counted_atomically(make_app: Callable[..., Any],
+                                                     db: Any) -> None:
+    """Two instances, the token with 2 of its 3 requests used, and two requests at once: the
+    test holds the token's request_counts rows locked until both requests wait on that lock,
+    so both have done whatever they do before writing the count (a SELECT reads through a
+    row lock). An increment that reads and writes in one statement (or a SELECT ... FOR
+    UPDATE) then lets exactly one through; a count read first and written after lets both."""
+    clock = FakeClock(1000.0)
+    apps = [make_app(db.dsn, clock=clock, rate_limit=3, window_seconds=10) for _ in range(2)]
+    with serve_wsgi(apps[0]) as host_a, serve_wsgi(apps[1]) as host_b, \
+            psycopg.connect(db.admin_dsn, autocommit=True) as admin, \
+            psycopg.connect(db.dsn) as holder:
+        for n, host in enumerate((host_a, host_b), start=1):
+            expect(call(host, "GET", "/projects/1", headers=WRITER), 200,
+                   f"request {n} of 3 allowed in the window", "still within the limit")
+        locked = holder.execute("SELECT count FROM request_counts WHERE token = "
+                                "'writer-token' FOR UPDATE").fetchall()
+        assert locked, ("after 2 requests request_counts holds no row for the token: count "
+                        "each request in request_counts, the table every instance shares")
+        replies: dict[str, HttpReply] = {}
+        threads = [threading.Thread(target=lambda h=host: replies.__setitem__(
+            h, call(h, "GET", "/projects/1", headers=WRITER)), daemon=True)
+            for host in (host_a, host_b)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + HOLD
+        while (time.monotonic() < deadline and any(t.is_alive() for t in threads)
+               and _lock_waiters(admin, db.name) < 2):
+            time.sleep(0.01)
+        holder.commit()  # both requests now go on, one after the other
+        for thread in threads:
+            thread.join(HOLD)
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            counted = conn.execute("SELECT coalesce(sum(count), 0) FROM request_counts "
+                                   "WHERE token = 'writer-token'").fetchone()
+    assert len(replies) == 2, (
+        f"of two concurrent requests only {len(replies)} got an answer within {HOLD:.0f} s")
+    statuses = sorted(reply.status for reply in replies.values())
+    total = int(counted[0]) if counted else 0
+    if total < 4:
+        why = (f"request_counts holds {total} after 4 requests: both wrote back the count "
+               "they had read plus one (a SELECT, then a write of a count computed in "
+               "Python), so one increment was lost")
+    else:
+        why = (f"request_counts holds {total}, so both increments landed, but each request "
+               "decided on the count it had read before its own update")
+    assert statuses == [200, 429], (
+        f"two concurrent requests for a token with 2 of its 3 requests used got {statuses}, "
+        f"expected one 200 and one 429: {why}\nUnder concurrency a read-modify-write lets "
+        "every request through: increment and read in one statement, INSERT ... ON CONFLICT "
+        "(token, window_start) DO UPDATE SET count = request_counts.count + 1 RETURNING "
+        "count, and decide on what it returns (or SELECT ... FOR UPDATE in a transaction).")
 
 
 def test_refused_requests_count_too(make_app: Callable[..., Any], db: Any) -> None:

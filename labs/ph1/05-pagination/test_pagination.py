@@ -154,6 +154,20 @@ def not_restarting(style: str, seen: list[int], doc: dict[str, Any]) -> None:
             "start strictly after the last row seen: (created_at, id) < (...)", pytrace=False)
 
 
+NEXT_FIELD = {"offset": "next_offset", "cursor": "next_cursor", "keyset": "next"}
+
+
+def next_params(style: str, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The query of the page a response links to next, or None when it says it is the last
+    (a null, absent or empty next field)."""
+    following = doc.get(NEXT_FIELD[style])
+    if following is None or following == "" or following == {}:
+        return None
+    if style == "keyset":
+        return {"style": style, "limit": PAGE, **following}
+    return {"style": style, "limit": PAGE, NEXT_FIELD[style].removeprefix("next_"): following}
+
+
 def walk(host: str, db: Any, style: str) -> list[int]:
     """Page through all orders with `style`, inserting in front between fetches."""
     seen: list[int] = []
@@ -216,11 +230,10 @@ def test_positions_keep_fractions_of_a_second(host: str, db: Any, style: str) ->
         doc = page(host, params)
         not_restarting(style, seen, doc)
         seen += ids(doc)
-        following = doc.get("next_cursor") if style == "cursor" else doc.get("next")
-        if not following:
+        following = next_params(style, doc)
+        if following is None:
             break
-        params = ({"style": style, "limit": PAGE, "cursor": following} if style == "cursor"
-                  else {"style": style, "limit": PAGE, **following})
+        params = following
     missing = [i for i in truth if i not in seen]
     assert not missing, (
         f"{style} pages over 12 orders created within one second (no two alike) skipped "
@@ -245,6 +258,37 @@ def test_pages_are_stable_under_inserts(host: str, db: Any, style: str) -> None:
     assert seen == truth, (
         f"{style} pages: expected exactly the {SMALL} orders that existed when paging began, "
         f"newest first {truth}, saw {seen}")
+
+
+def test_last_page_links_nowhere(host: str, db: Any) -> None:
+    """Exactly two full pages of orders, paged in each style: page 1 must link to page 2,
+    and page 2, which ends at the last order, must say there is no next page. Knowing that
+    takes one row more than the page (limit + 1) or the total, not "the page is full"."""
+    with db.connect(autocommit=True) as conn:
+        for i in range(2 * PAGE):
+            conn.execute("INSERT INTO orders (created_at, customer, total_cents) "
+                         "VALUES (%s, %s, %s)", (BASE + timedelta(minutes=i), f"e{i}", i))
+    for style, field in NEXT_FIELD.items():
+        first = page(host, {"style": style, "limit": PAGE})
+        second_params = next_params(style, first)
+        assert second_params is not None, (
+            f"{style} page 1 of {2 * PAGE} orders (limit {PAGE}) has {field} = "
+            f"{first.get(field)!r}: {PAGE} more orders follow, so it must link to them")
+        second = page(host, second_params)
+        assert len(second["data"]) == PAGE, (
+            f"{style} page 2 of {2 * PAGE} orders (limit {PAGE}): expected the last {PAGE} "
+            f"orders, saw {len(second['data'])} rows")
+        beyond = next_params(style, second)
+        if beyond is not None:
+            after = page(host, beyond)
+            pytest.fail(
+                f"{style} page 2 of {2 * PAGE} orders (limit {PAGE}) ends at the last order "
+                f"yet has {field} = {second.get(field)!r}; expected null\nFollowing it gives "
+                f"a page of {len(after['data'])} rows: every list whose length is a multiple "
+                "of the limit ends with a needless round trip to an empty page, and a client "
+                "cannot tell 'more' from 'maybe more'. A full page does not mean more rows "
+                "exist: fetch limit + 1 rows and link onwards only if the extra one came back "
+                "(offset: only if offset + limit < total_count).", pytrace=False)
 
 
 def test_bad_cursor_is_400(host: str, db: Any) -> None:

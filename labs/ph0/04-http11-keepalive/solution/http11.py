@@ -86,8 +86,13 @@ def _parse_head(head: str) -> Request:
     for line in header_lines:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
+            # "Content-Length : 5" is refused, never stripped (RFC 9112 5.1): a proxy that
+            # reads "Content-Length " as another header would frame the body differently.
             raise BadRequest(f"malformed header line {line!r}")
-        headers[name.lower()] = value.strip()
+        name, value = name.lower(), value.strip()
+        # A repeated field is one comma-separated list (RFC 9110 5.3): two Content-Length
+        # lines then read "5, 0", which the digit check below refuses.
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return Request(parts[0], parts[1], parts[2], headers, b"")
 
 
@@ -95,7 +100,7 @@ def _content_length(headers: dict[str, str]) -> int:
     if "transfer-encoding" in headers:  # chunked bodies are out of scope: refuse clearly
         raise BadRequest("Transfer-Encoding is not supported, send Content-Length")
     value = headers.get("content-length", "0")
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # 1*DIGIT: no sign, no "1_0", no "²"
         raise BadRequest(f"bad Content-Length {value!r}")
     return int(value)
 
