@@ -6,7 +6,8 @@ created and filled with data the learner has not seen, schema.sql runs, and then
 * the catalog (information_schema, pg_catalog) shows each fact stored once, in the table
   whose primary key is the fact's determinant, with foreign keys, UNIQUE and NOT NULL;
 * rows that break the rules (orphans, duplicates, zero quantities, negative prices) are
-  rejected by the database itself;
+  rejected by the database itself, and so is deleting a customer or a product that orders
+  still name (a cascading foreign key would delete the sales history with it);
 * with the original table dropped, the view orders_rebuilt gives back exactly the original
   rows (EXCEPT ALL both ways, so duplicates and missing rows both count).
 
@@ -346,6 +347,11 @@ class Writer:
             sql.SQL(", ").join(sql.Placeholder() * len(values)))
         self.conn.execute(query, list(values.values()))
 
+    def delete(self, entity: str, column: str, value: Any) -> None:
+        query = sql.SQL("DELETE FROM {} WHERE {} = %s").format(
+            sql.Identifier(self.tables[entity].name), sql.Identifier(column))
+        self.conn.execute(query, [value])
+
     def outcome(self, action: Callable[[], None]) -> type[psycopg.Error] | None:
         try:
             with self.conn.transaction(force_rollback=True):
@@ -353,6 +359,10 @@ class Writer:
         except psycopg.Error as exc:
             return type(exc)
         return None
+
+
+CASCADE_WHY = ("ON DELETE CASCADE (or SET NULL / SET DEFAULT) turns one delete into the "
+               "loss of other facts - here")
 
 
 def test_rows_breaking_the_rules_are_rejected(db: Conn, learner: Any) -> None:
@@ -417,6 +427,21 @@ def test_rows_breaking_the_rules_are_rejected(db: Conn, learner: Any) -> None:
          errors.CheckViolation, "unit_price needs CHECK (unit_price >= 0)"),
         ("the same product twice on one order", line(product_sku=some[6]),
          errors.UniqueViolation, "a line is identified by (order_id, product_sku)"),
+        # The references protect the history: deleting a customer or a product must not
+        # take the orders and lines that name it along (ON DELETE CASCADE), which would be
+        # the delete anomaly normalization removes - one fact deleted, others lost with it.
+        # (Deleting an order may take its own lines: they are part of it.)
+        (f"deleting customer {customer_id}, who has orders",
+         lambda: w.delete("customer", "customer_id", customer_id),
+         errors.ForeignKeyViolation,
+         f"the orders' reference must refuse it (the default ON DELETE NO ACTION, or "
+         f"RESTRICT): {CASCADE_WHY} their orders - the history of what was sold"),
+        (f"deleting product {some[6]}, which was sold",
+         lambda: w.delete("product", "product_sku", some[6]),
+         errors.ForeignKeyViolation,
+         f"the order lines' reference must refuse it (the default ON DELETE NO ACTION, or "
+         f"RESTRICT): {CASCADE_WHY} the order lines that sold it - quantities and prices "
+         f"charged"),
     ]
     problems = []
     for what, action, expected, fix in cases:

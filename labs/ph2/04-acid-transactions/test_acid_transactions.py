@@ -1,7 +1,8 @@
 """ph2.4 ACID: the learner's transfer() on real Postgres 15.
 
-* Consistency: the schema itself refuses a negative balance, a non-positive amount and a
-  ledger row naming a missing account.
+* Consistency: the schema itself refuses a negative balance, a non-positive amount, a
+  ledger row naming a missing account, and NULL in any of those columns (a CHECK or a
+  foreign key lets NULL through: NOT NULL is part of the invariant).
 * Atomicity: an overdraft, an unknown account, and a connection killed between the debit
   and the credit (through the after_debit hook) all leave balances and ledger untouched.
 * Isolation: two transfers from one account are interleaved step by step - the first
@@ -112,29 +113,54 @@ def diff(got: State, want: State) -> str:
 # Consistency and the simple paths
 
 
+# A CHECK fails only when its expression is FALSE: for NULL it is unknown, and the row
+# passes. A foreign key is not checked for NULL either. So every column an invariant is
+# about needs NOT NULL too (or a CHECK that says IS NOT NULL itself).
+NULL_REFUSED = (psycopg.errors.NotNullViolation, psycopg.errors.CheckViolation)
+NULL_WHY = ("a CHECK or REFERENCES lets NULL through (a CHECK rejects only a FALSE result, "
+            "and NULL >= 0 is unknown, not false; a foreign key is not checked for NULL): "
+            "declare the column NOT NULL as well")
+SCHEMA_CASES = [
+    ("UPDATE accounts SET balance = -1 WHERE id = 1", psycopg.errors.CheckViolation,
+     "a negative balance must be impossible: CHECK (balance >= 0) on accounts"),
+    ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 999, 5)",
+     psycopg.errors.ForeignKeyViolation,
+     "the ledger must only name existing accounts: to_id REFERENCES accounts"),
+    ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 2, 0)",
+     psycopg.errors.CheckViolation, "an amount must be positive: CHECK (amount > 0)"),
+    ("UPDATE accounts SET balance = NULL WHERE id = 1", NULL_REFUSED,
+     "a balance must be a number (NULL + 50 is NULL: the next credit would vanish) - "
+     + NULL_WHY),
+    ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 2, NULL)", NULL_REFUSED,
+     "a ledger row must move a positive amount, and NULL is no amount - " + NULL_WHY),
+    ("INSERT INTO transfers (from_id, to_id, amount) VALUES (NULL, 2, 5)", NULL_REFUSED,
+     "a ledger row must name an existing source account, NULL names none - " + NULL_WHY),
+    ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, NULL, 5)", NULL_REFUSED,
+     "a ledger row must name an existing destination account, NULL names none - "
+     + NULL_WHY),
+]
+
+
+def expected_names(expected: type[Exception] | tuple[type[Exception], ...]) -> str:
+    classes = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(cls.__name__ for cls in classes)
+
+
 def test_schema_enforces_the_invariants(bank: Bank) -> None:
     bank.open({1: 10, 2: 0})
-    cases = [
-        ("UPDATE accounts SET balance = -1 WHERE id = 1", psycopg.errors.CheckViolation,
-         "a negative balance must be impossible: CHECK (balance >= 0) on accounts"),
-        ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 999, 5)",
-         psycopg.errors.ForeignKeyViolation,
-         "the ledger must only name existing accounts: to_id REFERENCES accounts"),
-        ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 2, 0)",
-         psycopg.errors.CheckViolation, "an amount must be positive: CHECK (amount > 0)"),
-    ]
     problems = []
     with bank.connect() as conn:
-        for statement, expected, why in cases:
+        for statement, expected, why in SCHEMA_CASES:
             try:
                 with conn.transaction(force_rollback=True):
                     conn.execute(statement)
-                problems.append(f"{statement!r} was accepted: {why}")
+                problems.append(f"{statement!r} was accepted, expected "
+                                f"{expected_names(expected)}: {why}")
             except expected:
                 pass
             except psycopg.Error as exc:
                 problems.append(f"{statement!r} failed with {type(exc).__name__}, expected "
-                                f"{expected.__name__}: {why}")
+                                f"{expected_names(expected)}: {why}")
     assert not problems, "\n".join(problems)
 
 

@@ -18,6 +18,8 @@ The error paths are taken too, with triggers the check installs (deterministic, 
 every attempt failing with 40001 (the loop must make exactly max_attempts attempts, then
 let the 40001 out), a 40001 raised at COMMIT by a deferred constraint trigger (the COMMIT
 must be inside the retry), and an error that is not 40001 (never retried).
+After each error path (and go_off_call's refusal), the caller's connection must be idle:
+no failed or open transaction left behind.
 
 Mistakes a learner makes here, each caught with its own message:
 - both reads in separate transactions (autocommit)              -> status between reads
@@ -31,6 +33,8 @@ Mistakes a learner makes here, each caught with its own message:
 - giving up with a return value instead of the 40001             -> exhausted retries
 - COMMIT outside the retry (40001 at COMMIT escapes or is lost)  -> deferred trigger
 - retrying every error (psycopg.Error, Exception)                -> a CheckViolation
+- a transaction left open on an error or early-return path (BEGIN
+  by hand, ROLLBACK only for 40001 or none at all)               -> connection status after
 """
 
 from __future__ import annotations
@@ -501,3 +505,100 @@ def test_an_error_that_is_not_40001_is_not_retried(
     assert isinstance(exc, error), (
         f"the UPDATE failed with {what}, SQLSTATE {sqlstate}, and go_off_call raised "
         f"{type(exc).__name__} instead: let the database's error out unchanged")
+
+
+# --------------------------------------------------------------------------------------
+# Part 4: every path ends the transaction it opened. A transaction opened by hand (BEGIN,
+# or autocommit turned off) and ended only on the happy path - or rolled back only on the
+# one error the code expected - is left open on the caller's connection when anything else
+# happens: the next statement fails with InFailedSqlTransaction, or runs inside the stale
+# transaction, holding its locks and snapshot.
+
+
+class BetweenFailed(Exception):
+    """What the check's between() / after_check() raises: the caller's own error."""
+
+
+def left_open(conn: Conn, path: str, function: str) -> str | None:
+    """None if ``conn`` is idle (no transaction open), else what is wrong, to fail with;
+    a transaction left open is rolled back, so the connection closes cleanly."""
+    status = conn.info.transaction_status
+    if status == TransactionStatus.IDLE:
+        return None
+    conn.rollback()
+    state = ("INERROR: inside a failed transaction - the caller's next statement fails with "
+             "InFailedSqlTransaction" if status == TransactionStatus.INERROR else
+             f"{status.name}: inside a transaction that never ended - the caller's next "
+             f"statements run inside it, in its old snapshot, holding its locks")
+    return (f"{path}, {function} left the caller's connection {state}. End the "
+            f"transaction on every path, errors and early returns included: 'with "
+            f"conn.transaction():' rolls back when the block raises, or ROLLBACK in a "
+            f"try/finally (not only in the except for the error you expected)")
+
+
+def raise_between() -> None:
+    raise BetweenFailed("raised by the check's between()")
+
+
+READ_PATHS = {
+    # id: (query, between, what the path is)
+    "query-fails": ("SELECT balance FROM no_such_table", lambda: None,
+                    "the query failed (UndefinedTable: it names a missing table)"),
+    "between-raises": (BALANCE, raise_between,
+                       "between() raised after the first read (an error of the caller's)"),
+}
+
+
+@pytest.mark.parametrize("path", list(READ_PATHS))
+def test_read_twice_ends_its_transaction_on_an_error(
+        connect: Callable[[], Conn], learner: Any, path: str) -> None:
+    read_twice = learner.function("isolation", "read_twice")
+    query, between, what = READ_PATHS[path]
+    with connect() as conn:
+        conn.execute("CREATE TABLE accounts (id integer PRIMARY KEY, balance integer)")
+        conn.execute("INSERT INTO accounts VALUES (1, 100)")
+        try:
+            read_twice(conn, query, "REPEATABLE READ", between)
+        except Exception:  # noqa: BLE001, S110 - the error may come out, as it is
+            pass
+        problem = left_open(conn, what, "read_twice")
+    assert problem is None, problem
+
+
+GO_OFF_PATHS = {
+    # id: (doctors on call, injected error (sqlstate, message) or None, after_check raises,
+    #      max_attempts, what the path is)
+    "refused": (["alice"], None, False, 10,
+                "alice was the only doctor on call and go_off_call returned False"),
+    "check-violation": (["alice", "bob"], ("23514", "injected by the check"), False, 10,
+                        "the UPDATE failed with a CheckViolation (SQLSTATE 23514, not to "
+                        "be retried)"),
+    "attempts-run-out": (["alice", "bob"], ("40001", "could not serialize access "
+                                            "(injected by the check)"), False, 2,
+                         "every attempt failed with 40001 and the 2 attempts ran out"),
+    "after-check-raises": (["alice", "bob"], None, True, 10,
+                           "after_check() raised an error of the caller's, after the "
+                           "count was read"),
+}
+
+
+@pytest.mark.parametrize("path", list(GO_OFF_PATHS))
+def test_go_off_call_ends_its_transaction_on_every_path(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any, path: str) -> None:
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    on_call_now, error, check_raises, max_attempts, what = GO_OFF_PATHS[path]
+    admin.execute("UPDATE doctors SET on_call = name = ANY(%s)", (on_call_now,))
+    if error is not None:
+        inject(admin, failures=8, sqlstate=error[0], message=error[1], when=AT_STATEMENT)
+
+    def after_check(count: int) -> None:
+        if check_raises:
+            raise BetweenFailed("raised by the check's after_check()")
+
+    try:
+        go_off_call(alice.conn, "alice", after_check=after_check, max_attempts=max_attempts)
+    except Exception:  # noqa: BLE001, S110 - what comes out is judged by the other tests
+        pass
+    problem = left_open(alice.conn, what, "go_off_call")
+    assert problem is None, problem

@@ -14,6 +14,8 @@
 * lock_timeout: the check holds a row lock on its own connection; the learner's update
   must fail with LockBusy after about the timeout (a LockNotAvailable underneath), leave
   the connection usable and the setting not leaked to the session.
+  Any other error on that path (a statement_timeout, a deadlock, a check violation) must
+  come out as it is, never as LockBusy.
 
 The data is not kind: jobs are stored in an order that is not their id order (a claim
 without ORDER BY takes whatever the heap holds first), and the learner's session starts
@@ -31,6 +33,8 @@ Mistakes a learner makes here, each caught with its own message:
 - statement_timeout instead of lock_timeout        -> the cause is QueryCanceled
 - SET (session) instead of SET LOCAL, or SET then RESET -> lock_timeout after the call
 - lock_timeout in the wrong unit (0 disables it)   -> still waiting after 10 s
+- any error turned into LockBusy (except OperationalError, psycopg.Error, Exception, or
+  a statement_timeout too)                         -> a 57014, 40P01 or 23514 as LockBusy
 """
 
 from __future__ import annotations
@@ -462,6 +466,79 @@ def test_a_blocked_update_fails_within_the_lock_timeout(db: Db, learner: Any) ->
             f"the failed transaction back")
         assert_not_leaked(conn, default, "after LockBusy")
     assert db.balances()[1] == 10005, "the refused update changed the balance"
+
+
+@dataclass(frozen=True)
+class OtherError:
+    """An error on update_balance_with_timeout's path that is not a lock timeout."""
+
+    id: str
+    what: str  # what happened, for the message
+    error: type[Exception]  # what must come out, as it is
+    setup: tuple[str, ...] = ()  # on the check's own connection, beforehand
+    session: str | None = None  # on the learner's connection, beforehand
+    delta: int = 5
+    row_locked: bool = False  # the check holds account 1's row lock during the call
+
+
+OTHER_ERRORS = [
+    OtherError("statement-timeout",
+               "the caller's session has statement_timeout = 200ms, and with the row "
+               "locked by the check the UPDATE was cancelled by it (QueryCanceled, SQLSTATE "
+               "57014) long before its lock_timeout of 10 s",
+               psycopg.errors.QueryCanceled, session="SET statement_timeout = '200ms'",
+               row_locked=True),
+    OtherError("deadlock",
+               "the UPDATE failed with DeadlockDetected (SQLSTATE 40P01, raised by a "
+               "trigger the check installed)", psycopg.errors.DeadlockDetected,
+               setup=("CREATE FUNCTION deadlock() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                      "BEGIN RAISE EXCEPTION 'deadlock detected (injected by the check)' "
+                      "USING ERRCODE = '40P01'; END $$",
+                      "CREATE TRIGGER deadlock BEFORE UPDATE ON accounts FOR EACH ROW "
+                      "EXECUTE FUNCTION deadlock()")),
+    OtherError("check-violation",
+               "the row was free and the UPDATE (delta -20000 on a balance of 10000) broke "
+               "CHECK (balance >= 0): a CheckViolation, SQLSTATE 23514",
+               psycopg.errors.CheckViolation, delta=-20000),
+]
+
+
+@pytest.mark.parametrize("case", OTHER_ERRORS, ids=[c.id for c in OTHER_ERRORS])
+def test_only_a_lock_timeout_becomes_lockbusy(db: Db, learner: Any, case: OtherError) -> None:
+    module = api(learner, "update_balance_with_timeout")
+    update, lock_busy = module.update_balance_with_timeout, module.LockBusy
+    with db.connect() as holder, db.connect() as conn:
+        for statement in case.setup:
+            holder.execute(statement)
+        if case.session is not None:
+            conn.execute(case.session)
+        if case.row_locked:
+            holder.execute("BEGIN")
+            holder.execute("SELECT 1 FROM accounts WHERE id = 1 FOR UPDATE")
+        try:
+            update(conn, 1, case.delta, 10_000)
+            exc: Exception | None = None
+        except Exception as raised:  # noqa: BLE001 - which one is judged below
+            exc = raised
+        finally:
+            if case.row_locked:
+                holder.execute("ROLLBACK")
+    if isinstance(exc, lock_busy):
+        cause = exc.__cause__ or exc.__context__
+        pytest.fail(
+            f"update_balance_with_timeout raised LockBusy (from "
+            f"{type(cause).__name__ if cause else 'nothing'}) where no lock wait ran out: "
+            f"{case.what}. LockBusy tells the caller the row stayed locked past "
+            f"timeout_ms, which is not what happened - the "
+            f"caller would wait and retry for a lock that was never the problem. Turn only "
+            f"LockNotAvailable (SQLSTATE 55P03) into LockBusy (except "
+            f"psycopg.errors.LockNotAvailable, not OperationalError, psycopg.Error or "
+            f"Exception) and let every other error out as it is", pytrace=False)
+    assert isinstance(exc, case.error), (
+        f"{case.what}: expected that {case.error.__name__} to come out of "
+        f"update_balance_with_timeout as it is, but it "
+        f"{'returned normally' if exc is None else 'raised ' + type(exc).__name__}")
+    assert db.balances()[1] == 10000, "the failed update changed the balance"
 
 
 def show_lock_timeout(conn: Conn) -> str:
