@@ -6,7 +6,9 @@ server), and measures each case. The test measures the same traffic itself: the 
 it gives the learner are counting TCP proxies of its own, in front of the real servers, and
 a server interceptor records which rpcs were called. The learner's report must agree with
 what the test saw: bytes in each direction, connections, and a latency between what the
-proxy observed and the wall time of the call.
+proxy observed and the wall time of the call. While the JSON case runs, the lab's harness
+makes every connect() the learner's code opens (its client to its own relay) take
+CONNECT_SECONDS longer, so connection setup is long enough for its absence to show.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ SLACK_BYTES = 100  # a frame or two that may cross after a client stops counting
 # includes an idle wait that a wall clock around it must show and a CPU clock cannot. Only
 # a lower bound for the learner's report depends on it; nothing waits for it to pass.
 HOLD_SECONDS = 0.25
+# Each connect() of the learner's code (but its relay's, to the test's proxy) waits this long
+# first (harness.py): on loopback connecting takes microseconds, and a clock started after
+# connect() would go unnoticed. A learner's clock must include it; a clock started once the
+# connection is open misses all of it, far more than any scheduling delay after the response.
+CONNECT_SECONDS = 0.5
 
 
 # ---- the test's own measurement: a counting TCP proxy ----------------------------------
@@ -163,6 +170,7 @@ class Observed:
     report: dict[str, Any]
     links: list[Link]
     wall: float
+    connects: list[float]  # when each of the learner's (slowed) connect() calls began
 
     @property
     def sent(self) -> int:
@@ -172,19 +180,34 @@ class Observed:
     def received(self) -> int:
         return sum(link.received for link in self.links)
 
-    def transfer_span(self) -> float:
-        """From the first byte the client sent to the moment 90% of the response bytes had
-        passed the proxy: a latency the client cannot have beaten."""
+    def first_sent(self) -> float | None:
         starts = [link.first_sent_at for link in self.links if link.first_sent_at is not None]
+        return min(starts) if starts else None
+
+    def mostly_received(self) -> float | None:
+        """When 90% of the response bytes had passed the proxy."""
         chunks = sorted(chunk for link in self.links for chunk in link.received_log)
-        if not starts or not chunks:
-            return 0.0
         arrived = 0
         for when, size in chunks:
             arrived += size
             if arrived >= 0.9 * self.received:
-                return when - min(starts)
-        return chunks[-1][0] - min(starts)
+                return when
+        return chunks[-1][0] if chunks else None
+
+    def transfer_span(self) -> float:
+        """From the first byte the client sent to the moment 90% of the response bytes had
+        passed the proxy: a latency the client cannot have beaten."""
+        start, end = self.first_sent(), self.mostly_received()
+        return 0.0 if start is None or end is None else end - start
+
+    def setup_span(self) -> float | None:
+        """From the start of the client's connect() (the last slowed one before the first
+        request byte: a relay's own connections made earlier, before any clock, do not count)
+        to 90% of the response: a latency the client cannot have beaten either, connection
+        setup included. None when no connect() of the learner's was slowed (grpc's)."""
+        start, end = self.first_sent(), self.mostly_received()
+        opened = [when for when in self.connects if start is not None and when <= start]
+        return None if not opened or end is None else end - max(opened)
 
 
 def run_case(learner: Any, name: str, target: tuple[str, int],
@@ -193,13 +216,22 @@ def run_case(learner: Any, name: str, target: tuple[str, int],
     """One measurement through a proxy of its own, or through `proxy` (kept open: the same
     address measured again); the links are the connections of this measurement only."""
     measure = learner.function("grpc_vs_rest", name)
+    # grpc connects in its C core, out of the harness's reach: only http.client is slowed
+    harness = learner.harness() if name == "measure_json" else None
     own = proxy is None
     proxy = proxy_class(target) if proxy is None else proxy
     earlier = len(proxy.links)
+    connects: list[float] = []
     try:
-        start = time.perf_counter()
-        report = measure(proxy.address)
-        wall = time.perf_counter() - start
+        if harness is not None:
+            harness.slow_connects(CONNECT_SECONDS, [proxy.port, target[1]])
+        try:
+            start = time.perf_counter()
+            report = measure(proxy.address)
+            wall = time.perf_counter() - start
+        finally:
+            if harness is not None:
+                connects = [float(when) for when in harness.normal_connects()]
         closed = proxy.wait_closed(3.0)
     finally:
         if own:
@@ -209,7 +241,7 @@ def run_case(learner: Any, name: str, target: tuple[str, int],
     assert closed, (
         f"{name}(): a connection was still open 3 s after it returned: close the client "
         "(conn.close(), channel.close()) inside the measurement")
-    return Observed(report, list(proxy.links[earlier:]), wall)
+    return Observed(report, list(proxy.links[earlier:]), wall, connects)
 
 
 def check_report(case: str, seen: Observed, before: Observed | None = None) -> None:
@@ -250,14 +282,26 @@ def check_report(case: str, seen: Observed, before: Observed | None = None) -> N
             why = (f"that is less than the {HOLD_SECONDS} s the test's proxy held the server's "
                    "first bytes, an idle wait inside every call: the clock is not wall time "
                    "(time.process_time counts CPU, and waiting costs none - use "
-                   "time.perf_counter) or it stopped before the response was read (a stream "
-                   "is read to its end first)")
+                   "time.perf_counter), it stopped before the response was read (a stream "
+                   "is read to its end first), or it started once the connection was ready "
+                   "(after grpc.channel_ready_future(): the bytes held were the server's half "
+                   "of connection setup, which seconds includes)")
         else:
             why = ("the clock started after the request was on its way or stopped before the "
                    "last user was decoded")
         pytest.fail(
             f"{case}: the report says seconds={seconds:.4f}; the test saw {span:.4f} s from "
             f"the first request byte to (most of) the response: {why}", pytrace=False)
+    setup = seen.setup_span()
+    if setup is not None and seconds < setup - CONNECT_SECONDS / 5:
+        pytest.fail(
+            f"{case}: the report says seconds={seconds:.4f}; the test saw {setup:.4f} s from "
+            f"the moment the client began to connect to (most of) the response, "
+            f"{CONNECT_SECONDS} s of it connecting (the test slowed every connect() of your "
+            "code that much): the clock started after the connection was opened (after "
+            "conn.connect(), or after the request was sent) - seconds runs from before "
+            "connecting, because connection setup is part of what the client waits for",
+            pytrace=False)
 
 
 # ---- fixtures ---------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""Runs where the learner's code runs (in its process when grading): makes connection setup
+take long enough to see. On loopback a TCP connect() takes microseconds, so a clock started
+after it would look the same as one started before; while slow_connects() is on, every
+connect() the process makes to a port other than the test's own waits `delay` seconds first,
+and the moment each began is noted. A measurement that starts its clock before connecting
+includes that wait; one that starts it after does not.
+
+Only connections made through Python's socket module are slowed (http.client, urllib, a
+relay of the learner's): grpc opens its connections in its own C core."""
+
+from __future__ import annotations
+
+import _socket
+import socket
+import threading
+import time
+from typing import Any
+
+_lock = threading.Lock()
+_started: list[float] = []
+
+
+def slow_connects(delay: float, exempt_ports: list[int]) -> None:
+    """From now on, a connect() to any TCP port but `exempt_ports` (the test's proxy and
+    server: the learner's relay forwarding to the proxy is not slowed) first notes the time
+    (time.perf_counter) and sleeps `delay` seconds."""
+    exempt = frozenset(int(port) for port in exempt_ports)
+    with _lock:
+        _started.clear()
+
+    def slowed(address: Any) -> None:
+        if isinstance(address, tuple) and len(address) >= 2 and address[1] not in exempt:
+            with _lock:
+                _started.append(time.perf_counter())
+            time.sleep(delay)
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        slowed(address)
+        _socket.socket.connect(sock, address)
+
+    def connect_ex(sock: socket.socket, address: Any) -> int:
+        slowed(address)
+        return _socket.socket.connect_ex(sock, address)
+
+    socket.socket.connect = connect  # type: ignore[method-assign, assignment]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign, assignment]
+
+
+def normal_connects() -> list[float]:
+    """Undo slow_connects(); return when each slowed connect() began (time.perf_counter:
+    CLOCK_MONOTONIC, the same clock in every process of the machine)."""
+    for name in ("connect", "connect_ex"):
+        if name in socket.socket.__dict__:
+            delattr(socket.socket, name)
+    with _lock:
+        return list(_started)
