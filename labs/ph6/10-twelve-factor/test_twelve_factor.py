@@ -2,8 +2,8 @@
 
 The learner's app.py is started by the test with only its environment for configuration:
 $PORT, DATABASE_URL (a fresh Postgres database) and REDIS_URL (the test's own Redis database),
-none of them on a standard port. Checked from outside, as a platform sees an app: a missing
-or bad variable stops it at once with a non-zero status naming the variable; two instances
+none of them on a standard port. Checked from outside, as a platform sees an app: a missing,
+empty or bad variable stops it at once with a non-zero status naming the variable; two instances
 share all state through the backing services; request logs arrive on stdout and no file is
 written; SIGTERM ends it with status 0."""
 
@@ -114,7 +114,14 @@ def apps(learner: Any) -> Iterator[list[App]]:
         app.stop()
 
 
-BAD = [("DATABASE_URL", None), ("REDIS_URL", None), ("PORT", None), ("PORT", "eighty")]
+# (variable, its value: None for absent); an empty value is an unset one (a manifest's
+# DATABASE_URL= that nobody filled in), so it counts as missing too
+BAD = [("DATABASE_URL", None), ("REDIS_URL", None), ("PORT", None), ("PORT", "eighty"),
+       ("DATABASE_URL", ""), ("REDIS_URL", ""), ("PORT", "")]
+EMPTY_IS_MISSING = (" - an empty value is no value (DATABASE_URL= in a manifest is a variable "
+                    "nobody filled in; psycopg.connect('') quietly falls back to libpq's "
+                    "defaults): count it as missing, `not env.get(name)`, not `name not in "
+                    "env`")
 
 
 @pytest.mark.parametrize(("name", "value"), BAD, ids=[f"{n}={v}" for n, v in BAD])
@@ -125,6 +132,7 @@ def test_bad_config_fails_fast(learner: Any, env: dict[str, str], apps: list[App
         monkeypatch.delenv(var, raising=False)
     env = dict(env)
     what = f"{name} missing" if value is None else f"{name}={value!r}"
+    empty = EMPTY_IS_MISSING if value == "" else ""
     if value is None:
         del env[name]
     else:
@@ -136,20 +144,20 @@ def test_bad_config_fails_fast(learner: Any, env: dict[str, str], apps: list[App
         if app.ports():
             pytest.fail(f"with {what}, app.py started serving anyway: expected it to refuse "
                         "to start - a default or a lazy read hides a broken deployment until "
-                        "the first request needs the value")
+                        f"the first request needs the value{empty}")
         time.sleep(0.05)
     if app.proc.poll() is None:
         pytest.fail(f"with {what}, app.py is still running after 20 s: expected it to exit "
-                    "at once with a non-zero status naming the variable (fail fast)")
+                    f"at once with a non-zero status naming the variable (fail fast){empty}")
     assert app.proc.returncode != 0, (
         f"with {what}, app.py exited with status 0: a non-zero status tells the platform the "
-        "start failed (and to report it) - 0 means 'done, all is well'")
+        f"start failed (and to report it) - 0 means 'done, all is well'{empty}")
     for reader in app.readers:
         reader.join(10)
     assert name in app.output(), (
-        f"with {what}, app.py exited with status {app.proc.returncode} without naming {name}; "
-        f"its output ended with: {app.output()[-400:]!r}. Say which variable is missing or "
-        "wrong - did it fall back to a default and fail later on?")
+        f"with {what}, app.py exited with status {app.proc.returncode} without naming "
+        f"{name}{empty}; its output ended with: {app.output()[-400:]!r}. Say which variable "
+        "is missing or wrong - did it fall back to a default and fail later on?")
 
 
 def two_instances(learner: Any, env: dict[str, str], apps: list[App]) -> tuple[App, App]:

@@ -7,7 +7,8 @@ opentelemetry-proto). Between them sits the test's recording proxy, which sees t
 of the frontend's outgoing call. The test plays the upstream caller: it sends its own
 traceparent (a trace id with leading zeros, a tracestate, sampled or not) and checks the
 trace the collector received: one trace id end to end, the parent of every span, span
-kinds, service names, the header's W3C format, the sampling decision and error status.
+kinds, service names, the header's W3C format, the sampling decision and error status
+(also when the proxy itself fails the call: a 502/503/504 of its own, or a cut connection).
 """
 
 from __future__ import annotations
@@ -30,8 +31,15 @@ TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
 
 
+# What the proxy (a load balancer in front of inventory) does itself for some skus, without
+# asking inventory: answer a 5xx of its own, or cut the connection before any answer.
+PROXY_FAILS: dict[str, int | None] = {"LB-502": 502, "LB-503": 503, "LB-504": 504,
+                                      "LB-CUT": None}
+
+
 class RecordingProxy:
-    """HTTP proxy on 127.0.0.1:0 in front of ``upstream``: records each request's headers."""
+    """HTTP proxy on 127.0.0.1:0 in front of ``upstream``: records each request's headers;
+    for the skus of PROXY_FAILS it fails the call itself."""
 
     def __init__(self, upstream: str) -> None:
         self.seen: list[dict[str, str]] = []
@@ -44,6 +52,10 @@ class RecordingProxy:
 
             def do_GET(self) -> None:  # noqa: N802
                 proxy.seen.append({k.lower(): v for k, v in self.headers.items()})
+                sku = self.path.rsplit("/", 1)[-1]
+                if sku in PROXY_FAILS:
+                    self.fail(PROXY_FAILS[sku])
+                    return
                 conn = http.client.HTTPConnection(host, int(port), timeout=10)
                 try:
                     conn.request("GET", self.path, headers=dict(self.headers.items()))
@@ -53,6 +65,17 @@ class RecordingProxy:
                     conn.close()
                 self.send_response(reply.status)
                 self.send_header("Content-Type", reply.getheader("Content-Type") or "")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def fail(self, status: int | None) -> None:
+                self.close_connection = True
+                if status is None:  # cut: the connection closes with no answer at all
+                    return
+                body = b'{"error": "no healthy upstream"}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -79,10 +102,18 @@ class Stack:
     providers: list[Any]
 
     def call(self, path: str, headers: dict[str, str] | None = None) -> Any:
-        reply = http_request(self.host, "GET", path, headers=headers or {})
-        for provider in self.providers:  # whatever span processor: everything exported now
-            provider.force_flush()
-        return reply
+        try:
+            return http_request(self.host, "GET", path, headers=headers or {})
+        finally:
+            for provider in self.providers:  # whatever span processor: all exported now
+                provider.force_flush()
+
+    def status(self, path: str, headers: dict[str, str]) -> int | str:
+        """The status of GET ``path``, or what happened instead when there was none."""
+        try:
+            return self.call(path, headers).status
+        except (OSError, http.client.HTTPException) as exc:
+            return f"no answer ({type(exc).__name__}: the app raised?)"
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         return [s for s in self.receiver.snapshot() if s.trace_id == trace_id]
@@ -268,3 +299,30 @@ def test_a_client_error_is_not_a_server_error(stack: Stack) -> None:
         "4xx is the CLIENT's mistake, not a failure of the server - the HTTP semantic "
         "conventions leave a SERVER span's status UNSET for 4xx and set ERROR for 5xx only "
         "(compare with >= 500, not >= 400), or every bad request reads as an outage")
+
+
+def test_every_upstream_failure_is_a_failed_call(stack: Stack) -> None:
+    """Not only inventory's own 500: the load balancer in front of it answers 502, 503 or
+    504, or the connection breaks before any answer. The CLIENT span records a failed call
+    each time (HTTP semantic conventions: a status >= 500, or no response at all)."""
+    for sku, status in PROXY_FAILS.items():
+        what = (f"the load balancer in front of inventory answered {status}" if status else
+                "the connection to inventory was cut before any answer")
+        trace_id, _, headers = caller()
+        answered = stack.status(f"/checkout/{sku}", headers)
+        spans = stack.trace(trace_id)
+        client = one(spans, "frontend", "CLIENT", f"the call on which {what}",
+                     stack.receiver.snapshot())
+        assert client.status == "ERROR", (
+            f"{what}: the frontend's CLIENT span has status {client.status}, expected ERROR "
+            f"(the frontend answered {answered})"
+            + (" - every 5xx is a failed call, not only 500: compare status >= 500 (a "
+               "proxy, a load balancer or a gateway answers 502, 503, 504 for a callee that "
+               "is down)" if status else " - a call that got no answer failed: if you catch "
+               "the error, set the CLIENT span's status to ERROR (and record the exception) "
+               "before answering"))
+        if status:
+            assert answered == 502, (
+                f"{what}: GET /checkout/{sku} was answered {answered}, expected 502 Bad "
+                "Gateway: the frontend's upstream failed (any 5xx), so is its answer - never "
+                "read the failure's body as if it were stock")

@@ -4,8 +4,9 @@ The learner's app runs behind a real HTTP server with the test's own Postgres da
 Redis db. The outages are real: the runner's Postgres server is stopped and started again
 (postgres.stop()/start(), so the lab is exclusive), and Redis is reached through the test's
 TCP proxy, which can refuse connections (down) or accept them and never answer (a hung
-dependency) and cut the connections it relays; Postgres is reached through one too, whose
-cut breaks the connections the app holds while the server stays up. Through each outage
+dependency) or let an impostor answer (an error reply, an HTTP server on the port) and cut
+the connections it relays; Postgres is reached through one too, whose cut breaks the
+connections the app holds while the server stays up. Through each outage
 /health/live must stay 200 and /health/ready must answer 503 naming the dependency,
 quickly; when the dependency is back (or only a connection broke), /health/ready must
 return to 200 by itself.
@@ -16,8 +17,9 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,9 +32,15 @@ HUNG_BUDGET = 4.0     # ... when a dependency hangs: the check's own timeout mus
                       # (Kubernetes' default probe timeoutSeconds is 1)
 
 
+# What a service says in the dependency's place (mode "answer"): given the bytes a client
+# sent so far (it removes what it answers), the reply to send and whether to stay open.
+Answer = Callable[[bytearray], tuple[bytes, bool]]
+
+
 class TcpProxy(TcpRelay):
-    """127.0.0.1:<port> relaying to ``target``; mode "up", "down" (accept, close at once)
-    or "hang" (accept, never answer). Leaving "up" cuts every relayed connection.
+    """127.0.0.1:<port> relaying to ``target``; mode "up", "down" (accept, close at once),
+    "hang" (accept, never answer) or "answer" (accept, and an impostor answers: an error
+    reply, another protocol). Leaving "up" cuts every relayed connection.
 
     ``reached()`` counts what clients did towards the dependency (connections accepted plus
     bytes sent to it): it grows when, and only when, the app really talked to it."""
@@ -40,6 +48,7 @@ class TcpProxy(TcpRelay):
     def __init__(self, host: str, port: int) -> None:
         super().__init__((host, port))
         self.mode = "up"
+        self.answer: Answer | None = None
         self.accepted = 0
         self.sent = 0
         self._hung: list[socket.socket] = []
@@ -55,22 +64,42 @@ class TcpProxy(TcpRelay):
 
     def admit(self, client: socket.socket) -> bool:
         with self.lock:
-            mode = self.mode
+            mode, answer = self.mode, self.answer
             self.accepted += 1
-            if mode == "hang":   # keep the socket open and never read or answer
+            if mode in ("hang", "answer"):   # held open: never answered, or by the impostor
                 self._hung.append(client)
         if mode == "down":
             client.close()
+        if mode == "answer" and answer is not None:
+            threading.Thread(target=self._impostor, args=(client, answer), daemon=True,
+                             name="health-impostor").start()
         return mode == "up"
+
+    def _impostor(self, client: socket.socket, answer: Answer) -> None:
+        pending = bytearray()
+        try:
+            while chunk := client.recv(65536):
+                with self.lock:
+                    self.sent += len(chunk)
+                pending += chunk
+                reply, stay = answer(pending)
+                if reply:
+                    client.sendall(reply)
+                if not stay:
+                    break
+        except OSError:
+            pass
+        finally:
+            self.shut(client)
 
     def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
         with self.lock:
             self.sent += len(chunk)
         return super().upward(link, chunk)
 
-    def set(self, mode: str) -> None:
+    def set(self, mode: str, answer: Answer | None = None) -> None:
         with self.lock:
-            self.mode = mode
+            self.mode, self.answer = mode, answer
             hung, self._hung = self._hung, []
         self.cut()   # the outage breaks what was open too
         for sock in hung:
@@ -158,7 +187,8 @@ def _is_ok(value: Any) -> bool:
 
 
 def expect(host: str, path: str, status: int, situation: str, why: str,
-           budget: float = PROBE_TIMEOUT) -> Any:
+           budget: float = PROBE_TIMEOUT, raised: str = "") -> Any:
+    """``raised``: what to say first when the app answers 500 (an exception escaped)."""
     got, body, took = probe(host, path, budget)
     if got == 0:
         pytest.fail(f"{situation}: GET {path} did not answer within {budget:.0f} s, "
@@ -171,6 +201,9 @@ def expect(host: str, path: str, status: int, situation: str, why: str,
         pytest.fail(f"{situation}: GET {path} answered 500 with {body}, expected {status}: "
                     "not ready is 503 Service Unavailable (take me out of rotation, try "
                     "again later); 500 says the app itself is broken", pytrace=False)
+    if got == 500 and status != 500 and raised:
+        pytest.fail(f"{situation}: GET {path} answered 500, expected {status}: {raised}",
+                    pytrace=False)
     if got == 500 and status != 500:
         pytest.fail(f"{situation}: GET {path} answered 500, expected {status}: the app "
                     "raised while answering - a failed check must be caught and reported "
@@ -369,6 +402,74 @@ def test_a_hung_dependency_is_a_quick_503(host: str, deps: Deps) -> None:
         expect(host, "/health/live", 200, situation, LIVE_WHY)
         proxy.set("up")
         wait_ready(host, f"{label} answering again")
+
+
+def resp_commands(pending: bytearray) -> Iterator[bytes]:
+    """Take each complete RESP command (*N then N bulk strings) off ``pending``: its name."""
+    while pending.startswith(b"*") and b"\r\n" in pending:
+        head, _, rest = bytes(pending).partition(b"\r\n")
+        args: list[bytes] = []
+        for _ in range(int(head[1:])):
+            size, sep, rest = rest.partition(b"\r\n")
+            if not sep or len(rest) < int(size[1:]) + 2:
+                return   # the command is not all here yet
+            args.append(rest[:int(size[1:])])
+            rest = rest[int(size[1:]) + 2:]
+        del pending[:len(pending) - len(rest)]
+        yield args[0].upper() if args else b""
+
+
+def redis_replying(error: str) -> Answer:
+    """A Redis that lets a client log in and pick its db, then answers every command with
+    the error reply ``error``."""
+    def answer(pending: bytearray) -> tuple[bytes, bool]:
+        return b"".join(b"+OK\r\n" if name in (b"AUTH", b"SELECT", b"CLIENT") else
+                        f"-{error}\r\n".encode() for name in resp_commands(pending)), True
+    return answer
+
+
+def http_server(pending: bytearray) -> tuple[bytes, bool]:
+    """Another service on the port: an HTTP server, refusing what it cannot parse."""
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11"
+            b"\r\nConnection: close\r\n\r\nBad Request"), False
+
+
+# (dependency, its label, how it misbehaves, the impostor, what its client raises then)
+WRONG_ANSWERS = (
+    ("redis", "Redis", "answering PING with -MASTERDOWN (a replica during a failover)",
+     redis_replying("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set "
+                    "to 'no'."), "an error reply is a redis.ResponseError"),
+    ("redis", "Redis", "answering PING with -NOPERM (an ACL user without +ping)",
+     redis_replying("NOPERM User health has no permissions to run the 'ping' command"),
+     "a refused command is a redis.NoPermissionError (a ResponseError)"),
+    ("redis", "Redis", "replaced on its port by an HTTP server",
+     http_server, "a reply in another protocol is a redis.InvalidResponse ('Protocol Error')"),
+    ("postgres", "Postgres", "replaced on its port by an HTTP server",
+     http_server, "a reply in another protocol is a psycopg.OperationalError"),
+)
+
+
+def test_a_dependency_answering_wrongly_is_a_503(host: str, deps: Deps) -> None:
+    """The dependency is reachable but does not answer as it should: an error reply, or
+    another protocol on its port. That is "down" for readiness too, never a 500."""
+    expect(host, "/health/ready", 200, "before the outage", "both dependencies answer")
+    for name, label, how, impostor, raises in WRONG_ANSWERS:
+        proxy = deps.proxies[name]
+        proxy.set("answer", impostor)
+        situation = f"{label} {how}"
+        body = expect(host, "/health/ready", 503, situation,
+                      f"{label} is there but does not answer PING/SELECT 1 properly: not "
+                      "ready", raised=(
+                          f"the {name} check let an exception escape: {raises}, which it "
+                          "did not catch (ConnectionError and TimeoutError cover only a "
+                          "refused, cut or hung connection, not the only ways a dependency "
+                          "fails). "
+                          "Catch every failure of the check (except Exception) and report it "
+                          "as 'down: <error>' with 503; a 500 says the app itself is broken "
+                          "and hides which dependency failed."))
+        names(body, name, situation)
+        proxy.set("up")
+        wait_ready(host, f"{label} answering properly again")
 
 
 def test_starts_while_dependencies_are_down(learner: Any, deps: Deps) -> None:

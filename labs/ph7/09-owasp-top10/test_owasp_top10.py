@@ -11,8 +11,10 @@ test's own Postgres database, and is attacked with real payloads, all on loopbac
   canary file, option injection, path traversal; the canary must never exist;
 * SSRF on POST /fetch: an internal HTTP server on 127.0.0.1 that must never receive a
   request (hit counter), reached directly under many spellings, through URL-parsing
-  confusion, and through redirects from the allowed partner (also to private ranges and
-  the cloud metadata address); an allowed redirect must still be followed.
+  confusion, on a port whose text extends the allowed one, and through redirects from
+  the allowed partner (also to private ranges and the cloud metadata address); an allowed
+  redirect must still be followed; hosts that only begin or end with an allowed host are
+  refused (400), a capitalised scheme is not.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -50,10 +52,14 @@ ALICE = {"Authorization": "Bearer tok-alice"}
 
 
 class Site:
-    """An HTTP server on 127.0.0.1:0 with fixed routes; counts every request it gets."""
+    """An HTTP server on 127.0.0.1 with fixed routes; counts every request it gets, on
+    whichever of its ports it came."""
 
-    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]],
+                 port: int = 0) -> None:
         self.hits: list[str] = []
+        self.routes = routes
+        self.servers: list[ThreadingHTTPServer] = []
         site = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,16 +79,37 @@ class Site:
 
             do_POST = do_GET  # noqa: N815
 
-        self.routes = routes
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_port
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+        self.handler = Handler
+        self.port = self.listen(port)
+
+    def listen(self, port: int) -> int:
+        """Serve on one more port (0: any free one); OSError when it is taken."""
+        server = ThreadingHTTPServer(("127.0.0.1", port), self.handler)
+        server.daemon_threads = True
+        self.servers.append(server)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
+        return server.server_port
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+def partner_and_extended_port(internal: Site) -> tuple[Site, int]:
+    """The partner on a port P, and the internal site also on a port whose decimal text
+    begins with P's (P 4321, the internal site on 43210 too): the allowed origin
+    http://127.0.0.1:4321 is then a string prefix of http://127.0.0.1:43210/admin."""
+    for _ in range(200):
+        extended = internal.listen(0)
+        if extended // 10 < 1024:
+            continue
+        try:
+            return Site({}, port=extended // 10), extended
+        except OSError:
+            continue  # that low port is someone else's: the extra listener stays internal
+    pytest.fail("could not find a free port P with a free port P*10+d beside it (200 tries)")
 
 
 @dataclass
@@ -92,7 +119,15 @@ class Target:
     reports: Path
     partner: Site
     internal: Site
+    extended_port: int  # the internal site's port whose text extends the partner's
     canary_dir: Path
+
+
+NAMED_PARTNER = "https://partner.example.com"  # allowed, never fetched: no DNS needed
+
+
+def allowed_origins(partner_port: int) -> list[str]:
+    return [f"http://127.0.0.1:{partner_port}", NAMED_PARTNER]
 
 
 @pytest.fixture
@@ -108,11 +143,12 @@ def target(learner: Any, postgres: Any) -> Iterator[Target]:
     canaries = learner.tmp_folder(learner_writes=True)  # where an injected `touch` could write
     internal = Site({"/admin": (200, {}, b"internal admin: delete everything"),
                      "/latest/meta-data/": (200, {}, b"iam credentials")})
-    partner = Site({})
+    partner, extended_port = partner_and_extended_port(internal)
     partner.routes.update({
         "/ok": (200, {}, b"hello from the partner"),
         "/to-ok": (302, {"Location": "/ok"}, b""),
         "/to-internal": (302, {"Location": f"http://127.0.0.1:{internal.port}/admin"}, b""),
+        "/to-extended": (302, {"Location": f"http://127.0.0.1:{extended_port}/admin"}, b""),
         "/to-localhost": (307, {"Location": f"http://localhost:{internal.port}/admin"}, b""),
         "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
         "/to-private": (301, {"Location": "http://10.0.0.7/"}, b""),
@@ -126,8 +162,8 @@ def target(learner: Any, postgres: Any) -> Iterator[Target]:
     make_app = learner.function("secure_app", "make_app")
     try:
         with serve_wsgi(make_app(postgres.dsn, str(reports),
-                                 [f"http://127.0.0.1:{partner.port}"])) as host:
-            yield Target(host, postgres, reports, partner, internal, canaries)
+                                 allowed_origins(partner.port))) as host:
+            yield Target(host, postgres, reports, partner, internal, extended_port, canaries)
     finally:
         partner.close()
         internal.close()
@@ -253,6 +289,32 @@ def test_command_injection(target: Target) -> None:
 
 # ---- A10 SSRF ---------------------------------------------------------------------------
 
+def origin_of(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return (parts.scheme, parts.hostname,
+            parts.port or {"http": 80, "https": 443}.get(parts.scheme))
+
+
+def string_lookalike(url: str, allowed: list[str]) -> str:
+    """Why a comparison of TEXT (not of parsed origins) would take ``url``, whose origin is
+    not allowed, for an allowed one; "" when it would not."""
+    parts = urlsplit(url)
+    if origin_of(url) in {origin_of(o) for o in allowed}:
+        return ""
+    for origin in allowed:
+        host = urlsplit(origin).hostname or ""
+        if url.lower().startswith(origin.lower()):
+            return (f" - the URL's text begins with the allowed origin {origin!r}, but its "
+                    f"host and port are {parts.netloc!r}: a string prefix (startswith) is "
+                    "not an origin; the port and the host may go on after it")
+        if parts.hostname and parts.hostname != host and (
+                parts.hostname.endswith(host) or parts.hostname.startswith(host)):
+            return (f" - its host {parts.hostname!r} merely begins or ends with the allowed "
+                    f"host {host!r}: anyone can register such a name and point it at "
+                    "127.0.0.1 or 169.254.169.254")
+    return ""
+
+
 def test_ssrf(target: Target) -> None:
     p, q = target.partner.port, target.internal.port
     good = call(target, "POST", "/fetch", document={"url": f"http://127.0.0.1:{p}/ok"})
@@ -264,9 +326,17 @@ def test_ssrf(target: Target) -> None:
         f"the partner redirected to its own /ok: expected 200 with its body, saw "
         f"{hop.status} {hop.body[:150]!r}: follow redirects that stay allowed (validate each "
         "hop), do not refuse all of them")
-    allowed_origin = f"http://127.0.0.1:{p}"
+    allowed = allowed_origins(p)
+    named = urlsplit(NAMED_PARTNER).hostname
     attacks = [
         (f"http://127.0.0.1:{q}/admin", "the internal server directly"),
+        (f"http://127.0.0.1:{target.extended_port}/admin",
+         f"the internal server on port {target.extended_port}, whose digits begin with the "
+         f"allowed port {p}"),
+        (f"https://{named}.attacker.invalid/", "a host that begins with an allowed host"),
+        (f"https://evil-{named}/", "a host that ends with an allowed host"),
+        (f"https://{named}@127.0.0.1:{q}/admin",
+         "an allowed origin as userinfo: the real host is after the @"),
         (f"http://localhost:{q}/admin", "the internal server by name"),
         (f"http://2130706433:{q}/admin", "127.0.0.1 as a decimal integer"),
         (f"http://0x7f000001:{q}/admin", "127.0.0.1 in hex"),
@@ -276,6 +346,8 @@ def test_ssrf(target: Target) -> None:
         (f"http://127.0.0.1:{p}@127.0.0.1:{q}/admin",
          "the partner's origin as userinfo: the real host is after the @"),
         (f"http://127.0.0.1:{p}/to-internal", "a partner redirect (302) to the internal server"),
+        (f"http://127.0.0.1:{p}/to-extended",
+         "a partner redirect to a port whose digits begin with the partner's"),
         (f"http://127.0.0.1:{p}/to-localhost", "a partner redirect (307) to localhost"),
         (f"http://127.0.0.1:{p}/to-metadata", "a partner redirect to the cloud metadata address"),
         (f"http://127.0.0.1:{p}/to-private", "a partner redirect to a private range (10/8)"),
@@ -290,22 +362,37 @@ def test_ssrf(target: Target) -> None:
         reply = call(target, "POST", "/fetch", document={"url": url})
         text = reply.body.decode(errors="replace")
         reached = target.internal.hits[before:]
-        same_host = url.startswith(f"http://127.0.0.1:{q}/")
+        if origin_of(url) == origin_of(allowed[0]):  # a partner route that redirects
+            aimed = target.partner.routes[urlsplit(url).path][1]["Location"]
+            why = string_lookalike(aimed, allowed) or (
+                f" - the partner redirected to {aimed!r}, and that hop was not validated")
+        else:
+            parts = urlsplit(url)
+            same_host = (parts.hostname == "127.0.0.1" and parts.port != p
+                         and parts.username is None)
+            why = string_lookalike(url, allowed) or (
+                f" - same scheme and host as the allowed origin, another PORT: an origin is "
+                f"scheme, host AND port, and port {parts.port} is not {p}" if same_host else "")
         assert not reached, (
             f"SSRF ({what}): fetching {url!r} made the server request {reached} from the "
-            f"internal server on 127.0.0.1:{q}, an origin not on the allowlist "
-            f"[{allowed_origin}]"
-            + (f" - same scheme and host as the allowed origin, another PORT: an origin is "
-               f"scheme, host AND port, and port {q} is not {p}" if same_host else "")
-            + "\nAllow only listed origins, comparing scheme, "
-            "host and port after parsing (a prefix check is fooled by 'allowed@evil'), "
-            "refuse credentials in URLs, and do not let the HTTP client follow redirects: "
-            "follow them yourself and validate every hop.")
+            f"internal server on 127.0.0.1, an origin not on the allowlist {allowed}{why}"
+            "\nAllow only listed origins, comparing scheme, host and port after parsing (a "
+            "string check is fooled by 'allowed@evil', 'allowed.evil' or 'allowed:port' + a "
+            "digit), refuse credentials in URLs, and do not let the HTTP client follow "
+            "redirects: follow them yourself and validate every hop.")
         assert reply.status == 400 and "root:" not in text and "iam credentials" not in text, (
             f"SSRF ({what}): fetching {url!r} was answered {reply.status} {text[:150]!r}, "
-            "expected 400 (refused before connecting)\nAnything not on the allowlist is "
-            "refused up front: an attempt to connect (502, a timeout) already lets an "
-            "attacker scan the internal network.")
+            f"expected 400 (refused before connecting){why}\nAnything whose parsed origin "
+            "(scheme, host, port) is not on the allowlist is refused up front: an attempt to "
+            "connect (502, a timeout) already lets an attacker scan the internal network.")
+    upper = f"HTTP://127.0.0.1:{p}/ok"
+    reply = call(target, "POST", "/fetch", document={"url": upper})
+    assert reply.status == 200 and b"hello from the partner" in reply.body, (
+        f"fetching {upper!r}, the allowed origin http://127.0.0.1:{p} with its scheme in "
+        f"capitals, was answered {reply.status} {reply.body[:150]!r}, expected 200 with the "
+        "partner's body\nSchemes and host names are case-insensitive: compare the parsed, "
+        "lower-cased origin (urlsplit lower-cases the scheme; use .hostname, not .netloc), "
+        "not the URL's text.")
     before = len(target.partner.hits)
     chain = call(target, "POST", "/fetch", document={"url": f"http://127.0.0.1:{p}/r4"})
     followed = target.partner.hits[before:]

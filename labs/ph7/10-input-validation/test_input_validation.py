@@ -5,7 +5,8 @@ property-based payloads from Hypothesis (derandomized, so every run sends the sa
 arbitrary JSON values, near-valid orders with one field wrong in a typical way, arbitrary
 bytes. The test holds its own statement of the rules (an oracle) and checks every answer
 against it: never a 500, 201 exactly for the valid orders, 422 naming the field for the
-invalid ones, 400 for bodies that are not JSON, and 413 from Content-Length alone, before
+invalid ones, 400 for bodies that are not UTF-8 JSON (also a valid order in UTF-16, UTF-32,
+Latin-1: an API that takes UTF-8 takes nothing else), and 413 from Content-Length alone, before
 the body is read (a client announcing more than it sends must get its 413 at once).
 """
 
@@ -241,6 +242,49 @@ def test_arbitrary_json_never_500(host: str) -> None:
         if len(sent) <= MAX_BODY:
             check_against_rules(post(host, sent), doc, sent)
     prop()
+
+
+# The same valid order, as bytes that are not UTF-8 JSON: each must be refused with 400.
+# (body, Content-Type, what it is, how an app comes to accept it)
+GUESSED = "json.loads(raw bytes) guesses UTF-16/UTF-32 from the first bytes"
+LAX = "decode(errors='replace' or 'ignore') or decode('latin-1') never fails"
+UNICODE_ORDER = {**BASE, "note": "café ☕ für 𝄞"}
+OTHER_ENCODINGS = [
+    (json.dumps(BASE).encode("utf-16"), "application/json", "UTF-16 with a byte order mark",
+     GUESSED),
+    (json.dumps(BASE).encode("utf-16-be"), "application/json", "UTF-16BE, no byte order mark",
+     GUESSED),
+    (json.dumps(BASE).encode("utf-32"), "application/json", "UTF-32 with a byte order mark",
+     GUESSED),
+    (json.dumps({**BASE, "note": "café"}, ensure_ascii=False).encode("latin-1"),
+     "application/json", "Latin-1 (the note's é is the single byte E9)", LAX),
+    (json.dumps({**BASE, "note": "bad ? surrogate"}).encode().replace(b"?", b"\xed\xa0\x80"),
+     "application/json", "CESU-8 (a UTF-16 surrogate as the 3 bytes ED A0 80)",
+     "json.loads(raw bytes) decodes UTF-8 with surrogatepass"),
+    (json.dumps(BASE).encode("utf-16-le"), "application/json; charset=utf-16le",
+     "UTF-16LE, with a charset parameter saying so",
+     "the client's charset parameter was obeyed"),
+]
+
+
+def test_the_body_is_utf8_whatever_else_it_could_be(host: str) -> None:
+    sent = json.dumps(UNICODE_ORDER, ensure_ascii=False).encode()
+    reply = post(host, sent)
+    assert reply.status == 201 and reply.json() == UNICODE_ORDER, (
+        f"a valid order whose note is {UNICODE_ORDER['note']!r}, sent as UTF-8 "
+        f"({sent[-30:]!r}), was answered {reply.status} {reply.body[:150]!r}, expected 201 "
+        "with the same note\nThe body is UTF-8: decode it as UTF-8 (strictly), not as "
+        "Latin-1 or ASCII.")
+    for body, content_type, what, how in OTHER_ENCODINGS:
+        reply = post(host, body, content_type=content_type)
+        no_500(reply, body)
+        assert reply.status in ((400, 415) if ";" in content_type else (400,)), (
+            f"a body in {what} was answered {reply.status}, expected 400: it is not UTF-8 "
+            f"JSON, and {how} (sent {body[:24]!r}..., Content-Type: {content_type}; "
+            f"answer {reply.body[:100]!r})\nThe API takes UTF-8 only (RFC 8259): decode "
+            "with body.decode('utf-8'), strict, before json.loads. A body another component "
+            "(a proxy, a WAF, the log) reads differently from the app is a parser "
+            "differential: what was checked is not what runs.")
 
 
 def test_bytes_that_are_not_json_get_400(host: str) -> None:
