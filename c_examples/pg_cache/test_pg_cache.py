@@ -4,7 +4,9 @@ The learner's pg_cache.c is built with the harness main.c (-Wall -Wextra -Werror
 UBSan) and run once per lookup, as its own process. Every run must leave no sanitizer
 report. Whether a lookup was served from the cache is proven, not printed: after the first
 run the test changes the row in Postgres, and the second run must still print the cached
-value.
+value. What the program sends Redis is recorded with MONITOR: an entry must be written
+with its TTL in one atomic step (SET ... EX, SETEX, a MULTI/EXEC or a script), never a SET
+and then a separate EXPIRE.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from labrunner.testing import redis_commands
 
 USERS = [
     (1, "Ada Lovelace", "ada@example.com"),
@@ -126,8 +130,43 @@ def parse(run: Run, user_id: str) -> tuple[str, dict[str, Any]]:
                     pytrace=False)
 
 
+# Commands that write a string key, and the options of SET / GETEX that give it a TTL.
+WRITES = {"SET", "SETNX", "SETEX", "PSETEX", "GETSET", "MSET", "MSETNX", "APPEND", "SETRANGE"}
+WITH_TTL = {"SETEX", "PSETEX"}
+TTL_OPTIONS = {"EX", "PX", "EXAT", "PXAT"}
+EXPIRES = {"EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT", "GETEX"}
+
+
+def shown(command: list[str]) -> str:
+    return " ".join(a if len(a) <= 24 else "<json>" for a in command)
+
+
+def writes_without_ttl(commands: list[tuple[str, list[str]]], key: str
+                       ) -> list[tuple[list[str], list[str] | None]]:
+    """The commands that wrote `key` without its expiry in the same atomic step, each with
+    the separate command that gave it a TTL afterwards (or None). A MULTI/EXEC block or a
+    script (source "lua") is one atomic step."""
+    found: list[tuple[list[str], list[str] | None]] = []
+    in_multi = False
+    for source, command in commands:
+        name, args = command[0], command[1:]
+        if name == "MULTI":
+            in_multi = True
+        elif name in ("EXEC", "DISCARD"):
+            in_multi = False
+        elif key not in args or source == "lua" or in_multi:
+            continue
+        elif name in EXPIRES and found and found[-1][1] is None:
+            found[-1] = (found[-1][0], command)
+        elif name in WRITES and name not in WITH_TTL and not (
+                name == "SET" and TTL_OPTIONS & {a.upper() for a in args[2:]}):
+            found.append((command, None))
+    return found
+
+
 def test_miss_then_hit_with_a_300_second_ttl(program: Program) -> None:
-    word, user = parse(program.lookup("1"), "1")
+    with redis_commands(program.redis_db, with_source=True) as commands:
+        word, user = parse(program.lookup("1"), "1")
     assert (word, user) == ("MISS", as_json(USERS[0])), (
         f"the first lookup of user 1 gave {word} {user}, expected MISS {as_json(USERS[0])}")
     cache = program.redis_db.client()
@@ -140,6 +179,16 @@ def test_miss_then_hit_with_a_300_second_ttl(program: Program) -> None:
         f"after a miss Redis user:1 holds {raw!r}, expected the user as JSON")
     assert 290 <= ttl <= 300, (
         f"user:1 has a TTL of {ttl} s, expected about 300: SET key value EX 300")
+    for write, expire in writes_without_ttl(commands, "user:1"):
+        gap = (f"and gave it its TTL only afterwards, in a separate {shown(expire)}: "
+               f"between the two commands" if expire else
+               "without a TTL in that command: until something else sets one")
+        pytest.fail(
+            f"on a miss the program wrote {shown(write)} {gap} the entry has no expiry - if "
+            f"the program dies or the connection drops after the write (or the EXPIRE "
+            f"fails), user:1 is never evicted and every later lookup serves that row, "
+            f"however stale. Write the value and its TTL in one "
+            f"atomic command: SET key value EX 300", pytrace=False)
 
     # Change the row behind the cache's back: only a cache hit still shows the old name.
     with program.postgres.connect(autocommit=True) as conn:

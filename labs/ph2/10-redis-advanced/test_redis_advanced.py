@@ -344,9 +344,33 @@ def exclusive_restarts(redis_db: Any) -> Iterator[redis.Redis]:
         admin.close()
 
 
+# An RDB snapshot (BGSAVE) slowed down to this long while AOF is switched on: Redis runs
+# one child at a time, so it can only *schedule* the AOF's first rewrite
+# (aof_rewrite_scheduled:1, aof_rewrite_in_progress:0) until the snapshot ends.
+SNAPSHOT_KEYS, KEY_SAVE_DELAY_US = 20, 50_000  # 20 keys x 50 ms: a 1 s snapshot
+
+
+@contextmanager
+def slow_snapshot(admin: redis.Redis, redis_db: Any) -> Iterator[None]:
+    """A BGSAVE in progress for about 1 s from the block's start."""
+    client = redis_db.client()
+    client.mset({f"snapshot:{n}": "x" for n in range(SNAPSHOT_KEYS)})
+    client.close()
+    admin.config_set("rdb-key-save-delay", KEY_SAVE_DELAY_US)
+    try:
+        try:
+            admin.bgsave()  # the child keeps the delay it was forked with
+        except redis.ResponseError as exc:  # a snapshot of the server's own already runs
+            if "in progress" not in str(exc):
+                raise
+    finally:
+        admin.config_set("rdb-key-save-delay", 0)  # later children (the rewrite) run at speed
+    yield
+
+
 def test_keys_survive_a_restart_with_aof_on(learner: Any, redis_db: Any) -> None:
     enable_aof = learner.function("advanced", "enable_aof")
-    with exclusive_restarts(redis_db) as admin:
+    with exclusive_restarts(redis_db) as admin, slow_snapshot(admin, redis_db):
         enable_aof(redis_db.config_url)  # a user that may CONFIG SET
         info = admin.info("persistence")
         assert info.get("aof_enabled") == 1, (
@@ -358,8 +382,10 @@ def test_keys_survive_a_restart_with_aof_on(learner: Any, redis_db: Any) -> None
             f"{', '.join(f'{k}:{v}' for k, v in running.items())}: switching the AOF on starts "
             "a background rewrite that writes the existing data into the new AOF, and until it "
             "finishes the AOF does not hold that data (a restart now would load an incomplete "
-            "file) - after CONFIG SET appendonly yes, wait until INFO persistence shows "
-            "aof_rewrite_in_progress:0 and aof_rewrite_scheduled:0")
+            "file); while another child runs (here an RDB snapshot) the rewrite is only "
+            "scheduled, and starts when that child ends - after CONFIG SET appendonly yes, "
+            "wait until INFO persistence shows aof_rewrite_in_progress:0 and "
+            "aof_rewrite_scheduled:0")
         client = redis_db.client(decode_responses=True)
         written = {f"session:{n}": f"user-{n}" for n in range(50)}
         client.mset(written)

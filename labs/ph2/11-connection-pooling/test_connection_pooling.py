@@ -24,6 +24,10 @@ Mistakes a learner makes here, each caught with its own message:
 - getconn() without try/finally: a failing query keeps its connection (a leak)
                                                            -> failing queries, then a query
 - every error turned into PoolExhausted (a SQL error is not an exhausted pool)
+- psycopg.OperationalError turned into PoolExhausted (it is the pool errors' base class, and
+  also what a statement_timeout, a lock_timeout or a terminated backend raise), or only the
+  database's "timeouts" or lost connections taken for an exhausted pool
+                                                           -> each of those, provoked for real
 - close() that leaves the connections open                 -> counted after close()
 """
 
@@ -38,6 +42,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from labrunner.testing import threads_waiting_in, wait_until
 
@@ -403,3 +408,84 @@ def test_writes_are_committed_and_a_failing_query_gives_its_connection_back(
             f"after close() the server still has {server.connections()} connections from "
             f"your pool: close() must close the pool and every connection it opened",
             pytrace=False)
+
+
+@dataclass(frozen=True)
+class ServerError:
+    """An OperationalError the database raises on a pooled connection that was free."""
+
+    what: str       # what happened, as the learner reads it
+    settings: str   # session settings of the pool's connections (libpq options)
+    sql: str
+    expected: str   # the psycopg.errors class the database raises
+    terminate: bool = False  # the test ends the request's backend while it waits
+
+
+SERVER_ERRORS = [
+    ServerError("a statement_timeout (0.5 s) that fired", "-c statement_timeout=500",
+                "SELECT pg_sleep(30)", "QueryCanceled"),
+    ServerError("a lock_timeout (0.5 s) on a lock the test holds", "-c lock_timeout=500",
+                HOLD, "LockNotAvailable"),
+    ServerError("its server process ended by pg_terminate_backend()", "", HOLD,
+                "AdminShutdown", terminate=True),
+]
+
+
+def waiting_backend(server: Server) -> int:
+    """The pid of the one request waiting on the test's lock."""
+    rows = server.admin.execute(
+        "SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE NOT l.granted AND l.locktype = 'advisory' AND a.datname = %s",
+        (server.dbname,)).fetchall()
+    return int(rows[0][0])
+
+
+@pytest.mark.parametrize("case", SERVER_ERRORS, ids=lambda c: c.expected)
+def test_database_operational_errors_are_not_an_exhausted_pool(
+        pooling: ModuleType, opened: list[Any], server: Server, postgres: Any,
+        case: ServerError) -> None:
+    # The pool's PoolTimeout and TooManyRequests are psycopg.OperationalErrors, and so is
+    # what the server raises on a connection the pool did lend: the request below has a
+    # free pool of 1 and a 10 s acquire timeout, so no pool error can be what it saw.
+    dsn = make_conninfo(postgres.dsn, options=case.settings) if case.settings else postgres.dsn
+    db = open_db(pooling, opened, dsn, rate=10, latency=0.1, timeout=10)
+    server.hold()
+    call = Call(db.query, case.sql)
+    try:
+        call.start()
+        if case.terminate:
+            wait_until(lambda: still_waiting([call], 10) and server.lock_waiters() == 1,
+                       "the request to run on its pooled connection")
+            server.admin.execute("SELECT pg_terminate_backend(%s)", (waiting_backend(server),))
+        call.join(20)
+    finally:
+        release(server, [call])
+    query = f"query({case.sql!r})"
+    assert not call.is_alive(), (
+        f"{query} was still running 20 s after {case.what}, expected it to raise the "
+        f"database's {case.expected} at once")
+    assert call.error is not None, (
+        f"{query} returned {call.result!r} after {case.what}, expected the database's "
+        f"{case.expected} to reach the caller")
+    error = type(call.error)
+    if isinstance(call.error, pooling.PoolExhausted):
+        cause = call.error.__cause__
+        pytest.fail(
+            f"{query} on a free pool raised PoolExhausted after {case.what} (the database "
+            f"raised {type(cause).__name__ if cause else 'an error'}), expected the "
+            f"database's own {case.expected}: only PoolTimeout and TooManyRequests mean no "
+            f"connection was free - catching their base class psycopg.OperationalError (or "
+            f"any timeout or lost connection) also takes in statement timeouts, lock "
+            f"timeouts and terminated backends, and tells callers to back off from a pool "
+            f"that had a connection for them", pytrace=False)
+    names = {cls.__name__ for cls in error.__mro__}
+    assert "OperationalError" in names, (
+        f"{query} raised {error.__module__}.{error.__name__}: {call.error} after "
+        f"{case.what}, expected the database's own {case.expected} (a "
+        f"psycopg.OperationalError) - let the database's errors out as they are")
+    after = Call(db.query, "SELECT 7")
+    after.run()
+    assert after.error is None and after.result == [(7,)], (
+        f"after {case.what}, the next query('SELECT 7') gave {after.result!r} / "
+        f"{after.error!r}, expected [(7,)]: the pool must give the connection back (or "
+        f"replace a broken one) whatever error the query met")

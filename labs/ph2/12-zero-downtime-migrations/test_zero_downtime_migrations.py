@@ -30,6 +30,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from labrunner.testing import wait_until
+
 # --------------------------------------------------------------------------------------
 # The runner
 
@@ -216,6 +218,108 @@ def test_two_deploys_at_once_apply_each_migration_once(runner: ModuleType, postg
                 else f"they returned {outcomes}, expected one to apply [1, 2] and the other []")
         pytest.fail(f"two migrate() runs started together both ran migrations: "
                     f"{lock_diagnosis(runner, postgres, migrations)} ({seen})", pytrace=False)
+
+
+# The second deploy, driven step by step: the first runner is held inside V002 (waiting on
+# an advisory lock the test holds) while the second starts. Its migrate() may return only
+# once the database is migrated - the deploy starts its application right after it.
+HELD_KEY = 912_457  # the test's own advisory lock, unlike any runner's
+HOLD_SECONDS = 1.5  # how long the first deploy is held in V002 once the second started
+
+HELD = {
+    "V001__create_accounts.sql": BASIC["V001__create_accounts.sql"],
+    "V002__add_email.sql": f"SELECT pg_advisory_xact_lock_shared({HELD_KEY});\n"
+                           "ALTER TABLE accounts ADD COLUMN email text;",
+    "V003__seed_admin.sql": "INSERT INTO accounts VALUES (1, 'admin', 'root@example.com');",
+}
+
+
+def schema_versions(conn: Any) -> list[int]:
+    """Which of HELD's migrations the schema shows, read from their effects (whatever the
+    runner calls its own table)."""
+    (table, column) = conn.execute(
+        "SELECT to_regclass('accounts') IS NOT NULL, EXISTS (SELECT FROM "
+        "information_schema.columns WHERE table_name = 'accounts' AND column_name = "
+        "'email')").fetchone()
+    seeded = table and conn.execute("SELECT count(*) FROM accounts").fetchone()[0] > 0
+    return [v for v, seen in ((1, table), (2, column), (3, seeded)) if seen]
+
+
+class Deploy(threading.Thread):
+    """One deploy's migrate(), and what the schema was the moment it returned."""
+
+    def __init__(self, runner: ModuleType, dsn: str, folder: Path) -> None:
+        super().__init__(daemon=True)
+        self.runner, self.dsn, self.folder = runner, dsn, folder
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.schema_at_return: list[int] = []
+
+    def run(self) -> None:
+        try:
+            self.result = list(self.runner.migrate(self.dsn, self.folder))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            self.schema_at_return = schema_versions(conn)
+
+
+def waits_for_test_lock(conn: Any) -> bool:
+    """Whether a session of this database waits for the test's advisory lock."""
+    return bool(conn.execute(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE NOT l.granted AND l.locktype = 'advisory' AND l.objid = %s "
+        "AND a.datname = current_database()", (HELD_KEY,)).fetchone()[0])
+
+
+def test_second_deploy_returns_only_once_the_database_is_migrated(
+        runner: ModuleType, postgres: Any, migrations: Path) -> None:
+    write(migrations, HELD)
+    watch = postgres.connect(autocommit=True)
+    watch.execute("SELECT pg_advisory_lock(%s)", (HELD_KEY,))
+    first = Deploy(runner, postgres.dsn, migrations)
+    second = Deploy(runner, postgres.dsn, migrations)
+    try:
+        first.start()
+        wait_until(lambda: not first.is_alive() or waits_for_test_lock(watch),
+                   "the first migrate() to reach V002", timeout=30)
+        assert first.is_alive(), (
+            f"the first migrate() ended ({first.result!r} / {first.error!r}) while V002 "
+            f"waits on a lock the test holds: it did not apply V002")
+        second.start()
+        # A right runner waits as long as it takes; hold the first a while, so that one
+        # that gives up after a lock_timeout or a few tries shows it by returning now.
+        deadline = time.monotonic() + HOLD_SECONDS
+        while second.is_alive() and time.monotonic() < deadline:
+            second.join(0.05)
+        returned_early = not second.is_alive()
+    finally:
+        watch.execute("SELECT pg_advisory_unlock(%s)", (HELD_KEY,))
+        for deploy in (first, second):
+            deploy.join(30)
+        watch.close()
+    why = ("a deploy starts its application as soon as migrate() returns, so it would "
+           "run on a schema without the new versions. The second runner must wait for "
+           "the first (pg_advisory_lock blocks; pg_try_advisory_lock, a lock_timeout or "
+           "giving up after a while do not) and then find everything applied")
+    stuck = [name for name, d in (("first", first), ("second", second)) if d.is_alive()]
+    assert not stuck, (
+        f"the {' and '.join(stuck)} migrate() still ran 30 s after the first deploy's V002 "
+        f"could go on, expected both to have returned: does the runner release its lock?")
+    if returned_early or second.schema_at_return != [1, 2, 3]:
+        outcome = (f"raised {type(second.error).__name__}: {second.error}" if second.error
+                   else f"returned {second.result!r}")
+        when = ("while the first was still applying V002 (held by the test)"
+                if returned_early else "before the first had finished")
+        pytest.fail(
+            f"a second migrate() started while another deploy was migrating {outcome} "
+            f"{when}: the schema then had versions {second.schema_at_return} of V001..V003, "
+            f"expected all of them - {why}", pytrace=False)
+    assert second.error is None and second.result == [], (
+        f"the second migrate() gave {second.result!r} / {second.error!r} after waiting for "
+        f"the first, expected [] - everything was applied by the first - {why}")
+    assert first.error is None and first.result == [1, 2, 3], (
+        f"the first migrate() gave {first.result!r} / {first.error!r}, expected [1, 2, 3]")
 
 
 # A migration that records which advisory locks its own session holds while it runs.
