@@ -10,6 +10,9 @@ one process). Driven over stdin/stdout by the test:
       <- "more"                    connect the rest, up to N
       -> "connected N"             (or "error ..." when a connection fails)
       <- "go" ... as above
+      <- "cycle K"                 K short-lived connections (200 at a time): each connects,
+                                   sends a line, reads its echo and closes
+      -> "cycled E"                E of them got their echo (or "error ..." on a failure)
       <- "close"                   close everything and exit
 
 An echo is counted as soon as its bytes are read: while this process sleeps, every echo that
@@ -42,6 +45,27 @@ async def main(port: int, n: int, early: int) -> None:
         print(f"connected {len(conns)}", flush=True)
         return True
 
+    async def short_lived(i: int) -> bool:
+        async with gate:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port), 60)
+            line = f"short {i}\n".encode()
+            writer.write(line)
+            try:
+                return await asyncio.wait_for(reader.readline(), 60) == line
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError, OSError):
+                    await writer.wait_closed()
+
+    async def cycle(k: int) -> None:
+        try:
+            echoed = sum(await asyncio.gather(*(short_lived(i) for i in range(k))))
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            print(f"error in a short-lived connection: {exc!r}", flush=True)
+            return
+        print(f"cycled {echoed}", flush=True)
+
     if not await connect(early):
         return
     stdin = asyncio.StreamReader()
@@ -53,6 +77,9 @@ async def main(port: int, n: int, early: int) -> None:
             break
         if word == b"more" and not await connect(n):
             return
+        if word.startswith(b"cycle "):
+            await cycle(int(word.split()[1]))
+            continue
         if word != b"go":
             continue   # "stop" after the round had ended by itself
         rounds += 1

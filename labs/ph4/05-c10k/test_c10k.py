@@ -30,13 +30,25 @@ in one write, 24 MiB on a connection that does not read meanwhile while another 
 asks for its echo (a loop blocked in a send, or a send() whose leftover is dropped), a
 client that resets its connection (RST), and clients that close: the server must close its
 side (no socket left in CLOSE_WAIT, its descriptors back where they were).
+
+Last, connections come and go: a fresh server, with memory_probe.py loaded as its
+sitecustomize (on SIGUSR1 it reports, after a full collection, the blocks Python holds, the
+objects by type and its containers' lengths), serves rounds of short-lived clients. Each
+round must give its memory back: a server that keeps something of every connection ever
+accepted (its protocol in a set, its task, its buffer by address) grows by a block or more
+per connection, round after round; a correct one by a few dozen blocks in all.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
+import os
 import queue
 import re
+import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -76,6 +88,12 @@ THREADS_SEEN = 100     # connections in before a third thread is called per conn
 POLL, ECHO_POLL = 0.05, 0.2
 ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
 CLIENTS = Path(__file__).with_name("clients.py")
+PROBE = Path(__file__).with_name("memory_probe.py")
+PROBE_PREFIX = "labrunner-probe "
+WARM_UP, ROUND, ROUNDS = 500, 1000, 2   # short-lived connections: a first batch, then each
+#                                         round between two readings of the server's memory
+KEPT_PER_CONNECTION = 0.5   # blocks a closed connection may leave behind, on average: a
+#                             correct server settles at +-0.1, the least state kept is 1
 
 Activity = tuple[int, int, tuple[tuple[int, int, int], ...]]
 
@@ -86,12 +104,14 @@ class Server:
     verification cannot see: its threads, descriptors, memory and activity are then read by
     labrunner's helpers in the learner's host process, which runs beside it."""
 
-    def __init__(self, learner: Any) -> None:
+    def __init__(self, learner: Any, env: dict[str, str] | None = None) -> None:
         self.learner = learner
-        self.proc = learner.python("server", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = learner.python("server", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=env)
         self.in_sight = Path(f"/proc/{self.proc.pid}/task").is_dir()
         self.out: queue.Queue[str | None] = queue.Queue()
         self.err: collections.deque[str] = collections.deque(maxlen=30)
+        self.probes: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._drain, args=(self.proc.stdout, True), daemon=True).start()
         threading.Thread(target=self._drain, args=(self.proc.stderr, False),
                          daemon=True).start()
@@ -100,6 +120,9 @@ class Server:
     def _drain(self, stream: Any, keep_lines: bool) -> None:
         for raw in iter(stream.readline, b""):
             text = raw.decode(errors="replace").rstrip()
+            if not keep_lines and text.startswith(PROBE_PREFIX):
+                self.probes.put(json.loads(text[len(PROBE_PREFIX):]))
+                continue
             (self.out.put if keep_lines else self.err.append)(text)
         if keep_lines:
             self.out.put(None)
@@ -151,9 +174,9 @@ class Server:
 class Client:
     """One clients.py process: its lines, read as they come."""
 
-    def __init__(self, port: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(CLIENTS), str(port), str(SHARE),
-                                      str(EARLY)],
+    def __init__(self, port: int, share: int = SHARE, early: int = EARLY) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(CLIENTS), str(port), str(share),
+                                      str(early)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -192,14 +215,20 @@ class Client:
         self.proc.wait()
 
 
-@pytest.fixture
-def server(learner: Any) -> Iterator[Server]:
-    srv = Server(learner)
+@contextlib.contextmanager
+def running_server(learner: Any, env: dict[str, str] | None = None) -> Iterator[Server]:
+    srv = Server(learner, env)
     try:
         srv.ready()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def server(learner: Any) -> Iterator[Server]:
+    with running_server(learner) as srv:
+        yield srv
 
 
 def asleep_throughout(before: Activity, after: Activity) -> bool:
@@ -673,3 +702,92 @@ def queues(port: int) -> tuple[int, int]:
         elif s.remote == ("127.0.0.1", port):
             in_flight += s.rx_queue
     return unread, in_flight
+
+
+def test_closed_connections_are_forgotten(learner: Any) -> None:
+    """Clients come and go, 200 at a time: the server's memory must follow the connections
+    open, not those ever accepted. Read inside it (memory_probe.py, on a signal, after a full
+    collection): the blocks Python holds must come back after each round of short-lived
+    connections, round after round."""
+    probe_dir = learner.tmp_folder()
+    shutil.copy(PROBE, probe_dir / "sitecustomize.py")
+    env = {"PYTHONPATH": f"{learner.dir}{os.pathsep}{probe_dir}"}
+    with running_server(learner, env) as srv:
+        client = Client(srv.port, 0, 0)
+        try:
+            base_fds = srv.resources()[1]
+            short_lived(srv, client, WARM_UP, base_fds)
+            start = before = probe(srv)
+            for _ in range(ROUNDS):
+                short_lived(srv, client, ROUND, base_fds)
+                after = probe(srv)
+                kept = after["blocks"] - before["blocks"]
+                if kept <= ROUND * KEPT_PER_CONNECTION:
+                    return   # a round that gave its memory back: nothing is kept
+                before = after
+        finally:
+            client.close()
+    pytest.fail(
+        f"the server keeps every closed connection's state: after each round of {ROUND} "
+        "clients that connected, echoed a line and closed it held more memory blocks (none "
+        f"open at either reading), {kept} more after the last ({kept / ROUND:.1f} per closed "
+        f"connection), expected as many as before{grown(start, after, ROUND * ROUNDS)}\nA "
+        "set, dict or list that remembers each connection (its protocol or transport to "
+        "close at shutdown, its task, its buffer or counters by address or id) must forget "
+        "it when the connection closes (connection_lost: discard it; a task set: "
+        "add_done_callback(tasks.discard)). Otherwise memory grows with every connection "
+        "ever accepted, not with those open, until the process is killed.", pytrace=False)
+
+
+def short_lived(server: Server, client: Client, count: int, base_fds: int) -> None:
+    """``count`` clients connect, echo a line and close; until the server has closed its side
+    of each (its descriptors back where they were), or sleeps on with them unchanged."""
+    client.say(f"cycle {count}")
+    line, deadline = None, time.monotonic() + ECHO_WAIT
+    while line is None or line.startswith("connected"):
+        if server.proc.poll() is not None:
+            server.fail("short-lived clients came and went")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{count} short-lived clients (connect, send a line, read its echo, "
+                        f"close) did not finish within {ECHO_WAIT:.0f} s", pytrace=False)
+        line = client.line(POLL)
+    m = re.match(r"cycled (\d+)", line)
+    if not m or int(m.group(1)) < count:
+        pytest.fail(f"of {count} short-lived clients (connect, send a line, read its echo, "
+                    f"close) {m.group(1) + ' got their echo' if m else line}, expected all"
+                    "\nEvery connection must be served, however briefly it lives.",
+                    pytrace=False)
+    stalled, last = 0, None
+    deadline = time.monotonic() + CONNECT_WAIT
+    while stalled < STALLED and time.monotonic() < deadline:
+        fds, asleep = server.resources()[1], server.activity()[0] == 0
+        if fds <= base_fds and asleep:
+            return
+        stalled = stalled + 1 if asleep and fds == last else 0
+        last = fds
+        time.sleep(POLL)
+
+
+def probe(server: Server) -> dict[str, Any]:
+    """What memory_probe.py reports from inside the server (on SIGUSR1)."""
+    server.proc.send_signal(signal.SIGUSR1)
+    try:
+        return server.probes.get(timeout=ECHO_WAIT)
+    except queue.Empty:
+        server.fail("the verification asked the server what it holds (SIGUSR1, handled by "
+                    "the probe it loads as sitecustomize): no answer within "
+                    f"{ECHO_WAIT:.0f} s; keep SIGUSR1 at its handler and PYTHONPATH as given")
+
+
+def grown(first: dict[str, Any], last: dict[str, Any], closed: int) -> str:
+    """What grew with the connections closed: containers by length (the learner's own by
+    name, when one did), then objects by type."""
+    def growth(field: str) -> list[tuple[int, str, int]]:
+        return sorted(((n - first[field].get(name, 0), name, first[field].get(name, 0))
+                       for name, n in last[field].items()
+                       if n - first[field].get(name, 0) >= closed // 2), reverse=True)
+    sizes = growth("sizes")
+    named = [g for g in sizes if not g[1].startswith("a ")]
+    seen = [f"{name}: {was} -> {was + more} entries" for more, name, was in named or sizes]
+    seen += [f"{name} objects +{more}" for more, name, _ in growth("kinds")[:4]]
+    return f" (grew: {'; '.join(seen[:5])})" if seen else ""

@@ -1,14 +1,19 @@
 """Runs beside the learner's cache (in its process when grading) and counts the work one
 cache operation does, so that O(n) eviction shows up as a count that grows with the
-capacity - never as a time.
+capacity.
 
 Two counts per run: calls of the keys' __hash__/__eq__ (a list.remove(key) or a scan that
 looks every key up costs one per entry), and line events the tracer sees inside the
-learner's cache.py (a Python loop over the entries costs lines per entry)."""
+learner's cache.py (a Python loop over the entries costs lines per entry).
+
+What neither count sees, a scan inside a builtin over ints (min() over the buckets), is
+timed: eviction_costs() compares setups that differ only in what such a scan would cover."""
 
 from __future__ import annotations
 
+import gc
 import sys
+import time
 from types import FrameType, ModuleType
 from typing import Any
 
@@ -65,3 +70,44 @@ def work_per_operation(module: ModuleType, cls: str, capacity: int) -> dict[str,
         sys.settrace(None)
     return {"hash_eq": (CountingKey.hashes + CountingKey.compares) / ops,
             "lines": lines / ops}
+
+
+def eviction_costs(module: ModuleType, cls: str, setups: list[tuple[int, int]],
+                   rounds: int = 15, batch: int = 100) -> list[float]:
+    """For each (capacity, distinct use counts) setup, the nanoseconds one step takes (a get
+    of a hot key, then a put of a new key that evicts), the best of ``rounds`` batches.
+
+    A scan inside a builtin (min() over the buckets, the use counts or the timestamps, all
+    ints) runs no line of cache.py and hashes no key: only its time shows it, growing with
+    what it scans. So the setups differ in that alone, are timed in turn (a busy machine
+    slows them alike; the best batch is the one nothing interrupted), with plain int keys and
+    the garbage collector off. In every setup the victim comes from a bucket of one key (LFU:
+    each new key has 1 use, every other key more) and the hot key is alone at its count."""
+    caches = []
+    for capacity, distinct in setups:
+        cache = getattr(module, cls)(capacity)
+        for key in range(capacity):
+            cache.put(key, key)
+        if cls == "LFUCache":
+            for key in range(capacity):   # use counts 2 .. distinct + 1
+                for _ in range(1 + key * distinct // capacity):
+                    cache.get(key)
+        caches.append((cache, capacity - 1))
+    best = [float("inf")] * len(caches)
+    fresh = 1 << 40
+    clock = time.perf_counter_ns
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for i, (cache, hot) in enumerate(caches):
+                start = clock()
+                for key in range(fresh, fresh + batch):
+                    cache.get(hot)
+                    cache.put(key, key)
+                best[i] = min(best[i], (clock() - start) / batch)
+                fresh += batch
+    finally:
+        if collecting:
+            gc.enable()
+    return best

@@ -7,6 +7,11 @@
 * Cost: O(1) per operation is measured by counting, not timing (harness.py): the keys count
   their own __hash__/__eq__ calls and a tracer counts the lines executed in cache.py; the
   work per operation at capacity 2,000 must stay close to the work at capacity 50.
+* ... and by timing what counting cannot see, a scan inside a builtin over ints (min() over
+  the buckets, the use counts, the timestamps): a step that evicts must take about as long
+  with 20,000 entries as with 64, and (LFU) with 1,000 distinct use counts as with one.
+  The setups are timed in turn, the best of 15 batches each: a gap of 60x or more against
+  the 6x allowed, where the reference shows 1-1.5x.
 * The structures are the learner's: cache.py may not import OrderedDict or lru_cache.
 """
 
@@ -28,6 +33,12 @@ KEYS = st.integers(min_value=0, max_value=4)
 VALUES = st.integers(min_value=0, max_value=999)
 SMALL, LARGE = 50, 2000
 GROWTH = 3.0  # work per operation may grow at most this much from SMALL to LARGE entries
+# Timed (a scan inside a builtin counts nothing): a step (get a hot key, put a new one that
+# evicts) with FEW entries of one use count, against MANY entries, and against DISTINCT
+# entries each with a use count of its own. The reference takes about the same time in all
+# three; a min() over MANY ints takes ~1000x, over DISTINCT ~60x.
+FEW, MANY, DISTINCT = 64, 20_000, 1500
+SLOWER = 6.0
 
 
 @pytest.fixture
@@ -310,3 +321,28 @@ def test_operations_are_constant_work(learner: Any, cache: ModuleType, cls: str)
                "unlinking a node is O(1)." if cls == "LRUCache" else
                "Keep a bucket of keys per frequency and the minimum frequency: the victim is "
                "the first key of the minimum bucket, and min_freq becomes 1 on every insert."))
+
+
+@pytest.mark.parametrize("cls", ["LRUCache", "LFUCache"])
+def test_eviction_hides_no_scan(learner: Any, cache: ModuleType, cls: str) -> None:
+    setups = {"entries": (MANY, 1)}
+    if cls == "LFUCache":
+        setups["distinct use counts"] = (DISTINCT, DISTINCT)
+    base, *costs = learner.harness().eviction_costs(cache, cls, [(FEW, 1), *setups.values()])
+    few = " of one use count" if cls == "LFUCache" else ""
+    for (what, (size, distinct)), cost in zip(setups.items(), costs, strict=True):
+        ratio = cost / max(base, 1.0)
+        many = f"{size:,} entries" + (f" with {distinct:,} distinct use counts"
+                                      if distinct > 1 else "")
+        assert ratio <= SLOWER, (
+            f"{cls}: a get and a put that evicts take {ratio:.0f}x as long with {many} as "
+            f"with {FEW} entries{few} ({cost / 1000:.1f} vs {base / 1000:.2f} "
+            f"us, the best of 15 batches each, timed in turn), expected about the same: "
+            f"something scans the {what} on every eviction, inside a builtin (it runs no "
+            "line of cache.py and hashes no key, so the counts above miss it)\n"
+            + ("min()/max()/sorted() over the timestamps, keys or values is O(n): keep "
+               "recency in a doubly linked list whose nodes the dict finds; the victim is "
+               "its tail." if cls == "LRUCache" else
+               "min() over the buckets is O(distinct use counts), over the use counts O(n): "
+               "keep min_freq instead - 1 on every insert, f + 1 when a use empties bucket "
+               "f (the minimum one) - and evict the first key of buckets[min_freq]."))

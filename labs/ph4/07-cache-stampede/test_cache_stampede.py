@@ -67,6 +67,51 @@ def test_the_lock_winner_reads_the_key_again(stampede: ModuleType, redis_db: Any
     assert not left, f"keys left behind: {left}: the lock was not released"
 
 
+FILLS = {b"SET", b"SETEX", b"PSETEX"}
+
+
+def test_the_lock_is_held_until_the_key_is_filled(stampede: ModuleType,
+                                                  redis_db: Any) -> None:
+    """Driven through the gate, one command at a time: when get_or_load's fill (SET of the
+    key) arrives at Redis, its lock must still hold its token. A lock released first (after
+    the load, before the SET) leaves a window in which another caller that missed takes the
+    free lock, reads the key - still empty - and loads again; the gate steps into that window
+    as that caller would (SET NX on the lock) instead of hoping a thread lands there."""
+    r = redis_db.client(decode_responses=True)
+    key = "product:11"
+    lock: dict[str, str] = {}
+    at_fill: dict[str, Any] = {}
+
+    def before(command: list[bytes]) -> None:
+        name, args = command[0].upper(), [a.decode(errors="replace") for a in command[1:]]
+        if name == b"SET" and len(args) >= 2 and "NX" in (a.upper() for a in args[2:]):
+            lock.update(name=args[0], token=args[1])
+        elif name in FILLS and args and args[0] == key and lock and not at_fill:
+            at_fill["holder"] = r.get(lock["name"])
+            if at_fill["holder"] != lock["token"]:
+                at_fill["another"] = r.set(lock["name"], "another-caller", nx=True,
+                                           px=60_000)
+                at_fill["cached"] = r.get(key)
+                if at_fill["another"]:
+                    r.delete(lock["name"])
+
+    with redis_gate(redis_db.url, before) as url:
+        got = stampede.get_or_load(url, key, lambda: "loaded", 60_000, lock_ttl_ms=60_000,
+                                   sleep=lambda s: None)
+    if not at_fill or at_fill["holder"] == lock["token"]:
+        return  # no lock or no fill seen through the gate: the other tests judge those
+    was = "gone" if at_fill["holder"] is None else f"held by {at_fill['holder']!r}"
+    pytest.fail(
+        f"get_or_load released its lock before it filled the cache: when its SET {key} "
+        f"reached Redis, the lock {lock['name']} was {was}, expected still held by its token "
+        f"{lock['token']!r}; another caller then took the free lock "
+        f"({'SET NX succeeded' if at_fill['another'] else 'SET NX'}) and read {key}: "
+        f"{at_fill['cached']!r} - it loads again (get_or_load returned {got!r})\nThe lock "
+        "must cover the fill: load, SET the value, and only then release (one finally "
+        "around both). A waiter that wakes between your release and your SET finds the lock "
+        "free and the key empty: the stampede leaks through that window.", pytrace=False)
+
+
 def test_a_failing_loader_releases_the_lock(stampede: ModuleType, redis_db: Any) -> None:
     r = redis_db.client(decode_responses=True)
 
