@@ -14,8 +14,7 @@ from labrunner.services.local.process import pid_alive
 from labrunner.services.manager import ServiceSet
 
 
-@pytest.fixture
-def app() -> Iterator[tuple[str, Any]]:
+def _serve_app() -> Iterator[tuple[str, Any]]:
     """A prometheus_client app on a free loopback port with a counter of its own."""
     from prometheus_client import CollectorRegistry, Counter, start_http_server
 
@@ -26,6 +25,16 @@ def app() -> Iterator[tuple[str, Any]]:
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture
+def app() -> Iterator[tuple[str, Any]]:
+    yield from _serve_app()
+
+
+@pytest.fixture
+def other_app() -> Iterator[tuple[str, Any]]:
+    yield from _serve_app()
 
 
 def test_prometheus_starts_and_leaves_nothing() -> None:
@@ -55,6 +64,31 @@ def test_fixture_scrapes_a_real_app(prometheus: Any, app: tuple[str, Any]) -> No
     now = time.time()
     ranged = prometheus.query_range(f'up{{job="{job}"}}', now - 30, now, 1)
     assert ranged and all(v == "1" for _, v in ranged[0]["values"])
+
+
+def test_fixture_scrapes_instances_of_one_job(prometheus: Any, app: tuple[str, Any],
+                                              other_app: tuple[str, Any]) -> None:
+    # A service scaled out: two targets, one job, told apart by their instance label; the
+    # wait is for every instance's scrapes.
+    (target, counter), (other_target, other_counter) = app, other_app
+    job = prometheus.scrape([target, other_target])
+    counter.inc(3)
+    other_counter.inc(4)
+    prometheus.wait_for_scrapes(job, count=2)
+    result = prometheus.query(f'lr_demo_requests_total{{job="{job}"}}')
+    assert sorted((r["metric"]["instance"], float(r["value"][1])) for r in result) == sorted(
+        [(target, 3.0), (other_target, 4.0)]), result
+
+
+def test_fixture_waits_for_every_instance(prometheus: Any, app: tuple[str, Any]) -> None:
+    import socket
+
+    with socket.socket() as sock:  # an instance nobody answers on: the wait names it
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+        job = prometheus.scrape([app[0], dead])
+        with pytest.raises(pytest.fail.Exception, match=f"{dead}.*connection refused"):
+            prometheus.wait_for_scrapes(job, timeout=15)
 
 
 def test_fixture_reports_promql_errors(prometheus: Any) -> None:

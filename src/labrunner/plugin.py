@@ -59,6 +59,10 @@ from .learner import (
 from .service_fixtures import SessionServices, service_fixtures
 from .services.local.process import undumpable
 
+# learner.python(..., gc=False): the script run as __main__ with the cyclic collector off.
+GC_OFF_LAUNCHER = ("import gc, runpy, sys; gc.disable(); sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")
+
 # --------------------------------------------------------------------------------------
 # Options
 
@@ -343,14 +347,18 @@ class Learner:
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def python(self, module: str, *args: str, env: dict[str, str] | None = None,
-               **popen: Any) -> subprocess.Popen[bytes]:
+               gc: bool = True, **popen: Any) -> subprocess.Popen[bytes]:
         """Run ``<module>.py`` as its own process (for labs that kill and restart it), as
-        the learner's uid when grading (see ``popen``)."""
+        the learner's uid when grading (see ``popen``). With ``gc=False`` the cyclic
+        garbage collector is off from the start: what the learner's code leaves in a
+        reference cycle unclosed (an asyncio transport never closed) stays open, rather
+        than being closed whenever the collector happens to run."""
         file = self.path(f"{module}.py")
         home = os.environ.get(ENV_LEARNER_HOME)
         full_env = {**os.environ, "PYTHONPATH": str(self.dir),
                     **({"HOME": home, "TMPDIR": home} if home else {}), **(env or {})}
-        return self.popen([sys.executable, str(file), *args], env=full_env,
+        launcher = [] if gc else ["-c", GC_OFF_LAUNCHER]
+        return self.popen([sys.executable, *launcher, str(file), *args], env=full_env,
                           cwd=self.dir, **popen)
 
     def build(self) -> Path:

@@ -27,6 +27,9 @@ TYPES = {
                                           "cannot be aggregated"),
 }
 QUANTILE_TOLERANCE = 0.075
+# Jobs started (then finished) at the same moment on threads of their own, and how long each
+# bytecode of the learner's code takes in those threads (so that they interleave).
+THREADS, STEP_DELAY = 8, 0.001
 
 
 def _durations() -> list[float]:
@@ -150,6 +153,35 @@ def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> Non
         errors = _series(prometheus, f'jobs_total{{job="{job}",outcome="error"}}', "queue")
         assert errors.get(("email",)) == 7, (
             f"Prometheus saw {errors.get(('email',))} failed email jobs, expected 7")
+
+
+def test_gauge_is_right_when_threads_start_and_finish_jobs_at_once(learner: Any) -> None:
+    """A worker runs its jobs on threads of their own: started() and finished() are called
+    by many threads at once. The harness calls them from THREADS threads released together,
+    each step of the learner's code taking a little while, so that the threads interleave
+    as on a loaded many-core machine; the gauge must still count every job."""
+    harness, module = learner.harness(), learner.load("metrics")
+    metrics = module.JobMetrics()
+    email = (("queue", "email"),)
+    with serve_wsgi(metrics.wsgi_app()) as address:
+        for call, args, want in (("started", ("email",), THREADS),
+                                 ("finished", ("email", 0.1, True), 0)):
+            harness.at_once(module, metrics, call, args, THREADS, STEP_DELAY)
+            level = _exposed(address, "jobs_in_progress").get(email, "no sample")
+            assert level == want, (
+                f"{THREADS} threads each called {call}('email') at the same moment, and "
+                f'/metrics shows jobs_in_progress{{queue="email"}} = {level}, expected '
+                f"{want}: updates were lost. A worker's threads start and finish jobs "
+                "concurrently; a read-modify-write of a shared count (running[q] += 1 then "
+                "gauge.set(running[q]), or the gauge's value read back and set to value + 1) "
+                "lets two threads read the same count and both write count + 1. Use the "
+                "gauge's own inc() and dec(): prometheus_client makes each one atomic")
+        done = _exposed(address, "jobs_total").get(
+            (("outcome", "ok"), *email), "no sample")
+        assert done == THREADS, (
+            f"{THREADS} email jobs finished at once, all ok, and /metrics shows "
+            f'jobs_total{{queue="email",outcome="ok"}} = {done}, expected {THREADS}: count '
+            "each job with the counter's own inc(), which is atomic across threads")
 
 
 def test_histogram_quantiles_match_the_load(learner: Any, prometheus: Any) -> None:

@@ -1,12 +1,15 @@
 """ph7.4 RED and USE: the learner's PromQL, evaluated by a real Prometheus over a service the
 test runs with a load it knows exactly, must give the figures of that load.
 
-The test's service exports counters that grow at known rates (40 requests per second, 6 of
-them 5xx and 4 of them 404; a duration histogram whose p99 is 0.5 s; a pool of 5 workers, 3.75
-busy on average, 1.5 requests waiting, 0.5 rejected per second). Each sample carries the
-time it was computed for, so Prometheus holds exact straight lines, and the queries are
-evaluated at one of its own sample times over a window that starts at another: the figures
-then come out exact, and the test compares them tightly."""
+The test's service runs as two instances (a service scaled out: two scrape targets of one
+job, each with a pool of its own and its own share of each route) whose counters grow at known
+rates: together 40 requests per second, 6 of them 5xx and 4 of them 404; a duration histogram
+whose p99 is 0.5 s; pools of 3 and 2 workers, 3.75 busy on average, 1.5 requests waiting, 0.5
+rejected per second. Each sample carries the time it was computed for, on a grid both
+instances share, so Prometheus holds exact straight lines, and the queries are evaluated at
+a sample time of both instances over a window that starts at another: the figures then come
+out exact, and the test compares them tightly. A figure that is right for one instance alone
+(scalar(), an average or maximum over instances, a mean of the instances' ratios) is not."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -23,78 +27,123 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from labrunner.testing import serve_wsgi
 
-# Requests per second by (route, code).
+# Requests per second by (route, code), the whole service.
 REQUESTS = {("/orders", "200"): 26.0, ("/orders", "404"): 4.0,
             ("/search", "200"): 4.0, ("/search", "500"): 4.0, ("/search", "503"): 2.0}
 # Observations per second per duration bucket (upper bound), and seconds per second of _sum.
 BUCKETS = ("0.1", "0.25", "0.5", "1.0", "2.5")
 DURATIONS = {"/orders": ((20.0, 10.0, 0.0, 0.0, 0.0), 3.0),
              "/search": ((0.0, 5.0, 4.6, 0.4, 0.0), 3.16)}
-POOL_SIZE, BUSY, QUEUE_WAIT, REJECTIONS = 5, 3.75, 1.5, 0.5
+# The instances: each one's share of every route, and its pool (workers, busy
+# worker-seconds, queued request-seconds and rejections, per second). Unlike shares and
+# sizes, so that a figure of one instance, or of the instances averaged, is not the service's.
+SHARES = ({"/orders": 0.75, "/search": 0.25}, {"/orders": 0.25, "/search": 0.75})
+POOLS = ((3, 2.7, 0.5, 0.1), (2, 1.05, 1.0, 0.4))
 # What the counters held when the test began: the service ran before, through a bad spell
-# (500 slow /search requests, all of them 500s). A query that reads the counters since the
-# start instead of their rate over the window sees it.
+# (500 slow /search requests, all of them 500s, on its second instance). A query that reads
+# the counters since the start instead of their rate over the window sees it.
 HISTORY = {("/search", "500"): 500.0}
 HISTORY_SLOW = 500.0  # observations in the 2.5 s bucket, /search
 # Another service scraped at the same time, with the same metric names and other figures:
 # a query that does not select its job reads both.
 OTHER = {"requests": {("/orders", "200"): 100.0}, "pool": (2, 2.0, 9.0, 7.0)}
+# Every sample is stamped with a multiple of this (both instances scraped each 0.5 s), so
+# the instances' series share sample times the queries are evaluated at.
+GRID = 0.5
 
+
+def figures(instances: Sequence[int]) -> dict[str, float]:
+    """RED and USE of these instances together, from the load they run."""
+    requests = {key: rate * sum(SHARES[i][key[0]] for i in instances)
+                for key, rate in REQUESTS.items()}
+    total = sum(requests.values())
+    buckets = [sum(DURATIONS[route][0][b] * SHARES[i][route]
+                   for route in DURATIONS for i in instances) for b in range(len(BUCKETS))]
+    busy, size = (sum(POOLS[i][k] for i in instances) for k in (1, 0))
+    return {"rate": total,
+            "error_ratio": sum(r for (_, code), r in requests.items()
+                               if code.startswith("5")) / total,
+            "p99": _quantile(0.99, buckets),
+            "utilization": busy / size,
+            "saturation": sum(POOLS[i][2] for i in instances),
+            "errors": sum(POOLS[i][3] for i in instances)}
+
+
+def _quantile(q: float, per_bucket: Sequence[float]) -> float:
+    """histogram_quantile() of bucket rates: linear within the bucket the rank falls in."""
+    rank, below, lower = q * sum(per_bucket), 0.0, 0.0
+    for bound, rate in zip(BUCKETS, per_bucket, strict=True):
+        if rate and below + rate >= rank:
+            return lower + (float(bound) - lower) * (rank - below) / rate
+        below, lower = below + rate, float(bound)
+    return lower
+
+
+SERVICE = figures(range(len(POOLS)))
 WANT_RED = {
-    "rate": (40.0, "requests per second over all routes and outcomes: sum(rate(...))"),
-    "error_ratio": (0.15, "the share of requests the service failed: 5xx only (a 404 is the "
-                          "client's mistake, not the service's), over all requests"),
-    "p99": (0.5, "one p99 for the service: histogram_quantile over the bucket rates summed by "
-                 "le - not an average or maximum of per-route p99s, not the mean (_sum/_count)"),
+    "rate": (SERVICE["rate"], "requests per second over all routes, outcomes and instances: "
+                              "sum(rate(...))"),
+    "error_ratio": (SERVICE["error_ratio"],
+                    "the share of requests the service failed: 5xx only (a 404 is the "
+                    "client's mistake, not the service's), over all requests"),
+    "p99": (SERVICE["p99"], "one p99 for the service: histogram_quantile over the bucket rates "
+                            "summed by le - not an average or maximum of per-route or "
+                            "per-instance p99s, not the mean (_sum/_count)"),
 }
 WANT_USE = {
-    "utilization": (0.75, "busy worker-seconds per second (rate of pool_busy_seconds_total) "
-                          "divided by the workers there are (pool_size)"),
-    "saturation": (1.5, "work waiting for a worker: queued request-seconds per second (rate of "
-                        "pool_queue_wait_seconds_total), the mean queue length - not how busy "
-                        "the workers are"),
-    "errors": (0.5, "the pool's own errors: requests it turned away per second (rate of "
-                    "pool_rejections_total), not the HTTP 5xx of the service"),
+    "utilization": (SERVICE["utilization"],
+                    "busy worker-seconds per second (rate of pool_busy_seconds_total) divided "
+                    "by the workers there are (pool_size), both summed over the instances"),
+    "saturation": (SERVICE["saturation"],
+                   "work waiting for a worker: queued request-seconds per second (rate of "
+                   "pool_queue_wait_seconds_total) summed over the instances, the mean queue "
+                   "length - not how busy the workers are"),
+    "errors": (SERVICE["errors"], "the pool's own errors: requests it turned away per second "
+                                  "(rate of pool_rejections_total), not the HTTP 5xx of the "
+                                  "service"),
 }
 TOLERANCE = 0.01
 
 
 class SyntheticService:
-    """Metrics of a service under a steady, known load, computed at each scrape from the
-    time since the service started (and stamped with that time)."""
+    """Metrics of one instance of a service under a steady, known load, computed at each
+    scrape from the time since the service started (and stamped with that time)."""
 
-    def __init__(self, other: bool = False) -> None:
+    def __init__(self, instance: int = 0, other: bool = False) -> None:
         self.started = time.time()
         self.lock = threading.Lock()
         self.other = other
+        self.share = {route: 1.0 for route in DURATIONS} if other else SHARES[instance]
+        self.history = not other and instance == len(POOLS) - 1
+        self.pool = OTHER["pool"] if other else POOLS[instance]
 
     def collect(self) -> Iterator[Any]:
         with self.lock:
-            now = round(time.time(), 3)
+            now = math.floor(time.time() / GRID) * GRID
         t = now - self.started
         requests = CounterMetricFamily("http_requests", "HTTP requests served.",
                                        labels=["route", "code"])
         mix = OTHER["requests"] if self.other else REQUESTS
-        history = {} if self.other else HISTORY
+        history = HISTORY if self.history else {}
         for (route, code), per_second in mix.items():
-            requests.add_metric([route, code], history.get((route, code), 0.0) + per_second * t,
-                                timestamp=now)
+            requests.add_metric([route, code], history.get((route, code), 0.0)
+                                + per_second * self.share[route] * t, timestamp=now)
         yield requests
         durations = HistogramMetricFamily("http_request_duration_seconds",
                                           "HTTP request durations.", labels=["route"])
         for route, (per_bucket, sum_rate) in DURATIONS.items():
             if self.other:  # all fast
                 per_bucket, sum_rate = (sum(per_bucket), 0.0, 0.0, 0.0, 0.0), sum_rate / 10
-            slow = HISTORY_SLOW if route == "/search" and not self.other else 0.0
-            cumulative, buckets = 0.0, []
+            slow = HISTORY_SLOW if route == "/search" and self.history else 0.0
+            share, cumulative, buckets = self.share[route], 0.0, []
             for bound, rate in zip(BUCKETS, per_bucket, strict=True):
-                cumulative += rate
+                cumulative += rate * share
                 buckets.append((bound, cumulative * t + (slow if bound == "2.5" else 0.0)))
             buckets.append(("+Inf", cumulative * t + slow))
-            durations.add_metric([route], buckets, sum_rate * t + slow * 2.0, timestamp=now)
+            durations.add_metric([route], buckets, sum_rate * share * t + slow * 2.0,
+                                 timestamp=now)
         yield durations
-        size_now, busy, queue_wait, rejections = (
-            OTHER["pool"] if self.other else (POOL_SIZE, BUSY, QUEUE_WAIT, REJECTIONS))
+        size_now, busy, queue_wait, rejections = self.pool
         for name, per_second, text in (
                 ("pool_busy_seconds", busy, "Worker-seconds spent busy."),
                 ("pool_queue_wait_seconds", queue_wait, "Request-seconds spent queued."),
@@ -107,13 +156,33 @@ class SyntheticService:
         yield size
 
 
+def _window(prometheus: Any, job: str) -> tuple[float, str]:
+    """A sample time of every instance, and a window (in ms) back to another such time."""
+    raw = prometheus.query(f'pool_size{{job="{job}"}}[10s]')
+    stamps = set.intersection(*({float(t) for t, _ in series["values"]} for series in raw))
+    end = max(stamps)
+    start = min(t for t in stamps if t >= end - 5.5)
+    return end, f"{round((end - start) * 1000)}ms"
+
+
+def _evaluate(prometheus: Any, query: str, at: float) -> list[dict[str, Any]]:
+    """The query's result at one time; a query Prometheus cannot match across the
+    instances fails naming that."""
+    try:
+        return prometheus.query_range(query, at, at, 1)
+    except pytest.fail.Exception as exc:
+        if not re.search(r"many-to-many|duplicate series|multiple matches", str(exc)):
+            raise
+        pytest.fail(f"{exc} - the job has {len(POOLS)} instances (a service scaled out), so "
+                    "each of its metrics is one series per instance: a one-to-one match "
+                    "(on(job), group_left, scalar-like use of a gauge) only works for one "
+                    "instance. Aggregate each side with sum() first, then combine",
+                    pytrace=False)
+
+
 def _check(prometheus: Any, learner: Any, job: str, what: str,
            want: dict[str, tuple[float, str]]) -> None:
-    raw = prometheus.query(f'pool_size{{job="{job}"}}[10s]')
-    stamps = sorted(float(t) for series in raw for t, _ in series["values"])
-    end = stamps[-1]
-    start = min(t for t in stamps if t >= end - 5.5)
-    window = f"{round((end - start) * 1000)}ms"
+    end, window = _window(prometheus, job)
     queries = learner.function("red_use", what)(job, window)
     assert isinstance(queries, dict), f"{what}() returned {type(queries).__name__}, not a dict"
     for name, (expected, why) in want.items():
@@ -129,13 +198,16 @@ def _check(prometheus: Any, learner: Any, job: str, what: str,
             "in the range, so the figure jumps with every scrape and says nothing about the "
             f"window ({window}) - use rate() over [window] for a dashboard's and an alert's "
             "figure")
-        result = prometheus.query_range(query, end, end, 1)
+        result = _evaluate(prometheus, query, end)
+        labels = [series["metric"] for series in result]
+        per_instance = len(result) > 1 and all("instance" in m for m in labels)
         assert len(result) == 1, (
-            f"{what}()[{name!r}] = {query!r} gave {len(result)} series, expected one number "
-            f"for the whole service: aggregate ({why})")
+            f"{what}()[{name!r}] = {query!r} gave {len(result)} series {labels}, expected one "
+            "number for the whole service: aggregate"
+            + (f" over its {len(POOLS)} instances" if per_instance else "") + f" ({why})")
         value = float(result[0]["values"][-1][1])
         assert math.isfinite(value) and abs(value - expected) <= TOLERANCE * expected, (
-            f"{what}()[{name!r}] reads {value:.4g}, the load's {name} is {expected:g}: "
+            f"{what}()[{name!r}] reads {value:.4g}, the load's {name} is {expected:.4g}: "
             f"{_diagnosis(name, query, value, window) or why}. Query: {query}")
 
 
@@ -159,22 +231,59 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
         return (f"{value:.4g} is how many workers are busy on average, not the share of the "
                 "pool that is: divide the busy worker-seconds per second by sum(pool_size)")
     if name == "utilization" and "pool_size" not in compact:
-        return (f"the pool's size is not read from pool_size (this pool has {POOL_SIZE} "
-                "workers): divide the busy worker-seconds per second by sum(pool_size), so "
-                "the query stays right when the pool is resized")
+        return (f"the pool's size is not read from pool_size (the pools have "
+                f"{sum(pool[0] for pool in POOLS)} workers): divide the busy worker-seconds "
+                "per second by sum(pool_size), so the query stays right when a pool is "
+                "resized")
+    if name == "saturation" and "pool_busy_seconds" in compact:
+        return ("the query reads how busy the workers are (pool_busy_seconds_total): that is "
+                "utilization. Saturation is the work waiting for a worker: the rate of "
+                "pool_queue_wait_seconds_total, the mean queue length")
+    return _one_instance_diagnosis(name, compact, value)
+
+
+def _one_instance_diagnosis(name: str, compact: str, value: float) -> str:
+    """The figure is what a query right for one instance only gives over several."""
+    scaled_out = (f"this service runs as {len(POOLS)} instances under one job (a service "
+                  "scaled out: each metric is one series per instance), and a figure for the "
+                  "service aggregates over all of them with sum()")
+    if math.isnan(value) and "scalar(" in compact:
+        return (f"NaN: scalar() of more than one series is NaN - {scaled_out}; scalar() is "
+                "no aggregation, it only unwraps a vector that has a single series")
+    alone = [figures([i])[name] for i in range(len(POOLS))]
+    readings = [(sum(alone) / len(alone), "the mean of the instances' own figures (avg())"),
+                (max(alone), "the largest instance's own figure (max())"),
+                (sum(alone), "the sum of the instances' own figures, each a ratio of its own")]
+    readings += [(figure, f"instance {i + 1}'s figure alone") for i, figure in enumerate(alone)]
+    if name == "utilization":
+        busy, sizes = sum(pool[1] for pool in POOLS), [pool[0] for pool in POOLS]
+        readings += [(busy / (sum(sizes) / len(sizes)), "the busy worker-seconds over the "
+                      "instances' mean pool size (avg(pool_size))"),
+                     (busy / max(sizes), "the busy worker-seconds over the largest pool "
+                      "(max(pool_size))"),
+                     (busy / min(sizes), "the busy worker-seconds over the smallest pool "
+                      "(min(pool_size))")]
+    want = SERVICE[name]
+    for reading, what in readings:
+        if (abs(reading - want) > TOLERANCE * want
+                and abs(value - reading) <= TOLERANCE * abs(reading)):
+            return f"{value:.4g} is {what}, not the service's - {scaled_out}"
     return ""
+
+
+def _serve(stack: ExitStack, service: SyntheticService) -> str:
+    registry = CollectorRegistry()
+    registry.register(service)  # type: ignore[arg-type]
+    return str(stack.enter_context(serve_wsgi(make_wsgi_app(registry))))
 
 
 @pytest.fixture
 def service(prometheus: Any) -> Iterator[str]:
-    """The synthetic service, scraped, with at least 6 s of samples in Prometheus."""
-    registry, other = CollectorRegistry(), CollectorRegistry()
-    registry.register(SyntheticService())  # type: ignore[arg-type]
-    other.register(SyntheticService(other=True))  # type: ignore[arg-type]
-    with serve_wsgi(make_wsgi_app(registry)) as address, \
-            serve_wsgi(make_wsgi_app(other)) as other_address:
-        prometheus.scrape(other_address)
-        job = prometheus.scrape(address)
+    """The synthetic service's instances, scraped as one job, with at least 7 s of samples
+    of each in Prometheus; another service scraped beside it."""
+    with ExitStack() as stack:
+        prometheus.scrape(_serve(stack, SyntheticService(other=True)))
+        job = prometheus.scrape([_serve(stack, SyntheticService(i)) for i in range(len(POOLS))])
         prometheus.wait_for_scrapes(job, count=14)
         yield job
 

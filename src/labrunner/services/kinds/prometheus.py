@@ -27,6 +27,8 @@ from ..base import ContainerSpec, Endpoint, Launch, ServiceKind, register
 from ..local.process import free_port, service_owner, which
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ..base import ServiceScope
 
 SCRAPE_INTERVAL = "500ms"
@@ -165,15 +167,23 @@ class PrometheusServer:
     endpoint: Endpoint
     _scope: ServiceScope
     _files: dict[str, Path] = field(default_factory=dict)
+    _targets: dict[str, list[str]] = field(default_factory=dict)
 
-    def scrape(self, target: str, *, path: str = "/metrics") -> str:
+    def scrape(self, target: str | Sequence[str], *, path: str = "/metrics") -> str:
         """Have Prometheus scrape ``host:port`` (at ``path``) for this test; return the job
-        name to filter every query on (``job="<name>"``)."""
+        name to filter every query on (``job="<name>"``). Several targets (a list) are the
+        instances of one service scaled out: one job, each target's series telling apart
+        by its ``instance`` label (the ``host:port``)."""
         import pytest
 
-        if "/" in target or ":" not in target:
-            raise pytest.UsageError(f"prometheus.scrape({target!r}): give the target as "
-                                    "'host:port' and the path as path=...")
+        targets = [target] if isinstance(target, str) else list(target)
+        if not targets or len(set(targets)) != len(targets):
+            raise pytest.UsageError(f"prometheus.scrape({target!r}): give one or more "
+                                    "distinct 'host:port' targets")
+        for one in targets:
+            if not isinstance(one, str) or "/" in one or ":" not in one:
+                raise pytest.UsageError(f"prometheus.scrape({target!r}): give each target "
+                                        "as 'host:port' and the path as path=...")
         folder = self.endpoint.extra.get("targets_dir")
         if not folder:
             pytest.fail(
@@ -188,17 +198,19 @@ class PrometheusServer:
         job = f"{self._scope.new_name()}_{secrets.token_hex(3)}"
         file = Path(folder) / f"{job}.json"
         tmp = file.with_name(file.name + ".tmp")  # not *.json: Prometheus ignores it
-        tmp.write_text(json.dumps([{"targets": [target],
+        tmp.write_text(json.dumps([{"targets": targets,
                                     "labels": {"job": job, "__metrics_path__": path}}]),
                        encoding="utf-8")
         os.chmod(tmp, 0o644)
         os.replace(tmp, file)
         self._files[job] = file
+        self._targets[job] = targets
         return job
 
     def wait_for_scrapes(self, job: str, count: int = 1, timeout: float = 30) -> None:
-        """Return once Prometheus has scraped ``job``'s target successfully ``count`` times,
-        each scrape begun after this call (so it saw what the test did before calling)."""
+        """Return once Prometheus has scraped each of ``job``'s targets successfully
+        ``count`` times, each scrape begun after this call (so it saw what the test did
+        before calling)."""
         import pytest
 
         if job not in self._files:
@@ -206,30 +218,38 @@ class PrometheusServer:
                                     "test registered with prometheus.scrape()")
         since = time.time()
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen: dict[str, int] = {}
         while True:
             window = int(time.time() - since) + 5
             series = self.query(f'up{{job="{job}"}}[{window}s]')
-            seen = sum(1 for s in series for stamp, value in s.get("values", [])
-                       if float(stamp) > since + 0.003 and value == "1")
-            if seen >= count:
+            seen = {target: 0 for target in self._targets[job]}
+            for s in series:
+                instance = s.get("metric", {}).get("instance", "")
+                if instance in seen:
+                    seen[instance] = sum(1 for stamp, value in s.get("values", [])
+                                         if float(stamp) > since + 0.003 and value == "1")
+            if min(seen.values()) >= count:
                 return
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         pytest.fail(self._not_scraped(job, count, seen, timeout), pytrace=False)
 
-    def _not_scraped(self, job: str, count: int, seen: int, timeout: float) -> str:
+    def _not_scraped(self, job: str, count: int, seen: dict[str, int], timeout: float) -> str:
         targets = self._api("/api/v1/targets", {"state": "active"}).get("activeTargets", [])
-        mine = [t for t in targets if t.get("labels", {}).get("job") == job]
-        if not mine:
-            return (f"Prometheus never started scraping job {job!r} within {timeout:.0f} s "
-                    "(it picks new targets up within about 10 s): is the machine overloaded?")
-        target = mine[0]
+        mine = {t.get("labels", {}).get("instance"): t for t in targets
+                if t.get("labels", {}).get("job") == job}
+        lagging = [instance for instance, n in seen.items() if n < count]
+        never = [instance for instance in lagging if instance not in mine]
+        if never:
+            return (f"Prometheus never started scraping {', '.join(never)} (job {job!r}) "
+                    f"within {timeout:.0f} s (it picks new targets up within about 10 s): "
+                    "is the machine overloaded?")
+        target = mine[lagging[0]]
         error = target.get("lastError") or "(none)"
-        return (f"Prometheus scraped {target.get('scrapeUrl')} successfully {seen} of the "
-                f"{count} time(s) waited for in {timeout:.0f} s; target health "
-                f"{target.get('health')!r}, last scrape error: {error}")
+        return (f"Prometheus scraped {target.get('scrapeUrl')} successfully "
+                f"{seen[lagging[0]]} of the {count} time(s) waited for in {timeout:.0f} s; "
+                f"target health {target.get('health')!r}, last scrape error: {error}")
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """An instant query (``/api/v1/query``) evaluated now: ``data.result``."""
@@ -271,3 +291,4 @@ class PrometheusServer:
         for file in self._files.values():
             file.unlink(missing_ok=True)
         self._files.clear()
+        self._targets.clear()
