@@ -386,7 +386,16 @@ def test_at_least_once_commits_only_after_its_output_is_acknowledged(learner: An
         worker = start(learner, kafka, "at-least-once", topics, group,
                        bootstrap=proxy.bootstrap, ack_timeout=ACK_TIMEOUT)
         try:
-            produced = proxy.wait_for(PRODUCE, timeout=30,
+            deadline = time.monotonic() + 30
+            while (not proxy.requests(PRODUCE) and worker.poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            if not proxy.requests(PRODUCE) and worker.poll() is not None:
+                pytest.fail(
+                    f"at-least-once with --ack-timeout {ACK_TIMEOUT:g}: the worker exited "
+                    f"(status {worker.returncode}) before sending any output; its stderr: "
+                    f"{stderr_tail(worker) or '(nothing)'}", pytrace=False)
+            produced = proxy.wait_for(PRODUCE, timeout=max(1.0, deadline - time.monotonic()),
                                       what="the at-least-once worker's first output")
             deadline = time.monotonic() + ACK_WATCH
             while (time.monotonic() < deadline and not proxy.requests(OFFSET_COMMIT)
