@@ -164,6 +164,12 @@ class Server:
             return None
         return int(calls.pop())
 
+    def all_asleep(self) -> bool:
+        """Every thread of the server sleeps, whatever it sleeps in (a thread per connection
+        blocked in send() beside one in accept()): nothing is running."""
+        awake, _, threads = self.read(process_activity)
+        return awake == 0 and bool(threads)
+
     def queues(self) -> tuple[int, int]:
         """(bytes unread in the server's connections, connections waiting in its listen
         queue), from /proc/net/tcp: rx_queue of sockets whose local port is the server's."""
@@ -477,8 +483,10 @@ def wait_for_descriptors(server: Server, at_most: int, what: str, advice: str) -
     while server.fds() > at_most:
         gone = server.exited()
         assert gone is None, f"{what}, {gone}"
-        call = server.asleep_in()   # asleep: in epoll_wait, or select/poll, with nothing to do
-        stalled = stalled + 1 if call is not None else 0
+        # asleep: in epoll_wait, select or poll with nothing to do - or, a thread per
+        # connection, each thread in its own blocking call
+        call = server.asleep_in()
+        stalled = stalled + 1 if server.all_asleep() else 0
         if stalled >= STALLED or time.monotonic() > deadline:
             where = " in epoll_wait()" if call in EPOLL_WAIT else ""
             pytest.fail(f"{what}, the server sleeps{where} holding {server.fds()} "
@@ -553,7 +561,7 @@ def settle(server: Server, sender: Sender, what: str) -> None:
         if gone:
             pytest.fail(f"{what}: {gone}", pytrace=False)
         now = (sender.sent, sender.done())
-        still = still + 1 if now == last and server.asleep_in() is not None else 0
+        still = still + 1 if now == last and server.all_asleep() else 0
         last = now
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: the server was still busy after {DEADLINE:.0f} s",
