@@ -372,13 +372,16 @@ run_tests() {
         log "labrunner run ${phases[*]} --solutions --backend docker"
         # Three labs at a time: a lab mostly waits on its containers (labs that restart a
         # service still run alone), and this is the one place `run --jobs` meets an engine.
+        # --no-keep, here and below: a CI run leaves no warm set (nor its reaper waiting out
+        # the idle deadline after the stage, and the daemon, are gone).
         (cd "$ROOT" && labrunner run "${phases[@]}" --solutions --backend docker --jobs 3 \
-            --json "$OUT_DIR/docker-backend.json" --junit "$OUT_DIR/docker-backend.xml") || status=$?
+            --no-keep --json "$OUT_DIR/docker-backend.json" \
+            --junit "$OUT_DIR/docker-backend.xml") || status=$?
         log "phases on the docker backend: exit $status in $(elapsed $start)"
         start=$SECONDS
         log "labrunner run ${phases[*]} --starters --expect-fail --backend docker"
         (cd "$ROOT" && labrunner run "${phases[@]}" --starters --expect-fail --backend docker \
-            --jobs 3 --json "$OUT_DIR/docker-starters.json") || status=$?
+            --jobs 3 --no-keep --json "$OUT_DIR/docker-starters.json") || status=$?
         log "starters on the docker backend (all must fail): exit $status in $(elapsed $start)"
     fi
     start=$SECONDS
@@ -386,7 +389,8 @@ run_tests() {
     log "ph6.7 docker-multistage: the reference Dockerfile built and run on stand-in bases"
     (cd "$ROOT" && LABRUNNER_REQUIRE_DOCKER=1 \
         LABRUNNER_DOCKER_STANDINS="builder=labrunner/gcc:ci runtime=$BASE_IMAGE" \
-        labrunner run ph6.7 --solutions --json "$OUT_DIR/docker-multistage.json") || status=$?
+        labrunner run ph6.7 --solutions --no-keep --json "$OUT_DIR/docker-multistage.json") \
+        || status=$?
     log "ph6.7 in docker: exit $status in $(elapsed $start)"
     return $status
 }
