@@ -9,26 +9,15 @@ The verdict is the test's: it counts what reached its backend."""
 from __future__ import annotations
 
 import threading
-import time
-from pathlib import Path
 from types import ModuleType
-from typing import Any
+
+from labrunner.slow_steps import slow_tracer
 
 
 def stretch_lines(module: ModuleType, delay: float) -> None:
     """From now on, threads started afterwards sleep ``delay`` s before each line of code in
-    the learner's folder (a sleep lets the other threads run: the GIL is released)."""
-    folder = str(Path(module.__file__ or "").parent).rstrip("/") + "/"
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line":
-            time.sleep(delay)
-        return local
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code.co_filename.startswith(folder) else None
-
-    threading.settrace(trace)
+    the learner's folder."""
+    threading.settrace(slow_tracer(module, delay))
 
 
 def unstretch() -> None:

@@ -11,35 +11,24 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
-from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from labrunner.slow_steps import slow_tracer
 
 
 def at_once(module: ModuleType, metrics: Any, call: str, args: tuple[Any, ...], threads: int,
             delay: float) -> None:
     """``metrics.<call>(*args)`` from ``threads`` threads released together, each bytecode of
     the learner's folder preceded by a ``delay`` s sleep (which lets the other threads run)."""
-    folder = str(Path(module.__file__ or "").parent).rstrip("/") + "/"
+    tracer = slow_tracer(module, delay, opcodes=True)
     start = threading.Barrier(threads)
     failures: list[BaseException] = []
-
-    def step(frame: Any, event: str, arg: Any) -> Any:
-        if event == "opcode":
-            time.sleep(delay)
-        return step
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        if not frame.f_code.co_filename.startswith(folder):
-            return None
-        frame.f_trace_opcodes = True
-        return step
 
     def one() -> None:
         try:
             start.wait(30)
-            sys.settrace(trace)  # this thread's calls from here on
+            sys.settrace(tracer)  # this thread's calls from here on
             getattr(metrics, call)(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             failures.append(exc)

@@ -1,0 +1,39 @@
+"""For a lab's harness (no pytest here): make each step of the learner's code take a little
+while, in the threads that install the tracer, so that threads running it at once
+interleave step by step as on a loaded many-core machine. A read-modify-write that is not
+one atomic step then loses updates every time, not only when the scheduler says so; code
+that holds a lock around it only takes longer. The verdict stays the test's."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+Tracer = Callable[[Any, str, Any], Any]
+
+
+def slow_tracer(module: ModuleType, delay: float, opcodes: bool = False) -> Tracer:
+    """A trace function for ``sys.settrace`` (this thread) or ``threading.settrace`` (threads
+    started afterwards): ``delay`` s asleep before each line - or, with ``opcodes``, each
+    bytecode, for races inside one line such as ``d[k] += 1`` - of code in ``module``'s
+    folder (the learner's); other code runs at full speed. A sleep lets the other threads
+    run: the GIL is released."""
+    folder = str(Path(module.__file__ or "").parent).rstrip("/") + "/"
+    slowed = "opcode" if opcodes else "line"
+
+    def step(frame: Any, event: str, arg: Any) -> Any:
+        if event == slowed:
+            time.sleep(delay)
+        return step
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if not frame.f_code.co_filename.startswith(folder):
+            return None
+        if opcodes:
+            frame.f_trace_opcodes = True
+        return step
+
+    return trace
