@@ -485,10 +485,9 @@ def wait_for_descriptors(server: Server, at_most: int, what: str, advice: str) -
         assert gone is None, f"{what}, {gone}"
         # asleep: in epoll_wait, select or poll with nothing to do - or, a thread per
         # connection, each thread in its own blocking call
-        call = server.asleep_in()
         stalled = stalled + 1 if server.all_asleep() else 0
         if stalled >= STALLED or time.monotonic() > deadline:
-            where = " in epoll_wait()" if call in EPOLL_WAIT else ""
+            where = " in epoll_wait()" if server.asleep_in() in EPOLL_WAIT else ""
             pytest.fail(f"{what}, the server sleeps{where} holding {server.fds()} "
                         f"descriptors, expected at most {at_most}\n{advice}", pytrace=False)
         time.sleep(0.025)

@@ -166,8 +166,7 @@ class PrometheusServer:
     url: str
     endpoint: Endpoint
     _scope: ServiceScope
-    _files: dict[str, Path] = field(default_factory=dict)
-    _targets: dict[str, list[str]] = field(default_factory=dict)
+    _jobs: dict[str, tuple[Path, list[str]]] = field(default_factory=dict)  # file, targets
 
     def scrape(self, target: str | Sequence[str], *, path: str = "/metrics") -> str:
         """Have Prometheus scrape ``host:port`` (at ``path``) for this test; return the job
@@ -203,8 +202,7 @@ class PrometheusServer:
                        encoding="utf-8")
         os.chmod(tmp, 0o644)
         os.replace(tmp, file)
-        self._files[job] = file
-        self._targets[job] = targets
+        self._jobs[job] = (file, targets)
         return job
 
     def wait_for_scrapes(self, job: str, count: int = 1, timeout: float = 30) -> None:
@@ -213,7 +211,7 @@ class PrometheusServer:
         before calling)."""
         import pytest
 
-        if job not in self._files:
+        if job not in self._jobs:
             raise pytest.UsageError(f"prometheus.wait_for_scrapes({job!r}): not a job this "
                                     "test registered with prometheus.scrape()")
         since = time.time()
@@ -222,7 +220,7 @@ class PrometheusServer:
         while True:
             window = int(time.time() - since) + 5
             series = self.query(f'up{{job="{job}"}}[{window}s]')
-            seen = {target: 0 for target in self._targets[job]}
+            seen = {target: 0 for target in self._jobs[job][1]}
             for s in series:
                 instance = s.get("metric", {}).get("instance", "")
                 if instance in seen:
@@ -288,7 +286,6 @@ class PrometheusServer:
         return dict(payload.get("data") or {})
 
     def close(self) -> None:
-        for file in self._files.values():
+        for file, _ in self._jobs.values():
             file.unlink(missing_ok=True)
-        self._files.clear()
-        self._targets.clear()
+        self._jobs.clear()
