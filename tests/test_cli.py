@@ -242,3 +242,14 @@ def test_dev_check_strength_lists_each_wrong_solution(tmp_path: Path) -> None:
     assert doc["labs"] == {"ph2.5": {"wrong": 2, "killed": 1}}
     assert "off_by_one" in done.stdout and "kills 1 of 2" in done.stdout
     assert "solution" not in {r["wrong"] for r in doc["strength"]}
+
+
+def test_a_runtime_dir_that_is_a_file_is_named_not_a_traceback(tmp_path: Path) -> None:
+    taken = tmp_path / "not-a-folder"
+    taken.write_text("a file where the services' state would go\n")
+    for args in (("services", "down"), ("services", "status")):
+        done = cli(*args, LABRUNNER_RUNTIME_DIR=str(taken))
+        assert done.returncode == 2, (args, done.returncode, done.stderr[-400:])
+        assert f"LABRUNNER_RUNTIME_DIR={taken}" in done.stderr.replace("\n", ""), done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+    assert taken.read_text() == "a file where the services' state would go\n"

@@ -693,8 +693,17 @@ def test_two_grading_commands_at_once_never_share_uids(tmp_path: Path) -> None:
               for out in outs]
     assert ranges[0] != ranges[1], f"both commands leased the same uids: {ranges[0]}"
     for out in outs:
-        assert totals(out) == {"good": 10, "storm": 4}
+        assert totals(out) == {"good": 10, "storm": 4}, _outcomes(out)
         assert not _sandbox_processes(out)
+
+
+def _outcomes(out: Path) -> str:
+    """Each student's concepts as graded: status, duration and the message's start - what a
+    failed total assertion needs to tell a lost run from a wrong one."""
+    doc = json.loads((out / "grades.json").read_text())
+    return "\n".join(f"{s['student']} {c['id']}: {c['status']} in {c.get('duration')} s: "
+                     f"{(c.get('message') or '')[:300]}"
+                     for s in doc["students"] for c in s["concepts"])
 
 
 # --------------------------------------------------------------------------------------

@@ -3,10 +3,13 @@ and what the learner's side can never reach of the verification. Real processes,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import os
+import signal
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -528,3 +531,88 @@ def test_failures_name_the_process_ended_error_as_it_is() -> None:
 
     named = f"{LearnerProcessEnded.__module__}.{LearnerProcessEnded.__qualname__}: "
     assert named == failures._PROCESS_ENDED
+
+
+POPEN_THEN_KILLED = """
+import sys, threading
+from pathlib import Path
+from labrunner.catalog import load_catalog
+from labrunner.plugin import Learner
+
+lab = load_catalog().lab("ph0.7")
+learner = Learner(lab=lab, dir=Path("."))
+main = learner.popen(["sleep", "600"])
+box = []
+helper = threading.Thread(target=lambda: box.append(learner.popen(["sleep", "601"])))
+helper.start()
+helper.join()
+print(main.pid, box[0].pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_learner_programs_die_with_a_killed_verification() -> None:
+    """A verification SIGKILLed mid-test (a CI job stopped, an OOM kill) cannot stop what
+    learner.popen started: the kernel kills a program started from its main thread with
+    it. One started from a helper thread is not tied to that thread (it may end first), and
+    must still be running after the helper ended."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", POPEN_THEN_KILLED], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    started = [int(pid) for pid in proc.stdout.readline().split()]
+    try:
+        assert len(started) == 2, f"the script did not start its programs: {started}"
+        main_pid, helper_pid = started
+        assert _alive(helper_pid), "a program started from a helper thread died with it"
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 10
+        while _alive(main_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(main_pid), "the program outlived the SIGKILLed verification"
+    finally:
+        proc.kill()
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped by init."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+FIRST_TEST = '''
+from labrunner.learner import proxy
+
+
+def test_first(learner):
+    assert "fd" in proxy._spawned, "the first test started before the learner's factory"
+    assert learner.function("answer", "answer")() == 42
+'''
+
+
+def test_the_factory_is_ready_before_the_first_tests_timer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test's timeout is the learner's code's budget: the factory (its preloaded
+    libraries, seconds on a loaded machine) starts and is waited for before any test."""
+    from labrunner.catalog import load_lab
+    from labrunner.learner import ENV_LEARNER_HOST
+    from labrunner.runner import run_lab
+
+    lab_dir = tmp_path / "labs" / "ph2" / "01-first"
+    (lab_dir / "solution").mkdir(parents=True)
+    (lab_dir / "lab.toml").write_text(
+        'id = "ph2.1"\nslug = "first"\nlearner_files = ["answer.py"]\ntimeout = 30\n')
+    (lab_dir / "test_first.py").write_text(FIRST_TEST)
+    (lab_dir / "solution" / "answer.py").write_text("def answer():\n    return 42\n")
+    monkeypatch.setenv(ENV_LEARNER_HOST, "spawn")
+    result = run_lab(load_lab(lab_dir), lab_dir / "solution", None, "factory-first")
+    assert result.outcome == "passed", result.message

@@ -135,6 +135,25 @@ def test_process_activity_tells_a_sleeping_process_and_what_it_sleeps_in() -> No
     assert process_activity(child.pid) == (-1, -1, ())
 
 
+def test_cpu_burnt_while_idle_tells_a_busy_loop_from_a_sleeper() -> None:
+    """A process that sleeps is seen asleep throughout (None); one that spins is reported
+    with the CPU seconds it burnt once they pass the limit."""
+    from labrunner.testing import cpu_burnt_while_idle, process_activity
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        started = time.monotonic()
+        assert cpu_burnt_while_idle(lambda: process_activity(sleeper.pid), 0.3, 30) is None
+        assert time.monotonic() - started < 20, "a sleeper was not seen asleep"
+        burnt = cpu_burnt_while_idle(lambda: process_activity(spinner.pid), 0.3, 60)
+        assert burnt is not None and burnt > 0.3, burnt
+    finally:
+        for child in (sleeper, spinner):
+            child.kill()
+            child.wait()
+
+
 def _echo_server() -> tuple[socket.socket, list[bytes]]:
     """A real TCP server on loopback that echoes each connection's bytes back in capitals
     and, when its client half-closes, answers b"<END>" and closes: it shows what reached it."""

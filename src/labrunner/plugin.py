@@ -21,6 +21,7 @@ sees in its environment; the runner scores only what arrives signed.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import os
 import shutil
 import signal
@@ -55,13 +56,16 @@ from .learner import (
     RemoteModule,
     import_learner_module,
     load_harness_module,
+    needs_a_host,
+    wait_for_factory,
 )
+from .parent_death import killed_with_this_thread
 from .service_fixtures import SessionServices, service_fixtures
 from .services.local.process import undumpable
 
-# learner.python(..., gc=False): the script run as __main__ with the cyclic collector off.
-GC_OFF_LAUNCHER = ("import gc, runpy, sys; gc.disable(); sys.argv = sys.argv[1:]; "
-                   "runpy.run_path(sys.argv[0], run_name='__main__')")
+# learner.python(..., gc=False or prelude=...): runs the script as __main__ after those.
+RUN_LAUNCHER = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 # --------------------------------------------------------------------------------------
 # Options
@@ -125,6 +129,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # scores every one of these ids, and one that never reports counts as failed.
     if _reporter is not None:
         _reporter.send({"kind": COLLECTED, "nodeids": [i.nodeid for i in session.items]})
+    _ready_the_learner_factory(session)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -185,6 +190,7 @@ def pytest_runtest_makereport(item: pytest.Item,
 # The learner's code
 
 
+@functools.cache   # a lab's tests, its fixture and the collection hooks all ask for it
 def _lab_for(path: Path) -> Lab:
     for folder in (path, *path.parents):
         if (folder / "lab.toml").is_file():
@@ -300,9 +306,7 @@ class Learner:
         ``beside_programs``, for a C lab under grading too: a host of the learner's uid, the
         uid its programs run as."""
         how = os.environ.get(ENV_LEARNER_HOST, "")
-        apart = self.lab.learner_code_in_own_process or (
-            beside_programs and self.lab.language != "python" and how.startswith(FACTORY_PREFIX))
-        if not how or not apart:
+        if not needs_a_host(self.lab, how, beside_programs):
             return None
         if self._host is None:
             self._host = LearnerHost.start(how)
@@ -321,12 +325,15 @@ class Learner:
         ``subprocess.Popen(args, **popen)``, except that when grading it runs as the
         learner's uid, never as the verification's, so it can neither signal nor inspect
         the tests. ``wait``, ``poll``, ``kill``, ``communicate`` and pipes work as usual;
-        ``shell``, ``preexec_fn``, ``pass_fds`` and ``user`` are not available."""
+        ``shell``, ``preexec_fn``, ``pass_fds`` and ``user`` are not available.
+        Started from the main thread, the program dies with the verification, even a
+        SIGKILLed one (grading's sweep of the learner's uid does that when grading)."""
         how = os.environ.get(ENV_LEARNER_HOST, "")
         if how.startswith(FACTORY_PREFIX):
             from .learner import LearnerProgram
 
             return LearnerProgram(how, args, **popen)
+        popen.setdefault("preexec_fn", killed_with_this_thread())
         return subprocess.Popen(args, **popen)
 
     def run(self, args: Any, *, input: Any = None, timeout: float | None = None,
@@ -347,17 +354,19 @@ class Learner:
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def python(self, module: str, *args: str, env: dict[str, str] | None = None,
-               gc: bool = True, **popen: Any) -> subprocess.Popen[bytes]:
+               gc: bool = True, prelude: str = "", **popen: Any) -> subprocess.Popen[bytes]:
         """Run ``<module>.py`` as its own process (for labs that kill and restart it), as
         the learner's uid when grading (see ``popen``). With ``gc=False`` the cyclic
         garbage collector is off from the start: what the learner's code leaves in a
         reference cycle unclosed (an asyncio transport never closed) stays open, rather
-        than being closed whenever the collector happens to run."""
+        than being closed whenever the collector happens to run. ``prelude``: the test's
+        Python code run first in that process (ph4.1: new threads made slow to start)."""
         file = self.path(f"{module}.py")
         home = os.environ.get(ENV_LEARNER_HOME)
         full_env = {**os.environ, "PYTHONPATH": str(self.dir),
                     **({"HOME": home, "TMPDIR": home} if home else {}), **(env or {})}
-        launcher = [] if gc else ["-c", GC_OFF_LAUNCHER]
+        first = [prelude] * bool(prelude) + ["import gc; gc.disable()"] * (not gc)
+        launcher = ["-c", "\n".join([*first, RUN_LAUNCHER])] if first else []
         return self.popen([sys.executable, *launcher, str(file), *args], env=full_env,
                           cwd=self.dir, **popen)
 
@@ -459,6 +468,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 cache[folder] = 0
         if cache[folder] and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(cache[folder]))
+
+
+def _ready_the_learner_factory(session: pytest.Session) -> None:
+    """Where the learner's code runs in a process of its own, its factory is made ready now,
+    before the first test's timer starts: a test's timeout is the learner's code's budget,
+    and on a loaded machine the factory's start (its preloaded libraries) takes seconds."""
+    how = os.environ.get(ENV_LEARNER_HOST, "")
+    folders = {Path(str(item.fspath)).parent for item in session.items} if how else set()
+    if any(needs_a_host(_lab_for(folder), how) for folder in folders
+           if (folder / "lab.toml").is_file()):
+        wait_for_factory(how)
 
 
 # --------------------------------------------------------------------------------------

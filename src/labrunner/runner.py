@@ -35,8 +35,9 @@ from .channel import (
 )
 from .lab_exit import kill_group, wait_for_exit
 from .learner import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN
+from .parent_death import die_with_parent
 from .scoring import Ended, LabResult, TestResult, clean_text, score
-from .services.local.process import _die_with_parent, become
+from .services.local.process import become
 
 __all__ = ["LabResult", "RunPlan", "Sandbox", "TestResult", "clean_text", "run_all", "run_lab"]
 
@@ -80,7 +81,7 @@ def _limits(sandbox: Sandbox, factory_fd: int | None = None) -> Callable[[], Non
     def apply() -> None:
         import resource
 
-        _die_with_parent()
+        die_with_parent()
         if sandbox.prepare is not None:
             sandbox.prepare()
         if sandbox.memory_bytes:

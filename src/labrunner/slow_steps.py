@@ -6,6 +6,7 @@ that holds a lock around it only takes longer. The verdict stays the test's."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,3 +38,14 @@ def slow_tracer(module: ModuleType, delay: float, opcodes: bool = False) -> Trac
         return step
 
     return trace
+
+
+def slow_new_threads(module: ModuleType, delay: float, opcodes: bool = False) -> None:
+    """From now on, threads started afterwards (a server's workers) run ``module``'s folder
+    through :func:`slow_tracer`; threads already running are left as they are."""
+    threading.settrace(slow_tracer(module, delay, opcodes))
+
+
+def restore_new_threads() -> None:
+    """Threads started from now on run at full speed again."""
+    threading.settrace(None)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .modes import ENV_LEARNER_HOST, ENV_SHARED_DIR, FACTORY_PREFIX, SPAWN
+from .modes import ENV_LEARNER_HOST, ENV_SHARED_DIR, FACTORY_PREFIX, SPAWN, needs_a_host
 
 if TYPE_CHECKING:
     from .factory import start_factory
@@ -52,7 +52,13 @@ if TYPE_CHECKING:
         load_harness_module,
     )
     from .programs import LearnerProgram
-    from .proxy import LearnerHost, LearnerProcessEnded, RemoteModule, remote_connection
+    from .proxy import (
+        LearnerHost,
+        LearnerProcessEnded,
+        RemoteModule,
+        remote_connection,
+        wait_for_factory,
+    )
 
 # Imported when first used (PEP 562): every labrunner command imports the runner, and
 # RPyC, which only a graded or ``spawn`` run needs, costs a noticeable part of start-up.
@@ -62,7 +68,7 @@ _LAZY = {
     "learner_frame": "loading", "load_harness_module": "loading",
     "LearnerProgram": "programs",
     "LearnerHost": "proxy", "LearnerProcessEnded": "proxy", "RemoteModule": "proxy",
-    "remote_connection": "proxy",
+    "remote_connection": "proxy", "wait_for_factory": "proxy",
 }
 
 
@@ -86,6 +92,8 @@ __all__ = [
     "import_learner_module",
     "learner_frame",
     "load_harness_module",
+    "needs_a_host",
     "remote_connection",
     "start_factory",
+    "wait_for_factory",
 ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 
+from ..parent_death import die_with_parent
 from .factory import serve_factory
-from .host import _die_with_parent, serve_host
+from .host import serve_host
 
 
 def main(argv: list[str]) -> int:
@@ -17,7 +19,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "factory":
         serve_factory(sock)
     else:
-        _die_with_parent()
+        die_with_parent(signal.SIGKILL)
         serve_host(sock)
     return 0
 

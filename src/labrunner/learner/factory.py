@@ -9,8 +9,9 @@ import signal
 import socket
 import sys
 
+from ..parent_death import die_with_parent
 from ..services.local.process import become, undumpable
-from .host import _die_with_parent, serve_host
+from .host import serve_host
 
 # The field's libraries most learners' modules import, imported once here so that every
 # host forked from the factory has them already: psycopg or redis take a second or two to
@@ -35,7 +36,7 @@ def serve_factory(sock: socket.socket) -> None:
     # /proc for the verification. The program's own exec makes it dumpable again, so a host
     # can still read its /proc.
     undumpable()
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # hosts are reaped by the kernel
     _preload()
     hosts: set[int] = set()
@@ -62,12 +63,15 @@ def serve_factory(sock: socket.socket) -> None:
             if pid == 0:
                 sock.close()
                 theirs.close()
-                _die_with_parent()
+                die_with_parent(signal.SIGKILL)
                 serve_host(mine)
             mine.close()
             hosts.add(pid)
             socket.send_fds(sock, [str(pid).encode()], [theirs.fileno()])
             theirs.close()
+        elif command == "ready":
+            # Asked before the first test's timer starts: the reply proves the preload done.
+            sock.send(b"ready")
         elif command == "kill" and arg.isdigit() and int(arg) in hosts:
             hosts.discard(int(arg))
             try:

@@ -4,7 +4,6 @@ socket."""
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib
 import os
 import signal
@@ -98,9 +97,3 @@ def serve_host(sock: socket.socket) -> None:
             os._exit(0)   # learner threads still running must not keep the process alive
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass

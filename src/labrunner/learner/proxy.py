@@ -183,6 +183,29 @@ def _spawn_factory() -> int:
         return int(_spawned["fd"])
 
 
+def _factory_socket(how: str) -> socket.socket:
+    """A socket of its own on the factory: grading's (``fd:N``) or this process's, started
+    on first use (``spawn``)."""
+    fd = int(how[len(FACTORY_PREFIX):]) if how.startswith(FACTORY_PREFIX) else (
+        _spawn_factory())
+    return socket.socket(fileno=os.dup(fd))
+
+
+def wait_for_factory(how: str) -> None:
+    """Start the factory (``spawn``) or wait for grading's to have preloaded its libraries
+    (``fd:N``). Asked before any test runs: on a loaded machine the preload takes seconds,
+    and a test's timeout is the learner's code's budget, not the factory's start-up."""
+    factory = _factory_socket(how)
+    try:
+        with FACTORY_LOCK:
+            factory.sendall(b"ready")
+            factory.recv(16)
+    except OSError:
+        pass   # a factory that died is reported by the first test that needs a host
+    finally:
+        factory.close()
+
+
 class LearnerHost:
     """One learner host process and the RPC connection to it."""
 
@@ -196,9 +219,7 @@ class LearnerHost:
         """A fresh host forked by a factory: grading's (``fd:N``, as the learner's uid), or
         outside grading (``spawn``) this process's own - a fork of a clean interpreter that
         has run no learner code, not a new interpreter and its imports for every test."""
-        fd = int(how[len(FACTORY_PREFIX):]) if how.startswith(FACTORY_PREFIX) else (
-            _spawn_factory())
-        factory = socket.socket(fileno=os.dup(fd))
+        factory = _factory_socket(how)
         with FACTORY_LOCK:   # one request and its reply at a time
             factory.sendall(b"spawn")
             data, fds, _flags, _addr = socket.recv_fds(factory, 32, 1)

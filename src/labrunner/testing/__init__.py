@@ -24,7 +24,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   inside it (:func:`local_timezone` sets its local zone), and :func:`process_threads` /
   :func:`process_resources` count the threads
   (descriptors, memory) of a learner's program beside it, through ``learner.run_helper``,
-  and :func:`process_activity` tells whether it sleeps while work waits for it;
+  and :func:`process_activity` tells whether it sleeps while work waits for it
+  (:func:`asleep_throughout` two readings; :func:`cpu_burnt_while_idle`: a busy loop);
   :func:`open_descriptors`, :func:`open_files_limit` and :func:`epoll_interest` read which
   descriptors it holds, its limit on them and what its epoll sets watch, and
   :func:`program_reading` runs one of them where the program's /proc can be seen;
@@ -53,7 +54,10 @@ learner's (a ``.proto`` protoc rejects, a body that is not JSON), like the plugi
 """
 
 from .beside import (
+    Activity,
     TcpSocket,
+    asleep_throughout,
+    cpu_burnt_while_idle,
     epoll_interest,
     file_bytes,
     listening_ports,
@@ -84,7 +88,7 @@ from .relay import RelayLink, TcpRelay
 from .signals import objects_alive, signals_caught
 from .tls import TlsOnce, serve_tls_once, tls_exchange
 from .verdicts import verdict
-from .waiting import wait_until
+from .waiting import came_true, wait_until
 
 __all__ = [
     "API_NAMES",
@@ -116,6 +120,9 @@ __all__ = [
     "open_descriptors",
     "open_files_limit",
     "process_activity",
+    "Activity",
+    "asleep_throughout",
+    "cpu_burnt_while_idle",
     "process_resources",
     "process_threads",
     "program_reading",
@@ -133,4 +140,5 @@ __all__ = [
     "tls_exchange",
     "verdict",
     "wait_until",
+    "came_true",
 ]

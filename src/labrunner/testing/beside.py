@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,11 @@ def process_resources(pid: int) -> tuple[int, int, int]:
     return threads, fds, rss
 
 
-def process_activity(pid: int) -> tuple[int, int, tuple[tuple[int, int, int], ...]]:
+# (threads not asleep, CPU nanoseconds, each thread's (tid, voluntary sleeps, syscall))
+Activity = tuple[int, int, tuple[tuple[int, int, int], ...]]
+
+
+def process_activity(pid: int) -> Activity:
     """Whether process ``pid`` is doing anything: (threads not asleep, CPU nanoseconds its
     threads have used, each thread's (tid, voluntary sleeps so far, the system call it sleeps
     in: -1 when running or not readable)); (-1, -1, ()) when it is gone or out of sight. A
@@ -148,6 +153,33 @@ def process_activity(pid: int) -> tuple[int, int, tuple[tuple[int, int, int], ..
     if not threads:
         return -1, -1, ()
     return awake, cpu, tuple(threads)
+
+
+def asleep_throughout(before: Activity, after: Activity) -> bool:
+    """Two :func:`process_activity` readings of one process: no thread of it ran between
+    them (CPU time unmoved, the same threads) and none is runnable."""
+    return before[0] == 0 and after[0] == 0 and before[1] == after[1] and (
+        [t[0] for t in before[2]] == [t[0] for t in after[2]])
+
+
+def cpu_burnt_while_idle(read: Callable[[], Activity], limit: float, within: float,
+                         every: float = 0.2) -> float | None:
+    """For a process that has nothing to do (every client idle, or waiting on what only a
+    client can free): the CPU seconds it burnt, once more than ``limit`` without its being
+    seen :func:`asleep_throughout` between two readings ``every`` s apart - a busy loop;
+    None once it is seen so, or after ``within`` s undecided (a correct process on a loaded
+    machine is never failed). ``read`` gives a :func:`process_activity` reading."""
+    first = last = read()
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        time.sleep(every)
+        now = read()
+        if now[0] == -1 or asleep_throughout(last, now):
+            return None
+        if (burnt := (now[1] - first[1]) / 1e9) > limit:
+            return burnt
+        last = now
+    return None
 
 
 def _unreadable(value: Any) -> bool:

@@ -215,8 +215,7 @@ class KafkaProxy:
         self._rules: dict[int, tuple[Rule, int | None]] = {}
         self._hooks: dict[int, list[Callable[[KafkaRequest], object]]] = {}
         self._held_answers: set[int] = set()
-        self._held = 0
-        self._connections = 0
+        self._held = self._connections = 0
         self._closed = False
         self.errors: list[str] = []
         self.bootstrap = f"127.0.0.1:{self._port_for(host or '127.0.0.1', int(port))}"
@@ -228,7 +227,6 @@ class KafkaProxy:
         self.close()
 
     # -- observing
-
     def requests(self, *api_keys: int) -> list[KafkaRequest]:
         """Every request seen so far (only those of ``api_keys`` if given), in order."""
         with self._lock:
@@ -377,6 +375,7 @@ class KafkaProxy:
                 request, body = parse_request(frame, number)
                 with self._changed:
                     pending[request.correlation_id] = request
+                    self._held += (counted := self._rules.get(request.api_key, ("",))[0] == "hold")
                     self._events.append(KafkaEvent("request", request))
                     self._changed.notify_all()
                     hooks = list(self._hooks.get(request.api_key, ()))
@@ -385,7 +384,7 @@ class KafkaProxy:
                         hook(request)
                     except Exception as exc:  # noqa: BLE001 - the test reads errors
                         self.errors.append(f"on_request({request.name}): {exc!r}")
-                what = self._decide(request, client)
+                what = self._decide(request, client, counted)
                 if what == "forwarded":
                     upstream.sendall(frame)
                     continue
@@ -406,10 +405,11 @@ class KafkaProxy:
             except OSError:
                 pass
 
-    def _decide(self, request: KafkaRequest, client: socket.socket) -> EventKind:
-        """What to do with ``request`` now: wait while its api key is held (unless the
-        client goes away), then "forwarded", "dropped", "refused" or "gone"."""
+    def _decide(self, request: KafkaRequest, client: socket.socket, counted: bool) -> EventKind:
+        """What to do with ``request`` (wait while held, unless its client goes: "forwarded",
+        "dropped", "refused" or "gone"); ``counted``: in held() since seen, taken over."""
         with self._changed:
+            self._held -= counted
             while True:
                 rule, count = self._rules.get(request.api_key, ("forward", None))
                 if rule != "hold" or self._closed:

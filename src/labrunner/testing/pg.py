@@ -91,6 +91,17 @@ class PgStatementProxy(TcpRelay):
         with self.lock:
             self._log.append(sql)
 
+    def before_forwarding(self, link: RelayLink, sql: str) -> None:
+        """Called for each statement (as sent: before the log's whitespace folding and
+        filter), in the thread of the connection ``link`` that sent it and before its
+        bytes go on to the server. Nothing by default; a verification that must hold one
+        connection's statement (two rotations stopped before their UPDATEs, to run them in
+        the order it chooses) overrides it and blocks here."""
+
+    def _statement(self, link: RelayLink, sql: str) -> None:
+        self._record(sql)
+        self.before_forwarding(link, sql)
+
     def take_rows(self) -> int:
         """How many rows the server sent to clients (DataRow messages) since the last
         take_rows(): what the learner's code read, whatever it then kept."""
@@ -145,24 +156,24 @@ class PgStatementProxy(TcpRelay):
                 break
             kind, body = bytes(buffer[:1]), bytes(buffer[5:1 + length])
             del buffer[:1 + length]
-            self._message(kind, body, state["prepared"], state["portals"])
+            self._message(link, kind, body, state["prepared"], state["portals"])
         link.upstream.sendall(chunk)
         return None
 
-    def _message(self, kind: bytes, body: bytes, prepared: dict[bytes, str],
+    def _message(self, link: RelayLink, kind: bytes, body: bytes, prepared: dict[bytes, str],
                  portals: dict[bytes, str]) -> None:
         if kind == b"Q":
             text = body.split(b"\0", 1)[0].decode(errors="replace")
             for sql in text.split(";") if self._split else [text]:
-                self._record(sql)
+                self._statement(link, sql)
         elif kind == b"P":  # Parse: statement name, query text
             name, query = body.split(b"\0")[:2]
             prepared[name] = query.decode(errors="replace")
         elif kind == b"B":  # Bind: portal name, statement name
             portal, statement = body.split(b"\0")[:2]
             if self._count_on == "bind":
-                self._record(prepared.get(statement, "?"))
+                self._statement(link, prepared.get(statement, "?"))
             else:
                 portals[portal] = prepared.get(statement, "")
         elif kind == b"E" and self._count_on == "execute":  # Execute: portal name
-            self._record(portals.get(body.split(b"\0")[0], ""))
+            self._statement(link, portals.get(body.split(b"\0")[0], ""))

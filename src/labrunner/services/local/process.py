@@ -19,14 +19,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Ephemeral services must not outlive a runner that was SIGKILLed: the kernel sends
-    # them SIGTERM when the thread that started them dies.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+from ...parent_death import die_with_parent
+from ..base import ServiceError
 
 
 def undumpable() -> None:
@@ -132,10 +126,17 @@ def fast_temp_root() -> Path:
 def runtime_dir() -> Path:
     """Where local services keep their throwaway state: one folder per user, under
     :func:`fast_temp_root` (not $HOME, which the unprivileged service user cannot enter)."""
-    base = Path(os.environ.get("LABRUNNER_RUNTIME_DIR") or
-                fast_temp_root() / f"labrunner-{os.geteuid()}")
-    base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base, 0o755)
+    chosen = os.environ.get("LABRUNNER_RUNTIME_DIR")
+    base = Path(chosen or fast_temp_root() / f"labrunner-{os.geteuid()}")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o755)
+    except OSError as exc:
+        where = f"LABRUNNER_RUNTIME_DIR={chosen}" if chosen else str(base)
+        raise ServiceError(
+            f"{where}: cannot be used as the folder for local services' state "
+            f"({exc.strerror or exc}): point LABRUNNER_RUNTIME_DIR at a folder you can "
+            "write to (it is created if missing), or unset it") from exc
     return base
 
 
@@ -169,7 +170,7 @@ def _become(owner: ServiceOwner | None,
     """What the child does before exec: enter the owner's view and switch to its uid (in
     that order: the view needs root), and arrange to die with the starting thread."""
     if owner is None:
-        return _die_with_parent if tied_to_parent else None
+        return die_with_parent if tied_to_parent else None
 
     def apply() -> None:
         if owner.prepare is not None:
@@ -185,7 +186,7 @@ def become(uid: int, gid: int, tied_to_parent: bool) -> None:
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     if tied_to_parent:
-        _die_with_parent()  # after the switch: a change of credentials clears it
+        die_with_parent()  # after the switch: a change of credentials clears it
 
 
 def pid_alive(pid: int) -> bool:
