@@ -42,30 +42,47 @@ class Program:
     learner: Any
 
     def verify(self, secret: bytes, tokens: list[bytes]) -> list[str]:
+        lines = self._run([secret.hex()], tokens, "on a token", (
+            "The token is NOT NUL-terminated (use token_len, never strlen); check out_cap "
+            "before writing a decoded byte; index tables with unsigned values"))
+        assert len(lines) == len(tokens), (
+            f"jwt_verify printed {len(lines)} verdicts for {len(tokens)} tokens")
+        return lines
+
+    def decode(self, cases: list[tuple[int, bytes]]) -> list[str]:
+        """base64url_decode(in, len, out, out_cap, &n) per (out_cap, in), with an output
+        block of exactly out_cap bytes: "OK:<hex>" or "ERROR" each (main.c --decode)."""
+        lines = self._run(["--decode"], [b"%d:%s" % case for case in cases],
+                          "in base64url_decode() on a line", (
+            "base64url_decode() wrote past out_cap or read past in_len: check the room "
+            "before writing a byte"))
+        assert len(lines) == len(cases), (
+            f"jwt_verify --decode printed {len(lines)} results for {len(cases)} inputs")
+        return lines
+
+    def _run(self, args: list[str], lines: list[bytes], where: str, advice: str) -> list[str]:
+        """stdin: ``lines``; stdout, split into words. A sanitizer report or a non-zero
+        exit fails, naming the line it happened on."""
         env = {**os.environ,
                "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
                "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
         # learner.run: when grading, the learner's binary runs as the learner's uid.
-        done = self.learner.run([str(self.binary), secret.hex()], input=b"\n".join(tokens)
-                                + b"\n", capture_output=True, timeout=60, env=env)
+        done = self.learner.run([str(self.binary), *args], input=b"\n".join(lines) + b"\n",
+                                capture_output=True, timeout=60, env=env)
         stderr = done.stderr.decode(errors="replace")
         reports = [m for m in SANITIZER_MARKS if m in stderr]
-        lines = done.stdout.decode(errors="replace").split()
+        out = done.stdout.decode(errors="replace").split()
         if reports or done.returncode != 0:
-            at = len(lines)
-            culprit = tokens[at] if at < len(tokens) else b"(after the last token)"
+            at = len(out)
+            culprit = lines[at] if at < len(lines) else b"(after the last line)"
             kind = re.search(r"(AddressSanitizer: [\w-]+|runtime error: [^\n]+)", stderr)
             seen = kind.group(1) if kind else (reports[0] if reports
                                                else f"exit status {done.returncode}")
             pytest.fail(
-                f"jwt_verify failed with {seen} on a token of {len(culprit)} bytes: a read "
-                "or write outside a buffer or undefined behaviour. The token is NOT "
-                "NUL-terminated (use token_len, never strlen); check out_cap before writing "
-                "a decoded byte; index tables with unsigned values\n"
-                f"the token: {culprit[:120]!r}\n{stderr[-2500:]}", pytrace=False)
-        assert len(lines) == len(tokens), (
-            f"jwt_verify printed {len(lines)} verdicts for {len(tokens)} tokens")
-        return lines
+                f"jwt_verify failed with {seen} {where} of {len(culprit)} bytes: a read "
+                f"or write outside a buffer or undefined behaviour. {advice}\n"
+                f"the input: {culprit[:120]!r}\n{stderr[-2500:]}", pytrace=False)
+        return out
 
 
 @pytest.fixture
@@ -181,6 +198,82 @@ def test_truncated_and_malformed_input_is_invalid_without_sanitizer_reports(
     assert not accepted, (
         f"jwt_verify accepted {len(accepted)} malformed or truncated tokens, e.g. "
         f"{accepted[0][:100]!r}: expected INVALID")
+
+
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# Bytes outside base64url put where the signature has an 'A' (value 0): a decoder that
+# reads an unknown byte as 0 (a 256-entry table left zero), or NUL as 64 (strchr on the
+# alphabet finds its terminator), still decodes the right signature there.
+NOT_B64URL = b"\x00=+/ .\x80\xc1\xff"
+
+
+def aliased_signatures(secret: bytes) -> list[tuple[str, bytes]]:
+    """A valid token's signature with one character replaced by a byte outside base64url
+    that a careless decoder reads as the same value: every character c by c | 0x80 (a
+    decoder masking to 7 bits), and each 'A' by the bytes of NOT_B64URL. The token is
+    one whose signature has an 'A' starting a 4-character group and an 'A' after an odd
+    value (where even an OR of bit 6 into the previous character changes nothing)."""
+    def wanted(sig: str) -> bool:
+        at = [i for i, c in enumerate(sig) if c == "A"]
+        return any(i % 4 == 0 for i in at) and any(B64URL.index(sig[i - 1]) % 2
+                                                   for i in at if i % 4)
+    good = next(t for n in range(2000) if wanted(
+        (t := pyjwt.encode({**CLAIMS, "n": n}, secret, algorithm="HS256")).rsplit(".", 1)[1]))
+    head_body, sig = good.encode().rsplit(b".", 1)
+    cases = []
+    for i, c in enumerate(sig):
+        for bad in [c | 0x80] + (list(NOT_B64URL) if c == ord("A") else []):
+            what = (f"signature character {chr(c)!r} at position {i} replaced by the byte "
+                    f"0x{bad:02x}")
+            cases.append((what, head_body + b"." + sig[:i] + bytes([bad]) + sig[i + 1:]))
+    return cases
+
+
+def test_bytes_outside_base64url_never_alias_a_character(program: Program) -> None:
+    secret = SECRETS[1]
+    cases = aliased_signatures(secret)
+    verdicts = program.verify(secret, [t for _, t in cases])
+    accepted = [what for (what, _), v in zip(cases, verdicts, strict=True) if v != "INVALID"]
+    assert not accepted, (
+        f"jwt_verify accepted a valid token with its {accepted[0]} (and "
+        f"{len(accepted) - 1} more such tokens): expected INVALID. Only A-Z a-z 0-9 - _ "
+        "are base64url; any other byte is an error, never read as some character: "
+        "masking to 7 bits (in[i] & 0x7f) reads 0xc1 as 'A', a 256-entry table left at "
+        "0 reads any byte as 'A', strchr(alphabet, c) finds the terminator for NUL. "
+        "Otherwise many different token strings verify, and slip past a denylist or a "
+        "cache keyed by the raw token")
+
+
+def decoded_size(in_len: int) -> int:
+    """Bytes that in_len base64url characters (no padding) decode to."""
+    return in_len // 4 * 3 + max(in_len % 4 - 1, 0)
+
+
+def test_decode_room_check_is_exact(program: Program) -> None:
+    """The result must fit out_cap: a result of exactly out_cap bytes fits; one byte more
+    does not (and nothing is written past out_cap either way)."""
+    sizes = [32, 64, 31, 33, *range(0, 13)]   # SHA-256/512 digests; every length remainder
+    cases = []
+    for size in sizes:
+        data = bytes((7 * i + size) % 256 for i in range(size))
+        encoded = b64(data).encode()
+        cases.append((size, encoded, f"OK:{data.hex()}"))
+        if size:
+            cases.append((size - 1, encoded, "ERROR"))
+    results = program.decode([(cap, encoded) for cap, encoded, _ in cases])
+    for (cap, encoded, want), got in zip(cases, results, strict=True):
+        size = decoded_size(len(encoded))
+        fits = "fits exactly" if cap == size else "is 1 byte too big"
+        assert got == want, (
+            f"base64url_decode() of {len(encoded)} characters ({size} byte"
+            f"{'' if size == 1 else 's'}) into out_cap "
+            f"{cap} gave {got[:40]!r}, expected {want[:40]!r}: the result {fits}\n"
+            "Unpadded base64url yields in_len / 4 * 3 bytes, plus in_len % 4 - 1 for a last "
+            "partial group of 2 or 3 characters: check that exact size against out_cap. "
+            "Rounding the last group up to 3 bytes refuses results that fit (a caller "
+            "whose buffer holds a SHA-256 digest, 32 bytes, would reject every HS256 "
+            "signature); an off-by-one either refuses an exact fit or writes past the "
+            "buffer.")
 
 
 def test_signature_compared_with_crypto_memcmp(program: Program) -> None:

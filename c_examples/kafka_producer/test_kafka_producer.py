@@ -5,8 +5,12 @@ UBSan, linked against the system librdkafka) and run as its own process with KEY
 arguments. A Python confluent-kafka consumer then reads what the broker stored. The partition
 each key must land in is not computed here: a Python producer configured with the
 Java-compatible partitioner (murmur2_random) places the same keys in a twin topic, and the
-C program must agree with it. Against a broker that cannot be reached every message must come
-out counted as failed: the ones still queued when the flush gives up too."""
+C program must agree with it. A value past the client's message.max.bytes, which
+rd_kafka_produce refuses for good, counts as failed and the rest are produced. Against a
+broker that cannot be reached every message must come out counted as failed: the ones still
+queued when the flush gives up too. A burst larger than librdkafka's local queue, read from
+stdin while a proxy holds the broker's side, must all be delivered: QUEUE_FULL is
+back-pressure to wait out, not a failure."""
 
 from __future__ import annotations
 
@@ -14,12 +18,17 @@ import os
 import re
 import socket
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from labrunner.testing import KafkaProxy, process_activity, program_reading
+from labrunner.testing.kafka_proxy import PRODUCE
 
 SANITIZER_MARKS = ("LeakSanitizer", "AddressSanitizer", "runtime error:",
                    "UndefinedBehaviorSanitizer")
@@ -43,28 +52,56 @@ def binary_for(learner: Any) -> Path:
     return Path(learner.build()) / "kafka_producer"
 
 
-def produce(learner: Any, brokers: str, topic: str, pairs: list[tuple[str, str]]) -> Run:
-    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
-           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
-    # learner.run: when grading, the learner's binary runs as the learner's uid.
-    try:
-        done = learner.run([str(binary_for(learner)), brokers, topic,
-                            *[f"{k}={v}" for k, v in pairs]],
-                           capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"kafka_producer did not finish within {RUN_TIMEOUT} s (brokers "
-                    f"{brokers}): bound every wait - message.timeout.ms gives up on a message "
-                    "that cannot be delivered, and rd_kafka_flush takes a timeout",
-                    pytrace=False)
-    reports = [m for m in SANITIZER_MARKS if m in done.stderr]
+SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
+                 "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+
+
+def did_not_finish(brokers: str) -> None:
+    pytest.fail(f"kafka_producer did not finish within {RUN_TIMEOUT} s (brokers "
+                f"{brokers}): bound every wait - message.timeout.ms gives up on a message "
+                "that cannot be delivered, and rd_kafka_flush takes a timeout", pytrace=False)
+
+
+def finished(code: int, stdout: str, stderr: str) -> Run:
+    """The program's run, once any sanitizer report in it has failed the test."""
+    reports = [m for m in SANITIZER_MARKS if m in stderr]
     if reports:
-        found = re.search(r"ERROR: \w+Sanitizer: ([^\n(]+)", done.stderr)
+        found = re.search(r"ERROR: \w+Sanitizer: ([^\n(]+)", stderr)
         what = found.group(1).split(" on address")[0].strip() if found else "an error"
-        frame = re.search(r"in (\w+) \S*producer\.c:(\d+)", done.stderr)
+        frame = re.search(r"in (\w+) \S*producer\.c:(\d+)", stderr)
         where = f" in {frame.group(1)} (producer.c:{frame.group(2)})" if frame else ""
         pytest.fail(f"kafka_producer: {reports[0]}: {what}{where}: a memory or undefined-"
-                    f"behaviour error\n{done.stderr[-2500:]}", pytrace=False)
-    return Run(done.returncode, done.stdout, done.stderr)
+                    f"behaviour error\n{stderr[-2500:]}", pytrace=False)
+    return Run(code, stdout, stderr)
+
+
+def run_producer(learner: Any, brokers: str, topic: str, pairs: list[tuple[str, str]], *,
+                 via_stdin: bool = False) -> tuple[Run, bool]:
+    """The program's run and whether it ended within RUN_TIMEOUT (killed otherwise, with
+    what it printed until then). via_stdin: the pairs go in on stdin, for values longer than
+    one command-line argument may be (128 KiB)."""
+    args = [str(binary_for(learner)), brokers, topic]
+    args += ["-"] if via_stdin else [f"{k}={v}" for k, v in pairs]
+    lines = "".join(f"{k}={v}\n" for k, v in pairs) if via_stdin else None
+    # learner.popen: when grading, the learner's binary runs as the learner's uid.
+    with learner.popen(args, stdin=subprocess.PIPE if via_stdin else subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       env={**os.environ, **SANITIZER_ENV}) as proc:
+        try:
+            out, err = proc.communicate(lines, timeout=RUN_TIMEOUT)
+            ended = True
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            ended = False
+    return finished(proc.returncode, out, err), ended
+
+
+def produce(learner: Any, brokers: str, topic: str, pairs: list[tuple[str, str]]) -> Run:
+    run, ended = run_producer(learner, brokers, topic, pairs)
+    if not ended:
+        did_not_finish(brokers)
+    return run
 
 
 def java_partitions(kafka: Any, keys: set[str]) -> dict[str, int]:
@@ -153,14 +190,21 @@ def test_keyed_events_land_where_java_would_put_them(learner: Any, kafka: Any) -
             "one partition, in order")
 
 
+def small_topic_and_lone_key(kafka: Any, name: str) -> tuple[str, str]:
+    """A topic that accepts records up to 1,000 bytes, and a key for the big message that no
+    small one (keys ok-1, ok-2) shares a partition with: the big one travels in a batch of
+    its own, so the broker's refusal of it cannot take the small ones along."""
+    topic = kafka.create_topic(name, PARTITIONS, **{"max.message.bytes": "1000"})
+    java = java_partitions(kafka, {"ok-1", "ok-2"} | {f"big-{n}" for n in range(20)})
+    big = next(k for k in sorted(java) if k.startswith("big-")
+               and java[k] not in (java["ok-1"], java["ok-2"]))
+    return topic, big
+
+
 def test_a_rejected_message_is_counted_and_reported(learner: Any, kafka: Any) -> None:
     """The topic accepts records up to 1,000 bytes: one 5,000-byte value is rejected by the
     broker (its delivery report carries the error); the two small ones are delivered."""
-    topic = kafka.create_topic("small", PARTITIONS, **{"max.message.bytes": "1000"})
-    java = java_partitions(kafka, {"ok-1", "ok-2"} | {f"big-{n}" for n in range(20)})
-    # The big one must travel in a batch of its own: a partition the small ones do not use.
-    big = next(k for k in sorted(java) if k.startswith("big-")
-               and java[k] not in (java["ok-1"], java["ok-2"]))
+    topic, big = small_topic_and_lone_key(kafka, "small")
     pairs = [("ok-1", "small"), (big, "x" * 5000), ("ok-2", "small too")]
     run = produce(learner, kafka.bootstrap, topic, pairs)
     stored = sorted(k for _, k, _ in read_topic(kafka, topic, PARTITIONS))
@@ -198,6 +242,51 @@ def test_a_rejected_message_is_counted_and_reported(learner: Any, kafka: Any) ->
     assert stored == ["ok-1", "ok-2"], f"the topic holds {stored}, expected ok-1 and ok-2"
 
 
+HUGE = 2_000_000  # bytes: past the client's own message.max.bytes (1,000,000 by default)
+
+
+def test_a_message_the_client_refuses_counts_as_failed(learner: Any, kafka: Any) -> None:
+    """A 2,000,000-byte value between two small ones: rd_kafka_produce refuses it at once
+    (MSG_SIZE_TOO_LARGE), for good - no delivery report will ever come for it. It counts as
+    failed, the error is printed, and the next message is produced: only QUEUE_FULL is worth
+    producing again."""
+    topic, big = small_topic_and_lone_key(kafka, "refused")
+    pairs = [("ok-1", "small"), (big, "x" * HUGE), ("ok-2", "small too")]
+    run, ended = run_producer(learner, kafka.bootstrap, topic, pairs, via_stdin=True)
+    said = run.stderr.strip().splitlines()[-1:] or ["nothing on stderr"]
+    if not ended:
+        pytest.fail(
+            f"kafka_producer was still running {RUN_TIMEOUT} s after it was handed a "
+            f"{HUGE:,}-byte value (between two small ones) and had to be killed; its stderr "
+            f"ended with {said[0][:200]!r}. rd_kafka_produce refuses such a message for good "
+            "(MSG_SIZE_TOO_LARGE: past message.max.bytes) - producing it again refuses it "
+            "again, forever. Only RD_KAFKA_RESP_ERR__QUEUE_FULL is temporary (wait with "
+            "rd_kafka_poll, then produce again); any other error: count the message as "
+            "failed, print rd_kafka_err2str, and go on with the next one", pytrace=False)
+    stored = sorted(k for _, k, _ in read_topic(kafka, topic, PARTITIONS))
+    counted = run.counts()
+    if counted is not None and sum(counted) < len(pairs) and "ok-2" in stored:
+        pytest.fail(
+            f"kafka_producer printed {run.stdout.strip()!r} for {len(pairs)} messages: the "
+            f"{HUGE:,}-byte one, which rd_kafka_produce refused at once (MSG_SIZE_TOO_LARGE), "
+            "was counted neither delivered nor failed. A message rd_kafka_produce refuses "
+            "(anything but QUEUE_FULL) is never queued, so no delivery report comes for it: "
+            "count it as failed right there", pytrace=False)
+    assert "ok-2" in stored, (
+        f"kafka_producer printed {run.stdout.strip()!r} and the topic holds only {stored}: "
+        f"ok-2, produced after the refused {HUGE:,}-byte message, never reached it. A "
+        "refusal from rd_kafka_produce is that message's alone: count it as failed and go on "
+        f"producing the rest\n{run.stderr[-600:]}")
+    assert counted == (2, 1) and run.code == 1, (
+        f"kafka_producer printed {run.stdout.strip()!r} and exited {run.code}; expected "
+        f"'delivered=2 failed=1' and exit 1: the {HUGE:,}-byte message was refused (by "
+        f"rd_kafka_produce, or by the broker if the client's message.max.bytes was raised) "
+        f"and the two small ones delivered\n{run.stderr[-600:]}")
+    assert "too large" in run.stderr.lower() or "size" in run.stderr.lower(), (
+        f"the refusal was not reported on stderr (got {run.stderr.strip()[-300:]!r}): print "
+        "rd_kafka_err2str(rd_kafka_last_error()) when rd_kafka_produce refuses a message")
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -230,3 +319,72 @@ def test_messages_that_never_got_a_report_count_as_failed(learner: Any) -> None:
         "every message failed but the program printed nothing on stderr (only librdkafka's "
         "own log): print why - the delivery report's rd_kafka_err2str(msg->err), or how "
         "many were left after the flush")
+
+
+BURST = 150_000   # messages: past librdkafka's local queue (queue.buffering.max.messages 100,000)
+# The broker's side is held until the program has queued all it can: its threads all asleep
+# in QUIET_READINGS readings in a row, 20 ms apart (producing, its main thread runs or waits
+# to run; waiting for room, it sleeps in rd_kafka_poll), or STALL_CAP seconds went by - about
+# a second on a loaded machine, well within any message.timeout.ms a producer may choose.
+QUIET_READINGS = 10
+STALL_CAP = 4.0
+
+
+def wait_until_queued_all_it_can(learner: Any, proc: subprocess.Popen[str]) -> None:
+    deadline, quiet = time.monotonic() + STALL_CAP, 0
+    while quiet < QUIET_READINGS and proc.poll() is None and time.monotonic() < deadline:
+        awake, _, _ = program_reading(learner, proc, process_activity)
+        quiet = quiet + 1 if awake == 0 else 0
+        time.sleep(0.02)
+
+
+def test_a_burst_past_the_local_queue_waits_for_room(learner: Any, kafka: Any) -> None:
+    """150,000 messages, more than librdkafka's local queue holds, while the broker's side is
+    slow (the test holds the Produce requests at a proxy until the program has queued all it
+    can): rd_kafka_produce answers QUEUE_FULL, which is back-pressure - serve the delivery
+    reports (rd_kafka_poll) to make room and produce that message again - not a failure."""
+    topic = kafka.create_topic("burst", 1)
+    lines = "".join(f"k{n % 97}=v{n}\n" for n in range(BURST))
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        proxy.hold(PRODUCE)
+        proc = learner.popen([str(binary_for(learner)), proxy.bootstrap, topic, "-"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **SANITIZER_ENV})
+        outputs: dict[str, Any] = {}
+
+        def communicate() -> None:
+            try:
+                outputs["out"] = proc.communicate(lines, timeout=RUN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+        talker = threading.Thread(target=communicate, daemon=True)
+        talker.start()
+        try:
+            while not proxy.requests(PRODUCE) and proc.poll() is None:
+                time.sleep(0.02)
+            wait_until_queued_all_it_can(learner, proc)
+        finally:
+            proxy.release(PRODUCE)
+            talker.join(RUN_TIMEOUT + 5)
+    if "out" not in outputs:
+        did_not_finish(proxy.bootstrap)
+    run = finished(proc.returncode, *outputs["out"])
+    refused = run.stderr.lower().count("queue full")
+    counted = run.counts()
+    if counted is not None and counted[1] and refused:
+        pytest.fail(
+            f"kafka_producer printed {run.stdout.strip()!r} for a burst of {BURST:,} messages "
+            f"to a healthy broker (its answers held back at a proxy for a moment): "
+            f"rd_kafka_produce refused {refused:,} of them with QUEUE_FULL - librdkafka's "
+            f"local queue was full (queue.buffering.max.messages: 100,000) - and they were "
+            f"counted failed, never sent. QUEUE_FULL is back-pressure, not a failure: serve "
+            f"the delivery reports, waiting for them (rd_kafka_poll(rk, 100), not a single "
+            f"poll(rk, 0)), and produce the same message again until the queue takes it",
+            pytrace=False)
+    assert run.code == 0 and counted == (BURST, 0), (
+        f"kafka_producer printed {run.stdout.strip()!r} and exited {run.code} for a burst of "
+        f"{BURST:,} messages to a healthy broker; expected 'delivered={BURST} failed=0' and "
+        f"exit 0\n{run.stderr[-800:]}")

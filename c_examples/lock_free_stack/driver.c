@@ -11,6 +11,9 @@
  *   lock_free_stack aba_at_cas   ABA again, landing right before pop's CAS: after every
  *                                check pop makes (a tag kept in a word of its own and
  *                                checked before a pointer-only CAS does not see it)
+ *   lock_free_stack empty_aba    ABA through an empty stack: inside your pop the other
+ *                                thread empties the stack and refills it (the version tag
+ *                                must keep growing: a tag restarted on empty comes back)
  *   lock_free_stack push_retry_aba   your push's first CAS fails and it retries, while a
  *   lock_free_stack pop_retry_aba    third thread's pop waits right before its CAS: the
  *                                word your retry installs must carry a tag newer than the
@@ -95,6 +98,11 @@ static const struct script {
      * (B,t+1), the third pop's expected value: it installs C, which the other thread
      * holds). */
     {"pop_retry_aba", "ABCD", 0, AT_LINK, STEPS, "ABCD", "oSooBA", "R"},
+    /* (A,t) A->C: your pop reads it (next C); pop A, pop C - the stack runs empty - push B,
+     * push A -> (A,t+4) A->B. A version restarted on the empty stack (the head back to 0,
+     * or a push onto an empty stack starting at tag 1) is (A,t) again: your stale CAS
+     * matches and installs C, which the other thread holds. */
+    {"empty_aba", "AC", 0, AT_LINK, STEPS, "ABC", "ooBA", NULL},
 };
 
 static const struct script *armed; /* the scenario waiting for its moment */

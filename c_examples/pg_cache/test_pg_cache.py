@@ -15,14 +15,16 @@ import json
 import os
 import re
 import urllib.parse
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from labrunner.testing import redis_commands
+from labrunner.testing import RelayLink, TcpRelay, redis_commands, resp_command
 
 USERS = [
     (1, "Ada Lovelace", "ada@example.com"),
@@ -55,14 +57,19 @@ class Program:
     redis_db: Any
     learner: Any
 
-    def lookup(self, user_id: str) -> Run:
+    def lookup(self, user_id: str, redis_at: tuple[str, int] | None = None,
+               redis_user: tuple[str, str] | None = None) -> Run:
+        """One run of the program; ``redis_at`` (host, port) and ``redis_user`` (name,
+        password) replace the lab's Redis server and user (a relay, a restricted user)."""
         endpoint = self.redis_db.endpoint
-        args = [self.postgres.dsn, endpoint.host, str(endpoint.port), str(self.redis_db.db),
-                user_id]
+        host, port = redis_at or (endpoint.host, endpoint.port)
+        args = [self.postgres.dsn, host, str(port), str(self.redis_db.db), user_id]
         url = urllib.parse.urlsplit(self.redis_db.url)   # the lab user's credentials
+        username, password = redis_user or (urllib.parse.unquote(url.username or ""),
+                                            urllib.parse.unquote(url.password or ""))
         env = {**os.environ,
-               "REDIS_USERNAME": urllib.parse.unquote(url.username or ""),
-               "REDIS_PASSWORD": urllib.parse.unquote(url.password or ""),
+               "REDIS_USERNAME": username,
+               "REDIS_PASSWORD": password,
                "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=86",
                "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
         # learner.run: when grading, the learner's binary runs as the learner's uid.
@@ -89,6 +96,15 @@ def diagnose(stderr: str, mark: str) -> str:
     if mark == "LeakSanitizer" and "redisCommand" in stderr:
         return (f"LeakSanitizer {what}: a redisReply was never freed - "
                 "freeReplyObject() every reply")
+    if "overflow" in what and "READ of size" in stderr:
+        return (f"AddressSanitizer: {what} (a read){where}: a string was read past its end - "
+                "a field of struct user copied without its terminating NUL (strncpy(dst, v, "
+                "sizeof dst) writes none when the value fills the field); bound AND terminate "
+                "every copy: snprintf(dst, sizeof dst, \"%s\", v)")
+    if "overflow" in what and "fetch_user" in where:
+        return (f"AddressSanitizer: {what}{where}: a value longer than its field was copied "
+                "into struct user (strcpy, or memcpy of PQgetlength bytes) - bound AND "
+                "terminate every copy: snprintf(dst, sizeof dst, \"%s\", v)")
     if "overflow" in what and "json" in where.lower():
         return (f"AddressSanitizer: {what}{where}: the JSON is longer than its "
                 "buffer - size it for the worst case, every byte escaped (\\u00XX is 6 bytes)")
@@ -207,6 +223,42 @@ def test_json_escapes_quotes_backslashes_and_keeps_utf8(program: Program) -> Non
             "inside JSON strings; UTF-8 passes through as it is")
 
 
+# Values as long as their field or longer (struct user holds 255 bytes and a NUL per
+# string): each must come back cut to its first 255 bytes, the other field untouched.
+# Name and email are made of different letters, so a name that ran on into the email shows.
+FIELD = 255
+LONG_USERS = [
+    (11, "n" * FIELD, "fits@example.com"),       # exactly fills the field: kept whole
+    (12, "n" * (FIELD + 1), "glued@example.com"),  # one byte too many for the NUL
+    (13, "Short Name", "e" * 300),
+    (14, "n" * 300, "e" * 300),
+]
+
+
+def test_a_value_longer_than_its_field_is_cut_and_terminated(program: Program) -> None:
+    with program.postgres.connect(autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO users VALUES (%s, %s, %s)", LONG_USERS)
+    for uid, name, email in LONG_USERS:
+        word, got = parse(program.lookup(str(uid)), str(uid))
+        want = {"id": uid, "name": name[:FIELD], "email": email[:FIELD]}
+        for field in ("name", "email"):
+            value, stored = str(got.get(field)), name if field == "name" else email
+            if value == want[field]:
+                continue
+            ran_on = (f" (those {len(want[field])} bytes, then "
+                      f"{value[len(want[field]):][:40]!r})" if value.startswith(want[field])
+                      else "")
+            pytest.fail(
+                f"user {uid}'s {field} is {len(stored)} bytes in Postgres; struct user holds "
+                f"{FIELD} and a NUL, so it must come back as its first "
+                f"{len(want[field])} bytes, but came back as {len(value)} bytes"
+                f"{ran_on}: the copy into the fixed field was not bounded AND terminated - "
+                f"strncpy(dst, v, sizeof dst) writes no NUL when the value fills the field "
+                f"(the read then runs on into the next field), strcpy/memcpy write past it; "
+                f"snprintf(dst, sizeof dst, \"%s\", v) does both", pytrace=False)
+        assert got == want, f"user {uid} came back as {got}, expected {want}"
+
+
 def test_a_failed_query_is_an_error_not_a_missing_user(program: Program) -> None:
     """'abc' is no integer: Postgres refuses the query. fetch_user must see the error
     status, print the server's message and return -1; nothing may be cached."""
@@ -261,3 +313,91 @@ def test_injection_in_user_id_stays_harmless(program: Program, payload: str) -> 
     finally:
         cache.close()
     assert cached is None, f"a result was cached for the user id {payload!r}: {cached!r}"
+
+
+# ---- the cache fails, the database does not -------------------------------------------
+
+
+class DropAtGet(TcpRelay):
+    """A relay in front of Redis that cuts the connection when a GET arrives (before it
+    reaches Redis): the cache goes away in the middle of a lookup, after AUTH and SELECT."""
+
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        buf = link.state.get("buf", b"") + chunk
+        while (got := resp_command(buf)) is not None:
+            command, used = got
+            if command and command[0].upper() == b"GET":
+                return False   # the relay closes both sides: the client sees the drop
+            link.upstream.sendall(buf[:used])
+            buf = buf[used:]
+        if buf and not buf.startswith(b"*"):   # an inline command: pass it on
+            link.upstream.sendall(buf)
+            buf = b""
+        link.state["buf"] = buf
+        return None
+
+
+@contextmanager
+def user_that_cannot_write(program: Program) -> Iterator[dict[str, Any]]:
+    """A Redis user of the test's own that may read but not write (-@write): its SET is
+    refused with NOPERM, as a read-only replica (READONLY) or a full server with
+    maxmemory-policy noeviction (OOM) refuses it."""
+    name, password = f"lab-no-write-{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    admin = program.redis_db.admin_client()
+    admin.execute_command("ACL", "SETUSER", name, "on", f">{password}", "~*", "&*",
+                          "+@all", "-@dangerous", "-@write")
+    try:
+        yield {"redis_user": (name, password)}
+    finally:
+        admin.execute_command("ACL", "DELUSER", name)
+        admin.close()
+
+
+@contextmanager
+def entry_of_another_type(program: Program) -> Iterator[dict[str, Any]]:
+    """user:1 holds a hash: GET answers WRONGTYPE (an error reply)."""
+    cache = program.redis_db.client()
+    try:
+        cache.hset("user:1", mapping={"stale": "format"})
+    finally:
+        cache.close()
+    yield {}
+
+
+@contextmanager
+def connection_drops_at_get(program: Program) -> Iterator[dict[str, Any]]:
+    endpoint = program.redis_db.endpoint
+    relay = DropAtGet((endpoint.host, endpoint.port))
+    try:
+        yield {"redis_at": ("127.0.0.1", relay.port)}
+    finally:
+        relay.close()
+
+
+CACHE_FAULTS: dict[str, Callable[[Program], Any]] = {
+    "Redis refusing the SET (NOPERM, as a read-only replica or a full server refuses it)":
+        user_that_cannot_write,
+    "Redis answering the GET with an error (WRONGTYPE: user:1 holds a hash)":
+        entry_of_another_type,
+    "the connection to Redis dropped at the GET": connection_drops_at_get,
+}
+
+
+@pytest.mark.parametrize("fault", list(CACHE_FAULTS), ids=["set-refused", "get-error",
+                                                          "connection-drops"])
+def test_a_failing_cache_still_serves_the_row(program: Program, fault: str) -> None:
+    """Cache-aside treats the cache as an optimisation: when Redis fails (and Postgres does
+    not), the lookup is served from the database, the cache error reported on stderr."""
+    with CACHE_FAULTS[fault](program) as how:
+        run = program.lookup("1", **how)
+    want = as_json(USERS[0])
+    word, _, rest = run.stdout.strip().partition(" ")
+    try:
+        got = json.loads(rest) if word == "MISS" else None
+    except json.JSONDecodeError:
+        got = None
+    assert run.code == 0 and got == want, (
+        f"pg_cache 1 with {fault} printed {run.shown} (exit {run.code}), expected MISS "
+        f"{json.dumps(want)}: the cache is an optimisation - when Redis fails, serve the "
+        f"row from Postgres (the cache error goes to stderr), never turn an existing user "
+        f"into NOT FOUND or an error; stderr: {run.stderr.strip()[-300:]}")

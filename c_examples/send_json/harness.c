@@ -12,6 +12,10 @@
  * the client socket each call writes at most a few bytes to a few KiB, and every third call
  * fails with EINTR before writing anything - as a signal arriving mid-write would do.
  * SEND_JSON_SHORT_WRITES=0 in the environment turns that off (plain kernel writes).
+ *
+ *   GET /<status>?bytes=<n>&errno=<e>   the same, but the next interrupted call of this
+ *       response fails with errno <e> instead of EINTR (EAGAIN: a non-blocking socket's send
+ *       buffer is full, or SO_SNDTIMEO expired), once: send_json() must give up, return -1.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -31,6 +35,7 @@
 static int client_fd = -1;          /* the socket whose writes are made partial */
 static int short_writes = 1;        /* 0: leave the writes alone */
 static unsigned long write_calls;
+static int fail_errno;              /* the errno of the next failing call (0: EINTR) */
 
 ssize_t __real_write(int fd, const void *buf, size_t count);
 ssize_t __real_send(int fd, const void *buf, size_t count, int flags);
@@ -45,12 +50,19 @@ static size_t allowance(void) {
     return sizes[call % (sizeof(sizes) / sizeof(sizes[0]))];
 }
 
+/* The errno of a failing call: EINTR, or once the one the request asked for. */
+static int failure(void) {
+    int e = fail_errno ? fail_errno : EINTR;
+    fail_errno = 0;
+    return e;
+}
+
 ssize_t __wrap_write(int fd, const void *buf, size_t count) {
     if (fd != client_fd || count == 0)
         return __real_write(fd, buf, count);
     size_t allowed = allowance();
     if (allowed == 0) {
-        errno = EINTR;
+        errno = failure();
         return -1;
     }
     return __real_write(fd, buf, count < allowed ? count : allowed);
@@ -61,7 +73,7 @@ ssize_t __wrap_send(int fd, const void *buf, size_t count, int flags) {
         return __real_send(fd, buf, count, flags);
     size_t allowed = allowance();
     if (allowed == 0) {
-        errno = EINTR;
+        errno = failure();
         return -1;
     }
     return __real_send(fd, buf, count < allowed ? count : allowed, flags);
@@ -72,7 +84,7 @@ ssize_t __wrap_writev(int fd, const struct iovec *iov, int iovcnt) {
         return __real_writev(fd, iov, iovcnt);
     size_t allowed = allowance();
     if (allowed == 0) {
-        errno = EINTR;
+        errno = failure();
         return -1;
     }
     struct iovec part[64];  /* the first `allowed` bytes of the vector */
@@ -155,6 +167,7 @@ int main(void) {
         }
         int status = 400;
         unsigned long size = 0;
+        head[0] = '\0';
         if (read_head(fd, head, sizeof(head)) > 0) {
             if (strncmp(head, "GET /quit ", 10) == 0) {
                 status = 200;
@@ -165,6 +178,8 @@ int main(void) {
                 size = 0;
             }
         }
+        const char *asked = strstr(head, "&errno=");
+        fail_errno = asked ? atoi(asked + 7) : 0;
         char *body = make_body(status, size);
         if (!body) {
             close(fd);

@@ -10,6 +10,7 @@ the server to quit and checking it exits 0 with nothing on stderr - no sanitizer
 
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import queue
@@ -194,6 +195,45 @@ def test_reason_phrase_matches_status(learner: Any) -> None:
         server.finish()
 
 
+def raw_response(port: int, path: str) -> bytes:
+    """Every byte the server sends for ``path``, up to its close (Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        data = bytearray()
+        while chunk := sock.recv(65536):
+            data += chunk
+    return bytes(data)
+
+
+def test_message_is_exactly_its_framing(learner: Any) -> None:
+    """http.client reads Content-Length bytes and stops: what follows them goes unseen
+    there, but on a persistent connection it is parsed as the next response."""
+    with running(learner, short_writes=False) as server:
+        for size in (64, 1000):
+            raw = raw_response(server.port, f"/200?bytes={size}")
+            server.sent()
+            head, blank, body = raw.partition(b"\r\n\r\n")
+            assert blank, (
+                f"GET /200?bytes={size}: no empty line (CRLF CRLF) ends the header block: "
+                f"{raw[:200]!r}\nEvery header line ends with \\r\\n, and one more \\r\\n "
+                "ends the header block")
+            bare = [line for line in head.split(b"\r\n") if b"\n" in line]
+            assert not bare, (
+                f"GET /200?bytes={size}: a header line ends with a bare \\n, not \\r\\n: "
+                f"{bare[0]!r}\nHTTP/1.1 lines end with CRLF (RFC 9112)")
+            want = expected_body(200, size)
+            extra = body[len(want):] if body.startswith(want) else b""
+            assert body == want, (
+                f"GET /200?bytes={size} (Content-Length: {len(want)}): the connection carried "
+                f"{len(body)} bytes after the header block, expected exactly {len(want)}"
+                + (f"; {len(extra)} more after the body: {extra[:20]!r}" if extra else "")
+                + "\nThe body is exactly Content-Length bytes and nothing follows it: it has no "
+                "terminator (no CRLF, no NUL). On a persistent connection (keep-alive, a "
+                "proxy's upstream) extra bytes are read as the start of the next response: "
+                "'bad status line'.")
+        server.finish()
+
+
 @pytest.mark.parametrize("size", [100, 70_000, 1_000_000])
 def test_body_survives_partial_writes(learner: Any, size: int) -> None:
     with running(learner) as server:
@@ -231,4 +271,30 @@ def test_vanished_client_is_an_error(learner: Any) -> None:
         assert response.status == 201 and body == expected_body(201, 80), (
             "after a client vanished, the next request was not answered correctly")
         server.sent()
+        server.finish()
+
+
+# Errors of write() that look transient but are not EINTR: the call failed and nothing says
+# the same call will do better at once. EAGAIN (== EWOULDBLOCK on Linux): a non-blocking
+# socket's send buffer is full, or SO_SNDTIMEO expired; ENOBUFS: the kernel is out of buffers.
+NOT_EINTR = ("EAGAIN", "ENOBUFS")
+
+
+def test_only_eintr_is_retried(learner: Any) -> None:
+    with running(learner) as server:
+        for name in NOT_EINTR:
+            # The harness fails one write() of this response with `name` instead of EINTR.
+            with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+                sock.sendall(f"GET /200?bytes=10000&errno={getattr(errno, name)} HTTP/1.1\r\n"
+                             "Host: test\r\n\r\n".encode())
+                while sock.recv(65536):  # whatever comes, until the server closes
+                    pass
+            _, rc = server.sent()
+            assert rc == -1, (
+                f"a write() of the response failed with {name} (not EINTR) and send_json() "
+                f"returned {rc}, expected -1: only EINTR means 'call write() again'; any "
+                "other error is final for this call and goes to the caller (EAGAIN: the "
+                "socket is non-blocking and its send buffer is full, or SO_SNDTIMEO expired "
+                "- retrying spins at 100% CPU while the peer does not read, and never ends "
+                "if it never does; an event loop waits for POLLOUT instead)")
         server.finish()

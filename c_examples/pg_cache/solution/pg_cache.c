@@ -83,17 +83,15 @@ char *get_user_cached(redisContext *rc, PGconn *pg, const char *user_id, int *hi
     /* %s in a hiredis format is one binary-safe argument: spaces or CRLF in the key
      * cannot turn into extra arguments or commands. */
     redisReply *r = redisCommand(rc, "GET %s", key);
-    if (r == NULL) {
-        fprintf(stderr, "redis GET: %s\n", rc->errstr);
-        return NULL;
-    }
-    if (r->type == REDIS_REPLY_STRING) {            /* cache HIT */
+    if (r == NULL || r->type == REDIS_REPLY_ERROR)  /* the cache failed: ask the database */
+        fprintf(stderr, "redis GET: %s\n", r ? r->str : rc->errstr);
+    else if (r->type == REDIS_REPLY_STRING) {       /* cache HIT */
         char *json = strdup(r->str);
         freeReplyObject(r);
         *hit = 1;
         return json;
     }
-    freeReplyObject(r);
+    freeReplyObject(r);                             /* NULL-safe */
 
     /* cache MISS: query the database, serialize, SET with a 5-minute TTL */
     struct user u;

@@ -11,13 +11,14 @@ resolver's own account.
 from __future__ import annotations
 
 import random
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from dnslib import CNAME, NS, QTYPE, RCODE, RR, SOA, A, DNSLabel, DNSRecord
+from dnslib import CNAME, NS, QTYPE, RCODE, RR, SOA, TXT, A, DNSLabel, DNSRecord
 from dnslib.server import DNSLogger, DNSServer
 
 # ---------------------------------------------------------------------------- the zones
@@ -78,10 +79,15 @@ class ZoneServer:
         self.label = label
         self.zones = zones
         self.log = log
+        # Called with (request, handler) before the reply goes out: a test sends stray
+        # datagrams to the resolver's port there, so they arrive ahead of the reply.
+        self.before_reply: Callable[[DNSRecord, Any], None] | None = None
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         qname = DNSLabel(str(request.q.qname).lower())
         self.log.add(self.label, str(qname), bool(request.header.rd))
+        if self.before_reply is not None:
+            self.before_reply(request, handler)
         reply = request.reply()
         reply.header.ra = 0  # we never recurse, whatever the client asks for
         zone = self._zone_for(qname)
@@ -123,6 +129,7 @@ class Hierarchy:
     auth: str
     port: int
     log: QueryLog
+    servers: dict[str, ZoneServer]  # by label: "root", "tld", "auth"
 
 
 def _zones(tld_ip: str, auth_ip: str) -> dict[str, list[Zone]]:
@@ -143,6 +150,10 @@ def _zones(tld_ip: str, auth_ip: str) -> dict[str, list[Zone]]:
         RR("round.shop.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("loop.shop.test.")),
         RR("short.shop.test.", QTYPE.CNAME, ttl=SHORT_CNAME_TTL,
            rdata=CNAME("edge.cdn.test.")),
+        # Names that exist without an A record: an A query gets NODATA (NOERROR, no
+        # answer, the SOA in authority), never NXDOMAIN.
+        RR("mail.shop.test.", QTYPE.TXT, ttl=300, rdata=TXT("v=spf1 -all")),
+        RR("mx.shop.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("mail.shop.test.")),
     ])
     cdn = Zone("cdn.test.", [
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.20")),
@@ -162,10 +173,11 @@ def dns() -> Iterator[Hierarchy]:
                "auth": f"127.53.{block}.3"}
         zones = _zones(ips["tld"], ips["auth"])
         servers: list[DNSServer] = []
+        plugins = {label: ZoneServer(label, zones[label], log) for label in zones}
         try:
             port = 0
             for label in ("root", "tld", "auth"):
-                server = DNSServer(ZoneServer(label, zones[label], log), address=ips[label],
+                server = DNSServer(plugins[label], address=ips[label],
                                    port=port, logger=quiet)
                 port = server.server.server_address[1]  # the root's port, shared by all
                 servers.append(server)
@@ -178,7 +190,7 @@ def dns() -> Iterator[Hierarchy]:
             # teardown does not dominate the run time.
             threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.02},
                              daemon=True).start()
-        yield Hierarchy(ips["root"], ips["tld"], ips["auth"], port, log)
+        yield Hierarchy(ips["root"], ips["tld"], ips["auth"], port, log, plugins)
         for server in servers:
             server.server.shutdown()
             server.server.server_close()
@@ -398,6 +410,26 @@ def test_negative_ttl_is_the_smaller_of_soa_ttl_and_minimum(
         "may be kept.")
 
 
+@pytest.mark.parametrize("name, canonical", [
+    ("mail.shop.test", "mail.shop.test"),  # exists, holds only a TXT record
+    ("mx.shop.test", "mail.shop.test"),    # a CNAME to that name
+], ids=["nodata", "cname-to-nodata"])
+def test_nodata_is_not_nxdomain(resolver: Any, dns: Hierarchy, name: str,
+                                canonical: str) -> None:
+    """NOERROR with an empty answer (NODATA) says the name exists, only not with an A."""
+    for attempt in ("", " (asked again, from the cache)"):
+        answer = _resolve(resolver, dns, name)
+        assert not answer.nxdomain and not answer.addresses, (
+            f"{name}{attempt} gave nxdomain={answer.nxdomain}, addresses={answer.addresses}; "
+            "expected nxdomain=False and no addresses\n"
+            f"The authoritative server answered {canonical} with rcode NOERROR, no answer "
+            "and its SOA: that is NODATA (the name exists, just without an A record), not "
+            "NXDOMAIN. Only rcode 3 says a name does not exist (RFC 2308); an empty answer "
+            "or a negative SOA alone does not.")
+        assert _bare(answer.canonical_name) == canonical, (
+            f"{name} gave canonical_name={answer.canonical_name!r}, expected {canonical!r}")
+
+
 def test_names_are_case_insensitive(resolver: Any, dns: Hierarchy) -> None:
     _resolve(resolver, dns, "api.shop.test")
     dns.log.clear()
@@ -457,3 +489,100 @@ def test_a_cname_loop_ends_with_an_error(resolver: Any, dns: Hierarchy) -> None:
     assert isinstance(result, Exception), (
         f"a CNAME loop gave an answer {result!r}: a name whose aliases loop has no address; "
         "raise an error (e.g. ResolutionError)")
+
+
+# ------------------------------------------------- stray datagrams ahead of the reply
+
+FORGED_ADDRESS = "6.6.6.6"
+FORGED_TTL = 86400
+
+
+@dataclass(frozen=True)
+class Stray:
+    """A datagram that reaches the resolver's port ahead of the authoritative reply and
+    differs from it in one of the things that bind a reply to its query (RFC 5452)."""
+
+    what: str           # how it differs, as the failure message says it
+    same_id: bool       # does it carry the query's transaction id?
+    source: str         # "server": the server's own socket; "server port+1": its address,
+                        # another port; "stranger": another address
+    question: str       # the question it claims to answer
+
+
+STRAYS = [
+    Stray("carries another transaction id (from the server's own address and port)",
+          same_id=False, source="server", question="api.shop.test."),
+    Stray("comes from another address (with the query's id and question)",
+          same_id=True, source="stranger", question="api.shop.test."),
+    Stray("comes from the server's address but another port (with the query's id and "
+          "question)", same_id=True, source="other port", question="api.shop.test."),
+    Stray("answers another question, other.shop.test (from the server's own address and "
+          "port, with the query's id)", same_id=True, source="server",
+          question="other.shop.test."),
+]
+
+
+def _forged_reply(request: DNSRecord, stray: Stray) -> bytes:
+    """'api.shop.test A 6.6.6.6' for a day: what a poisoner wants cached."""
+    forged = DNSRecord.question(stray.question, "A")
+    forged.header.id = request.header.id if stray.same_id else (request.header.id + 1) % 65536
+    forged.header.qr = 1
+    forged.header.aa = 1
+    forged.header.rd = request.header.rd
+    forged.add_answer(RR("api.shop.test.", QTYPE.A, ttl=FORGED_TTL, rdata=A(FORGED_ADDRESS)))
+    return forged.pack()
+
+
+def _send_stray(dns: Hierarchy, stray: Stray, request: DNSRecord, handler: Any) -> None:
+    data = _forged_reply(request, stray)
+    if stray.source == "server":
+        handler.request[1].sendto(data, handler.client_address)  # the server's own socket
+        return
+    address = dns.auth if stray.source == "other port" else dns.auth.rsplit(".", 1)[0] + ".4"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((address, 0))
+        sock.sendto(data, handler.client_address)
+
+
+@pytest.mark.parametrize("stray", STRAYS, ids=lambda s: s.what.split(" (")[0])
+def test_only_the_reply_to_the_query_is_accepted(resolver: Any, dns: Hierarchy,
+                                                 stray: Stray) -> None:
+    """Over UDP anyone can send to the resolver's port: a datagram is the reply only when
+    it comes from the address and port the query went to and carries the query's id and
+    question. Anything else is dropped and the wait goes on."""
+    sent: list[str] = []
+
+    def before_reply(request: DNSRecord, handler: Any) -> None:
+        if not sent and _bare(request.q.qname) == "api.shop.test":
+            sent.append(str(handler.client_address))  # first: the stray may win the race
+            _send_stray(dns, stray, request, handler)
+
+    dns.servers["auth"].before_reply = before_reply
+    advice = (
+        "Over UDP anyone can send to the resolver's port: only a datagram from the address "
+        "and port the query went to, carrying the query's transaction id and question, is "
+        "its reply (RFC 5452). Drop anything else and keep waiting for the reply until the "
+        "timeout; a resolver that takes the first datagram caches a forged answer for its "
+        "TTL (cache poisoning).")
+    try:
+        answer = resolver.resolve("api.shop.test")
+    except NotImplementedError as exc:
+        pytest.fail(f"resolve() is not implemented yet: {exc}", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's error, explained below
+        problem = (f"resolving api.shop.test raised {type(exc).__name__}: {exc}, after a "
+                   f"datagram that {stray.what} reached the resolver's port ahead of the "
+                   "reply; expected the real reply's answer, 192.0.2.10\n"
+                   "A stray datagram is not the reply, and not a failure of the server "
+                   f"either: ignore it.\n{advice}")
+    else:
+        problem = ""
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    assert sent, ("the authoritative server was never asked for api.shop.test "
+                  f"(queries: {_walk(dns.log)}), so the test could not send its datagram")
+    got = sorted(getattr(answer, "addresses", None) or [])
+    assert got == ["192.0.2.10"], (
+        f"the resolver took a datagram that {stray.what} for the reply: api.shop.test "
+        f"resolved to {got}, expected ['192.0.2.10'] (the datagram said "
+        f"{FORGED_ADDRESS}, TTL {FORGED_TTL}; the authoritative server's reply came right "
+        f"after it)\n{advice}")

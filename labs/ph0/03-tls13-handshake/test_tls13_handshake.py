@@ -246,6 +246,26 @@ def test_certificates_form_a_chain(subject: Subject) -> None:
         "pki.server_key does not belong to pki.server_cert")
 
 
+def test_server_certificate_may_sign_the_handshake(subject: Subject) -> None:
+    """In TLS 1.3 the server's key only signs (CertificateVerify); the key exchange is
+    ephemeral ECDHE. RFC 8446 4.4.2.2: if KeyUsage is present, digitalSignature MUST be
+    set. OpenSSL's client still accepts keyEncipherment/keyAgreement, stricter ones do not."""
+    pki = subject.pki()
+    server = _load_cert(subject, pki.server_cert, "pki.server_cert")
+    usage = _extension(server, x509.KeyUsage)
+    assert usage is None or usage.digital_signature, (
+        f"the server certificate's KeyUsage allows {_usages(usage)}, expected "
+        "digital_signature\nIn TLS 1.3 the server key never encrypts or agrees a key (the "
+        "exchange is ephemeral ECDHE): it signs the handshake transcript (CertificateVerify). "
+        "RFC 8446 4.4.2.2: when KeyUsage is present, digitalSignature MUST be set; strict "
+        "clients (NSS/Firefox, webpki) refuse this certificate.")
+    purposes = _extension(server, x509.ExtendedKeyUsage)
+    assert purposes is None or x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in purposes, (
+        f"the server certificate's ExtendedKeyUsage lists "
+        f"{[oid._name for oid in purposes]}, expected serverAuth\nA client checks that the "
+        "certificate was issued for TLS server authentication.")
+
+
 # ---------------------------------------------------------------------------- handshakes
 
 

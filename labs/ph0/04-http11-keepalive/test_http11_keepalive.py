@@ -34,6 +34,7 @@ class Server:
     connections: int = 0
     handled: list[str] = field(default_factory=list)       # "METHOD target", in call order
     bodies: dict[str, bytes] = field(default_factory=dict)
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # by target
     errors: list[str] = field(default_factory=list)
     slow_started: threading.Event = field(default_factory=threading.Event)
     gate: threading.Event = field(default_factory=threading.Event)
@@ -72,6 +73,8 @@ class Server:
         label = f"{request.method} {request.target}"
         self.handled.append(label)
         self.bodies[request.target] = request.body
+        self.headers[request.target] = {str(k).lower(): str(v) for k, v in
+                                        dict(request.headers).items()}
         if request.target == "/slow":
             self.slow_started.set()
             self.gate.wait(WAIT)
@@ -338,6 +341,54 @@ def test_http10_keep_alive_when_asked(server: Server, client: Client) -> None:
     one_connection(server)
 
 
+# A client that stops sending (it crashed, or gave up) and closes its side: recv() then
+# returns b"" at once, every time. What it had sent, and what the server must do.
+CUT_OFF = {
+    "between two requests": (request("GET", "/done"), "a complete GET /done"),
+    "inside a request head": (b"GET /cut HTTP/1.1\r\nHost: lab.test\r\nX-Trace: a",
+                              "half a request head (no blank line yet)"),
+    "inside a request body": (b"POST /cut HTTP/1.1\r\nHost: lab.test\r\nContent-Length: 10"
+                              b"\r\n\r\nhello", "a head with 'Content-Length: 10' and 5 "
+                              "bytes of body"),
+}
+EOF_WAIT = 10.0     # a generous bound for the server's close: it needs no work at all
+
+
+@pytest.mark.parametrize("where", list(CUT_OFF))
+def test_client_closing_ends_the_connection(server: Server, client: Client,
+                                            where: str) -> None:
+    data, sent = CUT_OFF[where]
+    client.send(data)
+    client.sock.shutdown(socket.SHUT_WR)  # FIN: the client will send nothing more
+    client.sock.settimeout(EOF_WAIT)
+    never_closed = (
+        f"the client sent {sent} and closed its side (FIN), and {EOF_WAIT:.0f} s later the "
+        "server had neither answered nor closed the connection, expected it to close at "
+        "once\nrecv() returning b'' means the peer closed: it returns b'' again forever, "
+        "immediately. Every loop that calls recv() (waiting for the head's blank line, or "
+        "for Content-Length bytes of body) must stop there; one that keeps calling it spins "
+        "at 100% CPU and never closes, one thread burnt per such client. Between requests "
+        "that is the normal end of a connection; inside a request it is a truncated request "
+        "(answer 400, or just close).")
+    if not select.select([client.sock], [], [], EOF_WAIT)[0]:
+        pytest.fail(never_closed, pytrace=False)
+    if where == "between two requests":
+        client.expect("GET /done (the client closed its side right after it)",
+                      "GET /done (0 bytes)")
+    else:
+        reply = client.read(f"{sent}, then the client's FIN")
+        cut = ("The stream ended inside a request: that request is truncated, not "
+               "complete; never hand it to the handler.")
+        assert "/cut" not in server.bodies, (
+            f"the client sent {sent} and closed its side: the handler was called with "
+            f"{server.handled[-1]} ({len(server.bodies.get('/cut', b''))}-byte body), "
+            f"expected no call (a 400, or just a close)\n{cut}")
+        assert reply is None or reply.status == 400, (
+            f"the client sent {sent} and closed its side: the server answered "
+            f"{reply.status}, expected a 400 or no answer, then the connection closed\n{cut}")
+    assert client.closed(), never_closed
+
+
 CONTENT_LENGTH_DIGITS = (
     "A Content-Length is 1*DIGIT (RFC 9112 6.3): check it is plain ASCII digits before "
     "int() (which also takes '+5', ' 5' and '1_0'); anything else means the server does not "
@@ -423,3 +474,46 @@ def test_malformed_request_gets_400(server: Server, client: Client, case: str) -
         f"a request with {bad.what} got {reply.status}{handled}, expected {expected} (and "
         f"then the connection closed)\n{bad.why}")
     assert client.closed(), "close the connection after a 400: the framing is lost"
+
+
+# The characters str.splitlines() breaks at besides CRLF, in the order a failure names
+# them: those a "split at \n" misses first, the bare CR and LF last.
+NOT_LINE_ENDS = {
+    "vertical tab": "\x0b", "form feed": "\x0c", "file separator": "\x1c",
+    "group separator": "\x1d", "record separator": "\x1e", "next line (NEL)": "\x85",
+    "bare CR": "\r", "bare LF": "\n",
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_LINE_ENDS))
+def test_only_crlf_ends_a_header_line(server: Server, client: Client, name: str) -> None:
+    """'X-Note: a<char>Content-Length: 5' is one header line to a proxy that ends lines at
+    CRLF: a server that also breaks lines at <char> sees a Content-Length the proxy does
+    not, and eats the start of the next request as a body (request smuggling)."""
+    char = NOT_LINE_ENDS[name]
+    line = f"X-Note: a{char}Content-Length: 5"
+    client.send(f"GET /first HTTP/1.1\r\nHost: lab.test\r\n{line}\r\n\r\n"
+                .encode("iso-8859-1") + request("GET", "/second"))
+    shown = repr(line)
+    reply = client.read(f"GET /first (with the header line {shown})")
+    got = server.headers.get("/first", {})
+    body = server.bodies.get("/first", b"")
+    if body or "content-length" in got:
+        pytest.fail(
+            f"the header line {shown} was split at the {name} ({char!r}): the handler got "
+            f"GET /first with headers {sorted(got)} and a {len(body)}-byte body {body!r}, "
+            "expected one X-Note header and no body (or a 400)\n"
+            "HTTP/1.1 header lines end with CRLF only (RFC 9112 2.2). str.splitlines() also "
+            "breaks at \\n, \\r, \\v, \\f, \\x1c-\\x1e and \\x85: this server then "
+            "sees a Content-Length that a proxy in front of it does not, and eats the first "
+            "bytes of the proxy's next request (GET /second) as a body: request smuggling. "
+            "Split the head at '\\r\\n' only; a bare CR or LF inside a header may be "
+            "refused with 400.", pytrace=False)
+    if reply is None:
+        pytest.fail(f"the connection closed without an answer to GET /first (header line "
+                    f"{shown}): expected 200 (the {name} is part of the X-Note value) or "
+                    "400 (refused)", pytrace=False)
+    if reply.status == 400:
+        return  # refusing a control character in a header value is safe too
+    client.expect("GET /second (behind a request whose header line held a "
+                  f"{name})", "GET /second (0 bytes)")

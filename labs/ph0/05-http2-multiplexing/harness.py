@@ -11,6 +11,10 @@ import gc
 import threading
 from typing import Any
 
+FRAME = 16_384  # the default SETTINGS_MAX_FRAME_SIZE: DATA frames are at most this long
+# path -> (status, body length): no body at all, and a body of exactly two full frames.
+ENDINGS = {"/no-content": (204, 0), "/empty": (200, 0), "/two-frames": (200, 2 * FRAME)}
+
 
 class ServerThread:
     """asyncio.start_server on 127.0.0.1:0 in its own loop/thread; every connection is
@@ -82,6 +86,9 @@ class ServerThread:
                             bytes(range(256)) * (self.big // 256) + b"x" * (self.big % 256))
         if request.path == "/boom":
             raise RuntimeError("the application failed on purpose (ph0.5's /boom)")
+        if request.path in ENDINGS:  # bodies whose end is easy to miss
+            status, size = ENDINGS[request.path]
+            return response(status, [], b"f" * size)
         if request.path == "/echo":
             return response(200, [("content-type", "application/octet-stream")],
                             request.body)

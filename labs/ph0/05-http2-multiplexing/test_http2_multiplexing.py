@@ -8,6 +8,7 @@ blocks on the wire.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -238,6 +239,31 @@ def test_slow_stream_does_not_hold_back_fast_ones(server: Any, client: Client) -
     one_connection(server)
 
 
+@pytest.mark.parametrize("path, status, size", [
+    ("/no-content", 204, 0), ("/empty", 200, 0), ("/two-frames", 200, 2 * 16_384),
+])
+def test_every_response_ends_its_stream(server: Any, client: Client, path: str, status: int,
+                                        size: int) -> None:
+    """A response ends only with a frame that carries END_STREAM, whatever its body."""
+    sid = client.get(path)
+    stream = client.streams[sid]
+
+    def seen() -> str:
+        got = ("no HEADERS yet" if stream.status is None else
+               f"HEADERS :status {stream.status}, {len(stream.body):,} body bytes")
+        return (f"END_STREAM on the {path} response (a {status} with a {size:,}-byte body; "
+                f"received so far: {got}, and no END_STREAM)")
+
+    client.run_until(client.ended(sid), seen, hint=(
+        "A response ends only with a frame that carries END_STREAM: with no body, on the "
+        "HEADERS frame itself (send_headers(..., end_stream=True)); otherwise on the last "
+        "DATA frame, whatever its size (a body of whole frames ends too). Until then the "
+        "client waits, and the stream counts against the concurrent-stream limit."))
+    assert stream.status == status and len(stream.body) == size, (
+        f"{path}: status {stream.status}, {len(stream.body):,} body bytes; expected {status} "
+        f"and {size:,}")
+
+
 def test_hpack_shrinks_a_repeated_header_block(server: Any, client: Client) -> None:
     first = client.get("/same/1")
     client.run_until(client.ended(first), "first response")
@@ -460,3 +486,48 @@ def test_a_reset_stream_cancels_its_handler(server: Any, client: Client) -> None
         "the answer, and the work (a query, a call) runs on for nobody")
     later = client.get("/after-reset")
     client.run_until(client.ended(later), "a response on the same connection after a reset")
+
+
+def _close(client: Client) -> None:
+    client.sock.close()
+
+
+def _reset(client: Client) -> None:
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.sock.close()  # SO_LINGER 0: the close sends RST, the server's read fails
+
+
+def _break_protocol(client: Client) -> None:
+    # A DATA frame on stream 0 (length 0, type DATA, no flags): h2 refuses it with a
+    # ProtocolError; the server answers GOAWAY and the connection is over.
+    client.sock.sendall(b"\x00\x00\x00" b"\x00" b"\x00" b"\x00\x00\x00\x00")
+
+
+CONNECTION_ENDS = {
+    "closed the TCP connection": _close,
+    "broke the protocol (a DATA frame on stream 0)": _break_protocol,
+    "reset the TCP connection (RST)": _reset,
+}
+GONE = WAIT * 2  # the test's /held handler gives up by itself after WAIT * 3
+
+
+@pytest.mark.parametrize("how", list(CONNECTION_ENDS))
+def test_the_connection_ending_cancels_its_handlers(server: Any, client: Client,
+                                                    how: str) -> None:
+    """A stream's work belongs to its connection: however the connection ends, the
+    handlers still running for its streams are cancelled, not left to run for nobody."""
+    client.get("/held")
+    client.h2.ping(b"lab-held")
+    client.flush()
+    client.run_until(lambda: client.pings_acked == 1, "PING ACK behind the /held request")
+    CONNECTION_ENDS[how](client)
+    deadline = time.monotonic() + GONE
+    while "/held" not in server.cancelled_paths() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "/held" in server.cancelled_paths(), (
+        f"the client {how} while /held's handler was still running, and {GONE:.0f} s later "
+        "that handler was still running: its task outlived the connection\n"
+        "When the connection ends - EOF, a reset, a protocol error, any way out of your "
+        "read loop - cancel every stream task still running (in a finally): nobody is "
+        "left to read those answers, and the abandoned work (a query, a lock, a call) "
+        "would run on for nobody, one more per client that goes away.")

@@ -25,9 +25,9 @@ def _problem(what: str, exc: BaseException, seconds: float) -> str:
 
 class LearnerServer:
     """The learner's HTTP/3 server on 127.0.0.1:<free port>, serving an application in
-    which /slow waits until ``release()`` (or gives up after ``wait`` seconds with 504) and
-    every other path answers ``200 b"<path> ok"``. ``problem`` says why the server could
-    not start."""
+    which /slow waits until ``release()`` (or gives up after ``wait`` seconds with 504),
+    /boom raises and every other path answers ``200 b"<path> ok"``. ``problem`` says why
+    the server could not start."""
 
     def __init__(self, h3: Any, certfile: str, keyfile: str, wait: float) -> None:
         self.h3 = h3
@@ -60,6 +60,8 @@ class LearnerServer:
             except TimeoutError:
                 return 504, b"gave up waiting for /fast"
             return 200, b"slow ok"
+        if path == "/boom":
+            raise RuntimeError("the application failed on purpose (ph0.6's /boom)")
         return 200, f"{path} ok".encode()
 
     def release(self) -> None:

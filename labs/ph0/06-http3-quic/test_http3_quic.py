@@ -12,6 +12,7 @@ Certificates are generated here, at test time, with `cryptography`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from aioquic.quic.events import (
     HandshakeCompleted,
     ProtocolNegotiated,
     QuicEvent,
+    StreamReset,
 )
 from aioquic.tls import SessionTicket
 from cryptography import x509
@@ -120,16 +122,40 @@ def bound_port(server: Any) -> int:
     return int(transport.get_extra_info("sockname")[1])
 
 
+# /pieces' body, sent as one DATA frame per piece and then an empty DATA frame with the
+# stream's FIN: what a server streaming its body does. The middle piece is larger than a
+# QUIC packet, so it arrives in several DataReceived events of its own.
+PIECES = (b"first:" + b"a" * 1194, b"b" * 40_000, b"c" * 2995 + b":last")
+Body = bytes | tuple[bytes, ...]
+
+
+def which_pieces(got: bytes) -> str:
+    """What a body that is not the whole of PIECES holds, in words."""
+    if not got:
+        return "an empty body (what the last, empty DATA frame carried)"
+    for n, piece in enumerate(PIECES, start=1):
+        if got == piece:
+            return f"only DATA frame {n} of {len(PIECES)} ({len(got)} bytes)"
+    whole = b"".join(PIECES)
+    if whole.startswith(got):
+        return f"its first {len(got)} bytes only"
+    if whole.endswith(got):
+        return f"its last {len(got)} bytes only"
+    return f"{len(got)} bytes that are not a part of it in order"
+
+
 class Gate:
     """The test's server's application: /slow waits until /fast has been handled, or gives
     up after WAIT seconds: a client that sends its requests on independent streams gets
     200 for both; one that waits for each response before the next request makes /slow
-    give up with 504."""
+    give up with 504. /pieces answers PIECES, a body in several DATA frames."""
 
     def __init__(self) -> None:
         self.fast_done = asyncio.Event()
 
-    async def handler(self, path: str) -> tuple[int, bytes]:
+    async def handler(self, path: str) -> tuple[int, Body]:
+        if path == "/pieces":
+            return 200, PIECES
         if path == "/slow":
             try:
                 await asyncio.wait_for(self.fast_done.wait(), WAIT)
@@ -153,6 +179,8 @@ class Observed:
     session_resumed: bool = False
     responses: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # paths, in the order they completed
+    reset: dict[str, int] = field(default_factory=dict)  # path -> the server's error code
+    closed: str | None = None  # how the server closed the connection, if it did
 
 
 class ProbeClient(QuicConnectionProtocol):
@@ -176,8 +204,12 @@ class ProbeClient(QuicConnectionProtocol):
             self.seen.session_resumed = event.session_resumed
             if not self.handshake.done():
                 self.handshake.set_result(None)
-        if isinstance(event, ConnectionTerminated) and not self.handshake.done():
-            self.handshake.set_exception(ConnectionError(event.reason_phrase))
+        if isinstance(event, ConnectionTerminated):
+            self.seen.closed = f"error code {event.error_code}: {event.reason_phrase!r}"
+            if not self.handshake.done():
+                self.handshake.set_exception(ConnectionError(event.reason_phrase))
+        if isinstance(event, StreamReset) and event.stream_id in self.paths:
+            self.seen.reset[self.paths[event.stream_id]] = event.error_code
         for h3_event in self.h3.handle_event(event):
             self._h3_event(h3_event)
 
@@ -209,9 +241,12 @@ class ProbeClient(QuicConnectionProtocol):
 async def probe(port: int, certs: Certs, paths: list[str],
                 ticket: SessionTicket | None = None,
                 on_complete: Callable[[str], None] = lambda path: None,
+                unanswered_ok: bool = False,
                 ) -> tuple[Observed, list[SessionTicket]]:
     """GET ``paths`` concurrently over one connection to the learner's server. With a
-    ticket, the requests are sent at once as 0-RTT data."""
+    ticket, the requests are sent at once as 0-RTT data. ``unanswered_ok``: a path left
+    without a response (its stream reset, the connection closed, or nothing within
+    WAIT * 2) is the caller's to judge, from what ``Observed`` holds."""
     config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=SERVER_NAME)
     config.load_verify_locations(certs.ca)
     config.session_ticket = ticket
@@ -224,6 +259,13 @@ async def probe(port: int, certs: Certs, paths: list[str],
         waits = {path: client.get(path) for path in paths}
         client.transmit()
         await bounded("the QUIC handshake with your server", client.handshake)
+        if unanswered_ok:
+            deadline = asyncio.get_running_loop().time() + WAIT * 2
+            while not (all(done.is_set() or path in client.seen.reset
+                           for path, done in waits.items()) or client.seen.closed) \
+                    and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            return copy.copy(client.seen), tickets  # before our own close is recorded
         for path, done in waits.items():
             try:
                 await asyncio.wait_for(done.wait(), WAIT * 2)
@@ -269,7 +311,7 @@ class ProbeServer(QuicConnectionProtocol):
 
     log: list[Arrival]
     alpns: list[str | None]
-    handler: Callable[[str], Awaitable[tuple[int, bytes]]]
+    handler: Callable[[str], Awaitable[tuple[int, Body]]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -303,8 +345,11 @@ class ProbeServer(QuicConnectionProtocol):
         status, body = await self.handler(self.paths[sid])
         assert self.h3 is not None
         self.h3.send_headers(sid, [(b":status", str(status).encode())])
-        self.h3.send_data(sid, body, end_stream=True)
-        self.transmit()
+        # A body given in pieces leaves as one DATA frame each, then an empty one with FIN.
+        pieces = [body] if isinstance(body, bytes) else [*body, b""]
+        for n, piece in enumerate(pieces, start=1):
+            self.h3.send_data(sid, piece, end_stream=n == len(pieces))
+            self.transmit()
 
 
 class TicketStore(dict[bytes, SessionTicket]):
@@ -323,7 +368,7 @@ class Probe:
     alpns: list[str | None]
 
 
-async def probe_server(certs: Certs, handler: Callable[[str], Awaitable[tuple[int, bytes]]]
+async def probe_server(certs: Certs, handler: Callable[[str], Awaitable[tuple[int, Body]]]
                        ) -> Probe:
     log: list[Arrival] = []
     alpns: list[str | None] = []
@@ -377,6 +422,37 @@ def test_server_speaks_h3_with_independent_streams(learner: Any, certs: Certs) -
         "stream.")
     assert seen.order == ["/fast", "/slow"], (
         f"responses completed in the order {seen.order}, expected /fast before /slow")
+
+
+def test_server_answers_a_failing_handler_with_500(learner: Any, certs: Certs) -> None:
+    """/boom's handler raises: its stream must still end in a response (500), and /fast
+    on the same connection is answered as usual."""
+    with learner_server(learner, certs) as server:
+        seen, _ = run(probe(server.port, certs, ["/boom", "/fast"], unanswered_ok=True))
+    boom = seen.responses.get("/boom")
+    fast = f"/fast on the same connection got {seen.responses.get('/fast')}"
+    why = ("Every request stream must end in a response: catch the handler's exception in "
+           "the stream's task and answer 500. One failing request must cost only its own "
+           "stream - not the connection, and not a client left waiting that cannot tell a "
+           "failure from a slow handler.")
+    if seen.closed and boom is None:
+        pytest.fail(f"your server closed the connection ({seen.closed}) when /boom's handler "
+                    f"raised RuntimeError; expected a 500 response on /boom's stream ({fast})"
+                    f"\n{why}", pytrace=False)
+    if "/boom" in seen.reset:
+        pytest.fail(f"your server reset /boom's stream (error code {seen.reset['/boom']}) "
+                    "when its handler raised RuntimeError; expected a 500 response on it "
+                    f"({fast})\nNo response has started yet: a 500 tells the client what "
+                    f"happened, a reset tells it nothing. {why}", pytrace=False)
+    assert boom is not None, (
+        f"/boom's handler raised RuntimeError and your server sent nothing on its stream "
+        f"for {WAIT * 2:.0f} s - no response, no reset ({fast}): the stream's task ended "
+        f"with the exception and the answer was forgotten\n{why}")
+    assert boom[0] == 500, (
+        f"/boom, whose handler raised RuntimeError, got status {boom[0]}, expected 500 "
+        f"(a server error)\n{why}")
+    assert seen.responses.get("/fast") == (200, b"/fast ok"), (
+        f"{fast}, expected (200, b'/fast ok') beside /boom's 500")
 
 
 def test_server_accepts_0rtt_on_resumption(learner: Any, certs: Certs) -> None:
@@ -435,6 +511,28 @@ def test_client_speaks_h3_with_independent_streams(learner: Any, certs: Certs) -
         "for the responses.")
     assert result.responses.get("/fast") == (200, b"/fast ok"), (
         f"/fast got {result.responses.get('/fast')}, expected (200, b'/fast ok')")
+
+
+def test_client_reassembles_a_body_sent_in_pieces(learner: Any, certs: Certs) -> None:
+    gate = Gate()
+
+    async def scenario() -> Any:
+        probe = await probe_server(certs, gate.handler)
+        try:
+            return await fetched(learner, probe, certs, ["/pieces"])
+        finally:
+            probe.server.close()
+
+    result = run(scenario())
+    whole = b"".join(PIECES)
+    status, got = result.responses.get("/pieces", (None, b""))
+    assert (status, got) == (200, whole), (
+        f"/pieces got status {status} and {which_pieces(got)}, expected 200 and the whole "
+        f"{len(whole)}-byte body, which the server sent as {len(PIECES)} DATA frames and an "
+        "empty one ending the stream\nA QUIC stream is a byte stream delivered in pieces: "
+        "one response body comes as many DataReceived events on its stream. Append each "
+        "event's data to that stream's body, and take the body only when an event has "
+        "stream_ended set.")
 
 
 def test_client_resumes_with_0rtt(learner: Any, certs: Certs) -> None:

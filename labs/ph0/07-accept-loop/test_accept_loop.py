@@ -6,12 +6,14 @@ run's connections sit in TIME_WAIT, SIGTERM, and no sanitizer report on stderr.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
 import socket
 import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +23,20 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import listening_ports, process_resources, program_reading
+from labrunner.testing import (
+    cpu_burnt_while_idle,
+    listening_ports,
+    process_activity,
+    process_resources,
+    program_reading,
+)
 
 READY = 3.0      # seconds for the server to print "listening on <port>"
 WAIT = 3.0       # seconds for an echo, or for the process to exit after SIGTERM
 STREAM_WAIT = 20.0  # upper bound for a short-write echo to end (EOF ends it long before)
 CLIENTS = 50
+BUSY_CPU = 1.0   # CPU seconds a server with nothing to do may burn, never seen asleep
+FD_LIMIT = 32    # RLIMIT_NOFILE of the server that runs out of descriptors
 SANITIZER_REPORT = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
@@ -125,9 +135,13 @@ class Server:
 def launcher(binary: Path, learner: Any) -> Iterator[Any]:
     started: list[Server] = []
 
-    def start(port: int = 0, what: str = "starting the server") -> Server:
+    def start(port: int = 0, what: str = "starting the server",
+              descriptors: int | None = None) -> Server:
+        # descriptors: the process's RLIMIT_NOFILE (prlimit execs the binary: same pid).
+        limit = ["prlimit", f"--nofile={descriptors}:{descriptors}", "--"] \
+            if descriptors else []
         # learner.popen: when grading, the learner's binary runs as the learner's uid.
-        proc = learner.popen([str(binary), str(port)], stdout=subprocess.PIPE,
+        proc = learner.popen([*limit, str(binary), str(port)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env={**os.environ, **SANITIZER_ENV})
         server = Server(proc, learner=learner)
         started.append(server)
@@ -349,6 +363,89 @@ def test_reset_connections_are_closed(launch: Any) -> None:
     stop_cleanly(server)
 
 
+def _exit_note(server: Server) -> str:
+    """'the server exited with status N (stderr ...)' once it has, else ''."""
+    try:
+        status = server.proc.wait(WAIT)
+    except subprocess.TimeoutExpired:
+        return ""
+    tail = server.stderr.decode(errors="replace").strip()[-300:]
+    return f"the server exited with status {status} (stderr ends: {tail!r})"
+
+
+def waits_while_full(server: Server, clients: int) -> None:
+    """At its limit of descriptors, with clients queued, the server can do nothing until one
+    leaves: seen asleep all along between two readings, it waits as it should; BUSY_CPU s
+    of CPU burnt without once being seen so is a busy loop (ppoll reports the queued
+    connection again at once, accept fails with EMFILE again, and again). Neither within
+    STREAM_WAIT: nothing is decided."""
+    burnt = cpu_burnt_while_idle(lambda: server.read(process_activity), BUSY_CPU, STREAM_WAIT)
+    if burnt is not None and server.proc.poll() is None:
+        pytest.fail(
+            f"with RLIMIT_NOFILE {FD_LIMIT} and {clients} clients, the server holds all "
+            "the descriptors it may and clients wait in its queue: nothing can happen "
+            f"until one leaves, yet it used {burnt:.1f} s of CPU and was never seen "
+            "asleep - a busy loop\npoll() reports the queued connection again at once "
+            "and accept() fails with EMFILE again, and again (with a perror each time). "
+            "After such an error, wait a little (a short sleep or poll timeout) before "
+            "accepting again.", pytrace=False)
+
+
+def test_running_out_of_descriptors_costs_no_connection(launch: Any) -> None:
+    """With RLIMIT_NOFILE 32 and more clients than that, accept() fails with EMFILE: that
+    concerns the pending connection, not the listening socket. The server must keep its
+    open connections and accept the waiting ones once descriptors are free again."""
+    server = launch(descriptors=FD_LIMIT)
+    steady = connect(server.port)
+    crowd: list[socket.socket] = []
+    try:
+        steady.sendall(b"steady 1\n")
+        assert recv_exactly(steady, 9) == b"steady 1\n", "the server did not echo"
+        for _ in range(FD_LIMIT + 8):  # more clients than it can hold
+            try:
+                crowd.append(connect(server.port))
+            except OSError:   # refused: the server is gone already
+                break
+        for n, sock in enumerate(crowd):
+            try:
+                sock.sendall(b"crowd %02d\n" % n)
+            except OSError:   # the server is gone already: the message below says so
+                pass
+        deadline = time.monotonic() + 10 * WAIT  # until its descriptors run out (or it exits)
+        while server.proc.poll() is None and time.monotonic() < deadline:
+            if server.descriptors() >= FD_LIMIT:
+                break
+            time.sleep(0.02)
+        if server.proc.poll() is None:
+            waits_while_full(server, len(crowd) + 1)
+        half = len(crowd) // 2
+        for sock in crowd[:half]:  # their descriptors free up: the waiting ones fit now
+            sock.close()
+        try:
+            steady.sendall(b"steady 2\n")
+            kept = recv_exactly(steady, 9) == b"steady 2\n"
+        except OSError:   # the server is gone: its end reset the connection
+            kept = False
+        lost = [] if kept else ["the client connected all along"]
+        deadline = time.monotonic() + 3 * WAIT
+        lost += [f"crowd {n:02d}" for n, sock in enumerate(crowd[half:], half)
+                 if recv_exactly(sock, 9, deadline) != b"crowd %02d\n" % n]
+    finally:
+        for sock in (steady, *crowd):
+            sock.close()
+    if lost:
+        pytest.fail(
+            f"with RLIMIT_NOFILE {FD_LIMIT} and {len(crowd) + 1} clients, accept() ran out of "
+            f"descriptors (EMFILE); after {half} clients left, {len(lost)} got no echo "
+            f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}), expected every one; "
+            f"{_exit_note(server) or 'the server is still running'}\nA failed accept() "
+            "concerns one pending connection or a momentary shortage (EMFILE, ENFILE, "
+            "ENOBUFS, ENOMEM, ECONNABORTED, EPROTO), not the listening socket: report it and "
+            "go on accepting. Ending the loop (or exit()) drops every live connection and "
+            "refuses every later client.", pytrace=False)
+    stop_cleanly(server)
+
+
 def test_restarts_on_the_same_port_right_after_stop(launch: Any) -> None:
     first = launch()
     port = first.port
@@ -377,3 +474,137 @@ def test_restarts_on_the_same_port_right_after_stop(launch: Any) -> None:
                ": bind() the port given in argv[1]"), pytrace=False)
     assert echo_once(port, b"again\n") == b"again\n", "the restarted server did not echo"
     stop_cleanly(second)
+
+
+CLOSE_WAIT = "08"  # /proc/net/tcp's state for "the peer's FIN arrived, we have not closed"
+STILL = 0.03       # seconds a server's unread byte count must hold still to count as stalled
+CHUNK = 1 << 16    # bytes the leaving client sends between two looks at the server
+
+
+def server_side(port: int, client_port: int) -> tuple[str, int] | None:
+    """The server's end of one connection in /proc/net/tcp: (state, bytes received that
+    the server has not read yet; a FIN that arrived counts as one), or None when the row
+    was not seen (the table is read in pieces, and a busy table can skip a row)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+        if (local, remote) == (port, client_port):
+            return fields[3], int(fields[4].split(":")[1], 16)
+    return None
+
+
+def stalled_side(port: int, client_port: int) -> tuple[str, int] | None:
+    """The server's end of the connection when it has stopped reading: the same unread
+    byte count (beyond a FIN) twice, STILL seconds apart. A server that is only slow -
+    descheduled, its send buffer not yet full - moves on between the two looks; a stalled
+    one is blocked in send(), its send buffer full of echo the client does not read."""
+    first = server_side(port, client_port)
+    if first is None or first[1] <= 1:
+        return None
+    time.sleep(STILL)
+    second = server_side(port, client_port)
+    return second if second == first else None
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    """Bytes this socket has sent (or queued) that its peer has not acknowledged yet."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                              struct.pack("i", 0)))[0])
+
+
+def leave_mid_echo(server: Server) -> bool:
+    """One client sends without reading its echo until the server stalls (blocked in
+    send(), its buffers full), half-closes (FIN) and, once the FIN has reached the server
+    while it is still stalled with bytes to echo (CLOSE_WAIT), resets (RST). True when it
+    got there: the server's blocked send() then fails with EPIPE.
+
+    Why stalled, not just behind: a server that is merely slow may echo everything it
+    holds into a roomy send buffer, read the FIN and close in the moment between the last
+    look and the RST; then no send() ever meets the reset, and a server that dies of
+    SIGPIPE would survive the check."""
+    leaver = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    leaver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # fixed: no autotuning
+    leaver.settimeout(WAIT)
+    leaver.connect(("127.0.0.1", server.port))
+    client_port = leaver.getsockname()[1]
+    leaver.setblocking(False)
+    chunk = os.urandom(CHUNK)
+    armed = False
+    deadline = time.monotonic() + STREAM_WAIT
+    try:
+        while time.monotonic() < deadline and server.proc.poll() is None:
+            try:
+                leaver.send(chunk)  # a chunk at a time: little is in flight when it stalls
+            except BlockingIOError:  # every buffer on the way is full
+                time.sleep(0.005)
+            side = server_side(server.port, client_port)
+            if (side is not None and side[1] >= CHUNK
+                    and stalled_side(server.port, client_port) is not None):
+                break
+        leaver.shutdown(socket.SHUT_WR)  # our FIN, behind any data still on its way
+        deadline = min(deadline, time.monotonic() + WAIT)
+        while time.monotonic() < deadline and server.proc.poll() is None:
+            side = server_side(server.port, client_port)
+            if side is not None and side[0] == CLOSE_WAIT:
+                if side[1] <= 1:
+                    break  # it caught up: only the FIN is left to read, try again
+                if stalled_side(server.port, client_port) is not None:
+                    armed = True
+                    break
+            elif (side is not None and unacknowledged(leaver) > 1
+                    and stalled_side(server.port, client_port) is not None):
+                # Our last data and FIN wait for room in the stalled server's full receive
+                # buffer: read a little echo, so that it sends, reads and makes room.
+                try:
+                    leaver.recv(1 << 14)
+                except BlockingIOError:
+                    pass
+            time.sleep(0.01)
+    except OSError:
+        pass  # the server closed or died: the caller says so
+    leaver.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    leaver.close()  # RST: in CLOSE_WAIT, the server's next send() gets EPIPE
+    return armed
+
+
+def test_a_client_that_leaves_mid_echo_costs_only_its_connection(launch: Any) -> None:
+    """A client leaves (FIN, then RST) while the server still has bytes to echo to it: the
+    server's next send() fails with EPIPE - and, without MSG_NOSIGNAL (or SIGPIPE
+    ignored), raises SIGPIPE, whose default action ends the whole process."""
+    server = launch()
+    bystander = connect(server.port)  # another client, connected all along
+    bystander.sendall(b"before\n")
+    assert recv_exactly(bystander, 7) == b"before\n", "the server did not echo"
+    before = server.descriptors()
+    for _attempt in range(3):  # the buffers' sizes are the kernel's: try until one lands
+        if leave_mid_echo(server) or server.proc.poll() is not None:
+            break
+    deadline = time.monotonic() + STREAM_WAIT
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        if server.descriptors() <= before:
+            break  # the server closed the connection and lives on
+        time.sleep(0.02)
+    status = server.proc.poll()
+    try:
+        bystander.sendall(b"after\n")
+        echoed = recv_exactly(bystander, 6)
+    except OSError:
+        echoed = b""
+    finally:
+        bystander.close()
+    if status is not None:
+        killed = (f"was killed by {signal.Signals(-status).name}" if status < 0
+                  else f"exited with status {status}")
+        pytest.fail(
+            f"a client that closed its connection while the server was still echoing to it "
+            f"took the whole server down: the process {killed}, and the other client's "
+            "connection went with it; expected only that connection to end\n"
+            "send() to a peer that has gone fails with EPIPE and, by default, also raises "
+            "SIGPIPE, whose default action kills the process. A peer that leaves is an "
+            "ordinary error: send(fd, buf, n, MSG_NOSIGNAL) (or ignore SIGPIPE once in "
+            "main()), take the -1/EPIPE as the end of that connection, close it, and keep "
+            "serving the others.", pytrace=False)
+    assert echoed == b"after\n", (
+        f"after another client left mid-echo, a client connected all along got {echoed!r} "
+        "back, expected b'after\\n': one client leaving must cost only its own connection")
+    stop_cleanly(server)

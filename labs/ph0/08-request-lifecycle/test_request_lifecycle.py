@@ -72,6 +72,9 @@ def db(postgres: Any) -> Db:
     return database
 
 
+BREAK_SECRET = "lab: middleware bug (internal detail)"
+
+
 @dataclass
 class Trace:
     """Records the test's own middleware as the learner's chain calls it."""
@@ -83,11 +86,16 @@ class Trace:
     def middleware(self, name: str) -> Callable[[Any, Callable[[Any], Any]], Any]:
         def middleware(request: Any, next_: Callable[[Any], Any]) -> Any:
             self.events.append(f"{name}>")
+            headers = dict(request.headers)
             if name == "outer":
-                headers = dict(request.headers)
                 self.request_ids.append(headers.get("x-request-id"))
                 self.header_names = list(headers)
+            # A middleware with a bug: X-Lab-Break: <name> before|after makes it raise.
+            if headers.get("x-lab-break") == f"{name} before":
+                raise RuntimeError(f"{BREAK_SECRET} ({name}, before next)")
             response = next_(request)
+            if headers.get("x-lab-break") == f"{name} after":
+                raise RuntimeError(f"{BREAK_SECRET} ({name}, after next)")
             self.events.append(f"<{name}")
             response.headers[f"X-Seen-By-{name.title()}"] = "yes"
             return response
@@ -236,6 +244,69 @@ def test_router_answers_404_and_405_itself(api: Api) -> None:
         f"the middleware chain ran for requests the router rejected: {api.trace.events}\n"
         "Only a matched route enters the middleware chain.")
     expect_reads(api, before, 0, "requests the router rejected", "No route, no handler.")
+
+
+# Requests whose body no route uses, each answered before any handler could read it: the
+# router's 405 and 404, and a public route. Each is followed, on the same kept-alive
+# connection, by GET /health.
+UNUSED_BODIES = (("POST", "/users/4242", 405), ("DELETE", "/nope", 404),
+                 ("GET", "/health", 200))
+
+
+def two_on_one_connection(port: int, method: str, path: str, body: bytes
+                          ) -> tuple[int, int, bytes]:
+    """``method path`` with ``body``, then GET /health, on one connection (a new one only
+    if the server closed the first, as HTTP/1.0 or 'Connection: close' say): the first
+    status, the second status and body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "text/plain"})
+        first = conn.getresponse()
+        first.read()
+        conn.request("GET", "/health")
+        second = conn.getresponse()
+        return first.status, second.status, second.read()
+    except (TimeoutError, http.client.HTTPException, ConnectionError) as exc:
+        problem = (f"{method} {path} with a {len(body)}-byte body, then GET /health on the "
+                   f"same connection: no answer ({type(exc).__name__}: {exc}), expected "
+                   "both answered")
+    finally:
+        conn.close()
+    pytest.fail(problem, pytrace=False)
+
+
+def json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def test_request_body_is_read_even_when_no_route_uses_it(api: Api) -> None:
+    """A body is part of the request: the parse stage reads all Content-Length bytes of it
+    before the router answers, or the next request on a kept-alive connection is framed at
+    the wrong byte. The body here is itself a request: left unread, it is executed."""
+    user = add_user(api.db)
+    port = api.start()
+    before = api.db.reads()
+    smuggled = (f"GET /users/{user['id']} HTTP/1.1\r\nHost: lab.test\r\n"
+                f"Authorization: Bearer {TOKEN}\r\n\r\n").encode()
+    for method, path, status in UNUSED_BODIES:
+        what = f"{method} {path} with a body ({len(smuggled)} bytes)"
+        got, health, body = two_on_one_connection(port, method, path, smuggled)
+        assert got == status, f"{what} returned {got}, expected {status}"
+        assert health == 200 and json_or_none(body) == {"status": "ok"}, (
+            f"{what}, then GET /health on the same connection: the second answer was "
+            f"{health} {body[:120]!r}, expected 200 {{\"status\": \"ok\"}}: the body (the "
+            f"text of a request for /users/{user['id']}) was left unread and run as the next "
+            "request\nOn a kept-alive HTTP/1.1 connection the bytes of an unread body are "
+            "taken for the next request: a client's body executed as a request (request "
+            "smuggling). Parsing a request "
+            "means reading all of it - the head and Content-Length bytes of body "
+            "(self.rfile.read(length)) - before routing answers, whatever the method and "
+            "even when the route refuses it.")
+    expect_reads(api, before, 0, "requests whose body held a request for a user",
+                 "A request body is data, never a request of its own.")
 
 
 def test_missing_row_is_404_from_the_handler(api: Api) -> None:
@@ -412,3 +483,40 @@ def test_a_slow_request_does_not_block_others(api: Api) -> None:
     assert slow and isinstance(slow[0], HttpReply) and slow[0].status == 200, (
         f"the GET /users/{user['id']} held by the lock did not complete once released: "
         f"{slow[0] if slow else 'no answer'}")
+
+
+BREAKS = {  # X-Lab-Break value -> where the test's middleware raises, as a message says it
+    "outer before": "the outer middleware raised before calling next",
+    "inner after": "the inner middleware raised after the handler had answered",
+}
+
+
+@pytest.mark.parametrize("where", list(BREAKS))
+def test_any_failure_in_the_pipeline_is_a_500(api: Api, where: str) -> None:
+    """Not only the query can fail: a middleware (or anything after the handler) that
+    raises must still end in a JSON 500, never in a dropped connection."""
+    user = add_user(api.db)
+    port = api.start()
+    what = f"GET /users/{user['id']} where {BREAKS[where]}"
+    why = ("The request lifecycle turns every failure into a response - a middleware's, the "
+           "handler's, the serializer's - not only the database's: catch exceptions around "
+           "the whole chain (or where the server calls the app) and answer 500 with a JSON "
+           "error that shows none of the exception's text.")
+    try:
+        reply = http_request(f"127.0.0.1:{port}", "GET", f"/users/{user['id']}",
+                             headers={"Authorization": f"Bearer {TOKEN}",
+                                      "X-Lab-Break": where}, timeout=WAIT)
+    except (TimeoutError, http.client.HTTPException, ConnectionError) as exc:
+        problem = (f"{what}: the server sent no response ({type(exc).__name__}), expected "
+                   f"500 with a JSON error: the exception escaped into http.server, which "
+                   f"drops the connection\n{why}")
+    else:
+        problem = ""
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    body = reply.body.decode(errors="replace")
+    assert reply.status == 500, (
+        f"{what}: the response was {reply.status} {reply.body[:100]!r}, expected 500\n{why}")
+    assert isinstance(reply.json(), dict) and BREAK_SECRET not in body, (
+        f"{what}: the 500 said {reply.body[:200]!r}, expected a JSON error that does not "
+        f"repeat the exception's message (it tells a caller about your internals)\n{why}")

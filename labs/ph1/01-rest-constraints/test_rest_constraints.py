@@ -2,14 +2,22 @@
 
 The learner's make_app(dsn) is served by real HTTP servers (wsgiref, threaded, 127.0.0.1:0)
 and driven with http.client. Two servers over the same database stand for two instances
-behind a load balancer: whatever one instance answers, the other must answer the same.
+behind a load balancer: whatever one instance answers, the other must answer the same. The
+second instance runs in a Python process of its own (as on another machine, or after a
+restart), with another hash seed: a tag that depends on the process - a salt, a pid, a start
+time, Python's built-in hash(), salted per process - differs there.
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import re
+import subprocess
+import sys
+import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -37,11 +45,77 @@ def dsn(postgres: Any) -> str:
 
 
 @pytest.fixture
-def instances(learner: Any, dsn: str) -> Iterator[list[str]]:
-    """Two independent app instances (two make_app calls, two servers) on one database."""
+def host(learner: Any, dsn: str) -> Iterator[str]:
+    """Instance A: make_app(dsn) served in this process (or the learner's, when grading)."""
     make_app = learner.function("users_api", "make_app")
-    with ExitStack() as stack:
-        yield [stack.enter_context(serve_wsgi(make_app(dsn))) for _ in range(2)]
+    with serve_wsgi(make_app(dsn)) as address:
+        yield address
+
+
+# Instance B: users_api.make_app(dsn) served by wsgiref in a process of its own; it prints
+# its port once it listens.
+OWN_PROCESS_INSTANCE = """
+import socketserver, sys
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from users_api import make_app
+
+class Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+server = make_server("127.0.0.1", 0, make_app(sys.argv[1]), Server, Quiet)
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+
+
+def other_hash_seed() -> str:
+    """A PYTHONHASHSEED unlike this process's: hash() of the same bytes then differs."""
+    mine = os.environ.get("PYTHONHASHSEED", "")
+    return str((int(mine) + 1) % 2**32) if mine.isdigit() else "1"
+
+
+@pytest.fixture
+def other_process(learner: Any, dsn: str) -> Iterator[str]:
+    """Instance B: the learner's app in a Python process of its own, as another machine
+    behind the load balancer (or the same service after a restart) runs it. learner.popen:
+    when grading it runs as the learner's uid."""
+    learner.path("users_api.py")
+    with tempfile.TemporaryFile() as errors:
+        proc = learner.popen(
+            [sys.executable, "-c", OWN_PROCESS_INSTANCE, dsn], stdout=subprocess.PIPE,
+            stderr=errors, cwd=learner.dir,
+            env={**os.environ, "PYTHONPATH": str(learner.dir),
+                 "PYTHONHASHSEED": other_hash_seed()})
+        try:
+            yield f"127.0.0.1:{listening_port(proc, errors)}"
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def listening_port(proc: subprocess.Popen[bytes], errors: Any) -> int:
+    lines: queue.Queue[bytes] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()),  # type: ignore[union-attr]
+                     daemon=True).start()
+    try:
+        line = lines.get(timeout=45)
+    except queue.Empty:
+        pytest.fail("instance B (make_app(dsn) served in a Python process of its own) did not "
+                    "start listening within 45 s: does make_app() block?")
+    if not line.strip().isdigit():
+        proc.wait()
+        errors.seek(0)
+        pytest.fail(f"instance B (users_api imported and make_app(dsn) served in a Python "
+                    f"process of its own) exited with status {proc.returncode} before "
+                    f"listening:\n{errors.read().decode(errors='replace')[-2000:]}")
+    return int(line)
 
 
 def get_ok(host: str, path: str, headers: dict[str, str] | None = None) -> HttpReply:
@@ -76,11 +150,24 @@ def assert_not_modified(host: str, path: str, etag: str, because: str,
         "or the cache that revalidated no longer knows how long its copy stays fresh")
 
 
+def assert_same_etag(a: str, b: str, path: str) -> HttpReply:
+    """GET path on instance A (this process) and B (a process of its own): same body, so the
+    same ETag. Returns A's reply."""
+    on_a, on_b = get_ok(a, path), get_ok(b, path)
+    assert on_a.body != on_b.body or on_a.header("ETag") == on_b.header("ETag"), (
+        f"GET {path}: instance A sent ETag {on_a.header('ETag')} and instance B, running in a "
+        f"Python process of its own, sent {on_b.header('ETag')} for the same body: expected "
+        "one tag, a function of the representation alone; this one depends on the process "
+        "(a salt, a pid, a start time, or Python's built-in hash(), which is salted per "
+        "process - PYTHONHASHSEED), so every other instance, and the same one after a "
+        "restart, misses every cached copy: use a digest of the bytes (hashlib.sha256)")
+    return on_a
+
+
 # ---- the verification -------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["/users/1", "/users"])
-def test_conditional_get_answers_304(instances: list[str], path: str) -> None:
-    host = instances[0]
+def test_conditional_get_answers_304(host: str, path: str) -> None:
     first = get_ok(host, path)
     etag = first.header("ETag") or ""
     assert_not_modified(host, path, etag,
@@ -100,8 +187,7 @@ def test_conditional_get_answers_304(instances: list[str], path: str) -> None:
         f"{stale.status}: only a matching tag allows 304")
 
 
-def test_changed_resource_gets_new_etag(instances: list[str], dsn: str, postgres: Any) -> None:
-    host = instances[0]
+def test_changed_resource_gets_new_etag(host: str, dsn: str, postgres: Any) -> None:
     before = get_ok(host, "/users/1")
     old_tag = before.header("ETag") or ""
     with postgres.connect(autocommit=True) as conn:  # another writer changes the row
@@ -118,8 +204,7 @@ def test_changed_resource_gets_new_etag(instances: list[str], dsn: str, postgres
         "GET /users/1: the data changed but the ETag did not: a cache would keep the old copy")
 
 
-def test_collection_etag_follows_every_field(instances: list[str], postgres: Any) -> None:
-    host = instances[0]
+def test_collection_etag_follows_every_field(host: str, postgres: Any) -> None:
     old_tag = get_ok(host, "/users").header("ETag") or ""
     with postgres.connect(autocommit=True) as conn:  # same rows, same ids: one name changes
         conn.execute("UPDATE users SET name = 'Alan M. Turing' WHERE id = 2")
@@ -131,8 +216,7 @@ def test_collection_etag_follows_every_field(instances: list[str], postgres: Any
         "or the count")
 
 
-def test_collection_is_ordered_by_id(instances: list[str], postgres: Any) -> None:
-    host = instances[0]
+def test_collection_is_ordered_by_id(host: str, postgres: Any) -> None:
     with postgres.connect(autocommit=True) as conn:
         conn.execute("INSERT INTO users (name, email) SELECT 'User ' || n, 'u' || n || "
                      "'@example.com' FROM generate_series(3, 8) AS n")
@@ -146,9 +230,34 @@ def test_collection_is_ordered_by_id(instances: list[str], postgres: Any) -> Non
         "row is updated - so the list, and its ETag, would change with no change of data")
 
 
-def test_missing_user_is_404(instances: list[str]) -> None:
+# PUT replaces the whole representation: a body that is not a complete user is refused and
+# changes nothing. Each shape of "merge instead of replace" keeps some stored field the
+# client never sent (COALESCE, {**row, **body}, a SET list built from the keys present).
+INCOMPLETE_PUTS = [
+    ({"name": "Bob"}, "no email"),
+    ({"email": "bob@example.com"}, "no name"),
+    ({}, "neither name nor email"),
+    ({"name": "Bob", "email": None}, "email null"),
+    ({"name": None, "email": "bob@example.com"}, "name null"),
+]
+
+
+def test_put_with_incomplete_body_is_refused(host: str) -> None:
+    before = get_ok(host, "/users/1").json()
+    for body, what in INCOMPLETE_PUTS:
+        reply = call(host, "PUT", "/users/1", body)
+        after = get_ok(host, "/users/1").json()
+        assert 400 <= reply.status < 500 and after == before, (
+            f"PUT /users/1 with {body} ({what}) when the user is {before}: expected 400 or "
+            f"422 and the user unchanged, saw {reply.status} and the user is now {after}: "
+            "PUT sets the resource to the representation sent - a complete replacement - so "
+            "a body missing a field is refused, not merged with the stored row (keeping "
+            "fields the client never sent is PATCH's job)")
+
+
+def test_missing_user_is_404(host: str) -> None:
     for method in ("GET", "PUT", "DELETE"):
-        missing_user_is_404(instances[0], method)
+        missing_user_is_404(host, method)
 
 
 def missing_user_is_404(host: str, method: str) -> None:
@@ -162,8 +271,8 @@ def missing_user_is_404(host: str, method: str) -> None:
         "nothing - a 2xx tells the client the operation happened")
 
 
-def test_two_instances_share_no_session(instances: list[str]) -> None:
-    a, b = instances
+def test_two_instances_share_no_session(host: str, other_process: str) -> None:
+    a, b = host, other_process
     created = call(a, "POST", "/users", {"name": "Grace Hopper", "email": "grace@example.com"})
     assert created.status == 201, (
         f"POST /users on instance A: expected 201 Created, saw {created.status} "
@@ -180,11 +289,8 @@ def test_two_instances_share_no_session(instances: list[str]) -> None:
     assert on_b.json() == created.json(), (
         f"GET {path} on instance B: expected the user created on A {created.json()!r}, saw "
         f"{on_b.json()!r}: instances must share state only through the database")
-    on_a = get_ok(a, path)
-    assert on_a.header("ETag") == on_b.header("ETag"), (
-        f"GET {path}: instance A sent ETag {on_a.header('ETag')} and B sent "
-        f"{on_b.header('ETag')} for the same data: derive the tag from the representation, "
-        "not from something local to one process")
+    on_a = assert_same_etag(a, b, path)
+    assert_same_etag(a, b, "/users")
     assert_not_modified(b, path, on_a.header("ETag") or "",
                         "a tag issued by instance A must be honoured by instance B")
 
@@ -215,9 +321,9 @@ def test_two_instances_share_no_session(instances: list[str]) -> None:
     ("PATCH", "/users", {"GET", "POST"}),
     ("POST", "/users/1", {"GET", "PUT", "DELETE"}),
 ])
-def test_uniform_interface_405(instances: list[str], method: str, path: str,
+def test_uniform_interface_405(host: str, method: str, path: str,
                                allowed: set[str]) -> None:
-    reply = call(instances[0], method, path, {"name": "x", "email": "x@example.com"})
+    reply = call(host, method, path, {"name": "x", "email": "x@example.com"})
     assert reply.status == 405, (
         f"{method} {path}: expected 405 Method Not Allowed, saw {reply.status}: the resource "
         "exists, the method does not apply to it")
@@ -228,8 +334,8 @@ def test_uniform_interface_405(instances: list[str], method: str, path: str,
 
 
 @pytest.mark.parametrize("path", ["/getUsers", "/user/1", "/users/1/delete", "/users/abc"])
-def test_only_nouns_are_resources(instances: list[str], path: str) -> None:
-    reply = call(instances[0], "GET", path)
+def test_only_nouns_are_resources(host: str, path: str) -> None:
+    reply = call(host, "GET", path)
     assert reply.status == 404, (
         f"GET {path}: expected 404, saw {reply.status}: resources are plural nouns "
         "(/users, /users/<id>); the HTTP method is the verb")

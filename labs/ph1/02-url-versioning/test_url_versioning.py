@@ -222,6 +222,36 @@ def test_accept_is_parsed_as_media_ranges(host: str, accept: str, version: int) 
     check_collection(reply, 1, version, what)
 
 
+@pytest.mark.parametrize(("accept", "version"), [
+    ("Application/Vnd.Shop+JSON;version=2", 2),                    # the type and subtype
+    (f"{VENDOR}; Version=2", 2),                                   # a parameter's name
+    (f"{VENDOR};version=1;Q=0.4, {VENDOR};version=2", 2),           # q's name
+    ("APPLICATION/JSON", 1),                                       # generic JSON
+])
+def test_accept_is_case_insensitive(host: str, accept: str, version: int) -> None:
+    reply = get(host, "/users/1/orders", {"Accept": accept})
+    what = f"GET /users/1/orders with Accept: {accept}"
+    served = served_version(reply)
+    assert served == version, (
+        f"{what}: expected 200 with version {version}, saw {reply.status} "
+        f"{'version ' + str(served) if served else reply.body[:80]!r}: media types and "
+        "parameter names are case-insensitive (RFC 9110 8.3.1, 12.5.1), so a client may write "
+        "Application/Vnd.Shop+JSON or Version=2 or Q=0.4 - lower-case the type/subtype and "
+        "each parameter name before comparing, or the client's spelling picks its contract")
+    check_collection(reply, 1, version, what)
+
+
+def served_version(reply: HttpReply) -> int | None:
+    """The version a 200 says it carries (Content-Type's version parameter), else None."""
+    if reply.status != 200:
+        return None
+    for param in reply.headers.get("Content-Type", "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "version" and value.strip().strip('"').isdigit():
+            return int(value.strip().strip('"'))
+    return None
+
+
 def test_q_zero_means_not_acceptable(host: str) -> None:
     for accept in (f"{VENDOR};version=2;q=0",                    # q=0: NOT acceptable
                    f"{VENDOR};version=2;q=0, {VENDOR};version=3"):

@@ -40,13 +40,14 @@ CREATE TABLE idempotency_keys (
 INSERT INTO users VALUES (1, 'Ada Lovelace', 'ada@example.com');
 """
 ORDER = {"user_id": 1, "item": "keyboard", "quantity": 2}
+NEW_USER = 99  # no such user until test_failed_attempt_does_not_burn_the_key adds it
 CONCURRENT = 4
 
 
 # ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
 def post_order(host: str, key: str | None, order: dict[str, Any] = ORDER) -> HttpReply:
-    return call(host, "POST", "/orders", order, {"Idempotency-Key": key} if key else {})
+    return call(host, "POST", "/orders", order, {} if key is None else {"Idempotency-Key": key})
 
 
 # ---- fixtures and checks ----------------------------------------------------------------
@@ -186,12 +187,29 @@ def test_delete_is_idempotent(instances: list[str], db: Any) -> None:
     assert left == [1], f"after DELETE /users/8 expected users [1] to remain, saw {left}"
 
 
-def test_post_needs_a_key(instances: list[str], db: Any) -> None:
-    reply = post_order(instances[0], None)
-    assert reply.status == 400, (
-        f"POST /orders without Idempotency-Key: expected 400, saw {reply.status}: without a "
-        "key the server cannot tell a retry from a second order")
-    assert order_count(db) == 0, "POST /orders without a key must not create an order"
+# A key names one client's attempt. An empty or blank value (an unset template variable)
+# names nothing: taken as the key "", every such POST from every client is one attempt.
+MISSING_KEYS = [
+    (None, "without Idempotency-Key",
+     "without a key the server cannot tell a retry from a second order"),
+    ("", "with an empty Idempotency-Key header",
+     "an empty key names no attempt, so it is no key: taken as the key '', every blank-keyed "
+     "POST from every client would be one attempt (later ones handed the first one's order), "
+     "and taken as 'no deduplication' a retry would create a second order"),
+    ("   ", "with a blank Idempotency-Key header ('   ')",
+     "a blank key names no attempt, so it is no key, just like an empty one"),
+]
+
+
+@pytest.mark.parametrize(("key", "how", "why"), MISSING_KEYS, ids=["absent", "empty", "blank"])
+def test_post_needs_a_key(instances: list[str], db: Any, key: str | None, how: str,
+                          why: str) -> None:
+    for host in instances:  # twice: a second blank-keyed POST must not replay the first
+        reply = post_order(host, key)
+        assert reply.status == 400, (
+            f"POST /orders {how}: expected 400, saw {reply.status} {reply.body[:200]!r}: "
+            f"{why}")
+    assert order_count(db) == 0, f"POST /orders {how} must not create an order"
 
 
 def test_replayed_key_returns_the_stored_response(instances: list[str], db: Any) -> None:
@@ -233,6 +251,39 @@ def test_key_reused_for_another_request_is_422(instances: list[str], db: Any) ->
         "the client reused a key for a different request, which is its error; replaying the "
         "old response would silently drop the new order")
     assert_one_order(db, 2, "conflicting")
+
+
+def test_failed_attempt_does_not_burn_the_key(instances: list[str], db: Any) -> None:
+    """An attempt that fails after claiming its key (the order names a user who does not
+    exist yet) must not leave the key claimed without a response: once the user exists, a
+    retry with the key creates the order (the claim was rolled back with the attempt), or
+    replays the stored error - never a 5xx, on any instance."""
+    key, order = str(uuid.uuid4()), {**ORDER, "user_id": NEW_USER}
+    failed = post_order(instances[0], key, order)
+    assert 400 <= failed.status < 500, (
+        f"POST /orders for user {NEW_USER}, who does not exist: expected 422 (the order names "
+        f"no user: the client's error), saw {failed.status} {failed.body[:200]!r}")
+    assert order_count(db) == 0, f"a POST for a missing user {NEW_USER} created an order"
+    rows(db, "INSERT INTO users VALUES (%s, 'Edsger Dijkstra', 'edsger@example.com') "
+         "RETURNING id", NEW_USER)
+    retry = post_order(instances[1], key, order)
+    created = retry.status == 201 and order_count(db) == 1
+    replayed = (retry.status, retry.body) == (failed.status, failed.body)
+    assert created or replayed, (
+        f"POST /orders with an Idempotency-Key for user {NEW_USER} answered {failed.status}; "
+        f"once the user existed, the same POST with the same key answered {retry.status} "
+        f"{retry.body[:150]!r}: expected 201 with the order (the failed attempt's key claim "
+        "rolled back with it) or the stored first answer replayed exactly - the failed "
+        "attempt committed its key claim without a response, so every retry with the key "
+        "finds it half-done. The claim and the response commit together or not at all: "
+        "claim the key in the order's transaction and answer an error by rolling that "
+        "transaction back (raise), never by returning from inside it or committing the "
+        "claim on its own")
+    assert_same_reply(retry, post_order(instances[0], key, order),
+                      "the retry after the user existed, replayed once more")
+    assert order_count(db) == (1 if created else 0), (
+        f"the retries after a failed attempt left {order_count(db)} orders, expected "
+        f"{1 if created else 0}")
 
 
 def test_distinct_keys_are_distinct_orders(instances: list[str], db: Any) -> None:

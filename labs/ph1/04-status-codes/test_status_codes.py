@@ -83,6 +83,11 @@ def bearer_challenge(reply: HttpReply) -> str | None:
     return None
 
 
+ROLE_FIRST = ("Forbidden: a reader may not write, whatever its body ({}) - check 3 (the role) "
+              "comes before 4 and 5 (parse and validate the body) and 6 (the name exists); "
+              "answering the body's problem tells a client that may never write to fix its "
+              "data and retry, and validates input for a caller not allowed to send it").format
+
 CASES = [
     Case("read", "GET", "/projects/1", 200, "OK: here it is", check=has_etag),
     Case("create", "POST", "/projects", 201, "Created", body=js({"name": "beta"}),
@@ -104,6 +109,25 @@ CASES = [
          body=js({"name": "gamma"})),
     Case("reader-deletes", "DELETE", "/projects/1", 403,
          "Forbidden: we know you, and readers may not delete", headers=dict(READER)),
+    # The checks run in order: the first reason the request cannot succeed is the answer.
+    Case("reader-sends-invalid-name", "POST", "/projects", 403,
+         ROLE_FIRST("an empty name, alone a 422"),
+         headers=dict(READER), body=js({"name": ""})),
+    Case("reader-sends-broken-json", "POST", "/projects", 403,
+         ROLE_FIRST("broken JSON, alone a 400"),
+         headers=dict(READER), body=b'{"name": "gamma"'),
+    Case("reader-sends-taken-name", "POST", "/projects", 403,
+         ROLE_FIRST("a taken name, alone a 409"),
+         headers=dict(READER), body=js({"name": "alpha"})),
+    Case("reader-deletes-missing", "DELETE", "/projects/999", 403,
+         "Forbidden: a reader may not delete, whether project 999 exists or not - check 3 "
+         "(the role) comes before looking the project up (404): a 404 would tell a client "
+         "that may never delete that another id might work, and reveal which ids exist",
+         headers=dict(READER)),
+    Case("no-token-sends-invalid-name", "POST", "/projects", 401,
+         "Unauthorized: with no token nothing else is checked - check 1 (who are you?) "
+         "comes before the body (400/422): the client must authenticate first",
+         headers={}, body=js({"name": ""}), check=bearer_challenge),
     Case("missing", "GET", "/projects/999", 404, "Not Found: no project 999"),
     Case("delete-missing", "DELETE", "/projects/999", 404, "Not Found: no project 999"),
     Case("unknown-path", "GET", "/nothing-here", 404, "Not Found: no such resource"),
@@ -312,3 +336,46 @@ def test_refused_requests_count_too(make_app: Callable[..., Any], db: Any) -> No
            "the rate limit (check 2) comes before the role check (check 3): a request "
            "refused with 403 still counts, or a token can hammer the write endpoints for "
            "free - throttle right after authenticating, before deciding what it may do")
+
+
+# Requests the app refuses after counting them (checks 4 to 6): each is still a request by
+# the token. (method, path, body, status, why)
+REFUSED_AFTER_THE_COUNT = (
+    ("POST", "/projects", b"not json", 400, "a body that is not JSON"),
+    ("POST", "/projects", js({"name": ""}), 422, "an empty name"),
+    ("POST", "/projects", js({"name": "alpha"}), 409, "a taken name"),
+    ("GET", "/projects/999999", None, 404, "a missing project"),
+)
+
+
+def counted_for(db: Any, token: str) -> int:
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT coalesce(sum(count), 0) FROM request_counts "
+                           "WHERE token = %s", (token,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_failed_requests_count_too(make_app: Callable[..., Any], db: Any) -> None:
+    """A writer's requests that end in 400, 422, 409 and 404 use up its budget like any
+    other: the limit is on requests, whatever their outcome."""
+    limit = len(REFUSED_AFTER_THE_COUNT)
+    uncounted = []
+    with serve_wsgi(make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=limit,
+                             window_seconds=10)) as host:
+        for method, path, body, status, why in REFUSED_AFTER_THE_COUNT:
+            before = counted_for(db, "writer-token")
+            expect(call(host, method, path, body, WRITER), status,
+                   f"{method} {path} ({why})", "the request fails that check")
+            if counted_for(db, "writer-token") == before:
+                uncounted.append(f"the {status} ({why})")
+        over = call(host, "GET", "/projects/1", headers=WRITER)
+    expect(over, 429, f"GET /projects/1 after {limit} failed requests ("
+           + ", ".join(str(case[3]) for case in REFUSED_AFTER_THE_COUNT)
+           + f") in a 10 s window with a limit of {limit}",
+           (f"{', '.join(uncounted[:-1])}{' and ' if uncounted[1:] else ''}{uncounted[-1]} "
+            "left request_counts unchanged: " if uncounted else "")
+           + "a failed request counts like any other, or a client sends invalid requests "
+           "(the cheapest abuse) without limit. A count written in the request's own "
+           "transaction is rolled back exactly on the error paths (an exception, a failed "
+           "statement): count on an autocommit connection, or commit the count before "
+           "doing the work.")

@@ -12,9 +12,11 @@ index, without a Sort, and read no more rows than it returns (+1).
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -297,6 +299,102 @@ def test_bad_cursor_is_400(host: str, db: Any) -> None:
     assert status == 400, (
         f"GET /orders?style=cursor&cursor=not-a-cursor!: expected 400, saw {status} "
         f"{str(doc)[:150]}: a cursor the API did not issue is the client's error")
+
+
+# ---- forged cursors: the encoding is valid, what it holds is not ---------------------------
+# A cursor comes back from the client, so it is untrusted input: a token edited or forged by
+# the client must be refused (400) whatever layer is wrong - not only when it fails to decode.
+# The forgeries keep the learner's own encoding (base64 / base64url, padded or not, or hex)
+# and change only the content: values of the wrong type or unparseable, or another shape.
+
+FORGED_DOCUMENTS: list[tuple[Any, str]] = [
+    (5, "a bare number"), (None, "null"), ([], "an empty list"), ("yesterday", "a string"),
+    ({"a": 1, "b": 2}, "an object with unknown keys"),
+    (["yesterday", 5], "a pair whose time is not a time"),
+]
+
+
+def map_leaves(doc: Any, change: Callable[[Any], Any]) -> Any:
+    if isinstance(doc, list):
+        return [map_leaves(item, change) for item in doc]
+    if isinstance(doc, dict):
+        return {key: map_leaves(value, change) for key, value in doc.items()}
+    return change(doc)
+
+
+def content_forgeries(text: str) -> list[tuple[str, str]]:
+    """(forged content, what was changed) for the decoded text of an issued cursor."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        garbled = re.sub(r"\d", "x", text)
+        return [(garbled, "its digits replaced by 'x'")] if garbled != text else []
+    numbers_as_text = map_leaves(doc, lambda v: "x" if isinstance(v, int | float)
+                                 and not isinstance(v, bool) else v)
+    strings_as_junk = map_leaves(doc, lambda v: "yesterday" if isinstance(v, str) else v)
+    strings_as_numbers = map_leaves(doc, lambda v: 5 if isinstance(v, str) else v)
+    forged = [(numbers_as_text, "its numbers replaced by \"x\""),
+              (strings_as_junk, "its strings replaced by \"yesterday\""),
+              (strings_as_numbers, "its strings replaced by the number 5"),
+              *FORGED_DOCUMENTS]
+    return [(json.dumps(d), what) for d, what in forged if d != doc]
+
+
+def forged_cursors(cursor: str) -> list[tuple[str, str]]:
+    """(forged cursor, description) in the issued cursor's own encoding; [] when the cursor
+    is neither base64 nor hex of UTF-8 text (signed or encrypted: nothing to edit)."""
+    if re.fullmatch(r"(?:[0-9a-fA-F]{2})+", cursor):
+        decode, encode = bytes.fromhex, (lambda raw: raw.hex())
+    elif re.fullmatch(r"[A-Za-z0-9+/_-]+=*", cursor):
+        url_safe = not re.search(r"[+/]", cursor)
+        padded = cursor.endswith("=")
+
+        def decode(token: str) -> bytes:
+            token = token + "=" * (-len(token) % 4)
+            return (base64.urlsafe_b64decode if url_safe else base64.b64decode)(token)
+
+        def encode(raw: bytes) -> str:
+            token = (base64.urlsafe_b64encode if url_safe else base64.b64encode)(raw).decode()
+            return token if padded else token.rstrip("=")
+    else:
+        return []
+    try:
+        text = decode(cursor).decode()
+    except (ValueError, UnicodeDecodeError):
+        return []
+    return [(encode(content.encode()), f"the issued cursor {cursor!r} decodes to {text!r}; "
+             f"this one decodes to {content!r} ({what})")
+            for content, what in content_forgeries(text)]
+
+
+def test_forged_cursor_is_400(host: str, db: Any) -> None:
+    seed_small(db)
+    cursor = page(host, {"style": "cursor", "limit": PAGE}).get("next_cursor")
+    assert isinstance(cursor, str) and cursor, (
+        f"cursor page 1: expected a next_cursor string, saw {cursor!r}")
+    for forged, how in forged_cursors(cursor):
+        status, doc = get(host, {"style": "cursor", "limit": PAGE, "cursor": forged})
+        assert status == 400, (
+            f"GET /orders?style=cursor&cursor={forged}: expected 400, saw {status} "
+            f"{str(doc)[:120]}: {how}. A cursor comes back from the client, so it is "
+            "untrusted input: one the API did not issue is refused with 400 whatever is "
+            "wrong inside it - validate what it holds (types, a parseable time, the shape), "
+            "not only that it decodes")
+
+
+@pytest.mark.parametrize(("before_created_at", "before_id"), [
+    ("yesterday", "7"), ("2024-03-01T12:00:00+00:00", "x"), ("2024-03-01T12:00:00+00:00", ""),
+])
+def test_bad_keyset_position_is_400(host: str, db: Any, before_created_at: str,
+                                    before_id: str) -> None:
+    seed_small(db)
+    params = {"style": "keyset", "limit": PAGE, "before_created_at": before_created_at,
+              "before_id": before_id}
+    status, doc = get(host, params)
+    assert status == 400, (
+        f"GET /orders?{urlencode(params)}: expected 400, saw {status} {str(doc)[:120]}: the "
+        "position comes from the client; a time that is not ISO 8601 or an id that is not an "
+        "integer is the client's error (400), never a crash (500)")
 
 
 @pytest.mark.parametrize("style", ["offset", "cursor", "keyset"])

@@ -117,6 +117,10 @@ def js(value: Any) -> bytes:
 
 
 W = "/accounts/1/withdrawals"
+MAX_CENTS = 10**12
+INCLUSIVE = ("amount_cents may be 1..10^12, both ends included: a valid amount at the limit "
+             "was refused as invalid (an off-by-one: < instead of <=, or range(1, 10**12), "
+             "which stops before 10**12)")
 CASES = [
     Case("missing-account", "GET", "/accounts/999", 404),
     Case("unknown-path", "GET", "/nothing/here", 404),
@@ -136,6 +140,11 @@ CASES = [
          check=field_errors, why=": 12.5 is not a whole number of cents"),
     Case("out-of-credit", "POST", W, 409, OUT_OF_CREDIT, js({"amount_cents": 10_000}),
          check=balance_extension),
+    Case("amount-above-limit", "POST", W, 422, VALIDATION, js({"amount_cents": MAX_CENTS + 1}),
+         check=field_errors, why=": 10^12 + 1 is above the largest valid amount (1..10^12)"),
+    Case("amount-at-limit", "POST", W, 409, OUT_OF_CREDIT, js({"amount_cents": MAX_CENTS}),
+         check=balance_extension, why=": " + INCLUSIVE + " - 10^12 from a balance of 5000 is "
+         "the out-of-credit problem, not a validation error"),
     Case("withdraw-missing-account", "POST", "/accounts/999/withdrawals", 404,
          body=js({"amount_cents": 5}),
          why=": account 999 does not exist, so a withdrawal from it is the 404 problem - "
@@ -202,6 +211,45 @@ def test_successes_stay_plain_json(host: str) -> None:
     assert paid.status == 201 and json.loads(paid.body).get("balance_cents") == 3800, (
         f"POST {W} amount_cents 1200 from 5000: expected 201 with balance_cents 3800, saw "
         f"{paid.status} {paid.body[:150]!r}")
+
+
+@pytest.mark.parametrize(("balance", "amount"), [(5000, 1), (MAX_CENTS, MAX_CENTS)])
+def test_amount_bounds_are_inclusive(host: str, db: Any, balance: int, amount: int) -> None:
+    with db.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO accounts VALUES (2, 'Grace Hopper', %s)", (balance,))
+    paid = call(host, "POST", "/accounts/2/withdrawals", {"amount_cents": amount})
+    assert paid.status == 201 and paid.json().get("balance_cents") == balance - amount, (
+        f"POST /accounts/2/withdrawals amount_cents {amount} from a balance of {balance}: "
+        f"expected 201 with balance_cents {balance - amount}, saw {paid.status} "
+        f"{paid.body[:150]!r}: {INCLUSIVE}")
+
+
+# Failures nobody wrote an except clause for, each raised by the parsing every request goes
+# through: (body, headers, what the request is, what Python raises). A problem document
+# answers each (a 500, or a 400: both are honest here), never the WSGI server's own page.
+UNFORESEEN = {
+    "content-length-not-a-number": (None, {"Content-Type": JSON, "Content-Length": "abc"},
+                                    "a Content-Length header of 'abc' and no body",
+                                    "int() raises ValueError"),
+    "json-nested-too-deep": (b"[" * 100_000, {}, "a JSON body of 100000 nested arrays",
+                             "json.loads() raises RecursionError, not a ValueError"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNFORESEEN))
+def test_unforeseen_failure_is_a_problem_too(host: str, case: str) -> None:
+    body, headers, sent, raised = UNFORESEEN[case]
+    reply = call(host, "POST", W, body, headers)
+    what = f"POST {W} with {sent}"
+    media_type = (reply.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    assert media_type == "application/problem+json", (
+        f"{what} ({raised}): the answer was {reply.status} {media_type or 'with no type'} "
+        f"{reply.body[:80]!r}, expected a problem document (500, or 400) in "
+        "application/problem+json\nThe exception escaped the app and the WSGI server "
+        "answered with its own page: a catch-all that lists the errors its author foresaw "
+        "(Problem, psycopg.Error, ValueError...) is not one. Catch Exception around the "
+        "whole request, log it, and answer the 500 problem.")
+    check_problem(reply, what, W, reply.status if reply.status in (400, 500) else 500)
 
 
 LEAKS = ["Traceback", 'File "', ".py", "psycopg", "UndefinedTable", "accounts_hidden",

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ RPCS = {  # name -> (client streams, server streams)
     "UpdateUsers": (True, True),
 }
 ANSWER_WITHIN = 3.0  # seconds to wait for a message that should come at once
+LINE_DELAY = 0.003  # s before each line of the learner's code in the race test
+LATE_WATCHES = 6    # watches opened while updates stream, in the race test
 
 
 # ---- a real grpc server whose worker threads never keep the test process alive ----------
@@ -262,6 +265,129 @@ def test_watch_and_bidi_stream_in_order(stubs: ProtoStubs, service_class: Any) -
         other_watch.cancel()
 
 
+def test_an_update_is_applied_before_it_is_answered(stubs: ProtoStubs, service_class: Any,
+                                                   learner: Any) -> None:
+    """UpdateUsers' answer says the update is done: the new state is stored and every
+    watcher told before it is sent. The harness holds the service just after the answer,
+    before grpc asks the learner's code for the next one, so whatever UpdateUsers does after
+    answering has not happened when the test looks (GetUser, a watch), on any machine."""
+    service = learner.harness().AnswersHeld(service_class())
+    with running(stubs, service) as stub:
+        (user_id,) = create(stub, stubs, "bob")
+        watch = stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=20)
+        watched = drain(watch)
+        next_message(watched, "WatchUser: the current state, sent first")
+        outgoing: queue.Queue[Any] = queue.Queue()
+        answers = drain(stub.UpdateUsers(iter(outgoing.get, None), timeout=20))
+        try:
+            outgoing.put(stubs.pb2.UpdateUserRequest(user_id=user_id, username="bob2"))
+            answer = next_message(answers, "UpdateUsers: the answer to the update")
+            stored = stub.GetUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=5)
+            try:
+                item = watched.get(timeout=ANSWER_WITHIN)
+            except queue.Empty:
+                item = None
+        finally:
+            service.resume()
+            outgoing.put(None)
+            watch.cancel()
+    assert answer.username == "bob2", (
+        f"UpdateUsers answered {answer} to username 'bob2': expected the new state")
+    promise = ("The answer to an update is a promise that it was applied: store the new "
+               "state and put it in every watcher's queue under the lock, then yield the "
+               "answer - never yield first and write when grpc resumes the generator for "
+               "the next answer (ack before write).")
+    assert stored.username == "bob2", (
+        f"UpdateUsers answered username 'bob2', and a GetUser sent after that answer arrived "
+        f"returned {stored.username!r}: the update was answered before it was stored (the "
+        f"service was held right after the answer, before UpdateUsers' next step)\n{promise}")
+    heard = getattr(item, "username", None)
+    got = "nothing" if item is None else repr(heard or item)
+    assert heard == "bob2", (
+        f"UpdateUsers answered username 'bob2', and GetUser returns it, but a watch of the "
+        f"user received {got} within {ANSWER_WITHIN:.0f} s of that answer "
+        f"(the service was held right after the answer): the watchers are told after the "
+        f"answer is sent\n{promise}")
+
+
+def test_a_watch_opened_during_updates_misses_none(stubs: ProtoStubs, service_class: Any,
+                                                   learner: Any) -> None:
+    """WatchUser sends the current state, then every change after it: reading the state
+    and registering the watcher must be one step, or an update that lands in between is in
+    neither. Watches are opened while an UpdateUsers stream keeps the service busy, and the
+    harness makes each line of the learner's code take LINE_DELAY s, so the two interleave
+    line by line as on a busy many-core server. Each watch must then receive, after its
+    first message, every later update in order, with no gap."""
+    harness = learner.harness()
+    stop = threading.Event()
+    with ExitStack() as cleanup:
+        cleanup.callback(stop.set)
+        harness.stretch_lines(learner.load("user_service"), LINE_DELAY)
+        try:
+            stub = cleanup.enter_context(running(stubs, service_class(),
+                                                 workers=LATE_WATCHES + 4))
+        finally:
+            harness.unstretch()  # the worker threads are started: they keep the tracer
+        (user_id,) = create(stub, stubs, "v0")
+        in_flight = threading.Semaphore(2)  # the next update always waits at the server
+
+        def requests() -> Iterator[Any]:
+            n = 0
+            while not stop.is_set():
+                if in_flight.acquire(timeout=0.1):
+                    n += 1
+                    yield stubs.pb2.UpdateUserRequest(user_id=user_id, username=f"v{n}")
+
+        answers = drain(stub.UpdateUsers(requests(), timeout=60))
+        answered: list[str] = []
+
+        def answer() -> str:
+            item = next_message(answers, f"UpdateUsers: the answer to update "
+                                f"{len(answered) + 1}")
+            in_flight.release()
+            answered.append(item.username)
+            return str(item.username)
+
+        watches: list[tuple[Any, queue.Queue[Any], str]] = []
+        for n in range(LATE_WATCHES):
+            answer()
+            call = stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=60)
+            out = drain(call)
+            first = next_message(out, f"WatchUser #{n + 1}: the current state, sent first")
+            watches.append((call, out, first.username))
+        for _ in range(3):  # a few more after the last watch began
+            answer()
+        stop.set()
+        while True:  # the answers to the requests still in flight
+            try:
+                item = answers.get(timeout=ANSWER_WITHIN)
+            except queue.Empty:
+                break
+            if item is None or isinstance(item, grpc.RpcError):
+                break
+            answered.append(item.username)
+        last = int(answered[-1][1:])
+        for n, (call, out, first_name) in enumerate(watches, start=1):
+            start = int(first_name[1:]) if first_name[1:].isdigit() else -1
+            assert 0 <= start <= last, (
+                f"WatchUser #{n}: the first message was username {first_name!r}, not a state "
+                f"the user had (v0 to v{last})")
+            expected = [f"v{k}" for k in range(start + 1, last + 1)]
+            seen = updates_seen(out, len(expected)) if expected else []
+            while seen and seen[0] == first_name:  # the snapshot sent twice: harmless
+                seen = seen[1:] + updates_seen(out, 1)
+            missed = [name for name in expected if name not in seen]
+            assert seen == expected, (
+                f"WatchUser #{n}, opened while updates streamed: its first message was "
+                f"{first_name} (the state then), and after it the watch received "
+                f"{seen[:8]}{'...' if len(seen) > 8 else ''}, expected every later update "
+                f"in order {expected[:8]}{'...' if len(expected) > 8 else ''}"
+                + (f": it missed {missed[:3]}. An update landed between reading the current "
+                   "state and registering the watcher, so it was in neither - do both in "
+                   "one step, under the same lock the updates take" if missed else ""))
+            call.cancel()
+
+
 def test_watch_ends_at_the_deadline(stubs: ProtoStubs, service_class: Any) -> None:
     with running(stubs, service_class()) as stub:
         (user_id,) = create(stub, stubs, "ada")
@@ -301,3 +427,42 @@ def test_expired_watches_free_their_threads(stubs: ProtoStubs, service_class: An
                 f"{workers} threads: {err.code().name}: the WatchUser handlers still hold "
                 "their threads after their clients left; wake the waiting handler when the "
                 "rpc ends (context.add_callback) and return", pytrace=False)
+
+
+ENDED_WATCHES = 150  # watches opened and cancelled one after another, in the leak test
+KEPT_PER_WATCH = 48  # bytes per ended watch the service may still hold, all told
+
+
+def test_ended_watches_release_their_subscription(stubs: ProtoStubs, service_class: Any,
+                                                  learner: Any) -> None:
+    """A watch is a subscription tied to its rpc: when the client cancels, what WatchUser
+    registered (its queue in the user's set of watchers) must go too, or every ended watch
+    stays in memory and every later update of the user is put into queues nobody reads. The
+    harness records what the learner's code allocates (tracemalloc, its frames on the
+    stack) while ENDED_WATCHES watches are opened and cancelled one by one; afterwards what
+    is still alive must not grow with the number of ended watches."""
+    harness = learner.harness()
+    module = learner.load("user_service")
+    with running(stubs, service_class()) as stub:
+        (user_id,) = create(stub, stubs, "ada")
+        harness.trace_allocations()
+        try:
+            for _ in range(ENDED_WATCHES):
+                call = stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=20)
+                next(call)  # the current state: the handler has registered its watcher
+                call.cancel()
+            limit = ENDED_WATCHES * KEPT_PER_WATCH
+            deadline = time.monotonic() + 15.0  # the handlers end after their cancels
+            while (kept := harness.retained_bytes(module)) > limit and (
+                    time.monotonic() < deadline):
+                time.sleep(0.2)
+        finally:
+            harness.stop_tracing()
+    assert kept <= limit, (
+        f"{ENDED_WATCHES} WatchUser streams of one user were opened and cancelled one after "
+        f"another; afterwards the service still holds {kept} bytes allocated by your code "
+        f"during them ({kept // ENDED_WATCHES} per ended watch, allowed {KEPT_PER_WATCH}): "
+        "each ended watch left its subscription behind (its queue still in the user's "
+        "watchers), so memory grows with every watch ever opened and every update is put "
+        "into queues nobody reads - remove the watcher when the rpc ends, in a finally "
+        "around the loop (the generator is closed on cancel and deadline too)")

@@ -18,6 +18,7 @@ from typing import Any
 
 _lock = threading.Lock()
 _started: list[float] = []
+_listening: list[tuple[str, int]] = []
 
 
 def slow_connects(delay: float, exempt_ports: list[int]) -> None:
@@ -54,3 +55,27 @@ def normal_connects() -> list[float]:
             delattr(socket.socket, name)
     with _lock:
         return list(_started)
+
+
+def note_listeners() -> None:
+    """From now on, note the address of every TCP socket the process starts listening on
+    (socket.create_server, sock.listen(): a relay of the learner's)."""
+    with _lock:
+        _listening.clear()
+
+    def listen(sock: socket.socket, *args: Any) -> None:
+        _socket.socket.listen(sock, *args)
+        name = sock.getsockname()
+        if isinstance(name, tuple) and len(name) >= 2:
+            with _lock:
+                _listening.append((str(name[0]), int(name[1])))
+
+    socket.socket.listen = listen  # type: ignore[method-assign, assignment]
+
+
+def noted_listeners() -> list[tuple[str, int]]:
+    """Stop noting; return the addresses noted since note_listeners()."""
+    if "listen" in socket.socket.__dict__:
+        delattr(socket.socket, "listen")
+    with _lock:
+        return list(_listening)

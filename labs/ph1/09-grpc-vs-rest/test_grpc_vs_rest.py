@@ -13,7 +13,9 @@ CONNECT_SECONDS longer, so connection setup is long enough for its absence to sh
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -41,6 +43,12 @@ HOLD_SECONDS = 0.25
 # connect() would go unnoticed. A learner's clock must include it; a clock started once the
 # connection is open misses all of it, far more than any scheduling delay after the response.
 CONNECT_SECONDS = 0.5
+# What the server sends after the client has closed its side (LastWordAfterClientCloses): a
+# graceful GOAWAY (last stream 2^31-1, NO_ERROR) whose debug data makes it far bigger than
+# SLACK_BYTES, so a relay that stops counting at the client's FIN misses it visibly.
+_DEBUG = b"server going away; " * 50
+LAST_WORD = ((8 + len(_DEBUG)).to_bytes(3, "big") + bytes([7, 0, 0, 0, 0, 0])
+             + (2**31 - 1).to_bytes(4, "big") + bytes(4) + _DEBUG)
 
 
 # ---- the test's own measurement: a counting TCP proxy ----------------------------------
@@ -115,6 +123,30 @@ class GoawayFirstCall(CountingProxy):
                 return False  # and the connection is shut both ways
             at += 9 + size
         return None
+
+
+class LastWordAfterClientCloses(CountingProxy):
+    """A CountingProxy whose server has a last word after the client is done: when the
+    client ends its side of the connection (EOF upward), the proxy first sends it LAST_WORD
+    (a graceful HTTP/2 GOAWAY with debug data, as a server going away says it) and only then
+    passes the client's end on to the server. Each direction of a TCP connection ends on its
+    own FIN: the server's bytes after the client's FIN are on the wire too."""
+
+    def _pump(self, link: RelayLink, up: bool) -> None:
+        if up:
+            assert isinstance(link, Link)
+            try:
+                while chunk := link.client.recv(65536):
+                    self.upward(link, chunk)
+            except OSError:
+                pass
+            self._count_received(link, len(LAST_WORD))
+            try:
+                link.client.sendall(LAST_WORD)
+            except OSError:
+                pass
+        # upward, the client's end is seen again at once and passed on to the server
+        super()._pump(link, up)
 
 
 # ---- the servers ------------------------------------------------------------------------
@@ -376,6 +408,80 @@ def test_a_call_that_reconnects_counts_both_connections(learner: Any,
         "saw 2 - count the connections your relay accepts (one per accept()), do not assume "
         "one client means one connection")
     check_report("protobuf over gRPC (unary, reconnected)", seen)
+
+
+def test_bytes_after_the_client_closes_are_counted(learner: Any, running: Servers) -> None:
+    """The server says a last word after the client has closed its side: the relay must
+    count until both directions have ended, not stop at the first FIN."""
+    seen = run_case(learner, "measure_grpc_unary", running.grpc,
+                    proxy_class=LastWordAfterClientCloses)
+    claimed = seen.report["bytes_received"]
+    assert abs(claimed - seen.received) <= SLACK_BYTES, (
+        f"a ListUsers call whose server sent {len(LAST_WORD)} more bytes (a GOAWAY) after the "
+        f"client had closed its side: the report says bytes_received={claimed}, the test "
+        f"counted {seen.received} on the wire - the relay stopped counting at the first end "
+        "of the connection (shut both sockets, or closed them, when one side's recv() "
+        "returned b''). Each direction ends on its own FIN: pass the end on "
+        "(sink.shutdown(SHUT_WR)) and keep relaying and counting the other direction until "
+        "it ends too, and wait for both before reading the counts")
+    check_report("protobuf over gRPC (unary, server's last word)", seen)
+
+
+@contextmanager
+def refusing_server() -> Iterator[tuple[str, int]]:
+    """A server that fails every call: it accepts each connection and closes it at once (a
+    service going down): http.client raises RemoteDisconnected, grpc UNAVAILABLE."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield ("127.0.0.1", listener.getsockname()[1])
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+
+
+def still_accepting(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", ["measure_json", "measure_grpc_unary", "measure_grpc_stream"])
+def test_a_failed_measurement_closes_its_relay(learner: Any, stubs: ProtoStubs,
+                                               name: str) -> None:
+    """The server fails the call: the measurement may raise (or report), but the relay it
+    opened must be closed on that path too - a listening socket and its threads left behind
+    per failed measurement exhaust ports, fds and threads."""
+    measure = learner.function("grpc_vs_rest", name)
+    harness = learner.harness()
+    with refusing_server() as target:
+        harness.note_listeners()
+        try:
+            outcome = f"returned {measure(f'{target[0]}:{target[1]}')!r}"[:200]
+        except Exception as exc:  # noqa: BLE001 - failing is what the server makes it do
+            outcome = f"raised {type(exc).__name__}"
+        finally:
+            relays = [(str(host), int(port)) for host, port in harness.noted_listeners()]
+        left = [f"{host}:{port}" for host, port in relays if still_accepting((host, port))]
+    assert not left, (
+        f"{name}() against a server that closes every connection at once {outcome}, and "
+        f"its relay still accepts connections on {', '.join(left)}: the relay was not closed "
+        "on the error path. Close what you open on every path (try/finally, or a with "
+        "block), and make closing stop the listening (on Linux a thread blocked in accept() "
+        "keeps a close()d socket listening: shutdown() it first): each failed measurement "
+        "otherwise leaks a listening socket, its acceptor thread and its fds for the life of "
+        "the process")
 
 
 def test_protobuf_is_smaller_on_the_wire(learner: Any, running: Servers) -> None:

@@ -239,7 +239,40 @@ def test_aliased_users_share_one_orders_query(make_app: Callable[..., Any], prox
         want = [{"id": o["id"]} for o in expected[uid]["orders"]]
         assert (data.get(alias) or {}).get("orders") == want, (
             f"{alias}: user(id: \"{uid}\"): expected orders {want}, saw {data.get(alias)}")
+    on_users = [s for s in statements if re.search(r"\bfrom\s+users\b", s, re.IGNORECASE)]
+    assert len(on_users) == 1, (
+        f"four aliased user(id:) fields in one request read users with {len(on_users)} "
+        f"queries, expected 1 batch: {listing(on_users)}\nA DataLoader batches the loads "
+        "made on one instance: make the users loader once per request (in the context), "
+        "not in the resolver, or every field gets a loader - and a batch - of its own")
     on_orders = [s for s in statements if re.search(r"\borders\b", s, re.IGNORECASE)]
     assert len(on_orders) == 1, (
         f"three users fetched in one request read their orders with {len(on_orders)} queries, "
         f"expected 1 batch: {listing(on_orders)}")
+
+
+def test_a_batch_reads_only_the_orders_of_its_keys(make_app: Callable[..., Any],
+                                                   proxied_dsn: str, counter: PgStatementProxy,
+                                                   postgres: Any) -> None:
+    """A DataLoader batch is any set of keys, not a range: two users far apart (aliases)
+    must read their own orders only, not those of every user between them."""
+    far_apart = (2, ALL_USERS - 5)
+    query = "{ " + " ".join(f'u{uid}: user(id: "{uid}") {{ id orders {{ id }} }}'
+                            for uid in far_apart) + " }"
+    with postgres.connect(autocommit=True) as conn:
+        needed = conn.execute("SELECT count(*) FROM orders WHERE user_id = ANY(%s)",
+                              (list(far_apart),)).fetchone()[0]
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+        counter.take_rows()
+        data, statements = run(host, counter, query)
+        rows = counter.take_rows()
+    got = [len((data.get(f"u{uid}") or {}).get("orders") or []) for uid in far_apart]
+    assert sum(got) == needed, (
+        f"{query}: the two users' orders came back as {got} orders, expected {needed} in all")
+    users_read = len(far_apart)
+    assert rows - users_read <= needed, (
+        f"users {far_apart[0]} and {far_apart[1]} (aliases in one request) read {rows} rows "
+        f"from Postgres, expected at most {users_read + needed} (2 users and their {needed} "
+        f"orders): the batch read the orders of users nobody asked for ({listing(statements)})"
+        " - a batch is an arbitrary set of keys, not a range: WHERE user_id = ANY(%s), not "
+        "BETWEEN min and max")

@@ -339,13 +339,19 @@ class Writer:
     conn: Conn
     tables: dict[str, Table]
 
-    def insert(self, entity: str, **values: Any) -> None:
+    def insert(self, entity: str, returning: str | None = None, **values: Any) -> Any:
+        """Insert one row; with returning, the value the database gave that column."""
         table = self.tables[entity]
         query = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
             sql.Identifier(table.name),
             sql.SQL(", ").join(map(sql.Identifier, values)),
             sql.SQL(", ").join(sql.Placeholder() * len(values)))
-        self.conn.execute(query, list(values.values()))
+        if returning is None:
+            self.conn.execute(query, list(values.values()))
+            return None
+        query += sql.SQL(" RETURNING {}").format(sql.Identifier(returning))
+        row = self.conn.execute(query, list(values.values())).fetchone()
+        return row[0] if row else None
 
     def delete(self, entity: str, column: str, value: Any) -> None:
         query = sql.SQL("DELETE FROM {} WHERE {} = %s").format(
@@ -452,6 +458,56 @@ def test_rows_breaking_the_rules_are_rejected(db: Conn, learner: Any) -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_generated_keys_start_after_the_copied_ones(db: Conn, learner: Any) -> None:
+    """A key column may get a generator (serial, identity, DEFAULT nextval), but the
+    migration copies the existing ids explicitly, which never moves the sequence: the next
+    new row would take an id the migration already used and be refused as a duplicate."""
+    apply_schema(db, learner)
+    found = require_homes(read_catalog(db))
+    w = Writer(db, found)
+    some = ROWS[0]
+    new_rows = {
+        "customer": {"customer_email": "generated@shop.test", "customer_name": "New Person",
+                     "customer_city": "Lisbon"},
+        "order": {"order_date": dt.date(2024, 6, 1), "customer_id": some[2]},
+    }
+    problems = []
+    for entity in ENTITIES:
+        if entity.name not in new_rows:
+            continue
+        table, (key,) = found[entity.name], entity.key
+        generator = db.execute(
+            """SELECT coalesce(column_default, CASE WHEN is_identity = 'YES' THEN 'identity '
+                                                    || identity_generation END)
+               FROM information_schema.columns
+               WHERE table_schema = 'public' AND table_name = %s AND column_name = %s""",
+            [table.name, key]).fetchone()
+        if generator is None or generator[0] is None:
+            continue  # no generator: new rows bring their own ids, as the original did
+        copied = max(r[ATTRIBUTES.index(key)] for r in ROWS)
+        taken: list[Any] = []
+        err = w.outcome(lambda e=entity.name, k=key, got=taken: got.append(
+            w.insert(e, returning=k, **new_rows[e])))
+        where = (f"{table.name}.{key} has a generator ({generator[0]}) and the migration "
+                 f"copied ids up to {copied}")
+        fix = (f"after copying the ids, move the sequence past them: SELECT setval("
+               f"pg_get_serial_sequence('{table.name}', '{key}'), (SELECT max({key}) FROM "
+               f"{table.name})) (is_called true, so the next id is max + 1)")
+        if err is not None and issubclass(err, errors.UniqueViolation):
+            problems.append(f"{where}, but a new {entity.name} that takes the generated "
+                            f"{key} was refused with UniqueViolation: the generator hands "
+                            f"out an id the migration already used - {fix}")
+        elif err is not None:
+            problems.append(f"{where}, but a new {entity.name} that takes the generated "
+                            f"{key} was refused with {err.__name__}: a valid row must go in")
+        elif taken and taken[0] <= copied:
+            problems.append(f"{where}, but a new {entity.name} that takes the generated "
+                            f"{key} got {taken[0]}: the generator is behind the copied ids, "
+                            f"so new rows collide with them (duplicate key) once it reaches "
+                            f"the first copied one - {fix}")
+    assert not problems, "\n".join(problems)
+
+
 # --------------------------------------------------------------------------------------
 # 3. Nothing was lost: the view gives back the original rows
 
@@ -513,6 +569,79 @@ def show(row: Row) -> str:
 
 # --------------------------------------------------------------------------------------
 # 4. Every reference can be followed back without reading the whole referencing table
+
+
+# What each original type holds, and which types a fact's new home may have: the same
+# values, or more. (data_type, precision, scale, length) -> a reason it holds less, or None.
+WIDER_INTEGERS = {"integer", "bigint"}
+
+
+def holds_less(original: str, data_type: str, precision: int | None, scale: int | None,
+               length: int | None) -> str | None:
+    if original == "integer":
+        if data_type in WIDER_INTEGERS or (data_type == "numeric" and precision is None):
+            return None
+        if data_type == "numeric" and precision is not None and precision - (scale or 0) >= 10:
+            return None
+        return "an integer the original holds (up to 2147483647) would not fit"
+    if original == "date":
+        return None if data_type == "date" else "the fact is a calendar date, not a " + \
+            f"{data_type}: the rebuilt rows would not be the original ones"
+    if original == "text":
+        if data_type == "text" or (data_type in ("character varying", "citext")
+                                   and length is None):
+            return None
+        if length is not None:
+            return (f"a value longer than {length} characters, which the original (text, no "
+                    "limit) holds, would be refused or cut")
+        return f"{data_type} is not text"
+    # numeric(10,2): up to 99999999.99, exact cents
+    if data_type != "numeric":
+        return (f"{data_type} is not an exact decimal: a price such as 0.10 is stored as a "
+                "binary fraction (or in a locale's format) and sums drift")
+    if precision is None:
+        return None
+    if (scale or 0) < 2:
+        return f"a scale of {scale or 0} rounds away the cents"
+    if precision - (scale or 0) < 8:
+        return (f"it holds at most {precision - (scale or 0)} digits before the point: a "
+                f"price of {10 ** (precision - (scale or 0)):.2f}, which the original holds "
+                "(up to 99999999.99), would be refused")
+    return None
+
+
+def test_every_fact_keeps_its_type(db: Conn, learner: Any) -> None:
+    """Normalizing moves a fact, it never changes its domain: a narrower type (numeric(6,2)
+    for a price, varchar(50) for a name, smallint for a quantity) refuses values the
+    original table holds, so the next order with such a value cannot be stored."""
+    apply_schema(db, learner)
+    original = dict(ORIGINAL_COLUMNS)
+    problems = []
+    for table, column, data_type, precision, scale, length in db.execute(
+        """SELECT c.table_name, c.column_name,
+                  CASE WHEN c.data_type = 'USER-DEFINED' THEN c.udt_name ELSE c.data_type END,
+                  CASE WHEN c.data_type = 'numeric' THEN c.numeric_precision END,
+                  CASE WHEN c.data_type = 'numeric' THEN c.numeric_scale END,
+                  c.character_maximum_length
+           FROM information_schema.columns c
+           JOIN information_schema.tables t USING (table_schema, table_name)
+           WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE'
+             AND c.table_name <> 'orders_denormalized'
+           ORDER BY c.table_name, c.ordinal_position"""
+    ):
+        kind = original.get(column)
+        if kind is None:
+            continue
+        why = holds_less(kind.split("(")[0], data_type, precision, scale, length)
+        if why is not None:
+            shown = data_type + (f"({precision},{scale})" if precision is not None else "") + (
+                f"({length})" if length is not None else "")
+            problems.append(f"{table}.{column} is {shown}, the original is {kind}: {why}")
+    assert not problems, (
+        "\n".join(problems) + "\n  Normalizing moves each fact to its home without "
+        "changing its domain: keep each column's original type (or a wider one), or valid "
+        "rows are refused - a constraint stricter than the business's rules is as wrong as "
+        "a missing one.")
 
 
 def test_every_foreign_key_column_leads_an_index(db: Conn, learner: Any) -> None:

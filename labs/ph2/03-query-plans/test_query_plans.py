@@ -25,11 +25,16 @@ Mistakes a learner makes here, each caught with its own message:
 - worst estimate counting only underestimates (actual/est)  -> an overestimate case
 - worst estimate keeping the last of equal factors          -> a Limit above its scan
 - dividing by 0 actual rows                                 -> a case with 0 rows
+- execution_ms from the root node's Actual Total Time (or any node's): per node, per loop,
+  without triggers                                          -> an AFTER trigger that sleeps
 - EXPLAIN ANALYZE of a DELETE outside a rolled-back transaction, or rolled back only
   when the statement starts with DELETE/UPDATE/INSERT (a WITH ... DELETE writes too),
   when its text names INSERT/UPDATE/DELETE (a MERGE ... THEN DELETE, a SELECT of a
   function that deletes) or unless it starts with SELECT
 - index on email (not lower(email)), no index on the foreign key, SET enable_seqscan=off
+- a BEGIN ... ROLLBACK by hand with no finally (or autocommit switched off and back): a
+  statement that fails leaves the connection in an aborted transaction -> a failing
+  statement, then the connection's state
 - the fixed query without ORDER BY, without its o.id tiebreak (three orders share a
   created_at), or matching case-sensitively
 """
@@ -114,7 +119,9 @@ SUMMARY_KEYS = ("nodes", "join_algorithms", "worst_estimate", "planning_ms", "ex
 # (110,000 rows, analyzed) are built, so the starter fails at once, not after seconds a test.
 CALLS = {"test_summary_matches_postgres": "explain_summary",
          "test_summarising_a_delete_deletes_nothing": "explain_summary",
-         "test_fixed_query_is_an_index_scan_with_the_same_rows": "fix_slow_query"}
+         "test_fixed_query_is_an_index_scan_with_the_same_rows": "fix_slow_query",
+         "test_a_statement_that_fails_leaves_the_connection_usable": "explain_summary",
+         "test_execution_time_is_the_whole_statement": "explain_summary"}
 # Functions found not written yet in this session, with the message: the next tests that
 # call them fail before a database is even made for them.
 NOT_WRITTEN: dict[str, str] = {}
@@ -428,6 +435,84 @@ def test_summarising_a_delete_deletes_nothing(conn: Conn, learner: Any) -> None:
             f"orders are left: EXPLAIN ANALYZE executes the statement - run it in a "
             f"transaction and roll it back{why}")
         check_summary(mine, truth, sql)
+
+
+# Statements whose EXPLAIN ANALYZE fails while it runs, as data (on SMALL_SCHEMA): an error
+# in an expression, a DELETE a foreign key refuses, a statement cancelled by its timeout.
+SMALL_SCHEMA = """
+CREATE TABLE customers (id integer PRIMARY KEY);
+CREATE TABLE orders (id bigint PRIMARY KEY, customer_id integer REFERENCES customers (id));
+INSERT INTO customers VALUES (1), (2);
+INSERT INTO orders VALUES (1, 1);
+"""
+FAILING = [
+    "SELECT 1 / (count(*) - count(*)) FROM customers",
+    "DELETE FROM customers WHERE id = 1",
+    "SELECT pg_sleep(5)",  # run under statement_timeout = 100ms
+]
+
+
+def test_a_statement_that_fails_leaves_the_connection_usable(written: None, postgres: Any,
+                                                            learner: Any) -> None:
+    explain_summary = learner.function("plans", "explain_summary")
+    with postgres.connect(autocommit=True) as conn:
+        refuse_stub(conn, learner, "test_a_statement_that_fails_leaves_the_connection_usable")
+        conn.execute(SMALL_SCHEMA)
+        conn.execute("SET statement_timeout = '100ms'")
+        for sql in FAILING:
+            with pytest.raises(psycopg.Error):
+                explain_summary(conn, sql)  # the statement's error reaches the caller
+            status = conn.info.transaction_status
+            assert status == psycopg.pq.TransactionStatus.IDLE and conn.autocommit, (
+                f"explain_summary(conn, {sql!r}) failed, as it should, but left the "
+                f"connection {status.name} (autocommit={conn.autocommit}) instead of IDLE "
+                "with autocommit on: the transaction around EXPLAIN ANALYZE was not ended on "
+                "the error path (a BEGIN ... ROLLBACK without try/finally, or autocommit "
+                "turned off and not restored), so every later use of the connection fails "
+                "('current transaction is aborted') - end it on every path: "
+                "conn.transaction(force_rollback=True), or ROLLBACK in a finally")
+            left = conn.execute("SELECT count(*) FROM orders").fetchone()
+            assert left == (1,), f"after explain_summary(conn, {sql!r}) orders has {left}"
+
+
+# A statement whose time is mostly outside its plan nodes: an AFTER trigger (as every
+# foreign key check is) runs once the executor is done with the tree, so it counts in the
+# document's "Execution Time" and in no node's "Actual Total Time".
+TRIGGER_MS = 200
+SLOW_TRIGGER_SCHEMA = f"""
+CREATE TABLE customers (id integer PRIMARY KEY);
+CREATE FUNCTION audit_slowly() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_sleep({TRIGGER_MS / 1000});
+    RETURN NULL;
+END $$;
+CREATE TRIGGER customers_audit AFTER INSERT ON customers
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_slowly();
+"""
+TRIGGERED = "INSERT INTO customers VALUES (1)"
+
+
+def test_execution_time_is_the_whole_statement(written: None, postgres: Any,
+                                               learner: Any) -> None:
+    explain_summary = learner.function("plans", "explain_summary")
+    with postgres.connect(autocommit=True) as conn:
+        refuse_stub(conn, learner, "test_execution_time_is_the_whole_statement")
+        conn.execute(SLOW_TRIGGER_SCHEMA)
+        truth = explain(conn, TRIGGERED)
+        root_ms = float(truth["Plan"]["Actual Total Time"])
+        assert float(truth["Execution Time"]) >= TRIGGER_MS > root_ms, (
+            f"the check itself: the trigger's {TRIGGER_MS} ms no longer shows in Execution "
+            f"Time ({truth['Execution Time']} ms) only, the root node took {root_ms} ms")
+        execution_ms = explain_summary(conn, TRIGGERED)["execution_ms"]
+    # pg_sleep never sleeps less: any correct reading is at least TRIGGER_MS, on any machine.
+    assert isinstance(execution_ms, float) and TRIGGER_MS <= execution_ms < 60_000, (
+        f"explain_summary(conn, {TRIGGERED!r}) gave execution_ms={execution_ms!r}, but the "
+        f"statement takes at least {TRIGGER_MS} ms: an AFTER INSERT trigger on customers "
+        f"sleeps {TRIGGER_MS} ms (the check's own run: 'Execution Time' "
+        f"{float(truth['Execution Time']):.1f} ms, the root node's 'Actual Total Time' "
+        f"{root_ms:.3f} ms) - execution_ms is the document's 'Execution Time', in "
+        f"milliseconds: a node's time is its own, per loop, and leaves out triggers "
+        f"(foreign key checks are triggers), so it hides exactly that work")
 
 
 def test_fixed_query_is_an_index_scan_with_the_same_rows(postgres: Any, conn: Conn,

@@ -222,6 +222,42 @@ def test_unknown_account_changes_nothing(bank: Bank, from_id: int, to_id: int) -
         f"expected UnknownAccount")
 
 
+def test_an_account_deleted_after_a_check_is_still_unknown(bank: Bank) -> None:
+    """Check-then-act: the destination is deleted (another session, committed) after the
+    debit, so any existence check made before it is stale by the time of the credit. Only
+    what the credit itself finds (its rowcount, under its row lock) tells."""
+    bank.open({1: 100, 2: 0})
+    deleted: list[bool] = []
+    with bank.connect() as admin, bank.connect() as conn:
+
+        def delete_destination() -> None:
+            # SKIP LOCKED: a transfer that locked account 2 first (SELECT ... FOR UPDATE)
+            # keeps it - nothing is deleted under it and the transfer goes through.
+            row = admin.execute(
+                "DELETE FROM accounts WHERE id = (SELECT id FROM accounts WHERE id = 2 "
+                "FOR UPDATE SKIP LOCKED) RETURNING id").fetchone()
+            deleted.append(row is not None)
+
+        raised: BaseException | None = None
+        try:
+            bank.transfer(conn, 1, 2, 10, after_debit=delete_destination)
+        except Exception as exc:  # noqa: BLE001 - which one is checked below
+            raised = exc
+    assert deleted, "transfer() never called after_debit(): call it between the debit " \
+                    "and the credit"
+    if not deleted[0]:  # account 2 was locked by the transfer: it could not vanish
+        return
+    after, want = bank.state(), ({1: 100}, [])
+    assert isinstance(raised, bank.unknown) and after == want, (
+        f"transfer 1->2 while account 2 was deleted by another session after the debit (it "
+        f"had no ledger rows): transfer() "
+        f"{'returned normally' if raised is None else 'raised ' + type(raised).__name__}"
+        f"{': ' + diff(after, want) if after != want else ''}, expected UnknownAccount and "
+        f"nothing changed. An existence check made before the writes, without a lock, is "
+        f"stale by the time of the credit (check-then-act): decide from the writes "
+        f"themselves - a credit that updates 0 rows means the account does not exist")
+
+
 # --------------------------------------------------------------------------------------
 # Atomicity when the connection dies in the middle
 

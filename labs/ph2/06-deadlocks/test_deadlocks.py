@@ -556,3 +556,66 @@ def assert_not_leaked(conn: Conn, default: str, when: str) -> None:
            "a plain SET stays for every later statement of the session")
         + " - use SET LOCAL (or set_config(..., true)) inside the transaction: it ends "
           "with the transaction")
+
+
+# --------------------------------------------------------------------------------------
+# Every path ends its transaction
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of the learner's API on one path (returns or raises), on a fresh db."""
+
+    id: str
+    what: str
+    function: str
+    args: tuple[Any, ...]
+    setup: str | None = None  # on the check's own connection, beforehand
+
+
+def ignore_job(job_id: int, payload: str) -> None:
+    pass
+
+
+CALLS = [
+    Call("take-job-empty-queue", "take_job(conn, 'worker-1', handle) on a queue with no "
+         "queued job", "take_job", ("worker-1", ignore_job),
+         setup="UPDATE jobs SET status = 'done'"),
+    Call("take-job", "take_job(conn, 'worker-1', handle) on a full queue", "take_job",
+         ("worker-1", ignore_job)),
+    Call("transfer", "transfer(conn, 1, 2, 10)", "transfer", (1, 2, 10)),
+    Call("transfer-refused", "transfer(conn, 1, 2, 20000), which breaks CHECK "
+         "(balance >= 0) on account 1's 10000,", "transfer", (1, 2, 20000)),
+    Call("update-balance", "update_balance_with_timeout(conn, 1, 5, 1000)",
+         "update_balance_with_timeout", (1, 5, 1000)),
+    Call("update-balance-refused", "update_balance_with_timeout(conn, 1, -20000, 1000), "
+         "which breaks CHECK (balance >= 0),", "update_balance_with_timeout",
+         (1, -20000, 1000)),
+]
+
+
+@pytest.mark.parametrize("call", CALLS, ids=[c.id for c in CALLS])
+def test_every_path_ends_its_transaction(db: Db, learner: Any, call: Call) -> None:
+    function = getattr(api(learner, call.function), call.function)
+    with db.connect() as admin, db.connect() as conn:
+        if call.setup is not None:
+            admin.execute(call.setup)
+        try:
+            outcome = f"returned {function(conn, *call.args)!r}"
+        except Exception as exc:  # noqa: BLE001 - an error may come out; the state is judged
+            outcome = f"raised {type(exc).__name__}"
+        status = conn.info.transaction_status
+        if status != TransactionStatus.IDLE:
+            row = admin.execute(
+                "SELECT string_agg(DISTINCT relation::regclass::text, ', ') FROM pg_locks "
+                "WHERE pid = %s AND relation IN ('accounts'::regclass, 'jobs'::regclass)",
+                (conn.info.backend_pid,)).fetchone()
+            holding = f", still holding locks on {row[0]}" if row and row[0] else ""
+            pytest.fail(
+                f"{call.what} {outcome} and left the connection {status.name}: inside a "
+                f"transaction that never ended{holding}. Its locks (and writes) last until "
+                f"it ends - other sessions wait on them - and the next call on this "
+                f"connection runs inside it (its `with conn.transaction()` becomes a "
+                f"SAVEPOINT) and never commits. Every path that BEGINs must COMMIT or "
+                f"ROLLBACK, returns and errors alike (`with conn.transaction():` ends it on "
+                f"every way out)", pytrace=False)

@@ -26,6 +26,7 @@ from labrunner.testing import redis_commands
 Product = dict[str, Any]
 
 CATEGORIES = ["books", "shirts", "mugs", "lamps", "chairs", "bags", "pens", "plants"]
+RARE_CATEGORY = "globes"
 ADJECTIVES = ["eco", "gift", "sale", "new", "handmade", "vintage", "premium", "compact",
               "travel", "kids"]
 NOUNS = ["home", "office", "garden", "kitchen", "desk", "outdoor", "winter", "summer",
@@ -45,6 +46,8 @@ def make_products(count: int, seed: int = 7) -> list[Product]:
     products: list[Product] = []
     for pid in range(1, count + 1):
         category = CATEGORIES[pid % len(CATEGORIES)]
+        if pid % 100 == 50:  # a rare category (1%): a lookup an index can serve
+            category = RARE_CATEGORY
         tags = [] if pid % 97 == 0 else sorted(rnd.sample(TAGS, rnd.randint(1, 4)))
         if pid % 89 == 0:  # a seller's own tags: a comma, a colon, a pipe, a space, an accent
             tags = sorted(tags + AWKWARD_TAGS)
@@ -231,7 +234,7 @@ def test_same_answers_in_all_three_models(learner: Any, postgres: Any, redis_db:
         ("get(999999)", methodcaller("get", 999_999), None),
         (f"get(89) (tags {AWKWARD_TAGS})", methodcaller("get", 89), by_id[89]),
     ]
-    for category in ("books", "plants", "spaceships"):
+    for category in ("books", "plants", RARE_CATEGORY, "spaceships"):
         cases.append((f"ids_in_category({category!r})",
                       methodcaller("ids_in_category", category),
                       [p["id"] for p in products if p["category"] == category]))
@@ -297,12 +300,16 @@ def test_document_queries_use_the_gin_index(learner: Any, postgres: Any) -> None
     products = make_products(4000, seed=11)
     counts = tag_counts(products)
     tag = min(counts, key=lambda t: (abs(counts[t] - 40), t))  # ~1% of the documents
-    queries: list[tuple[str, Callable[[Any], Any], list[int]]] = [
+    # (lookup, call, expected ids, whether only the GIN index may serve it): the category
+    # may also have an index of its own on the expression the query filters by.
+    queries: list[tuple[str, Callable[[Any], Any], list[int], bool]] = [
         (f"ids_with_tag({tag!r})", lambda s: s.ids_with_tag(tag),
-         ids_where(products, lambda p: tag in p["tags"])),
+         ids_where(products, lambda p: tag in p["tags"]), True),
         ("ids_with_attribute('brand', 'brand-07')",
          lambda s: s.ids_with_attribute("brand", "brand-07"),
-         ids_where(products, lambda p: p["attributes"]["brand"] == "brand-07")),
+         ids_where(products, lambda p: p["attributes"]["brand"] == "brand-07"), True),
+        (f"ids_in_category({RARE_CATEGORY!r})", lambda s: s.ids_in_category(RARE_CATEGORY),
+         ids_where(products, lambda p: p["category"] == RARE_CATEGORY), False),
     ]
     with postgres.connect(autocommit=True) as conn:
         before = user_tables(conn)
@@ -322,7 +329,7 @@ def test_document_queries_use_the_gin_index(learner: Any, postgres: Any) -> None
         # what autovacuum would do after a bulk load: statistics for the planner, and the
         # GIN pending list merged into the index proper
         conn.execute(f'VACUUM ANALYZE "{table}"')
-        for label, call, want in queries:
+        for label, call, want, gin_only in queries:
             seq_before, idx_before = scan_counts(conn, table)
             store = catalog_class(module, "DocumentCatalog")(postgres.dsn)
             got = call(store)
@@ -333,12 +340,98 @@ def test_document_queries_use_the_gin_index(learner: Any, postgres: Any) -> None
             seq_after, idx_after = scan_counts(conn, table)
             gin_used = sum(idx_after.get(i, 0) - idx_before.get(i, 0) for i in gins)
             seq_used = seq_after - seq_before
+            if not gin_only:
+                used = sum(n - idx_before.get(i, 0) for i, n in idx_after.items())
+                assert seq_used == 0 and used > 0, (
+                    f"DocumentCatalog.{label} read {table} with {seq_used} sequential "
+                    f"scan(s) and {used} index scan(s), for the ~1% of the documents in that "
+                    "category: the filter is not one an index serves. doc->>'category' = v "
+                    "(or doc->'category' = ...) is an expression the GIN index cannot use; "
+                    "write it as containment, doc @> '{\"category\": \"x\"}', which the "
+                    "GIN index serves (or give that expression an index of its own)")
+                continue
             assert seq_used == 0 and gin_used > 0, (
                 f"DocumentCatalog.{label} read {table} with {seq_used} sequential scan(s) "
                 f"and {gin_used} scan(s) of its GIN index {', '.join(gins)}: expected the "
                 "GIN index only. Write the filter as containment, "
                 "doc @> '{\"tags\": [\"x\"]}', which GIN serves; doc->>'k' = v, or ? with "
                 "a jsonb_path_ops index, cannot use it")
+
+
+REFUSED_TAG = "refused-by-the-test"
+REFUSE_ROWS = """
+    CREATE OR REPLACE FUNCTION refuse_marked_rows() RETURNS trigger AS $$
+    BEGIN
+        IF to_jsonb(NEW)::text LIKE '%%' || %(marker)s || '%%' THEN
+            RAISE EXCEPTION 'the test refuses a row holding the tag %%', %(marker)s;
+        END IF;
+        RETURN NEW;
+    END $$ LANGUAGE plpgsql
+"""
+
+
+def stored_state(store: Any, product: Product) -> str | None:
+    """None when nothing of ``product`` is stored, else what get() shows of it."""
+    got = store.get(product["id"])
+    if got is None:
+        return None
+    missing = [part for part in ("tags", "attributes") if not got.get(part)]
+    return (f"product {product['id']} stored WITHOUT its {' and '.join(missing)}" if missing
+            else f"product {product['id']} stored")
+
+
+@pytest.mark.parametrize("model", ["RelationalCatalog", "DocumentCatalog"])
+def test_a_refused_add_stores_nothing_of_its_batch(learner: Any, postgres: Any,
+                                                   model: str) -> None:
+    """The database refuses one row of a batch (a trigger the test puts on every table the
+    model created refuses any row holding the tag REFUSED_TAG, which the batch's last product
+    carries). add_products must raise and leave nothing of that call behind: a product, its
+    tags and its attributes are one fact over several rows (a batch: several facts), written
+    in one transaction - as the Redis model writes them in one MULTI/EXEC. Then the same
+    batch without that tag must load on the same object."""
+    module = learner.load("catalog")
+    batch = make_products(6)
+    marked = [*batch[:-1], dict(batch[-1], tags=sorted([*batch[-1]["tags"], REFUSED_TAG]))]
+    with postgres.connect(autocommit=True) as conn:
+        before = user_tables(conn)
+        store = catalog_class(module, model)(postgres.dsn)
+        try:
+            store.create_schema()
+            conn.execute(REFUSE_ROWS % {"marker": f"'{REFUSED_TAG}'"})
+            for table in sorted(user_tables(conn) - before):
+                conn.execute(f'CREATE TRIGGER refuse_marked BEFORE INSERT OR UPDATE ON "{table}" '
+                             "FOR EACH ROW EXECUTE FUNCTION refuse_marked_rows()")
+            refused: BaseException | None = None
+            try:
+                store.add_products(marked)
+            except Exception as exc:  # noqa: BLE001 - any error: the database refused a row
+                refused = exc
+            assert refused is not None, (
+                f"{model}.add_products returned normally although the database refused the "
+                f"row carrying product {batch[-1]['id']}'s tag {REFUSED_TAG!r}: let the "
+                "database's error out")
+            left = [state for p in batch if (state := stored_state(store, p)) is not None]
+            assert not left, (
+                f"{model}.add_products raised ({type(refused).__name__}: the database refused "
+                f"product {batch[-1]['id']}'s tag row), yet afterwards get() shows "
+                f"{'; '.join(left)}: the rows written before the refusal were committed one "
+                f"statement at a time. Write a call's products, tags and attributes in ONE "
+                f"transaction (with conn.transaction(): ...) so a refused row rolls back all "
+                f"of it - expected nothing of the failed batch to be stored")
+            try:
+                store.add_products(batch)
+            except Exception as exc:  # noqa: BLE001 - named below
+                pytest.fail(
+                    f"{model}.add_products of the same batch without the refused tag raised "
+                    f"{type(exc).__name__}: {exc} - after a failed call the object must be "
+                    "usable again (the failed transaction rolled back, not left open)",
+                    pytrace=False)
+            got = [store.get(p["id"]) for p in batch]
+            assert got == batch, (
+                f"{model}: after the batch was added again without the refused tag, get() "
+                f"returned {got!r}, expected {batch!r}")
+        finally:
+            store.close()
 
 
 def tables_holding(conn: Any, tables: set[str], value: str) -> list[str]:

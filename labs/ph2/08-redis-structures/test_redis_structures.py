@@ -350,3 +350,52 @@ def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any
         "sees the whole log")
     assert key_types(redis_db).get("events") == "stream", (
         "the event log is not a stream under the key 'events' (the name passed in)")
+
+    # A worker usually starts before any producer has written: its group must be creatable
+    # on a log that does not exist yet, and see every event appended after.
+    early = structure(module, "EventLog", redis_db.url, "signups")
+    try:
+        early.create_group("mailer")
+    except Exception as exc:  # noqa: BLE001 - the learner's error, named in the message
+        pytest.fail(f"create_group('mailer') on a log nothing was appended to yet raised "
+                    f"{type(exc).__name__}: {exc}\nA consumer starts independently of the "
+                    "producers: XGROUP CREATE ... MKSTREAM creates the empty stream with the "
+                    "group (otherwise it needs the key to exist)", pytrace=False)
+    later = [early.append({"type": "signup", "n": str(n)}) for n in range(3)]
+    seen = [eid for eid, _ in early.read("mailer", "mailer-1", 10)]
+    assert seen == later, (
+        f"a group created before the log had any event read {seen} after 3 appends, "
+        f"expected all 3 {later}: the group starts at the beginning of the (empty) stream")
+
+
+BACKLOG = 1_200  # above any page size a listing is commonly capped at (10, 100, 1000)
+
+
+def test_pending_is_the_groups_count_however_large(learner: Any, redis_db: Any) -> None:
+    log = structure(learner.load("structures"), "EventLog", redis_db.url, "backlog")
+    log.create_group("billing")
+    client = redis_db.client(decode_responses=True)
+    try:
+        with client.pipeline(transaction=False) as pipe:  # the backlog, written quickly
+            for n in range(BACKLOG):
+                pipe.xadd("backlog", {"type": "order", "n": str(n)})
+            pipe.execute()
+    finally:
+        client.close()
+    delivered = len(log.read("billing", "worker-a", BACKLOG))
+    assert delivered == BACKLOG, (
+        f"read('billing', 'worker-a', {BACKLOG}) returned {delivered} of the {BACKLOG} "
+        "events appended")
+    count, sent = recorded(redis_db, "pending()", lambda: log.pending("billing"))
+    assert count == BACKLOG, (
+        f"pending('billing') is {count} after {BACKLOG} events were delivered and none "
+        f"acknowledged, expected {BACKLOG}: a count taken by listing the pending entries "
+        "(XPENDING key group - + N, XRANGE) is capped by the page size, so a monitor never "
+        "sees the backlog grow past it. Ask the group for its count: the summary form "
+        "XPENDING key group (or XINFO GROUPS) answers in one command")
+    listed = [" ".join(c[:6]) for c in sent
+              if (c[0] == "XPENDING" and len(c) > 3) or c[0] in ("XRANGE", "XREVRANGE")]
+    assert not listed, (
+        f"pending() sent {listed[0]!r}: it lists the pending entries to count them, O(n) "
+        f"in the backlog (and {BACKLOG} entries sent over the wire) where the summary form "
+        "XPENDING key group returns the count the group already keeps")

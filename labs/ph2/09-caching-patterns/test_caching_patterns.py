@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import PgStatementProxy
+from labrunner.testing import PgStatementProxy, came_true, redis_commands, redis_gate
 
 PRODUCTS = [(1, "Espresso cup", 900), (2, "Teapot", 3500), (3, "Kettle", 4900),
             (4, "Mug", 1200), (5, "Saucer", 400)]
@@ -274,6 +274,58 @@ def test_write_through_caches_only_what_the_database_accepted(shop: Shop) -> Non
         "returned normally: let the database's error out")
 
 
+# Each read path that decides hit or miss from Redis, as (pattern, how to build it, the read).
+READ_PATHS: list[tuple[str, Callable[[Shop, str], Any], str]] = [
+    ("CacheAside", lambda shop, url: shop.make("CacheAside", shop.dsn, url, ttl_seconds=300),
+     "get_product"),
+    ("ReadThrough", lambda shop, url: shop.make(
+        "ReadThrough", url, lambda pid: row(pid) if 1 <= pid <= len(PRODUCTS) else None,
+        ttl_seconds=300), "get"),
+    ("WriteThrough", lambda shop, url: shop.make("WriteThrough", shop.dsn, url,
+                                                 ttl_seconds=300), "get_product"),
+]
+
+
+@pytest.mark.parametrize("pattern,build,method", READ_PATHS, ids=[p[0] for p in READ_PATHS])
+def test_an_entry_that_vanishes_mid_read_is_a_miss_not_an_error(
+        shop: Shop, pattern: str, build: Callable[[Shop, str], Any], method: str) -> None:
+    """A cache entry can vanish at any instant: another server's invalidation, its TTL
+    running out. The learner's Redis goes through a gate that, the moment a read sends a
+    SECOND command on product:2, deletes product:2 first (as that other server would). A
+    read deciding hit or miss from one GET never sends a second one; a check-then-act read
+    (EXISTS, TTL or KEYS, then GET) gets None from its GET for an entry it was just told
+    exists."""
+    key, seen, vanished = "product:2", [], []
+
+    def before(command: list[bytes]) -> None:
+        if key.encode() not in command[1:]:
+            return
+        seen.append(b" ".join(command[:2]).decode(errors="replace"))
+        if len(seen) == 2 and not vanished:
+            vanished.append(shop.redis.delete(key))
+
+    with redis_gate(shop.redis_url, before) as url:
+        app = build(shop, url)
+        shop.redis.set(key, json.dumps(row(2)), ex=300)  # product 2 is cached
+        read = getattr(app, method)
+        error: BaseException | None = None
+        try:
+            got = read(2)
+        except Exception as exc:  # noqa: BLE001 - named in the message below
+            got, error = None, exc
+    if got == row(2) and error is None:
+        return
+    outcome = (f"raised {type(error).__name__}: {error}" if error is not None
+               else f"returned {got!r}")
+    pytest.fail(
+        f"{pattern}.{method}(2) {outcome}, expected {row(2)!r}: product:2 existed when the "
+        f"read began, and vanished (deleted, as another server's invalidation or its TTL "
+        f"would) just before the read's second Redis command on it (commands on {key}: "
+        f"{', '.join(seen)}). A read that asks whether the entry is there and then fetches "
+        f"it in a second command assumes nothing happens in between - decide hit or miss "
+        f"from the ONE GET's answer (None = miss: load from the database)", pytrace=False)
+
+
 def test_write_behind_persists_eventually_even_after_a_crash(shop: Shop) -> None:
     app = shop.make("WriteBehind", shop.dsn, shop.redis_url)
     _, writes = delta(shop.writes, lambda: app.update_price(4, 1111))
@@ -334,6 +386,92 @@ def test_write_behind_worker_dying_mid_write_loses_nothing(shop: Shop,
         f"reached Postgres (a pop), so it died with the worker. Move it to a processing list "
         f"(LMOVE/BLMOVE), remove it only after the UPDATE committed, and have a starting "
         f"worker take back what is left there")
+
+
+def blocked_clients(redis_db: Any) -> list[dict[str, Any]]:
+    """The Redis connections on this test's logical database that wait in a blocking
+    command (BLMOVE, BLPOP, XREAD BLOCK...), as the server lists them (flag b)."""
+    admin = redis_db.admin_client(decode_responses=True)
+    try:
+        return [c for c in admin.client_list()
+                if int(c.get("db", -1)) == redis_db.db and "b" in c.get("flags", "")]
+    finally:
+        admin.close()
+
+
+# Longer than a Redis client's default socket timeout (redis-py: 5 s): a worker that
+# blocks with no timeout (BLMOVE ... 0) outlasts it and dies of the TimeoutError.
+QUIET_S = 6
+# Where each blocking read names how long it may wait (seconds; XREAD's BLOCK is in ms).
+TIMEOUT_LAST = {"BLMOVE", "BRPOPLPUSH", "BLPOP", "BRPOP", "BZPOPMIN", "BZPOPMAX"}
+TIMEOUT_FIRST = {"BLMPOP", "BZMPOP"}
+
+
+def blocking_timeout(command: list[str]) -> float | None:
+    """How long a blocking read may wait, in seconds (0 = for ever); None if not one."""
+    name, args = command[0], command[1:]
+    try:
+        if name in TIMEOUT_LAST and args:
+            return float(args[-1])
+        if name in TIMEOUT_FIRST and args:
+            return float(args[0])
+        if name in ("XREAD", "XREADGROUP"):
+            upper = [a.upper() for a in args]
+            if "BLOCK" in upper:
+                return float(args[upper.index("BLOCK") + 1]) / 1000
+    except (ValueError, IndexError):
+        return None
+    return None
+
+
+def price_reaches(shop: Shop, product_id: int, price: int, within: float) -> bool:
+    return came_true(lambda: shop.db_price(product_id) == price, within)
+
+
+def test_write_behind_worker_survives_quiet_time_and_ends_with_stop(
+        shop: Shop, redis_db: Any) -> None:
+    app = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    with redis_commands(redis_db) as commands:
+        app.start()
+        app.update_price(3, 100)
+        wait_for_db(shop, {3: 100}, "write-behind", within=15)  # the worker runs
+        # and waits for the next change
+        came_true(lambda: sum(blocking_timeout(c) is not None for c in commands) > 1, 2)
+    waits = [(c, blocking_timeout(c)) for c in commands]
+    long_waits = [c for c, t in waits if t is not None and (t == 0 or t >= 1)]
+    if long_waits:
+        # A worker that blocks a long time must live through a quiet spell (as at night):
+        # the quiet time is only spent on a worker seen doing so.
+        time.sleep(QUIET_S)
+        app.update_price(3, 150)
+        assert price_reaches(shop, 3, 150, 15), (
+            f"write-behind: the worker wrote a first change and then waited in "
+            f"{' '.join(long_waits[-1])}; after {QUIET_S} quiet seconds a change queued is "
+            f"not in the database 15 s later (it holds {shop.db_price(3)}): the worker is "
+            f"gone. A blocking read with no timeout (0) waits longer than the client's "
+            f"socket timeout (redis-py: 5 s by default) and ends in a TimeoutError that "
+            f"kills the thread - block briefly (BLMOVE ... 0.2) and loop, which also lets "
+            f"the worker notice stop()")
+    app.stop()
+    blocked = blocked_clients(redis_db)
+    assert not blocked, (
+        f"write-behind: stop() returned, but the worker still waits in Redis "
+        f"({', '.join(c.get('cmd', '?').upper() for c in blocked)} on a connection of this "
+        f"database, {blocked[0].get('age', '?')} s old): it checks its stop flag only "
+        f"between commands, and a blocking command with timeout 0 waits until the next "
+        f"change arrives - block briefly (BLMOVE ... 0.2) and loop, and have stop() wait "
+        f"for the thread to end (join), or a 'stopped' instance keeps taking changes off "
+        f"the shared queue and writes them beside its successor's worker, out of order")
+    # Another server queues a change: nobody is started, so nobody may write it yet.
+    other = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    other.update_price(3, 200)
+    assert not price_reaches(shop, 3, 200, 1), (
+        "write-behind: after stop() returned, a change another server queued reached the "
+        "database with no worker started: the stopped instance's worker is still running "
+        "and taking changes off the shared queue - stop() must end it before returning")
+    other.start()
+    wait_for_db(shop, {3: 200}, "write-behind", within=15)
+    other.stop()
 
 
 def wait_for_db(shop: Shop, want: dict[int, int], pattern: str, within: float = 5) -> None:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from labrunner.testing import RelayLink, TcpRelay, redis_commands
+from labrunner.testing import RelayLink, TcpRelay, redis_commands, wait_until
 
 
 def limiter_class(learner: Any) -> type:
@@ -160,6 +160,41 @@ def test_rate_limit_window_is_fixed_and_restarts(learner: Any, redis_db: Any) ->
             "the new window's counter must get an expiry too")
     finally:
         client.close()
+
+
+# allow() calls on one key, limit 3: whether the test empties the server's script cache
+# (SCRIPT FLUSH) just before the call, and the answer the call must give.
+AFTER_FLUSH = [(False, True), (True, True), (True, True), (False, False)]
+
+
+def test_limiter_survives_an_emptied_script_cache(learner: Any, redis_db: Any) -> None:
+    """The server's script cache is not data: a restart, a failover to a replica or SCRIPT
+    FLUSH empties it, and EVALSHA then answers NOSCRIPT. A limiter that loaded its script
+    once must load it again (and still count the call): flushed twice, so a fallback that
+    works only once shows too. The lab is exclusive: no other lab's scripts are flushed."""
+    limiter = limiter_class(learner)(redis_db.url, limit=3, window_seconds=60)
+    admin = redis_db.admin_client()
+    try:
+        for n, (flush, want) in enumerate(AFTER_FLUSH, start=1):
+            if flush:
+                admin.script_flush()
+            when = "just after SCRIPT FLUSH" if flush else "with the script cache as it was"
+            try:
+                got = limiter.allow("flushed")
+            except Exception as exc:  # noqa: BLE001 - reported as the mistake
+                pytest.fail(
+                    f"call {n} of allow() {when} raised {type(exc).__name__}: {exc} - "
+                    "expected an answer: the server's script cache is not data (a restart, "
+                    "a failover to a replica or SCRIPT FLUSH empties it), so EVALSHA can "
+                    "answer NOSCRIPT at any time; load the script again and retry then "
+                    "(redis-py's register_script() does it for you)", pytrace=False)
+            assert got is want, (
+                f"limit 3: call {n} of allow() {when} returned {got!r}, expected {want}: "
+                "on NOSCRIPT load the script again and run it, so the call is still counted "
+                "and decided by the script (answering without running it neither counts "
+                "nor limits)")
+    finally:
+        admin.close()
 
 
 def test_window_starts_at_the_first_call(learner: Any, redis_db: Any) -> None:
@@ -346,16 +381,23 @@ def exclusive_restarts(redis_db: Any) -> Iterator[redis.Redis]:
 
 # An RDB snapshot (BGSAVE) slowed down to this long while AOF is switched on: Redis runs
 # one child at a time, so it can only *schedule* the AOF's first rewrite
-# (aof_rewrite_scheduled:1, aof_rewrite_in_progress:0) until the snapshot ends.
-SNAPSHOT_KEYS, KEY_SAVE_DELAY_US = 20, 50_000  # 20 keys x 50 ms: a 1 s snapshot
+# (aof_rewrite_scheduled:1, aof_rewrite_in_progress:0) until the snapshot ends. Long
+# enough that a wait which gives up after a few seconds (and returns as if the AOF were
+# on) is seen giving up; each other key on the server adds only 20 ms.
+SNAPSHOT_KEYS, KEY_SAVE_DELAY_US = 600, 20_000  # 600 keys x 20 ms: a 12 s snapshot
+SNAPSHOT_S = SNAPSHOT_KEYS * KEY_SAVE_DELAY_US // 1_000_000
 
 
 @contextmanager
 def slow_snapshot(admin: redis.Redis, redis_db: Any) -> Iterator[None]:
-    """A BGSAVE in progress for about 1 s from the block's start."""
+    """A BGSAVE in progress for about SNAPSHOT_S seconds from the block's start."""
     client = redis_db.client()
     client.mset({f"snapshot:{n}": "x" for n in range(SNAPSHOT_KEYS)})
     client.close()
+    # A snapshot still running (an earlier run's, stopped at its first failure) would end
+    # early, and with it the rewrite's wait: start from none.
+    wait_until(lambda: not admin.info("persistence").get("rdb_bgsave_in_progress"),
+               "an RDB snapshot already running to end", timeout=60)
     admin.config_set("rdb-key-save-delay", KEY_SAVE_DELAY_US)
     try:
         try:
@@ -371,12 +413,32 @@ def slow_snapshot(admin: redis.Redis, redis_db: Any) -> Iterator[None]:
 def test_keys_survive_a_restart_with_aof_on(learner: Any, redis_db: Any) -> None:
     enable_aof = learner.function("advanced", "enable_aof")
     with exclusive_restarts(redis_db) as admin, slow_snapshot(admin, redis_db):
-        enable_aof(redis_db.config_url)  # a user that may CONFIG SET
+        started = time.monotonic()
+        raised: Exception | None = None
+        try:
+            enable_aof(redis_db.config_url)  # a user that may CONFIG SET
+        except Exception as exc:  # noqa: BLE001 - the learner's error, named in the message
+            raised = exc
+        waited = time.monotonic() - started
         info = admin.info("persistence")
         assert info.get("aof_enabled") == 1, (
             f"after enable_aof() the server reports aof_enabled:{info.get('aof_enabled')}: "
             "turn the append-only file on (CONFIG SET appendonly yes)")
+        if raised is not None:
+            pytest.fail(
+                f"enable_aof() raised {type(raised).__name__}: {raised} after {waited:.1f} s, "
+                f"while the AOF's first rewrite was only waiting for a {SNAPSHOT_S} s RDB "
+                "snapshot to end: a rewrite can take that long on real data; wait for it "
+                "(give up only after 30 s or more)", pytrace=False)
         running = {k: info.get(k) for k in ("aof_rewrite_in_progress", "aof_rewrite_scheduled")}
+        still = ", ".join(f"{k}:{v}" for k, v in running.items())
+        assert not any(running.values()) or waited < 2, (
+            f"enable_aof() waited {waited:.1f} s, then returned normally while the server "
+            f"still reports {still}: the wait gave up and fell through as if the AOF were "
+            f"active, so the caller believes every write is logged when a restart would "
+            f"find no complete AOF. The first rewrite waits for the running RDB snapshot "
+            f"(here about {SNAPSHOT_S} s): keep waiting, and if it never finishes raise "
+            "(TimeoutError) instead of returning")
         assert not any(running.values()), (
             f"enable_aof() returned while the server still reports "
             f"{', '.join(f'{k}:{v}' for k, v in running.items())}: switching the AOF on starts "

@@ -20,7 +20,13 @@ Mistakes a learner makes here, each caught with its own message:
 - the library's PoolTimeout / TooManyRequests let out      -> the exception's class
 - no acquire timeout, or no wait (fails at once)           -> how long the request took
 - no max_waiting (an unbounded queue)                      -> a third waiter not rejected
+- max_waiting checked before asking the pool (requests_waiting, or a counter of one's
+  own): a check-then-act                                   -> a burst, slowed line by line
+                                                              (harness.py), queues too many
 - getconn() without commit: putconn() rolls the write back -> a row written, read back
+- committing only when no rows come back (cursor.description is None), or only statements
+  that start with INSERT/UPDATE/DELETE                     -> INSERT/UPDATE ... RETURNING,
+                                                              WITH ... INSERT, read back
 - getconn() without try/finally: a failing query keeps its connection (a leak)
                                                            -> failing queries, then a query
 - every error turned into PoolExhausted (a SQL error is not an exhausted pool)
@@ -345,26 +351,99 @@ def test_full_wait_queue_rejects_at_once(pooling: ModuleType, opened: list[Any],
     assert_completed([*busy, *waiting])
 
 
+# A burst of requests arriving together on a full pool with max_waiting=2, each line of the
+# learner's code slowed by STEP_DELAY (harness.py) so that they interleave step by step.
+BURST, STEP_DELAY = 5, 0.05
+
+
+def test_a_burst_never_queues_more_than_max_waiting(
+        pooling: ModuleType, learner: Any, opened: list[Any], server: Server, postgres: Any,
+        queued: Callable[[], int]) -> None:
+    # A long acquire timeout: a queued request stays queued until the test releases it.
+    db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=60,
+                 max_waiting=2)
+    server.hold()
+    busy = start([Call(db.query, HOLD) for _ in range(2)])
+    burst = None
+    try:
+        wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections to be busy")
+        burst = learner.harness().Burst(pooling, db, "SELECT 1", BURST, STEP_DELAY)
+        # every request of the burst ends up either waiting in the queue or rejected
+        wait_until(lambda: len(burst.ended()) + queued() == BURST,
+                   f"each of the {BURST} requests of the burst to wait in the pool or end",
+                   timeout=30)
+        waiting, ended = queued(), burst.ended()
+    finally:
+        release(server, busy)
+        if burst is not None:
+            burst.join(15)
+    assert waiting <= 2, (
+        f"{BURST} requests arriving together on a full pool with max_waiting=2: {waiting} "
+        f"of them waited in the pool's queue, expected at most 2 (the others rejected at "
+        f"once with PoolExhausted): a limit checked before asking the pool (its "
+        f"requests_waiting, or a counter of your own) is a check-then-act - requests that "
+        f"arrive together all see room and all queue. Let the pool decide where the queue "
+        f"is, under its lock: ConnectionPool(..., max_waiting=max_waiting)")
+    wrong = [o for o in ended if o[0] != "error" or not o[2]]
+    assert not wrong, (
+        f"a request of the burst that found the queue full ended with {wrong[0]}, expected "
+        f"pooling.PoolExhausted")
+    assert_completed(busy)
+
+
+@dataclass(frozen=True)
+class Write:
+    """A statement that changes data, what query() returns for it, and the pages another
+    connection reads once it is committed."""
+
+    what: str
+    sql: str
+    params: tuple[Any, ...]
+    returns: list[tuple[Any, ...]]
+    then: list[str]
+
+
+# Writes of every shape: committing only when no rows come back (cursor.description is
+# None), or only statements that start with INSERT / UPDATE / DELETE, loses some of them.
+WRITES = [
+    Write("the INSERT", "INSERT INTO visits VALUES (%s)", ("home",), [], ["home"]),
+    Write("the INSERT ... RETURNING (rows came back, and it wrote)",
+          "INSERT INTO visits VALUES (%s) RETURNING page", ("cart",), [("cart",)],
+          ["cart", "home"]),
+    Write("the UPDATE ... RETURNING (rows came back, and it wrote)",
+          "UPDATE visits SET page = %s WHERE page = 'cart' RETURNING page", ("checkout",),
+          [("checkout",)], ["checkout", "home"]),
+    Write("the WITH ... INSERT (a write whose first word is not INSERT)",
+          "WITH v AS (SELECT %s::text AS page) INSERT INTO visits SELECT page FROM v",
+          ("help",), [], ["checkout", "help", "home"]),
+]
+
+
 def test_writes_are_committed_and_a_failing_query_gives_its_connection_back(
         pooling: ModuleType, opened: list[Any], server: Server, postgres: Any) -> None:
     db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=1)
     with postgres.connect(autocommit=True) as setup:
         setup.execute("CREATE TABLE visits (page text)")
-    try:
-        inserted = db.query("INSERT INTO visits VALUES (%s)", ("home",))
-    except Exception as exc:  # noqa: BLE001 - explained below
-        pytest.fail(
-            f"query('INSERT ...') raised {type(exc).__name__}: {exc} - a statement that "
-            f"returns no rows must give [] (check cursor.description before fetchall())",
-            pytrace=False)
-    assert inserted == [], f"query('INSERT ...') returned {inserted!r}, expected []"
-    with postgres.connect(autocommit=True) as check:
-        (rows,) = check.execute("SELECT count(*) FROM visits").fetchone()
-    assert rows == 1, (
-        f"after query('INSERT ...') returned, another connection sees {rows} rows, expected "
-        f"1: the write was not committed - a connection taken with getconn() and given back "
-        f"with putconn() is rolled back; commit (with pool.connection() as conn: commits "
-        f"when the block ends)")
+    for write in WRITES:
+        try:
+            result = db.query(write.sql, write.params)
+        except Exception as exc:  # noqa: BLE001 - explained below
+            hint = ("" if write.returns else " - a statement that returns no rows must give "
+                    "[] (check cursor.description before fetchall())")
+            pytest.fail(f"query({write.sql!r}) raised {type(exc).__name__}: {exc}{hint}",
+                        pytrace=False)
+        assert result == write.returns, (
+            f"query({write.sql!r}) returned {result!r}, expected {write.returns!r}")
+        with postgres.connect(autocommit=True) as check:
+            seen = [page for (page,) in
+                    check.execute("SELECT page FROM visits ORDER BY page").fetchall()]
+        assert seen == write.then, (
+            f"after query({write.sql!r}) returned {result!r}, another connection reads the "
+            f"pages {seen}, expected {write.then}: {write.what} was not committed - a write "
+            f"is a write whether or not rows come back and whatever its first word, so "
+            f"commit every query's transaction (with pool.connection() as conn: commits "
+            f"when the block ends); a connection given back with putconn() uncommitted is "
+            f"rolled back")
 
     # More failing queries than the pool has connections: each must give its connection
     # back, and reach the caller as the database's error, not as an exhausted pool.

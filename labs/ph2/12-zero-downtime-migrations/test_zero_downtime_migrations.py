@@ -393,8 +393,19 @@ class Traffic:
     step: str = "V001 baseline"
 
 
+# What an operation's failure most often means, said with the failure.
+OP_HINTS = {
+    "touch": " - an UPDATE that writes neither name nor full_name (here email) must leave "
+             "both alone: until the backfill, rows written before the expand have full_name "
+             "NULL, and a sync trigger that copies full_name into name whenever name did not "
+             "change (an ELSE branch, or a comparison of NEW.name with NEW.full_name) writes "
+             "that NULL into name. Copy only the column this UPDATE changed (NEW vs OLD)",
+}
+
+
 class App(threading.Thread):
-    """One application version in a loop: insert a user, read one, rename one.
+    """One application version in a loop: insert a user, read one, rename one, and update
+    another column (email) of the oldest user, a row written before the expand.
 
     v1 knows only users.name, v2 only users.full_name. Operations of the two versions are
     serialised through `traffic.lock` so that "the name read back" has one right answer;
@@ -413,7 +424,7 @@ class App(threading.Thread):
             n = 0
             while not self.stop.is_set():
                 n += 1
-                for op in (self.insert, self.read, self.rename):
+                for op in (self.insert, self.read, self.rename, self.touch):
                     self.attempt(conn, op, n)
                 time.sleep(0.002)  # a steady stream, not a busy loop
 
@@ -425,7 +436,8 @@ class App(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - every failure is a finding
                 self.traffic.errors.append(
                     f"{self.version} app failed during '{step}' ({op.__name__}): "
-                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
+                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                    f"{OP_HINTS.get(op.__name__, '')}")
             self.ops += 1
 
     def insert(self, conn: Any, n: int) -> None:
@@ -450,6 +462,13 @@ class App(threading.Thread):
         name = f"{self.version} renamed {n}"
         conn.execute(f"UPDATE users SET {self.column} = %s WHERE id = %s", (name, uid))
         self.traffic.expected[uid] = name
+
+    def touch(self, conn: Any, n: int) -> None:
+        if not self.traffic.expected:
+            return  # no insert went through yet (already reported)
+        uid = min(self.traffic.expected)  # v1's first user: inserted before V002
+        conn.execute("UPDATE users SET email = %s WHERE id = %s",
+                     (f"{self.version}.touched.{n}@example.com", uid))
 
 
 def keep_running(apps: list[App], ops: int = 8) -> None:
@@ -555,3 +574,110 @@ def test_expand_contract_rename_without_downtime(runner: ModuleType, learner: An
         f"{len(wrong)} users have the wrong full_name at the end, e.g. "
         f"{next(iter(wrong.items()))} (id: (stored, expected)): every write by either "
         "version must end up in full_name")
+
+
+# --------------------------------------------------------------------------------------
+# A step that must lock the table, while a long transaction holds a lock on it
+
+
+class Background(threading.Thread):
+    """``fn(*args)`` on a thread of its own: its result or error, and when it ended."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - read by the test
+            self.error = exc
+
+
+# How long the application's query may wait behind a migration that waits for a lock: the
+# README asks for a lock_timeout of at most 5 s; the rest is slack for a loaded machine.
+STALL_LIMIT = 12.0
+
+
+@dataclass(frozen=True)
+class LockedStep:
+    version: int
+    label: str
+    done: str        # SQL: true once the step is applied
+
+
+LOCKED_STEPS = [
+    LockedStep(2, "V002 expand", "SELECT EXISTS (SELECT FROM information_schema.columns "
+               "WHERE table_name = 'users' AND column_name = 'full_name')"),
+    LockedStep(4, "V004 contract", "SELECT NOT EXISTS (SELECT FROM information_schema.columns "
+               "WHERE table_name = 'users' AND column_name = 'name')"),
+]
+
+
+def waits_for_users(conn: Any, others: tuple[int, ...]) -> bool:
+    """Whether a session (not one of the test's `others`) waits for a lock on users."""
+    return bool(conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'users'::regclass "
+        "AND pid <> ALL(%s)", (list(others),)).fetchone()[0])
+
+
+def test_a_locking_step_gives_up_instead_of_stalling_the_application(
+        runner: ModuleType, learner: Any, postgres: Any) -> None:
+    """A report's long transaction has read users (it holds ACCESS SHARE) when the step's
+    ALTER TABLE asks for ACCESS EXCLUSIVE. The ALTER waits in the lock queue, and every
+    query on users that arrives after it queues behind it: with no lock_timeout the whole
+    application stalls for as long as the report runs. With one, the step gives up (or
+    retries) after a few seconds and the application's query goes through. V002, then V004,
+    on one database."""
+    folder = learner.dir / "migrations"
+    for step in LOCKED_STEPS:
+        runner.migrate(postgres.dsn, folder, target=step.version - 1)
+        stalled = application_stalls_behind(runner, postgres, folder, step)
+        assert not stalled, (
+            f"while {step.label} waited for a lock on users held by a long transaction (a "
+            f"report), the application's 'SELECT count(*) FROM users' waited more than "
+            f"{STALL_LIMIT:.0f} s, expected it to go through within a few seconds: a "
+            f"waiting ALTER TABLE sits in the lock queue and every later query on the table "
+            f"queues behind it - the whole application stalls for as long as the report "
+            f"runs. Begin each migration that locks a table with SET LOCAL lock_timeout = "
+            f"'5s' (at most), so the step gives up (and is run again later) instead")
+        try:
+            runner.migrate(postgres.dsn, folder, target=step.version)
+        except Exception as exc:  # noqa: BLE001 - explained
+            pytest.fail(f"once the long transaction had ended, migrate(target="
+                        f"{step.version}) raised {type(exc).__name__}: {exc} - a step that "
+                        f"gave up on its lock must apply when it is run again", pytrace=False)
+        with postgres.connect() as conn:
+            applied = conn.execute(step.done).fetchone()[0]
+        assert applied, (
+            f"once the long transaction had ended and migrate(target={step.version}) ran "
+            f"again, {step.label} is still not applied")
+
+
+def application_stalls_behind(runner: ModuleType, postgres: Any, folder: Path,
+                              step: LockedStep) -> bool:
+    """Whether the application's query on users, sent while migrate(step) waits for a lock
+    a long transaction holds, still waits STALL_LIMIT s later. The transaction then ends."""
+    report = postgres.connect()  # a transaction left open after reading users
+    app = postgres.connect(autocommit=True)
+    watch = postgres.connect(autocommit=True)
+    others = (report.info.backend_pid, app.info.backend_pid, watch.info.backend_pid)
+    report.execute("SELECT count(*) FROM users").fetchone()
+    deploy = Background(runner.migrate, postgres.dsn, folder, step.version)
+    query = Background(lambda: app.execute("SELECT count(*) FROM users").fetchone())
+    try:
+        deploy.start()
+        wait_until(lambda: not deploy.is_alive() or waits_for_users(watch, others),
+                   f"migrate(target={step.version}) to wait for the report's lock on users",
+                   timeout=30)
+        query.start()
+        query.join(STALL_LIMIT)
+        return query.is_alive()
+    finally:
+        report.rollback()  # the report ends: whatever waited goes on
+        query.join(30)
+        deploy.join(60)
+        for conn in (report, app, watch):
+            conn.close()

@@ -12,13 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
+from math import log2
+from string import ascii_letters, digits, hexdigits
 from typing import Any
 
 import pytest
 
 from labrunner.testing import HttpReply, http_request, serve_wsgi
 
-USERS = {"alice": "wonderland-42", "bob": "builder-7"}
+# Passwords are whatever people type: jürgen's is not ASCII (and not Latin-1 either: €).
+USERS = {"alice": "wonderland-42", "bob": "builder-7", "jürgen": "Straße-€42"}
 EVIL = "https://evil.example"
 TTL = 1800
 
@@ -31,8 +34,8 @@ class Browser:
     sid: str | None = None
     cookies: list[str] = field(default_factory=list)
 
-    def call(self, method: str, path: str, document: Any = None, csrf: str | None = None,
-             origin: str | None = None) -> HttpReply:
+    def call(self, method: str, path: str, document: Any = None,
+             csrf: str | bytes | None = None, origin: str | None = None) -> HttpReply:
         headers = {}
         if self.sid is not None:
             headers["Cookie"] = f"sid={self.sid}"
@@ -144,6 +147,54 @@ def test_login_gives_a_hardened_session_cookie(site: Site) -> None:
         "bob's login did not get a session of its own")
 
 
+# Ids issued per route for the unpredictability check: enough that a random character
+# position shows many values (a hex position 5 or more of 16 in 40 draws, all but certain),
+# while a uuid1's node and clock sequence, a counter's or a timestamp's high digits stay put.
+SAMPLES = 40
+MIN_BITS = 120  # 128 asked; a uuid4 (122 random bits from os.urandom) is let through
+
+
+def estimated_random_bits(ids: list[str]) -> tuple[float, list[int]]:
+    """An upper estimate of the random bits in ids from one generator: per character
+    position, 0 when every id has the same character there, log2(values seen) when few
+    values show up (a slowly ticking clock digit), the alphabet's full bits otherwise."""
+    chars = set("".join(ids))
+    size = (10 if chars <= set(digits) else 16 if chars <= set(hexdigits) else
+            64 if chars <= set(ascii_letters + digits + "-_+/=") else len(chars))
+    bits, fixed = 0.0, []
+    for pos in range(max(map(len, ids))):
+        seen = {sid[pos] for sid in ids if pos < len(sid)}
+        if len(seen) == 1:
+            fixed.append(pos)
+        bits += log2(len(seen)) if len(seen) <= 4 else log2(size)
+    return bits, fixed
+
+
+def test_session_ids_are_unpredictable(site: Site) -> None:
+    for route in ("GET /login", "POST /login"):
+        ids = []
+        for _ in range(SAMPLES):
+            tab = site.browser()
+            if route == "GET /login":
+                tab.call("GET", "/login")
+            else:
+                site.login(tab)
+            assert tab.sid, f"{route} set no sid cookie"
+            ids.append(tab.sid)
+        assert len(set(ids)) == len(ids), (
+            f"{route} issued the same session id twice in {SAMPLES} sessions: two users "
+            "would share one session")
+        bits, fixed = estimated_random_bits(ids)
+        assert bits >= MIN_BITS, (
+            f"{SAMPLES} session ids from {route} ({ids[0]!r}, {ids[1]!r}, {ids[-1]!r}...) "
+            f"carry about {bits:.0f} random bits, expected at least 128: ids of "
+            f"{len(ids[0])} characters, {len(fixed)} of them the same in every id. "
+            "An attacker reads his own ids and guesses a victim's from them (uuid1 is a "
+            "clock plus the MAC address, a counter or a timestamp is enumerable, a short "
+            "token is brute-forced). The id IS the login: draw it from the OS CSPRNG, "
+            "secrets.token_urlsafe(32)")
+
+
 def test_an_id_the_server_never_issued_is_not_adopted(site: Site) -> None:
     chosen = "attacker-chosen-id-0123456789abcdefghij"
     victim = Browser(site.host, sid=chosen)
@@ -238,6 +289,60 @@ def test_csrf_token_required_on_post(site: Site) -> None:
             f"POST {path} from an anonymous session (GET /login, no login) with that "
             f"session's own CSRF token answered {reply.status}, expected 401: a session "
             "existing is not a login - check that the session has a user, not only an id")
+
+
+# Secrets are text people type and clients send: any Unicode. hmac.compare_digest takes
+# str only when both are ASCII (TypeError otherwise), .encode("ascii") or "latin-1" raise,
+# and errors="ignore" or "replace" make different secrets equal. Each case: who logs in,
+# the password sent, the status it must get, what it is.
+NON_ASCII_LOGINS = (
+    ("jürgen", "Straße-€42", 200, "jürgen's right password"),
+    ("jürgen", "Straβe-€42", 401, "jürgen's password with its ß replaced by a Greek β"),
+    ("alice", "wönderland-42", 401, "a wrong password with an ö"),
+)
+# The X-CSRF-Token header as UTF-8 bytes ({token}: the session's own), what it is.
+NON_ASCII_TOKENS = (
+    ("{token}é", "her own CSRF token with an é appended"),
+    ("jeton-volé-€", "a made-up non-ASCII CSRF token"),
+)
+
+
+def secret_mistake(status: int, want: int) -> str:
+    """What a status that is not ``want`` says about how the app compared a non-ASCII
+    secret."""
+    if status >= 500:
+        return ("the app crashed comparing a non-ASCII secret: hmac.compare_digest accepts "
+                "str only when it is ASCII (TypeError otherwise), .encode('ascii') or "
+                "'latin-1' raise too")
+    if want == 200:
+        return ("a non-ASCII secret must equal itself: refusing it (or catching the "
+                "comparison's error as a refusal) locks this user out")
+    if status == 200:
+        return ("the secrets differ only in non-ASCII characters: a comparison that drops "
+                "or replaces them (encode('ascii', 'ignore' or 'replace')) lets a wrong "
+                "secret in")
+    return "a wrong secret gets the route's refusal, whatever characters it holds"
+
+
+def test_non_ascii_secrets_are_compared_as_bytes(site: Site) -> None:
+    fix = ("passwords and tokens are arbitrary text: compare their UTF-8 bytes, "
+           "hmac.compare_digest(a.encode(), b.encode())")
+    for user, password, want, what in NON_ASCII_LOGINS:
+        reply = site.browser().call("POST", "/login", {"username": user, "password": password})
+        assert reply.status == want, (
+            f"POST /login as {user} with {what} ({password!r}) answered {reply.status} "
+            f"{reply.body[:100]!r}, expected {want}: {secret_mistake(reply.status, want)}; "
+            f"{fix}")
+    alice = site.browser()
+    token = site.login(alice)
+    for template, what in NON_ASCII_TOKENS:
+        sent = template.format(token=token)
+        reply = alice.call("POST", "/transfer", {"to": "mallory", "amount": 1000},
+                           csrf=sent.encode(), origin=EVIL)
+        assert reply.status == 403, (
+            f"POST /transfer with alice's cookie and {what} ({sent[-12:]!r} in UTF-8) "
+            f"answered {reply.status} {reply.body[:100]!r}, expected 403: "
+            f"{secret_mistake(reply.status, 403)}; {fix}")
 
 
 def test_logout_deletes_the_session(site: Site) -> None:

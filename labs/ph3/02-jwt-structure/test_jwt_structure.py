@@ -31,12 +31,16 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def raw_token(header: dict[str, Any], claims: Any, secret: bytes = SECRET,
+def compact(part: Any) -> bytes:
+    """A header or payload as the token carries it: compact JSON, or bytes as given."""
+    return part if isinstance(part, bytes) else json.dumps(part, separators=(",", ":")).encode()
+
+
+def raw_token(header: Any, claims: Any, secret: bytes = SECRET,
               payload_bytes: bytes | None = None) -> str:
     """A token signed by the test itself, HS256 over exactly the segments it sends."""
-    head = b64(json.dumps(header, separators=(",", ":")).encode())
-    body = b64(payload_bytes if payload_bytes is not None
-               else json.dumps(claims, separators=(",", ":")).encode())
+    head = b64(compact(header))
+    body = b64(compact(payload_bytes if payload_bytes is not None else claims))
     sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
     return f"{head}.{body}.{b64(sig)}"
 
@@ -314,6 +318,73 @@ def test_refuses_forged_and_malformed_tokens(jwt: Jwt) -> None:
 def verdict_of(module: Any, token: str) -> tuple[str, Any]:
     return verdict("decode()", module.decode, token, SECRET, issuer=ISS, audience=AUD,
                    now=NOW, refusal=module.InvalidToken)
+
+
+HS256 = {"alg": "HS256", "typ": "JWT"}
+# Correctly signed tokens whose header or claims are valid JSON (or not even UTF-8) of a
+# shape decode() did not expect: each must be refused with InvalidToken. A KeyError,
+# TypeError or UnicodeDecodeError instead is a 500 where the caller that catches
+# InvalidToken answers 401 (and the header is read before the signature is checked: anyone
+# can send one). Each case: name, header, payload.
+SHAPES: list[tuple[str, Any, Any]] = [
+    ("a header without alg", {"typ": "JWT"}, claims()),
+    ("an empty header object", {}, claims()),
+    ("alg null", {"alg": None, "typ": "JWT"}, claims()),
+    ("alg a number", {"alg": 256, "typ": "JWT"}, claims()),
+    ("alg a list", {"alg": ["HS256"], "typ": "JWT"}, claims()),
+    ("alg an object", {"alg": {"HS256": True}, "typ": "JWT"}, claims()),
+    ("a header that is not UTF-8", b'{"alg":"HS256","typ":"JWT\xff"}', claims()),
+    ("a payload that is not UTF-8", HS256, b'{"iss":"\xff"}'),
+    ("exp null", HS256, {**claims(), "exp": None}),
+    ("exp a list", HS256, claims(exp=[NOW + 300])),
+    ("nbf a string", HS256, claims(nbf="soon")),
+    ("aud a number", HS256, claims(aud=42)),
+    ("aud an object", HS256, claims(aud={AUD: True})),
+    # Not JSON, yet Python's json.loads reads them (parse_constant= refuses them): a NaN
+    # exp compares false with every instant, so "now >= exp" never holds - it never expires.
+    ("exp NaN, which JSON has not (a NaN exp never expires)", HS256,
+     compact(claims()).replace(b'"exp":', b'"exp":NaN,"x":')),
+    ("exp Infinity, which JSON has not (it never expires)", HS256,
+     compact(claims()).replace(b'"exp":', b'"exp":Infinity,"x":')),
+    ("exp 1e400, read as float infinity (it never expires)", HS256,
+     compact(claims()).replace(b'"exp":', b'"exp":1e400,"x":')),
+]
+
+
+def test_refuses_tokens_of_unexpected_shape(jwt: Jwt) -> None:
+    wrong = []
+    for name, header, payload in SHAPES:
+        verdict, got = verdict_of(jwt.module, raw_token(header, payload))
+        if verdict != "refused":
+            seen = (f"raised {got}, expected InvalidToken: the only exception decode() "
+                    "raises" if verdict == "crashed" else
+                    "accepted it (returned the claims), expected InvalidToken")
+            odd = "payload" if header is HS256 else "header"
+            text = compact(payload if header is HS256 else header)
+            wrong.append(f"a correctly signed token with {name} ({odd} "
+                         f"{text.decode(errors='replace')}): decode() {seen}")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(SHAPES)} tokens of an unexpected shape not refused with "
+        "InvalidToken.) A token is untrusted input: read its fields with .get(), check their "
+        "types (alg a string, exp and nbf numbers, aud a string or a list of them) and turn "
+        "a decoding error into InvalidToken - the caller catches that one exception and "
+        "answers 401; any other is a 500 (for the header, read before the signature is "
+        "checked, one anyone can trigger)")
+
+
+def test_a_date_beyond_a_float_is_decided_not_crashed(jwt: Jwt) -> None:
+    """exp = 10**400 is a JSON number, an int in Python, and float() of it raises
+    OverflowError: accepting the token (it expires far ahead) or refusing it are both
+    answers; an OverflowError is a 500."""
+    token = raw_token(HS256, compact(claims()).replace(b'"exp":', b'"exp":1' + b"0" * 400
+                                                       + b',"x":'))
+    verdict, got = verdict_of(jwt.module, token)
+    assert verdict != "crashed", (
+        f"a correctly signed token with exp = 10**400 (a JSON number, an int in Python): "
+        f"decode() raised {got}, expected it decided (accepted, or refused with "
+        "InvalidToken)\nfloat(10**400) raises OverflowError, and so does exp + leeway with "
+        "a float leeway: compare now - leeway >= exp (int and float compare exactly), or "
+        "refuse what float() cannot hold with InvalidToken.")
 
 
 def test_signature_compared_in_constant_time(jwt: Jwt, learner: Any) -> None:

@@ -78,8 +78,8 @@ class Lib:
             f"sign({alg}) returned {token!r}, expected header.payload.signature")
         return token
 
-    def verify(self, token: str) -> tuple[str, Any]:
-        return verdict("verify()", self.module.verify, token, keys().jwks(),
+    def verify(self, token: str, jwks: dict[str, Any] | None = None) -> tuple[str, Any]:
+        return verdict("verify()", self.module.verify, token, jwks or keys().jwks(),
                        refusal=self.module.InvalidToken)
 
 @pytest.fixture
@@ -241,7 +241,19 @@ def forged(name: str) -> str:  # noqa: C901 - one forgery per branch, kept side 
         good = pyjwt.encode(CLAIMS, key, algorithm=alg, headers={"kid": kid}).split(".")
         good[1] = b64(json.dumps({**CLAIMS, "scope": "orders:admin"}).encode())
         return ".".join(good)
+    if name in ODD_HEADERS:  # signed with the HS256 key, the header of an unexpected shape
+        return hmac_token(ODD_HEADERS[name], SECRET)
     raise AssertionError(name)
+
+# Headers whose alg or kid is valid JSON of the wrong type: refused with InvalidToken, not a
+# TypeError from a dict lookup or an `in` test (the header is read before any signature).
+ODD_HEADERS: dict[str, dict[str, Any]] = {
+    "alg_list": {"alg": ["HS256"], "kid": "hs-1"},
+    "alg_object": {"alg": {"HS256": True}, "kid": "hs-1"},
+    "alg_null": {"alg": None, "kid": "hs-1"},
+    "kid_list": {"alg": "HS256", "kid": ["hs-1"]},
+    "kid_object": {"alg": "HS256", "kid": {"id": "hs-1"}},
+}
 
 FORGERIES = [
     ("rogue", "an RS256 token signed by a key that is not in the JWKS, claiming kid "
@@ -260,6 +272,11 @@ FORGERIES = [
     ("tamper_rs", "an RS256 payload changed after signing"),
     ("tamper_es", "an ES256 payload changed after signing"),
     ("tamper_hs", "an HS256 payload changed after signing"),
+    ("alg_list", "a header whose alg is a list ([\"HS256\"])"),
+    ("alg_object", "a header whose alg is an object"),
+    ("alg_null", "a header whose alg is null"),
+    ("kid_list", "a header whose kid is a list"),
+    ("kid_object", "a header whose kid is an object"),
 ]
 
 def test_forged_tokens_are_refused(lib: Lib) -> None:
@@ -291,3 +308,127 @@ def test_hmac_compared_in_constant_time(lib: Lib, learner: Any) -> None:
         f"{len(calls)} time(s), never with the token's signature): '==' or '!=' stops at "
         "the first different byte, and its timing tells an attacker how many leading bytes "
         "of a forged HMAC are right - compare with hmac.compare_digest")
+
+
+# A JWK's alg (RFC 7517 4.4), when present, is the one algorithm that key may be used with:
+# a key of the right kty published for another algorithm - RS512, PSS, encryption (use
+# "enc") - must not verify the token's alg. Without alg (it is optional) the kty decides.
+# Each case: the JWK it copies, the copy's kid, its alg (None: no alg) and use, the
+# token's alg, accepted or not.
+RELABELLED: list[tuple[str, str, str | None, str, str, bool]] = [
+    ("rsa-2024", "rsa-rs512", "RS512", "sig", "RS256", False),
+    ("rsa-2024", "rsa-ps256", "PS256", "sig", "RS256", False),
+    ("rsa-2024", "rsa-oaep", "RSA-OAEP", "enc", "RS256", False),
+    ("ec-a", "ec-ecdh", "ECDH-ES", "enc", "ES256", False),
+    ("hs-1", "hs-hs512", "HS512", "sig", "HS256", False),
+    ("hs-1", "hs-a256kw", "A256KW", "enc", "HS256", False),
+    ("rsa-2024", "rsa-no-alg", None, "sig", "RS256", True),
+    ("ec-a", "ec-no-alg", None, "sig", "ES256", True),
+    ("hs-1", "hs-no-alg", None, "sig", "HS256", True),
+]
+
+
+def relabelled_jwks() -> dict[str, Any]:
+    published = keys().jwks()["keys"]
+    by_kid = {jwk["kid"]: jwk for jwk in published}
+    extra = []
+    for source, kid, alg, use, _, _ in RELABELLED:
+        jwk = {key: value for key, value in by_kid[source].items() if key != "alg"}
+        extra.append({**jwk, "kid": kid, "use": use, **({"alg": alg} if alg else {})})
+    return {"keys": published + extra}
+
+
+def test_a_jwk_verifies_only_its_own_alg(lib: Lib) -> None:
+    k = keys()
+    private = {"rsa-2024": k.rsa_new, "ec-a": k.ec_a, "hs-1": SECRET}
+    jwks = relabelled_jwks()
+    wrong = []
+    for source, kid, alg, use, token_alg, accept in RELABELLED:
+        token = pyjwt.encode(CLAIMS, private[source], algorithm=token_alg,
+                             headers={"kid": kid})
+        verdict, got = lib.verify(token, jwks)
+        key = (f"the JWK {kid!r} published with \"alg\": \"{alg}\", \"use\": \"{use}\""
+               if alg else f"the JWK {kid!r} published without alg")
+        if accept and verdict != "ok":
+            wrong.append(
+                f"verify() {'raised ' + got if verdict == 'crashed' else 'refused'} a valid "
+                f"{token_alg} token signed with {key} ({got}), expected the claims: alg is "
+                "optional in a JWK (RFC 7517 4.4); without it the kty decides")
+        elif not accept and verdict != "refused":
+            wrong.append(
+                f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} an "
+                f"{token_alg} token signed with {key}, expected InvalidToken: a JWK's alg "
+                f"is the only algorithm that key may be used with (RFC 7517 4.4), and "
+                f"{alg} is not {token_alg} - refuse a JWK whose alg differs from the "
+                "header's, whatever its kty")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(RELABELLED)} JWKs used against their alg)")
+
+
+
+# kid is optional in a JWK (RFC 7517 4.5): a JWKS may publish keys without one (or with
+# "kid": null). A token that names no key must not be matched to such a key because
+# "no kid" equals "no kid" (None == None, "" == "" with a default): during a rotation that
+# key is an arbitrary, maybe retired one. Each case: the token's header kid (MISSING: no
+# kid member), what that header is.
+MISSING = object()
+KIDLESS_HEADERS: list[tuple[Any, str]] = [
+    (MISSING, "a header without kid"),
+    (None, "a header with \"kid\": null"),
+]
+
+
+def signed(header: dict[str, Any], key: Any) -> str:
+    """A token with exactly this header (PyJWT refuses to write "kid": null)."""
+    algorithm = pyjwt.get_algorithm_by_name(header["alg"])
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(CLAIMS).encode())}"
+    signature = algorithm.sign(signing_input.encode(), algorithm.prepare_key(key))
+    return f"{signing_input}.{b64(signature)}"
+
+
+def kidless_jwks() -> list[tuple[dict[str, Any], str, Any, str]]:
+    """JWKS, each the published keys plus ONE copy without kid (or with kid null) - a
+    single kidless key, so "the one key that matches" finds it; with each, the algorithm
+    and private key that sign for that copy, and what the copy is."""
+    k = keys()
+    published = keys().jwks()["keys"]
+    by_kid = {jwk["kid"]: jwk for jwk in published}
+    cases = []
+    for alg, key, kid, copy_kid in (("RS256", k.rsa_new, "rsa-2024", MISSING),
+                                    ("ES256", k.ec_a, "ec-a", MISSING),
+                                    ("HS256", SECRET, "hs-1", MISSING),
+                                    ("RS256", k.rsa_old, "rsa-2023", None)):
+        copy = {name: value for name, value in by_kid[kid].items() if name != "kid"}
+        if copy_kid is not MISSING:
+            copy["kid"] = copy_kid
+        cases.append(({"keys": [*published, copy]}, alg, key,
+                      f"the JWK {kid!r} published again "
+                      + ("without kid" if copy_kid is MISSING else "with kid null")))
+    return cases
+
+
+def test_a_token_without_kid_matches_no_kidless_jwk(lib: Lib) -> None:
+    cases = kidless_jwks()
+    every = {"keys": [*keys().jwks()["keys"], *(jwks["keys"][-1] for jwks, *_ in cases)]}
+    verdict, got = lib.verify(pyjwt.encode(CLAIMS, keys().rsa_new, algorithm="RS256",
+                                           headers={"kid": "rsa-2024"}), every)
+    assert verdict == "ok", (
+        f"verify() {'raised ' + got if verdict == 'crashed' else 'refused'} a valid RS256 "
+        f"token naming kid 'rsa-2024' ({got}) when the JWKS also holds keys without kid, "
+        "expected the claims: kid is optional in a JWK (RFC 7517 4.5), a key without one "
+        "is simply never picked - read it with jwk.get('kid')")
+    wrong = []
+    for kid, header in KIDLESS_HEADERS:
+        for jwks, alg, key, which in cases:
+            token_header = {"alg": alg, "typ": "JWT", **({} if kid is MISSING else {"kid": kid})}
+            verdict, got = lib.verify(signed(token_header, key), jwks)
+            if verdict != "refused":
+                wrong.append(
+                    f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} "
+                    f"an {alg} token with {header}, signed with {which}, expected "
+                    "InvalidToken: a token that names no key matches no key - 'no kid' "
+                    "equal to 'no kid' (None == None, or '' == '' with a default) picks "
+                    "whichever key lacks a kid, during a rotation an arbitrary or retired "
+                    "one; refuse a missing or null kid before looking it up")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(KIDLESS_HEADERS) * len(cases)} tokens without a kid)")

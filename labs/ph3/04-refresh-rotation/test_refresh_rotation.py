@@ -192,19 +192,49 @@ def reuse_revokes(service: Service, proxy: PgStatementProxy) -> None:
 
 def test_expiry_on_the_injected_clock(service: Service) -> None:
     access, refresh = service.login("alice")
+    # One login per refresh case (a refresh uses its token up), all at T0.
+    tokens = [refresh] + [service.login("alice")[1] for _ in REFRESH_EXPIRY[1:]]
     exp = claims_of(access, "the access token")["exp"]
     service.clock.now = exp - 1
     verdict, got = service.authenticate(access, "an access token 1 s before exp")
-    assert verdict == "ok", f"authenticate() refused a token 1 s before its exp: {got}"
+    assert verdict == "ok", (
+        f"authenticate() refused a token 1 s before its exp: {got} - compare exp with "
+        f"self.clock() (now {exp - 1}), not the wall clock or PyJWT's own exp check")
     service.clock.now = exp
-    verdict, got = service.authenticate(access, "an access token at its exp")
+    verdict, _ = service.authenticate(access, "an access token at its exp")
+    if verdict == "ok":
+        service.clock.now = exp + 1
+        after, _ = service.authenticate(access, "an access token 1 s past its exp")
+        assert after != "refused", (
+            f"authenticate() accepted an access token at its exp ({exp}) but refused it "
+            "1 s later: exp is the first instant the token is no longer valid (RFC 7519: "
+            "the time must be BEFORE exp) - refuse when clock() >= exp")
     assert verdict == "refused", (
-        "authenticate() accepted an access token at its exp (on the injected clock): "
-        "check exp against self.clock(), not the wall clock")
-    service.clock.now = T0 + 30 * DAY + 1
-    verdict, got = service.refresh(refresh, "a refresh token 30 days and 1 s old")
-    assert verdict == "refused", (
-        "refresh() accepted a refresh token older than 30 days (REFRESH_TTL)")
+        "authenticate() accepted an access token at and 1 s after its exp (on the injected "
+        "clock): compare exp with self.clock() and refuse from exp on")
+    # The case past the expiry goes before the one at its instant, so a token that never
+    # expires is named as such.
+    for token, (offset, want, what, why) in zip(tokens, REFRESH_EXPIRY, strict=True):
+        service.clock.now = T0 + 30 * DAY + offset
+        verdict, got = service.refresh(token, f"a refresh token {what}")
+        saw = "accepted" if verdict == "ok" else f"refused ({got})"
+        assert verdict == want, (
+            f"refresh() {saw} a refresh token {what} (issued at clock {T0:.0f}, presented "
+            f"at {service.clock.now:.0f}), expected it "
+            f"{'accepted' if want == 'ok' else 'refused'}: {why}")
+
+
+# (offset from login + REFRESH_TTL, expected verdict, what the token is, why)
+REFRESH_EXPIRY = [
+    (-1, "ok", "1 s before its 30 days (REFRESH_TTL) are up",
+     "it expires at clock() + REFRESH_TTL, not earlier"),
+    (1, "refused", "30 days and 1 s old",
+     "a refresh token older than REFRESH_TTL is expired"),
+    (0, "refused", "exactly 30 days old, at its expiry instant",
+     "expires_at is the first instant it is no longer valid - valid while clock() < "
+     "expires_at, as an access token stops at exp; accepted at the instant, it buys "
+     "another full 30-day token one second past its life"),
+]
 
 
 def test_logout_denylists_the_jti_until_it_would_expire(service: Service) -> None:

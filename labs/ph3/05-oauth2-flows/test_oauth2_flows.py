@@ -32,6 +32,7 @@ CLIENTS = {
     "spa": {"type": "public", "redirect_uris": [CB, "https://spa.example/other"]},
     "mobile": {"type": "public", "redirect_uris": ["com.example.app:/oauth"]},
     "batch": {"type": "confidential", "secret": "batch-s3cret-value"},
+    "cron": {"type": "confidential", "secret": "s3cr:et/42"},  # a secret with colons
     "tv": {"type": "public", "device": True},
 }
 
@@ -218,10 +219,12 @@ def test_authorize_never_redirects_where_it_should_not(server: Server) -> None:
             "requires PKCE with S256")
 
 
+def basic(cid: str, secret: str, scheme: str = "Basic") -> dict[str, str]:
+    return {"Authorization": f"{scheme} " + base64.b64encode(f"{cid}:{secret}".encode()
+                                                               ).decode()}
+
+
 def test_client_credentials(server: Server) -> None:
-    def basic(cid: str, secret: str) -> dict[str, str]:
-        return {"Authorization": "Basic " + base64.b64encode(f"{cid}:{secret}".encode()
-                                                              ).decode()}
     form = {"grant_type": "client_credentials"}
     expect_token(server.post("/token", form, basic("batch", "batch-s3cret-value")), "batch",
                  "batch", "client_credentials with the right Basic credentials")
@@ -236,6 +239,31 @@ def test_client_credentials(server: Server) -> None:
     expect_error(server.post("/token", form), ("invalid_client",),
                  "client_credentials without credentials", "no client authentication",
                  status=(401,))
+
+
+# Authorization: Basic as RFC 7617 reads it (RFC 7235 for the scheme). Each case: client,
+# secret sent, scheme, accepted, why.
+BASIC_CASES = [
+    ("cron", "s3cr:et/42", "Basic", True,
+     "HTTP Basic splits user-id and password at the FIRST colon (RFC 7617 section 2): the "
+     "secret may itself hold colons - decoded.partition(':'), not split(':') or rsplit"),
+    ("cron", "s3cr:WRONG/42", "Basic", False,
+     "the secret is everything after the first colon, compared whole"),
+    ("batch", "batch-s3cret-value", "basic", True,
+     "the scheme name is case-insensitive (RFC 7235 section 2.1): 'basic' is Basic"),
+]
+
+
+def test_client_credentials_parse_basic_as_rfc_7617(server: Server) -> None:
+    form = {"grant_type": "client_credentials"}
+    for cid, secret, scheme, accept, why in BASIC_CASES:
+        reply = server.post("/token", form, basic(cid, secret, scheme))
+        what = (f"client_credentials with Authorization: {scheme} base64({cid}:{secret}) "
+                f"({'the right' if accept else 'a wrong'} secret of {cid})")
+        if accept:
+            expect_token(reply, cid, cid, what, why)
+        else:
+            expect_error(reply, ("invalid_client",), what, why, status=(401,))
 
 
 def poll(server: Server, device_code: str) -> HttpReply:

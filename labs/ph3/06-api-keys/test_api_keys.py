@@ -10,14 +10,17 @@ hmac.compare_digest), and whether keys come from a CSPRNG is observed by seeding
 from __future__ import annotations
 
 import hashlib
+import math
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from labrunner.testing import HttpReply, PgStatementProxy, http_request, serve_wsgi
+from labrunner.testing import HttpReply, PgStatementProxy, came_true, http_request, serve_wsgi
+from labrunner.testing.relay import RelayLink
 
 T0 = 1_700_000_000.0
 
@@ -103,11 +106,27 @@ def test_keys_are_random_and_not_stored_in_plaintext(api: Api, learner: Any) -> 
     assert len(secret) >= 32, (
         f"the secret part {secret!r} has {len(secret)} characters: use at least 128 "
         "random bits, e.g. secrets.token_urlsafe(32)")
-    seeded = learner.harness().keys_after_seeding(api.store, "seeded", ["reports:read"])
-    assert seeded[0].split("_", 2)[2] != seeded[1].split("_", 2)[2], (
-        "two keys made right after random.seed(1234) have the same secret: the key comes "
-        "from Python's random module, a PRNG whose output can be predicted from a few "
-        "samples. Use the secrets module (the OS CSPRNG)")
+    bits, fixed = secret_bits([k.split("_", 2)[2] for k in keys])
+    assert bits >= 128, (
+        f"the secrets of {len(keys)} keys carry at most about {bits:.0f} random bits, "
+        f"expected at least 128: the characters at positions {fixed} were the same in "
+        f"every key (e.g. {secret!r}). Unique is not "
+        "unguessable: a uuid1 is a timestamp, a clock sequence and the server's MAC (one "
+        "key leads to the others), a time or a counter is as easy to guess, a uuid4 has "
+        "122 random bits. "
+        "Take the whole secret from the OS CSPRNG: secrets.token_urlsafe(32)")
+    harness = learner.harness()
+    for frozen, source in ((False, "Python's random module, a PRNG whose output can be "
+                            "predicted from a few samples"),
+                           (True, "the time (a timestamp, or a hash of one), which an "
+                            "attacker guesses to the second")):
+        made = harness.keys_after_seeding(api.store, f"seeded-{frozen}", ["reports:read"],
+                                          frozen)
+        assert made[0].split("_", 2)[2] != made[1].split("_", 2)[2], (
+            "two keys made right after random.seed(1234)"
+            f"{' with time.time() frozen' if frozen else ''} have the same secret "
+            f"({made[0].split('_', 2)[2]!r}): the key comes from {source}. Use the "
+            "secrets module (the OS CSPRNG)")
     dump = api.at_rest()
     leaked = [k for k in keys if k in dump or k.split("_", 2)[2] in dump]
     assert not leaked, (
@@ -117,6 +136,16 @@ def test_keys_are_random_and_not_stored_in_plaintext(api: Api, learner: Any) -> 
     assert not missing, (
         f"the SHA-256 of {len(missing)} keys is not in the database (looked for the "
         "lower-case hex digest of the whole key): store hashlib.sha256(key).hexdigest()")
+
+
+def secret_bits(secrets: list[str]) -> tuple[float, list[int]]:
+    """An upper bound of the random bits in these secrets: log2 of the alphabet they use
+    for each position that is not the same in all of them, and those fixed positions.
+    Over 60 secrets of the OS CSPRNG, a position stays the same with odds 16**-59."""
+    length = min(len(s) for s in secrets)
+    fixed = [i for i in range(length) if len({s[i] for s in secrets}) == 1]
+    alphabet = len(set("".join(secrets)))
+    return (length - len(fixed)) * math.log2(max(alphabet, 2)), fixed
 
 
 def test_scopes_401_and_403_over_http(api: Api) -> None:
@@ -237,3 +266,115 @@ def test_rotating_again_never_extends_the_old_keys_end(api: Api) -> None:
            "end of a key only ever moves earlier - keep the earlier of the two ends "
            "(LEAST(expires_at, new end))")
     expect(api, "GET", again, 200, "the key the second rotation issued", "it stays valid")
+
+
+def test_two_rotations_at_once_keep_the_earlier_end(api: Api, learner: Any) -> None:
+    """The owner's script rotates a key with a 3600 s grace while an incident responder
+    rotates it with 60 s, at the same instant. Driven step by step through a proxy in front
+    of Postgres: each rotation is stopped before its first UPDATE reaches the server, so
+    both have read the key before either writes; the 60 s one then writes first. The end
+    must be 60 s whatever the order: the earlier end stays under concurrency too."""
+    gate = WriteGate.for_dsn(api.postgres.dsn)
+    try:
+        # Two stores: the script and the responder's tool are processes of their own.
+        module = learner.load("apikeys")
+        stores = [module.KeyStore(gate.dsn_for(api.postgres.dsn), api.clock) for _ in "ab"]
+        old = api.create("partner", ["reports:read"])
+        story, failures = race_rotations(stores, gate, api.postgres, old, (3600, 60))
+    finally:
+        gate.hold_back(set())
+        gate.close()
+    assert not failures, (
+        f"rotate() failed when another rotation of the same key ran at once ({story}): "
+        f"{failures[0]} - two rotations of one key may meet; each must succeed")
+    api.clock.now = T0 + 60
+    expect(api, "GET", old, 401,
+           f"the old key at 60 s, after two rotations at once with graces 3600 s and 60 s "
+           f"({story})",
+           "the 60 s end was written, then overwritten by 3600 s from a read made before "
+           "it: computing min(stored end, new end) in Python from a row read earlier is a "
+           "read-modify-write. Let the database keep the earlier end in the UPDATE itself "
+           "(SET expires_at = LEAST(COALESCE(expires_at, %s), %s)), or lock the row "
+           "(SELECT ... FOR UPDATE inside the UPDATE's transaction)")
+
+
+UPDATE = re.compile(r"\bUPDATE\s.*\bSET\b", re.IGNORECASE | re.DOTALL)
+
+
+class WriteGate(PgStatementProxy):
+    """A proxy in front of Postgres that stops each UPDATE (and upsert) before it reaches
+    the server while its connection is held back (at first: all of them)."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self._gate = threading.Condition()
+        self.stopped: list[int] = []              # connections stopped so far, in order
+        self.held: set[int] | None = None         # None: every connection
+
+    def before_forwarding(self, link: RelayLink, sql: str) -> None:
+        if not UPDATE.search(sql):
+            return
+
+        def holding() -> bool:
+            return self.held is None or link.index in self.held
+
+        with self._gate:
+            if holding():
+                self.stopped.append(link.index)
+                self._gate.notify_all()
+                self._gate.wait_for(lambda: not holding(), timeout=60)
+
+    def hold_back(self, links: set[int]) -> None:
+        """From now on only these connections are stopped (an empty set: none)."""
+        with self._gate:
+            self.held = set(links)
+            self._gate.notify_all()
+
+
+def race_rotations(stores: list[Any], gate: WriteGate, postgres: Any, key: str,
+                   graces: tuple[float, float]) -> tuple[str, list[str]]:
+    """rotate(key, graces[0]) on one store stopped before its UPDATE; then rotate(key,
+    graces[1]) on the other run to its end (or to a lock it waits for) first. Returns what
+    happened, in words, and the exceptions the rotations raised."""
+    failures: list[str] = []
+
+    def rotate(store: Any, grace: float) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                store.rotate(key, grace)
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                failures.append(f"rotate(key, {grace:.0f}) raised {type(exc).__name__}: {exc}")
+        return run
+
+    with postgres.connect(autocommit=True) as watcher:
+        def locked() -> bool:
+            row = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                  "current_database() AND wait_event_type = 'Lock'").fetchone()
+            return bool(row and row[0])
+
+        first = threading.Thread(target=rotate(stores[0], graces[0]), daemon=True)
+        second = threading.Thread(target=rotate(stores[1], graces[1]), daemon=True)
+        first.start()
+        if not came_true(lambda: len(gate.stopped) >= 1 or not first.is_alive(), 30):
+            story = f"the {graces[0]:.0f} s rotation never reached an UPDATE"
+        elif not gate.stopped:   # no UPDATE to stop it at: one rotation after the other
+            story = f"the {graces[0]:.0f} s rotation wrote no UPDATE and went first"
+            second.start()
+        else:
+            second.start()
+            # A rotation that waits for the first one (a row lock, a lock of its own) is
+            # not a race: it reads what the first wrote. Waiting on a lock of the
+            # learner's process shows as nothing at all: 10 s, then the first goes on.
+            came_true(lambda: len(gate.stopped) >= 2 or not second.is_alive() or locked(), 10)
+            if len(gate.stopped) >= 2:
+                gate.hold_back({gate.stopped[0]})
+                story = (f"both had read the key before either wrote; the {graces[1]:.0f} s "
+                         "one wrote first")
+                came_true(lambda: not second.is_alive() or locked(), 30)
+            else:
+                story = f"the {graces[1]:.0f} s rotation waited for the {graces[0]:.0f} s one"
+        gate.hold_back(set())
+        for thread in (first, second):
+            if thread.is_alive() or thread.ident is not None:
+                thread.join(timeout=30)
+    return story, failures

@@ -278,3 +278,46 @@ def test_empty_policy_denies_everything(learner: Any) -> None:
              for action in ("doc:read", "doc:write", "")]
     wrong = [w for case in cases if (w := decide(module, {"roles": {}, "rules": []}, case))]
     assert not wrong, "\n".join(wrong)
+
+
+
+# One rule per case over a viewer policy: conditions whose operator is not one of the
+# language's five (==, !=, in, <=, >=). The engine cannot evaluate them, so they are
+# unknown - like a missing attribute: a deny rule with one applies, a require or allow rule
+# with one is not met. Each case's condition, read with its everyday meaning, would give the
+# same decision, so an engine that also knows '>' or 'not in' is not marked wrong.
+UNKNOWN = ("is not an operator of the policy language (==, !=, in, <=, >=): the engine "
+           "cannot evaluate the condition, so it is unknown, like a missing attribute - ")
+FAILS_CLOSED = UNKNOWN + ("a deny rule that cannot be evaluated applies (fail closed); "
+                          "counting it as false silently drops the deny")
+NOT_MET = UNKNOWN + "a require or allow rule that cannot be evaluated is not met"
+
+
+def one_rule(effect: str, condition: list[Any], op: str, why: str,
+             roles: list[str]) -> tuple[dict[str, Any], Case]:
+    policy = {"roles": {"viewer": {"permissions": ["doc:read"]}},
+              "rules": [{"effect": effect, "actions": ["doc:read"], "when": [condition]}]}
+    subject = {"id": "u1", "roles": roles, "risk": 90, "dept": "ops", "status": "blocked",
+               "level": 1}
+    name = f"a {'viewer' if roles else 'subject without roles'}, a {effect} rule {condition}"
+    return policy, Case(name, subject, "doc:read", {"id": "d1"}, False, f"{op} {why}")
+
+
+UNKNOWN_OPERATOR_CASES = [
+    one_rule("deny", ["subject.risk", ">", 50], "'>'", FAILS_CLOSED, ["viewer"]),
+    one_rule("deny", ["subject.level", "<", 5], "'<'", FAILS_CLOSED, ["viewer"]),
+    one_rule("deny", ["subject.dept", "not in", ["eng"]], "'not in'", FAILS_CLOSED,
+             ["viewer"]),
+    one_rule("deny", ["subject.status", "=", "blocked"], "'=' (a typo of '==')",
+             FAILS_CLOSED, ["viewer"]),
+    one_rule("require", ["subject.level", ">", 5], "'>'", NOT_MET, ["viewer"]),
+    one_rule("allow", ["subject.level", ">", 5], "'>'", NOT_MET, []),
+]
+
+
+def test_unknown_operators_are_unknown(learner: Any) -> None:
+    module = learner.load("policy")
+    wrong = [w for policy, case in UNKNOWN_OPERATOR_CASES if (w := decide(module, policy, case))]
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(UNKNOWN_OPERATOR_CASES)} rules with an unknown operator "
+        "decided wrong)")

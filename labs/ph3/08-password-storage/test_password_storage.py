@@ -9,14 +9,16 @@ right password and never on a wrong one. Few hashes are made: each costs ~19 MiB
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import bcrypt
 import pytest
-from argon2 import PasswordHasher, Type, extract_parameters
+from argon2 import Parameters, PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
+from argon2.low_level import hash_secret
 
 PASSWORD = "correct horse battery staple"
 UNICODE = "pässwörd 🔑 ünïcode"
@@ -24,6 +26,10 @@ UNICODE = "pässwörd 🔑 ünïcode"
 OWASP = [(47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5)]
 OWASP_TEXT = ", ".join(f"m={m} t={t}" for m, t in OWASP)
 OLD = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1, type=Type.ID)
+# bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(13)), made once: 2**13 rounds take a
+# while, so the test never makes it. Above bcrypt's default cost (12) and OWASP's minimum
+# (10): a hash some would call strong enough to keep.
+STRONG_BCRYPT = "$2b$13$qnq0QVw3hqz2ebFq2OrUz.08wgJdgRtQskzCu9/rrW1iC5U.0uQju"
 
 
 @dataclass
@@ -144,6 +150,45 @@ def test_old_argon2_parameters_rehashed_on_login(store: Store) -> None:
     assert verifies(new, PASSWORD), "the rehashed string does not verify the password"
 
 
+def weaker_variants(ours: Parameters) -> list[tuple[str, Parameters]]:
+    """Hashes one parameter weaker (or older) than `ours`, each with the rest unchanged:
+    what an earlier release stored before a parameter was raised. (Less memory is the
+    m=8192 t=1 hash of test_old_argon2_parameters_rehashed_on_login.)"""
+    changes = [("one iteration fewer", "time_cost", ours.time_cost - 1, 1),
+               ("an 8-byte salt", "salt_len", 8, 8),
+               ("a 16-byte hash", "hash_len", 16, 16),
+               ("argon2 version 16 (1.0, before RFC 9106's 1.3)", "version", 16, 16)]
+    return [(what, replace(ours, **{name: value})) for what, name, value, least in changes
+            if least <= value < getattr(ours, name)]
+
+
+def params_text(p: Parameters) -> str:
+    return (f"v={p.version} m={p.memory_cost} t={p.time_cost} p={p.parallelism} "
+            f"salt={p.salt_len} hash={p.hash_len}")
+
+
+def test_each_weaker_parameter_rehashed_on_login(store: Store) -> None:
+    """A hash differing from the current parameters in any ONE of them (iterations, salt
+    or hash length, version) is replaced on a successful login: rehashing on
+    memory alone keeps hashes made with too few iterations for ever."""
+    ours = extract_parameters(store.hash(PASSWORD))
+    missed = []
+    for what, params in weaker_variants(ours):
+        stored = hash_secret(PASSWORD.encode(), os.urandom(params.salt_len),
+                             params.time_cost, params.memory_cost, params.parallelism,
+                             params.hash_len, Type.ID, params.version).decode()
+        ok, new = store.login(stored, PASSWORD, f"the right password ({what})")
+        assert ok, f"login() refused the right password for an argon2id hash with {what}"
+        if new is None:
+            missed.append(f"{what} ({params_text(params)})")
+    assert not missed, (
+        f"login() accepted the right password but returned no new hash for argon2id hashes "
+        f"with {'; '.join(missed)} - yours are {params_text(ours)}: a hash whose parameters "
+        "differ from yours in any one of them is replaced on a successful login. Compare "
+        "the whole parameter set (PasswordHasher.check_needs_rehash), not the memory or "
+        "the string's prefix alone")
+
+
 @pytest.mark.parametrize("prefix,cost", [(b"2b", 5), (b"2a", 4), (b"2y", 4)])
 def test_legacy_bcrypt_upgraded_only_on_success(store: Store, prefix: bytes,
                                                 cost: int) -> None:
@@ -167,6 +212,21 @@ def test_legacy_bcrypt_upgraded_only_on_success(store: Store, prefix: bytes,
         "login() accepted a legacy bcrypt hash without upgrading it: return a new argon2id "
         "hash, so the weaker hash leaves the table on the first successful login")
     check_owasp(new, "the upgrade of a bcrypt hash")
+    assert verifies(new, PASSWORD), "the upgraded hash does not verify the password"
+
+
+def test_high_cost_bcrypt_upgraded_too(store: Store) -> None:
+    ok, new = store.login(STRONG_BCRYPT, PASSWORD, "the right password (bcrypt, cost 13)")
+    assert ok, "login() refused the right password for a $2b$ bcrypt hash of cost 13"
+    assert new is None or new.startswith("$argon2id$"), (
+        f"login() upgraded a cost-13 bcrypt hash to {new[:30]!r}, expected argon2id")
+    assert new is not None, (
+        "login() accepted a bcrypt hash of cost 13 (above bcrypt's default 12 and OWASP's "
+        "minimum 10) but kept it, while lower-cost ones are upgraded: every legacy bcrypt "
+        "hash is replaced on its first successful login, whatever its cost - bcrypt is not "
+        "memory-hard, so GPUs and ASICs guess it cheaply at any number of rounds, and a "
+        "legacy scheme kept for some rows never leaves the table")
+    check_owasp(new, "the upgrade of a cost-13 bcrypt hash")
     assert verifies(new, PASSWORD), "the upgraded hash does not verify the password"
 
 

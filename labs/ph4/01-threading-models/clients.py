@@ -3,10 +3,12 @@ stdin/stdout by the test, one JSON line per command and per reply. A client is s
 because the test holds it: it sends the first lines of its request and then nothing until
 the test says "finish". Every connection reads whatever the server sends, until EOF.
 
-    -> {"open": N, "send": "head"|"full"|"none", "port": P}   N new connections to
+    -> {"open": N, "send": "head"|"full"|"none"|"rst", "port": P}   N new connections to
     <- {"ports": [p, ...]}     127.0.0.1:P; "head" sends the start of a request (no blank
-                               line), "full" the whole request in one write, "none" nothing;
-                               the reply lists the clients' own ports
+                               line), "full" the whole request in one write, "none" nothing,
+                               "rst" resets each connection (RST) right as connect() returns,
+                               before the server can have written to it; the reply lists
+                               the clients' own ports
     -> {"finish": [i, ...]}                 send the rest of those requests
     <- {"ok": true}
     -> {"drop": [i, ...], "how": "fin"|"rst"}   close them (FIN) or abort them (RST)
@@ -59,6 +61,18 @@ async def main() -> None:
     conns: list[Conn] = []
     gate = asyncio.Semaphore(64)
 
+    def reset_at_once(conn: Conn, port: int) -> int:
+        """Connect and reset (SO_LINGER 0) in the next statement: the server's accept()
+        hands over a connection its client has already reset."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.bind(("127.0.0.1", 0))
+        own = int(sock.getsockname()[1])
+        sock.connect(("127.0.0.1", port))
+        sock.close()
+        conn.closed = "reset"
+        return own
+
     async def open_one(conn: Conn, send: str, port: int) -> int:
         async with gate:
             reader, writer = await asyncio.wait_for(
@@ -85,7 +99,11 @@ async def main() -> None:
                 new = [Conn(len(conns) + i) for i in range(int(cmd["open"]))]
                 conns.extend(new)
                 port = int(cmd["port"])
-                ports = await asyncio.gather(*(open_one(c, cmd["send"], port) for c in new))
+                if cmd["send"] == "rst":
+                    ports = [reset_at_once(c, port) for c in new]
+                else:
+                    ports = await asyncio.gather(*(open_one(c, cmd["send"], port)
+                                                   for c in new))
                 reply({"ports": ports})
             elif "finish" in cmd:
                 for i in cmd["finish"]:

@@ -26,18 +26,27 @@ import collections
 import json
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
 
-from labrunner.testing import process_activity, process_threads, tcp_sockets
+from labrunner.testing import (
+    Activity,
+    asleep_throughout,
+    came_true,
+    process_activity,
+    process_threads,
+    tcp_sockets,
+)
 
 CLIENTS = 200          # slow clients held at once
 WORKERS, QUEUE = 8, 16  # the bounded pool's size and queue bound, passed on its command line
@@ -51,7 +60,6 @@ HERE = Path(__file__).parent
 
 ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
 
-Activity = tuple[int, int, tuple[tuple[int, int, int], ...]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,14 +70,14 @@ class Server:
     """server.py <model>, as the learner's program; stdout and stderr drained (a full pipe
     would stall it), the port from its first line."""
 
-    def __init__(self, learner: Any, *args: str) -> None:
+    def __init__(self, learner: Any, *args: str, prelude: str = "") -> None:
         self.learner = learner
         self.name = "server.py " + " ".join(args)
         # The cyclic garbage collector off: a connection the server never closes stays
         # open, rather than closed whenever the collector happens to run (an asyncio
         # transport left unclosed sits in a reference cycle).
-        self.proc = learner.python("server", *args, gc=False, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+        self.proc = learner.python("server", *args, gc=False, prelude=prelude,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out: queue.Queue[str | None] = queue.Queue()
         self.err: collections.deque[str] = collections.deque(maxlen=40)
         threading.Thread(target=self._drain, args=(self.proc.stdout, True), daemon=True).start()
@@ -139,15 +147,46 @@ class Server:
             time.sleep(0.2)   # let the drain thread take the traceback's last lines
             err = "\n".join(self.err)
             last = next((ln for ln in reversed(self.err) if ln.strip()), "")
-            message = (f"{self.name} stopped (exit status {status}): {last}\n"
-                       f"while the verification was checking: {message.splitlines()[0]}\n"
+            message = (f"{self.name} stopped (exit status {status}: {last}) while the "
+                       f"verification was checking: {message.splitlines()[0]}\n"
                        f"{err[-2500:]}")
         pytest.fail(message, pytrace=False)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) inside the block, continued (SIGCONT) after it: what
+        clients do meanwhile waits in the kernel (connections in the listen backlog), as
+        if every thread of the server were slow at once. Where /proc shows the server, the
+        block starts once every thread is stopped (state T); graded, it is out of sight, and
+        the stop is only given a moment to land (the signal goes through the learner's
+        host)."""
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            if self.in_sight:
+                deadline = time.monotonic() + FAIL_WAIT
+                while (not all_stopped(self.proc.pid) and self.gone() is None
+                       and time.monotonic() < deadline):
+                    time.sleep(0.005)
+            else:
+                time.sleep(0.2)
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def all_stopped(pid: int) -> bool:
+    """Every thread of process ``pid`` stopped by a signal (state T), as /proc shows it."""
+    try:
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for t in Path(f"/proc/{pid}/task").iterdir()]
+    except (OSError, IndexError):
+        return False
+    return bool(states) and all(state == "T" for state in states)
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,8 +238,9 @@ class ClientProcess:
         reply = json.loads(line) if line else {"error": "no answer"}
         if "error" in reply:
             what = next(iter(command))
-            time.sleep(0.2)
-            if self.server.gone() is not None:
+            # Refused or reset: the server may be on its way out (a traceback to print,
+            # its interpreter to finish): give it time to be seen gone.
+            if came_true(lambda: self.server.gone() is not None, 5):
                 self.server.fail(f"the server must accept the clients ({reply['error']})")
             pytest.fail(f"the verification's client process failed to {what} connections: "
                         f"{reply['error']}\n" + "\n".join(self.err), pytrace=False)
@@ -284,14 +324,15 @@ class Load:
 
 @pytest.fixture
 def start(learner: Any) -> Iterator[Callable[..., tuple[Server, Load]]]:
-    """start(*args): the client processes (starting beside the server, to save a second
-    on a loaded machine), then server.py *args; both stopped when the test ends."""
+    """start(*args, prelude=""): the client processes (starting beside the server, to save
+    a second on a loaded machine), then server.py *args (after ``prelude``, code of the
+    test's run first in its process); both stopped when the test ends."""
     made: list[tuple[Server, Load]] = []
     loads: list[Load] = []
 
-    def starter(*args: str) -> tuple[Server, Load]:
+    def starter(*args: str, prelude: str = "") -> tuple[Server, Load]:
         loads.append(Load())
-        server = Server(learner, *args)
+        server = Server(learner, *args, prelude=prelude)
         made.append((server, loads[-1]))
         if not server.in_sight:   # have the learner's host start beside server and clients
             learner.run_helper(process_threads, 1)
@@ -348,18 +389,20 @@ def count(server: Server, clients: list[Client], what: Callable[[ServerSide], bo
     return sum(1 for c in clients if c.port in sides and what(sides[c.port]))
 
 
-def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = False) -> bool:
+def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = False,
+           dying: str = "the server must keep running") -> bool:
     """Poll until ``condition()`` holds (True), or until it cannot come any more (False):
     the server asleep throughout an observation (no thread runnable, CPU time unmoved) while
     the client processes sleep too, STALLED times in a row with the server's CPU time
     unmoved all along. Nothing is then on its way to anyone: a correct server would be
     running. FAIL_WAIT is a safety net. Fail at once if the server process dies. With
-    watch_threads, the thread count is sampled as it goes."""
+    watch_threads, the thread count is sampled as it goes; ``dying`` is what the server's
+    death is reported against."""
     deadline = time.monotonic() + FAIL_WAIT
     stalled, frozen = 0, 0
     while True:
         if server.gone() is not None:
-            server.fail("the server must keep running")
+            server.fail(dying)
         if watch_threads:
             server.threads()
         clients_asleep = server.clients_asleep()   # before condition() wakes them
@@ -376,12 +419,6 @@ def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = 
         if stalled >= STALLED or time.monotonic() > deadline:
             return False
         time.sleep(0.02)
-
-
-def asleep_throughout(before: Activity, after: Activity) -> bool:
-    """No thread of the server ran between the two readings, and none is runnable."""
-    return before[0] == 0 and after[0] == 0 and before[1] == after[1] and (
-        [t[0] for t in before[2]] == [t[0] for t in after[2]])
 
 
 def served(load: Load, server: Server, clients: list[Client], model: str) -> None:
@@ -423,6 +460,80 @@ def hold(load: Load, server: Server, n: int) -> list[Client]:
 
 # ---------------------------------------------------------------------------------------
 # 1. A thread per connection
+
+
+BURST = 8           # clients that arrive at once, for threads slow to start
+SLOW_START = 0.2    # s each new thread of the server waits before running its target
+# Run in the server's process before server.py: every thread started there sleeps
+# SLOW_START s before its run() (then runs untraced, at full speed), as on a busy machine
+# where the accept loop gets the CPU first. A thread that takes its connection from a
+# variable the accept loop goes on assigning then finds the next connection there.
+SLOW_THREAD_START = f"""
+import sys, threading, time
+def _slow_start(frame, event, arg):
+    sys.settrace(None)
+    time.sleep({SLOW_START})
+threading.settrace(_slow_start)
+"""
+
+
+def read_or_ended(server: Server, load: Load, clients: list[Client]) -> None:
+    """Wait until every one of ``clients`` is being read, or one was answered or closed
+    (or nothing can change any more: see settle). The server's threads sleep SLOW_START
+    first: asleep then, a server is not stuck yet."""
+    def done() -> bool:
+        ended = any(s.data or s.closed for s in load.seen_by(clients))
+        return ended or count(server, clients, reading) == len(clients)
+
+    if not came_true(done, SLOW_START + 2):
+        settle(server, done)
+
+
+def test_each_thread_serves_the_connection_it_was_started_for(
+        start: Callable[..., tuple[Server, Load]]) -> None:
+    """BURST clients connect while the server is paused, so they wait in the listen
+    backlog and the accept loop takes them one right after the other; each new thread is
+    slow to start (SLOW_THREAD_START). Each must still serve its own client: read its
+    request, answer it with its own path."""
+    server, load = start("threads", prelude=SLOW_THREAD_START)
+    # One client first, alone: the server is up and serving before it is paused (a
+    # server on its way out would otherwise be stopped half-dead).
+    probe = hold(load, server, 1)
+    read_or_ended(server, load, probe)
+    if load.seen_by(probe)[0].closed and came_true(lambda: server.gone() is not None, 5):
+        server.fail("the server must keep running")
+    with server.paused():
+        burst = hold(load, server, BURST)
+    read_or_ended(server, load, burst)
+    seen = load.seen_by(burst)
+    ended = [c for c, s in zip(burst, seen, strict=True) if s.data or s.closed]
+    read = count(server, burst, reading)
+    threads = server.threads()
+    if ended:
+        first = seen[burst.index(ended[0])]
+        what = (f"{len(ended)} of them had their connection "
+                f"{'answered' if first.data else 'closed'} by the server with their "
+                f"request incomplete (first {ended[0].path})")
+    elif read < BURST and threads > BURST:
+        what = f"only {read} of them were being read"
+    elif read < BURST:
+        server.fail(
+            f"with {BURST} slow clients connected, the thread-per-connection server was "
+            f"reading {read} of them at once (running {threads_word(threads)}), expected all "
+            f"{BURST}\n" + serial_hint(threads))
+    if ended or read < BURST:
+        server.fail(
+            f"{BURST} clients connected at once to the thread-per-connection server, whose "
+            f"new threads were slow to start (each waited {SLOW_START} s before running its "
+            f"target, as on a busy machine): {what}, with {threads_word(threads)} running"
+            "\nA thread must serve the connection it was started for: hand it over when the "
+            "thread is made - threading.Thread(target=serve, args=(conn,)). A lambda or an "
+            "inner function that reads the loop's variable conn when the thread runs finds "
+            "whatever the accept loop has put there since (the next connection, then served "
+            "by several threads), and the socket it was meant for, no longer referenced, is "
+            "closed unanswered.")
+    load.finish(burst)
+    served(load, server, burst, "thread-per-connection, threads slow to start")
 
 
 def test_thread_per_connection_serves_200_slow_clients_at_once(
@@ -589,6 +700,8 @@ def test_bounded_pool_queues_then_rejects_with_503(
             f"{early[0].data[:40]!r} before they finished their requests\nOnly connections "
             "beyond the queue get 503; the queued ones wait for a worker.")
 
+    reject_survives_resets(load, server)
+
     # Released: every served and every queued client gets its answer.
     load.finish(busy + waiting)
     served(load, server, busy + waiting, "pool")
@@ -636,6 +749,38 @@ def reset_after_full_request(load: Load, server: Server, busy: list[Client]) -> 
             "worker must survive any client error: catch OSError (ClientGone and OSError) "
             "around a client's handling, inside the worker's loop.")
     return again
+
+
+RESET_BEYOND = 16   # clients beyond capacity that reset their connection at once
+RESET_REJECTED = (
+    f"{RESET_BEYOND} clients beyond capacity connected and reset at once (RST before their "
+    "503 could be written), after which the pool server must still answer the next client "
+    "503: writing to a connection its client reset raises ConnectionResetError "
+    "(BrokenPipeError) - catch OSError around the 503's send in the accept loop and close "
+    "the connection in a finally, or one client's RST takes the whole server down")
+
+
+def reject_survives_resets(load: Load, server: Server) -> None:
+    """With the workers busy and the queue full, RESET_BEYOND clients connect and reset at
+    once while the server is paused: the accept loop takes each from accept() already
+    reset, and sending its 503 fails (ConnectionResetError).
+    The next client must still get 503: refusing work survives any client, or load
+    shedding is a one-packet denial of service."""
+    with server.paused():   # the resets wait in the backlog: each is accepted already reset
+        load.open(RESET_BEYOND, "rst")
+        probe = load.open(1, "none")   # accepted after them
+    settle(server, lambda: all(s.closed for s in load.seen_by(probe)), dying=RESET_REJECTED)
+    seen = load.seen_by(probe)[0]
+    if seen.status != 503 or seen.closed != "eof":
+        try:   # reset: its listening socket is gone, the process on its way out (its traceback)
+            server.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        got = (f"{seen.data[:60]!r}" if seen.data else "nothing") + (
+            f", then the connection {'closed' if seen.closed == 'eof' else 'was reset'}"
+            if seen.closed else ", its connection still open")
+        server.fail(f"the next client got {got}; expected 503 and its connection closed: "
+                    f"{RESET_REJECTED}. The accept loop stopped accepting.")
 
 
 # ---------------------------------------------------------------------------------------

@@ -55,3 +55,30 @@ def put_two_at_once(queue: Any, first: Any, second: Any) -> threading.Event:
 
 def restore_switch_interval() -> None:
     sys.setswitchinterval(_normal)
+
+
+def acquire_interrupted(lock: Any, method: str) -> str:
+    """Calls lock.<method>() in this thread with the first threading.Condition wait it makes
+    raising KeyboardInterrupt (Ctrl-C, or a signal handler's exception, arriving while it
+    waits; a real wait re-takes the lock before raising, and so does this one: it never
+    let go). Other threads wait as usual. Returns "interrupted" when the interrupt came out
+    of the call, "swallowed" when the call returned after it, "never waited" when the call
+    returned without a Condition wait."""
+    me = threading.get_ident()
+    real = threading.Condition.wait
+    waited = []
+
+    def wait(cond: Any, timeout: float | None = None) -> bool:
+        if threading.get_ident() == me and not waited:
+            waited.append(True)
+            raise KeyboardInterrupt("interrupted by the test while waiting")
+        return real(cond, timeout)
+
+    threading.Condition.wait = wait  # type: ignore[method-assign]
+    try:
+        getattr(lock, method)()
+    except KeyboardInterrupt:
+        return "interrupted"
+    finally:
+        threading.Condition.wait = real  # type: ignore[method-assign]
+    return "swallowed" if waited else "never waited"

@@ -12,6 +12,7 @@ never a race the scheduler may or may not produce.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from types import ModuleType
@@ -265,6 +266,37 @@ def test_a_leaving_writer_lets_every_waiting_reader_in(sync: ModuleType, stage: 
         "cannot go re-check and wait again."))
 
 
+def test_an_interrupted_writer_stops_counting_as_waiting(
+        learner: Any, sync: ModuleType, stage: Stage) -> None:
+    """A writer waits behind reader 1 and its wait is left by an exception (Ctrl-C, a
+    deadline's signal handler): raised in its cond.wait() by the harness. The writer is
+    gone, so reader 2 must get in once reader 1 leaves - and a writer after that."""
+    lock = sync.RWLock()
+    first = reader(stage, lock, "reader 1")
+    harness = learner.harness()
+    gone = stage.add("writer 1", lambda: harness.acquire_interrupted(lock, "acquire_write"))
+    assert gone.result == "interrupted", (
+        f"writer 1's acquire_write(), waiting behind reader 1, had its cond.wait() raise "
+        f"KeyboardInterrupt and {gone.result}, expected the exception to come out of "
+        "acquire_write: a caller interrupted while waiting must not get the lock")
+    stage.release(gone)  # its thread goes on without the lock
+    stage.release(first)
+    reader(stage, lock, "reader 2")
+    stage.expect(["reader 2"], lambda: (
+        "writer 1's wait behind reader 1 was left by an exception (KeyboardInterrupt in its "
+        "cond.wait()); then reader 1 left and reader 2 arrived with no writer anywhere, "
+        f"yet inside: {', '.join(stage.inside()) or 'nobody'}, expected reader 2: the "
+        "waiting-writers count still counts the writer that is gone\nFrom now on every "
+        "reader waits for it, for ever. Give the count back on every way out of the wait: "
+        "try: ... cond.wait() ... finally: writers_waiting -= 1 (an except Exception misses "
+        "KeyboardInterrupt)."))
+    stage.release(stage.workers[-1])
+    writer(stage, lock, "writer 2")
+    stage.expect(["writer 2"], lambda: (
+        "after writer 1's interrupted wait and reader 2's visit, writer 2 arrived at a free "
+        f"lock; inside: {', '.join(stage.inside()) or 'nobody'}, expected writer 2"))
+
+
 # ---------------------------------------------------------------------------- limiter
 
 
@@ -293,6 +325,70 @@ def test_the_limiter_admits_at_most_its_limit(sync: ModuleType, stage: Stage) ->
     assert last.entered.is_set(), (
         "a Limiter(1) whose body raised twice no longer admits anyone: __exit__ must release "
         "the slot whatever the body did (it is called with the exception)")
+
+
+LIMIT_TIMEOUT = 0.3     # a Limiter's timeout: short, the test waits it out
+GIVES_UP_WITHIN = 20.0  # a safety net: a right limiter turns the caller away at 0.3 s
+
+
+def test_a_limiter_turns_away_a_caller_whose_timeout_ran_out(sync: ModuleType,
+                                                              stage: Stage) -> None:
+    limiter = sync.Limiter(1, timeout=LIMIT_TIMEOUT)
+
+    def leave() -> None:
+        limiter.__exit__(None, None, None)
+
+    holder = stage.add("caller 1", limiter.__enter__, leave)
+    full = f"a full Limiter(1, timeout={LIMIT_TIMEOUT}) (caller 1 inside)"
+    start = time.monotonic()
+    late = Worker("caller 2", limiter.__enter__, leave)
+    try:
+        if not wait_for_either(late, GIVES_UP_WITHIN):
+            pytest.fail(f"caller 2 of {full} was still waiting {GIVES_UP_WITHIN:.0f} s later, "
+                        f"expected TimeoutError once its {LIMIT_TIMEOUT} s were over: honour "
+                        "the timeout (Semaphore.acquire(timeout=...))", pytrace=False)
+        waited = time.monotonic() - start
+        assert not late.entered.is_set(), (
+            f"caller 2 of {full} went in after {waited:.2f} s: 2 callers inside a Limiter(1)"
+            "\nIts wait timed out - acquire(timeout=...) returned False, no permit - and it "
+            "entered anyway (and its __exit__ then releases a permit it never took, so the "
+            "limit grows with every timeout). Check what a timed acquire returns: on False "
+            "raise TimeoutError (the caller sheds the load), and release nothing for it.")
+        assert isinstance(late.error, TimeoutError), (
+            f"caller 2 of {full} raised {type(late.error).__name__}: {late.error}, expected "
+            "TimeoutError once its timeout ran out")
+        assert waited >= LIMIT_TIMEOUT * 0.8, (
+            f"caller 2 of {full} was turned away after {waited:.2f} s, expected it to wait "
+            f"its {LIMIT_TIMEOUT} s for a permit first")
+    finally:
+        late.go.set()
+    stage.release(holder)
+    for i in (3, 4):
+        stage.add(f"caller {i}", limiter.__enter__, leave)
+    stage.expect(["caller 3"], lambda: limit_after_timeout(stage.inside()))
+
+
+def limit_after_timeout(inside: list[str]) -> str:
+    seen = (f"after caller 2 timed out and caller 1 left, callers 3 and 4 came to the "
+            f"Limiter(1): inside now {', '.join(inside) or 'nobody'}, expected caller 3 alone")
+    if inside:
+        return (f"a permit was given back for a caller that never took one: {seen}\nA caller "
+                "turned away without a permit must release nothing: the limit would grow by "
+                "one with every timeout.")
+    return (f"caller 1's permit was lost when it left: {seen}\nWhether a caller holds a "
+            "permit belongs to that caller (a timed-out caller raises in __enter__, so its "
+            "__exit__ never runs) - not to a flag on the shared Limiter that the next "
+            "caller's timeout overwrites.")
+
+
+def wait_for_either(w: Worker, within: float) -> bool:
+    """Until the worker got in or ended (raised): False if neither within ``within`` s."""
+    deadline = time.monotonic() + within
+    while not (w.entered.is_set() or w.done.is_set()):
+        if time.monotonic() > deadline:
+            return False
+        w.done.wait(0.01)
+    return True
 
 
 # ---------------------------------------------------------------------------- queue

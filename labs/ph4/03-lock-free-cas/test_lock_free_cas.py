@@ -17,6 +17,9 @@ its compare-and-swap) run "another thread's" operations right at that moment:
 * aba_at_cas: ABA again, landing right before pop's compare-and-swap (the driver's build
   routes every CAS through a wrapper): a tag kept in a word of its own, checked before a
   CAS of the pointer alone, does not see it;
+* empty_aba: ABA through an empty stack: inside your pop the other thread pops every node
+  and pushes two back; a version tag that restarts on the empty stack (the head reset to
+  0, a push onto an empty stack starting from tag 1) comes back to the word your pop read;
 * push_retry_aba, pop_retry_aba: your operation's first CAS fails and it retries while a
   third thread's pop (a real thread, run only while the driver waits for it) has read the
   head and waits right before its CAS; a retry that installs a tag derived from its FIRST
@@ -160,6 +163,18 @@ SCENARIOS = {
         mistake="the pointer and its ABA tag must change together in ONE compare-and-swap: "
                 "your CAS compared the pointer alone, and an ABA landing after your checks, "
                 "right before the CAS, got through"),
+    "empty_aba": Scenario(
+        "ABA through an empty stack (your pop read A, next C; the other thread popped A "
+        "and C, then pushed B and A)",
+        "The stack ran empty in between, and your head word came back to the very (pointer, "
+        "tag) your pop had read: the version restarted when the stack was empty. The empty "
+        "head is a version like any other: every successful CAS installs a tag newer than "
+        "the head it replaces - the pop of the last node too (pack(NULL, old), not 0, the "
+        "word stack_new() starts from), and a push onto an empty stack (old tag + 1, not a "
+        "fresh 1).",
+        mistake="the version tag must keep growing through an empty stack: yours restarted "
+                "when the stack ran empty, so after it refilled, the head word your stalled "
+                "pop had read came back and its CAS matched"),
     # a retry that reuses a tag derived from its first read of the head: last, once every
     # other mistake has had its own scenario
     **{f"{op}_retry_aba": Scenario(

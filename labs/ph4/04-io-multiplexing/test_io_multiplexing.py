@@ -11,6 +11,10 @@ the test at once with the diagnosis; threads are counted in /proc/<pid>/task.
 The server is started with a limit on open files of NOFILE (the test raises its own too), so
 that MANY connections at once give it descriptors past 1023: a table of 1024 connections or
 select()'s fd_set overflows there (ASan and UBSan make that a crash, named from its report).
+Last, a server limited to LOW_NOFILE open files gets QUEUED more clients than it can hold:
+once the accepted ones close, the ones left in its listen queue (accept4: EMFILE) must be
+accepted and echoed - an edge-triggered listener whose accept loop stops on that error
+never hears of them again.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from typing import Any
 import pytest
 
 from labrunner.testing import (
+    cpu_burnt_while_idle,
     epoll_interest,
     open_descriptors,
     open_files_limit,
     process_activity,
+    process_resources,
     process_threads,
     program_reading,
 )
@@ -43,7 +49,10 @@ BURST = 8 << 20          # 8 MiB in one go: far more than any one read() returns
 CLIENTS = 500
 MANY = 1100              # at once: past a table of 1024 connections and select's FD_SETSIZE
 NOFILE = 4096            # open files the test and the server may use (for MANY, with room)
+LOW_NOFILE = 64          # the server's limit in the test that runs it out of descriptors
+QUEUED = 20              # connections left in its listen queue there (accept4: EMFILE)
 STALLED = 8              # consecutive stalled observations, 25 ms apart, that fail a test
+BUSY_CPU = 1.0           # CPU seconds a server with nothing to do may burn, never asleep
 DEADLINE = 60.0          # a safety net only: stalls are diagnosed long before
 CLOSES_WITHIN = 10.0     # after the last byte of an echo to a half-closed client
 EPOLLOUT, EPOLLET = 0x4, 1 << 31
@@ -89,12 +98,16 @@ class Server:
     """The learner's server, started through learner.popen (as the learner's uid when
     grading); its /proc is read where it can be seen (see ``read``)."""
 
-    def __init__(self, learner: Any, binary: Path) -> None:
+    def __init__(self, learner: Any, binary: Path, nofile: int | None = None,
+                 asan: str = "") -> None:
         soft, hard = raise_nofile(NOFILE)
+        soft = nofile or soft   # a lower limit of its own, to run it out of descriptors
         self.learner = learner
         self.proc = learner.popen(
             ["/bin/sh", "-c", WITH_NOFILE, "sh", str(soft), str(hard), str(binary), "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **SAN_ENV})
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, **SAN_ENV,
+                 "ASAN_OPTIONS": ":".join(filter(None, (SAN_ENV["ASAN_OPTIONS"], asan)))})
         self.stderr = bytearray()
         threading.Thread(target=self._drain, daemon=True).start()
         assert self.proc.stdout is not None
@@ -539,6 +552,70 @@ def test_reset_connections_are_closed(server: Server) -> None:
         "close(fd) then, as for read() returning 0, or every reset leaks a descriptor.")
 
 
+# Memory given back: connections that each buffered a few MiB of echo (the client reads only
+# once it has sent all) come and go one after another; the server's resident memory must
+# come back to where it was. AddressSanitizer keeps freed memory in quarantine (to catch a
+# use after free), which looks like a leak: this server runs without it.
+LEAK_BURST = 4 << 20
+LEAK_CONNECTIONS = 12
+LEAK_KIB = 6 << 10    # growth that fails: half a MiB per connection (a leak is its buffer)
+
+
+def resident_kib(server: Server) -> int:
+    return int(server.read(process_resources)[2])
+
+
+def echo_and_close(server: Server, what: str) -> None:
+    """One connection: its burst echoed whole, then the server's close seen (EOF)."""
+    payload = os.urandom(LEAK_BURST)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sender = Sender(sock, payload, shut_wr=True)
+        pump(server, [sock], [payload], what, sender.done, half_closed=True,
+             read_when=once_sent_or_held(server, sender))
+        sender.thread.join(10)
+        sock.settimeout(CLOSES_WITHIN)
+        try:
+            rest = sock.recv(1)
+        except TimeoutError:
+            pytest.fail(f"{what}: the server echoed it all, then kept the connection open "
+                        f"({CLOSES_WITHIN:.0f} s): read() returning 0 means the peer sends "
+                        "nothing more - finish writing, then close(fd)", pytrace=False)
+        except OSError:
+            rest = b""
+        assert rest == b"", f"{what}: the server sent more bytes than it got"
+
+
+def settled_rss(server: Server) -> int:
+    """The server's resident KiB once it is back asleep in epoll_wait (done closing)."""
+    deadline = time.monotonic() + DEADLINE
+    while server.asleep_in() not in EPOLL_WAIT and time.monotonic() < deadline:
+        time.sleep(0.025)
+    return resident_kib(server)
+
+
+def test_closed_connections_give_their_memory_back(learner: Any, binary: Path) -> None:
+    server = Server(learner, binary, asan="quarantine_size_mb=0")
+    try:
+        what = f"a client that sends {LEAK_BURST >> 20} MiB, shuts down its sending side"
+        for _ in range(2):  # the allocator's own first helpings
+            echo_and_close(server, what)
+        before = settled_rss(server)
+        for _ in range(LEAK_CONNECTIONS):
+            echo_and_close(server, what)
+        grown = settled_rss(server) - before
+        assert grown < LEAK_KIB, (
+            f"after {LEAK_CONNECTIONS} more connections, one after another, that each sent "
+            f"{LEAK_BURST >> 20} MiB, got the echo and were closed by the server, its "
+            f"resident memory grew by {grown / 1024:.1f} MiB (from {before / 1024:.1f} "
+            "MiB), expected it back to about where it was: each closed connection kept its "
+            "output buffer\nClosing a connection releases everything it holds: free() its "
+            "buffer in the same place you close() its descriptor (zeroing the slot forgets "
+            "the pointer). Otherwise memory grows with every connection ever served, until "
+            "the OOM killer ends the one thread serving everyone.")
+    finally:
+        server.stop()
+
+
 def echo_held(server: Server, sock: socket.socket, sent: int) -> int:
     """How much of the echo of `sent` bytes the server still holds itself: neither in the
     client's socket (rx_queue) nor in the server's, on its way (tx_queue)."""
@@ -673,3 +750,135 @@ def table_of_1024(server: Server) -> str:
         "descriptor is undefined behaviour). Size the table dynamically: grow it (realloc) "
         "when a descriptor does not fit, or key it by a map; and watch descriptors with "
         "epoll only, which has no such bound.")
+
+
+def test_connections_queued_while_out_of_descriptors_are_accepted_later(
+        learner: Any, binary: Path) -> None:
+    """The server's limit on open files is LOW_NOFILE: QUEUED more clients than it can hold
+    connect at once, so accept4() fails with EMFILE and they wait in the listen queue. Once
+    the accepted ones close, the queued ones must be accepted and echoed."""
+    server = Server(learner, binary, nofile=LOW_NOFILE)
+    socks: list[socket.socket] = []
+    try:
+        room = LOW_NOFILE - server.fds()
+        total = room + QUEUED
+        for _ in range(total):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", server.port)))
+            except OSError:
+                try:
+                    server.proc.wait(5)      # refused: the server exiting?
+                except subprocess.TimeoutExpired:
+                    pass
+                out_of_descriptors_exit(server, total)
+                raise
+        lines = [f"connection {i}\n".encode() for i in range(total)]
+        for sock, line in zip(socks, lines, strict=True):
+            sock.sendall(line)
+        echoed = echoed_or_queued(server, socks, lines)
+        waits_while_full(server, server.queues()[1])
+        for i in echoed:
+            socks[i].close()      # descriptors free again on the server's side
+        rest = [i for i in range(total) if i not in echoed]
+        why = f"""the server's limit on open files is {LOW_NOFILE}: {total} clients connected \
+at once, it accepted {len(echoed)}, and accept4() failed (EMFILE) for the other \
+{len(rest)}, which waited in its listen queue; then the {len(echoed)} closed, freeing \
+their descriptors"""
+        stalled, deadline = 0, time.monotonic() + DEADLINE
+        while server.queues()[1] and time.monotonic() < deadline:
+            if server.exited():
+                pytest.fail(f"{why}, and {server.exited()}", pytrace=False)
+            stalled = stalled + 1 if server.asleep_in() in EPOLL_WAIT else 0
+            if stalled >= STALLED:
+                pytest.fail(
+                    f"{why}: the server now sleeps in epoll_wait() with "
+                    f"{server.queues()[1]} connections still in its listen queue, never "
+                    "accepted\nWith EPOLLET on the listening socket an event comes once per "
+                    "NEW connection: an accept loop that stops on an error other than EAGAIN "
+                    "(EMFILE, ENFILE, ENOBUFS, ENOMEM) leaves the queue undrained with no edge "
+                    "to wake it. Keep the listening socket level-triggered (epoll reports the "
+                    "non-empty queue again), or retry the accept once a descriptor is freed; "
+                    "never stop listening for good on such an error.", pytrace=False)
+            time.sleep(0.025)
+        pump(server, [socks[i] for i in rest], [lines[i] for i in rest],
+             f"{why}; the queued connections then waited for their echo")
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+
+
+def waits_while_full(server: Server, queued: int) -> None:
+    """Out of descriptors, with connections queued and every accepted one echoed, nothing
+    can happen until a client leaves: a server seen asleep all along between two readings
+    waits as it should; one that burns BUSY_CPU s of CPU without once being seen so is
+    spinning (a level-triggered listener reports the queue again at once, accept4 fails
+    with EMFILE again, and again). Neither within DEADLINE: nothing is decided."""
+    burnt = cpu_burnt_while_idle(lambda: server.read(process_activity), BUSY_CPU, DEADLINE)
+    if burnt is not None:
+        pytest.fail(
+            f"the server's limit on open files is {LOW_NOFILE}: it holds as many, every "
+            f"client it accepted has its echo and {queued} wait in its listen queue, so "
+            f"nothing can happen until one leaves - yet it used {burnt:.1f} s of CPU and "
+            "was never seen asleep: a busy loop\nA level-triggered listener reports the "
+            "non-empty queue again at once, and accept4() fails with EMFILE again, and "
+            "again (with a perror each time). Stop watching the listener while out of "
+            "descriptors (EPOLL_CTL_MOD with no events, or EPOLL_CTL_DEL) and watch it "
+            "again once you close a connection.", pytrace=False)
+
+
+def out_of_descriptors_exit(server: Server, clients: int) -> None:
+    gone = server.exited()
+    if gone:
+        pytest.fail(
+            f"the server's limit on open files is {LOW_NOFILE}; {clients} clients connected "
+            f"at once and {gone}\nRunning out of descriptors (accept4() failing with EMFILE "
+            "or ENFILE) is transient: leave the connection in the queue, keep serving the "
+            "others, and accept it once a descriptor is free - never exit or stop listening "
+            "on it.", pytrace=False)
+
+
+def echoed_or_queued(server: Server, socks: list[socket.socket],
+                     lines: list[bytes]) -> set[int]:
+    """Read echoes until every connection is echoed or waits in the listen queue (the server
+    out of descriptors); returns the echoed ones."""
+    got = [b""] * len(socks)
+    echoed: set[int] = set()
+    sel = selectors.DefaultSelector()
+    for i, sock in enumerate(socks):
+        sel.register(sock, selectors.EVENT_READ, i)
+    stalled, deadline = 0, time.monotonic() + DEADLINE
+    try:
+        # In this order: once the server is full (no more accepts), the queue it leaves is
+        # final, and every connection not in it must have been echoed.
+        while not (server.fds() >= LOW_NOFILE
+                   and len(echoed) + server.queues()[1] >= len(socks)):
+            out_of_descriptors_exit(server, len(socks))
+            if time.monotonic() > deadline:
+                pytest.fail(f"{len(socks)} clients connected to a server allowed {LOW_NOFILE} "
+                            f"open files: after {DEADLINE:.0f} s {len(echoed)} were echoed and "
+                            f"{server.queues()[1]} queued, the rest neither", pytrace=False)
+            ready = sel.select(timeout=0.025)
+            why = None if ready else diagnose(
+                server, f"{len(socks)} clients connected at once to a server allowed "
+                f"{LOW_NOFILE} open files, {len(echoed)} echoed so far")
+            stalled = stalled + 1 if why else 0
+            if stalled >= STALLED:
+                pytest.fail(why, pytrace=False)
+            for key, _ in ready:
+                i = key.data
+                try:
+                    chunk = socks[i].recv(4096)
+                except ConnectionError:
+                    chunk = b""
+                if not chunk:
+                    pytest.fail(f"connection {i} was closed by the server before its echo "
+                                f"(the server's limit on open files is {LOW_NOFILE}, "
+                                f"{len(socks)} clients connected at once)", pytrace=False)
+                got[i] += chunk
+                if len(got[i]) >= len(lines[i]):
+                    echoed.add(i)
+                    sel.unregister(socks[i])
+    finally:
+        sel.close()
+    return echoed

@@ -27,7 +27,8 @@ Each must be seen STALLED times in a row; a correct server on a loaded machine i
 Before the 10,000, a few connections held by the test send what the big run never does: a
 line in two writes (the server has read the first part before the second is sent), two lines
 in one write, 24 MiB on a connection that does not read meanwhile while another connection
-asks for its echo (a loop blocked in a send, or a send() whose leftover is dropped), a
+asks for its echo (a loop blocked in a send, or a send() whose leftover is dropped) and
+then half-closes with its echo still queued (it must get the whole echo, then EOF), a
 client that resets its connection (RST), and clients that close: the server must close its
 side (no socket left in CLOSE_WAIT, its descriptors back where they were).
 
@@ -62,6 +63,9 @@ from typing import Any, NoReturn
 import pytest
 
 from labrunner.testing import (
+    Activity,
+    asleep_throughout,
+    cpu_burnt_while_idle,
     process_activity,
     process_resources,
     process_threads,
@@ -76,6 +80,8 @@ PER_CONNECTION_KB = 25
 READY = 30.0
 CONNECT_WAIT = 120.0   # safety nets: a wrong server is caught long before
 ECHO_WAIT = 180.0
+OWED_NOTHING = 5.0     # seconds a connection may stay open after its client's EOF with every
+#                        byte it is owed acknowledged (a correct loop closes at once)
 STALLED = 8            # consecutive observations of server and clients asleep that decide
 BLOCKED_SEEN = 3       # observations of the server asleep outside a readiness wait (a
 #                        correct loop: never) that decide
@@ -95,7 +101,6 @@ WARM_UP, ROUND, ROUNDS = 500, 1000, 2   # short-lived connections: a first batch
 KEPT_PER_CONNECTION = 0.5   # blocks a closed connection may leave behind, on average: a
 #                             correct server settles at +-0.1, the least state kept is 1
 
-Activity = tuple[int, int, tuple[tuple[int, int, int], ...]]
 
 
 class Server:
@@ -231,12 +236,6 @@ def server(learner: Any) -> Iterator[Server]:
         yield srv
 
 
-def asleep_throughout(before: Activity, after: Activity) -> bool:
-    """No thread of the server ran between the two readings, and none is runnable."""
-    return before[0] == 0 and after[0] == 0 and before[1] == after[1] and (
-        [t[0] for t in before[2]] == [t[0] for t in after[2]])
-
-
 def too_many_threads(threads: int, held: int) -> str:
     if threads - 1 >= held // 2:
         return (f"the server runs {threads} threads for {held} sockets, expected at most 2: "
@@ -285,7 +284,9 @@ class Conn:
         return next((s for s in tcp_sockets() if s.local == ("127.0.0.1", self.server.port)
                      and s.remote == self.local), None)
 
-    def read_exact(self, n: int, what: str, sink: bytearray | None = None) -> bytes:
+    def read_exact(self, n: int, what: str, sink: bytearray | None = None,
+                   fix: str = "") -> bytes:
+        """``fix``: what to do instead, should the server reset the connection."""
         got = bytearray() if sink is None else sink
         stuck, last = 0, None
         deadline = time.monotonic() + ECHO_WAIT
@@ -296,7 +297,8 @@ class Conn:
                 chunk = None
             except OSError as exc:
                 self.died(what)
-                pytest.fail(f"{what}: the server reset the connection ({exc})", pytrace=False)
+                pytest.fail(f"{what}: the server reset the connection ({exc})"
+                            + (f"\n{fix}" if fix else ""), pytrace=False)
             if chunk == b"":
                 self.died(what)
                 break
@@ -317,6 +319,41 @@ class Conn:
             if stuck >= STALLED:
                 break
         return bytes(got)
+
+    def kept_open(self) -> str | None:
+        """None when the server ends the connection (EOF or reset); else what it did
+        instead: sat asleep, its CPU time unmoved, STALLED times in a row with the
+        connection open, or kept busy while its end sat in CLOSE_WAIT owing nothing for
+        OWED_NOTHING seconds (a loop that spins on the readable EOF it never acts on)."""
+        stuck, last, idle_since, cpu_then = 0, None, None, 0
+        deadline = time.monotonic() + ECHO_WAIT
+        while time.monotonic() < deadline:
+            try:
+                if self.sock.recv(1 << 16) == b"":
+                    return None
+                continue
+            except TimeoutError:
+                pass
+            except OSError:
+                return None
+            now = self.server.activity()
+            stuck = stuck + 1 if now[0] == 0 and now[:2] == last else 0
+            last = now[:2]
+            if stuck >= STALLED:
+                return "the server sat asleep with that connection open"
+            side = self.server_side()
+            done = side is not None and side.state == CLOSE_WAIT and not side.tx_queue
+            if done and idle_since is None:
+                idle_since, cpu_then = time.monotonic(), now[1]
+            elif not done:
+                idle_since = None
+            if idle_since is not None and time.monotonic() - idle_since >= OWED_NOTHING:
+                busy = (now[1] - cpu_then) / 1e9
+                return (f"the server kept that connection open, owing it nothing, for "
+                        f"{OWED_NOTHING:.0f} s while it used {busy:.1f} s of CPU: a loop "
+                        "that spins on the readable EOF (recv() returns b'') and never "
+                        "closes")
+        return f"the server kept that connection open for {ECHO_WAIT:.0f} s"
 
     def close(self, reset: bool = False) -> None:
         if reset:
@@ -351,7 +388,7 @@ def listen_backlog(port: int) -> int | None:
 
 
 def expect_echo(conn: Conn, sent: bytes, what: str, fix: str) -> None:
-    got = conn.read_exact(len(sent), what)
+    got = conn.read_exact(len(sent), what, fix=fix)
     if got != sent:
         threads_kept(conn.server)
         calls = [c for _, _, c in conn.server.activity()[2]]
@@ -385,12 +422,7 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
             "SYNs and they retry after 1 s, 3 s, 7 s... (asyncio's default is 100, "
             "socket.listen()'s 128).", pytrace=False)
     a = Conn(server, "a first client connected")
-    a.sock.sendall(b"hel")
-    side, deadline = a.server_side(), time.monotonic() + READY
-    while (side is None or side.rx_queue) and time.monotonic() < deadline:
-        time.sleep(POLL)      # until the server has read the first part
-        side = a.server_side()
-    a.sock.sendall(b"lo\n")
+    send_in_two(a, b"hel", b"lo\n")
     expect_echo(a, b"hello\n", "a line sent in two writes ('hel', then 'lo\\n' once the "
                 "server had read the first)",
                 "TCP is a byte stream: one recv() may hold part of a line, or several. Echo "
@@ -400,6 +432,21 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
     expect_echo(a, b"one\ntwo\n", "two lines sent in one write",
                 "One recv() may hold several lines: echo every one of them (or all the bytes), "
                 "not only the first.")
+    # Bytes, not text: a character split between two reads, and bytes that are not UTF-8.
+    u = Conn(server, "a client connected to send text")
+    for first, rest, what in TEXT_LINES:
+        if rest:
+            send_in_two(u, first, rest)
+        else:
+            u.sock.sendall(first)
+        expect_echo(u, first + rest, what,
+                    "TCP carries bytes, and a recv() ends wherever it ends - inside a "
+                    "character too: echo the bytes as they are (data_received gets bytes; "
+                    "write them back). Decoding each chunk (data.decode()) raises "
+                    "UnicodeDecodeError on a character split between two reads, or on bytes "
+                    "that are not UTF-8, and asyncio then aborts that connection; "
+                    "errors='replace' or 'ignore' changes the bytes instead. A line need "
+                    "not be UTF-8 at all.")
     # A client that resets its connection, then one more echo: the server must live on.
     c = Conn(server, "a client connected (to reset its connection)")
     c.sock.sendall(b"bye\n")
@@ -420,6 +467,7 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
         try:
             bulk.sock.settimeout(ECHO_WAIT)
             bulk.sock.sendall(payload)
+            bulk.sock.shutdown(socket.SHUT_WR)   # all sent: EOF, echoes still owed
         except OSError:
             pass
         sent.set()
@@ -460,36 +508,64 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
             "did not take were dropped\nA non-blocking send() takes what fits in the "
             "socket's buffer and returns how much: keep the rest and write it when the socket "
             "is writable (asyncio's transport.write does this for you).", pytrace=False)
+    kept = bulk.kept_open()
+    if kept is not None:
+        pytest.fail(
+            f"a client sent {BULK >> 20} MiB without reading, then shut down its sending side "
+            "(shutdown(SHUT_WR): EOF) with most of its echo still queued in the server; it "
+            "read its whole echo, then waited for the server's EOF and never got it: "
+            f"{kept} (CLOSE_WAIT: its descriptor and state kept for good)\nA connection "
+            "whose client is done must be closed once what it is owed is sent, the "
+            "half-closed one with echo still pending too. "
+            "asyncio: return False from eof_received - transport.close() sends what is "
+            "buffered before it closes; a protocol that keeps the transport open (returns "
+            "True) must close it itself when the write buffer has drained.", pytrace=False)
     # Clients that close: the server closes its side.
     closing = [Conn(server, "20 short-lived clients connected") for _ in range(20)]
     for conn in closing:
         conn.sock.sendall(b"x\n")
         expect_echo(conn, b"x\n", "20 short-lived clients", "Echo each line as it arrives.")
     threads_kept(server)
-    for conn in (a, b, bulk, d, *closing):
+    for conn in (a, u, b, bulk, d, *closing):
         conn.close()
     left_open(server, base_fds)
+
+
+# Lines the server must echo byte for byte: (first write, second write once the server has
+# read the first - or b"" for one write, what the line is).
+TEXT_LINES = [
+    (b"h\xc3", b"\xa9llo w\xc3\xb6rld\n",
+     "a line of UTF-8 text sent in two writes split inside a character (b'h\\xc3', then "
+     "b'\\xa9llo w\\xc3\\xb6rld\\n' - '\u00e9' is b'\\xc3\\xa9' - once the server had read "
+     "the first)"),
+    (b"\xff\xfe not UTF-8: \x80\x00\xc0\n", b"",
+     "a line whose bytes are not UTF-8 (b'\\xff\\xfe not UTF-8: \\x80\\x00\\xc0\\n')"),
+]
+
+
+def send_in_two(conn: Conn, first: bytes, rest: bytes) -> None:
+    """``first``, then ``rest`` once the server has read ``first`` (its receive queue is
+    empty): the server gets them in two reads."""
+    conn.sock.sendall(first)
+    side, deadline = conn.server_side(), time.monotonic() + READY
+    while side is not None and side.rx_queue and time.monotonic() < deadline:
+        time.sleep(POLL)
+        side = conn.server_side()
+    with contextlib.suppress(OSError):   # reset meanwhile: the echo's read says so
+        conn.sock.sendall(rest)
 
 
 def sleeps_when_idle(server: Server) -> None:
     """With nothing sent, a loop sleeps in its readiness wait: seen asleep all along between
     two readings passes; a second of CPU burnt without once sleeping like that fails."""
-    start = last = server.activity()
-    deadline = time.monotonic() + CONNECT_WAIT
-    while time.monotonic() < deadline:
-        time.sleep(ECHO_POLL)
-        now = server.activity()
-        if asleep_throughout(last, now):
-            return
-        if now[1] - start[1] > 1_000_000_000:
-            pytest.fail(
-                f"with every client idle the server used {(now[1] - start[1]) / 1e9:.1f} s of "
-                "CPU and was never seen asleep, expected it to sleep until a socket is ready"
-                "\nA loop that polls (recv on every non-blocking socket in turn, select or "
-                "epoll with a timeout of 0) burns a core doing nothing, and at 10,000 sockets "
-                "each pass is 10,000 system calls: wait in epoll (selectors, asyncio) for the "
-                "sockets that are ready.", pytrace=False)
-        last = now
+    burnt = cpu_burnt_while_idle(server.activity, 1.0, CONNECT_WAIT, ECHO_POLL)
+    if burnt is not None:
+        pytest.fail(
+            f"with every client idle the server used {burnt:.1f} s of CPU and was never seen "
+            "asleep, expected it to sleep until a socket is ready\nA loop that polls (recv on "
+            "every non-blocking socket in turn, select or epoll with a timeout of 0) burns a "
+            "core doing nothing, and at 10,000 sockets each pass is 10,000 system calls: "
+            "wait in epoll (selectors, asyncio) for the sockets that are ready.", pytrace=False)
 
 
 def left_open(server: Server, base_fds: int) -> None:

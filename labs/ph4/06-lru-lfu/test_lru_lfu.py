@@ -12,6 +12,8 @@
   with 20,000 entries as with 64, and (LFU) with 1,000 distinct use counts as with one.
   The setups are timed in turn, the best of 15 batches each: a gap of 60x or more against
   the 6x allowed, where the reference shows 1-1.5x.
+* Memory: a cache of 8 entries must keep about the same memory (tracemalloc, in the
+  learner's process) after 40,000 uses of a hot key and evictions as after 2,000.
 * The structures are the learner's: cache.py may not import OrderedDict or lru_cache.
 """
 
@@ -30,7 +32,7 @@ SETTINGS = settings(max_examples=60, stateful_step_count=20, derandomize=True,
                     database=None, deadline=None, report_multiple_bugs=False,
                     suppress_health_check=list(HealthCheck))
 KEYS = st.integers(min_value=0, max_value=4)
-VALUES = st.integers(min_value=0, max_value=999)
+VALUES = st.integers(min_value=0, max_value=999) | st.none()  # None is a value too
 SMALL, LARGE = 50, 2000
 GROWTH = 3.0  # work per operation may grow at most this much from SMALL to LARGE entries
 # Timed (a scan inside a builtin counts nothing): a step (get a hot key, put a new one that
@@ -229,6 +231,16 @@ CASES = [
                      ("get", 2)],
      "a cached value of 0 is a hit (and a use): check whether the key is cached, not "
      "whether its value is true"),
+    ("LFUCache", 2, [("put", 1, None), ("get", 1), ("put", 2, 20), ("put", 3, 30),
+                     ("get", 2), ("get", 3)],
+     "a key cached with the value None is a hit and a use (negative caching: 'no such "
+     "user'), so key 1 has 2 uses and key 2 goes: check whether the KEY is cached (key in "
+     "dict), not whether dict.get() returned None"),
+    ("LRUCache", 2, [("put", 1, None), ("put", 2, 20), ("get", 1), ("put", 3, 30),
+                     ("get", 2), ("get", 3)],
+     "a key cached with the value None is a hit, so the get makes key 1 the most recently "
+     "used and key 2 goes: check whether the KEY is cached (key in dict), not whether "
+     "dict.get() returned None"),
     ("LFUCache", 2, [("put", 1, 10), ("put", 1, 11), ("put", 2, 20), ("put", 3, 30),
                      ("get", 1), ("get", 2)],
      "a put of a cached key counts as a use, like a get"),
@@ -300,6 +312,30 @@ def test_builds_its_own_structures(learner: Any) -> None:
         "lab is the structure underneath\nBuild LRU from a dict that maps each key to a node "
         "of a doubly linked list you write (move a node to the front on use, unlink the "
         "tail on eviction), and LFU from frequency buckets.")
+
+
+# A hot key used twice per step while new keys come and go: after WARM steps and after
+# LONG steps, the cache must keep about the same memory (KEPT_MORE bytes of slack, for the
+# allocator's own bookkeeping). An empty dict per LFU use count passed keeps ~6 MB more.
+MEMORY_CAPACITY, WARM, LONG, KEPT_MORE = 8, 2_000, 40_000, 256 * 1024
+
+
+@pytest.mark.parametrize("cls", ["LRUCache", "LFUCache"])
+def test_memory_is_bounded_by_capacity(learner: Any, cache: ModuleType, cls: str) -> None:
+    warm, long = learner.harness().memory_kept_by_uses(cache, cls, MEMORY_CAPACITY,
+                                                       (WARM, LONG))
+    grown = long - warm
+    assert grown <= KEPT_MORE, (
+        f"{cls}({MEMORY_CAPACITY}): after {LONG:,} steps (a get and an update of one hot "
+        f"key, a put of a new key that evicts) it kept {long / 1024:,.0f} KiB, after "
+        f"{WARM:,} steps {warm / 1024:,.0f} KiB: {grown / 1024:,.0f} KiB more for the same "
+        f"{MEMORY_CAPACITY} entries, expected about the same - the cache keeps something "
+        "per use or per evicted key, so its memory grows with traffic, not with capacity\n"
+        + ("A recency list or a history of keys that is appended to and never trimmed grows "
+           "forever: unlink nodes when they move or leave." if cls == "LRUCache" else
+           "A frequency bucket left behind empty when its last key moves up (a use) or "
+           "leaves (an eviction) costs a dict per use count ever passed: delete buckets[f] "
+           "when it becomes empty."))
 
 
 @pytest.mark.parametrize("cls", ["LRUCache", "LFUCache"])

@@ -7,7 +7,8 @@
 * the lock is released only by its owner: when A's lock has expired and B holds it, A's
   release must leave B's lock alone;
 * probabilistic early expiry (XFetch) with an injected clock and random source: recompute
-  exactly when now - delta * beta * ln(rand) >= expiry.
+  exactly when now - delta * beta * ln(rand) >= expiry; and the entry is written whole (a
+  reader between two of the writer's commands never finds half of it).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def stampede(learner: Any) -> ModuleType:
     return module
 
 
-def test_the_lock_winner_reads_the_key_again(stampede: ModuleType, redis_db: Any) -> None:
+@pytest.mark.parametrize("filled", ["filled-by-another", ""], ids=["value", "empty-value"])
+def test_the_lock_winner_reads_the_key_again(stampede: ModuleType, redis_db: Any,
+                                             filled: str) -> None:
     """Another caller fills the key and releases its lock between this caller's miss (GET)
-    and its SET NX: the lock is free, but the value is there now."""
+    and its SET NX: the lock is free, but the value is there now (even an empty one)."""
     r = redis_db.client(decode_responses=True)
     done = threading.Event()
     loads: list[int] = []
@@ -43,7 +46,7 @@ def test_the_lock_winner_reads_the_key_again(stampede: ModuleType, redis_db: Any
     def before(command: list[bytes]) -> None:
         if (not done.is_set() and command[0].upper() == b"SET"
                 and any(a.upper() == b"NX" for a in command[3:])):
-            r.set("product:7", "filled-by-another", px=60_000)
+            r.set("product:7", filled, px=60_000)
             done.set()
 
     def loader() -> str:
@@ -57,12 +60,12 @@ def test_the_lock_winner_reads_the_key_again(stampede: ModuleType, redis_db: Any
     assert not loads, (
         "between get_or_load's miss (GET) and its lock (SET NX), another caller filled the "
         "key and released its lock; get_or_load then won the free lock and called loader() "
-        f"AGAIN (it returned {got!r}, the cache held 'filled-by-another')\nAfter winning the "
+        f"AGAIN (it returned {got!r}, the cache held {filled!r})\nAfter winning the "
         "lock, read the key once more before loading: the previous holder may have filled it "
         "just before you locked - otherwise every caller that missed at the moment of a fill "
-        "loads once more.")
-    assert got == "filled-by-another", f"get_or_load returned {got!r}, the cache held "\
-        "'filled-by-another'"
+        "loads once more." + ("" if filled else " An empty value is a value: test `value is "
+                               "not None`, not its truthiness."))
+    assert got == filled, f"get_or_load returned {got!r}, the cache held {filled!r}"
     left = sorted(k for k in r.keys("*") if k != "product:7")
     assert not left, f"keys left behind: {left}: the lock was not released"
 
@@ -136,6 +139,34 @@ def test_a_failing_loader_releases_the_lock(stampede: ModuleType, redis_db: Any)
         "lock stays held until its TTL, and every other caller sleeps that long for a value "
         "nobody is loading\nRelease the lock in a finally block, so a failing loader gives "
         "it back too.")
+
+
+def test_an_empty_value_is_a_hit(stampede: ModuleType, redis_db: Any) -> None:
+    """A cached value is a hit whatever it holds: an empty result ("" for "no orders") that
+    counts as a miss sends every request to the database, the stampede the cache is for."""
+    r = redis_db.client(decode_responses=True)
+    loads: list[str] = []
+
+    def loader() -> str:
+        loads.append("load")
+        return ""
+
+    def get(key: str) -> str:
+        return str(stampede.get_or_load(redis_db.url, key, loader, 60_000, lock_ttl_ms=60_000,
+                                        sleep=lambda s: None))
+
+    r.set("orders:of:7", "", px=60_000)
+    cases = [("a key the cache already holds as ''", "orders:of:7", 0),
+             ("a key filled with '' by the first call", "orders:of:8", 1)]
+    for what, key, loads_expected in cases:
+        loads.clear()
+        got = [get(key) for _ in range(3)]
+        assert got == ["", "", ""], f"get_or_load of {what}: expected '' 3 times, saw {got}"
+        assert len(loads) == loads_expected, (
+            f"get_or_load x3 of {what}: the loader ran {len(loads)} times, expected "
+            f"{loads_expected}: an empty value was taken for a miss (a truthiness test such "
+            "as `if value:`); a hit is GET returning a value, even an empty one - test "
+            "`value is not None`")
 
 
 def test_fifty_callers_on_a_missing_key_load_once(learner: Any, stampede: ModuleType,
@@ -289,3 +320,67 @@ def test_probabilistic_early_expiry(stampede: ModuleType, redis_db: Any) -> None
                 "the injected now() and rand(), never time.time() or random directly. Store "
                 "value, delta and expiry together (a hash) so that every reader can decide.",
                 pytrace=False)
+
+
+FIELDS = ("value", "delta", "expiry")
+
+
+def whole(entry: dict[str, str]) -> dict[str, str | None]:
+    """The part of a cache entry XFetch decides with ({} when there is none)."""
+    return {f: entry.get(f) for f in FIELDS} if entry else {}
+
+
+def what_a_reader_does(seen: dict[str, str | None], old: dict[str, str | None],
+                       new: dict[str, str | None]) -> str:
+    if not seen:
+        return ("it finds no entry, misses and calls loader() too: every reader arriving "
+                "during a refresh recomputes - the stampede XFetch avoids")
+    missing = [f for f in FIELDS if seen[f] is None]
+    if missing:
+        return (f"it finds a hit without {' and '.join(missing)}: it cannot decide (KeyError "
+                "on the field) and fails instead of serving or loading")
+    if old and seen["value"] == new["value"] and seen["expiry"] == old["expiry"]:
+        return ("it finds the new value with the OLD expiry, already due: it recomputes "
+                "again")
+    if old and seen["value"] == old["value"] and seen["expiry"] == new["expiry"]:
+        return ("it finds the OLD value with the new expiry: it serves the stale value as "
+                "fresh until the new expiry")
+    return "it decides with fields of two different computations"
+
+
+def test_readers_never_see_a_half_written_entry(stampede: ModuleType, redis_db: Any) -> None:
+    """XFetch's readers take no lock: they read the entry while a refresher writes it. So
+    the entry (value, delta, expiry) must change in one step: between any two commands the
+    writer sends (through the gate, which reads the hash with the test's own client just
+    before each one goes on), a reader must find the entry as it was or as it now is - never
+    a mix, never nothing while a refresh is under way."""
+    r = redis_db.client(decode_responses=True)
+    key, clock = "xf:prices", Clock(1_000.0)
+    seen: list[dict[str, str | None]] = []
+
+    def loader() -> str:
+        clock.t += 2.0
+        return f"prices-{clock.t:g}"
+
+    def before(command: list[bytes]) -> None:
+        seen.append(whole(r.hgetall(key)))
+
+    with redis_gate(redis_db.url, before) as url:
+        for phase in ("first filled", "refreshed"):
+            old, seen[:] = whole(r.hgetall(key)), []
+            if old:  # the entry is due: the refresh must happen
+                clock.t = float(old["expiry"] or 0) + 1.0
+            stampede.xfetch(url, key, loader, 100.0, beta=1.0, now=clock, rand=lambda: 0.5)
+            new = whole(r.hgetall(key))
+            if not new or new["value"] is None or new == old:
+                return  # nothing (re)written: test_probabilistic_early_expiry judges that
+            torn = next((s for s in seen if s not in (old, new)), None)
+            if torn is not None:
+                pytest.fail(
+                    f"while xfetch {phase} the entry, a reader reading between two of its "
+                    f"commands found {torn or 'no entry'}, expected "
+                    f"{'the old entry or ' if old else 'no entry or '}the new one whole "
+                    f"({new}): {what_a_reader_does(torn, old, new)}\nXFetch readers take no "
+                    "lock, so write value, delta and expiry together in ONE command (HSET key "
+                    "with mapping={...}) or one MULTI/EXEC - never field by field, and never "
+                    "delete the old entry first.", pytrace=False)

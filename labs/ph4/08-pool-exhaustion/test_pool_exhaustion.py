@@ -13,7 +13,9 @@
 * a connect that fails - for a new slot or replacing a dead connection - gives its slot
   back: the database refusing connections (ALLOW_CONNECTIONS false) never leaves the pool
   counting connections that do not exist, and a borrower waiting for the slot while the
-  connect fails (held, then ended, by a relay in front of Postgres) is woken and connects.
+  connect fails (held, then ended, by a relay in front of Postgres) is woken and connects;
+* a connection given back broken (its backend killed mid-query, or closed by the borrower)
+  frees its slot and wakes a borrower waiting for one.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from labrunner.testing import TcpRelay, threads_waiting_in, wait_until
+from labrunner.testing import TcpRelay, came_true, threads_waiting_in, wait_until
 
 HOLD = "SELECT pg_advisory_xact_lock_shared(4242)"
 
@@ -337,6 +339,21 @@ def outcome_of(call: Call) -> str:
             else f"raised {type(call.error).__name__}: {call.error}")
 
 
+def slot_not_handed_on(pool: Any, event: str, when: str) -> tuple[str, str]:
+    """(what was seen, what to do) when a waiter for the only slot of a pool of 1 was still
+    waiting after `event` freed that slot: the slot kept, or the waiter never woken."""
+    s = stats(pool)
+    if s.get("open"):
+        return (f"{event}, and its slot was never given back: stats() says {s}, open still "
+                "counts a connection that no longer exists",
+                f"When {when}, give the slot back (open -= 1) and notify() a waiter.")
+    return (f"{event} and gave its slot back, but the borrower waiting for a slot was never "
+            f"woken (stats() says {s})",
+            f"When {when}, give the slot back AND notify() the condition, as for a connection "
+            "put back idle: a waiter waits for an idle connection OR a free slot, and "
+            "otherwise sleeps until its timeout though a slot is free.")
+
+
 @pytest.mark.parametrize("where", list(CONNECTS))
 def test_a_failed_connect_wakes_a_waiting_borrower(
         where: str, mod: ModuleType, pools: list[Any], server: Server, gate: ConnectGate,
@@ -371,17 +388,8 @@ def test_a_failed_connect_wakes_a_waiting_borrower(
         pool.release(first.result)   # it tried again and got one: fine, pass it on
     second.join(15)
     if second.is_alive():
-        s = stats(pool)
-        head, fix = ((f"the slot of a failed connect was never given back: stats() says {s}, "
-                      "open still counts a connection that never opened",
-                      "Give the slot back when a connect fails, whichever connect it was (a "
-                      "new slot or a replacement), and notify a waiter.")
-                     if s.get("open") else
-                     (f"a borrower waiting for a slot was never woken when a connect failed "
-                      f"and gave its slot back (stats() says {s})",
-                      "When a connect fails, give the slot back AND notify() the condition, "
-                      "as release() does: a waiter otherwise sleeps until its timeout though "
-                      "a slot is free."))
+        head, fix = slot_not_handed_on(pool, "a connect failed", "a connect fails, whichever "
+                                       "connect it was (a new slot or a replacement)")
         pytest.fail(f"{head}\nA borrower waited for the only slot of a pool of 1 while "
                     f"{which} failed; the failing acquire() {outcome_of(first)}. 15 s later, "
                     f"with the database answering again, the waiter was still waiting.\n{fix}",
@@ -498,3 +506,131 @@ def test_a_failing_query_returns_its_connection(mod: ModuleType, pools: list[Any
                     "block, and roll back its failed transaction before another borrower "
                     "gets it.", pytrace=False)
     assert rows == [(42,)]
+
+
+# How a borrowed connection comes back broken, for release() to drop it and free its slot.
+BROKEN = {
+    "killed mid-query": "its backend was killed (pg_terminate_backend, as in a failover) while "
+                        "it ran a query through execute(), which failed and gave it back",
+    "closed by the borrower": "the borrower closed it (conn.close()) and gave it back",
+}
+
+
+@pytest.mark.parametrize("how", list(BROKEN))
+def test_a_broken_connection_given_back_wakes_a_waiting_borrower(
+        how: str, mod: ModuleType, pools: list[Any], server: Server, postgres: Any,
+        waiting: Callable[[], int]) -> None:
+    pool = make(mod, pools, postgres.dsn, 1, policy="queue", acquire_timeout=60)
+    server.holder.execute("SELECT pg_advisory_lock(4242)")
+    try:
+        if how == "killed mid-query":
+            first = Call(pool.execute, HOLD)
+            wait_until(lambda: server.lock_waiters() == 1 or not first.is_alive(),
+                       "a query on the pool's only connection to run (blocked on a lock)")
+            assert first.is_alive(), f"the query did not run: {outcome_of(first)}"
+        else:
+            conn = pool.acquire()
+        second = Call(pool.acquire)
+        wait_until(lambda: waiting() >= 1 or not second.is_alive(),
+                   "a second borrower to wait for the only connection")
+        assert second.is_alive(), (
+            f"a borrower of a full pool of 1 {outcome_of(second)} instead of waiting")
+        if how == "killed mid-query":
+            server.terminate(server.pids())
+            first.join(15)
+            assert not first.is_alive() and first.error is not None, (
+                "execute() of a query whose backend was killed did not fail within 15 s: "
+                f"{'still running' if first.is_alive() else 'it returned'}")
+        else:
+            conn.close()
+            pool.release(conn)
+        second.join(15)
+    finally:
+        server.holder.execute("SELECT pg_advisory_unlock_all()")
+    if second.is_alive():
+        head, fix = slot_not_handed_on(pool, f"the pool's only connection broke ({how})",
+                                       "release() drops a broken connection")
+        pytest.fail(f"{head}\nA borrower waited for the only connection of a pool of 1 "
+                    f"(acquire_timeout=60); {BROKEN[how]}. 15 s later the waiter was still "
+                    f"waiting, though the slot was free for a new connection.\n{fix}",
+                    pytrace=False)
+    assert second.error is None, (
+        f"once the only connection of a pool of 1 came back broken ({BROKEN[how]}), the "
+        f"borrower waiting for it {outcome_of(second)}: expected a new connection in its slot")
+    pool.release(second.result)
+
+
+class HangingBackend(ConnectGate):
+    """A ConnectGate that can also make one relayed connection hang: what its client sends
+    is swallowed, nothing comes back (a backend stopped, or a network dropping packets) -
+    until the test cuts it."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn)
+        self.mute: int | None = None
+        self.muted = threading.Event()
+
+    def upward(self, link: Any, chunk: bytes) -> bool | None:
+        if link.index == self.mute:
+            self.muted.set()
+            return None
+        return super().upward(link, chunk)
+
+
+# A borrower stuck in network I/O: validating an idle connection whose backend stopped
+# answering, or connecting to a server slow to accept. Each case: how to get there, what
+# the stuck borrower is doing.
+STUCK_IN = {
+    "validation": "validating (SELECT 1) an idle connection whose backend stopped answering",
+    "connect": "connecting a new connection to a server that does not answer the connect",
+}
+PROMPTLY = 10.0   # a generous bound for what needs only the pool's lock
+
+
+@pytest.mark.parametrize("stuck", list(STUCK_IN))
+def test_a_borrower_stuck_in_network_io_stalls_no_one_else(
+        stuck: str, mod: ModuleType, pools: list[Any], postgres: Any) -> None:
+    with HangingBackend(postgres.dsn) as relay:
+        pool = make(mod, pools, relay.dsn, 2, policy="queue", acquire_timeout=60)
+        first = pool.acquire()               # relayed connection 0
+        if stuck == "validation":
+            held = pool.acquire()            # connection 1, healthy, in use
+            pool.release(first)              # idle; its backend now stops answering
+            relay.mute = 0
+            stalled = Call(pool.acquire)
+            reached = relay.muted.wait(PROMPTLY)
+        else:
+            held = first
+            relay.holding = True
+            stalled = Call(pool.acquire)
+            reached = came_true(lambda: bool(relay.held), PROMPTLY)
+        if not reached:
+            pytest.fail(f"acquire() on a pool of 2, meant to be {STUCK_IN[stuck]}, "
+                        f"{outcome_of(stalled) if not stalled.is_alive() else 'still runs'} "
+                        f"and sent nothing for it within {PROMPTLY:.0f} s", pytrace=False)
+        try:
+            for what, call in (("stats()", lambda: stats(pool)),
+                               ("release() of a healthy connection",
+                                lambda: pool.release(held)),
+                               ("acquire() with that healthy connection idle",
+                                pool.acquire)):
+                done = Call(call)
+                done.join(PROMPTLY)
+                assert not done.is_alive(), (
+                    f"{what} did not return within {PROMPTLY:.0f} s while another borrower "
+                    f"was {STUCK_IN[stuck]}, expected it at once: the pool's lock was held "
+                    "during that network I/O, so one hanging backend stalls every borrower, "
+                    "every release and stats() - for a TCP timeout, minutes - and no one "
+                    "gets PoolExhausted after acquire_timeout\nThe lock guards the pool's "
+                    "bookkeeping only: take a connection (or reserve a slot) under it, then "
+                    "let go of it before SELECT 1 or connect(), and take it again to "
+                    "record the outcome.")
+                assert done.error is None, f"{what} raised {done.error!r}"
+                if what.startswith("acquire"):
+                    pool.release(done.result)
+        finally:
+            relay.fail_held()
+            relay.cut()
+            stalled.join(PROMPTLY)
+        if not stalled.is_alive() and stalled.error is None:
+            pool.release(stalled.result)

@@ -144,15 +144,13 @@ def stepped_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
     return {"line": None, "errors": []}
 
 
-def _held_before_line(module: ModuleType, names: list[str], folder: str,
-                      k: int) -> dict[str, Any]:
-    import linecache
-
-    lb = module.LeastConnections(list(names))
+def _hold_first_at_step(folder: str, k: int, make_tracer: Any, first: Any,
+                        second: Any, poll: float) -> tuple[str, int] | None:
+    """Run ``first()`` on a thread traced by ``make_tracer(folder, hold)`` and hold it at its
+    k-th step; then run ``second()`` until it returns or sleeps in the learner's code; let
+    the first go on; return where it was held (file, line), or None if it never got there."""
     cond = threading.Condition()
     state: dict[str, Any] = {"seen": 0, "held_at": None, "go": False}
-    got: dict[str, str] = {}
-    errors: list[str] = []
 
     def hold(frame: Any) -> None:
         state["seen"] += 1
@@ -162,36 +160,139 @@ def _held_before_line(module: ModuleType, names: list[str], folder: str,
                 cond.notify_all()
                 cond.wait_for(lambda: state["go"], timeout=30)
 
-    def call(label: str, traced: bool) -> None:
+    def run(body: Any, traced: bool) -> None:
         _natives[threading.get_ident()] = threading.get_native_id()
         if traced:
-            sys.settrace(_tracer(folder, hold))
+            sys.settrace(make_tracer(folder, hold))
         try:
-            got[label] = str(lb.acquire())
-        except Exception as exc:  # noqa: BLE001 - reported to the test
-            errors.append(f"{type(exc).__name__}: {exc}")
+            body()
         finally:
             sys.settrace(None)
 
-    first = threading.Thread(target=call, args=("first", True), daemon=True)
-    first.start()
+    held = threading.Thread(target=run, args=(first, True), daemon=True)
+    held.start()
     with cond:
-        cond.wait_for(lambda: state["held_at"] is not None or not first.is_alive(), timeout=30)
-    second = threading.Thread(target=call, args=("second", False), daemon=True)
-    second.start()
+        cond.wait_for(lambda: state["held_at"] is not None or not held.is_alive(), timeout=30)
+    other = threading.Thread(target=run, args=(second, False), daemon=True)
+    other.start()
     blocked = 0
-    while second.is_alive() and blocked < 3:  # done, or asleep in the learner's code
-        blocked = blocked + 1 if _blocked_in(second.ident or 0, folder) else 0
-        second.join(0.02)
+    while other.is_alive() and blocked < 3:  # done, or asleep in the learner's code
+        blocked = blocked + 1 if _blocked_in(other.ident or 0, folder) else 0
+        other.join(poll)
     with cond:
         state["go"] = True
         cond.notify_all()
-    first.join(10)
-    second.join(10)
+    held.join(10)
+    other.join(10)
+    return state["held_at"]
+
+
+def _held_before_line(module: ModuleType, names: list[str], folder: str,
+                      k: int) -> dict[str, Any]:
+    import linecache
+
+    lb = module.LeastConnections(list(names))
+    got: dict[str, str] = {}
+    errors: list[str] = []
+
+    def call(label: str) -> Any:
+        def body() -> None:
+            try:
+                got[label] = str(lb.acquire())
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                errors.append(f"{type(exc).__name__}: {exc}")
+        return body
+
+    held_at = _hold_first_at_step(folder, k, _tracer, call("first"), call("second"), 0.02)
     if errors:
         return {"errors": errors}
-    if state["held_at"] and got.get("first") is not None and got["first"] == got.get("second"):
-        file, number = state["held_at"]
+    if held_at and got.get("first") is not None and got["first"] == got.get("second"):
+        file, number = held_at
         return {"line": number, "text": linecache.getline(file, number).strip(), "got": got,
                 "errors": []}
     return {"line": None, "errors": []}
+
+
+def _opcode_tracer(folder: str, on_op: Any) -> Any:
+    """A sys.settrace function calling ``on_op(frame)`` before each bytecode instruction of
+    code under ``folder`` runs: a statement such as ``counts[b] -= 1`` is several (load,
+    subtract, store), and another thread can run between them."""
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if not frame.f_code.co_filename.startswith(folder):
+            return None
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                on_op(frame)
+            return local
+        return local
+    return trace
+
+
+COUNT_RACES = (("release", "acquire"), ("acquire", "release"))
+
+
+def stepped_count_updates(module: ModuleType, backend: str) -> dict[str, Any]:
+    """Every update of the in-flight counts must be one step under the lock. On a
+    LeastConnections([backend]) with one request in flight, a release(backend) and an
+    acquire() race: one of them is traced and held before its k-th bytecode instruction
+    (k = 1, 2, ... up to the number one call runs) while the other runs to its end or is
+    seen blocked; then the held one goes on. In any order the count ends at 1; a count
+    updated outside the lock (read, preempted, then stored) loses the other's update.
+    Returns the first hold that did: which call was held, its line and text, the count."""
+    import linecache
+
+    folder = str(Path(module.__file__ or "").parent).rstrip("/") + "/"
+    for held, other in COUNT_RACES:
+        for k in range(1, _ops_in(module, folder, held, backend) + 1):
+            out = _held_before_op(module, backend, folder, held, other, k)
+            if out.get("errors"):
+                return out
+            if out["count"] != 1:
+                file, number = out["held_at"]
+                return {"held": held, "other": other, "line": number,
+                        "text": linecache.getline(file, number).strip(),
+                        "count": out["count"], "errors": []}
+    return {"line": None, "errors": []}
+
+
+def _ops_in(module: ModuleType, folder: str, name: str, backend: str) -> int:
+    """How many bytecode instructions of the learner's code one such call runs."""
+    ops = [0]
+    lb = module.LeastConnections([backend])
+    lb.acquire()
+    sys.settrace(_opcode_tracer(folder, lambda frame: ops.__setitem__(0, ops[0] + 1)))
+    try:
+        _count_call(lb, name, backend)
+    finally:
+        sys.settrace(None)
+    return ops[0]
+
+
+def _count_call(lb: Any, name: str, backend: str) -> None:
+    if name == "release":
+        lb.release(backend)
+    else:
+        lb.acquire()
+
+
+def _held_before_op(module: ModuleType, backend: str, folder: str, held: str, other: str,
+                    k: int) -> dict[str, Any]:
+    lb = module.LeastConnections([backend])
+    lb.acquire()
+    errors: list[str] = []
+
+    def call(name: str) -> Any:
+        def body() -> None:
+            try:
+                _count_call(lb, name, backend)
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                errors.append(f"{name}(): {type(exc).__name__}: {exc}")
+        return body
+
+    held_at = _hold_first_at_step(folder, k, _opcode_tracer, call(held), call(other), 0.01)
+    if errors:
+        return {"errors": errors}
+    return {"count": dict(lb.active()).get(backend), "held_at": held_at}

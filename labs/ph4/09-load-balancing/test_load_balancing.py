@@ -5,7 +5,10 @@ sequence (or the exact key movement) it must produce.
   (nginx's smooth WRR for weights 5, 1, 1 is a a b a c a a), so they are compared literally;
 * least connections: a workload of requests with uneven durations is replayed tick by tick
   (releases first, then one new request); the test keeps its own count of requests in flight
-  per backend and checks every choice against it;
+  per backend and checks every choice against it (backends listed in name order and out
+  of it: a tie goes to the first listed, not the first by name); a release() and an
+  acquire() racing, one held by the test before each bytecode instruction in turn, never
+  lose an update;
 * consistent hashing: 10,000 keys over 4 nodes, then a 5th node joins: about 1/5 of the keys
   move and every moved key moves to the new node; removing it restores the old placement -
   with node names that are prefixes of each other (10.0.0.1, 10.0.0.11) too, and a ring
@@ -123,9 +126,26 @@ def test_smooth_weighted_round_robin_sequence(balancer: ModuleType, weights: dic
 WORKLOAD = [(t, 9 if t % 4 == 0 else 2) for t in range(40)]
 
 
-def test_least_connections_under_uneven_durations(balancer: ModuleType) -> None:
-    backends = ["a", "b", "c"]
-    lb = balancer.LeastConnections(backends)
+def _tie_rule(tied: list[str], got: str, backends: list[str]) -> str:
+    """What a wrong choice among equally loaded backends shows about the tie rule."""
+    if len(tied) < 2 or got not in tied:
+        return ""
+    if got == min(tied):
+        return (f" - a tie between {', '.join(tied)} went to the first BY NAME: ties go to "
+                f"the backend listed first ({backends} is the operator's order); keep the "
+                "order given (no sorted(), no min over (count, name) tuples) and take the "
+                "first backend with the fewest, e.g. min(backends, key=count)")
+    if got == tied[-1]:
+        return (f" - a tie between {', '.join(tied)} went to the one listed LAST: replace "
+                "the best only on a strictly smaller count (<, not <=)")
+    return f" - a tie between {', '.join(tied)} went to {got!r}, not the first listed"
+
+
+@pytest.mark.parametrize("backends", [["a", "b", "c"], ["web-3", "web-1", "web-2"]],
+                         ids=["listed-by-name", "listed-out-of-name-order"])
+def test_least_connections_under_uneven_durations(balancer: ModuleType,
+                                                  backends: list[str]) -> None:
+    lb = balancer.LeastConnections(list(backends))
     active = dict.fromkeys(backends, 0)       # the test's own count of requests in flight
     running: list[tuple[int, str]] = []        # (end tick, backend)
     for tick, duration in WORKLOAD:
@@ -138,13 +158,14 @@ def test_least_connections_under_uneven_durations(balancer: ModuleType) -> None:
         got = lb.acquire()
         if got != want:
             state = ", ".join(f"{b}: {n}" for b, n in active.items())
+            tied = [b for b in backends if active[b] == fewest]
             pytest.fail(
                 f"request {tick} went to {got!r}, expected {want!r}: the requests in flight "
-                f"were {state}\nLeast connections sends each request to the backend with "
-                "the fewest requests in flight (the first listed on a tie). Count +1 on "
-                "acquire and -1 on release of that same backend; with uneven durations the "
-                "backend holding the long requests must be skipped, which a rotation "
-                "cannot know.", pytrace=False)
+                f"were {state}{_tie_rule(tied, got, backends)}\nLeast connections sends each "
+                "request to the backend with the fewest requests in flight (the first "
+                "listed on a tie). Count +1 on acquire and -1 on release of that same "
+                "backend; with uneven durations the backend holding the long requests must "
+                "be skipped, which a rotation cannot know.", pytrace=False)
         active[got] += 1
         running.append((tick + duration, got))
     for _end, backend in running:
@@ -190,6 +211,25 @@ def test_least_connections_choice_and_count_are_one_step(learner: Any,
     assert sorted(got.values()) == ["a", "b"], (
         f"two concurrent acquire() calls on idle backends a, b, c got {sorted(got.values())}, "
         "expected a and b: each call must count its request before the next one chooses")
+
+
+def test_least_connections_every_count_update_is_under_the_lock(learner: Any,
+                                                                 balancer: ModuleType) -> None:
+    out = dict(learner.harness().stepped_count_updates(balancer, "b"))
+    if out.get("errors"):
+        pytest.fail(f"LeastConnections.{list(out['errors'])[0]}", pytrace=False)
+    held, other = out.get("held"), out.get("other")
+    call = {"release": "release('b')", "acquire": "acquire()", None: "call"}
+    assert out.get("line") is None, (
+        f"backend b had 1 request in flight; {call[held]} was held by the test inside line "
+        f"{out['line']} of your code ({out['text']!r}) while {call[other]} ran to its end, "
+        f"then the {held} went on: active() now says b: {out['count']}, expected 1 (one "
+        "request in flight, one finished, one new). One update of the count was lost.\n"
+        "`counts[b] -= 1` (or += 1) is a read-modify-write: load, change, store - another "
+        "thread can update the count between the load and the store. The counts are written "
+        "by acquire() AND release(): every update of them must be made under the same lock, "
+        "the -1 in release() too, or under load they drift (even below 0) and 'least "
+        "connections' sends traffic to the busiest backend.")
 
 
 # ---------------------------------------------------------------------------- hashing

@@ -215,6 +215,32 @@ def login(lb: RoundRobin, user: str) -> str:
     return m.group(1)
 
 
+SAMPLE_LOGINS = 8  # session ids compared for structure
+MIN_ID_BITS = 64    # OWASP: at least 64 bits of entropy in a session id
+
+
+def guessable(ids: list[str]) -> str | None:
+    """What makes these session ids (issued moments apart) guessable, or None. Random ids
+    of one length differ at almost every position; ids built from the time, a counter or
+    the host (uuid1: login time and MAC address) keep whole runs of characters in common.
+    One or two fixed positions are allowed (a uuid4's version and variant)."""
+    if len({len(i) for i in ids}) > 1:
+        return (f"they have different lengths ({sorted({len(i) for i in ids})}): a counter "
+                "or a time, not a fixed number of random bytes")
+    fixed = [n for n in range(len(ids[0])) if len({i[n] for i in ids}) == 1]
+    alphabet = set("".join(ids))
+    bits_per_char = 4 if alphabet <= set("0123456789abcdefABCDEF") else 6
+    varying_bits = (len(ids[0]) - len(fixed)) * bits_per_char
+    if len(fixed) > 2:
+        shown = "".join(ids[0][n] if n in fixed else "." for n in range(len(ids[0])))
+        return (f"they share the characters at {len(fixed)} of {len(ids[0])} positions "
+                f"({shown}, '.' where they differ)")
+    if varying_bits < MIN_ID_BITS:
+        return (f"they carry at most {varying_bits} bits that change, fewer than "
+                f"{MIN_ID_BITS}: short enough to enumerate")
+    return None
+
+
 def keys_written(commands: list[list[str]]) -> list[str]:
     """The keys the commands name (their first argument), in order, once each."""
     keys: list[str] = []
@@ -281,6 +307,16 @@ def test_a_session_continues_on_the_other_instance(cluster: Any, redis_db: Any) 
             "one anyone can write into a cookie to become that user: the id must be "
             "unguessable (secrets.token_urlsafe), the user kept under it in Redis.",
             pytrace=False)
+    ids = [sid, other_sid] + [login(lb, USER).split("=", 1)[1]
+                              for _ in range(SAMPLE_LOGINS - 2)]
+    why = guessable(ids)
+    if why is not None:
+        pytest.fail(
+            f"{len(ids)} logins a moment apart got the session ids {ids[:3]}...: {why}\nOnce "
+            "the session lives in Redis, its id is the whole credential every instance "
+            "trusts: an id built from the time, a counter or the host (uuid1 is the login "
+            "time and the MAC address) is unique but guessable - whoever sees their own id "
+            "can enumerate their neighbours'. Use secrets.token_urlsafe(32).", pytrace=False)
     a_revoked_session_ends_everywhere(instances, redis_db, cookie, keys_written(sent))
 
 
@@ -529,3 +565,34 @@ def test_concurrent_adds_to_one_cart_keep_both(learner: Any, redis_db: Any) -> N
     assert not lost, (
         f"two adds to one cart at once kept {items!r}, lost {', '.join(map(repr, lost))}, "
         "expected every item: each add must reach the one cart in Redis")
+
+
+# Items are any text: each must come back exactly as sent, one item each. A cart joined
+# into one string with a separator (APPEND "item,", then split), trimmed, or re-encoded is
+# a lossy copy of the list.
+AWKWARD_ITEMS = ["socks, red", "a,b,c", "two\nlines", "pipe | bar; semi", "  padded  ",
+                 "tab\tend", 'quote " and \\ backslash', "naïve €", "[\"json\", 1]",
+                 "socks, red"]
+
+
+def test_cart_items_come_back_as_sent(cluster: Any) -> None:
+    lb, _ = cluster
+    cookie = login(lb, "carol")
+    for item in AWKWARD_ITEMS:
+        reply = lb.request("POST", "/cart", {"item": item}, cookie=cookie)
+        assert reply.status == 200, (
+            f"POST /cart {{'item': {item!r}}} on {reply.served_by} answered {reply.status} "
+            f"{reply.body[:120]!r}, expected 200: an item is any text")
+    for _ in range(2):   # once on each instance
+        reply = lb.request("GET", "/cart", cookie=cookie)
+        items = cart_items(reply, f"after {len(AWKWARD_ITEMS)} adds of items with commas, "
+                           "newlines, spaces")
+        lost = [item for item in AWKWARD_ITEMS if item not in items]
+        assert items == AWKWARD_ITEMS, (
+            f"GET /cart on {reply.served_by} answered {items!r}, expected the "
+            f"{len(AWKWARD_ITEMS)} items exactly as sent {AWKWARD_ITEMS!r}"
+            f"{f' ({lost[0]!r} did not come back whole)' if lost else ''}: the cart "
+            "in Redis is a lossy copy of the list\nA cart joined into one string with a "
+            "separator (APPEND 'item,' then split(',')) splits an item that holds the "
+            "separator; trimming or re-encoding changes it. Keep one Redis list element per "
+            "item: RPUSH, then LRANGE 0 -1.")

@@ -2,6 +2,9 @@
 consumer groups (billing, shipping, analytics) each get every event; a group started later
 replays the log from the beginning.
 
+Positions are checked per event: two orders come twice (one key, two events, two
+positions), so matching delivery reports to events by key shows.
+
 Everything runs on the real broker: the test reads the topic back with its own consumer to see
 what the broker stored, and asks the broker which consumer groups exist."""
 
@@ -22,6 +25,7 @@ from labrunner.testing.kafka_proxy import PRODUCE
 GROUPS = ("billing", "shipping", "analytics")
 ACK_TIMEOUT = 2.0   # the timeout the test gives publish_orders while no ack can come
 GIVE_UP_SLACK = 20.0  # how much later than that it may raise (a loaded machine)
+INIT_PRODUCER_ID = 22  # the request an idempotent producer opens with
 
 
 def make_orders(start: int, count: int) -> list[dict[str, Any]]:
@@ -93,49 +97,87 @@ def consume_exactly(consume: Callable[..., list[dict[str, Any]]], kafka: Any, to
     return got
 
 
+def resubmitted(orders: list[dict[str, Any]], *picks: int) -> list[dict[str, Any]]:
+    """``orders`` with the orders at ``picks`` submitted again, amended: the same order id,
+    a second event (events share a key by design: every event of one order, one partition)."""
+    return orders + [dict(orders[i], total_cents=orders[i]["total_cents"] + 900) for i in picks]
+
+
+def check_positions(orders: list[dict[str, Any]], placed: list[Any],
+                    log: list[dict[str, Any]]) -> None:
+    """Each event must be at the (partition, offset) publish_orders reported for it. Events
+    of one order id share a partition, in produce order: the k-th event of an order id is
+    the k-th record with that key."""
+    by_order: dict[str, list[dict[str, Any]]] = {}
+    for record in sorted(log, key=lambda r: (r["partition"], r["offset"])):
+        by_order.setdefault(str(record["event"].get("order_id")), []).append(record)
+    taken: dict[str, int] = {}
+    actual = {(r["partition"], r["offset"]) for r in log}
+    for order, where in zip(orders, placed, strict=True):
+        oid = order["order_id"]
+        nth = taken[oid] = taken.get(oid, -1) + 1
+        records = by_order.get(oid, [])
+        assert nth < len(records), (
+            f"the topic holds {len(records)} event(s) for {oid}, publish_orders was given "
+            f"{[o['order_id'] for o in orders].count(oid)} orders with that id: one event "
+            "per order, even when an order id comes again")
+        record = records[nth]
+        event = record["event"]
+        assert event.get("type") == "OrderPlaced" and event.get("event_id"), (
+            f"event for {oid} is {event}: expected type 'OrderPlaced' and an event_id")
+        assert (event.get("customer"), event.get("total_cents")) == (
+            order["customer"], order["total_cents"]), (
+            f"event for {oid} carries {event}, not the order's customer and total: "
+            "consumers only know what the event tells them")
+        assert record["key"] == oid.encode(), (
+            f"event for {oid} has key {record['key']!r}: key events by order id so every "
+            "event about one order lands in one partition, in order")
+        stored = (record["partition"], record["offset"])
+        if tuple(where) == stored:
+            continue
+        siblings = [(r["partition"], r["offset"]) for r in records]
+        if len(records) > 1 and tuple(where) in siblings:
+            pytest.fail(
+                f"publish_orders said event {nth + 1} of {len(records)} for {oid} is at "
+                f"{tuple(where)}, the broker stored it at {stored} ({tuple(where)} holds "
+                f"event {siblings.index(tuple(where)) + 1} of that order id): positions "
+                "were matched to events by KEY; events share a key by design (an order "
+                "submitted again, every event of one order), so match each delivery report "
+                "to the event it acknowledges - a callback per produce() bound to that "
+                "event's index, never a lookup by key", pytrace=False)
+        why = ("the right positions in another order: return them in the order of "
+               "`orders` (delivery reports arrive per partition batch, not in produce "
+               "order - record each at its order's index)"
+               if {tuple(w) for w in placed} == actual else
+               "take the partition and offset from each event's delivery report")
+        pytest.fail(f"publish_orders said {oid} is at {tuple(where)}, the broker has it at "
+                    f"{stored}: {why}", pytrace=False)
+
+
 def test_publish_needs_no_consumer(learner: Any, kafka: Any) -> None:
     """The producer is decoupled in time: with no consumer anywhere, publish_orders returns
-    once the broker holds every event, keyed by order id, at the offsets it reported."""
+    once the broker holds every event, keyed by order id, at the offsets it reported - one
+    event per order, two of them resubmitted under an order id already sent."""
     publish = learner.function("events", "publish_orders")
     topic = kafka.create_topic("orders", 3)
-    orders = make_orders(0, 30)
+    orders = resubmitted(make_orders(0, 28), 7, 20)
+    n = len(orders)
 
     placed = publish(kafka.bootstrap, topic, orders)
 
-    assert isinstance(placed, list) and len(placed) == 30, (
-        f"publish_orders returned {placed!r:.120}; expected a list of 30 (partition, offset) "
-        "pairs, one per order, from the broker's delivery reports")
+    assert isinstance(placed, list) and len(placed) == n, (
+        f"publish_orders returned "
+        f"{f'{len(placed)} positions' if isinstance(placed, list) else repr(placed)[:80]} "
+        f"for {n} orders; expected a list of {n} (partition, offset) pairs, one per order - "
+        "order-7 and order-20 come twice: two events each, each with its own position from "
+        "its delivery report (reports matched by key give one of them twice or drop one)")
     log = read_log(kafka, topic)
-    assert len(log) == 30, (
-        f"right after publish_orders returned the broker held {len(log)} of 30 events: "
+    assert len(log) == n, (
+        f"right after publish_orders returned the broker held {len(log)} of {n} events: "
         "produce() only queues locally - wait for the acknowledgements (flush) before "
         "telling the caller the events are published")
-    by_order = {str(r["event"].get("order_id")): r for r in log}
-    for order, where in zip(orders, placed, strict=True):
-        record = by_order.get(order["order_id"])
-        assert record is not None, f"no event for {order['order_id']} in the topic"
-        event = record["event"]
-        assert event.get("type") == "OrderPlaced" and event.get("event_id"), (
-            f"event for {order['order_id']} is {event}: expected type 'OrderPlaced' and an "
-            "event_id")
-        assert (event.get("customer"), event.get("total_cents")) == (
-            order["customer"], order["total_cents"]), (
-            f"event for {order['order_id']} carries {event}, not the order's customer and "
-            "total: consumers only know what the event tells them")
-        assert record["key"] == order["order_id"].encode(), (
-            f"event for {order['order_id']} has key {record['key']!r}: key events by order id "
-            "so every event about one order lands in one partition, in order")
-        if tuple(where) != (record["partition"], record["offset"]):
-            actual = {(r["partition"], r["offset"]) for r in log}
-            why = ("the right positions in another order: return them in the order of "
-                   "`orders` (delivery reports arrive per partition batch, not in produce "
-                   "order - record each at its order's index)"
-                   if {tuple(w) for w in placed} == actual else
-                   "take the partition and offset from each event's delivery report")
-            pytest.fail(
-                f"publish_orders said {order['order_id']} is at {tuple(where)}, the broker "
-                f"has it at {(record['partition'], record['offset'])}: {why}", pytrace=False)
-    assert len({r["event"]["event_id"] for r in log}) == 30, "event ids must be unique"
+    check_positions(orders, placed, log)
+    assert len({r["event"]["event_id"] for r in log}) == n, "event ids must be unique"
     assert groups_under(kafka) == [], (
         f"publishing created consumer groups {groups_under(kafka)}: the producer must not "
         "consume or wait for anyone")
@@ -196,6 +238,43 @@ def test_unacknowledged_events_are_not_reported_published(learner: Any, kafka: A
         f"broker acknowledged nothing: expected it to give up after about {ACK_TIMEOUT:g} s "
         "- wait for the acknowledgements at most `timeout` seconds (flush(timeout)), not a "
         "fixed time or forever")
+
+
+def test_acknowledged_means_stored_by_the_replicas(learner: Any, kafka: Any) -> None:
+    """What "published" means is decided by what the producer asks the broker for, read off
+    its requests through a proxy that only watches: every Produce request with acks=all (-1),
+    so the broker answers once every in-sync replica has the events, from an idempotent
+    producer (it asked for a producer id with InitProducerId, which its batches carry with
+    sequence numbers). The test cluster has one broker, where acks=1 looks just the same -
+    until a leader dies in a real one."""
+    publish = learner.function("events", "publish_orders")
+    topic = kafka.create_topic("orders-durable", 3)
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        placed = publish(proxy.bootstrap, topic, make_orders(0, 5))
+        asked = sorted({r.acks for r in proxy.requests(PRODUCE)}, key=str)
+        idempotent = bool(proxy.requests(INIT_PRODUCER_ID))
+    assert isinstance(placed, list) and len(placed) == 5, (
+        f"publish_orders returned {placed!r:.120}; expected 5 (partition, offset) pairs")
+    assert asked, "publish_orders returned without sending a single Produce request"
+    meaning = {
+        0: "acks=0: nobody acknowledges, so a delivery report says nothing about the log",
+        1: "acks=1: only the partition LEADER has the events when it answers; if it dies "
+           "before its followers copied them, a follower becomes leader without them and "
+           "the OrderPlaced events the order service reported published are gone for "
+           "every consumer group",
+    }
+    assert asked == [-1], (
+        f"publish_orders' Produce requests asked for acks {asked}, expected only -1 "
+        f"(acks=all): {'; '.join(meaning.get(a, f'acks={a}') for a in asked if a != -1)}. "
+        f"The order service writes one fact and moves on only if the log really keeps it: "
+        f"produce with acks=all and enable.idempotence=True")
+    assert idempotent, (
+        "publish_orders' producer is not idempotent (it never asked the broker for a "
+        "producer id: no InitProducerId request, so its batches carry none); expected "
+        "enable.idempotence=True: librdkafka retries a batch whose answer was lost while "
+        "later ones are in flight, and without a producer id and sequence numbers the "
+        "broker stores the retried OrderPlaced twice, or after a later event of the same "
+        "order - the partition order per order id the key was chosen for is gone")
 
 
 def test_every_group_gets_every_event(learner: Any, kafka: Any) -> None:

@@ -4,10 +4,12 @@ topic.
 RabbitMQ: competing workers each get different jobs, a nacked or orphaned job comes back
 (marked redelivered), and after the acks the queue is empty - checked through the management
 API. Kafka: reading removes nothing; a new group reads everything, and a group that seeks to
-offset 0 reads it all again."""
+offset 0 reads it all again; a record with a null value (a tombstone) is read past, as the
+empty job, not crashed on: a log has no nack, so a poison record would hold the group there."""
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 from labrunner.testing import verdict
 
 JOBS = [f"job-{n}" for n in range(10)]
+RETRIES = 2  # more refused rabbit_enqueue calls, as a caller that retries would make
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -108,6 +111,49 @@ def assert_survives_a_broker_restart(rabbitmq: Any, queue: str) -> None:
         f"publish with properties=pika.BasicProperties(delivery_mode=2)")
 
 
+def amqp_connections_left(rabbitmq: Any,
+                          timeout: float = 30.0) -> list[dict[str, Any]] | None:
+    """The AMQP connections still open on the test's vhost, from the management API; None
+    where the broker does not collect them (the official image's
+    management_agent.disable_metrics_collector: its API lists no connection at all).
+
+    The API lists a new connection only at its next statistics round (a second or more
+    later), but drops a closed one at once. So the test opens a marker connection of its own
+    AFTER the learner's calls and waits until the API lists it: by then every connection
+    opened before it and still open is listed too. A closed connection may take a moment
+    to go: the others are read again for a few seconds until none is left."""
+    import pika
+
+    if (rabbitmq.api("GET", "/overview") or {}).get("disable_stats"):
+        return None
+    vhost = urllib.parse.quote(rabbitmq.vhost, safe="")
+    params = pika.URLParameters(rabbitmq.url)
+    params.client_properties = {"connection_name": "labrunner-marker"}
+    marker = pika.BlockingConnection(params)
+    try:
+        def others() -> tuple[bool, list[dict[str, Any]]]:
+            listed = rabbitmq.api("GET", f"/vhosts/{vhost}/connections") or []
+            mine = [c for c in listed if (c.get("client_properties") or {})
+                    .get("connection_name") == "labrunner-marker"]
+            return bool(mine), [c for c in listed if c not in mine]
+
+        deadline = time.monotonic() + timeout
+        seen, left = others()
+        while not seen:
+            if time.monotonic() > deadline:
+                # Not even the test's own connection: this broker's API lists none.
+                return left or None
+            time.sleep(0.1)
+            seen, left = others()
+        settle = time.monotonic() + 5.0
+        while left and time.monotonic() < settle:
+            time.sleep(0.2)
+            left = others()[1]
+        return left
+    finally:
+        marker.close()
+
+
 # --- RabbitMQ: a work queue --------------------------------------------------------------
 
 def test_competing_workers_share_the_queue(learner: Any, rabbitmq: Any) -> None:
@@ -185,12 +231,14 @@ def test_a_refused_job_is_not_reported_enqueued(learner: Any, rabbitmq: Any) -> 
     """The broker refuses jobs: a policy caps the queue at 2 messages and rejects publishes
     beyond that (overflow reject-publish: the broker nacks them - a disk or memory alarm, a
     quota, do the same). rabbit_enqueue of 5 jobs must raise: only a publisher confirm says a
-    job is on the broker, and the caller must not believe 3 dropped jobs are queued."""
+    job is on the broker, and the caller must not believe 3 dropped jobs are queued. And
+    rabbit_enqueue leaves no AMQP connection open, whether it returned or raised."""
     mod = learner.load("workload")
     vhost = urllib.parse.quote(rabbitmq.vhost, safe="")
     rabbitmq.api("PUT", f"/policies/{vhost}/cap-full", {
         "pattern": "^full$", "apply-to": "queues",
         "definition": {"max-length": 2, "overflow": "reject-publish"}})
+    mod.rabbit_enqueue(rabbitmq.url, "ok", ["job-ok"])
     jobs = [f"job-{n}" for n in range(5)]
     outcome, detail = verdict("rabbit_enqueue", mod.rabbit_enqueue, rabbitmq.url, "full", jobs,
                               refusal=(), crash=None)
@@ -204,6 +252,27 @@ def test_a_refused_job_is_not_reported_enqueued(learner: Any, rabbitmq: Any) -> 
             "fire-and-forget: channel.confirm_delivery() makes basic_publish raise NackError "
             "for a job the broker refuses - let that reach the caller, never catch it and "
             "carry on", pytrace=False)
+    # Every path of rabbit_enqueue closes its connection: the one that succeeded above and,
+    # above all, the one the broker refused - a client that leaks a connection each time the
+    # broker pushes back (a retry loop, a full queue, a disk alarm) adds to the pressure
+    # until the broker's connection limit or file descriptors run out for everyone. The
+    # caller retries twice more, as a caller would, while the queue is still full.
+    for _ in range(RETRIES):
+        verdict("rabbit_enqueue", mod.rabbit_enqueue, rabbitmq.url, "full", jobs,
+                refusal=(), crash=None)
+    left = amqp_connections_left(rabbitmq)  # None: this broker cannot tell (docker image)
+    if left:
+        opened = ", ".join(sorted(str(c.get("name")) for c in left))
+        pytest.fail(
+            f"after rabbit_enqueue returned once (1 job queued) and raised {1 + RETRIES} "
+            f"times (the broker refused jobs; the caller retried), the management API still "
+            f"lists {len(left)} open AMQP "
+            f"connection(s) from it ({opened}); expected none: rabbit_enqueue must close "
+            "its connection on every path, the refusal too - open it in "
+            "`with pika.BlockingConnection(...) as connection:` or close it in a finally "
+            "(closing only the channel keeps the connection). A connection leaked per "
+            "refused enqueue piles up exactly when the broker is under pressure, until its "
+            "connection limit or file descriptors refuse every publisher", pytrace=False)
 
 
 # --- Kafka: a log ----------------------------------------------------------------------------
@@ -260,3 +329,35 @@ def test_kafka_keeps_the_log_for_new_groups_and_replay(learner: Any, kafka: Any)
     assert after == [], (
         f"after the replay group workers still had {after} to read; expected nothing: "
         "commit the position the replay reached")
+
+
+def test_a_record_without_a_value_does_not_stop_the_group(learner: Any, kafka: Any) -> None:
+    """A log has no nack: a record the reader cannot get past stops its group at that offset
+    for good. A record with a null value (a tombstone, a producer that sent no value) is an
+    empty job; the group reads past it to the end and commits."""
+    from confluent_kafka import Producer
+
+    mod = learner.load("workload")
+    topic = kafka.create_topic("nulls", 1)
+    producer = Producer(kafka.producer_config(acks="all"))
+    for body in (b"job-0", None, b"job-1"):
+        producer.produce(topic, key=b"k", value=body)
+    assert producer.flush(30) == 0, "the test's producer could not deliver the records"
+    group = kafka.group("nulls")
+    poisoned = ("a log has no nack and its group advances only by its committed offset, so "
+                "a record the reader crashes on is a poison pill: every later read of the "
+                "group stops at the same offset, for good. A record whose value is None (a "
+                "tombstone) is an empty job: read it as \"\" (msg.value() or b\"\") and go on")
+    for attempt in ("first", "second"):
+        _, got = verdict("kafka_read_new", mod.kafka_read_new, kafka.bootstrap, topic, group,
+                         refusal=(), crash=f"on the {attempt} call, over the records job-0, "
+                         f"a record with a null value, job-1; expected job-0 and job-1 (and "
+                         f"the empty job): {poisoned}")
+        if attempt == "first":
+            assert isinstance(got, list) and [b for b in got if b] == ["job-0", "job-1"], (
+                f"kafka_read_new over job-0, a null-valued record, job-1 returned {got!r:.120}; "
+                f"expected ['job-0', '', 'job-1'] - {poisoned}")
+    assert got == [], (
+        f"after reading job-0, a null-valued record and job-1, group {group} read {got!r:.120} "
+        f"again on its next kafka_read_new; expected nothing: it must commit past every "
+        f"record it read, the null-valued one too")

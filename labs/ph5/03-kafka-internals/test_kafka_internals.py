@@ -1,5 +1,6 @@
 """ph5.3 - Kafka internals: keyed partitioning, a consumer group splitting partitions and
-rebalancing, manual commits, resuming after a crash, consumer lag.
+rebalancing, manual commits (a commit with nothing new processed is a no-op, not an error),
+resuming after a crash, consumer lag.
 
 Ground truth is always the broker: where it stored each keyed record (produced with the
 Java-compatible ``murmur2_random`` partitioner, not the learner's code), which member it
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from labrunner.testing import KafkaProxy
@@ -96,6 +98,22 @@ def drive(members: list[Any], until: Callable[[list[Records]], bool], what: str,
     return got
 
 
+def commit_nothing_new(member: Any, who: str, since: str) -> None:
+    """commit() with nothing processed since ``since``: the committed offsets are already
+    right, so it must do nothing - not send an empty commit that librdkafka refuses
+    (_NO_OFFSET) and raise out of the member's poll/process/commit loop."""
+    try:
+        member.commit()
+    except Exception as exc:  # noqa: BLE001 - crossed from the learner's process
+        pytest.fail(
+            f"{who}'s commit() with nothing processed {since} raised {type(exc).__name__}: "
+            f"{exc}; expected it to do nothing (the committed offsets are already right)\n"
+            "A member commits on a schedule in its poll/process/commit loop: on an idle "
+            "topic, or right after a rebalance committed everything in on_revoke, it has "
+            "no new offsets - skip the commit when there are none (committing an empty "
+            "list fails with _NO_OFFSET) instead of crashing the consumer.", pytrace=False)
+
+
 def offsets_of(records: Records) -> list[tuple[int, int]]:
     return sorted((p, o) for p, o, _ in records)
 
@@ -141,6 +159,29 @@ def test_partition_for_matches_the_broker(learner: Any, kafka: Any) -> None:
 
 # --- the group ---------------------------------------------------------------------------
 
+def test_a_commit_with_nothing_new_is_a_no_op(learner: Any, kafka: Any) -> None:
+    """A member commits what it processed, polls an idle topic and commits again (a
+    poll/process/commit loop does, on every turn): the second commit has nothing to say."""
+    group_consumer = learner.function("internals", "GroupConsumer")
+    topic = kafka.create_topic("idle", 1)
+    fill(kafka, topic, {0: 3}, "rec")
+    member = group_consumer(kafka.consumer_config("idle"), topic)
+    try:
+        drive([member], lambda got: len(got[0]) >= 3, "the member to read 3 records")
+        member.commit()
+        idle = member.poll_records(10, 0.3)
+        assert idle == [], f"an idle topic gave {idle}: the 3 records came again"
+        commit_nothing_new(member, "the member", "since its last commit() (an idle poll "
+                           "returned nothing)")
+    finally:
+        # One record processed, so that close() (whose on_revoke commits) has an offset to
+        # commit whatever commit() does with none: an error raised in that callback ends
+        # the process instead of failing this test.
+        fill(kafka, topic, {0: 1}, "last")
+        drive([member], lambda got: len(got[0]) >= 1, "the member to read 1 new record")
+        member.close()
+
+
 def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> None:
     """Member A reads all 4 partitions; B joins and the group splits 2+2 without B
     re-reading what A processed; new records go to each partition's owner only; B leaves and
@@ -184,6 +225,7 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
             f"{offsets_of(got_a + got_b)[:8]}...")
 
         b.commit()
+        commit_nothing_new(b, "B", "since its last commit()")
         b_owns = b.assignment()
         before = committed(kafka, topic, group, 4)
         a.commit()  # A commits what it processed: only A's own partitions may move
@@ -202,6 +244,8 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
         assert after == [], (
             f"after B committed and left, A read B's processed records again: "
             f"{offsets_of(after)[:6]}")
+        commit_nothing_new(a, "A", "since the rebalance (its on_revoke committed what it "
+                           "had processed)")
         fill(kafka, topic, {p: 1 for p in range(4)}, "third")
         (last,) = drive([a], lambda got: len(got[0]) >= 4, "A to read one new record per partition")
         assert offsets_of(last) == [(p, 20) for p in range(4)], (

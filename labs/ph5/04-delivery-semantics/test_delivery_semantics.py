@@ -24,7 +24,9 @@ Mistakes a learner makes here, each caught with its own message:
 - committing the record's own offset, not the next one          -> off by one, named
 - a restarted worker starting from the beginning, not from the committed offset
 - exactly-once: offsets committed by the consumer, idempotence without a transaction, a fresh
-  transactional.id per run (no fencing), reading read_uncommitted (poison records)
+  transactional.id per run (no fencing), reading read_uncommitted (poison records), a
+  transactional.id shared by workers running at once (the group alone, the input alone, a
+  constant: they fence each other - three workers run together, one held mid-transaction)
 
 Two mistakes hide from a crash at crash_point(), because librdkafka finishes them in the
 background before the kill; a proxy in front of the broker shows them at the protocol point:
@@ -34,10 +36,13 @@ background before the kill; a proxy in front of the broker shows them at the pro
 - exactly-once committing the input offset with consumer.commit() after commit_transaction:
   the worker is killed the moment that OffsetCommit arrives (it is never forwarded), and the
   restarted worker processes again a record whose output is already committed
+- at-least-once producing with acks=1: on a single broker the leader's ack is every
+  replica's, so nothing is lost here; the proxy reads the acks each Produce request asks for
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import threading
@@ -339,6 +344,22 @@ def went_on_before_a_stored_commit(events: list[KafkaEvent]) -> int:
     return max(produced - 1, 0)
 
 
+def assert_acked_by_all_replicas(events: list[KafkaEvent]) -> None:
+    """Every output the at-least-once worker produced asked for acks=all (-1), read from the
+    Produce requests on the wire: the config key or its spelling does not matter."""
+    acks = sorted({e.request.acks for e in events
+                   if e.kind == "request" and e.request.api_key == PRODUCE}, key=str)
+    named = {0: "acks=0 (no acknowledgement)", 1: "acks=1 (the partition leader alone)"}
+    assert acks == [-1], (
+        f"at-least-once: the worker's Produce requests asked for "
+        f"{', '.join(named.get(a, f'acks={a}') for a in acks) or 'nothing'}; expected "
+        f"acks=all (-1) on every output. The offset is committed once the output is "
+        f"acknowledged, so the ack must mean durable: with acks=1 the leader acknowledges "
+        f"alone, and if its broker dies before the followers copied the record, a follower "
+        f"becomes leader without it - the output is gone while the input offset is already "
+        f"past it: the record is lost (at-most-once). Produce with acks=all (and retries)")
+
+
 def test_at_least_once_waits_for_the_broker_to_store_each_commit(learner: Any,
                                                                    kafka: Any) -> None:
     """The worker runs behind a proxy, which refuses its first commit (pay-0's offset: answered
@@ -353,6 +374,7 @@ def test_at_least_once_waits_for_the_broker_to_store_each_commit(learner: Any,
                        bootstrap=proxy.bootstrap)
         finished(worker, "at-least-once", "whose first commit was refused")
         events = proxy.events()
+    assert_acked_by_all_replicas(events)
     assert wire(events, OFFSET_COMMIT), (
         f"at-least-once: the worker sent no OffsetCommit (requests seen: "
         f"{wire(events, PRODUCE, OFFSET_COMMIT, TXN_OFFSET_COMMIT)}): commit each record's "
@@ -470,3 +492,82 @@ def test_exactly_once_commits_the_offset_inside_the_transaction(learner: Any,
         f"consumer.commit()")
     assert code == 0, (f"exactly-once: the restarted worker exited with {code}\n"
                        f"{stderr_tail(second)}")
+
+
+def test_exactly_once_workers_running_together_do_not_fence_each_other(learner: Any,
+                                                                        kafka: Any) -> None:
+    """A transactional.id names ONE worker: the next init_transactions() with that id fences
+    whoever held it before, as a zombie. Worker A (group G, input IN-A) runs behind a proxy
+    that holds its first EndTxn, so its first transaction stays open on the broker. Meanwhile
+    two more exactly-once workers start: B of the same group on another input (IN-B: the
+    group scaled out to another topic or partition) and C of another group on the same input
+    (another service reading IN-A). Once both are producing, A's EndTxn goes on.
+    With an id per worker (group + input topic + partition) nobody is fenced and all three
+    finish; an id shared by two of them (the group alone, the input alone, a constant) fences
+    A - its commit_transaction fails and it dies, though it was alive all along."""
+    output = kafka.create_topic("out")
+    inputs = {"IN-A": kafka.create_topic("pay-a"), "IN-B": kafka.create_topic("pay-b")}
+    groups = {"G": kafka.group("payments"), "H": kafka.group("audit")}
+    for topic in inputs.values():
+        write_input(kafka, topic)
+    cast = {"A": ("G", "IN-A"), "B": ("G", "IN-B"), "C": ("H", "IN-A")}
+
+    def who(name: str) -> str:
+        group, source = cast[name]
+        return f"worker {name} (group {group}, input {source})"
+
+    def launch(name: str, bootstrap: str | None = None) -> subprocess.Popen[bytes]:
+        group, source = cast[name]
+        return start(learner, kafka, "exactly-once",
+                     {"input": inputs[source], "output": output}, groups[group],
+                     bootstrap=bootstrap)
+
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    codes: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        proxy = stack.enter_context(KafkaProxy(kafka.bootstrap))
+        proxy.hold(END_TXN)
+        procs["A"] = launch("A", proxy.bootstrap)
+        try:
+            proxy.wait_for(END_TXN, timeout=45,
+                           what=" (worker A's first commit_transaction)")
+            # B and C reach the broker through proxies that only watch: once one has sent
+            # its first output, its init_transactions() is done - and has fenced whoever
+            # shared its transactional.id. A is let go then, not after B and C finished,
+            # so its commit_transaction() waits a few seconds only.
+            watches = {name: stack.enter_context(KafkaProxy(kafka.bootstrap))
+                       for name in ("B", "C")}
+            for name, watch in watches.items():
+                procs[name] = launch(name, watch.bootstrap)
+            for name, watch in watches.items():
+                deadline = time.monotonic() + 45
+                while (not watch.requests(PRODUCE) and procs[name].poll() is None
+                       and time.monotonic() < deadline):
+                    time.sleep(0.05)
+        finally:
+            proxy.release(END_TXN)
+            for name, proc in procs.items():
+                codes[name] = finished(proc, "exactly-once", who(name))
+                errors[name] = stderr_tail(proc)
+    failed = [name for name in ("A", "B", "C") if codes[name] != 0]
+    if failed:
+        seen = "; ".join(
+            f"{who(name)} exited with {codes[name]}: "
+            f"{(errors[name].splitlines() or ['(no stderr)'])[-1][:300]}" for name in failed)
+        pytest.fail(
+            f"exactly-once: live workers fenced each other - their transactional.id is "
+            f"shared, not unique per worker: {seen}. The three ran at the same time (A held "
+            f"in its first transaction while B, same group and another input, and C, "
+            f"another group and the same input, started); expected all three to "
+            f"finish: a transactional.id identifies ONE worker, so the next "
+            f"init_transactions() with it fences the previous holder as a zombie and "
+            f"aborts its transaction. An id shared by live workers (derived from the group "
+            f"alone, the input alone, or a constant) makes them knock each other out; "
+            f"derive it from what makes the worker unique AND stays the same on its "
+            f"restart: group + input topic + partition", pytrace=False)
+    got = [v for _, v in read_topic(kafka, output, "read_committed")]
+    assert sorted(got) == sorted(f"processed:{v}" for v in PAYMENTS * 3), (
+        f"exactly-once: after workers A, B and C each processed pay-0..pay-5 the output "
+        f"(read_committed) holds {sorted(got)}; expected each payment three times, once per "
+        f"worker")

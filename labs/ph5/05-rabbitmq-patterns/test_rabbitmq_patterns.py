@@ -3,8 +3,8 @@ dead-letter exchange for rejected and expired messages; per-message and per-queu
 
 The learner's functions declare exchanges, queues and bindings on a channel the test hands
 them; the test then publishes on its own channel (with publisher confirms, so every message is
-routed before it looks) and reads what each queue holds. TTLs are 200 ms; expiry is awaited by
-polling with a deadline."""
+routed before it looks) and reads what each queue holds. TTLs are 200 ms (and 0: a TTL too);
+expiry is awaited by polling with a deadline."""
 
 from __future__ import annotations
 
@@ -298,6 +298,21 @@ def test_per_message_ttl_expires_into_the_dlx(learner: Any, channels: Any) -> No
     assert still == ["long"], (
         f"'work' holds {still}; expected only 'long' (60 s TTL): each message carries its own "
         "expiration")
+    # A TTL of 0 is a TTL: deliver at once or expire (work has no consumer: it expires).
+    call("publish_with_ttl", mod.publish_with_ttl, theirs, "", "work", b"now-or-never", 0)
+    dead = wait_for_message(mine, "dead")
+    if dead is None:
+        left = drain(mine, "work")
+        pytest.fail(
+            f"publish_with_ttl(..., ttl_ms=0) into 'work' (no consumer) was not dead-lettered "
+            f"within {DEADLINE:.0f} s, expected it to expire at once (reason 'expired'); "
+            f"'work' still holds {left}: a TTL of 0 was sent as no expiration at all\n"
+            "In RabbitMQ an expiration of '0' means 'deliver now or expire', not 'never "
+            "expires': send expiration=str(ttl_ms) for every ttl_ms, 0 included (test "
+            "`ttl_ms is not None`, never its truth).", pytrace=False)
+    assert dead[0] == "now-or-never" and death_of(dead[1]).get("reason") == "expired", (
+        f"after publish_with_ttl(..., ttl_ms=0) the dead-letter queue got {dead[0]!r} with "
+        f"x-death {death_of(dead[1])}; expected 'now-or-never', reason 'expired'")
 
 
 def test_per_queue_ttl_expires_into_the_dlx(learner: Any, channels: Any,

@@ -18,8 +18,11 @@ Mistakes a learner makes here, each caught with its own message:
 - compensating the failed step too, or forward order               -> the calls seen
 - progress kept in memory, or marked done before calling            -> resume after a crash
 - the compensation not stored (a resumed run goes forward again)    -> resume while compensating
-- any exception treated as a refusal (except Exception / BaseException): a crash compensates
-                                                                    -> a ConnectionError
+- a compensation that failed (its service down, or a refund refused for now: StepFailed from
+  undo()) skipped or counted as done, the older steps undone anyway  -> a failing undo
+- any exception treated as a refusal (except Exception / BaseException, or StepFailed
+  together with TimeoutError, or everything but ConnectionError): a crash compensates
+               -> a ConnectionError, a TimeoutError after the charge, a ValueError
 - state updated for every saga, not this one                        -> two sagas at once
 - limits off by one (< instead of <=)                               -> react() at the limit
 - the order cancelled without a refund, refund on the wrong event   -> the chains over Kafka
@@ -215,53 +218,92 @@ def test_resume_after_crash_while_compensating(world: Any, postgres: Any,
     assert result == "compensated", f"run_saga returned {result!r}, expected 'compensated'"
 
 
-def test_a_crash_that_is_an_ordinary_exception_is_not_a_refusal(world: Any,
-                                                                 postgres: Any) -> None:
-    """reserve_inventory's service is unreachable (ConnectionError, an Exception but not
-    StepFailed): that is not a business refusal - nothing may be compensated; the error
-    escapes and the saga stays 'running', to be resumed."""
+# Crashes that are ordinary exceptions (an Exception, not StepFailed): the step's service is
+# down before it did anything; its reply timed out AFTER it took effect (the outcome is
+# unknown to the orchestrator); its client failed on a malformed reply.
+CRASHES = {
+    "service_down": ("reserve_inventory", False,
+                     lambda: ConnectionError("inventory service unreachable"),
+                     "its service is down"),
+    "reply_timed_out": ("charge_payment", True,
+                        lambda: TimeoutError("timed out reading the reply"),
+                        "the charge was taken, then the reply timed out: the outcome is "
+                        "unknown to the orchestrator, and compensating only the steps "
+                        "before it leaves the customer charged for a cancelled order"),
+    "malformed_reply": ("schedule_shipping", False,
+                        lambda: ValueError("unexpected reply from the shipping service"),
+                        "its client failed on a reply it could not read"),
+}
+
+
+@pytest.mark.parametrize("crash", CRASHES)
+def test_a_crash_that_is_an_ordinary_exception_is_not_a_refusal(world: Any, postgres: Any,
+                                                                 crash: str) -> None:
+    """A participant's do() raises an ordinary exception (an Exception but not StepFailed):
+    that is a crash, not a business refusal - nothing may be compensated; the error escapes
+    and the saga stays 'running', so a resumed run issues that (idempotent) do() again."""
+    step, took_effect, error, meaning = CRASHES[crash]
     mod, conn = world
     mod.setup(postgres.dsn)
-    mod.start_saga(postgres.dsn, "s-down", ORDER)
+    saga = f"s-{crash}"
+    mod.start_saga(postgres.dsn, saga, ORDER)
     parts = services(mod, conn)
+    kind = type(error()).__name__
 
-    def unreachable(saga_id: str, order: dict[str, Any]) -> None:
+    def crashing(saga_id: str, order: dict[str, Any]) -> None:
         conn.execute("INSERT INTO svc_calls (saga_id, step, action) VALUES (%s, %s, 'do')",
-                     (saga_id, "reserve_inventory"))
-        raise ConnectionError("inventory service unreachable")
+                     (saga_id, step))
+        if took_effect:
+            conn.execute("INSERT INTO svc_effects VALUES (%s, %s, 'do') ON CONFLICT DO NOTHING",
+                         (saga_id, step))
+        raise error()
 
-    parts["reserve_inventory"].do = unreachable  # type: ignore[method-assign]
+    parts[step].do = crashing  # type: ignore[method-assign]
     try:
-        result = mod.run_saga(postgres.dsn, "s-down", parts)
-    except ConnectionError:
-        result = None
+        result = mod.run_saga(postgres.dsn, saga, parts)
     except Exception as exc:  # noqa: BLE001 - explained below
-        result = f"raised {type(exc).__name__}: {exc}"
-    got = calls(conn, "s-down")
+        result = None if type(exc).__name__ == kind else f"raised {type(exc).__name__}: {exc}"
+    got = calls(conn, saga)
     undone = [c for c in got if c.startswith("undo")]
     assert not undone, (
-        f"reserve_inventory raised ConnectionError (its service is down - a crash, not a "
-        f"refusal) and the orchestrator compensated: {undone}. Only StepFailed is a "
-        f"refusal; catch StepFailed alone and let any other exception escape, the saga "
-        f"staying 'running' to be resumed")
+        f"{step} raised {kind} ({meaning} - a crash, not a refusal) and the orchestrator "
+        f"compensated: {undone}. Only StepFailed means the step did nothing; catch "
+        f"StepFailed alone and let any other exception escape, the saga staying 'running' "
+        f"so that a resumed run issues the idempotent do() again")
     assert result is None, (
-        f"reserve_inventory raised ConnectionError and run_saga {result!r} instead of "
-        f"letting that ConnectionError escape: a crash is not a result")
-    status = mod.saga_status(postgres.dsn, "s-down")
+        f"{step} raised {kind} and run_saga {result!r} instead of letting that {kind} "
+        f"escape: a crash is not a result")
+    status = mod.saga_status(postgres.dsn, saga)
     assert status == "running", (
-        f"after reserve_inventory's ConnectionError the stored status is {status!r}; "
-        f"expected 'running' (nothing was refused: a resumed run goes forward)")
+        f"after {step}'s {kind} the stored status is {status!r}; expected 'running' "
+        f"(nothing was refused: a resumed run goes forward)")
 
 
+# How an undo fails: the payment service is down (a crash), or it refuses the refund for now
+# (StepFailed from undo(): a refusal of the compensation, not of a step - nothing to
+# compensate for it, it is simply not done yet).
+FAILED_UNDOS = {
+    "payment_down": ("raised ConnectionError (the payment service is down)",
+                     lambda mod: ConnectionError("payment service unreachable")),
+    "refund_refused": ("raised StepFailed (the payment service refuses the refund for now)",
+                       lambda mod: mod.StepFailed("refund refused for now")),
+}
+
+
+@pytest.mark.parametrize("how", FAILED_UNDOS)
 def test_a_compensation_that_fails_is_retried_not_skipped(world: Any, postgres: Any,
-                                                          learner: Any) -> None:
-    """schedule_shipping refuses; while compensating, payment's service is down: its undo
-    raises ConnectionError. The refund must not be skipped: the error escapes, the saga
-    stays 'compensating', and a resumed run issues that undo again."""
+                                                          learner: Any, how: str) -> None:
+    """schedule_shipping refuses; while compensating, charge_payment's undo (the refund)
+    fails - its service is down, or it refuses the refund for now. The refund must not be
+    skipped nor counted as done: the error escapes, the saga stays 'compensating' at that
+    step (create_order is not undone before the refund), and a resumed run issues that undo
+    again and then finishes."""
     mod, conn = world
     mod.setup(postgres.dsn)
-    mod.start_saga(postgres.dsn, "s-undo-down", ORDER)
+    saga_id = f"s-undo-{how}"
+    mod.start_saga(postgres.dsn, saga_id, ORDER)
     parts = services(mod, conn, schedule_shipping={"fail": True})
+    failed, make_error = FAILED_UNDOS[how]
     down = [True]
     real_undo = parts["charge_payment"].undo
 
@@ -269,29 +311,40 @@ def test_a_compensation_that_fails_is_retried_not_skipped(world: Any, postgres: 
         if down[0]:
             conn.execute("INSERT INTO svc_calls (saga_id, step, action) VALUES (%s, %s, "
                          "'undo')", (saga_id, "charge_payment"))
-            raise ConnectionError("payment service unreachable")
+            raise make_error(mod)
         real_undo(saga_id, order)
 
     parts["charge_payment"].undo = flaky_undo  # type: ignore[method-assign]
+    escaped = "nothing"
     try:
-        result = mod.run_saga(postgres.dsn, "s-undo-down", parts)
-    except ConnectionError:
-        result = None
+        result = mod.run_saga(postgres.dsn, saga_id, parts)
+    except Exception as exc:  # noqa: BLE001 - any error escaping is right here
+        result, escaped = None, type(exc).__name__
+    seen = calls(conn, saga_id)
+    owed = f"charge_payment's undo {failed}; the participants saw {seen}"
+    assert undo(0)[0] not in seen, (
+        f"{owed}: the orchestrator went on to undo create_order although the refund is still "
+        f"owed - a failed compensation was skipped (or counted as done). A compensation must "
+        f"eventually succeed: let the error escape with the saga still 'compensating' at "
+        f"charge_payment, so a resumed run issues that undo again; compensate newest first, "
+        f"never past a step not yet undone")
     assert result is None, (
-        f"charge_payment's undo raised ConnectionError (the payment service is down) and "
-        f"run_saga went on to {result!r}; the participants saw {calls(conn, 's-undo-down')}: "
-        f"the charge was never refunded. A compensation must eventually succeed - let the "
-        f"error escape with the saga still 'compensating', so a resumed run issues that undo "
-        f"again; never skip it or count it as done")
-    status = mod.saga_status(postgres.dsn, "s-undo-down")
+        f"{owed}, and run_saga returned {result!r}: the charge was never refunded. A "
+        f"compensation must eventually succeed - let the error escape with the saga still "
+        f"'compensating', so a resumed run issues that undo again; never give up on it or "
+        f"count it as done")
+    status = mod.saga_status(postgres.dsn, saga_id)
     assert status == "compensating", (
-        f"after charge_payment's undo failed the stored status is {status!r}; expected "
+        f"{owed}, run_saga raised {escaped}, and the stored status is {status!r}; expected "
         f"'compensating' (the undo is still owed)")
     down[0] = False
-    resumed = learner.load("saga").run_saga(postgres.dsn, "s-undo-down", parts)
-    assert "undo charge_payment" in effects(conn, "s-undo-down") and resumed == "compensated", (
-        f"the resumed run returned {resumed!r} and the participants saw "
-        f"{calls(conn, 's-undo-down')}: expected charge_payment's undo issued again, then "
+    resumed = learner.load("saga").run_saga(postgres.dsn, saga_id, parts)
+    seen = calls(conn, saga_id)
+    after = seen[len(do(0, 1, 2, 3) + undo(2, 1)):]
+    assert "undo charge_payment" in effects(conn, saga_id) and resumed == "compensated" and (
+        after[-2:] == undo(1, 0)), (
+        f"charge_payment's undo {failed} once; the resumed run returned {resumed!r} and the "
+        f"participants saw {seen}: expected charge_payment's undo issued again, then "
         f"create_order's, and 'compensated'")
 
 

@@ -12,9 +12,10 @@ points without touching its code:
 
 What counts is what the database and the broker hold afterwards.
 
-The data is not kind: in the ordering test the outbox rows are not stored in id order (the
-oldest rows were updated, so they sit at the end of the table), and an order has two events
-whose order matters.
+The data is not kind: in the ordering test an order has two events whose order matters,
+some outbox rows are not stored in id order (the oldest rows were updated, so they sit at the
+end of the table), and some OrderShipped rows have a higher id but an earlier created_at (a
+transaction that began before the order was placed wrote them).
 
 Mistakes a learner makes here, each caught with its own message:
 - order and outbox row in two transactions, or the outbox row first  -> failing inserts
@@ -25,8 +26,11 @@ Mistakes a learner makes here, each caught with its own message:
   acknowledges (the relay's Produce requests dropped at a proxy, their acks read there)
 - acks=1 (the leader's ack only) or a producer that is not idempotent -> the acks of every
   Produce request, and its InitProducerId, read at a proxy on the 50-orders run
-- marking every pending row, not only the batch published             -> rows marked, not sent
-- claiming without ORDER BY id (not the oldest first)                 -> an order's events
+- marking every pending row, or a range of ids (BETWEEN the first and last claimed), not
+  only the batch published                                             -> rows marked, not sent
+- claiming without ORDER BY id (not the oldest first), or ORDER BY created_at (the start of
+  the inserting transaction: shared by its rows, earlier for a transaction that began
+  earlier but wrote later)                                             -> an order's events
   out of order on its partition
 - a new event_id per publish (not the outbox id)                       -> after a kill
 - no row locks, or FOR UPDATE without SKIP LOCKED                      -> two relays
@@ -295,20 +299,45 @@ def test_relay_publishes_each_order(shop: Any, learner: Any, postgres: Any,
     assert pending(conn) == 0, f"{pending(conn)} outbox rows still unpublished after the relay"
 
 
+def ship_in_a_transaction_begun_earlier(postgres: Any, conn: Any, orders_mod: Any,
+                                        orders: list[dict[str, Any]]) -> None:
+    """Place ``orders`` while another transaction, begun BEFORE they were placed, is open;
+    that transaction then writes each order's OrderShipped and commits. Its rows get higher
+    ids than the orders' OrderPlaced rows, but an earlier created_at (now() is the start of
+    the inserting transaction)."""
+    with postgres.connect() as shipping:   # its transaction begins with its first statement
+        shipping.execute("SELECT now()")
+        place_all(conn, orders_mod, orders)
+        shipping.execute("INSERT INTO outbox (aggregate_id, event_type, payload) "
+                         "SELECT aggregate_id, 'OrderShipped', payload FROM outbox "
+                         "WHERE aggregate_id = ANY(%s) ORDER BY id",
+                         ([o["order_id"] for o in orders],))
+        shipping.commit()
+
+
 def test_an_orders_events_keep_their_order(shop: Any, learner: Any, postgres: Any,
                                            kafka: Any) -> None:
-    """Each order has OrderPlaced then OrderShipped; the older rows were updated, so the
-    table no longer holds them first. Claimed oldest first (by id), the events of one order
-    reach its partition in the order they were written."""
+    """Each order has OrderPlaced then OrderShipped: the id order, the order they were
+    written in. Orders 0-4 were placed and shipped in one transaction (one created_at), and
+    their OrderPlaced rows were updated since, so the table no longer holds them first.
+    Orders 5-9 were shipped by a transaction that began before they were placed (OrderShipped
+    has the higher id but the earlier created_at). Claimed oldest first by id, the events of
+    one order reach its partition in the order they were written."""
     conn, orders_mod = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(10)
-    place_all(conn, orders_mod, orders)
-    conn.execute("INSERT INTO outbox (aggregate_id, event_type, payload) "
-                 "SELECT aggregate_id, 'OrderShipped', payload FROM outbox ORDER BY id")
-    # An UPDATE writes a new row version at the end of the table: the OrderPlaced rows now
-    # come after the OrderShipped ones in a scan without ORDER BY.
-    conn.execute("UPDATE outbox SET created_at = created_at WHERE event_type = 'OrderPlaced'")
+    same_tx, begun_earlier = orders[:5], orders[5:]
+    with conn.transaction():
+        for order in same_tx:
+            orders_mod.place_order(conn, order)
+            conn.execute("INSERT INTO outbox (aggregate_id, event_type, payload) "
+                         "SELECT aggregate_id, 'OrderShipped', payload FROM outbox "
+                         "WHERE aggregate_id = %s", (order["order_id"],))
+    # An UPDATE writes a new row version at the end of the table: these OrderPlaced rows
+    # now come after their OrderShipped ones in a scan without ORDER BY.
+    conn.execute("UPDATE outbox SET created_at = created_at WHERE event_type = 'OrderPlaced' "
+                 "AND aggregate_id = ANY(%s)", ([o["order_id"] for o in same_tx],))
+    ship_in_a_transaction_begun_earlier(postgres, conn, orders_mod, begun_earlier)
     # The pending-rows index would hand the rows over in id order whatever the query says:
     # the relay's sessions get no index scans, so only ORDER BY id orders its claim.
     for setting in ("enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan"):
@@ -318,11 +347,25 @@ def test_an_orders_events_keep_their_order(shop: Any, learner: Any, postgres: An
     for e in read_events(kafka, topic):  # in partition order: one order, one partition
         seen.setdefault(str(e.get("key")), []).append(str(e.get("type")))
     wrong = {k: v for k, v in seen.items() if v != ["OrderPlaced", "OrderShipped"]}
-    assert not wrong, (
-        f"{len(wrong)} of 10 orders' events reached Kafka out of order, e.g. "
-        f"{next(iter(wrong))}: {wrong[next(iter(wrong))]}; expected OrderPlaced then "
-        f"OrderShipped - claim the oldest rows first (ORDER BY id before LIMIT ... FOR UPDATE "
-        f"SKIP LOCKED): without it a batch holds whatever rows the table scan meets first")
+    if not wrong:
+        return
+    late = [o["order_id"] for o in begun_earlier]
+    by_created_at = all(k in wrong for k in late)
+    example = late[0] if by_created_at else next(iter(wrong))
+    if by_created_at:
+        why = (f"these include every order whose OrderShipped row was written after its "
+               f"OrderPlaced (a higher id) by a transaction that began earlier (an earlier "
+               f"created_at): {sorted(k for k in wrong if k in late)}. created_at is now(), "
+               f"the start of the inserting transaction - not the order rows were written "
+               f"in, and one transaction's rows all share it. Claim ORDER BY id (the "
+               f"sequence) before LIMIT ... FOR UPDATE SKIP LOCKED")
+    else:
+        why = ("claim the oldest rows first (ORDER BY id before LIMIT ... FOR UPDATE SKIP "
+               "LOCKED): without it a batch holds whatever rows the table scan meets first")
+    pytest.fail(
+        f"{len(wrong)} of 10 orders' events reached Kafka out of order, e.g. {example}: "
+        f"{wrong[example]}; expected OrderPlaced then OrderShipped, the order they were "
+        f"written in (their ids) - {why}", pytrace=False)
 
 
 def test_broker_down_loses_nothing(shop: Any, learner: Any, postgres: Any,
@@ -457,15 +500,19 @@ def test_two_relays_share_the_outbox(shop: Any, learner: Any, postgres: Any,
 
 def test_relay_marks_only_the_rows_it_claimed(shop: Any, learner: Any, postgres: Any,
                                               kafka: Any) -> None:
-    """Another relay holds the oldest row (the test, with FOR UPDATE). This relay skips it,
-    publishes the others and must mark exactly those: row 1 stays pending, and marking never
-    waits for it."""
+    """Another relay holds two rows (the test, with FOR UPDATE): the oldest, and one inside
+    the range this relay's first batch spans (ids are not claimed contiguously: SKIP LOCKED
+    passes over held rows, and a bigserial commits out of order). This relay skips both,
+    publishes the others and must mark exactly those: both stay pending, and marking never
+    waits for them."""
     conn, orders_mod = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(12)
     place_all(conn, orders_mod, orders)
     holder = postgres.connect()
-    (held,) = holder.execute("SELECT id FROM outbox ORDER BY id LIMIT 1 FOR UPDATE").fetchone()
+    first = [r[0] for r in conn.execute("SELECT id FROM outbox ORDER BY id LIMIT 3")]
+    held = [first[0], first[2]]   # the oldest, and one amid the first batch's ids
+    holder.execute("SELECT id FROM outbox WHERE id = ANY(%s) FOR UPDATE", (held,))
     relay = start_relay(learner, postgres, kafka.bootstrap, topic, batch=5)
     try:
         deadline, waits_for = time.monotonic() + RELAY_TIMEOUT, None
@@ -475,12 +522,13 @@ def test_relay_marks_only_the_rows_it_claimed(shop: Any, learner: Any, postgres:
             time.sleep(0.02)
         if waits_for is not None:
             pytest.fail(
-                f"the relay waits for outbox row {held}, which another relay holds and this "
-                "relay never claimed (SKIP LOCKED passed over it): it marks more than its "
-                "batch - a range (id <= the highest claimed) or every pending row. Mark "
-                "exactly the ids it claimed and published (WHERE id = ANY(%s)): otherwise it "
-                "marks rows another relay is still publishing, or that nobody sent",
-                pytrace=False)
+                f"the relay waits for outbox rows {held}, which another relay holds and this "
+                "relay never claimed (SKIP LOCKED passed over them; one lies between the "
+                "ids it claimed): it marks more than its batch - a range (BETWEEN the first "
+                "and last claimed id, or id <= the highest) or every pending row. Mark "
+                "exactly the ids it claimed and published (WHERE id = ANY(%s)): claimed ids "
+                "are not contiguous, so a range marks rows another relay is still "
+                "publishing, or that nobody sent", pytrace=False)
     finally:
         if relay.poll() is None:
             relay.kill()
@@ -489,11 +537,12 @@ def test_relay_marks_only_the_rows_it_claimed(shop: Any, learner: Any, postgres:
         holder.close()
     assert relay.returncode == 0, f"relay --once exited with {relay.returncode}: " \
                                   f"{errors_of(relay)}"
-    still = conn.execute("SELECT id FROM outbox WHERE published_at IS NULL").fetchall()
-    assert still == [(held,)], (
-        f"after a relay ran while row {held} was held by another relay, the unpublished rows "
-        f"are {[r[0] for r in still]}, expected [{held}]: mark exactly the rows this relay "
-        "claimed and published")
+    still = [r[0] for r in conn.execute(
+        "SELECT id FROM outbox WHERE published_at IS NULL ORDER BY id").fetchall()]
+    assert still == held, (
+        f"after a relay ran while rows {held} were held by another relay, the unpublished "
+        f"rows are {still}, expected {held}: mark exactly the rows this relay claimed and "
+        "published")
 
 
 def test_thousand_orders_thousand_events(shop: Any, learner: Any, postgres: Any,

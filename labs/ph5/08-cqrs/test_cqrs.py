@@ -5,8 +5,10 @@ Checks, on real Postgres: queries lag until the projector runs (so they cannot b
 write side); the projector continues from its checkpoint, also after failing part-way; a
 rebuild from the events gives the same model; and an event whose transaction commits late,
 after a later event was projected, is not skipped (two real connections, driven step by
-step); two projectors running at once apply an event once (the checkpoint read under a row
-lock, not a plain SELECT, FOR SHARE or a position read once per run)."""
+step: the late one's caller keeps its transaction open, or a trigger holds it right after its
+INSERT into events drew the seq - what a lock taken after that INSERT lets through); two
+projectors running at once apply an event once (the checkpoint read under a row lock, not a
+plain SELECT, FOR SHARE or a position read once per run)."""
 
 from __future__ import annotations
 
@@ -283,55 +285,158 @@ def test_rebuild_gives_the_same_model(store: Any) -> None:
         "empty the read model, reset the checkpoint, replay every event")
 
 
-# The command whose transaction commits late, holding the lower seq: another order, or a
-# command of another kind - every command appends, so every one must take its turn.
-LATE_COMMANDS = ["place_order", "rename_customer"]
-
-
-@pytest.mark.parametrize("late_command", LATE_COMMANDS)
-def test_event_committed_late_is_not_skipped(store: Any, postgres: Any,
-                                             late_command: str) -> None:
-    """A's command is inside a transaction that stays open; B places an order meanwhile;
-    the projector runs; then A commits. A's event (the lower seq) must reach the read model."""
+def test_events_are_applied_in_seq_order_however_they_are_stored(store: Any) -> None:
+    """A command rolled back after its event INSERT leaves a dead row (and a gap in seq);
+    VACUUM frees its slot, and a later event is stored there, before an earlier one."""
     mod, conn = store
     seed(mod, conn)
     project(mod, conn)
-    conn_a, conn_b = postgres.connect(autocommit=True), postgres.connect(autocommit=True)
-    pid_b = backend_pid(conn_b)
-    tx_a = conn_a.transaction()
-    tx_a.__enter__()
-    try:
-        if late_command == "place_order":  # holds the lower seq
-            mod.place_order(conn_a, "late", "alice", [("book", 1)])
+    with conn.transaction(force_rollback=True):  # the caller's transaction: undone
+        mod.place_order(conn, "o-undone", "alice", [("book", 1)])
+    mod.place_order(conn, "o1", "alice", [("lamp", 1)])
+    conn.execute("VACUUM events")
+    mod.place_order(conn, "o2", "bob", [("pen", 2)])
+    stored = [seq for (seq,) in conn.execute(
+        "SELECT seq FROM events WHERE type = 'OrderPlaced' ORDER BY ctid")]
+    applied = project(mod, conn)
+    orders = [order_id for (order_id, *_) in read_model(conn)["order_summaries"]]
+    if orders == ["o1", "o2"]:
+        return
+    story = (f"a command was rolled back after drawing seq {min(stored) - 1}, VACUUM freed its "
+             f"row, and the next two orders' events are stored in the order seq {stored}")
+    if orders == ["o2"]:
+        pytest.fail(
+            f"{story}; project() applied {applied} event(s) and the read model holds only o2: "
+            f"o1 (seq {min(stored)}) was skipped. Without ORDER BY seq, SQL returns rows in "
+            "whatever order the scan meets them, not by seq; the projector took the later "
+            "event first and moved its checkpoint past o1 for good. Take the next event with "
+            "WHERE seq > checkpoint ORDER BY seq", pytrace=False)
+    if not orders:
+        pytest.fail(
+            f"{story}; project() applied {applied} event(s) and the read model holds no order: "
+            f"seq {min(stored) - 1} was never committed, so a projector that looks for "
+            "checkpoint + 1 waits for it forever. A sequence has gaps (rolled-back INSERTs "
+            "still draw a number): take the next event with WHERE seq > checkpoint "
+            "ORDER BY seq", pytrace=False)
+    pytest.fail(f"{story}; project() applied {applied} event(s) and the read model holds "
+                f"orders {orders}: expected o1 and o2, applied in seq order", pytrace=False)
+
+
+# The command whose transaction commits late, holding the lower seq: another order, or a
+# command of another kind - every command appends, so every one must take its turn.
+LATE_COMMANDS = {
+    "place_order": ("place_order('late')",
+                    lambda mod, conn: mod.place_order(conn, "late", "alice", [("book", 1)])),
+    "rename_customer": ("rename_customer('alice', 'Alice Late')",
+                        lambda mod, conn: mod.rename_customer(conn, "alice", "Alice Late")),
+}
+# How it comes late: its caller keeps the transaction open after the command returned, or
+# it is held right after its INSERT into events drew the seq (a trigger the test adds waits
+# there for a lock the test holds), before anything else the command does.
+HOW_LATE = {
+    "caller_transaction_open": "its caller kept the transaction open after the command",
+    "held_after_drawing_seq": "it was held right after its INSERT into events drew the seq",
+}
+HOLD_KEYS = (58, 8001)  # the test's advisory lock (two int keys: apart from any bigint key)
+HOLD_AFTER_APPEND = f"""
+CREATE FUNCTION hold_after_append() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF current_setting('lab.hold_append', true) = 'on' THEN
+    PERFORM pg_advisory_xact_lock({HOLD_KEYS[0]}, {HOLD_KEYS[1]});
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER hold_after_append AFTER INSERT ON events
+  FOR EACH ROW EXECUTE FUNCTION hold_after_append();
+"""
+
+
+class Late:
+    """The late command, on a connection of its own: started, it is late - its transaction
+    still open and its event's seq drawn; :meth:`commit` lets it commit."""
+
+    def __init__(self, mod: Any, conn: Any, postgres: Any, how: str, command: Any) -> None:
+        self.conn = postgres.connect(autocommit=True)
+        self.call: Background | None = None
+        if how == "caller_transaction_open":
+            self.tx = self.conn.transaction()   # the caller's: the command's nests in it
+            self.tx.__enter__()
+            command(mod, self.conn)
+            return
+        conn.execute(HOLD_AFTER_APPEND)
+        self.conn.execute("SET lab.hold_append = on")
+        self.call = Background(command, mod, self.conn)
+        if not wait_blocked_or_done(conn, backend_pid(self.conn), self.call):
+            pytest.fail(f"the late command returned without its INSERT into events waiting "
+                        f"for the test's lock ({self.call.outcome}): every command appends "
+                        f"its event to the events table", pytrace=False)
+
+    def commit(self, what: str) -> None:
+        """Once the test's lock is released: a held command goes on and commits, a caller's
+        transaction commits."""
+        if self.call is None:
+            self.tx.__exit__(None, None, None)
         else:
-            mod.rename_customer(conn_a, "alice", "Alice Late")
+            self.call.join(f"{what}, released")
+            assert "error" not in self.call.outcome, (
+                f"{what} failed: {self.call.outcome.get('error')!r}")
+        self.conn.close()
+
+
+@pytest.mark.parametrize(("late_command", "how"), [
+    (command, how) for how in HOW_LATE for command in LATE_COMMANDS])
+def test_event_committed_late_is_not_skipped(store: Any, postgres: Any, late_command: str,
+                                             how: str) -> None:
+    """A's command draws the lower event seq but commits late: its caller keeps the
+    transaction open, or it is held right after its INSERT into events. Meanwhile B places an
+    order and the projector runs; then A commits. A's event must reach the read model."""
+    mod, conn = store
+    seed(mod, conn)
+    project(mod, conn)
+    what, command = LATE_COMMANDS[late_command]
+    holder = postgres.connect(autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s, %s)", HOLD_KEYS)
+    conn_b = postgres.connect(autocommit=True)
+    pid_b = backend_pid(conn_b)
+    try:
+        late = Late(mod, conn, postgres, how, command)
         place_b = Background(mod.place_order, conn_b, "early", "bob", [("pen", 1)])
         wait_blocked_or_done(conn, pid_b, place_b, timeout=10)  # B finished or B waits for A
+        early_first = place_b.done() and "error" not in place_b.outcome
         project(mod, conn)  # runs while A is still open
     finally:
-        tx_a.__exit__(None, None, None)  # A commits
+        holder.close()  # a held A goes on
+    late.commit(what)
     place_b.join("place_order on the second connection")
+    conn_b.close()
     assert "error" not in place_b.outcome, (
         f"place_order on the second connection failed: {place_b.outcome.get('error')!r}")
     project(mod, conn)
     missing = [o for o in ("late", "early") if mod.order_summary(conn, o) is None
                and (o == "early" or late_command == "place_order")]
     alice = mod.customer_summary(conn, "alice")
-    conn_a.close()
-    conn_b.close()
-    if late_command == "rename_customer":
-        assert not missing and alice is not None and alice["name"] == "Alice Late", (
-            f"rename_customer('alice', 'Alice Late') took the lower event seq and committed "
-            f"after place_order('early') on another connection; after projecting, alice's "
-            f"summary is {alice} and {missing or 'no order'} is missing: the projector had "
-            f"already moved its checkpoint past 'early', so the rename was skipped. Every "
-            f"command appends an event, so EVERY one must take its turn (the same "
-            f"pg_advisory_xact_lock before each append), not only place_order")
-    assert not missing, (
-        f"{missing} never reached the read model: 'late' got the lower event seq but committed "
-        "after 'early', and the projector had already moved its checkpoint past 'early'. Make "
-        "events commit in seq order (serialize appends, e.g. pg_advisory_xact_lock in each "
-        "command) or hold back events behind still-open transactions")
+    renamed = late_command != "rename_customer" or (alice or {}).get("name") == "Alice Late"
+    if not missing and renamed:
+        return
+    lost = (f"the rename (alice's name in the read model: {(alice or {}).get('name')!r})"
+            if not renamed else f"{missing} (never in the read model)")
+    story = (f"{what} drew the lower event seq and {HOW_LATE[how]}; place_order('early') on "
+             f"another connection drew a higher one and committed "
+             f"{'first' if early_first else 'too'}, and the projector moved its checkpoint "
+             f"past 'early' - so {lost}, committed behind it, was skipped")
+    if how == "held_after_drawing_seq":
+        fix = ("serialize appends BEFORE the seq is drawn: pg_advisory_xact_lock first, then "
+               "the INSERT into events, in every command - a lock taken after the INSERT "
+               "orders the commits but not the seqs")
+    elif late_command == "rename_customer":
+        fix = ("every command appends an event, so EVERY one must take its turn (the same "
+               "pg_advisory_xact_lock before each append), not only place_order")
+    else:
+        fix = ("events must commit in seq order: take the append lock before the INSERT and "
+               "hold it until commit (pg_advisory_xact_lock, not a session lock released "
+               "when the command returns), or hold back events behind still-open "
+               "transactions")
+    pytest.fail(f"{story}: {fix}", pytrace=False)
 
 
 def test_two_projectors_at_once_apply_each_event_once(store: Any, postgres: Any) -> None:

@@ -4,14 +4,19 @@ concurrency, snapshots, and upcasting of v1 events to v2.
 The concurrent append is driven step by step on two real connections: A appends inside a
 transaction the test keeps open, B appends with the same expected version, A commits. Exactly
 one may win. Snapshots are checked against a full replay, and shown to be used: an old event
-changed behind the store's back alters the replay, not the snapshot-based load."""
+changed behind the store's back alters the replay, not the snapshot-based load. A snapshot
+must be the fold at its version: another writer commits an event right after save_snapshot's
+first read of the stream (the test's cursors on its connection see each statement), so a
+version read by a second query, before or after the fold, is paired with the wrong state."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
 
+import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
@@ -219,6 +224,115 @@ def test_a_slow_snapshot_never_replaces_a_newer_one(store: Any, postgres: Any) -
     assert mod.load(conn, "acc-6") == mod.replay(conn, "acc-6")
 
 
+class AppendBetweenReads:
+    """Commits one more event to a stream, from another connection, right after the first
+    statement of the learner's that reads the events table and before its next statement on
+    that connection: between two reads of the stream, if save_snapshot makes two. The
+    connection's cursors (``cursor_factory``, see :meth:`cursor_class`) call it around each
+    statement, so nothing of the learner's code is touched."""
+
+    def __init__(self, postgres: Any, observer: Any, row: tuple[Any, ...]) -> None:
+        self.postgres, self.observer, self.row = postgres, observer, row
+        self.armed = self.read = False
+        self.writer: threading.Thread | None = None
+        self.pid = 0   # the writer's backend
+        self.outcome: dict[str, Any] = {}
+
+    def cursor_class(self) -> type:
+        hook = self
+
+        class Hooked(psycopg.Cursor):  # type: ignore[type-arg]
+            def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
+                text = query if isinstance(query, str) else (
+                    query.decode() if isinstance(query, bytes) else query.as_string(self))
+                hook.before()
+                done = super().execute(query, params, **kw)
+                hook.read = hook.read or (hook.armed and bool(READS_EVENTS.search(text)))
+                return done
+
+        return Hooked
+
+    def before(self) -> None:
+        if not (self.armed and self.read) or self.writer is not None:
+            return
+        self.writer = threading.Thread(target=self._append, daemon=True)
+        self.writer.start()
+        deadline = time.monotonic() + 15   # committed, or waiting for a lock the learner holds
+        while not self.outcome and time.monotonic() < deadline:
+            if self.pid and self.observer.execute(
+                    "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted",
+                    (self.pid,)).fetchone()[0]:
+                return
+            time.sleep(0.01)
+
+    def _append(self) -> None:
+        try:
+            with self.postgres.connect(autocommit=True) as writer:
+                self.pid = writer.execute("SELECT pg_backend_pid()").fetchone()[0]
+                writer.execute("INSERT INTO events (stream_id, version, type, schema_version, "
+                               "data) VALUES (%s, %s, %s, 2, %s)", self.row)
+            self.outcome["done"] = True
+        except BaseException as exc:  # noqa: BLE001 - judged by the test
+            self.outcome["error"] = exc
+
+
+READS_EVENTS = re.compile(r"\bevents\b", re.IGNORECASE)
+
+
+def fold_history(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The test's own fold of v2 events (AccountOpened first)."""
+    state = account(0, 0)
+    for e in events[1:]:
+        sign = 1 if e["type"] == "MoneyDeposited" else -1
+        state = account(state["balance_cents"] + sign * e["data"]["amount_cents"],
+                        state["transactions"] + 1)
+    return state
+
+
+def test_a_snapshot_is_the_fold_at_its_version(store: Any, postgres: Any) -> None:
+    """The stream is at version 20. Right after save_snapshot's first read of the events
+    table (and before its next statement), another writer commits a deposit as version 21.
+    Whatever save_snapshot stores must be the fold AT the version it stores: the state and
+    its version come from the same read of the stream."""
+    mod, conn = store
+    history = [opened()] + [deposit(100 + n) if n % 4 else withdraw(30 + n) for n in range(19)]
+    mod.append(conn, "acc-7", 0, history)
+    late = deposit(7000)
+    between = AppendBetweenReads(postgres, conn, ("acc-7", 21, late["type"],
+                                                  Jsonb(late["data"])))
+    snapper = postgres.connect(autocommit=True, cursor_factory=between.cursor_class())
+    try:
+        between.armed = True
+        mod.save_snapshot(snapper, "acc-7")
+        between.armed = False
+        if between.writer is not None:
+            between.writer.join(30)
+    finally:
+        snapper.close()
+    error = between.outcome.get("error")
+    assert error is None, f"the test's append of version 21 failed: {error!r}"
+    history.append(late)
+    row = conn.execute("SELECT version, state FROM snapshots WHERE stream_id = 'acc-7'"
+                       ).fetchone()
+    assert row is not None, "save_snapshot stored no snapshot for acc-7"
+    version, state = int(row[0]), row[1]
+    if state != fold_history(history[:version]):
+        folded = [n for n in range(1, len(history) + 1) if fold_history(history[:n]) == state]
+        of = f"the fold of events 1-{folded[0]}" if folded else "a state no prefix folds to"
+        effect = ("the deposit is skipped" if folded and folded[0] < version
+                  else "the deposit counts twice")
+        pytest.fail(
+            f"save_snapshot stored version {version} with {of} ({state}): a deposit was "
+            f"committed as version 21 between its reads of the stream (after its first read "
+            f"of the events, before its next statement), and it took the state from one read "
+            f"and the version from another. Every load() now starts from a wrong state "
+            f"({effect}). A snapshot is the fold AT its version: take the version from the "
+            f"events you folded (the last one's), not from a separate query", pytrace=False)
+    loaded, replayed = mod.load(conn, "acc-7"), mod.replay(conn, "acc-7")
+    assert loaded == replayed, (
+        f"after a snapshot at version {version}, load() = {loaded} but replay() = {replayed}")
+
+
 # --- upcasting -----------------------------------------------------------------------------
 
 LEGACY = [  # recorded years ago with schema v1: euros as decimal strings, no currency
@@ -229,14 +343,18 @@ LEGACY = [  # recorded years ago with schema v1: euros as decimal strings, no cu
 ]
 
 
+def write_v1(conn: Any, stream: str, rows: Any) -> None:
+    """Store (version, (type, data)) rows as schema v1, behind the store's back."""
+    for version, (event_type, data) in rows:
+        conn.execute("INSERT INTO events (stream_id, version, type, schema_version, data) "
+                     "VALUES (%s, %s, %s, 1, %s)", (stream, version, event_type, Jsonb(data)))
+
+
 def test_v1_events_are_upcast_when_read(store: Any) -> None:
     mod, conn = store
     # Written newest first (a migration copied them so): the table's order is not the
     # stream's, only ORDER BY version is.
-    legacy = list(enumerate(LEGACY, start=1))
-    for version, (event_type, data) in reversed(legacy):
-        conn.execute("INSERT INTO events (stream_id, version, type, schema_version, data) "
-                     "VALUES ('acc-old', %s, %s, 1, %s)", (version, event_type, Jsonb(data)))
+    write_v1(conn, "acc-old", reversed(list(enumerate(LEGACY, start=1))))
     mod.append(conn, "acc-old", 4, [deposit(1000)])
     # No index scans in this session: the primary key's index would hand the rows over in
     # version order whatever the query says; only ORDER BY version orders them now.
@@ -269,3 +387,23 @@ def test_v1_events_are_upcast_when_read(store: Any) -> None:
     assert tuple(stored) == (1, {"amount": "12.50"}), (
         f"the stored v1 event became {tuple(stored)}: upcast when reading, never rewrite "
         "recorded events - the log is append-only")
+
+
+# Every way v1 wrote euros: a decimal string with two decimals, one, or none at all.
+V1_AMOUNTS = [("12.50", 1250), ("12.5", 1250), ("0.5", 50), ("7", 700), ("0.05", 5),
+              ("100", 10000), ("19.99", 1999), ("3.1", 310), ("0.29", 29)]
+
+
+def test_every_v1_amount_string_is_converted_exactly(store: Any) -> None:
+    mod, conn = store
+    rows = [("AccountOpened", {"owner": "grace"})]
+    rows += [("MoneyDeposited", {"amount": amount}) for amount, _ in V1_AMOUNTS]
+    write_v1(conn, "acc-v1", enumerate(rows, start=1))
+    events = mod.read_stream(conn, "acc-v1")
+    got = {e["version"]: e["data"].get("amount_cents") for e in events}
+    for version, (amount, cents) in enumerate(V1_AMOUNTS, start=2):
+        assert got.get(version) == cents, (
+            f"the v1 deposit {{'amount': {amount!r}}} was upcast to amount_cents "
+            f"{got.get(version)!r}; expected {cents}: a v1 amount is a decimal string of euros "
+            f"with two, one or no decimals ('12.50', '12.5', '7') - convert its value "
+            f"(Decimal(amount) * 100), not its digits split at the dot or with the dot removed")

@@ -6,10 +6,13 @@ as the event's effect.
   balance, a connection the database ends) makes handle() raise, never return False.
 * Two consumers handling the same event at the same moment, on two connections, driven step by
   step: the test holds a lock on the balance row so the first consumer stops inside its
-  transaction, starts the second, waits until it is blocked too, then releases.
+  transaction, starts the second, waits until it is blocked too, then releases. Again with
+  the first transaction failing (the test ends its connection): the second must wait for
+  that outcome and apply the event - a busy lock taken as "duplicate" loses it.
 * The consumer program (consumer.py, its own process, reading Kafka) is killed with SIGKILL
   while inside an event's transaction - stopped there by a lock the test holds on the balance
-  row, or on the event's dedup key - and restarted: the balances must be exact."""
+  row, or on the event's dedup key - and restarted: the balances must be exact, and once the
+  restart has read the topic to its end, its group's committed offset must be that end."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 Event = dict[str, Any]
@@ -98,9 +101,13 @@ def test_each_event_delivered_three_times_applies_once(db: Any) -> None:
         f"expected {expected_balances(EVENTS)}: each event applies once")
 
 
-def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner: Any) -> None:
+@pytest.mark.parametrize("first", ["commits", "fails"])
+def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner: Any,
+                                                first: str) -> None:
     """Consumer A and consumer B (separate connections, separately loaded code - no shared
-    memory) get the same event at the same moment."""
+    memory) get the same event at the same moment. A's transaction then commits, or fails
+    (the test ends A's connection while it waits): only a COMMITTED dedup row makes B's
+    delivery a duplicate, so after A failed B must apply the event."""
     mod, conn = db
     conn.execute("INSERT INTO balances VALUES ('acct-0', 0)")
     event = payment(99, "acct-0", 700)
@@ -122,10 +129,15 @@ def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner:
         threads[0].start()
         wait_for(lambda: 0 in results or bool(blocked_pids(conn, {blocker_pid})),
                  "consumer A to reach the balance row (locked by the test)")
-        first = blocked_pids(conn, {blocker_pid})
+        waiting = blocked_pids(conn, {blocker_pid})
         threads[1].start()
-        wait_for(lambda: 1 in results or bool(blocked_pids(conn, {blocker_pid}) - first),
+        wait_for(lambda: 1 in results or bool(blocked_pids(conn, {blocker_pid}) - waiting),
                  "consumer B to block or finish")
+        early = results.get(1)
+        if first == "fails":  # A's transaction rolls back: evt-99 is neither recorded nor applied
+            conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid",
+                         (sorted(waiting),))
+            wait_for(lambda: 0 in results, "consumer A to fail once its connection was ended")
     finally:
         blocker.rollback()  # release: A and B go on
         blocker.close()
@@ -133,6 +145,9 @@ def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner:
         thread.join(10)
     for c in conns:
         c.close()
+    if first == "fails":
+        assert_applied_after_the_first_failed(conn, results, early, event)
+        return
     errors = [r for r in results.values() if isinstance(r, BaseException)]
     if errors and isinstance(errors[0], psycopg.errors.UniqueViolation):
         pytest.fail(f"handling the same event at the same time raised {errors[0]!r}: the "
@@ -148,6 +163,41 @@ def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner:
     assert sorted(results.values()) == [False, True], (
         f"the two consumers' handle() returned {results}; expected one True (applied) and one "
         "False (duplicate)")
+
+
+def assert_applied_after_the_first_failed(conn: Any, results: dict[int, Any], early: Any,
+                                          event: Event) -> None:
+    """A's transaction for ``event`` failed (rolled back) while B was handling it too."""
+    recorded = conn.execute("SELECT count(*) FROM processed_events WHERE event_id = %s",
+                            (event["event_id"],)).fetchone()[0]
+    if recorded and balances(conn).get("acct-0", 0) == 0:
+        pytest.fail(
+            f"consumer A's handling of {event['event_id']} failed before applying it (the test "
+            f"ended its connection while it waited on the balance row), yet the event is "
+            f"recorded as processed, and acct-0 is 0 (expected 700): the dedup row outlived the "
+            f"failed effect, so B's delivery (handle() = {results.get(1)!r}) and every later one "
+            f"are skipped - the payment is lost. Record the event id and apply the effect in "
+            f"ONE transaction (conn.transaction() around both, not autocommit or two "
+            f"transactions)", pytrace=False)
+    if results.get(1) is False:
+        when = ("at once, while A's transaction for it was still in progress (not committed)"
+                if early is False else "")
+        pytest.fail(
+            f"consumer B's handle({event['event_id']}) returned False {when}; A's transaction "
+            f"then failed (the test ended its connection) and rolled back: {event['event_id']} "
+            f"is recorded {recorded} time(s), acct-0 is {balances(conn).get('acct-0', 0)} "
+            f"(expected 700), and B's False lets run() commit its offset - the payment is lost "
+            f"for good. Only a COMMITTED dedup row means 'already processed': a duplicate in "
+            f"flight must be waited for (INSERT ... ON CONFLICT DO NOTHING blocks until the "
+            f"first transaction ends, then inserts if it rolled back) - a busy lock "
+            f"(pg_try_advisory_lock, NOWAIT, SKIP LOCKED) is not a duplicate", pytrace=False)
+    assert not isinstance(results.get(1), BaseException), (
+        f"consumer B's handle() raised {results.get(1)!r} after A's transaction for the same "
+        f"event failed; expected True: the event is no duplicate any more, B applies it")
+    assert results.get(1) is True and balances(conn) == {"acct-0": 700} and recorded == 1, (
+        f"after A's transaction for {event['event_id']} failed, consumer B's handle() gave "
+        f"{results.get(1)!r}, acct-0 is {balances(conn).get('acct-0', 0)} and the event is "
+        f"recorded {recorded} time(s); expected True, 700 and once: B applies it")
 
 
 def test_two_different_events_for_a_new_account_at_once(db: Any, postgres: Any,
@@ -296,12 +346,16 @@ def error_tail(proc: subprocess.Popen[bytes]) -> str:
     return (text.splitlines()[-1] if text else "(no error output)") + "\n" + text[-1500:]
 
 
+# What the consumer program reads: every event, some twice; it ends on duplicates (evt-5..8).
+DELIVERIES = EVENTS[:6] + EVENTS[:4] + EVENTS[6:] + EVENTS[5:9]
+
+
 def kill_mid_event(learner: Any, postgres: Any, kafka: Any, conn: Any, hold: str,
-                   args: tuple[Any, ...]) -> None:
-    """Run the consumer over the deliveries with the test holding a lock (``hold``, SQL),
-    kill it with SIGKILL when it waits for that lock, release, restart it to the end."""
-    deliveries = [e for e in EVENTS[:6]] + EVENTS[:4] + EVENTS[6:] + EVENTS[5:9]
-    topic = publish(kafka, deliveries)
+                   args: tuple[Any, ...]) -> str:
+    """Run the consumer over DELIVERIES with the test holding a lock (``hold``, SQL), kill it
+    with SIGKILL when it waits for that lock, release, restart it to the end. Return the
+    topic."""
+    topic = publish(kafka, DELIVERIES)
     blocker = postgres.connect()
     blocker.execute(hold, args)
     blocker_pid = blocker.execute("SELECT pg_backend_pid()").fetchone()[0]
@@ -341,6 +395,43 @@ def kill_mid_event(learner: Any, postgres: Any, kafka: Any, conn: Any, hold: str
         pytest.fail("the restarted consumer did not reach the end of the topic in 30 s",
                     pytrace=False)
     assert code == 0, f"the restarted consumer exited with {code}: {error_tail(second)}"
+    return topic
+
+
+def committed_position(kafka: Any, topic: str) -> int | None:
+    """The offset the consumer program's group has committed on partition 0 (None: none)."""
+    reader = Consumer(kafka.consumer_config("payments", **{"enable.auto.commit": False}))
+    try:
+        (position,) = reader.committed([TopicPartition(topic, 0)], timeout=15)
+    finally:
+        reader.close()
+    return position.offset if position.offset >= 0 else None
+
+
+def assert_resumes_after_the_end(kafka: Any, topic: str) -> None:
+    """The restarted consumer read the topic to its end: its group's committed offset must be
+    the end - the next offset to read - or the next start redelivers what was done."""
+    end, at = len(DELIVERIES), committed_position(kafka, topic)
+    why = ("a committed offset is where the group resumes after a restart or a rebalance: "
+           "the NEXT event to read, msg.offset() + 1 (commit(message=msg) commits that)")
+    if at is None:
+        pytest.fail(
+            f"the consumer program handled all {end} deliveries (offsets 0..{end - 1}) and "
+            f"exited, and its group has no committed offset: every start handles the whole "
+            f"topic again, leaning on the dedup table for each event. Commit the offset after "
+            f"each event's transaction - {why}", pytrace=False)
+    redone = [e["event_id"] for e in DELIVERIES[at:]]
+    assert at != end - 1, (
+        f"the consumer program handled all {end} deliveries (offsets 0..{end - 1}) and its "
+        f"group's committed offset is {at}, the offset of the last event it handled "
+        f"({redone[0]}), expected {end}: {why}. Committing the handled event's own offset "
+        f"says it is still to do, so every restart delivers it again and only the dedup "
+        f"table (once pruned, or a fresh one: nothing) stops a second payment")
+    assert at == end, (
+        f"the consumer program handled all {end} deliveries (offsets 0..{end - 1}) and its "
+        f"group's committed offset is {at}, expected {end}: a restart would deliver "
+        f"{', '.join(redone[:6])} again. Commit after EVERY event handled - a duplicate "
+        f"(handle() False) too - {why}")
 
 
 def diagnose(conn: Any, killed: str) -> None:
@@ -383,13 +474,14 @@ def test_killed_while_applying_an_effect(db: Any, learner: Any, postgres: Any,
     row): everything it did for that event must vanish with it, and the restart applies it."""
     mod, conn = db
     conn.execute("INSERT INTO balances VALUES ('acct-2', 0)")
-    kill_mid_event(learner, postgres, kafka, conn,
+    topic = kill_mid_event(learner, postgres, kafka, conn,
                    "SELECT * FROM balances WHERE account = %s FOR UPDATE", ("acct-2",))
     diagnose(conn, "evt-2")
     assert balances(conn) == expected_balances(EVENTS), (
         f"after the kill and restart the balances are {balances(conn)}; expected "
         f"{expected_balances(EVENTS)}: an event marked processed in one transaction and "
         "applied in another is lost when the process dies between them - one transaction")
+    assert_resumes_after_the_end(kafka, topic)
 
 
 def test_killed_while_recording_the_event_id(db: Any, learner: Any, postgres: Any,
@@ -398,8 +490,8 @@ def test_killed_while_recording_the_event_id(db: Any, learner: Any, postgres: An
     while recording evt-4 as processed: an effect committed before that would be applied again
     after the restart."""
     mod, conn = db
-    kill_mid_event(learner, postgres, kafka, conn,
-                   "INSERT INTO processed_events (event_id) VALUES (%s)", ("evt-4",))
+    topic = kill_mid_event(learner, postgres, kafka, conn,
+                           "INSERT INTO processed_events (event_id) VALUES (%s)", ("evt-4",))
     diagnose(conn, "evt-4")
     assert balances(conn) == expected_balances(EVENTS), (
         f"after the kill and restart the balances are {balances(conn)}; expected "
@@ -407,3 +499,4 @@ def test_killed_while_recording_the_event_id(db: Any, learner: Any, postgres: An
         "applied again after a crash - record and apply in one transaction")
     processed = conn.execute("SELECT count(*) FROM processed_events").fetchone()[0]
     assert processed == len(EVENTS), f"{processed} event ids recorded, expected {len(EVENTS)}"
+    assert_resumes_after_the_end(kafka, topic)

@@ -250,6 +250,33 @@ def test_two_orders_of_one_customer_are_two_orders(app: Any) -> None:
         f"billing holds invoices with references {refs}, expected one per order: {ids}")
 
 
+def test_orders_of_two_customers_are_two_orders(app: Any) -> None:
+    """The orders context owns its identities: an id names one order among all orders, not
+    one among a customer's (a per-customer count collides with the next customer's)."""
+    sku, customers = f"cap-{tag()}", (f"ann-{tag()}", f"bob-{tag()}")
+    app.add_product(sku, "A cap", 500, 10)
+    placed = [(customer, qty, app.place_order(customer, sku, qty))
+              for customer, qty in ((customers[0], 1), (customers[1], 2), (customers[0], 3))]
+    ids = [order.get("order_id") for _, _, order in placed]
+    assert len(set(ids)) == len(ids), (
+        f"orders of {customers[0]!r} (1 cap), {customers[1]!r} (2 caps) and {customers[0]!r} "
+        f"again (3 caps) got the ids {ids}, expected three different ids: an order id must "
+        "identify one order across the whole orders context (a counter over all orders, a "
+        "uuid), not be numbered per customer - the next customer's order overwrites it")
+    for customer, qty, order in placed:
+        kept = app.get_order(order["order_id"])
+        assert (kept.get("customer"), kept.get("qty")) == (customer, qty), (
+            f"get_order({order['order_id']!r}) gave the order of {kept.get('customer')!r} "
+            f"for {kept.get('qty')}, expected {customer!r}'s order for {qty}: another "
+            "order was stored under the same id")
+    for customer in customers:
+        refs = sorted(str(i.get("reference")) for i in app.invoices_for(customer))
+        mine = sorted(str(order["order_id"]) for who, _, order in placed if who == customer)
+        assert refs == mine, (
+            f"billing holds invoices of {customer!r} with references {refs}, expected "
+            f"their own orders {mine}")
+
+
 def test_records_handed_out_are_copies(learner: Any, app: Any) -> None:
     edits = learner.harness().edit_what_is_handed_out(app, f"pen-{tag()}", f"dee-{tag()}")
     for what, total, amount in edits:

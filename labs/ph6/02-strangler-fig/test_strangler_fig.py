@@ -3,7 +3,8 @@
 Two real HTTP backends run on loopback (the "legacy" monolith and the "new" service); each
 answers with what it received (method, path, query, body, a request header) and counts its
 requests. The learner's gateway is served over real HTTP and driven by a real client; routes
-are switched on the running gateway, between requests."""
+are switched on the running gateway, between requests. A request held unanswered at legacy
+must not hold up another one: the second reaches legacy meanwhile, each gets its own answer."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import http_request, serve_wsgi
+from labrunner.testing import came_true, http_request, serve_wsgi, wait_until
 
 
 class Backend:
@@ -22,10 +23,16 @@ class Backend:
         self.name = name
         self.hits = 0
         self.lock = threading.Lock()
+        self.arrived: list[str] = []   # the paths of the requests that reached it, in order
+        self.holds: dict[str, threading.Event] = {}   # path -> answered once this is set
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         with self.lock:
             self.hits += 1
+            self.arrived.append(environ.get("PATH_INFO") or "")
+        hold = self.holds.get(environ.get("PATH_INFO") or "")
+        if hold is not None:
+            hold.wait(HOLD_LIMIT)
         length = int(environ.get("CONTENT_LENGTH") or 0)
         seen = {"service": self.name, "method": environ["REQUEST_METHOD"],
                 "path": environ.get("PATH_INFO"), "query": environ.get("QUERY_STRING", ""),
@@ -42,6 +49,8 @@ class Backend:
         start_response(status, [("Content-Type", "application/json"), *extra])
         return [json.dumps(seen).encode()]
 
+
+HOLD_LIMIT = 60   # s: a held request is answered by then whatever happens (never hangs)
 
 # a response header that comes twice: each must reach the client (a dict keeps one)
 COOKIES = [("Set-Cookie", "session=s-81; Path=/; HttpOnly"), ("Set-Cookie", "theme=dark; Path=/")]
@@ -117,18 +126,28 @@ def test_the_longest_prefix_wins(world: Any) -> None:
                  "with /users moved to new, then /users/export carved out back to legacy")
 
 
+def forwarded(host: str, target: str, method: str, url: str, document: Any,
+              status: int) -> tuple[Any, dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """Send one request with a JSON body (or none) through the gateway; return the reply,
+    what the backend saw, and each field it saw otherwise than sent: {field: (seen, sent)}."""
+    path, _, query = url.partition("?")
+    reply = http_request(host, method, url, document=document,
+                         headers={"X-Request-Id": "req-123"}, content_type=CONTENT_TYPE)
+    seen = reply.json() if reply.status == status else {}
+    want = {"service": target, "method": method, "path": path, "query": query,
+            "body": json.dumps(document) if document is not None else "",
+            "request_id": "req-123"}
+    if document is not None:  # without a body, wsgiref makes up a Content-Type of its own
+        want["content_type"] = CONTENT_TYPE
+    return reply, seen, {k: (seen.get(k), v) for k, v in want.items() if seen.get(k) != v}
+
+
 def test_requests_and_answers_pass_unchanged(world: Any) -> None:
     gateway, host, backends = world
     gateway.route_to_new("/orders")
     for target, path in (("new", "/orders/7/lines"), ("legacy", "/users/9")):
-        reply = http_request(host, "POST", f"{path}?expand=items&page=2",
-                             document={"sku": "book", "qty": 2},
-                             headers={"X-Request-Id": "req-123"}, content_type=CONTENT_TYPE)
-        seen = reply.json() if reply.status == 201 else {}
-        want = {"service": target, "method": "POST", "path": path,
-                "query": "expand=items&page=2", "body": json.dumps({"sku": "book", "qty": 2}),
-                "request_id": "req-123", "content_type": CONTENT_TYPE}
-        diff = {k: (seen.get(k), v) for k, v in want.items() if seen.get(k) != v}
+        reply, seen, diff = forwarded(host, target, "POST", f"{path}?expand=items&page=2",
+                                      {"sku": "book", "qty": 2}, 201)
         if reply.status == 201 and set(diff) == {"content_type"}:
             pytest.fail(
                 f"POST {path} with Content-Type: {CONTENT_TYPE} reached {target} with "
@@ -159,3 +178,96 @@ def test_requests_and_answers_pass_unchanged(world: Any) -> None:
     assert backends["legacy"].hits == 1, (
         f"legacy got {backends['legacy'].hits} requests, expected 1 (the POST /users/9): a "
         "404 from the new service must not be retried on legacy")
+
+
+# (method, path, body, upstream): a body comes with any method, not only POST, PUT, PATCH
+EVERY_METHOD = [
+    ("PUT", "/orders/7", {"status": "paid"}, "new"),
+    ("PATCH", "/users/9?notify=no", {"email": "ann@example.com"}, "legacy"),
+    ("DELETE", "/orders/7?hard=1", {"reason": "fraud"}, "new"),
+    ("GET", "/users/search", {"name": "ann", "limit": 5}, "legacy"),
+    ("REPORT", "/orders/7/history", {"since": "2024-01-01"}, "new"),
+    ("OPTIONS", "/users/9", None, "legacy"),
+    ("DELETE", "/orders/8", None, "new"),
+]
+
+
+def test_every_method_passes_with_its_body(world: Any) -> None:
+    gateway, host, backends = world
+    gateway.route_to_new("/orders")
+    problems = []
+    for method, url, document, target in EVERY_METHOD:
+        reply, seen, diff = forwarded(host, target, method, url, document, 200)
+        if reply.status != 200:
+            problems.append(f"{method} {url} got HTTP {reply.status} {reply.body[:80]!r} "
+                            f"(the backend answers 200)")
+        elif diff:
+            problems.append(f"{method} {url} reached {seen.get('service')} with "
+                            + ", ".join(f"{k}={g!r} (sent {w!r})"
+                                        for k, (g, w) in diff.items()))
+    assert not problems, (
+        "; ".join(problems) + ". The gateway forwards every request unchanged whatever its "
+        "method: a body may come with DELETE, GET or an extension method (WebDAV's REPORT) "
+        "as well as POST, PUT and PATCH - forward CONTENT_LENGTH bytes of wsgi.input "
+        "whenever there are any, and the method as it came; the client must not notice the "
+        "gateway, and the backend decides what a body means, not the gateway")
+
+
+def test_requests_in_flight_at_once_each_get_their_own_answer(world: Any) -> None:
+    """GET /reports/slow reaches legacy and is held there, unanswered; meanwhile POST
+    /users/5 goes through the gateway to legacy too. It must reach legacy while the first
+    still waits, and each client must get its own request's answer: a gateway forwards
+    requests in flight at once at once, each on a connection of its own (or from a pool) -
+    an http.client.HTTPConnection carries one request at a time."""
+    _, host, backends = world
+    legacy, release = backends["legacy"], threading.Event()
+    legacy.holds["/reports/slow"] = release
+    replies: dict[str, Any] = {}
+
+    def send(method: str, path: str, document: Any = None) -> threading.Thread:
+        def run() -> None:
+            replies[path] = http_request(host, method, path, document=document, timeout=90)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    slow = send("GET", "/reports/slow")
+    try:
+        wait_until(lambda: "/reports/slow" in legacy.arrived,
+                   "GET /reports/slow to reach legacy through the gateway")
+        fast = send("POST", "/users/5", {"name": "ann"})
+        # Must happen: the reference forwards it at once; 15 s is for a loaded machine.
+        overtook = came_true(lambda: "/users/5" in legacy.arrived or "/users/5" in replies,
+                             timeout=15)
+        early = replies.get("/users/5")
+    finally:
+        release.set()
+    slow.join(HOLD_LIMIT + 30)
+    fast.join(HOLD_LIMIT + 30)
+    if early is not None and "/users/5" not in legacy.arrived:
+        pytest.fail(
+            f"while GET /reports/slow was waiting for legacy's answer, POST /users/5 got HTTP "
+            f"{early.status} {early.body[:120]!r} from the gateway and never reached legacy: "
+            "the two requests share one upstream connection. An http.client.HTTPConnection "
+            "carries one request at a time (the second gets CannotSendRequest; without that, "
+            "their bytes and answers mix) - open a connection per request, or take one from a "
+            "pool, never one kept on the gateway for everyone", pytrace=False)
+    assert overtook, (
+        "POST /users/5 did not reach legacy within 15 s while GET /reports/slow was waiting "
+        f"there for its answer (it arrived only after: legacy saw {legacy.arrived}): the "
+        "gateway forwards one request at a time - a lock around a shared upstream "
+        "connection makes every client wait for the slowest answer. Forward each request on "
+        "a connection of its own (or from a pool) so requests in flight go on at once")
+    problems = []
+    for method, path, body in (("GET", "/reports/slow", ""),
+                               ("POST", "/users/5", json.dumps({"name": "ann"}))):
+        reply = replies.get(path)
+        seen = reply.json() if reply is not None and reply.status in (200, 201) else {}
+        if (seen.get("method"), seen.get("path"), seen.get("body")) != (method, path, body):
+            problems.append(f"{method} {path} got " + (
+                f"HTTP {reply.status} {reply.body[:120]!r}" if reply is not None
+                else "no answer"))
+    assert not problems, (
+        "; ".join(problems) + ": with two requests in flight at once, each client must get "
+        "the answer to its own request - state shared between requests (one upstream "
+        "connection, a reply kept on the gateway) hands one request's answer to another")

@@ -5,7 +5,9 @@ consumer on the request topic that collects the requests, checks their headers, 
 when and in the order the test decides - in reverse, with a stranger's reply first, late, or
 never. So "each caller gets its own reply" is checked with replies arriving out of order, and
 "a reply that never comes" really never comes. A reply topic of three partitions, one reply
-on each, checks that the client reads the whole reply topic, not its partition 0."""
+on each, checks that the client reads the whole reply topic, not its partition 0. A call made
+the moment the client exists, answered at once while the client's ListOffsets requests are held
+at a proxy, checks that the client fixed where it reads from before returning."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from labrunner.testing import KafkaProxy, objects_alive
+from labrunner.testing import KafkaProxy, objects_alive, wait_until
 from labrunner.testing.kafka_proxy import FETCH, PRODUCE
 
 
@@ -211,6 +213,80 @@ def test_a_reply_that_overtakes_the_ack_is_not_lost(world: Any) -> None:
         "waiter BEFORE producing the request")
 
 
+LIST_OFFSETS = 2   # the Kafka api key of ListOffsets: "where does this partition end?"
+# How long a ListOffsets request the client sends while RpcClient() runs is held before it is
+# let through. A constructor that waits for the answer (get_watermark_offsets) is still inside
+# when it ends; one that returns without it (assign at OFFSET_END, a group left to
+# auto.offset.reset=latest) returns within milliseconds of sending it.
+CONSTRUCTOR_PATIENCE = 1.0
+
+
+def client_made_with_list_offsets_held(mod: Any, proxy: KafkaProxy, requests: str,
+                                       replies: str) -> tuple[Any, float]:
+    """RpcClient() behind ``proxy``, with its ListOffsets requests held: one held while the
+    constructor runs goes on once the constructor has waited CONSTRUCTOR_PATIENCE for it;
+    those sent after the constructor returned stay held (until the test releases them).
+    Returns the client and when (time.monotonic()) the constructor returned."""
+    proxy.hold(LIST_OFFSETS)
+    thread, out = in_thread(mod.RpcClient, proxy.bootstrap, requests, replies)
+    deadline = time.monotonic() + 60
+    while thread.is_alive():
+        if time.monotonic() > deadline:
+            pytest.fail("RpcClient() had not returned after 60 s", pytrace=False)
+        if not proxy.held():
+            thread.join(0.01)
+            continue
+        thread.join(CONSTRUCTOR_PATIENCE)
+        if thread.is_alive():  # waiting for that answer: let it (and only it) through
+            proxy.release(LIST_OFFSETS)
+            wait_until(lambda: not proxy.held(), "the held ListOffsets request to go on")
+            proxy.hold(LIST_OFFSETS)
+    if "error" in out:
+        raise out["error"]
+    return out["value"], time.monotonic()
+
+
+def test_a_reply_written_as_soon_as_the_client_exists_arrives(world: Any) -> None:
+    """A call made the moment RpcClient() returns, answered at once: the reply must reach
+    its caller even if the broker is slow to say where the reply topic ends (the test holds
+    the client's ListOffsets requests at a proxy). The client must know where it reads from
+    before the first call: an end offset resolved later, in the background, lands after a
+    fast reply, and the reply is skipped."""
+    mod, kafka, responder, requests, replies = world
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        client, made = client_made_with_list_offsets_held(mod, proxy, requests, replies)
+        try:
+            thread, out = in_thread(client.call, {"n": 5}, timeout=60)
+            (req,) = responder.collect(1, "a call made as soon as RpcClient() returned",
+                                       [(thread, out)])
+            responder.reply(req, {"n": 5, "square": 25}, replies)   # stored: flushed
+            unresolved = proxy.held() + sum(1 for r in proxy.requests(LIST_OFFSETS)
+                                            if r.at > made)
+            proxy.release(LIST_OFFSETS)
+            thread.join(REPLY_WITHIN)
+            if out.get("value") != {"n": 5, "square": 25} and not unresolved:
+                fail_if_reading_through_a_group(
+                    kafka, replies, "a call made as soon as RpcClient() returned never got "
+                    "its reply")
+        finally:
+            proxy.release(LIST_OFFSETS)
+            close_within(client, 10)
+    got = out.get("value", out.get("error", "nothing yet"))
+    ended = "was still waiting" if thread.is_alive() else f"ended with {got!r}"
+    assert not (unresolved and got != {"n": 5, "square": 25}), (
+        f"a call made as soon as RpcClient() returned, answered at once, {ended} "
+        f"{REPLY_WITHIN:.0f} s after its reply was on the reply topic: RpcClient() returned "
+        "before its consumer knew where the reply topic ended - its ListOffsets request was "
+        "still unanswered (the test held it at a proxy) - so the end was resolved AFTER the "
+        "reply and the reply skipped. Assigning OFFSET_END (or a group with "
+        "auto.offset.reset=latest) leaves the position to be found later, in the background. "
+        "Fix it in the constructor, before the first call: get_watermark_offsets for each "
+        "partition, and assign each at its end offset")
+    assert got == {"n": 5, "square": 25}, (
+        f"a call made as soon as RpcClient() returned, answered at once, {ended}: expected "
+        "its reply {'n': 5, 'square': 25}")
+
+
 def groups_reading(kafka: Any, topic: str) -> list[str]:
     """The consumer groups with a member assigned a partition of ``topic``: a client that
     reads its replies through a group (subscribe) instead of assigning the partitions."""
@@ -334,6 +410,56 @@ def test_a_missing_reply_times_out_and_a_late_one_is_dropped(world: Any) -> None
             "{'n': 7, 'square': 49} - a late reply matches no waiting caller and is dropped")
     finally:
         client.close()
+
+
+POISON_WITHIN = 15.0   # seconds a call whose reply is not JSON may take to raise, loaded
+
+
+def test_a_reply_that_is_not_json_fails_its_call_and_nothing_else(world: Any) -> None:
+    """A reply is bytes from another service: a gateway's HTML error page, a truncated
+    document, a correlation id that is not even UTF-8. One such message must fail the one
+    call waiting for it, and only that call: a listener thread that dies on it (an
+    exception escapes its loop) leaves every later caller waiting for replies nobody reads."""
+    mod, kafka, responder, requests, replies = world
+    client = mod.RpcClient(kafka.bootstrap, requests, replies)
+    try:
+        # Nobody's: a correlation id that is not UTF-8 and a value that is not JSON; a
+        # tombstone (no value) with no headers at all. Both ignored, neither fatal.
+        responder.producer.produce(replies, b"\x00\xffnot json",
+                                   headers=[("correlation_id", b"\xff\xfe\x80")])
+        responder.producer.produce(replies, None)
+        responder.producer.flush(10)
+        thread, out = in_thread(client.call, {"n": 5}, timeout=60)
+        (req,) = responder.collect(1, "a call answered with a non-JSON reply", [(thread, out)])
+        responder.producer.produce(replies, b"<html><body>502 Bad Gateway</body></html>",
+                                   headers=[("correlation_id", (req.cid or "").encode())])
+        responder.producer.flush(10)
+        thread.join(POISON_WITHIN)
+        assert not thread.is_alive(), (
+            f"a call whose reply was an HTML error page (not JSON) was still waiting "
+            f"{POISON_WITHIN:.0f} s after that reply was written (its timeout is 60 s): the "
+            "listener read it and never handed anything to the caller - did it drop the "
+            "reply, or did an exception (json.loads on the reply, decoding a header) end the "
+            "listener thread? Hand the caller the failure and keep the listener reading")
+        assert "error" in out and isinstance(out["error"], ValueError) and not isinstance(
+            out["error"], mod.RpcTimeout), (
+            f"a call whose reply was an HTML error page (not JSON) ended with "
+            f"{out.get('value', out.get('error'))!r}: expected ValueError raised from call() "
+            "(json.JSONDecodeError is one) - the reply came, so it is no timeout, and it is "
+            "no answer the caller can use")
+        witness = answered_call(client, responder, replies, 8, "the call after a non-JSON reply")
+        ended = witness.get("value", witness.get("error"))
+        if "unanswered" in witness:
+            copies, took = witness["unanswered"]
+            ended = f"nothing: still waiting after {copies} copies of its reply in {took:.0f} s"
+        assert witness.get("value") == {"n": 8, "square": 64}, (
+            f"after a non-JSON reply, a stranger's reply with a non-UTF-8 correlation id and "
+            f"a tombstone, the next call ended with {ended!r}, expected "
+            "{'n': 8, 'square': 64}: one bad message on the reply topic stopped "
+            "the client reading it. Catch what one reply can raise inside the listener's "
+            "loop: the bad reply fails its own call (or none), never the listener")
+    finally:
+        close_within(client, 10)
 
 
 REPLY_WITHIN = 20.0   # seconds both calls may take to return once their replies are sent

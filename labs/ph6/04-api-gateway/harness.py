@@ -8,17 +8,7 @@ The verdict is the test's: it counts what reached its backend."""
 
 from __future__ import annotations
 
-import threading
-from types import ModuleType
+from labrunner.slow_steps import restore_new_threads as unstretch
+from labrunner.slow_steps import slow_new_threads as stretch_lines
 
-from labrunner.slow_steps import slow_tracer
-
-
-def stretch_lines(module: ModuleType, delay: float) -> None:
-    """From now on, threads started afterwards sleep ``delay`` s before each line of code in
-    the learner's folder."""
-    threading.settrace(slow_tracer(module, delay))
-
-
-def unstretch() -> None:
-    threading.settrace(None)  # type: ignore[arg-type]
+__all__ = ["stretch_lines", "unstretch"]

@@ -8,6 +8,7 @@ the test's clock; the canary share is measured over 400 requests."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -144,6 +145,25 @@ def test_invalid_tokens_never_reach_a_backend(world: World) -> None:
         "gateway itself, nothing forwarded")
 
 
+# The auth scheme is a case-insensitive token (RFC 7235 2.1, RFC 6750): clients and OAuth
+# libraries send each of these with a valid token, and each must be let through.
+SCHEME_SPELLINGS = ["bearer", "BEARER", "BeArEr"]
+
+
+def test_the_bearer_scheme_is_case_insensitive(world: World) -> None:
+    host = world.gateway(rate_limit=1000)
+    for scheme in SCHEME_SPELLINGS:
+        before = world.hits()
+        reply = http_request(host, "GET", "/orders/1",
+                             headers={"Authorization": f"{scheme} {token()}"})
+        assert reply.status == 200 and world.hits() - before == 1, (
+            f"'Authorization: {scheme} <a valid token>' got HTTP {reply.status} "
+            f"{reply.body[:80]!r}, expected the orders backend's 200: the auth scheme is "
+            "case-insensitive (RFC 7235 section 2.1) - 'bearer' and 'BEARER' are 'Bearer'; "
+            "compare scheme.lower() == 'bearer', not a prefix \"Bearer \" nor a list of "
+            "spellings, or every client that writes it otherwise is locked out")
+
+
 def test_the_backend_gets_the_identity_from_the_token(world: World) -> None:
     host = world.gateway(rate_limit=1000)
     reply = http_request(host, "GET", "/users/alice",
@@ -156,9 +176,44 @@ def test_the_backend_gets_the_identity_from_the_token(world: World) -> None:
         "backends trust that header")
 
 
+# seconds into alice's 60 s window at which she is refused again: Retry-After must be the
+# seconds left rounded up (never 0), at points where rounding down, to nearest or to the
+# whole window each give another answer
+RETRY_POINTS = [0.25, 30.4, 47.6, 59.5]
+
+
+def check_retry_after(world: World, host: str, start: float, first: Any) -> None:
+    """Alice is limited from `start` on: ask again at each of RETRY_POINTS (by the injected
+    clock) and compare each 429's Retry-After with the seconds left in her window."""
+    replies = [(0.0, first)]
+    for at in RETRY_POINTS:
+        world.clock.now = start + at
+        reply = http_request(host, "GET", "/orders/7", headers=bearer("alice"))
+        assert reply.status == 429, (f"{at} s into alice's window (60 s, 5 requests used) her "
+                                     f"request got HTTP {reply.status}: expected still 429")
+        replies.append((at, reply))
+    got = [reply.header("Retry-After") or "" for _, reply in replies]
+    want = [str(math.ceil(60.0 - at)) for at, _ in replies]
+    if got == want:
+        return
+    short = any(g.isdigit() and int(g) < int(w) for g, w in zip(got, want, strict=True))
+    why = ("a Retry-After short of the time left sends the client back while it is still "
+           "limited, and 0 tells it to retry at once: round the seconds left up, never below 1"
+           if short else
+           "Retry-After tells the client when it will be let through: the seconds left in "
+           "its window (not the whole window each time), as a whole number, rounded up")
+    pytest.fail(
+        f"alice's 429s carried Retry-After {', '.join(map(repr, got))} at "
+        f"{', '.join(f'{at:g}' for at, _ in replies)} s into her 60 s window; expected "
+        f"{', '.join(want)} (the seconds left, "
+        f"{', '.join(f'{60.0 - at:g}' for at, _ in replies)}, rounded up): {why}",
+        pytrace=False)
+
+
 def test_rate_limit_per_user_follows_the_clock(world: World) -> None:
     host = world.gateway(rate_limit=5, window=60.0)
     stable = world.backends["stable"]
+    start = world.clock.now
     for n in range(1, 6):
         reply = http_request(host, "GET", f"/orders/{n}", headers=bearer("alice"))
         assert reply.status == 200, (f"request {n} of 5 allowed per minute got HTTP "
@@ -168,19 +223,19 @@ def test_rate_limit_per_user_follows_the_clock(world: World) -> None:
         f"the 6th request within the window got HTTP {reply.status} and the backend has seen "
         f"{stable.hits} requests: expected 429 and still 5 - a limited request is refused "
         "before it is forwarded")
-    retry = reply.header("Retry-After") or ""
-    assert retry.isdigit() and 1 <= int(retry) <= 60, (
-        f"the 429 carries Retry-After {retry!r}: expected the whole seconds until the window "
-        "resets (1..60)")
     other = http_request(host, "GET", "/orders/1", headers=bearer("bob"))
     assert other.status == 200, (
         f"bob's first request got HTTP {other.status} while alice was limited: the limit is "
         "per user (the token's sub), not one counter for everyone")
-    world.clock.now += 59.5
+    retry = reply.header("Retry-After") or ""
+    assert retry.isdigit() and 1 <= int(retry) <= 60, (
+        f"the 429 carries Retry-After {retry!r}: expected the whole seconds until the window "
+        "resets (1..60)")
+    world.clock.now = start + 59.5
     reply = http_request(host, "GET", "/orders/7", headers=bearer("alice"))
     assert reply.status == 429, (f"59.5 s into alice's window her request got HTTP "
                                  f"{reply.status}: expected still 429")
-    world.clock.now += 0.5
+    world.clock.now = start + 60.0
     reply = http_request(host, "GET", "/orders/8", headers=bearer("alice"))
     if reply.status == 429:
         # Which mistake: a window that ends one tick late, or time not read from the clock?
@@ -196,6 +251,16 @@ def test_rate_limit_per_user_follows_the_clock(world: World) -> None:
         f"60 s later (by the injected clock) alice's request got HTTP {reply.status}, and "
         "0.5 s after that still: expected a new window and 200. Read time from the clock "
         "you were given")
+    # the new window began at start + 60 with that request: use it up, then ask when to retry
+    world.clock.now = start + 60.0
+    for n in range(2, 6):
+        reply = http_request(host, "GET", f"/orders/{n}", headers=bearer("alice"))
+        assert reply.status == 200, (f"request {n} of 5 in alice's second window got HTTP "
+                                     f"{reply.status}: expected 200")
+    reply = http_request(host, "GET", "/orders/6", headers=bearer("alice"))
+    assert reply.status == 429, (f"the 6th request in alice's second window got HTTP "
+                                 f"{reply.status}: expected 429")
+    check_retry_after(world, host, start=start + 60.0, first=reply)
 
 
 def test_a_concurrent_burst_gets_only_the_limit_through(world: World, learner: Any) -> None:

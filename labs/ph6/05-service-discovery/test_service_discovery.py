@@ -5,20 +5,32 @@ keys itself (GET, PTTL) to see what the registry really stored. "Time passing" f
 simulated with PEXPIRE (as if most of its TTL had run out), and the one real expiry waits for
 Redis itself. The instance process is the learner's registry.py, started, SIGTERMed and
 SIGKILLed by the test; its heartbeats are timed by Redis' own clock (MONITOR), so a gap
-longer than the TTL is seen as the expiry it is, however late the test looks."""
+longer than the TTL is seen as the expiry it is, however late the test looks. A relay between
+the process and Redis holds one heartbeat on its way while SIGTERM arrives: the DEL must not
+come before that write has landed. Started with --interval 60, SIGTERM between two
+heartbeats must deregister at once (within 10 s), not when a sleep till the next one ends."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from labrunner.testing import redis_commands, timed_redis_commands, wait_until
+from labrunner.testing import (
+    came_true,
+    process_activity,
+    program_reading,
+    redis_commands,
+    redis_gate,
+    timed_redis_commands,
+    wait_until,
+)
 
 API = {"a1": "127.0.0.1:7001", "a2": "127.0.0.1:7002"}
 
@@ -298,24 +310,15 @@ def test_deregister_removes_one_instance_at_once(world: Any) -> None:
         "once (not when its TTL runs out) and a2 still listed")
 
 
-def start(learner: Any, redis_db: Any, iid: str, ttl: str) -> subprocess.Popen[bytes]:
-    return learner.python("registry", "--redis", redis_db.url, "--service", "pay", "--id", iid,
+def start(learner: Any, url: str, iid: str, ttl: str,
+          interval: float | None = None) -> subprocess.Popen[bytes]:
+    return learner.python("registry", "--redis", url, "--service", "pay", "--id", iid,
                           "--address", f"127.0.0.1:80{iid[-1]}", "--ttl", ttl,
-                          "--interval", str(INTERVAL), stdout=subprocess.DEVNULL,
+                          "--interval", str(interval or INTERVAL), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
 
 
 INTERVAL = 0.2   # the --interval every process is started with
-
-
-def wait_for(condition: Any, timeout: float) -> bool:
-    """Whether condition() came true within timeout seconds (polled every 10 ms)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def stopped(proc: subprocess.Popen[bytes]) -> None:
@@ -408,7 +411,7 @@ def test_the_instance_process_renews_well_within_its_ttl(learner: Any, redis_db:
     r = redis_db.client(decode_responses=True)
     name, ttl = key("pay", "p2"), "1.5"
     with timed_redis_commands(redis_db) as seen:
-        crashed = start(learner, redis_db, "p2", ttl)
+        crashed = start(learner, redis_db.url, "p2", ttl)
         try:
             wait_registered(crashed, r, "p2", ttl)
             watch_renewals(crashed, r, name, ttl, seen)
@@ -428,14 +431,14 @@ def test_the_instance_process_renews_well_within_its_ttl(learner: Any, redis_db:
 def test_the_instance_process_heartbeats_and_deregisters_on_sigterm(
         learner: Any, redis_db: Any) -> None:
     r = redis_db.client(decode_responses=True)
-    proc = start(learner, redis_db, "p1", "30")
+    proc = start(learner, redis_db.url, "p1", "30")
     try:
         wait_registered(proc, r, "p1", "30")
         r.pexpire(key("pay", "p1"), 3000)
         wait_until(lambda: r.pttl(key("pay", "p1")) > 20_000,
                    "registry.py's heartbeats (--interval 0.2) to renew the TTL of pay/p1")
         r.delete(key("pay", "p1"))             # as if it had expired during a long pause
-        back = wait_for(lambda: bool(r.exists(key("pay", "p1"))), 15)
+        back = came_true(lambda: bool(r.exists(key("pay", "p1"))), 15)
         exited_early(proc, "30", "after its registration disappeared")
         assert back, (
             f"pay/p1's key disappeared while registry.py lived (as when a pause outlasts the "
@@ -457,3 +460,145 @@ def test_the_instance_process_heartbeats_and_deregisters_on_sigterm(
     finally:
         stopped(proc)
         r.close()
+
+
+LONG_INTERVAL = 60.0  # between heartbeats, as a real instance might wait
+PROMPT = 10.0         # how long after SIGTERM the DEL may take (it comes in milliseconds)
+
+
+def test_sigterm_between_heartbeats_deregisters_at_once(learner: Any, redis_db: Any) -> None:
+    """registry.py --interval 60 gets SIGTERM between two heartbeats: the DEL must come at
+    once, not when the wait for the next heartbeat ends."""
+    r = redis_db.client(decode_responses=True)
+    proc = start(learner, redis_db.url, "p3", "120", interval=LONG_INTERVAL)
+    try:
+        wait_registered(proc, r, "p3", "120")
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        gone = came_true(lambda: not r.exists(key("pay", "p3")), PROMPT)
+        assert gone, (
+            f"registry.py --interval {LONG_INTERVAL:g} got SIGTERM between two heartbeats and "
+            f"{time.monotonic() - sent:.0f} s later pay/p3 is still registered; expected the "
+            f"DEL at once: a clean shutdown deregisters immediately. The wait between "
+            f"heartbeats must end on the stop signal (stop.wait(interval), not "
+            f"time.sleep(interval), which goes on sleeping after the handler ran, and not a "
+            f"join of a thread that does) - until then lookups hand out a stopping instance, "
+            f"and a grace period shorter than the interval SIGKILLs it before the DEL, leaving "
+            f"it listed for its whole TTL")
+        try:
+            code = proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("registry.py deregistered but did not exit within 15 s of SIGTERM",
+                        pytrace=False)
+        assert code == 0, f"after SIGTERM and its DEL registry.py exited with {code}; expected 0"
+    finally:
+        stopped(proc)
+        r.close()
+
+
+# Commands naming an instance's key that do not write it: everything else that names it
+# (SET, PSETEX, PEXPIRE, a script, ...) is a registration or a heartbeat.
+READS = {b"GET", b"MGET", b"EXISTS", b"PTTL", b"TTL", b"TYPE", b"SCAN"}
+DELETES = {b"DEL", b"UNLINK"}
+
+
+class HeartbeatGate:
+    """``before`` of a :func:`redis_gate` between registry.py and Redis: lets the
+    registration through, then holds the first heartbeat (the key's second write) on its
+    way to Redis until :attr:`let_go` is set, and notes a deletion of the key that passes
+    meanwhile, on another connection."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name.encode()
+        self.writes = 0
+        self.last_command = 0.0                   # when any command last came (monotonic)
+        self.lock = threading.Lock()
+        self.holding = threading.Event()          # a heartbeat is in flight, held here
+        self.let_go = threading.Event()
+        self.deleted_while_held = threading.Event()
+
+    def __call__(self, command: list[bytes]) -> None:
+        self.last_command = time.monotonic()
+        if self.name not in command[1:]:
+            return
+        verb = command[0].upper()
+        if verb in DELETES:
+            if self.holding.is_set() and not self.let_go.is_set():
+                self.deleted_while_held.set()
+            return
+        if verb in READS:
+            return
+        with self.lock:
+            self.writes += 1
+            heartbeat = self.writes == 2
+        if heartbeat:
+            self.holding.set()
+            self.let_go.wait(30)
+
+
+# SIGTERM sent while a heartbeat is held, the test lets the heartbeat go once a DEL has come
+# past it, or once the process has done all it does without that heartbeat's reply: all its
+# threads asleep, its CPU time unmoved and no command of its at the relay for QUIET seconds.
+# A right process sleeps from the moment its signal handler has run; one on its way to a DEL
+# is busy, or waits for the relay (a new connection's handshake), which the commands show.
+QUIET = 2.0
+
+
+def wait_for_del_or_quiet(learner: Any, proc: subprocess.Popen[bytes],
+                          gate: HeartbeatGate) -> None:
+    """Return once a DEL of the key passed the gate, the process ended, it stayed quiet
+    QUIET seconds, or 20 s went by."""
+    deadline, quiet_since, last_cpu = time.monotonic() + 20, None, None
+    while not gate.deleted_while_held.is_set() and proc.poll() is None \
+            and time.monotonic() < deadline:
+        awake, cpu, _ = program_reading(learner, proc, process_activity)
+        if awake == 0 and cpu == last_cpu:
+            quiet_since = max(quiet_since or time.monotonic(), gate.last_command)
+            if time.monotonic() - quiet_since >= QUIET:
+                return
+        else:
+            quiet_since = None
+        last_cpu = cpu
+        gate.deleted_while_held.wait(0.05)
+
+
+def test_sigterm_during_a_heartbeat_deregisters_for_good(learner: Any, redis_db: Any) -> None:
+    """SIGTERM arrives while a heartbeat's write is on its way to Redis (held at a relay):
+    the process may delete its key only once no write of it can follow - or the heartbeat
+    lands after the DEL and registers the stopped instance again, with a full TTL."""
+    r = redis_db.client(decode_responses=True)
+    name, gate = key("pay", "p3"), HeartbeatGate(key("pay", "p3"))
+    with redis_gate(redis_db.url, gate) as url, timed_redis_commands(redis_db) as seen:
+        proc = start(learner, url, "p3", "30")
+        try:
+            wait_until(lambda: exited_early(proc, "30", "before its first heartbeat")
+                       or gate.holding.is_set(),
+                       "registry.py's first heartbeat after registering pay/p3")
+            proc.send_signal(signal.SIGTERM)
+            wait_for_del_or_quiet(learner, proc, gate)
+            gate.let_go.set()
+            try:
+                code = proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pytest.fail("registry.py did not exit within 15 s of SIGTERM (sent while a "
+                            "heartbeat was on its way to Redis)", pytrace=False)
+            # The held heartbeat reaches Redis whatever became of its process.
+            wait_until(lambda: sum(1 for _, c in list(seen) if c[1:2] == [name]
+                                   and c[0].encode() not in READS | DELETES) >= 2,
+                       "the heartbeat held at the relay to reach Redis")
+        finally:
+            gate.let_go.set()
+            stopped(proc)
+    order = ", ".join([c[0] for _, c in seen if c[1:2] == [name]
+                       and c[0].encode() not in READS][1:])
+    left = r.pttl(name)
+    r.close()
+    when = "meanwhile" if gate.deleted_while_held.is_set() else "before that write came back"
+    assert left < 0, (
+        f"after SIGTERM registry.py exited {code}, yet {name} is registered again, with "
+        f"{left} ms to live: the signal came while a heartbeat was on its way to Redis (held "
+        f"at a relay), the process deleted its key {when} and the heartbeat landed after "
+        f"the DEL (after registering, Redis ran {order}). Clients are sent to the stopped "
+        "instance until that TTL runs out. Stop the heartbeats before deregistering: the "
+        "signal handler only sets the stop flag; once the heartbeat loop has ended (join "
+        "its thread), DEL - nothing may write the key after it")

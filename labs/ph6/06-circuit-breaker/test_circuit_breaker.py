@@ -9,6 +9,7 @@ the test wants."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,6 +88,25 @@ def trip(mod: Any, cb: Any, call: Any, times: int) -> None:
             cb.call(call)
 
 
+def never_counted(cb: Any, call: Any) -> None:
+    """Still closed at the threshold: off by one, or failures of this kind never counted?
+    Three more failed calls tell them apart."""
+    for extra in range(1, 4):
+        with pytest.raises(BackendDown):
+            cb.call(call)
+        if cb.state != "closed":
+            pytest.fail(f"the state was still 'closed' after 3 consecutive failures (threshold "
+                        f"3) and became {cb.state!r} after {3 + extra}: the failure that "
+                        "reaches the threshold opens the circuit, not a later one",
+                        pytrace=False)
+    pytest.fail(
+        f"after 6 consecutive failed calls (threshold 3) the state is still {cb.state!r}: "
+        f"these failures are never counted. Each raised {BackendDown.__name__}, an Exception "
+        "but not an OSError or a connection error - every exception fn raises is a failure "
+        "(a bad status, a garbled body, a timeout alike), not only network errors",
+        pytrace=False)
+
+
 def test_opens_after_consecutive_failures_and_then_never_calls(mod: Any, backends: Any) -> None:
     backend, host = backends["payments"]
     clock = Clock()
@@ -101,6 +121,8 @@ def test_opens_after_consecutive_failures_and_then_never_calls(mod: Any, backend
             pytest.fail(f"call {n} with the circuit closed raised CircuitOpen after {n - 1} "
                         "failures: the threshold is 3 consecutive failures")
         want = "closed" if n < 3 else "open"
+        if n == 3 and cb.state == "closed":
+            never_counted(cb, caller(host))
         assert cb.state == want, (
             f"after {n} consecutive failures (threshold 3) the state is {cb.state!r}, expected "
             f"{want!r}: the failure that reaches the threshold opens the circuit")
@@ -387,3 +409,56 @@ def test_a_slow_dependency_does_not_starve_another(mod: Any, backends: Any) -> N
         slow.release.set()
         for thread, _ in again:
             thread.join(60)
+
+
+BURST, STEP_DELAY = 8, 0.01     # calls into one Bulkhead(2) at once; s per bytecode of yours
+
+
+def burst_at_held_backend(mod: Any, learner: Any, pool: Any, backend: Backend,
+                          host: str) -> tuple[int, list[str]]:
+    """BURST calls into `pool` at the same moment (from threads where the learner's code
+    runs, each step of it slowed: harness.py) while the backend holds every request: how
+    many were at the backend together once each call had reached it or ended, and each
+    call's outcome after the backend let them go."""
+    backend.mode, backend.release = "hold", threading.Event()
+    before = backend.hits
+    burst = learner.harness().start_burst(mod, pool, host, BURST, STEP_DELAY)
+    try:
+        deadline = time.monotonic() + 30   # every call at the backend or ended: at once
+        while backend.hits - before + burst.ended() < BURST and time.monotonic() < deadline:
+            time.sleep(0.02)
+        in_flight = backend.hits - before
+    finally:
+        backend.release.set()
+    return in_flight, burst.results(60)
+
+
+def test_a_burst_takes_no_more_than_the_bulkheads_slots(mod: Any, learner: Any,
+                                                         backends: Any) -> None:
+    """Calls that arrive together must not all see a free slot: checking for one and
+    taking it is one atomic step, and giving it back must not lose an update either."""
+    backend, host = backends["payments"]
+    pool = mod.Bulkhead(2)
+    for burst in (1, 2):
+        in_flight, outcomes = burst_at_held_backend(mod, learner, pool, backend, host)
+        refused = outcomes.count("refused")
+        if in_flight == 2 and refused == BURST - 2:
+            continue
+        seen = (f"{in_flight} were at the backend together and {refused} refused with "
+                f"BulkheadFull (outcomes {sorted(outcomes)}); expected 2 in flight and "
+                f"{BURST - 2} refused at once")
+        if burst == 1:
+            pytest.fail(
+                f"{BURST} calls at the same moment into a Bulkhead(2) whose dependency holds "
+                f"every request: {seen}. Checking for a free slot and taking it must be one "
+                "atomic step (threading.BoundedSemaphore's acquire(blocking=False), or one "
+                "lock held around both the check and the count): with a plain counter, calls "
+                "that arrive together all see a slot free and all go in, and a slow "
+                "dependency takes more threads than its pool", pytrace=False)
+        pytest.fail(
+            f"a first burst of {BURST} calls into a Bulkhead(2) got 2 through, and once they "
+            f"had all returned a second burst found {in_flight} slot(s): {seen}. The count "
+            "of calls in flight drifted: `in_flight -= 1` (or += 1) on a shared int is a "
+            "read-modify-write, and two calls ending together lose one of the updates, "
+            "leaking a slot or freeing one twice - give slots back through the semaphore, or "
+            "change the count only under the lock", pytrace=False)

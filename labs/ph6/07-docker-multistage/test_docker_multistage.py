@@ -340,6 +340,78 @@ def test_runs_as_a_non_root_user(dockerfile: tuple[DockerfileParser, list[Stage]
             "you gave useradd --uid")
 
 
+# Who may change the program: the runtime user runs it, root owns it. A path the app user
+# owns (chown, COPY --chown, useradd -m -d on it) or anyone may write (a mode with o+w) lets a
+# compromised server replace its own binary - in place once it has stopped, or by a rename in
+# a directory it owns, which works on a running one - and the next restart runs that.
+ROOT_NAMES = ("", "root", "0")
+
+
+def others_write(mode: str) -> bool:
+    """Whether a chmod mode (octal or symbolic) gives write to others (o, a or ugo)."""
+    if re.fullmatch(r"[0-7]{3,4}", mode):
+        return bool(int(mode, 8) & 0o002)
+    return any(re.fullmatch(r"[ugoa]*", who) and ("o" in who or "a" in who) and "w" in perms
+               for who, perms in re.findall(r"([ugoa]*)[+=]([rwxXst]*)", mode))
+
+
+def shell_commands(run: str) -> list[list[str]]:
+    """The simple commands of a RUN line, as word lists."""
+    return [words for part in re.split(r"&&|\|\||;|\|", run)
+            if (words := part.split())]
+
+
+def writable_by_app(stage: Stage, code: set[str]) -> tuple[str, str] | None:
+    """(the instruction, what it does) of the first step that hands the binary, or a
+    directory on its path, to a non-root owner or to everyone's write."""
+    def on_path(target: str, cwd: str) -> bool:
+        target = posixpath.normpath(posixpath.join(cwd, target))
+        return any(p == target or p.startswith(target.rstrip("/") + "/") for p in code)
+
+    for ins, cwd in zip(stage.lines, workdirs(stage), strict=True):
+        what = f"{ins['instruction']} {ins['value'][:90]}"
+        if ins["instruction"] in ("COPY", "ADD"):
+            for flag in ins["value"].split():
+                name, _, value = flag.partition("=")
+                if name == "--chown" and value.split(":")[0] not in ROOT_NAMES:
+                    return what, f"makes {value.split(':')[0]} the owner of what it copies"
+                if name == "--chmod" and others_write(value):
+                    return what, f"gives mode {value}: everyone may write what it copies"
+        if ins["instruction"] != "RUN":
+            continue
+        for words in shell_commands(ins["value"]):
+            what = "RUN ... " + " ".join(words)[:90]
+            args = [w for w in words[1:] if not w.startswith("-")]
+            if words[0] == "chown" and len(args) >= 2 and re.split(r"[:.]", args[0])[0] \
+                    not in ROOT_NAMES and any(on_path(t, cwd) for t in args[1:]):
+                return what, f"makes {re.split(r'[:.]', args[0])[0]} the owner of {args[1:]}"
+            if words[0] == "chmod" and len(args) >= 2 and others_write(args[0]) and any(
+                    on_path(t, cwd) for t in args[1:]):
+                return what, f"gives {args[1:]} mode {args[0]}: everyone may write there"
+            if words[0] in ("useradd", "adduser") and re.search(
+                    r"\s(-m|--create-home)\b", " " + " ".join(words)):
+                home = re.search(r"\s(?:-d|--home-dir|--home)[= ](\S+)", " " + " ".join(words))
+                if home and on_path(home.group(1), cwd):
+                    return what, (f"creates the user's home {home.group(1)}, owned by that "
+                                  "user, where the binary lives")
+    return None
+
+
+def test_the_app_user_cannot_change_the_binary(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    code = {p for _, dest in shipped_binary(stages) for p in (dest, posixpath.dirname(dest))}
+    found = writable_by_app(stages[-1], code or {"/app/server", "/app"})
+    assert found is None, (
+        f"{found[0]} {found[1]}: the binary {sorted(code)} or its directory becomes writable "
+        "by the unprivileged runtime user (or by anyone). Expected them root-owned, mode 755 "
+        "(COPY --from without --chown; WORKDIR and COPY create root-owned paths): a "
+        "compromised server running as that user could then replace its own program "
+        "(`mv` over it works even while it runs, in a directory it owns) and every restart "
+        "would run the attacker's code. The user exists so that the process cannot change "
+        "the image's contents; it needs only to read and execute them") if found else ""
+
+
 def health_argv(value: str) -> tuple[list[str], bool]:
     """The HEALTHCHECK's command as Docker runs it, and whether it is the shell form."""
     words = value.split()
@@ -461,6 +533,37 @@ def test_runtime_ships_only_the_binary(
         f"stage writes "
         f"{binary_made(build_stages(stages)[0]) if build_stages(stages) else 'bin/server'}"
         "; COPY --from=builder that path")
+
+
+# Code generation for one CPU rather than the platform: -march/-mcpu other than the
+# baseline (native: whatever CPU ran `docker build`; x86-64-v3, skylake...), and flags that
+# switch on an instruction set extension the baseline lacks. -mtune only reorders code for a
+# CPU and stays portable.
+CPU_SPECIFIC = re.compile(
+    r"(?<![\w-])(-m(?:arch|cpu)=(?!(?:x86-64|generic|armv8-a)(?![\w.+-]))[\w.+-]+"
+    r"|-m(?:avx[\w-]*|sse3|ssse3|sse4[\w.]*|fma4?|bmi2?|popcnt|lzcnt|f16c|aes|pclmul|sha|"
+    r"adx|movbe)(?![\w-]))")
+
+
+def test_the_binary_runs_on_any_cpu_of_its_platform(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    dfp, _ = dockerfile
+    for ins in dfp.structure:
+        if ins["instruction"] not in ("RUN", "ENV", "ARG"):
+            continue
+        flag = CPU_SPECIFIC.search(ins["value"])
+        assert flag is None, (
+            f"{ins['instruction']} {ins['value'][:90]} compiles with {flag.group(1)}: the "
+            "binary is made for "
+            + ("the CPU of whichever machine runs `docker build` (a CI runner, a laptop)"
+               if "native" in flag.group(1) else f"only the CPUs that have {flag.group(1)}'s "
+               "instructions")
+            + " and may use instructions (AVX2, AVX-512...) another host of the platform "
+            "lacks: there the server dies at start with SIGILL (Illegal instruction, exit "
+            "132), the HEALTHCHECK never passes and the container restarts in a loop. An "
+            "image is built once and runs on every machine its base runs on: compile for the "
+            "platform's baseline (no -march=native, -mcpu=native, -march=x86-64-v3, -mavx2; "
+            "-mtune only reorders code and is harmless)")
 
 
 def test_layers_are_ordered_for_the_cache(
@@ -635,6 +738,13 @@ def built_and_run_in_docker(learner: Any, tmp_path: Path) -> None:
         assert code == 0 and out.decode().strip() != "0", (
             f"the server runs as uid {out.decode().strip()} in the container: expected a "
             "non-root uid (USER)")
+        for path in sorted({p for _, dest in shipped_binary(stages)
+                            for p in (dest, posixpath.dirname(dest))}):
+            code, _ = container.exec_run(["test", "-w", path])
+            assert code != 0, (
+                f"{path} is writable by the server's uid {out.decode().strip()} in the "
+                "container: expected the binary and its directory root-owned and read-only to "
+                "it, so a compromised server cannot replace the program the next restart runs")
         health = run_img.attrs["Config"].get("Healthcheck") or {}
         test = health.get("Test") or []
         cmd = (["/bin/sh", "-c", test[1]] if test[:1] == ["CMD-SHELL"] else test[1:])

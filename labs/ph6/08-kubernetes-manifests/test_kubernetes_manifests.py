@@ -4,8 +4,8 @@ No cluster: every document is validated against the real Kubernetes OpenAPI sche
 kubernetes-validate package ships them, strict mode: an unknown field is an error, as
 `kubectl apply --validate=strict` would say), then the rules the API server does not check
 but a rollout depends on: selectors that select the pods, probes that hit a port the container
-declares and a path the app serves, resources, the Ingress's TLS secret, ConfigMap and Secret
-keys that exist."""
+declares and a path the app serves (on the pod itself: no host, plain HTTP), resources, the
+Ingress's TLS secret, ConfigMap and Secret keys that exist."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import yaml
 K8S_VERSION = "1.30.0"
 APP_PATHS = {"/health/live", "/health/ready", "/orders"}   # what the app serves (README)
 HOST = "orders.example.com"
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 APP_PORT = 8080                                            # where the app listens (README)
 REPLICAS = 3
 SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
@@ -273,6 +274,20 @@ def test_probes_hit_a_declared_port_and_a_served_path(docs: list[dict[str, Any]]
         assert port_exists(c, http.get("port")), (
             f"{probe} of {c.get('name')!r} probes port {http.get('port')!r}, which the "
             f"container does not declare (ports: {c.get('ports')}): the probe fails forever")
+        host = http.get("host")
+        there = ("there is the node itself" if str(host).lower() in LOOPBACK else
+                 "is looked up and dialled from the node (a Service name does not even "
+                 "resolve there)")
+        assert not host, (
+            f"{probe} of {c.get('name')!r} sets httpGet.host {host!r}: the kubelet sends "
+            "httpGet probes from the node, and host replaces the default target, the pod's "
+            f"own IP - {host!r} {there}, never this container, so the probe fails forever. "
+            "Leave host unset; set only path and port")
+        scheme = http.get("scheme") or "HTTP"
+        assert scheme == "HTTP", (
+            f"{probe} of {c.get('name')!r} uses scheme {scheme!r}: the app speaks plain "
+            f"HTTP on {APP_PORT} (TLS ends at the Ingress), so every TLS handshake the probe "
+            "tries fails - leave scheme unset (HTTP)")
         assert http.get("path") in APP_PATHS, (
             f"{probe} of {c.get('name')!r} asks for {http.get('path')!r}, a path the app does "
             f"not serve (it serves {sorted(APP_PATHS)}): a 404 is a failed probe")
@@ -385,3 +400,51 @@ def test_ingress_terminates_tls_with_a_secret_that_exists(docs: list[dict[str, A
         secret), (f"Secret {entry.get('secretName')!r} must be of type kubernetes.io/tls with "
                   f"keys tls.crt and tls.key (type {secret.get('type')!r}, keys "
                   f"{sorted(keys_of(secret))})")
+
+
+# What makes a controller (or a mesh) speak something else than plain HTTP to the pods:
+# annotation names (their part after the prefix, any controller's prefix) and the values that
+# ask for TLS, HTTP/2 or another protocol; and Service port declarations of the same.
+NOT_PLAIN_HTTP = re.compile(r"https|tls|ssl|grpc|h2c?\b|http2|ajp|fcgi|wss", re.I)
+PROTOCOL_ANNOTATIONS = {"backend-protocol", "protocol", "service.serversscheme",
+                        "app-protocols", "upstream-protocol"}
+TLS_UPSTREAM_SWITCHES = {"ssl-passthrough", "secure-backends", "server-ssl",
+                         "backend-tls", "upstream-tls"}
+
+
+def not_plain_http(docs: list[dict[str, Any]]) -> list[str]:
+    """Each declaration in the Ingress's or a Service's manifest that has the pods spoken to
+    in another protocol than the plain HTTP/1.1 the app serves on 8080."""
+    found = []
+    for doc in of_kind(docs, "Ingress") + of_kind(docs, "Service"):
+        where = f"the {doc['kind']} {doc['metadata'].get('name')!r}"
+        for key, value in ((doc.get("metadata") or {}).get("annotations") or {}).items():
+            name = str(key).rsplit("/", 1)[-1].lower()
+            if (name in PROTOCOL_ANNOTATIONS and NOT_PLAIN_HTTP.search(str(value))) or (
+                    name in TLS_UPSTREAM_SWITCHES and str(value).lower() == "true"):
+                found.append(f"{where} carries the annotation {key}: {value!r}")
+        if doc["kind"] != "Service":
+            continue
+        for port in doc["spec"].get("ports") or []:
+            if NOT_PLAIN_HTTP.search(str(port.get("appProtocol") or "")):
+                found.append(f"{where}: its port {port.get('port')} declares appProtocol: "
+                             f"{port['appProtocol']!r}")
+            prefix = str(port.get("name") or "").split("-", 1)[0]
+            if NOT_PLAIN_HTTP.fullmatch(prefix):
+                found.append(f"{where}: its port {port.get('port')} is named {port['name']!r} "
+                             "(controllers and meshes such as Traefik and Istio read the "
+                             "protocol from the port's name)")
+    return found
+
+
+def test_the_ingress_speaks_plain_http_to_the_pods(docs: list[dict[str, Any]]) -> None:
+    found = not_plain_http(docs)
+    assert not found, (
+        f"{'; '.join(found)}: the Ingress controller then speaks TLS to the pods on "
+        f"{APP_PORT} (or passes the client's TLS on to them, or speaks HTTP/2, gRPC...), "
+        "where the app serves plain HTTP - the handshake fails and "
+        "every request through the Ingress is a 502 Bad Gateway, while the pods stay Ready "
+        "(the kubelet's probes speak plain HTTP) and the Service has endpoints, so everything "
+        "looks healthy. The Ingress terminates TLS and forwards plain HTTP to the Service: "
+        "leave the backend protocol at HTTP (no backend-protocol HTTPS, no ssl-passthrough, "
+        "no appProtocol https, a port named http)")

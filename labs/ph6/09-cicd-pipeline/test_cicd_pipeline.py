@@ -131,6 +131,99 @@ def test_a_failing_check_stops_the_pipeline(learner: Any) -> None:
                 "say and the stages after it go on. Let the command's exit status fail the job")
 
 
+# How GitHub runs a `run:` step on Linux (docs: "jobs.<job_id>.steps[*].shell"): with no
+# `shell:` it is `bash -e {0}` - WITHOUT pipefail, so `a | tee log` has tee's status.
+SHELLS = {None: ["bash", "-e"], "bash": ["bash", "--noprofile", "--norc", "-eo", "pipefail"],
+          "sh": ["sh", "-e"]}
+# The plumbing a step may use around its check; every other command is absent, so whatever
+# the step checks with (make, pytest, ./smoke.sh, curl...) fails.
+PLUMBING = ("tee", "cat", "mkdir", "cp", "mv", "rm", "ls", "touch", "printf", "grep", "sed",
+            "awk", "head", "tail", "tr", "cut", "wc", "sort", "uniq", "date", "sleep", "env",
+            "basename", "dirname", "test", "true", "false", "tar", "gzip")
+SETUP_ACTIONS = re.compile(r"^actions/(checkout|setup-[\w-]+|cache|upload-artifact|"
+                           r"download-artifact)@")
+
+
+def step_shell(doc: dict[str, Any], job: dict[str, Any], st: dict[str, Any]) -> list[str] | None:
+    """The command GitHub would run the step's script with, or None (pwsh, python...)."""
+    shell = st.get("shell")
+    for defaults in (job.get("defaults"), doc.get("defaults")):
+        if shell is None and isinstance(defaults, dict):
+            shell = (defaults.get("run") or {}).get("shell")
+    if shell in SHELLS:
+        argv = list(SHELLS[shell])
+    elif isinstance(shell, str) and "{0}" in shell and shell.split()[0] in ("bash", "sh"):
+        argv = [a for a in shell.split() if a != "{0}"]
+    else:
+        return None
+    return [shutil.which(argv[0]) or f"/bin/{argv[0]}", *argv[1:]]
+
+
+def run_with_every_check_failing(learner: Any, argv: list[str], script: str,
+                                 workdir: Path) -> int:
+    """The step's script run by ``argv`` in ``workdir`` - as the learner's uid when grading
+    (it is the learner's code): a folder it may write in (tee's log), a PATH of plumbing."""
+    workdir.mkdir()
+    os.chmod(workdir, 0o777)
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir()
+    for tool in PLUMBING:
+        real = shutil.which(tool)
+        if real and not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(real)
+    body = re.sub(r"\$\{\{[^}]*\}\}", "expr", script)  # GitHub substitutes these first
+    (workdir / "step.sh").write_text(body)
+    try:
+        done = learner.run([*argv, str(workdir / "step.sh")], cwd=workdir, timeout=20,
+                           env={"PATH": str(bin_dir), "HOME": str(workdir)},
+                           capture_output=True)
+    except subprocess.TimeoutExpired:
+        return -1
+    return done.returncode
+
+
+def test_a_failing_check_fails_its_job(learner: Any) -> None:
+    """Each gate job's run steps are run as GitHub would run them (its shell, `-e`, pipefail
+    or not) in an empty folder where every command but plumbing (tee, cat, grep...) is absent:
+    whatever the step checks with fails. The job must then fail. A pipe into tee without
+    pipefail, `|| echo ...`, `set +e` or a last command that always succeeds all let it
+    pass."""
+    doc = workflow(learner)
+    shared = learner.tmp_folder(learner_writes=True)
+    for stage in GATES:
+        job = doc["jobs"].get(stage) or {}
+        if any(st.get("uses") and not SETUP_ACTIONS.match(str(st["uses"])) for st in steps(job)):
+            continue  # an action may be what judges: not simulated here
+        runs = [(st, step_shell(doc, job, st)) for st in steps(job) if st.get("run")]
+        if not runs or any(argv is None for _, argv in runs):
+            continue
+        statuses = []
+        for st, argv in runs:
+            workdir = shared / f"{stage}-{len(statuses)}"
+            statuses.append(run_with_every_check_failing(learner, argv, str(st["run"]),
+                                                         workdir))
+            if statuses[-1] != 0:
+                break
+        if statuses[-1] != 0:
+            continue
+        st, argv = runs[-1]
+        script = str(st["run"]).strip()
+        piped = "|" in script.replace("||", "") and "pipefail" not in " ".join(argv) + script
+        why = (("its status is that of the pipe's LAST command: GitHub runs a step with no "
+                "`shell:` as `bash -e {0}`, without pipefail, so `a | tee log` succeeds "
+                "when a fails. Set `shell: bash` (bash -eo pipefail) or `set -o pipefail`")
+               if piped else
+               "something after the check turns its failure into exit 0 (`|| echo`, "
+               "`set +e`, a last command that always succeeds). Let the check's exit status "
+               "end the step")
+        pytest.fail(
+            f"job {stage!r} PASSES when every check it runs fails: run as GitHub runs it "
+            f"({' '.join([Path(argv[0]).name, *argv[1:]])} {{0}}) with its commands "
+            f"absent, each of its run steps exited 0 - last {script!r}: {why}. Expected the "
+            f"job to fail, so the stages that need it never run on a failed {stage}",
+            pytrace=False)
+
+
 def test_the_image_is_built_once_and_the_tested_one_deployed(learner: Any) -> None:
     jobs = workflow(learner)["jobs"]
     builders = sorted(name for name, job in jobs.items() for st in steps(job)

@@ -5,10 +5,12 @@ $PORT, DATABASE_URL (a fresh Postgres database) and REDIS_URL (the test's own Re
 none of them on a standard port. Checked from outside, as a platform sees an app: a missing,
 empty or bad variable stops it at once with a non-zero status naming the variable; two instances
 share all state through the backing services; request logs arrive on stdout and no file is
-written; SIGTERM ends it with status 0."""
+written; SIGTERM ends it with status 0, once the request in flight when it came has been
+answered (a graceful stop, not an exit under it)."""
 
 from __future__ import annotations
 
+import http.client
 import signal
 import socket
 import subprocess
@@ -22,6 +24,9 @@ from typing import Any
 import pytest
 
 from labrunner.testing import (
+    HttpReply,
+    PgStatementProxy,
+    came_true,
     http_request,
     listening_ports,
     redis_commands,
@@ -117,11 +122,24 @@ def apps(learner: Any) -> Iterator[list[App]]:
 # (variable, its value: None for absent); an empty value is an unset one (a manifest's
 # DATABASE_URL= that nobody filled in), so it counts as missing too
 BAD = [("DATABASE_URL", None), ("REDIS_URL", None), ("PORT", None), ("PORT", "eighty"),
-       ("DATABASE_URL", ""), ("REDIS_URL", ""), ("PORT", "")]
+       ("DATABASE_URL", ""), ("REDIS_URL", ""), ("PORT", ""),
+       ("PORT", "0"), ("PORT", "65536"), ("PORT", "-1")]
 EMPTY_IS_MISSING = (" - an empty value is no value (DATABASE_URL= in a manifest is a variable "
                     "nobody filled in; psycopg.connect('') quietly falls back to libpq's "
                     "defaults): count it as missing, `not env.get(name)`, not `name not in "
                     "env`")
+NOT_A_PORT = (" - a TCP port is 1..65535: PORT=0 asks the kernel for ANY free port, so the "
+              "app would serve where the platform's router sends nothing (and nothing fails); "
+              "beyond that range bind() dies with a traceback, not a config error. Check the "
+              "range when reading the config (1 <= port <= 65535)")
+
+
+def why_bad(value: str | None) -> str:
+    if value == "":
+        return EMPTY_IS_MISSING
+    if value is not None and value.lstrip("-").isdigit():
+        return NOT_A_PORT
+    return ""
 
 
 @pytest.mark.parametrize(("name", "value"), BAD, ids=[f"{n}={v}" for n, v in BAD])
@@ -132,7 +150,7 @@ def test_bad_config_fails_fast(learner: Any, env: dict[str, str], apps: list[App
         monkeypatch.delenv(var, raising=False)
     env = dict(env)
     what = f"{name} missing" if value is None else f"{name}={value!r}"
-    empty = EMPTY_IS_MISSING if value == "" else ""
+    why = why_bad(value)
     if value is None:
         del env[name]
     else:
@@ -141,22 +159,23 @@ def test_bad_config_fails_fast(learner: Any, env: dict[str, str], apps: list[App
     apps.append(app)
     deadline = time.monotonic() + 20
     while app.proc.poll() is None and time.monotonic() < deadline:
-        if app.ports():
-            pytest.fail(f"with {what}, app.py started serving anyway: expected it to refuse "
-                        "to start - a default or a lazy read hides a broken deployment until "
-                        f"the first request needs the value{empty}")
+        if serving := app.ports():
+            hides = (why or " - a default or a lazy read hides a broken deployment until the "
+                     "first request needs the value")
+            pytest.fail(f"with {what}, app.py started serving anyway (listening on "
+                        f"{sorted(serving)}): expected it to refuse to start{hides}")
         time.sleep(0.05)
     if app.proc.poll() is None:
         pytest.fail(f"with {what}, app.py is still running after 20 s: expected it to exit "
-                    f"at once with a non-zero status naming the variable (fail fast){empty}")
+                    f"at once with a non-zero status naming the variable (fail fast){why}")
     assert app.proc.returncode != 0, (
         f"with {what}, app.py exited with status 0: a non-zero status tells the platform the "
-        f"start failed (and to report it) - 0 means 'done, all is well'{empty}")
+        f"start failed (and to report it) - 0 means 'done, all is well'{why}")
     for reader in app.readers:
         reader.join(10)
     assert name in app.output(), (
         f"with {what}, app.py exited with status {app.proc.returncode} without naming "
-        f"{name}{empty}; its output ended with: {app.output()[-400:]!r}. Say which variable "
+        f"{name}{why}; its output ended with: {app.output()[-400:]!r}. Say which variable "
         "is missing or wrong - did it fall back to a default and fail later on?")
 
 
@@ -210,13 +229,75 @@ def test_two_instances_share_state_through_backing_services(
         f"stdout ends with {first.out[-3:]}")
 
 
-def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str],
+# s after SIGTERM a request in flight is held unanswered (at Postgres) unless the app exited
+# before: an app that exits under it does so at once (sys.exit/os._exit in the handler) or
+# within a second (request threads that are daemons, gone with the process).
+DRAIN_HOLD = 5
+
+
+class HeldPostgres(PgStatementProxy):
+    """A proxy in front of Postgres that holds the first message carrying ``marker`` (the
+    text of a note being stored) until ``release`` is set: a request in flight, on demand.
+    (psycopg, unlike redis-py, has no read timeout to run out meanwhile.)"""
+
+    def __init__(self, host: str, port: int, **options: Any) -> None:
+        super().__init__(host, port, **options)
+        self.marker = f"drain-{uuid.uuid4().hex}".encode()
+        self.arrived, self.release = threading.Event(), threading.Event()
+
+    def upward(self, link: Any, chunk: bytes) -> bool | None:
+        if self.marker in chunk and not self.arrived.is_set():
+            self.arrived.set()
+            self.release.wait(60)
+        return super().upward(link, chunk)
+
+
+def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], postgres: Any,
                                           apps: list[App]) -> None:
-    app = App(learner, env)
-    apps.append(app)
-    app.ready()
-    assert http_request(f"127.0.0.1:{app.port}", "GET", "/visits").status == 200
-    app.proc.send_signal(signal.SIGTERM)
+    """SIGTERM while a POST /notes is in flight (its INSERT held at a proxy in front of
+    Postgres): a graceful stop stops accepting, lets that request finish (the proxy lets the
+    INSERT go on once the app exited or DRAIN_HOLD s went by), closes the pools, exits 0."""
+    with HeldPostgres.for_dsn(postgres.dsn) as held:
+        app = App(learner, {**env, "DATABASE_URL": held.dsn_for(postgres.dsn)})
+        apps.append(app)
+        app.ready()
+        host = f"127.0.0.1:{app.port}"
+        assert http_request(host, "GET", "/visits").status == 200
+        answer: list[Any] = []
+
+        def post() -> None:
+            try:
+                answer.append(http_request(host, "POST", "/notes", timeout=90,
+                                           document={"text": held.marker.decode()}))
+            except (OSError, http.client.HTTPException) as exc:   # ended without an answer
+                answer.append(exc)
+
+        poster = threading.Thread(target=post, daemon=True)
+        poster.start()
+        wait_until(held.arrived.is_set, "POST /notes to reach Postgres through the app")
+        app.proc.send_signal(signal.SIGTERM)
+        came_true(lambda: app.proc.poll() is not None, DRAIN_HOLD)
+        held.release.set()
+        poster.join(60)
+        code = exit_status_after_sigterm(app)
+    assert code == 0, (
+        f"after SIGTERM app.py exited with status {code}"
+        + (" (killed by the signal: no handler)" if code == -signal.SIGTERM else "")
+        + ": expected 0 - handle SIGTERM, stop the server, close the pools, exit 0")
+    got = answer[0] if answer else "no answer within 60 s"
+    if not (isinstance(got, HttpReply) and got.status == 201):
+        seen = f"HTTP {got.status} {got.body[:100]!r}" if isinstance(got, HttpReply) else got
+        pytest.fail(
+            f"app.py exited 0 after SIGTERM, but the POST /notes it was serving when the "
+            f"signal came got {seen!s}: the process ended under it. A graceful stop (factor "
+            "IX) stops accepting new requests, lets the ones in flight finish, closes the "
+            "connections, then exits - not sys.exit()/os._exit() in the signal handler, and "
+            "not request threads that are daemons (ThreadingHTTPServer's default), which die "
+            "with the process: set server.daemon_threads = False so server_close() waits for "
+            "them", pytrace=False)
+
+
+def exit_status_after_sigterm(app: App) -> int:
     try:
         code = app.proc.wait(15)
     except subprocess.TimeoutExpired:
@@ -230,10 +311,7 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str],
         pytest.fail("app.py did not exit within 15 s of SIGTERM (and has no handler for it "
                     "that could have ignored it...): the platform would SIGKILL it "
                     "mid-request", pytrace=False)
-    assert code == 0, (
-        f"after SIGTERM app.py exited with status {code}"
-        + (" (killed by the signal: no handler)" if code == -signal.SIGTERM else "")
-        + ": expected 0 - handle SIGTERM, stop the server, close the pools, exit 0")
+    return int(code)
 
 
 def test_concurrent_visits_are_each_counted(learner: Any, env: dict[str, str], apps: list[App],

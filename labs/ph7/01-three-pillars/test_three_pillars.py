@@ -40,6 +40,8 @@ class App:
     provider: Any
     receiver: OtlpTraceReceiver
     log: Path
+    module: Any
+    wsgi: Any
 
     def get(self, path: str, trace_id: str | None = None) -> Any:
         headers = {}
@@ -87,8 +89,9 @@ def app(learner: Any) -> Iterator[App]:
             provider = module.make_provider("orders", receiver.endpoint)
         except NotImplementedError as exc:
             pytest.fail(f"make_provider is not written yet ({exc})", pytrace=False)
-        with serve_wsgi(module.make_app(provider, str(log))) as host:
-            yield App(host, provider, receiver, log)
+        wsgi = module.make_app(provider, str(log))
+        with serve_wsgi(wsgi) as host:
+            yield App(host, provider, receiver, log, module, wsgi)
         provider.shutdown()
 
 
@@ -260,6 +263,62 @@ def test_an_error_shows_in_all_three(app: App) -> None:
     assert counts.get("500") == 1.0, (
         f"{COUNTER}_total by status is {counts}, expected one 500: errors must be counted "
         "(the E of RED), or an alert on the error rate never fires")
+
+
+# Requests handled at once (a threaded server's workers), each line of the learner's code
+# slowed so they interleave line by line: (path, status).
+AT_ONCE = (("/orders/1", 200), ("/orders/999", 404), ("/orders/boom", 500), ("/orders/2", 200))
+LINE_DELAY = 0.005
+
+
+def test_concurrent_requests_keep_their_own_ids(app: App, learner: Any) -> None:
+    traces = [new_trace_id() for _ in AT_ONCE]
+    statuses, failures = learner.harness().at_once(
+        app.module, app.wsgi, [(path, f"00-{t}-{secrets.token_hex(8)}-01")
+                               for (path, _), t in zip(AT_ONCE, traces, strict=True)],
+        LINE_DELAY)
+    app.provider.force_flush()
+    assert not failures, f"requests handled at once failed: {failures}"
+    assert list(statuses) == [s for _, s in AT_ONCE], (
+        f"{[p for p, _ in AT_ONCE]} handled at once answered {list(statuses)}, expected "
+        f"{[s for _, s in AT_ONCE]}")
+    records = app.log_records()
+    logged = {t: sum(r.get("trace_id") == t for r in records) for t in traces}
+    why = ("the ids were kept somewhere all requests share (a dict, a global, an attribute "
+           "set when the span opened) and another request overwrote them before this one "
+           "logged/observed. Read them from the current span at the moment you use them "
+           "(trace.get_current_span().get_span_context()): the OpenTelemetry context is per "
+           "thread/task precisely so that concurrent requests do not see each other's")
+    for (path, _), trace_id in zip(AT_ONCE, traces, strict=True):
+        what = f"GET {path} (trace {trace_id}), handled at once with {len(AT_ONCE) - 1} others"
+        span = the_span(app, trace_id, what)
+        mine = [r for r in records if r.get("trace_id") == trace_id]
+        strays = [r.get("span_id") for r in mine if r.get("span_id") != span.span_id]
+        assert mine and not strays, (
+            f"{what}: its span is {span.span_id}, but the log has "
+            + (f"lines of its trace with span_id {strays}" if strays else
+               "no line with its trace id")
+            + f" (log lines per request's trace: {list(logged.values())}, in order of "
+            f"{[p for p, _ in AT_ONCE]}): {why}")
+    samples = app.scrape()["samples"]
+    for sample in samples:
+        ex = getattr(sample, "exemplar", None)
+        if sample.name != f"{COUNTER}_total" or ex is None:
+            continue
+        status = sample.labels.get("status")
+        want = [t for (_, s), t in zip(AT_ONCE, traces, strict=True) if str(s) == status]
+        if len(want) == 1:
+            assert ex.labels.get("trace_id") == want[0], (
+                f"{COUNTER}_total{{status=\"{status}\"}}'s exemplar has trace_id "
+                f"{ex.labels.get('trace_id')}, but the only request that answered {status} "
+                f"was in trace {want[0]} (requests handled at once): {why}")
+    spans = {(s.trace_id, s.span_id) for s in app.receiver.snapshot()}
+    for sample in samples:
+        ex = getattr(sample, "exemplar", None)
+        if ex is not None and ex.labels.get("trace_id") in traces:
+            assert (ex.labels["trace_id"], ex.labels.get("span_id")) in spans, (
+                f"{sample.name}'s exemplar {dict(ex.labels)} pairs trace "
+                f"{ex.labels['trace_id']} with a span_id that is no span of that trace: {why}")
 
 
 # Accept headers that ask for OpenMetrics without naming it first: with a lower-q classic

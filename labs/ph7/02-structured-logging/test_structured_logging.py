@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ class Log:
         return records
 
 
+# The concurrency check's gate (harness.py): a write that leaves the log mid-line waits up
+# to GATE_WAIT s for another request's write, GATE_WAITS times at most (a logger that writes
+# its line in pieces under a lock waits that long, and passes).
+CONCURRENT, GATE_WAIT, GATE_WAITS = 4, 2.0, 2
+
 # The learner's code runs in a local zone that is not UTC (a half-hour offset, like India's):
 # on a machine in UTC, the local time labelled "Z" would look right.
 LOCAL_ZONE, LOCAL_OFFSET = "LAB-5:30", timedelta(hours=5, minutes=30)
@@ -68,14 +74,20 @@ def serve(learner: Any) -> Any:
     make_app = learner.function("jsonlog", "make_app")
     folder = learner.tmp_folder(learner_writes=True)
     previous = learner.run_helper(local_timezone, LOCAL_ZONE)
+    gates = []
 
-    def start(level: str = "INFO") -> tuple[Any, Log]:
+    def start(level: str = "INFO", gated: bool = False) -> tuple[Any, Log]:
         path = folder / f"app-{level}.log"
         path.touch()
         os.chmod(path, 0o666)
+        if gated:  # before make_app opens the file: see harness.py
+            gates.append(learner.harness())
+            gates[-1].install(str(path), GATE_WAIT, GATE_WAITS)
         return serve_wsgi(make_app(str(path), SERVICE, level)), Log(path)
 
     yield start
+    for harness in gates:
+        harness.remove()
     learner.run_helper(local_timezone, previous)
 
 
@@ -269,3 +281,52 @@ def test_no_secret_is_ever_logged(serve: Any) -> None:
     assert '"dave"' in text, (
         "the login of user 'dave' is not in the log: redact the secrets, keep the facts "
         "(who logged in, the path, the status)")
+
+
+def test_concurrent_requests_never_share_or_split_a_line(serve: Any) -> None:
+    # The server runs each request on a thread of its own. The harness's gate holds any
+    # write that leaves the log mid-line until another request's write has come (see
+    # harness.py): the interleaving a threaded server meets now and then, every time.
+    server, log = serve(gated=True)
+    paths = [f"/no-such-page-{n}" for n in range(CONCURRENT)]
+    start = threading.Barrier(CONCURRENT)
+    statuses: dict[str, int] = {}
+
+    def one(host: str, path: str) -> None:
+        start.wait(30)
+        statuses[path] = http_request(host, "GET", path).status
+
+    with server as host:
+        clients = [threading.Thread(target=one, args=(host, p)) for p in paths]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+    assert sorted(statuses) == sorted(paths), (
+        f"{CONCURRENT} requests sent at once: only {sorted(statuses)} were answered")
+    lines = log.text().split("\n")
+    if lines[-1] == "":  # the last line's newline
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        try:
+            whole = isinstance(json.loads(line), dict)
+        except ValueError:
+            whole = False
+        what = ("is empty" if not line else
+                f"holds two records glued together ({line[:50]!r}...{line[-50:]!r})"
+                if "}{" in line else f"is not JSON ({line[:100]!r})")
+        assert whole, (
+            f"{CONCURRENT} requests logging at once: log line {number} {what}, expected one "
+            "JSON object per line - another request's record landed in the middle of this "
+            "one's write: print(line, file=f) is two writes (the text, then end='\\n'), and so is "
+            "write(line) then write('\\n'); on a threaded server a second thread writes "
+            "between them (two records glued on one line, then an empty line)\nWrite each "
+            "record as json.dumps(record) + '\\n' in ONE write(), under one "
+            "threading.Lock shared by every request (made once, in the logger, not per "
+            "call).")
+    paths_logged = sorted(str(r.get("path")) for r in log.records()
+                          if str(r.get("path")).startswith("/no-such-page-"))
+    assert paths_logged == sorted(paths), (
+        f"{CONCURRENT} requests logging at once left access records for {paths_logged}, "
+        f"expected one for each of {sorted(paths)}: a record written from several threads "
+        "at once was lost or duplicated - write each line in one write() under a lock")

@@ -5,8 +5,11 @@ The test's service runs as two instances (a service scaled out: two scrape targe
 job, each with a pool of its own and its own share of each route) whose counters grow at known
 rates: together 40 requests per second, 6 of them 5xx and 4 of them 404; a duration histogram
 whose p99 is 0.5 s; pools of 3 and 2 workers, 3.75 busy on average, 1.5 requests waiting, 0.5
-rejected per second. Each sample carries the time it was computed for, on a grid both
-instances share, so Prometheus holds exact straight lines, and the queries are evaluated at
+rejected per second. The first instance restarts every 2 s (its counters begin again at
+0), as a service being deployed or crash-looping does: a counter is read with rate() per
+series, which counts each one's resets, never summed first. Each sample carries the time it
+was computed for, on a grid both instances share, so Prometheus holds exact straight lines
+(broken only by the restarts, each right after a scrape), and the queries are evaluated at
 a sample time of both instances over a window that starts at another: the figures then come
 out exact, and the test compares them tightly. A figure that is right for one instance alone
 (scalar(), an average or maximum over instances, a mean of the instances' ratios) is not."""
@@ -19,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -50,6 +54,12 @@ OTHER = {"requests": {("/orders", "200"): 100.0}, "pool": (2, 2.0, 9.0, 7.0)}
 # Every sample is stamped with a multiple of this (both instances scraped each 0.5 s), so
 # the instances' series share sample times the queries are evaluated at.
 GRID = 0.5
+# The first instance restarts every RESTART seconds (a deploy, a crash loop): right after a
+# scrape, so every counter it exports begins again at 0 and the next sample holds only what
+# it counted since. Each window holds a restart or two. rate() of each series counts the
+# drop as a reset and stays exact; a sum of the instances' counters drops too, and rate() or
+# increase() of that sum takes the other instance's whole total for growth.
+RESTARTING, RESTART = 0, 2.0
 
 
 def figures(instances: Sequence[int]) -> dict[str, float]:
@@ -111,6 +121,9 @@ class SyntheticService:
 
     def __init__(self, instance: int = 0, other: bool = False) -> None:
         self.started = time.time()
+        self.restarts = not other and instance == RESTARTING
+        self.next_restart = self.started + RESTART
+        self.restarted_at: list[float] = []  # the sample times it restarted right after
         self.lock = threading.Lock()
         self.other = other
         self.share = {route: 1.0 for route in DURATIONS} if other else SHARES[instance]
@@ -120,7 +133,12 @@ class SyntheticService:
     def collect(self) -> Iterator[Any]:
         with self.lock:
             now = math.floor(time.time() / GRID) * GRID
-        t = now - self.started
+            t = now - self.started
+            if self.restarts and now >= self.next_restart:
+                # This scrape still sees the counters as they were; the process restarts
+                # right after it, at time `now`, and counts again from 0.
+                self.started, self.next_restart = now, now + RESTART
+                self.restarted_at.append(now)
         requests = CounterMetricFamily("http_requests", "HTTP requests served.",
                                        labels=["route", "code"])
         mix = OTHER["requests"] if self.other else REQUESTS
@@ -156,12 +174,29 @@ class SyntheticService:
         yield size
 
 
-def _window(prometheus: Any, job: str) -> tuple[float, str]:
-    """A sample time of every instance, and a window (in ms) back to another such time."""
-    raw = prometheus.query(f'pool_size{{job="{job}"}}[10s]')
-    stamps = set.intersection(*({float(t) for t, _ in series["values"]} for series in raw))
-    end = max(stamps)
-    start = min(t for t in stamps if t >= end - 5.5)
+@dataclass
+class Running:
+    job: str
+    restarting: SyntheticService  # the instance that restarts
+    address: str                  # its instance label
+
+
+def _window(prometheus: Any, running: Running) -> tuple[float, str]:
+    """A sample time of every instance, and a window (in ms) back to another such time, in
+    which Prometheus holds the sample each restart came right after (and the next one): a
+    scrape lost on a loaded machine would otherwise hide growth from rate() itself."""
+    raw = prometheus.query(f'pool_size{{job="{running.job}"}}[10s]')
+    stored = {series["metric"]["instance"]: {float(t) for t, _ in series["values"]}
+              for series in raw}
+    common = set.intersection(*stored.values())
+    with running.restarting.lock:
+        restarts = list(running.restarting.restarted_at)
+    kept = stored[running.address]
+    windows = [(end, min(t for t in common if t >= end - 5.5))
+               for end in sorted(common, reverse=True)]
+    end, start = next(((end, start) for end, start in windows
+                       if all({r, r + GRID} <= kept for r in restarts if start < r < end)),
+                      windows[0])
     return end, f"{round((end - start) * 1000)}ms"
 
 
@@ -180,9 +215,10 @@ def _evaluate(prometheus: Any, query: str, at: float) -> list[dict[str, Any]]:
                     pytrace=False)
 
 
-def _check(prometheus: Any, learner: Any, job: str, what: str,
+def _check(prometheus: Any, learner: Any, running: Running, what: str,
            want: dict[str, tuple[float, str]]) -> None:
-    end, window = _window(prometheus, job)
+    job = running.job
+    end, window = _window(prometheus, running)
     queries = learner.function("red_use", what)(job, window)
     assert isinstance(queries, dict), f"{what}() returned {type(queries).__name__}, not a dict"
     for name, (expected, why) in want.items():
@@ -218,6 +254,22 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
     if ranges and ranges != [window]:
         return (f"the query's range is {ranges}, not the window asked for ({window}): put "
                 "the window argument in every range selector")
+    restarted = (f"instance {RESTARTING + 1} restarted within the window (a deploy, a crash: "
+                 "every counter it exports began again at 0)")
+    if re.search(r"(rate|increase|delta|deriv)\((sum|avg|max|min|count)\b", compact):
+        return (f"the counters are aggregated before rate(): {restarted}, so their sum "
+                "dropped, and rate()/increase() of that sum took the drop for a counter "
+                "reset and counted the other instance's whole total as growth. Resets are "
+                "per series: rate() each instance's own counter, then sum() the rates - "
+                "sum(rate(counter[window]))")
+    if re.search(r"(?<!i)(delta|deriv)\(", compact):
+        return (f"delta()/deriv() are for gauges: {restarted}, and they read its counters' "
+                "drop as a decrease; rate() (or increase()) counts a drop as a reset and "
+                "keeps the growth on both sides of it")
+    if "offset" in compact:
+        return (f"a difference of totals (now minus offset) loses the growth before a "
+                f"restart: {restarted} - use rate() over [window], which counts each "
+                "series' resets")
     if "rate(" not in compact and "increase(" not in compact:
         return ("the query reads the counters' totals since the service started (its bad "
                 "spell before the test included), not what happened over the window: take "
@@ -278,17 +330,19 @@ def _serve(stack: ExitStack, service: SyntheticService) -> str:
 
 
 @pytest.fixture
-def service(prometheus: Any) -> Iterator[str]:
+def service(prometheus: Any) -> Iterator[Running]:
     """The synthetic service's instances, scraped as one job, with at least 7 s of samples
     of each in Prometheus; another service scraped beside it."""
     with ExitStack() as stack:
         prometheus.scrape(_serve(stack, SyntheticService(other=True)))
-        job = prometheus.scrape([_serve(stack, SyntheticService(i)) for i in range(len(POOLS))])
+        instances = [SyntheticService(i) for i in range(len(POOLS))]
+        addresses = [_serve(stack, instance) for instance in instances]
+        job = prometheus.scrape(addresses)
         prometheus.wait_for_scrapes(job, count=14)
-        yield job
+        yield Running(job, instances[RESTARTING], addresses[RESTARTING])
 
 
-def test_red_and_use_figures(learner: Any, prometheus: Any, service: str) -> None:
+def test_red_and_use_figures(learner: Any, prometheus: Any, service: Running) -> None:
     _check(prometheus, learner, service, "red", WANT_RED)
     # USE in the same test: one synthetic service, scraped once, serves both.
     _check(prometheus, learner, service, "use", WANT_USE)

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,11 @@ FAMILIES: list[dict[str, Any]] = [
          {"labels": {"path": "two\nlines", "method": "PUT"}, "value": 0},
          {"labels": {"path": "/tab\there", "method": "GET"}, "value": 7},
      ]},
+    # Characters other line splitters break at (CR, form feed, NEL, LINE SEPARATOR) and a
+    # trailing line feed: HELP keeps them all, escaping only the backslash and the line feed.
+    {"name": "jobs_done", "type": "counter",
+     "help": "Jobs done.\r\nOne per job\x0cand retry\x85or\u2028resume, then a line feed:\n",
+     "samples": [{"labels": {"queue": "bulk"}, "value": 4}]},
     {"name": "queue_depth", "type": "gauge", "help": "Jobs waiting, per queue.",
      "samples": [
          {"labels": {}, "value": -2.5},
@@ -264,6 +270,11 @@ def test_prometheus_ingests_it(learner: Any, prometheus: Any) -> None:
 
 
 def _help_why(seen: str, want: str) -> str:
+    if seen != want and "\n".join(want.splitlines()) in (seen, seen.rstrip("\n")):
+        return ("characters other than the line feed became line feeds, or a trailing line "
+                "feed was lost: str.splitlines() splits at \\r, \\x0c, \\x85, \\u2028 and "
+                "more, and drops the last line feed - in HELP text replace exactly the "
+                "backslash and the line feed, and leave every other character as it is")
     if '\\"' in seen:
         return ("a double quote came back with a backslash: in HELP text escape only the "
                 "backslash (\\\\) and the line feed (\\n) - a quote is written as it is")
@@ -332,6 +343,40 @@ def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> 
                 f"{what}: {query!r} reads {value:.0f} requests over the test, the workers "
                 f"of job {job} served {served} (worker b restarted half-way, its counter back "
                 "to 0; another job served 100000 meanwhile): " + _why(query, value, served))
+        _per_second_over_any_window(module, prometheus, job)
+
+
+# PromQL durations a dashboard sends: units concatenated largest first, ms distinct from m.
+# (window, its length in seconds)
+WINDOWS = (("5m17s", 317), ("317000ms", 317), ("1h5m", 3900), ("2m", 120))
+
+
+def _per_second_over_any_window(module: Any, prometheus: Any, job: str) -> None:
+    """per_second(job, w) must be the job's rate over the WHOLE window w, for every PromQL
+    duration: evaluated at one instant beside sum(rate(...[w])), the two agree."""
+    at = time.time()
+    for window, seconds in WINDOWS:
+        try:
+            query = module.per_second(job, window)
+        except Exception as exc:  # noqa: BLE001 - the learner's, reported
+            pytest.fail(f"per_second({job!r}, {window!r}) raised {type(exc).__name__}: {exc}: "
+                        f"{window} is a PromQL duration ({seconds} s); durations are "
+                        "compound (5m17s, 1h5m) and ms is a unit of its own - let "
+                        "Prometheus read the window: sum(rate(...[window]))", pytrace=False)
+        rate = f'sum(rate(http_requests_total{{job="{job}"}}[{window}]))'
+        got, want = (prometheus.query_range(q, at, at, 1) for q in (query, rate))
+        value = float(got[0]["values"][0][1]) if len(got) == 1 and got[0]["values"] else None
+        expected = float(want[0]["values"][0][1])
+        assert value is not None and math.isclose(value, expected, rel_tol=1e-6), (
+            f"per_second({job!r}, {window!r}) = {query!r} reads {value} requests/s, while the "
+            f"job's rate over the whole {window} ({seconds} s), sum(rate(...[{window}])) at "
+            f"the same instant, is {expected:g}"
+            + (f" ({value / expected:.3f}x): the window's length was misread - "
+               if value and expected else ": ")
+            + "a PromQL duration is compound (5m17s is 317 s, 1h5m 3900 s) and ms is not m; "
+            "dividing an increase by a length parsed from its first number and unit gets "
+            "the rate wrong. Use rate() (summed), which divides by the window Prometheus "
+            "itself read")
 
 
 def _why(query: str, value: float, served: int) -> str:

@@ -8,7 +8,8 @@ of the frontend's outgoing call. The test plays the upstream caller: it sends it
 traceparent (a trace id with leading zeros, a tracestate, sampled or not) and checks the
 trace the collector received: one trace id end to end, the parent of every span, span
 kinds, service names, the header's W3C format, the sampling decision and error status
-(also when the proxy itself fails the call: a 502/503/504 of its own, or a cut connection).
+(also when the proxy itself fails the call: a 502/503/504 of its own, a cut connection, a
+200 whose body breaks off, or it never answers: the frontend's call must time out).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import http.client
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,9 +34,17 @@ TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
 
 
 # What the proxy (a load balancer in front of inventory) does itself for some skus, without
-# asking inventory: answer a 5xx of its own, or cut the connection before any answer.
-PROXY_FAILS: dict[str, int | None] = {"LB-502": 502, "LB-503": 503, "LB-504": 504,
-                                      "LB-CUT": None}
+# asking inventory: answer a 5xx of its own, cut the connection before any answer, or cut it
+# in the middle of a 200's body (SHORT: the status line and headers arrived, the body did not).
+SHORT = "short"
+PROXY_FAILS: dict[str, int | str | None] = {"LB-502": 502, "LB-503": 503, "LB-504": 504,
+                                            "LB-CUT": None, "LB-SHORT": SHORT}
+SHORT_BODY, SHORT_LENGTH = b'{"sku": "LB-SHORT", ', 100
+# For this sku the proxy takes the call and never answers (a hung inventory, a black-holed
+# packet) until the test ends. The README asks for a timeout of at most 5 s; the test waits
+# 8 s for the frontend's answer: 3 s of slack, so a correct one on a loaded machine is never
+# cut; and far from the 10 s an older starter had, so that one fails every time, not by a race.
+HANG_SKU, HANG_WAIT = "LB-HANG", 8.0
 
 
 class RecordingProxy:
@@ -43,6 +53,7 @@ class RecordingProxy:
 
     def __init__(self, upstream: str) -> None:
         self.seen: list[dict[str, str]] = []
+        self.closing = threading.Event()
         proxy = self
         host, port = upstream.rsplit(":", 1)
 
@@ -53,6 +64,10 @@ class RecordingProxy:
             def do_GET(self) -> None:  # noqa: N802
                 proxy.seen.append({k.lower(): v for k, v in self.headers.items()})
                 sku = self.path.rsplit("/", 1)[-1]
+                if sku == HANG_SKU:  # no answer; the connection closes when the test ends
+                    self.close_connection = True
+                    proxy.closing.wait(60)
+                    return
                 if sku in PROXY_FAILS:
                     self.fail(PROXY_FAILS[sku])
                     return
@@ -69,9 +84,16 @@ class RecordingProxy:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def fail(self, status: int | None) -> None:
+            def fail(self, status: int | str | None) -> None:
                 self.close_connection = True
                 if status is None:  # cut: the connection closes with no answer at all
+                    return
+                if status == SHORT:  # a 200 whose body stops at a fifth of its length
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(SHORT_LENGTH))
+                    self.end_headers()
+                    self.wfile.write(SHORT_BODY)
                     return
                 body = b'{"error": "no healthy upstream"}'
                 self.send_response(status)
@@ -90,6 +112,7 @@ class RecordingProxy:
         return f"http://127.0.0.1:{self.server.server_port}"
 
     def close(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -101,17 +124,21 @@ class Stack:
     receiver: OtlpTraceReceiver
     providers: list[Any]
 
-    def call(self, path: str, headers: dict[str, str] | None = None) -> Any:
+    def call(self, path: str, headers: dict[str, str] | None = None,
+             timeout: float = 15) -> Any:
         try:
-            return http_request(self.host, "GET", path, headers=headers or {})
+            return http_request(self.host, "GET", path, headers=headers or {},
+                                timeout=timeout)
         finally:
             for provider in self.providers:  # whatever span processor: all exported now
                 provider.force_flush()
 
-    def status(self, path: str, headers: dict[str, str]) -> int | str:
+    def status(self, path: str, headers: dict[str, str], timeout: float = 15) -> int | str:
         """The status of GET ``path``, or what happened instead when there was none."""
         try:
-            return self.call(path, headers).status
+            return self.call(path, headers, timeout).status
+        except TimeoutError:
+            return f"no answer within {timeout:g} s"
         except (OSError, http.client.HTTPException) as exc:
             return f"no answer ({type(exc).__name__}: the app raised?)"
 
@@ -303,10 +330,14 @@ def test_a_client_error_is_not_a_server_error(stack: Stack) -> None:
 
 def test_every_upstream_failure_is_a_failed_call(stack: Stack) -> None:
     """Not only inventory's own 500: the load balancer in front of it answers 502, 503 or
-    504, or the connection breaks before any answer. The CLIENT span records a failed call
-    each time (HTTP semantic conventions: a status >= 500, or no response at all)."""
+    504, or the connection breaks before any answer or in the middle of a 200's body. The
+    CLIENT span records a failed call each time (HTTP semantic conventions: a status >= 500,
+    or no complete response at all)."""
     for sku, status in PROXY_FAILS.items():
-        what = (f"the load balancer in front of inventory answered {status}" if status else
+        what = (f"the answer from inventory was cut in the middle of its body (200 OK, "
+                f"Content-Length: {SHORT_LENGTH}, {len(SHORT_BODY)} bytes, then the "
+                "connection closed)" if status == SHORT else
+                f"the load balancer in front of inventory answered {status}" if status else
                 "the connection to inventory was cut before any answer")
         trace_id, _, headers = caller()
         answered = stack.status(f"/checkout/{sku}", headers)
@@ -316,13 +347,46 @@ def test_every_upstream_failure_is_a_failed_call(stack: Stack) -> None:
         assert client.status == "ERROR", (
             f"{what}: the frontend's CLIENT span has status {client.status}, expected ERROR "
             f"(the frontend answered {answered})"
-            + (" - every 5xx is a failed call, not only 500: compare status >= 500 (a "
+            + (" - the CLIENT span is the whole call, from the request to the END of the "
+               "response: a body that breaks off (IncompleteRead) or never comes is a failed "
+               "call. Read the body inside the CLIENT span's with block, not after "
+               "getresponse() has returned and the span has ended" if status == SHORT else
+               " - every 5xx is a failed call, not only 500: compare status >= 500 (a "
                "proxy, a load balancer or a gateway answers 502, 503, 504 for a callee that "
                "is down)" if status else " - a call that got no answer failed: if you catch "
                "the error, set the CLIENT span's status to ERROR (and record the exception) "
                "before answering"))
-        if status:
+        if isinstance(status, int):
             assert answered == 502, (
                 f"{what}: GET /checkout/{sku} was answered {answered}, expected 502 Bad "
                 "Gateway: the frontend's upstream failed (any 5xx), so is its answer - never "
                 "read the failure's body as if it were stock")
+
+
+def test_a_call_that_never_answers_fails_in_time(stack: Stack) -> None:
+    """The load balancer takes the call and never answers (a hung inventory, a black-holed
+    packet). Without a timeout the frontend waits forever: its CLIENT and SERVER spans never
+    end, nothing is exported, and the trace of the failing call does not exist."""
+    trace_id, _, headers = caller()
+    began = time.monotonic()
+    try:
+        answered = stack.status(f"/checkout/{HANG_SKU}", headers, timeout=HANG_WAIT)
+        took = time.monotonic() - began
+        spans, everything = stack.trace(trace_id), stack.receiver.snapshot()
+    finally:
+        stack.proxy.closing.set()  # a frontend still waiting is let go (its call is cut)
+    what = "the load balancer in front of inventory took the call and never answered"
+    client = [s for s in spans if s.service == "frontend" and s.kind == "CLIENT"]
+    assert client or isinstance(answered, int), (
+        f"{what}: the frontend had not answered after {took:.0f} s and no CLIENT span of "
+        "the call had ended: its call to inventory waits forever - it has no timeout "
+        "(or one far too long). Give it one of a few seconds (at most 5 s: "
+        "HTTPConnection(host, port, timeout=3), urlopen(url, timeout=3)): a call that never "
+        "answers is a failed call, and its CLIENT span must end with ERROR so the trace shows "
+        "where the time went.")
+    span = one(spans, "frontend", "CLIENT", f"the call on which {what}", everything)
+    assert span.status == "ERROR", (
+        f"{what}: the frontend's call timed out after {took:.1f} s (it answered {answered}), "
+        f"but its CLIENT span has status {span.status}, expected ERROR: a call that timed "
+        "out failed - if you catch the timeout, set the CLIENT span's status to ERROR (and "
+        "record the exception) before answering")

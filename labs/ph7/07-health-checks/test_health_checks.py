@@ -434,18 +434,76 @@ def http_server(pending: bytearray) -> tuple[bytes, bool]:
             b"\r\nConnection: close\r\n\r\nBad Request"), False
 
 
-# (dependency, its label, how it misbehaves, the impostor, what its client raises then)
+def _pg(kind: bytes, payload: bytes) -> bytes:
+    return kind + (len(payload) + 4).to_bytes(4, "big") + payload
+
+
+PG_READY = _pg(b"Z", b"I")
+PG_LOGGED_IN = (_pg(b"R", (0).to_bytes(4, "big"))          # AuthenticationOk
+                + b"".join(_pg(b"S", f"{k}\0{v}\0".encode()) for k, v in (
+                    ("server_version", "16.4"), ("client_encoding", "UTF8"),
+                    ("standard_conforming_strings", "on"), ("DateStyle", "ISO, MDY"),
+                    ("integer_datetimes", "on"), ("TimeZone", "UTC")))
+                + _pg(b"K", (4242).to_bytes(4, "big") + (7).to_bytes(4, "big")) + PG_READY)
+SSL_OR_GSS_REQUEST = (80877103, 80877104)
+
+
+def postgres_failing_queries(code: str, message: str) -> Answer:
+    """Something on Postgres' port that logs every client in (as PgBouncer does itself, with
+    its own auth_file, before it needs a server connection) and then answers every query,
+    simple or extended, with the ErrorResponse ``code`` ``message``."""
+    error = _pg(b"E", f"SERROR\0VERROR\0C{code}\0M{message}\0\0".encode()) + PG_READY
+
+    def answer(pending: bytearray) -> tuple[bytes, bool]:
+        out = b""
+        while len(pending) >= 5:
+            if pending[0] == 0:   # an untyped startup-phase message: length, then a code
+                size = int.from_bytes(pending[:4], "big")
+                if len(pending) < max(size, 8):
+                    break
+                code_ = int.from_bytes(pending[4:8], "big")
+                del pending[:size]
+                out += b"N" if code_ in SSL_OR_GSS_REQUEST else PG_LOGGED_IN
+                continue
+            kind, size = pending[:1], int.from_bytes(pending[1:5], "big")
+            if len(pending) < size + 1:
+                break
+            del pending[:size + 1]
+            if kind == b"X":      # Terminate
+                return out, False
+            if kind in (b"Q", b"S"):   # a simple query, or the Sync ending an extended one
+                out += error
+        return out, True
+    return answer
+
+
+LOGIN_ONLY = ("the login succeeded, every query fails: a check that only connects (or looks "
+              "at the connection's status) reports ok while the app can serve nothing. A "
+              "login proves only that something on the port speaks the startup protocol (a "
+              "pooler logs clients in by itself): run SELECT 1 and read its answer")
+
+# (dependency, its label, how it misbehaves, the impostor, what its client raises then,
+# why that is not ready; "" for the general reason)
 WRONG_ANSWERS = (
     ("redis", "Redis", "answering PING with -MASTERDOWN (a replica during a failover)",
      redis_replying("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set "
-                    "to 'no'."), "an error reply is a redis.ResponseError"),
+                    "to 'no'."), "an error reply is a redis.ResponseError", ""),
     ("redis", "Redis", "answering PING with -NOPERM (an ACL user without +ping)",
      redis_replying("NOPERM User health has no permissions to run the 'ping' command"),
-     "a refused command is a redis.NoPermissionError (a ResponseError)"),
+     "a refused command is a redis.NoPermissionError (a ResponseError)", ""),
     ("redis", "Redis", "replaced on its port by an HTTP server",
-     http_server, "a reply in another protocol is a redis.InvalidResponse ('Protocol Error')"),
+     http_server, "a reply in another protocol is a redis.InvalidResponse ('Protocol Error')",
+     ""),
     ("postgres", "Postgres", "replaced on its port by an HTTP server",
-     http_server, "a reply in another protocol is a psycopg.OperationalError"),
+     http_server, "a reply in another protocol is a psycopg.OperationalError", ""),
+    ("postgres", "Postgres", "behind a pooler (PgBouncer) that logs clients in by itself while "
+     "the server behind it is gone: every query fails with 'pgbouncer cannot connect to "
+     "server'", postgres_failing_queries("08P01", "pgbouncer cannot connect to server"),
+     "a failed query raises a psycopg.Error", LOGIN_ONLY),
+    ("postgres", "Postgres", "logging clients in, then cancelling every query (57014, "
+     "statement timeout: the server is stuck)",
+     postgres_failing_queries("57014", "canceling statement due to statement timeout"),
+     "a cancelled query raises psycopg.errors.QueryCanceled", LOGIN_ONLY),
 )
 
 
@@ -453,13 +511,13 @@ def test_a_dependency_answering_wrongly_is_a_503(host: str, deps: Deps) -> None:
     """The dependency is reachable but does not answer as it should: an error reply, or
     another protocol on its port. That is "down" for readiness too, never a 500."""
     expect(host, "/health/ready", 200, "before the outage", "both dependencies answer")
-    for name, label, how, impostor, raises in WRONG_ANSWERS:
+    for name, label, how, impostor, raises, why in WRONG_ANSWERS:
         proxy = deps.proxies[name]
         proxy.set("answer", impostor)
         situation = f"{label} {how}"
         body = expect(host, "/health/ready", 503, situation,
-                      f"{label} is there but does not answer PING/SELECT 1 properly: not "
-                      "ready", raised=(
+                      why or f"{label} is there but does not answer PING/SELECT 1 properly: "
+                      "not ready", raised=(
                           f"the {name} check let an exception escape: {raises}, which it "
                           "did not catch (ConnectionError and TimeoutError cover only a "
                           "refused, cut or hung connection, not the only ways a dependency "

@@ -4,7 +4,11 @@ The learner's three limiters run against the test's own Redis db. Time is the te
 every call says ``now``, so refill and window arithmetic are checked to the request
 (scripts of requests at given instants, cases as data). Atomicity is checked by 200
 requests released at once by a barrier at one instant: exactly the limit may pass.
-Shared state is checked with two limiter instances (two app processes) on one key.
+Shared state is checked with two limiter instances (two app processes) on one key. State
+stays bounded: every key expires, and the log holds no entry that left the window.
+A refused request must never count, not even for a moment: its Redis commands go through a
+gate that holds it before each of its commands in turn while another client's request,
+which fits the budget, is decided.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
+from labrunner.testing import CONNECTION_SETUP, redis_gate, wait_until
 
 CONCURRENT = 200
 LIMIT = 50
@@ -92,12 +98,13 @@ HINTS = {
 }
 
 
-def make(learner: Any, redis_db: Any, cls: str, prefix: str, **params: float) -> Any:
+def make(learner: Any, redis_db: Any, cls: str, prefix: str, url: str | None = None,
+         **params: float) -> Any:
     module = learner.load("ratelimit")
     factory = getattr(module, cls, None)
     if factory is None:
         pytest.fail(f"ratelimit.py defines no class {cls}", pytrace=False)
-    return factory(redis_db.url, prefix, **params)
+    return factory(url or redis_db.url, prefix, **params)
 
 
 def decide(limiter: Any, key: str, now: float, what: str) -> bool:
@@ -159,6 +166,13 @@ def test_keys_do_not_expire_while_their_state_still_counts(
         short = {k: client.pttl(k) / 1000 for k in keys}
     finally:
         client.close()
+    forever = sorted(k for k, ttl in short.items() if ttl < 0)
+    assert not forever, (
+        f"{cls}({params}): after a request the key(s) {forever} have no expiry (TTL -1): "
+        "once their client stops coming they stay in Redis forever, one more for every "
+        "client (and every window) ever seen - a slow leak of the shared Redis. EXPIRE "
+        f"each key you write, in the same atomic step, for as long as its state counts "
+        f"({needed:g} s here: {why}) plus a margin.")
     short = {k: ttl for k, ttl in short.items() if 0 <= ttl < needed - 1}
     assert not short, (
         f"{cls}({params}): right after a request the key(s) "
@@ -166,6 +180,36 @@ def test_keys_do_not_expire_while_their_state_still_counts(
         + f", but their state still counts for {needed:g} s: {why}. With a real clock "
         "(now = time.time()) the limiter then forgets requests it must still count and "
         "lets extra ones through. Set the TTL to at least that (plus a margin).")
+
+
+def held(redis_db: Any, prefix: str) -> dict[str, int]:
+    """Each key under ``prefix`` and how many entries it holds (members, fields, items)."""
+    sizes = {b"zset": "zcard", b"hash": "hlen", b"list": "llen", b"set": "scard",
+             b"stream": "xlen"}
+    client = redis_db.client()
+    try:
+        return {k.decode(): (getattr(client, sizes[kind])(k) if kind in sizes else 1)
+                for k in client.scan_iter(match=f"{prefix}*")
+                if (kind := client.type(k)) != b"none"}
+    finally:
+        client.close()
+
+
+def test_the_log_holds_no_more_than_the_window(learner: Any, redis_db: Any) -> None:
+    limit, window, seconds = 3, 10.0, 60
+    limiter = make(learner, redis_db, "SlidingWindowLog", "mem", limit=limit, window=window)
+    allowed = sum(decide(limiter, "client-a", 1000.0 + n, f"SlidingWindowLog at t={1000 + n}")
+                  for n in range(seconds))
+    entries = held(redis_db, "mem")
+    assert sum(entries.values()) <= limit, (
+        f"SlidingWindowLog(limit={limit}, window={window:g}): one client, one request a "
+        f"second for {seconds} s ({allowed} allowed, at most {limit} in any window), and "
+        f"Redis holds {entries} entries for it, expected at most {limit}: entries that "
+        "left the window are never removed. Counting only the window (ZCOUNT key "
+        "(now-window +inf) decides right but keeps the client's whole history, and with a "
+        "key refreshed by every request it never expires: memory grows without bound (a "
+        "slow OOM of the shared Redis). Remove what left the window in the same atomic "
+        "step (ZREMRANGEBYSCORE key -inf now-window), then ZCARD.")
 
 
 CONCURRENT_CASES = [
@@ -211,3 +255,135 @@ def test_exact_under_200_concurrent_requests(learner: Any, redis_db: Any, cls: s
            "use a unique member per request." if allowed > LIMIT else
            "Fewer than the limit: the state is not shared correctly, or requests are "
            "refused that fit (check the comparison)."))
+
+
+@dataclass
+class InFlight:
+    """A refused request A and a later request B that fits once A is not counted."""
+    cls: str
+    params: dict[str, float]
+    setup: list[float]      # instants of the requests made first (allowed or not)
+    a_now: float
+    b_now: float
+    why: str
+
+
+IN_FLIGHT_CASES = [
+    InFlight("TokenBucket", {"capacity": 1, "rate": 1.0}, [0.0], 0.5, 1.0,
+             "at t=0.5 the bucket holds 0.5 token (A is refused); at t=1.0 it holds 1 "
+             "(B passes) - unless A's refusal took a token it gives back later"),
+    InFlight("SlidingWindowLog", {"limit": 1, "window": 10.0}, [0.0], 5.0, 10.0,
+             "at t=5 the request at t=0 is in the window (A is refused); at t=10 it has "
+             "left (0, 10] (B passes) - unless A's refused request sits in the log"),
+    InFlight("SlidingWindowCounter", {"limit": 2, "window": 10.0}, [1.0, 1.0, 11.0], 12.0,
+             16.0, "previous window 2, current 1: at t=12 the estimate is 2 x 0.8 + 1 = 2.6 "
+             "(A is refused); at t=16 it is 2 x 0.4 + 1 = 1.8 < 2 (B passes) - unless A's "
+             "refusal is counted in the current window"),
+]
+
+
+class HoldAt:
+    """``before`` of a :func:`redis_gate`: holds the command after the first ``after``
+    commands of a request (a new connection's set-up chatter not counted) until released."""
+
+    def __init__(self) -> None:
+        self.after = 0
+        self.sent: list[str] = []
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def arm(self, after: int) -> None:
+        self.after, self.sent = after, []
+        self.held.clear()
+        self.release.clear()
+
+    def __call__(self, command: list[bytes]) -> None:
+        name = command[0].decode(errors="replace").upper()
+        if not self.after or name in CONNECTION_SETUP:
+            return
+        if len(self.sent) == self.after and not self.held.is_set():
+            self.held.set()
+            self.release.wait(60)
+        self.sent.append(name)
+
+
+# How long B may take while A is held before the test lets A go: B blocked behind A (a
+# lock A holds) is atomic, not wrong; the reference's B answers in milliseconds.
+ALONE = 5.0
+
+
+def in_background(call: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["answer"] = call()
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def answer_of(thread: threading.Thread, out: dict[str, Any], what: str) -> bool:
+    thread.join(60)
+    if "error" in out:
+        raise out["error"]
+    assert "answer" in out, f"{what}: allow() did not answer within 60 s"
+    return bool(out["answer"])
+
+
+@pytest.mark.parametrize("case", IN_FLIGHT_CASES, ids=[c.cls for c in IN_FLIGHT_CASES])
+def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: Any,
+                                                       case: InFlight) -> None:
+    """A refused request A is held before each of its Redis commands in turn (the first
+    pass holds its second command, the next its third, ... until A sends no more); at each
+    hold, request B - later, and within budget once A is not counted - is decided by
+    another instance. B must pass at every point: a limiter that counts first and gives the
+    slot back after deciding (INCR then DECR, ZADD then ZREM, take a token then refund it),
+    or decides in Python between round trips, shows A's refusal to B. (Whichever order A
+    and B really run in, B passes: A is refused when it runs first.)"""
+    gate = HoldAt()
+    a_what, b_what = f"{case.cls} at t={case.a_now}", f"{case.cls} at t={case.b_now}"
+    with redis_gate(redis_db.url, gate) as gated:
+        a = make(learner, redis_db, case.cls, "f", url=gated, **case.params)
+        b = make(learner, redis_db, case.cls, "f", **case.params)
+        for after in range(1, 20):
+            key = f"in-flight-{after}"
+            for now in case.setup:
+                decide(b, key, now, f"{case.cls} at t={now}")
+            gate.arm(after)
+            request, a_out = in_background(lambda key=key: decide(a, key, case.a_now, a_what))
+            try:
+                wait_until(lambda r=request: gate.held.is_set() or not r.is_alive(),
+                           f"{a_what} to send its Redis commands", timeout=60)
+                held, sent = gate.held.is_set(), list(gate.sent)
+                if held:
+                    other, b_out = in_background(
+                        lambda key=key: decide(b, key, case.b_now, b_what))
+                    other.join(ALONE)
+            finally:
+                gate.release.set()
+            a_allowed = answer_of(request, a_out, a_what)
+            if held:
+                b_allowed = answer_of(other, b_out, b_what)
+                when = (f"while A was held before its Redis command #{after + 1} (it had "
+                        f"sent {' '.join(sent)})")
+            else:
+                assert not a_allowed, (
+                    f"{case.cls}({case.params}) after requests at t={case.setup}: the request "
+                    f"at t={case.a_now} was allowed, expected refused: {case.why}")
+                b_allowed = decide(b, key, case.b_now, b_what)
+                when = f"after A ({' '.join(sent)}) had ended"
+            assert b_allowed, (
+                f"{case.cls}({case.params}): a refused request was counted, at least for a "
+                f"moment - after requests at t={case.setup}, request A at t={case.a_now} was "
+                f"refused, and request B at t={case.b_now} from another instance was refused "
+                f"{when}; expected B allowed: {case.why}.\nConcurrent clients are then "
+                "refused on requests that never happened (and for good when the give-back "
+                "never lands). Read, decide and write as one atomic step (one Lua script) and "
+                "write nothing for a refusal.")
+            if not held:
+                return
+    pytest.fail(f"{case.cls}.allow sent more than 20 Redis commands for one request")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import pytest
 
@@ -153,6 +153,10 @@ def target(learner: Any, postgres: Any) -> Iterator[Target]:
         "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
         "/to-private": (301, {"Location": "http://10.0.0.7/"}, b""),
         "/to-file": (302, {"Location": "file:///etc/passwd"}, b""),
+        # network-path references: no scheme, but a host - relative, yet another origin
+        "/to-internal-netpath": (302, {"Location": f"//127.0.0.1:{internal.port}/admin"}, b""),
+        "/to-metadata-netpath": (303, {"Location": "//169.254.169.254/latest/meta-data/"},
+                                 b""),
         # a chain of 4 redirects, all within the partner: one more than the 3 allowed
         "/r4": (302, {"Location": "/r3"}, b""),
         "/r3": (302, {"Location": "/r2"}, b""),
@@ -222,6 +226,17 @@ def test_sql_injection(target: Target) -> None:
 
 # ---- A01 broken access control ----------------------------------------------------------
 
+# PUTs of alice's own document whose body names bob's: (path, JSON sent, what it tries)
+SMUGGLED_WRITES = [
+    ("/documents/10", {"id": 20, "body": "pwned"},
+     "an \"id\" in the body chose which row was written"),
+    ("/documents/10", {"id": "20", "body": "pwned"},
+     "an \"id\" in the body (as text) chose which row was written"),
+    ("/documents/10", {"body": "mine now", "owner_id": 2},
+     "an \"owner_id\" in the body was written (mass assignment)"),
+]
+
+
 def test_broken_access_control(target: Target) -> None:
     own = call(target, "GET", "/documents/10", headers=ALICE)
     assert own.status == 200 and (body_json(own) or {}).get("title") == "alice notes", (
@@ -242,6 +257,20 @@ def test_broken_access_control(target: Target) -> None:
         f"alice PUT bob's document 20: answered {write.status}, and the row now reads "
         f"{body!r}, expected 403/404 and the row untouched\nCheck ownership before every "
         "write, in the UPDATE's WHERE clause too.")
+    # The write's target and owner come from the URL and the token, never from the body
+    # (mass assignment): alice PUTs her own document with fields that name bob's.
+    for path, document, smuggled in SMUGGLED_WRITES:
+        answer = call(target, "PUT", path, headers=ALICE, document=document)
+        with target.db.connect() as conn:
+            rows = {r[0]: r[1:] for r in conn.execute(
+                "SELECT id, owner_id, body FROM documents ORDER BY id")}
+        assert rows.get(20) == (2, BOB_SECRET) and rows.get(10, (1,))[0] == 1, (
+            f"alice PUT {path} (her own document) with {document}: answered "
+            f"{answer.status}, and afterwards the documents are {rows} - {smuggled}; expected "
+            "bob's document 20 untouched and document 10 still alice's\nAuthorise the object "
+            "you actually write: take its id from the URL you checked and the owner from the "
+            "token, put both in the UPDATE's WHERE, and copy only the fields a client may "
+            "change (body) from what it sent.")
     listing = call(target, "GET", "/documents?owner_id=2", headers=ALICE)
     ids = [d.get("id") for d in body_json(listing) or [] if isinstance(d, dict)]
     assert listing.status == 200 and ids == [10], (
@@ -352,6 +381,10 @@ def test_ssrf(target: Target) -> None:
         (f"http://127.0.0.1:{p}/to-metadata", "a partner redirect to the cloud metadata address"),
         (f"http://127.0.0.1:{p}/to-private", "a partner redirect to a private range (10/8)"),
         (f"http://127.0.0.1:{p}/to-file", "a partner redirect to file:///etc/passwd"),
+        (f"http://127.0.0.1:{p}/to-internal-netpath",
+         "a partner redirect to //127.0.0.1:<internal port>/admin (no scheme, another host)"),
+        (f"http://127.0.0.1:{p}/to-metadata-netpath",
+         "a partner redirect to //169.254.169.254/ (no scheme, the metadata address)"),
         ("http://169.254.169.254/latest/meta-data/", "the cloud metadata address"),
         ("http://10.0.0.7/", "a private range (10/8)"),
         ("file:///etc/passwd", "a file: URL"),
@@ -365,6 +398,11 @@ def test_ssrf(target: Target) -> None:
         if origin_of(url) == origin_of(allowed[0]):  # a partner route that redirects
             aimed = target.partner.routes[urlsplit(url).path][1]["Location"]
             why = string_lookalike(aimed, allowed) or (
+                f" - the partner redirected to {aimed!r}, a Location without a scheme that "
+                "still names a host (a network-path reference): resolved against the "
+                f"partner's URL it is {urljoin(url, aimed)!r}, another origin. 'Relative' "
+                "does not mean same-origin: validate the origin of every hop AFTER resolving "
+                "it (urljoin), whatever the Location looks like" if aimed.startswith("//") else
                 f" - the partner redirected to {aimed!r}, and that hop was not validated")
         else:
             parts = urlsplit(url)

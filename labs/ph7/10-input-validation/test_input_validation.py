@@ -84,7 +84,11 @@ BAD = {"sku": ["abc-1234", "ABC-123", "ABC-1234\n", " ABC-1234", "ABC_1234",
                              # every part within the pattern's bounds, 255 characters in all
                              "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 62],
        "note": ["x" * 201, "line\nbreak", "nul\x00byte", "bidi\u202etxt", "c1\x85next",
-                "zero\u200bwidth", 7, []]}
+                "zero\u200bwidth", 7, [],
+                # lone surrogates (Cs), sent as the JSON escapes \ud800..., which are valid
+                # UTF-8 bytes: only the decoded value holds them. High, low, and a pair in
+                # the wrong order (two lone halves, not a character)
+                "x\ud800", "\udfffend", "swap\ude00\ud83d"]}
 # the longest address the rules allow: 254 characters, every part at its bound
 EMAIL_254 = "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 61
 EXTRA = [("is_admin", True), ("price", 0), ("__proto__", {}), ("Sku", "ABC-1234")]
@@ -159,6 +163,13 @@ def why_accepted(doc: Any, bad: set[str]) -> str:
     if "note" in bad and isinstance(note, str) and len(note) <= 200:
         odd = sorted({f"U+{ord(c):04X} ({unicodedata.category(c)})" for c in note
                       if unicodedata.category(c) in ("Cc", "Cf", "Cs")})
+        if any(unicodedata.category(c) == "Cs" for c in note):
+            return (f"Accepted a note holding {', '.join(odd)}: a lone UTF-16 surrogate. "
+                    "The body was valid UTF-8, but the JSON escape \\ud800 decodes to "
+                    "one, and the next layer (a UTF-8 encoder, the database driver, the log) "
+                    "raises UnicodeEncodeError on it - refuse Cc, Cf AND Cs in the decoded "
+                    "value (an escaped pair such as \\ud834\\udd1e is one valid "
+                    "character).")
         if odd:
             return (f"Accepted a note holding {', '.join(odd)}: control (Cc: C0 AND C1, "
                     "e.g. U+0085), format (Cf: U+202E right-to-left override, U+200B zero "
@@ -214,8 +225,11 @@ ONE_MISTAKE = ([(f"{field}={value!r}", {**BASE, field: value})
 def test_each_typical_mistake_is_a_422(host: str) -> None:
     check_against_rules(post(host, json.dumps(BASE).encode()), BASE, json.dumps(BASE).encode())
     longest = {**BASE, "email": EMAIL_254}
-    check_against_rules(post(host, json.dumps(longest).encode()), longest,
-                        json.dumps(longest).encode())
+    # json.dumps escapes U+1D11E as the pair \ud834\udd1e: one valid character, not two
+    # lone surrogates
+    astral = {**BASE, "note": "clef \U0001d11e"}
+    for doc in (longest, astral):
+        check_against_rules(post(host, json.dumps(doc).encode()), doc, json.dumps(doc).encode())
     for _, doc in ONE_MISTAKE:
         sent = json.dumps(doc).encode()
         check_against_rules(post(host, sent), doc, sent)
@@ -354,19 +368,28 @@ def test_too_large_is_413_before_the_body_is_read(host: str) -> None:
         f"{head[:60]!r} within 5 s, expected an immediate 413\nCheck Content-Length "
         "against the limit BEFORE reading the body: reading first lets any client make the "
         "server buffer (or wait for) as much as it announces.")
-    for bad_length in (b"abc", b"-1"):
+    order = json.dumps(BASE).encode()
+    n = str(len(order)).encode()
+    # Content-Length = 1*DIGIT (RFC 9110): int() also takes a sign, blanks and "_" - a
+    # length the proxy in front refuses or reads otherwise (request smuggling). Each comes
+    # with a valid order of that length, so a lenient parser answers 201.
+    for bad_length in (b"abc", b"-1", b"+" + n, n[:1] + b"_" + n[1:], n + b"\xb2"):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(b"POST /orders HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
-                         b"\r\nContent-Length: " + bad_length + b"\r\n\r\n{}")
+                         b"\r\nContent-Length: " + bad_length + b"\r\n\r\n" + order)
             try:
                 head = sock.recv(200)
             except TimeoutError:
                 head = b"(nothing within 5 s)"
         status = head.split(b"\r\n")[0]
         assert re.match(rb"HTTP/1\.\d 4\d\d ", status), (
-            f"Content-Length: {bad_length.decode()} was answered {status!r}, expected a "
-            "4xx (400): the header is client input too; "
+            f"Content-Length: {bad_length.decode('latin-1')!r} was answered {status!r}, "
+            "expected a 4xx (400): the header is client input too; "
             + ("a negative length passes a 'length > max_body' check, and read(-1) then "
-               "reads until the client closes - accept only digits (str.isdigit), not "
+               "reads until the client closes - accept only the ASCII digits 0-9, not "
                "whatever int() takes" if bad_length.startswith(b"-") else
-               "int() of it raises - check it is digits first"))
+               "int() of it raises - check it is digits first" if bad_length == b"abc" else
+               "int() accepts a sign and '_', and str.isdigit() takes '\\xb2' (superscript "
+               "two) that int() then refuses; RFC 9110 takes neither (Content-Length = "
+               "1*DIGIT, ASCII 0-9 only): a proxy in front that reads it otherwise frames "
+               "the request differently - check every character is 0-9"))

@@ -123,6 +123,17 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
         (rand(64, ALNUM + "+/"), None),
         ("-----END PRIVATE KEY-----", None),
     ],
+    "keys/backup.pem": [  # openssl genpkey -aes256: still a key, its passphrase is near
+        ("-----BEGIN ENCRYPTED PRIVATE KEY-----",
+         "an encrypted PKCS#8 private key (any word before PRIVATE KEY, not a list of types)"),
+        (rand(64, ALNUM + "+/"), None),
+        ("-----END ENCRYPTED PRIVATE KEY-----", None),
+    ],
+    "keys/release-signing.asc": [
+        ("-----BEGIN PGP PRIVATE KEY BLOCK-----", "a PGP private key block"),
+        (rand(64, ALNUM + "+/"), None),
+        ("-----END PGP PRIVATE KEY BLOCK-----", None),
+    ],
     "keys/server.pub.pem": [
         ("-----BEGIN PUBLIC KEY-----", None),
         (rand(64, ALNUM + "+/"), None),
@@ -430,6 +441,53 @@ def test_rotation_is_picked_up_after_the_ttl(setup: Any) -> None:
                "whole content, its trailing newline stripped"))
     clock.now += 500
     assert get_after_rotation(config, "DB_PASSWORD") == values[-1], "DB_PASSWORD later on"
+
+
+# A rotation that leaves a bad secret behind: (variable, its file's new content, what it is).
+BAD_ROTATIONS = (
+    ("API_TOKEN", TOKEN_19 + "\n", "an API_TOKEN of 19 characters"),
+    ("DB_PASSWORD", "", "an empty file (caught between `open(path, 'w')`'s truncation and "
+     "the write)"),
+    ("DB_PASSWORD", "\n", "a file holding only a newline"),
+)
+
+
+def test_a_rotated_secret_is_validated_again(setup: Any) -> None:
+    module, folder, log = setup
+    k8s_secret(folder, "2026_01_01", {"db_password": V1 + "\n", "api_token": TOKEN + "\n"})
+    env = {"DATABASE_HOST": "db.internal", "DB_PASSWORD_FILE": str(folder / "db_password"),
+           "API_TOKEN_FILE": str(folder / "api_token")}
+    clock = Clock()
+    config = make_config(module, env, clock, log, "both secrets from files", ttl=60.0)
+    good = {"DB_PASSWORD": V1, "API_TOKEN": TOKEN}
+    for month, (name, content, what) in enumerate(BAD_ROTATIONS, 2):
+        k8s_secret(folder, f"2026_{month:02}_01",
+                   {"db_password": good["DB_PASSWORD"] + "\n", "api_token":
+                    good["API_TOKEN"] + "\n", name.lower(): content})
+        clock.now += 61
+        try:
+            got = config.get(name)
+        except Exception as exc:  # noqa: BLE001 - its class is checked here
+            assert type(exc).__name__ == "ConfigError", (
+                f"61 s (ttl 60) after {name}_FILE was rotated to {what}, get({name!r}) raised "
+                f"{type(exc).__name__}: {exc}, expected ConfigError (the same error as at "
+                "start) or the last valid value")
+            continue
+        assert got == good[name], (
+            f"61 s (ttl 60) after {name}_FILE was rotated to {what}, get({name!r}) returned "
+            f"a {len(got)}-character value that is not the last valid one, expected "
+            "ConfigError (or the last valid value kept): a rotated secret is new input and "
+            "must pass the same checks as the first one (not empty, API_TOKEN at least 20 "
+            "characters) - validate every value read, at start AND on each re-read, or the "
+            "app is handed an empty or truncated credential at run time")
+    fresh = rand(24)
+    k8s_secret(folder, "2026_09_01", {"db_password": fresh + "\n", "api_token": TOKEN + "\n"})
+    clock.now += 61
+    got = get_after_rotation(config, "DB_PASSWORD")
+    assert got == fresh, (
+        f"after a bad rotation, DB_PASSWORD_FILE was rotated again to a valid value and 61 s "
+        f"later get('DB_PASSWORD') returned {'an old value' if got in (V1, '') else repr(got)}"
+        ", expected the new one: a rejected value must not stick")
 
 
 def test_no_secret_in_logs_or_repr(setup: Any) -> None:

@@ -7,16 +7,29 @@
  *   SHUTDOWN_TEST_HOLD=worker  the first thread created starts only when the gate opens
  *   SHUTDOWN_TEST_HOLD=done    the first "DONE ..." sent (send or write) waits for the gate
  *
- * When it holds, it prints "[test-gate] holding <what>" on stderr first. */
+ * When it holds, it prints "[test-gate] holding <what>" on stderr first.
+ *
+ *   SHUTDOWN_TEST_HOLD=signal  no gate: once a thread has accepted a connection, its next
+ *                              call that waits for one (poll, ppoll, select, pselect,
+ *                              epoll_wait, epoll_pwait, accept, accept4, sigsuspend,
+ *                              pause) sends the process SIGTERM on entry, before the real
+ *                              call: the signal lands after the accept loop has looked at
+ *                              its flag and before the wait has begun, the window a
+ *                              check-then-wait loop loses the signal in. It prints
+ *                              "[test-gate] SIGTERM before <call>" first. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -91,4 +104,114 @@ int pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), v
         }
     }
     return real(t, a, fn, arg);
+}
+
+/* ---- SHUTDOWN_TEST_HOLD=signal: SIGTERM between the flag check and the wait ---------- */
+
+static atomic_long accepted_by = 0; /* the thread that accepted first (its tid), 0 before */
+static atomic_int signalled = 0;
+
+static void signal_before(const char *call) {
+    long tid = syscall(SYS_gettid);
+    if (!holding("signal") || atomic_load(&accepted_by) != tid) return;
+    if (atomic_fetch_add(&signalled, 1) != 0) return;
+    char msg[64];
+    int n = snprintf(msg, sizeof msg, "[test-gate] SIGTERM before %s\n", call);
+    if (n > 0) syscall(SYS_write, 2, msg, (size_t)n);
+    syscall(SYS_kill, getpid(), SIGTERM);
+}
+
+static void note_accept(int fd) {
+    long none = 0;
+    if (fd >= 0 && holding("signal"))
+        atomic_compare_exchange_strong(&accepted_by, &none, (long)syscall(SYS_gettid));
+}
+
+/* the next definition of the function being wrapped (the sanitizers' or libc's) */
+#define REAL(name) \
+    static __typeof__(name) *real; \
+    if (!real) real = (__typeof__(name) *)dlsym(RTLD_NEXT, #name)
+
+/* what glibc calls for poll/ppoll under _FORTIFY_SOURCE */
+int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t size);
+int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *t, const sigset_t *mask,
+                size_t size);
+
+int accept(int fd, struct sockaddr *addr, socklen_t *len) {
+    REAL(accept);
+    signal_before("accept");
+    int client = real(fd, addr, len);
+    note_accept(client);
+    return client;
+}
+
+int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
+    REAL(accept4);
+    signal_before("accept4");
+    int client = real(fd, addr, len, flags);
+    note_accept(client);
+    return client;
+}
+
+int poll(struct pollfd *fds, nfds_t n, int timeout) {
+    REAL(poll);
+    signal_before("poll");
+    return real(fds, n, timeout);
+}
+
+int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t size) {
+    REAL(__poll_chk);
+    signal_before("poll");
+    return real(fds, n, timeout, size);
+}
+
+int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *t, const sigset_t *mask) {
+    REAL(ppoll);
+    signal_before("ppoll");
+    return real(fds, n, t, mask);
+}
+
+int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *t, const sigset_t *mask,
+                size_t size) {
+    REAL(__ppoll_chk);
+    signal_before("ppoll");
+    return real(fds, n, t, mask, size);
+}
+
+int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *t) {
+    REAL(select);
+    signal_before("select");
+    return real(n, r, w, e, t);
+}
+
+int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *t,
+            const sigset_t *mask) {
+    REAL(pselect);
+    signal_before("pselect");
+    return real(n, r, w, e, t, mask);
+}
+
+int epoll_wait(int fd, struct epoll_event *events, int max, int timeout) {
+    REAL(epoll_wait);
+    signal_before("epoll_wait");
+    return real(fd, events, max, timeout);
+}
+
+int epoll_pwait(int fd, struct epoll_event *events, int max, int timeout,
+                const sigset_t *mask) {
+    REAL(epoll_pwait);
+    signal_before("epoll_pwait");
+    return real(fd, events, max, timeout, mask);
+}
+
+int sigsuspend(const sigset_t *mask) {
+    REAL(sigsuspend);
+    signal_before("sigsuspend");
+    return real(mask);
+}
+
+int pause(void) {
+    REAL(pause);
+    signal_before("pause");
+    return real();
 }

@@ -4,7 +4,9 @@ process. Slow requests are held open by the test itself (each waits for the clie
 "END"), so "in flight when SIGTERM arrives" is a fact the test arranged, not a race won
 by a sleep: five requests in flight all complete after SIGTERM, new connections are
 refused meanwhile, the process exits 0 once drained, and a request that never finishes
-does not hold the process past its drain deadline.
+does not hold the process past its drain deadline. A preloaded shim (gate_shim.c) arranges
+the microsecond-wide races: SIGTERM between accept() and the worker's first line, between
+the flag check and the wait, and the drain looking while the last answer is being sent.
 """
 
 from __future__ import annotations
@@ -441,4 +443,44 @@ def test_a_request_counts_as_in_flight_until_its_answer_is_out(
             f"{killed_by(status)}")
     finally:
         open_gate(fifo, wait=False)
+        request.close()
+
+
+def test_a_sigterm_between_the_flag_check_and_the_wait_is_not_lost(
+        launch: Any, gate: tuple[Path, Path]) -> None:
+    gate_shim, fifo = gate
+    # The gate sends SIGTERM when the thread that accepted the first connection next calls
+    # a wait (poll, ppoll, accept...), on entry: after the loop has read its flag as false,
+    # before the call has blocked. A supervisor's signal lands there whenever it comes
+    # while the loop goes round; here it lands there every time.
+    server = launch(leak_check=False, gate=(gate_shim, "signal", fifo))
+    request = Slow(server.port, "first")
+    try:
+        deadline = time.monotonic() + WAIT
+        while (sent := re.search(rb"\[test-gate\] SIGTERM before (\w+)", server.stderr)) is None:
+            if not server.alive() or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        answer = request.finish()
+        assert answer == "DONE first", (
+            f"the request in flight when SIGTERM came was answered {answer!r}, expected "
+            "'DONE first': drain lets requests already accepted finish")
+        if sent is None:  # the accepting thread waits in a call the gate does not know
+            sigterm(server)
+        call = sent.group(1).decode() if sent else "its wait"
+        status = server.wait_exit(WAIT)
+        assert status is not None, (
+            f"SIGTERM arrived just before the accept loop called {call}() (after it had "
+            f"read its flag as false) and the server was still running {WAIT:.0f} s later, "
+            "with nothing in flight: a lost wakeup - the handler set the flag, then "
+            f"{call}() blocked waiting for a connection that never comes\nChecking a flag "
+            "and then waiting leaves a window: keep SIGTERM blocked (pthread_sigmask) "
+            "everywhere except inside the wait, which unblocks it atomically (ppoll, "
+            "pselect or epoll_pwait with the old mask), or make the handler wake the wait "
+            "(a self-pipe, signalfd) - not pthread_sigmask(unblock) then poll(), not a "
+            "blocking accept().")
+        assert status == 0, (
+            f"after draining, the server exited with status {status}, expected 0"
+            f"{killed_by(status)}\nstderr: {server.err()[-400:]}")
+    finally:
         request.close()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dnslib import QTYPE, RCODE, RR, DNSRecord
+from dnslib import QTYPE, RCODE, RR, DNSError, DNSRecord
 
 MAX_REFERRALS = 16  # a walk deeper than this is a referral loop, not a real zone tree
 MAX_CNAMES = 8      # the same guard for CNAME chains
@@ -207,8 +207,14 @@ class Resolver:
             sock.sendto(query.pack(), (server, self.port))
             while True:
                 data, peer = sock.recvfrom(4096)
-                reply = DNSRecord.parse(data)
-                # Only a reply from the server we asked, with our id, counts: anything
-                # else is stale or spoofed.
-                if peer[0] == server and reply.header.id == query.header.id:
+                # Only the reply counts: from the address and port we asked, with our id
+                # and our question (RFC 5452). Anything else is stale or spoofed: drop it
+                # and keep waiting, or a forged answer lands in the cache for its TTL.
+                if peer[:2] != (server, self.port):
+                    continue
+                try:
+                    reply = DNSRecord.parse(data)
+                except DNSError:  # garbage on our port is not the reply either
+                    continue
+                if reply.header.id == query.header.id and reply.q == query.q:
                     return reply

@@ -134,7 +134,13 @@ int main(int argc, char **argv) {
                 errno == EINTR)
                 continue; /* the client gave up between ppoll() and accept() */
             perror("accept");
-            continue; /* e.g. EMFILE: keep serving the connections we have */
+            /* e.g. EMFILE: keep serving the connections we have. The connection stays
+             * queued and ppoll() would report it again at once - a busy loop - so wait a
+             * little for a connection thread to free a descriptor (a signal still ends
+             * the wait), then try again. */
+            struct timespec backoff = {.tv_sec = 0, .tv_nsec = 50 * 1000 * 1000};
+            ppoll(NULL, 0, &backoff, &wait_mask);
+            continue;
         }
         pthread_t tid;
         /* Pass the descriptor by value: a pointer to `client` would be overwritten by

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 from typing import Any
 
@@ -31,9 +32,15 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON has not: a NaN exp compares false
+    # with every instant, so "now >= exp" never holds and the token would never expire.
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def _json_segment(text: str, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(b64url_decode(text))
+        value = json.loads(b64url_decode(text), parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidToken(f"the {what} is not JSON: {exc}") from exc
     if not isinstance(value, dict):
@@ -57,7 +64,9 @@ def _number(claims: dict[str, Any], name: str) -> float:
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidToken(f"{name} is not a NumericDate: {value!r}")
-    return float(value)
+    if isinstance(value, float) and not math.isfinite(value):   # 1e400 reads as inf
+        raise InvalidToken(f"{name} is not a finite NumericDate: {value!r}")
+    return value   # an int stays exact: float(10**400) would raise OverflowError
 
 
 def decode(token: str, secret: bytes, *, issuer: str, audience: str, now: float,
@@ -77,7 +86,8 @@ def decode(token: str, secret: bytes, *, issuer: str, audience: str, now: float,
 
     if "exp" not in claims:
         raise InvalidToken("no exp claim")
-    if now >= _number(claims, "exp") + leeway:
+    # now and leeway on one side: exp + leeway would turn a huge int exp into a float.
+    if now - leeway >= _number(claims, "exp"):
         raise InvalidToken("expired")
     if "nbf" in claims and now + leeway < _number(claims, "nbf"):
         raise InvalidToken("not valid yet (nbf)")

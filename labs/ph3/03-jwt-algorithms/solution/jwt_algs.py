@@ -96,7 +96,7 @@ def verify(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise InvalidToken("header and payload must be JSON objects")
     alg, kid = header.get("alg"), header.get("kid")
-    if alg not in KEY_TYPE:
+    if not isinstance(alg, str) or alg not in KEY_TYPE:  # a list or an object is no name
         raise InvalidToken(f"algorithm {alg!r} is not accepted")
     matches = [k for k in jwks.get("keys", []) if k.get("kid") == kid]
     if kid is None or len(matches) != 1:

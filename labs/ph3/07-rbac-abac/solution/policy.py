@@ -29,7 +29,8 @@ def _value(operand: Any, request: dict[str, dict[str, Any]]) -> Any:
 
 
 def _condition(cond: list[Any], request: dict[str, dict[str, Any]]) -> bool | None:
-    """True, False, or None when an attribute it needs is missing (unknown)."""
+    """True, False, or None (unknown): an attribute it needs is missing, or its
+    operator is none of the five."""
     left, op, right = cond
     a, b = _value(left, request), _value(right, request)
     if a is _MISSING or b is _MISSING:

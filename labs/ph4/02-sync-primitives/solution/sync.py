@@ -50,11 +50,15 @@ class RWLock:
 class Limiter:
     """At most `limit` callers inside at once (`with limiter: ...`)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, timeout: float | None = None) -> None:
         self._sem = threading.BoundedSemaphore(limit)
+        self._timeout = timeout
 
     def __enter__(self) -> Limiter:
-        self._sem.acquire()
+        # A timed acquire must be checked: False means no permit - the caller must not go
+        # in (and, raising here, its __exit__ never runs to release a permit it never took).
+        if not self._sem.acquire(timeout=self._timeout):
+            raise TimeoutError(f"no permit free within {self._timeout} s")
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -27,8 +27,9 @@ class RWLock:
 
 
 class Limiter:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, timeout: float | None = None) -> None:
         self.limit = limit
+        self.timeout = timeout
 
     def __enter__(self) -> Limiter:
         raise NotImplementedError("Limiter: at most `limit` callers inside at once")

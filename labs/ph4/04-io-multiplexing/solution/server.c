@@ -48,12 +48,24 @@ static struct conn *conn_of(int fd) {
     return &conns[fd];
 }
 
+/* Out of descriptors (accept4: EMFILE), the queued connections stay queued, and the
+ * level-triggered listener would report them again at once: epoll_wait, accept4, EMFILE,
+ * a busy loop. So the listener is not watched until a descriptor is freed. */
+static int paused_listener = -1;
+
+static void watch_listener(int epfd, int listen_fd, unsigned events) {
+    struct epoll_event ev = {.events = events, .data.fd = listen_fd};
+    epoll_ctl(epfd, EPOLL_CTL_MOD, listen_fd, &ev);
+    paused_listener = events ? -1 : listen_fd;
+}
+
 static void drop(int epfd, int fd) {
     struct conn *c = conn_of(fd);
     epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
     close(fd);
     free(c->out);
     memset(c, 0, sizeof *c);
+    if (paused_listener >= 0) watch_listener(epfd, paused_listener, EPOLLIN); /* room again */
 }
 
 /* Write what is pending until done or EAGAIN. Returns -1 when the connection broke. */
@@ -111,7 +123,10 @@ static void on_listener(int epfd, int listen_fd) {
         int client = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (client < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) perror("accept4");
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                watch_listener(epfd, listen_fd, 0); /* until drop() frees a descriptor */
+            else if (errno != EAGAIN && errno != EWOULDBLOCK)
+                perror("accept4");
             return;
         }
         struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLET, .data.fd = client};

@@ -20,6 +20,7 @@ class _Pending:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.reply: Any = None
+        self.error: ValueError | None = None
 
 
 class RpcClient:
@@ -50,12 +51,20 @@ class RpcClient:
             if msg is None or msg.error():
                 continue
             headers = dict(msg.headers() or [])
-            cid = (headers.get("correlation_id") or b"").decode()
+            # What one reply can raise stays in this loop: a listener that dies on one bad
+            # message leaves every later caller waiting for replies nobody reads.
+            cid = (headers.get("correlation_id") or b"").decode("utf-8", "replace")
             with self._lock:
                 waiter = self._pending.pop(cid, None)
             if waiter is None:
                 continue                 # someone else's reply, or one that came too late
-            waiter.reply = json.loads(msg.value())
+            try:
+                reply = json.loads(msg.value() or b"")
+                if not isinstance(reply, dict):
+                    raise ValueError(f"a JSON {type(reply).__name__}, not an object")
+                waiter.reply = reply
+            except ValueError as exc:    # json.JSONDecodeError and UnicodeDecodeError too
+                waiter.error = ValueError(f"the reply to {cid} is not a JSON object: {exc}")
             waiter.done.set()
 
     def call(self, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -71,6 +80,8 @@ class RpcClient:
             with self._lock:
                 self._pending.pop(cid, None)
             raise RpcTimeout(f"no reply to {cid} within {timeout} s")
+        if waiter.error is not None:
+            raise waiter.error
         return dict(waiter.reply)
 
     def close(self) -> None:

@@ -98,7 +98,9 @@ def main() -> int:
     pool = ConnectionPool(config["database_url"], min_size=1, max_size=4, open=True)
     cache = redis.Redis.from_url(config["redis_url"])
     server = ThreadingHTTPServer((config["host"], config["port"]), make_handler(pool, cache))
-    server.daemon_threads = True
+    # Not daemons: server_close() waits for the requests in flight (a graceful stop lets
+    # them finish; daemon threads would die with the process, mid-answer).
+    server.daemon_threads = False
 
     def on_sigterm(signum: int, frame: Any) -> None:
         log("shutdown", signal="SIGTERM")

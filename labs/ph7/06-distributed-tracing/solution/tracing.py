@@ -90,7 +90,8 @@ def make_frontend(provider: TracerProvider, inventory_url: str) -> Any:
                                               kind=SpanKind.CLIENT) as client:
                 headers: dict[str, str] = {}
                 PROPAGATOR.inject(headers)  # the CLIENT span is current: it is the parent
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+                # timeout: an inventory that never answers is a failed call after 3 s
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=3)
                 try:
                     conn.request("GET", f"{target.path.rstrip('/')}/stock/{sku}",
                                  headers=headers)

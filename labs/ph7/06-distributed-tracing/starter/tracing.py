@@ -44,7 +44,8 @@ def make_frontend(provider: Any, inventory_url: str) -> Any:
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         sku = environ.get("PATH_INFO", "").removeprefix("/checkout/")
-        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+        # timeout: an inventory that never answers is a failed call after 3 s
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=3)
         try:
             conn.request("GET", f"{target.path.rstrip('/')}/stock/{sku}")
             reply = conn.getresponse()

@@ -56,7 +56,7 @@ def make_app(max_body: int = 2048) -> Any:
         if (environ["REQUEST_METHOD"], environ.get("PATH_INFO")) != ("POST", "/orders"):
             return reply(start_response, "404 Not Found", {"error": "not found"})
         raw_length = environ.get("CONTENT_LENGTH") or "0"
-        if not raw_length.isdigit():
+        if not (raw_length.isascii() and raw_length.isdigit()):  # 1*DIGIT, not "²" or "+5"
             return reply(start_response, "400 Bad Request", {"error": "bad Content-Length"})
         if int(raw_length) > max_body:  # before reading anything
             return reply(start_response, "413 Content Too Large",

@@ -23,7 +23,8 @@ RULES = [
     ("github-token", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36}\b")),
     ("stripe-live-key", re.compile(r"\b[sr]k_live_[A-Za-z0-9]{24,}\b")),
     ("slack-token", re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}")),
-    ("private-key", re.compile(r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----")),
+    # any PEM private key, whatever the words before (RSA, EC, ENCRYPTED, PGP ... BLOCK)
+    ("private-key", re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")),
 ]
 ASSIGNMENT = re.compile(
     r"""(?ix) (?P<name>[\w.-]*(?:password|passwd|secret|token|api_?key)[\w.-]*) ["']? \s*

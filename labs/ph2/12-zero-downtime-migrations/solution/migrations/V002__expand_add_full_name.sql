@@ -1,7 +1,7 @@
 -- EXPAND: add the new column next to the old one. Old code keeps working untouched.
 -- Never fail a deploy on a busy table: give up quickly rather than queue every query
 -- behind this ALTER's lock.
-SET LOCAL lock_timeout = '5s';
+SET LOCAL lock_timeout = '2s';
 
 -- Nullable, no default: adding it is a catalog change only, no table rewrite, and the
 -- existing rows are not made to look as if they had a value.

@@ -1,5 +1,5 @@
 -- CONTRACT: only once no running instance reads or writes users.name any more.
-SET LOCAL lock_timeout = '5s';
+SET LOCAL lock_timeout = '2s';
 
 -- NOT NULL without a long exclusive scan: a CHECK added NOT VALID is instant, VALIDATE
 -- scans without blocking writes, and SET NOT NULL then trusts the validated CHECK.

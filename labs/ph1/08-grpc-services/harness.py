@@ -1,0 +1,85 @@
+"""Runs where the learner's UserService runs (in its process when grading): makes every
+line of the learner's code take a little while, in the grpc worker threads started
+afterwards, so that a WatchUser and an UpdateUsers running at once interleave line by line
+as on a loaded server with many cores. A WatchUser that reads the current state in one
+step and registers its watcher in another then lets an update fall in between, every
+time; with both in one lock section the update waits and nothing changes but the time
+taken. The verdict is the test's: it compares what each watch received with what the
+updates answered."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from labrunner.slow_steps import restore_new_threads as unstretch
+from labrunner.slow_steps import slow_new_threads as stretch_lines
+
+__all__ = ["stretch_lines", "unstretch", "trace_allocations", "retained_bytes", "stop_tracing",
+           "AnswersHeld"]
+
+
+# ---- UpdateUsers held between an answer and the next call into the learner's code ------
+
+class AnswersHeld:
+    """The learner's service, served as it is, except that once UpdateUsers has handed grpc
+    an answer, grpc's next call into the learner's response iterator (which resumes a
+    generator after its yield) waits until ``resume()``. What the learner's code does after
+    answering then has not happened yet, however fast the machine: the test looks at the
+    service meanwhile (GetUser, a watch)."""
+
+    _LONGEST = 30.0  # a test that never calls resume() does not hold a thread for ever
+
+    def __init__(self, service: Any) -> None:
+        self._service = service
+        self._go = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:  # GetUser, WatchUser, CreateUsers: as they are
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._service, name)
+
+    def UpdateUsers(self, request_iterator: Any, context: Any) -> Iterator[Any]:  # noqa: N802
+        answers = iter(self._service.UpdateUsers(request_iterator, context))
+        while True:
+            try:
+                answer = next(answers)
+            except StopIteration:
+                return
+            self._go.clear()
+            yield answer  # grpc sends it, then asks for the next one: hold that
+            self._go.wait(self._LONGEST)
+
+    def resume(self) -> None:
+        self._go.set()
+
+
+# ---- what the learner's code keeps: allocations made under its frames, still alive ------
+
+def trace_allocations() -> None:
+    """Start recording, for every allocation from now on, the stack that made it."""
+    import tracemalloc
+    tracemalloc.start(_FRAMES)
+
+
+def retained_bytes(module: ModuleType) -> int:
+    """Bytes allocated since trace_allocations() with a line of the learner's folder on the
+    stack, and still alive after a full garbage collection."""
+    import gc
+    import os
+    import tracemalloc
+    gc.collect()
+    folder = os.path.dirname(os.path.abspath(str(module.__file__)))
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(True, os.path.join(folder, "*"), all_frames=True)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+def stop_tracing() -> None:
+    import tracemalloc
+    tracemalloc.stop()
+
+
+_FRAMES = 32  # deep enough to reach a learner's handler under grpc's and queue's own frames
