@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from labrunner.testing import (
+    asleep_throughout,
     came_true,
     process_activity,
     program_reading,
@@ -466,6 +467,21 @@ LONG_INTERVAL = 60.0  # between heartbeats, as a real instance might wait
 PROMPT = 10.0         # how long after SIGTERM the DEL may take (it comes in milliseconds)
 
 
+def wait_asleep(learner: Any, proc: subprocess.Popen[bytes], within: float = 10.0) -> None:
+    """Return once registry.py is seen waiting between heartbeats: every thread asleep and
+    its CPU time unmoved across two readings. A signal sent as soon as the key appears can
+    land before the process has reached that wait (a heartbeat thread not yet started sees
+    the stop flag at once), and would let a wait that ignores it pass. After ``within`` s
+    unsettled (a loaded machine) the caller goes on: a right process is never failed."""
+    deadline, last = time.monotonic() + within, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        now = program_reading(learner, proc, process_activity)
+        if last is not None and asleep_throughout(last, now):
+            return
+        last = now
+        time.sleep(0.2)
+
+
 def test_sigterm_between_heartbeats_deregisters_at_once(learner: Any, redis_db: Any) -> None:
     """registry.py --interval 60 gets SIGTERM between two heartbeats: the DEL must come at
     once, not when the wait for the next heartbeat ends."""
@@ -473,6 +489,7 @@ def test_sigterm_between_heartbeats_deregisters_at_once(learner: Any, redis_db: 
     proc = start(learner, redis_db.url, "p3", "120", interval=LONG_INTERVAL)
     try:
         wait_registered(proc, r, "p3", "120")
+        wait_asleep(learner, proc)
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         gone = came_true(lambda: not r.exists(key("pay", "p3")), PROMPT)
