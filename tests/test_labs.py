@@ -24,7 +24,13 @@ def _explain(outcome: object) -> str:
     result = outcome.result  # type: ignore[attr-defined]
     lines = [f"{t.outcome}: {t.name}: {t.message.splitlines()[0] if t.message else ''}"
              for t in result.tests]
-    return "\n".join(lines) or result.message + result.output[-3000:]
+    if not lines:
+        return result.message + result.output[-3000:]
+    if any(t.outcome == "timeout" for t in result.tests):
+        # Where the test hung (pytest-timeout's stacks of every thread): the only trace a
+        # CI log keeps of a hang that a rerun may not show again.
+        lines.append(f"the verification's output, last part:\n{result.output[-6000:]}")
+    return "\n".join(lines)
 
 
 @pytest.mark.parametrize("expectation", CHECKS,
