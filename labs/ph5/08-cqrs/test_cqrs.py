@@ -365,8 +365,12 @@ class Late:
             return
         conn.execute(HOLD_AFTER_APPEND)
         self.conn.execute("SET lab.hold_append = on")
+        # The pid is read before the command starts: the connection serves one call at a
+        # time, so a read of it once the command waits in the trigger would wait too, for a
+        # lock this thread releases only afterwards (a hang that load made happen).
+        pid = backend_pid(self.conn)
         self.call = Background(command, mod, self.conn)
-        if not wait_blocked_or_done(conn, backend_pid(self.conn), self.call):
+        if not wait_blocked_or_done(conn, pid, self.call):
             pytest.fail(f"the late command returned without its INSERT into events waiting "
                         f"for the test's lock ({self.call.outcome}): every command appends "
                         f"its event to the events table", pytrace=False)
