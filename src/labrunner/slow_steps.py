@@ -16,18 +16,22 @@ from typing import Any
 Tracer = Callable[[Any, str, Any], Any]
 
 
-def slow_tracer(module: ModuleType, delay: float, opcodes: bool = False) -> Tracer:
+def learner_folder(module: ModuleType) -> str:
+    """The folder of ``module`` (the learner's), as the prefix of its code's file names."""
+    return str(Path(module.__file__ or "").parent).rstrip("/") + "/"
+
+
+def step_tracer(folder: str, on_step: Callable[[Any], None], opcodes: bool = False) -> Tracer:
     """A trace function for ``sys.settrace`` (this thread) or ``threading.settrace`` (threads
-    started afterwards): ``delay`` s asleep before each line - or, with ``opcodes``, each
-    bytecode, for races inside one line such as ``d[k] += 1`` - of code in ``module``'s
-    folder (the learner's); other code runs at full speed. A sleep lets the other threads
-    run: the GIL is released."""
-    folder = str(Path(module.__file__ or "").parent).rstrip("/") + "/"
-    slowed = "opcode" if opcodes else "line"
+    started afterwards) that calls ``on_step(frame)`` before each line - or, with
+    ``opcodes``, each bytecode, for races inside one line such as ``d[k] += 1`` - of code
+    under ``folder`` (:func:`learner_folder`); other code runs untraced. A harness counts
+    the steps of a call with it, or holds a thread at its k-th step (ph4.9)."""
+    wanted = "opcode" if opcodes else "line"
 
     def step(frame: Any, event: str, arg: Any) -> Any:
-        if event == slowed:
-            time.sleep(delay)
+        if event == wanted:
+            on_step(frame)
         return step
 
     def trace(frame: Any, event: str, arg: Any) -> Any:
@@ -35,9 +39,16 @@ def slow_tracer(module: ModuleType, delay: float, opcodes: bool = False) -> Trac
             return None
         if opcodes:
             frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
         return step
 
     return trace
+
+
+def slow_tracer(module: ModuleType, delay: float, opcodes: bool = False) -> Tracer:
+    """A :func:`step_tracer` over ``module``'s folder that sleeps ``delay`` s before each
+    step. A sleep lets the other threads run: the GIL is released."""
+    return step_tracer(learner_folder(module), lambda _frame: time.sleep(delay), opcodes)
 
 
 def slow_new_threads(module: ModuleType, delay: float, opcodes: bool = False) -> None:

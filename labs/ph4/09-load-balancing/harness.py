@@ -7,11 +7,14 @@ the held thread is released only after one of the two was observed."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from labrunner.slow_steps import learner_folder, step_tracer
 
 
 class _Gate(str):
@@ -57,7 +60,7 @@ _natives: dict[int, int] = {}
 
 
 def racing_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
-    folder = str(Path(module.__file__ or "").parent).rstrip("/") + "/"
+    folder = learner_folder(module)
     cond = threading.Condition()
     _Gate.state = {"armed": False, "holder": None, "released": False, "second_inside": False,
                    "cond": cond}
@@ -106,21 +109,6 @@ def racing_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
 
 
 
-def _tracer(folder: str, on_line: Any) -> Any:
-    """A sys.settrace function calling ``on_line(frame)`` before each line of code under
-    ``folder`` (the learner's) runs."""
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        if not frame.f_code.co_filename.startswith(folder):
-            return None
-
-        def local(frame: Any, event: str, arg: Any) -> Any:
-            if event == "line":
-                on_line(frame)
-            return local
-        return local
-    return trace
-
-
 def stepped_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
     """For a choice the gate cannot hold (counts kept in a list, or on backend objects: no
     name is hashed), every interleaving is tried instead, one line at a time: an acquire()
@@ -130,9 +118,9 @@ def stepped_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
     choice: the two always get different idle backends. Unguarded, holding the first
     between its choice and its +1 gives both the same one. Returns the first line where
     that happened (its number and text) and what the two got."""
-    folder = str(Path(module.__file__ or "").parent).rstrip("/") + "/"
+    folder = learner_folder(module)
     lines = [0]
-    sys.settrace(_tracer(folder, lambda frame: lines.__setitem__(0, lines[0] + 1)))
+    sys.settrace(step_tracer(folder, lambda frame: lines.__setitem__(0, lines[0] + 1)))
     try:
         module.LeastConnections(list(names)).acquire()
     finally:
@@ -203,7 +191,7 @@ def _held_before_line(module: ModuleType, names: list[str], folder: str,
                 errors.append(f"{type(exc).__name__}: {exc}")
         return body
 
-    held_at = _hold_first_at_step(folder, k, _tracer, call("first"), call("second"), 0.02)
+    held_at = _hold_first_at_step(folder, k, step_tracer, call("first"), call("second"), 0.02)
     if errors:
         return {"errors": errors}
     if held_at and got.get("first") is not None and got["first"] == got.get("second"):
@@ -213,25 +201,10 @@ def _held_before_line(module: ModuleType, names: list[str], folder: str,
     return {"line": None, "errors": []}
 
 
-def _opcode_tracer(folder: str, on_op: Any) -> Any:
-    """A sys.settrace function calling ``on_op(frame)`` before each bytecode instruction of
-    code under ``folder`` runs: a statement such as ``counts[b] -= 1`` is several (load,
-    subtract, store), and another thread can run between them."""
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        if not frame.f_code.co_filename.startswith(folder):
-            return None
-        frame.f_trace_opcodes = True
-        frame.f_trace_lines = False
-
-        def local(frame: Any, event: str, arg: Any) -> Any:
-            if event == "opcode":
-                on_op(frame)
-            return local
-        return local
-    return trace
-
-
 COUNT_RACES = (("release", "acquire"), ("acquire", "release"))
+# A statement such as ``counts[b] -= 1`` is several bytecodes (load, subtract, store), and
+# another thread can run between them: the count races are held per bytecode.
+OPCODE_TRACER = functools.partial(step_tracer, opcodes=True)
 
 
 def stepped_count_updates(module: ModuleType, backend: str) -> dict[str, Any]:
@@ -244,7 +217,7 @@ def stepped_count_updates(module: ModuleType, backend: str) -> dict[str, Any]:
     Returns the first hold that did: which call was held, its line and text, the count."""
     import linecache
 
-    folder = str(Path(module.__file__ or "").parent).rstrip("/") + "/"
+    folder = learner_folder(module)
     for held, other in COUNT_RACES:
         for k in range(1, _ops_in(module, folder, held, backend) + 1):
             out = _held_before_op(module, backend, folder, held, other, k)
@@ -263,7 +236,7 @@ def _ops_in(module: ModuleType, folder: str, name: str, backend: str) -> int:
     ops = [0]
     lb = module.LeastConnections([backend])
     lb.acquire()
-    sys.settrace(_opcode_tracer(folder, lambda frame: ops.__setitem__(0, ops[0] + 1)))
+    sys.settrace(OPCODE_TRACER(folder, lambda frame: ops.__setitem__(0, ops[0] + 1)))
     try:
         _count_call(lb, name, backend)
     finally:
@@ -292,7 +265,7 @@ def _held_before_op(module: ModuleType, backend: str, folder: str, held: str, ot
                 errors.append(f"{name}(): {type(exc).__name__}: {exc}")
         return body
 
-    held_at = _hold_first_at_step(folder, k, _opcode_tracer, call(held), call(other), 0.01)
+    held_at = _hold_first_at_step(folder, k, OPCODE_TRACER, call(held), call(other), 0.01)
     if errors:
         return {"errors": errors}
     return {"count": dict(lb.active()).get(backend), "held_at": held_at}
