@@ -13,6 +13,7 @@ heartbeats must deregister at once (within 10 s), not when a sleep till the next
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import threading
@@ -23,8 +24,8 @@ from typing import Any
 import pytest
 
 from labrunner.testing import (
-    asleep_throughout,
     came_true,
+    cpu_burnt_while_idle,
     process_activity,
     program_reading,
     redis_commands,
@@ -472,14 +473,10 @@ def wait_asleep(learner: Any, proc: subprocess.Popen[bytes], within: float = 10.
     its CPU time unmoved across two readings. A signal sent as soon as the key appears can
     land before the process has reached that wait (a heartbeat thread not yet started sees
     the stop flag at once), and would let a wait that ignores it pass. After ``within`` s
-    unsettled (a loaded machine) the caller goes on: a right process is never failed."""
-    deadline, last = time.monotonic() + within, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        now = program_reading(learner, proc, process_activity)
-        if last is not None and asleep_throughout(last, now):
-            return
-        last = now
-        time.sleep(0.2)
+    unsettled (a loaded machine) the caller goes on: a right process is never failed.
+    (No CPU limit: only the wait for a reading asleep throughout is wanted here.)"""
+    cpu_burnt_while_idle(lambda: program_reading(learner, proc, process_activity),
+                         math.inf, within)
 
 
 def test_sigterm_between_heartbeats_deregisters_at_once(learner: Any, redis_db: Any) -> None:
