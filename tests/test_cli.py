@@ -201,6 +201,8 @@ def test_down_clears_what_a_killed_run_left() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not _verification_running("test_deadlocks.py"):
             time.sleep(0.2)
+        # The lab's working folder and temp folder are the run's: swept with it below.
+        assert list(runtime.glob("run-*/lr-deadlocks-*/tmp")), list(runtime.rglob("*"))
         os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up
         proc.wait(30)
         assert [p for p in runtime.iterdir() if p.name.startswith("run-")], "nothing left?"

@@ -45,7 +45,7 @@ def _meets(expectation: Expectation, local_services: ServiceSet,
     if expectation.lab.services:
         local_services.ensure(expectation.lab.services)
         state = local_services.state_file
-    outcome = check(expectation, state, "labcheck", learner_process)
+    outcome = check(expectation, state, "labcheck", learner_process, local_services.workdir)
     wanted = "pass" if expectation.must_pass else "fail with a message"
     how = " (learner code in its own process)" if learner_process else ""
     assert outcome.met, (f"{expectation.lab.id} {expectation.variant}{how} should {wanted}, "

@@ -60,12 +60,13 @@ class WrongSolutionError(LabrunnerError):
     pass
 
 
-def complete_source(lab: Lab, folder: Path) -> tuple[Path, Callable[[], None]]:
-    """The folder to verify for a variant, and how to clean it up. A ``.diff`` is applied to
-    a copy of the reference; a folder may hold only the files it gets wrong, the others
-    come from the reference."""
+def complete_source(lab: Lab, folder: Path, scratch: Path | None = None
+                    ) -> tuple[Path, Callable[[], None]]:
+    """The folder to verify for a variant (made in ``scratch`` when it must be made), and
+    how to clean it up. A ``.diff`` is applied to a copy of the reference; a folder may
+    hold only the files it gets wrong, the others come from the reference."""
     if folder.suffix == ".diff":
-        patched = Path(tempfile.mkdtemp(prefix=f"lrwrong-{lab.slug}-"))
+        patched = Path(tempfile.mkdtemp(prefix=f"lrwrong-{lab.slug}-", dir=scratch))
         shutil.copytree(lab.solution_dir, patched, dirs_exist_ok=True)
         with open(folder, "rb") as diff:
             done = subprocess.run(["patch", "-p1", "-s", "-f", "-d", str(patched)],
@@ -79,23 +80,25 @@ def complete_source(lab: Lab, folder: Path) -> tuple[Path, Callable[[], None]]:
     missing = [name for name in lab.learner_files if not (folder / name).exists()]
     if not missing:
         return folder, lambda: None
-    merged = Path(tempfile.mkdtemp(prefix=f"lrwrong-{lab.slug}-"))
+    merged = Path(tempfile.mkdtemp(prefix=f"lrwrong-{lab.slug}-", dir=scratch))
     shutil.copytree(lab.solution_dir, merged, dirs_exist_ok=True)
     shutil.copytree(folder, merged, dirs_exist_ok=True)
     return merged, lambda: shutil.rmtree(merged, ignore_errors=True)
 
 
 def check(expectation: Expectation, state_file: Path | None, run_id: str,
-          learner_process: bool = False) -> CheckOutcome:
+          learner_process: bool = False, scratch: Path | None = None) -> CheckOutcome:
     """Run one expectation; ``learner_process``: with the learner's code in a process of its
-    own, as grading runs it (for the labs that support it)."""
-    source, cleanup = complete_source(expectation.lab, expectation.source)
+    own, as grading runs it (for the labs that support it). Its folders are made in
+    ``scratch`` (the run's own folder, swept if the check is killed)."""
+    source, cleanup = complete_source(expectation.lab, expectation.source, scratch)
     try:
         # A variant that must fail is judged by its first failure: the tests after it need
         # not run (pytest -x), which keeps a check of every wrong solution quick.
         stop_early = () if expectation.must_pass else ("-x",)
         result = run_lab(expectation.lab, source, state_file, run_id,
-                         Sandbox(learner_process=learner_process, pytest_args=stop_early))
+                         Sandbox(learner_process=learner_process, pytest_args=stop_early,
+                                 workdir_root=scratch))
     finally:
         cleanup()
     return CheckOutcome(expectation, result)

@@ -54,7 +54,9 @@ class Sandbox:
     max_output: int = 1_000_000        # bytes of output kept; the rest is dropped
     max_processes: int | None = None
     file_size_bytes: int | None = None   # RLIMIT_FSIZE: the largest file it may write
-    workdir_root: Path | None = None     # where the run's pytest folder is made
+    # Where the run's pytest folder is made: the run's own folder under the runtime dir,
+    # which ``services down`` sweeps when a killed run could not (default: the temp dir).
+    workdir_root: Path | None = None
     extra_test_paths: tuple[Path, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     # Grading: a numeric uid/gid to switch to (no passwd entry needed), after ``prepare``
@@ -212,20 +214,26 @@ def _channel_pipes(key: bytes) -> tuple[int, int, int]:
 
 def _workdir(lab: Lab, sandbox: Sandbox) -> tuple[Path, Path]:
     """The tests process's working folder and its empty pytest.ini (no rootdir config of
-    anyone else's applies)."""
+    anyone else's applies). It also holds the process's temp folder (``tmp``, see
+    :func:`_environment`): what the verification or the learner's code leaves there goes
+    with it, even when the run is killed before it can clean up."""
     workdir = Path(tempfile.mkdtemp(prefix=f"lr-{lab.slug}-", dir=sandbox.workdir_root))
     ini = workdir / "pytest.ini"
     ini.write_text("[pytest]\n", encoding="utf-8")
+    (workdir / "tmp").mkdir()
     if sandbox.uid is not None:  # the unprivileged process reads its config from here
         os.chmod(workdir, 0o755)
         os.chmod(ini, 0o644)
+        os.chown(workdir / "tmp", sandbox.uid, sandbox.gid if sandbox.gid is not None
+                 else sandbox.uid)
     return workdir, ini
 
 
-def _environment(sandbox: Sandbox, state_file: Path | None, run_id: str, report_w: int,
-                 key_r: int) -> dict[str, str]:
+def _environment(sandbox: Sandbox, workdir: Path, state_file: Path | None, run_id: str,
+                 report_w: int, key_r: int) -> dict[str, str]:
     """The tests process's environment: the channel's ends (see channel), the services'
-    state file, and nothing that would load a plugin we did not name."""
+    state file, a temp folder of its own, and nothing that would load a plugin we did not
+    name."""
     if sandbox.minimal_env:
         env = {k: v for k, v in os.environ.items()
                if k in ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")}
@@ -237,6 +245,9 @@ def _environment(sandbox: Sandbox, state_file: Path | None, run_id: str, report_
         ENV_RUN_ID: run_id,
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
+        # Build folders, pytest's tmp_path, the learner's own temp files: in the working
+        # folder (grading names the learner's home instead, in ``sandbox.env``).
+        "TMPDIR": str(workdir / "tmp"),
         # Only the plugins we name: nothing installed or planted auto-loads into the run.
         "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
         # glibc reserves up to 64 MB of address space per malloc arena, one per thread by
@@ -284,7 +295,7 @@ def _run_lab(
     key = secrets.token_bytes(32)
     report_r, report_w, key_r = _channel_pipes(key)
     workdir, ini = _workdir(lab, sandbox)
-    env = _environment(sandbox, state_file, run_id, report_w, key_r)
+    env = _environment(sandbox, workdir, state_file, run_id, report_w, key_r)
     pass_fds = [report_w, key_r]
     factory_end, verifier_end = _learner_host(lab, sandbox, env, pass_fds)
     budget = timeout or lab.timeout * max(2, len(lab.test_files) * 3) + 30

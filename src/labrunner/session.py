@@ -5,6 +5,7 @@ Kept out of the CLI so that grading, benchmarks and tests drive the same path.""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -360,6 +361,9 @@ def verify(
         startup = service_set.startup
         state = (service_set.state_file
                  if service_set.endpoints or (startup is not None and startup.names) else None)
+        if sandbox is None or sandbox.workdir_root is None:
+            # The labs' working folders in the run's own folder: swept if the run is killed.
+            sandbox = dataclasses.replace(sandbox or Sandbox(), workdir_root=service_set.workdir)
         plan = RunPlan(labs, sources, state, new_run_id(), jobs, sandbox, readiness=startup)
         _run_with_bar(plan, settle, show_progress)
     order = {lab.id: n for n, lab in enumerate(selected)}

@@ -54,7 +54,8 @@ def dev_check(selectors: Sequence[str], backend: str | None, json_path: Path | N
         with err_console.status("checking…") as status:
             for n, expectation in enumerate(todo, 1):
                 status.update(f"[{n}/{len(todo)}] {expectation.lab.id} {expectation.variant}")
-                outcomes.append(check(expectation, state, run_id, learner_process))
+                outcomes.append(check(expectation, state, run_id, learner_process,
+                                      service_set.workdir))
     if strength:
         _strength_report(outcomes, json_path)
         return
