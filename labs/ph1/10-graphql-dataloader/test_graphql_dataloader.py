@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import random
 import re
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from labrunner.testing import PgStatementProxy, http_request, serve_wsgi
+from labrunner.testing import PgStatementProxy, http_request, serve_wsgi, wait_until
+from labrunner.testing.relay import RelayLink
 
 USERS = 50          # the page the queries ask for
 ALL_USERS = 120     # the table holds more: reading them all shows in the rows counted
@@ -276,3 +278,127 @@ def test_a_batch_reads_only_the_orders_of_its_keys(make_app: Callable[..., Any],
         f"orders): the batch read the orders of users nobody asked for ({listing(statements)})"
         " - a batch is an arbitrary set of keys, not a range: WHERE user_id = ANY(%s), not "
         "BETWEEN min and max")
+
+
+def ask_raw(host: str, query: str, timeout: float = 60) -> tuple[int, dict[str, Any]]:
+    """POST /graphql: the status and the whole document, errors included."""
+    reply = http_request(host, "POST", "/graphql", document={"query": query},
+                         timeout=timeout)
+    try:
+        document = json.loads(reply.body)
+    except ValueError:
+        pytest.fail(f"POST /graphql {query}: expected JSON, saw {reply.status} "
+                    f"{reply.body[:200]!r}", pytrace=False)
+    return reply.status, document if isinstance(document, dict) else {}
+
+
+def errors_of(document: dict[str, Any]) -> str:
+    return "; ".join(str(e.get("message") if isinstance(e, dict) else e)
+                     for e in document.get("errors") or [])[:300]
+
+
+# Ids that name no user: not a number, past bigint, negative. Each alias stands beside
+# user 2 in one request, so all of them go to the users loader in one batch.
+NO_SUCH_IDS = [("word", "abc"), ("huge", "99999999999999999999"), ("negative", "-7")]
+
+
+def test_an_id_that_names_no_user_is_null_and_spares_the_batch(
+        make_app: Callable[..., Any], proxied_dsn: str, counter: PgStatementProxy,
+        postgres: Any) -> None:
+    """A batch answers each key on its own: a key the database cannot even compare (a
+    word, a number past bigint) must not fail the other keys loaded with it."""
+    want = {u["id"]: u for u in expected_users(postgres)}["2"]
+    query = ('{ two: user(id: "2") { id name orders { id totalCents } } '
+             + " ".join(f'{alias}: user(id: "{uid}") {{ id name }}' for alias, uid in NO_SUCH_IDS)
+             + " }")
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+        status, document = ask_raw(host, query)
+    data = document.get("data") or {}
+    assert status == 200 and data.get("two") == want, (
+        f"user(id: \"2\") asked beside user(id:) {', '.join(u for _, u in NO_SUCH_IDS)} "
+        f"(ids that name no user) came back as {data.get('two')!r} with status {status} and "
+        f"errors: {errors_of(document) or 'none'}; expected {want}: one key the database "
+        "could not use failed the whole batch. A batch answers each key on its own: send the "
+        "ids as a query parameter of their type (WHERE id = ANY(%s) with ints), never "
+        "formatted into the SQL, and answer an id that names no user with null")
+    wrong = {uid: data.get(alias, "missing") for alias, uid in NO_SUCH_IDS
+             if data.get(alias, "missing") is not None}
+    assert not wrong and not document.get("errors"), (
+        f"user(id:) with ids that name no user ({', '.join(u for _, u in NO_SUCH_IDS)}) "
+        f"answered {wrong or 'null'} with errors: {errors_of(document) or 'none'}; expected "
+        "null for each and no error: an ID is any string, and one that is not a user's id "
+        "names no user, like 999")
+
+
+class HoldFirstUsersRead(PgStatementProxy):
+    """Stops the first connection that reads users before its statement reaches the server,
+    until release(): that request is then in flight while the test runs another."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self._gate = threading.Condition()
+        self.held: int | None = None
+        self.released = False
+
+    def before_forwarding(self, link: RelayLink, sql: str) -> None:
+        if not re.search(r"\bfrom\s+users\b", sql, re.IGNORECASE):
+            return
+        with self._gate:
+            if self.held is None:
+                self.held = link.index
+                self._gate.notify_all()
+            if link.index == self.held:
+                self._gate.wait_for(lambda: self.released, timeout=60)
+
+    def release(self) -> None:
+        with self._gate:
+            self.released = True
+            self._gate.notify_all()
+
+
+def test_requests_in_flight_together_keep_their_own_loaders(
+        make_app: Callable[..., Any], counter: PgStatementProxy, postgres: Any) -> None:
+    """The server answers requests on threads of their own, at the same time: a request's
+    loaders (and the connection they query) belong to it alone. Request A is held at its
+    users query while request B runs from start to end; then A goes on."""
+    want = expected_users(postgres)
+    by_id = {u["id"]: u for u in want}
+    second = '{ u5: user(id: "5") { id name orders { id totalCents } } }'
+    gate = HoldFirstUsersRead.for_dsn(postgres.dsn)
+    assert isinstance(gate, HoldFirstUsersRead)
+    first: dict[str, Any] = {}
+    try:
+        with serve_wsgi(make_app(gate.dsn_for(postgres.dsn), batched=True)) as host:
+            def run_first() -> None:
+                try:
+                    first["reply"] = ask_raw(host, USERS_QUERY, timeout=90)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    first["reply"] = (0, {"errors": [f"{type(exc).__name__}: {exc}"]})
+
+            thread = threading.Thread(target=run_first, daemon=True)
+            thread.start()
+            wait_until(lambda: gate.held is not None or not thread.is_alive(),
+                       "request A to read users", timeout=60)
+            status_b, document_b = ask_raw(host, second)
+            gate.release()
+            thread.join(timeout=90)
+    finally:
+        gate.release()
+        gate.close()
+    status_a, document_a = first.get("reply", (0, {"errors": ["no answer"]}))
+    users_a = (document_a.get("data") or {}).get("users")
+    assert status_a == 200 and users_a == want and not document_a.get("errors"), (
+        f"request A ({USERS_QUERY}), held at its users query while request B ({second}) ran "
+        f"from start to end, then came back with status {status_a}, errors: "
+        f"{errors_of(document_a) or 'none'}; data: "
+        f"{_first_difference(users_a, want) if users_a is not None else 'none'}: A's "
+        "resolvers used what request B had made - loaders, or the connection they query - "
+        "kept where every request sees it (a module or app-wide variable, reset per "
+        "request). Requests run at the same time on the server's threads: keep the "
+        "loaders and the connection in the request's own context")
+    assert status_b == 200 and (document_b.get("data") or {}).get("u5") == by_id["5"] and \
+        not document_b.get("errors"), (
+        f"request B ({second}), run while request A was in flight, came back with status "
+        f"{status_b}, errors: {errors_of(document_b) or 'none'}, data "
+        f"{document_b.get('data')}; expected {by_id['5']}: a request's loaders and "
+        "connection must be its own, not shared with the request in flight")

@@ -44,6 +44,23 @@ def _durations(seed: int = 7, fast: int = 880, stalled: int = 0) -> list[float]:
     return mixed
 
 
+def _skewed_durations(seed: int = 7, count: int = 1000) -> list[float]:
+    """Durations shaped like real latencies: log-normal, most jobs around 90 ms and a long
+    thin tail to 1.9 s (within the 20 ms - 2 s range). The load above is uniform inside
+    each of its three ranges, and linear interpolation is exact on uniform data: buckets
+    far apart where the jobs are dense (every 200 ms) read it well and this one badly."""
+    rng = random.Random(seed)
+    values: list[float] = []
+    while len(values) < count:
+        value = rng.lognormvariate(math.log(0.09), 0.8)
+        if 0.02 <= value <= 1.9:
+            values.append(round(value, 4))
+    return values
+
+
+SKEWED_QUEUE = "thumbnails"
+
+
 # A degraded worker on a queue of its own: 4 % of its jobs stall for 3 to 6 s, so its p99
 # (about 5 s) is far above every normal job. histogram_quantile() never reads above the
 # highest finite bucket bound: buckets that stop at the normal range (2 s, or an SLO edge
@@ -193,10 +210,49 @@ def test_gauge_is_right_when_threads_start_and_finish_jobs_at_once(learner: Any)
             "each job with the counter's own inc(), which is atomic across threads")
 
 
+def test_gauge_is_right_in_every_interleaving_of_two_jobs(learner: Any) -> None:
+    """Two threads update one queue's gauge: one is held before each line of the learner's
+    code in turn while the other runs its whole call, then goes on. A gauge set() from a
+    count taken earlier - even one taken under a lock - can be written after a newer count
+    and put the older one back; inc() and dec() change the value in one step."""
+    harness, module = learner.harness(), learner.load("metrics")
+    metrics = module.JobMetrics()
+    plan: list[tuple[str, str, Any, int]] = []  # call, queue, where held, gauge wanted
+    for call, running_before, want in (("started", 0, 2), ("finished", 2, 0)):
+        scratch = f"count-{call}"
+        for _ in range(running_before or 1):
+            metrics.started(scratch)
+        args: tuple[Any, ...] = (scratch,) if call == "started" else (scratch, 0.1, True)
+        for k in range(1, harness.steps_of(module, metrics, call, args) + 1):
+            queue = f"{call}-{k}"
+            for _ in range(running_before):
+                metrics.started(queue)
+            args = (queue,) if call == "started" else (queue, 0.1, True)
+            held = harness.held_while_other_runs(module, metrics, call, args, k)
+            assert not held["errors"], (
+                f"{call}() on two threads at once raised {held['errors'][0]}")
+            plan.append((call, queue, held, want))
+    with serve_wsgi(metrics.wsgi_app()) as address:
+        levels = _exposed(address, "jobs_in_progress")
+    for call, queue, held, want in plan:
+        level = levels.get((("queue", queue),), "no sample")
+        assert level == want, (
+            f"two threads called {call}() for one queue"
+            + (" with 2 jobs running" if call == "finished" else "")
+            + f"; one was held before line {held['line']} of your code ({held['text']!r}) "
+            f"while the other ran its whole call, then went on, and /metrics shows "
+            f"jobs_in_progress = {level}, expected {want}: the held thread wrote the gauge "
+            "from a count it had taken before the other's update (a count kept under a "
+            "lock, then set() after leaving it, puts the older number back over the newer). "
+            "Let the gauge change itself: inc() and dec() are one atomic step")
+
+
 def test_histogram_quantiles_match_the_load(learner: Any, prometheus: Any) -> None:
     durations, degraded = _durations(), _durations(seed=11, stalled=40)
+    skewed = _skewed_durations()
     with _worker(learner, prometheus) as (metrics, _address, job):
-        for queue, load in (("email", durations), (DEGRADED_QUEUE, degraded)):
+        for queue, load in (("email", durations), (DEGRADED_QUEUE, degraded),
+                            (SKEWED_QUEUE, skewed)):
             for seconds in load:
                 metrics.started(queue)
                 metrics.finished(queue, seconds, True)
@@ -234,7 +290,29 @@ def test_histogram_quantiles_match_the_load(learner: Any, prometheus: Any) -> No
                 f"allowed): Prometheus interpolates linearly inside a bucket, so buckets "
                 f"{[b for b in bounds if b != math.inf]} are too coarse where these jobs fall "
                 "(20 ms - 2 s) - put bucket bounds close together over that range")
+        _skewed_quantiles_match(prometheus, job, skewed, bounds)
         _degraded_p99_shows(prometheus, job, degraded, bounds)
+
+
+def _skewed_quantiles_match(prometheus: Any, job: str, skewed: list[float],
+                            bounds: list[float]) -> None:
+    finite = [b for b in bounds if b != math.inf]
+    for q in (0.5, 0.9, 0.99):
+        expr = (f"histogram_quantile({q}, sum by (le) "
+                f'(job_duration_seconds_bucket{{job="{job}",queue="{SKEWED_QUEUE}"}}))')
+        estimate = _series(prometheus, expr).get((), math.nan)
+        exact = _exact_quantile(skewed, q)
+        error = abs(estimate - exact) / exact
+        dense = [b for b in finite if b <= 0.3]
+        assert error <= QUANTILE_TOLERANCE, (
+            f"on a load shaped like real latencies (most jobs around 90 ms, a long tail to "
+            f"1.9 s), histogram_quantile({q}) reads {estimate:.3f} s, the exact p{q * 100:g} "
+            f"is {exact:.3f} s ({error:.0%} off, at most {QUANTILE_TOLERANCE:.1%} allowed): "
+            f"your buckets up to 0.3 s are {dense or 'none'}, and Prometheus interpolates "
+            "linearly inside a bucket as if its jobs were spread evenly - true of an even "
+            "load, not of one bunched at the bucket's low end. Buckets evenly spaced across "
+            "20 ms - 2 s are too coarse where most jobs are: space them closer where the "
+            "values are dense (tens of ms apart below 0.3 s), wider in the tail")
 
 
 def _degraded_p99_shows(prometheus: Any, job: str, degraded: list[float],
