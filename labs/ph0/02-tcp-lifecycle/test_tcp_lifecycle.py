@@ -20,8 +20,15 @@ import pytest
 
 from labrunner.testing import TcpSocket, tcp_sockets
 
-LATE = b"late reply, sent after your FIN\n" * 64   # the peer's data after the half-close
-LATE_WRITES = 3                                     # ...sent in this many separate writes
+LATE_WRITES = 3                                     # the peer's late data comes in this many writes
+# The peer's data after the half-close: bytes, not text. Each write ends inside a two-byte
+# UTF-8 character (the next write brings its second byte), and bytes that are no UTF-8 at
+# all (0x00, 0xff) run through it: a TCP stream carries bytes, whatever they are.
+_LINE = "late reply, sent after your FIN: café\n".encode() + b"\x00\xff\x80\n"
+LATE = _LINE * 64
+_PIECE = -(-len(LATE) // LATE_WRITES)
+LATE = LATE[:_PIECE - 1] + "é".encode() + LATE[_PIECE - 1:]  # é across the first boundary
+assert LATE[_PIECE - 1:_PIECE + 1] == "é".encode()
 WAIT = 6.0                                          # generous bound for anything that must happen
 PAUSE = 2.5   # the peer's silence before its last write: only ever slows a right answer
 
@@ -85,6 +92,12 @@ class Background:
     def check(self) -> None:
         """Fail now if the learner's function already raised."""
         if self.error is not None:
+            if isinstance(self.error, UnicodeError):
+                pytest.fail(f"{self.what} raised {type(self.error).__name__} ({self.error}): it "
+                            "decoded the bytes it read as text\nA TCP connection carries bytes, "
+                            "not characters: the peer's data need not be UTF-8, and one recv() "
+                            "can end in the middle of a character the next one completes. "
+                            "Keep the bytes as they came (b''.join(chunks)).", pytrace=False)
             if isinstance(self.error, NotImplementedError):
                 pytest.fail(f"{self.what} is not implemented yet: {self.error}", pytrace=False)
             if isinstance(self.error, TimeoutError) and self.blocked:
@@ -211,6 +224,28 @@ def graceful_exchange(learner: Any, pair: Pair, pause: float = 0.0) -> Exchange:
     return Exchange(seen, running.wait())
 
 
+def _utf8(data: bytes | bytearray) -> bool:
+    try:
+        bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def expect_bytes_kept(what: str, got: Any, want: bytes, whose: str) -> None:
+    """Fail, naming the mistake, when the bytes came back as text or were changed by a
+    round trip through text (a decode with errors='replace' or 'ignore': what comes back
+    is all UTF-8, and what was sent is not)."""
+    if isinstance(got, str):
+        pytest.fail(f"{what} text (str), expected {whose} as bytes\nA TCP connection carries "
+                    "bytes: return them as they came, without decoding.", pytrace=False)
+    if isinstance(got, bytes | bytearray) and got != want and _utf8(got) and not _utf8(want):
+        pytest.fail(f"{what} {len(got)} bytes, expected the {len(want)} bytes of {whose}: the "
+                    "bytes that are no UTF-8 were replaced or dropped, so they went through a "
+                    "decode to text\nA TCP connection carries bytes, not characters: keep them "
+                    "as they came (b''.join(chunks)).", pytrace=False)
+
+
 def expect_fin(exchange: Exchange) -> None:
     assert exchange.seen == "eof", (
         f"after graceful_close() the peer saw {SEEN[exchange.seen]}; expected an orderly "
@@ -237,6 +272,8 @@ def test_data_after_half_close_still_arrives(learner: Any, pair: Pair) -> None:
         f"{LATE_WRITES} writes of {piece} bytes. A recv() that returns fewer bytes than you "
         "asked for is not the end of the stream; only b'' (the peer's FIN) is: keep "
         "calling recv() until it returns b''.")
+    expect_bytes_kept("graceful_close() returned", got, LATE,
+                      "what the peer sent after your FIN")
     assert got == LATE, (
         f"graceful_close() returned {len(got or b'')} bytes, expected the {len(LATE)} bytes "
         "the peer sent after your FIN\nA half-closed connection still delivers the other "
@@ -347,7 +384,10 @@ def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> Non
 
     closing = learner.load("closing")
     running = Background("serve_until_eof()", closing.serve_until_eof, pair.server, handler)
-    head, rest = b"report for:\n", b"line of the request\n" * 5000
+    # bytes, not text: a UTF-8 character and bytes that are no UTF-8 in every line, and
+    # lines of 26 bytes, so the reads end anywhere, inside a character too
+    head, rest = b"report for:\n", "line of the request: é".encode() + b"\x00\xff\n"
+    rest *= 5000
     pair.client.sendall(head)
     # The request is not over until the client's FIN: nothing may come back before it.
     readable, _, _ = select.select([pair.client], [], [], 0.3)
@@ -380,6 +420,9 @@ def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> Non
                     f"{len(head + rest)} bytes of the request\nThe client marks the end of "
                     "its request with its FIN: read until recv() returns b'' before calling "
                     "the handler.", pytrace=False)
+    if requests and requests != [head + rest]:
+        expect_bytes_kept("the handler was called with", requests[0], head + rest,
+                          "the request")
     want = answer(head + rest)
     assert reply == want, (
         f"the client read {len(reply)} bytes after its half-close, expected {len(want)} "
@@ -454,3 +497,58 @@ def test_a_large_answer_is_sent_whole(learner: Any, pair: Pair) -> None:
            "send() takes only what fits; sendall() loops until everything is sent."
            if want.startswith(reply) else
            ": the bytes differ from the handler's answer - send exactly what it returned"))
+
+
+# ---------------------------------------------------------------------------- reset first
+
+
+@dataclass
+class ResetFirst:
+    """One of the learner's functions called on a connection the peer has already reset:
+    its very first call on the socket fails (shutdown() with ENOTCONN, recv() with
+    ECONNRESET), before anything that is usually guarded by a try."""
+
+    what: str
+    call: Callable[[Any, socket.socket], Any]
+    mine: Callable[[Pair], socket.socket]    # the learner's end
+    theirs: Callable[[Pair], socket.socket]  # the test's end, which resets
+
+
+RESET_FIRST = {
+    "graceful_close": ResetFirst(
+        "graceful_close()", lambda closing, sock: closing.graceful_close(sock),
+        lambda pair: pair.client, lambda pair: pair.server),
+    "serve_until_eof": ResetFirst(
+        "serve_until_eof()", lambda closing, sock: closing.serve_until_eof(
+            sock, lambda request: b"an answer nobody will read"),
+        lambda pair: pair.server, lambda pair: pair.client),
+}
+
+
+@pytest.mark.parametrize("case", RESET_FIRST.values(), ids=RESET_FIRST.keys())
+def test_peer_reset_before_the_call_still_closes(learner: Any, pair: Pair,
+                                                 case: ResetFirst) -> None:
+    """The error path at the first step: the peer aborted before the learner's function
+    was called. Whatever raises, and wherever, the socket must be closed."""
+    closing = learner.load("closing")
+    mine, theirs = case.mine(pair), case.theirs(pair)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    theirs.close()  # RST: the peer crashed before the learner's code ran
+    readable, _, _ = select.select([mine], [], [], WAIT)  # the RST has arrived
+    assert readable, f"the test's reset did not reach the other end within {WAIT:.0f} s"
+    running = Background(case.what, case.call, closing, mine)
+    running.thread.join(WAIT)
+    if running.thread.is_alive():
+        pytest.fail(f"{case.what} did not return within {WAIT:.0f} s on a connection the "
+                    "peer had already reset", pytrace=False)
+    error = running.error
+    if error is not None and not isinstance(error, OSError):
+        running.check()
+    fd = mine.fileno()
+    assert fd == -1, (
+        f"the peer had reset the connection before {case.what} was called; {case.what} "
+        f"{'raised ' + type(error).__name__ + ' (' + str(error) + ')' if error else 'returned'}"
+        f" and left the socket open (file descriptor {fd}), expected it closed\nAny call on a "
+        "reset socket can fail, the first one too (shutdown() raises ENOTCONN, recv() "
+        "ECONNRESET): put every step inside the try whose finally closes the socket, or "
+        "each peer that aborts early leaks a descriptor.")

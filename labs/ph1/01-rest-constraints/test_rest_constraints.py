@@ -187,6 +187,45 @@ def test_conditional_get_answers_304(host: str, path: str) -> None:
         f"{stale.status}: only a matching tag allows 304")
 
 
+# If-None-Match is a comma-separated list (RFC 9110 5.6.1, 13.1.2): the whitespace around
+# each comma is optional (none, spaces, a tab), and the current tag may stand anywhere in
+# it, weak or strong. {tag} is the current tag, {weak} its weak form. Splitting on ", ",
+# or looking at one end of the list only, misses some of these.
+MATCHING_LISTS = [
+    ('"old-1",{weak}', "no space after the comma"),
+    ('{tag},"old-1"', "the current tag first"),
+    ('"old-1", {tag}, "old-2"', "the current tag in the middle"),
+    ('"old-1" ,\t{weak} , "old-2"', "a space before a comma, a tab after one"),
+    ('W/"old-1",{tag}', "a weak stale tag, then the current one with no space"),
+]
+STALE_LISTS = ['"old-1","old-2"', 'W/"old-1" ,\t"old-2"']
+
+
+@pytest.mark.parametrize("path", ["/users/1", "/users"])
+def test_if_none_match_lists_in_every_shape(host: str, path: str) -> None:
+    first = get_ok(host, path)
+    etag = first.header("ETag") or ""
+    weak = etag if etag.startswith("W/") else "W/" + etag
+    for shape, what in MATCHING_LISTS:
+        sent = shape.format(tag=etag, weak=weak)
+        reply = call(host, "GET", path, headers={"If-None-Match": sent})
+        assert reply.status == 304, (
+            f"GET {path} with If-None-Match: {sent!r} ({what}): expected 304 Not Modified, "
+            f"saw {reply.status}: the list holds the current tag {etag}\nIf-None-Match is "
+            "a comma-separated list whose whitespace around each comma is optional (none, "
+            "spaces or tabs): split on ',' alone, strip each tag, drop W/, and compare every "
+            "tag of the list - not only its first or last, not split on ', '.")
+        assert reply.header("ETag") == etag and reply.body == b"", (
+            f"GET {path} with If-None-Match: {sent!r}: the 304 must repeat the ETag {etag} "
+            f"and have no body, saw {reply.header('ETag')!r} and {reply.body[:80]!r}")
+    for sent in STALE_LISTS:
+        reply = call(host, "GET", path, headers={"If-None-Match": sent})
+        assert reply.status == 200 and reply.body == first.body, (
+            f"GET {path} with If-None-Match: {sent!r} (stale tags only): expected 200 and "
+            f"the full body, saw {reply.status}: only a tag equal to the current one allows "
+            "304")
+
+
 def test_changed_resource_gets_new_etag(host: str, dsn: str, postgres: Any) -> None:
     before = get_ok(host, "/users/1")
     old_tag = before.header("ETag") or ""
@@ -233,26 +272,37 @@ def test_collection_is_ordered_by_id(host: str, postgres: Any) -> None:
 # PUT replaces the whole representation: a body that is not a complete user is refused and
 # changes nothing. Each shape of "merge instead of replace" keeps some stored field the
 # client never sent (COALESCE, {**row, **body}, a SET list built from the keys present).
+MERGED = ("PUT sets the resource to the representation sent - a complete replacement - so a "
+          "body missing a field is refused, not merged with the stored row (keeping fields "
+          "the client never sent is PATCH's job)")
+# A field of the wrong type is no user either: checking only that the fields are there
+# (not None) lets Postgres store 42, true or ["Bob"] as the text '42', 'true', '{Bob}'
+# (a cast on assignment), and str() coercion does the same in Python.
+MISTYPED = ("both fields are strings: check each field's type (isinstance(value, str)), not "
+            "only that it is present - otherwise the number, boolean or list is stored as "
+            "its text, a representation the client never sent, or the request crashes")
 INCOMPLETE_PUTS = [
-    ({"name": "Bob"}, "no email"),
-    ({"email": "bob@example.com"}, "no name"),
-    ({}, "neither name nor email"),
-    ({"name": "Bob", "email": None}, "email null"),
-    ({"name": None, "email": "bob@example.com"}, "name null"),
+    ({"name": "Bob"}, "no email", MERGED),
+    ({"email": "bob@example.com"}, "no name", MERGED),
+    ({}, "neither name nor email", MERGED),
+    ({"name": "Bob", "email": None}, "email null", MERGED),
+    ({"name": None, "email": "bob@example.com"}, "name null", MERGED),
+    ({"name": 42, "email": "bob@example.com"}, "name a number", MISTYPED),
+    ({"name": "Bob", "email": True}, "email true", MISTYPED),
+    ({"name": ["Bob"], "email": "bob@example.com"}, "name a list", MISTYPED),
+    ({"name": {"first": "Bob"}, "email": "bob@example.com"}, "name an object", MISTYPED),
 ]
 
 
 def test_put_with_incomplete_body_is_refused(host: str) -> None:
     before = get_ok(host, "/users/1").json()
-    for body, what in INCOMPLETE_PUTS:
+    for body, what, why in INCOMPLETE_PUTS:
         reply = call(host, "PUT", "/users/1", body)
         after = get_ok(host, "/users/1").json()
         assert 400 <= reply.status < 500 and after == before, (
             f"PUT /users/1 with {body} ({what}) when the user is {before}: expected 400 or "
             f"422 and the user unchanged, saw {reply.status} and the user is now {after}: "
-            "PUT sets the resource to the representation sent - a complete replacement - so "
-            "a body missing a field is refused, not merged with the stored row (keeping "
-            "fields the client never sent is PATCH's job)")
+            f"{why}")
 
 
 def test_missing_user_is_404(host: str) -> None:

@@ -16,7 +16,11 @@
  *                              call: the signal lands after the accept loop has looked at
  *                              its flag and before the wait has begun, the window a
  *                              check-then-wait loop loses the signal in. It prints
- *                              "[test-gate] SIGTERM before <call>" first. */
+ *                              "[test-gate] SIGTERM before <call>" first.
+ *
+ *   SHUTDOWN_TEST_HOLD=ready   no gate: the first fflush(stdout), the one that sends
+ *                              "listening on <port>", sends the process SIGTERM right
+ *                              after it (see the end of this file). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -214,4 +218,23 @@ int pause(void) {
     REAL(pause);
     signal_before("pause");
     return real();
+}
+
+/* ---- SHUTDOWN_TEST_HOLD=ready: SIGTERM the moment the server says it is ready --------- *
+ * The first fflush(stdout) (the one that sends "listening on <port>" down the pipe) sends
+ * the process SIGTERM right after the real flush, before the next line of main() runs: a
+ * supervisor may stop a process at any moment once it is up, the first one too. It prints
+ * "[test-gate] SIGTERM after fflush" first. */
+
+static atomic_int readied = 0;
+
+int fflush(FILE *stream) {
+    REAL(fflush);
+    int rc = real(stream);
+    if (stream == stdout && holding("ready") && atomic_fetch_add(&readied, 1) == 0) {
+        static const char msg[] = "[test-gate] SIGTERM after fflush\n";
+        syscall(SYS_write, 2, msg, sizeof msg - 1);
+        syscall(SYS_kill, getpid(), SIGTERM);
+    }
+    return rc;
 }

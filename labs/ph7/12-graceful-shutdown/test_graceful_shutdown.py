@@ -97,6 +97,8 @@ class Server:
             if self._ready.wait(0.05):
                 return
             if self.proc.poll() is not None:
+                if self._ready.wait(2.0):  # it printed, then exited: its stdout is read last
+                    return
                 pytest.fail(f"the server exited with status {self.proc.returncode} before "
                             f"listening\nstderr: {self.err()[-600:]}", pytrace=False)
         pytest.fail(f"the server did not print 'listening on <port>' within {READY:.0f} s: "
@@ -204,9 +206,9 @@ def refused(port: int) -> bool:
     return False
 
 
-def killed_by(status: int | None) -> str:
+def killed_by(status: int | None, name: str = "SIGTERM") -> str:
     if status is not None and status < 0:
-        return (f" (killed by signal {-status}: the default action of SIGTERM ends the "
+        return (f" (killed by signal {-status}: the default action of {name} ends the "
                 "process at once, in-flight requests and all; install a handler with "
                 "sigaction() that sets an atomic flag)")
     return ""
@@ -484,3 +486,75 @@ def test_a_sigterm_between_the_flag_check_and_the_wait_is_not_lost(
             f"{killed_by(status)}\nstderr: {server.err()[-400:]}")
     finally:
         request.close()
+
+
+# ------------------------------------------------- the other stop signal, the first moment
+
+
+def test_sigint_drains_like_sigterm(launch: Any) -> None:
+    """SIGINT (Ctrl-C, and what some supervisors send) is a stop signal too: the same
+    handler, the same drain - not the default action, not an exit on the spot."""
+    server = launch(leak_check=False)  # leaks are checked by the idle test
+    request = Slow(server.port, "ctrl-c")
+    try:
+        server.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + WAIT
+        while not refused(server.port) and server.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status = server.proc.poll()
+        assert status is None, (
+            f"the server exited (status {status}) on SIGINT while a request was in flight"
+            f"{killed_by(status, 'SIGINT')}\nSIGINT (Ctrl-C) stops the server like SIGTERM: "
+            "install the same handler for both (and block both outside the wait), so it "
+            "stops accepting and drains instead of cutting the request.")
+        answer = request.finish()
+        status = server.wait_exit(WAIT)
+        after = "was still running" if status is None else f"exited with status {status}"
+        assert answer == "DONE ctrl-c", (
+            f"the request in flight when SIGINT came was answered {answer!r}, expected "
+            f"'DONE ctrl-c' (the server {after}{killed_by(status, 'SIGINT')})\nSIGINT stops "
+            "the server like SIGTERM: stop accepting, drain, then exit 0.")
+        assert status is not None, (
+            f"after SIGINT the request in flight completed and the server was still running "
+            f"{WAIT:.0f} s later: SIGINT must end the accept loop like SIGTERM (the same "
+            "handler, and SIGINT in the mask that only the wait unblocks)")
+        assert refused(server.port), "after SIGINT new connections were not refused"
+        assert status == 0, (
+            f"after SIGINT and its drain the server exited with status {status}, expected 0"
+            f"{killed_by(status, 'SIGINT')}\nstderr: {server.err()[-400:]}")
+    finally:
+        request.close()
+
+
+def test_a_sigterm_the_moment_the_server_is_ready_is_not_lost(
+        launch: Any, gate: tuple[Path, Path]) -> None:
+    """The gate sends SIGTERM right after the server's fflush(stdout) of 'listening on
+    <port>': a supervisor may stop a process at any moment once it says it is up. The
+    handler must already be in place, and the signal kept (blocked, then taken in the
+    wait), not ignored or left to its default action."""
+    gate_shim, fifo = gate
+    server = launch(leak_check=False, gate=(gate_shim, "ready", fifo))
+    deadline = time.monotonic() + WAIT
+    while b"[test-gate] SIGTERM after fflush" not in server.stderr:
+        if not server.alive() or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    sent = b"[test-gate] SIGTERM after fflush" in server.stderr
+    if not sent:  # the port went out without fflush(stdout): signal it now, as it is up
+        sigterm(server)
+    when = ("just after it flushed 'listening on <port>'" if sent
+            else "as soon as it printed 'listening on <port>'")
+    status = server.wait_exit(WAIT)
+    assert status is not None, (
+        f"SIGTERM came {when} and the server was still running {WAIT:.0f} s later, with "
+        "nothing in flight: the signal was lost (ignored while the server started, or set "
+        "before the handler and never seen by the accept loop)\nA supervisor may stop a "
+        "process the moment it says it is up: install the handler and block the stop "
+        "signals before listening and printing the port; a signal that comes early then "
+        "waits, pending, for the accept loop's wait.")
+    assert status == 0, (
+        f"SIGTERM came {when} and the server exited with status {status}, expected 0"
+        f"{killed_by(status)}\nThe handler was not installed yet when the server said it "
+        "was ready: install it (sigaction) before listening and printing the port - a "
+        "supervisor may stop a process at any moment once it is up.\n"
+        f"stderr: {server.err()[-400:]}")
