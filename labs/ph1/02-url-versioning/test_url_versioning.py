@@ -264,3 +264,60 @@ def check_not_acceptable(reply: HttpReply, accept: str) -> None:
         f"{reply.headers.get('Content-Type')!r}: a media range with q=0 is one the client "
         "refuses (RFC 9110 12.4.2), not its last choice - drop q=0 ranges before choosing; "
         "nothing acceptable is left, so the answer is 406 Not Acceptable")
+
+
+# ---- the rules combined: the first one that states a preference wins ------------------
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+@pytest.mark.parametrize(("path", "accept", "version", "why"), [
+    ("/v1/users/1/orders", f"{VENDOR};version=2", 1,
+     "the URI prefix is the first rule: /v1/ fixes the version whatever Accept asks"),
+    ("/v2/users/1/orders?version=1", None, 2,
+     "the URI prefix is the first rule: /v2/ fixes the version whatever ?version= says"),
+    ("/users/1/orders?version=1", f"{VENDOR};version=2", 2,
+     "Accept (rule 2) is read before ?version= (rule 3): the media type the client asked "
+     "for wins over the query parameter"),
+    ("/users/1/orders?version=2", f"{VENDOR};version=1", 1,
+     "Accept (rule 2) is read before ?version= (rule 3)"),
+    ("/users/1/orders?version=2", BROWSER_ACCEPT, 2,
+     "a browser's Accept lists text/html and XML first, which this API cannot serve "
+     "(skip them, do not answer 406), then */*: no vendor type, only a generic one, is no "
+     "preference, so the next rule, ?version=2, decides - not the default version 1"),
+    ("/users/1/orders?version=2", "application/json", 2,
+     "application/json is no preference, so the next rule, ?version=2, decides - not the "
+     "default version 1"),
+    ("/users/1/orders", BROWSER_ACCEPT, 1,
+     "no rule states a preference (Accept is generic, no ?version=): version 1"),
+])
+def test_rules_combined(host: str, path: str, accept: str | None, version: int,
+                        why: str) -> None:
+    headers = {"Accept": accept} if accept else {}
+    reply = get(host, path, headers)
+    what = f"GET {path}" + (f" with Accept: {accept}" if accept else "")
+    served = served_version(reply)
+    assert served == version, (
+        f"{what}: expected 200 with version {version}, saw {reply.status} "
+        f"{'version ' + str(served) if served else reply.body[:100]!r}: {why}")
+    check_collection(reply, 1, version, what)
+
+
+@pytest.mark.parametrize(("accept", "query", "version"), [
+    (f"{VENDOR};version=3, {VENDOR};version=2;q=0.5", "", 2),
+    (f"{VENDOR};version=3, {VENDOR};version=1;q=0.5", "", 1),
+    (f"{VENDOR};version=3, application/json", "", 1),
+    (f"{VENDOR};version=3, */*;q=0.1", "?version=2", 2),
+])
+def test_unknown_version_falls_back_to_next_range(host: str, accept: str, query: str,
+                                                  version: int) -> None:
+    reply = get(host, f"/users/1/orders{query}", {"Accept": accept})
+    what = f"GET /users/1/orders{query} with Accept: {accept}"
+    served = served_version(reply)
+    assert served == version, (
+        f"{what}: expected 200 with version {version}, saw {reply.status} "
+        f"{'version ' + str(served) if served else reply.body[:100]!r}: version 3 is the "
+        "client's first choice but not its only one - skip a range the API cannot serve and "
+        "try the next in q order (a generic type there means 'no preference': go on to "
+        "?version= or the default); 406 is only for a list with nothing acceptable in it")
+    check_collection(reply, 1, version, what)

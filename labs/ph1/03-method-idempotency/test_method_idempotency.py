@@ -240,17 +240,60 @@ def test_replayed_key_returns_the_stored_response(instances: list[str], db: Any)
         f"GET {first.headers.get('Location')}: expected 200, saw {fetched.status}")
 
 
-def test_key_reused_for_another_request_is_422(instances: list[str], db: Any) -> None:
+# The same key with another request: each field changed alone, and values moved between
+# fields (a fingerprint of the values without their names sees no change).
+OTHER_REQUESTS = [
+    ({**ORDER, "quantity": 5}, "another quantity"),
+    ({**ORDER, "item": "mouse"}, "another item"),
+    ({**ORDER, "user_id": 2}, "another user (user 2 exists)"),
+    ({"user_id": 2, "item": "keyboard", "quantity": 1},
+     "user_id and quantity swapped (1 and 2 change places)"),
+]
+
+
+@pytest.mark.parametrize(("other", "how"), OTHER_REQUESTS,
+                         ids=["quantity", "item", "user_id", "swapped_values"])
+def test_key_reused_for_another_request_is_422(instances: list[str], db: Any,
+                                               other: dict[str, Any], how: str) -> None:
+    rows(db, "INSERT INTO users VALUES (2, 'Alan Kay', 'alan.kay@example.com') RETURNING id")
     key = str(uuid.uuid4())
     first = post_order(instances[0], key)
     assert first.status == 201, (
         f"POST /orders with a new Idempotency-Key: expected 201, saw {first.status}")
-    other = post_order(instances[1], key, {**ORDER, "quantity": 5})
-    assert other.status == 422, (
-        f"the same Idempotency-Key with a different body: expected 422, saw {other.status}: "
-        "the client reused a key for a different request, which is its error; replaying the "
-        "old response would silently drop the new order")
+    reply = post_order(instances[1], key, other)
+    assert reply.status == 422, (
+        f"the same Idempotency-Key with a different body ({how}: {other} after {ORDER}): "
+        f"expected 422, saw {reply.status} {reply.body[:150]!r}: the client reused a key for "
+        "a different request, which is its error; replaying the old response would silently "
+        "drop the new order. The fingerprint must cover every field, by name (a canonical "
+        "json.dumps(body, sort_keys=True)), not a subset of them or their values alone")
     assert_one_order(db, 2, "conflicting")
+
+
+def test_keys_are_compared_exactly(instances: list[str], db: Any) -> None:
+    """Two keys that differ only in letter case are two attempts; a key need not be a UUID."""
+    u = str(uuid.uuid4())
+    keys = [u.upper(), u.lower(), f"Checkout-{u[:8]}", f"checkout-{u[:8]}"]
+    firsts: dict[str, HttpReply] = {}
+    for n, key in enumerate(keys):
+        reply = post_order(instances[n % 2], key)
+        earlier = [k for k, r in firsts.items() if r.body == reply.body]
+        assert reply.status == 201 and not earlier, (
+            f"POST /orders with Idempotency-Key {key!r} (after {list(firsts)}): expected 201 "
+            f"with a new order, saw {reply.status} {reply.body[:150]!r}"
+            + (f", the order of key {earlier[0]!r} replayed" if earlier else "")
+            + ": a key is any non-blank string the client chose, compared exactly as sent - "
+            "header NAMES are case-insensitive, header VALUES are not, and the draft "
+            "recommends a UUID without requiring one; lower-casing the key (or parsing it as a "
+            "UUID) makes two clients' attempts one, and hands one client another's order")
+        firsts[key] = reply
+    assert order_count(db) == len(keys), (
+        f"{len(keys)} POSTs with the keys {keys} created {order_count(db)} orders, expected "
+        f"{len(keys)}: keys that differ only in case are different attempts")
+    for n, key in enumerate(keys):
+        assert_same_reply(firsts[key], post_order(instances[(n + 1) % 2], key),
+                          f"a replay of key {key!r}")
+    assert order_count(db) == len(keys), "the replays created orders"
 
 
 def test_failed_attempt_does_not_burn_the_key(instances: list[str], db: Any) -> None:

@@ -170,8 +170,17 @@ def next_params(style: str, doc: dict[str, Any]) -> dict[str, Any] | None:
     return {"style": style, "limit": PAGE, NEXT_FIELD[style].removeprefix("next_"): following}
 
 
-def walk(host: str, db: Any, style: str) -> list[int]:
-    """Page through all orders with `style`, inserting in front between fetches."""
+def delete_last_seen(db: Any, last_seen_id: int) -> None:
+    """What other users do between two page fetches: the last order the reader saw is
+    deleted (cancelled) before the reader asks for the next page."""
+    with db.connect(autocommit=True) as conn:
+        conn.execute("DELETE FROM orders WHERE id = %s", (last_seen_id,))
+
+
+def walk(host: str, db: Any, style: str,
+         between: Callable[[Any, int], None] = insert_in_front) -> list[int]:
+    """Page through all orders with `style`, changing the table between fetches (by default
+    inserting in front)."""
     seen: list[int] = []
     params: dict[str, Any] = {"style": style, "limit": PAGE}
     for _ in range(2 * SMALL):  # a bound, in case the next-page link never ends
@@ -192,7 +201,7 @@ def walk(host: str, db: Any, style: str) -> list[int]:
                 f", saw {following!r}")
             params = {"style": style, "limit": PAGE, **following}
         if doc["data"]:
-            insert_in_front(db, doc["data"][-1]["id"])
+            between(db, doc["data"][-1]["id"])
     pytest.fail(f"{style} pages never ended after {2 * SMALL} pages: the next-page link "
                 "does not move forward", pytrace=False)
 
@@ -260,6 +269,23 @@ def test_pages_are_stable_under_inserts(host: str, db: Any, style: str) -> None:
     assert seen == truth, (
         f"{style} pages: expected exactly the {SMALL} orders that existed when paging began, "
         f"newest first {truth}, saw {seen}")
+
+
+@pytest.mark.parametrize("style", ["cursor", "keyset"])
+def test_pages_survive_deleting_the_last_row_seen(host: str, db: Any, style: str) -> None:
+    truth = seed_small(db)
+    seen = walk(host, db, style, between=delete_last_seen)
+    missing = [i for i in truth if i not in seen]
+    pages = (len(seen) + PAGE - 1) // PAGE
+    assert not missing, (
+        f"{style} pages skipped orders {missing} when the last order of each page was deleted "
+        f"before the next page was asked for (the walk gave {len(seen)} of {SMALL} orders in "
+        f"{pages} pages): the position must be the last row's values (created_at, id), "
+        "compared with (created_at, id) < (x, y), not a reference to that row - looked up by "
+        "its id, a deleted row leaves no position, and the rest of the list is lost")
+    repeated = sorted({i for i in seen if seen.count(i) > 1})
+    assert not repeated and seen == truth, (
+        f"{style} pages with the last row of each page deleted: expected {truth}, saw {seen}")
 
 
 def test_last_page_links_nowhere(host: str, db: Any) -> None:
@@ -438,30 +464,67 @@ def test_keyset_plan_uses_the_index(host: str, db: Any, connect: Explained) -> N
                       "before_created_at": after_created.isoformat(), "before_id": after_id})
     assert ids(doc) == expected, (
         f"keyset page after row {DEEP}: expected ids {expected}, saw {ids(doc)}")
-    plans = [p for p in connect.take() if "orders" in p.get("Query Text", "")]
+    check_page_plans(connect.take(), "keyset page of 10 after row 15,000", 10)
+
+
+def check_page_plans(taken: list[dict[str, Any]], what: str, limit: int) -> None:
+    """Every statement on orders behind one page: through orders_newest_first, no Sort, no
+    Seq Scan, and no more index entries read than the page's rows plus one."""
+    plans = [p for p in taken if "orders" in p.get("Query Text", "")]
     assert plans, (
         "no query on orders reached Postgres through the connection given to make_app: use "
         "connect() for every query (the test reads the server's plans from it)")
     for plan in plans:
         query = " ".join(plan.get("Query Text", "").split())
+        counting = "count(" in query.lower()
+        why_not_scan = (
+            "a keyset or cursor page must not count the table (no total_count): a count reads "
+            "every row, so the page costs what the table's size does" if counting else
+            "the position must be an index condition - WHERE (created_at, id) < (x, y) - so the "
+            "scan starts there instead of filtering from the top")
         for node in nodes(plan["Plan"]):
             kind = node.get("Node Type", "")
             assert kind not in ("Sort", "Incremental Sort"), (
-                f"keyset page: Postgres sorted rows ({kind}) for {query!r}: ORDER BY must "
+                f"{what}: Postgres sorted rows ({kind}) for {query!r}: ORDER BY must "
                 "match the index (created_at DESC, id DESC) so the index gives the order")
             assert not (kind == "Seq Scan" and node.get("Relation Name") == "orders"), (
-                f"keyset page: Postgres read the whole table (Seq Scan on orders) for "
-                f"{query!r}")
+                f"{what}: Postgres read the whole table (Seq Scan on orders) for "
+                f"{query!r}: {why_not_scan}")
             if kind in ("Index Scan", "Index Only Scan") and node.get("Relation Name") == "orders":
                 read = int(node.get("Actual Rows", 0)) + int(node.get("Rows Removed by Filter", 0))
-                assert read <= 11, (
-                    f"keyset page of 10: Postgres read {read} index entries for {query!r} "
+                assert read <= limit + 1, (
+                    f"{what}: Postgres read {read} index entries for {query!r} "
                     f"(Index Cond {node.get('Index Cond')!r}, Filter {node.get('Filter')!r}): "
-                    "the position must be an index condition - WHERE (created_at, id) < (x, y)"
-                    " - so the scan starts there instead of filtering from the top")
+                    f"{why_not_scan}")
     scans = [n for p in plans for n in nodes(p["Plan"])
              if n.get("Node Type") in ("Index Scan", "Index Only Scan")
              and n.get("Index Name") == "orders_newest_first"]
     assert scans, (
-        "keyset page: no plan used the index orders_newest_first: "
+        f"{what}: no plan used the index orders_newest_first: "
         + "; ".join(" ".join(p.get("Query Text", "").split()) for p in plans))
+
+
+def test_cursor_plan_uses_the_index(host: str, db: Any, connect: Explained) -> None:
+    """Cursor pages are keyset pages with the position sealed: each must seek in the index
+    too, page 3 costing what page 1 costs."""
+    with db.connect(autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO orders (created_at, customer, total_cents) "
+            "SELECT %s::timestamptz + (g / 3) * interval '1 minute', 'c' || g, g "
+            "FROM generate_series(1, %s) g", (BASE, BIG))
+        conn.execute("ANALYZE orders")
+        truth = [r[0] for r in conn.execute(
+            "SELECT id FROM orders ORDER BY created_at DESC, id DESC LIMIT 30").fetchall()]
+    params: dict[str, Any] = {"style": "cursor", "limit": 10}
+    for number in (1, 2, 3):
+        connect.take()
+        doc = page(host, params)
+        assert ids(doc) == truth[10 * (number - 1):10 * number], (
+            f"cursor page {number} of 10: expected ids {truth[10 * (number - 1):10 * number]}, "
+            f"saw {ids(doc)}")
+        check_page_plans(connect.take(), f"cursor page {number} of 10 (of {BIG:,} orders)",
+                         10)
+        cursor = doc.get("next_cursor")
+        assert isinstance(cursor, str) and cursor, (
+            f"cursor page {number}: expected a next_cursor string, saw {cursor!r}")
+        params = {"style": "cursor", "limit": 10, "cursor": cursor}
