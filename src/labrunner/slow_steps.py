@@ -6,6 +6,7 @@ that holds a lock around it only takes longer. The verdict stays the test's."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -60,3 +61,84 @@ def slow_new_threads(module: ModuleType, delay: float, opcodes: bool = False) ->
 def restore_new_threads() -> None:
     """Threads started from now on run at full speed again."""
     threading.settrace(None)
+
+
+# --- one interleaving at a time: hold a call at its k-th step while another runs ---------
+
+
+def steps_in(folder: str, call: Callable[[], object], opcodes: bool = False) -> int:
+    """How many steps (lines, or bytecodes with ``opcodes``) of the code under ``folder``
+    one ``call()`` runs on this thread: the k's of :func:`hold_first_at_step` to try."""
+    count = [0]
+    sys.settrace(step_tracer(folder, lambda _frame: count.__setitem__(0, count[0] + 1),
+                             opcodes))
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count[0]
+
+
+def asleep_in(thread: threading.Thread, folder: str) -> bool:
+    """Whether ``thread``'s innermost Python frame is code under ``folder`` (the learner's
+    code called into something that blocks, such as a Lock's acquire) and its OS thread
+    sleeps."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    if frame is None or thread.native_id is None \
+            or not frame.f_code.co_filename.startswith(folder):
+        return False
+    try:
+        stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "S"
+
+
+def hold_first_at_step(folder: str, k: int, first: Callable[[], object],
+                       second: Callable[[], object], *, opcodes: bool = False,
+                       poll: float = 0.02, patience: float = 30.0) -> tuple[str, int] | None:
+    """One interleaving of two calls: ``first()`` runs on a thread of its own, traced by
+    :func:`step_tracer`, and is held before its k-th step of the code under ``folder``;
+    ``second()`` then runs on another thread until it returns or is seen asleep in that code
+    three polls in a row (waiting for a lock the first holds: then the order is "one after
+    the other"); then the first goes on. Trying k = 1 .. :func:`steps_in` drives every such
+    interleaving. ``patience`` only ends a wait early (a wait this cannot see, such as a
+    Condition's in Python code): the calls then finish as they would, so a correct solution
+    never fails by it. The bodies catch their own exceptions. Returns where the first was
+    held (file, line), or None if it never got that far."""
+    cond = threading.Condition()
+    state: dict[str, Any] = {"seen": 0, "held_at": None, "go": False}
+
+    def hold(frame: Any) -> None:
+        state["seen"] += 1
+        if state["seen"] == k:
+            with cond:
+                state["held_at"] = (frame.f_code.co_filename, frame.f_lineno)
+                cond.notify_all()
+                cond.wait_for(lambda: state["go"], timeout=2 * patience)
+
+    def traced() -> None:
+        sys.settrace(step_tracer(folder, hold, opcodes))
+        try:
+            first()
+        finally:
+            sys.settrace(None)
+
+    held = threading.Thread(target=traced, name="held-at-a-step", daemon=True)
+    held.start()
+    with cond:
+        cond.wait_for(lambda: state["held_at"] is not None or not held.is_alive(),
+                      timeout=2 * patience)
+    other = threading.Thread(target=second, name="runs-meanwhile", daemon=True)
+    other.start()
+    asleep, deadline = 0, time.monotonic() + patience
+    while other.is_alive() and asleep < 3 and time.monotonic() < deadline:
+        asleep = asleep + 1 if asleep_in(other, folder) else 0
+        other.join(poll)
+    with cond:
+        state["go"] = True
+        cond.notify_all()
+    held.join(2 * patience)
+    other.join(2 * patience)
+    held_at: tuple[str, int] | None = state["held_at"]
+    return held_at

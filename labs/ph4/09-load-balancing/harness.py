@@ -7,14 +7,11 @@ the held thread is released only after one of the two was observed."""
 
 from __future__ import annotations
 
-import functools
-import sys
 import threading
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from labrunner.slow_steps import learner_folder, step_tracer
+from labrunner.slow_steps import asleep_in, hold_first_at_step, learner_folder, steps_in
 
 
 class _Gate(str):
@@ -42,21 +39,6 @@ class _Gate(str):
         return str.__eq__(self, other)
 
 
-def _blocked_in(thread_id: int, folder: str) -> bool:
-    """Whether that thread's innermost Python frame is the learner's code (it called into
-    something that blocks, such as a Lock's acquire) and its OS thread sleeps."""
-    frame = sys._current_frames().get(thread_id)
-    if frame is None or not frame.f_code.co_filename.startswith(folder):
-        return False
-    native = _natives.get(thread_id)
-    try:
-        stat = Path(f"/proc/self/task/{native}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] == "S"
-
-
-_natives: dict[int, int] = {}
 
 
 def racing_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
@@ -69,7 +51,6 @@ def racing_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
     errors: list[str] = []
 
     def call(label: str) -> None:
-        _natives[threading.get_ident()] = threading.get_native_id()
         try:
             got[label] = str(lb.acquire())
         except Exception as exc:  # noqa: BLE001 - reported to the test
@@ -90,7 +71,7 @@ def racing_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
     seen_blocked = 0
     with cond:
         while not _Gate.state["second_inside"] and second.is_alive():
-            if _blocked_in(second.ident or 0, folder):
+            if asleep_in(second, folder):
                 seen_blocked += 1
                 if seen_blocked >= 3:  # asleep in the learner's code three looks in a row
                     break
@@ -119,60 +100,12 @@ def stepped_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
     between its choice and its +1 gives both the same one. Returns the first line where
     that happened (its number and text) and what the two got."""
     folder = learner_folder(module)
-    lines = [0]
-    sys.settrace(step_tracer(folder, lambda frame: lines.__setitem__(0, lines[0] + 1)))
-    try:
-        module.LeastConnections(list(names)).acquire()
-    finally:
-        sys.settrace(None)
-    for k in range(1, lines[0] + 1):
+    lines = steps_in(folder, lambda: module.LeastConnections(list(names)).acquire())
+    for k in range(1, lines + 1):
         out = _held_before_line(module, names, folder, k)
         if out.get("errors") or out.get("line") is not None:
             return out
     return {"line": None, "errors": []}
-
-
-def _hold_first_at_step(folder: str, k: int, make_tracer: Any, first: Any,
-                        second: Any, poll: float) -> tuple[str, int] | None:
-    """Run ``first()`` on a thread traced by ``make_tracer(folder, hold)`` and hold it at its
-    k-th step; then run ``second()`` until it returns or sleeps in the learner's code; let
-    the first go on; return where it was held (file, line), or None if it never got there."""
-    cond = threading.Condition()
-    state: dict[str, Any] = {"seen": 0, "held_at": None, "go": False}
-
-    def hold(frame: Any) -> None:
-        state["seen"] += 1
-        if state["seen"] == k:
-            with cond:
-                state["held_at"] = (frame.f_code.co_filename, frame.f_lineno)
-                cond.notify_all()
-                cond.wait_for(lambda: state["go"], timeout=30)
-
-    def run(body: Any, traced: bool) -> None:
-        _natives[threading.get_ident()] = threading.get_native_id()
-        if traced:
-            sys.settrace(make_tracer(folder, hold))
-        try:
-            body()
-        finally:
-            sys.settrace(None)
-
-    held = threading.Thread(target=run, args=(first, True), daemon=True)
-    held.start()
-    with cond:
-        cond.wait_for(lambda: state["held_at"] is not None or not held.is_alive(), timeout=30)
-    other = threading.Thread(target=run, args=(second, False), daemon=True)
-    other.start()
-    blocked = 0
-    while other.is_alive() and blocked < 3:  # done, or asleep in the learner's code
-        blocked = blocked + 1 if _blocked_in(other.ident or 0, folder) else 0
-        other.join(poll)
-    with cond:
-        state["go"] = True
-        cond.notify_all()
-    held.join(10)
-    other.join(10)
-    return state["held_at"]
 
 
 def _held_before_line(module: ModuleType, names: list[str], folder: str,
@@ -191,7 +124,7 @@ def _held_before_line(module: ModuleType, names: list[str], folder: str,
                 errors.append(f"{type(exc).__name__}: {exc}")
         return body
 
-    held_at = _hold_first_at_step(folder, k, step_tracer, call("first"), call("second"), 0.02)
+    held_at = hold_first_at_step(folder, k, call("first"), call("second"), poll=0.02)
     if errors:
         return {"errors": errors}
     if held_at and got.get("first") is not None and got["first"] == got.get("second"):
@@ -204,7 +137,6 @@ def _held_before_line(module: ModuleType, names: list[str], folder: str,
 COUNT_RACES = (("release", "acquire"), ("acquire", "release"))
 # A statement such as ``counts[b] -= 1`` is several bytecodes (load, subtract, store), and
 # another thread can run between them: the count races are held per bytecode.
-OPCODE_TRACER = functools.partial(step_tracer, opcodes=True)
 
 
 def stepped_count_updates(module: ModuleType, backend: str) -> dict[str, Any]:
@@ -233,15 +165,9 @@ def stepped_count_updates(module: ModuleType, backend: str) -> dict[str, Any]:
 
 def _ops_in(module: ModuleType, folder: str, name: str, backend: str) -> int:
     """How many bytecode instructions of the learner's code one such call runs."""
-    ops = [0]
     lb = module.LeastConnections([backend])
     lb.acquire()
-    sys.settrace(OPCODE_TRACER(folder, lambda frame: ops.__setitem__(0, ops[0] + 1)))
-    try:
-        _count_call(lb, name, backend)
-    finally:
-        sys.settrace(None)
-    return ops[0]
+    return steps_in(folder, lambda: _count_call(lb, name, backend), opcodes=True)
 
 
 def _count_call(lb: Any, name: str, backend: str) -> None:
@@ -265,7 +191,8 @@ def _held_before_op(module: ModuleType, backend: str, folder: str, held: str, ot
                 errors.append(f"{name}(): {type(exc).__name__}: {exc}")
         return body
 
-    held_at = _hold_first_at_step(folder, k, OPCODE_TRACER, call(held), call(other), 0.01)
+    held_at = hold_first_at_step(folder, k, call(held), call(other), opcodes=True,
+                                 poll=0.01)
     if errors:
         return {"errors": errors}
     return {"count": dict(lb.active()).get(backend), "held_at": held_at}
