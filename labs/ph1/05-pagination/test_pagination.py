@@ -134,6 +134,16 @@ def seed_small(db: Any) -> list[int]:
             "SELECT id FROM orders ORDER BY created_at DESC, id DESC").fetchall()]
 
 
+def seed_big(conn: Any) -> None:
+    """BIG orders, three to a minute, and fresh statistics: the plan tests' table, big
+    enough that a plan reading it from the top shows."""
+    conn.execute(
+        "INSERT INTO orders (created_at, customer, total_cents) "
+        "SELECT %s::timestamptz + (g / 3) * interval '1 minute', 'c' || g, g "
+        "FROM generate_series(1, %s) g", (BASE, BIG))
+    conn.execute("ANALYZE orders")
+
+
 def insert_in_front(db: Any, last_seen_id: int) -> None:
     """What other users do between two page fetches: a brand-new order, and one with the
     same created_at as the last row the reader saw (a higher id sorts it in front of it)."""
@@ -448,11 +458,7 @@ def test_cursor_is_opaque(host: str, db: Any) -> None:
 
 def test_keyset_plan_uses_the_index(host: str, db: Any, connect: Explained) -> None:
     with db.connect(autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO orders (created_at, customer, total_cents) "
-            "SELECT %s::timestamptz + (g / 3) * interval '1 minute', 'c' || g, g "
-            "FROM generate_series(1, %s) g", (BASE, BIG))
-        conn.execute("ANALYZE orders")
+        seed_big(conn)
         after_created, after_id = conn.execute(
             "SELECT created_at, id FROM orders ORDER BY created_at DESC, id DESC "
             "OFFSET %s LIMIT 1", (DEEP - 1,)).fetchone()
@@ -508,11 +514,7 @@ def test_cursor_plan_uses_the_index(host: str, db: Any, connect: Explained) -> N
     """Cursor pages are keyset pages with the position sealed: each must seek in the index
     too, page 3 costing what page 1 costs."""
     with db.connect(autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO orders (created_at, customer, total_cents) "
-            "SELECT %s::timestamptz + (g / 3) * interval '1 minute', 'c' || g, g "
-            "FROM generate_series(1, %s) g", (BASE, BIG))
-        conn.execute("ANALYZE orders")
+        seed_big(conn)
         truth = [r[0] for r in conn.execute(
             "SELECT id FROM orders ORDER BY created_at DESC, id DESC LIMIT 30").fetchall()]
     params: dict[str, Any] = {"style": "cursor", "limit": 10}

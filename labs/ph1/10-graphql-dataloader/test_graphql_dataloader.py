@@ -30,14 +30,20 @@ USERS_QUERY = "{ users(first: 50) { id name orders { id totalCents } } }"
 
 # ---- requests to the learner's app (served with labrunner.testing.serve_wsgi) ------------
 
-def ask(host: str, query: str) -> dict[str, Any]:
-    reply = http_request(host, "POST", "/graphql", document={"query": query})
-    status, body = reply.status, reply.body
+def ask_raw(host: str, query: str, timeout: float = 60) -> tuple[int, dict[str, Any]]:
+    """POST /graphql: the status and the whole document, errors included."""
+    reply = http_request(host, "POST", "/graphql", document={"query": query},
+                         timeout=timeout)
     try:
-        document = json.loads(body)
+        document = json.loads(reply.body)
     except ValueError:
-        pytest.fail(f"POST /graphql {query}: expected JSON, saw {status} {body[:200]!r}",
-                    pytrace=False)
+        pytest.fail(f"POST /graphql {query}: expected JSON, saw {reply.status} "
+                    f"{reply.body[:200]!r}", pytrace=False)
+    return reply.status, document if isinstance(document, dict) else {}
+
+
+def ask(host: str, query: str) -> dict[str, Any]:
+    status, document = ask_raw(host, query, timeout=15)
     nulls = [e for e in document.get("errors") or []
              if isinstance(e, dict) and "Cannot return null for non-nullable field"
              in str(e.get("message"))]
@@ -278,18 +284,6 @@ def test_a_batch_reads_only_the_orders_of_its_keys(make_app: Callable[..., Any],
         f"orders): the batch read the orders of users nobody asked for ({listing(statements)})"
         " - a batch is an arbitrary set of keys, not a range: WHERE user_id = ANY(%s), not "
         "BETWEEN min and max")
-
-
-def ask_raw(host: str, query: str, timeout: float = 60) -> tuple[int, dict[str, Any]]:
-    """POST /graphql: the status and the whole document, errors included."""
-    reply = http_request(host, "POST", "/graphql", document={"query": query},
-                         timeout=timeout)
-    try:
-        document = json.loads(reply.body)
-    except ValueError:
-        pytest.fail(f"POST /graphql {query}: expected JSON, saw {reply.status} "
-                    f"{reply.body[:200]!r}", pytrace=False)
-    return reply.status, document if isinstance(document, dict) else {}
 
 
 def errors_of(document: dict[str, Any]) -> str:

@@ -279,11 +279,7 @@ def test_histogram_quantiles_match_the_load(learner: Any, prometheus: Any) -> No
 
         bounds = sorted({float(b["metric"]["le"]) for b in buckets})
         for q in (0.5, 0.9, 0.99):
-            expr = (f"histogram_quantile({q}, "
-                    f"sum by (le) (job_duration_seconds_bucket{{{selector}}}))")
-            estimate = _series(prometheus, expr).get((), math.nan)
-            exact = _exact_quantile(durations, q)
-            error = abs(estimate - exact) / exact
+            estimate, exact, error = _quantile_read(prometheus, selector, durations, q)
             assert error <= QUANTILE_TOLERANCE, (
                 f"histogram_quantile({q}) reads {estimate:.3f} s, the load's exact p{q * 100:g} "
                 f"is {exact:.3f} s ({error:.0%} off, at most {QUANTILE_TOLERANCE:.1%} "
@@ -294,15 +290,23 @@ def test_histogram_quantiles_match_the_load(learner: Any, prometheus: Any) -> No
         _degraded_p99_shows(prometheus, job, degraded, bounds)
 
 
+def _quantile_read(prometheus: Any, selector: str, values: list[float],
+                   q: float) -> tuple[float, float, float]:
+    """What histogram_quantile(q) over the buckets ``selector`` picks reads, the exact q-th
+    quantile of ``values`` (what was observed), and how far off the reading is (relative)."""
+    expr = (f"histogram_quantile({q}, "
+            f"sum by (le) (job_duration_seconds_bucket{{{selector}}}))")
+    estimate = _series(prometheus, expr).get((), math.nan)
+    exact = _exact_quantile(values, q)
+    return estimate, exact, abs(estimate - exact) / exact
+
+
 def _skewed_quantiles_match(prometheus: Any, job: str, skewed: list[float],
                             bounds: list[float]) -> None:
     finite = [b for b in bounds if b != math.inf]
     for q in (0.5, 0.9, 0.99):
-        expr = (f"histogram_quantile({q}, sum by (le) "
-                f'(job_duration_seconds_bucket{{job="{job}",queue="{SKEWED_QUEUE}"}}))')
-        estimate = _series(prometheus, expr).get((), math.nan)
-        exact = _exact_quantile(skewed, q)
-        error = abs(estimate - exact) / exact
+        estimate, exact, error = _quantile_read(
+            prometheus, f'job="{job}",queue="{SKEWED_QUEUE}"', skewed, q)
         dense = [b for b in finite if b <= 0.3]
         assert error <= QUANTILE_TOLERANCE, (
             f"on a load shaped like real latencies (most jobs around 90 ms, a long tail to "
@@ -317,10 +321,8 @@ def _skewed_quantiles_match(prometheus: Any, job: str, skewed: list[float],
 
 def _degraded_p99_shows(prometheus: Any, job: str, degraded: list[float],
                         bounds: list[float]) -> None:
-    expr = (f"histogram_quantile(0.99, sum by (le) "
-            f'(job_duration_seconds_bucket{{job="{job}",queue="{DEGRADED_QUEUE}"}}))')
-    estimate = _series(prometheus, expr).get((), math.nan)
-    exact = _exact_quantile(degraded, 0.99)
+    estimate, exact, _ = _quantile_read(
+        prometheus, f'job="{job}",queue="{DEGRADED_QUEUE}"', degraded, 0.99)
     finite = [b for b in bounds if b != math.inf]
     assert estimate >= exact * (1 - DEGRADED_LOW), (
         f"a degraded worker (40 of 1000 jobs stalled for 3 to 6 s) has an exact p99 of "
