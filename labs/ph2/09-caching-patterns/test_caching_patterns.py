@@ -452,6 +452,11 @@ def test_write_behind_worker_survives_quiet_time_and_ends_with_stop(
             f"socket timeout (redis-py: 5 s by default) and ends in a TimeoutError that "
             f"kills the thread - block briefly (BLMOVE ... 0.2) and loop, which also lets "
             f"the worker notice stop()")
+    if any(t is not None for _, t in waits):
+        # stop() is asked while the worker waits in its blocking read, where it spends its
+        # idle time: asked between two of its commands (just after a write), any worker
+        # ends at its next flag check, and a read that never returns would go unseen.
+        came_true(lambda: bool(blocked_clients(redis_db)), 5)
     app.stop()
     blocked = blocked_clients(redis_db)
     assert not blocked, (
