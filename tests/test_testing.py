@@ -92,6 +92,33 @@ def test_pg_statement_proxy_records_each_execution() -> None:
         "BEGIN; SELECT 1;\n  SELECT   2", "SELECT $1"]
 
 
+def test_pg_statement_proxy_reads_a_real_servers_notices_and_rows(
+        local_services: Any) -> None:
+    """In front of a real Postgres: the notices the server sends (auto_explain's plans, a
+    RAISE NOTICE) and the rows it returns are read on the wire, each before the client has
+    its result, and the client sees them too."""
+    import psycopg
+
+    from labrunner.services.kinds import postgres as pg
+
+    endpoint = local_services.ensure(["postgres"])["postgres"]
+    dsn = pg.create_database(endpoint, "lr_proxy_notices")
+    try:
+        with PgStatementProxy.for_dsn(dsn) as proxy:
+            client_saw: list[str] = []
+            with psycopg.connect(proxy.dsn_for(dsn), autocommit=True) as conn:
+                conn.add_notice_handler(lambda d: client_saw.append(d.message_primary or ""))
+                conn.execute("DO $$ BEGIN RAISE NOTICE 'first'; RAISE NOTICE 'second'; END $$")
+                assert proxy.take_notices() == ["first", "second"]
+                assert conn.execute("SELECT generate_series(1, 3)").fetchall() == [
+                    (1,), (2,), (3,)]
+                assert proxy.take_rows() == 3
+                assert proxy.take_notices() == []
+            assert client_saw == ["first", "second"]
+    finally:
+        pg.drop_database(endpoint, "lr_proxy_notices")
+
+
 def test_process_threads_counts_a_process_threads_and_says_when_it_is_gone() -> None:
     from labrunner.testing import process_threads
 

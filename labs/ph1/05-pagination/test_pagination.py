@@ -6,7 +6,8 @@ reader (a newer order, and one tied on created_at with the last row seen).
 
 The plan check does not trust the learner: every connection the app gets from `connect()`
 has Postgres' auto_explain loaded and reporting the *executed* plan of every statement, with
-actual row counts, to this test as a notice. A keyset page must read its rows through the
+actual row counts, as a notice that a proxy in this process reads on the wire (the
+connection itself is opened in the learner's process). A keyset page must read its rows through the
 index, without a Sort, and read no more rows than it returns (+1).
 """
 
@@ -15,16 +16,15 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
-import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
-from labrunner.testing import http_request, serve_wsgi
+from labrunner.testing import PgStatementProxy, http_request, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE orders (
@@ -62,35 +62,29 @@ def page(host: str, params: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the connection factory handed to the learner: plans reported by the server ---------
 
+# Startup options of every connection the learner's app opens: auto_explain loaded, and the
+# executed plan of each statement (with actual rows) sent to the client as a NOTICE.
+EXPLAIN_EVERY_STATEMENT = " ".join(f"-c {setting}" for setting in (
+    "session_preload_libraries=auto_explain", "auto_explain.log_min_duration=0",
+    "auto_explain.log_analyze=on", "auto_explain.log_format=json",
+    "auto_explain.log_level=notice"))
+
+
 class Explained:
-    """connect() for the learner: a real connection that has auto_explain report the plan of
-    each statement it executes (with actual rows) back to this test as a NOTICE."""
+    """What the learner's connections run, as the server planned it: they reach Postgres
+    through a proxy in this process that reads the server's notices on the wire, so the
+    plans come from the server, whatever the learner's code does with its connection. The
+    connect() the app is handed runs in the learner's process (harness.py): the queries
+    stay there, only their plans are read here."""
 
     def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.plans: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-
-    def _notice(self, diag: psycopg.errors.Diagnostic) -> None:
-        text = diag.message_primary or ""
-        if "plan:" in text:
-            with self.lock:
-                self.plans.append(json.loads(text.split("plan:", 1)[1]))
-
-    def __call__(self) -> psycopg.Connection[Any]:
-        conn = psycopg.connect(self.dsn, autocommit=True)
-        conn.execute("LOAD 'auto_explain'")
-        conn.execute("SET auto_explain.log_min_duration = 0")
-        conn.execute("SET auto_explain.log_analyze = on")
-        conn.execute("SET auto_explain.log_format = json")
-        conn.execute("SET auto_explain.log_level = notice")
-        conn.add_notice_handler(self._notice)
-        return conn
+        self.proxy = PgStatementProxy.for_dsn(dsn)
+        self.dsn = make_conninfo(self.proxy.dsn_for(dsn), options=EXPLAIN_EVERY_STATEMENT)
 
     def take(self) -> list[dict[str, Any]]:
-        with self.lock:
-            plans, self.plans = self.plans, []
-        return plans
+        """The plans of the statements run since the last take()."""
+        return [json.loads(text.split("plan:", 1)[1])
+                for text in self.proxy.take_notices() if "plan:" in text]
 
 
 def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -109,14 +103,16 @@ def db(postgres: Any) -> Any:
 
 
 @pytest.fixture
-def connect(db: Any) -> Explained:
-    return Explained(db.dsn)
+def connect(db: Any) -> Iterator[Explained]:
+    explained = Explained(db.dsn)
+    with explained.proxy:
+        yield explained
 
 
 @pytest.fixture
 def host(learner: Any, connect: Explained) -> Iterator[str]:
     make_app = learner.function("orders_pages", "make_app")
-    with serve_wsgi(make_app(connect)) as address:
+    with serve_wsgi(make_app(learner.harness().connector(connect.dsn))) as address:
         yield address
 
 
@@ -444,6 +440,23 @@ def test_limit_out_of_bounds_is_400(host: str, db: Any, style: str, limit: Any) 
         + (f" with {rows} orders" if status == 200 else f" {str(doc)[:120]}")
         + ": limit is 1..100 - the upper bound is what keeps one request from reading "
         "(and sending) the whole table; refuse a limit outside it instead of serving it")
+
+
+# An offset the client got wrong: below zero (Postgres refuses a negative OFFSET), not a
+# number, not a whole number, and past what OFFSET holds (a bigint): each is the client's
+# error, checked before any query runs.
+@pytest.mark.parametrize("offset", ["-1", "ten", "2.5", str(2**63)])
+def test_bad_offset_is_400(host: str, db: Any, offset: str) -> None:
+    seed_small(db)
+    status, doc = get(host, {"style": "offset", "limit": PAGE, "offset": offset})
+    rows = len(doc.get("data") or []) if isinstance(doc, dict) else 0
+    assert status == 400, (
+        f"GET /orders?style=offset&limit={PAGE}&offset={offset}: expected 400, saw {status}"
+        + (f" with {rows} orders" if status == 200 else f" {str(doc)[:120]}")
+        + ": offset comes from the client and must be a whole number from 0 up to what "
+        "OFFSET takes (a bigint); refuse anything else with 400 before querying - a value "
+        "Postgres refuses (a negative OFFSET, one past bigint) must not become a 500, nor "
+        "be quietly read as 0")
 
 
 def test_cursor_is_opaque(host: str, db: Any) -> None:

@@ -43,6 +43,7 @@ class PgStatementProxy(TcpRelay):
         self._ignore = ignore
         self._log: list[str] = []
         self._rows = 0
+        self._notices: list[str] = []
 
     @classmethod
     def for_dsn(cls, dsn: str, **options: Any) -> PgStatementProxy:
@@ -109,23 +110,37 @@ class PgStatementProxy(TcpRelay):
             rows, self._rows = self._rows, 0
         return rows
 
+    def take_notices(self) -> list[str]:
+        """The primary text of every notice the server sent clients (NoticeResponse, e.g.
+        auto_explain's plans at ``log_level = notice``) since the last take_notices(): read
+        on the wire, so the learner's code can neither hide nor forge one."""
+        with self.lock:
+            notices, self._notices = self._notices, []
+        return notices
+
     def downward(self, link: RelayLink, chunk: bytes) -> bool | None:
-        """Server -> client: count DataRow messages, forward the bytes unchanged. With TLS
-        and GSS off (dsn_for) every server message is typed: a byte, then a length."""
+        """Server -> client: count DataRow messages, keep notices' texts, forward the bytes
+        unchanged (a notice is kept before its bytes go on, so a client that has its
+        result has its notices in the log). With TLS and GSS off (dsn_for) every server
+        message is typed: a byte, then a length."""
         buffer: bytearray = link.state.setdefault("from_server", bytearray())
         buffer += chunk
         rows = pos = 0
+        notices: list[str] = []
         while len(buffer) - pos >= 5:
             length = int.from_bytes(buffer[pos + 1:pos + 5], "big")
             if len(buffer) - pos < 1 + length:
                 break
             if buffer[pos] == ord("D"):
                 rows += 1
+            elif buffer[pos] == ord("N"):
+                notices.append(_primary_text(bytes(buffer[pos + 5:pos + 1 + length])))
             pos += 1 + length
         del buffer[:pos]
-        if rows:
+        if rows or notices:
             with self.lock:
                 self._rows += rows
+                self._notices += notices
         link.client.sendall(chunk)
         return None
 
@@ -177,3 +192,12 @@ class PgStatementProxy(TcpRelay):
                 portals[portal] = prepared.get(statement, "")
         elif kind == b"E" and self._count_on == "execute":  # Execute: portal name
             self._statement(link, portals.get(body.split(b"\0")[0], ""))
+
+
+def _primary_text(fields: bytes) -> str:
+    """The 'M' field (the primary message) of a NoticeResponse or ErrorResponse body: fields
+    of a type byte and a NUL-terminated string, the list ended by a NUL."""
+    for field in fields.split(b"\0"):
+        if field[:1] == b"M":
+            return field[1:].decode(errors="replace")
+    return ""

@@ -33,6 +33,7 @@ Position = tuple[datetime, int]  # (created_at, id) of the last row of a page
 SELECT = "SELECT id, created_at, customer, total_cents FROM orders"
 NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"  # matches the index orders_newest_first
 MAX_LIMIT = 100
+MAX_OFFSET = 2**63 - 1  # what OFFSET takes (a bigint): past it Postgres refuses
 
 
 class BadRequest(Exception):
@@ -92,8 +93,8 @@ def make_app(connect: Connect) -> WSGIApp:
             offset = int(param("offset") or "0")
         except ValueError:
             raise BadRequest("limit and offset must be integers") from None
-        if not 1 <= limit <= MAX_LIMIT or offset < 0:
-            raise BadRequest(f"limit must be 1..{MAX_LIMIT} and offset >= 0")
+        if not 1 <= limit <= MAX_LIMIT or not 0 <= offset <= MAX_OFFSET:
+            raise BadRequest(f"limit must be 1..{MAX_LIMIT} and offset 0..{MAX_OFFSET}")
         style = param("style") or "offset"
         with connect() as conn:
             conn.row_factory = dict_row
