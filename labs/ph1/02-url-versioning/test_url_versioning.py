@@ -130,30 +130,57 @@ def test_version_selection(host: str, style: str, version: int) -> None:
     path, headers, what = ask(style, version, "/users/1/orders")
     reply = get(host, path, headers)
     check_collection(reply, 1, version, what)
-    if style == "accept":
-        check_vary(reply, what, "the same URL answers v1 or v2 depending on Accept, and a "
-                   "cache that is not told so will serve one client's version to the other")
-    if style == "query":
-        check_vary(reply, what, VARY_ANYWAY)
+    check_vary(reply, path, headers, what)
 
 
 VARY_ANYWAY = ("the URI did not fix the version, so an Accept header (read before ?version= "
                "and the default) would have changed this answer; without Vary: Accept a "
                "cache hands this body to a client that asks for the other version by Accept")
+VARY_RULE = ("send Vary: Accept on every answer to a URL without a version prefix, errors "
+             "included: RFC 9110 12.5.5 asks for Vary on any response whose selection read a "
+             "request header, and Accept is the only header this API negotiates on")
 
 
-def check_vary(reply: HttpReply, what: str, why: str) -> None:
+def check_vary(reply: HttpReply, path: str, headers: dict[str, str], what: str) -> None:
+    """Every answer to a URL without /v1 or /v2 was chosen by Accept (rule 2 is read before
+    ?version=, the default and the user lookup), whatever its status: it must say Vary:
+    Accept, or a shared cache keyed on the URL alone replays it to clients whose Accept asks
+    for something else. Answers under a version prefix are not checked (Accept changes
+    nothing there)."""
+    if path.startswith(("/v1/", "/v2/", "/v3/")):
+        return
     vary = {v.strip().lower() for v in reply.headers.get("Vary", "").split(",")}
-    assert "accept" in vary, (
-        f"{what}: expected Vary: Accept, saw {reply.headers.get('Vary')!r}: {why}")
+    if "accept" in vary or "*" in vary:
+        return
+    accept = headers.get("Accept")
+    if reply.status == 200:
+        why = ("the same URL answers v1 or v2 depending on Accept, and a cache that is not "
+               "told so will serve one client's version to the other" if accept else
+               VARY_ANYWAY)
+    elif reply.status == 406:
+        why = (f"this 406 was chosen by the Accept header - with Accept: {VENDOR};version=1 "
+               "the same URL answers 200 - and a shared cache that stores it without Vary: "
+               "Accept answers 406 to every later client of this URL, whatever it accepts; "
+               + VARY_RULE)
+    else:
+        other = "200 with version 2" if reply.status == 400 else "406"
+        why = (f"Accept is read before ?version= and the lookup, so it chose this "
+               f"{reply.status} too - with Accept: {VENDOR};version="
+               f"{2 if reply.status == 400 else 3} the same URL answers {other} - and a cache "
+               f"that stores the {reply.status} without Vary: Accept replays it to clients "
+               f"whose Accept asks otherwise; " + VARY_RULE)
+    pytest.fail(f"{what}: the {reply.status} answer has no Vary: Accept (saw Vary: "
+                f"{reply.headers.get('Vary')!r}): {why}", pytrace=False)
 
 
 def test_no_version_means_v1(host: str) -> None:
     reply = get(host, "/users/1/orders")
     check_collection(reply, 1, 1, "GET /users/1/orders (no version)")
-    check_vary(reply, "GET /users/1/orders (no version, v1 by default)", VARY_ANYWAY)
-    check_collection(get(host, "/users/1/orders", {"Accept": "application/json"}), 1, 1,
-                     "GET /users/1/orders with Accept: application/json")
+    check_vary(reply, "/users/1/orders", {}, "GET /users/1/orders (no version, v1 by default)")
+    what = "GET /users/1/orders with Accept: application/json"
+    reply = get(host, "/users/1/orders", {"Accept": "application/json"})
+    check_collection(reply, 1, 1, what)
+    check_vary(reply, "/users/1/orders", {"Accept": "application/json"}, what)
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -165,12 +192,15 @@ def test_single_order(host: str, style: str, version: int) -> None:
     want = expected_order(ORDERS[2], version)
     assert normalise(reply.json()) == normalise(want), (
         f"{what}: expected the v{version} order {want}, saw {reply.json()}")
+    check_vary(reply, path, headers, what)
 
 
 @pytest.mark.parametrize("style", ["uri", "accept", "query"])
 def test_empty_collection_is_not_missing(host: str, style: str) -> None:
     path, headers, what = ask(style, 2, "/users/3/orders")
-    check_collection(get(host, path, headers), 3, 2, what + " (a user with no orders)")
+    reply = get(host, path, headers)
+    check_collection(reply, 3, 2, what + " (a user with no orders)")
+    check_vary(reply, path, headers, what + " (a user with no orders)")
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -182,6 +212,7 @@ def test_missing_parent_is_404(host: str, style: str, version: int) -> None:
         f"{what}: expected 404, saw {reply.status} {reply.body[:120]!r}: user {MISSING_USER} "
         "does not exist, so neither does its orders collection; an empty list would tell "
         "the client the user exists and has no orders")
+    check_vary(reply, path, headers, what)
 
 
 @pytest.mark.parametrize("style", ["uri", "accept", "query"])
@@ -191,6 +222,7 @@ def test_order_under_wrong_parent_is_404(host: str, style: str) -> None:
     assert reply.status == 404, (
         f"{what}: expected 404, saw {reply.status} {reply.body[:120]!r}: order 201 belongs "
         "to user 2; under /users/1 it does not exist (and must not leak)")
+    check_vary(reply, path, headers, what)
 
 
 @pytest.mark.parametrize(("style", "status", "meaning"), [
@@ -203,6 +235,7 @@ def test_unknown_version(host: str, style: str, status: int, meaning: str) -> No
     reply = get(host, path, headers)
     assert reply.status == status, (
         f"{what}: expected {status}, saw {reply.status} {reply.body[:120]!r}: {meaning}")
+    check_vary(reply, path, headers, what)
 
 
 @pytest.mark.parametrize(("accept", "version"), [
@@ -220,6 +253,7 @@ def test_accept_is_parsed_as_media_ranges(host: str, accept: str, version: int) 
         "parameters after ';' (spaces allowed, values may be quoted) and a q weight; parse it, "
         "do not compare it as one string")
     check_collection(reply, 1, version, what)
+    check_vary(reply, "/users/1/orders", {"Accept": accept}, what)
 
 
 @pytest.mark.parametrize(("accept", "version"), [
@@ -239,6 +273,7 @@ def test_accept_is_case_insensitive(host: str, accept: str, version: int) -> Non
         "Application/Vnd.Shop+JSON or Version=2 or Q=0.4 - lower-case the type/subtype and "
         "each parameter name before comparing, or the client's spelling picks its contract")
     check_collection(reply, 1, version, what)
+    check_vary(reply, "/users/1/orders", {"Accept": accept}, what)
 
 
 def served_version(reply: HttpReply) -> int | None:
@@ -264,6 +299,8 @@ def check_not_acceptable(reply: HttpReply, accept: str) -> None:
         f"{reply.headers.get('Content-Type')!r}: a media range with q=0 is one the client "
         "refuses (RFC 9110 12.4.2), not its last choice - drop q=0 ranges before choosing; "
         "nothing acceptable is left, so the answer is 406 Not Acceptable")
+    check_vary(reply, "/users/1/orders", {"Accept": accept},
+               f"GET /users/1/orders with Accept: {accept}")
 
 
 # ---- the rules combined: the first one that states a preference wins ------------------
@@ -301,6 +338,7 @@ def test_rules_combined(host: str, path: str, accept: str | None, version: int,
         f"{what}: expected 200 with version {version}, saw {reply.status} "
         f"{'version ' + str(served) if served else reply.body[:100]!r}: {why}")
     check_collection(reply, 1, version, what)
+    check_vary(reply, path, headers, what)
 
 
 @pytest.mark.parametrize(("accept", "query", "version"), [
@@ -321,3 +359,4 @@ def test_unknown_version_falls_back_to_next_range(host: str, accept: str, query:
         "try the next in q order (a generic type there means 'no preference': go on to "
         "?version= or the default); 406 is only for a list with nothing acceptable in it")
     check_collection(reply, 1, version, what)
+    check_vary(reply, f"/users/1/orders{query}", {"Accept": accept}, what)

@@ -141,6 +141,8 @@ def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> Non
 
         seen = _series(prometheus, f'jobs_total{{job="{job}"}}', "queue", "outcome")
         want = {("email", "ok"): 37, ("email", "error"): 5, ("sms", "ok"): 11}
+        mistake = _outcome_mistake(seen, want)
+        assert mistake is None, mistake
         for key, count in want.items():
             got = seen.get(key)
             assert got == count, (
@@ -179,6 +181,58 @@ def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> Non
         errors = _series(prometheus, f'jobs_total{{job="{job}",outcome="error"}}', "queue")
         assert errors.get(("email",)) == 7, (
             f"Prometheus saw {errors.get(('email',))} failed email jobs, expected 7")
+
+
+def _outcome_mistake(seen: dict[tuple[str, ...], float],
+                     want: dict[tuple[str, str], int]) -> str | None:
+    """What the jobs_total series Prometheus saw (by queue and outcome) say about the outcome
+    label, when they show a known mistake with it; None otherwise."""
+    shown = ", ".join(f'jobs_total{{queue="{q}"' + (f',outcome="{o}"}}' if o else "}")
+                      + f" = {v:g}" for (q, o), v in sorted(seen.items()))
+    outcomes = {outcome for _, outcome in seen}
+    if "" in outcomes:
+        ok, failed = want[("email", "ok")], want[("email", "error")]
+        return (f"Prometheus saw {shown}: a series with no outcome label, so the {failed} "
+                f"failed email jobs are counted together with the {ok} that succeeded and no "
+                "query can tell them apart. The contract (README) is one counter, jobs_total, with "
+                "the labels queue and outcome: the error ratio is sum(rate(jobs_total"
+                "{outcome=\"error\"}[5m])) / sum(rate(jobs_total[5m])), and dashboards and "
+                "alerts read it from that series, not from a counter of failures beside it. "
+                "Count each finished job once with outcome=\"ok\" or outcome=\"error\"")
+    if len(outcomes) == 1 and outcomes != {"ok"}:
+        return (f"Prometheus saw {shown}: every finished job under one outcome value, "
+                f"{next(iter(outcomes))!r}, so the failed ones are merged with the ones that "
+                "succeeded and jobs_total{outcome=\"error\"} finds nothing. Count each "
+                "finished job once with outcome=\"ok\" or outcome=\"error\", as finished()'s "
+                "ok argument says")
+    if outcomes - {"ok", "error"}:
+        return (f"Prometheus saw {shown}: outcome takes the values "
+                f"{sorted(outcomes)}, expected exactly 'ok' and 'error' (the values a query "
+                "selects on: jobs_total{outcome=\"error\"})")
+    for queue in sorted({q for q, _ in want}):
+        ok, failed = want.get((queue, "ok"), 0), want.get((queue, "error"), 0)
+        got_ok, got_failed = seen.get((queue, "ok"), 0), seen.get((queue, "error"), 0)
+        if not failed or (got_ok, got_failed) == (ok, failed):
+            continue
+        where = f'jobs_total{{queue="{queue}",outcome='
+        seen_here = f'{where}"ok"}} = {got_ok:g} and {where}"error"}} = {got_failed:g}'
+        if (got_ok, got_failed) == (ok + failed, failed):
+            return (f"Prometheus saw {seen_here}, expected {ok} and {failed}: outcome=\"ok\" "
+                    f"counts every finished {queue} job, the {failed} failed ones too, so each "
+                    f"failure is counted twice - sum(jobs_total) reads {ok + 2 * failed} jobs "
+                    f"where {ok + failed} finished, and the error ratio reads "
+                    f"{failed}/{ok + 2 * failed}. The values of one label split the jobs: "
+                    "count each finished job once, under \"ok\" or under \"error\" (the "
+                    "total is their sum)")
+        if (got_ok, got_failed) == (ok + failed, 0):
+            return (f"Prometheus saw {seen_here}, expected {ok} and {failed}: the {failed} "
+                    f"failed {queue} jobs were counted under outcome=\"ok\" with the {ok} that "
+                    "succeeded, so the error ratio reads 0 while jobs fail. Take the outcome "
+                    "from finished()'s ok argument: \"ok\" if it is true, else \"error\"")
+        if (got_ok, got_failed) == (failed, ok):
+            return (f"Prometheus saw {seen_here}, expected {ok} and {failed}: the outcomes are "
+                    "swapped - a job that finished with ok=True is outcome=\"ok\"")
+    return None
 
 
 def test_gauge_is_right_when_threads_start_and_finish_jobs_at_once(learner: Any) -> None:

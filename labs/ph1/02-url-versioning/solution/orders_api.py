@@ -50,13 +50,12 @@ def media_ranges(accept: str) -> list[tuple[str, dict[str, str], float]]:
     return sorted((r for r in ranges if r[2] > 0), key=lambda r: -r[2])
 
 
-def negotiate(environ: dict[str, Any], prefix: str | None) -> tuple[int, bool]:
-    """Return (version, chosen_by_accept_or_default). The second part decides Vary: Accept:
-    whenever the URI does not fix the version, the answer depends on the Accept header."""
+def negotiate(environ: dict[str, Any], prefix: str | None) -> int:
+    """The version asked for: the URI prefix, else Accept, else ?version=, else 1."""
     if prefix is not None:
         if int(prefix) not in VERSIONS:
             raise HTTPError("404 Not Found", f"there is no API version {prefix}")
-        return int(prefix), False
+        return int(prefix)
     accept = environ.get("HTTP_ACCEPT", "")
     if accept:
         chosen = None
@@ -73,14 +72,14 @@ def negotiate(environ: dict[str, Any], prefix: str | None) -> tuple[int, bool]:
             raise HTTPError("406 Not Acceptable",
                             f"none of {accept!r} can be served; use {VENDOR_TYPE};version=1|2")
         if chosen is not None:
-            return chosen, True
+            return chosen
     query = parse_qs(environ.get("QUERY_STRING", ""))
     if "version" in query:
         raw = query["version"][0]
         if not raw.isdigit() or int(raw) not in VERSIONS:
             raise HTTPError("400 Bad Request", f"version={raw!r} is not one of {VERSIONS}")
-        return int(raw), True
-    return DEFAULT_VERSION, True
+        return int(raw)
+    return DEFAULT_VERSION
 
 
 def represent(order: dict[str, Any], version: int) -> dict[str, Any]:
@@ -121,9 +120,12 @@ def make_app(dsn: str) -> WSGIApp:
             match = ROUTE.match(environ.get("PATH_INFO", ""))
             if match is None:
                 raise HTTPError("404 Not Found", "no such resource")
-            version, by_accept = negotiate(environ, match["prefix"])
-            if by_accept:
+            if match["prefix"] is None:
+                # Without a version in the URI, Accept picks the answer - v1 or v2, and
+                # the 406, 400 or 404 too (Accept is read first) - so every answer says so
+                # (RFC 9110 12.5.5), or a shared cache serves it to clients asking otherwise.
                 headers.append(("Vary", "Accept"))
+            version = negotiate(environ, match["prefix"])
             if environ["REQUEST_METHOD"] != "GET":
                 raise HTTPError("405 Method Not Allowed", "only GET here")
             user_id = int(match["user"])
