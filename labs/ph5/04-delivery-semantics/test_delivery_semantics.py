@@ -530,8 +530,21 @@ def test_exactly_once_workers_running_together_do_not_fence_each_other(learner: 
         proxy.hold(END_TXN)
         procs["A"] = launch("A", proxy.bootstrap)
         try:
-            proxy.wait_for(END_TXN, timeout=45,
-                           what=" (worker A's first commit_transaction)")
+            # A worker that dies first never sends it: waiting stops there, and says so.
+            deadline = time.monotonic() + 45
+            while (not proxy.requests(END_TXN) and procs["A"].poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            if not proxy.requests(END_TXN):
+                code = procs["A"].poll()
+                pytest.fail(
+                    f"exactly-once: {who('A')} "
+                    + (f"exited with {code} before its first commit_transaction(): "
+                       f"{(stderr_tail(procs['A']).splitlines() or ['(no stderr)'])[-1][:300]}"
+                       if code is not None else
+                       "sent no EndTxn (its first commit_transaction()) within 45 s")
+                    + " - each worker commits its first transaction after its first records",
+                    pytrace=False)
             # B and C reach the broker through proxies that only watch: once one has sent
             # its first output, its init_transactions() is done - and has fenced whoever
             # shared its transactional.id. A is let go then, not after B and C finished,
