@@ -305,6 +305,68 @@ def test_put_with_incomplete_body_is_refused(host: str) -> None:
             f"{why}")
 
 
+# A POST creates from its body alone, so it needs the same checks as PUT: a body that is not
+# JSON, not an object, or not a complete user with string fields is the client's mistake -
+# 400 or 422, nothing created - never a 500 (json.loads' error, a KeyError, the NOT NULL)
+# and never a row holding what the client did not send.
+NOT_A_USER = ("a user has a name and an email, both strings; a body that is not one is "
+              "refused, not stored with a gap or a stand-in")
+INVALID_POSTS: list[tuple[Any, str, str]] = [
+    (b'{"name": "Bob", "email": ', "a body that is not JSON (cut off)",
+     "json.loads raises on it: catch it and answer 400"),
+    (b"name=Bob&email=bob%40example.com", "a form-encoded body, not JSON",
+     "json.loads raises on it: catch it and answer 400"),
+    (b"", "an empty body", "there is no user in it"),
+    (b"null", "JSON null", "it is not a JSON object"),
+    (b'["Bob", "bob@example.com"]', "a JSON list", "it is not a JSON object"),
+    ({"name": "Bob"}, "no email", NOT_A_USER),
+    ({"email": "bob@example.com"}, "no name", NOT_A_USER),
+    ({"name": "Bob", "email": None}, "email null", NOT_A_USER),
+    ({"name": 42, "email": "bob@example.com"}, "name a number", MISTYPED),
+    ({"name": "Bob", "email": True}, "email true", MISTYPED),
+    ({"name": ["Bob"], "email": "bob@example.com"}, "name a list", MISTYPED),
+]
+
+
+def user_rows(postgres: Any) -> list[tuple[Any, ...]]:
+    with postgres.connect(autocommit=True) as conn:
+        return list(conn.execute("SELECT id, name, email FROM users ORDER BY id").fetchall())
+
+
+def test_post_with_invalid_body_is_refused(host: str, postgres: Any) -> None:
+    before = user_rows(postgres)
+    for body, what, why in INVALID_POSTS:
+        reply = call(host, "POST", "/users", body)
+        after = user_rows(postgres)
+        assert 400 <= reply.status < 500 and after == before, (
+            f"POST /users with {body!r} ({what}): expected 400 or 422 and no user created, "
+            f"saw {reply.status} {reply.body[:150]!r}"
+            + (f" and the users are now {after}" if after != before else "") + f": {why}"
+            + ("; a client's malformed request is a 4xx, never a server error - check "
+               "POST's body as PUT's is checked" if reply.status >= 500 else ""))
+
+
+# The email is UNIQUE: a POST or PUT that gives a user an email another user has conflicts
+# with the collection's state (RFC 9110 15.5.10) - the client's to resolve, never the
+# index's error as a 500.
+def test_taken_email_is_409(host: str, postgres: Any) -> None:
+    before = user_rows(postgres)
+    taken = before[0][2]
+    attempts = [("POST", "/users", {"name": "Ada Again", "email": taken}),
+                ("PUT", f"/users/{before[1][0]}", {"name": before[1][1], "email": taken})]
+    for method, path, body in attempts:
+        reply = call(host, method, path, body)
+        after = user_rows(postgres)
+        assert reply.status in (409, 422) and after == before, (
+            f"{method} {path} with {body} (user {before[0][0]} has that email, which is "
+            f"UNIQUE): expected 409 Conflict (or 422) and nothing changed, saw "
+            f"{reply.status} {reply.body[:150]!r}"
+            + (f" and the users are now {after}" if after != before else "")
+            + (": the UNIQUE index refused the write and its error became a server error - "
+               "catch the UniqueViolation and answer 409, on every route that writes an "
+               "email" if reply.status >= 500 else ""))
+
+
 def test_missing_user_is_404(host: str) -> None:
     for method in ("GET", "PUT", "DELETE"):
         missing_user_is_404(host, method)
@@ -319,6 +381,39 @@ def missing_user_is_404(host: str, method: str) -> None:
         f"{'read' if method == 'GET' else 'replace' if method == 'PUT' else 'delete'}; "
         "check what the statement found (rowcount, RETURNING) and answer 404 when it found "
         "nothing - a 2xx tells the client the operation happened")
+
+
+def test_if_none_match_star_on_a_missing_user(host: str, postgres: Any) -> None:
+    """If-None-Match: * is true when the target has NO current representation (RFC 9110
+    13.1.2): for a user that does not exist the request proceeds as if unconditional - to
+    its 404. A 304 would tell a cache that its copy of a user who does not exist is fresh."""
+    created = call(host, "POST", "/users", {"name": "Edgar Codd", "email": "ted@example.com"})
+    assert created.status == 201, (
+        f"POST /users: expected 201, saw {created.status} {created.body[:200]!r}")
+    path = "/users/" + (created.header("Location") or "").rsplit("/", 1)[-1]
+    old_tag = get_ok(host, path).header("ETag") or ""
+    deleted = call(host, "DELETE", path)
+    assert deleted.status == 204, f"DELETE {path}: expected 204, saw {deleted.status}"
+    before = user_rows(postgres)
+    body = {"name": "Nobody", "email": "nobody@example.com"}
+    requests = [("GET", "/users/999999", "*", None, "a user that never existed"),
+                ("GET", path, "*", None, "a user just deleted"),
+                ("GET", path, old_tag, None, "a user just deleted, with its last ETag"),
+                ("PUT", "/users/999999", "*", body, "a user that never existed"),
+                ("DELETE", "/users/999999", "*", None, "a user that never existed")]
+    for method, target, sent, content, what in requests:
+        reply = call(host, method, target, content, {"If-None-Match": sent})
+        assert reply.status == 404 and user_rows(postgres) == before, (
+            f"{method} {target} with If-None-Match: {sent} ({what}): expected 404 and no "
+            f"change, saw {reply.status} {reply.body[:120]!r}: the condition is about the "
+            "current representation, and there is none - '*' matches only one that exists "
+            "(RFC 9110 13.1.2), so the request goes on as if it had no condition and finds "
+            "no user"
+            + ("; look the user up first, and evaluate If-None-Match only against a "
+               "representation you would send with 200 - a 304 tells the cache that its "
+               "copy of a user who does not exist is still good" if reply.status == 304
+               else "; PUT replaces a user, it never creates one" if method == "PUT"
+               else ""))
 
 
 def test_two_instances_share_no_session(host: str, other_process: str) -> None:

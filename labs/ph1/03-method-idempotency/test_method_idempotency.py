@@ -10,6 +10,7 @@ caught every time, not only when the scheduler happens to interleave badly.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 import uuid
@@ -176,6 +177,37 @@ def test_concurrent_puts_of_a_new_user_both_succeed(instances: list[str], db: An
         f"after two concurrent PUT /users/9 expected one row, saw {stored}")
 
 
+def test_delete_of_a_user_with_orders_is_409(instances: list[str], db: Any) -> None:
+    """A user with orders cannot go: the orders reference it and the schema has no cascade
+    (an order is a record of a purchase, and its key's stored response replays it). The
+    request conflicts with the resource's state - 409 (RFC 9110 15.5.10), on every repeat,
+    and nothing changes."""
+    rows(db, "INSERT INTO users VALUES (8, 'Alan Turing', 'alan@example.com') RETURNING id")
+    key = str(uuid.uuid4())
+    ordered = post_order(instances[0], key, {**ORDER, "user_id": 8})
+    assert ordered.status == 201, (
+        f"POST /orders for user 8: expected 201, saw {ordered.status} {ordered.body[:200]!r}")
+    for n, host in enumerate(instances, start=1):
+        reply = call(host, "DELETE", "/users/8")
+        users = rows(db, "SELECT id FROM users WHERE id = 8")
+        orders = order_count(db)
+        assert reply.status == 409 and users and orders == 1, (
+            f"DELETE /users/8 (#{n}), a user with 1 order: expected 409 Conflict with the "
+            f"user and the order kept, saw {reply.status} {reply.body[:150]!r}, the user "
+            f"{'kept' if users else 'deleted'} and {orders} order(s) left: "
+            + ("the foreign key refused the DELETE and its error became a server error - "
+               "a state conflict is the client's to resolve, never a 5xx: catch the "
+               "ForeignKeyViolation and answer 409" if reply.status >= 500 else
+               "the user's orders were deleted with it - the orders reference their user "
+               "with no cascade in the schema: they are records of purchases (and a replay "
+               "of their keys still answers with them), not the user's to take along"
+               if orders != 1 else
+               "the user is still there, so a 2xx tells the client something that did not "
+               "happen" if users else "the user was deleted though orders reference it"))
+    assert_same_reply(ordered, post_order(instances[0], key, {**ORDER, "user_id": 8}),
+                      "a replay of the order's key after the refused DELETEs")
+
+
 def test_delete_is_idempotent(instances: list[str], db: Any) -> None:
     rows(db, "INSERT INTO users VALUES (8, 'Alan Turing', 'alan@example.com') RETURNING id")
     first = call(instances[0], "DELETE", "/users/8")
@@ -210,6 +242,41 @@ def test_post_needs_a_key(instances: list[str], db: Any, key: str | None, how: s
             f"POST /orders {how}: expected 400, saw {reply.status} {reply.body[:200]!r}: "
             f"{why}")
     assert order_count(db) == 0, f"POST /orders {how} must not create an order"
+
+
+# Values the database would refuse with an error: the CHECK (quantity > 0), numbers beyond
+# the columns' types (quantity integer, user_id bigint), and the wrong JSON types. Each is
+# the client's mistake: 422 (or 400), checked before the database sees it, on every attempt.
+REFUSED_BY_THE_DATABASE = ("the database refuses it with an error, and a server error "
+                           "(5xx) tells the client to retry the same mistake later: check "
+                           "the value before the database sees it")
+INVALID_ORDERS = [
+    ({**ORDER, "quantity": 0}, "quantity 0",
+     "the CHECK (quantity > 0) refuses 0 - a quantity is at least 1, not merely not negative"),
+    ({**ORDER, "quantity": -3}, "a negative quantity", "the CHECK (quantity > 0) refuses it"),
+    ({**ORDER, "quantity": 2**31}, "quantity 2147483648",
+     "orders.quantity is an integer (at most 2147483647): a larger number overflows it"),
+    ({**ORDER, "user_id": 2**63}, "user_id 2**63",
+     "users.id is a bigint (at most 2**63 - 1): no user has this id, and the query with it "
+     "overflows"),
+    ({**ORDER, "quantity": "2"}, "quantity a string", "quantity is a JSON number"),
+    ({**ORDER, "quantity": 2.5}, "quantity 2.5", "quantity is a whole number"),
+    ({"user_id": 1, "item": "keyboard"}, "no quantity", "an order has a quantity"),
+]
+
+
+def test_invalid_order_is_422(instances: list[str], db: Any) -> None:
+    for n, (order, what, why) in enumerate(INVALID_ORDERS):
+        key = str(uuid.uuid4())
+        for attempt, host in enumerate([instances[n % 2], instances[(n + 1) % 2]], start=1):
+            reply = post_order(host, key, order)
+            assert reply.status in (400, 422), (
+                f"POST /orders with {order} ({what}), attempt {attempt} with its key: "
+                f"expected 422 (or 400), saw {reply.status} {reply.body[:150]!r}: {why}; "
+                + (REFUSED_BY_THE_DATABASE if reply.status >= 500 else
+                   "an invalid order is the client's mistake"))
+        assert order_count(db) == 0, (
+            f"POST /orders with {order} ({what}) created an order")
 
 
 def test_replayed_key_returns_the_stored_response(instances: list[str], db: Any) -> None:
@@ -294,6 +361,40 @@ def test_keys_are_compared_exactly(instances: list[str], db: Any) -> None:
         assert_same_reply(firsts[key], post_order(instances[(n + 1) % 2], key),
                           f"a replay of key {key!r}")
     assert order_count(db) == len(keys), "the replays created orders"
+
+
+def test_key_length_is_limited(instances: list[str], db: Any) -> None:
+    """A key has at most 255 characters (Stripe's limit): a longer one is 400, checked before
+    the database - which cannot index a key of a few kB (a 500) - and never cut to fit (two
+    keys with one 255-character prefix are two clients' attempts)."""
+    longest = "k-" + secrets.token_urlsafe(300)[:253]
+    first = post_order(instances[0], longest)
+    assert first.status == 201, (
+        f"POST /orders with a key of 255 characters (the limit): expected 201, saw "
+        f"{first.status} {first.body[:150]!r}: a key of up to 255 characters is valid")
+    assert_same_reply(first, post_order(instances[1], longest),
+                      "a replay of the 255-character key")
+    too_long = [
+        (longest + "x", "256 characters, the first 255 those of the key above"),
+        (secrets.token_urlsafe(3500)[:4000], "4000 characters (random, so they do not compress)"),
+    ]
+    for n, (key, what) in enumerate(too_long):
+        reply = post_order(instances[n % 2], key)
+        replayed = reply.body == first.body
+        assert reply.status == 400, (
+            f"POST /orders with an Idempotency-Key of {what}: expected 400 (at most 255 "
+            f"characters), saw {reply.status} {reply.body[:150]!r}"
+            + (", the 255-character key's order replayed: the key was cut to 255 characters, "
+               "so two keys that share a prefix became one attempt - refuse a long key, "
+               "never truncate it" if replayed else
+               ": the database could not index the key (its index row is limited to about "
+               "2.7 kB) and its error became a server error - check the key's length "
+               "before the database sees it" if reply.status >= 500 else
+               ": the limit is 255 characters, documented, not whatever the database's "
+               "index happens to hold (about 2.7 kB, less once multi-byte)"))
+    assert order_count(db) == 1, (
+        f"the keys over 255 characters left {order_count(db)} orders, expected the 1 of the "
+        "255-character key")
 
 
 def test_failed_attempt_does_not_burn_the_key(instances: list[str], db: Any) -> None:

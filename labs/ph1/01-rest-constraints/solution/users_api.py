@@ -66,6 +66,15 @@ def make_app(dsn: str) -> WSGIApp:
         # (A production service would use a pool; the point here is that no state does.)
         return psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
 
+    def write(sql: str, params: tuple[Any, ...]) -> Any:
+        """One write; an email another user has is a conflict with the collection's state
+        (RFC 9110 15.5.10: 409), the client's to resolve - never the UNIQUE index's 500."""
+        try:
+            with connect() as conn:
+                return conn.execute(sql, params).fetchone()
+        except psycopg.errors.UniqueViolation:
+            raise HTTPError("409 Conflict", "another user has this email") from None
+
     def get_collection() -> Any:
         with connect() as conn:
             return conn.execute("SELECT id, name, email FROM users ORDER BY id").fetchall()
@@ -79,16 +88,12 @@ def make_app(dsn: str) -> WSGIApp:
         return row
 
     def create_user(data: dict[str, Any]) -> Any:
-        with connect() as conn:
-            return conn.execute(
-                "INSERT INTO users (name, email) VALUES (%s, %s) RETURNING id, name, email",
-                (data["name"], data["email"])).fetchone()
+        return write("INSERT INTO users (name, email) VALUES (%s, %s) RETURNING id, name, email",
+                     (data["name"], data["email"]))
 
     def replace_user(user_id: int, data: dict[str, Any]) -> Any:
-        with connect() as conn:
-            row = conn.execute(
-                "UPDATE users SET name = %s, email = %s WHERE id = %s RETURNING id, name, email",
-                (data["name"], data["email"], user_id)).fetchone()
+        row = write("UPDATE users SET name = %s, email = %s WHERE id = %s "
+                    "RETURNING id, name, email", (data["name"], data["email"], user_id))
         if row is None:
             raise HTTPError("404 Not Found", f"no user {user_id}")
         return row

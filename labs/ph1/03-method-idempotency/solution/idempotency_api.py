@@ -24,6 +24,10 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 USER_PATH = re.compile(r"^/users/(\d{1,18})$")
 ORDER_PATH = re.compile(r"^/orders/(\d{1,18})$")
+# Stripe's limit. A key is stored and indexed as the primary key: without a limit, a key of a
+# few kB fails the index's row size check inside Postgres - a 500 for the client's mistake.
+MAX_KEY_LENGTH = 255
+INT4_MAX, INT8_MAX = 2**31 - 1, 2**63 - 1  # orders.quantity is integer, user_id bigint
 
 
 class HTTPError(Exception):
@@ -46,6 +50,18 @@ def require(data: Any, fields: dict[str, type]) -> dict[str, Any]:
             for name, kind in fields.items()):
         raise HTTPError(422, f"expected an object with {', '.join(fields)}")
     return {name: data[name] for name in fields}
+
+
+def order_fields(data: Any) -> dict[str, Any]:
+    """The order as the table will take it. Every value the database would refuse with an
+    error (the CHECK, a number beyond the column's type) is the client's mistake, answered
+    422 here - before a transaction exists, so no key is claimed for it."""
+    order = require(data, {"user_id": int, "item": str, "quantity": int})
+    if not 1 <= order["quantity"] <= INT4_MAX:
+        raise HTTPError(422, f"quantity must be a whole number from 1 to {INT4_MAX}")
+    if not 1 <= order["user_id"] <= INT8_MAX:
+        raise HTTPError(422, f"no user {order['user_id']}")  # no bigint names it
+    return order
 
 
 def fingerprint(method: str, path: str, payload: dict[str, Any]) -> str:
@@ -71,8 +87,14 @@ def make_app(dsn: str) -> WSGIApp:
         return (201 if created else 200), row
 
     def delete_user(user_id: int) -> int:
-        with connect() as conn:
-            gone = conn.execute("DELETE FROM users WHERE id = %s", (user_id,)).rowcount
+        try:
+            with connect() as conn:
+                gone = conn.execute("DELETE FROM users WHERE id = %s", (user_id,)).rowcount
+        except psycopg.errors.ForeignKeyViolation:
+            # Orders reference their user and the schema has no cascade: an order is a
+            # record of a purchase (and its key's stored response replays it). The request
+            # conflicts with the resource's state (RFC 9110 15.5.10): 409, nothing deleted.
+            raise HTTPError(409, f"user {user_id} has orders") from None
         # The state after any number of DELETEs is the same (no row); only the answer
         # tells the client whether this particular call removed it.
         return 204 if gone else 404
@@ -132,8 +154,10 @@ def make_app(dsn: str) -> WSGIApp:
             key = environ.get("HTTP_IDEMPOTENCY_KEY", "").strip()
             if not key:
                 raise HTTPError(400, "POST /orders needs an Idempotency-Key header")
-            payload = require(read_json(environ),
-                              {"user_id": int, "item": str, "quantity": int})
+            if len(key) > MAX_KEY_LENGTH:
+                raise HTTPError(400, f"an Idempotency-Key has at most {MAX_KEY_LENGTH} "
+                                     "characters")
+            payload = order_fields(read_json(environ))
             status, body = post_order(key, payload)
             order_id = json.loads(body)["id"]
             return status, body, [("Location", f"/orders/{order_id}")]
