@@ -83,6 +83,15 @@ def local_timezone(spec: str | None) -> str | None:
     return previous
 
 
+def own_cpu_seconds() -> float:
+    """CPU seconds the calling process has used so far, all its threads (user and system).
+    Through ``learner.run_helper`` it reads the process the learner's code runs in - the
+    tests' own when the learner's functions run in a thread there, the learner's when its
+    code runs apart (grading): two readings around a quiet spell tell a wait asleep in the
+    kernel (next to no CPU) from a busy loop (ph0.2)."""
+    return time.process_time()
+
+
 def process_threads(pid: int) -> int:
     """How many threads process ``pid`` runs (its entries in /proc/<pid>/task), or -1 when it
     is gone or out of sight. Run it where the learner's code runs:
