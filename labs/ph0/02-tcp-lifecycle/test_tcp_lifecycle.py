@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import TcpSocket, tcp_sockets
+from labrunner.testing import TcpSocket, process_activity, tcp_sockets
 
 LATE_WRITES = 3                                     # the peer's late data comes in this many writes
 # The peer's data after the half-close: bytes, not text. Each write ends inside a two-byte
@@ -31,6 +31,13 @@ LATE = LATE[:_PIECE - 1] + "é".encode() + LATE[_PIECE - 1:]  # é across the fi
 assert LATE[_PIECE - 1:_PIECE + 1] == "é".encode()
 WAIT = 6.0                                          # generous bound for anything that must happen
 PAUSE = 2.5   # the peer's silence before its last write: only ever slows a right answer
+# CPU seconds the learner's side may use while its peer is silent for PAUSE s. A drain
+# asleep in recv() uses next to none (0.00-0.01 s measured, most of it this test's own
+# readings), whatever the load: CPU time counts only while a thread runs, and a blocked one
+# does not. A drain that polls a non-blocking socket runs whenever it is given the CPU:
+# 1.0-1.5 s of the 2.5 s measured on the shared, loaded 2-core machine (load average
+# about 15), in this process or in the learner's own. Far from both.
+SPIN_CPU = 0.25
 
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
               5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
@@ -166,6 +173,28 @@ def wait_until_read(pair: Pair, running: Background) -> None:
         time.sleep(0.005)
 
 
+def cpu_spent(learner: Any) -> float:
+    """CPU seconds used so far by the process the learner's code runs in: this one (its
+    functions run in a thread here), or, with the learner's code in a process of its own
+    (grading), that one, read there (``run_helper``: its /proc/self)."""
+    reading = learner.run_helper(process_activity, "self")
+    assert reading[1] >= 0, "the CPU time of the learner's process could not be read"
+    return float(reading[1]) / 1e9
+
+
+def expect_asleep_while_silent(what: str, cpu: float, silence: float, waiting: str) -> None:
+    """Fail, naming a busy loop, when the learner's side burnt CPU while its peer sent
+    nothing at all for ``silence`` s."""
+    assert cpu < SPIN_CPU, (
+        f"while the peer sent nothing for {silence:.1f} s ({waiting}), the process running "
+        f"{what} used {cpu:.2f} s of CPU, expected next to none: it polled the socket in a "
+        "busy loop (a non-blocking recv() tried again at once after BlockingIOError: "
+        "setblocking(False), settimeout(0), MSG_DONTWAIT) instead of waiting\nA blocking "
+        "recv() sleeps in the kernel until data or the FIN arrives, at no CPU cost; a "
+        "spinning drain burns a core for as long as the peer takes, and a server draining "
+        "a few slow peers that way has no CPU left for anyone else.")
+
+
 def wait_for_state(local: tuple[str, int], remote: tuple[str, int], want: str) -> str | None:
     """Poll the kernel table briefly: the last segments are processed asynchronously."""
     deadline = time.monotonic() + WAIT
@@ -188,6 +217,7 @@ SEEN = {
 class Exchange:
     seen: str        # what the peer saw when the learner closed
     returned: Any    # what graceful_close() returned
+    quiet_cpu: float = 0.0  # CPU seconds the learner's side used in the peer's pause
 
 
 def graceful_exchange(learner: Any, pair: Pair, pause: float = 0.0) -> Exchange:
@@ -202,12 +232,16 @@ def graceful_exchange(learner: Any, pair: Pair, pause: float = 0.0) -> Exchange:
                 "for yours\nThe active closer sends its FIN first (sock.shutdown("
                 "socket.SHUT_WR)), then reads until recv() returns b''.")
     seen = peer_reads(pair.server, running)
+    quiet_cpu = 0.0
     if seen == "eof":
         piece = -(-len(LATE) // LATE_WRITES)
         try:
             for start in range(0, len(LATE), piece):
                 if pause and start + piece >= len(LATE):
-                    time.sleep(pause)  # silence is not a FIN: a right answer just waits
+                    # silence is not a FIN: a right answer just waits, asleep in recv()
+                    before = cpu_spent(learner)
+                    time.sleep(pause)
+                    quiet_cpu = cpu_spent(learner) - before
                 pair.server.sendall(LATE[start:start + piece])  # after the learner's FIN
                 wait_until_read(pair, running)
         except OSError:
@@ -221,7 +255,7 @@ def graceful_exchange(learner: Any, pair: Pair, pause: float = 0.0) -> Exchange:
             "data with RST because its read direction was already shut (shutdown(SHUT_RDWR), "
             "or close() before draining). Shut only the write side: "
             "sock.shutdown(socket.SHUT_WR), then recv() until b''.", pytrace=False)
-    return Exchange(seen, running.wait())
+    return Exchange(seen, running.wait(), quiet_cpu)
 
 
 def _utf8(data: bytes | bytearray) -> bool:
@@ -297,6 +331,8 @@ def test_a_pause_is_not_the_end(learner: Any, pair: Pair) -> None:
     assert got == LATE, (
         f"graceful_close() returned {len(got or b'')} bytes, expected the {len(LATE)} bytes "
         f"the peer sent after your FIN (the last part after {PAUSE} s of silence)")
+    expect_asleep_while_silent("graceful_close()", exchange.quiet_cpu, PAUSE,
+                               "after your FIN and part of its answer, before the rest")
 
 
 def test_peer_reset_during_drain_still_closes(learner: Any, pair: Pair) -> None:
@@ -390,12 +426,17 @@ def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> Non
     rest *= 5000
     pair.client.sendall(head)
     # The request is not over until the client's FIN: nothing may come back before it.
-    readable, _, _ = select.select([pair.client], [], [], 0.3)
+    # The client then pauses: serve_until_eof() waits, asleep in recv().
+    before = cpu_spent(learner)
+    readable, _, _ = select.select([pair.client], [], [], PAUSE)
+    quiet_cpu = cpu_spent(learner) - before
     running.check()
     assert not readable, (
         "serve_until_eof() answered (or closed) after the first part of the request\n"
         "The client marks the end of its request with its FIN: read until recv() returns "
         "b'' before calling the handler.")
+    expect_asleep_while_silent("serve_until_eof()", quiet_cpu, PAUSE,
+                               "after the first part of its request, before the rest")
     pair.client.sendall(rest)
     pair.client.shutdown(socket.SHUT_WR)  # the client's half-close ends the request
     reply = b""

@@ -26,10 +26,20 @@ from typing import Any
 
 import pytest
 
+from labrunner.testing import process_activity, program_reading
+
 READY = 5.0       # seconds for "listening on <port>"
 WAIT = 5.0        # seconds for an answer, or for the process to react
 SLOW = 5          # requests in flight at SIGTERM
 EXIT_GRACE = 2.0  # seconds a server that does not drain is given to finish exiting
+# CPU seconds the server may use in those EXIT_GRACE s of its drain, while nothing it waits
+# for can happen (the test's clients hold every request). A drain that sleeps between looks
+# at the counter (the reference: usleep(5000), as Go's http.Server.Shutdown polls with a
+# ticker) or blocks on a condition variable uses about 0.01 s, whatever the load: CPU time
+# counts only while a thread runs. A drain that spins on the counter (an empty loop, a
+# sched_yield() loop) runs whenever it is given the CPU: 1.6-1.8 s of the 2 s measured, and
+# still 0.6-0.7 s on the shared 2-core machine at a load average of 15. Far from both.
+SPIN_CPU = 0.2
 SANITIZER_REPORT = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
@@ -243,7 +253,15 @@ def test_idle_server_exits_zero_on_sigterm(launch: Any) -> None:
         f"expected 0{killed_by(status)}\nstderr: {server.err()[-400:]}")
 
 
-def test_five_in_flight_complete_new_refused_then_exit_zero(launch: Any) -> None:
+def cpu_seconds(learner: Any, server: Server) -> float:
+    """CPU seconds the server's threads have used so far, read from its /proc (beside it
+    when grading runs it as the learner's uid); -1 once it is gone."""
+    reading = program_reading(learner, server.proc, process_activity)
+    return -1.0 if reading[1] < 0 else float(reading[1]) / 1e9
+
+
+def test_five_in_flight_complete_new_refused_then_exit_zero(learner: Any,
+                                                            launch: Any) -> None:
     server = launch(leak_check=False)  # leaks are checked by the idle test
     port = server.port
     slow = [Slow(port, f"req-{n}") for n in range(SLOW)]  # all five in flight, all STARTED
@@ -259,12 +277,26 @@ def test_five_in_flight_complete_new_refused_then_exit_zero(launch: Any) -> None
         # Give a server that returns from main() without draining the time to finish
         # exiting (its worker threads keep answering until the exit completes): a drained
         # server is still here after this wait whatever the load, since nothing it waits
-        # for has happened yet.
+        # for has happened yet. Meanwhile it drains with nothing to do: it must wait
+        # asleep, not spin on the counter.
+        cpu_before, wall_before = cpu_seconds(learner, server), time.monotonic()
         status = server.wait_exit(EXIT_GRACE)
         assert status is None, (
             f"the server exited (status {status}) while {SLOW} requests were still in "
             f"flight{killed_by(status)}\nAfter SIGTERM, drain: wait until the in-flight "
             "counter is 0 before returning from main(); returning ends every thread.")
+        cpu = cpu_seconds(learner, server) - cpu_before
+        wall = time.monotonic() - wall_before
+        assert cpu_before < 0 or cpu < SPIN_CPU, (
+            f"after SIGTERM, with {SLOW} requests in flight that none could finish (the "
+            f"test's clients held them), the server used {cpu:.2f} s of CPU in {wall:.1f} s "
+            "of its drain, expected next to none: the drain spins, looking at the in-flight "
+            "counter again and again (an empty loop body, or sched_yield(), which returns at "
+            "once when nothing else is runnable)\nWait between looks: sleep a little "
+            "(nanosleep/usleep of a few ms, as Go's http.Server.Shutdown polls with a "
+            "ticker), or block on a condition variable the workers signal when the count "
+            "drops. A spinning drain takes a whole core from the requests it waits for, "
+            "during the very grace period they have to finish in.")
         assert refused(port), (
             f"{WAIT:.0f} s after SIGTERM a new connection to port {port} was still accepted, "
             "expected it refused\nStop accepting by close()-ing the listening socket when "
