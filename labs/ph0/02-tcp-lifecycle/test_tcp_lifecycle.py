@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import TcpSocket, process_activity, tcp_sockets
+from labrunner.testing import TcpSocket, own_cpu_seconds, tcp_sockets
 
 LATE_WRITES = 3                                     # the peer's late data comes in this many writes
 # The peer's data after the half-close: bytes, not text. Each write ends inside a two-byte
@@ -177,9 +177,7 @@ def cpu_spent(learner: Any) -> float:
     """CPU seconds used so far by the process the learner's code runs in: this one (its
     functions run in a thread here), or, with the learner's code in a process of its own
     (grading), that one, read there (``run_helper``: its /proc/self)."""
-    reading = learner.run_helper(process_activity, "self")
-    assert reading[1] >= 0, "the CPU time of the learner's process could not be read"
-    return float(reading[1]) / 1e9
+    return float(learner.run_helper(own_cpu_seconds))
 
 
 def expect_asleep_while_silent(what: str, cpu: float, silence: float, waiting: str) -> None:
