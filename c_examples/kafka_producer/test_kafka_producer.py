@@ -20,6 +20,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,14 @@ def finished(code: int, stdout: str, stderr: str) -> Run:
 
 
 def run_producer(learner: Any, brokers: str, topic: str, pairs: list[tuple[str, str]], *,
-                 via_stdin: bool = False) -> tuple[Run, bool]:
-    """The program's run and whether it ended within RUN_TIMEOUT (killed otherwise, with
-    what it printed until then). via_stdin: the pairs go in on stdin, for values longer than
-    one command-line argument may be (128 KiB)."""
+                 via_stdin: bool = False,
+                 stuck: Callable[[list[str]], str | None] | None = None
+                 ) -> tuple[Run, bool, str | None]:
+    """The program's run, whether it ended within RUN_TIMEOUT (killed otherwise, with what it
+    printed until then), and why it was killed early if ``stuck`` (given the stderr lines so
+    far) named a reason: a program seen going round in a loop that never ends is not waited
+    on for RUN_TIMEOUT. via_stdin: the pairs go in on stdin, for values longer than one
+    command-line argument may be (128 KiB)."""
     args = [str(binary_for(learner)), brokers, topic]
     args += ["-"] if via_stdin else [f"{k}={v}" for k, v in pairs]
     lines = "".join(f"{k}={v}\n" for k, v in pairs) if via_stdin else None
@@ -87,18 +92,42 @@ def run_producer(learner: Any, brokers: str, topic: str, pairs: list[tuple[str, 
     with learner.popen(args, stdin=subprocess.PIPE if via_stdin else subprocess.DEVNULL,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        env={**os.environ, **SANITIZER_ENV}) as proc:
-        try:
-            out, err = proc.communicate(lines, timeout=RUN_TIMEOUT)
-            ended = True
-        except subprocess.TimeoutExpired:
+        out: list[str] = []
+        err: list[str] = []
+        readers = [threading.Thread(target=lambda s=s, into=into: into.extend(s), daemon=True)
+                   for s, into in ((proc.stdout, out), (proc.stderr, err))]
+        if lines is not None:
+            readers.append(threading.Thread(target=feed, args=(proc, lines), daemon=True))
+        for reader in readers:
+            reader.start()
+        deadline, why = time.monotonic() + RUN_TIMEOUT, None
+        while proc.poll() is None and time.monotonic() < deadline:
+            why = stuck(list(err)) if stuck else None
+            if why:
+                break
+            time.sleep(0.05)
+        ended = proc.poll() is not None
+        if not ended:
             proc.kill()
-            out, err = proc.communicate()
-            ended = False
-    return finished(proc.returncode, out, err), ended
+        proc.wait()
+        for reader in readers:
+            reader.join(10)
+    return finished(proc.returncode, "".join(out), "".join(err)), ended, why
+
+
+def feed(proc: subprocess.Popen[str], lines: str) -> None:
+    """Write ``lines`` to the program's stdin and close it (a program that stopped reading
+    or exited is no error of the test's)."""
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(lines)
+        proc.stdin.close()
+    except (BrokenPipeError, OSError, ValueError):
+        pass
 
 
 def produce(learner: Any, brokers: str, topic: str, pairs: list[tuple[str, str]]) -> Run:
-    run, ended = run_producer(learner, brokers, topic, pairs)
+    run, ended, _ = run_producer(learner, brokers, topic, pairs)
     if not ended:
         did_not_finish(brokers)
     return run
@@ -243,6 +272,10 @@ def test_a_rejected_message_is_counted_and_reported(learner: Any, kafka: Any) ->
 
 
 HUGE = 2_000_000  # bytes: past the client's own message.max.bytes (1,000,000 by default)
+# A program that printed the refused message's key this many times (not counting librdkafka's
+# own log) is producing it again and again: killed then, not at RUN_TIMEOUT. A right one
+# names it once, in its one refusal.
+REFUSALS_SEEN = 5
 
 
 def test_a_message_the_client_refuses_counts_as_failed(learner: Any, kafka: Any) -> None:
@@ -252,12 +285,24 @@ def test_a_message_the_client_refuses_counts_as_failed(learner: Any, kafka: Any)
     producing again."""
     topic, big = small_topic_and_lone_key(kafka, "refused")
     pairs = [("ok-1", "small"), (big, "x" * HUGE), ("ok-2", "small too")]
-    run, ended = run_producer(learner, kafka.bootstrap, topic, pairs, via_stdin=True)
+    started = time.monotonic()
+
+    def refused_again_and_again(stderr: list[str]) -> str | None:
+        said = [line for line in stderr if big in line and not line.startswith("%")]
+        if len(said) < REFUSALS_SEEN:
+            return None
+        return (f"printed the refusal of the {HUGE:,}-byte value (key {big}, between two "
+                f"small ones) {len(said)} times in {time.monotonic() - started:.1f} s: it "
+                "produces that message again and again")
+
+    run, ended, stuck = run_producer(learner, kafka.bootstrap, topic, pairs, via_stdin=True,
+                                     stuck=refused_again_and_again)
     said = run.stderr.strip().splitlines()[-1:] or ["nothing on stderr"]
     if not ended:
+        lead = stuck or (f"was still running {RUN_TIMEOUT} s after it was handed a "
+                         f"{HUGE:,}-byte value (between two small ones)")
         pytest.fail(
-            f"kafka_producer was still running {RUN_TIMEOUT} s after it was handed a "
-            f"{HUGE:,}-byte value (between two small ones) and had to be killed; its stderr "
+            f"kafka_producer {lead} and had to be killed; its stderr "
             f"ended with {said[0][:200]!r}. rd_kafka_produce refuses such a message for good "
             "(MSG_SIZE_TOO_LARGE: past message.max.bytes) - producing it again refuses it "
             "again, forever. Only RD_KAFKA_RESP_ERR__QUEUE_FULL is temporary (wait with "
@@ -293,12 +338,30 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+def second_producer(stderr: list[str]) -> str | None:
+    """librdkafka names each client it creates in a process rdkafka#producer-1, -2, ... in
+    its log lines: a second one means a client was built for another message."""
+    named = [line for line in stderr if "rdkafka#producer-2" in line]
+    return (f"created a second librdkafka producer (its log names rdkafka#producer-2: "
+            f"{named[0].strip()[:160]!r})") if named else None
+
+
 def test_messages_that_never_got_a_report_count_as_failed(learner: Any) -> None:
     """No broker listens at the address given: no message can be delivered. Each one ends
     either with a failed delivery report (message.timeout.ms) or still queued when
     rd_kafka_flush() gives up - and then it is a failure too, never left uncounted."""
     pairs = [("a", "1"), ("b", "2"), ("c", "3")]
-    run = produce(learner, f"127.0.0.1:{closed_port()}", "unreachable", pairs)
+    brokers = f"127.0.0.1:{closed_port()}"
+    run, ended, why = run_producer(learner, brokers, "unreachable", pairs,
+                                   stuck=second_producer)
+    if why:
+        pytest.fail(
+            f"kafka_producer {why}, and was killed then: it builds a client per message, and "
+            "each waits out its own flush against a broker that cannot be reached. One "
+            "producer for all the messages: create it once, produce everything, flush once, "
+            "destroy", pytrace=False)
+    if not ended:
+        did_not_finish(brokers)
     counted = run.counts()
     if counted is not None and sum(counted) < len(pairs):
         pytest.fail(
@@ -338,6 +401,29 @@ def wait_until_queued_all_it_can(learner: Any, proc: subprocess.Popen[str]) -> N
         time.sleep(0.02)
 
 
+# One producer connects to the bootstrap address and to the broker it names (a reconnection
+# or two more): a program seen opening more than this many connections builds a client per
+# message, and is stopped there instead of being waited on for RUN_TIMEOUT.
+CONNECTIONS_AT_MOST = 20
+
+
+def watch_connections(proxy: KafkaProxy, proc: subprocess.Popen[str],
+                      talker: threading.Thread) -> int:
+    """Wait for the program's run (``talker``) to end, at most RUN_TIMEOUT + 5 s; kill the
+    program if it opens more than CONNECTIONS_AT_MOST connections. Return how many it
+    opened."""
+    deadline = time.monotonic() + RUN_TIMEOUT + 5
+    opened = 0
+    while talker.is_alive() and time.monotonic() < deadline:
+        opened = len({r.connection for r in proxy.requests()})
+        if opened > CONNECTIONS_AT_MOST:
+            proc.kill()
+            talker.join(10)
+            break
+        talker.join(0.1)
+    return opened
+
+
 def test_a_burst_past_the_local_queue_waits_for_room(learner: Any, kafka: Any) -> None:
     """150,000 messages, more than librdkafka's local queue holds, while the broker's side is
     slow (the test holds the Produce requests at a proxy until the program has queued all it
@@ -368,7 +454,15 @@ def test_a_burst_past_the_local_queue_waits_for_room(learner: Any, kafka: Any) -
             wait_until_queued_all_it_can(learner, proc)
         finally:
             proxy.release(PRODUCE)
-            talker.join(RUN_TIMEOUT + 5)
+            opened = watch_connections(proxy, proc, talker)
+    if opened > CONNECTIONS_AT_MOST:
+        pytest.fail(
+            f"kafka_producer opened {opened} connections to the broker for one burst (and "
+            f"was killed then, with {len(proxy.requests(PRODUCE))} Produce requests sent): it "
+            "builds a client (rd_kafka_new: connections, metadata, threads) per message - at "
+            f"that pace {BURST:,} messages take far longer than the {RUN_TIMEOUT} s they "
+            "get. One producer for all the messages: create it once, produce everything, "
+            "flush once, destroy", pytrace=False)
     if "out" not in outputs:
         did_not_finish(proxy.bootstrap)
     run = finished(proc.returncode, *outputs["out"])

@@ -11,6 +11,7 @@ what the broker stored, and asks the broker which consumer groups exist."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from labrunner.testing.kafka_proxy import PRODUCE
 GROUPS = ("billing", "shipping", "analytics")
 ACK_TIMEOUT = 2.0   # the timeout the test gives publish_orders while no ack can come
 GIVE_UP_SLACK = 20.0  # how much later than that it may raise (a loaded machine)
+AFTER_SEND_SLACK = 8.0  # how much later than that, from its first Produce request, likewise
 INIT_PRODUCER_ID = 22  # the request an idempotent producer opens with
 
 
@@ -75,6 +77,16 @@ def check_committed(kafka: Any, topic: str, group: str, read: int) -> None:
         f"group {group!r} read all {read} events but committed no position (committed, end "
         f"per partition: {behind}): its next read starts over - commit the group's position "
         "after reading (consumer.commit(), or auto-commit and close())", pytrace=False)
+
+
+def committed_offset(kafka: Any, topic: str, group: str) -> int:
+    """The position ``group`` committed on partition 0 of ``topic`` (-1: none)."""
+    probe = Consumer(kafka.consumer_config(group, **{"enable.auto.commit": False}))
+    try:
+        (tp,) = probe.committed([TopicPartition(topic, 0)], timeout=10)
+    finally:
+        probe.close()
+    return int(tp.offset)
 
 
 def order_ids(events: list[dict[str, Any]]) -> list[str]:
@@ -214,9 +226,41 @@ def test_unacknowledged_events_are_not_reported_published(learner: Any, kafka: A
     with KafkaProxy(kafka.bootstrap) as proxy:
         proxy.hold(PRODUCE)
         started = time.monotonic()
-        outcome, detail = verdict("publish_orders", publish, proxy.bootstrap, topic, orders,
-                                  refusal=(), crash=None, timeout=ACK_TIMEOUT)
+        ended: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                ended["verdict"] = verdict("publish_orders", publish, proxy.bootstrap, topic,
+                                           orders, refusal=(), crash=None,
+                                           timeout=ACK_TIMEOUT)
+            except BaseException as exc:  # noqa: BLE001 - a pytest.fail, raised below
+                ended["raised"] = exc
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        # Its flush(timeout) began before its first Produce request went out (or within a
+        # moment of it): from there, a publish_orders that keeps its timeout has raised
+        # within AFTER_SEND_SLACK past it. One that has not is waiting longer, for acks that
+        # will not come: said then, not when its own longer wait ends.
+        deadline = started + ACK_TIMEOUT + GIVE_UP_SLACK
+        while caller.is_alive() and time.monotonic() < deadline:
+            sent = proxy.requests(PRODUCE)
+            if sent:
+                deadline = min(deadline, sent[0].at + ACK_TIMEOUT + AFTER_SEND_SLACK)
+            caller.join(0.05)
         took = time.monotonic() - started
+        if caller.is_alive():
+            produced = len(proxy.requests(PRODUCE))
+            pytest.fail(
+                f"publish_orders(timeout={ACK_TIMEOUT:g}) had neither returned nor raised "
+                f"after {took:.0f} s ({produced} Produce request(s) sent, none acknowledged: "
+                "the test held them): expected it to give up after about "
+                f"{ACK_TIMEOUT:g} s - wait for the acknowledgements at most `timeout` seconds "
+                "(flush(timeout)), not a fixed time or forever, and raise when events are "
+                "left unacknowledged", pytrace=False)
+        if "raised" in ended:
+            raise ended["raised"]
+        outcome, detail = ended["verdict"]
         produced = len(proxy.requests(PRODUCE))
         acked = sum(1 for e in proxy.events()
                     if e.kind == "answer" and e.request.api_key == PRODUCE)
@@ -352,6 +396,15 @@ def test_a_small_read_commits_only_what_it_returns(learner: Any, kafka: Any) -> 
             f"consume(max_events=5) with {waiting} events waiting returned {len(batch)} "
             f"events: return at most max_events (and wait up to the timeout for them)")
         got += [str(e.get("order_id")) for e in batch]
+        # Seen at once on the broker, instead of when the next read waits out its timeout
+        # for events the group's position has already passed.
+        committed = committed_offset(kafka, topic, "billing")
+        if committed > len(got):
+            pytest.fail(
+                f"billing read {len(got)} of 20 events, and its group committed position "
+                f"{committed} (partition 0): past events it fetched but did not return - "
+                f"its next read would never see them. Commit the offsets of the events you "
+                f"return, not the consumer's whole fetch", pytrace=False)
     # Exactly the 10 left: a right read returns as soon as it has them, instead of
     # waiting out its timeout for events that will never come.
     rest = consume(kafka.bootstrap, topic, kafka.group("billing"), 10, 10.0)
