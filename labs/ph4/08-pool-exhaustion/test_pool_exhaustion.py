@@ -112,6 +112,27 @@ def waiting(learner: Any) -> Callable[[], int]:
     return lambda: int(learner.run_helper(threads_waiting_in, str(learner.dir)))
 
 
+@pytest.fixture
+def on_a_lock(learner: Any) -> Callable[[], int]:
+    """How many threads sleep in the learner's code itself (not in a threading wait): blocked
+    on a lock, counted where the learner's code runs (the lab's harness)."""
+    return lambda: int(learner.harness().threads_asleep_in(str(learner.dir)))
+
+
+def blocked_on_a_lock(call: Call, on_a_lock: Callable[[], int], baseline: int,
+                      within: float) -> bool:
+    """Wait up to ``within`` s for ``call`` to end; True as soon as a thread more than
+    ``baseline`` is seen asleep in the learner's code three looks in a row (a lock held
+    elsewhere: it goes on only when that is let go), so the wait ends there."""
+    deadline, looks = time.monotonic() + within, 0
+    while call.is_alive() and time.monotonic() < deadline:
+        call.join(0.05)
+        looks = looks + 1 if call.is_alive() and on_a_lock() > baseline else 0
+        if looks >= 3:
+            return True
+    return False
+
+
 def make(mod: ModuleType, pools: list[Any], dsn: str, size: int, **kw: Any) -> Any:
     pool = mod.Pool(dsn, size, **kw)
     pools.append(pool)
@@ -220,7 +241,7 @@ def test_a_woken_waiter_beaten_to_the_connection_waits_on(
     wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
                "a second borrower to wait for the only connection")
     assert waiter.is_alive(), f"a borrower of a full pool did not wait: {waiter.error!r}"
-    barged = learner.harness().release_and_barge(pool, held)
+    barged = learner.harness().release_and_barge(pool, held, str(learner.dir))
     if isinstance(barged, str):
         pytest.fail(f"release() then acquire() at once, with a borrower waiting: the acquire "
                     f"raised {barged}", pytrace=False)
@@ -357,7 +378,7 @@ def slot_not_handed_on(pool: Any, event: str, when: str) -> tuple[str, str]:
 @pytest.mark.parametrize("where", list(CONNECTS))
 def test_a_failed_connect_wakes_a_waiting_borrower(
         where: str, mod: ModuleType, pools: list[Any], server: Server, gate: ConnectGate,
-        waiting: Callable[[], int]) -> None:
+        waiting: Callable[[], int], on_a_lock: Callable[[], int]) -> None:
     _, which = CONNECTS[where]
     pool = make(mod, pools, gate.dsn, 1, policy="queue", acquire_timeout=60)
     if where == "replacement":
@@ -372,8 +393,11 @@ def test_a_failed_connect_wakes_a_waiting_borrower(
     second = Call(pool.acquire)
     # It waits in the pool's condition (or, in a pool that connects holding its lock, on
     # that lock: then it simply goes on once the first borrower lets go).
-    deadline = time.monotonic() + 10
+    deadline, on_lock = time.monotonic() + 10, 0
     while waiting() < 1 and second.is_alive() and time.monotonic() < deadline:
+        on_lock = on_lock + 1 if on_a_lock() > 0 else 0
+        if on_lock >= 3:
+            break   # asleep on the pool's lock, three looks in a row
         time.sleep(0.01)
     if not second.is_alive():
         pytest.fail(f"while {which} was still in progress on a pool of 1, a second "
@@ -589,7 +613,8 @@ PROMPTLY = 10.0   # a generous bound for what needs only the pool's lock
 
 @pytest.mark.parametrize("stuck", list(STUCK_IN))
 def test_a_borrower_stuck_in_network_io_stalls_no_one_else(
-        stuck: str, mod: ModuleType, pools: list[Any], postgres: Any) -> None:
+        stuck: str, mod: ModuleType, pools: list[Any], postgres: Any,
+        on_a_lock: Callable[[], int]) -> None:
     with HangingBackend(postgres.dsn) as relay:
         pool = make(mod, pools, relay.dsn, 2, policy="queue", acquire_timeout=60)
         first = pool.acquire()               # relayed connection 0
@@ -614,10 +639,13 @@ def test_a_borrower_stuck_in_network_io_stalls_no_one_else(
                                 lambda: pool.release(held)),
                                ("acquire() with that healthy connection idle",
                                 pool.acquire)):
+                baseline = on_a_lock()
                 done = Call(call)
-                done.join(PROMPTLY)
+                locked = blocked_on_a_lock(done, on_a_lock, baseline, PROMPTLY)
+                late = ("was seen blocked on a lock in the pool's code" if locked
+                        else f"did not return within {PROMPTLY:.0f} s")
                 assert not done.is_alive(), (
-                    f"{what} did not return within {PROMPTLY:.0f} s while another borrower "
+                    f"{what} {late} while another borrower "
                     f"was {STUCK_IN[stuck]}, expected it at once: the pool's lock was held "
                     "during that network I/O, so one hanging backend stalls every borrower, "
                     "every release and stats() - for a TCP timeout, minutes - and no one "

@@ -26,9 +26,11 @@ import pytest
 from labrunner.testing import (
     HttpReply,
     PgStatementProxy,
+    asleep_throughout,
     came_true,
     http_request,
     listening_ports,
+    process_activity,
     redis_commands,
     signals_caught,
     wait_until,
@@ -72,6 +74,11 @@ class App:
         if self.in_sight:
             return signals_caught(self.proc.pid)
         return list(self.learner.run_helper(signals_caught, self.proc.pid))
+
+    def activity(self) -> Any:
+        if self.in_sight:
+            return process_activity(self.proc.pid)
+        return self.learner.run_helper(process_activity, self.proc.pid)
 
     def ports(self) -> set[int]:
         if self.in_sight:
@@ -297,17 +304,51 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], pos
             "them", pytrace=False)
 
 
+# s an app that got SIGTERM, and whose request in flight has been answered, may sleep with
+# every thread asleep and no CPU time used before it counts as stuck: it has nothing left to
+# wait for (serve_forever's poll wakes it every 0.5 s; a stop in progress runs).
+STUCK_ASLEEP = 3.0
+
+
+def asleep_for(app: App, span: float, within: float) -> float | None:
+    """Seconds until the app exits (None when it does), or until it has slept ``span`` s
+    without a thread of it running (returns the span); ``within`` s at most, then None."""
+    start = time.monotonic()
+    first, since = app.activity(), time.monotonic()
+    while time.monotonic() - start < within:
+        if app.proc.poll() is not None:
+            return None
+        time.sleep(0.25)
+        now = app.activity()
+        if now[0] == -1:
+            return None
+        if not asleep_throughout(first, now):
+            first, since = now, time.monotonic()
+        elif time.monotonic() - since >= span:
+            return time.monotonic() - since
+    return None
+
+
 def exit_status_after_sigterm(app: App) -> int:
+    slept = asleep_for(app, STUCK_ASLEEP, 15)
     try:
-        code = app.proc.wait(15)
+        code = app.proc.wait(0.5)  # asleep_for waited for the exit (15 s at most)
     except subprocess.TimeoutExpired:
         if signal.SIGTERM in app.caught():
+            when = (f"had slept {slept:.0f} s with nothing left to do (every thread asleep, "
+                    "no CPU time used)" if slept else "had not exited 15 s")
             pytest.fail(
-                "app.py has a SIGTERM handler, yet it had not exited 15 s after SIGTERM: the "
+                f"app.py has a SIGTERM handler, yet it {when} after SIGTERM and the request in "
+                "flight was over: the "
                 "handler never lets serve_forever() return - server.shutdown() called in the "
                 "handler waits for serve_forever, which runs in that same main thread, "
                 "forever. Start shutdown() in another thread (or set a flag the loop reads)",
                 pytrace=False)
+        if slept:
+            pytest.fail(f"app.py has not exited after SIGTERM: it slept {slept:.0f} s with "
+                        "nothing left to do (every thread asleep, no CPU time used), and it "
+                        "has no handler for SIGTERM that could have ignored it...: the "
+                        "platform would SIGKILL it mid-request", pytrace=False)
         pytest.fail("app.py did not exit within 15 s of SIGTERM (and has no handler for it "
                     "that could have ignored it...): the platform would SIGKILL it "
                     "mid-request", pytrace=False)
