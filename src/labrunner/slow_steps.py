@@ -142,3 +142,26 @@ def hold_first_at_step(folder: str, k: int, first: Callable[[], object],
     other.join(2 * patience)
     held_at: tuple[str, int] | None = state["held_at"]
     return held_at
+
+
+def threading_waits_in(folder: str) -> dict[int, Any]:
+    """Each thread of this process that sits in a ``threading`` wait (a Condition, an Event,
+    a Semaphore) called, at any depth, from code in ``folder``: its id and the frame of that
+    wait (the innermost). A new wait is a new frame, so two readings tell a thread that left
+    its wait (woken) from one still in it (ph4.8's barge); how many there are is
+    ``labrunner.testing.threads_waiting_in``."""
+    prefix = str(folder).rstrip("/") + "/"
+    waits: dict[int, Any] = {}
+    for ident, frame in sys._current_frames().items():
+        wait, from_folder = None, False
+        current: Any = frame
+        while current is not None:
+            code = current.f_code
+            if code.co_name == "wait" and code.co_filename.endswith("threading.py"):
+                wait = wait or current
+            elif code.co_filename.startswith(prefix):
+                from_folder = True
+            current = current.f_back
+        if wait is not None and from_folder:
+            waits[ident] = wait
+    return waits

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from labrunner.slow_steps import threading_waits_in
+
 
 def release_and_barge(pool: Any, conn: Any, folder: str | None = None) -> Any:
     """pool.release(conn), then pool.acquire() at once; returns the connection acquired (or
@@ -20,7 +22,7 @@ def release_and_barge(pool: Any, conn: Any, folder: str | None = None) -> Any:
     every thread that sat in a threading wait from there before has left that wait (woken,
     it waits again in a new one, or goes on): until it has run, a woken waiter still looks
     like one waiting, and a test that asks then would take it for one that waits on."""
-    before = _waits_in(folder) if folder else {}
+    before = threading_waits_in(folder) if folder else {}
     old = sys.getswitchinterval()
     sys.setswitchinterval(2.0)
     try:
@@ -33,29 +35,10 @@ def release_and_barge(pool: Any, conn: Any, folder: str | None = None) -> Any:
         sys.setswitchinterval(old)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(
-            _waits_in(folder or "").get(ident) is frame for ident, frame in before.items()):
+            threading_waits_in(folder or "").get(ident) is frame
+            for ident, frame in before.items()):
         time.sleep(0.01)
     return got
-
-
-def _waits_in(folder: str) -> dict[int, Any]:
-    """Each thread sitting in a threading wait called from code under ``folder``: the frame
-    of that wait (a new wait is a new frame)."""
-    prefix = str(folder).rstrip("/") + "/"
-    waits: dict[int, Any] = {}
-    for ident, frame in sys._current_frames().items():
-        wait, from_folder = None, False
-        current: Any = frame
-        while current is not None:
-            code = current.f_code
-            if code.co_name == "wait" and code.co_filename == threading.__file__:
-                wait = wait or current
-            elif code.co_filename.startswith(prefix):
-                from_folder = True
-            current = current.f_back
-        if wait is not None and from_folder:
-            waits[ident] = wait
-    return waits
 
 
 def threads_asleep_in(folder: str) -> int:

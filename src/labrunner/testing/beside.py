@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..slow_steps import threading_waits_in
 
 
 def _lives_elsewhere(obj: Any) -> bool:
@@ -44,20 +45,7 @@ def threads_waiting_in(folder: str) -> int:
     """How many threads of this process sit in a ``threading`` wait (a Condition, an Event,
     a Semaphore: a pool's queue) called, at any depth, from code in ``folder``. Run it where
     the learner's code runs: ``learner.run_helper(threads_waiting_in, str(learner.dir))``."""
-    prefix = str(folder).rstrip("/") + "/"
-    waiting = 0
-    for frame in sys._current_frames().values():
-        in_wait = from_folder = False
-        current: Any = frame
-        while current is not None:
-            code = current.f_code
-            if code.co_name == "wait" and code.co_filename.endswith("threading.py"):
-                in_wait = True
-            elif code.co_filename.startswith(prefix):
-                from_folder = True
-            current = current.f_back
-        waiting += in_wait and from_folder
-    return waiting
+    return len(threading_waits_in(folder))
 
 
 def file_bytes(path: str) -> bytes:
