@@ -26,11 +26,11 @@ def run(lab: Lab, local_services: object, tmp_path: Path):  # type: ignore[no-un
     local_services.ensure(["postgres"])  # type: ignore[attr-defined]
     state = local_services.state_file  # type: ignore[attr-defined]
 
-    def go(source: str) -> LabResult:
+    def go(source: str, budget: float | None = None) -> LabResult:
         (tmp_path / "answer.py").write_text(source)
         # A run id of its own: xdist runs other tests of this lab at the same time, and
         # the run id names each test's database.
-        return run_lab(lab, tmp_path, state, new_run_id())
+        return run_lab(lab, tmp_path, state, new_run_id(), timeout=budget)
 
     return go
 
@@ -113,6 +113,20 @@ def test_a_thread_left_running_costs_the_exit_grace_not_the_budget(run) -> None:
                                         result.output[-1500:])
     assert EXIT_GRACE <= result.duration < EXIT_GRACE + 15
     assert "linger_forever" in result.output
+
+
+def test_a_hang_past_the_budget_leaves_every_threads_stack(run) -> None:  # type: ignore[no-untyped-def]
+    # SIGALRM blocked: pytest-timeout cannot stop the test, so only the runner's budget
+    # ends it. Before it kills the process it asks for every thread's stack: the only
+    # trace a CI log keeps of where a rare hang waited.
+    result = run("import signal, time\n"
+                 "def hang_where_no_alarm_reaches(dsn):\n"
+                 "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+                 "    time.sleep(3600)\n"
+                 "def answer(dsn):\n    hang_where_no_alarm_reaches(dsn)\n", budget=8)
+    assert result.outcome == "timeout", (result.first_line, result.output[-1500:])
+    assert "hang_where_no_alarm_reaches" in result.output, result.output[-1500:]
+    assert result.duration < 8 + 10
 
 
 def test_missing_learner_folder_is_an_error(lab: Lab, tmp_path: Path) -> None:

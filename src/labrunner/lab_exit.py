@@ -34,15 +34,22 @@ def wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
                 finished_at = now
             if finished_at is not None and now - finished_at > EXIT_GRACE:
                 lingered[0] = True
-                try:
-                    os.kill(proc.pid, signal.SIGUSR1)   # faulthandler: every thread's stack
-                    proc.wait(timeout=1)
-                except (OSError, subprocess.TimeoutExpired):
-                    pass
+                _ask_for_stacks(proc)
                 return False
             if now > deadline:
+                _ask_for_stacks(proc)
                 return True
     return False
+
+
+def _ask_for_stacks(proc: subprocess.Popen[bytes]) -> None:
+    """Every thread's stack in the output (faulthandler on SIGUSR1, see the plugin) before
+    the process is killed: where it hung is the only clue a log keeps of a rare hang."""
+    try:
+        os.kill(proc.pid, signal.SIGUSR1)
+        proc.wait(timeout=1)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 @contextlib.contextmanager

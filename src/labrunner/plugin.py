@@ -108,7 +108,12 @@ def pytest_configure(config: pytest.Config) -> None:
     global _reporter
     if os.environ.get(ENV_REPORT_FD):
         undumpable()
-    _reporter = Reporter()
+    _reporter = Reporter()   # takes its descriptors out of the environment
+    if _reporter.stream is not None and _STDERR is not None:
+        # Should it hang past its budget, or linger once finished, the runner asks for every
+        # thread's stack (SIGUSR1) before it kills it: they go to the real stderr, which
+        # pytest's capture replaces.
+        faulthandler.register(signal.SIGUSR1, file=_STDERR, all_threads=True)
     if os.environ.get(ENV_LEARNER_HOST):
         _guard_the_verification()
     config.addinivalue_line("markers", "services(*names): services a test needs")
@@ -138,10 +143,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if _reporter is None or _reporter.stream is None:
         return
     _reporter.send({"kind": FINISHED})
-    if _STDERR is not None:
-        # Should it linger, the runner asks for every thread's stack (SIGUSR1): they go to
-        # the real stderr, which pytest's capture has replaced by now.
-        faulthandler.register(signal.SIGUSR1, file=_STDERR, all_threads=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
