@@ -18,11 +18,12 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from labrunner.testing import HttpReply, call, serve_wsgi
+from labrunner.testing import HttpReply, call, came_true, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE users (
@@ -281,6 +282,12 @@ MERGED = ("PUT sets the resource to the representation sent - a complete replace
 MISTYPED = ("both fields are strings: check each field's type (isinstance(value, str)), not "
             "only that it is present - otherwise the number, boolean or list is stored as "
             "its text, a representation the client never sent, or the request crashes")
+# A NUL character is valid JSON ("\u0000") and a str, but a Postgres text value cannot hold
+# one: psycopg refuses to send it (DataError). It is the client's bad input, so a 4xx like any
+# other invalid field - never the DataError as a 500, never stored with the NUL dropped.
+NUL = ("a Postgres text value cannot hold NUL, so this user cannot be stored as sent: refuse "
+       "it as invalid input (422) before it reaches the database - not psycopg's DataError "
+       "as a 500, not stored with the character dropped (a user the client never sent)")
 INCOMPLETE_PUTS = [
     ({"name": "Bob"}, "no email", MERGED),
     ({"email": "bob@example.com"}, "no name", MERGED),
@@ -291,6 +298,8 @@ INCOMPLETE_PUTS = [
     ({"name": "Bob", "email": True}, "email true", MISTYPED),
     ({"name": ["Bob"], "email": "bob@example.com"}, "name a list", MISTYPED),
     ({"name": {"first": "Bob"}, "email": "bob@example.com"}, "name an object", MISTYPED),
+    ({"name": "Bob\u0000", "email": "bob@example.com"}, "a NUL character in name", NUL),
+    ({"name": "Bob", "email": "bob\u0000@example.com"}, "a NUL character in email", NUL),
 ]
 
 
@@ -301,8 +310,8 @@ def test_put_with_incomplete_body_is_refused(host: str) -> None:
         after = get_ok(host, "/users/1").json()
         assert 400 <= reply.status < 500 and after == before, (
             f"PUT /users/1 with {body} ({what}) when the user is {before}: expected 400 or "
-            f"422 and the user unchanged, saw {reply.status} and the user is now {after}: "
-            f"{why}")
+            f"422 and the user unchanged, saw {reply.status} {reply.body[:100]!r} and the user "
+            f"is now {after}: {why}")
 
 
 # A POST creates from its body alone, so it needs the same checks as PUT: a body that is not
@@ -325,6 +334,8 @@ INVALID_POSTS: list[tuple[Any, str, str]] = [
     ({"name": 42, "email": "bob@example.com"}, "name a number", MISTYPED),
     ({"name": "Bob", "email": True}, "email true", MISTYPED),
     ({"name": ["Bob"], "email": "bob@example.com"}, "name a list", MISTYPED),
+    ({"name": "Bob\u0000", "email": "bob@example.com"}, "a NUL character in name", NUL),
+    ({"name": "Bob", "email": "bob\u0000@example.com"}, "a NUL character in email", NUL),
 ]
 
 
@@ -414,6 +425,191 @@ def test_if_none_match_star_on_a_missing_user(host: str, postgres: Any) -> None:
                "copy of a user who does not exist is still good" if reply.status == 304
                else "; PUT replaces a user, it never creates one" if method == "PUT"
                else ""))
+
+
+# ---- conditional writes: If-Match / If-None-Match on PUT and DELETE -----------------------
+# RFC 9110 13.1.1, 13.1.2, 13.2.2. A client that edits what it read sends If-Match with the
+# tag it read: if another writer changed the user since, the tag is no longer current and the
+# write is refused with 412 Precondition Failed, changing nothing - else it overwrites a
+# change its client never saw (the lost update ETags exist to prevent). If-Match compares
+# strongly (8.8.3.2: a weak tag never matches); If-None-Match weakly, and on a write a match
+# is 412 (not 304): "If-None-Match: *" means "only if it does not exist yet". A user that
+# does not exist is a 404 whatever the conditions (13.2.1: a request that would fail without
+# them ignores them; a PUT here never creates). {tag} is the current tag, {weak} W/{tag}.
+LOST_UPDATE = ("the client's tag is from before another writer changed the user: If-Match no "
+               "longer holds, so the write must be refused with 412 Precondition Failed and "
+               "the other writer's change kept (RFC 9110 13.1.1) - a write that ignores it "
+               "silently overwrites a change its client never saw: the lost update ETags "
+               "exist to prevent")
+STRONG = ("If-Match compares strongly (RFC 9110 13.1.1, 8.8.3.2): a weak tag W/\"...\" never "
+          "matches, since it does not promise the exact representation the client's edit "
+          "was made on - only If-None-Match compares weakly")
+STALE_LIST = ("no tag of the If-Match list is current: the condition is false, 412 and "
+              "nothing changed")
+LIST = ("If-Match is a list (RFC 9110 13.1.1): the write goes ahead when any tag of it is the "
+        "current one, wherever it stands - split on ',', strip each tag, compare every one")
+CURRENT = "the tag sent is the current one: the condition holds and the write goes ahead"
+ANY = "If-Match: * holds for any current representation, and the user exists"
+CREATE_ONLY = ("If-None-Match: * on a write means 'only if it does not exist yet' (RFC 9110 "
+               "13.1.2): the user exists, so the condition is false - 412 and nothing changed")
+NONE_MATCH = ("If-None-Match holds the current tag (compared weakly, W/ ignored): the "
+              "condition is false, and for a method other than GET or HEAD that is 412 "
+              "Precondition Failed (RFC 9110 13.1.2), not 304 and not the write")
+NONE_STALE = "no tag of If-None-Match is current: the condition holds and the write goes ahead"
+MISSING = ("there is no such user: a request that would fail without its conditions ignores "
+           "them (RFC 9110 13.2.1) - 404, and a PUT here never creates a user")
+
+ADA = (1, "Ada Lovelace", "ada@example.com")
+REPLACEMENT = {"name": "Ada Byron", "email": "ada@example.com"}
+
+
+@dataclass(frozen=True)
+class Conditional:
+    method: str
+    header: str
+    value: str                   # {tag}: the current ETag, {weak}: W/{tag}
+    outcome: str                 # "applied", "412" or "404"
+    why: str
+    changed_by_other: bool = False   # another writer renames the user after the client read it
+    target: str = "/users/1"
+
+
+CONDITIONAL_WRITES = [
+    Conditional("PUT", "If-Match", "{tag}", "412", LOST_UPDATE, changed_by_other=True),
+    Conditional("PUT", "If-Match", "{weak}", "412", STRONG),
+    Conditional("PUT", "If-Match", '"old-1", "old-2"', "412", STALE_LIST),
+    Conditional("PUT", "If-Match", '"old-1", {tag}', "applied", LIST),
+    Conditional("PUT", "If-Match", '"old-1" ,\t{tag},"old-2"', "applied", LIST),
+    Conditional("PUT", "If-Match", "{tag}", "applied", CURRENT),
+    Conditional("PUT", "If-Match", "*", "applied", ANY),
+    Conditional("PUT", "If-None-Match", "*", "412", CREATE_ONLY),
+    Conditional("PUT", "If-None-Match", '"old-1", {weak}', "412", NONE_MATCH),
+    Conditional("PUT", "If-None-Match", '"old-1"', "applied", NONE_STALE),
+    Conditional("DELETE", "If-Match", "{tag}", "412", LOST_UPDATE, changed_by_other=True),
+    Conditional("DELETE", "If-Match", "{weak}", "412", STRONG),
+    Conditional("DELETE", "If-Match", '"old-1",{tag}', "applied", LIST),
+    Conditional("DELETE", "If-Match", "*", "applied", ANY),
+    Conditional("DELETE", "If-None-Match", "*", "412", CREATE_ONLY),
+    Conditional("DELETE", "If-None-Match", "{tag}", "412", NONE_MATCH),
+    Conditional("PUT", "If-Match", "*", "404", MISSING, target="/users/999999"),
+    Conditional("PUT", "If-Match", '"old-1"', "404", MISSING, target="/users/999999"),
+    Conditional("DELETE", "If-Match", "*", "404", MISSING, target="/users/999999"),
+]
+
+
+def reset_user(postgres: Any, row: tuple[Any, ...]) -> None:
+    """Put the user back as it was (same id, same fields, so the same ETag)."""
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("DELETE FROM users WHERE id = %s", (row[0],))
+        conn.execute("INSERT INTO users (id, name, email) OVERRIDING SYSTEM VALUE "
+                     "VALUES (%s, %s, %s)", row)
+
+
+def user_row(postgres: Any, user_id: int) -> tuple[Any, ...] | None:
+    with postgres.connect(autocommit=True) as conn:
+        row = conn.execute("SELECT id, name, email FROM users WHERE id = %s",
+                           (user_id,)).fetchone()
+    return tuple(row) if row else None
+
+
+def test_conditional_put_and_delete(host: str, postgres: Any) -> None:
+    for case in CONDITIONAL_WRITES:
+        reset_user(postgres, ADA)
+        tag = get_ok(host, "/users/1").header("ETag") or ""
+        if case.changed_by_other:
+            with postgres.connect(autocommit=True) as conn:
+                conn.execute("UPDATE users SET name = 'Ada King' WHERE id = 1")
+        sent = case.value.format(tag=tag, weak=tag if tag.startswith("W/") else "W/" + tag)
+        before = user_rows(postgres)
+        body = REPLACEMENT if case.method == "PUT" else None
+        reply = call(host, case.method, case.target, body, {case.header: sent})
+        after = user_rows(postgres)
+        what = (f"{case.method} {case.target} with {case.header}: {sent}"
+                + (" (another writer renamed the user after the client read its tag)"
+                   if case.changed_by_other else " (no such user)" if case.outcome == "404"
+                   else f" (the current tag is {tag})"))
+        seen = f"saw {reply.status} {reply.body[:100]!r}" + (
+            f" and the users are now {after}" if after != before else " and nothing changed")
+        if case.outcome == "applied":
+            if case.method == "PUT":
+                want = {"id": 1, **REPLACEMENT}
+                row = user_row(postgres, 1)
+                done = reply.status in (200, 204) and row == (1, *REPLACEMENT.values())
+                expected = f"200 (or 204) and the user replaced by {want}"
+            else:
+                done = reply.status == 204 and user_row(postgres, 1) is None
+                expected = "204 and the user deleted"
+            assert done, f"{what}: expected {expected}, {seen}: {case.why}"
+        else:
+            status = 412 if case.outcome == "412" else 404
+            assert reply.status == status and after == before, (
+                f"{what}: expected {status} and nothing changed, {seen}: {case.why}"
+                + ("; the write went ahead although its condition was false"
+                   if reply.status in (200, 204) and status == 412 else ""))
+
+
+def blocked_backends(monitor: Any) -> int:
+    """Sessions of this test's database waiting for a lock another session holds."""
+    row = monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                          "current_database() AND cardinality(pg_blocking_pids(pid)) > 0"
+                          ).fetchone()
+    return int(row[0])
+
+
+def test_two_puts_holding_one_tag_one_wins(host: str, postgres: Any) -> None:
+    """Two clients read user 1 (the same tag) and both PUT with If-Match. The test holds the
+    user's row locked (SELECT ... FOR UPDATE) while both requests arrive, and lets them go
+    once both wait in Postgres (or have answered): a check made before the write, outside
+    its lock, lets both through every time. Exactly one wins; the other gets 412."""
+    tag = get_ok(host, "/users/1").header("ETag") or ""
+    bodies = [{"name": "Ada King", "email": "ada@example.com"},
+              {"name": "Ada Byron", "email": "ada@example.com"}]
+    replies: list[Any] = [None, None]
+
+    def put(i: int) -> None:
+        try:
+            replies[i] = call(host, "PUT", "/users/1", bodies[i], {"If-Match": tag})
+        except Exception as error:  # noqa: BLE001 - reported below, in the test's words
+            replies[i] = error
+
+    with postgres.connect(autocommit=True) as monitor, postgres.connect() as holder:
+        holder.execute("SELECT 1 FROM users WHERE id = 1 FOR UPDATE")
+        threads = [threading.Thread(target=put, args=(i,), daemon=True) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        came_true(lambda: blocked_backends(monitor) >= 2
+                  or not any(t.is_alive() for t in threads), timeout=15)
+        holder.rollback()
+    for thread in threads:
+        thread.join(30)
+    for i, reply in enumerate(replies):
+        assert isinstance(reply, HttpReply), (
+            f"PUT /users/1 with If-Match: {tag} ({bodies[i]['name']}), sent at the same time "
+            f"as another: no answer ({reply!r})")
+    statuses = [r.status for r in replies]
+    row = user_row(postgres, 1)
+    winners = [i for i, s in enumerate(statuses) if s in (200, 204)]
+    if len(winners) == 2:
+        pytest.fail(
+            f"two PUT /users/1 at the same time, both with If-Match: {tag} (the tag both "
+            f"clients had read), were both answered {statuses[0]} and {statuses[1]}; the user "
+            f"is now {row}: the second write overwrote the first without its client having "
+            "seen it - the lost update If-Match exists to prevent\nEach request checked the "
+            "tag before the other's write landed (the test held the row locked while both "
+            "arrived). Make the check and the write one step: lock the row in the write's "
+            "transaction (SELECT ... FOR UPDATE) before comparing the tag, or put the state "
+            "the tag stands for in the UPDATE's WHERE and answer 412 when no row is updated. "
+            "A transaction alone (READ COMMITTED) lets both read the old row.", pytrace=False)
+    assert len(winners) == 1 and 412 in statuses, (
+        f"two PUT /users/1 at the same time, both with If-Match: {tag} (the current tag): "
+        f"expected one 200 (or 204) and one 412 Precondition Failed, saw {statuses} "
+        f"{[r.body[:80] for r in replies]}: the first to get the row writes; the second's "
+        "tag is then stale, so it fails its condition (412) - not a 5xx, not a 409")
+    winner = winners[0]
+    assert row == (1, bodies[winner]["name"], bodies[winner]["email"]), (
+        f"two PUT /users/1 at the same time with If-Match: {tag}: the one answered "
+        f"{statuses[winner]} sent {bodies[winner]}, but the user is now {row}: the write "
+        "that lost (412) must change nothing")
 
 
 def test_two_instances_share_no_session(host: str, other_process: str) -> None:

@@ -262,6 +262,8 @@ INVALID_ORDERS = [
     ({**ORDER, "quantity": "2"}, "quantity a string", "quantity is a JSON number"),
     ({**ORDER, "quantity": 2.5}, "quantity 2.5", "quantity is a whole number"),
     ({"user_id": 1, "item": "keyboard"}, "no quantity", "an order has a quantity"),
+    ({**ORDER, "item": "key\u0000board"}, "a NUL character in item",
+     "a Postgres text value cannot hold NUL (psycopg refuses to send it: DataError)"),
 ]
 
 
@@ -277,6 +279,44 @@ def test_invalid_order_is_422(instances: list[str], db: Any) -> None:
                    "an invalid order is the client's mistake"))
         assert order_count(db) == 0, (
             f"POST /orders with {order} ({what}) created an order")
+
+
+# A NUL character is valid JSON ("\u0000") and may even come in a header, but a Postgres
+# text value cannot hold one: psycopg refuses to send it (DataError). Every such request is
+# the client's bad input - 422 (or 400) for a field, 400 for the header (RFC 9110 5.5: a
+# field value holding NUL is invalid) - and stores nothing: no user, no order, no key.
+NUL_REQUESTS: list[tuple[str, str, dict[str, Any], dict[str, str], str, set[int]]] = [
+    ("PUT", "/users/8", {"name": "Bo\u0000b", "email": "bob@example.com"}, {},
+     "a NUL character in name", {400, 422}),
+    ("PUT", "/users/8", {"name": "Bob", "email": "bob\u0000@example.com"}, {},
+     "a NUL character in email", {400, 422}),
+    ("POST", "/orders", {**ORDER, "item": "\u0000"}, {"Idempotency-Key": "nul-item"},
+     "a NUL character as the item", {400, 422}),
+    ("POST", "/orders", ORDER, {"Idempotency-Key": "order\x00-1"},
+     "a NUL character in the Idempotency-Key header", {400}),
+]
+STORED = ("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM orders), "
+          "(SELECT count(*) FROM idempotency_keys)")
+
+
+def test_text_with_a_nul_character_is_refused(instances: list[str], db: Any) -> None:
+    before = rows(db, STORED)
+    for n, (method, path, body, headers, what, wanted) in enumerate(NUL_REQUESTS):
+        reply = call(instances[n % 2], method, path, body, headers)
+        after = rows(db, STORED)
+        assert reply.status in wanted and after == before, (
+            f"{method} {path} with {what}: expected "
+            f"{'422 (or 400)' if 422 in wanted else '400'} and nothing stored, saw "
+            f"{reply.status} {reply.body[:150]!r}"
+            + (f" and (users, orders, keys) went from {before[0]} to {after[0]}"
+               if after != before else "")
+            + ": a Postgres text value cannot hold NUL, so this request cannot be stored as "
+            "sent - the client's bad input, refused before the database sees it"
+            + (" (psycopg raised DataError and it became a server error: check every text "
+               "the request brings, the header's too)" if reply.status >= 500 else
+               "; never stored with the character dropped" if after != before else
+               "; a field value holding NUL makes the request invalid (RFC 9110 5.5): 400"
+               if wanted == {400} else ""))
 
 
 def test_replayed_key_returns_the_stored_response(instances: list[str], db: Any) -> None:

@@ -139,6 +139,11 @@ CASES = [
          "Unprocessable: valid JSON, invalid content (name is a number)", body=js({"name": 42})),
     Case("no-name", "POST", "/projects", 422,
          "Unprocessable: valid JSON, invalid content (no name)", body=js({})),
+    Case("nul-in-name", "POST", "/projects", 422,
+         "Unprocessable: valid JSON (\"\\u0000\"), but a name holding a NUL character is "
+         "invalid content - a Postgres text value cannot hold NUL, so it is refused before the "
+         "database sees it: not psycopg's DataError as a 500, not stored with the character "
+         "dropped", body=js({"name": "del\u0000ta"})),
     Case("name-at-limit", "POST", "/projects", 201,
          "Created: a name of exactly 100 characters is valid (at most 100 - check the "
          "boundary with > 100, not >= 100)", body=js({"name": "n" * 100}),

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import process_activity, program_reading
+from labrunner.testing import cpu_burnt_while_idle, process_activity, program_reading
 
 READY = 5.0       # seconds for "listening on <port>"
 WAIT = 5.0        # seconds for an answer, or for the process to react
@@ -40,6 +40,18 @@ EXIT_GRACE = 2.0  # seconds a server that does not drain is given to finish exit
 # sched_yield() loop) runs whenever it is given the CPU: 1.6-1.8 s of the 2 s measured, and
 # still 0.6-0.7 s on the shared 2-core machine at a load average of 15. Far from both.
 SPIN_CPU = 0.2
+# An idle server (no client connected, nothing in flight) waits in its accept loop: the
+# reference sleeps in ppoll() with no timeout, so two readings 0.2 s apart see it asleep
+# throughout and the check ends at once. An accept loop that never blocks (a non-blocking
+# accept() retried on EAGAIN, poll/ppoll/select with a zero timeout) burns a core doing
+# nothing: IDLE_SPIN_CPU s of CPU, never seen asleep, within IDLE_WITHIN s is a busy loop.
+# A loop that wakes up now and then (a poll timeout of 100 ms to look at a flag) is never
+# seen asleep throughout either, but uses next to no CPU: undecided after IDLE_WITHIN s,
+# it passes. A spinning loop burns about 0.9 s per second alone, still 0.3 s per second on
+# the shared 2-core machine at a load average of 15: it crosses 0.3 s within a second or
+# two, a correct server never comes near.
+IDLE_SPIN_CPU = 0.3
+IDLE_WITHIN = 6.0
 SANITIZER_REPORT = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
@@ -231,11 +243,27 @@ def sigterm(server: Server) -> None:
 # ---------------------------------------------------------------------------- the tests
 
 
-def test_idle_server_exits_zero_on_sigterm(launch: Any) -> None:
+def test_idle_server_exits_zero_on_sigterm(learner: Any, launch: Any) -> None:
     server = launch()
     done = Slow(server.port, "warmup")
     assert done.finish() == "DONE warmup", "a request was not answered DONE <id> after END"
     done.close()
+    # Nothing to do now: no client connected, nothing in flight. The accept loop must wait
+    # asleep for the next connection (or the signal), not spin looking for one.
+    burnt = cpu_burnt_while_idle(
+        lambda: program_reading(learner, server.proc, process_activity), IDLE_SPIN_CPU,
+        IDLE_WITHIN)
+    if burnt is not None and server.alive():
+        pytest.fail(
+            f"an idle server (no client connected, nothing in flight) used {burnt:.2f} s of "
+            "CPU and was never seen asleep between two looks 0.2 s apart, expected it asleep "
+            "in its accept loop's wait: the accept loop spins - a non-blocking accept() "
+            "retried at once on EAGAIN, or poll/ppoll/select with a zero timeout, returns "
+            "straight away and goes round again\nBlock until there is something to do: "
+            "ppoll() on the listening socket with no timeout (NULL) and the old signal mask, "
+            "so a connection or the stop signal wakes it. A server that burns a core while "
+            "idle takes it from every other process on the machine, all day long.",
+            pytrace=False)
     sigterm(server)
     status = server.wait_exit(WAIT)
     if status is None:

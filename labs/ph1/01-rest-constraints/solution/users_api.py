@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -48,6 +49,20 @@ def if_none_match_hits(header: str | None, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == wanted for tag in header.split(","))
 
 
+def entity_tags(header: str) -> list[str]:
+    return [tag.strip() for tag in header.split(",") if tag.strip()]
+
+
+def preconditions_hold(environ: dict[str, Any], etag: str) -> bool:
+    """RFC 9110 13.2.2 for PUT and DELETE on a user that exists: If-Match first, compared
+    strongly (8.8.3.2: a W/ tag never matches), then If-None-Match, compared weakly, where
+    a match means 'it exists / is this one', so the write must not happen (13.1.2)."""
+    if_match = environ.get("HTTP_IF_MATCH")
+    if if_match is not None and if_match.strip() != "*" and etag not in entity_tags(if_match):
+        return False
+    return not if_none_match_hits(environ.get("HTTP_IF_NONE_MATCH"), etag)
+
+
 def read_json(environ: dict[str, Any]) -> dict[str, Any]:
     length = int(environ.get("CONTENT_LENGTH") or 0)
     try:
@@ -57,6 +72,10 @@ def read_json(environ: dict[str, Any]) -> dict[str, Any]:
     if (not isinstance(data, dict) or not isinstance(data.get("name"), str)
             or not isinstance(data.get("email"), str)):
         raise HTTPError("422 Unprocessable Entity", "expected {\"name\": str, \"email\": str}")
+    if "\x00" in data["name"] + data["email"]:
+        # Valid JSON ("\u0000"), but a Postgres text value cannot hold NUL: the client's
+        # mistake, refused here - not psycopg's DataError as a 500.
+        raise HTTPError("422 Unprocessable Entity", "name and email cannot contain NUL")
     return data
 
 
@@ -66,12 +85,14 @@ def make_app(dsn: str) -> WSGIApp:
         # (A production service would use a pool; the point here is that no state does.)
         return psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
 
-    def write(sql: str, params: tuple[Any, ...]) -> Any:
-        """One write; an email another user has is a conflict with the collection's state
-        (RFC 9110 15.5.10: 409), the client's to resolve - never the UNIQUE index's 500."""
+    @contextmanager
+    def writing() -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        """One transaction that writes; an email another user has is a conflict with the
+        collection's state (RFC 9110 15.5.10: 409), the client's to resolve - never the
+        UNIQUE index's 500."""
         try:
-            with connect() as conn:
-                return conn.execute(sql, params).fetchone()
+            with connect() as conn, conn.transaction():
+                yield conn
         except psycopg.errors.UniqueViolation:
             raise HTTPError("409 Conflict", "another user has this email") from None
 
@@ -88,20 +109,37 @@ def make_app(dsn: str) -> WSGIApp:
         return row
 
     def create_user(data: dict[str, Any]) -> Any:
-        return write("INSERT INTO users (name, email) VALUES (%s, %s) RETURNING id, name, email",
-                     (data["name"], data["email"]))
+        with writing() as conn:
+            return conn.execute("INSERT INTO users (name, email) VALUES (%s, %s) "
+                                "RETURNING id, name, email",
+                                (data["name"], data["email"])).fetchone()
 
-    def replace_user(user_id: int, data: dict[str, Any]) -> Any:
-        row = write("UPDATE users SET name = %s, email = %s WHERE id = %s "
-                    "RETURNING id, name, email", (data["name"], data["email"], user_id))
+    def check_locked(conn: psycopg.Connection[Any], user_id: int,
+                     environ: dict[str, Any]) -> None:
+        """Lock the user's row until the write's transaction ends, then check the request's
+        If-Match / If-None-Match against it: check and write are one step, so of two writers
+        holding the same tag only the first gets through - the lost update ETags exist to
+        prevent. No user: 404 whatever the conditions (RFC 9110 13.2.1: a request that
+        would fail without its conditions ignores them)."""
+        row = conn.execute("SELECT id, name, email FROM users WHERE id = %s FOR UPDATE",
+                           (user_id,)).fetchone()
         if row is None:
             raise HTTPError("404 Not Found", f"no user {user_id}")
-        return row
+        if not preconditions_hold(environ, etag_of(json.dumps(row).encode())):
+            raise HTTPError("412 Precondition Failed",
+                            f"user {user_id} is not in the state If-Match/If-None-Match names")
 
-    def delete_user(user_id: int) -> None:
-        with connect() as conn:
-            if conn.execute("DELETE FROM users WHERE id = %s", (user_id,)).rowcount == 0:
-                raise HTTPError("404 Not Found", f"no user {user_id}")
+    def replace_user(user_id: int, data: dict[str, Any], environ: dict[str, Any]) -> Any:
+        with writing() as conn:
+            check_locked(conn, user_id, environ)
+            return conn.execute("UPDATE users SET name = %s, email = %s WHERE id = %s "
+                                "RETURNING id, name, email",
+                                (data["name"], data["email"], user_id)).fetchone()
+
+    def delete_user(user_id: int, environ: dict[str, Any]) -> None:
+        with writing() as conn:
+            check_locked(conn, user_id, environ)
+            conn.execute("DELETE FROM users WHERE id = %s", (user_id,))
 
     def cacheable(environ: dict[str, Any], start_response: StartResponse,
                   document: Any) -> list[bytes]:
@@ -142,9 +180,10 @@ def make_app(dsn: str) -> WSGIApp:
         if method == "GET":
             return cacheable(environ, start_response, get_user(user_id))
         if method == "PUT":
-            return send(start_response, "200 OK", replace_user(user_id, read_json(environ)))
+            return send(start_response, "200 OK",
+                        replace_user(user_id, read_json(environ), environ))
         if method == "DELETE":
-            delete_user(user_id)
+            delete_user(user_id, environ)
             start_response("204 No Content", [])
             return []
         raise HTTPError("405 Method Not Allowed", f"{method} {path}",

@@ -49,6 +49,10 @@ def require(data: Any, fields: dict[str, type]) -> dict[str, Any]:
             not isinstance(data.get(name), kind) or isinstance(data.get(name), bool)
             for name, kind in fields.items()):
         raise HTTPError(422, f"expected an object with {', '.join(fields)}")
+    if any(kind is str and "\x00" in data[name] for name, kind in fields.items()):
+        # Valid JSON ("\u0000"), but a Postgres text value cannot hold NUL: the client's
+        # mistake, refused here - not psycopg's DataError as a 500.
+        raise HTTPError(422, f"{', '.join(fields)}: text cannot contain NUL")
     return {name: data[name] for name in fields}
 
 
@@ -167,6 +171,10 @@ def make_app(dsn: str) -> WSGIApp:
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:
+            if any("\x00" in value for name, value in environ.items()
+                   if name.startswith("HTTP_")):
+                # RFC 9110 5.5: a field value holding NUL is invalid; reject the message.
+                raise HTTPError(400, "a header field holds a NUL character")
             status, body, headers = route(environ)
         except HTTPError as err:
             status, body, headers = err.status, json.dumps({"error": str(err)}), []

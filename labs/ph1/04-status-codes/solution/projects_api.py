@@ -85,6 +85,8 @@ def make_app(dsn: str, *, clock: Callable[[], float] = time.time, rate_limit: in
         name = data.get("name") if isinstance(data, dict) else None
         if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
             raise error(422, f"name must be a non-empty string of at most {MAX_NAME} characters")
+        if "\x00" in name:  # valid JSON ("\u0000"), but no Postgres text holds NUL: invalid
+            raise error(422, "name cannot contain a NUL character")
         return name
 
     def handle(environ: dict[str, Any]) -> Outcome:
