@@ -18,7 +18,7 @@ from labrunner.slow_steps import restore_new_threads as unstretch
 from labrunner.slow_steps import slow_new_threads as stretch_lines
 
 __all__ = ["stretch_lines", "unstretch", "trace_allocations", "retained_bytes", "stop_tracing",
-           "AnswersHeld"]
+           "AnswersHeld", "handlers_open"]
 
 
 # ---- UpdateUsers held between an answer and the next call into the learner's code ------
@@ -83,3 +83,32 @@ def stop_tracing() -> None:
 
 
 _FRAMES = 32  # deep enough to reach a learner's handler under grpc's and queue's own frames
+
+
+def handlers_open(module: ModuleType) -> int:
+    """How many calls into the learner's code have not ended yet: threads with a line of the
+    learner's folder on their stack, plus generators of the learner's code (a streaming
+    handler such as WatchUser) not yet finished, whether running or suspended at a yield.
+    Once it is 0 after a stream's cancel, its handler has ended: what the code still holds
+    then it keeps for good (the test stops waiting for it to be let go)."""
+    import gc
+    import os
+    import sys
+    import types
+    folder = os.path.dirname(os.path.abspath(str(module.__file__))) + os.sep
+    here = threading.get_ident()
+    running = 0
+    for ident, frame in sys._current_frames().items():
+        if ident == here:
+            continue
+        walk: Any = frame
+        while walk is not None:
+            if walk.f_code.co_filename.startswith(folder):
+                running += 1
+                break
+            walk = walk.f_back
+    suspended = sum(1 for obj in gc.get_objects()
+                    if isinstance(obj, types.GeneratorType) and obj.gi_frame is not None
+                    and not obj.gi_running
+                    and obj.gi_code.co_filename.startswith(folder))
+    return running + suspended

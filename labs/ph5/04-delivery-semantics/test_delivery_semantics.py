@@ -53,7 +53,14 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from labrunner.testing import API_NAMES, KafkaEvent, KafkaProxy, read_all
+from labrunner.testing import (
+    API_NAMES,
+    KafkaEvent,
+    KafkaProxy,
+    process_activity,
+    program_reading,
+    read_all,
+)
 from labrunner.testing.kafka_proxy import (
     ADD_OFFSETS_TO_TXN,
     END_TXN,
@@ -70,8 +77,16 @@ CRASH_AT = 4  # the 4th payment, pay-3
 ACK_TIMEOUT = 2.0   # --ack-timeout of the at-least-once worker whose output is never acked
 # How long the test waits for that worker to give up or commit: long, since a right worker
 # exits soon after ACK_TIMEOUT, and a wrong one that ignores --ack-timeout and commits after
-# a fixed flush(30) that timed out must show too.
+# a fixed flush(30) that timed out must show too - unless it is seen idle before that.
 ACK_WATCH = 45.0
+# s past ACK_TIMEOUT (from its output's Produce request) after which a worker that has neither
+# committed nor exited is looked at: one idle then (every thread asleep, next to no CPU time
+# used over IDLE_SPAN s) is still waiting for the ack it was told to give up on, not slow to
+# exit (an exit under load runs or waits to run). A worker seen busy is watched on to
+# ACK_WATCH as before.
+GIVE_UP_GRACE = 6.0
+IDLE_SPAN = 1.0
+IDLE_CPU_SHARE = 0.05
 
 
 @dataclass
@@ -312,6 +327,26 @@ def test_exactly_once_neither_loses_nor_duplicates(learner: Any, kafka: Any) -> 
 
 # --- at the protocol point: a proxy between the worker and the broker ------------------------
 
+def idle_throughout(learner: Any, proc: subprocess.Popen[bytes], span: float) -> bool:
+    """Whether the learner's running program stays idle for ``span`` s: every thread asleep at
+    each reading (0.1 s apart) and less than IDLE_CPU_SHARE of a core used in all (librdkafka's
+    threads wake now and then, an exit or a busy loop runs). False once it has exited."""
+    try:
+        first = program_reading(learner, proc, process_activity)
+    except RuntimeError:
+        return False
+    ended = time.monotonic() + span
+    while time.monotonic() < ended:
+        time.sleep(0.1)
+        try:
+            now = program_reading(learner, proc, process_activity)
+        except RuntimeError:
+            return False
+        if now[0] != 0 or first[0] != 0 or proc.poll() is not None:
+            return False
+    return (now[1] - first[1]) / 1e9 < IDLE_CPU_SHARE * span
+
+
 def finished(proc: subprocess.Popen[bytes], mode: str, what: str) -> int:
     """Wait for the worker to exit (killing it after 30 s); its exit code."""
     try:
@@ -420,15 +455,33 @@ def test_at_least_once_commits_only_after_its_output_is_acknowledged(learner: An
             produced = proxy.wait_for(PRODUCE, timeout=max(1.0, deadline - time.monotonic()),
                                       what="the at-least-once worker's first output")
             deadline = time.monotonic() + ACK_WATCH
+            look_at = produced.at + ACK_TIMEOUT + GIVE_UP_GRACE
+            idle = False
             while (time.monotonic() < deadline and not proxy.requests(OFFSET_COMMIT)
                    and worker.poll() is None):
+                if time.monotonic() >= look_at:
+                    idle = idle_throughout(learner, worker, IDLE_SPAN)
+                    if idle and not proxy.requests(OFFSET_COMMIT) and worker.poll() is None:
+                        break
+                    idle, look_at = False, time.monotonic() + IDLE_SPAN
                 time.sleep(0.05)
+            stuck = time.monotonic() - produced.at
             early = wire(proxy.events(), PRODUCE, OFFSET_COMMIT)
             commits = proxy.requests(OFFSET_COMMIT)
         finally:
             worker.send_signal(signal.SIGKILL)
             worker.wait()
             proxy.release(PRODUCE)
+    if idle and not commits:
+        pytest.fail(
+            f"at-least-once with --ack-timeout {ACK_TIMEOUT:g}: the test held the worker's "
+            f"output (its Produce request) unanswered, and {stuck:.0f} s after sending it the "
+            f"worker was still waiting for the ack, idle - neither raising nor committing: it "
+            f"gives the broker longer than the --ack-timeout it was given. Wait ack_timeout "
+            f"seconds (flush(ack_timeout)), and look at what flush returns: the number of "
+            f"records still unacknowledged - when that is not 0 the output is NOT processed: "
+            f"raise instead of committing (a flush with another timeout that is ignored ends "
+            f"in a commit of an output the broker never acknowledged)", pytrace=False)
     if not commits:
         return
     waited = commits[0].at - produced.at

@@ -10,10 +10,13 @@ answered (a graceful stop, not an exit under it)."""
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 import uuid
@@ -89,6 +92,18 @@ class App:
     def _read(stream: Any, sink: list[str]) -> None:
         for line in iter(stream.readline, b""):
             sink.append(line.decode(errors="replace").rstrip("\n"))
+
+    def unread(self) -> int:
+        """Bytes the app wrote to its stdout and stderr pipes that the readers have not
+        taken yet; -1 when that cannot be told (then nothing is decided on it)."""
+        total = 0
+        for stream in (self.proc.stdout, self.proc.stderr):
+            try:
+                total += struct.unpack("i", fcntl.ioctl(stream.fileno(), termios.FIONREAD,
+                                                        b"\0\0\0\0"))[0]
+            except (AttributeError, OSError, ValueError):
+                return -1
+        return total
 
     def output(self) -> str:
         return "\n".join(self.out + self.err)
@@ -197,6 +212,19 @@ def two_instances(learner: Any, env: dict[str, str], apps: list[App]) -> tuple[A
     return first, second
 
 
+IDLE_SPAN = 1.0        # s an app must stay idle with its pipes read before it is judged
+IDLE_CPU_SHARE = 0.05  # of a core: a thread that writes, answers or exits uses more
+
+
+def idle_between(before: Any, after: Any) -> bool:
+    """Two :func:`process_activity` readings of one process: every thread asleep at both,
+    the same threads, and less than IDLE_CPU_SHARE of a core used between them (a server's
+    poll and a pool's timers wake now and then; nothing runs)."""
+    return (before[0] == 0 and after[0] == 0
+            and [t[0] for t in before[2]] == [t[0] for t in after[2]]
+            and (after[1] - before[1]) / 1e9 < IDLE_CPU_SHARE * 0.1)
+
+
 def test_two_instances_share_state_through_backing_services(
         learner: Any, env: dict[str, str], apps: list[App], postgres: Any) -> None:
     before = {p.name for p in Path(learner.dir).iterdir()}
@@ -225,14 +253,35 @@ def test_two_instances_share_state_through_backing_services(
     def logged(lines: list[str]) -> int:
         return sum("/visits" in line for line in list(lines))
 
+    # The lines come once the app writes them out; an app that holds them in a buffer is
+    # seen idle with nothing left to do (every thread asleep at each reading, under
+    # IDLE_CPU_SHARE of a core used: its pool's and server's timers only) for IDLE_SPAN s
+    # while its pipes hold nothing the test has not read: they are not coming until the
+    # buffer fills or the process exits. The deadline is for an app never seen so.
     deadline = time.monotonic() + 15
+    idle = ""
+    before = first.activity()
+    since = time.monotonic()
     while time.monotonic() < deadline and max(logged(first.out), logged(first.err)) < 3:
-        time.sleep(0.05)
+        time.sleep(0.1)
+        now = first.activity()
+        if not (idle_between(before, now) and first.unread() == 0):
+            since = time.monotonic()
+        elif time.monotonic() - since >= IDLE_SPAN:
+            time.sleep(0.1)   # what the readers took from the pipes is in the lists now
+            if max(logged(first.out), logged(first.err)) < 3:
+                idle = (", though the app has answered them and sleeps with nothing left to "
+                        "do, its pipes holding nothing unread: the lines sit in the app's "
+                        "own buffer. stdout to a pipe is block-buffered: print() keeps the "
+                        "lines in the process until 8 KB pile up or it exits - call "
+                        "sys.stdout.flush() after each line (or print(..., flush=True))")
+            break
+        before = now
     assert logged(first.out) >= 3, (
         f"the first instance served 3 requests to /visits; its stdout has {logged(first.out)} "
-        f"line(s) mentioning them, its stderr {logged(first.err)}: expected one line per "
-        "request on stdout, flushed as it happens - logs are an event stream the platform "
-        "reads from stdout (logging writes to stderr unless told otherwise). "
+        f"line(s) mentioning them, its stderr {logged(first.err)}{idle}: expected one line "
+        "per request on stdout, flushed as it happens - logs are an event stream the "
+        "platform reads from stdout (logging writes to stderr unless told otherwise). "
         f"stdout ends with {first.out[-3:]}")
 
 
