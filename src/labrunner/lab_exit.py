@@ -11,15 +11,30 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any, Protocol
 
 from .channel import FINISHED
+
+
+class TestsProcess(Protocol):
+    """A lab's tests process: a ``subprocess.Popen``, or one forked by the zygote."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def stdout(self) -> IO[bytes] | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
 
 # Seconds a verification may take to exit once it reported that its session finished.
 EXIT_GRACE = 10.0
 
 
-def wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
+def wait_for_exit(proc: TestsProcess, budget: float,
                   records: list[dict[str, Any]], lingered: list[bool]) -> bool:
     """Wait for the verification to exit; True if it ran out of ``budget``. Once it has
     reported the end of its session, it gets EXIT_GRACE seconds more: something still
@@ -42,7 +57,7 @@ def wait_for_exit(proc: subprocess.Popen[bytes], budget: float,
     return False
 
 
-def _ask_for_stacks(proc: subprocess.Popen[bytes]) -> None:
+def _ask_for_stacks(proc: TestsProcess) -> None:
     """Every thread's stack in the output (faulthandler on SIGUSR1, see the plugin) before
     the process is killed: where it hung is the only clue a log keeps of a rare hang."""
     try:
@@ -53,18 +68,21 @@ def _ask_for_stacks(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def _exit_watch(proc: subprocess.Popen[bytes]) -> Iterator[Callable[[float], bool]]:
+def _exit_watch(proc: TestsProcess) -> Iterator[Callable[[float], bool]]:
     """``exited(timeout)``: whether ``proc`` exited (reaped), waiting at most ``timeout``
     seconds and waking the moment it exits: a pidfd in select(), where subprocess' own
-    timed wait looks every 50 ms (25 ms of every lab's run on average)."""
+    timed wait looks every 50 ms (25 ms of every lab's run on average). A forked one has
+    its own: readable once the zygote saw it exit."""
+    exit_fd = getattr(proc, "exit_fd", None)
     try:
-        pidfd: int | None = os.pidfd_open(proc.pid)
+        pidfd: int | None = os.pidfd_open(proc.pid) if exit_fd is None else None
     except (AttributeError, OSError):   # an old kernel: subprocess' polling wait
         pidfd = None
+    watched = exit_fd if exit_fd is not None else pidfd
 
     def exited(timeout: float) -> bool:
-        if pidfd is not None:
-            if not select.select([pidfd], [], [], timeout)[0]:
+        if watched is not None:
+            if not select.select([watched], [], [], timeout)[0]:
                 return False
             proc.wait()
             return True
@@ -81,7 +99,7 @@ def _exit_watch(proc: subprocess.Popen[bytes]) -> Iterator[Callable[[float], boo
             os.close(pidfd)
 
 
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
+def kill_group(proc: TestsProcess) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)

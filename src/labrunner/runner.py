@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import zygote
 from .catalog import Lab
 from .channel import (
     ENV_KEY_FD,
@@ -33,7 +34,7 @@ from .channel import (
     ENV_SERVICES,
     read_signed,
 )
-from .lab_exit import kill_group, wait_for_exit
+from .lab_exit import TestsProcess, kill_group, wait_for_exit
 from .learner import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN
 from .parent_death import die_with_parent
 from .scoring import Ended, LabResult, TestResult, clean_text, score
@@ -72,6 +73,8 @@ class Sandbox:
     learner_home: str | None = None
     tb: str = "short"
     pytest_args: tuple[str, ...] = ()
+    # Fork the tests process from the pre-imported pytest (see zygote): dev check's checks.
+    forked: bool = False
 
 
 def _limits(sandbox: Sandbox, factory_fd: int | None = None) -> Callable[[], None]:
@@ -110,6 +113,14 @@ def _limits(sandbox: Sandbox, factory_fd: int | None = None) -> Callable[[], Non
             become(sandbox.uid, gid, tied_to_parent=True)
 
     return apply
+
+
+def _unconfined(sandbox: Sandbox) -> bool:
+    """Nothing for the tests process but its own session: it may be forked by the zygote."""
+    return (sandbox.user is None and sandbox.uid is None and sandbox.prepare is None
+            and not sandbox.minimal_env and not sandbox.memory_bytes
+            and not sandbox.cpu_seconds and not sandbox.max_processes
+            and not sandbox.file_size_bytes and sandbox.learner_uid is None)
 
 
 def _read_capped(stream: Any, cap: int, sink: list[bytes]) -> None:
@@ -181,7 +192,7 @@ def run_lab(
     run_id: str,
     sandbox: Sandbox | None = None,
     timeout: float | None = None,
-    on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None,
+    on_process: Callable[[TestsProcess | None], None] | None = None,
 ) -> LabResult:
     """Verify ``src`` (the learner's folder for ``lab``) and return what happened. A lab
     marked ``exclusive`` (it restarts a shared service) never runs beside another."""
@@ -189,7 +200,7 @@ def run_lab(
         return _run_lab(lab, src, state_file, run_id, sandbox, timeout, on_process)
 
 
-def _read_both(proc: subprocess.Popen[bytes], report_r: int, key: bytes, cap: int
+def _read_both(proc: TestsProcess, report_r: int, key: bytes, cap: int
                ) -> tuple[list[dict[str, Any]], list[bytes], list[threading.Thread]]:
     """Threads reading the signed records and the process's output (capped) as they come."""
     records: list[dict[str, Any]] = []
@@ -285,7 +296,7 @@ def _run_lab(
     run_id: str,
     sandbox: Sandbox | None = None,
     timeout: float | None = None,
-    on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None,
+    on_process: Callable[[TestsProcess | None], None] | None = None,
 ) -> LabResult:
     sandbox = sandbox or Sandbox()
     started = time.time()
@@ -299,18 +310,23 @@ def _run_lab(
     pass_fds = [report_w, key_r]
     factory_end, verifier_end = _learner_host(lab, sandbox, env, pass_fds)
     budget = timeout or lab.timeout * max(2, len(lab.test_files) * 3) + 30
-    proc = subprocess.Popen(
-        pytest_command(lab, src, sandbox, ini),
-        cwd=workdir,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        pass_fds=tuple(pass_fds),
-        start_new_session=True,   # its own process group: killed whole on timeout
-        user=sandbox.user,
-        preexec_fn=_limits(sandbox, factory_end.fileno() if factory_end else None),
-    )
+    command = pytest_command(lab, src, sandbox, ini)
+    proc: TestsProcess | None = None
+    if sandbox.forked and _unconfined(sandbox) and factory_end is None:
+        proc = zygote.start(command[3:], workdir, env, pass_fds)   # after "python -m pytest"
+    if proc is None:
+        proc = subprocess.Popen(
+            command,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=tuple(pass_fds),
+            start_new_session=True,   # its own process group: killed whole on timeout
+            user=sandbox.user,
+            preexec_fn=_limits(sandbox, factory_end.fileno() if factory_end else None),
+        )
     for end in (report_w, key_r, factory_end, verifier_end):   # the child's ends
         if isinstance(end, int):
             os.close(end)
@@ -367,7 +383,7 @@ class _Scheduler:
     def __init__(self, plan: RunPlan, on_result: Callable[[LabResult], None],
                  on_start: Callable[[Lab], None] | None) -> None:
         self.plan, self.on_result, self.on_start = plan, on_result, on_start
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.running: dict[str, TestsProcess] = {}
         self.lock = threading.Lock()
         self.cancelled = threading.Event()
         self.pending = list(plan.labs)
@@ -400,7 +416,7 @@ class _Scheduler:
         if self.on_start:
             self.on_start(lab)
 
-        def track(proc: subprocess.Popen[bytes] | None) -> None:
+        def track(proc: TestsProcess | None) -> None:
             with self.lock:
                 if proc is None:
                     self.running.pop(lab.id, None)
