@@ -246,6 +246,41 @@ def test_dev_check_strength_lists_each_wrong_solution(tmp_path: Path) -> None:
     assert "solution" not in {r["wrong"] for r in doc["strength"]}
 
 
+def test_dev_check_runs_the_test_that_failed_a_wrong_solution_first(tmp_path: Path) -> None:
+    """``--record-failed-by`` writes which test failed each wrong solution; a later check
+    runs that test first (it alone ends the check), and a record gone stale (the test
+    passes now) costs a second run in the usual order, never a wrong verdict."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(FIXTURE_PROJECT, project)
+    lab = project / "labs" / "ph2" / "05-isolation-levels"
+    for name, source in (("off_by_one", "def answer(dsn):\n    return 41\n"),
+                         ("empty", "")):
+        (lab / "wrong" / name).mkdir(parents=True)
+        (lab / "wrong" / name / "answer.py").write_text(source)
+
+    def failed_by(*extra: str) -> dict[str, str]:
+        out = tmp_path / "checks.json"
+        done = cli("dev", "check", "ph2.5", "--json", str(out), *extra,
+                   LABRUNNER_HOME=str(project), COLUMNS="200")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return {c["variant"]: c["failed_by"] for c in json.loads(out.read_text())["checks"]
+                if c["variant"].startswith("wrong/")}
+
+    in_order = failed_by("--record-failed-by")
+    assert in_order == {"wrong/off_by_one": "test_answer_comes_from_postgres",
+                        "wrong/empty": "test_answer_comes_from_postgres"}
+    table = lab / "wrong" / "failed_by.tsv"
+    assert table.read_text() == ("empty\ttest_answer_comes_from_postgres\n"
+                                 "off_by_one\ttest_answer_comes_from_postgres\n")
+    # The empty file fails test_second_check too: named first, it is the one that ends it.
+    # off_by_one passes test_second_check: that stale record falls back to the usual order.
+    table.write_text("empty\ttest_second_check\noff_by_one\ttest_second_check\n")
+    assert failed_by() == {"wrong/empty": "test_second_check",
+                           "wrong/off_by_one": "test_answer_comes_from_postgres"}
+
+
 def test_a_runtime_dir_that_is_a_file_is_named_not_a_traceback(tmp_path: Path) -> None:
     taken = tmp_path / "not-a-folder"
     taken.write_text("a file where the services' state would go\n")

@@ -5,6 +5,7 @@ through the real runner against real services (the same checks as `labrunner dev
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import warnings
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from labrunner.catalog import Lab, load_catalog
-from labrunner.devcheck import Expectation, check, expectations
+from labrunner.devcheck import Expectation, check, expectations, record_failed_by
 from labrunner.services.manager import ServiceSet
 
 LABS = load_catalog().labs
@@ -51,6 +52,8 @@ def _meets(expectation: Expectation, local_services: ServiceSet,
     how = " (learner code in its own process)" if learner_process else ""
     assert outcome.met, (f"{expectation.lab.id} {expectation.variant}{how} should {wanted}, "
                          f"got {outcome.result.outcome}:\n{_explain(outcome)}")
+    if os.environ.get("LABRUNNER_RECORD_FAILED_BY") == "1":
+        record_failed_by([outcome])   # refreshing each lab's wrong/failed_by.tsv
     if "(most recent call first)" in outcome.result.output:
         # Met, but its tests process hung past its budget or lingered once finished, and
         # was killed with every thread's stack dumped: a slow check, and the CI log's only

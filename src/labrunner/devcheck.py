@@ -4,6 +4,7 @@ starter fails it, and each plausible wrong solution in ``wrong/`` fails it (rust
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 import tempfile
@@ -37,6 +38,54 @@ class CheckOutcome:
             return passed
         # A failing variant must fail the verification itself, with a message.
         return self.result.outcome in ("failed", "timeout") and bool(self.result.first_line)
+
+    @property
+    def failed_by(self) -> str | None:
+        """The name of the first test that failed it (with its parameters), if one did."""
+        return next((t.name for t in self.result.tests
+                     if t.outcome in ("failed", "timeout", "error")), None)
+
+
+# Per lab, the test that failed each wrong solution the last time (``dev check
+# --record-failed-by``): run first, it ends the check without the tests before it.
+FAILED_BY = "failed_by.tsv"
+
+
+def recorded_failed_by(lab: Lab) -> dict[str, str]:
+    """``wrong/failed_by.tsv``: a wrong solution's name, a tab, a test's name, per line."""
+    try:
+        text = (lab.path / "wrong" / FAILED_BY).read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    pairs = (line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    return {f"wrong/{name}": test for name, test in pairs}
+
+
+def record_failed_by(outcomes: Sequence[CheckOutcome]) -> list[Path]:
+    """Write each lab's ``wrong/failed_by.tsv`` from these outcomes, merged with what it held
+    (the others' checks, maybe in another process at once: the file is locked while it is
+    read and written); the files written."""
+    written = []
+    for lab in {o.expectation.lab.id: o.expectation.lab for o in outcomes}.values():
+        found = {o.expectation.variant: o.failed_by for o in outcomes
+                 if o.expectation.lab.id == lab.id and o.met and not o.expectation.must_pass
+                 and o.failed_by}
+        if not found:
+            continue
+        path = lab.path / "wrong" / FAILED_BY
+        present = {e.variant for e in expectations([lab])}
+        with open(path, "a+", encoding="utf-8") as table:
+            fcntl.flock(table, fcntl.LOCK_EX)
+            table.seek(0)
+            rows = dict(line.split("\t", 1) for line in table.read().splitlines()
+                        if "\t" in line)
+            rows.update({variant.removeprefix("wrong/"): test for variant, test in found.items()})
+            table.seek(0)
+            table.truncate()
+            table.writelines(f"{name}\t{test}\n" for name, test in sorted(rows.items())
+                             if f"wrong/{name}" in present)
+        written.append(path)
+    return written
 
 
 def wrong_solutions(lab: Lab) -> list[Path]:
@@ -92,16 +141,26 @@ def check(expectation: Expectation, state_file: Path | None, run_id: str,
     own, as grading runs it (for the labs that support it). Its folders are made in
     ``scratch`` (the run's own folder, swept if the check is killed)."""
     source, cleanup = complete_source(expectation.lab, expectation.source, scratch)
+
+    def verify(*pytest_args: str) -> LabResult:
+        return run_lab(expectation.lab, source, state_file, run_id,
+                       Sandbox(learner_process=learner_process, pytest_args=pytest_args,
+                               workdir_root=scratch, forked=True))
+
     try:
+        if expectation.must_pass:
+            return CheckOutcome(expectation, verify())
         # A variant that must fail is judged by its first failure: the tests after it need
-        # not run (pytest -x), which keeps a check of every wrong solution quick.
-        stop_early = () if expectation.must_pass else ("-x",)
-        result = run_lab(expectation.lab, source, state_file, run_id,
-                         Sandbox(learner_process=learner_process, pytest_args=stop_early,
-                                 workdir_root=scratch))
+        # not run (pytest -x), and the test that failed it last time runs first.
+        first = recorded_failed_by(expectation.lab).get(expectation.variant)
+        if first is None:
+            return CheckOutcome(expectation, verify("-x"))
+        result = verify("-x", "-p", "labrunner.first_tests", "--lab-first", first)
+        if result.outcome == "passed":   # that test no longer fails it: judged in order
+            result = verify("-x")
+        return CheckOutcome(expectation, result)
     finally:
         cleanup()
-    return CheckOutcome(expectation, result)
 
 
 # --------------------------------------------------------------------------------------
@@ -147,5 +206,5 @@ def checks_json(outcomes: Sequence[CheckOutcome]) -> dict[str, Any]:
     return {"version": 1, "checks": [
         {"lab": o.expectation.lab.id, "variant": o.expectation.variant,
          "must_pass": o.expectation.must_pass, "outcome": o.result.outcome,
-         "met": o.met, "message": o.result.first_line,
+         "met": o.met, "message": o.result.first_line, "failed_by": o.failed_by,
          "duration": round(o.result.duration, 1)} for o in outcomes]}

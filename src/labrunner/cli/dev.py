@@ -34,8 +34,11 @@ def dev() -> None:
 @click.option("--strength", is_flag=True,
               help="Only the wrong/ solutions: per lab, which it kills and the first line "
                    "of each message.")
+@click.option("--record-failed-by", is_flag=True,
+              help="Write each lab's wrong/failed_by.tsv: the test that failed each wrong "
+                   "solution, run first by later checks of it.")
 def dev_check(selectors: Sequence[str], backend: str | None, json_path: Path | None,
-              learner_process: bool, strength: bool) -> None:
+              learner_process: bool, strength: bool, record_failed_by: bool) -> None:
     """Every reference passes, every starter and wrong/ solution fails (default: all)."""
     from rich.table import Table
 
@@ -56,6 +59,11 @@ def dev_check(selectors: Sequence[str], backend: str | None, json_path: Path | N
                 status.update(f"[{n}/{len(todo)}] {expectation.lab.id} {expectation.variant}")
                 outcomes.append(check(expectation, state, run_id, learner_process,
                                       service_set.workdir))
+    if record_failed_by:
+        from ..devcheck import record_failed_by as record
+
+        for path in record(outcomes):
+            err_console.print(f"wrote {path}")
     if strength:
         _strength_report(outcomes, json_path)
         return
