@@ -3,7 +3,9 @@ once by a new borrower, in one thread that keeps the interpreter (a long switch 
 from the release's notify() until the new borrower holds the connection - so a waiter woken
 by that release finds the connection gone, every time, not only when the scheduler says so.
 And which threads sleep in the learner's code itself (blocked on a lock), so that a wait for
-a call that cannot go on while another holds the pool's lock ends when that is seen."""
+a call that cannot go on while another holds the pool's lock ends when that is seen; and
+which wait in the pool with nothing left to wake them (never notified, no timeout due), so
+that a wait for a borrower the pool forgot to wake ends when that is seen."""
 
 from __future__ import annotations
 
@@ -64,3 +66,26 @@ def threads_asleep_in(folder: str) -> int:
             continue
         asleep += stat.rsplit(")", 1)[1].split()[0] == "S"
     return asleep
+
+
+def waits_nothing_wakes(folder: str, within: float) -> tuple[int, int]:
+    """(threads in a ``threading`` wait from the learner's code, those of them that nothing
+    wakes within ``within`` seconds). Every such wait is, innermost, a Condition.wait (an
+    Event, a Semaphore, a queue.Queue wait on one too): its waiter lock stays queued in the
+    condition's _waiters until a notify() takes it out and releases it. A waiter still queued
+    whose wait has no timeout, or a longer one than ``within``, sleeps on until someone
+    notifies: when nothing in the test is left to do so (the release that should have done
+    it has returned), it is stranded - known at once, not after a deadline. A pool that
+    waits in short slices (wait(0.1) in a loop) is never counted: its waits time out."""
+    waiting = stranded = 0
+    for frame in threading_waits_in(folder).values():
+        waiting += 1
+        try:
+            local = frame.f_locals
+            waiter, cond, timeout = local.get("waiter"), local.get("self"), local.get("timeout")
+            queued = waiter is not None and any(w is waiter for w in list(cond._waiters))
+        except Exception:  # noqa: BLE001 - a wait not shaped like Condition.wait: not counted
+            continue
+        if queued and (timeout is None or timeout > within):
+            stranded += 1
+    return waiting, stranded
