@@ -55,7 +55,8 @@ QUEUED = 20              # connections left in its listen queue there (accept4: 
 STALLED = 8              # consecutive stalled observations, 25 ms apart, that fail a test
 BUSY_CPU = 1.0           # CPU seconds a server with nothing to do may burn, never asleep
 DEADLINE = 60.0          # a safety net only: stalls are diagnosed long before
-CLOSES_WITHIN = 10.0     # after the last byte of an echo to a half-closed client
+CLOSES_WITHIN = 10.0     # after the last byte of an echo to a half-closed client (a safety
+#                          net: a server asleep with it open and nothing to send is seen)
 EPOLLOUT, EPOLLET = 0x4, 1 << 31
 EPOLL_WAIT = {232, 281, 441}          # epoll_wait, epoll_pwait, epoll_pwait2 (x86-64)
 READS = {0: "read()", 45: "recvfrom()/recv()", 19: "readv()"}
@@ -527,6 +528,28 @@ def test_five_hundred_connections_on_one_thread(server: Server) -> None:
     server.proc.send_signal(signal.SIGKILL)
 
 
+def server_end(server: Server, sock: socket.socket) -> tuple[bytes | None, str]:
+    """What the server sends next on ``sock``, whose client is done and has its whole echo:
+    (b"", "") once it closes (EOF, or a reset), its bytes if it sends more; (None, how it
+    was seen) when it sleeps in epoll_wait() STALLED times in a row with nothing of its own
+    left to send (no event will ever come to make it close), or after CLOSES_WITHIN s."""
+    sock.settimeout(0.025)
+    stalled, deadline = 0, time.monotonic() + CLOSES_WITHIN
+    while time.monotonic() < deadline:
+        try:
+            return sock.recv(1), ""
+        except TimeoutError:
+            pass
+        except OSError:   # reset: closed, with our unread nothing
+            return b"", ""
+        idle = server.asleep_in() in EPOLL_WAIT and not server.sent_queue()
+        stalled = stalled + 1 if idle else 0
+        if stalled >= STALLED:
+            return None, ("asleep in epoll_wait() with nothing left to send: no event will "
+                          "come to make it close")
+    return None, f"{CLOSES_WITHIN:.0f} s"
+
+
 def wait_for_descriptors(server: Server, at_most: int, what: str, advice: str) -> None:
     """Wait (diagnosing, not timing) until the server holds at most `at_most` descriptors."""
     stalled, deadline = 0, time.monotonic() + DEADLINE
@@ -552,18 +575,14 @@ def test_half_closed_clients_get_their_whole_echo(server: Server) -> None:
         sender.thread.join(10)
         # The client is done: it sent everything and has its whole echo. The server must end
         # the connection now; a client waiting for that end would otherwise wait forever.
-        sock.settimeout(CLOSES_WITHIN)
-        try:
-            rest = sock.recv(1)
-        except TimeoutError:
+        rest, kept = server_end(server, sock)
+        if rest is None:
             pytest.fail(
                 f"the server echoed all 4 MiB to a client that had shut down its sending side, "
-                f"then kept the connection open ({CLOSES_WITHIN:.0f} s): read() returning 0 "
+                f"then kept the connection open ({kept}): read() returning 0 "
                 "means the peer sends nothing more - note it, finish writing what is queued, "
                 "then close(fd), or that client waits for the end forever and the descriptor "
                 "leaks", pytrace=False)
-        except OSError:   # reset: closed, with our unread nothing
-            rest = b""
         assert rest == b"", "after the whole echo the server sent more bytes than it got"
 
 
@@ -610,15 +629,11 @@ def echo_and_close(server: Server, what: str) -> None:
         pump(server, [sock], [payload], what, sender.done, half_closed=True,
              read_when=once_sent_or_held(server, sender, what))
         sender.thread.join(10)
-        sock.settimeout(CLOSES_WITHIN)
-        try:
-            rest = sock.recv(1)
-        except TimeoutError:
+        rest, kept = server_end(server, sock)
+        if rest is None:
             pytest.fail(f"{what}: the server echoed it all, then kept the connection open "
-                        f"({CLOSES_WITHIN:.0f} s): read() returning 0 means the peer sends "
+                        f"({kept}): read() returning 0 means the peer sends "
                         "nothing more - finish writing, then close(fd)", pytrace=False)
-        except OSError:
-            rest = b""
         assert rest == b"", f"{what}: the server sent more bytes than it got"
 
 
@@ -667,15 +682,33 @@ def echo_held(server: Server, sock: socket.socket, sent: int) -> int:
 
 def settle(server: Server, sender: Sender, what: str) -> None:
     """Until the server has taken what the client sent (with the FIN after a SHUT_WR) - or
-    stopped taking it - and sleeps: STALLED observations in a row with nothing moving."""
+    stopped taking it - and sleeps: STALLED observations in a row with nothing moving. A
+    server that burns BUSY_CPU s of CPU meanwhile, never seen asleep, while nothing moves
+    (the client sending nothing more, the bytes unread in the server's sockets unchanged,
+    and the client reading nothing, so nothing can go out) spins: failed when seen."""
     last, still, deadline = None, 0, time.monotonic() + DEADLINE
+    reading = server.read(process_activity)
+    spun_from = reading[1]   # CPU time when something last moved, or the server slept
     while still < STALLED:
         gone = server.exited()
         if gone:
             pytest.fail(f"{what}: {gone}", pytrace=False)
-        now = (sender.sent, sender.done())
+        now = (sender.sent, sender.done(), server.queues()[0])
         still = still + 1 if now == last and server.all_asleep() else 0
+        before, reading = reading, server.read(process_activity)
+        if now != last or reading[0] == -1 or asleep_throughout(before, reading):
+            spun_from = reading[1]
         last = now
+        if (burnt := (reading[1] - spun_from) / 1e9) > BUSY_CPU:
+            pytest.fail(
+                f"{what}: with nothing coming in and nothing able to go out (the client "
+                f"reads nothing yet), the server used {burnt:.1f} s of CPU and was never seen "
+                "asleep: a busy loop\nA level-triggered descriptor is reported again as long "
+                "as it stays ready: a readable EOF (read() returns 0) every time, EPOLLOUT "
+                "whenever there is room. After read() returns 0 stop watching for input on "
+                "that connection, watch EPOLLOUT only while output is pending - or, as this "
+                "lab asks, register EPOLLIN | EPOLLOUT | EPOLLET and drain each event.",
+                pytrace=False)
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: the server was still busy after {DEADLINE:.0f} s",
                         pytrace=False)
@@ -811,7 +844,15 @@ def test_connections_queued_while_out_of_descriptors_are_accepted_later(
                 raise
         lines = [f"connection {i}\n".encode() for i in range(total)]
         for sock, line in zip(socks, lines, strict=True):
-            sock.sendall(line)
+            try:
+                sock.sendall(line)
+            except OSError:
+                try:
+                    server.proc.wait(5)      # reset: the server exiting?
+                except subprocess.TimeoutExpired:
+                    pass
+                out_of_descriptors_exit(server, total)
+                raise
         echoed = echoed_or_queued(server, socks, lines)
         waits_while_full(server, server.queues()[1])
         for i in echoed:
@@ -938,6 +979,12 @@ def echoed_or_queued(server: Server, socks: list[socket.socket],
                 except ConnectionError:
                     chunk = b""
                 if not chunk:
+                    if server.exiting():   # its connections closed as it exits
+                        try:
+                            server.proc.wait(5)
+                        except subprocess.TimeoutExpired:
+                            pass
+                    out_of_descriptors_exit(server, len(socks))
                     pytest.fail(f"connection {i} was closed by the server before its echo "
                                 f"(the server's limit on open files is {LOW_NOFILE}, "
                                 f"{len(socks)} clients connected at once)", pytrace=False)
