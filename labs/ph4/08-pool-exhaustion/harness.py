@@ -37,10 +37,22 @@ def release_and_barge(pool: Any, conn: Any, folder: str | None = None) -> Any:
         sys.setswitchinterval(old)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(
-            threading_waits_in(folder or "").get(ident) is frame
+            threading_waits_in(folder or "").get(ident) is frame and not _unnotified(frame)
             for ident, frame in before.items()):
         time.sleep(0.01)
     return got
+
+
+def _unnotified(frame: Any) -> bool:
+    """A Condition.wait whose waiter lock is still queued in the condition: no notify() has
+    come for it, so it does not leave that wait before its timeout (the release notified no
+    one); waiting for it to leave would wait that long."""
+    try:
+        local = frame.f_locals
+        waiter, cond = local.get("waiter"), local.get("self")
+        return waiter is not None and any(w is waiter for w in list(cond._waiters))
+    except Exception:  # noqa: BLE001 - not shaped like Condition.wait: keep waiting
+        return False
 
 
 def threads_asleep_in(folder: str) -> int:
@@ -80,12 +92,7 @@ def waits_nothing_wakes(folder: str, within: float) -> tuple[int, int]:
     waiting = stranded = 0
     for frame in threading_waits_in(folder).values():
         waiting += 1
-        try:
-            local = frame.f_locals
-            waiter, cond, timeout = local.get("waiter"), local.get("self"), local.get("timeout")
-            queued = waiter is not None and any(w is waiter for w in list(cond._waiters))
-        except Exception:  # noqa: BLE001 - a wait not shaped like Condition.wait: not counted
-            continue
-        if queued and (timeout is None or timeout > within):
+        timeout = frame.f_locals.get("timeout")
+        if _unnotified(frame) and (timeout is None or timeout > within):
             stranded += 1
     return waiting, stranded
