@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from labrunner.testing import (
+    asleep_throughout,
     cpu_burnt_while_idle,
     epoll_interest,
     open_descriptors,
@@ -54,11 +55,13 @@ QUEUED = 20              # connections left in its listen queue there (accept4: 
 STALLED = 8              # consecutive stalled observations, 25 ms apart, that fail a test
 BUSY_CPU = 1.0           # CPU seconds a server with nothing to do may burn, never asleep
 DEADLINE = 60.0          # a safety net only: stalls are diagnosed long before
-CLOSES_WITHIN = 10.0     # after the last byte of an echo to a half-closed client
+CLOSES_WITHIN = 10.0     # after the last byte of an echo to a half-closed client (a safety
+#                          net: a server asleep with it open and nothing to send is seen)
 EPOLLOUT, EPOLLET = 0x4, 1 << 31
 EPOLL_WAIT = {232, 281, 441}          # epoll_wait, epoll_pwait, epoll_pwait2 (x86-64)
 READS = {0: "read()", 45: "recvfrom()/recv()", 19: "readv()"}
 ACCEPTS = {43: "accept()", 288: "accept4()"}
+SENDS = {1: "write()", 20: "writev()", 44: "sendto()/send()", 46: "sendmsg()"}
 ONE_THREAD = ("The point of epoll is that one thread watches every descriptor: no thread per "
               "connection, no worker pool.")
 SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=23",
@@ -296,6 +299,9 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
     stalled, deadline = 0, time.monotonic() + DEADLINE
     while pending:
         if not read_when():
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: the client was still sending after {DEADLINE:.0f} s, "
+                            "the server taking its bytes too slowly to finish", pytrace=False)
             time.sleep(0.025)
             continue
         progress = False
@@ -389,11 +395,14 @@ class Sender:
         return not self.thread.is_alive()
 
 
-def once_sent_or_held(server: Server, sender: Sender) -> Callable[[], bool]:
+def once_sent_or_held(server: Server, sender: Sender, what: str) -> Callable[[], bool]:
     """pump()'s read_when for a client that reads only once it has sent everything, or once
     the server stops taking its bytes (asleep in epoll_wait, nothing sent, STALLED times in
-    a row): a server may rightly stop reading while its own output waits."""
-    seen = {"sent": -1, "still": 0, "reading": 0}
+    a row): a server may rightly stop reading while its own output waits. A server that
+    stops taking them asleep anywhere else (every thread asleep, none in epoll_wait) is
+    blocked in a send to this client, which reads nothing until the server reads on: a
+    deadlock, failed when seen, since that server would wait for ever."""
+    seen = {"sent": -1, "still": 0, "blocked": 0, "reading": 0}
 
     def ready() -> bool:
         if not seen["reading"]:
@@ -402,11 +411,39 @@ def once_sent_or_held(server: Server, sender: Sender) -> Callable[[], bool]:
             elif sender.sent == seen["sent"] and server.asleep_in() in EPOLL_WAIT:
                 seen["still"] += 1
                 seen["reading"] = int(seen["still"] >= STALLED)
+            elif sender.sent == seen["sent"] and server.all_asleep():
+                seen["blocked"] += 1
+                if seen["blocked"] >= STALLED:
+                    blocked_in_a_send(server, what)
             else:
-                seen["sent"], seen["still"] = sender.sent, 0
+                seen["sent"], seen["still"], seen["blocked"] = sender.sent, 0, 0
         return bool(seen["reading"])
 
     return ready
+
+
+def blocked_in_a_send(server: Server, what: str) -> None:
+    """Fails the test: every thread of the server asleep, none in epoll_wait, while a client
+    that reads nothing yet still sends."""
+    awake, _, tasks = server.read(process_activity)
+    calls = sorted({int(call) for _, _, call in tasks})
+    named = ", ".join(SENDS.get(c) or READS.get(c) or ACCEPTS.get(c) or f"system call {c}"
+                      for c in calls)
+    threads = len(tasks)
+    if threads > 1:
+        pytest.fail(f"{what}: the server runs {threads} threads, all asleep (in {named}), and "
+                    "takes no more of the client's bytes: a thread blocked in send() to a "
+                    "client that reads only once it has sent everything, while that client "
+                    f"waits for the server to read - a deadlock\n{ONE_THREAD} Its sockets "
+                    "are non-blocking: a send() the peer cannot take yet returns EAGAIN, and "
+                    "the rest waits in a buffer for EPOLLOUT.", pytrace=False)
+    pytest.fail(f"{what}: the server's only thread sleeps in {named}, not in epoll_wait(), "
+                "and takes no more of the client's bytes: blocked in send() to a client that "
+                "reads only once it has sent everything, while that client waits for the "
+                "server to read - a deadlock, and every other connection waits too\nMake "
+                "every accepted socket non-blocking: a send() the peer cannot take yet "
+                "returns EAGAIN; keep the rest in a per-connection buffer and send it on "
+                "EPOLLOUT.", pytrace=False)
 
 
 def test_a_burst_larger_than_one_read_is_echoed_whole(server: Server) -> None:
@@ -428,8 +465,9 @@ def test_a_burst_larger_than_one_read_is_echoed_whole(server: Server) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         sock.connect(("127.0.0.1", server.port))
         sender = Sender(sock, payload)
-        pump(server, [sock], [payload], f"{what} to a client that reads only once it has "
-             "sent it all", sender.done, read_when=once_sent_or_held(server, sender))
+        late = f"{what} to a client that reads only once it has sent it all"
+        pump(server, [sock], [payload], late, sender.done,
+             read_when=once_sent_or_held(server, sender, late))
 
 
 def test_five_hundred_connections_on_one_thread(server: Server) -> None:
@@ -490,6 +528,28 @@ def test_five_hundred_connections_on_one_thread(server: Server) -> None:
     server.proc.send_signal(signal.SIGKILL)
 
 
+def server_end(server: Server, sock: socket.socket) -> tuple[bytes | None, str]:
+    """What the server sends next on ``sock``, whose client is done and has its whole echo:
+    (b"", "") once it closes (EOF, or a reset), its bytes if it sends more; (None, how it
+    was seen) when it sleeps in epoll_wait() STALLED times in a row with nothing of its own
+    left to send (no event will ever come to make it close), or after CLOSES_WITHIN s."""
+    sock.settimeout(0.025)
+    stalled, deadline = 0, time.monotonic() + CLOSES_WITHIN
+    while time.monotonic() < deadline:
+        try:
+            return sock.recv(1), ""
+        except TimeoutError:
+            pass
+        except OSError:   # reset: closed, with our unread nothing
+            return b"", ""
+        idle = server.asleep_in() in EPOLL_WAIT and not server.sent_queue()
+        stalled = stalled + 1 if idle else 0
+        if stalled >= STALLED:
+            return None, ("asleep in epoll_wait() with nothing left to send: no event will "
+                          "come to make it close")
+    return None, f"{CLOSES_WITHIN:.0f} s"
+
+
 def wait_for_descriptors(server: Server, at_most: int, what: str, advice: str) -> None:
     """Wait (diagnosing, not timing) until the server holds at most `at_most` descriptors."""
     stalled, deadline = 0, time.monotonic() + DEADLINE
@@ -515,18 +575,14 @@ def test_half_closed_clients_get_their_whole_echo(server: Server) -> None:
         sender.thread.join(10)
         # The client is done: it sent everything and has its whole echo. The server must end
         # the connection now; a client waiting for that end would otherwise wait forever.
-        sock.settimeout(CLOSES_WITHIN)
-        try:
-            rest = sock.recv(1)
-        except TimeoutError:
+        rest, kept = server_end(server, sock)
+        if rest is None:
             pytest.fail(
                 f"the server echoed all 4 MiB to a client that had shut down its sending side, "
-                f"then kept the connection open ({CLOSES_WITHIN:.0f} s): read() returning 0 "
+                f"then kept the connection open ({kept}): read() returning 0 "
                 "means the peer sends nothing more - note it, finish writing what is queued, "
                 "then close(fd), or that client waits for the end forever and the descriptor "
                 "leaks", pytrace=False)
-        except OSError:   # reset: closed, with our unread nothing
-            rest = b""
         assert rest == b"", "after the whole echo the server sent more bytes than it got"
 
 
@@ -571,17 +627,13 @@ def echo_and_close(server: Server, what: str) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sender = Sender(sock, payload, shut_wr=True)
         pump(server, [sock], [payload], what, sender.done, half_closed=True,
-             read_when=once_sent_or_held(server, sender))
+             read_when=once_sent_or_held(server, sender, what))
         sender.thread.join(10)
-        sock.settimeout(CLOSES_WITHIN)
-        try:
-            rest = sock.recv(1)
-        except TimeoutError:
+        rest, kept = server_end(server, sock)
+        if rest is None:
             pytest.fail(f"{what}: the server echoed it all, then kept the connection open "
-                        f"({CLOSES_WITHIN:.0f} s): read() returning 0 means the peer sends "
+                        f"({kept}): read() returning 0 means the peer sends "
                         "nothing more - finish writing, then close(fd)", pytrace=False)
-        except OSError:
-            rest = b""
         assert rest == b"", f"{what}: the server sent more bytes than it got"
 
 
@@ -630,15 +682,33 @@ def echo_held(server: Server, sock: socket.socket, sent: int) -> int:
 
 def settle(server: Server, sender: Sender, what: str) -> None:
     """Until the server has taken what the client sent (with the FIN after a SHUT_WR) - or
-    stopped taking it - and sleeps: STALLED observations in a row with nothing moving."""
+    stopped taking it - and sleeps: STALLED observations in a row with nothing moving. A
+    server that burns BUSY_CPU s of CPU meanwhile, never seen asleep, while nothing moves
+    (the client sending nothing more, the bytes unread in the server's sockets unchanged,
+    and the client reading nothing, so nothing can go out) spins: failed when seen."""
     last, still, deadline = None, 0, time.monotonic() + DEADLINE
+    reading = server.read(process_activity)
+    spun_from = reading[1]   # CPU time when something last moved, or the server slept
     while still < STALLED:
         gone = server.exited()
         if gone:
             pytest.fail(f"{what}: {gone}", pytrace=False)
-        now = (sender.sent, sender.done())
+        now = (sender.sent, sender.done(), server.queues()[0])
         still = still + 1 if now == last and server.all_asleep() else 0
+        before, reading = reading, server.read(process_activity)
+        if now != last or reading[0] == -1 or asleep_throughout(before, reading):
+            spun_from = reading[1]
         last = now
+        if (burnt := (reading[1] - spun_from) / 1e9) > BUSY_CPU:
+            pytest.fail(
+                f"{what}: with nothing coming in and nothing able to go out (the client "
+                f"reads nothing yet), the server used {burnt:.1f} s of CPU and was never seen "
+                "asleep: a busy loop\nA level-triggered descriptor is reported again as long "
+                "as it stays ready: a readable EOF (read() returns 0) every time, EPOLLOUT "
+                "whenever there is room. After read() returns 0 stop watching for input on "
+                "that connection, watch EPOLLOUT only while output is pending - or, as this "
+                "lab asks, register EPOLLIN | EPOLLOUT | EPOLLET and drain each event.",
+                pytrace=False)
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: the server was still busy after {DEADLINE:.0f} s",
                         pytrace=False)
@@ -774,7 +844,15 @@ def test_connections_queued_while_out_of_descriptors_are_accepted_later(
                 raise
         lines = [f"connection {i}\n".encode() for i in range(total)]
         for sock, line in zip(socks, lines, strict=True):
-            sock.sendall(line)
+            try:
+                sock.sendall(line)
+            except OSError:
+                try:
+                    server.proc.wait(5)      # reset: the server exiting?
+                except subprocess.TimeoutExpired:
+                    pass
+                out_of_descriptors_exit(server, total)
+                raise
         echoed = echoed_or_queued(server, socks, lines)
         waits_while_full(server, server.queues()[1])
         for i in echoed:
@@ -838,16 +916,39 @@ def out_of_descriptors_exit(server: Server, clients: int) -> None:
             "on it.", pytrace=False)
 
 
+def spinning(server: Server, clients: int, echoed: int, burnt: float) -> None:
+    unread, queued = server.queues()
+    full = server.fds() >= LOW_NOFILE
+    pytest.fail(
+        f"{clients} clients connected at once to a server allowed {LOW_NOFILE} open files: "
+        f"it holds {server.fds()} descriptors, {queued} connections wait in its listen "
+        f"queue and {unread} bytes sit unread in its sockets, {echoed} clients echoed - and "
+        f"it used {burnt:.1f} s of CPU without an echo coming back or once being seen "
+        "asleep: a busy loop\n"
+        + ("Out of descriptors, accept4() fails with EMFILE, and a level-triggered listener "
+           "reports the non-empty queue again at once: accept, EMFILE, again and again, "
+           "while the connections already accepted wait for their echo. Stop watching the "
+           "listener while out of descriptors (EPOLL_CTL_MOD with no events, or "
+           "EPOLL_CTL_DEL) and watch it again once you close a connection; read and echo "
+           "what the accepted connections sent." if full else
+           "Wait in epoll_wait() for what is ready, read each ready connection until "
+           "EAGAIN and echo what it sent."), pytrace=False)
+
+
 def echoed_or_queued(server: Server, socks: list[socket.socket],
                      lines: list[bytes]) -> set[int]:
     """Read echoes until every connection is echoed or waits in the listen queue (the server
-    out of descriptors); returns the echoed ones."""
+    out of descriptors); returns the echoed ones. A server that burns BUSY_CPU s of CPU
+    without an echo coming back or once being seen asleep spins (out of descriptors, a
+    level-triggered listener reported again and again): failed when seen."""
     got = [b""] * len(socks)
     echoed: set[int] = set()
     sel = selectors.DefaultSelector()
     for i, sock in enumerate(socks):
         sel.register(sock, selectors.EVENT_READ, i)
     stalled, deadline = 0, time.monotonic() + DEADLINE
+    last = server.read(process_activity)
+    spun_from = last[1]    # CPU time when an echo last came, or the server was seen asleep
     try:
         # In this order: once the server is full (no more accepts), the queue it leaves is
         # final, and every connection not in it must have been echoed.
@@ -865,6 +966,12 @@ def echoed_or_queued(server: Server, socks: list[socket.socket],
             stalled = stalled + 1 if why else 0
             if stalled >= STALLED:
                 pytest.fail(why, pytrace=False)
+            now = server.read(process_activity)
+            if ready or now[0] == -1 or asleep_throughout(last, now):
+                spun_from = now[1]
+            last = now
+            if (now[1] - spun_from) / 1e9 > BUSY_CPU:
+                spinning(server, len(socks), len(echoed), (now[1] - spun_from) / 1e9)
             for key, _ in ready:
                 i = key.data
                 try:
@@ -872,6 +979,12 @@ def echoed_or_queued(server: Server, socks: list[socket.socket],
                 except ConnectionError:
                     chunk = b""
                 if not chunk:
+                    if server.exiting():   # its connections closed as it exits
+                        try:
+                            server.proc.wait(5)
+                        except subprocess.TimeoutExpired:
+                            pass
+                    out_of_descriptors_exit(server, len(socks))
                     pytest.fail(f"connection {i} was closed by the server before its echo "
                                 f"(the server's limit on open files is {LOW_NOFILE}, "
                                 f"{len(socks)} clients connected at once)", pytrace=False)

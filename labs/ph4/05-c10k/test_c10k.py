@@ -273,12 +273,26 @@ class Conn:
         self.local = self.sock.getsockname()
 
     def died(self, what: str) -> None:
-        """A connection refused or reset: the server exiting? (its exit takes a moment)"""
-        try:
-            self.server.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            return
-        self.server.fail(what)
+        """A connection refused or reset: the server exiting? (its exit takes a moment) Not
+        if it is seen asleep in a readiness wait twice in a row, its CPU time unmoved: a
+        process on its way out waits for no socket (asyncio, say, aborted that connection
+        after an exception in a callback, and serves on)."""
+        deadline, last = time.monotonic() + 5, None
+        while time.monotonic() < deadline:
+            try:
+                self.server.proc.wait(timeout=ECHO_POLL)
+            except subprocess.TimeoutExpired:
+                pass
+            else:
+                self.server.fail(what)
+            now = self.server._read(process_activity)
+            calls = [c for _, _, c in now[2]]
+            waiting = now[0] == 0 and bool(calls) and all(c in WAITS for c in calls)
+            if waiting and last is not None and now[1] == last:
+                return
+            last = now[1] if waiting else None
+        if self.server.proc.poll() is not None:
+            self.server.fail(what)
 
     def server_side(self) -> Any:
         return next((s for s in tcp_sockets() if s.local == ("127.0.0.1", self.server.port)
@@ -288,7 +302,7 @@ class Conn:
                    fix: str = "") -> bytes:
         """``fix``: what to do instead, should the server reset the connection."""
         got = bytearray() if sink is None else sink
-        stuck, last = 0, None
+        stuck, last, blocked, last_cpu = 0, None, 0, -1
         deadline = time.monotonic() + ECHO_WAIT
         while len(got) < n and time.monotonic() < deadline:
             try:
@@ -310,7 +324,15 @@ class Conn:
                 self.server.fail(what)
             now = self.server.activity()
             calls = [c for _, _, c in now[2]]
+            # Every thread asleep outside a readiness wait, its CPU time unmoved since the
+            # last look, BLOCKED_SEEN looks in a row: one look can catch the loop's thread
+            # handing the GIL over (a futex) while another sits in a call of its own.
             if now[0] == 0 and calls and all(c >= 0 and c not in WAITS for c in calls):
+                blocked = blocked + 1 if blocked and now[1] == last_cpu else 1
+            else:
+                blocked = 0
+            last_cpu = now[1]
+            if blocked >= BLOCKED_SEEN:
                 pytest.fail(blocked_loop(max(set(calls), key=calls.count)) + f"\n(while: "
                             f"{what})", pytrace=False)
             seen = (now[0], now[1], len(got))
@@ -474,18 +496,20 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
 
     threading.Thread(target=send_all, daemon=True).start()
     deadline = time.monotonic() + READY
-    stalled, last_rx = 0, None
+    still_since, last_rx = None, None
     while not sent.is_set() and time.monotonic() < deadline:
         side = bulk.server_side()   # until the server's buffers toward it are full
         if side is not None and side.tx_queue and not side.rx_queue:
             break
         # ... or until the server stopped reading it with its send buffer full (a second
         # without a byte of its receive queue taken): the loop is stuck in that send, which
-        # the echo below then names, instead of waiting here for the full READY.
-        stalled = stalled + 1 if side is not None and side.tx_queue and \
-            side.rx_queue and side.rx_queue == last_rx else 0
+        # the echo below then names, instead of waiting here for the full READY. A second
+        # by the clock: reading the machine's TCP table takes a while with many sockets.
+        held = side is not None and side.tx_queue and side.rx_queue \
+            and side.rx_queue == last_rx
+        still_since = (still_since or time.monotonic()) if held else None
         last_rx = side.rx_queue if side is not None else None
-        if stalled * POLL >= 1.0:
+        if still_since is not None and time.monotonic() - still_since >= 1.0:
             break
         time.sleep(POLL)
     b = Conn(server, f"a client connected while another sent {BULK >> 20} MiB")

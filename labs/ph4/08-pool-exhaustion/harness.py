@@ -3,7 +3,9 @@ once by a new borrower, in one thread that keeps the interpreter (a long switch 
 from the release's notify() until the new borrower holds the connection - so a waiter woken
 by that release finds the connection gone, every time, not only when the scheduler says so.
 And which threads sleep in the learner's code itself (blocked on a lock), so that a wait for
-a call that cannot go on while another holds the pool's lock ends when that is seen."""
+a call that cannot go on while another holds the pool's lock ends when that is seen; and
+which wait in the pool with nothing left to wake them (never notified, no timeout due), so
+that a wait for a borrower the pool forgot to wake ends when that is seen."""
 
 from __future__ import annotations
 
@@ -35,10 +37,22 @@ def release_and_barge(pool: Any, conn: Any, folder: str | None = None) -> Any:
         sys.setswitchinterval(old)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(
-            threading_waits_in(folder or "").get(ident) is frame
+            threading_waits_in(folder or "").get(ident) is frame and not _unnotified(frame)
             for ident, frame in before.items()):
         time.sleep(0.01)
     return got
+
+
+def _unnotified(frame: Any) -> bool:
+    """A Condition.wait whose waiter lock is still queued in the condition: no notify() has
+    come for it, so it does not leave that wait before its timeout (the release notified no
+    one); waiting for it to leave would wait that long."""
+    try:
+        local = frame.f_locals
+        waiter, cond = local.get("waiter"), local.get("self")
+        return waiter is not None and any(w is waiter for w in list(cond._waiters))
+    except Exception:  # noqa: BLE001 - not shaped like Condition.wait: keep waiting
+        return False
 
 
 def threads_asleep_in(folder: str) -> int:
@@ -64,3 +78,21 @@ def threads_asleep_in(folder: str) -> int:
             continue
         asleep += stat.rsplit(")", 1)[1].split()[0] == "S"
     return asleep
+
+
+def waits_nothing_wakes(folder: str, within: float) -> tuple[int, int]:
+    """(threads in a ``threading`` wait from the learner's code, those of them that nothing
+    wakes within ``within`` seconds). Every such wait is, innermost, a Condition.wait (an
+    Event, a Semaphore, a queue.Queue wait on one too): its waiter lock stays queued in the
+    condition's _waiters until a notify() takes it out and releases it. A waiter still queued
+    whose wait has no timeout, or a longer one than ``within``, sleeps on until someone
+    notifies: when nothing in the test is left to do so (the release that should have done
+    it has returned), it is stranded - known at once, not after a deadline. A pool that
+    waits in short slices (wait(0.1) in a loop) is never counted: its waits time out."""
+    waiting = stranded = 0
+    for frame in threading_waits_in(folder).values():
+        waiting += 1
+        timeout = frame.f_locals.get("timeout")
+        if _unnotified(frame) and (timeout is None or timeout > within):
+            stranded += 1
+    return waiting, stranded

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
@@ -119,6 +119,48 @@ def on_a_lock(learner: Any) -> Callable[[], int]:
     return lambda: int(learner.harness().threads_asleep_in(str(learner.dir)))
 
 
+@pytest.fixture
+def stranded(learner: Any) -> Callable[[float], int]:
+    """How many threads wait in the pool with nothing left to wake them within the seconds
+    given: never notified, and no timeout of theirs due by then (the lab's harness, where the
+    learner's code runs)."""
+    return lambda within: int(learner.harness().waits_nothing_wakes(str(learner.dir),
+                                                                    within)[1])
+
+
+WOKEN_WITHIN = 15.0   # the last resort: a woken borrower runs in milliseconds
+
+
+def join_unless_stranded(calls: list[Call], stranded: Callable[[float], int],
+                         within: float = WOKEN_WITHIN) -> bool:
+    """Wait up to ``within`` s for ``calls`` to end, once whatever should wake them (a
+    release, a failed connect) is over. True as soon as every call still running is seen,
+    three looks in a row, asleep in the pool's wait with nothing left to wake it (never
+    notified, its timeout further off than the test's patience): it would sleep on until its
+    acquire_timeout, so the wait ends there instead of at the deadline."""
+    deadline, looks = time.monotonic() + within, 0
+    while time.monotonic() < deadline:
+        alive = [c for c in calls if c.is_alive()]
+        if not alive:
+            return False
+        alive[0].join(0.05)
+        alive = [c for c in calls if c.is_alive()]
+        if not alive:
+            return False
+        looks = looks + 1 if stranded(deadline - time.monotonic()) >= len(alive) else 0
+        if looks >= 3:
+            return True
+    return False
+
+
+def still_waiting(seen_stranded: bool) -> str:
+    """How a waiter that never got going was seen: at once, or only at the deadline."""
+    if seen_stranded:
+        return ("was still asleep in the pool's wait with nothing left to wake it (never "
+                "notified)")
+    return f"was still waiting {WOKEN_WITHIN:.0f} s later"
+
+
 def blocked_on_a_lock(call: Call, on_a_lock: Callable[[], int], baseline: int,
                       within: float) -> bool:
     """Wait up to ``within`` s for ``call`` to end; True as soon as a thread more than
@@ -184,7 +226,8 @@ def test_killed_backends_are_replaced_on_borrow(mod: ModuleType, pools: list[Any
 
 
 def test_queue_policy_waits_then_times_out(mod: ModuleType, pools: list[Any], server: Server,
-                                           postgres: Any, waiting: Callable[[], int]) -> None:
+                                           postgres: Any, waiting: Callable[[], int],
+                                           stranded: Callable[[float], int]) -> None:
     pool = make(mod, pools, postgres.dsn, 2, policy="queue", acquire_timeout=60)
     a, b = pool.acquire(), pool.acquire()
     waiter = Call(pool.acquire)
@@ -201,10 +244,12 @@ def test_queue_policy_waits_then_times_out(mod: ModuleType, pools: list[Any], se
         "connections, expected 2 (the size): a waiting borrower must not open one of its own")
     pid_b = b.info.backend_pid
     pool.release(b)
-    waiter.join(15)
+    never_woken = join_unless_stranded([waiter], stranded)
     assert waiter.error is None and not waiter.is_alive(), (
         "a connection was released while a borrower waited, and the borrower did not get "
-        f"it: {waiter.error!r}\nrelease() must notify() the condition the waiters wait on.")
+        "it: " + (f"it {still_waiting(never_woken)}" if waiter.is_alive() else
+                  f"{waiter.error!r}")
+        + "\nrelease() must notify() the condition the waiters wait on.")
     got = waiter.result
     assert got.info.backend_pid == pid_b, (
         "the waiting borrower got a new connection instead of the one just released")
@@ -234,7 +279,7 @@ def test_queue_policy_waits_then_times_out(mod: ModuleType, pools: list[Any], se
 
 def test_a_woken_waiter_beaten_to_the_connection_waits_on(
         learner: Any, mod: ModuleType, pools: list[Any], postgres: Any,
-        waiting: Callable[[], int]) -> None:
+        waiting: Callable[[], int], stranded: Callable[[float], int]) -> None:
     pool = make(mod, pools, postgres.dsn, 1, policy="queue", acquire_timeout=60)
     held = pool.acquire()
     waiter = Call(pool.acquire)
@@ -259,9 +304,10 @@ def test_a_woken_waiter_beaten_to_the_connection_waits_on(
             "and re-check after every wake-up; raise PoolExhausted only when the deadline has "
             "passed.", pytrace=False)
     pool.release(barged)
-    waiter.join(15)
+    never_woken = join_unless_stranded([waiter], stranded)
     assert waiter.error is None and not waiter.is_alive(), (
-        f"the waiting borrower did not get the connection released next: {waiter.error!r}")
+        "the waiting borrower did not get the connection released next: "
+        + (f"it {still_waiting(never_woken)}" if waiter.is_alive() else f"{waiter.error!r}"))
     pool.release(waiter.result)
 
 
@@ -378,7 +424,8 @@ def slot_not_handed_on(pool: Any, event: str, when: str) -> tuple[str, str]:
 @pytest.mark.parametrize("where", list(CONNECTS))
 def test_a_failed_connect_wakes_a_waiting_borrower(
         where: str, mod: ModuleType, pools: list[Any], server: Server, gate: ConnectGate,
-        waiting: Callable[[], int], on_a_lock: Callable[[], int]) -> None:
+        waiting: Callable[[], int], on_a_lock: Callable[[], int],
+        stranded: Callable[[float], int]) -> None:
     _, which = CONNECTS[where]
     pool = make(mod, pools, gate.dsn, 1, policy="queue", acquire_timeout=60)
     if where == "replacement":
@@ -392,9 +439,16 @@ def test_a_failed_connect_wakes_a_waiting_borrower(
                     "connecting to the database", pytrace=False)
     second = Call(pool.acquire)
     # It waits in the pool's condition (or, in a pool that connects holding its lock, on
-    # that lock: then it simply goes on once the first borrower lets go).
+    # that lock: then it simply goes on once the first borrower lets go), or it connects
+    # too: a second connect held by the gate, beside the first one's.
     deadline, on_lock = time.monotonic() + 10, 0
     while waiting() < 1 and second.is_alive() and time.monotonic() < deadline:
+        if len(gate.held) >= 2:
+            pytest.fail(f"while {which} was still in progress on a pool of 1, a second "
+                        "acquire() connected to the database too, instead of waiting for the "
+                        "slot: a pool of 1 opening a second connection\nThe size is a hard "
+                        "limit: count a slot as taken from the moment a connect for it "
+                        "begins, and make the next borrower wait.", pytrace=False)
         on_lock = on_lock + 1 if on_a_lock() > 0 else 0
         if on_lock >= 3:
             break   # asleep on the pool's lock, three looks in a row
@@ -410,14 +464,14 @@ def test_a_failed_connect_wakes_a_waiting_borrower(
                     "still running 15 s later", pytrace=False)
     if first.error is None:
         pool.release(first.result)   # it tried again and got one: fine, pass it on
-    second.join(15)
+    never_woken = join_unless_stranded([second], stranded)
     if second.is_alive():
         head, fix = slot_not_handed_on(pool, "a connect failed", "a connect fails, whichever "
                                        "connect it was (a new slot or a replacement)")
         pytest.fail(f"{head}\nA borrower waited for the only slot of a pool of 1 while "
-                    f"{which} failed; the failing acquire() {outcome_of(first)}. 15 s later, "
-                    f"with the database answering again, the waiter was still waiting.\n{fix}",
-                    pytrace=False)
+                    f"{which} failed; the failing acquire() {outcome_of(first)}. With the "
+                    "database answering again, the waiter "
+                    f"{still_waiting(never_woken)}.\n{fix}", pytrace=False)
     assert second.error is None, (
         f"a borrower waiting for the slot {which} had failed in then {outcome_of(second)}, "
         "once the database answered again: expected a new connection")
@@ -464,41 +518,56 @@ def test_reject_policy_fails_at_once(mod: ModuleType, pools: list[Any], postgres
 
 
 def test_backpressure_never_more_than_size(mod: ModuleType, pools: list[Any], server: Server,
-                                           postgres: Any, waiting: Callable[[], int]) -> None:
+                                           postgres: Any, waiting: Callable[[], int],
+                                           stranded: Callable[[float], int]) -> None:
     pool = make(mod, pools, postgres.dsn, 3, policy="queue", acquire_timeout=60)
     server.holder.execute("SELECT pg_advisory_lock(4242)")
+    # Borrowers of other pools still waiting (a test before that failed left one waiting
+    # for its acquire_timeout) are not this pool's.
+    before = waiting()
     calls = [Call(pool.execute, HOLD) for _ in range(8)]
 
+    def beyond_size() -> bool:
+        """More than 3 of the pool's connections on the server, or more than 3 of its
+        queries running: the limit is already broken, waiting longer changes nothing."""
+        return server.lock_waiters() > 3 or len(server.pids()) > 3
+
     def settled() -> bool:
-        if any(c.error for c in calls):
+        if any(c.error for c in calls) or beyond_size():
             return True
-        return server.lock_waiters() == 3 and waiting() == 5
+        return server.lock_waiters() == 3 and waiting() - before == 5
+
+    def over_the_limit() -> NoReturn:
+        n = len(server.pids())
+        pytest.fail(f"8 requests on a pool of 3: the server holds {n} of the pool's "
+                    f"connections, {server.lock_waiters()} run, {waiting() - before} wait in the "
+                    "pool; "
+                    "expected 3 connections, 3 running and 5 waiting\nThe pool's size is a "
+                    "hard limit: a request that finds every connection busy waits.",
+                    pytrace=False)
 
     try:
         wait_until(settled, "3 requests to run (blocked on the test's lock) and 5 to wait "
                    "for a connection")
     except BaseException:
-        n = len(server.pids())
-        pytest.fail(f"8 requests on a pool of 3: the server holds {n} of the pool's "
-                    f"connections, {server.lock_waiters()} run, {waiting()} wait in the pool; "
-                    "expected 3 connections, 3 running and 5 waiting\nThe pool's size is a "
-                    "hard limit: a request that finds every connection busy waits.",
-                    pytrace=False)
+        over_the_limit()
+    if beyond_size() and not any(c.error for c in calls):
+        over_the_limit()
     errors = [c.error for c in calls if c.error]
     assert not errors, f"a request failed while the pool was busy: {errors[0]!r}"
     assert len(server.pids()) == 3, f"the server holds {len(server.pids())} connections, expected 3"
     server.holder.execute("SELECT pg_advisory_unlock(4242)")
     # One deadline for all 8, not 30 s each: a right pool finishes them in milliseconds,
-    # and a pool whose waiters are never woken must not keep the run for their 60 s.
-    deadline = time.monotonic() + 15
-    for c in calls:
-        c.join(max(0.0, deadline - time.monotonic()))
+    # and a pool whose waiters are never woken must not keep the run for their 60 s - nor
+    # for 15: those left asleep in the pool's wait, never notified, once the rest are done
+    # (nothing left to give a connection back), end the wait.
+    never_woken = join_unless_stranded(calls, stranded)
     stuck = [c for c in calls if c.is_alive()]
     if stuck and len(stuck) < len(calls):
         pytest.fail(f"{len(calls) - len(stuck)} of 8 requests finished once the lock was "
-                    f"released and gave their connections back, but {len(stuck)} were still "
-                    "waiting for a connection 15 s later: release() must wake a borrower "
-                    "waiting for one (notify the condition), or it sleeps until its "
+                    f"released and gave their connections back, but {len(stuck)} "
+                    f"{still_waiting(never_woken)} for a connection: release() must wake a "
+                    "borrower waiting for one (notify the condition), or it sleeps until its "
                     "acquire_timeout", pytrace=False)
     failed = [c for c in calls if c.error or c.is_alive()]
     assert not failed, (f"{len(failed)} of 8 requests did not complete within 15 s once the "
@@ -543,7 +612,7 @@ BROKEN = {
 @pytest.mark.parametrize("how", list(BROKEN))
 def test_a_broken_connection_given_back_wakes_a_waiting_borrower(
         how: str, mod: ModuleType, pools: list[Any], server: Server, postgres: Any,
-        waiting: Callable[[], int]) -> None:
+        waiting: Callable[[], int], stranded: Callable[[float], int]) -> None:
     pool = make(mod, pools, postgres.dsn, 1, policy="queue", acquire_timeout=60)
     server.holder.execute("SELECT pg_advisory_lock(4242)")
     try:
@@ -568,15 +637,16 @@ def test_a_broken_connection_given_back_wakes_a_waiting_borrower(
         else:
             conn.close()
             pool.release(conn)
-        second.join(15)
+        never_woken = join_unless_stranded([second], stranded)
     finally:
         server.holder.execute("SELECT pg_advisory_unlock_all()")
     if second.is_alive():
         head, fix = slot_not_handed_on(pool, f"the pool's only connection broke ({how})",
                                        "release() drops a broken connection")
         pytest.fail(f"{head}\nA borrower waited for the only connection of a pool of 1 "
-                    f"(acquire_timeout=60); {BROKEN[how]}. 15 s later the waiter was still "
-                    f"waiting, though the slot was free for a new connection.\n{fix}",
+                    f"(acquire_timeout=60); {BROKEN[how]}. The waiter then "
+                    f"{still_waiting(never_woken)}, though the slot was free for a new "
+                    f"connection.\n{fix}",
                     pytrace=False)
     assert second.error is None, (
         f"once the only connection of a pool of 1 came back broken ({BROKEN[how]}), the "
@@ -623,16 +693,20 @@ def test_a_borrower_stuck_in_network_io_stalls_no_one_else(
             pool.release(first)              # idle; its backend now stops answering
             relay.mute = 0
             stalled = Call(pool.acquire)
-            reached = relay.muted.wait(PROMPTLY)
+            came_true(lambda: relay.muted.is_set() or not stalled.is_alive(), PROMPTLY)
+            reached = relay.muted.is_set()
         else:
             held = first
             relay.holding = True
             stalled = Call(pool.acquire)
-            reached = came_true(lambda: bool(relay.held), PROMPTLY)
+            came_true(lambda: bool(relay.held) or not stalled.is_alive(), PROMPTLY)
+            reached = bool(relay.held)
         if not reached:
-            pytest.fail(f"acquire() on a pool of 2, meant to be {STUCK_IN[stuck]}, "
-                        f"{outcome_of(stalled) if not stalled.is_alive() else 'still runs'} "
-                        f"and sent nothing for it within {PROMPTLY:.0f} s", pytrace=False)
+            how = (f"{outcome_of(stalled)} without sending anything for it"
+                   if not stalled.is_alive() else
+                   f"still runs and sent nothing for it within {PROMPTLY:.0f} s")
+            pytest.fail(f"acquire() on a pool of 2, meant to be {STUCK_IN[stuck]}, {how}",
+                        pytrace=False)
         try:
             for what, call in (("stats()", lambda: stats(pool)),
                                ("release() of a healthy connection",
