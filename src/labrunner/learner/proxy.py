@@ -144,6 +144,8 @@ class _VerifierService(rpyc.VoidService):  # type: ignore[misc]
 
 
 _spawned: dict[str, Any] = {}
+# Hosts' sockets shut down but kept open (see LearnerHost.close): a few per tests process.
+_SHUT_DOWN: list[socket.socket] = []
 _spawned_lock = threading.Lock()
 
 
@@ -256,12 +258,18 @@ class LearnerHost:
 
     def close(self) -> None:
         """Kill the host and drop the connection, without a goodbye it may never answer
-        (its code may be stuck in a loop)."""
+        (its code may be stuck in a loop). The socket is shut down, which wakes every thread
+        polling it (they read its end and stop), but its descriptor stays open until this
+        process ends: closed, its number could be reused at once (the next test's host), and
+        a serving thread about to poll the old number would wait on the new socket for ever,
+        keeping this process from exiting."""
         self._kill()
         self._serving._active = False   # its loop ends at the next turn; no join
+        self.conn._closed = True
         try:
-            self.conn._closed = True
-            self.conn._channel.close()
+            sock = self.conn._channel.stream.sock
+            sock.shutdown(socket.SHUT_RDWR)
+            _SHUT_DOWN.append(sock)
         except Exception:  # noqa: BLE001 - the connection is gone already
             pass
 
