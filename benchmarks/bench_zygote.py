@@ -51,19 +51,18 @@ def one_check(expectation: Expectation, state: Path | None, forked: bool) -> flo
 
 def zygote_start_cpu() -> float:
     """CPU-seconds of the zygote's own start-up (its imports), with no fork."""
+    zygote.stop()
     before = children_cpu()
-    zygote._stop_at_exit()
-    zygote._zygote = zygote._Zygote()
-    zygote._zygote.control.send(b"")   # an empty request: it ends once it has imported
-    zygote._zygote.proc.wait(timeout=120)
-    zygote._zygote = None
+    started = zygote._Zygote()
+    started.control.send(b"")   # an empty request: it ends once it has imported
+    started.proc.wait(timeout=120)
+    started.control.close()
     return children_cpu() - before
 
 
 def measure(expectation: Expectation, state: Path | None, repeat: int) -> None:
     one_check(expectation, state, forked=False)   # the lab's own first-run costs, paid
-    zygote._stop_at_exit()
-    zygote._zygote = None
+    zygote.stop()
     walls: dict[bool, list[float]] = {False: [], True: []}
     spawned_cpu = 0.0
     total_before = children_cpu()
@@ -72,8 +71,7 @@ def measure(expectation: Expectation, state: Path | None, repeat: int) -> None:
         walls[False].append(one_check(expectation, state, forked=False))
         spawned_cpu += children_cpu() - before
         walls[True].append(one_check(expectation, state, forked=True))
-    zygote._stop_at_exit()   # its reaped forks' CPU is counted once it is reaped
-    zygote._zygote = None
+    zygote.stop()   # its reaped forks' CPU is counted once it is reaped
     # Everything reaped in the loop: the started processes, one zygote start-up, the forks.
     forked_cpu = children_cpu() - total_before - spawned_cpu - START_CPU
     spawn, fork = statistics.median(walls[False]), statistics.median(walls[True])

@@ -52,13 +52,17 @@ FAILED_BY = "failed_by.tsv"
 
 
 def recorded_failed_by(lab: Lab) -> dict[str, str]:
-    """``wrong/failed_by.tsv``: a wrong solution's name, a tab, a test's name, per line."""
+    """``wrong/failed_by.tsv``: the test that failed each variant (``wrong/<name>``)."""
     try:
         text = (lab.path / "wrong" / FAILED_BY).read_text(encoding="utf-8")
     except OSError:
         return {}
-    pairs = (line.split("\t", 1) for line in text.splitlines() if "\t" in line)
-    return {f"wrong/{name}": test for name, test in pairs}
+    return {f"wrong/{name}": test for name, test in _failed_by_rows(text).items()}
+
+
+def _failed_by_rows(text: str) -> dict[str, str]:
+    """A wrong solution's name, a tab, a test's name, per line."""
+    return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
 
 
 def record_failed_by(outcomes: Sequence[CheckOutcome]) -> list[Path]:
@@ -77,8 +81,7 @@ def record_failed_by(outcomes: Sequence[CheckOutcome]) -> list[Path]:
         with open(path, "a+", encoding="utf-8") as table:
             fcntl.flock(table, fcntl.LOCK_EX)
             table.seek(0)
-            rows = dict(line.split("\t", 1) for line in table.read().splitlines()
-                        if "\t" in line)
+            rows = _failed_by_rows(table.read())
             rows.update({variant.removeprefix("wrong/"): test for variant, test in found.items()})
             table.seek(0)
             table.truncate()

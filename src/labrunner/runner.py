@@ -312,7 +312,7 @@ def _run_lab(
     budget = timeout or lab.timeout * max(2, len(lab.test_files) * 3) + 30
     command = pytest_command(lab, src, sandbox, ini)
     proc: TestsProcess | None = None
-    if sandbox.forked and _unconfined(sandbox) and factory_end is None:
+    if sandbox.forked and _unconfined(sandbox):   # (so no learner factory either)
         proc = zygote.start(command[3:], workdir, env, pass_fds)   # after "python -m pytest"
     if proc is None:
         proc = subprocess.Popen(

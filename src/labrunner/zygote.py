@@ -40,10 +40,11 @@ from typing import IO, Any
 
 # Imported once in the zygote: what most tests processes import, and costly to import
 # (psycopg and redis about 0.25 CPU-s each). Never a module that starts threads or opens
-# anything as it is imported (grpc has fork handlers of its own; it stays out), and none of
-# labrunner's own.
+# anything as it is imported (grpc has fork handlers of its own; it stays out), none of
+# labrunner's own, and no pytest plugin named with -p (pytest would warn in every fork that
+# it cannot rewrite its asserts: pytest_timeout stays out).
 PRELOAD = (
-    "pytest", "pytest_timeout", "psycopg", "psycopg_pool", "redis",
+    "pytest", "psycopg", "psycopg_pool", "redis",
     "confluent_kafka", "pika", "rpyc", "requests", "jwt", "prometheus_client", "hypothesis",
     "cryptography.x509", "h2.connection", "yaml", "asyncio", "ssl", "http.client",
     "http.server", "urllib.request", "concurrent.futures", "dataclasses", "json",
@@ -145,9 +146,10 @@ def start(args: Sequence[str], cwd: Path, env: dict[str, str],
         return None
     for _attempt in range(2):
         with _zygote_lock:
-            if _zygote is None or _zygote.proc.poll() is not None:
-                if _zygote is None:
-                    atexit.register(_stop_at_exit)
+            if _zygote is not None and _zygote.proc.poll() is not None:
+                _stop(_zygote)   # died: its control socket goes too
+                _zygote = None
+            if _zygote is None:
                 _zygote = _Zygote()
             zygote = _zygote
         if _interpreter_env(env) != zygote.interpreter_env:
@@ -166,12 +168,16 @@ def _interpreter_env(env: Any) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith("PYTHON") and k not in REREAD}
 
 
-def _stop_at_exit() -> None:
-    """Gone when the runner is (it would be within milliseconds anyway: a check that
-    nothing is left behind must not see it)."""
+@atexit.register
+def stop() -> None:
+    """Stop the zygote, if one runs (the next ``start`` makes another). Also at exit: gone
+    when the runner is (it would be within milliseconds anyway, but a check that nothing is
+    left behind must not see it)."""
+    global _zygote
     with _zygote_lock:
         if _zygote is not None:
             _stop(_zygote)
+            _zygote = None
 
 
 def _stop(zygote: _Zygote) -> None:

@@ -835,23 +835,15 @@ def test_connections_queued_while_out_of_descriptors_are_accepted_later(
         for _ in range(total):
             try:
                 socks.append(socket.create_connection(("127.0.0.1", server.port)))
-            except OSError:
-                try:
-                    server.proc.wait(5)      # refused: the server exiting?
-                except subprocess.TimeoutExpired:
-                    pass
-                out_of_descriptors_exit(server, total)
+            except OSError:   # refused: the server exiting?
+                exit_after_broken_connection(server, total)
                 raise
         lines = [f"connection {i}\n".encode() for i in range(total)]
         for sock, line in zip(socks, lines, strict=True):
             try:
                 sock.sendall(line)
-            except OSError:
-                try:
-                    server.proc.wait(5)      # reset: the server exiting?
-                except subprocess.TimeoutExpired:
-                    pass
-                out_of_descriptors_exit(server, total)
+            except OSError:   # reset: the server exiting?
+                exit_after_broken_connection(server, total)
                 raise
         echoed = echoed_or_queued(server, socks, lines)
         waits_while_full(server, server.queues()[1])
@@ -903,6 +895,16 @@ def waits_while_full(server: Server, queued: int) -> None:
             "again (with a perror each time). Stop watching the listener while out of "
             "descriptors (EPOLL_CTL_MOD with no events, or EPOLL_CTL_DEL) and watch it "
             "again once you close a connection.", pytrace=False)
+
+
+def exit_after_broken_connection(server: Server, clients: int) -> None:
+    """A connection refused, reset or closed: the server may be exiting, out of descriptors.
+    It gets up to 5 s to end; if it did, the test fails naming that exit."""
+    try:
+        server.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+    out_of_descriptors_exit(server, clients)
 
 
 def out_of_descriptors_exit(server: Server, clients: int) -> None:
@@ -980,10 +982,7 @@ def echoed_or_queued(server: Server, socks: list[socket.socket],
                     chunk = b""
                 if not chunk:
                     if server.exiting():   # its connections closed as it exits
-                        try:
-                            server.proc.wait(5)
-                        except subprocess.TimeoutExpired:
-                            pass
+                        exit_after_broken_connection(server, len(socks))
                     out_of_descriptors_exit(server, len(socks))
                     pytest.fail(f"connection {i} was closed by the server before its echo "
                                 f"(the server's limit on open files is {LOW_NOFILE}, "
