@@ -9,8 +9,11 @@ else (another device's session survives)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import re
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -188,6 +191,87 @@ def reuse_revokes(service: Service, proxy: PgStatementProxy) -> None:
     assert verdict == "ok", (
         f"the reuse in one family also killed another device's session ({got}): revoke "
         "the family of the reused token, not every token of the user")
+
+
+@pytest.mark.parametrize("rotations", [2, 3])
+def test_reuse_of_an_older_token_revokes_the_family(service: Service, rotations: int) -> None:
+    """The thief's copy need not be the token just rotated away: a stolen token comes back
+    after the user has refreshed several times. It is still a reuse of the family."""
+    _, first = service.login("alice")
+    _, laptop = service.login("alice")            # another device: another family
+    chain = [first]
+    for n in range(rotations):
+        verdict, pair = service.refresh(chain[-1], f"the user's refresh token (rotation "
+                                                   f"{n + 1})")
+        assert verdict == "ok", f"refresh() refused a fresh token: {pair}"
+        chain.append(str(pair[1]))
+    verdict, got = service.refresh(first, f"the family's first token, used {rotations} "
+                                          "rotations ago (the thief's copy)")
+    assert verdict == "refused", (
+        f"refresh() accepted the family's first token after {rotations} rotations: a used "
+        "token must be refused, however long ago it was used")
+    verdict, got = service.refresh(chain[-1], f"the newest token of a family whose token from "
+                                              f"{rotations} rotations ago came back")
+    assert verdict == "refused", (
+        f"the family's first refresh token came back {rotations} rotations after it was "
+        "used and was refused - but the family's newest token still works: the replay was "
+        "taken for an unknown token, not a reuse. A token used at ANY earlier rotation "
+        "proves a copy exists, so the whole family is revoked; keep every used token of a "
+        "family (marked used, until the family expires) instead of deleting or "
+        "overwriting it at the next rotation")
+    verdict, got = service.refresh(laptop, "another device's refresh token")
+    assert verdict == "ok", (
+        f"the reuse in one family also killed another device's session ({got}): revoke "
+        "the family of the reused token, not every token of the user")
+
+
+def test_tokens_it_never_issued_are_refused(service: Service) -> None:
+    """Tokens that reach the service without having come from it: a guessed or mistyped
+    refresh token, an access token forged, tampered with, unsigned or not a JWT at all,
+    and each kind of token offered as the other. Each is refused with InvalidToken - the
+    exception the caller turns into a 401 - never accepted and never another exception
+    (a 500 that tells a prober which inputs reach which code)."""
+    access, refresh = service.login("alice")
+    claims = claims_of(access, "login()'s access token")
+    head, _, rest = access.partition(".")
+    signature = rest.partition(".")[2]
+    tampered_claims = base64.urlsafe_b64encode(json.dumps(
+        {**claims, "sub": "mallory"}, separators=(",", ":")).encode()).rstrip(b"=").decode()
+    cases = [
+        ("refresh", secrets.token_urlsafe(32), "a refresh token this service never issued",
+         "its SHA-256 is in no row: unknown"),
+        ("refresh", "", "an empty refresh token", "no token is in no row either"),
+        ("refresh", access, "an access token given as a refresh token",
+         "an access token is not a refresh token: no row holds its hash"),
+        ("authenticate", pyjwt.encode(claims, b"not-the-service-secret-0123456789abcdef",
+                                      algorithm="HS256"),
+         "alice's claims signed with ANOTHER secret",
+         "the signature must be checked with the service's secret: without it anyone "
+         "writes any claims"),
+        ("authenticate", f"{head}.{tampered_claims}.{signature}",
+         "alice's token with its payload changed to sub 'mallory' (alice's signature kept)",
+         "the signature covers the payload: a changed claim no longer matches it"),
+        ("authenticate", pyjwt.encode(claims, "", algorithm="none"),
+         "alice's claims with alg 'none' and no signature",
+         "only HS256 is accepted: an unsigned token proves nothing"),
+        ("authenticate", "not-a-jwt", "a string that is not a JWT", "it does not decode"),
+        ("authenticate", refresh, "a refresh token given as an access token",
+         "an opaque refresh token is not a JWT"),
+    ]
+    wrong = []
+    for method, token, what, why in cases:
+        verdict_, got = verdict(f"{method}() of {what}", getattr(service.svc, method), token,
+                                refusal=service.module.InvalidToken)
+        if verdict_ == "ok":
+            wrong.append(f"{method}() accepted {what} (returned {str(got)[:80]!r}), "
+                         f"expected InvalidToken: {why}")
+        elif verdict_ == "crashed":
+            wrong.append(f"{method}() of {what} raised {got}, expected InvalidToken: {why} - "
+                         "a token that is not valid is refused with InvalidToken, never "
+                         "another exception (the caller answers 401 for InvalidToken, and a "
+                         "500 for anything else)")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(cases)} tokens the service never issued not refused)")
 
 
 def test_expiry_on_the_injected_clock(service: Service) -> None:

@@ -74,14 +74,14 @@ class Server:
         return http_request(self.host, "POST", path, urlencode(form).encode(), headers,
                             content_type="application/x-www-form-urlencoded", timeout=10)
 
-    def authorize(self, client: str = "spa", redirect_uri: str = CB, **extra: str
-                  ) -> HttpReply:
+    def authorize(self, client: str = "spa", redirect_uri: str = CB,
+                  user: str | None = "alice", **extra: str) -> HttpReply:
         verifier = secrets.token_urlsafe(48)
         params = {"response_type": "code", "client_id": client, "redirect_uri": redirect_uri,
                   "state": secrets.token_urlsafe(8), "code_challenge": challenge_of(verifier),
                   "code_challenge_method": "S256", "scope": "openid"}
         params.update(extra)
-        reply = self.get("/authorize", {k: v for k, v in params.items() if v != ""})
+        reply = self.get("/authorize", {k: v for k, v in params.items() if v != ""}, user)
         reply.sent = params  # type: ignore[attr-defined]
         self.verifiers[params["state"]] = verifier
         return reply
@@ -207,6 +207,28 @@ def test_authorize_never_redirects_where_it_should_not(server: Server) -> None:
             f"{reply.status} Location: {location!r}, expected 400 without a redirect: "
             "compare redirect_uri with the registered ones exactly; redirecting elsewhere "
             "sends codes (or errors) to the attacker")
+    # The client's own registration is what makes a redirect_uri safe: without a known
+    # client there is none, and another client's URI is not this client's.
+    for client, uri, what, why in (
+        ("evil", "https://evil.example/cb", "the unknown client_id 'evil'",
+         "no client is registered as 'evil', so no redirect_uri is registered either: when "
+         "the client_id is missing or invalid the server MUST NOT redirect, not even to "
+         "report the error (RFC 6749 4.1.2.1) - an error redirect sends the user's browser "
+         "wherever the request said"),
+        ("", "https://evil.example/cb", "no client_id",
+         "without a client_id there is no registration to check the redirect_uri against: "
+         "400, never a redirect (RFC 6749 4.1.2.1)"),
+        ("spa", "com.example.app:/oauth", "the client 'spa' and the redirect_uri of the "
+         "client 'mobile'",
+         "each client's redirect_uris are its own: spa's code (and whatever the user "
+         "consented to give spa) would land in another application - check the URI "
+         "against THIS client's list, not against every registered URI"),
+    ):
+        reply = server.authorize(client=client, redirect_uri=uri)
+        location = reply.header("Location") or ""
+        assert reply.status == 400 and not location, (
+            f"GET /authorize with {what} (redirect_uri {uri}) answered {reply.status} "
+            f"Location: {location!r}, expected 400 without a redirect: {why}")
     for extra, what in (({"code_challenge": ""}, "without code_challenge"),
                         ({"code_challenge_method": "plain"}, "with code_challenge_method "
                                                                "plain")):
@@ -217,6 +239,32 @@ def test_authorize_never_redirects_where_it_should_not(server: Server) -> None:
             f"GET /authorize {what} answered {reply.status} Location: {location!r}: "
             "expected no code (an error redirect with error=invalid_request): this server "
             "requires PKCE with S256")
+
+
+def test_nothing_is_granted_without_a_logged_in_user(server: Server) -> None:
+    """A code and a device approval each stand for a user's consent: with nobody logged in
+    (no X-User, this lab's stand-in for a login session) there is no one to consent."""
+    reply = server.authorize(user=None)
+    location = reply.header("Location") or ""
+    assert reply.status == 401 and not location, (
+        f"GET /authorize (a valid client, redirect_uri and S256 challenge) with NO logged-in "
+        f"user answered {reply.status} Location: {location!r}, expected 401 "
+        "{\"error\": \"login_required\"} without a redirect: a code is the user's consent, "
+        "and a code issued with nobody logged in grants whoever started the flow a token "
+        "for no one (or for whatever user the server makes up) - check X-User before "
+        "issuing anything")
+    data = server.post("/device_authorization", {"client_id": "tv"}).json()
+    approve = server.post("/device", {"user_code": data["user_code"]})
+    assert approve.status == 401, (
+        f"POST /device with a valid user_code and NO logged-in user answered "
+        f"{approve.status} {approve.body[:100]!r}, expected 401 {{\"error\": "
+        "\"login_required\"}: approving a device is the user's consent - whoever reads the "
+        "code off a screen could approve it, and the device would get a token for nobody")
+    server.clock.now += 60
+    reply = poll(server, data["device_code"])
+    expect_error(reply, ("authorization_pending",),
+                 "a device-code poll after an approval attempt with no logged-in user",
+                 "nobody approved: an approval without a user is no approval")
 
 
 def basic(cid: str, secret: str, scheme: str = "Basic") -> dict[str, str]:

@@ -35,13 +35,14 @@ HOSPITAL_POLICY: dict[str, Any] = {
         "nurse": {"permissions": ["record:read"]},
         "doctor": {"inherits": ["nurse"], "permissions": ["record:write",
                                                           "prescription:create"]},
-        "chief": {"inherits": ["doctor"], "permissions": ["record:archive"]},
+        "chief": {"inherits": ["doctor"], "permissions": ["record:archive", "record:purge"]},
         "auditor": {"permissions": ["audit:read"]},
         "locum": {"inherits": ["relief"], "permissions": []},
         "relief": {"inherits": ["locum"], "permissions": ["record:read"]},
         "records": {"permissions": ["record"]},
         "exporter": {"permissions": ["record:export"]},
         "pharmacist": {"permissions": ["dose:approve"]},
+        "triage": {"permissions": ["bed:assign"]},
     },
     "rules": [
         # the patient reads their own record, without any role (listed before the deny)
@@ -66,6 +67,14 @@ HOSPITAL_POLICY: dict[str, Any] = {
         # an ordering between two attributes: numbers only, never text or booleans
         {"effect": "require", "actions": ["dose:approve"],
          "when": [["subject.level", ">=", "resource.min_level"]]},
+        # scores are fractions: an ordering of floats, and of an int against a float
+        {"effect": "deny", "actions": ["bed:assign"],
+         "when": [["resource.risk", ">=", 0.9]]},
+        # rules without conditions hold for every request of their actions: nobody purges a
+        # record, anybody reads the status page, and the audit log needs nothing more
+        {"effect": "deny", "actions": ["record:purge"], "when": []},
+        {"effect": "allow", "actions": ["status:read"]},
+        {"effect": "require", "actions": ["audit:read"], "when": []},
     ],
 }
 
@@ -212,7 +221,8 @@ HOSPITAL_CASES = [
     Case("ward as a string", doctor(ward="3"), "record:write", record(), False,
          "'3' is not 3: comparisons do not convert types", DAY),
     Case("auditor reads the audit log", {"id": "a1", "roles": ["auditor"]}, "audit:read",
-         {"id": "log"}, True, "auditor has audit:read", DAY),
+         {"id": "log"}, True, "auditor has audit:read, and the require rule for audit:read "
+         "has no conditions ('when': []): all of no conditions hold, so it is met", DAY),
     Case("auditor reads a record", {"id": "a1", "roles": ["auditor"]}, "record:read",
          record(), False, "auditor has no record permission", DAY),
     Case("locum (cyclic roles) reads", {"id": "l1", "roles": ["locum"], "ward": 3},
@@ -235,6 +245,30 @@ HOSPITAL_CASES = [
          {"id": "dose1", "min_level": 1}, False,
          "True is a boolean, not a number, though True >= 1 holds in Python: <= and >= take "
          "int and float, never bool", DAY),
+    Case("triage assigns a bed of risk 0.5", {"id": "t1", "roles": ["triage"]}, "bed:assign",
+         {"id": "b1", "risk": 0.5}, True, "0.5 >= 0.9 is false: the deny rule does not apply",
+         DAY),
+    Case("triage assigns a bed of risk 0.95", {"id": "t1", "roles": ["triage"]},
+         "bed:assign", {"id": "b1", "risk": 0.95}, False,
+         "0.95 >= 0.9: the deny rule applies - <= and >= compare numbers, and a float is a "
+         "number as much as an int (only bool is not); an ordering that is false for "
+         "floats drops this deny", DAY),
+    Case("triage assigns a bed of risk 1 (an int)", {"id": "t1", "roles": ["triage"]},
+         "bed:assign", {"id": "b1", "risk": 1}, False,
+         "1 >= 0.9: an int and a float are both numbers and compare as numbers - 'without "
+         "converting types' keeps text and booleans out, not one kind of number from the "
+         "other", DAY),
+    Case("nurse reads at half past six pm (hour 18.5)", nurse(), "record:read", record(),
+         True, "18.5 is within 7-19: a float hour compares with the int bounds", {"hour": 18.5}),
+    Case("chief purges a record", {"id": "c1", "roles": ["chief"], "ward": 3, "mfa": True},
+         "record:purge", record(), False,
+         "a deny rule with no conditions ('when': []) applies to every request for its "
+         "actions: all of no conditions hold - the chief's record:purge permission is "
+         "denied outright", DAY),
+    Case("patient reads the status page", {"id": "p7", "roles": []}, "status:read",
+         {"id": "status"}, True,
+         "an allow rule without 'when' has no conditions: it allows its actions to anyone "
+         "(all of no conditions hold)", DAY),
     Case("locum (cyclic roles) writes", {"id": "l1", "roles": ["locum"], "ward": 3},
          "record:write", record(), False, "neither locum nor relief grants it", DAY),
 ]
