@@ -17,7 +17,7 @@ stage_done() {
 trap 'echo "test: stages: ${STAGES[*]:-none}" >&2' EXIT
 bash scripts/setup.sh --tests
 stage_done setup
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks labs c_examples
 .venv/bin/mypy
 stage_done lint
 status=0
