@@ -22,6 +22,8 @@ from argon2.low_level import hash_secret
 
 PASSWORD = "correct horse battery staple"
 UNICODE = "pässwörd 🔑 ünïcode"
+# A passphrase past bcrypt's 72-byte limit (116 bytes): argon2id takes it whole.
+LONG = "correct horse battery staple " * 4
 # OWASP: argon2id with one of these (memory KiB, iterations), parallelism 1 (a minimum).
 OWASP = [(47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5)]
 OWASP_TEXT = ", ".join(f"m={m} t={t}" for m, t in OWASP)
@@ -271,3 +273,45 @@ def test_bcrypt_checked_in_constant_time(store: Store, learner: Any) -> None:
         "hmac.compare_digest): '==' stops at the first different byte, and its timing "
         "leaks how much of the hash a guess got right - use bcrypt.checkpw, which compares "
         "in constant time")
+
+
+def test_long_passphrases_hashed_whole(store: Store) -> None:
+    """argon2id has no length limit: a passphrase is hashed and checked whole. 72 bytes is
+    bcrypt's limit (bcrypt 5 raises past it, older releases silently cut): applying it to
+    argon2id makes two passphrases that share their first 72 bytes the same password."""
+    n = len(LONG.encode())
+    stored = store.hash(LONG)
+    check_owasp(stored, f"hash_password() of a {n}-byte passphrase")
+    assert verifies(stored, LONG), (
+        f"argon2-cffi does not verify the {n}-byte passphrase against the hash "
+        "hash_password() made of it: the hash is of something else than the whole password "
+        "(its first 72 bytes? that is bcrypt's limit, not argon2id's)")
+    cases = [(LONG, True, f"the right {n}-byte passphrase"),
+             (LONG[:72] + "x" * (len(LONG) - 72),
+              False, "a passphrase sharing only its first 72 bytes with the right one"),
+             (LONG[:-2] + "!", False, "the passphrase with its last characters changed")]
+    wrong = []
+    for password, want, what in cases:
+        ok, new = store.login(stored, password, what)
+        if ok is not want or new is not None:
+            wrong.append(f"login() with {what} returned ({ok}, {str(new)[:20]}), expected "
+                         f"({want}, None)")
+    assert not wrong, "\n".join(wrong) + (
+        "\nEvery byte of a password counts: truncating to 72 bytes (bcrypt's limit) before "
+        "argon2id lets anyone who knows the start of a long passphrase in")
+
+
+# Wrong passwords bcrypt 5 refuses to take (ValueError past 72 bytes): by characters, by
+# bytes of UTF-8, both. None shares its first 72 bytes with PASSWORD.
+OVERLONG = [("x" * 100, "100 characters"), ("ü" * 40, "40 characters, 80 bytes of UTF-8"),
+            ("🔑" * 19, "19 characters, 76 bytes of UTF-8")]
+
+
+def test_overlong_wrong_password_against_bcrypt(store: Store) -> None:
+    legacy = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4, b"2b")).decode()
+    for password, size in OVERLONG:
+        what = (f"a wrong password of {size} against a legacy bcrypt hash (bcrypt takes at "
+                "most 72 BYTES and raises ValueError past them)")
+        ok, new = store.login(legacy, password, what)
+        assert (ok, new) == (False, None), (
+            f"login() with {what} returned ({ok}, {str(new)[:20]}), expected (False, None)")

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from labrunner.testing import KafkaProxy
-from labrunner.testing.kafka_proxy import OFFSET_COMMIT
+from labrunner.testing.kafka_proxy import FETCH, OFFSET_COMMIT
 
 # Kafka's own test vectors for Utils.murmur2 (clients/src/test/.../UtilsTest.java).
 JAVA_MURMUR2 = {
@@ -37,14 +38,41 @@ JAVA_MURMUR2 = {
 
 # --- helpers ---------------------------------------------------------------------------
 
-def fill(kafka: Any, topic: str, per_partition: dict[int, int], tag: str) -> None:
+Written = dict[tuple[int, int], str]
+Records = list[tuple[int, int, str]]
+
+
+def fill(kafka: Any, topic: str, per_partition: dict[int, int], tag: str) -> Written:
     """Write ``count`` records to each partition (explicit partitions: the test, not a
-    partitioner, decides where they go)."""
+    partitioner, decides where they go); return each one's text by (partition, offset).
+    The values are UTF-8 and not only ASCII: what a consumer returns is checked against it."""
     producer = Producer(kafka.producer_config(acks="all"))
+    written: Written = {}
+
+    def report(err: Any, msg: Any) -> None:
+        assert err is None, f"the test's produce failed: {err}"
+        written[(msg.partition(), msg.offset())] = msg.value().decode()
+
     for partition, count in per_partition.items():
         for n in range(count):
-            producer.produce(topic, value=f"{tag}-p{partition}-{n}".encode(), partition=partition)
+            producer.produce(topic, value=f"{tag}-p{partition}-{n}-€ü".encode(),
+                             partition=partition, on_delivery=report)
     assert producer.flush(15) == 0, "the test's own records were not acknowledged"
+    return written
+
+
+def check_values(who: str, records: Records, written: Written) -> None:
+    """Each record's value is the text the producer wrote at its (partition, offset)."""
+    bad = [(p, o, v, written[(p, o)]) for p, o, v in records
+           if (p, o) in written and v != written[(p, o)]]
+    if bad:
+        p, o, got, want = bad[0]
+        pytest.fail(
+            f"{who} returned {len(bad)} of {len(records)} records with a value that is not "
+            f"the text the producer wrote, e.g. partition {p} offset {o}: {got!r}, written "
+            f"{want!r} (the UTF-8 bytes {want.encode()!r}): a record's value is bytes, and "
+            "its text is value.decode('utf-8') - not str(value) (the bytes' repr, b'...'), "
+            "not another codec", pytrace=False)
 
 
 def broker_assignment(admin: Any, group: str) -> list[set[int]]:
@@ -80,9 +108,6 @@ def watermarks(kafka: Any, topic: str, partitions: int) -> dict[int, tuple[int, 
                 for p in range(partitions)}
     finally:
         reader.close()
-
-
-Records = list[tuple[int, int, str]]
 
 
 def drive(members: list[Any], until: Callable[[list[Records]], bool], what: str,
@@ -164,10 +189,11 @@ def test_a_commit_with_nothing_new_is_a_no_op(learner: Any, kafka: Any) -> None:
     poll/process/commit loop does, on every turn): the second commit has nothing to say."""
     group_consumer = learner.function("internals", "GroupConsumer")
     topic = kafka.create_topic("idle", 1)
-    fill(kafka, topic, {0: 3}, "rec")
+    written = fill(kafka, topic, {0: 3}, "rec")
     member = group_consumer(kafka.consumer_config("idle"), topic)
     try:
-        drive([member], lambda got: len(got[0]) >= 3, "the member to read 3 records")
+        (read,) = drive([member], lambda got: len(got[0]) >= 3, "the member to read 3 records")
+        check_values("poll_records()", read, written)
         member.commit()
         idle = member.poll_records(10, 0.3)
         assert idle == [], f"an idle topic gave {idle}: the 3 records came again"
@@ -182,6 +208,42 @@ def test_a_commit_with_nothing_new_is_a_no_op(learner: Any, kafka: Any) -> None:
         member.close()
 
 
+# Records besides text: a tombstone (no value at all - what a compacted topic keeps to say
+# its key was deleted) and an empty value. Each is a record: returned, with the value "".
+ODD_VALUES = [(b"k-text", "before: grüße €".encode()), (b"k-deleted", None),
+              (b"k-empty", b""), (b"k-text", b"after")]
+
+
+def test_a_record_without_a_value_is_a_record(learner: Any, kafka: Any) -> None:
+    group_consumer = learner.function("internals", "GroupConsumer")
+    topic = kafka.create_topic("tombstones", 1)
+    producer = Producer(kafka.producer_config(acks="all"))
+    for key, value in ODD_VALUES:
+        producer.produce(topic, key=key, value=value, partition=0)
+    assert producer.flush(15) == 0, "the test's own records were not acknowledged"
+    last = len(ODD_VALUES) - 1
+    member = group_consumer(kafka.consumer_config("tombstones"), topic)
+    try:
+        try:
+            (got,) = drive([member], lambda got: any(o >= last for _, o, _ in got[0]),
+                           f"the member to read up to offset {last}")
+        except AssertionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - crossed from the learner's process
+            pytest.fail(
+                f"poll_records() raised {type(exc).__name__}: {exc}, on a partition holding "
+                "a tombstone (offset 1: a record whose value is None - what a compacted topic "
+                "keeps to say its key was deleted) and an empty value (offset 2). A record "
+                "without a value is still a record: return it, with the value ''", pytrace=False)
+    finally:
+        member.close()
+    want = [(0, offset, (value or b"").decode()) for offset, (_, value) in enumerate(ODD_VALUES)]
+    assert sorted(got) == want, (
+        f"poll_records() returned {sorted(got)}; expected {want}: a tombstone (value None) "
+        "and an empty value are records like any other - returned (value ''), processed, and "
+        "committed past; a consumer that drops them hides deletions from its caller")
+
+
 def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> None:
     """Member A reads all 4 partitions; B joins and the group splits 2+2 without B
     re-reading what A processed; new records go to each partition's owner only; B leaves and
@@ -191,7 +253,7 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
     group = kafka.group("workers")
     config = kafka.consumer_config("workers")
     admin = kafka.admin()
-    fill(kafka, topic, {p: 10 for p in range(4)}, "first")
+    written = fill(kafka, topic, {p: 10 for p in range(4)}, "first")
 
     a = group_consumer(config, topic)
     b = None
@@ -203,13 +265,14 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
         assert offsets_of(first) == [(p, o) for p in range(4) for o in range(10)], (
             f"A, alone in the group, read {len(first)} records; expected offsets 0-9 of each "
             "of the 4 partitions")
+        check_values("A's poll_records()", first, written)
 
         b = group_consumer(config, topic)
         during = drive([a, b], lambda _: split_two_by_two(broker_assignment(admin, group))
                        and a.assignment() | b.assignment() == {0, 1, 2, 3}
                        and not a.assignment() & b.assignment(),
                        "the group to split the 4 partitions 2+2 between A and B")
-        fill(kafka, topic, {p: 10 for p in range(4)}, "second")
+        written |= fill(kafka, topic, {p: 10 for p in range(4)}, "second")
         got_a, got_b = drive([a, b], lambda got: len(got[0]) + len(got[1]) >= 40,
                              "A and B to read 40 new records")
         again = [(p, o) for p, o, _ in during[0] + during[1] + got_a + got_b if o < 10]
@@ -223,6 +286,7 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
         assert offsets_of(got_a + got_b) == [(p, o) for p in range(4) for o in range(10, 20)], (
             "A and B together should read offsets 10-19 of each partition exactly once, got "
             f"{offsets_of(got_a + got_b)[:8]}...")
+        check_values("A's and B's poll_records()", got_a + got_b, written)
 
         b.commit()
         commit_nothing_new(b, "B", "since its last commit()")
@@ -254,6 +318,75 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
         a.close()
         if b is not None:
             b.close()
+
+
+def test_records_in_hand_when_a_revoke_comes(learner: Any, kafka: Any) -> None:
+    """A rebalance can come in the middle of a poll_records() call: a poll() inside it runs
+    on_revoke after the call has taken records it has not yet returned. A, alone, has
+    committed everything; 40 new records are in its client's queue (seen by its fetches at a
+    proxy) when its poll_records(41, ...) starts and B joins. librdkafka hands A the queued
+    records before the revoke, so on_revoke runs with them in hand: it must commit them, or
+    B, their partitions' new owner, reads again what A returns."""
+    group_consumer = learner.function("internals", "GroupConsumer")
+    topic = kafka.create_topic("inhand", 4)
+    group = kafka.group("inhand")
+    admin = kafka.admin()
+    fill(kafka, topic, {p: 10 for p in range(4)}, "first")
+    call: dict[str, Any] = {}
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        a = group_consumer(kafka.consumer_config(
+            "inhand", **{"bootstrap.servers": proxy.bootstrap}), topic)
+        b = None
+        caller = None
+        try:
+            drive([a], lambda got: len(got[0]) >= 40, "A, alone, to read 40 records")
+            a.commit()
+            fill(kafka, topic, {p: 10 for p in range(4)}, "second")
+            # Two fetches of A's after the records were stored: the first was answered with
+            # them, and the second was sent once A's client had queued that answer.
+            proxy.wait_for(FETCH, len(proxy.requests(FETCH)) + 2,
+                           what=" of A's after 40 new records were stored")
+
+            def a_polls() -> None:
+                try:
+                    call["records"] = a.poll_records(41, 30)
+                except BaseException as exc:  # noqa: BLE001 - judged by the main thread
+                    call["error"] = exc
+
+            caller = threading.Thread(target=a_polls, daemon=True)
+            caller.start()
+            b = group_consumer(kafka.consumer_config("inhand"), topic)
+            got_b = drive([b], lambda _: split_two_by_two(broker_assignment(admin, group))
+                          and len(b.assignment()) == 2,
+                          "B to join and the group to split 2+2 (A polls meanwhile)")[0]
+            fill(kafka, topic, {p: 1 for p in range(4)}, "third")   # A's 41st record
+            caller.join(40)
+            assert not caller.is_alive(), (
+                "A's poll_records(41, 30) had not returned 40 s after its call, with 41 "
+                "records to read on the partitions it owned")
+            error = call.get("error")
+            assert error is None, (
+                f"A's poll_records() raised {type(error).__name__}: {error} while the group "
+                "rebalanced under it")
+            owned = b.assignment()
+            got_b += drive([b], lambda got: {(p, 20) for p in owned}
+                           <= set(offsets_of(got_b + got[0])),
+                           "B to read the new record of each partition it owns")[0]
+        finally:
+            if caller is not None:
+                caller.join(40)
+            a.close()
+            if b is not None:
+                b.close()
+    in_hand = call["records"]
+    again = sorted(set(offsets_of(in_hand)) & set(offsets_of(got_b)))
+    assert not again, (
+        f"B, given partitions {sorted(owned)} when it joined, read {len(again)} records that "
+        f"A's poll_records() returned too, e.g. {again[:6]}: the revoke came inside A's "
+        "call (a poll() in it ran on_revoke) after the call had taken those records, and "
+        "on_revoke committed without them - so the partitions' new owner started before "
+        "them. A record is processed the moment poll_records takes it for its caller: note "
+        "its offset before the next poll(), which may run on_revoke")
 
 
 CRASHING_MEMBER = """

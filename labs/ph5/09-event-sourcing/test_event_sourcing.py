@@ -20,6 +20,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from labrunner.testing import PgStatementProxy
+
 
 @pytest.fixture
 def store(postgres: Any, learner: Any) -> Any:
@@ -149,6 +151,150 @@ def test_an_append_is_all_or_nothing(store: Any) -> None:
         "it is all or nothing")
 
 
+# The caller's own transaction, two ways psycopg holds one: an append made inside it is a
+# part of it - seen by no one until the caller commits, gone if the caller rolls back.
+CALLERS = [
+    ("block", "inside `with conn.transaction():` on an autocommit connection"),
+    ("implicit", "on a connection with autocommit off (psycopg's default: the caller "
+                 "commits)"),
+]
+
+
+class CallersTransaction:
+    """A caller's transaction of either kind, opened, committed or rolled back by the test."""
+
+    def __init__(self, postgres: Any, kind: str) -> None:
+        self.kind = kind
+        self.conn = postgres.connect(autocommit=kind == "block")
+        self.block: Any = None
+
+    def begin(self) -> None:
+        if self.kind == "block":
+            self.block = self.conn.transaction()
+            self.block.__enter__()
+
+    def end(self, commit: bool) -> None:
+        if self.kind == "block":
+            block, self.block = self.block, None
+            if commit:
+                block.__exit__(None, None, None)
+            else:
+                exc = psycopg.Rollback(block)
+                block.__exit__(type(exc), exc, None)
+        elif commit:
+            self.conn.commit()
+        else:
+            self.conn.rollback()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.mark.parametrize("kind,caller", CALLERS, ids=[k for k, _ in CALLERS])
+def test_an_append_in_the_callers_transaction_is_part_of_it(store: Any, postgres: Any,
+                                                            kind: str, caller: str) -> None:
+    """The caller opens a transaction, loads, appends, and rolls back: until its commit no
+    one else sees the event, and after its rollback the event is gone. An append that commits on its
+    own (COMMIT, conn.commit()) has committed the caller's other work with it."""
+    mod, conn = store
+    stream = f"acc-tx-{kind}"
+    mod.append(conn, stream, 0, [opened(), deposit(100)])
+    before = versions(conn, stream)
+    tx = CallersTransaction(postgres, kind)
+    try:
+        tx.begin()
+        _, at = mod.load(tx.conn, stream)   # the caller reads, decides, appends
+        got = mod.append(tx.conn, stream, at, [deposit(50)])
+        assert got == 3, f"append {caller} returned version {got}, expected 3"
+        seen = versions(conn, stream)
+        assert seen == before, (
+            f"append {caller} - the caller's transaction still open - and another connection "
+            f"already sees the stream as {seen}: the append committed the caller's "
+            "transaction (a COMMIT, or conn.commit(), of its own), so whatever else the "
+            "caller had written is committed too, half-way through its decision. Inside a "
+            "caller's transaction the append is a part of it: `with conn.transaction():` "
+            "nests as a savepoint there, and commits only on an autocommit connection")
+        tx.end(commit=False)
+        after = versions(conn, stream)
+        assert after == before, (
+            f"the caller rolled back its transaction after an append {caller}, and the "
+            f"stream is {after}, expected {before}: the append was committed apart from the "
+            "transaction it was made in")
+    finally:
+        tx.close()
+
+
+@pytest.mark.parametrize("kind,caller", CALLERS, ids=[k for k, _ in CALLERS])
+def test_a_lost_race_leaves_the_callers_transaction_usable(store: Any, postgres: Any,
+                                                           kind: str, caller: str) -> None:
+    """Inside the caller's transaction, an append loses the race for version 3 (another
+    writer's uncommitted version 3 commits while the append waits on the primary key): it
+    raises ConcurrencyError, and the caller, still in its transaction, reloads and retries
+    - which must work. A refused INSERT aborts the whole transaction unless the append's
+    statements ran in a savepoint."""
+    mod, conn = store
+    stream = f"acc-race-{kind}"
+    mod.append(conn, stream, 0, [opened(), deposit(500)])
+    other = postgres.connect()   # the other writer: version 3, not yet committed
+    other.execute("INSERT INTO events (stream_id, version, type, schema_version, data) "
+                  "VALUES (%s, 3, 'MoneyDeposited', 2, %s)", (stream, Jsonb(deposit(70)["data"])))
+    tx = CallersTransaction(postgres, kind)
+    pid = tx.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    if kind == "implicit":
+        tx.conn.commit()
+    outcome: dict[str, Any] = {}
+
+    def caller_appends() -> None:
+        tx.begin()
+        try:
+            _, at = mod.load(tx.conn, stream)   # 2: the other writer has not committed
+            mod.append(tx.conn, stream, at, [withdraw(30)])
+            outcome["first"] = "returned"
+        except BaseException as exc:  # noqa: BLE001 - judged by the main thread
+            outcome["first"] = exc
+        try:
+            _, version = mod.load(tx.conn, stream)
+            outcome["retry"] = mod.append(tx.conn, stream, version, [withdraw(30)])
+            tx.end(commit=True)
+        except BaseException as exc:  # noqa: BLE001
+            outcome["retry_error"] = exc
+
+    worker = threading.Thread(target=caller_appends, daemon=True)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 10
+        while "first" not in outcome and time.monotonic() < deadline:  # waits for `other`
+            if conn.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted",
+                            (pid,)).fetchone()[0]:
+                break
+            time.sleep(0.01)
+        other.commit()
+        worker.join(15)
+    finally:
+        other.close()
+        tx.close()
+    assert "first" in outcome, (
+        f"append {caller}, racing another writer's version 3, had not returned 15 s after "
+        "that writer committed: it should have failed on the primary key at once")
+    first = outcome.get("first")
+    assert isinstance(first, mod.ConcurrencyError), (
+        f"append {caller}, racing another writer's version 3, "
+        f"{'returned' if first == 'returned' else f'raised {type(first).__name__}: {first}'}"
+        "; expected ConcurrencyError")
+    error = outcome.get("retry_error")
+    assert error is None, (
+        f"after append {caller} raised ConcurrencyError (it lost the race for version 3), "
+        f"the caller reloaded and retried in the same transaction, and that raised "
+        f"{type(error).__name__}: {error}. The refused INSERT aborted the caller's whole "
+        "transaction: run the append's statements in a savepoint (`with conn.transaction():` "
+        "is one inside a transaction), so a lost race leaves the caller free to retry")
+    want = [(1, "AccountOpened"), (2, "MoneyDeposited"), (3, "MoneyDeposited"),
+            (4, "MoneyWithdrawn")]
+    assert outcome.get("retry") == 4 and versions(conn, stream) == want, (
+        f"the retry returned {outcome.get('retry')!r} and the stream is "
+        f"{versions(conn, stream)}; expected version 4 and {want}")
+
+
 # --- snapshots -----------------------------------------------------------------------------
 
 def test_snapshot_plus_tail_equals_full_replay(store: Any) -> None:
@@ -172,6 +318,35 @@ def test_snapshot_plus_tail_equals_full_replay(store: Any) -> None:
     assert mod.load(conn, "acc-3") == loaded, (
         "load() changed when an event before the snapshot changed: it is replaying the whole "
         "stream - read the snapshot, then only the events after its version")
+
+
+def test_a_load_reads_only_the_events_after_the_snapshot(store: Any, postgres: Any) -> None:
+    """40 events, a snapshot at 40, 3 more: load() needs the snapshot and 3 events. The rows
+    the server sends are counted on the wire (a proxy in front of Postgres): a load that
+    fetches the whole stream and drops what the snapshot covers afterwards gets the right
+    state and saves nothing - the 10,000-event replay the snapshot was for."""
+    mod, conn = store
+    history = [opened()] + [deposit(10 + n) for n in range(42)]
+    mod.append(conn, "acc-8", 0, history[:40])
+    mod.save_snapshot(conn, "acc-8")
+    mod.append(conn, "acc-8", 40, history[40:])
+    proxy = PgStatementProxy.for_dsn(postgres.dsn)
+    try:
+        with psycopg.connect(proxy.dsn_for(postgres.dsn), autocommit=True) as watched:
+            proxy.take_rows()
+            loaded = mod.load(watched, "acc-8")
+            rows = proxy.take_rows()
+    finally:
+        proxy.close()
+    assert loaded == mod.replay(conn, "acc-8"), (
+        f"load() = {loaded}, replay() = {mod.replay(conn, 'acc-8')}")
+    tail, allowed = 3, 3 + 2    # the tail, the snapshot's row, one more (a version, a count)
+    assert rows <= allowed, (
+        f"load() of a stream of 43 events with a snapshot at version 40 fetched {rows} rows "
+        f"from Postgres for a tail of {tail} events (at most {allowed} expected: the "
+        "snapshot, the tail): it reads the whole stream and drops the events the snapshot "
+        "covers in Python. The point of a snapshot is what a load does NOT read - filter in "
+        "the query: WHERE version > <the snapshot's version>")
 
 
 def test_a_slow_snapshot_never_replaces_a_newer_one(store: Any, postgres: Any) -> None:
