@@ -25,6 +25,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from labrunner.testing import KafkaProxy
 from labrunner.testing.kafka_proxy import FETCH, OFFSET_COMMIT
 
+HEARTBEAT = 12   # the Kafka api key of Heartbeat: its answer tells a member of a rebalance
+
 # Kafka's own test vectors for Utils.murmur2 (clients/src/test/.../UtilsTest.java).
 JAVA_MURMUR2 = {
     b"21": -973932308,
@@ -353,9 +355,17 @@ def test_records_in_hand_when_a_revoke_comes(learner: Any, kafka: Any) -> None:
                 except BaseException as exc:  # noqa: BLE001 - judged by the main thread
                     call["error"] = exc
 
+            # A hears of the rebalance B's join starts only in the answer to a heartbeat:
+            # A's heartbeats wait at the proxy until its call has had a second to take the
+            # 40 queued records (microseconds of work). A revoke that came first would drop
+            # them from A's queue unread, and the mistake would not show.
+            proxy.hold(HEARTBEAT)
             caller = threading.Thread(target=a_polls, daemon=True)
             caller.start()
+            in_call = time.monotonic()
             b = group_consumer(kafka.consumer_config("inhand"), topic)
+            time.sleep(max(0.0, in_call + 1.0 - time.monotonic()))
+            proxy.release(HEARTBEAT)
             got_b = drive([b], lambda _: split_two_by_two(broker_assignment(admin, group))
                           and len(b.assignment()) == 2,
                           "B to join and the group to split 2+2 (A polls meanwhile)")[0]
