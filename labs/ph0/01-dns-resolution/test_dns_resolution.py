@@ -30,6 +30,8 @@ NEGATIVE_TTL = 60    # SOA minimum of shop.test: how long NXDOMAIN may be cached
 SHORT_CNAME_TTL = 30  # short.shop.test CNAME edge.cdn.test: the chain's shortest record
 CDN_SOA_TTL = 30     # cdn.test's SOA record lives less than its MINIMUM field (60):
                      # its NXDOMAIN may be cached min(30, 60) = 30 s (RFC 2308)
+TLD_NS_TTL = 172800  # the root's referral to test.
+ZONE_NS_TTL = 86400  # the TLD's referrals to shop.test., cdn.test. and backup.test.
 
 
 @dataclass
@@ -130,17 +132,25 @@ class Hierarchy:
     port: int
     log: QueryLog
     servers: dict[str, ZoneServer]  # by label: "root", "tld", "auth"
+    silent: str  # backup.test's first nameserver: bound on the shared port, never answers
 
 
-def _zones(tld_ip: str, auth_ip: str) -> dict[str, list[Zone]]:
+def _zones(tld_ip: str, auth_ip: str, silent_ip: str) -> dict[str, list[Zone]]:
     def delegation(zone: str, ns: str, ip: str, ttl: int) -> tuple[list[RR], list[RR]]:
         return ([RR(zone, QTYPE.NS, ttl=ttl, rdata=NS(ns))],
                 [RR(ns, QTYPE.A, ttl=ttl, rdata=A(ip))])
 
-    root = Zone(".", [], {"test.": delegation("test.", "a.nic.test.", tld_ip, 172800)})
+    # backup.test. has two nameservers; the first one listed never answers (down, or its
+    # replies lost): a resolver must go on to the second.
+    backup = ([RR("backup.test.", QTYPE.NS, ttl=ZONE_NS_TTL, rdata=NS(ns))
+               for ns in ("ns1.backup.test.", "ns2.backup.test.")],
+              [RR("ns1.backup.test.", QTYPE.A, ttl=ZONE_NS_TTL, rdata=A(silent_ip)),
+               RR("ns2.backup.test.", QTYPE.A, ttl=ZONE_NS_TTL, rdata=A(auth_ip))])
+    root = Zone(".", [], {"test.": delegation("test.", "a.nic.test.", tld_ip, TLD_NS_TTL)})
     tld = Zone("test.", [], {
-        "shop.test.": delegation("shop.test.", "ns1.shop.test.", auth_ip, 86400),
-        "cdn.test.": delegation("cdn.test.", "ns1.cdn.test.", auth_ip, 86400),
+        "shop.test.": delegation("shop.test.", "ns1.shop.test.", auth_ip, ZONE_NS_TTL),
+        "cdn.test.": delegation("cdn.test.", "ns1.cdn.test.", auth_ip, ZONE_NS_TTL),
+        "backup.test.": backup,
     })
     shop = Zone("shop.test.", [
         RR("api.shop.test.", QTYPE.A, ttl=API_TTL, rdata=A("192.0.2.10")),
@@ -159,7 +169,10 @@ def _zones(tld_ip: str, auth_ip: str) -> dict[str, list[Zone]]:
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.20")),
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.21")),
     ], soa_ttl=CDN_SOA_TTL)
-    return {"root": [root], "tld": [tld], "auth": [shop, cdn]}
+    backup_zone = Zone("backup.test.", [
+        RR("www.backup.test.", QTYPE.A, ttl=300, rdata=A("192.0.2.30")),
+    ])
+    return {"root": [root], "tld": [tld], "auth": [shop, cdn, backup_zone]}
 
 
 @pytest.fixture
@@ -171,9 +184,13 @@ def dns() -> Iterator[Hierarchy]:
         block = random.randint(1, 254)  # a random /24 so parallel runs do not collide
         ips = {"root": f"127.53.{block}.1", "tld": f"127.53.{block}.2",
                "auth": f"127.53.{block}.3"}
-        zones = _zones(ips["tld"], ips["auth"])
+        silent_ip = f"127.53.{block}.5"
+        zones = _zones(ips["tld"], ips["auth"], silent_ip)
         servers: list[DNSServer] = []
         plugins = {label: ZoneServer(label, zones[label], log) for label in zones}
+        # A nameserver that is down: its port is bound (so nothing else answers there and
+        # no ICMP error comes back), and nothing ever reads or replies.
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             port = 0
             for label in ("root", "tld", "auth"):
@@ -181,19 +198,22 @@ def dns() -> Iterator[Hierarchy]:
                                    port=port, logger=quiet)
                 port = server.server.server_address[1]  # the root's port, shared by all
                 servers.append(server)
+            silent.bind((silent_ip, port))
         except OSError:  # that port is taken on one of the addresses: try another block
             for server in servers:
                 server.server.server_close()
+            silent.close()
             continue
         for server in servers:
             # dnslib's start_thread() polls for shutdown every 0.5 s; poll faster so the
             # teardown does not dominate the run time.
             threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.02},
                              daemon=True).start()
-        yield Hierarchy(ips["root"], ips["tld"], ips["auth"], port, log, plugins)
+        yield Hierarchy(ips["root"], ips["tld"], ips["auth"], port, log, plugins, silent_ip)
         for server in servers:
             server.server.shutdown()
             server.server.server_close()
+        silent.close()
         return
     pytest.fail("could not bind three loopback DNS servers on one port", pytrace=False)
 
@@ -460,6 +480,68 @@ def test_referrals_are_cached_too(resolver: Any, dns: Hierarchy) -> None:
         "the authoritative server alone\nThe referrals on the way (NS of test. and "
         "shop.test., with their glue) have TTLs too: cache them, and start the next walk at "
         "the deepest zone whose servers you know.")
+
+
+def test_referrals_expire_with_their_ttl(resolver: Any, dns: Hierarchy,
+                                        clock: FakeClock) -> None:
+    """A delegation is a record set like any other: the root's referral to test. lives
+    172800 s, the TLD's referral to shop.test. 86400 s. Past the zone's TTL the walk starts
+    again at test.'s servers (still fresh); past test.'s, at the root."""
+    _resolve(resolver, dns, "api.shop.test")
+    advice = ("Cache each referral (the NS set and its glue) until clock() + the NS "
+              "records' TTL, like any record, and start each walk at the deepest zone "
+              "whose delegation is still fresh: an expired one is forgotten, the one "
+              "above it is not.")
+    steps = [
+        (ZONE_NS_TTL + 1, "nope.shop.test", ["tld", "auth"],
+         f"shop.test.'s delegation (TTL {ZONE_NS_TTL}) has expired, test.'s (TTL "
+         f"{TLD_NS_TTL}) has not"),
+        (TLD_NS_TTL + 1, "nope.cdn.test", ["root", "tld", "auth"],
+         f"test.'s delegation (TTL {TLD_NS_TTL}) has expired too"),
+    ]
+    for since_first, name, want, why in steps:
+        clock.now = 1000.0 + since_first
+        dns.log.clear()
+        _resolve(resolver, dns, name)
+        walk = dns.log.servers()
+        if walk == want:
+            continue
+        seen = ("the cached delegation was used past its TTL" if walk[:1] == ["auth"]
+                or (want[0] == "root" and walk[:1] == ["tld"]) else
+                "the walk started at the root though a fresh delegation below it was "
+                "known" if walk[:1] == ["root"] else "neither")
+        pytest.fail(
+            f"{since_first} s after resolving api.shop.test, {name} asked {_walk(dns.log)}, "
+            f"expected {' → '.join(want)}: {why} ({seen})\n{advice}", pytrace=False)
+
+
+def test_a_silent_nameserver_is_skipped(resolver: Any, dns: Hierarchy) -> None:
+    """backup.test. is delegated to ns1 and ns2; ns1 (first in the referral) never
+    answers. The zone's other server holds the same data: ask it."""
+    try:
+        answer = resolver.resolve("www.backup.test")
+    except NotImplementedError as exc:
+        pytest.fail(f"resolve() is not implemented yet: {exc}", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's error, explained below
+        problem = f"raised {type(exc).__name__}: {exc}"
+    else:
+        problem = ""
+    asked_second = "www.backup.test" in dns.log.names_asked("auth")
+    advice = ("backup.test. is delegated to two nameservers and the first one "
+              f"({dns.silent}) never answers, while the second ({dns.auth}) does. A zone "
+              "has several nameservers precisely so that one can be down: when a server "
+              "does not answer within the timeout (or refuses the connection), ask the "
+              "zone's next one, and fail only when none answered.")
+    if problem:
+        pytest.fail(
+            "www.backup.test's first nameserver never answered and resolve() gave up "
+            f"({problem}); the zone's second nameserver was "
+            f"{'asked' if asked_second else 'never asked'} (queries: {_walk(dns.log)}), "
+            f"expected 192.0.2.30 from it\n{advice}", pytrace=False)
+    got = sorted(getattr(answer, "addresses", None) or [])
+    assert got == ["192.0.2.30"] and asked_second, (
+        f"resolving www.backup.test gave {got} (queries: {_walk(dns.log)}), expected "
+        f"['192.0.2.30'] from the second nameserver\n{advice}")
 
 
 @pytest.mark.timeout(15)

@@ -39,6 +39,7 @@ class LearnerServer:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self._fast_done = asyncio.Event()
+        self.called: list[str] = []  # the paths handler() was called with, in order
         try:
             self._server = asyncio.run_coroutine_threadsafe(
                 asyncio.wait_for(h3.start_server("127.0.0.1", 0, certfile=certfile,
@@ -54,6 +55,7 @@ class LearnerServer:
         self.port = int(transport.get_extra_info("sockname")[1])
 
     async def handler(self, path: str) -> tuple[int, bytes]:
+        self.called.append(path)
         if path == "/slow":
             try:
                 await asyncio.wait_for(self._fast_done.wait(), self.wait)
@@ -63,6 +65,34 @@ class LearnerServer:
         if path == "/boom":
             raise RuntimeError("the application failed on purpose (ph0.6's /boom)")
         return 200, f"{path} ok".encode()
+
+    def called_once_idle(self, seconds: float) -> list[str] | None:
+        """The paths handler() has been called with, read on the server's loop once that
+        loop has nothing left to run, now or within 0.1 s (each task waits for a datagram,
+        a future or a later timer): what the server was going to do with what it has
+        received, it has done by then. None when the loop was never idle within
+        ``seconds``."""
+        seen: list[list[str]] = []
+        settled = threading.Event()
+
+        def look() -> None:
+            if settled.is_set():
+                return
+            if self.loop._ready:  # something else is runnable: look again after it
+                self.loop.call_soon(look)
+                return
+            now = self.loop.time()
+            if any(not timer.cancelled() and timer.when() < now + 0.1
+                   for timer in self.loop._scheduled):  # a timer due soon: after it
+                self.loop.call_later(0.02, look)
+                return
+            seen.append(list(self.called))
+            settled.set()
+
+        self.loop.call_soon_threadsafe(look)
+        settled.wait(seconds)
+        settled.set()  # a look still going round stops
+        return seen[0] if seen else None
 
     def release(self) -> None:
         self.loop.call_soon_threadsafe(self._fast_done.set)

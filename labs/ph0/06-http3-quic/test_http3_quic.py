@@ -126,7 +126,29 @@ def bound_port(server: Any) -> int:
 # stream's FIN: what a server streaming its body does. The middle piece is larger than a
 # QUIC packet, so it arrives in several DataReceived events of its own.
 PIECES = (b"first:" + b"a" * 1194, b"b" * 40_000, b"c" * 2995 + b":last")
-Body = bytes | tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Framed:
+    """A response with HEADERS frames besides the final response's own (RFC 9114 4.1):
+    an interim response (103 Early Hints) before it, or trailers after the body."""
+
+    body: bytes
+    interim: bool = False
+    trailers: bool = False
+
+
+Body = bytes | tuple[bytes, ...] | Framed
+EARLY_HINTS = [(b":status", b"103"), (b"link", b"</style.css>; rel=preload; as=style")]
+TRAILERS = [(b"server-timing", b"app;dur=12"), (b"x-checksum", b"sha256-none")]
+
+# Requests whose end (the stream's FIN) comes after their HEADERS, in a DATA frame sent
+# in a later datagram: a POST's with its body, a GET's in an empty DATA frame.
+LATE_FIN: dict[str, tuple[bytes, bytes, str]] = {
+    "/upload": (b"POST", b"name=quic&size=4", "a POST whose end came with its body"),
+    "/late-fin": (b"GET", b"", "a GET whose end came in an empty DATA frame after its "
+                               "headers"),
+}
 
 
 def which_pieces(got: bytes) -> str:
@@ -164,6 +186,10 @@ class Gate:
             return 200, b"slow ok"
         if path == "/fast":
             self.fast_done.set()
+        if path == "/hinted":
+            return 200, Framed(b"/hinted ok", interim=True)
+        if path == "/trailed":
+            return 200, Framed(b"/trailed ok", trailers=True)
         return 200, f"{path} ok".encode()
 
 
@@ -232,9 +258,13 @@ class ProbeClient(QuicConnectionProtocol):
         sid = self._quic.get_next_available_stream_id()
         self.paths[sid] = path
         self.done[path] = asyncio.Event()
-        self.h3.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"https"),
+        method, body, _ = LATE_FIN.get(path, (b"GET", None, ""))
+        self.h3.send_headers(sid, [(b":method", method), (b":scheme", b"https"),
                                    (b":authority", SERVER_NAME.encode()),
-                                   (b":path", path.encode())], end_stream=True)
+                                   (b":path", path.encode())], end_stream=body is None)
+        if body is not None:  # the request ends later, in a datagram of its own
+            self.transmit()
+            self.h3.send_data(sid, body, end_stream=True)
         return self.done[path]
 
 
@@ -242,11 +272,13 @@ async def probe(port: int, certs: Certs, paths: list[str],
                 ticket: SessionTicket | None = None,
                 on_complete: Callable[[str], None] = lambda path: None,
                 unanswered_ok: bool = False,
+                sent: Callable[[ProbeClient], Awaitable[None]] | None = None,
                 ) -> tuple[Observed, list[SessionTicket]]:
     """GET ``paths`` concurrently over one connection to the learner's server. With a
     ticket, the requests are sent at once as 0-RTT data. ``unanswered_ok``: a path left
     without a response (its stream reset, the connection closed, or nothing within
-    WAIT * 2) is the caller's to judge, from what ``Observed`` holds."""
+    WAIT * 2) is the caller's to judge, from what ``Observed`` holds. ``sent(client)`` is
+    awaited once the handshake is done, before the wait for the responses."""
     config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=SERVER_NAME)
     config.load_verify_locations(certs.ca)
     config.session_ticket = ticket
@@ -259,6 +291,8 @@ async def probe(port: int, certs: Certs, paths: list[str],
         waits = {path: client.get(path) for path in paths}
         client.transmit()
         await bounded("the QUIC handshake with your server", client.handshake)
+        if sent is not None:
+            await sent(client)
         if unanswered_ok:
             deadline = asyncio.get_running_loop().time() + WAIT * 2
             while not (all(done.is_set() or path in client.seen.reset
@@ -344,6 +378,17 @@ class ProbeServer(QuicConnectionProtocol):
     async def respond(self, sid: int) -> None:
         status, body = await self.handler(self.paths[sid])
         assert self.h3 is not None
+        if isinstance(body, Framed):
+            if body.interim:
+                self.h3.send_headers(sid, EARLY_HINTS)
+                self.transmit()
+            self.h3.send_headers(sid, [(b":status", str(status).encode())])
+            self.h3.send_data(sid, body.body, end_stream=not body.trailers)
+            if body.trailers:
+                self.transmit()
+                self.h3.send_headers(sid, TRAILERS, end_stream=True)
+            self.transmit()
+            return
         self.h3.send_headers(sid, [(b":status", str(status).encode())])
         # A body given in pieces leaves as one DATA frame each, then an empty one with FIN.
         pieces = [body] if isinstance(body, bytes) else [*body, b""]
@@ -455,6 +500,67 @@ def test_server_answers_a_failing_handler_with_500(learner: Any, certs: Certs) -
         f"{fast}, expected (200, b'/fast ok') beside /boom's 500")
 
 
+def test_server_answers_a_request_that_ends_after_its_headers(learner: Any,
+                                                             certs: Certs) -> None:
+    """A request is complete when its stream ends, and the FIN need not ride on its
+    HEADERS frame: a POST's comes with its body, and a client may end a GET with an empty
+    DATA frame. Both must be answered, like /plain beside them."""
+    paths = [*LATE_FIN, "/plain"]
+    why = ("A request stream ends with its FIN, which may come in its HEADERS frame "
+           "(HeadersReceived.stream_ended) or later, with or after its body "
+           "(DataReceived.stream_ended, possibly with empty data). Remember each stream's "
+           "path when its headers arrive, and start its handler when the stream ends, "
+           "whichever event says so.")
+
+    async def ends_taken(client: ProbeClient) -> None:
+        """Once your server's QUIC stack has acknowledged each request's end (so its
+        quic_event_received() has seen it) and its loop has nothing left to run, the
+        handler must have been called for each: the mistake is told then, not after a
+        wait for a response that cannot come."""
+        late = [sid for sid, path in client.paths.items() if path in LATE_FIN]
+        streams = client._quic._streams  # the test's own client: its FINs' delivery
+
+        def acknowledged() -> bool:
+            return all(sid not in streams or streams[sid].sender.is_finished for sid in late)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT * 2
+        while not acknowledged() and not client.seen.closed and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if not acknowledged():
+            return  # judged from the responses, as they come or not
+        called = await asyncio.to_thread(server.called_once_idle, WAIT)
+        if called is None:
+            return
+        for path, (method, body, how) in LATE_FIN.items():
+            if path not in called and path not in client.seen.responses:
+                answered = ", ".join(f"{p} {client.seen.responses[p][0]}" for p in
+                                     client.seen.order) or "nothing yet"
+                pytest.fail(
+                    f"your server never handled {path}, {how} ({method.decode()}, "
+                    f"{len(body)}-byte body): the request's end reached it (its QUIC stack "
+                    "acknowledged the FIN) and it went idle without calling the handler "
+                    f"for {path} (answered so far: {answered})\n{why}", pytrace=False)
+
+    with learner_server(learner, certs) as server:
+        seen, _ = run(probe(server.port, certs, paths, unanswered_ok=True, sent=ends_taken))
+    plain = f"/plain (FIN on its HEADERS) got {seen.responses.get('/plain')}"
+    for path, (method, body, how) in LATE_FIN.items():
+        got = seen.responses.get(path)
+        if got == (200, f"{path} ok".encode()):
+            continue
+        if got is None:
+            ended = (f"reset its stream (error code {seen.reset[path]})" if path in
+                     seen.reset else f"closed the connection ({seen.closed})" if seen.closed
+                     else f"sent nothing on its stream for {WAIT * 2:.0f} s")
+            pytest.fail(f"your server never answered {path}, {how} ({method.decode()}, "
+                        f"{len(body)}-byte body): it {ended}; {plain}\n{why}", pytrace=False)
+        pytest.fail(f"{path}, {how}, got {got}, expected (200, {f'{path} ok'.encode()!r})"
+                    f"; {plain}\n{why}", pytrace=False)
+    assert seen.responses.get("/plain") == (200, b"/plain ok"), (
+        f"{plain}, expected (200, b'/plain ok')")
+
+
 def test_server_accepts_0rtt_on_resumption(learner: Any, certs: Certs) -> None:
     with learner_server(learner, certs) as server:
         _, tickets = run(probe(server.port, certs, ["/first"]))
@@ -533,6 +639,42 @@ def test_client_reassembles_a_body_sent_in_pieces(learner: Any, certs: Certs) ->
         "one response body comes as many DataReceived events on its stream. Append each "
         "event's data to that stream's body, and take the body only when an event has "
         "stream_ended set.")
+
+
+def test_client_takes_the_final_responses_status(learner: Any, certs: Certs) -> None:
+    """A response may hold HEADERS frames besides its own (RFC 9114 4.1): an interim
+    response (103 Early Hints) before it, trailers after its body. The status is the
+    final response's; the others change neither status nor body."""
+    gate = Gate()
+
+    async def scenario() -> Any:
+        probe = await probe_server(certs, gate.handler)
+        try:
+            return await fetched(learner, probe, certs, ["/hinted", "/trailed"])
+        finally:
+            probe.server.close()
+
+    result = run(scenario())
+    why = ("Only the final response's HEADERS frame carries its status: an interim one "
+           "(:status 1xx) may come before it, and trailers (no :status, after the body) "
+           "may end the stream. Take the status from the first HEADERS whose :status is "
+           "200 or more, and keep collecting the body until stream_ended.")
+    shapes = {"/hinted": "an interim 103 Early Hints, then the final 200 response",
+              "/trailed": "a 200 response whose stream ended with trailers (a HEADERS "
+                          "frame after the body, with no :status)"}
+    for path, shape in shapes.items():
+        want = (200, f"{path} ok".encode())
+        got = result.responses.get(path)
+        if got == want:
+            continue
+        status = got[0] if got else None
+        seen = ("the 103 Early Hints was taken for the response's status" if status == 103
+                else "the trailers were taken for the response's headers (they carry no "
+                     ":status)" if path == "/trailed" and status != 200
+                else "the body was lost or cut" if status == 200 else
+                "a status the server never sent")
+        pytest.fail(f"{path} got {got}: {seen}; expected {want}, the server sent {shape}"
+                    f"\n{why}", pytrace=False)
 
 
 def test_client_resumes_with_0rtt(learner: Any, certs: Certs) -> None:

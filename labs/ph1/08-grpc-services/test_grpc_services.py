@@ -265,6 +265,106 @@ def test_watch_and_bidi_stream_in_order(stubs: ProtoStubs, service_class: Any) -
         other_watch.cancel()
 
 
+def test_a_watch_hears_only_its_own_users_updates(stubs: ProtoStubs,
+                                                 service_class: Any) -> None:
+    """Two users, a watch of each, and one UpdateUsers stream that updates them in turn:
+    each request names its own user, and each watch receives its own user's updates and
+    nobody else's."""
+    with running(stubs, service_class()) as stub:
+        ids = dict(zip(("ada", "bob"), create(stub, stubs, "ada", "bob"), strict=True))
+        watches: dict[str, tuple[Any, queue.Queue[Any]]] = {}
+        for name, user_id in ids.items():
+            call = stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=20)
+            out = drain(call)
+            first = next_message(out, f"WatchUser of {name}: the current state, sent first")
+            assert first.username == name, (
+                f"WatchUser of {name}: the first message must be {name}'s current state, "
+                f"saw {first}")
+            watches[name] = (call, out)
+        outgoing: queue.Queue[Any] = queue.Queue()
+        answers = drain(stub.UpdateUsers(iter(outgoing.get, None), timeout=20))
+        plan = [("ada", "ada-1"), ("bob", "bob-1"), ("ada", "ada-2"), ("bob", "bob-2")]
+        try:
+            for n, (owner, name) in enumerate(plan, start=1):
+                outgoing.put(stubs.pb2.UpdateUserRequest(user_id=ids[owner], username=name))
+                answer = next_message(answers, f"UpdateUsers: the answer to update {n}")
+                got = next((who for who, uid in ids.items() if uid == answer.user_id),
+                           repr(answer.user_id))
+                assert (answer.user_id, answer.username) == (ids[owner], name), (
+                    f"one UpdateUsers stream updated ada, then bob, in turn: request {n} "
+                    f"asked {owner} (user_id {ids[owner]}) to become {name!r}, and the "
+                    f"answer was user {got} with username {answer.username!r}\nEach request "
+                    "of the stream names its own user: look the user up for every request, "
+                    "not once for the stream.")
+            for owner, final in (("ada", "ada-2"), ("bob", "bob-2")):
+                stored = stub.GetUser(stubs.pb2.GetUserRequest(user_id=ids[owner]), timeout=5)
+                assert stored.username == final, (
+                    f"after the stream updated ada and bob in turn, GetUser of {owner} "
+                    f"returned username {stored.username!r}, expected {final!r}")
+            for owner, (call, out) in watches.items():
+                expected = [f"{owner}-1", f"{owner}-2"]
+                seen = updates_seen(out, len(expected))
+                foreign = [name for name in seen if not name.startswith(owner)]
+                assert seen == expected, (
+                    f"the watch of {owner} received {seen}, expected only {owner}'s updates "
+                    f"{expected}"
+                    + (f": {foreign} are another user's updates. Keep the watchers per "
+                       "user_id and tell only the updated user's: a watch is a subscription "
+                       "to one user" if foreign else ""))
+        finally:
+            outgoing.put(None)
+            for call, _ in watches.values():
+                call.cancel()
+
+
+class FakeClock:
+    """The service's injected clock: Unix time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_500_000_000.25
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_created_at_comes_from_the_injected_clock(stubs: ProtoStubs,
+                                                  service_class: Any) -> None:
+    """created_at is the clock's time when the user was created, read through the clock
+    the service was given, and it stays that when the user is updated later."""
+    clock = FakeClock()
+    created = int(clock.now)
+    why = ("Read the time only through the clock the service was given (UserService(clock)): "
+           "that is what lets a test, or a replay, decide what time it is. created_at is "
+           "the moment of creation: an update changes username and email, never it.")
+    with running(stubs, service_class(clock=clock)) as stub:
+        (ada,) = create(stub, stubs, "ada")
+        user = stub.GetUser(stubs.pb2.GetUserRequest(user_id=ada), timeout=5)
+        assert user.created_at == created, (
+            f"a user created while the service's clock read {clock.now} has created_at "
+            f"{user.created_at}, expected {created}"
+            + (" (that is the machine's time: the clock given to UserService was not "
+               "used)" if abs(user.created_at - time.time()) < 3600 else "") + f"\n{why}")
+        clock.now += 3600
+        outgoing: queue.Queue[Any] = queue.Queue()
+        answers = drain(stub.UpdateUsers(iter(outgoing.get, None), timeout=20))
+        try:
+            outgoing.put(stubs.pb2.UpdateUserRequest(user_id=ada, username="ada-1"))
+            answer = next_message(answers, "UpdateUsers: the answer to the update")
+        finally:
+            outgoing.put(None)
+        stored = stub.GetUser(stubs.pb2.GetUserRequest(user_id=ada), timeout=5)
+        for what, seen in (("UpdateUsers' answer", answer), ("GetUser after it", stored)):
+            assert seen.created_at == created, (
+                f"ada was created at {created}; updated 3600 s later (by the service's "
+                f"clock), {what} says created_at {seen.created_at}, expected {created}: "
+                f"the update changed when the user was created\n{why}")
+        (bob,) = create(stub, stubs, "bob")
+        later = stub.GetUser(stubs.pb2.GetUserRequest(user_id=bob), timeout=5)
+        assert later.created_at == int(clock.now), (
+            f"bob, created when the service's clock read {clock.now}, has created_at "
+            f"{later.created_at}, expected {int(clock.now)}\n{why}")
+
+
 def test_an_update_is_applied_before_it_is_answered(stubs: ProtoStubs, service_class: Any,
                                                    learner: Any) -> None:
     """UpdateUsers' answer says the update is done: the new state is stored and every

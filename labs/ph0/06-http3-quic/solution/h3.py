@@ -143,7 +143,12 @@ class _ClientProtocol(QuicConnectionProtocol):
             if sid not in self.waiters:
                 continue
             if isinstance(h3_event, HeadersReceived):
-                self.status[sid] = int(dict(h3_event.headers).get(b":status", b"0"))
+                # Only the final response's HEADERS carry its status: an interim response
+                # (1xx, such as 103 Early Hints) comes before it, and trailers (a HEADERS
+                # frame after the body, without :status) after it.
+                status = dict(h3_event.headers).get(b":status")
+                if status is not None and int(status) >= 200 and sid not in self.status:
+                    self.status[sid] = int(status)
             elif isinstance(h3_event, DataReceived):
                 self.bodies[sid] += h3_event.data
             if getattr(h3_event, "stream_ended", False) and not self.waiters[sid].done():
