@@ -301,7 +301,7 @@ def test_a_watch_hears_only_its_own_users_updates(stubs: ProtoStubs,
                 assert stored.username == final, (
                     f"after the stream updated ada and bob in turn, GetUser of {owner} "
                     f"returned username {stored.username!r}, expected {final!r}")
-            for owner, (call, out) in watches.items():
+            for owner, (_call, out) in watches.items():
                 expected = [f"{owner}-1", f"{owner}-2"]
                 seen = updates_seen(out, len(expected))
                 foreign = [name for name in seen if not name.startswith(owner)]
