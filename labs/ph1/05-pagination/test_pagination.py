@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import pytest
@@ -376,7 +376,7 @@ def forged_cursors(cursor: str) -> list[tuple[str, str]]:
     """(forged cursor, description) in the issued cursor's own encoding; [] when the cursor
     is neither base64 nor hex of UTF-8 text (signed or encrypted: nothing to edit)."""
     if re.fullmatch(r"(?:[0-9a-fA-F]{2})+", cursor):
-        decode, encode = bytes.fromhex, (lambda raw: raw.hex())
+        decode, encode = bytes.fromhex, cast(Callable[[bytes], str], lambda raw: raw.hex())
     elif re.fullmatch(r"[A-Za-z0-9+/_-]+=*", cursor):
         url_safe = not re.search(r"[+/]", cursor)
         padded = cursor.endswith("=")

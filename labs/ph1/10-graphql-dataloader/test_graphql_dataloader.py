@@ -199,7 +199,7 @@ def test_loaders_do_not_outlive_a_request(make_app: Callable[..., Any], proxied_
         with postgres.connect(autocommit=True) as conn:  # the data changes between requests
             conn.execute("INSERT INTO orders VALUES (9999, 4, 123456)")
         data, _ = run(host, counter, USERS_QUERY)
-    user_4 = next((u for u in data.get("users", []) if u.get("id") == "4"), {})
+    user_4: dict[str, Any] = next((u for u in data.get("users", []) if u.get("id") == "4"), {})
     assert {"id": "9999", "totalCents": 123456} in user_4.get("orders", []), (
         f"after a new order for user 4, the next request still shows its old orders "
         f"{user_4.get('orders')}: a DataLoader caches what it loaded, so create it per request")

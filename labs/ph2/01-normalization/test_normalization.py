@@ -21,7 +21,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -387,8 +387,8 @@ def test_rows_breaking_the_rules_are_rejected(db: Conn, learner: Any) -> None:
     order_id, customer_id, email = some[0], some[2], some[3]
     sku_not_in_order = next(r[6] for r in ROWS if r[6] not in
                             {x[6] for x in ROWS if x[0] == order_id})
-    new_customer = {"customer_id": 9001, "customer_email": "new@shop.test",
-                    "customer_name": "New Person", "customer_city": "Lisbon"}
+    new_customer: dict[str, Any] = {"customer_id": 9001, "customer_email": "new@shop.test",
+                                    "customer_name": "New Person", "customer_city": "Lisbon"}
 
     def line(**over: Any) -> Callable[[], None]:
         values = {"order_id": order_id, "product_sku": sku_not_in_order, "quantity": 2,
@@ -466,7 +466,7 @@ def test_generated_keys_start_after_the_copied_ones(db: Conn, learner: Any) -> N
     found = require_homes(read_catalog(db))
     w = Writer(db, found)
     some = ROWS[0]
-    new_rows = {
+    new_rows: dict[str, dict[str, Any]] = {
         "customer": {"customer_email": "generated@shop.test", "customer_name": "New Person",
                      "customer_city": "Lisbon"},
         "order": {"order_date": dt.date(2024, 6, 1), "customer_id": some[2]},
@@ -486,8 +486,10 @@ def test_generated_keys_start_after_the_copied_ones(db: Conn, learner: Any) -> N
             continue  # no generator: new rows bring their own ids, as the original did
         copied = max(r[ATTRIBUTES.index(key)] for r in ROWS)
         taken: list[Any] = []
-        err = w.outcome(lambda e=entity.name, k=key, got=taken: got.append(
-            w.insert(e, returning=k, **new_rows[e])))
+        # the defaults bind this pass's entity (a lambda with defaults gets no type from
+        # the parameter it is passed to)
+        err = w.outcome(cast(Callable[[], None], lambda e=entity.name, k=key, got=taken:
+                             got.append(w.insert(e, returning=k, **new_rows[e]))))
         where = (f"{table.name}.{key} has a generator ({generator[0]}) and the migration "
                  f"copied ids up to {copied}")
         fix = (f"after copying the ids, move the sequence past them: SELECT setval("

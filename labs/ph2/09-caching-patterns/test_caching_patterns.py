@@ -310,6 +310,7 @@ def test_an_entry_that_vanishes_mid_read_is_a_miss_not_an_error(
     read deciding hit or miss from one GET never sends a second one; a check-then-act read
     (EXISTS, TTL or KEYS, then GET) gets None from its GET for an entry it was just told
     exists."""
+    vanished: list[int]  # what the DEL answered: the number of keys it removed
     key, seen, vanished = "product:2", [], []
 
     def before(command: list[bytes]) -> None:

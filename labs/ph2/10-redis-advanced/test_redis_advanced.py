@@ -361,7 +361,7 @@ RESTART_LOCK = "labrunner:lock:redis-restart"
 PERSISTENCE_SETTINGS = ("appendonly", "appendfsync", "save")
 
 
-def server_admin(redis_db: Any) -> redis.Redis:
+def server_admin(redis_db: Any) -> redis.Redis[str]:
     endpoint = redis_db.endpoint
     return redis.Redis(host=endpoint.host, port=endpoint.port, db=0,
                        username=endpoint.username or None, password=endpoint.password or None,
@@ -369,7 +369,7 @@ def server_admin(redis_db: Any) -> redis.Redis:
 
 
 @contextmanager
-def exclusive_restarts(redis_db: Any) -> Iterator[redis.Redis]:
+def exclusive_restarts(redis_db: Any) -> Iterator[redis.Redis[str]]:
     """Hold the restart lock; start from AOF off; put the persistence settings back."""
     admin = server_admin(redis_db)
     token = uuid.uuid4().hex
@@ -403,7 +403,7 @@ SNAPSHOT_S = SNAPSHOT_KEYS * KEY_SAVE_DELAY_US // 1_000_000
 
 
 @contextmanager
-def slow_snapshot(admin: redis.Redis, redis_db: Any) -> Iterator[None]:
+def slow_snapshot(admin: redis.Redis[str], redis_db: Any) -> Iterator[None]:
     """A BGSAVE in progress for about SNAPSHOT_S seconds from the block's start."""
     client = redis_db.client()
     client.mset({f"snapshot:{n}": "x" for n in range(SNAPSHOT_KEYS)})

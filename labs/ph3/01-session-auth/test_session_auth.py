@@ -36,7 +36,7 @@ class Browser:
 
     def call(self, method: str, path: str, document: Any = None,
              csrf: str | bytes | None = None, origin: str | None = None) -> HttpReply:
-        headers = {}
+        headers: dict[str, str | bytes] = {}
         if self.sid is not None:
             headers["Cookie"] = f"sid={self.sid}"
         if csrf is not None:
@@ -44,8 +44,10 @@ class Browser:
         if origin is not None:
             headers["Origin"] = origin
         body = b"" if method == "POST" and document is None else None
-        reply = http_request(self.host, method, path, body, headers, document=document,
-                             timeout=10)
+        # a bytes value (a non-ASCII CSRF token in UTF-8) goes out as it is: http.client
+        # sends bytes header values, but http_request types its headers as str only
+        reply = http_request(self.host, method, path, body,
+                             headers, document=document, timeout=10)  # type: ignore[arg-type]
         for raw in reply.headers.get_all("Set-Cookie") or []:
             self.cookies.append(raw)
             jar = SimpleCookie()

@@ -66,15 +66,17 @@ def acquire_interrupted(lock: Any, method: str) -> str:
     returned without a Condition wait."""
     me = threading.get_ident()
     real = threading.Condition.wait
-    waited = []
+    waited: list[bool] = []
 
-    def wait(cond: Any, timeout: float | None = None) -> bool:
+    def wait(cond: threading.Condition, timeout: float | None = None) -> bool:
         if threading.get_ident() == me and not waited:
             waited.append(True)
             raise KeyboardInterrupt("interrupted by the test while waiting")
         return real(cond, timeout)
 
-    threading.Condition.wait = wait  # type: ignore[method-assign]
+    # patching a method on the class, which mypy refuses (method-assign) and whose type it
+    # does not match with a plain function of the same arguments (assignment)
+    threading.Condition.wait = wait  # type: ignore[method-assign, assignment]
     try:
         getattr(lock, method)()
     except KeyboardInterrupt:

@@ -44,7 +44,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -259,7 +259,8 @@ def race_on_the_stack(report: str, source: list[str]) -> tuple[str, str] | None:
 
 
 def learner_source(learner: Any) -> list[str]:
-    return learner.path("stack.c").read_text(encoding="utf-8", errors="replace").splitlines()
+    return cast(str, learner.path("stack.c").read_text(encoding="utf-8",
+                                                       errors="replace")).splitlines()
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -133,7 +133,7 @@ class Server:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return cast(int, self.proc.pid)
 
     def read(self, helper: Callable[[int], Any]) -> Any:
         """A /proc reading of the server process: here when the test can see it, else
@@ -967,7 +967,8 @@ def echoed_or_queued(server: Server, socks: list[socket.socket],
                 f"{LOW_NOFILE} open files, {len(echoed)} echoed so far")
             stalled = stalled + 1 if why else 0
             if stalled >= STALLED:
-                pytest.fail(why, pytrace=False)
+                # stalled counts passes in a row with a diagnosis: why is one here
+                pytest.fail(cast(str, why), pytrace=False)
             now = server.read(process_activity)
             if ready or now[0] == -1 or asleep_throughout(last, now):
                 spun_from = now[1]

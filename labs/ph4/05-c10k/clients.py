@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from typing import Any
 
 
 async def main(port: int, n: int, early: int) -> None:
@@ -95,7 +96,8 @@ async def main(port: int, n: int, early: int) -> None:
             except (ConnectionError, OSError, ValueError):
                 pass   # reset, or not a line: not echoed
 
-        pings = asyncio.ensure_future(asyncio.gather(
+        # Any: waited on in one set with the stdin read (a set of two result types)
+        pings: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(
             *(ping(f"ping {rounds} {i}\n".encode(), r, w) for i, (r, w) in enumerate(conns))))
         command = asyncio.ensure_future(stdin.readline())
         await asyncio.wait({pings, command}, return_when=asyncio.FIRST_COMPLETED)

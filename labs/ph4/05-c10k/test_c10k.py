@@ -58,7 +58,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import pytest
 
@@ -152,7 +152,7 @@ class Server:
         seen = tuple(self._read(process_resources))
         if seen[0] < 0:
             self.fail("the server went out of the verification's sight")
-        return seen  # type: ignore[return-value]
+        return seen
 
     def activity(self) -> Activity:
         awake, cpu, threads = self._read(process_activity)
@@ -403,7 +403,7 @@ def listen_backlog(port: int) -> int | None:
                     return None
                 msg = data[off + 16:off + length]
                 if len(msg) >= 72 and struct.unpack_from("!H", msg, 4)[0] == port:
-                    return struct.unpack_from("=I", msg, 60)[0]
+                    return cast(int, struct.unpack_from("=I", msg, 60)[0])
                 off += (length + 3) & ~3
             if not data:
                 return None
@@ -712,6 +712,7 @@ def echo(server: Server, clients: list[Client], total: int) -> None:
     reports: dict[int, int] = {}
     deadline = time.monotonic() + ECHO_WAIT
     blocked: list[int] = []
+    frozen: tuple[int, tuple[int, ...]]  # (the server's CPU, the waiting clients' CPU)
     stuck, frozen = 0, (0, ())
     verdict = ""
     while len(reports) < len(clients):

@@ -58,6 +58,9 @@ def cache(learner: Any) -> ModuleType:
 class LRUModel:
     """Recency as a plain list, least recent first: slow and obviously right."""
 
+    data: dict[int, int]
+    order: list[int]
+
     def __init__(self, capacity: int) -> None:
         self.capacity, self.data, self.order = capacity, {}, []
 
@@ -89,6 +92,10 @@ class LFUModel:
     """Each key's use count and the tick of its last use; the victim is the key with the
     fewest uses, the least recently used among those."""
 
+    data: dict[int, int]
+    uses: dict[int, int]
+    last: dict[int, int]
+
     def __init__(self, capacity: int) -> None:
         self.capacity, self.data, self.uses, self.last, self.tick = capacity, {}, {}, {}, 0
 
@@ -118,7 +125,8 @@ class LFUModel:
 # ---------------------------------------------------------------------------- machines
 
 
-def machine_for(module: ModuleType, cls: str, model_cls: type, rule_text: str) -> type:
+def machine_for(module: ModuleType, cls: str, model_cls: type,
+                rule_text: str) -> type[RuleBasedStateMachine]:
     class CacheMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
@@ -187,7 +195,7 @@ LFU_RULE = ("the key with the fewest uses goes when a new key arrives in a full 
             "key starts at 1, and updating a key already cached evicts nothing")
 
 
-def run_machine(machine: type) -> None:
+def run_machine(machine: type[RuleBasedStateMachine]) -> None:
     """Run a state machine; its assertion (with Hypothesis' minimal example) is the
     failure the learner reads."""
     machine.TestCase.settings = SETTINGS

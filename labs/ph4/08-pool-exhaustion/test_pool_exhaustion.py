@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import psycopg
 import pytest
@@ -69,10 +69,10 @@ class Server:
         wait_until(lambda: not (self.pids() & pids), "the terminated backends to go away")
 
     def lock_waiters(self) -> int:
-        (n,) = self.admin.execute(
+        (n,) = cast("tuple[int]", self.admin.execute(  # a count(*) always has its row
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT "
             "l.granted AND l.locktype = 'advisory' AND a.datname = %s",
-            (self.dbname,)).fetchone()
+            (self.dbname,)).fetchone())
         return int(n)
 
     def close(self) -> None:
@@ -398,7 +398,7 @@ class ConnectGate(TcpRelay):
 @pytest.fixture
 def gate(postgres: Any) -> Iterator[ConnectGate]:
     with ConnectGate(postgres.dsn) as relay:
-        yield relay
+        yield cast(ConnectGate, relay)  # __enter__: self, typed TcpRelay
 
 
 def outcome_of(call: Call) -> str:
@@ -685,7 +685,8 @@ PROMPTLY = 10.0   # a generous bound for what needs only the pool's lock
 def test_a_borrower_stuck_in_network_io_stalls_no_one_else(
         stuck: str, mod: ModuleType, pools: list[Any], postgres: Any,
         on_a_lock: Callable[[], int]) -> None:
-    with HangingBackend(postgres.dsn) as relay:
+    with HangingBackend(postgres.dsn) as entered:
+        relay = cast(HangingBackend, entered)  # __enter__: self, typed TcpRelay
         pool = make(mod, pools, relay.dsn, 2, policy="queue", acquire_timeout=60)
         first = pool.acquire()               # relayed connection 0
         if stuck == "validation":

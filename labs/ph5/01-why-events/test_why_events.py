@@ -300,7 +300,7 @@ def test_acknowledged_means_stored_by_the_replicas(learner: Any, kafka: Any) -> 
     assert isinstance(placed, list) and len(placed) == 5, (
         f"publish_orders returned {placed!r:.120}; expected 5 (partition, offset) pairs")
     assert asked, "publish_orders returned without sending a single Produce request"
-    meaning = {
+    meaning: dict[int | None, str] = {
         0: "acks=0: nobody acknowledges, so a delivery report says nothing about the log",
         1: "acks=1: only the partition LEADER has the events when it answers; if it dies "
            "before its followers copied them, a follower becomes leader without them and "

@@ -48,7 +48,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -57,6 +57,7 @@ from labrunner.testing import (
     API_NAMES,
     KafkaEvent,
     KafkaProxy,
+    KafkaRequest,
     process_activity,
     program_reading,
     read_all,
@@ -152,14 +153,17 @@ def start(learner: Any, kafka: Any, mode: str, topics: dict[str, str], group: st
         args += ["--crash-after", str(crash_after)]
     if ack_timeout is not None:
         args += ["--ack-timeout", f"{ack_timeout:g}"]
-    return learner.python("semantics", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return cast(subprocess.Popen[bytes], learner.python("semantics", *args,
+                                                        stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE))
 
 
 def first_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     """The process's first line of output, or '' if it printed none within ``timeout``."""
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert stdout is not None
     line: list[bytes] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
     reader.start()
     reader.join(timeout)
     return line[0].decode().strip() if line else ""
@@ -344,7 +348,7 @@ def idle_throughout(learner: Any, proc: subprocess.Popen[bytes], span: float) ->
             return False
         if now[0] != 0 or first[0] != 0 or proc.poll() is not None:
             return False
-    return (now[1] - first[1]) / 1e9 < IDLE_CPU_SHARE * span
+    return cast(int, now[1] - first[1]) / 1e9 < IDLE_CPU_SHARE * span  # CPU time in ns
 
 
 def finished(proc: subprocess.Popen[bytes], mode: str, what: str) -> int:
@@ -384,7 +388,8 @@ def assert_acked_by_all_replicas(events: list[KafkaEvent]) -> None:
     Produce requests on the wire: the config key or its spelling does not matter."""
     acks = sorted({e.request.acks for e in events
                    if e.kind == "request" and e.request.api_key == PRODUCE}, key=str)
-    named = {0: "acks=0 (no acknowledgement)", 1: "acks=1 (the partition leader alone)"}
+    named: dict[int | None, str] = {0: "acks=0 (no acknowledgement)",
+                                    1: "acks=1 (the partition leader alone)"}
     assert acks == [-1], (
         f"at-least-once: the worker's Produce requests asked for "
         f"{', '.join(named.get(a, f'acks={a}') for a in acks) or 'nothing'}; expected "
@@ -517,8 +522,12 @@ def test_exactly_once_commits_the_offset_inside_the_transaction(learner: Any,
     workers: list[subprocess.Popen[bytes]] = []
     with KafkaProxy(kafka.bootstrap) as proxy:
         proxy.drop(OFFSET_COMMIT)
-        proxy.on_request(OFFSET_COMMIT, lambda _request: ready.wait(30)
-                         and workers[0].send_signal(signal.SIGKILL))
+
+        def kill_the_worker(_request: KafkaRequest) -> None:
+            if ready.wait(30):
+                workers[0].send_signal(signal.SIGKILL)
+
+        proxy.on_request(OFFSET_COMMIT, kill_the_worker)
         workers.append(start(learner, kafka, "exactly-once", topics, group,
                              bootstrap=proxy.bootstrap))
         ready.set()

@@ -34,6 +34,7 @@ Mistakes a learner makes here, each caught with its own message:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,7 +222,7 @@ def test_resume_after_crash_while_compensating(world: Any, postgres: Any,
 # Crashes that are ordinary exceptions (an Exception, not StepFailed): the step's service is
 # down before it did anything; its reply timed out AFTER it took effect (the outcome is
 # unknown to the orchestrator); its client failed on a malformed reply.
-CRASHES = {
+CRASHES: dict[str, tuple[str, bool, Callable[[], Exception], str]] = {
     "service_down": ("reserve_inventory", False,
                      lambda: ConnectionError("inventory service unreachable"),
                      "its service is down"),
@@ -282,7 +283,7 @@ def test_a_crash_that_is_an_ordinary_exception_is_not_a_refusal(world: Any, post
 # How an undo fails: the payment service is down (a crash), or it refuses the refund for now
 # (StepFailed from undo(): a refusal of the compensation, not of a step - nothing to
 # compensate for it, it is simply not done yet).
-FAILED_UNDOS = {
+FAILED_UNDOS: dict[str, tuple[str, Callable[[Any], Exception]]] = {
     "payment_down": ("raised ConnectionError (the payment service is down)",
                      lambda mod: ConnectionError("payment service unreachable")),
     "refund_refused": ("raised StepFailed (the payment service refuses the refund for now)",
@@ -372,7 +373,8 @@ def test_two_sagas_keep_their_own_state(world: Any, postgres: Any, learner: Any)
 
 # --- choreography --------------------------------------------------------------------------
 
-RULES = [  # (service, event, order, what it publishes) - the boundaries are inclusive
+# (service, event, order, what it publishes) - the boundaries are inclusive
+RULES: list[tuple[str, str, dict[str, Any], list[str]]] = [
     ("payment", "OrderPlaced", {"amount_cents": 100_000}, ["PaymentCharged"]),
     ("payment", "OrderPlaced", {"amount_cents": 100_001}, ["PaymentDeclined"]),
     ("inventory", "PaymentCharged", {"qty": 10}, ["InventoryReserved"]),
@@ -427,11 +429,13 @@ ORDERS = {
     "no-stock": {"amount_cents": 4200, "qty": 50, "country": "FR"},
     "no-shipping": {"amount_cents": 4200, "qty": 2, "country": "US"},
 }
-OWNER = {"PaymentCharged": "payment", "PaymentDeclined": "payment", "PaymentRefunded": "payment",
-         "InventoryReserved": "inventory", "InventoryRejected": "inventory",
-         "InventoryReleased": "inventory", "ShipmentScheduled": "shipping",
-         "ShipmentRejected": "shipping", "OrderCompleted": "order", "OrderCancelled": "order",
-         "OrderPlaced": "order"}
+# keyed by str | None: looked up with an event's "type", which an event may lack
+OWNER: dict[str | None, str] = {
+    "PaymentCharged": "payment", "PaymentDeclined": "payment", "PaymentRefunded": "payment",
+    "InventoryReserved": "inventory", "InventoryRejected": "inventory",
+    "InventoryReleased": "inventory", "ShipmentScheduled": "shipping",
+    "ShipmentRejected": "shipping", "OrderCompleted": "order", "OrderCancelled": "order",
+    "OrderPlaced": "order"}
 
 
 def read_events(kafka: Any, topic: str) -> list[dict[str, Any]]:
@@ -515,8 +519,9 @@ def test_a_service_commits_only_after_its_reactions_are_acknowledged(learner: An
         try:
             proxy.hold(PRODUCE)
             pump = harness.Pump(service)
-            wait_until(lambda: proxy.requests(OFFSET_COMMIT) or pump.waiting_in_producer()
-                       or pump.done(), "pump() to commit or to wait for its reaction's ack")
+            wait_until(lambda: bool(proxy.requests(OFFSET_COMMIT) or pump.waiting_in_producer()
+                                    or pump.done()),
+                       "pump() to commit or to wait for its reaction's ack")
             early = [r.name for r in proxy.requests(PRODUCE, OFFSET_COMMIT)]
             proxy.release(PRODUCE)
             outcome = pump.join(30)

@@ -45,7 +45,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -100,10 +100,11 @@ def pending(conn: Any) -> int:
 
 def start_relay(learner: Any, postgres: Any, bootstrap: str, topic: str, batch: int,
                 timeout: float = 10.0) -> subprocess.Popen[bytes]:
-    return learner.python("relay", "--dsn", postgres.dsn, "--bootstrap", bootstrap,
-                          "--topic", topic, "--batch-size", str(batch), "--timeout",
-                          str(timeout), "--once", stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+    return cast(subprocess.Popen[bytes],
+                learner.python("relay", "--dsn", postgres.dsn, "--bootstrap", bootstrap,
+                               "--topic", topic, "--batch-size", str(batch), "--timeout",
+                               str(timeout), "--once", stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE))
 
 
 def finish(relay: subprocess.Popen[bytes], what: str) -> int:
@@ -264,7 +265,7 @@ def assert_durable_producer(proxy: KafkaProxy) -> None:
     with InitProducerId, which its batches then carry with their sequence numbers)."""
     asked = sorted({r.acks for r in proxy.requests(PRODUCE)}, key=str)
     assert asked, "the relay published its batches without a single Produce request"
-    meaning = {
+    meaning: dict[int | None, str] = {
         0: "acks=0: nobody acknowledges, flush() returns once the bytes left the client and "
            "every delivery report says 'delivered'",
         1: "acks=1: only the partition leader has the record when it answers; if the leader "

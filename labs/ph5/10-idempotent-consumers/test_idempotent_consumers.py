@@ -22,12 +22,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # typed, not re-exported
 
 Event = dict[str, Any]
 
@@ -322,7 +322,7 @@ def test_a_failure_that_is_not_a_duplicate_raises(db: Any, postgres: Any,
 # --- the consumer process, killed mid-event ------------------------------------------------
 
 def publish(kafka: Any, deliveries: list[Event]) -> str:
-    topic = kafka.topic("payments")
+    topic: str = kafka.topic("payments")
     admin = kafka.admin()
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
     producer = Producer(kafka.producer_config(acks="all"))
@@ -335,9 +335,11 @@ def publish(kafka: Any, deliveries: list[Event]) -> str:
 
 def start_consumer(learner: Any, postgres: Any, kafka: Any,
                    topic: str) -> subprocess.Popen[bytes]:
-    return learner.python("consumer", "--dsn", postgres.dsn, "--bootstrap", kafka.bootstrap,
-                          "--topic", topic, "--group", kafka.group("payments"),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return cast(subprocess.Popen[bytes],
+                learner.python("consumer", "--dsn", postgres.dsn, "--bootstrap",
+                               kafka.bootstrap, "--topic", topic, "--group",
+                               kafka.group("payments"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE))
 
 
 def error_tail(proc: subprocess.Popen[bytes]) -> str:

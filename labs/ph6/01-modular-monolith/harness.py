@@ -4,6 +4,7 @@ Across the grading boundary a returned dict arrives as a copy, so the test canno
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -15,6 +16,7 @@ def edit_what_is_handed_out(app: Any, sku: str, customer: str
     order = app.place_order(customer, sku, 1)
     order_id = order["order_id"]
     seen = []
+    get: Callable[[], Any]  # each lambda below returns a record the shop handed out
     for what, get in (("place_order()", lambda: order),
                       ("get_order()", lambda: app.get_order(order_id)),
                       ("invoices_for()", lambda: (app.invoices_for(customer) or [{}])[0])):

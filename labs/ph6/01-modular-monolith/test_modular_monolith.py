@@ -140,7 +140,7 @@ class Trespass(ast.NodeVisitor):
         if name == "getattr" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
             base = self.dotted(node.args[0])
             if base:
-                self.check_path(node, f"{base}.{node.args[1].value}", ast.unparse(node))
+                self.check_path(node, f"{base}.{node.args[1].value!s}", ast.unparse(node))
         self.generic_visit(node)
 
     def visit_Subscript(self, node: ast.Subscript) -> None:

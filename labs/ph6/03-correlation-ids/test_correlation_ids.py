@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -54,11 +54,14 @@ class Responder:
             msg = self.consumer.poll(0.1)
             if msg is None or msg.error():
                 continue
-            headers = {k: (v or b"").decode() for k, v in (msg.headers() or [])}
-            try:
-                payload = json.loads(msg.value())
+            # a consumed message's headers: a list of (key, bytes or None), never a dict
+            pairs = cast("list[tuple[str, bytes | None]]", msg.headers() or [])
+            headers = {k: (v or b"").decode() for k, v in pairs}
+            value = msg.value()
+            try:  # a request without a value (None) is kept as None, not a TypeError here
+                payload = json.loads(value) if value is not None else None
             except ValueError:
-                payload = msg.value()
+                payload = value
             got.append(Request(headers.get("correlation_id"), headers.get("reply_to"), payload))
         if len(got) < n:
             pytest.fail(f"{what}: {len(got)} of {n} requests arrived on the request topic "
@@ -81,7 +84,7 @@ class Responder:
 
     def reply(self, req: Request, doc: Any, topic: str, cid: str | None = None,
               partition: int | None = None) -> None:
-        where = {} if partition is None else {"partition": partition}
+        where: dict[str, Any] = {} if partition is None else {"partition": partition}
         self.producer.produce(req.reply_to or topic, json.dumps(doc).encode(),
                               headers=[("correlation_id", (cid or req.cid or "").encode())],
                               **where)

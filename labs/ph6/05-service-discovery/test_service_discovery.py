@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -314,10 +314,11 @@ def test_deregister_removes_one_instance_at_once(world: Any) -> None:
 
 def start(learner: Any, url: str, iid: str, ttl: str,
           interval: float | None = None) -> subprocess.Popen[bytes]:
-    return learner.python("registry", "--redis", url, "--service", "pay", "--id", iid,
-                          "--address", f"127.0.0.1:80{iid[-1]}", "--ttl", ttl,
-                          "--interval", str(interval or INTERVAL), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+    return cast(subprocess.Popen[bytes],
+                learner.python("registry", "--redis", url, "--service", "pay", "--id", iid,
+                               "--address", f"127.0.0.1:80{iid[-1]}", "--ttl", ttl,
+                               "--interval", str(interval or INTERVAL),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
 
 
 INTERVAL = 0.2   # the --interval every process is started with
@@ -329,10 +330,11 @@ def stopped(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def exited_early(proc: subprocess.Popen[bytes], ttl: str, when: str) -> None:
-    """Fail the test if registry.py has exited, saying how (its last line of stderr)."""
+def exited_early(proc: subprocess.Popen[bytes], ttl: str, when: str) -> bool:
+    """Fail the test if registry.py has exited, saying how (its last line of stderr); False
+    while it runs (a wait condition's first part)."""
     if proc.poll() is None:
-        return
+        return False
     err = proc.stderr.read().decode()[-800:] if proc.stderr else ""
     last = (err.strip().splitlines() or [""])[-1]
     hint = (": the TTL is a number of seconds that may have a fraction (type=float)"

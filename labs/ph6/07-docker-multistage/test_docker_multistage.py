@@ -26,7 +26,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from dockerfile_parse import DockerfileParser
@@ -81,7 +81,7 @@ def parse(path: Path) -> tuple[DockerfileParser, list[Stage]]:
 
 
 def copy_from(ins: dict[str, Any]) -> str | None:
-    for word in ins["value"].split():
+    for word in cast(str, ins["value"]).split():
         if word.startswith("--from="):
             return word.split("=", 1)[1]
     return None
@@ -653,9 +653,11 @@ def docker_client() -> Any:
     """A client of the Docker engine at $DOCKER_HOST, or the reason there is none."""
     import docker
 
+    # The ignores: mypy run from the repository's root takes its docker/ folder (a namespace
+    # package) for this import, not the Docker SDK (untyped, so Any either way)
     try:
-        docker.from_env(timeout=10).ping()
-        return docker.from_env(timeout=600)       # builds take their time
+        docker.from_env(timeout=10).ping()  # type: ignore[attr-defined]
+        return docker.from_env(timeout=600)  # type: ignore[attr-defined]  # builds take time
     except Exception as exc:
         return (f"no Docker engine answers ({os.environ.get('DOCKER_HOST') or 'default socket'}"
                 f": {str(exc).splitlines()[0][:120]}); the image is built and run where one "
@@ -722,7 +724,8 @@ def built_and_run_in_docker(learner: Any, tmp_path: Path) -> None:
             bound = (container.attrs["NetworkSettings"]["Ports"] or {}).get(f"{PORT}/tcp")
             return int(bound[0]["HostPort"]) if bound else None
 
-        wait_until(host_port, f"the container's port {PORT} to be published", timeout=60)
+        wait_until(lambda: bool(host_port()), f"the container's port {PORT} to be published",
+                   timeout=60)
         port = host_port()
 
         def echoes() -> bool:

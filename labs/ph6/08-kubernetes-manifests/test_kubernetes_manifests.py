@@ -237,14 +237,14 @@ def test_service_and_ingress_reach_a_declared_port(docs: list[dict[str, Any]]) -
     for rule in ing["spec"].get("rules") or []:
         for path in (rule.get("http") or {}).get("paths") or []:
             backend = path["backend"]["service"]
-            svc = named(docs, "Service", backend["name"])
-            assert svc is not None, (f"the Ingress sends {path.get('path')} to Service "
-                                     f"{backend['name']!r}, which k8s.yaml does not define")
+            routed = named(docs, "Service", backend["name"])
+            assert routed is not None, (f"the Ingress sends {path.get('path')} to Service "
+                                        f"{backend['name']!r}, which k8s.yaml does not define")
             want = backend.get("port", {})
             ok = any(want.get("name") == p.get("name") if "name" in want
-                     else want.get("number") == p.get("port") for p in svc["spec"]["ports"])
+                     else want.get("number") == p.get("port") for p in routed["spec"]["ports"])
             assert ok, (f"the Ingress names port {want} of Service {backend['name']!r}, "
-                        f"which has {svc['spec']['ports']}")
+                        f"which has {routed['spec']['ports']}")
 
 
 # The app's paths that fail while the database is down, and why.

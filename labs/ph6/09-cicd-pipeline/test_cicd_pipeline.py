@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -33,7 +33,7 @@ def actionlint() -> str:
                 "root, else into ~/.cache/labrunner/bin)")
 
 
-def workflow(learner: Any) -> dict[str, Any]:
+def workflow(learner: Any) -> dict[Any, Any]:  # keys: str, and True for a bare `on`
     try:
         doc = yaml.safe_load(learner.path("pipeline.yml").read_text())
     except yaml.YAMLError as exc:
@@ -174,9 +174,9 @@ def run_with_every_check_failing(learner: Any, argv: list[str], script: str,
     body = re.sub(r"\$\{\{[^}]*\}\}", "expr", script)  # GitHub substitutes these first
     (workdir / "step.sh").write_text(body)
     try:
-        done = learner.run([*argv, str(workdir / "step.sh")], cwd=workdir, timeout=20,
-                           env={"PATH": str(bin_dir), "HOME": str(workdir)},
-                           capture_output=True)
+        done: subprocess.CompletedProcess[bytes] = learner.run(
+            [*argv, str(workdir / "step.sh")], cwd=workdir, timeout=20,
+            env={"PATH": str(bin_dir), "HOME": str(workdir)}, capture_output=True)
     except subprocess.TimeoutExpired:
         return -1
     return done.returncode
@@ -197,8 +197,9 @@ def test_a_failing_check_fails_its_job(learner: Any) -> None:
         runs = [(st, step_shell(doc, job, st)) for st in steps(job) if st.get("run")]
         if not runs or any(argv is None for _, argv in runs):
             continue
-        statuses = []
-        for st, argv in runs:
+        statuses: list[int] = []
+        # the casts: no argv is None here (a job with one is skipped above)
+        for st, argv in cast(list[tuple[dict[str, Any], list[str]]], runs):
             workdir = shared / f"{stage}-{len(statuses)}"
             statuses.append(run_with_every_check_failing(learner, argv, str(st["run"]),
                                                          workdir))
@@ -206,7 +207,7 @@ def test_a_failing_check_fails_its_job(learner: Any) -> None:
                 break
         if statuses[-1] != 0:
             continue
-        st, argv = runs[-1]
+        st, argv = cast(tuple[dict[str, Any], list[str]], runs[-1])
         script = str(st["run"]).strip()
         piped = "|" in script.replace("||", "") and "pipefail" not in " ".join(argv) + script
         why = (("its status is that of the pipe's LAST command: GitHub runs a step with no "

@@ -16,17 +16,22 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from labrunner.otlp import OtlpTraceReceiver, ReceivedSpan
 from labrunner.testing import http_request, serve_wsgi
+
+# prometheus_client's OpenMetrics parser is unannotated; it yields Metric families, as the
+# text format's parser (annotated) does
+parse_om = cast(Callable[[str], Iterable[Metric]], text_string_to_metric_families)
 
 HISTOGRAM = "http_request_duration_seconds"
 COUNTER = "http_requests"

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import pytest
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -48,9 +48,16 @@ POOLS = ((3, 2.7, 0.5, 0.1), (2, 1.05, 1.0, 0.4))
 # the counters since the start instead of their rate over the window sees it.
 HISTORY = {("/search", "500"): 500.0}
 HISTORY_SLOW = 500.0  # observations in the 2.5 s bucket, /search
+
+
+class OtherService(TypedDict):
+    requests: dict[tuple[str, str], float]    # as REQUESTS
+    pool: tuple[int, float, float, float]     # as one of POOLS
+
+
 # Another service scraped at the same time, with the same metric names and other figures:
 # a query that does not select its job reads both.
-OTHER = {"requests": {("/orders", "200"): 100.0}, "pool": (2, 2.0, 9.0, 7.0)}
+OTHER: OtherService = {"requests": {("/orders", "200"): 100.0}, "pool": (2, 2.0, 9.0, 7.0)}
 # Every sample is stamped with a multiple of this (both instances scraped each 0.5 s), so
 # the instances' series share sample times the queries are evaluated at.
 GRID = 0.5
@@ -204,7 +211,7 @@ def _evaluate(prometheus: Any, query: str, at: float) -> list[dict[str, Any]]:
     """The query's result at one time; a query Prometheus cannot match across the
     instances fails naming that."""
     try:
-        return prometheus.query_range(query, at, at, 1)
+        return cast(list[dict[str, Any]], prometheus.query_range(query, at, at, 1))
     except pytest.fail.Exception as exc:
         if not re.search(r"many-to-many|duplicate series|multiple matches", str(exc)):
             raise
@@ -325,7 +332,7 @@ def _one_instance_diagnosis(name: str, compact: str, value: float) -> str:
 
 def _serve(stack: ExitStack, service: SyntheticService) -> str:
     registry = CollectorRegistry()
-    registry.register(service)  # type: ignore[arg-type]
+    registry.register(service)
     return str(stack.enter_context(serve_wsgi(make_wsgi_app(registry))))
 
 

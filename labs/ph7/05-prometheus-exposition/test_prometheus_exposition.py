@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -150,7 +150,7 @@ def test_label_values_are_escaped_backslash_first(learner: Any) -> None:
 
 
 def _sample_name(family: dict[str, Any]) -> str:
-    return family["name"] + ("_total" if family["type"] == "counter" else "")
+    return cast(str, family["name"]) + ("_total" if family["type"] == "counter" else "")
 
 
 def _rendered(learner: Any, families: list[dict[str, Any]]) -> str:

@@ -22,12 +22,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from labrunner.otlp import OtlpTraceReceiver, ReceivedSpan
-from labrunner.testing import http_request, serve_wsgi
+from labrunner.testing import HttpReply, http_request, serve_wsgi
 
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
@@ -96,7 +96,7 @@ class RecordingProxy:
                     self.wfile.write(SHORT_BODY)
                     return
                 body = b'{"error": "no healthy upstream"}'
-                self.send_response(status)
+                self.send_response(cast(int, status))  # a status code: SHORT is the one str
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -125,7 +125,7 @@ class Stack:
     providers: list[Any]
 
     def call(self, path: str, headers: dict[str, str] | None = None,
-             timeout: float = 15) -> Any:
+             timeout: float = 15) -> HttpReply:
         try:
             return http_request(self.host, "GET", path, headers=headers or {},
                                 timeout=timeout)
@@ -233,7 +233,9 @@ def test_one_trace_across_two_services(stack: Stack) -> None:
     assert cursor is front, (
         f"the CLIENT span {client.describe()} does not descend from the frontend's SERVER "
         f"span {front.span_id}: start it while the SERVER span is current (nested with)")
-    got_trace, got_parent, flags = TRACEPARENT.fullmatch(header["traceparent"]).groups()
+    # outgoing_header failed the test unless the header matches
+    got_trace, got_parent, flags = cast(re.Match[str],
+                                        TRACEPARENT.fullmatch(header["traceparent"])).groups()
     assert got_trace == trace_id, (
         f"the frontend sent trace id {got_trace} to inventory, expected the caller's "
         f"{trace_id}: the whole request is one trace")
@@ -287,7 +289,9 @@ def test_unsampled_caller_is_respected(stack: Stack) -> None:
         f"were exported:\n  {listing(recorded)}\nThe sampling decision is made once, at the "
         "root, and travels in the flags: use the default ParentBased sampler, not ALWAYS_ON.")
     header = outgoing_header(stack)
-    got_trace, _, flags = TRACEPARENT.fullmatch(header["traceparent"]).groups()
+    # outgoing_header failed the test unless the header matches
+    got_trace, _, flags = cast(re.Match[str],
+                               TRACEPARENT.fullmatch(header["traceparent"])).groups()
     assert (got_trace, flags) == (trace_id, "00"), (
         f"the frontend passed on trace {got_trace} flags {flags}, expected {trace_id} flags "
         "00: an unsampled trace is still propagated, with its decision")

@@ -465,7 +465,7 @@ def postgres_failing_queries(code: str, message: str) -> Answer:
                 del pending[:size]
                 out += b"N" if code_ in SSL_OR_GSS_REQUEST else PG_LOGGED_IN
                 continue
-            kind, size = pending[:1], int.from_bytes(pending[1:5], "big")
+            kind, size = bytes(pending[:1]), int.from_bytes(pending[1:5], "big")
             if len(pending) < size + 1:
                 break
             del pending[:size + 1]

@@ -14,8 +14,9 @@ which fits the budget, is decided.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -98,8 +99,10 @@ HINTS = {
 }
 
 
-def make(learner: Any, redis_db: Any, cls: str, prefix: str, url: str | None = None,
+def make(learner: Any, redis_db: Any, cls: str, prefix: str, url: str | None = None, /,
          **params: float) -> Any:
+    """An instance of the learner's ``cls`` (``url``: Redis's, by default); positional-only
+    arguments, so no key of ``params`` can stand for one of them."""
     module = learner.load("ratelimit")
     factory = getattr(module, cls, None)
     if factory is None:
@@ -347,7 +350,7 @@ def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: A
     gate = HoldAt()
     a_what, b_what = f"{case.cls} at t={case.a_now}", f"{case.cls} at t={case.b_now}"
     with redis_gate(redis_db.url, gate) as gated:
-        a = make(learner, redis_db, case.cls, "f", url=gated, **case.params)
+        a = make(learner, redis_db, case.cls, "f", gated, **case.params)
         b = make(learner, redis_db, case.cls, "f", **case.params)
         for after in range(1, 20):
             key = f"in-flight-{after}"
@@ -356,7 +359,10 @@ def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: A
             gate.arm(after)
             request, a_out = in_background(lambda key=key: decide(a, key, case.a_now, a_what))
             try:
-                wait_until(lambda r=request: gate.held.is_set() or not r.is_alive(),
+                # r=request: this pass's thread (a lambda with a default gets no type from
+                # the parameter it is passed to)
+                wait_until(cast(Callable[[], bool],
+                                lambda r=request: gate.held.is_set() or not r.is_alive()),
                            f"{a_what} to send its Redis commands", timeout=60)
                 held, sent = gate.held.is_set(), list(gate.sent)
                 if held:

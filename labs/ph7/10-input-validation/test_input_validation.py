@@ -368,15 +368,15 @@ def test_too_large_is_413_before_the_body_is_read(host: str) -> None:
         f"{head[:60]!r} within 5 s, expected an immediate 413\nCheck Content-Length "
         "against the limit BEFORE reading the body: reading first lets any client make the "
         "server buffer (or wait for) as much as it announces.")
-    order = json.dumps(BASE).encode()
-    n = str(len(order)).encode()
+    valid = json.dumps(BASE).encode()
+    n = str(len(valid)).encode()
     # Content-Length = 1*DIGIT (RFC 9110): int() also takes a sign, blanks and "_" - a
     # length the proxy in front refuses or reads otherwise (request smuggling). Each comes
     # with a valid order of that length, so a lenient parser answers 201.
     for bad_length in (b"abc", b"-1", b"+" + n, n[:1] + b"_" + n[1:], n + b"\xb2"):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(b"POST /orders HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
-                         b"\r\nContent-Length: " + bad_length + b"\r\n\r\n" + order)
+                         b"\r\nContent-Length: " + bad_length + b"\r\n\r\n" + valid)
             try:
                 head = sock.recv(200)
             except TimeoutError:
