@@ -72,24 +72,29 @@ class LearnerServer:
         a future or a later timer): what the server was going to do with what it has
         received, it has done by then. None when the loop was never idle within
         ``seconds``."""
+        # asyncio has no public "is idle": BaseEventLoop's run queue and timers are private.
+        # A loop without them (another implementation) gives no verdict.
+        loop: Any = self.loop
+        if not (hasattr(loop, "_ready") and hasattr(loop, "_scheduled")):
+            return None
         seen: list[list[str]] = []
         settled = threading.Event()
 
         def look() -> None:
             if settled.is_set():
                 return
-            if self.loop._ready:  # something else is runnable: look again after it
-                self.loop.call_soon(look)
+            if loop._ready:  # something else is runnable: look again after it
+                loop.call_soon(look)
                 return
-            now = self.loop.time()
+            now = loop.time()
             if any(not timer.cancelled() and timer.when() < now + 0.1
-                   for timer in self.loop._scheduled):  # a timer due soon: after it
-                self.loop.call_later(0.02, look)
+                   for timer in loop._scheduled):  # a timer due soon: after it
+                loop.call_later(0.02, look)
                 return
             seen.append(list(self.called))
             settled.set()
 
-        self.loop.call_soon_threadsafe(look)
+        loop.call_soon_threadsafe(look)
         settled.wait(seconds)
         settled.set()  # a look still going round stops
         return seen[0] if seen else None

@@ -416,7 +416,7 @@ class AppendBetweenReads:
     def cursor_class(self) -> type:
         hook = self
 
-        class Hooked(psycopg.Cursor):  # type: ignore[type-arg]
+        class Hooked(psycopg.Cursor):
             def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
                 text = query if isinstance(query, str) else (
                     query.decode() if isinstance(query, bytes) else query.as_string(self))
