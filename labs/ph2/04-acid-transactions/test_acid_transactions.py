@@ -262,6 +262,16 @@ def test_an_account_deleted_after_a_check_is_still_unknown(bank: Bank) -> None:
 # Atomicity when the connection dies in the middle
 
 
+def told_as_done(raised: BaseException | None, returned: Any, what: str) -> None:
+    """A transfer that did not happen must not return as if it had: its caller (a checkout,
+    a payout) takes a normal return for "the money moved" and acts on it."""
+    assert raised is not None, (
+        f"{what}, and transfer() returned {returned!r} instead of raising: nothing was "
+        f"transferred, yet a caller that sees a normal return takes the transfer as done "
+        f"(ships the goods, shows 'paid'). A failure in the middle is the caller's to know: "
+        f"let the error out (or raise one of your own from it) - never swallow it and return")
+
+
 def test_connection_killed_between_debit_and_credit_leaves_nothing(bank: Bank) -> None:
     bank.open({1: 100, 2: 50})
     before = bank.state()
@@ -277,16 +287,20 @@ def test_connection_killed_between_debit_and_credit_leaves_nothing(bank: Bank) -
                                              (pid,)).fetchone() is None,
                        "the killed session to end")
 
+        raised: BaseException | None = None
+        returned: Any = None
         try:
-            bank.transfer(conn, 1, 2, 30, after_debit=kill_backend)
-        except Exception:  # noqa: BLE001, S110 - the transfer is expected to fail here
-            pass
+            returned = bank.transfer(conn, 1, 2, 30, after_debit=kill_backend)
+        except Exception as exc:  # noqa: BLE001 - the transfer is expected to fail here
+            raised = exc
     assert called.is_set(), "transfer() never called after_debit(): call it between the " \
                             "debit and the credit"
     after = bank.state()
     assert after == before, (
         f"the session died after the debit and before the credit, yet: {diff(after, before)}"
         f" - the debit was committed on its own; put both updates in one transaction")
+    told_as_done(raised, returned, "the session of transfer 1->2 30 was killed between the "
+                                   "debit and the credit (nothing changed: right)")
 
 
 def test_a_failing_ledger_insert_leaves_nothing(bank: Bank) -> None:
@@ -407,14 +421,41 @@ def test_many_concurrent_transfers_keep_the_total(bank: Bank) -> None:
 # --------------------------------------------------------------------------------------
 # Durability
 
+# What synchronous_commit is in force when each transfer commits, whichever way it was set
+# (SET, SET LOCAL, set_config(), ALTER DATABASE/ROLE): a deferred constraint trigger fires
+# inside the transfer's own transaction, at its COMMIT, after anything the transaction ran.
+COMMIT_WATCH = """
+    CREATE TABLE commit_watch (setting text NOT NULL);
+    CREATE FUNCTION commit_watch() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO commit_watch VALUES (current_setting('synchronous_commit'));
+        RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER commit_watch AFTER INSERT ON transfers
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_watch();
+"""
+
 
 def test_committed_transfer_survives_a_server_crash(bank: Bank, postgres: Any) -> None:
     """Commit one transfer, then crash the server (immediate shutdown: no checkpoint, WAL
     replayed at start) in the middle of a second one. The first must be there after
     recovery, the second must have left no trace."""
     bank.open({1: 100, 2: 0, 3: 0})
+    with bank.connect() as admin:
+        admin.execute(COMMIT_WATCH)
     with bank.connect() as conn:
         bank.transfer(conn, 1, 2, 30)
+    with bank.connect() as admin:
+        seen = admin.execute("SELECT DISTINCT setting FROM commit_watch").fetchall()
+    assert seen, "transfer 1->2 30 returned but wrote no row into transfers before its COMMIT"
+    asynchronous = sorted(s for (s,) in seen if s == "off")
+    assert not asynchronous, (
+        f"transfer 1->2 30 committed with synchronous_commit = off (read by a trigger at its "
+        f"COMMIT): Postgres then answers COMMIT before the commit's WAL record is written, and "
+        f"a crash in the next few hundred milliseconds loses a transfer the caller was told "
+        f"had happened - durability is exactly that COMMIT returns only once the WAL is "
+        f"written. Leave synchronous_commit at its default (on), in the session, the "
+        f"transaction (SET LOCAL) and the database alike")
 
     crashed = threading.Event()
 
@@ -422,11 +463,13 @@ def test_committed_transfer_survives_a_server_crash(bank: Bank, postgres: Any) -
         crashed.set()
         postgres.restart(mode="immediate")
 
+    raised: BaseException | None = None
+    returned: Any = None
     with bank.connect() as conn:
         try:
-            bank.transfer(conn, 1, 3, 20, after_debit=crash_server)
-        except Exception:  # noqa: BLE001, S110 - its connection died with the server
-            pass
+            returned = bank.transfer(conn, 1, 3, 20, after_debit=crash_server)
+        except Exception as exc:  # noqa: BLE001 - its connection died with the server
+            raised = exc
     assert crashed.is_set(), "transfer() never called after_debit(): call it between the " \
                              "debit and the credit"
     got = bank.state()
@@ -438,4 +481,6 @@ def test_committed_transfer_survives_a_server_crash(bank: Bank, postgres: Any) -
     assert got == want, (
         f"after a crash restart (WAL replay): {diff(got, want)} - expected the committed "
         f"1->2 30 kept and the interrupted 1->3 20 gone")
+    told_as_done(raised, returned, "the server crashed between the debit and the credit of "
+                                   "transfer 1->3 20 (it left no trace: right)")
 
