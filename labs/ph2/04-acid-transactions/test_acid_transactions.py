@@ -27,7 +27,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from labrunner.testing import wait_until
+from labrunner.testing import PgStatementProxy, wait_until
+from labrunner.testing.relay import RelayLink
 
 Conn = psycopg.Connection[Any]
 State = tuple[dict[int, int], list[tuple[int, int, int]]]
@@ -374,6 +375,104 @@ def test_two_transfers_cannot_spend_the_same_money(bank: Bank) -> None:
     assert results == {"A": "ok", "B": "InsufficientFunds"}, (
         f"A (1->2, 60) and B (1->3, 60) on an account holding 100 ended {results}: expected "
         f"A ok and B InsufficientFunds once it sees A's committed debit")
+
+
+class StatementGate(PgStatementProxy):
+    """A proxy in front of Postgres that holds the n-th statement its connection sends (BEGIN
+    and COMMIT count) before it reaches the server, until released."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self._gate = threading.Condition()
+        self._sent = 0
+        self._hold_at = 0
+        self.held: str | None = None   # the statement held, while it is
+
+    def arm(self, n: int) -> None:
+        with self._gate:
+            self._sent, self._hold_at, self.held = 0, n, None
+
+    def release(self) -> None:
+        with self._gate:
+            self._hold_at = 0
+            self._gate.notify_all()
+
+    def before_forwarding(self, link: RelayLink, sql: str) -> None:
+        with self._gate:
+            self._sent += 1
+            if self._sent != self._hold_at:
+                return
+            self.held = " ".join(sql.split())
+            self._gate.wait_for(lambda: self._hold_at == 0, timeout=60)
+            self.held = None
+
+
+# Two transfers of 30 that share an account, each with enough money: whatever point of A's
+# transaction B starts at, B must either go through or wait for A's lock and then go through.
+# A lock taken for reading (FOR SHARE, FOR KEY SHARE) and then upgraded by the UPDATE lets
+# both in first: each UPDATE then waits for the other's lock, a deadlock, and Postgres kills
+# one. Trying every statement of A as the point where B starts finds that step every time.
+SHARED_ACCOUNT = {
+    "same-source": ((1, 2), (1, 3), {1: 40, 2: 130, 3: 30}),
+    "same-destination": ((1, 3), (2, 3), {1: 70, 2: 70, 3: 60}),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED_ACCOUNT))
+def test_two_transfers_sharing_an_account_queue_at_every_step(bank: Bank, postgres: Any,
+                                                              case: str) -> None:
+    (a_from, a_to), (b_from, b_to), final = SHARED_ACCOUNT[case]
+    bank.open({1: 100, 2: 100, 3: 0})
+    with (StatementGate.for_dsn(postgres.dsn) as gate, bank.connect() as admin,
+          ThreadPoolExecutor(max_workers=2) as pool):
+        step = 0
+        while True:
+            step += 1
+            assert step <= 60, "transfer A sent more than 60 statements for one transfer"
+            admin.execute("UPDATE accounts SET balance = CASE id WHEN 3 THEN 0 ELSE 100 END")
+            admin.execute("DELETE FROM transfers")
+            gate.arm(step)
+            with (psycopg.connect(gate.dsn_for(postgres.dsn), autocommit=True) as conn_a,
+                  bank.connect() as conn_b):
+                fut_a = pool.submit(bank.transfer, conn_a, a_from, a_to, 30)
+                wait_until(lambda: gate.held is not None or fut_a.done(),
+                           f"transfer A ({a_from}->{a_to}) to send its statement #{step}")
+                held = gate.held
+                if held is None:   # A sent fewer statements: every step was tried
+                    assert outcome(fut_a) == "ok", (
+                        f"transfer {a_from}->{a_to} of 30 from an account holding 100, alone, "
+                        f"ended {outcome(fut_a)}")
+                    break
+                fut_b = pool.submit(bank.transfer, conn_b, b_from, b_to, 30)
+                pid_b = conn_b.info.backend_pid
+                wait_until(lambda: fut_b.done() or waiting_on_lock(admin, pid_b),
+                           f"transfer B ({b_from}->{b_to}) to finish or wait for A's lock, "
+                           f"while A was held before {held!r}")
+                b_waited = not fut_b.done()
+                gate.release()
+                results = {"A": outcome(fut_a), "B": outcome(fut_b)}
+            got = bank.state()
+            if results == {"A": "ok", "B": "ok"} and got[0] == final:
+                continue
+            story = (f"A ({a_from}->{a_to}, 30) was held before its statement #{step} "
+                     f"({held[:90]!r}) while B ({b_from}->{b_to}, 30) "
+                     f"{'ran until it waited for a lock' if b_waited else 'ran to its end'}; "
+                     f"then A went on. They ended {results}, balances "
+                     f"{dict(sorted(got[0].items()))}: expected both "
+                     f"ok and {final} - the accounts hold enough for both")
+            if "DeadlockDetected" in results.values():
+                pytest.fail(f"{story}. They deadlocked: each held a lock the other's UPDATE "
+                            f"needed. A row read with a shared lock (FOR SHARE, FOR KEY SHARE) "
+                            f"and then updated lets two transfers both take it first; take "
+                            f"the row for writing at once (SELECT ... FOR UPDATE, or let the "
+                            f"UPDATE lock it), so the second waits before it reads",
+                            pytrace=False)
+            if "SerializationFailure" in results.values():
+                pytest.fail(f"{story}. Under REPEATABLE READ or SERIALIZABLE a transfer whose "
+                            f"row another one changed fails (40001) instead of waiting and "
+                            f"going on: stay in READ COMMITTED (with the check in the UPDATE "
+                            f"itself), or retry the transfer on 40001", pytrace=False)
+            pytest.fail(story, pytrace=False)
 
 
 def test_many_concurrent_transfers_keep_the_total(bank: Bank) -> None:
