@@ -263,6 +263,11 @@ UNFORESEEN = {
     "json-nested-too-deep": (b"[" * 100_000, {}, "a JSON body of 100000 nested arrays",
                              "json.loads() raises RecursionError, not a ValueError"),
 }
+# What each of those exceptions says (str(exc)): none of it belongs in the answer.
+UNFORESEEN_TEXT = {
+    "content-length-not-a-number": ["invalid literal", "int()", "base 10", "ValueError"],
+    "json-nested-too-deep": ["recursion", "RecursionError", "decoding"],
+}
 
 
 @pytest.mark.parametrize("case", list(UNFORESEEN))
@@ -278,11 +283,24 @@ def test_unforeseen_failure_is_a_problem_too(host: str, case: str) -> None:
         "answered with its own page: a catch-all that lists the errors its author foresaw "
         "(Problem, psycopg.Error, ValueError...) is not one. Catch Exception around the "
         "whole request, log it, and answer the 500 problem.")
-    check_problem(reply, what, W, reply.status if reply.status in (400, 500) else 500)
+    doc = check_problem(reply, what, W, reply.status if reply.status in (400, 500) else 500)
+    leaked = leaks(reply, UNFORESEEN_TEXT[case])
+    assert not leaked, (
+        f"{what} ({raised}): the {reply.status} problem tells the client what the exception "
+        f"said ({', '.join(leaked)}): {doc.get('detail')!r} - an exception's text is the "
+        "server's business whichever exception it is, not only a database's: log it, and "
+        "answer with a detail of your own")
 
 
 LEAKS = ["Traceback", 'File "', ".py", "psycopg", "UndefinedTable", "accounts_hidden",
          "relation", "SELECT", "Error:", "line "]
+
+
+def leaks(reply: HttpReply, also: list[str]) -> list[str]:
+    """The internals (LEAKS, and what this exception says) found in the body or headers."""
+    exposed = reply.body.decode(errors="replace") + "".join(
+        f"{k}: {v}\n" for k, v in reply.headers.items())
+    return [word for word in LEAKS + also if word in exposed]
 
 
 def test_500_leaks_nothing(host: str, db: Any) -> None:
