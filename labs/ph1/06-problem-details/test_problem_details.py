@@ -106,10 +106,20 @@ def balance_extension(doc: dict[str, Any], reply: HttpReply) -> str | None:
     return None
 
 
-def allow_header(doc: dict[str, Any], reply: HttpReply) -> str | None:
-    if "GET" not in (reply.headers.get("Allow") or ""):
-        return f"a 405 keeps its Allow header (GET), saw {reply.headers.get('Allow')!r}"
-    return None
+def allows(supported: str, refused: str) -> Callable[[dict[str, Any], HttpReply], str | None]:
+    """A 405's Allow header lists the method the resource supports (RFC 9110 15.5.6), and
+    not the one it just refused."""
+
+    def check(doc: dict[str, Any], reply: HttpReply) -> str | None:
+        header = reply.headers.get("Allow")
+        listed = {m.strip().upper() for m in (header or "").split(",") if m.strip()}
+        if supported not in listed or refused in listed:
+            return (f"a 405 keeps its Allow header listing what this resource supports "
+                    f"({supported}), saw Allow: {header!r} - a client reads it to learn "
+                    "which method to send instead")
+        return None
+
+    return check
 
 
 def js(value: Any) -> bytes:
@@ -117,6 +127,9 @@ def js(value: Any) -> bytes:
 
 
 W = "/accounts/1/withdrawals"
+NOT_ALLOWED = (": the URL exists, only this method is not one it supports: 405 Method Not "
+               "Allowed with Allow: {} - a 404 would tell the client there is nothing there; "
+               "route by path first, then answer every other method of that path with 405")
 MAX_CENTS = 10**12
 INCLUSIVE = ("amount_cents may be 1..10^12, both ends included: a valid amount at the limit "
              "was refused as invalid (an off-by-one: < instead of <=, or range(1, 10**12), "
@@ -124,7 +137,23 @@ INCLUSIVE = ("amount_cents may be 1..10^12, both ends included: a valid amount a
 CASES = [
     Case("missing-account", "GET", "/accounts/999", 404),
     Case("unknown-path", "GET", "/nothing/here", 404),
-    Case("wrong-method", "DELETE", "/accounts/1", 405, check=allow_header),
+    Case("wrong-method", "DELETE", "/accounts/1", 405, check=allows("GET", "DELETE")),
+    *[Case(f"{method.lower()}-account", method, "/accounts/1", 405,
+           body=js({"amount_cents": 5}) if method != "GET" else None,
+           check=allows("GET", method), why=NOT_ALLOWED.format("GET"))
+      for method in ("POST", "PUT", "PATCH")],
+    *[Case(f"{method.lower()}-withdrawals", method, W, 405,
+           body=js({"amount_cents": 5}) if method != "GET" else None,
+           check=allows("POST", method), why=NOT_ALLOWED.format("POST"))
+      for method in ("GET", "PUT", "DELETE")],
+    *[Case(f"body-{name}", "POST", W, 422, VALIDATION, js(value), check=field_errors,
+           why=": the body is JSON but not an object, so it has no amount_cents - that is "
+               "the validation problem, not a crash: check that the body is an object "
+               "before reading a member from it (.get(), [] or `in` on a list, a string, a "
+               "number or null raises or finds nonsense)")
+      for name, value in (("array", [{"amount_cents": 5}]), ("empty-array", []),
+                          ("string", "amount_cents"), ("number", 5), ("null", None),
+                          ("true", True))],
     Case("not-json-media-type", "POST", W, 415, body=b"amount=5", content_type="text/plain"),
     Case("broken-json", "POST", W, 400, body=b'{"amount_cents": '),
     Case("negative-amount", "POST", W, 422, VALIDATION, js({"amount_cents": -5}),
@@ -234,6 +263,11 @@ UNFORESEEN = {
     "json-nested-too-deep": (b"[" * 100_000, {}, "a JSON body of 100000 nested arrays",
                              "json.loads() raises RecursionError, not a ValueError"),
 }
+# What each of those exceptions says (str(exc)): none of it belongs in the answer.
+UNFORESEEN_TEXT = {
+    "content-length-not-a-number": ["invalid literal", "int()", "base 10", "ValueError"],
+    "json-nested-too-deep": ["recursion", "RecursionError", "decoding"],
+}
 
 
 @pytest.mark.parametrize("case", list(UNFORESEEN))
@@ -249,11 +283,24 @@ def test_unforeseen_failure_is_a_problem_too(host: str, case: str) -> None:
         "answered with its own page: a catch-all that lists the errors its author foresaw "
         "(Problem, psycopg.Error, ValueError...) is not one. Catch Exception around the "
         "whole request, log it, and answer the 500 problem.")
-    check_problem(reply, what, W, reply.status if reply.status in (400, 500) else 500)
+    doc = check_problem(reply, what, W, reply.status if reply.status in (400, 500) else 500)
+    leaked = leaks(reply, UNFORESEEN_TEXT[case])
+    assert not leaked, (
+        f"{what} ({raised}): the {reply.status} problem tells the client what the exception "
+        f"said ({', '.join(leaked)}): {doc.get('detail')!r} - an exception's text is the "
+        "server's business whichever exception it is, not only a database's: log it, and "
+        "answer with a detail of your own")
 
 
 LEAKS = ["Traceback", 'File "', ".py", "psycopg", "UndefinedTable", "accounts_hidden",
          "relation", "SELECT", "Error:", "line "]
+
+
+def leaks(reply: HttpReply, also: list[str]) -> list[str]:
+    """The internals (LEAKS, and what this exception says) found in the body or headers."""
+    exposed = reply.body.decode(errors="replace") + "".join(
+        f"{k}: {v}\n" for k, v in reply.headers.items())
+    return [word for word in LEAKS + also if word in exposed]
 
 
 def test_500_leaks_nothing(host: str, db: Any) -> None:

@@ -115,7 +115,7 @@ def operation(spec: dict[str, Any], operation_id: str) -> dict[str, Any]:
     return op
 
 
-def undeclared(spec: dict[str, Any], ex: Exchange) -> None:
+def undeclared(spec: dict[str, Any], ex: Exchange, sent: str = "") -> None:
     """Fail if the operation the exchange called does not declare the status it got."""
     route = "/users" if ex.path == "/users" else "/users/{userId}"
     name = next((op for op, (method, path) in OPERATIONS.items()
@@ -125,7 +125,7 @@ def undeclared(spec: dict[str, Any], ex: Exchange) -> None:
     declared = {str(code) for code in operation(spec, name).get("responses", {})}
     family = f"{str(ex.status)[0]}XX"
     assert str(ex.status) in declared or family in declared or "default" in declared, (
-        f"{ex.label()}: the code answered {ex.status}, a status openapi.yaml does not declare "
+        f"{ex.label()}{f' ({sent})' if sent else ''}: the code answered {ex.status}, a status openapi.yaml does not declare "
         f"for {name} (it declares {sorted(declared)}): every status the code can send belongs "
         "in the spec, or generated clients cannot handle it")
 
@@ -205,16 +205,47 @@ def test_spec_states_the_contract(spec_path: Path) -> None:
                     f"application/problem+json (RFC 7807), saw {sorted(content) or 'no body'}")
 
 
-def test_real_responses_match_the_spec(spec_path: Path, host: str) -> None:
-    from openapi_core import Config, OpenAPI
-    from openapi_core.testing import MockRequest, MockResponse
+class Contract:
+    """The learner's openapi.yaml as a judge of real exchanges: the status must be one the
+    operation declares, and the response must validate (openapi-core)."""
 
-    # openapi-core parses application/json itself; problem documents are JSON too.
-    config = Config(extra_media_type_deserializers={"application/problem+json": json.loads})
-    try:
-        api = OpenAPI.from_file_path(str(spec_path), config=config)
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"openapi-core cannot load openapi.yaml: {short(exc)}", pytrace=False)
+    def __init__(self, spec_path: Path) -> None:
+        from openapi_core import Config, OpenAPI
+
+        self.spec = load_spec(spec_path)
+        # openapi-core parses application/json itself; problem documents are JSON too.
+        config = Config(extra_media_type_deserializers={"application/problem+json": json.loads})
+        try:
+            self.api = OpenAPI.from_file_path(str(spec_path), config=config)
+        except Exception as exc:  # noqa: BLE001
+            pytest.fail(f"openapi-core cannot load openapi.yaml: {short(exc)}", pytrace=False)
+
+    def judge(self, ex: Exchange, sent: str = "") -> None:
+        """Fail unless the response is one openapi.yaml declares for what was sent."""
+        from openapi_core.testing import MockRequest, MockResponse
+
+        what = f" ({sent})" if sent else ""
+        undeclared(self.spec, ex, sent)
+        request = MockRequest("http://127.0.0.1", ex.method.lower(), ex.path, args=ex.query,
+                              data=ex.body, content_type=ex.content_type)
+        response = MockResponse(ex.data, status_code=ex.status, headers=ex.headers,
+                                content_type=ex.headers.get("Content-Type", ""))
+        try:
+            self.api.validate_response(request, response)
+        except Exception as exc:  # noqa: BLE001 - openapi-core says what does not match
+            reason = str(exc.__cause__ or exc)
+            pytest.fail(f"{ex.label()}{what}: the real response does not match openapi.yaml: "
+                        f"{type(exc).__name__}: {reason[:400]}; body {ex.data[:200]!r} - "
+                        "every answer the code gives, errors included, is part of the "
+                        "contract", pytrace=False)
+
+
+@pytest.fixture
+def contract(spec_path: Path) -> Contract:
+    return Contract(spec_path)
+
+
+def test_real_responses_match_the_spec(contract: Contract, host: str) -> None:
     created = exchange(host, "POST", "/users",
                        document={"name": "Ada Lovelace", "email": "ada@example.com"})
     assert created.status == 201, (
@@ -259,21 +290,11 @@ def test_real_responses_match_the_spec(spec_path: Path, host: str) -> None:
         else:
             assert ex.status == status, (
                 f"{ex.method} {ex.path}: expected {status}, saw {ex.status} {ex.data[:150]!r}")
-        undeclared(load_spec(spec_path), ex)
-        request = MockRequest("http://127.0.0.1", ex.method.lower(), ex.path, args=ex.query,
-                              data=ex.body, content_type=ex.content_type)
-        response = MockResponse(ex.data, status_code=ex.status, headers=ex.headers,
-                                content_type=ex.headers.get("Content-Type", ""))
-        try:
-            api.validate_response(request, response)
-        except Exception as exc:  # noqa: BLE001 - openapi-core says what does not match
-            reason = str(exc.__cause__ or exc)
-            pytest.fail(f"{ex.label()}: the real response does not match openapi.yaml: "
-                        f"{type(exc).__name__}: {reason[:400]}; body {ex.data[:200]!r}",
-                        pytrace=False)
+        contract.judge(ex)
 
 
-def test_the_code_enforces_the_bounds_its_spec_declares(spec_path: Path, host: str) -> None:
+def test_the_code_enforces_the_bounds_its_spec_declares(spec_path: Path, host: str,
+                                                        contract: Contract) -> None:
     """What the spec forbids, the code refuses: the bounds are read from the learner's own
     openapi.yaml, and one request just beyond each is sent."""
     spec = load_spec(spec_path)
@@ -315,6 +336,7 @@ def test_the_code_enforces_the_bounds_its_spec_declares(spec_path: Path, host: s
             f"{ex.label()}: the code accepted {what}, a request its own spec forbids: "
             "validate every request against openapi.yaml (openapi_core unmarshal_request) "
             "and refuse it with the error the spec declares, rather than checking by hand")
+        contract.judge(ex, what)
 
 
 def listed_ids(doc: Any) -> list[Any] | None:
@@ -330,7 +352,7 @@ def listed_ids(doc: Any) -> list[Any] | None:
 
 
 def test_the_code_uses_the_defaults_its_spec_declares(spec_path: Path, host: str,
-                                                      postgres: Any) -> None:
+                                                      postgres: Any, contract: Contract) -> None:
     """A default stated in openapi.yaml is part of the contract: a generated client that
     omits the parameter relies on it. Omitting every listUsers query parameter must list the
     same users as sending each one's declared default."""
@@ -356,6 +378,7 @@ def test_the_code_uses_the_defaults_its_spec_declares(spec_path: Path, host: str
     for ex in (omitted, sent):
         assert ex.status == 200, (
             f"{ex.label()}: expected 200, saw {ex.status} {ex.data[:150]!r}")
+        contract.judge(ex)
         doc = json.loads(ex.data)
         pages.append(listed_ids(doc) if listed_ids(doc) is not None else doc)
     query = "&".join(f"{k}={v}" for k, v in explicit.items())
@@ -371,7 +394,48 @@ def test_the_code_uses_the_defaults_its_spec_declares(spec_path: Path, host: str
         "query string with a fallback of your own")
 
 
-def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: Any) -> None:
+def test_offset_walks_the_whole_list(spec_path: Path, host: str, postgres: Any,
+                                     contract: Contract) -> None:
+    """offset says how many users to skip: the pages at offset 0, limit, 2 * limit, ... hold
+    every user exactly once. A request with an offset past 0 is what a client that pages
+    sends; none of the other checks sends one."""
+    limit = 3
+    for param in operation(load_spec(spec_path), "listUsers").get("parameters", []):
+        schema = resolve(contract.spec, resolve(contract.spec, param).get("schema")) or {}
+        if resolve(contract.spec, param).get("name") == "limit":
+            low, high = schema.get("minimum"), schema.get("maximum")
+            limit = max(limit, low) if isinstance(low, int) else limit
+            limit = min(limit, high) if isinstance(high, int) else limit
+    total = 2 * limit + 1
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO users (name, email) SELECT 'Pager ' || n, 'pager' || n || "
+                     "'@example.com' FROM generate_series(1, %s) AS n", (total,))
+        everyone = [row[0] for row in conn.execute("SELECT id FROM users ORDER BY id")]
+    pages: list[tuple[int, list[Any]]] = []
+    for offset in range(0, total + limit, limit):
+        ex = exchange(host, "GET", "/users", query={"limit": str(limit), "offset": str(offset)})
+        assert ex.status == 200, (
+            f"{ex.label()}: expected 200 (a page, empty past the end), saw {ex.status} "
+            f"{ex.data[:150]!r}")
+        contract.judge(ex, f"a page at offset {offset}")
+        ids = listed_ids(json.loads(ex.data))
+        pages.append((offset, ids if ids is not None else []))
+    walked = [user for _, ids in pages for user in ids]
+    shown = "; ".join(f"offset {offset}: {ids}" for offset, ids in pages)
+    repeated = sorted({user for user in walked if walked.count(user) > 1})
+    missing = sorted(set(everyone) - set(walked))
+    assert not repeated and not missing and len(walked) == total, (
+        f"with {total} users (ids {everyone}), GET /users?limit={limit}&offset=N for N = 0, "
+        f"{limit}, {2 * limit}, ... listed {shown}: "
+        + (f"users {repeated} came on more than one page" if repeated else "")
+        + ("; " if repeated and missing else "")
+        + (f"users {missing} on none" if missing else "")
+        + f" - offset is how many users to skip (the spec's listUsers parameter): pass it to "
+        f"the query as OFFSET, not as a page number, and do not drop it")
+
+
+def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: Any,
+                                                         contract: Contract) -> None:
     """Two POST /users with the same new email, at once. The test holds a SHARE lock on
     users (reads pass, writes wait) until both requests wait on it, so both have done
     whatever they do before writing - a check-then-insert has checked - and then lets them
@@ -379,10 +443,12 @@ def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: An
     come out of it."""
     document = {"name": "Racer", "email": "race@example.com"}
     statuses: list[Any] = [None, None]
+    exchanges: list[Exchange] = []
 
     def post(i: int) -> None:
         try:
-            statuses[i] = exchange(host, "POST", "/users", document=dict(document)).status
+            exchanges.append(exchange(host, "POST", "/users", document=dict(document)))
+            statuses[i] = exchanges[-1].status
         except Exception as exc:  # noqa: BLE001 - reported below
             statuses[i] = exc
 
@@ -413,9 +479,11 @@ def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: An
            "UNIQUE constraint - a check (SELECT) before the INSERT cannot see a concurrent "
            "request's row; let the INSERT decide and map its UniqueViolation to the spec's 409"
            if 500 in seen else ""))
+    for ex in exchanges:
+        contract.judge(ex, "one of two concurrent creates of one email")
 
 
-def test_text_postgres_cannot_store_is_refused(host: str) -> None:
+def test_text_postgres_cannot_store_is_refused(host: str, contract: Contract) -> None:
     """JSON strings may hold a NUL character or a lone surrogate, and a string schema allows
     both; Postgres text stores neither. The request is the client's error (4xx), not a
     crash (5xx)."""
@@ -433,6 +501,7 @@ def test_text_postgres_cannot_store_is_refused(host: str) -> None:
                 "and the schema allows it (format: email checks little more than an @), but "
                 "Postgres text cannot store it - check every string before the INSERT, not "
                 "only the free-text ones, and refuse them with 422")
+            contract.judge(ex, f"{'an' if field == 'email' else 'a'} {field} holding {what}")
 
 
 def test_property_based_run_finds_no_5xx(spec_path: Path, host: str) -> None:

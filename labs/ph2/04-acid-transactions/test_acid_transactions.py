@@ -27,7 +27,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from labrunner.testing import wait_until
+from labrunner.testing import PgStatementProxy, wait_until
+from labrunner.testing.relay import RelayLink
 
 Conn = psycopg.Connection[Any]
 State = tuple[dict[int, int], list[tuple[int, int, int]]]
@@ -262,6 +263,16 @@ def test_an_account_deleted_after_a_check_is_still_unknown(bank: Bank) -> None:
 # Atomicity when the connection dies in the middle
 
 
+def told_as_done(raised: BaseException | None, returned: Any, what: str) -> None:
+    """A transfer that did not happen must not return as if it had: its caller (a checkout,
+    a payout) takes a normal return for "the money moved" and acts on it."""
+    assert raised is not None, (
+        f"{what}, and transfer() returned {returned!r} instead of raising: nothing was "
+        f"transferred, yet a caller that sees a normal return takes the transfer as done "
+        f"(ships the goods, shows 'paid'). A failure in the middle is the caller's to know: "
+        f"let the error out (or raise one of your own from it) - never swallow it and return")
+
+
 def test_connection_killed_between_debit_and_credit_leaves_nothing(bank: Bank) -> None:
     bank.open({1: 100, 2: 50})
     before = bank.state()
@@ -277,16 +288,20 @@ def test_connection_killed_between_debit_and_credit_leaves_nothing(bank: Bank) -
                                              (pid,)).fetchone() is None,
                        "the killed session to end")
 
+        raised: BaseException | None = None
+        returned: Any = None
         try:
-            bank.transfer(conn, 1, 2, 30, after_debit=kill_backend)
-        except Exception:  # noqa: BLE001, S110 - the transfer is expected to fail here
-            pass
+            returned = bank.transfer(conn, 1, 2, 30, after_debit=kill_backend)
+        except Exception as exc:  # noqa: BLE001 - the transfer is expected to fail here
+            raised = exc
     assert called.is_set(), "transfer() never called after_debit(): call it between the " \
                             "debit and the credit"
     after = bank.state()
     assert after == before, (
         f"the session died after the debit and before the credit, yet: {diff(after, before)}"
         f" - the debit was committed on its own; put both updates in one transaction")
+    told_as_done(raised, returned, "the session of transfer 1->2 30 was killed between the "
+                                   "debit and the credit (nothing changed: right)")
 
 
 def test_a_failing_ledger_insert_leaves_nothing(bank: Bank) -> None:
@@ -362,6 +377,104 @@ def test_two_transfers_cannot_spend_the_same_money(bank: Bank) -> None:
         f"A ok and B InsufficientFunds once it sees A's committed debit")
 
 
+class StatementGate(PgStatementProxy):
+    """A proxy in front of Postgres that holds the n-th statement its connection sends (BEGIN
+    and COMMIT count) before it reaches the server, until released."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self._gate = threading.Condition()
+        self._sent = 0
+        self._hold_at = 0
+        self.held: str | None = None   # the statement held, while it is
+
+    def arm(self, n: int) -> None:
+        with self._gate:
+            self._sent, self._hold_at, self.held = 0, n, None
+
+    def release(self) -> None:
+        with self._gate:
+            self._hold_at = 0
+            self._gate.notify_all()
+
+    def before_forwarding(self, link: RelayLink, sql: str) -> None:
+        with self._gate:
+            self._sent += 1
+            if self._sent != self._hold_at:
+                return
+            self.held = " ".join(sql.split())
+            self._gate.wait_for(lambda: self._hold_at == 0, timeout=60)
+            self.held = None
+
+
+# Two transfers of 30 that share an account, each with enough money: whatever point of A's
+# transaction B starts at, B must either go through or wait for A's lock and then go through.
+# A lock taken for reading (FOR SHARE, FOR KEY SHARE) and then upgraded by the UPDATE lets
+# both in first: each UPDATE then waits for the other's lock, a deadlock, and Postgres kills
+# one. Trying every statement of A as the point where B starts finds that step every time.
+SHARED_ACCOUNT = {
+    "same-source": ((1, 2), (1, 3), {1: 40, 2: 130, 3: 30}),
+    "same-destination": ((1, 3), (2, 3), {1: 70, 2: 70, 3: 60}),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED_ACCOUNT))
+def test_two_transfers_sharing_an_account_queue_at_every_step(bank: Bank, postgres: Any,
+                                                              case: str) -> None:
+    (a_from, a_to), (b_from, b_to), final = SHARED_ACCOUNT[case]
+    bank.open({1: 100, 2: 100, 3: 0})
+    with (StatementGate.for_dsn(postgres.dsn) as gate, bank.connect() as admin,
+          ThreadPoolExecutor(max_workers=2) as pool):
+        step = 0
+        while True:
+            step += 1
+            assert step <= 60, "transfer A sent more than 60 statements for one transfer"
+            admin.execute("UPDATE accounts SET balance = CASE id WHEN 3 THEN 0 ELSE 100 END")
+            admin.execute("DELETE FROM transfers")
+            gate.arm(step)
+            with (psycopg.connect(gate.dsn_for(postgres.dsn), autocommit=True) as conn_a,
+                  bank.connect() as conn_b):
+                fut_a = pool.submit(bank.transfer, conn_a, a_from, a_to, 30)
+                wait_until(lambda: gate.held is not None or fut_a.done(),
+                           f"transfer A ({a_from}->{a_to}) to send its statement #{step}")
+                held = gate.held
+                if held is None:   # A sent fewer statements: every step was tried
+                    assert outcome(fut_a) == "ok", (
+                        f"transfer {a_from}->{a_to} of 30 from an account holding 100, alone, "
+                        f"ended {outcome(fut_a)}")
+                    break
+                fut_b = pool.submit(bank.transfer, conn_b, b_from, b_to, 30)
+                pid_b = conn_b.info.backend_pid
+                wait_until(lambda: fut_b.done() or waiting_on_lock(admin, pid_b),
+                           f"transfer B ({b_from}->{b_to}) to finish or wait for A's lock, "
+                           f"while A was held before {held!r}")
+                b_waited = not fut_b.done()
+                gate.release()
+                results = {"A": outcome(fut_a), "B": outcome(fut_b)}
+            got = bank.state()
+            if results == {"A": "ok", "B": "ok"} and got[0] == final:
+                continue
+            story = (f"A ({a_from}->{a_to}, 30) was held before its statement #{step} "
+                     f"({held[:90]!r}) while B ({b_from}->{b_to}, 30) "
+                     f"{'ran until it waited for a lock' if b_waited else 'ran to its end'}; "
+                     f"then A went on. They ended {results}, balances "
+                     f"{dict(sorted(got[0].items()))}: expected both "
+                     f"ok and {final} - the accounts hold enough for both")
+            if "DeadlockDetected" in results.values():
+                pytest.fail(f"{story}. They deadlocked: each held a lock the other's UPDATE "
+                            f"needed. A row read with a shared lock (FOR SHARE, FOR KEY SHARE) "
+                            f"and then updated lets two transfers both take it first; take "
+                            f"the row for writing at once (SELECT ... FOR UPDATE, or let the "
+                            f"UPDATE lock it), so the second waits before it reads",
+                            pytrace=False)
+            if "SerializationFailure" in results.values():
+                pytest.fail(f"{story}. Under REPEATABLE READ or SERIALIZABLE a transfer whose "
+                            f"row another one changed fails (40001) instead of waiting and "
+                            f"going on: stay in READ COMMITTED (with the check in the UPDATE "
+                            f"itself), or retry the transfer on 40001", pytrace=False)
+            pytest.fail(story, pytrace=False)
+
+
 def test_many_concurrent_transfers_keep_the_total(bank: Bank) -> None:
     accounts = {acct: 1000 for acct in range(1, 7)}
     bank.open(accounts)
@@ -407,14 +520,41 @@ def test_many_concurrent_transfers_keep_the_total(bank: Bank) -> None:
 # --------------------------------------------------------------------------------------
 # Durability
 
+# What synchronous_commit is in force when each transfer commits, whichever way it was set
+# (SET, SET LOCAL, set_config(), ALTER DATABASE/ROLE): a deferred constraint trigger fires
+# inside the transfer's own transaction, at its COMMIT, after anything the transaction ran.
+COMMIT_WATCH = """
+    CREATE TABLE commit_watch (setting text NOT NULL);
+    CREATE FUNCTION commit_watch() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO commit_watch VALUES (current_setting('synchronous_commit'));
+        RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER commit_watch AFTER INSERT ON transfers
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_watch();
+"""
+
 
 def test_committed_transfer_survives_a_server_crash(bank: Bank, postgres: Any) -> None:
     """Commit one transfer, then crash the server (immediate shutdown: no checkpoint, WAL
     replayed at start) in the middle of a second one. The first must be there after
     recovery, the second must have left no trace."""
     bank.open({1: 100, 2: 0, 3: 0})
+    with bank.connect() as admin:
+        admin.execute(COMMIT_WATCH)
     with bank.connect() as conn:
         bank.transfer(conn, 1, 2, 30)
+    with bank.connect() as admin:
+        seen = admin.execute("SELECT DISTINCT setting FROM commit_watch").fetchall()
+    assert seen, "transfer 1->2 30 returned but wrote no row into transfers before its COMMIT"
+    asynchronous = sorted(s for (s,) in seen if s == "off")
+    assert not asynchronous, (
+        f"transfer 1->2 30 committed with synchronous_commit = off (read by a trigger at its "
+        f"COMMIT): Postgres then answers COMMIT before the commit's WAL record is written, and "
+        f"a crash in the next few hundred milliseconds loses a transfer the caller was told "
+        f"had happened - durability is exactly that COMMIT returns only once the WAL is "
+        f"written. Leave synchronous_commit at its default (on), in the session, the "
+        f"transaction (SET LOCAL) and the database alike")
 
     crashed = threading.Event()
 
@@ -422,11 +562,13 @@ def test_committed_transfer_survives_a_server_crash(bank: Bank, postgres: Any) -
         crashed.set()
         postgres.restart(mode="immediate")
 
+    raised: BaseException | None = None
+    returned: Any = None
     with bank.connect() as conn:
         try:
-            bank.transfer(conn, 1, 3, 20, after_debit=crash_server)
-        except Exception:  # noqa: BLE001, S110 - its connection died with the server
-            pass
+            returned = bank.transfer(conn, 1, 3, 20, after_debit=crash_server)
+        except Exception as exc:  # noqa: BLE001 - its connection died with the server
+            raised = exc
     assert crashed.is_set(), "transfer() never called after_debit(): call it between the " \
                              "debit and the credit"
     got = bank.state()
@@ -438,4 +580,6 @@ def test_committed_transfer_survives_a_server_crash(bank: Bank, postgres: Any) -
     assert got == want, (
         f"after a crash restart (WAL replay): {diff(got, want)} - expected the committed "
         f"1->2 30 kept and the interrupted 1->3 20 gone")
+    told_as_done(raised, returned, "the server crashed between the debit and the credit of "
+                                   "transfer 1->3 20 (it left no trace: right)")
 
