@@ -121,7 +121,8 @@ NULL_REFUSED = (psycopg.errors.NotNullViolation, psycopg.errors.CheckViolation)
 NULL_WHY = ("a CHECK or REFERENCES lets NULL through (a CHECK rejects only a FALSE result, "
             "and NULL >= 0 is unknown, not false; a foreign key is not checked for NULL): "
             "declare the column NOT NULL as well")
-SCHEMA_CASES = [
+# (statement, the error it must raise, why)
+SCHEMA_CASES: list[tuple[str, type[Exception] | tuple[type[Exception], ...], str]] = [
     ("UPDATE accounts SET balance = -1 WHERE id = 1", psycopg.errors.CheckViolation,
      "a negative balance must be impossible: CHECK (balance >= 0) on accounts"),
     ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 999, 5)",
@@ -248,7 +249,8 @@ def test_an_account_deleted_after_a_check_is_still_unknown(bank: Bank) -> None:
                     "and the credit"
     if not deleted[0]:  # account 2 was locked by the transfer: it could not vanish
         return
-    after, want = bank.state(), ({1: 100}, [])
+    after = bank.state()
+    want: State = ({1: 100}, [])
     assert isinstance(raised, bank.unknown) and after == want, (
         f"transfer 1->2 while account 2 was deleted by another session after the debit (it "
         f"had no ledger rows): transfer() "
@@ -435,7 +437,8 @@ def test_two_transfers_sharing_an_account_queue_at_every_step(bank: Bank, postgr
             with (psycopg.connect(gate.dsn_for(postgres.dsn), autocommit=True) as conn_a,
                   bank.connect() as conn_b):
                 fut_a = pool.submit(bank.transfer, conn_a, a_from, a_to, 30)
-                wait_until(lambda: gate.held is not None or fut_a.done(),
+                # (each wait's lambda is called within this pass: B023 does not apply)
+                wait_until(lambda: gate.held is not None or fut_a.done(),  # noqa: B023
                            f"transfer A ({a_from}->{a_to}) to send its statement #{step}")
                 held = gate.held
                 if held is None:   # A sent fewer statements: every step was tried
@@ -445,7 +448,7 @@ def test_two_transfers_sharing_an_account_queue_at_every_step(bank: Bank, postgr
                     break
                 fut_b = pool.submit(bank.transfer, conn_b, b_from, b_to, 30)
                 pid_b = conn_b.info.backend_pid
-                wait_until(lambda: fut_b.done() or waiting_on_lock(admin, pid_b),
+                wait_until(lambda: fut_b.done() or waiting_on_lock(admin, pid_b),  # noqa: B023
                            f"transfer B ({b_from}->{b_to}) to finish or wait for A's lock, "
                            f"while A was held before {held!r}")
                 b_waited = not fut_b.done()
@@ -549,12 +552,12 @@ def test_committed_transfer_survives_a_server_crash(bank: Bank, postgres: Any) -
     assert seen, "transfer 1->2 30 returned but wrote no row into transfers before its COMMIT"
     asynchronous = sorted(s for (s,) in seen if s == "off")
     assert not asynchronous, (
-        f"transfer 1->2 30 committed with synchronous_commit = off (read by a trigger at its "
-        f"COMMIT): Postgres then answers COMMIT before the commit's WAL record is written, and "
-        f"a crash in the next few hundred milliseconds loses a transfer the caller was told "
-        f"had happened - durability is exactly that COMMIT returns only once the WAL is "
-        f"written. Leave synchronous_commit at its default (on), in the session, the "
-        f"transaction (SET LOCAL) and the database alike")
+        "transfer 1->2 30 committed with synchronous_commit = off (read by a trigger at its "
+        "COMMIT): Postgres then answers COMMIT before the commit's WAL record is written, and "
+        "a crash in the next few hundred milliseconds loses a transfer the caller was told "
+        "had happened - durability is exactly that COMMIT returns only once the WAL is "
+        "written. Leave synchronous_commit at its default (on), in the session, the "
+        "transaction (SET LOCAL) and the database alike")
 
     crashed = threading.Event()
 

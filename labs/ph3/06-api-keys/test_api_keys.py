@@ -15,7 +15,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -274,7 +274,7 @@ def test_two_rotations_at_once_keep_the_earlier_end(api: Api, learner: Any) -> N
     of Postgres: each rotation is stopped before its first UPDATE reaches the server, so
     both have read the key before either writes; the 60 s one then writes first. The end
     must be 60 s whatever the order: the earlier end stays under concurrency too."""
-    gate = cast(WriteGate, WriteGate.for_dsn(api.postgres.dsn))  # cls(...), typed as its base
+    gate = WriteGate.for_dsn(api.postgres.dsn)
     try:
         # Two stores: the script and the responder's tool are processes of their own.
         module = learner.load("apikeys")

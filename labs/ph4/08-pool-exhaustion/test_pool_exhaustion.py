@@ -398,7 +398,7 @@ class ConnectGate(TcpRelay):
 @pytest.fixture
 def gate(postgres: Any) -> Iterator[ConnectGate]:
     with ConnectGate(postgres.dsn) as relay:
-        yield cast(ConnectGate, relay)  # __enter__: self, typed TcpRelay
+        yield relay
 
 
 def outcome_of(call: Call) -> str:
@@ -685,8 +685,7 @@ PROMPTLY = 10.0   # a generous bound for what needs only the pool's lock
 def test_a_borrower_stuck_in_network_io_stalls_no_one_else(
         stuck: str, mod: ModuleType, pools: list[Any], postgres: Any,
         on_a_lock: Callable[[], int]) -> None:
-    with HangingBackend(postgres.dsn) as entered:
-        relay = cast(HangingBackend, entered)  # __enter__: self, typed TcpRelay
+    with HangingBackend(postgres.dsn) as relay:
         pool = make(mod, pools, relay.dsn, 2, policy="queue", acquire_timeout=60)
         first = pool.acquire()               # relayed connection 0
         if stuck == "validation":

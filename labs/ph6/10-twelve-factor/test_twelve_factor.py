@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -313,8 +313,7 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], pos
     """SIGTERM while a POST /notes is in flight (its INSERT held at a proxy in front of
     Postgres): a graceful stop stops accepting, lets that request finish (the proxy lets the
     INSERT go on once the app exited or DRAIN_HOLD s went by), closes the pools, exits 0."""
-    with HeldPostgres.for_dsn(postgres.dsn) as entered:
-        held = cast(HeldPostgres, entered)  # for_dsn, __enter__: it, typed as a base
+    with HeldPostgres.for_dsn(postgres.dsn) as held:
         app = App(learner, {**env, "DATABASE_URL": held.dsn_for(postgres.dsn)})
         apps.append(app)
         app.ready()

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Self
 
 import pytest
 
@@ -220,7 +220,7 @@ class KafkaProxy:
         self.errors: list[str] = []
         self.bootstrap = f"127.0.0.1:{self._port_for(host or '127.0.0.1', int(port))}"
 
-    def __enter__(self) -> KafkaProxy:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:

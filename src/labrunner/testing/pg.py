@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from .relay import RelayLink, TcpRelay
 
@@ -46,7 +46,7 @@ class PgStatementProxy(TcpRelay):
         self._notices: list[str] = []
 
     @classmethod
-    def for_dsn(cls, dsn: str, **options: Any) -> PgStatementProxy:
+    def for_dsn(cls, dsn: str, **options: Any) -> Self:
         """A proxy in front of the server ``dsn`` names (a TCP host and port)."""
         from psycopg.conninfo import conninfo_to_dict
 

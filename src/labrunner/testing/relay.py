@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 
 @dataclass
@@ -154,7 +154,7 @@ class TcpRelay:
         self._listener.close()
         self.cut()
 
-    def __enter__(self) -> TcpRelay:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 
-def came_true(condition: Callable[[], bool], timeout: float) -> bool:
+def came_true(condition: Callable[[], object], timeout: float) -> bool:
     """Whether an observable condition came true within ``timeout`` seconds (polled every
     10 ms): for a test that words its own failure."""
     deadline = time.monotonic() + timeout
@@ -19,7 +19,7 @@ def came_true(condition: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 15) -> None:
     """Wait for an observable condition (not for a guessed amount of time); fail the test
     with ``timed out after N s waiting for <what>``."""
     if not came_true(condition, timeout):
