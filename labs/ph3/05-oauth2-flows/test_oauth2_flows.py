@@ -6,7 +6,10 @@ Location header of the real 302 (never following it), posts form-encoded token r
 and checks the access tokens with PyJWT. The attacks are real requests: a replayed code, a
 wrong verifier, the challenge sent as the verifier (the plain method), a code redeemed
 with another redirect_uri or client, redirect URIs that are not registered, a wrong client
-secret, a device code polled too fast."""
+secret, a device code polled too fast. And the client's everyday mistakes, each of which
+must get the refusal RFC 6749 5.2 names and never a 500: malformed Basic credentials, a
+grant type the server does not have, codes, device codes, clients and user codes that name
+nothing, code_verifiers of the wrong length or alphabet (RFC 7636 4.1)."""
 
 from __future__ import annotations
 
@@ -69,14 +72,17 @@ class Server:
         return http_request(self.host, "GET", f"{path}?{urlencode(params)}", headers=headers,
                             timeout=10)
 
-    def post(self, path: str, form: dict[str, str], headers: dict[str, str] | None = None
-             ) -> HttpReply:
-        return http_request(self.host, "POST", path, urlencode(form).encode(), headers,
+    def post(self, path: str, form: dict[str, str] | bytes,
+             headers: dict[str, str] | None = None) -> HttpReply:
+        """A form POST; bytes are sent as they are (a body no client library would make)."""
+        body = form if isinstance(form, bytes) else urlencode(form).encode()
+        return http_request(self.host, "POST", path, body, headers,
                             content_type="application/x-www-form-urlencoded", timeout=10)
 
     def authorize(self, client: str = "spa", redirect_uri: str = CB,
-                  user: str | None = "alice", **extra: str) -> HttpReply:
-        verifier = secrets.token_urlsafe(48)
+                  user: str | None = "alice", verifier: str | None = None,
+                  **extra: str) -> HttpReply:
+        verifier = verifier if verifier is not None else secrets.token_urlsafe(48)
         params = {"response_type": "code", "client_id": client, "redirect_uri": redirect_uri,
                   "state": secrets.token_urlsafe(8), "code_challenge": challenge_of(verifier),
                   "code_challenge_method": "S256", "scope": "openid"}
@@ -86,9 +92,10 @@ class Server:
         self.verifiers[params["state"]] = verifier
         return reply
 
-    def code(self, client: str = "spa", redirect_uri: str = CB) -> tuple[str, str]:
-        """A fresh authorization code and its verifier."""
-        reply = self.authorize(client, redirect_uri)
+    def code(self, client: str = "spa", redirect_uri: str = CB,
+             verifier: str | None = None) -> tuple[str, str]:
+        """A fresh authorization code and its verifier (a random one unless given)."""
+        reply = self.authorize(client, redirect_uri, verifier=verifier)
         sent = reply.sent  # type: ignore[attr-defined]
         location = reply.header("Location") or ""
         query = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
@@ -189,11 +196,27 @@ def test_authorization_code_with_pkce(server: Server) -> None:
     expect_error(server.redeem(code, verifier, client="mobile",
                                redirect_uri=CB), ("invalid_grant",),
                  "spa's code redeemed by the client 'mobile'", "a code belongs to its client")
-    code, verifier = server.code()
-    server.clock.now = T0 + 601
-    expect_error(server.redeem(code, verifier), ("invalid_grant",),
-                 "a code redeemed 601 s after it was issued",
-                 "codes are short-lived (at most 10 minutes, RFC 6749 4.1.2)")
+    for age, valid, why in CODE_LIFE:
+        code, verifier = server.code()
+        server.clock.now += age
+        reply = server.redeem(code, verifier)
+        what = f"a code redeemed {age} s after it was issued"
+        if valid:
+            expect_token(reply, "alice", "spa", what, why)
+        else:
+            expect_error(reply, ("invalid_grant",), what, why)
+
+
+# A code's life: the README's 60 s, not RFC 6749's ceiling. Each case: age in seconds,
+# still valid, why.
+CODE_LIFE = [
+    (59, True, "the README gives a code 60 s: at 59 s it is still valid"),
+    (61, False, "the README gives a code 60 s (CODE_TTL): at 61 s it has expired - RFC "
+     "6749 4.1.2's 10 minutes is a ceiling ('a maximum lifetime of 10 minutes is "
+     "RECOMMENDED'), not the lifetime; every second past 60 is a second more for whoever "
+     "intercepted the code"),
+    (601, False, "codes are short-lived (at most 10 minutes, RFC 6749 4.1.2)"),
+]
 
 
 def test_authorize_never_redirects_where_it_should_not(server: Server) -> None:
@@ -287,6 +310,15 @@ def test_client_credentials(server: Server) -> None:
     expect_error(server.post("/token", form), ("invalid_client",),
                  "client_credentials without credentials", "no client authentication",
                  status=(401,))
+    for headers, what in ((basic("batch", "batch-s3cret-valuf"), "a wrong secret"),
+                          ({}, "no Authorization header")):
+        reply = server.post("/token", form, headers)
+        challenge = reply.header("WWW-Authenticate") or ""
+        assert "basic" in challenge.lower(), (
+            f"client_credentials with {what} answered {reply.status} WWW-Authenticate: "
+            f"{challenge!r}, expected 401 with WWW-Authenticate: Basic realm=...: a 401 "
+            "MUST carry a challenge (RFC 7235 3.1; RFC 6749 5.2), which tells the client how "
+            "to authenticate")
 
 
 # Authorization: Basic as RFC 7617 reads it (RFC 7235 for the scheme). Each case: client,
@@ -419,3 +451,182 @@ def test_a_device_code_belongs_to_its_client(server: Server) -> None:
         "the device code issued to the client 'tv' (approved by bob) was redeemed by the "
         "client 'mobile' and got bob's token: a device code belongs to the client it was "
         "issued to - compare client_id at /token (400 invalid_grant)")
+
+
+def raw_basic(decoded: bytes, scheme: str = "Basic") -> dict[str, str]:
+    return {"Authorization": f"{scheme} {base64.b64encode(decoded).decode()}"}
+
+
+CREDENTIALS_FAIL = (
+    "RFC 6749 2.3.1 and 5.2: an Authorization header that does not authenticate a client, "
+    "whatever is wrong with it, is a failed client authentication - 401 "
+    "{\"error\": \"invalid_client\"} with WWW-Authenticate - never a crash (500) nor a 400: "
+    "decode inside a try (binascii.Error and UnicodeDecodeError are ValueErrors) and split "
+    "with partition(':')")
+UNSUPPORTED = (
+    "RFC 6749 5.2: a grant_type the server does not implement is 400 "
+    "{\"error\": \"unsupported_grant_type\"} - route on each grant_type by name, and let "
+    "only the names you implement reach their code (an else branch is a grant type nobody "
+    "chose)")
+NOT_FOUND = ("a parameter that names nothing this server issued (or is absent) is the "
+             "client's mistake: a 4xx naming it, never a crash (500) - look it up with "
+             ".get() and check what came back before using it")
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A client's mistake and the refusal it must get."""
+    what: str
+    path: str
+    form: dict[str, str] | bytes
+    headers: dict[str, str]
+    status: tuple[int, ...]
+    errors: tuple[str, ...] | None  # None: any error code
+    why: str
+
+
+CC = {"grant_type": "client_credentials"}
+CLIENT_MISTAKES = [
+    Mistake("client_credentials with Authorization: Basic and text that is not base64",
+            "/token", CC, {"Authorization": "Basic %%not*base64%%"}, (401,),
+            ("invalid_client",), CREDENTIALS_FAIL),
+    Mistake("client_credentials with Authorization: Basic and base64 cut short (bad "
+            "padding)", "/token", CC, {"Authorization": "Basic YmF0Y2g6YmF0Y2gtczNjcmV0"
+                                                        "LXZhbHV"}, (401,),
+            ("invalid_client",), CREDENTIALS_FAIL),
+    Mistake("client_credentials with Authorization: Basic base64('batch') (no colon)",
+            "/token", CC, raw_basic(b"batch"), (401,), ("invalid_client",),
+            CREDENTIALS_FAIL + " - without a colon there is no secret: the client did not "
+            "authenticate"),
+    Mistake("client_credentials with Authorization: Basic of bytes that are not UTF-8",
+            "/token", CC, raw_basic(b"batch\xff\xfe:secret"), (401,), ("invalid_client",),
+            CREDENTIALS_FAIL),
+    Mistake("client_credentials with Authorization: Basic and nothing after the scheme",
+            "/token", CC, {"Authorization": "Basic"}, (401,), ("invalid_client",),
+            CREDENTIALS_FAIL),
+    Mistake("client_credentials with Authorization: Bearer base64(batch:its right secret)",
+            "/token", CC, raw_basic(b"batch:batch-s3cret-value", "Bearer"), (401,),
+            ("invalid_client",),
+            CREDENTIALS_FAIL + " - the scheme is not Basic, so these are not Basic "
+            "credentials, whatever they decode to: check the scheme (in any case) before "
+            "reading the rest"),
+    Mistake("client_credentials with Authorization: Digest username=\"batch\"", "/token",
+            CC, {"Authorization": 'Digest username="batch", realm="token", nonce="x"'},
+            (401,), ("invalid_client",), CREDENTIALS_FAIL),
+    Mistake("grant_type=password (batch's right Basic credentials, a username and "
+            "password)", "/token", {"grant_type": "password", "username": "alice",
+                                    "password": "pw"},
+            basic("batch", "batch-s3cret-value"), (400,), ("unsupported_grant_type",),
+            UNSUPPORTED + ": the password grant (RFC 6749 4.3, gone in OAuth 2.1) is not "
+            "this server's"),
+    Mistake("grant_type=refresh_token (batch's right Basic credentials)", "/token",
+            {"grant_type": "refresh_token", "refresh_token": "r1"},
+            basic("batch", "batch-s3cret-value"), (400,), ("unsupported_grant_type",),
+            UNSUPPORTED),
+    Mistake("POST /token without grant_type (batch's right Basic credentials)", "/token",
+            {}, basic("batch", "batch-s3cret-value"), (400,),
+            ("invalid_request", "unsupported_grant_type"),
+            "RFC 6749 5.2: grant_type is required - 400 invalid_request"),
+    Mistake("grant_type=authorization_code without a code", "/token",
+            {"grant_type": "authorization_code", "client_id": "spa", "redirect_uri": CB,
+             "code_verifier": secrets.token_urlsafe(48)}, {}, (400,),
+            ("invalid_grant", "invalid_request"), NOT_FOUND),
+    Mistake("POST /token with a form body that is not UTF-8 (code=\\xff\\xfe)", "/token",
+            b"grant_type=authorization_code&code=\xff\xfe&client_id=spa", {}, (400,),
+            ("invalid_request", "invalid_grant"),
+            "a form is UTF-8 text (RFC 6749 appendix B): a body that does not decode is a "
+            "malformed request, 400 invalid_request - decode inside a try, never let "
+            "UnicodeDecodeError become a 500"),
+    Mistake("grant_type=authorization_code with a code never issued", "/token",
+            {"grant_type": "authorization_code", "code": "never-issued", "client_id": "spa",
+             "redirect_uri": CB, "code_verifier": secrets.token_urlsafe(48)}, {}, (400,),
+            ("invalid_grant",), NOT_FOUND),
+    Mistake("a device-code poll with a device_code never issued", "/token",
+            {"grant_type": DEVICE_GRANT, "device_code": "never-issued", "client_id": "tv"},
+            {}, (400,), ("invalid_grant", "expired_token"), NOT_FOUND),
+    Mistake("a device-code poll without device_code", "/token",
+            {"grant_type": DEVICE_GRANT, "client_id": "tv"}, {}, (400,),
+            ("invalid_grant", "invalid_request"), NOT_FOUND),
+    Mistake("POST /device_authorization with the unknown client_id 'evil'",
+            "/device_authorization", {"client_id": "evil"}, {}, (400, 401),
+            ("invalid_client", "unauthorized_client"), NOT_FOUND),
+    Mistake("POST /device_authorization without client_id", "/device_authorization", {}, {},
+            (400, 401), ("invalid_client", "unauthorized_client", "invalid_request"),
+            NOT_FOUND),
+    Mistake("POST /device with the user_code 'BCDFGHJK' that no device was given (bob "
+            "logged in)", "/device", {"user_code": "BCDFGHJK"}, {"X-User": "bob"},
+            (400, 404), None,
+            "the user mistyped the code shown on the screen: 400 {\"error\": "
+            "\"invalid_request\"}, nothing approved - " + NOT_FOUND),
+    Mistake("POST /device without user_code (bob logged in)", "/device", {},
+            {"X-User": "bob"}, (400, 404), None,
+            "400 {\"error\": \"invalid_request\"}, nothing approved - " + NOT_FOUND),
+]
+
+
+def test_client_mistakes_are_refused_not_crashed(server: Server) -> None:
+    """Every mistake a client (or a user at /device) can make gets the refusal RFC 6749 5.2
+    names for it: a 4xx with its error code, never a 500, never a token."""
+    pending = server.post("/device_authorization", {"client_id": "tv"}).json()
+    wrong = []
+    for m in CLIENT_MISTAKES:
+        reply = server.post(m.path, m.form, m.headers)
+        got = error_of(reply)
+        if reply.status not in m.status or (m.errors is not None and got not in m.errors):
+            want = f"{{\"error\": \"{m.errors[0]}\"}}" if m.errors else "an error"
+            wrong.append(f"{m.what} answered {reply.status} {reply.body[:100]!r}, expected "
+                         f"{m.status[0]} {want}: {m.why}")
+        elif reply.status == 401 and "basic" not in (reply.header("WWW-Authenticate")
+                                                     or "").lower():
+            wrong.append(f"{m.what} answered 401 without WWW-Authenticate: Basic (saw "
+                         f"{reply.header('WWW-Authenticate')!r}): RFC 6749 5.2 - a 401 for "
+                         "a client that tried the Authorization header MUST carry the "
+                         "challenge of the scheme (RFC 7235 3.1: every 401 does)")
+    assert not wrong, "\n".join(wrong) + f"\n({len(wrong)} of {len(CLIENT_MISTAKES)} " \
+                                         "client mistakes answered wrong)"
+    server.clock.now += 60
+    expect_error(poll(server, pending["device_code"]), ("authorization_pending",),
+                 "a device-code poll after approvals with user_codes that name no device",
+                 "a user_code that matches nothing approves nothing")
+
+
+# code_verifier = 43*128unreserved (RFC 7636 4.1), unreserved = ALPHA / DIGIT / "-" / "." /
+# "_" / "~". Each case: the verifier (its challenge sent to /authorize, so only its form
+# is wrong), accepted, why.
+VERIFIER_CASES = [
+    ("Az09-._~" * 5 + "abc", True,
+     "43 characters, every one unreserved ('-', '.', '_' and '~' included): the shortest "
+     "verifier RFC 7636 4.1 allows - the alphabet is ALPHA / DIGIT / '-' / '.' / '_' / '~', "
+     "more than base64url's"),
+    ("x~" * 64, True, "128 unreserved characters: the longest verifier RFC 7636 4.1 allows"),
+    ("Az09-._~" * 5 + "ab", False,
+     "42 characters: RFC 7636 4.1 asks for 43 to 128 (at least 256 bits of entropy once "
+     "encoded), a shorter verifier is refused even when it matches its challenge"),
+    ("x~" * 64 + "x", False, "129 characters: RFC 7636 4.1 allows at most 128"),
+    ("ab+/" * 11, False,
+     "'+' and '/' are not unreserved (RFC 7636 4.1): a verifier made with standard base64 "
+     "instead of base64url is malformed"),
+    ("abc " * 11, False, "a space is not unreserved (RFC 7636 4.1)"),
+    ("é" + "a" * 42, False,
+     "'é' is not unreserved: the alphabet is ASCII (RFC 7636 4.1) - refuse it (400), do "
+     "not crash on it (a str.isalnum() or \\w lets Unicode letters in, and "
+     "verifier.encode('ascii') raises)"),
+]
+
+
+def test_code_verifier_has_the_form_rfc_7636_gives(server: Server) -> None:
+    wrong = []
+    for verifier, accept, why in VERIFIER_CASES:
+        code, _ = server.code(verifier=verifier)
+        reply = server.redeem(code, verifier)
+        what = (f"a code redeemed with a verifier of {len(verifier)} characters "
+                f"{verifier[:12]!r}... (its challenge sent to /authorize)")
+        if accept and reply.status != 200:
+            wrong.append(f"{what} answered {reply.status} {reply.body[:100]!r}, expected "
+                         f"200 with a token: {why}")
+        elif not accept and (reply.status != 400 or error_of(reply) not in
+                             ("invalid_grant", "invalid_request")):
+            wrong.append(f"{what} answered {reply.status} {reply.body[:100]!r}, expected "
+                         f"400 {{\"error\": \"invalid_grant\"}}: {why}")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(VERIFIER_CASES)} code_verifiers decided wrong)")

@@ -3,7 +3,9 @@ tables. The first table is the README's own document policy; the second is a hos
 policy the README never shows, with cases chosen for the ways such engines go wrong:
 default allow, inheritance that is not transitive, an ABAC rule that narrows a role, deny
 that must win whatever the order, attributes that are missing, actions that only share a
-prefix, a role cycle. The policies are data, so an engine written for the README's
+prefix, a role cycle, a subject with several roles (an undefined one or one that grants
+nothing first), `in` over a value that is not a list (a string, a dict), literals with dots
+that are not attribute paths. The policies are data, so an engine written for the README's
 example alone fails the second table."""
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ HOSPITAL_POLICY: dict[str, Any] = {
         "exporter": {"permissions": ["record:export"]},
         "pharmacist": {"permissions": ["dose:approve"]},
         "triage": {"permissions": ["bed:assign"]},
+        "visitor": {"permissions": []},  # a role that grants nothing
+        "clerk": {"permissions": ["form:submit"]},
+        "attending": {"inherits": ["triage", "nurse"], "permissions": []},  # a diamond
     },
     "rules": [
         # the patient reads their own record, without any role (listed before the deny)
@@ -75,6 +80,14 @@ HOSPITAL_POLICY: dict[str, Any] = {
         {"effect": "deny", "actions": ["record:purge"], "when": []},
         {"effect": "allow", "actions": ["status:read"]},
         {"effect": "require", "actions": ["audit:read"], "when": []},
+        # 'in' holds for a list only: badges kept as a string or a dict never match
+        {"effect": "allow", "actions": ["ward:enter"],
+         "when": [["subject.badge", "in", "resource.badges"]]},
+        # literals with dots: a domain and a version, not attribute paths
+        {"effect": "allow", "actions": ["portal:login"],
+         "when": [["subject.email_domain", "==", "hospital.example"]]},
+        {"effect": "deny", "actions": ["form:submit"],
+         "when": [["resource.schema", "==", "1.2"]]},
     ],
 }
 
@@ -271,6 +284,70 @@ HOSPITAL_CASES = [
          "(all of no conditions hold)", DAY),
     Case("locum (cyclic roles) writes", {"id": "l1", "roles": ["locum"], "ward": 3},
          "record:write", record(), False, "neither locum nor relief grants it", DAY),
+    # 'in': the right operand is a list, or the condition does not hold
+    Case("badge A enters a ward whose badges are ['A', 'B']", {"id": "v1", "badge": "A"},
+         "ward:enter", {"id": "w1", "badges": ["A", "B"]}, True,
+         "'in': 'A' is an element of the list ['A', 'B']", DAY),
+    Case("badge A enters a ward whose badges are the string 'ABC'",
+         {"id": "v1", "badge": "A"}, "ward:enter", {"id": "w1", "badges": "ABC"}, False,
+         "'in' holds for a list only: 'ABC' is a string, so 'A' is not one of its elements "
+         "- Python's `a in b` on two strings is substring search (and iterating a string "
+         "walks its characters): 'A' in 'ABC' holds, and so would 'AB', 'BC' or ''", DAY),
+    Case("badge A enters a ward whose badges are the string 'A'", {"id": "v1", "badge": "A"},
+         "ward:enter", {"id": "w1", "badges": "A"}, False,
+         "'in' holds for a list only: the string 'A' is not a list holding 'A' (an engine "
+         "that checks isinstance(right, list) never matches text)", DAY),
+    Case("badge c5 enters a ward whose badges are the dict {'c5': 'day'}",
+         {"id": "v1", "badge": "c5"}, "ward:enter", {"id": "w1", "badges": {"c5": "day"}},
+         False, "'in' holds for a list only: on a dict Python's `in` looks up the keys - a "
+         "mapping is not a list of values", DAY),
+    Case("badge 5 enters a ward whose badges are the number 5", {"id": "v1", "badge": 5},
+         "ward:enter", {"id": "w1", "badges": 5}, False,
+         "'in' holds for a list only: 5 is not a list (and `5 in 5` raises TypeError: "
+         "check the right operand's type before using it)", DAY),
+    Case("care team member reads a record whose care_team is the string 'c5,dr1'",
+         {"id": "c5", "roles": []}, "record:read", record(care_team="c5,dr1"), False,
+         "'in' holds for a list only: 'c5,dr1' is text, and 'c5' in 'c5,dr1' is substring "
+         "search - 'c', '5,d' or 'dr' would match too", DAY),
+    # literals that contain a dot are literals: only subject., resource. and context. read
+    Case("a user of hospital.example logs in", {"id": "u5", "email_domain": "hospital.example"},
+         "portal:login", {"id": "portal"}, True,
+         "'hospital.example' is a literal: an operand reads an attribute only when it starts "
+         "with 'subject.', 'resource.' or 'context.' - an engine that takes any 'x.y' for a "
+         "path finds no attribute 'example' of a 'hospital' and never allows this", DAY),
+    Case("a user of evil.example logs in", {"id": "u6", "email_domain": "evil.example"},
+         "portal:login", {"id": "portal"}, False, "'evil.example' is not 'hospital.example'",
+         DAY),
+    Case("clerk submits a form of schema 2.0", {"id": "k1", "roles": ["clerk"]},
+         "form:submit", {"id": "f1", "schema": "2.0"}, True,
+         "the deny holds for schema '1.2' only, a literal: an engine that reads '1.2' as the "
+         "attribute '2' of a scope '1' finds it missing and denies every form", DAY),
+    Case("clerk submits a form of schema 1.2", {"id": "k1", "roles": ["clerk"]},
+         "form:submit", {"id": "f1", "schema": "1.2"}, False,
+         "resource.schema equals the literal '1.2': the deny applies - '1.2' is a value, "
+         "not a path to look up", DAY),
+    # several roles: each grants on its own, in any order
+    Case("an undefined role listed before nurse", nurse(roles=["superuser", "nurse"]),
+         "record:read", record(), True,
+         "the subject's roles each grant on their own: 'superuser' is not defined, so it "
+         "grants nothing and the walk goes on to 'nurse' - skip it (continue), do not stop "
+         "there (break)", DAY),
+    Case("a role that grants nothing listed before nurse", nurse(roles=["visitor", "nurse"]),
+         "record:read", record(), True,
+         "'visitor' grants nothing, 'nurse' grants record:read: the permissions are those of "
+         "EVERY role of the subject, not of the first one defined", DAY),
+    Case("doctor, nurse (already inherited) and exporter export",
+         {"id": "dx", "roles": ["doctor", "nurse", "exporter"], "ward": 3},
+         "record:export", record(), True,
+         "doctor inherits nurse, so 'nurse' is already walked when the list reaches it: a "
+         "role seen before is skipped (continue), the walk does not end there (break), and "
+         "exporter's record:export is granted", {"hour": 10, "network": "internal"}),
+    Case("nurse and attending (inherits triage and nurse) assign a bed",
+         {"id": "at1", "roles": ["nurse", "attending"]}, "bed:assign",
+         {"id": "b1", "risk": 0.5}, True,
+         "attending inherits triage and nurse; nurse was walked already: a role seen before "
+         "is skipped (continue) and its siblings are still walked - stopping there (break) "
+         "loses triage's bed:assign", DAY),
 ]
 
 

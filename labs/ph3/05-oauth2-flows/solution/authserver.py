@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import threading
 import time
@@ -23,6 +24,9 @@ CODE_TTL = 60
 DEVICE_TTL = 600
 DEVICE_INTERVAL = 5
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# RFC 7636 4.1: code_verifier = 43*128unreserved, unreserved = ALPHA / DIGIT / "-" / "." /
+# "_" / "~" (ASCII only: a str.isalnum() or \w would let any Unicode letter in)
+VERIFIER = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
 
 
 @dataclass
@@ -106,8 +110,11 @@ def make_app(clients: dict[str, dict[str, Any]], signing_key: bytes,
 
         if method == "POST" and path in ("/token", "/device_authorization", "/device"):
             size = int(environ.get("CONTENT_LENGTH") or 0)
-            form = {k: v[0] for k, v in
-                    parse_qs(environ["wsgi.input"].read(size).decode("utf-8")).items()}
+            try:  # a body or a %-escape that is not UTF-8: a malformed request, not a 500
+                form = {k: v[0] for k, v in parse_qs(environ["wsgi.input"].read(size)
+                                                     .decode("utf-8"), errors="strict").items()}
+            except UnicodeDecodeError:
+                return error("400 Bad Request", "invalid_request")
         else:
             return error("404 Not Found", "not_found")
 
@@ -131,12 +138,16 @@ def make_app(clients: dict[str, dict[str, Any]], signing_key: bytes,
             with lock:
                 found = [d for d in devices.values()
                          if hmac.compare_digest(d.user_code, form.get("user_code", ""))]
+                # a user_code that names no live device (mistyped, expired, absent) is the
+                # user's mistake: 400, and nothing is approved
                 if not found or found[0].expires <= clock():
                     return error("400 Bad Request", "invalid_request")
                 found[0].user = user
             return reply("200 OK", {"approved": True})
 
         grant = form.get("grant_type")
+        if not grant:  # RFC 6749 5.2: a required parameter is missing
+            return error("400 Bad Request", "invalid_request")
         if grant == "authorization_code":
             with lock:
                 code = codes.pop(form.get("code", ""), None)  # single use, whatever happens
@@ -144,15 +155,18 @@ def make_app(clients: dict[str, dict[str, Any]], signing_key: bytes,
             if (code is None or code.expires <= clock()
                     or code.client_id != form.get("client_id")
                     or code.redirect_uri != form.get("redirect_uri")
-                    or not (43 <= len(verifier) <= 128)
+                    or not VERIFIER.fullmatch(verifier)
                     or not hmac.compare_digest(s256(verifier), code.challenge)):
                 return error("400 Bad Request", "invalid_grant")
             return reply("200 OK", token_for(code.user, code.client_id))
 
         if grant == "client_credentials":
+            # RFC 6749 2.3.1 and 5.2: credentials that fail to authenticate the client, a
+            # header that is no Basic at all, bad base64 or no colon included, are 401
+            # invalid_client with a WWW-Authenticate challenge - never a 500, never a 400
             scheme, _, encoded = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
             try:
-                cid, _, secret = base64.b64decode(encoded).decode().partition(":")
+                cid, _, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
             except ValueError:
                 cid, secret = "", ""
             client = registry.get(cid) if scheme.lower() == "basic" else None
@@ -181,6 +195,8 @@ def make_app(clients: dict[str, dict[str, Any]], signing_key: bytes,
                 user = device.user
             return reply("200 OK", token_for(user, device.client_id))
 
+        # RFC 6749 5.2: a grant type this server does not support (password, refresh_token,
+        # a typo) is refused as such - it is never taken for one of the grants above
         return error("400 Bad Request", "unsupported_grant_type")
 
     return app

@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 _MISSING = object()
+# 'in' is membership in a list: a string, a dict or a number on the right never matches
+# (Python's `in` would search text and dict keys). Cedar's contains() is defined on a set
+# only, the same way; the decision must not hang on how a value happens to be stored.
 _OPERATORS = {
     "==": lambda a, b: type(a) is type(b) and a == b,
     "!=": lambda a, b: not (type(a) is type(b) and a == b),
@@ -20,7 +23,8 @@ def _numbers(a: Any, b: Any) -> bool:
 
 
 def _value(operand: Any, request: dict[str, dict[str, Any]]) -> Any:
-    """'subject.dept' reads an attribute; anything else is a literal."""
+    """'subject.dept' reads an attribute; anything else is a literal, dots or not
+    ('hospital.example', '1.2'): only the three scopes name attributes."""
     if isinstance(operand, str):
         scope, dot, name = operand.partition(".")
         if dot and scope in request:
