@@ -31,7 +31,7 @@ KEY = b"ph3.5-authorization-server-signing-key-0123"
 T0 = 1_700_000_000.0
 CB = "https://spa.example/cb"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-CLIENTS = {
+CLIENTS: dict[str, dict[str, Any]] = {
     "spa": {"type": "public", "redirect_uris": [CB, "https://spa.example/other"]},
     "mobile": {"type": "public", "redirect_uris": ["com.example.app:/oauth"]},
     "batch": {"type": "confidential", "secret": "batch-s3cret-value"},
@@ -418,10 +418,10 @@ def test_a_code_is_used_up_by_its_first_redemption(server: Server) -> None:
     def redeem(name: str) -> None:
         replies[name] = server.redeem(code, verifier)
 
-    first = threading.Thread(target=redeem, args=("first",), daemon=True)
-    first.start()
+    holder = threading.Thread(target=redeem, args=("first",), daemon=True)
+    holder.start()
     try:
-        wait_until(lambda: clock.arrived.is_set() or not first.is_alive(),
+        wait_until(lambda: clock.arrived.is_set() or not holder.is_alive(),
                    "the first redemption to call the clock")
         clock.hold = False
         second = threading.Thread(target=redeem, args=("second",), daemon=True)
@@ -430,7 +430,7 @@ def test_a_code_is_used_up_by_its_first_redemption(server: Server) -> None:
     finally:
         clock.hold = False
         clock.release.set()
-    first.join(timeout=30)
+    holder.join(timeout=30)
     tokens = [n for n, r in replies.items() if r.status == 200]
     assert len(tokens) < 2, (
         "two concurrent POST /token with the same code both got a token (the first was "
