@@ -22,7 +22,7 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 
-from labrunner.testing import PgStatementProxy, verdict, wait_until
+from labrunner.testing import PgStatementProxy, timed_redis_commands, verdict, wait_until
 
 SECRET = b"ph3.4-access-token-signing-secret-0123456789"
 T0 = 1_700_000_000.0
@@ -276,8 +276,12 @@ def test_tokens_it_never_issued_are_refused(service: Service) -> None:
 
 def test_expiry_on_the_injected_clock(service: Service) -> None:
     access, refresh = service.login("alice")
-    # One login per refresh case (a refresh uses its token up), all at T0.
-    tokens = [refresh] + [service.login("alice")[1] for _ in REFRESH_EXPIRY[1:]]
+    # One login per refresh case (a refresh uses its token up), each at its clock.
+    tokens = [refresh]
+    for issued, *_ in REFRESH_EXPIRY[1:]:
+        service.clock.now = issued
+        tokens.append(service.login("alice")[1])
+    service.clock.now = T0
     exp = claims_of(access, "the access token")["exp"]
     service.clock.now = exp - 1
     verdict, got = service.authenticate(access, "an access token 1 s before exp")
@@ -296,28 +300,57 @@ def test_expiry_on_the_injected_clock(service: Service) -> None:
     assert verdict == "refused", (
         "authenticate() accepted an access token at and 1 s after its exp (on the injected "
         "clock): compare exp with self.clock() and refuse from exp on")
+    for offset, want, what in ACCESS_EXPIRY_FRACTIONS:
+        service.clock.now = exp + offset
+        verdict, got = service.authenticate(access, f"an access token {what}")
+        saw = "accepted" if verdict == "ok" else f"refused ({got})"
+        assert verdict == want, (
+            f"authenticate() {saw} an access token {what} (exp {exp}, clock "
+            f"{service.clock.now:.3f}), expected it "
+            f"{'accepted' if want == 'ok' else 'refused'}: the clock has fractions of a "
+            "second and exp is the first instant the token is refused (RFC 7519 4.1.4: "
+            "not accepted on or after exp) - compare clock() >= exp as they are, without "
+            "rounding either")
     # The case past the expiry goes before the one at its instant, so a token that never
     # expires is named as such.
-    for token, (offset, want, what, why) in zip(tokens, REFRESH_EXPIRY, strict=True):
-        service.clock.now = T0 + 30 * DAY + offset
+    for token, (issued, offset, want, what, why) in zip(tokens, REFRESH_EXPIRY, strict=True):
+        service.clock.now = issued + 30 * DAY + offset
         verdict, got = service.refresh(token, f"a refresh token {what}")
         saw = "accepted" if verdict == "ok" else f"refused ({got})"
         assert verdict == want, (
-            f"refresh() {saw} a refresh token {what} (issued at clock {T0:.0f}, presented "
-            f"at {service.clock.now:.0f}), expected it "
+            f"refresh() {saw} a refresh token {what} (issued at clock {issued:.3f}, "
+            f"presented at {service.clock.now:.3f}), expected it "
             f"{'accepted' if want == 'ok' else 'refused'}: {why}")
 
 
-# (offset from login + REFRESH_TTL, expected verdict, what the token is, why)
+# An access token's exp is whole seconds (iat = int(clock())), the clock is not:
+# (offset from exp, expected verdict, what the token is).
+ACCESS_EXPIRY_FRACTIONS = [
+    (-0.001, "ok", "1 ms before its exp"),
+    (-0.6, "ok", "0.6 s before its exp"),
+    (0.001, "refused", "1 ms past its exp"),
+    (0.6, "refused", "0.6 s past its exp"),
+]
+
+# A refresh token issued at a clock with a fraction expires at that fraction, 30 days on:
+# a whole-second expires_at (an integer column, int() or round()) moves it by up to 1 s.
+ISSUED = T0 + 0.6
+# (issued at, offset from issued + REFRESH_TTL, expected verdict, what the token is, why)
 REFRESH_EXPIRY = [
-    (-1, "ok", "1 s before its 30 days (REFRESH_TTL) are up",
+    (T0, -1, "ok", "1 s before its 30 days (REFRESH_TTL) are up",
      "it expires at clock() + REFRESH_TTL, not earlier"),
-    (1, "refused", "30 days and 1 s old",
+    (T0, 1, "refused", "30 days and 1 s old",
      "a refresh token older than REFRESH_TTL is expired"),
-    (0, "refused", "exactly 30 days old, at its expiry instant",
+    (T0, 0, "refused", "exactly 30 days old, at its expiry instant",
      "expires_at is the first instant it is no longer valid - valid while clock() < "
      "expires_at, as an access token stops at exp; accepted at the instant, it buys "
      "another full 30-day token one second past its life"),
+    (ISSUED, 0.001, "refused", "30 days and 1 ms old, issued at a clock with a fraction",
+     "expires_at is clock() + REFRESH_TTL to the fraction of a second: stored in whole "
+     "seconds (an integer column rounds 0.6 up), the token outlives its 30 days"),
+    (ISSUED, -0.001, "ok", "1 ms before its 30 days are up, issued at a clock with a "
+     "fraction", "expires_at is clock() + REFRESH_TTL to the fraction of a second: stored "
+     "in whole seconds (int() cuts 0.6 off), it expires before its 30 days are up"),
 ]
 
 
@@ -348,6 +381,95 @@ def test_logout_denylists_the_jti_until_it_would_expire(service: Service) -> Non
     assert verdict == "refused", (
         "refresh() accepted the refresh token of a session that logged out: logout must "
         "revoke its family, or the next refresh brings the session back")
+
+
+# Logouts at a clock with a fraction of a second: (what is left of the token's life, what).
+# The denylist entry must outlive the token, never die first: Redis counts its TTL itself,
+# EX in whole seconds, PX in milliseconds.
+DENYLIST_FRACTIONS = [
+    (0.4, "0.4 s before its exp (less than a second left)"),
+    (100.9, "100.9 s before its exp"),
+    (100.4, "100.4 s before its exp"),
+]
+# What Redis reads of a TTL in each command and option: (milliseconds per unit, absolute?).
+EXPIRY_ARGS = {"EX": (1000, False), "PX": (1, False), "EXAT": (1000, True),
+               "PXAT": (1, True), "SETEX": (1000, False), "PSETEX": (1, False),
+               "EXPIRE": (1000, False), "PEXPIRE": (1, False), "EXPIREAT": (1000, True),
+               "PEXPIREAT": (1, True)}
+
+
+def ttl_given(at: float, command: list[str]) -> tuple[float, bool] | None:
+    """(the TTL in ms a command gave its key, read from its arguments, whether it was an
+    absolute expiry), or None for a command without one. An absolute expiry counts from
+    the moment the command ran, by the server's clock (MONITOR's time)."""
+    name = command[0]
+    if name in ("SETEX", "PSETEX", "EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"):
+        option, value = name, command[2] if len(command) > 2 else ""
+    elif name in ("SET", "GETEX"):
+        upper = [a.upper() for a in command]
+        found = [i for i, a in enumerate(upper) if a in ("EX", "PX", "EXAT", "PXAT")
+                 and i + 1 < len(command)]
+        if not found:
+            return None
+        option, value = upper[found[-1]], command[found[-1] + 1]
+    else:
+        return None
+    unit, absolute = EXPIRY_ARGS[option]
+    try:
+        ms = float(value) * unit
+    except ValueError:
+        return None
+    return (ms - at * 1000 if absolute else ms), absolute
+
+
+def test_denylist_outlives_the_token_at_fractional_clocks(service: Service,
+                                                          redis_db: Any) -> None:
+    """A logout at a clock with a fraction of a second: the access token is refused at
+    once, and its denylist entry lives at least as long as the token would have (exp -
+    clock(), exactly), at most a second more. An entry that expires first lets the revoked
+    token in again for the rest of its life: int() of 100.9 s is 100 s, and of 0.4 s it is
+    0 - no entry at all."""
+    for remaining, when in DENYLIST_FRACTIONS:
+        service.clock.now = T0
+        access, refresh = service.login("alice")
+        claims = claims_of(access, "the access token")
+        jti = str(claims["jti"])
+        service.clock.now = claims["exp"] - remaining
+        with timed_redis_commands(redis_db) as seen:
+            verdict_, got = service.do(f"logout() {when}", service.svc.logout, access,
+                                       refresh)
+        assert verdict_ == "ok", f"logout() {when} failed: {got}"
+        verdict_, _ = service.authenticate(access, f"an access token logged out {when}")
+        writes = [(at, c) for at, c in seen if len(c) > 1 and jti in c[1]]
+        assert verdict_ == "refused", (
+            f"authenticate() accepted an access token logged out {when} (clock "
+            f"{service.clock.now:.3f}, exp {claims['exp']}): the logout wrote "
+            f"{[' '.join(c) for _, c in writes] or 'nothing about its jti'} to Redis, and "
+            f"no entry denies it now. With {remaining} s left, a TTL rounded down to whole "
+            f"seconds is {int(remaining)} s{' - no entry at all' if int(remaining) == 0 else ''}"
+            ": the revoked token stays valid for the rest of its life. Round the TTL UP "
+            "(math.ceil), or give it in milliseconds (PX / PEXPIRE); an absolute expiry "
+            "(EXAT) is on Redis's clock, not the injected one")
+        given = [(ttl, c) for at, c in writes if (ttl := ttl_given(at, c)) is not None]
+        if not given:
+            continue  # no TTL at all: test_logout_denylists_the_jti_until_it_would_expire
+        (ttl, absolute), command = given[-1]
+        # A relative TTL is exact (to Redis's millisecond); an absolute expiry is computed
+        # on the learner's side of the wire, before the command ran: its way is allowed for.
+        slack = 250 if absolute else 1
+        left = (claims["exp"] - service.clock.now) * 1000
+        assert ttl >= left - slack, (
+            f"logout() {when} gave the denylist entry a TTL of {ttl / 1000:.3f} s "
+            f"({' '.join(command)}), while the token had {remaining} s left: the entry "
+            f"expires {remaining - ttl / 1000:.3f} s BEFORE the token, which is accepted "
+            "again for the rest of its life. Redis counts the TTL itself, and EX takes "
+            "whole seconds: round what is left UP (math.ceil), or give milliseconds (PX / "
+            "PEXPIRE), never int() or round()")
+        assert ttl <= left + 1000 + slack, (
+            f"logout() {when} gave the denylist entry a TTL of {ttl / 1000:.3f} s "
+            f"({' '.join(command)}), for a token with {remaining} s left: past its exp the "
+            "token is refused anyway, so the entry is dead weight (at most what is left, "
+            "rounded up to the second)")
 
 
 def waiting_on_lock(service: Service) -> bool:

@@ -315,3 +315,48 @@ def test_overlong_wrong_password_against_bcrypt(store: Store) -> None:
         ok, new = store.login(legacy, password, what)
         assert (ok, new) == (False, None), (
             f"login() with {what} returned ({ok}, {str(new)[:20]}), expected (False, None)")
+
+
+# Long passphrases of users from before the migration. bcrypt before 5.0 (like PHP's
+# password_hash and Spring's BCryptPasswordEncoder) silently hashed only the first 72 bytes
+# of a longer password; bcrypt 5 raises ValueError instead. The field's practice (passlib's
+# bcrypt with truncate_error=False, its default) checks a legacy hash with those 72 bytes,
+# then stores argon2id of the WHOLE password. The second case's 72nd byte falls inside the
+# key emoji (bytes 69-72 of 111): the old libraries cut bytes, not characters.
+LEGACY_LONG = [(LONG, f"a {len(LONG.encode())}-byte ASCII passphrase"),
+               ("grüße aus köln, schöne tür 🔑 " * 3,
+                "an 87-character passphrase of 111 bytes of UTF-8")]
+
+
+@pytest.mark.parametrize("passphrase,what", LEGACY_LONG, ids=["ascii", "utf8"])
+def test_long_passphrase_of_a_legacy_bcrypt_hash(store: Store, passphrase: str,
+                                                 what: str) -> None:
+    whole = passphrase.encode()
+    cut = whole[:72]
+    legacy = bcrypt.hashpw(cut, bcrypt.gensalt(4, b"2b")).decode()  # as bcrypt < 5 did
+    ok, new = store.login(legacy, passphrase, f"the right passphrase ({what}, legacy bcrypt)")
+    assert ok, (
+        f"login() refused the right passphrase ({what}) against its legacy bcrypt hash: "
+        "bcrypt before "
+        "5.0 (and PHP's, Spring's) hashed only the first 72 bytes of a longer password, "
+        "silently, so that hash is of the passphrase's first 72 bytes - bcrypt 5 raises "
+        "ValueError for the whole one, and a user with a long passphrase is locked out "
+        "after the migration. Check a legacy hash with password.encode()[:72] (bytes of "
+        "UTF-8, not characters), as passlib does")
+    assert new is not None, (
+        f"login() accepted the right passphrase ({what}) against a legacy bcrypt hash "
+        "without upgrading it: return a new argon2id hash")
+    check_owasp(new, f"the upgrade of the legacy bcrypt hash of {what}")
+    sibling = cut + b"x" * (len(whole) - 72)
+    if not verifies(new, whole):
+        seen = ("a hash of its first 72 bytes" if verifies(new, cut)
+                else "a hash of something else than the whole passphrase")
+        pytest.fail(
+            f"login() upgraded the legacy bcrypt hash of {what} to {seen}: argon2-cffi does "
+            "not verify the whole passphrase against it. The 72-byte cut is bcrypt's limit, "
+            "not argon2id's: hash the WHOLE password the user typed, or the truncation "
+            "outlives bcrypt and every passphrase sharing those 72 bytes logs in for ever",
+            pytrace=False)
+    assert not verifies(new, sibling), (
+        f"the argon2id upgrade of {what} also verifies a passphrase sharing only its first "
+        "72 bytes: the upgrade must hash every byte of the password")

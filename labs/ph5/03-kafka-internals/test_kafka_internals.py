@@ -399,6 +399,75 @@ def test_records_in_hand_when_a_revoke_comes(learner: Any, kafka: Any) -> None:
         "its offset before the next poll(), which may run on_revoke")
 
 
+# What a consumer_lag that joins the group sends: JoinGroup/SyncGroup (the classic protocol),
+# ConsumerGroupHeartbeat (KIP-848's), LeaveGroup on the way out. A read of committed offsets
+# (OffsetFetch, through the admin API or committed() of a consumer that never subscribes)
+# needs none of them.
+GROUP_MEMBERSHIP = {11: "JoinGroup", 14: "SyncGroup", 13: "LeaveGroup",
+                    68: "ConsumerGroupHeartbeat"}
+
+
+def test_consumer_lag_reads_without_joining_the_group(learner: Any, kafka: Any) -> None:
+    """Lag is asked of a group while it works: a live member holds all 4 partitions (the
+    test's own consumer, polling all along so that a rebalance would complete). consumer_lag
+    reaches the broker through a proxy, which sees every request it sends: reading committed
+    offsets is an OffsetFetch; a JoinGroup means it subscribed, made itself a member and
+    forced the live group to rebalance - every member's partitions revoked, for a
+    read-only question (and again when it leaves)."""
+    consumer_lag = learner.function("internals", "consumer_lag")
+    topic = kafka.create_topic("watched", 4)
+    group = kafka.group("watched")
+    fill(kafka, topic, {p: 10 for p in range(4)}, "rec")
+    seen: list[str] = []
+
+    def note(what: str) -> Callable[[Any, list[TopicPartition]], None]:
+        return lambda _c, parts: seen.append(f"{what} {sorted(tp.partition for tp in parts)}")
+
+    member = Consumer(kafka.consumer_config("watched", **{"enable.auto.commit": False}))
+    member.subscribe([topic], on_assign=note("assigned"), on_revoke=note("revoked"))
+    stop = threading.Event()
+
+    def keep_polling() -> None:  # a working member: a rebalance it is told of completes
+        while not stop.is_set():
+            member.poll(0.1)
+
+    poller = threading.Thread(target=keep_polling, daemon=True)
+    try:
+        deadline = time.monotonic() + 20
+        read = 0
+        while read < 40 or len(member.assignment()) < 4:
+            assert time.monotonic() < deadline, (
+                "timed out after 20 s waiting for the test's member to read its 40 records")
+            msg = member.poll(0.1)
+            read += msg is not None and msg.error() is None
+        # The live member has processed up to offset 2p+1 of partition p: lag 8 - 2p.
+        member.commit(offsets=[TopicPartition(topic, p, 2 * p + 2) for p in range(4)],
+                      asynchronous=False)
+        seen.clear()
+        poller.start()
+        with KafkaProxy(kafka.bootstrap) as proxy:
+            lag = consumer_lag(proxy.bootstrap, topic, group)
+            sent = [r.name for r in proxy.requests(*GROUP_MEMBERSHIP)]
+            asked = sorted({r.name for r in proxy.requests()})
+    finally:
+        stop.set()
+        if poller.is_alive():
+            poller.join(10)
+        member.close()
+    assert not sent, (
+        f"consumer_lag sent {', '.join(dict.fromkeys(sent))} to the broker (all it asked: "
+        f"{asked}): it joined a consumer group - subscribe() made it a member. With the "
+        "group's own id, the live group rebalanced under its working member for a read-only "
+        f"question (the member saw: {seen or 'nothing yet'}), and does again when it leaves; "
+        "with another id, it reads another group's offsets. Read the committed offsets "
+        "without joining: AdminClient.list_consumer_group_offsets(), or committed() of a "
+        "Consumer with the group's id that never subscribes (nor assigns)")
+    want = {p: 8 - 2 * p for p in range(4)}
+    assert lag == want, (
+        f"consumer_lag = {lag} while a live member holds the partitions, expected {want}: "
+        "lag = high watermark - the group's committed offset")
+
+
 CRASHING_MEMBER = """
 import json, sys, time
 from internals import GroupConsumer

@@ -5,6 +5,7 @@ jti denylist in Redis for access tokens that must die before they expire."""
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -122,9 +123,13 @@ class TokenService:
         except InvalidToken:
             claims = None
         if claims is not None:
-            remaining = int(claims["exp"] - self.clock())
-            if remaining > 0:  # denylisted exactly as long as it would have lived
-                self.redis.set(DENY + str(claims["jti"]), "1", ex=remaining)
+            remaining = claims["exp"] - self.clock()
+            if remaining > 0:
+                # Denylisted as long as the token would have lived, and never less: EX
+                # takes whole seconds, and int() of what is left would let the revoked
+                # token in again for its last fraction of a second. Milliseconds, rounded up.
+                self.redis.set(DENY + str(claims["jti"]), "1",
+                               px=math.ceil(remaining * 1000))
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute("UPDATE refresh_families SET revoked = true WHERE id = "
                          "(SELECT family_id FROM refresh_tokens WHERE token_hash = %s)",

@@ -11,6 +11,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32,
                         salt_len=16, type=Type.ID)
 BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+BCRYPT_MAX_BYTES = 72  # what bcrypt reads of a password
 
 
 def hash_password(password: str) -> str:
@@ -28,11 +29,17 @@ def login(stored: str, password: str) -> tuple[bool, str | None]:
             return True, HASHER.hash(password)
         return True, None
     if stored.startswith(BCRYPT_PREFIXES):
+        # bcrypt reads at most 72 bytes: bcrypt before 5.0 (like PHP's password_hash and
+        # Spring's encoder) cut a longer password there silently, so a legacy hash of a
+        # long passphrase is a hash of its first 72 bytes. Check those, as passlib does
+        # (truncate_error=False); bcrypt 5 would raise ValueError and lock the user out.
         try:
-            ok = bcrypt.checkpw(password.encode("utf-8"), stored.encode("ascii"))
-        except ValueError:  # a malformed hash, or a password bcrypt cannot take
+            ok = bcrypt.checkpw(password.encode("utf-8")[:BCRYPT_MAX_BYTES],
+                                stored.encode("ascii"))
+        except ValueError:  # a malformed hash
             return False, None
-        # Upgrade only now that the password is known to be right.
+        # Upgrade only now that the password is known to be right, and from the WHOLE
+        # password: argon2id has no 72-byte limit, the upgrade ends the truncation.
         return (True, HASHER.hash(password)) if ok else (False, None)
     # Anything else (plaintext, unsalted digests, other schemes) is never accepted.
     return False, None
