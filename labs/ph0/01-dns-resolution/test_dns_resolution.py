@@ -3,9 +3,11 @@ servers (root, TLD, authoritative) that this test starts on loopback UDP.
 
 Real DNS puts every nameserver on port 53 and a referral's glue carries only an IP
 address, so the three servers share one port and each has its own loopback address
-(127.53.N.1-3; all of 127.0.0.0/8 is loopback on Linux). Each server logs every query it
-receives: the walk order and the cache behaviour are read from those logs, never from the
-resolver's own account.
+(127.53.N.1-3; all of 127.0.0.0/8 is loopback on Linux). Beside them sit a nameserver
+that never answers (.5) and two that answer every query with an error rcode (.6, .7),
+each named in a delegation of its own. Each server logs every query it receives: the
+walk order and the cache behaviour are read from those logs, never from the resolver's own
+account.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ CDN_SOA_TTL = 30     # cdn.test's SOA record lives less than its MINIMUM field (
                      # its NXDOMAIN may be cached min(30, 60) = 30 s (RFC 2308)
 TLD_NS_TTL = 172800  # the root's referral to test.
 ZONE_NS_TTL = 86400  # the TLD's referrals to shop.test., cdn.test. and backup.test.
+FLAKY_ADDRESS = "192.0.2.40"  # www.flaky.test A, from flaky.test.'s second nameserver
 
 
 @dataclass
@@ -122,6 +125,27 @@ class ZoneServer:
         return max(matching, key=lambda z: len(z.origin.strip(".")), default=None)
 
 
+class ErrorServer:
+    """A nameserver that is broken or lame: it answers every query with ``rcode`` (SERVFAIL
+    when the test says nothing else). With NXDOMAIN it says so as an authoritative server
+    of flaky.test. would, its SOA in the authority section."""
+
+    def __init__(self, label: str, log: QueryLog) -> None:
+        self.label = label
+        self.log = log
+        self.rcode = RCODE.SERVFAIL
+
+    def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
+        self.log.add(self.label, str(request.q.qname).lower(), bool(request.header.rd))
+        reply = request.reply()
+        reply.header.ra = 0
+        reply.header.rcode = self.rcode
+        if self.rcode == RCODE.NXDOMAIN:
+            reply.header.aa = 1
+            reply.add_auth(Zone("flaky.test.", []).soa)
+        return reply
+
+
 @dataclass
 class Hierarchy:
     """The running servers: ``root``, ``tld``, ``auth`` addresses, a shared ``port``."""
@@ -133,9 +157,11 @@ class Hierarchy:
     log: QueryLog
     servers: dict[str, ZoneServer]  # by label: "root", "tld", "auth"
     silent: str  # backup.test's first nameserver: bound on the shared port, never answers
+    failing: dict[str, ErrorServer]  # "bad1", "bad2": answer every query with their rcode
 
 
-def _zones(tld_ip: str, auth_ip: str, silent_ip: str) -> dict[str, list[Zone]]:
+def _zones(tld_ip: str, auth_ip: str, silent_ip: str,
+           bad_ips: tuple[str, str]) -> dict[str, list[Zone]]:
     def delegation(zone: str, ns: str, ip: str, ttl: int) -> tuple[list[RR], list[RR]]:
         return ([RR(zone, QTYPE.NS, ttl=ttl, rdata=NS(ns))],
                 [RR(ns, QTYPE.A, ttl=ttl, rdata=A(ip))])
@@ -146,11 +172,20 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str) -> dict[str, list[Zone]]:
                for ns in ("ns1.backup.test.", "ns2.backup.test.")],
               [RR("ns1.backup.test.", QTYPE.A, ttl=ZONE_NS_TTL, rdata=A(silent_ip)),
                RR("ns2.backup.test.", QTYPE.A, ttl=ZONE_NS_TTL, rdata=A(auth_ip))])
+    # flaky.test.'s first nameserver answers with an error rcode (the test sets which) and
+    # its second is the real one; both of dead.test.'s nameservers answer with errors.
+    def two_servers(zone: str, first: str, second: str) -> tuple[list[RR], list[RR]]:
+        return ([RR(zone, QTYPE.NS, ttl=ZONE_NS_TTL, rdata=NS(f"ns{n}.{zone}")) for n in (1, 2)],
+                [RR(f"ns{n}.{zone}", QTYPE.A, ttl=ZONE_NS_TTL, rdata=A(ip))
+                 for n, ip in ((1, first), (2, second))])
+
     root = Zone(".", [], {"test.": delegation("test.", "a.nic.test.", tld_ip, TLD_NS_TTL)})
     tld = Zone("test.", [], {
         "shop.test.": delegation("shop.test.", "ns1.shop.test.", auth_ip, ZONE_NS_TTL),
         "cdn.test.": delegation("cdn.test.", "ns1.cdn.test.", auth_ip, ZONE_NS_TTL),
         "backup.test.": backup,
+        "flaky.test.": two_servers("flaky.test.", bad_ips[0], auth_ip),
+        "dead.test.": two_servers("dead.test.", *bad_ips),
     })
     shop = Zone("shop.test.", [
         RR("api.shop.test.", QTYPE.A, ttl=API_TTL, rdata=A("192.0.2.10")),
@@ -168,11 +203,15 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str) -> dict[str, list[Zone]]:
     cdn = Zone("cdn.test.", [
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.20")),
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.21")),
+        RR("info.cdn.test.", QTYPE.TXT, ttl=300, rdata=TXT("no address here")),  # NODATA
     ], soa_ttl=CDN_SOA_TTL)
     backup_zone = Zone("backup.test.", [
         RR("www.backup.test.", QTYPE.A, ttl=300, rdata=A("192.0.2.30")),
     ])
-    return {"root": [root], "tld": [tld], "auth": [shop, cdn, backup_zone]}
+    flaky_zone = Zone("flaky.test.", [
+        RR("www.flaky.test.", QTYPE.A, ttl=300, rdata=A(FLAKY_ADDRESS)),
+    ])
+    return {"root": [root], "tld": [tld], "auth": [shop, cdn, backup_zone, flaky_zone]}
 
 
 @pytest.fixture
@@ -185,9 +224,11 @@ def dns() -> Iterator[Hierarchy]:
         ips = {"root": f"127.53.{block}.1", "tld": f"127.53.{block}.2",
                "auth": f"127.53.{block}.3"}
         silent_ip = f"127.53.{block}.5"
-        zones = _zones(ips["tld"], ips["auth"], silent_ip)
+        bad_ips = {"bad1": f"127.53.{block}.6", "bad2": f"127.53.{block}.7"}
+        zones = _zones(ips["tld"], ips["auth"], silent_ip, (bad_ips["bad1"], bad_ips["bad2"]))
         servers: list[DNSServer] = []
         plugins = {label: ZoneServer(label, zones[label], log) for label in zones}
+        failing = {label: ErrorServer(label, log) for label in bad_ips}
         # A nameserver that is down: its port is bound (so nothing else answers there and
         # no ICMP error comes back), and nothing ever reads or replies.
         silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -198,6 +239,8 @@ def dns() -> Iterator[Hierarchy]:
                                    port=port, logger=quiet)
                 port = server.server.server_address[1]  # the root's port, shared by all
                 servers.append(server)
+            for label, ip in bad_ips.items():
+                servers.append(DNSServer(failing[label], address=ip, port=port, logger=quiet))
             silent.bind((silent_ip, port))
         except OSError:  # that port is taken on one of the addresses: try another block
             for server in servers:
@@ -209,7 +252,8 @@ def dns() -> Iterator[Hierarchy]:
             # teardown does not dominate the run time.
             threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.02},
                              daemon=True).start()
-        yield Hierarchy(ips["root"], ips["tld"], ips["auth"], port, log, plugins, silent_ip)
+        yield Hierarchy(ips["root"], ips["tld"], ips["auth"], port, log, plugins, silent_ip,
+                        failing)
         for server in servers:
             server.server.shutdown()
             server.server.server_close()
@@ -450,6 +494,58 @@ def test_nodata_is_not_nxdomain(resolver: Any, dns: Hierarchy, name: str,
             f"{name} gave canonical_name={answer.canonical_name!r}, expected {canonical!r}")
 
 
+@dataclass(frozen=True)
+class NodataCase:
+    """A name with no A record, how long its NODATA answer may be cached, and the name the
+    authoritative server must be asked for again once it expired."""
+
+    name: str
+    ttl: int
+    asked_again: str
+    why: str
+
+
+NODATA_CACHING = [
+    NodataCase("mail.shop.test", NEGATIVE_TTL, "mail.shop.test",
+               f"shop.test.'s SOA has TTL 3600 and MINIMUM {NEGATIVE_TTL}"),
+    NodataCase("mx.shop.test", NEGATIVE_TTL, "mail.shop.test",
+               "a CNAME (TTL 300) to mail.shop.test, whose NODATA lives "
+               f"min(3600, {NEGATIVE_TTL}) s"),
+    NodataCase("info.cdn.test", CDN_SOA_TTL, "info.cdn.test",
+               f"cdn.test.'s SOA has TTL {CDN_SOA_TTL} and MINIMUM {NEGATIVE_TTL}"),
+]
+
+
+@pytest.mark.parametrize("case", NODATA_CACHING, ids=lambda c: c.name)
+def test_nodata_is_cached_like_nxdomain(resolver: Any, dns: Hierarchy, clock: FakeClock,
+                                        case: NodataCase) -> None:
+    """RFC 2308 section 5: a NODATA answer is cached like NXDOMAIN, for min(SOA TTL, SOA
+    MINIMUM) of the SOA in its authority section."""
+    rule = (f"A NODATA answer (the name exists, no record of the type) is a negative answer "
+            f"like NXDOMAIN: cache it for min(SOA TTL, SOA MINIMUM) = {case.ttl} s, then ask "
+            "again (RFC 2308 section 5). Forgotten, every lookup of a name without an address "
+            "(a mail-only domain asked for A) costs a round trip to its zone.")
+    _resolve(resolver, dns, case.name)
+    dns.log.clear()
+    clock.advance(case.ttl - 1)
+    again = _resolve(resolver, dns, case.name)
+    count = len(dns.log.servers())
+    assert count == 0, (
+        f"{case.name} has no A record ({case.why}); asked again {case.ttl - 1} s later, "
+        f"the resolver sent {count} quer{'y' if count == 1 else 'ies'} ({_walk(dns.log)}), "
+        f"expected none: the NODATA answer was not cached\n{rule}")
+    assert not again.nxdomain and not again.addresses, (
+        f"{case.name} from the cache gave nxdomain={again.nxdomain}, addresses="
+        f"{again.addresses}; expected nxdomain=False and no addresses (NODATA, not NXDOMAIN)")
+    clock.advance(2)
+    _resolve(resolver, dns, case.name)
+    assert case.asked_again in dns.log.names_asked("auth"), (
+        f"{case.name} has no A record ({case.why}); {case.ttl + 1} s after the NODATA "
+        f"answer it was still answered from the cache (queries: {_walk(dns.log)}), expected "
+        f"the authoritative server asked for {case.asked_again} again: the SOA record's "
+        f"TTL or its MINIMUM alone is not the negative answer's lifetime\n{rule}")
+
+
 def test_names_are_case_insensitive(resolver: Any, dns: Hierarchy) -> None:
     _resolve(resolver, dns, "api.shop.test")
     dns.log.clear()
@@ -542,6 +638,119 @@ def test_a_silent_nameserver_is_skipped(resolver: Any, dns: Hierarchy) -> None:
     assert got == ["192.0.2.30"] and asked_second, (
         f"resolving www.backup.test gave {got} (queries: {_walk(dns.log)}), expected "
         f"['192.0.2.30'] from the second nameserver\n{advice}")
+
+
+# ------------------------------------------------- a nameserver that answers with an error
+
+
+@dataclass(frozen=True)
+class FirstServerSays:
+    """What flaky.test.'s first nameserver answers, and whether the zone's second (the real
+    one, with www.flaky.test A 192.0.2.40) must be asked then."""
+
+    rcode: int
+    retry: bool   # True: a server failure, ask the next; False: an answer, keep it
+    means: str
+
+
+FIRST_SERVER_SAYS = [
+    FirstServerSays(RCODE.SERVFAIL, True, "the server failed: it cannot reach its own data, "
+                    "or is overloaded"),
+    FirstServerSays(RCODE.REFUSED, True, "the server does not serve the zone though the "
+                    "delegation names it: a lame delegation"),
+    FirstServerSays(RCODE.NOTIMP, True, "the server does not implement the query"),
+    FirstServerSays(RCODE.FORMERR, True, "the server could not read the query"),
+    FirstServerSays(RCODE.NXDOMAIN, False, "the zone's authoritative answer that the name "
+                    "does not exist"),
+]
+ERROR_REPLY_ADVICE = (
+    "A reply's rcode says who failed. SERVFAIL, REFUSED, NOTIMP and FORMERR say the server "
+    "failed, not the name: ask the zone's next nameserver, as BIND and Unbound do (RFC 1034 "
+    "5.3.3, RFC 1035 7.2), and raise ResolutionError only when every one of them failed. "
+    "NXDOMAIN is an answer: every nameserver of a zone holds the same data, so asking the "
+    "next one changes nothing and doubles the cost of every miss.")
+
+
+def _attempt(resolver: Any, name: str) -> tuple[Any, BaseException | None]:
+    """resolve(name)'s answer, or the error it raised."""
+    try:
+        return resolver.resolve(name), None
+    except NotImplementedError as exc:
+        pytest.fail(f"resolve() is not implemented yet: {exc}", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's error, explained by the caller
+        return None, exc
+
+
+@pytest.mark.parametrize("says", FIRST_SERVER_SAYS, ids=lambda c: RCODE[c.rcode])
+def test_an_error_reply_is_retried_at_the_zones_next_server(
+        resolver: Any, dns: Hierarchy, says: FirstServerSays) -> None:
+    """flaky.test. is delegated to ns1 and ns2, in that order; ns1 answers every query with
+    one rcode. A server failure sends the resolver on to ns2; NXDOMAIN is the answer."""
+    dns.failing["bad1"].rcode = says.rcode
+    answer, error = _attempt(resolver, "www.flaky.test")
+    code = RCODE[says.rcode]
+    first = f"www.flaky.test's first nameserver answered {code} ({says.means})"
+    asked_first = "www.flaky.test" in dns.log.names_asked("bad1")
+    asked_second = "www.flaky.test" in dns.log.names_asked("auth")
+    got = sorted(getattr(answer, "addresses", None) or [])
+    if not asked_first:
+        pytest.fail(
+            f"resolving www.flaky.test never asked the zone's first nameserver (queries: "
+            f"{_walk(dns.log)}): ask a zone's nameservers in the order the referral lists "
+            "them, the next one only when one failed", pytrace=False)
+    if says.retry:
+        if error is not None:
+            pytest.fail(
+                f"{first}, and resolve() gave up: {type(error).__name__}: {error}; the zone's "
+                f"second nameserver was {'asked' if asked_second else 'never asked'} "
+                f"(queries: {_walk(dns.log)}), expected {FLAKY_ADDRESS} from it\n"
+                f"{ERROR_REPLY_ADVICE}", pytrace=False)
+        if got != [FLAKY_ADDRESS]:
+            seen = ("reported the name as not existing (nxdomain=True)"
+                    if getattr(answer, "nxdomain", False) else f"gave addresses {got}")
+            pytest.fail(
+                f"{first}; resolve() {seen} "
+                f"{'after asking' if asked_second else 'without asking'} the zone's second "
+                f"nameserver (queries: {_walk(dns.log)}), expected [{FLAKY_ADDRESS!r}] from "
+                f"the second: a server's failure says nothing about the name\n"
+                f"{ERROR_REPLY_ADVICE}", pytrace=False)
+        return
+    if error is not None:
+        pytest.fail(f"{first}; resolve() raised {type(error).__name__}: {error}, expected "
+                    f"nxdomain=True\n{ERROR_REPLY_ADVICE}", pytrace=False)
+    if asked_second:
+        took = f" and took its answer {got}" if got else ""
+        pytest.fail(
+            f"{first}, and the resolver asked the zone's second nameserver too{took} "
+            f"(queries: {_walk(dns.log)}); expected nxdomain=True from the first reply "
+            f"alone\n{ERROR_REPLY_ADVICE}", pytrace=False)
+    assert answer.nxdomain and not got, (
+        f"{first}; resolve() gave nxdomain={answer.nxdomain}, addresses={got}, expected "
+        f"nxdomain=True and no addresses\n{ERROR_REPLY_ADVICE}")
+
+
+def test_every_nameserver_failing_is_a_resolution_error(resolver: Any, dns: Hierarchy) -> None:
+    """dead.test.'s two nameservers answer SERVFAIL and REFUSED: nothing is known about
+    www.dead.test, and resolve() says so with ResolutionError."""
+    dns.failing["bad1"].rcode = RCODE.SERVFAIL
+    dns.failing["bad2"].rcode = RCODE.REFUSED
+    answer, error = _attempt(resolver, "www.dead.test")
+    asked = [who for who in ("bad1", "bad2") if "www.dead.test" in dns.log.names_asked(who)]
+    what = ("both of dead.test.'s nameservers fail (the first answers SERVFAIL, the second "
+            "REFUSED)")
+    if error is None:
+        pytest.fail(
+            f"{what}, and resolve('www.dead.test') returned {answer} (queries: "
+            f"{_walk(dns.log)}); expected ResolutionError: no server answered, so nothing "
+            "is known about the name - neither that it does not exist (nxdomain) nor that "
+            f"it has no address\n{ERROR_REPLY_ADVICE}", pytrace=False)
+    assert asked == ["bad1", "bad2"], (
+        f"{what}: resolve('www.dead.test') raised {type(error).__name__} after asking "
+        f"{_walk(dns.log)}, expected both nameservers asked, the first then the second, "
+        f"before giving up\n{ERROR_REPLY_ADVICE}")
+    assert type(error).__name__ == "ResolutionError", (
+        f"{what}: resolve('www.dead.test') raised {type(error).__name__}: {error}, expected "
+        "the lab's ResolutionError (the error the README gives for 'no server answered')")
 
 
 @pytest.mark.timeout(15)

@@ -217,6 +217,48 @@ def test_empty_fields_are_invalid_argument(stubs: ProtoStubs, service_class: Any
                           "contract is the client's error: context.abort(INVALID_ARGUMENT)")
 
 
+# A UpdateUserRequest's strings have no presence in proto3: "" is "not set". The contract
+# (README) is AIP-134's without an update_mask: the request changes the fields it sets,
+# and only those; one that sets none changes nothing and answers the current state.
+PARTIAL_UPDATES = [  # (what, the fields the request sets, the state after it)
+    ("only the username", {"username": "ada-2"}, ("ada-2", "ada@example.com")),
+    ("only the email", {"email": "ada@example.org"}, ("ada", "ada@example.org")),
+    ("no field at all", {}, ("ada", "ada@example.com")),
+]
+
+
+@pytest.mark.parametrize("what, fields, expected", PARTIAL_UPDATES,
+                         ids=[case[0].replace(" ", "-") for case in PARTIAL_UPDATES])
+def test_an_update_changes_only_the_fields_it_sets(stubs: ProtoStubs, service_class: Any,
+                                                   what: str, fields: dict[str, str],
+                                                   expected: tuple[str, str]) -> None:
+    rule = ("proto3 strings carry no presence: an empty field of UpdateUserRequest is a field "
+            "the client did not set. An update changes the fields it sets and keeps the "
+            "others (AIP-134: with no update_mask, the populated fields); one that sets none "
+            "changes nothing and answers the current state - it is not an error.")
+    with running(stubs, service_class()) as stub:
+        (user_id,) = create(stub, stubs, "ada")
+        request = stubs.pb2.UpdateUserRequest(user_id=user_id, **fields)
+        try:
+            answers = list(stub.UpdateUsers(iter([request]), timeout=5))
+        except grpc.RpcError as err:
+            pytest.fail(
+                f"an UpdateUsers request that sets {what} ({fields or 'nothing but user_id'}) "
+                f"for user ada (ada@example.com) ended with {err.code().name} "
+                f"({err.details()}), expected the state {expected}\n{rule}", pytrace=False)
+        stored = stub.GetUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=5)
+    assert len(answers) == 1, (
+        f"one UpdateUsers request that sets {what}: expected one answer, saw {len(answers)}")
+    for seen_in, seen in (("UpdateUsers' answer", answers[0]), ("GetUser after it", stored)):
+        got = (seen.username, seen.email)
+        lost = [f"{name} became {value!r}" for name, value, want in
+                zip(("username", "email"), got, expected, strict=True) if value != want]
+        assert got == expected, (
+            f"user ada (ada@example.com) was sent an update that sets {what} "
+            f"({fields or 'nothing but user_id'}); {seen_in} gives username {got[0]!r}, email "
+            f"{got[1]!r}, expected {expected[0]!r}, {expected[1]!r}: {'; '.join(lost)}\n{rule}")
+
+
 def test_watch_and_bidi_stream_in_order(stubs: ProtoStubs, service_class: Any) -> None:
     with running(stubs, service_class()) as stub:
         (user_id,) = create(stub, stubs, "ada")
@@ -527,6 +569,59 @@ def test_expired_watches_free_their_threads(stubs: ProtoStubs, service_class: An
                 f"{workers} threads: {err.code().name}: the WatchUser handlers still hold "
                 "their threads after their clients left; wake the waiting handler when the "
                 "rpc ends (context.add_callback) and return", pytrace=False)
+
+
+FAILED_BATCH = 200       # valid requests ahead of the bad one, in the all-or-nothing test
+KEPT_PER_REFUSED = 16    # bytes per request of the failed batch the service may still hold
+
+
+def test_a_failed_batch_stores_none_of_its_users(stubs: ProtoStubs, service_class: Any,
+                                                 learner: Any) -> None:
+    """CreateUsers is all or nothing (README; a batch create is atomic, AIP-233): a stream
+    whose last request is invalid ends with INVALID_ARGUMENT and stores none of the users
+    before it - the client never learns their ids, so it could neither use nor remove them.
+    Stored users cannot be listed through the API, so the harness records what the
+    learner's code allocates during the failed batch (tracemalloc, its frames on the
+    stack): once the handler has ended, what it still holds must not grow with the number
+    of requests the batch had."""
+    harness = learner.harness()
+    module = learner.load("user_service")
+    batch = [stubs.pb2.CreateUserRequest(username=f"user{n}", email=f"user{n}@example.com")
+             for n in range(FAILED_BATCH)]
+    batch.append(stubs.pb2.CreateUserRequest(username="", email="nobody@example.com"))
+    with running(stubs, service_class()) as stub:
+        create(stub, stubs, "ada")  # the service's own containers exist before the measure
+        harness.trace_allocations()
+        try:
+            expect_status(lambda: stub.CreateUsers(iter(batch), timeout=20),
+                          grpc.StatusCode.INVALID_ARGUMENT,
+                          f"CreateUsers with {FAILED_BATCH} valid requests, then one with an "
+                          "empty username",
+                          "a user without a username was stored; a request that breaks the "
+                          "contract is the client's error: context.abort(INVALID_ARGUMENT)")
+            limit = FAILED_BATCH * KEPT_PER_REFUSED
+            # Once no call into the learner's code is left (two readings in a row, each after
+            # a full garbage collection), what it still holds it holds for good.
+            deadline = time.monotonic() + 15.0
+            ended = 0
+            while (kept := harness.retained_bytes(module)) > limit and (
+                    time.monotonic() < deadline):
+                ended = ended + 1 if harness.handlers_open(module) == 0 else 0
+                if ended >= 2:
+                    break
+                time.sleep(0.2)
+        finally:
+            harness.stop_tracing()
+    assert kept <= limit, (
+        f"CreateUsers with {FAILED_BATCH} valid requests, then one with an empty username, "
+        f"ended with INVALID_ARGUMENT as it must; afterwards the service still holds {kept} "
+        f"bytes allocated by your code during that batch ({kept // FAILED_BATCH} per request, "
+        f"allowed {KEPT_PER_REFUSED}): the users before the bad request were stored. The "
+        "client was told the batch failed and got none of their ids, so it can neither "
+        "read nor remove them, and its retry creates them twice. A batch is all or nothing "
+        "(AIP-233): check each request as it arrives, keep the new users aside, and store "
+        "them together once the stream has ended without error (context.abort raises: "
+        "code after it never runs).")
 
 
 ENDED_WATCHES = 150  # watches opened and cancelled one after another, in the leak test

@@ -18,6 +18,15 @@ from dnslib import QTYPE, RCODE, RR, DNSError, DNSRecord
 
 MAX_REFERRALS = 16  # a walk deeper than this is a referral loop, not a real zone tree
 MAX_CNAMES = 8      # the same guard for CNAME chains
+# What the cache holds per name: its addresses, its alias, or a negative answer - NXDOMAIN
+# (the name does not exist) or NODATA (it exists, without an A record). RFC 2308 section 5
+# caches both negative answers alike, for min(SOA TTL, SOA MINIMUM).
+KINDS = ("A", "CNAME", "NX", "NODATA")
+# A server that answers with one of these failed, not the name: ask the zone's next
+# server, as BIND and Unbound do (RFC 1034 5.3.3, RFC 1035 7.2: a server error or a lame
+# delegation is not an answer). NXDOMAIN is an answer: every server of the zone holds the
+# same data, and asking the others would only double the cost of every miss.
+SERVER_FAILURES = {RCODE.SERVFAIL, RCODE.REFUSED, RCODE.NOTIMP, RCODE.FORMERR}
 
 
 @dataclass(frozen=True)
@@ -78,10 +87,10 @@ class Resolver:
         current = asked
         ttl = None  # the answer is only as fresh as the shortest-lived record in the chain
         for _ in range(MAX_CNAMES):
-            if self._cached(current, "A") is None and self._cached(current, "CNAME") is None \
-                    and self._cached(current, "NX") is None:
-                self._walk(current)
-            for kind in ("A", "CNAME", "NX"):
+            walked = None
+            if all(self._cached(current, kind) is None for kind in KINDS):
+                walked = self._walk(current)
+            for kind in KINDS:
                 entry = self._cached(current, kind)
                 if entry is None:
                     continue
@@ -94,9 +103,9 @@ class Resolver:
                               canonical_name=_bare(current), ttl=ttl,
                               nxdomain=(kind == "NX"))
             else:
-                # The walk ended without an answer we can use (NODATA: the name exists
-                # but has no A record); nothing is cached, so report an empty answer.
-                return Answer(_bare(asked), [], _bare(current), ttl or 0)
+                # A negative answer without an SOA (or with TTL 0) is used once, not cached.
+                return Answer(_bare(asked), [], _bare(current), ttl or 0,
+                              nxdomain=(walked == "NX"))
         raise ResolutionError(f"{name}: CNAME chain longer than {MAX_CNAMES}")
 
     # ---------------------------------------------------------------- the cache
@@ -126,24 +135,26 @@ class Resolver:
 
     # ---------------------------------------------------------------- the walk
 
-    def _walk(self, name: str) -> None:
+    def _walk(self, name: str) -> str | None:
         """Follow referrals from the closest known servers until a server answers for
-        ``name``; the answer (or the negative answer) lands in the cache."""
+        ``name``; the answer (or the negative answer) lands in the cache. Returns "NX" or
+        "NODATA" for a negative answer, None for records."""
         servers = self._closest_servers(name)
         zone = "."
         for _ in range(MAX_REFERRALS):
             reply = self._ask_any(servers, name)
             if reply.header.rcode == RCODE.NXDOMAIN:
                 self._store(name, "NX", self._negative_ttl(reply), [])
-                return
+                return "NX"
             if reply.header.rcode != RCODE.NOERROR:
                 raise ResolutionError(f"{name}: server answered {RCODE[reply.header.rcode]}")
             if reply.rr:
                 self._store_answer(name, reply.rr)
-                return
+                return None
             referral = [rr for rr in reply.auth if rr.rtype == QTYPE.NS]
-            if not referral:
-                return  # NODATA: the name exists without an A record
+            if not referral:  # NODATA: the name exists without an A record
+                self._store(name, "NODATA", self._negative_ttl(reply), [])
+                return "NODATA"
             child = _norm(str(referral[0].rname))
             # A referral must lead further down, towards the name; anything else loops.
             if not (name.endswith("." + child) or name == child) or len(child) <= len(zone):
@@ -194,9 +205,14 @@ class Resolver:
         errors = []
         for server in servers:
             try:
-                return self._ask(server, name)
+                reply = self._ask(server, name)
             except (OSError, ResolutionError) as exc:  # try the zone's next server
                 errors.append(f"{server}: {exc}")
+                continue
+            if reply.header.rcode in SERVER_FAILURES:  # that server is broken or lame
+                errors.append(f"{server}: {RCODE[reply.header.rcode]}")
+                continue
+            return reply
         raise ResolutionError(f"{name}: no server answered ({'; '.join(errors)})")
 
     def _ask(self, server: str, name: str) -> DNSRecord:

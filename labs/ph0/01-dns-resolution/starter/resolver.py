@@ -51,6 +51,8 @@ class Resolver:
         # TODO 2: an answer holding only a CNAME: resolve the target instead.
         # TODO 3: NXDOMAIN: return Answer(..., addresses=[], nxdomain=True).
         # TODO 4: cache answers, referrals and negative answers until clock() + ttl.
+        # TODO 5: a server that times out or answers SERVFAIL/REFUSED/NOTIMP/FORMERR:
+        #         ask the zone's next nameserver (README.md).
         raise NotImplementedError(
             "walk root → TLD → authoritative over UDP, following referrals, and cache "
             "each answer for its TTL")

@@ -67,23 +67,30 @@ class UserService(user_pb2_grpc.UserServiceServicer):
 
     def CreateUsers(self, request_iterator: Iterator[user_pb2.CreateUserRequest],
                     context: grpc.ServicerContext) -> user_pb2.CreateUsersSummary:
-        created: list[str] = []
-        for request in request_iterator:  # each message is handled as it arrives
+        # All or nothing, as a batch create is (AIP-233): a bad request anywhere in the
+        # stream fails the rpc and none of its users is stored - the client, told the batch
+        # failed, never learns their ids and could neither read nor remove them.
+        batch: list[user_pb2.UserResponse] = []
+        for request in request_iterator:  # each message is checked as it arrives
             if not request.username or not request.email:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               "username and email are required")
-            user = user_pb2.UserResponse(user_id=uuid.uuid4().hex, username=request.username,
-                                         email=request.email, created_at=int(self._clock()))
-            with self._lock:
-                self._users[user.user_id] = user
-            created.append(user.user_id)
-        return user_pb2.CreateUsersSummary(created=len(created), user_ids=created)
+            batch.append(user_pb2.UserResponse(
+                user_id=uuid.uuid4().hex, username=request.username, email=request.email,
+                created_at=int(self._clock())))
+        with self._lock:  # the stream ended well: store the whole batch at once
+            self._users.update((user.user_id, user) for user in batch)
+        return user_pb2.CreateUsersSummary(created=len(batch),
+                                           user_ids=[user.user_id for user in batch])
 
     def UpdateUsers(self, request_iterator: Iterator[user_pb2.UpdateUserRequest],
                     context: grpc.ServicerContext) -> Iterator[user_pb2.UserResponse]:
         for request in request_iterator:
             with self._lock:
                 current = self._find(request.user_id, context)
+                # proto3 strings carry no presence: "" is "not set", so the update changes
+                # only the fields it sets (AIP-134: with no update_mask, the populated
+                # fields), and one that sets none changes nothing.
                 updated = user_pb2.UserResponse(
                     user_id=current.user_id, created_at=current.created_at,
                     username=request.username or current.username,
