@@ -19,6 +19,7 @@ bash scripts/setup.sh --tests
 stage_done setup
 .venv/bin/ruff check src tests benchmarks labs c_examples
 .venv/bin/mypy
+bash scripts/typecheck-labs.sh
 stage_done lint
 status=0
 # The two CI stages run beside the test suite: the pristine root works in a chroot of its own

@@ -821,7 +821,8 @@ def _forged_reply(request: DNSRecord, stray: Stray) -> bytes:
     forged.header.aa = 1
     forged.header.rd = request.header.rd
     forged.add_answer(RR("api.shop.test.", QTYPE.A, ttl=FORGED_TTL, rdata=A(FORGED_ADDRESS)))
-    return forged.pack()
+    packed: bytes = forged.pack()  # dnslib is untyped
+    return packed
 
 
 def _send_stray(dns: Hierarchy, stray: Stray, request: DNSRecord, handler: Any) -> None:

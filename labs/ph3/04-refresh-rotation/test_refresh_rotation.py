@@ -450,7 +450,7 @@ def test_denylist_outlives_the_token_at_fractional_clocks(service: Service,
             ": the revoked token stays valid for the rest of its life. Round the TTL UP "
             "(math.ceil), or give it in milliseconds (PX / PEXPIRE); an absolute expiry "
             "(EXAT) is on Redis's clock, not the injected one")
-        given = [(ttl, c) for at, c in writes if (ttl := ttl_given(at, c)) is not None]
+        given = [(told, c) for at, c in writes if (told := ttl_given(at, c)) is not None]
         if not given:
             continue  # no TTL at all: test_logout_denylists_the_jti_until_it_would_expire
         (ttl, absolute), command = given[-1]

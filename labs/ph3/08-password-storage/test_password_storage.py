@@ -99,7 +99,7 @@ def check_owasp(stored: str, what: str) -> None:
         f"{what}: a {params.salt_len}-byte salt, expected at least 16 random bytes")
 
 
-def verifies(stored: str, password: str) -> bool:
+def verifies(stored: str, password: str | bytes) -> bool:
     try:
         return PasswordHasher().verify(stored, password)
     except (VerificationError, InvalidHashError):
@@ -160,8 +160,10 @@ def weaker_variants(ours: Parameters) -> list[tuple[str, Parameters]]:
                ("an 8-byte salt", "salt_len", 8, 8),
                ("a 16-byte hash", "hash_len", 16, 16),
                ("argon2 version 16 (1.0, before RFC 9106's 1.3)", "version", 16, 16)]
-    return [(what, replace(ours, **{name: value})) for what, name, value, least in changes
-            if least <= value < getattr(ours, name)]
+    # The ignore: replace()'s keywords are typed one by one (`type` is a Type), and a
+    # dict of ints given as **kwargs cannot be matched to them; these are all int fields.
+    return [(what, replace(ours, **{name: value}))  # type: ignore[arg-type]
+            for what, name, value, least in changes if least <= value < getattr(ours, name)]
 
 
 def params_text(p: Parameters) -> str:

@@ -269,10 +269,10 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
             "of the 4 partitions")
         check_values("A's poll_records()", first, written)
 
-        b = group_consumer(config, topic)
+        b = joined = group_consumer(config, topic)
         during = drive([a, b], lambda _: split_two_by_two(broker_assignment(admin, group))
-                       and a.assignment() | b.assignment() == {0, 1, 2, 3}
-                       and not a.assignment() & b.assignment(),
+                       and a.assignment() | joined.assignment() == {0, 1, 2, 3}
+                       and not a.assignment() & joined.assignment(),
                        "the group to split the 4 partitions 2+2 between A and B")
         written |= fill(kafka, topic, {p: 10 for p in range(4)}, "second")
         got_a, got_b = drive([a, b], lambda got: len(got[0]) + len(got[1]) >= 40,
