@@ -43,7 +43,10 @@ def read_log(kafka: Any, topic: str) -> list[dict[str, Any]]:
 
 
 def groups_under(kafka: Any) -> list[str]:
-    listed = kafka.admin().list_consumer_groups(request_timeout=10).result()
+    # The client is held until its future resolves: one dropped while the request is in
+    # flight (a temporary) was seen to leave the future unresolved for ever, under load.
+    admin = kafka.admin()
+    listed = admin.list_consumer_groups(request_timeout=10).result(timeout=30)
     return sorted(g.group_id for g in listed.valid if g.group_id.startswith(kafka.prefix))
 
 

@@ -348,7 +348,7 @@ def groups_reading(kafka: Any, topic: str) -> list[str]:
     reads its replies through a group (subscribe) instead of assigning the partitions."""
     admin = kafka.admin()
     try:
-        listed = admin.list_consumer_groups(request_timeout=10).result()
+        listed = admin.list_consumer_groups(request_timeout=10).result(timeout=30)
         ids = [g.group_id for g in listed.valid]
         if not ids:
             return []
@@ -356,7 +356,7 @@ def groups_reading(kafka: Any, topic: str) -> list[str]:
         for group_id, future in admin.describe_consumer_groups(
                 ids, request_timeout=10).items():
             try:
-                described = future.result()
+                described = future.result(timeout=30)
             except Exception:  # noqa: BLE001 - a group that went away meanwhile
                 continue
             if any(tp.topic == topic for member in described.members
