@@ -131,6 +131,32 @@ def test_decode_reads_what_pyjwt_makes(jwt: Jwt) -> None:
         assert got == payload, f"decode() returned {got}, expected {payload}"
 
 
+# Valid tokens whose header differs from the one encode() writes: typ is optional (RFC 7519
+# section 5.1), an OAuth access token says "at+jwt" (RFC 9068), the media type is compared
+# without regard to case, and issuers add fields (kid, a custom one). Only alg decides.
+HEADERS: list[tuple[str, dict[str, Any]]] = [
+    ("no typ", {"alg": "HS256"}),
+    ("typ at+jwt (an OAuth 2.0 access token, RFC 9068)", {"alg": "HS256", "typ": "at+jwt"}),
+    ("typ in lower case", {"alg": "HS256", "typ": "jwt"}),
+    ("alg last, with kid and a custom field", {"typ": "JWT", "kid": "k7", "x-env": "prod",
+                                               "alg": "HS256"}),
+]
+
+
+def test_accepts_every_valid_header(jwt: Jwt) -> None:
+    wrong = []
+    for name, header in HEADERS:
+        token = raw_token(header, claims())
+        verdict, got = jwt.decode(token)
+        if verdict != "ok":
+            wrong.append(f"header {json.dumps(header)} ({name}): decode() refused a valid "
+                         f"token ({got}), expected its claims")
+    assert not wrong, "\n".join(wrong) + (
+        "\nOnly alg decides how a token is verified: typ is optional (RFC 7519 5.1) and may "
+        "say at+jwt or jwt, and kid or other header fields may be there. A verifier that "
+        "requires more than the README's rules refuses tokens other issuers make")
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -340,6 +366,11 @@ SHAPES: list[tuple[str, Any, Any]] = [
     ("nbf a string", HS256, claims(nbf="soon")),
     ("aud a number", HS256, claims(aud=42)),
     ("aud an object", HS256, claims(aud={AUD: True})),
+    # A list, but not of strings: membership, a set, a join or a sort of its items must
+    # not crash on an item that is a list, an object, a number or null.
+    ("aud a list holding a list", HS256, claims(aud=[[AUD]])),
+    ("aud a list holding an object", HS256, claims(aud=[{AUD: True}, "billing"])),
+    ("aud a list of a number and null", HS256, claims(aud=[42, None])),
     # Not JSON, yet Python's json.loads reads them (parse_constant= refuses them): a NaN
     # exp compares false with every instant, so "now >= exp" never holds - it never expires.
     ("exp NaN, which JSON has not (a NaN exp never expires)", HS256,
