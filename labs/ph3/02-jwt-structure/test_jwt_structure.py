@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -245,6 +246,9 @@ def swap_header() -> str:
     return ".".join([head, *good.split(".")[1:]])
 
 
+B64URL_ALPHABET = (string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_")
+
+
 def signature_variant(kind: str) -> Callable[[], str]:
     """A correctly signed token whose signature segment is spelled in a way base64url
     does not allow: a decoder must refuse it (InvalidToken), not crash or repair it."""
@@ -261,6 +265,9 @@ def signature_variant(kind: str) -> Callable[[], str]:
             "length 4k+1": sig[:41],
             "inner junk": sig[:20] + "!*" + sig[20:],
             "non-ASCII": sig[:-1] + "é",
+            # 32 bytes take 43 characters, 258 bits: the last character's 2 low bits are
+            # unused. Setting one gives another spelling that a decoder reads as the same bytes.
+            "unused bits": sig[:-1] + B64URL_ALPHABET[B64URL_ALPHABET.index(sig[-1]) ^ 1],
         }[kind]
     return make
 
@@ -311,6 +318,10 @@ ATTACKS: list[tuple[str, Callable[[], str], str]] = [
      "base64url in a JWT has no '=' padding"),
     ("signature with junk characters inside", signature_variant("inner junk"),
      "'!' and '*' are not base64url: a lenient decoder silently drops them"),
+    ("signature whose last character has an unused bit set", signature_variant("unused bits"),
+     "the last of 43 characters carries 2 unused bits, which base64 decoders ignore: the "
+     "same signature bytes spelled another way. PyJWT refuses it; accept only the canonical "
+     "spelling (re-encode what you decoded and compare it with the text you were given)"),
 ]
 # Malformed signature segments must raise InvalidToken, not a decoder's own error.
 CRASHES = [
