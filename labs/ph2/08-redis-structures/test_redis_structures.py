@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -81,6 +82,13 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
     assert not wide and not any(c[0] == "ZSCAN" for c in sent), (
         f"top(10) sent {(wide or ['ZSCAN'])[0]!r}: it read more of the sorted set than the "
         "10 entries it returns; ZREVRANGE key 0 9 WITHSCORES is O(log N + 10)")
+    for n in (1, 0):  # the smallest boards asked for: n - 1 is 0, then -1
+        few, sent = recorded(redis_db, f"top({n})", partial(board.top, n))
+        assert [(p, float(s)) for p, s in few] == want[:n], (
+            f"top({n}) returned {len(few)} entries ({few[:2]}...), expected {want[:n]}: "
+            f"top({n}) sent {[' '.join(c) for c in sent if c[0] in ZRANGE_FAMILY][:1]} - in "
+            "ZREVRANGE key 0 n-1 a negative stop counts from the end, so n = 0 gives "
+            "ZREVRANGE key 0 -1: the whole board. Asked for no entries, return none")
 
     player, total = ranking[41]
     rank, sent = recorded(redis_db, "rank()", lambda: board.rank(player))
