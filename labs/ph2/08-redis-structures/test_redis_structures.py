@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -81,6 +82,13 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
     assert not wide and not any(c[0] == "ZSCAN" for c in sent), (
         f"top(10) sent {(wide or ['ZSCAN'])[0]!r}: it read more of the sorted set than the "
         "10 entries it returns; ZREVRANGE key 0 9 WITHSCORES is O(log N + 10)")
+    for n in (1, 0):  # the smallest boards asked for: n - 1 is 0, then -1
+        few, sent = recorded(redis_db, f"top({n})", partial(board.top, n))
+        assert [(p, float(s)) for p, s in few] == want[:n], (
+            f"top({n}) returned {len(few)} entries ({few[:2]}...), expected {want[:n]}: "
+            f"top({n}) sent {[' '.join(c) for c in sent if c[0] in ZRANGE_FAMILY][:1]} - in "
+            "ZREVRANGE key 0 n-1 a negative stop counts from the end, so n = 0 gives "
+            "ZREVRANGE key 0 -1: the whole board. Asked for no entries, return none")
 
     player, total = ranking[41]
     rank, sent = recorded(redis_db, "rank()", lambda: board.rank(player))
@@ -112,6 +120,51 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
         f"'unknown'; test the reply with 'is None', not its truth")
     assert key_types(redis_db).get("scores") == "zset", (
         "the leaderboard is not a sorted set under the key 'scores' (the name passed in)")
+
+
+def test_points_added_at_the_same_time_are_never_lost(learner: Any, redis_db: Any) -> None:
+    """Two servers add points to one player at once. Between add_points()'s commands (before
+    its 2nd, then its 3rd ... in successive calls) another server adds 5 points with
+    ZINCRBY: the total must hold both. A read of the score, a sum in the client and a write
+    of it back (ZSCORE then ZADD, even inside MULTI) overwrites the other server's points."""
+    module = learner.load("structures")
+    live = redis_db.client(decode_responses=True)  # the other server
+    try:
+        race_add_points(module, redis_db, live)
+    finally:
+        live.close()
+
+
+def race_add_points(module: ModuleType, redis_db: Any, live: Any) -> None:
+    for at in range(2, 7):
+        player = f"racer{at}"
+        board = structure(module, "Leaderboard", redis_db.url, "race")
+        board.add_points(player, 100)
+        sent: list[str] = []
+        injected: list[str] = []
+
+        def before(command: list[bytes], at: int = at, player: str = player,
+                   sent: list[str] = sent, injected: list[str] = injected) -> None:
+            name = command[0].decode(errors="replace").upper()
+            if name in CONNECTION_SETUP:
+                return
+            sent.append(name)
+            if len(sent) == at and not injected:  # just before add_points()'s at-th command
+                live.zincrby("race", 5, player)
+                injected.append(f"before its {name} (command {at})")
+
+        with redis_gate(redis_db.url, before) as gated:
+            racing = structure(module, "Leaderboard", gated, "race")
+            racing.add_points(player, 10)
+        if not injected:
+            break  # add_points() sent fewer commands than `at`: nothing left to race
+        total = live.zscore("race", player)
+        assert total == 115.0, (
+            f"{player} had 100 points; add_points({player!r}, 10) sent {sent}, and "
+            f"{injected[0]} another server added 5 points with ZINCRBY. The total is "
+            f"{total}, expected 115: reading the score, adding in the client and writing the "
+            "sum back (ZSCORE then ZADD, MULTI or not) overwrites the points another server "
+            "added in between - a lost update. ZINCRBY adds on the server, atomically")
 
 
 def starts_at_end(redis_db: Any, group: str, appended: list[str]) -> None:
@@ -277,6 +330,25 @@ def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) 
     assert not full and any(c[0] in ("PFCOUNT", "PFMERGE") for c in sent), (
         f"estimate_across() sent {names(sent)}: merge the days' HyperLogLogs (PFCOUNT k1 k2 "
         "k3), which never holds the visitors themselves")
+    # Merging must leave every day as it was, and remember nothing for the next question:
+    # each day alone, then other sets of days, asked after the 3-day merge.
+    for asked in ([day] for day in days):
+        alone = asked[0]
+        got_exact, got_estimate = visitors.exact(alone), visitors.estimate(alone)
+        want = len(seen[alone])
+        assert got_exact == want and abs(got_estimate - want) <= 0.02 * want, (
+            f"after estimate_across(3 days), exact({alone!r}) is {got_exact} and "
+            f"estimate({alone!r}) {got_estimate}, expected {want} (and about {want}): merging "
+            "the days changed one of them - PFMERGE writes into its first key, so never "
+            "merge into a day's own HyperLogLog (PFCOUNT k1 k2 k3 merges without writing)")
+    for asked in (list(days)[1:], list(days)[:1], list(days)[::2]):
+        want = len(set().union(*(seen[d] for d in asked)))
+        got = visitors.estimate_across(asked)
+        assert abs(got - want) <= 0.02 * want, (
+            f"estimate_across({asked}) after estimate_across({list(days)}) returned {got}, "
+            f"expected about {want}: the answer holds visitors of days not asked for - a "
+            "merge into a key kept from an earlier call (PFMERGE adds to what the destination "
+            "holds). PFCOUNT k1 k2 merges on the fly and keeps nothing")
 
     client = redis_db.client()
     try:

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,32 @@ def test_decode_reads_what_pyjwt_makes(jwt: Jwt) -> None:
         assert got == payload, f"decode() returned {got}, expected {payload}"
 
 
+# Valid tokens whose header differs from the one encode() writes: typ is optional (RFC 7519
+# section 5.1), an OAuth access token says "at+jwt" (RFC 9068), the media type is compared
+# without regard to case, and issuers add fields (kid, a custom one). Only alg decides.
+HEADERS: list[tuple[str, dict[str, Any]]] = [
+    ("no typ", {"alg": "HS256"}),
+    ("typ at+jwt (an OAuth 2.0 access token, RFC 9068)", {"alg": "HS256", "typ": "at+jwt"}),
+    ("typ in lower case", {"alg": "HS256", "typ": "jwt"}),
+    ("alg last, with kid and a custom field", {"typ": "JWT", "kid": "k7", "x-env": "prod",
+                                               "alg": "HS256"}),
+]
+
+
+def test_accepts_every_valid_header(jwt: Jwt) -> None:
+    wrong = []
+    for name, header in HEADERS:
+        token = raw_token(header, claims())
+        verdict, got = jwt.decode(token)
+        if verdict != "ok":
+            wrong.append(f"header {json.dumps(header)} ({name}): decode() refused a valid "
+                         f"token ({got}), expected its claims")
+    assert not wrong, "\n".join(wrong) + (
+        "\nOnly alg decides how a token is verified: typ is optional (RFC 7519 5.1) and may "
+        "say at+jwt or jwt, and kid or other header fields may be there. A verifier that "
+        "requires more than the README's rules refuses tokens other issuers make")
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -219,6 +246,9 @@ def swap_header() -> str:
     return ".".join([head, *good.split(".")[1:]])
 
 
+B64URL_ALPHABET = (string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_")
+
+
 def signature_variant(kind: str) -> Callable[[], str]:
     """A correctly signed token whose signature segment is spelled in a way base64url
     does not allow: a decoder must refuse it (InvalidToken), not crash or repair it."""
@@ -235,6 +265,9 @@ def signature_variant(kind: str) -> Callable[[], str]:
             "length 4k+1": sig[:41],
             "inner junk": sig[:20] + "!*" + sig[20:],
             "non-ASCII": sig[:-1] + "é",
+            # 32 bytes take 43 characters, 258 bits: the last character's 2 low bits are
+            # unused. Setting one gives another spelling that a decoder reads as the same bytes.
+            "unused bits": sig[:-1] + B64URL_ALPHABET[B64URL_ALPHABET.index(sig[-1]) ^ 1],
         }[kind]
     return make
 
@@ -285,6 +318,10 @@ ATTACKS: list[tuple[str, Callable[[], str], str]] = [
      "base64url in a JWT has no '=' padding"),
     ("signature with junk characters inside", signature_variant("inner junk"),
      "'!' and '*' are not base64url: a lenient decoder silently drops them"),
+    ("signature whose last character has an unused bit set", signature_variant("unused bits"),
+     "the last of 43 characters carries 2 unused bits, which base64 decoders ignore: the "
+     "same signature bytes spelled another way. PyJWT refuses it; accept only the canonical "
+     "spelling (re-encode what you decoded and compare it with the text you were given)"),
 ]
 # Malformed signature segments must raise InvalidToken, not a decoder's own error.
 CRASHES = [
@@ -340,6 +377,11 @@ SHAPES: list[tuple[str, Any, Any]] = [
     ("nbf a string", HS256, claims(nbf="soon")),
     ("aud a number", HS256, claims(aud=42)),
     ("aud an object", HS256, claims(aud={AUD: True})),
+    # A list, but not of strings: membership, a set, a join or a sort of its items must
+    # not crash on an item that is a list, an object, a number or null.
+    ("aud a list holding a list", HS256, claims(aud=[[AUD]])),
+    ("aud a list holding an object", HS256, claims(aud=[{AUD: True}, "billing"])),
+    ("aud a list of a number and null", HS256, claims(aud=[42, None])),
     # Not JSON, yet Python's json.loads reads them (parse_constant= refuses them): a NaN
     # exp compares false with every instant, so "now >= exp" never holds - it never expires.
     ("exp NaN, which JSON has not (a NaN exp never expires)", HS256,

@@ -26,6 +26,8 @@ class Leaderboard:
         return float(self.r.zincrby(self.key, points, player))
 
     def top(self, n: int) -> list[tuple[str, float]]:
+        if n <= 0:  # ZREVRANGE 0 -1 would be the whole set: a negative index counts from the end
+            return []
         # ZREVRANGE 0 n-1: O(log N + n) - only the n entries asked for leave the server
         return [(p, float(s)) for p, s in self.r.zrevrange(self.key, 0, n - 1, withscores=True)]
 

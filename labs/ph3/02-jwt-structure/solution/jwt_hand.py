@@ -29,7 +29,12 @@ def b64url_encode(data: bytes) -> str:
 def b64url_decode(text: str) -> bytes:
     if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
         raise InvalidToken(f"not base64url: {text[:20]!r}")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    # The last character may carry unused bits, which the decoder ignores: "...6Gc" and
+    # "...6Gd" would be one signature spelled two ways. Only the canonical spelling passes.
+    if b64url_encode(data) != text:
+        raise InvalidToken(f"not canonical base64url (unused bits set): {text[-8:]!r}")
+    return data
 
 
 def _not_json(constant: str) -> Any:
