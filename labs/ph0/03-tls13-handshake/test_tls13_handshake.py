@@ -266,6 +266,44 @@ def test_server_certificate_may_sign_the_handshake(subject: Subject) -> None:
         "certificate was issued for TLS server authentication.")
 
 
+SERIAL_BITS = 40  # below this, a serial cannot hold 64 random bits (a random 64-bit one
+#                  is this short once in 2**24 draws)
+
+
+def test_serial_numbers_are_unique_and_unpredictable(subject: Subject) -> None:
+    """RFC 5280 4.1.2.2: a serial is unique among the certificates one CA issues (the CA's
+    own self-issued certificate included), positive, at most 20 octets. CA/Browser Forum
+    Baseline Requirements 7.1: it carries at least 64 bits from a CSPRNG, since the 2008
+    rogue CA forged a certificate by predicting the serial of the next one a CA signed."""
+    pki = subject.pki()
+    ca = _load_cert(subject, pki.ca_cert, "pki.ca_cert")
+    server = _load_cert(subject, pki.server_cert, "pki.server_cert")
+    assert ca.serial_number != server.serial_number, (
+        f"the CA certificate and the server certificate have the same issuer "
+        f"({ca.issuer.rfc4514_string()}) and the same serial number {server.serial_number}; "
+        "expected every certificate a CA issues (its own self-signed one too) to have a "
+        "serial of its own (RFC 5280 4.1.2.2)\nIssuer and serial name one certificate: "
+        "revocation lists and OCSP revoke by serial, and Firefox refuses a reused pair "
+        "(SEC_ERROR_REUSED_ISSUER_AND_SERIAL). Use x509.random_serial_number() for each.")
+    for what, cert in (("CA", ca), ("server", server)):
+        serial = cert.serial_number
+        assert 0 < serial < 2 ** 159, (
+            f"the {what} certificate's serial number is {serial}, expected a positive "
+            "number of at most 20 octets (RFC 5280 4.1.2.2)")
+        assert serial.bit_length() >= SERIAL_BITS, (
+            f"the {what} certificate's serial number is {serial} ({serial.bit_length()} "
+            f"bits): a counter, a clock or a constant, not a random number; expected at "
+            f"least 64 random bits (a random serial this short comes once in 2**24)\n"
+            "A predictable serial lets whoever can get a certificate signed know the next "
+            "one's exact contents in advance (the 2008 MD5 rogue CA attack); the CA/Browser "
+            "Forum requires 64 bits from a CSPRNG. x509.random_serial_number() gives 159.")
+    again = _load_cert(subject, subject.pki("again").server_cert, "the second pki.server_cert")
+    assert again.serial_number != server.serial_number, (
+        f"two calls of create_pki() issued server certificates with the same serial number "
+        f"{server.serial_number}; expected a fresh random serial each time\nA serial "
+        "derived from a counter, the clock or a constant repeats and is predictable.")
+
+
 # ---------------------------------------------------------------------------- handshakes
 
 

@@ -27,6 +27,7 @@ class ServerThread:
         self.headers = [tuple(h) for h in headers]
         self.wait = wait
         self.connections = 0
+        self.finished = 0  # connections whose handle_connection() has returned
         self.errors: list[str] = []
         self.cancelled: list[str] = []  # paths whose handler was cancelled (stream reset)
         self.loop = asyncio.new_event_loop()
@@ -69,6 +70,7 @@ class ServerThread:
         except Exception as exc:  # noqa: BLE001 - surfaced in the test's failure message
             self.errors.append(f"handle_connection() raised {type(exc).__name__}: {exc}")
         finally:
+            self.finished += 1
             writer.close()
 
     async def handler(self, request: Any) -> Any:

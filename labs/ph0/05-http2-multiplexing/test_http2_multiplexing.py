@@ -534,3 +534,74 @@ def test_the_connection_ending_cancels_its_handlers(server: Any, client: Client,
         "read loop - cancel every stream task still running (in a finally): nobody is "
         "left to read those answers, and the abandoned work (a query, a lock, a call) "
         "would run on for nobody, one more per client that goes away.")
+
+
+SHARED_STATE = (
+    "\nEvery HTTP/2 connection numbers its own streams (each client's first request is "
+    "stream 1): a stream id means something only inside its connection. Keep the requests "
+    "being received and the tasks answering them in the connection's own object, created "
+    "per handle_connection() call - not in a class attribute (`tasks = {}` in the class "
+    "body is one dict for every instance) or a module-level dict or set.")
+
+
+def test_connections_keep_their_streams_apart(server: Any) -> None:
+    """Two clients on two TCP connections, each with its own stream 1 (and 3): a request
+    half received on A while B sends and is answered on its stream 1; then A closes while
+    B's /held is still running. Neither connection may see, lose or cancel the other's."""
+    a, b = Client(server), Client(server)
+    try:
+        body_a, body_b = b"A" * 3000, b"B" * 2000
+        sid_a = a.h2.get_next_available_stream_id()
+        a.streams[sid_a] = Stream("/echo")
+        a.h2.send_headers(sid_a, [(":method", "POST"), (":path", "/echo"), (":scheme", "http"),
+                                  (":authority", "lab.test")])
+        a.h2.send_data(sid_a, body_a[:1000])
+        a.h2.ping(b"lab-half")
+        a.flush()
+        a.run_until(lambda: a.pings_acked == 1, "PING ACK behind the first part of A's body")
+        sid_b = b.get("/echo", body_b)
+        assert sid_b == sid_a, f"test setup: streams {sid_a} and {sid_b}, expected both 1"
+        try:
+            b.run_until(b.ended(sid_b), f"connection B's /echo response on its stream {sid_b}")
+            a.h2.send_data(sid_a, body_a[1000:], end_stream=True)
+            a.flush()
+            a.run_until(a.ended(sid_a), f"connection A's /echo response on its stream {sid_a}")
+        except pytest.fail.Exception as failed:
+            pytest.fail(
+                f"connection A had sent the headers and 1,000 of the 3,000 body bytes of a "
+                f"request on its stream {sid_a} when connection B sent a whole request on its "
+                f"own stream {sid_b}; then A's request failed: {failed}{SHARED_STATE}",
+                pytrace=False)
+        got = {"A": bytes(a.streams[sid_a].body), "B": bytes(b.streams[sid_b].body)}
+        assert got == {"A": body_a, "B": body_b}, (
+            f"two connections each sent /echo on their stream {sid_a}: A's answer was "
+            f"{len(got['A']):,} bytes starting {got['A'][:8]!r}, B's {len(got['B']):,} "
+            f"starting {got['B'][:8]!r}; expected each its own body (A: 3,000 x 'A', B: "
+            f"2,000 x 'B'): one connection's DATA went into the other's request"
+            f"{SHARED_STATE}")
+        held = b.get("/held")
+        b.h2.ping(b"lab-b-hd")
+        b.flush()
+        b.run_until(lambda: b.pings_acked == 1, "PING ACK behind B's /held request")
+        a.close()
+        deadline = time.monotonic() + WAIT
+        while server.finished < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.finished >= 1, (
+            f"connection A was closed by its client, and {WAIT:.0f} s later your "
+            "handle_connection() for it had not returned: on EOF (read() returns b'') leave "
+            "the read loop")
+        b.h2.ping(b"lab-b-af")  # a round trip on B: a cancellation sent by A's end has run
+        b.flush()
+        b.run_until(lambda: b.pings_acked == 2, "PING ACK on B after A had closed")
+        assert "/held" not in server.cancelled_paths(), (
+            f"connection A closed, and connection B's /held handler (its stream {held}, "
+            f"still running) was cancelled with it; expected only A's own streams to be "
+            f"cancelled: B's client still waits for that answer{SHARED_STATE}")
+        server.release_slow()
+        b.run_until(b.ended(held), "B's /held response after its release (A had closed)")
+        assert bytes(b.streams[held].body) == b"slow done", (
+            f"B's /held answered {bytes(b.streams[held].body)!r}, expected b'slow done'")
+    finally:
+        a.close()
+        b.close()

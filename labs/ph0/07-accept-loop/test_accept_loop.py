@@ -131,6 +131,10 @@ class Server:
     def asleep(self) -> Activity:
         return self.read(process_activity)  # type: ignore[no-any-return]
 
+    def printed_ready(self, timeout: float) -> bool:
+        """Whether it has printed 'listening on <port>' (waiting up to ``timeout`` s)."""
+        return self._ready.wait(timeout)
+
     def terminate(self) -> int | None:
         """SIGTERM, then wait; None if the process is still running after WAIT."""
         self.proc.send_signal(signal.SIGTERM)
@@ -536,6 +540,58 @@ def test_restarts_on_the_same_port_right_after_stop(launch: Any) -> None:
                ": bind() the port given in argv[1]"), pytrace=False)
     assert echo_once(port, b"again\n") == b"again\n", "the restarted server did not echo"
     stop_cleanly(second)
+
+
+# argv[1] values that name no port, and what a lax parse makes of each.
+NOT_A_PORT = [
+    ("http", "a word: atoi() reads it as 0, and port 0 is any free port"),
+    ("0abc", "a number with characters after it: atoi() and sscanf(\"%d\") stop at the 'a' "
+             "and read 0, any free port"),
+    ("65536", "past 65535: htons((uint16_t)65536) is 0, any free port"),
+    ("-65536", "negative: (uint16_t)-65536 is 0, any free port"),
+]
+REFUSE_WAIT = 10.0  # seconds; a refusing server exits at once, only a silent hang waits this
+
+
+@pytest.mark.parametrize("arg, why", NOT_A_PORT, ids=[arg for arg, _ in NOT_A_PORT])
+def test_an_argument_that_is_no_port_is_refused(binary: Path, learner: Any, arg: str,
+                                                why: str) -> None:
+    """A mistyped or out-of-range port must stop the server before it listens: a
+    supervisor (systemd, a deploy script) then sees it fail, instead of a server that
+    serves on a port nobody asked for, where no client and no health check looks."""
+    proc = learner.popen([str(binary), arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, **SANITIZER_ENV})
+    server = Server(proc, learner=learner)
+    try:
+        deadline = time.monotonic() + REFUSE_WAIT
+        while proc.poll() is None and time.monotonic() < deadline:
+            if server.printed_ready(0.05):
+                break
+        status = proc.poll()
+        if server.printed_ready(0):
+            seen = f"printed 'listening on {server.port}' and serves there"
+        elif status is None:
+            ports = server.read(listening_ports)
+            seen = (f"listens on {ports}" if ports else
+                    f"neither exited nor listened within {REFUSE_WAIT:.0f} s")
+        elif status == 0:
+            seen = "exited with status 0, as if nothing had gone wrong"
+        else:
+            seen = ""
+    finally:
+        server.kill()
+    assert not seen, (
+        f"started as 'accept_loop {arg}', the server {seen}; expected it to refuse the "
+        f"argument: a usage message on stderr and a non-zero exit status, before listening "
+        f"on anything\n'{arg}' is {why}. A mistyped port must make the start fail where the "
+        "operator sees it. Parse with strtol(argv[1], &end, 10) and accept it only if "
+        "end != argv[1], *end == '\\0', errno == 0 and 0 <= value <= 65535.")
+    assert status is not None and status > 0, (
+        f"started as 'accept_loop {arg}', the server ended with status {status} "
+        f"(negative: killed by a signal), expected a plain non-zero exit\nstderr: "
+        f"{server.stderr.decode(errors='replace').strip()[-400:]}")
+    report = server.sanitizer_report()
+    assert report is None, f"started as 'accept_loop {arg}', the sanitizers reported:\n{report}"
 
 
 CLOSE_WAIT = "08"  # /proc/net/tcp's state for "the peer's FIN arrived, we have not closed"
