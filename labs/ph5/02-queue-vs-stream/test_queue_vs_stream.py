@@ -9,6 +9,7 @@ empty job, not crashed on: a log has no nack, so a poison record would hold the 
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.parse
 from typing import Any
@@ -329,6 +330,32 @@ def test_kafka_keeps_the_log_for_new_groups_and_replay(learner: Any, kafka: Any)
     assert after == [], (
         f"after the replay group workers still had {after} to read; expected nothing: "
         "commit the position the replay reached")
+
+
+def test_a_refused_record_is_not_reported_published(learner: Any, kafka: Any) -> None:
+    """The broker refuses a record: the topic takes records of at most 1 KiB
+    (max.message.bytes) and one job is 8 KiB of incompressible text. kafka_publish must
+    raise, as rabbit_enqueue does for a refused job: the caller must not believe a job is in
+    the log that the broker never stored."""
+    mod = learner.load("workload")
+    topic = kafka.create_topic("capped", 1, **{"max.message.bytes": "1024"})
+    big = "job-big-" + os.urandom(4096).hex()   # random: no compression brings it under 1 KiB
+    jobs = ["job-small", big]
+    outcome, detail = verdict("kafka_publish", mod.kafka_publish, kafka.bootstrap, topic, jobs,
+                              refusal=(), crash=None)
+    stored = records_on_broker(kafka, topic)
+    if outcome == "ok":
+        pytest.fail(
+            f"kafka_publish returned normally for {len(jobs)} jobs, but the broker stored "
+            f"{stored} of them (the topic takes records of at most 1 KiB, max.message.bytes; "
+            f"one job is {len(big) // 1024} KiB: the broker answered MSG_SIZE_TOO_LARGE): "
+            f"expected it to raise - the caller now believes a job is in the log that is not. "
+            f"producer.flush() only returns how many records are still WAITING; a refused "
+            f"record is not waiting, so flush() returns 0 for it too. The broker's answer "
+            f"for each record comes to its delivery report: produce(..., on_delivery=cb), "
+            f"and after flush() raise if any report carried an error (flush() runs the "
+            f"reports: look after it, not before). With acks=0 the producer never waits for "
+            f"an answer, and every report says delivered: keep acks=all", pytrace=False)
 
 
 def test_a_record_without_a_value_does_not_stop_the_group(learner: Any, kafka: Any) -> None:

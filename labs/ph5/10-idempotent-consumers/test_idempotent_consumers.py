@@ -502,3 +502,72 @@ def test_killed_while_recording_the_event_id(db: Any, learner: Any, postgres: An
     processed = conn.execute("SELECT count(*) FROM processed_events").fetchone()[0]
     assert processed == len(EVENTS), f"{processed} event ids recorded, expected {len(EVENTS)}"
     assert_resumes_after_the_end(kafka, topic)
+
+
+# --- the consumer process, when an event fails ---------------------------------------------
+
+@pytest.mark.parametrize("failure", NOT_DUPLICATES[1:], ids=["trigger", "connection"])
+def test_a_failed_event_is_not_committed_past(db: Any, learner: Any, postgres: Any,
+                                              kafka: Any,
+                                              failure: tuple[str, Event, str, str]) -> None:
+    """The consumer program reads three events; the second one's transaction fails for a
+    reason that is no duplicate (a trigger refuses its balance, or the database ends the
+    connection). run() must let the error end it: the group's committed offset stays AT the
+    failed event (the next start reads it again), the program exits non-zero. Once the cause
+    is gone, the restarted program applies it."""
+    mod, conn = db
+    what, failing, install, remove = failure
+    deliveries = [payment(400, "acct-ok", 100), failing, payment(401, "acct-ok", 200)]
+    topic = publish(kafka, deliveries)
+    conn.execute(install)
+    first = start_consumer(learner, postgres, kafka, topic)
+    try:
+        code = first.wait(30)
+    except subprocess.TimeoutExpired:
+        first.kill()
+        first.wait()
+        pytest.fail(
+            f"the consumer program was still running 30 s after it met {failing['event_id']}, "
+            f"whose transaction fails ({what}): expected run() to let handle()'s error end "
+            f"it (the program exits non-zero) with no offset committed past the event, so "
+            f"that a restart reads it again", pytrace=False)
+    finally:
+        conn.execute(remove)
+    at = committed_position(kafka, topic)
+    processed = {r[0] for r in conn.execute("SELECT event_id FROM processed_events")}
+    if at is not None and at > 1:
+        pytest.fail(
+            f"{failing['event_id']} (offset 1) failed ({what}), and the consumer program "
+            f"{'exited 0' if code == 0 else f'exited {code}'} with its group's committed "
+            f"offset at {at}: past the failed event, which is "
+            f"{'recorded' if failing['event_id'] in processed else 'not recorded'} as "
+            f"processed and not applied (balances {balances(conn)}). Every later start "
+            f"begins after it: the payment is lost for good. An event whose transaction "
+            f"failed is not done - no offset for it (not in a finally, not after an except "
+            f"that logs and goes on, not after reconnecting): let the error end run(), and "
+            f"the restart delivers the event again", pytrace=False)
+    assert code != 0, (
+        f"{failing['event_id']} failed ({what}) and the consumer program exited 0 (offset "
+        f"committed: {at}): a failure must not look like success to whatever runs it - let "
+        f"handle()'s error leave run() (the program exits non-zero), so it is restarted and "
+        f"the event comes again")
+    assert failing["event_id"] not in processed, (
+        f"{failing['event_id']} failed ({what}) but is recorded as processed: a restart "
+        f"would skip it - record and apply in one transaction")
+
+    second = start_consumer(learner, postgres, kafka, topic)
+    try:
+        code = second.wait(30)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        second.wait()
+        pytest.fail("the restarted consumer did not reach the end of the topic in 30 s",
+                    pytrace=False)
+    assert code == 0, f"the restarted consumer exited with {code}: {error_tail(second)}"
+    want = {"acct-ok": 300, failing["account"]: failing["amount_cents"]}
+    assert balances(conn) == want, (
+        f"once the cause was gone ({what}), the restarted consumer left the balances "
+        f"{balances(conn)}; expected {want}: the failed event comes again and applies once")
+    assert committed_position(kafka, topic) == len(deliveries), (
+        f"after the restart read the topic to its end the group's committed offset is "
+        f"{committed_position(kafka, topic)}, expected {len(deliveries)}")

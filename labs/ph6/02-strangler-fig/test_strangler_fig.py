@@ -12,6 +12,7 @@ import json
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote, unquote
 
 import pytest
 
@@ -124,6 +125,82 @@ def test_the_longest_prefix_wins(world: Any) -> None:
     check_routes(host, backends, {"/users/5": "new", "/users/export": "legacy",
                                   "/users/export/csv": "legacy", "/users/exporter": "new"},
                  "with /users moved to new, then /users/export carved out back to legacy")
+
+
+def test_a_prefix_written_with_a_slash_and_the_root(world: Any) -> None:
+    """The same prefix, written with a trailing slash, moves and rolls back the same paths;
+    and "/" - the last step of a migration, everything to the new service - owns every path,
+    with a sub-prefix still carved out back to legacy."""
+    gateway, host, backends = world
+    gateway.route_to_new("/orders/")
+    check_routes(host, backends, {"/orders": "new", "/orders/7": "new",
+                                  "/orders-archive/2019": "legacy", "/users/1": "legacy"},
+                 "after route_to_new('/orders/') - the prefix /orders, written with a "
+                 "trailing slash (a prefix names a subtree: '/orders/' and '/orders' are the "
+                 "same prefix, store it one way)")
+    gateway.route_to_legacy("/orders/")
+    check_routes(host, backends, {"/orders": "legacy", "/orders/7": "legacy"},
+                 "after route_to_new('/orders/') then route_to_legacy('/orders/') (the "
+                 "rollback, named as the move was)")
+    gateway.route_to_new("/")
+    check_routes(host, backends, {"/": "new", "/users/1": "new", "/ordersummary": "new",
+                                  "/reports/2024/q1": "new", "/orders/7": "legacy"},
+                 "after route_to_new('/') - the whole site moves to the new service, the "
+                 "migration's last step: the root prefix '/' owns EVERY path (each path "
+                 "continues it), not only '/' itself; /orders, routed to legacy by name "
+                 "just before, is the longer prefix and stays there")
+    gateway.route_to_legacy("/users")
+    check_routes(host, backends, {"/users/1": "legacy", "/users": "legacy", "/": "new",
+                                  "/reports/2024/q1": "new"},
+                 "with '/' moved to new, then /users carved out back to legacy")
+
+
+# Paths as a client may send them: percent-encoded bytes (a space, UTF-8 letters, a '%'
+# itself). The backend must see the path the client sent, not a request that never left or
+# arrived as another path.
+ENCODED_PATHS = [("/orders/caf%C3%A9%20menu", "new"), ("/users/J%C3%BCrgen/notes", "legacy"),
+                 ("/users/100%25%20sure", "legacy")]
+
+
+def wire(path_info: Any) -> str:
+    """A path as the backend's WSGI got it (PATH_INFO: decoded, latin-1), as it was on the
+    wire: percent-encoded again, so that what differs shows."""
+    if not isinstance(path_info, str):
+        return repr(path_info)
+    try:
+        return quote(path_info.encode("latin-1"), safe="/:@!$&'()*+,;=-._~")
+    except UnicodeEncodeError:
+        return repr(path_info)
+
+
+def test_a_percent_encoded_path_arrives_as_sent(world: Any) -> None:
+    """WSGI hands the gateway the DECODED path (PATH_INFO: '%20' is a space, the UTF-8 bytes
+    of 'é' two latin-1 characters); the request the gateway sends must carry the path the
+    client sent, encoded again byte for byte."""
+    gateway, host, backends = world
+    gateway.route_to_new("/orders")
+    problems = []
+    for path, target in ENCODED_PATHS:
+        want = unquote(path, encoding="latin-1")   # PATH_INFO as the backend's WSGI reads it
+        before = backends[target].hits
+        reply = http_request(host, "GET", path + "?page=2")
+        seen = reply.json() if reply.status == 200 else {}
+        if reply.status != 200:
+            problems.append(f"GET {path} got HTTP {reply.status} {reply.body[:100]!r} "
+                            f"({backends[target].hits - before} request(s) reached {target})")
+        elif (seen.get("service"), seen.get("path"), seen.get("query")) != (target, want,
+                                                                           "page=2"):
+            problems.append(
+                f"GET {path}?page=2 reached {seen.get('service')} as "
+                f"{wire(seen.get('path'))}?{seen.get('query')} (expected "
+                f"{path}?page=2, at {target})")
+    assert not problems, (
+        "; ".join(problems) + ". A path arrives percent-encoded, and WSGI hands the gateway "
+        "PATH_INFO DECODED, each byte as one latin-1 character: sent on as it is, a space "
+        "is no URL (http.client refuses it: a 500) and 'é' cannot even be encoded. Route on "
+        "PATH_INFO, but forward it encoded again, byte for byte: "
+        "urllib.parse.quote(path.encode('latin-1'), safe=\"/:@!$&'()*+,;=-._~\") - "
+        "quote(path) alone encodes the latin-1 characters as UTF-8 a second time")
 
 
 def forwarded(host: str, target: str, method: str, url: str, document: Any,

@@ -95,11 +95,25 @@ class RabbitWorker:
 # --- Kafka: a log ----------------------------------------------------------------------
 
 def kafka_publish(bootstrap: str, topic: str, jobs: list[str]) -> None:
+    """Append the jobs to the log; raise unless the broker acknowledged every one.
+
+    acks=all: the broker answers each batch once it is stored; its answer reaches the
+    delivery report (on_delivery), one per record, while flush() runs. flush() only says
+    how many records are still waiting - a record the broker REFUSED (too large for the
+    topic, not authorized...) is no longer waiting, so flush() returns 0 for it too."""
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    refused: list[str] = []
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            refused.append(f"{(msg.value() or b'')[:20]!r}...: {err.str()}")
+
     for body in jobs:
-        producer.produce(topic, value=body.encode())
+        producer.produce(topic, value=body.encode(), on_delivery=delivered)
     if producer.flush(30):
         raise KafkaException("jobs not acknowledged by the broker within 30 s")
+    if refused:  # read after flush(): the reports run inside it
+        raise KafkaException(f"the broker refused {len(refused)} job(s): {refused[:3]}")
 
 
 def _read_to_end(bootstrap: str, topic: str, group: str, from_start: bool) -> list[str]:

@@ -7,7 +7,7 @@ import http.client
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
@@ -18,6 +18,10 @@ class Gateway:
         self.upstreams = {"legacy": legacy_url, "new": new_url}
         self._routes: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    # What an HTTP path may carry as it is (RFC 3986 pchar and "/"); anything else is
+    # percent-encoded again.
+    PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
     def route_to_new(self, prefix: str) -> None:
         with self._lock:
@@ -38,7 +42,11 @@ class Gateway:
 
     def __call__(self, environ: dict[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
+        # PATH_INFO is the DECODED path (%20 is a space, %C3%A9 two latin-1 characters: WSGI
+        # hands bytes over as latin-1): route on it, but forward it encoded again, byte for
+        # byte, or the request never leaves (a space is no URL) or arrives as another path.
         path = environ.get("PATH_INFO") or "/"
+        wire_path = quote(path.encode("latin-1"), safe=self.PATH_SAFE)
         query = environ.get("QUERY_STRING") or ""
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
@@ -50,7 +58,7 @@ class Gateway:
         upstream = urlsplit(self.upstreams[self.target_for(path)])
         conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
         try:
-            conn.request(environ["REQUEST_METHOD"], path + ("?" + query if query else ""),
+            conn.request(environ["REQUEST_METHOD"], wire_path + ("?" + query if query else ""),
                          body=body, headers=headers)
             reply = conn.getresponse()
             data = reply.read()
