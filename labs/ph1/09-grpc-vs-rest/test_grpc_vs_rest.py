@@ -49,6 +49,11 @@ CONNECT_SECONDS = 0.5
 _DEBUG = b"server going away; " * 50
 LAST_WORD = ((8 + len(_DEBUG)).to_bytes(3, "big") + bytes([7, 0, 0, 0, 0, 0])
              + (2**31 - 1).to_bytes(4, "big") + bytes(4) + _DEBUG)
+# ...and it comes a moment after the client's FIN, as a server's does (its executor
+# finishes the stream first): a relay that gives its pumps a short grace and then reads its
+# counts (or closes the sockets) misses it. Only the stimulus waits this long: the reference
+# waits for both directions to end, whenever that is.
+LAST_WORD_DELAY = 0.5
 
 
 # ---- the test's own measurement: a counting TCP proxy ----------------------------------
@@ -128,9 +133,10 @@ class GoawayFirstCall(CountingProxy):
 class LastWordAfterClientCloses(CountingProxy):
     """A CountingProxy whose server has a last word after the client is done: when the
     client ends its side of the connection (EOF upward), the proxy first sends it LAST_WORD
-    (a graceful HTTP/2 GOAWAY with debug data, as a server going away says it) and only then
-    passes the client's end on to the server. Each direction of a TCP connection ends on its
-    own FIN: the server's bytes after the client's FIN are on the wire too."""
+    (a graceful HTTP/2 GOAWAY with debug data, as a server going away says it), a moment
+    later (LAST_WORD_DELAY), and only then passes the client's end on to the server. Each
+    direction of a TCP connection ends on its own FIN: the server's bytes after the client's
+    FIN are on the wire too."""
 
     def _pump(self, link: RelayLink, up: bool) -> None:
         if up:
@@ -140,6 +146,7 @@ class LastWordAfterClientCloses(CountingProxy):
                     self.upward(link, chunk)
             except OSError:
                 pass
+            time.sleep(LAST_WORD_DELAY)
             self._count_received(link, len(LAST_WORD))
             try:
                 link.client.sendall(LAST_WORD)
@@ -422,9 +429,12 @@ def test_bytes_after_the_client_closes_are_counted(learner: Any, running: Server
         f"client had closed its side: the report says bytes_received={claimed}, the test "
         f"counted {seen.received} on the wire - the relay stopped counting at the first end "
         "of the connection (shut both sockets, or closed them, when one side's recv() "
-        "returned b''). Each direction ends on its own FIN: pass the end on "
+        "returned b''), or read its counts before both directions had ended (the server's "
+        f"last word came {LAST_WORD_DELAY} s after the client's FIN: a short join() of the "
+        "pumps gives up before it). Each direction ends on its own FIN: pass the end on "
         "(sink.shutdown(SHUT_WR)) and keep relaying and counting the other direction until "
-        "it ends too, and wait for both before reading the counts")
+        "it ends too, and wait for both (join the pumps until they end) before reading the "
+        "counts")
     check_report("protobuf over gRPC (unary, server's last word)", seen)
 
 
@@ -483,6 +493,67 @@ def test_a_failed_measurement_closes_its_relay(learner: Any, stubs: ProtoStubs,
         "keeps a close()d socket listening: shutdown() it first): each failed measurement "
         "otherwise leaks a listening socket, its acceptor thread and its fds for the life of "
         "the process")
+
+
+# A server that is down fails a call at once: connect() is refused, and http.client raises
+# ConnectionRefusedError, grpc UNAVAILABLE. Through a relay, the client's connect succeeds
+# (the relay listens), so the relay must pass the failure on: close the client's connection
+# when its own connect upstream fails. This long is far past what that takes on a loaded
+# machine, and far short of the client timeouts (30 s in the reference) a relay that keeps
+# the client's connection open makes the call wait out.
+DOWN_SERVER_SECONDS = 10.0
+
+
+@contextmanager
+def server_that_is_down() -> Iterator[tuple[str, int]]:
+    """An address where nothing listens: every connect() is refused. The port stays bound
+    (without listen()) so that nothing else takes it meanwhile."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    try:
+        yield ("127.0.0.1", holder.getsockname()[1])
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("name", ["measure_json", "measure_grpc_unary", "measure_grpc_stream"])
+def test_a_server_that_is_down_fails_the_measurement_at_once(learner: Any, stubs: ProtoStubs,
+                                                            name: str) -> None:
+    """The error path of the relay's own connect: the server refuses the connection. The
+    measurement must fail (or report) promptly and close its relay - not leave the client's
+    connection to the relay open, so that the client waits for its own timeout."""
+    measure = learner.function("grpc_vs_rest", name)
+    harness = learner.harness()
+    outcome: dict[str, str] = {}
+    with server_that_is_down() as target:
+        harness.note_listeners()
+
+        def call() -> None:
+            try:
+                outcome["text"] = f"returned {measure(f'{target[0]}:{target[1]}')!r}"[:200]
+            except Exception as exc:  # noqa: BLE001 - failing is what the server makes it do
+                outcome["text"] = f"raised {type(exc).__name__}"
+
+        started = time.perf_counter()
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(DOWN_SERVER_SECONDS)
+        took = time.perf_counter() - started
+        relays = [(str(host), int(port)) for host, port in harness.noted_listeners()]
+    assert not caller.is_alive(), (
+        f"{name}() against a server that is down (nothing listens: every connect() to it is "
+        f"refused) had not ended after {took:.0f} s: the client is still waiting on its "
+        "connection to your relay. Your relay accepted that connection, could not connect "
+        "to the server, and left the client's side open, so the client waits for an answer "
+        "that cannot come (until its own timeout, or for ever without one). When the relay's "
+        "connect upstream fails, close the client's connection at once (in the acceptor's "
+        "except OSError, before anything else keeps it): the failure then reaches the "
+        "client as it would without a relay - a call that fails fails now")
+    left = [f"{host}:{port}" for host, port in relays if still_accepting((host, port))]
+    assert not left, (
+        f"{name}() against a server that is down {outcome.get('text', 'ended')}, and its "
+        f"relay still accepts connections on {', '.join(left)}: close the relay on the error "
+        "path too (try/finally)")
 
 
 def test_protobuf_is_smaller_on_the_wire(learner: Any, running: Servers) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import PgStatementProxy, http_request, serve_wsgi, wait_until
+from labrunner.testing import PgStatementProxy, came_true, http_request, serve_wsgi, wait_until
 from labrunner.testing.relay import RelayLink
 
 USERS = 50          # the page the queries ask for
@@ -291,9 +291,14 @@ def errors_of(document: dict[str, Any]) -> str:
                      for e in document.get("errors") or [])[:300]
 
 
-# Ids that name no user: not a number, past bigint, negative. Each alias stands beside
-# user 2 in one request, so all of them go to the users loader in one batch.
-NO_SUCH_IDS = [("word", "abc"), ("huge", "99999999999999999999"), ("negative", "-7")]
+# Ids that name no user: not a number, past bigint, negative, and other spellings of a
+# user's number - a user's ID is the decimal string of its id ("2", "20"), and " 2", "+2",
+# "02", "2_0" (int() reads 20), "\u0662" (Arabic-Indic 2, which isdigit() and int() accept)
+# or "\u00b2" (superscript 2: isdigit() yes, int() no) are other strings. Each alias stands
+# beside user 2 in one request, so all of them go to the users loader in one batch.
+NO_SUCH_IDS = [("word", "abc"), ("huge", "99999999999999999999"), ("negative", "-7"),
+               ("spaced", " 2"), ("plus", "+2"), ("padded", "02"), ("underscored", "2_0"),
+               ("arabic", "\u0662"), ("superscript", "\u00b2")]
 
 
 def test_an_id_that_names_no_user_is_null_and_spares_the_batch(
@@ -321,7 +326,11 @@ def test_an_id_that_names_no_user_is_null_and_spares_the_batch(
         f"user(id:) with ids that name no user ({', '.join(u for _, u in NO_SUCH_IDS)}) "
         f"answered {wrong or 'null'} with errors: {errors_of(document) or 'none'}; expected "
         "null for each and no error: an ID is any string, and one that is not a user's id "
-        "names no user, like 999")
+        "names no user, like 999. A user's ID is the decimal string of its id (\"2\"): "
+        "another spelling of the number (\" 2\", \"+2\", \"02\", \"2_0\", non-ASCII digits) "
+        "is another ID, and answering it with user 2 gives one user two IDs (a client "
+        "caching by ID keeps two copies); int() and str.isdigit() accept all of those - "
+        "accept only ASCII digits without a leading zero")
 
 
 class HoldFirstUsersRead(PgStatementProxy):
@@ -396,3 +405,57 @@ def test_requests_in_flight_together_keep_their_own_loaders(
         f"{status_b}, errors: {errors_of(document_b) or 'none'}, data "
         f"{document_b.get('data')}; expected {by_id['5']}: a request's loaders and "
         "connection must be its own, not shared with the request in flight")
+
+
+
+# Requests of every kind, one after another: a page, aliases, a missing user, an id that
+# names no user, a field the schema does not have (a validation error), a syntax error, and
+# a page Postgres refuses (LIMIT -1: the resolver raises).
+CLOSING_REQUESTS = [
+    USERS_QUERY,
+    "{ users(first: -1) { id orders { id } } }",
+    '{ a: user(id: "1") { id orders { id } } b: user(id: "2") { id } }',
+    '{ user(id: "999") { id } }',
+    '{ user(id: "abc") { id } }',
+    "{ users(first: 3) { id nosuchfield } }",
+    "{ users(first: 3) { id ",
+] * 3
+OPEN_AFTERWARDS = 3   # a pool may keep a few, and reuses them; a leak keeps one per request
+
+
+def test_each_request_closes_its_connection(make_app: Callable[..., Any], proxied_dsn: str,
+                                            counter: PgStatementProxy, learner: Any) -> None:
+    """A request's connection is its own, so it ends with the request. One left for the
+    garbage collector (a connect() never closed, a loader's own connection) closes only when
+    nothing references it any more - and a cycle, a cache or an error's traceback keeps it:
+    a Postgres backend per request, until max_connections refuses everyone. The lab's
+    harness holds every connection the app opens, so only an explicit close ends one; the
+    proxy sees on the wire which ended."""
+    harness = learner.harness()
+    harness.hold_connections()
+    try:
+        with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+            for query in CLOSING_REQUESTS:
+                ask_raw(host, query, timeout=30)
+
+            def still_open() -> int:
+                with counter.lock:
+                    return sum(1 for link in counter.links if link.ends < 2)
+
+            # Ends when the wire shows them closed, or when the harness holds more still
+            # open than a pool keeps (held, they can no longer close by themselves).
+            came_true(lambda: still_open() <= OPEN_AFTERWARDS
+                      or int(harness.open_held()) > OPEN_AFTERWARDS, timeout=10)
+            if still_open() > OPEN_AFTERWARDS:
+                came_true(lambda: still_open() <= OPEN_AFTERWARDS, timeout=1)
+            left, opened = still_open(), len(counter.links)
+    finally:
+        harness.release_connections()
+    assert left <= OPEN_AFTERWARDS, (
+        f"{len(CLOSING_REQUESTS)} requests, one after another, opened {opened} connections "
+        f"to Postgres and {left} of them were still open after the last answer, while "
+        "something still referenced them: each request leaves its connection (or its "
+        "loaders' own connections) to the garbage collector. A connection that belongs to a "
+        "request ends with it: open it with `async with` (or close it in a finally), the "
+        "loaders' too, on every path - or every request costs a Postgres backend whenever "
+        "anything (a reference cycle, an error's traceback, a cache) keeps the object")

@@ -458,6 +458,74 @@ def test_rows_breaking_the_rules_are_rejected(db: Conn, learner: Any) -> None:
     assert not problems, "\n".join(problems)
 
 
+# Valid rows at the edges of the original's domain. The business rules are the README's:
+# a quantity is at least 1, a price is never negative, an email is unique. Nothing caps a
+# quantity or a price and nothing says what an email looks like: the original columns
+# (integer, numeric(10,2), text) hold these values, so the normalized tables must too. The
+# test data alone is kind (quantities 1-5, prices under 300, emails customerN@shop.test).
+EDGE_CUSTOMER: dict[str, Any] = {
+    "customer_id": 2147483647, "customer_email": "Zoe.O'Brien+orders@Mail.Example.COM",
+    "customer_name": "Zoë O'Brien-Łukasiewicz " + "von " * 60 + "Ångström",
+    "customer_city": "Llanfairpwllgwyngyll"}
+
+
+def edge_cases(order_id: int, customer_id: int, sku: str
+               ) -> list[tuple[str, str, dict[str, Any]]]:
+    """(what, entity, values): each a row the original table could hold."""
+    line = {"order_id": order_id, "product_sku": sku, "quantity": 2,
+            "unit_price": Decimal("10.00")}
+    return [
+        ("a line with quantity 2147483647 (the largest integer the original holds)",
+         "order line", {**line, "quantity": 2147483647}),
+        ("a line with quantity 1000", "order line", {**line, "quantity": 1000}),
+        ("a line with unit_price 99999999.99 (the largest numeric(10,2))", "order line",
+         {**line, "unit_price": Decimal("99999999.99")}),
+        ("a line with unit_price 100000.00", "order line",
+         {**line, "unit_price": Decimal("100000.00")}),
+        ("a customer whose email has capitals, a '+' tag and an apostrophe "
+         f"({EDGE_CUSTOMER['customer_email']}), a long accented name and id 2147483647",
+         "customer", EDGE_CUSTOMER),
+        ("a customer with the same name and city as another (but their own email)",
+         "customer", {"customer_id": 9002, "customer_email": "second.ana@shop.test",
+                      "customer_name": "Ana Silva", "customer_city": "Lisbon"}),
+        ("a product with a long SKU and a name another product has", "product",
+         {"product_sku": "SKU-" + "X" * 300 + "/ü 2m", "product_name": "USB-C cable"}),
+        ("an order dated 1970-01-01", "order",
+         {"order_id": 2147483647, "order_date": dt.date(1970, 1, 1),
+          "customer_id": customer_id}),
+        ("an order dated 2099-12-31", "order",
+         {"order_id": 9003, "order_date": dt.date(2099, 12, 31), "customer_id": customer_id}),
+    ]
+
+
+def test_valid_rows_at_the_edges_of_the_domain_go_in(db: Conn, learner: Any) -> None:
+    """A constraint stricter than the business's rules (a "sanity" cap on a quantity or a
+    price, an email pattern) is as wrong as a missing one: the next valid order is refused.
+    Each row below is one the original table holds; each must go in."""
+    apply_schema(db, learner)
+    found = require_homes(read_catalog(db))
+    w = Writer(db, found)
+    some = ROWS[0]
+    order_id, customer_id = some[0], some[2]
+    sku_not_in_order = next(r[6] for r in ROWS if r[6] not in
+                            {x[6] for x in ROWS if x[0] == order_id})
+    problems = []
+    for what, entity, values in edge_cases(order_id, customer_id, sku_not_in_order):
+        try:
+            with db.transaction(force_rollback=True):
+                w.insert(entity, **values)
+        except psycopg.Error as exc:
+            constraint = exc.diag.constraint_name
+            by = f" by constraint {constraint}" if constraint else ""
+            problems.append(f"{what}: refused{by} - {describe(exc)}")
+    assert not problems, (
+        "valid rows were refused:\n" + "\n".join(problems) + "\n  The business's rules are "
+        "the README's (a quantity is at least 1, a price is never negative, one customer per "
+        "email): nothing caps a quantity or a price and nothing says what an email or a name "
+        "looks like. The original columns hold these values, so a rule stricter than the "
+        "business's refuses real orders - declare only the stated rules.")
+
+
 def test_generated_keys_start_after_the_copied_ones(db: Conn, learner: Any) -> None:
     """A key column may get a generator (serial, identity, DEFAULT nextval), but the
     migration copies the existing ids explicitly, which never moves the sequence: the next
@@ -563,6 +631,41 @@ def test_view_rebuilds_the_original_rows_exactly(db: Conn, learner: Any) -> None
         lines.append("  (a value kept per product instead of per order line, or a join on a "
                      "non-key column, changes or multiplies rows)")
         pytest.fail("\n".join(lines), pytrace=False)
+
+    # The view must be the tables, not a copy of them: normalization's point is that a fact
+    # changed in its one home shows on every row that names it. A materialized view (or a
+    # view over one) equals the original rows the moment it is built and goes stale with
+    # the first change.
+    found = require_homes(read_catalog(db))
+    w = Writer(db, found)
+    some = ROWS[0]
+    customer_id, sku = some[2], some[6]
+    new_email = "moved.on@shop.test"
+    db.execute(sql.SQL("UPDATE {} SET customer_email = %s WHERE customer_id = %s").format(
+        sql.Identifier(found["customer"].name)), [new_email, customer_id])
+    w.insert("order", order_id=9101, order_date=dt.date(2024, 7, 1), customer_id=customer_id)
+    w.insert("order line", order_id=9101, product_sku=sku, quantity=7,
+             unit_price=Decimal("1.23"))
+    expected = sorted(
+        [(r[0], r[6], new_email) for r in ROWS if r[2] == customer_id] + [(9101, sku, new_email)])
+    seen = sorted(db.execute(
+        sql.SQL("SELECT order_id, product_sku, customer_email FROM {} WHERE customer_id = %s")
+        .format(sql.Identifier(VIEW)), [customer_id]).fetchall())
+    if seen != expected:
+        kind = db.execute("SELECT relkind::text FROM pg_class WHERE oid = %s::regclass",
+                          [VIEW]).fetchone()
+        stale = sum(1 for r in seen if r[2] != new_email)
+        new_line = any(r[0] == 9101 for r in seen)
+        pytest.fail(
+            f"after customer {customer_id}'s email was changed to {new_email} in "
+            f"{found['customer'].name} and order 9101 was added with one line, {VIEW} shows "
+            f"{len(seen)} rows for the customer, {stale} with an old email, the new line "
+            f"{'present' if new_line else 'missing'}; expected {len(expected)} rows, all "
+            f"with the new email (relkind of {VIEW}: {kind[0] if kind else '?'}, 'v' is a "
+            f"plain view, 'm' a materialized one). {VIEW} must read the normalized tables "
+            f"when it is queried (CREATE VIEW over them, no materialized view on the way): "
+            f"a snapshot is the denormalized copy again, stale after the first update - the "
+            f"update anomaly normalization removes.", pytrace=False)
 
 
 def show(row: Row) -> str:

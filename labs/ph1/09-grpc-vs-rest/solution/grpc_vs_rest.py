@@ -88,7 +88,14 @@ class CountingRelay:
                 client, _ = self._listener.accept()
             except OSError:  # the listener was closed: no more connections
                 return
-            upstream = socket.create_connection(self._target)
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                # The server cannot be reached: end the client's connection at once, so the
+                # failure reaches the client as it would without the relay (it fails now,
+                # instead of waiting for an answer that cannot come).
+                client.close()
+                continue
             with self._lock:
                 self.connections += 1
                 self._sockets += [client, upstream]

@@ -104,7 +104,10 @@ async def resolve_users(_: Any, info: GraphQLResolveInfo, first: int = 50) -> li
 
 
 async def resolve_user(_: Any, info: GraphQLResolveInfo, id: str) -> dict[str, Any] | None:  # noqa: A002
-    if not id.isdigit() or len(id) > 18:
+    # A user's ID is the decimal string of its id: any other string names no user - a word,
+    # a number past bigint, and other spellings of a number (" 2", "+2", "02", "2_0", and
+    # non-ASCII digits, which str.isdigit() and int() accept).
+    if not (id.isascii() and id.isdigit()) or len(id) > 18 or id != str(int(id)):
         return None
     context: Context = info.context
     if context.batched:
