@@ -45,6 +45,10 @@ def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
             closed += (" - a message was acked or rejected twice: after basic_ack (or a "
                        "get with auto_ack=True) it is gone, and cannot be rejected any more; "
                        "ack only after the handler succeeded, reject only if it raised")
+        if exc.reply_code == 404 and "no queue" in str(exc.reply_text):
+            closed += (" - a routing key names a queue only through the default exchange "
+                       "(''); a message for a named exchange goes where that exchange's "
+                       "bindings route its key: publish to the exchange you are given")
     pytest.fail(closed, pytrace=False)
 
 
@@ -81,26 +85,51 @@ def expect_queues(ch: Any, want: dict[str, list[str]], why: str) -> None:
             f"queue {queue!r} received {sorted(got)}; expected {sorted(expected)}: {why}")
 
 
+def expect_exchange_type(rabbitmq: Any, exchange: str, want: str, what: str) -> None:
+    """The broker's word on the exchange's type: another type can route the test's keys the
+    same (a topic exchange bound on plain keys, or on '#') and differ on the next key."""
+    vhost = urllib.parse.quote(rabbitmq.vhost, safe="")
+    got = rabbitmq.api("GET", f"/exchanges/{vhost}/{urllib.parse.quote(exchange, safe='')}")
+    assert got.get("type") == want, (
+        f"{what} declared {exchange!r} as a {got.get('type')!r} exchange; expected {want!r}: "
+        f"the exchange type is the routing rule - a {got.get('type')!r} exchange only happens "
+        "to route these messages the same (a topic exchange reads '*' and '#' in a binding as "
+        "wildcards where a direct exchange takes them literally; a topic binding '#' is not "
+        "a fanout, which ignores keys by design and skips matching)")
+
+
 # --- exchanges ---------------------------------------------------------------------------
 
-def test_direct_exchange_routes_by_exact_key(learner: Any, channels: Any) -> None:
+def test_direct_exchange_routes_by_exact_key(learner: Any, channels: Any,
+                                            rabbitmq: Any) -> None:
     setup_direct = learner.function("patterns", "setup_direct")
     theirs, mine = channels
     call("setup_direct", setup_direct, theirs, "logs-direct",
-         {"errors": ["error"], "everything": ["info", "warning", "error"]})
+         {"errors": ["error"], "everything": ["info", "warning", "error"],
+          "orders": ["order.*"]})
     for severity in ("info", "warning", "error", "debug"):
         mine.basic_publish("logs-direct", severity, severity.encode())
+    # A direct key is literal: 'order.*' is a key like any other, no wildcard.
+    for key in ("order.created", "order.*"):
+        mine.basic_publish("logs-direct", key, key.encode())
+    got_orders = drain(mine, "orders")
+    assert got_orders == ["order.*"], (
+        f"queue 'orders', bound to the direct exchange on the key 'order.*', received "
+        f"{got_orders}; expected only the message whose key is exactly 'order.*': a direct "
+        "exchange compares keys literally, '*' and '#' are wildcards only in a topic exchange")
     expect_queues(mine, {"errors": ["error"], "everything": ["info", "warning", "error"]},
                   "a direct exchange delivers to every queue bound with exactly the message's "
                   "routing key - bind the queue once per key ('debug' matches no binding and "
                   "is dropped)")
+    expect_exchange_type(rabbitmq, "logs-direct", "direct", "setup_direct")
 
 
 TOPIC_KEYS = ["billing.error", "billing.eu.error", "auth.error", "error", "billing.info",
               "billing", "billing.eu.west.warning", "auth.info"]
 
 
-def test_topic_patterns_one_word_and_many(learner: Any, channels: Any) -> None:
+def test_topic_patterns_one_word_and_many(learner: Any, channels: Any,
+                                          rabbitmq: Any) -> None:
     mod = learner.load("patterns")
     theirs, mine = channels
     every_error, all_billing = getattr(mod, "EVERY_ERROR", None), getattr(mod, "ALL_BILLING",
@@ -121,9 +150,10 @@ def test_topic_patterns_one_word_and_many(learner: Any, channels: Any) -> None:
     assert sorted(got_billing) == sorted(want_billing), (
         f"ALL_BILLING = {all_billing!r} matched {sorted(got_billing)}; expected "
         f"{sorted(want_billing)}: '*' stands for exactly one word, '#' for zero or more")
+    expect_exchange_type(rabbitmq, "logs-topic", "topic", "setup_topic")
 
 
-def test_fanout_copies_to_every_queue(learner: Any, channels: Any) -> None:
+def test_fanout_copies_to_every_queue(learner: Any, channels: Any, rabbitmq: Any) -> None:
     setup_fanout = learner.function("patterns", "setup_fanout")
     theirs, mine = channels
     call("setup_fanout", setup_fanout, theirs, "order-events", ["billing", "shipping", "audit"])
@@ -133,9 +163,10 @@ def test_fanout_copies_to_every_queue(learner: Any, channels: Any) -> None:
     expect_queues(mine, {"billing": everything, "shipping": everything, "audit": everything},
                   "a fanout exchange copies every message to every bound queue and ignores "
                   "the routing key")
+    expect_exchange_type(rabbitmq, "order-events", "fanout", "setup_fanout")
 
 
-def test_headers_exchange_all_and_any(learner: Any, channels: Any) -> None:
+def test_headers_exchange_all_and_any(learner: Any, channels: Any, rabbitmq: Any) -> None:
     setup_headers = learner.function("patterns", "setup_headers")
     theirs, mine = channels
     call("setup_headers", setup_headers, theirs, "documents", {
@@ -160,6 +191,7 @@ def test_headers_exchange_all_and_any(learner: Any, channels: Any) -> None:
     assert sorted(got_urgent) == ["pdf-eu-high", "vip"], (
         f"urgent (priority=high OR customer=vip) received {sorted(got_urgent)}; expected "
         "['pdf-eu-high', 'vip']: bind with 'x-match': 'any'")
+    expect_exchange_type(rabbitmq, "documents", "headers", "setup_headers")
 
 
 # --- dead letters and TTL ----------------------------------------------------------------
@@ -266,7 +298,8 @@ def test_dead_letters_are_routed_whatever_their_key(learner: Any, channels: Any)
         "x-dead-letter-routing-key to the key the DLX binds")
 
 
-def test_per_message_ttl_expires_into_the_dlx(learner: Any, channels: Any) -> None:
+def test_per_message_ttl_expires_into_the_dlx(learner: Any, channels: Any,
+                                              rabbitmq: Any) -> None:
     mod = learner.load("patterns")
     theirs, mine = channels
     call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
@@ -313,6 +346,30 @@ def test_per_message_ttl_expires_into_the_dlx(learner: Any, channels: Any) -> No
     assert dead[0] == "now-or-never" and death_of(dead[1]).get("reason") == "expired", (
         f"after publish_with_ttl(..., ttl_ms=0) the dead-letter queue got {dead[0]!r} with "
         f"x-death {death_of(dead[1])}; expected 'now-or-never', reason 'expired'")
+    # Through a named exchange whose key is no queue's name: the message goes where the
+    # exchange routes it, not to a queue named after the key.
+    mine.exchange_declare("jobs", exchange_type="direct")
+    mine.queue_bind("work", "jobs", routing_key="job.new")
+    call("publish_with_ttl", mod.publish_with_ttl, theirs, "jobs", "job.new", b"routed", 200)
+    dead = wait_for_message(mine, "dead")
+    if dead is None:
+        vhost = urllib.parse.quote(rabbitmq.vhost, safe="")
+        stray = [f"{q['name']!r} ({q.get('messages', '?')} message(s))"
+                 for q in rabbitmq.api("GET", f"/queues/{vhost}")
+                 if q["name"] not in ("work", "dead")]
+        pytest.fail(
+            "publish_with_ttl(ch, 'jobs', 'job.new', b'routed', 200) never reached 'work' "
+            "(bound to the direct exchange 'jobs' on 'job.new') and was not dead-lettered "
+            f"within {DEADLINE:.0f} s; other queues in the vhost: {stray or 'none'}\n"
+            "publish_with_ttl publishes to the exchange it is given: basic_publish(exchange, "
+            "routing_key, ...) - through the default exchange ('') the routing key names a "
+            "queue, and a message for a queue that does not exist is dropped silently (or "
+            "lands in a queue declared on the spot that nobody reads).", pytrace=False)
+    death = death_of(dead[1])
+    assert dead[0] == "routed" and death.get("reason") == "expired" and death.get(
+        "exchange") == "jobs", (
+        f"publish_with_ttl(ch, 'jobs', 'job.new', ...) was dead-lettered as {dead[0]!r} with "
+        f"x-death {death}; expected 'routed', reason 'expired', published to exchange 'jobs'")
 
 
 def test_per_queue_ttl_expires_into_the_dlx(learner: Any, channels: Any,

@@ -170,8 +170,18 @@ def test_every_line_is_a_json_object_with_the_mandatory_fields(serve: Any) -> No
         "unhandled exceptions at ERROR with the exception (its traceback as a string field)")
 
 
+ORDER = ["DEBUG", "INFO", "WARN", "ERROR", "FATAL"]
+
+
+def rank(level: Any) -> int:
+    return ORDER.index(level) if level in ORDER else len(ORDER)
+
+
 def test_levels_and_threshold(serve: Any) -> None:
-    for threshold, want_debug in (("INFO", False), ("DEBUG", True)):
+    # INFO and DEBUG first; then WARN and ERROR: a threshold drops every level below it,
+    # not only DEBUG.
+    for threshold, want_debug in (("INFO", False), ("DEBUG", True), ("WARN", False),
+                                  ("ERROR", False)):
         server, log = serve(threshold)
         with server as host:
             http_request(host, "GET", "/debug-me")
@@ -186,8 +196,17 @@ def test_levels_and_threshold(serve: Any) -> None:
             f"with level={threshold!r}, GET /debug-me (which logs a DEBUG 'cache lookup') "
             f"left levels {levels}: expected {'a' if want_debug else 'no'} DEBUG record\n"
             "Records below the configured level are not written; at DEBUG they are.")
+        below = [(r.get("level"), r.get("message"), r.get("status")) for r in records
+                 if rank(r.get("level")) < rank(threshold)]
+        assert not below, (
+            f"with level={threshold!r} the log holds records below {threshold}: "
+            f"{below[:6]} (level, message, status)\nThe threshold drops EVERY record "
+            f"ranked below it ({' < '.join(ORDER)}), access records too - not only DEBUG: "
+            "compare the record's rank with the threshold's, for every record.")
         by_status = {r.get("status"): r.get("level") for r in records if "status" in r}
-        want = {200: "INFO", 400: "WARN", 401: "WARN", 404: "WARN", 500: "ERROR"}
+        want = {s: lvl for s, lvl in {200: "INFO", 400: "WARN", 401: "WARN", 404: "WARN",
+                                      500: "ERROR"}.items()
+                if rank(lvl) >= rank(threshold)}
         seen = {s: by_status.get(s) for s in want}
         wrong = {s: (seen[s], want[s]) for s in want if seen[s] != want[s]}
         assert not wrong, (
@@ -231,6 +250,42 @@ def test_trace_id_comes_from_traceparent(serve: Any) -> None:
         f"two requests without traceparent logged trace ids {others}, expected a fresh, "
         "distinct id for each: an id shared by unrelated requests (a constant, or one made "
         "at start-up) correlates things that are not related")
+
+
+# traceparent headers no W3C parser accepts (trace-context 3.2: the trace id is 32
+# LOWERCASE hex digits and not all zeros; the whole header has four dash-separated fields
+# of fixed length): each request must start a trace of its own.
+MALFORMED_TRACEPARENTS = {
+    "a trace id that is not hex": "00-not-a-trace-id-at-all-0000000000-00f067aa0ba902b7-01",
+    "a short trace id": "00-4bf92f3577b34da6-00f067aa0ba902b7-01",
+    "an uppercase trace id": "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+    "the all-zero trace id (invalid by the spec)":
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+    "a header of one word": "garbage",
+}
+
+
+def test_malformed_traceparent_starts_a_new_trace(serve: Any) -> None:
+    server, log = serve()
+    with server as host:
+        statuses = {what: http_request(host, "GET", f"/no-such-page-{n}",
+                                       headers={"traceparent": header}).status
+                    for n, (what, header) in enumerate(MALFORMED_TRACEPARENTS.items())}
+    crashed = {what: status for what, status in statuses.items() if status != 404}
+    assert not crashed, (
+        f"GET of a missing page with a malformed traceparent answered {crashed}, expected "
+        "404: a header the caller got wrong is ignored, never a crash")
+    records = log.records()
+    for n, (what, header) in enumerate(MALFORMED_TRACEPARENTS.items()):
+        ids = [r.get("trace_id") for r in records if r.get("path") == f"/no-such-page-{n}"]
+        bad = [i for i in ids if not re.fullmatch(r"[0-9a-f]{32}", str(i)) or i == "0" * 32]
+        assert ids and not bad, (
+            f"a request with traceparent {header!r} ({what}) logged trace id(s) {ids}, "
+            "expected a fresh one (32 lowercase hex digits, not all zeros)\nValidate "
+            "traceparent before trusting it - 00-<32 lowercase hex, not all zeros>-<16 hex>-"
+            "<2 hex> (W3C trace-context) - and start a new trace when it does not match: a "
+            "trace id split out of any header poisons every log query and trace join "
+            "downstream.")
 
 
 def test_no_secret_is_ever_logged(serve: Any) -> None:
