@@ -354,6 +354,91 @@ def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) 
         proxy.close()
 
 
+# The subscriber gives up on a SUBSCRIBE the server never confirms within this bound: the
+# README asks for an exception within NEVER_CONFIRMED_S; the test waits a little longer
+# (and less than the 30 s SubscribeHold holds a chunk before it lets it through).
+NEVER_CONFIRMED_S, NEVER_CONFIRMED_WAIT_S = 15, 25
+
+
+def test_subscriber_raises_when_never_confirmed(learner: Any, redis_db: Any) -> None:
+    """The error path of the confirmation: a SUBSCRIBE the server never answers (held here
+    for good) must end the constructor with an exception, not with a Subscriber that is
+    not subscribed. Judged when the constructor ends, not after a fixed wait."""
+    cls = getattr(learner.load("advanced"), "Subscriber", None)
+    if not isinstance(cls, type):
+        pytest.fail("advanced.py: define a class Subscriber (see the README)", pytrace=False)
+    url = urlsplit(redis_db.url)
+    proxy = SubscribeHold(url.hostname or "127.0.0.1", url.port or 6379)
+    via = proxy.url_for(redis_db.url)
+    box: dict[str, Any] = {}
+    returned = threading.Event()
+
+    def construct() -> None:
+        try:
+            box["sub"] = cls(via, f"lab:{uuid.uuid4().hex}")
+        except Exception as exc:  # noqa: BLE001 - the expected outcome, checked below
+            box["error"] = exc
+        returned.set()
+
+    threading.Thread(target=construct, daemon=True).start()
+    started = time.monotonic()
+    try:
+        ended = returned.wait(NEVER_CONFIRMED_WAIT_S)
+        waited = time.monotonic() - started
+        if not proxy.held.is_set():
+            pytest.fail("Subscriber() sent no SUBSCRIBE on its connection (" + (
+                f"it raised {type(box['error']).__name__}: {box['error']}" if "error" in box
+                else "it returned" if ended else f"still running after {waited:.0f} s")
+                + "): subscribe in the constructor", pytrace=False)
+        assert ended, (
+            f"Subscriber() was still waiting {waited:.0f} s after its SUBSCRIBE, which the "
+            "server never confirmed (the test held it): a constructor that waits for ever "
+            "hangs its caller with no error to act on - wait a bounded time (at most "
+            f"{NEVER_CONFIRMED_S} s) and raise")
+        assert "error" in box, (
+            f"Subscriber() returned normally after {waited:.1f} s although the server never "
+            "confirmed its SUBSCRIBE (the test held it): the wait for the confirmation gave "
+            "up and fell through, so the caller holds a subscriber that receives nothing and "
+            "believes it is subscribed - when no 'subscribe' confirmation comes in time, "
+            "raise (TimeoutError) instead of returning")
+    finally:
+        proxy.release()
+        if "sub" in box:
+            box["sub"].close()
+        proxy.close()
+
+
+# Payloads a subscriber must return exactly as published: text beyond ASCII, quotes and
+# backslashes (which a bytes repr escapes), a line break, an empty message.
+ODD_PAYLOADS = ["prix: 12,50 \u20ac", "na\u00efve caf\u00e9 \u2615 \u6771\u4eac",
+                "it's \"quoted\"", "C:\\temp\\new", "two\nlines", ""]
+
+
+def test_messages_arrive_exactly_as_published(learner: Any, redis_db: Any) -> None:
+    module = learner.load("advanced")
+    publish = learner.function("advanced", "publish")
+    cls = getattr(module, "Subscriber", None)
+    if not isinstance(cls, type):
+        pytest.fail("advanced.py: define a class Subscriber (see the README)", pytrace=False)
+    channel = f"lab:{uuid.uuid4().hex}"
+    sub = cls(redis_db.url, channel)
+    try:
+        for message in ODD_PAYLOADS:
+            reached = publish(redis_db.url, channel, message)
+            assert reached == 1, f"publish({message!r}) returned {reached}, expected 1"
+        got = [sub.receive(5.0) for _ in ODD_PAYLOADS]
+    finally:
+        sub.close()
+    wrong = [f"published {sent!r}, receive() returned {seen!r}"
+             for sent, seen in zip(ODD_PAYLOADS, got, strict=True) if seen != sent]
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(ODD_PAYLOADS)} messages changed): a message is the text "
+        "that was published - PUBLISH sends a str as UTF-8 bytes; decode them as UTF-8 "
+        "(decode_responses=True, or data.decode('utf-8')), not through their repr (which "
+        "escapes quotes, backslashes and every non-ASCII byte) nor as latin-1 (which turns "
+        "each non-ASCII character into several)")
+
+
 # --------------------------------------------------------------------------------------
 # AOF: the one test that restarts the shared server
 

@@ -20,6 +20,7 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from labrunner.testing import verdict
@@ -64,6 +65,12 @@ def keys() -> Keys:
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return Keys(rsa_key(), rsa_key(), rsa_key(), ec.generate_private_key(ec.SECP256R1()),
                 ec.generate_private_key(ec.SECP256R1()))
+
+@functools.cache
+def other_curves() -> dict[str, Any]:
+    """EC keys on the two other NIST curves: a JWK may name them, ES256 is P-256 only."""
+    return {"P-384": ec.generate_private_key(ec.SECP384R1()),
+            "P-521": ec.generate_private_key(ec.SECP521R1())}
 
 @dataclass
 class Lib:
@@ -432,3 +439,85 @@ def test_a_token_without_kid_matches_no_kidless_jwk(lib: Lib) -> None:
                     "one; refuse a missing or null kid before looking it up")
     assert not wrong, "\n".join(wrong) + (
         f"\n({len(wrong)} of {len(KIDLESS_HEADERS) * len(cases)} tokens without a kid)")
+
+
+# A kid the JWKS does not publish names no key - even when the token is signed by a key the
+# JWKS holds under another kid. A verifier that, for an unknown kid, tries every key, takes
+# the newest key of the type, or matches kids loosely (case, spaces) lets the token pick its
+# key: whatever kid it names, some key is found. Each case: the token's alg, the key that
+# signs it (by the kid it is published under), the kid the token names.
+UNKNOWN_KIDS: list[tuple[str, str, str]] = [
+    ("RS256", "rsa-2024", "rsa-2025"),
+    ("RS256", "rsa-2023", "rsa-2022"),
+    ("ES256", "ec-b", "ec-c"),
+    ("ES256", "ec-a", "ec-0"),
+    ("HS256", "hs-1", "hs-2"),
+    ("RS256", "rsa-2024", "RSA-2024"),
+    ("RS256", "rsa-2024", "rsa-2024 "),
+    ("ES256", "ec-a", "EC-A"),
+]
+
+
+def test_an_unknown_kid_names_no_key(lib: Lib) -> None:
+    k = keys()
+    private = {"rsa-2023": k.rsa_old, "rsa-2024": k.rsa_new, "ec-a": k.ec_a, "ec-b": k.ec_b,
+               "hs-1": SECRET}
+    wrong = []
+    for alg, signer, kid in UNKNOWN_KIDS:
+        token = pyjwt.encode(CLAIMS, private[signer], algorithm=alg, headers={"kid": kid})
+        verdict, got = lib.verify(token)
+        if verdict != "refused":
+            wrong.append(
+                f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} an "
+                f"{alg} token naming kid {kid!r}, which the JWKS does not publish (it was "
+                f"signed by the key published as {signer!r}), expected InvalidToken")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(UNKNOWN_KIDS)} tokens naming an unknown kid): the kid is "
+        "compared exactly, and a kid the JWKS does not have is refused - a verifier that "
+        "falls back to trying every key, or the newest key of the type, or matches kids "
+        "loosely, verifies tokens with keys the issuer never named for them (a retired key "
+        "kept for old tokens, a key meant for another audience)")
+
+
+# ES256 is ECDSA on P-256 with SHA-256 (RFC 7518 3.4), nothing else: an EC JWK on another
+# curve verifies no ES256 token, whatever hash or signature length the token uses. Each
+# case: the curve, the JWK's alg (None: published without alg), the hash signed with.
+OTHER_CURVES: list[tuple[str, str | None, Any]] = [
+    ("P-384", None, hashes.SHA256()),
+    ("P-384", None, hashes.SHA384()),
+    ("P-384", "ES256", hashes.SHA256()),
+    ("P-521", None, hashes.SHA256()),
+    ("P-521", None, hashes.SHA512()),
+]
+
+
+def raw_es(header: dict[str, Any], key: Any, digest: Any) -> str:
+    """An ECDSA token over `header`, the signature raw r || s at the curve's own size."""
+    size = (key.curve.key_size + 7) // 8
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(CLAIMS).encode())}"
+    r, s = decode_dss_signature(key.sign(signing_input.encode(), ec.ECDSA(digest)))
+    return f"{signing_input}.{b64(r.to_bytes(size, 'big') + s.to_bytes(size, 'big'))}"
+
+
+def test_es256_verifies_only_p256_keys(lib: Lib) -> None:
+    published = keys().jwks()["keys"]
+    wrong = []
+    for crv, alg, digest in OTHER_CURVES:
+        key = other_curves()[crv]
+        kid = f"ec-{crv.lower()}-{alg or 'no-alg'}"
+        jwk = {**ECAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": kid, "use": "sig",
+               **({"alg": alg} if alg else {})}
+        token = raw_es({"alg": "ES256", "typ": "JWT", "kid": kid}, key, digest)
+        verdict, got = lib.verify(token, {"keys": [*published, jwk]})
+        if verdict != "refused":
+            published_as = f"\"alg\": \"{alg}\"" if alg else "no alg"
+            wrong.append(
+                f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} an "
+                f"ES256 token signed by a {crv} key ({published_as}, ECDSA with "
+                f"{digest.name.upper()}, r || s of {2 * ((key.curve.key_size + 7) // 8)} "
+                "bytes), expected InvalidToken")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(OTHER_CURVES)} tokens from keys on other curves): ES256 "
+        "is ECDSA on P-256 with SHA-256 (RFC 7518 3.4) - refuse an EC JWK whose crv is not "
+        "P-256 instead of taking the curve (and hash, and length) from the key: the key "
+        "decides, but only among what the token's alg allows")
