@@ -144,6 +144,26 @@ CASES = [
          "invalid content - a Postgres text value cannot hold NUL, so it is refused before the "
          "database sees it: not psycopg's DataError as a 500, not stored with the character "
          "dropped", body=js({"name": "del\u0000ta"})),
+    # Bodies of every JSON shape, not only objects: valid JSON whose top level is not an
+    # object has no name (422), and bytes that are not UTF-8 are not JSON at all (400).
+    # Code that reaches for data.get("name") or "name" in data assumes an object and
+    # crashes (500) on the rest.
+    *(Case(f"body-is-{kind}", "POST", "/projects", 422,
+           f"Unprocessable: the body is valid JSON, but {what}, not an object holding a "
+           "name - check the parsed value's type (isinstance(data, dict)) before reading "
+           "name from it; data.get(...), data[\"name\"] or \"name\" in data crash (500) on "
+           "a list, a string, a number or null, and a 500 tells the client the server has a "
+           "bug when its request was at fault", body=body)
+      for kind, body, what in (
+          ("a-list", js([{"name": "gamma"}]), "a list (holding an object with a name)"),
+          ("a-string", js("gamma"), "a string"),
+          ("a-number", js(42), "a number"),
+          ("null", js(None), "null"))),
+    Case("body-not-utf8", "POST", "/projects", 400,
+         "Bad Request: the body's bytes are not UTF-8 (b'\\xff'), so it cannot be parsed as "
+         "JSON at all - decode it inside the same check that catches broken JSON "
+         "(json.loads(raw_bytes) raises a ValueError for both); a UnicodeDecodeError that "
+         "escapes is a 500 for a client's mistake", body=b'{"name": "\xff"}'),
     Case("name-at-limit", "POST", "/projects", 201,
          "Created: a name of exactly 100 characters is valid (at most 100 - check the "
          "boundary with > 100, not >= 100)", body=js({"name": "n" * 100}),
@@ -384,3 +404,49 @@ def test_failed_requests_count_too(make_app: Callable[..., Any], db: Any) -> Non
            "transaction is rolled back exactly on the error paths (an exception, a failed "
            "statement): count on an autocommit connection, or commit the count before "
            "doing the work.")
+
+
+def test_concurrent_create_of_one_name_is_409(make_app: Callable[..., Any], db: Any) -> None:
+    """Two clients create the same name at once. The test plays the first: its transaction
+    inserts 'gamma' and holds it uncommitted until the app's request waits on that row (on
+    the unique index), then commits. Whatever the app looked up before its INSERT saw no
+    'gamma'; only the unique constraint sees the other client, so the INSERT's
+    UniqueViolation is the conflict, and it is a 409."""
+    with serve_wsgi(make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=1000)) as host, \
+            psycopg.connect(db.admin_dsn, autocommit=True) as admin, \
+            psycopg.connect(db.dsn) as holder:
+        holder.execute("INSERT INTO projects (name) VALUES ('gamma')")
+        replies: list[HttpReply] = []
+        thread = threading.Thread(target=lambda: replies.append(
+            call(host, "POST", "/projects", js({"name": "gamma"}), WRITER)), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + HOLD
+        waited = False
+        while time.monotonic() < deadline and thread.is_alive():
+            if _lock_waiters(admin, db.name) >= 1:
+                waited = True
+                break
+            time.sleep(0.01)
+        holder.commit()  # the other client's 'gamma' exists from now on
+        thread.join(HOLD)
+    assert replies, f"POST /projects {{'name': 'gamma'}} got no answer within {HOLD:.0f} s"
+    reply = replies[0]
+    if reply.status == 201:
+        why = ("the app created a second 'gamma' without waiting for the other client's: "
+               "the name is UNIQUE in projects, keep the constraint and insert through it"
+               if not waited else "the app created 'gamma' although another client's "
+               "'gamma' committed first")
+    elif reply.status >= 500:
+        why = (f"{reply.status}: the name was free when the app looked (a SELECT, or a check "
+               "in memory) and taken when it inserted - a check-then-insert; the INSERT's "
+               "UniqueViolation (psycopg.errors.UniqueViolation) is the conflict and must be "
+               "answered 409, not left to crash (500) or mapped with every database error "
+               "to 503 (the database is up; the client's request clashes)")
+    else:
+        why = "a clash with the current state is 409"
+    assert reply.status == 409, (
+        f"POST /projects {{'name': 'gamma'}} while another client's INSERT of 'gamma' was "
+        f"in flight (committed while the app's request waited on it) answered "
+        f"{reply.status} {reply.body[:120]!r}, expected 409 Conflict: {why}. Under "
+        "concurrency the unique constraint is the only check that holds: a lookup before "
+        "the INSERT is an optimisation, never the decision.")

@@ -373,3 +373,54 @@ def test_logout_deletes_the_session(site: Site) -> None:
     assert seen.status == 401, (
         f"a copy of the cookie taken before logout still gets {seen.status} from GET /me, "
         "expected 401")
+
+
+# Logins naming an account that does not exist, with no password to speak of: a fallback
+# for the missing account ("" or None, often there to spend the same time on unknown
+# users) must never equal what the client sent. (body, what it is)
+NO_SUCH_ACCOUNT = (
+    ({"username": "mallory", "password": ""}, "an unknown user with an empty password"),
+    ({"username": "mallory"}, "an unknown user and no password field"),
+    ({"username": "mallory", "password": None}, "an unknown user with a null password"),
+    ({"username": "", "password": ""}, "an empty user name with an empty password"),
+)
+
+
+def test_no_account_no_password_logs_nobody_in(site: Site) -> None:
+    for creds, what in NO_SUCH_ACCOUNT:
+        tab = site.browser()
+        reply = tab.call("POST", "/login", creds)
+        user_sessions = [k.decode() for k in site.redis.keys("session:*")
+                         if b"user" in site.redis.hkeys(k)]
+        me = tab.call("GET", "/me") if tab.sid else None
+        assert reply.status in (400, 401) and not user_sessions, (
+            f"POST /login with {what} ({creds}) answered {reply.status} "
+            f"{reply.body[:100]!r}, expected 401 (or 400 for a missing field), and Redis "
+            f"holds logged-in sessions {user_sessions}"
+            + (f", GET /me says {me.body[:60]!r}" if me is not None else "")
+            + ": the account does not exist, so no password can be right - compare only "
+            "against a stored password (accounts.get(name) is None -> 401); a stand-in "
+            "for the missing account (accounts.get(name, ''), str(None) == str(None)) equals "
+            "what the client sends when it sends nothing")
+
+
+def test_state_changes_only_by_post(site: Site) -> None:
+    """SameSite=Lax still sends the cookie on a cross-site top-level GET (a link, a
+    redirect, window.location): a route that changes state must not answer GET, where no
+    CSRF token is checked."""
+    alice = site.browser()
+    site.login(alice)
+    sid = alice.sid
+    assert sid
+    for path, change in (("/transfer", "moved money"), ("/logout", "logged alice out")):
+        reply = alice.call("GET", path, origin=EVIL)
+        alive = bool(site.session(sid))
+        assert reply.status >= 400 and alive and alice.sid == sid, (
+            f"GET {path} with alice's cookie and no CSRF token (a link on another site: "
+            f"SameSite=Lax sends the cookie on top-level GET navigations) answered "
+            f"{reply.status} {reply.body[:80]!r}"
+            + ("" if alive else ", and her session is gone from Redis")
+            + (", and cleared her cookie" if alice.sid != sid else "")
+            + f": expected 404 or 405 - a GET that {change} is a cross-site request forgery "
+            "the CSRF token never sees. State changes answer POST only (route on method "
+            "AND path), and the POST checks the token.")
