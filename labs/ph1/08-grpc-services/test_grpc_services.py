@@ -601,16 +601,7 @@ def test_a_failed_batch_stores_none_of_its_users(stubs: ProtoStubs, service_clas
                           "a user without a username was stored; a request that breaks the "
                           "contract is the client's error: context.abort(INVALID_ARGUMENT)")
             limit = FAILED_BATCH * KEPT_PER_REFUSED
-            # Once no call into the learner's code is left (two readings in a row, each after
-            # a full garbage collection), what it still holds it holds for good.
-            deadline = time.monotonic() + 15.0
-            ended = 0
-            while (kept := harness.retained_bytes(module)) > limit and (
-                    time.monotonic() < deadline):
-                ended = ended + 1 if harness.handlers_open(module) == 0 else 0
-                if ended >= 2:
-                    break
-                time.sleep(0.2)
+            kept = bytes_held_for_good(harness, module, limit)
         finally:
             harness.stop_tracing()
     assert kept <= limit, (
@@ -623,6 +614,23 @@ def test_a_failed_batch_stores_none_of_its_users(stubs: ProtoStubs, service_clas
         "(AIP-233): check each request as it arrives, keep the new users aside, and store "
         "them together once the stream has ended without error (context.abort raises: "
         "code after it never runs).")
+
+
+def bytes_held_for_good(harness: Any, module: Any, limit: int) -> int:
+    """The bytes the learner's code still holds (harness.retained_bytes), read until they
+    are within ``limit``, for at most 15 s - or until every call into the learner's code
+    has ended (no thread in it, no generator of it left unfinished) at two readings in a
+    row, each after a full garbage collection: what it holds then it holds for good, and
+    there is no need to wait out the deadline for it to go."""
+    deadline = time.monotonic() + 15.0
+    ended = 0
+    while (kept := int(harness.retained_bytes(module))) > limit and (
+            time.monotonic() < deadline):
+        ended = ended + 1 if harness.handlers_open(module) == 0 else 0
+        if ended >= 2:
+            break
+        time.sleep(0.2)
+    return kept
 
 
 ENDED_WATCHES = 150  # watches opened and cancelled one after another, in the leak test
@@ -648,18 +656,7 @@ def test_ended_watches_release_their_subscription(stubs: ProtoStubs, service_cla
                 next(call)  # the current state: the handler has registered its watcher
                 call.cancel()
             limit = ENDED_WATCHES * KEPT_PER_WATCH
-            # The handlers end after their cancels: what is still held once every one of
-            # them has ended (no thread in the learner's code, no WatchUser generator left
-            # unfinished), at two readings in a row (each a full garbage collection), is
-            # held for good - no need to wait out the deadline for it to go.
-            deadline = time.monotonic() + 15.0
-            ended = 0
-            while (kept := harness.retained_bytes(module)) > limit and (
-                    time.monotonic() < deadline):
-                ended = ended + 1 if harness.handlers_open(module) == 0 else 0
-                if ended >= 2:
-                    break
-                time.sleep(0.2)
+            kept = bytes_held_for_good(harness, module, limit)
         finally:
             harness.stop_tracing()
     assert kept <= limit, (

@@ -296,15 +296,25 @@ class SubscribeHold(TcpRelay):
         super().close()
 
 
-def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) -> None:
-    """The server's confirmation of SUBSCRIBE is what makes "subscribed when the constructor
-    returns" true: the test holds the SUBSCRIBE on its way and watches the constructor."""
+def subscriber_class(learner: Any) -> type:
     cls = getattr(learner.load("advanced"), "Subscriber", None)
     if not isinstance(cls, type):
         pytest.fail("advanced.py: define a class Subscriber (see the README)", pytrace=False)
+    return cls
+
+
+def subscribe_hold(redis_db: Any) -> tuple[SubscribeHold, str]:
+    """A SubscribeHold in front of the lab's Redis, and the URL that goes through it."""
     url = urlsplit(redis_db.url)
     proxy = SubscribeHold(url.hostname or "127.0.0.1", url.port or 6379)
-    via = proxy.url_for(redis_db.url)
+    return proxy, proxy.url_for(redis_db.url)
+
+
+def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) -> None:
+    """The server's confirmation of SUBSCRIBE is what makes "subscribed when the constructor
+    returns" true: the test holds the SUBSCRIBE on its way and watches the constructor."""
+    cls = subscriber_class(learner)
+    proxy, via = subscribe_hold(redis_db)
     box: dict[str, Any] = {}
     returned = threading.Event()
 
@@ -364,12 +374,8 @@ def test_subscriber_raises_when_never_confirmed(learner: Any, redis_db: Any) -> 
     """The error path of the confirmation: a SUBSCRIBE the server never answers (held here
     for good) must end the constructor with an exception, not with a Subscriber that is
     not subscribed. Judged when the constructor ends, not after a fixed wait."""
-    cls = getattr(learner.load("advanced"), "Subscriber", None)
-    if not isinstance(cls, type):
-        pytest.fail("advanced.py: define a class Subscriber (see the README)", pytrace=False)
-    url = urlsplit(redis_db.url)
-    proxy = SubscribeHold(url.hostname or "127.0.0.1", url.port or 6379)
-    via = proxy.url_for(redis_db.url)
+    cls = subscriber_class(learner)
+    proxy, via = subscribe_hold(redis_db)
     box: dict[str, Any] = {}
     returned = threading.Event()
 

@@ -333,6 +333,20 @@ def publish(kafka: Any, deliveries: list[Event]) -> str:
     return topic
 
 
+def restart_to_the_end(learner: Any, postgres: Any, kafka: Any, topic: str) -> None:
+    """Start the consumer again; it must read to the end of the topic and exit 0 within
+    30 s."""
+    second = start_consumer(learner, postgres, kafka, topic)
+    try:
+        code = second.wait(30)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        second.wait()
+        pytest.fail("the restarted consumer did not reach the end of the topic in 30 s",
+                    pytrace=False)
+    assert code == 0, f"the restarted consumer exited with {code}: {error_tail(second)}"
+
+
 def start_consumer(learner: Any, postgres: Any, kafka: Any,
                    topic: str) -> subprocess.Popen[bytes]:
     return cast(subprocess.Popen[bytes],
@@ -388,15 +402,7 @@ def kill_mid_event(learner: Any, postgres: Any, kafka: Any, conn: Any, hold: str
         blocker.rollback()
         blocker.close()
 
-    second = start_consumer(learner, postgres, kafka, topic)
-    try:
-        code = second.wait(30)
-    except subprocess.TimeoutExpired:
-        second.kill()
-        second.wait()
-        pytest.fail("the restarted consumer did not reach the end of the topic in 30 s",
-                    pytrace=False)
-    assert code == 0, f"the restarted consumer exited with {code}: {error_tail(second)}"
+    restart_to_the_end(learner, postgres, kafka, topic)
     return topic
 
 
@@ -555,15 +561,7 @@ def test_a_failed_event_is_not_committed_past(db: Any, learner: Any, postgres: A
         f"{failing['event_id']} failed ({what}) but is recorded as processed: a restart "
         f"would skip it - record and apply in one transaction")
 
-    second = start_consumer(learner, postgres, kafka, topic)
-    try:
-        code = second.wait(30)
-    except subprocess.TimeoutExpired:
-        second.kill()
-        second.wait()
-        pytest.fail("the restarted consumer did not reach the end of the topic in 30 s",
-                    pytrace=False)
-    assert code == 0, f"the restarted consumer exited with {code}: {error_tail(second)}"
+    restart_to_the_end(learner, postgres, kafka, topic)
     want = {"acct-ok": 300, failing["account"]: failing["amount_cents"]}
     assert balances(conn) == want, (
         f"once the cause was gone ({what}), the restarted consumer left the balances "
