@@ -199,7 +199,10 @@ def test_down_clears_what_a_killed_run_left() -> None:
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not _verification_running("test_deadlocks.py"):
+        # This run's verification (its pytest.ini is in this runtime folder): another test
+        # may run ph2.6 of the fixture project at the same moment, in a folder of its own.
+        while time.monotonic() < deadline and not [
+                p for p in _verification_running("test_deadlocks.py") if str(runtime) in p]:
             time.sleep(0.2)
         # The lab's working folder and temp folder are the run's: swept with it below.
         assert list(runtime.glob("run-*/lr-deadlocks-*/tmp")), list(runtime.rglob("*"))

@@ -138,7 +138,10 @@ def test_warm_set_is_the_workspaces_and_down_keeps_a_set_in_use(runtime: Path) -
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        _until(lambda: bool(_processes_mentioning(_lab_test("test_deadlocks.py"))),
+        # This run's verification (its pytest.ini is in this runtime folder), not another
+        # test's run of ph2.6 at the same moment.
+        _until(lambda: any(str(runtime) in p
+                           for p in _processes_mentioning(_lab_test("test_deadlocks.py"))),
                "the ph2.6 verification runs")
         down = _cli(runtime, "services", "down")
         assert down.returncode == 0, down.stderr
