@@ -128,10 +128,16 @@ def test_ctrl_c_mid_run_leaves_nothing_behind(selector: str, test_file: str) -> 
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 120
+
+    def own_verification() -> list[str]:
+        # This run's (its pytest.ini is in this runtime folder): another test may run the
+        # same lab of the fixture project at the same moment, in a folder of its own.
+        return [p for p in _verification_running(test_file) if str(runtime) in p]
+
     # Wait until the verification itself is running (services up, pytest in the test).
-    while time.monotonic() < deadline and not _verification_running(test_file):
+    while time.monotonic() < deadline and not own_verification():
         time.sleep(0.2)
-    assert _verification_running(test_file), "the verification never started"
+    assert own_verification(), "the verification never started"
     time.sleep(1.0)
     # Processes that do not name the runtime dir on their command line (our private epmd).
     state = json.loads(next(runtime.glob("run-*/state.json")).read_text())
@@ -144,7 +150,7 @@ def test_ctrl_c_mid_run_leaves_nothing_behind(selector: str, test_file: str) -> 
     assert "interrupted" in out
     time.sleep(0.5)
     assert _processes_mentioning(str(runtime)) == []
-    assert _verification_running(test_file) == []
+    assert own_verification() == []
     for marker in private:
         assert _processes_mentioning(marker) == [], f"epmd ({marker}) left running"
     leftovers = [p.name for p in runtime.iterdir() if p.name.startswith("run-")]
