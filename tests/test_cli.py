@@ -96,10 +96,11 @@ def test_doctor_names_the_backend() -> None:
     assert "local postgres" in done.stdout
 
 
-def _verification_running(test_file: str) -> list[str]:
-    """This checkout's fixture-project verification of ``test_file`` (not a run of the same
-    lab by anything else on the machine)."""
-    return [p for p in _processes_mentioning(test_file) if str(FIXTURE_PROJECT) in p]
+def _verification_running(test_file: str, runtime: Path) -> list[str]:
+    """The verification of ``test_file`` by the run in ``runtime`` (its pytest.ini is there):
+    not a run of the same lab by another test at the same moment, nor by anything else."""
+    return [p for p in _processes_mentioning(test_file)
+            if str(FIXTURE_PROJECT) in p and str(runtime) in p]
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -129,15 +130,10 @@ def test_ctrl_c_mid_run_leaves_nothing_behind(selector: str, test_file: str) -> 
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 120
 
-    def own_verification() -> list[str]:
-        # This run's (its pytest.ini is in this runtime folder): another test may run the
-        # same lab of the fixture project at the same moment, in a folder of its own.
-        return [p for p in _verification_running(test_file) if str(runtime) in p]
-
     # Wait until the verification itself is running (services up, pytest in the test).
-    while time.monotonic() < deadline and not own_verification():
+    while time.monotonic() < deadline and not _verification_running(test_file, runtime):
         time.sleep(0.2)
-    assert own_verification(), "the verification never started"
+    assert _verification_running(test_file, runtime), "the verification never started"
     time.sleep(1.0)
     # Processes that do not name the runtime dir on their command line (our private epmd).
     state = json.loads(next(runtime.glob("run-*/state.json")).read_text())
@@ -150,7 +146,7 @@ def test_ctrl_c_mid_run_leaves_nothing_behind(selector: str, test_file: str) -> 
     assert "interrupted" in out
     time.sleep(0.5)
     assert _processes_mentioning(str(runtime)) == []
-    assert own_verification() == []
+    assert _verification_running(test_file, runtime) == []
     for marker in private:
         assert _processes_mentioning(marker) == [], f"epmd ({marker}) left running"
     leftovers = [p.name for p in runtime.iterdir() if p.name.startswith("run-")]
@@ -205,10 +201,8 @@ def test_down_clears_what_a_killed_run_left() -> None:
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        # This run's verification (its pytest.ini is in this runtime folder): another test
-        # may run ph2.6 of the fixture project at the same moment, in a folder of its own.
-        while time.monotonic() < deadline and not [
-                p for p in _verification_running("test_deadlocks.py") if str(runtime) in p]:
+        while time.monotonic() < deadline and not _verification_running("test_deadlocks.py",
+                                                                          runtime):
             time.sleep(0.2)
         # The lab's working folder and temp folder are the run's: swept with it below.
         assert list(runtime.glob("run-*/lr-deadlocks-*/tmp")), list(runtime.rglob("*"))

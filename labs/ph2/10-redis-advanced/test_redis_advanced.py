@@ -310,22 +310,29 @@ def subscribe_hold(redis_db: Any) -> tuple[SubscribeHold, str]:
     return proxy, proxy.url_for(redis_db.url)
 
 
-def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) -> None:
-    """The server's confirmation of SUBSCRIBE is what makes "subscribed when the constructor
-    returns" true: the test holds the SUBSCRIBE on its way and watches the constructor."""
-    cls = subscriber_class(learner)
-    proxy, via = subscribe_hold(redis_db)
+def construct_in_thread(cls: type, via: str) -> tuple[dict[str, Any], threading.Event]:
+    """Subscriber(via, <a fresh channel>) on a thread of its own: what it ended with (``sub``
+    or ``error``) lands in the box, and the event is set when the constructor has ended."""
     box: dict[str, Any] = {}
     returned = threading.Event()
 
     def construct() -> None:
         try:
             box["sub"] = cls(via, f"lab:{uuid.uuid4().hex}")
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # noqa: BLE001 - the caller judges it
             box["error"] = exc
         returned.set()
 
     threading.Thread(target=construct, daemon=True).start()
+    return box, returned
+
+
+def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) -> None:
+    """The server's confirmation of SUBSCRIBE is what makes "subscribed when the constructor
+    returns" true: the test holds the SUBSCRIBE on its way and watches the constructor."""
+    cls = subscriber_class(learner)
+    proxy, via = subscribe_hold(redis_db)
+    box, returned = construct_in_thread(cls, via)
     try:
         # A constructor that waits for the confirmation cannot return before its SUBSCRIBE
         # is held here: one that returned first is judged once a chunk it sent on its way
@@ -376,17 +383,7 @@ def test_subscriber_raises_when_never_confirmed(learner: Any, redis_db: Any) -> 
     not subscribed. Judged when the constructor ends, not after a fixed wait."""
     cls = subscriber_class(learner)
     proxy, via = subscribe_hold(redis_db)
-    box: dict[str, Any] = {}
-    returned = threading.Event()
-
-    def construct() -> None:
-        try:
-            box["sub"] = cls(via, f"lab:{uuid.uuid4().hex}")
-        except Exception as exc:  # noqa: BLE001 - the expected outcome, checked below
-            box["error"] = exc
-        returned.set()
-
-    threading.Thread(target=construct, daemon=True).start()
+    box, returned = construct_in_thread(cls, via)
     started = time.monotonic()
     try:
         ended = returned.wait(NEVER_CONFIRMED_WAIT_S)
