@@ -23,9 +23,16 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from labrunner.testing import KafkaProxy
-from labrunner.testing.kafka_proxy import FETCH, OFFSET_COMMIT
-
-HEARTBEAT = 12   # the Kafka api key of Heartbeat: its answer tells a member of a rebalance
+from labrunner.testing.kafka_proxy import (
+    API_NAMES,
+    CONSUMER_GROUP_HEARTBEAT,
+    FETCH,
+    HEARTBEAT,
+    JOIN_GROUP,
+    LEAVE_GROUP,
+    OFFSET_COMMIT,
+    SYNC_GROUP,
+)
 
 # Kafka's own test vectors for Utils.murmur2 (clients/src/test/.../UtilsTest.java).
 JAVA_MURMUR2 = {
@@ -403,8 +410,8 @@ def test_records_in_hand_when_a_revoke_comes(learner: Any, kafka: Any) -> None:
 # ConsumerGroupHeartbeat (KIP-848's), LeaveGroup on the way out. A read of committed offsets
 # (OffsetFetch, through the admin API or committed() of a consumer that never subscribes)
 # needs none of them.
-GROUP_MEMBERSHIP = {11: "JoinGroup", 14: "SyncGroup", 13: "LeaveGroup",
-                    68: "ConsumerGroupHeartbeat"}
+GROUP_MEMBERSHIP = {key: API_NAMES[key] for key in (JOIN_GROUP, SYNC_GROUP, LEAVE_GROUP,
+                                                    CONSUMER_GROUP_HEARTBEAT)}
 
 
 def test_consumer_lag_reads_without_joining_the_group(learner: Any, kafka: Any) -> None:

@@ -24,7 +24,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from labrunner.testing import KafkaProxy, objects_alive, wait_until
-from labrunner.testing.kafka_proxy import FETCH, PRODUCE
+from labrunner.testing.kafka_proxy import FETCH, LIST_OFFSETS, PRODUCE
 
 
 @dataclass
@@ -256,7 +256,6 @@ def test_a_reply_that_overtakes_the_ack_is_not_lost(world: Any) -> None:
         "waiter BEFORE producing the request")
 
 
-LIST_OFFSETS = 2   # the Kafka api key of ListOffsets: "where does this partition end?"
 # How long a ListOffsets request the client sends while RpcClient() runs is held before it is
 # let through. A constructor that waits for the answer (get_watermark_offsets) is still inside
 # when it ends; one that returns without it (assign at OFFSET_END, a group left to

@@ -20,6 +20,8 @@ import pytest
 
 PRODUCE, FETCH, METADATA, OFFSET_COMMIT, FIND_COORDINATOR = 0, 1, 3, 8, 10
 ADD_OFFSETS_TO_TXN, END_TXN, TXN_OFFSET_COMMIT, DESCRIBE_CLUSTER = 25, 26, 28, 60
+LIST_OFFSETS, JOIN_GROUP, HEARTBEAT, LEAVE_GROUP, SYNC_GROUP = 2, 11, 12, 13, 14
+CONSUMER_GROUP_HEARTBEAT = 68
 API_NAMES = {
     0: "Produce", 1: "Fetch", 2: "ListOffsets", 3: "Metadata", 8: "OffsetCommit",
     9: "OffsetFetch", 10: "FindCoordinator", 11: "JoinGroup", 12: "Heartbeat",
