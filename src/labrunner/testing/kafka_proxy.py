@@ -18,10 +18,9 @@ from typing import Literal, Self
 
 import pytest
 
-PRODUCE, FETCH, METADATA, OFFSET_COMMIT, FIND_COORDINATOR = 0, 1, 3, 8, 10
+PRODUCE, FETCH, LIST_OFFSETS, METADATA, OFFSET_COMMIT, FIND_COORDINATOR = 0, 1, 2, 3, 8, 10
 ADD_OFFSETS_TO_TXN, END_TXN, TXN_OFFSET_COMMIT, DESCRIBE_CLUSTER = 25, 26, 28, 60
-LIST_OFFSETS, JOIN_GROUP, HEARTBEAT, LEAVE_GROUP, SYNC_GROUP = 2, 11, 12, 13, 14
-CONSUMER_GROUP_HEARTBEAT = 68
+JOIN_GROUP, HEARTBEAT, LEAVE_GROUP, SYNC_GROUP, CONSUMER_GROUP_HEARTBEAT = 11, 12, 13, 14, 68
 API_NAMES = {
     0: "Produce", 1: "Fetch", 2: "ListOffsets", 3: "Metadata", 8: "OffsetCommit",
     9: "OffsetFetch", 10: "FindCoordinator", 11: "JoinGroup", 12: "Heartbeat",
@@ -35,9 +34,8 @@ API_NAMES = {
 _ADDRESS_RESPONSES = (METADATA, FIND_COORDINATOR, DESCRIBE_CLUSTER)
 # First flexible version (compact strings, tagged fields) of the requests whose body is read.
 _FLEXIBLE_FROM = {PRODUCE: 9, OFFSET_COMMIT: 8}
-# A refused OffsetCommit is answered in the broker's place with this error for every
-# partition: OFFSET_METADATA_TOO_LARGE, which clients take as final (no retry, no rejoin of
-# the group, unlike ILLEGAL_GENERATION), and nothing is stored.
+# A refused OffsetCommit is answered in the broker's place with OFFSET_METADATA_TOO_LARGE for
+# every partition: final to clients (no retry, no rejoin as after ILLEGAL_GENERATION).
 REFUSAL_ERROR = 12
 
 Rule = Literal["forward", "hold", "drop", "refuse"]
