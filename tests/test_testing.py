@@ -42,6 +42,22 @@ def test_serve_wsgi_and_http_request(http11: bool) -> None:
     assert status_line.startswith(b"HTTP/1.1 200" if http11 else b"HTTP/1.0 200")
 
 
+@pytest.mark.parametrize("http11", [False, True])
+def test_serve_wsgi_passes_the_request_target_as_sent(http11: bool) -> None:
+    seen: dict[str, str] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.update(path=environ["PATH_INFO"], raw=environ["RAW_URI"],
+                    request_uri=environ["REQUEST_URI"])
+        start_response("204 No Content", [])
+        return []
+
+    with serve_wsgi(app, http11=http11) as host:
+        assert http_request(host, "GET", "/a%2Fb?q=%20").status == 204
+    # PATH_INFO is decoded (an encoded slash is lost); the raw target keeps it
+    assert seen == {"path": "/a/b", "raw": "/a%2Fb?q=%20", "request_uri": "/a%2Fb?q=%20"}
+
+
 def message(kind: bytes, body: bytes) -> bytes:
     return kind + struct.pack("!I", len(body) + 4) + body
 

@@ -30,6 +30,15 @@ class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep output clean
         pass
 
+    def get_environ(self) -> dict[str, str]:
+        environ = super().get_environ()
+        # wsgiref percent-decodes PATH_INFO, so `/a%2Fb` and `/a/b` look alike: the
+        # request-target as sent rides along under the names gunicorn (RAW_URI) and uWSGI
+        # (REQUEST_URI) give it, for apps that must tell them apart (a proxy forwarding a
+        # path untouched).
+        environ["RAW_URI"] = environ["REQUEST_URI"] = self.path
+        return environ
+
 
 class _ServerHandler11(ServerHandler):
     http_version = "1.1"  # wsgiref answers HTTP/1.0 by default
