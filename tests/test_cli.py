@@ -128,30 +128,37 @@ def test_ctrl_c_mid_run_leaves_nothing_behind(selector: str, test_file: str) -> 
     proc = subprocess.Popen([*LABRUNNER, "run", selector, "--solutions", "--backend", "local"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
+    try:
+        deadline = time.monotonic() + 120
 
-    # Wait until the verification itself is running (services up, pytest in the test).
-    while time.monotonic() < deadline and not _verification_running(test_file, runtime):
-        time.sleep(0.2)
-    assert _verification_running(test_file, runtime), "the verification never started"
-    time.sleep(1.0)
-    # Processes that do not name the runtime dir on their command line (our private epmd).
-    state = json.loads(next(runtime.glob("run-*/state.json")).read_text())
-    private = [f"-port {ep['extra']['epmd_port']} " for ep in state["services"].values()
-               if "epmd_port" in ep["extra"]]
-    assert all(_processes_mentioning(p) for p in private)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
-    assert "interrupted" in out
-    time.sleep(0.5)
-    assert _processes_mentioning(str(runtime)) == []
-    assert _verification_running(test_file, runtime) == []
-    for marker in private:
-        assert _processes_mentioning(marker) == [], f"epmd ({marker}) left running"
-    leftovers = [p.name for p in runtime.iterdir() if p.name.startswith("run-")]
-    assert leftovers == [], leftovers
-    subprocess.run(["rm", "-rf", str(runtime)], check=False)
+        # Wait until the verification itself is running (services up, pytest in the test).
+        while time.monotonic() < deadline and not _verification_running(test_file, runtime):
+            time.sleep(0.2)
+        assert _verification_running(test_file, runtime), "the verification never started"
+        time.sleep(1.0)
+        # Processes that do not name the runtime dir on their command line (our private epmd).
+        state = json.loads(next(runtime.glob("run-*/state.json")).read_text())
+        private = [f"-port {ep['extra']['epmd_port']} " for ep in state["services"].values()
+                   if "epmd_port" in ep["extra"]]
+        assert all(_processes_mentioning(p) for p in private)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert "interrupted" in out
+        time.sleep(0.5)
+        assert _processes_mentioning(str(runtime)) == []
+        assert _verification_running(test_file, runtime) == []
+        for marker in private:
+            assert _processes_mentioning(marker) == [], f"epmd ({marker}) left running"
+        leftovers = [p.name for p in runtime.iterdir() if p.name.startswith("run-")]
+        assert leftovers == [], leftovers
+    finally:  # a failed check must not leave the run, its services or its folder
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        cli("services", "down", LABRUNNER_HOME=str(FIXTURE_PROJECT),
+            LABRUNNER_RUNTIME_DIR=str(runtime))
+        subprocess.run(["rm", "-rf", str(runtime)], check=False)
 
 
 @pytest.mark.parametrize("selector", ["ph2.5"])
