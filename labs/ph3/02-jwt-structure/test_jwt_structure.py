@@ -390,6 +390,13 @@ SHAPES: list[tuple[str, Any, Any]] = [
      compact(claims()).replace(b'"exp":', b'"exp":Infinity,"x":')),
     ("exp 1e400, read as float infinity (it never expires)", HS256,
      compact(claims()).replace(b'"exp":', b'"exp":1e400,"x":')),
+    # nbf the same way: "now < nbf" is false for a NaN nbf, and for true (an int, 1, in
+    # Python), so a token that names no valid-from instant would be taken as valid now.
+    ("nbf NaN, which JSON has not (a NaN nbf is never in the future)", HS256,
+     compact(claims()).replace(b'"exp":', b'"nbf":NaN,"exp":')),
+    ("nbf true, a boolean and no NumericDate (Python reads it as 1)", HS256,
+     claims(nbf=True)),
+    ("exp false, a boolean and no NumericDate", HS256, claims(exp=False)),
 ]
 
 
