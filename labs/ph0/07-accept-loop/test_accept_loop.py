@@ -28,6 +28,7 @@ from labrunner.testing import (
     asleep_throughout,
     listening_ports,
     process_activity,
+    process_address_space,
     process_resources,
     program_reading,
 )
@@ -37,6 +38,8 @@ SILENT = 1.0     # seconds a server listening, asleep (in accept) and silent has
 WAIT = 3.0       # seconds for an echo, or for the process to exit after SIGTERM
 STREAM_WAIT = 20.0  # upper bound for a short-write echo to end (EOF ends it long before)
 CLIENTS = 50
+FINISHED = 40    # connections served one after another in the thread-stack test
+KEPT_PER_FINISHED = 256  # KiB of address space each may leave mapped (a stack is 8 MiB)
 BUSY_CPU = 1.0   # CPU seconds a server with nothing to do may burn, never seen asleep
 # Nor is it a busy loop once it has used less than this share of one CPU over at least
 # IDLE_SPAN s: a server that waits a little between two tries (a backoff) is seldom seen
@@ -401,6 +404,55 @@ def test_reset_connections_are_closed(launch: Any) -> None:
         f"still open in the server {WAIT:.0f} s later: when recv() fails (-1, ECONNRESET) the "
         "connection is over as surely as when it returns 0 - close(fd) on every way out of "
         "the echo loop, or each reset leaks a descriptor until accept() fails with EMFILE")
+    stop_cleanly(server)
+
+
+def threads_back_to(server: Server, baseline: int) -> int:
+    """The server's thread count, read until it is back to ``baseline`` (every connection's
+    thread has returned) or WAIT has passed."""
+    deadline = time.monotonic() + WAIT
+    while (threads := server.threads()) > baseline and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return threads
+
+
+def test_finished_connections_leave_no_stack_behind(launch: Any) -> None:
+    """Forty connections one after another, each echoed and closed - every other one by a
+    reset (RST), the error way out of the echo loop. Once their threads have returned
+    (/proc lists no more threads than before), the server's address space must be what it
+    was: a thread neither detached nor joined keeps its stack (8 MiB by default) mapped
+    after it returns, until a pthread_join that never comes - a leak that the thread count
+    never shows, and that ends in pthread_create failing with EAGAIN."""
+    server = launch()
+    baseline = server.threads()  # listening, no connection yet
+    assert echo_once(server.port, b"warm-up\n") == b"warm-up\n", "the server did not echo"
+    threads_back_to(server, baseline)  # the first stack may be made now, and reused later
+    before = int(server.read(process_address_space))
+    for n in range(FINISHED):
+        with connect(server.port) as sock:
+            message = b"connection %02d\n" % n
+            sock.sendall(message)
+            assert recv_exactly(sock, len(message)) == message, "the server did not echo"
+            if n % 2:  # SO_LINGER with a zero timeout: close() sends RST, not FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    threads = threads_back_to(server, baseline)
+    grown = int(server.read(process_address_space)) - before
+    assert threads <= baseline, (
+        f"{FINISHED} clients closed their connections and {WAIT:.0f} s later the server "
+        f"still runs {threads - baseline} threads more than before them: a connection's "
+        "thread must return once recv() says the client is gone (0 for a FIN, -1 for a "
+        "reset)")
+    assert grown <= FINISHED * KEPT_PER_FINISHED, (
+        f"{FINISHED} connections were served one after another and closed (half of them by "
+        f"a reset), and their threads have returned; meanwhile the server's address space "
+        f"grew by {grown / 1024:.0f} MiB ({grown // FINISHED} KiB per connection, allowed "
+        f"{KEPT_PER_FINISHED}): the finished threads' stacks are still mapped. A thread "
+        "that is neither detached nor joined keeps its stack after it returns, until "
+        "pthread_join - one stack leaked per connection, until pthread_create fails with "
+        "EAGAIN. Create the threads detached (pthread_attr_setdetachstate "
+        "PTHREAD_CREATE_DETACHED, passed to pthread_create) or call "
+        "pthread_detach(pthread_self()) first thing in the thread, so that every way out "
+        "of it is covered")
     stop_cleanly(server)
 
 

@@ -23,7 +23,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
 * :func:`threads_waiting_in` and :func:`file_bytes` observe the learner's process from
   inside it (:func:`local_timezone` sets its local zone), and :func:`process_threads` /
   :func:`process_resources` count the threads
-  (descriptors, memory) of a learner's program beside it, through ``learner.run_helper``,
+  (descriptors, memory; :func:`process_address_space` its mapped KiB) of a learner's
+  program beside it, through ``learner.run_helper``,
   and :func:`process_activity` tells whether it sleeps while work waits for it
   (:func:`asleep_throughout` two readings; :func:`cpu_burnt_while_idle`: a busy loop);
   :func:`open_descriptors`, :func:`open_files_limit` and :func:`epoll_interest` read which
@@ -66,6 +67,7 @@ from .beside import (
     open_files_limit,
     own_cpu_seconds,
     process_activity,
+    process_address_space,
     process_resources,
     process_threads,
     program_reading,
@@ -122,6 +124,7 @@ __all__ = [
     "open_files_limit",
     "own_cpu_seconds",
     "process_activity",
+    "process_address_space",
     "Activity",
     "asleep_throughout",
     "cpu_burnt_while_idle",
