@@ -135,6 +135,28 @@ def test_pg_statement_proxy_reads_a_real_servers_notices_and_rows(
         pg.drop_database(endpoint, "lr_proxy_notices")
 
 
+def test_process_address_space_grows_with_a_mapping_and_says_when_a_process_is_gone() -> None:
+    from labrunner.testing import process_address_space
+
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import mmap, sys\n"
+         "sys.stdin.readline(); kept = mmap.mmap(-1, 64 << 20); print(flush=True)\n"
+         "sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        before = process_address_space(child.pid)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        child.stdout.readline()  # the 64 MiB mapping exists now
+        grown = process_address_space(child.pid) - before
+        assert 64 << 10 <= grown < 80 << 10, grown
+    finally:
+        child.communicate("\n", timeout=10)
+    assert process_address_space(child.pid) == -1
+
+
 def test_process_threads_counts_a_process_threads_and_says_when_it_is_gone() -> None:
     from labrunner.testing import process_threads
 
