@@ -23,8 +23,10 @@ VERSIONS = (1, 2)
 DEFAULT_VERSION = 1  # clients that never asked for a version keep the contract they had
 VENDOR_TYPE = "application/vnd.shop+json"
 
-ROUTE = re.compile(r"^(?:/v(?P<prefix>\d+))?/users/(?P<user>\d{1,18})/orders"
-                   r"(?:/(?P<order>\d{1,18}))?$")
+ROUTE = re.compile(r"^(?:/v(?P<prefix>[0-9]+))?/users/(?P<user>[0-9]+)/orders"
+                   r"(?:/(?P<order>[0-9]+))?$")
+BIGINT_MAX = 2**63 - 1  # ids are bigint: a larger number names no row (404), and cast
+                        # to bigint Postgres refuses it as out of range (a 500)
 
 
 class HTTPError(Exception):
@@ -129,8 +131,11 @@ def make_app(dsn: str) -> WSGIApp:
             if environ["REQUEST_METHOD"] != "GET":
                 raise HTTPError("405 Method Not Allowed", "only GET here")
             user_id = int(match["user"])
-            document = (user_orders(user_id, version) if match["order"] is None
-                        else one_order(user_id, int(match["order"]), version))
+            order_id = None if match["order"] is None else int(match["order"])
+            if user_id > BIGINT_MAX or (order_id or 0) > BIGINT_MAX:
+                raise HTTPError("404 Not Found", "no such resource: ids are at most 2^63-1")
+            document = (user_orders(user_id, version) if order_id is None
+                        else one_order(user_id, order_id, version))
             status = "200 OK"
             headers.append(("Content-Type", f"{VENDOR_TYPE}; version={version}"))
         except HTTPError as err:
