@@ -29,6 +29,13 @@ BIGINT_MAX = 2**63 - 1  # ids are bigint: a larger number names no row (404), an
                         # to bigint Postgres refuses it as out of range (a 500)
 
 
+def whole(digits: str) -> int:
+    """The number the route's ASCII digits spell; past 19 significant digits only "too big"
+    matters (BIGINT_MAX + 1): int() of 4,301 digits raises ValueError (Python's guard
+    against quadratic-time conversion), which would be a 500."""
+    return int(digits) if len(digits.lstrip("0")) <= 19 else BIGINT_MAX + 1
+
+
 class HTTPError(Exception):
     def __init__(self, status: str, message: str):
         super().__init__(message)
@@ -55,9 +62,9 @@ def media_ranges(accept: str) -> list[tuple[str, dict[str, str], float]]:
 def negotiate(environ: dict[str, Any], prefix: str | None) -> int:
     """The version asked for: the URI prefix, else Accept, else ?version=, else 1."""
     if prefix is not None:
-        if int(prefix) not in VERSIONS:
-            raise HTTPError("404 Not Found", f"there is no API version {prefix}")
-        return int(prefix)
+        if whole(prefix) not in VERSIONS:
+            raise HTTPError("404 Not Found", f"there is no API version {prefix:.20}")
+        return whole(prefix)
     accept = environ.get("HTTP_ACCEPT", "")
     if accept:
         chosen = None
@@ -130,8 +137,8 @@ def make_app(dsn: str) -> WSGIApp:
             version = negotiate(environ, match["prefix"])
             if environ["REQUEST_METHOD"] != "GET":
                 raise HTTPError("405 Method Not Allowed", "only GET here")
-            user_id = int(match["user"])
-            order_id = None if match["order"] is None else int(match["order"])
+            user_id = whole(match["user"])
+            order_id = None if match["order"] is None else whole(match["order"])
             if user_id > BIGINT_MAX or (order_id or 0) > BIGINT_MAX:
                 raise HTTPError("404 Not Found", "no such resource: ids are at most 2^63-1")
             document = (user_orders(user_id, version) if order_id is None
