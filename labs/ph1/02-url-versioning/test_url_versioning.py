@@ -360,3 +360,81 @@ def test_unknown_version_falls_back_to_next_range(host: str, accept: str, query:
         "?version= or the default); 406 is only for a list with nothing acceptable in it")
     check_collection(reply, 1, version, what)
     check_vary(reply, f"/users/1/orders{query}", {"Accept": accept}, what)
+
+
+# ---- ranges that cover the vendor type without naming a version ------------------------
+
+@pytest.mark.parametrize(("accept", "query", "version", "why"), [
+    ("application/*", "", 1,
+     "application/* is a subtype wildcard: it matches application/vnd.shop+json (RFC 9110 "
+     "12.5.1), so the API can serve it; it names no version, so it is no preference, and "
+     "with no ?version= the default, version 1, is served"),
+    ("application/*", "?version=2", 2,
+     "application/* matches the vendor type but names no version: no preference, like "
+     "application/json and */*, so the next rule, ?version=2, decides"),
+    ("text/html, application/*;q=0.2", "?version=2", 2,
+     "text/html cannot be served (skip it), application/* can and states no version, so "
+     "?version=2 decides - a generic range is every wildcard that covers the vendor type, "
+     "not only the two spelled application/json and */*"),
+    (VENDOR, "", 1,
+     f"{VENDOR} with no version parameter asks for the vendor type at its default "
+     "version, 1 - it is the API's own media type, not one it cannot serve"),
+    (f"text/plain, {VENDOR};q=0.5", "", 1,
+     f"text/plain cannot be served (skip it); {VENDOR} without a version is version 1"),
+])
+def test_ranges_covering_the_vendor_type(host: str, accept: str, query: str, version: int,
+                                         why: str) -> None:
+    reply = get(host, f"/users/1/orders{query}", {"Accept": accept})
+    what = f"GET /users/1/orders{query} with Accept: {accept}"
+    served = served_version(reply)
+    assert served == version, (
+        f"{what}: expected 200 with version {version}, saw {reply.status} "
+        f"{'version ' + str(served) if served else reply.body[:100]!r}: {why}; 406 is only "
+        "for an Accept list in which no range matches what the API serves")
+    check_collection(reply, 1, version, what)
+    check_vary(reply, f"/users/1/orders{query}", {"Accept": accept}, what)
+
+
+# ---- ids at and past the end of bigint --------------------------------------------------
+
+BIGINT_MAX = 2**63 - 1  # the columns are bigint: no row has a larger id
+
+
+@pytest.mark.parametrize("style", ["uri", "accept", "query"])
+def test_ids_past_bigint_are_not_found(host: str, style: str) -> None:
+    for raw, whose in ((f"/users/{BIGINT_MAX + 1}/orders", f"user {BIGINT_MAX + 1}"),
+                       (f"/users/{10**19}/orders", f"user {10**19}"),
+                       (f"/users/{10**30}/orders", f"user {10**30}"),
+                       (f"/users/1/orders/{BIGINT_MAX + 1}", f"order {BIGINT_MAX + 1}"),
+                       (f"/users/2/orders/{10**25}", f"order {10**25}"),
+                       # int() refuses more than 4,300 digits (ValueError): not a 500 either
+                       ("/users/" + "9" * 5000 + "/orders", "a user id of 5,000 digits")):
+        path, headers, what = ask(style, 1, raw)
+        reply = get(host, path, headers)
+        what = what if len(what) < 160 else f"{what[:60]}...{what[-40:]}"
+        assert reply.status == 404, (
+            f"{what}: expected 404, saw {reply.status} {reply.body[:120]!r}: {whose} is past "
+            f"bigint's largest value {BIGINT_MAX} (19 digits), so no row has that id and the "
+            "resource is not found; cast to bigint, Postgres refuses it as out of range - "
+            "compare the number with 2^63-1 before querying, a digit count alone does not "
+            "tell (9223372036854775808 has 19 digits too)")
+
+
+@pytest.mark.parametrize("style", ["uri", "accept", "query"])
+def test_largest_bigint_id_is_served(host: str, style: str, postgres: Any) -> None:
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO users VALUES (%s, 'Max') ON CONFLICT DO NOTHING",
+                     (BIGINT_MAX,))
+        conn.execute("INSERT INTO orders VALUES (%s, %s, 700, 'EUR', "
+                     "'2024-03-04T08:00:00+00:00') ON CONFLICT DO NOTHING",
+                     (BIGINT_MAX, BIGINT_MAX))
+    want = {"id": BIGINT_MAX, "user_id": BIGINT_MAX, "total": 7.0}
+    for raw, expected in ((f"/users/{BIGINT_MAX}/orders", [want]),
+                          (f"/users/{BIGINT_MAX}/orders/{BIGINT_MAX}", want)):
+        path, headers, what = ask(style, 1, raw)
+        reply = get(host, path, headers)
+        assert reply.status == 200 and reply.json() == expected, (
+            f"{what}: expected 200 with {expected}, saw {reply.status} "
+            f"{reply.body[:120]!r}: user and order {BIGINT_MAX} exist - ids are bigint, up "
+            "to 2^63-1 (19 digits), and a route that caps them shorter hides real rows")
+        check_vary(reply, path, headers, what)

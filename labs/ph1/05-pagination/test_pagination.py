@@ -346,6 +346,10 @@ FORGED_DOCUMENTS: list[tuple[Any, str]] = [
 ]
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def map_leaves(doc: Any, change: Callable[[Any], Any]) -> Any:
     if isinstance(doc, list):
         return [map_leaves(item, change) for item in doc]
@@ -361,13 +365,23 @@ def content_forgeries(text: str) -> list[tuple[str, str]]:
     except ValueError:
         garbled = re.sub(r"\d", "x", text)
         return [(garbled, "its digits replaced by 'x'")] if garbled != text else []
-    numbers_as_text = map_leaves(doc, lambda v: "x" if isinstance(v, int | float)
-                                 and not isinstance(v, bool) else v)
+    numbers_as_text = map_leaves(doc, lambda v: "x" if is_number(v) else v)
     strings_as_junk = map_leaves(doc, lambda v: "yesterday" if isinstance(v, str) else v)
     strings_as_numbers = map_leaves(doc, lambda v: 5 if isinstance(v, str) else v)
+    # Values of a near type: JSON true is a number to Python's int() and isinstance(v, int),
+    # "7" and 7.5 become 7 under int() - each read as an id the API never issued.
+    numbers_as_true = map_leaves(doc, lambda v: True if is_number(v) else v)
+    numbers_as_digits = map_leaves(doc, lambda v: str(v) if is_number(v) else v)
+    numbers_with_fraction = map_leaves(doc, lambda v: v + 0.5 if is_number(v) else v)
     forged = [(numbers_as_text, "its numbers replaced by \"x\""),
               (strings_as_junk, "its strings replaced by \"yesterday\""),
               (strings_as_numbers, "its strings replaced by the number 5"),
+              (numbers_as_true, "its numbers replaced by true, a boolean: not an id, though "
+               "Python's int() and isinstance(v, int) both take it for 1"),
+              (numbers_as_digits, "its numbers replaced by strings of their digits: a "
+               "string is not the id the API issued, though int() reads it as one"),
+              (numbers_with_fraction, "its numbers given a fraction (.5): no id has one, "
+               "though int() quietly drops it"),
               *FORGED_DOCUMENTS]
     return [(json.dumps(d), what) for d, what in forged if d != doc]
 
@@ -429,6 +443,25 @@ def test_bad_keyset_position_is_400(host: str, db: Any, before_created_at: str,
         "integer is the client's error (400), never a crash (500)")
 
 
+@pytest.mark.parametrize("given", [
+    {"before_created_at": "2024-03-01T12:03:00.412610+00:00"},
+    {"before_id": "7"},
+])
+def test_half_a_keyset_position_is_400(host: str, db: Any, given: dict[str, str]) -> None:
+    seed_small(db)
+    params = {"style": "keyset", "limit": PAGE, **given}
+    status, doc = get(host, params)
+    missing = ({"before_created_at", "before_id"} - set(given)).pop()
+    rows = ids(doc) if status == 200 and isinstance(doc, dict) else None
+    assert status == 400, (
+        f"GET /orders?{urlencode(params)}: expected 400, saw {status} "
+        + (f"with orders {rows}" if rows is not None else str(doc)[:120])
+        + f": the position has {', '.join(given)} but no {missing}. A position is the pair "
+        "(created_at, id); half of one is no position - answered as the first page (or "
+        "read with a made-up other half) the client's next page silently starts somewhere "
+        "else than where it asked; refuse it with 400")
+
+
 @pytest.mark.parametrize("style", ["offset", "cursor", "keyset"])
 @pytest.mark.parametrize("limit", [101, 0, -1, "ten"])
 def test_limit_out_of_bounds_is_400(host: str, db: Any, style: str, limit: Any) -> None:
@@ -457,6 +490,32 @@ def test_bad_offset_is_400(host: str, db: Any, offset: str) -> None:
         "OFFSET takes (a bigint); refuse anything else with 400 before querying - a value "
         "Postgres refuses (a negative OFFSET, one past bigint) must not become a 500, nor "
         "be quietly read as 0")
+
+
+# Numbers that Python's int() reads but no client writes on purpose: a space, a sign, an
+# underscore, digits of another script. Each is a client's bug to report (400), not a number
+# to guess: "read as something else" is a page the client did not ask for.
+NOT_ASCII_WHOLE = [" 5", "+5", "1_0", "\u0665", "\uff15"]  # ٥ Arabic-Indic, ５ fullwidth
+
+
+@pytest.mark.parametrize("name", ["limit", "offset", "before_id"])
+@pytest.mark.parametrize("value", NOT_ASCII_WHOLE)
+def test_numbers_are_ascii_digits(host: str, db: Any, name: str, value: str) -> None:
+    seed_small(db)
+    params: dict[str, Any] = {"style": "keyset" if name == "before_id" else "offset",
+                              "limit": PAGE, name: value}
+    if name == "before_id":
+        params["before_created_at"] = "2024-03-01T12:03:00.412610+00:00"
+    status, doc = get(host, params)
+    rows = len(doc.get("data") or []) if isinstance(doc, dict) else 0
+    assert status == 400, (
+        f"GET /orders?{urlencode(params)}: expected 400, saw {status}"
+        + (f" with {rows} orders" if status == 200 else f" {str(doc)[:120]}")
+        + f": {name}={value!r} is not a whole number written in ASCII digits, yet "
+        f"Python's int() reads it as {int(value)} (it takes spaces, signs, underscores and "
+        "any script's digits); str.isdigit() is no check either (it is true for '\u0665' "
+        "and '\u00b2'). Accept only 0-9 (e.g. value.isascii() and value.isdigit()) and "
+        "refuse the rest with 400, never read it as something else")
 
 
 def test_cursor_is_opaque(host: str, db: Any) -> None:

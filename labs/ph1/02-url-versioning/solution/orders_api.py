@@ -23,8 +23,17 @@ VERSIONS = (1, 2)
 DEFAULT_VERSION = 1  # clients that never asked for a version keep the contract they had
 VENDOR_TYPE = "application/vnd.shop+json"
 
-ROUTE = re.compile(r"^(?:/v(?P<prefix>\d+))?/users/(?P<user>\d{1,18})/orders"
-                   r"(?:/(?P<order>\d{1,18}))?$")
+ROUTE = re.compile(r"^(?:/v(?P<prefix>[0-9]+))?/users/(?P<user>[0-9]+)/orders"
+                   r"(?:/(?P<order>[0-9]+))?$")
+BIGINT_MAX = 2**63 - 1  # ids are bigint: a larger number names no row (404), and cast
+                        # to bigint Postgres refuses it as out of range (a 500)
+
+
+def whole(digits: str) -> int:
+    """The number the route's ASCII digits spell; past 19 significant digits only "too big"
+    matters (BIGINT_MAX + 1): int() of 4,301 digits raises ValueError (Python's guard
+    against quadratic-time conversion), which would be a 500."""
+    return int(digits) if len(digits.lstrip("0")) <= 19 else BIGINT_MAX + 1
 
 
 class HTTPError(Exception):
@@ -53,9 +62,9 @@ def media_ranges(accept: str) -> list[tuple[str, dict[str, str], float]]:
 def negotiate(environ: dict[str, Any], prefix: str | None) -> int:
     """The version asked for: the URI prefix, else Accept, else ?version=, else 1."""
     if prefix is not None:
-        if int(prefix) not in VERSIONS:
-            raise HTTPError("404 Not Found", f"there is no API version {prefix}")
-        return int(prefix)
+        if whole(prefix) not in VERSIONS:
+            raise HTTPError("404 Not Found", f"there is no API version {prefix:.20}")
+        return whole(prefix)
     accept = environ.get("HTTP_ACCEPT", "")
     if accept:
         chosen = None
@@ -128,9 +137,12 @@ def make_app(dsn: str) -> WSGIApp:
             version = negotiate(environ, match["prefix"])
             if environ["REQUEST_METHOD"] != "GET":
                 raise HTTPError("405 Method Not Allowed", "only GET here")
-            user_id = int(match["user"])
-            document = (user_orders(user_id, version) if match["order"] is None
-                        else one_order(user_id, int(match["order"]), version))
+            user_id = whole(match["user"])
+            order_id = None if match["order"] is None else whole(match["order"])
+            if user_id > BIGINT_MAX or (order_id or 0) > BIGINT_MAX:
+                raise HTTPError("404 Not Found", "no such resource: ids are at most 2^63-1")
+            document = (user_orders(user_id, version) if order_id is None
+                        else one_order(user_id, order_id, version))
             status = "200 OK"
             headers.append(("Content-Type", f"{VENDOR_TYPE}; version={version}"))
         except HTTPError as err:

@@ -40,6 +40,14 @@ class BadRequest(Exception):
     pass
 
 
+def whole_number(raw: str) -> int:
+    """A whole number in ASCII digits: int() alone also reads " 5", "+5", "1_0" and "٥" (any
+    Unicode digit), spellings no client sends on purpose - refused, not read as a number."""
+    if not (raw.isascii() and raw.isdigit()):
+        raise ValueError(raw)
+    return int(raw)
+
+
 def as_json(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "created_at": row["created_at"].isoformat()}
 
@@ -53,7 +61,7 @@ def decode_cursor(cursor: str) -> Position:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created_at, row_id = json.loads(base64.urlsafe_b64decode(padded))
-        if not isinstance(row_id, int):
+        if not isinstance(row_id, int) or isinstance(row_id, bool):  # JSON true is no id
             raise TypeError(row_id)
         return datetime.fromisoformat(created_at), row_id
     except (binascii.Error, ValueError, TypeError):
@@ -89,8 +97,8 @@ def make_app(connect: Connect) -> WSGIApp:
             return query.get(name, [None])[0]
 
         try:
-            limit = int(param("limit") or "20")
-            offset = int(param("offset") or "0")
+            limit = whole_number(param("limit") or "20")
+            offset = whole_number(param("offset") or "0")
         except ValueError:
             raise BadRequest("limit and offset must be integers") from None
         if not 1 <= limit <= MAX_LIMIT or not 0 <= offset <= MAX_OFFSET:
@@ -109,7 +117,7 @@ def make_app(connect: Connect) -> WSGIApp:
                 if param("before_created_at") is not None or param("before_id") is not None:
                     try:
                         before = (datetime.fromisoformat(param("before_created_at") or ""),
-                                  int(param("before_id") or ""))
+                                  whole_number(param("before_id") or ""))
                     except ValueError:
                         raise BadRequest("before_created_at must be ISO 8601 and before_id "
                                          "an integer") from None
