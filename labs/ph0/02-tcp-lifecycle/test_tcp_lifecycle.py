@@ -505,6 +505,86 @@ def test_handler_error_still_closes(learner: Any, pair: Pair) -> None:
         "request leaks a descriptor and leaves its client waiting for a FIN.")
 
 
+def test_an_empty_request_is_answered(learner: Any, pair: Pair) -> None:
+    """A variant of the request: none at all. The client half-closes at once (a request with
+    no body, `printf '' | nc -N`): the server's first recv() returns b''. That is the
+    client's FIN - it has finished sending, and it still reads - not a client that has gone:
+    the handler is called with b'' and its answer sent."""
+    requests: list[bytes] = []
+    want = b"an answer to an empty request\n"
+
+    def handler(request: bytes) -> bytes:
+        requests.append(request)
+        return want
+
+    closing = learner.load("closing")
+    running = Background("serve_until_eof()", closing.serve_until_eof, pair.server, handler)
+    pair.client.shutdown(socket.SHUT_WR)  # the whole request: nothing, then the FIN
+    reply, ended, reset = b"", False, False
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and not ended:
+        running.check()
+        try:
+            chunk = pair.client.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            reset = True
+            break
+        ended = not chunk
+        reply += chunk
+    running.wait()
+    assert requests == [b""] and reply == want, (
+        f"the client half-closed without sending anything (an empty request: its FIN at "
+        f"once); the handler was called {len(requests)} time(s) "
+        f"{'with ' + repr(requests) if requests else ''}and the client read {reply!r}"
+        f"{', then a reset' if reset else ', then EOF' if ended else ''}, expected the "
+        f"handler called once with b'' and its answer {want!r}\nA first recv() that returns "
+        "b'' is the client's FIN: it has finished its request (here, an empty one) and its "
+        "read side is still open, waiting for the answer. It is not a client that has gone "
+        "away (that one resets: recv() raises).")
+
+
+def test_client_reset_before_the_answer_still_closes(learner: Any, pair: Pair) -> None:
+    """The error path at the last step: the client resets after its request was read, while
+    the handler runs. Sending the answer then fails (EPIPE or ECONNRESET); the socket must
+    be closed all the same - the send is inside the try whose finally closes it too."""
+    called, reset = threading.Event(), threading.Event()
+
+    def handler(request: bytes) -> bytes:
+        called.set()
+        reset.wait(WAIT)  # the client aborts meanwhile
+        return b"an answer nobody will read\n"
+
+    closing = learner.load("closing")
+    running = Background("serve_until_eof()", closing.serve_until_eof, pair.server, handler)
+    pair.client.sendall(b"a request whose client gives up\n")
+    pair.client.shutdown(socket.SHUT_WR)
+    assert called.wait(WAIT), (
+        f"serve_until_eof() did not call the handler within {WAIT:.0f} s of the client's FIN")
+    pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    pair.client.close()  # RST: the client crashed before it got the answer
+    deadline = time.monotonic() + WAIT  # the reset ends the server's end: it leaves the table
+    while tcp_state(*pair.server_end()) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reset.set()
+    running.thread.join(WAIT)
+    if running.thread.is_alive():
+        pytest.fail(f"serve_until_eof() did not return within {WAIT:.0f} s after its handler "
+                    "returned on a connection the client had reset", pytrace=False)
+    error = running.error
+    if error is not None and not isinstance(error, OSError):
+        running.check()
+    fd = pair.server.fileno()
+    assert fd == -1, (
+        f"the client reset the connection while the handler ran; sending the answer "
+        f"{'raised ' + type(error).__name__ + ' (' + str(error) + ')' if error else 'failed'}"
+        f" and serve_until_eof() left its socket open (file descriptor {fd}), expected it "
+        "closed\nThe send can fail as well as the read and the handler (a client that gives "
+        "up, a proxy's timeout): send the answer inside the try whose finally closes the "
+        "socket, or each client that aborts late leaks a descriptor.")
+
+
 def test_a_large_answer_is_sent_whole(learner: Any, pair: Pair) -> None:
     """A small send buffer on the server's end: one send() takes only part of a large
     answer (it returns how many bytes it took); the client must get all of it."""

@@ -10,6 +10,7 @@ forwarded, so by the time the learner's call has its answer the count is final.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -213,6 +214,68 @@ def test_cache_aside_invalidates_after_the_write_not_before(shop: Shop, postgres
         f"the cache entry")
 
 
+COMMIT = re.compile(r"^\s*(COMMIT|END)\b", re.IGNORECASE)
+
+
+class CommitGate(PgStatementProxy):
+    """A statement proxy that runs ``at_commit`` once, in the thread of the connection that
+    sends COMMIT (or END), before the server gets it: that connection's transaction is still
+    open, and everything it did before (its UPDATE, a Redis DEL) has happened."""
+
+    at_commit: Callable[[], None] | None = None
+
+    def before_forwarding(self, link: Any, sql: str) -> None:
+        if self.at_commit is not None and COMMIT.match(sql):
+            run, self.at_commit = self.at_commit, None
+            run()
+
+
+@pytest.fixture
+def commit_gate(postgres: Any) -> Iterator[CommitGate]:
+    gate = CommitGate.for_dsn(postgres.dsn, count_on="bind", split=False, ignore=None)
+    yield gate
+    gate.close()
+
+
+def test_cache_aside_invalidates_after_the_commit(shop: Shop, commit_gate: CommitGate,
+                                                  postgres: Any) -> None:
+    """The same race one step later: a writer that deletes product:2 inside its transaction
+    (a connection that is not in autocommit, a `with conn.transaction():` block) has deleted
+    it before anyone else can see its UPDATE. The writer's COMMIT is held at the wire while
+    another server reads product 2: it misses, reads the committed row - the OLD price - and
+    caches it, where it stays after the commit. The entry must be deleted after the COMMIT."""
+    writer = shop.make("CacheAside", commit_gate.dsn_for(postgres.dsn), shop.redis_url,
+                       ttl_seconds=300)
+    other = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+    assert other.get_product(2) == row(2)  # product:2 is cached
+    during: dict[str, Any] = {}
+
+    def read_meanwhile() -> None:  # the writer has sent COMMIT; the server has not got it
+        during["cached"] = shop.cached(2)
+        try:
+            during["read"] = other.get_product(2)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            during["read"] = exc
+
+    commit_gate.at_commit = read_meanwhile
+    writer.update_price(2, 3333)
+    commit_gate.at_commit = None
+    assert shop.db_price(2) == 3333, (
+        f"after update_price(2, 3333) the database holds {shop.db_price(2)}")
+    after = other.get_product(2)
+    read = during.get("read")
+    assert after is not None and after["price_cents"] == 3333, (
+        f"after update_price(2, 3333) returned, another server reads price "
+        f"{after and after['price_cents']} (cache: {shop.cached(2)}): product:2 was deleted "
+        f"INSIDE the writer's transaction, before its COMMIT. While the COMMIT was on its way "
+        f"(held by the test) the entry was {'gone' if during.get('cached') is None else 'there'}"
+        f" and another server's read got "
+        f"{read['price_cents'] if isinstance(read, dict) else read!r}: it missed, read the "
+        f"committed row - still the old price - and cached it, where it stays for the whole "
+        f"TTL\nOther servers see a write only once it is committed: delete the cache entry "
+        f"AFTER the commit (an autocommit connection, or commit() before the delete).")
+
+
 def test_cache_aside_write_deletes_the_entry(shop: Shop) -> None:
     app = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
     assert app.get_product(1) == row(1)  # product:1 is cached
@@ -340,6 +403,32 @@ def test_an_entry_that_vanishes_mid_read_is_a_miss_not_an_error(
         f"{', '.join(seen)}). A read that asks whether the entry is there and then fetches "
         f"it in a second command assumes nothing happens in between - decide hit or miss "
         f"from the ONE GET's answer (None = miss: load from the database)", pytrace=False)
+
+
+LEFT_MS = 100_000   # what the test leaves of a cached entry's life: less than ttl_seconds
+
+
+@pytest.mark.parametrize("pattern,build,method", READ_PATHS, ids=[p[0] for p in READ_PATHS])
+def test_a_hit_leaves_the_entry_ttl_alone(
+        shop: Shop, pattern: str, build: Callable[[Shop, str], Any], method: str) -> None:
+    """A TTL bounds how long a missed invalidation can serve a wrong value, counted from
+    when the entry was written. A hit that renews it (GETEX ... EX, EXPIRE after the GET,
+    a SET on a hit) slides the bound with every read: an entry read often never expires,
+    so the hottest products would stay wrong for ever."""
+    app = build(shop, shop.redis_url)
+    key = "product:2"
+    shop.redis.set(key, json.dumps(row(2)), px=LEFT_MS)  # cached earlier: 100 s left
+    got = getattr(app, method)(2)
+    left = shop.redis.pttl(key)
+    assert got == row(2), f"{pattern}.{method}(2) on a cached product 2 returned {got!r}"
+    assert 0 <= left <= LEFT_MS or left == -2, (
+        f"{pattern}.{method}(2) was a hit on {key}, which had {LEFT_MS / 1000:.0f} s left to "
+        f"live; after the hit it has "
+        f"{'no expiry at all' if left == -1 else f'{left / 1000:.0f} s'}: the read renewed "
+        f"the entry's TTL (GETEX ... EX, EXPIRE, or a SET on a hit)\nThe TTL is what heals "
+        f"an invalidation that was missed, at most ttl_seconds after the entry was written; "
+        f"renewed by every hit, it never runs out for a product that is read often. Read "
+        f"with a plain GET; set the TTL only when the entry is written.")
 
 
 def test_write_behind_persists_eventually_even_after_a_crash(shop: Shop) -> None:

@@ -96,3 +96,15 @@ def waits_nothing_wakes(folder: str, within: float) -> tuple[int, int]:
         if _unnotified(frame) and (timeout is None or timeout > within):
             stranded += 1
     return waiting, stranded
+
+
+def wait_timeouts(folder: str) -> list[float | None]:
+    """The timeout each threading wait from the learner's code was given (None: no timeout),
+    innermost: a Condition.wait's ``timeout``. A borrower woken and sent back to wait must
+    wait only for what is left of its acquire_timeout, counted from its acquire() call: a
+    new wait given the whole timeout again moves the deadline with every wake-up."""
+    timeouts: list[float | None] = []
+    for frame in threading_waits_in(folder).values():
+        timeout = frame.f_locals.get("timeout")
+        timeouts.append(None if timeout is None else float(timeout))
+    return timeouts

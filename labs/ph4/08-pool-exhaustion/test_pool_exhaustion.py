@@ -6,10 +6,14 @@
 * exhaustion, policy "queue": with every connection held, a borrower waits (a thread
   blocked in a threading wait in the learner's code, counted where it runs) without opening
   a connection, gets the next one released, and raises PoolExhausted when its timeout ends;
+  stats() counts it in 'waiting' while it waits, and no more once it gave up;
 * exhaustion, policy "reject": PoolExhausted at once, no waiting;
 * backpressure: 8 requests on a pool of 3, held busy on the server by an advisory lock the
   test owns: exactly 3 run, 5 wait, then all complete;
 * a failing query gives its connection back, rolled back;
+* a borrower woken and beaten to the connection waits again only for what is left of its
+  acquire_timeout (the timeout of its new wait, read where it waits), and acquire() hands
+  out connections in no transaction, new or validated;
 * a connect that fails - for a new slot or replacing a dead connection - gives its slot
   back: the database refusing connections (ALLOW_CONNECTIONS false) never leaves the pool
   counting connections that do not exist, and a borrower waiting for the slot while the
@@ -242,6 +246,13 @@ def test_queue_policy_waits_then_times_out(mod: ModuleType, pools: list[Any], se
     assert len(server.pids()) == 2, (
         f"while a borrower waits the server holds {len(server.pids())} of the pool's "
         "connections, expected 2 (the size): a waiting borrower must not open one of its own")
+    seen = stats(pool)
+    want = {"size": 2, "open": 2, "idle": 0, "in_use": 2, "waiting": 1}
+    assert {k: seen.get(k) for k in want} == want, (
+        f"with both connections of a pool of 2 held and a third borrower asleep in the pool's "
+        f"wait, stats() said {seen}, expected {want}\nstats() is how backpressure is seen "
+        "from outside (a queue of borrowers that grows): count a borrower in 'waiting' from "
+        "when it starts to wait until it leaves, however it leaves.")
     pid_b = b.info.backend_pid
     pool.release(b)
     never_woken = join_unless_stranded([waiter], stranded)
@@ -274,6 +285,11 @@ def test_queue_policy_waits_then_times_out(mod: ModuleType, pools: list[Any], se
     assert elapsed >= 0.45, (
         f"PoolExhausted came after {elapsed:.2f} s, before the 0.5 s acquire_timeout: the "
         "queue policy waits for a connection first")
+    after = stats(short)
+    assert after.get("waiting") == 0 and after.get("in_use") == 1, (
+        f"after the only borrower waiting gave up (PoolExhausted at its timeout), stats() "
+        f"said {after}, expected waiting 0 and in_use 1: a borrower that times out has left "
+        "the queue - take it out of 'waiting' on that path too (try/finally around the wait)")
     short.release(only)
 
 
@@ -309,6 +325,85 @@ def test_a_woken_waiter_beaten_to_the_connection_waits_on(
         "the waiting borrower did not get the connection released next: "
         + (f"it {still_waiting(never_woken)}" if waiter.is_alive() else f"{waiter.error!r}"))
     pool.release(waiter.result)
+
+
+SPENT = 1.5   # seconds of a waiter's acquire_timeout that pass before a release wakes it
+
+
+def test_a_woken_waiter_keeps_its_first_deadline(
+        learner: Any, mod: ModuleType, pools: list[Any], postgres: Any,
+        waiting: Callable[[], int], stranded: Callable[[float], int]) -> None:
+    """acquire_timeout counts from the acquire() call. A borrower woken by a release and
+    beaten to the connection waits again for what is LEFT of it: the timeout of its new wait
+    (read where it waits) is at most acquire_timeout minus the time already spent. A wait
+    given the whole timeout again after every wake-up moves the deadline each time: under
+    steady churn a borrower waits for ever instead of getting PoolExhausted."""
+    timeout = 60.0
+    pool = make(mod, pools, postgres.dsn, 1, policy="queue", acquire_timeout=timeout)
+    held = pool.acquire()
+    waiter = Call(pool.acquire)
+    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
+               "a second borrower to wait for the only connection")
+    started = time.monotonic()  # the waiter's acquire() was called before this
+    assert waiter.is_alive(), f"a borrower of a full pool did not wait: {waiter.error!r}"
+    time.sleep(SPENT)  # part of its timeout goes by: only ever shortens a right wait
+    woken_at = time.monotonic()
+    barged = learner.harness().release_and_barge(pool, held, str(learner.dir))
+    if isinstance(barged, str):
+        pytest.fail(f"release() then acquire() at once, with a borrower waiting: the acquire "
+                    f"raised {barged}", pytrace=False)
+    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
+               "the woken borrower to wait again or to end")
+    timeouts = learner.harness().wait_timeouts(str(learner.dir)) if waiter.is_alive() else []
+    pool.release(barged)
+    never_woken = join_unless_stranded([waiter], stranded)
+    if waiter.error is None and not waiter.is_alive():
+        pool.release(waiter.result)
+    # at most what was left when the release woke it: acquire() began before `started`
+    left = timeout - (woken_at - started)
+    longer = [t for t in timeouts if t is None or t > left + 1e-3]
+    assert not longer, (
+        f"a borrower waiting with acquire_timeout={timeout:.0f} was woken after more than "
+        f"{woken_at - started:.1f} s by a release, beaten to the connection, and waited again "
+        f"with a timeout of {'none' if longer[0] is None else f'{longer[0]:.1f} s'}, expected "
+        f"at most the {left:.1f} s left of its {timeout:.0f} s: every wake-up restarts its "
+        "clock, so under steady churn it never gets PoolExhausted and the caller's timeout "
+        "means nothing\nCompute the deadline once, when acquire() is called (deadline = "
+        "time.monotonic() + acquire_timeout), and wait for what is left of it: "
+        "cond.wait(deadline - time.monotonic()).")
+    assert waiter.error is None and not waiter.is_alive(), (
+        "the waiting borrower did not get the connection released next: "
+        + (f"it {still_waiting(never_woken)}" if waiter.is_alive() else f"{waiter.error!r}"))
+
+
+HANDED_OUT = {
+    "new": "a new connection (the pool's first)",
+    "validated": "an idle connection, validated on borrow",
+}
+
+
+@pytest.mark.parametrize("how", HANDED_OUT, ids=HANDED_OUT.keys())
+def test_a_borrowed_connection_is_in_no_transaction(how: str, mod: ModuleType,
+                                                    pools: list[Any], postgres: Any) -> None:
+    """What acquire() hands out is idle: no transaction open. One left open by the pool
+    (validation's SELECT 1 not rolled back, a SET on a new connection not committed) turns
+    the borrower's `with conn.transaction():` into a savepoint whose work release() then
+    rolls back, makes now() the pool's time, and holds a snapshot."""
+    pool = make(mod, pools, postgres.dsn, 1, policy="reject")
+    if how == "validated":
+        pool.release(pool.acquire())
+    conn = pool.acquire()
+    try:
+        status = str(conn.info.transaction_status.name)
+    finally:
+        pool.release(conn)
+    assert status == "IDLE", (
+        f"acquire() handed out {HANDED_OUT[how]} with a transaction already open (status "
+        f"{status}, expected IDLE): the pool ran a statement on it (validation's SELECT 1, a "
+        "SET) and never ended the transaction psycopg opened for it\nA borrower's "
+        "`with conn.transaction():` then only makes a savepoint, and its commit is rolled "
+        "back when the connection is given back; now() returns the pool's time. End what "
+        "the pool ran: conn.rollback() after SELECT 1 (or autocommit for it).")
 
 
 def fill_with_dead(pool: Any, server: Server, n: int) -> None:
