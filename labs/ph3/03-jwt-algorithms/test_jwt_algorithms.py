@@ -521,3 +521,140 @@ def test_es256_verifies_only_p256_keys(lib: Lib) -> None:
         "is ECDSA on P-256 with SHA-256 (RFC 7518 3.4) - refuse an EC JWK whose crv is not "
         "P-256 instead of taking the curve (and hash, and length) from the key: the key "
         "decides, but only among what the token's alg allows")
+
+
+# A JWK says what it is for (RFC 7517 4.2 "use", 4.3 "key_ops"): a key published with "use":
+# "enc", or whose "key_ops" lack "verify", is not for checking signatures, even when its
+# kty fits the token's alg and it carries no alg of its own. Libraries refuse it
+# (panva/jose: "its use must be sig", "its key_ops must include verify"): an encryption
+# key's private half is held by whoever decrypts, and a verifier that takes it as a signing
+# key lets that party mint tokens. Each case: the JWK it copies (without its alg), the
+# copy's kid, its use and key_ops (None: not published), accepted or not.
+KEY_USES: list[tuple[str, str, str | None, list[str] | None, bool]] = [
+    ("rsa-2024", "rsa-enc", "enc", None, False),
+    ("ec-a", "ec-enc", "enc", None, False),
+    ("hs-1", "hs-enc", "enc", None, False),
+    ("rsa-2024", "rsa-ops-encrypt", None, ["encrypt", "wrapKey"], False),
+    ("ec-a", "ec-ops-derive", None, ["deriveKey", "deriveBits"], False),
+    ("hs-1", "hs-ops-sign", None, ["sign"], False),
+    ("rsa-2024", "rsa-ops-none", None, [], False),
+    ("ec-a", "ec-sig-ops-sign", "sig", ["sign"], False),
+    ("rsa-2024", "rsa-sig-verify", "sig", ["verify"], True),
+    ("ec-a", "ec-ops-verify", None, ["verify"], True),
+    ("hs-1", "hs-ops-sign-verify", None, ["sign", "verify"], True),
+]
+
+
+def test_a_key_not_for_signatures_verifies_nothing(lib: Lib) -> None:
+    k = keys()
+    private = {"rsa-2024": k.rsa_new, "ec-a": k.ec_a, "hs-1": SECRET}
+    published = keys().jwks()["keys"]
+    by_kid = {jwk["kid"]: jwk for jwk in published}
+    alg_of = {"rsa-2024": "RS256", "ec-a": "ES256", "hs-1": "HS256"}
+    extra = []
+    for source, kid, use, ops, _ in KEY_USES:
+        jwk = {key: value for key, value in by_kid[source].items()
+               if key not in ("alg", "use")}
+        extra.append({**jwk, "kid": kid, **({"use": use} if use else {}),
+                      **({"key_ops": ops} if ops is not None else {})})
+    jwks = {"keys": published + extra}
+    wrong = []
+    for source, kid, use, ops, accept in KEY_USES:
+        alg = alg_of[source]
+        token = pyjwt.encode(CLAIMS, private[source], algorithm=alg, headers={"kid": kid})
+        verdict, got = lib.verify(token, jwks)
+        marked = " and ".join([*([f'"use": "{use}"'] if use else []),
+                               *([f'"key_ops": {json.dumps(ops)}'] if ops is not None
+                                 else [])])
+        if accept and verdict != "ok":
+            wrong.append(
+                f"verify() {'raised ' + got if verdict == 'crashed' else 'refused'} a valid "
+                f"{alg} token signed by the JWK {kid!r} published with {marked} ({got}), "
+                "expected the claims: that key is for signatures")
+        elif not accept and verdict != "refused":
+            wrong.append(
+                f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} an "
+                f"{alg} token signed by the private half of the JWK {kid!r} published with "
+                f"{marked} (no alg), expected InvalidToken: that key is not for "
+                "signatures")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(KEY_USES)} keys by their use): RFC 7517 - \"use\": "
+        "\"enc\" is an encryption key (4.2), and \"key_ops\" without \"verify\" may not "
+        "check signatures (4.3). Refuse a JWK whose use, when present, is not \"sig\", or "
+        "whose key_ops, when present, lack \"verify\" - an encryption key's private half is "
+        "held by whoever decrypts, who must not be able to mint tokens")
+
+
+# A signature has exactly one spelling. RFC 7515 2: base64url "with all trailing '='
+# characters omitted ... and without the inclusion of any line breaks, whitespace, or other
+# additional characters", alphabet "-" and "_" (RFC 4648 5); the last character's unused
+# bits are zero (RFC 4648 3.5 lets a decoder refuse them; golang-jwt's WithStrictDecoding
+# does). A decoder that takes padding, "+" "/", line breaks or set unused bits reads the
+# same signature bytes from another string: one token, several spellings, each valid - a
+# denylist, replay cache or audit log keyed on the token string is walked around.
+# Each case: what was done to the signature segment, how.
+def _padded(sig: str) -> str:
+    return sig + "=" * (-len(sig) % 4)
+
+
+def _standard_alphabet(sig: str) -> str:
+    return sig.replace("-", "+").replace("_", "/")
+
+
+def _line_break(sig: str) -> str:
+    return sig[:40] + "\r\n" + sig[40:]
+
+
+def _unused_bits(sig: str) -> str:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return sig[:-1] + alphabet[alphabet.index(sig[-1]) + 1]  # a zero bit set: same bytes
+
+
+RESPELLINGS: list[tuple[str, Any]] = [
+    ("padded with '=' to a multiple of 4", _padded),
+    ("written in the standard base64 alphabet ('+' and '/' for '-' and '_')",
+     _standard_alphabet),
+    ("broken by a line break (\\r\\n) after 40 characters", _line_break),
+    ("respelled with the last character's unused bits set", _unused_bits),
+]
+
+
+def _first_difference(sig: str, other: str) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(sig, other, strict=False))
+               if a != b), len(sig))
+    return (f"{other[max(at - 3, 0):at + 3]!r} at character {at}, where PyJWT wrote "
+            f"{sig[max(at - 3, 0):at + 3]!r}")
+
+
+def test_a_signature_has_one_spelling(lib: Lib) -> None:
+    k = keys()
+    wrong = []
+    for alg, key, kid in (("HS256", SECRET, "hs-1"), ("RS256", k.rsa_new, "rsa-2024"),
+                          ("ES256", k.ec_a, "ec-a")):
+        for n in range(500):  # a signature with a '-' or '_' in it, for the alphabet case
+            token = pyjwt.encode({**CLAIMS, "jti": f"spelling-{n}"}, key, algorithm=alg,
+                                 headers={"kid": kid})
+            if {"-", "_"} & set(token.rsplit(".", 1)[1]):
+                break
+        signing_input, sig = token.rsplit(".", 1)
+        verdict, got = lib.verify(token)
+        assert verdict == "ok", (
+            f"verify() {'raised ' + got if verdict == 'crashed' else 'refused'} a valid "
+            f"{alg} token PyJWT signed with the key {kid!r} ({got}), expected the claims")
+        for how, respell in RESPELLINGS:
+            other = respell(sig)
+            assert other != sig and unb64(other.replace("\r\n", "")) == unb64(sig)
+            verdict, got = lib.verify(f"{signing_input}.{other}")
+            if verdict != "refused":
+                wrong.append(
+                    f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} "
+                    f"an {alg} token whose signature was {how} "
+                    f"({_first_difference(sig, other)}): the same signature bytes from "
+                    "another string, expected InvalidToken")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {3 * len(RESPELLINGS)} respelled signatures): a JWS segment is "
+        "base64url with no '=' padding, no whitespace, only '-' and '_' besides letters and "
+        "digits, and its unused bits zero (RFC 7515 2, RFC 4648 3.5) - decode strictly "
+        "(re-encoding the bytes gives the segment back), or one token has several valid "
+        "spellings and a denylist or replay cache keyed on the token string is walked "
+        "around")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 import threading
 from collections.abc import Iterator
@@ -630,3 +631,187 @@ def test_code_verifier_has_the_form_rfc_7636_gives(server: Server) -> None:
                          f"400 {{\"error\": \"invalid_grant\"}}: {why}")
     assert not wrong, "\n".join(wrong) + (
         f"\n({len(wrong)} of {len(VERIFIER_CASES)} code_verifiers decided wrong)")
+
+
+# A 401 MUST carry a WWW-Authenticate challenge (RFC 9110 11.6.1). The login session (this
+# lab's X-User) is the credential /authorize and /device ask for, challenged as RFC 6750 3
+# does: Bearer, with no error code when the request carried no credentials (3.1: "SHOULD
+# NOT include an error code"), error="invalid_token" when it carried one that is no good
+# (an X-User naming nobody). Each case: the request, the X-User sent (None: no header).
+LOGIN_401: list[tuple[str, str | None, str | None]] = [
+    ("GET /authorize", None, None),
+    ("GET /authorize", "", "invalid_token"),
+    ("POST /device", None, None),
+    ("POST /device", "", "invalid_token"),
+]
+
+
+def challenge_of_401(value: str) -> tuple[str, dict[str, str]]:
+    """The first challenge's scheme (lower case) and its auth-params (RFC 9110 11.2)."""
+    scheme, _, rest = value.strip().partition(" ")
+    params = re.findall(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)', rest)
+    return scheme.lower(), {name.lower(): raw.strip('"') for name, raw in params}
+
+
+def test_a_401_for_no_login_carries_its_challenge(server: Server) -> None:
+    wrong = []
+    for request, user, want_error in LOGIN_401:
+        headers = {} if user is None else {"X-User": user}
+        device = server.post("/device_authorization", {"client_id": "tv"}).json()
+        if request == "GET /authorize":
+            params = {"response_type": "code", "client_id": "spa", "redirect_uri": CB,
+                      "state": "s1", "code_challenge": challenge_of("v" * 43),
+                      "code_challenge_method": "S256"}
+            reply = http_request(server.host, "GET", f"/authorize?{urlencode(params)}",
+                                 headers=headers, timeout=10)
+        else:
+            reply = server.post("/device", {"user_code": device["user_code"]}, headers)
+        sent = "no X-User" if user is None else "an empty X-User (a session naming nobody)"
+        value = reply.header("WWW-Authenticate")
+        if reply.status != 401 or reply.header("Location"):
+            wrong.append(f"{request} with {sent} answered {reply.status} Location: "
+                         f"{reply.header('Location')!r}, expected 401 {{\"error\": "
+                         "\"login_required\"}: nobody is logged in, nothing is granted")
+            continue
+        scheme, params = challenge_of_401(value or "")
+        want = ('Bearer realm="..."' if want_error is None
+                else f'Bearer realm="...", error="{want_error}"')
+        why = ("no credentials came, so the challenge carries no error code (RFC 6750 3.1: "
+               "SHOULD NOT include an error code or other error information)"
+               if want_error is None else
+               "credentials came (an X-User) and name no one: error=\"invalid_token\" (RFC "
+               "6750 3.1) tells the client to log in again rather than retry")
+        if value is None:
+            wrong.append(f"{request} with {sent} answered 401 without WWW-Authenticate, "
+                         f"expected WWW-Authenticate: {want}: a 401 MUST carry a challenge "
+                         "(RFC 9110 11.6.1) - it is how the client learns how to "
+                         "authenticate")
+        elif scheme != "bearer" or params.get("error") != want_error:
+            wrong.append(f"{request} with {sent} answered 401 WWW-Authenticate: {value!r}, "
+                         f"expected {want}: {why}")
+        if request == "POST /device":
+            server.clock.now += 60
+            expect_error(poll(server, device["device_code"]), ("authorization_pending",),
+                         f"a device-code poll after an approval with {sent}",
+                         "nobody approved: an approval without a user is no approval")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(LOGIN_401)} 401s without the right challenge)")
+
+
+# RFC 6749 3.1 and 3.2: "Request and response parameters MUST NOT be included more than
+# once." Which of two values counts is a guess the server must not make: a proxy, a WAF or
+# a log in front may read the other one (parameter pollution). At /token: 400
+# invalid_request (5.2). At /authorize: a repeated client_id or redirect_uri is no valid
+# one, so 400 and no redirect (4.1.2.1); any other repeated parameter is an error redirect
+# to the (valid) client with error=invalid_request, and no code. Each case: where, the
+# parameter, its two values ("right": the value a valid request carries; "other": another
+# one, named in the case), what the case is.
+@dataclass(frozen=True)
+class Repeated:
+    where: str  # "authorize", "code", "client_credentials", "device"
+    name: str
+    values: tuple[str, str]
+    what: str
+
+
+REPEATED = [
+    Repeated("code", "code", ("right", "right"), "the same code twice"),
+    Repeated("code", "code", ("right", "other"), "two codes issued to spa, each with a "
+             "challenge of this verifier"),
+    Repeated("code", "code_verifier", ("right", "right"), "the right verifier twice"),
+    Repeated("code", "code_verifier", ("other", "right"), "a wrong verifier, then the "
+             "right one"),
+    Repeated("code", "redirect_uri", ("right", "right"), "the code's redirect_uri twice"),
+    Repeated("code", "redirect_uri", ("right", "other"), "the code's redirect_uri, then "
+             "spa's other registered one"),
+    Repeated("code", "client_id", ("right", "right"), "spa twice"),
+    Repeated("code", "grant_type", ("right", "right"), "authorization_code twice"),
+    Repeated("client_credentials", "grant_type", ("right", "right"),
+             "client_credentials twice"),
+    Repeated("device", "device_code", ("right", "right"), "an approved device code twice"),
+    Repeated("device", "client_id", ("right", "right"), "tv twice"),
+    Repeated("authorize", "client_id", ("right", "right"), "spa twice"),
+    Repeated("authorize", "client_id", ("right", "other"), "spa, then mobile"),
+    Repeated("authorize", "redirect_uri", ("right", "right"), "spa's callback twice"),
+    Repeated("authorize", "redirect_uri", ("right", "other"), "spa's callback, then "
+             "https://evil.example/cb"),
+    Repeated("authorize", "state", ("right", "other"), "two states"),
+    Repeated("authorize", "code_challenge", ("right", "right"), "the same challenge twice"),
+]
+REPEATED_OTHER = {"redirect_uri": "https://spa.example/other", "client_id": "mobile",
+                  "state": "another-state", "code_verifier": "w" * 43}
+
+
+def repeated_request(server: Server, case: Repeated) -> HttpReply:
+    """The valid request of the case's kind, with case.name sent twice (at the end)."""
+    verifier = secrets.token_urlsafe(48)
+    pairs: list[tuple[str, str]]
+    headers: dict[str, str] = {}
+    other = dict(REPEATED_OTHER)
+    if case.where == "authorize":
+        pairs = [("response_type", "code"), ("client_id", "spa"), ("redirect_uri", CB),
+                 ("state", "one-state"), ("code_challenge", challenge_of(verifier)),
+                 ("code_challenge_method", "S256")]
+        other["redirect_uri"] = "https://evil.example/cb"
+    elif case.where == "code":
+        code, _ = server.code(verifier=verifier)
+        other["code"], _ = server.code(verifier=verifier)
+        pairs = [("grant_type", "authorization_code"), ("code", code), ("client_id", "spa"),
+                 ("redirect_uri", CB), ("code_verifier", verifier)]
+    elif case.where == "client_credentials":
+        pairs = [("grant_type", "client_credentials")]
+        headers = basic("batch", "batch-s3cret-value")
+    else:
+        device = server.post("/device_authorization", {"client_id": "tv"}).json()
+        approve = server.post("/device", {"user_code": device["user_code"]},
+                              {"X-User": "bob"})
+        assert approve.status == 200, f"POST /device answered {approve.status}"
+        server.clock.now += 60
+        pairs = [("grant_type", DEVICE_GRANT), ("device_code", device["device_code"]),
+                 ("client_id", "tv")]
+    right = dict(pairs)[case.name]
+    first, second = (right if v == "right" else other[case.name] for v in case.values)
+    pairs = [(n, first if n == case.name else v) for n, v in pairs] + [(case.name, second)]
+    if case.where == "authorize":
+        return http_request(server.host, "GET", f"/authorize?{urlencode(pairs)}",
+                            headers={"X-User": "alice"}, timeout=10)
+    return server.post("/token", urlencode(pairs).encode(), headers)
+
+
+def test_a_parameter_sent_twice_is_refused(server: Server) -> None:
+    wrong = []
+    for case in REPEATED:
+        reply = repeated_request(server, case)
+        location = reply.header("Location") or ""
+        query = parse_qs(urlsplit(location).query)
+        seen = (f"{reply.status} Location: {location!r}" if location
+                else f"{reply.status} {reply.body[:100]!r}")
+        if case.where == "authorize":
+            what = f"GET /authorize with {case.name} sent twice ({case.what})"
+            if case.name in ("client_id", "redirect_uri"):
+                if reply.status != 400 or location:
+                    wrong.append(
+                        f"{what} answered {seen}, expected 400 without a redirect: two "
+                        f"{case.name}s are no valid {case.name} (RFC 6749 3.1: a parameter "
+                        "MUST NOT be included more than once), and without a valid client "
+                        "and redirect_uri the server MUST NOT redirect (4.1.2.1)")
+            elif (reply.status not in (302, 303) or not location.startswith(CB + "?")
+                  or "code" in query or query.get("error") != ["invalid_request"]):
+                wrong.append(
+                    f"{what} answered {seen}, expected 302 to {CB}?error=invalid_request "
+                    "without a code: a parameter MUST NOT be included more than once (RFC "
+                    "6749 3.1), and as the client and its redirect_uri are valid the error "
+                    "goes back to it by redirect (4.1.2.1)")
+        elif reply.status != 400 or error_of(reply) != "invalid_request":
+            grant = {"code": "authorization_code", "device": "device_code"}.get(
+                case.where, case.where)
+            wrong.append(
+                f"POST /token ({grant}) with {case.name} sent twice ({case.what}) answered "
+                f"{'200 with a token' if reply.status == 200 else seen}, expected 400 "
+                "{\"error\": \"invalid_request\"}: request parameters MUST NOT be included "
+                "more than once (RFC 6749 3.2, 5.2) - taking the first or the last value is "
+                "a guess a proxy or WAF in front of you may make the other way")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(REPEATED)} requests with a parameter sent twice taken): "
+        "parse with parse_qs and refuse any name with more than one value, before using "
+        "any of them")

@@ -18,6 +18,7 @@ import builtins
 import io
 import os
 import threading
+import time
 from typing import Any
 
 _real_open = io.open
@@ -111,3 +112,42 @@ def remove() -> None:
     global _gate
     _gate = None
     builtins.open = io.open = _real_open
+
+
+# A request body that arrives late, as from a slow client: the first read of wsgi.input
+# waits the seconds the request's X-Lab-Body-Delay header names (the duration check, which
+# then knows the least time the request took inside the app: a sleep never ends early).
+class _SlowInput:
+    def __init__(self, real: Any, delay: float) -> None:
+        self._real = real
+        self._delay = delay
+
+    def _arrive(self) -> None:
+        if self._delay > 0:
+            time.sleep(self._delay)
+            self._delay = 0
+
+    def read(self, *args: Any) -> Any:
+        self._arrive()
+        return self._real.read(*args)
+
+    def readline(self, *args: Any) -> Any:
+        self._arrive()
+        return self._real.readline(*args)
+
+    def readlines(self, *args: Any) -> Any:
+        self._arrive()
+        return self._real.readlines(*args)
+
+    def __iter__(self) -> Any:
+        self._arrive()
+        return iter(self._real)
+
+
+def slow_bodies(app: Any) -> Any:
+    """The app, with each request's body delayed by its X-Lab-Body-Delay (seconds)."""
+    def delayed(environ: dict[str, Any], start_response: Any) -> Any:
+        delay = float(environ.pop("HTTP_X_LAB_BODY_DELAY", "0") or 0)
+        environ["wsgi.input"] = _SlowInput(environ["wsgi.input"], delay)
+        return app(environ, start_response)
+    return delayed

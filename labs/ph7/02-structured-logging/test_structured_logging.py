@@ -17,6 +17,8 @@ import os
 import re
 import secrets
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -76,14 +78,18 @@ def serve(learner: Any) -> Any:
     previous = learner.run_helper(local_timezone, LOCAL_ZONE)
     gates = []
 
-    def start(level: str = "INFO", gated: bool = False) -> tuple[Any, Log]:
+    def start(level: str = "INFO", gated: bool = False,
+              slow_bodies: bool = False) -> tuple[Any, Log]:
         path = folder / f"app-{level}.log"
         path.touch()
         os.chmod(path, 0o666)
         if gated:  # before make_app opens the file: see harness.py
             gates.append(learner.harness())
             gates[-1].install(str(path), GATE_WAIT, GATE_WAITS)
-        return serve_wsgi(make_app(str(path), SERVICE, level)), Log(path)
+        app = make_app(str(path), SERVICE, level)
+        if slow_bodies:  # a body arrives X-Lab-Body-Delay s late (harness.py)
+            app = learner.harness().slow_bodies(app)
+        return serve_wsgi(app), Log(path)
 
     yield start
     for harness in gates:
@@ -385,3 +391,136 @@ def test_concurrent_requests_never_share_or_split_a_line(serve: Any) -> None:
         f"{CONCURRENT} requests logging at once left access records for {paths_logged}, "
         f"expected one for each of {sorted(paths)}: a record written from several threads "
         "at once was lost or duplicated - write each line in one write() under a lock")
+
+
+# Secrets inside the extra fields of a record, at any depth: POST /client-events logs the
+# client's context object as it came, and the redaction pass goes through every dict and
+# list in it. A key names a secret in any case, "-" read as "_", alone or as the last word
+# of a longer name (the README's rule). Each case: where the secret sits, the context that
+# holds it (the secret passed in). The OWASP Logging Cheat Sheet's "never log": passwords,
+# access tokens, session ids, keys and other secrets - wherever a field carries them.
+CONTEXT_SECRETS: list[tuple[str, Callable[[str], dict[str, Any]]]] = [
+    ("a password", lambda s: {"password": s}),
+    ("a Password two objects down", lambda s: {"form": {"fields": {"Password": s}}}),
+    ("an Authorization header (Token scheme) in a headers object",
+     lambda s: {"request": {"headers": {"Authorization": f"Token {s}"}}}),
+    ("an api_key", lambda s: {"api_key": s}),
+    ("an X-Api-Key header", lambda s: {"headers": {"X-Api-Key": s}}),
+    ("a secret", lambda s: {"secret": s}),
+    ("a client_secret", lambda s: {"oauth": {"client_secret": s}}),
+    ("a Cookie header", lambda s: {"headers": {"Cookie": f"session={s}"}}),
+    ("a Set-Cookie response header",
+     lambda s: {"response": {"headers": {"Set-Cookie": f"session={s}; HttpOnly; Secure"}}}),
+    ("a token in an object in a list", lambda s: {"attempts": [{"n": 1}, {"token": s}]}),
+    ("a refresh_token in a list in a list", lambda s: {"batches": [[{"refresh_token": s}]]}),
+    ("an access_token", lambda s: {"session": {"access_token": s}}),
+]
+CONTEXT_FACTS = {"page": "/checkout", "cart": {"items": 3, "currency": "EUR"}}
+
+
+def test_secrets_in_nested_fields_are_redacted(serve: Any) -> None:
+    server, log = serve("DEBUG")
+    sent = []
+    with server as host:
+        for what, holding in CONTEXT_SECRETS:
+            secret = "s3cr3t-" + secrets.token_hex(10)
+            trace_id, header = traceparent()
+            reply = http_request(host, "POST", "/client-events",
+                                 document={"event": "checkout-failed",
+                                           "context": {**CONTEXT_FACTS, **holding(secret)}},
+                                 headers={"traceparent": header})
+            assert reply.status == 202, (
+                f"POST /client-events (an event and its context) answered {reply.status} "
+                f"{reply.body[:100]!r}, expected 202")
+            sent.append((what, secret, trace_id, holding(secret)))
+    text = log.text()
+    records = log.records()
+    wrong = []
+    for what, secret, trace_id, context in sent:
+        events = [r for r in records if r.get("trace_id") == trace_id and "context" in r]
+        if not events:
+            wrong.append(f"the client event with {what} left no record with its context "
+                         f"(trace {trace_id}): log the event with field context")
+            continue
+        kept = events[0]["context"]
+        if secret in text:
+            wrong.append(f"{what} ({json.dumps(context)}) reached the log: the record's "
+                         f"context is {json.dumps(kept)[:200]}")
+        elif not isinstance(kept, dict) or any(kept.get(k) != v for k, v in
+                                               CONTEXT_FACTS.items()):
+            wrong.append(f"the client event with {what} was logged with the context "
+                         f"{json.dumps(kept)[:200]}, expected its facts {CONTEXT_FACTS} "
+                         "kept as they came: redact the secret, not the record")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(CONTEXT_SECRETS)} secrets in the extra fields): a key "
+        "that names a secret (password, secret, token, api_key, authorization, cookie - "
+        "in any case, '-' read as '_', alone or ending a longer name: X-Api-Key, "
+        "Set-Cookie, client_secret, refresh_token) hides its value at ANY depth: walk "
+        "every dict, and every list, of every field - a context object is the one place "
+        "a client's headers or form end up")
+
+
+# duration_ms is the request's wall time inside the app, in milliseconds: from the moment
+# the app is called to the response, reading the body included. The harness delays a
+# request's body by a known time (a slow upload): the app cannot have taken less, and it
+# cannot have taken more than the client waited. Each case: the request, its body, the
+# delay in seconds.
+DURATIONS: list[tuple[str, str, dict[str, Any], float]] = [
+    ("POST /login (right password)", "/login", {"username": "gina", "password": PASSWORD},
+     0.35),
+    ("POST /login (wrong password)", "/login", {"username": "gina", "password": "nope"},
+     0.35),
+    ("POST /client-events", "/client-events", {"event": "view", "context": {}}, 0.8),
+]
+# a logger that logs after the response went out (a close() hook) may exceed what the
+# client waited by the time that thread takes to be scheduled again
+DURATION_SLACK_MS = 500
+
+
+def test_duration_ms_is_the_requests_time_in_milliseconds(serve: Any) -> None:
+    server, log = serve(slow_bodies=True)
+    timed = []
+    with server as host:
+        for what, path, document, delay in DURATIONS:
+            trace_id, header = traceparent()
+            started = time.perf_counter()
+            http_request(host, "POST", path, document=document,
+                         headers={"traceparent": header, "X-Lab-Body-Delay": str(delay)})
+            timed.append((what, trace_id, delay, (time.perf_counter() - started) * 1000))
+        http_request(host, "GET", "/no-such-page")
+    records = log.records()
+    access = [r for r in records if "status" in r]
+    odd = [(r.get("path"), r.get("duration_ms")) for r in access
+           if isinstance(r.get("duration_ms"), bool)
+           or not isinstance(r.get("duration_ms"), int | float) or r["duration_ms"] < 0]
+    assert access and not odd, (
+        f"access records whose duration_ms is not a number of milliseconds: {odd[:4]} "
+        "(path, duration_ms)\nduration_ms is a JSON number (12.3, not \"12.3ms\" or "
+        "\"0.0123\"): a log query sums, averages and compares it - text cannot be")
+    wrong = []
+    for what, trace_id, delay, waited in timed:
+        mine = [r for r in access if r.get("trace_id") == trace_id]
+        if not mine:
+            wrong.append(f"{what} left no access record (trace {trace_id})")
+            continue
+        got, least = mine[0]["duration_ms"], delay * 1000
+        if least - 1 <= got <= waited + DURATION_SLACK_MS:
+            continue
+        if got < least - 1:
+            why = ("that is the time in SECONDS under a name that says milliseconds: "
+                   "multiply by 1000" if least - 1 <= got * 1000 <= waited + 1 else
+                   "rounded down to nothing: keep the fractions of a millisecond, or at "
+                   "least whole ones" if got == 0 else
+                   "measure wall time (time.perf_counter(), not CPU time: a request "
+                   "waiting for its body burns none) from the moment the app is called, "
+                   "reading the body included")
+        else:
+            why = ("longer than the client waited: the unit is not milliseconds "
+                   "(microseconds? nanoseconds?), or the clock started before the request")
+        wrong.append(f"{what} logged duration_ms {got!r}, expected at least {least:.0f} "
+                     f"(its body arrived {delay} s after the app was called) and not much "
+                     f"more than the {waited:.0f} ms the client waited: {why}")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(DURATIONS)} durations wrong): duration_ms is the wall "
+        "time the request took inside the app, in milliseconds - the figure a latency "
+        "dashboard sums and a slow-request alert compares")

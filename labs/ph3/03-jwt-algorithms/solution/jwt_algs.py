@@ -34,9 +34,16 @@ def b64e(data: bytes) -> str:
 
 
 def b64d(text: str) -> bytes:
+    # RFC 7515 2: base64url, no "=" padding, no whitespace, no "+" or "/". The last
+    # character may carry unused bits the decoder drops (RFC 4648 3.5): only the canonical
+    # spelling passes, or one signature has several accepted spellings (golang-jwt's
+    # WithStrictDecoding refuses them the same way).
     if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
         raise InvalidToken("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64e(data) != text:
+        raise InvalidToken(f"not canonical base64url (unused bits set): {text[-8:]!r}")
+    return data
 
 
 def _int(text: str) -> int:
@@ -102,6 +109,11 @@ def verify(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
     if kid is None or len(matches) != 1:
         raise InvalidToken(f"no single key with kid {kid!r}")
     jwk = matches[0]
+    # RFC 7517 4.2/4.3: a key whose "use" is not "sig", or whose "key_ops" lack "verify",
+    # is not for checking signatures (panva/jose refuses such keys the same way).
+    use, ops = jwk.get("use", "sig"), jwk.get("key_ops", ["verify"])
+    if use != "sig" or not isinstance(ops, list) or "verify" not in ops:
+        raise InvalidToken(f"key {kid!r} is not for signatures (use {use!r}, key_ops {ops!r})")
     # The key decides: an RSA key only verifies RS256, whatever the token's header says.
     if jwk.get("kty") != KEY_TYPE[alg] or jwk.get("alg", alg) != alg:
         raise InvalidToken(f"key {kid!r} ({jwk.get('kty')}) is not for {alg}")

@@ -49,6 +49,24 @@ class Device:
     used: bool = False
 
 
+def single_valued(query: str) -> tuple[dict[str, str], set[str]]:
+    """The parameters, and the names sent more than once: RFC 6749 3.1 and 3.2, "request
+    and response parameters MUST NOT be included more than once" - which of two values
+    counts is not for the server to guess (a proxy may read the first, a library the last)."""
+    parsed = parse_qs(query, keep_blank_values=True, errors="strict")
+    return {k: v[0] for k, v in parsed.items()}, {k for k, v in parsed.items() if len(v) > 1}
+
+
+def login_challenge(user: str | None) -> tuple[str, str]:
+    """RFC 9110 11.6.1: a 401 MUST carry WWW-Authenticate. RFC 6750 3: no error code when
+    the request carried no credentials; invalid_token when it carried one that is no good
+    (an X-User naming no one)."""
+    if user is None:
+        return ("WWW-Authenticate", 'Bearer realm="authserver"')
+    return ("WWW-Authenticate", 'Bearer realm="authserver", error="invalid_token", '
+            'error_description="the session names no user"')
+
+
 def s256(verifier: str) -> str:
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
@@ -87,17 +105,24 @@ def make_app(clients: dict[str, dict[str, Any]], signing_key: bytes,
             return [b""]
 
         if (method, path) == ("GET", "/authorize"):
-            q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+            try:
+                q, repeated = single_valued(environ.get("QUERY_STRING", ""))
+            except UnicodeDecodeError:
+                return error("400 Bad Request", "invalid_request")
             client = registry.get(q.get("client_id", ""))
             uri = q.get("redirect_uri", "")
             # Never redirect to a URI that is not registered, exactly: an open redirector
-            # would hand codes to an attacker.
-            if client is None or uri not in client.get("redirect_uris", []):
+            # would hand codes to an attacker. Two client_ids or redirect_uris are neither
+            # valid (RFC 6749 4.1.2.1: no redirect).
+            if (client is None or uri not in client.get("redirect_uris", [])
+                    or repeated & {"client_id", "redirect_uri"}):
                 return error("400 Bad Request", "invalid_request")
+            state = {"state": q["state"]} if "state" in q and "state" not in repeated else {}
+            if repeated:  # the client and its redirect_uri are valid: tell the client there
+                return redirect(uri, {"error": "invalid_request", **state})
             user = environ.get("HTTP_X_USER")
             if not user:
-                return error("401 Unauthorized", "login_required")
-            state = {"state": q["state"]} if "state" in q else {}
+                return error("401 Unauthorized", "login_required", login_challenge(user))
             if q.get("response_type") != "code":
                 return redirect(uri, {"error": "unsupported_response_type", **state})
             if not q.get("code_challenge") or q.get("code_challenge_method") != "S256":
@@ -111,9 +136,10 @@ def make_app(clients: dict[str, dict[str, Any]], signing_key: bytes,
         if method == "POST" and path in ("/token", "/device_authorization", "/device"):
             size = int(environ.get("CONTENT_LENGTH") or 0)
             try:  # a body or a %-escape that is not UTF-8: a malformed request, not a 500
-                form = {k: v[0] for k, v in parse_qs(environ["wsgi.input"].read(size)
-                                                     .decode("utf-8"), errors="strict").items()}
+                form, repeated = single_valued(environ["wsgi.input"].read(size).decode())
             except UnicodeDecodeError:
+                return error("400 Bad Request", "invalid_request")
+            if repeated:  # RFC 6749 3.2, 5.2: a parameter repeated is invalid_request
                 return error("400 Bad Request", "invalid_request")
         else:
             return error("404 Not Found", "not_found")
@@ -134,7 +160,7 @@ def make_app(clients: dict[str, dict[str, Any]], signing_key: bytes,
         if path == "/device":
             user = environ.get("HTTP_X_USER")
             if not user:
-                return error("401 Unauthorized", "login_required")
+                return error("401 Unauthorized", "login_required", login_challenge(user))
             with lock:
                 found = [d for d in devices.values()
                          if hmac.compare_digest(d.user_code, form.get("user_code", ""))]

@@ -21,8 +21,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "ERROR": 40, "FATAL": 50}
-SENSITIVE_KEYS = {"password", "passwd", "secret", "token", "api_key", "apikey",
-                  "authorization", "cookie", "set-cookie", "x-api-key", "access_token"}
+# A key names a secret when, in any case and with "-" read as "_", it is one of these words
+# or ends in "_" and one of them: Authorization, Set-Cookie, X-Api-Key, client_secret,
+# refresh_token, db_password.
+SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "apikey",
+                "authorization", "cookie")
 PATTERNS = [
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 [REDACTED]"),
     (re.compile(r"(?i)\b(password|passwd|secret|token|api_key|apikey|access_token)=[^&\s\"]*"),
@@ -31,8 +34,15 @@ PATTERNS = [
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 
 
+def sensitive(key: str) -> bool:
+    name = key.lower().replace("-", "_")
+    return any(name == word or name.endswith("_" + word) for word in SECRET_WORDS)
+
+
 def redact(value: Any, key: str = "") -> Any:
-    if key.lower() in SENSITIVE_KEYS:
+    """Every field, at any depth (dicts in lists in dicts...): a secret's key hides its
+    value, whatever it holds; strings lose what looks like a credential."""
+    if sensitive(key):
         return "[REDACTED]"
     if isinstance(value, dict):
         return {k: redact(v, k) for k, v in value.items()}
@@ -81,7 +91,7 @@ def safe_path(environ: dict[str, Any]) -> str:
     query = environ.get("QUERY_STRING", "")
     if not query:
         return path
-    pairs = [(k, "[REDACTED]" if k.lower() in SENSITIVE_KEYS else v)
+    pairs = [(k, "[REDACTED]" if sensitive(k) else v)
              for k, v in parse_qsl(query, keep_blank_values=True)]
     return f"{path}?{urlencode(pairs)}"
 
@@ -104,6 +114,18 @@ def make_app(log_path: str, service: str, level: str = "INFO") -> Any:
                 return 200, {"user": username}
             logger.log("WARN", "login failed", trace, user=username)
             return 401, {"error": "bad credentials"}
+        if method == "POST" and path == "/client-events":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            try:
+                event = json.loads(environ["wsgi.input"].read(length) or b"{}")
+                name, context = event["event"], event.get("context", {})
+                if not isinstance(name, str) or not isinstance(context, dict):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, AttributeError):
+                logger.log("WARN", "client event unreadable", trace)
+                return 400, {"error": "event (a string) and context (an object) required"}
+            logger.log("INFO", "client event", trace, event=name, context=context)
+            return 202, {"accepted": True}
         if method == "GET" and path == "/debug-me":
             logger.log("DEBUG", "cache lookup", trace, cache="users", hit=False)
             return 200, {"ok": True}

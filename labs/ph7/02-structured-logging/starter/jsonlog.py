@@ -23,6 +23,8 @@ def make_app(log_path: str, service: str, level: str = "INFO") -> Any:
                 status, body = 200, {"user": data.get("username")}
             else:
                 status, body = 401, {"error": "bad credentials"}
+        elif method == "POST" and path == "/client-events":
+            status, body = 202, {"accepted": True}
         elif path == "/debug-me":
             status, body = 200, {"ok": True}
         elif path == "/boom":
