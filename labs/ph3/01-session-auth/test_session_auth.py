@@ -464,6 +464,11 @@ COOKIE_HEADERS = (
      "a pair you cannot parse must not hide the others: SimpleCookie gives up on the whole "
      "header at a value holding a quote, and logs the user out - split on ';' yourself and "
      "skip what does not parse, as Django's parse_cookie and Go's net/http do"),
+    ("consent; sid={sid}", True,
+     "a cookie with no '=' (a nameless cookie a page script set, sent as its value alone, RFC "
+     "6265bis 5.7.3) before the session cookie",
+     "skip a pair with no '=': unpacking name, value = pair.split('=') raises on it, and "
+     "every request of a user holding such a cookie fails"),
     ("xsid={sid}; sid_old={sid}", False,
      "alice's live id, but under other names only (xsid, sid_old): no cookie named sid",
      "only the cookie named exactly sid is the session cookie; others " + WHOLE_NAME[3:]),
