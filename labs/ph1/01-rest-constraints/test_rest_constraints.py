@@ -548,6 +548,91 @@ def test_conditional_put_and_delete(host: str, postgres: Any) -> None:
                    if reply.status in (200, 204) and status == 412 else ""))
 
 
+# ---- conditional reads: If-Match on GET --------------------------------------------------
+# If-Match is not only for writes: a false If-Match on any method, a GET too, is 412 (RFC 9110
+# 13.1.1: "the origin server MUST NOT perform the requested method"; 13.2.2 evaluates it first,
+# step 1, for every method) - a client resuming a download or checking that what it holds is
+# still current asks so, and Go's http.ServeContent and nginx answer a GET with 412. It
+# compares strongly (a W/ tag never matches), holds for * when the resource exists, and comes
+# before If-None-Match: only when it holds may If-None-Match turn the 200 into a 304. A
+# missing resource is 404 whatever the conditions (13.2.1).
+GET_STRONG = ("If-Match compares strongly on every method (RFC 9110 13.1.1, 8.8.3.2): a weak "
+              "tag W/\"...\" never matches, on a GET as on a PUT - only If-None-Match compares "
+              "weakly")
+GET_STALE = ("If-Match holds no current tag: the condition is false, and on a GET too that is "
+             "412 Precondition Failed (RFC 9110 13.1.1: the server MUST NOT perform the method) "
+             "- a 200 hands the client a representation other than the one it asked for")
+GET_LIST = ("If-Match is a list: the GET goes ahead (200 and the body) when any tag of it is the "
+            "current one, wherever it stands")
+GET_ANY = "If-Match: * holds for any current representation, and the resource exists"
+MATCH_FIRST = ("If-Match is evaluated before If-None-Match (RFC 9110 13.2.2): it is false, so "
+               "the answer is 412 whatever If-None-Match says - a 304 tells the client that "
+               "the copy it holds is current, which is not what it asked")
+GET_MISSING = ("there is no such user: a request that would fail without its conditions ignores "
+               "them (RFC 9110 13.2.1) - 404, not 412")
+THEN_NONE_MATCH = ("If-Match holds, so If-None-Match is evaluated next (RFC 9110 13.2.2), and "
+                   "it matches the current tag: 304")
+
+
+@dataclass(frozen=True)
+class ConditionalRead:
+    target: str
+    headers: tuple[tuple[str, str], ...]  # {tag}: the current ETag, {weak}: W/{tag}
+    status: int                           # 200 (and the body), 304 (no body), 412 or 404
+    why: str
+    changed_by_other: bool = False        # another writer renames user 1 after the read
+
+
+CONDITIONAL_READS = [
+    *(case for target in ("/users/1", "/users") for case in (
+        ConditionalRead(target, (("If-Match", "{tag}"),), 200, CURRENT),
+        ConditionalRead(target, (("If-Match", "*"),), 200, GET_ANY),
+        ConditionalRead(target, (("If-Match", '"old-1" ,\t{tag},"old-2"'),), 200, GET_LIST),
+        ConditionalRead(target, (("If-Match", '"old-1", "old-2"'),), 412, GET_STALE),
+        ConditionalRead(target, (("If-Match", "{tag}"),), 412, GET_STALE,
+                        changed_by_other=True),
+        ConditionalRead(target, (("If-Match", "{weak}"),), 412, GET_STRONG),
+        ConditionalRead(target, (("If-Match", '"old-1"'), ("If-None-Match", "{tag}")), 412,
+                        MATCH_FIRST),
+        ConditionalRead(target, (("If-Match", "{tag}"), ("If-None-Match", "{weak}")), 304,
+                        THEN_NONE_MATCH))),
+    ConditionalRead("/users/999999", (("If-Match", "*"),), 404, GET_MISSING),
+    ConditionalRead("/users/999999", (("If-Match", '"old-1"'),), 404, GET_MISSING),
+]
+
+
+def test_conditional_get_with_if_match(host: str, postgres: Any) -> None:
+    for case in CONDITIONAL_READS:
+        reset_user(postgres, ADA)
+        read = "/users/1" if case.status == 404 else case.target
+        tag = get_ok(host, read).header("ETag") or ""
+        if case.changed_by_other:
+            with postgres.connect(autocommit=True) as conn:
+                conn.execute("UPDATE users SET name = 'Ada King' WHERE id = 1")
+        weak = tag if tag.startswith("W/") else "W/" + tag
+        sent = {name: value.format(tag=tag, weak=weak) for name, value in case.headers}
+        current = call(host, "GET", case.target)
+        reply = call(host, "GET", case.target, headers=sent)
+        what = (f"GET {case.target} with "
+                + ", ".join(f"{name}: {value}" for name, value in sent.items())
+                + (" (another writer renamed user 1 after the client read its tag)"
+                   if case.changed_by_other else " (no such user)" if case.status == 404
+                   else f" (the current tag is {tag})"))
+        seen = f"saw {reply.status} {reply.body[:100]!r}"
+        if case.status == 200:
+            assert reply.status == 200 and reply.body == current.body, (
+                f"{what}: expected 200 and the current representation, {seen}: {case.why}")
+        elif case.status == 304:
+            assert reply.status == 304 and reply.body == b"", (
+                f"{what}: expected 304 Not Modified and no body, {seen}: {case.why}")
+        else:
+            assert reply.status == case.status, (
+                f"{what}: expected {case.status}, {seen}: {case.why}"
+                + ("; If-Match holds on a GET as on a write: compare it (strongly) before "
+                   "answering, and answer 412 when it is false" if reply.status == 200
+                   else ""))
+
+
 def blocked_backends(monitor: Any) -> int:
     """Sessions of this test's database waiting for a lock another session holds."""
     row = monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "

@@ -56,7 +56,9 @@ class Case:
     headers: dict[str, str] = field(default_factory=lambda: dict(WRITER))
     body: bytes | None = None
     check: Callable[[HttpReply], str | None] | None = None  # extra check: an error message or None
-    current_etag: bool = False  # send If-None-Match with the project's current ETag
+    # send If-None-Match: this, with {etag} the project's current ETag ("..." with its
+    # quotes) and {bare} that tag without them
+    if_none_match: str | None = None
 
 
 def location_of_new_project(reply: HttpReply) -> str | None:
@@ -95,8 +97,41 @@ CASES = [
     Case("delete", "DELETE", "/projects/2", 204, "No Content: done, nothing to say",
          check=no_body),
     Case("not-modified", "GET", "/projects/1", 304,
-         "Not Modified: your cached copy (If-None-Match) is current", current_etag=True,
+         "Not Modified: your cached copy (If-None-Match) is current", if_none_match="{etag}",
          check=no_body),
+    # If-None-Match is "*" or a list of entity-tags, compared weakly (RFC 9110 13.1.2): a
+    # client holding several cached variants sends them all, and a proxy that compresses
+    # (nginx) hands your tag back weakened, as W/"...". A condition that is false (a tag
+    # matches) gets 304 on a GET; a list that names no current tag, 200.
+    *(Case(f"if-none-match-{kind}", "GET", "/projects/1", 304,
+           f"Not Modified: {why} - If-None-Match is a list of tags, compared weakly (RFC "
+           "9110 13.1.2): take every quoted tag in it, drop a W/ prefix, 304 if one is the "
+           "current tag (or the header is *); answering 200 resends the body to a client "
+           "whose copy is current", if_none_match=header, check=no_body)
+      for kind, header, why in (
+          ("list-holding-current", '"0123456789abcdef", {etag}',
+           "the list's second tag is the current one"),
+          ("list-with-spaces", '"0123456789abcdef" ,  {etag} , "fedcba9876543210"',
+           "the current tag is in the list, with spaces around the commas (optional white "
+           "space, allowed around every list comma)"),
+          ("weak-current", "W/{etag}",
+           "W/ marks the current tag weak, and If-None-Match compares weakly: W/\"x\" matches "
+           "\"x\" (nginx weakens the ETag of every response it gzips)"),
+          ("weak-list", 'W/"0123456789abcdef", W/{etag}',
+           "the list's second tag, weak, is the current one"),
+          ("star", "*", "* matches any current representation, and project 1 exists"),
+          ("comma-inside-a-tag", '"a,b", {etag}',
+           "a comma may sit inside a quoted tag (\"a,b\" is one tag), and the next one is "
+           "current"))),
+    *(Case(f"if-none-match-{kind}", "GET", "/projects/1", 200,
+           f"OK: {why}, so the client's copies are all stale: answer 200 with the "
+           "representation and its ETag", if_none_match=header, check=has_etag)
+      for kind, header, why in (
+          ("list-without-current", '"0123456789abcdef", W/"fedcba9876543210"',
+           "no tag in the list is the current one"),
+          ("other-tag-containing-current", '"{bare}-gzip"',
+           "\"<tag>-gzip\" is another tag that merely contains the current one (Apache "
+           "names its compressed variants so): compare whole tags, not substrings"))),
     Case("broken-json", "POST", "/projects", 400,
          "Bad Request: the body cannot even be parsed", body=b'{"name": "gamma"'),
     Case("no-token", "GET", "/projects/1", 401,
@@ -104,6 +139,27 @@ CASES = [
     Case("bad-token", "GET", "/projects/1", 401,
          "Unauthorized: unknown token, so still anonymous",
          headers={"Authorization": "Bearer nope"}, check=bearer_challenge),
+    # The scheme name is case-insensitive (RFC 9110 11.1), and only Bearer carries a token
+    # (RFC 6750 2.1): a scheme of another name, or one not followed by a space, is no token.
+    *(Case(f"scheme-{kind}", "GET", "/projects/1", 200,
+           f"OK: {header.split()[0]!r} is the Bearer scheme - a scheme name is "
+           "case-insensitive (RFC 9110 11.1), so compare it lower-cased; clients, proxies and "
+           "libraries send it in any case", headers={"Authorization": header}, check=has_etag)
+      for kind, header in (("lower-case", "bearer writer-token"),
+                           ("upper-case", "BEARER writer-token"))),
+    *(Case(f"scheme-{kind}", "GET", "/projects/1", 401,
+           f"Unauthorized: {why}, so the request carries no bearer token at all - read the "
+           "scheme (the word before the first space), check it is Bearer, then look the "
+           "token up; expected 401 with a WWW-Authenticate: Bearer challenge",
+           headers={"Authorization": header}, check=bearer_challenge)
+      for kind, header, why in (
+          ("basic", "Basic writer-token",
+           "'Basic writer-token' names the Basic scheme, whatever its credentials hold "
+           "(taking the last word as the token accepts any scheme)"),
+          ("glued-to-the-token", "Bearerwriter-token",
+           "'Bearerwriter-token' is one word, a scheme of that name with no credentials: "
+           "credentials are auth-scheme, a space, then the token (RFC 9110 11.4) - removing "
+           "a prefix 'Bearer' without its space accepts it"))),
     Case("reader-creates", "POST", "/projects", 403,
          "Forbidden: we know you, and readers may not write", headers=dict(READER),
          body=js({"name": "gamma"})),
@@ -207,12 +263,17 @@ def expect(reply: HttpReply, status: int, what: str, meaning: str) -> None:
 def test_status_table(make_app: Callable[..., Any], db: Any, case: Case) -> None:
     with serve_wsgi(make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=1000)) as host:
         headers = dict(case.headers)
-        if case.current_etag:
+        if case.if_none_match is not None:
             first = call(host, "GET", case.path, headers=WRITER)
             expect(first, 200, f"GET {case.path}", "the project exists")
-            headers["If-None-Match"] = first.headers.get("ETag", '"missing-etag"')
+            etag = first.headers.get("ETag") or '"missing-etag"'
+            headers["If-None-Match"] = case.if_none_match.format(etag=etag,
+                                                                 bare=etag.strip('"'))
         reply = call(host, case.method, case.path, case.body, headers)
-    what = f"{case.method} {case.path} ({case.name})"
+    sent = "".join(f" {name}: {headers[name]}" for name in ("Authorization", "If-None-Match")
+                   if name in headers and (name != "Authorization" or headers[name] not in (
+                       WRITER["Authorization"], READER["Authorization"])))
+    what = f"{case.method} {case.path} ({case.name}){sent and ' with' + sent}"
     expect(reply, case.status, what, case.meaning)
     if case.check is not None:
         problem = case.check(reply)
@@ -244,6 +305,51 @@ def test_rate_limit_is_429_with_retry_after(make_app: Callable[..., Any], db: An
         clock.now = 1010.0
         expect(call(host, "GET", "/projects/1", headers=WRITER), 200,
                "t=1010.0, a new window", "the budget is renewed")
+
+
+# The window is the clock's, not the token's: windows of 10 s aligned to multiples of 10
+# (start = floor(now / W) * W), wherever in one the token's first request falls. The token
+# starts at t=1003.0, 3 s into the window [1000, 1010): a window opened by its first request
+# ([1003, 1013)) or a sliding one (the last 10 s) answers the same as the aligned one from an
+# aligned start, and differently from here. (t, status, Retry-After, what this step shows)
+MID_WINDOW = (
+    (1003.0, 200, None, "request 1 of 3, at t=1003.0, in the window [1000, 1010)"),
+    (1003.0, 200, None, "request 2 of 3"),
+    (1003.0, 200, None, "request 3 of 3"),
+    (1003.0, 429, "7", "the 4th request at t=1003.0: the aligned window ends at 1010, so "
+     "Retry-After: ceil(1010 - 1003.0) = 7"),
+    (1006.7, 429, "4", "t=1006.7, the same window: Retry-After: ceil(1010 - 1006.7) = "
+     "ceil(3.3) = 4, rounded up (a client told 3 comes back at 1009.7 and is refused again)"),
+    (1010.0, 200, None, "t=1010.0 opens the window [1010, 1020), although only 7 s passed "
+     "since the token's first request"),
+)
+
+
+def test_rate_window_is_aligned_to_the_clock(make_app: Callable[..., Any], db: Any) -> None:
+    clock = FakeClock(MID_WINDOW[0][0])
+    with serve_wsgi(make_app(db.dsn, clock=clock, rate_limit=3, window_seconds=10)) as host:
+        for at, status, retry_after, step in MID_WINDOW:
+            clock.now = at
+            reply = call(host, "GET", "/projects/1", headers=WRITER)
+            seen = reply.headers.get("Retry-After")
+            if (reply.status, seen if status == 429 else None) == (status, retry_after):
+                continue
+            if status == 200 or seen == "10":
+                why = ("the token's window was counted from its first request (t=1003.0, so "
+                       "[1003, 1013)) or slides over the last 10 s, where the README's windows "
+                       "are the clock's: aligned to multiples of window_seconds, start = "
+                       "floor(now / W) * W, the same for every token and every instance")
+            elif seen is not None and seen.isdigit() and int(seen) == int(1010 - at):
+                why = ("Retry-After was rounded down or to the nearest second: round it up "
+                       "(math.ceil), or the client comes back before the window ends and is "
+                       "refused again")
+            else:
+                why = "Retry-After is the whole seconds left in the aligned window, rounded up"
+            raise AssertionError(
+                f"rate limit 3 per 10 s window, {step}: expected {status}"
+                + (f" with Retry-After: {retry_after}" if retry_after else "")
+                + f", saw {reply.status}" + (f" with Retry-After: {seen}" if seen else "")
+                + f": {why}")
 
 
 def test_database_down_is_503(make_app: Callable[..., Any], db: Any) -> None:

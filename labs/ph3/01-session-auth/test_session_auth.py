@@ -424,3 +424,140 @@ def test_state_changes_only_by_post(site: Site) -> None:
             + f": expected 404 or 405 - a GET that {change} is a cross-site request forgery "
             "the CSRF token never sees. State changes answer POST only (route on method "
             "AND path), and the POST checks the token.")
+
+
+# ---- the session cookie among the site's other cookies -----------------------------------
+# A browser sends every cookie of the site in one header, "a=1; sid=...; b=2" (RFC 6265
+# 5.4): analytics and CSRF cookies before and after the session's, names that contain or
+# begin with "sid", a value a page script wrote as JSON, and - when a sid cookie of another
+# Path or Domain is left over - two sid cookies, the live one first or last (RFC 6265 4.2.2:
+# servers SHOULD NOT rely on the order of same-named cookies). {sid}: alice's live session
+# id, {stale}: the id of a session logged out (no Redis key).
+# (Cookie header, alice logged in?, what it is, what a miss means)
+WHOLE_NAME = ("is another cookie: split the header on ';' and compare each pair's name whole "
+              "with 'sid' - a search for 'sid=' in the header, or a name's prefix, finds it")
+COOKIE_HEADERS = (
+    ("_ga=GA1.2.1234567890.1700000000; sid={sid}; csrftoken=Xy7Qw2", True,
+     "the session cookie between an analytics and a CSRF cookie",
+     "the header holds every cookie of the site: find the pair named sid, not the first pair"),
+    ("sid={sid}; _ga=GA1.2.1234567890.1700000000", True,
+     "the session cookie first, another after it",
+     "the header holds every cookie of the site: the session cookie is one pair of it"),
+    ("theme=dark; lang=en; sid={sid}", True, "the session cookie last",
+     "the header holds every cookie of the site: find the pair named sid, wherever it stands"),
+    ("xsid={stale}; sid={sid}", True,
+     "a cookie whose name ends in sid (xsid, holding a dead id) before the session cookie",
+     "xsid " + WHOLE_NAME),
+    ("sid_old={stale}; sid={sid}", True,
+     "a cookie whose name begins with sid (sid_old, holding a dead id) before the session "
+     "cookie", "sid_old " + WHOLE_NAME),
+    ("sid={stale}; sid={sid}", True,
+     "a stale sid (left over with another Path or Domain) before the live one",
+     "the order of two cookies of one name is not to be relied on (RFC 6265 4.2.2): of the "
+     "sid values sent, the session is the one whose key Redis holds"),
+    ("sid={sid}; sid={stale}", True, "a stale sid after the live one",
+     "the order of two cookies of one name is not to be relied on (RFC 6265 4.2.2): a jar "
+     "that keeps one value per name (SimpleCookie, a dict) keeps the last, a dead id - try "
+     "every sid value sent and take the one whose key Redis holds"),
+    ('prefs={{"theme":"dark"}}; sid={sid}', True,
+     "a cookie a page script set to JSON (quotes in its value) before the session cookie",
+     "a pair you cannot parse must not hide the others: SimpleCookie gives up on the whole "
+     "header at a value holding a quote, and logs the user out - split on ';' yourself and "
+     "skip what does not parse, as Django's parse_cookie and Go's net/http do"),
+    ("consent; sid={sid}", True,
+     "a cookie with no '=' (a nameless cookie a page script set, sent as its value alone, RFC "
+     "6265bis 5.7.3) before the session cookie",
+     "skip a pair with no '=': unpacking name, value = pair.split('=') raises on it, and "
+     "every request of a user holding such a cookie fails"),
+    ("xsid={sid}; sid_old={sid}", False,
+     "alice's live id, but under other names only (xsid, sid_old): no cookie named sid",
+     "only the cookie named exactly sid is the session cookie; others " + WHOLE_NAME[3:]),
+)
+
+
+def logged_out_id(site: Site) -> str:
+    """The id of a session that existed and was logged out: a cookie a browser may still
+    hold, with no Redis key behind it."""
+    tab = site.browser()
+    token = site.login(tab, "bob")
+    sid = tab.sid
+    assert sid and tab.call("POST", "/logout", csrf=token).status == 200, (
+        "bob's POST /logout with his CSRF token did not answer 200")
+    assert not site.session(sid), f"after bob's logout Redis still holds session:{sid[:8]}..."
+    return sid
+
+
+def test_session_cookie_among_other_cookies(site: Site) -> None:
+    alice = site.browser()
+    site.login(alice)
+    assert alice.sid
+    stale = logged_out_id(site)
+    for template, logged_in, what, why in COOKIE_HEADERS:
+        header = template.format(sid=alice.sid, stale=stale)
+        reply = http_request(site.host, "GET", "/me", headers={"Cookie": header}, timeout=10)
+        if logged_in:
+            ok = reply.status == 200 and reply.json() == {"user": "alice"}
+            expected = "200 {\"user\": \"alice\"}: alice's session cookie is in it"
+        else:
+            ok = reply.status == 401
+            expected = "401: no cookie named sid"
+        assert ok, (f"GET /me with Cookie: {header} ({what}) answered {reply.status} "
+                    f"{reply.body[:80]!r}, expected {expected} - {why}")
+
+
+def set_cookies(reply: HttpReply) -> list[str]:
+    return list(reply.headers.get_all("Set-Cookie") or [])
+
+
+def only_the_session_cookie(raws: list[str], what: str, sent: str,
+                            flags: bool = True) -> SimpleCookie:
+    """The single Set-Cookie of a response that sets the session cookie (with its flags)."""
+    names = [raw.split("=", 1)[0].strip() for raw in raws]
+    assert names == ["sid"], (
+        f"{what}, sent with the site's other cookies (Cookie: {sent}), answered Set-Cookie "
+        f"{raws}: expected one Set-Cookie, for sid alone - setting the other cookies again "
+        "replaces their attributes (a Set-Cookie without Max-Age turns a persistent cookie "
+        "into a session cookie, a missing Domain or Path makes another cookie of that name) "
+        "and sends them without your flags: set only the cookie you own")
+    jar: SimpleCookie = SimpleCookie()
+    jar.load(raws[0])
+    morsel = jar["sid"]
+    present = {"HttpOnly": bool(morsel["httponly"]), "Secure": bool(morsel["secure"]),
+               "SameSite=Lax or Strict": morsel["samesite"].lower() in ("lax", "strict")}
+    missing = [flag for flag, there in present.items() if flags and not there]
+    assert not missing, (
+        f"{what}, sent with the site's other cookies, set the session cookie without "
+        f"{', '.join(missing)}: Set-Cookie: {raws[0]}")
+    return jar
+
+
+def test_set_cookie_touches_only_the_session_cookie(site: Site) -> None:
+    others = ("_ga=GA1.2.1234567890.1700000000", "csrftoken=Xy7Qw2")
+    guest = site.browser()
+    guest.call("GET", "/login")
+    anonymous = guest.sid
+    assert anonymous, "GET /login set no sid cookie"
+    sent = f"{others[0]}; sid={anonymous}; {others[1]}"
+    login = http_request(site.host, "POST", "/login", headers={"Cookie": sent},
+                         document={"username": "alice", "password": USERS["alice"]},
+                         timeout=10)
+    assert login.status == 200, (
+        f"POST /login with alice's right password and Cookie: {sent} answered "
+        f"{login.status} {login.body[:100]!r}, expected 200")
+    sid = only_the_session_cookie(set_cookies(login), "POST /login", sent)["sid"].value
+    assert sid != anonymous and not site.session(anonymous), (
+        f"POST /login with Cookie: {sent} kept the pre-login id (or its Redis key): the "
+        "session cookie among others is still the session - a login issues a new id and "
+        "deletes the old session")
+    token = login.json().get("csrf", "")
+    sent = f"{others[0]}; sid={sid}; {others[1]}"
+    logout = http_request(site.host, "POST", "/logout", b"",
+                          headers={"Cookie": sent, "X-CSRF-Token": token}, timeout=10)
+    assert logout.status == 200, (
+        f"POST /logout with alice's CSRF token and Cookie: {sent} answered {logout.status} "
+        f"{logout.body[:100]!r}, expected 200")
+    cleared = only_the_session_cookie(set_cookies(logout), "POST /logout", sent,
+                                      flags=False)["sid"]
+    assert cleared["max-age"] in ("0", "-1") or not cleared.value, (
+        f"POST /logout set sid again without clearing it (Set-Cookie: "
+        f"{set_cookies(logout)[0]}): send sid=; Max-Age=0")

@@ -53,14 +53,18 @@ def entity_tags(header: str) -> list[str]:
     return [tag.strip() for tag in header.split(",") if tag.strip()]
 
 
+def if_match_holds(header: str | None, etag: str) -> bool:
+    """RFC 9110 13.1.1: If-Match is '*' (any current representation) or a list of tags,
+    compared strongly (8.8.3.2: a W/ tag never matches). No header: nothing to hold."""
+    return header is None or header.strip() == "*" or etag in entity_tags(header)
+
+
 def preconditions_hold(environ: dict[str, Any], etag: str) -> bool:
-    """RFC 9110 13.2.2 for PUT and DELETE on a user that exists: If-Match first, compared
-    strongly (8.8.3.2: a W/ tag never matches), then If-None-Match, compared weakly, where
-    a match means 'it exists / is this one', so the write must not happen (13.1.2)."""
-    if_match = environ.get("HTTP_IF_MATCH")
-    if if_match is not None and if_match.strip() != "*" and etag not in entity_tags(if_match):
-        return False
-    return not if_none_match_hits(environ.get("HTTP_IF_NONE_MATCH"), etag)
+    """RFC 9110 13.2.2 for PUT and DELETE on a user that exists: If-Match first, then
+    If-None-Match, compared weakly, where a match means 'it exists / is this one', so the
+    write must not happen (13.1.2)."""
+    return (if_match_holds(environ.get("HTTP_IF_MATCH"), etag)
+            and not if_none_match_hits(environ.get("HTTP_IF_NONE_MATCH"), etag))
 
 
 def read_json(environ: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +152,11 @@ def make_app(dsn: str) -> WSGIApp:
         body = json.dumps(document).encode()
         tag = etag_of(body)
         headers = [("ETag", tag), ("Cache-Control", CACHE_CONTROL)]
+        # RFC 9110 13.2.2: If-Match first, on every method - a GET too ("the origin server
+        # MUST NOT perform the requested method", 13.1.1): false is 412, as Go's
+        # http.ServeContent and nginx answer a GET. Only then If-None-Match (a 304).
+        if not if_match_holds(environ.get("HTTP_IF_MATCH"), tag):
+            raise HTTPError("412 Precondition Failed", "If-Match names no current tag")
         if if_none_match_hits(environ.get("HTTP_IF_NONE_MATCH"), tag):
             start_response("304 Not Modified", headers)
             return []

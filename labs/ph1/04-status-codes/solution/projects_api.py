@@ -41,6 +41,16 @@ def error(status: int, detail: str, headers: list[tuple[str, str]] | None = None
     return Outcome(status, {"error": HTTPStatus(status).phrase, "detail": detail}, headers)
 
 
+def none_match(header: str | None, tag: str) -> bool:
+    """Whether an If-None-Match header names the current tag (RFC 9110 13.1.2): it is "*"
+    (any current representation) or a list of entity-tags, compared weakly - W/"x" matches
+    "x" (caches and proxies weaken tags, nginx does when it compresses). A comma may sit
+    inside a tag, so the tags are taken whole, not split on commas."""
+    if header is None:
+        return False
+    return header.strip() == "*" or tag in re.findall(r'(?:W/)?("[^"]*")', header)
+
+
 def make_app(dsn: str, *, clock: Callable[[], float] = time.time, rate_limit: int = 100,
              window_seconds: int = 60) -> WSGIApp:
     def connect() -> psycopg.Connection[dict[str, Any]]:
@@ -50,6 +60,8 @@ def make_app(dsn: str, *, clock: Callable[[], float] = time.time, rate_limit: in
 
     def authenticate(conn: psycopg.Connection[dict[str, Any]],
                      environ: dict[str, Any]) -> tuple[str, str]:
+        # "<scheme> <credentials>"; the scheme name is case-insensitive (RFC 9110 11.1), and
+        # any scheme but Bearer is no token of ours (RFC 6750 2.1).
         scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         row = None
         if scheme.lower() == "bearer" and token:
@@ -118,7 +130,7 @@ def make_app(dsn: str, *, clock: Callable[[], float] = time.time, rate_limit: in
                 if row is None:
                     return error(404, f"no project {project_id}")
                 tag = '"' + hashlib.sha256(json.dumps(row).encode()).hexdigest()[:16] + '"'
-                if environ.get("HTTP_IF_NONE_MATCH", "") in (tag, "W/" + tag, "*"):
+                if none_match(environ.get("HTTP_IF_NONE_MATCH"), tag):
                     return Outcome(304, None, [("ETag", tag)])
                 return Outcome(200, row, [("ETag", tag)])
             if method == "DELETE":

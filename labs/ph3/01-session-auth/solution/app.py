@@ -8,7 +8,6 @@ import hmac
 import json
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 import redis
@@ -25,6 +24,21 @@ def _cookie(sid: str, max_age: int) -> tuple[str, str]:
             "SameSite=Lax")
 
 
+def cookie_values(header: str, name: str) -> list[str]:
+    """Every value the Cookie header gives the cookie `name`, in order. The header is
+    "name=value" pairs joined by "; " (RFC 6265 5.4), holding the site's other cookies too
+    (analytics, a CSRF cookie, a page script's JSON); names are compared whole (xsid and
+    sid_old are other cookies). A pair this cannot read is skipped, never the whole header,
+    as Django's parse_cookie and Go's net/http do - SimpleCookie drops every cookie after a
+    value holding a quote, and keeps only the last of two cookies of one name."""
+    values = []
+    for pair in header.split(";"):
+        key, eq, value = pair.strip().partition("=")
+        if eq and key.strip() == name and value.strip():
+            values.append(value.strip())
+    return values
+
+
 def make_app(redis_url: str, users: Mapping[str, str]) -> Callable[..., Iterable[bytes]]:
     store = redis.Redis.from_url(redis_url, decode_responses=True)
     accounts = dict(users)
@@ -39,18 +53,16 @@ def make_app(redis_url: str, users: Mapping[str, str]) -> Callable[..., Iterable
         return sid
 
     def load(environ: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
-        try:
-            jar = SimpleCookie(environ.get("HTTP_COOKIE", ""))
-        except CookieError:
-            return None, {}
-        morsel = jar.get(COOKIE)
-        if morsel is None or not morsel.value:
-            return None, {}
-        data = store.hgetall(PREFIX + morsel.value)
-        if not data:
-            return None, {}  # an id the server never issued (or forgot) is no session
-        store.expire(PREFIX + morsel.value, SESSION_TTL)  # sliding idle timeout
-        return morsel.value, data
+        # A browser may send two sid cookies (a stale one of another Path or Domain), in
+        # either order: RFC 6265 4.2.2 - servers SHOULD NOT rely on the order of same-named
+        # cookies. The session is the one whose id Redis holds; an id the server never
+        # issued (or forgot) is no session.
+        for sid in cookie_values(environ.get("HTTP_COOKIE", ""), COOKIE):
+            data = store.hgetall(PREFIX + sid)
+            if data:
+                store.expire(PREFIX + sid, SESSION_TTL)  # sliding idle timeout
+                return sid, data
+        return None, {}
 
     def csrf_ok(environ: dict[str, Any], session: dict[str, str]) -> bool:
         sent = environ.get("HTTP_X_CSRF_TOKEN", "")
