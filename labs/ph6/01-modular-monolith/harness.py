@@ -4,7 +4,12 @@ Across the grading boundary a returned dict arrives as a copy, so the test canno
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import sys
+import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -26,3 +31,112 @@ def edit_what_is_handed_out(app: Any, sku: str, customer: str
         invoice = (app.invoices_for(customer) or [{}])[0]
         seen.append((what, again.get("total_cents"), invoice.get("amount_cents")))
     return seen
+
+
+CONTEXTS = ("catalog", "billing", "orders")
+IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, frozenset)
+
+
+def _immutable(obj: Any) -> bool:
+    if isinstance(obj, tuple):
+        return all(_immutable(item) for item in obj)
+    params = getattr(obj, "__dataclass_params__", None)
+    return isinstance(obj, IMMUTABLE) or bool(params is not None and params.frozen)
+
+
+def _kept_by(modules: list[types.ModuleType]) -> dict[int, Any]:
+    """Every mutable object the modules keep: their globals, and what those hold (containers,
+    objects' attributes, classes' attributes), by id."""
+    kept: dict[int, Any] = {}
+    todo: list[tuple[Any, int]] = [(v, 0) for m in modules for v in vars(m).values()]
+    while todo:
+        obj, depth = todo.pop()
+        if (id(obj) in kept or depth > 6 or isinstance(obj, types.ModuleType)
+                or _immutable(obj) or callable(obj) and not isinstance(obj, type)):
+            continue
+        if isinstance(obj, type):   # a class: the data it keeps in class attributes
+            todo += [(v, depth + 1) for k, v in vars(obj).items() if not k.startswith("__")]
+            continue
+        kept[id(obj)] = obj
+        if isinstance(obj, dict):
+            todo += [(v, depth + 1) for v in obj.values()]
+        elif isinstance(obj, list | set | tuple | collections.deque):
+            todo += [(v, depth + 1) for v in obj]
+        elif hasattr(obj, "__dict__"):
+            todo += [(v, depth + 1) for v in vars(obj).values()]
+    return kept
+
+
+def live_data_across_boundaries(app: Any, sku: str, customer: str) -> list[str]:
+    """Orders placed (one accepted, one rejected) through the composition root while every
+    public function of every context records what it returns to code outside its context;
+    then: which of those results (or of the names a context's interface offers) is an
+    object the context itself keeps - its live data, handed across the boundary.
+    ["<what>", ...], empty when every context hands out values and copies only."""
+    shop = sys.modules.get("shop")
+    if shop is None or not getattr(shop, "__file__", None):
+        return []
+    root = Path(str(shop.__file__)).resolve().parent.parent
+    mine = [m for m in list(sys.modules.values()) if isinstance(m, types.ModuleType)
+            and getattr(m, "__file__", None) and root in Path(str(m.__file__)).resolve().parents]
+    found: list[str] = []
+    returned: list[tuple[str, str, str, Any]] = []
+    swapped: list[tuple[types.ModuleType, str, Any]] = []
+
+    def recording(ctx: str, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = fn(*args, **kwargs)
+            caller = str(sys._getframe(1).f_globals.get("__name__", "?"))
+            if not caller.startswith(f"shop.{ctx}"):
+                returned.append((ctx, name, caller, result))
+            return result
+        return call
+
+    for ctx in CONTEXTS:
+        public = sys.modules.get(f"shop.{ctx}")
+        if public is None:
+            continue
+        names = getattr(public, "__all__", None) or [n for n in vars(public)
+                                                     if not n.startswith("_")]
+        for name in names:
+            obj = getattr(public, name, None)
+            if isinstance(obj, types.ModuleType):
+                if ".internal" in obj.__name__ or "._" in obj.__name__:
+                    found.append(f"shop.{ctx} offers {name}, its internal module "
+                                 f"{obj.__name__}: everything in it is one attribute away")
+            elif isinstance(obj, types.FunctionType):
+                wrapped = recording(ctx, name, obj)
+                for module in mine:
+                    for key, value in list(vars(module).items()):
+                        if value is obj and not (module.__name__.startswith(f"shop.{ctx}")
+                                                 and module is not public):
+                            swapped.append((module, key, value))
+                            setattr(module, key, wrapped)
+            elif not callable(obj) and not _immutable(obj):
+                returned.append((ctx, name, "its public interface", obj))
+    try:
+        app.add_product(sku, "A pen", 300, 5)
+        order = app.place_order(customer, sku, 2)
+        with contextlib.suppress(Exception):
+            app.place_order(customer, sku, 50)
+        app.get_order(order["order_id"])
+        app.invoices_for(customer)
+    finally:
+        for module, key, value in reversed(swapped):
+            setattr(module, key, value)
+    kept = {ctx: _kept_by([m for m in mine if m.__name__ == f"shop.{ctx}"
+                           or m.__name__.startswith(f"shop.{ctx}.")]) for ctx in CONTEXTS}
+    for ctx, name, caller, result in returned:
+        parts = [result]
+        if isinstance(result, dict):
+            parts += list(result.values())
+        elif isinstance(result, list | tuple | set):
+            parts += list(result)
+        for part in parts:
+            if id(part) in kept[ctx]:
+                what = (f"shop.{ctx} offers {name}" if caller == "its public interface" else
+                        f"shop.{ctx}.{name}() returned to {caller}")
+                found.append(f"{what}: a {type(part).__name__} the {ctx} context keeps "
+                             f"itself ({repr(part)[:80]}), not a copy")
+                break
+    return found

@@ -327,3 +327,21 @@ def test_a_rejected_order_charges_nothing(app: Any) -> None:
     assert order.get("total_cents") == 8000, (
         f"after a rejected order for 3, ordering the 2 in stock gave {order}: the rejected "
         "order must not have reserved anything")
+
+
+def test_no_context_hands_out_its_live_data(learner: Any, app: Any) -> None:
+    """A context's interface offers operations and hands out values or copies: an object it
+    keeps itself (a product record, its dict of products), once handed across, lets the
+    caller change the context's data behind its back - the boundary is open whatever the
+    import graph says. Watched on every public function a call through app.py reaches."""
+    found = learner.harness().live_data_across_boundaries(app, f"ink-{tag()}", f"eve-{tag()}")
+    if found:
+        pytest.fail(
+            f"{found[0]}\nA context owns its data: its public interface offers operations "
+            "(price_of, reserve, charge) and hands out values or copies, never the objects "
+            "it keeps - with those in hand, another context reads and writes the data "
+            "directly (product.stock -= qty in orders), the owner's rules (reserve checks "
+            "the stock) are skipped and nothing at the boundary shows it. Return a copy "
+            "(dict(record), dataclasses.replace) or just the value asked for, and let the "
+            "owner make every change (catalog.reserve)."
+            + ("\n" + "\n".join(found[1:5]) if found[1:] else ""), pytrace=False)

@@ -225,28 +225,48 @@ def idle_between(before: Any, after: Any) -> bool:
             and (after[1] - before[1]) / 1e9 < IDLE_CPU_SHARE * 0.1)
 
 
+HELD_IN_PROCESS = (
+    " - it answered from what it held in its own memory since an earlier read (kept up to "
+    "date with its own writes, blind to the other's). Processes share nothing (factor VI): "
+    "any instance serves any request, so every read goes to the backing service")
+
+
 def test_two_instances_share_state_through_backing_services(
         learner: Any, env: dict[str, str], apps: list[App], postgres: Any) -> None:
     before = {p.name for p in Path(learner.dir).iterdir()}
     first, second = two_instances(learner, env, apps)
     a, b = f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"
-    for host in (a, a, b):
+    name = {a: "the first instance", b: "the second"}
+    # Each instance reads before anything is written (whatever it keeps of a read, it has
+    # it now), then every write on one instance is read back on both: an instance that
+    # answers from what it holds in its own memory (a count or a list loaded once, kept up
+    # to date with its own writes only) shows the other's writes late or never.
+    seen = [http_request(host, "GET", "/visits").json().get("visits") for host in (a, b)]
+    assert seen == [0, 0], f"before any visit, GET /visits answered {seen}: expected [0, 0]"
+    for visits, host in enumerate((a, a, b), start=1):
         assert http_request(host, "POST", "/visits").status == 200
-    counts = [http_request(host, "GET", "/visits").json().get("visits") for host in (a, b)]
-    assert counts == [3, 3], (
-        f"after 2 visits posted to one instance and 1 to the other, GET /visits answered "
-        f"{counts}: expected [3, 3]. Processes share nothing: the count lives in Redis "
-        "(REDIS_URL), so any instance can serve any request")
-    text = f"note-{uuid.uuid4().hex[:8]}"
-    created = http_request(a, "POST", "/notes", document={"text": text})
-    assert created.status == 201, f"POST /notes answered HTTP {created.status}"
-    listed = [n.get("text") for n in http_request(b, "GET", "/notes").json()]
-    with postgres.connect() as conn:
-        stored = [r[0] for r in conn.execute("SELECT text FROM notes")]
-    assert text in listed and text in stored, (
-        f"a note posted to one instance: the other lists {listed}, the database at "
-        f"DATABASE_URL holds {stored}: expected it in both - the notes live in the Postgres "
-        "the environment names")
+        counts = [http_request(h, "GET", "/visits").json().get("visits") for h in (a, b)]
+        assert counts == [visits, visits], (
+            f"after {visits} visit(s) posted (the last to {name[host]}), GET /visits on the "
+            f"two instances answered {counts}: expected [{visits}, {visits}]. The count lives "
+            f"in Redis (REDIS_URL), shared by every instance"
+            + (HELD_IN_PROCESS if counts[0] != counts[1] else ""))
+    texts: list[str] = []
+    for host in (a, b):
+        for reader in (a, b):
+            http_request(reader, "GET", "/notes")
+        texts.append(f"note-{uuid.uuid4().hex[:8]}")
+        created = http_request(host, "POST", "/notes", document={"text": texts[-1]})
+        assert created.status == 201, f"POST /notes answered HTTP {created.status}"
+        with postgres.connect() as conn:
+            stored = [r[0] for r in conn.execute("SELECT text FROM notes")]
+        for reader in (a, b):
+            listed = [n.get("text") for n in http_request(reader, "GET", "/notes").json()]
+            assert all(t in listed for t in texts) and all(t in stored for t in texts), (
+                f"notes {texts} posted (the last to {name[host]}): {name[reader]} lists "
+                f"{listed}, the database at DATABASE_URL holds {stored}: expected every one "
+                "in both - the notes live in the Postgres the environment names"
+                + (HELD_IN_PROCESS if all(t in stored for t in texts) else ""))
     after = {p.name for p in Path(learner.dir).iterdir()} - before - {"__pycache__"}
     assert not after, (f"the app wrote {sorted(after)} in its folder: a twelve-factor app "
                        "writes no log files; the platform captures stdout")
@@ -333,6 +353,14 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], pos
         wait_until(held.arrived.is_set, "POST /notes to reach Postgres through the app")
         app.proc.send_signal(signal.SIGTERM)
         came_true(lambda: app.proc.poll() is not None, DRAIN_HOLD)
+        # DRAIN_HOLD s after SIGTERM, the request in flight still held: a new request must
+        # find the app no longer accepting (refused, reset, or 503), not served.
+        probe: HttpReply | Exception | None = None
+        if app.proc.poll() is None:
+            try:
+                probe = http_request(host, "GET", "/visits", timeout=5)
+            except (OSError, http.client.HTTPException) as exc:
+                probe = exc
         held.release.set()
         poster.join(60)
         code = exit_status_after_sigterm(app)
@@ -351,6 +379,17 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], pos
             "not request threads that are daemons (ThreadingHTTPServer's default), which die "
             "with the process: set server.daemon_threads = False so server_close() waits for "
             "them", pytrace=False)
+    if isinstance(probe, HttpReply) and probe.status < 500:
+        pytest.fail(
+            f"{DRAIN_HOLD} s after SIGTERM, while the POST /notes in flight was still being "
+            f"served, a new GET /visits was answered HTTP {probe.status} "
+            f"{probe.body[:100]!r}: expected it refused (or a 503) - the app still accepted "
+            "new requests. A graceful stop stops accepting FIRST (the platform is already "
+            "sending new traffic elsewhere), then lets the requests in flight finish: call "
+            "server.shutdown() (and server_close(), which closes the listening socket and "
+            "then waits for the request threads) at once, not after the requests in flight "
+            "are done - an app that waits for in-flight requests while accepting new ones "
+            "may never stop under steady traffic", pytrace=False)
 
 
 # s an app that got SIGTERM, and whose request in flight has been answered, may sleep with

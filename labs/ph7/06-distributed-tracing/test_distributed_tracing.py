@@ -394,3 +394,58 @@ def test_a_call_that_never_answers_fails_in_time(stack: Stack) -> None:
         f"but its CLIENT span has status {span.status}, expected ERROR: a call that timed "
         "out failed - if you catch the timeout, set the CLIENT span's status to ERROR (and "
         "record the exception) before answering")
+
+
+# Traceparent headers a caller (a misconfigured proxy, an old or a newer tracer, an attacker)
+# may send, as (what it is, the header built from a trace id and a parent span id, whether
+# W3C trace context has the frontend continue that trace). An invalid header is ignored:
+# the request is served, in a new trace of its own (W3C: "restart the trace"); a header of
+# a later version than 00 is read for its first four fields (forward compatibility).
+MALFORMED: list[tuple[str, Any, bool]] = [
+    ("not a traceparent at all", lambda t, p: "not-a-traceparent", False),
+    ("a trace id that is not hex", lambda t, p: f"00-{'zz' * 16}-{p}-01", False),
+    ("a trace id in uppercase hex", lambda t, p: f"00-{t.upper()}-{p}-01", False),
+    ("a trace id two digits short", lambda t, p: f"00-{t[2:]}-{p}-01", False),
+    ("an all-zero parent id", lambda t, p: f"00-{t}-{'0' * 16}-01", False),
+    ("version ff (forbidden)", lambda t, p: f"ff-{t}-{p}-01", False),
+    ("version 00 with a fifth field", lambda t, p: f"00-{t}-{p}-01-extra", False),
+    ("a later version (cc) with a fifth field", lambda t, p: f"cc-{t}-{p}-01-future", True),
+]
+
+
+def test_a_malformed_traceparent_is_ignored_not_trusted(stack: Stack) -> None:
+    """The caller's traceparent is input like any other: one that is not W3C must neither
+    fail the request nor be joined; one of a later version is read for what version 00
+    defines."""
+    for what, build, joins in MALFORMED:
+        trace_id, parent = "0000000000" + secrets.token_hex(11), "00" + secrets.token_hex(7)
+        header = build(trace_id, parent)
+        before = {s.span_id for s in stack.receiver.snapshot()}
+        answered = stack.status("/checkout/KEY-0042",
+                                {"traceparent": header, "tracestate": TRACESTATE})
+        assert answered == 200, (
+            f"a caller sent traceparent {header!r} ({what}): GET /checkout/KEY-0042 was "
+            f"answered {answered}, expected 200 - a header your code cannot parse crashed "
+            "the request. The caller's headers are input: W3C trace context says to ignore "
+            "an invalid traceparent (and start a new trace), and a later version's header "
+            "carries extra fields after the four of version 00. Let "
+            "TraceContextTextMapPropagator().extract() parse it (it validates and never "
+            "raises) rather than splitting it by hand")
+        new = [s for s in stack.receiver.snapshot() if s.span_id not in before]
+        front = one(new, "frontend", "SERVER", f"a request with traceparent {header!r}", new)
+        if joins:
+            assert (front.trace_id, front.parent_span_id) == (trace_id, parent), (
+                f"a caller sent traceparent {header!r} ({what}): the frontend's SERVER span "
+                f"is in trace {front.trace_id} with parent {front.parent_span_id or 'none'}, "
+                f"expected trace {trace_id}, parent {parent} - a later version keeps the "
+                "four fields of version 00 in front: read them (the propagator does)")
+        else:
+            assert front.parent_span_id == "" and front.trace_id != trace_id, (
+                f"a caller sent traceparent {header!r} ({what}), which is not valid W3C "
+                f"trace context, yet the frontend's SERVER span joined it (trace "
+                f"{front.trace_id}, parent {front.parent_span_id or 'none'}): expected a new "
+                "trace, a root span with no parent. A receiver that cannot trust the header "
+                "restarts the trace (W3C: lowercase hex only, ids of exactly 32 and 16 "
+                "digits, not all zeros, version ff forbidden, version 00 has four fields): "
+                "let TraceContextTextMapPropagator().extract() validate it, don't parse it "
+                "by hand")
