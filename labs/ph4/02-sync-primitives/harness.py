@@ -84,3 +84,23 @@ def acquire_interrupted(lock: Any, method: str) -> str:
     finally:
         threading.Condition.wait = real  # type: ignore[method-assign]
     return "swallowed" if waited else "never waited"
+
+
+def untimed_waits(module: Any, function: str) -> int:
+    """Threads blocked right now in a threading.Condition wait WITHOUT a timeout (a
+    Semaphore's acquire waits in one too) that ``function`` of the learner's module called,
+    directly or not: a caller given a timeout that waits in one will wait for ever."""
+    source = module.__file__
+    wait_code = threading.Condition.wait.__code__
+    count = 0
+    for frame in sys._current_frames().values():
+        learners = untimed = False
+        f: Any = frame
+        while f is not None:
+            if f.f_code.co_filename == source and f.f_code.co_name == function:
+                learners = True
+            elif f.f_code is wait_code and f.f_locals.get("timeout") is None:
+                untimed = True
+            f = f.f_back
+        count += learners and untimed
+    return count

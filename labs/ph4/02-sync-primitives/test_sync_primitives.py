@@ -300,6 +300,39 @@ def test_an_interrupted_writer_stops_counting_as_waiting(
 # ---------------------------------------------------------------------------- limiter
 
 
+class BodyFailed(Exception):
+    """What the body of a `with limiter:` raises: it must come out of the with, itself."""
+
+
+def test_the_body_exception_reaches_the_caller(sync: ModuleType) -> None:
+    """`with limiter: body` - if the body raises, the caller must see that very exception,
+    as if the limiter were not there: the permit goes back, the error goes on. An __exit__
+    that returns True swallows it (the caller believes the work was done); one that raises
+    another exception hides it."""
+    limiter = sync.Limiter(1)
+    raised = BodyFailed("the body failed")
+    seen: BaseException | None = None
+    try:
+        with limiter:
+            raise raised
+    except BaseException as exc:  # noqa: BLE001 - which one it is, is the check
+        seen = exc
+    if seen is None:
+        pytest.fail(
+            "the body of `with limiter:` raised BodyFailed('the body failed'), and the with "
+            "statement ended without any exception: the limiter swallowed it, so the caller "
+            "believes the work was done\n__exit__ returning a true value suppresses the "
+            "exception: release the permit and return None (or False) - the limiter bounds "
+            "how many run at once, it does not decide what their errors mean.", pytrace=False)
+    assert seen is raised, (
+        f"the body of `with limiter:` raised BodyFailed('the body failed'); the caller got "
+        f"{type(seen).__name__}: {seen!r} instead: the limiter replaced the body's exception "
+        "(its type is what callers catch and retry on). __exit__ releases the permit and "
+        "returns None, so the body's own exception goes on unchanged.")
+    with limiter:   # its permit came back
+        pass
+
+
 def test_the_limiter_admits_at_most_its_limit(sync: ModuleType, stage: Stage) -> None:
     limiter = sync.Limiter(3)
     workers = [stage.add(f"caller {i + 1}", limiter.__enter__,
@@ -368,6 +401,50 @@ def test_a_limiter_turns_away_a_caller_whose_timeout_ran_out(sync: ModuleType,
     stage.expect(["caller 3"], lambda: limit_after_timeout(stage.inside()))
 
 
+ZERO_WITHIN = 5.0  # timeout=0 answers at once; a safety net for a loaded machine
+
+
+def test_a_limiter_with_timeout_zero_only_tries(learner: Any, sync: ModuleType,
+                                                stage: Stage) -> None:
+    """timeout=0 is a timeout like any other, the shortest: take a free permit or be turned
+    away at once (a try-lock: shed the load rather than queue it). Read as false, it becomes
+    'no timeout' and the caller waits for ever."""
+    limiter = sync.Limiter(1, timeout=0)
+
+    def leave() -> None:
+        limiter.__exit__(None, None, None)
+
+    holder = stage.add("caller 1", limiter.__enter__, leave)
+    assert holder.entered.is_set(), "a free Limiter(1, timeout=0) did not admit its caller"
+    harness = learner.harness()
+    late = Worker("caller 2", limiter.__enter__, leave)
+    try:
+        deadline = time.monotonic() + ZERO_WITHIN
+        untimed = 0
+        while not (late.entered.is_set() or late.done.is_set()) and not untimed \
+                and time.monotonic() < deadline:
+            untimed = harness.untimed_waits(sync, "__enter__")
+            late.done.wait(0.01)
+        if not (late.entered.is_set() or late.done.is_set()):
+            seen = ("waits in a Condition (or Semaphore) wait with NO timeout" if untimed else
+                    f"still waited {ZERO_WITHIN:.0f} s later")
+            pytest.fail(
+                f"caller 2 of a full Limiter(1, timeout=0) (caller 1 inside) {seen}, "
+                "expected TimeoutError at once: timeout=0 means "
+                "try once, do not wait\n0 is false: `if self._timeout:` or `timeout or None` "
+                "reads it as 'no timeout' and waits for ever. Only None means wait on: test "
+                "`timeout is None`, or pass the timeout to acquire(timeout=...) as it is.",
+                pytrace=False)
+        assert not late.entered.is_set(), (
+            "caller 2 of a full Limiter(1, timeout=0) went in: 2 callers inside a Limiter(1)")
+        assert isinstance(late.error, TimeoutError), (
+            f"caller 2 of a full Limiter(1, timeout=0) raised {type(late.error).__name__}: "
+            f"{late.error}, expected TimeoutError")
+    finally:
+        late.go.set()
+    stage.release(holder)
+
+
 def limit_after_timeout(inside: list[str]) -> str:
     seen = (f"after caller 2 timed out and caller 1 left, callers 3 and 4 came to the "
             f"Limiter(1): inside now {', '.join(inside) or 'nobody'}, expected caller 3 alone")
@@ -420,6 +497,49 @@ def test_bounded_queue_blocks_when_full_and_when_empty(sync: ModuleType, stage: 
     assert sorted(str(c.result) for c in consumers) == ["x", "y"], (
         f"two consumers waiting, then two puts: they got {[c.result for c in consumers]}, "
         "expected 'x' and 'y' once each")
+
+
+# Items a queue must carry like any other: None (the usual "stop" sentinel a producer
+# sends its consumers) and falsy values.
+ODD_ITEMS = [None, 0, "", False]
+
+
+def test_the_queue_carries_none_and_falsy_items(sync: ModuleType, stage: Stage) -> None:
+    q = sync.BoundedQueue(len(ODD_ITEMS))
+    for item in ODD_ITEMS:
+        q.put(item)
+    size = len(q)
+    got: list[Any] = []
+    lesson = ("An item is whatever the producer put, None and 0 included (None is the usual "
+              "'stop' a producer sends its consumers): tell empty from full by a count or the "
+              "deque's length, never by a slot or an item being None or false.")
+    for i, item in enumerate(ODD_ITEMS):
+        consumer = stage.add(f"consumer {i + 1}", q.get)
+        if not consumer.entered.is_set():
+            pytest.fail(
+                f"put {ODD_ITEMS!r} into a BoundedQueue({len(ODD_ITEMS)}) (len() then said "
+                f"{size}); get() #{i + 1} waits as if the queue were empty, after returning "
+                f"{got!r}: the queue lost an item\n{lesson}", pytrace=False)
+        got.append(consumer.result)
+        stage.release(consumer)
+        if (type(consumer.result), consumer.result) != (type(item), item):
+            pytest.fail(
+                f"put {ODD_ITEMS!r} into a BoundedQueue({len(ODD_ITEMS)}); the gets returned "
+                f"{got!r}, expected {ODD_ITEMS[:i + 1]!r} so far (FIFO, every item): the "
+                f"queue dropped or changed {item!r}\n{lesson}", pytrace=False)
+    assert size == len(ODD_ITEMS), (
+        f"put {ODD_ITEMS!r} into a BoundedQueue({len(ODD_ITEMS)}): len() said {size}, "
+        f"expected {len(ODD_ITEMS)}\n{lesson}")
+    full = sync.BoundedQueue(1)
+    full.put(None)
+    producer = stage.add("producer", lambda: full.put("x"))
+    assert not producer.entered.is_set(), (
+        "a BoundedQueue(1) holding None took a second item at once: None is an item, the "
+        "queue is full, and put() must block until a get() makes room")
+    assert full.get() is None, "a BoundedQueue(1): put(None), get() did not return None"
+    stage.settle()
+    wait_until(producer.entered.is_set, "the blocked put to finish after a get made room")
+    assert full.get() == "x"
 
 
 def test_a_wake_up_reaches_the_producer(learner: Any, sync: ModuleType, stage: Stage) -> None:

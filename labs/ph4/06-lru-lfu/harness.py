@@ -126,12 +126,16 @@ def eviction_costs(module: ModuleType, cls: str, setups: list[tuple[int, int]],
 
 
 def memory_kept_by_uses(module: ModuleType, cls: str, capacity: int,
-                        steps: tuple[int, int]) -> tuple[int, int]:
+                        steps: tuple[int, int], misses: bool = False) -> tuple[int, int]:
     """The bytes a cache of ``capacity`` keeps allocated after each of two numbers of steps
     (a get and an update of one hot key, then a put of a new key that evicts), measured
     with tracemalloc from before the cache was made. A cache bounded by its capacity keeps
     the same after 2,000 steps as after 40,000; one that keeps something per use (an empty
-    LFU bucket per use count passed, a recency list never trimmed) keeps more and more."""
+    LFU bucket per use count passed, a recency list never trimmed) keeps more and more.
+
+    ``misses``: each step is a get of the hot key, then a get of a key never cached (a new
+    one each time), then a put of a new key that evicts: a cache that keeps something per
+    key it was asked for and did not have (a defaultdict looked up, a setdefault) grows."""
     tracemalloc.start()
     try:
         gc.collect()
@@ -143,7 +147,10 @@ def memory_kept_by_uses(module: ModuleType, cls: str, capacity: int,
         for target in steps:
             while done < target:
                 cache.get(hot)
-                cache.put(hot, done)
+                if misses:
+                    cache.get(-1 - done)    # never cached
+                else:
+                    cache.put(hot, done)
                 cache.put(fresh + done, done)
                 done += 1
             gc.collect()

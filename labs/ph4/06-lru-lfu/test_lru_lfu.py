@@ -77,6 +77,8 @@ class LRUModel:
     def put(self, key: int, value: int) -> int | None:
         """Returns the evicted key, if any."""
         evicted = None
+        if self.capacity <= 0:
+            return None
         if key in self.data:
             self.use(key)
         else:
@@ -112,6 +114,8 @@ class LFUModel:
 
     def put(self, key: int, value: int) -> int | None:
         evicted = None
+        if self.capacity <= 0:
+            return None
         if key not in self.data:
             if len(self.data) >= self.capacity:
                 evicted = min(self.data, key=lambda k: (self.uses[k], self.last[k]))
@@ -203,6 +207,10 @@ def run_machine(machine: type[RuleBasedStateMachine]) -> None:
     case.runTest()
 
 
+ZERO_RULE = ("a cache of capacity 0 caches nothing (a cache turned off by configuration, "
+             "like lru_cache(maxsize=0)): put stores nothing and evicts nothing - there is "
+             "nothing to evict - and every get misses")
+
 # Named cases first: each is one way these caches are commonly got wrong, so its failure can
 # say which rule was broken. (cache class, capacity, steps, the rule the case checks)
 # A step is ("put", key, value) or ("get", key); every get is compared with the model.
@@ -254,6 +262,12 @@ CASES = [
      "a put of a cached key counts as a use, like a get"),
     ("LFUCache", 2, [("put", 1, 10), ("put", 2, 20), ("put", 2, 21), ("get", 1), ("get", 2)],
      "updating a key already cached evicts nothing, even in a full cache"),
+    ("LRUCache", 0, [("put", 1, 10), ("get", 1), ("put", 2, 20), ("put", 1, 11), ("get", 1),
+                     ("get", 2)],
+     ZERO_RULE),
+    ("LFUCache", 0, [("put", 1, 10), ("get", 1), ("put", 2, 20), ("put", 1, 11), ("get", 1),
+                     ("get", 2)],
+     ZERO_RULE),
 ]
 
 
@@ -265,20 +279,30 @@ def test_named_cases(cache: ModuleType, cls: str, capacity: int,
     learner_cache = getattr(cache, cls)(capacity)
     done: list[str] = []
     for step in steps:
+        call = f"{step[0]}({', '.join(map(str, step[1:]))})"
+        try:
+            if step[0] == "put":
+                learner_cache.put(step[1], step[2])
+            else:
+                got = learner_cache.get(step[1])
+        except Exception as exc:  # noqa: BLE001 - a crash is the learner's answer here
+            pytest.fail(
+                f"{cls}({capacity}): {'; '.join([*done, call])} raised "
+                f"{type(exc).__name__}: {exc!r}, expected it to work: {rule_text}.",
+                pytrace=False)
+        done.append(call)
         if step[0] == "put":
             model.put(step[1], step[2])
-            learner_cache.put(step[1], step[2])
-            done.append(f"put({step[1]}, {step[2]})")
             size = len(learner_cache)
             if size > capacity:
                 pytest.fail(
                     f"{cls}({capacity}): after {'; '.join(done)} the cache holds {size} "
-                    f"entries, more than its capacity {capacity}: a put of a new key into a "
-                    "FULL cache (len == capacity, so test >=, not >) evicts one entry first",
-                    pytrace=False)
+                    f"entries, more than its capacity {capacity}: "
+                    + (f"{rule_text}." if capacity == 0 else
+                       "a put of a new key into a FULL cache (len == capacity, so test >=, "
+                       "not >) evicts one entry first"), pytrace=False)
             continue
-        want, got = model.get(step[1]), learner_cache.get(step[1])
-        done.append(f"get({step[1]})")
+        want = model.get(step[1])
         if got != want:
             pytest.fail(
                 f"{cls}({capacity}): {'; '.join(done)} returned {got!r}, expected {want!r}: "
@@ -326,6 +350,8 @@ def test_builds_its_own_structures(learner: Any) -> None:
 # LONG steps, the cache must keep about the same memory (KEPT_MORE bytes of slack, for the
 # allocator's own bookkeeping). An empty dict per LFU use count passed keeps ~6 MB more.
 MEMORY_CAPACITY, WARM, LONG, KEPT_MORE = 8, 2_000, 40_000, 256 * 1024
+# Misses: a key kept per miss costs ~90 bytes, 1.6 MB over the 18,000 misses between the two.
+LONG_MISSES = 20_000
 
 
 @pytest.mark.parametrize("cls", ["LRUCache", "LFUCache"])
@@ -344,6 +370,26 @@ def test_memory_is_bounded_by_capacity(learner: Any, cache: ModuleType, cls: str
            "A frequency bucket left behind empty when its last key moves up (a use) or "
            "leaves (an eviction) costs a dict per use count ever passed: delete buckets[f] "
            "when it becomes empty."))
+
+
+@pytest.mark.parametrize("cls", ["LRUCache", "LFUCache"])
+def test_a_miss_keeps_nothing(learner: Any, cache: ModuleType, cls: str) -> None:
+    """A get of a key the cache does not hold is a miss: it returns None and leaves the cache
+    as it was - no entry, no use count, nothing kept for that key. Caches in front of a
+    database are asked for many keys they never hold (ids that do not exist, a scan)."""
+    warm, long = learner.harness().memory_kept_by_uses(cache, cls, MEMORY_CAPACITY,
+                                                       (WARM, LONG_MISSES), misses=True)
+    grown = long - warm
+    assert grown <= KEPT_MORE, (
+        f"{cls}({MEMORY_CAPACITY}): after {LONG_MISSES:,} steps (a get of one hot key, a get "
+        f"of a key never cached - a new one each step -, a put of a new key that evicts) it kept "
+        f"{long / 1024:,.0f} KiB, after {WARM:,} steps {warm / 1024:,.0f} KiB: "
+        f"{grown / 1024:,.0f} KiB more for the same {MEMORY_CAPACITY} entries, expected about "
+        "the same - a get that MISSES leaves something behind for the key it did not find, "
+        "so the cache grows with every key it is asked for, cached or not (a bounded cache "
+        "that is not bounded)\nLooking a key up must not insert it: `d[key]` on a "
+        "defaultdict and `d.setdefault(key, ...)` both add the key. Test `key in d` (or "
+        "d.get(key)) and return None before touching any structure.")
 
 
 @pytest.mark.parametrize("cls", ["LRUCache", "LFUCache"])

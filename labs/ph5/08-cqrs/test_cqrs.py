@@ -181,6 +181,31 @@ def test_queries_are_served_from_the_read_model(store: Any) -> None:
             f"event records what happened, and this cancellation changed nothing")
 
 
+def test_a_rename_of_no_customer_records_no_event(store: Any) -> None:
+    """rename_customer of a customer never registered: refused, like a cancellation of an
+    order that is not there - no event, and no customer made on the way."""
+    mod, conn = store
+    seed(mod, conn)
+    events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    try:
+        mod.rename_customer(conn, "nobody", "Nobody")
+    except Exception:  # noqa: BLE001 - refusing is right; what it recorded is checked
+        pass
+    added = [t for (t,) in conn.execute("SELECT type FROM events ORDER BY seq OFFSET %s",
+                                        (events,)).fetchall()]
+    made = conn.execute("SELECT count(*) FROM customers WHERE customer_id = 'nobody'"
+                        ).fetchone()[0]
+    assert not added and not made, (
+        f"rename_customer('nobody', 'Nobody') of a customer never registered appended "
+        f"{added} and left {made} customer row(s) for 'nobody', expected neither: a command "
+        "checks the write model's rule first and refuses (UPDATE customers ... WHERE "
+        "customer_id = %s, then look at rowcount) - an event records what happened, and "
+        "this rename changed nothing. " + (
+            "An upsert registers a customer with no CustomerRegistered event, so the read "
+            "model never hears of it and no rebuild can give it back." if made else
+            "Projected, it renames nobody; replayed, it says a customer existed who never did."))
+
+
 def test_a_failing_command_changes_nothing_and_appends_no_event(store: Any) -> None:
     """place_order with an unknown product fails on its second line: the order row, its
     first line and the event must all be gone - one transaction per command."""
@@ -209,6 +234,39 @@ EXPECTED_AFTER_CATCH_UP = {
                         ("o3", "alice", "Alice", 2, 3000, "placed")],
     "customer_stats": [("alice", "Alice", 2, 7500), ("bob", "Bob", 0, 0)],
 }
+
+
+def test_the_read_model_shows_only_the_events_applied(store: Any) -> None:
+    """The read model is a function of the events applied so far, not of the write tables
+    now: OrderPlaced applied while a rename is still pending shows the name as of that event,
+    and a rename shows the name it carries, not the latest one. A projector that looks the
+    current state up in the write tables shows changes whose events it has not applied (and
+    a replay could never give back the model as it was at a checkpoint)."""
+    mod, conn = store
+    seed(mod, conn)
+    project(mod, conn)
+    mod.place_order(conn, "o1", "alice", [("book", 2)])
+    mod.rename_customer(conn, "alice", "Alice Liddell")
+    mod.rename_customer(conn, "alice", "Alice Hargreaves")
+    pending = ("OrderPlaced(o1), CustomerRenamed('Alice Liddell'), "
+               "CustomerRenamed('Alice Hargreaves')")
+    lesson = ("The projector builds the read model from the EVENT and the read model itself (the "
+              "name in customer_stats, the name the rename event carries) - never from the "
+              "write tables (customers, orders, ...), which are already ahead of it.")
+    for applied, name in ((1, "Alice"), (1, "Alice Liddell"), (1, "Alice Hargreaves")):
+        count = project(mod, conn, max_events=applied)
+        done = {"Alice": "only OrderPlaced(o1)",
+                "Alice Liddell": "OrderPlaced(o1) and the first rename",
+                "Alice Hargreaves": "all three"}[name]
+        got = mod.order_summary(conn, "o1")
+        customer = mod.customer_summary(conn, "alice")
+        seen = ((got or {}).get("customer_name"), (customer or {}).get("name"))
+        assert count == 1 and seen == (name, name), (
+            f"pending: {pending}; one project(max_events=1) at a time, {done} applied: "
+            f"order_summary('o1') says customer_name {seen[0]!r} and customer_summary('alice') "
+            f"name {seen[1]!r}, expected {name!r} in both: the read model shows a name the "
+            f"events applied so far do not give - it read the write side's current state\n"
+            f"{lesson}")
 
 
 def test_projector_catches_up_from_its_checkpoint(store: Any) -> None:
@@ -441,6 +499,61 @@ def test_event_committed_late_is_not_skipped(store: Any, postgres: Any, late_com
                "when the command returns), or hold back events behind still-open "
                "transactions")
     pytest.fail(f"{story}: {fix}", pytrace=False)
+
+
+def test_two_cancellations_at_once_record_one_event(store: Any, postgres: Any) -> None:
+    """Two cancel_order('o1') at once on two connections (a double click, a retry): the first
+    is held right after its INSERT into events (the test's trigger waits for a lock the test
+    holds), so the second runs while the first's cancellation is not committed. Once the
+    first commits, the second must find o1 cancelled and refuse: one OrderCancelled in all.
+    A check made apart from the change (SELECT status, then UPDATE) sees 'placed' - the
+    other transaction's change is not committed yet - and both go through."""
+    mod, conn = store
+    seed(mod, conn)
+    mod.place_order(conn, "o1", "alice", [("lamp", 1)])
+    project(mod, conn)
+    conn.execute(HOLD_AFTER_APPEND)
+    holder = postgres.connect(autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s, %s)", HOLD_KEYS)
+    first, second = postgres.connect(autocommit=True), postgres.connect(autocommit=True)
+    pids = backend_pid(first), backend_pid(second)  # before the commands use them
+    first.execute("SET lab.hold_append = on")
+    try:
+        c1 = Background(mod.cancel_order, first, "o1")
+        if not wait_blocked_or_done(conn, pids[0], c1):
+            pytest.fail(f"cancel_order('o1') returned without its INSERT into events waiting "
+                        f"for the test's lock ({c1.outcome}): a cancellation appends "
+                        f"OrderCancelled to the events table", pytrace=False)
+        c2 = Background(mod.cancel_order, second, "o1")
+        wait_blocked_or_done(conn, pids[1], c2)  # waits for the first, or is done
+    finally:
+        holder.close()  # the first goes on and commits
+    for call, what in ((c1, "the first cancel_order('o1')"),
+                       (c2, "the second cancel_order('o1')")):
+        call.thread.join(30)
+        if not call.done():
+            pytest.fail(f"{what} did not return within 30 s", pytrace=False)
+    first.close()
+    second.close()
+    assert "error" not in c1.outcome, (
+        f"the first cancel_order('o1') failed: {c1.outcome.get('error')!r}")
+    cancels = conn.execute("SELECT count(*) FROM events WHERE type = 'OrderCancelled' "
+                           "AND data->>'order_id' = 'o1'").fetchone()[0]
+    project(mod, conn)
+    alice = mod.customer_summary(conn, "alice")
+    stats = None if alice is None else (alice["open_orders"], alice["spent_cents"])
+    second_outcome = (f"raised {type(c2.outcome['error']).__name__}" if "error" in c2.outcome
+                      else "returned")
+    assert cancels == 1 and stats == (0, 0), (
+        f"two cancel_order('o1') at once on two connections: the second ran while the "
+        f"first's cancellation was not committed yet, then {second_outcome}; the events "
+        f"table holds {cancels} OrderCancelled for o1 and, projected, alice's (open_orders, "
+        f"spent_cents) are {stats}, expected 1 event and (0, 0): the second cancellation "
+        "checked a status the first was changing - 'placed' in its snapshot - and recorded "
+        "a cancellation that changed nothing\nCheck and change in one step: UPDATE orders "
+        "SET status = 'cancelled' WHERE order_id = %s AND status = 'placed' waits for the "
+        "first and re-checks the row once it commits; append the event only when its "
+        "rowcount is 1 (or read the row with SELECT ... FOR UPDATE before checking it).")
 
 
 def test_two_projectors_at_once_apply_each_event_once(store: Any, postgres: Any) -> None:

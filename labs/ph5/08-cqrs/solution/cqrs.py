@@ -131,7 +131,10 @@ def cancel_order(conn: Conn, order_id: str) -> None:
 
 def rename_customer(conn: Conn, customer_id: str, name: str) -> None:
     with conn.transaction():
-        conn.execute("UPDATE customers SET name = %s WHERE customer_id = %s", (name, customer_id))
+        updated = conn.execute("UPDATE customers SET name = %s WHERE customer_id = %s",
+                               (name, customer_id))
+        if updated.rowcount != 1:
+            raise ValueError(f"no customer {customer_id!r}")
         _append(conn, "CustomerRenamed", {"customer_id": customer_id, "name": name})
 
 
