@@ -474,6 +474,60 @@ def test_negative_ttl_is_the_smaller_of_soa_ttl_and_minimum(
         "may be kept.")
 
 
+@dataclass(frozen=True)
+class NegativeTtlCase:
+    """A negative answer and the ttl it must report: min(SOA TTL, SOA MINIMUM) of the SOA
+    in its authority section when fresh, the seconds left once it comes from the cache."""
+
+    name: str
+    nxdomain: bool
+    ttl: int
+    soa: str  # the SOA it came with, as the failure message says it
+
+
+NEGATIVE_TTLS = [
+    NegativeTtlCase("nope.shop.test", True, NEGATIVE_TTL,
+                    f"shop.test.'s SOA: TTL 3600, MINIMUM {NEGATIVE_TTL}"),
+    NegativeTtlCase("nope.cdn.test", True, CDN_SOA_TTL,
+                    f"cdn.test.'s SOA: TTL {CDN_SOA_TTL}, MINIMUM {NEGATIVE_TTL}"),
+    NegativeTtlCase("mail.shop.test", False, NEGATIVE_TTL,
+                    f"shop.test.'s SOA: TTL 3600, MINIMUM {NEGATIVE_TTL}"),
+    NegativeTtlCase("info.cdn.test", False, CDN_SOA_TTL,
+                    f"cdn.test.'s SOA: TTL {CDN_SOA_TTL}, MINIMUM {NEGATIVE_TTL}"),
+]
+NEGATIVE_TTL_LATER = 20  # seconds between the two lookups: inside every case's ttl
+
+
+@pytest.mark.parametrize("case", NEGATIVE_TTLS, ids=lambda c: c.name)
+def test_a_negative_answer_reports_its_remaining_ttl(
+        resolver: Any, dns: Hierarchy, clock: FakeClock, case: NegativeTtlCase) -> None:
+    """Answer.ttl is how long whoever holds the answer may keep it; for NXDOMAIN and NODATA
+    that is the negative TTL (RFC 2308 section 5), counting down like any record's."""
+    kind = "NXDOMAIN" if case.nxdomain else "NODATA"
+    rule = (f"A negative answer may be cached for min(SOA TTL, SOA MINIMUM) = {case.ttl} s "
+            "(RFC 2308 section 5), and Answer.ttl says how long it may still be kept: "
+            f"{case.ttl} fresh, the seconds left (expiry - now) from the cache. A ttl of 0 "
+            "tells whoever holds the answer (a stub's cache, an HTTP client) to ask again "
+            "every time; a ttl that does not count down lets them keep it past its expiry.")
+    answer = _resolve(resolver, dns, case.name)
+    assert bool(answer.nxdomain) == case.nxdomain and not answer.addresses, (
+        f"{case.name} gave nxdomain={answer.nxdomain}, addresses={answer.addresses}; "
+        f"expected {kind} (nxdomain={case.nxdomain}, no addresses)")
+    assert answer.ttl == case.ttl, (
+        f"{case.name} is {kind} ({case.soa}) and its answer reported ttl={answer.ttl}, "
+        f"expected {case.ttl}\n{rule}")
+    dns.log.clear()
+    clock.advance(NEGATIVE_TTL_LATER)
+    again = _resolve(resolver, dns, case.name)
+    _expect_no_queries(dns.log, f"asking for {case.name} again {NEGATIVE_TTL_LATER} s later")
+    left = case.ttl - NEGATIVE_TTL_LATER
+    assert again.ttl == left, (
+        f"{case.name} ({kind}, {case.soa}) came from the cache {NEGATIVE_TTL_LATER} s later "
+        f"with ttl={again.ttl}, expected {left} (the seconds it may still be cached)"
+        f"{' - the TTL it was first given, not counted down' if again.ttl == case.ttl else ''}"
+        f"\n{rule}")
+
+
 @pytest.mark.parametrize("name, canonical", [
     ("mail.shop.test", "mail.shop.test"),  # exists, holds only a TXT record
     ("mx.shop.test", "mail.shop.test"),    # a CNAME to that name
@@ -751,6 +805,63 @@ def test_every_nameserver_failing_is_a_resolution_error(resolver: Any, dns: Hier
     assert type(error).__name__ == "ResolutionError", (
         f"{what}: resolve('www.dead.test') raised {type(error).__name__}: {error}, expected "
         "the lab's ResolutionError (the error the README gives for 'no server answered')")
+
+
+# At most this long may a failure (no server of the zone answered) be remembered: BIND's
+# servfail-ttl is 1 s by default and may be raised to 30 s at most; RFC 2308 section 7.1
+# forbids more than 5 minutes. A failure is never a negative answer: it says nothing of
+# the name.
+FAILURE_MEMORY_MAX = 30
+
+
+def test_a_failure_is_not_cached_as_an_answer(resolver: Any, dns: Hierarchy,
+                                              clock: FakeClock) -> None:
+    """www.dead.test's two nameservers fail: asked again at once, resolve() still raises
+    ResolutionError (it may remember the failure, never turn it into an answer); once
+    FAILURE_MEMORY_MAX has passed it asks them again, and sees that the zone recovered."""
+    dns.failing["bad1"].rcode = RCODE.SERVFAIL
+    dns.failing["bad2"].rcode = RCODE.REFUSED
+    rule = ("A failure is not an answer: when no server of the zone answered, nothing is "
+            "known about the name. resolve() raises ResolutionError and may remember that "
+            f"for a short time, at most {FAILURE_MEMORY_MAX} s (BIND's servfail-ttl limit; "
+            "RFC 2308 section 7 allows no more than 5 minutes), but never caches it as a "
+            "negative answer, and asks the zone's servers again once that time is over: an "
+            "outage that has passed must not go on failing lookups for minutes.")
+    _, error = _attempt(resolver, "www.dead.test")
+    if error is None or type(error).__name__ != "ResolutionError":
+        pytest.fail("both of dead.test.'s nameservers failed and resolve('www.dead.test') "
+                    f"{'returned an answer' if error is None else 'raised ' + repr(error)}, "
+                    f"expected ResolutionError\n{rule}", pytrace=False)
+    dns.log.clear()
+    again, error = _attempt(resolver, "www.dead.test")
+    if error is None:
+        pytest.fail(
+            "both of dead.test.'s nameservers failed and resolve('www.dead.test') raised "
+            f"ResolutionError; asked again at once it returned {again} (queries: "
+            f"{_walk(dns.log)}), expected ResolutionError again: the failure was remembered "
+            f"as an answer\n{rule}", pytrace=False)
+    assert type(error).__name__ == "ResolutionError", (
+        f"asked again at once after a ResolutionError, resolve('www.dead.test') raised "
+        f"{type(error).__name__}: {error}, expected ResolutionError again\n{rule}")
+    # The outage is over: the first nameserver now answers (the name does not exist).
+    dns.failing["bad1"].rcode = RCODE.NXDOMAIN
+    dns.log.clear()
+    clock.advance(FAILURE_MEMORY_MAX + 1)
+    later, error = _attempt(resolver, "www.dead.test")
+    asked = "www.dead.test" in dns.log.names_asked("bad1")
+    if not asked:
+        seen = ("raised " + type(error).__name__ if error is not None
+                else f"answered {later}")
+        pytest.fail(
+            f"{FAILURE_MEMORY_MAX + 1} s after dead.test.'s nameservers failed, "
+            f"resolve('www.dead.test') {seen} without asking them again (queries: "
+            f"{_walk(dns.log)}); expected its first nameserver asked (it has recovered "
+            f"and answers NXDOMAIN now)\n{rule}", pytrace=False)
+    assert error is None and later.nxdomain, (
+        f"{FAILURE_MEMORY_MAX + 1} s after the failure dead.test.'s first nameserver was "
+        "asked again and answered NXDOMAIN; resolve('www.dead.test') "
+        f"{'raised ' + type(error).__name__ if error is not None else f'gave {later}'}, "
+        f"expected nxdomain=True\n{rule}")
 
 
 @pytest.mark.timeout(15)

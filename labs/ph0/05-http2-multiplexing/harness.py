@@ -91,6 +91,8 @@ class ServerThread:
         if request.path in ENDINGS:  # bodies whose end is easy to miss
             status, size = ENDINGS[request.path]
             return response(status, [], b"f" * size)
+        if request.path == "/note":  # the x-note header's value as the handler got it
+            return response(200, [], ascii(request.headers.get("x-note")).encode())
         if request.path == "/echo":
             return response(200, [("content-type", "application/octet-stream")],
                             request.body)

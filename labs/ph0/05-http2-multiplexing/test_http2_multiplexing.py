@@ -23,6 +23,7 @@ from h2.events import (
     DataReceived,
     PingAckReceived,
     ResponseReceived,
+    SettingsAcknowledged,
     StreamEnded,
     StreamReset,
 )
@@ -83,6 +84,8 @@ class Client:
         if settings:  # this client's own SETTINGS, beside h2's defaults
             self.h2.update_settings(settings)
         self.pings_acked = 0
+        self.settings_acked = 0
+        self.grant = True  # give received DATA's window back, as any real client does
         self.streams: dict[int, Stream] = {}
         self.finished: list[str] = []   # paths, in the order their streams ended
         self.raw = bytearray()          # received bytes not yet split into frames
@@ -94,12 +97,14 @@ class Client:
         except OSError as exc:
             self.fail(f"the server closed the connection ({exc})")
 
-    def get(self, path: str, body: bytes = b"", send: bool = True) -> int:
+    def get(self, path: str, body: bytes = b"", send: bool = True,
+            extra: list[tuple[bytes, bytes]] | None = None) -> int:
         sid = self.h2.get_next_available_stream_id()
         self.streams[sid] = Stream(path)
         method = "POST" if body else "GET"
-        self.h2.send_headers(sid, [(":method", method), (":path", path), (":scheme", "http"),
-                                   (":authority", "lab.test")], end_stream=not body)
+        self.h2.send_headers(sid, [(b":method", method.encode()), (b":path", path.encode()),
+                                   (b":scheme", b"http"), (b":authority", b"lab.test"),
+                                   *(extra or [])], end_stream=not body)
         for start in range(0, len(body), 1000):  # a body in several DATA frames
             self.h2.send_data(sid, body[start:start + 1000],
                               end_stream=start + 1000 >= len(body))
@@ -142,13 +147,16 @@ class Client:
             stream.status = int(stream.headers.get(":status", 0))
         elif isinstance(event, DataReceived):
             self.streams[event.stream_id].body += event.data
-            # Grant the window back, as any real client does.
-            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if self.grant:  # give the window back, as any real client does
+                self.h2.acknowledge_received_data(event.flow_controlled_length,
+                                                  event.stream_id)
         elif isinstance(event, StreamEnded):
             self.streams[event.stream_id].ended = True
             self.finished.append(self.streams[event.stream_id].path)
         elif isinstance(event, PingAckReceived):
             self.pings_acked += 1
+        elif isinstance(event, SettingsAcknowledged):
+            self.settings_acked += 1
         elif isinstance(event, StreamReset):
             path = self.streams[event.stream_id].path
             if path == "/boom":
@@ -468,6 +476,84 @@ def test_stream_window_smaller_than_the_connections(server: Any) -> None:
         client.close()
 
 
+SMALL_WINDOW = 1000  # each stream's window at first: /two-frames stops after this many bytes
+
+
+def test_a_settings_frame_raising_the_window_resumes_the_body(server: Any) -> None:
+    """A client grants each stream 1,000 bytes, then raises SETTINGS_INITIAL_WINDOW_SIZE to
+    65,535 mid-connection and sends no WINDOW_UPDATE at all: RFC 9113 6.9.2 changes every
+    open stream's window by the difference, so the rest of the body may go at once."""
+    client = Client(server, {SettingCodes.INITIAL_WINDOW_SIZE: SMALL_WINDOW})
+    client.grant = False  # the SETTINGS frame alone must open the window
+    try:
+        sid = client.get("/two-frames")
+        size = 2 * 16_384
+        client.run_until(lambda: len(client.streams[sid].body) >= SMALL_WINDOW,
+                         f"first {SMALL_WINDOW} bytes of /two-frames (the stream's window)")
+        got = len(client.streams[sid].body)
+        assert got == SMALL_WINDOW and not client.streams[sid].ended, (
+            f"the client's streams have a {SMALL_WINDOW}-byte window, and /two-frames sent "
+            f"{got} bytes{' and ended' if client.streams[sid].ended else ''} before any more "
+            "was granted: a DATA frame may not exceed local_flow_control_window(stream_id)")
+        acked = client.settings_acked
+        client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 65_535})
+        client.flush()
+        client.run_until(lambda: client.settings_acked > acked,
+                         "SETTINGS ACK for the raised SETTINGS_INITIAL_WINDOW_SIZE")
+        client.run_until(
+            client.ended(sid), lambda: (
+                f"rest of /two-frames ({size - len(client.streams[sid].body):,} of {size:,} "
+                f"bytes) after the server acknowledged the client's SETTINGS raising "
+                f"SETTINGS_INITIAL_WINDOW_SIZE from {SMALL_WINDOW} to 65,535"),
+            hint="The body stalled with window to spare: a SETTINGS frame that raises "
+                 "SETTINGS_INITIAL_WINDOW_SIZE adds the difference to every open stream's "
+                 "window (RFC 9113 6.9.2) - h2 applies it and reports RemoteSettingsChanged, "
+                 "no WindowUpdated. A sender that waits for WINDOW_UPDATE alone stalls until "
+                 "the client happens to send one; wake the waiting streams on "
+                 "RemoteSettingsChanged too.")
+        assert bytes(client.streams[sid].body) == b"f" * size, (
+            f"/two-frames arrived with {len(client.streams[sid].body)} bytes, expected {size}")
+    finally:
+        client.close()
+
+
+@dataclass(frozen=True)
+class OddValue:
+    """A header value that is no ASCII, and what the handler must see of it."""
+
+    what: str
+    raw: bytes
+    seen: str
+
+
+ODD_VALUES = [
+    OddValue("a Latin-1 byte, 0xE9 (obs-text)", b"caf\xe9", "caf\xe9"),
+    OddValue("UTF-8, 0xC3 0xA9", b"caf\xc3\xa9", "caf\xc3\xa9"),
+]
+
+
+@pytest.mark.parametrize("odd", ODD_VALUES, ids=["latin-1", "utf-8"])
+def test_a_header_value_is_octets(server: Any, client: Client, odd: OddValue) -> None:
+    """x-note's value is bytes that are no ASCII: the handler gets it decoded as
+    ISO-8859-1, one character per byte (RFC 9110 5.5, PEP 3333), and the connection goes
+    on serving."""
+    rule = ("A field value is octets (RFC 9110 5.5: obs-text, 0x80-0xFF, is allowed), not "
+            "UTF-8: decode it as ISO-8859-1, one character per byte, as WSGI does (PEP "
+            "3333) - every value then arrives intact, and none can raise in your read loop. "
+            "A strict .decode() crashes the connection and every stream on it for one "
+            "client's header; errors='replace' and UTF-8-first guesses change the octets.")
+    sid = client.get("/note", extra=[(b"x-note", odd.raw)])
+    client.run_until(client.ended(sid), f"response to a request whose x-note header is "
+                     f"{odd.raw!r} ({odd.what})", hint=rule)
+    got = bytes(client.streams[sid].body).decode("ascii", "replace")
+    assert got == ascii(odd.seen), (
+        f"a request's x-note header was {odd.raw!r} ({odd.what}); the handler saw {got}, "
+        f"expected {ascii(odd.seen)}\n{rule}")
+    after = client.get("/after-note")
+    client.run_until(client.ended(after), "a response on the same connection afterwards",
+                     hint=rule)
+
+
 def test_a_reset_stream_cancels_its_handler(server: Any, client: Client) -> None:
     """The client cancels a request (RST_STREAM) while its handler is still working: the
     work must stop, not run on for nobody."""
@@ -506,12 +592,27 @@ def _break_protocol(client: Client) -> None:
     client.sock.sendall(b"\x00\x00\x00" b"\x00" b"\x00" b"\x00\x00\x00\x00")
 
 
+def _goaway(client: Client) -> None:
+    # GOAWAY, NO_ERROR: "I open no more streams" - and h2 on the server's side then
+    # closes its connection state: nothing more can be sent there (python-hyper/h2#1181).
+    client.h2.close_connection()
+    client.flush()
+
+
+GOAWAY = "sent GOAWAY (NO_ERROR)"
 CONNECTION_ENDS = {
     "closed the TCP connection": _close,
+    GOAWAY: _goaway,
     "broke the protocol (a DATA frame on stream 0)": _break_protocol,
     "reset the TCP connection (RST)": _reset,
 }
 GONE = WAIT * 2  # the test's /held handler gives up by itself after WAIT * 3
+GOAWAY_ENDS = (
+    "\nA client's GOAWAY (ConnectionTerminated) ends the connection for an h2 server: RFC "
+    "9113 6.8 would let the streams in flight finish, but h2 closes its state the moment "
+    "it receives one and sends nothing more (python-hyper/h2#1181), so no answer can go "
+    "out. Ignoring the event, or waiting for the streams to finish, keeps handlers running "
+    "and the socket open for nobody: cancel the stream tasks and close the connection.")
 
 
 @pytest.mark.parametrize("how", list(CONNECTION_ENDS))
@@ -533,7 +634,21 @@ def test_the_connection_ending_cancels_its_handlers(server: Any, client: Client,
         "When the connection ends - EOF, a reset, a protocol error, any way out of your "
         "read loop - cancel every stream task still running (in a finally): nobody is "
         "left to read those answers, and the abandoned work (a query, a lock, a call) "
-        "would run on for nobody, one more per client that goes away.")
+        "would run on for nobody, one more per client that goes away."
+        + (GOAWAY_ENDS if how == GOAWAY else ""))
+    if how == GOAWAY:
+        try:
+            left = client.sock.recv(65536)
+            while left:
+                left = client.sock.recv(65536)
+        except TimeoutError:
+            pytest.fail(f"the client sent GOAWAY, the server cancelled /held's handler, and "
+                        f"{WAIT:.0f} s later the connection was still open{GOAWAY_ENDS}",
+                        pytrace=False)
+        except ConnectionResetError:
+            pass  # closed with unread bytes: closed all the same
+        problems = server.problems()
+        assert not problems, f"after the client's GOAWAY: {problems[0]}{GOAWAY_ENDS}"
 
 
 SHARED_STATE = (

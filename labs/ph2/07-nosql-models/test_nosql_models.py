@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from operator import methodcaller
 from types import ModuleType
 from typing import Any
@@ -330,6 +331,79 @@ def test_add_products_takes_any_batch(learner: Any, postgres: Any, redis_db: Any
                 f"{'; '.join(wrong[:3])} ({len(wrong)} of {len(batch)} products wrong): {why}")
     finally:
         store.close()
+
+
+@dataclass(frozen=True)
+class LookAlikes:
+    """Two different (attribute name, value) pairs that read as one text when a model joins
+    the parts with a separator, or makes them 'safe' by a lossy rewrite."""
+
+    first: tuple[str, str]
+    second: tuple[str, str]
+    alike_when: str
+
+
+LOOK_ALIKE_ATTRIBUTES = [
+    LookAlikes(("a", "b:c"), ("a:b", "c"), "joined with ':' (index:attribute:a:b:c)"),
+    LookAlikes(("a", "b=c"), ("a=b", "c"), "joined with '=' (a=b=c)"),
+    LookAlikes(("a", "b|c"), ("a|b", "c"), "joined with '|' (a|b|c)"),
+    LookAlikes(("ratio", "1:2"), ("ratio", "1%3A2"),
+               "':' escaped by hand as %3A while '%' itself is left as it is"),
+    LookAlikes(("fit:cut", "slim"), ("fit_cut", "slim"), "':' replaced by '_'"),
+]
+LOOK_ALIKE_FIRST_ID = 9001
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_look_alike_attributes_are_told_apart(learner: Any, postgres: Any, redis_db: Any,
+                                              model: str) -> None:
+    """Each pair of products differs only in where its attribute's name ends and its value
+    begins (or in a ':' against what a lossy rewrite makes of it): each lookup must find
+    its own product alone. A key joined from raw parts gives both pairs one key."""
+    products: list[Product] = []
+    for n, case in enumerate(LOOK_ALIKE_ATTRIBUTES):
+        for k, (name, value) in enumerate((case.first, case.second)):
+            pid = LOOK_ALIKE_FIRST_ID + 2 * n + k
+            products.append({"id": pid, "name": f"Look-alike no. {pid}", "category": "misc",
+                             "price_cents": 100, "tags": [], "attributes": {name: value}})
+    module = learner.load("catalog")
+    store = load_model(module, model, postgres, redis_db, products)
+    problems: list[str] = []
+    try:
+        for n, case in enumerate(LOOK_ALIKE_ATTRIBUTES):
+            pairs = (case.first, case.second)
+            for k, (name, value) in enumerate(pairs):
+                pid = LOOK_ALIKE_FIRST_ID + 2 * n + k
+                other_name, other_value = pairs[1 - k]
+                label = f"ids_with_attribute({name!r}, {value!r})"
+                try:
+                    got = list(store.ids_with_attribute(name, value))
+                except Exception as exc:  # noqa: BLE001 - the learner's error, named below
+                    problems.append(f"{model}.{label} raised {type(exc).__name__}: "
+                                    f"{str(exc)[:200]}")
+                    continue
+                if got != [pid]:
+                    mixed = (f": product {LOOK_ALIKE_FIRST_ID + 2 * n + 1 - k} has "
+                             f"{other_name!r} = {other_value!r}, another pair, which reads "
+                             f"the same when {case.alike_when}"
+                             if LOOK_ALIKE_FIRST_ID + 2 * n + 1 - k in got else "")
+                    problems.append(f"{model}.{label} returned {got}, expected [{pid}]{mixed}")
+                stored = store.get(pid)
+                want = {name: value}
+                if stored is None or stored.get("attributes") != want:
+                    problems.append(
+                        f"{model}.get({pid}) returned attributes "
+                        f"{None if stored is None else stored.get('attributes')!r}, expected "
+                        f"{want!r}")
+    finally:
+        store.close()
+    assert not problems, (
+        f"{problems[0]}\n" + "\n".join(problems[1:5])
+        + "\nA name and a value are the seller's text: they may hold ':' (or '=', '|', '%') "
+        "themselves. A key built by joining them raw gives two different pairs one key, and "
+        "a lossy rewrite (':' -> '_') merges pairs too: escape each part of the key "
+        "(urllib.parse.quote(part, safe=''): ':' -> %3A, '%' -> %25) or length-prefix it, "
+        "so that the key says where each part ends.")
 
 
 def describe_difference(model: str, label: str, got: Any, want: Any) -> str:

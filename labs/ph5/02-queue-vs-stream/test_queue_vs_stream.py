@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,6 +21,31 @@ from labrunner.testing import verdict
 
 JOBS = [f"job-{n}" for n in range(10)]
 RETRIES = 2  # more refused rabbit_enqueue calls, as a caller that retries would make
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A job body the happy path never sends, and what the learner's code must hand back
+    for it: a payload is bytes, possibly empty, possibly not UTF-8, and a job all the same."""
+
+    what: str
+    raw: bytes | None  # what the broker holds; None: a Kafka record with a null value
+    body: str          # the job's body as next_job / kafka_read_new return it
+    mistake: str       # what a reader that loses or crashes on it does wrong
+
+
+EMPTY = Payload("the empty job (a body of 0 bytes)", b"", "",
+                "an empty body is a job like any other: a reader that skips it "
+                "(`if not body: continue`) loses a job its producer sent")
+NOT_UTF8 = Payload("a job that is not UTF-8 (Latin-1 'caf\\xe9': 0xE9 alone)", b"caf\xe9",
+                   "caf\ufffd",
+                   "a body is bytes, and not every producer writes UTF-8: decode with "
+                   "errors='replace' (each bad sequence becomes U+FFFD, as Kafka's own "
+                   "StringDeserializer does) - a strict decode() raises on it")
+PAYLOADS = [EMPTY, NOT_UTF8]
+TOMBSTONE = Payload("a record with a null value (a tombstone)", None, "",
+                    "a record whose value is None (a tombstone, a producer that sent no "
+                    "value) is the empty job: read it as \"\" (msg.value() or b\"\")")
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -276,6 +302,66 @@ def test_a_refused_job_is_not_reported_enqueued(learner: Any, rabbitmq: Any) -> 
             "connection limit or file descriptors refuse every publisher", pytrace=False)
 
 
+def publish_raw(rabbitmq: Any, queue: str, bodies: list[bytes]) -> None:
+    """The test's own publisher: bodies as bytes, persistent, on a durable queue."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue=queue, durable=True)
+        channel.confirm_delivery()
+        for body in bodies:
+            channel.basic_publish(exchange="", routing_key=queue, body=body,
+                                  properties=pika.BasicProperties(delivery_mode=2))
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=["empty", "not-utf8"])
+def test_a_worker_gets_every_payload(learner: Any, rabbitmq: Any, payload: Payload) -> None:
+    """job-0, then the odd payload, then job-1 on the queue (the empty job through
+    rabbit_enqueue; bytes that are no text through the test's own publisher): one worker
+    gets all three, in order, and acks them; the queue is empty afterwards."""
+    mod = learner.load("workload")
+    assert payload.raw is not None
+    try:
+        text = payload.raw.decode()
+    except UnicodeDecodeError:
+        publish_raw(rabbitmq, "odd", [b"job-0", payload.raw, b"job-1"])
+        sent = "the test published"
+    else:
+        mod.rabbit_enqueue(rabbitmq.url, "odd", ["job-0", text, "job-1"])
+        sent = "rabbit_enqueue put"
+    want = ["job-0", payload.body, "job-1"]
+    worker = mod.RabbitWorker(rabbitmq.url, "odd")
+    got: list[str] = []
+    crashed = ""
+    try:
+        for _ in want:
+            try:
+                job = take(worker)
+            except Exception as exc:  # noqa: BLE001 - the learner's error, named below
+                crashed = f"{type(exc).__name__}: {str(exc)[:160]}"
+                break
+            if job is None:
+                break
+            got.append(job.body)
+            worker.ack(job)
+    finally:
+        try:
+            worker.close()
+        except Exception:  # noqa: BLE001,S110 - a worker that crashed may not close cleanly
+            pass
+    poison = ("; the job goes back to the queue unacked and kills the next worker it is "
+              "lent to as well: a poison message" if crashed else "")
+    seen = f"raised {crashed} after {got}" if crashed else f"returned {got}"
+    assert got == want, (
+        f"{sent} job-0, {payload.what}, job-1 on the queue; the worker's next_job {seen}, "
+        f"expected {want}: {payload.mistake}{poison}")
+    assert_queue_empty(rabbitmq, "odd")
+
+
 # --- Kafka: a log ----------------------------------------------------------------------------
 
 def test_kafka_keeps_the_log_for_new_groups_and_replay(learner: Any, kafka: Any) -> None:
@@ -358,33 +444,45 @@ def test_a_refused_record_is_not_reported_published(learner: Any, kafka: Any) ->
             f"an answer, and every report says delivered: keep acks=all", pytrace=False)
 
 
-def test_a_record_without_a_value_does_not_stop_the_group(learner: Any, kafka: Any) -> None:
+@pytest.mark.parametrize("payload", [TOMBSTONE, *PAYLOADS], ids=["null", "empty", "not-utf8"])
+def test_an_odd_record_does_not_stop_the_group(learner: Any, kafka: Any,
+                                               payload: Payload) -> None:
     """A log has no nack: a record the reader cannot get past stops its group at that offset
-    for good. A record with a null value (a tombstone, a producer that sent no value) is an
-    empty job; the group reads past it to the end and commits."""
+    for good, and a record it skips is a job lost. job-0, the odd record, job-1 (the empty
+    job through kafka_publish, the others from the test's producer): kafka_read_new returns
+    all three in order, then nothing."""
     from confluent_kafka import Producer
 
     mod = learner.load("workload")
-    topic = kafka.create_topic("nulls", 1)
-    producer = Producer(kafka.producer_config(acks="all"))
-    for body in (b"job-0", None, b"job-1"):
-        producer.produce(topic, key=b"k", value=body)
-    assert producer.flush(30) == 0, "the test's producer could not deliver the records"
-    group = kafka.group("nulls")
-    poisoned = ("a log has no nack and its group advances only by its committed offset, so "
-                "a record the reader crashes on is a poison pill: every later read of the "
-                "group stops at the same offset, for good. A record whose value is None (a "
-                "tombstone) is an empty job: read it as \"\" (msg.value() or b\"\") and go on")
+    topic = kafka.create_topic("odd", 1)
+    text = None
+    if payload.raw is not None:
+        try:
+            text = payload.raw.decode()
+        except UnicodeDecodeError:
+            text = None
+    if text is not None:
+        mod.kafka_publish(kafka.bootstrap, topic, ["job-0", text, "job-1"])
+    else:
+        producer = Producer(kafka.producer_config(acks="all"))
+        for body in (b"job-0", payload.raw, b"job-1"):
+            producer.produce(topic, key=b"k", value=body)
+        assert producer.flush(30) == 0, "the test's producer could not deliver the records"
+    group = kafka.group("odd")
+    want = ["job-0", payload.body, "job-1"]
+    poisoned = (f"{payload.mistake}. A log has no nack and its group advances only by its "
+                "committed offset: a record the reader crashes on is a poison pill that stops "
+                "every later read of the group at the same offset, for good; a record it "
+                "skips is a job nobody does")
     for attempt in ("first", "second"):
         _, got = verdict("kafka_read_new", mod.kafka_read_new, kafka.bootstrap, topic, group,
                          refusal=(), crash=f"on the {attempt} call, over the records job-0, "
-                         f"a record with a null value, job-1; expected job-0 and job-1 (and "
-                         f"the empty job): {poisoned}")
+                         f"{payload.what}, job-1; expected {want}: {poisoned}")
         if attempt == "first":
-            assert isinstance(got, list) and [b for b in got if b] == ["job-0", "job-1"], (
-                f"kafka_read_new over job-0, a null-valued record, job-1 returned {got!r:.120}; "
-                f"expected ['job-0', '', 'job-1'] - {poisoned}")
+            assert isinstance(got, list) and got == want, (
+                f"kafka_read_new over job-0, {payload.what}, job-1 returned {got!r:.120}; "
+                f"expected {want}: {poisoned}")
     assert got == [], (
-        f"after reading job-0, a null-valued record and job-1, group {group} read {got!r:.120} "
+        f"after reading job-0, {payload.what} and job-1, group {group} read {got!r:.120} "
         f"again on its next kafka_read_new; expected nothing: it must commit past every "
-        f"record it read, the null-valued one too")
+        f"record it read, the odd one too")

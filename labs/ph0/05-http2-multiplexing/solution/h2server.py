@@ -24,6 +24,7 @@ from h2.connection import H2Connection
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
     StreamReset,
@@ -91,7 +92,11 @@ class _Connection:
     def dispatch(self, event: object) -> bool:
         """Act on one h2 event; False when the connection is over."""
         if isinstance(event, RequestReceived):
-            headers = [(bytes(k).decode(), bytes(v).decode()) for k, v in event.headers]
+            # A field value is octets, not UTF-8 (RFC 9110 5.5: obs-text, 0x80-0xFF, is
+            # allowed): decode ISO-8859-1, one character per byte, as WSGI does (PEP 3333),
+            # so every value arrives intact and none can raise here and drop the connection.
+            headers = [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1"))
+                       for k, v in event.headers]
             pseudo = {k: v for k, v in headers if k.startswith(":")}
             regular = {k: v for k, v in headers if not k.startswith(":")}
             self.requests[event.stream_id] = Request(
@@ -109,9 +114,15 @@ class _Connection:
             task = self.tasks.pop(event.stream_id, None)
             if task is not None:
                 task.cancel()
-        elif isinstance(event, WindowUpdated):
+        elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
+            # A WINDOW_UPDATE grants more window, and so does a SETTINGS frame that raises
+            # SETTINGS_INITIAL_WINDOW_SIZE: it changes every open stream's window by the
+            # difference (RFC 9113 6.9.2; h2 applies it and says RemoteSettingsChanged).
             self.window_opened.set()
         elif isinstance(event, ConnectionTerminated):
+            # The client's GOAWAY. RFC 9113 6.8 would let the streams in flight finish, but
+            # h2 closes its side on receiving one (python-hyper/h2#1181): no response can
+            # be sent any more, so the connection is over and run() cancels their tasks.
             return False
         return True
 

@@ -37,7 +37,8 @@ async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
     # TODO 1: H2Connection(H2Configuration(client_side=False)); initiate_connection();
     #         write data_to_send().
     # TODO 2: loop: read bytes, conn.receive_data(), handle RequestReceived, DataReceived,
-    #         StreamEnded, WindowUpdated, ConnectionTerminated; write data_to_send().
+    #         StreamEnded, WindowUpdated, RemoteSettingsChanged, StreamReset,
+    #         ConnectionTerminated; write data_to_send().
     # TODO 3: on StreamEnded, answer the stream in its own task: send_headers(), then
     #         send_data() within the flow-control window.
     raise NotImplementedError("handle_connection: serve HTTP/2 streams with h2")

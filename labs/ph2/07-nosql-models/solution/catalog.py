@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import redis
@@ -173,6 +174,16 @@ class DocumentCatalog:
 # Key-value (Redis)
 
 
+def _attribute_key(name: str, value: str) -> str:
+    """index:attribute:<name>:<value>, each part percent-encoded (":" -> %3A, "%" -> %25).
+
+    Parts joined as they are can collide: attribute a = "b:c" and attribute "a:b" = "c"
+    would both be index:attribute:a:b:c. Escaping each part, as a URL escapes its path
+    segments (RFC 3986 2.1), makes the key say where each part ends.
+    """
+    return f"index:attribute:{quote(name, safe='')}:{quote(value, safe='')}"
+
+
 class RedisCatalog:
     """product:<id> is a hash; index:<kind>:<value> sets are the secondary indexes.
 
@@ -201,7 +212,7 @@ class RedisCatalog:
             for tag in p["tags"]:
                 pipe.sadd(f"index:tag:{tag}", pid)
             for k, v in p["attributes"].items():
-                pipe.sadd(f"index:attribute:{k}:{v}", pid)
+                pipe.sadd(_attribute_key(k, v), pid)
         pipe.execute()
 
     def get(self, product_id: int) -> Product | None:
@@ -226,7 +237,7 @@ class RedisCatalog:
         return self._members(f"index:tag:{tag}")
 
     def ids_with_attribute(self, name: str, value: str) -> list[int]:
-        return self._members(f"index:attribute:{name}:{value}")
+        return self._members(_attribute_key(name, value))
 
     def close(self) -> None:
         self.r.close()

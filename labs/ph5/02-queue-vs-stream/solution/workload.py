@@ -66,7 +66,11 @@ class RabbitWorker:
         self._arrivals: deque[Job] = deque()
 
     def _arrived(self, _channel: Any, method: Any, _properties: Any, body: bytes) -> None:
-        self._arrivals.append(Job(body.decode(), bool(method.redelivered), method.delivery_tag))
+        # A body is bytes, possibly empty, possibly not UTF-8, and a job all the same: bad
+        # sequences become U+FFFD, as Kafka's StringDeserializer does. Raising here would
+        # make it a poison message, requeued to kill every worker it is lent to.
+        text = body.decode(errors="replace")
+        self._arrivals.append(Job(text, bool(method.redelivered), method.delivery_tag))
 
     def next_job(self, timeout: float) -> Job | None:
         """The next job for this worker, or None when none arrived within ``timeout``."""
@@ -151,7 +155,8 @@ def _read_to_end(bootstrap: str, topic: str, group: str, from_start: bool) -> li
                     at_end.add(msg.partition() or 0)
                     continue
                 raise KafkaException(err)
-            bodies.append((msg.value() or b"").decode())
+            # None (a tombstone) and b"" are the empty job; not UTF-8: U+FFFD (see _arrived)
+            bodies.append((msg.value() or b"").decode(errors="replace"))
         if bodies:  # the group's position moves past what it read (nothing read: no commit)
             consumer.commit(asynchronous=False)
     finally:
