@@ -40,6 +40,7 @@ class LearnerServer:
         self._thread.start()
         self._fast_done = asyncio.Event()
         self.called: list[str] = []  # the paths handler() was called with, in order
+        self.raised = False  # /boom's handler has raised
         try:
             self._server = asyncio.run_coroutine_threadsafe(
                 asyncio.wait_for(h3.start_server("127.0.0.1", 0, certfile=certfile,
@@ -63,8 +64,19 @@ class LearnerServer:
                 return 504, b"gave up waiting for /fast"
             return 200, b"slow ok"
         if path == "/boom":
+            self.raised = True
             raise RuntimeError("the application failed on purpose (ph0.6's /boom)")
         return 200, f"{path} ok".encode()
+
+    def idle_after_failure(self, paths: list[str], seconds: float) -> bool:
+        """Whether /boom's handler has raised, handler() has been called for every one of
+        ``paths``, and the server's loop has been idle since (see called_once_idle):
+        whatever the server does about the failure - answer 500, reset the stream, close
+        the connection, or nothing - and about the other requests, it has done by then."""
+        if not self.raised or not set(paths) <= set(self.called):
+            return False
+        called = self.called_once_idle(seconds)
+        return called is not None and set(paths) <= set(called)
 
     def called_once_idle(self, seconds: float) -> list[str] | None:
         """The paths handler() has been called with, read on the server's loop once that

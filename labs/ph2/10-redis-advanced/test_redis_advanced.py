@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from labrunner.testing import RelayLink, TcpRelay, redis_commands, wait_until
+from labrunner.testing import RelayLink, TcpRelay, came_true, redis_commands, wait_until
 
 
 def limiter_class(learner: Any) -> type:
@@ -440,6 +440,78 @@ def test_messages_arrive_exactly_as_published(learner: Any, redis_db: Any) -> No
         "(decode_responses=True, or data.decode('utf-8')), not through their repr (which "
         "escapes quotes, backslashes and every non-ASCII byte) nor as latin-1 (which turns "
         "each non-ASCII character into several)")
+
+
+def connections_on(admin: Any, db: int) -> dict[int, str]:
+    """The server's connections on database `db` (CLIENT LIST): id -> how CLIENT LIST
+    describes it (address, last command, subscription count)."""
+    return {int(c["id"]): f"id={c['id']} addr={c.get('addr')} cmd={c.get('cmd')} "
+            f"sub={c.get('sub')}" for c in admin.client_list() if int(c.get("db", -1)) == db}
+
+
+# After close() returns, its socket is closed on the client's side; the server sees the
+# end of the connection (and drops the subscription with it) a few milliseconds later.
+# This long is far past that on a loaded machine; a thread told to stop by close() gets
+# as long to end (judged as soon as it has, by join()).
+CLOSED_WITHIN_S = 5.0
+
+
+def test_close_ends_the_connection_the_subscription_and_the_listener(
+        learner: Any, redis_db: Any) -> None:
+    """close() gives back what the constructor took, judged where it lives: the server
+    (CLIENT LIST: the subscriber's connections; PUBSUB NUMSUB: its subscription) and the
+    learner's process (the threads the constructor started must end). A Subscriber per
+    request, closed but still open, leaks a connection (maxclients), a subscription the
+    server keeps filling with messages for no one, and a thread polling for ever."""
+    cls = subscriber_class(learner)
+    harness = learner.harness()
+    channel = f"lab:{uuid.uuid4().hex}"
+    admin = redis_db.admin_client(decode_responses=True)
+    try:
+        before = set(connections_on(admin, redis_db.db)) | {int(admin.client_id())}
+        threads_before = set(harness.thread_idents())
+        sub = cls(redis_db.url, channel)
+        try:
+            opened = {cid: what for cid, what in connections_on(admin, redis_db.db).items()
+                      if cid not in before}
+            started = [t for t in harness.thread_idents() if t not in threads_before]
+            assert admin.pubsub_numsub(channel)[0][1] == 1, (
+                "the server counts no subscriber on the channel after Subscriber() returned: "
+                "subscribe in the constructor")
+        finally:
+            sub.close()
+
+        def released() -> bool:
+            return (admin.pubsub_numsub(channel)[0][1] == 0
+                    and not set(opened) & set(connections_on(admin, redis_db.db)))
+
+        came_true(released, CLOSED_WITHIN_S)
+        subscribed = admin.pubsub_numsub(channel)[0][1]
+        left = {cid: what for cid, what in connections_on(admin, redis_db.db).items()
+                if cid in opened}
+    finally:
+        admin.close()
+    assert not subscribed, (
+        f"{CLOSED_WITHIN_S:.0f} s after close() returned, the server still counts {subscribed} "
+        f"subscriber on the channel (PUBSUB NUMSUB), on the connection "
+        f"{'; '.join(left.values()) or '?'}: close() left the subscription active - every "
+        "message published to the channel is still sent to a connection nobody reads, and "
+        "publish() counts it as a receiver. Close the pub/sub connection in close() "
+        "(pubsub.close(): it unsubscribes by ending the connection)")
+    assert not left, (
+        f"{CLOSED_WITHIN_S:.0f} s after close() returned, the connection Subscriber() opened "
+        f"is still open on the server (CLIENT LIST: {'; '.join(left.values())}): close() "
+        "unsubscribed but kept the connection - every Subscriber closed this way leaks a "
+        "connection until the server's maxclients refuses new ones. Close the connection "
+        "itself (pubsub.close() / the client's close()), not only the subscription")
+    running = harness.still_running(started, CLOSED_WITHIN_S)
+    assert not running, (
+        f"{CLOSED_WITHIN_S:.0f} s after close() returned, the {', '.join(running)} that "
+        "Subscriber() started is still running: close() did not stop the listener thread "
+        "(a daemon thread is not stopped by anything but the end of the process - each "
+        "closed Subscriber leaves one behind, polling for ever). In close(), stop it "
+        "(worker.stop() for pubsub.run_in_thread(), or a flag/Event your loop checks) "
+        "and join it")
 
 
 # --------------------------------------------------------------------------------------

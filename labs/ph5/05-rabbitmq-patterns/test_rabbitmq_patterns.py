@@ -178,6 +178,90 @@ def test_topic_patterns_one_word_and_many(learner: Any, channels: Any,
     expect_exchange_type(rabbitmq, "logs-topic", "topic", "setup_topic")
 
 
+# A topic exchange with several patterns per queue (the way a real consumer subscribes:
+# `orders.*.eu` and `orders.created.#`), one pattern shared by two queues. Each case: a
+# routing key and the queues that must receive it, once each (AMQP 0-9-1 / RabbitMQ's topic
+# exchange: '*' is exactly one word, '#' zero or more; a queue gets one copy of a message
+# however many of its bindings match it).
+MULTI_TOPIC_BINDINGS = {
+    "eu-orders": ["orders.*.eu", "orders.created.#"],
+    "all-orders": ["orders.#"],
+    "created": ["orders.created.#", "*.created.*"],
+}
+MULTI_TOPIC_CASES = [
+    # two patterns of eu-orders and two of created match: one copy each
+    ("orders.created.eu", ["eu-orders", "all-orders", "created"]),
+    ("orders.shipped.eu", ["eu-orders", "all-orders"]),
+    # '#' matches zero words: orders.created.# matches orders.created, orders.# orders
+    ("orders.created", ["eu-orders", "all-orders", "created"]),
+    ("orders", ["all-orders"]),
+    # '*' is exactly one word, never zero: orders.*.eu does not match orders.eu
+    ("orders.eu", ["all-orders"]),
+    ("shop.created.uk", ["created"]),
+    ("orders.created.eu.north", ["eu-orders", "all-orders", "created"]),
+    ("created.eu", []),
+]
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """RabbitMQ's topic match, to explain a verdict: '*' one word, '#' zero or more."""
+    def match(p: list[str], k: list[str]) -> bool:
+        if not p:
+            return not k
+        if p[0] == "#":
+            return any(match(p[1:], k[i:]) for i in range(len(k) + 1))
+        return bool(k) and p[0] in ("*", k[0]) and match(p[1:], k[1:])
+    return match(pattern.split("."), key.split("."))
+
+
+def test_topic_queue_bound_with_several_patterns(learner: Any, channels: Any,
+                                                 rabbitmq: Any) -> None:
+    setup_topic = learner.function("patterns", "setup_topic")
+    theirs, mine = channels
+    call("setup_topic", setup_topic, theirs, "orders-topic",
+         {queue: list(patterns) for queue, patterns in MULTI_TOPIC_BINDINGS.items()})
+    for key, _queues in MULTI_TOPIC_CASES:
+        mine.basic_publish("orders-topic", key, key.encode())
+    problems: list[str] = []
+    unbound: set[tuple[str, str]] = set()   # (queue, pattern) bindings seen missing
+    for queue, patterns in MULTI_TOPIC_BINDINGS.items():
+        got = drain(mine, queue)
+        want = [key for key, queues in MULTI_TOPIC_CASES if queue in queues]
+        for key in want:
+            matching = [p for p in patterns if topic_matches(p, key)]
+            if key not in got:
+                unbound |= {(queue, p) for p in matching}
+                problems.append(
+                    f"{queue!r} (bound with {patterns}) did not receive {key!r}, which its "
+                    f"pattern {' and '.join(map(repr, matching))} matches")
+            elif got.count(key) > 1:
+                problems.append(
+                    f"{queue!r} received {key!r} {got.count(key)} times (it matches "
+                    f"{' and '.join(map(repr, matching))}): a queue gets one copy of a "
+                    "message however many of its bindings match - bind every pattern to "
+                    "the queue itself, on the one exchange")
+        for key in sorted(set(got) - set(want)):
+            problems.append(
+                f"{queue!r} (bound with {patterns}) received {key!r}, which none of its "
+                "patterns matches: '*' is exactly one word (never zero), '#' zero or more")
+    shared = {p for queue, patterns in MULTI_TOPIC_BINDINGS.items() for p in patterns
+              if any(p in theirs for other, theirs in MULTI_TOPIC_BINDINGS.items()
+                     if other != queue)}
+    missing = ", ".join(f"{queue} <- {p!r}" for queue, p in sorted(unbound))
+    if unbound and all(p in shared for _queue, p in unbound):
+        problems.insert(0, (
+            f"every missing binding ({missing}) is a pattern another queue is bound with "
+            "too: a pattern two queues share is a binding for each of them - bind every "
+            "(queue, pattern) pair, not one queue per pattern (a pattern -> queue table "
+            "keeps only one)"))
+    elif unbound:
+        problems.insert(0, (
+            f"missing bindings: {missing} - each pattern of a queue is a binding of its "
+            "own: bind the queue once per pattern in its list, not only the first"))
+    assert not problems, "\n".join(problems)
+    expect_exchange_type(rabbitmq, "orders-topic", "topic", "setup_topic")
+
+
 def test_fanout_copies_to_every_queue(learner: Any, channels: Any, rabbitmq: Any) -> None:
     setup_fanout = learner.function("patterns", "setup_fanout")
     theirs, mine = channels

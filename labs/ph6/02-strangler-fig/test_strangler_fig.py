@@ -25,12 +25,15 @@ class Backend:
         self.hits = 0
         self.lock = threading.Lock()
         self.arrived: list[str] = []   # the paths of the requests that reached it, in order
+        self.methods: list[str] = []   # their methods, in the same order
+        self.head_lengths: dict[str, int] = {}   # path -> Content-Length of its HEAD answer
         self.holds: dict[str, threading.Event] = {}   # path -> answered once this is set
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         with self.lock:
             self.hits += 1
             self.arrived.append(environ.get("PATH_INFO") or "")
+            self.methods.append(environ["REQUEST_METHOD"])
         hold = self.holds.get(environ.get("PATH_INFO") or "")
         if hold is not None:
             hold.wait(HOLD_LIMIT)
@@ -47,8 +50,17 @@ class Backend:
             status, extra = "201 Created", [("Location", f"{path}/42"), *COOKIES]
         else:
             status, extra = "200 OK", []
+        content = json.dumps(seen).encode()
+        if environ["REQUEST_METHOD"] == "HEAD":
+            # What a server does for HEAD: the GET's header fields, Content-Length included,
+            # and no content (RFC 9110 9.3.2).
+            with self.lock:
+                self.head_lengths[path] = len(content)
+            start_response(status, [("Content-Type", "application/json"),
+                                    ("Content-Length", str(len(content))), *extra])
+            return []
         start_response(status, [("Content-Type", "application/json"), *extra])
-        return [json.dumps(seen).encode()]
+        return [content]
 
 
 HOLD_LIMIT = 60   # s: a held request is answered by then whatever happens (never hangs)
@@ -288,6 +300,44 @@ def test_every_method_passes_with_its_body(world: Any) -> None:
         "as well as POST, PUT and PATCH - forward CONTENT_LENGTH bytes of wsgi.input "
         "whenever there are any, and the method as it came; the client must not notice the "
         "gateway, and the backend decides what a body means, not the gateway")
+
+
+# (path, upstream, status): HEAD to both services, a 404 too. A HEAD answer has no
+# content; its Content-Length, when sent, is the length a GET would have (RFC 9110 9.3.2,
+# 8.6): the gateway relays the upstream's, never the length of the nothing it read.
+HEAD_CASES = [("/orders/7", "new", 200), ("/users/9", "legacy", 200),
+              ("/orders/missing", "new", 404)]
+
+
+def test_head_keeps_the_upstreams_content_length(world: Any) -> None:
+    gateway, host, backends = world
+    gateway.route_to_new("/orders")
+    problems = []
+    for path, target, status in HEAD_CASES:
+        backend = backends[target]
+        before = {name: len(b.methods) for name, b in backends.items()}
+        reply = http_request(host, "HEAD", path)
+        seen = {name: b.methods[before[name]:] for name, b in backends.items()}
+        if sum(len(m) for m in seen.values()) != 1 or seen[target] != ["HEAD"]:
+            problems.append(
+                f"HEAD {path} reached the backends as {seen} (expected one HEAD at "
+                f"{target}): forward the method as it came - a HEAD fetched as a GET makes "
+                "the backend build and send the whole representation, and answer another "
+                "request than the client's")
+            continue
+        sent = backend.head_lengths.get(path)
+        got = reply.header("Content-Length")
+        if reply.status != status or got != str(sent):
+            problems.append(
+                f"HEAD {path} ({target}, which answered {status} with Content-Length: {sent} "
+                f"and no body) came back through the gateway as HTTP {reply.status} with "
+                f"Content-Length: {got}")
+    assert not problems, (
+        "; ".join(problems) + ". A HEAD answer carries no content, but its Content-Length "
+        "is the length the GET's content would have (RFC 9110 9.3.2, 8.6): a client, a "
+        "cache or a download manager reads it as the size of the resource. http.client "
+        "reads no body for a HEAD, so the length of what was read is 0 - relay the "
+        "upstream's Content-Length for a HEAD (or a 304) instead of computing it")
 
 
 def test_requests_in_flight_at_once_each_get_their_own_answer(world: Any) -> None:

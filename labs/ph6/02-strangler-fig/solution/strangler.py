@@ -68,6 +68,14 @@ class Gateway:
         finally:
             conn.close()
         out = [(k, v) for k, v in reply.getheaders() if k.lower() not in HOP_BY_HOP]
-        out.append(("Content-Length", str(len(data))))
+        if environ["REQUEST_METHOD"] == "HEAD" or reply.status == 304:
+            # No content comes with these, whatever Content-Length says: it is the length
+            # the GET (the 200) would have had (RFC 9110 9.3.2, 8.6). Relay the upstream's,
+            # never the 0 bytes read here.
+            declared = reply.getheader("Content-Length")
+            if declared is not None:
+                out.append(("Content-Length", declared))
+        else:
+            out.append(("Content-Length", str(len(data))))
         start_response(f"{reply.status} {reply.reason}", out)
         return [data]
