@@ -40,6 +40,7 @@ class Backend:
         length = int(environ.get("CONTENT_LENGTH") or 0)
         seen = {"service": self.name, "method": environ["REQUEST_METHOD"],
                 "path": environ.get("PATH_INFO"), "query": environ.get("QUERY_STRING", ""),
+                "raw": environ.get("RAW_URI"),
                 "body": environ["wsgi.input"].read(length).decode() if length else "",
                 "request_id": environ.get("HTTP_X_REQUEST_ID"),
                 "content_type": environ.get("CONTENT_TYPE")}
@@ -212,7 +213,43 @@ def test_a_percent_encoded_path_arrives_as_sent(world: Any) -> None:
         "is no URL (http.client refuses it: a 500) and 'é' cannot even be encoded. Route on "
         "PATH_INFO, but forward it encoded again, byte for byte: "
         "urllib.parse.quote(path.encode('latin-1'), safe=\"/:@!$&'()*+,;=-._~\") - "
-        "quote(path) alone encodes the latin-1 characters as UTF-8 a second time")
+        "quote(path) alone encodes the latin-1 characters as UTF-8 a second time (or "
+        "forward the path of the raw request-target, environ['RAW_URI'], as it came)")
+
+
+# Paths with an encoded slash: '%2F' is a byte of one segment, not a separator (a file
+# named '2024/05', a key holding a '/'). PATH_INFO shows it as '/', so a gateway that
+# encodes PATH_INFO again sends another path, with one more segment.
+ENCODED_SLASHES = [("/orders/reports%2F2024", "new"), ("/users/a%2Fb/notes", "legacy"),
+                   ("/orders/7/files/x%2fy%2F..%2Fz", "new")]
+
+
+def segments(raw_path: str) -> list[str]:
+    """A path's segments, each decoded: '%2F' stays inside its segment, and spellings that
+    mean the same bytes ('%2f', '%C3%A9' or '%c3%a9') compare equal."""
+    return [unquote(segment, encoding="latin-1") for segment in raw_path.split("/")]
+
+
+def test_an_encoded_slash_stays_in_its_segment(world: Any) -> None:
+    gateway, host, backends = world
+    gateway.route_to_new("/orders")
+    problems = []
+    for path, target in ENCODED_SLASHES:
+        reply = http_request(host, "GET", path + "?page=2")
+        seen = reply.json() if reply.status == 200 else {}
+        raw = str(seen.get("raw") or "").partition("?")[0]
+        if reply.status != 200:
+            problems.append(f"GET {path} got HTTP {reply.status} {reply.body[:100]!r}")
+        elif seen.get("service") != target or segments(raw) != segments(path):
+            problems.append(f"GET {path}?page=2 reached {seen.get('service')} as {raw!r} "
+                            f"(expected {path!r} at {target}: segments "
+                            f"{segments(path)[1:]}, saw {segments(raw)[1:]})")
+    assert not problems, (
+        "; ".join(problems) + ". An encoded slash (%2F) is part of its segment - one file "
+        "named 'reports/2024', not a folder - and WSGI's PATH_INFO has decoded it to '/': "
+        "encoded again, the path has one segment more and names another resource. Forward "
+        "the path as the client sent it: the server's raw request-target is "
+        "environ['RAW_URI'] (gunicorn; uWSGI: REQUEST_URI), its path up to the '?'")
 
 
 def forwarded(host: str, target: str, method: str, url: str, document: Any,

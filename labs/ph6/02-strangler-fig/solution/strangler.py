@@ -43,10 +43,16 @@ class Gateway:
     def __call__(self, environ: dict[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
         # PATH_INFO is the DECODED path (%20 is a space, %C3%A9 two latin-1 characters: WSGI
-        # hands bytes over as latin-1): route on it, but forward it encoded again, byte for
-        # byte, or the request never leaves (a space is no URL) or arrives as another path.
+        # hands bytes over as latin-1): route on it, but forward the path as it was sent.
+        # Encoding PATH_INFO again gives back every byte but one: %2F (a '/' inside a
+        # segment) comes back as a separator. The server's raw request-target (RAW_URI in
+        # gunicorn, REQUEST_URI in uWSGI) still holds it; without one, encode again.
         path = environ.get("PATH_INFO") or "/"
-        wire_path = quote(path.encode("latin-1"), safe=self.PATH_SAFE)
+        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
+        if raw.startswith("/"):
+            wire_path = raw.partition("?")[0]
+        else:
+            wire_path = quote(path.encode("latin-1"), safe=self.PATH_SAFE)
         query = environ.get("QUERY_STRING") or ""
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
