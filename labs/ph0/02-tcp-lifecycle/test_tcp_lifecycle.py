@@ -194,10 +194,11 @@ def expect_asleep_while_silent(what: str, cpu: float, silence: float, waiting: s
 
 
 def wait_for_state(local: tuple[str, int], remote: tuple[str, int], want: str) -> str | None:
-    """Poll the kernel table briefly: the last segments are processed asynchronously."""
+    """Poll the kernel table briefly: the last segments are processed asynchronously.
+    ``want`` "" waits for the socket to be gone."""
     deadline = time.monotonic() + WAIT
     state = tcp_state(local, remote)
-    while state != want and time.monotonic() < deadline:
+    while state != (want or None) and time.monotonic() < deadline:
         time.sleep(0.01)
         state = tcp_state(local, remote)
     return state
@@ -278,6 +279,23 @@ def expect_bytes_kept(what: str, got: Any, want: bytes, whose: str) -> None:
                     "as they came (b''.join(chunks)).", pytrace=False)
 
 
+def expect_no_reset(reset: bool, reply: bytes, want: bytes) -> None:
+    """Fail, naming an abortive close, when the client's read of the answer ended in RST."""
+    if reset:
+        lost = (f"here the last {len(want) - len(reply)} bytes of the answer never arrived"
+                if len(reply) < len(want) else
+                "here the whole answer had left before it, by luck of timing")
+        pytest.fail(
+            f"the client read {len(reply)} of the {len(want)} bytes of the answer, then its "
+            "recv() raised ConnectionResetError instead of returning b'' (EOF): "
+            "serve_until_eof() ended the connection with RST (an abortive close, SO_LINGER "
+            "with a zero timeout), not with a FIN\nA reset throws away whatever is still in "
+            f"the send buffer ({lost}), and the client sees an error instead of the end of "
+            "the answer. Nor does it save anything: TIME_WAIT is the price of the active "
+            "closer, the side whose FIN comes first, and here the client's came first. "
+            "Close with close() (FIN).", pytrace=False)
+
+
 def expect_fin(exchange: Exchange) -> None:
     assert exchange.seen == "eof", (
         f"after graceful_close() the peer saw {SEEN[exchange.seen]}; expected an orderly "
@@ -356,6 +374,63 @@ def test_peer_reset_during_drain_still_closes(learner: Any, pair: Pair) -> None:
         f"open (file descriptor {fd}), expected it closed\nrecv() raises "
         "ConnectionResetError when the peer aborts: close the socket in a finally block "
         "(try: shutdown, drain / finally: close), or every aborted peer leaks a descriptor.")
+
+
+@dataclass
+class PeerFirst:
+    """The peer finished first: it sent ``data`` (perhaps nothing) and its FIN before
+    graceful_close() was called, so the learner's end sits in CLOSE_WAIT."""
+
+    data: bytes
+    what: str
+
+
+PEER_FIRST = {
+    "data_then_fin": PeerFirst(b"the peer's last words, sent before its FIN\n" * 40,
+                               "its last data, then its FIN"),
+    "fin_only": PeerFirst(b"", "its FIN, with no data"),
+}
+
+
+@pytest.mark.parametrize("case", PEER_FIRST.values(), ids=PEER_FIRST.keys())
+def test_graceful_close_after_the_peers_fin(learner: Any, pair: Pair,
+                                            case: PeerFirst) -> None:
+    """The other order of a graceful close: the peer's FIN came first (our end in
+    CLOSE_WAIT, as for a server whose client has finished). graceful_close() still returns
+    what the peer sent and was not read, still sends an orderly FIN (the peer is waiting for
+    it, in FIN_WAIT2), and closes; TIME_WAIT then falls to the peer, the active closer."""
+    closing = learner.load("closing")
+    if case.data:
+        pair.server.sendall(case.data)
+    pair.server.shutdown(socket.SHUT_WR)  # the peer's FIN, before the learner's call
+    state = wait_for_state(*pair.client_end(), want="CLOSE_WAIT")
+    assert state == "CLOSE_WAIT", f"the test's FIN did not arrive: the learner's end is {state}"
+    running = Background("graceful_close()", closing.graceful_close, pair.client)
+    seen = peer_reads(pair.server, running)
+    got = running.wait()
+    assert seen == "eof", (
+        f"the peer had sent {case.what} (your end in CLOSE_WAIT) when graceful_close() was "
+        f"called; the peer then saw {SEEN[seen]}, expected an orderly EOF (your FIN)\nA peer "
+        "that has sent its FIN has finished sending, not gone away: it still reads, waiting "
+        "in FIN_WAIT2 for your FIN. Send it (shutdown(SHUT_WR), then close()); an RST here "
+        "turns a clean end into an error on the peer's side, and saves nothing: TIME_WAIT "
+        "falls to the side whose FIN came first, here the peer's.")
+    expect_bytes_kept("graceful_close() returned", got, case.data,
+                      "what the peer sent before its FIN")
+    assert got == case.data, (
+        f"the peer had sent {len(case.data)} bytes and its FIN before graceful_close() was "
+        f"called, not yet read; graceful_close() returned {got!r:.80}, expected those "
+        f"{len(case.data)} bytes\nThey are the end of the peer's stream, which graceful_close() "
+        "drains until b'': what was already waiting in the receive buffer is part of it. "
+        "Throwing it away loses the peer's last words (a server's final answer, an error "
+        "report) without a trace.")
+    assert pair.client.fileno() == -1, (
+        "graceful_close() left the socket open after the peer's FIN: close it")
+    mine = wait_for_state(*pair.client_end(), want="")
+    assert mine is None, (
+        f"your end is in state {mine} after graceful_close(), expected no socket: the peer "
+        "closed first, so your FIN was the second one (CLOSE_WAIT, LAST_ACK, gone) and "
+        "TIME_WAIT is the peer's to hold")
 
 
 def test_active_closer_passes_through_time_wait(learner: Any, pair: Pair) -> None:
@@ -439,15 +514,19 @@ def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> Non
     pair.client.shutdown(socket.SHUT_WR)  # the client's half-close ends the request
     reply = b""
     deadline = time.monotonic() + WAIT
-    ended = False
+    ended = reset = False
     while time.monotonic() < deadline and not ended:
         running.check()
         try:
             chunk = pair.client.recv(65536)
         except TimeoutError:
             break
+        except ConnectionResetError:
+            reset = True
+            break
         ended = not chunk
         reply += chunk
+    expect_no_reset(reset, reply, answer(head + rest))
     if not ended:
         pytest.fail(f"the client read {len(reply)} bytes of the answer and then waited "
                     f"{WAIT:.0f} s for serve_until_eof()'s FIN, which never came\nThe "
@@ -595,7 +674,7 @@ def test_a_large_answer_is_sent_whole(learner: Any, pair: Pair) -> None:
                          lambda request: want)
     pair.client.sendall(b"send me the large answer\n")
     pair.client.shutdown(socket.SHUT_WR)
-    reply, ended = b"", False
+    reply, ended, reset = b"", False, False
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline and not ended:
         running.check()
@@ -604,10 +683,12 @@ def test_a_large_answer_is_sent_whole(learner: Any, pair: Pair) -> None:
         except TimeoutError:
             break
         except ConnectionResetError:
+            reset = True
             break
         ended = not chunk
         reply += chunk
     running.wait()
+    expect_no_reset(reset, reply, want)
     assert reply == want, (
         f"the client read {len(reply)} of the {len(want)} bytes of the answer"
         + (", then your FIN" if ended else "")

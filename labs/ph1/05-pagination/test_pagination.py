@@ -62,9 +62,14 @@ def page(host: str, params: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the connection factory handed to the learner: plans reported by the server ---------
 
-# Startup options of every connection the learner's app opens: auto_explain loaded, and the
-# executed plan of each statement (with actual rows) sent to the client as a NOTICE.
+# The TimeZone of every session the learner's app opens: not UTC, as on many servers, so a
+# time without a UTC offset that reaches Postgres is read 5 h 30 away from UTC.
+SESSION_ZONE = "Asia/Kolkata"
+# Startup options of every connection the learner's app opens: its TimeZone, auto_explain
+# loaded, and the executed plan of each statement (with actual rows) sent to the client as a
+# NOTICE.
 EXPLAIN_EVERY_STATEMENT = " ".join(f"-c {setting}" for setting in (
+    f"TimeZone={SESSION_ZONE}",
     "session_preload_libraries=auto_explain", "auto_explain.log_min_duration=0",
     "auto_explain.log_analyze=on", "auto_explain.log_format=json",
     "auto_explain.log_level=notice"))
@@ -350,6 +355,18 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def without_offset(value: Any) -> Any:
+    """A time with a UTC offset, as the same wall-clock time in UTC with the offset dropped
+    (what a client that assumes UTC writes); anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return value if at.tzinfo is None else at.astimezone(UTC).replace(tzinfo=None).isoformat()
+
+
 def map_leaves(doc: Any, change: Callable[[Any], Any]) -> Any:
     if isinstance(doc, list):
         return [map_leaves(item, change) for item in doc]
@@ -373,7 +390,12 @@ def content_forgeries(text: str) -> list[tuple[str, str]]:
     numbers_as_true = map_leaves(doc, lambda v: True if is_number(v) else v)
     numbers_as_digits = map_leaves(doc, lambda v: str(v) if is_number(v) else v)
     numbers_with_fraction = map_leaves(doc, lambda v: v + 0.5 if is_number(v) else v)
+    naive_time = map_leaves(doc, without_offset)
     forged = [(numbers_as_text, "its numbers replaced by \"x\""),
+              (naive_time, "its time given without a UTC offset: a wall-clock time names no "
+               "instant - read by Postgres in the session's TimeZone "
+               f"({SESSION_ZONE} here, 5 h 30 from UTC) - and RFC 3339 makes the offset part "
+               "of every date-time"),
               (strings_as_junk, "its strings replaced by \"yesterday\""),
               (strings_as_numbers, "its strings replaced by the number 5"),
               (numbers_as_true, "its numbers replaced by true, a boolean: not an id, though "
@@ -441,6 +463,31 @@ def test_bad_keyset_position_is_400(host: str, db: Any, before_created_at: str,
         f"GET /orders?{urlencode(params)}: expected 400, saw {status} {str(doc)[:120]}: the "
         "position comes from the client; a time that is not ISO 8601 or an id that is not an "
         "integer is the client's error (400), never a crash (500)")
+
+
+def test_a_keyset_time_without_offset_is_400(host: str, db: Any) -> None:
+    """A position is an instant. 2024-03-01T12:03:00 names none: Postgres reads a time
+    without an offset in the session's TimeZone (here not UTC), Python's astimezone() in the
+    server's; each server setting gives the same link another page. Refused with 400."""
+    seed_small(db)
+    following = page(host, {"style": "keyset", "limit": PAGE}).get("next")
+    assert isinstance(following, dict) and "before_created_at" in following, (
+        f"keyset page 1: expected next = {{\"before_created_at\": ..., \"before_id\": ...}}, "
+        f"saw {following!r}")
+    issued = following["before_created_at"]
+    naive = without_offset(issued)
+    params = {"style": "keyset", "limit": PAGE, "before_created_at": naive,
+              "before_id": following["before_id"]}
+    status, doc = get(host, params)
+    rows = ids(doc) if status == 200 and isinstance(doc, dict) else None
+    assert status == 400, (
+        f"GET /orders?{urlencode(params)}: expected 400, saw {status} "
+        + (f"with orders {rows}" if rows is not None else str(doc)[:120])
+        + f": before_created_at {naive!r} has no UTC offset (the API issued {issued!r}). A "
+        "position is an instant, and a time without an offset names none: Postgres reads it "
+        f"in the session's TimeZone ({SESSION_ZONE} here, 5 h 30 from UTC), astimezone() in "
+        "the server's own zone, so the same link gives another page on another server. "
+        "RFC 3339 (5.6) makes the offset part of every date-time: refuse one without (400)")
 
 
 @pytest.mark.parametrize("given", [

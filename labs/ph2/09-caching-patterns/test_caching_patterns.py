@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+import psycopg
 import pytest
 
 from labrunner.testing import PgStatementProxy, came_true, redis_commands, redis_gate
@@ -485,10 +486,12 @@ def test_write_behind_worker_dying_mid_write_loses_nothing(shop: Shop,
     assert shop.db_price(4) == 1111, (
         f"write-behind: the worker's session died while it wrote product 4's queued change "
         f"(its UPDATE was waiting for a row lock); a new worker ran for 5 s and the database "
-        f"still holds {shop.db_price(4)}, not 1111: the change left the Redis queue before it "
-        f"reached Postgres (a pop), so it died with the worker. Move it to a processing list "
-        f"(LMOVE/BLMOVE), remove it only after the UPDATE committed, and have a starting "
-        f"worker take back what is left there")
+        f"still holds {shop.db_price(4)}, not 1111: the change left Redis before it reached "
+        f"Postgres - taken off the queue by a pop (BRPOP), so only the worker's memory held "
+        f"it, or removed (LREM) when its write failed on the cut connection - and died with "
+        f"the worker. Move it to a processing list (LMOVE/BLMOVE) and remove it only after "
+        f"its UPDATE committed: on a lost connection keep it, reconnect and write it again; "
+        f"a starting worker takes back what is left there")
 
 
 def blocked_clients(redis_db: Any) -> list[dict[str, Any]]:
@@ -621,3 +624,192 @@ def wait_for_db(shop: Shop, want: dict[int, int], pattern: str, within: float = 
         f"{want}: the queued writes never reached Postgres. Keep the queue in Redis (a list), "
         "not in the process: product 4's write was made by a process that died before its "
         "worker ran, and the last of several writes to product 5 must win")
+
+
+# ---- the write-behind worker and a lost database connection -------------------------------
+# A write-behind queue survives a lost connection, as a queue consumer does: the worker
+# reconnects and writes the change it held again, before any newer one (one product's
+# writes land oldest first), never dropping it. What reached the table, and in which
+# order, is read from a log a trigger keeps of every UPDATE of a price.
+
+PRICE_LOG = """
+CREATE TABLE price_log (seq bigserial PRIMARY KEY, id integer NOT NULL,
+                        price_cents integer NOT NULL);
+CREATE FUNCTION log_price() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO price_log (id, price_cents) VALUES (NEW.id, NEW.price_cents);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER log_price AFTER UPDATE ON products FOR EACH ROW EXECUTE FUNCTION log_price();
+"""
+SETTLED_S = 15.0   # the last resort: a reconnecting worker is done in well under a second
+
+
+def applied(shop: Shop, product_id: int) -> list[int]:
+    """The prices written to the product since the log began, in the order they landed."""
+    rows = shop.direct.execute("SELECT price_cents FROM price_log WHERE id = %s ORDER BY seq",
+                               (product_id,)).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def pending(shop: Shop) -> int:
+    """Changes still in Redis lists (queued, or held by a worker): 0 once all are written.
+    The test's logical database holds nothing else."""
+    return sum(int(shop.redis.llen(key)) for key in shop.redis.scan_iter()
+               if shop.redis.type(key) == "list")
+
+
+def lock_waiter(shop: Shop, watch: Any) -> int:
+    """The pid of the worker's session, once its UPDATE waits for the row the test holds."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        found = watch.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND pid <> %s",
+            (shop.direct.info.backend_pid,)).fetchone()
+        if found:
+            return int(found[0])
+        time.sleep(0.01)
+    pytest.fail("write-behind: after start() no worker UPDATE reached the database within "
+                "15 s", pytrace=False)
+
+
+def terminate(watch: Any, pids: set[int]) -> None:
+    """Cut these sessions, as a failover or a restart does, and wait until they are gone."""
+    for pid in pids:
+        watch.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    gone = came_true(lambda: not watch.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (list(pids),)).fetchone(), 15)
+    assert gone, f"the test could not end the sessions {sorted(pids)}"
+
+
+def expect_applied(shop: Shop, deaths: Any, want: dict[int, list[int]], when: str) -> None:
+    """Wait until no change is left in Redis (three looks in a row) or a thread of the
+    learner's died, then compare what reached the table with ``want``, naming the mistake."""
+    deadline, looks = time.monotonic() + SETTLED_S, 0
+    while time.monotonic() < deadline and looks < 3 and not deaths.thread_deaths():
+        looks = looks + 1 if pending(shop) == 0 else 0
+        time.sleep(0.05)
+    seen = {pid: applied(shop, pid) for pid in want}
+    if seen == want:
+        return
+    died = deaths.thread_deaths()
+    left = pending(shop)
+    why = (f"{when}; the database then received {seen}, expected {want} (each product's "
+           f"prices in the order they landed), and {left} change(s) are still in Redis")
+    if died:
+        pytest.fail(f"write-behind: {why}: the worker died - {'; '.join(died)}\nA lost "
+                    "connection (its session killed, Postgres restarted, a failover) must not "
+                    "end the worker for good, or every write queued after it waits for ever: "
+                    "catch psycopg.OperationalError, reconnect (after a short pause), and "
+                    "write the change it held again before taking the next.", pytrace=False)
+    for pid, prices in want.items():
+        missing = [p for p in prices if p not in seen[pid]]
+        if missing:
+            pytest.fail(f"write-behind: {why}: product {pid}'s change to {missing[0]} never "
+                        "reached the database: the change the worker held when the connection "
+                        "broke was lost - removed from Redis when its write failed (LREM on "
+                        "error), or popped off the queue (BRPOP) so only the worker's memory "
+                        "held it\nA change leaves the processing list only once its UPDATE "
+                        "committed: keep it held, reconnect, and write it again; lost, the "
+                        "write is gone though update_price() returned.", pytrace=False)
+    for pid, prices in want.items():
+        if sorted(seen[pid]) == sorted(prices) and seen[pid] != prices:
+            pytest.fail(f"write-behind: {why}: product {pid}'s writes landed out of order, "
+                        f"ending at {seen[pid][-1]}, an older price than the last one written "
+                        f"({prices[-1]})\nA change whose write failed is retried before any "
+                        "newer change (not put back behind them), and a worker starting up "
+                        "puts a dead worker's leftovers back at the OLDEST end of the queue: "
+                        "one product's writes must land oldest first.", pytrace=False)
+    for pid, prices in want.items():
+        if len(seen[pid]) > len(prices):
+            pytest.fail(f"write-behind: {why}: product {pid} received a change more than "
+                        "once\nA change is written again only when its write did not "
+                        "commit, and once it committed it leaves the processing list.",
+                        pytrace=False)
+    pytest.fail(f"write-behind: {why}", pytrace=False)
+
+
+def test_write_behind_worker_reconnects_and_writes_the_change_it_held(
+        shop: Shop, postgres: Any, deaths: Any) -> None:
+    """The session is cut while the worker's UPDATE waits for a row lock: the worker holds
+    a change it has not written, and a newer change to the same product is queued."""
+    shop.direct.execute(PRICE_LOG)
+    app = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    app.update_price(3, 111)
+    shop.direct.execute("BEGIN")
+    shop.direct.execute("SELECT 1 FROM products WHERE id = 3 FOR UPDATE")
+    try:
+        app.start()
+        with postgres.connect(autocommit=True) as watch:
+            pid = lock_waiter(shop, watch)
+            app.update_price(3, 222)   # newer, queued behind the change the worker holds
+            terminate(watch, {pid})
+    finally:
+        shop.direct.execute("COMMIT")
+    expect_applied(shop, deaths, {3: [111, 222]},
+                   "the worker's database session was cut while it wrote product 3's change "
+                   "to 111 (its UPDATE waited for a row lock), with a change to 222 queued")
+
+
+def test_write_behind_worker_survives_a_lost_connection_between_changes(
+        shop: Shop, postgres: Any, deaths: Any) -> None:
+    """Every session of the app is cut while the worker waits for changes (as a Postgres
+    restart does): the next change's write fails on the dead connection."""
+    shop.direct.execute(PRICE_LOG)
+    app = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    app.get_product(4)   # cached: the writes below need no database
+    app.start()
+    app.update_price(3, 111)
+    expect_applied(shop, deaths, {3: [111]}, "a first change was queued")
+    with postgres.connect(autocommit=True) as watch:
+        sessions = {int(r[0]) for r in watch.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
+            "backend_type = 'client backend' AND pid <> ALL(%s)",
+            ([shop.direct.info.backend_pid, watch.info.backend_pid],)).fetchall()}
+        terminate(watch, sessions)
+    app.update_price(4, 444)
+    app.update_price(3, 333)
+    expect_applied(shop, deaths, {3: [111, 333], 4: [444]},
+                   "every database session of the app was cut while its worker waited (as a "
+                   "restart does), then changes to 444 (product 4) and 333 (product 3) were "
+                   "queued")
+
+
+def test_write_behind_leftover_of_a_dead_worker_lands_before_newer_changes(
+        shop: Shop, postgres: Any, deaths: Any) -> None:
+    """A worker loses its session mid-write while the database refuses new connections, and
+    is stopped: its change stays in the processing list. Another server queues a newer
+    change to the same product; the next worker must write the leftover first."""
+    shop.direct.execute(PRICE_LOG)
+    app = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    other = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    app.update_price(4, 1111)
+    shop.direct.execute("BEGIN")
+    shop.direct.execute("SELECT 1 FROM products WHERE id = 4 FOR UPDATE")
+    with psycopg.connect(postgres.admin_dsn, autocommit=True) as admin:
+        try:
+            app.start()
+            with postgres.connect(autocommit=True) as watch:
+                pid = lock_waiter(shop, watch)
+                admin.execute(f'ALTER DATABASE "{postgres.name}" ALLOW_CONNECTIONS false')
+                terminate(watch, {pid})
+            shop.direct.execute("COMMIT")
+            stopping = threading.Thread(target=app.stop, daemon=True)
+            stopping.start()
+            stopping.join(10)
+            assert not stopping.is_alive(), (
+                "write-behind: stop() did not return within 10 s while the worker could not "
+                "reconnect (the database refused connections): a worker retrying its "
+                "connection must still notice stop()")
+        finally:
+            if shop.direct.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                shop.direct.execute("COMMIT")
+            admin.execute(f'ALTER DATABASE "{postgres.name}" ALLOW_CONNECTIONS true')
+    other.update_price(4, 2222)   # a newer change, from another server: the cache has 4
+    successor = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    successor.start()
+    expect_applied(shop, deaths, {4: [1111, 2222]},
+                   "a worker's session was cut while it wrote product 4's change to 1111 and "
+                   "it was stopped before it could reconnect; another server then queued 2222 "
+                   "for product 4, and a new worker started")

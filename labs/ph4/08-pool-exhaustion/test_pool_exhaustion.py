@@ -831,3 +831,95 @@ def test_a_borrower_stuck_in_network_io_stalls_no_one_else(
             stalled.join(PROMPTLY)
         if not stalled.is_alive() and stalled.error is None:
             pool.release(stalled.result)
+
+
+# ---- close(): as psycopg_pool's close() - waiters fail at once, borrowed ones on return ---
+
+
+def pool_closed(mod: ModuleType) -> type[BaseException]:
+    closed = getattr(mod, "PoolClosed", None)
+    if not (isinstance(closed, type) and issubclass(closed, BaseException)):
+        pytest.fail("pool.py: define an exception class PoolClosed (a PoolExhausted), raised "
+                    "by acquire() once the pool is closed (see the README)", pytrace=False)
+    return closed
+
+
+def raised(call: Call) -> str:
+    if call.is_alive():
+        return "was still waiting"
+    if call.error is None:
+        return "returned a connection"
+    return f"raised {type(call.error).__name__}: {call.error}"
+
+
+def test_close_wakes_waiting_borrowers_and_refuses_new_ones(
+        mod: ModuleType, pools: list[Any], postgres: Any, waiting: Callable[[], int],
+        stranded: Callable[[float], int]) -> None:
+    """psycopg_pool's close(): the borrowers waiting get PoolClosed at once, not when their
+    acquire_timeout (a minute here) runs out, and acquire() afterwards fails at once."""
+    closed = pool_closed(mod)
+    pool = make(mod, pools, postgres.dsn, 2, policy="queue", acquire_timeout=60)
+    held = [pool.acquire(), pool.acquire()]
+    waiter = Call(pool.acquire)
+    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
+               "the third borrower to wait for a connection")
+    assert waiter.is_alive(), (
+        f"with both connections of a pool of 2 held, a third acquire() {raised(waiter)} "
+        "instead of waiting")
+    closing = Call(pool.close)
+    closing.join(PROMPTLY)
+    assert not closing.is_alive(), (
+        f"close() did not return within {PROMPTLY:.0f} s while two connections were "
+        "borrowed: it waits for them to come back\nclose() closes what is idle and marks "
+        "the pool closed; a borrowed connection is closed when it is given back.")
+    never_woken = join_unless_stranded([waiter], stranded)
+    how = still_waiting(never_woken) if waiter.is_alive() else raised(waiter)
+    assert not waiter.is_alive() and isinstance(waiter.error, closed), (
+        f"close() was called while a borrower waited in acquire() (its acquire_timeout "
+        f"60 s); the borrower {how}, expected PoolClosed at once\nA pool that closes must "
+        "wake its waiters (notify_all() on the condition), and each must find the pool "
+        "closed when it wakes: otherwise a shutdown waits a whole acquire_timeout for each "
+        "of them, or hands them connections from a pool that is gone.")
+    late = Call(pool.acquire)
+    never_woken = join_unless_stranded([late], stranded, PROMPTLY)
+    how = still_waiting(never_woken) if late.is_alive() else raised(late)
+    assert not late.is_alive() and isinstance(late.error, closed), (
+        f"acquire() on a closed pool {how}, expected PoolClosed at once\nA closed pool hands "
+        "out nothing and has nothing to wait for: check for closed first in acquire(), "
+        "before the idle connections and the free slots.")
+    for conn in held:
+        pool.release(conn)
+
+
+def test_close_closes_idle_now_and_borrowed_on_return(mod: ModuleType, pools: list[Any],
+                                                      server: Server, postgres: Any) -> None:
+    """psycopg_pool's close() and HikariCP's evict-on-return: the idle connection is closed
+    at once, each borrowed one when it is given back, and then no session of the pool is
+    left on the server."""
+    pool_closed(mod)
+    pool = make(mod, pools, postgres.dsn, 3)
+    borrowed = [pool.acquire(), pool.acquire()]
+    idle = pool.acquire()
+    idle_pid = idle.info.backend_pid
+    pool.release(idle)
+    pool.close()
+    gone = came_true(lambda: idle_pid not in server.pids(), PROMPTLY)
+    assert gone, (
+        f"close() left the pool's idle connection open: its session (pid {idle_pid}) is "
+        f"still in pg_stat_activity {PROMPTLY:.0f} s later")
+    for i, conn in enumerate(borrowed, 1):
+        pid = conn.info.backend_pid
+        pool.release(conn)
+        s = stats(pool)
+        assert conn.closed, (
+            f"borrowed connection {i} of 2 was given back after close() and is still open "
+            f"(its session pid {pid}; stats() {s}): the pool kept it, expected it closed\n"
+            "A closed pool hands nothing out again, so a connection given back to it is "
+            "closed on return (psycopg_pool's putconn() after close(), HikariCP's evict on "
+            "return); pooled, it stays open on the server until the process ends.")
+        assert s.get("idle") == 0, (
+            f"after close() and a connection given back, stats() said {s}, expected idle 0")
+    left = server.pids()
+    assert came_true(lambda: not server.pids(), PROMPTLY), (
+        f"after close() and every borrowed connection given back, pg_stat_activity still "
+        f"shows {len(server.pids())} of the pool's sessions ({sorted(left)}), expected none")

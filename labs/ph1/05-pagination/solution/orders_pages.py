@@ -48,6 +48,16 @@ def whole_number(raw: str) -> int:
     return int(raw)
 
 
+def instant(raw: str) -> datetime:
+    """A position's time: ISO 8601 with its UTC offset. A position is an instant; a time
+    with no offset (2024-03-04T08:00:00) names none - Postgres would read it in the
+    session's TimeZone - so it is refused, as RFC 3339 (5.6) leaves no offset optional."""
+    at = datetime.fromisoformat(raw)
+    if at.tzinfo is None:
+        raise ValueError(f"{raw!r} has no UTC offset")
+    return at
+
+
 def as_json(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "created_at": row["created_at"].isoformat()}
 
@@ -63,7 +73,7 @@ def decode_cursor(cursor: str) -> Position:
         created_at, row_id = json.loads(base64.urlsafe_b64decode(padded))
         if not isinstance(row_id, int) or isinstance(row_id, bool):  # JSON true is no id
             raise TypeError(row_id)
-        return datetime.fromisoformat(created_at), row_id
+        return instant(created_at), row_id
     except (binascii.Error, ValueError, TypeError):
         raise BadRequest("the cursor is not one this API issued") from None
 
@@ -116,11 +126,11 @@ def make_app(connect: Connect) -> WSGIApp:
                 before = None
                 if param("before_created_at") is not None or param("before_id") is not None:
                     try:
-                        before = (datetime.fromisoformat(param("before_created_at") or ""),
+                        before = (instant(param("before_created_at") or ""),
                                   whole_number(param("before_id") or ""))
                     except ValueError:
-                        raise BadRequest("before_created_at must be ISO 8601 and before_id "
-                                         "an integer") from None
+                        raise BadRequest("before_created_at must be ISO 8601 with a UTC offset "
+                                         "and before_id an integer") from None
                 rows, last = page_after(conn, limit, before)
                 following = None if last is None else {
                     "before_created_at": last[0].isoformat(), "before_id": last[1]}

@@ -22,6 +22,7 @@ import psycopg
 import redis
 
 Product = dict[str, Any]
+RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0   # the write-behind worker's pauses before a reconnect
 
 
 def cache_key(product_id: int) -> str:
@@ -130,7 +131,11 @@ class WriteBehind(_Store):
     The queue of pending writes lives in Redis, not in this process: if the process dies
     before the worker ran, the next process's worker still finds them. The worker moves an
     entry to a processing list while it writes it (LMOVE), and removes it only after the
-    DB commit, so a crash in between leaves the entry to be retried, not lost."""
+    DB commit, so a crash in between leaves the entry to be retried, not lost. A lost
+    database connection does not end the worker: it reconnects and writes the change it
+    holds again before taking the next one. One worker runs per queue (start() on one
+    instance at a time): two would apply one product's writes in whatever order they
+    finish, and a starting one would take back the other's change in flight."""
 
     QUEUE = "write-behind:queue"
     PROCESSING = "write-behind:processing"
@@ -177,23 +182,46 @@ class WriteBehind(_Store):
     def _run(self) -> None:
         # The worker has its own connections: psycopg and redis-py connections are not
         # for sharing between threads mid-command.
-        db = psycopg.connect(self.dsn, autocommit=True)
         r = redis.Redis(connection_pool=self.r.connection_pool)
+        db: psycopg.Connection[Any] | None = None
+        held: str | None = None             # the change taken, not yet written
+        pause = RETRY_FIRST_S
         try:
-            # leftovers of a worker that died mid-write come first
+            # leftovers of a worker that died mid-write come first: each goes back to the
+            # oldest end of the queue, the last one moved (the oldest) outermost
             while r.lmove(self.PROCESSING, self.QUEUE, "LEFT", "RIGHT") is not None:
                 pass
             while not self._stop.is_set():
-                # oldest change first; block briefly so stop() is noticed quickly
-                raw = r.blmove(self.QUEUE, self.PROCESSING, 0.2, "RIGHT", "LEFT")
-                if raw is None:
+                if held is None:
+                    # oldest change first; block briefly so stop() is noticed quickly
+                    raw = r.blmove(self.QUEUE, self.PROCESSING, 0.2, "RIGHT", "LEFT")
+                    if raw is None:
+                        continue
+                    held = str(raw)
+                change = json.loads(held)
+                try:
+                    if db is None:
+                        db = psycopg.connect(self.dsn, autocommit=True)
+                    db.execute("UPDATE products SET price_cents = %s WHERE id = %s",
+                               (change["price_cents"], change["id"]))
+                except psycopg.OperationalError:
+                    # The connection is gone (its session killed, a restart, a failover):
+                    # keep the change held, reconnect after a pause (growing, capped) and
+                    # write it again before any other, as a queue consumer retries the
+                    # message it holds. Setting a price twice leaves the same price, so a
+                    # write that committed just before the connection broke does no harm.
+                    if db is not None:
+                        db.close()
+                    db = None
+                    self._stop.wait(pause)
+                    pause = min(pause * 2, RETRY_MAX_S)
                     continue
-                change = json.loads(raw)
-                db.execute("UPDATE products SET price_cents = %s WHERE id = %s",
-                           (change["price_cents"], change["id"]))
-                r.lrem(self.PROCESSING, 1, raw)
+                pause = RETRY_FIRST_S
+                r.lrem(self.PROCESSING, 1, held)
+                held = None
         finally:
-            db.close()
+            if db is not None:
+                db.close()
 
     def close(self) -> None:
         self.stop()

@@ -15,6 +15,11 @@ class PoolExhausted(Exception):
     """No connection could be had: the caller should shed load (e.g. answer 503)."""
 
 
+class PoolClosed(PoolExhausted):
+    """The pool is closed: no connection will ever be had from it (as psycopg_pool's
+    PoolClosed). A PoolExhausted too, so a caller shedding load on that sheds it here."""
+
+
 class Pool:
     def __init__(self, dsn: str, size: int, *, policy: str = "queue",
                  acquire_timeout: float = 5.0) -> None:
@@ -24,6 +29,7 @@ class Pool:
         self._idle: deque[psycopg.Connection[Any]] = deque()
         self._open = 0                      # connections that exist: idle + in use
         self._waiting = 0
+        self._closed = False
         self._cond = threading.Condition()
 
     def _healthy(self, conn: psycopg.Connection[Any]) -> bool:
@@ -42,6 +48,8 @@ class Pool:
         deadline = time.monotonic() + self.acquire_timeout
         with self._cond:
             while True:
+                if self._closed:
+                    raise PoolClosed("the pool is closed")
                 if self._idle:
                     conn = self._idle.popleft()
                     break
@@ -81,11 +89,14 @@ class Pool:
         except psycopg.Error:
             conn.close()
         with self._cond:
-            if conn.closed:
-                self._open -= 1             # its slot is free: a waiter may open a new one
-            else:
+            keep = not conn.closed and not self._closed
+            if keep:
                 self._idle.append(conn)
+            else:
+                self._open -= 1             # its slot is free: a waiter may open a new one
             self._cond.notify()
+        if not keep:
+            conn.close()                    # given back after close(): closed, not pooled
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         conn = self.acquire()
@@ -103,6 +114,14 @@ class Pool:
                     "in_use": self._open - len(self._idle), "waiting": self._waiting}
 
     def close(self) -> None:
+        """Close the pool the way psycopg_pool's close() does (HikariCP's too): idle
+        connections now, borrowed ones when they are given back (evicted on return);
+        borrowers waiting now are woken with PoolClosed, not left to their timeout, and
+        every later acquire() raises it at once."""
         with self._cond:
-            while self._idle:
-                self._idle.popleft().close()
+            self._closed = True
+            idle, self._idle = list(self._idle), deque()
+            self._open -= len(idle)
+            self._cond.notify_all()
+        for conn in idle:                   # network I/O outside the lock
+            conn.close()

@@ -12,6 +12,10 @@ class PoolExhausted(Exception):
     """No connection could be had: the caller should shed load (e.g. answer 503)."""
 
 
+class PoolClosed(PoolExhausted):
+    """The pool is closed: acquire() raises this, at once (see README.md)."""
+
+
 class Pool:
     def __init__(self, dsn: str, size: int, *, policy: str = "queue",
                  acquire_timeout: float = 5.0) -> None:
