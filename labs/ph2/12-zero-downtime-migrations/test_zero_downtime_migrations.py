@@ -137,6 +137,83 @@ def test_versions_are_numbers_and_target_is_inclusive(runner: ModuleType, postgr
         f"versions as numbers, not file names as text")
 
 
+# Two files that claim one version: what two branches merged together leave behind. The
+# runner must refuse the set, before applying anything: keeping one of them means the other
+# is never applied, anywhere, and nothing says so.
+SAME_VERSION = {
+    "written alike": ("V002__seed_admin.sql", "V002__seed_guest.sql"),
+    "padded differently": ("V2__seed_admin.sql", "V002__seed_guest.sql"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAME_VERSION))
+def test_two_files_with_one_version_are_refused(runner: ModuleType, postgres: Any,
+                                                migrations: Path, case: str) -> None:
+    admin, guest = SAME_VERSION[case]
+    write(migrations, {
+        "V001__create_accounts.sql": BASIC["V001__create_accounts.sql"],
+        admin: "INSERT INTO accounts VALUES (1, 'admin');",
+        guest: "INSERT INTO accounts VALUES (2, 'guest');",
+    })
+    what = f"{admin} and {guest}, both version 2"
+    why = ("Versions are numbers (V2 is V002): two files of one version are two changes that "
+           "each claim that number, as two branches merged together leave them. Refuse the "
+           "set before applying anything (MigrationError naming both files): a runner that "
+           "keeps one of them never applies the other - here, nor on any other database - "
+           "and nothing says so.")
+    try:
+        result = runner.migrate(postgres.dsn, migrations)
+    except Exception as exc:  # noqa: BLE001 - checked below
+        error: BaseException | None = exc
+    else:
+        error = None
+    tables = migration_tables(postgres)
+    rows = count(postgres, "SELECT count(*) FROM accounts") if "accounts" in tables else 0
+    if error is None:
+        pytest.fail(f"migrate() with {what} returned {result!r} ({rows} row(s) seeded into "
+                    f"accounts), expected MigrationError\n{why}", pytrace=False)
+    assert isinstance(error, runner.MigrationError), (
+        f"migrate() with {what} raised {type(error).__name__}: {error}, expected "
+        f"MigrationError\n{why}")
+    assert "accounts" not in tables, (
+        f"migrate() with {what} raised MigrationError, but only after applying V001 "
+        f"(accounts exists, {rows} row(s)): check the set of files before applying "
+        f"anything\n{why}")
+
+
+# Files beside the migrations that are not named V<n>__<name>.sql (all of it, from the
+# first character to the last), as editors, merges and copies leave them: never applied.
+STRAY = {
+    "V004__draft.sql.orig": "a merge's left-over copy",
+    "V005__draft.sql~": "an editor's backup",
+    "._V006__draft.sql": "macOS metadata beside a copied file",
+    "old_V007__draft.sql": "a renamed old copy",
+}
+
+
+def test_files_not_named_like_a_migration_are_ignored(runner: ModuleType, postgres: Any,
+                                                      migrations: Path) -> None:
+    write(migrations, BASIC)
+    write(migrations, {name: f"CREATE TABLE stray_{n} (id int);"
+                       for n, name in enumerate(STRAY)})
+    why = ("A migration is a file named V<n>__<name>.sql, the whole name: match the pattern "
+           "from the first character to the last (re.fullmatch, or ^...$ with match()). A "
+           "pattern searched for, or not anchored at its end, also takes "
+           + ", ".join(f"{name!r} ({what})" for name, what in STRAY.items())
+           + ", and applies it to every database.")
+    try:
+        applied = list(runner.migrate(postgres.dsn, migrations))
+    except Exception as exc:  # noqa: BLE001 - explained
+        pytest.fail(f"migrate() on V001..V003 beside {sorted(STRAY)} raised "
+                    f"{type(exc).__name__}: {exc}, expected [1, 2, 3]\n{why}", pytrace=False)
+    tables = migration_tables(postgres)
+    taken = [name for n, name in enumerate(STRAY) if f"stray_{n}" in tables]
+    assert not taken and applied == [1, 2, 3], (
+        f"migrate() on V001..V003 beside files not named like a migration returned "
+        f"{applied!r}, and applied {taken or 'none of them'}; expected [1, 2, 3], none of "
+        f"them applied\n{why}")
+
+
 def test_changed_applied_script_is_refused(runner: ModuleType, postgres: Any,
                                            migrations: Path) -> None:
     write(migrations, BASIC)
