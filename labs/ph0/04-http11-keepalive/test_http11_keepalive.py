@@ -326,6 +326,37 @@ def test_request_head_in_pieces(server: Server, client: Client) -> None:
         f"{reply.status if reply else 'no response'}, expected 200\n{advice}")
 
 
+# Connection is a list of tokens (RFC 9110 7.6.1): what a client or a proxy sends besides
+# "close" (TE, Upgrade, a hop-by-hop header's name), in one line or in several.
+CLOSE_IN_A_LIST = {
+    "TE, close": "Connection: TE, close\r\n",
+    "close,TE": "Connection: close,TE\r\n",
+    "two lines": "Connection: TE\r\nConnection: close\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(CLOSE_IN_A_LIST))
+def test_close_in_a_connection_list_ends_the_connection(server: Server, client: Client,
+                                                        case: str) -> None:
+    lines = CLOSE_IN_A_LIST[case]
+    shown = repr(lines.replace("\r\n", " ").strip())
+    client.send(f"GET /list HTTP/1.1\r\nHost: lab.test\r\n{lines}\r\n".encode()
+                + request("GET", "/behind"))
+    last = client.expect(f"GET /list ({shown})", "GET /list (0 bytes)")
+    why = ("Connection is a comma-separated list of case-insensitive tokens (RFC 9110 7.6.1), "
+           "and a repeated header is one list: split it at commas, trim each token, and "
+           "close when any of them is 'close'. Comparing the whole value with 'close' misses "
+           "'TE, close'; the client, told nothing, waits for a close that never comes, or "
+           "has its next request answered on a connection it gave up.")
+    assert (last.headers.get("Connection") or "").lower() == "close", (
+        f"the response to a request with {shown} did not say 'Connection: close' "
+        f"(it said {last.headers.get('Connection')!r})\n{why}")
+    assert client.closed() and "GET /behind" not in server.handled, (
+        f"after answering a request with {shown} the server kept the connection open"
+        f"{' and answered GET /behind' if 'GET /behind' in server.handled else ''}, "
+        f"expected it closed right after that response\n{why}")
+
+
 def test_http10_closes_by_default(server: Server, client: Client) -> None:
     client.send(b"GET /old HTTP/1.0\r\nHost: lab.test\r\n\r\n")
     client.expect("GET /old (HTTP/1.0)", "GET /old (0 bytes)")
