@@ -360,6 +360,64 @@ def test_request_body_is_read_even_when_no_route_uses_it(api: Api) -> None:
                  "A request body is data, never a request of its own.")
 
 
+# Content-Length values that leave the end of the body unknown, in the order a failure
+# names them: int() raises on the first, reads to the end of the stream on the second
+# (rfile.read(-5)), takes the third for 5; the last is two headers that disagree.
+BAD_LENGTHS = {
+    "not a number": "Content-Length: abc\r\n",
+    "negative": "Content-Length: -5\r\n",
+    "signed": "Content-Length: +5\r\n",
+    "two different values": "Content-Length: 5\r\nContent-Length: 0\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LENGTHS))
+def test_a_bad_content_length_is_400_before_routing(api: Api, case: str) -> None:
+    add_user(api.db)
+    port = api.start()
+    before = api.db.reads()
+    lines = BAD_LENGTHS[case]
+    shown = repr(lines.replace("\r\n", " ").strip())
+    why = ("Parsing the request comes first: a Content-Length that is not one plain number "
+           "(1*DIGIT, RFC 9112 6.3) leaves the end of the body unknown, so the request cannot "
+           "be routed, nor the next one on the connection framed. Answer 400 and close the "
+           "connection. int() is not a check: it raises on 'abc' (http.server then drops the "
+           "connection without an answer), takes '+5' for 5, and rfile.read(-5) waits for "
+           "the end of the stream.")
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(f"POST /users/4242 HTTP/1.1\r\nHost: lab.test\r\n"
+                     f"Authorization: Bearer {TOKEN}\r\n{lines}\r\nhello".encode())
+        reply = http.client.HTTPResponse(sock)
+        try:
+            reply.begin()
+            reply.read()
+            problem = ""
+        except TimeoutError:
+            problem = f"no response within {WAIT:.0f} s"
+        except (http.client.HTTPException, ConnectionError) as exc:
+            problem = f"the connection was dropped without a response ({type(exc).__name__})"
+        if problem:
+            pytest.fail(f"POST /users/4242 with {shown}: {problem}, expected 400 and the "
+                        f"connection closed\n{why}", pytrace=False)
+        assert reply.status == 400, (
+            f"POST /users/4242 with {shown} (and a 5-byte body) got {reply.status}, expected "
+            f"400: the request went on to the router\n{why}")
+        try:
+            rest: bytes | None = sock.recv(1)
+        except ConnectionResetError:  # closed with bytes unread: closed all the same
+            rest = b""
+        except TimeoutError:
+            rest = None
+        assert rest == b"", (
+            f"POST /users/4242 with {shown} got 400, then the connection stayed open, "
+            f"expected it closed: after a framing error no later byte can be trusted to "
+            f"start a request\n{why}")
+    assert api.trace.events == [], (
+        f"POST /users/4242 with {shown} ran the middleware chain ({api.trace.events}): a "
+        f"request that cannot be framed is refused by the parse stage\n{why}")
+    expect_reads(api, before, 0, f"a request with {shown}", "It is refused before routing.")
+
+
 def test_missing_row_is_404_from_the_handler(api: Api) -> None:
     api.start()
     before = api.db.reads()
