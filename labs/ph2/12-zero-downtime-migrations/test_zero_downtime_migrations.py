@@ -682,6 +682,10 @@ class Background(threading.Thread):
 # How long the application's query may wait behind a migration that waits for a lock: the
 # README asks for a lock_timeout of at most 5 s; the rest is slack for a loaded machine.
 STALL_LIMIT = 12.0
+# How long the step's own lock wait may have lasted, as Postgres saw it (pg_locks.waitstart,
+# a lower bound of the wait: observing it late never makes it longer): a lock_timeout of at
+# most 5 s, plus slack for a timer that fires late on a loaded machine.
+LOCK_WAIT_LIMIT = 7.5
 
 
 @dataclass(frozen=True)
@@ -697,6 +701,15 @@ LOCKED_STEPS = [
     LockedStep(4, "V004 contract", "SELECT NOT EXISTS (SELECT FROM information_schema.columns "
                "WHERE table_name = 'users' AND column_name = 'name')"),
 ]
+
+
+def longest_lock_wait(conn: Any, others: tuple[int, ...]) -> float:
+    """How long the session that waits longest for a lock on users (not one of the test's
+    `others`) has waited so far, in seconds, by the server's clock."""
+    return float(conn.execute(
+        "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - waitstart)), 0) "
+        "FROM pg_locks WHERE NOT granted AND relation = 'users'::regclass "
+        "AND pid <> ALL(%s)", (list(others),)).fetchone()[0])
 
 
 def waits_for_users(conn: Any, others: tuple[int, ...]) -> bool:
@@ -717,7 +730,7 @@ def test_a_locking_step_gives_up_instead_of_stalling_the_application(
     folder = learner.dir / "migrations"
     for step in LOCKED_STEPS:
         runner.migrate(postgres.dsn, folder, target=step.version - 1)
-        stalled = application_stalls_behind(runner, postgres, folder, step)
+        stalled, waited = application_stalls_behind(runner, postgres, folder, step)
         assert not stalled, (
             f"while {step.label} waited for a lock on users held by a long transaction (a "
             f"report), the application's 'SELECT count(*) FROM users' waited more than "
@@ -726,6 +739,15 @@ def test_a_locking_step_gives_up_instead_of_stalling_the_application(
             f"queues behind it - the whole application stalls for as long as the report "
             f"runs. Begin each migration that locks a table with SET LOCAL lock_timeout = "
             f"'5s' (at most), so the step gives up (and is run again later) instead")
+        assert waited <= LOCK_WAIT_LIMIT, (
+            f"while {step.label} waited for a lock on users held by a long transaction (a "
+            f"report), its lock wait lasted {waited:.1f} s before it gave up (as Postgres "
+            f"measured it, pg_locks.waitstart), expected at most 5 s: every query on users "
+            f"that arrived meanwhile queued behind it, so the application stalled that long"
+            f"\nThe step's lock_timeout is longer than 5 s (or it is bounded by something "
+            f"else, such as a statement_timeout): begin each migration that locks a table "
+            f"with SET LOCAL lock_timeout of a few seconds, '5s' at most - a deploy step "
+            f"that gives up is run again, an application stalled for its users is an outage.")
         try:
             runner.migrate(postgres.dsn, folder, target=step.version)
         except Exception as exc:  # noqa: BLE001 - explained
@@ -740,9 +762,10 @@ def test_a_locking_step_gives_up_instead_of_stalling_the_application(
 
 
 def application_stalls_behind(runner: ModuleType, postgres: Any, folder: Path,
-                              step: LockedStep) -> bool:
+                              step: LockedStep) -> tuple[bool, float]:
     """Whether the application's query on users, sent while migrate(step) waits for a lock
-    a long transaction holds, still waits STALL_LIMIT s later. The transaction then ends."""
+    a long transaction holds, still waits STALL_LIMIT s later, and the longest lock wait on
+    users seen meanwhile (the step's). The transaction then ends."""
     report = postgres.connect()  # a transaction left open after reading users
     app = postgres.connect(autocommit=True)
     watch = postgres.connect(autocommit=True)
@@ -755,9 +778,13 @@ def application_stalls_behind(runner: ModuleType, postgres: Any, folder: Path,
         wait_until(lambda: not deploy.is_alive() or waits_for_users(watch, others),
                    f"migrate(target={step.version}) to wait for the report's lock on users",
                    timeout=30)
+        waited = longest_lock_wait(watch, others)
         query.start()
-        query.join(STALL_LIMIT)
-        return query.is_alive()
+        deadline = time.monotonic() + STALL_LIMIT
+        while query.is_alive() and time.monotonic() < deadline:
+            waited = max(waited, longest_lock_wait(watch, others))
+            query.join(0.05)
+        return query.is_alive(), waited
     finally:
         report.rollback()  # the report ends: whatever waited goes on
         query.join(30)
