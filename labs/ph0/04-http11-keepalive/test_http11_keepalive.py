@@ -19,6 +19,11 @@ import pytest
 
 WAIT = 2.0          # upper bound for anything that must happen
 QUIET = 0.3         # how long "nothing arrives" is watched for
+HANDLER_BUGS = {     # target -> what the test's handler raises for it
+    "/boom": RuntimeError("lab: handler bug"),
+    "/missing": KeyError("lab: no such key"),
+    "/divide": ZeroDivisionError("lab: division by zero"),
+}
 
 
 # ---------------------------------------------------------------------------- the server
@@ -78,6 +83,8 @@ class Server:
         if request.target == "/slow":
             self.slow_started.set()
             self.gate.wait(WAIT)
+        if request.target in HANDLER_BUGS:  # the application has a bug: it raises
+            raise HANDLER_BUGS[request.target]
         body = f"{label} ({len(request.body)} bytes)".encode()
         return self.module.Response(200, {"Content-Type": "text/plain"}, body)
 
@@ -319,6 +326,37 @@ def test_request_head_in_pieces(server: Server, client: Client) -> None:
         f"{reply.status if reply else 'no response'}, expected 200\n{advice}")
 
 
+# Connection is a list of tokens (RFC 9110 7.6.1): what a client or a proxy sends besides
+# "close" (TE, Upgrade, a hop-by-hop header's name), in one line or in several.
+CLOSE_IN_A_LIST = {
+    "TE, close": "Connection: TE, close\r\n",
+    "close,TE": "Connection: close,TE\r\n",
+    "two lines": "Connection: TE\r\nConnection: close\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(CLOSE_IN_A_LIST))
+def test_close_in_a_connection_list_ends_the_connection(server: Server, client: Client,
+                                                        case: str) -> None:
+    lines = CLOSE_IN_A_LIST[case]
+    shown = repr(lines.replace("\r\n", " ").strip())
+    client.send(f"GET /list HTTP/1.1\r\nHost: lab.test\r\n{lines}\r\n".encode()
+                + request("GET", "/behind"))
+    last = client.expect(f"GET /list ({shown})", "GET /list (0 bytes)")
+    why = ("Connection is a comma-separated list of case-insensitive tokens (RFC 9110 7.6.1), "
+           "and a repeated header is one list: split it at commas, trim each token, and "
+           "close when any of them is 'close'. Comparing the whole value with 'close' misses "
+           "'TE, close'; the client, told nothing, waits for a close that never comes, or "
+           "has its next request answered on a connection it gave up.")
+    assert (last.headers.get("Connection") or "").lower() == "close", (
+        f"the response to a request with {shown} did not say 'Connection: close' "
+        f"(it said {last.headers.get('Connection')!r})\n{why}")
+    assert client.closed() and "GET /behind" not in server.handled, (
+        f"after answering a request with {shown} the server kept the connection open"
+        f"{' and answered GET /behind' if 'GET /behind' in server.handled else ''}, "
+        f"expected it closed right after that response\n{why}")
+
+
 def test_http10_closes_by_default(server: Server, client: Client) -> None:
     client.send(b"GET /old HTTP/1.0\r\nHost: lab.test\r\n\r\n")
     client.expect("GET /old (HTTP/1.0)", "GET /old (0 bytes)")
@@ -517,3 +555,75 @@ def test_only_crlf_ends_a_header_line(server: Server, client: Client, name: str)
         return  # refusing a control character in a header value is safe too
     client.expect("GET /second (behind a request whose header line held a "
                   f"{name})", "GET /second (0 bytes)")
+
+
+@pytest.mark.parametrize("target", list(HANDLER_BUGS))
+def test_handler_error_is_a_500_and_the_connection_goes_on(server: Server, client: Client,
+                                                           target: str) -> None:
+    """The handler is the application: it has bugs. Its exception is the server's problem
+    to answer (500), not the client's to guess from a dropped connection, and the framing of
+    the requests behind it is intact: they are still answered."""
+    error = HANDLER_BUGS[target]
+    raised = f"the handler raised {type(error).__name__} for GET {target}"
+    client.send(request("GET", target) + request("GET", "/after"))
+    try:
+        reply = client.read(f"GET {target} (the handler raised)")
+    except pytest.fail.Exception:  # the connection died: say why below
+        reply = None
+    if reply is None:
+        crashed = f" ({server.errors[0]})" if server.errors else ""
+        pytest.fail(
+            f"{raised}: the connection was closed without a response{crashed}, expected "
+            "500 Internal Server Error\nAn exception from the handler must not escape "
+            "handle_connection(): catch it around the handler call (any Exception) and "
+            "answer 500. A dropped connection tells the client nothing, and it may retry "
+            "a request that already did its work.", pytrace=False)
+    assert reply.status == 500, (
+        f"{raised}: the response was {reply.status} {reply.body[:80]!r}, expected 500 "
+        "Internal Server Error: the request was well-formed, the server failed on it")
+    after = client.read("GET /after (pipelined behind the request whose handler raised)")
+    assert after is not None and after.body == b"GET /after (0 bytes)", (
+        f"{raised} and answered 500, then GET /after, pipelined behind it, got "
+        f"{'no response: the connection was closed' if after is None else after.body!r}"
+        ", expected 'GET /after (0 bytes)'\nA handler error does not break the framing "
+        "(the request was read in full, the server knows where the next one starts): answer "
+        "500 and go on serving the connection. Closing it drops requests the client has "
+        "already sent, which it cannot safely resend if they are not idempotent.")
+    one_connection(server)
+
+
+# A line that begins with a space or a tab continues the header line before it (obs-fold,
+# RFC 9112 5.2): it is never a header of its own.
+FOLDS = {"a space": " ", "a tab": "\t"}
+
+
+@pytest.mark.parametrize("fold", list(FOLDS))
+def test_a_folded_line_is_not_a_header_of_its_own(server: Server, client: Client,
+                                                   fold: str) -> None:
+    line = f"X-Note: a\r\n{FOLDS[fold]}Content-Length: 5"
+    shown = repr(line)
+    client.send(f"GET /first HTTP/1.1\r\nHost: lab.test\r\n{line}\r\n\r\n".encode()
+                + request("GET", "/second"))
+    reply = client.read(f"GET /first (with the folded header lines {shown})")
+    got = server.headers.get("/first", {})
+    body = server.bodies.get("/first", b"")
+    if body or "content-length" in got:
+        pytest.fail(
+            f"the header lines {shown} were read as two headers: the handler got GET /first "
+            f"with headers {sorted(got)} and a {len(body)}-byte body {body!r}, expected a 400 "
+            "(or one X-Note header and no body)\nA line that starts with a space or a tab "
+            "is not a new header: it continues the line before it (obs-fold, RFC 9112 5.2, "
+            "which says a server refuses it with 400 or joins it to that line). Stripping "
+            "the line, or the name's leading whitespace, turns it into a Content-Length "
+            "that a proxy in front of you reads as part of X-Note: this server then eats the "
+            "start of the proxy's next request (GET /second) as a body: request smuggling. "
+            "Refuse whitespace at either end of a header name.", pytrace=False)
+    if reply is None:
+        pytest.fail(f"the connection closed without an answer to GET /first (header lines "
+                    f"{shown}): expected 400 (refused), or 200 with the folded line joined "
+                    "to X-Note", pytrace=False)
+    if reply.status == 400:
+        assert client.closed(), "close the connection after a 400: the framing is lost"
+        return
+    client.expect(f"GET /second (behind a request with a line folded with {fold})",
+                  "GET /second (0 bytes)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 import uuid
@@ -23,7 +24,9 @@ import pytest
 
 from labrunner.testing import HttpReply, http_request
 
-TOKEN = "s3cret-lab-token"
+# Mixed case, as real tokens are (base64, hex digests in upper case): a token is compared
+# exactly as sent, and a server that lower-cases it refuses this one.
+TOKEN = "s3cret-Lab-TOKEN"
 WAIT = 5.0
 FAILURES = 12  # failing requests in a row: more than a connection pool usually holds
 
@@ -164,6 +167,24 @@ def add_user(db: Db) -> dict[str, Any]:
     return user
 
 
+def raw_get(port: int, path: str) -> int:
+    """GET ``path`` sent as its Latin-1 bytes, as they are (http.client refuses a non-ASCII
+    path): the status of the response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: lab.test\r\nAuthorization: Bearer {TOKEN}"
+                     "\r\nConnection: close\r\n\r\n".encode("iso-8859-1"))
+        reply = http.client.HTTPResponse(sock)
+        try:
+            reply.begin()
+            reply.read()
+        except (TimeoutError, http.client.HTTPException, ConnectionError) as exc:
+            problem = (f"GET {path!r}: no response ({type(exc).__name__}: {exc}), expected 404 "
+                       "from the router")
+        else:
+            return reply.status
+    pytest.fail(problem, pytrace=False)
+
+
 def expect_reads(api: Api, before: int, want: int, what: str, why: str) -> None:
     got = api.db.reads() - before
     assert got == want, (
@@ -179,6 +200,12 @@ def test_handler_row_comes_from_postgres(api: Api) -> None:
     api.start()  # whatever the app reads at start-up does not count
     before = api.db.reads()
     reply = api.call("GET", f"/users/{user['id']}")
+    assert reply.status != 401, (
+        f"GET /users/{user['id']} with 'Authorization: Bearer {TOKEN}' (a valid token) "
+        f"returned 401 {reply.body[:100]!r}, expected 200\nThe token is compared exactly as "
+        "sent: only the scheme ('Bearer') is case-insensitive. Lower-casing the whole "
+        "header value lower-cases the token with it, and a real token (base64, mixed case) "
+        "no longer matches.")
     assert reply.status == 200 and reply.json() == user, (
         f"GET /users/{user['id']} returned {reply.status} {reply.body[:200]!r}, expected 200 "
         f"with {json.dumps(user)}\nThe handler must read the row from Postgres "
@@ -213,7 +240,17 @@ def test_missing_token_is_401_before_any_query(api: Api) -> None:
             "expected 401\nThe header is '<scheme> <credentials>': accept only the Bearer "
             "scheme followed by a space and a known token. removeprefix('Bearer ') or "
             "split()[-1] leaves a bare token, or another scheme's, looking valid.")
-    expect_reads(api, before, 0, "five requests without a valid Bearer token",
+    for value in (f"Bearer {TOKEN.lower()}", f"Bearer {TOKEN.upper()}",
+                  f"Bearer {TOKEN.swapcase()}"):
+        reply = api.call("GET", f"/users/{user['id']}", token=None,
+                         headers={"Authorization": value})
+        assert reply.status == 401, (
+            f"GET /users/{user['id']} with 'Authorization: {value}' returned {reply.status}, "
+            f"expected 401: the known token is {TOKEN!r}\nA token is a secret compared "
+            "exactly, byte for byte: only the scheme is case-insensitive. Comparing tokens "
+            "case-insensitively accepts tokens that were never issued, and makes a guessed "
+            "token far easier to find.")
+    expect_reads(api, before, 0, "eight requests without a valid Bearer token",
                  "The auth middleware must answer 401 without calling next(): then the "
                  "handler, and its query, never run. Checking the token after next() "
                  "returns is too late - the database work is done.")
@@ -236,6 +273,20 @@ def test_router_answers_404_and_405_itself(api: Api) -> None:
             "middleware chain ran): expected the router's 404, no route matches the whole "
             "path\nA route pattern must match the path to its end (re.fullmatch, or ^...$):"
             " re.match() alone lets /users/{id} match any longer path.")
+    add_user(api.db)
+    # An id is ASCII digits, nothing else: int() also takes '+4242' and '4_242' (aliases of
+    # /users/4242), str.isdigit() also takes '²' (which int() then refuses, a 500).
+    for path in ("/users/+4242", "/users/4_242", "/users/\u00b2"):
+        seen = len(api.trace.events)
+        status = raw_get(api.start(), path)
+        assert status == 404 and len(api.trace.events) == seen, (
+            f"GET {path!r} was routed to GET /users/{{id}} (status {status}, the middleware "
+            "chain ran), expected the router's 404: the id in /users/{id} is ASCII digits "
+            "only\nint() accepts a sign, underscores and other scripts' digits, and "
+            "str.isdigit() is also true of '²' (which int() then refuses): a route that "
+            "accepts them answers /users/+4242 as /users/4242 (one resource under many "
+            "paths, past any rule or cache keyed on the path) or fails with a 500. Match "
+            "[0-9]+ (re.ASCII), or check isascii() and isdigit().")
     reply = api.call("POST", "/users/1")
     assert reply.status == 405 and "GET" in (reply.headers.get("Allow") or ""), (
         f"POST /users/1 returned {reply.status} (Allow: {reply.headers.get('Allow')!r}), "
@@ -307,6 +358,64 @@ def test_request_body_is_read_even_when_no_route_uses_it(api: Api) -> None:
             "even when the route refuses it.")
     expect_reads(api, before, 0, "requests whose body held a request for a user",
                  "A request body is data, never a request of its own.")
+
+
+# Content-Length values that leave the end of the body unknown, in the order a failure
+# names them: int() raises on the first, reads to the end of the stream on the second
+# (rfile.read(-5)), takes the third for 5; the last is two headers that disagree.
+BAD_LENGTHS = {
+    "not a number": "Content-Length: abc\r\n",
+    "negative": "Content-Length: -5\r\n",
+    "signed": "Content-Length: +5\r\n",
+    "two different values": "Content-Length: 5\r\nContent-Length: 0\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LENGTHS))
+def test_a_bad_content_length_is_400_before_routing(api: Api, case: str) -> None:
+    add_user(api.db)
+    port = api.start()
+    before = api.db.reads()
+    lines = BAD_LENGTHS[case]
+    shown = repr(lines.replace("\r\n", " ").strip())
+    why = ("Parsing the request comes first: a Content-Length that is not one plain number "
+           "(1*DIGIT, RFC 9112 6.3) leaves the end of the body unknown, so the request cannot "
+           "be routed, nor the next one on the connection framed. Answer 400 and close the "
+           "connection. int() is not a check: it raises on 'abc' (http.server then drops the "
+           "connection without an answer), takes '+5' for 5, and rfile.read(-5) waits for "
+           "the end of the stream.")
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(f"POST /users/4242 HTTP/1.1\r\nHost: lab.test\r\n"
+                     f"Authorization: Bearer {TOKEN}\r\n{lines}\r\nhello".encode())
+        reply = http.client.HTTPResponse(sock)
+        try:
+            reply.begin()
+            reply.read()
+            problem = ""
+        except TimeoutError:
+            problem = f"no response within {WAIT:.0f} s"
+        except (http.client.HTTPException, ConnectionError) as exc:
+            problem = f"the connection was dropped without a response ({type(exc).__name__})"
+        if problem:
+            pytest.fail(f"POST /users/4242 with {shown}: {problem}, expected 400 and the "
+                        f"connection closed\n{why}", pytrace=False)
+        assert reply.status == 400, (
+            f"POST /users/4242 with {shown} (and a 5-byte body) got {reply.status}, expected "
+            f"400: the request went on to the router\n{why}")
+        try:
+            rest: bytes | None = sock.recv(1)
+        except ConnectionResetError:  # closed with bytes unread: closed all the same
+            rest = b""
+        except TimeoutError:
+            rest = None
+        assert rest == b"", (
+            f"POST /users/4242 with {shown} got 400, then the connection stayed open, "
+            f"expected it closed: after a framing error no later byte can be trusted to "
+            f"start a request\n{why}")
+    assert api.trace.events == [], (
+        f"POST /users/4242 with {shown} ran the middleware chain ({api.trace.events}): a "
+        f"request that cannot be framed is refused by the parse stage\n{why}")
+    expect_reads(api, before, 0, f"a request with {shown}", "It is refused before routing.")
 
 
 def test_missing_row_is_404_from_the_handler(api: Api) -> None:

@@ -137,6 +137,83 @@ def test_versions_are_numbers_and_target_is_inclusive(runner: ModuleType, postgr
         f"versions as numbers, not file names as text")
 
 
+# Two files that claim one version: what two branches merged together leave behind. The
+# runner must refuse the set, before applying anything: keeping one of them means the other
+# is never applied, anywhere, and nothing says so.
+SAME_VERSION = {
+    "written alike": ("V002__seed_admin.sql", "V002__seed_guest.sql"),
+    "padded differently": ("V2__seed_admin.sql", "V002__seed_guest.sql"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAME_VERSION))
+def test_two_files_with_one_version_are_refused(runner: ModuleType, postgres: Any,
+                                                migrations: Path, case: str) -> None:
+    admin, guest = SAME_VERSION[case]
+    write(migrations, {
+        "V001__create_accounts.sql": BASIC["V001__create_accounts.sql"],
+        admin: "INSERT INTO accounts VALUES (1, 'admin');",
+        guest: "INSERT INTO accounts VALUES (2, 'guest');",
+    })
+    what = f"{admin} and {guest}, both version 2"
+    why = ("Versions are numbers (V2 is V002): two files of one version are two changes that "
+           "each claim that number, as two branches merged together leave them. Refuse the "
+           "set before applying anything (MigrationError naming both files): a runner that "
+           "keeps one of them never applies the other - here, nor on any other database - "
+           "and nothing says so.")
+    try:
+        result = runner.migrate(postgres.dsn, migrations)
+    except Exception as exc:  # noqa: BLE001 - checked below
+        error: BaseException | None = exc
+    else:
+        error = None
+    tables = migration_tables(postgres)
+    rows = count(postgres, "SELECT count(*) FROM accounts") if "accounts" in tables else 0
+    if error is None:
+        pytest.fail(f"migrate() with {what} returned {result!r} ({rows} row(s) seeded into "
+                    f"accounts), expected MigrationError\n{why}", pytrace=False)
+    assert isinstance(error, runner.MigrationError), (
+        f"migrate() with {what} raised {type(error).__name__}: {error}, expected "
+        f"MigrationError\n{why}")
+    assert "accounts" not in tables, (
+        f"migrate() with {what} raised MigrationError, but only after applying V001 "
+        f"(accounts exists, {rows} row(s)): check the set of files before applying "
+        f"anything\n{why}")
+
+
+# Files beside the migrations that are not named V<n>__<name>.sql (all of it, from the
+# first character to the last), as editors, merges and copies leave them: never applied.
+STRAY = {
+    "V004__draft.sql.orig": "a merge's left-over copy",
+    "V005__draft.sql~": "an editor's backup",
+    "._V006__draft.sql": "macOS metadata beside a copied file",
+    "old_V007__draft.sql": "a renamed old copy",
+}
+
+
+def test_files_not_named_like_a_migration_are_ignored(runner: ModuleType, postgres: Any,
+                                                      migrations: Path) -> None:
+    write(migrations, BASIC)
+    write(migrations, {name: f"CREATE TABLE stray_{n} (id int);"
+                       for n, name in enumerate(STRAY)})
+    why = ("A migration is a file named V<n>__<name>.sql, the whole name: match the pattern "
+           "from the first character to the last (re.fullmatch, or ^...$ with match()). A "
+           "pattern searched for, or not anchored at its end, also takes "
+           + ", ".join(f"{name!r} ({what})" for name, what in STRAY.items())
+           + ", and applies it to every database.")
+    try:
+        applied = list(runner.migrate(postgres.dsn, migrations))
+    except Exception as exc:  # noqa: BLE001 - explained
+        pytest.fail(f"migrate() on V001..V003 beside {sorted(STRAY)} raised "
+                    f"{type(exc).__name__}: {exc}, expected [1, 2, 3]\n{why}", pytrace=False)
+    tables = migration_tables(postgres)
+    taken = [name for n, name in enumerate(STRAY) if f"stray_{n}" in tables]
+    assert not taken and applied == [1, 2, 3], (
+        f"migrate() on V001..V003 beside files not named like a migration returned "
+        f"{applied!r}, and applied {taken or 'none of them'}; expected [1, 2, 3], none of "
+        f"them applied\n{why}")
+
+
 def test_changed_applied_script_is_refused(runner: ModuleType, postgres: Any,
                                            migrations: Path) -> None:
     write(migrations, BASIC)
@@ -605,6 +682,10 @@ class Background(threading.Thread):
 # How long the application's query may wait behind a migration that waits for a lock: the
 # README asks for a lock_timeout of at most 5 s; the rest is slack for a loaded machine.
 STALL_LIMIT = 12.0
+# How long the step's own lock wait may have lasted, as Postgres saw it (pg_locks.waitstart,
+# a lower bound of the wait: observing it late never makes it longer): a lock_timeout of at
+# most 5 s, plus slack for a timer that fires late on a loaded machine.
+LOCK_WAIT_LIMIT = 7.5
 
 
 @dataclass(frozen=True)
@@ -620,6 +701,15 @@ LOCKED_STEPS = [
     LockedStep(4, "V004 contract", "SELECT NOT EXISTS (SELECT FROM information_schema.columns "
                "WHERE table_name = 'users' AND column_name = 'name')"),
 ]
+
+
+def longest_lock_wait(conn: Any, others: tuple[int, ...]) -> float:
+    """How long the session that waits longest for a lock on users (not one of the test's
+    `others`) has waited so far, in seconds, by the server's clock."""
+    return float(conn.execute(
+        "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - waitstart)), 0) "
+        "FROM pg_locks WHERE NOT granted AND relation = 'users'::regclass "
+        "AND pid <> ALL(%s)", (list(others),)).fetchone()[0])
 
 
 def waits_for_users(conn: Any, others: tuple[int, ...]) -> bool:
@@ -640,7 +730,7 @@ def test_a_locking_step_gives_up_instead_of_stalling_the_application(
     folder = learner.dir / "migrations"
     for step in LOCKED_STEPS:
         runner.migrate(postgres.dsn, folder, target=step.version - 1)
-        stalled = application_stalls_behind(runner, postgres, folder, step)
+        stalled, waited = application_stalls_behind(runner, postgres, folder, step)
         assert not stalled, (
             f"while {step.label} waited for a lock on users held by a long transaction (a "
             f"report), the application's 'SELECT count(*) FROM users' waited more than "
@@ -649,6 +739,15 @@ def test_a_locking_step_gives_up_instead_of_stalling_the_application(
             f"queues behind it - the whole application stalls for as long as the report "
             f"runs. Begin each migration that locks a table with SET LOCAL lock_timeout = "
             f"'5s' (at most), so the step gives up (and is run again later) instead")
+        assert waited <= LOCK_WAIT_LIMIT, (
+            f"while {step.label} waited for a lock on users held by a long transaction (a "
+            f"report), its lock wait lasted {waited:.1f} s before it gave up (as Postgres "
+            f"measured it, pg_locks.waitstart), expected at most 5 s: every query on users "
+            f"that arrived meanwhile queued behind it, so the application stalled that long"
+            f"\nThe step's lock_timeout is longer than 5 s (or it is bounded by something "
+            f"else, such as a statement_timeout): begin each migration that locks a table "
+            f"with SET LOCAL lock_timeout of a few seconds, '5s' at most - a deploy step "
+            f"that gives up is run again, an application stalled for its users is an outage.")
         try:
             runner.migrate(postgres.dsn, folder, target=step.version)
         except Exception as exc:  # noqa: BLE001 - explained
@@ -663,9 +762,10 @@ def test_a_locking_step_gives_up_instead_of_stalling_the_application(
 
 
 def application_stalls_behind(runner: ModuleType, postgres: Any, folder: Path,
-                              step: LockedStep) -> bool:
+                              step: LockedStep) -> tuple[bool, float]:
     """Whether the application's query on users, sent while migrate(step) waits for a lock
-    a long transaction holds, still waits STALL_LIMIT s later. The transaction then ends."""
+    a long transaction holds, still waits STALL_LIMIT s later, and the longest lock wait on
+    users seen meanwhile (the step's). The transaction then ends."""
     report = postgres.connect()  # a transaction left open after reading users
     app = postgres.connect(autocommit=True)
     watch = postgres.connect(autocommit=True)
@@ -678,9 +778,13 @@ def application_stalls_behind(runner: ModuleType, postgres: Any, folder: Path,
         wait_until(lambda: not deploy.is_alive() or waits_for_users(watch, others),
                    f"migrate(target={step.version}) to wait for the report's lock on users",
                    timeout=30)
+        waited = longest_lock_wait(watch, others)
         query.start()
-        query.join(STALL_LIMIT)
-        return query.is_alive()
+        deadline = time.monotonic() + STALL_LIMIT
+        while query.is_alive() and time.monotonic() < deadline:
+            waited = max(waited, longest_lock_wait(watch, others))
+            query.join(0.05)
+        return query.is_alive(), waited
     finally:
         report.rollback()  # the report ends: whatever waited goes on
         query.join(30)

@@ -106,10 +106,14 @@ def _content_length(headers: dict[str, str]) -> int:
 
 
 def _keep_alive(request: Request) -> bool:
-    connection = request.headers.get("connection", "").lower()
+    # Connection is a comma-separated list of tokens (RFC 9110 7.6.1), case-insensitive,
+    # and may come in several lines (joined into one list above): "TE, close" closes.
+    tokens = {token.strip().lower() for token in request.headers.get("connection", "").split(",")}
+    if "close" in tokens:
+        return False
     if request.version == "HTTP/1.0":
-        return connection == "keep-alive"  # 1.0 closes by default
-    return connection != "close"          # 1.1 keeps the connection by default
+        return "keep-alive" in tokens  # 1.0 closes by default
+    return True                        # 1.1 keeps the connection by default
 
 
 def serialize(response: Response, close: bool) -> bytes:

@@ -195,6 +195,8 @@ class _HttpHandler(BaseHTTPRequestHandler):
     server: _HttpServer
 
     def _serve(self) -> None:
+        if not self._framing_ok():
+            return
         url = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         request = Request(method=self.command, path=url.path, query=dict(parse_qsl(url.query)),
@@ -207,6 +209,23 @@ class _HttpHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
         self.wfile.write(response.body)
+
+    def _framing_ok(self) -> bool:
+        """Parsing comes before everything: a Content-Length that is not one plain number
+        (1*DIGIT, RFC 9112 6.3) leaves the body's end unknown. int() would take '+5' and '-5'
+        (and rfile.read(-5) reads to EOF) or raise: answer 400 and close instead."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) <= 1 and all(v.strip().isascii() and v.strip().isdigit() for v in lengths):
+            return True
+        self.close_connection = True
+        response = json_response(400, {"error": "bad Content-Length"}, {"Connection": "close"})
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        self.wfile.write(response.body)
+        return False
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 
