@@ -34,6 +34,8 @@ Mistakes a learner makes here, each caught with its own message:
   out of order on its partition
 - a new event_id per publish (not the outbox id)                       -> after a kill
 - no row locks, or FOR UPDATE without SKIP LOCKED                      -> two relays
+- claiming only ids past the highest published (or a cursor the relay keeps): a row that
+  commits after higher ids were published is never sent              -> a late commit
 - a flush per row                                                      -> 1,000 rows
 """
 
@@ -208,14 +210,19 @@ def assert_each_order_once(events: list[dict[str, Any]], orders: list[dict[str, 
 def test_order_and_outbox_row_commit_together(shop: Any) -> None:
     conn, orders_mod = shop
     first = make_orders(2)
-    for order in first:
-        orders_mod.place_order(conn, order)
+    returned = [orders_mod.place_order(conn, order) for order in first]
     rows = conn.execute("SELECT aggregate_id, event_type, payload FROM outbox ORDER BY id"
                         ).fetchall()
     assert [(a, t) for a, t, _ in rows] == [("order-0", "OrderPlaced"), ("order-1",
                                                                          "OrderPlaced")], (
         f"after placing order-0 and order-1 the outbox holds {rows}; expected one pending "
         "OrderPlaced row per order, aggregate_id = the order id")
+    ids = [r[0] for r in conn.execute("SELECT id FROM outbox ORDER BY id").fetchall()]
+    assert returned == ids, (
+        f"place_order returned {returned} for order-0 and order-1; their outbox rows have ids "
+        f"{ids}: place_order returns the id of the outbox row it wrote (INSERT ... RETURNING "
+        "id) - it is the event's event_id, the one handle the caller has on the event it "
+        "just announced")
 
     doomed = make_orders(1, start=2)[0]
     with pytest.raises(Rollback), conn.transaction():
@@ -226,6 +233,14 @@ def test_order_and_outbox_row_commit_together(shop: Any) -> None:
     assert leftovers == 0, (
         "an order placed inside a transaction that was rolled back still left its event in "
         "the outbox: write both rows through the caller's connection, in its transaction")
+    # the rolled-back row used up an id: ids and the number of rows part ways here
+    after = orders_mod.place_order(conn, make_orders(1, start=3)[0])
+    row_id = conn.execute("SELECT id FROM outbox WHERE aggregate_id = 'order-3'").fetchone()[0]
+    assert after == row_id, (
+        f"placed after a rolled-back order (which used up an outbox id), order-3 got outbox "
+        f"row id {row_id} but place_order returned {after!r}: return the id of the row it "
+        "wrote (INSERT ... RETURNING id), not a count of rows or the highest id - ids have "
+        "gaps and other sessions insert too")
 
     # The outbox write fails (a trigger refuses it): the order must not be kept either.
     conn.execute("""
@@ -350,6 +365,18 @@ def test_an_orders_events_keep_their_order(shop: Any, learner: Any, postgres: An
     wrong = {k: v for k, v in seen.items() if v != ["OrderPlaced", "OrderShipped"]}
     if not wrong:
         return
+    unsent = [(a, t) for a, t in conn.execute(
+        "SELECT aggregate_id, event_type FROM outbox WHERE published_at IS NOT NULL "
+        "ORDER BY id").fetchall() if t not in seen.get(a, [])]
+    if unsent:
+        pytest.fail(
+            f"{len(unsent)} outbox row(s) are marked published but never reached Kafka, e.g. "
+            f"{unsent[0][0]}'s {unsent[0][1]} (its events on the topic: "
+            f"{seen.get(unsent[0][0], [])}): the relay marked rows it did not publish. Mark "
+            "exactly the ids of the batch it claimed and the broker acknowledged (WHERE id = "
+            "ANY(<those ids>)) - not every row of the batch's orders (aggregate_id), a range "
+            "or every pending row: an order's later event that no batch claimed is then "
+            "marked and never sent", pytrace=False)
     late = [o["order_id"] for o in begun_earlier]
     by_created_at = all(k in wrong for k in late)
     example = late[0] if by_created_at else next(iter(wrong))
@@ -459,6 +486,40 @@ def test_relay_killed_before_marking_loses_nothing(shop: Any, learner: Any, post
         "killed before marking its batch: it had claimed and published more than 10 rows in "
         "one transaction - claim at most --batch-size rows (LIMIT) per batch, or one crash "
         "republishes everything pending and one transaction locks all of it")
+    assert pending(conn) == 0
+
+
+def test_a_row_committed_late_is_still_published(shop: Any, learner: Any, postgres: Any,
+                                                 kafka: Any) -> None:
+    """An id is handed out when the row is inserted, not when its transaction commits: an
+    order placed in a transaction that began first and commits last has a LOWER id than
+    orders the relay has already published. The next relay must publish it all the same."""
+    conn, orders_mod = shop
+    topic = kafka.create_topic("orders", 3)
+    slow, quick = make_orders(1, start=100), make_orders(5)
+    late = postgres.connect(autocommit=True)
+    try:
+        with late.transaction():
+            orders_mod.place_order(late, slow[0])
+            place_all(conn, orders_mod, quick)
+            run_relay(learner, postgres, kafka, topic, batch=10)
+        ids = dict(conn.execute("SELECT aggregate_id, id FROM outbox").fetchall())
+    finally:
+        late.close()
+    run_relay(learner, postgres, kafka, topic, batch=10)
+    events = read_events(kafka, topic)
+    published = {e.get("key") for e in events}
+    if "order-100" not in published:
+        first = sorted(ids[o["order_id"]] for o in quick)
+        pytest.fail(
+            f"order-100's outbox row (id {ids['order-100']}) was inserted before orders "
+            f"0-4 (ids {first[0]}-{first[-1]}) but committed after a relay had published "
+            f"them; the next relay never published it ({pending(conn)} row(s) still "
+            "pending): ids are handed out at INSERT, not at COMMIT, so a row can appear "
+            "below ids already published. Claim every row WHERE published_at IS NULL, not "
+            "the ids past the highest published or past a position the relay remembers, or "
+            "an order whose transaction was slow is never announced", pytrace=False)
+    assert_each_order_once(events, slow + quick, allow_duplicates=False, conn=conn)
     assert pending(conn) == 0
 
 

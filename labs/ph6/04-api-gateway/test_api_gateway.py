@@ -7,6 +7,7 @@ the test's clock; the canary share is measured over 400 requests."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import threading
@@ -38,9 +39,16 @@ class Backend:
             self.hits += 1
             self.users.append(user)
         path = environ.get("PATH_INFO") or ""
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length).decode() if length else ""
         if not user:
             doc: Any = {"error": "no X-User-Id: requests must come through the gateway"}
             status = "400 Bad Request"
+        elif path in UPSTREAM_ERRORS:
+            status, doc = UPSTREAM_ERRORS[path]
+        elif environ["REQUEST_METHOD"] == "POST":
+            doc, status = {"version": self.name, "method": "POST", "path": path,
+                           "query": environ.get("QUERY_STRING", ""), "body": body}, "201 Created"
         elif self.name == "users":
             doc, status = {"id": path.rsplit("/", 1)[-1], "name": "Ada"}, "200 OK"
         elif path == "/orders":
@@ -50,6 +58,14 @@ class Backend:
             doc, status = {"version": self.name, "path": path}, "200 OK"
         start_response(status, [("Content-Type", "application/json")])
         return [json.dumps(doc).encode()]
+
+
+# paths the orders services answer with an error of their own: an answer to relay
+UPSTREAM_ERRORS = {
+    "/orders/missing": ("404 Not Found", {"error": "no order 'missing'"}),
+    "/orders/broken": ("500 Internal Server Error", {"error": "the orders database is down"}),
+    "/orders/busy": ("503 Service Unavailable", {"error": "shedding load, try later"}),
+}
 
 
 class Clock:
@@ -69,7 +85,11 @@ def token(sub: str = "alice", *, secret: str = SECRET, exp: float | None = None,
                       algorithm=algorithm)
 
 
+@functools.cache
 def bearer(sub: str = "alice") -> dict[str, str]:
+    """The user's one token for this run: the same on every request (made afresh, a token
+    would change with the second its exp is counted from - one user's tokens that differ
+    are test_the_limit_follows_the_user_not_the_token's case, sent on purpose there)."""
     return {"Authorization": f"Bearer {token(sub)}"}
 
 
@@ -266,6 +286,26 @@ def test_rate_limit_per_user_follows_the_clock(world: World) -> None:
     check_retry_after(world, host, start=start + 60.0, first=reply)
 
 
+def test_the_limit_follows_the_user_not_the_token(world: World) -> None:
+    """A user holds several valid tokens at once (each login, each refresh gives a new
+    one), written with any spelling of the scheme: the limit counts the user (the token's
+    sub), so a fresh token does not buy a fresh allowance."""
+    host = world.gateway(rate_limit=5, window=60.0)
+    stable = world.backends["stable"]
+    statuses = []
+    for n in range(1, 7):
+        scheme = ("Bearer", "bearer")[n % 2]
+        headers = {"Authorization": f"{scheme} {token('alice', jti=f'login-{n}')}"}
+        statuses.append(http_request(host, "GET", f"/orders/{n}", headers=headers).status)
+    assert statuses == [200] * 5 + [429] and stable.hits == 5, (
+        f"alice sent 6 requests within one 60 s window (limit 5), each with another valid "
+        f"token of hers (same sub, a jti of its own, as each login gives): HTTP {statuses}, "
+        f"{stable.hits} reached the backend; expected 5 x 200 then 429. The limit is per "
+        "user - the sub the token proves - not per token or Authorization header: keyed by "
+        "the credential, a client that logs in again (or asks for a fresh token) resets its "
+        "own limit")
+
+
 def test_a_concurrent_burst_gets_only_the_limit_through(world: World, learner: Any) -> None:
     """The gateway serves each request on a thread of its own: a user's count must be read,
     checked and written back as one step, or requests that arrive together all read the
@@ -368,3 +408,45 @@ def test_canary_gets_its_share(world: World) -> None:
     assert world.backends["users"].hits == 20 and \
         world.backends["canary"].hits == versions.count("canary"), (
             "/users requests reached the canary: the split applies to its own prefix only")
+
+
+RELAYED = [  # (method, target, body, the orders service's status)
+    ("GET", "/orders/missing", None, 404),
+    ("GET", "/orders/broken", None, 500),
+    ("GET", "/orders/busy", None, 503),
+    ("POST", "/orders/9?dry_run=1", b'{"qty": 2}', 201),
+]
+
+
+def test_upstream_answers_are_relayed_as_they_are(world: World) -> None:
+    """The service's answer is the client's answer, whatever its status: a 404 or a 500
+    from the orders service is relayed (status and body), not turned into the gateway's
+    502, which means the service could not be reached. Method, query and body are
+    forwarded too."""
+    host = world.gateway(rate_limit=1000)
+    stable = world.backends["stable"]
+    for method, target, body, want in RELAYED:
+        before = stable.hits
+        reply = http_request(host, method, target, body, headers=bearer())
+        path, _, query = target.partition("?")
+        if path in UPSTREAM_ERRORS:
+            expected = UPSTREAM_ERRORS[path][1]
+        else:
+            expected = {"version": "stable", "method": method, "path": path, "query": query,
+                        "body": (body or b"").decode()}
+        try:
+            doc = reply.json()
+        except ValueError:
+            doc = reply.body[:200]
+        reached = stable.hits - before
+        assert reply.status == want and doc == expected and reached == 1, (
+            f"{method} {target}: the orders service answered HTTP {want} {expected}; the "
+            f"client got HTTP {reply.status} {doc!r} ({reached} request(s) reached the "
+            f"service): expected the service's answer relayed as it is. "
+            + ("A gateway relays what the service answered, whatever its status: 502 Bad "
+               "Gateway says the service could not be reached, and a client that gets it "
+               "for a 404 or a 503 cannot tell 'no such order' or 'retry later' from a dead "
+               "upstream (urllib's urlopen raises HTTPError for a 4xx/5xx: that is an "
+               "answer - relay err.code and err.read())"
+               if reply.status == 502 else
+               "Forward the method, the path with its query string and the body"))

@@ -25,7 +25,7 @@ class BackendDown(Exception):
 class Backend:
     def __init__(self, name: str) -> None:
         self.name = name
-        self.mode = "ok"                 # ok | fail | hold
+        self.mode = "ok"                 # ok | fail | hold | hold_fail (hold, then 500)
         self.hits = 0
         self.lock = threading.Lock()
         self.release = threading.Event()
@@ -34,9 +34,9 @@ class Backend:
         with self.lock:
             self.hits += 1
             mode = self.mode
-        if mode == "hold":
+        if mode in ("hold", "hold_fail"):
             self.release.wait(60)
-        status = "500 Internal Server Error" if mode == "fail" else "200 OK"
+        status = "500 Internal Server Error" if mode in ("fail", "hold_fail") else "200 OK"
         start_response(status, [("Content-Type", "text/plain")])
         return [self.name.encode()]
 
@@ -415,12 +415,12 @@ BURST, STEP_DELAY = 8, 0.01     # calls into one Bulkhead(2) at once; s per byte
 
 
 def burst_at_held_backend(mod: Any, learner: Any, pool: Any, backend: Backend,
-                          host: str) -> tuple[int, list[str]]:
+                          host: str, mode: str = "hold") -> tuple[int, list[str]]:
     """BURST calls into `pool` at the same moment (from threads where the learner's code
     runs, each step of it slowed: harness.py) while the backend holds every request: how
     many were at the backend together once each call had reached it or ended, and each
     call's outcome after the backend let them go."""
-    backend.mode, backend.release = "hold", threading.Event()
+    backend.mode, backend.release = mode, threading.Event()
     before = backend.hits
     burst = learner.harness().start_burst(mod, pool, host, BURST, STEP_DELAY)
     try:
@@ -462,3 +462,56 @@ def test_a_burst_takes_no_more_than_the_bulkheads_slots(mod: Any, learner: Any,
             "read-modify-write, and two calls ending together lose one of the updates, "
             "leaking a slot or freeing one twice - give slots back through the semaphore, or "
             "change the count only under the lock", pytrace=False)
+
+
+def test_two_calls_at_a_half_open_circuit_send_one_probe(mod: Any, learner: Any,
+                                                          backends: Any) -> None:
+    """Two calls into a half-open circuit, the first held before each line of the
+    learner's code in turn while the second runs: at every step, exactly one of them
+    reaches the backend. Deciding to probe and marking the probe taken are one step under
+    the lock; checked apart, both calls can find no probe in flight and both go through."""
+    backend, host = backends["payments"]
+    backend.mode = "fail"
+    before = backend.hits
+    seen = learner.harness().probe_interleavings(mod, host)
+    probes = backend.hits - before - 2 - len(seen)   # 2 to count the lines, 1 trip per step
+    if probes == len(seen):
+        return
+    both = [s for s in seen if s.get("first") == s.get("second") == "failed"]
+    where = (f"the first held at {both[0]['held_at']} while the second ran: both reached "
+             f"the backend (first: {both[0]['first']}, second: {both[0]['second']})" if both
+             else "the calls' outcomes: " + "; ".join(
+                 f"held at {s['held_at']}: {s.get('first')}, {s.get('second')}"
+                 for s in seen[:6]))
+    pytest.fail(
+        f"two calls into a half-open circuit (the backend failing), the first held before "
+        f"each of its lines in turn while the second ran: {probes} probes reached the "
+        f"backend over {len(seen)} interleavings, expected {len(seen)} (exactly 1 each) - "
+        f"{where}. "
+        "Checking that no probe is in flight and marking the probe taken must be one step "
+        "under the breaker's lock: apart, a call that arrives between them also finds no "
+        "probe, and a recovering service gets more than the one trial call", pytrace=False)
+
+
+def test_failures_that_end_together_are_all_counted(mod: Any, learner: Any,
+                                                    backends: Any) -> None:
+    """Calls that fail at the same moment must each be counted: a failure count changed
+    outside the lock loses updates, and the circuit stays closed past its threshold."""
+    backend, host = backends["payments"]
+    cb = mod.CircuitBreaker(failure_threshold=BURST, reset_timeout=30.0, clock=Clock())
+    in_flight, outcomes = burst_at_held_backend(mod, learner, cb, backend, host,
+                                                mode="hold_fail")
+    assert in_flight == BURST, (
+        f"{BURST} calls at the same moment into a closed circuit (threshold {BURST}): only "
+        f"{in_flight} reached the dependency (outcomes {sorted(outcomes)}): a closed circuit "
+        "lets every call through")
+    assert outcomes.count("failed") == BURST, (
+        f"{BURST} calls that all failed at the dependency ended with {sorted(outcomes)}: "
+        "expected each to raise the dependency's error")
+    state = cb.state
+    assert state == "open", (
+        f"{BURST} calls failed at the same moment through a circuit with failure_threshold "
+        f"{BURST}, yet the state is {state!r}, expected 'open': some failures were never "
+        "counted. `failures += 1` outside the lock is a read-modify-write, and two failures "
+        "ending together lose one of the updates - count (and check the threshold) only "
+        "under the breaker's lock, or a dependency failing under load never trips it")
