@@ -76,7 +76,9 @@ def live_data_across_boundaries(app: Any, sku: str, customer: str) -> list[str]:
     shop = sys.modules.get("shop")
     if shop is None or not getattr(shop, "__file__", None):
         return []
-    root = Path(str(shop.__file__)).resolve().parent.parent
+    # the learner's folder (the one holding the shop package), not the lab's
+    package = Path(str(shop.__file__)).resolve().parent
+    root = package.parent
     mine = [m for m in list(sys.modules.values()) if isinstance(m, types.ModuleType)
             and getattr(m, "__file__", None) and root in Path(str(m.__file__)).resolve().parents]
     found: list[str] = []
