@@ -232,6 +232,72 @@ def plan_without_seqscan(api: Api, sql: str, values: list[str]) -> str | None:
     return None
 
 
+# (what the caller holds, how it is made from a live key and the test's clock): none of
+# these authenticates, so rotate() must issue nothing and revoke() must change nothing.
+NOT_A_KEY = [
+    ("the key's prefix with a made-up secret (the prefix is printed in logs and "
+     "dashboards)", "forged"),
+    ("the key missing its last character", "truncated"),
+    ("a revoked key", "revoked"),
+    ("a key whose grace period has ended", "ended"),
+]
+
+
+def not_a_key(api: Api, how: str) -> tuple[str, str]:
+    """(the key to hand to rotate()/revoke(), a live key with the same prefix that must stay
+    as it is)."""
+    key = api.create(f"customer-{how}", ["reports:read", "reports:write"])
+    prefix, secret = key.split("_", 2)[1:]
+    if how == "forged":
+        return f"lk_{prefix}_{'A' * len(secret)}", key
+    if how == "truncated":
+        return key[:-1], key
+    if how == "revoked":
+        api.store.revoke(key)
+        return key, api.create(f"customer-{how}-other", ["reports:read"])
+    api.store.rotate(key, 60)
+    api.clock.now += 60
+    return key, api.create(f"customer-{how}-other", ["reports:read"])
+
+
+@pytest.mark.parametrize("what,how", NOT_A_KEY, ids=[h for _, h in NOT_A_KEY])
+def test_rotate_and_revoke_need_a_key_that_authenticates(api: Api, what: str,
+                                                         how: str) -> None:
+    """rotate() hands out a new key with the old one's owner and scopes, and revoke() switches
+    a key off: both act for whoever holds the key, so both must first check it as
+    authenticate() does (the whole key's hash, not revoked, not past its end). A lookup by
+    the prefix alone lets anyone who read a prefix in a log mint a key or switch a
+    customer's key off; a check of the hash alone lets a revoked key rotate itself back."""
+    key, live = not_a_key(api, how)
+    before = len(api.at_rest().splitlines())
+    try:
+        issued = api.store.rotate(key, 3600)
+    except ValueError:
+        issued = None
+    except Exception as exc:  # noqa: BLE001 - judged here, with the learner's words
+        pytest.fail(f"rotate() of {what} raised {type(exc).__name__}: {exc}, expected "
+                    "ValueError (not a valid key)", pytrace=False)
+    assert issued is None, (
+        f"rotate() of {what} returned a new key {issued!r}, expected ValueError and nothing "
+        f"issued: rotate() gives whoever holds the key a fresh key with its owner and scopes, "
+        f"so it must first check the key as authenticate() does - the whole key's hash, not "
+        f"revoked, not past its end (the prefix only finds the row)")
+    rows = len(api.at_rest().splitlines())
+    assert rows == before, (
+        f"rotate() of {what} raised, but the database went from {before} to {rows} rows: a "
+        "key was issued anyway - check the key before writing anything")
+    api.store.revoke(key)
+    api.clock.now += 7200       # past any grace a rotation of the live key could have set
+    expect(api, "GET", live, 200,
+           f"the live key {'with the same prefix ' if how in ('forged', 'truncated') else ''}"
+           f"after rotate() and revoke() of {what}, 2 hours later",
+           "neither may touch a key whose whole secret was not shown: rotate() and revoke() "
+           "act for whoever holds the key, so find the row by the prefix, then check the "
+           "whole key's hash as authenticate() does before changing it (by the prefix alone, "
+           "anyone who saw a prefix in a log can switch a customer's key off or cut its life "
+           "short)")
+
+
 def test_rotation_overlaps_until_the_grace_ends(api: Api) -> None:
     old = api.create("partner", ["reports:read", "reports:write"])
     new = api.store.rotate(old, 3600)

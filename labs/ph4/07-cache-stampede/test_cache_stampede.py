@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from labrunner.testing import redis_commands, redis_gate
+from labrunner.testing import came_true, redis_commands, redis_gate
 
 CALLERS = 50
 
@@ -167,6 +168,107 @@ def test_an_empty_value_is_a_hit(stampede: ModuleType, redis_db: Any) -> None:
             f"{loads_expected}: an empty value was taken for a miss (a truthiness test such "
             "as `if value:`); a hit is GET returning a value, even an empty one - test "
             "`value is not None`")
+
+
+class Stuck(Exception):
+    """Raised from a waiter's sleep() once it is seen waiting for a value nobody loads."""
+
+
+def test_a_waiter_takes_over_when_the_winners_load_fails(stampede: ModuleType,
+                                                         redis_db: Any) -> None:
+    """A wins the lock; its loader waits until B has found the lock taken (B called the
+    sleep() it was given), then raises: A's error goes to A, A's lock is released, and the
+    key is still empty. B must then do what a first caller does - take the lock and load -
+    not wait for a value nobody is loading any more (until its request times out), nor fail
+    with A's error. B's sleep() tells the test where B is: once A has failed and nothing is
+    held or cached, 50 more sleeps without taking the lock end B (raise) at once."""
+    r = redis_db.client(decode_responses=True)
+    key = "product:13"
+    a_loading, b_waiting, a_failed = threading.Event(), threading.Event(), threading.Event()
+    after_failure = [0]
+    outcome: dict[str, Any] = {}
+
+    def a_loader() -> str:
+        a_loading.set()
+        b_waiting.wait(30)
+        raise RuntimeError("the database is down (for A)")
+
+    def b_loader() -> str:
+        outcome["b loaded"] = True
+        return "loaded-by-b"
+
+    def b_sleep(_seconds: float) -> None:
+        b_waiting.set()
+        if a_failed.is_set() and r.dbsize() == 0:
+            after_failure[0] += 1
+            if after_failure[0] > 50:
+                raise Stuck()
+        time.sleep(0.01)
+
+    def run(name: str, loader: Any, sleep: Any) -> None:
+        try:
+            outcome[name] = stampede.get_or_load(redis_db.url, key, loader, 60_000,
+                                                 lock_ttl_ms=60_000, sleep=sleep)
+        except Exception as exc:  # noqa: BLE001 - judged by the test
+            outcome[name] = exc
+        finally:
+            if name == "A":
+                a_failed.set()
+
+    a = threading.Thread(target=run, args=("A", a_loader, lambda s: time.sleep(0.01)),
+                         daemon=True)
+    a.start()
+    came_true(lambda: a_loading.is_set() or not a.is_alive(), 30)
+    if not a_loading.is_set() or r.dbsize() == 0:
+        b_waiting.set()
+        a.join(40)
+        return  # A loaded without a lock (or not at all): the other tests judge that
+    b = threading.Thread(target=run, args=("B", b_loader, b_sleep), daemon=True)
+    b.start()
+    a.join(40)
+    b.join(40)
+    if not b_waiting.is_set():
+        return  # B never waited (A was done first): the 50-caller test judges waiting
+    got = outcome.get("B")
+    assert type(got).__name__ != Stuck.__name__, (  # it may cross a process boundary
+        "A won the lock and its loader raised; A's lock was released and the key is still "
+        f"empty, yet B, which was waiting, called sleep() {after_failure[0]} more times "
+        "without taking the lock: a waiter that only polls the key waits for a value nobody "
+        "is loading any more (until its request times out)\nA waiter must go back to the "
+        "start after each sleep: read the key, and on a miss try the lock again - if the "
+        "winner failed or died (its lock expired), the next waiter takes over.")
+    assert got == "loaded-by-b" and outcome.get("b loaded"), (
+        f"A won the lock and its loader raised; B, which was waiting, then got {got!r}, "
+        "expected B to take the free lock, call its own loader and return 'loaded-by-b': "
+        "A's failure is A's (its caller sees it); a waiter whose winner failed takes the "
+        "lock and loads, as a first caller would")
+    assert r.get(key) == "loaded-by-b", (
+        f"B loaded after A's failure but the key holds {r.get(key)!r}: fill it")
+
+
+def test_the_lock_ttl_is_the_one_given(stampede: ModuleType, redis_db: Any) -> None:
+    """The lock's TTL is how long the others wait for a winner that died: lock_ttl_ms, not
+    the value's TTL, a constant, or seconds taken for milliseconds. Measured as the lock's
+    PTTL while the loader runs, whatever command set it."""
+    r = redis_db.client(decode_responses=True)
+    key, lock_ttl_ms, ttl_ms = "product:17", 7_300, 45_000
+    seen: dict[str, int] = {}
+
+    def loader() -> str:
+        seen.update({k: r.pttl(k) for k in r.keys("*") if k != key})
+        return "loaded"
+
+    stampede.get_or_load(redis_db.url, key, loader, ttl_ms, lock_ttl_ms=lock_ttl_ms,
+                         sleep=lambda s: None)
+    if not seen:
+        return  # no lock at all: the 50-caller test says so
+    wrong = {k: v for k, v in seen.items() if not 0 < v <= lock_ttl_ms or v < lock_ttl_ms - 5_000}
+    assert not wrong, (
+        f"get_or_load(..., ttl_ms={ttl_ms}, lock_ttl_ms={lock_ttl_ms}): while the loader ran, "
+        f"its lock had PTTL {wrong} ms, expected about {lock_ttl_ms} ms (at most that): the "
+        "lock's TTL decides how long every other caller waits when the winner dies - "
+        "pass lock_ttl_ms to SET ... NX PX (milliseconds: px=, not ex=), not the value's "
+        "ttl_ms or a constant")
 
 
 def test_fifty_callers_on_a_missing_key_load_once(learner: Any, stampede: ModuleType,

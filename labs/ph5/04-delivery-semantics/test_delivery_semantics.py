@@ -23,6 +23,10 @@ Mistakes a learner makes here, each caught with its own message:
 - at-least-once committing first                                -> the offset at the crash
 - committing the record's own offset, not the next one          -> off by one, named
 - a restarted worker starting from the beginning, not from the committed offset
+- an output record without its input's key (or with another): every payment has a key of its
+  own, and each output's key is read back
+- at-least-once trusting flush() returning 0 when the broker REFUSED an output (a record
+  larger than the output topic's max.message.bytes): the offset committed past a lost output
 - exactly-once: offsets committed by the consumer, idempotence without a transaction, a fresh
   transactional.id per run (no fencing), reading read_uncommitted (poison records), a
   transactional.id shared by workers running at once (the group alone, the input alone, a
@@ -71,6 +75,13 @@ from labrunner.testing.kafka_proxy import (
 )
 
 PAYMENTS = [f"pay-{n}" for n in range(6)]
+
+
+def key_of(value: str) -> bytes:
+    """The input record's key: the account, one of its own per payment (pay-3: acct-3)."""
+    return value.replace("pay-", "acct-").replace("poison-", "acct-p").encode()
+
+
 FENCING = (" - the killed run's transaction is still open, and it holds the group's offsets "
            "(and read_committed readers) until it is aborted: restart with the SAME "
            "transactional.id so init_transactions() fences the dead run and aborts it")
@@ -104,6 +115,7 @@ class Run:
     offsets: list[int]   # input offset of each payment
     at_crash: View
     final: View
+    output_keys: list[tuple[str, bytes | None]]   # (value, key) of the final output
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -116,7 +128,7 @@ def write_input(kafka: Any, topic: str) -> None:
                            (PAYMENTS[3:], True)):
         producer.begin_transaction()
         for value in values:
-            producer.produce(topic, key=b"acct-1", value=value.encode(), partition=0)
+            producer.produce(topic, key=key_of(value), value=value.encode(), partition=0)
         if commit:
             producer.commit_transaction(30)
         else:
@@ -232,7 +244,9 @@ def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
     hint = FENCING if mode == "exactly-once" else ""
     assert code == 0, (
         f"{mode}: the restarted worker exited with {code}{hint}\n{stderr_tail(second)}")
-    return Run(offsets, at_crash, view(kafka, topics, group))
+    keys = [((r.value or b"").decode(), r.key) for r in read_all(
+        kafka, topics["output"], isolation="read_committed", partitions=[0])]
+    return Run(offsets, at_crash, view(kafka, topics, group), keys)
 
 
 def check_final(run: Run, mode: str, want: list[str], meaning: str) -> None:
@@ -247,6 +261,15 @@ def check_final(run: Run, mode: str, want: list[str], meaning: str) -> None:
     assert got == [f"processed:{v}" for v in want], (
         f"{mode}: after the crash and restart the output is {got}; expected "
         f"{['processed:' + v for v in want]}: {meaning}")
+    rekeyed = [(value, key) for value, key in run.output_keys
+               if key != key_of(value.removeprefix("processed:"))]
+    assert not rekeyed, (
+        f"{mode}: the output record {rekeyed[0][0]!r} has the key {rekeyed[0][1]!r}; its "
+        f"input record had the key {key_of(rekeyed[0][0].removeprefix('processed:'))!r} "
+        f"({len(rekeyed)} of {len(run.output_keys)} outputs keyed otherwise): produce "
+        "transform(value) with the input's key (key=msg.key(), the bytes as they are) - the "
+        "key picks the output partition, and one account's records keep their order only "
+        "within one partition")
     assert run.final.committed == run.offsets[-1] + 1, (
         f"{mode}: after the restarted run the committed input offset is "
         f"{run.final.committed}, expected {run.offsets[-1] + 1} (past the last payment)")
@@ -327,6 +350,57 @@ def test_exactly_once_neither_loses_nor_duplicates(learner: Any, kafka: Any) -> 
         f"{1 + sent_before_crash} - the committed one"
         + (" and the aborted copy from the killed run" if sent_before_crash else "")
         + ": read_committed is what hides an aborted copy")
+
+
+REFUSED_AT = 1    # the input record whose output the broker refuses (too large)
+OUTPUT_LIMIT = "1500"   # the output topic's max.message.bytes: one small record fits
+
+
+def test_an_output_the_broker_refuses_is_not_processed(learner: Any, kafka: Any) -> None:
+    """The input holds pay-0, a pay-1 of 3,000 bytes and pay-2; the output topic takes
+    records of at most 1,500 bytes (max.message.bytes), so the broker refuses pay-1's
+    output (MESSAGE_TOO_LARGE) - a permanent error, no retry helps. That output is not
+    processed: the worker must not commit pay-1's input offset (it raises and exits). A
+    worker that trusts flush() returning 0 commits it: flush counts the records still
+    waiting, and a refused record is no longer waiting - its delivery report carries the
+    error. The output is lost, and the restarted worker never sees pay-1 again.
+    (Exactly-once is not run here: librdkafka's transactional producer cannot go on after
+    a refused record, so a worker that swallows the error commits nothing past it either.)"""
+    mode = "at-least-once"
+    topics = {"input": kafka.create_topic("payments"),
+              "output": kafka.create_topic("out", **{"max.message.bytes": OUTPUT_LIMIT})}
+    group = kafka.group(f"worker-refused-{mode}")
+    values = ["pay-0", "pay-1:" + "x" * 3000, "pay-2"]
+    producer = Producer(kafka.producer_config())
+    for value in values:
+        producer.produce(topics["input"], key=key_of(value[:5]), value=value.encode(),
+                         partition=0)
+    assert producer.flush(30) == 0, "the test could not write its input"
+    offsets = [o for o, _ in read_topic(kafka, topics["input"], "read_committed")]
+    worker = start(learner, kafka, mode, topics, group)
+    try:
+        code: int | None = worker.wait(60)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    committed = view(kafka, topics, group).committed
+    stored = [v for _, v in read_topic(kafka, topics["output"], "read_committed")]
+    assert committed <= offsets[REFUSED_AT], (
+        f"{mode}: the broker refused pay-1's output (3,000 bytes, the output topic takes "
+        f"{OUTPUT_LIMIT}: MESSAGE_TOO_LARGE), and the worker committed the input offset "
+        f"{committed}, past pay-1 (offset {offsets[REFUSED_AT]}); the output holds "
+        f"{[v[:20] for v in stored]} - pay-1 is lost, the restarted worker never sees it "
+        f"again (worker exit status {code}). flush() returning 0 means no record is still "
+        "WAITING, not that every record was stored: a refused record's delivery report "
+        "carries the error. Produce with on_delivery=... and look at each report's error: a "
+        "refused output is not processed - raise, do not commit")
+    assert code not in (0, None) or committed < offsets[REFUSED_AT], (
+        f"{mode}: the broker refused pay-1's output and the worker "
+        + ("was still running 60 s later" if code is None else "exited with status 0")
+        + ": an output the broker refuses is not processed - raise (the worker exits with "
+        "an error)")
 
 
 # --- at the protocol point: a proxy between the worker and the broker ------------------------

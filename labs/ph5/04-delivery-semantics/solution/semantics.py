@@ -47,6 +47,12 @@ def transform(value: bytes) -> bytes:
 
 # --- the worker --------------------------------------------------------------------------
 
+def raise_if_refused(err: KafkaError | None, _record: Message) -> None:
+    """A delivery report: an output the broker refused is not processed."""
+    if err is not None:
+        raise KafkaException(err)
+
+
 def consumer_config(bootstrap: str, group: str) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
@@ -65,7 +71,10 @@ def producer_config(bootstrap: str, mode: str, transactional_id: str) -> dict[st
     if mode == "at-least-once":
         # Acknowledged by all in-sync replicas, retried on error (a retry may duplicate;
         # idempotence stops the broker storing the same send twice).
-        return {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True}
+        # A record the broker refuses (too large, say) waits no more: flush() does not count
+        # it, only its delivery report says - raised from flush(), before any commit.
+        return {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
+                "on_delivery": raise_if_refused}
     # Transactions imply idempotence and acks=all. The id must be the same for every run of
     # this worker: the next run's init_transactions() fences the old one and aborts whatever
     # transaction it left open.
