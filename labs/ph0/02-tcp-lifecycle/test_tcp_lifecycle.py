@@ -279,6 +279,25 @@ def expect_bytes_kept(what: str, got: Any, want: bytes, whose: str) -> None:
                     "as they came (b''.join(chunks)).", pytrace=False)
 
 
+def client_reads(pair: Pair, running: Background) -> tuple[bytes, bool, bool]:
+    """What the client reads within WAIT while ``running`` serves it: (the bytes, whether
+    EOF ended them, whether a reset did)."""
+    reply, ended, reset = b"", False, False
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and not ended:
+        running.check()
+        try:
+            chunk = pair.client.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            reset = True
+            break
+        ended = not chunk
+        reply += chunk
+    return reply, ended, reset
+
+
 def expect_no_reset(reset: bool, reply: bytes, want: bytes) -> None:
     """Fail, naming an abortive close, when the client's read of the answer ended in RST."""
     if reset:
@@ -599,19 +618,7 @@ def test_an_empty_request_is_answered(learner: Any, pair: Pair) -> None:
     closing = learner.load("closing")
     running = Background("serve_until_eof()", closing.serve_until_eof, pair.server, handler)
     pair.client.shutdown(socket.SHUT_WR)  # the whole request: nothing, then the FIN
-    reply, ended, reset = b"", False, False
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline and not ended:
-        running.check()
-        try:
-            chunk = pair.client.recv(65536)
-        except TimeoutError:
-            break
-        except ConnectionResetError:
-            reset = True
-            break
-        ended = not chunk
-        reply += chunk
+    reply, ended, reset = client_reads(pair, running)
     running.wait()
     assert requests == [b""] and reply == want, (
         f"the client half-closed without sending anything (an empty request: its FIN at "
@@ -674,19 +681,7 @@ def test_a_large_answer_is_sent_whole(learner: Any, pair: Pair) -> None:
                          lambda request: want)
     pair.client.sendall(b"send me the large answer\n")
     pair.client.shutdown(socket.SHUT_WR)
-    reply, ended, reset = b"", False, False
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline and not ended:
-        running.check()
-        try:
-            chunk = pair.client.recv(65536)
-        except TimeoutError:
-            break
-        except ConnectionResetError:
-            reset = True
-            break
-        ended = not chunk
-        reply += chunk
+    reply, ended, reset = client_reads(pair, running)
     running.wait()
     expect_no_reset(reset, reply, want)
     assert reply == want, (
