@@ -202,13 +202,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
         request = Request(method=self.command, path=url.path, query=dict(parse_qsl(url.query)),
                           headers={k.lower(): v for k, v in self.headers.items()},
                           body=self.rfile.read(length) if length else b"")
-        response = self.server.app(request)
-        self.send_response(response.status)
-        for name, value in response.headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        self.wfile.write(response.body)
+        self._send(self.server.app(request))
 
     def _framing_ok(self) -> bool:
         """Parsing comes before everything: a Content-Length that is not one plain number
@@ -218,14 +212,16 @@ class _HttpHandler(BaseHTTPRequestHandler):
         if len(lengths) <= 1 and all(v.strip().isascii() and v.strip().isdigit() for v in lengths):
             return True
         self.close_connection = True
-        response = json_response(400, {"error": "bad Content-Length"}, {"Connection": "close"})
+        self._send(json_response(400, {"error": "bad Content-Length"}, {"Connection": "close"}))
+        return False
+
+    def _send(self, response: Response) -> None:
         self.send_response(response.status)
         for name, value in response.headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
         self.wfile.write(response.body)
-        return False
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 
