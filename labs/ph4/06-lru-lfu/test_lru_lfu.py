@@ -312,6 +312,78 @@ def test_named_cases(cache: ModuleType, cls: str, capacity: int,
         f"expected {len(model.data)}")
 
 
+# Keys as a dict sees them: one key is any object EQUAL to it (==, with an equal hash), and
+# two keys with one hash are two keys all the same (the dict tells them apart with ==).
+# Every key below is built anew at each call, as a key from a request is: equal to the one
+# cached, never the same object (ints 0-4 are, which is why they prove nothing here).
+# (what the keys are, key n for n = 0, 1, 2, why it matters)
+KEY_CASES: list[tuple[str, Any, str]] = [
+    ("strings built at run time", lambda n: "user:" + str(n),
+     "a key read from a request is a new string each time, equal to the cached one"),
+    ("big ints", lambda n: 10**20 + n,
+     "ints past 256 are new objects each time they are computed"),
+    ("tuples built at run time", lambda n: ("user", int(n)),
+     "a compound key (tenant, id) is a new tuple at each call"),
+    ("ints with one hash: -1 and -2", lambda n: -1 - n,
+     "hash(-1) == hash(-2) == -2 in CPython (-1 is reserved for errors): two keys, one hash"),
+    ("big ints with one hash: 0, 2**61-1, 2**62-2", lambda n: n * (2**61 - 1),
+     "CPython hashes an int modulo 2**61-1, so these three keys all hash to 0"),
+]
+KEY_IDS = ["runtime-strings", "big-ints", "runtime-tuples", "same-hash-ints",
+           "same-hash-big-ints"]
+KEY_RULE = ("a cache finds a key the way a dict does, by its hash and then ==: a key equal "
+            "to a cached one is that key, even when it is another object; two keys with "
+            "the same hash are still two keys")
+
+
+@pytest.mark.parametrize("cls", ["LRUCache", "LFUCache"])
+@pytest.mark.parametrize(("what", "make", "why"), KEY_CASES, ids=KEY_IDS)
+def test_keys_are_compared_by_equality(cache: ModuleType, cls: str, what: str, make: Any,
+                                       why: str) -> None:
+    """put two keys, read both back with keys built anew, update one (no eviction), then a
+    third key evicts the other one: LRU and LFU agree on every step here."""
+    learner_cache = getattr(cache, cls)(2)
+    steps: list[tuple[Any, ...]] = [
+        ("put", 0, "v0"), ("put", 1, "v1"), ("get", 0, "v0"), ("get", 1, "v1"),
+        ("put", 0, "w0"), ("len", 2), ("get", 0, "w0"), ("put", 2, "v2"),
+        ("get", 1, None), ("get", 0, "w0"), ("get", 2, "v2"), ("len", 2)]
+    done: list[str] = []
+    for step in steps:
+        if step[0] == "len":
+            size = len(learner_cache)
+            if size != step[1]:
+                pytest.fail(
+                    f"{cls}(2) with {what}: after {'; '.join(done)} the cache holds {size} "
+                    f"entries, expected {step[1]}: {KEY_RULE} ({why}). "
+                    + ("More entries than keys: an update of a key built anew was stored "
+                       "as a new key - compared by identity (is, id()) instead of ==?"
+                       if size > step[1] else "Fewer entries than keys: two different "
+                       "keys were stored as one - entries kept under hash(key)?"),
+                    pytrace=False)
+            continue
+        key = make(step[1])
+        call = f"{step[0]}({key!r}{', ' + repr(step[2]) if step[0] == 'put' else ''})"
+        try:
+            got = (learner_cache.put(key, step[2]) if step[0] == "put"
+                   else learner_cache.get(key))
+        except Exception as exc:  # noqa: BLE001 - a crash is the learner's answer here
+            pytest.fail(f"{cls}(2) with {what}: {'; '.join([*done, call])} raised "
+                        f"{type(exc).__name__}: {exc!r}, expected it to work: {KEY_RULE}.",
+                        pytrace=False)
+        done.append(call)
+        if step[0] == "get" and got != step[2]:
+            seen = (f"{got!r}: a key that should have been evicted is still cached"
+                    if step[2] is None else
+                    "None: the cache did not find a key EQUAL to one it holds - it "
+                    "compares keys by identity (is, id()), not by == and hash"
+                    if got is None else
+                    f"{got!r}, another key's value: two different keys were taken for one "
+                    "- entries kept under hash(key) mix up keys whose hashes are equal")
+            pytest.fail(f"{cls}(2) with {what}: {'; '.join(done)} returned {seen} "
+                        f"(expected {step[2]!r}): {KEY_RULE} ({why}). Key the dict by the "
+                        "key itself; it hashes and compares for you.", pytrace=False)
+
+
 def test_lru_matches_the_model(cache: ModuleType) -> None:
     run_machine(machine_for(cache, "LRUCache", LRUModel, LRU_RULE))
 

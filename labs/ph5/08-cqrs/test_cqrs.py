@@ -228,6 +228,99 @@ def test_a_failing_command_changes_nothing_and_appends_no_event(store: Any) -> N
         f"write tables and its event change together or not at all (with conn.transaction())")
 
 
+def test_an_order_for_no_customer_is_refused(store: Any) -> None:
+    """place_order for a customer never registered: refused by the command (the foreign key
+    only backs it up), and nothing recorded - no order, no event, no customer made on the
+    way. An event for a customer the read model never heard of breaks every replay."""
+    mod, conn = store
+    seed(mod, conn)
+    events_before = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    try:
+        mod.place_order(conn, "o9", "nobody", [("book", 1)])
+    except Exception:  # noqa: BLE001 - refusing is right; what it left is checked below
+        refused = True
+    else:
+        refused = False
+    orders = conn.execute("SELECT count(*) FROM orders WHERE order_id = 'o9'").fetchone()[0]
+    made = conn.execute("SELECT count(*) FROM customers WHERE customer_id = 'nobody'"
+                        ).fetchone()[0]
+    added = [t for (t,) in conn.execute("SELECT type FROM events ORDER BY seq OFFSET %s",
+                                        (events_before,)).fetchall()]
+    assert refused and (orders, made, added) == (0, 0, []), (
+        f"place_order('o9', 'nobody', ...) for a customer never registered "
+        f"{'raised' if refused else 'returned as if the order was placed'}, and left "
+        f"{orders} order row(s), {made} customer row(s) for 'nobody' and the events {added}; "
+        "expected a refusal (raise ValueError) and nothing recorded: a command checks the "
+        "write model's rules and refuses what breaks them. " + (
+            "Making the customer on the way registers one with no CustomerRegistered event: "
+            "the read model never hears of it, so the OrderPlaced cannot be projected."
+            if made else "A refusal swallowed looks like success to the caller, who then "
+            "waits for an order that was never placed." if not refused else ""))
+
+
+# Names and ids are the user's text: a quote, a percent sign, braces, SQL-looking text.
+# (customer id, name, order id, new name) - all must come back exactly as sent.
+TEXT_CASES = [
+    ("o'brien", "Miles O'Brien", "o'1", "Keiko O'Brien"),
+    ("x'); --", "Robert'); DROP TABLE customer_stats; --", "o2' OR '1'='1",
+     "Bobby' || 'Tables"),
+    ("50%", "100% {off} %s %(name)s \\ \"q\"", "o%s", "Zoë \\'; SELECT 1; --"),
+]
+# Ids that exist nowhere, but match every row if pasted into a WHERE clause.
+PROBES = ["nobody' OR '1'='1", "' OR ''='"]
+
+
+def test_text_is_passed_to_postgres_as_parameters(store: Any) -> None:
+    """Names with a quote (O'Brien) and text that looks like SQL go through every command,
+    the projector and both queries unchanged: values go to Postgres as parameters, never
+    pasted into the SQL text (an f-string breaks on the quote, and runs the SQL-looking
+    text: the classic injection)."""
+    mod, conn = store
+    seed(mod, conn)
+    why = ("a value pasted into the SQL text (f-string, %, +, format) breaks on a quote and "
+           "runs whatever SQL a name holds (injection): pass values as parameters - "
+           "conn.execute(\"... WHERE customer_id = %s\", (customer_id,))")
+
+    def call(what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(conn, *args)
+        except Exception as exc:  # noqa: BLE001 - reported with what was sent
+            pytest.fail(f"{what}({', '.join(map(repr, args))}) raised {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}; expected it to "
+                        f"work with this text: {why}", pytrace=False)
+
+    for customer_id, name, order_id, new_name in TEXT_CASES:
+        call("register_customer", mod.register_customer, customer_id, name)
+        call("place_order", mod.place_order, order_id, customer_id, [("book", 1)])
+        call("rename_customer", mod.rename_customer, customer_id, new_name)
+    call("project", mod.project)
+    for customer_id, name, order_id, new_name in TEXT_CASES:
+        got = call("order_summary", mod.order_summary, order_id)
+        got_name = dict(got).get("customer_name") if got is not None else None
+        assert got_name == new_name, (
+            f"order_summary({order_id!r}) gave the customer name {got_name!r} (the whole "
+            f"answer: {got}); expected {new_name!r}, the name customer {customer_id!r} was "
+            f"renamed to (registered as {name!r}): {why}")
+        customer = call("customer_summary", mod.customer_summary, customer_id)
+        got_name = dict(customer).get("name") if customer is not None else None
+        assert got_name == new_name, (
+            f"customer_summary({customer_id!r}) gave the name {got_name!r}; expected "
+            f"{new_name!r}: {why}")
+    for probe in PROBES:
+        for what, fn in (("order_summary", mod.order_summary),
+                         ("customer_summary", mod.customer_summary)):
+            got = call(what, fn, probe)
+            assert got is None, (
+                f"{what}({probe!r}) of an id that does not exist returned {got}, expected "
+                f"None: the id was pasted into the WHERE clause, and its quote made it "
+                f"match other rows - {why}")
+    tables = {t for (t,) in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()}
+    assert {"customers", "customer_stats", "order_summaries", "events"} <= tables, (
+        f"a table is gone after commands with SQL-looking names (tables left: "
+        f"{sorted(tables)}): a name ran as SQL - {why}")
+
+
 EXPECTED_AFTER_CATCH_UP = {
     "order_summaries": [("o1", "alice", "Alice", 1, 4500, "placed"),
                         ("o2", "bob", "Bob", 4, 800, "cancelled"),

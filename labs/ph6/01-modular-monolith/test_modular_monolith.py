@@ -329,6 +329,60 @@ def test_a_rejected_order_charges_nothing(app: Any) -> None:
         "order must not have reserved anything")
 
 
+# Quantities a command may carry that are no quantity: (qty, what it is, what accepting it
+# does). A quantity is a whole number of items, at least 1 - an int, and not a bool.
+BAD_QUANTITIES: list[tuple[Any, str]] = [
+    (0, "zero items: an order for nothing, an invoice for 0"),
+    (-3, "a negative quantity: reserving it ADDS stock, charging it refunds money"),
+    (True, "a bool: bool is a subclass of int and True == 1, but it is no quantity"),
+    (1.5, "half an item: stock and invoices become fractions"),
+    ("2", "a string, as read from a form, not parsed: '2' * price is a string"),
+]
+
+
+def test_a_quantity_is_a_whole_number_of_items(app: Any) -> None:
+    """place_order refuses a quantity that is not an int >= 1 with OrderRejected, before
+    any context acts on it: nothing reserved (the stock is what it was), nothing charged."""
+    sku, customer = f"desk-{tag()}", f"eve-{tag()}"
+    app.add_product(sku, "A desk", 4000, 2)
+    rule = ("a quantity is a whole number of items, at least 1: check it where the command "
+            "enters orders (type(qty) is int and qty >= 1 - isinstance(qty, int) lets True "
+            "through) and raise OrderRejected before asking the catalog or billing")
+    for qty, what in BAD_QUANTITIES:
+        call = f"place_order({customer!r}, {sku!r}, {qty!r})"
+        try:
+            order = app.place_order(customer, sku, qty)
+        except app.OrderRejected:
+            order = None
+        except NotImplementedError as exc:
+            pytest.fail(f"place_order() is not written yet: {exc}", pytrace=False)
+        except Exception as exc:  # noqa: BLE001 - named to the learner
+            pytest.fail(f"{call} ({what}) raised {type(exc).__name__}: {exc}, expected "
+                        f"OrderRejected: {rule}", pytrace=False)
+        charged = app.invoices_for(customer)
+        assert order is None and charged == [], (
+            f"{call} ({what}) was {'accepted' if order is not None else 'rejected'}, "
+            f"expected OrderRejected and nothing charged: {rule}; it returned {order}, "
+            f"billing holds {charged}")
+    try:
+        order = app.place_order(customer, sku, 2)
+    except Exception as exc:  # noqa: BLE001 - named to the learner
+        pytest.fail(f"after the refused quantities, ordering the 2 desks in stock raised "
+                    f"{type(exc).__name__}: {exc}, expected it to succeed: a refused order "
+                    "reserves nothing", pytrace=False)
+    try:
+        extra = app.place_order(customer, sku, 1)
+    except app.OrderRejected:
+        extra = None
+    assert extra is None, (
+        f"after the refused quantities {[q for q, _ in BAD_QUANTITIES]} and an order for "
+        f"the 2 desks in stock, a third desk could still be ordered ({extra}): the stock "
+        f"grew - a refused quantity reached catalog.reserve ({rule})")
+    assert order.get("total_cents") == 8000, (
+        f"ordering the 2 desks in stock after the refused quantities gave {order}, "
+        "expected total_cents 8000")
+
+
 def test_no_context_hands_out_its_live_data(learner: Any, app: Any) -> None:
     """A context's interface offers operations and hands out values or copies: an object it
     keeps itself (a product record, its dict of products), once handed across, lets the

@@ -321,6 +321,20 @@ class HeldPostgres(PgStatementProxy):
         self.marker = f"drain-{uuid.uuid4().hex}".encode()
         self.arrived, self.release = threading.Event(), threading.Event()
 
+    def _message(self, link: Any, kind: bytes, body: bytes, prepared: dict[bytes, str],
+                 portals: dict[bytes, str]) -> None:
+        if kind == b"X":   # Terminate: what libpq's PQfinish (conn.close()) sends last
+            link.state["terminated"] = True
+        super()._message(link, kind, body, prepared, portals)
+
+    def unclosed(self) -> tuple[int, int]:
+        """(connections opened, of which ended without Terminate), once every one is gone
+        (the app exited: the kernel closes what it left open, with no Terminate)."""
+        came_true(lambda: all(link.ends >= 2 for link in self.links), 10)
+        with self.lock:
+            opened = [link for link in self.links if link.state.get("started")]
+        return len(opened), sum(1 for link in opened if not link.state.get("terminated"))
+
     def upward(self, link: Any, chunk: bytes) -> bool | None:
         if self.marker in chunk and not self.arrived.is_set():
             self.arrived.set()
@@ -364,6 +378,7 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], pos
         held.release.set()
         poster.join(60)
         code = exit_status_after_sigterm(app)
+        opened, unclosed = held.unclosed()
     assert code == 0, (
         f"after SIGTERM app.py exited with status {code}"
         + (" (killed by the signal: no handler)" if code == -signal.SIGTERM else "")
@@ -390,6 +405,19 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], pos
             "then waits for the request threads) at once, not after the requests in flight "
             "are done - an app that waits for in-flight requests while accepting new ones "
             "may never stop under steady traffic", pytrace=False)
+    # Each Postgres connection the app opened must end with a Terminate ('X') from the
+    # client (what conn.close() / pool.close() send): a connection the process leaves open
+    # at exit is cut by the kernel, and the server logs "unexpected EOF on client
+    # connection" - a pool not closed, a connection never closed.
+    assert not unclosed, (
+        f"app.py exited 0 after SIGTERM, but {unclosed} of the {opened} Postgres "
+        "connection(s) it opened ended without a Terminate message (seen at a proxy in front "
+        "of Postgres): the process exited with them still open and the kernel cut them, "
+        "expected every one closed first - a graceful stop closes its backing services' "
+        "connections: pool.close(), and close any connection opened outside the pool "
+        "(`with psycopg.connect(...)`, a thread of yours stopped and its connection closed); "
+        "never os._exit(), which skips every close. Postgres logs each cut one as "
+        "'unexpected EOF on client connection'")
 
 
 # s an app that got SIGTERM, and whose request in flight has been answered, may sleep with

@@ -120,6 +120,7 @@ class RecordingProxy:
 @dataclass
 class Stack:
     host: str
+    inventory: str
     proxy: RecordingProxy
     receiver: OtlpTraceReceiver
     providers: list[Any]
@@ -133,9 +134,17 @@ class Stack:
             for provider in self.providers:  # whatever span processor: all exported now
                 provider.force_flush()
 
-    def status(self, path: str, headers: dict[str, str], timeout: float = 15) -> int | str:
+    def status(self, path: str, headers: dict[str, str], timeout: float = 15,
+               host: str | None = None) -> int | str:
         """The status of GET ``path``, or what happened instead when there was none."""
         try:
+            if host is not None:   # a service called directly, not through the frontend
+                try:
+                    return http_request(host, "GET", path, headers=headers,
+                                        timeout=timeout).status
+                finally:
+                    for provider in self.providers:
+                        provider.force_flush()
             return self.call(path, headers, timeout).status
         except TimeoutError:
             return f"no answer within {timeout:g} s"
@@ -162,7 +171,8 @@ def stack(learner: Any) -> Iterator[Stack]:
             proxy = RecordingProxy(inventory)
             try:
                 with serve_wsgi(module.make_frontend(front_provider, proxy.url)) as host:
-                    yield Stack(host, proxy, receiver, [front_provider, inv_provider])
+                    yield Stack(host, inventory, proxy, receiver,
+                                [front_provider, inv_provider])
             finally:
                 proxy.close()
                 for provider in (front_provider, inv_provider):
@@ -413,18 +423,26 @@ MALFORMED: list[tuple[str, Any, bool]] = [
 ]
 
 
-def test_a_malformed_traceparent_is_ignored_not_trusted(stack: Stack) -> None:
+# Each service receives the caller's header, and each must validate it: the frontend from
+# outside, inventory called directly (a hand parser in inventory alone would pass if only the
+# frontend were ever sent a bad header - in production anything can call it).
+RECEIVERS = {"frontend": "/checkout/KEY-0042", "inventory": "/stock/KEY-0042"}
+
+
+@pytest.mark.parametrize("service", list(RECEIVERS))
+def test_a_malformed_traceparent_is_ignored_not_trusted(stack: Stack, service: str) -> None:
     """The caller's traceparent is input like any other: one that is not W3C must neither
     fail the request nor be joined; one of a later version is read for what version 00
-    defines."""
+    defines. Sent to each service in turn."""
+    path = RECEIVERS[service]
     for what, build, joins in MALFORMED:
         trace_id, parent = "0000000000" + secrets.token_hex(11), "00" + secrets.token_hex(7)
         header = build(trace_id, parent)
         before = {s.span_id for s in stack.receiver.snapshot()}
-        answered = stack.status("/checkout/KEY-0042",
-                                {"traceparent": header, "tracestate": TRACESTATE})
+        answered = stack.status(path, {"traceparent": header, "tracestate": TRACESTATE},
+                                host=stack.inventory if service == "inventory" else None)
         assert answered == 200, (
-            f"a caller sent traceparent {header!r} ({what}): GET /checkout/KEY-0042 was "
+            f"a caller sent traceparent {header!r} ({what}) to {service}: GET {path} was "
             f"answered {answered}, expected 200 - a header your code cannot parse crashed "
             "the request. The caller's headers are input: W3C trace context says to ignore "
             "an invalid traceparent (and start a new trace), and a later version's header "
@@ -432,17 +450,17 @@ def test_a_malformed_traceparent_is_ignored_not_trusted(stack: Stack) -> None:
             "TraceContextTextMapPropagator().extract() parse it (it validates and never "
             "raises) rather than splitting it by hand")
         new = [s for s in stack.receiver.snapshot() if s.span_id not in before]
-        front = one(new, "frontend", "SERVER", f"a request with traceparent {header!r}", new)
+        front = one(new, service, "SERVER", f"a request with traceparent {header!r}", new)
         if joins:
             assert (front.trace_id, front.parent_span_id) == (trace_id, parent), (
-                f"a caller sent traceparent {header!r} ({what}): the frontend's SERVER span "
+                f"a caller sent traceparent {header!r} ({what}) to {service}: its SERVER span "
                 f"is in trace {front.trace_id} with parent {front.parent_span_id or 'none'}, "
                 f"expected trace {trace_id}, parent {parent} - a later version keeps the "
                 "four fields of version 00 in front: read them (the propagator does)")
         else:
             assert front.parent_span_id == "" and front.trace_id != trace_id, (
-                f"a caller sent traceparent {header!r} ({what}), which is not valid W3C "
-                f"trace context, yet the frontend's SERVER span joined it (trace "
+                f"a caller sent traceparent {header!r} ({what}) to {service}, which is not "
+                f"valid W3C trace context, yet {service}'s SERVER span joined it (trace "
                 f"{front.trace_id}, parent {front.parent_span_id or 'none'}): expected a new "
                 "trace, a root span with no parent. A receiver that cannot trust the header "
                 "restarts the trace (W3C: lowercase hex only, ids of exactly 32 and 16 "

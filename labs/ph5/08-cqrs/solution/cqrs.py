@@ -104,6 +104,11 @@ def add_product(conn: Conn, sku: str, name: str, price_cents: int) -> None:
 def place_order(conn: Conn, order_id: str, customer_id: str,
                 lines: list[tuple[str, int]]) -> None:
     with conn.transaction():
+        # Refused as a rule of the write model, like an unknown product (the foreign key is
+        # a last line of defence, not the command's answer).
+        if conn.execute("SELECT 1 FROM customers WHERE customer_id = %s",
+                        (customer_id,)).fetchone() is None:
+            raise ValueError(f"unknown customer {customer_id!r}")
         conn.execute("INSERT INTO orders (order_id, customer_id) VALUES (%s, %s)",
                      (order_id, customer_id))
         priced = []

@@ -15,6 +15,10 @@ _ORDERS: dict[str, dict[str, Any]] = {}
 
 
 def place_order(customer: str, sku: str, qty: int) -> dict[str, Any]:
+    # Validate the command at the boundary, before any context acts on it: a quantity is a
+    # whole number of items, at least 1 (bool is an int subclass: True is no quantity).
+    if type(qty) is not int or qty < 1:
+        raise OrderRejected(f"order for {qty!r} x {sku} rejected: quantity must be an int >= 1")
     try:
         price = catalog.price_of(sku)
         catalog.reserve(sku, qty)
