@@ -321,11 +321,9 @@ class HeldPostgres(PgStatementProxy):
         self.marker = f"drain-{uuid.uuid4().hex}".encode()
         self.arrived, self.release = threading.Event(), threading.Event()
 
-    def _message(self, link: Any, kind: bytes, body: bytes, prepared: dict[bytes, str],
-                 portals: dict[bytes, str]) -> None:
+    def on_message(self, link: Any, kind: bytes, body: bytes) -> None:
         if kind == b"X":   # Terminate: what libpq's PQfinish (conn.close()) sends last
             link.state["terminated"] = True
-        super()._message(link, kind, body, prepared, portals)
 
     def unclosed(self) -> tuple[int, int]:
         """(connections opened, of which ended without Terminate), once every one is gone

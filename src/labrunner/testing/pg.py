@@ -99,6 +99,12 @@ class PgStatementProxy(TcpRelay):
         connection's statement (two rotations stopped before their UPDATEs, to run them in
         the order it chooses) overrides it and blocks here."""
 
+    def on_message(self, link: RelayLink, kind: bytes, body: bytes) -> None:
+        """Called for each message a client sends after its startup (its type byte and
+        body: b"Q" a query, b"X" Terminate - what a closing client sends last), in the
+        thread of its connection ``link``, before its bytes go on. Nothing by default
+        (ph6.10 marks the connections that ended with Terminate)."""
+
     def _statement(self, link: RelayLink, sql: str) -> None:
         self._record(sql)
         self.before_forwarding(link, sql)
@@ -177,6 +183,7 @@ class PgStatementProxy(TcpRelay):
 
     def _message(self, link: RelayLink, kind: bytes, body: bytes, prepared: dict[bytes, str],
                  portals: dict[bytes, str]) -> None:
+        self.on_message(link, kind, body)
         if kind == b"Q":
             text = body.split(b"\0", 1)[0].decode(errors="replace")
             for sql in text.split(";") if self._split else [text]:
