@@ -61,6 +61,23 @@ def _skewed_durations(seed: int = 7, count: int = 1000) -> list[float]:
 SKEWED_QUEUE = "thumbnails"
 
 
+def _fast_durations(seed: int = 7, count: int = 1000) -> list[float]:
+    """A fast queue (cache refreshes): log-normal around 50 ms, narrow, still within the
+    20 ms - 2 s range. Its p50 and p90 fall below 100 ms, where the loads above have few
+    jobs: buckets that start at 100 ms (the first one spans 0 - 100 ms) or step 50 ms
+    apart there read them far off, and the uniform and skewed loads never show it."""
+    rng = random.Random(seed)
+    values: list[float] = []
+    while len(values) < count:
+        value = rng.lognormvariate(math.log(0.05), 0.3)
+        if 0.02 <= value <= 1.9:
+            values.append(round(value, 4))
+    return values
+
+
+FAST_QUEUE = "cache"
+
+
 # A degraded worker on a queue of its own: 4 % of its jobs stall for 3 to 6 s, so its p99
 # (about 5 s) is far above every normal job. histogram_quantile() never reads above the
 # highest finite bucket bound: buckets that stop at the normal range (2 s, or an SLO edge
@@ -303,10 +320,10 @@ def test_gauge_is_right_in_every_interleaving_of_two_jobs(learner: Any) -> None:
 
 def test_histogram_quantiles_match_the_load(learner: Any, prometheus: Any) -> None:
     durations, degraded = _durations(), _durations(seed=11, stalled=40)
-    skewed = _skewed_durations()
+    skewed, fast = _skewed_durations(), _fast_durations()
     with _worker(learner, prometheus) as (metrics, _address, job):
         for queue, load in (("email", durations), (DEGRADED_QUEUE, degraded),
-                            (SKEWED_QUEUE, skewed)):
+                            (SKEWED_QUEUE, skewed), (FAST_QUEUE, fast)):
             for seconds in load:
                 metrics.started(queue)
                 metrics.finished(queue, seconds, True)
@@ -341,6 +358,7 @@ def test_histogram_quantiles_match_the_load(learner: Any, prometheus: Any) -> No
                 f"{[b for b in bounds if b != math.inf]} are too coarse where these jobs fall "
                 "(20 ms - 2 s) - put bucket bounds close together over that range")
         _skewed_quantiles_match(prometheus, job, skewed, bounds)
+        _fast_quantiles_match(prometheus, job, fast, bounds)
         _degraded_p99_shows(prometheus, job, degraded, bounds)
 
 
@@ -371,6 +389,23 @@ def _skewed_quantiles_match(prometheus: Any, job: str, skewed: list[float],
             "load, not of one bunched at the bucket's low end. Buckets evenly spaced across "
             "20 ms - 2 s are too coarse where most jobs are: space them closer where the "
             "values are dense (tens of ms apart below 0.3 s), wider in the tail")
+
+
+def _fast_quantiles_match(prometheus: Any, job: str, fast: list[float],
+                          bounds: list[float]) -> None:
+    low = [b for b in bounds if b <= 0.1]
+    for q in (0.5, 0.9, 0.99):
+        estimate, exact, error = _quantile_read(
+            prometheus, f'job="{job}",queue="{FAST_QUEUE}"', fast, q)
+        assert error <= QUANTILE_TOLERANCE, (
+            f"on a fast queue (most jobs 35 - 75 ms, all within the 20 ms - 2 s range), "
+            f"histogram_quantile({q}) reads {estimate:.3f} s, the exact p{q * 100:g} is "
+            f"{exact:.3f} s ({error:.0%} off, at most {QUANTILE_TOLERANCE:.1%} allowed): "
+            f"your bucket bounds up to 0.1 s are {low or 'none'}, so these jobs share one or "
+            "two wide buckets and Prometheus spreads them evenly across each (the first "
+            "bucket from 0). The range starts at 20 ms: buckets must be close together "
+            "there too (about 25 ms apart below 0.2 s), not only where the test's other "
+            "loads put their jobs")
 
 
 def _degraded_p99_shows(prometheus: Any, job: str, degraded: list[float],

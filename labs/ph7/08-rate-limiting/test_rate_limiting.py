@@ -75,6 +75,35 @@ SCRIPTS = [
              "have been logged"),
         Step(111.5, 2, 1, "t=101 left the window (101.5, 111.5]: one slot again"),
     ]),
+    # One thread, one instant, several requests that all fit: an async server answers every
+    # request on one thread, and a coarse clock gives a burst one `now`. Each needs a log
+    # entry of its own: a member unique per REQUEST, not per instant, thread or fingerprint.
+    Script("sliding-log-one-thread-burst", "SlidingWindowLog", {"limit": 3, "window": 10.0}, [
+        Step(100.0, 4, 3, "three requests at one instant from one thread all fit, the fourth "
+             "does not: each allowed request is one entry in the log. More than 3 passing "
+             "means requests shared a member (the instant plus the thread, a hash of the "
+             "request): ZADD of an existing member adds nothing, so the log counted the "
+             "burst once. Use a member unique per request (uuid4)"),
+        Step(105.0, 1, 0, "the three at t=100 are still in (95, 105]"),
+    ]),
+    # Windows shorter than a second: EXPIRE takes whole seconds, and EXPIRE 0 deletes.
+    Script("sliding-log-subsecond", "SlidingWindowLog", {"limit": 2, "window": 0.5}, [
+        Step(100.0, 3, 2, "a half-second window: two pass, the third is refused. All three "
+             "passing means the log was gone by the next request: a TTL of the window "
+             "truncated to whole seconds (int(0.5) == 0, and EXPIRE 0 deletes the key). "
+             "Round the TTL up (math.ceil) and add a margin"),
+        Step(100.25, 2, 0, "(99.75, 100.25] still holds both"),
+        Step(100.5, 3, 2, "both left (100, 100.5]: two slots again"),
+    ]),
+    Script("sliding-counter-subsecond", "SlidingWindowCounter", {"limit": 4, "window": 0.5}, [
+        Step(100.0, 6, 4, "a half-second window [100, 100.5): the limit, then refused. All "
+             "six passing means the counter was gone by the next request: a TTL of whole "
+             "seconds rounded down (int(0.5) == 0, and EXPIRE 0 deletes the key). Round the "
+             "TTL up (math.ceil) and add a margin"),
+        Step(100.25, 2, 0, "still window [100, 100.5), which holds 4"),
+        Step(100.625, 3, 1, "window [100.5, 101) at 25 %: the previous 4 weighted by 75 % "
+             "count 3; 3 + 0 < 4 passes, 3 + 1 does not"),
+    ]),
     Script("sliding-counter", "SlidingWindowCounter", {"limit": 10, "window": 10.0}, [
         Step(1.0, 20, 10, "window [0, 10): the limit, then refused (refusals do not count)"),
         Step(12.5, 9, 3, "window [10, 20) at 25 %: the previous 10, weighted by the 75 % "

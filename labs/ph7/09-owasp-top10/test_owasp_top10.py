@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,6 +60,7 @@ class Site:
                  port: int = 0) -> None:
         self.hits: list[str] = []
         self.routes = routes
+        self.stop = threading.Event()  # a route of status 0 never answers until close()
         self.servers: list[ThreadingHTTPServer] = []
         site = self
 
@@ -70,6 +72,9 @@ class Site:
                 site.hits.append(self.path)
                 status, headers, body = site.routes.get(self.path.split("?")[0],
                                                         (404, {}, b"not here"))
+                if status == 0:  # an upstream that accepts and never answers
+                    site.stop.wait(300)
+                    return
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -92,6 +97,7 @@ class Site:
         return server.server_port
 
     def close(self) -> None:
+        self.stop.set()
         for server in self.servers:
             server.shutdown()
             server.server_close()
@@ -162,6 +168,7 @@ def target(learner: Any, postgres: Any) -> Iterator[Target]:
         "/r3": (302, {"Location": "/r2"}, b""),
         "/r2": (302, {"Location": "/r1"}, b""),
         "/r1": (302, {"Location": "/ok"}, b""),
+        "/hang": (0, {}, b""),  # accepts the request and never answers
     })
     make_app = learner.function("secure_app", "make_app")
     try:
@@ -302,9 +309,12 @@ def test_command_injection(target: Target) -> None:
         assert reply.status in (400, 404), (
             f"file={payload!r} was answered {reply.status}, expected 400 (not a valid file "
             "name) or 404")
+    outside = target.reports.parent / "outside.txt"
     for payload, what in (("--version", "an option instead of a file name"),
                           ("../outside.txt",
-                           "a path outside the reports folder")):
+                           "a path outside the reports folder"),
+                          (str(outside), "an absolute path to a file outside the folder"),
+                          ("/etc/passwd", "an absolute path to a system file")):
         reply = call(target, "GET", f"/reports/lines?file={quote(payload)}")
         text = reply.body.decode(errors="replace")
         assert reply.status in (400, 404) and "coreutils" not in text, (
@@ -312,11 +322,20 @@ def test_command_injection(target: Target) -> None:
             "expected 400 or 404\n"
             + ("A name starting with '-' is read as an option by the program: put '--' "
                "before it, or refuse names that start with '-'." if payload.startswith("-")
+               else "An absolute path is not a name in the folder: refusing '..' and a "
+                    "leading '-' (a denylist) lets '/anything' through, and "
+                    "os.path.join(folder, '/abs') IS '/abs'. Allow only plain file names "
+                    "(letters, digits, _ . -: no '/' at all)." if payload.startswith("/")
                else "Allow only plain file names (letters, digits, _ . -, no '/' or '..'): "
                     "path traversal reads files outside the folder."))
 
 
 # ---- A10 SSRF ---------------------------------------------------------------------------
+
+# The README's bound on waiting for an upstream, and how long the test waits for the answer
+# (the bound plus room for a loaded machine: a correct app answers after about the bound).
+UPSTREAM_BOUND = 10
+ANSWER_WITHIN = 45
 
 def origin_of(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
@@ -440,3 +459,31 @@ def test_ssrf(target: Target) -> None:
         "redirects may be followed, so /r1's redirect (the 4th) must be refused (400) and "
         "/ok never requested - count the hops: the first request plus 3 redirects is 4 "
         "requests in all, an off-by-one follows one more (and a loop runs away)")
+
+
+def test_fetch_gives_up_on_an_upstream_that_never_answers(target: Target) -> None:
+    """The allowed partner accepts the request and never answers: the fetch must end
+    (502/504) after the app's own timeout, not hold the server's worker forever."""
+    p = target.partner.port
+    url = f"http://127.0.0.1:{p}/hang"
+    started = time.monotonic()
+    try:
+        reply: HttpReply | None = http_request(target.host, "POST", "/fetch",
+                                               document={"url": url}, timeout=ANSWER_WITHIN)
+    except OSError:  # the socket timeout: no answer at all
+        reply = None
+    finally:
+        target.partner.stop.set()  # let the held request go: nothing else waits on it
+    took = time.monotonic() - started
+    asked = "/hang" in target.partner.hits
+    assert reply is not None and reply.status in (502, 504), (
+        f"POST /fetch of {url!r}, an allowed partner that accepted the request and never "
+        + (f"answered, was answered {reply.status} {reply.body[:150]!r} after {took:.0f} s, "
+           "expected 502 or 504 (the upstream failed)" if reply is not None else
+           f"answered{'' if asked else ' (did the app ask it? the partner saw no request)'}: "
+           f"the app had not answered after {took:.0f} s, expected 502 or 504 within about "
+           f"{UPSTREAM_BOUND} s")
+        + f"\nEvery outgoing request needs a timeout of at most {UPSTREAM_BOUND} s "
+        "(http.client.HTTPConnection(host, port, timeout=5)): without one (the default is "
+        "none) or with a long one, each slow or silent upstream holds one of the server's "
+        "workers, and a few such fetches take the whole server down.")
