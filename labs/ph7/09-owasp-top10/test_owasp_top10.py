@@ -159,6 +159,7 @@ def target(learner: Any, postgres: Any) -> Iterator[Target]:
         "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
         "/to-private": (301, {"Location": "http://10.0.0.7/"}, b""),
         "/to-file": (302, {"Location": "file:///etc/passwd"}, b""),
+        "/to-bad-port": (302, {"Location": "http://127.0.0.1:99999/admin"}, b""),
         # network-path references: no scheme, but a host - relative, yet another origin
         "/to-internal-netpath": (302, {"Location": f"//127.0.0.1:{internal.port}/admin"}, b""),
         "/to-metadata-netpath": (303, {"Location": "//169.254.169.254/latest/meta-data/"},
@@ -339,8 +340,11 @@ ANSWER_WITHIN = 45
 
 def origin_of(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
-    return (parts.scheme, parts.hostname,
-            parts.port or {"http": 80, "https": 443}.get(parts.scheme))
+    try:
+        port = parts.port
+    except ValueError:  # ':99999', ':abc' - no port at all, and no origin to allow
+        return (parts.scheme, parts.hostname, -1)
+    return (parts.scheme, parts.hostname, port or {"http": 80, "https": 443}.get(parts.scheme))
 
 
 def string_lookalike(url: str, allowed: list[str]) -> str:
@@ -408,6 +412,10 @@ def test_ssrf(target: Target) -> None:
         ("http://10.0.0.7/", "a private range (10/8)"),
         ("file:///etc/passwd", "a file: URL"),
         ("gopher://127.0.0.1:6379/_INFO", "a gopher: URL to a local Redis"),
+        # urlsplit(url).port raises ValueError for these: a 500 is no refusal
+        ("http://127.0.0.1:99999/admin", "a port past 65535"),
+        (f"http://127.0.0.1:{p}x/ok", "a port with a letter after the allowed port's digits"),
+        (f"http://127.0.0.1:{p}/to-bad-port", "a partner redirect to port 99999"),
     ]
     for url, what in attacks:
         before = len(target.internal.hits)
@@ -425,11 +433,15 @@ def test_ssrf(target: Target) -> None:
                 f" - the partner redirected to {aimed!r}, and that hop was not validated")
         else:
             parts = urlsplit(url)
-            same_host = (parts.hostname == "127.0.0.1" and parts.port != p
+            port = origin_of(url)[2]
+            same_host = (parts.hostname == "127.0.0.1" and port not in (p, -1)
                          and parts.username is None)
             why = string_lookalike(url, allowed) or (
                 f" - same scheme and host as the allowed origin, another PORT: an origin is "
-                f"scheme, host AND port, and port {parts.port} is not {p}" if same_host else "")
+                f"scheme, host AND port, and port {port} is not {p}" if same_host else
+                f" - {parts.netloc!r} holds no valid port (0-65535, digits only), so the URL "
+                "names no origin at all: urlsplit(url).port raises ValueError for it - refuse "
+                "it (400), do not let the error become a 500" if port == -1 else "")
         assert not reached, (
             f"SSRF ({what}): fetching {url!r} made the server request {reached} from the "
             f"internal server on 127.0.0.1, an origin not on the allowlist {allowed}{why}"

@@ -40,7 +40,10 @@ def origin_of(url: str) -> str:
         raise Refused("credentials in the URL are not allowed")
     if not parts.hostname:
         raise Refused("no host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # ':99999' or ':abc': urlsplit() only checks the port when asked
+        raise Refused(f"no valid port in {parts.netloc!r}") from None
     return f"{parts.scheme}://{parts.hostname.lower()}:{port}"
 
 
