@@ -214,23 +214,45 @@ def test_files_not_named_like_a_migration_are_ignored(runner: ModuleType, postgr
         f"them applied\n{why}")
 
 
+# (the applied file that is edited, its new text, the target migrate() is then called with)
+CHANGED = [
+    ("V002__seed_admin.sql", "INSERT INTO accounts VALUES (1, 'admin'), (2, 'guest');", None),
+    # Above the target: validation covers every applied migration, whatever the target
+    # (Flyway's validate checks each applied one against its file; target only limits
+    # what is applied) - a changed applied file is drift however far this run goes.
+    ("V003__add_email.sql", "ALTER TABLE accounts ADD COLUMN email varchar(80);\n"
+                            "UPDATE accounts SET email = 'root@example.com';", 2),
+    ("V002__seed_admin.sql", "INSERT INTO accounts VALUES (1, 'root');", 1),
+]
+
+
+@pytest.mark.parametrize("edited,text,target", CHANGED,
+                         ids=[f"{e[:4]}-target-{t}" for e, _, t in CHANGED])
 def test_changed_applied_script_is_refused(runner: ModuleType, postgres: Any,
-                                           migrations: Path) -> None:
+                                           migrations: Path, edited: str, text: str,
+                                           target: int | None) -> None:
     write(migrations, BASIC)
     runner.migrate(postgres.dsn, migrations)
     write(migrations, {
-        "V002__seed_admin.sql": "INSERT INTO accounts VALUES (1, 'admin'), (2, 'guest');",
+        edited: text,
         "V004__index_owner.sql": "CREATE INDEX accounts_owner ON accounts (owner);",
     })
-    error = refused(lambda: runner.migrate(postgres.dsn, migrations),
-                    "after the applied V002 was edited (checksum changed)")
+    version = edited[:4]
+    run = "migrate()" if target is None else f"migrate(target={target})"
+    above = "" if target is None else f" (above the target {target})"
+    error = refused(lambda: runner.migrate(postgres.dsn, migrations, target=target),
+                    ("" if target is None else f"with target={target} ")
+                    + f"after the applied {version}{above} was edited (its checksum changed: "
+                    "every applied migration is validated against its file, whatever the "
+                    "target - the target only limits what is applied)")
     assert isinstance(error, runner.ChecksumMismatch), (
-        f"migrate() after V002 was edited raised {type(error).__name__}: {error}; expected "
-        "ChecksumMismatch: the checksum recorded when V002 was applied no longer matches")
+        f"{run} after the applied {version}{above} was edited raised "
+        f"{type(error).__name__}: {error}; expected ChecksumMismatch: the checksum recorded "
+        f"when {version} was applied no longer matches")
     indexes = count(postgres, "SELECT count(*) FROM pg_indexes WHERE indexname = 'accounts_owner'")
     assert indexes == 0, (
-        "V004 was applied although V002 was refused: validate every applied migration's "
-        "checksum before applying anything")
+        f"V004 was applied although {version} was refused: validate every applied "
+        "migration's checksum before applying anything")
 
 
 def test_forward_only_refuses_an_older_version(runner: ModuleType, postgres: Any,

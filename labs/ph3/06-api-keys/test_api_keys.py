@@ -364,12 +364,93 @@ def test_two_rotations_at_once_keep_the_earlier_end(api: Api, learner: Any) -> N
            "(SELECT ... FOR UPDATE inside the UPDATE's transaction)")
 
 
+def test_a_revoke_during_a_rotation_leaves_no_working_key(api: Api, learner: Any) -> None:
+    """A leaked key: its owner revokes it while the thief rotates it. Driven step by step
+    through a proxy in front of Postgres: the rotation has read the key as valid and is
+    stopped before its first write (INSERT or UPDATE); the revoke then runs on a connection
+    of its own. If it commits (nothing made it wait for the rotation), the rotation must
+    fail or its new key be refused: a revoked key must never give birth to a working one.
+    A revoke that waits for the rotation's row lock comes after it, and revokes what it
+    finds (the old key), as a revoke after a rotation does."""
+    gate = FirstWriteGate.for_dsn(api.postgres.dsn)
+    issued: list[str] = []
+    failures: list[str] = []
+    revoke_errors: list[str] = []
+    try:
+        module = learner.load("apikeys")
+        thief, owner = (module.KeyStore(gate.dsn_for(api.postgres.dsn), api.clock)
+                        for _ in "ab")
+        old = api.create("partner", ["reports:read"])
+
+        def rotate() -> None:
+            try:
+                issued.append(thief.rotate(old, 3600))
+            except Exception as exc:  # noqa: BLE001 - a failed rotation is an outcome here
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+        def revoke() -> None:
+            try:
+                owner.revoke(old)
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                revoke_errors.append(f"{type(exc).__name__}: {exc}")
+
+        rotating = threading.Thread(target=rotate, daemon=True)
+        revoking = threading.Thread(target=revoke, daemon=True)
+        rotating.start()
+        assert came_true(lambda: gate.stopped or not rotating.is_alive(), 30), (
+            "rotate() wrote nothing to the database within 30 s (no INSERT, no UPDATE seen "
+            "by the proxy), expected it to issue a new key")
+        revoked_first = False
+        with api.postgres.connect(autocommit=True) as watcher:
+            def locked() -> bool:
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND wait_event_type = 'Lock'").fetchone()
+                return bool(row and row[0])
+
+            if gate.stopped:               # only the rotation's connection stays stopped
+                gate.hold_back({gate.stopped[0]})
+                revoking.start()
+                # A revoke that waits for the rotation (its row lock, or a lock of the
+                # learner's process: 10 s of nothing) comes after it: not this race.
+                came_true(lambda: not revoking.is_alive() or locked(), 10)
+                revoked_first = not revoking.is_alive()
+            gate.hold_back(set())
+            if revoking.ident is None:     # the rotation wrote nothing to stop: after it
+                revoking.start()
+            for thread in (rotating, revoking):
+                thread.join(timeout=30)
+    finally:
+        gate.hold_back(set())
+        gate.close()
+    assert not revoke_errors, (
+        f"revoke() raised {revoke_errors[0]} while a rotation of the key ran, expected it to "
+        "switch the key off")
+    if revoked_first and issued:
+        expect(api, "GET", issued[0], 401,
+               "the key rotate() issued from a key revoked while it ran (the rotation had "
+               "read the key as valid, then the revoke committed, then the rotation wrote)",
+               "a revoked key gave birth to a working one: the check in rotate()'s first "
+               "read is stale by the time it writes. Check the key again in the write "
+               "itself (UPDATE ... WHERE id = %s AND NOT revoked ..., and issue nothing "
+               "when no row was updated), or lock the row (SELECT ... FOR UPDATE) in the "
+               "transaction that issues the new key")
+    expect(api, "GET", old, 401, "the old key after revoke() returned (a rotation ran at "
+           "the same time)", "revoke() switches the key off at once, whatever ran beside it")
+
+
 UPDATE = re.compile(r"\bUPDATE\s.*\bSET\b", re.IGNORECASE | re.DOTALL)
+# Any write: INSERT, UPDATE ... SET, DELETE, MERGE (also inside a WITH), never a SELECT ...
+# FOR UPDATE (a lock taken while reading: that one goes through).
+WRITE = re.compile(r"\bINSERT\s+INTO\b|\bUPDATE\s.*\bSET\b|\bDELETE\s+FROM\b|\bMERGE\s+INTO\b",
+                   re.IGNORECASE | re.DOTALL)
 
 
 class WriteGate(PgStatementProxy):
     """A proxy in front of Postgres that stops each UPDATE (and upsert) before it reaches
     the server while its connection is held back (at first: all of them)."""
+
+    writes = UPDATE
 
     def __init__(self, *args: Any, **options: Any) -> None:
         super().__init__(*args, **options)
@@ -378,7 +459,7 @@ class WriteGate(PgStatementProxy):
         self.held: set[int] | None = None         # None: every connection
 
     def before_forwarding(self, link: RelayLink, sql: str) -> None:
-        if not UPDATE.search(sql):
+        if not self.writes.search(sql):
             return
 
         def holding() -> bool:
@@ -444,3 +525,9 @@ def race_rotations(stores: list[Any], gate: WriteGate, postgres: Any, key: str,
             if thread.is_alive() or thread.ident is not None:
                 thread.join(timeout=30)
     return story, failures
+
+
+class FirstWriteGate(WriteGate):
+    """A WriteGate that stops any write (INSERT, UPDATE, DELETE), not only UPDATEs."""
+
+    writes = WRITE

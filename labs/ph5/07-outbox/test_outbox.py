@@ -272,6 +272,78 @@ def test_order_and_outbox_row_commit_together(shop: Any) -> None:
         "for an order that does not exist")
 
 
+# Orders whose text is not kind: (order id, customer, what it breaks when the SQL or the
+# JSON is built by formatting strings instead of parameters and a JSON encoder).
+AWKWARD = [
+    ("order-apostrophe", "Miles O'Brien", "an apostrophe ends a SQL string literal"),
+    ("order-o'neil", "Shaq O'Neil", "an apostrophe in the order id, the Kafka key"),
+    ("order-dquote", 'Kate "Katie" Smith', "a double quote ends a JSON string"),
+    ("order-backslash", "C:\\new\\table", "a backslash starts an escape in JSON ('\\n', "
+     "'\\t')"),
+    ("order-accents", "Zoë Ångström-Núñez", "letters beyond ASCII (two UTF-8 bytes each)"),
+    ("order-cjk", "東京スカイツリー", "CJK text (three UTF-8 bytes a character)"),
+    ("order-emoji", "Ada 🚀", "a character beyond the BMP (four UTF-8 bytes; in JSON's "
+     "\\u escapes a surrogate pair)"),
+    ("заказ-7", "Иван Петров", "a non-ASCII order id: the Kafka key is its UTF-8 bytes"),
+]
+
+
+def test_payloads_with_quotes_and_non_ascii_text_arrive_intact(shop: Any, learner: Any,
+                                                               postgres: Any,
+                                                               kafka: Any) -> None:
+    """Customers named O'Brien, "Katie", C:\\new, Zoë, 東京 or 🚀 are customers: each order
+    goes through place_order and the relay to Kafka, and the event must carry exactly the
+    text that was ordered. SQL built by formatting values into its text breaks on the first
+    apostrophe (and is an injection); JSON built by hand breaks on a quote or a backslash."""
+    conn, orders_mod = shop
+    topic = kafka.create_topic("orders", 3)
+    orders: list[dict[str, Any]] = [{"order_id": oid, "customer": who, "total_cents": 100 + n}
+              for n, (oid, who, _) in enumerate(AWKWARD)]
+    for order, (_, _, why) in zip(orders, AWKWARD, strict=True):
+        try:
+            orders_mod.place_order(conn, order)
+        except Exception as exc:  # noqa: BLE001 - judged here, with the learner's words
+            said = (str(exc).strip().splitlines() or [""])[0][:160]
+            pytest.fail(
+                f"place_order could not store order {order['order_id']!r} of customer "
+                f"{order['customer']!r} ({why}): it raised {type(exc).__name__}: {said} - "
+                "pass the values as query parameters (%s, and Jsonb(...) for the payload), "
+                "never format them into the SQL text or build the JSON by hand",
+                pytrace=False)
+        stored = conn.execute("SELECT payload FROM outbox WHERE aggregate_id = %s",
+                              (order["order_id"],)).fetchone()
+        want = {k: order[k] for k in ("order_id", "customer", "total_cents")}
+        assert stored is not None and stored[0] == want, (
+            f"the outbox payload of order {order['order_id']!r} is "
+            f"{stored[0] if stored else None!r}, expected {want!r} ({why}): store the payload "
+            "as JSON made by a JSON encoder (Jsonb(dict)), the text exactly as given")
+    run_relay(learner, postgres, kafka, topic, batch=20)
+    records = read_all(kafka, topic)
+    got: dict[bytes | None, Any] = {}
+    for record in records:
+        try:
+            got[record.key] = json.loads(record.value or b"")
+        except ValueError as exc:
+            pytest.fail(
+                f"the record with key {record.key!r} is not valid JSON ({exc}): "
+                f"{(record.value or b'')[:160]!r} - a value built by formatting strings "
+                "breaks on a quote or a backslash in the payload; build the event as a dict "
+                "and encode it with json.dumps", pytrace=False)
+    for order, (_, _, why) in zip(orders, AWKWARD, strict=True):
+        key = order["order_id"].encode("utf-8")
+        assert key in got, (
+            f"no record with key {key!r} (order {order['order_id']!r}, {why}) among the keys "
+            f"{sorted(k or b'' for k in got)!r}: the key is the order id as UTF-8 bytes")
+        event = got[key]
+        seen = {k: event.get(k) for k in ("order_id", "customer", "total_cents")} \
+            if isinstance(event, dict) else event
+        want = {k: order[k] for k in ("order_id", "customer", "total_cents")}
+        assert seen == want, (
+            f"the event of order {order['order_id']!r} carries {seen!r}, expected {want!r} "
+            f"({why}): the payload must reach Kafka as it was written - encode the event "
+            "with json.dumps (UTF-8), never by hand or with a lossy encoding")
+
+
 # --- the relay ---------------------------------------------------------------------------
 
 def assert_durable_producer(proxy: KafkaProxy) -> None:

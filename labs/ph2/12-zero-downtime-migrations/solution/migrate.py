@@ -63,7 +63,7 @@ def discover(directory: str | Path) -> list[Migration]:
 def migrate(dsn: str, directory: str | Path, target: int | None = None) -> list[int]:
     """Apply the pending migrations up to `target` (all if None); return the versions
     applied by this call, in order."""
-    migrations = [m for m in discover(directory) if target is None or m.version <= target]
+    migrations = discover(directory)
     with psycopg.connect(dsn, autocommit=True) as conn:
         # Session-level lock: held across the per-migration transactions below.
         conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
@@ -77,7 +77,10 @@ def migrate(dsn: str, directory: str | Path, target: int | None = None) -> list[
                 )""")
             applied: dict[int, str] = dict(
                 conn.execute("SELECT version, checksum FROM schema_migrations"))
-            pending = check(migrations, applied)
+            # Every applied migration is validated, whatever the target (as Flyway's
+            # validate does): the target only limits what is applied.
+            pending = [m for m in check(migrations, applied)
+                       if target is None or m.version <= target]
             for migration in pending:
                 apply(conn, migration)
             return [m.version for m in pending]

@@ -72,12 +72,17 @@ class KeyStore:
         row = self._row(key)
         if row is None:
             raise ValueError("not a valid key")
-        new = self.create(row[2], list(row[3]))
-        end = self.clock() + grace_seconds        # the old key overlaps until then
-        with self._conn() as conn:
-            conn.execute("UPDATE api_keys SET expires_at = LEAST(COALESCE(expires_at, %s), "
-                         "%s) WHERE id = %s", (end, end, row[0]))
-        return new
+        now = self.clock()
+        end = now + grace_seconds                 # the old key overlaps until then
+        with self._conn() as conn, conn.transaction():
+            # The key is checked again in the write: a revoke that committed since the read
+            # above leaves no row to update and nothing is issued (a revoked key never gives
+            # birth to a working one); the row lock holds a later revoke until we commit.
+            if conn.execute("UPDATE api_keys SET expires_at = LEAST(COALESCE(expires_at, %s), "
+                            "%s) WHERE id = %s AND NOT revoked AND (expires_at IS NULL OR "
+                            "expires_at > %s)", (end, end, row[0], now)).rowcount != 1:
+                raise ValueError("the key was revoked or ended meanwhile")
+            return self.create(row[2], list(row[3]))
 
     def revoke(self, key: str) -> None:
         row = self._row(key)
