@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -742,10 +743,80 @@ def test_two_instances_share_no_session(host: str, other_process: str) -> None:
         "gone), not in its answer")
 
 
+# ---- HEAD: GET without the body ---------------------------------------------------------
+# RFC 9110 9.1: every general-purpose server supports GET and HEAD; 9.3.2: HEAD answers
+# with the status and headers GET would (Content-Length, if sent, the GET's: 8.6), and no
+# content. Clients and caches use it to check a resource or revalidate without downloading
+# it (curl -I, link checkers, load balancers' health checks). http.client never reads the
+# body of a HEAD answer, so both requests go over raw sockets: every byte sent is seen.
+# (name, path, the conditions sent, the status GET and HEAD must both give)
+HEAD_CASES = [
+    ("user", "/users/1", {}, 200),
+    ("collection", "/users", {}, 200),
+    ("user-not-modified", "/users/1", {"If-None-Match": "{etag}"}, 304),
+    ("collection-not-modified", "/users", {"If-None-Match": "{etag}"}, 304),
+    ("stale-if-match", "/users/1", {"If-Match": '"0123456789abcdef"'}, 412),
+    ("missing-user", "/users/999", {}, 404),
+]
+HEAD_SAME_HEADERS = ("ETag", "Cache-Control", "Content-Type")
+
+
+def raw_exchange(host: str, method: str, path: str,
+                 headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """One request on a socket of its own, read until the server closes it (wsgiref serves
+    one request per connection): the status, the headers and every byte after them."""
+    address, port = host.rsplit(":", 1)
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close",
+             *(f"{name}: {value}" for name, value in headers.items())]
+    received = b""
+    with socket.create_connection((address, int(port)), timeout=20) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    fields = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), fields, body
+
+
+@pytest.mark.parametrize(("name", "path", "conditions", "status"), HEAD_CASES,
+                         ids=[case[0] for case in HEAD_CASES])
+def test_head_is_get_without_a_body(host: str, name: str, path: str,
+                                    conditions: dict[str, str], status: int) -> None:
+    etag = (get_ok(host, path).header("ETag") or "") if status == 304 else ""
+    headers = {field: value.format(etag=etag) for field, value in conditions.items()}
+    sent = "".join(f" with {field}: {value}" for field, value in headers.items())
+    got, get_headers, get_body = raw_exchange(host, "GET", path, headers)
+    assert got == status, f"GET {path}{sent}: expected {status}, saw {got} {get_body[:120]!r}"
+    head, head_headers, head_body = raw_exchange(host, "HEAD", path, headers)
+    assert head == got, (
+        f"HEAD {path}{sent}: expected {got}, the status GET gives, saw {head}: HEAD is GET "
+        "without the body (RFC 9110 9.3.2), supported wherever GET is (9.1) - the same "
+        "route, the same conditions (a 304 or 412 too), only the body left out; a 405 tells "
+        "curl -I, link checkers and health checks that the resource cannot be read")
+    assert head_body == b"", (
+        f"HEAD {path}{sent}: the answer carried {len(head_body)} bytes of body "
+        f"({head_body[:80]!r}): a HEAD answer has no content (RFC 9110 9.3.2) - a client "
+        "reads none, so on a kept-alive connection those bytes are taken for the next "
+        "response; send the GET's headers, then nothing")
+    for field in HEAD_SAME_HEADERS:
+        assert head_headers.get(field.lower()) == get_headers.get(field.lower()), (
+            f"HEAD {path}{sent}: {field} was {head_headers.get(field.lower())!r}, GET's is "
+            f"{get_headers.get(field.lower())!r}: HEAD sends the headers GET would (RFC 9110 "
+            "9.3.2), so a client can revalidate or check freshness without the body")
+    length = head_headers.get("content-length")
+    assert length is None or length == str(len(get_body)), (
+        f"HEAD {path}{sent}: Content-Length: {length}, but GET sends {len(get_body)} bytes: "
+        "a HEAD answer's Content-Length, if any, is the GET's body length (RFC 9110 8.6)")
+
+
 @pytest.mark.parametrize(("method", "path", "allowed"), [
-    ("DELETE", "/users", {"GET", "POST"}),
-    ("PATCH", "/users", {"GET", "POST"}),
-    ("POST", "/users/1", {"GET", "PUT", "DELETE"}),
+    ("DELETE", "/users", {"GET", "HEAD", "POST"}),
+    ("PATCH", "/users", {"GET", "HEAD", "POST"}),
+    ("POST", "/users/1", {"GET", "HEAD", "PUT", "DELETE"}),
 ])
 def test_uniform_interface_405(host: str, method: str, path: str,
                                allowed: set[str]) -> None:
@@ -756,7 +827,8 @@ def test_uniform_interface_405(host: str, method: str, path: str,
     seen = {m.strip().upper() for m in (reply.header("Allow") or "").split(",") if m.strip()}
     assert allowed <= seen, (
         f"{method} {path}: expected an Allow header listing {sorted(allowed)}, saw "
-        f"{reply.header('Allow')!r}: a 405 tells the client which methods the resource has")
+        f"{reply.header('Allow')!r}: a 405 tells the client which methods the resource has"
+        + (" (HEAD is one wherever GET is, RFC 9110 9.1)" if "HEAD" not in seen else ""))
 
 
 @pytest.mark.parametrize("path", ["/getUsers", "/user/1", "/users/1/delete", "/users/abc"])

@@ -56,9 +56,6 @@ class Case:
     headers: dict[str, str] = field(default_factory=lambda: dict(WRITER))
     body: bytes | None = None
     check: Callable[[HttpReply], str | None] | None = None  # extra check: an error message or None
-    # send If-None-Match: this, with {etag} the project's current ETag ("..." with its
-    # quotes) and {bare} that tag without them
-    if_none_match: str | None = None
 
 
 def location_of_new_project(reply: HttpReply) -> str | None:
@@ -96,42 +93,6 @@ CASES = [
          check=location_of_new_project),
     Case("delete", "DELETE", "/projects/2", 204, "No Content: done, nothing to say",
          check=no_body),
-    Case("not-modified", "GET", "/projects/1", 304,
-         "Not Modified: your cached copy (If-None-Match) is current", if_none_match="{etag}",
-         check=no_body),
-    # If-None-Match is "*" or a list of entity-tags, compared weakly (RFC 9110 13.1.2): a
-    # client holding several cached variants sends them all, and a proxy that compresses
-    # (nginx) hands your tag back weakened, as W/"...". A condition that is false (a tag
-    # matches) gets 304 on a GET; a list that names no current tag, 200.
-    *(Case(f"if-none-match-{kind}", "GET", "/projects/1", 304,
-           f"Not Modified: {why} - If-None-Match is a list of tags, compared weakly (RFC "
-           "9110 13.1.2): take every quoted tag in it, drop a W/ prefix, 304 if one is the "
-           "current tag (or the header is *); answering 200 resends the body to a client "
-           "whose copy is current", if_none_match=header, check=no_body)
-      for kind, header, why in (
-          ("list-holding-current", '"0123456789abcdef", {etag}',
-           "the list's second tag is the current one"),
-          ("list-with-spaces", '"0123456789abcdef" ,  {etag} , "fedcba9876543210"',
-           "the current tag is in the list, with spaces around the commas (optional white "
-           "space, allowed around every list comma)"),
-          ("weak-current", "W/{etag}",
-           "W/ marks the current tag weak, and If-None-Match compares weakly: W/\"x\" matches "
-           "\"x\" (nginx weakens the ETag of every response it gzips)"),
-          ("weak-list", 'W/"0123456789abcdef", W/{etag}',
-           "the list's second tag, weak, is the current one"),
-          ("star", "*", "* matches any current representation, and project 1 exists"),
-          ("comma-inside-a-tag", '"a,b", {etag}',
-           "a comma may sit inside a quoted tag (\"a,b\" is one tag), and the next one is "
-           "current"))),
-    *(Case(f"if-none-match-{kind}", "GET", "/projects/1", 200,
-           f"OK: {why}, so the client's copies are all stale: answer 200 with the "
-           "representation and its ETag", if_none_match=header, check=has_etag)
-      for kind, header, why in (
-          ("list-without-current", '"0123456789abcdef", W/"fedcba9876543210"',
-           "no tag in the list is the current one"),
-          ("other-tag-containing-current", '"{bare}-gzip"',
-           "\"<tag>-gzip\" is another tag that merely contains the current one (Apache "
-           "names its compressed variants so): compare whole tags, not substrings"))),
     Case("broken-json", "POST", "/projects", 400,
          "Bad Request: the body cannot even be parsed", body=b'{"name": "gamma"'),
     Case("no-token", "GET", "/projects/1", 401,
@@ -230,6 +191,147 @@ CASES = [
 ]
 
 
+# ---- conditional requests: one database and one server for the whole table --------------
+# Each row gets a project of its own (inserted by the test), reads its ETag with a plain GET,
+# then sends one request with one precondition header ({etag}: that tag, quotes and all;
+# {bare}: without its quotes).
+# - GET with If-None-Match (RFC 9110 13.1.2): "*" or a list of tags, compared weakly; when it
+#   matches, 304 with no body and the same ETag the 200 carries (RFC 9110 15.4.5: the cache
+#   refreshes the stored response that tag names, and a 304 without it leaves the cache
+#   unable to tell which stored response is current), otherwise 200.
+# - DELETE with If-Match (13.1.1): "*" or a list of tags compared STRONGLY (W/"x" never
+#   matches); false -> 412 and nothing deleted: the client's copy is stale (lost update).
+# - DELETE with If-None-Match: matching means the client expects a different state -> 412
+#   (13.2.2 step 3: 304 is for GET and HEAD only), nothing deleted.
+@dataclass
+class Conditional:
+    name: str
+    method: str
+    header: str
+    value: str
+    status: int
+    meaning: str
+    role: dict[str, str] = field(default_factory=lambda: dict(WRITER))
+
+
+NOT_MODIFIED = ("Not Modified: {} - If-None-Match is a list of tags, compared weakly (RFC 9110 "
+                "13.1.2): take every quoted tag in it, drop a W/ prefix, 304 if one is the "
+                "current tag (or the header is *); answering 200 resends the body to a client "
+                "whose copy is current").format
+STALE_COPIES = ("OK: {}, so the client's copies are all stale: answer 200 with the "
+                "representation and its ETag").format
+PRECONDITION_FAILED = ("Precondition Failed: {} - a DELETE whose precondition is false must not "
+                       "delete (RFC 9110 13.2.2): answer 412 and leave the project; deleting "
+                       "anyway destroys a version the client never saw (a lost update)").format
+DELETED = ("No Content: {}, so the precondition holds and the project is deleted").format
+
+CONDITIONAL = [
+    Conditional("not-modified", "GET", "If-None-Match", "{etag}", 304,
+                "Not Modified: your cached copy (If-None-Match) is current"),
+    *(Conditional(f"if-none-match-{kind}", "GET", "If-None-Match", value, 304,
+                  NOT_MODIFIED(why))
+      for kind, value, why in (
+          ("list-holding-current", '"0123456789abcdef", {etag}',
+           "the list's second tag is the current one"),
+          ("list-with-spaces", '"0123456789abcdef" ,  {etag} , "fedcba9876543210"',
+           "the current tag is in the list, with spaces around the commas (optional white "
+           "space, allowed around every list comma)"),
+          ("weak-current", "W/{etag}",
+           "W/ marks the current tag weak, and If-None-Match compares weakly: W/\"x\" matches "
+           "\"x\" (nginx weakens the ETag of every response it gzips)"),
+          ("weak-list", 'W/"0123456789abcdef", W/{etag}',
+           "the list's second tag, weak, is the current one"),
+          ("star", "*", "* matches any current representation, and the project exists"),
+          ("comma-inside-a-tag", '"a,b", {etag}',
+           "a comma may sit inside a quoted tag (\"a,b\" is one tag), and the next one is "
+           "current"))),
+    *(Conditional(f"if-none-match-{kind}", "GET", "If-None-Match", value, 200,
+                  STALE_COPIES(why))
+      for kind, value, why in (
+          ("list-without-current", '"0123456789abcdef", W/"fedcba9876543210"',
+           "no tag in the list is the current one"),
+          ("other-tag-containing-current", '"{bare}-gzip"',
+           "\"<tag>-gzip\" is another tag that merely contains the current one (Apache "
+           "names its compressed variants so): compare whole tags, not substrings"))),
+    *(Conditional(f"delete-if-match-{kind}", "DELETE", "If-Match", value, 204, DELETED(why))
+      for kind, value, why in (
+          ("current", "{etag}", "If-Match names the current tag"),
+          ("star", "*", "If-Match: * holds whenever the project exists"),
+          ("list-holding-current", '"0123456789abcdef", {etag}',
+           "the list's second tag is the current one"))),
+    *(Conditional(f"delete-if-match-{kind}", "DELETE", "If-Match", value, 412,
+                  PRECONDITION_FAILED(why))
+      for kind, value, why in (
+          ("stale", '"0123456789abcdef"',
+           "If-Match names a tag that is not the current one (the client's copy is stale)"),
+          ("stale-list", '"0123456789abcdef", "fedcba9876543210"',
+           "no tag in the If-Match list is the current one"),
+          ("weak-current", "W/{etag}",
+           "If-Match compares strongly (RFC 9110 13.1.1): a weak tag W/\"x\" never matches, "
+           "even when \"x\" is current - only a strong tag promises the same bytes"),
+          ("other-tag-containing-current", '"{bare}-gzip"',
+           "\"<tag>-gzip\" is another tag that merely contains the current one: compare "
+           "whole tags, not substrings"))),
+    *(Conditional(f"delete-if-none-match-{kind}", "DELETE", "If-None-Match", value, 412,
+                  PRECONDITION_FAILED(why))
+      for kind, value, why in (
+          ("current", "{etag}", "If-None-Match names the current tag, so the condition "
+           "\"none of these\" is false; on a DELETE that is 412, not 304 (304 answers GET "
+           "and HEAD only: it tells a cache to use its copy, and a DELETE has none)"),
+          ("star", "*", "If-None-Match: * is false whenever the project exists"))),
+    Conditional("delete-if-none-match-stale", "DELETE", "If-None-Match", '"0123456789abcdef"',
+                204, DELETED("If-None-Match names only a tag that is not current")),
+    Conditional("reader-deletes-if-match-stale", "DELETE", "If-Match", '"0123456789abcdef"',
+                403, "Forbidden: a reader may not delete, whatever its precondition - the role "
+                "(check 3) comes before the project is looked up or compared",
+                role=dict(READER)),
+]
+
+
+def conditional_problem(case: Conditional, reply: HttpReply, etag: str, exists: bool) -> str | None:
+    """What is wrong with the reply to a conditional request, beside its status; or None."""
+    if case.status == 304:
+        if reply.body != b"":
+            return f"a 304 has no body, saw {reply.body[:80]!r}"
+        if reply.headers.get("ETag") != etag:
+            return (f"the 304 carried ETag {reply.headers.get('ETag')!r}, expected {etag!r}, the "
+                    "ETag the 200 carries: a 304 repeats the validator a 200 would have (RFC "
+                    "9110 15.4.5), so the cache knows which stored response is current and "
+                    "refreshes it; without it the cache cannot tell")
+    if case.status == 200 and not reply.headers.get("ETag"):
+        return "expected an ETag header on the 200"
+    if case.status == 204 and exists:
+        return "answered 204, but the project is still in the projects table"
+    if case.status in (403, 412) and not exists:
+        return (f"answered {reply.status}, but the project was deleted: a refused DELETE "
+                "deletes nothing")
+    return None
+
+
+def test_conditional_requests(make_app: Callable[..., Any], db: Any) -> None:
+    failures: list[str] = []
+    with db.connect(autocommit=True) as conn, serve_wsgi(
+            make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=1000)) as host:
+        for case in CONDITIONAL:
+            row = conn.execute("INSERT INTO projects (name) VALUES (%s) RETURNING id",
+                               (f"conditional-{case.name}",)).fetchone()
+            path = f"/projects/{row[0]}"
+            first = call(host, "GET", path, headers=WRITER)
+            expect(first, 200, f"GET {path}", "the project exists")
+            etag = first.headers.get("ETag") or '"missing-etag"'
+            value = case.value.format(etag=etag, bare=etag.strip('"'))
+            reply = call(host, case.method, path, headers={**case.role, case.header: value})
+            exists = conn.execute("SELECT count(*) FROM projects WHERE id = %s",
+                                  (row[0],)).fetchone() == (1,)
+            what = f"{case.method} {path} ({case.name}) with {case.header}: {value}"
+            if reply.status != case.status:
+                failures.append(f"{what}: expected {case.status}, saw {reply.status} "
+                                f"{reply.body[:120]!r}: {case.meaning}")
+            elif (problem := conditional_problem(case, reply, etag, exists)) is not None:
+                failures.append(f"{what}: {problem}")
+    assert not failures, "\n".join(failures)
+
+
 # ---- fixtures ---------------------------------------------------------------------------
 
 class FakeClock:
@@ -263,16 +365,10 @@ def expect(reply: HttpReply, status: int, what: str, meaning: str) -> None:
 def test_status_table(make_app: Callable[..., Any], db: Any, case: Case) -> None:
     with serve_wsgi(make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=1000)) as host:
         headers = dict(case.headers)
-        if case.if_none_match is not None:
-            first = call(host, "GET", case.path, headers=WRITER)
-            expect(first, 200, f"GET {case.path}", "the project exists")
-            etag = first.headers.get("ETag") or '"missing-etag"'
-            headers["If-None-Match"] = case.if_none_match.format(etag=etag,
-                                                                 bare=etag.strip('"'))
         reply = call(host, case.method, case.path, case.body, headers)
-    sent = "".join(f" {name}: {headers[name]}" for name in ("Authorization", "If-None-Match")
-                   if name in headers and (name != "Authorization" or headers[name] not in (
-                       WRITER["Authorization"], READER["Authorization"])))
+    sent = "".join(f" {name}: {headers[name]}" for name in ("Authorization",)
+                   if name in headers and headers[name] not in (
+                       WRITER["Authorization"], READER["Authorization"]))
     what = f"{case.method} {case.path} ({case.name}){sent and ' with' + sent}"
     expect(reply, case.status, what, case.meaning)
     if case.check is not None:

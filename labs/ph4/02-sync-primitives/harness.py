@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any
 
+from labrunner.slow_steps import threading_waits_in
+
 _normal = sys.getswitchinterval()
 
 
@@ -104,3 +106,54 @@ def untimed_waits(module: Any, function: str) -> int:
             f = f.f_back
         count += learners and untimed
     return count
+
+
+_cue = threading.Event()
+
+
+def acquire_interrupted_on_cue(lock: Any, method: str) -> str:
+    """Like acquire_interrupted, but the first Condition wait of lock.<method>() really waits
+    - the Condition's lock let go, as a real wait does - until interrupt_now(), then re-takes
+    that lock and raises KeyboardInterrupt: the interrupt arrives while other threads wait
+    behind this one. Returns as acquire_interrupted does."""
+    _cue.clear()
+    me = threading.get_ident()
+    real = threading.Condition.wait
+    waited: list[bool] = []
+
+    def wait(cond: threading.Condition, timeout: float | None = None) -> bool:
+        if threading.get_ident() == me and not waited:
+            waited.append(True)
+            # Condition's own way to let go of its lock and take it back (as its wait does)
+            state = cond._release_save()  # type: ignore[attr-defined]
+            try:
+                _cue.wait()
+            finally:
+                cond._acquire_restore(state)  # type: ignore[attr-defined]
+            raise KeyboardInterrupt("interrupted by the test while waiting")
+        return real(cond, timeout)
+
+    threading.Condition.wait = wait  # type: ignore[method-assign, assignment]
+    try:
+        getattr(lock, method)()
+    except KeyboardInterrupt:
+        return "interrupted"
+    finally:
+        threading.Condition.wait = real  # type: ignore[method-assign]
+    return "swallowed" if waited else "never waited"
+
+
+def interrupt_now() -> None:
+    _cue.set()
+
+
+def unwoken_waits(folder: str) -> int:
+    """Threads in a Condition wait in the learner's code that nobody has notified: CPython's
+    notify takes a waiter off its Condition's queue at once, so a thread notified but not yet
+    run is not counted - only one left waiting for a wake-up that never came."""
+    unwoken = 0
+    for frame in threading_waits_in(folder).values():
+        cond, waiter = frame.f_locals.get("self"), frame.f_locals.get("waiter")
+        if isinstance(cond, threading.Condition) and waiter in getattr(cond, "_waiters", ()):
+            unwoken += 1
+    return unwoken

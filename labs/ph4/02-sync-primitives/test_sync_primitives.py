@@ -297,6 +297,48 @@ def test_an_interrupted_writer_stops_counting_as_waiting(
         f"lock; inside: {', '.join(stage.inside()) or 'nobody'}, expected writer 2"))
 
 
+def test_a_writer_that_gives_up_lets_the_readers_behind_it_in(
+        learner: Any, sync: ModuleType, stage: Stage) -> None:
+    """Reader 1 inside; writer 1 waits; readers 2 and 3 arrive and wait behind writer 1
+    (writer preference). Then writer 1 gives up - an exception in its wait (Ctrl-C, a
+    deadline), raised by the harness on cue. Only writer 1 held readers 2 and 3 back, so
+    they go in now, beside reader 1, without waiting for reader 1 to leave."""
+    lock = sync.RWLock()
+    harness = learner.harness()
+    reader(stage, lock, "reader 1")
+    gone = stage.add("writer 1",
+                     lambda: harness.acquire_interrupted_on_cue(lock, "acquire_write"))
+    reader(stage, lock, "reader 2")
+    reader(stage, lock, "reader 3")
+    assert stage.inside() == ["reader 1"], (
+        f"reader 1 inside, writer 1 waiting, readers 2 and 3 arrived; inside: "
+        f"{', '.join(stage.inside())}, expected reader 1 alone (writer preference)")
+    harness.interrupt_now()
+    wait_until(lambda: gone.entered.is_set() or gone.done.is_set(),
+               "writer 1's acquire_write() to end with the interrupt")
+    assert gone.result == "interrupted", (
+        f"writer 1's acquire_write(), waiting behind reader 1, had its cond.wait() raise "
+        f"KeyboardInterrupt and {gone.result}, expected the exception to come out of "
+        "acquire_write: a caller interrupted while waiting must not get the lock")
+    stage.release(gone)  # its thread goes on without the lock
+    # writer 1's call has returned: whatever it was going to wake, it has notified by now
+    unwoken = int(harness.unwoken_waits(str(learner.dir)))
+    expected = ["reader 1", "reader 2", "reader 3"]
+    problem = (
+        "writer 1, waiting behind reader 1 with readers 2 and 3 queued behind it, gave up "
+        "(KeyboardInterrupt in its cond.wait()); {seen} - expected readers 2 and 3 inside "
+        "with reader 1 at once: only writer 1 held them back (writer preference), and it is "
+        "gone. A writer that gives up must notify_all() after giving its waiting count back "
+        "(on the way out by the exception), or those readers wait until reader 1 leaves, "
+        "which may be never; Java's ReentrantReadWriteLock wakes the readers queued behind "
+        "a cancelled writer. notify() wakes only one of them.")
+    if unwoken and stage.inside() != expected:
+        pytest.fail(problem.format(seen=f"{unwoken} thread(s) still wait un-notified, inside: "
+                                   f"{', '.join(stage.inside())}"), pytrace=False)
+    stage.expect(expected, lambda: problem.format(
+        seen=f"inside: {', '.join(stage.inside()) or 'nobody'}"))
+
+
 # ---------------------------------------------------------------------------- limiter
 
 

@@ -174,19 +174,19 @@ def make_app(dsn: str) -> WSGIApp:
     def route(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         if path == "/users":
-            if method == "GET":
+            if method in ("GET", "HEAD"):
                 return cacheable(environ, start_response, get_collection())
             if method == "POST":
                 user = create_user(read_json(environ))
                 return send(start_response, "201 Created", user,
                             [("Location", f"/users/{user['id']}")])
             raise HTTPError("405 Method Not Allowed", f"{method} /users",
-                            [("Allow", "GET, POST")])
+                            [("Allow", "GET, HEAD, POST")])
         match = USER_PATH.match(path)
         if match is None:
             raise HTTPError("404 Not Found", f"no resource at {path}")
         user_id = int(match.group(1))
-        if method == "GET":
+        if method in ("GET", "HEAD"):
             return cacheable(environ, start_response, get_user(user_id))
         if method == "PUT":
             return send(start_response, "200 OK",
@@ -196,12 +196,17 @@ def make_app(dsn: str) -> WSGIApp:
             start_response("204 No Content", [])
             return []
         raise HTTPError("405 Method Not Allowed", f"{method} {path}",
-                        [("Allow", "GET, PUT, DELETE")])
+                        [("Allow", "GET, HEAD, PUT, DELETE")])
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:
-            return route(environ, start_response)
+            body = route(environ, start_response)
         except HTTPError as err:
-            return send(start_response, err.status, {"error": str(err)}, err.headers)
+            body = send(start_response, err.status, {"error": str(err)}, err.headers)
+        # HEAD is GET without the body (RFC 9110 9.3.2): the same status and headers (its
+        # Content-Length the GET's), for a client that checks a resource or revalidates a
+        # cached copy without downloading it; every general-purpose server supports it
+        # wherever GET is (9.1).
+        return [] if environ["REQUEST_METHOD"] == "HEAD" else body
 
     return app

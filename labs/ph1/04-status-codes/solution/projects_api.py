@@ -51,6 +51,19 @@ def none_match(header: str | None, tag: str) -> bool:
     return header.strip() == "*" or tag in re.findall(r'(?:W/)?("[^"]*")', header)
 
 
+def if_match(header: str | None, tag: str) -> bool:
+    """Whether an If-Match header holds (RFC 9110 13.1.1): absent, "*" (the resource
+    exists), or a list naming the current tag, compared strongly - a weak W/"x" never
+    matches, since "the same bytes" is what a client changing the resource relies on."""
+    if header is None:
+        return True
+    return header.strip() == "*" or ("", tag) in re.findall(r'(W/)?("[^"]*")', header)
+
+
+def etag_of(row: dict[str, Any]) -> str:
+    return '"' + hashlib.sha256(json.dumps(row).encode()).hexdigest()[:16] + '"'
+
+
 def make_app(dsn: str, *, clock: Callable[[], float] = time.time, rate_limit: int = 100,
              window_seconds: int = 60) -> WSGIApp:
     def connect() -> psycopg.Connection[dict[str, Any]]:
@@ -129,16 +142,29 @@ def make_app(dsn: str, *, clock: Callable[[], float] = time.time, rate_limit: in
                                    (project_id,)).fetchone()
                 if row is None:
                     return error(404, f"no project {project_id}")
-                tag = '"' + hashlib.sha256(json.dumps(row).encode()).hexdigest()[:16] + '"'
+                tag = etag_of(row)
                 if none_match(environ.get("HTTP_IF_NONE_MATCH"), tag):
+                    # A 304 carries the ETag a 200 would have (RFC 9110 15.4.5): the cache
+                    # refreshes the stored response it names.
                     return Outcome(304, None, [("ETag", tag)])
                 return Outcome(200, row, [("ETag", tag)])
             if method == "DELETE":
                 if role != "writer":
                     return error(403, "your token may read, not delete")
-                if conn.execute("DELETE FROM projects WHERE id = %s",
-                                (project_id,)).rowcount == 0:
-                    return error(404, f"no project {project_id}")
+                with conn.transaction():
+                    row = conn.execute("SELECT id, name FROM projects WHERE id = %s FOR UPDATE",
+                                       (project_id,)).fetchone()
+                    if row is None:
+                        return error(404, f"no project {project_id}")
+                    # Preconditions on a change (RFC 9110 13.2.2): a false If-Match, or an
+                    # If-None-Match that matches, is 412 (304 is for GET and HEAD only), and
+                    # nothing is deleted.
+                    tag = etag_of(row)
+                    if (not if_match(environ.get("HTTP_IF_MATCH"), tag)
+                            or none_match(environ.get("HTTP_IF_NONE_MATCH"), tag)):
+                        return error(412, f"project {project_id} is no longer the one you "
+                                     "named", [("ETag", tag)])
+                    conn.execute("DELETE FROM projects WHERE id = %s", (project_id,))
                 return Outcome(204)
             return error(405, "GET or DELETE", [("Allow", "GET, DELETE")])
 

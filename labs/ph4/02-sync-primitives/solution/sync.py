@@ -37,6 +37,13 @@ class RWLock:
             try:
                 while self._writer or self._readers:
                     self._cond.wait()
+            except BaseException:
+                # A writer that gives up (interrupted: Ctrl-C, a deadline's exception) wakes
+                # everyone: readers held back only because it waited may go in now (Java's
+                # ReentrantReadWriteLock wakes the readers queued behind a cancelled writer).
+                # They run once we let go of the lock, after the finally below.
+                self._cond.notify_all()
+                raise
             finally:
                 self._writers_waiting -= 1
             self._writer = True
