@@ -31,8 +31,9 @@ HANDLER_BUGS = {     # target -> what the test's handler raises for it
 
 class CountingSocket(socket.socket):
     """The accepted connection as the learner's code gets it: counts the bytes its reads
-    take out of the socket (recv(), recv_into() which makefile() uses, and the rest), so a
-    test knows how much of what it sent the server has read."""
+    take out of the socket (recv(), recv_into() which makefile() uses, recvfrom(),
+    recvmsg() and their _into forms), so a test knows how much of what it sent the server
+    has read."""
 
     received = 0
 
@@ -59,6 +60,16 @@ class CountingSocket(socket.socket):
         count, address = super().recvfrom_into(buffer, nbytes, flags)
         self._took(count, flags)
         return count, address
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> Any:
+        message = super().recvmsg(bufsize, ancbufsize, flags)
+        self._took(len(message[0]), flags)
+        return message
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> Any:
+        message = super().recvmsg_into(buffers, ancbufsize, flags)
+        self._took(message[0], flags)
+        return message
 
 
 @dataclass
