@@ -29,6 +29,49 @@ HANDLER_BUGS = {     # target -> what the test's handler raises for it
 # ---------------------------------------------------------------------------- the server
 
 
+class CountingSocket(socket.socket):
+    """The accepted connection as the learner's code gets it: counts the bytes its reads
+    take out of the socket (recv(), recv_into() which makefile() uses, recvfrom(),
+    recvmsg() and their _into forms), so a test knows how much of what it sent the server
+    has read."""
+
+    received = 0
+
+    def _took(self, count: int, flags: int) -> None:
+        if not flags & socket.MSG_PEEK:
+            self.received += count
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        self._took(len(data), flags)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        count = super().recv_into(buffer, nbytes, flags)
+        self._took(count, flags)
+        return count
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        data, address = super().recvfrom(bufsize, flags)
+        self._took(len(data), flags)
+        return data, address
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        count, address = super().recvfrom_into(buffer, nbytes, flags)
+        self._took(count, flags)
+        return count, address
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0) -> Any:
+        message = super().recvmsg(bufsize, ancbufsize, flags)
+        self._took(len(message[0]), flags)
+        return message
+
+    def recvmsg_into(self, buffers: Any, ancbufsize: int = 0, flags: int = 0) -> Any:
+        message = super().recvmsg_into(buffers, ancbufsize, flags)
+        self._took(message[0], flags)
+        return message
+
+
 @dataclass
 class Server:
     """A loopback listener; every accepted connection goes to the learner's
@@ -41,6 +84,7 @@ class Server:
     bodies: dict[str, bytes] = field(default_factory=dict)
     headers: dict[str, dict[str, str]] = field(default_factory=dict)  # by target
     errors: list[str] = field(default_factory=list)
+    sockets: list[CountingSocket] = field(default_factory=list)  # as accepted, in order
     slow_started: threading.Event = field(default_factory=threading.Event)
     gate: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -59,7 +103,9 @@ class Server:
                 continue
             except OSError:
                 return
+            conn = CountingSocket(fileno=conn.detach())
             conn.settimeout(None)
+            self.sockets.append(conn)
             self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
@@ -627,3 +673,118 @@ def test_a_folded_line_is_not_a_header_of_its_own(server: Server, client: Client
         return
     client.expect(f"GET /second (behind a request with a line folded with {fold})",
                   "GET /second (0 bytes)")
+
+
+# A request head is buffered until its blank line arrives; a head that never ends must not
+# be buffered for ever (one client would grow the server's memory without bound). The
+# README's limit is 64 KiB for the whole head: past it, 431 Request Header Fields Too Large
+# (RFC 6585 5: Node and Go) or 400 (nginx, Apache); 414 URI Too Long (RFC 9112 3, nginx)
+# while the request line has not ended.
+HEAD_LIMIT = 64 * 1024
+READ_CAP = 2 * HEAD_LIMIT   # a server that has read this much without refusing never will
+PIECE = 8 * 1024            # the client sends a piece only once the server read the last one
+STALL = 10.0                # a generous bound for reading one piece, or answering
+PER_HEAD = ("Count the whole head (the request line and every header line) against the "
+            "limit after each recv(), until its blank line arrives.")
+
+
+@dataclass(frozen=True)
+class EndlessHead:
+    start: bytes
+    filler: bytes               # repeated after start, never followed by a blank line
+    what: str                   # "<what> that never ends"
+    why: str                    # what a server that misses it got wrong
+    statuses: tuple[int, ...] = (431, 400)
+
+
+ENDLESS_HEADS = {
+    "request line": EndlessHead(
+        b"GET /", b"a" * 64, "a request line (GET /aaaa...)",
+        "A line with no end is buffered whole: limit the head, not just its parsed parts.",
+        (431, 414, 400)),
+    "header line": EndlessHead(
+        b"GET /big HTTP/1.1\r\nHost: lab.test\r\nCookie: ", b"a" * 64,
+        "a header line (Cookie: aaaa...)",
+        "A line with no end is buffered whole: limit the head, not just its parsed parts."),
+    "many header lines": EndlessHead(
+        b"GET /big HTTP/1.1\r\nHost: lab.test\r\n", b"X-Pad: " + b"a" * 55 + b"\r\n",
+        "a head of 64-byte header lines (X-Pad: aaaa...)",
+        "Each line is short: a limit on each line alone never fires, thousands of lines "
+        "add up just the same (http.server also caps the number of lines)."),
+}
+
+
+def read_or_answered(server: Server, client: Client, sent: int, what: str) -> bool:
+    """Wait until the server has read all `sent` bytes (False) or the client has something
+    to read: an answer, or the close (True)."""
+    deadline = time.monotonic() + STALL
+    while time.monotonic() < deadline:
+        if select.select([client.sock], [], [], 0.005)[0]:
+            return True
+        if server.errors:
+            pytest.fail(f"{server.errors[0]}\n(while sending {what} that never ends)",
+                        pytrace=False)
+        if server.sockets and server.sockets[0].received >= sent:
+            return False
+    read = server.sockets[0].received if server.sockets else 0
+    pytest.fail(f"the client sent {sent} bytes of {what} that never ends: the server read "
+                f"{read} of them, then neither read more nor answered within {STALL:.0f} s, "
+                f"expected 431 (or 400) and a close once the head passed {HEAD_LIMIT} bytes",
+                pytrace=False)
+
+
+def closed_or_reset(client: Client) -> bool:
+    """True when the server has closed within WAIT. A server that closes before it has
+    read all the client sent makes its kernel reset the connection (RFC 1122 4.2.2.13),
+    after the answer it sent: a close too."""
+    try:
+        return client.stream.read(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.parametrize("case", list(ENDLESS_HEADS))
+def test_a_head_past_the_limit_is_refused(server: Server, client: Client, case: str) -> None:
+    head = ENDLESS_HEADS[case]
+    stream = head.start + head.filler * (READ_CAP // len(head.filler) + 1)
+    sent, answered = 0, False
+    while sent < READ_CAP and not answered:
+        try:
+            client.sock.sendall(stream[sent:sent + PIECE])
+        except OSError:  # the server closed: what it answered (if anything) is read below
+            break
+        sent += PIECE
+        answered = read_or_answered(server, client, sent, head.what)
+    read = server.sockets[0].received if server.sockets else 0
+    expected = " or ".join(str(status) for status in head.statuses)
+    if read >= READ_CAP:
+        pytest.fail(
+            f"the server read {read // 1024} KiB of {head.what} that never ends and "
+            f"{'only then answered' if answered else 'was still reading'}, expected "
+            f"{expected} "
+            f"and a close once the head passed {HEAD_LIMIT // 1024} KiB\nA head that is "
+            "buffered until its blank line arrives, with no limit, lets one client grow the "
+            f"server's memory without bound (a memory denial of service). {head.why} "
+            f"{PER_HEAD}", pytrace=False)
+    reply = client.read(f"{head.what} that never ends (after {read} bytes read)")
+    assert reply is not None and reply.status in head.statuses, (
+        f"the server stopped reading {head.what} that never ends after {read} bytes and "
+        f"{'closed without an answer' if reply is None else f'answered {reply.status}'}, "
+        f"expected {expected} (Request Header Fields Too Large), then the close\nTell the "
+        "client why: a bare close looks like a network failure, which it may retry.")
+    assert closed_or_reset(client), (
+        f"the server answered {reply.status} to {head.what} that never ends and kept the "
+        "connection open: the rest of that head is still coming, close the connection")
+
+
+def test_a_big_head_under_the_limit_is_served(server: Server, client: Client) -> None:
+    cookie = "a" * (32 * 1024)  # nginx's default for a whole head; browsers send a few KiB
+    client.send(request("GET", "/cookie", Cookie=cookie) + request("GET", "/next"))
+    reply = client.read("GET /cookie (with a 32 KiB Cookie header)")
+    assert reply is not None and reply.status == 200, (
+        f"a request whose head is 32 KiB (a big Cookie) got "
+        f"{'no answer' if reply is None else reply.status}, expected 200: the limit is "
+        f"{HEAD_LIMIT // 1024} KiB for the whole head, big cookies are everyday requests")
+    client.expect("GET /next (behind the 32 KiB head)", "GET /next (0 bytes)")

@@ -629,3 +629,104 @@ def test_any_failure_in_the_pipeline_is_a_500(api: Api, where: str) -> None:
     assert isinstance(reply.json(), dict) and BREAK_SECRET not in body, (
         f"{what}: the 500 said {reply.body[:200]!r}, expected a JSON error that does not "
         f"repeat the exception's message (it tells a caller about your internals)\n{why}")
+
+
+# Transfer-Encoding (RFC 9112 6.1): a body framed by chunks, not by Content-Length. A server
+# that does not decode chunked (http.server does not) answers 501 (or 400) and closes; one
+# that does decodes it and goes on. Beside a Content-Length it is the classic smuggling pair
+# (RFC 9112 6.3, 11.2): 400 and close either way. Each case: the header lines, whether the
+# body really is chunked, and the answers that refuse it.
+@dataclass(frozen=True)
+class Chunked:
+    lines: str
+    statuses: tuple[int, ...]   # the answers that refuse it
+    decodable: bool             # a server that decodes chunked may answer it instead
+
+
+TRANSFER_ENCODINGS = {
+    "chunked": Chunked("Transfer-Encoding: chunked\r\n", (501, 400), True),
+    "Chunked": Chunked("Transfer-Encoding: Chunked\r\n", (501, 400), True),
+    "gzip, chunked": Chunked("Transfer-Encoding: gzip, chunked\r\n", (501, 400), False),
+    "chunked and content-length": Chunked(
+        "Transfer-Encoding: chunked\r\nContent-Length: {length}\r\n", (400,), False),
+}
+
+
+def read_answer(stream: Any) -> tuple[int, bytes] | None:
+    """One response off a shared reader (several may follow each other), or None at EOF;
+    (0, what came) for bytes that are no HTTP/1.x response (http.server answers a request
+    line it cannot read in HTTP/0.9: a bare body)."""
+    status_line = stream.readline(65537)
+    if not status_line:
+        return None
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return 0, status_line + stream.read()
+    headers = http.client.parse_headers(stream)
+    return int(status_line.split()[1]), stream.read(int(headers.get("Content-Length") or 0))
+
+
+def statuses_of(answers: list[tuple[int, bytes]]) -> list[int]:
+    return [status for status, _ in answers]
+
+
+@pytest.mark.parametrize("case", list(TRANSFER_ENCODINGS))
+def test_transfer_encoding_is_refused_or_decoded(api: Api, case: str) -> None:
+    user = add_user(api.db)
+    port = api.start()
+    before = api.db.reads()
+    te = TRANSFER_ENCODINGS[case]
+    smuggled = (f"GET /users/{user['id']} HTTP/1.1\r\nHost: lab.test\r\n"
+                f"Authorization: Bearer {TOKEN}\r\n\r\n").encode()
+    body_start = f"{len(smuggled):x}"
+    body = f"{body_start}\r\n".encode() + smuggled + b"\r\n0\r\n\r\n"
+    lines = te.lines.format(length=len(body))
+    shown = repr(lines.replace("\r\n", " ").strip())
+    what = f"POST /users/4242 with {shown} (a chunk holding a request for a user)"
+    expected = " or ".join(str(status) for status in te.statuses)
+    why = ("A chunked body ends at its last chunk, not after Content-Length bytes: a server "
+           "that frames it by Content-Length (0 when absent) takes the chunks for the next "
+           "request on the connection, what a proxy in front of it sent as a body (request "
+           "smuggling, RFC 9112 11.2). http.server does not decode chunked: refuse any "
+           "Transfer-Encoding before routing, 501 Not Implemented (RFC 9112 6.1), or 400 when "
+           "a Content-Length comes with it (RFC 9112 6.3), and close the connection. "
+           "Transfer codings are case-insensitive and a list ('gzip, chunked').")
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(f"POST /users/4242 HTTP/1.1\r\nHost: lab.test\r\n{lines}\r\n".encode()
+                     + body + b"GET /health HTTP/1.1\r\nHost: lab.test\r\n\r\n")
+        stream = sock.makefile("rb")
+        answers: list[tuple[int, bytes]] = []
+        try:  # a decoder's connection stays open after its two answers: stop there
+            while len(answers) < (2 if statuses_of(answers) == [405] else 3) and (
+                    answer := read_answer(stream)) is not None:
+                answers.append(answer)
+                if answer[0] == 0:
+                    break
+        except TimeoutError:
+            pass
+        except ConnectionResetError:  # closed with bytes unread: closed all the same
+            pass
+    statuses = statuses_of(answers)
+    decoded = (te.decodable and statuses == [405, 200]
+               and json_or_none(answers[1][1]) == {"status": "ok"})
+    if not decoded:
+        shown_answers = ", ".join(
+            str(status) if status else "a reply with no status line (http.server's answer to "
+            f"a request line {body_start!r}: the chunk-size line)"
+            for status, _ in answers) or "none"
+        seen = (": the body was framed by Content-Length and the chunks read as the next "
+                "request" if 0 in statuses or statuses[1:2] == [400] else
+                ": the body was framed by Content-Length" if statuses[:1] == [405] else "")
+        assert statuses[:1] and statuses[0] in te.statuses, (
+            f"{what}, then GET /health: the answers were {shown_answers}, expected "
+            f"{expected} and the connection closed"
+            f"{' (or 405, then GET /health answered: chunked decoded)' if te.decodable else ''}"
+            f"{seen}\n{why}")
+        assert len(answers) == 1, (
+            f"{what}: answered {statuses[0]}, then the connection stayed open and answered "
+            f"{statuses[1:]}, expected it closed: after a framing refusal no later byte can "
+            f"be trusted to start a request\n{why}")
+        assert api.trace.events == [], (
+            f"{what} ran the middleware chain ({api.trace.events}): a request whose body "
+            f"cannot be framed is refused by the parse stage\n{why}")
+    expect_reads(api, before, 0, what, "A request body is data, never a request of its own.")

@@ -31,6 +31,7 @@ class Backend:
         self.name = name
         self.hits = 0
         self.users: list[str | None] = []
+        self.methods: list[str] = []
         self.lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -38,17 +39,23 @@ class Backend:
         with self.lock:
             self.hits += 1
             self.users.append(user)
+            self.methods.append(environ["REQUEST_METHOD"])
         path = environ.get("PATH_INFO") or ""
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length).decode() if length else ""
+        headers = [("X-Served-By", self.name)]  # a header of the service's own, to relay
         if not user:
             doc: Any = {"error": "no X-User-Id: requests must come through the gateway"}
             status = "400 Bad Request"
         elif path in UPSTREAM_ERRORS:
-            status, doc = UPSTREAM_ERRORS[path]
-        elif environ["REQUEST_METHOD"] == "POST":
-            doc, status = {"version": self.name, "method": "POST", "path": path,
-                           "query": environ.get("QUERY_STRING", ""), "body": body}, "201 Created"
+            status, doc, more = UPSTREAM_ERRORS[path]
+            headers += more.items()
+        elif environ["REQUEST_METHOD"] != "GET":  # POST, PUT, DELETE, HEAD: echo what came
+            doc = {"version": self.name, "method": environ["REQUEST_METHOD"], "path": path,
+                   "query": environ.get("QUERY_STRING", ""), "body": body}
+            status = "201 Created" if environ["REQUEST_METHOD"] == "POST" else "200 OK"
+            if environ["REQUEST_METHOD"] == "POST":
+                headers.append(("Location", f"{path}/receipt"))
         elif self.name == "users":
             doc, status = {"id": path.rsplit("/", 1)[-1], "name": "Ada"}, "200 OK"
         elif path == "/orders":
@@ -56,15 +63,17 @@ class Backend:
             doc, status = [{"id": 1, "user": who}, {"id": 2, "user": who}], "200 OK"
         else:
             doc, status = {"version": self.name, "path": path}, "200 OK"
-        start_response(status, [("Content-Type", "application/json")])
+        start_response(status, [("Content-Type", "application/json"), *headers])
         return [json.dumps(doc).encode()]
 
 
 # paths the orders services answer with an error of their own: an answer to relay
-UPSTREAM_ERRORS = {
-    "/orders/missing": ("404 Not Found", {"error": "no order 'missing'"}),
-    "/orders/broken": ("500 Internal Server Error", {"error": "the orders database is down"}),
-    "/orders/busy": ("503 Service Unavailable", {"error": "shedding load, try later"}),
+UPSTREAM_ERRORS: dict[str, tuple[str, Any, dict[str, str]]] = {
+    "/orders/missing": ("404 Not Found", {"error": "no order 'missing'"}, {}),
+    "/orders/broken": ("500 Internal Server Error", {"error": "the orders database is down"},
+                       {}),
+    "/orders/busy": ("503 Service Unavailable", {"error": "shedding load, try later"},
+                     {"Retry-After": "30"}),
 }
 
 
@@ -410,11 +419,15 @@ def test_canary_gets_its_share(world: World) -> None:
             "/users requests reached the canary: the split applies to its own prefix only")
 
 
-RELAYED = [  # (method, target, body, the orders service's status)
-    ("GET", "/orders/missing", None, 404),
-    ("GET", "/orders/broken", None, 500),
-    ("GET", "/orders/busy", None, 503),
-    ("POST", "/orders/9?dry_run=1", b'{"qty": 2}', 201),
+RELAYED = [  # (method, target, body, the orders service's status, headers it answers)
+    ("GET", "/orders/missing", None, 404, {"X-Served-By": "stable"}),
+    ("GET", "/orders/broken", None, 500, {"X-Served-By": "stable"}),
+    ("GET", "/orders/busy", None, 503, {"X-Served-By": "stable", "Retry-After": "30"}),
+    ("POST", "/orders/9?dry_run=1", b'{"qty": 2}', 201,
+     {"X-Served-By": "stable", "Location": "/orders/9/receipt"}),
+    ("PUT", "/orders/9", b'{"qty": 3}', 200, {"X-Served-By": "stable"}),
+    ("DELETE", "/orders/9?reason=typo", None, 200, {"X-Served-By": "stable"}),
+    ("HEAD", "/orders/9", None, 200, {"X-Served-By": "stable"}),  # a head, no body
 ]
 
 
@@ -425,20 +438,30 @@ def test_upstream_answers_are_relayed_as_they_are(world: World) -> None:
     forwarded too."""
     host = world.gateway(rate_limit=1000)
     stable = world.backends["stable"]
-    for method, target, body, want in RELAYED:
+    for method, target, body, want, relayed in RELAYED:
         before = stable.hits
         reply = http_request(host, method, target, body, headers=bearer())
         path, _, query = target.partition("?")
+        expected: Any
         if path in UPSTREAM_ERRORS:
             expected = UPSTREAM_ERRORS[path][1]
+        elif method == "HEAD":
+            expected = b""  # a HEAD's answer has the headers of a GET and no body
         else:
             expected = {"version": "stable", "method": method, "path": path, "query": query,
                         "body": (body or b"").decode()}
         try:
-            doc = reply.json()
+            doc = json.loads(reply.body) if reply.body else b""
         except ValueError:
             doc = reply.body[:200]
         reached = stable.hits - before
+        seen = stable.methods[-1] if reached else None
+        assert reached != 1 or seen == method, (
+            f"{method} {target} reached the orders service as {seen} {target}, expected "
+            f"{method}: a gateway forwards the client's method as it is. (urllib's Request "
+            "picks GET or POST from whether there is a body unless given method=...; a PUT "
+            "sent as POST creates what it should replace, a DELETE sent as GET deletes "
+            "nothing and answers as if it had.)")
         assert reply.status == want and doc == expected and reached == 1, (
             f"{method} {target}: the orders service answered HTTP {want} {expected}; the "
             f"client got HTTP {reply.status} {doc!r} ({reached} request(s) reached the "
@@ -450,3 +473,16 @@ def test_upstream_answers_are_relayed_as_they_are(world: World) -> None:
                "answer - relay err.code and err.read())"
                if reply.status == 502 else
                "Forward the method, the path with its query string and the body"))
+        missing = {name: value for name, value in relayed.items()
+                   if reply.header(name) != value}
+        assert not missing, (
+            f"{method} {target}: the orders service answered HTTP {want} with the headers "
+            f"{relayed}; the client got "
+            f"{ {name: reply.header(name) for name in missing} } for "
+            f"{sorted(missing)}: expected the service's response headers relayed\nThe "
+            "service's headers are part of its answer: Location says where a created "
+            "resource lives, Retry-After when to come back, and a service's own headers "
+            "(X-Served-By, ETag, Cache-Control) mean something to the client. Relay them all "
+            "(only the hop-by-hop ones - Connection, Transfer-Encoding, Keep-Alive... - "
+            "and Content-Length, which you set for the body you send, are the gateway's "
+            "own, RFC 9110 7.6.1).")

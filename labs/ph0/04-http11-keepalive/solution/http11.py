@@ -16,7 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-MAX_HEAD = 64 * 1024      # a request head larger than this is refused, not buffered forever
+# A request head larger than this is refused, not buffered for ever: a client that never
+# ends its head (no blank line, or one endless line) would grow the buffer without bound.
+# 431 Request Header Fields Too Large (RFC 6585 5), as Node and Go answer; 414 URI Too Long
+# while still in the request line (RFC 9112 3, as nginx answers).
+MAX_HEAD = 64 * 1024
 CHUNK = 65536
 
 
@@ -42,6 +46,10 @@ Handler = Callable[[Request], Response]
 class BadRequest(Exception):
     """The bytes on the wire are not an HTTP/1.1 request we can frame."""
 
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class _Reader:
     """One connection's receive buffer: requests are cut out of it one at a time, and
@@ -59,12 +67,14 @@ class _Reader:
     def next_request(self) -> Request | None:
         """The next request, or None when the client closed between requests."""
         while (end := self.buffer.find(b"\r\n\r\n")) < 0:
-            if len(self.buffer) > MAX_HEAD:
-                raise BadRequest("request head too large")
+            if len(self.buffer) > MAX_HEAD:  # the whole head, not each line: many lines add up
+                raise _head_too_large(self.buffer)
             if not self._fill():
                 if self.buffer.strip():
                     raise BadRequest("connection closed in the middle of a request head")
                 return None
+        if end > MAX_HEAD:  # its end arrived in the same recv() as the bytes past the limit
+            raise _head_too_large(self.buffer)
         head = bytes(self.buffer[:end]).decode("iso-8859-1")
         del self.buffer[:end + 4]
         request = _parse_head(head)
@@ -75,6 +85,12 @@ class _Reader:
         request.body = bytes(self.buffer[:length])
         del self.buffer[:length]  # what remains is the next pipelined request
         return request
+
+
+def _head_too_large(buffer: bytearray) -> BadRequest:
+    if b"\r\n" not in buffer[:MAX_HEAD]:
+        return BadRequest("request line too long", 414)
+    return BadRequest(f"request head longer than {MAX_HEAD} bytes", 431)
 
 
 def _parse_head(head: str) -> Request:
@@ -144,7 +160,7 @@ def handle_connection(conn: socket.socket, handler: Handler) -> None:
                     request = reader.next_request()
                 except BadRequest as exc:
                     # After a framing error we cannot know where the next request starts.
-                    conn.sendall(serialize(Response(400, {"Content-Type": "text/plain"},
+                    conn.sendall(serialize(Response(exc.status, {"Content-Type": "text/plain"},
                                                     f"{exc}\n".encode()), close=True))
                     return
                 if request is None:

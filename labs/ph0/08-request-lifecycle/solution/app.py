@@ -207,12 +207,23 @@ class _HttpHandler(BaseHTTPRequestHandler):
     def _framing_ok(self) -> bool:
         """Parsing comes before everything: a Content-Length that is not one plain number
         (1*DIGIT, RFC 9112 6.3) leaves the body's end unknown. int() would take '+5' and '-5'
-        (and rfile.read(-5) reads to EOF) or raise: answer 400 and close instead."""
+        (and rfile.read(-5) reads to EOF) or raise: answer 400 and close instead.
+        http.server does not decode chunked bodies: any Transfer-Encoding is refused, 501
+        (RFC 9112 6.1: a coding the server does not implement), or 400 beside a
+        Content-Length (RFC 9112 6.3, 11.2: the classic smuggling pair), and the connection
+        closed. Framing such a body by Content-Length (0 when absent) would take the chunks
+        for the next request."""
         lengths = self.headers.get_all("Content-Length") or []
-        if len(lengths) <= 1 and all(v.strip().isascii() and v.strip().isdigit() for v in lengths):
+        if "Transfer-Encoding" in self.headers:
+            status, error = (400, "Transfer-Encoding with Content-Length") if lengths else (
+                501, "Transfer-Encoding is not supported: send Content-Length")
+        elif len(lengths) <= 1 and all(v.strip().isascii() and v.strip().isdigit()
+                                       for v in lengths):
             return True
+        else:
+            status, error = 400, "bad Content-Length"
         self.close_connection = True
-        self._send(json_response(400, {"error": "bad Content-Length"}, {"Connection": "close"}))
+        self._send(json_response(status, {"error": error}, {"Connection": "close"}))
         return False
 
     def _send(self, response: Response) -> None:
