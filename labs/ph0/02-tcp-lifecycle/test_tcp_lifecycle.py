@@ -531,20 +531,7 @@ def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> Non
                                "after the first part of its request, before the rest")
     pair.client.sendall(rest)
     pair.client.shutdown(socket.SHUT_WR)  # the client's half-close ends the request
-    reply = b""
-    deadline = time.monotonic() + WAIT
-    ended = reset = False
-    while time.monotonic() < deadline and not ended:
-        running.check()
-        try:
-            chunk = pair.client.recv(65536)
-        except TimeoutError:
-            break
-        except ConnectionResetError:
-            reset = True
-            break
-        ended = not chunk
-        reply += chunk
+    reply, ended, reset = client_reads(pair, running)
     expect_no_reset(reset, reply, answer(head + rest))
     if not ended:
         pytest.fail(f"the client read {len(reply)} bytes of the answer and then waited "

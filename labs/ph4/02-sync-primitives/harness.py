@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from labrunner.slow_steps import threading_waits_in
@@ -66,6 +67,13 @@ def acquire_interrupted(lock: Any, method: str) -> str:
     let go). Other threads wait as usual. Returns "interrupted" when the interrupt came out
     of the call, "swallowed" when the call returned after it, "never waited" when the call
     returned without a Condition wait."""
+    return _first_wait_interrupted(lock, method, lambda cond: None)
+
+
+def _first_wait_interrupted(lock: Any, method: str,
+                            meanwhile: Callable[[threading.Condition], None]) -> str:
+    """lock.<method>() in this thread, its first Condition wait replaced by
+    ``meanwhile(cond)`` and then a KeyboardInterrupt; as acquire_interrupted returns."""
     me = threading.get_ident()
     real = threading.Condition.wait
     waited: list[bool] = []
@@ -73,6 +81,7 @@ def acquire_interrupted(lock: Any, method: str) -> str:
     def wait(cond: threading.Condition, timeout: float | None = None) -> bool:
         if threading.get_ident() == me and not waited:
             waited.append(True)
+            meanwhile(cond)
             raise KeyboardInterrupt("interrupted by the test while waiting")
         return real(cond, timeout)
 
@@ -117,30 +126,16 @@ def acquire_interrupted_on_cue(lock: Any, method: str) -> str:
     that lock and raises KeyboardInterrupt: the interrupt arrives while other threads wait
     behind this one. Returns as acquire_interrupted does."""
     _cue.clear()
-    me = threading.get_ident()
-    real = threading.Condition.wait
-    waited: list[bool] = []
 
-    def wait(cond: threading.Condition, timeout: float | None = None) -> bool:
-        if threading.get_ident() == me and not waited:
-            waited.append(True)
-            # Condition's own way to let go of its lock and take it back (as its wait does)
-            state = cond._release_save()  # type: ignore[attr-defined]
-            try:
-                _cue.wait()
-            finally:
-                cond._acquire_restore(state)  # type: ignore[attr-defined]
-            raise KeyboardInterrupt("interrupted by the test while waiting")
-        return real(cond, timeout)
+    def until_cued(cond: threading.Condition) -> None:
+        # Condition's own way to let go of its lock and take it back (as its wait does)
+        state = cond._release_save()  # type: ignore[attr-defined]
+        try:
+            _cue.wait()
+        finally:
+            cond._acquire_restore(state)  # type: ignore[attr-defined]
 
-    threading.Condition.wait = wait  # type: ignore[method-assign, assignment]
-    try:
-        getattr(lock, method)()
-    except KeyboardInterrupt:
-        return "interrupted"
-    finally:
-        threading.Condition.wait = real  # type: ignore[method-assign]
-    return "swallowed" if waited else "never waited"
+    return _first_wait_interrupted(lock, method, until_cued)
 
 
 def interrupt_now() -> None:
