@@ -569,6 +569,17 @@ NOT_LINE_ENDS = {
 }
 
 
+def hiding_a_length(server: Server, client: Client, line: str,
+                    what: str) -> tuple[Any, dict[str, str], bytes]:
+    """GET /first with ``line`` among its headers (a Content-Length a proxy in front would
+    not see), then GET /second on the same connection: (the answer to the first, the
+    headers its handler got, the body it got)."""
+    client.send(f"GET /first HTTP/1.1\r\nHost: lab.test\r\n{line}\r\n\r\n"
+                .encode("iso-8859-1") + request("GET", "/second"))
+    reply = client.read(f"GET /first (with {what})")
+    return reply, server.headers.get("/first", {}), server.bodies.get("/first", b"")
+
+
 @pytest.mark.parametrize("name", list(NOT_LINE_ENDS))
 def test_only_crlf_ends_a_header_line(server: Server, client: Client, name: str) -> None:
     """'X-Note: a<char>Content-Length: 5' is one header line to a proxy that ends lines at
@@ -576,12 +587,8 @@ def test_only_crlf_ends_a_header_line(server: Server, client: Client, name: str)
     not, and eats the start of the next request as a body (request smuggling)."""
     char = NOT_LINE_ENDS[name]
     line = f"X-Note: a{char}Content-Length: 5"
-    client.send(f"GET /first HTTP/1.1\r\nHost: lab.test\r\n{line}\r\n\r\n"
-                .encode("iso-8859-1") + request("GET", "/second"))
     shown = repr(line)
-    reply = client.read(f"GET /first (with the header line {shown})")
-    got = server.headers.get("/first", {})
-    body = server.bodies.get("/first", b"")
+    reply, got, body = hiding_a_length(server, client, line, f"the header line {shown}")
     if body or "content-length" in got:
         pytest.fail(
             f"the header line {shown} was split at the {name} ({char!r}): the handler got "
@@ -648,11 +655,8 @@ def test_a_folded_line_is_not_a_header_of_its_own(server: Server, client: Client
                                                    fold: str) -> None:
     line = f"X-Note: a\r\n{FOLDS[fold]}Content-Length: 5"
     shown = repr(line)
-    client.send(f"GET /first HTTP/1.1\r\nHost: lab.test\r\n{line}\r\n\r\n".encode()
-                + request("GET", "/second"))
-    reply = client.read(f"GET /first (with the folded header lines {shown})")
-    got = server.headers.get("/first", {})
-    body = server.bodies.get("/first", b"")
+    reply, got, body = hiding_a_length(server, client, line,
+                                       f"the folded header lines {shown}")
     if body or "content-length" in got:
         pytest.fail(
             f"the header lines {shown} were read as two headers: the handler got GET /first "
