@@ -44,37 +44,28 @@ def _durations(seed: int = 7, fast: int = 880, stalled: int = 0) -> list[float]:
     return mixed
 
 
-def _skewed_durations(seed: int = 7, count: int = 1000) -> list[float]:
-    """Durations shaped like real latencies: log-normal, most jobs around 90 ms and a long
-    thin tail to 1.9 s (within the 20 ms - 2 s range). The load above is uniform inside
-    each of its three ranges, and linear interpolation is exact on uniform data: buckets
-    far apart where the jobs are dense (every 200 ms) read it well and this one badly."""
+def _lognormal_durations(median: float, sigma: float, seed: int = 7,
+                         count: int = 1000) -> list[float]:
+    """Durations shaped like real latencies: log-normal around ``median`` seconds, kept
+    within the 20 ms - 2 s range, from a fixed seed."""
     rng = random.Random(seed)
     values: list[float] = []
     while len(values) < count:
-        value = rng.lognormvariate(math.log(0.09), 0.8)
+        value = rng.lognormvariate(math.log(median), sigma)
         if 0.02 <= value <= 1.9:
             values.append(round(value, 4))
     return values
 
 
+# Most jobs around 90 ms and a long thin tail to 1.9 s. The load above is uniform inside each
+# of its three ranges, and linear interpolation is exact on uniform data: buckets far apart
+# where the jobs are dense (every 200 ms) read it well and this one badly.
 SKEWED_QUEUE = "thumbnails"
 
-
-def _fast_durations(seed: int = 7, count: int = 1000) -> list[float]:
-    """A fast queue (cache refreshes): log-normal around 50 ms, narrow, still within the
-    20 ms - 2 s range. Its p50 and p90 fall below 100 ms, where the loads above have few
-    jobs: buckets that start at 100 ms (the first one spans 0 - 100 ms) or step 50 ms
-    apart there read them far off, and the uniform and skewed loads never show it."""
-    rng = random.Random(seed)
-    values: list[float] = []
-    while len(values) < count:
-        value = rng.lognormvariate(math.log(0.05), 0.3)
-        if 0.02 <= value <= 1.9:
-            values.append(round(value, 4))
-    return values
-
-
+# A fast queue (cache refreshes): around 50 ms, narrow. Its p50 and p90 fall below 100 ms,
+# where the loads above have few jobs: buckets that start at 100 ms (the first one spans
+# 0 - 100 ms) or step 50 ms apart there read them far off, and the uniform and skewed loads
+# never show it.
 FAST_QUEUE = "cache"
 
 
@@ -320,7 +311,7 @@ def test_gauge_is_right_in_every_interleaving_of_two_jobs(learner: Any) -> None:
 
 def test_histogram_quantiles_match_the_load(learner: Any, prometheus: Any) -> None:
     durations, degraded = _durations(), _durations(seed=11, stalled=40)
-    skewed, fast = _skewed_durations(), _fast_durations()
+    skewed, fast = _lognormal_durations(0.09, 0.8), _lognormal_durations(0.05, 0.3)
     with _worker(learner, prometheus) as (metrics, _address, job):
         for queue, load in (("email", durations), (DEGRADED_QUEUE, degraded),
                             (SKEWED_QUEUE, skewed), (FAST_QUEUE, fast)):
