@@ -229,6 +229,31 @@ def test_killed_backends_are_replaced_on_borrow(mod: ModuleType, pools: list[Any
         "none is in use: count a dead connection out when you drop it")
 
 
+def borrower_waiting(pool: Any, waiting: Callable[[], int]) -> tuple[Any, Call]:
+    """The only connection of ``pool`` held here, and a second borrower seen waiting for it:
+    (the held connection, the waiting call)."""
+    held = pool.acquire()
+    waiter = Call(pool.acquire)
+    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
+               "a second borrower to wait for the only connection")
+    assert waiter.is_alive(), f"a borrower of a full pool did not wait: {waiter.error!r}"
+    return held, waiter
+
+
+def barge(learner: Any, pool: Any, held: Any, waiter: Call,
+          waiting: Callable[[], int]) -> Any:
+    """``held`` released and at once taken again by another borrower (the harness, where
+    the learner's code runs), while ``waiter`` waits: the barging borrower's connection,
+    once the woken waiter is seen waiting again or ended."""
+    barged = learner.harness().release_and_barge(pool, held, str(learner.dir))
+    if isinstance(barged, str):
+        pytest.fail(f"release() then acquire() at once, with a borrower waiting: the acquire "
+                    f"raised {barged}", pytrace=False)
+    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
+               "the woken borrower to wait again or to end")
+    return barged
+
+
 def test_queue_policy_waits_then_times_out(mod: ModuleType, pools: list[Any], server: Server,
                                            postgres: Any, waiting: Callable[[], int],
                                            stranded: Callable[[float], int]) -> None:
@@ -297,17 +322,8 @@ def test_a_woken_waiter_beaten_to_the_connection_waits_on(
         learner: Any, mod: ModuleType, pools: list[Any], postgres: Any,
         waiting: Callable[[], int], stranded: Callable[[float], int]) -> None:
     pool = make(mod, pools, postgres.dsn, 1, policy="queue", acquire_timeout=60)
-    held = pool.acquire()
-    waiter = Call(pool.acquire)
-    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
-               "a second borrower to wait for the only connection")
-    assert waiter.is_alive(), f"a borrower of a full pool did not wait: {waiter.error!r}"
-    barged = learner.harness().release_and_barge(pool, held, str(learner.dir))
-    if isinstance(barged, str):
-        pytest.fail(f"release() then acquire() at once, with a borrower waiting: the acquire "
-                    f"raised {barged}", pytrace=False)
-    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
-               "the woken borrower to wait again or to end")
+    held, waiter = borrower_waiting(pool, waiting)
+    barged = barge(learner, pool, held, waiter, waiting)
     if not waiter.is_alive():
         got = ("got a connection too - two borrowers hold the pool's only connection"
                if waiter.error is None else
@@ -340,20 +356,11 @@ def test_a_woken_waiter_keeps_its_first_deadline(
     steady churn a borrower waits for ever instead of getting PoolExhausted."""
     timeout = 60.0
     pool = make(mod, pools, postgres.dsn, 1, policy="queue", acquire_timeout=timeout)
-    held = pool.acquire()
-    waiter = Call(pool.acquire)
-    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
-               "a second borrower to wait for the only connection")
+    held, waiter = borrower_waiting(pool, waiting)
     started = time.monotonic()  # the waiter's acquire() was called before this
-    assert waiter.is_alive(), f"a borrower of a full pool did not wait: {waiter.error!r}"
     time.sleep(SPENT)  # part of its timeout goes by: only ever shortens a right wait
     woken_at = time.monotonic()
-    barged = learner.harness().release_and_barge(pool, held, str(learner.dir))
-    if isinstance(barged, str):
-        pytest.fail(f"release() then acquire() at once, with a borrower waiting: the acquire "
-                    f"raised {barged}", pytrace=False)
-    wait_until(lambda: waiting() >= 1 or not waiter.is_alive(),
-               "the woken borrower to wait again or to end")
+    barged = barge(learner, pool, held, waiter, waiting)
     timeouts = learner.harness().wait_timeouts(str(learner.dir)) if waiter.is_alive() else []
     pool.release(barged)
     never_woken = join_unless_stranded([waiter], stranded)
