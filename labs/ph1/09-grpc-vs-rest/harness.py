@@ -133,52 +133,19 @@ def unwatch_refused_connects() -> None:
     socket.socket.accept = _original_accept  # type: ignore[method-assign]
 
 
-# TCP states in /proc/net/tcp of a socket not yet closed on its own side: ESTABLISHED, and
-# CLOSE_WAIT (the peer closed, this side did not).
-_OPEN_STATES = {"01": "ESTABLISHED", "08": "CLOSE_WAIT"}
-
-
-def _open_connections(local_ports: set[int]) -> dict[tuple[int, int], str]:
-    """(local port, peer port) -> state, of the open TCP connections on `local_ports`."""
-    found: dict[tuple[int, int], str] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as rows:
-                lines = rows.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 4 or fields[3] not in _OPEN_STATES:
-                continue
-            local = int(fields[1].rsplit(":", 1)[1], 16)
-            peer = int(fields[2].rsplit(":", 1)[1], 16)
-            if local in local_ports:
-                found[(local, peer)] = _OPEN_STATES[fields[3]]
-    return found
-
-
-def refused_connection_left_open() -> str | None:
-    """Whether a relay's connect upstream was refused and the relay moved on - the thread
-    that made it is back in accept() or has ended - while the connection that thread had
-    accepted (the client's, on a port noted by note_listeners) is still open on the
-    relay's side: the client then waits on it for an answer that cannot come. None while
-    that cannot be told yet (no refusal, or the thread still busy with it)."""
+def refused_and_moved_on() -> tuple[list[tuple[int, str]], list[int]]:
+    """The relay's connects upstream that were refused, whose thread then moved on - it is
+    back in accept() or has ended - each as (the client port of the connection that thread
+    had accepted, how it moved on); and the ports the relay listens on (note_listeners).
+    Whether those client connections are still open the test reads in /proc/net/tcp: one
+    still open there is a client waiting for an answer that cannot come."""
     with _lock:
         refused = list(_refused)
         waiting = set(_in_accept)
-        ports = {port for _host, port in _listening}
+        ports = sorted({port for _host, port in _listening})
     alive = {t.ident for t in threading.enumerate()}
-    for thread, peer in refused:
-        if peer is None or (thread in alive and thread not in waiting):
-            continue
-        state = _open_connections(ports)
-        for (local, remote), how in state.items():
-            if remote == peer:
-                moved_on = ("went back to accept()" if thread in alive
-                            else "ended (an exception it did not catch?)")
-                return (f"the relay's connect() to the server was refused, and the thread "
-                        f"that made it {moved_on}, while the client's connection it had "
-                        f"accepted (relay port {local} <- client port {remote}) is still "
-                        f"{how} on the relay's side")
-    return None
+    moved_on = [(peer, "went back to accept()" if thread in alive
+                 else "ended (an exception it did not catch?)")
+                for thread, peer in refused
+                if peer is not None and not (thread in alive and thread not in waiting)]
+    return moved_on, ports

@@ -28,7 +28,14 @@ from typing import Any
 import grpc
 import pytest
 
-from labrunner.testing import ProtoStubs, RelayLink, TcpRelay, generate_stubs, serve_wsgi
+from labrunner.testing import (
+    ProtoStubs,
+    RelayLink,
+    TcpRelay,
+    generate_stubs,
+    serve_wsgi,
+    tcp_sockets,
+)
 
 USERS = [{"id": i, "username": f"user{i:04d}", "email": f"user{i:04d}@example.com",
           "created_at": 1_700_000_000 + 37 * i} for i in range(1, 1001)]
@@ -516,6 +523,31 @@ def server_that_is_down() -> Iterator[tuple[str, int]]:
         holder.close()
 
 
+# TCP states of a socket not yet closed on its own side: ESTABLISHED, and CLOSE_WAIT (the
+# peer closed, this side did not).
+OPEN_STATES = {0x01: "ESTABLISHED", 0x08: "CLOSE_WAIT"}
+
+
+def refused_connection_left_open(harness: Any) -> str | None:
+    """Whether a relay's connect upstream was refused and the relay moved on while the
+    client's connection that thread had accepted is still open on the relay's side (the
+    client then waits on it for an answer that cannot come); None while that cannot be told
+    yet (no refusal, or the thread still busy with it)."""
+    moved_on, ports = harness.refused_and_moved_on()
+    if not moved_on:
+        return None
+    for sock in tcp_sockets(("/proc/net/tcp", "/proc/net/tcp6")):
+        if sock.state not in OPEN_STATES or sock.local[1] not in ports:
+            continue
+        for peer, how in moved_on:
+            if sock.remote[1] == peer:
+                return (f"the relay's connect() to the server was refused, and the thread "
+                        f"that made it {how}, while the client's connection it had accepted "
+                        f"(relay port {sock.local[1]} <- client port {peer}) is still "
+                        f"{OPEN_STATES[sock.state]} on the relay's side")
+    return None
+
+
 @pytest.mark.parametrize("name", ["measure_json", "measure_grpc_unary", "measure_grpc_stream"])
 def test_a_server_that_is_down_fails_the_measurement_at_once(learner: Any, stubs: ProtoStubs,
                                                             name: str) -> None:
@@ -545,7 +577,7 @@ def test_a_server_that_is_down_fails_the_measurement_at_once(learner: Any, stubs
         left_open = None
         try:
             while caller.is_alive() and time.perf_counter() - started < DOWN_SERVER_SECONDS:
-                left_open = harness.refused_connection_left_open()
+                left_open = refused_connection_left_open(harness)
                 if left_open is not None:
                     break
                 caller.join(0.02)
