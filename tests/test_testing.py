@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import PgStatementProxy, http_request, serve_wsgi
+from labrunner.testing import PgStatementProxy, http_request, redis_gate, serve_wsgi
 
 
 def echo_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -333,6 +333,37 @@ def test_redis_gate_calls_before_for_each_command_before_passing_it_on() -> None
         client.close()
     assert seen == [([b"GET", b"k"], False), ([b"SET", b"k", b"v"], False)]
     assert b"".join(received) == get + put
+
+
+def test_redis_gate_sends_the_server_the_command_before_returns_in_its_place(
+        local_services: Any) -> None:
+    """A real Redis behind the gate: ``before`` turns one client's first EVALSHA into one of a
+    digest never loaded. The server answers NOSCRIPT to that client alone, in order within
+    its pipeline; redis-py's registered script loads itself again, a bare EVALSHA does not."""
+    import redis
+
+    endpoint = local_services.ensure(["redis"])["redis"]
+    unloaded = [b"EVALSHA", b"0" * 40, b"0"]
+    rewritten: list[list[bytes]] = []
+
+    def before(command: list[bytes]) -> list[bytes] | None:
+        if command[0].upper() == b"EVALSHA" and not rewritten:
+            rewritten.append(command)
+            return unloaded
+        return None
+
+    with redis_gate(endpoint.url, before) as gated:
+        client = redis.Redis.from_url(gated)
+        script = client.register_script("return 7")
+        assert script() == 7                       # NOSCRIPT, SCRIPT LOAD, EVALSHA again
+        assert len(rewritten) == 1
+        rewritten.clear()
+        pipe = client.pipeline(transaction=False)
+        pipe.echo("before").evalsha(script.sha, 0).echo("after")
+        echoed, refused, after = pipe.execute(raise_on_error=False)
+        assert (echoed, after) == (b"before", b"after")
+        assert isinstance(refused, redis.exceptions.NoScriptError)
+        client.close()
 
 
 def test_program_reading_never_passes_on_an_unread_value_of_a_running_program() -> None:

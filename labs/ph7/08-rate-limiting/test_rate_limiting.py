@@ -422,3 +422,72 @@ def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: A
             if not held:
                 return
     pytest.fail(f"{case.cls}.allow sent more than 20 Redis commands for one request")
+
+
+# Requests at given instants, each decided after Redis lost its scripts: (now, allowed).
+# Both answers come after a flush, so neither failing open nor failing closed passes.
+FLUSH_CASES = [
+    ("TokenBucket", {"capacity": 1, "rate": 1.0}, [(0.0, True), (0.5, False), (1.5, True)]),
+    ("SlidingWindowLog", {"limit": 1, "window": 10.0}, [(0.0, True), (5.0, False),
+                                                         (10.0, True)]),
+    ("SlidingWindowCounter", {"limit": 1, "window": 10.0}, [(0.0, True), (5.0, False),
+                                                             (25.0, True)]),
+]
+# A digest no script has: what EVALSHA meets once Redis lost its scripts.
+UNLOADED = b"0" * 40
+
+
+class FlushScripts:
+    """``before`` of a :func:`redis_gate`: while armed, the next EVALSHA is sent with a
+    digest Redis never loaded, so Redis answers NOSCRIPT - what a client meets after
+    SCRIPT FLUSH, a restart, or a failover to a replica that never saw SCRIPT LOAD. Only
+    this client's command changes: the scripts of everyone else on the server stay."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.flushed = 0
+
+    def __call__(self, command: list[bytes]) -> list[bytes] | None:
+        if not self.armed or command[0].upper() != b"EVALSHA":
+            return None
+        self.armed = False
+        self.flushed += 1
+        return [command[0], UNLOADED, *command[2:]]
+
+
+@pytest.mark.parametrize("cls,params,steps", FLUSH_CASES, ids=[c[0] for c in FLUSH_CASES])
+def test_a_flushed_script_cache_changes_no_decision(
+        learner: Any, redis_db: Any, cls: str, params: dict[str, float],
+        steps: list[tuple[float, bool]]) -> None:
+    """Redis keeps loaded scripts in memory only: SCRIPT FLUSH, a restart or a failover
+    empties the cache under a running app, and EVALSHA then answers NOSCRIPT. A limiter that
+    runs its script by digest must load it again (redis-py's register_script does: EVALSHA,
+    and on NOSCRIPT, EVAL) and decide as if nothing happened. (A limiter that never sends
+    EVALSHA meets no flush here.)"""
+    flush = FlushScripts()
+    with redis_gate(redis_db.url, flush) as gated:
+        limiter = make(learner, redis_db, cls, "fl", gated, **params)
+        decide(limiter, "warm-up", 0.0, f"{cls} warm-up")   # scripts loaded, if ever
+        for now, expected in steps:
+            flush.armed, before = True, flush.flushed
+            what = f"{cls}({params}) at t={now}"
+            try:
+                allowed = decide(limiter, "client-a", now, what)
+            except Exception as exc:  # noqa: BLE001 - it is the finding
+                pytest.fail(
+                    f"{what}, right after Redis lost its loaded scripts (EVALSHA answered "
+                    f"NOSCRIPT): allow() raised {type(exc).__name__}: "
+                    f"{str(exc).rstrip('.')}. A script loaded once is not there for ever "
+                    "- SCRIPT FLUSH, a restart or a failover to a replica empties the "
+                    "cache under a running app, and every request then errors. On NOSCRIPT "
+                    "load the script again (SCRIPT LOAD, or EVAL it) and retry: redis-py's "
+                    "register_script() does that.",
+                    pytrace=False)
+            flushed = " right after Redis lost its loaded scripts" * (flush.flushed > before)
+            assert allowed == expected, (
+                f"{what}{flushed}: {'allowed' if allowed else 'refused'}, expected "
+                f"{'allowed' if expected else 'refused'} (steps {steps}). NOSCRIPT is not "
+                "Redis being down, and not a decision: failing open lets a client past its "
+                "limit whenever the cache is empty, failing closed refuses everyone. Load "
+                "the script again (SCRIPT LOAD, or EVAL it) and run it: redis-py's "
+                "register_script() does that.")

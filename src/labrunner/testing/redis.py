@@ -121,14 +121,30 @@ def resp_command(buf: bytes) -> tuple[list[bytes], int] | None:
     return parts, pos
 
 
+def resp_encode(command: list[bytes]) -> bytes:
+    """``command`` (``[NAME, arg, ...]``) as the RESP array a client sends."""
+    return b"*%d\r\n" % len(command) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(part), part) for part in command)
+
+
+# What a gate's ``before`` returns to change a command on its way: the command the server
+# gets instead (None: the client's own).
+Before = Callable[[list[bytes]], "list[bytes] | None"]
+
+
 class RedisGate(TcpRelay):
     """A :class:`TcpRelay` in front of Redis that calls ``before(command)`` (``[NAME, arg,
     ...]`` as bytes) for each command a client sends, before passing it on. ``before`` runs
     on the connection's own relay thread: it may act (write a key, kill a process) or block
     until the test lets the command through - commands sent on the client's other
-    connections go on meanwhile."""
+    connections go on meanwhile.
 
-    def __init__(self, target: tuple[str, int], before: Callable[[list[bytes]], None]) -> None:
+    ``before`` may also return another command for the server to run in its place: the
+    server's answer to that one reaches the client, in order with every other answer (a
+    pipeline stays a pipeline). An ``EVALSHA`` of a digest the server never loaded is how a
+    test makes one client meet a flushed script cache, and no one else."""
+
+    def __init__(self, target: tuple[str, int], before: Before) -> None:
         super().__init__(target)
         self._before = before
 
@@ -136,8 +152,8 @@ class RedisGate(TcpRelay):
         buf = link.state.get("buf", b"") + chunk
         while (got := resp_command(buf)) is not None:
             command, used = got
-            self._before(command)
-            link.upstream.sendall(buf[:used])
+            instead = self._before(command)
+            link.upstream.sendall(buf[:used] if instead is None else resp_encode(instead))
             buf = buf[used:]
         if buf and not buf.startswith(b"*"):  # inline command: pass it on
             link.upstream.sendall(buf)
@@ -147,11 +163,12 @@ class RedisGate(TcpRelay):
 
 
 @contextmanager
-def redis_gate(url: str, before: Callable[[list[bytes]], None]) -> Iterator[str]:
+def redis_gate(url: str, before: Before) -> Iterator[str]:
     """A :class:`RedisGate` in front of the server ``url`` names, running ``before(command)``
     before each command a client sends through it - so a test acts at an exact point of the
-    learner's sequence (between its GET and its SET). Yields ``url`` pointed at the gate (the
-    learner's to use; the test's own clients keep ``url``)."""
+    learner's sequence (between its GET and its SET), or sends the server another command in
+    its place. Yields ``url`` pointed at the gate (the learner's to use; the test's own
+    clients keep ``url``)."""
     parts = urllib.parse.urlsplit(url)
     with RedisGate((parts.hostname or "127.0.0.1", parts.port or 6379), before) as gate:
         yield gate.url_for(url)
