@@ -32,6 +32,11 @@ NEGATIVE_TTL = 60    # SOA minimum of shop.test: how long NXDOMAIN may be cached
 SHORT_CNAME_TTL = 30  # short.shop.test CNAME edge.cdn.test: the chain's shortest record
 CDN_SOA_TTL = 30     # cdn.test's SOA record lives less than its MINIMUM field (60):
                      # its NXDOMAIN may be cached min(30, 60) = 30 s (RFC 2308)
+# CNAMEs into negative answers: the answer may not outlive any record it came through
+# (RFC 2308 section 5 for the negative part; the chain's rule for the CNAMEs)
+GONE_CNAME_TTL = 25   # gone.shop.test CNAME nope.cdn.test (NXDOMAIN, 30 s): 25 s in all
+NOTES_CNAME_TTL = 25  # notes.shop.test CNAME info.cdn.test (NODATA, 30 s): 25 s in all
+OLD_CNAME_TTL = 300   # old.shop.test CNAME nope.shop.test (NXDOMAIN, 60 s): 60 s in all
 TLD_NS_TTL = 172800  # the root's referral to test.
 ZONE_NS_TTL = 86400  # the TLD's referrals to shop.test., cdn.test. and backup.test.
 FLAKY_ADDRESS = "192.0.2.40"  # www.flaky.test A, from flaky.test.'s second nameserver
@@ -199,6 +204,11 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str,
         # answer, the SOA in authority), never NXDOMAIN.
         RR("mail.shop.test.", QTYPE.TXT, ttl=300, rdata=TXT("v=spf1 -all")),
         RR("mx.shop.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("mail.shop.test.")),
+        # Aliases of names that do not exist, or exist without an A record.
+        RR("gone.shop.test.", QTYPE.CNAME, ttl=GONE_CNAME_TTL, rdata=CNAME("nope.cdn.test.")),
+        RR("notes.shop.test.", QTYPE.CNAME, ttl=NOTES_CNAME_TTL,
+           rdata=CNAME("info.cdn.test.")),
+        RR("old.shop.test.", QTYPE.CNAME, ttl=OLD_CNAME_TTL, rdata=CNAME("nope.shop.test.")),
     ])
     cdn = Zone("cdn.test.", [
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.20")),
@@ -477,23 +487,43 @@ def test_negative_ttl_is_the_smaller_of_soa_ttl_and_minimum(
 @dataclass(frozen=True)
 class NegativeTtlCase:
     """A negative answer and the ttl it must report: min(SOA TTL, SOA MINIMUM) of the SOA
-    in its authority section when fresh, the seconds left once it comes from the cache."""
+    in its authority section when fresh - and, reached through CNAMEs, no more than any of
+    them - the seconds left once it comes from the cache; once that ttl has passed the
+    authoritative server is asked for ``asked_again``, the record that expired."""
 
     name: str
     nxdomain: bool
     ttl: int
-    soa: str  # the SOA it came with, as the failure message says it
+    soa: str  # the SOA it came with (and the CNAME it came through), as the message says it
+    asked_again: str
+    chain: bool = False  # reached through a CNAME
 
 
 NEGATIVE_TTLS = [
     NegativeTtlCase("nope.shop.test", True, NEGATIVE_TTL,
-                    f"shop.test.'s SOA: TTL 3600, MINIMUM {NEGATIVE_TTL}"),
+                    f"shop.test.'s SOA: TTL 3600, MINIMUM {NEGATIVE_TTL}", "nope.shop.test"),
     NegativeTtlCase("nope.cdn.test", True, CDN_SOA_TTL,
-                    f"cdn.test.'s SOA: TTL {CDN_SOA_TTL}, MINIMUM {NEGATIVE_TTL}"),
+                    f"cdn.test.'s SOA: TTL {CDN_SOA_TTL}, MINIMUM {NEGATIVE_TTL}",
+                    "nope.cdn.test"),
     NegativeTtlCase("mail.shop.test", False, NEGATIVE_TTL,
-                    f"shop.test.'s SOA: TTL 3600, MINIMUM {NEGATIVE_TTL}"),
+                    f"shop.test.'s SOA: TTL 3600, MINIMUM {NEGATIVE_TTL}", "mail.shop.test"),
     NegativeTtlCase("info.cdn.test", False, CDN_SOA_TTL,
-                    f"cdn.test.'s SOA: TTL {CDN_SOA_TTL}, MINIMUM {NEGATIVE_TTL}"),
+                    f"cdn.test.'s SOA: TTL {CDN_SOA_TTL}, MINIMUM {NEGATIVE_TTL}",
+                    "info.cdn.test"),
+    # Through a CNAME: the alias is the shorter-lived record ...
+    NegativeTtlCase("gone.shop.test", True, GONE_CNAME_TTL,
+                    f"a CNAME with TTL {GONE_CNAME_TTL} to nope.cdn.test, whose NXDOMAIN "
+                    f"lives min({CDN_SOA_TTL}, {NEGATIVE_TTL}) = {CDN_SOA_TTL} s",
+                    "gone.shop.test", chain=True),
+    NegativeTtlCase("notes.shop.test", False, NOTES_CNAME_TTL,
+                    f"a CNAME with TTL {NOTES_CNAME_TTL} to info.cdn.test, whose NODATA "
+                    f"lives min({CDN_SOA_TTL}, {NEGATIVE_TTL}) = {CDN_SOA_TTL} s",
+                    "notes.shop.test", chain=True),
+    # ... or the negative answer is
+    NegativeTtlCase("old.shop.test", True, NEGATIVE_TTL,
+                    f"a CNAME with TTL {OLD_CNAME_TTL} to nope.shop.test, whose NXDOMAIN "
+                    f"lives min(3600, {NEGATIVE_TTL}) = {NEGATIVE_TTL} s",
+                    "nope.shop.test", chain=True),
 ]
 NEGATIVE_TTL_LATER = 20  # seconds between the two lookups: inside every case's ttl
 
@@ -502,13 +532,19 @@ NEGATIVE_TTL_LATER = 20  # seconds between the two lookups: inside every case's 
 def test_a_negative_answer_reports_its_remaining_ttl(
         resolver: Any, dns: Hierarchy, clock: FakeClock, case: NegativeTtlCase) -> None:
     """Answer.ttl is how long whoever holds the answer may keep it; for NXDOMAIN and NODATA
-    that is the negative TTL (RFC 2308 section 5), counting down like any record's."""
+    that is the negative TTL (RFC 2308 section 5), counting down like any record's, and no
+    longer than a CNAME the answer came through lives (nothing in an answer may outlive a
+    record it was built from: the alias may point elsewhere once it expired)."""
     kind = "NXDOMAIN" if case.nxdomain else "NODATA"
-    rule = (f"A negative answer may be cached for min(SOA TTL, SOA MINIMUM) = {case.ttl} s "
-            "(RFC 2308 section 5), and Answer.ttl says how long it may still be kept: "
+    through = (", and reached through a CNAME no longer than the CNAME: the answer lives as "
+               "long as its shortest-lived record, positive or negative" if case.chain else "")
+    rule = (f"A negative answer may be cached for min(SOA TTL, SOA MINIMUM) "
+            f"(RFC 2308 section 5){through}, here {case.ttl} s; Answer.ttl says how long it "
+            "may still be kept: "
             f"{case.ttl} fresh, the seconds left (expiry - now) from the cache. A ttl of 0 "
             "tells whoever holds the answer (a stub's cache, an HTTP client) to ask again "
-            "every time; a ttl that does not count down lets them keep it past its expiry.")
+            "every time; a ttl too long or that does not count down lets them keep it past "
+            "its expiry.")
     answer = _resolve(resolver, dns, case.name)
     assert bool(answer.nxdomain) == case.nxdomain and not answer.addresses, (
         f"{case.name} gave nxdomain={answer.nxdomain}, addresses={answer.addresses}; "
@@ -526,6 +562,13 @@ def test_a_negative_answer_reports_its_remaining_ttl(
         f"with ttl={again.ttl}, expected {left} (the seconds it may still be cached)"
         f"{' - the TTL it was first given, not counted down' if again.ttl == case.ttl else ''}"
         f"\n{rule}")
+    clock.advance(left + 1)
+    _resolve(resolver, dns, case.name)
+    assert case.asked_again in dns.log.names_asked("auth"), (
+        f"{case.name} ({kind}, {case.soa}) was still answered from the cache {case.ttl + 1} s "
+        f"after it was first asked (queries: {_walk(dns.log)}), expected the authoritative "
+        f"server asked for {case.asked_again} again: that record expired after {case.ttl} s, "
+        f"and every answer built from it with it\n{rule}")
 
 
 @pytest.mark.parametrize("name, canonical", [

@@ -1,8 +1,9 @@
 """ph4.6 verification: LRU and LFU caches.
 
 * Behaviour: Hypothesis stateful tests (RuleBasedStateMachine) drive the learner's cache and
-  a plain model side by side with random get/put sequences over a few keys and small
-  capacities; after every step the value returned, the size and which keys are still cached
+  a plain model side by side with random get/put sequences over keys of several types (a
+  few small ints, more distinct ints, floats and bools equal to them, strings, tuples) and
+  capacities 1-8; after every step the value returned, the size and which keys are still cached
   must agree with the model. Runs are derandomized, so they are the same every time.
 * Cost: O(1) per operation is measured by counting, not timing (harness.py): the keys count
   their own __hash__/__eq__ calls and a tracer counts the lines executed in cache.py; the
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Hashable
 from types import ModuleType
 from typing import Any
 
@@ -28,10 +30,20 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-SETTINGS = settings(max_examples=60, stateful_step_count=20, derandomize=True,
+SETTINGS = settings(max_examples=60, stateful_step_count=30, derandomize=True,
                     database=None, deadline=None, report_multiple_bugs=False,
                     suppress_health_check=list(HealthCheck))
-KEYS = st.integers(min_value=0, max_value=4)
+# Keys: half from the few small ints that collide often (hits, updates, ties), half from a
+# wider pool - more distinct keys than any capacity below, and keys of other types: floats
+# and bools EQUAL to a cached int (True == 1 == 1.0, one hash: a dict holds them as one
+# key), a float that is not, strings (also '1' and '' beside 1 and 0), tuples. Hypothesis
+# shrinks towards the first branch, so a failing example reads with small ints when it can.
+WIDE_KEYS = (st.integers(min_value=5, max_value=15)
+             | st.sampled_from([True, False, 1.0, 2.0, 2.5])
+             | st.sampled_from(["a", "b", "1", ""])
+             | st.tuples(st.integers(min_value=0, max_value=1), st.sampled_from("xy")))
+KEYS = st.integers(min_value=0, max_value=4) | WIDE_KEYS
+CAPACITIES = st.integers(min_value=1, max_value=8)  # evictions from a big cache too
 VALUES = st.integers(min_value=0, max_value=999) | st.none()  # None is a value too
 SMALL, LARGE = 50, 2000
 GROWTH = 3.0  # work per operation may grow at most this much from SMALL to LARGE entries
@@ -58,23 +70,23 @@ def cache(learner: Any) -> ModuleType:
 class LRUModel:
     """Recency as a plain list, least recent first: slow and obviously right."""
 
-    data: dict[int, int]
-    order: list[int]
+    data: dict[Hashable, Any]
+    order: list[Hashable]
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.data, self.order = capacity, {}, []
 
-    def use(self, key: int) -> None:
+    def use(self, key: Hashable) -> None:
         self.order.remove(key)
         self.order.append(key)
 
-    def get(self, key: int) -> int | None:
+    def get(self, key: Hashable) -> Any:
         if key not in self.data:
             return None
         self.use(key)
         return self.data[key]
 
-    def put(self, key: int, value: int) -> int | None:
+    def put(self, key: Hashable, value: Any) -> Hashable | None:
         """Returns the evicted key, if any."""
         evicted = None
         if self.capacity <= 0:
@@ -94,25 +106,25 @@ class LFUModel:
     """Each key's use count and the tick of its last use; the victim is the key with the
     fewest uses, the least recently used among those."""
 
-    data: dict[int, int]
-    uses: dict[int, int]
-    last: dict[int, int]
+    data: dict[Hashable, Any]
+    uses: dict[Hashable, int]
+    last: dict[Hashable, int]
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.data, self.uses, self.last, self.tick = capacity, {}, {}, {}, 0
 
-    def use(self, key: int) -> None:
+    def use(self, key: Hashable) -> None:
         self.tick += 1
         self.uses[key] += 1
         self.last[key] = self.tick
 
-    def get(self, key: int) -> int | None:
+    def get(self, key: Hashable) -> Any:
         if key not in self.data:
             return None
         self.use(key)
         return self.data[key]
 
-    def put(self, key: int, value: int) -> int | None:
+    def put(self, key: Hashable, value: Any) -> Hashable | None:
         evicted = None
         if self.capacity <= 0:
             return None
@@ -135,32 +147,42 @@ def machine_for(module: ModuleType, cls: str, model_cls: type,
         def __init__(self) -> None:
             super().__init__()
             self.log: list[str] = []
+            self.before_put: dict[Hashable, Any] = {}  # the model's entries before the last put
+            self.last_put: Hashable = None
 
-        @initialize(capacity=st.integers(min_value=1, max_value=3))
+        @initialize(capacity=CAPACITIES)
         def create(self, capacity: int) -> None:
             self.cache = getattr(module, cls)(capacity)
             self.model = model_cls(capacity)
             self.log.append(f"{cls}({capacity})")
 
         def history(self) -> str:
-            return "; ".join(self.log[-12:])
+            """The constructor and the operations, all of them when the (shrunk) example
+            is short: keys in repr(), so 1, 1.0, True and '1' read apart."""
+            steps = self.log[1:]
+            if len(steps) > HISTORY:
+                steps = [f"... {len(steps) - HISTORY} earlier operations", *steps[-HISTORY:]]
+            return "; ".join(self.log[:1] + steps)
 
         @rule(key=KEYS)
-        def get(self, key: int) -> None:
+        def get(self, key: Hashable) -> None:
+            before = dict(self.model.data)
             want = self.model.get(key)
             got = self.cache.get(key)
-            self.log.append(f"get({key}) -> {got}")
+            self.log.append(f"get({key!r}) -> {got!r}")
             assert got == want, (
-                f"{self.history()}: {cls}.get({key}) returned {got!r}, expected {want!r}"
-                f"{diagnose(self.model, key, got, want)} ({rule_text})")
+                f"{self.history()}: {cls}.get({key!r}) returned {got!r}, expected {want!r}"
+                f"{same_key(before, key) or diagnose(self.model, key, got, want)} "
+                f"({rule_text})")
 
         @rule(key=KEYS, value=VALUES)
-        def put(self, key: int, value: int) -> None:
+        def put(self, key: Hashable, value: Any) -> None:
+            self.before_put, self.last_put = dict(self.model.data), key
             evicted = self.model.put(key, value)
             self.cache.put(key, value)
-            self.log.append(f"put({key}, {value})")
+            self.log.append(f"put({key!r}, {value!r})")
             if evicted is not None:
-                self.log[-1] += f" [evicts {evicted}]"
+                self.log[-1] += f" [evicts {evicted!r}]"
 
         @invariant()
         def same_keys(self) -> None:
@@ -169,24 +191,41 @@ def machine_for(module: ModuleType, cls: str, model_cls: type,
             size = len(self.cache)
             assert size == len(self.model.data), (
                 f"{cls} holds {size} entries, expected {len(self.model.data)} (capacity "
-                f"{self.model.capacity}; {rule_text})\noperations: {self.history()}")
+                f"{self.model.capacity}; {rule_text})"
+                f"{same_key(self.before_put, self.last_put) if self.log else ''}"
+                f"\noperations: {self.history()}")
 
     CacheMachine.__name__ = f"{cls}Machine"
     return CacheMachine
 
 
-def diagnose(model: Any, key: int, got: Any, want: Any) -> str:
+HISTORY = 40  # operations shown in a failure; a shrunk example is shorter
+
+
+def same_key(cached: dict[Hashable, Any], key: Hashable) -> str:
+    """A note when the key asked for is equal to a cached key of another type (1, 1.0 and
+    True): the dict takes it for that key, a cache keyed otherwise does not."""
+    for held in cached:
+        if held == key and type(held) is not type(key):
+            return (f"; {key!r} == {held!r} (put earlier) and hash({key!r}) == "
+                    f"hash({held!r}): for a dict they are ONE key, so the cache must find "
+                    f"the entry of {held!r} - key the dict by the key itself, not by repr() "
+                    "or (type, key) (lru_cache's default typed=False does the same)")
+    return ""
+
+
+def diagnose(model: Any, key: Hashable, got: Any, want: Any) -> str:
     """What the model knows about the key the learner's cache answered wrongly for."""
     if want is None:
-        return (f": key {key} is not cached any more (the model evicted it, see [evicts] "
+        return (f": key {key!r} is not cached any more (the model evicted it, see [evicts] "
                 "above), so your cache kept a key it should have evicted")
     if got is None and not want:
-        return (f": key {key} is cached with the value {want!r}, which is falsy - a cached "
+        return (f": key {key!r} is cached with the value {want!r}, which is falsy - a cached "
                 "0, '' or None is a hit: test whether the KEY is cached (key in dict), not "
                 "whether the value is true")
     if got is None:
         uses = getattr(model, "uses", {}).get(key)
-        return (f": key {key} is still cached" + (f" with {uses} uses" if uses else "")
+        return (f": key {key!r} is still cached" + (f" with {uses} uses" if uses else "")
                 + ", so your cache evicted the wrong key (or lost it) earlier")
     return ""
 
@@ -210,6 +249,11 @@ def run_machine(machine: type[RuleBasedStateMachine]) -> None:
 ZERO_RULE = ("a cache of capacity 0 caches nothing (a cache turned off by configuration, "
              "like lru_cache(maxsize=0)): put stores nothing and evicts nothing - there is "
              "nothing to evict - and every get misses")
+
+KEY_TYPES_RULE = ("1, 1.0 and True are equal and hash alike: a dict holds them as ONE key (so "
+                  "does lru_cache with its default typed=False), so a get or put of any of "
+                  "them is a use of that one entry; key the dict by the key itself, not by "
+                  "repr(key) or (type(key), key)")
 
 # Named cases first: each is one way these caches are commonly got wrong, so its failure can
 # say which rule was broken. (cache class, capacity, steps, the rule the case checks)
@@ -265,6 +309,12 @@ CASES = [
     ("LRUCache", 0, [("put", 1, 10), ("get", 1), ("put", 2, 20), ("put", 1, 11), ("get", 1),
                      ("get", 2)],
      ZERO_RULE),
+    ("LRUCache", 2, [("put", 1, 10), ("get", 1.0), ("put", True, 11), ("put", 2, 20),
+                     ("get", 1), ("put", 3, 30), ("get", 2), ("get", 1)],
+     KEY_TYPES_RULE),
+    ("LFUCache", 2, [("put", 1, 10), ("get", 1.0), ("put", True, 11), ("put", 2, 20),
+                     ("get", 1), ("put", 3, 30), ("get", 2), ("get", 1)],
+     KEY_TYPES_RULE),
     ("LFUCache", 0, [("put", 1, 10), ("get", 1), ("put", 2, 20), ("put", 1, 11), ("get", 1),
                      ("get", 2)],
      ZERO_RULE),
@@ -279,7 +329,7 @@ def test_named_cases(cache: ModuleType, cls: str, capacity: int,
     learner_cache = getattr(cache, cls)(capacity)
     done: list[str] = []
     for step in steps:
-        call = f"{step[0]}({', '.join(map(str, step[1:]))})"
+        call = f"{step[0]}({', '.join(map(repr, step[1:]))})"
         try:
             if step[0] == "put":
                 learner_cache.put(step[1], step[2])

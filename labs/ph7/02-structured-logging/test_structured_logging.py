@@ -12,6 +12,7 @@ anywhere in the file, in any form.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -260,22 +261,43 @@ def test_trace_id_comes_from_traceparent(serve: Any) -> None:
 
 # traceparent headers no W3C parser accepts (trace-context 3.2: the trace id is 32
 # LOWERCASE hex digits and not all zeros; the whole header has four dash-separated fields
-# of fixed length): each request must start a trace of its own.
-MALFORMED_TRACEPARENTS = {
+# of fixed length): each request must start a trace of its own, with an id of its own (not
+# one lifted out of the header). A list is sent as that many header lines: the server hands
+# the app one field, the values joined with "," (RFC 9110 5.3; wsgiref, gunicorn, as a proxy
+# may too). Two traceparents are no trace to join: the W3C trace-context test suite
+# (test_traceparent_duplicated) expects a new trace id, neither of the two.
+DUPLICATED = [f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01" for _ in range(2)]
+MALFORMED_TRACEPARENTS: dict[str, str | list[str]] = {
     "a trace id that is not hex": "00-not-a-trace-id-at-all-0000000000-00f067aa0ba902b7-01",
     "a short trace id": "00-4bf92f3577b34da6-00f067aa0ba902b7-01",
     "an uppercase trace id": "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
     "the all-zero trace id (invalid by the spec)":
         "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
     "a header of one word": "garbage",
+    "two traceparent header lines (one field, joined with ',')": DUPLICATED,
+    "two traceparents combined in one line, as a proxy may": ",".join(DUPLICATED[::-1]),
 }
+
+
+def get_status(host: str, path: str, name: str, values: str | list[str]) -> int:
+    """GET ``path`` with header ``name`` sent once per value, on lines of their own."""
+    conn = http.client.HTTPConnection(host, timeout=15)
+    try:
+        conn.putrequest("GET", path)
+        for value in [values] if isinstance(values, str) else values:
+            conn.putheader(name, value)
+        conn.endheaders()
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status
+    finally:
+        conn.close()
 
 
 def test_malformed_traceparent_starts_a_new_trace(serve: Any) -> None:
     server, log = serve()
     with server as host:
-        statuses = {what: http_request(host, "GET", f"/no-such-page-{n}",
-                                       headers={"traceparent": header}).status
+        statuses = {what: get_status(host, f"/no-such-page-{n}", "traceparent", header)
                     for n, (what, header) in enumerate(MALFORMED_TRACEPARENTS.items())}
     crashed = {what: status for what, status in statuses.items() if status != 404}
     assert not crashed, (
@@ -285,9 +307,14 @@ def test_malformed_traceparent_starts_a_new_trace(serve: Any) -> None:
     for n, (what, header) in enumerate(MALFORMED_TRACEPARENTS.items()):
         ids = [r.get("trace_id") for r in records if r.get("path") == f"/no-such-page-{n}"]
         bad = [i for i in ids if not re.fullmatch(r"[0-9a-f]{32}", str(i)) or i == "0" * 32]
-        assert ids and not bad, (
+        sent = "".join(header).lower()
+        lifted = [i for i in ids if str(i).lower() in sent]
+        assert ids and not bad and not lifted, (
             f"a request with traceparent {header!r} ({what}) logged trace id(s) {ids}, "
-            "expected a fresh one (32 lowercase hex digits, not all zeros)\nValidate "
+            "expected a fresh one (32 lowercase hex digits, not all zeros)"
+            + (", not one taken out of the header: the header does not match the W3C form "
+               "as a whole (an unanchored re.match() or a split(',') takes a part of it), "
+               "so it names no trace" if lifted else "") + "\nValidate "
             "traceparent before trusting it - 00-<32 lowercase hex, not all zeros>-<16 hex>-"
             "<2 hex> (W3C trace-context) - and start a new trace when it does not match: a "
             "trace id split out of any header poisons every log query and trace join "
@@ -414,7 +441,57 @@ CONTEXT_SECRETS: list[tuple[str, Callable[[str], dict[str, Any]]]] = [
     ("a token in an object in a list", lambda s: {"attempts": [{"n": 1}, {"token": s}]}),
     ("a refresh_token in a list in a list", lambda s: {"batches": [[{"refresh_token": s}]]}),
     ("an access_token", lambda s: {"session": {"access_token": s}}),
+    # Headers as WSGI servers and ASGI give them, and as a browser's Headers.entries()
+    # does: a list of (name, value) pairs, a name repeated. The name names the value as a
+    # key would (Sentry's scrubbing treats header pair lists alike); the pairs stay pairs.
+    ("a Cookie header in (name, value) pairs, sent twice",
+     lambda s: {"request": {"headers": [["Accept", "text/html"], ["Cookie", "theme=dark"],
+                                        ["Cookie", f"session={s}"]]}}),
+    ("an x-api-key header in (name, value) pairs",
+     lambda s: {"headers": [["x-api-key", s], ["user-agent", "lab/1.0"]]}),
+    ("Set-Cookie response headers in pairs, the second one the session's",
+     lambda s: {"responses": [{"status": 200, "headers": [
+         ["Content-Type", "text/html"], ["Set-Cookie", "theme=dark"],
+         ["Set-Cookie", f"session={s}; HttpOnly"]]}]}),
 ]
+SECRET_NAMES = ("password", "passwd", "secret", "token", "api_key", "apikey",
+                "authorization", "cookie")
+
+
+def names_a_secret(name: str) -> bool:
+    """The README's rule: in any case, '-' read as '_', alone or the last word."""
+    name = name.lower().replace("-", "_")
+    return any(name == word or name.endswith("_" + word) for word in SECRET_NAMES)
+
+
+def header_pairs(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], list[Any]]]:
+    """Every list of (name, value) pairs in ``value``, with the path to it."""
+    if isinstance(value, dict):
+        return [found for k, v in value.items() for found in header_pairs(v, (*path, k))]
+    if isinstance(value, list):
+        if value and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                         for p in value):
+            return [(path, value)]
+        return [found for i, v in enumerate(value) for found in header_pairs(v, (*path, i))]
+    return []
+
+
+def at(value: Any, path: tuple[Any, ...]) -> Any:
+    for step in path:
+        try:
+            value = value[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+def pairs_kept(sent: list[Any], kept: Any) -> bool:
+    """The pairs as they came - each name, in order, a repeated one as often - with only
+    the values of names that name a secret changed."""
+    return (isinstance(kept, list) and len(kept) == len(sent)
+            and all(isinstance(k, list) and len(k) == 2 and k[0] == name
+                    and (names_a_secret(name) or k[1] == v)
+                    for (name, v), k in zip(sent, kept, strict=True)))
 CONTEXT_FACTS = {"page": "/checkout", "cart": {"items": 3, "currency": "EUR"}}
 
 
@@ -451,13 +528,25 @@ def test_secrets_in_nested_fields_are_redacted(serve: Any) -> None:
             wrong.append(f"the client event with {what} was logged with the context "
                          f"{json.dumps(kept)[:200]}, expected its facts {CONTEXT_FACTS} "
                          "kept as they came: redact the secret, not the record")
+        else:
+            for path, pairs in header_pairs(context):
+                if not pairs_kept(pairs, at(kept, path)):
+                    where = "context" + "".join(f"[{step!r}]" for step in path)
+                    wrong.append(
+                        f"{what}: the (name, value) pairs at {where}, {json.dumps(pairs)}, "
+                        f"were logged as {json.dumps(at(kept, path))[:300]}, expected the "
+                        "same pairs in the same order (a repeated name twice), only the "
+                        "values of the names that name a secret redacted: a header list "
+                        "turned into an object loses the repeated ones")
     assert not wrong, "\n".join(wrong) + (
         f"\n({len(wrong)} of {len(CONTEXT_SECRETS)} secrets in the extra fields): a key "
         "that names a secret (password, secret, token, api_key, authorization, cookie - "
         "in any case, '-' read as '_', alone or ending a longer name: X-Api-Key, "
         "Set-Cookie, client_secret, refresh_token) hides its value at ANY depth: walk "
         "every dict, and every list, of every field - a context object is the one place "
-        "a client's headers or form end up")
+        "a client's headers or form end up. Headers also come as a list of [name, value] "
+        "pairs (WSGI, ASGI, fetch's Headers.entries(), a name repeated): there the "
+        "pair's name names its value as a key does.")
 
 
 # duration_ms is the request's wall time inside the app, in milliseconds: from the moment

@@ -103,9 +103,9 @@ class Resolver:
                               canonical_name=_bare(current), ttl=ttl,
                               nxdomain=(kind == "NX"))
             else:
-                # A negative answer without an SOA (or with TTL 0) is used once, not cached.
-                return Answer(_bare(asked), [], _bare(current), ttl or 0,
-                              nxdomain=(walked == "NX"))
+                # A negative answer without an SOA (or with TTL 0) is used once, not cached:
+                # ttl 0, whatever the CNAMEs before it still have.
+                return Answer(_bare(asked), [], _bare(current), 0, nxdomain=(walked == "NX"))
         raise ResolutionError(f"{name}: CNAME chain longer than {MAX_CNAMES}")
 
     # ---------------------------------------------------------------- the cache

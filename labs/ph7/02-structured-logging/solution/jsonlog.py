@@ -47,6 +47,10 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, dict):
         return {k: redact(v, k) for k, v in value.items()}
     if isinstance(value, list):
+        if len(value) == 2 and isinstance(value[0], str):
+            # A header as WSGI and ASGI give them, a (name, value) pair: its name names its
+            # value as a key does (so do Sentry's scrubbers for headers sent as pairs).
+            return [value[0], redact(value[1], value[0])]
         return [redact(v) for v in value]
     if isinstance(value, str):
         for pattern, replacement in PATTERNS:
