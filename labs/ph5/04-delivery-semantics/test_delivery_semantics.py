@@ -134,12 +134,43 @@ def write_input(kafka: Any, topic: str) -> None:
         else:
             producer.flush(30)
             producer.abort_transaction(30)
+    # commit_transaction() returns once the coordinator logged the commit; the markers that
+    # make the records visible at read_committed reach the partition a moment later (seen
+    # late on a loaded machine: a read_committed reader, the worker too, then stops short).
+    # Everyone starts from the input as a read_committed reader will see it for good.
+    deadline = time.monotonic() + 30
+    while (seen := [v for _, v in read_topic(kafka, topic, "read_committed")]) != PAYMENTS:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the test's input transactions were committed, but after 30 s a "
+                        f"read_committed reader of {topic} sees {seen}, not {PAYMENTS}",
+                        pytrace=False)
+        time.sleep(0.1)
 
 
 def read_topic(kafka: Any, topic: str, isolation: str) -> list[tuple[int, str]]:
     """(offset, value) of every record in partition 0 visible at ``isolation``."""
     return [(r.offset, (r.value or b"").decode())
             for r in read_all(kafka, topic, isolation=isolation, partitions=[0])]
+
+
+def transactions_settled(kafka: Any, topic: str, within: float) -> None:
+    """Wait (up to ``within`` s) until no transaction is pending on partition 0 of ``topic``:
+    its last stable offset has reached its end. A producer's commit or abort returns before
+    the markers reach the partition, so a read_committed read right after a worker exits
+    may stop short of what it committed. Past ``within`` the checks read what is there and
+    say what they saw (a transaction left open is the worker's to explain)."""
+    from confluent_kafka import IsolationLevel
+    from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
+
+    admin, tp = kafka.admin(), TopicPartition(topic, 0)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        ends = [admin.list_offsets({tp: OffsetSpec.latest()},  # type: ignore[no-untyped-call]
+                                   isolation_level=level, request_timeout=5)[tp].result(10)
+                for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED)]
+        if ends[0].offset == ends[1].offset:
+            return
+        time.sleep(0.1)
 
 
 def view(kafka: Any, topics: dict[str, str], group: str) -> View:
@@ -244,6 +275,7 @@ def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
     hint = FENCING if mode == "exactly-once" else ""
     assert code == 0, (
         f"{mode}: the restarted worker exited with {code}{hint}\n{stderr_tail(second)}")
+    transactions_settled(kafka, topics["output"], 10)
     keys = [((r.value or b"").decode(), r.key) for r in read_all(
         kafka, topics["output"], isolation="read_committed", partitions=[0])]
     return Run(offsets, at_crash, view(kafka, topics, group), keys)
