@@ -191,16 +191,32 @@ def test_conditional_get_answers_304(host: str, path: str) -> None:
 
 # If-None-Match is a comma-separated list (RFC 9110 5.6.1, 13.1.2): the whitespace around
 # each comma is optional (none, spaces, a tab), and the current tag may stand anywhere in
-# it, weak or strong. {tag} is the current tag, {weak} its weak form. Splitting on ", ",
-# or looking at one end of the list only, misses some of these.
+# it, weak or strong. {tag} is the current tag, {weak} its weak form, {opaque} its text
+# between the quotes. Splitting on ", ", or looking at one end of the list only, misses
+# some of these. A tag may hold a comma itself (RFC 9110 8.8.3: etagc is any visible
+# character but DQUOTE): '"old,<current>"' is one stale tag, and a list split on commas
+# whose pieces lose their quotes finds the current tag's text in it.
 MATCHING_LISTS = [
     ('"old-1",{weak}', "no space after the comma"),
     ('{tag},"old-1"', "the current tag first"),
     ('"old-1", {tag}, "old-2"', "the current tag in the middle"),
     ('"old-1" ,\t{weak} , "old-2"', "a space before a comma, a tab after one"),
     ('W/"old-1",{tag}', "a weak stale tag, then the current one with no space"),
+    ('"old,1", {tag}', "a stale tag holding a comma, then the current one"),
 ]
-STALE_LISTS = ['"old-1","old-2"', 'W/"old-1" ,\t"old-2"']
+STALE_LISTS = ['"old-1","old-2"', 'W/"old-1" ,\t"old-2"', '"old,{opaque}"',
+               'W/"{opaque},old", "old-2"']
+COMMA_IN_A_TAG = (
+    " - an entity tag may hold a comma (RFC 9110 8.8.3: any visible character but '\"'), so "
+    "'\"old,<current>\"' is ONE tag, and not the current one: read the list tag by tag as "
+    "quoted strings (a regex for (W/)?\"[^\"]*\", as Go's net/http and Werkzeug do) and "
+    "compare each whole, quotes included - splitting on ',' and stripping the quotes off "
+    "the pieces finds the current tag's text inside another tag")
+
+
+def opaque(etag: str) -> str:
+    """The text of a tag between its quotes: "abc" and W/"abc" give abc."""
+    return etag.removeprefix("W/").strip('"')
 
 
 @pytest.mark.parametrize("path", ["/users/1", "/users"])
@@ -220,12 +236,15 @@ def test_if_none_match_lists_in_every_shape(host: str, path: str) -> None:
         assert reply.header("ETag") == etag and reply.body == b"", (
             f"GET {path} with If-None-Match: {sent!r}: the 304 must repeat the ETag {etag} "
             f"and have no body, saw {reply.header('ETag')!r} and {reply.body[:80]!r}")
-    for sent in STALE_LISTS:
+    for shape in STALE_LISTS:
+        sent = shape.format(opaque=opaque(etag))
         reply = call(host, "GET", path, headers={"If-None-Match": sent})
         assert reply.status == 200 and reply.body == first.body, (
-            f"GET {path} with If-None-Match: {sent!r} (stale tags only): expected 200 and "
-            f"the full body, saw {reply.status}: only a tag equal to the current one allows "
-            "304")
+            f"GET {path} with If-None-Match: {sent!r} (stale tags only; the current one is "
+            f"{etag}): expected 200 and the full body, saw {reply.status}: only a tag equal "
+            "to the current one allows 304"
+            + (", and this list does not hold it" + COMMA_IN_A_TAG if "{opaque}" in shape
+               else ""))
 
 
 def test_changed_resource_gets_new_etag(host: str, dsn: str, postgres: Any) -> None:
@@ -450,6 +469,10 @@ STALE_LIST = ("no tag of the If-Match list is current: the condition is false, 4
 LIST = ("If-Match is a list (RFC 9110 13.1.1): the write goes ahead when any tag of it is the "
         "current one, wherever it stands - split on ',', strip each tag, compare every one")
 CURRENT = "the tag sent is the current one: the condition holds and the write goes ahead"
+COMMA_TAG = ("the one tag sent holds a comma and the current tag's text, but it is another "
+             "tag: If-Match is false, 412 and nothing changed" + COMMA_IN_A_TAG)
+NONE_COMMA = ("the one tag sent holds a comma and the current tag's text, but it is another "
+              "tag: If-None-Match holds and the write goes ahead" + COMMA_IN_A_TAG)
 ANY = "If-Match: * holds for any current representation, and the user exists"
 CREATE_ONLY = ("If-None-Match: * on a write means 'only if it does not exist yet' (RFC 9110 "
                "13.1.2): the user exists, so the condition is false - 412 and nothing changed")
@@ -468,7 +491,7 @@ REPLACEMENT = {"name": "Ada Byron", "email": "ada@example.com"}
 class Conditional:
     method: str
     header: str
-    value: str                   # {tag}: the current ETag, {weak}: W/{tag}
+    value: str                   # {tag}: the current ETag, {weak}: W/{tag}, {opaque}: its text
     outcome: str                 # "applied", "412" or "404"
     why: str
     changed_by_other: bool = False   # another writer renames the user after the client read it
@@ -482,6 +505,8 @@ CONDITIONAL_WRITES = [
     Conditional("PUT", "If-Match", '"old-1", {tag}', "applied", LIST),
     Conditional("PUT", "If-Match", '"old-1" ,\t{tag},"old-2"', "applied", LIST),
     Conditional("PUT", "If-Match", "{tag}", "applied", CURRENT),
+    Conditional("PUT", "If-Match", '"old,{opaque}"', "412", COMMA_TAG),
+    Conditional("PUT", "If-None-Match", '"old,{opaque}"', "applied", NONE_COMMA),
     Conditional("PUT", "If-Match", "*", "applied", ANY),
     Conditional("PUT", "If-None-Match", "*", "412", CREATE_ONLY),
     Conditional("PUT", "If-None-Match", '"old-1", {weak}', "412", NONE_MATCH),
@@ -490,6 +515,7 @@ CONDITIONAL_WRITES = [
     Conditional("DELETE", "If-Match", "{weak}", "412", STRONG),
     Conditional("DELETE", "If-Match", '"old-1",{tag}', "applied", LIST),
     Conditional("DELETE", "If-Match", "*", "applied", ANY),
+    Conditional("DELETE", "If-Match", '"{opaque},old"', "412", COMMA_TAG),
     Conditional("DELETE", "If-None-Match", "*", "412", CREATE_ONLY),
     Conditional("DELETE", "If-None-Match", "{tag}", "412", NONE_MATCH),
     Conditional("PUT", "If-Match", "*", "404", MISSING, target="/users/999999"),
@@ -520,7 +546,8 @@ def test_conditional_put_and_delete(host: str, postgres: Any) -> None:
         if case.changed_by_other:
             with postgres.connect(autocommit=True) as conn:
                 conn.execute("UPDATE users SET name = 'Ada King' WHERE id = 1")
-        sent = case.value.format(tag=tag, weak=tag if tag.startswith("W/") else "W/" + tag)
+        sent = case.value.format(tag=tag, weak=tag if tag.startswith("W/") else "W/" + tag,
+                                 opaque=opaque(tag))
         before = user_rows(postgres)
         body = REPLACEMENT if case.method == "PUT" else None
         reply = call(host, case.method, case.target, body, {case.header: sent})
@@ -571,6 +598,8 @@ MATCH_FIRST = ("If-Match is evaluated before If-None-Match (RFC 9110 13.2.2): it
                "the copy it holds is current, which is not what it asked")
 GET_MISSING = ("there is no such user: a request that would fail without its conditions ignores "
                "them (RFC 9110 13.2.1) - 404, not 412")
+GET_COMMA = ("the one tag sent holds a comma and the current tag's text, but it is another "
+             "tag: If-Match is false, 412" + COMMA_IN_A_TAG)
 THEN_NONE_MATCH = ("If-Match holds, so If-None-Match is evaluated next (RFC 9110 13.2.2), and "
                    "it matches the current tag: 304")
 
@@ -578,7 +607,7 @@ THEN_NONE_MATCH = ("If-Match holds, so If-None-Match is evaluated next (RFC 9110
 @dataclass(frozen=True)
 class ConditionalRead:
     target: str
-    headers: tuple[tuple[str, str], ...]  # {tag}: the current ETag, {weak}: W/{tag}
+    headers: tuple[tuple[str, str], ...]  # {tag}: the current ETag, {weak}: W/{tag}, {opaque}
     status: int                           # 200 (and the body), 304 (no body), 412 or 404
     why: str
     changed_by_other: bool = False        # another writer renames user 1 after the read
@@ -593,6 +622,7 @@ CONDITIONAL_READS = [
         ConditionalRead(target, (("If-Match", "{tag}"),), 412, GET_STALE,
                         changed_by_other=True),
         ConditionalRead(target, (("If-Match", "{weak}"),), 412, GET_STRONG),
+        ConditionalRead(target, (("If-Match", '"{opaque},old"'),), 412, GET_COMMA),
         ConditionalRead(target, (("If-Match", '"old-1"'), ("If-None-Match", "{tag}")), 412,
                         MATCH_FIRST),
         ConditionalRead(target, (("If-Match", "{tag}"), ("If-None-Match", "{weak}")), 304,
@@ -611,7 +641,8 @@ def test_conditional_get_with_if_match(host: str, postgres: Any) -> None:
             with postgres.connect(autocommit=True) as conn:
                 conn.execute("UPDATE users SET name = 'Ada King' WHERE id = 1")
         weak = tag if tag.startswith("W/") else "W/" + tag
-        sent = {name: value.format(tag=tag, weak=weak) for name, value in case.headers}
+        sent = {name: value.format(tag=tag, weak=weak, opaque=opaque(tag))
+                for name, value in case.headers}
         current = call(host, "GET", case.target)
         reply = call(host, "GET", case.target, headers=sent)
         what = (f"GET {case.target} with "
@@ -757,6 +788,7 @@ HEAD_CASES = [
     ("collection-not-modified", "/users", {"If-None-Match": "{etag}"}, 304),
     ("stale-if-match", "/users/1", {"If-Match": '"0123456789abcdef"'}, 412),
     ("missing-user", "/users/999", {}, 404),
+    ("no-such-resource", "/getUsers", {}, 404),
 ]
 HEAD_SAME_HEADERS = ("ETag", "Cache-Control", "Content-Type")
 
@@ -829,6 +861,18 @@ def test_uniform_interface_405(host: str, method: str, path: str,
         f"{method} {path}: expected an Allow header listing {sorted(allowed)}, saw "
         f"{reply.header('Allow')!r}: a 405 tells the client which methods the resource has"
         + (" (HEAD is one wherever GET is, RFC 9110 9.1)" if "HEAD" not in seen else ""))
+    # RFC 9110 10.2.1: Allow lists the methods the TARGET resource supports. A method listed
+    # beyond the README's may be one the app really has (OPTIONS, say): tried, it must not
+    # be a 405 - one list sent for every resource, or a method planned and never written,
+    # sends clients (and generated ones) to methods that fail.
+    for extra in sorted(seen - allowed):
+        tried = call(host, extra, path, {"name": "x", "email": "x@example.com"})
+        assert tried.status != 405, (
+            f"{method} {path}: the 405's Allow is {reply.header('Allow')!r}, which lists "
+            f"{extra}, but {extra} {path} answers 405 too: expected Allow to list exactly "
+            f"the methods {path} has, {sorted(allowed)} (RFC 9110 10.2.1: the methods the "
+            "target resource supports) - each resource its own list, not one list for the "
+            "whole API, nor a method it does not have")
 
 
 @pytest.mark.parametrize("path", ["/getUsers", "/user/1", "/users/1/delete", "/users/abc"])

@@ -212,6 +212,7 @@ class Conditional:
     status: int
     meaning: str
     role: dict[str, str] = field(default_factory=lambda: dict(WRITER))
+    gone: bool = False   # the project is deleted (by another client) after its ETag is read
 
 
 NOT_MODIFIED = ("Not Modified: {} - If-None-Match is a list of tags, compared weakly (RFC 9110 "
@@ -224,6 +225,17 @@ PRECONDITION_FAILED = ("Precondition Failed: {} - a DELETE whose precondition is
                        "delete (RFC 9110 13.2.2): answer 412 and leave the project; deleting "
                        "anyway destroys a version the client never saw (a lost update)").format
 DELETED = ("No Content: {}, so the precondition holds and the project is deleted").format
+# A project that does not exist has no current representation: "*" matches only one that
+# exists (RFC 9110 13.1.1, 13.1.2), and no tag, not even its last one, is current. And a
+# request that would fail without its preconditions ignores them (13.2.1: "redirects and
+# failures that can be detected before significant processing occurs take precedence"):
+# GET or DELETE of a project just deleted is 404 whatever the headers - never a 304 (a
+# cache told its copy of a deleted project is fresh), never a 204 (a delete that deleted
+# nothing), and not a 412 either (the client's copy is not stale: there is nothing).
+NO_PROJECT = ("Not Found: the project was deleted after the client read its tag, so there "
+              "is no current representation: {} - a request that would be a 404 without its "
+              "preconditions ignores them (RFC 9110 13.2.1): look the project up first and "
+              "answer 404 when it is gone, then evaluate the preconditions").format
 
 CONDITIONAL = [
     Conditional("not-modified", "GET", "If-None-Match", "{etag}", 304,
@@ -281,6 +293,20 @@ CONDITIONAL = [
           ("star", "*", "If-None-Match: * is false whenever the project exists"))),
     Conditional("delete-if-none-match-stale", "DELETE", "If-None-Match", '"0123456789abcdef"',
                 204, DELETED("If-None-Match names only a tag that is not current")),
+    *(Conditional(f"gone-{name}", method, header, value, 404, NO_PROJECT(why), gone=True)
+      for name, method, header, value, why in (
+          ("get-if-none-match-star", "GET", "If-None-Match", "*",
+           "If-None-Match: * matches only a representation that exists, so it is no 304"),
+          ("get-if-none-match-last-tag", "GET", "If-None-Match", "{etag}",
+           "its last tag is no current tag, so it is no 304"),
+          ("delete-if-match-star", "DELETE", "If-Match", "*",
+           "If-Match: * is false (RFC 9110 13.1.1: * matches a current representation), "
+           "and a DELETE with it must never answer 204: nothing was deleted"),
+          ("delete-if-match-last-tag", "DELETE", "If-Match", "{etag}",
+           "the tag names no current representation, and nothing is deleted"),
+          ("delete-if-none-match-star", "DELETE", "If-None-Match", "*",
+           "If-None-Match: * holds (no representation exists), so the DELETE goes on to "
+           "find no project"))),
     Conditional("reader-deletes-if-match-stale", "DELETE", "If-Match", '"0123456789abcdef"',
                 403, "Forbidden: a reader may not delete, whatever its precondition - the role "
                 "(check 3) comes before the project is looked up or compared",
@@ -298,6 +324,12 @@ def conditional_problem(case: Conditional, reply: HttpReply, etag: str, exists: 
                     "ETag the 200 carries: a 304 repeats the validator a 200 would have (RFC "
                     "9110 15.4.5), so the cache knows which stored response is current and "
                     "refreshes it; without it the cache cannot tell")
+    if case.status == 412 and reply.headers.get("ETag") not in (None, etag):
+        # RFC 9110 leaves a 412's ETag open; this API may send the current one (Apache does)
+        # and must not send another: a client reads it as the tag to retry with.
+        return (f"the 412 carried ETag {reply.headers.get('ETag')!r}, but the project's current "
+                f"tag is {etag!r}: a 412 may carry the current ETag (the client can retry "
+                "with it after a fresh GET) or none - never another tag")
     if case.status == 200 and not reply.headers.get("ETag"):
         return "expected an ETag header on the 200"
     if case.status == 204 and exists:
@@ -319,11 +351,14 @@ def test_conditional_requests(make_app: Callable[..., Any], db: Any) -> None:
             first = call(host, "GET", path, headers=WRITER)
             expect(first, 200, f"GET {path}", "the project exists")
             etag = first.headers.get("ETag") or '"missing-etag"'
+            if case.gone:
+                conn.execute("DELETE FROM projects WHERE id = %s", (row[0],))
             value = case.value.format(etag=etag, bare=etag.strip('"'))
             reply = call(host, case.method, path, headers={**case.role, case.header: value})
             exists = conn.execute("SELECT count(*) FROM projects WHERE id = %s",
                                   (row[0],)).fetchone() == (1,)
-            what = f"{case.method} {path} ({case.name}) with {case.header}: {value}"
+            what = (f"{case.method} {path} ({case.name}) with {case.header}: {value}"
+                    + (f" (deleted after GET gave {etag})" if case.gone else ""))
             if reply.status != case.status:
                 failures.append(f"{what}: expected {case.status}, saw {reply.status} "
                                 f"{reply.body[:120]!r}: {case.meaning}")

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import hmac
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -528,9 +529,12 @@ def test_es256_verifies_only_p256_keys(lib: Lib) -> None:
 # kty fits the token's alg and it carries no alg of its own. Libraries refuse it
 # (panva/jose: "its use must be sig", "its key_ops must include verify"): an encryption
 # key's private half is held by whoever decrypts, and a verifier that takes it as a signing
-# key lets that party mint tokens. Each case: the JWK it copies (without its alg), the
-# copy's kid, its use and key_ops (None: not published), accepted or not.
-KEY_USES: list[tuple[str, str, str | None, list[str] | None, bool]] = [
+# key lets that party mint tokens. "key_ops" is an ARRAY of operations (4.3; Web Crypto's
+# JsonWebKey types it a sequence of strings): a JWK whose key_ops is a string or an object
+# is malformed and verifies nothing - "verify" in "unverify" is a substring test, and
+# "verify" in {"verify": false} a key test. Each case: the JWK it copies (without its alg),
+# the copy's kid, its use and key_ops (None: not published), accepted or not.
+KEY_USES: list[tuple[str, str, str | None, Any, bool]] = [
     ("rsa-2024", "rsa-enc", "enc", None, False),
     ("ec-a", "ec-enc", "enc", None, False),
     ("hs-1", "hs-enc", "enc", None, False),
@@ -539,6 +543,9 @@ KEY_USES: list[tuple[str, str, str | None, list[str] | None, bool]] = [
     ("hs-1", "hs-ops-sign", None, ["sign"], False),
     ("rsa-2024", "rsa-ops-none", None, [], False),
     ("ec-a", "ec-sig-ops-sign", "sig", ["sign"], False),
+    ("ec-a", "ec-ops-a-string", None, "verify", False),
+    ("rsa-2024", "rsa-ops-a-longer-string", "sig", "unverify", False),
+    ("hs-1", "hs-ops-an-object", None, {"verify": False}, False),
     ("rsa-2024", "rsa-sig-verify", "sig", ["verify"], True),
     ("ec-a", "ec-ops-verify", None, ["verify"], True),
     ("hs-1", "hs-ops-sign-verify", None, ["sign", "verify"], True),
@@ -575,13 +582,18 @@ def test_a_key_not_for_signatures_verifies_nothing(lib: Lib) -> None:
             wrong.append(
                 f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} an "
                 f"{alg} token signed by the private half of the JWK {kid!r} published with "
-                f"{marked} (no alg), expected InvalidToken: that key is not for "
-                "signatures")
+                f"{marked} (no alg), expected InvalidToken: "
+                + ("that key is not for signatures" if ops is None or isinstance(ops, list)
+                   else f"key_ops is {type(ops).__name__}, not an array (RFC 7517 4.3), so "
+                   "the JWK is malformed and names no operation - check isinstance(key_ops, "
+                   "list) before looking for \"verify\" in it: `in` on a string is a "
+                   "substring test, on an object a key test"))
     assert not wrong, "\n".join(wrong) + (
         f"\n({len(wrong)} of {len(KEY_USES)} keys by their use): RFC 7517 - \"use\": "
         "\"enc\" is an encryption key (4.2), and \"key_ops\" without \"verify\" may not "
         "check signatures (4.3). Refuse a JWK whose use, when present, is not \"sig\", or "
-        "whose key_ops, when present, lack \"verify\" - an encryption key's private half is "
+        "whose key_ops, when present, are not an array holding \"verify\" - an encryption "
+        "key's private half is "
         "held by whoever decrypts, who must not be able to mint tokens")
 
 
@@ -619,10 +631,10 @@ RESPELLINGS: list[tuple[str, Any]] = [
 ]
 
 
-def _first_difference(sig: str, other: str) -> str:
+def _first_difference(sig: str, other: str, writer: str = "PyJWT") -> str:
     at = next((i for i, (a, b) in enumerate(zip(sig, other, strict=False))
                if a != b), len(sig))
-    return (f"{other[max(at - 3, 0):at + 3]!r} at character {at}, where PyJWT wrote "
+    return (f"{other[max(at - 3, 0):at + 3]!r} at character {at}, where {writer} wrote "
             f"{sig[max(at - 3, 0):at + 3]!r}")
 
 
@@ -658,3 +670,82 @@ def test_a_signature_has_one_spelling(lib: Lib) -> None:
         "(re-encoding the bytes gives the segment back), or one token has several valid "
         "spellings and a denylist or replay cache keyed on the token string is walked "
         "around")
+
+
+# Every segment has one spelling, not only the signature: the compact serialization is
+# BASE64URL(header) "." BASE64URL(payload) "." BASE64URL(signature) (RFC 7515 7.1), each
+# unpadded base64url (RFC 7515 2). Two ways a lenient header or payload goes through:
+# - respelled after signing (the signature covers the canonical segments): a verifier that
+#   strips the padding, or rebuilds the signing input from the bytes it decoded, checks the
+#   signature over a string the token does not hold - the bytes received were never signed;
+# - signed over the respelled segment (an issuer that pads, or an attacker holding the key
+#   of a test issuer): the signature is good over those bytes, but the token is not a JWS,
+#   and a decoder PyJWT-style (padding added back, "+" "/" and line breaks skipped) takes it,
+#   so one set of claims has several valid tokens.
+# Each case: the segment respelled (0 header, 1 payload), and whether it is signed after.
+SEGMENTS = ("header", "payload")
+
+
+def _segments_to_respell(alg: str, kid: str) -> list[dict[str, Any]]:
+    """A header and a payload whose base64url each has unused bits (a length that is not a
+    multiple of 4) and a '-' or '_' (so that every respelling changes it)."""
+    def fits(part: dict[str, Any]) -> bool:
+        text = b64(json.dumps(part).encode())
+        return len(text) % 4 != 0 and bool({"-", "_"} & set(text))
+    def nonces() -> Iterator[str]:
+        # In ASCII text only a byte ending in 0b11111x ('>', '?', '~') at every third place
+        # encodes to '-' or '_': three '~' in a row put one there, the padding moves the end.
+        return ("~~~" + "x" * n for n in range(6))
+    header = next(h for nonce in nonces()
+                  if fits(h := {"alg": alg, "typ": "JWT", "kid": kid, "nonce": nonce}))
+    payload = next(c for nonce in nonces() if fits(c := {**CLAIMS, "jti": nonce}))
+    return [header, payload]
+
+
+def _sign_input(alg: str, key: Any, signing_input: str) -> str:
+    algorithm = pyjwt.get_algorithm_by_name(alg)
+    return b64(algorithm.sign(signing_input.encode(), algorithm.prepare_key(key)))
+
+
+def test_every_segment_has_one_spelling(lib: Lib) -> None:
+    k = keys()
+    wrong = []
+    for alg, key, kid in (("HS256", SECRET, "hs-1"), ("RS256", k.rsa_new, "rsa-2024"),
+                          ("ES256", k.ec_a, "ec-a")):
+        segments = [b64(json.dumps(part).encode()) for part in _segments_to_respell(alg, kid)]
+        token = f"{'.'.join(segments)}.{_sign_input(alg, key, '.'.join(segments))}"
+        verdict, got = lib.verify(token)
+        assert verdict == "ok", (
+            f"verify() {'raised ' + got if verdict == 'crashed' else 'refused'} a valid "
+            f"{alg} token signed with the key {kid!r} ({got}), expected the claims")
+        for index, segment in enumerate(SEGMENTS):
+            for how, respell in RESPELLINGS:
+                other = respell(segments[index])
+                assert other != segments[index]
+                assert unb64(other.replace("\r\n", "")) == unb64(segments[index])
+                parts = list(segments)
+                parts[index] = other
+                for signed_after in (False, True):
+                    signing_input = ".".join(parts if signed_after else segments)
+                    signature = _sign_input(alg, key, signing_input)
+                    verdict, got = lib.verify(f"{'.'.join(parts)}.{signature}")
+                    if verdict == "refused":
+                        continue
+                    wrong.append(
+                        f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} "
+                        f"an {alg} token whose {segment} segment was {how} "
+                        f"({_first_difference(segments[index], other, 'the issuer')}), "
+                        + ("and signed over that spelling: a token that is not a JWS, "
+                           "decoded leniently - decode the header and payload as strictly as "
+                           "the signature" if signed_after else
+                           "after signing, the signature made over the canonical segments: "
+                           "the signing input checked was not the string received - verify "
+                           "the signature over the first two segments exactly as they came, "
+                           "and decode them strictly")
+                        + "; expected InvalidToken")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {3 * len(SEGMENTS) * len(RESPELLINGS) * 2} respelled tokens): "
+        "every segment of a JWS is base64url with no '=' padding, no whitespace, only '-' "
+        "and '_' besides letters and digits, and its unused bits zero (RFC 7515 2, 7.1) - "
+        "the header and payload too; the signature covers them as sent, so a verifier that "
+        "strips, re-pads or re-encodes them checks bytes that were never signed")

@@ -39,6 +39,17 @@ def etag_of(body: bytes) -> str:
     return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
+# RFC 9110 8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE, where etagc is any visible
+# character but DQUOTE - a comma too ("a,b" is one tag). So a list is read tag by tag as
+# quoted strings, as Go's net/http (scanETag) and Werkzeug (parse_etags) read it, not split
+# on commas: split, '"old,<current>"' would hold the current tag's text in one of its pieces.
+ENTITY_TAG = re.compile(r'(?:W/)?"[^"]*"')
+
+
+def entity_tags(header: str) -> list[str]:
+    return ENTITY_TAG.findall(header)
+
+
 def if_none_match_hits(header: str | None, etag: str) -> bool:
     """RFC 9110 13.1.2: If-None-Match is '*' or a list of tags, compared weakly (W/ ignored)."""
     if not header:
@@ -46,11 +57,7 @@ def if_none_match_hits(header: str | None, etag: str) -> bool:
     if header.strip() == "*":
         return True
     wanted = etag.removeprefix("W/")
-    return any(tag.strip().removeprefix("W/") == wanted for tag in header.split(","))
-
-
-def entity_tags(header: str) -> list[str]:
-    return [tag.strip() for tag in header.split(",") if tag.strip()]
+    return any(tag.removeprefix("W/") == wanted for tag in entity_tags(header))
 
 
 def if_match_holds(header: str | None, etag: str) -> bool:
