@@ -11,7 +11,9 @@ observations that decide: what was negotiated, what arrived as 0-RTT, in which o
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import traceback
 from typing import Any
 
 
@@ -121,17 +123,56 @@ class LearnerServer:
         self._thread.join(self.wait)
 
 
+def _raised_in(exc: BaseException | None, learner_file: str) -> str | None:
+    """'<exception> at h3.py line N (<code>)' when ``exc`` was raised in the learner's
+    file (the innermost such frame), else None."""
+    if exc is None:
+        return None
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if os.path.abspath(frame.filename) == learner_file:
+            return (f"{type(exc).__name__}: {str(exc)[:200]} at "
+                    f"{os.path.basename(learner_file)} line {frame.lineno} "
+                    f"({(frame.line or '').strip()[:80]})")
+    return None
+
+
 def fetch(h3: Any, port: int, paths: list[str], cafile: str, server_name: str,
           ticket: Any, seconds: float) -> tuple[str, Any]:
     """The learner's ``fetch()`` run to its end: ``("ok", FetchResult)``, or
-    ``("not implemented" | "timed out" | "error", message)``."""
+    ``("not implemented" | "timed out" | "error", message)``.
+
+    An exception the learner's code raises outside any task - in quic_event_received(),
+    which aioquic calls from the loop's datagram callback - is only logged by asyncio, and
+    the request it was handling would then never finish: such an exception ends the fetch
+    at once, as an "error" naming it and its line, instead of at ``seconds``."""
+    learner_file = os.path.abspath(str(getattr(h3, "__file__", "") or ""))
+    raised: list[str] = []
+
     async def bounded() -> Any:
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+
+        def unhandled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            where = _raised_in(context.get("exception"), learner_file)
+            if where is not None and not raised and main is not None:
+                raised.append(where)
+                main.cancel()
+            loop.default_exception_handler(context)
+
+        loop.set_exception_handler(unhandled)
         return await asyncio.wait_for(
             h3.fetch("127.0.0.1", port, list(paths), cafile=cafile, server_name=server_name,
                      session_ticket=ticket), seconds)
 
     try:
         return "ok", asyncio.run(bounded())
+    except asyncio.CancelledError:
+        if not raised:
+            raise
+        return "error", (f"fetch({list(paths)}) stopped: your client raised {raised[0]} "
+                         "while handling a QUIC event (outside any task, so nothing "
+                         "awaited it: asyncio only logged it, and the response it was "
+                         "handling would never have finished)")
     except NotImplementedError as exc:
         return "not implemented", _problem(f"fetch({list(paths)})", exc, seconds)
     except TimeoutError as exc:

@@ -138,9 +138,23 @@ class Framed:
     trailers: bool = False
 
 
-Body = bytes | tuple[bytes, ...] | Framed
+@dataclass(frozen=True)
+class Bodiless:
+    """A response that is its HEADERS frame alone, which ends the stream: no DATA frame at
+    all (RFC 9114 4.1: DATA frames are optional), as a 204 No Content or a 304 Not
+    Modified is sent."""
+
+
+Body = bytes | tuple[bytes, ...] | Framed | Bodiless
 EARLY_HINTS = [(b":status", b"103"), (b"link", b"</style.css>; rel=preload; as=style")]
 TRAILERS = [(b"server-timing", b"app;dur=12"), (b"x-checksum", b"sha256-none")]
+
+# Responses the test's server sends as a HEADERS frame that ends the stream, without any
+# DATA frame: path -> (status, what it is).
+BODILESS: dict[str, tuple[int, str]] = {
+    "/gone": (204, "a 204 No Content"),
+    "/unchanged": (304, "a 304 Not Modified"),
+}
 
 # Requests whose end (the stream's FIN) comes after their HEADERS, in a DATA frame sent
 # in a later datagram: a POST's with its body, a GET's in an empty DATA frame.
@@ -190,6 +204,8 @@ class Gate:
             return 200, Framed(b"/hinted ok", interim=True)
         if path == "/trailed":
             return 200, Framed(b"/trailed ok", trailers=True)
+        if path in BODILESS:
+            return BODILESS[path][0], Bodiless()
         return 200, f"{path} ok".encode()
 
 
@@ -388,6 +404,10 @@ class ProbeServer(QuicConnectionProtocol):
     async def respond(self, sid: int) -> None:
         status, body = await self.handler(self.paths[sid])
         assert self.h3 is not None
+        if isinstance(body, Bodiless):  # the HEADERS frame carries the stream's FIN
+            self.h3.send_headers(sid, [(b":status", str(status).encode())], end_stream=True)
+            self.transmit()
+            return
         if isinstance(body, Framed):
             if body.interim:
                 self.h3.send_headers(sid, EARLY_HINTS)
@@ -576,6 +596,105 @@ def test_server_answers_a_request_that_ends_after_its_headers(learner: Any,
         f"{plain}, expected (200, b'/plain ok')")
 
 
+# Two connections, each with one request on its first stream (stream 0 on both: stream ids
+# are numbered per connection), both open at once.
+TWO_CONNECTIONS = ("/first-connection", "/second-connection")
+
+
+async def two_connections_at_once(server: Any, certs: Certs
+                                  ) -> tuple[list[Observed], list[str] | None]:
+    """Open two connections to the learner's server; on each, send one GET's HEADERS
+    without its end; once the server's QUIC stack has acknowledged both (so its
+    quic_event_received() has seen both), end the first connection's request with an empty
+    DATA frame, then the second's. Return what each connection saw, and the paths the
+    handler was called with once the server had nothing left to do."""
+    def configuration() -> QuicConfiguration:
+        config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN,
+                                   server_name=SERVER_NAME)
+        config.load_verify_locations(certs.ca)
+        return config
+
+    loop = asyncio.get_running_loop()
+
+    async def until(what: Callable[[], bool]) -> bool:
+        deadline = loop.time() + WAIT * 2
+        while not what() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return what()
+
+    async with connect(HOST, server.port, configuration=configuration(),
+                       create_protocol=ProbeClient) as one, \
+            connect(HOST, server.port, configuration=configuration(),
+                    create_protocol=ProbeClient) as two:
+        clients: list[ProbeClient] = [one, two]  # type: ignore[list-item]
+        sids = []
+        for client, path in zip(clients, TWO_CONNECTIONS, strict=True):
+            sid = client._quic.get_next_available_stream_id()
+            client.paths[sid] = path
+            client.done[path] = asyncio.Event()
+            client.h3.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"https"),
+                                         (b":authority", SERVER_NAME.encode()),
+                                         (b":path", path.encode())], end_stream=False)
+            client.transmit()
+            sids.append(sid)
+
+        def senders() -> list[Any]:
+            """The streams' senders still kept (a stream done both ways is dropped)."""
+            streams = [client._quic._streams.get(sid)
+                       for client, sid in zip(clients, sids, strict=True)]
+            return [stream.sender for stream in streams if stream is not None]
+
+        # Both HEADERS acknowledged: both requests are open on the server at once.
+        await until(lambda: all(s._buffer_start == s._buffer_stop for s in senders()))
+        for client, sid in zip(clients, sids, strict=True):
+            client.h3.send_data(sid, b"", end_stream=True)
+            client.transmit()
+        called = None
+        if await until(lambda: all(s.is_finished for s in senders())):
+            called = await asyncio.to_thread(server.called_once_idle, WAIT)
+            for client in clients:  # what the server sent before answering a PING is in
+                with suppress(ConnectionError, TimeoutError):
+                    await asyncio.wait_for(client.ping(), WAIT)
+        for client, path in zip(clients, TWO_CONNECTIONS, strict=True):
+            if path not in client.seen.responses and called is None:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(client.done[path].wait(), WAIT)
+        return [copy.copy(client.seen) for client in clients], called
+
+
+def test_server_keeps_each_connections_streams_apart(learner: Any, certs: Certs) -> None:
+    """Stream ids are numbered per connection: every connection's first request is on
+    stream 0. Two connections with a request open on stream 0 at once must each get the
+    answer to their own request - what the server keeps per stream is kept per
+    connection."""
+    with learner_server(learner, certs) as server:
+        seen, called = run(two_connections_at_once(server, certs))
+    why = ("Stream ids are per connection: every client's first request is on stream 0, "
+           "so two connections have a stream 0 open at once. Keep what you remember about "
+           "a stream (its path) on the connection's protocol object, created in __init__ "
+           "(self.paths = {}), never in a dict all connections share - a class attribute "
+           "(paths: dict = {} in the class body) or a module global.")
+    handled = (f"; the handler was called with {called}" if called is not None else "")
+    for observed, path, other in zip(seen, TWO_CONNECTIONS, reversed(TWO_CONNECTIONS),
+                                     strict=True):
+        got = observed.responses.get(path)
+        if got == (200, f"{path} ok".encode()):
+            continue
+        if got is not None and got[1] == f"{other} ok".encode():
+            pytest.fail(f"the request for {path} on one connection was answered with "
+                        f"{got}, the answer to {other}, the request open on stream 0 of "
+                        f"another connection at the same time{handled}\n{why}",
+                        pytrace=False)
+        ended = (f"got {got}" if got is not None else
+                 f"its stream was reset (error code {observed.reset[path]})"
+                 if path in observed.reset else
+                 f"the connection was closed ({observed.closed})" if observed.closed else
+                 "it got no response")
+        pytest.fail(f"the request for {path} (on stream 0, while another connection had "
+                    f"its own request open on its stream 0): {ended}{handled}; expected "
+                    f"(200, {f'{path} ok'.encode()!r})\n{why}", pytrace=False)
+
+
 def test_server_accepts_0rtt_on_resumption(learner: Any, certs: Certs) -> None:
     with learner_server(learner, certs) as server:
         _, tickets = run(probe(server.port, certs, ["/first"]))
@@ -690,6 +809,44 @@ def test_client_takes_the_final_responses_status(learner: Any, certs: Certs) -> 
                 "a status the server never sent")
         pytest.fail(f"{path} got {got}: {seen}; expected {want}, the server sent {shape}"
                     f"\n{why}", pytrace=False)
+
+
+def test_client_takes_a_response_that_ends_on_its_headers(learner: Any,
+                                                          certs: Certs) -> None:
+    """A response need not have a body: a 204 or a 304 is its HEADERS frame alone, and that
+    frame carries the stream's FIN (HeadersReceived.stream_ended), with no DATA frame
+    after it. Such a response is complete then, with an empty body, like /fast beside it."""
+    gate = Gate()
+    paths = [*BODILESS, "/fast"]
+
+    async def scenario() -> tuple[str, Any]:
+        probe = await probe_server(certs, gate.handler)
+        try:
+            return await learner_fetch(learner, probe, certs, paths)
+        finally:
+            probe.server.close()
+
+    kind, value = run(scenario())
+    sent = ", ".join(f"{path} with {what}" for path, (_, what) in BODILESS.items())
+    why = ("A response is complete when its stream ends, and the FIN may come on its "
+           "HEADERS frame (HeadersReceived.stream_ended) when it has no body: no DATA frame, "
+           "no DataReceived event, ever. Finish a response on whichever event has "
+           "stream_ended set, and start each stream's body empty, not on its first DATA.")
+    if kind == "not implemented":
+        pytest.fail(str(value), pytrace=False)
+    if kind != "ok":
+        ended = "never finished" if kind == "timed out" else "failed on them"
+        pytest.fail(f"{value}: the server answered {sent}, each a HEADERS frame that ended "
+                    f"the stream without any DATA frame (and /fast with a body), and your "
+                    f"client {ended}\n{why}", pytrace=False)
+    for path, (status, what) in BODILESS.items():
+        got = value.responses.get(path)
+        assert got == (status, b""), (
+            f"{path} got {got}, expected ({status}, b''): the server sent {what}, a HEADERS "
+            f"frame that ended the stream, without any DATA frame\n{why}")
+    assert value.responses.get("/fast") == (200, b"/fast ok"), (
+        f"/fast got {value.responses.get('/fast')}, expected (200, b'/fast ok') beside "
+        f"{sent}")
 
 
 def test_client_resumes_with_0rtt(learner: Any, certs: Certs) -> None:

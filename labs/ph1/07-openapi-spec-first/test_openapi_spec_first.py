@@ -434,28 +434,28 @@ def test_offset_walks_the_whole_list(spec_path: Path, host: str, postgres: Any,
         "the query as OFFSET, not as a page number, and do not drop it")
 
 
-def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: Any,
-                                                         contract: Contract) -> None:
-    """Two POST /users with the same new email, at once. The test holds a SHARE lock on
-    users (reads pass, writes wait) until both requests wait on it, so both have done
-    whatever they do before writing - a check-then-insert has checked - and then lets them
-    write together: the database's UNIQUE constraint decides, and the spec's 409 must
-    come out of it."""
-    document = {"name": "Racer", "email": "race@example.com"}
+def at_once(host: str, postgres: Any, method: str, path: str,
+            document: Any = None) -> tuple[list[Any], list[Exchange]]:
+    """Send the same request twice, at once. The test holds a SHARE lock on users (reads
+    pass, writes wait) until both requests wait on it, so both have done whatever they do
+    before writing - a check (SELECT) before the write has checked - and then lets them
+    write together: the database decides. Return both statuses (an exception where a
+    request failed) and the exchanges."""
     statuses: list[Any] = [None, None]
     exchanges: list[Exchange] = []
 
-    def post(i: int) -> None:
+    def send(i: int) -> None:
         try:
-            exchanges.append(exchange(host, "POST", "/users", document=dict(document)))
+            exchanges.append(exchange(host, method, path,
+                                      document=None if document is None else dict(document)))
             statuses[i] = exchanges[-1].status
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
             statuses[i] = exc
 
     with postgres.connect(autocommit=True) as holder, postgres.connect(autocommit=True) as look:
         holder.execute("BEGIN")
         holder.execute("LOCK TABLE users IN SHARE MODE")
-        threads = [threading.Thread(target=post, args=(i,), daemon=True) for i in range(2)]
+        threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(2)]
         for thread in threads:
             thread.start()
 
@@ -466,11 +466,20 @@ def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: An
             return bool(waiting + sum(not th.is_alive() for th in threads) >= 2)
 
         try:
-            wait_until(both_waiting_or_done, "both POST /users to reach the users table")
+            wait_until(both_waiting_or_done, f"both {method} {path} to reach the users table")
         finally:
             holder.execute("COMMIT")
         for thread in threads:
             thread.join(30)
+    return statuses, exchanges
+
+
+def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: Any,
+                                                         contract: Contract) -> None:
+    """Two POST /users with the same new email, at once (at_once): the database's UNIQUE
+    constraint decides, and the spec's 409 must come out of it."""
+    document = {"name": "Racer", "email": "race@example.com"}
+    statuses, exchanges = at_once(host, postgres, "POST", "/users", document)
     seen = sorted(s if isinstance(s, int) else -1 for s in statuses)
     assert seen == [201, 409], (
         f"two concurrent POST /users with the same new email {document['email']!r}: expected "
@@ -481,6 +490,68 @@ def test_concurrent_creates_of_one_email_get_201_and_409(host: str, postgres: An
            if 500 in seen else ""))
     for ex in exchanges:
         contract.judge(ex, "one of two concurrent creates of one email")
+
+
+def test_concurrent_deletes_of_one_user_get_204_and_404(host: str, postgres: Any,
+                                                        contract: Contract) -> None:
+    """Two DELETE /users/{userId} of the same user, at once (at_once): one deletes it
+    (204), and for the other there is no such user any more (404) - as for a DELETE sent
+    after the first. Only the DELETE's own count of deleted rows can say which is which: a
+    SELECT before it found the user for both, a transaction around the two included."""
+    with postgres.connect(autocommit=True) as conn:
+        row = conn.execute("INSERT INTO users (name, email) VALUES ('Doomed', "
+                           "'doomed@example.com') RETURNING id").fetchone()
+    assert row is not None
+    statuses, exchanges = at_once(host, postgres, "DELETE", f"/users/{row[0]}")
+    shown = [s if isinstance(s, int) else repr(s) for s in statuses]
+    seen = sorted(s if isinstance(s, int) else -1 for s in statuses)
+    assert seen == [204, 404], (
+        f"two concurrent DELETE /users/{row[0]} of one existing user: expected one 204 and "
+        f"one 404, saw {shown}"
+        + (": both requests reported deleting the user, but only one row was deleted - "
+           "each found the user with a check (SELECT) before its DELETE, and the check "
+           "cannot see the other request's DELETE (a transaction around the two, at READ "
+           "COMMITTED, does not change that). Let the DELETE decide: its rowcount is 1 for "
+           "the request that deleted the user and 0 for the other, which gets the spec's 404"
+           if seen == [204, 204] else ""))
+    for ex in exchanges:
+        contract.judge(ex, "one of two concurrent deletes of one user")
+
+
+# The media types a POST /users may come with, and what the contract makes of them: JSON
+# with a charset parameter is JSON (the spec's application/json matches it), a document
+# in another media type is the client's error - with a status the spec declares for it.
+# (content type, what it is, the body, the status expected: 201 or "4xx")
+MEDIA_TYPES: list[tuple[str, str, bytes, Any]] = [
+    ("application/json; charset=utf-8", "JSON with a charset parameter",
+     b'{"name": "Charset", "email": "charset@example.com"}', 201),
+    ("text/plain", "a JSON document sent as text/plain",
+     b'{"name": "Plain", "email": "plain@example.com"}', "4xx"),
+    ("application/x-www-form-urlencoded", "a form instead of JSON",
+     b"name=Form&email=form%40example.com", "4xx"),
+]
+
+
+def test_the_request_media_type_is_the_specs(host: str, contract: Contract) -> None:
+    """createUser's body is application/json: JSON with a charset parameter is created,
+    anything else is refused with a 4xx the spec declares for createUser (a generated
+    client handles only those), as a problem document."""
+    for content_type, what, body, expected in MEDIA_TYPES:
+        ex = exchange(host, "POST", "/users", raw=body, content_type=content_type)
+        sent = f"{what}, Content-Type: {content_type}"
+        if expected == 201:
+            assert ex.status == 201, (
+                f"{ex.label()} ({sent}): expected 201, saw {ex.status} {ex.data[:150]!r}: "
+                "application/json; charset=utf-8 is application/json - a media type has "
+                "parameters, and the spec's application/json covers them. Let openapi-core "
+                "match the request's media type against the spec instead of comparing the "
+                "header by hand")
+        else:
+            assert 400 <= ex.status < 500, (
+                f"{ex.label()} ({sent}): expected a 4xx (415 Unsupported Media Type), saw "
+                f"{ex.status} {ex.data[:150]!r}: createUser takes application/json only")
+        contract.judge(ex, f"{sent}; every status the code sends for createUser, this "
+                           "refusal's too, is declared for it in openapi.yaml")
 
 
 def test_text_postgres_cannot_store_is_refused(host: str, contract: Contract) -> None:

@@ -474,17 +474,33 @@ def test_a_missing_reply_times_out_and_a_late_one_is_dropped(world: Any) -> None
 
 POISON_WITHIN = 15.0   # seconds a call whose reply is not JSON may take to raise, loaded
 
+# Replies that are no answer, as another service (or a gateway in its place) may write them,
+# each with the correlation id of a call waiting for it: (what it is, its value). Each must
+# fail that call with ValueError, and only that call. Bytes that are not text and a tombstone
+# (no value at all: json.loads(None) raises TypeError, not ValueError) kill a listener that
+# catches only what an HTML page raises; JSON that is no object is returned by a client that
+# checks only that the reply parses.
+BAD_REPLIES: list[tuple[str, bytes | None]] = [
+    ("an HTML error page (not JSON)", b"<html><body>502 Bad Gateway</body></html>"),
+    ("a JSON array (JSON, but not an object)", b'[{"n": 5, "square": 25}]'),
+    ("a JSON string (JSON, but not an object)", b'"502 Bad Gateway"'),
+    ("a tombstone (a message with no value at all)", None),
+    ("bytes that are not UTF-8 (not text, so not JSON)", b"\x80\x81\xfe not text"),
+]
+
 
 def test_a_reply_that_is_not_json_fails_its_call_and_nothing_else(world: Any,
                                                                   deaths: Any) -> None:
-    """A reply is bytes from another service: a gateway's HTML error page, a truncated
-    document, a correlation id that is not even UTF-8. One such message must fail the one
-    call waiting for it, and only that call: a listener thread that dies on it (an
-    exception escapes its loop) leaves every later caller waiting for replies nobody reads.
+    """A reply is bytes from another service: a gateway's HTML error page, JSON that is no
+    object, a tombstone, bytes that are not text, a correlation id that is not even UTF-8.
+    One such message must fail the one call waiting for it, and only that call: a listener
+    thread that dies on it (an exception escapes its loop) leaves every later caller waiting
+    for replies nobody reads. Each of BAD_REPLIES answers a call of its own, one after the
+    other, on one client.
 
-    The next call is made (and answered) as soon as the HTML page is written: its reply is
-    behind the page on the reply topic, so once it comes back the client has read the page,
-    and the caller waiting for the page has had its turn - it is judged then, not after
+    The next call is made (and answered) as soon as the bad reply is written: its reply is
+    behind it on the reply topic, so once it comes back the client has read the bad reply,
+    and the caller waiting for it has had its turn - it is judged then, not after
     POISON_WITHIN s. A thread of the client that dies of an exception ends the waits at
     once, named with its exception and its line."""
     mod, kafka, responder, requests, replies = world
@@ -496,70 +512,85 @@ def test_a_reply_that_is_not_json_fails_its_call_and_nothing_else(world: Any,
                                    headers=[("correlation_id", b"\xff\xfe\x80")])
         responder.producer.produce(replies, None)
         responder.producer.flush(10)
-        thread, out = in_thread(client.call, {"n": 5}, timeout=60)
-        (req,) = responder.collect(1, "a call answered with a non-JSON reply", [(thread, out)])
-        responder.producer.produce(replies, b"<html><body>502 Bad Gateway</body></html>",
-                                   headers=[("correlation_id", (req.cid or "").encode())])
-        responder.producer.flush(10)
-        written = time.monotonic()
-        read_past = False
-        thread.join(0.2)   # a right client has handed the failure over by now, mostly
-        if thread.is_alive():
-            witness = answered_call(client, responder, replies, 8,
-                                    "the call after a non-JSON reply", deaths=deaths)
-            read_past = witness.get("value") == {"n": 8, "square": 64}
-            if read_past:
-                calls_after(client, [(thread, out)], 9)
-        else:
-            witness = None
-        died = list(deaths.thread_deaths())
-        if thread.is_alive() and not died:
-            thread.join(0 if read_past else max(0.0, written + POISON_WITHIN
-                                                - time.monotonic()))
-            died = list(deaths.thread_deaths())
-        if died and thread.is_alive():
-            pytest.fail(
-                f"a call whose reply was an HTML error page (not JSON) was still waiting "
-                f"{time.monotonic() - written:.1f} s after that reply was written, and the "
-                f"client's {died[0]}: an exception from one reply (json.loads on the value, "
-                "decoding a header that is not UTF-8 - a stranger's reply with such a "
-                "correlation id came first) ended the listener thread, so this caller and "
-                "every later one wait for replies nobody reads. Catch what one reply can "
-                "raise inside the listener's loop: hand the caller waiting for it the "
-                "failure (a correlation id that is not UTF-8 is nobody's), keep reading",
-                pytrace=False)
-        past = (" (the next call, answered after it, came back, and calls after that came "
-                "and went)" if thread.is_alive() and read_past else "")
-        assert not thread.is_alive(), (
-            f"a call whose reply was an HTML error page (not JSON) was still waiting "
-            f"{time.monotonic() - written:.1f} s after that reply was written (its timeout "
-            f"is 60 s){past}: the listener read it and never handed anything to the "
-            "caller - did it drop the reply, or did an exception (json.loads on the reply, "
-            "decoding a header) end the listener thread? Hand the caller the failure and "
-            "keep the listener reading")
-        assert "error" in out and isinstance(out["error"], ValueError) and not isinstance(
-            out["error"], mod.RpcTimeout), (
-            f"a call whose reply was an HTML error page (not JSON) ended with "
-            f"{out.get('value', out.get('error'))!r}: expected ValueError raised from call() "
-            "(json.JSONDecodeError is one) - the reply came, so it is no timeout, and it is "
-            "no answer the caller can use")
-        if witness is None:
-            witness = answered_call(client, responder, replies, 8,
-                                    "the call after a non-JSON reply", deaths=deaths)
-        ended = witness.get("value", witness.get("error"))
-        if witness.get("died"):
-            ended = f"nothing, and the client's {witness['died'][0]}"
-        elif "unanswered" in witness:
-            copies, took = witness["unanswered"]
-            ended = f"nothing: still waiting after {copies} copies of its reply in {took:.0f} s"
-        assert witness.get("value") == {"n": 8, "square": 64}, (
-            f"after a non-JSON reply, a stranger's reply with a non-UTF-8 correlation id and "
-            f"a tombstone, the next call ended with {ended!r}, expected "
-            "{'n': 8, 'square': 64}: one bad message on the reply topic stopped "
-            "the client reading it. Catch what one reply can raise inside the listener's "
-            "loop: the bad reply fails its own call (or none), never the listener")
+        for case, (what, value) in enumerate(BAD_REPLIES):
+            earlier = [w for w, _ in BAD_REPLIES[:case]]
+            one_bad_reply(mod, client, responder, replies, deaths, what, value,
+                          5 + 10 * case, earlier)
     finally:
         close_within(client, 10)
+
+
+def one_bad_reply(mod: Any, client: Any, responder: Responder, replies: str, deaths: Any,
+                  what: str, value: bytes | None, n: int, earlier: list[str]) -> None:
+    """A call answered with ``value`` (``what`` it is) must raise ValueError, and the call
+    after it (n + 3) must get its reply."""
+    thread, out = in_thread(client.call, {"n": n}, timeout=60)
+    (req,) = responder.collect(1, f"a call answered with {what}", [(thread, out)])
+    responder.producer.produce(replies, value,
+                               headers=[("correlation_id", (req.cid or "").encode())])
+    responder.producer.flush(10)
+    written = time.monotonic()
+    after = n + 3
+    read_past = False
+    thread.join(0.2)   # a right client has handed the failure over by now, mostly
+    if thread.is_alive():
+        witness = answered_call(client, responder, replies, after,
+                                f"the call after {what}", deaths=deaths)
+        read_past = witness.get("value") == {"n": after, "square": after * after}
+        if read_past:
+            calls_after(client, [(thread, out)], n + 4)
+    else:
+        witness = None
+    died = list(deaths.thread_deaths())
+    if thread.is_alive() and not died:
+        thread.join(0 if read_past else max(0.0, written + POISON_WITHIN
+                                            - time.monotonic()))
+        died = list(deaths.thread_deaths())
+    before = (f" (the calls answered before it with {', '.join(earlier)} raised "
+              "ValueError, as they should)" if earlier else "")
+    if died and thread.is_alive():
+        pytest.fail(
+            f"a call whose reply was {what} was still waiting "
+            f"{time.monotonic() - written:.1f} s after that reply was written{before}, and "
+            f"the client's {died[0]}: an exception from one reply (json.loads on the value - "
+            "None for a tombstone, bytes that do not decode -, decoding a header that is not "
+            "UTF-8) ended the listener thread, so this caller and every later one wait for "
+            "replies nobody reads. Catch what one reply can raise inside the listener's "
+            "loop - whatever the value is, not only what an HTML page raises: hand the "
+            "caller waiting for it the failure as a ValueError (a correlation id that is not "
+            "UTF-8 is nobody's), keep reading", pytrace=False)
+    past = (" (the next call, answered after it, came back, and calls after that came "
+            "and went)" if thread.is_alive() and read_past else "")
+    assert not thread.is_alive(), (
+        f"a call whose reply was {what} was still waiting "
+        f"{time.monotonic() - written:.1f} s after that reply was written (its timeout "
+        f"is 60 s){past}{before}: the listener read it and never handed anything to the "
+        "caller - did it drop the reply, or did an exception (json.loads on the reply, "
+        "decoding a header) end the listener thread? Hand the caller the failure and "
+        "keep the listener reading")
+    assert "error" in out and isinstance(out["error"], ValueError) and not isinstance(
+        out["error"], mod.RpcTimeout), (
+        f"a call whose reply was {what} ended with "
+        f"{out.get('value', out.get('error'))!r}{before}: expected ValueError raised from "
+        "call() (json.JSONDecodeError is one) - the reply came, so it is no timeout, and it "
+        "is no answer the caller can use: call() returns a dict, the JSON object a reply "
+        "must be. Parse the value, check it is an object, and hand the caller a ValueError "
+        "for anything else")
+    if witness is None:
+        witness = answered_call(client, responder, replies, after,
+                                f"the call after {what}", deaths=deaths)
+    ended = witness.get("value", witness.get("error"))
+    if witness.get("died"):
+        ended = f"nothing, and the client's {witness['died'][0]}"
+    elif "unanswered" in witness:
+        copies, took = witness["unanswered"]
+        ended = f"nothing: still waiting after {copies} copies of its reply in {took:.0f} s"
+    assert witness.get("value") == {"n": after, "square": after * after}, (
+        f"after a reply that was {what} (before it: a stranger's reply with a non-UTF-8 "
+        f"correlation id and a tombstone), the next call ended with {ended!r}, expected "
+        f"{{'n': {after}, 'square': {after * after}}}: one bad message on the reply topic "
+        "stopped the client reading it. Catch what one reply can raise inside the "
+        "listener's loop: the bad reply fails its own call (or none), never the listener")
 
 
 REPLY_WITHIN = 20.0   # seconds both calls may take to return once their replies are sent
