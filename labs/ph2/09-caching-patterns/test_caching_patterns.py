@@ -277,6 +277,66 @@ def test_cache_aside_invalidates_after_the_commit(shop: Shop, commit_gate: Commi
         f"AFTER the commit (an autocommit connection, or commit() before the delete).")
 
 
+FILL_STEPS = 20   # more Redis commands than any read sends between its SELECT and its end
+
+
+def test_cache_aside_a_read_that_missed_before_a_write_never_caches_the_old_row(
+        shop: Shop) -> None:
+    """The race cache-aside's own read loses ("stale set"): a read misses and reads the row;
+    before it fills the cache, another server's write commits and deletes the entry - then
+    the read's fill puts back the row it read, the OLD one, for a whole TTL. Driven step by
+    step: the reader's Redis goes through a gate that runs the writer's whole update_price
+    just before the reader's k-th Redis command after its SELECT, for k = 1, 2, ... until
+    the read ends in fewer commands: a fill that checks and sets in two commands is caught
+    between them."""
+    writer = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+    other = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+    step: dict[str, Any] = {}
+
+    def before(command: list[bytes]) -> None:
+        if "k" not in step or "wrote" in step or shop.reads() == step["reads"]:
+            return   # not armed, done, or the read has not read the row yet
+        step["after"] += 1
+        if step["after"] == step["k"]:
+            step["wrote"] = " ".join(c.decode(errors="replace") for c in command[:2])
+            writer.update_price(2, step["price"])
+
+    with redis_gate(shop.redis_url, before) as url:
+        reader = shop.make("CacheAside", shop.dsn, url, ttl_seconds=300)
+        for k in range(1, FILL_STEPS + 1):
+            for key in shop.redis.scan_iter("product:2*"):   # the entry (and any lease)
+                shop.redis.delete(key)
+            old, price = shop.db_price(2), 5000 + k
+            step.clear()
+            step.update(k=k, price=price, after=0, reads=shop.reads())
+            got = reader.get_product(2)
+            wrote = step.pop("wrote", None)
+            step.clear()
+            if wrote is None:
+                break   # the read sent fewer than k commands after its SELECT: all tried
+            cached, left = shop.cached(2), shop.redis.ttl("product:2")
+            after = other.get_product(2)
+            assert (cached is None or cached.get("price_cents") == price) and \
+                after is not None and after["price_cents"] == price, (
+                f"cache-aside: a read of product 2 missed and read the row (price {old}, "
+                f"returned {got and got['price_cents']}); then, just before its Redis command "
+                f"no. {k} after that SELECT ({wrote}), another server's update_price(2, "
+                f"{price}) committed and deleted product:2. The read went on and cached the row "
+                f"it had read: product:2 now holds price "
+                f"{cached and cached.get('price_cents')} (TTL {left} s) while the database "
+                f"holds {price}, and another server reads {after and after['price_cents']} - "
+                f"every reader gets the old price until the TTL runs out.\nA fill must not "
+                f"land after a write it did not see (a plain SET or SET NX both do: the write "
+                f"deleted the entry). Take a lease before reading the database (a token, SET "
+                f"product:<id>:lease NX PX), have a write delete it with the entry, and fill "
+                f"only if the lease is still yours - checked and set in ONE step (a Lua "
+                f"script, or WATCH/MULTI): memcache's leases (Scaling Memcache at Facebook, "
+                f"3.2.1).")
+        else:
+            pytest.fail(f"cache-aside: get_product(2) sent more than {FILL_STEPS} Redis "
+                        "commands after its SELECT", pytrace=False)
+
+
 def test_cache_aside_write_deletes_the_entry(shop: Shop) -> None:
     app = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
     assert app.get_product(1) == row(1)  # product:1 is cached
@@ -430,6 +490,94 @@ def test_a_hit_leaves_the_entry_ttl_alone(
         f"an invalidation that was missed, at most ttl_seconds after the entry was written; "
         f"renewed by every hit, it never runs out for a product that is read often. Read "
         f"with a plain GET; set the TTL only when the entry is written.")
+
+
+# ---- one worker per queue ------------------------------------------------------------------
+UPDATE_PRODUCTS = re.compile(r"^\s*update\b.*\bproducts\b", re.IGNORECASE | re.DOTALL)
+# How long the test holds the worker's first write, looking for a second write in flight
+# beside it (a second worker's): those start at start() or with each write, and take a
+# change the moment it is queued. A correct worker only costs the test this long.
+OVERLAP_S = 1.5
+
+
+class WriteGate(PgStatementProxy):
+    """A statement proxy that holds the first UPDATE of products at the wire (in the thread
+    of the connection that sent it) until :attr:`release` is set, and notes each UPDATE of
+    products another connection sends meanwhile: with one worker there is none, as the
+    worker waits for its write's answer before it takes the next change."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held, self.release = threading.Event(), threading.Event()
+        self.beside: list[str] = []
+        self._first = threading.Lock()
+        self._armed = True
+
+    def before_forwarding(self, link: Any, sql: str) -> None:
+        if not UPDATE_PRODUCTS.match(sql):
+            return
+        with self._first:
+            first, self._armed = self._armed, False
+        if first:
+            self.held.set()
+            self.release.wait(60)
+        elif not self.release.is_set():
+            self.beside.append(" ".join(sql.split()))
+
+
+@pytest.fixture
+def write_gate(postgres: Any) -> Iterator[WriteGate]:
+    gate = WriteGate.for_dsn(postgres.dsn, count_on="bind", split=False, ignore=None)
+    yield gate
+    gate.release.set()
+    gate.close()
+
+
+def test_write_behind_one_worker_writes_a_products_changes_in_order(
+        shop: Shop, write_gate: WriteGate, postgres: Any, deaths: Any) -> None:
+    """Six changes to one product are queued to a started worker. The test holds the first
+    UPDATE to reach the database at the wire: a single worker waits for it, so nothing else
+    is written meanwhile. A second worker (a pool started by start(), a thread per write)
+    takes the next change and writes it - the older change then lands LAST."""
+    shop.direct.execute(PRICE_LOG)
+    app = shop.make("WriteBehind", write_gate.dsn_for(postgres.dsn), shop.redis_url)
+    app.get_product(3)   # cached: the writes below need no database
+    prices = [301, 302, 303, 304, 305, 306]
+    app.start()
+    for price in prices:
+        app.update_price(3, price)
+    if not came_true(write_gate.held.is_set, 15):
+        pytest.fail("write-behind: 15 s after start() and six update_price(3, ...) calls, no "
+                    "UPDATE of products reached the database", pytrace=False)
+    came_true(lambda: bool(write_gate.beside) or bool(deaths.thread_deaths()), OVERLAP_S)
+    beside = list(write_gate.beside)
+    if beside:   # let the newer write land before the held one, as a slow write would
+        came_true(lambda: bool(applied(shop, 3)), 5)
+    write_gate.release.set()
+    if not beside:
+        expect_applied(shop, deaths, {3: prices},
+                       "six changes to product 3 were queued to a started worker")
+        return
+    settle(shop, deaths)
+    seen = applied(shop, 3)
+    swapped = next(((new, old) for i, new in enumerate(seen) for old in seen[i + 1:]
+                    if old < new), None)
+    landed = (f": {swapped[1]} landed after {swapped[0]}, an older price after a newer one"
+              if swapped else "")
+    final = shop.db_price(3)
+    ends = (f", and it holds {final}, not the last price written ({prices[-1]})"
+            if final != prices[-1] else "")
+    pytest.fail(
+        f"write-behind: six changes to product 3 ({prices}) were queued to a started worker; "
+        f"the test held the first UPDATE to reach the database, and meanwhile "
+        f"{len(beside)} more UPDATE(s) of products arrived on other connections "
+        f"({beside[0]}): more than one worker writes the queue. The database received "
+        f"{seen} in that order{landed}{ends}\nTwo workers sharing a queue write one "
+        f"product's changes in whatever order they finish: a slower older write lands after "
+        f"a newer one, and the database keeps a price the application overwrote. Run ONE "
+        f"worker per queue "
+        f"(start() starts one thread; update_price only queues), so changes land in the "
+        f"order they were queued.", pytrace=False)
 
 
 def test_write_behind_persists_eventually_even_after_a_crash(shop: Shop) -> None:
@@ -652,11 +800,14 @@ def applied(shop: Shop, product_id: int) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
+DEAD = "write-behind:dead"   # the README's list of changes the database refused
+
+
 def pending(shop: Shop) -> int:
     """Changes still in Redis lists (queued, or held by a worker): 0 once all are written.
-    The test's logical database holds nothing else."""
+    The test's logical database holds nothing else but the refused changes set aside."""
     return sum(int(shop.redis.llen(key)) for key in shop.redis.scan_iter()
-               if shop.redis.type(key) == "list")
+               if key != DEAD and shop.redis.type(key) == "list")
 
 
 def lock_waiter(shop: Shop, watch: Any) -> int:
@@ -683,13 +834,21 @@ def terminate(watch: Any, pids: set[int]) -> None:
     assert gone, f"the test could not end the sessions {sorted(pids)}"
 
 
+def settle(shop: Shop, deaths: Any, also: Callable[[], bool] = lambda: False) -> None:
+    """Wait until no change is left in Redis (three looks in a row), a thread of the
+    learner's died, or ``also()`` (a mistake seen)."""
+    deadline, looks = time.monotonic() + SETTLED_S, 0
+    while time.monotonic() < deadline and looks < 3 and not deaths.thread_deaths():
+        if also():
+            return
+        looks = looks + 1 if pending(shop) == 0 else 0
+        time.sleep(0.05)
+
+
 def expect_applied(shop: Shop, deaths: Any, want: dict[int, list[int]], when: str) -> None:
     """Wait until no change is left in Redis (three looks in a row) or a thread of the
     learner's died, then compare what reached the table with ``want``, naming the mistake."""
-    deadline, looks = time.monotonic() + SETTLED_S, 0
-    while time.monotonic() < deadline and looks < 3 and not deaths.thread_deaths():
-        looks = looks + 1 if pending(shop) == 0 else 0
-        time.sleep(0.05)
+    settle(shop, deaths)
     seen = {pid: applied(shop, pid) for pid in want}
     if seen == want:
         return
@@ -813,3 +972,57 @@ def test_write_behind_leftover_of_a_dead_worker_lands_before_newer_changes(
                    "a worker's session was cut while it wrote product 4's change to 1111 and "
                    "it was stopped before it could reconnect; another server then queued 2222 "
                    "for product 4, and a new worker started")
+
+
+# ---- a change the database refuses ----------------------------------------------------------
+# (why the database refuses, the refused price): not a lost connection, so a retry fails too
+REFUSED = [("a CHECK constraint, price_cents > 0", -5),
+           ("a value past the integer column's range", 3_000_000_000)]
+
+
+@pytest.mark.parametrize("why,bad", REFUSED, ids=["check_violation", "out_of_range"])
+def test_write_behind_worker_sets_a_refused_change_aside_and_goes_on(
+        shop: Shop, deaths: Any, why: str, bad: int) -> None:
+    """The database refuses one queued change. Write-behind accepted it long ago (the caller
+    has its answer), so the worker cannot report it back: like a queue consumer with a
+    poison message it keeps the change aside (the README's dead-letter list) and goes on -
+    the changes queued behind it must still land."""
+    shop.direct.execute(PRICE_LOG)
+    shop.direct.execute("ALTER TABLE products ADD CONSTRAINT price_positive "
+                        "CHECK (price_cents > 0)")
+    app = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    app.get_product(4)   # cached: the writes below need no database
+    app.start()
+    writes = shop.writes()
+    changes = [(3, 111), (3, bad), (3, 333), (4, 444)]
+    for product_id, price in changes:
+        app.update_price(product_id, price)
+    settle(shop, deaths, also=lambda: shop.writes() - writes > len(changes))
+    sent, died = shop.writes() - writes, deaths.thread_deaths()
+    seen = {pid: applied(shop, pid) for pid in (3, 4)}
+    dead = [str(entry) for entry in shop.redis.lrange(DEAD, 0, -1)]
+    what = (f"changes to 111, {bad}, 333 (product 3) and 444 (product 4) were queued, and "
+            f"the database refused the one to {bad} ({why}); then the database received "
+            f"{seen}, by {sent} UPDATE(s), and {pending(shop)} change(s) are still queued")
+    if died:
+        pytest.fail(f"write-behind: {what}: the worker died of the refused write - "
+                    f"{'; '.join(died)}\nEvery change queued after it now waits for ever. "
+                    f"Only a lost connection (psycopg.OperationalError) is worth a reconnect "
+                    f"and a retry; a change the database refuses (any other psycopg.Error) "
+                    f"goes to the list {DEAD} with its error, and the worker goes on.",
+                    pytrace=False)
+    assert sent <= len(changes), (
+        f"write-behind: {what}: the worker wrote the refused change again - a write the "
+        f"database refuses fails every time it is sent, and the changes queued behind it "
+        f"wait for ever.\nRetry only a lost connection (psycopg.OperationalError); a "
+        f"change the database refuses (any other psycopg.Error) goes to the list {DEAD} with "
+        f"its error, and the worker goes on with the next.")
+    assert seen == {3: [111, 333], 4: [444]}, (
+        f"write-behind: {what}, expected {{3: [111, 333], 4: [444]}}: the changes queued "
+        f"after the refused one must still land, in order")
+    assert len(dead) == 1 and str(bad) in dead[0], (
+        f"write-behind: {what}: all as expected, but the list {DEAD} holds {dead}, expected "
+        f"the refused change (to {bad}) once: a change the database refused was accepted by "
+        f"update_price long ago and exists nowhere else - dropped (only logged) or left in "
+        f"the queue, it is lost or blocks the queue. Keep it aside in {DEAD} (with the "
+        f"database's error) for someone to look at.")

@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from labrunner.testing import wait_until
+from labrunner.testing import came_true, wait_until
 
 # --------------------------------------------------------------------------------------
 # The runner
@@ -610,6 +610,8 @@ def test_expand_contract_rename_without_downtime(runner: ModuleType, learner: An
             runner.migrate(postgres.dsn, folder, target=version)
         except Exception as exc:  # noqa: BLE001
             failure = f"migration {label} failed: {type(exc).__name__}: {exc}"
+            if "invalid transaction termination" in str(exc):
+                failure += f"\n{NO_TRANSACTION_HINT}"
             if state.errors:  # what broke first is what to fix first
                 failure = f"{state.errors[0]}\n... and then {failure}"
             pytest.fail(failure, pytrace=False)
@@ -679,6 +681,94 @@ def test_expand_contract_rename_without_downtime(runner: ModuleType, learner: An
         f"{len(wrong)} users have the wrong full_name at the end, e.g. "
         f"{next(iter(wrong.items()))} (id: (stored, expected)): every write by either "
         "version must end up in full_name")
+
+
+# --------------------------------------------------------------------------------------
+# The backfill, in batches that commit one by one
+
+NO_TRANSACTION_HINT = (
+    "A script that COMMITs (a backfill, batch by batch) cannot run inside the runner's "
+    "transaction: the runner runs a script whose first line is '-- migrate:no-transaction' "
+    "outside a transaction (autocommit) and records it once it has run - see the README.")
+BACKFILL_ROWS = 2_500   # users written before the expand: three batches at least
+BATCH_MAX = 1_000       # the README's bound on the rows one backfill transaction writes
+
+
+def test_backfill_commits_in_bounded_batches(runner: ModuleType, learner: Any,
+                                             postgres: Any) -> None:
+    """An UPDATE holds each row it wrote locked until its transaction ends: a backfill that
+    writes every row in one transaction (one UPDATE, or a loop of batches the runner's
+    transaction wraps) blocks every application write to a row it has passed, for the
+    whole backfill - minutes on a big table. Two looks:
+    * the application holds the MIDDLE user's row (as a write in flight does) while V003
+      runs: once the backfill waits for that row, the rows of the batches before it (at
+      least one, in either id order) must be committed, readable by another session;
+    * each row carries the transaction that last wrote it (its xmin): grouped by it, no
+      transaction of the backfill may have written more than BATCH_MAX rows."""
+    folder = learner.dir / "migrations"
+    runner.migrate(postgres.dsn, folder, target=1)
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO users (name, email) SELECT 'user ' || n, "
+                     "'u' || n || '@example.com' FROM generate_series(1, %s) n",
+                     (BACKFILL_ROWS,))
+    runner.migrate(postgres.dsn, folder, target=2)
+    held = BACKFILL_ROWS // 2   # ids 1..BACKFILL_ROWS: the first batch holds neither end's
+    with postgres.connect(autocommit=True) as app, postgres.connect(autocommit=True) as look:
+        app.execute("BEGIN")
+        app.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (held,))
+        backfill = Background(runner.migrate, postgres.dsn, folder, 3)
+        backfill.start()
+        try:
+            waiting = came_true(lambda: not backfill.is_alive() or look.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND pid <> ALL(%s)",
+                ([app.info.backend_pid, look.info.backend_pid],)).fetchone()[0], 15)
+            (done,) = look.execute("SELECT count(*) FROM users WHERE full_name IS NOT NULL"
+                                   ).fetchone()
+            stuck = waiting and backfill.is_alive()
+        finally:
+            app.execute("COMMIT")
+        backfill.join(30)
+    if backfill.is_alive():
+        pytest.fail(f"V003 backfill of {BACKFILL_ROWS} users had not ended 30 s after the "
+                    f"application released user {held}'s row", pytrace=False)
+    assert not stuck or done > 0, (
+        f"V003 backfill of {BACKFILL_ROWS} users: the application held user {held}'s row (a "
+        f"write in flight), and the backfill waited for it with NONE of the rows it had "
+        f"already written committed - another session still read full_name NULL for all "
+        f"of them. So it held every one of those rows locked: an application write to any "
+        f"of them waited for the whole backfill (one UPDATE over the table, or batches "
+        f"inside one transaction - a loop the runner's transaction wraps, or savepoints)\n"
+        f"An UPDATE keeps every row it wrote locked until its transaction ends: backfill "
+        f"in batches of at most {BATCH_MAX} rows that COMMIT one by one (a DO block with "
+        f"COMMIT in its loop), in a script the runner runs outside a transaction (first "
+        f"line '-- migrate:no-transaction').")
+    try:
+        if backfill.error is not None:   # it gave up on the held row (a lock_timeout): again
+            runner.migrate(postgres.dsn, folder, target=3)
+    except Exception as exc:  # noqa: BLE001 - named in the message
+        pytest.fail(f"V003 backfill failed on {BACKFILL_ROWS} users written before the "
+                    f"expand: {type(exc).__name__}: {exc}\n{NO_TRANSACTION_HINT}",
+                    pytrace=False)
+    with postgres.connect(autocommit=True) as conn:
+        (left,) = conn.execute("SELECT count(*) FROM users WHERE full_name IS DISTINCT "
+                               "FROM name").fetchone()
+        groups = conn.execute("SELECT xmin::text, count(*) FROM users GROUP BY 1 "
+                              "ORDER BY 2 DESC").fetchall()
+    assert left == 0, (
+        f"after V003, {left} of {BACKFILL_ROWS} users written before the expand have a "
+        f"full_name that is not their name: the backfill must copy every row")
+    tx, most = groups[0]
+    assert most <= BATCH_MAX, (
+        f"V003 backfilled {BACKFILL_ROWS} users in {len(groups)} transaction(s), one of "
+        f"which (xid {tx}) wrote {most} rows; expected batches of at most {BATCH_MAX} rows, "
+        f"each committed on its own\nAn UPDATE keeps every row it wrote locked until its "
+        f"transaction ends: one transaction over the whole table (one UPDATE, or a loop of "
+        f"batches inside the runner's transaction) makes every application write to a row "
+        f"it has passed wait for the whole backfill - minutes on a big table, a stall the "
+        f"expand-contract rename was meant to avoid. Backfill in batches that COMMIT one by "
+        f"one (a DO block with COMMIT in its loop), in a script the runner runs outside a "
+        f"transaction (first line '-- migrate:no-transaction').")
 
 
 # --------------------------------------------------------------------------------------

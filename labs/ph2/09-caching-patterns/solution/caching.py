@@ -14,7 +14,9 @@ The cache entry for a product:     key product:<id>, value JSON {"id", "name", "
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +25,7 @@ import redis
 
 Product = dict[str, Any]
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0   # the write-behind worker's pauses before a reconnect
+log = logging.getLogger(__name__)
 
 
 def cache_key(product_id: int) -> str:
@@ -58,25 +61,45 @@ class _Store:
 
 
 class CacheAside(_Store):
+    # A miss fills the cache only if no write invalidated the product since the miss: the
+    # reader takes a lease (a token in product:<id>:lease) before it reads the database,
+    # and a writer's invalidation deletes the lease with the entry. Without it a read that
+    # read the row just before a write committed puts the old row back after the write's
+    # delete, for a whole TTL ("stale sets"; memcache's leases: Nishtala et al., Scaling
+    # Memcache at Facebook, NSDI 2013, 3.2.1).
+    LEASE_MS = 10_000
+    # the lease's check and the fill in one step: between two commands a write could land
+    FILL = """
+    if redis.call('GET', KEYS[2]) == ARGV[1] then
+        redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+        redis.call('DEL', KEYS[2])
+    end"""
+
     def __init__(self, dsn: str, redis_url: str, ttl_seconds: int = 300) -> None:
         super().__init__(dsn, redis_url, ttl_seconds)
+        self._fill_if_leased = self.r.register_script(self.FILL)
 
     def get_product(self, product_id: int) -> Product | None:
         cached = self._cached(product_id)
         if cached is not None:
             return cached  # hit: the DB is not touched
+        key, lease = cache_key(product_id), f"{cache_key(product_id)}:lease"
+        token = uuid.uuid4().hex
+        # NX: a reader already filling keeps its lease; this one then just reads
+        leased = self.r.set(lease, token, nx=True, px=self.LEASE_MS)
         product = self._load(product_id)
-        if product is not None:
-            self._fill(product)
+        if product is not None and leased:
+            self._fill_if_leased(keys=[key, lease], args=[token, json.dumps(product), self.ttl])
         return product
 
     def update_price(self, product_id: int, price_cents: int) -> None:
         # DB first, then delete the entry (not overwrite it): the next reader loads the
         # committed value. Deleting before the write would let a concurrent reader put
-        # the old value back in between.
+        # the old value back in between. The lease goes too: a read that missed before
+        # this write must not fill the cache with what it read.
         self.db.execute("UPDATE products SET price_cents = %s WHERE id = %s",
                         (price_cents, product_id))
-        self.r.delete(cache_key(product_id))
+        self.r.delete(cache_key(product_id), f"{cache_key(product_id)}:lease")
 
 
 class ReadThrough:
@@ -133,12 +156,14 @@ class WriteBehind(_Store):
     entry to a processing list while it writes it (LMOVE), and removes it only after the
     DB commit, so a crash in between leaves the entry to be retried, not lost. A lost
     database connection does not end the worker: it reconnects and writes the change it
-    holds again before taking the next one. One worker runs per queue (start() on one
+    holds again before taking the next one. A change the database refuses goes to a
+    dead-letter list, and the worker goes on. One worker runs per queue (start() on one
     instance at a time): two would apply one product's writes in whatever order they
     finish, and a starting one would take back the other's change in flight."""
 
     QUEUE = "write-behind:queue"
     PROCESSING = "write-behind:processing"
+    DEAD = "write-behind:dead"     # changes the database refused, kept for a human
 
     def __init__(self, dsn: str, redis_url: str) -> None:
         # No TTL: until the worker has written it, the cache holds the only copy of a write.
@@ -215,6 +240,19 @@ class WriteBehind(_Store):
                     db = None
                     self._stop.wait(pause)
                     pause = min(pause * 2, RETRY_MAX_S)
+                    continue
+                except psycopg.Error as exc:
+                    # The database refused this change (a constraint, a value out of
+                    # range): writing it again would fail again, and the changes queued
+                    # behind it would wait for ever. Keep it aside with the error (a dead
+                    # letter, as a queue consumer does with a poison message), say so, and
+                    # go on with the next.
+                    log.error("write-behind: the database refused %s: %s", held, exc)
+                    pipe = r.pipeline(transaction=True)
+                    pipe.lpush(self.DEAD, json.dumps({"change": change, "error": str(exc)}))
+                    pipe.lrem(self.PROCESSING, 1, held)
+                    pipe.execute()
+                    held = None
                     continue
                 pause = RETRY_FIRST_S
                 r.lrem(self.PROCESSING, 1, held)

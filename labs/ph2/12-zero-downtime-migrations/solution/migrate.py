@@ -12,6 +12,11 @@ it in ``schema_migrations`` - so a migration is either applied and recorded, or 
   applied one (someone merged an old branch) is refused rather than applied out of order.
 * Two deploys starting at once: an advisory lock lets one runner at a time in; the second
   waits, then finds everything applied.
+* A script whose first line is ``-- migrate:no-transaction`` runs outside a transaction
+  and is recorded once it has run (dbmate's ``transaction:false``, Flyway's
+  ``executeInTransaction=false``, Rails' ``disable_ddl_transaction!``): a backfill that
+  commits batch by batch. Failing halfway it is not recorded and runs again, whole: write
+  it so that running it again is harmless.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import psycopg
 
 FILE_NAME = re.compile(r"^V(\d+)__(\w+)\.sql$")
 LOCK_KEY = 72_616_001  # any constant the team agrees on: "the migration lock"
+NO_TRANSACTION = "-- migrate:no-transaction"
 
 
 class MigrationError(Exception):
@@ -106,6 +112,17 @@ def check(migrations: list[Migration], applied: dict[int, str]) -> list[Migratio
 
 
 def apply(conn: psycopg.Connection, migration: Migration) -> None:
+    if migration.sql.lstrip().startswith(NO_TRANSACTION):
+        # autocommit: the script's own COMMITs (a DO block's, between batches) are allowed
+        try:
+            conn.execute(migration.sql)
+        except psycopg.Error as exc:
+            raise MigrationError(f"{migration.name} failed (it runs outside a transaction: "
+                                 f"what it committed stays): {exc}") from exc
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+            (migration.version, migration.name, migration.checksum))
+        return
     try:
         with conn.transaction():
             conn.execute(migration.sql)  # no parameters: the script may hold many statements
