@@ -17,9 +17,11 @@ the stale count (a loop that never retried), the wrong isolation level.
 The error paths are taken too, with triggers the check installs (deterministic, no race):
 every attempt failing with 40001 (the loop must make exactly max_attempts attempts, then
 let the 40001 out), a 40001 raised at COMMIT by a deferred constraint trigger (the COMMIT
-must be inside the retry), and an error that is not 40001 (never retried).
+must be inside the retry), a 40001 raised at the read of the roster (so must the read),
+and an error that is not 40001 (never retried).
 After each error path (and go_off_call's refusal), the caller's connection must be idle:
-no failed or open transaction left behind.
+no failed or open transaction left behind, and its session's isolation settings as they
+were.
 
 Mistakes a learner makes here, each caught with its own message:
 - both reads in separate transactions (autocommit)              -> status between reads
@@ -32,9 +34,13 @@ Mistakes a learner makes here, each caught with its own message:
 - max_attempts + 1 attempts, or never giving up                  -> attempts counted
 - giving up with a return value instead of the 40001             -> exhausted retries
 - COMMIT outside the retry (40001 at COMMIT escapes or is lost)  -> deferred trigger
+- only the write and COMMIT retried (40001 at the read escapes,
+  or taken for a refusal)                                        -> a view's filter raises
 - retrying every error (psycopg.Error, Exception)                -> a CheckViolation
 - a transaction left open on an error or early-return path (BEGIN
   by hand, ROLLBACK only for 40001 or none at all)               -> connection status after
+- a session setting (conn.isolation_level, SET SESSION) put back
+  only when the function returns, left behind by an error        -> the same error paths
 """
 
 from __future__ import annotations
@@ -473,6 +479,57 @@ def test_a_40001_at_commit_is_retried_too(
         f"returns True; saw {len(counts)} attempt(s), returned {result!r}")
 
 
+# The roster read through a view whose filter raises 40001 the first ``failures`` times
+# it is evaluated: SSI may abort a transaction at any statement, a read included (a
+# transaction already doomed by another's commit fails at its next statement).
+AT_READ = """
+ALTER TABLE doctors RENAME TO doctors_stored;
+CREATE SEQUENCE reads_injected;
+CREATE FUNCTION read_gate() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  IF nextval('reads_injected') <= {failures} THEN
+    RAISE EXCEPTION 'could not serialize access (injected at the read by the check)'
+      USING ERRCODE = '40001';
+  END IF;
+  RETURN true;
+END $$;
+CREATE VIEW doctors AS SELECT * FROM doctors_stored WHERE read_gate();
+"""
+
+
+def test_a_40001_at_the_read_is_retried_too(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    admin.execute(AT_READ.format(failures=1))
+    result, exc, counts = call_recorded(go_off_call, alice.conn, max_attempts=3)
+    where = ("the first attempt's read of the roster (SELECT count(*) ... WHERE on_call) "
+             "failed with 40001 (injected)")
+    if isinstance(exc, psycopg.errors.SerializationFailure):
+        pytest.fail(
+            f"{where} and go_off_call let it out after {len(counts) + 1} attempt(s): under "
+            f"SERIALIZABLE a 40001 can come at ANY statement of the transaction - the read "
+            f"too (a transaction doomed by another's commit fails at its next statement), "
+            f"not only the write or the COMMIT; the retry must cover the whole transaction, "
+            f"from BEGIN to COMMIT", pytrace=False)
+    if exc is not None:
+        pytest.fail(
+            f"{where} and go_off_call raised {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''} - after a 40001 the transaction "
+            f"is over; end it and run a new one from the top", pytrace=False)
+    if result is False:
+        pytest.fail(
+            f"{where}, and go_off_call returned False (after_check saw {counts}): a failed "
+            f"attempt decides nothing - alice and bob were both on call, so a new attempt "
+            f"would have read 2 and let alice go; retry the whole transaction on a 40001 "
+            f"wherever it is raised", pytrace=False)
+    now = on_call(admin)
+    assert result is True and counts == [2] and "alice" not in now, (
+        f"{where}; expected a second attempt that reads 2 on call (after_check(2)), takes "
+        f"alice off call and returns True; saw after_check {counts}, returned {result!r}, "
+        f"on call now: {now}")
+
+
 NOT_40001 = {
     # sqlstate: (error class, how the learner reads it, why retrying is wrong)
     "23514": (psycopg.errors.CheckViolation, "a CheckViolation (an IntegrityError)",
@@ -536,6 +593,30 @@ def left_open(conn: Conn, path: str, function: str) -> str | None:
             f"try/finally (not only in the except for the error you expected)")
 
 
+def session_changed(conn: Conn, default_before: str, attribute_before: Any, path: str,
+                    function: str) -> str | None:
+    """None if the session's isolation settings are as they were before the call (its
+    default_transaction_isolation and psycopg's conn.isolation_level), else what is wrong.
+    Called after left_open(), so the connection is idle and can be asked."""
+    row = conn.execute("SHOW default_transaction_isolation").fetchone()
+    default_after = row[0] if row else None
+    changed = []
+    if default_after != default_before:
+        changed.append(f"the session's default isolation level changed from {default_before!r} to "
+                       f"{default_after!r}")
+    if conn.isolation_level != attribute_before:
+        changed.append(f"conn.isolation_level changed from {attribute_before!r} to "
+                       f"{conn.isolation_level!r}")
+    if not changed:
+        return None
+    return (f"{path}, {function} left {' and '.join(changed)}: every later transaction on "
+            f"the caller's connection now runs at that level. A setting changed for the "
+            f"call and put back only when it returns is left behind when an error comes "
+            f"out - put it back in a finally, or better, change nothing of the session: "
+            f"SET TRANSACTION ISOLATION LEVEL as the first statement of your own "
+            f"transaction ends with it")
+
+
 def raise_between() -> None:
     raise BetweenFailed("raised by the check's between()")
 
@@ -557,11 +638,17 @@ def test_read_twice_ends_its_transaction_on_an_error(
     with connect() as conn:
         conn.execute("CREATE TABLE accounts (id integer PRIMARY KEY, balance integer)")
         conn.execute("INSERT INTO accounts VALUES (1, 100)")
+        # Neither the server's default nor the level asked for: a session setting changed
+        # for the call (SET SESSION, conn.isolation_level) and not put back shows.
+        conn.execute("SET default_transaction_isolation = 'serializable'")
+        attribute_before = conn.isolation_level
         try:
             read_twice(conn, query, "REPEATABLE READ", between)
         except Exception:  # noqa: BLE001, S110 - the error may come out, as it is
             pass
         problem = left_open(conn, what, "read_twice")
+        assert problem is None, problem
+        problem = session_changed(conn, "serializable", attribute_before, what, "read_twice")
     assert problem is None, problem
 
 
@@ -596,9 +683,14 @@ def test_go_off_call_ends_its_transaction_on_every_path(
         if check_raises:
             raise BetweenFailed("raised by the check's after_check()")
 
+    alice.conn.execute("SET default_transaction_isolation = 'repeatable read'")
+    attribute_before = alice.conn.isolation_level
     try:
         go_off_call(alice.conn, "alice", after_check=after_check, max_attempts=max_attempts)
     except Exception:  # noqa: BLE001, S110 - what comes out is judged by the other tests
         pass
     problem = left_open(alice.conn, what, "go_off_call")
+    assert problem is None, problem
+    problem = session_changed(alice.conn, "repeatable read", attribute_before, what,
+                              "go_off_call")
     assert problem is None, problem

@@ -11,13 +11,14 @@ what the broker stored, and asks the broker which consumer groups exist."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from labrunner.testing import KafkaProxy, verdict
 from labrunner.testing.kafka import read_all
@@ -421,3 +422,111 @@ def test_a_small_read_commits_only_what_it_returns(learner: Any, kafka: Any) -> 
         f"consumer's whole fetch")
     assert got == want, (
         f"billing read the 20 events as {got}: expected each once, in order (one partition)")
+
+
+READ_TIMEOUT = 5.0  # the timeout the test gives consume() while events keep trickling in
+TRICKLE_EVERY = 0.5  # one new event this often: never idle long enough to look finished
+
+
+def test_a_read_gives_up_after_its_timeout(learner: Any, kafka: Any) -> None:
+    """`timeout` bounds the whole read: with fewer events than max_events (3 waiting, one new
+    every half second, max_events=1000), consume(..., timeout=5) must return what it has
+    once its 5 s are up - not wait for events that may never come, nor restart its wait
+    each time one arrives."""
+    consume = learner.function("events", "consume")
+    topic = kafka.create_topic("orders-trickle", 1)
+    producer = Producer(kafka.producer_config())
+
+    def send(n: int) -> None:
+        order = make_orders(n, 1)[0]
+        event = {"type": "OrderPlaced", "event_id": f"trickle-{n}", **order}
+        producer.produce(topic, key=order["order_id"].encode(),
+                         value=json.dumps(event).encode())
+        producer.flush(10)
+
+    for n in range(3):
+        send(n)
+    ended: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            ended["events"] = consume(kafka.bootstrap, topic, kafka.group("billing"), 1000,
+                                      READ_TIMEOUT)
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the test's thread
+            ended["raised"] = exc
+
+    reader = threading.Thread(target=call, daemon=True)
+    started = time.monotonic()
+    reader.start()
+    sent = 3
+    while reader.is_alive() and time.monotonic() < started + READ_TIMEOUT + GIVE_UP_SLACK:
+        reader.join(TRICKLE_EVERY)
+        if reader.is_alive():
+            send(sent)
+            sent += 1
+    took = time.monotonic() - started
+    if reader.is_alive():
+        pytest.fail(
+            f"consume(max_events=1000, timeout={READ_TIMEOUT:g}) had not returned after "
+            f"{took:.0f} s, with {sent} events published to the topic (3 waiting, then one "
+            f"every {TRICKLE_EVERY:g} s): `timeout` bounds the whole read - take a deadline "
+            f"when the read starts and return the events you have once it passes. Waiting "
+            f"until max_events have come (polling with `timeout` each time), or restarting "
+            f"the wait whenever an event arrives, never returns while orders keep coming, "
+            f"and a service that reads in rounds stalls on the first", pytrace=False)
+    if "raised" in ended:
+        raise ended["raised"]
+    ids = order_ids(ended["events"])
+    published = set(order_ids(make_orders(0, sent)))
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    assert set(ids) <= published and not repeated, (
+        f"consume returned {ids[:10]}...: expected events of the topic, each once "
+        f"(repeated: {repeated[:5]})")
+
+
+def ids_from_a_fresh_process(learner: Any, order: dict[str, Any], count: int) -> list[str]:
+    """``count`` event ids from order_placed(order) in a new process of the learner's code (a
+    restart of the order service): events.py imported afresh, nothing kept from before."""
+    prelude = (
+        "import json\nimport events\n"
+        f"order = json.loads({json.dumps(json.dumps(order))})\n"
+        f"print(json.dumps([str(events.order_placed(dict(order)).get('event_id')) "
+        f"for _ in range({count})]))\n"
+        "raise SystemExit(0)")
+    proc = learner.python("events", prelude=prelude, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("importing events.py and calling order_placed() in a new process took "
+                    "more than 60 s", pytrace=False)
+    lines = out.decode(errors="replace").strip().splitlines()
+    assert proc.returncode == 0 and lines, (
+        f"importing events.py and calling order_placed() in a new process failed (exit "
+        f"{proc.returncode}): {err.decode(errors='replace')[-1500:]}")
+    return [str(i) for i in json.loads(lines[-1])]
+
+
+def test_each_event_has_an_id_of_its_own(learner: Any) -> None:
+    """An event id names one event - this placing of an order - not the order: the same
+    order placed twice (a customer resubmits, a retry after a timeout) is two OrderPlaced
+    events, and they must not share an id, in one process or after a restart (a new
+    process: ids already in the log must not come again)."""
+    order_placed = learner.function("events", "order_placed")
+    order = make_orders(7, 1)[0]
+    ids = [str(order_placed(dict(order)).get("event_id")) for _ in range(200)]
+    ids += ids_from_a_fresh_process(learner, order, 100)
+    ids += ids_from_a_fresh_process(learner, order, 100)
+    distinct = len(set(ids))
+    shared = sorted({i for i in ids if ids.count(i) > 1})
+    assert distinct == len(ids), (
+        f"order_placed() was called 400 times with the same order ({order['order_id']}: 200 "
+        f"times here, then 100 times in each of two new processes, as after restarts of the "
+        f"order service): {distinct} distinct event ids, e.g. {shared[:2]} shared by several "
+        f"events. An event id must name one event, whatever the order says and whenever it "
+        f"was made: derived from the order's content, from a clock, or from a counter that "
+        f"starts again with the process, two events get one id, and a consumer that "
+        f"deduplicates by event_id (ph5.10) drops the second as a redelivery - use a random "
+        f"id (uuid.uuid4())")

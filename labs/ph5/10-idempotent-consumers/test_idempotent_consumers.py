@@ -71,6 +71,26 @@ def blocked_pids(conn: Any, ignore: set[int]) -> set[int]:
     return {int(r[0]) for r in rows} - ignore
 
 
+def left_in_transaction(conn: Any, event: Event, outcome: str) -> str | None:
+    """None if ``conn`` is idle after handle() (or gone: the server ended it), else what is
+    wrong, to fail with; the transaction left behind is rolled back."""
+    status = conn.info.transaction_status
+    if conn.closed or status in (psycopg.pq.TransactionStatus.IDLE,
+                                 psycopg.pq.TransactionStatus.UNKNOWN):
+        return None
+    conn.rollback()
+    state = ("inside a failed transaction: its next statement fails with "
+             "InFailedSqlTransaction, so run()'s next event cannot be handled"
+             if status == psycopg.pq.TransactionStatus.INERROR else
+             "inside a transaction that never ended: the next event's statements run "
+             "inside it and commit with it, its row locks and snapshot are held meanwhile, "
+             "and the consumer that stops here leaves it open (idle in transaction)")
+    return (f"handle({event['event_id']}) {outcome} with the caller's connection {state}. "
+            f"End the transaction on every path - a duplicate's early return and an error "
+            f"too: 'with conn.transaction():' commits or rolls back when the block ends, "
+            f"where a BEGIN sent by hand ends only where you wrote COMMIT or ROLLBACK")
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -86,7 +106,10 @@ def test_each_event_delivered_three_times_applies_once(db: Any) -> None:
     deliveries = [e for round_ in range(3) for e in (EVENTS if round_ != 1 else EVENTS[::-1])]
     results: dict[str, list[bool]] = {}
     for event in deliveries:
-        results.setdefault(event["event_id"], []).append(bool(mod.handle(conn, event)))
+        answer = bool(mod.handle(conn, event))
+        results.setdefault(event["event_id"], []).append(answer)
+        problem = left_in_transaction(conn, event, f"returned {answer}")
+        assert problem is None, problem
     wrong = {k: v for k, v in results.items() if v.count(True) != 1}
     if wrong and list(wrong) == ["evt-12"] and results["evt-12"].count(True) == 0:
         pytest.fail(
@@ -293,6 +316,10 @@ def test_a_failure_that_is_not_a_duplicate_raises(db: Any, postgres: Any,
         answer: Any = bool(mod.handle(consumer, event))
     except Exception as exc:  # noqa: BLE001 - raising is right; what it left is checked
         answer = exc
+    try:
+        left = left_in_transaction(
+            consumer, event, f"raised {type(answer).__name__} ({what})"
+            if isinstance(answer, Exception) else f"returned {answer} ({what})")
     finally:
         consumer.close()
     conn.execute(remove)
@@ -305,6 +332,7 @@ def test_a_failure_that_is_not_a_duplicate_raises(db: Any, postgres: Any,
         f"means 'already processed' (INSERT ... ON CONFLICT (event_id) DO NOTHING, "
         f"rowcount 0) - do not catch psycopg.Error, IntegrityError or Exception as a "
         f"duplicate")
+    assert left is None, left
     assert not recorded, (
         f"handle({event['event_id']}) failed ({what}) but left the event id recorded as "
         f"processed: its redelivery would be skipped - record and apply in one transaction")
@@ -366,11 +394,15 @@ def error_tail(proc: subprocess.Popen[bytes]) -> str:
 DELIVERIES = EVENTS[:6] + EVENTS[:4] + EVENTS[6:] + EVENTS[5:9]
 
 
+COMMITTED_BY_THEN = 15.0  # how long the events before the held one may take to be committed
+
+
 def kill_mid_event(learner: Any, postgres: Any, kafka: Any, conn: Any, hold: str,
-                   args: tuple[Any, ...]) -> str:
+                   args: tuple[Any, ...], held_at: int) -> str:
     """Run the consumer over DELIVERIES with the test holding a lock (``hold``, SQL), kill it
-    with SIGKILL when it waits for that lock, release, restart it to the end. Return the
-    topic."""
+    with SIGKILL when it waits for that lock (the event at offset ``held_at``), once the
+    offsets of the events before it are committed; release, restart it to the end. Return
+    the topic."""
     topic = publish(kafka, DELIVERIES)
     blocker = postgres.connect()
     blocker.execute(hold, args)
@@ -386,6 +418,37 @@ def kill_mid_event(learner: Any, postgres: Any, kafka: Any, conn: Any, hold: str
                 pytest.fail("the consumer never reached the row the test locked (20 s)",
                             pytrace=False)
             time.sleep(0.01)
+        # Every event before the held one is handled, each in a transaction that committed:
+        # its offset is due now (a commit may be asynchronous: waited for, not assumed).
+        deadline = time.monotonic() + COMMITTED_BY_THEN
+        while (at := committed_position(kafka, topic)) is None or at < held_at:
+            if first.poll() is not None:
+                pytest.fail(f"the consumer exited ({first.returncode}) while waiting for the "
+                            f"row the test locked: {error_tail(first)}", pytrace=False)
+            if time.monotonic() > deadline:
+                done = ", ".join(e["event_id"] for e in DELIVERIES[:held_at])
+                if at == held_at - 1:
+                    pytest.fail(
+                        f"the consumer program had handled {done} (offsets 0..{held_at - 1}) "
+                        f"and was inside {DELIVERIES[held_at]['event_id']}'s transaction "
+                        f"(offset {held_at}), and its group's committed offset was {at}: the "
+                        f"offset of the last event it handled, expected {held_at}, the NEXT "
+                        f"one to read - msg.offset() + 1 (commit(message=msg) commits that); "
+                        f"as it is, every restart delivers {DELIVERIES[at]['event_id']} again",
+                        pytrace=False)
+                pytest.fail(
+                    f"the consumer program had handled {done} (offsets 0..{held_at - 1}), "
+                    f"each in a committed transaction, and was inside "
+                    f"{DELIVERIES[held_at]['event_id']}'s (offset {held_at}, held by the test), "
+                    f"yet its group's committed offset was "
+                    f"{'none' if at is None else at} after {COMMITTED_BY_THEN:g} s, expected "
+                    f"{held_at}: commit each event's offset right after its transaction, "
+                    f"before reading the next - not once at the end of the partition or every "
+                    f"few events. A crash (here, a SIGKILL now) redelivers everything after "
+                    f"the committed offset, and a consumer that commits rarely replays a "
+                    f"whole batch on every restart, leaning on the dedup table for each "
+                    f"event", pytrace=False)
+            time.sleep(0.1)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -483,7 +546,8 @@ def test_killed_while_applying_an_effect(db: Any, learner: Any, postgres: Any,
     mod, conn = db
     conn.execute("INSERT INTO balances VALUES ('acct-2', 0)")
     topic = kill_mid_event(learner, postgres, kafka, conn,
-                   "SELECT * FROM balances WHERE account = %s FOR UPDATE", ("acct-2",))
+                   "SELECT * FROM balances WHERE account = %s FOR UPDATE", ("acct-2",),
+                   held_at=2)
     diagnose(conn, "evt-2")
     assert balances(conn) == expected_balances(EVENTS), (
         f"after the kill and restart the balances are {balances(conn)}; expected "
@@ -499,7 +563,8 @@ def test_killed_while_recording_the_event_id(db: Any, learner: Any, postgres: An
     after the restart."""
     mod, conn = db
     topic = kill_mid_event(learner, postgres, kafka, conn,
-                           "INSERT INTO processed_events (event_id) VALUES (%s)", ("evt-4",))
+                           "INSERT INTO processed_events (event_id) VALUES (%s)", ("evt-4",),
+                           held_at=4)
     diagnose(conn, "evt-4")
     assert balances(conn) == expected_balances(EVENTS), (
         f"after the kill and restart the balances are {balances(conn)}; expected "
