@@ -6,9 +6,12 @@ library's HTTP header parser.
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import select
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -792,3 +795,75 @@ def test_a_big_head_under_the_limit_is_served(server: Server, client: Client) ->
         f"{'no answer' if reply is None else reply.status}, expected 200: the limit is "
         f"{HEAD_LIMIT // 1024} KiB for the whole head, big cookies are everyday requests")
     client.expect("GET /next (behind the 32 KiB head)", "GET /next (0 bytes)")
+
+
+# A head past the limit whose blank line arrives in the same read as the bytes past the
+# limit: a server that checks the limit only while the blank line is still missing never
+# sees it. Each is written in one sendall() while the server is held in GET /slow's handler,
+# so that it is all waiting in the socket when the server reads again.
+@dataclass(frozen=True)
+class WholeHead:
+    head: bytes                 # the request head, its blank line included
+    what: str
+
+
+def cookie_head(size: int) -> bytes:
+    """GET /big with a Cookie that makes the head (before its blank line) `size` bytes."""
+    start = b"GET /big HTTP/1.1\r\nHost: lab.test\r\nCookie: "
+    return start + b"a" * (size - len(start)) + b"\r\n\r\n"
+
+
+WHOLE_HEADS = {
+    "blank line just past the limit": WholeHead(
+        cookie_head(HEAD_LIMIT + 64),
+        f"a head of {HEAD_LIMIT + 64} bytes (a long Cookie), its blank line 64 bytes past "
+        "the limit"),
+    "many header lines": WholeHead(
+        b"GET /big HTTP/1.1\r\nHost: lab.test\r\n"
+        + (b"X-Pad: " + b"a" * 55 + b"\r\n") * (80 * 1024 // 64) + b"\r\n",
+        "a head of 80 KiB (64-byte X-Pad lines)"),
+}
+
+
+def queued(sock: socket.socket) -> int:
+    """How many bytes wait in the socket's receive queue, not read yet (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+
+
+@pytest.mark.parametrize("case", list(WHOLE_HEADS))
+def test_a_whole_head_past_the_limit_is_refused(server: Server, client: Client,
+                                                case: str) -> None:
+    whole = WHOLE_HEADS[case]
+    client.send(request("GET", "/slow"))
+    assert server.wait_for_slow(), (
+        f"GET /slow never reached the handler (handled: {server.handled}, errors: "
+        f"{server.errors})")
+    conn = server.sockets[0]
+    read_before = conn.received
+    client.send(whole.head)  # one write: the head, its blank line included
+    deadline = time.monotonic() + WAIT
+    while (queued(conn) < len(whole.head) and conn.received == read_before
+           and time.monotonic() < deadline):
+        time.sleep(0.002)  # the loopback delivers it at once; wait for it, then release
+    server.gate.set()
+    client.expect("GET /slow", "GET /slow (0 bytes)")
+    reply = client.read(f"{whole.what}, sent whole in one write")
+    expected = "431 (or 400)"
+    if reply is not None and reply.status not in (431, 400):
+        handled = " (the handler got GET /big)" if "GET /big" in server.handled else ""
+        pytest.fail(
+            f"{whole.what}, sent whole in one write, got {reply.status}{handled}, expected "
+            f"{expected} and a close: the head is longer than {HEAD_LIMIT // 1024} KiB\nIts "
+            "blank line arrived in the same recv() as the bytes past the limit: a limit "
+            "checked only while the blank line is still missing never sees such a head, "
+            "and a client gets any head it likes past the limit by sending it in one piece "
+            "(a big enough read takes it whole). Check the head's length when its blank "
+            "line is found too, not only while it is missing.", pytrace=False)
+    assert reply is not None, (
+        f"{whole.what}, sent whole in one write: the server closed without an answer, "
+        f"expected {expected}\nTell the client why: a bare close looks like a network "
+        "failure, which it may retry.")
+    assert closed_or_reset(client), (
+        f"the server answered {reply.status} to {whole.what} and kept the connection open: "
+        "close it after refusing a head (RFC 6585 5 lets the client retry with a smaller "
+        "one, on a new connection)")

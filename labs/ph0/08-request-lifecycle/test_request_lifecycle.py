@@ -641,14 +641,36 @@ class Chunked:
     lines: str
     statuses: tuple[int, ...]   # the answers that refuse it
     decodable: bool             # a server that decodes chunked may answer it instead
+    why: str = ""               # what this case adds to the rule
 
 
+# Several lines of one field are one comma-separated list (RFC 9110 5.3): a server that
+# reads only the first line (headers.get()) or only the last (a dict built from items())
+# sees another list than a proxy that reads them all.
+ONE_LIST = ("Several Transfer-Encoding lines are one list (RFC 9110 5.3): read them all "
+            "(headers.get_all()), not the first (headers.get()) or the last (a dict built "
+            "from the header lines), or a proxy in front of you frames the body by another "
+            "list than yours.")
+CHUNKED_LAST_ONCE = ("chunked must be the last transfer coding of a request, applied once "
+                     "(RFC 9112 6.1): otherwise the body's length cannot be determined and "
+                     "the server MUST answer 400 and close (RFC 9112 6.3), a malformed "
+                     "request, not a coding it does not implement (501).")
 TRANSFER_ENCODINGS = {
     "chunked": Chunked("Transfer-Encoding: chunked\r\n", (501, 400), True),
     "Chunked": Chunked("Transfer-Encoding: Chunked\r\n", (501, 400), True),
     "gzip, chunked": Chunked("Transfer-Encoding: gzip, chunked\r\n", (501, 400), False),
     "chunked and content-length": Chunked(
         "Transfer-Encoding: chunked\r\nContent-Length: {length}\r\n", (400,), False),
+    "gzip, then chunked, on two lines": Chunked(
+        "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", (501, 400), False,
+        ONE_LIST),
+    "chunked, then gzip, on two lines": Chunked(
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", (400,), False,
+        f"{ONE_LIST} {CHUNKED_LAST_ONCE}"),
+    "chunked on two lines": Chunked(
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", (400,), False,
+        f"{ONE_LIST} {CHUNKED_LAST_ONCE}"),
+    "gzip alone": Chunked("Transfer-Encoding: gzip\r\n", (400,), False, CHUNKED_LAST_ONCE),
 }
 
 
@@ -681,7 +703,7 @@ def test_transfer_encoding_is_refused_or_decoded(api: Api, case: str) -> None:
     body_start = f"{len(smuggled):x}"
     body = f"{body_start}\r\n".encode() + smuggled + b"\r\n0\r\n\r\n"
     lines = te.lines.format(length=len(body))
-    shown = repr(lines.replace("\r\n", " ").strip())
+    shown = " + ".join(repr(line) for line in lines.split("\r\n") if line)
     what = f"POST /users/4242 with {shown} (a chunk holding a request for a user)"
     expected = " or ".join(str(status) for status in te.statuses)
     why = ("A chunked body ends at its last chunk, not after Content-Length bytes: a server "
@@ -690,7 +712,8 @@ def test_transfer_encoding_is_refused_or_decoded(api: Api, case: str) -> None:
            "smuggling, RFC 9112 11.2). http.server does not decode chunked: refuse any "
            "Transfer-Encoding before routing, 501 Not Implemented (RFC 9112 6.1), or 400 when "
            "a Content-Length comes with it (RFC 9112 6.3), and close the connection. "
-           "Transfer codings are case-insensitive and a list ('gzip, chunked').")
+           "Transfer codings are case-insensitive and a list ('gzip, chunked')."
+           + (f"\n{te.why}" if te.why else ""))
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
         sock.sendall(f"POST /users/4242 HTTP/1.1\r\nHost: lab.test\r\n{lines}\r\n".encode()
                      + body + b"GET /health HTTP/1.1\r\nHost: lab.test\r\n\r\n")

@@ -8,11 +8,15 @@ the test's clock; the canary share is measured over 400 requests."""
 from __future__ import annotations
 
 import functools
+import http.client
+import io
 import json
 import math
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -115,12 +119,14 @@ class World:
         self._servers.append(server)
         return str(server.__enter__())
 
-    def gateway(self, *, own_clock: bool = False, **options: Any) -> str:
+    def gateway(self, *, own_clock: bool = False, more_routes: dict[str, str] | None = None,
+                **options: Any) -> str:
         """own_clock: the gateway keeps its default clock (where time does not matter, and
-        each call of the test's clock would cross from the learner's process when grading)."""
+        each call of the test's clock would cross from the learner's process when grading).
+        more_routes: routes besides /users and /orders."""
         mod = self.module = self.learner.load("gateway")
         routes = {"/users": f"http://{self.hosts['users']}",
-                  "/orders": f"http://{self.hosts['stable']}"}
+                  "/orders": f"http://{self.hosts['stable']}", **(more_routes or {})}
         if not own_clock:
             options["clock"] = self.clock
         gw = mod.ApiGateway(routes, jwt_secret=SECRET, **options)
@@ -486,3 +492,205 @@ def test_upstream_answers_are_relayed_as_they_are(world: World) -> None:
             "(only the hop-by-hop ones - Connection, Transfer-Encoding, Keep-Alive... - "
             "and Content-Length, which you set for the body you send, are the gateway's "
             "own, RFC 9110 7.6.1).")
+
+
+# Connection names the fields meant for one hop only (RFC 9110 7.6.1): "a proxy or gateway
+# MUST parse a received Connection header field before a message is forwarded and, for each
+# connection-option in this field, remove any header or trailer field(s) from the message
+# with the same name as the connection-option, and then remove the Connection header field
+# itself". Each case: the client's Connection value, the fields it names.
+HOP_FIELDS = {"X-Secret-Hop": "s3cret", "X-Trace-Hop": "t-1"}   # the client sends both
+CONNECTION_LISTS = {
+    "close, X-Secret-Hop": ["X-Secret-Hop"],
+    "x-secret-hop": ["X-Secret-Hop"],                   # a token in another case
+    "X-Secret-Hop,X-Trace-Hop": ["X-Secret-Hop", "X-Trace-Hop"],
+}
+BACKEND_HOP = ("X-Backend-Hop", "internal")  # the service names it in its own Connection
+HOP_RULE = ("Connection lists the fields meant for one hop only (RFC 9110 7.6.1): a "
+            "gateway removes Connection and every field it names, in any case, before it "
+            "forwards a message - the request to the service and the response to the client "
+            "(read the upstream's Connection too). Forwarded, a field the client meant for "
+            "the gateway alone, or the service for the gateway, reaches a party it was not "
+            "meant for, which may act on it; a fixed list of hop-by-hop names is not enough.")
+
+
+class HopBackend(BaseHTTPRequestHandler):
+    """A service that records the headers each request brought and answers with a field of
+    its own named in its Connection header (wsgiref refuses to send a Connection header)."""
+
+    seen: list[dict[str, str]]   # set per server by hop_backend()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.seen.append({name.lower(): value for name, value in self.headers.items()})
+        body = json.dumps({"version": "hops", "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Served-By", "hops")
+        self.send_header("Connection", f"{BACKEND_HOP[0]}, close")
+        self.send_header(*BACKEND_HOP)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        pass
+
+
+@pytest.fixture
+def hop_backend() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    seen: list[dict[str, str]] = []
+    handler = type("Hops", (HopBackend,), {"seen": seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("connection", list(CONNECTION_LISTS))
+def test_fields_named_by_connection_are_dropped(
+        world: World, hop_backend: tuple[str, list[dict[str, str]]], connection: str) -> None:
+    url, seen = hop_backend
+    host = world.gateway(rate_limit=1000, more_routes={"/hops": url})
+    sent = {**bearer(), "Connection": connection, **HOP_FIELDS, "X-Keep": "end-to-end"}
+    reply = http_request(host, "GET", "/hops/1", headers=sent)
+    what = f"GET /hops/1 with 'Connection: {connection}'"
+    assert reply.status == 200 and len(seen) == 1, (
+        f"{what}: the client got HTTP {reply.status} {reply.body[:120]!r} and {len(seen)} "
+        "request(s) reached the service: expected the service's 200")
+    got = seen[0]
+    named = CONNECTION_LISTS[connection]
+    forwarded = {name: got[name.lower()] for name in named if name.lower() in got}
+    assert not forwarded and "connection" not in got, (
+        f"{what} and {HOP_FIELDS}: the service received "
+        f"{forwarded or {'Connection': got.get('connection')}}, expected "
+        f"{' and '.join(named)} dropped by the gateway, with Connection itself\n{HOP_RULE}")
+    unnamed = {name: value for name, value in HOP_FIELDS.items() if name not in named}
+    kept = {"X-Keep": "end-to-end", **unnamed}
+    lost = {name: got.get(name.lower()) for name, value in kept.items()
+            if got.get(name.lower()) != value}
+    assert not lost, (
+        f"{what}: the service received {lost} for {sorted(lost)}, expected {kept}: only the "
+        "fields Connection names are dropped, every other one is end-to-end and forwarded")
+    assert reply.header(BACKEND_HOP[0]) is None and reply.header("X-Served-By") == "hops", (
+        f"{what}: the service answered with 'Connection: {BACKEND_HOP[0]}, close' and "
+        f"'{BACKEND_HOP[0]}: {BACKEND_HOP[1]}' (and 'X-Served-By: hops'); the client got "
+        f"{BACKEND_HOP[0]}: {reply.header(BACKEND_HOP[0])!r}, X-Served-By: "
+        f"{reply.header('X-Served-By')!r}, expected {BACKEND_HOP[0]} dropped and "
+        f"X-Served-By relayed\n{HOP_RULE}")
+
+
+# A body sent chunked (RFC 9112 7.1), as clients that stream an upload do: no
+# Content-Length, chunks of 'hex size[;extension] CRLF data CRLF', a 0-size last chunk,
+# maybe trailer fields, an empty line. The gateway's WSGI server (wsgiref) hands the chunks
+# over undecoded; the service behind it reads a Content-Length. Each case: the chunked
+# encoding the client sends, the body the service must get, what the case adds.
+CHUNKED_UPLOADS = {
+    "three chunks": (b'7\r\n{"qty":\r\n2\r\n 2\r\n1\r\n}\r\n0\r\n\r\n', '{"qty": 2}',
+                     "A body may come in any number of chunks: read until the 0-size one."),
+    "upper-case hex and a chunk extension": (
+        b'1A;note=gift\r\n{"qty": 3, "note": "gift"}\r\n0\r\n\r\n', '{"qty": 3, "note": "gift"}',
+        "A chunk size is hex in either case and may carry an extension after ';' "
+        "('1A;note=gift'): cut the line at ';' before int(size, 16), which refuses the rest."),
+    "a trailer field": (b'A\r\n{"qty": 4}\r\n0\r\nX-Checksum: 7\r\n\r\n', '{"qty": 4}',
+                        "Trailer fields may follow the last chunk, up to an empty line."),
+}
+CHUNKED_RULE = ("A chunked body (RFC 9112 7.1) has no Content-Length: the gateway's WSGI "
+                "server hands the chunks over as they came, so read them from wsgi.input - "
+                "each chunk's size is hex, up to an optional ';extension' (ignore it, 7.1.1), "
+                "the data and a CRLF follow, a 0-size chunk ends the body, then trailer "
+                "fields and an empty line - and forward the whole body with a Content-Length. "
+                "Reading CONTENT_LENGTH alone forwards an empty body: the upload is lost, and "
+                "the chunks left on the connection would be read as the next request.")
+
+
+@pytest.mark.parametrize("case", list(CHUNKED_UPLOADS))
+def test_a_chunked_body_reaches_the_service_whole(world: World, case: str) -> None:
+    chunks, body, adds = CHUNKED_UPLOADS[case]
+    host = world.gateway(rate_limit=1000)
+    stable = world.backends["stable"]
+    address, port = host.rsplit(":", 1)
+    what = f"POST /orders/9?via=chunked with a chunked body ({case}: {chunks!r})"
+    with socket.create_connection((address, int(port)), timeout=15) as sock:
+        sock.sendall(b"POST /orders/9?via=chunked HTTP/1.1\r\nHost: gateway.test\r\n"
+                     + f"Authorization: {bearer()['Authorization']}\r\n".encode()
+                     + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                     b"\r\n" + chunks)
+        reply = http.client.HTTPResponse(sock)
+        try:
+            reply.begin()
+            status, data = reply.status, reply.read()
+        except (OSError, http.client.HTTPException) as exc:
+            status, data = 0, f"no answer ({type(exc).__name__})".encode()
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = data[:200]
+    got = doc.get("body") if isinstance(doc, dict) and stable.hits == 1 else None
+    assert status == 201 and got == body, (
+        f"{what}: the client got HTTP {status or ''} {doc!r}, "
+        + (f"the service received the body {got!r}" if stable.hits == 1 else
+           f"{stable.hits} request(s) reached the service")
+        + f"; expected the service's 201 for the body {body!r}, whole\n{adds} {CHUNKED_RULE}")
+
+
+# HEAD (RFC 9110 9.3.2): the headers a GET would get, Content-Length included (8.6: the
+# length the GET's content would have), and no content at all - whether the service
+# answered it or the gateway itself. Each case: the path, whether the request carries a
+# valid token, who answers.
+HEAD_CASES = {
+    "relayed from the service": ("/orders/9", True, "the orders service"),
+    "the gateway's own 404": ("/admin/secrets", True, "the gateway, no route"),
+    "the gateway's own 401": ("/orders/9", False, "the gateway, no token"),
+}
+
+
+def raw_exchange(host: str, head: bytes) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Send a request head on a fresh connection and read everything until the close (the
+    WSGI server closes after one answer): (status, headers, the bytes after the head)."""
+    address, port = host.rsplit(":", 1)
+    with socket.create_connection((address, int(port)), timeout=15) as sock:
+        sock.sendall(head)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    top, _, rest = received.partition(b"\r\n\r\n")
+    status_line, _, fields = top.partition(b"\r\n")
+    headers = http.client.parse_headers(io.BytesIO(fields + b"\r\n\r\n"))
+    return int(status_line.split()[1]), headers, rest
+
+
+@pytest.mark.parametrize("case", list(HEAD_CASES))
+def test_head_gets_the_headers_of_a_get_and_no_body(world: World, case: str) -> None:
+    path, authorized, answerer = HEAD_CASES[case]
+    host = world.gateway(rate_limit=1000)
+    auth = bearer() if authorized else {}
+    if answerer == "the orders service":  # the service's own answer to this HEAD
+        direct = http_request(world.hosts["stable"], "HEAD", path, headers={"X-User-Id": "a"})
+        want = direct.header("Content-Length")
+    else:  # what the gateway answers the same request as a GET
+        get = http_request(host, "GET", path, headers=auth)
+        want = get.header("Content-Length") or str(len(get.body))
+    lines = "".join(f"{name}: {value}\r\n" for name, value in auth.items())
+    status, headers, body = raw_exchange(
+        host, f"HEAD {path} HTTP/1.1\r\nHost: gateway.test\r\n{lines}\r\n".encode())
+    what = f"HEAD {path}{'' if authorized else ' without a token'} (answered by {answerer})"
+    assert not body, (
+        f"{what}: the gateway's answer ({status}) carried {len(body)} bytes of content "
+        f"after its head ({body[:80]!r}), expected none\nA response to HEAD has the headers "
+        "of a GET and no content (RFC 9110 9.3.2): the client reads no body, so on a "
+        "kept-alive connection those bytes are read as the start of the next response. The WSGI "
+        "server sends whatever the app returns: return no body for HEAD, also for the "
+        "gateway's own answers (401, 404, 429).")
+    assert headers.get("Content-Length") == want, (
+        f"{what}: the gateway's answer ({status}) said Content-Length "
+        f"{headers.get('Content-Length')!r}, expected {want!r}, "
+        + ("the service's own answer to this HEAD" if answerer == "the orders service" else
+           "what the same request gets as a GET")
+        + "\nA HEAD response's Content-Length is the length the GET's content would have "
+        "(RFC 9110 8.6, 9.3.2): a client uses it to learn a resource's size without "
+        "fetching it. The content you relay for a HEAD is empty (http.client reads none): "
+        "keep the service's Content-Length, do not count the empty body.")

@@ -210,13 +210,20 @@ class _HttpHandler(BaseHTTPRequestHandler):
         (and rfile.read(-5) reads to EOF) or raise: answer 400 and close instead.
         http.server does not decode chunked bodies: any Transfer-Encoding is refused, 501
         (RFC 9112 6.1: a coding the server does not implement), or 400 beside a
-        Content-Length (RFC 9112 6.3, 11.2: the classic smuggling pair), and the connection
-        closed. Framing such a body by Content-Length (0 when absent) would take the chunks
-        for the next request."""
+        Content-Length (RFC 9112 6.3, 11.2: the classic smuggling pair) or when the list
+        itself cannot frame a body (chunked not last, or twice: RFC 9112 6.1, 6.3), and the
+        connection closed. Framing such a body by Content-Length (0 when absent) would take
+        the chunks for the next request. Several Transfer-Encoding lines are one list
+        (RFC 9110 5.3): 'gzip' then 'chunked' is 'gzip, chunked', so read them all."""
         lengths = self.headers.get_all("Content-Length") or []
-        if "Transfer-Encoding" in self.headers:
-            status, error = (400, "Transfer-Encoding with Content-Length") if lengths else (
-                501, "Transfer-Encoding is not supported: send Content-Length")
+        codings = [coding.strip().lower() for line in self.headers.get_all("Transfer-Encoding")
+                   or [] for coding in line.split(",")]
+        if codings:
+            status, error = (
+                (400, "Transfer-Encoding with Content-Length") if lengths else
+                (400, "chunked must be the last transfer coding, and only once")
+                if codings[-1] != "chunked" or codings.count("chunked") > 1 else
+                (501, "Transfer-Encoding is not supported: send Content-Length"))
         elif len(lengths) <= 1 and all(v.strip().isascii() and v.strip().isdigit()
                                        for v in lengths):
             return True

@@ -19,6 +19,36 @@ HOP_BY_HOP = {"connection", "keep-alive", "te", "trailers", "transfer-encoding",
               "host", "content-length", "authorization", "x-user-id"}
 
 
+def named_by_connection(values: Iterable[str]) -> set[str]:
+    """The fields a message's Connection lists (RFC 9110 7.6.1: 'Connection: close,
+    X-Hop' makes X-Hop a field for this hop only): a proxy drops them with Connection
+    itself, on the request and on the response. Tokens are case-insensitive."""
+    return {name.strip().lower() for value in values for name in value.split(",")}
+
+
+def read_body(environ: dict[str, Any]) -> bytes:
+    """The request's body, however it was framed. wsgiref hands a chunked body over as it
+    came (no CONTENT_LENGTH): decode it here, or it is forwarded empty."""
+    stream = environ["wsgi.input"]
+    if environ.get("HTTP_TRANSFER_ENCODING", "").lower().endswith("chunked"):
+        return read_chunked(stream)
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    return stream.read(length) if length else b""
+
+
+def read_chunked(stream: Any) -> bytes:
+    """RFC 9112 7.1: chunks of 'size-in-hex[;extension] CRLF data CRLF', a last chunk of
+    size 0, trailer fields, an empty line. Unknown chunk extensions are ignored (7.1.1);
+    trailers are not forwarded (the body goes on with a Content-Length, as nginx does)."""
+    body = bytearray()
+    while (size := int(stream.readline(1024).split(b";")[0], 16)) > 0:
+        body += stream.read(size)
+        stream.readline()                                  # the CRLF after the data
+    while stream.readline(65537) not in (b"\r\n", b"\n", b""):  # trailer fields, if any
+        pass
+    return bytes(body)
+
+
 class ApiGateway:
     def __init__(self, routes: dict[str, str], *, jwt_secret: str, rate_limit: int = 5,
                  window: float = 60.0, clock: Callable[[], float] = time.monotonic,
@@ -84,12 +114,16 @@ class ApiGateway:
 
     def __call__(self, environ: dict[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
+        # HEAD: the headers a GET would get, Content-Length included, and no content
+        # (RFC 9110 9.3.2); wsgiref sends whatever body the app returns.
+        head = environ["REQUEST_METHOD"] == "HEAD"
+
         def answer(status: str, doc: Any, extra: list[tuple[str, str]] | None = None
                    ) -> list[bytes]:
             body = json.dumps(doc).encode()
             start_response(status, [("Content-Type", "application/json"),
                                     ("Content-Length", str(len(body))), *(extra or [])])
-            return [body]
+            return [] if head else [body]
 
         user = self.authenticate(environ)
         if user is None:
@@ -100,16 +134,16 @@ class ApiGateway:
             return answer("429 Too Many Requests", {"error": "rate limit exceeded"},
                           [("Retry-After", str(max(1, int(wait + 0.999))))])
         path = environ.get("PATH_INFO") or "/"
+        dropped = HOP_BY_HOP | named_by_connection([environ.get("HTTP_CONNECTION", "")])
         headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items()
-                   if k.startswith("HTTP_") and k[5:].replace("_", "-").lower() not in HOP_BY_HOP}
+                   if k.startswith("HTTP_") and k[5:].replace("_", "-").lower() not in dropped}
         headers["X-User-Id"] = user              # identity asserted by the gateway only
         if path == "/bff/dashboard":
             return self.dashboard(user, headers, answer)
         upstream = self.upstream_for(path)
         if upstream is None:
             return answer("404 Not Found", {"error": f"no route for {path}"})
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        body = environ["wsgi.input"].read(length) if length else b""
+        body = read_body(environ)
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
         query = environ.get("QUERY_STRING")
@@ -119,8 +153,12 @@ class ApiGateway:
                 headers, body)
         except OSError as exc:
             return answer("502 Bad Gateway", {"error": f"upstream unreachable: {exc}"})
-        out = [(k, v) for k, v in out if k.lower() not in HOP_BY_HOP]
-        start_response(f"{status} {reason}", [*out, ("Content-Length", str(len(data)))])
+        # http.client reads no body for HEAD: the service's Content-Length is the one to keep
+        length = next((v for k, v in out if k.lower() == "content-length"), None) \
+            if head else None
+        dropped = HOP_BY_HOP | named_by_connection(v for k, v in out if k.lower() == "connection")
+        out = [(k, v) for k, v in out if k.lower() not in dropped]
+        start_response(f"{status} {reason}", [*out, ("Content-Length", length or str(len(data)))])
         return [data]
 
     def dashboard(self, user: str, headers: dict[str, str], answer: Any) -> list[bytes]:
