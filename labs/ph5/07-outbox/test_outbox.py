@@ -37,6 +37,12 @@ Mistakes a learner makes here, each caught with its own message:
 - claiming only ids past the highest published (or a cursor the relay keeps): a row that
   commits after higher ids were published is never sent              -> a late commit
 - a flush per row                                                      -> 1,000 rows
+- run without --once: a position kept in memory between polls (a late commit never sent),
+  SIGTERM left to kill the relay or a handler that exits at once (the batch in hand
+  published but not marked: published again by the next relay)       -> a running relay
+- a NUL in a name dropped or replaced to make it fit (an order stored with text nobody
+  wrote), '\\u0000' stripped from JSON text (a name holding those six characters broken)
+                                                                        -> NUL, \\u0000
 """
 
 from __future__ import annotations
@@ -101,11 +107,11 @@ def pending(conn: Any) -> int:
 
 
 def start_relay(learner: Any, postgres: Any, bootstrap: str, topic: str, batch: int,
-                timeout: float = 10.0) -> subprocess.Popen[bytes]:
+                timeout: float = 10.0, once: bool = True) -> subprocess.Popen[bytes]:
     return cast(subprocess.Popen[bytes],
                 learner.python("relay", "--dsn", postgres.dsn, "--bootstrap", bootstrap,
                                "--topic", topic, "--batch-size", str(batch), "--timeout",
-                               str(timeout), "--once", stdout=subprocess.DEVNULL,
+                               str(timeout), *["--once"] * once, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE))
 
 
@@ -272,6 +278,32 @@ def test_order_and_outbox_row_commit_together(shop: Any) -> None:
         "for an order that does not exist")
 
 
+def test_a_name_postgres_cannot_store_is_refused_whole(shop: Any) -> None:
+    """A customer name holding NUL (U+0000): Postgres text cannot store that character and
+    jsonb refuses its escape \\u0000 (PostgreSQL manual, "Character Types" and "JSON Types"),
+    and psycopg refuses to send it. The order cannot be stored as written, so place_order
+    refuses it whole - it raises, and neither the order nor its event is kept. Changing the
+    text to make it fit would store (and announce) a name the customer never wrote."""
+    conn, orders_mod = shop
+    for order_id, customer in (("order-nul-name", "Ada\x00Lovelace"), ("order-nul\x00id", "Ada")):
+        order = {"order_id": order_id, "customer": customer, "total_cents": 700}
+        try:
+            orders_mod.place_order(conn, order)
+        except Exception:  # noqa: BLE001, S110 - refusing it is the point; what is kept is judged
+            pass
+        kept = conn.execute("SELECT order_id, customer FROM orders WHERE "
+                            "order_id LIKE 'order-nul%'").fetchall()
+        events = conn.execute("SELECT aggregate_id, payload FROM outbox WHERE "
+                              "aggregate_id LIKE 'order-nul%'").fetchall()
+        assert not kept and not events, (
+            f"place_order was given order {order_id!r} of customer {customer!r} (a NUL, "
+            f"\\x00, in the text) and kept orders {kept!r}, events {events!r}; expected "
+            "neither row: Postgres text and jsonb cannot hold NUL, so the order cannot be "
+            "stored as written - refuse it whole (let the error raise; psycopg refuses NUL "
+            "itself), never drop or replace the character, or the order and its event carry "
+            "text the customer never wrote")
+
+
 # Orders whose text is not kind: (order id, customer, what it breaks when the SQL or the
 # JSON is built by formatting strings instead of parameters and a JSON encoder).
 AWKWARD = [
@@ -285,6 +317,9 @@ AWKWARD = [
     ("order-emoji", "Ada 🚀", "a character beyond the BMP (four UTF-8 bytes; in JSON's "
      "\\u escapes a surrogate pair)"),
     ("заказ-7", "Иван Петров", "a non-ASCII order id: the Kafka key is its UTF-8 bytes"),
+    ("order-u0000", "Bobby \\u0000 Tables", "the six characters \\u0000 typed as text: a JSON "
+     "encoder writes them \\\\u0000, and stripping '\\u0000' from JSON text (for jsonb, "
+     "which refuses that escape) cuts that apart"),
 ]
 
 
@@ -694,3 +729,145 @@ def test_thousand_orders_thousand_events(shop: Any, learner: Any, postgres: Any,
     assert took < 20, (
         f"relaying 1,000 rows took {took:.1f} s: publish a batch and flush once per batch, "
         "not once per row")
+
+
+MARK_GATE = 5707  # an advisory lock key: while the test holds it, marking rows waits
+
+
+def wait_drained(conn: Any, relay: subprocess.Popen[bytes], what: str,
+                 late: tuple[int, int] | None = None) -> None:
+    """Wait until the running relay has published every committed outbox row. ``late``:
+    (the id of a row that committed after higher ids were published, the lowest id of the
+    rows written after that commit) - once one of those is published, so must the late row
+    be: a claim that sees them sees it too, and takes it first (ORDER BY id)."""
+    deadline = time.monotonic() + RELAY_TIMEOUT
+    while time.monotonic() < deadline:
+        rows = conn.execute("SELECT id, aggregate_id, published_at IS NOT NULL FROM outbox "
+                            "ORDER BY id").fetchall()
+        left = [(i, a) for i, a, done in rows if not done]
+        if not left:
+            return
+        skipped = [(i, a) for i, a in left if late and i == late[0]]
+        if skipped and late and any(done for i, _, done in rows if i >= late[1]):
+            break
+        if relay.poll() is not None:
+            pytest.fail(f"{what}: the relay, run without --once, exited ({relay.returncode}) "
+                        f"with {len(left)} row(s) pending: without --once it keeps polling the "
+                        f"outbox until it is asked to stop: {errors_of(relay)}", pytrace=False)
+        time.sleep(0.05)
+    if skipped:
+        first_id, order_id = skipped[0]
+        pytest.fail(
+            f"{what}: outbox row {first_id} ({order_id}) was inserted before rows the running "
+            "relay had already published, but committed after them; the relay has since "
+            "published rows written after that commit, and this one is still pending: a relay "
+            "that claims only ids past the last one it published (a position kept in memory "
+            "between polls) never sees a row committed late. Claim every row WHERE "
+            "published_at IS NULL, oldest first, on every poll", pytrace=False)
+    pytest.fail(f"{what}: {len(left)} outbox row(s) (e.g. {left[:3]}) still pending "
+                f"{RELAY_TIMEOUT:.0f} s after they were committed, while the relay ran "
+                "(without --once): it must keep polling and publish rows as they arrive",
+                pytrace=False)
+
+
+def test_a_running_relay_publishes_as_orders_arrive_and_stops_cleanly(
+        shop: Any, learner: Any, postgres: Any, kafka: Any) -> None:
+    """The relay as it runs in production: started without --once, it keeps polling while
+    orders are written. Orders come in rounds, some get an OrderShipped later, and one order's
+    transaction began first and commits last (a lower id than rows already published). Every
+    row must reach Kafka once, each order's events in id order. Then the relay is asked to
+    stop (SIGTERM, what a service manager sends) while it waits to mark a batch it has
+    published (the test holds marking back with an advisory lock): it must finish that batch
+    - mark, commit - and exit 0, so the next relay does not publish the batch again."""
+    conn, orders_mod = shop
+    topic = kafka.create_topic("orders", 3)
+    conn.execute(f"""
+        CREATE FUNCTION hold_marking() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_advisory_xact_lock_shared({MARK_GATE}); RETURN NULL; END $$;
+        CREATE TRIGGER hold_marking BEFORE UPDATE ON outbox
+          FOR EACH STATEMENT EXECUTE FUNCTION hold_marking();
+    """)
+    relay = start_relay(learner, postgres, kafka.bootstrap, topic, batch=4, once=False)
+    late = postgres.connect(autocommit=True)
+    placed: list[dict[str, Any]] = []
+    try:
+        slow = make_orders(1, start=900)
+        with late.transaction():
+            orders_mod.place_order(late, slow[0])
+            for start in (0, 10, 20):
+                batch = make_orders(6, start=start)
+                place_all(conn, orders_mod, batch)
+                placed += batch
+                wait_drained(conn, relay, f"orders {start}-{start + 5}")
+        placed += slow
+        shipped = conn.execute("INSERT INTO outbox (aggregate_id, event_type, payload) "
+                               "SELECT aggregate_id, 'OrderShipped', payload FROM outbox "
+                               "WHERE aggregate_id = ANY(%s) ORDER BY id RETURNING id",
+                               ([o["order_id"] for o in placed[::3]],)).fetchall()
+        late_id = conn.execute("SELECT id FROM outbox WHERE aggregate_id = %s",
+                               (slow[0]["order_id"],)).fetchone()[0]
+        wait_drained(conn, relay, "OrderShipped events and a late-committed order",
+                     (int(late_id), min(int(r[0]) for r in shipped)))
+
+        holder = postgres.connect(autocommit=True)
+        try:
+            holder.execute("SELECT pg_advisory_lock(%s)", (MARK_GATE,))
+            last = make_orders(3, start=50)
+            place_all(conn, orders_mod, last)
+            placed += last
+            wait_until_blocked(conn, relay, set(), "the running relay, marking orders 50-52")
+            relay.send_signal(signal.SIGTERM)
+            try:   # a relay that dies of SIGTERM does so now; one that handles it stays
+                relay.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            holder.close()   # marking may go on
+        try:
+            code = relay.wait(RELAY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the relay was sent SIGTERM and did not exit within "
+                        f"{RELAY_TIMEOUT:.0f} s: asked to stop, it finishes the batch in hand "
+                        "and exits", pytrace=False)
+    finally:
+        late.close()
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait()
+    events = read_events(kafka, topic)
+    unmarked = conn.execute("SELECT id FROM outbox WHERE published_at IS NULL AND "
+                            "aggregate_id = ANY(%s)", ([o["order_id"] for o in last],)
+                            ).fetchall()
+    sent = {e.get("event_id") for e in events}
+    if code != 0 or unmarked:
+        how = ("died of it (SIGTERM's default action)" if code == -signal.SIGTERM else
+               f"exited with {code}")
+        pytest.fail(
+            f"SIGTERM reached the relay while it waited to mark a batch it had published "
+            f"(orders 50-52: {sum(r[0] in sent for r in unmarked)} of its rows already on "
+            f"Kafka): it {how} and left {len(unmarked)} row(s) of that batch "
+            "unmarked, so the next relay publishes them a second time. Asked to stop "
+            "(SIGTERM from systemd, Docker, Kubernetes), a relay finishes the batch in hand - "
+            "mark, commit - and exits 0: let the signal set a flag (signal.signal) that the "
+            "loop checks between batches, not kill the process or raise in the middle of "
+            "one" + (f". {errors_of(relay)}" if code not in (0, -signal.SIGTERM) else ""),
+            pytrace=False)
+    ids = dict(conn.execute("SELECT id, aggregate_id FROM outbox").fetchall())
+    twice = sorted(str(i) for i, n in Counter(e.get("event_id") for e in events).items()
+                   if n > 1)
+    assert not twice, (
+        f"events {twice[:5]} were published more than once by one running relay that never "
+        "crashed: claim with FOR UPDATE SKIP LOCKED and mark exactly the rows of each batch "
+        "in its transaction")
+    assert sent == set(ids), (
+        f"the outbox holds rows {sorted(set(ids) - sent)[:5]} that never reached Kafka "
+        f"(and Kafka has events {sorted(str(i) for i in sent - set(ids))[:5]} the outbox "
+        "does not): every committed row is published while the relay runs")
+    per_order: dict[str, list[int]] = {}
+    for e in events:   # partition by partition, in offset order
+        per_order.setdefault(str(e.get("key")), []).append(int(e.get("event_id") or 0))
+    jumbled = {k: v for k, v in per_order.items() if v != sorted(v)}
+    assert not jumbled, (
+        f"events of one order reached its partition out of outbox order: "
+        f"{dict(list(jumbled.items())[:3])} (event ids in partition order): a running relay "
+        "claims the oldest rows first, ORDER BY id, batch after batch")

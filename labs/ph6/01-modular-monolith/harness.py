@@ -142,3 +142,41 @@ def live_data_across_boundaries(app: Any, sku: str, customer: str) -> list[str]:
                              f"itself ({repr(part)[:80]}), not a copy")
                 break
     return found
+
+
+def reserve_at_the_catalog(sku_prefix: str, quantities: list[Any]) -> list[tuple[str, str, str]]:
+    """Each quantity reserved straight through the catalog's public interface (as any caller
+    in the monolith could), on a fresh product with 2 in stock, then the stock probed with
+    valid reservations: [(repr(qty), what reserve did, the stock afterwards)]. What it did:
+    'accepted', 'ValueError'/'TypeError' (or a subclass: named 'ValueError(<class>)'),
+    'OutOfStock', or another exception's class name; the stock: 'unchanged', 'less' or
+    'more' than the 2 it held."""
+    catalog = sys.modules.get("shop.catalog")
+    if catalog is None:
+        return []
+    seen = []
+    for n, qty in enumerate(quantities):
+        sku = f"{sku_prefix}-{n}"
+        catalog.add_product(sku, "A lamp", 2500, 2)
+        try:
+            catalog.reserve(sku, qty)
+            did = "accepted"
+        except catalog.OutOfStock:
+            did = "OutOfStock"
+        except (ValueError, TypeError) as exc:
+            base = "ValueError" if isinstance(exc, ValueError) else "TypeError"
+            did = base if type(exc).__name__ == base else f"{base}({type(exc).__name__})"
+        except Exception as exc:  # noqa: BLE001 - reported to the test as it is
+            did = f"{type(exc).__name__}: {exc}"
+        try:
+            catalog.reserve(sku, 2)
+        except catalog.OutOfStock:
+            seen.append((repr(qty), did, "less"))
+            continue
+        try:
+            catalog.reserve(sku, 1)
+            stock = "more"
+        except catalog.OutOfStock:
+            stock = "unchanged"
+        seen.append((repr(qty), did, stock))
+    return seen

@@ -383,6 +383,38 @@ def test_a_quantity_is_a_whole_number_of_items(app: Any) -> None:
         "expected total_cents 8000")
 
 
+def test_the_catalog_guards_its_own_stock(learner: Any, app: Any) -> None:
+    """catalog.reserve is the catalog's public interface: any caller in the monolith (a web
+    layer, a returns context) may call it, and later it may be a service's endpoint. The
+    context owns its stock, so it enforces its own rule whoever calls: a quantity that is no
+    quantity raises ValueError (TypeError for a non-number is fine too) and leaves the stock
+    as it was; more than in stock raises OutOfStock, also with the stock untouched."""
+    cases = [*BAD_QUANTITIES, (3, "more than the 2 in stock")]
+    seen = learner.harness().reserve_at_the_catalog(f"lamp-{tag()}", [q for q, _ in cases])
+    assert len(seen) == len(cases), (
+        "the catalog's public interface shop.catalog was not loaded by app.py: it wires the "
+        "contexts and must import them")
+    wrong = []
+    for (qty, what), (_, did, stock) in zip(cases, seen, strict=True):
+        refused = did == "OutOfStock" if qty == 3 else did.startswith(("ValueError",
+                                                                      "TypeError"))
+        if not (refused and stock == "unchanged"):
+            wrong.append((qty, what, did, stock))
+    if not wrong:
+        return
+    qty, what, did, stock = wrong[0]
+    change = {"less": "it shrank", "more": "it GREW", "unchanged": "it is what it was"}
+    pytest.fail(
+        f"catalog.reserve(sku, {qty!r}) ({what}) on a product with 2 in stock "
+        f"{'was accepted' if did == 'accepted' else 'raised ' + did}, and the stock: "
+        f"{change[stock]}; expected {'OutOfStock' if qty == 3 else 'ValueError or TypeError'} "
+        "and the stock unchanged. The catalog owns its stock and guards it at its own "
+        "boundary, whoever calls: orders checks its commands, but reserve() is public - check "
+        "there too, type(qty) is int and qty >= 1 (isinstance lets True through, `qty < 1` "
+        "alone lets 1.5 and True through), before anything changes. All it let through: "
+        + "; ".join(f"{q!r}: {d}, stock {change[st].split()[-1]}" for q, _, d, st in wrong),
+        pytrace=False)
+
 def test_no_context_hands_out_its_live_data(learner: Any, app: Any) -> None:
     """A context's interface offers operations and hands out values or copies: an object it
     keeps itself (a product record, its dict of products), once handed across, lets the

@@ -73,7 +73,8 @@ def caller(host: str) -> Any:
             raise BackendDown(f"no answer: {exc}") from exc
         if reply.status >= 500:
             raise BackendDown(f"HTTP {reply.status}")
-        return reply.body.decode()
+        body: str = reply.body.decode()
+        return body
     return call
 
 
@@ -335,6 +336,81 @@ def test_a_recovered_circuit_starts_afresh(mod: Any, backends: Any) -> None:
             + ("the failures counted before the circuit opened were kept: closing after a "
                "successful probe starts a fresh closed state with no failures counted"
                if got[:2] != ["failed", "failed"] else "the threshold is still 3"))
+
+
+# Calls let in while the circuit was closed, held at the backend while three other calls
+# fail and open it, then let go 10 s later: (what they end with, the backend's mode while
+# they are let in, how many). Their outcome says nothing about the dependency now: only time
+# moves an open circuit to half-open, only the probe closes it or opens it again (Polly's
+# CircuitStateController: "only time passing governs transitioning from Open to HalfOpen";
+# resilience4j's OpenState records such results without a transition).
+LATE_OUTCOMES = [
+    ("success", "hold", 1),
+    ("failure", "hold_fail", 3),     # as many as the threshold
+]
+
+
+@pytest.mark.parametrize(("late", "mode", "count"), LATE_OUTCOMES,
+                         ids=[case[0] for case in LATE_OUTCOMES])
+def test_a_call_that_ends_after_the_circuit_opened_changes_nothing(
+        mod: Any, backends: Any, late: str, mode: str, count: int) -> None:
+    """A call goes through while the circuit is closed; while it waits for its answer three
+    other calls fail and the circuit opens. Its answer, arriving 10 s later, must not close
+    the circuit (a success) nor restart its timeout (failures): the circuit stays open, and
+    reset_timeout after it opened it lets one probe through."""
+    backend, host = backends["payments"]
+    clock = Clock()
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
+    backend.mode, held = mode, backend.release
+    late_calls = [run_in_thread(lambda: cb.call(caller(host))) for _ in range(count)]
+    try:
+        wait_until(lambda: backend.hits == count,
+                   f"{count} call(s) through the closed circuit to reach the backend")
+        backend.mode, backend.release = "fail", threading.Event()
+        trip(mod, cb, caller(host), 3)
+        opened = cb.state
+        assert opened == "open", (
+            f"with {count} call(s) still in flight, 3 consecutive failures (threshold 3) left "
+            f"the state {opened!r}, expected 'open': calls in flight are not failures yet")
+        clock.now += 10
+    finally:
+        held.set()
+    for thread, _ in late_calls:
+        thread.join(60)
+    ended = [out.get("value", out.get("error")) for _, out in late_calls]
+    assert all(e == "payments" if late == "success" else isinstance(e, BackendDown)
+               for e in ended), (
+        f"the call(s) let in while closed ended with {ended!r}, expected "
+        f"{'the answer' if late == 'success' else 'the backend error'}: once let in, a call "
+        "runs to its end - the breaker does not rewrite its outcome")
+    what = ("a call let in while the circuit was closed answered 10 s after the circuit "
+            "opened (3 other calls failed meanwhile)" if late == "success" else
+            f"{count} calls let in while the circuit was closed failed 10 s after it opened "
+            "(3 other calls had failed meanwhile and opened it)")
+    state, hits = cb.state, backend.hits
+    after = outcome(mod, cb, host)
+    if state != "open" or after != "refused":
+        pytest.fail(
+            f"{what}: afterwards the state is {state!r} and the next call was {after} "
+            f"({backend.hits - hits} request(s) reached the backend); expected 'open' and the "
+            "call refused with CircuitOpen. The outcome of a call let in before the circuit "
+            "opened says nothing about the dependency now: a success closes the circuit only "
+            "when it is the half-open probe's (or the circuit is still closed) - otherwise a "
+            "slow call that happened to succeed sends full load to a failing service",
+            pytrace=False)
+    clock.now += 20
+    state = cb.state
+    backend.mode, hits = "ok", backend.hits
+    probe = outcome(mod, cb, host)
+    assert state == "half_open" and probe == "answered" and cb.state == "closed", (
+        f"{what}: 30 s (reset_timeout) after the circuit opened the state is {state!r} and "
+        f"the next call was {probe} ({backend.hits - hits} request(s) reached the backend); "
+        "expected 'half_open' and the probe sent - "
+        + ("those late failures were counted as new ones and opened the circuit again, "
+           "restarting its timeout: only time moves an open circuit to half-open, and a "
+           "failure counts only while the circuit is closed (or for the probe)"
+           if late == "failure" and state == "open" else
+           "the circuit opened at the third failure; the late call's outcome changes nothing"))
 
 
 def run_in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -55,12 +56,13 @@ def listening(port: int) -> bool:
 
 
 class App:
-    def __init__(self, learner: Any, env: dict[str, str]) -> None:
+    def __init__(self, learner: Any, env: dict[str, str], prelude: str = "") -> None:
         self.port = int(env["PORT"]) if env.get("PORT", "").isdigit() else None
         # As a platform runs it: stdout is a pipe, and nothing asks Python to leave its
         # output unbuffered (the runner's own PYTHONUNBUFFERED is not the platform's).
         self.proc = learner.python("app", env={**env, "PYTHONUNBUFFERED": ""},
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   prelude=prelude)
         self.out: list[str] = []
         self.err: list[str] = []
         self.readers = [threading.Thread(target=self._read, args=(stream, sink), daemon=True)
@@ -311,6 +313,51 @@ def test_two_instances_share_state_through_backing_services(
 DRAIN_HOLD = 5
 
 
+# Run first in the app's process: at its exit (after main() returned and the non-daemon
+# threads ended, before the interpreter tears anything down; registered first, so it runs
+# after the app's own atexit handlers) it writes to stderr how many TCP connections to the
+# Redis port it still holds - sockets among its open files, from its own connection table.
+# Redis has no goodbye message to read at a proxy (redis-py's close() just closes the
+# socket), so what is still open at exit is read where it is held.
+REDIS_AT_EXIT = "labrunner: redis connections open at exit:"
+REDIS_WATCH = """
+import atexit as _lr_atexit, os as _lr_os
+
+def _lr_redis_at_exit(port={port}):
+    inodes = set()
+    for fd in _lr_os.listdir('/proc/self/fd'):
+        try:
+            link = _lr_os.readlink('/proc/self/fd/' + fd)
+        except OSError:
+            continue
+        if link.startswith('socket:['):
+            inodes.add(link[8:-1])
+    held = 0
+    for table in ('/proc/self/net/tcp', '/proc/self/net/tcp6'):
+        try:
+            with open(table) as rows:
+                for row in list(rows)[1:]:
+                    cols = row.split()
+                    if (len(cols) > 9 and int(cols[2].rsplit(':', 1)[1], 16) == port
+                            and cols[9] in inodes):
+                        held += 1
+        except OSError:
+            continue
+    _lr_os.write(2, ('\\n{marker} %d\\n' % held).encode())
+
+_lr_atexit.register(_lr_redis_at_exit)
+"""
+
+
+def redis_held_at_exit(app: App) -> int | None:
+    """What REDIS_WATCH reported when the app exited (None: it never ran - the process
+    did not exit through Python's normal exit)."""
+    for reader in app.readers:
+        reader.join(10)
+    said = [line for line in app.err if line.startswith(REDIS_AT_EXIT)]
+    return int(said[-1].rsplit(" ", 1)[1]) if said else None
+
+
 class HeldPostgres(PgStatementProxy):
     """A proxy in front of Postgres that holds the first message carrying ``marker`` (the
     text of a note being stored) until ``release`` is set: a request in flight, on demand.
@@ -345,8 +392,10 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], pos
     """SIGTERM while a POST /notes is in flight (its INSERT held at a proxy in front of
     Postgres): a graceful stop stops accepting, lets that request finish (the proxy lets the
     INSERT go on once the app exited or DRAIN_HOLD s went by), closes the pools, exits 0."""
+    redis_port = urlsplit(env["REDIS_URL"]).port
+    watch = REDIS_WATCH.format(port=redis_port, marker=REDIS_AT_EXIT)
     with HeldPostgres.for_dsn(postgres.dsn) as held:
-        app = App(learner, {**env, "DATABASE_URL": held.dsn_for(postgres.dsn)})
+        app = App(learner, {**env, "DATABASE_URL": held.dsn_for(postgres.dsn)}, prelude=watch)
         apps.append(app)
         app.ready()
         host = f"127.0.0.1:{app.port}"
@@ -416,6 +465,18 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], pos
         "(`with psycopg.connect(...)`, a thread of yours stopped and its connection closed); "
         "never os._exit(), which skips every close. Postgres logs each cut one as "
         "'unexpected EOF on client connection'")
+    # The same for Redis: every connection closed by the app before it exits.
+    still = redis_held_at_exit(app)
+    assert still == 0, (
+        f"app.py exited 0 after SIGTERM still holding {still} connection(s) to Redis "
+        f"(REDIS_URL, port {redis_port}) - read from its own open sockets as it exited, "
+        "after main() had returned: the kernel cut them at exit, expected every one closed "
+        "first. A graceful stop releases each backing service (factor IX): close the Redis "
+        "client (client.close() closes its connection pool only when the client made it, "
+        "as Redis.from_url does; a client given a ConnectionPool leaves it open - "
+        "disconnect that pool too)" if still is not None else
+        f"app.py exited 0 after SIGTERM but never reached Python's normal exit (its atexit "
+        f"handlers did not run): stderr ends {app.err[-3:]}")
 
 
 # s an app that got SIGTERM, and whose request in flight has been answered, may sleep with

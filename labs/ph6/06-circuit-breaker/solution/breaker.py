@@ -41,7 +41,8 @@ class CircuitBreaker:
                 if self.clock() - self._opened_at < self.reset_timeout:
                     raise CircuitOpen("circuit open: failing fast")
                 self._state = "half_open"
-            if self._state == "half_open":
+            probe = self._state == "half_open"
+            if probe:
                 if self._probing:
                     raise CircuitOpen("circuit half-open: a probe is already in flight")
                 self._probing = True
@@ -49,22 +50,28 @@ class CircuitBreaker:
             result = fn(*args, **kwargs)
         except Exception:
             with self._lock:
-                self._on_failure()
+                self._on_failure(probe)
             raise
         with self._lock:
-            self._probing = False
-            self._state = "closed"
-            self._failures = 0
+            # A call let in while closed may end after the circuit opened (other calls failed
+            # meanwhile): its success closes nothing. Only time moves an open circuit on, and
+            # only the probe closes it (Polly's CircuitStateController: "only time passing
+            # governs transitioning from Open to HalfOpen"; resilience4j's OpenState records
+            # such a result without a transition).
+            if probe or self._state == "closed":
+                self._probing = False
+                self._state = "closed"
+                self._failures = 0
         return result
 
-    def _on_failure(self) -> None:
-        if self._state == "half_open":
+    def _on_failure(self, probe: bool) -> None:
+        if probe:
             self._probing = False
             self._trip()
-            return
-        self._failures += 1
-        if self._failures >= self.failure_threshold:
-            self._trip()
+        elif self._state == "closed":   # a late failure, after the circuit opened: nothing
+            self._failures += 1
+            if self._failures >= self.failure_threshold:
+                self._trip()
 
     def _trip(self) -> None:
         self._state = "open"

@@ -40,6 +40,11 @@ def price_of(sku: str) -> int:
 
 
 def reserve(sku: str, qty: int) -> None:
+    # The catalog guards its own stock, whoever calls (orders today, a web layer or another
+    # context tomorrow): a reservation is a whole number of items, at least 1. -3 would ADD
+    # stock; bool is an int subclass, but True is no quantity.
+    if type(qty) is not int or qty < 1:
+        raise ValueError(f"{sku}: cannot reserve {qty!r} - a quantity is an int >= 1")
     product = _get(sku)
     if product.stock < qty:
         raise OutOfStock(f"{sku}: {product.stock} left, {qty} asked")
