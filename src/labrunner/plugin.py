@@ -235,13 +235,13 @@ class Learner:
                 f"(copy it from the starter: labrunner init)")
         return file
 
-    def load(self, module: str) -> ModuleType:
+    def load(self, module: str, *, fresh: bool = False) -> ModuleType:
         """Import ``<module>.py`` from the learner's folder, fresh for this test and once
-        per test (so an exception class from one call is the class the next one raises).
-
-        When grading (``$LABRUNNER_LEARNER_HOST``), the module lives in a process of its own
-        and this returns a proxy to it: see :mod:`labrunner.learner`."""
-        if module in self._modules:
+        per test (so an exception class from one call is the class the next one raises);
+        ``fresh=True`` imports one more copy, sharing no module state with the others (two
+        app instances: a lock or a dict of each its own). When grading, the module lives in
+        a process of its own and this returns a proxy to it: see :mod:`labrunner.learner`."""
+        if module in self._modules and not fresh:
             return self._modules[module]
         self.path(f"{module}.py")
         name = f"learner_{self.lab.id.replace('.', '_')}_{module}_{len(self._loaded)}"
@@ -252,7 +252,7 @@ class Learner:
         else:
             mod = import_learner_module(self.dir, module, name)
         self._loaded.append(name)
-        self._modules[module] = mod  # type: ignore[assignment]
+        self._modules.setdefault(module, mod)  # type: ignore[arg-type]
         return mod  # type: ignore[return-value]
 
     def tmp_folder(self, *, learner_writes: bool = False) -> Path:

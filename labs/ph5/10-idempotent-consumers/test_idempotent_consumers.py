@@ -127,14 +127,15 @@ def test_each_event_delivered_three_times_applies_once(db: Any) -> None:
 @pytest.mark.parametrize("first", ["commits", "fails"])
 def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner: Any,
                                                 first: str) -> None:
-    """Consumer A and consumer B (separate connections, separately loaded code - no shared
-    memory) get the same event at the same moment. A's transaction then commits, or fails
-    (the test ends A's connection while it waits): only a COMMITTED dedup row makes B's
-    delivery a duplicate, so after A failed B must apply the event."""
+    """Consumer A and consumer B (separate connections, separately loaded copies of
+    consumer.py - learner.load(fresh=True): no shared module state) get the same event at
+    the same moment. A's transaction then commits, or fails (the test ends A's connection
+    while it waits): only a COMMITTED dedup row makes B's delivery a duplicate, so after A
+    failed B must apply the event."""
     mod, conn = db
     conn.execute("INSERT INTO balances VALUES ('acct-0', 0)")
     event = payment(99, "acct-0", 700)
-    consumers = [learner.load("consumer"), learner.load("consumer")]
+    consumers = [learner.load("consumer"), learner.load("consumer", fresh=True)]
     conns = [postgres.connect(autocommit=True), postgres.connect(autocommit=True)]
     results: dict[int, Any] = {}
 
@@ -176,7 +177,9 @@ def test_two_consumers_handle_one_event_at_once(db: Any, postgres: Any, learner:
         pytest.fail(f"handling the same event at the same time raised {errors[0]!r}: the "
                     "duplicate must be skipped, not crash the consumer - let the dedup table's "
                     "primary key decide (INSERT ... ON CONFLICT DO NOTHING, then look at the row "
-                    "count) instead of checking first", pytrace=False)
+                    "count) instead of checking first. (A lock in the process - a "
+                    "threading.Lock around the check - orders only that process's calls: the "
+                    "other consumer is another process, with locks of its own.)", pytrace=False)
     assert not errors, f"handle() raised {type(errors[0]).__name__}: {errors[0]}"
     assert balances(conn) == {"acct-0": 700}, (
         f"acct-0 is {balances(conn).get('acct-0', 0)} after the same 700-cent event was handled "
@@ -231,7 +234,7 @@ def test_two_different_events_for_a_new_account_at_once(db: Any, postgres: Any,
     created once and both amounts added."""
     mod, conn = db
     events = [payment(200, "acct-new", 300), payment(201, "acct-new", 400)]
-    consumers = [learner.load("consumer"), learner.load("consumer")]
+    consumers = [learner.load("consumer"), learner.load("consumer", fresh=True)]
     conns = [postgres.connect(autocommit=True), postgres.connect(autocommit=True)]
     results: dict[int, Any] = {}
 
