@@ -132,7 +132,19 @@ def make(learner: Any, redis_db: Any, cls: str, prefix: str, url: str | None = N
          **params: float) -> Any:
     """An instance of the learner's ``cls`` (``url``: Redis's, by default); positional-only
     arguments, so no key of ``params`` can stand for one of them."""
-    module = learner.load("ratelimit")
+    return construct(learner.load("ratelimit"), redis_db, cls, prefix, url, params)
+
+
+def make_in_another_app(learner: Any, redis_db: Any, cls: str, prefix: str, /,
+                        **params: float) -> Any:
+    """:func:`make`, from a copy of ratelimit.py of its own, as in a second app process:
+    nothing shared with the other instances but Redis (a module-level lock or dict too)."""
+    module = learner.load("ratelimit", fresh=True)
+    return construct(module, redis_db, cls, prefix, None, params)
+
+
+def construct(module: Any, redis_db: Any, cls: str, prefix: str, url: str | None,
+              params: dict[str, float]) -> Any:
     factory = getattr(module, cls, None)
     if factory is None:
         pytest.fail(f"ratelimit.py defines no class {cls}", pytrace=False)
@@ -255,7 +267,8 @@ CONCURRENT_CASES = [
 def test_exact_under_200_concurrent_requests(learner: Any, redis_db: Any, cls: str,
                                              params: dict[str, float]) -> None:
     # Two instances, as two app processes would have: the budget lives in Redis.
-    instances = [make(learner, redis_db, cls, "c", **params) for _ in range(2)]
+    instances = [make(learner, redis_db, cls, "c", **params),
+                 make_in_another_app(learner, redis_db, cls, "c", **params)]
     decide(instances[0], "warm-up", 5000.0, f"{cls} warm-up")  # scripts loaded, pools made
     barrier = threading.Barrier(CONCURRENT)
     results: list[bool | None] = [None] * CONCURRENT
@@ -283,8 +296,11 @@ def test_exact_under_200_concurrent_requests(learner: Any, redis_db: Any, cls: s
            "More than the limit: the read-decide-write is not atomic, so concurrent "
            "requests read the same state and each decided it had room (or, in a sorted "
            "set, several requests at the same instant used the same member and counted "
-           "once). Run it as one Lua script (EVAL/EVALSHA) or WATCH/MULTI/EXEC with retry; "
-           "use a unique member per request." if allowed > LIMIT else
+           "once). A lock in the process (threading.Lock) orders only that process's "
+           "requests: the other instance here is a copy of ratelimit.py of its own, as "
+           "another app process is. Run it as one Lua script (EVAL/EVALSHA) or "
+           "WATCH/MULTI/EXEC with retry; use a unique member per request." if allowed > LIMIT
+           else
            "Fewer than the limit: the state is not shared correctly, or requests are "
            "refused that fit (check the comparison)."))
 
@@ -380,7 +396,7 @@ def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: A
     a_what, b_what = f"{case.cls} at t={case.a_now}", f"{case.cls} at t={case.b_now}"
     with redis_gate(redis_db.url, gate) as gated:
         a = make(learner, redis_db, case.cls, "f", gated, **case.params)
-        b = make(learner, redis_db, case.cls, "f", **case.params)
+        b = make_in_another_app(learner, redis_db, case.cls, "f", **case.params)
         for after in range(1, 20):
             key = f"in-flight-{after}"
             for now in case.setup:
@@ -422,6 +438,71 @@ def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: A
             if not held:
                 return
     pytest.fail(f"{case.cls}.allow sent more than 20 Redis commands for one request")
+
+
+# One slot left, and two requests for it at one instant, from two app instances: exactly one
+# may pass, whatever point of its Redis commands one of them is held at. (class, params,
+# instants of the requests made first, the instant of the two, why one slot is left)
+LAST_SLOT_CASES = [
+    ("TokenBucket", {"capacity": 2, "rate": 0.001}, [0.0], 0.0,
+     "capacity 2, one token taken, next to nothing refilled"),
+    ("SlidingWindowLog", {"limit": 2, "window": 10.0}, [0.0], 1.0,
+     "limit 2 per 10 s, one request in the window"),
+    ("SlidingWindowCounter", {"limit": 2, "window": 10.0}, [1.0], 2.0,
+     "limit 2 per window, one counted in this window, none in the previous"),
+]
+
+
+@pytest.mark.parametrize("cls,params,setup,now,why", LAST_SLOT_CASES,
+                         ids=[c[0] for c in LAST_SLOT_CASES])
+def test_two_instances_never_both_take_the_last_slot(
+        learner: Any, redis_db: Any, cls: str, params: dict[str, float], setup: list[float],
+        now: float, why: str) -> None:
+    """Request A (app instance 1) is held before each of its Redis commands in turn, and at
+    each hold request B (instance 2: a copy of ratelimit.py of its own, as another process)
+    asks for the same last slot. Exactly one of them may pass: a decision split over round
+    trips (read, decide in Python, write; a pipeline to count and another to add) lets both
+    read "one left" - and a lock in the process orders nothing across instances. B blocked
+    behind A (a lock A holds in Redis) is atomic: the test lets A go after ALONE seconds."""
+    gate = HoldAt()
+    with redis_gate(redis_db.url, gate) as gated:
+        a = make(learner, redis_db, cls, "last", gated, **params)
+        b = make_in_another_app(learner, redis_db, cls, "last", **params)
+        for after in range(1, 20):
+            key = f"last-slot-{after}"
+            for earlier in setup:
+                decide(b, key, earlier, f"{cls} at t={earlier}")
+            gate.arm(after)
+            request, a_out = in_background(lambda key=key: decide(a, key, now, f"{cls} A"))
+            try:
+                wait_until(cast(Callable[[], bool],
+                                lambda r=request: gate.held.is_set() or not r.is_alive()),
+                           f"{cls} request A to send its Redis commands", timeout=60)
+                held, sent = gate.held.is_set(), list(gate.sent)
+                if held:
+                    other, b_out = in_background(lambda key=key: decide(b, key, now,
+                                                                        f"{cls} B"))
+                    other.join(ALONE)
+            finally:
+                gate.release.set()
+            a_allowed = answer_of(request, a_out, f"{cls} request A")
+            if not held:
+                return   # A sent fewer than `after` + 1 commands: every point was tried
+            b_allowed = answer_of(other, b_out, f"{cls} request B")
+            assert a_allowed != b_allowed, (
+                f"{cls}({params}) after requests at t={setup} ({why}): two requests for the "
+                f"last slot at t={now}, A from one app instance and B from another, were "
+                f"{'both allowed' if a_allowed else 'both refused'} when A was held before its "
+                f"Redis command #{after + 1} (it had sent {' '.join(sent)}) while B was "
+                f"decided; expected exactly one allowed.\n"
+                + ("Both read one slot left: the read, the decision and the write are separate "
+                   "round trips. A lock in the process (threading.Lock) orders only that "
+                   "process's requests - the other instance is another process. Decide in "
+                   "one atomic step in Redis: one Lua script, or WATCH/MULTI/EXEC with retry."
+                   if a_allowed else
+                   "A slot that was there went to neither: check the comparison, and that a "
+                   "request refused or in flight is not counted."))
+    pytest.fail(f"{cls}.allow sent more than 20 Redis commands for one request")
 
 
 # Requests at given instants, each decided after Redis lost its scripts: (now, allowed).
