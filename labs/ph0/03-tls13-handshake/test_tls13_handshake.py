@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from labrunner.testing import TlsOnce, file_bytes, local_timezone, serve_tls_once, tls_exchange
@@ -450,6 +451,57 @@ def test_client_refuses_an_untrusted_ca(serve: Any, subject: Subject) -> None:
         "verify_mode=CERT_REQUIRED with load_verify_locations(ca_file).")
     assert "certificate verify failed" in (result.client_error or ""), (
         f"the handshake failed, but not on certificate verification: {result.client_error}")
+
+
+def _cn_only_certificate(folder: Path) -> tuple[Path, Path, Path]:
+    """The test's own CA, and a certificate it issued that names HOSTNAME in its common
+    name only (no SubjectAlternativeName): (CA file, certificate file, key file)."""
+    now = dt.datetime.now(dt.UTC)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def issue(subject_name: str, key: Any, ca: bool) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(name(subject_name))
+                .issuer_name(name("Test CA")).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None),
+                               critical=True)
+                .sign(ca_key, hashes.SHA256()))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    files = (folder / "test-ca.pem", folder / "cn-only.pem", folder / "cn-only.key")
+    files[0].write_bytes(issue("Test CA", ca_key, True).public_bytes(serialization.Encoding.PEM))
+    files[1].write_bytes(issue(HOSTNAME, key, False).public_bytes(serialization.Encoding.PEM))
+    files[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return files
+
+
+def test_client_ignores_a_common_name(serve: Any, subject: Subject) -> None:
+    """RFC 9525 (6.3) and the CA/Browser Forum: the host is matched against the SAN's DNS
+    names only. OpenSSL falls back to the subject's common name when a certificate has no
+    DNS name, and Python leaves that on (hostname_checks_common_name = True) unless told."""
+    ca_file, cert_file, key_file = _cn_only_certificate(subject.learner.tmp_folder())
+    client = _call("client_context()", subject.tls13.client_context, ca_file)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_file, key_file)
+    result = handshake(serve(server), client)
+    assert not result.ok, (
+        f"your client accepted a certificate that names {HOSTNAME} only in its subject's "
+        f"common name (no SubjectAlternativeName; issued by the CA file it was given) and "
+        f"negotiated {result.version}; expected it refused\nHostnames are matched against "
+        "the SAN's DNS names only (RFC 9525; browsers dropped the common name in 2017): a "
+        "common name is free text, and a CA that vets SANs may let it through. OpenSSL "
+        "still falls back to it when a certificate has no DNS name, and Python leaves that "
+        "on: set ctx.hostname_checks_common_name = False.")
+    assert "hostname" in (result.client_error or "").lower() \
+        or "match" in (result.client_error or "").lower(), (
+        f"the handshake failed, but not on the hostname: {result.client_error}")
 
 
 # ---------------------------------------------------------------------------- keys and trust
