@@ -65,7 +65,12 @@ LABEL_ESCAPES: list[tuple[str, str]] = [
     ("\\n is no line feed", r"\\n is no line feed"),  # a backslash and an n
     ("\\\n", r"\\\n"),                              # a backslash, then a line feed
     ("tab\there, café", "tab\there, café"),          # nothing else is escaped
+    # nor any other line-breaking character: a CR (alone, or before a line feed), a form
+    # feed, NEL, U+2028 - the parser undoes \\, \" and \n only, the rest comes back as written
+    ("crlf\r\nend", "crlf\r\\nend"),
+    ("cr\r ff\x0c nel\x85 ls\u2028", "cr\r ff\x0c nel\x85 ls\u2028"),
 ]
+OTHER_BREAKS = {"\r": "CR", "\x0c": "form feed", "\x85": "NEL", "\u2028": "U+2028", "\t": "tab"}
 ESCAPE = {"\\": r"\\", '"': r"\"", "\n": r"\n"}
 CHAR = {"\\": "backslash", '"': "double quote", "\n": "line feed"}
 
@@ -92,6 +97,14 @@ def _escaping_mistake(got: dict[str, str]) -> str:
         return (r"label values: render() escapes them as JSON strings (a tab as \t, é as "
                 r"\u00e9) - the format escapes only the backslash (\\), the double quote "
                 r'(\") and the line feed (\n), and a parser does not undo other escapes')
+    changed = sorted({name for value, text in got.items() for char, name in OTHER_BREAKS.items()
+                      if char in value and text.count(char) < value.count(char)})
+    if changed:
+        return (f"label values: render() escaped or replaced the {', the '.join(changed)} - "
+                r'a label value escapes only the backslash (\\), the double quote (\") and '
+                r"the line feed (\n); every other character, line-breaking or not, is written "
+                r"as it is (a parser turns only \\, \" and \n back, so \r or a CRLF read as "
+                "one line break comes back changed)")
     return ("label values escaped wrongly - escape backslashes first, then quotes and line "
             "feeds, nothing else")
 
