@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from labrunner.testing import TlsOnce, file_bytes, serve_tls_once, tls_exchange
+from labrunner.testing import TlsOnce, file_bytes, local_timezone, serve_tls_once, tls_exchange
 
 HOSTNAME = "api.lab.test"
 TLS13_AEAD_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384",
@@ -259,11 +260,54 @@ def test_server_certificate_may_sign_the_handshake(subject: Subject) -> None:
         "exchange is ephemeral ECDHE): it signs the handshake transcript (CertificateVerify). "
         "RFC 8446 4.4.2.2: when KeyUsage is present, digitalSignature MUST be set; strict "
         "clients (NSS/Firefox, webpki) refuse this certificate.")
+    assert usage is None or not (usage.key_cert_sign or usage.crl_sign), (
+        f"the server certificate's KeyUsage allows {_usages(usage)}, expected "
+        "digital_signature and no key_cert_sign or crl_sign\nA server's key signs handshakes, "
+        "not certificates or revocation lists: those are the CA's powers (the CA's KeyUsage, "
+        "not the server's). RFC 5280 4.2.1.3: keyCertSign only with BasicConstraints "
+        "cA=true; strict verifiers (OpenSSL with X509_STRICT, Python 3.13's default "
+        "context) refuse this certificate. Give the server KeyUsage(digital_signature=True) "
+        "and everything else False.")
     purposes = _extension(server, x509.ExtendedKeyUsage)
     assert purposes is None or x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in purposes, (
         f"the server certificate's ExtendedKeyUsage lists "
         f"{[oid._name for oid in purposes]}, expected serverAuth\nA client checks that the "
         "certificate was issued for TLS server authentication.")
+
+
+# POSIX zones (no tzdata needed; the sign is west-positive): UTC+14:00 (Kiribati) and
+# UTC-12:00 (Baker Island), the farthest a machine's local clock can be from UTC.
+ZONES = (("LAB-14", "UTC+14:00"), ("LAB+12", "UTC-12:00"))
+
+
+def test_certificates_are_valid_now_in_any_local_zone(subject: Subject) -> None:
+    """A certificate's validity is in UTC. create_pki() run on a machine whose local zone is
+    not UTC must still issue certificates valid now: a naive datetime.now() (local wall time)
+    that cryptography reads as UTC starts them hours in the future (east of UTC) or ends
+    them hours early (west)."""
+    for spec, zone in ZONES:
+        previous = subject.learner.run_helper(local_timezone, spec)
+        try:
+            pki = _call(f"create_pki() in local time zone {zone}", subject.tls13.create_pki,
+                        subject.folder / f"zone{spec[3:]}", HOSTNAME)
+        finally:
+            subject.learner.run_helper(local_timezone, previous)
+        now = dt.datetime.now(dt.UTC)
+        for what, path in (("CA", pki.ca_cert), ("server", pki.server_cert)):
+            cert = _load_cert(subject, path, f"the {what} certificate made in {zone}")
+            start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+            off = (start - now if start > now else end - now).total_seconds() / 3600
+            assert start <= now < end, (
+                f"create_pki() run with the local time zone {zone} issued a {what} "
+                f"certificate valid from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC; "
+                f"it is now {now:%Y-%m-%d %H:%M} UTC, so it is "
+                + (f"not valid for another {off:.1f} h" if start > now else
+                   f"already expired ({-off:.1f} h ago)")
+                + ": local time was written where UTC is meant\nA certificate's validity "
+                "is UTC; datetime.now() without a zone is the machine's local wall time, "
+                "and cryptography reads a naive datetime as UTC. On a machine east of UTC "
+                "every client refuses the certificate as not yet valid. Use "
+                "datetime.now(datetime.UTC).")
 
 
 SERIAL_BITS = 40  # below this, a serial cannot hold 64 random bits (a random 64-bit one
@@ -407,6 +451,57 @@ def test_client_refuses_an_untrusted_ca(serve: Any, subject: Subject) -> None:
         "verify_mode=CERT_REQUIRED with load_verify_locations(ca_file).")
     assert "certificate verify failed" in (result.client_error or ""), (
         f"the handshake failed, but not on certificate verification: {result.client_error}")
+
+
+def _cn_only_certificate(folder: Path) -> tuple[Path, Path, Path]:
+    """The test's own CA, and a certificate it issued that names HOSTNAME in its common
+    name only (no SubjectAlternativeName): (CA file, certificate file, key file)."""
+    now = dt.datetime.now(dt.UTC)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def issue(subject_name: str, key: Any, ca: bool) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(name(subject_name))
+                .issuer_name(name("Test CA")).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None),
+                               critical=True)
+                .sign(ca_key, hashes.SHA256()))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    files = (folder / "test-ca.pem", folder / "cn-only.pem", folder / "cn-only.key")
+    files[0].write_bytes(issue("Test CA", ca_key, True).public_bytes(serialization.Encoding.PEM))
+    files[1].write_bytes(issue(HOSTNAME, key, False).public_bytes(serialization.Encoding.PEM))
+    files[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return files
+
+
+def test_client_ignores_a_common_name(serve: Any, subject: Subject) -> None:
+    """RFC 9525 (6.3) and the CA/Browser Forum: the host is matched against the SAN's DNS
+    names only. OpenSSL falls back to the subject's common name when a certificate has no
+    DNS name, and Python leaves that on (hostname_checks_common_name = True) unless told."""
+    ca_file, cert_file, key_file = _cn_only_certificate(subject.learner.tmp_folder())
+    client = _call("client_context()", subject.tls13.client_context, ca_file)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_file, key_file)
+    result = handshake(serve(server), client)
+    assert not result.ok, (
+        f"your client accepted a certificate that names {HOSTNAME} only in its subject's "
+        f"common name (no SubjectAlternativeName; issued by the CA file it was given) and "
+        f"negotiated {result.version}; expected it refused\nHostnames are matched against "
+        "the SAN's DNS names only (RFC 9525; browsers dropped the common name in 2017): a "
+        "common name is free text, and a CA that vets SANs may let it through. OpenSSL "
+        "still falls back to it when a certificate has no DNS name, and Python leaves that "
+        "on: set ctx.hostname_checks_common_name = False.")
+    assert "hostname" in (result.client_error or "").lower() \
+        or "match" in (result.client_error or "").lower(), (
+        f"the handshake failed, but not on the hostname: {result.client_error}")
 
 
 # ---------------------------------------------------------------------------- keys and trust

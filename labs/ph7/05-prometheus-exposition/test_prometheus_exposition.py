@@ -65,7 +65,12 @@ LABEL_ESCAPES: list[tuple[str, str]] = [
     ("\\n is no line feed", r"\\n is no line feed"),  # a backslash and an n
     ("\\\n", r"\\\n"),                              # a backslash, then a line feed
     ("tab\there, café", "tab\there, café"),          # nothing else is escaped
+    # nor any other line-breaking character: a CR (alone, or before a line feed), a form
+    # feed, NEL, U+2028 - the parser undoes \\, \" and \n only, the rest comes back as written
+    ("crlf\r\nend", "crlf\r\\nend"),
+    ("cr\r ff\x0c nel\x85 ls\u2028", "cr\r ff\x0c nel\x85 ls\u2028"),
 ]
+OTHER_BREAKS = {"\r": "CR", "\x0c": "form feed", "\x85": "NEL", "\u2028": "U+2028", "\t": "tab"}
 ESCAPE = {"\\": r"\\", '"': r"\"", "\n": r"\n"}
 CHAR = {"\\": "backslash", '"': "double quote", "\n": "line feed"}
 
@@ -92,6 +97,14 @@ def _escaping_mistake(got: dict[str, str]) -> str:
         return (r"label values: render() escapes them as JSON strings (a tab as \t, é as "
                 r"\u00e9) - the format escapes only the backslash (\\), the double quote "
                 r'(\") and the line feed (\n), and a parser does not undo other escapes')
+    changed = sorted({name for value, text in got.items() for char, name in OTHER_BREAKS.items()
+                      if char in value and text.count(char) < value.count(char)})
+    if changed:
+        return (f"label values: render() escaped or replaced the {', the '.join(changed)} - "
+                r'a label value escapes only the backslash (\\), the double quote (\") and '
+                r"the line feed (\n); every other character, line-breaking or not, is written "
+                r"as it is (a parser turns only \\, \" and \n back, so \r or a CRLF read as "
+                "one line break comes back changed)")
     return ("label values escaped wrongly - escape backslashes first, then quotes and line "
             "feeds, nothing else")
 
@@ -244,6 +257,42 @@ def test_the_parser_reads_back_what_was_written(learner: Any) -> None:
                 f"{samples}")
         assert len(samples) == len(want), f"{name}: parsed {samples}, expected {want}"
     assert text.endswith("\n"), "the exposition must end with a line feed"
+
+
+# Values a gauge really takes that are no finite number - a hit ratio of 0 hits in 0 lookups
+# (NaN), a bucket bound or a division by zero (+Inf, -Inf) - and how the format writes them.
+SPECIAL = (("+Inf", math.inf), ("-Inf", -math.inf), ("NaN", math.nan))
+
+
+def test_nan_and_infinities_are_written(learner: Any) -> None:
+    render = learner.function("exposition", "render")
+    family = {"name": "cache_hit_ratio", "type": "gauge", "help": "Hits per lookup.",
+              "samples": [{"labels": {"cache": name}, "value": value}
+                          for name, value in SPECIAL]}
+    how = ("\nA gauge can be NaN (0 hits / 0 lookups) or infinite (a bucket bound, a rate "
+           "divided by zero), and the exposition format has words for them: NaN, +Inf, -Inf. "
+           "int() raises on them (OverflowError for an infinity, ValueError for NaN), so a "
+           "value == int(value) test must come after math.isnan()/math.isinf(); one such "
+           "sample would otherwise break the whole /metrics page and every metric on it "
+           "goes missing.")
+    try:
+        text = render([family])
+    except Exception as exc:  # noqa: BLE001 - the learner's error is the finding
+        problem = (f"render() of a gauge whose samples are +Inf, -Inf and NaN raised "
+                   f"{type(exc).__name__}: {exc}" + how)
+        pytest.fail(problem, pytrace=False)
+    try:
+        parsed = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    except Exception as exc:  # noqa: BLE001 - the parser's complaint is the message
+        pytest.fail(f"prometheus_client's parser rejects the exposition of +Inf, -Inf and "
+                    f"NaN: {exc}\n{text}" + how, pytrace=False)
+    values = {s.labels.get("cache"): s.value for s in parsed}
+    for name, value in SPECIAL:
+        got = values.get(name)
+        right = got is not None and (math.isnan(got) if math.isnan(value) else got == value)
+        assert right, (
+            f"the sample cache_hit_ratio{{cache=\"{name}\"}} = {name} parsed back as {got} "
+            f"(the text render() wrote: {text!r}), expected {value}" + how)
 
 
 def test_prometheus_ingests_it(learner: Any, prometheus: Any) -> None:

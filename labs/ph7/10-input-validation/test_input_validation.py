@@ -66,6 +66,8 @@ digits = st.text(string.digits, min_size=4, max_size=4)
 good_sku = st.builds(lambda a, b: f"{a}-{b}", letters, digits)
 local = st.text(string.ascii_letters + string.digits + "._%+-", min_size=1, max_size=20)
 label = st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=12)
+LOCAL_CHARS = string.ascii_letters + string.digits + "._%+-"
+DOMAIN_CHARS = string.ascii_letters + string.digits + "-"
 good_email = st.builds(lambda a, b, c: f"{a}@{b}.{c}", local, label, label)
 good_note = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs")), max_size=200)
 json_values = st.recursive(
@@ -77,21 +79,32 @@ json_values = st.recursive(
 
 # the usual ways a field is wrong
 BAD = {"sku": ["abc-1234", "ABC-123", "ABC-1234\n", " ABC-1234", "ABC_1234",
-                "ABC-１２３４", "", "ABC-1234; DROP TABLE orders", 1234, None],
+                "ABC-１２３４", "", "ABC-1234; DROP TABLE orders", 1234, None,
+                # capitals and digits, but not ASCII ones: str.isupper()/isdigit(), \w, \d
+                "ÄBC-1234", "ABC-12٣4"],
        "quantity": [True, False, 0, -1, 101, 10**30, 5.0, 2.5, "5", None, [5]],
        "email": ["", "no-at-sign", "a@b", "a@@b.io", "a@b.io\n", "<a@b.io>",
-                             "a" * 250 + "@b.io", 42,
+                             "a" * 250 + "@b.io", 42, None,
+                             # characters outside the pattern's ASCII sets that \w (Unicode
+                             # letters and digits, "_"), [A-z] ("[\\]^_`" lie between Z and
+                             # a) or [^@\s] let through
+                             "jürgen@shop.example", "ana@shöp.example", "ana@shop_1.example",
+                             "ana@shop.exampl٣", "a^b@shop.example", "a`b@shop.example",
+                             "[ana]@shop.example", "ana@shop.ex\\ample", "ana\u00a0x@shop.io",
                              # every part within the pattern's bounds, 255 characters in all
                              "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 62],
        "note": ["x" * 201, "line\nbreak", "nul\x00byte", "bidi\u202etxt", "c1\x85next",
                 "zero\u200bwidth", 7, [],
+                # optional is not nullable: a note that is there is a string
+                None,
                 # lone surrogates (Cs), sent as the JSON escapes \ud800..., which are valid
                 # UTF-8 bytes: only the decoded value holds them. High, low, and a pair in
                 # the wrong order (two lone halves, not a character)
                 "x\ud800", "\udfffend", "swap\ude00\ud83d"]}
 # the longest address the rules allow: 254 characters, every part at its bound
 EMAIL_254 = "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 61
-EXTRA = [("is_admin", True), ("price", 0), ("__proto__", {}), ("Sku", "ABC-1234")]
+EXTRA = [("is_admin", True), ("price", 0), ("__proto__", {}), ("Sku", "ABC-1234"),
+         ("role", None)]
 extra_field = st.sampled_from(EXTRA)
 BASE = {"sku": "KEY-0042", "quantity": 3, "email": "ana@shop.example", "note": "ring twice"}
 
@@ -154,7 +167,28 @@ def why_accepted(doc: Any, bad: set[str]) -> str:
     missing = [f for f in ("sku", "quantity", "email") if f not in doc]
     if missing:
         return f"Accepted an order without {missing}: required fields must be present."
+    nulls = sorted(f for f in bad if f in doc and doc[f] is None)
+    if nulls:
+        return (f"Accepted {', '.join(f'{f} = null' for f in nulls)}: a field that may be "
+                "left out (note) is not a field that may be null - when it is there it must "
+                "be of its type (a string), or the code behind calls len(None) or stores a "
+                "NULL nobody expects. Check \"note\" in doc, not doc.get(\"note\") is not "
+                "None, and do not drop nulls before validating.")
     email = doc.get("email")
+    address = email if isinstance(email, str) else ""
+    local_part, _, domain = address.partition("@")
+    odd = sorted({c for c in local_part if c not in LOCAL_CHARS}
+                 | {c for c in domain if c not in DOMAIN_CHARS + "."})
+    if "email" in bad and odd and address.count("@") == 1 and len(address) <= 254:
+        return (f"Accepted the email {email!r}, which holds {', '.join(map(repr, odd))}: the "
+                "pattern's sets are ASCII, exactly [A-Za-z0-9._%+-] before the @ and "
+                "[A-Za-z0-9-] in each label - \\w also matches every Unicode letter and "
+                "digit (ü, ٣) and '_', [A-z] spans '[\\]^_`' between Z and a, and "
+                "str.isalnum() is Unicode too. Spell the sets out (or use re.ASCII).")
+    sku = doc.get("sku")
+    if "sku" in bad and isinstance(sku, str) and not sku.isascii():
+        return (f"Accepted the sku {sku!r}: [A-Z] and [0-9] are ASCII only - \\d, "
+                "str.isdigit() and str.isupper() take other scripts' digits and capitals.")
     if "email" in bad and isinstance(email, str) and len(email) > 254:
         return (f"Accepted an email of {len(email)} characters: the pattern bounds each part "
                 "(local part 64, each label 63) but not the whole; an address is at most 254 "

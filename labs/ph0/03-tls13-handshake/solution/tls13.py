@@ -113,4 +113,7 @@ def client_context(ca_file: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
     # create_default_context already sets verify_mode=CERT_REQUIRED, check_hostname=True.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # The host is matched against the SAN's DNS names only: OpenSSL falls back to the
+    # subject's common name when there is none, and Python leaves that on by default.
+    ctx.hostname_checks_common_name = False
     return ctx

@@ -3,6 +3,7 @@ resets the way Prometheus means it to be read."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -17,6 +18,11 @@ def _escape_label(value: str) -> str:
 
 
 def _number(value: float) -> str:
+    # A gauge may be NaN (0 hits / 0 lookups) or infinite; int() of either raises.
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
     return repr(float(value)) if value != int(value) or abs(value) >= 1e15 else str(int(value))
 
 
