@@ -513,8 +513,8 @@ def test_server_key_is_private_and_its_own(subject: Subject) -> None:
     assert mode & 0o077 == 0, (
         f"pki.server_key ({pki.server_key}) has mode {mode:04o}: other users can read the "
         "server's private key\nWhoever reads it can impersonate the server. Make the file "
-        "readable by its owner only: path.chmod(0o600) (or create it with os.open(..., "
-        "0o600)).")
+        "readable by its owner only, from its creation: os.open(path, os.O_WRONLY | "
+        "os.O_CREAT | os.O_EXCL, 0o600), not a chmod after writing it.")
     ca = _load_cert(subject, pki.ca_cert, "pki.ca_cert")
     server = _load_cert(subject, pki.server_cert, "pki.server_cert")
     assert server.public_key() != ca.public_key(), (
@@ -576,9 +576,9 @@ def test_no_private_key_is_left_readable_by_others(subject: Subject) -> None:
         f"{'; '.join(exposed)}; expected every file holding a private key to be mode 0600\n"
         "Whoever reads the CA's key can issue a certificate for any hostname your clients "
         "trust; whoever reads the server's key can impersonate the server. Write each key "
-        "file with os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) (or chmod "
-        "0o600 it), keep keys out of certificate files, and do not keep the CA's key at "
-        "all when nothing needs it.")
+        "file with os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) (created "
+        "private, not chmod-ed after), keep keys out of certificate files, and do not keep "
+        "the CA's key at all when nothing needs it.")
 
 
 def test_no_key_file_is_ever_readable_by_others(subject: Subject) -> None:
