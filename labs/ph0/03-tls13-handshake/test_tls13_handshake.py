@@ -513,8 +513,8 @@ def test_server_key_is_private_and_its_own(subject: Subject) -> None:
     assert mode & 0o077 == 0, (
         f"pki.server_key ({pki.server_key}) has mode {mode:04o}: other users can read the "
         "server's private key\nWhoever reads it can impersonate the server. Make the file "
-        "readable by its owner only: path.chmod(0o600) (or create it with os.open(..., "
-        "0o600)).")
+        "readable by its owner only, from its creation: os.open(path, os.O_WRONLY | "
+        "os.O_CREAT | os.O_EXCL, 0o600), not a chmod after writing it.")
     ca = _load_cert(subject, pki.ca_cert, "pki.ca_cert")
     server = _load_cert(subject, pki.server_cert, "pki.server_cert")
     assert server.public_key() != ca.public_key(), (
@@ -576,9 +576,41 @@ def test_no_private_key_is_left_readable_by_others(subject: Subject) -> None:
         f"{'; '.join(exposed)}; expected every file holding a private key to be mode 0600\n"
         "Whoever reads the CA's key can issue a certificate for any hostname your clients "
         "trust; whoever reads the server's key can impersonate the server. Write each key "
-        "file with os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) (or chmod "
-        "0o600 it), keep keys out of certificate files, and do not keep the CA's key at "
-        "all when nothing needs it.")
+        "file with os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) (created "
+        "private, not chmod-ed after), keep keys out of certificate files, and do not keep "
+        "the CA's key at all when nothing needs it.")
+
+
+def test_no_key_file_is_ever_readable_by_others(subject: Subject) -> None:
+    """A key file must be born private, not made private after: permissions are checked
+    when a file is opened, so a key written with the default mode and chmod-ed to 0600
+    afterwards (or a file opened with the default mode and fchmod-ed before the key goes
+    in) can be opened by another user in between, who keeps reading it after the chmod.
+    The window is too short to watch from outside: harness.py runs create_pki() under
+    umask 0o000 and notes the mode each new file has right after the call that created it;
+    the test reads the files itself to see which hold a key."""
+    folder = subject.folder / "umask-000"
+    seen = subject.learner.harness().create_pki_watching_creations(
+        subject.tls13, str(folder), HOSTNAME)
+    if seen["error"]:
+        pytest.fail(f"create_pki() raised {seen['error']} when run with umask 0o000 "
+                    "(a permissive umask: group and others get what the code asks for)",
+                    pytrace=False)
+    born_open = []
+    for entry in seen["created"]:
+        path, mode = Path(entry["path"]), entry["mode"]
+        if mode & 0o077 and _private_key_in(subject.read(path, path.name)):
+            born_open.append(f"{path.relative_to(subject.folder)} was created mode "
+                             f"{mode:04o} by {entry['how']}")
+    assert not born_open, (
+        f"with umask 0o000, create_pki() created key files readable by other users before "
+        f"it restricted them: {'; '.join(born_open)}; expected each file that holds a "
+        "private key to be created mode 0600 (its final mode is not enough)\nPermissions "
+        "are checked when a file is opened: another user who opens the key in the moment "
+        "between creation and chmod/fchmod keeps reading it afterwards, and the default "
+        "umask (022) leaves it 0644 in that moment. Create it private: os.open(path, "
+        "os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) and os.fdopen(fd, 'wb'), as "
+        "ssh-keygen and openssl genpkey do (or set os.umask(0o077) around the write).")
 
 
 def test_client_trusts_only_the_given_ca(subject: Subject) -> None:

@@ -434,6 +434,61 @@ def test_offset_walks_the_whole_list(spec_path: Path, host: str, postgres: Any,
         "the query as OFFSET, not as a page number, and do not drop it")
 
 
+def test_pages_keep_one_order_while_users_change(spec_path: Path, host: str, postgres: Any,
+                                                contract: Contract) -> None:
+    """Offset paging is only sound over a total order: SQL returns rows in no particular
+    order without ORDER BY (PostgreSQL, LIMIT and OFFSET: "use an ORDER BY clause that
+    constrains the result rows into a unique order. Otherwise you will get an unpredictable
+    subset"), and an order on a column with ties (name) leaves the ties to chance. A small
+    table that nobody touches comes back in insertion order all the same, so the walk here
+    is what happens in production: between two pages, the users just listed edit their
+    profile (an UPDATE writes a new row version, at the end of the table), and several
+    users share a name. Every user must still be listed exactly once."""
+    limit = 3
+    for param in operation(load_spec(spec_path), "listUsers").get("parameters", []):
+        schema = resolve(contract.spec, resolve(contract.spec, param).get("schema")) or {}
+        if resolve(contract.spec, param).get("name") == "limit":
+            low, high = schema.get("minimum"), schema.get("maximum")
+            limit = max(limit, low) if isinstance(low, int) else limit
+            limit = min(limit, high) if isinstance(high, int) else limit
+    total = 2 * limit + 1
+    with postgres.connect(autocommit=True) as conn:
+        # two names for everyone: ties for any order on the name
+        conn.execute("INSERT INTO users (name, email) SELECT (ARRAY['Ana Lima', 'Bo Chen'])"
+                     "[1 + n %% 2], 'namesake' || n || '@example.com' "
+                     "FROM generate_series(1, %s) AS n", (total,))
+        everyone = [row[0] for row in conn.execute("SELECT id FROM users ORDER BY id")]
+        pages: list[tuple[int, list[Any]]] = []
+        for offset in range(0, total + limit, limit):
+            ex = exchange(host, "GET", "/users",
+                          query={"limit": str(limit), "offset": str(offset)})
+            assert ex.status == 200, (
+                f"{ex.label()}: expected 200 (a page, empty past the end), saw {ex.status} "
+                f"{ex.data[:150]!r}")
+            contract.judge(ex, f"a page at offset {offset}")
+            ids = listed_ids(json.loads(ex.data)) or []
+            pages.append((offset, ids))
+            # the users just listed edit their profile: new row versions, moved in the heap
+            conn.execute("UPDATE users SET name = name WHERE id = ANY(%s)", (ids,))
+    walked = [user for _, ids in pages for user in ids]
+    shown = "; ".join(f"offset {offset}: {ids}" for offset, ids in pages)
+    repeated = sorted({user for user in walked if walked.count(user) > 1})
+    missing = sorted(set(everyone) - set(walked))
+    assert not repeated and not missing and len(walked) == total, (
+        f"with {total} users (ids {everyone}; two names among them), GET /users?limit="
+        f"{limit}&offset=N for N = 0, {limit}, {2 * limit}, ..., the users of each page "
+        f"updating their row (UPDATE users SET name = name) before the next, listed "
+        f"{shown}: "
+        + (f"users {repeated} came on more than one page" if repeated else "")
+        + ("; " if repeated and missing else "")
+        + (f"users {missing} on none" if missing else "")
+        + "; expected each user exactly once\nOffset paging needs one total order for "
+        "every page: without ORDER BY, PostgreSQL returns rows in whatever order it finds "
+        "them (an updated row moves to the end of the table), and ORDER BY a column with "
+        "ties (name) leaves the order of the ties to chance - order by a unique key (ORDER "
+        "BY id, or name, id).")
+
+
 def at_once(host: str, postgres: Any, method: str, path: str,
             document: Any = None) -> tuple[list[Any], list[Exchange]]:
     """Send the same request twice, at once. The test holds a SHARE lock on users (reads

@@ -335,6 +335,46 @@ def test_the_body_is_utf8_whatever_else_it_could_be(host: str) -> None:
             "differential: what was checked is not what runs.")
 
 
+# An object naming a key twice: json.loads keeps the last value, a WAF, a gateway or another
+# service's parser may keep the first (or refuse) - a parser differential: what was checked
+# is not what runs. RFC 8259 4: names SHOULD be unique; I-JSON (RFC 7493 2.3) MUST NOT
+# repeat them; validation at the boundary refuses the document (400), whatever the values.
+# (body, what it is, what an app that reads it sees)
+VALID_FIELDS = '"sku": "KEY-0042", "email": "ana@shop.example"'
+DUPLICATE_KEYS = [
+    ('{"quantity": true, "quantity": 1, ' + VALID_FIELDS + '}',
+     "quantity = true, then quantity = 1",
+     "the last value (1) passes, while a component keeping the first sees true"),
+    ('{"quantity": 1, "quantity": true, ' + VALID_FIELDS + '}',
+     "quantity = 1, then quantity = true",
+     "a parser keeping the first value checks 1; json.loads keeps true"),
+    ('{"quantity": 2, "quantity": 2, ' + VALID_FIELDS + '}',
+     "quantity = 2 twice, the same value",
+     "the values agree here, but a duplicate is refused whatever they are (I-JSON)"),
+    ('{"quantity": 3, "quantit\\u0079": 3, ' + VALID_FIELDS + '}',
+     'quantity twice, the second spelled "quantit\\u0079" (the same name once decoded)',
+     "the names differ as bytes only: compare the decoded names, as the parser does"),
+    ('{"quantity": 4, ' + VALID_FIELDS + ', "sku": "KEY-0043"}',
+     "sku twice, two valid values far apart",
+     "which order is filled, KEY-0042 or KEY-0043, depends on the parser"),
+]
+
+
+def test_an_object_naming_a_key_twice_is_400(host: str) -> None:
+    for text, what, seen in DUPLICATE_KEYS:
+        body = text.encode()
+        reply = post(host, body)
+        no_500(reply, body)
+        assert reply.status == 400, (
+            f"an order naming a key twice ({what}: {text}) was answered {reply.status} "
+            f"{reply.body[:120]!r}, expected 400 - {seen}\njson.loads keeps the last "
+            "value of a repeated name, a WAF, a gateway or the next service may keep the "
+            "first: what was checked is not what runs. RFC 8259 says names SHOULD be "
+            "unique and I-JSON (RFC 7493) that they MUST: refuse the document whatever "
+            "the values (True == 1 in Python, so comparing them lets true/1 through) - "
+            "json.loads(..., object_pairs_hook=...) sees every pair, decoded.")
+
+
 def test_bytes_that_are_not_json_get_400(host: str) -> None:
     @SETTINGS
     @given(st.binary(max_size=300))

@@ -11,6 +11,7 @@ and the client accepts it when it chains to a CA it trusts and names the host it
 from __future__ import annotations
 
 import datetime as dt
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,16 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)  # a private key readable by everyone is a published key
+    # A private key readable by everyone is a published key, even for a moment: written
+    # first and chmod-ed after, it is 0644 in between (0666 under umask 0), and whoever
+    # opened it then keeps reading. So the file is born 0600, as ssh-keygen and openssl
+    # genpkey make theirs; O_EXCL (after removing an old key) also refuses a symlink.
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
 
 
 def create_pki(directory: Path, hostname: str) -> Pki:

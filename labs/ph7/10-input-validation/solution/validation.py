@@ -4,8 +4,9 @@ names the problem, never a 500.
 
 Order matters: the size limit is checked on Content-Length before a byte of the body is
 read (a client announcing 10 MB gets 413 at once, the server never buffers it); then the
-body must be UTF-8 JSON (400 if not, including nesting too deep for the parser); then the
-document must match the allowlist exactly (422 listing every field that does not).
+body must be UTF-8 JSON (400 if not, including nesting too deep for the parser, and an
+object naming a key twice); then the document must match the allowlist exactly (422
+listing every field that does not).
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def make_app(max_body: int = 2048) -> Any:
                          {"error": "send application/json"})
         body = environ["wsgi.input"].read(int(raw_length))
         try:
-            doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
-        except (ValueError, RecursionError):  # bad UTF-8, bad JSON, NaN, too deep
+            doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants,
+                             object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError):  # bad UTF-8, bad JSON, NaN, too deep, dup key
             return reply(start_response, "400 Bad Request", {"error": "the body is not JSON"})
         errors = validate(doc)
         if errors:
@@ -81,3 +83,13 @@ def make_app(max_body: int = 2048) -> Any:
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # {"quantity": true, "quantity": 1}: json.loads keeps the last, a WAF or gateway may
+    # check the first (a parser differential). Names SHOULD be unique (RFC 8259 4), MUST
+    # be in I-JSON (RFC 7493 2.3): refuse the document, whatever the values.
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("an object names a key twice")
+    return doc
