@@ -280,17 +280,57 @@ def test_cache_aside_invalidates_after_the_commit(shop: Shop, commit_gate: Commi
 FILL_STEPS = 20   # more Redis commands than any read sends between its SELECT and its end
 
 
-def test_cache_aside_a_read_that_missed_before_a_write_never_caches_the_old_row(
-        shop: Shop) -> None:
-    """The race cache-aside's own read loses ("stale set"): a read misses and reads the row;
-    before it fills the cache, another server's write commits and deletes the entry - then
-    the read's fill puts back the row it read, the OLD one, for a whole TTL. Driven step by
-    step: the reader's Redis goes through a gate that runs the writer's whole update_price
-    just before the reader's k-th Redis command after its SELECT, for k = 1, 2, ... until
-    the read ends in fewer commands: a fill that checks and sets in two commands is caught
-    between them."""
-    writer = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
-    other = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+@dataclass(frozen=True)
+class StaleFill:
+    """One read path that fills the cache after a miss, and what its pattern's write does
+    to the entry: the race its fill must not lose, and the cure the message names."""
+
+    pattern: str
+    build: Callable[[Shop, str], Any]
+    write_does: str
+    cure: str
+
+
+LEASE_CURE = (
+    "A fill must not land after a write it did not see (a plain SET or SET NX both do: the "
+    "write deleted the entry). Take a lease before reading the database (a token, SET "
+    "product:<id>:lease NX PX), have a write delete it with the entry, and fill only if the "
+    "lease is still yours - checked and set in ONE step (a Lua script, or WATCH/MULTI): "
+    "memcache's leases (Scaling Memcache at Facebook, 3.2.1).")
+# In write-through and write-behind a write SETs the entry: a fill only has to never
+# overwrite one - memcached's `add` (SET ... NX), or the same lease as cache-aside.
+ADD_CURE = (
+    "Here a write SETs the entry with the new row, so a fill must never overwrite an entry "
+    "that is there: fill with SET ... NX (memcached's `add`: only if absent), checked and "
+    "set in ONE command - or a lease as in cache-aside. A plain SET, or an EXISTS/GET and "
+    "then a SET, puts the row read before the write over the write's.")
+STALE_FILLS = [
+    StaleFill("CacheAside", lambda shop, url: shop.make("CacheAside", shop.dsn, url,
+                                                        ttl_seconds=300),
+              "committed and deleted product:2", LEASE_CURE),
+    StaleFill("WriteThrough", lambda shop, url: shop.make("WriteThrough", shop.dsn, url,
+                                                          ttl_seconds=300),
+              "committed and set product:2 to the new row", ADD_CURE),
+    # no TTL on write-behind's entries: an old row put back stays until the next write
+    StaleFill("WriteBehind", lambda shop, url: shop.make("WriteBehind", shop.dsn, url),
+              "set product:2 to the new row (its change queued for the database)", ADD_CURE),
+]
+
+
+@pytest.mark.parametrize("case", STALE_FILLS, ids=[c.pattern for c in STALE_FILLS])
+def test_a_read_that_missed_before_a_write_never_caches_the_old_row(
+        shop: Shop, case: StaleFill) -> None:
+    """The race a read's fill loses ("stale set"): a read misses and reads the row; before
+    it fills the cache, another server's write lands (cache-aside: commits and deletes the
+    entry; write-through and write-behind: sets it to the new row) - then the read's fill
+    puts back the row it read, the OLD one (for a whole TTL; write-behind's entries have
+    none: until the next write). Driven step by step: the reader's Redis goes through a gate
+    that runs the writer's whole update_price just before the reader's k-th Redis command
+    after its SELECT, for k = 1, 2, ... until the read ends in fewer commands: a fill that
+    checks and sets in two commands is caught between them."""
+    pattern = case.pattern
+    writer = case.build(shop, shop.redis_url)
+    other = case.build(shop, shop.redis_url)
     step: dict[str, Any] = {}
 
     def before(command: list[bytes]) -> None:
@@ -302,7 +342,7 @@ def test_cache_aside_a_read_that_missed_before_a_write_never_caches_the_old_row(
             writer.update_price(2, step["price"])
 
     with redis_gate(shop.redis_url, before) as url:
-        reader = shop.make("CacheAside", shop.dsn, url, ttl_seconds=300)
+        reader = case.build(shop, url)
         for k in range(1, FILL_STEPS + 1):
             for key in shop.redis.scan_iter("product:2*"):   # the entry (and any lease)
                 shop.redis.delete(key)
@@ -318,22 +358,17 @@ def test_cache_aside_a_read_that_missed_before_a_write_never_caches_the_old_row(
             after = other.get_product(2)
             assert (cached is None or cached.get("price_cents") == price) and \
                 after is not None and after["price_cents"] == price, (
-                f"cache-aside: a read of product 2 missed and read the row (price {old}, "
+                f"{pattern}: a read of product 2 missed and read the row (price {old}, "
                 f"returned {got and got['price_cents']}); then, just before its Redis command "
                 f"no. {k} after that SELECT ({wrote}), another server's update_price(2, "
-                f"{price}) committed and deleted product:2. The read went on and cached the row "
-                f"it had read: product:2 now holds price "
-                f"{cached and cached.get('price_cents')} (TTL {left} s) while the database "
-                f"holds {price}, and another server reads {after and after['price_cents']} - "
-                f"every reader gets the old price until the TTL runs out.\nA fill must not "
-                f"land after a write it did not see (a plain SET or SET NX both do: the write "
-                f"deleted the entry). Take a lease before reading the database (a token, SET "
-                f"product:<id>:lease NX PX), have a write delete it with the entry, and fill "
-                f"only if the lease is still yours - checked and set in ONE step (a Lua "
-                f"script, or WATCH/MULTI): memcache's leases (Scaling Memcache at Facebook, "
-                f"3.2.1).")
+                f"{price}) {case.write_does}. The read went on and cached the row it had "
+                f"read: product:2 now holds price {cached and cached.get('price_cents')} "
+                f"({'no TTL' if left == -1 else f'TTL {left} s'}) where the write put "
+                f"{price}, and another server reads {after and after['price_cents']} - every "
+                f"reader gets the old price until "
+                f"{'the TTL runs out' if left != -1 else 'the next write'}.\n{case.cure}")
         else:
-            pytest.fail(f"cache-aside: get_product(2) sent more than {FILL_STEPS} Redis "
+            pytest.fail(f"{pattern}: get_product(2) sent more than {FILL_STEPS} Redis "
                         "commands after its SELECT", pytrace=False)
 
 

@@ -11,6 +11,7 @@ at a proxy, checks that the client fixed where it reads from before returning.""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -23,7 +24,7 @@ from typing import Any, cast
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from labrunner.testing import KafkaProxy, objects_alive, wait_until
+from labrunner.testing import KafkaProxy, came_true, objects_alive, wait_until
 from labrunner.testing.kafka_proxy import FETCH, LIST_OFFSETS, PRODUCE
 
 
@@ -751,3 +752,72 @@ def test_a_timed_out_call_leaves_nothing_behind(world: Any, learner: Any) -> Non
         close_within(client, 10)
 
 
+
+
+ROUNDS = 3            # clients made, used once and closed, one after another (per request)
+CLOSE_WITHIN = 10.0   # seconds close() may take to return, on a loaded machine
+ENDED_WITHIN = 5.0    # seconds after close() returned for its threads and consumer to be gone
+
+
+def threads_started(harness: Any, threads_before: set[int]) -> list[str]:
+    """The names of the threads running now where the client lives that did not before."""
+    return [name for ident, name in harness.threads_alive() if ident not in threads_before]
+
+
+def no_thread_started(harness: Any, threads_before: set[int]) -> bool:
+    return not threads_started(harness, threads_before)
+
+
+def consumers_open(harness: Any, client: Any) -> int:
+    """How many Kafka consumers the client holds are still open. Asked only once no thread
+    of the client's runs: a consumer's call while another thread polls it can wait on that
+    poll."""
+    return int(harness.kafka_consumers_open(client))
+
+
+def no_consumer_open(harness: Any, client: Any) -> bool:
+    return consumers_open(harness, client) == 0
+
+
+def test_close_stops_the_listener_and_closes_the_consumer(world: Any, learner: Any) -> None:
+    """A client made for a request and closed after it (as a handler that does not keep one
+    does) must leave nothing behind: close() stops the listener thread and closes the Kafka
+    consumer. Seen where the client lives: the Python threads that run after close() that
+    did not run before the client was made, and the confluent_kafka Consumers still open
+    (each one keeps librdkafka's threads and its broker connections, and a member of its
+    group if it subscribed). Three rounds: a leak grows by one each time."""
+    mod, kafka, responder, requests, replies = world
+    harness = learner.harness()
+    for n in range(ROUNDS):
+        threads_before = {ident for ident, _ in harness.threads_alive()}
+        client = mod.RpcClient(kafka.bootstrap, requests, replies)
+        try:
+            out = answered_call(client, responder, replies, n, f"round {n + 1}'s request")
+            assert out.get("value") == {"n": n, "square": n * n}, (
+                f"round {n + 1}: a call answered at once ended with {out!r}")
+        finally:
+            closer, closed = in_thread(client.close)
+            closer.join(CLOSE_WITHIN)
+        assert not closer.is_alive(), (
+            f"round {n + 1}: close() had not returned {CLOSE_WITHIN:.0f} s after it was "
+            "called: stop the listener (a flag its poll loop checks), join it, then close the "
+            "consumer")
+        if "error" in closed:
+            raise closed["error"]
+        came_true(functools.partial(no_thread_started, harness, threads_before), ENDED_WITHIN)
+        threads = threads_started(harness, threads_before)
+        assert not threads, (
+            f"round {n + 1}: {ENDED_WITHIN:.0f} s after close() returned, the client's "
+            f"thread(s) {threads} still run (started since the client was made), expected "
+            f"none: close() must stop the listener - set a flag its poll loop checks and "
+            f"join it. A "
+            f"daemon thread is not ended by close(): a client made and closed per request "
+            f"leaves one more thread polling a consumer each time, for the process's life")
+        came_true(functools.partial(no_consumer_open, harness, client), ENDED_WITHIN)
+        consumers = consumers_open(harness, client)
+        assert consumers == 0, (
+            f"round {n + 1}: after close() returned, {consumers} Kafka consumer(s) the "
+            f"client holds are still open, expected none: close() "
+            f"must close the consumer (consumer.close()) once the listener has stopped - an "
+            f"open one keeps librdkafka's threads, its broker connections and (subscribed) "
+            f"its place in the group, one more for every client made and closed")

@@ -55,6 +55,13 @@ class _Store:
         # SET ... EX in one command: an entry never exists without its expiry
         self.r.set(cache_key(product["id"]), json.dumps(product), ex=self.ttl)
 
+    def _add(self, product: Product) -> None:
+        # A read's fill after a miss, where every write SETs the entry (write-through,
+        # write-behind): only if absent (NX, memcached's `add`). A read that read the row
+        # before a write must not put the old row over the one the write set meanwhile.
+        self.r.set(cache_key(product["id"]), json.dumps(product), ex=self.ttl or None,
+                   nx=True)
+
     def close(self) -> None:
         self.db.close()
         self.r.close()
@@ -134,7 +141,7 @@ class WriteThrough(_Store):
             return cached
         product = self._load(product_id)
         if product is not None:
-            self._fill(product)
+            self._add(product)
         return product
 
     def update_price(self, product_id: int, price_cents: int) -> None:
@@ -177,7 +184,7 @@ class WriteBehind(_Store):
             return cached
         product = self._load(product_id)
         if product is not None:
-            self.r.set(cache_key(product_id), json.dumps(product))
+            self._add(product)   # no TTL here (ttl 0): see __init__
         return product
 
     def update_price(self, product_id: int, price_cents: int) -> None:
