@@ -867,3 +867,75 @@ def test_a_whole_head_past_the_limit_is_refused(server: Server, client: Client,
         f"the server answered {reply.status} to {whole.what} and kept the connection open: "
         "close it after refusing a head (RFC 6585 5 lets the client retry with a smaller "
         "one, on a new connection)")
+
+
+# The limit's boundary: the head counts every byte the server buffers for it, CRLFs and
+# the blank line included, and a head of at most HEAD_LIMIT bytes is served however it
+# arrives. Each case: the head's size, blank line included, and how it is sent - whole
+# (one write, queued while the server is held in GET /slow) or in two parts (up to the last
+# header's CRLF, then, once the server has read that, the blank line).
+BOUNDARY_HEADS = {f"{size} bytes, {how}": (size, how)
+                  for size in (HEAD_LIMIT - 1, HEAD_LIMIT, HEAD_LIMIT + 1)
+                  for how in ("whole", "in two parts")}
+BOUNDARY_RULE = (
+    f"The limit is {HEAD_LIMIT} bytes for the whole head - the request line and every header "
+    "line with their CRLFs, and the blank line that ends them - however it arrives: count "
+    "the same bytes while the blank line is missing and once it is found, or a head is "
+    "served in one piece and refused in two (or the other way round), and a limit of "
+    f"'{HEAD_LIMIT // 1024} KiB' means one size at one check and another at the next.")
+
+
+def sized_head(size: int) -> bytes:
+    """GET /big whose head, blank line included, is `size` bytes (a long Cookie)."""
+    return cookie_head(size - 4)
+
+
+def send_held(server: Server, client: Client, data: bytes) -> None:
+    """Write `data` while the server is held in GET /slow's handler, wait until it all
+    waits in the socket, then let the server go on: it reads `data` at once, whole."""
+    client.send(request("GET", "/slow"))
+    assert server.wait_for_slow(), (
+        f"GET /slow never reached the handler (handled: {server.handled}, errors: "
+        f"{server.errors})")
+    conn = server.sockets[0]
+    read_before = conn.received
+    client.send(data)
+    deadline = time.monotonic() + WAIT
+    while (queued(conn) < len(data) and conn.received == read_before
+           and time.monotonic() < deadline):
+        time.sleep(0.002)  # the loopback delivers it at once; wait for it, then release
+    server.gate.set()
+    client.expect("GET /slow", "GET /slow (0 bytes)")
+
+
+@pytest.mark.parametrize("case", list(BOUNDARY_HEADS))
+def test_the_head_limit_is_one_size_however_the_head_arrives(server: Server, client: Client,
+                                                             case: str) -> None:
+    size, how = BOUNDARY_HEADS[case]
+    head, served = sized_head(size), size <= HEAD_LIMIT
+    what = f"GET /big with a head of {size} bytes (blank line included) sent {how}"
+    if how == "whole":
+        send_held(server, client, head)
+    else:  # the server reads the first part alone: the limit checked while incomplete
+        client.send(head[:-2])
+        if not read_or_answered(server, client, len(head) - 2, f"{what}: its first part"):
+            try:
+                client.sock.sendall(head[-2:])
+            except OSError:  # the server closed: what it answered is read below
+                pass
+    reply = client.read(what)
+    got = "a close without an answer" if reply is None else f"{reply.status}"
+    if served:
+        assert reply is not None and reply.status == 200 and "GET /big" in server.handled, (
+            f"{what} got {got}, expected 200: {size} bytes is "
+            f"{'under' if size < HEAD_LIMIT else 'exactly'} the {HEAD_LIMIT}-byte limit\n"
+            f"{BOUNDARY_RULE}")
+    else:
+        assert reply is not None and reply.status in (431, 400), (
+            f"{what} got {got}"
+            f"{' (the handler got GET /big)' if 'GET /big' in server.handled else ''}, "
+            f"expected 431 (or 400) and a close: {size} bytes is one past the "
+            f"{HEAD_LIMIT}-byte limit\n{BOUNDARY_RULE}")
+        assert closed_or_reset(client), (
+            f"the server answered {reply.status} to {what} and kept the connection open: "
+            "close it after refusing a head")

@@ -8,6 +8,7 @@ the test's clock; the canary share is measured over 400 requests."""
 from __future__ import annotations
 
 import functools
+import gzip
 import http.client
 import io
 import json
@@ -46,7 +47,7 @@ class Backend:
             self.methods.append(environ["REQUEST_METHOD"])
         path = environ.get("PATH_INFO") or ""
         length = int(environ.get("CONTENT_LENGTH") or 0)
-        body = environ["wsgi.input"].read(length).decode() if length else ""
+        body = environ["wsgi.input"].read(length).decode(errors="replace") if length else ""
         headers = [("X-Served-By", self.name)]  # a header of the service's own, to relay
         if not user:
             doc: Any = {"error": "no X-User-Id: requests must come through the gateway"}
@@ -635,6 +636,72 @@ def test_a_chunked_body_reaches_the_service_whole(world: World, case: str) -> No
         + (f"the service received the body {got!r}" if stable.hits == 1 else
            f"{stable.hits} request(s) reached the service")
         + f"; expected the service's 201 for the body {body!r}, whole\n{adds} {CHUNKED_RULE}")
+
+
+def chunked(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+
+
+GZIPPED = gzip.compress(b'{"qty": 6}', mtime=0)
+# A body framed two ways, or by codings the gateway may not know (RFC 9112 6.1, 6.3). Each
+# case: the framing headers, the bytes after the head, the statuses that refuse it (nothing
+# forwarded), the body the service may get instead (None: forwarding is never right), why.
+FRAMING_CASES = {
+    "Transfer-Encoding and Content-Length": (
+        "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+        chunked(b'{"qty": 5}'), {400}, '{"qty": 5}',
+        "Transfer-Encoding together with Content-Length is how requests are smuggled: a "
+        "server that frames by one header while the next frames by the other reads the "
+        "rest as a request of its own. RFC 9112 6.1/6.3: refuse it (400, as nginx does) or "
+        "frame by Transfer-Encoding alone, drop the Content-Length and close the "
+        "connection; a body framed by the Content-Length must never go on."),
+    "gzip, chunked": (
+        "Transfer-Encoding: gzip, chunked\r\n", chunked(GZIPPED), {400, 501}, '{"qty": 6}',
+        "Unchunking leaves gzip bytes: a gateway that drops Transfer-Encoding (hop-by-hop) "
+        "must decode the gzip too, or refuse the coding it does not decode (RFC 9112 6.1: "
+        "501 Not Implemented, as nginx does) - never pass gzip bytes on as the body."),
+    "gzip alone, chunked not last": (
+        "Transfer-Encoding: gzip\r\n", GZIPPED, {400, 501}, None,
+        "A request whose last transfer coding is not chunked has no length the server can "
+        "tell (RFC 9112 6.3): it MUST answer 400 and close; forwarding whatever it read "
+        "(or nothing) passes on a body nobody framed."),
+}
+
+
+@pytest.mark.parametrize("case", list(FRAMING_CASES))
+def test_a_body_framed_two_ways_is_refused_or_decoded(world: World, case: str) -> None:
+    framing, payload, refusals, decoded, why = FRAMING_CASES[case]
+    host = world.gateway(rate_limit=1000)
+    stable = world.backends["stable"]
+    address, port = host.rsplit(":", 1)
+    with socket.create_connection((address, int(port)), timeout=15) as sock:
+        sock.sendall(b"POST /orders/9?via=framing HTTP/1.1\r\nHost: gateway.test\r\n"
+                     + f"Authorization: {bearer()['Authorization']}\r\n".encode()
+                     + b"Content-Type: application/json\r\n" + framing.encode() + b"\r\n"
+                     + payload)
+        sock.shutdown(socket.SHUT_WR)  # all sent: a gateway reading to the end sees it
+        reply = http.client.HTTPResponse(sock)
+        try:
+            reply.begin()
+            status, data = reply.status, reply.read()
+        except (OSError, http.client.HTTPException) as exc:
+            status, data = 0, f"no answer ({type(exc).__name__})".encode()
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = data[:200]
+    got = doc.get("body") if isinstance(doc, dict) and stable.hits == 1 else None
+    refused = status in refusals and stable.hits == 0
+    forwarded = decoded is not None and status == 201 and got == decoded
+    assert refused or forwarded, (
+        f"POST /orders/9 with {framing.strip().replace(chr(13) + chr(10), ' + ')!r} and "
+        f"{payload!r}: the client got HTTP "
+        f"{status or ''} {doc!r}, "
+        + (f"the service received the body {got!r}" if stable.hits == 1 else
+           f"{stable.hits} request(s) reached the service")
+        + f"; expected {' or '.join(map(str, sorted(refusals)))} with nothing forwarded"
+        + (f", or the service's 201 for the decoded body {decoded!r}" if decoded else "")
+        + f"\n{why}")
 
 
 # HEAD (RFC 9110 9.3.2): the headers a GET would get, Content-Length included (8.6: the

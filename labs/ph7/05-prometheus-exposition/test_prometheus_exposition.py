@@ -10,9 +10,11 @@ mistake is named (which character is not escaped, or escaped in which wrong orde
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -261,25 +263,32 @@ def test_the_parser_reads_back_what_was_written(learner: Any) -> None:
 
 # Values a gauge really takes that are no finite number - a hit ratio of 0 hits in 0 lookups
 # (NaN), a bucket bound or a division by zero (+Inf, -Inf) - and how the format writes them.
-SPECIAL = (("+Inf", math.inf), ("-Inf", -math.inf), ("NaN", math.nan))
+# Each: the sample's label, the value given, the float the format must carry. An integer past
+# float64's range (a counter summed in Python ints) is the float it rounds to: +-Inf.
+SPECIAL = (("+Inf", math.inf, math.inf), ("-Inf", -math.inf, -math.inf),
+           ("NaN", math.nan, math.nan), ("10**400", 10**400, math.inf),
+           ("-10**400", -(10**400), -math.inf))
 
 
 def test_nan_and_infinities_are_written(learner: Any) -> None:
     render = learner.function("exposition", "render")
     family = {"name": "cache_hit_ratio", "type": "gauge", "help": "Hits per lookup.",
               "samples": [{"labels": {"cache": name}, "value": value}
-                          for name, value in SPECIAL]}
+                          for name, value, _ in SPECIAL]}
     how = ("\nA gauge can be NaN (0 hits / 0 lookups) or infinite (a bucket bound, a rate "
            "divided by zero), and the exposition format has words for them: NaN, +Inf, -Inf. "
            "int() raises on them (OverflowError for an infinity, ValueError for NaN), so a "
            "value == int(value) test must come after math.isnan()/math.isinf(); one such "
            "sample would otherwise break the whole /metrics page and every metric on it "
-           "goes missing.")
+           "goes missing. An integer past float64's range (10**400) is no number the "
+           "format can carry either: float() of it raises OverflowError, and its digits "
+           "written out fail Prometheus' parser (the whole scrape with them) - write the "
+           "float it rounds to, +Inf or -Inf.")
     try:
         text = render([family])
     except Exception as exc:  # noqa: BLE001 - the learner's error is the finding
-        problem = (f"render() of a gauge whose samples are +Inf, -Inf and NaN raised "
-                   f"{type(exc).__name__}: {exc}" + how)
+        problem = (f"render() of a gauge whose samples are +Inf, -Inf, NaN and +-10**400 "
+                   f"raised {type(exc).__name__}: {exc}" + how)
         pytest.fail(problem, pytrace=False)
     try:
         parsed = [s for f in text_string_to_metric_families(text) for s in f.samples]
@@ -287,12 +296,20 @@ def test_nan_and_infinities_are_written(learner: Any) -> None:
         pytest.fail(f"prometheus_client's parser rejects the exposition of +Inf, -Inf and "
                     f"NaN: {exc}\n{text}" + how, pytrace=False)
     values = {s.labels.get("cache"): s.value for s in parsed}
-    for name, value in SPECIAL:
+    for name, _, value in SPECIAL:
         got = values.get(name)
         right = got is not None and (math.isnan(got) if math.isnan(value) else got == value)
         assert right, (
-            f"the sample cache_hit_ratio{{cache=\"{name}\"}} = {name} parsed back as {got} "
+            f"the sample cache_hit_ratio{{cache=\"{name}\"}} = {name} parsed back as "
+            f"{str(got)[:40]}{'...' if len(str(got)) > 40 else ''} "
             f"(the text render() wrote: {text!r}), expected {value}" + how)
+        # Python's float() reads 400 digits as inf; Prometheus' ParseFloat refuses them
+        written = next((line.rsplit(" ", 1)[-1] for line in text.splitlines()
+                        if f'cache="{name}"' in line), "")
+        assert not math.isinf(value) or written.lower().lstrip("+-") in ("inf", "infinity"), (
+            f"the sample cache_hit_ratio{{cache=\"{name}\"}} = {name} was written as "
+            f"{written[:40]!r}{'...' if len(written) > 40 else ''} ({len(written)} "
+            f"characters), expected {'+Inf' if value > 0 else '-Inf'}" + how)
 
 
 def test_prometheus_ingests_it(learner: Any, prometheus: Any) -> None:
@@ -448,3 +465,43 @@ def _why(query: str, value: float, served: int) -> str:
                 "apply increase()/rate() to each series first, then sum()")
     return ("use increase() (or rate() for per second) on http_requests_total, per series, "
             "then sum()")
+
+
+# Job names the queries must select exactly, whatever they hold: a PromQL string literal
+# reads Go's escapes, so a quote or a backslash pasted between quotes as it is ends the
+# string early (a parse error) or becomes another character ('C:\new': a line feed). Each:
+# the job name, what it adds.
+JOB_NAMES = {
+    'say "hi"': "a double quote: unescaped, it ends the string early",
+    "C:\\jobs\\new": "backslashes: unescaped, '\\j' is no escape and '\\n' a line feed",
+    "ends in \\": "a trailing backslash: unescaped, it escapes the closing quote",
+    "café ☕": "non-ASCII, as it is or escaped",
+}
+JOB_MATCHER = re.compile(r"""job\s*=\s*("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|`[^`]*`)""")
+
+
+def test_queries_select_the_job_whatever_its_name(learner: Any, prometheus: Any) -> None:
+    module = learner.load("exposition")
+    for job, adds in JOB_NAMES.items():
+        for what in ("total_increase", "per_second"):
+            query = getattr(module, what)(job, "5m")
+            call = f"{what}({job!r}, '5m') = {query!r}"
+            why = (f"\nThe job name holds {adds}. A PromQL string is read with Go's escapes: "
+                   'escape the backslash first (\\\\), then the double quote (\\") and the '
+                   "line feed (\\n) - json.dumps(job, ensure_ascii=False) writes exactly "
+                   "such a literal, quotes included.")
+            try:
+                prometheus.query(query)
+            except pytest.fail.Exception as exc:
+                pytest.fail(f"{call}: Prometheus cannot parse it ({exc})" + why,
+                            pytrace=False)
+            found = JOB_MATCHER.search(query)
+            try:
+                selected = (found.group(1)[1:-1] if found.group(1).startswith("`") else
+                            ast.literal_eval(found.group(1))) if found else None
+            except (ValueError, SyntaxError):
+                selected = None
+            assert selected == job, (
+                f"{call} selects "
+                + (f"job {selected!r}" if found else "no job=\"...\" matcher")
+                + f", expected job {job!r}: the query is about that job only" + why)

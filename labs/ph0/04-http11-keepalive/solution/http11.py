@@ -73,7 +73,10 @@ class _Reader:
                 if self.buffer.strip():
                     raise BadRequest("connection closed in the middle of a request head")
                 return None
-        if end > MAX_HEAD:  # its end arrived in the same recv() as the bytes past the limit
+        # Its end arrived in the same recv() as the bytes past the limit. The head counts
+        # every byte the server buffers for it, CRLFs and the blank line included (as the
+        # limit counted while it was incomplete): at most MAX_HEAD, however it arrives.
+        if end + 4 > MAX_HEAD:
             raise _head_too_large(self.buffer)
         head = bytes(self.buffer[:end]).decode("iso-8859-1")
         del self.buffer[:end + 4]

@@ -26,11 +26,28 @@ def named_by_connection(values: Iterable[str]) -> set[str]:
     return {name.strip().lower() for value in values for name in value.split(",")}
 
 
+def framing_error(environ: dict[str, Any]) -> str | None:
+    """The status that refuses a request whose body cannot be framed safely, or None.
+    RFC 9112 6.1/6.3: Transfer-Encoding with Content-Length is how requests are smuggled
+    (a server behind that frames by the other header reads the rest as a new request):
+    refuse it, as nginx does (400); a coding list whose last coding is not chunked has no
+    length (400); a coding the gateway does not decode, such as 'gzip, chunked', is 501
+    (nginx too): unchunked, the body would go on as gzip bytes nobody said were gzip."""
+    value = environ.get("HTTP_TRANSFER_ENCODING")
+    if value is None:
+        return None
+    codings = [c.strip().lower() for c in value.split(",")]
+    if environ.get("CONTENT_LENGTH") or codings[-1] != "chunked":
+        return "400 Bad Request"
+    return None if codings == ["chunked"] else "501 Not Implemented"
+
+
 def read_body(environ: dict[str, Any]) -> bytes:
-    """The request's body, however it was framed. wsgiref hands a chunked body over as it
-    came (no CONTENT_LENGTH): decode it here, or it is forwarded empty."""
+    """The request's body, however it was framed (framing_error said it can be). wsgiref
+    hands a chunked body over as it came (no CONTENT_LENGTH): decode it here, or it is
+    forwarded empty."""
     stream = environ["wsgi.input"]
-    if environ.get("HTTP_TRANSFER_ENCODING", "").lower().endswith("chunked"):
+    if "HTTP_TRANSFER_ENCODING" in environ:
         return read_chunked(stream)
     length = int(environ.get("CONTENT_LENGTH") or 0)
     return stream.read(length) if length else b""
@@ -143,6 +160,10 @@ class ApiGateway:
         upstream = self.upstream_for(path)
         if upstream is None:
             return answer("404 Not Found", {"error": f"no route for {path}"})
+        refused = framing_error(environ)
+        if refused:
+            return answer(refused, {"error": "a body framed by Transfer-Encoding: chunked "
+                                             "alone, or by Content-Length alone"})
         body = read_body(environ)
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]

@@ -3,6 +3,7 @@ resets the way Prometheus means it to be read."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -18,12 +19,19 @@ def _escape_label(value: str) -> str:
 
 
 def _number(value: float) -> str:
+    # Sample values are float64. An integer past its range (10**400) is the float it
+    # rounds to, +-Inf (IEEE 754 overflow); float() of it raises, and its digits written
+    # out fail Prometheus' ParseFloat, and with it the whole scrape.
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf if value > 0 else -math.inf
     # A gauge may be NaN (0 hits / 0 lookups) or infinite; int() of either raises.
-    if math.isnan(value):
+    if math.isnan(number):
         return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if value != int(value) or abs(value) >= 1e15 else str(int(value))
+    if math.isinf(number):
+        return "+Inf" if number > 0 else "-Inf"
+    return repr(number) if number != int(number) or abs(number) >= 1e15 else str(int(number))
 
 
 def render(families: list[dict[str, Any]]) -> str:
@@ -44,14 +52,23 @@ def render(families: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _string(text: str) -> str:
+    r"""A PromQL string literal. PromQL reads Go's escapes, and JSON's are among them (\\,
+    \", \n, \u00XX); non-ASCII stays as it is (JSON's \uD83D surrogate halves are no Go
+    escape). Pasted between quotes as it is, a job named 'C:\new' selects 'C:', a line
+    feed and 'ew', and one with a quote ends the string early: a parse error, or another
+    query."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def total_increase(job: str, window: str) -> str:
     """PromQL: requests served by all workers of ``job`` over the last ``window``.
     increase() per series first (it knows a drop is a restart, not negative traffic), then
     sum - a sum of counters is no counter, and its drops read as resets."""
-    return f'sum(increase(http_requests_total{{job="{job}"}}[{window}]))'
+    return f"sum(increase(http_requests_total{{job={_string(job)}}}[{window}]))"
 
 
 def per_second(job: str, window: str) -> str:
     """PromQL: requests per second served by all workers of ``job``, averaged over
     ``window``."""
-    return f'sum(rate(http_requests_total{{job="{job}"}}[{window}]))'
+    return f"sum(rate(http_requests_total{{job={_string(job)}}}[{window}]))"
