@@ -834,19 +834,7 @@ def queued(sock: socket.socket) -> int:
 def test_a_whole_head_past_the_limit_is_refused(server: Server, client: Client,
                                                 case: str) -> None:
     whole = WHOLE_HEADS[case]
-    client.send(request("GET", "/slow"))
-    assert server.wait_for_slow(), (
-        f"GET /slow never reached the handler (handled: {server.handled}, errors: "
-        f"{server.errors})")
-    conn = server.sockets[0]
-    read_before = conn.received
-    client.send(whole.head)  # one write: the head, its blank line included
-    deadline = time.monotonic() + WAIT
-    while (queued(conn) < len(whole.head) and conn.received == read_before
-           and time.monotonic() < deadline):
-        time.sleep(0.002)  # the loopback delivers it at once; wait for it, then release
-    server.gate.set()
-    client.expect("GET /slow", "GET /slow (0 bytes)")
+    send_held(server, client, whole.head)  # one write: the head, its blank line included
     reply = client.read(f"{whole.what}, sent whole in one write")
     expected = "431 (or 400)"
     if reply is not None and reply.status not in (431, 400):

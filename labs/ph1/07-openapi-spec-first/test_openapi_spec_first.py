@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -394,11 +394,8 @@ def test_the_code_uses_the_defaults_its_spec_declares(spec_path: Path, host: str
         "query string with a fallback of your own")
 
 
-def test_offset_walks_the_whole_list(spec_path: Path, host: str, postgres: Any,
-                                     contract: Contract) -> None:
-    """offset says how many users to skip: the pages at offset 0, limit, 2 * limit, ... hold
-    every user exactly once. A request with an offset past 0 is what a client that pages
-    sends; none of the other checks sends one."""
+def page_size(spec_path: Path, contract: Contract) -> int:
+    """3, or the nearest limit the spec's listUsers allows."""
     limit = 3
     for param in operation(load_spec(spec_path), "listUsers").get("parameters", []):
         schema = resolve(contract.spec, resolve(contract.spec, param).get("schema")) or {}
@@ -406,11 +403,15 @@ def test_offset_walks_the_whole_list(spec_path: Path, host: str, postgres: Any,
             low, high = schema.get("minimum"), schema.get("maximum")
             limit = max(limit, low) if isinstance(low, int) else limit
             limit = min(limit, high) if isinstance(high, int) else limit
-    total = 2 * limit + 1
-    with postgres.connect(autocommit=True) as conn:
-        conn.execute("INSERT INTO users (name, email) SELECT 'Pager ' || n, 'pager' || n || "
-                     "'@example.com' FROM generate_series(1, %s) AS n", (total,))
-        everyone = [row[0] for row in conn.execute("SELECT id FROM users ORDER BY id")]
+    return limit
+
+
+def walk_pages(host: str, contract: Contract, limit: int, total: int,
+               between: Callable[[list[Any]], object] = lambda ids: None
+               ) -> tuple[list[Any], str]:
+    """GET /users at offset 0, limit, 2 * limit, ... past ``total``, each page judged by the
+    spec; ``between(ids)`` runs after each page. Returns every id listed, in order, and the
+    pages as text for a message."""
     pages: list[tuple[int, list[Any]]] = []
     for offset in range(0, total + limit, limit):
         ex = exchange(host, "GET", "/users", query={"limit": str(limit), "offset": str(offset)})
@@ -418,19 +419,38 @@ def test_offset_walks_the_whole_list(spec_path: Path, host: str, postgres: Any,
             f"{ex.label()}: expected 200 (a page, empty past the end), saw {ex.status} "
             f"{ex.data[:150]!r}")
         contract.judge(ex, f"a page at offset {offset}")
-        ids = listed_ids(json.loads(ex.data))
-        pages.append((offset, ids if ids is not None else []))
-    walked = [user for _, ids in pages for user in ids]
+        ids = listed_ids(json.loads(ex.data)) or []
+        pages.append((offset, ids))
+        between(ids)
     shown = "; ".join(f"offset {offset}: {ids}" for offset, ids in pages)
+    return [user for _, ids in pages for user in ids], shown
+
+
+def listed_wrong(everyone: list[Any], walked: list[Any]) -> str:
+    """What a walk over every user got wrong ("" when each came exactly once)."""
     repeated = sorted({user for user in walked if walked.count(user) > 1})
     missing = sorted(set(everyone) - set(walked))
-    assert not repeated and not missing and len(walked) == total, (
+    return "; ".join([f"users {repeated} came on more than one page"] * bool(repeated)
+                     + [f"users {missing} on none"] * bool(missing))
+
+
+def test_offset_walks_the_whole_list(spec_path: Path, host: str, postgres: Any,
+                                     contract: Contract) -> None:
+    """offset says how many users to skip: the pages at offset 0, limit, 2 * limit, ... hold
+    every user exactly once. A request with an offset past 0 is what a client that pages
+    sends; none of the other checks sends one."""
+    limit = page_size(spec_path, contract)
+    total = 2 * limit + 1
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO users (name, email) SELECT 'Pager ' || n, 'pager' || n || "
+                     "'@example.com' FROM generate_series(1, %s) AS n", (total,))
+        everyone = [row[0] for row in conn.execute("SELECT id FROM users ORDER BY id")]
+    walked, shown = walk_pages(host, contract, limit, total)
+    wrong = listed_wrong(everyone, walked)
+    assert not wrong and len(walked) == total, (
         f"with {total} users (ids {everyone}), GET /users?limit={limit}&offset=N for N = 0, "
-        f"{limit}, {2 * limit}, ... listed {shown}: "
-        + (f"users {repeated} came on more than one page" if repeated else "")
-        + ("; " if repeated and missing else "")
-        + (f"users {missing} on none" if missing else "")
-        + " - offset is how many users to skip (the spec's listUsers parameter): pass it to "
+        f"{limit}, {2 * limit}, ... listed {shown}: {wrong}"
+        " - offset is how many users to skip (the spec's listUsers parameter): pass it to "
         "the query as OFFSET, not as a page number, and do not drop it")
 
 
@@ -444,13 +464,7 @@ def test_pages_keep_one_order_while_users_change(spec_path: Path, host: str, pos
     is what happens in production: between two pages, the users just listed edit their
     profile (an UPDATE writes a new row version, at the end of the table), and several
     users share a name. Every user must still be listed exactly once."""
-    limit = 3
-    for param in operation(load_spec(spec_path), "listUsers").get("parameters", []):
-        schema = resolve(contract.spec, resolve(contract.spec, param).get("schema")) or {}
-        if resolve(contract.spec, param).get("name") == "limit":
-            low, high = schema.get("minimum"), schema.get("maximum")
-            limit = max(limit, low) if isinstance(low, int) else limit
-            limit = min(limit, high) if isinstance(high, int) else limit
+    limit = page_size(spec_path, contract)
     total = 2 * limit + 1
     with postgres.connect(autocommit=True) as conn:
         # two names for everyone: ties for any order on the name
@@ -458,35 +472,19 @@ def test_pages_keep_one_order_while_users_change(spec_path: Path, host: str, pos
                      "[1 + n %% 2], 'namesake' || n || '@example.com' "
                      "FROM generate_series(1, %s) AS n", (total,))
         everyone = [row[0] for row in conn.execute("SELECT id FROM users ORDER BY id")]
-        pages: list[tuple[int, list[Any]]] = []
-        for offset in range(0, total + limit, limit):
-            ex = exchange(host, "GET", "/users",
-                          query={"limit": str(limit), "offset": str(offset)})
-            assert ex.status == 200, (
-                f"{ex.label()}: expected 200 (a page, empty past the end), saw {ex.status} "
-                f"{ex.data[:150]!r}")
-            contract.judge(ex, f"a page at offset {offset}")
-            ids = listed_ids(json.loads(ex.data)) or []
-            pages.append((offset, ids))
-            # the users just listed edit their profile: new row versions, moved in the heap
-            conn.execute("UPDATE users SET name = name WHERE id = ANY(%s)", (ids,))
-    walked = [user for _, ids in pages for user in ids]
-    shown = "; ".join(f"offset {offset}: {ids}" for offset, ids in pages)
-    repeated = sorted({user for user in walked if walked.count(user) > 1})
-    missing = sorted(set(everyone) - set(walked))
-    assert not repeated and not missing and len(walked) == total, (
+        # the users just listed edit their profile: new row versions, moved in the heap
+        walked, shown = walk_pages(host, contract, limit, total, lambda ids: conn.execute(
+            "UPDATE users SET name = name WHERE id = ANY(%s)", (ids,)))
+    wrong = listed_wrong(everyone, walked)
+    assert not wrong and len(walked) == total, (
         f"with {total} users (ids {everyone}; two names among them), GET /users?limit="
         f"{limit}&offset=N for N = 0, {limit}, {2 * limit}, ..., the users of each page "
         f"updating their row (UPDATE users SET name = name) before the next, listed "
-        f"{shown}: "
-        + (f"users {repeated} came on more than one page" if repeated else "")
-        + ("; " if repeated and missing else "")
-        + (f"users {missing} on none" if missing else "")
-        + "; expected each user exactly once\nOffset paging needs one total order for "
-        "every page: without ORDER BY, PostgreSQL returns rows in whatever order it finds "
-        "them (an updated row moves to the end of the table), and ORDER BY a column with "
-        "ties (name) leaves the order of the ties to chance - order by a unique key (ORDER "
-        "BY id, or name, id).")
+        f"{shown}: {wrong}; expected each user exactly once\nOffset paging needs one total "
+        "order for every page: without ORDER BY, PostgreSQL returns rows in whatever order "
+        "it finds them (an updated row moves to the end of the table), and ORDER BY a column "
+        "with ties (name) leaves the order of the ties to chance - order by a unique key "
+        "(ORDER BY id, or name, id).")
 
 
 def at_once(host: str, postgres: Any, method: str, path: str,

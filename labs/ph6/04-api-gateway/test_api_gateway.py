@@ -607,19 +607,21 @@ CHUNKED_RULE = ("A chunked body (RFC 9112 7.1) has no Content-Length: the gatewa
                 "Reading CONTENT_LENGTH alone forwards an empty body: the upload is lost, and "
                 "the chunks left on the connection would be read as the next request.")
 
-
-@pytest.mark.parametrize("case", list(CHUNKED_UPLOADS))
-def test_a_chunked_body_reaches_the_service_whole(world: World, case: str) -> None:
-    chunks, body, adds = CHUNKED_UPLOADS[case]
-    host = world.gateway(rate_limit=1000)
-    stable = world.backends["stable"]
+def post_framed(host: str, stable: Any, via: str, framing: str, payload: bytes,
+                shut: bool = False) -> tuple[int, Any, Any]:
+    """POST /orders/9?via=``via`` on a raw socket, with the head lines ``framing`` and the
+    bytes ``payload`` after the head, all sent at once (``shut``: then the write side shut,
+    so a gateway reading to the end sees it all). Returns the status (0: no answer), the
+    reply's JSON (or its first bytes) and the body the service received (None unless it got
+    exactly one request)."""
     address, port = host.rsplit(":", 1)
-    what = f"POST /orders/9?via=chunked with a chunked body ({case}: {chunks!r})"
     with socket.create_connection((address, int(port)), timeout=15) as sock:
-        sock.sendall(b"POST /orders/9?via=chunked HTTP/1.1\r\nHost: gateway.test\r\n"
+        sock.sendall(f"POST /orders/9?via={via} HTTP/1.1\r\nHost: gateway.test\r\n".encode()
                      + f"Authorization: {bearer()['Authorization']}\r\n".encode()
-                     + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-                     b"\r\n" + chunks)
+                     + b"Content-Type: application/json\r\n" + framing.encode() + b"\r\n"
+                     + payload)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
         reply = http.client.HTTPResponse(sock)
         try:
             reply.begin()
@@ -627,10 +629,21 @@ def test_a_chunked_body_reaches_the_service_whole(world: World, case: str) -> No
         except (OSError, http.client.HTTPException) as exc:
             status, data = 0, f"no answer ({type(exc).__name__})".encode()
     try:
-        doc = json.loads(data)
+        doc: Any = json.loads(data)
     except ValueError:
         doc = data[:200]
-    got = doc.get("body") if isinstance(doc, dict) and stable.hits == 1 else None
+    return status, doc, doc.get("body") if isinstance(doc, dict) and stable.hits == 1 else None
+
+
+
+@pytest.mark.parametrize("case", list(CHUNKED_UPLOADS))
+def test_a_chunked_body_reaches_the_service_whole(world: World, case: str) -> None:
+    chunks, body, adds = CHUNKED_UPLOADS[case]
+    host = world.gateway(rate_limit=1000)
+    stable = world.backends["stable"]
+    what = f"POST /orders/9?via=chunked with a chunked body ({case}: {chunks!r})"
+    status, doc, got = post_framed(host, stable, "chunked",
+                                   "Transfer-Encoding: chunked\r\n", chunks)
     assert status == 201 and got == body, (
         f"{what}: the client got HTTP {status or ''} {doc!r}, "
         + (f"the service received the body {got!r}" if stable.hits == 1 else
@@ -673,24 +686,7 @@ def test_a_body_framed_two_ways_is_refused_or_decoded(world: World, case: str) -
     framing, payload, refusals, decoded, why = FRAMING_CASES[case]
     host = world.gateway(rate_limit=1000)
     stable = world.backends["stable"]
-    address, port = host.rsplit(":", 1)
-    with socket.create_connection((address, int(port)), timeout=15) as sock:
-        sock.sendall(b"POST /orders/9?via=framing HTTP/1.1\r\nHost: gateway.test\r\n"
-                     + f"Authorization: {bearer()['Authorization']}\r\n".encode()
-                     + b"Content-Type: application/json\r\n" + framing.encode() + b"\r\n"
-                     + payload)
-        sock.shutdown(socket.SHUT_WR)  # all sent: a gateway reading to the end sees it
-        reply = http.client.HTTPResponse(sock)
-        try:
-            reply.begin()
-            status, data = reply.status, reply.read()
-        except (OSError, http.client.HTTPException) as exc:
-            status, data = 0, f"no answer ({type(exc).__name__})".encode()
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        doc = data[:200]
-    got = doc.get("body") if isinstance(doc, dict) and stable.hits == 1 else None
+    status, doc, got = post_framed(host, stable, "framing", framing, payload, shut=True)
     refused = status in refusals and stable.hits == 0
     forwarded = decoded is not None and status == 201 and got == decoded
     assert refused or forwarded, (
