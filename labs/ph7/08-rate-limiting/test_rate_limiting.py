@@ -14,7 +14,7 @@ which fits the budget, is decided.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -382,6 +382,52 @@ def answer_of(thread: threading.Thread, out: dict[str, Any], what: str) -> bool:
     return bool(out["answer"])
 
 
+@dataclass
+class HeldPass:
+    """One pass of :func:`held_at_each_command`: A held before its command #after + 1
+    (``held``: it sent that many and more; else it had ended, after sending ``sent``)."""
+    after: int
+    key: str
+    held: bool
+    sent: list[str]
+    a_allowed: bool
+    b_allowed: bool | None   # None when A was not held: B was not asked
+
+
+def held_at_each_command(gate: HoldAt, a: Any, b: Any, setup: list[float], a_now: float,
+                         b_now: float, what: str) -> Iterator[HeldPass]:
+    """Drive request A (limiter ``a``, behind ``gate``) and request B (limiter ``b``) on a
+    fresh key per pass, after B's ``setup`` requests: pass k holds A before its Redis
+    command k + 1 and decides B meanwhile (B blocked behind A - a lock A holds in Redis -
+    gets ALONE seconds, then A goes on). Yields each pass, the last being the one where A
+    sent no more than k commands; fails past 20 commands."""
+    for after in range(1, 20):
+        key = f"held-{after}"
+        for earlier in setup:
+            decide(b, key, earlier, f"{what} at t={earlier}")
+        gate.arm(after)
+        request, a_out = in_background(lambda key=key: decide(a, key, a_now, f"{what} A"))
+        try:
+            # r=request: this pass's thread (a lambda with a default gets no type from the
+            # parameter it is passed to)
+            wait_until(cast(Callable[[], bool],
+                            lambda r=request: gate.held.is_set() or not r.is_alive()),
+                       f"{what} request A to send its Redis commands", timeout=60)
+            held, sent = gate.held.is_set(), list(gate.sent)
+            if held:
+                other, b_out = in_background(lambda key=key: decide(b, key, b_now,
+                                                                    f"{what} B"))
+                other.join(ALONE)
+        finally:
+            gate.release.set()
+        a_allowed = answer_of(request, a_out, f"{what} request A")
+        b_allowed = answer_of(other, b_out, f"{what} request B") if held else None
+        yield HeldPass(after, key, held, sent, a_allowed, b_allowed)
+        if not held:
+            return
+    pytest.fail(f"{what}: allow sent more than 20 Redis commands for one request")
+
+
 @pytest.mark.parametrize("case", IN_FLIGHT_CASES, ids=[c.cls for c in IN_FLIGHT_CASES])
 def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: Any,
                                                        case: InFlight) -> None:
@@ -393,40 +439,21 @@ def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: A
     or decides in Python between round trips, shows A's refusal to B. (Whichever order A
     and B really run in, B passes: A is refused when it runs first.)"""
     gate = HoldAt()
-    a_what, b_what = f"{case.cls} at t={case.a_now}", f"{case.cls} at t={case.b_now}"
     with redis_gate(redis_db.url, gate) as gated:
         a = make(learner, redis_db, case.cls, "f", gated, **case.params)
         b = make_in_another_app(learner, redis_db, case.cls, "f", **case.params)
-        for after in range(1, 20):
-            key = f"in-flight-{after}"
-            for now in case.setup:
-                decide(b, key, now, f"{case.cls} at t={now}")
-            gate.arm(after)
-            request, a_out = in_background(lambda key=key: decide(a, key, case.a_now, a_what))
-            try:
-                # r=request: this pass's thread (a lambda with a default gets no type from
-                # the parameter it is passed to)
-                wait_until(cast(Callable[[], bool],
-                                lambda r=request: gate.held.is_set() or not r.is_alive()),
-                           f"{a_what} to send its Redis commands", timeout=60)
-                held, sent = gate.held.is_set(), list(gate.sent)
-                if held:
-                    other, b_out = in_background(
-                        lambda key=key: decide(b, key, case.b_now, b_what))
-                    other.join(ALONE)
-            finally:
-                gate.release.set()
-            a_allowed = answer_of(request, a_out, a_what)
-            if held:
-                b_allowed = answer_of(other, b_out, b_what)
-                when = (f"while A was held before its Redis command #{after + 1} (it had "
-                        f"sent {' '.join(sent)})")
+        for step in held_at_each_command(gate, a, b, case.setup, case.a_now, case.b_now,
+                                         case.cls):
+            if step.held:
+                b_allowed = step.b_allowed
+                when = (f"while A was held before its Redis command #{step.after + 1} (it "
+                        f"had sent {' '.join(step.sent)})")
             else:
-                assert not a_allowed, (
+                assert not step.a_allowed, (
                     f"{case.cls}({case.params}) after requests at t={case.setup}: the request "
                     f"at t={case.a_now} was allowed, expected refused: {case.why}")
-                b_allowed = decide(b, key, case.b_now, b_what)
-                when = f"after A ({' '.join(sent)}) had ended"
+                b_allowed = decide(b, step.key, case.b_now, f"{case.cls} at t={case.b_now}")
+                when = f"after A ({' '.join(step.sent)}) had ended"
             assert b_allowed, (
                 f"{case.cls}({case.params}): a refused request was counted, at least for a "
                 f"moment - after requests at t={case.setup}, request A at t={case.a_now} was "
@@ -435,9 +462,6 @@ def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: A
                 "refused on requests that never happened (and for good when the give-back "
                 "never lands). Read, decide and write as one atomic step (one Lua script) and "
                 "write nothing for a refusal.")
-            if not held:
-                return
-    pytest.fail(f"{case.cls}.allow sent more than 20 Redis commands for one request")
 
 
 # One slot left, and two requests for it at one instant, from two app instances: exactly one
@@ -468,41 +492,22 @@ def test_two_instances_never_both_take_the_last_slot(
     with redis_gate(redis_db.url, gate) as gated:
         a = make(learner, redis_db, cls, "last", gated, **params)
         b = make_in_another_app(learner, redis_db, cls, "last", **params)
-        for after in range(1, 20):
-            key = f"last-slot-{after}"
-            for earlier in setup:
-                decide(b, key, earlier, f"{cls} at t={earlier}")
-            gate.arm(after)
-            request, a_out = in_background(lambda key=key: decide(a, key, now, f"{cls} A"))
-            try:
-                wait_until(cast(Callable[[], bool],
-                                lambda r=request: gate.held.is_set() or not r.is_alive()),
-                           f"{cls} request A to send its Redis commands", timeout=60)
-                held, sent = gate.held.is_set(), list(gate.sent)
-                if held:
-                    other, b_out = in_background(lambda key=key: decide(b, key, now,
-                                                                        f"{cls} B"))
-                    other.join(ALONE)
-            finally:
-                gate.release.set()
-            a_allowed = answer_of(request, a_out, f"{cls} request A")
-            if not held:
-                return   # A sent fewer than `after` + 1 commands: every point was tried
-            b_allowed = answer_of(other, b_out, f"{cls} request B")
-            assert a_allowed != b_allowed, (
+        for step in held_at_each_command(gate, a, b, setup, now, now, cls):
+            if not step.held:
+                break   # A sent fewer than `after` + 1 commands: every point was tried
+            assert step.a_allowed != step.b_allowed, (
                 f"{cls}({params}) after requests at t={setup} ({why}): two requests for the "
                 f"last slot at t={now}, A from one app instance and B from another, were "
-                f"{'both allowed' if a_allowed else 'both refused'} when A was held before its "
-                f"Redis command #{after + 1} (it had sent {' '.join(sent)}) while B was "
-                f"decided; expected exactly one allowed.\n"
+                f"{'both allowed' if step.a_allowed else 'both refused'} when A was held "
+                f"before its Redis command #{step.after + 1} (it had sent "
+                f"{' '.join(step.sent)}) while B was decided; expected exactly one allowed.\n"
                 + ("Both read one slot left: the read, the decision and the write are separate "
                    "round trips. A lock in the process (threading.Lock) orders only that "
                    "process's requests - the other instance is another process. Decide in "
                    "one atomic step in Redis: one Lua script, or WATCH/MULTI/EXEC with retry."
-                   if a_allowed else
+                   if step.a_allowed else
                    "A slot that was there went to neither: check the comparison, and that a "
                    "request refused or in flight is not counted."))
-    pytest.fail(f"{cls}.allow sent more than 20 Redis commands for one request")
 
 
 # Requests at given instants, each decided after Redis lost its scripts: (now, allowed).
