@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -364,6 +365,26 @@ def test_redis_gate_sends_the_server_the_command_before_returns_in_its_place(
         assert (echoed, after) == (b"before", b"after")
         assert isinstance(refused, redis.exceptions.NoScriptError)
         client.close()
+
+
+def test_process_tcp_sockets_lists_what_a_process_holds_and_listening_ports_its_servers(
+        ) -> None:
+    """The tests process's own listener and a connection to it come back from the kernel's
+    tables (this process's descriptors only); a connection closed is gone."""
+    from labrunner.proc_sockets import process_tcp_sockets
+    from labrunner.testing import listening_ports
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        held = process_tcp_sockets()
+        assert [s.remote for s in held if s.remote[1] == port] == [("127.0.0.1", port)]
+        assert port in listening_ports(os.getpid())
+        client.close()
+        accepted.close()
+        assert not [s for s in process_tcp_sockets() if s.remote[1] == port]
+    assert process_tcp_sockets(2 ** 22 + 1) == []   # no such process
 
 
 def test_program_reading_never_passes_on_an_unread_value_of_a_running_program() -> None:

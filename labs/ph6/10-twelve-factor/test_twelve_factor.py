@@ -316,33 +316,16 @@ DRAIN_HOLD = 5
 # Run first in the app's process: at its exit (after main() returned and the non-daemon
 # threads ended, before the interpreter tears anything down; registered first, so it runs
 # after the app's own atexit handlers) it writes to stderr how many TCP connections to the
-# Redis port it still holds - sockets among its open files, from its own connection table.
+# Redis port it still holds (labrunner.proc_sockets: its descriptors in the kernel's table).
 # Redis has no goodbye message to read at a proxy (redis-py's close() just closes the
 # socket), so what is still open at exit is read where it is held.
 REDIS_AT_EXIT = "labrunner: redis connections open at exit:"
 REDIS_WATCH = """
 import atexit as _lr_atexit, os as _lr_os
+from labrunner.proc_sockets import process_tcp_sockets as _lr_sockets
 
 def _lr_redis_at_exit(port={port}):
-    inodes = set()
-    for fd in _lr_os.listdir('/proc/self/fd'):
-        try:
-            link = _lr_os.readlink('/proc/self/fd/' + fd)
-        except OSError:
-            continue
-        if link.startswith('socket:['):
-            inodes.add(link[8:-1])
-    held = 0
-    for table in ('/proc/self/net/tcp', '/proc/self/net/tcp6'):
-        try:
-            with open(table) as rows:
-                for row in list(rows)[1:]:
-                    cols = row.split()
-                    if (len(cols) > 9 and int(cols[2].rsplit(':', 1)[1], 16) == port
-                            and cols[9] in inodes):
-                        held += 1
-        except OSError:
-            continue
+    held = sum(1 for sock in _lr_sockets() if sock.remote[1] == port)
     _lr_os.write(2, ('\\n{marker} %d\\n' % held).encode())
 
 _lr_atexit.register(_lr_redis_at_exit)

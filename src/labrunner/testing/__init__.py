@@ -54,9 +54,9 @@ Everything here fails a test with ``pytest.fail(..., pytrace=False)`` where the 
 learner's (a ``.proto`` protoc rejects, a body that is not JSON), like the plugin does.
 """
 
+from ..proc_sockets import TcpSocket, process_tcp_sockets, tcp_sockets
 from .beside import (
     Activity,
-    TcpSocket,
     asleep_throughout,
     cpu_burnt_while_idle,
     epoll_interest,
@@ -71,7 +71,6 @@ from .beside import (
     process_resources,
     process_threads,
     program_reading,
-    tcp_sockets,
     threads_waiting_in,
 )
 from .grpc import DaemonExecutor, ProtoStubs, drain, generate_stubs, next_message, serve_grpc
@@ -140,6 +139,7 @@ __all__ = [
     "serve_wsgi",
     "signals_caught",
     "tcp_sockets",
+    "process_tcp_sockets",
     "threads_waiting_in",
     "timed_redis_commands",
     "tls_exchange",

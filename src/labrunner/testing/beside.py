@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..proc_sockets import process_tcp_sockets
 from ..slow_steps import threading_waits_in
 
 
@@ -265,58 +264,9 @@ def epoll_interest(pid: int) -> dict[int, tuple[int, str]]:
     return interest
 
 
-@dataclass(frozen=True)
-class TcpSocket:
-    """One row of /proc/net/tcp: a TCP socket as the kernel sees it."""
-
-    local: tuple[str, int]
-    remote: tuple[str, int]
-    state: int          # the kernel's TCP state number (0x0A: LISTEN, 0x01: ESTABLISHED...)
-    tx_queue: int       # bytes sent and not yet acknowledged
-    rx_queue: int       # bytes received and not yet read
-    inode: int          # 0 while a connection waits in the listen backlog
-
-
-def tcp_sockets(tables: tuple[str, ...] = ("/proc/net/tcp",)) -> list[TcpSocket]:
-    """Every TCP socket of this network namespace, from /proc/net/tcp (and tcp6 when asked):
-    the one parser the verifications that watch the kernel's view of a connection share."""
-    def address(field: str) -> tuple[str, int]:
-        ip_hex, port_hex = field.split(":")
-        raw = bytes.fromhex(ip_hex)
-        ip = (socket.inet_ntoa(raw[::-1]) if len(raw) == 4
-              else socket.inet_ntop(socket.AF_INET6, b"".join(
-                  raw[i:i + 4][::-1] for i in range(0, 16, 4))))
-        return ip, int(port_hex, 16)
-
-    found = []
-    for table in tables:
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if len(cols) < 10:
-                continue
-            tx, rx = cols[4].split(":")
-            found.append(TcpSocket(address(cols[1]), address(cols[2]), int(cols[3], 16),
-                                   int(tx, 16), int(rx, 16), int(cols[9])))
-    return found
-
-
 def listening_ports(pid: int) -> list[int]:
     """The TCP ports process ``pid`` listens on (its socket inodes in LISTEN in
     /proc/net/tcp and tcp6), sorted; empty when it is gone or out of sight. Like
     :func:`process_threads`, run it beside the learner's program when grading hides its
     /proc from the verification (ph6.10)."""
-    inodes = set()
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            target = os.readlink(fd) if fd.is_symlink() else ""
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    except OSError:
-        return []
-    ports = {sock.local[1] for sock in tcp_sockets(("/proc/net/tcp", "/proc/net/tcp6"))
-             if sock.state == 0x0A and str(sock.inode) in inodes}
-    return sorted(ports)
+    return sorted({sock.local[1] for sock in process_tcp_sockets(pid) if sock.state == 0x0A})
