@@ -31,6 +31,7 @@ from labrunner.testing import (
     process_address_space,
     process_resources,
     program_reading,
+    tcp_sockets,
 )
 
 READY = 3.0      # seconds for the server to print "listening on <port>"
@@ -263,18 +264,13 @@ def stop_cleanly(server: Server) -> None:
            f"\nstderr: {server.stderr.decode(errors='replace').strip()[-400:]}"))
 
 
+TIME_WAIT = 0x06  # /proc/net/tcp's state for a closed connection's 2*MSL wait
+
+
 def time_wait_on(port: int) -> bool:
-    """Is any TCP socket with local port ``port`` in TIME_WAIT (/proc/net/tcp)?"""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "06":
-                return True
-    return False
+    """Is any TCP socket with local port ``port`` in TIME_WAIT (/proc/net/tcp and tcp6)?"""
+    return any(sock.local[1] == port and sock.state == TIME_WAIT
+               for sock in tcp_sockets(("/proc/net/tcp", "/proc/net/tcp6")))
 
 
 # ---------------------------------------------------------------------------- the tests
@@ -653,24 +649,22 @@ def test_an_argument_that_is_no_port_is_refused(binary: Path, learner: Any, arg:
     assert report is None, f"started as 'accept_loop {arg}', the sanitizers reported:\n{report}"
 
 
-CLOSE_WAIT = "08"  # /proc/net/tcp's state for "the peer's FIN arrived, we have not closed"
+CLOSE_WAIT = 0x08  # /proc/net/tcp's state for "the peer's FIN arrived, we have not closed"
 STILL = 0.03       # seconds a server's unread byte count must hold still to count as stalled
 CHUNK = 1 << 16    # bytes the leaving client sends between two looks at the server
 
 
-def server_side(port: int, client_port: int) -> tuple[str, int] | None:
+def server_side(port: int, client_port: int) -> tuple[int, int] | None:
     """The server's end of one connection in /proc/net/tcp: (state, bytes received that
     the server has not read yet; a FIN that arrived counts as one), or None when the row
     was not seen (the table is read in pieces, and a busy table can skip a row)."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
-        if (local, remote) == (port, client_port):
-            return fields[3], int(fields[4].split(":")[1], 16)
+    for sock in tcp_sockets():
+        if (sock.local[1], sock.remote[1]) == (port, client_port):
+            return sock.state, sock.rx_queue
     return None
 
 
-def stalled_side(port: int, client_port: int) -> tuple[str, int] | None:
+def stalled_side(port: int, client_port: int) -> tuple[int, int] | None:
     """The server's end of the connection when it has stopped reading: the same unread
     byte count (beyond a FIN) twice, STILL seconds apart. A server that is only slow -
     descheduled, its send buffer not yet full - moves on between the two looks; a stalled
