@@ -44,6 +44,7 @@ from labrunner.testing import (
     process_resources,
     process_threads,
     program_reading,
+    tcp_sockets,
 )
 
 BURST = 8 << 20          # 8 MiB in one go: far more than any one read() returns
@@ -53,6 +54,7 @@ NOFILE = 4096            # open files the test and the server may use (for MANY,
 LOW_NOFILE = 64          # the server's limit in the test that runs it out of descriptors
 QUEUED = 20              # connections left in its listen queue there (accept4: EMFILE)
 STALLED = 8              # consecutive stalled observations, 25 ms apart, that fail a test
+LISTEN = 0x0A            # /proc/net/tcp's state of a listening socket
 BUSY_CPU = 1.0           # CPU seconds a server with nothing to do may burn, never asleep
 DEADLINE = 60.0          # a safety net only: stalls are diagnosed long before
 CLOSES_WITHIN = 10.0     # after the last byte of an echo to a half-closed client (a safety
@@ -190,34 +192,25 @@ class Server:
         """(bytes unread in the server's connections, connections waiting in its listen
         queue), from /proc/net/tcp: rx_queue of sockets whose local port is the server's."""
         unread = backlog = 0
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            f = line.split()
-            if int(f[1].rsplit(":", 1)[1], 16) != self.port:
+        for sock in tcp_sockets():
+            if sock.local[1] != self.port:
                 continue
-            rx = int(f[4].split(":")[1], 16)
-            if f[3] == "0A":
-                backlog += rx
+            if sock.state == LISTEN:
+                backlog += sock.rx_queue
             else:
-                unread += rx
+                unread += sock.rx_queue
         return unread, backlog
 
     def sent_queue(self) -> int:
         """Bytes the server's connections have written that the kernel has not delivered."""
-        total = 0
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            f = line.split()
-            if int(f[1].rsplit(":", 1)[1], 16) == self.port and f[3] != "0A":
-                total += int(f[4].split(":")[0], 16)
-        return total
+        return sum(sock.tx_queue for sock in tcp_sockets()
+                   if sock.local[1] == self.port and sock.state != LISTEN)
 
     def registrations(self) -> dict[int, int]:
         """{descriptor: events mask} of the connections in the server's epoll sets (read
         from /proc/<pid>/fdinfo), the listening socket left out."""
-        listening = set()
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == self.port:
-                listening.add(f"socket:[{f[9]}]")
+        listening = {f"socket:[{sock.inode}]" for sock in tcp_sockets()
+                     if sock.state == LISTEN and sock.local[1] == self.port}
         interest = self.read(epoll_interest)
         return {int(fd): int(mask) for fd, (mask, what) in dict(interest).items()
                 if what not in listening}
@@ -672,11 +665,10 @@ def echo_held(server: Server, sock: socket.socket, sent: int) -> int:
     """How much of the echo of `sent` bytes the server still holds itself: neither in the
     client's socket (rx_queue) nor in the server's, on its way (tx_queue)."""
     port, queued = sock.getsockname()[1], 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        local, remote = (int(f[i].rsplit(":", 1)[1], 16) for i in (1, 2))
-        tx, rx = (int(q, 16) for q in f[4].split(":"))
-        queued += rx if local == port else tx if (local, remote) == (server.port, port) else 0
+    for row in tcp_sockets():
+        local, remote = row.local[1], row.remote[1]
+        queued += (row.rx_queue if local == port
+                   else row.tx_queue if (local, remote) == (server.port, port) else 0)
     return sent - queued
 
 
