@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -156,6 +157,13 @@ CASES = [
                           ("true", True))],
     Case("not-json-media-type", "POST", W, 415, body=b"amount=5", content_type="text/plain"),
     Case("broken-json", "POST", W, 400, body=b'{"amount_cents": '),
+    Case("body-not-utf-8", "POST", W, 400, body=b'{"amount_cents": 5\xff}',
+         why=": a body whose bytes are not UTF-8 is not JSON (RFC 8259 8.1: JSON is UTF-8), "
+             "so it is the 400 problem like any other unparsable body - the decoding failed "
+             "outside what your parse error handling catches (bytes.decode() raises "
+             "UnicodeDecodeError, and json.loads() of bytes raises it too, not a "
+             "JSONDecodeError): decode inside the same try, and catch ValueError, which "
+             "both are"),
     Case("negative-amount", "POST", W, 422, VALIDATION, js({"amount_cents": -5}),
          check=field_errors),
     Case("amount-as-string", "POST", W, 422, VALIDATION, js({"amount_cents": "10"}),
@@ -208,6 +216,55 @@ def test_error_is_a_problem(host: str, case: Case) -> None:
     if case.check is not None:
         problem = case.check(doc, reply)
         assert problem is None, f"{what}: {problem}"
+
+
+def raw_get(host: str, target: str) -> tuple[int, dict[str, str], bytes]:
+    """GET target on a socket of its own, read to the end (the server closes after one
+    answer): the status, the headers and every byte of the body, however many the
+    Content-Length header announced."""
+    address, port = host.rsplit(":", 1)
+    with socket.create_connection((address, int(port)), timeout=15) as sock:
+        sock.sendall(f"GET {target} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode("ascii"))
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+NON_ASCII_PATH = "/caf%C3%A9/%E2%82%AC"  # /café/€ on the wire: a URI is ASCII
+
+
+def test_problem_for_a_non_ascii_path(host: str) -> None:
+    """A path with non-ASCII characters (percent-encoded UTF-8, as a URI carries them) is
+    an unknown path: the 404 problem, every byte of it announced by Content-Length, with an
+    instance that is still a URI reference."""
+    what = f"GET {NON_ASCII_PATH} (an unknown path, /café/€ percent-encoded)"
+    _, headers, body = raw_get(host, NON_ASCII_PATH)
+    announced = headers.get("content-length")
+    assert announced is None or announced == str(len(body)), (
+        f"{what}: the answer's Content-Length says {announced} bytes, but the body the "
+        f"server sent is {len(body)} bytes: {body[:160]!r} - a client reads {announced} "
+        "bytes and gets cut-off JSON. Content-Length counts the bytes sent, not the "
+        "characters of the str before encoding (json.dumps(..., ensure_ascii=False) keeps "
+        "é and € as characters that take 2 and 3 bytes in UTF-8): encode first, then count")
+    reply = call(host, "GET", NON_ASCII_PATH)
+    try:
+        instance = json.loads(reply.body).get("instance")
+    except (ValueError, AttributeError):
+        instance = None  # not a problem document: check_problem says so below
+    assert not isinstance(instance, str) or instance == NON_ASCII_PATH or re.fullmatch(
+        r"urn:uuid:[0-9a-f-]{36}", instance), (
+        f"{what}: instance is {instance!r}, expected the request path as sent "
+        f"({NON_ASCII_PATH!r}) or a urn:uuid: - instance is a URI reference (RFC 9457 "
+        "3.1.5), and a URI is ASCII: PATH_INFO is the path percent-decoded, its bytes read "
+        "as latin-1 (PEP 3333), so echoed as it is it names another path. Percent-encode "
+        "its bytes again (quote(PATH_INFO.encode('latin-1'))) or use the request-target as "
+        "the client sent it")
+    check_problem(reply, what, NON_ASCII_PATH, 404)
 
 
 def test_one_type_one_title(host: str) -> None:

@@ -205,6 +205,51 @@ def test_loaders_do_not_outlive_a_request(make_app: Callable[..., Any], proxied_
         f"{user_4.get('orders')}: a DataLoader caches what it loaded, so create it per request")
 
 
+def test_users_by_id_are_read_again_in_the_next_request(
+        make_app: Callable[..., Any], proxied_dsn: str, counter: PgStatementProxy,
+        postgres: Any) -> None:
+    """user(id:) goes through the users loader: what it read belongs to its request. A user
+    renamed between two requests is seen renamed in the second."""
+    query = '{ u: user(id: "4") { id name } }'
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+        before, _ = run(host, counter, query)
+        with postgres.connect(autocommit=True) as conn:  # the data changes between requests
+            conn.execute("UPDATE users SET name = 'renamed 4' WHERE id = 4")
+        after, _ = run(host, counter, query)
+    assert before.get("u") == {"id": "4", "name": "user 4"}, (
+        f"{query}: expected {{'id': '4', 'name': 'user 4'}}, saw {before.get('u')}")
+    assert after.get("u") == {"id": "4", "name": "renamed 4"}, (
+        f"user 4 was renamed to 'renamed 4' between two requests, and the second request's "
+        f"{query} still answered {after.get('u')}: users read by an earlier request were "
+        "kept for the next one (a dict at module or class level, a loader or a cache that "
+        "outlives its request). What a loader reads is cached for one request only: keep "
+        "the cache in the request's loader, never beside it")
+
+
+def test_an_orders_query_postgres_refuses_is_an_error_not_no_orders(
+        make_app: Callable[..., Any], proxied_dsn: str, counter: PgStatementProxy,
+        postgres: Any) -> None:
+    """The orders batch fails (the test renames the table under the running app): the
+    answer says so with an error. Users shown with `orders: []` would tell the client
+    that they never ordered anything."""
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("ALTER TABLE orders RENAME TO orders_hidden")
+    query = '{ users(first: 5) { id orders { id } } u2: user(id: "2") { id orders { id } } }'
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+        status, document = ask_raw(host, query, timeout=30)
+    data = document.get("data") or {}
+    shown = [u for u in [*(data.get("users") or []), data.get("u2")]
+             if isinstance(u, dict) and isinstance(u.get("orders"), list)]
+    assert document.get("errors") and not shown, (
+        f"the orders query failed (the test renamed the table orders, so Postgres refused "
+        f"it), and {query} answered {len(shown)} user(s) with orders lists "
+        f"{[u.get('orders') for u in shown][:3]} and errors: "
+        f"{errors_of(document) or 'none'} (status {status}): the failure was swallowed and "
+        "became \"no orders\" - a client cannot tell it from users who never ordered. Let "
+        "the batch function (and the resolver) raise: the DataLoader fails each key's "
+        "load, and GraphQL reports the error with the fields it could not resolve")
+
+
 def test_first_limits_the_page(make_app: Callable[..., Any], proxied_dsn: str,
                                counter: PgStatementProxy) -> None:
     with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:

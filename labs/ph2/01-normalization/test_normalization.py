@@ -474,6 +474,11 @@ def edge_cases(order_id: int, customer_id: int, sku: str
     """(what, entity, values): each a row the original table could hold."""
     line = {"order_id": order_id, "product_sku": sku, "quantity": 2,
             "unit_price": Decimal("10.00")}
+    # RFC 5321 2.4: a mailbox's local part is case-sensitive, so an existing customer's
+    # email with its local part in capitals is another email: the business's UNIQUE is on
+    # the email as it is, not on lower(email).
+    local, _, domain = next(r[3] for r in ROWS if r[2] == customer_id).partition("@")
+    shouted = f"{local.upper()}@{domain}"
     return [
         ("a line with quantity 2147483647 (the largest integer the original holds)",
          "order line", {**line, "quantity": 2147483647}),
@@ -488,6 +493,13 @@ def edge_cases(order_id: int, customer_id: int, sku: str
         ("a customer with the same name and city as another (but their own email)",
          "customer", {"customer_id": 9002, "customer_email": "second.ana@shop.test",
                       "customer_name": "Ana Silva", "customer_city": "Lisbon"}),
+        (f"a customer whose email {shouted} differs from customer {customer_id}'s "
+         f"({local}@{domain}) only in the case of its local part - another email (RFC 5321 "
+         "2.4: the local part is case-sensitive), and the business makes only equal emails "
+         "one customer: a UNIQUE on lower(email), or emails lower-cased on the way in, is a "
+         "rule it did not state", "customer",
+         {"customer_id": 9004, "customer_email": shouted, "customer_name": "Ana Silva",
+          "customer_city": "Porto"}),
         ("a product with a long SKU and a name another product has", "product",
          {"product_sku": "SKU-" + "X" * 300 + "/ü 2m", "product_name": "USB-C cable"}),
         ("an order dated 1970-01-01", "order",
@@ -519,7 +531,7 @@ def test_valid_rows_at_the_edges_of_the_domain_go_in(db: Conn, learner: Any) -> 
             by = f" by constraint {constraint}" if constraint else ""
             problems.append(f"{what}: refused{by} - {describe(exc)}")
     assert not problems, (
-        "valid rows were refused:\n" + "\n".join(problems) + "\n  The business's rules are "
+        "valid rows were refused: " + "\n".join(problems) + "\n  The business's rules are "
         "the README's (a quantity is at least 1, a price is never negative, one customer per "
         "email): nothing caps a quantity or a price and nothing says what an email or a name "
         "looks like. The original columns hold these values, so a rule stricter than the "

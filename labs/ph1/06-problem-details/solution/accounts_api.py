@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from psycopg.rows import dict_row
@@ -108,7 +109,9 @@ def make_app(dsn: str) -> WSGIApp:
         raise Problem(404, f"there is nothing at {path}")
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        instance = environ.get("PATH_INFO", "/")
+        # instance is a URI reference, so ASCII: PATH_INFO is the path percent-decoded and
+        # read as latin-1 (PEP 3333); encode its bytes again to name the path as sent.
+        instance = quote(environ.get("PATH_INFO", "/").encode("latin-1"), safe="/:@!$&'()*+,;=")
         try:
             status, document = route(environ)
             media_type, headers = "application/json", []
