@@ -36,6 +36,8 @@ Mistakes a learner makes here, each caught with its own message:
 - COMMIT outside the retry (40001 at COMMIT escapes or is lost)  -> deferred trigger
 - only the write and COMMIT retried (40001 at the read escapes,
   or taken for a refusal)                                        -> a view's filter raises
+- a refusal rolled back ("nothing to commit") instead of
+  committed: what it read is never validated                    -> a 40001 at its COMMIT
 - retrying every error (psycopg.Error, Exception)                -> a CheckViolation
 - a transaction left open on an error or early-return path (BEGIN
   by hand, ROLLBACK only for 40001 or none at all)               -> connection status after
@@ -529,6 +531,64 @@ def test_a_40001_at_the_read_is_retried_too(
         f"alice off call and returns True; saw after_check {counts}, returned {result!r}, "
         f"on call now: {now}")
 
+
+# A refusal decides on what its transaction read, and under SERIALIZABLE that is valid only
+# once the transaction has committed, read-only transactions included (PostgreSQL's docs,
+# 13.2.3 Serializable Isolation Level). The roster is read through a view whose filter, the
+# first time it runs, leaves a row in a table with a deferred trigger: that attempt's COMMIT
+# fails with 40001, as SSI's would. A refusal rolled back instead never meets it.
+AT_REFUSAL_COMMIT = """
+ALTER TABLE doctors RENAME TO doctors_stored;
+CREATE TABLE commit_gate (at timestamptz DEFAULT now());
+CREATE SEQUENCE commits_injected;
+CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION 'could not serialize access (injected at COMMIT by the check)'
+    USING ERRCODE = '40001';
+END $$;
+CREATE CONSTRAINT TRIGGER fail_commit AFTER INSERT ON commit_gate DEFERRABLE
+  INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_commit();
+CREATE FUNCTION read_gate() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  IF nextval('commits_injected') = 1 THEN
+    INSERT INTO commit_gate DEFAULT VALUES;
+  END IF;
+  RETURN true;
+END $$;
+CREATE VIEW doctors AS SELECT * FROM doctors_stored WHERE read_gate();
+"""
+
+
+def test_a_refusal_commits_what_it_decided_on(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    admin.execute("UPDATE doctors SET on_call = name = 'alice'")
+    admin.execute(AT_REFUSAL_COMMIT)
+    counts: list[int] = []
+
+    def after_check(count: int) -> None:
+        counts.append(count)
+        if len(counts) == 1:  # alice has read "1 on call"; carol goes on call and commits
+            admin.execute("UPDATE doctors_stored SET on_call = true WHERE name = 'carol'")
+
+    result = go_off_call(alice.conn, "alice", after_check=after_check, max_attempts=3)
+    now = on_call(admin)
+    if result is False and counts == [1]:
+        pytest.fail(
+            f"alice's attempt read 1 doctor on call and go_off_call returned False without "
+            f"committing that attempt (after_check saw {counts}): its COMMIT would have "
+            f"failed with 40001 (injected by the check) and a retry read 2 on call - carol "
+            f"went on call meanwhile. Under SERIALIZABLE what a transaction read is valid "
+            f"only once it has committed, read-only transactions included (PostgreSQL "
+            f"docs, 13.2.3): a refusal decides on what it read, so commit it (leave 'with "
+            f"conn.transaction():' normally, not with ROLLBACK or psycopg.Rollback) and "
+            f"retry a 40001 there like any other", pytrace=False)
+    assert result is True and counts == [1, 2] and now == ["carol"], (
+        f"alice's first attempt read 1 on call, carol then went on call, and that attempt's "
+        f"COMMIT failed with 40001 (injected); expected a second attempt that reads 2 "
+        f"(after_check(2)), takes alice off call and returns True; saw after_check "
+        f"{counts}, returned {result!r}, on call now: {now}")
 
 NOT_40001 = {
     # sqlstate: (error class, how the learner reads it, why retrying is wrong)

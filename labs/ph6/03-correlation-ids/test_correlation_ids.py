@@ -23,8 +23,9 @@ from typing import Any, cast
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from labrunner.testing import KafkaProxy, came_true, objects_alive, wait_until
+from labrunner.testing import KafkaProxy, came_true, objects_alive, process_tcp_sockets, wait_until
 from labrunner.testing.kafka_proxy import FETCH, LIST_OFFSETS, PRODUCE
 
 
@@ -779,45 +780,92 @@ def no_consumer_open(harness: Any, client: Any) -> bool:
     return consumers_open(harness, client) == 0
 
 
+ESTABLISHED = 0x01   # the kernel's TCP state number
+
+
+def proxy_ports(proxy: KafkaProxy) -> set[int]:
+    """The proxy's ports a client behind it connects to: its bootstrap port and the broker
+    ports its Metadata answers name (asked by an admin client of the test's, gone after)."""
+    admin = AdminClient({"bootstrap.servers": proxy.bootstrap, "log_level": 0})
+    brokers = admin.list_topics(timeout=10).brokers.values()
+    del admin
+    return {int(proxy.bootstrap.rpartition(":")[2])} | {int(b.port) for b in brokers}
+
+
+def connections_open(learner: Any, ports: set[int], before: set[int]) -> list[str]:
+    """The TCP connections to the proxy open in the process the client lives in, made since
+    ``before`` (the socket inodes it held when the client was made)."""
+    return [f"{s.local[0]}:{s.local[1]} -> {s.remote[0]}:{s.remote[1]}"
+            for s in learner.run_helper(process_tcp_sockets)
+            if s.state == ESTABLISHED and s.remote[1] in ports and s.inode not in before]
+
+
+def sockets_held(learner: Any) -> set[int]:
+    return {int(s.inode) for s in learner.run_helper(process_tcp_sockets)}
+
+
 def test_close_stops_the_listener_and_closes_the_consumer(world: Any, learner: Any) -> None:
     """A client made for a request and closed after it (as a handler that does not keep one
     does) must leave nothing behind: close() stops the listener thread and closes the Kafka
-    consumer. Seen where the client lives: the Python threads that run after close() that
-    did not run before the client was made, and the confluent_kafka Consumers still open
-    (each one keeps librdkafka's threads and its broker connections, and a member of its
-    group if it subscribed). Three rounds: a leak grows by one each time."""
+    consumer and the producer. Seen where the client lives: the Python threads that run
+    after close() that did not run before the client was made, the confluent_kafka
+    Consumers still open (each one keeps librdkafka's threads and its broker connections,
+    and a member of its group if it subscribed), and the client's connections to the broker
+    (through a proxy of the test's) still open. Three rounds: a leak grows each time."""
     mod, kafka, responder, requests, replies = world
     harness = learner.harness()
-    for n in range(ROUNDS):
-        threads_before = {ident for ident, _ in harness.threads_alive()}
-        client = mod.RpcClient(kafka.bootstrap, requests, replies)
-        try:
-            out = answered_call(client, responder, replies, n, f"round {n + 1}'s request")
-            assert out.get("value") == {"n": n, "square": n * n}, (
-                f"round {n + 1}: a call answered at once ended with {out!r}")
-        finally:
-            closer, closed = in_thread(client.close)
-            closer.join(CLOSE_WITHIN)
-        assert not closer.is_alive(), (
-            f"round {n + 1}: close() had not returned {CLOSE_WITHIN:.0f} s after it was "
-            "called: stop the listener (a flag its poll loop checks), join it, then close the "
-            "consumer")
-        if "error" in closed:
-            raise closed["error"]
-        came_true(functools.partial(no_thread_started, harness, threads_before), ENDED_WITHIN)
-        threads = threads_started(harness, threads_before)
-        assert not threads, (
-            f"round {n + 1}: {ENDED_WITHIN:.0f} s after close() returned, the client's "
-            f"thread(s) {threads} still run (started since the client was made), expected "
-            f"none: close() must stop the listener - set a flag its poll loop checks and "
-            f"join it. A "
-            f"daemon thread is not ended by close(): a client made and closed per request "
-            f"leaves one more thread polling a consumer each time, for the process's life")
-        came_true(functools.partial(no_consumer_open, harness, client), ENDED_WITHIN)
-        consumers = consumers_open(harness, client)
-        assert consumers == 0, (
-            f"round {n + 1}: after close() returned, {consumers} Kafka consumer(s) the "
-            f"client holds are still open, expected none: close() "
-            f"must close the consumer (consumer.close()) once the listener has stopped - an "
-            f"open one keeps librdkafka's threads, its broker connections and (subscribed) "
-            f"its place in the group, one more for every client made and closed")
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        ports = proxy_ports(proxy)
+        for n in range(ROUNDS):
+            threads_before = {ident for ident, _ in harness.threads_alive()}
+            sockets_before = sockets_held(learner)
+            client = mod.RpcClient(proxy.bootstrap, requests, replies)
+            try:
+                out = answered_call(client, responder, replies, n, f"round {n + 1}'s request")
+                assert out.get("value") == {"n": n, "square": n * n}, (
+                    f"round {n + 1}: a call answered at once ended with {out!r}")
+            finally:
+                closer, closed = in_thread(client.close)
+                closer.join(CLOSE_WITHIN)
+            assert not closer.is_alive(), (
+                f"round {n + 1}: close() had not returned {CLOSE_WITHIN:.0f} s after it was "
+                "called: stop the listener (a flag its poll loop checks), join it, then close "
+                "the consumer")
+            if "error" in closed:
+                raise closed["error"]
+            nothing_left_running(harness, client, n, threads_before)
+            no_connection_left(learner, n, ports, sockets_before)
+
+
+def nothing_left_running(harness: Any, client: Any, n: int, threads_before: set[int]) -> None:
+    came_true(functools.partial(no_thread_started, harness, threads_before), ENDED_WITHIN)
+    threads = threads_started(harness, threads_before)
+    assert not threads, (
+        f"round {n + 1}: {ENDED_WITHIN:.0f} s after close() returned, the client's "
+        f"thread(s) {threads} still run (started since the client was made), expected "
+        f"none: close() must stop the listener - set a flag its poll loop checks and "
+        f"join it. A "
+        f"daemon thread is not ended by close(): a client made and closed per request "
+        f"leaves one more thread polling a consumer each time, for the process's life")
+    came_true(functools.partial(no_consumer_open, harness, client), ENDED_WITHIN)
+    consumers = consumers_open(harness, client)
+    assert consumers == 0, (
+        f"round {n + 1}: after close() returned, {consumers} Kafka consumer(s) the "
+        f"client holds are still open, expected none: close() "
+        f"must close the consumer (consumer.close()) once the listener has stopped - an "
+        f"open one keeps librdkafka's threads, its broker connections and (subscribed) "
+        f"its place in the group, one more for every client made and closed")
+
+
+def no_connection_left(learner: Any, n: int, ports: set[int], before: set[int]) -> None:
+    """The listener has ended and the consumer is closed: a connection to the broker the
+    client still holds is its producer's (or another Kafka client's it made)."""
+    came_true(lambda: not connections_open(learner, ports, before), ENDED_WITHIN)
+    left = connections_open(learner, ports, before)
+    assert not left, (
+        f"round {n + 1}: {ENDED_WITHIN:.0f} s after close() returned (its listener ended, "
+        f"its consumer closed), the client still holds {len(left)} connection(s) to the "
+        f"broker it opened ({', '.join(left)}), expected none: close() must close the "
+        f"producer too (producer.close(), which flushes first) - flush() sends what is "
+        f"queued and keeps the handle open: librdkafka's threads and broker connections "
+        f"stay, one more set for every client made and closed")

@@ -375,6 +375,37 @@ def test_an_object_naming_a_key_twice_is_400(host: str) -> None:
             "json.loads(..., object_pairs_hook=...) sees every pair, decoded.")
 
 
+# The same at any depth (I-JSON: every object of a message): nested, in arrays. (body, what)
+NESTED_DUPLICATES = [
+    ('{"quantity": 2, ' + VALID_FIELDS + ', "meta": {"id": 1, "id": 2}}',
+     "an extra field whose object names id twice"),
+    ('{"quantity": 2, ' + VALID_FIELDS + ', "note": {"text": "a", "text": "b"}}',
+     "note sent as an object naming text twice"),
+    ('{"quantity": 2, ' + VALID_FIELDS + ', "meta": {"a": {"b": 1, "b": true}}}',
+     "an object two levels down naming b twice"),
+    ('{"quantity": 2, ' + VALID_FIELDS + ', "note": [{"x": 1, "x": 1}]}',
+     "an object inside an array naming x twice, the same value"),
+    ('{"quantity": 2, ' + VALID_FIELDS + ', "meta": [1, [{"role": "user", "role": "admin"}]]}',
+     "an object inside an array inside an array naming role twice"),
+    ('[{"quantity": 1, "quantity": true}]',
+     "the body an array whose object names quantity twice"),
+]
+
+
+def test_a_key_named_twice_at_any_depth_is_400(host: str) -> None:
+    for text, what in NESTED_DUPLICATES:
+        reply = post(host, text.encode())
+        no_500(reply, text.encode())
+        assert reply.status == 400, (
+            f"a body with a nested object naming a key twice ({what}: {text}) was "
+            f"answered {reply.status} {reply.body[:120]!r}, expected 400 - duplicate "
+            "names are refused in every object of the document, not only in the order's "
+            "own fields\nI-JSON (RFC 7493 2.3) forbids them in any object: the next "
+            "service or a log reading a nested one may keep the first where json.loads "
+            "keeps the last. object_pairs_hook is called for every object, at every "
+            "depth and inside arrays: check there, not once on the outer object.")
+
+
 def test_bytes_that_are_not_json_get_400(host: str) -> None:
     @SETTINGS
     @given(st.binary(max_size=300))

@@ -88,3 +88,6 @@ class RpcClient:
         self._stop.set()
         self._listener.join(5)
         self.consumer.close()
+        # the producer too: librdkafka's threads and broker connections are the handle's
+        # until it is closed (close() flushes what is still queued first)
+        self.producer.close()
