@@ -14,12 +14,15 @@
  *   lock_free_stack empty_aba    ABA through an empty stack: inside your pop the other
  *                                thread empties the stack and refills it (the version tag
  *                                must keep growing: a tag restarted on empty comes back)
+ *   lock_free_stack push_publish a pop lands right after push's successful CAS: the node
+ *                                must be linked before the CAS publishes it
  *   lock_free_stack push_retry_aba   your push's first CAS fails and it retries, while a
  *   lock_free_stack pop_retry_aba    third thread's pop waits right before its CAS: the
  *                                word your retry installs must carry a tag newer than the
  *                                head it replaced (recomputed from the re-read head, not
  *                                from the first read), or that stale CAS matches it later
- *   lock_free_stack free         stack_free on a stack that still holds (static) nodes
+ *   lock_free_stack free         stack_free on a stack that still holds (static) nodes:
+ *                                the stack's memory is released, the nodes untouched
  *   lock_free_stack stress N     4 threads x N rounds of pop, pop, push, push over 64 nodes
  *
  * The scripted scenarios run on one thread: stack_interleave_point() (called by
@@ -49,6 +52,10 @@
 #define POOL 64
 #define THREADS 4
 
+/* ThreadSanitizer's allocator: the bytes malloc'd and not yet freed (its runtime exports it;
+ * <sanitizer/allocator_interface.h> declares it, but not every toolchain ships the header). */
+size_t __sanitizer_get_current_allocated_bytes(void);
+
 static node_t nodes[8];
 static const char *names = "ABCDEFGH";
 static lfstack_t *S;
@@ -64,8 +71,9 @@ static char name_of(node_t *n) {
 /* What "the other thread" does when it runs in the middle of your operation. */
 enum other { ABA, ABA_WRAP, PUSH_D, POP_ONE, STEPS };
 /* Where in your operation: at its node_next() (node_set_next() in a push), between its
- * read of the head and its CAS; or right before its (first) compare-and-swap. */
-enum moment { AT_LINK, AT_CAS };
+ * read of the head and its CAS; right before its (first) compare-and-swap; or right after
+ * the first compare-and-swap (or exchange) that succeeds, when the head is published. */
+enum moment { AT_LINK, AT_CAS, AFTER_CAS };
 
 /* The scripted scenarios: from the stack `start` (top first), your pop (or your push of D)
  * runs with "the other thread's" operations landing at `moment`. Afterwards every node of
@@ -88,6 +96,10 @@ static const struct script {
     {"aba", "ABC", 0, AT_LINK, ABA, "ABC", NULL, NULL},
     {"aba_wrap", "ABC", 0, AT_LINK, ABA_WRAP, "ABCE", NULL, NULL},
     {"aba_at_cas", "ABC", 0, AT_CAS, ABA, "ABC", NULL, NULL},
+    /* Your push of D has just installed the head: a pop lands there and reads D's next
+     * (D comes from a fresh pool, its next NULL). Linked only after the CAS, D takes A and
+     * B with it: they are lost. */
+    {"push_publish", "AB", 1, AFTER_CAS, POP_ONE, "ABD", NULL, NULL},
     /* (A,t): pop A, push A -> (A,t+2), the third pop reads it (next B); pop A, pop B, push A
      * -> (A,t+5) A->C. Your push of D retries: (D,t+6) (a tag from the first read: (D,t+1)).
      * Pop D -> (A,t+7) (stale: (A,t+2), the third pop's expected value: it installs B,
@@ -225,6 +237,11 @@ static void before_cas(void) {
     if (armed != NULL && armed->moment == AT_CAS && !i_am_third) other_thread_runs();
 }
 
+static void after_cas(int swapped) {
+    if (swapped && armed != NULL && armed->moment == AFTER_CAS && !i_am_third)
+        other_thread_runs();
+}
+
 /* The CAS wrappers (ThreadSanitizer's memory orders are an int-sized enum). */
 #define CAS_WRAPPERS(BITS, T)                                                                 \
     int __real___tsan_atomic##BITS##_compare_exchange_strong(volatile T *, T *, T, int, int); \
@@ -235,21 +252,34 @@ static void before_cas(void) {
     int __wrap___tsan_atomic##BITS##_compare_exchange_strong(volatile T *a, T *c, T v,        \
                                                              int mo, int fail_mo) {           \
         before_cas();                                                                         \
-        return __real___tsan_atomic##BITS##_compare_exchange_strong(a, c, v, mo, fail_mo);    \
+        int ok = __real___tsan_atomic##BITS##_compare_exchange_strong(a, c, v, mo, fail_mo);  \
+        after_cas(ok);                                                                        \
+        return ok;                                                                            \
     }                                                                                         \
     int __wrap___tsan_atomic##BITS##_compare_exchange_weak(volatile T *a, T *c, T v, int mo,  \
                                                            int fail_mo);                      \
     int __wrap___tsan_atomic##BITS##_compare_exchange_weak(volatile T *a, T *c, T v, int mo,  \
                                                            int fail_mo) {                     \
         before_cas();                                                                         \
-        return __real___tsan_atomic##BITS##_compare_exchange_weak(a, c, v, mo, fail_mo);      \
+        int ok = __real___tsan_atomic##BITS##_compare_exchange_weak(a, c, v, mo, fail_mo);    \
+        after_cas(ok);                                                                        \
+        return ok;                                                                            \
     }                                                                                         \
     T __wrap___tsan_atomic##BITS##_compare_exchange_val(volatile T *a, T c, T v, int mo,      \
                                                         int fail_mo);                         \
     T __wrap___tsan_atomic##BITS##_compare_exchange_val(volatile T *a, T c, T v, int mo,      \
                                                         int fail_mo) {                        \
         before_cas();                                                                         \
-        return __real___tsan_atomic##BITS##_compare_exchange_val(a, c, v, mo, fail_mo);       \
+        T seen = __real___tsan_atomic##BITS##_compare_exchange_val(a, c, v, mo, fail_mo);     \
+        after_cas(seen == c);                                                                 \
+        return seen;                                                                          \
+    }                                                                                         \
+    T __real___tsan_atomic##BITS##_exchange(volatile T *, T, int);                            \
+    T __wrap___tsan_atomic##BITS##_exchange(volatile T *a, T v, int mo);                      \
+    T __wrap___tsan_atomic##BITS##_exchange(volatile T *a, T v, int mo) {                     \
+        T old = __real___tsan_atomic##BITS##_exchange(a, v, mo);                              \
+        after_cas(1); /* an exchange publishes as a successful CAS does */                    \
+        return old;                                                                           \
     }
 
 CAS_WRAPPERS(64, long)
@@ -344,6 +374,7 @@ static int run_empty(void) {
 /* stack_free frees the stack only: the nodes are the caller's (here static: free() of one
  * aborts the process). */
 static int run_free(void) {
+    size_t before = __sanitizer_get_current_allocated_bytes();
     S = stack_new();
     if (S == NULL) { puts("FAIL stack_new() returned NULL"); return 1; }
     memset(nodes, 0, sizeof nodes);
@@ -352,6 +383,14 @@ static int run_free(void) {
     stack_free(S);
     if (nodes[0].value != 0 || nodes[1].value != 0) {
         puts("FAIL free: stack_free() wrote into the nodes it still held");
+        return 1;
+    }
+    size_t after = __sanitizer_get_current_allocated_bytes();
+    if (after > before) {
+        printf("FAIL free: stack_free() left %zu bytes that stack_new() allocated still "
+               "allocated: it must release the stack's own memory (free(s), and anything "
+               "else stack_new() allocated for it), every time - a program that makes and "
+               "frees stacks leaks without end\n", after - before);
         return 1;
     }
     puts("ok free");

@@ -20,6 +20,11 @@ its compare-and-swap) run "another thread's" operations right at that moment:
 * empty_aba: ABA through an empty stack: inside your pop the other thread pops every node
   and pushes two back; a version tag that restarts on the empty stack (the head reset to
   0, a push onto an empty stack starting from tag 1) comes back to the word your pop read;
+* push_publish: right after push's compare-and-swap (or exchange) installs the node, a pop
+  lands (the build routes those calls through the driver): a node linked only after it is
+  published has a stale next, and the nodes below it are lost;
+* free: stack_free() releases what stack_new() allocated (ThreadSanitizer's allocator
+  counts the bytes in use) and never touches the nodes;
 * push_retry_aba, pop_retry_aba: your operation's first CAS fails and it retries while a
   third thread's pop (a real thread, run only while the driver waits for it) has read the
   head and waits right before its CAS; a retry that installs a tag derived from its FIRST
@@ -119,7 +124,8 @@ SCENARIOS = {
     "free": Scenario("stack_free() of a stack still holding two nodes the caller owns",
                      "stack_free() frees the stack only, never the nodes: they belong to "
                      "whoever pushed them (here they are static; elsewhere still in use, or "
-                     "in a pool). free(s) and nothing else."),
+                     "in a pool). free(s) - and whatever else stack_new() allocated - and "
+                     "nothing else."),
     "pop_race": Scenario(
         "a push landing inside your pop",
         "pop must install next with compare-and-swap from the head it read, and retry if "
@@ -175,6 +181,16 @@ SCENARIOS = {
         mistake="the version tag must keep growing through an empty stack: yours restarted "
                 "when the stack ran empty, so after it refilled, the head word your stalled "
                 "pop had read came back and its CAS matched"),
+    "push_publish": Scenario(
+        "a pop landing right after your push's successful compare-and-swap",
+        "The moment your CAS installs the node as the head, any other thread may pop it and "
+        "read its next: that link must already be in place. Link the node to the head you "
+        "read (node_set_next) inside the loop, BEFORE the CAS that publishes it - never "
+        "after (nor publish with an exchange and link afterwards: that window loses "
+        "everything below the node).",
+        mistake="push must link the node BEFORE the compare-and-swap (or exchange) that "
+                "publishes it: a pop that ran right after your CAS read the node's next "
+                "before you set it"),
     # a retry that reuses a tag derived from its first read of the head: last, once every
     # other mistake has had its own scenario
     **{f"{op}_retry_aba": Scenario(

@@ -26,6 +26,9 @@ Mistakes a learner makes here, each caught with its own message:
 - state updated for every saga, not this one                        -> two sagas at once
 - limits off by one (< instead of <=)                               -> react() at the limit
 - the order cancelled without a refund, refund on the wrong event   -> the chains over Kafka
+- a restarted service re-reading the topic from the start (an offset given to assign(), a
+  group of its own per instance)                                    -> a restart, a new order
+- start_saga resetting a saga that exists (upsert, delete + insert) -> a repeated start
 - a service committing its input offset before its reactions are acknowledged (flush after
   commit): its reaction's Produce request is held at a proxy until pump() waits in flush()
   (a harness follows its calls); an OffsetCommit arriving before that is the mistake
@@ -371,6 +374,31 @@ def test_two_sagas_keep_their_own_state(world: Any, postgres: Any, learner: Any)
         f"resumes from its own stored position")
 
 
+def test_a_repeated_start_never_restarts_a_saga(world: Any, postgres: Any) -> None:
+    """The order request is retried after its saga ran to its end (compensated: the charge
+    refunded). start_saga with the same id may refuse the duplicate or leave the saga as it
+    is; it must not reset it, or the next run_saga charges the customer again."""
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    mod.start_saga(postgres.dsn, "s-dup", ORDER)
+    parts = services(mod, conn, schedule_shipping={"fail": True})
+    assert mod.run_saga(postgres.dsn, "s-dup", parts) == "compensated"
+    before = calls(conn, "s-dup")
+    try:
+        mod.start_saga(postgres.dsn, "s-dup", ORDER)
+    except Exception:  # noqa: BLE001 - refusing the duplicate is one right answer
+        pass
+    status = mod.saga_status(postgres.dsn, "s-dup")
+    result = mod.run_saga(postgres.dsn, "s-dup", parts)
+    again = calls(conn, "s-dup")[len(before):]
+    assert status == "compensated" and not again, (
+        f"start_saga('s-dup') of a saga that had already been compensated left it "
+        f"{status!r}, and the next run_saga returned {result!r} after calling {again}: a "
+        "repeated start (a retried request) restarted the saga, charging the customer again "
+        "for an order it had refunded. The saga's row is its memory: refuse the duplicate "
+        "(the primary key) or keep the row as it is (ON CONFLICT DO NOTHING) - never reset it")
+
+
 # --- choreography --------------------------------------------------------------------------
 
 # (service, event, order, what it publishes) - the boundaries are inclusive
@@ -491,11 +519,54 @@ def test_choreographed_saga_over_kafka(learner: Any, kafka: Any) -> None:
         finally:
             restarted.close()
     redone = {name: n for name, n in again.items() if n}
+    assert not redone or max(redone.values()) < len(events), (
+        f"after a restart the services re-read the whole topic: {redone} events handled "
+        f"again, with {len(events)} on it before the restart (the re-read reactions add "
+        f"more): a restarted service must resume at its group's committed "
+        "offset (the group id it was given, assign() without an offset), not read from the "
+        "beginning - every old event's reaction is published a second time")
     assert not redone, (
         f"after a restart the services handled events again: {redone} - each had handled "
         "and committed everything, so the committed offset must be the NEXT one to read "
         "(the last handled offset + 1); committing the last handled one makes every restart "
         "handle it, and publish its reaction, twice")
+    late_order_after_restart(mod, kafka, topic, names, events)
+
+
+def late_order_after_restart(mod: Any, kafka: Any, topic: str, names: tuple[str, ...],
+                             before: list[dict[str, Any]]) -> None:
+    """A new order arrives after the restart: each restarted service handles the events
+    published since, and none of the ones it had committed."""
+    late = {"order_id": "late", "sku": "book", **ORDERS["ok"]}
+    producer = Producer(kafka.producer_config(acks="all"))
+    producer.produce(topic, key=b"late", value=json.dumps(
+        {"type": "OrderPlaced", "order_id": "late", "order": late, "source": "order"}).encode())
+    assert producer.flush(15) == 0
+    running = [mod.ChoreographyService(kafka.bootstrap, topic, name, kafka.group(name))
+               for name in names]
+    handled = dict.fromkeys(names, 0)
+    try:
+        for _ in range(12):
+            counts = [service.pump() for service in running]
+            for name, count in zip(names, counts, strict=True):
+                handled[name] += count
+            if not any(counts):
+                break
+    finally:
+        for service in running:
+            service.close()
+    events = read_events(kafka, topic)
+    new = len(events) - len(before)
+    reread = {name: n for name, n in handled.items() if n != new}
+    assert not reread, (
+        f"after a restart, with one new order on the topic, the services handled {reread} "
+        f"events; {new} were published since the restart (the new order's chain): a "
+        "restarted service must resume at its group's committed offset - re-reading the "
+        "topic from the beginning re-handles every committed event and publishes its "
+        f"reaction again (the topic now holds {len(events)} events)")
+    got = [e.get("type") for e in events if e.get("order_id") == "late"]
+    assert got == CHAINS["ok"], (
+        f"the order placed after the restart produced {got}; expected {CHAINS['ok']}")
 
 
 def test_a_service_commits_only_after_its_reactions_are_acknowledged(learner: Any,

@@ -151,6 +151,32 @@ def test_an_append_is_all_or_nothing(store: Any) -> None:
         "it is all or nothing")
 
 
+def test_each_stream_has_its_own_version_and_snapshot(store: Any) -> None:
+    """Two accounts in one store: a stream's version is the count of ITS events (a new
+    stream starts at 0 whatever the others hold), and its snapshot is its own."""
+    mod, conn = store
+    mod.append(conn, "acc-ann", 0, [opened("ann"), deposit(900), deposit(100)])
+    mod.save_snapshot(conn, "acc-ann")
+    try:
+        got = mod.append(conn, "acc-bob", 0, [opened("bob"), deposit(40)])
+    except mod.ConcurrencyError as exc:
+        pytest.fail(f"append('acc-bob', expected_version=0) to a new stream raised "
+                    f"ConcurrencyError ({exc}) while another stream, 'acc-ann', is at version "
+                    "3: a stream's version is its own - max(version) of ITS events (WHERE "
+                    "stream_id = ...), 0 for a stream with none", pytrace=False)
+    assert got == 2, (
+        f"appending 2 events to the new stream 'acc-bob' returned version {got!r}, not 2, "
+        "beside 'acc-ann' at version 3: each stream counts its own versions from 1")
+    expect_conflict(mod, conn, "acc-bob", 3, "'acc-bob' is at version 2 ('acc-ann' is at 3)")
+    for stream, want in (("acc-bob", (account(40, 1, "bob"), 2)),
+                         ("acc-ann", (account(1000, 2, "ann"), 3))):
+        seen = mod.load(conn, stream)
+        assert seen == want, (
+            f"load({stream!r}) = {seen}; expected {want} ('acc-ann' has a snapshot at 3, "
+            "'acc-bob' none): a load reads the snapshot and the events of ITS stream only - "
+            "WHERE stream_id = ... in every query")
+
+
 # The caller's own transaction, two ways psycopg holds one: an append made inside it is a
 # part of it - seen by no one until the caller commits, gone if the caller rolls back.
 CALLERS = [
