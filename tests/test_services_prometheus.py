@@ -80,6 +80,31 @@ def test_fixture_scrapes_instances_of_one_job(prometheus: Any, app: tuple[str, A
         [(target, 3.0), (other_target, 4.0)]), result
 
 
+def test_fixture_scrapes_under_a_job_name_the_test_chose(
+        prometheus: Any, app: tuple[str, Any], other_app: tuple[str, Any]) -> None:
+    # Names one character apart, one holding a quote and a backslash: each registration is
+    # its job, exactly as named, and the wait and the queries find it.
+    import json
+    import secrets
+
+    (target, counter), (other_target, other_counter) = app, other_app
+    token = secrets.token_hex(3)
+    names = (f'api.v1 "eu" \\ {token}', f'api-v1 "eu" \\ {token}')
+    assert prometheus.scrape(target, job=names[0]) == names[0]
+    assert prometheus.scrape(other_target, job=names[1]) == names[1]
+    with pytest.raises(pytest.UsageError, match="not registered yet"):
+        prometheus.scrape(target, job=names[0])
+    counter.inc(3)
+    other_counter.inc(4)
+    for name in names:
+        prometheus.wait_for_scrapes(name, count=2)
+    for name, want in zip(names, (3.0, 4.0), strict=True):
+        result = prometheus.query(
+            f"lr_demo_requests_total{{job={json.dumps(name)}}}")
+        assert [(r["metric"]["job"], float(r["value"][1])) for r in result] == [
+            (name, want)], result
+
+
 def test_fixture_waits_for_every_instance(prometheus: Any, app: tuple[str, Any]) -> None:
     import socket
 

@@ -15,10 +15,11 @@ import itertools
 import json
 import math
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, cast
 
 import pytest
@@ -362,13 +363,18 @@ def _counters(a: int, b: int) -> list[dict[str, Any]]:
                          {"labels": {"worker": "b"}, "value": b}]}]
 
 
-def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> None:
-    """Worker a has served 10000 requests, b 5000; each step a serves 100 more and b 50.
-    At the seventh step b restarts: its counter starts again from 0 (it served none yet).
-    1750 requests in all, and Prometheus holds every value the counters had. Meanwhile
-    another job's http_requests_total grows by 100000: the queries are about `job` only."""
-    module = learner.load("exposition")
-    window = "317s"  # longer than the test; an odd length, so a fixed window shows
+# Jobs named like the test's (checkout.<token>), exporting the same http_requests_total and
+# serving their own requests while the workers are counted: a query that selects one of them
+# too counts its requests. (name, given the token; how a query selects it too; requests)
+LOOK_ALIKES = (
+    ("checkout-{}", "a regex matcher (job=~) reads the '.' in the name as any character",
+     100000),
+    ("checkout.{}-canary", "a regex or prefix match takes every job whose name begins with "
+     "the job's", 10000000),
+)
+
+
+def _check_query_shapes(module: Any, window: str) -> None:
     for what in ("total_increase", "per_second"):
         query = getattr(module, what)("checkout_7", window)
         assert isinstance(query, str), f"{what}() returned {type(query).__name__}, not PromQL"
@@ -380,36 +386,92 @@ def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> 
             f"{what}('checkout_7', {window!r}) = {query!r} does not select job "
             "\"checkout_7\": every job exports http_requests_total - filter on "
             '{job="<job>"}, or the sum counts every service Prometheus scrapes')
+
+
+def _counter_text(value: int) -> str:
+    return f'# TYPE http_requests_total counter\nhttp_requests_total{{worker="a"}} {value}\n'
+
+
+def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> None:
+    """Worker a has served 10000 requests, b 5000; each step a serves 100 more and b 50.
+    At the seventh step b restarts: its counter starts again from 0 (it served none yet).
+    1750 requests in all, and Prometheus holds every value the counters had. Meanwhile
+    jobs named like this one (LOOK_ALIKES) serve 100000 and 10000000: the queries are about
+    `job` only, selected by its exact name."""
+    module = learner.load("exposition")
+    window = "317s"  # longer than the test; an odd length, so a fixed window shows
+    _check_query_shapes(module, window)
+    token = secrets.token_hex(3)
+    job, others = f"checkout.{token}", [name.format(token) for name, _, _ in LOOK_ALIKES]
     a, b, served = 10000, 5000, 0
-    with _exporter(_rendered(learner, _counters(a, b))) as (address, publish), \
-            _exporter(module.render(_counters(0, 0))) as (other, publish_other):
-        job = prometheus.scrape(address)
-        other_job = prometheus.scrape(other)
-        prometheus.wait_for_scrapes(other_job)
-        prometheus.wait_for_scrapes(job)
+    with ExitStack() as stack:
+        address, publish = stack.enter_context(_exporter(_rendered(learner, _counters(a, b))))
+        lookalikes = [stack.enter_context(_exporter(_counter_text(0))) for _ in others]
+        prometheus.scrape(address, job=job)
+        for name, (other, _) in zip(others, lookalikes, strict=True):
+            prometheus.scrape(other, job=name)
+        for name in (*others, job):
+            prometheus.wait_for_scrapes(name)
         for step in range(12):
             a += 100
             b = 0 if step == 6 else b + 50
             served += 100 + (50 if step != 6 else 0)
             publish(module.render(_counters(a, b)))
             prometheus.wait_for_scrapes(job)
-        publish_other(module.render(_counters(100000, 0)))
-        prometheus.wait_for_scrapes(other_job)
+        for (_, publish_other), (_, _, requests) in zip(lookalikes, LOOK_ALIKES, strict=True):
+            publish_other(_counter_text(requests))
+        for name in others:
+            prometheus.wait_for_scrapes(name)
+        at = time.time()
         for what, query, scale in (
                 ("total_increase", module.total_increase(job, window), 1.0),
                 ("per_second", module.per_second(job, window), 317.0)):
-            result = prometheus.query(query)
+            result = prometheus.query_range(query, at, at, 1)
             assert len(result) == 1, (
                 f"{what}({job!r}, {window!r}) = {query!r} gave {len(result)} series, expected "
-                "one number for the whole job: sum() across the workers")
-            value = float(result[0]["value"][1]) * scale
+                "one number for the whole job: "
+                + ("it selects no series - the job matcher must name the job it is given, "
+                   f'exactly: {{job="{job}"}}' if not result else "sum() across the workers"))
+            value = float(result[0]["values"][0][1]) * scale
             # Prometheus extrapolates increase() and rate() a little past the first and last
             # samples of a series that starts inside the window: a few percent here.
             assert math.isfinite(value) and served * 0.95 <= value <= served * 1.35, (
                 f"{what}: {query!r} reads {value:.0f} requests over the test, the workers "
                 f"of job {job} served {served} (worker b restarted half-way, its counter back "
-                "to 0; another job served 100000 meanwhile): " + _why(query, value, served))
+                "to 0; jobs named like it served 100000 and 10000000 meanwhile): "
+                + (_jobs_seen(prometheus, what, value / scale, (job, others, window), at)
+                   or _why(query, value, served)))
         _per_second_over_any_window(module, prometheus, job)
+
+
+def _jobs_seen(prometheus: Any, what: str, value: float,
+               jobs: tuple[str, list[str], str], at: float) -> str:
+    """Which jobs' requests the learner's figure is the sum of, asked of Prometheus at the
+    same instant: the job with some of its look-alikes, or every job it scrapes."""
+    job, others, window = jobs
+    fn = "increase" if what == "total_increase" else "rate"
+    for size in range(len(others), 0, -1):
+        for chosen in itertools.combinations(range(len(others)), size):
+            names = [job, *(others[i] for i in chosen)]
+            alternatives = "|".join(re.escape(name) for name in names)
+            expr = (f"sum({fn}(http_requests_total"
+                    f"{{job=~{json.dumps(alternatives)}}}[{window}]))")
+            if _same(prometheus.query_range(expr, at, at, 1), value):
+                return (f"that is the sum over jobs {names!r}: it selects "
+                        + " and ".join(f"{others[i]!r} ({LOOK_ALIKES[i][1]})" for i in chosen)
+                        + f" - select the job's own series, matched by its exact name: "
+                        f'{{job="{job}"}}')
+    everything = f"sum({fn}(http_requests_total[{window}]))"
+    if _same(prometheus.query_range(everything, at, at, 1), value):
+        return ("that is the sum over every job Prometheus scrapes (the jobs named like it "
+                "too): the query has no job matcher - select the job's series only, "
+                'http_requests_total{job="<job>"}')
+    return ""
+
+
+def _same(result: list[dict[str, Any]], value: float) -> bool:
+    return len(result) == 1 and bool(result[0]["values"]) and math.isclose(
+        float(result[0]["values"][0][1]), value, rel_tol=1e-9)
 
 
 # PromQL durations a dashboard sends: units concatenated largest first, ms distinct from m.
@@ -429,7 +491,7 @@ def _per_second_over_any_window(module: Any, prometheus: Any, job: str) -> None:
                         f"{window} is a PromQL duration ({seconds} s); durations are "
                         "compound (5m17s, 1h5m) and ms is a unit of its own - let "
                         "Prometheus read the window: sum(rate(...[window]))", pytrace=False)
-        rate = f'sum(rate(http_requests_total{{job="{job}"}}[{window}]))'
+        rate = f"sum(rate(http_requests_total{{job={json.dumps(job)}}}[{window}]))"
         got, want = (prometheus.query_range(q, at, at, 1) for q in (query, rate))
         value = float(got[0]["values"][0][1]) if len(got) == 1 and got[0]["values"] else None
         expected = float(want[0]["values"][0][1])
@@ -476,6 +538,10 @@ JOB_NAMES = {
     "C:\\jobs\\new": "backslashes: unescaped, '\\j' is no escape and '\\n' a line feed",
     "ends in \\": "a trailing backslash: unescaped, it escapes the closing quote",
     "café ☕": "non-ASCII, as it is or escaped",
+    "launch \U0001F680": ("a character past U+FFFF: JSON's ASCII escapes write it as two "
+                          "\\u surrogate halves, which are no Go escape - keep it as it is"),
+    "a `tick` here": ("a backtick: a raw `...` string ends at it (and can hold none), so "
+                      "backticks quote no name that may hold one"),
 }
 JOB_MATCHER = re.compile(r"""job\s*=\s*("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|`[^`]*`)""")
 
@@ -486,14 +552,15 @@ def test_queries_select_the_job_whatever_its_name(learner: Any, prometheus: Any)
         for what in ("total_increase", "per_second"):
             query = getattr(module, what)(job, "5m")
             call = f"{what}({job!r}, '5m') = {query!r}"
-            why = (f"\nThe job name holds {adds}. A PromQL string is read with Go's escapes: "
+            why = ("\nA PromQL string is read with Go's escapes: "
                    'escape the backslash first (\\\\), then the double quote (\\") and the '
                    "line feed (\\n) - json.dumps(job, ensure_ascii=False) writes exactly "
                    "such a literal, quotes included.")
             try:
                 prometheus.query(query)
             except pytest.fail.Exception as exc:
-                pytest.fail(f"{call}: Prometheus cannot parse it ({exc})" + why,
+                pytest.fail(f"{call}: Prometheus cannot parse it - the job name holds {adds} "
+                            f"({exc})" + why,
                             pytrace=False)
             found = JOB_MATCHER.search(query)
             try:
@@ -504,4 +571,5 @@ def test_queries_select_the_job_whatever_its_name(learner: Any, prometheus: Any)
             assert selected == job, (
                 f"{call} selects "
                 + (f"job {selected!r}" if found else "no job=\"...\" matcher")
-                + f", expected job {job!r}: the query is about that job only" + why)
+                + f", expected job {job!r} (the name holds {adds}): the query is about that "
+                "job only" + why)
