@@ -26,6 +26,8 @@ Mistakes a learner makes here, each caught with its own message:
 - catching 40P01 and retrying                      -> after_first_lock called twice
 - no row lock (read, then write)                   -> balances
 - FOR UPDATE without SKIP LOCKED                   -> a worker seen waiting for a row lock
+- the job picked by an unlocked read (or an earlier transaction), then locked by id
+                                                   -> A held at each step: a job handled twice
 - claim committed before handling                  -> a failed handler's job is lost
 - a handler's error swallowed and the job marked done -> the job is not taken again
 - the oldest job not taken first (no ORDER BY)     -> jobs taken out of id order
@@ -33,6 +35,8 @@ Mistakes a learner makes here, each caught with its own message:
 - statement_timeout instead of lock_timeout        -> the cause is QueryCanceled
 - SET (session) instead of SET LOCAL, or SET then RESET -> lock_timeout after the call
 - lock_timeout in the wrong unit (0 disables it)   -> still waiting after 10 s
+- the row locked before lock_timeout is set, or SET LOCAL outside the transaction
+                                                   -> LockBusy only at the session's own 7 s
 - any error turned into LockBusy (except OperationalError, psycopg.Error, Exception, or
   a statement_timeout too)                         -> a 57014, 40P01 or 23514 as LockBusy
 """
