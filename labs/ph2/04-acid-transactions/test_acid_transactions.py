@@ -187,6 +187,47 @@ def test_transfer_moves_money_and_records_it(bank: Bank) -> None:
         f"the id of the transfers row you inserted")
 
 
+# Money in cents outgrows 32 bits early: 2**31 - 1 cents is only 21 million.
+BIG = 5_000_000_000
+
+
+def test_balances_and_amounts_past_32_bits_fit(bank: Bank) -> None:
+    try:
+        bank.open({1: BIG, 2: 0})
+    except psycopg.errors.NumericValueOutOfRange as exc:
+        pytest.fail(f"opening account 1 with a balance of {BIG:,} failed ({exc}): balances "
+                    f"are bigint - an integer column holds at most 2,147,483,647, and an "
+                    f"account in cents passes that at 21 million", pytrace=False)
+    moved = BIG - 1_000_000_000
+    raised: BaseException | None = None
+    with bank.connect() as conn:
+        try:
+            bank.transfer(conn, 1, 2, moved)
+        except Exception as exc:  # noqa: BLE001 - named below
+            raised = exc
+    assert raised is None, (
+        f"transferring {moved:,} (account 1 holds {BIG:,}) raised "
+        f"{type(raised).__name__}: {raised} - amounts, like balances, are bigint: an integer "
+        f"column (or an int4 cast) holds at most 2,147,483,647")
+    got = bank.state()
+    want: State = ({1: BIG - moved, 2: moved}, [(1, 2, moved)])
+    assert got == want, f"after 1->2 {moved:,}: {diff(got, want)}"
+
+def ended_its_transaction(conn: Conn, what: str) -> None:
+    """A refusal must end the transaction it began: one left open keeps its debit (and
+    row locks) pending on the caller's connection, and whatever runs next there - the next
+    transfer's COMMIT, a context manager's exit - commits the half-done transfer."""
+    status = conn.info.transaction_status
+    harm = ("every later statement on the connection fails until someone rolls it back"
+            if status == psycopg.pq.TransactionStatus.INERROR else
+            "the refused transfer's writes stay pending, and the caller's next COMMIT (its "
+            "next transfer, or leaving `with connect()`) commits them")
+    assert status == psycopg.pq.TransactionStatus.IDLE, (
+        f"{what}, and left its transaction open on the connection (status {status.name}): "
+        f"{harm}. Every way out of transfer() must end the transaction it began: ROLLBACK "
+        f"before raising (with conn.transaction(): does it for you)")
+
+
 def test_overdraft_is_refused_and_changes_nothing(bank: Bank) -> None:
     bank.open({1: 50, 2: 0})
     before = bank.state()
@@ -198,6 +239,8 @@ def test_overdraft_is_refused_and_changes_nothing(bank: Bank) -> None:
         else:
             pytest.fail("transferring 51 from an account holding 50 succeeded: expected "
                         "InsufficientFunds", pytrace=False)
+        ended_its_transaction(conn, "transfer() refused an overdraft (1->2 51, account 1 "
+                                    "holds 50)")
     after = bank.state()
     assert after == before, f"the refused overdraft left a trace: {diff(after, before)}"
 
@@ -213,6 +256,9 @@ def test_unknown_account_changes_nothing(bank: Bank, from_id: int, to_id: int) -
             bank.transfer(conn, from_id, to_id, 10)
         except Exception as exc:  # noqa: BLE001 - which one is checked below
             raised = exc
+        if raised is not None:
+            ended_its_transaction(conn, f"a transfer {from_id}->{to_id} (account 999 does "
+                                        f"not exist) raised {type(raised).__name__}")
     after = bank.state()
     assert after == before, (
         f"a transfer {from_id}->{to_id} (account 999 does not exist) changed the data: "
@@ -322,6 +368,10 @@ def test_a_failing_ledger_insert_leaves_nothing(bank: Bank) -> None:
             bank.transfer(conn, 1, 2, 30)
         except Exception as exc:  # noqa: BLE001 - any error is right here
             raised = exc
+        if raised is not None:
+            ended_its_transaction(conn, f"the ledger INSERT failed (a trigger the check "
+                                        f"installed refused it), transfer() raised "
+                                        f"{type(raised).__name__}")
     after = bank.state()
     assert after == before, (
         f"the ledger INSERT failed (a trigger the check installed refused it) and the "

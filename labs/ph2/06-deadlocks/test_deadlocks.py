@@ -26,6 +26,8 @@ Mistakes a learner makes here, each caught with its own message:
 - catching 40P01 and retrying                      -> after_first_lock called twice
 - no row lock (read, then write)                   -> balances
 - FOR UPDATE without SKIP LOCKED                   -> a worker seen waiting for a row lock
+- the job picked by an unlocked read (or an earlier transaction), then locked by id
+                                                   -> A held at each step: a job handled twice
 - claim committed before handling                  -> a failed handler's job is lost
 - a handler's error swallowed and the job marked done -> the job is not taken again
 - the oldest job not taken first (no ORDER BY)     -> jobs taken out of id order
@@ -33,6 +35,8 @@ Mistakes a learner makes here, each caught with its own message:
 - statement_timeout instead of lock_timeout        -> the cause is QueryCanceled
 - SET (session) instead of SET LOCAL, or SET then RESET -> lock_timeout after the call
 - lock_timeout in the wrong unit (0 disables it)   -> still waiting after 10 s
+- the row locked before lock_timeout is set, or SET LOCAL outside the transaction
+                                                   -> LockBusy only at the session's own 7 s
 - any error turned into LockBusy (except OperationalError, psycopg.Error, Exception, or
   a statement_timeout too)                         -> a 57014, 40P01 or 23514 as LockBusy
 """
@@ -51,7 +55,8 @@ import psycopg
 import pytest
 from psycopg.pq import TransactionStatus
 
-from labrunner.testing import wait_until
+from labrunner.testing import PgStatementProxy, wait_until
+from labrunner.testing.relay import RelayLink
 
 Conn = psycopg.Connection[Any]
 
@@ -305,7 +310,9 @@ def test_four_workers_take_200_jobs_exactly_once(db: Db, learner: Any) -> None:
     assert not twice, (
         f"{len(twice)} job(s) handled more than once, e.g. job {min(twice)} by "
         f"{' and '.join(twice[min(twice)])}: two workers claimed the same row - lock it "
-        f"(FOR UPDATE) in the transaction that handles it")
+        f"(FOR UPDATE) in the transaction that handles it, and take the job the locking "
+        f"statement itself finds queued (a status read before the lock may be stale: "
+        f"another worker can finish the job in between)")
     assert at_once == names, (
         f"only {', '.join(at_once) or 'no worker'} held a job while the others had none: "
         f"the workers did not work in parallel")
@@ -320,6 +327,90 @@ def test_four_workers_take_200_jobs_exactly_once(db: Db, learner: Any) -> None:
         f"{len(wrong)} job row(s) not marked done by the worker that handled them, e.g. "
         f"{wrong[0]} (handled by {who.get(wrong[0][0])})")
 
+
+class StatementGate(PgStatementProxy):
+    """A proxy in front of Postgres holding its connection's n-th statement (BEGIN and
+    COMMIT count) before it reaches the server, until released."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self._gate = threading.Condition()
+        self._sent, self._hold_at = 0, 0
+        self.held: str | None = None   # the statement held, while it is
+
+    def arm(self, n: int) -> None:
+        with self._gate:
+            self._sent, self._hold_at, self.held = 0, n, None
+
+    def release(self) -> None:
+        with self._gate:
+            self._hold_at = 0
+            self._gate.notify_all()
+
+    def before_forwarding(self, link: RelayLink, sql: str) -> None:
+        with self._gate:
+            self._sent += 1
+            if self._sent != self._hold_at:
+                return
+            self.held = " ".join(sql.split())
+            self._gate.wait_for(lambda: self._hold_at == 0, timeout=60)
+            self.held = None
+
+
+def claim_race_story(step: int, held: str, b_waited: bool, handled: list[tuple[str, int]],
+                     results: dict[str, str]) -> str:
+    return (f"worker A was held before its statement #{step} ({held[:90]!r}) while worker B "
+            f"{'ran until it waited for a lock' if b_waited else 'ran take_job to its end'}; "
+            f"then A went on. Handled {handled}, take_job {results}")
+
+
+def test_a_claim_interleaved_at_every_step_takes_each_job_once(db: Db, learner: Any,
+                                                               postgres: Any) -> None:
+    """Two queued jobs; worker A is held before each of its statements in turn while worker
+    B runs a whole take_job: whatever A read before the hold, neither job may be handled
+    twice, and both get done - a status read without the lock is stale after B's turn."""
+    take_job = api(learner, "take_job").take_job
+    with (StatementGate.for_dsn(postgres.dsn) as gate, db.connect() as admin,
+          ThreadPoolExecutor(max_workers=2) as pool):
+        handled: list[tuple[str, int]] = []
+        for step in range(1, 40):
+            admin.execute("DELETE FROM jobs")
+            admin.execute("INSERT INTO jobs (id, payload) VALUES (1, 'job-1'), (2, 'job-2')")
+            handled.clear()
+            gate.arm(step)
+            with (psycopg.connect(gate.dsn_for(postgres.dsn), autocommit=True) as conn_a,
+                  db.connect() as conn_b):
+                fut_a = pool.submit(take_job, conn_a, "A",
+                                    lambda job_id, _p: handled.append(("A", job_id)))
+                # (each lambda is called within this pass: B023 does not apply)
+                wait_until(lambda: gate.held is not None or fut_a.done(),  # noqa: B023
+                           f"worker A's take_job to send its statement #{step}")
+                held = gate.held
+                if held is None:   # A sent fewer statements: every step was tried
+                    assert ended(fut_a) == "returned", f"take_job alone {ended(fut_a)}"
+                    return
+                fut_b = pool.submit(take_job, conn_b, "B",
+                                    lambda job_id, _p: handled.append(("B", job_id)))
+                pid_b = conn_b.info.backend_pid
+                wait_until(lambda: fut_b.done() or blocked_on_lock(admin, pid_b),  # noqa: B023
+                           f"worker B to finish or wait for a lock while A was held before "
+                           f"{held!r}")
+                b_waited = not fut_b.done()
+                gate.release()
+                results = {"A": ended(fut_a), "B": ended(fut_b)}
+            story = claim_race_story(step, held, b_waited, handled, results)
+            jobs = sorted(job for _, job in handled)
+            assert len(set(jobs)) == len(jobs), (
+                f"a job was handled twice: {story}. A read which job was queued before it "
+                f"locked it, and by the time it locked the row B had handled the job and "
+                f"marked it done: decide in the locking statement itself (WHERE status = "
+                f"'queued' ... FOR UPDATE SKIP LOCKED), never from an earlier read or an "
+                f"earlier transaction")
+            assert not b_waited, (
+                f"{story}: B waited for A's row lock - without SKIP LOCKED every worker "
+                f"queues behind the first one's locked job")
+            assert jobs == [1, 2], f"expected jobs 1 and 2 each handled once: {story}"
+    pytest.fail("take_job sent more than 40 statements for one job")
 
 def test_jobs_are_taken_oldest_first(db: Db, learner: Any) -> None:
     take_job = api(learner, "take_job").take_job
@@ -460,7 +551,11 @@ def test_a_blocked_update_fails_within_the_lock_timeout(db: Db, learner: Any) ->
             f"is NOWAIT (give up at once), or a lock_timeout shorter than asked, not a "
             f"bounded wait of timeout_ms")
         assert elapsed_ms <= TIMEOUT_MS + 2000, (
-            f"LockBusy only after {elapsed_ms:.0f} ms, for a timeout of {TIMEOUT_MS} ms")
+            f"LockBusy only after {elapsed_ms:.0f} ms, for a timeout of {TIMEOUT_MS} ms (the "
+            f"caller's session has lock_timeout = 7s of its own): the wait for the row lock "
+            f"ran without your timeout - SET LOCAL lock_timeout inside the transaction, "
+            f"before the first statement that can wait for the row (a SELECT ... FOR UPDATE "
+            f"before the SET, or a SET LOCAL outside the transaction, waits unbounded)")
         assert conn.info.transaction_status == TransactionStatus.IDLE, (
             f"after LockBusy the connection is {conn.info.transaction_status.name}: roll "
             f"the failed transaction back")

@@ -676,6 +676,7 @@ def test_bounded_pool_queues_then_rejects_with_503(
     open_held = count(server, busy + waiting + extra, lambda s: s.accepted)
     if rejected < len(extra):
         silent = sum(1 for s in seen if not s.data)
+        refused_late(server, extra, rejected)
         server.fail(
             f"with {WORKERS} workers busy and {QUEUE} clients queued, {rejected} of "
             f"{len(extra)} further clients got 503 Service Unavailable, expected all "
@@ -710,6 +711,20 @@ def test_bounded_pool_queues_then_rejects_with_503(
     load.finish(again)
     served(load, server, again, "pool (after the burst)")
 
+
+def refused_late(server: Server, extra: list[Client], rejected: int) -> None:
+    """Clients beyond capacity still in the listen backlog: the accept loop is not
+    accepting - it waits for room in the full queue instead of refusing at once."""
+    backlog = count(server, extra, lambda s: s.state == ESTABLISHED and s.inode == 0)
+    if backlog:
+        server.fail(
+            f"with {WORKERS} workers busy and {QUEUE} clients queued, {rejected} of "
+            f"{len(extra)} further clients got 503 and {backlog} were never even accepted "
+            f"(still in the listen backlog): the accept loop stopped accepting while the "
+            f"queue was full\nIt waits for room - a queue.put() that blocks (or waits with a "
+            f"timeout), a sleep-and-retry - and every client behind it waits too, for as "
+            f"long as the busy workers take. Refuse at once instead: put_nowait(), and "
+            f"answer queue.Full with BUSY from the accept loop.")
 
 def reset_after_full_request(load: Load, server: Server, busy: list[Client]) -> list[Client]:
     """While every worker serves one of ``busy``, WORKERS clients send a whole request, wait
