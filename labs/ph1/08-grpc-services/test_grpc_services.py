@@ -39,10 +39,11 @@ LATE_WATCHES = 6    # watches opened while updates stream, in the race test
 # ---- a real grpc server whose worker threads never keep the test process alive ----------
 
 @contextmanager
-def running(stubs: ProtoStubs, service: Any, workers: int = 4) -> Iterator[Any]:
+def running(stubs: ProtoStubs, service: Any, workers: int = 4,
+            options: list[tuple[str, Any]] | None = None) -> Iterator[Any]:
     """The service in a grpc server on 127.0.0.1:<free port>; yield a stub on a channel."""
     with serve_grpc(service, "user_pb2_grpc", "UserService", workers) as port:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options or [])
         try:
             yield stubs.grpc.UserServiceStub(channel)
         finally:
@@ -667,3 +668,98 @@ def test_ended_watches_release_their_subscription(stubs: ProtoStubs, service_cla
         "watchers), so memory grows with every watch ever opened and every update is put "
         "into queues nobody reads - remove the watcher when the rpc ends, in a finally "
         "around the loop (the generator is closed on cancel and deadline too)")
+
+
+SLOW_WATCH_UPDATES = 8  # updates answered while a watch's client reads nothing
+BULK = 40_000           # characters padding each of those usernames: a few fill the window
+
+
+def test_a_watch_that_falls_behind_receives_each_state_as_answered(
+        stubs: ProtoStubs, service_class: Any) -> None:
+    """A watch whose client reads slowly falls behind: its handler waits in grpc's send once
+    the stream's HTTP/2 flow-control window is full (here after a few updates of BULK
+    characters, the client reading nothing and its window never grown), and the later
+    updates wait in the watcher's queue. Each must still arrive as UpdateUsers answered it:
+    what is queued is a state of the user at one moment, not the user's stored message
+    that every later update changes in place."""
+    with running(stubs, service_class(), options=[("grpc.http2.bdp_probe", 0)]) as stub:
+        (user_id,) = create(stub, stubs, "ada")
+        watch = stub.WatchUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=20)
+        try:
+            next(watch)  # the current state; then nothing is read until the updates are done
+            outgoing: queue.Queue[Any] = queue.Queue()
+            answers = drain(stub.UpdateUsers(iter(outgoing.get, None), timeout=20))
+            sent = [stubs.pb2.UpdateUserRequest(user_id=user_id, username=f"v{k}-" + "x" * BULK)
+                    for k in range(1, SLOW_WATCH_UPDATES + 1)]
+            sent.append(stubs.pb2.UpdateUserRequest(user_id=user_id, email="last@example.com"))
+            answered = []
+            for n, request in enumerate(sent, start=1):
+                outgoing.put(request)
+                answered.append(state(next_message(answers, f"UpdateUsers: answer {n}")))
+            outgoing.put(None)
+            watched = drain(watch)
+            received = [state(next_message(watched, f"WatchUser: update {n} of {len(sent)}"))
+                        for n in range(1, len(sent) + 1)]
+        finally:
+            watch.cancel()
+    changed = [n for n, (got, want) in enumerate(zip(received, answered, strict=True), start=1)
+               if got != want and got in answered[n:]]
+    assert not changed, (
+        f"a watch that fell behind (its client reading nothing while {len(sent)} updates "
+        f"were answered) received update {changed[0]} as {received[changed[0] - 1]!r}, a "
+        f"later state, where UpdateUsers had answered {answered[changed[0] - 1]!r}: its "
+        "queued message was changed after it was queued - the watcher was handed the "
+        "stored message (or dict) that the next update changed in place. Build a new "
+        "UserResponse per update and never change one that is stored or queued "
+        f"(received {received}, answered {answered})")
+    assert received == answered, (
+        f"a watch whose client read nothing while {len(sent)} updates were answered then "
+        f"received {received}, expected each state as UpdateUsers answered it {answered}")
+
+
+def state(user: Any) -> str:
+    """A user's state, short: the username up to its padding, and the email."""
+    return f"{user.username.split('-')[0]}/{user.email}"
+
+
+RACE_ROUNDS = 8  # rounds of two updates of one user in flight at once
+
+
+def test_two_streams_updating_one_user_lose_neither(stubs: ProtoStubs, service_class: Any,
+                                                    learner: Any) -> None:
+    """Two UpdateUsers streams update the same user at once, one its username, the other
+    its email: both changes must stay. An update is a read-modify-write (read the user,
+    merge the set fields, store); split across steps, the other stream's store falls in
+    between and is overwritten with the stale copy. The harness makes each line of the
+    learner's code take LINE_DELAY s in the server's threads, so the two handlers,
+    released together each round, interleave line by line as on a busy many-core server;
+    under one lock they only take turns."""
+    harness = learner.harness()
+    with ExitStack() as cleanup:
+        harness.stretch_lines(learner.load("user_service"), LINE_DELAY)
+        try:
+            stub = cleanup.enter_context(running(stubs, service_class()))
+        finally:
+            harness.unstretch()  # the worker threads are started: they keep the tracer
+        (user_id,) = create(stub, stubs, "n0")
+        names: queue.Queue[Any] = queue.Queue()
+        emails: queue.Queue[Any] = queue.Queue()
+        cleanup.callback(names.put, None)
+        cleanup.callback(emails.put, None)
+        name_answers = drain(stub.UpdateUsers(iter(names.get, None), timeout=30))
+        email_answers = drain(stub.UpdateUsers(iter(emails.get, None), timeout=30))
+        for k in range(1, RACE_ROUNDS + 1):
+            names.put(stubs.pb2.UpdateUserRequest(user_id=user_id, username=f"n{k}"))
+            emails.put(stubs.pb2.UpdateUserRequest(user_id=user_id, email=f"e{k}@example.com"))
+            next_message(name_answers, f"UpdateUsers stream 1: the answer to username n{k}")
+            next_message(email_answers, f"UpdateUsers stream 2: the answer to email e{k}")
+            now = stub.GetUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=5)
+            want = (f"n{k}", f"e{k}@example.com")
+            assert (now.username, now.email) == want, (
+                f"two UpdateUsers streams updated one user at the same time, one setting "
+                f"username {want[0]!r}, the other email {want[1]!r}; both were answered, and "
+                f"then GetUser returned username {now.username!r}, email {now.email!r}: one "
+                "update overwrote the other with the stale copy it had read (a lost "
+                "update). Read the user, merge the set fields and store the result in one "
+                "step under the lock; reading in one lock section and storing in another "
+                "lets the other stream in between")

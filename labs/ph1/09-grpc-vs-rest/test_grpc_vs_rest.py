@@ -13,6 +13,7 @@ CONNECT_SECONDS longer, so connection setup is long enough for its absence to sh
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 import threading
@@ -153,6 +154,7 @@ class LastWordAfterClientCloses(CountingProxy):
                     self.upward(link, chunk)
             except OSError:
                 pass
+            link.state["client_ended_at"] = time.perf_counter()
             time.sleep(LAST_WORD_DELAY)
             self._count_received(link, len(LAST_WORD))
             try:
@@ -218,6 +220,7 @@ class Observed:
     links: list[Link]
     wall: float
     connects: list[float]  # when each of the learner's (slowed) connect() calls began
+    started: float = 0.0   # time.perf_counter() when the call began
 
     @property
     def sent(self) -> int:
@@ -263,21 +266,24 @@ def run_case(learner: Any, name: str, target: tuple[str, int],
     """One measurement through a proxy of its own, or through `proxy` (kept open: the same
     address measured again); the links are the connections of this measurement only."""
     measure = learner.function("grpc_vs_rest", name)
+    harness = learner.harness()
     # grpc connects in its C core, out of the harness's reach: only http.client is slowed
-    harness = learner.harness() if name == "measure_json" else None
+    slowed = name == "measure_json"
     own = proxy is None
     proxy = proxy_class(target) if proxy is None else proxy
     earlier = len(proxy.links)
     connects: list[float] = []
     try:
-        if harness is not None:
+        if slowed:
             harness.slow_connects(CONNECT_SECONDS, [proxy.port, target[1]])
+        harness.note_listeners()
         try:
             start = time.perf_counter()
             report = measure(proxy.address)
             wall = time.perf_counter() - start
         finally:
-            if harness is not None:
+            listeners = [(str(host), int(port)) for host, port in harness.noted_listeners()]
+            if slowed:
                 connects = [float(when) for when in harness.normal_connects()]
         closed = proxy.wait_closed(3.0)
     finally:
@@ -285,10 +291,19 @@ def run_case(learner: Any, name: str, target: tuple[str, int],
             proxy.close()
     assert isinstance(report, dict) and set(report) >= KEYS, (
         f"{name}() must return a dict with {sorted(KEYS)}, saw {report!r}")
+    exposed = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+               for host, port in listeners
+               if not ipaddress.ip_address(host.split("%")[0]).is_loopback
+               and not (host.startswith("::ffff:") and host.endswith("127.0.0.1"))]
+    assert not exposed, (
+        f"{name}(): your relay listened on {exposed[0]}, every network interface of the "
+        "machine, not only loopback: while a measurement runs anyone who can reach the "
+        "machine may connect through it to the server (and be counted in your figures) - "
+        "listen on 127.0.0.1 only: socket.create_server(('127.0.0.1', 0))")
     assert closed, (
         f"{name}(): a connection was still open 3 s after it returned: close the client "
         "(conn.close(), channel.close()) inside the measurement")
-    return Observed(report, list(proxy.links[earlier:]), wall, connects)
+    return Observed(report, list(proxy.links[earlier:]), wall, connects, start)
 
 
 def check_report(case: str, seen: Observed, before: Observed | None = None) -> None:
@@ -442,6 +457,21 @@ def test_bytes_after_the_client_closes_are_counted(learner: Any, running: Server
         "(sink.shutdown(SHUT_WR)) and keep relaying and counting the other direction until "
         "it ends too, and wait for both (join the pumps until they end) before reading the "
         "counts")
+    ended = [float(link.state["client_ended_at"]) for link in seen.links
+             if "client_ended_at" in link.state]
+    # The client decodes the last user, then closes: a clock stopped at the last user
+    # decoded reads less than the time from the call's start to the client's FIN.
+    if ended:
+        closed_after = max(ended) - seen.started
+        seconds = seen.report["seconds"]
+        assert not isinstance(seconds, int | float) or seconds <= closed_after + 0.05, (
+            f"a ListUsers call whose server said a last word {LAST_WORD_DELAY} s after the "
+            f"client closed its side: the report says seconds={seconds:.4f}, but the client "
+            f"had decoded every user and closed its connection {closed_after:.4f} s into the "
+            "call - the clock ran past the last user decoded, into the relay's end (stopped "
+            "after relay.close() or at the last byte relayed, it counts the server's last "
+            "word and the teardown as latency). Stop it when the last user is decoded, "
+            "before closing anything")
     check_report("protobuf over gRPC (unary, server's last word)", seen)
 
 
