@@ -196,3 +196,41 @@ def _held_before_op(module: ModuleType, backend: str, folder: str, held: str, ot
     if errors:
         return {"errors": errors}
     return {"count": dict(lb.active()).get(backend), "held_at": held_at}
+
+
+def stepped_picks(module: ModuleType, names: list[str]) -> dict[str, Any]:
+    """RoundRobin.pick() from two threads, every interleaving: one pick() is held before
+    its k-th bytecode instruction (k = 1, 2, ... up to the number one call runs) while a
+    second runs to its end or is seen blocked; then the held one goes on and a third pick()
+    follows. Over idle backends a, b, c the three picks are a, b, c in some order whatever
+    the interleaving, if the read of the index and its advance are one step under a lock;
+    otherwise both threads read the same index (the same backend twice) or one advance is
+    lost. Returns the first hold that broke it: its line and text, and the three picks."""
+    import linecache
+
+    folder = learner_folder(module)
+    ops = steps_in(folder, lambda: module.RoundRobin(list(names)).pick(), opcodes=True)
+    for k in range(1, ops + 1):
+        lb = module.RoundRobin(list(names))
+        got: dict[str, str] = {}
+        errors: list[str] = []
+
+        def call(label: str, lb: Any = lb, got: dict[str, str] = got,
+                 errors: list[str] = errors) -> Any:
+            def body() -> None:
+                try:
+                    got[label] = str(lb.pick())
+                except Exception as exc:  # noqa: BLE001 - reported to the test
+                    errors.append(f"{type(exc).__name__}: {exc}")
+            return body
+
+        held_at = hold_first_at_step(folder, k, call("first"), call("second"), opcodes=True,
+                                     poll=0.01)
+        call("third")()
+        if errors:
+            return {"errors": errors}
+        if held_at and sorted(got.values()) != sorted(names):
+            file, number = held_at
+            return {"line": number, "text": linecache.getline(file, number).strip(),
+                    "got": got, "errors": []}
+    return {"line": None, "errors": []}

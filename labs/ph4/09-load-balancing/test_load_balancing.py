@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
+import subprocess
 import zlib
 from collections import Counter
 from types import ModuleType
@@ -53,6 +55,24 @@ def test_round_robin_takes_each_backend_in_turn(balancer: ModuleType) -> None:
         f"round robin over a, b, c gave {' '.join(got)}, expected a b c a b c a b c\n"
         "Keep an index of the next backend and advance it by one (modulo the count) on "
         "every pick.")
+
+
+def test_round_robin_two_picks_at_once_get_different_backends(learner: Any,
+                                                             balancer: ModuleType) -> None:
+    out = dict(learner.harness().stepped_picks(balancer, ["a", "b", "c"]))
+    if out.get("errors"):
+        pytest.fail(f"RoundRobin.pick() raised {list(out['errors'])[0]}", pytrace=False)
+    got = dict(out.get("got") or {})
+    assert out.get("line") is None, (
+        f"while one pick() was held by the test inside line {out.get('line')} of your code "
+        f"({out.get('text')!r}), a second pick() ran to its end: the two got "
+        f"{got.get('first')!r} and {got.get('second')!r} and the next pick "
+        f"{got.get('third')!r}, expected a, b and c in some order. The read of the index "
+        "and its advance were not one step, so two request threads picking at once get "
+        "the same backend (or one turn is lost) and the rotation drifts.\n"
+        "Read the backend and advance the index under one lock (`with self._lock:` around "
+        "both), not just the advance: `self._next += 1` alone is a load, an add and a "
+        "store.")
 
 
 # ---------------------------------------------------------------------------- weighted
@@ -329,6 +349,54 @@ def test_placement_does_not_depend_on_the_order_of_the_nodes(balancer: ModuleTyp
             "must hash a label of its own"
             f"{shared_points_hint(fleet)}, with enough bits that distinct labels do not "
             "share a point (64 bits of MD5, not 16).", pytrace=False)
+
+
+# Run first in a process of its own (learner.python's prelude), then exit before
+# balancer.py would run as a script: that process's ring placement of the first keys.
+_PLACE_IN_A_PROCESS = """
+import json, sys
+import balancer
+ring = balancer.ConsistentHashRing(%r)
+print(json.dumps(list(ring.nodes_for(%r))))
+sys.stdout.flush()
+sys.exit(0)
+"""
+
+
+def _placement_in_a_process(learner: Any, seed: str, keys: list[str]) -> list[str]:
+    proc = learner.python("balancer", env={"PYTHONHASHSEED": seed}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, prelude=_PLACE_IN_A_PROCESS % (NODES, keys))
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("a process building a ConsistentHashRing of 4 nodes and placing 2,000 "
+                    "keys did not finish within 30 s", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(f"a process building a ConsistentHashRing exited {proc.returncode}: "
+                    f"{err.decode(errors='replace').strip()[-500:]}", pytrace=False)
+    return list(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+def test_rings_in_two_processes_place_keys_the_same(learner: Any) -> None:
+    """Every client (each app instance, each worker process) builds its own ring: the
+    placement must not depend on the process. Two processes with different string-hash
+    seeds (PYTHONHASHSEED, which every new Python process picks at random) must agree."""
+    keys = KEYS[:2000]
+    one = _placement_in_a_process(learner, "1", keys)
+    other = _placement_in_a_process(learner, "2", keys)
+    differ = [k for k in range(len(keys)) if one[k] != other[k]]
+    if differ:
+        k = differ[0]
+        pytest.fail(
+            f"two processes built rings over the same nodes {NODES} and placed "
+            f"{len(differ)} of {len(keys)} keys differently (e.g. {keys[k]!r}: {one[k]} in "
+            f"one, {other[k]} in the other), expected the same placement: the ring's hash "
+            "depends on the process\nPython's built-in hash() of a str is salted per "
+            "process (PYTHONHASHSEED), so each app instance would send a key to another "
+            "cache node. Hash node labels AND keys with hashlib (md5, sha1...).",
+            pytrace=False)
 
 
 def _digest_int(name: str, size: int | None = None) -> Any:

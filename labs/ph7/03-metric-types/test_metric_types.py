@@ -127,6 +127,49 @@ def _exposed(address: str, family: str) -> dict[tuple[tuple[str, str], ...], flo
             for sample in f.samples if sample.name == family}
 
 
+def test_each_instance_counts_only_its_own_jobs(learner: Any) -> None:
+    """Two JobMetrics in one process (two workers, or the tests of one app) each count on
+    their own registry: metrics made once at import, on a module's or the class's registry
+    and shared by every instance, mix their jobs together."""
+    module = learner.load("metrics")
+    first, second = module.JobMetrics(), module.JobMetrics()
+    for _ in range(3):
+        first.started("email")
+        first.finished("email", 0.1, True)
+    second.started("email")
+    with serve_wsgi(first.wsgi_app()) as one, serve_wsgi(second.wsgi_app()) as other:
+        counts = (_exposed(one, "jobs_total").get((("outcome", "ok"), ("queue", "email"))),
+                  _exposed(other, "jobs_total").get((("outcome", "ok"), ("queue", "email"))))
+        levels = (_exposed(one, "jobs_in_progress").get((("queue", "email"),)),
+                  _exposed(other, "jobs_in_progress").get((("queue", "email"),)))
+    assert counts[1] in (None, 0) and counts[0] == 3 and levels == (0, 1), (
+        f"two JobMetrics() in one process: the first finished 3 email jobs, the second "
+        f"started 1 and finished none, and their /metrics show jobs_total "
+        f"{counts[0]} and {counts[1]}, jobs_in_progress {levels[0]} and {levels[1]}, "
+        "expected 3 and 0 (or no series), 0 and 1: the instances share their metrics. "
+        "Create the registry and the metrics in __init__ (self.registry = "
+        "CollectorRegistry(), each metric with registry=self.registry), not once at import "
+        "on a module's or the class's registry, which every instance then counts into.")
+
+
+def test_outcome_follows_any_true_or_false_value(learner: Any) -> None:
+    """finished()'s ok is a truth value: a job runner may pass 1 and 0 (an exit status
+    test, a database flag) as well as True and False."""
+    metrics = learner.load("metrics").JobMetrics()
+    for ok in (True, 1, False, 0):
+        metrics.started("email")
+        metrics.finished("email", 0.1, ok)
+    with serve_wsgi(metrics.wsgi_app()) as address:
+        seen = _exposed(address, "jobs_total")
+    got = {dict(labels).get("outcome", ""): value for labels, value in seen.items()}
+    assert got == {"ok": 2, "error": 2}, (
+        f"finished() was called with ok = True, 1, False and 0, and jobs_total shows "
+        f"{ {k: int(v) for k, v in got.items()} }, expected ok: 2, error: 2: the outcome "
+        "was decided by comparing ok with True or False (`ok is True`, `ok == False`...), "
+        "so a true value that is not the bool True (or a false one that is not False) was "
+        "counted under the wrong outcome. Decide by its truth: \"ok\" if ok else \"error\".")
+
+
 def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> None:
     with _worker(learner, prometheus) as (metrics, address, job):
         # 37 email jobs succeed and 5 fail, 11 sms jobs succeed; 3 more email jobs are still

@@ -399,6 +399,47 @@ def test_a_stuck_request_does_not_hold_shutdown_past_the_deadline(launch: Any) -
         quick.close()
 
 
+def hang_up_after_started(port: int) -> str:
+    gone = Slow(port, "gone")  # STARTED: accepted and counted
+    gone.close()
+    return "a client that hung up after STARTED, before sending END"
+
+
+def health_check_connect_close(port: int) -> str:
+    socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+    return ("a TCP health check (a load balancer's probe) that connected and closed without "
+            "sending a byte")
+
+
+@pytest.mark.parametrize("hang_up", [hang_up_after_started, health_check_connect_close],
+                         ids=["after-STARTED", "health-check"])
+def test_a_connection_its_client_dropped_does_not_hold_the_drain(launch: Any,
+                                                                  hang_up: Any) -> None:
+    """A connection the client closes before its request is done ends the request too:
+    the in-flight count goes down on that way out as well, or the drain waits for it until
+    the deadline (30 s here) - every shutdown then takes the whole grace period."""
+    server = launch(leak_check=False)  # leaks are checked by the idle test
+    dropped = hang_up(server.port)
+    kept = Slow(server.port, "kept")   # accepted after the dropped one (one accept loop)
+    try:
+        sigterm(server)
+        assert kept.finish() == "DONE kept", (
+            "after SIGTERM the request in flight was not answered DONE: drain before exiting")
+        status = server.wait_exit(WAIT)
+        assert status is not None, (
+            f"{dropped}, then SIGTERM came and the one request left in flight was answered; "
+            f"the server was still running {WAIT:.0f} s later, its drain deadline 30 s away, "
+            "expected it to exit at once: the dropped connection was never counted down, so "
+            "the drain waits for a request that is gone\nDecrement the in-flight counter on "
+            "every way out of a worker - the read that returns 0 (EOF) or an error included, "
+            "not only after DONE: one decrement at the end of the worker, after close(fd).")
+        assert status == 0, (
+            f"after draining, the server exited with status {status}, expected 0"
+            f"{killed_by(status)}\nstderr: {server.err()[-400:]}")
+    finally:
+        kept.close()
+
+
 # ------------------------------------------------- races arranged with the test's gate
 
 
