@@ -118,8 +118,19 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
         f"score('newcomer') after add_points('newcomer', 0) returned {zero!r}, expected 0.0: "
         f"the player is on the board with 0 points - ZSCORE answers '0', which is not "
         f"'unknown'; test the reply with 'is None', not its truth")
+    fractions_add_up(board, "newcomer")
     assert key_types(redis_db).get("scores") == "zset", (
         "the leaderboard is not a sorted set under the key 'scores' (the name passed in)")
+
+
+def fractions_add_up(board: Any, player: str) -> None:
+    """A score is a double: points of 2.5 add up to 2.5 more, in the total and the score."""
+    part = board.add_points(player, 2.5)
+    assert part == 2.5 and board.score(player) == 2.5, (
+        f"add_points({player!r}, 2.5) on 0 points returned {part!r} and score({player!r}) "
+        f"is {board.score(player)!r}, expected 2.5 both: a sorted set's score is a double "
+        f"(ZINCRBY scores 2.5 {player}) - int() or round() on the points or on the score "
+        f"drops the fraction")
 
 
 def test_points_added_at_the_same_time_are_never_lost(learner: Any, redis_db: Any) -> None:
@@ -165,24 +176,6 @@ def race_add_points(module: ModuleType, redis_db: Any, live: Any) -> None:
             f"{total}, expected 115: reading the score, adding in the client and writing the "
             "sum back (ZSCORE then ZADD, MULTI or not) overwrites the points another server "
             "added in between - a lost update. ZINCRBY adds on the server, atomically")
-
-
-def starts_at_end(redis_db: Any, group: str, appended: list[str]) -> None:
-    """A group that read nothing of a stream holding events: was it created at '$' (its
-    position at the end of the stream), so the events before it will never be delivered?"""
-    client = redis_db.client(decode_responses=True)
-    try:
-        groups = {g["name"]: g for g in client.xinfo_groups("events")}
-    finally:
-        client.close()
-    info = groups.get(group)
-    if info is not None and info.get("last-delivered-id") == appended[-1]:
-        pytest.fail(
-            f"group {group!r} read nothing of the {len(appended)} events in the stream: it "
-            f"was created with its position at the stream's end (last-delivered-id "
-            f"{appended[-1]}, the newest event) - XGROUP CREATE ... $ means 'only events "
-            f"appended from now on'; create the group at 0 so it reads the log from its "
-            f"start", pytrace=False)
 
 
 def bounded(command: list[str], limit: int) -> bool:
@@ -386,88 +379,3 @@ def test_object_is_a_hash_updated_field_by_field(learner: Any, redis_db: Any) ->
     assert "hash" in types.values() and "string" not in types.values(), (
         f"the profile is stored as {sorted(set(types.values()))}: an object with fields "
         "belongs in a hash (HSET user:7 name Ada city London), not a serialized string")
-
-
-def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any) -> None:
-    module = learner.load("structures")
-    log = structure(module, "EventLog", redis_db.url, "events")
-    appended = [log.append({"type": "order", "n": str(n)}) for n in range(10)]
-    assert len(set(appended)) == 10, f"append() returned {appended[:3]}...: ten distinct ids"
-    log.create_group("billing")
-    log.create_group("billing")  # idempotent: a second worker starting up does the same
-
-    first, _ = recorded(redis_db, "read()", lambda: log.read("billing", "worker-a", 4))
-    second, _ = recorded(redis_db, "read()", lambda: log.read("billing", "worker-b", 10))
-    got = [fields.get("n") for _, fields in first + second]
-    if not got:
-        starts_at_end(redis_db, "billing", appended)
-    assert got == [str(n) for n in range(10)], (
-        f"worker-a then worker-b read events {got}, expected 0..9 each exactly once: "
-        "consumers of one group share the work (XREADGROUP >), they do not each see all")
-    assert [eid for eid, _ in first + second] == appended, "read() must return the event ids"
-    assert log.pending("billing") == 10, (
-        f"pending('billing') is {log.pending('billing')}, expected 10 delivered, unacked events")
-    acked = log.ack("billing", [eid for eid, _ in first])
-    assert acked == 4 and log.pending("billing") == 6, (
-        f"after acking worker-a's 4 events, pending is {log.pending('billing')}, expected 6")
-    assert log.read("billing", "worker-a", 10) == [], (
-        "a group's consumers must not receive already delivered events again")
-
-    log.create_group("audit")
-    audit = log.read("audit", "auditor", 100)
-    if not audit:
-        starts_at_end(redis_db, "audit", appended)
-    assert len(audit) == 10, (
-        f"a second group 'audit' read {len(audit)} events, expected all 10: every group "
-        "sees the whole log")
-    assert key_types(redis_db).get("events") == "stream", (
-        "the event log is not a stream under the key 'events' (the name passed in)")
-
-    # A worker usually starts before any producer has written: its group must be creatable
-    # on a log that does not exist yet, and see every event appended after.
-    early = structure(module, "EventLog", redis_db.url, "signups")
-    try:
-        early.create_group("mailer")
-    except Exception as exc:  # noqa: BLE001 - the learner's error, named in the message
-        pytest.fail(f"create_group('mailer') on a log nothing was appended to yet raised "
-                    f"{type(exc).__name__}: {exc}\nA consumer starts independently of the "
-                    "producers: XGROUP CREATE ... MKSTREAM creates the empty stream with the "
-                    "group (otherwise it needs the key to exist)", pytrace=False)
-    later = [early.append({"type": "signup", "n": str(n)}) for n in range(3)]
-    seen = [eid for eid, _ in early.read("mailer", "mailer-1", 10)]
-    assert seen == later, (
-        f"a group created before the log had any event read {seen} after 3 appends, "
-        f"expected all 3 {later}: the group starts at the beginning of the (empty) stream")
-
-
-BACKLOG = 1_200  # above any page size a listing is commonly capped at (10, 100, 1000)
-
-
-def test_pending_is_the_groups_count_however_large(learner: Any, redis_db: Any) -> None:
-    log = structure(learner.load("structures"), "EventLog", redis_db.url, "backlog")
-    log.create_group("billing")
-    client = redis_db.client(decode_responses=True)
-    try:
-        with client.pipeline(transaction=False) as pipe:  # the backlog, written quickly
-            for n in range(BACKLOG):
-                pipe.xadd("backlog", {"type": "order", "n": str(n)})
-            pipe.execute()
-    finally:
-        client.close()
-    delivered = len(log.read("billing", "worker-a", BACKLOG))
-    assert delivered == BACKLOG, (
-        f"read('billing', 'worker-a', {BACKLOG}) returned {delivered} of the {BACKLOG} "
-        "events appended")
-    count, sent = recorded(redis_db, "pending()", lambda: log.pending("billing"))
-    assert count == BACKLOG, (
-        f"pending('billing') is {count} after {BACKLOG} events were delivered and none "
-        f"acknowledged, expected {BACKLOG}: a count taken by listing the pending entries "
-        "(XPENDING key group - + N, XRANGE) is capped by the page size, so a monitor never "
-        "sees the backlog grow past it. Ask the group for its count: the summary form "
-        "XPENDING key group (or XINFO GROUPS) answers in one command")
-    listed = [" ".join(c[:6]) for c in sent
-              if (c[0] == "XPENDING" and len(c) > 3) or c[0] in ("XRANGE", "XREVRANGE")]
-    assert not listed, (
-        f"pending() sent {listed[0]!r}: it lists the pending entries to count them, O(n) "
-        f"in the backlog (and {BACKLOG} entries sent over the wire) where the summary form "
-        "XPENDING key group returns the count the group already keeps")

@@ -50,7 +50,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from labrunner.testing import threads_waiting_in, wait_until
+from labrunner.testing import came_true, threads_waiting_in, wait_until
 
 HOLD = "SELECT pg_advisory_xact_lock_shared(4242)"  # blocks while the test holds the lock
 
@@ -257,14 +257,17 @@ def test_never_more_server_connections_than_the_pool(pooling: ModuleType, opened
     sampler.start()
     calls = start([Call(db.query, HOLD) for _ in range(12)])
     try:
-        # every request is either running on a connection or waiting for one
+        # every request is either running on a connection or waiting for one, and the
+        # pool's 4 are in use (a pool that opens them as requests come may still be opening)
         wait_until(lambda: still_waiting(calls, 10)
-                   and server.lock_waiters() + queued() == 12,
-                   "all 12 requests to be running or queued")
+                   and (running := server.lock_waiters()) + queued() == 12 and running >= 4,
+                   "all 12 requests to be running or queued, 4 of them running")
         now = server.connections()
         assert now <= 4, (
             f"12 concurrent requests opened {now} server connections, expected at most the "
-            "pool's 4: a pool hands out the connections it has and makes the rest wait")
+            "pool's 4: a pool hands out the connections it has and makes the rest wait - one "
+            "pool per Database, made once, not one per request (nor one made by each of the "
+            "first requests, which all found none yet)")
         assert server.lock_waiters() == 4, (
             f"{server.lock_waiters()} requests are running, expected 4: all of the pool's "
             "connections should be in use while requests are queued")
@@ -389,6 +392,73 @@ def test_a_burst_never_queues_more_than_max_waiting(
         f"a request of the burst that found the queue full ended with {wrong[0]}, expected "
         f"pooling.PoolExhausted")
     assert_completed(busy)
+
+
+def test_each_database_has_a_pool_of_its_own(pooling: ModuleType, opened: list[Any],
+                                             server: Server, postgres: Any,
+                                             queued: Callable[[], int]) -> None:
+    """Two Databases on one DSN, sized 1 and 3: 4 requests, 3 on the larger, 1 on the
+    smaller, all run at once; and closing one leaves the other working. A pool kept in a
+    module global, a class attribute or a cache by DSN is shared: one size for both, and the
+    first close() closes it for the other too."""
+    small = open_db(pooling, opened, postgres.dsn, rate=10, latency=0.1, timeout=60)
+    large = open_db(pooling, opened, postgres.dsn, rate=30, latency=0.1, timeout=60)
+    sizes = (small.max_connections, large.max_connections)
+    assert sizes == (1, 3), f"max_connections are {sizes}, expected (1, 3)"
+    server.hold()
+    calls = start([Call(large.query, HOLD) for _ in range(3)] + [Call(small.query, HOLD)])
+    try:  # a pool that opens its connections as requests come may still be opening them
+        came_true(lambda: still_waiting(calls, 60) and server.lock_waiters() == 4, 10)
+        running, waiting = server.lock_waiters(), queued()
+    finally:
+        release(server, calls)
+    assert running == 4, (
+        f"two Databases made side by side on one DSN, sized 1 and 3: of 4 requests (3 on the "
+        f"one sized 3, 1 on the one sized 1) {running} ran at once and {waiting} waited for "
+        f"a connection 10 s on, expected all 4 to run: the two share one pool - a pool kept in a "
+        f"module global, a class attribute or a cache by DSN serves every Database with the "
+        f"size of whichever made it. Each Database makes its own pool in __init__")
+    assert_completed(calls)
+    small.close()
+    opened.remove(small)
+    after = Call(large.query, "SELECT 7")
+    after.run()
+    assert after.error is None and after.result == [(7,)], (
+        f"after close() of one Database, a query on the other gave {after.result!r} / "
+        f"{after.error!r}, expected [(7,)]: closing one closed the pool both use - each "
+        f"Database has a pool of its own, and close() closes only that one")
+
+
+def test_requests_arriving_at_a_new_database_share_one_pool(
+        pooling: ModuleType, learner: Any, opened: list[Any], server: Server,
+        postgres: Any) -> None:
+    """A burst of first requests on a new Database, each line of the learner's code slowed
+    (harness.py) so that they interleave step by step; then close(). A pool made by the
+    first query, checked and then made in two steps (`if self.pool is None:`), is made by
+    every request of the burst: the pools nobody keeps hold their connections after close()."""
+    db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=30)
+    burst = learner.harness().Burst(pooling, db, "SELECT 1", BURST, STEP_DELAY)
+    burst.join(30)
+    ended = burst.ended()
+    failed = [o for o in ended if o[0] != "ok"]
+    assert len(ended) == BURST and not failed, (
+        f"{BURST} requests arriving together at a new Database (a pool of 2, a 30 s acquire "
+        f"timeout): {len(ended) - len(failed)} returned, "
+        f"{failed[0] if failed else 'the others never ended'}")
+    db.close()
+    opened.remove(db)
+    if came_true(lambda: server.connections() == 0, 10):
+        return
+    left = server.connections()
+    assert left <= db.max_connections, (
+        f"{BURST} requests arriving together at a new Database (a pool of "
+        f"{db.max_connections}), then close(): the server still has {left} connections from "
+        f"it 10 s on, more than one pool holds - more than one pool was made: each request "
+        f"found no pool yet and made one (a pool made lazily, checked and then made in two "
+        f"steps, even with a lock around only the making), and close() closed the last. "
+        f"Make the pool in __init__, or check and make it under one lock")
+    pytest.fail(f"after close() the server still has {left} connections from your pool: "
+                f"close() must close the pool and every connection it opened", pytrace=False)
 
 
 @dataclass(frozen=True)

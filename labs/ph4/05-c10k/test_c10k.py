@@ -469,6 +469,7 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
                     "that are not UTF-8, and asyncio then aborts that connection; "
                     "errors='replace' or 'ignore' changes the bytes instead. A line need "
                     "not be UTF-8 at all.")
+    partial_lines_apart(a, u)
     # A client that resets its connection, then one more echo: the server must live on.
     c = Conn(server, "a client connected (to reset its connection)")
     c.sock.sendall(b"bye\n")
@@ -522,6 +523,7 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
     bulk.sock.settimeout(ECHO_POLL)
     back = bytearray()
     bulk.read_exact(len(payload), "the 24 MiB client read its echoes", back)
+    reading_resumed(bulk, len(back), len(payload))
     if bytes(back) != payload:
         at = next((i for i in range(0, len(back), BULK_LINE)
                    if back[i:i + BULK_LINE] != payload[i:i + BULK_LINE]), len(back))
@@ -553,6 +555,35 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
     for conn in (a, u, b, bulk, d, *closing):
         conn.close()
     left_open(server, base_fds)
+
+
+def partial_lines_apart(a: Conn, u: Conn) -> None:
+    """Two clients' partial lines at once: each connection's bytes are its own."""
+    send_in_two(a, b"left ", b"")
+    send_in_two(u, b"right ", b"")
+    for conn, rest, line in ((a, b"one\n", b"left one\n"), (u, b"two\n", b"right two\n")):
+        conn.sock.sendall(rest)
+        expect_echo(conn, line, "two clients each sent half a line (b'left ', then b'right ' "
+                    "on another connection), then the rest: each echo holds its own "
+                    "connection's bytes only",
+                    "A partial line kept until its newline belongs to its connection (self."
+                    "buffer = bytearray() in connection_made), never to one buffer shared by "
+                    "every connection (a class attribute, a module global).")
+
+
+def reading_resumed(bulk: Conn, got: int, sent: int) -> None:
+    """Echoes missing, the server asleep owing nothing with the client's bytes unread in its
+    receive queue: it stopped reading that client (backpressure) and never read it again."""
+    side = bulk.server_side()
+    if got < sent and side is not None and side.rx_queue and not side.tx_queue:
+        pytest.fail(
+            f"a client that sent {sent} bytes without reading, then read its echoes, got "
+            f"{got} back, and the server stopped there: asleep, nothing left to send, "
+            f"{side.rx_queue} bytes from that client unread in its receive queue - it paused "
+            "reading that client and never resumed\nPausing a client that does not read "
+            "while its echoes pile up is backpressure; once they drained, read it again "
+            "(asyncio: pause_reading() in pause_writing(), resume_reading() in "
+            "resume_writing()).", pytrace=False)
 
 
 # Lines the server must echo byte for byte: (first write, second write once the server has
