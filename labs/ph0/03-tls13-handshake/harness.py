@@ -4,9 +4,11 @@ learner's code runs (a process of its own when grading: learner.harness()).
 
 A key written first and chmod-ed to 0600 afterwards is readable by others in between, and
 permissions are checked when a file is opened: a process that opened it in that window
-keeps reading it after the chmod. The window is too short to be seen from outside, so the
-creation itself is watched: os.open, io.open and builtins.open are wrapped, and a call that
-made a new file is followed by an fstat of the descriptor it returned. The test decides
+keeps reading it after the chmod. The window of a chmod in the same Python code is too
+short to be seen from outside, so the creation itself is watched here: os.open, io.open and
+builtins.open are wrapped, and a call that made a new file is followed by an fstat of the
+descriptor it returned. (A file made another way - by a program create_pki runs, a shell
+redirection or tee - the test watches from its own process with inotify.) The test decides
 from the modes reported and from the files' contents, which it reads itself."""
 
 from __future__ import annotations
