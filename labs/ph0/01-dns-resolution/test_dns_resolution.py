@@ -40,6 +40,10 @@ OLD_CNAME_TTL = 300   # old.shop.test CNAME nope.shop.test (NXDOMAIN, 60 s): 60 
 TLD_NS_TTL = 172800  # the root's referral to test.
 ZONE_NS_TTL = 86400  # the TLD's referrals to shop.test., cdn.test. and backup.test.
 FLAKY_ADDRESS = "192.0.2.40"  # www.flaky.test A, from flaky.test.'s second nameserver
+# moved.test.'s server follows CNAMEs inside its zone, as BIND, NSD and Knot do (RFC 1034
+# 4.3.2): an alias of a name that does not exist gets one reply, rcode NXDOMAIN with the
+# chain in its answer section - the rcode is about the chain's last name (RFC 6604).
+MOVED_CNAME_TTL = 40  # www.moved.test CNAME old.moved.test (no such name): 40 s in all
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Zone:
     records: list[RR]
     delegations: dict[str, tuple[list[RR], list[RR]]] = field(default_factory=dict)
     soa_ttl: int = 3600  # the SOA record's own TTL (its MINIMUM field is NEGATIVE_TTL)
+    follows_cnames: bool = False  # answer an alias with its whole in-zone chain
 
     @property
     def soa(self) -> RR:
@@ -113,14 +118,22 @@ class ZoneServer:
                     reply.add_ar(rr)
                 return reply
         reply.header.aa = 1
-        owned = [rr for rr in zone.records if rr.rname == qname]
-        exact = [rr for rr in owned if rr.rtype == request.q.qtype]
-        cnames = [rr for rr in owned if rr.rtype == QTYPE.CNAME]
-        if exact or cnames:
+        seen = set()
+        while True:
+            owned = [rr for rr in zone.records if rr.rname == qname]
+            exact = [rr for rr in owned if rr.rtype == request.q.qtype]
+            cnames = [rr for rr in owned if rr.rtype == QTYPE.CNAME]
             for rr in exact or cnames:  # a CNAME to another zone is returned alone
                 reply.add_answer(rr)
-        else:  # NODATA when the name exists, NXDOMAIN when it does not
-            if not owned:
+            seen.add(qname)
+            if exact or not cnames:
+                break
+            target = cnames[0].rdata.label
+            if not (zone.follows_cnames and target.matchSuffix(zone.origin)) or target in seen:
+                return reply
+            qname = target  # RFC 1034 4.3.2 step 3a: go on with the alias's target
+        if not exact:  # NODATA when the name exists, NXDOMAIN when it does not (RFC 6604:
+            if not owned:  # about the last name of the chain)
                 reply.header.rcode = RCODE.NXDOMAIN
             reply.add_auth(zone.soa)
         return reply
@@ -191,6 +204,7 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str,
         "backup.test.": backup,
         "flaky.test.": two_servers("flaky.test.", bad_ips[0], auth_ip),
         "dead.test.": two_servers("dead.test.", *bad_ips),
+        "moved.test.": delegation("moved.test.", "ns1.moved.test.", auth_ip, ZONE_NS_TTL),
     })
     shop = Zone("shop.test.", [
         RR("api.shop.test.", QTYPE.A, ttl=API_TTL, rdata=A("192.0.2.10")),
@@ -221,7 +235,12 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str,
     flaky_zone = Zone("flaky.test.", [
         RR("www.flaky.test.", QTYPE.A, ttl=300, rdata=A(FLAKY_ADDRESS)),
     ])
-    return {"root": [root], "tld": [tld], "auth": [shop, cdn, backup_zone, flaky_zone]}
+    moved = Zone("moved.test.", [
+        RR("www.moved.test.", QTYPE.CNAME, ttl=MOVED_CNAME_TTL, rdata=CNAME("old.moved.test.")),
+        RR("app.moved.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("www.moved.test.")),
+    ], follows_cnames=True)
+    return {"root": [root], "tld": [tld],
+            "auth": [shop, cdn, backup_zone, flaky_zone, moved]}
 
 
 @pytest.fixture
@@ -641,6 +660,50 @@ def test_nodata_is_cached_like_nxdomain(resolver: Any, dns: Hierarchy, clock: Fa
         f"answer it was still answered from the cache (queries: {_walk(dns.log)}), expected "
         f"the authoritative server asked for {case.asked_again} again: the SOA record's "
         f"TTL or its MINIMUM alone is not the negative answer's lifetime\n{rule}")
+
+
+@pytest.mark.parametrize("name, chain", [
+    ("www.moved.test", "www.moved.test → old.moved.test"),
+    ("app.moved.test", "app.moved.test → www.moved.test → old.moved.test"),
+], ids=["one-alias", "two-aliases"])
+def test_nxdomain_with_a_chain_is_about_its_last_name(
+        resolver: Any, dns: Hierarchy, clock: FakeClock, name: str, chain: str) -> None:
+    """moved.test.'s server answers an alias of a missing name in one reply: rcode NXDOMAIN,
+    the CNAME chain in the answer section, the SOA in authority. The rcode is about the
+    chain's last name (RFC 6604 section 3; RFC 2308 section 2.1's example): the alias exists,
+    its target does not."""
+    rule = (f"The reply for {name} was rcode NXDOMAIN with the CNAME chain {chain} in its "
+            "answer section: the rcode is about the last name of the chain (RFC 6604 section "
+            f"3) - {name} exists, as an alias of old.moved.test, which does not. Read the "
+            "answer section of an NXDOMAIN reply too: cache the CNAMEs with their TTLs and "
+            "the negative answer against the chain's last name, for min(SOA TTL, SOA "
+            f"MINIMUM) = {NEGATIVE_TTL} s (RFC 2308).")
+    answer = _resolve(resolver, dns, name)
+    assert answer.nxdomain and not answer.addresses, (
+        f"{name} gave nxdomain={answer.nxdomain}, addresses={answer.addresses}; expected "
+        f"nxdomain=True and no addresses\n{rule}")
+    assert _bare(answer.canonical_name) == "old.moved.test", (
+        f"{name} gave canonical_name={answer.canonical_name!r}, expected 'old.moved.test': "
+        "the NXDOMAIN reply's CNAME chain was not followed, so the alias itself was reported "
+        f"as the name that does not exist\n{rule}")
+    assert answer.ttl == MOVED_CNAME_TTL, (
+        f"{name} (NXDOMAIN, reached through {chain}) reported ttl={answer.ttl}, expected "
+        f"{MOVED_CNAME_TTL}: www.moved.test's CNAME lives {MOVED_CNAME_TTL} s, less than the "
+        f"negative answer's {NEGATIVE_TTL} s, and the answer may not outlive a record of the "
+        f"chain in the NXDOMAIN reply's answer section\n{rule}")
+    dns.log.clear()
+    clock.advance(MOVED_CNAME_TTL + 1)
+    again = _resolve(resolver, dns, name)
+    assert _bare(again.canonical_name) == "old.moved.test" and again.nxdomain, (
+        f"{name} asked again {MOVED_CNAME_TTL + 1} s later gave canonical_name="
+        f"{again.canonical_name!r}, nxdomain={again.nxdomain} (queries: {_walk(dns.log)}); "
+        "expected 'old.moved.test', nxdomain=True: the negative answer was cached against "
+        f"the alias {name}, not against the chain's last name\n{rule}")
+    assert "www.moved.test" in dns.log.names_asked("auth"), (
+        f"{name} was still answered from the cache {MOVED_CNAME_TTL + 1} s later (queries: "
+        f"{_walk(dns.log)}), expected the authoritative server asked for www.moved.test "
+        f"again: its CNAME (TTL {MOVED_CNAME_TTL}) expired, and the answer built through it "
+        f"with it\n{rule}")
 
 
 def test_names_are_case_insensitive(resolver: Any, dns: Hierarchy) -> None:

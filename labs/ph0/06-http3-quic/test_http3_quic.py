@@ -30,6 +30,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (
     ConnectionTerminated,
     HandshakeCompleted,
+    PingAcknowledged,
     ProtocolNegotiated,
     QuicEvent,
     StreamReset,
@@ -367,10 +368,18 @@ class Arrival:
 
 
 class ProbeServer(QuicConnectionProtocol):
-    """The test's own HTTP/3 server (aioquic), used to probe the learner's client."""
+    """The test's own HTTP/3 server (aioquic), used to probe the learner's client.
+
+    It answers a request once its stream has ended (the client's FIN). A GET's HEADERS
+    that come without it are followed by a PING: the client reads it, sends what it has
+    queued and acknowledges it, so a FIN still missing when the ACK arrives is one the
+    client never sent with its request. That request is noted in ``unended`` and answered
+    all the same (a server may answer before a request ends, RFC 9114 section 4.1), so the
+    test can say so at once instead of both sides waiting for each other."""
 
     log: list[Arrival]
     alpns: list[str | None]
+    unended: list[str]
     handler: Callable[[str], Awaitable[tuple[int, Body]]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -381,8 +390,15 @@ class ProbeServer(QuicConnectionProtocol):
         self.alpns.append(None)
         self.paths: dict[int, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.answered: set[int] = set()
+        self.pings: dict[int, int] = {}  # PING uid -> the stream whose FIN it waits for
 
     def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, PingAcknowledged) and event.uid in self.pings:
+            sid = self.pings.pop(event.uid)
+            if sid not in self.answered:  # the client is waiting, its request never ended
+                self.unended.append(self.paths[sid])
+                self.answer(sid)
         if isinstance(event, ProtocolNegotiated):
             self.alpns[self.connection - 1] = event.alpn_protocol
             if event.alpn_protocol in H3_ALPN:
@@ -396,10 +412,22 @@ class ProbeServer(QuicConnectionProtocol):
                 path = dict(h3_event.headers).get(b":path", b"").decode()
                 self.paths[h3_event.stream_id] = path
                 self.log.append(Arrival(path, not self.handshake_done, self.connection))
+                method = dict(h3_event.headers).get(b":method")
+                if not h3_event.stream_ended and method == b"GET":
+                    uid = len(self.pings) + 1000 * h3_event.stream_id
+                    self.pings[uid] = h3_event.stream_id
+                    self._quic.send_ping(uid)
+                    self.transmit()
             if isinstance(h3_event, HeadersReceived | DataReceived) and h3_event.stream_ended:
-                task = asyncio.create_task(self.respond(h3_event.stream_id))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                self.answer(h3_event.stream_id)
+
+    def answer(self, sid: int) -> None:
+        if sid in self.answered:
+            return
+        self.answered.add(sid)
+        task = asyncio.create_task(self.respond(sid))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def respond(self, sid: int) -> None:
         status, body = await self.handler(self.paths[sid])
@@ -441,20 +469,23 @@ class Probe:
     port: int
     log: list[Arrival]
     alpns: list[str | None]
+    unended: list[str]  # GETs whose stream the client had not ended while it waited
 
 
 async def probe_server(certs: Certs, handler: Callable[[str], Awaitable[tuple[int, Body]]]
                        ) -> Probe:
     log: list[Arrival] = []
     alpns: list[str | None] = []
+    unended: list[str] = []
     protocol = type("BoundProbeServer", (ProbeServer,),
-                    {"log": log, "alpns": alpns, "handler": staticmethod(handler)})
+                    {"log": log, "alpns": alpns, "unended": unended,
+                     "handler": staticmethod(handler)})
     config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
     config.load_cert_chain(certs.cert, certs.key)
     store = TicketStore()
     server = await serve(HOST, 0, configuration=config, create_protocol=protocol,
                          session_ticket_fetcher=store.take, session_ticket_handler=store.add)
-    return Probe(server, bound_port(server), log, alpns)
+    return Probe(server, bound_port(server), log, alpns, unended)
 
 
 async def learner_fetch(learner: Any, probe: Probe, certs: Certs, paths: list[str],
@@ -465,6 +496,16 @@ async def learner_fetch(learner: Any, probe: Probe, certs: Certs, paths: list[st
     kind, value = await asyncio.to_thread(
         learner.harness().fetch, learner.load("h3"), probe.port, paths, certs.ca,
         SERVER_NAME, ticket, WAIT * 2)
+    if probe.unended:
+        pytest.fail(
+            f"your client sent GET {', '.join(sorted(set(probe.unended)))} and waited for "
+            "the response without ending the request stream (no FIN: END_STREAM was not "
+            "set with the request); expected each request stream ended with its request\n"
+            "A client MUST close its side of the stream after sending a "
+            "request (RFC 9114 section 4.1): a server reads the request until the FIN, so "
+            "one that waits for it (most do) never answers, and both sides wait for each "
+            "other. Send the HEADERS with end_stream=True (a GET has no body).",
+            pytrace=False)
     return str(kind), value
 
 

@@ -144,7 +144,10 @@ class Resolver:
         for _ in range(MAX_REFERRALS):
             reply = self._ask_any(servers, name)
             if reply.header.rcode == RCODE.NXDOMAIN:
-                self._store(name, "NX", self._negative_ttl(reply), [])
+                # The answer section may hold the CNAME chain the server followed: the
+                # rcode is about the chain's last name, not about the alias asked (RFC 6604).
+                last = self._store_answer(name, reply.rr)
+                self._store(last, "NX", self._negative_ttl(reply), [])
                 return "NX"
             if reply.header.rcode != RCODE.NOERROR:
                 raise ResolutionError(f"{name}: server answered {RCODE[reply.header.rcode]}")
@@ -164,18 +167,20 @@ class Resolver:
             zone = child
         raise ResolutionError(f"{name}: more than {MAX_REFERRALS} referrals")
 
-    def _store_answer(self, name: str, answers: list[RR]) -> None:
+    def _store_answer(self, name: str, answers: list[RR], depth: int = 0) -> str:
+        """Cache the records the answer section holds for ``name`` and the CNAME chain
+        from it; returns the chain's last name (``name`` itself when it is no alias)."""
         addresses = [rr for rr in answers if rr.rtype == QTYPE.A and _norm(str(rr.rname)) == name]
         if addresses:
             self._store(name, "A", min(rr.ttl for rr in addresses),
                         [str(rr.rdata) for rr in addresses])
-            return
+            return name
         for rr in answers:
-            if rr.rtype == QTYPE.CNAME and _norm(str(rr.rname)) == name:
+            if rr.rtype == QTYPE.CNAME and _norm(str(rr.rname)) == name and depth < MAX_CNAMES:
                 self._store(name, "CNAME", rr.ttl, [_norm(str(rr.rdata.label))])
                 # A server may add the target's records when it also serves that zone.
-                self._store_answer(_norm(str(rr.rdata.label)), answers)
-                return
+                return self._store_answer(_norm(str(rr.rdata.label)), answers, depth + 1)
+        return name
 
     def _nameserver_addresses(self, referral: list[RR], additional: list[RR]) -> list[str]:
         """The delegated servers' addresses: from glue when present, else resolved."""
