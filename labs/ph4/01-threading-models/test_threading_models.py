@@ -685,8 +685,10 @@ def test_bounded_pool_queues_then_rejects_with_503(
                 "The queue never fills: a queue.Queue() without maxsize, or a check that "
                 "lets one more in (>= vs >), hoards connections it cannot serve. "
                 if open_held > WORKERS + QUEUE else "")
-            + f"Bound the queue (queue.Queue(maxsize={QUEUE}), put_nowait) and answer "
-            "queue.Full with BUSY at once from the accept loop.")
+            + f"Bound what the pool takes in to workers + queue ({WORKERS + QUEUE}): take a "
+            "slot without waiting (threading.BoundedSemaphore.acquire(blocking=False), given "
+            "back when the connection is done) and, with none free, answer BUSY at once from "
+            "the accept loop.")
     still_open = sum(1 for s in seen if not s.closed)
     if still_open or open_held > WORKERS + QUEUE:
         server.fail(
@@ -712,19 +714,23 @@ def test_bounded_pool_queues_then_rejects_with_503(
     served(load, server, again, "pool (after the burst)")
 
 
-def refused_late(server: Server, extra: list[Client], rejected: int) -> None:
+def refused_late(server: Server, extra: list[Client], rejected: int,
+                 situation: str = f"with {WORKERS} workers busy and {QUEUE} clients "
+                                  "queued") -> None:
     """Clients beyond capacity still in the listen backlog: the accept loop is not
     accepting - it waits for room in the full queue instead of refusing at once."""
     backlog = count(server, extra, lambda s: s.state == ESTABLISHED and s.inode == 0)
     if backlog:
         server.fail(
-            f"with {WORKERS} workers busy and {QUEUE} clients queued, {rejected} of "
-            f"{len(extra)} further clients got 503 and {backlog} were never even accepted "
-            f"(still in the listen backlog): the accept loop stopped accepting while the "
-            f"queue was full\nIt waits for room - a queue.put() that blocks (or waits with a "
-            f"timeout), a sleep-and-retry - and every client behind it waits too, for as "
-            f"long as the busy workers take. Refuse at once instead: put_nowait(), and "
-            f"answer queue.Full with BUSY from the accept loop.")
+            f"{situation}, {rejected} of {len(extra)} further clients got 503 and "
+            f"{backlog} were never even accepted (still in the listen backlog): the accept "
+            f"loop stopped accepting while the queue was full\nIt waits for room - a "
+            f"queue.put() or a semaphore's acquire() that blocks (or waits with a timeout), "
+            f"a sleep-and-retry - and every client behind it waits too, for as long as the "
+            f"busy workers take. Refuse at once instead: take a slot without waiting "
+            f"(acquire(blocking=False), put_nowait()) and, with none free, answer BUSY from "
+            f"the accept loop.")
+
 
 def reset_after_full_request(load: Load, server: Server, busy: list[Client]) -> list[Client]:
     """While every worker serves one of ``busy``, WORKERS clients send a whole request, wait
@@ -796,6 +802,97 @@ def reject_survives_resets(load: Load, server: Server) -> None:
             if seen.closed else ", its connection still open")
         server.fail(f"the next client got {got}; expected 503 and its connection closed: "
                     f"{RESET_REJECTED}. The accept loop stopped accepting.")
+
+
+NO_QUEUE_WORKERS = 2   # the pool run with --queue 0: no waiting room at all
+BEYOND = 4             # clients that come while every worker is busy
+NO_QUEUE = f"with --queue 0 (no waiting room) and all {NO_QUEUE_WORKERS} workers busy"
+
+
+def test_bounded_pool_with_queue_0_refuses_at_once_beyond_the_workers(
+        start: Callable[..., tuple[Server, Load]]) -> None:
+    """--queue 0: no waiting room. NO_QUEUE_WORKERS slow clients occupy the workers; each of
+    the BEYOND clients after them must get 503 at once, its connection closed. Released, the
+    busy ones are served, and the workers, free again, take the next client."""
+    server, load = start("pool", "--workers", str(NO_QUEUE_WORKERS), "--queue", "0")
+    busy = hold(load, server, NO_QUEUE_WORKERS)
+    settle(server, lambda: count(server, busy, reading) == NO_QUEUE_WORKERS
+           or any(s.data or s.closed for s in load.seen_by(busy)))
+    workers_take_up(load, server, busy)
+    extra = load.open(BEYOND, "none")
+    settle(server, lambda: all(s.closed for s in load.seen_by(extra)))
+    no_waiting_room(load, server, busy, extra)
+    load.finish(busy)
+    served(load, server, busy, "pool, --queue 0")
+    again = hold(load, server, 1)
+    load.finish(again)
+    served(load, server, again, "pool, --queue 0, after refusing the clients beyond it")
+
+
+def workers_take_up(load: Load, server: Server, busy: list[Client]) -> None:
+    """Fail unless each of ``busy`` (one per worker) is being read by a worker."""
+    read = count(server, busy, reading)
+    if read == len(busy):
+        return
+    answered = [s for s in load.seen_by(busy) if s.data or s.closed]
+    if answered:
+        server.fail(
+            f"with --queue 0 and {len(busy)} idle workers, {len(answered)} of the first "
+            f"{len(busy)} clients were answered ({answered[0].data[:40]!r}) before their "
+            "requests were complete, expected each taken up by a worker\n--queue 0 leaves no "
+            "waiting room, but each idle worker still takes a connection: the capacity is "
+            "workers + queue_size. A bound of queue_size alone refuses work the pool has "
+            "room for.")
+    server.fail(
+        f"with --queue 0 and {len(busy)} slow clients connected, the pool server was "
+        f"reading {read} of them at once (running {threads_word(server.threads())}), "
+        f"expected all {len(busy)}, one per worker\nStart the workers once, each taking a "
+        "connection from the queue and serving it, while the accept loop only accepts and "
+        "hands connections over.")
+
+
+def no_waiting_room(load: Load, server: Server, busy: list[Client],
+                    extra: list[Client]) -> None:
+    """Fail unless each of ``extra``, coming while every worker is busy with ``busy`` and
+    with no waiting room, got 503 at once and had its connection closed."""
+    seen = load.seen_by(extra)
+    rejected = sum(1 for s in seen if s.status == 503)
+    held = count(server, extra, lambda s: s.accepted)
+    if rejected < len(extra):
+        refused_late(server, extra, rejected, NO_QUEUE)
+        if held:
+            first = (f"all {held} further clients were accepted and held unanswered, "
+                     "expected 503 at once for each: its waiting room is unbounded, and "
+                     "queue.Queue(maxsize=0) is an infinite queue, not an empty one"
+                     if held == len(extra) else
+                     f"{held} of {len(extra)} further clients were accepted and held "
+                     f"unanswered ({rejected} got 503), expected 503 at once for each: a "
+                     f"waiting room of {held} where --queue 0 asks for none")
+            server.fail(
+                f"{NO_QUEUE}, {first}\n--queue 0 means that a connection finding every "
+                "worker busy is refused at once. queue.Queue(maxsize=queue_size) is no bound "
+                "for it: maxsize <= 0 means no limit, put_nowait() never raises queue.Full, "
+                "and the pool hoards connections it cannot serve. Bound what the pool takes "
+                "in to workers + queue_size instead: a threading.BoundedSemaphore(workers + "
+                "queue_size) taken with acquire(blocking=False) by the accept loop and given "
+                "back when a connection is done.")
+        got = next((s.data[:40] for s in seen if s.status != 503 and s.data), "nothing")
+        server.fail(
+            f"{NO_QUEUE}, {rejected} of {len(extra)} further clients got 503 Service "
+            f"Unavailable, expected all {len(extra)} (another got {got!r})\nA connection "
+            "beyond capacity gets BUSY from the accept loop, then its connection closed.")
+    still_open = sum(1 for s in seen if not s.closed)
+    if still_open or held:
+        server.fail(
+            f"{NO_QUEUE}, {still_open or held} rejected clients got their 503 but the server "
+            "kept their connections open\nA rejected connection is answered and closed: "
+            "kept open (or queued anyway) it still costs a descriptor.")
+    early = [s for s in load.seen_by(busy) if s.data or s.closed]
+    if early:
+        server.fail(
+            f"{NO_QUEUE}, {len(early)} of the clients being served got "
+            f"{early[0].data[:40]!r} before they finished their requests\nOnly connections "
+            "beyond capacity get 503; those a worker took are served.")
 
 
 # ---------------------------------------------------------------------------------------

@@ -98,22 +98,30 @@ def serve_thread_per_connection(listener: socket.socket) -> None:
 
 def serve_bounded_pool(listener: socket.socket, workers: int, queue_size: int) -> None:
     """``workers`` threads, started once, serve connections taken from a queue of at most
-    ``queue_size`` waiting connections. When the queue is full, the accept loop answers
-    503 at once and closes the connection: load beyond capacity is refused, not hoarded."""
-    waiting: queue.Queue[socket.socket] = queue.Queue(maxsize=queue_size)
+    ``queue_size`` waiting connections. When every worker is busy and the queue is full, the
+    accept loop answers 503 at once and closes the connection: load beyond capacity is
+    refused, not hoarded."""
+    # A slot per connection taken in, being served or waiting: workers + queue_size of them,
+    # taken without waiting by the accept loop, given back when the connection is done.
+    # (queue.Queue(maxsize=queue_size) is no such bound: maxsize=0 means unbounded.)
+    slots = threading.BoundedSemaphore(workers + queue_size)
+    waiting: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
 
     def work() -> None:
         while True:
             conn = waiting.get()
-            serve_one(conn)   # whatever the client did, the worker comes back for more
+            try:
+                serve_one(conn)   # whatever the client did, the worker comes back for more
+            finally:
+                slots.release()
 
     for _ in range(workers):
         threading.Thread(target=work, daemon=True).start()
     while True:
         conn, _ = listener.accept()
-        try:
-            waiting.put_nowait(conn)
-        except queue.Full:
+        if slots.acquire(blocking=False):
+            waiting.put(conn)
+        else:
             reject(conn)
 
 

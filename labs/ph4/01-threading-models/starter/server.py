@@ -92,11 +92,13 @@ def serve_thread_per_connection(listener: socket.socket) -> None:
 
 def serve_bounded_pool(listener: socket.socket, workers: int, queue_size: int) -> None:
     """``workers`` threads, started once, serve connections taken from a queue of at most
-    ``queue_size`` waiting connections. When the queue is full, the accept loop answers
-    BUSY (503) at once and closes the connection."""
+    ``queue_size`` waiting connections. When every worker is busy and the queue is full
+    (``--queue 0``: no waiting room at all), the accept loop answers BUSY (503) at once and
+    closes the connection."""
     raise NotImplementedError(
-        "serve_bounded_pool(): start `workers` threads that serve connections from a "
-        "queue.Queue(maxsize=queue_size); accept and queue, answer BUSY (503) when full")
+        "serve_bounded_pool(): start `workers` threads that serve connections from a queue; "
+        "admit at most workers + queue_size connections at once and answer BUSY (503) to "
+        "the next at once (queue.Queue(maxsize=0) is unbounded, not zero)")
 
 
 # ---------------------------------------------------------------------------------------
