@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -134,6 +135,49 @@ def test_login_with_a_current_hash(store: Store) -> None:
             f"login() with {what} returned a new hash for a hash already at the current "
             f"parameters{'' if ok else ' after a FAILED login'}: rehash only when "
             "check_needs_rehash() says the parameters changed (and the password was right)")
+
+
+# Passwords as a keyboard or an input method may send them, each not in NFKC form (NIST
+# SP 800-63B allows normalizing to NFKC or NFKD - then on both sides, or on neither).
+UNNORMALIZED = [("pa\u0308sswo\u0308rd tu\u0308r", "umlauts as a letter plus a combining "
+                 "diaeresis (NFD, as macOS file names and some keyboards send them)"),
+                ("\uff30\uff41\uff53\uff53 \ufb01ve", "fullwidth letters and an 'fi' "
+                 "ligature (compatibility characters NFKC rewrites)"),
+                ("\u212bngstr\u00f6m 42", "an Angstrom sign U+212B (NFC rewrites it to "
+                 "U+00C5)")]
+
+
+def normalized_as(stored: str, password: str) -> str:
+    for form in ("NFKC", "NFC", "NFKD", "NFD"):
+        if unicodedata.normalize(form, password) != password \
+                and verifies(stored, unicodedata.normalize(form, password)):
+            return f"a hash of its {form} form"
+    return "a hash of something else"
+
+
+def test_login_with_the_password_as_registered(store: Store) -> None:
+    """The password a user registered with logs in, whatever Unicode form it came in:
+    normalizing (NFKC) when hashing but not when checking, or the other way round, locks
+    out every user whose keyboard sends another form."""
+    for password, what in UNNORMALIZED:
+        stored = store.hash(password)
+        ok, new = store.login(stored, password, f"the password it was registered with "
+                                                f"({what})")
+        if ok and new is None:
+            continue
+        side = ("hash_password() hashed it as given (argon2-cffi verifies it), so login() "
+                "checked another form of it (normalized on login's side only?)"
+                if verifies(stored, password)
+                else f"hash_password() stored {normalized_as(stored, password)}, "
+                     "login() checked the password as typed")
+        assert ok, (
+            f"login() refused the password the hash was made from ({what}): {side}. A "
+            "Unicode normalization applied on one side only locks out every user whose "
+            "input is in another form - normalize in hash_password() and login() alike, "
+            "or in neither")
+        assert new is None, (
+            f"login() with the password the hash was just made from ({what}) returned a "
+            "new hash: the parameters did not change, nothing needs rehashing")
 
 
 def test_old_argon2_parameters_rehashed_on_login(store: Store) -> None:

@@ -24,15 +24,34 @@ DEADLINE = 5.0  # seconds to wait for a 200 ms TTL to fire
 
 @pytest.fixture
 def channels(rabbitmq: Any) -> Iterator[tuple[Any, Any]]:
-    """(the learner's channel, the test's own channel with publisher confirms)."""
-    connection = rabbitmq.connection()
+    """(the learner's channel, the test's own channel with publisher confirms), each on a
+    connection of its own: the services that read a queue are never the connection that
+    declared it (an exclusive queue refuses them)."""
+    connections = [rabbitmq.connection(), rabbitmq.connection()]
     try:
-        mine = connection.channel()
+        mine = connections[1].channel()
         mine.confirm_delivery()
-        yield connection.channel(), mine
+        yield connections[0].channel(), mine
     finally:
-        if connection.is_open:
-            connection.close()
+        for connection in connections:
+            if connection.is_open:
+                connection.close()
+
+
+def on_queue(queue: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The test's own use of a learner's queue; a queue exclusive to the learner's
+    connection (405 RESOURCE_LOCKED) fails the test saying so."""
+    try:
+        return fn(*args, **kwargs)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 405:
+            raise
+        pytest.fail(
+            f"the queue {queue!r} is exclusive to the connection that declared it: the test's "
+            "own connection was refused (405 RESOURCE_LOCKED) - exclusive=True (the "
+            "tutorial's throwaway queues) means no service on another connection can read "
+            "it, and it is deleted when that connection closes. Declare the named queues "
+            f"plainly\n(RabbitMQ: {exc.reply_text})", pytrace=False)
 
 
 def call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -56,7 +75,7 @@ def drain(ch: Any, queue: str) -> list[str]:
     """Take every message the queue holds now (bodies, in queue order)."""
     bodies: list[str] = []
     while True:
-        method, _props, body = ch.basic_get(queue, auto_ack=True)
+        method, _props, body = on_queue(queue, ch.basic_get, queue, auto_ack=True)
         if method is None:
             return bodies
         bodies.append(body.decode())
@@ -66,7 +85,7 @@ def wait_for_message(ch: Any, queue: str) -> tuple[str, Any] | None:
     """The first message to arrive in ``queue`` within DEADLINE, or None."""
     deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
-        method, props, body = ch.basic_get(queue, auto_ack=True)
+        method, props, body = on_queue(queue, ch.basic_get, queue, auto_ack=True)
         if method is not None:
             return body.decode(), props
         time.sleep(0.05)
@@ -305,13 +324,10 @@ def test_headers_exchange_all_and_any(learner: Any, channels: Any, rabbitmq: Any
 
 # --- dead letters and TTL ----------------------------------------------------------------
 
-def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: Any,
-                                                        rabbitmq: Any) -> None:
-    mod = learner.load("patterns")
-    theirs, mine = channels
-    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
-    for body in ("ok-1", "bad-1", "ok-2", "bad-2"):
-        mine.basic_publish("", "work", body.encode())
+def handle_each(mod: Any, theirs: Any, mine: Any) -> tuple[list[Any], list[str], list[str]]:
+    """handle_one x5 over ok-1 bad-1 ok-2 bad-2: (its results, the bodies the handler
+    took, what 'work' holds ready after), then the learner's channel closed - a message it
+    took and never settled comes back to 'work' then, and fails the test."""
     handled: list[str] = []
     # A handler fails in more than one way: a message it refuses (ValueError) and a
     # dependency that timed out (TimeoutError). Either way the message is dead-lettered.
@@ -334,6 +350,26 @@ def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: 
                 "unacked until the channel closes, then comes back. Any exception of the "
                 "handler must dead-letter the message (except Exception: basic_reject with "
                 "requeue=False)", pytrace=False)
+    ready = drain(mine, "work")
+    theirs.close()  # what the learner's channel still holds unsettled is requeued now
+    held = drain(mine, "work")
+    assert not held, (
+        f"handle_one left {held} neither acked nor rejected (they came back to 'work' when "
+        "the test closed its channel): a failed handler's message was kept unacknowledged - "
+        "held from every other consumer until the channel closes, then redelivered, never "
+        "dead-lettered. Settle every message taken: ack on success, basic_reject("
+        "requeue=False) when the handler raised")
+    return results, handled, ready
+
+
+def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: Any,
+                                                        rabbitmq: Any) -> None:
+    mod = learner.load("patterns")
+    theirs, mine = channels
+    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
+    for body in ("ok-1", "bad-1", "ok-2", "bad-2"):
+        mine.basic_publish("", "work", body.encode())
+    results, handled, ready = handle_each(mod, theirs, mine)
     assert results == [True, True, True, True, False] and handled == ["ok-1", "ok-2"], (
         f"handle_one x5 returned {results} and handled {handled}; expected True x4, then "
         "False (queue empty), with ok-1 and ok-2 handled: a failed message must be rejected "
@@ -369,7 +405,7 @@ def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: 
     assert second is not None and second[0] == "bad-2", (
         f"after bad-1 the dead-letter queue got {second and second[0]!r}; expected bad-2, "
         "whose handler raised TimeoutError: every failure of the handler dead-letters")
-    assert drain(mine, "work") == [] and drain(mine, "dead") == [], (
+    assert ready + drain(mine, "work") == [] and drain(mine, "dead") == [], (
         "after the run 'work' and 'dead' should hold nothing more")
 
 
@@ -382,14 +418,14 @@ def test_dead_letters_are_routed_whatever_their_key(learner: Any, channels: Any)
     theirs, mine = channels
     call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
     mine.exchange_declare("events", exchange_type="topic")
-    mine.queue_bind("work", "events", routing_key="#")
+    on_queue("work", mine.queue_bind, "work", "events", routing_key="#")
     sent = {"work": ("", "via-default"), "audit": ("events", "via-audit"),
             "billing.eu.error": ("events", "via-billing-eu-error")}
     for key, (exchange, body) in sent.items():
         mine.basic_publish(exchange, key, body.encode())
     rejected = 0
     while True:
-        method, _props, _body = mine.basic_get("work", auto_ack=False)
+        method, _props, _body = on_queue("work", mine.basic_get, "work", auto_ack=False)
         if method is None:
             break
         mine.basic_reject(method.delivery_tag, requeue=False)
@@ -458,7 +494,7 @@ def test_per_message_ttl_expires_into_the_dlx(learner: Any, channels: Any,
     # Through a named exchange whose key is no queue's name: the message goes where the
     # exchange routes it, not to a queue named after the key.
     mine.exchange_declare("jobs", exchange_type="direct")
-    mine.queue_bind("work", "jobs", routing_key="job.new")
+    on_queue("work", mine.queue_bind, "work", "jobs", routing_key="job.new")
     call("publish_with_ttl", mod.publish_with_ttl, theirs, "jobs", "job.new", b"routed", 200)
     dead = wait_for_message(mine, "dead")
     if dead is None:

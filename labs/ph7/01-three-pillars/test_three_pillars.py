@@ -17,6 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -73,6 +74,7 @@ class App:
         assert reply.status == 200, f"GET /metrics: expected 200, saw {reply.status}"
         text = reply.body.decode(errors="replace")
         ctype = reply.header("Content-Type") or ""
+        body_matches_type(text, ctype, f"Accept {OM_ACCEPT!r}")
         try:
             families = list(parse_om(text) if "openmetrics" in ctype else parse_text(text))
         except Exception as exc:  # noqa: BLE001 - the learner's exposition, reported
@@ -82,12 +84,14 @@ class App:
                 "samples": [s for f in families for s in f.samples]}
 
 
-@pytest.fixture
-def app(learner: Any) -> Iterator[App]:
+@contextmanager
+def running_app(learner: Any, earlier: str = "") -> Iterator[App]:
+    """The learner's app served, logging to a file that holds `earlier` (lines an earlier
+    run of the service wrote) when make_app is called."""
     module = learner.load("pillars")
     folder = learner.tmp_folder(learner_writes=True)
     log = folder / "app.log"
-    log.touch()
+    log.write_text(earlier)
     os.chmod(log, 0o666)
     with OtlpTraceReceiver() as receiver:
         try:
@@ -98,6 +102,27 @@ def app(learner: Any) -> Iterator[App]:
         with serve_wsgi(wsgi) as host:
             yield App(host, provider, receiver, log, module, wsgi)
         provider.shutdown()
+
+
+@pytest.fixture
+def app(learner: Any) -> Iterator[App]:
+    with running_app(learner) as served:
+        yield served
+
+
+def body_matches_type(text: str, ctype: str, asked: str) -> None:
+    """An OpenMetrics body ends with '# EOF'; the classic format has no such line."""
+    om_body = text.rstrip().endswith("# EOF")
+    assert om_body or "openmetrics" not in ctype, (
+        f"GET /metrics with {asked} answered Content-Type {ctype!r} with a body in the "
+        "classic format (no '# EOF' line): the Content-Type names the format of the body "
+        "you send - generate it with prometheus_client.openmetrics.exposition")
+    assert not om_body or "openmetrics" in ctype, (
+        f"GET /metrics with {asked} answered an OpenMetrics body (it ends with '# EOF') "
+        f"under Content-Type {ctype!r}: a scraper picks its parser by the Content-Type, and "
+        "the classic parser fails on OpenMetrics' exemplars (Prometheus then drops the whole "
+        "scrape) - send each format with its own type (openmetrics.CONTENT_TYPE_LATEST with "
+        "openmetrics.generate_latest, the classic pair otherwise)")
 
 
 def new_trace_id() -> str:
@@ -224,6 +249,29 @@ def test_one_trace_id_across_log_metric_and_span(app: App) -> None:
                 f"{what}: the 404 was logged at level ERROR (levels {levels}): a client asking "
                 "for an order that does not exist is not the service failing - log it at "
                 "WARN or INFO, keep ERROR for the failures someone must look at")
+
+
+def test_log_lines_of_an_earlier_run_are_kept(learner: Any) -> None:
+    """A log file outlives the process that writes it: the service restarts (a deploy, a
+    crash) and goes on appending. The lines of the run before are what an incident needs."""
+    before = {"timestamp": "2026-01-01T00:00:00+00:00", "level": "ERROR",
+              "trace_id": new_trace_id(), "span_id": secrets.token_hex(8),
+              "message": "written by the run before this one"}
+    with running_app(learner, json.dumps(before) + "\n") as app:
+        kept = [r for r in app.log_records() if r == before]
+        assert kept, (
+            f"the log file {app.log.name} held a line of an earlier run, and after "
+            "make_app() it is gone: the file was opened with 'w', which empties it - every "
+            "restart would wipe the log. Open it for appending ('a')")
+        trace_id = new_trace_id()
+        app.get("/orders/1", trace_id)
+        the_log_line(app, trace_id, the_span(app, trace_id, "GET /orders/1"), "GET /orders/1")
+        records = app.log_records()
+        assert records[0] == before, (
+            "each write replaced the log file: the earlier run's line, still there after "
+            "make_app(), is gone after GET /orders/1 (opened with 'w' for each line?) - "
+            "append every line ('a'), never rewrite what is there; the first line is now "
+            f"{json.dumps(records[0])[:120]}")
 
 
 def test_counts_are_exact_with_bounded_labels(app: App) -> None:
@@ -359,6 +407,7 @@ def test_classic_scrape_and_a_request_without_a_caller(app: App) -> None:
             "a scraper that does not ask for OpenMetrics gets the classic text format "
             "(prometheus_client.exposition.generate_latest, text/plain; version=0.0.4) - "
             "serve OpenMetrics only when the Accept header asks for it")
+        body_matches_type(reply.body.decode(errors="replace"), ctype, asked)
     known = {s.span_id for s in app.receiver.snapshot()}
     reply = app.get("/orders/2")  # no traceparent: the app starts the trace
     assert reply.status == 200, (
