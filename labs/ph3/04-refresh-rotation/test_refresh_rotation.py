@@ -27,6 +27,7 @@ from labrunner.testing import PgStatementProxy, timed_redis_commands, verdict, w
 SECRET = b"ph3.4-access-token-signing-secret-0123456789"
 T0 = 1_700_000_000.0
 DAY = 24 * 3600
+Call = Callable[[], tuple[str, Any]]
 
 
 @dataclass
@@ -499,34 +500,103 @@ def test_two_concurrent_refreshes_of_one_token(service: Service) -> None:
 
 def race_once(service: Service, step: int) -> dict[str, tuple[str, Any]] | None:
     _, token = service.login("alice")
+    return hold_first_at_clock_call(
+        service, step, lambda: service.refresh(token, "refresh() (first)"),
+        lambda: service.refresh(token, "refresh() (second)"))
+
+
+def hold_first_at_clock_call(service: Service, step: int, first_call: Call,
+                             second_call: Call) -> dict[str, tuple[str, Any]] | None:
+    """first_call() stopped at its step-th call of the clock while second_call() runs to
+    its end (or waits for a lock), then let go: their verdicts as "first" and "second", or
+    None when first_call() calls the clock fewer times."""
     clock = service.clock
     clock.arrived.clear()
     clock.release.clear()
     clock.hold = step
     results: dict[str, tuple[str, Any]] = {}
 
-    def run(name: str) -> None:
-        results[name] = service.do(f"refresh() ({name})", service.svc.refresh, token)
+    def run(name: str, call: Call) -> None:
+        results[name] = call()
 
-    first = threading.Thread(target=run, args=("first",), daemon=True)
-    second = threading.Thread(target=run, args=("second",), daemon=True)
+    first = threading.Thread(target=run, args=("first", first_call), daemon=True)
+    second = threading.Thread(target=run, args=("second", second_call), daemon=True)
     first.start()
     try:
         wait_until(lambda: clock.arrived.is_set() or not first.is_alive(),
-                   "the first refresh() to call the clock")
+                   "the first call to call the clock")
         clock.hold = 0
         if not clock.arrived.is_set():
             first.join(timeout=30)
             return None
         second.start()
         wait_until(lambda: not second.is_alive() or waiting_on_lock(service),
-                   "the second refresh() to finish or wait for a lock")
+                   "the second call to finish or wait for a lock")
     finally:
         clock.hold = 0
         clock.release.set()
     first.join(timeout=30)
     second.join(timeout=30)
     return results
+
+
+def test_a_refresh_in_flight_when_its_family_is_revoked(service: Service) -> None:
+    """The user's refresh is stopped at its 1st, 2nd, then 3rd call of the clock (between
+    reading its token and storing the new one) while the thief's copy of the family's used
+    token comes back and revokes the family. The user's refresh may succeed, but the token
+    it returns belongs to a revoked family: it must be refused."""
+    for step in (1, 2, 3):
+        if not revoke_race(service, step):
+            break  # refresh() calls the clock fewer times: every step was tried
+
+
+def revoke_race(service: Service, step: int) -> bool:
+    _, stolen = service.login("alice")
+    verdict, pair = service.refresh(stolen, "the user's refresh token")
+    assert verdict == "ok", f"refresh() refused a fresh token: {pair}"
+    current = str(pair[1])
+    results = hold_first_at_clock_call(
+        service, step, lambda: service.refresh(current, "the user's refresh token (in flight)"),
+        lambda: service.refresh(stolen, "a used refresh token (the thief's copy)"))
+    if results is None:
+        return False
+    user = results.get("first", ("", None))
+    if user[0] != "ok":
+        return True
+    verdict, _ = service.refresh(str(user[1][1]), "the token a refresh in flight returned "
+                                                  "while its family was revoked")
+    assert verdict == "refused", (
+        "a refresh in flight while a reused token revoked its family (held at its clock "
+        f"call {step} while the thief's copy came back) returned a new refresh token that "
+        "still works: the revocation marked or deleted the family's tokens that existed at "
+        "that moment, and the refresh stored its new one right after. Revoke the FAMILY (a "
+        "revoked flag on a family row, checked on every refresh), so a token stored later "
+        "belongs to a revoked family too")
+    return True
+
+
+def test_logout_on_one_instance_denies_the_token_on_another(learner: Any, service: Service,
+                                                            redis_db: Any) -> None:
+    """The service runs as several instances (processes) behind a load balancer: a logout
+    handled by one must deny the access token on every other, which only a denylist kept in
+    Redis, read on every authenticate(), does."""
+    other_module = learner.load("tokens", fresh=True)  # another process: no shared state
+    other = Service(other_module, other_module.TokenService(
+        service.postgres.dsn, redis_db.url, SECRET, service.clock), service.postgres,
+        service.redis, service.clock)
+    access, refresh = service.login("alice")
+    verdict, got = other.authenticate(access, "an access token, on another instance")
+    assert verdict == "ok", f"another instance refused a fresh access token: {got}"
+    service.clock.now = T0 + 100
+    verdict, got = service.do("logout()", service.svc.logout, access, refresh)
+    assert verdict == "ok", f"logout() failed: {got}"
+    verdict, _ = other.authenticate(access, "an access token logged out on another instance")
+    assert verdict == "refused", (
+        "an access token logged out on one instance of the service was accepted by another "
+        "instance (which had authenticated it before): the denylist it read is kept in its "
+        "own process - a set of revoked jtis, or a cache of Redis's answers - and sees only "
+        "its own logouts. Every authenticate() must ask Redis (EXISTS denylist:<jti>), the "
+        "one denylist all instances share")
 
 
 def test_logout_with_an_expired_access_token(service: Service) -> None:

@@ -261,6 +261,12 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
     if ranges and ranges != [window]:
         return (f"the query's range is {ranges}, not the window asked for ({window}): put "
                 "the window argument in every range selector")
+    unfiltered = [sel for sel, matchers in re.findall(SELECTOR, compact)
+                  if not re.search(r"\bjob(=|=~)", matchers)]
+    if unfiltered:
+        return (f"the selector {unfiltered[0]} has no job filter, so it also reads the other "
+                "service scraped beside this one (same metric names, other figures): filter "
+                'EVERY selector on {job="<job>"} - a denominator as much as a numerator')
     restarted = (f"instance {RESTARTING + 1} restarted within the window (a deploy, a crash: "
                  "every counter it exports began again at 0)")
     if re.search(r"(rate|increase|delta|deriv)\((sum|avg|max|min|count)\b", compact):
@@ -283,6 +289,8 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
                 "rate() over [window] of each counter first, then combine")
     if "irate(" in compact:
         return "irate() reads the last two samples only: use rate() over [window]"
+    if name == "error_ratio" and (found := _error_ratio_diagnosis(value)):
+        return found
     if name == "error_ratio" and abs(value - 0.1) < 0.002:
         return ("only code 500 was counted, not 503: a 5xx is any server failure (500, 502, "
                 '503, 504) - match code=~"5.."')
@@ -299,6 +307,26 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
                 "utilization. Saturation is the work waiting for a worker: the rate of "
                 "pool_queue_wait_seconds_total, the mean queue length")
     return _one_instance_diagnosis(name, compact, value)
+
+
+# A selector of one of the service's metrics, with its label matchers (if any).
+SELECTOR = r"\b((?:http_requests_total|http_request_duration_seconds_\w+|pool_\w+)(\{[^}]*\})?)"
+
+
+def _error_ratio_diagnosis(value: float) -> str:
+    """The error ratio over a denominator other than all requests."""
+    total = SERVICE["rate"]
+    failed = SERVICE["error_ratio"] * total
+    client = sum(rate for (_, code), rate in REQUESTS.items() if code.startswith("4"))
+    for reading, what in ((failed / (total - failed), "failed requests over the ones that "
+                           "succeeded (the odds of failing)"),
+                          (failed / (total - client), "failed requests over the ones that "
+                           "were not 4xx")):
+        if abs(value - reading) <= TOLERANCE * reading:
+            return (f"{value:.4g} is {what}, not over all requests: the share of requests "
+                    "the service failed divides the 5xx rate by the rate of EVERY request, "
+                    "the 2xx, 4xx and 5xx alike")
+    return ""
 
 
 def _one_instance_diagnosis(name: str, compact: str, value: float) -> str:
