@@ -438,3 +438,36 @@ def test_largest_bigint_id_is_served(host: str, style: str, postgres: Any) -> No
             f"{reply.body[:120]!r}: user and order {BIGINT_MAX} exist - ids are bigint, up "
             "to 2^63-1 (19 digits), and a route that caps them shorter hides real rows")
         check_vary(reply, path, headers, what)
+
+
+def test_each_request_is_negotiated_afresh(host: str) -> None:
+    """One app, one resource, asked for v2 then v1 in every style: the second answer is the
+    second client's, not a copy of the first (an answer cache keyed on the URL or the ids)."""
+    for style in ("uri", "accept", "query"):
+        for version in (2, 1):
+            path, headers, what = ask(style, version, "/users/2/orders/201")
+            reply = get(host, path, headers)
+            want = expected_order(ORDERS[2], version)
+            assert reply.status == 200 and normalise(reply.json()) == normalise(want), (
+                f"{what}, right after a request for version {3 - version} of the same order, "
+                f"was not answered with the v{version} order: the app replayed an earlier "
+                "answer - a cache of answers must be keyed on everything that chose them (the "
+                "version, and so the Accept header: what Vary: Accept tells shared caches), "
+                f"not on the URL or the ids alone (expected {want}, saw {reply.status} "
+                f"{reply.body[:120]!r})")
+
+
+def test_placed_at_is_the_instant_whatever_the_session_time_zone(host: str,
+                                                                 postgres: Any) -> None:
+    with postgres.connect(autocommit=True) as conn:  # sessions opened from now on
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET timezone TO \'Asia/Kolkata\'')
+    path, headers, what = ask("uri", 2, "/users/2/orders/201")
+    reply = get(host, path, headers)
+    assert reply.status == 200, f"{what}: expected 200, saw {reply.status} {reply.body[:200]!r}"
+    got, want = reply.json().get("placed_at"), ORDERS[2][4]
+    assert normalise({"placed_at": got}) == normalise({"placed_at": want}), (
+        f"{what} with the database's TimeZone set to Asia/Kolkata (+05:30): placed_at is "
+        f"{got!r}, expected the instant {want}: Postgres hands a timestamptz back in the "
+        "session's time zone (14:45+05:30 here), so writing its wall clock with a +00:00 or Z "
+        "label moves the order by hours - keep the offset it came with (isoformat()) or "
+        "convert first (astimezone(timezone.utc))")

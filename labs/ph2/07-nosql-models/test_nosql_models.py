@@ -406,6 +406,52 @@ def test_look_alike_attributes_are_told_apart(learner: Any, postgres: Any, redis
         "so that the key says where each part ends.")
 
 
+# Values alike but for their letters' case: the sellers' text, told apart by every model.
+CASE_PAIRS: list[Product] = [
+    {"id": 9101, "name": "Atlas", "category": "Books", "price_cents": 100,
+     "tags": ["Eco-Home"], "attributes": {"color": "Red"}},
+    {"id": 9102, "name": "atlas", "category": "books", "price_cents": 100,
+     "tags": ["eco-home"], "attributes": {"color": "red"}},
+]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_lookups_tell_letter_case_apart(learner: Any, postgres: Any, redis_db: Any,
+                                        model: str) -> None:
+    """A category, tag or attribute value is compared exactly, as '=' in SQL and '@>' in
+    JSONB compare it: 'Books' and 'books' are two categories in all three models."""
+    store = load_model(learner.load("catalog"), model, postgres, redis_db, CASE_PAIRS)
+    problems: list[str] = []
+    try:
+        for product, other in (CASE_PAIRS, CASE_PAIRS[::-1]):
+            for label, call in (
+                    (f"ids_in_category({product['category']!r})",
+                     methodcaller("ids_in_category", product["category"])),
+                    (f"ids_with_tag({product['tags'][0]!r})",
+                     methodcaller("ids_with_tag", product["tags"][0])),
+                    (f"ids_with_attribute('color', {product['attributes']['color']!r})",
+                     methodcaller("ids_with_attribute", "color",
+                                  product["attributes"]["color"]))):
+                got = list(call(store))
+                if got != [product["id"]]:
+                    problems.append(
+                        f"{model}.{label} returned {got}, expected [{product['id']}]"
+                        + (f": product {other['id']} has {other['category']!r} / "
+                           f"{other['tags'][0]!r} / {other['attributes']['color']!r}, alike "
+                           "only when lower-cased" if other["id"] in got else ""))
+            got_product = store.get(product["id"])
+            if got_product != product:
+                problems.append(f"{model}.get({product['id']}) returned {got_product!r}, "
+                                f"expected {product!r}")
+    finally:
+        store.close()
+    assert not problems, (
+        f"{problems[0]} - a category, tag or attribute value is the seller's text, compared "
+        "exactly ('=' in SQL, '@>' in JSONB): a key or a comparison that folds case (lower(), "
+        "casefold(), ILIKE) merges two values the other models keep apart\n"
+        + "\n".join(problems[1:4]))
+
+
 def describe_difference(model: str, label: str, got: Any, want: Any) -> str:
     if isinstance(want, dict) and isinstance(got, dict):
         diff = [k for k in want if got.get(k) != want[k]]
@@ -551,6 +597,13 @@ def test_a_refused_add_stores_nothing_of_its_batch(learner: Any, postgres: Any,
                 f"{model}.add_products returned normally although the database refused the "
                 f"row carrying product {batch[-1]['id']}'s tag {REFUSED_TAG!r}: let the "
                 "database's error out")
+            left_open = sessions_in_a_transaction(conn)
+            assert not left_open, (
+                f"{model}.add_products raised ({type(refused).__name__}: the database refused "
+                f"product {batch[-1]['id']}'s tag row) and left its session {left_open[0]} "
+                "(pg_stat_activity): the failed transaction was never rolled back, so every "
+                "later statement on that connection is refused (or holds its locks) - end it "
+                "with ROLLBACK on the error path (with conn.transaction(): ... does)")
             left = [state for p in batch if (state := stored_state(store, p)) is not None]
             assert not left, (
                 f"{model}.add_products raised ({type(refused).__name__}: the database refused "
@@ -573,6 +626,18 @@ def test_a_refused_add_stores_nothing_of_its_batch(learner: Any, postgres: Any,
                 f"returned {got!r}, expected {batch!r}")
         finally:
             store.close()
+
+
+def sessions_in_a_transaction(conn: Any) -> list[str]:
+    """The state of the other sessions on this database that are inside a transaction,
+    watched for a moment: a backend reports its state just before it says it is ready."""
+    sql = ("SELECT state FROM pg_stat_activity WHERE datname = current_database() "
+           "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'")
+    deadline = time.monotonic() + 2
+    while (states := [state for (state,) in conn.execute(sql)]) and (
+            time.monotonic() < deadline):
+        time.sleep(0.05)
+    return [f"'{state}'" for state in states]
 
 
 def tables_holding(conn: Any, tables: set[str], value: str) -> list[str]:

@@ -247,7 +247,9 @@ def test_pubsub_fans_out_to_every_subscriber(learner: Any, redis_db: Any) -> Non
             time.sleep(0.01)
         assert count == 5, (
             f"the server counts {count} subscribers on the channel after 5 Subscriber() "
-            "constructors returned: subscribe in the constructor (SUBSCRIBE), not later")
+            "constructors returned: each Subscriber must SUBSCRIBE in its constructor, on a "
+            "connection of its own - the server counts connections, so Subscribers sharing "
+            "one count once, and a message one of them reads is gone for the others")
         messages = [f"price-change-{n}" for n in range(20)]
         receivers = [publish(redis_db.url, channel, m) for m in messages]
         assert receivers == [5] * 20, (
@@ -310,15 +312,17 @@ def subscribe_hold(redis_db: Any) -> tuple[SubscribeHold, str]:
     return proxy, proxy.url_for(redis_db.url)
 
 
-def construct_in_thread(cls: type, via: str) -> tuple[dict[str, Any], threading.Event]:
-    """Subscriber(via, <a fresh channel>) on a thread of its own: what it ended with (``sub``
-    or ``error``) lands in the box, and the event is set when the constructor has ended."""
+def construct_in_thread(cls: type, via: str, channel: str | None = None,
+                        ) -> tuple[dict[str, Any], threading.Event]:
+    """Subscriber(via, channel or a fresh one) on a thread of its own: what it ended with
+    (``sub`` or ``error``) lands in the box, and the event is set when the constructor has
+    ended."""
     box: dict[str, Any] = {}
     returned = threading.Event()
 
     def construct() -> None:
         try:
-            box["sub"] = cls(via, f"lab:{uuid.uuid4().hex}")
+            box["sub"] = cls(via, channel or f"lab:{uuid.uuid4().hex}")
         except Exception as exc:  # noqa: BLE001 - the caller judges it
             box["error"] = exc
         returned.set()
@@ -369,6 +373,42 @@ def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) 
         if "sub" in box:
             box["sub"].close()
         proxy.close()
+
+
+def test_subscriber_waits_for_its_own_confirmation(learner: Any, redis_db: Any) -> None:
+    """Another client is already subscribed to the channel when the learner's SUBSCRIBE is
+    held: a count of the channel's subscribers says "subscribed" at once, but only the reply
+    on the Subscriber's own connection says that this one is."""
+    cls = subscriber_class(learner)
+    channel = f"lab:{uuid.uuid4().hex}"
+    other = redis_db.client().pubsub()
+    other.subscribe(channel)
+    assert came_true(lambda: (other.get_message(timeout=1) or {}).get("type") == "subscribe",
+                     10), "the test's own subscriber got no confirmation"
+    proxy, via = subscribe_hold(redis_db)
+    box, returned = construct_in_thread(cls, via, channel)
+    try:
+        if not proxy.held.wait(10):
+            pytest.fail("Subscriber() sent no SUBSCRIBE on its connection within 10 s: "
+                        "subscribe in the constructor", pytrace=False)
+        early = returned.wait(1.0)  # SUBSCRIBE is held: nothing can have confirmed it
+        assert not early or "error" in box, (
+            "Subscriber() returned while its SUBSCRIBE was held on its way (the test held "
+            "it) and another client was already subscribed to the channel: PUBSUB NUMSUB "
+            "or PUBSUB CHANNELS counts the channel's subscribers, not this connection's "
+            "subscription - wait for the 'subscribe' reply on the Subscriber's own "
+            "connection (pubsub.get_message(timeout=...))")
+        proxy.release()
+        assert returned.wait(10), "Subscriber() did not return after SUBSCRIBE was confirmed"
+        if "error" in box:
+            pytest.fail(f"Subscriber() raised {type(box['error']).__name__}: {box['error']}",
+                        pytrace=False)
+    finally:
+        proxy.release()
+        if "sub" in box:
+            box["sub"].close()
+        proxy.close()
+        other.close()
 
 
 # The subscriber gives up on a SUBSCRIBE the server never confirms within this bound: the
