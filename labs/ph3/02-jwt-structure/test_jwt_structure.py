@@ -195,6 +195,14 @@ CLAIM_CASES = [
     Case("wrong issuer", signed(iss="https://evil.lab.test"), NOW, 0, False,
          "iss must be the issuer decode() was given"),
     Case("no issuer", signed(iss=None), NOW, 0, False, "iss is required"),
+    # RFC 7519 section 2: StringOrURI values are compared as case-sensitive strings, with
+    # no transformations or canonicalizations applied (OpenID Connect: an exact match).
+    Case("issuer with a trailing slash", signed(iss=f"{ISS}/"), NOW, 0, False,
+         "iss is compared exactly, as a case-sensitive string (RFC 7519 section 2): "
+         "trimming a trailing '/' or folding case before comparing accepts another issuer"),
+    Case("issuer in capitals", signed(iss=ISS.upper()), NOW, 0, False,
+         "iss is compared exactly, as a case-sensitive string (RFC 7519 section 2): "
+         "folding case or trimming before comparing accepts another issuer"),
     Case("wrong audience", signed(aud="billing"), NOW, 0, False,
          "a token for another API (aud) must not be accepted here"),
     Case("audience list with ours", signed(aud=["billing", AUD]), NOW, 0, True,

@@ -298,6 +298,7 @@ def test_a_session_continues_on_the_other_instance(cluster: Any, redis_db: Any) 
     check_expiry(redis_db, "POST /login", sent,
                  "A session nobody logs out of stays in Redis forever: sessions pile up "
                  "until Redis runs out of memory.")
+    session_found_among_other_cookies(lb, cookie)
     other = login(lb, USER)
     sid, other_sid = cookie.split("=", 1)[1], other.split("=", 1)[1]
     if sid == other_sid or USER in sid:
@@ -318,6 +319,23 @@ def test_a_session_continues_on_the_other_instance(cluster: Any, redis_db: Any) 
             "time and the MAC address) is unique but guessable - whoever sees their own id "
             "can enumerate their neighbours'. Use secrets.token_urlsafe(32).", pytrace=False)
     a_revoked_session_ends_everywhere(instances, redis_db, cookie, keys_written(sent))
+
+
+def session_found_among_other_cookies(lb: RoundRobin, cookie: str) -> None:
+    """A browser sends every cookie of the site in one Cookie header, '; ' between them
+    (RFC 6265 section 5.4), and a balancer adds its own (an affinity cookie): the session
+    is one of several, first, last or in the middle."""
+    for header in (f"lb-affinity=A; {cookie}", f"{cookie}; theme=dark",
+                   f"lb-affinity=B; {cookie}; theme=dark"):
+        for _ in range(2):   # once on each instance
+            reply = lb.request("GET", "/me", cookie=header)
+            assert reply.status == 200 and reply.json().get("user") == USER, (
+                f"GET /me on instance {reply.served_by} with the header 'Cookie: {header}' "
+                f"answered {reply.status} {reply.body[:120]!r}, expected 200 with user "
+                f"{USER!r}: the session cookie was not found among the others\nA Cookie "
+                "header carries every cookie of the site, separated by '; ' (RFC 6265 "
+                "section 5.4), and a load balancer adds its own affinity cookie: parse it "
+                "(http.cookies.SimpleCookie) and take the one named session, wherever it is.")
 
 
 def a_revoked_session_ends_everywhere(instances: list[Instance], redis_db: Any, cookie: str,
@@ -355,6 +373,49 @@ def a_revoked_session_ends_everywhere(instances: list[Instance], redis_db: Any, 
             f"served it ({'; '.join(stale)}), expected 401 on every instance\nA copy in the "
             "process (a dict, an lru_cache of the lookup) is state that never learns what "
             "changed in Redis: look the session up in Redis on every request.", pytrace=False)
+
+
+def test_a_session_revoked_mid_request_is_never_half_served(learner: Any, redis_db: Any
+                                                             ) -> None:
+    """A logout on the other instance may land between two commands of one request. The
+    instance's Redis connection goes through a gate; during GET /me, once the request has
+    sent one command naming the session's keys, the test deletes them before the next such
+    command goes on. A lookup in one command (HGET, HGETALL, GET) sees the session or does
+    not: 200 with the user, or 401. One that checks (EXISTS) and then reads finds nothing on
+    the second read and serves a session that is gone: 200 with user null."""
+    keys: list[bytes] = []
+    seen: list[list[bytes]] = []
+    armed = threading.Event()
+    admin = redis_db.client()
+
+    def before(command: list[bytes]) -> None:
+        if armed.is_set() and any(k in arg for k in keys for arg in command[1:]):
+            seen.append(command)
+            if len(seen) == 2:
+                admin.delete(*keys)
+
+    try:
+        with redis_gate(redis_db.url, before) as gated, \
+                running(learner, {"A": gated}) as (lb, _):
+            with redis_commands(redis_db) as sent:
+                cookie = login(lb, "dora")
+            keys.extend(k.encode() for k in keys_written(sent))
+            armed.set()
+            reply = lb.request("GET", "/me", cookie=cookie)
+            armed.clear()
+    finally:
+        admin.close()
+    if reply.status == 401 or (reply.status == 200 and reply.json().get("user") == "dora"):
+        return
+    steps = ", ".join(" ".join(a.decode(errors="replace")[:40] for a in c[:2]) for c in seen)
+    pytest.fail(
+        f"GET /me answered {reply.status} {reply.body[:120]!r} for a session deleted in "
+        f"the middle of the request (between {steps}), expected 401 or 200 with user "
+        "'dora': the request checked the session, then read it again and served what was "
+        "no longer there\nAnother instance may delete the session (a logout) between two "
+        "of your commands: look it up in ONE command (HGET or HGETALL) and decide from "
+        "what that returned - never check it exists and then read it, nor read it twice.",
+        pytrace=False)
 
 
 def test_without_a_known_session_401(cluster: Any, redis_db: Any) -> None:

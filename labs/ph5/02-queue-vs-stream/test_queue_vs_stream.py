@@ -364,6 +364,40 @@ def test_a_worker_gets_every_payload(learner: Any, rabbitmq: Any, payload: Paylo
 
 # --- Kafka: a log ----------------------------------------------------------------------------
 
+def assert_nothing_new(mod: Any, kafka: Any, topic: str,
+                       where: dict[int, tuple[int, int]]) -> None:
+    """Group workers read the whole log and committed (``where``: per partition, its
+    committed offset and the end of the log): its next read finds nothing new, and says so
+    by returning [] - the read with nothing to read is a path of its own."""
+    outcome, again = verdict("kafka_read_new", mod.kafka_read_new, kafka.bootstrap, topic,
+                             kafka.group("workers"), refusal=(), crash=None)
+    assert outcome == "ok", (
+        f"the second kafka_read_new of group workers, with nothing new in the log, raised "
+        f"{again}; expected []: a read that finds nothing new is no error. It consumed "
+        f"nothing, so it has no position to commit: commit() with nothing consumed raises "
+        f"KafkaException _NO_OFFSET ('No offset stored') - commit only when the read "
+        f"returned records")
+    if not again:
+        return
+    behind = {p: c for p, (c, end) in where.items() if c < end}
+    assert not (behind and len(behind) < len(where)), (
+        f"group workers read {again} again on its second kafka_read_new: after its first "
+        f"read the group had committed the end of some partitions but not of partitions "
+        f"{sorted(behind)} (committed offset, end of log: {where}) - commit(message=msg) "
+        f"commits only msg's partition; commit every partition read (commit() with no "
+        f"argument commits each assigned partition's position)")
+    last_read = sorted(p for p, (c, end) in where.items() if end > 0 and c == end - 1)
+    assert not last_read, (
+        f"group workers read {again} again on its second kafka_read_new: its first read "
+        f"committed, in partitions {last_read}, the offset of the LAST record it read "
+        f"(committed offset, end of log: {where}), so that record is read again - a "
+        f"committed offset is the NEXT record to read: last offset + 1 (commit(message=msg) "
+        f"adds the 1 itself; commit() with no argument commits each partition's position)")
+    assert again == [], (
+        f"group workers read {again} again on its second kafka_read_new; expected nothing: "
+        "commit the group's position after reading")
+
+
 def test_kafka_keeps_the_log_for_new_groups_and_replay(learner: Any, kafka: Any) -> None:
     """Reading a topic removes nothing: the group that read it has nothing new, a new group
     reads all 10 jobs, and the first group reads all 10 again after seeking to offset 0."""
@@ -377,18 +411,7 @@ def test_kafka_keeps_the_log_for_new_groups_and_replay(learner: Any, kafka: Any)
     assert_all_jobs(mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("workers")),
                     "kafka_read_new for group workers", "a new group starts at the beginning")
     where = positions(kafka, topic, "workers")  # what the first read committed
-    again = mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("workers"))
-    if again:
-        behind = {p: c for p, (c, end) in where.items() if c < end}
-        assert not (behind and len(behind) < len(where)), (
-            f"group workers read {again} again on its second kafka_read_new: after its first "
-            f"read the group had committed the end of some partitions but not of partitions "
-            f"{sorted(behind)} (committed offset, end of log: {where}) - commit(message=msg) "
-            f"commits only msg's partition; commit every partition read (commit() with no "
-            f"argument commits each assigned partition's position)")
-    assert again == [], (
-        f"group workers read {again} again on its second kafka_read_new; expected nothing: "
-        "commit the group's position after reading")
+    assert_nothing_new(mod, kafka, topic, where)
     assert records_on_broker(kafka, topic) == 10, "the topic should still hold all 10 jobs"
 
     assert_all_jobs(mod.kafka_read_new(kafka.bootstrap, topic, kafka.group("auditors")),
