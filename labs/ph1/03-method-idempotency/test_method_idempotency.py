@@ -219,6 +219,28 @@ def test_delete_is_idempotent(instances: list[str], db: Any) -> None:
     assert left == [1], f"after DELETE /users/8 expected users [1] to remain, saw {left}"
 
 
+# Ids in the path that no bigint holds: the users' and orders' ids are bigint, so no
+# resource has them, and a query with one overflows (psycopg: NumericValueOutOfRange).
+HUGE_IDS = [str(2**63), "1" + "0" * 20]
+
+
+def test_ids_beyond_bigint_in_the_path_are_4xx(instances: list[str], db: Any) -> None:
+    user = {"name": "Big Number", "email": "big@example.com"}
+    for n, huge in enumerate(HUGE_IDS):
+        for method, path, body in (("PUT", f"/users/{huge}", user),
+                                   ("DELETE", f"/users/{huge}", None),
+                                   ("GET", f"/orders/{huge}", None)):
+            reply = call(instances[n % 2], method, path, body)
+            assert 400 <= reply.status < 500, (
+                f"{method} {path} ({len(huge)} digits, beyond bigint's 2**63 - 1): expected "
+                f"a 4xx (404, or 400/422), saw {reply.status} {reply.body[:150]!r}: no row "
+                "has this id and the query with it overflows the bigint column - check the "
+                "id's range before the database sees it (a pattern of \\d+ or \\d{1,19} "
+                "is not enough)")
+    left = [r[0] for r in rows(db, "SELECT id FROM users ORDER BY id")]
+    assert left == [1], f"PUT/DELETE of ids beyond bigint changed the users: {left}"
+
+
 # A key names one client's attempt. An empty or blank value (an unset template variable)
 # names nothing: taken as the key "", every such POST from every client is one attempt.
 MISSING_KEYS = [
@@ -260,6 +282,12 @@ INVALID_ORDERS = [
      "users.id is a bigint (at most 2**63 - 1): no user has this id, and the query with it "
      "overflows"),
     ({**ORDER, "quantity": "2"}, "quantity a string", "quantity is a JSON number"),
+    ({**ORDER, "quantity": True}, "quantity true",
+     "true is a JSON boolean, not a number: Python's bool is an int (isinstance(True, int) "
+     "holds), so a type check by isinstance alone lets it through to the integer column"),
+    ({**ORDER, "user_id": True}, "user_id true",
+     "true is a JSON boolean, not a user id: Python's bool is an int (isinstance(True, int) "
+     "holds), so a type check by isinstance alone lets it through to the bigint column"),
     ({**ORDER, "quantity": 2.5}, "quantity 2.5", "quantity is a whole number"),
     ({"user_id": 1, "item": "keyboard"}, "no quantity", "an order has a quantity"),
     ({**ORDER, "item": "key\u0000board"}, "a NUL character in item",

@@ -162,6 +162,13 @@ def test_scopes_401_and_403_over_http(api: Api) -> None:
     expect(api, "POST", reader, 403, "a read-only key",
            "the key is valid but lacks reports:write: 403 Forbidden (401 is for keys "
            "that are missing or not valid)")
+    near = api.create("archive", ["reports:read:archived", "reports:writer"])
+    for method, scope in (("GET", "reports:read"), ("POST", "reports:write")):
+        expect(api, method, near, 403,
+               "a key whose scopes are 'reports:read:archived' and 'reports:writer'",
+               f"the route needs {scope}, and no scope of the key is {scope}: scopes match "
+               "exactly, as whole names - a substring or prefix test (in a joined string, "
+               "startswith) grants what the key was never issued for")
     expect(api, "GET", None, 401, "no key", "no Authorization header")
     prefix = reader.split("_", 2)[1]
     forged = f"lk_{prefix}_{'A' * len(reader.split('_', 2)[2])}"
@@ -332,6 +339,32 @@ def test_rotating_again_never_extends_the_old_keys_end(api: Api) -> None:
            "end of a key only ever moves earlier - keep the earlier of the two ends "
            "(LEAST(expires_at, new end))")
     expect(api, "GET", again, 200, "the key the second rotation issued", "it stays valid")
+
+
+def test_another_stores_revoke_and_rotation_are_seen_at_once(api: Api, learner: Any) -> None:
+    """The app's store has just accepted a key; the owner's tool (another process: a
+    KeyStore of a fresh copy of the module, sharing no module state) revokes it, or
+    rotates it with a short grace. The app must refuse the key at once, or when that grace
+    ends: the database is the one truth, not what one process saw a moment ago."""
+    tool = learner.load("apikeys", fresh=True).KeyStore(api.postgres.dsn, api.clock)
+    leaked = api.create("partner", ["reports:read"])
+    expect(api, "GET", leaked, 200, "a new key", "the key has the scope")
+    tool.revoke(leaked)
+    expect(api, "GET", leaked, 401,
+           "a key revoked by another KeyStore (another process) just after the app accepted it",
+           "the revoke is in the database, but the app answered from what it remembered: a "
+           "cache of valid keys in the store or the module outlives a revoke made elsewhere "
+           "- read the row on every request (the prefix makes it one indexed lookup)")
+    rotated = api.create("partner", ["reports:read"])
+    expect(api, "GET", rotated, 200, "a new key", "the key has the scope")
+    fresh = tool.rotate(rotated, 60)
+    api.clock.now = T0 + 60
+    expect(api, "GET", rotated, 401,
+           "a key rotated with a 60 s grace by another KeyStore (another process), at 60 s",
+           "the end the rotation wrote is in the database, but the app answered from what it "
+           "remembered before the rotation (no end): a cache of valid keys outlives it")
+    expect(api, "GET", fresh, 200, "the key the other KeyStore's rotation issued",
+           "the new key is valid wherever it is checked")
 
 
 def test_two_rotations_at_once_keep_the_earlier_end(api: Api, learner: Any) -> None:

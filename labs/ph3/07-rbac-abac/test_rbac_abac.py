@@ -212,6 +212,12 @@ HOSPITAL_CASES = [
          record(), False, "no role and no rule mentions record:delete: deny by default", DAY),
     Case("action sharing a prefix", nurse(), "record:read:all", record(), False,
          "record:read does not grant record:read:all: actions match exactly", DAY),
+    Case("action in capitals", nurse(), "RECORD:READ", record(), False,
+         "'RECORD:READ' is not 'record:read': actions match exactly, letter case included - "
+         "an engine that folds case grants an action name no role and no rule lists", DAY),
+    Case("action with a trailing blank", nurse(), "record:read ", record(), False,
+         "'record:read ' is not 'record:read': actions match exactly - an engine that strips "
+         "or normalises the name grants an action no role and no rule lists", DAY),
     Case("permission that is a prefix", {"id": "x1", "roles": ["records"], "ward": 3},
          "record:read", record(), False,
          "the permission 'record' is not 'record:read': no prefixes, no wildcards", DAY),
@@ -432,3 +438,35 @@ def test_unknown_operators_are_unknown(learner: Any) -> None:
     assert not wrong, "\n".join(wrong) + (
         f"\n({len(wrong)} of {len(UNKNOWN_OPERATOR_CASES)} rules with an unknown operator "
         "decided wrong)")
+
+
+def without_permission(policy: dict[str, Any], role: str, action: str) -> dict[str, Any]:
+    """A fresh copy of `policy` in which `role` no longer grants `action`."""
+    roles = {name: {**spec, "permissions": [p for p in spec.get("permissions", [])
+                                            if name != role or p != action]}
+             for name, spec in policy["roles"].items()}
+    return {"roles": roles, "rules": [dict(rule) for rule in policy["rules"]]}
+
+
+def test_a_changed_policy_takes_effect_at_once(learner: Any) -> None:
+    """One engine, the policy changed between two calls (viewer's doc:read revoked, then
+    given back): each decision comes from the policy passed in on that call."""
+    module = learner.load("policy")
+    revoked = without_permission(DOCS_POLICY, "viewer", "doc:read")
+    steps = [
+        (DOCS_POLICY, True, "viewer has doc:read"),
+        (revoked, False, "the policy passed in no longer grants doc:read to viewer (nor to "
+                         "any role that inherits it): permissions remembered from an earlier "
+                         "policy (a cache keyed by role names, a module-level dict) outlive "
+                         "the revocation - read the roles of the policy of this call"),
+        (DOCS_POLICY, True, "doc:read is granted again: a cache keyed by role names keeps "
+                            "the revoked answer"),
+    ]
+    for subject_roles in (["viewer"], ["admin"]):
+        for number, (policy, allow, why) in enumerate(steps, 1):
+            case = Case(f"{subject_roles[0]} reads, policy change step {number} of "
+                        f"{len(steps)}", {"id": "u1", "roles": subject_roles, "dept": "eng",
+                                           "clearance": "secret"},
+                        "doc:read", doc(), allow, why)
+            wrong = decide(module, policy, case)
+            assert wrong is None, wrong
