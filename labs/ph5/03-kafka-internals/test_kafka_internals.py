@@ -98,6 +98,25 @@ def split_two_by_two(members: list[set[int]]) -> bool:
             and members[0] | members[1] == {0, 1, 2, 3})
 
 
+def left_the_group(admin: Any, group: str, who: str, owned: set[int]) -> None:
+    """``who``'s close() has returned: the broker must stop listing it as a member. Its
+    LeaveGroup is answered in milliseconds; a member that never left keeps heart-beating
+    from librdkafka's own thread, so the broker keeps it (and its partitions) for minutes."""
+    deadline = time.monotonic() + 10
+    while len(members := broker_assignment(admin, group)) > 1:
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"10 s after {who}'s close() returned, the broker still lists it as a member "
+                f"of the group (members' partitions: {members}): close() did not leave the "
+                f"group, so partitions {sorted(owned)} stay assigned to a member that no "
+                "longer reads them - nobody processes them until the broker gives up on it "
+                "(max.poll.interval.ms, 5 minutes by default, while its client's background "
+                "thread keeps heart-beating). Close the consumer (consumer.close(): on_revoke "
+                "commits, then it sends LeaveGroup and the group rebalances at once)",
+                pytrace=False)
+        time.sleep(0.05)
+
+
 def committed(kafka: Any, topic: str, group: str, partitions: int) -> dict[int, int]:
     """The group's committed offsets as stored on the broker (-1001: none)."""
     reader = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group,
@@ -312,6 +331,7 @@ def test_group_splits_partitions_and_rebalances(learner: Any, kafka: Any) -> Non
             "forget its processed offset")
         b.close()
         b = None
+        left_the_group(admin, group, "B", b_owns)
         (after,) = drive([a], lambda _: broker_assignment(admin, group) == [{0, 1, 2, 3}]
                          and a.assignment() == {0, 1, 2, 3}, "A to take back all 4 partitions")
         assert after == [], (

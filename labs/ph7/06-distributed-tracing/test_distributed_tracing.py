@@ -124,6 +124,7 @@ class Stack:
     proxy: RecordingProxy
     receiver: OtlpTraceReceiver
     providers: list[Any]
+    module: Any
 
     def call(self, path: str, headers: dict[str, str] | None = None,
              timeout: float = 15) -> HttpReply:
@@ -172,7 +173,7 @@ def stack(learner: Any) -> Iterator[Stack]:
             try:
                 with serve_wsgi(module.make_frontend(front_provider, proxy.url)) as host:
                     yield Stack(host, inventory, proxy, receiver,
-                                [front_provider, inv_provider])
+                                [front_provider, inv_provider], module)
             finally:
                 proxy.close()
                 for provider in (front_provider, inv_provider):
@@ -324,6 +325,14 @@ def test_a_failing_call_marks_spans_as_errors(stack: Stack) -> None:
            f"{[f'{s.service}/{s.name}' for s in misplaced]}: set it on the span of the "
            "request itself (the SERVER span you started with kind=SERVER, not whatever "
            "trace.get_current_span() is at that moment)" if misplaced else ""))
+    front = one(spans, "frontend", "SERVER", "the request it answered 502", everything)
+    assert front.status == "ERROR", (
+        f"the frontend answered 502 Bad Gateway, yet its SERVER span has status "
+        f"{front.status}, expected ERROR: the HTTP semantic conventions set ERROR on a SERVER "
+        "span whose response is a 5xx - the request failed for its caller, whatever the "
+        "cause, and a search for the frontend's failed requests (service=frontend, "
+        "status=error) must find it. Set it while the span is open (inside its with block: "
+        "set_status on an ended span is ignored)")
 
 
 def test_a_client_error_is_not_a_server_error(stack: Stack) -> None:
@@ -467,3 +476,43 @@ def test_a_malformed_traceparent_is_ignored_not_trusted(stack: Stack, service: s
                 "digits, not all zeros, version ff forbidden, version 00 has four fields): "
                 "let TraceContextTextMapPropagator().extract() validate it, don't parse it "
                 "by hand")
+
+
+# The test plays a caller, then another: the two requests reach the same worker thread.
+ONE_THREAD = {"frontend": "/checkout/KEY-0042", "inventory": "/stock/KEY-0042"}
+
+
+@pytest.mark.parametrize("service", list(ONE_THREAD))
+def test_a_request_leaves_no_context_on_its_thread(stack: Stack, learner: Any,
+                                                   service: str) -> None:
+    """A sync worker or a thread pool serves request after request on one thread. The first
+    carries the caller's traceparent, the second none: the second must start a new trace.
+    A context attached for a request (context.attach) and never detached stays on the thread,
+    and the next request served there silently continues the previous caller's trace."""
+    path = ONE_THREAD[service]
+    app = (stack.module.make_frontend(stack.providers[0], stack.proxy.url)
+           if service == "frontend" else stack.module.make_inventory(stack.providers[1]))
+    server = learner.harness().OneThreadServer(app)
+    try:
+        trace_id, parent, headers = caller()
+        first = stack.status(path, headers, host=server.address)
+        assert first == 200, f"GET {path} from {service} on one thread: expected 200, saw {first}"
+        before = {s.span_id for s in stack.receiver.snapshot()}
+        second = stack.status(path, {}, host=server.address)
+        assert second == 200, (
+            f"GET {path} from {service}, the second request on its thread: expected 200, "
+            f"saw {second}")
+    finally:
+        server.close()
+    new = [s for s in stack.receiver.snapshot() if s.span_id not in before]
+    span = one(new, service, "SERVER", "the second request, sent without traceparent", new)
+    assert span.parent_span_id == "" and span.trace_id != trace_id, (
+        f"two requests to {service} served one after the other on one thread (as a sync "
+        f"worker or a thread pool serves them): the first carried the caller's traceparent "
+        f"(trace {trace_id}, parent {parent}), the second none - yet the second's SERVER "
+        f"span is in trace {span.trace_id} with parent {span.parent_span_id or 'none'}, "
+        "expected a new root. The first request's context stayed attached to the thread "
+        "(context.attach() with no context.detach(token)), so whatever that thread serves "
+        "next continues an earlier caller's trace. Start the SERVER span with "
+        "context=<the extracted context> in a with block (it restores the previous context "
+        "when the block ends), or detach the token in a finally")

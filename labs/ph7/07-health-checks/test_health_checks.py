@@ -195,7 +195,8 @@ def expect(host: str, path: str, status: int, situation: str, why: str,
                     f"expected {status} at once: a probe that hangs fails late and ties up a "
                     "worker - bound every dependency check with a short timeout "
                     "(psycopg's connect_timeout, redis' socket_timeout and "
-                    "socket_connect_timeout, in seconds) and answer 503 when it expires.",
+                    "socket_connect_timeout, in seconds; a pool's wait for a connection: "
+                    "psycopg_pool's timeout, 30 s by default) and answer 503 when it expires.",
                     pytrace=False)
     if got == 500 and status != 500 and _checks(body):
         pytest.fail(f"{situation}: GET {path} answered 500 with {body}, expected {status}: "
@@ -253,6 +254,23 @@ def reported(body: Any, down: set[str], up: set[str], situation: str) -> None:
                         "check's own result, not the overall one", pytrace=False)
 
 
+def stale_report(host: str, body: Any, dep: str, situation: str) -> None:
+    """``dep`` is back and ``body`` reports it down: if the very next probe finds it ok, the
+    first answered from a connection the outage had broken, not from ``dep`` as it is now."""
+    checks = _checks(body)
+    if checks is None or dep not in checks or _is_ok(checks[dep]):
+        return
+    again = _checks(probe(host, "/health/ready")[1])
+    if again is not None and _is_ok(again.get(dep)):
+        pytest.fail(f"{situation}: the first probe after {dep} came back reported it "
+                    f"{checks[dep]!r}, the next one {again[dep]!r}: the check used a "
+                    "connection opened before the outage, which the outage had broken (a "
+                    "pooled connection handed out unchecked), and reported that instead of "
+                    f"{dep} as it is now - a false 'not ready' after every outage or cut. "
+                    "Check on a fresh connection, or have the pool test one before handing it "
+                    "out (psycopg_pool: check=ConnectionPool.check_connection)", pytrace=False)
+
+
 def names(body: Any, dependency: str, situation: str) -> None:
     other = {"postgres", "redis"} - {dependency}
     reported(body, {dependency}, other, situation)
@@ -308,6 +326,27 @@ def test_baseline(host: str, deps: Deps) -> None:
             "remembered (or never checked), expected every probe to check again - a cached "
             "'ready' keeps sending traffic to an instance whose database went down a moment "
             "ago")
+
+
+def test_a_check_leaves_no_transaction_open(host: str, postgres: Any) -> None:
+    """psycopg opens a transaction with the first statement unless the connection is in
+    autocommit: a connection kept between probes that ran SELECT 1 and never committed sits
+    'idle in transaction' - a server session pinned by a pooler in transaction mode, a
+    session killed by idle_in_transaction_session_timeout (the next probe then reports a
+    false 'down'), an alarm on every dashboard."""
+    for _ in range(2):
+        expect(host, "/health/ready", 200, "everything up", "both dependencies answer")
+    with postgres.connect(autocommit=True) as conn:
+        open_ = conn.execute(
+            "SELECT count(*), max(now() - state_change) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND state LIKE 'idle in transaction%'").fetchone()
+    assert open_ is not None
+    assert open_[0] == 0, (
+        f"after two readiness probes answered 200, {open_[0]} session(s) of the app sit 'idle "
+        f"in transaction' on Postgres (for {open_[1]}): the check ran SELECT 1 on a connection "
+        "it keeps and never ended the transaction psycopg began - open the connection with "
+        "autocommit=True, or end it (a with block on the connection commits and closes)")
 
 
 RECONNECT_BUDGET = 5.0   # seconds readiness may take to replace a broken connection
@@ -385,6 +424,7 @@ def test_redis_down_then_both_then_back(host: str, deps: Deps) -> None:
     situation = "Postgres back, Redis still unreachable"
     body = expect(host, "/health/ready", 503, situation,
                   "Redis is still unreachable: the instance still cannot serve")
+    stale_report(host, body, "postgres", situation)
     names(body, "redis", situation)
     deps.redis.set("up")
     wait_ready(host, "Redis reachable again")
