@@ -275,10 +275,14 @@ class Conn:
     """One connection of the test's own, read with the server watched: the verdict "never"
     is the server asleep, its CPU time unmoved, STALLED times in a row with bytes missing."""
 
-    def __init__(self, server: Server, what: str) -> None:
+    def __init__(self, server: Server, what: str, rcvbuf: int = 0) -> None:
         self.server = server
         try:
-            self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            self.sock = socket.socket()
+            if rcvbuf:   # before connect(): the window it advertises is this small from the start
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(10)
+            self.sock.connect(("127.0.0.1", server.port))
         except OSError as exc:
             self.died(what)
             pytest.fail(f"{what}: a new connection failed ({exc})", pytrace=False)
@@ -563,6 +567,77 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
     for conn in (a, u, b, bulk, d, *closing):
         conn.close()
     left_open(server, base_fds)
+
+
+HALF_STEP = 48 << 10    # bytes sent per step: below asyncio's 64 KiB high-water mark, so a
+#                         server that ends up holding a step's echo is not paused by it
+HALF_MAX = 32 << 20     # a safety net: the kernel's buffers toward a 4 KiB window fill long before
+HALF_POLL = 0.01       # between two looks at the queues while they fill: 0.05 s makes it seconds
+
+
+def test_a_half_closed_client_gets_its_pending_echo_then_eof(server: Server) -> None:
+    """A client that reads nothing sends HALF_STEP bytes at a time until the kernel's buffers
+    toward it are full and the server holds part of the echo itself (its receive queue read
+    to the end, not paused), then shuts down its sending side. The server reads that EOF
+    with echo still pending: it must send it all, then close. A server that closes only
+    when nothing is pending at the EOF, and keeps the connection otherwise, never closes."""
+    conn = Conn(server, "a client connected to half-close with echo pending", rcvbuf=4096)
+    payload = numbered(HALF_MAX)
+    sent, held = 0, 0
+    while sent < HALF_MAX and held <= 0:
+        conn.sock.sendall(payload[sent:sent + HALF_STEP])
+        sent += HALF_STEP
+        held = server_holds(conn, sent)
+    conn.sock.shutdown(socket.SHUT_WR)
+    settled(conn)   # the server has read the EOF (asleep, its CPU time still)
+    back = bytearray()
+    conn.read_exact(sent, "the half-closed client read its echoes", back)
+    same_echo(payload[:sent], back)
+    kept = conn.kept_open()
+    if kept is not None:
+        pytest.fail(
+            f"a client sent {sent} bytes without reading until the server held {held} bytes "
+            "of its echo itself (the kernel's buffers toward it full), then shut down its "
+            "sending side (EOF); it read its whole echo and never got the server's EOF: "
+            f"{kept}\nThe EOF arrived with echo still pending, and the server kept the "
+            "connection open for it but never closed it once it was sent (CLOSE_WAIT: a "
+            "descriptor and its state kept for good, one per such client). asyncio: return "
+            "False from eof_received - transport.close() sends what is buffered, then "
+            "closes; a protocol that returns True must close the transport itself once its "
+            "write buffer has drained.", pytrace=False)
+    conn.close()
+
+
+def server_holds(conn: Conn, sent: int) -> int:
+    """Once the server has taken everything sent (its receive queue empty) and sits asleep
+    with nothing moving: the bytes of echo it holds itself (sent, less what waits in its
+    socket's send queue and in the client's receive queue). 0 while the kernel took it all;
+    -1 when the server stopped taking the client's bytes (paused: a smaller high-water mark)."""
+    last, deadline = None, time.monotonic() + READY
+    while time.monotonic() < deadline:
+        time.sleep(HALF_POLL)
+        rows = tcp_sockets()   # one reading of the table for both ends
+        side = next((s for s in rows if s.local == ("127.0.0.1", conn.server.port)
+                     and s.remote == conn.local), None)
+        mine = next((s for s in rows if s.local == conn.local), None)
+        if side is None or mine is None:
+            return -1
+        now = (side.rx_queue, side.tx_queue, mine.rx_queue, conn.server.activity()[:2])
+        if now == last and now[3][0] == 0:
+            return -1 if side.rx_queue else sent - side.tx_queue - mine.rx_queue
+        last = now
+    return -1
+
+
+def settled(conn: Conn) -> None:
+    """Until the server is seen asleep twice in a row, its CPU time unmoved."""
+    last, deadline = None, time.monotonic() + READY
+    while time.monotonic() < deadline:
+        time.sleep(POLL)
+        now = conn.server.activity()[:2]
+        if now == last and now[0] == 0:
+            return
+        last = now
 
 
 def same_echo(payload: bytes, back: bytearray) -> None:
