@@ -30,7 +30,11 @@ in one write, 24 MiB on a connection that does not read meanwhile while another 
 asks for its echo (a loop blocked in a send, or a send() whose leftover is dropped) and
 then half-closes with its echo still queued (it must get the whole echo, then EOF), a
 client that resets its connection (RST), and clients that close: the server must close its
-side (no socket left in CLOSE_WAIT, its descriptors back where they were).
+side (no socket left in CLOSE_WAIT, its descriptors back where they were). Then flow
+control: a client sends 64 MiB and reads nothing; the server must stop reading it (seen
+asleep with that client's bytes unread in its receive queue, the client's send() blocked)
+with its resident memory grown by a few MiB at most, serve another client meanwhile, and
+echo all of it once the client reads.
 
 Last, connections come and go: a fresh server, with memory_probe.py loaded as its
 sitecustomize (on SIGUSR1 it reports, after a full collection, the blocks Python holds, the
@@ -254,18 +258,31 @@ BULK = 24 << 20        # more than a client's receive and the server's send buff
 BULK_LINE = 64
 
 
-def bulk_line(i: int) -> bytes:
-    return f"{i:0{BULK_LINE - 1}d}\n".encode()
+BLOCK = 4096           # a numbered line, then the block's 63 other lines
+BLOCK_TAIL = b"".join(f"{'.' * (BULK_LINE - 3)}{j:02d}\n".encode()
+                      for j in range(1, BLOCK // BULK_LINE))
+
+
+def numbered(size: int) -> bytes:
+    """``size`` bytes of lines of BULK_LINE, by blocks of BLOCK whose first line is the
+    block's number: bytes dropped, repeated or reordered show where they were. One
+    formatting call (a million f-strings take seconds on a loaded machine)."""
+    blocks = size // BLOCK
+    return (b"%063d\n" + BLOCK_TAIL) * blocks % tuple(range(blocks))
 
 
 class Conn:
     """One connection of the test's own, read with the server watched: the verdict "never"
     is the server asleep, its CPU time unmoved, STALLED times in a row with bytes missing."""
 
-    def __init__(self, server: Server, what: str) -> None:
+    def __init__(self, server: Server, what: str, rcvbuf: int = 0) -> None:
         self.server = server
         try:
-            self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            self.sock = socket.socket()
+            if rcvbuf:   # before connect(): the window it advertises is this small from the start
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(10)
+            self.sock.connect(("127.0.0.1", server.port))
         except OSError as exc:
             self.died(what)
             pytest.fail(f"{what}: a new connection failed ({exc})", pytrace=False)
@@ -483,7 +500,7 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
     sleeps_when_idle(server)
     # A client that sends a lot and does not read, beside one that asks for its echo.
     bulk = Conn(server, f"a client connected to send {BULK >> 20} MiB")
-    payload = b"".join(bulk_line(i) for i in range(BULK // BULK_LINE))
+    payload = numbered(BULK)
     sent = threading.Event()
 
     def send_all() -> None:
@@ -497,20 +514,24 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
 
     threading.Thread(target=send_all, daemon=True).start()
     deadline = time.monotonic() + READY
-    still_since, last_rx = None, None
+    still_since, last_rx, asleep = None, None, 0
     while not sent.is_set() and time.monotonic() < deadline:
         side = bulk.server_side()   # until the server's buffers toward it are full
         if side is not None and side.tx_queue and not side.rx_queue:
             break
         # ... or until the server stopped reading it with its send buffer full (a second
-        # without a byte of its receive queue taken): the loop is stuck in that send, which
-        # the echo below then names, instead of waiting here for the full READY. A second
-        # by the clock: reading the machine's TCP table takes a while with many sockets.
+        # without a byte of its receive queue taken, or the server seen asleep meanwhile
+        # BLOCKED_SEEN times in a row): paused by flow control, or the loop stuck in that
+        # send, which the echo below then names, instead of waiting here for the full
+        # READY. A second by the clock: reading the machine's TCP table takes a while with
+        # many sockets.
         held = side is not None and side.tx_queue and side.rx_queue \
             and side.rx_queue == last_rx
         still_since = (still_since or time.monotonic()) if held else None
+        asleep = asleep + 1 if held and server.activity()[0] == 0 else 0
         last_rx = side.rx_queue if side is not None else None
-        if still_since is not None and time.monotonic() - still_since >= 1.0:
+        if still_since is not None and (time.monotonic() - still_since >= 1.0
+                                        or asleep >= BLOCKED_SEEN):
             break
         time.sleep(POLL)
     b = Conn(server, f"a client connected while another sent {BULK >> 20} MiB")
@@ -524,16 +545,7 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
     back = bytearray()
     bulk.read_exact(len(payload), "the 24 MiB client read its echoes", back)
     reading_resumed(bulk, len(back), len(payload))
-    if bytes(back) != payload:
-        at = next((i for i in range(0, len(back), BULK_LINE)
-                   if back[i:i + BULK_LINE] != payload[i:i + BULK_LINE]), len(back))
-        pytest.fail(
-            f"a client that sent {len(payload)} bytes (lines of {BULK_LINE}) got "
-            f"{len(back)} back, different from byte {at} on (expected "
-            f"{payload[at:at + 20]!r}, got {bytes(back[at:at + 20])!r}): the bytes a send() "
-            "did not take were dropped\nA non-blocking send() takes what fits in the "
-            "socket's buffer and returns how much: keep the rest and write it when the socket "
-            "is writable (asyncio's transport.write does this for you).", pytrace=False)
+    same_echo(payload, back)
     kept = bulk.kept_open()
     if kept is not None:
         pytest.fail(
@@ -555,6 +567,90 @@ def test_lines_in_pieces_a_client_that_does_not_read_and_closes(server: Server) 
     for conn in (a, u, b, bulk, d, *closing):
         conn.close()
     left_open(server, base_fds)
+
+
+HALF_STEP = 48 << 10    # bytes sent per step: below asyncio's 64 KiB high-water mark, so a
+#                         server that ends up holding a step's echo is not paused by it
+HALF_MAX = 32 << 20     # a safety net: the kernel's buffers toward a 4 KiB window fill long before
+HALF_POLL = 0.01       # between two looks at the queues while they fill: 0.05 s makes it seconds
+
+
+def test_a_half_closed_client_gets_its_pending_echo_then_eof(server: Server) -> None:
+    """A client that reads nothing sends HALF_STEP bytes at a time until the kernel's buffers
+    toward it are full and the server holds part of the echo itself (its receive queue read
+    to the end, not paused), then shuts down its sending side. The server reads that EOF
+    with echo still pending: it must send it all, then close. A server that closes only
+    when nothing is pending at the EOF, and keeps the connection otherwise, never closes."""
+    conn = Conn(server, "a client connected to half-close with echo pending", rcvbuf=4096)
+    payload = numbered(HALF_MAX)
+    sent, held = 0, 0
+    while sent < HALF_MAX and held <= 0:
+        conn.sock.sendall(payload[sent:sent + HALF_STEP])
+        sent += HALF_STEP
+        held = server_holds(conn, sent)
+    conn.sock.shutdown(socket.SHUT_WR)
+    settled(conn)   # the server has read the EOF (asleep, its CPU time still)
+    back = bytearray()
+    conn.read_exact(sent, "the half-closed client read its echoes", back)
+    same_echo(payload[:sent], back)
+    kept = conn.kept_open()
+    if kept is not None:
+        pytest.fail(
+            f"a client sent {sent} bytes without reading until the server held {held} bytes "
+            "of its echo itself (the kernel's buffers toward it full), then shut down its "
+            "sending side (EOF); it read its whole echo and never got the server's EOF: "
+            f"{kept}\nThe EOF arrived with echo still pending, and the server kept the "
+            "connection open for it but never closed it once it was sent (CLOSE_WAIT: a "
+            "descriptor and its state kept for good, one per such client). asyncio: return "
+            "False from eof_received - transport.close() sends what is buffered, then "
+            "closes; a protocol that returns True must close the transport itself once its "
+            "write buffer has drained.", pytrace=False)
+    conn.close()
+
+
+def server_holds(conn: Conn, sent: int) -> int:
+    """Once the server has taken everything sent (its receive queue empty) and sits asleep
+    with nothing moving: the bytes of echo it holds itself (sent, less what waits in its
+    socket's send queue and in the client's receive queue). 0 while the kernel took it all;
+    -1 when the server stopped taking the client's bytes (paused: a smaller high-water mark)."""
+    last, deadline = None, time.monotonic() + READY
+    while time.monotonic() < deadline:
+        time.sleep(HALF_POLL)
+        rows = tcp_sockets()   # one reading of the table for both ends
+        side = next((s for s in rows if s.local == ("127.0.0.1", conn.server.port)
+                     and s.remote == conn.local), None)
+        mine = next((s for s in rows if s.local == conn.local), None)
+        if side is None or mine is None:
+            return -1
+        now = (side.rx_queue, side.tx_queue, mine.rx_queue, conn.server.activity()[:2])
+        if now == last and now[3][0] == 0:
+            return -1 if side.rx_queue else sent - side.tx_queue - mine.rx_queue
+        last = now
+    return -1
+
+
+def settled(conn: Conn) -> None:
+    """Until the server is seen asleep twice in a row, its CPU time unmoved."""
+    last, deadline = None, time.monotonic() + READY
+    while time.monotonic() < deadline:
+        time.sleep(POLL)
+        now = conn.server.activity()[:2]
+        if now == last and now[0] == 0:
+            return
+        last = now
+
+
+def same_echo(payload: bytes, back: bytearray) -> None:
+    if back != payload:
+        at = next((i for i in range(0, len(back), BULK_LINE)
+                   if back[i:i + BULK_LINE] != payload[i:i + BULK_LINE]), len(back))
+        pytest.fail(
+            f"a client that sent {len(payload)} bytes (lines of {BULK_LINE}) got "
+            f"{len(back)} back, different from byte {at} on (expected "
+            f"{payload[at:at + 20]!r}, got {bytes(back[at:at + 20])!r}): the bytes a send() "
+            "did not take were dropped\nA non-blocking send() takes what fits in the "
+            "socket's buffer and returns how much: keep the rest and write it when the socket "
+            "is writable (asyncio's transport.write does this for you).", pytrace=False)
 
 
 def partial_lines_apart(a: Conn, u: Conn) -> None:
@@ -652,6 +748,122 @@ def left_open(server: Server, base_fds: int) -> None:
                 "leaked, and with 10,000 clients coming and going the server runs out.",
                 pytrace=False)
         time.sleep(ECHO_POLL)
+
+
+FLOOD = 64 << 20       # from a client that reads nothing: far more than the kernel's buffers
+#                        on both sides of a connection hold (about 9 MiB here)
+HELD_MAX_KB = 8 << 10  # what the server's resident memory may grow by meanwhile: a correct
+#                        one holds its transport's write buffer (64 KiB) and a read or two
+
+
+class Flood:
+    """FLOOD bytes sent on a thread, on a duplicate of the connection's socket (a timeout of
+    its own: the test reads on the original meanwhile); ``sent`` counts what send() took."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.payload = numbered(FLOOD)
+        self.sock = conn.sock.dup()
+        self.sock.settimeout(ECHO_WAIT)
+        self.sent, self.error = 0, ""
+        self.done = threading.Event()
+        threading.Thread(target=self._send, daemon=True).start()
+
+    def _send(self) -> None:
+        view = memoryview(self.payload)
+        try:
+            while self.sent < len(view):
+                self.sent += self.sock.send(view[self.sent:self.sent + (1 << 20)])
+        except OSError as exc:
+            self.error = repr(exc)
+        self.done.set()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):   # wakes the thread, should it still be sending
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def test_a_client_that_does_not_read_is_not_read(server: Server) -> None:
+    """Flow control: a client sends FLOOD and reads nothing. Its echoes back up; the server
+    must stop reading it (its memory bounded, the client's send() blocked: TCP's window
+    pushes back), serve another client meanwhile, and echo it all once the client reads."""
+    base_rss = server.resources()[2]
+    slow = Conn(server, f"a client connected to send {FLOOD >> 20} MiB without reading")
+    flood = Flood(slow)
+    try:
+        pushed_back(server, slow, flood, base_rss)
+        other = Conn(server, "a client connected while the server had stopped reading another")
+        other.sock.sendall(b"ping\n")
+        expect_echo(other, b"ping\n", "a client asked for its echo while the server had "
+                    "stopped reading another client, one that did not read its echoes",
+                    "Stop reading that one connection only (its transport.pause_reading()): "
+                    "the loop goes on serving every other.")
+        back = bytearray()
+        slow.read_exact(len(flood.payload), f"the {FLOOD >> 20} MiB client read its echoes",
+                        back)
+        reading_resumed(slow, len(back), len(flood.payload))
+        same_echo(flood.payload, back)
+        other.close()
+    finally:
+        flood.close()
+        slow.close()
+
+
+def pushed_back(server: Server, slow: Conn, flood: Flood, base_rss: int) -> None:
+    """Until the server is seen, STALLED times in a row, asleep with that client's bytes
+    unread in its receive queue and the client's send() taking nothing more: it stopped
+    reading it. Its memory is read all along: past HELD_MAX_KB it kept reading instead."""
+    stalled, last = 0, None
+    deadline = time.monotonic() + ECHO_WAIT
+    while stalled < STALLED:
+        if server.proc.poll() is not None:
+            server.fail(f"a client sent {FLOOD >> 20} MiB and read nothing")
+        if server.resources()[2] - base_rss > HELD_MAX_KB:
+            buffered(server.resources()[2] - base_rss, flood)
+        now = server.activity()
+        seen = (now[1], flood.sent)
+        side = slow.server_side() if now[0] == 0 and seen == last else None
+        unread = side.rx_queue if side is not None else 0
+        stalled = stalled + 1 if unread else 0
+        last = seen
+        if flood.done.is_set() and not flood.error and now[0] == 0 and side is not None \
+                and not unread:
+            grown = server.resources()[2] - base_rss
+            if grown > HELD_MAX_KB:
+                buffered(grown, flood)
+            never_blocked(grown)
+        if time.monotonic() > deadline:
+            pytest.fail(f"a client that read nothing sent {flood.sent >> 20} MiB of "
+                        f"{FLOOD >> 20} in {ECHO_WAIT:.0f} s and the server was never seen "
+                        "asleep with its bytes unread", pytrace=False)
+        time.sleep(POLL)
+    if server.resources()[2] - base_rss > HELD_MAX_KB:
+        buffered(server.resources()[2] - base_rss, flood)
+
+
+def never_blocked(grown: int) -> NoReturn:
+    pytest.fail(
+        f"a client that read nothing sent all {FLOOD >> 20} MiB without its send() ever "
+        f"blocking (the server's memory grew by {max(grown, 0) >> 10} MiB), expected TCP to "
+        "push back once the server stopped reading it\nA server that keeps reading a client "
+        "that does not read its echoes holds them for it, without limit. Stop reading it "
+        "while its echoes are unsent (asyncio: transport.pause_reading() in "
+        "pause_writing()): its bytes then wait in the kernel, and TCP's window stops the "
+        "client.", pytrace=False)
+
+
+def buffered(grown: int, flood: Flood) -> NoReturn:
+    pytest.fail(
+        f"the server kept reading from a client that did not read its echoes: it buffered "
+        f"{grown >> 10} MiB (its resident memory grew that much while the client sent "
+        f"{flood.sent >> 20} MiB and read nothing), expected at most {HELD_MAX_KB >> 10} "
+        "MiB\nEvery byte such a client sends then waits in the server's memory for an echo "
+        "it never reads: one client can exhaust the server. Pause reading a client while "
+        "its transport's buffer is full: asyncio calls the protocol's pause_writing() past "
+        "the write buffer's high-water mark (transport.pause_reading() there, "
+        "resume_reading() in resume_writing()); with streams, await writer.drain() after "
+        "each write. Its bytes then wait in the kernel, and TCP's window stops the client.",
+        pytrace=False)
 
 
 def test_ten_thousand_connections_at_once(server: Server) -> None:
