@@ -136,6 +136,44 @@ def test_pg_statement_proxy_reads_a_real_servers_notices_and_rows(
         pg.drop_database(endpoint, "lr_proxy_notices")
 
 
+
+def test_statement_gate_holds_the_nth_statement_until_released(local_services: Any) -> None:
+    """In front of a real Postgres: armed at 2, the gate lets the connection's first
+    statement through, holds the second (named in ``held``) while another client commits,
+    and lets it go on release; the held statement then sees that commit."""
+    import psycopg
+
+    from labrunner.services.kinds import postgres as pg
+    from labrunner.testing import StatementGate
+
+    endpoint = local_services.ensure(["postgres"])["postgres"]
+    dsn = pg.create_database(endpoint, "lr_statement_gate")
+    try:
+        with psycopg.connect(dsn, autocommit=True) as admin, \
+                StatementGate.for_dsn(dsn) as gate:
+            admin.execute("CREATE TABLE t (n int)")
+            gate.arm(2)
+            seen: list[object] = []
+
+            def worker() -> None:
+                with psycopg.connect(gate.dsn_for(dsn), autocommit=True) as conn:
+                    conn.execute("SELECT 1")
+                    seen.append(conn.execute("SELECT count(*) FROM t").fetchone())
+
+            thread = threading.Thread(target=worker)
+            thread.start()
+            deadline = time.monotonic() + 10
+            while gate.held is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert gate.held == "SELECT count(*) FROM t"
+            admin.execute("INSERT INTO t VALUES (1)")
+            assert seen == []
+            gate.release()
+            thread.join(10)
+            assert seen == [(1,)] and gate.held is None
+    finally:
+        pg.drop_database(endpoint, "lr_statement_gate")
+
 def test_process_address_space_grows_with_a_mapping_and_says_when_a_process_is_gone() -> None:
     from labrunner.testing import process_address_space
 

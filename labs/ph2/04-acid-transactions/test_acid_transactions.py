@@ -27,8 +27,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from labrunner.testing import PgStatementProxy, wait_until
-from labrunner.testing.relay import RelayLink
+from labrunner.testing import StatementGate, wait_until
 
 Conn = psycopg.Connection[Any]
 State = tuple[dict[int, int], list[tuple[int, int, int]]]
@@ -427,36 +426,6 @@ def test_two_transfers_cannot_spend_the_same_money(bank: Bank) -> None:
     assert results == {"A": "ok", "B": "InsufficientFunds"}, (
         f"A (1->2, 60) and B (1->3, 60) on an account holding 100 ended {results}: expected "
         f"A ok and B InsufficientFunds once it sees A's committed debit")
-
-
-class StatementGate(PgStatementProxy):
-    """A proxy in front of Postgres that holds the n-th statement its connection sends (BEGIN
-    and COMMIT count) before it reaches the server, until released."""
-
-    def __init__(self, *args: Any, **options: Any) -> None:
-        super().__init__(*args, **options)
-        self._gate = threading.Condition()
-        self._sent = 0
-        self._hold_at = 0
-        self.held: str | None = None   # the statement held, while it is
-
-    def arm(self, n: int) -> None:
-        with self._gate:
-            self._sent, self._hold_at, self.held = 0, n, None
-
-    def release(self) -> None:
-        with self._gate:
-            self._hold_at = 0
-            self._gate.notify_all()
-
-    def before_forwarding(self, link: RelayLink, sql: str) -> None:
-        with self._gate:
-            self._sent += 1
-            if self._sent != self._hold_at:
-                return
-            self.held = " ".join(sql.split())
-            self._gate.wait_for(lambda: self._hold_at == 0, timeout=60)
-            self.held = None
 
 
 # Two transfers of 30 that share an account, each with enough money: whatever point of A's

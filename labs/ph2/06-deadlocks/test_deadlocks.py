@@ -55,8 +55,7 @@ import psycopg
 import pytest
 from psycopg.pq import TransactionStatus
 
-from labrunner.testing import PgStatementProxy, wait_until
-from labrunner.testing.relay import RelayLink
+from labrunner.testing import StatementGate, wait_until
 
 Conn = psycopg.Connection[Any]
 
@@ -326,35 +325,6 @@ def test_four_workers_take_200_jobs_exactly_once(db: Db, learner: Any) -> None:
     assert not wrong, (
         f"{len(wrong)} job row(s) not marked done by the worker that handled them, e.g. "
         f"{wrong[0]} (handled by {who.get(wrong[0][0])})")
-
-
-class StatementGate(PgStatementProxy):
-    """A proxy in front of Postgres holding its connection's n-th statement (BEGIN and
-    COMMIT count) before it reaches the server, until released."""
-
-    def __init__(self, *args: Any, **options: Any) -> None:
-        super().__init__(*args, **options)
-        self._gate = threading.Condition()
-        self._sent, self._hold_at = 0, 0
-        self.held: str | None = None   # the statement held, while it is
-
-    def arm(self, n: int) -> None:
-        with self._gate:
-            self._sent, self._hold_at, self.held = 0, n, None
-
-    def release(self) -> None:
-        with self._gate:
-            self._hold_at = 0
-            self._gate.notify_all()
-
-    def before_forwarding(self, link: RelayLink, sql: str) -> None:
-        with self._gate:
-            self._sent += 1
-            if self._sent != self._hold_at:
-                return
-            self.held = " ".join(sql.split())
-            self._gate.wait_for(lambda: self._hold_at == 0, timeout=60)
-            self.held = None
 
 
 def claim_race_story(step: int, held: str, b_waited: bool, handled: list[tuple[str, int]],

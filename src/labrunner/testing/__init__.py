@@ -15,7 +15,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   or hold the command: a read-modify-write interleaved step by step);
 * :class:`PgStatementProxy` is a TCP proxy in front of Postgres that reads the frontend
   protocol and records every statement clients ask the server to run, so a verification can
-  count queries on the wire instead of trusting the learner's code;
+  count queries on the wire instead of trusting the learner's code (:class:`StatementGate`
+  holds a connection's n-th statement until released);
 * :func:`wait_until` waits for an observable condition (a lock wait, a row) instead of
   sleeping for a guessed time, and fails the test saying what never happened;
 * :func:`serve_tls_once` and :func:`tls_exchange` run a TLS server or client with a context
@@ -77,7 +78,7 @@ from .grpc import DaemonExecutor, ProtoStubs, drain, generate_stubs, next_messag
 from .http import HttpReply, call, http_request, serve_wsgi
 from .kafka import KafkaRecord, read_all
 from .kafka_proxy import API_NAMES, KafkaEvent, KafkaProxy, KafkaRequest
-from .pg import TRANSACTION_CONTROL, PgStatementProxy
+from .pg import TRANSACTION_CONTROL, PgStatementProxy, StatementGate
 from .redis import (
     CONNECTION_SETUP,
     RedisGate,
@@ -103,6 +104,7 @@ __all__ = [
     "KafkaRecord",
     "KafkaRequest",
     "PgStatementProxy",
+    "StatementGate",
     "ProtoStubs",
     "RedisGate",
     "RelayLink",

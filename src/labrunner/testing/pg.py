@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import struct
+import threading
 from typing import Any, Literal, Self
 
 from .relay import RelayLink, TcpRelay
@@ -200,6 +201,38 @@ class PgStatementProxy(TcpRelay):
         elif kind == b"E" and self._count_on == "execute":  # Execute: portal name
             self._statement(link, portals.get(body.split(b"\0")[0], ""))
 
+
+
+class StatementGate(PgStatementProxy):
+    """A :class:`PgStatementProxy` that holds the n-th statement its connection sends (BEGIN
+    and COMMIT count) before it reaches the server, until released: one worker stopped
+    before each of its statements in turn while another runs to its end (ph2.4's transfers,
+    ph2.6's claims). ``arm(n)`` before the worker starts, ``held`` names the statement while
+    it waits, ``release()`` lets it go (and disarms)."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self._gate = threading.Condition()
+        self._sent, self._hold_at = 0, 0
+        self.held: str | None = None   # the statement held, while it is
+
+    def arm(self, n: int) -> None:
+        with self._gate:
+            self._sent, self._hold_at, self.held = 0, n, None
+
+    def release(self) -> None:
+        with self._gate:
+            self._hold_at = 0
+            self._gate.notify_all()
+
+    def before_forwarding(self, link: RelayLink, sql: str) -> None:
+        with self._gate:
+            self._sent += 1
+            if self._sent != self._hold_at:
+                return
+            self.held = " ".join(sql.split())
+            self._gate.wait_for(lambda: self._hold_at == 0, timeout=60)
+            self.held = None
 
 def _primary_text(fields: bytes) -> str:
     """The 'M' field (the primary message) of a NoticeResponse or ErrorResponse body: fields
