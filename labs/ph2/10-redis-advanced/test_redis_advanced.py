@@ -356,23 +356,31 @@ def test_subscriber_is_subscribed_when_constructed(learner: Any, redis_db: Any) 
                 how = "had sent no SUBSCRIBE on its connection 10 s after it was called"
             pytest.fail(f"Subscriber() {how}: subscribe in the constructor, and read the "
                         "server's confirmation before returning", pytrace=False)
-        early = returned.wait(1.0)  # SUBSCRIBE is held: nothing can have confirmed it
-        assert not early or "error" in box, (
+        returns_only_once_confirmed(
+            proxy, box, returned,
             "Subscriber() returned while its SUBSCRIBE had not reached the server yet (the "
             "test held it): the constructor sent the command and did not wait for the "
             "server's confirmation, so a message published right after it returns can reach "
             "no one - read the 'subscribe' confirmation (pubsub.get_message(timeout=...)) "
             "before returning")
-        proxy.release()
-        assert returned.wait(10), "Subscriber() did not return after SUBSCRIBE was confirmed"
-        if "error" in box:
-            pytest.fail(f"Subscriber() raised {type(box['error']).__name__}: {box['error']}",
-                        pytrace=False)
     finally:
         proxy.release()
         if "sub" in box:
             box["sub"].close()
         proxy.close()
+
+
+def returns_only_once_confirmed(proxy: Any, box: dict[str, Any], returned: threading.Event,
+                                early_message: str) -> None:
+    """With the learner's SUBSCRIBE held at the proxy: the constructor must not return for a
+    second (``early_message`` if it does), then return once the SUBSCRIBE goes on."""
+    early = returned.wait(1.0)  # SUBSCRIBE is held: nothing can have confirmed it
+    assert not early or "error" in box, early_message
+    proxy.release()
+    assert returned.wait(10), "Subscriber() did not return after SUBSCRIBE was confirmed"
+    if "error" in box:
+        pytest.fail(f"Subscriber() raised {type(box['error']).__name__}: {box['error']}",
+                    pytrace=False)
 
 
 def test_subscriber_waits_for_its_own_confirmation(learner: Any, redis_db: Any) -> None:
@@ -391,18 +399,13 @@ def test_subscriber_waits_for_its_own_confirmation(learner: Any, redis_db: Any) 
         if not proxy.held.wait(10):
             pytest.fail("Subscriber() sent no SUBSCRIBE on its connection within 10 s: "
                         "subscribe in the constructor", pytrace=False)
-        early = returned.wait(1.0)  # SUBSCRIBE is held: nothing can have confirmed it
-        assert not early or "error" in box, (
+        returns_only_once_confirmed(
+            proxy, box, returned,
             "Subscriber() returned while its SUBSCRIBE was held on its way (the test held "
             "it) and another client was already subscribed to the channel: PUBSUB NUMSUB "
             "or PUBSUB CHANNELS counts the channel's subscribers, not this connection's "
             "subscription - wait for the 'subscribe' reply on the Subscriber's own "
             "connection (pubsub.get_message(timeout=...))")
-        proxy.release()
-        assert returned.wait(10), "Subscriber() did not return after SUBSCRIBE was confirmed"
-        if "error" in box:
-            pytest.fail(f"Subscriber() raised {type(box['error']).__name__}: {box['error']}",
-                        pytrace=False)
     finally:
         proxy.release()
         if "sub" in box:
