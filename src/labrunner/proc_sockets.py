@@ -11,6 +11,12 @@ from pathlib import Path
 
 BOTH_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 
+# The kernel's TCP state numbers, as /proc/net/tcp gives them (include/net/tcp_states.h).
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
+              5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
+              10: "LISTEN", 11: "CLOSING"}
+ESTABLISHED, TIME_WAIT, CLOSE_WAIT, LISTEN = 1, 6, 8, 10
+
 
 @dataclass(frozen=True)
 class TcpSocket:
@@ -18,7 +24,7 @@ class TcpSocket:
 
     local: tuple[str, int]
     remote: tuple[str, int]
-    state: int          # the kernel's TCP state number (0x0A: LISTEN, 0x01: ESTABLISHED...)
+    state: int          # the kernel's TCP state number (TCP_STATES names it)
     tx_queue: int       # bytes sent and not yet acknowledged
     rx_queue: int       # bytes received and not yet read
     inode: int          # 0 while a connection waits in the listen backlog

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import TcpSocket, own_cpu_seconds, tcp_sockets
+from labrunner.testing import TCP_STATES, TcpSocket, own_cpu_seconds, tcp_sockets
 
 LATE_WRITES = 3                                     # the peer's late data comes in this many writes
 # The peer's data after the half-close: bytes, not text. Each write ends inside a two-byte
@@ -38,10 +38,6 @@ PAUSE = 2.5   # the peer's silence before its last write: only ever slows a righ
 # 1.0-1.5 s of the 2.5 s measured on the shared, loaded 2-core machine (load average
 # about 15), in this process or in the learner's own. Far from both.
 SPIN_CPU = 0.25
-
-TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
-              5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
-              10: "LISTEN", 11: "CLOSING"}
 
 
 # ---------------------------------------------------------------------------- helpers

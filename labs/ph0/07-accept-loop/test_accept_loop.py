@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 
 from labrunner.testing import (
+    CLOSE_WAIT,
+    TIME_WAIT,
     Activity,
     asleep_throughout,
     listening_ports,
@@ -262,9 +264,6 @@ def stop_cleanly(server: Server) -> None:
         + ("\nNegative means killed by the signal: the default action of SIGTERM ends the "
            "process abruptly. Handle it and return from main()." if status < 0 else
            f"\nstderr: {server.stderr.decode(errors='replace').strip()[-400:]}"))
-
-
-TIME_WAIT = 0x06  # /proc/net/tcp's state for a closed connection's 2*MSL wait
 
 
 def time_wait_on(port: int) -> bool:
@@ -649,7 +648,6 @@ def test_an_argument_that_is_no_port_is_refused(binary: Path, learner: Any, arg:
     assert report is None, f"started as 'accept_loop {arg}', the sanitizers reported:\n{report}"
 
 
-CLOSE_WAIT = 0x08  # /proc/net/tcp's state for "the peer's FIN arrived, we have not closed"
 STILL = 0.03       # seconds a server's unread byte count must hold still to count as stalled
 CHUNK = 1 << 16    # bytes the leaving client sends between two looks at the server
 

@@ -30,6 +30,9 @@ import grpc
 import pytest
 
 from labrunner.testing import (
+    CLOSE_WAIT,
+    ESTABLISHED,
+    TCP_STATES,
     ProtoStubs,
     RelayLink,
     TcpRelay,
@@ -555,7 +558,7 @@ def server_that_is_down() -> Iterator[tuple[str, int]]:
 
 # TCP states of a socket not yet closed on its own side: ESTABLISHED, and CLOSE_WAIT (the
 # peer closed, this side did not).
-OPEN_STATES = {0x01: "ESTABLISHED", 0x08: "CLOSE_WAIT"}
+OPEN_STATES = {state: TCP_STATES[state] for state in (ESTABLISHED, CLOSE_WAIT)}
 
 
 def refused_connection_left_open(harness: Any) -> str | None:

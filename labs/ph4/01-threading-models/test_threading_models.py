@@ -40,6 +40,8 @@ from typing import Any, NoReturn
 import pytest
 
 from labrunner.testing import (
+    CLOSE_WAIT,
+    ESTABLISHED,
     Activity,
     asleep_throughout,
     came_true,
@@ -58,7 +60,6 @@ STALLED = 8            # consecutive observations of server and clients asleep t
 REPLY_WAIT = 120.0     # for a client process to answer a command
 HERE = Path(__file__).parent
 
-ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
 
 
 

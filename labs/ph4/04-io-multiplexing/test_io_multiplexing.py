@@ -35,6 +35,7 @@ from typing import Any, cast
 import pytest
 
 from labrunner.testing import (
+    LISTEN,
     asleep_throughout,
     cpu_burnt_while_idle,
     epoll_interest,
@@ -54,7 +55,6 @@ NOFILE = 4096            # open files the test and the server may use (for MANY,
 LOW_NOFILE = 64          # the server's limit in the test that runs it out of descriptors
 QUEUED = 20              # connections left in its listen queue there (accept4: EMFILE)
 STALLED = 8              # consecutive stalled observations, 25 ms apart, that fail a test
-LISTEN = 0x0A            # /proc/net/tcp's state of a listening socket
 BUSY_CPU = 1.0           # CPU seconds a server with nothing to do may burn, never asleep
 DEADLINE = 60.0          # a safety net only: stalls are diagnosed long before
 CLOSES_WITHIN = 10.0     # after the last byte of an echo to a half-closed client (a safety

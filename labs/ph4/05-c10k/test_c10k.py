@@ -67,6 +67,8 @@ from typing import Any, NoReturn, cast
 import pytest
 
 from labrunner.testing import (
+    CLOSE_WAIT,
+    ESTABLISHED,
     Activity,
     asleep_throughout,
     cpu_burnt_while_idle,
@@ -96,7 +98,6 @@ CALLS = {0: "read()", 1: "write()", 35: "nanosleep() (time.sleep)",
          45: "recvfrom() (a blocking recv)", 202: "a futex (a lock or a thread wait)"}
 THREADS_SEEN = 100     # connections in before a third thread is called per connection or pool
 POLL, ECHO_POLL = 0.05, 0.2
-ESTABLISHED, CLOSE_WAIT = 0x01, 0x08
 CLIENTS = Path(__file__).with_name("clients.py")
 PROBE = Path(__file__).with_name("memory_probe.py")
 PROBE_PREFIX = "labrunner-probe "

@@ -25,7 +25,14 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from labrunner.testing import KafkaProxy, came_true, objects_alive, process_tcp_sockets, wait_until
+from labrunner.testing import (
+    ESTABLISHED,
+    KafkaProxy,
+    came_true,
+    objects_alive,
+    process_tcp_sockets,
+    wait_until,
+)
 from labrunner.testing.kafka_proxy import FETCH, LIST_OFFSETS, PRODUCE
 
 
@@ -778,9 +785,6 @@ def consumers_open(harness: Any, client: Any) -> int:
 
 def no_consumer_open(harness: Any, client: Any) -> bool:
     return consumers_open(harness, client) == 0
-
-
-ESTABLISHED = 0x01   # the kernel's TCP state number
 
 
 def proxy_ports(proxy: KafkaProxy) -> set[int]:

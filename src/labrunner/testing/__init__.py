@@ -55,7 +55,16 @@ Everything here fails a test with ``pytest.fail(..., pytrace=False)`` where the 
 learner's (a ``.proto`` protoc rejects, a body that is not JSON), like the plugin does.
 """
 
-from ..proc_sockets import TcpSocket, process_tcp_sockets, tcp_sockets
+from ..proc_sockets import (
+    CLOSE_WAIT,
+    ESTABLISHED,
+    LISTEN,
+    TCP_STATES,
+    TIME_WAIT,
+    TcpSocket,
+    process_tcp_sockets,
+    tcp_sockets,
+)
 from .beside import (
     Activity,
     asleep_throughout,
@@ -141,6 +150,11 @@ __all__ = [
     "serve_wsgi",
     "signals_caught",
     "tcp_sockets",
+    "TCP_STATES",
+    "ESTABLISHED",
+    "TIME_WAIT",
+    "CLOSE_WAIT",
+    "LISTEN",
     "process_tcp_sockets",
     "threads_waiting_in",
     "timed_redis_commands",

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..proc_sockets import process_tcp_sockets
+from ..proc_sockets import LISTEN, process_tcp_sockets
 from ..slow_steps import threading_waits_in
 
 
@@ -269,4 +269,4 @@ def listening_ports(pid: int) -> list[int]:
     /proc/net/tcp and tcp6), sorted; empty when it is gone or out of sight. Like
     :func:`process_threads`, run it beside the learner's program when grading hides its
     /proc from the verification (ph6.10)."""
-    return sorted({sock.local[1] for sock in process_tcp_sockets(pid) if sock.state == 0x0A})
+    return sorted({sock.local[1] for sock in process_tcp_sockets(pid) if sock.state == LISTEN})
