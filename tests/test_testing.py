@@ -136,7 +136,6 @@ def test_pg_statement_proxy_reads_a_real_servers_notices_and_rows(
         pg.drop_database(endpoint, "lr_proxy_notices")
 
 
-
 def test_statement_gate_holds_the_nth_statement_until_released(local_services: Any) -> None:
     """In front of a real Postgres: armed at 2, the gate lets the connection's first
     statement through, holds the second (named in ``held``) while another client commits,
@@ -144,7 +143,7 @@ def test_statement_gate_holds_the_nth_statement_until_released(local_services: A
     import psycopg
 
     from labrunner.services.kinds import postgres as pg
-    from labrunner.testing import StatementGate
+    from labrunner.testing import StatementGate, wait_until
 
     endpoint = local_services.ensure(["postgres"])["postgres"]
     dsn = pg.create_database(endpoint, "lr_statement_gate")
@@ -162,9 +161,7 @@ def test_statement_gate_holds_the_nth_statement_until_released(local_services: A
 
             thread = threading.Thread(target=worker)
             thread.start()
-            deadline = time.monotonic() + 10
-            while gate.held is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: gate.held is not None, "the gate to hold the second statement")
             assert gate.held == "SELECT count(*) FROM t"
             admin.execute("INSERT INTO t VALUES (1)")
             assert seen == []
@@ -173,6 +170,7 @@ def test_statement_gate_holds_the_nth_statement_until_released(local_services: A
             assert seen == [(1,)] and gate.held is None
     finally:
         pg.drop_database(endpoint, "lr_statement_gate")
+
 
 def test_process_address_space_grows_with_a_mapping_and_says_when_a_process_is_gone() -> None:
     from labrunner.testing import process_address_space

@@ -202,7 +202,6 @@ class PgStatementProxy(TcpRelay):
             self._statement(link, portals.get(body.split(b"\0")[0], ""))
 
 
-
 class StatementGate(PgStatementProxy):
     """A :class:`PgStatementProxy` that holds the n-th statement its connection sends (BEGIN
     and COMMIT count) before it reaches the server, until released: one worker stopped
@@ -233,6 +232,7 @@ class StatementGate(PgStatementProxy):
             self.held = " ".join(sql.split())
             self._gate.wait_for(lambda: self._hold_at == 0, timeout=60)
             self.held = None
+
 
 def _primary_text(fields: bytes) -> str:
     """The 'M' field (the primary message) of a NoticeResponse or ErrorResponse body: fields
