@@ -8,6 +8,7 @@ the held thread is released only after one of the two was observed."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -108,6 +109,17 @@ def stepped_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
     return {"line": None, "errors": []}
 
 
+def recorded(call: Callable[[], Any], label: str, got: dict[str, str],
+             errors: list[str]) -> Callable[[], None]:
+    """``call`` as a thread's body: what it returns lands in ``got[label]``, what it raises
+    in ``errors`` (reported to the test, not lost on the thread)."""
+    def body() -> None:
+        try:
+            got[label] = str(call())
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return body
+
 def _held_before_line(module: ModuleType, names: list[str], folder: str,
                       k: int) -> dict[str, Any]:
     import linecache
@@ -116,13 +128,8 @@ def _held_before_line(module: ModuleType, names: list[str], folder: str,
     got: dict[str, str] = {}
     errors: list[str] = []
 
-    def call(label: str) -> Any:
-        def body() -> None:
-            try:
-                got[label] = str(lb.acquire())
-            except Exception as exc:  # noqa: BLE001 - reported to the test
-                errors.append(f"{type(exc).__name__}: {exc}")
-        return body
+    def call(label: str) -> Callable[[], None]:
+        return recorded(lb.acquire, label, got, errors)
 
     held_at = hold_first_at_step(folder, k, call("first"), call("second"), poll=0.02)
     if errors:
@@ -215,18 +222,10 @@ def stepped_picks(module: ModuleType, names: list[str]) -> dict[str, Any]:
         got: dict[str, str] = {}
         errors: list[str] = []
 
-        def call(label: str, lb: Any = lb, got: dict[str, str] = got,
-                 errors: list[str] = errors) -> Any:
-            def body() -> None:
-                try:
-                    got[label] = str(lb.pick())
-                except Exception as exc:  # noqa: BLE001 - reported to the test
-                    errors.append(f"{type(exc).__name__}: {exc}")
-            return body
-
-        held_at = hold_first_at_step(folder, k, call("first"), call("second"), opcodes=True,
-                                     poll=0.01)
-        call("third")()
+        first, second, third = (recorded(lb.pick, label, got, errors)
+                                for label in ("first", "second", "third"))
+        held_at = hold_first_at_step(folder, k, first, second, opcodes=True, poll=0.01)
+        third()
         if errors:
             return {"errors": errors}
         if held_at and sorted(got.values()) != sorted(names):
