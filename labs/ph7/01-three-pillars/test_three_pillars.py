@@ -49,10 +49,13 @@ class App:
     module: Any
     wsgi: Any
 
-    def get(self, path: str, trace_id: str | None = None) -> Any:
+    def get(self, path: str, trace_id: str | None = None, parent_id: str = "",
+            tracestate: str = "") -> Any:
         headers = {}
         if trace_id:
-            headers["traceparent"] = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+            headers["traceparent"] = f"00-{trace_id}-{parent_id or secrets.token_hex(8)}-01"
+        if tracestate:
+            headers["tracestate"] = tracestate
         reply = http_request(self.host, "GET", path, headers=headers)
         self.provider.force_flush()
         return reply
@@ -249,6 +252,26 @@ def test_one_trace_id_across_log_metric_and_span(app: App) -> None:
                 f"{what}: the 404 was logged at level ERROR (levels {levels}): a client asking "
                 "for an order that does not exist is not the service failing - log it at "
                 "WARN or INFO, keep ERROR for the failures someone must look at")
+
+
+def test_the_callers_span_and_tracestate_are_continued(app: App) -> None:
+    trace_id, parent_id = new_trace_id(), "00f067aa0ba902b7"
+    vendors = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"  # W3C Trace Context's own example
+    reply = app.get("/orders/1", trace_id, parent_id=parent_id, tracestate=vendors)
+    what = f"GET /orders/1 with traceparent ...-{parent_id}-01 and tracestate {vendors!r}"
+    assert reply.status == 200, f"{what}: expected 200, saw {reply.status}"
+    span = the_span(app, trace_id, what)
+    assert span.parent_span_id == parent_id, (
+        f"{what}: the SERVER span's parent is {span.parent_span_id or 'none'}, expected the "
+        f"caller's span {parent_id}: the trace view hangs this request under the caller's "
+        "call only through that parent id - start the span in the context extracted from "
+        "the traceparent header, not a new one that copies the trace id")
+    assert span.trace_state == vendors, (
+        f"{what}: the SERVER span carries tracestate {span.trace_state!r}, expected "
+        f"{vendors!r}: W3C Trace Context has every participant pass the caller's tracestate "
+        "on (vendors keep their sampling and routing state there) - hand the propagator "
+        "both headers (traceparent and tracestate), e.g. a carrier of all the request's "
+        "headers, not a dict with traceparent alone")
 
 
 def test_log_lines_of_an_earlier_run_are_kept(learner: Any) -> None:

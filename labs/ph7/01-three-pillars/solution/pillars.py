@@ -73,7 +73,9 @@ def make_app(provider: TracerProvider, log_path: str) -> Any:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             return metrics(environ, start_response)
-        carrier = {"traceparent": environ.get("HTTP_TRACEPARENT", "")}
+        # every request header, as the propagator names them: traceparent and tracestate
+        carrier = {key[5:].lower().replace("_", "-"): value for key, value in environ.items()
+                   if key.startswith("HTTP_")}
         started = time.perf_counter()
         with tracer.start_as_current_span(f"GET {ROUTE}", context=PROPAGATOR.extract(carrier),
                                           kind=SpanKind.SERVER) as span:
