@@ -467,6 +467,29 @@ def test_a_refused_record_is_not_reported_published(learner: Any, kafka: Any) ->
             f"an answer, and every report says delivered: keep acks=all", pytrace=False)
 
 
+def test_a_batch_past_the_producers_local_queue_is_all_published(learner: Any,
+                                                                 kafka: Any) -> None:
+    """More jobs in one call than librdkafka's local queue holds (queue.buffering.max.messages,
+    100,000 by default): a record leaves that queue only when its delivery report is served,
+    and reports are served only by poll() or flush(). A loop that only produce()s meets
+    BufferError at record 100,001; the batch must be published all the same."""
+    mod = learner.load("workload")
+    topic = kafka.create_topic("batch", 1)
+    jobs = [f"j{n}" for n in range(120_000)]
+    outcome, detail = verdict("kafka_publish", mod.kafka_publish, kafka.bootstrap, topic, jobs,
+                              refusal=(), crash=None)
+    stored = records_on_broker(kafka, topic)
+    did = "returned" if outcome == "ok" else f"raised {detail}"
+    assert outcome == "ok" and stored == len(jobs), (
+        f"kafka_publish of {len(jobs):,} jobs {did} and the broker holds {stored:,} of them; "
+        f"expected all {len(jobs):,} published: "
+        "librdkafka keeps each produced record in a local queue (at most 100,000, "
+        "queue.buffering.max.messages) until its delivery report is served, and reports are "
+        "served only by poll() or flush() - call producer.poll(0) as you produce, and on "
+        "BufferError (the queue is full) poll(1) to let reports drain and produce that "
+        "record again")
+
+
 @pytest.mark.parametrize("payload", [TOMBSTONE, *PAYLOADS], ids=["null", "empty", "not-utf8"])
 def test_an_odd_record_does_not_stop_the_group(learner: Any, kafka: Any,
                                                payload: Payload) -> None:

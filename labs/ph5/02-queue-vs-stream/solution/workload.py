@@ -104,7 +104,9 @@ def kafka_publish(bootstrap: str, topic: str, jobs: list[str]) -> None:
     acks=all: the broker answers each batch once it is stored; its answer reaches the
     delivery report (on_delivery), one per record, while flush() runs. flush() only says
     how many records are still waiting - a record the broker REFUSED (too large for the
-    topic, not authorized...) is no longer waiting, so flush() returns 0 for it too."""
+    topic, not authorized...) is no longer waiting, so flush() returns 0 for it too.
+    A record stays in librdkafka's local queue (100,000 at most) until its report is served,
+    and only poll() and flush() serve reports: poll as you produce."""
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
     refused: list[str] = []
 
@@ -113,7 +115,13 @@ def kafka_publish(bootstrap: str, topic: str, jobs: list[str]) -> None:
             refused.append(f"{(msg.value() or b'')[:20]!r}...: {err.str()}")
 
     for body in jobs:
-        producer.produce(topic, value=body.encode(), on_delivery=delivered)
+        while True:
+            try:
+                producer.produce(topic, value=body.encode(), on_delivery=delivered)
+                break
+            except BufferError:  # the local queue is full: serve reports so it drains
+                producer.poll(1)
+        producer.poll(0)  # serve the reports that came in, as produce() never does
     if producer.flush(30):
         raise KafkaException("jobs not acknowledged by the broker within 30 s")
     if refused:  # read after flush(): the reports run inside it
