@@ -375,6 +375,60 @@ def test_the_body_exception_reaches_the_caller(sync: ModuleType) -> None:
         pass
 
 
+def test_each_limiter_has_permits_of_its_own(sync: ModuleType, stage: Stage) -> None:
+    """Two limiters guard two different things (a database, a payment API): a caller of one
+    must never wait for the other's permits. Permits kept in a class attribute or a module
+    global - one semaphore per limit, made once - are shared by every limiter."""
+    first, second = sync.Limiter(1), sync.Limiter(1)
+    stage.add("a caller of the first", first.__enter__, lambda: first.__exit__(None, None, None))
+    other = stage.add("a caller of the second", second.__enter__,
+                      lambda: second.__exit__(None, None, None))
+    assert other.entered.is_set(), (
+        "two Limiter(1) objects: with a caller inside the first, a caller of the SECOND waits "
+        "- the limiters share their permits\nEach Limiter makes its own semaphore in "
+        "__init__ (self._sem = threading.Semaphore(limit)); one kept on the class or in a "
+        "module global (say, one per limit, cached) makes every limiter of the program one.")
+
+
+PERMIT_TIMEOUT = 10.0  # long: a permit freed during the wait is taken long before its end
+
+
+def test_a_waiting_caller_takes_a_permit_freed_before_its_timeout(sync: ModuleType,
+                                                                 stage: Stage) -> None:
+    """A timeout bounds a caller's wait; it is not a pause to sit out. A caller waiting with
+    a timeout must get in as soon as a permit frees, as one without a timeout does."""
+    limiter = sync.Limiter(1, timeout=PERMIT_TIMEOUT)
+
+    def leave() -> None:
+        limiter.__exit__(None, None, None)
+
+    holder = stage.add("caller 1", limiter.__enter__, leave)
+    full = f"a full Limiter(1, timeout={PERMIT_TIMEOUT:.0f}) (caller 1 inside)"
+    late = Worker("caller 2", limiter.__enter__, leave)
+    stage.workers.append(late)
+    deadline = time.monotonic() + 5
+    while not (late.entered.is_set() or late.done.is_set() or stage.waiting()):
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"caller 2 of {full} does not wait for a permit: 5 s on it is neither in "
+                "a threading wait (a Semaphore's or Condition's) nor in nor turned away\nA "
+                "caller that sleeps out its timeout (time.sleep) and then tries once stays out "
+                "even when a permit frees a moment after it came: wait IN the semaphore, "
+                "Semaphore.acquire(timeout=...), which hands over a freed permit at once.",
+                pytrace=False)
+        late.done.wait(0.01)
+    stage.settle()
+    assert not late.entered.is_set(), f"caller 2 of {full} went in: 2 callers in a Limiter(1)"
+    stage.release(holder)
+    stage.expect(["caller 2"], lambda: (
+        f"caller 1 left a Limiter(1, timeout={PERMIT_TIMEOUT:.0f}) while caller 2 waited; 5 s "
+        "later caller 2 is still not in, "
+        f"with {PERMIT_TIMEOUT:.0f} s of its timeout to go: the freed permit did not reach "
+        "the caller waiting for it\nA wait with a timeout must end when a permit frees, not "
+        "only when the timeout runs out: Semaphore.acquire(timeout=...) does; a Condition "
+        "wait(timeout) needs a notify() from __exit__ when it gives a permit back."))
+
+
 def test_the_limiter_admits_at_most_its_limit(sync: ModuleType, stage: Stage) -> None:
     limiter = sync.Limiter(3)
     workers = [stage.add(f"caller {i + 1}", limiter.__enter__,

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.pq import TransactionStatus
 
 Row = tuple[Any, ...]
 
@@ -69,14 +70,39 @@ def check_summary(mod: Any, conn: Any, order_id: str, want: dict[str, Any] | Non
 
 def project(mod: Any, conn: Any, **kwargs: Any) -> int:
     """The learner's project(); a second insert of the same read-model row means an event
-    was applied twice, which is said in those words."""
+    was applied twice, which is said in those words. Given an autocommit connection with no
+    transaction open, it must leave none open."""
+    idle = conn.info.transaction_status == TransactionStatus.IDLE
     try:
-        return int(mod.project(conn, **kwargs))
+        applied = int(mod.project(conn, **kwargs))
     except psycopg.errors.UniqueViolation as exc:
         detail = str(exc).splitlines()[-1]
         twice = f"project() applied an event a second time ({detail})"
+    else:
+        if idle:
+            no_transaction_left_open(conn, "project()")
+        return applied
     pytest.fail(f"{twice}: continue after the checkpoint, and move the checkpoint together "
                 "with each event's changes, in one transaction", pytrace=False)
+
+
+def no_transaction_left_open(conn: Any, what: str) -> None:
+    """The caller's autocommit connection, idle before ``what``, is idle after it."""
+    status = conn.info.transaction_status
+    if status == TransactionStatus.INERROR:
+        pytest.fail(
+            f"{what} left the transaction it began on the caller's connection open and "
+            "aborted (INERROR): every later statement on that connection fails ('current "
+            "transaction is aborted'), and the locks it took - the checkpoint's FOR UPDATE - "
+            "stay held\nEnd every transaction on every way out, the failing one too: "
+            "`with conn.transaction():` rolls back when an exception leaves it.",
+            pytrace=False)
+    assert status == TransactionStatus.IDLE, (
+        f"{what} returned with a transaction still open on the autocommit connection it was "
+        f"given ({status.name}): the checkpoint row it locked (FOR UPDATE) stays locked, so "
+        "another projector waits for ever, and the caller's next statements run inside it"
+        "\nEnd every transaction you begin on every way out, an early return too: "
+        "`with conn.transaction():` commits or rolls back by itself.")
 
 
 class Background:
@@ -179,6 +205,27 @@ def test_queries_are_served_from_the_read_model(store: Any) -> None:
             f"checks the write model's rule first (only a placed order can be cancelled: "
             f"UPDATE ... WHERE status = 'placed', then look at rowcount) and refuses - an "
             f"event records what happened, and this cancellation changed nothing")
+
+
+def test_a_rename_reaches_every_summary_of_the_customer(store: Any) -> None:
+    """The name is copied into each of the customer's order summaries: a rename must reach
+    every copy - the cancelled order's too (it is still that customer's order, and a
+    rebuild from the events would give it the new name)."""
+    mod, conn = store
+    seed(mod, conn)
+    mod.place_order(conn, "o1", "alice", [("book", 1)])
+    mod.place_order(conn, "o2", "alice", [("pen", 2)])
+    mod.cancel_order(conn, "o1")
+    project(mod, conn)
+    mod.rename_customer(conn, "alice", "Alice Liddell")
+    project(mod, conn)
+    names = {order_id: (mod.order_summary(conn, order_id) or {}).get("customer_name")
+             for order_id in ("o1", "o2")}
+    assert names == {"o1": "Alice Liddell", "o2": "Alice Liddell"}, (
+        f"alice placed o1 and o2, cancelled o1, then was renamed 'Alice Liddell'; projected, "
+        f"the summaries' customer_name are {names}, expected 'Alice Liddell' in both: the "
+        "rename skipped a summary of hers (the cancelled one?)\nCustomerRenamed updates "
+        "every order_summaries row of that customer_id, whatever its status.")
 
 
 def test_a_rename_of_no_customer_records_no_event(store: Any) -> None:
@@ -401,6 +448,7 @@ def test_projector_failing_part_way_resumes_exactly(store: Any) -> None:
     mod.place_order(conn, "o5", "alice", [("pen", 2)])
     with pytest.raises(Exception):  # noqa: B017 - whatever the learner lets through
         mod.project(conn)  # the trigger refuses o-bad
+    no_transaction_left_open(conn, "project() that failed (the trigger refused o-bad)")
     conn.execute("DROP TRIGGER refuse_bad ON order_summaries")
     project(mod, conn)
     want = {
@@ -429,6 +477,7 @@ def test_rebuild_gives_the_same_model(store: Any) -> None:
     conn.execute("UPDATE customer_stats SET spent_cents = -1")   # the read model is damaged
     conn.execute("DELETE FROM order_summaries WHERE order_id = 'o2'")
     replayed = mod.rebuild(conn)
+    no_transaction_left_open(conn, "rebuild()")
     assert replayed == 10, f"rebuild() replayed {replayed} events; expected all 10"
     after = read_model(conn)
     assert after == before, (
