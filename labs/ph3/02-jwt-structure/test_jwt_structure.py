@@ -380,6 +380,10 @@ SHAPES: list[tuple[str, Any, Any]] = [
     ("alg an object", {"alg": {"HS256": True}, "typ": "JWT"}, claims()),
     ("a header that is not UTF-8", b'{"alg":"HS256","typ":"JWT\xff"}', claims()),
     ("a payload that is not UTF-8", HS256, b'{"iss":"\xff"}'),
+    # JWS (RFC 7515 5.2) takes the octets as UTF-8 JSON only; Python's json.loads(bytes)
+    # guesses UTF-16 and UTF-32 by themselves, so a token no other JOSE library reads passes.
+    ("a payload in UTF-16, not UTF-8", HS256, compact(claims()).decode().encode("utf-16")),
+    ("a header in UTF-32, not UTF-8", compact(HS256).decode().encode("utf-32-le"), claims()),
     ("exp null", HS256, {**claims(), "exp": None}),
     ("exp a list", HS256, claims(exp=[NOW + 300])),
     ("nbf a string", HS256, claims(nbf="soon")),
@@ -418,15 +422,18 @@ def test_refuses_tokens_of_unexpected_shape(jwt: Jwt) -> None:
                     "accepted it (returned the claims), expected InvalidToken")
             odd = "payload" if header is HS256 else "header"
             text = compact(payload if header is HS256 else header)
-            wrong.append(f"a correctly signed token with {name} ({odd} "
-                         f"{text.decode(errors='replace')}): decode() {seen}")
+            shown = (repr(text[:16]) + "..." if b"\x00" in text   # UTF-16/32: show octets
+                     else text.decode(errors="replace"))
+            wrong.append(f"a correctly signed token with {name} ({odd} {shown}): "
+                         f"decode() {seen}")
     assert not wrong, "\n".join(wrong) + (
         f"\n({len(wrong)} of {len(SHAPES)} tokens of an unexpected shape not refused with "
         "InvalidToken.) A token is untrusted input: read its fields with .get(), check their "
         "types (alg a string, exp and nbf numbers, aud a string or a list of them) and turn "
         "a decoding error into InvalidToken - the caller catches that one exception and "
         "answers 401; any other is a 500 (for the header, read before the signature is "
-        "checked, one anyone can trigger)")
+        "checked, one anyone can trigger). The octets are UTF-8 JSON only (RFC 7515 5.2): "
+        "json.loads(bytes) also guesses UTF-16 and UTF-32, so decode them as UTF-8 first")
 
 
 def test_a_date_beyond_a_float_is_decided_not_crashed(jwt: Jwt) -> None:

@@ -45,7 +45,8 @@ def _not_json(constant: str) -> Any:
 
 def _json_segment(text: str, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(b64url_decode(text), parse_constant=_not_json)
+        # UTF-8 only (RFC 7515 5.2): json.loads(bytes) would guess UTF-16 and UTF-32 too
+        value = json.loads(b64url_decode(text).decode("utf-8"), parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidToken(f"the {what} is not JSON: {exc}") from exc
     if not isinstance(value, dict):
