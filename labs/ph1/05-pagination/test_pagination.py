@@ -330,6 +330,65 @@ def test_last_page_links_nowhere(host: str, db: Any) -> None:
                 "(offset: only if offset + limit < total_count).", pytrace=False)
 
 
+def no_rows_here(host: str, params: dict[str, Any], situation: str, total: int) -> None:
+    """A page with no rows to show is an answer: 200, data [], and no next page."""
+    status, doc = get(host, params)
+    style = params["style"]
+    field = NEXT_FIELD[style]
+    query = f"GET /orders?{urlencode(params)}"
+    assert status == 200 and isinstance(doc, dict), (
+        f"{query}: expected 200 with no orders and {field} null, saw {status} "
+        f"{str(doc)[:120]}: {situation}, so this page has no rows - and that is an answer, "
+        "not an error: an empty page is {\"data\": [], ...}; code that reads the page's last "
+        "row (or the total from its first) must first ask whether there is one")
+    assert doc.get("data") == [] and next_params(style, doc) is None, (
+        f"{query}: {situation}; expected data [] and {field} null, saw data "
+        f"{str(doc.get('data'))[:80]} and {field} = {doc.get(field)!r}")
+    if style == "offset":
+        assert doc.get("total_count") == total, (
+            f"{query}: {situation}; expected total_count {total}, saw "
+            f"{doc.get('total_count')!r}: the total counts the orders, not this page's rows")
+
+
+def test_a_page_with_no_rows_is_empty(host: str, db: Any) -> None:
+    """No orders at all, then a link followed after the rest of the list was deleted: each
+    style answers 200 with an empty page that links nowhere, never a 500."""
+    for style in NEXT_FIELD:
+        no_rows_here(host, {"style": style, "limit": PAGE}, "there are no orders at all", 0)
+    for style in NEXT_FIELD:
+        with db.connect(autocommit=True) as conn:
+            conn.execute("TRUNCATE orders")
+            for i in range(2 * PAGE):
+                conn.execute("INSERT INTO orders (created_at, customer, total_cents) "
+                             "VALUES (%s, %s, %s)", (BASE + timedelta(minutes=i), f"e{i}", i))
+        following = next_params(style, page(host, {"style": style, "limit": PAGE}))
+        assert following is not None, (
+            f"{style} page 1 of {2 * PAGE} orders (limit {PAGE}) links nowhere: "
+            f"{PAGE} more orders follow")
+        with db.connect(autocommit=True) as conn:
+            conn.execute("DELETE FROM orders WHERE created_at < %s",
+                         (BASE + timedelta(minutes=PAGE),))
+        no_rows_here(host, following, f"the {PAGE} orders after page 1 were deleted after "
+                     "page 1 was read", PAGE)
+
+
+@pytest.mark.parametrize("style", ["offset", "cursor", "keyset"])
+def test_the_default_limit_is_20(host: str, db: Any, style: str) -> None:
+    truth = seed_small(db)
+    doc = page(host, {"style": style})
+    field = NEXT_FIELD[style]
+    got = len(doc["data"])
+    assert got == 20, (
+        f"GET /orders?style={style} (no limit): expected a page of 20 orders, the documented "
+        f"default limit, saw {got} of the {SMALL}: a client that sends no limit gets 20 "
+        "(limit is 1..100, default 20) - not the most a page may hold, nor the whole table")
+    assert ids(doc) == truth[:20], (
+        f"GET /orders?style={style} (no limit): expected ids {truth[:20]}, saw {ids(doc)}")
+    assert next_params(style, doc) is not None, (
+        f"GET /orders?style={style} (no limit): 20 of {SMALL} orders, yet {field} = "
+        f"{doc.get(field)!r}: {SMALL - 20} more orders follow")
+
+
 def test_bad_cursor_is_400(host: str, db: Any) -> None:
     seed_small(db)
     status, doc = get(host, {"style": "cursor", "limit": PAGE, "cursor": "not-a-cursor!"})

@@ -404,6 +404,41 @@ def test_no_account_no_password_logs_nobody_in(site: Site) -> None:
             "what the client sends when it sends nothing")
 
 
+# Login bodies a client may send that hold no credentials: JSON of another kind than an
+# object, JSON cut short, bytes that are not UTF-8. (body, what it is, what crashes on it)
+NOT_AN_OBJECT = ("JSON that is not an object has no fields: creds['username'] raises "
+                 "TypeError on it (creds.get AttributeError)")
+NOT_JSON = ("a body that does not parse makes json.loads raise ValueError "
+            "(UnicodeDecodeError is one)")
+NOT_CREDENTIALS: tuple[tuple[bytes, str, str], ...] = (
+    (b"[]", "a JSON list, not an object", NOT_AN_OBJECT),
+    (b'["alice", "wonderland-42"]', "a JSON list of the user and password", NOT_AN_OBJECT),
+    (b'"alice"', "a JSON string", NOT_AN_OBJECT),
+    (b"null", "JSON null", NOT_AN_OBJECT),
+    (b"42", "a JSON number", NOT_AN_OBJECT),
+    (b'{"username": "alice", "password": "wonderland-42"', "JSON cut short", NOT_JSON),
+    (b'{"username": "alice", "password": "wonderland-4\xff"}', "bytes that are not UTF-8",
+     NOT_JSON),
+)
+
+
+def test_a_login_body_without_credentials_is_refused(site: Site) -> None:
+    """The body comes from the client: whatever it holds, a login that carries no
+    credentials is refused (400) - never a crash (500), never a session."""
+    for body, what, crash in NOT_CREDENTIALS:
+        reply = http_request(site.host, "POST", "/login", body, timeout=10)
+        user_sessions = [k.decode() for k in site.redis.keys("session:*")
+                         if b"user" in site.redis.hkeys(k)]
+        assert 400 <= reply.status < 500 and not user_sessions, (
+            f"POST /login with {what} ({body!r}) answered {reply.status} "
+            f"{reply.body[:80]!r}, expected 400"
+            + (f", and Redis holds logged-in sessions {user_sessions}" if user_sessions
+               else "")
+            + f": the body is the client's to get wrong - {crash}, and unhandled the request "
+            "dies as a 500. Check that it parsed to an object (isinstance(creds, dict)) with "
+            "string fields, and refuse anything else with 400")
+
+
 def test_state_changes_only_by_post(site: Site) -> None:
     """SameSite=Lax still sends the cookie on a cross-site top-level GET (a link, a
     redirect, window.location): a route that changes state must not answer GET, where no

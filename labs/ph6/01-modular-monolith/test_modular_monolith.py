@@ -79,8 +79,22 @@ class Trespass(ast.NodeVisitor):
             return parts[1]
         return None
 
+    def outside_the_graph(self, node: ast.AST, module: str) -> None:
+        """A context importing a module of the project outside the shop package (app.py,
+        the composition root): lint-imports builds its graph of shop only, so that import
+        is unseen - and app.py imports every context, so through it any context reaches all
+        the others, in any direction."""
+        top = module.split(".")[0]
+        if self.own and top != "shop" and (self.root / f"{top}.py").is_file():
+            others = " and ".join(c for c in CONTEXTS if c != self.own)
+            self.say(node, f"imports {module}, a module of the project outside the shop "
+                     f"package: the import graph (of shop only) never sees it, and {top}.py "
+                     f"imports every context - through it the {self.own} context depends on "
+                     f"{others}, past every declared direction")
+
     def visit_Import(self, node: ast.Import) -> None:
         for a in node.names:
+            self.outside_the_graph(node, a.name)
             if a.asname:
                 self.bound[a.asname] = a.name
             else:
@@ -88,6 +102,8 @@ class Trespass(ast.NodeVisitor):
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         mod = node.module or ""
+        if node.level == 0:
+            self.outside_the_graph(node, mod)
         for a in node.names:
             self.bound[a.asname or a.name] = f"{mod}.{a.name}"
             ctx = self.foreign(mod)
@@ -192,9 +208,10 @@ def test_no_way_around_the_public_interfaces(learner: Any) -> None:
         found += visitor.found
     if found:
         pytest.fail(
-            f"{found[0]}\nimport-linter only sees import statements; a context's "
-            "internals reached through an attribute, a dynamic import or a re-exported "
-            "private name are the same broken boundary, just hidden. Use only the names "
+            f"{found[0]}\nimport-linter only sees import statements within shop; a "
+            "context's internals reached through an attribute, a dynamic import, a module "
+            "outside shop or a re-exported private name are the same broken boundary, just "
+            "hidden. Use only the names "
             "the other context's __init__ offers (functions, exceptions), and if it lacks "
             "one, add a public function to that context.\n" + "\n".join(found[1:6]),
             pytrace=False)
