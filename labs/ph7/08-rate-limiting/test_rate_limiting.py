@@ -182,9 +182,11 @@ def test_exact_limits_on_an_injected_clock(learner: Any, redis_db: Any, script: 
 EXPIRY_CASES = [
     # (class, params, how long a key's state still matters after a request at a window's
     #  start, in seconds of the same clock)
-    ("TokenBucket", {"capacity": 5, "rate": 0.25}, 20.0,
-     "the bucket needs capacity / rate = 20 s to refill; a key that expires sooner hands "
-     "out a full bucket early"),
+    # One request took one token, back after 1 / rate = 4 s: a TTL of exactly the time to
+    # a full bucket is right, and capacity / rate (20 s) is a bound that is never short.
+    ("TokenBucket", {"capacity": 5, "rate": 0.25}, 4.0,
+     "the request took one of 5 tokens, and at 0.25 tokens/s it takes 1 / rate = 4 s to "
+     "come back; a key that expires sooner hands out a full bucket early"),
     # A slow refill, as for an expensive call a client may make twice a day: a TTL fixed
     # at a minute (or computed from capacity * rate) forgets the taken token long before
     # it is back.
