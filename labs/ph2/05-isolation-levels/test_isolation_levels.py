@@ -152,6 +152,7 @@ def test_read_twice(case: ReadCase, connect: Callable[[], Conn], learner: Any) -
             other.execute(CHANGES[case.change])
 
         first, second = read_twice(conn, case.query, case.isolation, between)
+        seen["autocommit_after"] = conn.autocommit
         if case.change == "uncommitted":
             other.execute("ROLLBACK")
         after = conn.execute("SHOW default_transaction_isolation").fetchone()
@@ -168,6 +169,12 @@ def test_read_twice(case: ReadCase, connect: Callable[[], Conn], learner: Any) -
         f"asked for {case.isolation}, your transaction ran at {seen['level']}: SET "
         f"TRANSACTION ISOLATION LEVEL must be the first statement inside the transaction "
         f"(outside one it is ignored with a warning)")
+    assert seen["autocommit_after"], (
+        "read_twice turned the caller's connection's autocommit off and left it so: every "
+        "later statement of the caller now opens a transaction that nothing commits (its "
+        "writes are lost when the connection closes, its locks and snapshot held "
+        "meanwhile) - open your own transaction with 'with conn.transaction():' instead, "
+        "or put conn.autocommit back in a finally")
     assert seen["status_after"] == TransactionStatus.IDLE, (
         f"read_twice returned with its transaction still open (status "
         f"{seen['status_after'].name}): end it (leave the with conn.transaction() block, or "
@@ -284,6 +291,12 @@ def test_go_off_call_leaves_the_session_as_it_found_it(
     conn.execute("SET default_transaction_isolation = 'repeatable read'")
     attribute_before = conn.isolation_level
     result = go_off_call(conn, "alice")
+    assert conn.autocommit, (
+        "go_off_call turned the caller's connection's autocommit off and left it so: every "
+        "later statement of the caller now opens a transaction that nothing commits (its "
+        "writes are lost when the connection closes, its locks and snapshot held "
+        "meanwhile) - open your own transaction with 'with conn.transaction():' instead, "
+        "or put conn.autocommit back in a finally")
     default_after = conn.execute("SHOW default_transaction_isolation").fetchone()
     with conn.transaction():
         level_after = isolation_of(conn)
@@ -448,6 +461,31 @@ def test_gives_up_after_exactly_max_attempts_and_lets_the_40001_out(
         + ("one too many - an off-by-one such as range(max_attempts + 1) or attempts "
            "counted from 0 and compared with >" if attempts == 4 else
            "it must make exactly max_attempts attempts, the first one included"))
+
+
+DEFAULT_ATTEMPTS = 10   # go_off_call's max_attempts when the caller leaves it out (README)
+
+
+def test_max_attempts_defaults_to_ten(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any) -> None:
+    """A caller that leaves max_attempts out gets the documented 10: nine attempts failing
+    with 40001 and the tenth going through must end in True."""
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    inject(admin, failures=DEFAULT_ATTEMPTS - 1, sqlstate="40001", when=AT_STATEMENT,
+           message="could not serialize access (injected by the check)")
+    result, exc, counts = call_recorded(go_off_call, alice.conn)
+    assert exc is None and result is True, (
+        f"max_attempts left at its default, the first {DEFAULT_ATTEMPTS - 1} attempts failing "
+        f"with 40001 and the {DEFAULT_ATTEMPTS}th free to go through: go_off_call "
+        + (f"raised {type(exc).__name__} after {len(counts)} attempt(s)" if exc is not None
+           else f"returned {result!r} after {len(counts)} attempt(s)")
+        + f", expected True from attempt {DEFAULT_ATTEMPTS} - the default is max_attempts="
+        f"{DEFAULT_ATTEMPTS} (the interface in the README): a caller that leaves it out "
+        "relies on it")
+    assert len(counts) == DEFAULT_ATTEMPTS, (
+        f"expected {DEFAULT_ATTEMPTS} attempts ({DEFAULT_ATTEMPTS - 1} failing with 40001), "
+        f"after_check saw {len(counts)}")
 
 
 def test_a_40001_at_commit_is_retried_too(
@@ -664,6 +702,9 @@ def session_changed(conn: Conn, default_before: str, attribute_before: Any, path
     if default_after != default_before:
         changed.append(f"the session's default isolation level changed from {default_before!r} to "
                        f"{default_after!r}")
+    if not conn.autocommit:
+        changed.append("autocommit turned off (it was on: every later statement now opens a "
+                       "transaction nothing commits)")
     if conn.isolation_level != attribute_before:
         changed.append(f"conn.isolation_level changed from {attribute_before!r} to "
                        f"{conn.isolation_level!r}")

@@ -28,6 +28,7 @@ class Backend:
         self.methods: list[str] = []   # their methods, in the same order
         self.head_lengths: dict[str, int] = {}   # path -> Content-Length of its HEAD answer
         self.holds: dict[str, threading.Event] = {}   # path -> answered once this is set
+        self.url = ""   # "http://127.0.0.1:PORT", once it is served
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         with self.lock:
@@ -75,8 +76,8 @@ CONTENT_TYPE = "application/vnd.shop+json"
 def world(learner: Any) -> Iterator[tuple[Any, str, dict[str, Backend]]]:
     legacy, new = Backend("legacy"), Backend("new")
     with serve_wsgi(legacy) as legacy_host, serve_wsgi(new) as new_host:
-        gateway = learner.load("strangler").Gateway(f"http://{legacy_host}",
-                                                    f"http://{new_host}")
+        legacy.url, new.url = f"http://{legacy_host}", f"http://{new_host}"
+        gateway = learner.load("strangler").Gateway(legacy.url, new.url)
         with serve_wsgi(gateway) as host:
             yield gateway, host, {"legacy": legacy, "new": new}
 
@@ -166,6 +167,54 @@ def test_a_prefix_written_with_a_slash_and_the_root(world: Any) -> None:
     check_routes(host, backends, {"/users/1": "legacy", "/users": "legacy", "/": "new",
                                   "/reports/2024/q1": "new"},
                  "with '/' moved to new, then /users carved out back to legacy")
+
+
+def test_two_gateways_keep_their_own_routes(world: Any, learner: Any) -> None:
+    """Two Gateway objects in one process (two migrations side by side, a gateway per
+    tenant): a route moved on one is that one's alone."""
+    gateway, host, backends = world
+    other = learner.load("strangler").Gateway(backends["legacy"].url, backends["new"].url)
+    with serve_wsgi(other) as other_host:
+        gateway.route_to_new("/orders")
+        other.route_to_new("/users")
+        want = {("the first", "/orders/7"): "new", ("the first", "/users/1"): "legacy",
+                ("the second", "/orders/7"): "legacy", ("the second", "/users/1"): "new"}
+        hosts = {"the first": host, "the second": other_host}
+        got = {(name, path): served_by(hosts[name], backends, path) for name, path in want}
+    wrong = [f"GET {path} through {name} went to {got[name, path]}, expected {where}"
+             for (name, path), where in want.items() if got[name, path] != where]
+    assert not wrong, (
+        "two gateways in one process share their routes - route_to_new('/orders') on the "
+        "first and route_to_new('/users') on the second: " + "; ".join(wrong) + ". The "
+        "routing table is kept where every Gateway sees it (a mutable class attribute such "
+        "as `routes = {}` in the class body, or a module global), so moving a route on one "
+        "moves it on all: make each gateway's table in __init__ (self._routes = {})")
+
+
+# Query strings as a client may send them: a key without '=', an empty value, a key twice,
+# '+' and '%20' (not the same bytes), an encoded '&' inside a value, UTF-8.
+QUERIES = [("/orders/7", "flag&tag=a&tag=b&empty=&tag=", "new"),
+           ("/users/search", "q=caf%C3%A9%20au+lait&next=%2Forders%3Fpage%3D2&co=a%26b", "legacy")]
+
+
+def test_a_query_string_arrives_byte_for_byte(world: Any) -> None:
+    gateway, host, _ = world
+    gateway.route_to_new("/orders")
+    problems = []
+    for path, query, target in QUERIES:
+        reply = http_request(host, "GET", f"{path}?{query}")
+        seen = reply.json() if reply.status == 200 else {}
+        if reply.status != 200:
+            problems.append(f"GET {path}?{query} got HTTP {reply.status} {reply.body[:100]!r}")
+        elif (seen.get("service"), seen.get("query")) != (target, query):
+            problems.append(f"GET {path}?{query} reached {seen.get('service')} with the "
+                            f"query {seen.get('query')!r} (expected {query!r} at {target})")
+    assert not problems, (
+        "the query string did not reach the backend as sent: " + "; ".join(problems) + ". "
+        "The gateway parsed and rebuilt it (parse_qs/parse_qsl then urlencode, or unquote "
+        "then quote): that drops a key without '=' and empty values, turns %20 into '+', "
+        "makes an encoded '&' a separator and reorders keys - the backend reads another "
+        "query. Forward environ['QUERY_STRING'] exactly as it came, after a '?'")
 
 
 # Paths as a client may send them: percent-encoded bytes (a space, UTF-8 letters, a '%'

@@ -762,6 +762,81 @@ def test_a_timed_out_call_leaves_nothing_behind(world: Any, learner: Any) -> Non
 
 
 
+ANSWERED = 10
+
+
+def answer_calls_at_once(client: Any, responder: Responder, replies: str) -> list[Any]:
+    """ANSWERED calls in flight at once, each answered once; what each returned. The test's
+    threads (and their Events) are gone when this returns: only the client's remain."""
+    calls = [in_thread(client.call, {"n": n}, timeout=60) for n in range(ANSWERED)]
+    for req in responder.collect(ANSWERED, f"{ANSWERED} concurrent calls", calls):
+        n = req.payload["n"]
+        responder.reply(req, {"n": n, "square": n * n}, replies)
+    for thread, _ in calls:
+        thread.join(60)
+    return [out.get("value", out.get("error", "nothing yet")) for _, out in calls]
+
+
+def test_an_answered_call_leaves_nothing_behind(world: Any, learner: Any) -> None:
+    """10 calls, each answered: the client must forget each one once its reply is handed
+    over - a waiter the listener leaves in the map of pending calls is kept for the
+    client's lifetime, one more for every call ever answered."""
+    mod, kafka, responder, requests, replies = world
+    client = mod.RpcClient(kafka.bootstrap, requests, replies)
+    try:
+        before = int(learner.run_helper(objects_alive, WAITERS))
+        outcomes = answer_calls_at_once(client, responder, replies)
+        want = [{"n": n, "square": n * n} for n in range(ANSWERED)]
+        assert outcomes == want, (
+            f"{ANSWERED} concurrent calls, each answered once, returned {outcomes!r}: "
+            f"expected {want!r}")
+        after = int(learner.run_helper(objects_alive, WAITERS))
+        assert after - before < ANSWERED, (
+            f"after {ANSWERED} calls that each got their reply, the client keeps "
+            f"{after - before} more waiting objects (Events, Conditions, Futures, Queues) "
+            "alive than before: the listener handed each reply over but left its waiter in "
+            "the pending calls (a get() where a pop() belongs, or an entry kept to spot a "
+            "duplicate reply) - every call ever answered leaks one for the client's "
+            "lifetime. Take the waiter out of the map when its reply arrives (pop its "
+            "correlation id), and a duplicate finds nobody waiting")
+    finally:
+        close_within(client, 10)
+
+
+ACK_HELD_TIMEOUT = 1.0    # the call's timeout while the broker's acknowledgement is held
+ACK_HELD_WITHIN = 6.0     # seconds such a call may take to raise, on a loaded machine
+
+
+def test_a_timeout_bounds_the_call_while_the_broker_is_slow_to_ack(world: Any) -> None:
+    """The broker stores a request but its acknowledgement is held (a slow or overloaded
+    broker, a network partition on the way back) and no reply comes: call(timeout=1.0)
+    must raise RpcTimeout about a second later - the timeout is the caller's bound on the
+    whole call, not a wait that starts once the broker has answered."""
+    mod, kafka, _, requests, replies = world
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        client = mod.RpcClient(proxy.bootstrap, requests, replies)
+        try:
+            proxy.hold_answers(PRODUCE)
+            started = time.monotonic()
+            thread, out = in_thread(client.call, {"n": 3}, timeout=ACK_HELD_TIMEOUT)
+            thread.join(ACK_HELD_WITHIN)
+            waited = time.monotonic() - started
+        finally:
+            proxy.release_answers(PRODUCE)
+            thread.join(30)
+            close_within(client, 10)
+    assert waited < ACK_HELD_WITHIN, (
+        f"call(..., timeout={ACK_HELD_TIMEOUT}) was still waiting {waited:.0f} s later while "
+        "the broker had stored its request but not yet acknowledged it (the test held the "
+        "answer at a proxy): the call waits for the acknowledgement first - flush() with no "
+        "bound, or a longer one than the call's, or a delivery report - and only then starts "
+        "its timeout, so a slow or unreachable broker holds the caller past its timeout. "
+        "Flush no longer than the timeout and wait for the reply only what is left of it")
+    assert isinstance(out.get("error"), mod.RpcTimeout), (
+        f"call(..., timeout={ACK_HELD_TIMEOUT}) with its acknowledgement held and no reply "
+        f"ended with {out.get('value', out.get('error'))!r}: expected RpcTimeout")
+
+
 ROUNDS = 3            # clients made, used once and closed, one after another (per request)
 CLOSE_WITHIN = 10.0   # seconds close() may take to return, on a loaded machine
 ENDED_WITHIN = 5.0    # seconds after close() returned for its threads and consumer to be gone

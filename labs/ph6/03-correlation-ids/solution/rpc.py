@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -68,6 +69,7 @@ class RpcClient:
             waiter.done.set()
 
     def call(self, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
         cid = str(uuid.uuid4())
         waiter = _Pending()
         with self._lock:
@@ -75,8 +77,10 @@ class RpcClient:
         self.producer.produce(self.request_topic, json.dumps(payload).encode(),
                               headers=[("correlation_id", cid.encode()),
                                        ("reply_to", self.reply_topic.encode())])
-        self.producer.flush(10)
-        if not waiter.done.wait(timeout):
+        # The timeout bounds the whole call: a broker slow to acknowledge the request holds
+        # the caller no longer than that (what is still queued goes out in the background).
+        self.producer.flush(timeout)
+        if not waiter.done.wait(max(0.0, deadline - time.monotonic())):
             with self._lock:
                 self._pending.pop(cid, None)
             raise RpcTimeout(f"no reply to {cid} within {timeout} s")
