@@ -5,8 +5,10 @@ A wrong solution is a diff against `solution/`. When the reference changes where
 touches, the diff no longer applies. For each such diff this takes the reference as it was
 at REV (HEAD by default), applies the diff there to get the wrong file, and carries the
 reference's own change into it with a three-way merge (`git merge-file`), so the wrong
-keeps its mistake and gains the fix. The result is written back as `<name>.diff`.
-A merge that conflicts is left alone and reported: write that wrong by hand.
+keeps its mistake and gains the fix. A clean merge is written back as `<name>.diff`. A
+conflict (the fix and the mistake on the same or adjacent lines) is left in
+`wrong/<name>/` with git's conflict markers, the mistake on one side and the fix on the
+other: resolve it by hand, then run `scripts/wrong-to-diff.py <lab>`.
 
     python3 scripts/rebase-wrongs.py labs/ph3/02-jwt-structure [--rev REV]
 """
@@ -52,6 +54,7 @@ def rebase(lab: Path, diff: Path, rev: str) -> str:
             return f"does not apply at {rev} either: {done.stdout.strip()}"
         out = lab / "wrong" / diff.stem
         out.mkdir()
+        conflicts: list[str] = []
         for changed in wrong.rglob("*"):
             if not changed.is_file():
                 continue
@@ -66,8 +69,10 @@ def rebase(lab: Path, diff: Path, rev: str) -> str:
                 merged = subprocess.run(["git", "merge-file", str(target), str(base / rel),
                                          str(current)], capture_output=True)
                 if merged.returncode:
-                    shutil.rmtree(out)
-                    return f"{rel}: the reference's change conflicts with the mistake"
+                    conflicts.append(str(target))
+    if conflicts:
+        return ("the reference's change meets the mistake: resolve the conflict markers in "
+                + ", ".join(conflicts))
     return ""
 
 
@@ -83,11 +88,13 @@ def main() -> int:
         problem = rebase(args.lab, diff, args.rev)
         print(f"{diff.stem}: {problem or 're-expressed'}")
         failed += bool(problem)
-        if not problem:
-            diff.unlink()
+    if failed:
+        print(f"{failed} wrong solution(s) to finish by hand, then: python3 "
+              f"scripts/wrong-to-diff.py {args.lab}")
+        return 1
     subprocess.run([sys.executable, str(Path(__file__).with_name("wrong-to-diff.py")),
                     str(args.lab)], check=True)
-    return 1 if failed else 0
+    return 0
 
 
 if __name__ == "__main__":

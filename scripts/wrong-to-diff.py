@@ -44,7 +44,8 @@ def main() -> None:
                 raise SystemExit(f"{wrong}: identical to the reference: not a wrong solution")
             (lab / "wrong" / f"{wrong.name}.diff").write_text(diff, encoding="utf-8")
             shutil.rmtree(wrong)
-            print(f"{wrong.relative_to(ROOT)} -> {wrong.name}.diff")
+            shown = wrong.relative_to(ROOT) if wrong.is_relative_to(ROOT) else wrong
+            print(f"{shown} -> {wrong.name}.diff")
 
 
 if __name__ == "__main__":
