@@ -13,6 +13,7 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,8 @@ class Pair:
         return self.server_addr, self.client_addr
 
 
-@pytest.fixture
-def pair() -> Iterator[Pair]:
+@contextmanager
+def connected() -> Iterator[Pair]:
     # The listener stays open for the whole test: while it holds the port nobody else can
     # listen there, so no new connection can reuse (and end) this one's TIME_WAIT.
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -72,6 +73,12 @@ def pair() -> Iterator[Pair]:
         yield Pair(client, server, client.getsockname(), server.getsockname())
         client.close()
         server.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    with connected() as established:
+        yield established
 
 
 class Background:
@@ -157,13 +164,19 @@ def _queued(sock: socket.socket, request: int) -> int | None:
 
 
 def wait_until_read(pair: Pair, running: Background) -> None:
-    """Until the learner's end has read everything the test's end sent: delivered (the
-    test's end has no unacknowledged bytes) and taken out of the receive queue by recv().
-    Returns early when the learner's function is over; never fails by itself."""
+    """Until the learner's end (the client's) has read everything the test's end sent."""
+    wait_until_taken(pair.server, pair.client, running)
+
+
+def wait_until_taken(sender: socket.socket, receiver: socket.socket,
+                     running: Background) -> None:
+    """Until the learner's end ``receiver`` has read everything the test's ``sender`` sent:
+    delivered (the sender has no unacknowledged bytes) and taken out of the receive queue by
+    recv(). Returns early when the learner's function is over; never fails by itself."""
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline and running.thread.is_alive():
-        sent = _queued(pair.server, termios.TIOCOUTQ)
-        received = _queued(pair.client, termios.FIONREAD)
+        sent = _queued(sender, termios.TIOCOUTQ)
+        received = _queued(receiver, termios.FIONREAD)
         if sent is None or received is None or (sent == 0 and received == 0):
             return
         time.sleep(0.005)
@@ -675,6 +688,95 @@ def test_a_large_answer_is_sent_whole(learner: Any, pair: Pair) -> None:
            "send() takes only what fits; sendall() loops until everything is sent."
            if want.startswith(reply) else
            ": the bytes differ from the handler's answer - send exactly what it returned"))
+
+
+# ---------------------------------------------------------------------------- two at once
+
+# What the test's end sends on each of two connections served at the same time, in two
+# parts; the first parts are interleaved (each read before the other connection's is sent).
+PARTS = {
+    "A": (b"first part, sent on connection A\n", b"second part, sent on connection A\n"),
+    "B": (b"first part, sent on connection B\n" * 3, b"second part, sent on connection B\n"),
+}
+
+
+def expect_own_bytes(what: str, got: Any, name: str) -> None:
+    """Fail, naming state shared between calls, when what the learner's code read on one
+    connection holds bytes the test sent on the other."""
+    want = b"".join(PARTS[name])
+    other = next(key for key in PARTS if key != name)
+    if isinstance(got, bytes | bytearray) and any(part in got for part in PARTS[other]):
+        pytest.fail(
+            f"{what} {len(got)} bytes, among them bytes sent on connection {other}; expected "
+            f"the {len(want)} bytes of connection {name} alone: the two calls running at once "
+            "kept what they read in one shared buffer (a module-level list or bytearray, a "
+            "mutable default argument such as chunks=[])\nEach call reads its own "
+            "connection: keep what it reads in a variable made inside the call (chunks = [] "
+            "in the function's body), or a server serving two clients at once hands one "
+            "client's bytes to the other.", pytrace=False)
+    assert got == want, (
+        f"{what} {got!r:.120}, expected the {len(want)} bytes sent on connection {name}: "
+        f"{want!r}")
+
+
+def test_two_drains_at_once_keep_their_own_bytes(learner: Any) -> None:
+    """graceful_close() on two connections at the same time: each returns the bytes of its
+    own peer, whose late data comes interleaved with the other's."""
+    closing = learner.load("closing")
+    returned: dict[str, Any] = {}
+    with connected() as first, connected() as second:
+        pairs = {"A": first, "B": second}
+        running = {name: Background(f"graceful_close() on connection {name}",
+                                    closing.graceful_close, pair.client)
+                   for name, pair in pairs.items()}
+        for name, pair in pairs.items():
+            expect_fin(Exchange(peer_reads(pair.server, running[name]), None))
+        for name, pair in pairs.items():
+            pair.server.sendall(PARTS[name][0])
+            wait_until_taken(pair.server, pair.client, running[name])
+        for name, pair in pairs.items():
+            pair.server.sendall(PARTS[name][1])
+            pair.server.close()  # the peer's FIN ends what graceful_close() returns
+            returned[name] = running[name].wait()
+    for name, got in returned.items():
+        expect_own_bytes(f"graceful_close() on connection {name} returned", got, name)
+
+
+def test_two_requests_at_once_keep_their_own_bytes(learner: Any) -> None:
+    """serve_until_eof() serving two clients at the same time: each handler gets its own
+    client's request, whose parts come interleaved with the other's, and each client its
+    own answer."""
+    closing = learner.load("closing")
+    requests: dict[str, list[bytes]] = {"A": [], "B": []}
+    replies: dict[str, bytes] = {}
+
+    def handler_of(name: str) -> Callable[[bytes], bytes]:
+        def handler(request: bytes) -> bytes:
+            requests[name].append(request)
+            return b"answer to: " + request
+        return handler
+
+    with connected() as first, connected() as second:
+        pairs = {"A": first, "B": second}
+        running = {name: Background(f"serve_until_eof() on connection {name}",
+                                    closing.serve_until_eof, pair.server, handler_of(name))
+                   for name, pair in pairs.items()}
+        for name, pair in pairs.items():
+            pair.client.sendall(PARTS[name][0])
+            wait_until_taken(pair.client, pair.server, running[name])
+        for name, pair in pairs.items():
+            pair.client.sendall(PARTS[name][1])
+            pair.client.shutdown(socket.SHUT_WR)  # the client's FIN ends its request
+            replies[name] = client_reads(pair, running[name])[0]
+            running[name].wait()
+    for name, got in requests.items():
+        assert len(got) == 1, (
+            f"the handler of connection {name} was called {len(got)} times, expected once")
+        expect_own_bytes(f"the handler of connection {name} was called with", got[0], name)
+        want = b"answer to: " + b"".join(PARTS[name])
+        assert replies[name] == want, (
+            f"the client of connection {name} read {replies[name]!r:.120}, expected the "
+            f"answer to its own request: {want!r}")
 
 
 # ---------------------------------------------------------------------------- reset first

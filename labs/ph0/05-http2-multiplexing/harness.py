@@ -93,6 +93,8 @@ class ServerThread:
             return response(status, [], b"f" * size)
         if request.path == "/note":  # the x-note header's value as the handler got it
             return response(200, [], ascii(request.headers.get("x-note")).encode())
+        if request.path == "/fields":  # a field sent three times, as the handler got it
+            return response(200, [], ascii(request.headers.get("x-tag")).encode())
         if request.path == "/echo":
             return response(200, [("content-type", "application/octet-stream")],
                             request.body)

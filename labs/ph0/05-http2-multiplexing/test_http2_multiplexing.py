@@ -554,6 +554,65 @@ def test_a_header_value_is_octets(server: Any, client: Client, odd: OddValue) ->
                      hint=rule)
 
 
+TAGS = ["first", "second", "third"]  # one field name, three field lines, in this order
+
+
+def test_a_repeated_field_keeps_every_value(server: Any, client: Client) -> None:
+    """x-tag comes three times (another field between them): the handler sees one x-tag
+    whose value is the three, in order, joined with commas (RFC 9110 5.3)."""
+    extra = [(b"x-tag", TAGS[0].encode()), (b"accept", b"text/plain"),
+             *((b"x-tag", tag.encode()) for tag in TAGS[1:])]
+    sid = client.get("/fields", extra=extra)
+    client.run_until(client.ended(sid), "response to a request with x-tag sent three times")
+    got = bytes(client.streams[sid].body).decode("ascii", "replace")
+    want = ascii(", ".join(TAGS))
+    values = [part.strip() for part in got.strip("'").split(",")]
+    kept = (f"only its {'last' if values == TAGS[-1:] else 'first'} value: the fields went "
+            "into the dict one by one, each replacing (or skipped for) the one before"
+            if values in (TAGS[-1:], TAGS[:1]) else "")
+    assert values == TAGS, (
+        f"the client sent x-tag three times ({', '.join(TAGS)}); the handler saw x-tag = "
+        f"{got}{', ' + kept if kept else ''}, expected {want}\nA field name may come more "
+        "than once; its values are one list, in order, and a server that hands the "
+        "application a single value per name joins them with ', ' (RFC 9110 5.3) - dropping "
+        "all but one changes what the request says (h2 already joins a cookie's crumbs "
+        "with '; ', RFC 9113 8.2.3).")
+
+
+def test_a_stream_reset_before_its_end_spares_the_others(server: Any,
+                                                         client: Client) -> None:
+    """The client gives up an upload halfway (headers and part of the body sent, no
+    END_STREAM, then RST_STREAM): no handler runs for it, and the connection goes on
+    serving the other streams."""
+    upload = client.h2.get_next_available_stream_id()
+    client.streams[upload] = Stream("/echo")
+    client.h2.send_headers(upload, [(b":method", b"POST"), (b":path", b"/echo"),
+                                    (b":scheme", b"http"), (b":authority", b"lab.test")])
+    client.h2.send_data(upload, b"the first half of an upload the client gives up")
+    client.h2.ping(b"lab-half")
+    client.flush()
+    client.run_until(lambda: client.pings_acked == 1, "PING ACK behind the half upload")
+    client.h2.reset_stream(upload, error_code=ErrorCodes.CANCEL)
+    later = client.get("/after-half-upload")
+    failure = ""
+    try:
+        client.run_until(client.ended(later), "a response on the same connection")
+    except pytest.fail.Exception as exc:
+        failure = str(exc).splitlines()[0]
+    if failure:
+        pytest.fail(
+            "the client reset a stream whose request was not complete yet (headers and part "
+            "of its body sent, no END_STREAM: no handler had started); the next request on "
+            f"the connection got no answer: {failure}\nA RST_STREAM can "
+            "come for a stream that has no task (its request still arriving, or already "
+            "answered): cancel its task if there is one (tasks.pop(sid, None)), and never "
+            "let one stream's reset end the connection and every other stream on it.",
+            pytrace=False)
+    problems = server.problems()
+    assert not problems, (
+        f"after the client reset a stream whose request was not complete yet: {problems[0]}")
+
+
 def test_a_reset_stream_cancels_its_handler(server: Any, client: Client) -> None:
     """The client cancels a request (RST_STREAM) while its handler is still working: the
     work must stop, not run on for nobody."""

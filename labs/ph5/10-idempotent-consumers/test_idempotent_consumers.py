@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import psycopg
@@ -226,45 +227,42 @@ def assert_applied_after_the_first_failed(conn: Any, results: dict[int, Any], ea
         f"recorded {recorded} time(s); expected True, 700 and once: B applies it")
 
 
-def test_two_different_events_for_a_new_account_at_once(db: Any, postgres: Any,
-                                                       learner: Any) -> None:
-    """Consumers A and B handle two DIFFERENT payments to an account that has no balance row
-    yet, at the same moment. The test holds the new row in an uncommitted insert, so both
-    stop right where they create it; it then rolls back, and both go on: the row must be
-    created once and both amounts added."""
+@dataclass(frozen=True)
+class OneAccount:
+    """Two different payments to one account at once: where that account stands, and the
+    uncommitted SQL of the test's that stops both consumers at its balance row."""
+
+    account: str
+    opening: int | None   # its committed balance before (None: no row yet)
+    hold: str
+    what: str
+
+
+ONE_ACCOUNT = {
+    "new": OneAccount("acct-new", None, "INSERT INTO balances VALUES ('acct-new', 0)",
+                      "the new account acct-new (no balance row yet)"),
+    "existing": OneAccount("acct-old", 1000,
+                           "SELECT * FROM balances WHERE account = 'acct-old' FOR UPDATE",
+                           "acct-old (balance 1000)"),
+}
+
+
+@pytest.mark.parametrize("case", ONE_ACCOUNT.values(), ids=ONE_ACCOUNT.keys())
+def test_two_different_events_for_one_account_at_once(db: Any, postgres: Any, learner: Any,
+                                                      case: OneAccount) -> None:
+    """Consumers A and B handle two DIFFERENT payments to one account at the same moment.
+    The test holds the balance row (an uncommitted insert of a row not there yet, or a lock
+    on the one that is), so both stop right where they write it; it then lets go, and both
+    go on: the row must be created once, and both amounts added."""
     mod, conn = db
-    events = [payment(200, "acct-new", 300), payment(201, "acct-new", 400)]
-    consumers = [learner.load("consumer"), learner.load("consumer", fresh=True)]
-    conns = [postgres.connect(autocommit=True), postgres.connect(autocommit=True)]
-    results: dict[int, Any] = {}
-
-    def consume(i: int) -> None:
-        try:
-            results[i] = bool(consumers[i].handle(conns[i], events[i]))
-        except BaseException as exc:  # noqa: BLE001 - judged below
-            results[i] = exc
-
-    blocker = postgres.connect()
-    blocker.execute("INSERT INTO balances VALUES ('acct-new', 0)")  # not committed
-    blocker_pid = blocker.execute("SELECT pg_backend_pid()").fetchone()[0]
-    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in (0, 1)]
-    try:
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: len(results) == 2 or len(blocked_pids(conn, {blocker_pid})) == 2
-                 or (len(results) == 1 and len(blocked_pids(conn, {blocker_pid})) == 1),
-                 "both consumers to reach the new account's balance row")
-    finally:
-        blocker.rollback()  # the row was never there: A and B go on
-        blocker.close()
-    for thread in threads:
-        thread.join(10)
-    for c in conns:
-        c.close()
+    if case.opening is not None:
+        conn.execute("INSERT INTO balances VALUES (%s, %s)", (case.account, case.opening))
+    events = [payment(200, case.account, 300), payment(201, case.account, 400)]
+    results = two_payments_held_at_the_row(postgres, learner, conn, case.hold, events)
     errors = [r for r in results.values() if isinstance(r, BaseException)]
     if errors and type(errors[0]).__name__ == "UniqueViolation":
         pytest.fail(
-            f"two different payments (evt-200, evt-201) to the new account acct-new, handled "
+            f"two different payments (evt-200, evt-201) to {case.what}, handled "
             f"at once: one raised UniqueViolation ({str(errors[0]).splitlines()[0]}): both "
             f"looked for the balance row, found none, and both INSERTed it - check-then-act "
             f"on the balance row. Create-or-add in one statement: INSERT ... ON CONFLICT "
@@ -273,9 +271,51 @@ def test_two_different_events_for_a_new_account_at_once(db: Any, postgres: Any,
     assert results == {0: True, 1: True}, (
         f"two different events handled at once returned {results}; expected both True: they "
         f"are different payments (different event_id), both to be applied")
-    assert balances(conn) == {"acct-new": 700}, (
-        f"acct-new is {balances(conn).get('acct-new', 0)} after two different payments of 300 "
-        f"and 400 handled at once; expected 700")
+    opening = case.opening or 0
+    got = balances(conn).get(case.account, 0)
+    lost = (f": the {400 if got - opening == 300 else 300} payment was overwritten by the "
+            f"other, a lost update - both read the balance before either wrote it, and each "
+            f"wrote back its own sum (a read-modify-write: SELECT cents, add in Python, SET "
+            f"cents = the new value). Add in SQL, where the row lock orders the two: SET "
+            f"cents = balances.cents + EXCLUDED.cents" if got - opening in (300, 400) else "")
+    assert got == opening + 700 and balances(conn) == {case.account: opening + 700}, (
+        f"{case.account} is {got} after two different payments of 300 and 400 to "
+        f"{case.what} handled at once; expected {opening + 700}{lost}")
+
+
+def two_payments_held_at_the_row(postgres: Any, learner: Any, conn: Any, hold: str,
+                                 events: list[Event]) -> dict[int, Any]:
+    """Consumers A and B (code loaded twice, a connection each) handle ``events`` at once
+    while the test holds the balance row with ``hold`` (uncommitted), until both are blocked
+    there (or done); then it rolls back and both go on. What each handle() gave."""
+    consumers = [learner.load("consumer"), learner.load("consumer", fresh=True)]
+    conns = [postgres.connect(autocommit=True), postgres.connect(autocommit=True)]
+    results: dict[int, Any] = {}
+
+    def consume(i: int) -> None:
+        try:
+            results[i] = bool(consumers[i].handle(conns[i], events[i]))
+        except BaseException as exc:  # noqa: BLE001 - judged by the caller
+            results[i] = exc
+
+    blocker = postgres.connect()
+    blocker.execute(hold)  # not committed
+    blocker_pid = blocker.execute("SELECT pg_backend_pid()").fetchone()[0]
+    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in (0, 1)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(results) == 2 or len(blocked_pids(conn, {blocker_pid})) == 2
+                 or (len(results) == 1 and len(blocked_pids(conn, {blocker_pid})) == 1),
+                 "both consumers to reach the account's balance row")
+    finally:
+        blocker.rollback()  # the row was never held: A and B go on
+        blocker.close()
+    for thread in threads:
+        thread.join(10)
+    for c in conns:
+        c.close()
+    return results
 
 
 # Failures that are NOT a duplicate, each at another point of handle()'s transaction: where
@@ -387,6 +427,33 @@ def start_consumer(learner: Any, postgres: Any, kafka: Any,
                                stderr=subprocess.PIPE))
 
 
+def expect_started_at_the_beginning(conn: Any, kafka: Any, topic: str, code: int) -> None:
+    """Fail, naming where the group started, when the consumer program exited 0 on its
+    first run over a topic full of events having handled none and committed no offset."""
+    handled = conn.execute("SELECT count(*) FROM processed_events").fetchone()[0]
+    if code != 0 or handled or committed_position(kafka, topic) is not None:
+        return
+    pytest.fail(
+        f"the consumer program's first run over a topic already holding "
+        f"{end_offset(kafka, topic)} events exited 0 having handled none of them and "
+        f"committed no offset: it began at the END of the partition\nA group with no "
+        f"committed offset yet starts where auto.offset.reset says, and its default, "
+        f"'latest', is the end: every event published before the consumer first started "
+        f"(a new service, a new group) is skipped, never handled and never redelivered. Set "
+        f"'auto.offset.reset': 'earliest' and let the group's committed offset decide after "
+        f"that (assign the partition without an offset of your own: OFFSET_END skips them "
+        f"as well)", pytrace=False)
+
+
+def end_offset(kafka: Any, topic: str) -> int:
+    """The offset after partition 0's last event (its high watermark)."""
+    reader = Consumer(kafka.consumer_config("watermarks"))
+    try:
+        return int(reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=15)[1])
+    finally:
+        reader.close()
+
+
 def error_tail(proc: subprocess.Popen[bytes]) -> str:
     assert proc.stderr is not None
     text = proc.stderr.read().decode(errors="replace").strip()
@@ -415,6 +482,7 @@ def kill_mid_event(learner: Any, postgres: Any, kafka: Any, conn: Any, hold: str
         deadline = time.monotonic() + 20
         while not blocked_pids(conn, {blocker_pid}):
             if first.poll() is not None:
+                expect_started_at_the_beginning(conn, kafka, topic, first.returncode)
                 pytest.fail(f"the consumer exited ({first.returncode}) before reaching the "
                             f"locked row: {error_tail(first)}", pytrace=False)
             if time.monotonic() > deadline:
@@ -607,6 +675,7 @@ def test_a_failed_event_is_not_committed_past(db: Any, learner: Any, postgres: A
             f"that a restart reads it again", pytrace=False)
     finally:
         conn.execute(remove)
+    expect_started_at_the_beginning(conn, kafka, topic, code)
     at = committed_position(kafka, topic)
     processed = {r[0] for r in conn.execute("SELECT event_id FROM processed_events")}
     if at is not None and at > 1:

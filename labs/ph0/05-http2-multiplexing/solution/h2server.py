@@ -38,7 +38,8 @@ class Request:
     stream_id: int
     method: str
     path: str
-    headers: dict[str, str]   # regular headers, lower-case names (no pseudo-headers)
+    headers: dict[str, str]   # regular headers, lower-case names (no pseudo-headers);
+                              # a name sent twice: its values joined with ", "
     body: bytes = b""
 
 
@@ -50,6 +51,21 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _fields(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """The regular fields by name. A name that comes more than once is one field whose
+    values are combined in order, with ", " (RFC 9110 5.3): dropping all but one changes
+    what the request says. (A cookie is joined with "; " instead, RFC 9113 8.2.3: h2
+    already does it with the crumbs a client split it into for HPACK.)"""
+    fields: dict[str, str] = {}
+    for name, value in headers:
+        if name.startswith(":"):
+            continue
+        if name in fields:
+            value = f"{fields[name]}, {value}"
+        fields[name] = value
+    return fields
 
 
 class _Connection:
@@ -98,7 +114,7 @@ class _Connection:
             headers = [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1"))
                        for k, v in event.headers]
             pseudo = {k: v for k, v in headers if k.startswith(":")}
-            regular = {k: v for k, v in headers if not k.startswith(":")}
+            regular = _fields(headers)
             self.requests[event.stream_id] = Request(
                 event.stream_id, pseudo.get(":method", ""), pseudo.get(":path", ""), regular)
         elif isinstance(event, DataReceived):

@@ -17,7 +17,8 @@ class Request:
     stream_id: int
     method: str
     path: str
-    headers: dict[str, str]   # regular headers, lower-case names (no pseudo-headers)
+    headers: dict[str, str]   # regular headers, lower-case names (no pseudo-headers);
+                              # a name sent twice: its values joined with ", "
     body: bytes = b""
 
 
