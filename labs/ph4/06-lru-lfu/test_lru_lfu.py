@@ -5,6 +5,8 @@
   few small ints, more distinct ints, floats and bools equal to them, strings, tuples) and
   capacities 1-8; after every step the value returned, the size and which keys are still cached
   must agree with the model. Runs are derandomized, so they are the same every time.
+* Two caches of one class side by side share nothing (no state in the class body or the
+  module); LFU counts every use exactly (600 uses outrank 400: no saturating counter).
 * Cost: O(1) per operation is measured by counting, not timing (harness.py): the keys count
   their own __hash__/__eq__ calls and a tracer counts the lines executed in cache.py; the
   work per operation at capacity 2,000 must stay close to the work at capacity 50.
@@ -432,6 +434,82 @@ def test_keys_are_compared_by_equality(cache: ModuleType, cls: str, what: str, m
             pytest.fail(f"{cls}(2) with {what}: {'; '.join(done)} returned {seen} "
                         f"(expected {step[2]!r}): {KEY_RULE} ({why}). Key the dict by the "
                         "key itself; it hashes and compares for you.", pytrace=False)
+
+
+# Two caches of one class side by side (a users cache and a sessions cache): B is made
+# after A holds entries, fills and evicts with the same keys, then A is used again. Each is
+# compared with a model of its own. (cache, operation, key, value)
+APART_STEPS: list[tuple[str, str, Any, Any]] = [
+    ("A", "put", 1, "a1"), ("A", "put", 2, "a2"), ("A", "get", 1, None),
+    ("B", "len", None, None), ("B", "get", 1, None), ("B", "get", 2, None),
+    ("B", "put", 1, "b1"), ("B", "put", 2, "b2"), ("B", "get", 2, None),
+    ("B", "get", 2, None), ("B", "put", 3, "b3"), ("B", "get", 1, None),
+    ("B", "get", 2, None), ("B", "get", 3, None), ("B", "len", None, None),
+    ("A", "get", 1, None), ("A", "get", 2, None), ("A", "len", None, None),
+    ("A", "put", 3, "a3"), ("A", "get", 1, None), ("A", "get", 2, None),
+    ("A", "get", 3, None), ("A", "len", None, None), ("B", "len", None, None),
+    ("B", "get", 2, None), ("B", "get", 3, None)]
+APART_RULE = ("two caches are two caches: each one's entries, recency list, sentinel, use "
+              "counts and buckets are its own. A mutable object in the class body (`_head "
+              "= _Node()`, `_map = {}`), a module-level dict or a mutable default argument "
+              "is ONE object shared by every cache: make them in __init__")
+
+
+@pytest.mark.parametrize("cls", ["LRUCache", "LFUCache"])
+def test_two_caches_share_nothing(cache: ModuleType, cls: str) -> None:
+    model_cls = LRUModel if cls == "LRUCache" else LFUModel
+    caches: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    done: list[str] = []
+    for name, op, key, value in APART_STEPS:
+        if name not in caches:
+            caches[name], models[name] = getattr(cache, cls)(2), model_cls(2)
+            done.append(f"{name} = {cls}(2)")
+        call = (f"len({name})" if op == "len" else f"{name}.{op}({key!r}"
+                + (f", {value!r})" if op == "put" else ")"))
+        try:
+            got = (len(caches[name]) if op == "len" else caches[name].get(key)
+                   if op == "get" else caches[name].put(key, value))
+        except Exception as exc:  # noqa: BLE001 - a crash is the learner's answer here
+            pytest.fail(f"two {cls}s side by side: {'; '.join([*done, call])} raised "
+                        f"{type(exc).__name__}: {exc!r}, expected it to work: {APART_RULE}.",
+                        pytrace=False)
+        done.append(call)
+        model = models[name]
+        want = (len(model.data) if op == "len" else model.get(key) if op == "get"
+                else model.put(key, value))
+        if op != "put" and got != want:
+            pytest.fail(f"two {cls}s side by side: {'; '.join(done)} returned {got!r}, "
+                        f"expected {want!r} (what {name} alone would answer): the other "
+                        f"cache's operations changed this one - {APART_RULE}.",
+                        pytrace=False)
+
+
+# Use counts past what a small counter holds (Redis keeps 8 bits, logarithmic): key 1 gets
+# HOT uses, then key 2 WARM uses; a new key must evict key 2, the less used, although key 1
+# was used longer ago. A count capped (or wrapped) at 255 or 100 makes them a tie, and the
+# tie goes to the least recently used: key 1.
+HOT, WARM_USES = 600, 400
+
+
+def test_lfu_counts_every_use(cache: ModuleType) -> None:
+    lfu = cache.LFUCache(2)
+    for key, value, uses in ((1, "hot", HOT), (2, "warm", WARM_USES)):
+        lfu.put(key, value)
+        for _ in range(uses - 1):
+            lfu.get(key)
+    lfu.put(3, "new")
+    got = {key: lfu.get(key) for key in (1, 2, 3)}
+    want = {1: "hot", 2: None, 3: "new"}
+    assert got == want, (
+        f"LFUCache(2): put(1, 'hot') and {HOT - 1} gets of key 1 ({HOT} uses), then "
+        f"put(2, 'warm') and {WARM_USES - 1} gets of key 2 ({WARM_USES} uses), then "
+        f"put(3, 'new'): get(1), get(2), get(3) returned {got[1]!r}, {got[2]!r}, "
+        f"{got[3]!r}, expected 'hot', None, 'new': the key with fewer uses goes - "
+        f"{WARM_USES} < {HOT} - but the cache took them for equally used and evicted the "
+        "least recently used. Count every use exactly: a use count capped (or wrapped) at a "
+        "small maximum, as Redis' 8-bit counter is, ranks a key used 400 times with one "
+        "used 600 times (a Python int does not overflow).")
 
 
 def test_lru_matches_the_model(cache: ModuleType) -> None:

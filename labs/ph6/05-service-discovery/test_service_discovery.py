@@ -8,7 +8,10 @@ SIGKILLed by the test; its heartbeats are timed by Redis' own clock (MONITOR), s
 longer than the TTL is seen as the expiry it is, however late the test looks. A relay between
 the process and Redis holds one heartbeat on its way while SIGTERM arrives: the DEL must not
 come before that write has landed. Started with --interval 60, SIGTERM between two
-heartbeats must deregister at once (within 10 s), not when a sleep till the next one ends."""
+heartbeats must deregister at once (within 10 s), not when a sleep till the next one ends.
+Relays also delete a key between the lookup's SCAN and its read of that record (the lookup
+must skip it), and answer two heartbeats with Redis' READONLY error, as during a failover
+(the process must heartbeat on)."""
 
 from __future__ import annotations
 
@@ -233,6 +236,49 @@ def test_a_silent_instance_expires(world: Any) -> None:
                "lookup() to drop the instance registered with ttl=1 s that never sent a "
                "heartbeat (its key expires in Redis; the lookup must not keep a stale copy)")
     assert lookup(reg, "api") == [API["a1"]], "the live instance disappeared with the dead one"
+
+
+# Commands that list or test an instance's key without reading its record.
+NOT_READING = {b"SCAN", b"EXISTS", b"TYPE", b"PTTL", b"TTL"}
+
+
+def test_lookup_skips_a_key_gone_between_listing_and_reading(learner: Any, redis_db: Any
+                                                            ) -> None:
+    """a2's key expires (deleted here, at that exact step) after SCAN listed it and just
+    before the lookup reads its record: the lookup must skip it, not crash."""
+    r = redis_db.client(decode_responses=True)
+    gone = key("api", "a2")
+    armed, deleted = threading.Event(), threading.Event()
+
+    def expire_a2_before_its_read(command: list[bytes]) -> None:
+        if (armed.is_set() and not deleted.is_set() and gone.encode() in command[1:]
+                and command[0].upper() not in NOT_READING):
+            r.delete(gone)
+            deleted.set()
+
+    addresses = {**API, "a3": "127.0.0.1:7003"}
+    with redis_gate(redis_db.url, expire_a2_before_its_read) as url:
+        reg = learner.load("registry").Registry(url)
+        try:
+            for iid, addr in addresses.items():
+                reg.register("api", iid, addr, 30)
+            armed.set()
+            try:
+                got: list[str] | str = lookup(reg, "api")
+            except Exception as exc:  # noqa: BLE001 - the learner's error, named below
+                got = f"raised {type(exc).__name__}: {exc}"
+        finally:
+            reg.close()
+            r.close()
+    # A lookup that never reads a2's record by its key (a script that scans) meets no gap.
+    want = sorted(addresses.values()) if not deleted.is_set() else [API["a1"], "127.0.0.1:7003"]
+    assert got == want, (
+        f"lookup('api') {got if isinstance(got, str) else f'gave {got}'}; expected {want}: "
+        "a2's key expired after SCAN listed it and before the lookup read it - MGET (or "
+        "GET) gives None for a key gone in between. A key SCAN lists can expire before you "
+        "read it (instances die all the time): skip a None record instead of parsing it "
+        "(an EXISTS before the GET does not help: the key can go between the two), and "
+        "never return an instance whose record you did not read")
 
 
 def test_a_heartbeat_renews_the_ttl(world: Any) -> None:
@@ -618,3 +664,75 @@ def test_sigterm_during_a_heartbeat_deregisters_for_good(learner: Any, redis_db:
         "instance until that TTL runs out. Stop the heartbeats before deregistering: the "
         "signal handler only sets the stop flag; once the heartbeat loop has ended (join "
         "its thread), DEL - nothing may write the key after it")
+
+
+# Redis' answer to a write on a replica: what a registry's Redis says while it fails over
+# (the old primary demoted, the new one not yet known to the client).
+READONLY_REPLY = [b"EVAL", b"return redis.error_reply(\"READONLY You can't write against a "
+                  b"read only replica.\")", b"0"]
+FAILED_BEATS = 2   # heartbeats refused in a row
+RECOVERY = 10.0    # seconds for the next heartbeat to come (50 intervals)
+
+
+class FailoverGate:
+    """``before`` of a :func:`redis_gate` between registry.py and Redis: lets the
+    registration through, has Redis answer the next FAILED_BEATS writes of the key with its
+    READONLY error instead of running them, then lets the writes through again, counting."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name.encode()
+        self.writes = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, command: list[bytes]) -> list[bytes] | None:
+        if self.name not in command[1:] or command[0].upper() in READS | DELETES:
+            return None
+        with self.lock:
+            self.writes += 1
+            refused = 2 <= self.writes <= 1 + FAILED_BEATS
+        return READONLY_REPLY if refused else None
+
+
+def test_a_failed_heartbeat_is_not_the_last(learner: Any, redis_db: Any) -> None:
+    """Redis refuses two heartbeats (READONLY, as during a failover); the process must go on
+    heartbeating, and the next heartbeat lands."""
+    r = redis_db.client(decode_responses=True)
+    name, gate = key("pay", "p4"), FailoverGate(key("pay", "p4"))
+    with redis_gate(redis_db.url, gate) as url:
+        proc = start(learner, url, "p4", "30")
+        try:
+            wait_registered(proc, r, "p4", "30")
+            came_true(lambda: proc.poll() is not None or gate.writes > 1 + FAILED_BEATS,
+                      RECOVERY)
+            refused = min(gate.writes - 1, FAILED_BEATS)
+            what = (f"{refused} heartbeat{'s' if refused > 1 else ''} of pay/p4 met Redis' "
+                    "READONLY error (its Redis failing over to a replica)")
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode()[-800:] if proc.stderr else ""
+                last = (err.strip().splitlines() or [""])[-1]
+                pytest.fail(
+                    f"registry.py exited with {proc.returncode} after {what} ({last}): "
+                    f"expected it to log the failure and send the next heartbeat "
+                    f"{INTERVAL} s later - a failover, a network blip or a restart fails a "
+                    "heartbeat or two, and an agent that dies on one leaves its live instance "
+                    "to expire for good. Catch redis.RedisError (READONLY is a ResponseError, "
+                    f"not a ConnectionError) around each heartbeat\n{err}", pytrace=False)
+            assert gate.writes > 1 + FAILED_BEATS, (
+                f"after {what}, registry.py still runs but sent no heartbeat in {RECOVERY:.0f} "
+                f"s (--interval {INTERVAL}): the heartbeat loop died on the error (an "
+                "exception ends a thread silently), so the live instance expires with its "
+                "TTL and never comes back. Catch redis.RedisError around each heartbeat and "
+                "go on with the next one")
+            pttl = r.pttl(name)
+            assert pttl > 20_000, (
+                f"after {what}, the next heartbeat came but left {name} "
+                f"{registration_of(r, name)}: expected it written again with --ttl 30")
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(15)
+            assert code == 0 and not r.exists(name), (
+                f"after {what} and a heartbeat that landed, SIGTERM made registry.py exit "
+                f"with {code} and left pay/p4 {registration_of(r, name)}: expected exit 0 "
+                "and the instance deregistered")
+        finally:
+            stopped(proc)
+            r.close()

@@ -4,7 +4,9 @@ The backends are small HTTP services the test runs on loopback; each counts the 
 reach it, so "an open circuit never calls the backend" is read off the backend's own counter.
 Time is the test's clock (injected): no sleeps. A backend can be told to fail (500) or to hold
 requests until released, which makes half-open probes and full bulkheads happen exactly when
-the test wants."""
+the test wants. A call may also end with a BaseException that is not an Exception (as
+gevent.Timeout does): the probe's flag and the bulkhead's slot must still be given back.
+One clock starts at 0.0, a time like any other."""
 
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ class Backend:
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
 
     def __call__(self) -> float:
         return self.now
@@ -291,6 +293,94 @@ def test_a_failed_probe_opens_for_a_full_timeout_again(mod: Any, backends: Any) 
     backend.mode = "ok"
     assert cb.call(caller(host)) == "payments"
     assert cb.state == "closed"
+
+
+def test_a_clock_that_starts_at_zero_is_a_clock(mod: Any, backends: Any) -> None:
+    """The injected clock reads 0.0 when the circuit opens (a simulated clock, a counter of
+    ticks): 30 s later the circuit is half-open like any other."""
+    backend, host = backends["payments"]
+    clock = Clock(0.0)
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
+    backend.mode = "fail"
+    trip(mod, cb, caller(host), 3)
+    clock.now = 30.0
+    backend.mode = "ok"
+    state = cb.state
+    got = outcome(mod, cb, host)
+    assert state == "half_open" and got == "answered", (
+        f"the circuit opened at clock() == 0.0; at 30.0 (reset_timeout 30) the state reads "
+        f"{state!r} and a call was {got} (backend hits {backend.hits}), expected 'half_open' "
+        "and a probe that reaches the backend: 0.0 is a time like any other, but a check "
+        "such as `if self._opened_at and ...` takes it for 'never opened', so this circuit "
+        "never half-opens. Test for None (`is not None`), not for truth")
+
+
+class CallCancelled(BaseException):
+    """Ends a call the way gevent.Timeout, asyncio.CancelledError or KeyboardInterrupt
+    does: a BaseException, not an Exception, so `except Exception` lets it through."""
+
+
+def cancelled_after(host: str) -> Any:
+    def call() -> str:
+        http_request(host, "GET", "/quote", timeout=60)
+        raise CallCancelled("the caller's deadline ran out (as gevent.Timeout raises it)")
+    return call
+
+
+def ended_by(mod: Any, guard: Any, fn: Any) -> str:
+    """What came back from guard.call(fn): the exception's class name, or 'a value'."""
+    try:
+        guard.call(fn)
+    except BaseException as exc:  # noqa: BLE001 - CallCancelled is the one expected
+        return type(exc).__name__
+    return "a value"
+
+
+BASE_EXCEPTION_NOTE = ("CallCancelled, a BaseException but not an Exception, as gevent.Timeout, "
+                       "asyncio.CancelledError and KeyboardInterrupt are")
+
+
+def test_a_probe_cancelled_midway_does_not_wedge_the_circuit(mod: Any, backends: Any) -> None:
+    """The half-open probe reaches the backend and is then ended by a BaseException. Whether
+    that counts as a failure (open again) or not (half-open again), a full reset_timeout
+    later the next call is a probe: the probe's flag went with the probe."""
+    backend, host = backends["payments"]
+    clock = Clock()
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
+    backend.mode = "fail"
+    trip(mod, cb, caller(host), 3)
+    clock.now += 30
+    backend.mode = "ok"
+    ended = ended_by(mod, cb, cancelled_after(host))
+    assert ended == CallCancelled.__name__, (
+        f"the half-open probe was ended by {BASE_EXCEPTION_NOTE}, and the caller got "
+        f"{ended}: what ends fn propagates unchanged")
+    clock.now += 30
+    got = outcome(mod, cb, host)
+    assert got == "answered", (
+        f"the half-open probe reached the backend and was then ended by "
+        f"{BASE_EXCEPTION_NOTE}; a full reset_timeout later the next call was {got} "
+        f"(state {cb.state!r}), expected a new probe that reaches the backend: the first "
+        "probe's in-flight flag was never cleared - `except Exception` does not see a "
+        "BaseException - so the circuit refuses every call for good, the dependency "
+        "healthy or not. Clear it however the call ends (try/finally, or except "
+        "BaseException: pybreaker counts it as a failure)")
+
+
+def test_a_call_cancelled_midway_gives_its_bulkhead_slot_back(mod: Any, backends: Any) -> None:
+    backend, host = backends["search"]
+    pool = mod.Bulkhead(1)
+    ended = ended_by(mod, pool, cancelled_after(host))
+    assert ended == CallCancelled.__name__, (
+        f"a call through Bulkhead(1) was ended by {BASE_EXCEPTION_NOTE}, and the caller got "
+        f"{ended}: what ends fn propagates unchanged")
+    got = ended_by(mod, pool, caller(host))
+    assert got == "a value", (
+        f"a call through Bulkhead(1) was ended by {BASE_EXCEPTION_NOTE}; the next call, "
+        f"nothing else in flight, ended with {got}, expected the backend's answer: the "
+        "cancelled call kept its slot - `except Exception` does not see a BaseException - "
+        "and every one lost this way shrinks the pool for good. Give the slot back in "
+        "`finally`")
 
 
 def outcome(mod: Any, cb: Any, host: str) -> str:

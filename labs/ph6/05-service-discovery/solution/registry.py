@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     registry.register(args.service, args.id, args.address, args.ttl)
     print(f"registered {args.service}/{args.id} at {args.address}", flush=True)
     while not stop.wait(args.interval):
-        registry.heartbeat(args.service, args.id, args.ttl)
+        try:
+            registry.heartbeat(args.service, args.id, args.ttl)
+        except redis.RedisError as exc:  # a blip, a failover (READONLY), a restart: the next
+            # heartbeat brings the key back; an agent that dies here drops a live instance
+            print(f"heartbeat failed ({exc!r}); next in {args.interval} s", file=sys.stderr,
+                  flush=True)
     registry.deregister(args.service, args.id)
     print(f"deregistered {args.service}/{args.id}", flush=True)
     registry.close()

@@ -48,7 +48,9 @@ class CircuitBreaker:
                 self._probing = True
         try:
             result = fn(*args, **kwargs)
-        except Exception:
+        except BaseException:  # also a gevent.Timeout, a cancellation, KeyboardInterrupt
+            # (not Exceptions): as pybreaker does, a failure - and a probe ended by one must
+            # not keep its flag, or the half-open circuit refuses every call for good
             with self._lock:
                 self._on_failure(probe)
             raise
