@@ -385,6 +385,14 @@ CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[st
     ("too few requests to judge", [(50, 0), (199, 0), (200, 0)], ["hold", "hold", "advance"],
      [5, 20], "a window of 199 requests is below min_requests (200): hold; 200 is enough",
      DEFAULTS),
+    ("a restarted canary's counters start again from 0 (a counter reset)",
+     [(1000, 0), (150, 20), (400, 40)], ["advance", "hold", "rollback"], [5, 20, 0],
+     "the 20 % step began at 1000 requests, then the canary restarted and its counters began "
+     "again from 0, as Prometheus counters do: 150, then 400 requests since, with 40 errors "
+     "(10 %) - rollback. Taken as 400 - 1000 = -600 requests the window never fills, and a "
+     "crash-looping canary holds at 20 % for ever: a total lower than the last one seen is "
+     "a reset - count what comes after it on top of the window, as increase() does",
+     DEFAULTS),
     ("promoted stays promoted", [(200, 0), (400, 0), (600, 600)],
      ["advance", "promoted", "promoted"], [5, 20, 100],
      "once at 100 % the rollout is over: later errors change nothing", DEFAULTS),
