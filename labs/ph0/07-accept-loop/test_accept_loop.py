@@ -292,6 +292,11 @@ def test_echoes_fifty_concurrent_clients(launch: Any) -> None:
     good = sum(got == want for got, want in zip(echoed, messages, strict=True))
     silent = sum(not got for got in echoed)
     cut = CLIENTS - good - silent
+    mixed = [n for n, got in enumerate(echoed) if others_in(got, n)]
+    assert not mixed, (
+        f"{len(mixed)} of {CLIENTS} concurrent clients got bytes of another client's message "
+        f"in their echo (client {mixed[0]:02d} got {echoed[mixed[0]][:60]!r}...)\n"
+        f"{SHARED_BUFFER_ADVICE}")
     if silent and threads > CLIENTS // 2:
         advice = (f"The server ran {threads} threads for the {CLIENTS} open connections, yet "
                   f"{silent} clients were never answered: the threads exist but do not serve "
@@ -317,6 +322,55 @@ def test_echoes_fifty_concurrent_clients(launch: Any) -> None:
     stop_cleanly(server)
 
 
+# What a server whose connections' threads share one buffer is told.
+SHARED_BUFFER_ADVICE = (
+    "The connections' threads share one buffer (a static or global array?): a recv() on one "
+    "connection overwrites bytes another connection's thread has not sent yet. Give each "
+    "connection its own buffer: a local array in the thread's function, or one malloc'd per "
+    "connection.")
+
+
+def others_in(got: bytes, n: int) -> bool:
+    """Whether client ``n``'s echo holds another client's tag ('client NN ')."""
+    return any(int(tag) != n for tag in re.findall(rb"client (\d\d) ", got))
+
+
+def cut_at_zero(got: bytes, sent: bytes) -> bool:
+    """Whether an echo is short of what was sent and its zero bytes are what went missing:
+    what a server that treats the bytes as a C string (strlen, printf "%s") sends back:
+    cut just before a zero byte, or several KiB of random bytes without a single zero (an
+    echo cut short for another reason holds them as often as what was sent)."""
+    return 0 < len(got) < len(sent) and (
+        got == sent[:len(got)] and sent[len(got)] == 0
+        or len(got) >= 4096 and 0 not in got and sent.count(0) > len(sent) // 1024)
+
+
+TEXT_ADVICE = (
+    "TCP carries bytes, not text: strlen(), strcpy() and printf(\"%s\") stop at the first "
+    "zero byte. Echo exactly the n bytes recv() returned, whatever their values.")
+
+
+def test_echoes_every_byte_value(launch: Any) -> None:
+    """A message with a zero byte in it, and every other byte value: an echo server passes
+    bytes through, whatever they are; one that handles them as a C string cuts them."""
+    server = launch()
+    message = b"a zero byte:\x00, then every byte value: " + bytes(range(256)) * 4
+    with connect(server.port) as sock:
+        sock.sendall(message)
+        sock.shutdown(socket.SHUT_WR)  # our FIN: the server closes once it has echoed all
+        got = recv_exactly(sock, len(message) + 1)
+    if cut_at_zero(got, message):
+        pytest.fail(
+            f"a {len(message)}-byte message holding zero bytes came back with {len(got)} "
+            f"bytes, cut where a zero byte was ({got[-20:]!r} were the last); expected every "
+            f"byte back\n{TEXT_ADVICE}", pytrace=False)
+    assert got == message, (
+        f"a {len(message)}-byte message holding every byte value (0 to 255) came back as "
+        f"{len(got)} bytes{' (different content)' if len(got) == len(message) else ''}, "
+        "expected it unchanged: an echo server passes bytes through as they are")
+    stop_cleanly(server)
+
+
 def test_echoes_a_large_stream_completely(launch: Any) -> None:
     server = launch()
     payload = os.urandom(1 << 20)  # 1 MiB: many recv()/send() rounds on the server
@@ -326,6 +380,9 @@ def test_echoes_a_large_stream_completely(launch: Any) -> None:
         sender.start()
         got = recv_exactly(sock, len(payload))
         sender.join(WAIT)
+    assert not cut_at_zero(got, payload), (
+        f"a 1 MiB stream of random bytes came back with {len(got)} bytes, its zero bytes "
+        f"and what follows them missing; expected all of it, unchanged\n{TEXT_ADVICE}")
     assert got == payload, (
         f"a 1 MiB stream came back with {len(got)} bytes"
         f"{' (different content)' if len(got) == len(payload) else ''}, expected all of "
@@ -783,4 +840,82 @@ def test_a_client_that_leaves_mid_echo_costs_only_its_connection(launch: Any) ->
     assert echoed == b"after\n", (
         f"after another client left mid-echo, a client connected all along got {echoed!r} "
         "back, expected b'after\\n': one client leaving must cost only its own connection")
+    stop_cleanly(server)
+
+
+OTHER = b"<another client's bytes> "  # a run random bytes hold with no real chance
+STALL_CAP = 16 << 20  # bytes sent without a stall: the server buffers without bound, fine
+
+
+def send_until_stalled(server: Server, sock: socket.socket) -> bytes:
+    """Send on a non-blocking ``sock`` without reading the echo until the server's end of
+    it stops reading: its thread is then blocked in send(), part of its last recv()'d
+    buffer not yet written. Returns every byte sent (a server that never stalls - it keeps
+    what it cannot send yet in memory of its own - is let go at STALL_CAP)."""
+    client_port = sock.getsockname()[1]
+    chunk = os.urandom(CHUNK)
+    sent = bytearray()
+    deadline = time.monotonic() + STREAM_WAIT
+    while (time.monotonic() < deadline and server.proc.poll() is None
+           and len(sent) < STALL_CAP):
+        try:
+            sent += chunk[:sock.send(chunk)]
+            continue
+        except BlockingIOError:  # every buffer on the way is full: has the server stopped?
+            pass
+        side = server_side(server.port, client_port)
+        if (side is not None and side[1] >= CHUNK
+                and stalled_side(server.port, client_port) is not None):
+            break
+        time.sleep(0.005)
+    return bytes(sent)
+
+
+def echo_beside(port: int, payload: bytes) -> bytes:
+    """``payload`` echoed on a connection of its own, sent from a thread while read here."""
+    with connect(port) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+        sender.start()
+        got = recv_exactly(sock, len(payload))
+        sender.join(WAIT)
+    return got
+
+
+def test_each_connection_echoes_only_its_own_bytes(launch: Any) -> None:
+    """One client sends without reading until its connection's thread is blocked in send()
+    with bytes of its buffer still to write; another client then has 256 KiB echoed; then
+    the first reads its echo. Each must get back exactly what it sent: a buffer shared by
+    the connections' threads (static, global) is overwritten by the second connection's
+    recv() while the first thread's send() still needs it."""
+    server = launch()
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # fixed sizes: no autotuning
+        stalled.setsockopt(socket.SOL_SOCKET, option, 1 << 16)
+    stalled.settimeout(WAIT)
+    try:
+        stalled.connect(("127.0.0.1", server.port))
+        stalled.setblocking(False)
+        sent = send_until_stalled(server, stalled)
+        other = OTHER * ((1 << 18) // len(OTHER))
+        other_got = echo_beside(server.port, other)
+        stalled.shutdown(socket.SHUT_WR)  # our FIN: the server closes once it has echoed all
+        got = recv_exactly(stalled, len(sent) + 1, time.monotonic() + STREAM_WAIT)
+    finally:
+        stalled.close()
+    if got != sent and OTHER in got:
+        at = got.index(OTHER)
+        pytest.fail(
+            f"a client whose echo was held up (it read nothing while sending "
+            f"{len(sent) >> 10} KiB) got another client's bytes back at byte {at} of its "
+            f"echo, sent while its connection's thread waited in send(); expected exactly "
+            f"its own bytes\n{SHARED_BUFFER_ADVICE}", pytrace=False)
+    assert got == sent, (
+        f"a client that read nothing while sending {len(sent) >> 10} KiB, then read its echo, "
+        f"got {len(got)} bytes back{' (different content)' if len(got) == len(sent) else ''}, "
+        "expected every byte it sent, in order")
+    assert other_got == other, (
+        f"while another connection's echo was held up, a client sending 256 KiB got "
+        f"{len(other_got)} bytes back"
+        f"{' (different content)' if len(other_got) == len(other) else ''}, expected all "
+        "of it, unchanged: one connection waiting must not disturb another")
     stop_cleanly(server)

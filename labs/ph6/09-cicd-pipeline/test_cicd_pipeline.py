@@ -103,7 +103,8 @@ DEPLOYERS = ("push", "staging", "production")                # what must never r
 SWALLOW = re.compile(r"\|\|\s*(true|:|exit\s+0)\s*$|;\s*(true|exit\s+0)\s*$|\bset\s+\+e\b", re.M)
 BUILDS = re.compile(r"\bdocker\s+(buildx\s+)?build\b|\bbuildah\s+bud\b|\bpodman\s+build\b")
 MAIN_GATE = re.compile(r"github\.ref\s*==\s*'refs/heads/main'|github\.ref_name\s*==\s*'main'|"
-                       r"github\.event_name\s*==\s*'push'")
+                       r"github\.event_name\s*==\s*'push'|"
+                       r"github\.event_name\s*!=\s*'pull_request'")
 
 
 def steps(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -270,6 +271,61 @@ def test_pull_requests_never_deploy(learner: Any) -> None:
             "`if: github.ref == 'refs/heads/main'` (the later stages inherit its skip)")
 
 
+REF_GATE = re.compile(r"github\.ref\s*==\s*'refs/heads/main'|github\.ref_name\s*==\s*'main'")
+
+
+def ref_gated(jobs: dict[str, Any], name: str, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether the job (or a job it needs) runs only when the ref is main: the event's name
+    ('push') does not say which branch was pushed."""
+    job = jobs.get(name) or {}
+    if REF_GATE.search(str(job.get("if", ""))):
+        return True
+    return any(ref_gated(jobs, n, seen | {name}) for n in needs(job) if n not in seen)
+
+
+def pushes_beyond_main(triggers: Any) -> str:
+    """Which pushes other than to main start the workflow ('' for none): every branch's
+    when `push` has no branch filter, else the filter's other patterns."""
+    if isinstance(triggers, str):
+        triggers = [triggers]
+    if isinstance(triggers, list):
+        return "a push to any branch" if "push" in triggers else ""
+    if not isinstance(triggers, dict) or "push" not in triggers:
+        return ""
+    push = triggers["push"] or {}
+    if not isinstance(push, dict):
+        return ""
+    if "branches-ignore" in push:
+        return f"a push to any branch but {push['branches-ignore']}"
+    if "branches" not in push:
+        # GitHub: a push filter of tags only starts the workflow for those tags, no branch.
+        return "" if ("tags" in push or "tags-ignore" in push) else "a push to any branch"
+    branches = push["branches"]
+    others = [b for b in ([branches] if isinstance(branches, str) else list(branches or []))
+              if str(b) != "main"]
+    return f"a push to a branch matching {others}" if others else ""
+
+
+def test_pushes_to_other_branches_never_deploy(learner: Any) -> None:
+    """A push to a branch other than main (anyone's feature branch, unreviewed) must not
+    reach push and the deployments: either `on.push` is limited to main, or the deployers are
+    gated on the ref. `github.event_name == 'push'` keeps pull requests out, but says
+    nothing about which branch was pushed."""
+    doc = workflow(learner)
+    beyond = pushes_beyond_main(doc.get("on", doc.get(True, {})))
+    if not beyond:
+        return
+    for stage in DEPLOYERS:
+        if not gated_to_main(doc["jobs"], stage):
+            continue  # no gate at all: test_pull_requests_never_deploy says so
+        assert ref_gated(doc["jobs"], stage), (
+            f"the workflow starts on {beyond}, and job {stage!r} is kept to main only by the "
+            "event's name (`github.event_name == 'push'`, or `!= 'pull_request'`), which says "
+            "nothing about the branch: a push to a feature branch nobody reviewed is pushed "
+            "and deployed. Limit the trigger (on: push: branches: [main]) or gate on the "
+            "branch: `if: github.ref == 'refs/heads/main'`")
+
+
 def test_actions_pinned_and_permissions_least(learner: Any) -> None:
     doc = workflow(learner)
     for name, job in doc["jobs"].items():
@@ -329,6 +385,14 @@ CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[st
     ("too few requests to judge", [(50, 0), (199, 0), (200, 0)], ["hold", "hold", "advance"],
      [5, 20], "a window of 199 requests is below min_requests (200): hold; 200 is enough",
      DEFAULTS),
+    ("a restarted canary's counters start again from 0 (a counter reset)",
+     [(1000, 0), (150, 20), (400, 40)], ["advance", "hold", "rollback"], [5, 20, 0],
+     "the 20 % step began at 1000 requests, then the canary restarted and its counters began "
+     "again from 0, as Prometheus counters do: 150, then 400 requests since, with 40 errors "
+     "(10 %) - rollback. Taken as 400 - 1000 = -600 requests the window never fills, and a "
+     "crash-looping canary holds at 20 % for ever: a total lower than the last one seen is "
+     "a reset - count what comes after it on top of the window, as increase() does",
+     DEFAULTS),
     ("promoted stays promoted", [(200, 0), (400, 0), (600, 600)],
      ["advance", "promoted", "promoted"], [5, 20, 100],
      "once at 100 % the rollout is over: later errors change nothing", DEFAULTS),
@@ -372,3 +436,34 @@ def test_canary_controller(learner: Any, case: tuple[Any, ...]) -> None:
         f"{name}: {first_wrong(ticks, got, decisions)}{why}. The controller decided {story} "
         f"and set the weights {seen}; "
         f"expected {want} and the weights {weights}")
+
+
+def test_two_controllers_side_by_side(learner: Any) -> None:
+    """Two services rolled out at once, each with its own controller, ticked in turn: each
+    decides on its own counters and sets its own weights. Checked first alone (so a mistake
+    of one controller is told apart from two controllers sharing state)."""
+    mod = learner.load("canary")
+    b_params = {"steps": (10, 50, 100), "max_error_rate": 0.05, "min_requests": 200}
+    b_ticks, b_decisions, b_weights = [(300, 3), (600, 6)], ["advance", "promoted"], [10, 50, 100]
+    alone: list[int] = []
+    ctl = mod.CanaryController(alone.append, **b_params)
+    got = [ctl.tick(r, e) for r, e in b_ticks]
+    assert (got, alone) == (b_decisions, b_weights), (
+        f"a controller with steps (10, 50, 100) answered {got} to tick(300, 3), tick(600, 6) "
+        f"and set the weights {alone}; expected {b_decisions} and {b_weights}: each window "
+        "of 300 requests has 3 errors (1 %)")
+    a_seen: list[int] = []
+    b_seen: list[int] = []
+    a = mod.CanaryController(a_seen.append)
+    b = mod.CanaryController(b_seen.append, **b_params)
+    story = [("A", a, (1000, 0), "advance"), ("B", b, (300, 3), "advance"),
+             ("A", a, (1300, 40), "rollback"), ("B", b, (600, 6), "promoted")]
+    told = [(f"{who}.tick{ticks}", ctl.tick(*ticks), d) for who, ctl, ticks, d in story]
+    wrong = [f"{call} -> {got!r}, expected {d!r}" for call, got, d in told if got != d]
+    assert not wrong and (a_seen, b_seen) == ([5, 20, 0], b_weights), (
+        f"two controllers side by side (two services rolled out at once) share state: ticked "
+        f"in turn, {wrong[0] if wrong else 'every answer was right'}, and the weights went "
+        f"through A's set_weight as {a_seen}, through B's as {b_seen} (expected [5, 20, 0] "
+        f"and {b_weights}), though B alone decided right\nA window, a status or the "
+        "set_weight callback is kept in a class attribute or a module global, where every "
+        "controller reads and writes it. Keep each controller's state on the instance (self.)")

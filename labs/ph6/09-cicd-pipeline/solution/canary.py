@@ -19,12 +19,25 @@ class CanaryController:
         # The window of the current step starts at the counters seen when it began.
         self.base_requests = 0
         self.base_errors = 0
+        self.last = (0, 0)  # the counters at the previous tick: a lower one is a reset
         self.set_weight(self.weight)
+
+    def absorb_reset(self, requests_total: int, errors_total: int) -> None:
+        """A canary that restarts starts its counters again from 0 (a Prometheus counter
+        reset: a total lower than the last one seen). What the window counted before the
+        reset stays in it, and the new totals add to it - as increase() counts - by moving
+        the window's start down by the totals the restart lost."""
+        last_requests, last_errors = self.last
+        if requests_total < last_requests or errors_total < last_errors:
+            self.base_requests -= last_requests
+            self.base_errors -= last_errors
+        self.last = (requests_total, errors_total)
 
     def tick(self, requests_total: int, errors_total: int) -> str:
         """Counters are cumulative (like Prometheus counters) for the canary version."""
         if self.status != "running":
             return self.status
+        self.absorb_reset(requests_total, errors_total)
         requests = requests_total - self.base_requests
         errors = errors_total - self.base_errors
         if requests < self.min_requests:
