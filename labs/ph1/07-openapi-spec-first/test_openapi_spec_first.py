@@ -349,6 +349,8 @@ def test_a_name_as_long_as_the_spec_allows_is_created(spec_path: Path, host: str
     new_user = resolve(spec, (resolve(spec, operation(spec, "createUser").get("requestBody", {}))
                               .get("content", {}).get("application/json", {}).get("schema")))
     name_schema = resolve(spec, ((new_user or {}).get("properties") or {}).get("name")) or {}
+    if {"pattern", "enum", "format"} & set(name_schema):
+        return  # names the spec itself narrows: this name may be one it forbids
     longest = name_schema.get("maxLength")
     length = longest if isinstance(longest, int) and 8 <= longest < 10_000 else 64
     name = ("Zoë 𝄞 " * length)[:length]
