@@ -125,8 +125,14 @@ def bound_port(server: Any) -> int:
 
 # /pieces' body, sent as one DATA frame per piece and then an empty DATA frame with the
 # stream's FIN: what a server streaming its body does. The middle piece is larger than a
-# QUIC packet, so it arrives in several DataReceived events of its own.
-PIECES = (b"first:" + b"a" * 1194, b"b" * 40_000, b"c" * 2995 + b":last")
+# QUIC packet, so it arrives in several DataReceived events of its own. A body is bytes,
+# not text: an "é" is cut in two by the first frame's end, and the middle piece holds a
+# PNG signature, bytes that are not UTF-8 at all.
+SPLIT_CHARACTER = "é".encode()
+NOT_UTF8 = b"\x89PNG\r\n\x1a\n\x00\xff\xfe"
+PIECES = (b"first:" + b"a" * 1193 + SPLIT_CHARACTER[:1],
+          SPLIT_CHARACTER[1:] + b"b" * 20_000 + NOT_UTF8 + b"b" * 19_988,
+          b"c" * 2995 + b":last")
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,12 @@ LATE_FIN: dict[str, tuple[bytes, bytes, str]] = {
     "/upload": (b"POST", b"name=quic&size=4", "a POST whose end came with its body"),
     "/late-fin": (b"GET", b"", "a GET whose end came in an empty DATA frame after its "
                                "headers"),
+    "/trailed-upload": (b"POST", b"name=quic&size=4", "a POST whose end came with "
+                        "trailers, a HEADERS frame after its body with no :path"),
 }
+# Of those, the requests that end with trailers (RFC 9114 4.1: a request may, like a
+# response): a HEADERS frame that is not a new request's.
+REQUEST_TRAILERS = {"/trailed-upload": [(b"x-checksum", b"sha256-none")]}
 
 
 def which_pieces(got: bytes) -> str:
@@ -178,7 +189,19 @@ def which_pieces(got: bytes) -> str:
         return f"its first {len(got)} bytes only"
     if whole.endswith(got):
         return f"its last {len(got)} bytes only"
+    if valid_utf8(got):
+        return (f"{len(got)} bytes that went through a text decoding (valid UTF-8, which "
+                "the body is not): its bytes that are not UTF-8 (a PNG signature, an é "
+                "cut in two by a DATA frame's end) came back replaced (U+FFFD) or dropped")
     return f"{len(got)} bytes that are not a part of it in order"
+
+
+def valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class Gate:
@@ -281,7 +304,10 @@ class ProbeClient(QuicConnectionProtocol):
                                    (b":path", path.encode())], end_stream=body is None)
         if body is not None:  # the request ends later, in a datagram of its own
             self.transmit()
-            self.h3.send_data(sid, body, end_stream=True)
+            self.h3.send_data(sid, body, end_stream=path not in REQUEST_TRAILERS)
+            if path in REQUEST_TRAILERS:  # ... in its trailers, after the body
+                self.transmit()
+                self.h3.send_headers(sid, REQUEST_TRAILERS[path], end_stream=True)
         return self.done[path]
 
 
@@ -576,50 +602,63 @@ def test_server_answers_a_failing_handler_with_500(learner: Any, certs: Certs) -
         f"{fast}, expected (200, b'/fast ok') beside /boom's 500")
 
 
+LATE_FIN_WHY = (
+    "A request stream ends with its FIN, which may come in its HEADERS frame "
+    "(HeadersReceived.stream_ended) or later, with or after its body "
+    "(DataReceived.stream_ended, possibly with empty data), or on trailers (a second "
+    "HEADERS frame after the body, without :path: not a new request). Remember each "
+    "stream's path when its first HEADERS frame arrives, and start its handler when the "
+    "stream ends, whichever event says so.")
+
+
+async def late_ends_handled(client: ProbeClient, server: Any) -> None:
+    """Once your server's QUIC stack has acknowledged each LATE_FIN request's end (so its
+    quic_event_received() has seen it) and its loop has nothing left to run, the handler
+    must have been called for each: the mistake is told then, not after a wait for a
+    response that cannot come."""
+    late = [sid for sid, path in client.paths.items() if path in LATE_FIN]
+    streams = client._quic._streams  # the test's own client: its FINs' delivery
+
+    def acknowledged() -> bool:
+        return all(sid not in streams or streams[sid].sender.is_finished for sid in late)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT * 2
+    while not acknowledged() and not client.seen.closed and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    if not acknowledged():
+        return  # judged from the responses, as they come or not
+    called = await asyncio.to_thread(server.called_once_idle, WAIT)
+    if called is None:
+        return
+    strays = [path for path in called if path not in client.paths.values()]
+    for path, (method, body, how) in LATE_FIN.items():
+        if path in REQUEST_TRAILERS and path not in called and strays:
+            pytest.fail(
+                f"your server took the trailers of {path}, {how}, for the request's "
+                f"headers: it called the handler with {strays}, a path no request had, "
+                f"and never with {path}; expected the path of the stream's first HEADERS "
+                f"frame\n{LATE_FIN_WHY}", pytrace=False)
+        if path not in called and path not in client.seen.responses:
+            answered = ", ".join(f"{p} {client.seen.responses[p][0]}" for p in
+                                 client.seen.order) or "nothing yet"
+            pytest.fail(
+                f"your server never handled {path}, {how} ({method.decode()}, "
+                f"{len(body)}-byte body): the request's end reached it (its QUIC stack "
+                "acknowledged the FIN) and it went idle without calling the handler "
+                f"for {path} (answered so far: {answered})\n{LATE_FIN_WHY}", pytrace=False)
+
+
 def test_server_answers_a_request_that_ends_after_its_headers(learner: Any,
                                                              certs: Certs) -> None:
     """A request is complete when its stream ends, and the FIN need not ride on its
-    HEADERS frame: a POST's comes with its body, and a client may end a GET with an empty
-    DATA frame. Both must be answered, like /plain beside them."""
+    HEADERS frame: a POST's comes with its body or its trailers, and a client may end a
+    GET with an empty DATA frame. All must be answered, like /plain beside them."""
     paths = [*LATE_FIN, "/plain"]
-    why = ("A request stream ends with its FIN, which may come in its HEADERS frame "
-           "(HeadersReceived.stream_ended) or later, with or after its body "
-           "(DataReceived.stream_ended, possibly with empty data). Remember each stream's "
-           "path when its headers arrive, and start its handler when the stream ends, "
-           "whichever event says so.")
-
-    async def ends_taken(client: ProbeClient) -> None:
-        """Once your server's QUIC stack has acknowledged each request's end (so its
-        quic_event_received() has seen it) and its loop has nothing left to run, the
-        handler must have been called for each: the mistake is told then, not after a
-        wait for a response that cannot come."""
-        late = [sid for sid, path in client.paths.items() if path in LATE_FIN]
-        streams = client._quic._streams  # the test's own client: its FINs' delivery
-
-        def acknowledged() -> bool:
-            return all(sid not in streams or streams[sid].sender.is_finished for sid in late)
-
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT * 2
-        while not acknowledged() and not client.seen.closed and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        if not acknowledged():
-            return  # judged from the responses, as they come or not
-        called = await asyncio.to_thread(server.called_once_idle, WAIT)
-        if called is None:
-            return
-        for path, (method, body, how) in LATE_FIN.items():
-            if path not in called and path not in client.seen.responses:
-                answered = ", ".join(f"{p} {client.seen.responses[p][0]}" for p in
-                                     client.seen.order) or "nothing yet"
-                pytest.fail(
-                    f"your server never handled {path}, {how} ({method.decode()}, "
-                    f"{len(body)}-byte body): the request's end reached it (its QUIC stack "
-                    "acknowledged the FIN) and it went idle without calling the handler "
-                    f"for {path} (answered so far: {answered})\n{why}", pytrace=False)
-
+    why = LATE_FIN_WHY
     with learner_server(learner, certs) as server:
-        seen, _ = run(probe(server.port, certs, paths, unanswered_ok=True, sent=ends_taken))
+        seen, _ = run(probe(server.port, certs, paths, unanswered_ok=True,
+                            sent=lambda client: late_ends_handled(client, server)))
     plain = f"/plain (FIN on its HEADERS) got {seen.responses.get('/plain')}"
     for path, (method, body, how) in LATE_FIN.items():
         got = seen.responses.get(path)
@@ -631,6 +670,11 @@ def test_server_answers_a_request_that_ends_after_its_headers(learner: Any,
                      else f"sent nothing on its stream for {WAIT * 2:.0f} s")
             pytest.fail(f"your server never answered {path}, {how} ({method.decode()}, "
                         f"{len(body)}-byte body): it {ended}; {plain}\n{why}", pytrace=False)
+        if path in REQUEST_TRAILERS and got[0] >= 400:
+            pytest.fail(f"your server refused {path}, {how}, with {got[0]}: it took the "
+                        "trailers (a HEADERS frame without :path) for a malformed request; "
+                        f"expected (200, {f'{path} ok'.encode()!r}); {plain}\n{why}",
+                        pytrace=False)
         pytest.fail(f"{path}, {how}, got {got}, expected (200, {f'{path} ok'.encode()!r})"
                     f"; {plain}\n{why}", pytrace=False)
     assert seen.responses.get("/plain") == (200, b"/plain ok"), (

@@ -339,6 +339,40 @@ def test_the_code_enforces_the_bounds_its_spec_declares(spec_path: Path, host: s
         contract.judge(ex, what)
 
 
+def test_a_name_as_long_as_the_spec_allows_is_created(spec_path: Path, host: str,
+                                                      contract: Contract) -> None:
+    """maxLength counts characters (JSON Schema: code points), not UTF-8 bytes nor UTF-16
+    units: a name of exactly maxLength characters, some of them two bytes long in UTF-8
+    (ë) and some four (𝄞, two UTF-16 units), is one the spec allows and must be created
+    and read back as sent."""
+    spec = load_spec(spec_path)
+    new_user = resolve(spec, (resolve(spec, operation(spec, "createUser").get("requestBody", {}))
+                              .get("content", {}).get("application/json", {}).get("schema")))
+    name_schema = resolve(spec, ((new_user or {}).get("properties") or {}).get("name")) or {}
+    if {"pattern", "enum", "format"} & set(name_schema):
+        return  # names the spec itself narrows: this name may be one it forbids
+    longest = name_schema.get("maxLength")
+    length = longest if isinstance(longest, int) and 8 <= longest < 10_000 else 64
+    name = ("Zoë 𝄞 " * length)[:length]
+    what = (f"a name of {length} characters, {len(name.encode())} bytes in UTF-8 and "
+            f"{len(name.encode('utf-16-le')) // 2} UTF-16 units (openapi.yaml: maxLength "
+            f"{longest})")
+    created = exchange(host, "POST", "/users",
+                       document={"name": name, "email": "long.name@example.com"})
+    assert created.status == 201, (
+        f"{created.label()}: the code refused {what}, a name its own spec allows: expected "
+        f"201, saw {created.status} {created.data[:150]!r}. maxLength counts characters "
+        "(code points), not UTF-8 bytes or UTF-16 units: leave the bounds to the spec's "
+        "validation (openapi_core unmarshal_request) rather than measuring by hand")
+    contract.judge(created, what)
+    user_id = json.loads(created.data).get("id")
+    fetched = exchange(host, "GET", f"/users/{user_id}")
+    got = json.loads(fetched.data).get("name") if fetched.status == 200 else None
+    assert got == name, (
+        f"GET /users/{user_id} after creating {what}: expected that name back, saw "
+        f"{fetched.status} {str(got)[:80]!r}")
+
+
 def listed_ids(doc: Any) -> list[Any] | None:
     """The ids of the users a listUsers page holds, whatever its design: the first list of
     objects with an "id" found in the document (a bare list, {"data": [...]}, ...)."""
@@ -619,6 +653,13 @@ def test_text_postgres_cannot_store_is_refused(host: str, contract: Contract) ->
             document[field] = (f"Nul{char}Name" if field == "name"
                                else f"text{n}{char}x@example.com")
             ex = exchange(host, "POST", "/users", document=document)
+            assert ex.status != 409, (
+                f"POST /users with {'an' if field == 'email' else 'a'} {field} holding "
+                f"{what} got 409 (email taken), but no user has that email: the INSERT "
+                "failed because Postgres text cannot store the value, and a failure caught "
+                "as a conflict tells the client something false. Expected 422 (or 400): "
+                "check every string before the INSERT, and answer 409 only for the UNIQUE "
+                "violation (psycopg.errors.UniqueViolation)")
             assert 400 <= ex.status < 500, (
                 f"POST /users with {'an' if field == 'email' else 'a'} {field} holding {what}: "
                 f"expected a 4xx (422), saw {ex.status} {ex.data[:120]!r}: it is valid JSON "

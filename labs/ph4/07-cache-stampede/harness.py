@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -50,3 +51,49 @@ def stampede(module: ModuleType, url: str, key: str, callers: int, ttl_ms: int) 
     return {"loads": loads[0], "results": [str(r) for r in results], "errors": errors,
             "slept": len(slept), "alive": sum(t.is_alive() for t in threads),
             "held": held_until_all_waited[0]}
+
+
+def other_key_while_loading(module: ModuleType, url: str,
+                             keys: Callable[[], list[str]]) -> dict[str, Any]:
+    """A's loader for product:a runs (held until B is done); meanwhile B misses product:b,
+    which nobody is loading. B's sleep() raises: B is to load, not wait. Returns whether A
+    reached its loader, the keys Redis held then (``keys()``, read by the test's side) and
+    B's outcome ("waited" if it slept)."""
+    a_loading, a_may_finish = threading.Event(), threading.Event()
+    out: dict[str, Any] = {"a_loading": False, "held": [], "b": None}
+
+    def a_loader() -> str:
+        a_loading.set()
+        a_may_finish.wait(30)
+        return "value-a"
+
+    def run_a() -> None:
+        try:
+            module.get_or_load(url, "product:a", a_loader, 60_000, lock_ttl_ms=60_000,
+                               sleep=lambda s: None)
+        except Exception:  # noqa: BLE001, S110 - the other tests judge A's own load
+            pass
+
+    def b_sleep(_seconds: float) -> None:
+        raise _Waited()
+
+    a = threading.Thread(target=run_a, daemon=True)
+    a.start()
+    try:
+        out["a_loading"] = a_loading.wait(30)
+        if out["a_loading"]:
+            out["held"] = keys()
+            out["b"] = module.get_or_load(url, "product:b", lambda: "value-b", 60_000,
+                                          lock_ttl_ms=60_000, sleep=b_sleep)
+    except _Waited:
+        out["b"] = "waited"
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out["b"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        a_may_finish.set()
+        a.join(40)
+    return out
+
+
+class _Waited(Exception):
+    """B's sleep() was called: it found a lock held, though nobody loads its key."""

@@ -6,14 +6,13 @@
   token, and released by a Lua script that compares before deleting;
 * the lock is released only by its owner: when A's lock has expired and B holds it, A's
   release must leave B's lock alone;
-* probabilistic early expiry (XFetch) with an injected clock and random source: recompute
-  exactly when now - delta * beta * ln(rand) >= expiry; and the entry is written whole (a
-  reader between two of the writer's commands never finds half of it).
+* each key has a lock of its own: a miss on one key never waits for another key's load.
+
+Probabilistic early expiry (XFetch) is checked in test_xfetch.py.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from types import ModuleType
@@ -246,6 +245,23 @@ def test_a_waiter_takes_over_when_the_winners_load_fails(stampede: ModuleType,
         f"B loaded after A's failure but the key holds {r.get(key)!r}: fill it")
 
 
+def test_each_key_has_its_own_lock(learner: Any, stampede: ModuleType, redis_db: Any) -> None:
+    """While A loads product:a, B misses product:b, a key nobody is loading: B must take
+    product:b's own lock and load at once, not sleep behind A's load of another key."""
+    r = redis_db.client(decode_responses=True)
+    out = dict(learner.harness().other_key_while_loading(
+        stampede, redis_db.url, lambda: sorted(r.keys("*"))))
+    if not out["a_loading"]:
+        return  # A never reached its loader: the other tests judge that
+    assert out["b"] != "waited", (
+        "while A's loader ran for product:a, B missed product:b - a key nobody was loading - "
+        f"and waited (called sleep()) instead of loading it: the keys share one lock (held "
+        f"while A loaded: {out['held']})\nLock each key with a lock of its own "
+        "(f'{key}:lock'): a shared lock makes every miss wait for every other key's load.")
+    assert out["b"] == "value-b", (
+        f"B missed product:b while A loaded product:a, and got {out['b']!r}, expected "
+        "'value-b' from its own loader")
+
 def test_the_lock_ttl_is_the_one_given(stampede: ModuleType, redis_db: Any) -> None:
     """The lock's TTL is how long the others wait for a winner that died: lock_ttl_ms, not
     the value's TTL, a constant, or seconds taken for milliseconds. Measured as the lock's
@@ -358,131 +374,3 @@ def test_the_lock_is_released_only_by_its_owner(stampede: ModuleType, redis_db: 
     assert stampede.release_lock(redis_db.url, "lock:report", b), (
         "the owner's release_lock returned False")
     assert r.get("lock:report") is None, "the owner's release_lock did not delete the lock"
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-# (seconds before the logical expiry, rand(), recompute?) with delta = 2 s, beta = 1:
-# recompute when 2 * -ln(rand) >= seconds left.
-XFETCH_CASES = [
-    (30.0, 0.5, False),        # far from expiry: 1.39 s < 30 s
-    (1.0, 0.5, True),          # 1.39 s >= 1 s: early recompute
-    (2.0, 0.5, False),         # 1.39 s < 2 s
-    (30.0, 1e-9, True),        # an unlucky draw: 41 s >= 30 s
-    (3.0, 0.2, True),          # 3.22 s >= 3 s
-    (3.5, 0.2, False),         # 3.22 s < 3.5 s
-    (-1.0, 0.999999, True),    # past the logical expiry: always
-]
-
-
-def test_probabilistic_early_expiry(stampede: ModuleType, redis_db: Any) -> None:
-    clock = Clock(1_000.0)
-    loads = []
-
-    def loader() -> str:
-        loads.append(clock.t)
-        clock.t += 2.0          # the computation takes 2 s of (fake) time: delta = 2
-        return f"v{len(loads)}"
-
-    first = stampede.xfetch(redis_db.url, "xf:report", loader, 100.0, beta=1.0, now=clock,
-                            rand=lambda: 0.5)
-    assert first == "v1" and len(loads) == 1, "a miss must call the loader once"
-    real_ttl = redis_db.client().pttl("xf:report")
-    assert real_ttl == -1 or real_ttl > 100_000, (
-        f"xfetch stored its entry with a Redis TTL of {real_ttl} ms, the logical ttl is 100 s"
-        ": at the logical expiry the key VANISHES, every reader misses at once and all of "
-        "them reload - the very stampede XFetch avoids\nLet the expiry stored in the hash "
-        "decide; give the Redis key a longer TTL (the logical one plus a margin), so readers "
-        "keep finding it and one of them refreshes early.")
-    expiry = 1_002.0 + 100.0
-    for left, draw, recompute in XFETCH_CASES:
-        clock.t = expiry - left
-        before = len(loads)
-        stampede.xfetch(redis_db.url, "xf:report", loader, 100.0, beta=1.0, now=clock,
-                        rand=lambda d=draw: d)
-        did = len(loads) > before
-        if did:  # put the entry back as it was, so every case sees the same entry
-            r = redis_db.client(decode_responses=True)
-            r.hset("xf:report", mapping={"delta": 2.0, "expiry": expiry})
-        if did != recompute:
-            gap = 2.0 * -math.log(draw)
-            pytest.fail(
-                f"with {left:g} s left before the logical expiry, delta = 2 s, beta = 1 and "
-                f"rand() = {draw:g}, xfetch {'recomputed' if did else 'served the cached value'}"
-                f", expected it to {'recompute' if recompute else 'serve the cached value'} "
-                f"(delta * beta * -ln(rand) = {gap:.2f} s {'>=' if recompute else '<'} "
-                f"{left:g} s)\nRecompute when now() - delta * beta * ln(rand()) >= expiry, with "
-                "delta the time the last loader() took (measured with the now() given), and "
-                "the injected now() and rand(), never time.time() or random directly. Store "
-                "value, delta and expiry together (a hash) so that every reader can decide.",
-                pytrace=False)
-
-
-FIELDS = ("value", "delta", "expiry")
-
-
-def whole(entry: dict[str, str]) -> dict[str, str | None]:
-    """The part of a cache entry XFetch decides with ({} when there is none)."""
-    return {f: entry.get(f) for f in FIELDS} if entry else {}
-
-
-def what_a_reader_does(seen: dict[str, str | None], old: dict[str, str | None],
-                       new: dict[str, str | None]) -> str:
-    if not seen:
-        return ("it finds no entry, misses and calls loader() too: every reader arriving "
-                "during a refresh recomputes - the stampede XFetch avoids")
-    missing = [f for f in FIELDS if seen[f] is None]
-    if missing:
-        return (f"it finds a hit without {' and '.join(missing)}: it cannot decide (KeyError "
-                "on the field) and fails instead of serving or loading")
-    if old and seen["value"] == new["value"] and seen["expiry"] == old["expiry"]:
-        return ("it finds the new value with the OLD expiry, already due: it recomputes "
-                "again")
-    if old and seen["value"] == old["value"] and seen["expiry"] == new["expiry"]:
-        return ("it finds the OLD value with the new expiry: it serves the stale value as "
-                "fresh until the new expiry")
-    return "it decides with fields of two different computations"
-
-
-def test_readers_never_see_a_half_written_entry(stampede: ModuleType, redis_db: Any) -> None:
-    """XFetch's readers take no lock: they read the entry while a refresher writes it. So
-    the entry (value, delta, expiry) must change in one step: between any two commands the
-    writer sends (through the gate, which reads the hash with the test's own client just
-    before each one goes on), a reader must find the entry as it was or as it now is - never
-    a mix, never nothing while a refresh is under way."""
-    r = redis_db.client(decode_responses=True)
-    key, clock = "xf:prices", Clock(1_000.0)
-    seen: list[dict[str, str | None]] = []
-
-    def loader() -> str:
-        clock.t += 2.0
-        return f"prices-{clock.t:g}"
-
-    def before(command: list[bytes]) -> None:
-        seen.append(whole(r.hgetall(key)))
-
-    with redis_gate(redis_db.url, before) as url:
-        for phase in ("first filled", "refreshed"):
-            old, seen[:] = whole(r.hgetall(key)), []
-            if old:  # the entry is due: the refresh must happen
-                clock.t = float(old["expiry"] or 0) + 1.0
-            stampede.xfetch(url, key, loader, 100.0, beta=1.0, now=clock, rand=lambda: 0.5)
-            new = whole(r.hgetall(key))
-            if not new or new["value"] is None or new == old:
-                return  # nothing (re)written: test_probabilistic_early_expiry judges that
-            torn = next((s for s in seen if s not in (old, new)), None)
-            if torn is not None:
-                pytest.fail(
-                    f"while xfetch {phase} the entry, a reader reading between two of its "
-                    f"commands found {torn or 'no entry'}, expected "
-                    f"{'the old entry or ' if old else 'no entry or '}the new one whole "
-                    f"({new}): {what_a_reader_does(torn, old, new)}\nXFetch readers take no "
-                    "lock, so write value, delta and expiry together in ONE command (HSET key "
-                    "with mapping={...}) or one MULTI/EXEC - never field by field, and never "
-                    "delete the old entry first.", pytrace=False)

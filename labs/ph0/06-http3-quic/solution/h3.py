@@ -75,7 +75,9 @@ class _ServerProtocol(QuicConnectionProtocol):
                 self.h3_event_received(h3_event)
 
     def h3_event_received(self, event: H3Event) -> None:
-        if isinstance(event, HeadersReceived):
+        if isinstance(event, HeadersReceived) and event.stream_id not in self.paths:
+            # The stream's first HEADERS frame is the request's; a later one holds its
+            # trailers (no :path, after the body; RFC 9114 4.1), not a new request.
             headers = dict(event.headers)
             self.paths[event.stream_id] = headers.get(b":path", b"/").decode()
         if isinstance(event, HeadersReceived | DataReceived) and event.stream_ended:
