@@ -10,7 +10,9 @@
 * exhaustion, policy "reject": PoolExhausted at once, no waiting;
 * backpressure: 8 requests on a pool of 3, held busy on the server by an advisory lock the
   test owns: exactly 3 run, 5 wait, then all complete;
-* a failing query gives its connection back, rolled back;
+* a failing query gives its connection back, rolled back; execute() of a write (no rows to
+  fetch) returns [] and commits it;
+* two pools in one process share nothing (no idle deque or count in the class or module);
 * a borrower woken and beaten to the connection waits again only for what is left of its
   acquire_timeout (the timeout of its new wait, read where it waits), and acquire() hands
   out connections in no transaction, new or validated;
@@ -227,6 +229,44 @@ def test_killed_backends_are_replaced_on_borrow(mod: ModuleType, pools: list[Any
     assert s["open"] == len(now) and s["in_use"] == 0, (
         f"stats() says {s}, but the server holds {len(now)} of the pool's connections and "
         "none is in use: count a dead connection out when you drop it")
+
+
+def test_two_pools_share_no_connections(mod: ModuleType, pools: list[Any],
+                                        postgres: Any) -> None:
+    """Two Pool objects in one process (two databases, two services) each have their own
+    connections, count and waiters: the second pool's first borrower opens a connection of
+    its own while the first pool's one is idle, and then both pools serve at once."""
+    first = make(mod, pools, postgres.dsn, 1, policy="reject")
+    second = make(mod, pools, postgres.dsn, 1, policy="reject")
+    (first_pid,), = first.execute("SELECT pg_backend_pid()")   # now idle in the first pool
+    shared = ("the pools share their state: keep the idle connections, the count and the "
+              "condition on the instance (made in __init__), never in a class attribute (a "
+              "deque written in the class body is ONE object for every Pool) or a module "
+              "global")
+    try:
+        conn = second.acquire()
+    except mod.PoolExhausted as exc:
+        pytest.fail(f"a new pool of size 1, nothing borrowed from it, raised PoolExhausted "
+                    f"({exc}) on its first acquire(), while another pool held its one "
+                    f"connection idle: it counted the other pool's connection as its own - "
+                    f"{shared}", pytrace=False)
+    (pid,), = conn.execute("SELECT pg_backend_pid()").fetchall()
+    conn.rollback()
+    assert pid != first_pid, (
+        f"a second pool handed out the first pool's idle connection (backend pid {pid}): "
+        f"{shared}")
+    try:
+        again = first.execute("SELECT 1")
+    except mod.PoolExhausted as exc:
+        pytest.fail(f"the first pool (size 1, its one connection idle) raised PoolExhausted "
+                    f"({exc}) while a second pool lent out a connection of its own: "
+                    f"{shared}", pytrace=False)
+    assert again == [(1,)]
+    second.release(conn)
+    counts = [(stats(p)["open"], stats(p)["idle"]) for p in (first, second)]
+    assert counts == [(1, 1), (1, 1)], (
+        f"each of two pools of size 1 opened one connection and has it back, idle; stats() "
+        f"says (open, idle) {counts[0]} and {counts[1]}: {shared}")
 
 
 def borrower_waiting(pool: Any, waiting: Callable[[], int]) -> tuple[Any, Call]:
@@ -701,6 +741,33 @@ def test_a_failing_query_returns_its_connection(mod: ModuleType, pools: list[Any
                     "block, and roll back its failed transaction before another borrower "
                     "gets it.", pytrace=False)
     assert rows == [(42,)]
+
+
+def test_execute_commits_a_statement_that_returns_no_rows(mod: ModuleType, pools: list[Any],
+                                                          postgres: Any) -> None:
+    """execute() runs whatever it is given: a write (INSERT, UPDATE, DDL) has no rows to
+    fetch, returns [] and is committed before its connection goes back."""
+    with postgres.connect(autocommit=True) as setup:
+        setup.execute("CREATE TABLE IF NOT EXISTS ph48_orders (note text)")
+        setup.execute("TRUNCATE ph48_orders")
+    pool = make(mod, pools, postgres.dsn, 1, policy="reject")
+    try:
+        rows = pool.execute("INSERT INTO ph48_orders VALUES (%s)", ("paid",))
+    except Exception as exc:  # noqa: BLE001 - the learner's failure is the message
+        pytest.fail(f"execute() of an INSERT, a statement with no rows to return, raised "
+                    f"{type(exc).__name__} ({exc}): it fetched a result that does not exist"
+                    "\nAn INSERT, UPDATE or DDL statement returns no rows: there is nothing to "
+                    "fetch. Fetch only when the statement has a result (cursor.description is "
+                    "not None); otherwise return [].", pytrace=False)
+    with postgres.connect(autocommit=True) as check:
+        (n,), = check.execute("SELECT count(*) FROM ph48_orders").fetchall()
+    assert n == 1, (
+        f"execute() of an INSERT returned {rows!r}, but another connection sees {n} rows in "
+        "the table: the write was never committed, and release() rolled it back\nexecute() "
+        "commits whatever it ran - a statement with no rows to return as well.")
+    assert not rows, f"execute() of an INSERT returned {rows!r}: it has no rows, expected []"
+    assert pool.execute("SELECT count(*) FROM ph48_orders") == [(1,)], (
+        "after an INSERT through execute(), a SELECT through it did not see the row")
 
 
 # How a borrowed connection comes back broken, for release() to drop it and free its slot.

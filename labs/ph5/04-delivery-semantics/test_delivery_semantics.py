@@ -27,6 +27,10 @@ Mistakes a learner makes here, each caught with its own message:
   own, and each output's key is read back
 - at-least-once trusting flush() returning 0 when the broker REFUSED an output (a record
   larger than the output topic's max.message.bytes): the offset committed past a lost output
+- taking a poll() that returns nothing for the end of the input: the proxy holds the worker's
+  fetches a few seconds (a broker slow to answer), and the worker must still process it all
+- exactly-once aborting a failed transaction (the broker refused its output) and going on
+  with the next record: a later transaction commits an offset past the lost one
 - exactly-once: offsets committed by the consumer, idempotence without a transaction, a fresh
   transactional.id per run (no fencing), reading read_uncommitted (poison records), a
   transactional.id shared by workers running at once (the group alone, the input alone, a
@@ -69,6 +73,7 @@ from labrunner.testing import (
 from labrunner.testing.kafka_proxy import (
     ADD_OFFSETS_TO_TXN,
     END_TXN,
+    FETCH,
     OFFSET_COMMIT,
     PRODUCE,
     TXN_OFFSET_COMMIT,
@@ -86,6 +91,12 @@ FENCING = (" - the killed run's transaction is still open, and it holds the grou
            "(and read_committed readers) until it is aborted: restart with the SAME "
            "transactional.id so init_transactions() fences the dead run and aborts it")
 CRASH_AT = 4  # the 4th payment, pay-3
+QUIET_POLL = ("A poll() that returns None (a consume() that returns []) only says no "
+              "record came within its timeout (a broker slow to answer, a consumer still "
+              "starting): it is not the end of the input. The end is the partition-EOF "
+              "event (enable.partition.eof=true, an error _PARTITION_EOF): keep polling "
+              "until it comes")
+FETCH_HOLD = 4.0   # s the test holds the worker's fetches: a broker slow to answer
 ACK_TIMEOUT = 2.0   # --ack-timeout of the at-least-once worker whose output is never acked
 # How long the test waits for that worker to give up or commit: long, since a right worker
 # exits soon after ACK_TIMEOUT, and a wrong one that ignores --ack-timeout and commits after
@@ -235,6 +246,11 @@ def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
             code = first.wait()
             errors = stderr_tail(first)
             last = errors.splitlines()[-1] if errors else f"first output line {line!r}"
+            if line.startswith("processed "):
+                raise AssertionError(
+                    f"{mode}: the worker ended its run ({line!r}) before the 4th of the 6 "
+                    f"payments in the input, so it never reached that record's crash point: "
+                    f"it stopped before the end of the input partition. {QUIET_POLL}")
             raise AssertionError(
                 f"{mode}: the worker never reached crash_point() for the 4th record (exit "
                 f"{code}: {last}): call crash_point(processed, crash_after) between your two "
@@ -388,21 +404,24 @@ REFUSED_AT = 1    # the input record whose output the broker refuses (too large)
 OUTPUT_LIMIT = "1500"   # the output topic's max.message.bytes: one small record fits
 
 
-def test_an_output_the_broker_refuses_is_not_processed(learner: Any, kafka: Any) -> None:
-    """The input holds pay-0, a pay-1 of 3,000 bytes and pay-2; the output topic takes
-    records of at most 1,500 bytes (max.message.bytes), so the broker refuses pay-1's
-    output (MESSAGE_TOO_LARGE) - a permanent error, no retry helps. That output is not
-    processed: the worker must not commit pay-1's input offset (it raises and exits). A
-    worker that trusts flush() returning 0 commits it: flush counts the records still
-    waiting, and a refused record is no longer waiting - its delivery report carries the
-    error. The output is lost, and the restarted worker never sees pay-1 again.
-    (Exactly-once is not run here: librdkafka's transactional producer cannot go on after
-    a refused record, so a worker that swallows the error commits nothing past it either.)"""
-    mode = "at-least-once"
+@dataclass
+class Refused:
+    """What a worker left behind after the broker refused pay-1's output."""
+
+    offsets: list[int]     # input offset of pay-0 .. pay-3
+    code: int | None       # its exit status (None: still running, killed)
+    committed: int         # the group's committed input offset
+    stored: list[str]      # the output, read_committed (each value's first 20 characters)
+
+
+def run_refused(learner: Any, kafka: Any, mode: str, wait: float) -> Refused:
+    """Run ``mode`` once over pay-0, a pay-1 of 3,000 bytes, pay-2 and pay-3, with an output topic
+    taking 1,500 bytes (max.message.bytes): the broker refuses pay-1's output
+    (MESSAGE_TOO_LARGE), a permanent error no retry helps. Kill it after ``wait`` s."""
     topics = {"input": kafka.create_topic("payments"),
               "output": kafka.create_topic("out", **{"max.message.bytes": OUTPUT_LIMIT})}
     group = kafka.group(f"worker-refused-{mode}")
-    values = ["pay-0", "pay-1:" + "x" * 3000, "pay-2"]
+    values = ["pay-0", "pay-1:" + "x" * 3000, "pay-2", "pay-3"]
     producer = Producer(kafka.producer_config())
     for value in values:
         producer.produce(topics["input"], key=key_of(value[:5]), value=value.encode(),
@@ -411,31 +430,113 @@ def test_an_output_the_broker_refuses_is_not_processed(learner: Any, kafka: Any)
     offsets = [o for o, _ in read_topic(kafka, topics["input"], "read_committed")]
     worker = start(learner, kafka, mode, topics, group)
     try:
-        code: int | None = worker.wait(60)
+        code: int | None = worker.wait(wait)
     except subprocess.TimeoutExpired:
         code = None
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-    committed = view(kafka, topics, group).committed
-    stored = [v for _, v in read_topic(kafka, topics["output"], "read_committed")]
-    assert committed <= offsets[REFUSED_AT], (
+    transactions_settled(kafka, topics["output"], 10)
+    return Refused(offsets, code, view(kafka, topics, group).committed,
+                   [v[:20] for _, v in read_topic(kafka, topics["output"], "read_committed")])
+
+
+def test_an_output_the_broker_refuses_is_not_processed(learner: Any, kafka: Any) -> None:
+    """The input holds pay-0, a pay-1 of 3,000 bytes, pay-2 and pay-3; the output topic takes
+    records of at most 1,500 bytes (max.message.bytes), so the broker refuses pay-1's
+    output (MESSAGE_TOO_LARGE) - a permanent error, no retry helps. That output is not
+    processed: the worker must not commit pay-1's input offset (it raises and exits). A
+    worker that trusts flush() returning 0 commits it: flush counts the records still
+    waiting, and a refused record is no longer waiting - its delivery report carries the
+    error. The output is lost, and the restarted worker never sees pay-1 again."""
+    mode = "at-least-once"
+    got = run_refused(learner, kafka, mode, 60)
+    code, committed = got.code, got.committed
+    assert committed <= got.offsets[REFUSED_AT], (
         f"{mode}: the broker refused pay-1's output (3,000 bytes, the output topic takes "
         f"{OUTPUT_LIMIT}: MESSAGE_TOO_LARGE), and the worker committed the input offset "
-        f"{committed}, past pay-1 (offset {offsets[REFUSED_AT]}); the output holds "
-        f"{[v[:20] for v in stored]} - pay-1 is lost, the restarted worker never sees it "
+        f"{committed}, past pay-1 (offset {got.offsets[REFUSED_AT]}); the output holds "
+        f"{got.stored} - pay-1 is lost, the restarted worker never sees it "
         f"again (worker exit status {code}). flush() returning 0 means no record is still "
         "WAITING, not that every record was stored: a refused record's delivery report "
         "carries the error. Produce with on_delivery=... and look at each report's error: a "
         "refused output is not processed - raise, do not commit")
-    assert code not in (0, None) or committed < offsets[REFUSED_AT], (
+    assert code not in (0, None) or committed < got.offsets[REFUSED_AT], (
         f"{mode}: the broker refused pay-1's output and the worker "
         + ("was still running 60 s later" if code is None else "exited with status 0")
         + ": an output the broker refuses is not processed - raise (the worker exits with "
         "an error)")
 
 
+def test_exactly_once_a_failed_transaction_is_not_skipped(learner: Any, kafka: Any) -> None:
+    """The same refused pay-1, exactly-once: its transaction cannot commit (commit_transaction
+    raises; the transaction must be aborted), and aborting it takes back pay-1's offset with
+    its output. A worker that aborts and goes on with the next record commits a later offset
+    - past pay-1 - in a later transaction (librdkafka fails pay-2's too, with an epoch bump;
+    pay-3's commits): pay-1 is lost, though no crash happened. Right: raise
+    (the worker exits with an error), or rewind to the committed offset and try again (then
+    it is still trying when the test stops it: nothing is committed past pay-1 either)."""
+    mode = "exactly-once"
+    got = run_refused(learner, kafka, mode, 30)
+    assert got.committed <= got.offsets[REFUSED_AT], (
+        f"{mode}: the transaction holding pay-1's output failed (the broker refused the "
+        f"3,000-byte output: the output topic takes {OUTPUT_LIMIT}), yet a later transaction "
+        f"committed the input offset {got.committed}, past pay-1 (offset "
+        f"{got.offsets[REFUSED_AT]}); the output holds {got.stored} (worker exit status "
+        f"{got.code}) - pay-1 is lost without any crash. Aborting a transaction takes back "
+        f"its output AND its offset: after abort_transaction() the worker must not go on "
+        f"with the next record as if pay-1 were done - raise (exit with an error), or seek "
+        f"back to the last committed offset and process it again")
+    assert got.code != 0, (
+        f"{mode}: the transaction holding pay-1's output failed (the broker refused it), and "
+        f"the worker exited with status 0 - reporting the input done while pay-1 (offset "
+        f"{got.offsets[REFUSED_AT]}) was never processed: a failed transaction is not a "
+        f"processed record - raise, or seek back to the committed offset and try again")
+
+
 # --- at the protocol point: a proxy between the worker and the broker ------------------------
+
+def test_a_broker_slow_to_answer_is_not_the_end_of_the_input(learner: Any,
+                                                             kafka: Any) -> None:
+    """The worker runs behind a proxy that holds its Fetch requests for FETCH_HOLD s from the
+    first one's arrival (or until the worker exits): a broker slow to answer. Its polls
+    return nothing meanwhile; then every record comes. A right worker keeps polling to the
+    partition-EOF event and processes all six payments; one that takes an empty poll for the
+    end of the input exits at once with the input unprocessed, reporting success."""
+    mode = "at-least-once"
+    topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
+    group = kafka.group("worker-slow-fetch")
+    write_input(kafka, topics["input"])
+    offsets = [o for o, _ in read_topic(kafka, topics["input"], "read_committed")]
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        proxy.hold(FETCH)
+        worker = start(learner, kafka, mode, topics, group, bootstrap=proxy.bootstrap)
+        try:
+            deadline = time.monotonic() + 30
+            while (not proxy.requests(FETCH) and worker.poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            fetches = proxy.requests(FETCH)
+            ends = (fetches[0].at if fetches else time.monotonic()) + FETCH_HOLD
+            while worker.poll() is None and time.monotonic() < ends:
+                time.sleep(0.05)
+        finally:
+            proxy.release(FETCH)
+        code = finished(worker, mode, "whose fetches the test held a while")
+        line = first_line(worker, 5)
+    got = view(kafka, topics, group)
+    assert code != 0 or got.committed == offsets[-1] + 1, (
+        f"{mode}: the test held the worker's fetches for {FETCH_HOLD:g} s (a broker slow to "
+        f"answer), and the worker exited with status 0 ({line or 'no output'!r}) with the "
+        f"committed input offset at {got.committed if got.committed >= 0 else 'none'}, "
+        f"not past the last payment "
+        f"({offsets[-1] + 1}), and {len(got.output)} of 6 outputs - it took a quiet moment "
+        f"for the end of the input, and reported success. {QUIET_POLL}")
+    assert code == 0 and got.output == [f"processed:{v}" for v in PAYMENTS], (
+        f"{mode}: the test held the worker's fetches for {FETCH_HOLD:g} s, then let them "
+        f"go; expected the worker to process all 6 payments and exit 0, saw exit status "
+        f"{code} and the output {got.output}\n{stderr_tail(worker)}")
+
 
 def idle_throughout(learner: Any, proc: subprocess.Popen[bytes], span: float) -> bool:
     """Whether the learner's running program stays idle for ``span`` s: every thread asleep at

@@ -3,10 +3,12 @@
 The learner's app.py is started by the test with only its environment for configuration:
 $PORT, DATABASE_URL (a fresh Postgres database) and REDIS_URL (the test's own Redis database),
 none of them on a standard port. Checked from outside, as a platform sees an app: a missing,
-empty or bad variable stops it at once with a non-zero status naming the variable; two instances
-share all state through the backing services; request logs arrive on stdout and no file is
-written; SIGTERM ends it with status 0, once the request in flight when it came has been
-answered (a graceful stop, not an exit under it)."""
+empty or bad variable stops it at once with a non-zero status naming the variable, before it
+connects to anything (backing services that accept and never answer); two instances
+share all state through the backing services; request logs arrive on stdout, one event a line
+whatever a request carries (a note's line break), and no file is written; SIGTERM ends it
+with status 0, once the request in flight when it came has been answered (a graceful stop,
+not an exit under it)."""
 
 from __future__ import annotations
 
@@ -201,6 +203,99 @@ def test_bad_config_fails_fast(learner: Any, env: dict[str, str], apps: list[App
         f"with {what}, app.py exited with status {app.proc.returncode} without naming "
         f"{name}{why}; its output ended with: {app.output()[-400:]!r}. Say which variable "
         "is missing or wrong - did it fall back to a default and fail later on?")
+
+
+class SilentService:
+    """A backing service that accepts connections and never answers (a database hung in a
+    failover, a firewall dropping replies): what it was sent is counted, nothing returned."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+# (variable, value: None for absent) with the backing services left in the environment hung
+EARLY = [("PORT", "eighty"), ("PORT", "0"), ("REDIS_URL", None)]
+
+
+@pytest.mark.parametrize(("name", "value"), EARLY, ids=[f"{n}={v}" for n, v in EARLY])
+def test_bad_config_is_refused_before_any_backing_service(
+        learner: Any, apps: list[App], monkeypatch: pytest.MonkeyPatch, name: str,
+        value: str | None) -> None:
+    """Fail fast: every variable is read and checked before the app connects to anything.
+    Here the database and Redis the environment names accept a connection and never answer
+    (hung, as in a failover): an app that connects before checking its config hangs there,
+    and the variable that is wrong is never named."""
+    for var in ("PORT", "DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    postgres, redis = SilentService(), SilentService()
+    try:
+        env = {"PORT": str(free_port()),
+               "DATABASE_URL": f"postgresql://lab:lab@127.0.0.1:{postgres.port}/lab",
+               "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"}
+        what = f"{name} missing" if value is None else f"{name}={value!r}"
+        if value is None:
+            del env[name]
+        else:
+            env[name] = value
+        app = App(learner, env)
+        apps.append(app)
+        came_true(lambda: (app.proc.poll() is not None or postgres.accepted
+                           or redis.accepted), 20)
+        touched = [url for url, service in (("DATABASE_URL", postgres), ("REDIS_URL", redis))
+                   if service.accepted]
+    finally:
+        postgres.close()
+        redis.close()
+    assert not touched, (
+        f"with {what}, app.py connected to {' and '.join(touched)} before refusing to start: "
+        f"expected it to exit at once naming {name}, having touched nothing. Read and check "
+        f"every variable first, then connect: here the service does not answer (hung, as in "
+        f"a failover), so the app hangs on it and the broken variable is never reported - "
+        f"fail fast means before anything slow")
+    assert app.proc.poll() is not None and app.proc.returncode != 0, (
+        f"with {what}, app.py did not exit with a non-zero status within 20 s "
+        f"(status {app.proc.poll()}): expected it to refuse to start at once")
+
+
+def test_request_data_never_breaks_a_log_line(learner: Any, env: dict[str, str],
+                                              apps: list[App]) -> None:
+    """Logs are an event stream, one event per line: a note whose text holds a line break
+    must not split its request's log line (the platform's log router reads each line as an
+    event, and request data that starts a line of its own forges one)."""
+    app = App(learner, env)
+    apps.append(app)
+    app.ready()
+    tag = f"note-{uuid.uuid4().hex[:8]}"
+    text = f"{tag}-first\n{tag}-second status=200 forged"
+    created = http_request(f"127.0.0.1:{app.port}", "POST", "/notes", document={"text": text})
+    assert created.status == 201, f"POST /notes answered HTTP {created.status}"
+    app.proc.send_signal(signal.SIGTERM)
+    if not came_true(lambda: app.proc.poll() is not None, 15):
+        app.stop()
+    for reader in app.readers:
+        reader.join(10)
+    split = [line for line in app.out if f"{tag}-second" in line and f"{tag}-first" not in line]
+    assert not split, (
+        f"a note's text held a line break ({text!r}), and the app's stdout has a line of its "
+        f"own starting there: {split[0][:120]!r} - request data split a log line in two, so "
+        f"the log router reads a second event the app never logged (a client can forge one). "
+        f"One event per line: escape what an event carries (json.dumps does, as does %r)")
 
 
 def two_instances(learner: Any, env: dict[str, str], apps: list[App]) -> tuple[App, App]:
