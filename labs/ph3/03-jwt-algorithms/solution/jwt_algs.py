@@ -96,8 +96,10 @@ def verify(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
     if len(parts) != 3:
         raise InvalidToken("a JWT has three segments")
     try:
-        header = json.loads(b64d(parts[0]))
-        claims = json.loads(b64d(parts[1]))
+        # UTF-8 only (RFC 7515 5.2, RFC 8259 8.1): json.loads(bytes) guesses UTF-16 and
+        # UTF-32 too, so one header would have several accepted byte spellings.
+        header = json.loads(b64d(parts[0]).decode("utf-8"))
+        claims = json.loads(b64d(parts[1]).decode("utf-8"))
     except ValueError as exc:
         raise InvalidToken("header or payload is not JSON") from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):
