@@ -266,6 +266,11 @@ ODD_HEADERS: dict[str, dict[str, Any]] = {
     "alg_null": {"alg": None, "kid": "hs-1"},
     "kid_list": {"alg": "HS256", "kid": ["hs-1"]},
     "kid_object": {"alg": "HS256", "kid": {"id": "hs-1"}},
+    # RFC 7515 4.1.11: an extension listed in crit must be understood and applied, or the
+    # token refused; the lab's verifier implements none (PyJWT refuses them the same way).
+    "crit_extension": {"alg": "HS256", "kid": "hs-1", "crit": ["https://auth.lab.test/ip"],
+                       "https://auth.lab.test/ip": "10.0.0.7"},
+    "crit_b64": {"alg": "HS256", "kid": "hs-1", "b64": False, "crit": ["b64"]},
 }
 
 # Header and payload bytes (signed with the HS256 key) that are no JSON object: JSON text is
@@ -304,6 +309,11 @@ FORGERIES = [
     ("alg_null", "a header whose alg is null"),
     ("kid_list", "a header whose kid is a list"),
     ("kid_object", "a header whose kid is an object"),
+    ("crit_extension", "a header whose crit lists an extension (an IP the token is bound "
+     "to) the verifier does not implement: RFC 7515 4.1.11 makes the token invalid - "
+     "refuse any crit you do not apply"),
+    ("crit_b64", "a header with b64 false listed in crit (RFC 7797: the payload is not "
+     "base64url-encoded): a verifier that does not implement it must refuse the token"),
     ("header_not_utf8", "a header whose bytes are not UTF-8 (JSON text is UTF-8; "
      "decoding them raises UnicodeDecodeError, a ValueError but no JSONDecodeError)"),
     ("payload_not_utf8", "a payload whose bytes are not UTF-8 (JSON text is UTF-8; "
