@@ -11,7 +11,8 @@ descriptor it returned; an audit hook notes the mode a file has just before os.c
 os.fchmod change it, however the file was made (by tee, or os.open imported by name). (A
 file a program both makes and chmods - a shell's `cat > key; chmod 600 key` - the test
 watches from its own process with inotify.) The test decides
-from the modes reported and from the files' contents, which it reads itself."""
+from the modes reported and from the files' contents, which it reads itself. set_mode()
+sets a scene for another test: an old key file, as its owner, made readable by others."""
 
 from __future__ import annotations
 
@@ -120,3 +121,9 @@ def create_pki_watching_creations(tls13: Any, directory: str,
                 mode, how = created[(info.st_dev, info.st_ino)]
                 found.append({"path": path, "mode": mode, "how": how})
     return {"error": error, "created": found}
+
+
+def set_mode(path: str, mode: int) -> None:
+    """chmod a file the learner's code made, as its owner: the test's setting of a scene
+    (an old key file that other users can read)."""
+    os.chmod(path, mode)

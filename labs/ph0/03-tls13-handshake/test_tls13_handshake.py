@@ -350,6 +350,25 @@ def test_serial_numbers_are_unique_and_unpredictable(subject: Subject) -> None:
         "derived from a counter, the clock or a constant repeats and is predictable.")
 
 
+def test_each_pki_has_key_pairs_of_its_own(subject: Subject) -> None:
+    """Two create_pki() calls are two PKIs (two hosts, a rotation): each CA and each server
+    gets a key pair made for it. A key made once (at import, or cached) and reused by every
+    call ties them together."""
+    first, second = subject.pki(), subject.pki("again")
+    why = {"CA": "a client that trusts one CA certificate also accepts the server "
+                 "certificates the other one signed (same CA name, same key)",
+           "server": "one leaked key exposes every PKI's server, and a rotation keeps the "
+                     "key it was meant to replace"}
+    for what, attr in (("CA", "ca_cert"), ("server", "server_cert")):
+        one = _load_cert(subject, getattr(first, attr), f"pki.{attr}").public_key()
+        two = _load_cert(subject, getattr(second, attr), f"the second pki.{attr}").public_key()
+        assert one != two, (
+            f"two calls of create_pki() made {what} certificates with one and the same key "
+            f"pair; expected a new {what} key pair for each PKI\nA key generated once (at "
+            f"import, or cached) and reused by every call: {why[what]}. Generate each key "
+            "inside create_pki().")
+
+
 # ---------------------------------------------------------------------------- handshakes
 
 
@@ -660,7 +679,8 @@ def test_no_key_file_is_ever_readable_by_others(subject: Subject) -> None:
         "between creation and chmod/fchmod keeps reading it afterwards, and the default "
         "umask (022) leaves it 0644 in that moment. Create it private: os.open(path, "
         "os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) and os.fdopen(fd, 'wb'), as "
-        "ssh-keygen and openssl genpkey do (or set os.umask(0o077) around the write).")
+        "ssh-keygen and openssl genpkey do (or, the old file removed first, set os.umask(0o077) "
+        "around the write).")
 
 
 def _seen_open(subject: Subject, watch: CreationWatch, flagged: set[Path]) -> list[str]:
@@ -706,3 +726,43 @@ def _subject_cn(cert: dict[str, Any]) -> str:
             if key == "commonName":
                 return str(value)
     return repr(cert.get("subject"))
+
+
+def test_a_rerun_writes_its_key_to_a_new_private_file(subject: Subject) -> None:
+    """create_pki() run again in its folder (a rotation), over a key file of an earlier run
+    that other users can read (a backup restored it 0644, a chmod -R g+r) and that one of
+    them holds open: the new key must go to a file born private - the old one removed
+    first, or a temporary one renamed over it - or create_pki() may refuse (O_EXCL). The
+    mode os.open() and the umask give applies only to a file they create: an existing one
+    keeps its mode, and whoever holds it open reads what is written into it next."""
+    folder = subject.folder / "rerun"
+    first = _call("create_pki()", subject.tls13.create_pki, folder, HOSTNAME)
+    subject.learner.harness().set_mode(str(first.server_key), 0o644)
+    refused = None
+    with open(first.server_key, "rb") as reader:   # another user, holding the old key open
+        before = reader.read()
+        try:
+            again = subject.tls13.create_pki(folder, HOSTNAME)
+        except Exception as exc:  # noqa: BLE001 - refusing to overwrite a key is fine
+            again, refused = None, f"{type(exc).__name__}: {exc}"
+        reader.seek(0)
+        after = reader.read()
+    mode = stat.S_IMODE(os.stat(first.server_key).st_mode) if os.path.exists(
+        first.server_key) else None
+    assert after == before or not _private_key_in(after), (
+        f"create_pki() run again in its folder wrote the new private key into the old key "
+        f"file ({Path(first.server_key).name}: mode 0644 when they opened it, now "
+        f"{'gone' if mode is None else format(mode, '04o')}) that another user held open: "
+        "they read the new key; expected it written to a new file born 0600\nos.open(path, "
+        "O_WRONLY | O_CREAT | O_TRUNC, 0o600), open(path, 'wb') under umask 0o077 and a "
+        "chmod/fchmod before writing all reuse the existing file: its readers keep reading. "
+        "Remove the old file first (path.unlink(missing_ok=True), then os.open with O_EXCL) "
+        "or write a temporary file 0600 and os.replace() it over the old one.")
+    if again is None:
+        assert refused  # the call refused; the old key file was left as it was
+        return
+    new_mode = stat.S_IMODE(os.stat(again.server_key).st_mode)
+    assert new_mode & 0o077 == 0, (
+        f"create_pki() run again in its folder, over an old key file of mode 0644, left "
+        f"pki.server_key with mode {new_mode:04o}; expected 0600: the mode os.open() or "
+        "the umask gives applies only to a file they create, an existing one keeps its own")

@@ -251,6 +251,11 @@ def forged(name: str) -> str:  # noqa: C901 - one forgery per branch, kept side 
         return ".".join(good)
     if name in ODD_HEADERS:  # signed with the HS256 key, the header of an unexpected shape
         return hmac_token(ODD_HEADERS[name], SECRET)
+    if name in ODD_SEGMENTS:  # signed with the HS256 key, a segment that is no JSON object
+        raw_head, raw_body = ODD_SEGMENTS[name]
+        signing_input = f"{b64(raw_head)}.{b64(raw_body)}"
+        sig = hmac.new(SECRET, signing_input.encode(), hashlib.sha256).digest()
+        return f"{signing_input}.{b64(sig)}"
     raise AssertionError(name)
 
 # Headers whose alg or kid is valid JSON of the wrong type: refused with InvalidToken, not a
@@ -261,6 +266,25 @@ ODD_HEADERS: dict[str, dict[str, Any]] = {
     "alg_null": {"alg": None, "kid": "hs-1"},
     "kid_list": {"alg": "HS256", "kid": ["hs-1"]},
     "kid_object": {"alg": "HS256", "kid": {"id": "hs-1"}},
+    # RFC 7515 4.1.11: an extension listed in crit must be understood and applied, or the
+    # token refused; the lab's verifier implements none (PyJWT refuses them the same way).
+    "crit_extension": {"alg": "HS256", "kid": "hs-1", "crit": ["https://auth.lab.test/ip"],
+                       "https://auth.lab.test/ip": "10.0.0.7"},
+    "crit_b64": {"alg": "HS256", "kid": "hs-1", "b64": False, "crit": ["b64"]},
+}
+
+# Header and payload bytes (signed with the HS256 key) that are no JSON object: JSON text is
+# UTF-8 (RFC 8259 8.1) and a JWS header and JWT claims are objects. json.loads() raises
+# UnicodeDecodeError (a ValueError, not a JSONDecodeError) for bytes that are not UTF-8.
+_HS_HEAD = json.dumps({"alg": "HS256", "kid": "hs-1"}).encode()
+ODD_SEGMENTS: dict[str, tuple[bytes, bytes]] = {
+    "header_not_utf8": (b'{"alg":"HS256","kid":"hs-1","x":"\xff"}', json.dumps(CLAIMS).encode()),
+    "payload_not_utf8": (_HS_HEAD, b'{"sub":"user-42","name":"\xc3("}'),
+    "header_array": (b'["HS256","hs-1"]', json.dumps(CLAIMS).encode()),
+    "payload_array": (_HS_HEAD, json.dumps([CLAIMS]).encode()),
+    "payload_utf16": (_HS_HEAD, json.dumps(CLAIMS).encode("utf-16-le")),
+    "header_utf32": (json.dumps({"alg": "HS256", "kid": "hs-1"}).encode("utf-32-be"),
+                     json.dumps(CLAIMS).encode()),
 }
 
 FORGERIES = [
@@ -285,6 +309,21 @@ FORGERIES = [
     ("alg_null", "a header whose alg is null"),
     ("kid_list", "a header whose kid is a list"),
     ("kid_object", "a header whose kid is an object"),
+    ("crit_extension", "a header whose crit lists an extension (an IP the token is bound "
+     "to) the verifier does not implement: RFC 7515 4.1.11 makes the token invalid - "
+     "refuse any crit you do not apply"),
+    ("crit_b64", "a header with b64 false listed in crit (RFC 7797: the payload is not "
+     "base64url-encoded): a verifier that does not implement it must refuse the token"),
+    ("header_not_utf8", "a header whose bytes are not UTF-8 (JSON text is UTF-8; "
+     "decoding them raises UnicodeDecodeError, a ValueError but no JSONDecodeError)"),
+    ("payload_not_utf8", "a payload whose bytes are not UTF-8 (JSON text is UTF-8; "
+     "decoding them raises UnicodeDecodeError, a ValueError but no JSONDecodeError)"),
+    ("header_array", "a header that is a JSON array, not an object"),
+    ("payload_array", "a payload that is a JSON array: the claims are an object"),
+    ("payload_utf16", "a payload in UTF-16 (JWS reads UTF-8 only, RFC 7515 5.2: "
+     "json.loads(bytes) guesses UTF-16 and UTF-32 - decode('utf-8') first)"),
+    ("header_utf32", "a header in UTF-32 (JWS reads UTF-8 only, RFC 7515 5.2: "
+     "json.loads(bytes) guesses UTF-16 and UTF-32 - decode('utf-8') first)"),
 ]
 
 def test_forged_tokens_are_refused(lib: Lib) -> None:
@@ -749,3 +788,41 @@ def test_every_segment_has_one_spelling(lib: Lib) -> None:
         "and '_' besides letters and digits, and its unused bits zero (RFC 7515 2, 7.1) - "
         "the header and payload too; the signature covers them as sent, so a verifier that "
         "strips, re-pads or re-encodes them checks bytes that were never signed")
+
+
+SECRET_ELSEWHERE = b"another issuer's hs256 secret, same kid hs-1"
+
+
+def test_each_call_uses_the_jwks_it_is_given(lib: Lib) -> None:
+    """Another issuer (a tenant, or the same one after a rotation that reused its kids)
+    publishes other keys under the same kids: each verify() call trusts the JWKS it is
+    given, never a key remembered from an earlier call (a cache keyed by kid alone)."""
+    k = keys()
+    elsewhere = {"keys": [
+        {**RSAAlgorithm.to_jwk(k.rsa_old.public_key(), as_dict=True), "kid": "rsa-2024",
+         "alg": "RS256", "use": "sig"},
+        {**ECAlgorithm.to_jwk(k.ec_b.public_key(), as_dict=True), "kid": "ec-a",
+         "alg": "ES256", "use": "sig"},
+        {"kty": "oct", "kid": "hs-1", "alg": "HS256", "k": b64(SECRET_ELSEWHERE)}]}
+    wrong = []
+    for alg, ours, theirs, kid in (("RS256", k.rsa_new, k.rsa_old, "rsa-2024"),
+                                   ("ES256", k.ec_a, k.ec_b, "ec-a"),
+                                   ("HS256", SECRET, SECRET_ELSEWHERE, "hs-1")):
+        mine = pyjwt.encode(CLAIMS, ours, algorithm=alg, headers={"kid": kid})
+        other = pyjwt.encode(CLAIMS, theirs, algorithm=alg, headers={"kid": kid})
+        first, _ = lib.verify(mine)  # the lab's JWKS first: a cache by kid fills here
+        then, got = lib.verify(mine, elsewhere)
+        last, got_last = lib.verify(other, elsewhere)
+        if first == "ok" and then != "refused":
+            wrong.append(
+                f"verify() {'raised ' + got if then == 'crashed' else 'accepted'} an {alg} "
+                f"token signed by the key the first JWKS publishes as {kid!r}, checked "
+                f"against a second JWKS that publishes another key as {kid!r}; expected "
+                "InvalidToken: a key remembered from an earlier call (a cache keyed by kid "
+                "alone, a JWKS indexed once) verified it - build the key from the JWKS "
+                "each call is given, or cache by the JWK's contents")
+        elif last != "ok":
+            wrong.append(f"verify() {last} an {alg} token signed by the key the second "
+                         f"JWKS publishes as {kid!r} ({got_last}); expected the claims: "
+                         "each call verifies with the JWKS it is given")
+    assert not wrong, "\n".join(wrong)

@@ -96,12 +96,18 @@ def verify(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
     if len(parts) != 3:
         raise InvalidToken("a JWT has three segments")
     try:
-        header = json.loads(b64d(parts[0]))
-        claims = json.loads(b64d(parts[1]))
+        # UTF-8 only (RFC 7515 5.2, RFC 8259 8.1): json.loads(bytes) guesses UTF-16 and
+        # UTF-32 too, so one header would have several accepted byte spellings.
+        header = json.loads(b64d(parts[0]).decode("utf-8"))
+        claims = json.loads(b64d(parts[1]).decode("utf-8"))
     except ValueError as exc:
         raise InvalidToken("header or payload is not JSON") from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise InvalidToken("header and payload must be JSON objects")
+    if "crit" in header:
+        # RFC 7515 4.1.11: "crit" lists extensions the verifier must understand and apply,
+        # or refuse the token; this one implements none (not even RFC 7797's b64).
+        raise InvalidToken(f"critical header extensions {header['crit']!r} not supported")
     alg, kid = header.get("alg"), header.get("kid")
     if not isinstance(alg, str) or alg not in KEY_TYPE:  # a list or an object is no name
         raise InvalidToken(f"algorithm {alg!r} is not accepted")
