@@ -254,6 +254,14 @@ def test_missing_token_is_401_before_any_query(api: Api) -> None:
                  "The auth middleware must answer 401 without calling next(): then the "
                  "handler, and its query, never run. Checking the token after next() "
                  "returns is too late - the database work is done.")
+    spaced = api.call("GET", f"/users/{user['id']}", token=None,
+                      headers={"Authorization": f"Bearer   {TOKEN}"})
+    assert spaced.status == 200, (
+        f"GET /users/{user['id']} with 'Authorization: Bearer   {TOKEN}' (the valid token "
+        f"after three spaces) returned {spaced.status}, expected 200: credentials = "
+        "auth-scheme 1*SP token68 (RFC 9110 11.4; RFC 6750 2.1: \"Bearer\" 1*SP b64token) - "
+        "one or more spaces\npartition(' ') or header[7:] keeps the extra spaces in the "
+        "token: strip the spaces after the scheme (partition(' ') then lstrip(' ')).")
 
 
 def test_router_answers_404_and_405_itself(api: Api) -> None:
