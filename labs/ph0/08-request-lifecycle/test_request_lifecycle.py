@@ -254,6 +254,14 @@ def test_missing_token_is_401_before_any_query(api: Api) -> None:
                  "The auth middleware must answer 401 without calling next(): then the "
                  "handler, and its query, never run. Checking the token after next() "
                  "returns is too late - the database work is done.")
+    spaced = api.call("GET", f"/users/{user['id']}", token=None,
+                      headers={"Authorization": f"Bearer   {TOKEN}"})
+    assert spaced.status == 200, (
+        f"GET /users/{user['id']} with 'Authorization: Bearer   {TOKEN}' (the valid token "
+        f"after three spaces) returned {spaced.status}, expected 200: credentials = "
+        "auth-scheme 1*SP token68 (RFC 9110 11.4; RFC 6750 2.1: \"Bearer\" 1*SP b64token) - "
+        "one or more spaces\npartition(' ') or header[7:] keeps the extra spaces in the "
+        "token: strip the spaces after the scheme (partition(' ') then lstrip(' ')).")
 
 
 def test_router_answers_404_and_405_itself(api: Api) -> None:
@@ -450,10 +458,44 @@ def test_middleware_runs_in_order_around_the_handler(api: Api) -> None:
         "the id before every other middleware runs and puts it on the response.")
     assert reply.headers.get("X-Seen-By-Inner") == "yes", (
         "a header the inner middleware added on the way out is missing from the response")
+    # Two more requests without an id: each gets one of its own, seen by outer as sent back.
+    fresh = [api.call("GET", path).headers.get("X-Request-Id")
+             for path in (f"/users/{user['id']}", "/health")]
+    ids = [rid, *fresh]
+    assert len(set(ids)) == 3 and api.trace.request_ids == ids, (
+        f"three requests without X-Request-Id got the ids {ids} (outer saw "
+        f"{api.trace.request_ids}), expected three different ones: an id made once (when "
+        "the app or the middleware is built, or as a default argument, evaluated once) "
+        "ties unrelated requests together\nMake the id inside the middleware's call, per "
+        "request: request.headers.get('x-request-id') or uuid.uuid4().hex.")
     echoed = api.call("GET", f"/users/{user['id']}", headers={"X-Request-Id": "req-77"})
     assert echoed.headers.get("X-Request-Id") == "req-77", (
         f"a request sent with X-Request-Id: req-77 got {echoed.headers.get('X-Request-Id')!r}"
         " back: keep the caller's id when there is one")
+
+
+def test_a_request_leaves_nothing_in_the_next_ones_chain(api: Api) -> None:
+    # A public request, then protected ones (a 200 and a 401), then the public one again:
+    # each runs the chain its own route calls for, whatever ran before it.
+    user = add_user(api.db)
+    sequence = [("/health", TOKEN, 200), (f"/users/{user['id']}", TOKEN, 200),
+                ("/users/1", None, 401), (f"/users/{user['id']}", TOKEN, 200),
+                ("/health", None, 200)]
+    seen, wrong = [], []
+    for path, token, want in sequence:
+        api.trace.events.clear()
+        status = api.call("GET", path, token=token).status
+        seen.append((path, status, list(api.trace.events)))
+        if status != want:
+            wrong.append((path, status))
+    chains = {tuple(events) for _, _, events in seen}
+    assert not wrong and chains == {("outer>", "inner>", "<inner", "<outer")}, (
+        f"the same requests answered otherwise once others had run: {wrong} (path, status; "
+        f"all: {[(p, st) for p, st, _ in seen]}), chains {sorted(chains)}: one request's "
+        "chain leaked into the next - auth appended to a list the app keeps stays there, "
+        "and GET /health is refused after a request to /users/{id}\nBuild each request's "
+        "list anew: [request_id, *middlewares] + ([auth] if the route is protected) - a new "
+        "list, never .append() to self.middlewares or a list kept from an earlier request.")
 
 
 def test_auth_is_innermost_and_public_routes_skip_it(api: Api) -> None:

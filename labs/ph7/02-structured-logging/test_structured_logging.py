@@ -79,15 +79,15 @@ def serve(learner: Any) -> Any:
     previous = learner.run_helper(local_timezone, LOCAL_ZONE)
     gates = []
 
-    def start(level: str = "INFO", gated: bool = False,
-              slow_bodies: bool = False) -> tuple[Any, Log]:
-        path = folder / f"app-{level}.log"
+    def start(level: str = "INFO", gated: bool = False, slow_bodies: bool = False,
+              service: str = SERVICE) -> tuple[Any, Log]:
+        path = folder / f"app-{service}-{level}.log"
         path.touch()
         os.chmod(path, 0o666)
         if gated:  # before make_app opens the file: see harness.py
             gates.append(learner.harness())
             gates[-1].install(str(path), GATE_WAIT, GATE_WAITS)
-        app = make_app(str(path), SERVICE, level)
+        app = make_app(str(path), service, level)
         if slow_bodies:  # a body arrives X-Lab-Body-Delay s late (harness.py)
             app = learner.harness().slow_bodies(app)
         return serve_wsgi(app), Log(path)
@@ -197,6 +197,12 @@ def test_levels_and_threshold(serve: Any) -> None:
             http_request(host, "POST", "/login", document={"username": "bob"})  # 400
             http_request(host, "GET", "/no-such-page")  # 404
         records = log.records()
+        assert records, (
+            f"with level={threshold!r}, 5 requests (a 500 among them) left this app's log "
+            "file empty, not even an ERROR record: its records went elsewhere. Each "
+            "make_app() logs to its own log_path: a logger (or file) kept in a module "
+            "global by the first make_app() sends a later app's records to the first app's "
+            "file, at the first app's level.")
         levels = [r.get("level") for r in records]
         has_debug = "DEBUG" in levels
         assert has_debug == want_debug, (
@@ -223,6 +229,31 @@ def test_levels_and_threshold(serve: Any) -> None:
             + f" (all: {seen})\nThe level says how bad it is: every 2xx/3xx is INFO, every "
             "4xx (400 through 499, 400 itself included) WARN, every 5xx ERROR - compare with "
             ">= 400 and >= 500, and log access lines at the level their status deserves.")
+
+
+def test_two_apps_keep_their_own_file_level_and_service(serve: Any) -> None:
+    # Both apps made before either serves a request: whatever make_app() keeps in module
+    # globals (the file, the level, the service), the later app overwrote it.
+    (first, first_log), (second, second_log) = serve("WARN"), serve("DEBUG", service="billing")
+    with first as host:
+        http_request(host, "GET", "/debug-me")
+        http_request(host, "GET", "/no-such-page")  # 404: WARN
+    with second as host:
+        http_request(host, "GET", "/debug-me")
+    seen = {"the first app (level WARN, service orders-api)": (
+                first_log.records(), "WARN", SERVICE, {"WARN"}),
+            "the second app (level DEBUG, service billing)": (
+                second_log.records(), "DEBUG", "billing", {"DEBUG", "INFO"})}
+    for what, (records, level, service, want) in seen.items():
+        got = sorted((str(r.get("level")), str(r.get("service")), str(r.get("message")))
+                     for r in records)
+        wrong = [g for g in got if rank(g[0]) < rank(level) or g[1] != service]
+        assert not wrong and want <= {g[0] for g in got}, (
+            f"two apps made side by side: {what} logged {got} (level, service, message) in "
+            f"its file, expected levels {sorted(want)} at least, none below {level}, every "
+            f"record of service {service!r}\nEach make_app() call is an app of its own: keep "
+            "its file, level and service in the app (a closure or an object), never in "
+            "module globals that the next make_app() overwrites.")
 
 
 def test_trace_id_comes_from_traceparent(serve: Any) -> None:
@@ -328,6 +359,9 @@ def test_no_secret_is_ever_logged(serve: Any) -> None:
         "an X-Api-Key header": "sk_live_" + secrets.token_hex(12),
         "a session cookie": "sess-" + secrets.token_hex(12),
         "a token in the query string": "qt-" + secrets.token_hex(12),
+        "an api key in the query string under a percent-encoded name (api%5Fkey=)":
+            "qk-" + secrets.token_hex(12),
+        "a query parameter named in mixed case (Access_Token=)": "qa-" + secrets.token_hex(12),
         "the right password": PASSWORD,
         "the password of a login body without a username (answered 400)":
             "nouser-" + secrets.token_hex(8),
@@ -341,7 +375,11 @@ def test_no_secret_is_ever_logged(serve: Any) -> None:
                    "Cookie": f"session={planted['a session cookie']}"}
         login(host, "dave", planted["the password in the body"], headers=headers,
               query=f"?token={planted['a token in the query string']}&lang=en")
-        login(host, "erin", PASSWORD, headers=headers)
+        login(host, "erin", PASSWORD, headers=headers, query=(
+            "?api%5Fkey=" + planted["an api key in the query string under a percent-encoded "
+                                    "name (api%5Fkey=)"]
+            + "&Access_Token=" + planted["a query parameter named in mixed case "
+                                         "(Access_Token=)"] + "&lang=en"))
         http_request(host, "GET", "/boom", headers=headers)
         # the error paths: requests the app cannot read still carry secrets
         http_request(host, "POST", "/login", document={"password": planted[
@@ -359,8 +397,11 @@ def test_no_secret_is_ever_logged(serve: Any) -> None:
         where = [r.get("message") for r in log.records()
                  if any(f in json.dumps(r, ensure_ascii=False) or f in json.dumps(r)
                         for f in forms)]
+        named = (": a query parameter's name is read percent-decoded (parse_qsl) and "
+                 "compared in any case, as a field's key is - a regex or split over the raw query "
+                 "misses it" if "query parameter" in what or "encoded name" in what else "")
         assert not leaked, (
-            f"{what} ({secret!r}) appears in the log, in the record(s) {where}\nNever log "
+            f"{what} ({secret!r}) appears in the log, in the record(s) {where}{named}\nNever log "
             "secrets - on the error paths neither: a request the app cannot parse is no "
             "less secret (never log its raw body 'to debug it'); no request bodies "
             "or headers wholesale; redact credential headers (Authorization, Cookie, "

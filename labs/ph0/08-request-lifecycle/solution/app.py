@@ -123,6 +123,7 @@ def request_id_middleware(request: Request, next_: Handler) -> Response:
 def auth_middleware(tokens: Collection[str]) -> Middleware:
     def check(request: Request, next_: Handler) -> Response:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.lstrip(" ")  # auth-scheme 1*SP token68: RFC 9110 11.4, RFC 6750 2.1
         if scheme.lower() != "bearer" or token not in tokens:
             # Answer here: next_ is never called, so no handler and no query run.
             return json_response(401, {"error": "missing or invalid bearer token"},
