@@ -185,6 +185,18 @@ CASES = [
          "Created: a name of exactly 100 characters is valid (at most 100 - check the "
          "boundary with > 100, not >= 100)", body=js({"name": "n" * 100}),
          check=location_of_new_project),
+    # Names are text, not ASCII: counted in characters (what Postgres' char_length and the
+    # README's "100 characters" count), whatever their UTF-8 encoding takes in bytes.
+    Case("name-not-ascii", "POST", "/projects", 201,
+         "Created: 'Zürich 東京 🚀' is a valid name - any non-empty text of at most 100 "
+         "characters is; refusing letters outside ASCII (a pattern like [ -~] or [A-Za-z0-9 "
+         "_-], name.isascii()) refuses most of the world's names",
+         body=js({"name": "Zürich 東京 🚀"}), check=location_of_new_project),
+    Case("name-at-limit-not-ascii", "POST", "/projects", 201,
+         "Created: 'é' x 100 is a name of exactly 100 characters (200 bytes in UTF-8), so it "
+         "is valid - count the characters of the decoded name (len(name)), not the bytes of "
+         "its encoding (len(name.encode()), the body's length)",
+         body=js({"name": "é" * 100}), check=location_of_new_project),
     Case("name-too-long", "POST", "/projects", 422,
          "Unprocessable: a name of 101 characters is longer than the 100 allowed",
          body=js({"name": "n" * 101})),
@@ -503,6 +515,68 @@ def test_database_down_is_503(make_app: Callable[..., Any], db: Any) -> None:
         expect(call(host, "GET", "/projects/1", headers=WRITER), 200,
                "GET /projects/1 after the database came back",
                "the app must recover by itself (open a new connection)")
+
+
+def _wait_for(condition: Callable[[], bool]) -> bool:
+    """Poll condition() every 10 ms for up to HOLD seconds; whether it came true."""
+    deadline = time.monotonic() + HOLD
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _waiter_pids(admin: psycopg.Connection[Any], database: str) -> set[int]:
+    """The sessions of the test's database that wait for a lock right now."""
+    return {int(row[0]) for row in admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+        (database,)).fetchall()}
+
+
+def test_connection_lost_mid_request_is_503(make_app: Callable[..., Any], db: Any) -> None:
+    """The database drops a session while its request is in flight (a failover, a restart,
+    an idle timeout): the test holds the token's request_counts row locked, so the request
+    has connected and authenticated and waits to count itself; the test terminates that
+    session there, then lets the lock go. psycopg raises OperationalError (AdminShutdown)
+    from that statement, not from connect(): still 503. (An app that retries on a new
+    connection and then serves the request answers 200, which is fine too.)"""
+    with serve_wsgi(make_app(db.dsn, clock=FakeClock(1000.0))) as host, \
+            psycopg.connect(db.admin_dsn, autocommit=True) as admin, \
+            psycopg.connect(db.dsn) as holder:
+        expect(call(host, "GET", "/projects/1", headers=WRITER), 200, "GET /projects/1",
+               "the database is up")
+        holder.execute("SELECT count FROM request_counts WHERE token = 'writer-token' "
+                       "FOR UPDATE")
+        replies: list[HttpReply] = []
+        thread = threading.Thread(target=lambda: replies.append(
+            call(host, "GET", "/projects/1", headers=WRITER, timeout=2 * HOLD)), daemon=True)
+        thread.start()
+        waited = _wait_for(lambda: not thread.is_alive() or bool(_waiter_pids(admin, db.name)))
+        killed = {pid for pid in _waiter_pids(admin, db.name) if admin.execute(
+            "SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)}
+        # A retry on a new connection waits on the same lock, in a session of another pid.
+        retried = bool(killed) and _wait_for(
+            lambda: not thread.is_alive() or bool(_waiter_pids(admin, db.name) - killed)
+        ) and thread.is_alive()
+        holder.commit()
+        thread.join(HOLD)
+        after = call(host, "GET", "/projects/1", headers=WRITER)
+    assert waited and killed, (
+        "GET /projects/1 never waited for the token's request_counts row, which the test held "
+        "locked: count each request in request_counts (INSERT ... ON CONFLICT DO UPDATE)")
+    assert replies, f"GET /projects/1 got no answer within {HOLD:.0f} s after its session died"
+    lost = replies[0]
+    assert lost.status == 503 or (retried and lost.status == 200), (
+        f"GET /projects/1 lost its database session mid-request (terminated by the server "
+        f"after the request had connected and authenticated, while it waited to count "
+        f"itself) and answered {lost.status} {lost.body[:120]!r}, expected 503: psycopg "
+        "raises psycopg.OperationalError (here AdminShutdown) from whichever statement finds "
+        "the connection gone, not only from connect() - catch it around the whole request, "
+        "not just where the connection is opened or checked; a failover, a restart or an "
+        "idle timeout drops sessions in flight, and a 500 pages someone for an outage")
+    expect(after, 200, "GET /projects/1 after a request lost its session",
+           "the database is up: the next request opens a working connection")
 
 
 def test_rate_limit_is_shared_by_every_instance(make_app: Callable[..., Any], db: Any) -> None:

@@ -361,6 +361,39 @@ def keys_of(doc: dict[str, Any]) -> set[str]:
     return set(doc.get("data") or {}) | set(doc.get("stringData") or {})
 
 
+def from_env_from(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The variables a container's envFrom gives, each with the ConfigMap or Secret it is
+    taken from: every key of the source, under its own name (after the prefix, if any)."""
+    given = {}
+    for source in container.get("envFrom") or []:
+        for ref, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+            name = (source.get(ref) or {}).get("name")
+            doc = named(docs, kind, str(name)) if name else None
+            for key in sorted(keys_of(doc) if doc else set()):
+                given[f"{source.get('prefix') or ''}{key}"] = f"{kind} {name!r}"
+    return given
+
+
+def log_level_from_config_map(docs: list[dict[str, Any]], container: dict[str, Any],
+                              env: dict[str, dict[str, Any]]) -> None:
+    """LOG_LEVEL, by that name (variable names are case-sensitive), from a ConfigMap: an
+    env entry with valueFrom.configMapKeyRef, or (no env entry overriding it) envFrom of a
+    ConfigMap that has a key LOG_LEVEL."""
+    given = from_env_from(docs, container)
+    if "configMapKeyRef" in (env.get("LOG_LEVEL", {}).get("valueFrom") or {}) or (
+            "LOG_LEVEL" not in env and given.get("LOG_LEVEL", "").startswith("ConfigMap")):
+        return
+    names = sorted(set(env) | set(given))
+    pulled = sorted(k for k, src in given.items() if src.startswith("ConfigMap"))
+    pytest.fail(
+        f"LOG_LEVEL of {container.get('name')!r} does not come from the ConfigMap: the "
+        f"container's environment holds {names}"
+        + (f" (envFrom names each variable after its key: {pulled})" if pulled else "")
+        + ", and the app reads LOG_LEVEL - variable names are taken as written, case "
+        "included. Map the ConfigMap's key log-level to that name: env: - name: LOG_LEVEL, "
+        "valueFrom.configMapKeyRef {name: ..., key: log-level}")
+
+
 def test_config_and_secret_references_exist(docs: list[dict[str, Any]]) -> None:
     for c in containers(docs):
         env = {e["name"]: e for e in c.get("env") or []}
@@ -369,9 +402,7 @@ def test_config_and_secret_references_exist(docs: list[dict[str, Any]]) -> None:
             f"DATABASE_URL of {c.get('name')!r} is {db or 'not set'}: expected it from a "
             "Secret (valueFrom.secretKeyRef) - a password in a plain value or a ConfigMap is "
             "readable by anyone who can read the Deployment")
-        assert "configMapKeyRef" in (env.get("LOG_LEVEL", {}).get("valueFrom") or {}), (
-            f"LOG_LEVEL of {c.get('name')!r} does not come from the ConfigMap "
-            "(valueFrom.configMapKeyRef)")
+        log_level_from_config_map(docs, c, env)
         for name, e in env.items():
             src = e.get("valueFrom") or {}
             for ref, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
