@@ -20,6 +20,7 @@ import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -31,9 +32,10 @@ from labrunner.testing import HttpReply, http_request, serve_wsgi, wait_until
 KEY = b"ph3.5-authorization-server-signing-key-0123"
 T0 = 1_700_000_000.0
 CB = "https://spa.example/cb"
+TENANT_CB = "https://spa.example/cb?tenant=blue"  # a registered URI with its own query
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 CLIENTS: dict[str, dict[str, Any]] = {
-    "spa": {"type": "public", "redirect_uris": [CB, "https://spa.example/other"]},
+    "spa": {"type": "public", "redirect_uris": [CB, "https://spa.example/other", TENANT_CB]},
     "mobile": {"type": "public", "redirect_uris": ["com.example.app:/oauth"]},
     "batch": {"type": "confidential", "secret": "batch-s3cret-value"},
     "cron": {"type": "confidential", "secret": "s3cr:et/42"},  # a secret with colons
@@ -218,6 +220,110 @@ CODE_LIFE = [
      "intercepted the code"),
     (601, False, "codes are short-lived (at most 10 minutes, RFC 6749 4.1.2)"),
 ]
+
+
+# What the client reads back from the redirect: state exactly as sent (RFC 6749 4.1.2),
+# and a registered redirect_uri's own query kept beside code and state (3.1.2). Each case:
+# the redirect_uri, the state, why.
+REDIRECT_CASES = [
+    (CB, "a&code=forged", "a state holding '&' and '=': pasted into the query unescaped it "
+     "becomes a second parameter - here a second code"),
+    (CB, "x y+z/%41", "a state holding a space, '+', '/' and a '%' escape: escape it once "
+     "(urlencode), neither raw nor twice"),
+    (CB, "caf\u00e9#top?", "a state holding a non-ASCII letter, '#' and '?': an unescaped "
+     "'#' cuts the query short into a fragment"),
+    (TENANT_CB, "plain-state", "the registered redirect_uri has a query of its own, "
+     "tenant=blue: RFC 6749 3.1.2 says it MUST be retained when adding parameters - "
+     "append &code=...&state=..., never a second '?' (the client would read tenant="
+     "'blue?code=...' and no code)"),
+]
+
+
+def redirect_mistake(uri: str, state: str, why: str, reply: HttpReply) -> str | None:
+    location = reply.header("Location") or ""
+    got, want = urlsplit(location), urlsplit(uri)
+    query = parse_qs(got.query, keep_blank_values=True)
+    head = (f"GET /authorize with redirect_uri={uri!r} state={state!r} redirected to "
+            f"{location!r}")
+    if reply.status not in (302, 303) or (got.scheme, got.netloc, got.path) != (
+            want.scheme, want.netloc, want.path):
+        return f"{head} ({reply.status}), expected 302 to {uri} with code and state"
+    lost = {k: v for k, v in parse_qs(want.query).items() if query.get(k) != v}
+    if lost:
+        return (f"{head}: the registered URI's own query {lost!r} did not come back "
+                f"(saw {query!r}): {why}")
+    if query.get("state") != [state] or len(query.get("code", [])) != 1:
+        return (f"{head}: the client reads back state={query.get('state')!r} and "
+                f"code={query.get('code')!r}, expected state exactly {state!r} and one "
+                f"code: {why}")
+    return None
+
+
+def test_the_redirect_gives_state_back_exactly_and_keeps_the_uris_query(
+        server: Server) -> None:
+    wrong = []
+    for uri, state, why in REDIRECT_CASES:
+        reply = server.authorize(redirect_uri=uri, state=state)
+        mistake = redirect_mistake(uri, state, why, reply)
+        if mistake:
+            wrong.append(mistake)
+            continue
+        code = parse_qs(urlsplit(reply.header("Location") or "").query)["code"][0]
+        token = server.redeem(code, server.verifiers[state], redirect_uri=uri)
+        if token.status != 200:
+            wrong.append(f"the code from the redirect to {uri} (state {state!r}), redeemed "
+                         f"with that redirect_uri and its verifier, answered {token.status} "
+                         f"{token.body[:100]!r}, expected 200 with a token")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(REDIRECT_CASES)} redirects wrong)")
+
+
+def utc(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def token_time_mistake(what: str, reply: HttpReply, now: float) -> str | None:
+    """The access token's iat and exp, read against the injected clock's now."""
+    data = reply.json()
+    claims = pyjwt.decode(data.get("access_token", ""), KEY, algorithms=["HS256"],
+                          options={"verify_exp": False, "verify_iat": False})
+    read = [claims.get("iat"), claims.get("exp"), data.get("expires_in")]
+    if not all(isinstance(x, (int, float)) for x in read):
+        return (f"{what}: iat={read[0]!r} exp={read[1]!r} expires_in={read[2]!r}, expected "
+                "numbers (NumericDate seconds, RFC 7519 2): a token without exp never "
+                "expires")
+    iat, exp, lifetime = (float(x) for x in read)
+    if abs(iat - now) > 1:
+        return (f"{what}: the token's iat is {utc(iat)}, the injected clock() says "
+                f"{utc(now)}: every time comes from clock() (README), not the wall clock "
+                "(time.time(), datetime.now()) - a server on a clock of its own stamps and "
+                "expires tokens when that clock says")
+    if abs(exp - (now + lifetime)) > 1:
+        return (f"{what}: the token's exp is {utc(exp)}, expected clock() + expires_in = "
+                f"{utc(now + lifetime)}: exp is issued-at by the injected clock plus the "
+                "lifetime the answer announces, not the wall clock's")
+    return None
+
+
+def test_token_times_come_from_the_injected_clock(server: Server) -> None:
+    # T0 is years before any wall clock this test runs under: the two never agree
+    code, verifier = server.code()
+    replies = [("the authorization_code token", server.redeem(code, verifier), "alice",
+                "spa"),
+               ("the client_credentials token",
+                server.post("/token", {"grant_type": "client_credentials"},
+                            basic("batch", "batch-s3cret-value")), "batch", "batch")]
+    device = server.post("/device_authorization", {"client_id": "tv"}).json()
+    server.post("/device", {"user_code": device["user_code"]}, {"X-User": "bob"})
+    replies.append(("the device_code token", poll(server, device["device_code"]), "bob",
+                    "tv"))
+    wrong = []
+    for what, reply, sub, client in replies:
+        expect_token(reply, sub, client, what)
+        mistake = token_time_mistake(what, reply, server.clock.now)
+        if mistake:
+            wrong.append(mistake)
+    assert not wrong, "\n".join(wrong)
 
 
 def test_authorize_never_redirects_where_it_should_not(server: Server) -> None:

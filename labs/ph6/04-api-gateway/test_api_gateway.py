@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import jwt
 import pytest
@@ -37,6 +37,7 @@ class Backend:
         self.hits = 0
         self.users: list[str | None] = []
         self.methods: list[str] = []
+        self.targets: list[str] = []  # the request-targets as they came on the wire
         self.lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -45,6 +46,7 @@ class Backend:
             self.hits += 1
             self.users.append(user)
             self.methods.append(environ["REQUEST_METHOD"])
+            self.targets.append(environ.get("RAW_URI", ""))
         path = environ.get("PATH_INFO") or ""
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length).decode(errors="replace") if length else ""
@@ -61,8 +63,9 @@ class Backend:
             status = "201 Created" if environ["REQUEST_METHOD"] == "POST" else "200 OK"
             if environ["REQUEST_METHOD"] == "POST":
                 headers.append(("Location", f"{path}/receipt"))
-        elif self.name == "users":
-            doc, status = {"id": path.rsplit("/", 1)[-1], "name": "Ada"}, "200 OK"
+        elif self.name == "users":  # the id is the last segment of the path as sent
+            raw_path = environ.get("RAW_URI", path).partition("?")[0]
+            doc, status = {"id": unquote(raw_path.rsplit("/", 1)[-1]), "name": "Ada"}, "200 OK"
         elif path == "/orders":
             who = parse_qs(environ.get("QUERY_STRING", "")).get("user", ["?"])[0]
             doc, status = [{"id": 1, "user": who}, {"id": 2, "user": who}], "200 OK"
@@ -402,6 +405,66 @@ def test_bff_dashboard_aggregates_two_services(world: World) -> None:
     counts = {n: b.hits for n, b in world.backends.items() if n != "canary"}
     assert counts == {"users": 1, "stable": 1}, (
         f"one dashboard request made {counts} backend requests: expected one to each")
+
+
+# Subjects a token may carry (a sub is any StringOrURI, RFC 7519 4.1.2), each with what goes
+# wrong when it is pasted into the upstream URLs unescaped.
+ODD_SUBJECTS = {
+    "https://idp.example/u/42": "its '/' split /users/<sub> into more path segments",
+    "eve&user=alice": "its '&' and '=' made a second parameter of /orders?user=<sub>",
+    "ann+bob #1?": "its '+' reads as a space in a query, its '#' ends the URL, '?' begins one",
+}
+
+
+def test_bff_escapes_the_user_in_upstream_urls(world: World) -> None:
+    host = world.gateway(rate_limit=1000)
+    for sub, hazard in ODD_SUBJECTS.items():
+        reply = http_request(host, "GET", "/bff/dashboard", headers=bearer(sub))
+        try:
+            doc = reply.json() if reply.status == 200 else None
+        except BaseException:  # noqa: BLE001 - reported below
+            doc = None
+        want = {"user": {"id": sub, "name": "Ada"},
+                "orders": [{"id": 1, "user": sub}, {"id": 2, "user": sub}]}
+        assert isinstance(doc, dict), (
+            f"GET /bff/dashboard with a token whose sub is {sub!r} got HTTP {reply.status} "
+            f"{reply.body[:200]!r}, expected 200 with {want}")
+        seen = (doc.get("user") or {}).get("id"), [
+            o.get("user") for o in doc.get("orders") or [] if isinstance(o, dict)]
+        assert doc == want, (
+            f"GET /bff/dashboard for the sub {sub!r}: the users service was asked for "
+            f"{seen[0]!r} and the orders service for {seen[1]!r}, expected {sub!r} in both: "
+            f"the sub went into the upstream URLs unescaped ({hazard}) - quote(sub, safe='') "
+            "in the path, urlencode() for the query; the services read another resource, or "
+            f"another user, than the token's (got {doc!r})")
+
+
+# Targets whose path or query holds percent-escapes: the service must get each as it was
+# sent (RFC 9110 7.7). Each: the target, what decoding it does.
+RAW_TARGETS = {
+    "/orders/a%2Fb": "PATH_INFO reads '/orders/a/b': '%2F' became a path separator, "
+                     "another resource",
+    "/orders/john%20doe?note=a%26b%3Dc": "PATH_INFO reads 'john doe': a space no request "
+                                         "line may hold",
+    "/orders/caf%C3%A9?q=%C3%A9t%C3%A9": "PATH_INFO holds the UTF-8 bytes as Latin-1 "
+                                         "characters, which no request line may hold",
+}
+
+
+def test_the_target_reaches_the_service_as_sent(world: World) -> None:
+    host = world.gateway(rate_limit=1000)
+    stable = world.backends["stable"]
+    for target, hazard in RAW_TARGETS.items():
+        before = stable.hits
+        reply = http_request(host, "GET", target, headers=bearer())
+        seen = stable.targets[-1] if stable.hits > before else None
+        assert reply.status == 200 and seen == target, (
+            f"GET {target} reached the orders service as {seen!r} (the client got HTTP "
+            f"{reply.status} {reply.body[:80]!r}), expected {target!r} as sent: a gateway "
+            "forwards the path and query as they came (RFC 9110 7.7: a proxy MUST NOT "
+            f"modify them) - WSGI's PATH_INFO is percent-decoded ({hazard}); forward "
+            "environ['RAW_URI'] (REQUEST_URI), the target as the client sent it, never "
+            "PATH_INFO escaped again (quote() cannot tell a '/' that came as '%2F')")
 
 
 def test_canary_gets_its_share(world: World) -> None:

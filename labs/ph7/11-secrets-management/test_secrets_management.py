@@ -362,6 +362,57 @@ def test_config_from_env_and_files_fails_fast(setup: Any) -> None:
                 "and crash reports.")
 
 
+PASSPHRASE = f" {rand(8)} {rand(10)} "  # a passphrase that begins and ends with a space
+
+
+def test_a_secret_file_loses_its_newline_only(setup: Any) -> None:
+    module, folder, log = setup
+    k8s_secret(folder, "2026_01_01", {"db_password": PASSPHRASE + "\n"})
+    config = make_config(module, base_env(folder), Clock(), log,
+                         "DB_PASSWORD_FILE holding a passphrase with a space at each end")
+    got = config.get("DB_PASSWORD")
+    assert got == PASSPHRASE, (
+        f"DB_PASSWORD from a file holding {len(PASSPHRASE)} characters and a newline is "
+        f"{len(got)} characters ({got!r}), expected {PASSPHRASE!r}: only the trailing newline "
+        "is the file's - spaces at either end are part of the secret (a passphrase may "
+        "begin or end with one), and a password trimmed by strip() or rstrip() fails to "
+        "log in; remove the newline alone (rstrip('\n') or removesuffix)")
+
+
+def test_two_configs_keep_their_own_secrets(setup: Any) -> None:
+    """A reload builds a new Config while the old one still serves (and a test builds
+    several): each reads its own variables, caches its own values."""
+    module, folder, log = setup
+    k8s_secret(folder, "2026_01_01", {"db_password": V1 + "\n", "token20": TOKEN_20 + "\n"})
+    clock = Clock()
+    old = make_config(module, base_env(folder), clock, log, "the serving Config")
+    new = make_config(module, {"DATABASE_HOST": "db.internal", "DB_PASSWORD": V2,
+                               "API_TOKEN_FILE": str(folder / "token20")}, clock, log,
+                      "a second Config, built beside the first (a reload)")
+    fresh = rand(20)
+    steps = [("before any re-read", None), ("61 s later, the first's file rotated", fresh)]
+    for when, rotated in steps:
+        if rotated:
+            k8s_secret(folder, "2026_02_01", {"db_password": rotated + "\n",
+                                              "token20": TOKEN_20 + "\n"})
+            clock.now += 61
+        want = {("the serving Config", "DB_PASSWORD"): rotated or V1,
+                ("the serving Config", "API_TOKEN"): TOKEN,
+                ("the second Config", "DB_PASSWORD"): V2,
+                ("the second Config", "API_TOKEN"): TOKEN_20}
+        for (who, name), value in want.items():
+            got = get_after_rotation(old if who == "the serving Config" else new, name)
+            theirs = next(v for (w, n), v in want.items() if n == name and w != who)
+            assert got != theirs or got == value, (
+                f"{when}, {who}'s get({name!r}) returned the other Config's value, expected "
+                "its own: the cache of secrets is shared between instances (a module "
+                "global, or a dict at class level: one dict for every Config) - make it in "
+                "__init__ (self._cache = {}), so each Config keeps its own variables' values")
+            assert got == value, (
+                f"{when}, {who}'s get({name!r}) returned a {len(got)}-character value that "
+                "is not its own, expected the value of its own variables")
+
+
 def rewrite_in_place(folder: Path, version: str, value: str) -> None:
     """The same file (inode) given new content, as `echo new > file` does."""
     with open(folder / "db_password", "r+", encoding="utf-8") as file:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import jwt
 
@@ -100,7 +100,12 @@ def make_app(clients: dict[str, dict[str, Any]], signing_key: bytes,
             return reply(status, {"error": code}, *extra)
 
         def redirect(uri: str, params: dict[str, str]) -> Iterable[bytes]:
-            start_response("302 Found", [("Location", f"{uri}?{urlencode(params)}"),
+            # RFC 6749 3.1.2: a registered URI's own query "MUST be retained when adding
+            # additional query parameters"; urlencode escapes a state holding & = # or
+            # spaces, so the client reads back exactly what it sent (4.1.2)
+            parts = urlsplit(uri)
+            query = "&".join(q for q in (parts.query, urlencode(params)) if q)
+            start_response("302 Found", [("Location", urlunsplit(parts._replace(query=query))),
                                          ("Content-Length", "0")])
             return [b""]
 

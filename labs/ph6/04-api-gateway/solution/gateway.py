@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import jwt
 
@@ -40,6 +40,20 @@ def framing_error(environ: dict[str, Any]) -> str | None:
     if environ.get("CONTENT_LENGTH") or codings[-1] != "chunked":
         return "400 Bad Request"
     return None if codings == ["chunked"] else "501 Not Implemented"
+
+
+def request_target(environ: dict[str, Any]) -> str:
+    """The path and query to forward: as the client sent them. RFC 9110 7.7: a proxy MUST
+    NOT modify the absolute-path and query of the target it forwards. WSGI's PATH_INFO is
+    percent-decoded ('/orders/a%2Fb' reads '/orders/a/b', another resource; '%20' a space
+    no request line may hold): the target as sent is RAW_URI (gunicorn's name, REQUEST_URI
+    in uWSGI); without either, PATH_INFO escaped again (%2F is then lost)."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw and raw.startswith("/"):
+        return str(raw)
+    path = quote((environ.get("PATH_INFO") or "/").encode("latin-1"), safe="/;=:@!$&'()*+,~")
+    query = environ.get("QUERY_STRING")
+    return path + (f"?{query}" if query else "")
 
 
 def read_body(environ: dict[str, Any]) -> bytes:
@@ -167,11 +181,9 @@ class ApiGateway:
         body = read_body(environ)
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
-        query = environ.get("QUERY_STRING")
         try:
             status, reason, out, data = self.forward(
-                upstream, environ["REQUEST_METHOD"], path + (f"?{query}" if query else ""),
-                headers, body)
+                upstream, environ["REQUEST_METHOD"], request_target(environ), headers, body)
         except OSError as exc:
             return answer("502 Bad Gateway", {"error": f"upstream unreachable: {exc}"})
         # http.client reads no body for HEAD: the service's Content-Length is the one to keep
@@ -183,10 +195,14 @@ class ApiGateway:
         return [data]
 
     def dashboard(self, user: str, headers: dict[str, str], answer: Any) -> list[bytes]:
-        """Backend for frontend: one call from the app, two upstream calls, one document."""
+        """Backend for frontend: one call from the app, two upstream calls, one document.
+        The sub goes into those URLs escaped: a sub is any StringOrURI (RFC 7519 4.1.2), and
+        one holding '/', '&' or '+' pasted as it is names another resource or user."""
         parts = {}
-        for key, path in (("user", f"/users/{user}"), ("orders", f"/orders?user={user}")):
-            base = self.routes.get("/" + path.split("/")[1].split("?")[0])
+        for key, route, path in (
+                ("user", "/users", f"/users/{quote(user, safe='')}"),
+                ("orders", "/orders", f"/orders?{urlencode({'user': user})}")):
+            base = self.routes.get(route)
             if base is None:
                 return answer("502 Bad Gateway", {"error": f"no upstream for {path}"})
             status, _, _, data = self.forward(base, "GET", path, headers, b"")
