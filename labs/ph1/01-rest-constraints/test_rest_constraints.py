@@ -10,6 +10,7 @@ time, Python's built-in hash(), salted per process - differs there.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -793,16 +794,19 @@ HEAD_CASES = [
 HEAD_SAME_HEADERS = ("ETag", "Cache-Control", "Content-Type")
 
 
-def raw_exchange(host: str, method: str, path: str,
-                 headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+def raw_exchange(host: str, method: str, path: str, headers: dict[str, str],
+                 body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
     """One request on a socket of its own, read until the server closes it (wsgiref serves
     one request per connection): the status, the headers and every byte after them."""
     address, port = host.rsplit(":", 1)
+    if body:
+        headers = {**headers, "Content-Type": "application/json",
+                   "Content-Length": str(len(body))}
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close",
              *(f"{name}: {value}" for name, value in headers.items())]
     received = b""
     with socket.create_connection((address, int(port)), timeout=20) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         while chunk := sock.recv(65536):
             received += chunk
     head, _, body = received.partition(b"\r\n\r\n")
@@ -843,6 +847,58 @@ def test_head_is_get_without_a_body(host: str, name: str, path: str,
     assert length is None or length == str(len(get_body)), (
         f"HEAD {path}{sent}: Content-Length: {length}, but GET sends {len(get_body)} bytes: "
         "a HEAD answer's Content-Length, if any, is the GET's body length (RFC 9110 8.6)")
+
+
+# ---- Content-Length counts bytes ---------------------------------------------------------
+# RFC 9110 8.6: Content-Length is the number of octets of the content. JSON written with
+# ensure_ascii=False (names as they are, not \u escapes) is fine - but then len() of the str
+# counts characters, and "Zoë" is 3 characters, 4 bytes in UTF-8: the header falls short, a
+# client reads exactly that many bytes and gets cut-off JSON, and on a kept-alive connection
+# takes the rest for the next response. Raw sockets again: every byte sent is seen.
+NON_ASCII_USERS = [{"name": "Zoë Ødegård 李小龍 🚀", "email": "zoë@exämple.com"},
+                   {"name": "Ñandú Çelik ½ ™ 𝄞", "email": "nandu@example.com"}]
+
+
+def assert_bytes_counted(host: str, method: str, path: str, document: Any,
+                         status: int, want: Any) -> Any:
+    sent = f"{method} {path}" + (f" with {document}" if document is not None else "")
+    body = b"" if document is None else json.dumps(document, ensure_ascii=False).encode()
+    got, headers, received = raw_exchange(host, method, path, {}, body)
+    assert got == status, f"{sent}: expected {status}, saw {got} {received[:150]!r}"
+    length = headers.get("content-length")
+    assert length is None or length == str(len(received)), (
+        f"{sent}: Content-Length: {length}, but {len(received)} bytes of body followed "
+        f"({received[:150]!r}): Content-Length counts the bytes sent, not the characters of "
+        "the text (RFC 9110 8.6) - outside ASCII a character is 2 to 4 bytes in UTF-8, so "
+        "take len() of the encoded bytes; a client reads exactly Content-Length bytes and "
+        "gets cut-off JSON, and on a kept-alive connection takes the rest for the next reply")
+    try:
+        decoded = json.loads(received)
+    except ValueError:
+        pytest.fail(f"{sent}: the body is not JSON (UTF-8, RFC 8259 8.1): {received[:150]!r}")
+    assert want(decoded), (
+        f"{sent}: expected the user as sent, {document or 'as stored'}, saw {decoded}: a name "
+        "outside ASCII must come back as the same characters")
+    return decoded
+
+
+def test_content_length_counts_bytes_of_non_ascii_names(host: str, postgres: Any) -> None:
+    first, second = NON_ASCII_USERS
+    created = assert_bytes_counted(host, "POST", "/users", first, 201,
+                                   lambda user: user.get("name") == first["name"])
+    path = f"/users/{created['id']}"
+    assert_bytes_counted(host, "GET", path, None, 200,
+                         lambda user: user.get("name") == first["name"])
+    assert_bytes_counted(host, "GET", "/users", None, 200,
+                         lambda users: first["name"] in [u.get("name") for u in users])
+    assert_bytes_counted(host, "PUT", path, second, 200,
+                         lambda user: user is None or user.get("name") == second["name"])
+    assert_bytes_counted(host, "GET", path, None, 200,
+                         lambda user: user.get("name") == second["name"])
+    stored = [row for row in user_rows(postgres) if row[0] == created["id"]]
+    assert stored == [(created["id"], second["name"], second["email"])], (
+        f"after PUT {path} with {second}, the database holds {stored}: the body is UTF-8 "
+        "JSON; decode it as such (json.loads on the bytes) and store the characters sent")
 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), [
