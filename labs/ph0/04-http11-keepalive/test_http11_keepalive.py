@@ -413,6 +413,38 @@ def test_header_bytes_past_ascii_are_served(server: Server, client: Client) -> N
     one_connection(server)
 
 
+def test_a_response_to_head_has_no_body(server: Server, client: Client) -> None:
+    """HEAD /page, answered by the application like a GET (a body, as WSGI apps do), then GET
+    /after pipelined: the server sends HEAD's head alone (RFC 9110 9.3.2), since the client
+    reads no content after a HEAD; the next bytes on the wire are GET /after's response."""
+    client.send(request("HEAD", "/page") + request("GET", "/after"))
+    line = client.stream.readline(65537)
+    assert line.startswith(b"HTTP/1.") and line.split(b" ")[1:2] == [b"200"], (
+        f"the response to HEAD /page starts with {line[:80]!r}, expected 'HTTP/1.1 200 ...'"
+        "\nA server answers HEAD like GET, without the content (RFC 9110 9.3.2).")
+    http.client.parse_headers(client.stream)  # HEAD's head: nothing follows it
+    try:
+        nxt = client.stream.readline(65537)
+    except TimeoutError:
+        nxt = b"(nothing)"
+    assert nxt.startswith(b"HTTP/1."), (
+        f"the response to HEAD /page carried a body: where GET /after's status line was "
+        f"expected, the client (which reads no content after a HEAD) read {nxt[:80]!r}"
+        "\nA response to HEAD is "
+        "its head alone (RFC 9110 9.3.2, RFC 9112 6.3): the status line and the headers "
+        "GET would have (its Content-Length too), no content, whatever the application "
+        "returned. Content sent anyway is read as the start of the next response, and "
+        "every response behind it on the connection is garbled.")
+    headers = http.client.parse_headers(client.stream)
+    body = client.stream.read(int(headers.get("Content-Length") or 0))
+    assert body == b"GET /after (0 bytes)", (
+        f"the response after HEAD /page's held {body!r}, expected GET /after's "
+        "('GET /after (0 bytes)'): responses come back in request order")
+    assert server.handled[:1] == ["HEAD /page"], (
+        f"the handler was called with {server.handled}, expected HEAD /page first")
+    one_connection(server)
+
+
 def test_request_head_in_pieces(server: Server, client: Client) -> None:
     whole = request("GET", "/pieces", X_Trace="abc")
     pieces = [whole[:7], whole[7:30], whole[30:-2], whole[-2:]]  # the last: the empty line
