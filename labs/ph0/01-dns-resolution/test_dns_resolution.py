@@ -44,6 +44,11 @@ FLAKY_ADDRESS = "192.0.2.40"  # www.flaky.test A, from flaky.test.'s second name
 # 4.3.2): an alias of a name that does not exist gets one reply, rcode NXDOMAIN with the
 # chain in its answer section - the rcode is about the chain's last name (RFC 6604).
 MOVED_CNAME_TTL = 40  # www.moved.test CNAME old.moved.test (no such name): 40 s in all
+# hosted.test. is delegated to ns1.shop.test., a nameserver named in another zone: the
+# TLD's referral carries no glue for it (out of the zone's bailiwick), as with any zone
+# hosted by a DNS provider. Its address is a lookup of its own.
+GLUELESS_NS = "ns1.shop.test."
+HOSTED_ADDRESS = "192.0.2.50"  # www.hosted.test A
 
 
 @dataclass
@@ -205,6 +210,8 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str,
         "flaky.test.": two_servers("flaky.test.", bad_ips[0], auth_ip),
         "dead.test.": two_servers("dead.test.", *bad_ips),
         "moved.test.": delegation("moved.test.", "ns1.moved.test.", auth_ip, ZONE_NS_TTL),
+        "hosted.test.": ([RR("hosted.test.", QTYPE.NS, ttl=ZONE_NS_TTL, rdata=NS(GLUELESS_NS))],
+                         []),  # no glue: ns1.shop.test. is shop.test.'s to give
     })
     shop = Zone("shop.test.", [
         RR("api.shop.test.", QTYPE.A, ttl=API_TTL, rdata=A("192.0.2.10")),
@@ -239,8 +246,11 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str,
         RR("www.moved.test.", QTYPE.CNAME, ttl=MOVED_CNAME_TTL, rdata=CNAME("old.moved.test.")),
         RR("app.moved.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("www.moved.test.")),
     ], follows_cnames=True)
+    hosted = Zone("hosted.test.", [
+        RR("www.hosted.test.", QTYPE.A, ttl=300, rdata=A(HOSTED_ADDRESS)),
+    ])
     return {"root": [root], "tld": [tld],
-            "auth": [shop, cdn, backup_zone, flaky_zone, moved]}
+            "auth": [shop, cdn, backup_zone, flaky_zone, moved, hosted]}
 
 
 @pytest.fixture
@@ -769,6 +779,59 @@ def test_referrals_expire_with_their_ttl(resolver: Any, dns: Hierarchy,
         pytest.fail(
             f"{since_first} s after resolving api.shop.test, {name} asked {_walk(dns.log)}, "
             f"expected {' → '.join(want)}: {why} ({seen})\n{advice}", pytrace=False)
+
+
+def test_a_glueless_delegation_is_followed(resolver: Any, dns: Hierarchy) -> None:
+    """hosted.test. is delegated to ns1.shop.test., and the TLD's referral carries no glue
+    (the nameserver's name is in another zone): the resolver looks that name up on its own
+    (a walk to shop.test.'s server) and then asks the address it found."""
+    advice = ("A referral may name its nameservers without their addresses (no glue in the "
+              "additional section): the usual case when a zone's servers are named in "
+              "another zone, as with any DNS host. Resolve the nameserver's name (a lookup "
+              "of its own: your cache, or a walk from the root), then ask that address. "
+              "Not the operating system's resolver (socket.getaddrinfo, a host name passed "
+              "to sendto): the walk is yours.")
+    try:
+        answer = resolver.resolve("www.hosted.test")
+    except NotImplementedError as exc:
+        pytest.fail(f"resolve() is not implemented yet: {exc}", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's error, explained below
+        problem = f"raised {type(exc).__name__}: {exc}"
+    else:
+        problem = ""
+    if problem:
+        pytest.fail(
+            f"www.hosted.test: its zone hosted.test. is delegated to {GLUELESS_NS} with no "
+            f"glue, and resolve() {problem} (queries: {_walk(dns.log)}), expected "
+            f"{HOSTED_ADDRESS}: the nameserver's address was never looked up\n{advice}",
+            pytrace=False)
+    got = sorted(getattr(answer, "addresses", None) or [])
+    asked = "www.hosted.test" in dns.log.names_asked("auth")
+    assert got == [HOSTED_ADDRESS] and asked, (
+        f"www.hosted.test (zone delegated to {GLUELESS_NS} with no glue) resolved to {got}, "
+        f"the authoritative server {'was' if asked else 'never'} asked for it (queries: "
+        f"{_walk(dns.log)}), expected [{HOSTED_ADDRESS!r}] from {GLUELESS_NS}'s address, "
+        f"{dns.auth}\n{advice}")
+
+
+def test_each_resolver_has_its_own_cache(learner: Any, resolver: Any, dns: Hierarchy,
+                                         clock: FakeClock) -> None:
+    """Two Resolvers share nothing: a second one, new, knows no record yet and walks from
+    its root like the first did."""
+    _expect_addresses(_resolve(resolver, dns, "api.shop.test"), ["192.0.2.10"], "api.shop.test")
+    dns.log.clear()
+    other = learner.load("resolver").Resolver([dns.root], port=dns.port, clock=FakeClock(),
+                                              timeout=2.0)
+    answer = _resolve(other, dns, "api.shop.test")
+    walk = dns.log.servers()
+    assert walk == ["root", "tld", "auth"], (
+        f"a second, new Resolver resolved api.shop.test asking {_walk(dns.log)}, expected "
+        "root → tld → auth: it started out holding the first Resolver's records and "
+        "referrals - one cache shared by every instance (a class attribute `_cache = {}`, "
+        "or a dict at module level)\nEach Resolver has a cache of its own, made in "
+        "__init__ (self._cache = {}): another instance may have other root servers and "
+        "reads expiry times on its own clock.")
+    _expect_addresses(answer, ["192.0.2.10"], "api.shop.test (second resolver)")
 
 
 def test_a_silent_nameserver_is_skipped(resolver: Any, dns: Hierarchy) -> None:

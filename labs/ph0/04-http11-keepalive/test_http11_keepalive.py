@@ -27,6 +27,9 @@ HANDLER_BUGS = {     # target -> what the test's handler raises for it
     "/missing": KeyError("lab: no such key"),
     "/divide": ZeroDivisionError("lab: division by zero"),
 }
+# A status code HTTPStatus does not list: codes are extensible (RFC 9110 15), and the
+# application may answer any three-digit one; the reason phrase is optional text.
+UNLISTED_STATUS = 299
 
 
 # ---------------------------------------------------------------------------- the server
@@ -135,7 +138,8 @@ class Server:
         if request.target in HANDLER_BUGS:  # the application has a bug: it raises
             raise HANDLER_BUGS[request.target]
         body = f"{label} ({len(request.body)} bytes)".encode()
-        return self.module.Response(200, {"Content-Type": "text/plain"}, body)
+        status = UNLISTED_STATUS if request.target == f"/status-{UNLISTED_STATUS}" else 200
+        return self.module.Response(status, {"Content-Type": "text/plain"}, body)
 
     def wait_for_slow(self) -> bool:
         """Wait until /slow reached the handler; stop early if the learner's code died."""
@@ -354,6 +358,91 @@ def test_header_names_are_case_insensitive(server: Server, client: Client) -> No
     assert client.closed(), (
         "'CONNECTION: Close' did not close the connection: header names and the "
         "Connection token are both case-insensitive")
+
+
+def read_or_none(client: Client, what: str) -> Reply | None:
+    """The next response, or None when the connection died instead (said by the caller)."""
+    try:
+        return client.read(what)
+    except pytest.fail.Exception:
+        return None
+
+
+def test_any_three_digit_status_is_sent(server: Server, client: Client) -> None:
+    """The application answers 299, a code HTTPStatus does not list: the server writes it
+    with whatever reason phrase (even none), and the connection goes on."""
+    target = f"/status-{UNLISTED_STATUS}"
+    client.send(request("GET", target) + request("GET", "/after"))
+    reply = read_or_none(client, f"GET {target}")
+    advice = ("Status codes are extensible (RFC 9110 15): the application may answer any "
+              "three-digit code, and a client that does not know it reads it by its class. "
+              "The reason phrase is optional text (RFC 9112 4: it may be empty): a lookup "
+              "(HTTPStatus(code).phrase, a table of your own) must fall back, never raise.")
+    if reply is None:
+        crashed = f" ({server.errors[0]})" if server.errors else ""
+        pytest.fail(
+            f"the handler answered status {UNLISTED_STATUS} for GET {target}, and the "
+            f"connection was closed without a response{crashed}, expected 'HTTP/1.1 "
+            f"{UNLISTED_STATUS} <any reason>'\n{advice}", pytrace=False)
+    assert reply.status == UNLISTED_STATUS, (
+        f"the handler answered status {UNLISTED_STATUS} for GET {target}, the response said "
+        f"{reply.status}, expected {UNLISTED_STATUS}\n{advice}")
+    client.expect(f"GET /after (behind the {UNLISTED_STATUS} response)", "GET /after (0 bytes)")
+
+
+def test_header_bytes_past_ascii_are_served(server: Server, client: Client) -> None:
+    """'X-Name: caf\\xe9' (ISO-8859-1, not UTF-8): obs-text, which a field value may carry
+    (RFC 9110 5.5) as opaque bytes. The request is served, and the one behind it too."""
+    line = b"X-Name: caf\xe9 \xff\xfe"
+    client.send(b"GET /latin HTTP/1.1\r\nHost: lab.test\r\n" + line + b"\r\n\r\n"
+                + request("GET", "/after"))
+    reply = read_or_none(client, "GET /latin")
+    advice = ("A header value may hold bytes 0x80-0xFF (obs-text, RFC 9110 5.5: opaque "
+              "data); they are not UTF-8. Decode the head as ISO-8859-1 (every byte is one "
+              "character: nothing can fail, and the CRLFs stay where they are) or keep it as "
+              "bytes; .decode() (UTF-8) or .decode('ascii') raises on them, and one client's "
+              "header then kills the connection unanswered.")
+    if reply is None or reply.status != 200:
+        seen = (f"was answered {reply.status} {reply.body[:80]!r}" if reply is not None else
+                "got no response: the connection was closed"
+                + (f" ({server.errors[0]})" if server.errors else ""))
+        pytest.fail(f"GET /latin with the header line {line!r} (bytes past ASCII in a "
+                    f"value) {seen}, expected 200 from the handler\n{advice}", pytrace=False)
+    client.expect("GET /after (behind the request with bytes past ASCII)",
+                  "GET /after (0 bytes)")
+    one_connection(server)
+
+
+def test_a_response_to_head_has_no_body(server: Server, client: Client) -> None:
+    """HEAD /page, answered by the application like a GET (a body, as WSGI apps do), then GET
+    /after pipelined: the server sends HEAD's head alone (RFC 9110 9.3.2), since the client
+    reads no content after a HEAD; the next bytes on the wire are GET /after's response."""
+    client.send(request("HEAD", "/page") + request("GET", "/after"))
+    line = client.stream.readline(65537)
+    assert line.startswith(b"HTTP/1.") and line.split(b" ")[1:2] == [b"200"], (
+        f"the response to HEAD /page starts with {line[:80]!r}, expected 'HTTP/1.1 200 ...'"
+        "\nA server answers HEAD like GET, without the content (RFC 9110 9.3.2).")
+    http.client.parse_headers(client.stream)  # HEAD's head: nothing follows it
+    try:
+        nxt = client.stream.readline(65537)
+    except TimeoutError:
+        nxt = b"(nothing)"
+    assert nxt.startswith(b"HTTP/1."), (
+        f"the response to HEAD /page carried a body: where GET /after's status line was "
+        f"expected, the client (which reads no content after a HEAD) read {nxt[:80]!r}"
+        "\nA response to HEAD is "
+        "its head alone (RFC 9110 9.3.2, RFC 9112 6.3): the status line and the headers "
+        "GET would have (its Content-Length too), no content, whatever the application "
+        "returned. Content sent anyway is read as the start of the next response, and "
+        "every response behind it on the connection is garbled.")
+    headers = http.client.parse_headers(client.stream)
+    body = client.stream.read(int(headers.get("Content-Length") or 0))
+    assert body == b"GET /after (0 bytes)", (
+        f"the response after HEAD /page's held {body!r}, expected GET /after's "
+        "('GET /after (0 bytes)'): responses come back in request order")
+    assert server.handled[:1] == ["HEAD /page"], (
+        f"the handler was called with {server.handled}, expected HEAD /page first")
+    one_connection(server)
 
 
 def test_request_head_in_pieces(server: Server, client: Client) -> None:

@@ -154,6 +154,8 @@ def target(learner: Any, postgres: Any) -> Iterator[Target]:
         "/ok": (200, {}, b"hello from the partner"),
         "/to-ok": (302, {"Location": "/ok"}, b""),
         "/to-internal": (302, {"Location": f"http://127.0.0.1:{internal.port}/admin"}, b""),
+        # two hops: the first stays on the partner, the second leaves for the internal server
+        "/to-to-internal": (302, {"Location": "/to-internal"}, b""),
         "/to-extended": (302, {"Location": f"http://127.0.0.1:{extended_port}/admin"}, b""),
         "/to-localhost": (307, {"Location": f"http://localhost:{internal.port}/admin"}, b""),
         "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
@@ -370,6 +372,28 @@ def string_lookalike(url: str, allowed: list[str]) -> str:
     return ""
 
 
+def partner_redirect_why(url: str, routes: dict[str, tuple[int, dict[str, str], bytes]],
+                         allowed: list[str]) -> str:
+    """Why the partner route ``url`` led the app off the allowlist: the redirect it sends,
+    or, when that stays on the partner, the next one (a chain whose 2nd hop leaves)."""
+    aimed = routes[urlsplit(url).path][1]["Location"]
+    resolved = urljoin(url, aimed)
+    if origin_of(resolved) in {origin_of(o) for o in allowed}:
+        onward = routes[urlsplit(resolved).path][1]["Location"]
+        return (f" - the partner redirected to its own {aimed!r} (allowed, rightly followed), "
+                f"which redirected on to {onward!r}: that second hop was not validated. Only "
+                "the first redirect was checked: after it the fetch went on with a client "
+                "that follows redirects by itself, or the check stopped. Validate the origin "
+                "of EVERY hop, the 2nd and 3rd like the 1st")
+    return string_lookalike(aimed, allowed) or (
+        f" - the partner redirected to {aimed!r}, a Location without a scheme that "
+        "still names a host (a network-path reference): resolved against the "
+        f"partner's URL it is {resolved!r}, another origin. 'Relative' "
+        "does not mean same-origin: validate the origin of every hop AFTER resolving "
+        "it (urljoin), whatever the Location looks like" if aimed.startswith("//") else
+        f" - the partner redirected to {aimed!r}, and that hop was not validated")
+
+
 def test_ssrf(target: Target) -> None:
     p, q = target.partner.port, target.internal.port
     good = call(target, "POST", "/fetch", document={"url": f"http://127.0.0.1:{p}/ok"})
@@ -401,6 +425,8 @@ def test_ssrf(target: Target) -> None:
         (f"http://127.0.0.1:{p}@127.0.0.1:{q}/admin",
          "the partner's origin as userinfo: the real host is after the @"),
         (f"http://127.0.0.1:{p}/to-internal", "a partner redirect (302) to the internal server"),
+        (f"http://127.0.0.1:{p}/to-to-internal",
+         "a partner redirect to its own /to-internal, whose redirect is to the internal server"),
         (f"http://127.0.0.1:{p}/to-extended",
          "a partner redirect to a port whose digits begin with the partner's"),
         (f"http://127.0.0.1:{p}/to-localhost", "a partner redirect (307) to localhost"),
@@ -426,14 +452,7 @@ def test_ssrf(target: Target) -> None:
         text = reply.body.decode(errors="replace")
         reached = target.internal.hits[before:]
         if origin_of(url) == origin_of(allowed[0]):  # a partner route that redirects
-            aimed = target.partner.routes[urlsplit(url).path][1]["Location"]
-            why = string_lookalike(aimed, allowed) or (
-                f" - the partner redirected to {aimed!r}, a Location without a scheme that "
-                "still names a host (a network-path reference): resolved against the "
-                f"partner's URL it is {urljoin(url, aimed)!r}, another origin. 'Relative' "
-                "does not mean same-origin: validate the origin of every hop AFTER resolving "
-                "it (urljoin), whatever the Location looks like" if aimed.startswith("//") else
-                f" - the partner redirected to {aimed!r}, and that hop was not validated")
+            why = partner_redirect_why(url, target.partner.routes, allowed)
         else:
             parts = urlsplit(url)
             port = origin_of(url)[2]

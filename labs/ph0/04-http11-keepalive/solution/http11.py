@@ -173,7 +173,13 @@ def handle_connection(conn: socket.socket, handler: Handler) -> None:
                     response = handler(request)
                 except Exception:  # noqa: BLE001 - a handler bug must not kill the connection
                     response = Response(500, {"Content-Type": "text/plain"}, b"error\n")
-                conn.sendall(serialize(response, close))
+                wire = serialize(response, close)
+                if request.method == "HEAD":
+                    # The head alone, the GET's Content-Length and no content (RFC 9110
+                    # 9.3.2, RFC 9112 6.3): the client reads no body after a HEAD, so one
+                    # sent anyway would be the start of the next response to it.
+                    wire = wire[:len(wire) - len(response.body)]
+                conn.sendall(wire)
                 if close:
                     return
         except (ConnectionResetError, BrokenPipeError):

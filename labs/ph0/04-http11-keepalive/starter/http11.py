@@ -35,7 +35,7 @@ def handle_connection(conn: socket.socket, handler: Handler) -> None:
     # TODO 1: buffer recv() data; cut out the head (up to b"\r\n\r\n") and then exactly
     #         Content-Length bytes of body; keep the rest for the next request.
     # TODO 2: call handler(request) and send "HTTP/1.1 <status> <reason>", the headers,
-    #         Content-Length, a blank line and the body.
+    #         Content-Length, a blank line and the body (no body for a HEAD request).
     # TODO 3: loop for the next request (keep-alive); stop after "Connection: close",
     #         when the client closes, or after answering a malformed request with 400.
     raise NotImplementedError("handle_connection: parse requests from the socket and "
