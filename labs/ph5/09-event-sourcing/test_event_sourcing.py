@@ -151,6 +151,31 @@ def test_an_append_is_all_or_nothing(store: Any) -> None:
         "it is all or nothing")
 
 
+def test_a_load_with_nothing_after_the_snapshot_is_at_the_snapshots_version(
+        store: Any) -> None:
+    """A snapshot, then no event after it: the tail is empty, and the stream's version is
+    the snapshot's - the version the caller's next append must expect."""
+    mod, conn = store
+    mod.append(conn, "acc-s", 0, [opened(), deposit(700), withdraw(200)])
+    mod.save_snapshot(conn, "acc-s")
+    want = (account(500, 2), 3)
+    try:
+        seen = mod.load(conn, "acc-s")
+    except Exception as exc:  # noqa: BLE001 - any crash here is the mistake being named
+        pytest.fail(f"load() of a stream whose snapshot is at its last event (version 3, "
+                    f"nothing after it) raised {type(exc).__name__}: {exc} - an empty tail is "
+                    "the usual case right after a snapshot: the state and version are the "
+                    "snapshot's", pytrace=False)
+    assert seen == want, (
+        f"load() of a stream whose snapshot is at its last event (version 3, nothing after "
+        f"it) = {seen}; expected {want}: with an empty tail the version is the snapshot's, "
+        f"not the last event read - a caller appending with expected_version={seen[1]!r} "
+        "is refused (or forks the stream)")
+    after = mod.append(conn, "acc-s", seen[1], [deposit(1)])
+    assert after == 4, (f"an append after load()'s version 3 returned version {after!r}, "
+                        "expected 4")
+
+
 def test_each_stream_has_its_own_version_and_snapshot(store: Any) -> None:
     """Two accounts in one store: a stream's version is the count of ITS events (a new
     stream starts at 0 whatever the others hold), and its snapshot is its own."""
@@ -595,10 +620,17 @@ V1_AMOUNTS = [("12.50", 1250), ("12.5", 1250), ("0.5", 50), ("7", 700), ("0.05",
               ("100", 10000), ("19.99", 1999), ("3.1", 310), ("0.29", 29)]
 
 
+# Amounts past 2**53 cents: a float holds about 16 significant digits, so float(amount),
+# rounded or not, turns 90071992547409.93 euros into ...994 cents. Decimal is exact at any size.
+V1_LARGE_AMOUNTS = [("90071992547409.93", 9007199254740993),
+                    ("123456789012345.67", 12345678901234567)]
+
+
 def test_every_v1_amount_string_is_converted_exactly(store: Any) -> None:
     mod, conn = store
     rows = [("AccountOpened", {"owner": "grace"})]
     rows += [("MoneyDeposited", {"amount": amount}) for amount, _ in V1_AMOUNTS]
+    rows += [("MoneyDeposited", {"amount": amount}) for amount, _ in V1_LARGE_AMOUNTS]
     write_v1(conn, "acc-v1", enumerate(rows, start=1))
     events = mod.read_stream(conn, "acc-v1")
     got = {e["version"]: e["data"].get("amount_cents") for e in events}
@@ -608,3 +640,10 @@ def test_every_v1_amount_string_is_converted_exactly(store: Any) -> None:
             f"{got.get(version)!r}; expected {cents}: a v1 amount is a decimal string of euros "
             f"with two, one or no decimals ('12.50', '12.5', '7') - convert its value "
             f"(Decimal(amount) * 100), not its digits split at the dot or with the dot removed")
+    for version, (amount, cents) in enumerate(V1_LARGE_AMOUNTS, start=2 + len(V1_AMOUNTS)):
+        assert got.get(version) == cents, (
+            f"the v1 deposit {{'amount': {amount!r}}} was upcast to amount_cents "
+            f"{got.get(version)!r}; expected {cents}: the amount went through a float, which "
+            f"holds about 16 significant digits - rounding it or going back to Decimal "
+            f"cannot bring back the cents it lost. Convert the string with "
+            f"Decimal(amount) * 100, exact at any size")

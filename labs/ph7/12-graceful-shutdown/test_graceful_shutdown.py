@@ -148,7 +148,7 @@ class Server:
 def launch(learner: Any, binary: Path) -> Iterator[Any]:
     started: list[Server] = []
 
-    def start(drain_ms: int = 30000, leak_check: bool = True,
+    def start(drain_ms: int | None = 30000, leak_check: bool = True,
               gate: tuple[Path, str, Path] | None = None) -> Server:
         env = {**os.environ, **SANITIZER_ENV}
         if not leak_check:  # an exit without LeakSanitizer's pass at exit is immediate
@@ -158,8 +158,8 @@ def launch(learner: Any, binary: Path) -> Iterator[Any]:
             env["SHUTDOWN_TEST_HOLD"], env["SHUTDOWN_TEST_GATE"] = gate[1], str(gate[2])
             env["ASAN_OPTIONS"] += ":verify_asan_link_order=0"
         # learner.popen: when grading, the learner's binary runs as the learner's uid.
-        proc = learner.popen([str(binary), "0", str(drain_ms)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=env)
+        argv = [str(binary), "0"] + ([] if drain_ms is None else [str(drain_ms)])
+        proc = learner.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         server = Server(proc)
         started.append(server)
         server.wait_ready()
@@ -659,3 +659,35 @@ def test_a_sigterm_the_moment_the_server_is_ready_is_not_lost(
         "was ready: install it (sigaction) before listening and printing the port - a "
         "supervisor may stop a process at any moment once it is up.\n"
         f"stderr: {server.err()[-400:]}")
+
+
+# ----------------------------------------------------------------- DRAIN_MS left out
+
+
+def test_without_drain_ms_the_default_drain_holds_a_request(launch: Any) -> None:
+    """`graceful_server 0`, no DRAIN_MS: the drain still waits, up to its default of
+    10000 ms. A request in flight at SIGTERM keeps the server there well past half a
+    second (a lower bound far below the default, not a race), is answered, then exit 0."""
+    server = launch(drain_ms=None, leak_check=False)  # leaks are checked by the idle test
+    request = Slow(server.port, "default")
+    try:
+        sigterm(server)
+        signalled = time.monotonic()
+        status = server.wait_exit(0.5)
+        assert status is None, (
+            f"started without DRAIN_MS, the server exited (status {status}) "
+            f"{time.monotonic() - signalled:.2f} s after SIGTERM with a request in flight: "
+            "the default drain deadline is 10000 ms (10 s) - without argv[2] the server "
+            "must still wait for the requests it accepted, up to 10 s, not cut them (a "
+            f"default of 10 read as milliseconds, or 0){killed_by(status)}")
+        answer = request.finish()
+        assert answer == "DONE default", (
+            f"started without DRAIN_MS, the request in flight at SIGTERM was answered "
+            f"{answer!r}, expected 'DONE default': the default drain waits for it")
+        status = server.wait_exit(WAIT)
+        assert status == 0, (
+            f"started without DRAIN_MS, after its drain the server "
+            f"{'was still running' if status is None else f'exited with status {status}'} "
+            f"{WAIT:.0f} s later, expected exit 0{killed_by(status)}")
+    finally:
+        request.close()
