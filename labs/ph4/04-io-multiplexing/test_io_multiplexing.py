@@ -66,6 +66,12 @@ ACCEPTS = {43: "accept()", 288: "accept4()"}
 SENDS = {1: "write()", 20: "writev()", 44: "sendto()/send()", 46: "sendmsg()"}
 ONE_THREAD = ("The point of epoll is that one thread watches every descriptor: no thread per "
               "connection, no worker pool.")
+SIGPIPE_ADVICE = (
+    "send() or write() on a connection whose peer has gone (a reset after it shut down its "
+    "sending side: EPIPE) raises SIGPIPE, and its default action ends the process - every "
+    "other connection with it. A server ignores it: send(..., MSG_NOSIGNAL) on every send, "
+    "or signal(SIGPIPE, SIG_IGN) at start, then the call fails with EPIPE and you close "
+    "that one connection.")
 SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=23",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
 
@@ -171,8 +177,23 @@ class Server:
         if self.proc.poll() is None:
             return None
         time.sleep(0.05)
-        return (f"the server exited (status {self.proc.returncode})\n"
-                f"{self.stderr.decode(errors='replace').strip()[-1200:]}")
+        output = self.stderr.decode(errors="replace").strip()[-1200:]
+        if self.proc.returncode == -signal.SIGPIPE:
+            return (f"the server was killed by SIGPIPE (status {self.proc.returncode})\n"
+                    f"{SIGPIPE_ADVICE}\n{output}")
+        return f"the server exited (status {self.proc.returncode})\n{output}"
+
+    def alive(self, what: str) -> None:
+        """Fails the test if the server exited: a process with no descriptors left (it
+        always holds its listening socket while it lives) is on its way out, not done."""
+        if self.exiting():
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                pass
+        gone = self.exited()
+        if gone:
+            pytest.fail(f"{what}, {gone}", pytrace=False)
 
     def asleep_in(self) -> int | None:
         """The syscall every thread of the server sleeps in, or None if one is running."""
@@ -517,7 +538,7 @@ def test_five_hundred_connections_on_one_thread(server: Server) -> None:
                 "every finished connection leaks a descriptor until the process hits its "
                 "limit.", pytrace=False)
         time.sleep(0.025)
-    assert server.exited() is None, server.exited()
+    server.alive(f"after all {CLIENTS} clients closed")
     server.proc.send_signal(signal.SIGKILL)
 
 
@@ -557,6 +578,7 @@ def wait_for_descriptors(server: Server, at_most: int, what: str, advice: str) -
             pytest.fail(f"{what}, the server sleeps{where} holding {server.fds()} "
                         f"descriptors, expected at most {at_most}\n{advice}", pytrace=False)
         time.sleep(0.025)
+    server.alive(what)   # none left at all: it died, closing them
 
 
 def test_half_closed_clients_get_their_whole_echo(server: Server) -> None:
@@ -661,15 +683,21 @@ def test_closed_connections_give_their_memory_back(learner: Any, binary: Path) -
         server.stop()
 
 
-def echo_held(server: Server, sock: socket.socket, sent: int) -> int:
-    """How much of the echo of `sent` bytes the server still holds itself: neither in the
-    client's socket (rx_queue) nor in the server's, on its way (tx_queue)."""
+def in_flight(server: Server, sock: socket.socket) -> int:
+    """Bytes on their way to ``sock``: unread in its own socket (rx_queue) or in the
+    server's end of that connection, not yet delivered (tx_queue)."""
     port, queued = sock.getsockname()[1], 0
     for row in tcp_sockets():
         local, remote = row.local[1], row.remote[1]
         queued += (row.rx_queue if local == port
                    else row.tx_queue if (local, remote) == (server.port, port) else 0)
-    return sent - queued
+    return queued
+
+
+def echo_held(server: Server, sock: socket.socket, sent: int) -> int:
+    """How much of the echo of `sent` bytes the server still holds itself: neither in the
+    client's socket nor in the server's, on its way."""
+    return sent - in_flight(server, sock)
 
 
 def settle(server: Server, sender: Sender, what: str) -> None:
@@ -740,6 +768,141 @@ def test_a_reset_with_its_echo_pending_closes_the_connection(server: Server,
         "recv() error. Waiting for EPOLLOUT instead never ends: a dead socket raises no "
         "new edge, so the descriptor and its buffer leak. Every error path of send() and "
         "recv() must release the descriptor.")
+
+
+# Two connections with echo pending in the server at once. One thread serves both, event by
+# event, so what belongs to a connection (its pending output, the end of file its peer sent)
+# must be kept in that connection's own slot: a buffer or flag shared by all passes every
+# test where one connection at a time has something pending. A and B are each sent BURST
+# without reading (a 64 KiB receive buffer), A then shuts down its sending side; once the
+# server has taken both, B reads its echo and sends once more, and A reads last.
+SHARED_ADVICE = (
+    "One thread serves every connection, event by event, so two connections can each have "
+    "echo pending at once: what belongs to a connection - the output it still waits for, "
+    "whether its peer shut down its side - lives in that connection's own slot, never in "
+    "one buffer, flag or static shared by all connections.")
+
+
+def take_echo(server: Server, sock: socket.socket, size: int) -> tuple[bytes, str]:
+    """What the server sends on ``sock`` until ``size`` bytes came (how it ended: ""), or
+    how it stopped short: closed or reset, the server gone, or the server asleep in
+    epoll_wait() STALLED times in a row with nothing on its way to ``sock``."""
+    got, stalled, deadline = bytearray(), 0, time.monotonic() + DEADLINE
+    sock.settimeout(0.025)
+    try:
+        while len(got) < size:
+            try:
+                chunk = sock.recv(1 << 20)
+            except TimeoutError:
+                chunk = None
+            except ConnectionError as error:
+                return bytes(got), f"it was reset by the server ({error})"
+            if chunk == b"":
+                return bytes(got), "it was closed by the server"
+            if chunk:
+                got += chunk
+                stalled = 0
+                continue
+            gone = server.exited()
+            if gone:
+                return bytes(got), gone
+            idle = server.asleep_in() in EPOLL_WAIT and not in_flight(server, sock)
+            stalled = stalled + 1 if idle else 0
+            if stalled >= STALLED or time.monotonic() > deadline:
+                return bytes(got), ("the server sleeps in epoll_wait() with nothing on its "
+                                    "way to it")
+    finally:
+        sock.settimeout(None)
+    return bytes(got), ""
+
+
+def first_difference(a: bytes, b: bytes) -> int:
+    """The first index where a and b differ (the shorter one's length if one is a prefix)."""
+    at, block = 0, 1 << 12
+    while at < min(len(a), len(b)) and a[at:at + block] == b[at:at + block]:
+        at += block
+    return next((i for i in range(at, min(len(a), len(b), at + block)) if a[i] != b[i]),
+                min(len(a), len(b)))
+
+
+def foreign_bytes(got: bytes, at: int, others: dict[str, bytes]) -> tuple[str, int] | None:
+    """(the other connection, where) if ``got`` holds bytes another connection sent: 32-byte
+    samples from ``at`` on, every 4 KiB over 256 KiB (a server reads at most some KiB at a
+    time, so what another connection sent comes in runs longer than that)."""
+    for where in range(at, min(len(got) - 32, at + (256 << 10)) + 1, 4 << 10):
+        sample = got[where:where + 32]
+        other = next((o for o, payload in others.items() if sample in payload), None)
+        if other is not None:
+            return other, where
+    return None
+
+
+def mixed_up(server: Server, socks: dict[str, socket.socket], name: str, got: bytes,
+             at: int, sent: dict[str, bytes]) -> str | None:
+    """Whether connection ``name``, whose echo ``got`` goes wrong at byte ``at``, got bytes
+    another connection sent - or that other one got its bytes: what the others have to
+    read is read too, and searched."""
+    others = {o: payload for o, payload in sent.items() if o != name}
+    foreign = foreign_bytes(got, at, others)
+    if foreign is not None:
+        return (f"connection {name} got bytes connection {foreign[0]} sent (at byte "
+                f"{foreign[1]} of its echo), expected its own")
+    for other, payload in others.items():
+        theirs, _ = take_echo(server, socks[other], len(payload))
+        mine = foreign_bytes(theirs, first_difference(theirs, payload), {name: sent[name]})
+        if mine is not None:
+            return (f"connection {name}'s echo went wrong at byte {at}, and connection "
+                    f"{other} got bytes connection {name} sent (at byte {mine[1]} of its "
+                    "echo)")
+    return None
+
+
+def own_echo(server: Server, socks: dict[str, socket.socket], name: str, want: bytes,
+             sent: dict[str, bytes], what: str) -> None:
+    """Connection ``name`` must get ``want`` back, exactly: else the test fails naming the
+    other connection whose bytes it got, or how it stopped short (``sent``: every
+    connection's payload)."""
+    got, ended = take_echo(server, socks[name], len(want))
+    if got == want:
+        return
+    at = first_difference(got, want)
+    mixed = mixed_up(server, socks, name, got, at, sent)
+    if mixed:
+        pytest.fail(f"{what}: {mixed}\n{SHARED_ADVICE}", pytrace=False)
+    if got != want[:len(got)]:
+        pytest.fail(f"{what}: connection {name} got different bytes back than it sent, from "
+                    f"byte {at} of {len(want)} on", pytrace=False)
+    short = (f"{what}: connection {name} got {len(got)} of {len(want)} bytes back, then "
+             f"{ended}")
+    if ended.startswith("it was"):
+        pytest.fail(f"{short} - yet its client had shut down nothing, while connection A "
+                    f"had shut down its sending side\n{SHARED_ADVICE} A connection ends "
+                    "for its own end of file or error only.", pytrace=False)
+    pytest.fail(diagnose(server, short) or short, pytrace=False)
+
+
+def test_two_connections_with_echo_pending_at_once_keep_their_own(server: Server) -> None:
+    sent = {"A": os.urandom(BURST), "B": os.urandom(BURST)}
+    what = (f"two clients at once each sent {BURST >> 20} MiB without reading its echo, A "
+            "then shut down its sending side")
+    socks: dict[str, socket.socket] = {}
+    try:
+        for name in sent:
+            socks[name] = socket.socket()
+            socks[name].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            socks[name].connect(("127.0.0.1", server.port))
+        senders = {name: Sender(socks[name], sent[name], shut_wr=name == "A")
+                   for name in sent}
+        for name in sent:   # the server has taken both (or stopped taking them) and sleeps
+            settle(server, senders[name], what)
+        own_echo(server, socks, "B", sent["B"], sent, f"{what}; B read its echo first")
+        socks["B"].sendall(b"and once more\n")
+        own_echo(server, socks, "B", b"and once more\n", sent,
+                 f"{what}; B got its echo, then sent once more")
+        own_echo(server, socks, "A", sent["A"], sent, f"{what}; A read its echo last")
+    finally:
+        for sock in socks.values():
+            sock.close()
 
 
 def test_more_than_1024_connections_each_get_their_own_echo(server: Server) -> None:
