@@ -19,6 +19,7 @@ the step itself succeeds.
 from __future__ import annotations
 
 import random
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -288,6 +289,32 @@ def test_failed_migration_leaves_nothing_behind(runner: ModuleType, postgres: An
         "once fixed, V002 must be applied by the next run (V001 stays applied)")
 
 
+def test_failed_no_transaction_script_is_not_recorded(runner: ModuleType, postgres: Any,
+                                                      migrations: Path) -> None:
+    """A script run outside a transaction that fails is recorded as nothing, and the next
+    migrate() runs it again (here the file is unchanged: what it needed now exists)."""
+    write(migrations, {
+        "V001__create_accounts.sql": BASIC["V001__create_accounts.sql"],
+        "V002__import_accounts.sql": "-- migrate:no-transaction\n"
+                                     "INSERT INTO accounts SELECT id, owner FROM imported;",
+    })
+    error = refused(lambda: runner.migrate(postgres.dsn, migrations),
+                    "with a no-transaction V002 that fails (table imported missing)")
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE imported AS SELECT 7 AS id, 'ada' AS owner")
+    try:
+        again = list(runner.migrate(postgres.dsn, migrations))
+    except Exception as exc:  # noqa: BLE001 - reported below
+        again = [f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"]
+    rows = count(postgres, "SELECT count(*) FROM accounts")
+    assert again == [2] and rows == 1, (
+        f"a no-transaction V002 failed ({type(error).__name__}), then once what it needed "
+        f"existed the next migrate() gave {again!r} and accounts has {rows} rows, expected "
+        "[2] and 1 row: a script run outside a transaction must be recorded only after it "
+        "ran to its end - recorded before (or whatever happened), a failure leaves it "
+        "marked applied and it is never run again")
+
+
 def test_two_deploys_at_once_apply_each_migration_once(runner: ModuleType, postgres: Any,
                                                        migrations: Path) -> None:
     write(migrations, {
@@ -419,6 +446,91 @@ def test_second_deploy_returns_only_once_the_database_is_migrated(
         f"the first, expected [] - everything was applied by the first - {why}")
     assert first.error is None and first.result == [1, 2, 3], (
         f"the first migrate() gave {first.result!r} / {first.error!r}, expected [1, 2, 3]")
+
+
+# The first deploy in a process of its own, from its own copy of the migrations (two
+# deploys are two processes, often two release folders): the runners must still exclude
+# each other, so the lock's key must be the same everywhere.
+def other_deploy(learner: Any, dsn: str, folder: Path) -> Any:
+    """migrate(dsn, folder) in a process of its own (hash seed of its own too), printing
+    what it returned as JSON."""
+    code = ("import json, sys, migrate\n"
+            f"print(json.dumps(list(migrate.migrate({dsn!r}, {str(folder)!r}))))\n"
+            "sys.exit(0)")
+    return learner.python("migrate", env={"PYTHONHASHSEED": "random"}, prelude=code,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finished(proc: Any) -> tuple[bytes, bytes]:
+    """The process's output once it ended (killed if it still runs after 30 s)."""
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return out or b"", err or b""
+
+
+def sessions_waiting(conn: Any) -> dict[int, int | None]:
+    """Each other session of this database waiting for a lock: pid -> the advisory key it
+    waits for (None for another kind of lock)."""
+    rows = conn.execute(
+        "SELECT l.pid, CASE WHEN l.locktype = 'advisory' THEN l.objid::bigint END "
+        "FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT l.granted "
+        "AND a.datname = current_database() AND l.pid <> pg_backend_pid()").fetchall()
+    return {int(pid): key for pid, key in rows}
+
+
+def advisory_keys(conn: Any, pid: int) -> list[int]:
+    return sorted(int(k) for (k,) in conn.execute(
+        "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND pid = %s AND objid <> %s", (pid, HELD_KEY)))
+
+
+def test_deploys_in_two_processes_share_one_lock(runner: ModuleType, learner: Any,
+                                                 postgres: Any, migrations: Path) -> None:
+    write(migrations, HELD)
+    elsewhere = learner.tmp_folder()
+    write(elsewhere, HELD)
+    watch = postgres.connect(autocommit=True)
+    watch.execute("SELECT pg_advisory_lock(%s)", (HELD_KEY,))
+    first = other_deploy(learner, postgres.dsn, elsewhere)
+    second = Deploy(runner, postgres.dsn, migrations)
+    try:
+        wait_until(lambda: first.poll() is not None or HELD_KEY in sessions_waiting(watch).values(),
+                   "the first deploy (its own process) to reach V002", timeout=30)
+        assert first.poll() is None, (
+            f"the first deploy, run in a process of its own, ended (exit {first.returncode})"
+            " while V002 waits on a lock the test holds: it did not apply V002")
+        (first_pid,) = [pid for pid, key in sessions_waiting(watch).items() if key == HELD_KEY]
+        second.start()
+        wait_until(lambda: not second.is_alive() or set(sessions_waiting(watch)) - {first_pid},
+                   "the second deploy to wait, or to end", timeout=30)
+        waiting = sessions_waiting(watch)
+        inside = [pid for pid, key in waiting.items() if pid != first_pid and key == HELD_KEY]
+        keys = {pid: advisory_keys(watch, pid) for pid in (first_pid, *inside)}
+        returned_early = not second.is_alive()
+    finally:
+        watch.execute("SELECT pg_advisory_unlock(%s)", (HELD_KEY,))
+        second.join(30)
+        out, err = finished(first)
+        watch.close()
+    if inside or returned_early:
+        seen = (f"went into V002 too (the runners' advisory locks: first deploy "
+                f"{keys[first_pid]}, second {keys[inside[0]]})" if inside
+                else f"returned {second.result!r} / {second.error!r} before the first was done")
+        pytest.fail(
+            f"while a deploy in another process (its own release folder) was applying V002, "
+            f"a second migrate() {seen}: the two runners did not exclude each other. The "
+            f"lock's key must be one constant every deploy computes alike - not hash() of a "
+            f"string (Python salts it per process), not derived from the folder's path",
+            pytrace=False)
+    assert first.returncode == 0 and out.decode().strip() == "[1, 2, 3]", (
+        f"the first deploy (its own process) exited {first.returncode} printing "
+        f"{out.decode().strip()!r} ({err.decode().strip()[-300:]}), expected [1, 2, 3]")
+    assert second.error is None and second.result == [], (
+        f"the second migrate() gave {second.result!r} / {second.error!r} after waiting for "
+        "the first deploy (another process), expected []")
 
 
 # A migration that records which advisory locks its own session holds while it runs.

@@ -40,6 +40,9 @@ Mistakes a learner makes here, each caught with its own message:
 - run without --once: a position kept in memory between polls (a late commit never sent),
   SIGTERM left to kill the relay or a handler that exits at once (the batch in hand
   published but not marked: published again by the next relay)       -> a running relay
+- flush() without a bound (or called again until nothing is left) and librdkafka's 5-minute
+  message.timeout.ms: the batch's transaction held open past --timeout  -> broker down
+- an idle running relay that looks again at once (no pause)           -> an idle relay
 - a NUL in a name dropped or replaced to make it fit (an order stored with text nobody
   wrote), '\\u0000' stripped from JSON text (a name holding those six characters broken)
                                                                         -> NUL, \\u0000
@@ -57,7 +60,7 @@ from typing import Any, cast
 
 import pytest
 
-from labrunner.testing import KafkaProxy, read_all
+from labrunner.testing import KafkaProxy, PgStatementProxy, read_all
 from labrunner.testing.kafka_proxy import PRODUCE
 
 INIT_PRODUCER_ID = 22  # the request an idempotent producer opens with
@@ -107,9 +110,10 @@ def pending(conn: Any) -> int:
 
 
 def start_relay(learner: Any, postgres: Any, bootstrap: str, topic: str, batch: int,
-                timeout: float = 10.0, once: bool = True) -> subprocess.Popen[bytes]:
+                timeout: float = 10.0, once: bool = True,
+                dsn: str | None = None) -> subprocess.Popen[bytes]:
     return cast(subprocess.Popen[bytes],
-                learner.python("relay", "--dsn", postgres.dsn, "--bootstrap", bootstrap,
+                learner.python("relay", "--dsn", dsn or postgres.dsn, "--bootstrap", bootstrap,
                                "--topic", topic, "--batch-size", str(batch), "--timeout",
                                str(timeout), *["--once"] * once, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE))
@@ -503,6 +507,27 @@ def test_an_orders_events_keep_their_order(shop: Any, learner: Any, postgres: An
         f"written in (their ids) - {why}", pytrace=False)
 
 
+HOLD_SLACK = 5.0  # seconds a batch's transaction may outlive --timeout on a loaded machine
+
+
+def hold_past_timeout(conn: Any, relay: subprocess.Popen[bytes], timeout: float,
+                      within: float) -> float | None:
+    """Watch the relay for ``within`` s (or until it exits): the age of a transaction one of
+    its sessions kept open longer than ``timeout`` + HOLD_SLACK s, or None. A relay that
+    gives up on the broker after --timeout rolls its batch back (and fails, or retries in a
+    new transaction): its transactions stay young."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and relay.poll() is None:
+        age = float(conn.execute(
+            "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0) "
+            "FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL").fetchone()[0])
+        if age > timeout + HOLD_SLACK:
+            return age
+        time.sleep(0.1)
+    return None
+
+
 def test_broker_down_loses_nothing(shop: Any, learner: Any, postgres: Any,
                                    kafka: Any) -> None:
     """The orders are committed but the broker cannot be reached: the relay must not mark
@@ -514,11 +539,17 @@ def test_broker_down_loses_nothing(shop: Any, learner: Any, postgres: Any,
 
     dead = start_relay(learner, postgres, f"127.0.0.1:{closed_port()}", topic, batch=10,
                        timeout=1.0)
-    try:
-        dead.wait(15)
-    except subprocess.TimeoutExpired:  # still retrying: fine, it is killed like a crash
+    held = hold_past_timeout(conn, dead, timeout=1.0, within=15)
+    if dead.poll() is None:  # still retrying: fine, it is killed like a crash
         dead.send_signal(signal.SIGKILL)
         dead.wait()
+    assert held is None, (
+        f"with the broker unreachable the relay kept its batch's transaction open (its rows "
+        f"claimed and locked, nothing published) for {held:.1f} s, past its --timeout of 1 s: "
+        "wait for the broker's acknowledgements at most --timeout - flush(timeout), and "
+        "message.timeout.ms so librdkafka gives a message up (its delivery report an error) "
+        "within it, not after its default 5 minutes - then roll back and fail. A relay stuck "
+        "on a broker that is down holds its rows and never says so")
     assert dead.returncode != 0, (
         "the relay exited 0 although no broker was reachable: a relay that cannot publish "
         "must fail (and leave the rows unpublished)")
@@ -729,6 +760,47 @@ def test_thousand_orders_thousand_events(shop: Any, learner: Any, postgres: Any,
     assert took < 20, (
         f"relaying 1,000 rows took {took:.1f} s: publish a batch and flush once per batch, "
         "not once per row")
+
+
+IDLE_WINDOW = 1.0     # seconds an idle relay is watched
+IDLE_MAX_LOOKS = 250  # outbox statements per second it may send meanwhile: a look every
+                      # 10 ms of two statements (the reference: one every 0.2 s); one that asks
+                      # again at once sends thousands (2,000-3,000 on a loaded 2-core machine)
+
+
+def test_an_idle_relay_waits_between_looks(shop: Any, learner: Any, postgres: Any,
+                                           kafka: Any) -> None:
+    """A running relay with nothing to publish looks again shortly - after a pause, not at
+    once: the statements it sends on the outbox table are counted at a proxy."""
+    conn, orders_mod = shop
+    topic = kafka.create_topic("orders", 3)
+    orders = make_orders(3)
+    with PgStatementProxy.for_dsn(postgres.dsn) as proxy:
+        relay = start_relay(learner, postgres, kafka.bootstrap, topic, batch=10, once=False,
+                            dsn=proxy.dsn_for(postgres.dsn))
+        try:
+            place_all(conn, orders_mod, orders)
+            wait_drained(conn, relay, "orders 0-2")
+            proxy.take()
+            started = time.monotonic()
+            time.sleep(IDLE_WINDOW)   # the window measured, nothing awaited
+            looks = sum(1 for sql in proxy.take() if "outbox" in sql.lower())
+            took = time.monotonic() - started
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            try:
+                relay.wait(RELAY_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+                relay.wait()
+    assert looks / took <= IDLE_MAX_LOOKS, (
+        f"with nothing pending the running relay sent {looks} statements on the outbox "
+        f"table in {took:.1f} s ({looks / took:.0f} a second), expected at most "
+        f"{IDLE_MAX_LOOKS} a second: an idle relay that asks again at once spins - a "
+        "database backend and a core kept busy all day for nothing. Wait a moment between "
+        "looks when a batch came back empty (stopping.wait(0.2): a SIGTERM still ends the "
+        "wait at once)")
+    assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False)
 
 
 MARK_GATE = 5707  # an advisory lock key: while the test holds it, marking rows waits
