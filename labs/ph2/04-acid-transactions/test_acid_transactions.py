@@ -39,6 +39,12 @@ class Bank:
 
     postgres: Any
     module: ModuleType
+    learner: Any
+
+    def second_instance(self) -> Bank:
+        """Another copy of bank.py sharing no module state with the first, as a second app
+        server would run it: whatever keeps two transfers apart must hold across it."""
+        return Bank(self.postgres, self.learner.load("bank", fresh=True), self.learner)
 
     def connect(self) -> Conn:
         conn: Conn = self.postgres.connect(autocommit=True)
@@ -82,14 +88,16 @@ def bank(postgres: Any, learner: Any) -> Bank:
         if not hasattr(module, name):
             pytest.fail(f"bank.py has no {name}: see README.md for the interface",
                         pytrace=False)
-    return Bank(postgres, module)
+    return Bank(postgres, module, learner)
 
 
 def waiting_on_lock(admin: Conn, pid: int) -> bool:
-    """Is that session waiting for a row lock (another transaction's row or xact)?"""
+    """Is that session waiting for a lock another transaction holds (a row's, the
+    transaction's, or an advisory lock taken to keep transfers apart)?"""
     row = admin.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity "
                         "WHERE pid = %s", (pid,)).fetchone()
-    return row is not None and row[0] == "Lock" and row[1] in ("transactionid", "tuple")
+    return row is not None and row[0] == "Lock" and row[1] in (
+        "transactionid", "tuple", "advisory")
 
 
 def outcome(future: Future[Any]) -> str:
@@ -176,6 +184,7 @@ def test_transfer_moves_money_and_records_it(bank: Bank) -> None:
                         "InsufficientFunds: moving all of an account's money is allowed - "
                         "refuse only when the balance is LESS than the amount (balance >= "
                         "amount may go on)", pytrace=False)
+        still_autocommit(conn, f"transfer() returned {first!r} and {second!r}")
     got = bank.state()
     want = ({1: 105, 2: 0}, [(1, 2, 30), (2, 1, 35)])
     assert got == want, f"after 1->2 30 and 2->1 35: {diff(got, want)}"
@@ -227,6 +236,21 @@ def ended_its_transaction(conn: Conn, what: str) -> None:
         f"before raising (with conn.transaction(): does it for you)")
 
 
+def still_autocommit(conn: Conn, what: str) -> None:
+    """The caller's connection comes back in the mode it was handed over in (autocommit):
+    the caller's next statement there must commit on its own. A transfer() that turned
+    autocommit off and left it so makes every later write on the connection wait for a
+    COMMIT the caller never sends - lost when the connection closes."""
+    conn.execute("SELECT 1")
+    status = conn.info.transaction_status
+    assert status == psycopg.pq.TransactionStatus.IDLE, (
+        f"{what}; then a plain SELECT the caller ran on the same connection opened a "
+        f"transaction (status {status.name}): transfer() left the connection's autocommit "
+        f"off, so the caller's later writes there wait for a COMMIT it never sends (and are "
+        f"lost at close). Open the transaction with conn.transaction() (or BEGIN/COMMIT), or "
+        f"put autocommit back as you found it on every way out")
+
+
 def test_overdraft_is_refused_and_changes_nothing(bank: Bank) -> None:
     bank.open({1: 50, 2: 0})
     before = bank.state()
@@ -240,6 +264,8 @@ def test_overdraft_is_refused_and_changes_nothing(bank: Bank) -> None:
                         "InsufficientFunds", pytrace=False)
         ended_its_transaction(conn, "transfer() refused an overdraft (1->2 51, account 1 "
                                     "holds 50)")
+        still_autocommit(conn, "transfer() refused an overdraft (1->2 51, account 1 holds "
+                               "50)")
     after = bank.state()
     assert after == before, f"the refused overdraft left a trace: {diff(after, before)}"
 
@@ -258,6 +284,8 @@ def test_unknown_account_changes_nothing(bank: Bank, from_id: int, to_id: int) -
         if raised is not None:
             ended_its_transaction(conn, f"a transfer {from_id}->{to_id} (account 999 does "
                                         f"not exist) raised {type(raised).__name__}")
+            still_autocommit(conn, f"a transfer {from_id}->{to_id} (account 999 does not "
+                                   f"exist) raised {type(raised).__name__}")
     after = bank.state()
     assert after == before, (
         f"a transfer {from_id}->{to_id} (account 999 does not exist) changed the data: "
@@ -391,6 +419,7 @@ def test_two_transfers_cannot_spend_the_same_money(bank: Bank) -> None:
     """A debits account 1 and pauses; B tries to spend the same balance and must wait for
     A's row lock; A commits; B must then see the new balance and be refused."""
     bank.open({1: 100, 2: 0, 3: 0})
+    bank_b = bank.second_instance()  # B runs as on another app server
     a_debited, release_a = threading.Event(), threading.Event()
 
     def hold_a() -> None:
@@ -405,7 +434,7 @@ def test_two_transfers_cannot_spend_the_same_money(bank: Bank) -> None:
             pytest.fail(f"transfer A finished without calling after_debit() "
                         f"({outcome(fut_a)}): call it between the debit and the credit",
                         pytrace=False)
-        fut_b = pool.submit(bank.transfer, conn_b, 1, 3, 60)
+        fut_b = pool.submit(bank_b.transfer, conn_b, 1, 3, 60)
         pid_b = conn_b.info.backend_pid
         # B either blocks on A's row lock (the transfers are serialized) or runs through
         # (A's debit was already committed, or B never locked the row).
@@ -418,8 +447,10 @@ def test_two_transfers_cannot_spend_the_same_money(bank: Bank) -> None:
     if got != want:
         money = sum(got[0].values())
         lost = (" - money was created: B read the balance before A's debit committed and "
-                "wrote its own result over A's (a lost update); let the database compute "
-                "balance - amount under the row lock, or SELECT ... FOR UPDATE first"
+                "wrote its own result over A's (a lost update). B ran in a second copy of "
+                "bank.py, as on a second app server: a lock of your process (threading.Lock) "
+                "does not hold it back, only the database's lock does - let the database "
+                "compute balance - amount under the row lock, or SELECT ... FOR UPDATE first"
                 if money > 100 else "")
         pytest.fail(f"account 1 held 100; A (1->2, 60) and B (1->3, 60) ran concurrently "
                     f"and ended {results}: {diff(got, want)}{lost}", pytrace=False)
@@ -444,6 +475,7 @@ def test_two_transfers_sharing_an_account_queue_at_every_step(bank: Bank, postgr
                                                               case: str) -> None:
     (a_from, a_to), (b_from, b_to), final = SHARED_ACCOUNT[case]
     bank.open({1: 100, 2: 100, 3: 0})
+    bank_b = bank.second_instance()  # B runs as on another app server
     with (StatementGate.for_dsn(postgres.dsn) as gate, bank.connect() as admin,
           ThreadPoolExecutor(max_workers=2) as pool):
         step = 0
@@ -465,7 +497,7 @@ def test_two_transfers_sharing_an_account_queue_at_every_step(bank: Bank, postgr
                         f"transfer {a_from}->{a_to} of 30 from an account holding 100, alone, "
                         f"ended {outcome(fut_a)}")
                     break
-                fut_b = pool.submit(bank.transfer, conn_b, b_from, b_to, 30)
+                fut_b = pool.submit(bank_b.transfer, conn_b, b_from, b_to, 30)
                 pid_b = conn_b.info.backend_pid
                 wait_until(lambda: fut_b.done() or waiting_on_lock(admin, pid_b),  # noqa: B023
                            f"transfer B ({b_from}->{b_to}) to finish or wait for A's lock, "
