@@ -266,11 +266,19 @@ def test_aliased_users_share_one_orders_query(make_app: Callable[..., Any], prox
                                               postgres: Any) -> None:
     # The ids are asked out of order, the missing one among them: a batch function must
     # answer in the order of the keys it is given, whatever order the rows come back in.
+    # User 2 is asked twice (b, d): a loader that does not cache (cache=False) passes the
+    # key twice to one batch, which must answer both places.
     query = ('{ a: user(id: "1") { id orders { id } } c: user(id: "3") { id name orders '
              '{ totalCents } } nobody: user(id: "999") { name } b: user(id: "2") '
-             '{ id orders { id } } }')
+             '{ id orders { id } } d: user(id: "2") { id orders { id } } }')
     with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
         data, statements = run(host, counter, query)
+    assert data.get("b") == data.get("d"), (
+        f"user(id: \"2\") asked twice in one request (aliases b and d) came back as "
+        f"b={data.get('b')} and d={data.get('d')}: a key can come twice in one batch (a "
+        "loader without its cache, cache=False, passes every load on), and the batch "
+        "function answered only one of its places - return a result for each position "
+        "of the keys ([found.get(key, ...) for key in keys]), not one slot per distinct key")
     expected = {u["id"]: u for u in expected_users(postgres)}
     mixed = {alias: (uid, (data.get(alias) or {}).get("id"))
              for alias, uid in (("a", "1"), ("c", "3"), ("b", "2"))
@@ -294,13 +302,14 @@ def test_aliased_users_share_one_orders_query(make_app: Callable[..., Any], prox
             f"{alias}: user(id: \"{uid}\"): expected orders {want}, saw {data.get(alias)}")
     on_users = [s for s in statements if re.search(r"\bfrom\s+users\b", s, re.IGNORECASE)]
     assert len(on_users) == 1, (
-        f"four aliased user(id:) fields in one request read users with {len(on_users)} "
+        f"five aliased user(id:) fields in one request read users with {len(on_users)} "
         f"queries, expected 1 batch: {listing(on_users)}\nA DataLoader batches the loads "
         "made on one instance: make the users loader once per request (in the context), "
         "not in the resolver, or every field gets a loader - and a batch - of its own")
     on_orders = [s for s in statements if re.search(r"\borders\b", s, re.IGNORECASE)]
     assert len(on_orders) == 1, (
-        f"three users fetched in one request read their orders with {len(on_orders)} queries, "
+        f"four user(id:) fields with orders in one request read them with {len(on_orders)} "
+        "queries, "
         f"expected 1 batch: {listing(on_orders)}")
 
 
@@ -376,6 +385,46 @@ def test_an_id_that_names_no_user_is_null_and_spares_the_batch(
         "is another ID, and answering it with user 2 gives one user two IDs (a client "
         "caching by ID keeps two copies); int() and str.isdigit() accept all of those - "
         "accept only ASCII digits without a leading zero")
+
+
+# Users at the edges of bigint: just past a 32-bit Int, the first 19-digit id, bigint's
+# largest and 0. Every one is a user's id, and its decimal string its ID.
+EDGE_IDS = [2**31, 10**18, 2**63 - 1, 0]
+PAST_BIGINT = ["9223372036854775808", "9" * 5000]  # int() refuses a string past 4300 digits
+
+
+def test_every_bigint_is_a_user_id(make_app: Callable[..., Any], proxied_dsn: str,
+                                   counter: PgStatementProxy, postgres: Any) -> None:
+    """users.id is a bigint: any of its values is a user's id, up to 2**63 - 1 (19
+    digits) - not only what fits GraphQL's 32-bit Int or 18 digits. One past it, or a
+    number of any length, names no user and fails nothing."""
+    with postgres.connect(autocommit=True) as conn:
+        for n, uid in enumerate(EDGE_IDS):
+            conn.execute("INSERT INTO users VALUES (%s, %s)", (uid, f"edge {uid}"))
+            conn.execute("INSERT INTO orders VALUES (%s, %s, %s)", (8001 + n, uid, 700 + n))
+    query = ("{ " + " ".join(f'e{n}: user(id: "{uid}") {{ id name orders {{ id }} }}'
+                             for n, uid in enumerate(EDGE_IDS))
+             + " " + " ".join(f'p{n}: user(id: "{uid}") {{ id }}'
+                              for n, uid in enumerate(PAST_BIGINT)) + " }")
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+        status, document = ask_raw(host, query)
+    data = document.get("data") or {}
+    missed = {str(uid): data.get(f"e{n}", "missing") for n, uid in enumerate(EDGE_IDS)
+              if data.get(f"e{n}") != {"id": str(uid), "name": f"edge {uid}",
+                                        "orders": [{"id": str(8001 + n)}]}}
+    assert not missed, (
+        f"user(id:) for users whose ids are {', '.join(map(str, EDGE_IDS))} answered "
+        f"{missed} (status {status}, errors: {errors_of(document) or 'none'}); expected each "
+        "user with its order: users.id is a bigint, so every number from 0 to 2**63 - 1 "
+        "(9223372036854775807, 19 digits) is a user's id - bound the ID by bigint, not by "
+        "GraphQL's 32-bit Int or a count of 18 digits")
+    past = {f"{uid[:20]}... ({len(uid)} digits)": data.get(f"p{n}", "missing")
+            for n, uid in enumerate(PAST_BIGINT) if data.get(f"p{n}", "missing") is not None}
+    assert not past and not document.get("errors"), (
+        f"user(id:) with numbers past bigint answered {past or 'null'} with errors: "
+        f"{errors_of(document) or 'none'}; expected null and no error: a number past "
+        "2**63 - 1 names no user - check its length before int() (which refuses a string "
+        "of more than 4300 digits) and its value before it reaches SQL")
 
 
 class HoldFirstUsersRead(PgStatementProxy):

@@ -56,7 +56,7 @@ async def resolve_users(_: Any, info: GraphQLResolveInfo, first: int = 50) -> li
 
 
 async def resolve_user(_: Any, info: GraphQLResolveInfo, id: str) -> dict[str, Any] | None:  # noqa: A002
-    if not id.isdigit() or len(id) > 18:
+    if not id.isdigit() or len(id) > 19 or int(id) > 2**63 - 1:  # past bigint: no user
         return None
     # TODO (batched): load through a users-by-id DataLoader
     conn: Conn = info.context.conn
