@@ -23,6 +23,7 @@
  *                                from the first read), or that stale CAS matches it later
  *   lock_free_stack free         stack_free on a stack that still holds (static) nodes:
  *                                the stack's memory is released, the nodes untouched
+ *   lock_free_stack two_stacks   two stacks alive at once, each with its own contents
  *   lock_free_stack stress N     4 threads x N rounds of pop, pop, push, push over 64 nodes
  *
  * The scripted scenarios run on one thread: stack_interleave_point() (called by
@@ -89,32 +90,33 @@ static const struct script {
     enum other other;  /* what the other thread does in its middle */
     const char *expected;
     const char *during, *after; /* STEPS only */
+    int may_empty;     /* the stack is empty at some moment of your pop: NULL is an answer */
 } scripts[] = {
-    {"pop_race", "ABC", 0, AT_LINK, PUSH_D, "ABCD", NULL, NULL},
-    {"push_race", "AB", 1, AT_LINK, POP_ONE, "ABD", NULL, NULL},
-    {"pop_last", "A", 0, AT_LINK, POP_ONE, "A", NULL, NULL}, /* your retry must see NULL */
-    {"aba", "ABC", 0, AT_LINK, ABA, "ABC", NULL, NULL},
-    {"aba_wrap", "ABC", 0, AT_LINK, ABA_WRAP, "ABCE", NULL, NULL},
-    {"aba_at_cas", "ABC", 0, AT_CAS, ABA, "ABC", NULL, NULL},
+    {"pop_race", "ABC", 0, AT_LINK, PUSH_D, "ABCD", NULL, NULL, 0},
+    {"push_race", "AB", 1, AT_LINK, POP_ONE, "ABD", NULL, NULL, 0},
+    {"pop_last", "A", 0, AT_LINK, POP_ONE, "A", NULL, NULL, 1}, /* your retry must see NULL */
+    {"aba", "ABC", 0, AT_LINK, ABA, "ABC", NULL, NULL, 0},
+    {"aba_wrap", "ABC", 0, AT_LINK, ABA_WRAP, "ABCE", NULL, NULL, 0},
+    {"aba_at_cas", "ABC", 0, AT_CAS, ABA, "ABC", NULL, NULL, 0},
     /* Your push of D has just installed the head: a pop lands there and reads D's next
      * (D comes from a fresh pool, its next NULL). Linked only after the CAS, D takes A and
      * B with it: they are lost. */
-    {"push_publish", "AB", 1, AFTER_CAS, POP_ONE, "ABD", NULL, NULL},
+    {"push_publish", "AB", 1, AFTER_CAS, POP_ONE, "ABD", NULL, NULL, 0},
     /* (A,t): pop A, push A -> (A,t+2), the third pop reads it (next B); pop A, pop B, push A
      * -> (A,t+5) A->C. Your push of D retries: (D,t+6) (a tag from the first read: (D,t+1)).
      * Pop D -> (A,t+7) (stale: (A,t+2), the third pop's expected value: it installs B,
      * which the other thread holds). */
-    {"push_retry_aba", "ABC", 1, AT_LINK, STEPS, "ABCD", "oASooA", "oR"},
+    {"push_retry_aba", "ABC", 1, AT_LINK, STEPS, "ABCD", "oASooA", "oR", 0},
     /* (A,t): pop A -> (B,t+1), the third pop reads it (next C); pop B, pop C, push B,
      * push A -> (A,t+5) A->B->D. Your pop retries: (B,t+6) (a tag from the first read:
      * (B,t+1), the third pop's expected value: it installs C, which the other thread
      * holds). */
-    {"pop_retry_aba", "ABCD", 0, AT_LINK, STEPS, "ABCD", "oSooBA", "R"},
+    {"pop_retry_aba", "ABCD", 0, AT_LINK, STEPS, "ABCD", "oSooBA", "R", 0},
     /* (A,t) A->C: your pop reads it (next C); pop A, pop C - the stack runs empty - push B,
      * push A -> (A,t+4) A->B. A version restarted on the empty stack (the head back to 0,
      * or a push onto an empty stack starting at tag 1) is (A,t) again: your stale CAS
      * matches and installs C, which the other thread holds. */
-    {"empty_aba", "AC", 0, AT_LINK, STEPS, "ABC", "ooBA", NULL},
+    {"empty_aba", "AC", 0, AT_LINK, STEPS, "ABC", "ooBA", NULL, 1},
 };
 
 static const struct script *armed; /* the scenario waiting for its moment */
@@ -353,6 +355,30 @@ static int account(const char *scenario, const char *expected, node_t *returned,
     return 0;
 }
 
+/* Two stacks at once: each must be a stack of its own (nothing shared in static state). */
+static int run_two_stacks(void) {
+    lfstack_t *first = stack_new(), *second = stack_new();
+    if (first == NULL || second == NULL) { puts("FAIL stack_new() returned NULL"); return 1; }
+    memset(nodes, 0, sizeof nodes);
+    stack_push(first, &nodes[0]);
+    stack_push(second, &nodes[1]);
+    node_t *a = stack_pop(first), *none = stack_pop(first), *b = stack_pop(second);
+    if (first == second || a != &nodes[0] || none != NULL || b != &nodes[1]) {
+        printf("FAIL two_stacks: two stacks from two stack_new() calls share their contents: "
+               "A pushed onto the first and B onto the second, then the first's pops gave %c "
+               "and %c (expected A, then - for empty) and the second's gave %c (expected B)%s: "
+               "keep the head in struct lfstack, which each stack_new() allocates afresh, "
+               "never in a static or global variable\n", name_of(a), name_of(none),
+               name_of(b), first == second ? " - stack_new() returned the same stack twice"
+               : "");
+        return 1;
+    }
+    stack_free(first);
+    stack_free(second);
+    puts("ok two_stacks");
+    return 0;
+}
+
 static int run_empty(void) {
     S = stack_new();
     if (S == NULL) { puts("FAIL stack_new() returned NULL"); return 1; }
@@ -425,6 +451,14 @@ static int run_scripted(const struct script *script) {
     armed = NULL;
     drain(left);
     int failed = account(script->name, script->expected, returned, left);
+    if (!failed && !script->push && returned == NULL && !script->may_empty) {
+        printf("FAIL %s: your pop returned NULL, yet the stack was never empty while it ran "
+               "(the other thread did: %s; left on the stack, top first: %s): a failed "
+               "compare-and-swap only means another thread changed the head first - "
+               "retry from the head it handed back; NULL means the head you read was NULL\n",
+               script->name, other_log, left);
+        failed = 1;
+    }
     ssize_t w = write(wake[1], "", 1);
     (void)w;
     pthread_join(dog, NULL);
@@ -477,6 +511,13 @@ static int run_stress(long n) {
     for (int i = 0; i < THREADS; i++) pthread_create(&t[i], NULL, worker, NULL);
     for (int i = 0; i < THREADS; i++) pthread_join(t[i], NULL);
     if (atomic_load(&broken)) return 1;
+    if (atomic_load(&empties) > 0) {
+        printf("FAIL stress: %ld rounds saw a pop return NULL, yet at least %d of the %d nodes "
+               "were on the stack all along (each of %d threads holds 2 at most): a pop that "
+               "loses a compare-and-swap race must retry, not report an empty stack\n",
+               atomic_load(&empties), POOL - 2 * THREADS, POOL, THREADS);
+        return 1;
+    }
     int seen[POOL] = {0}, count = 0;
     node_t *x;
     while (count <= POOL && (x = stack_pop(S)) != NULL) {
@@ -507,7 +548,7 @@ static int run_stress(long n) {
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     if (argc < 2) {
-        fputs("usage: lock_free_stack empty|free|stress N", stderr);
+        fputs("usage: lock_free_stack empty|free|two_stacks|stress N", stderr);
         for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++)
             fprintf(stderr, "|%s", scripts[i].name);
         fputs("\n", stderr);
@@ -515,6 +556,7 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(argv[1], "empty")) return run_empty();
     if (!strcmp(argv[1], "free")) return run_free();
+    if (!strcmp(argv[1], "two_stacks")) return run_two_stacks();
     for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++)
         if (!strcmp(argv[1], scripts[i].name)) return run_scripted(&scripts[i]);
     if (!strcmp(argv[1], "stress") && argc > 2) return run_stress(atol(argv[2]));

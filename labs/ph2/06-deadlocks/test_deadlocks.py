@@ -25,6 +25,9 @@ Mistakes a learner makes here, each caught with its own message:
 - locking from then to (opposite orders)           -> 2->1 seen holding account 2 / 40P01
 - catching 40P01 and retrying                      -> after_first_lock called twice
 - no row lock (read, then write)                   -> balances
+- the debit and credit outside the locking transaction (or in two transactions)
+                                                   -> session killed before the credit:
+                                                      money lost
 - FOR UPDATE without SKIP LOCKED                   -> a worker seen waiting for a row lock
 - the job picked by an unlocked read (or an earlier transaction), then locked by id
                                                    -> A held at each step: a job handled twice
@@ -34,6 +37,8 @@ Mistakes a learner makes here, each caught with its own message:
 - NOWAIT instead of a bounded wait                 -> LockBusy before the timeout
 - statement_timeout instead of lock_timeout        -> the cause is QueryCanceled
 - SET (session) instead of SET LOCAL, or SET then RESET -> lock_timeout after the call
+- a session SET restored to a value remembered from an earlier call (module variable,
+  cache per DSN)                                   -> a second connection gets the first's
 - lock_timeout in the wrong unit (0 disables it)   -> still waiting after 10 s
 - the row locked before lock_timeout is set, or SET LOCAL outside the transaction
                                                    -> LockBusy only at the session's own 7 s
@@ -248,6 +253,41 @@ def test_random_transfers_in_both_directions_never_deadlock(db: Db, learner: Any
             expected[dst] += amount
     assert db.balances() == expected, (
         f"balances {db.balances()} after 120 transfers, expected {expected}")
+
+
+def test_a_transfer_cut_off_midway_moves_all_or_nothing(db: Db, learner: Any,
+                                                         postgres: Any) -> None:
+    """transfer(1->2) is held before each of its statements in turn and its session is
+    killed there, as when the process dies: whatever had run must vanish with it, or all
+    of it must have been committed - never a debit without its credit."""
+    transfer = api(learner, "transfer").transfer
+    with (StatementGate.for_dsn(postgres.dsn) as gate, db.connect() as admin,
+          ThreadPoolExecutor(max_workers=1) as pool):
+        for step in range(1, 30):
+            admin.execute("UPDATE accounts SET balance = 10000")
+            gate.arm(step)
+            with psycopg.connect(gate.dsn_for(postgres.dsn), autocommit=True) as conn:
+                pid = conn.info.backend_pid
+                future = pool.submit(transfer, conn, 1, 2, 10)
+                wait_until(lambda: gate.held is not None or future.done(),  # noqa: B023
+                           f"transfer 1->2 to send its statement #{step}")
+                held = gate.held
+                if held is None:   # fewer statements: every cut was tried
+                    assert ended(future) == "returned", f"transfer 1->2 {ended(future)}"
+                    return
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                gate.release()
+                future.exception(timeout=30)
+            after = dict(sorted(db.balances().items()))
+            assert after in ({1: 10000, 2: 10000, 3: 10000}, {1: 9990, 2: 10010, 3: 10000}), (
+                f"transfer 1->2 of 10 lost its session before its statement #{step} "
+                f"({held[:80]!r}) and left the balances at {after}: part of the transfer "
+                f"was committed without the rest (money "
+                f"{'lost' if sum(after.values()) < 30000 else 'made up'}) - the debit and "
+                f"the credit must run in the one transaction that took the row locks, so a "
+                f"crash between them rolls both back (an UPDATE after that transaction "
+                f"commits runs in a transaction of its own)")
+    pytest.fail("transfer sent more than 30 statements for one transfer")
 
 
 # --------------------------------------------------------------------------------------
@@ -531,6 +571,33 @@ def test_a_blocked_update_fails_within_the_lock_timeout(db: Db, learner: Any) ->
             f"the failed transaction back")
         assert_not_leaked(conn, default, "after LockBusy")
     assert db.balances()[1] == 10005, "the refused update changed the balance"
+
+
+def test_each_connection_keeps_its_own_lock_timeout(db: Db, learner: Any) -> None:
+    """Two callers' sessions with lock_timeouts of their own, calls on them interleaved:
+    each must have its own value back - not one remembered from another connection."""
+    update = api(learner, "update_balance_with_timeout").update_balance_with_timeout
+    with db.connect() as first, db.connect() as second:
+        first.execute("SET lock_timeout = '7s'")
+        second.execute("SET lock_timeout = '4s'")
+        sessions = [("first", first, show_lock_timeout(first)),
+                    ("second", second, show_lock_timeout(second))]
+        for turn, (name, conn, own) in enumerate(sessions + sessions[:1], start=1):
+            update(conn, 1, 1, TIMEOUT_MS)
+            now = show_lock_timeout(conn)
+            others = [value for other, _, value in sessions if other != name]
+            if now != own and now in others:
+                pytest.fail(
+                    f"call #{turn}, on the {name} connection (its session's lock_timeout "
+                    f"{own}), left lock_timeout = {now} there: the value of the other "
+                    f"connection's session. The value to restore was remembered from an "
+                    f"earlier call (in a module-level variable or cache) and is not this "
+                    f"session's - each connection has settings of its own. SET LOCAL "
+                    f"(set_config(..., true)) ends with the transaction and needs nothing "
+                    f"remembered", pytrace=False)
+            assert_not_leaked(conn, own, f"after call #{turn}, on the {name} connection")
+    assert db.balances()[1] == 10003, (
+        f"three updates of +1 left account 1 at {db.balances()[1]}, expected 10003")
 
 
 @dataclass(frozen=True)

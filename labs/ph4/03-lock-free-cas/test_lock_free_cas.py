@@ -23,6 +23,9 @@ its compare-and-swap) run "another thread's" operations right at that moment:
 * push_publish: right after push's compare-and-swap (or exchange) installs the node, a pop
   lands (the build routes those calls through the driver): a node linked only after it is
   published has a stale next, and the nodes below it are lost;
+* two_stacks: two stacks alive at once keep their own nodes (no head in a static);
+* a pop that returns NULL while the stack was never empty (a lost CAS race taken for an
+  empty stack, in pop_race, the aba cases, pop_retry_aba, or the stress run) fails;
 * free: stack_free() releases what stack_new() allocated (ThreadSanitizer's allocator
   counts the bytes in use) and never touches the nodes;
 * push_retry_aba, pop_retry_aba: your operation's first CAS fails and it retries while a
@@ -126,6 +129,14 @@ SCENARIOS = {
                      "whoever pushed them (here they are static; elsewhere still in use, or "
                      "in a pool). free(s) - and whatever else stack_new() allocated - and "
                      "nothing else."),
+    "two_stacks": Scenario(
+        "two stacks alive at once",
+        "Everything a stack is lives in the struct lfstack that stack_new() allocates: a "
+        "head kept in a static or global variable (or one static struct handed out by every "
+        "stack_new()) is one stack shared by all, and a second queue in the same program "
+        "pops the first one's nodes.",
+        mistake="each stack_new() must make a stack of its own: two stacks alive at once "
+                "shared their contents (state kept in a static or global variable)"),
     "pop_race": Scenario(
         "a push landing inside your pop",
         "pop must install next with compare-and-swap from the head it read, and retry if "
