@@ -185,6 +185,30 @@ def shipped_binary(stages: list[Stage]) -> list[tuple[str, str]]:
     return out
 
 
+def not_last(stages: list[Stage]) -> str:
+    """'' unless a stage before the last copies from another stage (the runtime stage, put
+    before a test or debug stage): its number and name."""
+    shipping = [s for s in stages[:-1]
+                if any(copy_from(i) is not None for i in s.all("COPY") + s.all("ADD"))]
+    if not shipping:
+        return ""
+    s = shipping[-1]
+    return f"{s.index}, FROM {s.image}" + (f" AS {s.name}" if s.name else "")
+
+
+def final_image_is(stages: list[Stage]) -> str:
+    """What the last stage's image holds, by the stage it starts from."""
+    final = stages[-1]
+    parent = stage_by_ref(stages, final.image)
+    if parent is None:
+        return f"the image {final.image} and what this stage adds to it"
+    if parent in build_stages(stages) or any(
+            copy_from(i) == final.image for s in stages for i in s.all("COPY")):
+        return (f"the build stage {final.image} again: the compiler, the sources, running as "
+                "root")
+    return f"stage {final.image} plus what this stage adds (its USER, its tools)"
+
+
 @pytest.fixture
 def dockerfile(learner: Any) -> tuple[DockerfileParser, list[Stage]]:
     return parse(learner.path("Dockerfile"))
@@ -220,6 +244,13 @@ def test_a_build_stage_and_a_slim_runtime_stage(
                 f"called {ref!r} and tries to pull it. Name the build stage as you copy from "
                 "it: FROM gcc:<version> AS builder ... COPY --from=builder")
     builders = build_stages(stages)
+    shipping = not_last(stages)
+    assert builders or not shipping, (
+        f"the stage that ships the binary (stage {shipping}) is not the last one: `docker "
+        "build` without --target builds the LAST stage into the image, and here that is "
+        f"FROM {final.image}, which copies no binary of its own ({final_image_is(stages)}). "
+        "Put the runtime stage last: a test or debug stage goes before it (and is built with "
+        "--target when wanted)")
     assert builders, (
         f"the final stage (FROM {final.image}) copies nothing from an earlier stage: expected "
         "COPY --from=<build stage> /src/bin/server ... so the binary is built in one stage and "
@@ -505,6 +536,36 @@ def test_exec_form_entrypoint_starts_the_copied_binary(
         f"{sorted(where)[0] if len(where) == 1 else 'looked up in PATH'}"
         f" (WORKDIR {cwd}), but the binary was copied to {sorted(shipped)}: the container "
         "exits at once ('no such file or directory'). Start the path you copied it to")
+
+
+# The signals ph0.7's server ends on, draining and exiting 0 (`docker stop` sends the image's
+# STOPSIGNAL, SIGTERM unless one is set). Any other ends it by the signal's default action:
+# killed (SIGKILL, SIGHUP), or a core dump (SIGQUIT) - exit 137, 129, 131, no drain.
+HANDLED_SIGNALS = {"SIGTERM", "TERM", "15", "SIGINT", "INT", "2"}
+
+
+def stop_signal(stages: list[Stage]) -> str | None:
+    """The STOPSIGNAL the image carries: the last one of the final stage or of the stages
+    it starts from (FROM <stage>), None when none sets it."""
+    stage: Stage | None = stages[-1]
+    while stage is not None:
+        found = stage.all("STOPSIGNAL")
+        if found:
+            return cast(str, found[-1]["value"]).strip()
+        stage = stage_by_ref(stages[:stage.index], stage.image)
+    return None
+
+
+def test_docker_stop_sends_a_signal_the_server_handles(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    signal = stop_signal(stages)
+    assert signal is None or signal.upper() in HANDLED_SIGNALS, (
+        f"STOPSIGNAL {signal}: `docker stop` sends the server {signal}, which it does not "
+        "handle - it ends on SIGTERM (or SIGINT), draining its connections and exiting 0; "
+        f"on {signal} it dies by the signal's default action (killed, or a core dump: exit "
+        "128+n) with its clients cut off. Leave STOPSIGNAL out (SIGTERM is the default) or "
+        "name a signal the program handles")
 
 
 def test_runtime_ships_only_the_binary(

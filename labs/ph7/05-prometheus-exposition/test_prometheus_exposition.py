@@ -10,7 +10,6 @@ mistake is named (which character is not escaped, or escaped in which wrong orde
 
 from __future__ import annotations
 
-import ast
 import itertools
 import json
 import math
@@ -136,9 +135,13 @@ def _label_escaping(learner: Any) -> str:
     message naming the mistake, each case's expected and actual text below it."""
     render = learner.function("exposition", "render")
     got: dict[str, str] = {}
-    for value, _ in LABEL_ESCAPES:
-        text = render([{"name": "escape_probe", "type": "gauge", "help": "Label escaping.",
-                        "samples": [{"labels": {"v": value}, "value": 1}]}])
+    texts = [render([{"name": "escape_probe", "type": "gauge", "help": "Label escaping.",
+                      "samples": [{"labels": {"v": value}, "value": 1}]}])
+             for value, _ in LABEL_ESCAPES]
+    stale = _stale(texts)
+    if stale:
+        return stale
+    for (value, _), text in zip(LABEL_ESCAPES, texts, strict=True):
         start = text.find("escape_probe{") if isinstance(text, str) else -1
         if start < 0:
             return ("render() of a gauge escape_probe with one sample labelled v wrote no "
@@ -157,6 +160,25 @@ def _label_escaping(learner: Any) -> str:
         'format requires between v="...", and what render() wrote:\n'
         + "\n".join(f"  {value!r}: expected {want}  got {text}"
                     for value, want, text in wrong))
+
+
+def _stale(texts: list[Any]) -> str:
+    """'' unless render(), called with one family of one sample after another (the same
+    name, other label values), wrote what an earlier call had: kept lines of it, or the
+    same text for other values."""
+    types = [t.count("# TYPE escape_probe ") for t in texts if isinstance(t, str)]
+    kept = any(n > 1 for n in types)
+    if not kept and not (len(texts) > 1 and all(t == texts[0] for t in texts)):
+        return ""
+    return ("render() wrote what an earlier call had written: called with one gauge "
+            "escape_probe of one sample at a time, label v different each call, it "
+            + (f"wrote {max(types)} '# TYPE escape_probe' lines in one text (lines of earlier "
+               "calls kept, in a list or cache at module level)" if kept else
+               "wrote the same text every time (what it wrote for the family's name is "
+               "kept and served again)")
+            + " - an endpoint renders its families at every scrape, with the values they "
+            "have then: build each text from the families given, and keep nothing between "
+            f"calls. First two texts: {texts[:2]!r}")
 
 
 def test_label_values_are_escaped_backslash_first(learner: Any) -> None:
@@ -426,7 +448,7 @@ def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> 
         for what, query, scale in (
                 ("total_increase", module.total_increase(job, window), 1.0),
                 ("per_second", module.per_second(job, window), 317.0)):
-            result = prometheus.query_range(query, at, at, 1)
+            result = _evaluated(prometheus, f"{what}({job!r}, {window!r})", query, at)
             assert len(result) == 1, (
                 f"{what}({job!r}, {window!r}) = {query!r} gave {len(result)} series, expected "
                 "one number for the whole job: "
@@ -442,6 +464,20 @@ def test_queries_count_across_a_counter_reset(learner: Any, prometheus: Any) -> 
                 + (_jobs_seen(prometheus, what, value / scale, (job, others, window), at)
                    or _why(query, value, served)))
         _per_second_over_any_window(module, prometheus, job)
+
+
+def _evaluated(prometheus: Any, call: str, query: str, at: float) -> list[dict[str, Any]]:
+    """The query evaluated at ``at``; a query Prometheus cannot parse fails naming why."""
+    try:
+        return cast(list[dict[str, Any]], prometheus.query_range(query, at, at, 1))
+    except pytest.fail.Exception as exc:
+        regex = "=~" in query.replace(" ", "")
+        pytest.fail(f"{call} = {query!r}: Prometheus cannot parse it - "
+                    + ("the job is a regex (job=~) whose escapes (\\.) were pasted between "
+                       "quotes as they are, and a PromQL string reads Go's escapes: escape "
+                       "the name for the regex (re.escape), THEN write that as a PromQL "
+                       "string" if regex else "the job is not written as a PromQL string")
+                    + f" ({exc})" + STRING_ESCAPES, pytrace=False)
 
 
 def _jobs_seen(prometheus: Any, what: str, value: float,
@@ -492,7 +528,7 @@ def _per_second_over_any_window(module: Any, prometheus: Any, job: str) -> None:
                         "compound (5m17s, 1h5m) and ms is a unit of its own - let "
                         "Prometheus read the window: sum(rate(...[window]))", pytrace=False)
         rate = f"sum(rate(http_requests_total{{job={json.dumps(job)}}}[{window}]))"
-        got, want = (prometheus.query_range(q, at, at, 1) for q in (query, rate))
+        got, want = _side_by_side(prometheus, query, rate, at)
         value = float(got[0]["values"][0][1]) if len(got) == 1 and got[0]["values"] else None
         expected = float(want[0]["values"][0][1])
         assert value is not None and math.isclose(value, expected, rel_tol=1e-6), (
@@ -505,6 +541,22 @@ def _per_second_over_any_window(module: Any, prometheus: Any, job: str) -> None:
             "dividing an increase by a length parsed from its first number and unit gets "
             "the rate wrong. Use rate() (summed), which divides by the window Prometheus "
             "itself read")
+
+
+def _side_by_side(prometheus: Any, query: str, rate: str,
+                  at: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``query`` and ``rate`` evaluated at ``at`` in ONE query, so both read the same samples:
+    two queries in a row can disagree when a scrape begun before ``at`` lands between them."""
+    prometheus.query_range(query, at, at, 1)  # a parse error names the learner's query alone
+    both = prometheus.query_range(
+        f'label_replace({query}, "lr_side", "learner", "", "") or '
+        f'label_replace({rate}, "lr_side", "expected", "", "")', at, at, 1)
+    sides: dict[str, list[dict[str, Any]]] = {"learner": [], "expected": []}
+    for r in both:
+        side = r["metric"].pop("lr_side", "")
+        if side in sides:
+            sides[side].append(r)
+    return sides["learner"], sides["expected"]
 
 
 def _why(query: str, value: float, served: int) -> str:
@@ -531,19 +583,74 @@ def _why(query: str, value: float, served: int) -> str:
 
 # Job names the queries must select exactly, whatever they hold: a PromQL string literal
 # reads Go's escapes, so a quote or a backslash pasted between quotes as it is ends the
-# string early (a parse error) or becomes another character ('C:\new': a line feed). Each:
-# the job name, what it adds.
+# string early (a parse error) or becomes another character ('C:\new': a line feed); a
+# regex matcher (job=~) reads the name's '.', '(' and '\' as regex syntax. Each: the job
+# name, what it adds.
 JOB_NAMES = {
+    "shop.eu (v2)": ("a dot and parentheses: read as a regex (job=~) unescaped, '.' is any "
+                     "character and '(v2)' a group"),
     'say "hi"': "a double quote: unescaped, it ends the string early",
     "C:\\jobs\\new": "backslashes: unescaped, '\\j' is no escape and '\\n' a line feed",
     "ends in \\": "a trailing backslash: unescaped, it escapes the closing quote",
     "café ☕": "non-ASCII, as it is or escaped",
+    "no\xa0break": ("a no-break space (U+00A0): Python's repr() writes it \\xa0, which Go "
+                    "reads as the byte 0xA0, not the character - write it as it is"),
     "launch \U0001F680": ("a character past U+FFFF: JSON's ASCII escapes write it as two "
                           "\\u surrogate halves, which are no Go escape - keep it as it is"),
     "a `tick` here": ("a backtick: a raw `...` string ends at it (and can hold none), so "
                       "backticks quote no name that may hold one"),
 }
-JOB_MATCHER = re.compile(r"""job\s*=\s*("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|`[^`]*`)""")
+JOB_MATCHER = re.compile(
+    r"""job\s*(=~|=)\s*("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|`[^`]*`)""")
+STRING_ESCAPES = ("\nA PromQL string is read with Go's escapes: escape the backslash first "
+                  '(\\\\), then the double quote (\\") and the line feed (\\n) - '
+                  "json.dumps(job, ensure_ascii=False) writes exactly such a literal, quotes "
+                  "included.")
+
+
+def _look_alikes(job: str) -> list[str]:
+    """Names one character away from ``job`` (each replaced), with a suffix or prefix, cut
+    short, in the other case: what a regex matcher that does not read ``job`` literally
+    (an unescaped '.', a '.*' after it, a case-insensitive flag) matches too."""
+    names = [job[:i] + ("x" if c != "x" else "y") + job[i + 1:] for i, c in enumerate(job)]
+    names += [f"{job}-canary", f"canary-{job}", job[:-1], job.swapcase()]
+    return list(dict.fromkeys(n for n in names if n != job))
+
+
+def _regex_selects(prometheus: Any, regex: str, names: list[str]) -> list[str]:
+    """The names among ``names`` that the PromQL string literal ``regex`` matches as a label
+    matcher does (anchored), asked of Prometheus' own regex engine with label_replace()."""
+    series = " or ".join(
+        f'label_replace(vector(1), "job", {json.dumps(n.replace("$", "$$"), ensure_ascii=False)}'
+        ', "", "")' for n in names)
+    result = prometheus.query(f'label_replace({series}, "hit", "1", "job", {regex})')
+    return [r["metric"]["job"] for r in result if r["metric"].get("hit") == "1"]
+
+
+def _job_selection(prometheus: Any, job: str, query: str) -> str:
+    """'' when the query's job matcher selects ``job`` and no other name; else what it
+    selects instead. The matcher's string is read by Prometheus (as a string expression),
+    a regex's matches by its regex engine."""
+    found = JOB_MATCHER.search(query)
+    if not found:
+        return f"selects no job=\"...\" matcher, expected job {job!r}"
+    op, literal = found.groups()
+    if op == "=":
+        text = prometheus.query(literal)[1]
+        return "" if text == job else f"selects job {text!r}, expected job {job!r}"
+    hits = _regex_selects(prometheus, literal, [job, *_look_alikes(job)])
+    if hits == [job]:
+        return ""
+    others = [name for name in hits if name != job]
+    return (f"has a regex matcher job=~{literal} that "
+            + ("does not match the job's own name " + repr(job) if job not in hits else
+               "matches " + repr(job))
+            + (f" and matches other jobs {others[:4]!r}" if others else "")
+            + (": job=~ selects every job whose whole name the regex matches - the name "
+               "escaped (re.escape) and nothing added" if others else
+               ": job=~ reads the name as a regular expression - escape it (re.escape) "
+               "before quoting it")
+            + ", or match it exactly with job=\"...\"")
 
 
 def test_queries_select_the_job_whatever_its_name(learner: Any, prometheus: Any) -> None:
@@ -552,24 +659,16 @@ def test_queries_select_the_job_whatever_its_name(learner: Any, prometheus: Any)
         for what in ("total_increase", "per_second"):
             query = getattr(module, what)(job, "5m")
             call = f"{what}({job!r}, '5m') = {query!r}"
-            why = ("\nA PromQL string is read with Go's escapes: "
-                   'escape the backslash first (\\\\), then the double quote (\\") and the '
-                   "line feed (\\n) - json.dumps(job, ensure_ascii=False) writes exactly "
-                   "such a literal, quotes included.")
+            regex = "=~" in query.replace(" ", "")
             try:
                 prometheus.query(query)
             except pytest.fail.Exception as exc:
                 pytest.fail(f"{call}: Prometheus cannot parse it - the job name holds {adds} "
-                            f"({exc})" + why,
-                            pytrace=False)
-            found = JOB_MATCHER.search(query)
-            try:
-                selected = (found.group(1)[1:-1] if found.group(1).startswith("`") else
-                            ast.literal_eval(found.group(1))) if found else None
-            except (ValueError, SyntaxError):
-                selected = None
-            assert selected == job, (
-                f"{call} selects "
-                + (f"job {selected!r}" if found else "no job=\"...\" matcher")
-                + f", expected job {job!r} (the name holds {adds}): the query is about that "
-                "job only" + why)
+                            f"({exc})" + ("\nThe name is read as a regular expression "
+                                          "(job=~): escape it for the regex (re.escape) "
+                                          "first, then as a PromQL string" if regex else "")
+                            + STRING_ESCAPES, pytrace=False)
+            mistake = _job_selection(prometheus, job, query)
+            assert not mistake, (
+                f"{call} {mistake} (the name holds {adds}): the query is about that job "
+                "only" + STRING_ESCAPES)
