@@ -131,6 +131,13 @@ W = "/accounts/1/withdrawals"
 NOT_ALLOWED = (": the URL exists, only this method is not one it supports: 405 Method Not "
                "Allowed with Allow: {} - a 404 would tell the client there is nothing there; "
                "route by path first, then answer every other method of that path with 405")
+MEDIA_TYPE_FIRST = (": the body was sent as text/plain, not application/json - that is the 415 "
+                    "whatever the bytes look like, so the media type is checked first: a parse "
+                    "that runs before it (or a check made only when parsing fails) answers for "
+                    "a body the client never said was JSON")
+PREFIX_ROUTE = (": no route has this path, it only begins like {} - a route matched by its "
+                "prefix (re.match without $, startswith) serves paths it does not name; match "
+                "the whole path (re.fullmatch, or anchor the pattern with $)")
 MAX_CENTS = 10**12
 INCLUSIVE = ("amount_cents may be 1..10^12, both ends included: a valid amount at the limit "
              "was refused as invalid (an off-by-one: < instead of <=, or range(1, 10**12), "
@@ -138,6 +145,10 @@ INCLUSIVE = ("amount_cents may be 1..10^12, both ends included: a valid amount a
 CASES = [
     Case("missing-account", "GET", "/accounts/999", 404),
     Case("unknown-path", "GET", "/nothing/here", 404),
+    Case("below-withdrawals", "POST", W + "/2", 404, body=js({"amount_cents": 5}),
+         why=PREFIX_ROUTE.format(W)),
+    Case("below-account", "GET", "/accounts/1/owner", 404,
+         why=PREFIX_ROUTE.format("/accounts/1")),
     Case("wrong-method", "DELETE", "/accounts/1", 405, check=allows("GET", "DELETE")),
     *[Case(f"{method.lower()}-account", method, "/accounts/1", 405,
            body=js({"amount_cents": 5}) if method != "GET" else None,
@@ -155,7 +166,10 @@ CASES = [
       for name, value in (("array", [{"amount_cents": 5}]), ("empty-array", []),
                           ("string", "amount_cents"), ("number", 5), ("null", None),
                           ("true", True))],
-    Case("not-json-media-type", "POST", W, 415, body=b"amount=5", content_type="text/plain"),
+    Case("not-json-media-type", "POST", W, 415, body=b"amount=5", content_type="text/plain",
+         why=MEDIA_TYPE_FIRST),
+    Case("json-sent-as-text", "POST", W, 415, body=js({"amount_cents": 5}),
+         content_type="text/plain", why=MEDIA_TYPE_FIRST),
     Case("broken-json", "POST", W, 400, body=b'{"amount_cents": '),
     Case("body-not-utf-8", "POST", W, 400, body=b'{"amount_cents": 5\xff}',
          why=": a body whose bytes are not UTF-8 is not JSON (RFC 8259 8.1: JSON is UTF-8), "

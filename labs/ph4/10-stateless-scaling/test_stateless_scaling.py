@@ -443,6 +443,66 @@ def unknown_session_401(lb: RoundRobin, redis_db: Any, cookie: str | None) -> No
                         pytrace=False)
 
 
+# commands that increment a number in Redis and answer the new value
+INCREMENTS = {"INCR", "INCRBY", "INCRBYFLOAT", "HINCRBY", "HINCRBYFLOAT", "ZINCRBY"}
+
+
+def test_each_increment_answers_its_own_value(learner: Any, redis_db: Any) -> None:
+    """Two POST /counter at once, interleaved at the worst step: instance A talks to Redis
+    through a gate that holds whatever A sends after its increment until B's whole POST
+    /counter has answered. The value INCR itself answers is A's, whatever B does next; a
+    value read again afterwards (INCR, then GET: two commands, two round trips or one
+    pipeline) is the counter after B's increment too, and both hand out the same number.
+    An increment in MULTI/EXEC or a Lua script is one step: held or not, the two differ."""
+    held: list[list[bytes]] = []
+    incremented = threading.Event()
+    release = threading.Event()
+
+    def before(command: list[bytes]) -> None:
+        if incremented.is_set() and not held:
+            held.append(command)
+            release.wait(30)
+        elif command[0].decode(errors="replace").upper() in INCREMENTS:
+            incremented.set()
+
+    values: dict[str, Any] = {}
+
+    def post(inst: Instance) -> None:
+        reply = RoundRobin.send(inst, "POST", "/counter")
+        assert reply is not None and reply.status == 200, (
+            f"POST /counter on {inst.name} answered {reply and reply.status}, expected 200")
+        doc = reply.json()
+        values[inst.name] = doc.get("value") if isinstance(doc, dict) else doc
+
+    with redis_gate(redis_db.url, before) as gated, \
+            running(learner, {"A": gated, "B": redis_db.url}) as (_, (a, b)):
+        first = threading.Thread(target=post, args=(a,), daemon=True)
+        try:
+            first.start()
+            wait_until(lambda: bool(held) or not first.is_alive(),
+                       "instance A's POST /counter to increment the counter", timeout=30)
+            post(b)                      # B's whole increment, while A waits after its own
+        finally:
+            release.set()
+        first.join(30)
+    for name in ("A", "B"):
+        assert name in values, f"POST /counter on instance {name} did not answer"
+        check_type(f"POST /counter on {name} answered {{'value': ...}}", values[name], int,
+                   numeric(values[name]))
+    if held and values["A"] == values["B"]:
+        pytest.fail(
+            f"two POST /counter at once both answered {values['A']}: instance A read the "
+            f"counter again after its increment ({held[0][0].decode(errors='replace')} "
+            f"after INCR), expected the value its own INCR answered\nThe test held A's "
+            "command after its increment until B's POST /counter had answered: B's increment "
+            "ran in between, so a read after the increment sees both. INCR answers the "
+            "counter after this increment, atomically: hand out that value.", pytrace=False)
+    assert sorted(values.values()) == [1, 2], (
+        f"two POST /counter on a fresh counter answered {values}, expected 1 and 2"
+        + ("" if incremented.is_set() else ": instance A sent Redis no increment (INCR) - "
+           "a count kept in the process is one per instance"))
+
+
 def test_a_shared_counter_is_exact(cluster: Any, redis_db: Any) -> None:
     lb, _ = cluster
     values: list[Any] = []
