@@ -392,12 +392,7 @@ def test_a_cache_aside_read_cut_off_from_the_database_leaves_nothing_for_ever(
     then expire on its own: nothing else ever deletes it unless a write to that product
     happens, and meanwhile no read of the product fills the cache again."""
     app = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
-    with postgres.connect(autocommit=True) as watch:
-        sessions = {int(r[0]) for r in watch.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
-            "backend_type = 'client backend' AND pid <> ALL(%s)",
-            ([shop.direct.info.backend_pid, watch.info.backend_pid],)).fetchall()}
-        terminate(watch, sessions)
+    cut_the_apps_sessions(postgres, shop)
     try:
         outcome = f"returned {app.get_product(1)!r}"
     except NotImplementedError as exc:
@@ -902,6 +897,17 @@ def lock_waiter(shop: Shop, watch: Any) -> int:
                 "15 s", pytrace=False)
 
 
+def cut_the_apps_sessions(postgres: Any, shop: Shop) -> None:
+    """End every client session of the test database but the test's own: the app's
+    connections, as a failover or a restart of Postgres cuts them."""
+    with postgres.connect(autocommit=True) as watch:
+        sessions = {int(r[0]) for r in watch.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
+            "backend_type = 'client backend' AND pid <> ALL(%s)",
+            ([shop.direct.info.backend_pid, watch.info.backend_pid],)).fetchall()}
+        terminate(watch, sessions)
+
+
 def terminate(watch: Any, pids: set[int]) -> None:
     """Cut these sessions, as a failover or a restart does, and wait until they are gone."""
     for pid in pids:
@@ -998,12 +1004,7 @@ def test_write_behind_worker_survives_a_lost_connection_between_changes(
     app.start()
     app.update_price(3, 111)
     expect_applied(shop, deaths, {3: [111]}, "a first change was queued")
-    with postgres.connect(autocommit=True) as watch:
-        sessions = {int(r[0]) for r in watch.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
-            "backend_type = 'client backend' AND pid <> ALL(%s)",
-            ([shop.direct.info.backend_pid, watch.info.backend_pid],)).fetchall()}
-        terminate(watch, sessions)
+    cut_the_apps_sessions(postgres, shop)
     app.update_price(4, 444)
     app.update_price(3, 333)
     expect_applied(shop, deaths, {3: [111, 333], 4: [444]},
