@@ -294,7 +294,13 @@ def test_excess_request_waits_then_fails_with_pool_exhausted(
     try:
         wait_until(lambda: server.lock_waiters() == 2, "the pool's 2 connections to be busy")
         extra = Call(db.query, "SELECT 1")
-        extra.run()  # on this thread: the pool is full
+        extra.start()
+        extra.join(5)  # the pool is full: only the acquire timeout ends this wait
+        assert not extra.is_alive(), (
+            "a third request on a full pool of 2 with an acquire timeout of 0.5 s was still "
+            "waiting after 5 s, expected PoolExhausted after about 0.5 s: acquire_timeout_s "
+            "is in seconds, and so is psycopg_pool's timeout (a value read as milliseconds, "
+            "or the pool's default of 30 s, lets requests pile up behind a slow database)")
         assert_pool_exhausted(pooling, extra, "a third request on a full pool of 2")
         assert extra.elapsed >= 0.4, (
             f"the third request failed after {extra.elapsed:.2f} s, expected it to wait for "
@@ -589,6 +595,30 @@ def waiting_backend(server: Server) -> int:
     return int(rows[0][0])
 
 
+def waiting_elsewhere(server: Server, pid: int) -> bool:
+    """Whether a request other than backend `pid` waits on the test's lock."""
+    rows = server.admin.execute(
+        "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE NOT l.granted AND l.locktype = 'advisory' AND a.datname = %s AND a.pid <> %s",
+        (server.dbname, pid)).fetchall()
+    return bool(rows)
+
+
+def terminate_and_refuse_a_retry(server: Server, call: Call, case: ServerError) -> None:
+    """End the backend the request waits on; it must end too, not wait again elsewhere."""
+    ended = waiting_backend(server)
+    server.admin.execute("SELECT pg_terminate_backend(%s)", (ended,))
+    wait_until(lambda: not call.is_alive() or waiting_elsewhere(server, ended),
+               "the request to end after its server process was terminated", 20)
+    assert not call.is_alive(), (
+        f"query({case.sql!r}) ran again on another server connection after {case.what}, "
+        f"expected the database's {case.expected} to reach the caller: a retry repeats a "
+        f"statement that may already have taken effect (a write whose COMMIT reached the "
+        f"server before the connection died is made twice) - only the caller knows whether "
+        f"it is safe to repeat; raise the error, and the pool replaces the broken connection "
+        f"for the next query")
+
+
 @pytest.mark.parametrize("case", SERVER_ERRORS, ids=lambda c: c.expected)
 def test_database_operational_errors_are_not_an_exhausted_pool(
         pooling: ModuleType, opened: list[Any], server: Server, postgres: Any,
@@ -605,7 +635,7 @@ def test_database_operational_errors_are_not_an_exhausted_pool(
         if case.terminate:
             wait_until(lambda: still_waiting([call], 10) and server.lock_waiters() == 1,
                        "the request to run on its pooled connection")
-            server.admin.execute("SELECT pg_terminate_backend(%s)", (waiting_backend(server),))
+            terminate_and_refuse_a_retry(server, call, case)
         call.join(20)
     finally:
         release(server, [call])
