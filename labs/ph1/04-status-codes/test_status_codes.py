@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from labrunner.testing import HttpReply, call, serve_wsgi
+from labrunner.testing import HttpReply, call, came_true, serve_wsgi
 
 SCHEMA = """
 CREATE TABLE api_tokens (token text PRIMARY KEY,
@@ -517,16 +517,6 @@ def test_database_down_is_503(make_app: Callable[..., Any], db: Any) -> None:
                "the app must recover by itself (open a new connection)")
 
 
-def _wait_for(condition: Callable[[], bool]) -> bool:
-    """Poll condition() every 10 ms for up to HOLD seconds; whether it came true."""
-    deadline = time.monotonic() + HOLD
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def _waiter_pids(admin: psycopg.Connection[Any], database: str) -> set[int]:
     """The sessions of the test's database that wait for a lock right now."""
     return {int(row[0]) for row in admin.execute(
@@ -552,12 +542,13 @@ def test_connection_lost_mid_request_is_503(make_app: Callable[..., Any], db: An
         thread = threading.Thread(target=lambda: replies.append(
             call(host, "GET", "/projects/1", headers=WRITER, timeout=2 * HOLD)), daemon=True)
         thread.start()
-        waited = _wait_for(lambda: not thread.is_alive() or bool(_waiter_pids(admin, db.name)))
+        waited = came_true(
+            lambda: not thread.is_alive() or bool(_waiter_pids(admin, db.name)), HOLD)
         killed = {pid for pid in _waiter_pids(admin, db.name) if admin.execute(
             "SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)}
         # A retry on a new connection waits on the same lock, in a session of another pid.
-        retried = bool(killed) and _wait_for(
-            lambda: not thread.is_alive() or bool(_waiter_pids(admin, db.name) - killed)
+        retried = bool(killed) and came_true(
+            lambda: not thread.is_alive() or bool(_waiter_pids(admin, db.name) - killed), HOLD
         ) and thread.is_alive()
         holder.commit()
         thread.join(HOLD)
