@@ -107,7 +107,7 @@ def hold_first_at_step(folder: str, k: int, first: Callable[[], object],
     never fails by it. The bodies catch their own exceptions. Returns where the first was
     held (file, line), or None if it never got that far."""
     cond = threading.Condition()
-    state: dict[str, Any] = {"seen": 0, "held_at": None, "go": False}
+    state: dict[str, Any] = {"seen": 0, "held_at": None, "go": False, "ended": False}
 
     def hold(frame: Any) -> None:
         state["seen"] += 1
@@ -123,11 +123,16 @@ def hold_first_at_step(folder: str, k: int, first: Callable[[], object],
             first()
         finally:
             sys.settrace(None)
+            # A first() that ended before its k-th step was never held: say so, or the wait
+            # below (which only a notify wakes) would sit out its whole timeout.
+            with cond:
+                state["ended"] = True
+                cond.notify_all()
 
     held = threading.Thread(target=traced, name="held-at-a-step", daemon=True)
     held.start()
     with cond:
-        cond.wait_for(lambda: state["held_at"] is not None or not held.is_alive(),
+        cond.wait_for(lambda: state["held_at"] is not None or state["ended"],
                       timeout=2 * patience)
     other = threading.Thread(target=second, name="runs-meanwhile", daemon=True)
     other.start()
