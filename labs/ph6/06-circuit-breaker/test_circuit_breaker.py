@@ -91,6 +91,17 @@ def trip(mod: Any, cb: Any, call: Any, times: int) -> None:
             cb.call(call)
 
 
+def opened(mod: Any, backends: Any, clock: Clock | None = None) -> tuple[Any, str, Any, Clock]:
+    """The payments backend failing, and a breaker (threshold 3, reset_timeout 30 s) that
+    three failed calls opened: the backend, its host, the breaker and its clock."""
+    backend, host = backends["payments"]
+    clock = clock or Clock()
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
+    backend.mode = "fail"
+    trip(mod, cb, caller(host), 3)
+    return backend, host, cb, clock
+
+
 def never_counted(cb: Any, call: Any) -> None:
     """Still closed at the threshold: off by one, or failures of this kind never counted?
     Three more failed calls tell them apart."""
@@ -216,11 +227,7 @@ def test_a_closed_circuit_lets_calls_run_side_by_side(mod: Any, backends: Any) -
 
 
 def test_half_open_lets_exactly_one_probe_through(mod: Any, backends: Any) -> None:
-    backend, host = backends["payments"]
-    clock = Clock()
-    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
-    backend.mode = "fail"
-    trip(mod, cb, caller(host), 3)
+    backend, host, cb, clock = opened(mod, backends)
     clock.now += 29.5
     with pytest.raises(mod.CircuitOpen):
         cb.call(caller(host))
@@ -272,11 +279,7 @@ def test_half_open_lets_exactly_one_probe_through(mod: Any, backends: Any) -> No
 
 
 def test_a_failed_probe_opens_for_a_full_timeout_again(mod: Any, backends: Any) -> None:
-    backend, host = backends["payments"]
-    clock = Clock()
-    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
-    backend.mode = "fail"
-    trip(mod, cb, caller(host), 3)
+    backend, host, cb, clock = opened(mod, backends)
     clock.now += 30
     trip(mod, cb, caller(host), 1)
     assert cb.state == "open", (
@@ -298,11 +301,7 @@ def test_a_failed_probe_opens_for_a_full_timeout_again(mod: Any, backends: Any) 
 def test_a_clock_that_starts_at_zero_is_a_clock(mod: Any, backends: Any) -> None:
     """The injected clock reads 0.0 when the circuit opens (a simulated clock, a counter of
     ticks): 30 s later the circuit is half-open like any other."""
-    backend, host = backends["payments"]
-    clock = Clock(0.0)
-    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
-    backend.mode = "fail"
-    trip(mod, cb, caller(host), 3)
+    backend, host, cb, clock = opened(mod, backends, Clock(0.0))
     clock.now = 30.0
     backend.mode = "ok"
     state = cb.state
@@ -344,11 +343,7 @@ def test_a_probe_cancelled_midway_does_not_wedge_the_circuit(mod: Any, backends:
     """The half-open probe reaches the backend and is then ended by a BaseException. Whether
     that counts as a failure (open again) or not (half-open again), a full reset_timeout
     later the next call is a probe: the probe's flag went with the probe."""
-    backend, host = backends["payments"]
-    clock = Clock()
-    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
-    backend.mode = "fail"
-    trip(mod, cb, caller(host), 3)
+    backend, host, cb, clock = opened(mod, backends)
     clock.now += 30
     backend.mode = "ok"
     ended = ended_by(mod, cb, cancelled_after(host))
@@ -398,11 +393,7 @@ def outcome(mod: Any, cb: Any, host: str) -> str:
 def test_a_recovered_circuit_starts_afresh(mod: Any, backends: Any) -> None:
     """Open, recover through a successful probe, and do it again: each time the circuit
     closes it is a new closed state - no failures counted yet, no probe in flight."""
-    backend, host = backends["payments"]
-    clock = Clock()
-    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
-    backend.mode = "fail"
-    trip(mod, cb, caller(host), 3)
+    backend, host, cb, clock = opened(mod, backends)
     for recovery in (1, 2):
         clock.now += 30
         backend.mode = "ok"

@@ -160,6 +160,22 @@ NOT_A_PORT = (" - a TCP port is 1..65535: PORT=0 asks the kernel for ANY free po
               "range when reading the config (1 <= port <= 65535)")
 
 
+def started_with(learner: Any, apps: list[App], monkeypatch: pytest.MonkeyPatch,
+                 env: dict[str, str], name: str, value: str | None) -> tuple[App, str]:
+    """app.py started with ``env`` but ``name`` set to ``value`` (None: left out), none of
+    its config inherited from the test's own environment; and that change, in words."""
+    for var in ("PORT", "DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    env = dict(env)
+    if value is None:
+        del env[name]
+    else:
+        env[name] = value
+    app = App(learner, env)
+    apps.append(app)
+    return app, f"{name} missing" if value is None else f"{name}={value!r}"
+
+
 def why_bad(value: str | None) -> str:
     if value == "":
         return EMPTY_IS_MISSING
@@ -172,17 +188,8 @@ def why_bad(value: str | None) -> str:
 def test_bad_config_fails_fast(learner: Any, env: dict[str, str], apps: list[App],
                                monkeypatch: pytest.MonkeyPatch, name: str,
                                value: str | None) -> None:
-    for var in ("PORT", "DATABASE_URL", "REDIS_URL"):
-        monkeypatch.delenv(var, raising=False)
-    env = dict(env)
-    what = f"{name} missing" if value is None else f"{name}={value!r}"
+    app, what = started_with(learner, apps, monkeypatch, env, name, value)
     why = why_bad(value)
-    if value is None:
-        del env[name]
-    else:
-        env[name] = value
-    app = App(learner, env)
-    apps.append(app)
     deadline = time.monotonic() + 20
     while app.proc.poll() is None and time.monotonic() < deadline:
         if serving := app.ports():
@@ -241,20 +248,12 @@ def test_bad_config_is_refused_before_any_backing_service(
     Here the database and Redis the environment names accept a connection and never answer
     (hung, as in a failover): an app that connects before checking its config hangs there,
     and the variable that is wrong is never named."""
-    for var in ("PORT", "DATABASE_URL", "REDIS_URL"):
-        monkeypatch.delenv(var, raising=False)
     postgres, redis = SilentService(), SilentService()
     try:
         env = {"PORT": str(free_port()),
                "DATABASE_URL": f"postgresql://lab:lab@127.0.0.1:{postgres.port}/lab",
                "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"}
-        what = f"{name} missing" if value is None else f"{name}={value!r}"
-        if value is None:
-            del env[name]
-        else:
-            env[name] = value
-        app = App(learner, env)
-        apps.append(app)
+        app, what = started_with(learner, apps, monkeypatch, env, name, value)
         came_true(lambda: (app.proc.poll() is not None or postgres.accepted
                            or redis.accepted), 20)
         touched = [url for url, service in (("DATABASE_URL", postgres), ("REDIS_URL", redis))
