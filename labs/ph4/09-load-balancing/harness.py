@@ -101,7 +101,7 @@ def stepped_acquires(module: ModuleType, names: list[str]) -> dict[str, Any]:
     between its choice and its +1 gives both the same one. Returns the first line where
     that happened (its number and text) and what the two got."""
     folder = learner_folder(module)
-    lines = steps_in(folder, lambda: module.LeastConnections(list(names)).acquire())
+    lines = steps_in(folder, module.LeastConnections(list(names)).acquire)
     for k in range(1, lines + 1):
         out = _held_before_line(module, names, folder, k)
         if out.get("errors") or out.get("line") is not None:
@@ -119,6 +119,7 @@ def recorded(call: Callable[[], Any], label: str, got: dict[str, str],
         except Exception as exc:  # noqa: BLE001 - reported to the test
             errors.append(f"{type(exc).__name__}: {exc}")
     return body
+
 
 def _held_before_line(module: ModuleType, names: list[str], folder: str,
                       k: int) -> dict[str, Any]:
@@ -216,7 +217,8 @@ def stepped_picks(module: ModuleType, names: list[str]) -> dict[str, Any]:
     import linecache
 
     folder = learner_folder(module)
-    ops = steps_in(folder, lambda: module.RoundRobin(list(names)).pick(), opcodes=True)
+    # pick()'s own steps: a balancer made outside the count, as each round's is
+    ops = steps_in(folder, module.RoundRobin(list(names)).pick, opcodes=True)
     for k in range(1, ops + 1):
         lb = module.RoundRobin(list(names))
         got: dict[str, str] = {}
