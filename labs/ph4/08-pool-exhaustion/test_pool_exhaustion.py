@@ -21,7 +21,9 @@
   counting connections that do not exist, and a borrower waiting for the slot while the
   connect fails (held, then ended, by a relay in front of Postgres) is woken and connects;
 * a connection given back broken (its backend killed mid-query, or closed by the borrower)
-  frees its slot and wakes a borrower waiting for one.
+  frees its slot and wakes a borrower waiting for one;
+* a connection the pool has not lent out - given back twice, or another pool's - is never
+  pooled: the pool never hands one connection to two borrowers.
 """
 
 from __future__ import annotations
@@ -636,6 +638,70 @@ def test_a_connection_given_back_mid_transaction_is_rolled_back(
         "is now committed: release() committed the open transaction\nrelease() must ROLL "
         "BACK: work the borrower did not commit was abandoned (an error, a timeout), and "
         "committing it hands half-done changes to everyone.")
+
+
+TWO_BORROWERS = ("a connection the pool holds twice goes to two borrowers, who then run "
+                 "their transactions interleaved on one session. release() must refuse a "
+                 "connection it has not lent out and not given back yet (ValueError, as "
+                 "psycopg_pool's putconn does), or at least never pool it: keep the lent "
+                 "connections of THIS pool (a set on the instance) and check it")
+
+
+def refused_or_ignored(release: Callable[[], Any], what: str) -> None:
+    """``release()`` of a connection the pool must not take: ValueError, or nothing."""
+    try:
+        release()
+    except ValueError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - the learner's failure is the message
+        pytest.fail(f"release() of {what} raised {type(exc).__name__}: {exc}; expected "
+                    f"ValueError (or to be ignored): {TWO_BORROWERS}", pytrace=False)
+
+
+def test_a_connection_given_back_twice_is_never_pooled_twice(
+        mod: ModuleType, pools: list[Any], postgres: Any) -> None:
+    pool = make(mod, pools, postgres.dsn, 2, policy="reject")
+    conn = pool.acquire()
+    pool.release(conn)
+    refused_or_ignored(lambda: pool.release(conn), "a connection already given back")
+    s = stats(pool)
+    assert (s["open"], s["idle"]) == (1, 1), (
+        f"one connection was borrowed and given back twice; stats() says open {s['open']}, "
+        f"idle {s['idle']}, expected 1 and 1: the second release() was counted - "
+        f"{TWO_BORROWERS}")
+    a, b = pool.acquire(), pool.acquire()
+    pids = [c.execute("SELECT pg_backend_pid()").fetchall()[0][0] for c in (a, b)]
+    for c in (a, b):
+        c.rollback()
+    assert a is not b and pids[0] != pids[1], (
+        f"after one connection was given back twice, two acquire() calls got the same "
+        f"connection (backend pid {pids[0]}): the pool held it twice - {TWO_BORROWERS}")
+    pool.release(a)
+    pool.release(b)
+
+
+def test_another_pools_connection_is_never_pooled(mod: ModuleType, pools: list[Any],
+                                                  postgres: Any) -> None:
+    mine = make(mod, pools, postgres.dsn, 1, policy="reject")
+    other = make(mod, pools, postgres.dsn, 1, policy="reject")
+    (mine_pid,), = mine.execute("SELECT pg_backend_pid()")      # idle in its own pool
+    foreign = other.acquire()
+    refused_or_ignored(lambda: mine.release(foreign), "another pool's connection")
+    s = stats(mine)
+    assert (s["open"], s["idle"]) == (1, 1), (
+        f"release() of another pool's connection changed this pool's stats() to open "
+        f"{s['open']}, idle {s['idle']} (expected 1 and 1, its own connection idle): it took "
+        f"the connection as its own - {TWO_BORROWERS}")
+    got = mine.acquire()
+    (pid,), = got.execute("SELECT pg_backend_pid()").fetchall()
+    got.rollback()
+    assert pid == mine_pid, (
+        f"after another pool's connection was given to release(), this pool lent out that "
+        f"connection (backend pid {pid}, its own is {mine_pid}) while the other pool's "
+        f"borrower still holds it - {TWO_BORROWERS}")
+    mine.release(got)
+    other.release(foreign)
+    assert stats(other)["idle"] == 1, "the other pool did not take its own connection back"
 
 
 def test_reject_policy_fails_at_once(mod: ModuleType, pools: list[Any], postgres: Any,

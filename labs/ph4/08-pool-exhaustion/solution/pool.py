@@ -29,6 +29,7 @@ class Pool:
         self._idle: deque[psycopg.Connection[Any]] = deque()
         self._open = 0                      # connections that exist: idle + in use
         self._waiting = 0
+        self._lent: set[psycopg.Connection[Any]] = set()   # handed out, not given back yet
         self._closed = False
         self._cond = threading.Condition()
 
@@ -68,21 +69,33 @@ class Pool:
                 finally:
                     self._waiting -= 1
         if conn is not None and self._healthy(conn):
-            return conn
+            return self._lend(conn)
         if conn is not None:                # dead: replace it in the same slot
             try:
                 conn.close()
             except psycopg.Error:
                 pass
         try:
-            return psycopg.connect(self.dsn)
+            return self._lend(psycopg.connect(self.dsn))
         except BaseException:
             with self._cond:
                 self._open -= 1
                 self._cond.notify()
             raise
 
+    def _lend(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+        with self._cond:
+            self._lent.add(conn)
+        return conn
+
     def release(self, conn: psycopg.Connection[Any]) -> None:
+        with self._cond:
+            # Given back twice, or never lent by this pool (another pool's): pooling it would
+            # hand one connection to two borrowers. Refused as psycopg_pool's putconn does.
+            if conn not in self._lent:
+                raise ValueError("release(): this connection is not lent out by this pool "
+                                 "(given back already, or from elsewhere)")
+            self._lent.remove(conn)
         try:
             if not conn.closed:
                 conn.rollback()             # never hand out a connection mid-transaction
