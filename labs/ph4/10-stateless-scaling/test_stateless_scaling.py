@@ -14,6 +14,9 @@
   through a gate (labrunner.testing.redis_gate) that holds the command carrying A's item
   until B's add has answered - a read-modify-write of the whole cart (GET, append, SET)
   then writes back a cart without B's item, on every run, not once in a while.
+* an instance SIGKILLed right after the command of a login (or a first cart add) that
+  writes a key, its Redis connection cut there: no key is left without an expiry (a key
+  and its TTL in one step: SET ... EX, MULTI/EXEC, a Lua script).
 
 What the app does in Redis is read with MONITOR (labrunner.testing.redis_commands), so a
 claim is checked at its source: the keys a login and a cart write create must be in Redis
@@ -717,3 +720,96 @@ def test_cart_items_come_back_as_sent(cluster: Any) -> None:
             "separator (APPEND 'item,' then split(',')) splits an item that holds the "
             "separator; trimming or re-encoding changes it. Keep one Redis list element per "
             "item: RPUSH, then LRANGE 0 -1.")
+
+
+# An instance can die between any two of its commands (a deploy's SIGKILL, the OOM killer).
+# A key written by one command and given its expiry by the next is, in that window, a key
+# that lives for ever: a session nobody can end by waiting, a cart that is never cleaned.
+SETUP = {"CLIENT", "SELECT", "AUTH", "HELLO", "PING", "READONLY", "COMMAND", "INFO"}
+WRITES = CREATES | {"HMSET", "HSETNX", "SETNX", "RPUSHX", "LPUSHX", "MSET", "SETEX",
+                    "PSETEX", "SETRANGE", "LSET", "LINSERT"}
+MAX_CUTS = 3   # a request writing more keys than this is cut after its first three writes
+
+
+def cut_after_write(learner: Any, redis_db: Any, nth: int, path: str, doc: Any,
+                    first_login: bool, own: int) -> tuple[list[list[bytes]], bool]:
+    """One instance, its Redis connection through a gate; ``path`` requested, and the
+    instance SIGKILLed, with its connection cut, at the command that follows the ``nth``
+    command of the request that writes a key (whatever it sent is all Redis got). Returns
+    the request's commands up to the cut and whether the cut came (False: the request
+    wrote fewer keys and completed). Waits until Redis has read all it was sent: until no
+    connection on the test's database is left but the test's own (client id ``own``, and
+    the one asking)."""
+    seen: list[list[bytes]] = []
+    armed, cut = threading.Event(), threading.Event()
+    instance: list[Instance] = []
+
+    def before(command: list[bytes]) -> None:
+        if not armed.is_set() or command[0].upper().decode() in SETUP:
+            return
+        writes = sum(c[0].upper().decode() in WRITES for c in seen)
+        if writes >= nth and seen and seen[-1][0].upper().decode() in WRITES:
+            cut.set()
+            instance[0].proc.kill()     # reaped by the test's thread: one waitpid at a time
+            raise ConnectionAbortedError("the instance died before this command")
+        seen.append(command)
+
+    with redis_gate(redis_db.url, before) as gated, \
+            running(learner, {"A": gated}) as (lb, (a,)):
+        instance.append(a)
+        cookie = login(lb, "dora") if first_login else None
+        armed.set()
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            RoundRobin.send(a, "POST", path, doc, cookie)
+        if cut.is_set():
+            a.proc.wait()
+    admin = (getattr(redis_db, "admin_client", None) or redis_db.client)()
+    try:
+        ours = {own, admin.client_id()}
+        wait_until(lambda: not any(int(c.get("db", -1)) == redis_db.db
+                                   and int(c["id"]) not in ours for c in admin.client_list()),
+                   "Redis to close the killed instance's connections", timeout=15)
+    finally:
+        admin.close()
+    return seen, cut.is_set()
+
+
+def no_key_lives_for_ever(learner: Any, redis_db: Any, what: str, path: str, doc: Any,
+                          first_login: bool) -> None:
+    client = redis_db.client(decode_responses=True)
+    try:
+        for nth in range(1, MAX_CUTS + 1):
+            client.flushdb()
+            seen, died = cut_after_write(learner, redis_db, nth, path, doc, first_login,
+                                         client.client_id())
+            if not died:
+                return
+            forever = [k for k in client.scan_iter() if client.ttl(k) == -1]
+            if forever:
+                sent = " ".join(c[0].decode(errors="replace").upper() for c in seen)
+                pytest.fail(
+                    f"instance A was killed (SIGKILL) during {what}, after it had sent "
+                    f"{sent} and before its next command: Redis now holds {forever[0]!r} "
+                    "with no expiry (TTL -1), a key that lives for ever\nAn instance dies "
+                    "between any two of its commands (a deploy, the OOM killer); a key "
+                    "written by one command and given its TTL by the next is, in between, "
+                    "a key that nothing but a DEL will ever end. Write a key and its expiry in one "
+                    "step: SET key value EX seconds, or the write and its EXPIRE inside "
+                    "MULTI/EXEC (redis-py: pipeline(transaction=True)), or a Lua script. A "
+                    "pipeline without MULTI is not one step: its commands reach Redis one "
+                    "by one.", pytrace=False)
+    finally:
+        client.flushdb()
+        client.close()
+
+
+def test_a_login_killed_midway_leaves_no_session_for_ever(learner: Any, redis_db: Any
+                                                          ) -> None:
+    no_key_lives_for_ever(learner, redis_db, "POST /login", "/login", {"user": USER},
+                          first_login=False)
+
+
+def test_a_cart_add_killed_midway_leaves_no_cart_for_ever(learner: Any, redis_db: Any
+                                                          ) -> None:
+    no_key_lives_for_ever(learner, redis_db, "its first POST /cart", "/cart",
+                          {"item": "first-item"}, first_login=True)

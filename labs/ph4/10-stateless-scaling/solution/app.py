@@ -45,8 +45,12 @@ def app(environ: dict[str, Any], start: Any) -> list[bytes]:
     doc = json.loads(environ["wsgi.input"].read(size) or b"{}") if size else {}
     if method == "POST" and path == "/login":
         sid = secrets.token_urlsafe(24)
-        r.hset(f"session:{sid}", mapping={"user": doc["user"]})
-        r.expire(f"session:{sid}", SESSION_TTL)
+        # The key and its TTL in one MULTI/EXEC: an instance killed between two separate
+        # commands would leave a session that never expires.
+        with r.pipeline(transaction=True) as step:
+            step.hset(f"session:{sid}", mapping={"user": doc["user"]})
+            step.expire(f"session:{sid}", SESSION_TTL)
+            step.execute()
         return reply(start, "200 OK", {"user": doc["user"]},
                      [("Set-Cookie", f"session={sid}; HttpOnly; Path=/")])
     if method == "POST" and path == "/counter":
@@ -60,8 +64,10 @@ def app(environ: dict[str, Any], start: Any) -> list[bytes]:
     if method == "GET" and path == "/me":
         return reply(start, "200 OK", {"user": user})
     if method == "POST" and path == "/cart":
-        r.rpush(f"cart:{sid}", doc["item"])
-        r.expire(f"cart:{sid}", SESSION_TTL)
+        with r.pipeline(transaction=True) as step:  # the item and the cart's TTL together
+            step.rpush(f"cart:{sid}", doc["item"])
+            step.expire(f"cart:{sid}", SESSION_TTL)
+            step.execute()
         return reply(start, "200 OK", {"added": doc["item"]})
     if method == "GET" and path == "/cart":
         return reply(start, "200 OK", {"items": r.lrange(f"cart:{sid}", 0, -1)})
