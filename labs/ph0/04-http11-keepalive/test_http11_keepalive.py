@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import http.client
+import re
 import select
 import socket
 import struct
@@ -138,7 +139,8 @@ class Server:
         if request.target in HANDLER_BUGS:  # the application has a bug: it raises
             raise HANDLER_BUGS[request.target]
         body = f"{label} ({len(request.body)} bytes)".encode()
-        status = UNLISTED_STATUS if request.target == f"/status-{UNLISTED_STATUS}" else 200
+        status = (int(request.target.removeprefix("/status-"))
+                  if re.fullmatch(r"/status-\d{3}", request.target) else 200)
         return self.module.Response(status, {"Content-Type": "text/plain"}, body)
 
     def wait_for_slow(self) -> bool:
@@ -442,6 +444,48 @@ def test_a_response_to_head_has_no_body(server: Server, client: Client) -> None:
         "('GET /after (0 bytes)'): responses come back in request order")
     assert server.handled[:1] == ["HEAD /page"], (
         f"the handler was called with {server.handled}, expected HEAD /page first")
+    one_connection(server)
+
+
+NO_CONTENT = {204: "No Content", 304: "Not Modified"}
+
+
+@pytest.mark.parametrize("status", list(NO_CONTENT))
+def test_a_no_content_status_carries_no_body(server: Server, client: Client,
+                                            status: int) -> None:
+    """The application answers 204 (or 304) with a body, as a careless app may, then GET
+    /after comes pipelined: the server sends the head alone (RFC 9112 6.3: a 204 or 304 ends
+    at its blank line, whatever its headers say), without Content-Length for 204 (RFC 9110
+    8.6); the next bytes on the wire are GET /after's response."""
+    target = f"/status-{status}"
+    client.send(request("GET", target) + request("GET", "/after"))
+    line = client.stream.readline(65537)
+    assert line.startswith(b"HTTP/1.") and line.split(b" ")[1:2] == [str(status).encode()], (
+        f"the response to GET {target} starts with {line[:80]!r}, expected "
+        f"'HTTP/1.1 {status} ...' (the status the application answered)")
+    headers = http.client.parse_headers(client.stream)
+    why = (f"A {status} {NO_CONTENT[status]} response has no content (RFC 9110 15.3.5, "
+           "15.4.5) and ends at its blank line whatever its headers say (RFC 9112 6.3): a "
+           "client reads no body after it. Whatever the application returned, write the head "
+           "alone, as for HEAD; content sent anyway is read as the next response.")
+    try:
+        nxt = client.stream.readline(65537)
+    except TimeoutError:
+        nxt = b"(nothing)"
+    assert nxt.startswith(b"HTTP/1."), (
+        f"the {status} response to GET {target} carried a body: where GET /after's status "
+        f"line was expected, the client read {nxt[:80]!r}\n{why}")
+    length = headers.get("Content-Length")
+    if status == 204:
+        assert length is None, (
+            f"the 204 response to GET {target} carried 'Content-Length: {length}', expected "
+            "no Content-Length: a server MUST NOT send it with 1xx or 204 (RFC 9110 8.6), "
+            f"which have no content to measure\n{why}")
+    after = http.client.parse_headers(client.stream)
+    body = client.stream.read(int(after.get("Content-Length") or 0))
+    assert body == b"GET /after (0 bytes)", (
+        f"the response after GET {target}'s held {body!r}, expected GET /after's "
+        "('GET /after (0 bytes)'): responses come back in request order")
     one_connection(server)
 
 

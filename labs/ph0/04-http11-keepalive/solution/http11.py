@@ -135,21 +135,30 @@ def _keep_alive(request: Request) -> bool:
     return True                        # 1.1 keeps the connection by default
 
 
-def serialize(response: Response, close: bool) -> bytes:
+def serialize(response: Response, close: bool, to_head: bool = False) -> bytes:
     """Status line, headers with Content-Length (the client's only way to find the end
-    of the body on a kept-alive connection), blank line, body."""
+    of the body on a kept-alive connection), blank line, body. A response to HEAD
+    (``to_head``) is the head alone, with the GET's Content-Length and no content (RFC 9110
+    9.3.2, RFC 9112 6.3): the client reads no body after a HEAD, so one sent anyway would be
+    the start of the next response to it."""
     try:
         reason = HTTPStatus(response.status).phrase
     except ValueError:
         reason = "Unknown"
     headers = {k: v for k, v in response.headers.items()
                if k.lower() not in ("content-length", "connection")}
-    headers["Content-Length"] = str(len(response.body))
+    # 1xx, 204 and 304 end at the blank line whatever their headers say (RFC 9112 6.3): no
+    # content, and no Content-Length for 1xx and 204 (RFC 9110 8.6); a body written anyway
+    # is read as the start of the next response.
+    no_content = response.status // 100 == 1 or response.status in (204, 304)
+    if not no_content:
+        headers["Content-Length"] = str(len(response.body))
     if close:
         headers["Connection"] = "close"
     head = f"HTTP/1.1 {response.status} {reason}\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    return (head + "\r\n").encode("iso-8859-1") + response.body
+    return (head + "\r\n").encode("iso-8859-1") + (
+        b"" if no_content or to_head else response.body)
 
 
 def handle_connection(conn: socket.socket, handler: Handler) -> None:
@@ -173,13 +182,7 @@ def handle_connection(conn: socket.socket, handler: Handler) -> None:
                     response = handler(request)
                 except Exception:  # noqa: BLE001 - a handler bug must not kill the connection
                     response = Response(500, {"Content-Type": "text/plain"}, b"error\n")
-                wire = serialize(response, close)
-                if request.method == "HEAD":
-                    # The head alone, the GET's Content-Length and no content (RFC 9110
-                    # 9.3.2, RFC 9112 6.3): the client reads no body after a HEAD, so one
-                    # sent anyway would be the start of the next response to it.
-                    wire = wire[:len(wire) - len(response.body)]
-                conn.sendall(wire)
+                conn.sendall(serialize(response, close, to_head=request.method == "HEAD"))
                 if close:
                     return
         except (ConnectionResetError, BrokenPipeError):
