@@ -311,6 +311,16 @@ HOSPITAL_CASES = [
          "ward:enter", {"id": "w1", "badges": 5}, False,
          "'in' holds for a list only: 5 is not a list (and `5 in 5` raises TypeError: "
          "check the right operand's type before using it)", DAY),
+    # 'in' compares each element as '==' does: a boolean is no number, even in a list
+    Case("badge true enters a ward whose badges are [1, 2]", {"id": "v1", "badge": True},
+         "ward:enter", {"id": "w1", "badges": [1, 2]}, False,
+         "'in' compares each element as '==' does, without converting types: True == 1 "
+         "holds in Python (so does True in [1, 2]), but a boolean is not the number 1 - "
+         "check type(a) is type(x) and a == x for each element", DAY),
+    Case("badge 0 enters a ward whose badges are [False]", {"id": "v1", "badge": 0},
+         "ward:enter", {"id": "w1", "badges": [False]}, False,
+         "'in' compares each element as '==' does, without converting types: 0 == False "
+         "holds in Python, but the number 0 is not the boolean false", DAY),
     Case("care team member reads a record whose care_team is the string 'c5,dr1'",
          {"id": "c5", "roles": []}, "record:read", record(care_team="c5,dr1"), False,
          "'in' holds for a list only: 'c5,dr1' is text, and 'c5' in 'c5,dr1' is substring "

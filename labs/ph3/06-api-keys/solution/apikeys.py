@@ -53,7 +53,10 @@ class KeyStore:
 
     def _row(self, key: str) -> tuple[Any, ...] | None:
         parts = key.split("_", 2) if isinstance(key, str) else []
-        if len(parts) != 3 or parts[0] != "lk":
+        # The prefix goes to Postgres: only the shape create() makes (a NUL byte, which a
+        # text column cannot hold, would raise instead of being an unknown key: a 500).
+        if len(parts) != 3 or parts[0] != "lk" or not (parts[1].isascii()
+                                                       and parts[1].isalnum()):
             return None
         with self._conn() as conn:
             row = conn.execute("SELECT id, key_hash, owner, scopes, expires_at, revoked "
