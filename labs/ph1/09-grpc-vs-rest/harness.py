@@ -20,6 +20,12 @@ import threading
 import time
 from typing import Any
 
+from labrunner.thread_deaths import thread_deaths, unwatch_thread_deaths, watch_thread_deaths
+
+__all__ = ["normal_connects", "note_listeners", "noted_listeners", "refused_and_moved_on",
+           "slow_connects", "thread_deaths", "unwatch_thread_deaths",
+           "unwatch_refused_connects", "watch_refused_connects", "watch_thread_deaths"]
+
 _lock = threading.Lock()
 _started: list[float] = []
 _listening: list[tuple[str, int]] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 import sys
 import threading
 import time
@@ -641,6 +642,68 @@ def test_a_server_that_is_down_fails_the_measurement_at_once(learner: Any, stubs
         f"{name}() against a server that is down {outcome.get('text', 'ended')}, and its "
         f"relay still accepts connections on {', '.join(left)}: close the relay on the error "
         "path too (try/finally)")
+
+
+@contextmanager
+def resetting_server() -> Iterator[tuple[str, int]]:
+    """A server that crashes mid-call: it accepts each connection, reads the client's first
+    bytes (the request, the HTTP/2 preface) and aborts the connection - SO_LINGER 0, so the
+    close sends RST. The relay's recv() from it raises ConnectionResetError (a send to it,
+    BrokenPipeError) instead of returning b''."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                except OSError:
+                    pass
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield ("127.0.0.1", listener.getsockname()[1])
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+
+
+@pytest.mark.parametrize("name", ["measure_json", "measure_grpc_unary", "measure_grpc_stream"])
+def test_a_connection_reset_ends_the_measurement(learner: Any, stubs: ProtoStubs,
+                                                 name: str) -> None:
+    """The server resets the connection: the relay's recv() raises instead of returning b''.
+    A pump must pass the end on on that path too, or the client waits for ever."""
+    measure = learner.function("grpc_vs_rest", name)
+    harness = learner.harness()
+    outcome: dict[str, str] = {}
+    with resetting_server() as target:
+        harness.watch_thread_deaths("grpc_vs_rest.py")
+
+        def call() -> None:
+            try:
+                outcome["text"] = f"returned {measure(f'{target[0]}:{target[1]}')!r}"[:200]
+            except Exception as exc:  # noqa: BLE001 - failing is what the server makes it do
+                outcome["text"] = f"raised {type(exc).__name__}"
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(DOWN_SERVER_SECONDS)
+        deaths = [str(death) for death in harness.thread_deaths()]
+        harness.unwatch_thread_deaths()
+    died = (f" ({deaths[0]})" if deaths else "")
+    assert not caller.is_alive(), (
+        f"{name}() against a server that resets the connection (RST) after reading the "
+        f"request had not ended after {DOWN_SERVER_SECONDS:.0f} s: the relay's pump met the "
+        f"reset (recv() raised ConnectionResetError, or sendall() BrokenPipeError) and "
+        f"ended without passing the end on to the client{died}, so the client waits for an "
+        "answer that cannot come. Catch OSError in the pump and, in a finally, shut the "
+        "other socket down (SHUT_WR) as on b'': an error ends a direction as a FIN does")
 
 
 def test_protobuf_is_smaller_on_the_wire(learner: Any, running: Servers) -> None:

@@ -158,6 +158,7 @@ def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any
         f"after acking worker-a's 4 events, pending is {log.pending('billing')}, expected 6")
     assert read_now(read_gate, log, "billing", "worker-a", 10) == [], (
         "a group's consumers must not receive already delivered events again")
+    acks_nothing(log, "billing")
 
     log.create_group("audit")
     audit = read_now(read_gate, log, "audit", "auditor", 100)
@@ -186,6 +187,19 @@ def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any
     assert seen == later, (
         f"a group created before the log had any event read {seen} after 3 appends, "
         f"expected all 3 {later}: the group starts at the beginning of the (empty) stream")
+
+
+def acks_nothing(log: Any, group: str) -> None:
+    """A worker acks what read() handed it, and read() hands back [] when nothing is new:
+    ack() of no ids acknowledges nothing."""
+    try:
+        acked = log.ack(group, [])
+    except Exception as exc:  # noqa: BLE001 - the learner's error, named in the message
+        pytest.fail(f"ack({group!r}, []) raised {type(exc).__name__}: {exc} - a worker acks "
+                    "the ids read() handed it, and read() hands back [] when nothing is new: "
+                    "XACK needs at least one id, so for no ids send nothing and return 0",
+                    pytrace=False)
+    assert acked == 0, f"ack({group!r}, []) returned {acked!r}, expected 0: no ids, no acks"
 
 
 BACKLOG = 1_200  # above any page size a listing is commonly capped at (10, 100, 1000)

@@ -343,6 +343,8 @@ def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) 
             "merge into a key kept from an earlier call (PFMERGE adds to what the destination "
             "holds). PFCOUNT k1 k2 merges on the fly and keeps nothing")
 
+    counters_apart(learner.load("structures"), redis_db, visitors, day, len(seen[day]))
+
     client = redis_db.client()
     try:
         hlls = [k for k, t in key_types(redis_db).items()
@@ -355,6 +357,24 @@ def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) 
     assert max(sizes.values()) <= 16 * 1024, (
         f"a HyperLogLog uses {max(sizes.values())} bytes: it should stay under 12 KB "
         "whatever the number of visitors")
+
+
+def counters_apart(module: ModuleType, redis_db: Any, visitors: Any, day: str,
+                   want: int) -> None:
+    """A second counter, of another name (another site), counts the same day: each keeps
+    its own visitors."""
+    shop = structure(module, "UniqueVisitors", redis_db.url, "shop")
+    for n in range(30):
+        shop.visit(day, f"shopper{n}")
+    mine = (visitors.exact(day), visitors.estimate(day))
+    theirs = (shop.exact(day), shop.estimate(day))
+    assert (mine[0] == want and abs(mine[1] - want) <= 0.02 * want
+            and theirs[0] == 30 and abs(theirs[1] - 30) <= 1), (
+        f"two UniqueVisitors named 'visitors' and 'shop' count the same day {day!r}: after "
+        f"30 visits to 'shop', 'visitors' reports exact {mine[0]}, estimate {mine[1]} (expected "
+        f"{want}) and 'shop' exact {theirs[0]}, estimate {theirs[1]} (expected 30) - the two "
+        "share a key: build every key from the name passed in (<name>:<day>:set, "
+        "<name>:<day>:hll), so counters of different names never mix")
 
 
 def test_object_is_a_hash_updated_field_by_field(learner: Any, redis_db: Any) -> None:

@@ -321,6 +321,29 @@ def test_bcrypt_checked_in_constant_time(store: Store, learner: Any) -> None:
         "in constant time")
 
 
+def test_argon2_checked_in_constant_time(store: Store, learner: Any) -> None:
+    """The argon2id path, as the bcrypt one: a check that recomputes the hash with the
+    stored salt (argon2.low_level.hash_secret) and compares strings with '==' leaks, by its
+    timing, how much of the stored hash a guess matched."""
+    current = store.hash(PASSWORD)
+    watch = learner.harness().watch(store.module)
+    try:
+        for password, what in ((PASSWORD, "the right password"),
+                               ("correct horse battery stapler", "a wrong password")):
+            store.login(current, password, f"{what} (a current argon2id hash)")
+    finally:
+        calls = watch.calls()
+        watch.stop()
+    recomputed = [name for name in calls if name in ("hash_secret", "hash_secret_raw")]
+    assert not recomputed or "verify_secret" in calls or "compare_digest" in calls, (
+        f"login() checked the argon2id hash by recomputing it with "
+        f"argon2.low_level.{recomputed[0] if recomputed else ''}() and comparing the result "
+        "with '==' (neither verify_secret nor hmac.compare_digest was called): '==' stops at "
+        "the first different character, and its timing leaks how much of the hash a guess "
+        "got right - use PasswordHasher.verify (or verify_secret), which compares in "
+        "constant time")
+
+
 def test_long_passphrases_hashed_whole(store: Store) -> None:
     """argon2id has no length limit: a passphrase is hashed and checked whole. 72 bytes is
     bcrypt's limit (bcrypt 5 raises past it, older releases silently cut): applying it to
