@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import secrets
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -353,6 +354,66 @@ REFRESH_EXPIRY = [
      "fraction", "expires_at is clock() + REFRESH_TTL to the fraction of a second: stored "
      "in whole seconds (int() cuts 0.6 off), it expires before its 30 days are up"),
 ]
+
+
+def test_a_rotated_refresh_token_lives_its_own_30_days(service: Service) -> None:
+    """Each refresh token stored expires REFRESH_TTL after it is issued, a rotated one too:
+    not with the login's token (a family that dies 30 days after login whatever its use),
+    nor 30 days past the old token's expiry."""
+    firsts = [service.login("alice")[1] for _ in range(2)]  # two sessions, two families
+    rotated_at = T0 + 10 * DAY
+    service.clock.now = rotated_at
+    rotated = []
+    for token in firsts:
+        verdict, pair = service.refresh(token, "a 10-day-old refresh token")
+        assert verdict == "ok", f"refresh() of a 10-day-old refresh token was refused: {pair}"
+        rotated.append(str(pair[1]))
+    service.clock.now = rotated_at + 30 * DAY - 1  # the login's 30 days are long over
+    verdict, got = service.refresh(rotated[0], "a token rotated at day 10, on day 40")
+    assert verdict == "ok", (
+        f"refresh() refused ({got}) a refresh token issued by a rotation on day 10, 1 s "
+        "before ITS 30 days are up (day 40): it expired with the login's token (day 30). "
+        "Every refresh token stored expires at clock() + REFRESH_TTL when it is issued - "
+        "not at the expiry of the token it replaces")
+    service.clock.now = rotated_at + 30 * DAY + 1
+    verdict, _ = service.refresh(rotated[1], "a token rotated at day 10, 30 days and 1 s on")
+    assert verdict == "refused", (
+        "refresh() accepted a refresh token issued by a rotation on day 10 when it was 30 "
+        "days and 1 s old: its expiry was pushed further than clock() + REFRESH_TTL at its "
+        "issue (the old token's expiry plus another REFRESH_TTL?) - a stolen token lives "
+        "longer than REFRESH_TTL")
+
+
+def test_redis_unreachable_fails_closed(service: Service) -> None:
+    """The denylist is a security control: with Redis unreachable, authenticate() cannot
+    tell a logged-out token from a live one, and logout() cannot write the entry. Both must
+    fail (InvalidToken, or the Redis error for the caller's 503), never answer as if the
+    denylist had been read or written."""
+    access, refresh = service.login("alice")
+    with socket.socket() as held:  # bound, never listening: every connection is refused
+        held.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}/0"
+        seen, down = verdict("TokenService() with Redis unreachable", service.module.
+                             TokenService, service.postgres.dsn, url, SECRET, service.clock,
+                             refusal=service.module.InvalidToken)
+        if seen != "ok":
+            return  # it checks Redis when it starts: it fails closed from the start
+        seen, got = verdict("authenticate() with Redis unreachable", down.authenticate,
+                            access, refusal=service.module.InvalidToken)
+        assert seen != "ok", (
+            "authenticate() accepted alice's access token while Redis was unreachable "
+            "(every connection refused): it could not read the denylist and let the token "
+            "in as if it were not on it - a logged-out token passes the same way. Fail "
+            "closed: let the Redis error out (the caller answers 503) or refuse with "
+            "InvalidToken, never take 'could not check' for 'not denylisted'")
+        seen, got = verdict("logout() with Redis unreachable", down.logout, access, refresh,
+                            refusal=service.module.InvalidToken)
+        assert seen != "ok", (
+            "logout() returned as if done while Redis was unreachable (every connection "
+            "refused): the jti was never denylisted, and the access token works again once "
+            "Redis is back, while the caller told the user they were logged out. Let the "
+            "Redis error out (or raise) so the logout is known to have failed and is "
+            "retried, never swallow it")
 
 
 def test_logout_denylists_the_jti_until_it_would_expire(service: Service) -> None:

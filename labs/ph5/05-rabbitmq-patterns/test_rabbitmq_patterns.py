@@ -17,6 +17,8 @@ import pika
 import pika.exceptions
 import pytest
 
+from labrunner.testing import wait_until
+
 DEADLINE = 5.0  # seconds to wait for a 200 ms TTL to fire
 
 
@@ -140,6 +142,23 @@ def expect_exchange_type(rabbitmq: Any, exchange: str, want: str, what: str) -> 
         "to route these messages the same (a topic exchange reads '*' and '#' in a binding as "
         "wildcards where a direct exchange takes them literally; a topic binding '#' is not "
         "a fanout, which ignores keys by design and skips matching)")
+
+
+def queue_counts(ch: Any, queue: str) -> tuple[int, int]:
+    """(messages ready, consumers) of ``queue``, from the queue itself (a passive declare):
+    the management API's figures are sampled every few seconds."""
+    ok = on_queue(queue, ch.queue_declare, queue, passive=True).method
+    return int(ok.message_count), int(ok.consumer_count)
+
+
+def expect_no_consumer_left(ch: Any, queue: str) -> None:
+    _ready, consumers = queue_counts(ch, queue)
+    assert consumers == 0, (
+        f"handle_one returned, and {queue!r} still has {consumers} consumer(s): it subscribed "
+        "(basic_consume, or channel.consume() left with a break) and never cancelled - the "
+        "broker keeps pushing the queue's messages to that channel, where they sit unacked, "
+        "hidden from every other worker, until the channel closes. Take one message with "
+        "basic_get, or cancel the consumer before returning")
 
 
 # --- exchanges ---------------------------------------------------------------------------
@@ -350,6 +369,7 @@ def handle_each(mod: Any, theirs: Any, mine: Any) -> tuple[list[Any], list[str],
                 "unacked until the channel closes, then comes back. Any exception of the "
                 "handler must dead-letter the message (except Exception: basic_reject with "
                 "requeue=False)", pytrace=False)
+    expect_no_consumer_left(mine, "work")
     ready = drain(mine, "work")
     theirs.close()  # what the learner's channel still holds unsettled is requeued now
     held = drain(mine, "work")
@@ -407,6 +427,56 @@ def test_rejected_message_goes_to_the_dead_letter_queue(learner: Any, channels: 
         "whose handler raised TimeoutError: every failure of the handler dead-letters")
     assert ready + drain(mine, "work") == [] and drain(mine, "dead") == [], (
         "after the run 'work' and 'dead' should hold nothing more")
+
+
+def test_handle_one_takes_one_message_and_leaves_the_rest(learner: Any,
+                                                          channels: Any) -> None:
+    """handle_one takes ONE message: the others stay ready for every worker of the queue,
+    none held by the learner's channel after it returned."""
+    mod = learner.load("patterns")
+    theirs, mine = channels
+    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
+    for body in ("job-1", "job-2", "job-3"):
+        mine.basic_publish("", "work", body.encode())
+    handled: list[bytes] = []
+    took = call("handle_one", mod.handle_one, theirs, "work", handled.append)
+    assert took is True and handled == [b"job-1"], (
+        f"handle_one returned {took!r} having handled {handled}; expected True and job-1")
+    expect_no_consumer_left(mine, "work")
+    rest: list[str] = []
+    deadline = time.monotonic() + DEADLINE
+    while len(rest) < 2 and time.monotonic() < deadline:
+        rest += drain(mine, "work")
+    assert rest == ["job-2", "job-3"], (
+        f"after handle_one took job-1, another worker found {rest} in 'work'; expected "
+        "job-2 and job-3, in order: handle_one must take one message and leave the rest "
+        "ready for every consumer of the queue")
+
+
+def test_setup_run_again_keeps_what_the_queues_hold(learner: Any, channels: Any) -> None:
+    """Every instance of a service declares what it needs when it starts, so a setup runs
+    again over queues that hold messages. A declare is idempotent: nothing waiting in the
+    work queue or the dead-letter queue may be lost to a restart."""
+    mod = learner.load("patterns")
+    theirs, mine = channels
+    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
+    mine.basic_publish("", "work", b"failed-earlier")
+    method, _props, _body = on_queue("work", mine.basic_get, "work", auto_ack=False)
+    assert method is not None, "the message the test published to 'work' never arrived"
+    mine.basic_reject(method.delivery_tag, requeue=False)
+    wait_until(lambda: queue_counts(mine, "dead")[0] == 1,
+               "the message the test rejected from 'work' to reach 'dead'", timeout=DEADLINE)
+    mine.basic_publish("", "work", b"waiting")
+    call("setup_dead_lettering (run again, as at a restart)", mod.setup_dead_lettering,
+         theirs, "work", "dlx", "dead")
+    work, dead = drain(mine, "work"), drain(mine, "dead")
+    assert work == ["waiting"] and dead == ["failed-earlier"], (
+        f"after setup_dead_lettering ran again with the same arguments (a service restart), "
+        f"'work' held {work} and 'dead' {dead}; expected ['waiting'] and ['failed-earlier']: "
+        "the setup deleted or purged a queue that held messages - every job waiting and "
+        "every dead letter not yet looked at is lost at each restart. Declare again as it "
+        "is (a declare with the same arguments is a no-op); never delete or purge a queue "
+        "in a setup")
 
 
 def test_dead_letters_are_routed_whatever_their_key(learner: Any, channels: Any) -> None:

@@ -291,6 +291,40 @@ def test_no_traceparent_starts_a_new_trace_per_request(stack: Stack) -> None:
     assert ids[0] != ids[1], f"two independent requests shared trace id {ids[0]}"
 
 
+def test_trace_headers_go_with_their_own_request(stack: Stack) -> None:
+    """The trace headers of the call to inventory belong to the request being served: a
+    caller's tracestate goes on with that caller's trace and nowhere else - not into the
+    next request's call, not onto the new trace a request with an invalid traceparent
+    starts (W3C: tracestate is read only with the traceparent it came with)."""
+    trace_id, _, headers = caller()
+    assert stack.call("/checkout/KEY-0042", headers).status == 200, "GET /checkout/KEY-0042"
+    assert stack.call("/checkout/KEY-0042").status == 200, (
+        "GET /checkout/KEY-0042 without trace headers")
+    sent = outgoing_header(stack)
+    assert "tracestate" not in sent and trace_id not in sent["traceparent"], (
+        f"a request without trace headers, served after one from a caller with trace "
+        f"{trace_id} and tracestate {TRACESTATE!r}, called inventory with traceparent "
+        f"{sent['traceparent']!r} and tracestate {sent.get('tracestate')!r}: the previous "
+        "request's trace headers went out with this one - the outgoing headers dict is "
+        "shared between requests (made once in make_frontend, at module level, or a "
+        "mutable default argument), and inject() overwrites only what the current context "
+        "has. Make a new dict for each call; under load, concurrent requests also swap "
+        "each other's traceparent in it")
+    invalid = f"00-{'zz' * 16}-{secrets.token_hex(8)}-01"
+    answered = stack.status("/checkout/KEY-0042", {"traceparent": invalid,
+                                                   "tracestate": TRACESTATE})
+    assert answered == 200, f"GET /checkout/KEY-0042 with an invalid traceparent: {answered}"
+    sent = outgoing_header(stack)
+    assert "tracestate" not in sent, (
+        f"a caller sent an invalid traceparent {invalid!r} with tracestate {TRACESTATE!r}: "
+        f"the frontend started a new trace and called inventory with traceparent "
+        f"{sent['traceparent']!r} and the caller's tracestate {sent.get('tracestate')!r} - "
+        "vendor state of a trace that was not continued, now attached to another. W3C trace "
+        "context: tracestate is read only with a valid traceparent and travels with that "
+        "trace; let the propagator inject both from the current context, never copy the "
+        "incoming header across")
+
+
 def test_unsampled_caller_is_respected(stack: Stack) -> None:
     trace_id, _, headers = caller(sampled=False)
     assert stack.call("/checkout/KEY-0042", headers).status == 200, "GET /checkout/KEY-0042"
