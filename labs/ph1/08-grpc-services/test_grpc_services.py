@@ -191,6 +191,49 @@ def test_unary_and_client_streaming(stubs: ProtoStubs, service_class: Any) -> No
             assert before <= user.created_at <= after, (
                 f"GetUser({user_id!r}): created_at must be the Unix time of creation "
                 f"(~{before}), saw {user.created_at}")
+        a_second_batch_takes_no_ones_id(stub, stubs, dict(zip(ids, ["ada", "alan", "grace"],
+                                                              strict=True)))
+
+
+def a_second_batch_takes_no_ones_id(stub: Any, stubs: ProtoStubs, first: dict[str, str]) -> None:
+    """Another CreateUsers (a namesake of a user of the first batch in it: usernames need not
+    be unique) gets new ids, and every user of the first batch is still there, unchanged."""
+    names = ["ada", "edsger", "barbara"]
+    ids = create(stub, stubs, *names)
+    reused = [i for i in ids if i in first]
+    replaced = [f"{i} ({name})" for i, name in first.items()
+                if stub.GetUser(stubs.pb2.GetUserRequest(user_id=i), timeout=5).username != name]
+    assert not reused and not replaced and len(set(ids)) == len(ids), (
+        f"a second CreateUsers ({names}) gave the user_ids {ids}, "
+        + (f"{reused} of them already given to users of the first batch"
+           if reused else "duplicates") + (
+            f", and the first batch's {replaced} now read as someone else" if replaced else "")
+        + ": a user_id names one user for good - unique across every batch and every "
+        "user, whatever their usernames (uuid4().hex, or a counter the service keeps); ids "
+        "numbered within a batch, or made from the username, hand a new user an existing "
+        "user's id and replace that user")
+
+
+def test_two_services_share_no_users(stubs: ProtoStubs, service_class: Any) -> None:
+    """Two UserService instances in one process (two servers, two tests, two tenants): each
+    holds its own users and watchers - state kept in class attributes or module globals is
+    one for all of them."""
+    with running(stubs, service_class()) as first, running(stubs, service_class()) as second:
+        (user_id,) = create(first, stubs, "ada")
+        try:
+            seen = second.GetUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=5)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return
+            raise
+        pytest.fail(
+            f"a user created on one UserService was found by GetUser on another UserService "
+            f"(its own server, created after it): {seen.username!r} ({seen.user_id}), "
+            "expected NOT_FOUND\n"
+            "Each service's users (and watchers, and lock) belong to that instance: make "
+            "them in __init__ (self._users = {}), never as class attributes (a dict in the "
+            "class body is made once, when the class is defined, and shared by every "
+            "instance) nor as module globals.", pytrace=False)
 
 
 def test_missing_user_is_not_found(stubs: ProtoStubs, service_class: Any) -> None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import platform
 import queue
 import re
 import signal
@@ -594,8 +596,10 @@ def serial_hint(threads: int) -> str:
 
 
 def test_bounded_pool_queues_then_rejects_with_503(
-        start: Callable[..., tuple[Server, Load]]) -> None:
-    server, load = start("pool", "--workers", str(WORKERS), "--queue", str(QUEUE))
+        start: Callable[..., tuple[Server, Load]], learner: Any) -> None:
+    gate = learner.tmp_folder() / "refusing"
+    server, load = start("pool", "--workers", str(WORKERS), "--queue", str(QUEUE),
+                         prelude=HOLD_THREADS_STARTED_WHILE.format(gate=str(gate)))
     bound = WORKERS + 2   # the workers, the main thread, and one more if accept has its own
 
     def threads_bounded(stage: str) -> None:
@@ -669,8 +673,11 @@ def test_bounded_pool_queues_then_rejects_with_503(
     threads_bounded(f"{WORKERS + QUEUE} clients held")
 
     # Beyond capacity: 503 at once, and the connection closed.
+    gate.touch()   # a thread the server starts now (but one) is held at its start
     extra = load.open(CLIENTS - WORKERS - QUEUE, "none")
     settle(server, lambda: all(s.closed for s in load.seen_by(extra)), watch_threads=True)
+    gate.unlink()
+    refusals_cost_no_thread(server, len(extra), bound)
     threads_bounded(f"{CLIENTS} clients held open")
     seen = load.seen_by(extra)
     rejected = sum(1 for s in seen if s.status == 503)
@@ -682,7 +689,11 @@ def test_bounded_pool_queues_then_rejects_with_503(
             f"with {WORKERS} workers busy and {QUEUE} clients queued, {rejected} of "
             f"{len(extra)} further clients got 503 Service Unavailable, expected all "
             f"{len(extra)} ({silent} got nothing; the server holds {open_held} connections, "
-            f"expected {WORKERS + QUEUE})\n" + (
+            f"expected {WORKERS + QUEUE}" + (
+                f": one more per worker, as if the {WORKERS} connections being served held "
+                "no place" if open_held == 2 * WORKERS + QUEUE else "") + ")\n" + (
+                "The place is given back when the connection is done, not when a worker "
+                "takes it off the queue. " if open_held == 2 * WORKERS + QUEUE else "") + (
                 "The queue never fills: a queue.Queue() without maxsize, or a check that "
                 "lets one more in (>= vs >), hoards connections it cannot serve. "
                 if open_held > WORKERS + QUEUE else "")
@@ -713,6 +724,37 @@ def test_bounded_pool_queues_then_rejects_with_503(
     again = hold(load, server, 1)
     load.finish(again)
     served(load, server, again, "pool (after the burst)")
+
+
+# Run in the pool server's process before server.py: while the gate file exists, each
+# thread started (but the first) is held at its start for good, before its target runs:
+# a refusal handed to a thread of its own is then never sent, and the thread stays to be
+# counted, however quickly it would have ended.
+HOLD_THREADS_STARTED_WHILE = """
+import os, sys, threading
+_started = []
+def _held_start(frame, event, arg):
+    sys.settrace(None)
+    if os.path.exists({gate!r}):
+        _started.append(1)
+        if len(_started) > 1:
+            threading.Event().wait()
+threading.settrace(_held_start)
+"""
+
+
+def refusals_cost_no_thread(server: Server, refused: int, bound: int) -> None:
+    """Fail if the pool started threads to refuse the clients beyond its capacity."""
+    threads = server.threads()
+    if threads > bound:
+        server.fail(
+            f"with {WORKERS} workers busy and {QUEUE} clients queued, {refused} further "
+            f"clients came and the pool server grew to {threads} threads (at most {bound}): it "
+            "starts a thread to refuse a client (a thread or an executor task per 503)\n"
+            "Overload is when the pool must cost least: a thread per refused connection is "
+            "the first model again, at the worst moment, with no bound on threads or "
+            "memory. Send BUSY and close the connection from the accept loop itself: it is "
+            "a few bytes into an empty socket buffer, it does not block.")
 
 
 def refused_late(server: Server, extra: list[Client], rejected: int,
@@ -894,6 +936,140 @@ def no_waiting_room(load: Load, server: Server, busy: list[Client],
             f"{NO_QUEUE}, {len(early)} of the clients being served got "
             f"{early[0].data[:40]!r} before they finished their requests\nOnly connections "
             "beyond capacity get 503; those a worker took are served.")
+
+
+# The pool's count of connections taken in, with a worker's give-back interleaved with the
+# accept loop's take, one bytecode at a time: a worker held at its k-th step after a client
+# is released, while the accept loop takes the next one in; every k in turn.
+
+RACE_WORKERS, RACE_QUEUE = 1, 1   # capacity 2: one served, one waiting
+# The given helpers run untraced: the steps counted are the pool's own (the worker's loop,
+# whatever wraps handle() and gives its slot back).
+GIVEN = ("read_request", "handle", "path_of", "answer", "response")
+OPENAT = {"x86_64": 257, "aarch64": 56}.get(platform.machine(), -2)
+# Run in the pool server's process before server.py: each thread but the main one (the
+# accept loop's) counts the bytecodes it runs in the pool's code since the round written
+# in ARM began, and at the k-th it opens the FIFO HOLD for reading: asleep in openat()
+# until the test opens it for writing. The accept loop itself runs untraced.
+STEP_HOLD = """
+import os, sys, threading
+from labrunner.slow_steps import step_tracer
+_state = threading.local()
+def _on_step(frame):
+    if frame.f_code.co_name in {given!r}:
+        return
+    try:
+        with open({arm!r}) as f:
+            k = int(f.read())
+    except (OSError, ValueError):
+        return
+    if getattr(_state, "k", None) != k:
+        _state.k, _state.steps = k, 0
+    _state.steps += 1
+    if _state.steps == k:
+        os.close(os.open({hold!r}, os.O_RDONLY))
+_folder = os.path.dirname(os.path.abspath(sys.argv[1])) + "/"
+threading.settrace(step_tracer(_folder, _on_step, opcodes=True))
+"""
+
+
+def worker_held(server: Server) -> bool:
+    """A thread of the server asleep in openat(): the worker, held at its step."""
+    return any(call == OPENAT for _, _, call in server.activity()[2])
+
+
+def switches(server: Server) -> int:
+    """The voluntary context switches of the server's threads so far: a thread that slept,
+    woke and slept again has made one more."""
+    return sum(n for _, n, _ in server.activity()[2])
+
+
+def quiet(server: Server) -> None:
+    """Wait until no thread of the server runs between two readings (FAIL_WAIT at most)."""
+    deadline = time.monotonic() + FAIL_WAIT
+    while time.monotonic() < deadline:
+        before = server.activity()
+        time.sleep(0.01)
+        if asleep_throughout(before, server.activity()):
+            return
+
+
+def race_round(server: Server, load: Load, arm: Path, fifo: Path, k: int,
+               busy: Client) -> Client | None:
+    """``busy`` is being read by the worker. Arm step k, release ``busy``; if the worker is
+    held at its k-th step, a new client comes (queued: the pool holds 1 of 2), the accept
+    loop takes it in, then the worker goes on and must take it up. Returns the new client
+    (being read), or None when the worker ran fewer than k steps (every k was tried)."""
+    arm.write_text(str(k))
+    load.finish([busy])
+    settle(server, lambda: worker_held(server) or bool(load.seen_by([busy])[0].closed))
+    quiet(server)
+    if not worker_held(server):
+        return None
+    woken = switches(server)
+    new = hold(load, server, 1)
+    # The accept loop woke for it (accept() returned) and sleeps again: it is done with it.
+    settle(server, lambda: switches(server) > woken)
+    quiet(server)
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))   # the worker goes on
+    went_on = settle(server, lambda: not worker_held(server))
+    quiet(server)
+    seen = load.seen_by([busy, *new])
+    if not went_on or seen[0].status != 200 or seen[1].data or seen[1].closed:
+        server.fail(
+            f"with --workers {RACE_WORKERS} --queue {RACE_QUEUE}, a client came while the "
+            f"worker, done with the one before, was held at its step {k}: it was "
+            + ("answered " + repr(seen[1].data[:40]) if seen[1].data else "closed unanswered"
+               if seen[1].closed else "never taken up")
+            + f" (the one before got {seen[0].data[:40]!r}), expected it queued, then "
+            "served by the worker\nWhile one connection is served and the queue is empty, "
+            "the pool has room for one more, whatever step the worker is at.")
+    return new[0]
+
+
+def test_bounded_pool_count_survives_a_release_racing_an_accept(
+        start: Callable[..., tuple[Server, Load]], learner: Any) -> None:
+    """The count of connections taken in, raised by the accept loop and lowered by the
+    workers, must come out right whatever step a worker is at when the accept loop takes a
+    connection in: a `busy -= 1` is a read then a write, and a `busy += 1` between the two
+    is lost. Every k in turn; then the pool must hold exactly its capacity."""
+    folder = learner.tmp_folder()
+    arm, fifo = folder / "arm", folder / "hold"
+    os.mkfifo(fifo, 0o644)
+    server, load = start("pool", "--workers", str(RACE_WORKERS), "--queue", str(RACE_QUEUE),
+                         prelude=STEP_HOLD.format(given=GIVEN, arm=str(arm), hold=str(fifo)))
+    busy = hold(load, server, 1)
+    if not settle(server, lambda: count(server, busy, reading) == 1):
+        return   # no worker serving: the other pool tests name that
+    current: Client | None = busy[0]
+    k = 0
+    while current is not None:
+        k += 1
+        current = race_round(server, load, arm, fifo, k, current)
+    arm.unlink()
+    # The last round's client answered, the worker idle: one client for it, one queued.
+    again = hold(load, server, 1)
+    settle(server, lambda: count(server, again, reading) == 1)
+    again += hold(load, server, 1)
+    extra = load.open(1, "none")
+    settle(server, lambda: all(s.closed for s in load.seen_by(extra)))
+    queued, refused = load.seen_by(again)[1], load.seen_by(extra)[0]
+    if queued.data or queued.closed or refused.status != 503:
+        too_many = refused.status != 503
+        server.fail(
+            f"with --workers {RACE_WORKERS} --queue {RACE_QUEUE}, after a worker's end of "
+            f"a connection was interleaved with the accept loop taking one in ({k - 1} "
+            "steps, each in turn), the pool "
+            + ("took in a third connection, expected 503: its count of connections taken "
+               "in lost the accept loop's update" if too_many else
+               "refused a client it had room for: its count of connections taken in lost "
+               "a worker's update")
+            + "\n`busy += 1` / `busy -= 1` on a shared int is a read, then a write: "
+            "another thread's update between the two is lost, and the pool's bound drifts. "
+            "Use a threading.BoundedSemaphore (acquire(blocking=False) / release()), or "
+            "hold one lock around every read and write of the count.")
+    load.finish(again)
+    served(load, server, again, "pool, after the interleavings")
 
 
 # ---------------------------------------------------------------------------------------
