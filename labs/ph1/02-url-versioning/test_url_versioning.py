@@ -256,6 +256,50 @@ def test_accept_is_parsed_as_media_ranges(host: str, accept: str, version: int) 
     check_vary(reply, "/users/1/orders", {"Accept": accept}, what)
 
 
+@pytest.mark.parametrize("accept", [
+    f"{VENDOR}; charset=utf-8; version=2",                         # version after another
+    f"{VENDOR};version=2;charset=utf-8",                           # version before another
+])
+def test_vendor_parameters_in_any_order(host: str, accept: str) -> None:
+    reply = get(host, "/users/1/orders", {"Accept": accept})
+    what = f"GET /users/1/orders with Accept: {accept}"
+    served = served_version(reply)
+    assert served == 2, (
+        f"{what}: expected 200 with version 2, saw {reply.status} "
+        f"{'version ' + str(served) if served else reply.body[:80]!r}: a media type's "
+        "parameters are name=value pairs told apart by their names (RFC 9110 5.6.6), not by "
+        "their places, so version= may come before or after another parameter such as "
+        "charset - look it up by name among them all")
+    check_collection(reply, 1, 2, what)
+    check_vary(reply, "/users/1/orders", {"Accept": accept}, what)
+
+
+@pytest.mark.parametrize(("query", "version"), [
+    ("?version=2&expand=items", 2),                                # version, then another
+    ("?expand=items&version=2", 2),                                # another, then version
+    ("?pretty&version=2", 2),                                      # a flag with no '='
+    ("?expand=items&version=3", None),                             # unknown: still a 400
+])
+def test_query_with_other_parameters(host: str, query: str, version: int | None) -> None:
+    reply = get(host, f"/users/1/orders{query}")
+    what = f"GET /users/1/orders{query}"
+    served = served_version(reply)
+    why = ("the query string is a list of name=value pairs joined by '&' in any order, "
+           "some with no '=' at all (the form encoding URLs use): parse it "
+           "(urllib.parse.parse_qs) and look version up by name, rather than reading the "
+           "string after 'version=' or splitting each pair on '='")
+    if version is None:
+        assert reply.status == 400, (
+            f"{what}: expected 400, saw {reply.status} {reply.body[:100]!r}: version=3 is "
+            f"the query's version whatever else the query holds; {why}")
+    else:
+        assert served == version, (
+            f"{what}: expected 200 with version {version}, saw {reply.status} "
+            f"{'version ' + str(served) if served else reply.body[:100]!r}: {why}")
+        check_collection(reply, 1, version, what)
+    check_vary(reply, f"/users/1/orders{query}", {}, what)
+
+
 @pytest.mark.parametrize(("accept", "version"), [
     ("Application/Vnd.Shop+JSON;version=2", 2),                    # the type and subtype
     (f"{VENDOR}; Version=2", 2),                                   # a parameter's name

@@ -273,11 +273,29 @@ def test_same_answers_in_all_three_models(learner: Any, postgres: Any, redis_db:
                     got = list(got)
                 if got != want:
                     problems.append(describe_difference(model, label, got, want))
+                elif mistyped := numbers_mistyped(got, want):
+                    problems.append(f"{model}.{label}: {mistyped}")
         finally:
             store.close()
     assert not problems, (
         f"{problems[0]}\n" + "\n".join(problems[1:6])
         + ("\nthe three models must give the same answer to the same access pattern"))
+
+
+def numbers_mistyped(got: Any, want: Any) -> str | None:
+    """A product whose numbers equal the expected ones under == but are not ints: 1299.0 and
+    Decimal('1299') compare equal to 1299, and are still not the shape get() returns."""
+    if not isinstance(want, dict) or not isinstance(got, dict):
+        return None
+    for field in ("id", "price_cents"):
+        value = got.get(field)
+        if type(value) is not int:
+            return (f"{field}={value!r}, a {type(value).__name__}, expected the int "
+                    f"{want[field]!r}: equal under ==, but not the same value to a caller - "
+                    "JSON writes a float with its '.0' and cannot write a Decimal at all, and "
+                    "money kept in floats drifts; store and return whole cents as an integer "
+                    "(an integer column, int() of what Redis hands back)")
+    return None
 
 
 def stored_wrongly(store: Any, batch: list[Product]) -> list[str]:
@@ -626,6 +644,48 @@ def test_a_refused_add_stores_nothing_of_its_batch(learner: Any, postgres: Any,
                 f"returned {got!r}, expected {batch!r}")
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("model", ["RelationalCatalog", "DocumentCatalog"])
+def test_calls_leave_no_transaction_open(learner: Any, postgres: Any, model: str) -> None:
+    """Between calls the catalog's sessions are not inside a transaction: a read on a
+    connection with autocommit off begins one that nobody ends (it holds its locks, so an
+    ALTER TABLE or a VACUUM waits behind it), and a later add_products() inside it is only a
+    savepoint - committed to no one else. What a call wrote is seen by another session as
+    soon as it returns."""
+    module = learner.load("catalog")
+    first, second = make_products(4, seed=11)[:2], make_products(8, seed=11)[4:6]
+    store = catalog_class(module, model)(postgres.dsn)
+    other = catalog_class(module, model)(postgres.dsn)
+    try:
+        store.create_schema()
+        store.add_products(first)
+        calls = [("get", (first[0]["id"],)), ("ids_in_category", (first[0]["category"],)),
+                 ("ids_with_tag", ("eco-home",)), ("ids_with_attribute", ("color", "red"))]
+        with postgres.connect(autocommit=True) as conn:
+            for name, args in calls:
+                getattr(store, name)(*args)
+                left_open = sessions_in_a_transaction(conn)
+                assert not left_open, (
+                    f"{model}.{name}({', '.join(map(repr, args))}) returned and left its "
+                    f"session {left_open[0]} "
+                    "(pg_stat_activity): a statement on a connection with autocommit off "
+                    "begins a transaction that lasts until a commit - after a read, nobody "
+                    "sends one, so the session holds its locks (DDL and VACUUM wait behind "
+                    "it) and a later add_products() joins it instead of committing on its "
+                    "own (with conn.transaction() inside it: a savepoint, committed to no "
+                    "one); open the connection with autocommit=True (and a transaction "
+                    "only around the writes), or end every call's transaction")
+        store.add_products(second)
+        unseen = [p["id"] for p in second if other.get(p["id"]) != p]
+        assert not unseen, (
+            f"{model}.add_products returned, yet another session (a second {model}) does "
+            f"not see products {unseen}: the call's writes were not committed when it "
+            "returned - a transaction begun earlier on the same connection (by a read) was "
+            "still open, and the writes only joined it")
+    finally:
+        store.close()
+        other.close()
 
 
 def sessions_in_a_transaction(conn: Any) -> list[str]:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from labrunner.testing import RelayLink, TcpRelay, came_true, redis_commands, wait_until
+from labrunner.testing import RelayLink, TcpRelay, came_true, redis_commands, redis_gate, wait_until
 
 
 def limiter_class(learner: Any) -> type:
@@ -160,6 +160,44 @@ def test_rate_limit_window_is_fixed_and_restarts(learner: Any, redis_db: Any) ->
             "the new window's counter must get an expiry too")
     finally:
         client.close()
+
+
+def test_no_counter_is_ever_without_its_expiry(learner: Any, redis_db: Any) -> None:
+    """Before each command the limiter's clients send (a RedisGate holds it there), every
+    key in the test's database must already have its expiry: a client that dies at that
+    point (a crash, a lost connection, a killed pod) leaves what the server holds then, and
+    a counter without an expiry refuses its key for good once it reaches the limit. New
+    counters are made twice: a key's first call, and its first call after the window."""
+    checker = redis_db.client()
+    naked: list[str] = []
+
+    def before(command: list[bytes]) -> None:
+        for key in checker.scan_iter(count=100):
+            if checker.ttl(key) == -1 and not naked:
+                sent = " ".join(part.decode(errors="replace") for part in command[:4])
+                naked.append(f"the counter {key.decode(errors='replace')!r} had no expiry "
+                             f"(TTL -1) just before your client sent {sent}")
+
+    try:
+        with redis_gate(redis_db.url, before) as url:
+            limiter = limiter_class(learner)(url, limit=2, window_seconds=60)
+            for window in (1, 2):
+                for n in range(1, 4):
+                    got = limiter.allow("crash-1")
+                    assert not naked, (
+                        f"allow() call {n} of window {window}: {naked[0]} - had the client "
+                        "died there, the counter would never expire and the key would be "
+                        "refused for good once it reached the limit: INCR and EXPIRE must "
+                        "be one step on the server (one script), not two commands or two "
+                        "scripts the client sends one after the other")
+                    assert got is (n <= 2), (
+                        f"limit 2: call {n} of window {window} returned {got!r}")
+                for key in checker.scan_iter(count=100):  # the window ends at once
+                    checker.pexpire(key, 1)
+                # KEYS leaves out the keys whose time is up
+                wait_until(lambda: not checker.keys(), "the counter to expire")
+    finally:
+        checker.close()
 
 
 # allow() calls on one key, limit 3: whether the test empties the server's script cache
@@ -683,3 +721,25 @@ def test_keys_survive_a_restart_with_aof_on(learner: Any, redis_db: Any) -> None
             f"after a restart {survived} of 50 keys written after enable_aof() were still "
             "there: without the AOF (or with only an RDB snapshot taken before the writes) "
             "everything since the last snapshot is lost")
+
+
+def test_enable_aof_raises_when_the_server_refuses(learner: Any, redis_db: Any) -> None:
+    """The lab's ordinary user may not CONFIG SET (a managed Redis, an ACL user): the server
+    refuses, the AOF stays off, and enable_aof() must say so by raising - a caller told
+    nothing goes on as if every write were logged. The AOF is switched off first (the
+    restart lock held), so an enable_aof() that returns because the AOF is already on is
+    not what is judged here."""
+    enable_aof = learner.function("advanced", "enable_aof")
+    with exclusive_restarts(redis_db) as admin:
+        try:
+            enable_aof(redis_db.url)  # the lab user: no CONFIG SET
+        except NotImplementedError:
+            pytest.fail("enable_aof() is not implemented yet", pytrace=False)
+        except Exception:  # noqa: BLE001 - any error is the answer asked for
+            return
+        pytest.fail(
+            f"enable_aof() returned normally though the server refused its CONFIG SET "
+            f"appendonly yes (this user has no CONFIG permission) and reports aof_enabled:"
+            f"{admin.info('persistence').get('aof_enabled')}: the caller now believes every "
+            "write is logged when a restart would lose them - let the server's error through "
+            "(or raise one of your own), never return as if the AOF were on", pytrace=False)
