@@ -100,7 +100,9 @@ class TcpProxy(TcpRelay):
             self.sent += len(chunk)
             slow = link.state.setdefault("slow", self.mode == "slow")
         if slow:
-            chunk = stalled_selects(link.state, chunk)
+            chunk, answer = stalled_selects(link.state, chunk)
+            if answer:
+                link.client.sendall(answer)
         return super().upward(link, chunk)
 
     def set(self, mode: str, answer: Answer | None = None) -> None:
@@ -539,13 +541,15 @@ def stalled(query: bytes) -> bytes:
     return b"SELECT q.* FROM (" + inner + b") AS q, pg_sleep(%d)" % STALL
 
 
-def stalled_selects(state: dict[str, Any], chunk: bytes) -> bytes:
+def stalled_selects(state: dict[str, Any], chunk: bytes) -> tuple[bytes, bytes]:
     """The client's bytes with each SELECT (simple Query, or the Parse of an extended one)
-    made to take STALL seconds on the server; the rest as it came. ``state`` keeps the
-    link's unparsed bytes and whether the startup phase (untyped messages) is over."""
+    made to take STALL seconds on the server, the rest as it came; and the relay's own
+    answer to the client (a request for TLS or GSS encryption is declined here, so the
+    messages stay readable). ``state`` keeps the link's unparsed bytes and whether the
+    startup phase (untyped messages) is over."""
     pending = state.setdefault("pending", bytearray())
     pending += chunk
-    out = bytearray()
+    out, answer = bytearray(), b""
     while len(pending) >= 5:
         typed = state.get("typed", False)
         size = int.from_bytes(pending[1:5] if typed else pending[:4], "big") + typed
@@ -553,15 +557,18 @@ def stalled_selects(state: dict[str, Any], chunk: bytes) -> bytes:
             break
         message = bytes(pending[:size])
         del pending[:size]
-        if not typed:   # SSLRequest/GSSENCRequest, then the startup message
-            state["typed"] = int.from_bytes(message[4:8], "big") not in SSL_OR_GSS_REQUEST
+        if not typed and int.from_bytes(message[4:8], "big") in SSL_OR_GSS_REQUEST:
+            answer += b"N"   # "not here": the client goes on in the clear (sslmode=prefer)
+            continue
+        if not typed:   # the startup message: typed messages from here on
+            state["typed"] = True
         elif message[:1] == b"Q":
             message = _pg(b"Q", stalled(message[5:-1]) + b"\0")
         elif message[:1] == b"P":
             name, query, rest = message[5:].split(b"\0", 2)
             message = _pg(b"P", name + b"\0" + stalled(query) + b"\0" + rest)
         out += message
-    return bytes(out)
+    return bytes(out), answer
 
 
 def postgres_failing_queries(code: str, message: str) -> Answer:
