@@ -208,6 +208,27 @@ def test_delete_of_a_user_with_orders_is_409(instances: list[str], db: Any) -> N
                       "a replay of the order's key after the refused DELETEs")
 
 
+# A PUT is the user's whole new state (RFC 9110 9.3.4); a representation without a field is
+# no user (both columns are NOT NULL), not "keep the old value" - that is PATCH.
+PARTIAL_USERS = [({"name": "Grace Hopper"}, "without email"),
+                 ({"email": "grace@navy.mil"}, "without name")]
+
+
+def test_put_replaces_the_whole_user(instances: list[str], db: Any) -> None:
+    user = {"name": "Grace B. Hopper", "email": "grace@example.com"}
+    reply = call(instances[0], "PUT", "/users/7", user)
+    assert reply.status in (200, 201, 204), f"PUT /users/7 {user}: saw {reply.status}"
+    for n, (partial, how) in enumerate(PARTIAL_USERS, start=1):
+        reply = call(instances[n % 2], "PUT", "/users/7", partial)
+        stored = rows(db, "SELECT name, email FROM users WHERE id = 7")
+        assert reply.status in (400, 422) and stored == [(user["name"], user["email"])], (
+            f"PUT /users/7 with {partial} ({how}) over {user}: expected 422 (or 400) and the "
+            f"user unchanged, saw {reply.status} and the row {stored}: PUT replaces the whole "
+            "resource with the representation sent (RFC 9110 9.3.4) - a missing field is an "
+            "incomplete user, refused; keeping the old value (or filling a default) makes "
+            "PUT a PATCH, and a client that meant to replace the user silently did not")
+
+
 def test_delete_is_idempotent(instances: list[str], db: Any) -> None:
     rows(db, "INSERT INTO users VALUES (8, 'Alan Turing', 'alan@example.com') RETURNING id")
     first = call(instances[0], "DELETE", "/users/8")
@@ -347,6 +368,42 @@ def test_text_with_a_nul_character_is_refused(instances: list[str], db: Any) -> 
                if wanted == {400} else ""))
 
 
+# "\ud800" with no low surrogate after it is valid JSON syntax, but it names no character
+# (RFC 8259 8.2: unpredictable; I-JSON, RFC 7493, forbids it): json.loads gives a str that
+# no UTF-8 encodes, so psycopg cannot send it (UnicodeEncodeError). The client's bad input
+# again: 422 (or 400) and nothing stored. A surrogate PAIR is one character, and fine.
+SURROGATE_REQUESTS: list[tuple[str, str, dict[str, Any], dict[str, str], str]] = [
+    ("PUT", "/users/8", {"name": "Bob \ud800", "email": "bob@example.com"}, {},
+     "an unpaired surrogate in name"),
+    ("POST", "/orders", {**ORDER, "item": "key\udfffcap"}, {"Idempotency-Key": "lone-item"},
+     "an unpaired surrogate in the item"),
+]
+
+
+def test_text_with_an_unpaired_surrogate_is_refused(instances: list[str], db: Any) -> None:
+    before = rows(db, STORED)
+    for n, (method, path, body, headers, what) in enumerate(SURROGATE_REQUESTS):
+        reply = call(instances[n % 2], method, path, body, headers)
+        after = rows(db, STORED)
+        assert reply.status in (400, 422) and after == before, (
+            f"{method} {path} with {what} (the JSON escape {ascii(body)[1:-1][:90]}): "
+            f"expected 422 (or 400) and nothing stored, saw {reply.status} "
+            f"{reply.body[:120]!r}"
+            + (f" and (users, orders, keys) went from {before[0]} to {after[0]}"
+               if after != before else "")
+            + ": a lone UTF-16 surrogate is valid JSON syntax but no character - no UTF-8 "
+            "(and no Postgres text) holds it"
+            + (", and psycopg's UnicodeEncodeError became a server error: refuse text that "
+               "does not encode (str.encode('utf-8') raises) before the database sees it"
+               if reply.status >= 500 else "; refuse it, never store it altered"))
+    emoji = {**ORDER, "item": "\U0001f511 key"}   # JSON "\ud83d\udd11": a pair, one character
+    reply = post_order(instances[0], "pair-item", emoji)
+    assert reply.status == 201 and reply.json().get("item") == emoji["item"], (
+        f"POST /orders with the item {emoji['item']!r} (a surrogate pair in JSON, one "
+        f"character): expected 201 and the item as sent, saw {reply.status} "
+        f"{reply.body[:150]!r}: only an unpaired surrogate is invalid")
+
+
 def test_replayed_key_returns_the_stored_response(instances: list[str], db: Any) -> None:
     key = str(uuid.uuid4())
     first = post_order(instances[0], key)
@@ -403,6 +460,29 @@ def test_key_reused_for_another_request_is_422(instances: list[str], db: Any,
         "drop the new order. The fingerprint must cover every field, by name (a canonical "
         "json.dumps(body, sort_keys=True)), not a subset of them or their values alone")
     assert_one_order(db, 2, "conflicting")
+
+
+# Texts a normalising fingerprint (strip(), lower(), casefold()) takes for the first one:
+# each is another request - the client's item as sent is what the order stores.
+ITEM_SPELLINGS = [("Keyboard", "in another letter case"),
+                  ("keyboard ", "with a trailing blank")]
+
+
+def test_key_reused_with_the_item_spelled_otherwise_is_422(instances: list[str],
+                                                           db: Any) -> None:
+    key = str(uuid.uuid4())
+    first = post_order(instances[0], key)
+    assert first.status == 201, (
+        f"POST /orders with a new Idempotency-Key: expected 201, saw {first.status}")
+    for n, (item, how) in enumerate(ITEM_SPELLINGS, start=1):
+        reply = post_order(instances[n % 2], key, {**ORDER, "item": item})
+        assert reply.status == 422, (
+            f"the same Idempotency-Key with the item {item!r} ({how}) after "
+            f"{ORDER['item']!r}: expected 422, saw {reply.status} {reply.body[:150]!r}: the "
+            "fingerprint normalised the text (strip/lower) and took another request for a "
+            "replay - the order stores the item as sent, so a body that differs in any "
+            "character is another request; hash the body's values exactly")
+    assert_one_order(db, 1 + len(ITEM_SPELLINGS), "conflicting")
 
 
 def test_keys_are_compared_exactly(instances: list[str], db: Any) -> None:

@@ -528,6 +528,11 @@ def test_commit_crash_resume_and_lag(learner: Any, kafka: Any) -> None:
         future.result(timeout=10)
 
     lag = consumer_lag(kafka.bootstrap, topic, group)
+    assert set(lag) == {0, 1}, (
+        f"consumer_lag for a group that never committed = {lag}; expected an entry for each "
+        f"of the topic's partitions, {{0: 10, 1: 6}}: a partition the group has no commit on "
+        "still has lag - the group would start it at the log start (low watermark), so it is "
+        "high - low behind; leaving it out reports a group that has read nothing as caught up")
     assert lag == {0: 10, 1: 6}, (
         f"consumer_lag for a group that never committed = {lag}; expected {{0: 10, 1: 6}}: "
         "such a group starts at the log start (low watermark), and partition 1's log starts "
@@ -607,6 +612,26 @@ def test_commit_crash_resume_and_lag(learner: Any, kafka: Any) -> None:
         resumed.close()
 
 
+def commit_again_after_refusal(member: Any, kafka: Any, topic: str, group: str,
+                               outcome: str) -> None:
+    """The broker refused the commit and ``commit()`` said so (``outcome``); the broker
+    takes the next one. The 5 records are still processed and not committed, so the next
+    ``commit()`` must store them: offsets are pending until the broker has them."""
+    try:
+        member.commit()
+    except Exception as exc:  # noqa: BLE001 - crossed from the learner's process
+        pytest.fail(f"commit() after a refused one raised {type(exc).__name__}: {exc}; the "
+                    "broker was taking commits again", pytrace=False)
+    stored = committed(kafka, topic, group, 1)[0]
+    assert stored == 5, (
+        f"the broker refused a commit (commit() {outcome}: right), and the next commit() "
+        f"stored nothing: the broker holds offset {stored} for the 5 records read (-1001 = "
+        "none); expected 5. The refused offsets were dropped as if committed (taken out of "
+        "what is pending, or a 'nothing new' flag cleared, before the broker took them), so "
+        "no later commit() nor on_revoke stores them and the partition's next owner "
+        "processes all 5 again - forget an offset only once its commit succeeded")
+
+
 def test_commit_returns_once_the_broker_stored_the_offsets(learner: Any, kafka: Any) -> None:
     """The member reaches the broker through a proxy, which refuses its commit (it answers
     the OffsetCommit with an error in the broker's place and stores nothing). commit() must
@@ -642,6 +667,8 @@ def test_commit_returns_once_the_broker_stored_the_offsets(learner: Any, kafka: 
             assert "request" in kinds, (
                 f"commit() {outcome} without sending an OffsetCommit to the broker: commit "
                 "the processed offsets with consumer.commit(offsets=..., asynchronous=False)")
+            if stored != 5:
+                commit_again_after_refusal(member, kafka, topic, group, outcome)
         finally:
             proxy.release(OFFSET_COMMIT)
             member.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -30,6 +31,7 @@ from labrunner.testing import RelayLink, TcpRelay, serve_wsgi
 PROBE_TIMEOUT = 8.0   # seconds a probe may take before the test calls it hung
 HUNG_BUDGET = 4.0     # ... when a dependency hangs: the check's own timeout must cut it
                       # (Kubernetes' default probe timeoutSeconds is 1)
+STALL = 8             # seconds a stuck server spends on each SELECT: twice HUNG_BUDGET
 
 
 # What a service says in the dependency's place (mode "answer"): given the bytes a client
@@ -39,8 +41,9 @@ Answer = Callable[[bytearray], tuple[bytes, bool]]
 
 class TcpProxy(TcpRelay):
     """127.0.0.1:<port> relaying to ``target``; mode "up", "down" (accept, close at once),
-    "hang" (accept, never answer) or "answer" (accept, and an impostor answers: an error
-    reply, another protocol). Leaving "up" cuts every relayed connection.
+    "hang" (accept, never answer), "answer" (accept, and an impostor answers: an error
+    reply, another protocol) or "slow" (Postgres only: relayed, but the server takes
+    STALL seconds over each SELECT). Leaving a mode cuts every relayed connection.
 
     ``reached()`` counts what clients did towards the dependency (connections accepted plus
     bytes sent to it): it grows when, and only when, the app really talked to it."""
@@ -73,7 +76,7 @@ class TcpProxy(TcpRelay):
         if mode == "answer" and answer is not None:
             threading.Thread(target=self._impostor, args=(client, answer), daemon=True,
                              name="health-impostor").start()
-        return mode == "up"
+        return mode in ("up", "slow")
 
     def _impostor(self, client: socket.socket, answer: Answer) -> None:
         pending = bytearray()
@@ -95,6 +98,11 @@ class TcpProxy(TcpRelay):
     def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
         with self.lock:
             self.sent += len(chunk)
+            slow = link.state.setdefault("slow", self.mode == "slow")
+        if slow:
+            chunk, answer = stalled_selects(link.state, chunk)
+            if answer:
+                link.client.sendall(answer)
         return super().upward(link, chunk)
 
     def set(self, mode: str, answer: Answer | None = None) -> None:
@@ -187,9 +195,13 @@ def _is_ok(value: Any) -> bool:
 
 
 def expect(host: str, path: str, status: int, situation: str, why: str,
-           budget: float = PROBE_TIMEOUT, raised: str = "") -> Any:
-    """``raised``: what to say first when the app answers 500 (an exception escaped)."""
+           budget: float = PROBE_TIMEOUT, raised: str = "", hung: str = "") -> Any:
+    """``raised``: what to say first when the app answers 500 (an exception escaped);
+    ``hung``: when it does not answer within ``budget``."""
     got, body, took = probe(host, path, budget)
+    if got == 0 and hung:
+        pytest.fail(f"{situation}: GET {path} did not answer within {budget:.0f} s, "
+                    f"expected {status} at once: {hung}", pytrace=False)
     if got == 0:
         pytest.fail(f"{situation}: GET {path} did not answer within {budget:.0f} s, "
                     f"expected {status} at once: a probe that hangs fails late and ties up a "
@@ -328,6 +340,24 @@ def test_baseline(host: str, deps: Deps) -> None:
             "ago")
 
 
+def test_a_dsn_in_uri_form(learner: Any, postgres: Any, deps: Deps) -> None:
+    """pg_dsn is a libpq connection string, which comes in two forms: key=value pairs (what
+    the other tests pass) or a URI, the form DATABASE_URL and most platforms hand an app."""
+    uri = deps.pg.url_for(postgres.dsn)
+    assert uri.startswith("postgresql://")
+    make_app = learner.function("health", "make_app")
+    situation = "pg_dsn given as a URI (postgresql://user:password@host:port/db)"
+    with serve_wsgi(make_app(uri, deps.redis_url)) as address:
+        body = expect(address, "/health/ready", 200, situation,
+                      "Postgres is up, and the same database given as key=value pairs "
+                      "checks ok - a libpq connection string is key=value pairs or a URI, "
+                      "and text appended to it (' connect_timeout=2') or a split on spaces "
+                      "and '=' only works for the first: pass the settings as keyword "
+                      "arguments (psycopg.connect(dsn, connect_timeout=2)), which libpq "
+                      "merges into either form")
+    reported(body, set(), {"postgres", "redis"}, situation)
+
+
 def test_a_check_leaves_no_transaction_open(host: str, postgres: Any) -> None:
     """psycopg opens a transaction with the first statement unless the connection is in
     autocommit: a connection kept between probes that ran SELECT 1 and never committed sits
@@ -430,14 +460,28 @@ def test_redis_down_then_both_then_back(host: str, deps: Deps) -> None:
     wait_ready(host, "Redis reachable again")
 
 
+# (dependency, its label, proxy mode, the situation, what bounds the check there)
+HANGS = (
+    ("redis", "Redis", "hang", "accepting connections but never answering", ""),
+    ("postgres", "Postgres", "hang", "accepting connections but never answering", ""),
+    ("postgres", "Postgres", "slow", f"logging clients in at once, then taking {STALL} s over "
+     "SELECT 1 (a stuck server: overloaded, swapping, waiting on its disk)",
+     "the connection was made in milliseconds, so connect_timeout never fired, and the "
+     "query itself ran unbounded - bound it too: statement_timeout (options='-c "
+     "statement_timeout=1000' on connect, or SET statement_timeout), or a deadline of the "
+     "check's own"),
+)
+
+
 def test_a_hung_dependency_is_a_quick_503(host: str, deps: Deps) -> None:
     expect(host, "/health/ready", 200, "before the outage", "both dependencies answer")
-    for proxy, name, label in ((deps.redis, "redis", "Redis"), (deps.pg, "postgres", "Postgres")):
-        proxy.set("hang")
-        situation = f"{label} accepting connections but never answering"
+    for name, label, mode, how, bound in HANGS:
+        proxy = deps.proxies[name]
+        proxy.set(mode)
+        situation = f"{label} {how}"
         body = expect(host, "/health/ready", 503, situation,
                       "a dependency that does not answer within the check's timeout is down",
-                      budget=HUNG_BUDGET)
+                      budget=HUNG_BUDGET, hung=bound)
         names(body, name, situation)
         expect(host, "/health/live", 200, situation, LIVE_WHY)
         proxy.set("up")
@@ -486,6 +530,45 @@ PG_LOGGED_IN = (_pg(b"R", (0).to_bytes(4, "big"))          # AuthenticationOk
                     ("integer_datetimes", "on"), ("TimeZone", "UTC")))
                 + _pg(b"K", (4242).to_bytes(4, "big") + (7).to_bytes(4, "big")) + PG_READY)
 SSL_OR_GSS_REQUEST = (80877103, 80877104)
+SELECT = re.compile(rb"\s*(select|with)\b", re.IGNORECASE)
+
+
+def stalled(query: bytes) -> bytes:
+    """``query`` as a stuck server runs it: the same rows, after STALL seconds of work."""
+    if not SELECT.match(query):
+        return query   # BEGIN, SET ...: at once
+    inner = query.rstrip().rstrip(b";")
+    return b"SELECT q.* FROM (" + inner + b") AS q, pg_sleep(%d)" % STALL
+
+
+def stalled_selects(state: dict[str, Any], chunk: bytes) -> tuple[bytes, bytes]:
+    """The client's bytes with each SELECT (simple Query, or the Parse of an extended one)
+    made to take STALL seconds on the server, the rest as it came; and the relay's own
+    answer to the client (a request for TLS or GSS encryption is declined here, so the
+    messages stay readable). ``state`` keeps the link's unparsed bytes and whether the
+    startup phase (untyped messages) is over."""
+    pending = state.setdefault("pending", bytearray())
+    pending += chunk
+    out, answer = bytearray(), b""
+    while len(pending) >= 5:
+        typed = state.get("typed", False)
+        size = int.from_bytes(pending[1:5] if typed else pending[:4], "big") + typed
+        if len(pending) < size:
+            break
+        message = bytes(pending[:size])
+        del pending[:size]
+        if not typed and int.from_bytes(message[4:8], "big") in SSL_OR_GSS_REQUEST:
+            answer += b"N"   # "not here": the client goes on in the clear (sslmode=prefer)
+            continue
+        if not typed:   # the startup message: typed messages from here on
+            state["typed"] = True
+        elif message[:1] == b"Q":
+            message = _pg(b"Q", stalled(message[5:-1]) + b"\0")
+        elif message[:1] == b"P":
+            name, query, rest = message[5:].split(b"\0", 2)
+            message = _pg(b"P", name + b"\0" + stalled(query) + b"\0" + rest)
+        out += message
+    return bytes(out), answer
 
 
 def postgres_failing_queries(code: str, message: str) -> Answer:

@@ -53,7 +53,20 @@ def require(data: Any, fields: dict[str, type]) -> dict[str, Any]:
         # Valid JSON ("\u0000"), but a Postgres text value cannot hold NUL: the client's
         # mistake, refused here - not psycopg's DataError as a 500.
         raise HTTPError(422, f"{', '.join(fields)}: text cannot contain NUL")
+    if any(kind is str and not is_unicode_text(data[name]) for name, kind in fields.items()):
+        # "\ud800" alone is valid JSON syntax but names no character (RFC 8259 8.2): no UTF-8
+        # encodes it, so psycopg cannot send it (UnicodeEncodeError) - refused here too.
+        raise HTTPError(422, f"{', '.join(fields)}: text holds an unpaired surrogate")
     return {name: data[name] for name in fields}
+
+
+def is_unicode_text(text: str) -> bool:
+    """Whether ``text`` is characters UTF-8 can encode (no lone UTF-16 surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def order_fields(data: Any) -> dict[str, Any]:
