@@ -167,19 +167,21 @@ def add_user(db: Db) -> dict[str, Any]:
     return user
 
 
-def raw_get(port: int, path: str) -> int:
+def raw_get(port: int, path: str, credentials: tuple[str, ...] = (f"Bearer {TOKEN}",),
+            expected: str = "404 from the router") -> int:
     """GET ``path`` sent as its Latin-1 bytes, as they are (http.client refuses a non-ASCII
-    path): the status of the response."""
+    path), with one Authorization line per credential: the status of the response."""
+    lines = "".join(f"Authorization: {value}\r\n" for value in credentials)
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: lab.test\r\nAuthorization: Bearer {TOKEN}"
-                     "\r\nConnection: close\r\n\r\n".encode("iso-8859-1"))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: lab.test\r\n{lines}"
+                     "Connection: close\r\n\r\n".encode("iso-8859-1"))
         reply = http.client.HTTPResponse(sock)
         try:
             reply.begin()
             reply.read()
         except (TimeoutError, http.client.HTTPException, ConnectionError) as exc:
-            problem = (f"GET {path!r}: no response ({type(exc).__name__}: {exc}), expected 404 "
-                       "from the router")
+            problem = (f"GET {path!r}: no response ({type(exc).__name__}: {exc}), expected "
+                       f"{expected}")
         else:
             return reply.status
     pytest.fail(problem, pytrace=False)
@@ -262,6 +264,34 @@ def test_missing_token_is_401_before_any_query(api: Api) -> None:
         "auth-scheme 1*SP token68 (RFC 9110 11.4; RFC 6750 2.1: \"Bearer\" 1*SP b64token) - "
         "one or more spaces\npartition(' ') or header[7:] keeps the extra spaces in the "
         "token: strip the spaces after the scheme (partition(' ') then lstrip(' ')).")
+
+
+def test_two_authorization_lines_are_refused(api: Api) -> None:
+    """Authorization holds one credential, not a list: a sender MUST NOT send it on two lines
+    (RFC 9110 5.3, 11.6.2), and RFC 6750 3.1 calls a request that repeats it invalid_request.
+    A server that keeps one of the lines (the first, or the last as a dict built line by
+    line does) may keep another than a proxy or gateway in front of it checked: the two then
+    disagree on who is asking. One line has the valid token, the other not, in both orders:
+    401 (or 400), never the valid user's 200."""
+    user = add_user(api.db)
+    port = api.start()
+    before = api.db.reads()
+    valid, other = f"Bearer {TOKEN}", "Bearer someone-else"
+    for credentials, kept in (((valid, other), "first"), ((other, valid), "last")):
+        status = raw_get(port, f"/users/{user['id']}", credentials, "401 or 400")
+        shown = " then ".join(f"'Authorization: {value}'" for value in credentials)
+        taken = (f": the {kept} line, the one with the valid token, was taken and the other "
+                 "ignored" if status == 200 else "")
+        assert status in (400, 401), (
+            f"GET /users/{user['id']} with two Authorization lines, {shown}, returned "
+            f"{status}{taken}, expected 401 (or 400)\nAuthorization is one credential, not a "
+            "list (RFC 9110 5.3 and 11.6.2: never sent twice; RFC 6750 3.1: a repeated "
+            "parameter is invalid_request). A proxy in front of the app may have checked the "
+            "other line: keeping only the first or the last line lets the two disagree on "
+            "who is asking. Keep every line - join a field's repeated lines with ', ' (RFC "
+            "9110 5.3), which is no valid credential - or refuse a repeated Authorization.")
+    expect_reads(api, before, 0, "two requests with two Authorization lines each",
+                 "A request whose credentials are ambiguous is refused before the handler.")
 
 
 def test_router_answers_404_and_405_itself(api: Api) -> None:

@@ -289,6 +289,47 @@ def test_ack_removes_one_claim_of_a_job_queued_twice(learner: Any, redis_db: Any
     assert queue.claim() == "email:42", "the recovered copy of email:42 must be next in line"
 
 
+def claims_until_empty(queue: Any, limit: int = 6) -> list[str | None]:
+    taken: list[str | None] = []
+    while len(taken) < limit:
+        taken.append(queue.claim())
+        if taken[-1] is None:
+            break
+    return taken
+
+
+def test_two_queues_each_recover_only_their_own_jobs(learner: Any, redis_db: Any) -> None:
+    """Two queues side by side, a worker of each dies holding a job: recover() on one queue
+    brings back that queue's job only. A processing list shared by every queue (one fixed
+    name instead of <name>:processing) hands the other queue's job to this one."""
+    module = learner.load("structures")
+    emails = structure(module, "ReliableQueue", redis_db.url, "emails")
+    thumbs = structure(module, "ReliableQueue", redis_db.url, "thumbnails")
+    for n in (1, 2):
+        emails.push(f"email-{n}")
+        thumbs.push(f"thumb-{n}")
+    held = [emails.claim(), thumbs.claim()]  # both workers die holding these
+    assert held == ["email-1", "thumb-1"], f"first claims of each queue returned {held}"
+    for name, own in (("emails", "email"), ("thumbnails", "thumb")):
+        recovering = structure(module, "ReliableQueue", redis_db.url, name)
+        recovered = recovering.recover()
+        taken = claims_until_empty(recovering)
+        foreign = [job for job in taken if job is not None and not job.startswith(own)]
+        assert not foreign, (
+            f"recover() on queue {name!r} brought back {foreign}, claimed from the other "
+            f"queue: its claims then gave {taken}, expected [{own}-1, {own}-2, None] - "
+            "queues 'emails' and 'thumbnails' each had one job claimed and never acked, and "
+            "a job must come back into the queue it was claimed from. Give each queue a "
+            "processing list of its own (<name>:processing, as the README says); one list "
+            "shared by every queue mixes their jobs at recovery")
+        assert recovered == 1, (
+            f"recover() on queue {name!r} returned {recovered}, expected 1: of this queue "
+            f"one job ({own}-1) was claimed and never acked")
+        assert taken == [f"{own}-1", f"{own}-2", None], (
+            f"after recover() on queue {name!r}, claims returned {taken}, expected "
+            f"[{own}-1, {own}-2, None]: the recovered job is next in line")
+
+
 def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) -> None:
     visitors = structure(learner.load("structures"), "UniqueVisitors", redis_db.url, "visitors")
     rnd = random.Random(8)

@@ -102,6 +102,40 @@ def test_probabilistic_early_expiry(stampede: ModuleType, redis_db: Any) -> None
                 pytrace=False)
 
 
+def test_a_draw_of_zero_recomputes(stampede: ModuleType, redis_db: Any) -> None:
+    """random.random() returns a float in [0.0, 1.0): 0.0 itself can be drawn. Then
+    -ln(rand()) is +infinity and the rule (recompute when now - delta * beta * ln(rand) >=
+    expiry) says recompute, whatever the time left; math.log(0.0) raises ValueError."""
+    clock = Clock(1_000.0)
+    loads: list[float] = []
+
+    def loader() -> str:
+        loads.append(clock.t)
+        clock.t += 2.0          # delta = 2 s
+        return f"v{len(loads)}"
+
+    stampede.xfetch(redis_db.url, "xf:zero", loader, 100.0, beta=1.0, now=clock,
+                    rand=lambda: 0.5)
+    assert len(loads) == 1, "a miss must call the loader once"
+    clock.t = 1_102.0 - 10.0    # 10 s before the logical expiry
+    try:
+        got = stampede.xfetch(redis_db.url, "xf:zero", loader, 100.0, beta=1.0, now=clock,
+                              rand=lambda: 0.0)
+    except Exception as exc:  # noqa: BLE001 - any crash is the mistake reported
+        pytest.fail(
+            f"xfetch raised {type(exc).__name__}: {exc} when rand() returned 0.0 (10 s before "
+            "the logical expiry, delta = 2 s): random.random() returns values in [0.0, 1.0), "
+            "0.0 included, and math.log(0.0) raises - a reader would crash on a hit\n"
+            "-ln(0) is +infinity: the rule says recompute. Check the draw before taking its "
+            "log (a draw of 0.0 recomputes) instead of calling math.log(0.0).", pytrace=False)
+    assert len(loads) == 2 and got == "v2", (
+        f"with rand() = 0.0, 10 s before the logical expiry (delta = 2 s, beta = 1), xfetch "
+        f"served the cached value {got!r} without recomputing, expected it to recompute: "
+        "-ln(0) is +infinity, so now - delta * beta * ln(rand()) >= expiry holds - a guard "
+        "that takes a draw of 0.0 as 1.0 (-ln(1) = 0) or serves the cached value turns the "
+        "draw that must recompute into one that never does")
+
+
 FIELDS = ("value", "delta", "expiry")
 
 

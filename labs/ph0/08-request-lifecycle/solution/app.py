@@ -17,7 +17,7 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -191,6 +191,19 @@ class App:
 # ---------------------------------------------------------------------------- accept, parse, send
 
 
+def joined_headers(lines: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Header names in lower case; a field sent on several lines is one value, its lines
+    joined with ', ' in order (RFC 9110 5.3). Keeping one line of a field that is no list
+    (Authorization: one credential, RFC 9110 11.6.2) would let the app and a proxy in front
+    of it read different lines; joined, two credentials are no credential, and auth refuses
+    them (RFC 6750 3.1: a repeated parameter is an invalid request)."""
+    headers: dict[str, str] = {}
+    for name, value in lines:
+        name = name.lower()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
 class _HttpHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, Content-Length framing
     server: _HttpServer
@@ -201,7 +214,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         request = Request(method=self.command, path=url.path, query=dict(parse_qsl(url.query)),
-                          headers={k.lower(): v for k, v in self.headers.items()},
+                          headers=joined_headers(self.headers.items()),
                           body=self.rfile.read(length) if length else b"")
         self._send(self.server.app(request))
 

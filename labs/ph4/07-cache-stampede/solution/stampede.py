@@ -73,7 +73,9 @@ def xfetch(url: str, key: str, loader: Callable[[], str], ttl_s: float, *, beta:
     entry = r.hgetall(key)
     if entry:
         delta, expiry = float(entry["delta"]), float(entry["expiry"])
-        if now() - delta * beta * math.log(rand()) < expiry:
+        draw = rand()  # random.random() is in [0, 1): 0.0 can come, and log(0) raises
+        gap = delta * beta * (-math.log(draw) if draw > 0.0 else math.inf)  # -ln(0) = +inf
+        if now() + gap < expiry:
             return str(entry["value"])
     start = now()
     value = loader()
