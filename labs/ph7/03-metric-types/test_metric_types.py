@@ -206,8 +206,7 @@ def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> Non
                 f'Prometheus saw jobs_total{{queue="{key[0]}",outcome="{key[1]}"}} = {got}, '
                 f"expected {count}: count each job once, when it finishes, with its outcome "
                 "(the 3 jobs still running must not be counted yet)")
-        # A series made ahead at 0 (both outcomes labelled when a queue is first seen, as
-        # Prometheus advises: no missing series) counts no job: only counts are extra.
+        # a series made ahead at 0 (as Prometheus advises: no missing series) is no count
         extra = sorted(key for key in set(seen) - set(want) if seen[key])
         assert not extra, f"unexpected jobs_total series {extra}: outcome is 'ok' or 'error'"
         observed = _series(prometheus, f'job_duration_seconds_count{{job="{job}"}}', "queue")
