@@ -8,7 +8,7 @@ the held thread is released only after one of the two was observed."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -214,24 +214,60 @@ def stepped_picks(module: ModuleType, names: list[str]) -> dict[str, Any]:
     the interleaving, if the read of the index and its advance are one step under a lock;
     otherwise both threads read the same index (the same backend twice) or one advance is
     lost. Returns the first hold that broke it: its line and text, and the three picks."""
-    import linecache
-
     folder = learner_folder(module)
     # pick()'s own steps: a balancer made outside the count, as each round's is
     ops = steps_in(folder, module.RoundRobin(list(names)).pick, opcodes=True)
-    for k in range(1, ops + 1):
-        lb = module.RoundRobin(list(names))
-        got: dict[str, str] = {}
-        errors: list[str] = []
-
-        first, second, third = (recorded(lb.pick, label, got, errors)
-                                for label in ("first", "second", "third"))
-        held_at = hold_first_at_step(folder, k, first, second, opcodes=True, poll=0.01)
-        third()
+    for held_at, got, _after, errors in _three_picks(
+            folder, ops, lambda: module.RoundRobin(list(names)), opcodes=True, then=0):
         if errors:
             return {"errors": errors}
         if held_at and sorted(got.values()) != sorted(names):
-            file, number = held_at
-            return {"line": number, "text": linecache.getline(file, number).strip(),
-                    "got": got, "errors": []}
+            return {**_where(held_at), "got": got, "errors": []}
     return {"line": None, "errors": []}
+
+
+def stepped_weighted_picks(module: ModuleType, weights: dict[str, int]) -> dict[str, Any]:
+    """SmoothWeightedRoundRobin.pick() from two threads, every interleaving a line apart:
+    one pick() is held before its k-th line while a second runs to its end or is seen
+    blocked, then the held one goes on, a third pick() follows and then one more period.
+    With equal weights the three picks are each backend once, in some order, and the
+    period after them is the sequence from the start (every current value is back at 0) -
+    if the adds, the choice and the subtraction are one step under a lock. Returns the
+    first hold that broke it: its line and text, the three picks and the period after."""
+    folder = learner_folder(module)
+    lines = steps_in(folder, module.SmoothWeightedRoundRobin(dict(weights)).pick)
+    names = list(weights)
+    for held_at, got, after, errors in _three_picks(
+            folder, lines, lambda: module.SmoothWeightedRoundRobin(dict(weights)),
+            opcodes=False, then=len(names)):
+        if errors:
+            return {"errors": errors}
+        if held_at and (sorted(got.values()) != sorted(names) or after != names):
+            return {**_where(held_at), "got": got, "after": after, "errors": []}
+    return {"line": None, "errors": []}
+
+
+def _where(held_at: tuple[str, int]) -> dict[str, Any]:
+    import linecache
+
+    file, number = held_at
+    return {"line": number, "text": linecache.getline(file, number).strip()}
+
+
+def _three_picks(folder: str, steps: int, make: Callable[[], Any], *, opcodes: bool,
+                 then: int) -> Iterator[tuple[Any, dict[str, str], list[str], list[str]]]:
+    """For k = 1 .. steps, on a balancer of its own: a first pick() held before its k-th
+    step while a second runs, then a third pick() and ``then`` more. Yields where the first
+    was held, the three picks, the ones after and what any pick raised."""
+    for k in range(1, steps + 1):
+        lb = make()
+        got: dict[str, str] = {}
+        errors: list[str] = []
+        first, second, third = (recorded(lb.pick, label, got, errors)
+                                for label in ("first", "second", "third"))
+        held_at = hold_first_at_step(folder, k, first, second, opcodes=opcodes, poll=0.01)
+        third()
+        later: dict[str, str] = {}
+        for i in range(then if not errors else 0):
+            recorded(lb.pick, str(i), later, errors)()
+        yield held_at, got, [later.get(str(i), "?") for i in range(then)], errors

@@ -2,22 +2,27 @@
 test runs with a load it knows exactly, must give the figures of that load.
 
 The test's service runs as two instances (a service scaled out: two scrape targets of one
-job, each with a pool of its own and its own share of each route) whose counters grow at known
-rates: together 40 requests per second, 6 of them 5xx and 4 of them 404; a duration histogram
-whose p99 is 0.5 s; pools of 3 and 2 workers, 3.75 busy on average, 1.5 requests waiting, 0.5
-rejected per second. The first instance restarts every 2 s (its counters begin again at
-0), as a service being deployed or crash-looping does: a counter is read with rate() per
-series, which counts each one's resets, never summed first. Each sample carries the time it
-was computed for, on a grid both instances share, so Prometheus holds exact straight lines
-(broken only by the restarts, each right after a scrape), and the queries are evaluated at
-a sample time of both instances over a window that starts at another: the figures then come
-out exact, and the test compares them tightly. A figure that is right for one instance alone
-(scalar(), an average or maximum over instances, a mean of the instances' ratios) is not."""
+job, each with a pool of its own and its own share of each route) whose counters grow at
+known rates: together 40 requests per second, 7 of them 5xx (500, 503 and a 520) and 4 of
+them 404; a duration histogram whose p99 is 0.5 s; pools of 3 and 2 workers, 3.75 busy on
+average, 1.5 requests waiting, 0.5 rejected per second. The first instance restarts every 2
+s (its counters begin again at 0), as a service being deployed or crash-looping does: a
+counter is read with rate() per series, which counts each one's resets, never summed first.
+Each sample carries the time it was computed for, on a grid both instances share, so
+Prometheus holds exact straight lines (broken only by the restarts, each right after a
+scrape), and the queries are evaluated at a sample time of both instances over a window that
+starts at another: the figures then come out exact, and the test compares them tightly. A
+figure that is right for one instance alone (scalar(), an average or maximum over instances,
+a mean of the instances' ratios) is not. Another service with the same metric names is
+scraped beside it, under a job whose name is the service's with a '-' for its '.': a job
+matched as a regex reads it too."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -31,9 +36,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from labrunner.testing import serve_wsgi
 
-# Requests per second by (route, code), the whole service.
+# Requests per second by (route, code), the whole service. A 5xx is any code 500-599 (RFC
+# 9110 15: the first digit is the class, and a code a client does not know reads as x00 of
+# its class): the 520 a proxy sends (Cloudflare's "unknown error") fails the request too.
 REQUESTS = {("/orders", "200"): 26.0, ("/orders", "404"): 4.0,
-            ("/search", "200"): 4.0, ("/search", "500"): 4.0, ("/search", "503"): 2.0}
+            ("/search", "200"): 3.0, ("/search", "500"): 4.0, ("/search", "503"): 2.0,
+            ("/search", "520"): 1.0}
+FAILURES = sorted(code for _, code in REQUESTS if code.startswith("5"))
 # Observations per second per duration bucket (upper bound), and seconds per second of _sum.
 BUCKETS = ("0.1", "0.25", "0.5", "1.0", "2.5")
 DURATIONS = {"/orders": ((20.0, 10.0, 0.0, 0.0, 0.0), 3.0),
@@ -56,7 +65,9 @@ class OtherService(TypedDict):
 
 
 # Another service scraped at the same time, with the same metric names and other figures:
-# a query that does not select its job reads both.
+# a query that does not select its job reads both. Its job's name is the service's with a
+# '-' where the service's has a '.' (JOBS): a job matched as a regex (job=~) reads it too.
+JOBS = ("shop.api-{token}", "shop-api-{token}")
 OTHER: OtherService = {"requests": {("/orders", "200"): 100.0}, "pool": (2, 2.0, 9.0, 7.0)}
 # Every sample is stamped with a multiple of this (both instances scraped each 0.5 s), so
 # the instances' series share sample times the queries are evaluated at.
@@ -232,7 +243,7 @@ def _check(prometheus: Any, learner: Any, running: Running, what: str,
         query = queries.get(name)
         assert isinstance(query, str) and query, (
             f"{what}() has no PromQL for {name!r} (keys: {sorted(queries)})")
-        assert job in query, (
+        assert job in query.replace("\\", ""), (  # a regex may escape its dots
             f"{what}()[{name!r}] = {query!r} does not select job {job!r}: every service "
             "Prometheus scrapes exports the same metric names (another one runs right now) - "
             'filter every selector on {job="<job>"}, or the figure mixes services')
@@ -261,12 +272,8 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
     if ranges and ranges != [window]:
         return (f"the query's range is {ranges}, not the window asked for ({window}): put "
                 "the window argument in every range selector")
-    unfiltered = [sel for sel, matchers in re.findall(SELECTOR, compact)
-                  if not re.search(r"\bjob(=|=~)", matchers)]
-    if unfiltered:
-        return (f"the selector {unfiltered[0]} has no job filter, so it also reads the other "
-                "service scraped beside this one (same metric names, other figures): filter "
-                'EVERY selector on {job="<job>"} - a denominator as much as a numerator')
+    if found := _job_diagnosis(compact):
+        return found
     restarted = (f"instance {RESTARTING + 1} restarted within the window (a deploy, a crash: "
                  "every counter it exports began again at 0)")
     if re.search(r"(rate|increase|delta|deriv)\((sum|avg|max|min|count)\b", compact):
@@ -291,9 +298,6 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
         return "irate() reads the last two samples only: use rate() over [window]"
     if name == "error_ratio" and (found := _error_ratio_diagnosis(value)):
         return found
-    if name == "error_ratio" and abs(value - 0.1) < 0.002:
-        return ("only code 500 was counted, not 503: a 5xx is any server failure (500, 502, "
-                '503, 504) - match code=~"5.."')
     if name == "utilization" and "/" not in compact:
         return (f"{value:.4g} is how many workers are busy on average, not the share of the "
                 "pool that is: divide the busy worker-seconds per second by sum(pool_size)")
@@ -313,8 +317,25 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
 SELECTOR = r"\b((?:http_requests_total|http_request_duration_seconds_\w+|pool_\w+)(\{[^}]*\})?)"
 
 
+def _job_diagnosis(compact: str) -> str:
+    """A selector that reads other jobs than the service's: none named, or a pattern."""
+    unfiltered = [sel for sel, matchers in re.findall(SELECTOR, compact)
+                  if not re.search(r"\bjob(=|=~)", matchers)]
+    if unfiltered:
+        return (f"the selector {unfiltered[0]} has no job filter, so it also reads the other "
+                "service scraped beside this one (same metric names, other figures): filter "
+                'EVERY selector on {job="<job>"} - a denominator as much as a numerator')
+    if re.search(r"\bjob=~", compact):
+        return (f"the job is matched as a regular expression (job=~): in its name, "
+                f"{JOBS[0].format(token='...')!r}, the '.' matches any character, so the "
+                f"other service scraped beside this one, job {JOBS[1].format(token='...')!r} "
+                "(same metric names, other figures), is read too. Select the job exactly: "
+                'job="<job>" (=~ takes a pattern, not a name)')
+    return ""
+
+
 def _error_ratio_diagnosis(value: float) -> str:
-    """The error ratio over a denominator other than all requests."""
+    """The error ratio over a denominator other than all requests, or over some 5xx only."""
     total = SERVICE["rate"]
     failed = SERVICE["error_ratio"] * total
     client = sum(rate for (_, code), rate in REQUESTS.items() if code.startswith("4"))
@@ -326,6 +347,26 @@ def _error_ratio_diagnosis(value: float) -> str:
             return (f"{value:.4g} is {what}, not over all requests: the share of requests "
                     "the service failed divides the 5xx rate by the rate of EVERY request, "
                     "the 2xx, 4xx and 5xx alike")
+    if abs(value - 0.1) < 0.002:
+        return ("only code 500 was counted, not 503 or 520: a 5xx is any server failure "
+                '(500, 502, 503, 504, ...) - match code=~"5.."')
+    return _codes_missed(value)
+
+
+def _codes_missed(value: float) -> str:
+    """The error ratio over some of the 5xx codes only (a list, a narrower pattern)."""
+    total = SERVICE["rate"]
+    for size in range(1, len(FAILURES)):
+        for codes in itertools.combinations(FAILURES, size):
+            reading = sum(r for (_, code), r in REQUESTS.items() if code in codes) / total
+            if abs(value - reading) <= TOLERANCE * reading:
+                missed = [code for code in FAILURES if code not in codes]
+                return (f"{value:.4g} counts the 5xx codes {', '.join(codes)} only, not "
+                        f"{', '.join(missed)}: a 5xx is any code from 500 to 599 - the first "
+                        "digit is the class (RFC 9110 15), and a code a list or a narrower "
+                        "pattern leaves out, such as the 520 a proxy answers, fails the "
+                        "request as much as a 500. "
+                        'Match the class: code=~"5.."')
     return ""
 
 
@@ -369,10 +410,12 @@ def service(prometheus: Any) -> Iterator[Running]:
     """The synthetic service's instances, scraped as one job, with at least 7 s of samples
     of each in Prometheus; another service scraped beside it."""
     with ExitStack() as stack:
-        prometheus.scrape(_serve(stack, SyntheticService(other=True)))
+        token = secrets.token_hex(3)
+        ours, other = (name.format(token=token) for name in JOBS)
+        prometheus.scrape(_serve(stack, SyntheticService(other=True)), job=other)
         instances = [SyntheticService(i) for i in range(len(POOLS))]
         addresses = [_serve(stack, instance) for instance in instances]
-        job = prometheus.scrape(addresses)
+        job = prometheus.scrape(addresses, job=ours)
         prometheus.wait_for_scrapes(job, count=14)
         yield Running(job, instances[RESTARTING], addresses[RESTARTING])
 
