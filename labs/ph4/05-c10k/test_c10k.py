@@ -674,7 +674,10 @@ def server_holds(conn: Conn, sent: int) -> int:
     """Once the server has taken everything sent (its receive queue empty) and sits asleep
     with nothing moving: the bytes of echo it holds itself (sent, less what waits in its
     socket's send queue and in the client's receive queue). 0 while the kernel took it all;
-    -1 when the server stopped taking the client's bytes (paused: a smaller high-water mark)."""
+    -1 when the server stopped taking the client's bytes (paused: a smaller high-water mark).
+    Bytes the client sent that are not yet acknowledged (in flight on a loaded machine, its
+    tx_queue) are in none of these queues: it waits for them, or the server, asleep before
+    they arrive, would seem to hold them."""
     last, deadline = None, time.monotonic() + READY
     while time.monotonic() < deadline:
         time.sleep(HALF_POLL)
@@ -684,9 +687,13 @@ def server_holds(conn: Conn, sent: int) -> int:
         mine = next((s for s in rows if s.local == conn.local), None)
         if side is None or mine is None:   # a row skipped by a busy table: look again
             continue
-        now = (side.rx_queue, side.tx_queue, mine.rx_queue, conn.server.activity()[:2])
-        if now == last and now[3][0] == 0:
-            return -1 if side.rx_queue else sent - side.tx_queue - mine.rx_queue
+        now = (side.rx_queue, side.tx_queue, mine.rx_queue, mine.tx_queue,
+               conn.server.activity()[:2])
+        if now == last and now[4][0] == 0:
+            if side.rx_queue:
+                return -1
+            if not mine.tx_queue:
+                return sent - side.tx_queue - mine.rx_queue
         last = now
     return -1
 
