@@ -34,7 +34,9 @@ side (no socket left in CLOSE_WAIT, its descriptors back where they were). Then 
 control: a client sends 64 MiB and reads nothing; the server must stop reading it (seen
 asleep with that client's bytes unread in its receive queue, the client's send() blocked)
 with its resident memory grown by a few MiB at most, serve another client meanwhile, and
-echo all of it once the client reads.
+echo all of it once the client reads. A last line without a newline before the client's EOF
+must come back before the server's EOF, and a line of 1 MiB (past asyncio streams'
+readline() limit) come back whole.
 
 Last, connections come and go: a fresh server, with memory_probe.py loaded as its
 sitecustomize (on SIGUSR1 it reports, after a full collection, the blocks Python holds, the
@@ -611,11 +613,71 @@ def test_a_half_closed_client_gets_its_pending_echo_then_eof(server: Server) -> 
     conn.close()
 
 
+TAIL = b"last words, no newline"
+LONG_LINE = 1 << 20    # one line, far longer than a read (asyncio reads 256 KiB at most) and
+#                        than asyncio streams' readline()/readuntil() limit (64 KiB)
+
+
+def test_a_last_line_without_newline_and_a_long_line(server: Server) -> None:
+    """Lines the other tests never send. A last line with no newline before the client's
+    EOF: its bytes are a line too (readline() returns them at EOF), echo them, then close.
+    A line of 1 MiB in one write, the client reading meanwhile: echo it all - a line is as
+    long as it is, not as long as a read buffer or a reader's limit."""
+    last = Conn(server, "a client connected to send a last line without a newline")
+    last.sock.sendall(TAIL)
+    last.sock.shutdown(socket.SHUT_WR)
+    got = last.read_exact(len(TAIL), "a last line without a newline, then the client's EOF")
+    if got != TAIL:
+        pytest.fail(
+            f"a client sent a last line with no newline ({TAIL!r}), then shut down its "
+            f"sending side (EOF): the server answered {got!r} and closed, expected {TAIL!r} "
+            "before its EOF\nThe bytes after the last newline are a line too, the last "
+            "one (readline() returns them at EOF): a server that keeps a partial line until "
+            "its newline echoes what it kept when the EOF comes (eof_received), and a "
+            "readuntil() loop takes them from IncompleteReadError.partial.", pytrace=False)
+    kept = last.kept_open()
+    if kept is not None:
+        pytest.fail(f"a client sent a last line without a newline, then EOF; it got its echo "
+                    f"and never the server's EOF: {kept}", pytrace=False)
+    last.close()
+    long_line_echoed(server)
+
+
+def long_line_echoed(server: Server) -> None:
+    conn = Conn(server, f"a client connected to send a line of {LONG_LINE >> 20} MiB")
+    line = (b"0123456789abcdef" * (LONG_LINE // 16))[:-1] + b"\n"
+
+    out = conn.sock.dup()   # a timeout of its own: the test reads on the original meanwhile
+    out.settimeout(ECHO_WAIT)
+
+    def send() -> None:
+        with out, contextlib.suppress(OSError):   # ended meanwhile: the read says so
+            out.sendall(line)
+
+    threading.Thread(target=send, daemon=True).start()
+    what = (f"a line of {LONG_LINE >> 20} MiB in one write (its newline at the end, the "
+            "client reading its echo meanwhile)")
+    limit = ("A line is as long as the client makes it, not as long as a read or a "
+             "reader's limit: asyncio streams' readline() and readuntil() raise past their "
+             "limit (64 KiB by default) and a cap on the partial line ends the connection "
+             "likewise. Echo the bytes as they come (or keep the partial line, whatever "
+             "its length, until its newline).")
+    got = conn.read_exact(len(line), what, fix=limit)
+    if got != line:
+        ended = "and ended the connection" if conn.server_side() is None else "and stopped"
+        pytest.fail(f"{what}: the server echoed {len(got)} bytes of it {ended}, expected all "
+                    f"{len(line)}\n{limit}", pytrace=False)
+    conn.close()
+
+
 def server_holds(conn: Conn, sent: int) -> int:
     """Once the server has taken everything sent (its receive queue empty) and sits asleep
     with nothing moving: the bytes of echo it holds itself (sent, less what waits in its
     socket's send queue and in the client's receive queue). 0 while the kernel took it all;
-    -1 when the server stopped taking the client's bytes (paused: a smaller high-water mark)."""
+    -1 when the server stopped taking the client's bytes (paused: a smaller high-water mark).
+    Bytes the client sent that are not yet acknowledged (in flight on a loaded machine, its
+    tx_queue) are in none of these queues: it waits for them, or the server, asleep before
+    they arrive, would seem to hold them."""
     last, deadline = None, time.monotonic() + READY
     while time.monotonic() < deadline:
         time.sleep(HALF_POLL)
@@ -625,9 +687,13 @@ def server_holds(conn: Conn, sent: int) -> int:
         mine = next((s for s in rows if s.local == conn.local), None)
         if side is None or mine is None:   # a row skipped by a busy table: look again
             continue
-        now = (side.rx_queue, side.tx_queue, mine.rx_queue, conn.server.activity()[:2])
-        if now == last and now[3][0] == 0:
-            return -1 if side.rx_queue else sent - side.tx_queue - mine.rx_queue
+        now = (side.rx_queue, side.tx_queue, mine.rx_queue, mine.tx_queue,
+               conn.server.activity()[:2])
+        if now == last and now[4][0] == 0:
+            if side.rx_queue:
+                return -1
+            if not mine.tx_queue:
+                return sent - side.tx_queue - mine.rx_queue
         last = now
     return -1
 

@@ -453,3 +453,34 @@ def test_classic_scrape_and_a_request_without_a_caller(app: App) -> None:
     assert exemplar["span_id"] == span.span_id, (
         f"GET /orders/2 without traceparent: the exemplar's span_id {exemplar['span_id']} is "
         f"not the request's span {span.span_id}")
+
+
+def test_two_apps_keep_their_own_log_and_metrics(learner: Any) -> None:
+    """make_app called twice in one process (two services side by side, an app factory in
+    tests): each app writes its own log file and counts its own requests. A logger, a file
+    or metrics kept in the module are shared by every app made from it."""
+    with running_app(learner) as first, running_app(learner) as second:
+        one, two = new_trace_id(), [new_trace_id(), new_trace_id()]
+        first.get("/orders/1", one)
+        for trace_id in two:
+            second.get("/orders/2", trace_id)
+        for app, mine, other, which in ((first, [one], two, "first"),
+                                        (second, two, [one], "second")):
+            traces = [r.get("trace_id") for r in app.log_records()]
+            strays = [t for t in traces if t in other]
+            assert not strays, (
+                f"two apps made by make_app in one process, each with its own log file: the "
+                f"{which} app's file holds {len(strays)} line(s) of the other app's requests "
+                f"(traces {strays}; its own: {[t for t in traces if t in mine]}): the log "
+                "is kept in the module (a module-level logger each make_app adds a handler "
+                "to, a global file replaced by the last app), so one app writes into "
+                "another's file. Keep the log file with the app make_app returns")
+            counts = {s.labels.get("status"): s.value for s in app.scrape()["samples"]
+                      if s.name == f"{COUNTER}_total"}
+            assert counts.get("200") == float(len(mine)), (
+                f"two apps made by make_app in one process: the {which} answered "
+                f"{len(mine)} request(s) with 200 and the other "
+                f"{len(other)}, and the {which}'s /metrics counts {counts.get('200')}: the "
+                "metrics are kept in the module (made at import, in the default REGISTRY, "
+                "or cached by name), so every app counts every app's requests. Give each "
+                "app its own CollectorRegistry and metrics, made in make_app")
