@@ -12,6 +12,7 @@ Three independent judges, none of them the learner's code:
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -346,13 +347,13 @@ BIGINT_MAX = 9223372036854775807  # Postgres' bigint, the users table's id
 def largest_allowed(schema: dict[str, Any]) -> tuple[int, str]:
     """The largest integer an integer schema allows, or one past bigint when it declares
     no maximum (any integer is then allowed), and how the spec says so."""
-    high = schema.get("maximum")
-    if isinstance(high, int) and not isinstance(high, bool):
-        if schema.get("exclusiveMaximum") is True:  # OpenAPI 3.0's boolean form
-            return high - 1, f"maximum {high}, exclusive"
-        return high, f"maximum {high}"
-    if isinstance(schema.get("exclusiveMaximum"), int):  # OpenAPI 3.1's number form
-        return int(schema["exclusiveMaximum"]) - 1, f"exclusiveMaximum {schema['exclusiveMaximum']}"
+    high, above = schema.get("maximum"), schema.get("exclusiveMaximum")
+    if isinstance(high, int | float) and not isinstance(high, bool):
+        if above is True:  # OpenAPI 3.0's boolean form
+            return math.ceil(high) - 1, f"maximum {high}, exclusive"
+        return math.floor(high), f"maximum {high}"
+    if isinstance(above, int | float) and not isinstance(above, bool):  # 3.1's number form
+        return math.ceil(above) - 1, f"exclusiveMaximum {above}"
     return BIGINT_MAX + 1, "no maximum"
 
 
