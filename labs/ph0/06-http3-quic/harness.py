@@ -28,8 +28,8 @@ def _problem(what: str, exc: BaseException, seconds: float) -> str:
 class LearnerServer:
     """The learner's HTTP/3 server on 127.0.0.1:<free port>, serving an application in
     which /slow waits until ``release()`` (or gives up after ``wait`` seconds with 504),
-    /boom raises and every other path answers ``200 b"<path> ok"``. ``problem`` says why
-    the server could not start."""
+    /boom raises, /nothing answers 204 with an empty body and every other path answers
+    ``200 b"<path> ok"``. ``problem`` says why the server could not start."""
 
     def __init__(self, h3: Any, certfile: str, keyfile: str, wait: float) -> None:
         self.h3 = h3
@@ -65,6 +65,8 @@ class LearnerServer:
             except TimeoutError:
                 return 504, b"gave up waiting for /fast"
             return 200, b"slow ok"
+        if path == "/nothing":  # a response with no body at all
+            return 204, b""
         if path == "/boom":
             self.raised = True
             raise RuntimeError("the application failed on purpose (ph0.6's /boom)")

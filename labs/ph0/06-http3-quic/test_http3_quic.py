@@ -246,6 +246,7 @@ class Observed:
     responses: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # paths, in the order they completed
     reset: dict[str, int] = field(default_factory=dict)  # path -> the server's error code
+    headers: dict[str, int] = field(default_factory=dict)  # path -> status of its HEADERS
     closed: str | None = None  # how the server closed the connection, if it did
 
 
@@ -285,6 +286,7 @@ class ProbeClient(QuicConnectionProtocol):
             return
         if isinstance(event, HeadersReceived):
             self.status[sid] = int(dict(event.headers).get(b":status", b"0"))
+            self.seen.headers[self.paths[sid]] = self.status[sid]
         elif isinstance(event, DataReceived):
             self.bodies[sid] = self.bodies.get(sid, b"") + event.data
         if getattr(event, "stream_ended", False):
@@ -809,6 +811,70 @@ def test_server_accepts_0rtt_on_resumption(learner: Any, certs: Certs) -> None:
     assert replay.responses.get("/again") == (200, b"/again ok"), (
         f"the request sent with the replayed ticket got {replay.responses.get('/again')}, "
         "expected (200, b'/again ok') after a full handshake")
+
+
+def test_server_ends_a_response_with_an_empty_body(learner: Any, certs: Certs) -> None:
+    """/nothing's handler returns (204, b""): a response with no body must still end its
+    stream - with the HEADERS frame (end_stream=True) or an empty DATA frame - or the
+    client waits for the rest of a response that is already whole."""
+    paths = ["/nothing", "/fast"]
+    with learner_server(learner, certs) as server:
+        # Judged once the server has nothing left to do after both handlers were called.
+        seen, _ = run(probe(server.port, certs, paths, unanswered_ok=True,
+                            settled=lambda: set(paths) <= set(
+                                server.called_once_idle(1.0) or [])))
+    got = seen.responses.get("/nothing")
+    fast = f"/fast on the same connection got {seen.responses.get('/fast')}"
+    why = ("A response ends when its stream ends (RFC 9114 4.1), and an empty body is no "
+           "exception: send the HEADERS frame with end_stream=True, or send_data(stream_id, "
+           "b\"\", end_stream=True) - a loop over the body's chunks that ends the stream "
+           "on the last chunk never ends it when there is none.")
+    if got is None and "/nothing" in seen.headers:
+        pytest.fail(f"your server sent /nothing's HEADERS (status {seen.headers['/nothing']})"
+                    " but never ended its stream: the handler returned (204, b''), an empty "
+                    "body, and no FIN followed, by the time the server had nothing left to "
+                    f"do; expected (204, b'') ({fast})\n{why}", pytrace=False)
+    assert got == (204, b""), (
+        f"/nothing, whose handler returned (204, b''), got {got}, expected (204, b'') "
+        f"({fast})\n{why}")
+    assert seen.responses.get("/fast") == (200, b"/fast ok"), (
+        f"{fast}, expected (200, b'/fast ok') beside /nothing's 204")
+
+
+def test_server_resumes_each_clients_ticket(learner: Any, certs: Certs) -> None:
+    """Two clients connect, each gets its own session ticket; then each resumes with its
+    ticket and sends 0-RTT. The store must hold every ticket it issued until it is used,
+    not just one."""
+    with learner_server(learner, certs) as server:
+        tickets: list[SessionTicket] = []
+        for path in ("/client-one", "/client-two"):
+            _, issued = run(probe(server.port, certs, [path]))
+            if not issued:
+                pytest.fail(f"your server issued no session ticket on the connection for "
+                            f"{path}\nServe with a ticket store: serve(..., "
+                            "session_ticket_handler=store.add, session_ticket_fetcher="
+                            "store.pop).", pytrace=False)
+            tickets.append(issued[-1])
+        resumed = [run(probe(server.port, certs, [f"{path}-again"], ticket=ticket))
+                   [0] for path, ticket in zip(("/client-one", "/client-two"), tickets,
+                                               strict=True)]
+    why = ("A ticket store keeps every ticket the server issued, each under its own label "
+           "(ticket.ticket), until that ticket is presented (then popped: single use): many "
+           "clients hold tickets at once, and a store with one slot forgets all of them "
+           "but one.")
+    for which, other, seen in (("first", "second", resumed[0]),
+                               ("second", "first", resumed[1])):
+        did = ("resumed the session but refused its 0-RTT data" if seen.session_resumed
+               else "did not resume the session")
+        assert seen.session_resumed and seen.early_data_accepted, (
+            f"the {which} of two clients presented the session ticket your server had "
+            f"issued it, after the {other} client had got its own, and the server {did}; "
+            f"expected both clients to resume with 0-RTT: the store lost the {which} "
+            f"client's ticket\n{why}")
+        path = f"/client-{'one' if which == 'first' else 'two'}-again"
+        assert seen.responses.get(path) == (200, f"{path} ok".encode()), (
+            f"the {which} client's resumed request {path} got {seen.responses.get(path)}, "
+            f"expected (200, {f'{path} ok'.encode()!r})")
 
 
 # ---------------------------------------------------------------------------- the learner's client

@@ -12,6 +12,8 @@ Three independent judges, none of them the learner's code:
 from __future__ import annotations
 
 import json
+import math
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -337,6 +339,89 @@ def test_the_code_enforces_the_bounds_its_spec_declares(spec_path: Path, host: s
             "validate every request against openapi.yaml (openapi_core unmarshal_request) "
             "and refuse it with the error the spec declares, rather than checking by hand")
         contract.judge(ex, what)
+
+
+BIGINT_MAX = 9223372036854775807  # Postgres' bigint, the users table's id
+
+
+def largest_allowed(schema: dict[str, Any]) -> tuple[int, str]:
+    """The largest integer an integer schema allows, or one past bigint when it declares
+    no maximum (any integer is then allowed), and how the spec says so."""
+    high, above = schema.get("maximum"), schema.get("exclusiveMaximum")
+    if isinstance(high, int | float) and not isinstance(high, bool):
+        if above is True:  # OpenAPI 3.0's boolean form
+            return math.ceil(high) - 1, f"maximum {high}, exclusive"
+        return math.floor(high), f"maximum {high}"
+    if isinstance(above, int | float) and not isinstance(above, bool):  # 3.1's number form
+        return math.ceil(above) - 1, f"exclusiveMaximum {above}"
+    return BIGINT_MAX + 1, "no maximum"
+
+
+def test_the_largest_integers_the_spec_allows_get_no_5xx(spec_path: Path, host: str,
+                                                        contract: Contract) -> None:
+    """Each integer parameter at the largest value openapi.yaml allows - its maximum, or
+    one past Postgres' bigint where it declares none - is a request the contract admits:
+    it must be answered (2xx or 4xx, as declared), not crash in the database."""
+    spec = load_spec(spec_path)
+    probes: list[tuple[str, str, str, dict[str, str], str]] = []
+    for param in operation(spec, "listUsers").get("parameters", []):
+        param = resolve(spec, param)
+        schema = resolve(spec, param.get("schema")) or {}
+        if param.get("in") == "query" and schema.get("type") == "integer":
+            value, how = largest_allowed(schema)
+            probes.append((f"{param.get('name')}={value}", "GET", "/users",
+                           {str(param.get("name")): str(value)}, how))
+    for name in ("getUser", "deleteUser"):
+        op = operation(spec, name)
+        params = [*(spec["paths"]["/users/{userId}"].get("parameters") or []),
+                  *(op.get("parameters") or [])]
+        for param in map(lambda p: resolve(spec, p), params):
+            schema = resolve(spec, param.get("schema")) or {}
+            if param.get("name") == "userId" and schema.get("type") == "integer":
+                value, how = largest_allowed(schema)
+                probes.append((f"userId {value}", OPERATIONS[name][0].upper(),
+                               f"/users/{value}", {}, how))
+    for what, method, path, query, how in probes:
+        ex = exchange(host, method, path, query=query)
+        assert ex.status < 500, (
+            f"{ex.label()}: {what}, a value openapi.yaml allows (it declares {how}), got a "
+            f"server error {ex.data[:120]!r}: Postgres' bigint ends at {BIGINT_MAX}, so a "
+            "bound the spec leaves open - or one the code's arithmetic goes past (LIMIT "
+            "limit + 1) - crashes in the database. Declare a maximum the code and the "
+            "database can take")
+        contract.judge(ex, f"{what}, the largest the spec allows")
+
+
+def raw_reply(host: str, method: str, target: str) -> tuple[int, bytes]:
+    """One HTTP/1.0 request on a socket of the test's own, read to the connection's end:
+    the status and every byte after the head (http.client reads no body of a 204)."""
+    address, port = host.rsplit(":", 1)
+    with socket.create_connection((address, int(port)), timeout=15) as sock:
+        sock.sendall(f"{method} {target} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def test_a_204_has_no_body(host: str) -> None:
+    """204 No Content ends at its headers (RFC 9110 15.3.5: it cannot contain content), and
+    the spec declares no content for deleteUser's 204: what the server sends after the
+    headers is read - on a kept-alive connection - as the start of the next response."""
+    created = exchange(host, "POST", "/users",
+                       document={"name": "Short Lived", "email": "short.lived@example.com"})
+    assert created.status == 201, (
+        f"{created.label()}: expected 201, saw {created.status} {created.data[:150]!r}")
+    user_id = json.loads(created.data).get("id")
+    status, body = raw_reply(host, "DELETE", f"/users/{user_id}")
+    assert status == 204, f"DELETE /users/{user_id}: expected 204, saw {status} {body[:150]!r}"
+    assert body == b"", (
+        f"DELETE /users/{user_id} -> 204 came with a {len(body)}-byte body {body[:120]!r}: a "
+        "204 No Content has no body (RFC 9110 15.3.5), and openapi.yaml declares none for "
+        "deleteUser's 204. A client stops reading at the 204's headers, so on a kept-alive "
+        "connection these bytes are taken for the next response. Send the status and "
+        "headers only, and no body")
 
 
 def test_a_name_as_long_as_the_spec_allows_is_created(spec_path: Path, host: str,
