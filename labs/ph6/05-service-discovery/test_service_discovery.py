@@ -207,6 +207,38 @@ def test_lookup_scans_the_whole_keyspace_without_blocking_it(world: Any, redis_d
            "every registered instance must be listed"))
 
 
+
+# Service names holding Redis' glob characters (*, ?, [...]), each beside names they match
+# as a pattern: a lookup must take its name literally.
+GLOB_NAMED = {"web": "127.0.0.1:7201", "web-v2": "127.0.0.1:7202", "web*": "127.0.0.1:7203",
+              "we?": "127.0.0.1:7204", "w[ae]b": "127.0.0.1:7205", "wab": "127.0.0.1:7206"}
+
+
+def test_lookup_takes_the_service_name_literally(world: Any) -> None:
+    """Instances of web, web-v2, web*, we?, w[ae]b and wab (written in the README's format by
+    another client): a lookup of each lists that service's instance only - *, ? and [ in a
+    name are characters of the name, not wildcards of the SCAN MATCH pattern."""
+    reg, r = world
+    for n, (service, address) in enumerate(GLOB_NAMED.items()):
+        r.set(key(service, f"i{n}"), json.dumps({"address": address, "healthy": True}),
+              px=30_000)
+    owner = {address: service for service, address in GLOB_NAMED.items()}
+    wrong = []
+    for service, address in GLOB_NAMED.items():
+        got = lookup(reg, service)
+        if got != [address]:
+            others = sorted(owner.get(a, a) for a in got if a != address)
+            wrong.append(f"lookup({service!r}) gave {got}"
+                         + (f" (instances of {others})" if others else "")
+                         + ("" if address in got else f", without its own {address}"))
+    assert not wrong, (
+        f"a service name's glob characters were taken for wildcards: {'; '.join(wrong)} - "
+        "expected each service's own instance only: the name went into the SCAN MATCH "
+        "pattern as it is, and *, ? and [...] are glob characters there (services:web*:* "
+        "matches web's and web-v2's keys, services:w[ae]b:* matches wab's and web's but not "
+        "w[ae]b's own). Escape them with a backslash before building the pattern (Redis' "
+        "KEYS/SCAN docs: use \\ to match them verbatim)")
+
 def test_a_registration_is_one_atomic_write(world: Any, redis_db: Any) -> None:
     reg, _ = world
     with redis_commands(redis_db) as seen:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import fcntl
 import http.client
+import json
+import select
 import signal
 import socket
 import struct
@@ -555,6 +557,134 @@ def test_sigterm_ends_the_process_cleanly(learner: Any, env: dict[str, str], pos
         f"app.py exited 0 after SIGTERM but never reached Python's normal exit (its atexit "
         f"handlers did not run): stderr ends {app.err[-3:]}")
 
+
+
+def kept_alive(host: str) -> http.client.HTTPConnection | None:
+    """A connection that has been answered a GET /visits and that the app keeps open for
+    the next request (HTTP/1.1 keep-alive); None when the app closed it after its answer
+    (an HTTP/1.0 server, or Connection: close), then nothing of the sort is left to check."""
+    conn = http.client.HTTPConnection(host, timeout=20)
+    conn.request("GET", "/visits")
+    reply = conn.getresponse()
+    reply.read()
+    assert reply.status == 200, f"GET /visits answered HTTP {reply.status}, expected 200"
+    if reply.will_close:
+        conn.close()
+        return None
+    return conn
+
+
+Answer = tuple[int, bool, bytes] | Exception   # (status, says Connection: close, body)
+
+
+def answer_on(conn: http.client.HTTPConnection) -> Answer:
+    """The answer to the request just sent on ``conn``, or how the connection ended
+    without one."""
+    try:
+        reply = conn.getresponse()
+        body = reply.read()
+        return reply.status, bool(reply.will_close), body
+    except (OSError, http.client.HTTPException) as exc:
+        return exc
+
+
+def closed_by_app(conn: http.client.HTTPConnection) -> bool:
+    """Whether the app has closed (or reset) its end of ``conn``: end of stream waiting."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0]) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+KEPT_ALIVE_AT_STOP = (
+    "a graceful stop ends the kept-alive HTTP connections too: close the ones waiting "
+    "idle for their next request as the stop begins, and answer what is still in flight "
+    "with `Connection: close` (so the client does not send another request on a "
+    "connection about to go), as Go's Server.Shutdown and nginx's graceful quit do - or "
+    "keep no connection alive at all (HTTP/1.0, BaseHTTPRequestHandler's default)")
+
+
+def test_sigterm_ends_kept_alive_connections(learner: Any, env: dict[str, str], postgres: Any,
+                                             apps: list[App]) -> None:
+    """An app that keeps HTTP/1.1 connections alive, SIGTERM while a POST /notes is in
+    flight as the SECOND request of a kept-alive connection (held at Postgres), with two
+    more kept-alive connections idle: the one in flight must get its answer (with
+    Connection: close), the idle ones must be closed (one left untouched; on the other a
+    GET /visits sent once the app stopped listening must find it closed, or be answered
+    with Connection: close), and the app must exit 0 - not wait forever for an idle
+    connection's next request."""
+    with HeldPostgres.for_dsn(postgres.dsn) as held:
+        app = App(learner, {**env, "DATABASE_URL": held.dsn_for(postgres.dsn)})
+        apps.append(app)
+        app.ready()
+        host = f"127.0.0.1:{app.port}"
+        idle, asked, busy = (kept_alive(host) for _ in range(3))
+        if idle is None or asked is None or busy is None:
+            return   # the app keeps no connection alive: test_sigterm_ends_the_process_cleanly
+        body = json.dumps({"text": held.marker.decode()})
+        busy.request("POST", "/notes", body, {"Content-Type": "application/json"})
+        in_flight: list[Answer] = []
+        poster = threading.Thread(target=lambda: in_flight.append(answer_on(busy)), daemon=True)
+        poster.start()
+        wait_until(held.arrived.is_set, "POST /notes to reach Postgres through the app")
+        app.proc.send_signal(signal.SIGTERM)
+        came_true(lambda: app.proc.poll() is not None or not listening(int(app.port or 0)),
+                  DRAIN_HOLD)
+        try:
+            asked.request("GET", "/visits")
+        except OSError:
+            pass   # already closed: answer_on() reports it
+        came_true(lambda: closed_by_app(asked) or asked.sock is None
+                  or bool(select.select([asked.sock], [], [], 0)[0]), 2)
+        held.release.set()
+        late = answer_on(asked)
+        poster.join(60)
+        came_true(lambda: app.proc.poll() is not None, 1)
+        stuck = asleep_for(app, STUCK_ASLEEP, 15) if app.proc.poll() is None else None
+        idle_open = app.proc.poll() is None and not closed_by_app(idle)
+    judge_kept_alive(in_flight[0] if in_flight else "no answer within 60 s", late, idle_open,
+                     stuck)
+    assert exit_status_after_sigterm(app) == 0, (
+        "after SIGTERM app.py did not exit with status 0: expected 0 - "
+        "test_sigterm_ends_the_process_cleanly says more")
+
+
+def judge_kept_alive(in_flight: Answer | str, late: Answer, idle_open: bool,
+                     stuck: float | None) -> None:
+    if not (isinstance(in_flight, tuple) and in_flight[0] == 201):
+        seen = f"HTTP {in_flight[0]} {in_flight[2][:100]!r}" if isinstance(in_flight, tuple) \
+            else repr(in_flight)
+        pytest.fail(
+            f"SIGTERM came while a POST /notes was in flight as the second request of a "
+            f"kept-alive connection, and it got {seen}: expected its answer (201) - the stop "
+            "cut a connection that was busy, taking it for an idle one. A connection is idle "
+            "only while it waits for its next request: once a request has begun on it, it is "
+            "in flight and the stop lets it finish", pytrace=False)
+    if idle_open:
+        when = f"slept {stuck:.0f} s with nothing else to do" if stuck else "not exited 15 s"
+        pytest.fail(
+            f"after SIGTERM, with the request in flight answered, app.py had {when} while a "
+            "kept-alive connection it had answered before the signal was still open, idle: "
+            "the stop waits for that connection's next request, which may never come (the "
+            f"platform SIGKILLs the app at its deadline) - {KEPT_ALIVE_AT_STOP}", pytrace=False)
+    if isinstance(late, tuple) and not late[1]:
+        pytest.fail(
+            f"after SIGTERM (the app no longer listening), a GET /visits sent on a connection "
+            f"kept alive from before was answered HTTP {late[0]} without `Connection: close`: "
+            "expected the connection closed at the stop, or the answer to say it closes - "
+            "the client takes it for reusable and its next request meets a closed "
+            f"connection (RFC 9112 9.6). {KEPT_ALIVE_AT_STOP}", pytrace=False)
+    assert isinstance(in_flight, tuple)
+    if not in_flight[1]:
+        pytest.fail(
+            "after SIGTERM, the POST /notes in flight on a kept-alive connection was answered "
+            "201 without `Connection: close` (and with HTTP/1.1): the client takes the "
+            "connection for reusable, while the app is about to close it - its next request "
+            "races the close and is lost (RFC 9112 9.6: the last response on a connection "
+            f"says `close`). {KEPT_ALIVE_AT_STOP}", pytrace=False)
 
 # s an app that got SIGTERM, and whose request in flight has been answered, may sleep with
 # every thread asleep and no CPU time used before it counts as stuck: it has nothing left to

@@ -160,7 +160,9 @@ def build_corpus(root: Path) -> tuple[dict[tuple[str, int], str], dict[tuple[str
                 lookalikes[(rel, number)] = text
     (root / "app" / "old_settings.py").symlink_to("removed_settings.py")  # dangling
     (root / "assets").mkdir()
-    (root / "assets" / "logo.png").write_bytes(bytes(RNG.randrange(256) for _ in range(512)))
+    # a PNG's signature and IHDR chunk length (NUL bytes: binary by any measure), then noise
+    (root / "assets" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"
+                                               + bytes(RNG.randrange(256) for _ in range(512)))
     return secrets, lookalikes
 
 
@@ -214,6 +216,60 @@ def test_scanner_finds_every_planted_secret_and_no_lookalike(learner: Any) -> No
         "holding a secret (the line is what someone has to fix)")
     unknown = found - set(secrets) - set(lookalikes)
     assert not unknown, f"the scanner reported lines that do not exist: {sorted(unknown)}"
+
+
+
+LATIN1_PASSWORD = rand(22)
+LATIN1_KEY = "AKIA" + rand(16, string.ascii_uppercase + string.digits)
+# A Java .properties file as Properties.load(InputStream) reads it: ISO-8859-1, so its
+# accented comments are bytes (0xFC, 0xE9) that are not UTF-8. (Letters only: no byte of
+# 0x80-0x9F, which Latin-1 turns into C1 controls.)
+LATIN1_FILE = ("config/application.properties", [
+    ("# Zugangsdaten f\u00fcr die Produktion - ne pas committer, s'il vous pla\u00eet", None),
+    ("spring.datasource.url=jdbc:postgresql://db.intern:5432/shop", None),
+    (f"spring.datasource.password={LATIN1_PASSWORD}", "a random password"),
+    ("# Schl\u00fcssel f\u00fcr den Export (d\u00e9p\u00f4t S3)", None),
+    (f"export.aws.accessKeyId={LATIN1_KEY}", "an AWS access key id"),
+])
+
+
+def test_scanner_reads_text_that_is_not_utf8(learner: Any) -> None:
+    """A text file in ISO-8859-1 (a Java .properties file, whose accented comments are
+    not UTF-8) holds two secrets after such a comment: a scanner must find both - it is
+    text, not binary (no NUL byte), and the credentials in it are plain ASCII."""
+    scan_tree = learner.function("secrets_lab", "scan_tree")
+    root = learner.tmp_folder()
+    rel, lines = LATIN1_FILE
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes("".join(text + "\n" for text, _ in lines).encode("latin-1"))
+    for folder in (root, path.parent):
+        os.chmod(folder, 0o755)
+    try:
+        found = {(str(p), int(n)) for p, n in scan_tree(str(root))}
+    except NotImplementedError as exc:
+        pytest.fail(f"scan_tree is not written yet ({exc})", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's scanner failed: say on what
+        pytest.fail(f"scan_tree raised {type(exc).__name__}: {exc} on a tree holding one "
+                    f"text file in ISO-8859-1 ({rel}): expected it read, as text",
+                    pytrace=False)
+    secrets = {(rel, n): what for n, (_, what) in enumerate(lines, 1) if what}
+    missed = [f"{what} at {p}:{n}" for (p, n), what in secrets.items() if (p, n) not in found]
+    if missed:
+        pytest.fail(
+            f"the scanner missed {'; '.join(missed)} - in a text file in ISO-8859-1 (a Java "
+            ".properties file: its accented comments are not UTF-8), expected every secret "
+            "found: a file that does not decode as UTF-8 is not binary (binary means a NUL byte, "
+            "as git and grep -I tell it; gitleaks skips only files whose signature says "
+            "archive or executable, truffleHog scans the printable runs of non-UTF-8 data). "
+            "Skip it and the secrets in every Latin-1/cp1252 file pass unseen: decode as UTF-8 "
+            "and fall back to Latin-1 (every byte one character), or decode with "
+            "errors='replace'", pytrace=False)
+    extra = sorted(found - set(secrets))
+    assert not extra, (
+        f"the scanner reported {extra} in {rel}, where only lines "
+        f"{sorted(n for _, n in secrets)} hold a secret: the lines of a Latin-1 file are "
+        "counted as in any other (one per \\n)")
 
 
 # ---- configuration ----------------------------------------------------------------------

@@ -22,6 +22,12 @@ def instance_key(service: str, instance_id: str) -> str:
     return f"services:{service}:{instance_id}"
 
 
+def glob_literal(text: str) -> str:
+    """``text`` as a Redis glob pattern matching itself only: a service named ``web*`` or
+    ``w[ae]b`` must not match web's keys (a backslash makes the next character literal)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 class Registry:
     def __init__(self, redis_url: str) -> None:
         self.r = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -51,7 +57,8 @@ class Registry:
         self.r.delete(instance_key(service, instance_id))
 
     def lookup(self, service: str) -> list[str]:
-        keys = sorted(self.r.scan_iter(match=instance_key(service, "*"), count=500))
+        pattern = instance_key(glob_literal(service), "*")
+        keys = sorted(self.r.scan_iter(match=pattern, count=500))
         found = []
         for raw in self.r.mget(keys) if keys else []:
             if raw is None:                  # expired between SCAN and MGET

@@ -43,7 +43,9 @@ def entropy(value: str) -> float:
 
 def scan_text(text: str) -> list[tuple[int, str]]:
     findings = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" (and "\r\n"), as editors and git count them; str.splitlines() would
+    # also split at a form feed or U+0085 and shift every line number after it
+    for number, line in enumerate(text.split("\n"), 1):
         hit = None
         for rule, pattern in RULES:
             match = pattern.search(line)
@@ -69,9 +71,18 @@ def scan_tree(root: str) -> list[tuple[str, int]]:
         if not path.is_file():
             continue
         try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # binary files are out of scope here
+            data = path.read_bytes()
+        except OSError:
+            continue  # unreadable: a dangling symlink, a file without read permission
+        if b"\0" in data:
+            continue  # binary, as git and grep -I tell it: a NUL byte
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            # still text, in another encoding (a Latin-1 .properties file, a cp1252 note):
+            # the credentials are ASCII whatever surrounds them, and Latin-1 decodes any
+            # byte, one character each, so nothing is skipped and lines stay where they are
+            text = data.decode("latin-1")
         found += [(str(path.relative_to(root)), n) for n, _ in scan_text(text)]
     return found
 
