@@ -1,6 +1,8 @@
 /* ph4.3 lock-free-cas: the lab's driver around the learner's Treiber stack (stack.c).
  *
  *   lock_free_stack empty        pop on an empty stack, then one push and two pops
+ *   lock_free_stack new_on_reused_memory   stack_new() over freed blocks full of stale
+ *                                bytes: its first pop must return NULL
  *   lock_free_stack aba          the ABA interleaving, replayed inside the learner's pop
  *   lock_free_stack pop_race     a push lands between pop's read of the head and its CAS
  *   lock_free_stack push_race    a pop lands between push's read of the head and its CAS
@@ -385,7 +387,10 @@ static int run_empty(void) {
     node_t *n = stack_pop(S);
     if (n != NULL) { puts("FAIL empty: pop on an empty stack did not return NULL"); return 1; }
     stack_push(S, &nodes[0]);
-    node_t *a = stack_pop(S), *b = stack_pop(S);
+    node_t *a = stack_pop(S);
+    puts("step empty: pushed A and popped it: the stack is empty again (its head word need "
+         "not be the one stack_new() gave: the version moved on); one more pop follows");
+    node_t *b = stack_pop(S);
     if (a != &nodes[0] || b != NULL) {
         printf("FAIL empty: push A then two pops gave %c and %c, expected A and -\n",
                name_of(a), name_of(b));
@@ -396,6 +401,38 @@ static int run_empty(void) {
     return 0;
 }
 
+
+/* stack_new() on memory that was used before: malloc() hands back freed blocks as they
+ * were. The driver fills and frees blocks of every small size first (ThreadSanitizer's
+ * allocator reuses the last freed block of a size class), each word the address of H, a
+ * node nobody pushes: a head left as malloc() found it makes a "new" stack that holds H. */
+static int run_new_on_reused_memory(void) {
+    void *used[128];
+    for (int i = 0; i < 128; i++) {
+        size_t size = 8 * (size_t)(i + 1);
+        uint64_t *block = malloc(size);
+        if (block == NULL) { puts("FAIL the driver could not allocate"); return 1; }
+        for (size_t w = 0; w < size / 8; w++) block[w] = (uint64_t)(uintptr_t)&nodes[7];
+        used[i] = block;
+    }
+    for (int i = 0; i < 128; i++) free(used[i]);
+    memset(nodes, 0, sizeof nodes);
+    puts("step new_on_reused_memory: blocks of every small size were filled with the address "
+         "of node H and freed; stack_new() and a pop of the new stack follow");
+    S = stack_new();
+    if (S == NULL) { puts("FAIL stack_new() returned NULL"); return 1; }
+    node_t *n = stack_pop(S);
+    if (n != NULL) {
+        printf("FAIL new_on_reused_memory: stack_new() must give an empty stack whatever the "
+               "memory held before: the first pop of a new stack returned %c, a node nobody "
+               "pushed (the head was left as malloc() found it, in a block freed earlier)\n",
+               name_of(n));
+        return 1;
+    }
+    stack_free(S);
+    puts("ok new_on_reused_memory");
+    return 0;
+}
 
 /* stack_free frees the stack only: the nodes are the caller's (here static: free() of one
  * aborts the process). */
@@ -548,13 +585,14 @@ static int run_stress(long n) {
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     if (argc < 2) {
-        fputs("usage: lock_free_stack empty|free|two_stacks|stress N", stderr);
+        fputs("usage: lock_free_stack empty|new_on_reused_memory|free|two_stacks|stress N", stderr);
         for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++)
             fprintf(stderr, "|%s", scripts[i].name);
         fputs("\n", stderr);
         return 2;
     }
     if (!strcmp(argv[1], "empty")) return run_empty();
+    if (!strcmp(argv[1], "new_on_reused_memory")) return run_new_on_reused_memory();
     if (!strcmp(argv[1], "free")) return run_free();
     if (!strcmp(argv[1], "two_stacks")) return run_two_stacks();
     for (size_t i = 0; i < sizeof scripts / sizeof scripts[0]; i++)

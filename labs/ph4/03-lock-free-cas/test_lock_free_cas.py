@@ -24,6 +24,11 @@ its compare-and-swap) run "another thread's" operations right at that moment:
   lands (the build routes those calls through the driver): a node linked only after it is
   published has a stale next, and the nodes below it are lost;
 * two_stacks: two stacks alive at once keep their own nodes (no head in a static);
+* new_on_reused_memory: stack_new() on memory freed blocks left full of stale bytes (the
+  address of a node nobody pushed): its first pop returns NULL (a head left as malloc()
+  found it does not);
+* empty: after a push and a pop the stack is empty again with its version moved on: an
+  empty check that compares the whole word with 0 reads through the NULL pointer;
 * a pop that returns NULL while the stack was never empty (a lost CAS race taken for an
   empty stack, in pop_race, the aba cases, pop_retry_aba, or the stress run) fails;
 * free: stack_free() releases what stack_new() allocated (ThreadSanitizer's allocator
@@ -117,13 +122,33 @@ class Scenario:
     what: str     # the interleaving, for "the stack crashed during <what>"
     advice: str   # why it failed, what to do instead
     mistake: str | None = None  # the one mistake any failure here means: the first line
+    # the mistake a read through NULL after the driver's "step" line means, if any
+    null_after_step: str | None = None
+    # the mistake a read through a wild (non-NULL) address before any "step" line means
+    wild_before_step: str | None = None
 
 
 SCENARIOS = {
     # the races first: a retry that reuses stale data fails there, with its own advice,
     # before the ABA cases (which it fails too) blame the tag
-    "empty": Scenario("pop on an empty stack returns NULL; a pushed node comes back",
-                      "Check for an empty stack (a NULL head) before reading top's next."),
+    "empty": Scenario(
+        "pop on an empty stack returns NULL; a pushed node comes back",
+        "Check for an empty stack (a NULL head) before reading top's next. The NULL is the "
+        "pointer part of the head word: once the version tag has moved on, an empty stack's "
+        "word is tag << 48 | 0, not 0 - test ptr_of(old) == NULL, never old == 0.",
+        null_after_step="your pop read through NULL on a stack emptied by a pop (push A, "
+                        "pop A, pop): the empty check must test the head's POINTER for NULL - "
+                        "the word of an emptied stack still carries its version tag, it is "
+                        "not the 0 that stack_new() gave",
+        wild_before_step="the first pop of a new stack read through an address no push put "
+                         "there: stack_new() must set the head to an empty stack (memory "
+                         "from malloc() is not zeroed: calloc() it, or atomic_init() the "
+                         "head)"),
+    "new_on_reused_memory": Scenario(
+        "stack_new() on memory a freed block left full of stale bytes, then a pop",
+        "malloc() hands back memory as a freed block left it: a new stack whose head is "
+        "not set holds whatever was there. calloc() the struct (all zero: a NULL pointer, "
+        "tag 0), or set the head with atomic_init() before returning it."),
     "free": Scenario("stack_free() of a stack still holding two nodes the caller owns",
                      "stack_free() frees the stack only, never the nodes: they belong to "
                      "whoever pushed them (here they are static; elsewhere still in use, or "
@@ -298,7 +323,13 @@ def test_scripted_interleavings(learner: Any, binary: Path, scenario: str) -> No
     headline = f"{scenario}: {case.mistake}\n" if case.mistake else ""
     steps = "\n".join(line for line in out.splitlines() if line.startswith("step "))
     if crashed(code, err):
-        pytest.fail(f"{headline}{scenario}: the stack {crash_seen(code, err)} during "
+        seen = crash_seen(code, err)
+        null = "through a NULL pointer" in seen
+        if case.null_after_step and steps and null:
+            headline = f"{scenario}: {case.null_after_step}\n"
+        if case.wild_before_step and not steps and "through address" in seen:
+            headline = f"{scenario}: {case.wild_before_step}\n"
+        pytest.fail(f"{headline}{scenario}: the stack {seen} during "
                     f"{case.what}{f' ({steps})' if steps else ''}\n{case.advice}\n"
                     f"{crash_excerpt(err)}", pytrace=False)
     report = tsan_report(err)

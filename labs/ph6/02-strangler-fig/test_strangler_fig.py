@@ -50,8 +50,8 @@ class Backend:
             status, extra = "404 Not Found", []
         elif environ["REQUEST_METHOD"] == "POST":
             status, extra = "201 Created", [("Location", f"{path}/42"), *COOKIES]
-        else:
-            status, extra = "200 OK", []
+        else:   # 200, or a code that HTTPStatus does not list
+            status, extra = UNLISTED_STATUS.get(path.rpartition("/")[2], "200 OK"), []
         content = json.dumps(seen).encode()
         if environ["REQUEST_METHOD"] == "HEAD":
             # What a server does for HEAD: the GET's header fields, Content-Length included,
@@ -66,10 +66,11 @@ class Backend:
 
 
 HOLD_LIMIT = 60   # s: a held request is answered by then whatever happens (never hangs)
-
 # a response header that comes twice: each must reach the client (a dict keeps one)
 COOKIES = [("Set-Cookie", "session=s-81; Path=/; HttpOnly"), ("Set-Cookie", "theme=dark; Path=/")]
 CONTENT_TYPE = "application/vnd.shop+json"
+# codes in use that http.HTTPStatus does not list: a gateway relays them (RFC 9110 15)
+UNLISTED_STATUS = {"closed": "499 Client Closed Request", "overloaded": "520 Origin Overloaded"}
 
 
 @pytest.fixture
@@ -353,6 +354,19 @@ def test_requests_and_answers_pass_unchanged(world: Any) -> None:
     assert backends["legacy"].hits == 1, (
         f"legacy got {backends['legacy'].hits} requests, expected 1 (the POST /users/9): a "
         "404 from the new service must not be retried on legacy")
+
+
+def test_a_status_code_python_does_not_list_is_relayed(world: Any) -> None:
+    world[0].route_to_new("/orders")
+    for target, path in (("new", "/orders/7/overloaded"), ("legacy", "/users/9/closed")):
+        sent = UNLISTED_STATUS[path.rpartition("/")[2]]
+        reply = http_request(world[1], "GET", path)
+        got = reply.json().get("service") if reply.status == int(sent[:3]) else None
+        assert got == target, (
+            f"{target} answered GET {path} with {sent} and the client got HTTP {reply.status} "
+            f"{reply.body[:100]!r}: relay the upstream's status code as it is - HTTP's codes "
+            "are extensible (RFC 9110 15): one http.HTTPStatus does not list (nginx's 499, "
+            "Cloudflare's 520) is still the upstream's answer, not a gateway error")
 
 
 # (method, path, body, upstream): a body comes with any method, not only POST, PUT, PATCH
