@@ -39,6 +39,10 @@ Mistakes a learner makes here, each caught with its own message:
   statement, then the connection's state
 - the fixed query without ORDER BY, without its o.id tiebreak (three orders share a
   created_at), or matching case-sensitively
+- lower(email) taken to name one customer: = (SELECT id ...) (CardinalityViolation), an id
+  looked up first -> only one of the two customers' orders
+- the indexes built in a transaction left open (BEGIN, autocommit off, no commit) -> the
+  learner's connection sees indexes a fresh one does not
 """
 
 from __future__ import annotations
@@ -566,12 +570,8 @@ def test_fixed_query_is_an_index_scan_with_the_same_rows(postgres: Any, conn: Co
                 "OR name LIKE '%\\_cost') AND setting IS DISTINCT FROM boot_val").fetchall():
             fresh.execute("SELECT set_config(%s, %s, false)", (name, boot))
         fresh.execute("SET max_parallel_workers_per_gather = 0")
-        try:
-            nodes = true_nodes(explain(fresh, fixed_sql))
-            rows = fresh.execute(fixed_sql).fetchall()
-        except psycopg.Error as exc:
-            pytest.fail(f"the fixed query fails: {type(exc).__name__}: "
-                        f"{exc.diag.message_primary}", pytrace=False)
+        require_committed(conn, fresh)
+        nodes, rows = run_fixed(fresh, fixed_sql)
 
     seq = [n for n in nodes if n["node_type"] == "Seq Scan"]
     assert not seq, (
@@ -594,6 +594,7 @@ def test_fixed_query_is_an_index_scan_with_the_same_rows(postgres: Any, conn: Co
         pytest.fail(
             f"the fixed query returns the right {len(rows)} rows in another order: {why}",
             pytrace=False)
+    one_customer_only(conn, rows)
     if len(rows) < len(expected) and set(rows) <= set(expected):
         pytest.fail(
             f"the fixed query returns {len(rows)} of the slow query's {len(expected)} rows: "
@@ -604,3 +605,63 @@ def test_fixed_query_is_an_index_scan_with_the_same_rows(postgres: Any, conn: Co
         f"the fixed query returns {len(rows)} rows, the slow one {len(expected)} "
         f"(first: {rows[:1]} vs {expected[:1]}): a fix must not change the answer or its "
         f"order")
+
+
+OUR_INDEXES = "SELECT indexname FROM pg_indexes WHERE tablename IN ('customers', 'orders')"
+
+
+def require_committed(conn: Conn, fresh: Conn) -> None:
+    """What fix_slow_query built must be there for every connection: indexes created in a
+    transaction it left open exist for its own connection only."""
+    status = conn.info.transaction_status
+    if status != psycopg.pq.TransactionStatus.INTRANS:
+        return
+    mine = {r[0] for r in conn.execute(OUR_INDEXES).fetchall()}
+    theirs = {r[0] for r in fresh.execute(OUR_INDEXES).fetchall()}
+    if mine - theirs:
+        pytest.fail(
+            f"fix_slow_query left its connection inside a transaction it never committed "
+            f"(status INTRANS), and its indexes {sorted(mine - theirs)} exist only there: "
+            f"a fresh connection sees none of them, so the fixed query still reads both "
+            f"tables in full everywhere else - commit what you create (conn is in "
+            f"autocommit: no BEGIN needed; with conn.transaction(): commits at its end)",
+            pytrace=False)
+
+
+def run_fixed(fresh: Conn, fixed_sql: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The fixed query's plan and rows on the fresh connection."""
+    try:
+        nodes = true_nodes(explain(fresh, fixed_sql))
+        rows = fresh.execute(fixed_sql).fetchall()
+    except psycopg.errors.CardinalityViolation as exc:
+        pytest.fail(
+            f"the fixed query fails: CardinalityViolation: {exc.diag.message_primary} - "
+            f"it takes lower(c.email) = 'user4242@example.com' to name one customer, but "
+            f"two customers' emails differ only in case and it finds both: = (SELECT id "
+            f"...) allows one row; join the customers (or use IN) so every match counts",
+            pytrace=False)
+    except psycopg.Error as exc:
+        pytest.fail(f"the fixed query fails: {type(exc).__name__}: "
+                    f"{exc.diag.message_primary}", pytrace=False)
+    return nodes, rows
+
+
+def one_customer_only(conn: Conn, rows: list[Any]) -> None:
+    """Fail when the fixed query returns exactly the orders of one of the customers the
+    case-insensitive match finds (a case-sensitive =, an id looked up first, LIMIT 1)."""
+    matched = conn.execute(
+        "SELECT c.id, c.email, array_agg(o.id ORDER BY o.id) FROM customers c "
+        "JOIN orders o ON o.customer_id = c.id "
+        "WHERE lower(c.email) = 'user4242@example.com' GROUP BY c.id, c.email "
+        "ORDER BY c.id").fetchall()
+    got = sorted(r[0] for r in rows)
+    for cid, email, ids in matched:
+        others = [(c, e) for c, e, _ in matched if c != cid]
+        if got == list(ids) and others:
+            pytest.fail(
+                f"the fixed query returns only the {len(got)} orders of customer {cid} "
+                f"({email!r}), none of {', '.join(f'customer {c} ({e!r})' for c, e in others)}:"
+                f" lower(c.email) = 'user4242@example.com' finds every customer whose email "
+                f"differs only in case - keep that case-insensitive match and all it finds "
+                f"(no case-sensitive =, no one id looked up first, no LIMIT 1), and index "
+                f"lower(email)", pytrace=False)

@@ -1,6 +1,6 @@
 """ph2.4 ACID: the learner's transfer() on real Postgres 15.
 
-* Consistency: the schema itself refuses a negative balance, a non-positive amount, a
+* Consistency: the schema itself refuses a negative balance, a zero or negative amount, a
   ledger row naming a missing account, and NULL in any of those columns (a CHECK or a
   foreign key lets NULL through: NOT NULL is part of the invariant).
 * Atomicity: an overdraft, an unknown account, and a connection killed between the debit
@@ -137,6 +137,10 @@ SCHEMA_CASES: list[tuple[str, type[Exception] | tuple[type[Exception], ...], str
      "the ledger must only name existing accounts: to_id REFERENCES accounts"),
     ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 2, 0)",
      psycopg.errors.CheckViolation, "an amount must be positive: CHECK (amount > 0)"),
+    ("INSERT INTO transfers (from_id, to_id, amount) VALUES (1, 2, -5)",
+     psycopg.errors.CheckViolation,
+     "an amount must be positive, and -5 is not: a ledger row of -5 from 1 to 2 says money "
+     "went the wrong way - CHECK (amount > 0), not a check that only rules out 0"),
     ("UPDATE accounts SET balance = NULL WHERE id = 1", NULL_REFUSED,
      "a balance must be a number (NULL + 50 is NULL: the next credit would vanish) - "
      + NULL_WHY),
@@ -470,6 +474,22 @@ SHARED_ACCOUNT = {
 }
 
 
+def lost_update(story: str, results: dict[str, str], balances: dict[int, int],
+                final: dict[int, int]) -> None:
+    """Both transfers returned, yet money appeared or vanished: one wrote a balance it
+    had computed from a read taken before the other's write."""
+    if set(results.values()) != {"ok"} or sum(balances.values()) == sum(final.values()):
+        return
+    off = {k: balances.get(k, 0) - v for k, v in final.items() if balances.get(k, 0) != v}
+    pytest.fail(
+        f"{story}. The total is {sum(balances.values())}, not {sum(final.values())}: "
+        f"{off} off - a lost update: one transfer wrote a balance it had computed from a "
+        f"row read unlocked before the other's write (SET balance = <read + amount>), "
+        f"overwriting it. Let the database do the arithmetic (balance = balance + %s, on "
+        f"the debit AND the credit) or lock each row (FOR UPDATE) before reading it",
+        pytrace=False)
+
+
 @pytest.mark.parametrize("case", list(SHARED_ACCOUNT))
 def test_two_transfers_sharing_an_account_queue_at_every_step(bank: Bank, postgres: Any,
                                                               case: str) -> None:
@@ -514,6 +534,7 @@ def test_two_transfers_sharing_an_account_queue_at_every_step(bank: Bank, postgr
                      f"then A went on. They ended {results}, balances "
                      f"{dict(sorted(got[0].items()))}: expected both "
                      f"ok and {final} - the accounts hold enough for both")
+            lost_update(story, results, got[0], final)
             if "DeadlockDetected" in results.values():
                 pytest.fail(f"{story}. They deadlocked: each held a lock the other's UPDATE "
                             f"needed. A row read with a shared lock (FOR SHARE, FOR KEY SHARE) "

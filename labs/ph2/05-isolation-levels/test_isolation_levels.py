@@ -43,6 +43,11 @@ Mistakes a learner makes here, each caught with its own message:
   by hand, ROLLBACK only for 40001 or none at all)               -> connection status after
 - a session setting (conn.isolation_level, SET SESSION) put back
   only when the function returns, left behind by an error        -> the same error paths
+- the doctor's name formatted into the UPDATE's text (quoted by
+  hand or by repr())                                             -> d'Artagnan, x' OR 'a' = 'a
+- the attempts counted outside the call (a module-level variable,
+  a function attribute) and reset only on success                -> a call after one that
+                                                                    gave up, or refused
 """
 
 from __future__ import annotations
@@ -795,3 +800,100 @@ def test_go_off_call_ends_its_transaction_on_every_path(
     problem = session_changed(alice.conn, "repeatable read", attribute_before, what,
                               "go_off_call")
     assert problem is None, problem
+
+
+# --------------------------------------------------------------------------------------
+# Part 5: what the data and the caller bring - any doctor's name, one call after another
+
+NAMES = {
+    # id: (the doctor going off call, what a name pasted into the SQL text does with it)
+    "apostrophe": ("d'Artagnan", "its apostrophe ends the string literal (a syntax error) - "
+                                 "or, quoted by repr(), it is in double quotes: a column "
+                                 "name"),
+    "quote-and-or": ("x' OR 'a' = 'a",
+                     "it closes the literal and adds OR 'a' = 'a': every doctor matches"),
+    "unicode": ("Zoë Ørsted", "nothing, as long as it is sent as text"),
+}
+
+
+@pytest.mark.parametrize("case", list(NAMES))
+def test_any_doctors_name_is_taken_as_data(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any, case: str) -> None:
+    """A name is data: sent as a parameter it can hold any character; pasted into the
+    statement's text it becomes SQL."""
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    name, spliced = NAMES[case]
+    admin.execute("UPDATE doctors SET on_call = name = 'bob'")
+    admin.execute("INSERT INTO doctors VALUES (%s, true)", (name,))
+    result, exc, counts = call_recorded_as(go_off_call, alice.conn, name)
+    now = on_call(admin)
+    told = f"go_off_call(conn, {name!r}) with {name!r} and bob on call"
+    why = (f"the name went into the statement's text, where {spliced} - pass it as a "
+           f"parameter (WHERE name = %s, with (doctor,)), never formatted or quoted by hand")
+    if exc is not None:
+        pytest.fail(f"{told} raised {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''} - {why}", pytrace=False)
+    assert now == ["bob"], (
+        f"{told} returned {result!r} (after_check saw {counts}), and on call now: {now}; "
+        f"expected bob only - {name!r} off call, nobody else: {why}")
+    assert result is True, f"{told}: {name!r} went off call, yet go_off_call returned {result!r}"
+
+
+def call_recorded_as(go_off_call: Any, conn: Conn, doctor: str,
+                     **kw: Any) -> tuple[Any, BaseException | None, list[int]]:
+    counts: list[int] = []
+    try:
+        return go_off_call(conn, doctor, after_check=counts.append, **kw), None, counts
+    except Exception as exc:  # noqa: BLE001 - what escaped is what the test judges
+        return None, exc, counts
+
+
+SERIAL = "could not serialize access (injected by the check)"
+FAIL_BELOW = 1000  # inject()'s threshold: the sequence is set below it to fail n times
+
+
+def fail_next(admin: Conn, n: int) -> None:
+    """The next ``n`` UPDATEs fail with 40001 (the sequence's next values reach the
+    threshold), those after go through."""
+    admin.execute("SELECT setval('injected', %s, false)", (FAIL_BELOW - n + 1,))
+EARLIER_CALLS = {
+    # id: (doctors on call for the earlier call, 40001s it meets, what it was)
+    "after-one-gave-up": (["alice", "bob"], 3,
+                          "an earlier call ran out of its 3 attempts (every one failed "
+                          "with 40001) and let the 40001 out"),
+    "after-a-refusal": (["alice"], 0, "an earlier call refused (alice was the only doctor "
+                                      "on call) and returned False"),
+    "after-a-retried-success": (["alice", "bob"], 2,
+                                "an earlier call's first 2 attempts failed with 40001 and "
+                                "its third took alice off call"),
+}
+
+
+@pytest.mark.parametrize("case", list(EARLIER_CALLS))
+def test_each_call_has_its_own_attempts(
+        doctors: tuple[Doctor, Doctor, Conn], learner: Any, case: str) -> None:
+    """Two calls one after the other, in one process: the second gets max_attempts of its
+    own, whatever the first one used up."""
+    go_off_call = learner.function("isolation", "go_off_call")
+    alice, _, admin = doctors
+    roster, failures, earlier = EARLIER_CALLS[case]
+    admin.execute("UPDATE doctors SET on_call = name = ANY(%s)", (roster,))
+    inject(admin, failures=FAIL_BELOW, sqlstate="40001", when=AT_STATEMENT, message=SERIAL)
+    fail_next(admin, failures)  # the earlier call meets its own 40001s...
+    first = call_recorded_as(go_off_call, alice.conn, "alice", max_attempts=3)
+    made = len(first[2])
+    assert (made, first[1] is None) == (failures + 1 if failures < 3 else 3, failures < 3), (
+        f"the earlier call was to be this: {earlier}; it made {made} attempt(s) and "
+        f"{'returned ' + repr(first[0]) if first[1] is None else 'raised ' + repr(first[1])}")
+    admin.execute("UPDATE doctors SET on_call = name IN ('bob', 'carol')")
+    fail_next(admin, 2)  # ...and the next call 2 more: its 3rd attempt goes through
+    result, exc, counts = call_recorded_as(go_off_call, alice.conn, "bob", max_attempts=3)
+    assert exc is None and result is True and len(counts) == 3, (
+        f"{earlier}; then go_off_call(conn, 'bob', max_attempts=3), with bob and carol on "
+        f"call and its first 2 attempts failing with 40001, "
+        + (f"raised {type(exc).__name__} after {len(counts)} attempt(s)" if exc is not None
+           else f"returned {result!r} after {len(counts)} attempt(s)")
+        + "; expected True from its 3rd attempt - each call has max_attempts of its own: "
+        "an attempt counter kept outside the call (a module-level variable, an attribute of "
+        "the function, a mutable default) carries the earlier call's attempts into this one")
