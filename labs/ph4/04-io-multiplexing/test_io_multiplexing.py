@@ -72,6 +72,16 @@ SIGPIPE_ADVICE = (
     "other connection with it. A server ignores it: send(..., MSG_NOSIGNAL) on every send, "
     "or signal(SIGPIPE, SIG_IGN) at start, then the call fails with EPIPE and you close "
     "that one connection.")
+NUL_ADVICE = (
+    "An echo server moves bytes, not C strings: what a client sends may hold any byte, 0x00 "
+    "too. Keep and send the n bytes recv() returned (memcpy(), send(fd, buf, n, ...)), never "
+    "strlen(), strcpy(), strncpy(), strcat() or printf(\"%s\") on them: each stops at the "
+    "first 0 byte.")
+EINTR_ADVICE = (
+    "A process stopped (SIGSTOP, SIGTSTP: Ctrl-Z, a debugger) and continued (SIGCONT: fg, "
+    "bg) has the epoll_wait() it slept in fail with EINTR, even with no signal handler "
+    "installed (man 7 signal), and so does any signal a handler catches. EINTR is not an "
+    "error: call epoll_wait() again, as for read() and accept().")
 SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=23",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
 
@@ -306,6 +316,7 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
     before its echo is complete, or the server exits (given what was seen). read_when: the
     clients read nothing until it says so."""
     got = [bytearray() for _ in socks]
+    checked = [0] * len(socks)   # got[i][:checked[i]] matches wanted[i]; -1: gone astray
     pending = {i for i, w in enumerate(wanted) if w}
     sel = selectors.DefaultSelector()
     for i in pending:
@@ -359,6 +370,8 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
                             pytrace=False)
             got[i] += chunk
             progress = True
+            if checked[i] >= 0:
+                checked[i] = astray(what, i, got[i], wanted[i], checked[i])
             if len(got[i]) >= len(wanted[i]):
                 pending.discard(i)
                 sel.unregister(socks[i])
@@ -367,6 +380,9 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
             continue
         short = next(f"connection {i} got {len(got[i])} of {len(wanted[i])} bytes back"
                      for i in sorted(pending))
+        for i in sorted(pending):   # the echo stops right before a 0 byte
+            if checked[i] >= 0 and (cut := c_string_loss(bytes(got[i]), wanted[i], True)):
+                pytest.fail(f"{what}: connection {i} {cut}\n{NUL_ADVICE}", pytrace=False)
         if lost is not None and server.exited():
             pytest.fail(lost("the server exited"), pytrace=False)
         why = diagnose(server, what, all_sent(), short)
@@ -383,6 +399,42 @@ def pump(server: Server, socks: list[socket.socket], wanted: list[bytes], what: 
 
 
 # ---------------------------------------------------------------------------- the tests
+
+
+def astray(what: str, i: int, got: bytearray, wanted: bytes, start: int) -> int:
+    """After new bytes of connection ``i``'s echo came (``got[start:]``): how much of it
+    matches what was sent (len(got)), or -1 when it has gone astray - judged at the end of
+    pump() as before, unless it lost what followed a 0 byte: failed here, naming that."""
+    if got[start:] == wanted[start:len(got)]:
+        return len(got)
+    cut = c_string_loss(bytes(got), wanted, False)
+    if cut:
+        pytest.fail(f"{what}: connection {i} {cut}\n{NUL_ADVICE}", pytrace=False)
+    return -1
+
+
+def c_string_loss(got: bytes, wanted: bytes, stalled: bool) -> str | None:
+    """How an echo ``got`` lost what followed a 0 byte of ``wanted`` (as C string functions
+    do), or None: strlen() on what was read keeps no 0 byte and skips the rest of that read;
+    strncpy() keeps the 0 byte and pads the rest with zeros; stalled: the echo stopped (no
+    more is coming) right before a 0 byte, with none before it."""
+    at = first_difference(got, wanted)
+    if at >= len(wanted):
+        return None
+    if at == len(got):
+        if stalled and wanted[at] == 0 and 0 not in got:
+            return (f"got {at} bytes back, none of them 0, and no more: byte {at} it sent is "
+                    "0x00, and the echo stops there")
+        return None
+    if wanted[at] == 0 and 0 not in got:
+        return (f"got its echo without its 0 bytes and what followed them: byte {at} it sent "
+                f"is 0x00, the echo goes on there with other bytes, and none of the "
+                f"{len(got)} bytes that came back is 0")
+    if got[at] == 0 and at > 0 and wanted[at - 1] == 0:
+        return (f"got zeros back in place of the bytes that followed a 0 byte it sent (byte "
+                f"{at - 1} is 0x00; from byte {at} on the echo holds 0x00 where it sent "
+                f"0x{wanted[at]:02x})")
+    return None
 
 
 class Sender:
@@ -482,6 +534,66 @@ def test_a_burst_larger_than_one_read_is_echoed_whole(server: Server) -> None:
         late = f"{what} to a client that reads only once it has sent it all"
         pump(server, [sock], [payload], late, sender.done,
              read_when=once_sent_or_held(server, sender, late))
+
+
+def test_a_stopped_and_continued_server_keeps_serving(server: Server) -> None:
+    """Job control (Ctrl-Z then fg, a debugger attaching): SIGSTOP, then SIGCONT, while the
+    server sleeps in epoll_wait(). Linux ends that wait with EINTR on SIGCONT, with no
+    signal handler installed (signal(7)): the server must call it again, not exit."""
+    what = "stopped (SIGSTOP) while asleep in epoll_wait() and continued (SIGCONT)"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"before the stop\n")
+        pump(server, [sock], [b"before the stop\n"], "a message before the server was "
+             "stopped")
+        stop_in_epoll_wait(server)
+        continue_idle(server)
+
+        def lost(seen: str) -> str:
+            if server.exiting():   # its connections closed as it exits
+                try:
+                    server.proc.wait(DEADLINE)
+                except subprocess.TimeoutExpired:
+                    pass
+            gone = server.exited()
+            return (f"{what}, {gone.rstrip()}\n{EINTR_ADVICE}" if gone else
+                    f"{what}, {seen}")
+
+        sock.sendall(b"after the stop\n")
+        pump(server, [sock], [b"after the stop\n"], f"a message after the server was {what}",
+             lost=lost)
+    server.alive(f"{what}, then a client closed")
+
+
+def stop_in_epoll_wait(server: Server) -> None:
+    """SIGSTOP the server once it sleeps in epoll_wait() (it has nothing to do), and wait
+    until it is seen stopped: its only thread no longer asleep (state T, counted awake)."""
+    stalled, deadline = 0, time.monotonic() + DEADLINE
+    while stalled < 2:   # twice in a row: back in epoll_wait after the echo, for sure
+        stalled = stalled + 1 if server.asleep_in() in EPOLL_WAIT else 0
+        if time.monotonic() > deadline:
+            pytest.fail("the server, with nothing to do, never slept in epoll_wait() "
+                        f"({DEADLINE:.0f} s)", pytrace=False)
+        time.sleep(0.025)
+    server.proc.send_signal(signal.SIGSTOP)
+    while server.read(process_activity)[0] == 0:
+        server.alive("stopped with SIGSTOP")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server was not seen stopped after SIGSTOP ({DEADLINE:.0f} s)",
+                        pytrace=False)
+        time.sleep(0.01)
+
+
+def continue_idle(server: Server) -> None:
+    """SIGCONT the stopped server, and wait until it runs on (back asleep, or gone) before
+    a client sends anything: an event already waiting when it resumes is returned by that
+    epoll_wait() in place of EINTR, and would hide how it takes EINTR."""
+    server.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + DEADLINE
+    while not server.exiting() and server.read(process_activity)[0] != 0:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server, continued (SIGCONT) with nothing to do, was not seen "
+                        f"asleep again ({DEADLINE:.0f} s)", pytrace=False)
+        time.sleep(0.01)
 
 
 def test_five_hundred_connections_on_one_thread(server: Server) -> None:

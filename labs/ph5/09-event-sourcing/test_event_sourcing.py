@@ -305,6 +305,7 @@ def test_a_lost_race_leaves_the_callers_transaction_usable(store: Any, postgres:
             outcome["first"] = exc
         try:
             _, version = mod.load(tx.conn, stream)
+            outcome["reloaded"] = version   # the transaction still runs statements
             outcome["retry"] = mod.append(tx.conn, stream, version, [withdraw(30)])
             tx.end(commit=True)
         except BaseException as exc:  # noqa: BLE001
@@ -333,6 +334,14 @@ def test_a_lost_race_leaves_the_callers_transaction_usable(store: Any, postgres:
         f"{'returned' if first == 'returned' else f'raised {type(first).__name__}: {first}'}"
         "; expected ConcurrencyError")
     error = outcome.get("retry_error")
+    reloaded = outcome.get("reloaded")
+    assert not (reloaded == 3 and isinstance(error, mod.ConcurrencyError)), (
+        f"after append {caller} lost the race for version 3, the caller reloaded (load() "
+        f"saw version 3, the transaction usable) and retried with expected_version 3, and "
+        f"that raised ConcurrencyError: {error}. The stream is at 3: the append's check "
+        "compared with a version it did not read from the events table in this "
+        "transaction - one remembered from an earlier append (in the module) is stale as "
+        "soon as another writer appends. Read max(version) for the stream in every append")
     assert error is None, (
         f"after append {caller} raised ConcurrencyError (it lost the race for version 3), "
         f"the caller reloaded and retried in the same transaction, and that raised "
@@ -369,6 +378,81 @@ def test_snapshot_plus_tail_equals_full_replay(store: Any) -> None:
     assert mod.load(conn, "acc-3") == loaded, (
         "load() changed when an event before the snapshot changed: it is replaying the whole "
         "stream - read the snapshot, then only the events after its version")
+
+
+LONG = 10_500   # events in one stream: past a page of 1,000 or 10,000 rows
+
+
+def test_a_long_stream_is_read_whole(store: Any) -> None:
+    """A stream of LONG events (an account open for years; written straight into the
+    table, as many appends would): read_stream, replay, save_snapshot and load see all of
+    it - no page of the first N rows taken for the whole stream."""
+    mod, conn = store
+    mod.append(conn, "acc-long", 0, [opened()])
+    conn.execute("INSERT INTO events (stream_id, version, type, schema_version, data) "
+                 "SELECT 'acc-long', v, 'MoneyDeposited', 2, %s FROM generate_series(2, %s) v",
+                 (Jsonb({"amount_cents": 1, "currency": "EUR"}), LONG))
+    want = (account(LONG - 1, LONG - 1), LONG)
+    seen = {"replay()": mod.replay(conn, "acc-long")}
+    seen["save_snapshot()"] = mod.save_snapshot(conn, "acc-long")
+    seen["load() after it"] = mod.load(conn, "acc-long")
+    for name, got in seen.items():
+        expected = want[1] if name == "save_snapshot()" else want
+        if got != expected:
+            stopped_short(mod, conn)   # read_stream() read a page: named when so
+        assert got == expected, (
+            f"{name} on a stream of {LONG} events gave {got}, expected {expected}: every "
+            "event counts - read them all, not a first page")
+
+
+def stopped_short(mod: Any, conn: Any) -> None:
+    """Fails the test if read_stream() returns fewer than the LONG events of 'acc-long'
+    (read only when something went wrong: 10,500 events cost seconds to hand over from the
+    learner's process)."""
+    events = mod.read_stream(conn, "acc-long")
+    if len(events) != LONG:
+        last = events[-1]["version"] if events else None
+        pytest.fail(f"read_stream() of a stream of {LONG} events returned {len(events)} "
+                    f"(the last at version {last}), expected all {LONG}: a stream is read "
+                    "whole - fetchall(), or fetchmany() / LIMIT pages in a loop until one "
+                    "comes back empty. One page taken for the stream loses its newest events "
+                    "once it outgrows the page: the state is an old one, and the next append "
+                    "expects an old version", pytrace=False)
+
+
+def test_a_snapshot_rolled_back_with_the_callers_transaction_is_gone(store: Any) -> None:
+    """In the caller's transaction: two appends and a snapshot, then a rollback. The
+    snapshot goes with the events it folded: load() is at the committed version, and the
+    next append expects that version. A copy kept in the module (a cache of snapshots or
+    of stream versions) outlives the rollback - and is shared by every connection and
+    database the process serves."""
+    mod, conn = store
+    mod.append(conn, "acc-rb", 0, [opened(), deposit(500)])
+    with conn.transaction():
+        mod.append(conn, "acc-rb", 2, [deposit(1000), withdraw(300)])
+        mod.save_snapshot(conn, "acc-rb")
+        raise psycopg.Rollback()
+    seen = mod.load(conn, "acc-rb")
+    assert seen == (account(500, 1), 2), (
+        f"after the caller rolled back two appends and the snapshot saved after them, "
+        f"load() = {seen}, expected {(account(500, 1), 2)} (the committed stream): the "
+        "rolled-back snapshot still counts - a snapshot lives in the snapshots table, "
+        "inside the caller's transaction; keep no copy in the module, which a rollback "
+        "never takes back")
+    got, refused = None, ""
+    try:
+        got = mod.append(conn, "acc-rb", 2, [deposit(1)])
+    except mod.ConcurrencyError as exc:
+        refused = str(exc) or type(exc).__name__
+    if refused:
+        pytest.fail(f"after the caller rolled back two appends, append(expected_version=2) "
+                    f"raised ConcurrencyError ({refused}), yet the stream is at version 2: the "
+                    "stream's version is read from the events table in the append's own "
+                    "transaction, never remembered in the module, where a rollback never "
+                    "takes it back", pytrace=False)
+    assert got == 3 and mod.load(conn, "acc-rb") == (account(501, 2), 3), (
+        f"after the rollback, append(expected_version=2) returned {got!r} and load() gave "
+        f"{mod.load(conn, 'acc-rb')}, expected 3 and {(account(501, 2), 3)}")
 
 
 def test_a_load_reads_only_the_events_after_the_snapshot(store: Any, postgres: Any) -> None:
