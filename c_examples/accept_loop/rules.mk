@@ -11,7 +11,7 @@
 ACCEPT_LOOP_DIR  := $(CURDIR)/accept_loop
 ACCEPT_LOOP_WRAP := -Wl,--wrap=send,--wrap=sendto,--wrap=write
 ACCEPT_LOOP_WAITS := -Wl,--wrap=accept,--wrap=accept4,--wrap=poll,--wrap=ppoll,--wrap=select \
-	-Wl,--wrap=pselect,--wrap=epoll_wait,--wrap=epoll_pwait
+	-Wl,--wrap=pselect,--wrap=epoll_wait,--wrap=epoll_pwait,--wrap=__poll_chk,--wrap=__ppoll_chk
 
 TARGETS += accept_loop
 accept_loop: SRC ?= $(LABS)/ph0/07-accept-loop/solution

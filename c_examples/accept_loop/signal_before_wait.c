@@ -1,7 +1,8 @@
 /* ph0.7: linked into the accept_loop_signal_before_wait build with -Wl,--wrap=accept,...
  * so that a supervisor's SIGTERM arrives at the worst moment for an accept loop: once a
  * thread has accepted a connection, the next call it makes that may wait for the next
- * one (accept, accept4, poll, ppoll, select, pselect, epoll_wait, epoll_pwait) first sends
+ * one (accept, accept4, poll, ppoll, select, pselect, epoll_wait, epoll_pwait, and the
+ * __poll_chk/__ppoll_chk that _FORTIFY_SOURCE turns poll/ppoll into) first sends
  * SIGTERM to the process (kill(getpid()), as a supervisor does), then goes on into the
  * call. That is the window between the loop's check of its stop flag and its going to
  * sleep: a handler that only sets the flag runs there, and a plain accept() (or poll())
@@ -31,6 +32,12 @@ int __real_pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec
 int __real_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout);
 int __real_epoll_pwait(int epfd, struct epoll_event *events, int max, int timeout,
                        const sigset_t *mask);
+int __real___poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t size);
+int __real___ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *timeout,
+                       const sigset_t *mask, size_t size);
+int __wrap___poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t size);
+int __wrap___ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *timeout,
+                       const sigset_t *mask, size_t size);
 int __wrap_accept(int fd, struct sockaddr *addr, socklen_t *len);
 int __wrap_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags);
 int __wrap_poll(struct pollfd *fds, nfds_t n, int timeout);
@@ -82,6 +89,17 @@ int __wrap_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *timeout,
                  const sigset_t *mask) {
     signal_before("ppoll");
     return __real_ppoll(fds, n, timeout, mask);
+}
+
+int __wrap___poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t size) {
+    signal_before("poll");
+    return __real___poll_chk(fds, n, timeout, size);
+}
+
+int __wrap___ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *timeout,
+                       const sigset_t *mask, size_t size) {
+    signal_before("ppoll");
+    return __real___ppoll_chk(fds, n, timeout, mask, size);
 }
 
 int __wrap_select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *timeout) {
