@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shlex
 import signal
 import socket
 import struct
@@ -437,6 +438,54 @@ def test_sigterm_exits_zero_without_sanitizer_reports(launch: Any) -> None:
         idle.close()
 
 
+@pytest.fixture
+def launch_signal_before_wait(binary: Path, learner: Any) -> Iterator[Any]:
+    """The same server.c linked with c_examples/accept_loop/signal_before_wait.c: once a
+    thread has accepted a connection, its next accept()/poll()/ppoll()/select()/pselect()/
+    epoll_wait()/epoll_pwait() first sends the process SIGTERM (once), and says so on stderr."""
+    yield from launcher(binary.parent / "accept_loop_signal_before_wait", learner)
+
+
+SENT_BEFORE = re.compile(rb"signal_before_wait: SIGTERM sent before (\w+)\(\)")
+
+
+def test_a_sigterm_as_the_loop_goes_back_to_wait_stops_it(
+        launch_signal_before_wait: Any) -> None:
+    """A supervisor's SIGTERM may land at any moment: also after the loop has checked its
+    stop flag and before it sleeps again in accept(). This build sends it there, once one
+    client has been accepted. A handler that only sets the flag then runs too late for
+    that check, and a plain accept() sleeps on until the next client: the one SIGTERM is
+    lost. Keeping the signal blocked outside the wait (ppoll/pselect with a mask), or
+    waking the wait from the handler (self-pipe, signalfd), stops the server at once."""
+    server = launch_signal_before_wait()
+    # One client, accepted; its echo may or may not come before the stop ends the process.
+    client = connect(server.port)
+    try:
+        server.proc.wait(WAIT)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        client.close()
+    sent = SENT_BEFORE.search(bytes(server.stderr))
+    if sent and server.proc.poll() is None:
+        server.kill()
+        call = sent.group(1).decode()
+        pytest.fail(
+            f"a SIGTERM that arrived as the loop went back to wait for the next client "
+            f"(after it accepted one, right before its {call}()) did not stop the server: "
+            f"still running {WAIT:.0f} s later; expected it to exit with status 0\nThe "
+            f"handler set the flag after the loop had checked it, and {call}() then slept "
+            "on until the next client: a supervisor's one SIGTERM is lost, and it kills the "
+            "server later, mid-request. Keep SIGTERM blocked (pthread_sigmask) and unblock it "
+            "only inside the wait, atomically: ppoll() or pselect() on the listening socket "
+            "with the mask that unblocks it, then accept() the connection it reports; or make "
+            "the handler wake the wait (a self-pipe polled beside the listening socket, or "
+            "signalfd).", pytrace=False)
+    # Exited (stop_cleanly checks how), or never went back to one of those waits after
+    # accepting, so nothing was sent: then a SIGTERM of the test's own.
+    stop_cleanly(server)
+
+
 def test_reset_connections_are_closed(launch: Any) -> None:
     """Clients that end with a reset (RST: SO_LINGER 0) instead of a FIN: recv() fails with
     ECONNRESET, and the connection's descriptor must be closed on that path too."""
@@ -660,11 +709,15 @@ NOT_A_PORT = [
              "and read 0, any free port"),
     ("65536", "past 65535: htons((uint16_t)65536) is 0, any free port"),
     ("-65536", "negative: (uint16_t)-65536 is 0, any free port"),
+    ("", "empty (a script's `accept_loop \"$PORT\"` with PORT unset): strtol() "
+         "reads no digit, returns 0 and leaves end at argv[1], where *end is already the "
+         "'\\0' - unless end != argv[1] is checked, that is port 0, any free port"),
 ]
 REFUSE_WAIT = 10.0  # seconds; a refusing server exits at once, only a silent hang waits this
 
 
-@pytest.mark.parametrize("arg, why", NOT_A_PORT, ids=[arg for arg, _ in NOT_A_PORT])
+@pytest.mark.parametrize("arg, why", NOT_A_PORT,
+                         ids=[arg or "empty" for arg, _ in NOT_A_PORT])
 def test_an_argument_that_is_no_port_is_refused(binary: Path, learner: Any, arg: str,
                                                 why: str) -> None:
     """A mistyped or out-of-range port must stop the server before it listens: a
@@ -672,6 +725,7 @@ def test_an_argument_that_is_no_port_is_refused(binary: Path, learner: Any, arg:
     serves on a port nobody asked for, where no client and no health check looks."""
     proc = learner.popen([str(binary), arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env={**os.environ, **SANITIZER_ENV})
+    started = f"`accept_loop {shlex.quote(arg)}`" + ("" if arg else " (an empty argument)")
     server = Server(proc, learner=learner)
     try:
         deadline = time.monotonic() + REFUSE_WAIT
@@ -692,17 +746,18 @@ def test_an_argument_that_is_no_port_is_refused(binary: Path, learner: Any, arg:
     finally:
         server.kill()
     assert not seen, (
-        f"started as 'accept_loop {arg}', the server {seen}; expected it to refuse the "
-        f"argument: a usage message on stderr and a non-zero exit status, before listening "
-        f"on anything\n'{arg}' is {why}. A mistyped port must make the start fail where the "
-        "operator sees it. Parse with strtol(argv[1], &end, 10) and accept it only if "
+        f"started as {started}, the server {seen}; expected it to "
+        f"refuse the argument: a usage message on stderr and a non-zero exit status, before "
+        f"listening on anything\n'{arg}' is {why}. A mistyped port must make the start fail "
+        "where the operator sees it. Parse with strtol(argv[1], &end, 10) and accept it only if "
         "end != argv[1], *end == '\\0', errno == 0 and 0 <= value <= 65535.")
     assert status is not None and status > 0, (
-        f"started as 'accept_loop {arg}', the server ended with status {status} "
+        f"started as {started}, the server ended with status {status} "
         f"(negative: killed by a signal), expected a plain non-zero exit\nstderr: "
         f"{server.stderr.decode(errors='replace').strip()[-400:]}")
     report = server.sanitizer_report()
-    assert report is None, f"started as 'accept_loop {arg}', the sanitizers reported:\n{report}"
+    assert report is None, (
+        f"started as {started}, the sanitizers reported:\n{report}")
 
 
 STILL = 0.03       # seconds a server's unread byte count must hold still to count as stalled

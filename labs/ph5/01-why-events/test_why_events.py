@@ -329,13 +329,24 @@ def test_acknowledged_means_stored_by_the_replicas(learner: Any, kafka: Any) -> 
     until a leader dies in a real one."""
     publish = learner.function("events", "publish_orders")
     topic = kafka.create_topic("orders-durable", 3)
+    # A call naming the broker itself first: the next call names the proxy, and must reach
+    # the cluster through it - each call's producer is for the bootstrap that call names.
+    publish(kafka.bootstrap, topic, make_orders(100, 1))
     with KafkaProxy(kafka.bootstrap) as proxy:
         placed = publish(proxy.bootstrap, topic, make_orders(0, 5))
         asked = sorted({r.acks for r in proxy.requests(PRODUCE)}, key=str)
         idempotent = bool(proxy.requests(INIT_PRODUCER_ID))
+        seen = len(proxy.requests())
     assert isinstance(placed, list) and len(placed) == 5, (
         f"publish_orders returned {placed!r:.120}; expected 5 (partition, offset) pairs")
-    assert asked, "publish_orders returned without sending a single Produce request"
+    assert asked, (
+        f"publish_orders(bootstrap=<the test's proxy>) returned 5 positions without sending "
+        f"a single Produce request through that bootstrap ({seen} requests of any kind "
+        f"reached it), after an earlier call had named another one (the broker's own "
+        f"address): the producer made for the first call's bootstrap served this call too. "
+        f"A cached producer belongs to the bootstrap it was made for: key the cache by "
+        f"bootstrap (or make one per call), never one module-wide producer for whatever "
+        f"cluster a later call names")
     meaning: dict[int | None, str] = {
         0: "acks=0: nobody acknowledges, so a delivery report says nothing about the log",
         1: "acks=1: only the partition LEADER has the events when it answers; if it dies "
@@ -412,6 +423,25 @@ def test_group_started_later_replays_history(learner: Any, kafka: Any) -> None:
                     "read the first 10 events before and should now get only the 10 new ones")
 
 
+ZERO_READ_TIMEOUT = 8.0  # long enough for a read that wrongly takes events to get some
+
+
+def check_a_read_of_none(consume: Callable[..., list[dict[str, Any]]], kafka: Any,
+                         topic: str) -> None:
+    """consume(max_events=0) with 20 events waiting: up to 0 events is none, and the
+    group's position stays where it was (no commit)."""
+    got = consume(kafka.bootstrap, topic, kafka.group("billing"), 0, ZERO_READ_TIMEOUT)
+    committed = committed_offset(kafka, topic, "billing")
+    assert not got and committed < 0, (
+        f"consume(max_events=0) with 20 events waiting returned {len(got)} event(s), and "
+        f"group billing committed "
+        f"{'no position' if committed < 0 else f'position {committed}'}; expected no event "
+        f"and no commit: up to 0 events is none\nCompare the count BEFORE taking an event "
+        f"(while len(events) < max_events: ...), not only after appending one - checked "
+        f"after, a limit of 0 is never met, and the read takes (and commits past) events "
+        f"its caller asked not to be handed")
+
+
 def test_a_small_read_commits_only_what_it_returns(learner: Any, kafka: Any) -> None:
     """20 events are waiting; billing reads 5, then 5, then the rest: a read commits the
     position after the events it RETURNS, not after everything the client fetched."""
@@ -419,6 +449,7 @@ def test_a_small_read_commits_only_what_it_returns(learner: Any, kafka: Any) -> 
     consume = learner.function("events", "consume")
     topic = kafka.create_topic("orders", 1)
     publish(kafka.bootstrap, topic, make_orders(0, 20))
+    check_a_read_of_none(consume, kafka, topic)
     got: list[str] = []
     for waiting in (20, 15):
         batch = consume(kafka.bootstrap, topic, kafka.group("billing"), 5, 10.0)

@@ -18,6 +18,12 @@
  *                              check-then-wait loop loses the signal in. It prints
  *                              "[test-gate] SIGTERM before <call>" first.
  *
+ *   SHUTDOWN_TEST_HOLD=nothread  no gate: once a thread has accepted a connection, its
+ *                              next pthread_create() fails with EAGAIN (once), without
+ *                              creating a thread: what a process at its thread limit
+ *                              (RLIMIT_NPROC, memory for stacks) gets. It prints
+ *                              "[test-gate] pthread_create fails with EAGAIN" first.
+ *
  *   SHUTDOWN_TEST_HOLD=ready   no gate: the first fflush(stdout), the one that sends
  *                              "listening on <port>", sends the process SIGTERM right
  *                              after it (see the end of this file). */
@@ -92,11 +98,14 @@ static void *held_start(void *p) {
     return s.fn(s.arg);
 }
 
+static int refuse_thread(void); /* SHUTDOWN_TEST_HOLD=nothread, below */
+
 int pthread_create(pthread_t *t, const pthread_attr_t *a, void *(*fn)(void *), void *arg) {
     static int (*real)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
     if (!real)
         real = (int (*)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *))dlsym(
             RTLD_NEXT, "pthread_create");
+    if (refuse_thread()) return EAGAIN;
     if (holding("worker") && atomic_load(&used) == 0) {
         struct start *s = malloc(sizeof *s);
         if (s != NULL) {
@@ -127,8 +136,20 @@ static void signal_before(const char *call) {
 
 static void note_accept(int fd) {
     long none = 0;
-    if (fd >= 0 && holding("signal"))
+    if (fd >= 0 && (holding("signal") || holding("nothread")))
         atomic_compare_exchange_strong(&accepted_by, &none, (long)syscall(SYS_gettid));
+}
+
+/* ---- SHUTDOWN_TEST_HOLD=nothread: the first thread for a connection cannot be made ----- */
+
+static atomic_int refused_once = 0;
+
+static int refuse_thread(void) {
+    if (!holding("nothread") || atomic_load(&accepted_by) != syscall(SYS_gettid)) return 0;
+    if (atomic_fetch_add(&refused_once, 1) != 0) return 0;
+    static const char msg[] = "[test-gate] pthread_create fails with EAGAIN\n";
+    syscall(SYS_write, 2, msg, sizeof msg - 1);
+    return 1;
 }
 
 /* the next definition of the function being wrapped (the sanitizers' or libc's) */
