@@ -364,7 +364,7 @@ def test_five_in_flight_complete_new_refused_then_exit_zero(learner: Any,
 # drain that sleeps a whole second between looks (sleep(1)) ends at the first look past the
 # deadline, 2 s after the signal: 0.8 s late, every time (later still under load).
 DRAIN_MS = 1200
-LATE = 0.4
+LATE = 0.6   # a loaded machine adds to the exit; sleep(1) is 0.8 s late at best
 
 
 def test_a_stuck_request_does_not_hold_shutdown_past_the_deadline(launch: Any) -> None:
