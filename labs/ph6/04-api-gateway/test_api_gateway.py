@@ -820,3 +820,82 @@ def test_head_gets_the_headers_of_a_get_and_no_body(world: World, case: str) -> 
         "(RFC 9110 8.6, 9.3.2): a client uses it to learn a resource's size without "
         "fetching it. The content you relay for a HEAD is empty (http.client reads none): "
         "keep the service's Content-Length, do not count the empty body.")
+
+
+COOKIES = ["session=s-1; Path=/; HttpOnly", "theme=dark; Path=/"]
+
+
+def cookie_service(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """A service whose answer repeats a field: two Set-Cookie lines, as a login sets them."""
+    body = b'{"logged_in": true}'
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              *[("Set-Cookie", value) for value in COOKIES]])
+    return [body]
+
+
+def test_a_repeated_response_field_reaches_the_client_line_by_line(world: World) -> None:
+    """A field may come several times in one answer; Set-Cookie always does when a service
+    sets two cookies, and it is the one field whose lines may not be joined (RFC 9110 5.3,
+    RFC 6265 3): its values hold commas of their own (Expires=Wed, 21 Oct ...)."""
+    with serve_wsgi(cookie_service) as cookies:
+        host = world.gateway(rate_limit=1000, more_routes={"/session": f"http://{cookies}"})
+        reply = http_request(host, "GET", "/session/login", headers=bearer())
+    got = reply.headers.get_all("Set-Cookie") or []
+    assert reply.status == 200 and got == COOKIES, (
+        f"GET /session/login: the service answered with {len(COOKIES)} Set-Cookie fields "
+        f"{COOKIES}; the client got HTTP {reply.status} with {len(got)}: {got}, expected "
+        "each field relayed as a line of its own\nA response may repeat a field name, and "
+        "every line is part of the answer: relay the list of (name, value) pairs "
+        "(http.client's getheaders()) as it is. A dict keyed by name keeps only the last "
+        "cookie, and getheader() joins them with ', ', which a browser reads as one cookie "
+        "(RFC 6265 3: Set-Cookie lines are never folded into one).")
+
+
+class DroppingService:
+    """A TCP listener that reads a request and closes the connection without an answer:
+    a service that crashed while handling it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+
+
+@pytest.mark.parametrize("case", ["nothing listens on its port", "it drops the request"])
+def test_a_service_that_cannot_be_reached_is_a_502(world: World, case: str) -> None:
+    """502 Bad Gateway says the gateway got no valid answer from the service it forwarded
+    to (RFC 9110 15.6.3): the service is down, or it closed the connection unanswered."""
+    if case == "nothing listens on its port":
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))       # bound, never listening: connect() is refused
+        port, stop = closed.getsockname()[1], closed.close
+    else:
+        dropping = DroppingService()
+        port, stop = dropping.port, dropping.sock.close
+    try:
+        host = world.gateway(rate_limit=1000, more_routes={"/down": f"http://127.0.0.1:{port}"})
+        try:
+            reply = http_request(host, "GET", "/down/1", headers=bearer())
+            status, got = reply.status, f"HTTP {reply.status} {reply.body[:120]!r}"
+        except OSError as exc:   # wsgiref drops the client on a ConnectionResetError
+            status, got = 0, f"no answer at all ({type(exc).__name__}: {exc})"
+    finally:
+        stop()
+    assert status == 502, (
+        f"GET /down/1 routed to a service where {case}: the client got {got}, expected "
+        "502 Bad Gateway\nA gateway that cannot get an answer from the service says so "
+        "with 502 (RFC 9110 15.6.3): a 500 (an exception left to the WSGI server, which "
+        "closes the client's connection unanswered when it is a ConnectionResetError) "
+        "blames the gateway itself, and a client or a load balancer cannot tell a bug from "
+        "a dead upstream. The connection refused and the connection closed without an "
+        "answer (http.client's RemoteDisconnected) are both "
+        "OSErrors: catch them around the forward.")

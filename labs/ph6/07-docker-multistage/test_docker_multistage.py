@@ -60,6 +60,7 @@ class Stage:
     image: str
     name: str | None
     lines: list[dict[str, Any]] = field(default_factory=list)
+    written: str = ""            # the image as the FROM line spells it (ARGs unexpanded)
 
     def all(self, instruction: str) -> list[dict[str, Any]]:
         return [i for i in self.lines if i["instruction"] == instruction]
@@ -67,12 +68,17 @@ class Stage:
 
 def parse(path: Path) -> tuple[DockerfileParser, list[Stage]]:
     dfp = DockerfileParser(fileobj=io.BytesIO(path.read_bytes()))
+    # The base images as Docker reads them: an ARG before the first FROM is substituted with
+    # its default (ARG GCC_VERSION=13.2.0 ... FROM gcc:${GCC_VERSION}), as dockerfile-parse's
+    # parent_images does.
+    images = iter(dfp.parent_images)
     stages: list[Stage] = []
     for ins in dfp.structure:
         if ins["instruction"] == "FROM":
             words = [w for w in ins["value"].split() if not w.startswith("--")]
             name = words[2] if len(words) >= 3 and words[1].lower() == "as" else None
-            stages.append(Stage(len(stages), words[0] if words else "", name))
+            stages.append(Stage(len(stages), next(images, words[0] if words else ""), name,
+                                written=words[0] if words else ""))
         elif stages:
             stages[-1].lines.append(ins)
     if not stages:
@@ -220,8 +226,10 @@ def test_base_images_are_pinned(dockerfile: tuple[DockerfileParser, list[Stage]]
     for s in stages:
         if s.image in names or s.image == "scratch":
             continue
+        spelt = s.image if s.written in ("", s.image) else \
+            f"{s.written} (that is {s.image}, by its ARG's default)"
         assert pinned(s.image), (
-            f"FROM {s.image} is not pinned: expected an exact version tag (gcc:13.2.0, "
+            f"FROM {spelt} is not pinned: expected an exact version tag (gcc:13.2.0, "
             "debian:12.8-slim) or a digest (image:tag@sha256:...). 'latest', no tag, a bare "
             "major or a codename (gcc:13, debian:bookworm-slim) move under you: the same "
             "Dockerfile builds a different image next month")
@@ -456,6 +464,27 @@ def health_argv(value: str) -> tuple[list[str], bool]:
 SHELLS = {"sh", "bash", "dash", "ash"}
 
 
+def argv_misread(argv: list[str]) -> str:
+    """'' unless an exec-form command's words are not the ones meant: Docker runs the JSON
+    array as it is, with no shell to split it (a whole command line in one string names no
+    program; an option and its operand in one string is an unknown option), and `sh -c`
+    runs only the one word after -c (the words after it are $0, $1...)."""
+    if not argv or re.search(r"\s", argv[0]):
+        return (f"its program is {argv[0]!r}: Docker looks for a file of that whole name, "
+                "spaces included, and the check fails on a healthy server" if argv else
+                "its command is an empty list")
+    glued = next((w for w in argv[1:] if w.startswith("-") and re.search(r"\s", w)), None)
+    if glued is not None:
+        return (f"{glued!r} is one word: {argv[0]} reads it as options, not an option and "
+                "its operand, and refuses it")
+    if posixpath.basename(argv[0]) in SHELLS and "-c" in argv[1:-1]:
+        script, rest = argv[argv.index("-c") + 1], argv[argv.index("-c") + 2:]
+        if rest and not re.search(r"\s", script):
+            return (f"{argv[0]} -c runs only {script!r}; the words after it, {rest}, become "
+                    "its $0 and $1, never run: the check tests nothing")
+    return ""
+
+
 def test_healthcheck_works_in_the_runtime_image(
         dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
     _, stages = dockerfile
@@ -465,6 +494,11 @@ def test_healthcheck_works_in_the_runtime_image(
         "the runtime stage has no HEALTHCHECK: Docker (and Compose, Swarm) cannot tell a "
         "hung server from a healthy one")
     argv, shell_form = health_argv(checks[-1]["value"])
+    misread = "" if shell_form else argv_misread(argv)
+    assert not misread, (
+        f"HEALTHCHECK CMD {json.dumps(argv)}: {misread}. The exec form is the argv itself, "
+        "one word per element and no shell to split them: "
+        f'HEALTHCHECK CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/{PORT}"]')
     command = " ".join(argv)
     if "/dev/tcp/" in command:
         before = command.split("/dev/tcp/")[0]

@@ -394,6 +394,19 @@ def log_level_from_config_map(docs: list[dict[str, Any]], container: dict[str, A
         "valueFrom.configMapKeyRef {name: ..., key: log-level}")
 
 
+def test_each_variable_is_defined_once(docs: list[dict[str, Any]]) -> None:
+    for c in containers(docs):
+        seen: dict[str, dict[str, Any]] = {}
+        for e in c.get("env") or []:
+            first = seen.setdefault(e["name"], e)
+            assert first is e, (
+                f"env {e['name']} of {c.get('name')!r} is defined twice, {first} and then "
+                f"{e}: the kubelet keeps the last (the API server warns that it 'hides "
+                "previous definition'), so the other is dead text that misleads its reader - "
+                "and a plain value left beside a secretKeyRef still puts the credential in "
+                "the Deployment for anyone who can read it. Define each variable once")
+
+
 def test_config_and_secret_references_exist(docs: list[dict[str, Any]]) -> None:
     for c in containers(docs):
         env = {e["name"]: e for e in c.get("env") or []}
