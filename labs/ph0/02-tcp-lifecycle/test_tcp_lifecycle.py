@@ -379,6 +379,40 @@ def test_a_pause_is_not_the_end(learner: Any, pair: Pair) -> None:
                                "after your FIN and part of its answer, before the rest")
 
 
+# A long answer after the FIN: many times any socket buffer, more than a drain that stops
+# at a size limit (1 MiB, a fixed buffer) takes. Bytes 0-255 over and over, so a prefix of
+# it says where the drain stopped.
+LONG = bytes(range(256)) * 32768  # 8 MiB
+
+
+def test_a_long_answer_is_drained_whole(learner: Any, pair: Pair) -> None:
+    """Huge data: after the learner's FIN the peer sends 8 MiB, then its FIN. The stream
+    ends with the FIN, whatever its length: graceful_close() returns all of it."""
+    closing = learner.load("closing")
+    running = Background("graceful_close()", closing.graceful_close, pair.client)
+    expect_fin(Exchange(peer_reads(pair.server, running), None))
+    refused = ""
+    try:
+        pair.server.sendall(LONG)
+    except OSError as exc:  # the learner's end closed with the rest unread: RST
+        refused = type(exc).__name__
+    pair.server.close()
+    got = running.wait()
+    if isinstance(got, bytes | bytearray) and len(got) < len(LONG) and LONG.startswith(got):
+        pytest.fail(
+            f"graceful_close() returned the first {len(got)} of the {len(LONG)} bytes the "
+            "peer sent after your FIN: it stopped reading before the peer's FIN (a size "
+            "limit, a fixed buffer) and closed with the rest unread"
+            + (f" (the peer's send failed: {refused}, your end reset the connection)"
+               if refused else "")
+            + "\nThe peer's stream ends with its FIN (recv() returning b''), however long it "
+            "is: keep reading until then. Closing with unread data makes the kernel answer "
+            "with RST, so the peer sees an error instead of a clean end.", pytrace=False)
+    assert got == LONG, (
+        f"graceful_close() returned {len(got or b'')} bytes, expected the {len(LONG)} bytes "
+        "the peer sent after your FIN")
+
+
 def test_peer_reset_during_drain_still_closes(learner: Any, pair: Pair) -> None:
     """The error path: the peer aborts (RST) while graceful_close() drains. recv() raises
     ConnectionResetError; the socket must be closed all the same."""
@@ -597,6 +631,44 @@ def test_handler_error_still_closes(learner: Any, pair: Pair) -> None:
         f"descriptor {fd}); the client saw {SEEN.get(seen, seen)}\nClose the socket in a "
         "finally block (try: read, answer / finally: close): otherwise every failing "
         "request leaks a descriptor and leaves its client waiting for a FIN.")
+
+
+def test_a_reset_mid_request_is_no_request(learner: Any, pair: Pair) -> None:
+    """The error path mid-request: the client sends part of its request, then resets (it
+    crashed). Its request never ended (no FIN): the handler is not called, with the part
+    that came or with nothing, and the socket is closed."""
+    requests: list[bytes] = []
+
+    def handler(request: bytes) -> bytes:
+        requests.append(request)
+        return b"an answer to a request that never ended\n"
+
+    closing = learner.load("closing")
+    running = Background("serve_until_eof()", closing.serve_until_eof, pair.server, handler)
+    part = b"the first part of a request whose client crashes before the rest\n"
+    pair.client.sendall(part)
+    wait_until_taken(pair.client, pair.server, running)  # read: the server waits for more
+    pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    pair.client.close()  # RST, not FIN: the client crashed in the middle of its request
+    running.thread.join(WAIT)
+    if running.thread.is_alive():
+        pytest.fail(f"serve_until_eof() did not return within {WAIT:.0f} s after the client "
+                    "reset the connection in the middle of its request", pytrace=False)
+    error = running.error
+    if error is not None and not isinstance(error, OSError):
+        running.check()
+    assert not requests, (
+        f"the client sent {len(part)} bytes of its request, then reset the connection (RST, "
+        f"no FIN); serve_until_eof() called the handler with {requests[0]!r:.70}, expected "
+        "no call: it took the reset for the end of the request\nOnly the client's FIN "
+        "(recv() returning b'') ends a request; a reset (recv() raising "
+        "ConnectionResetError) means it never finished. A handler run on what came before "
+        "acts on a truncated request (half an order, a cut-off command).")
+    fd = pair.server.fileno()
+    assert fd == -1, (
+        f"the client reset the connection mid-request; serve_until_eof() "
+        f"{'raised ' + type(error).__name__ if error else 'returned'} and left its socket "
+        f"open (file descriptor {fd}), expected it closed")
 
 
 def test_an_empty_request_is_answered(learner: Any, pair: Pair) -> None:

@@ -20,6 +20,7 @@ from http import HTTPStatus
 from typing import Any
 
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from labrunner.testing import HttpReply, call, serve_wsgi
 
@@ -196,6 +197,14 @@ CASES = [
     Case("amount-at-limit", "POST", W, 409, OUT_OF_CREDIT, js({"amount_cents": MAX_CENTS}),
          check=balance_extension, why=": " + INCLUSIVE + " - 10^12 from a balance of 5000 is "
          "the out-of-credit problem, not a validation error"),
+    *[Case(f"account-id-{name}", "GET", f"/accounts/{digits}", 404,
+           why=f": {said} names no account (accounts.id is a bigint: at most "
+               "9223372036854775807) - the 404 problem, not a failure: int() refuses a "
+               "string past 4300 digits (ValueError), and Postgres refuses a number past "
+               "bigint sent as text (out of range); bound the id before it reaches either")
+      for name, digits, said in (
+          ("past-bigint", "9223372036854775808", "9223372036854775808, one past bigint,"),
+          ("5000-digits", "9" * 5000, "an id of 5000 digits"))],
     Case("withdraw-missing-account", "POST", "/accounts/999/withdrawals", 404,
          body=js({"amount_cents": 5}),
          why=": account 999 does not exist, so a withdrawal from it is the 404 problem - "
@@ -225,7 +234,8 @@ def host(learner: Any, db: Any) -> Iterator[str]:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_error_is_a_problem(host: str, case: Case) -> None:
     reply = call(host, case.method, case.path, case.body, content_type=case.content_type)
-    what = f"{case.method} {case.path} ({case.name})"
+    shown = case.path if len(case.path) <= 60 else f"{case.path[:30]}... ({len(case.path)} chars)"
+    what = f"{case.method} {shown} ({case.name})"
     doc = check_problem(reply, what, case.path, case.status, case.kind, case.why)
     if case.check is not None:
         problem = case.check(doc, reply)
@@ -324,6 +334,19 @@ def test_amount_bounds_are_inclusive(host: str, db: Any, balance: int, amount: i
         f"{paid.body[:150]!r}: {INCLUSIVE}")
 
 
+def test_every_bigint_names_an_account(host: str, db: Any) -> None:
+    """accounts.id is a bigint: its largest value, 19 digits, is an account's id too."""
+    biggest = 2**63 - 1
+    with db.connect(autocommit=True) as conn:
+        conn.execute("INSERT INTO accounts VALUES (%s, 'Edsger Dijkstra', 700)", (biggest,))
+    got = call(host, "GET", f"/accounts/{biggest}")
+    assert got.status == 200 and got.json().get("owner") == "Edsger Dijkstra", (
+        f"GET /accounts/{biggest} (bigint's largest value, an account that exists): expected "
+        f"200 with its owner, saw {got.status} {got.body[:150]!r}: accounts.id is a bigint, "
+        "so any id up to 9223372036854775807 (19 digits) can name an account - bound the id "
+        "by bigint, not by 18 digits")
+
+
 # Failures nobody wrote an except clause for, each raised by the parsing every request goes
 # through: (body, headers, what the request is, what Python raises). A problem document
 # answers each (a 500, or a 400: both are honest here), never the WSGI server's own page.
@@ -385,6 +408,32 @@ def test_500_leaks_nothing(host: str, db: Any) -> None:
     assert not leaked, (
         f"the 500 problem leaks internals ({', '.join(leaked)}): {doc.get('detail')!r}: log "
         "the exception on the server; tell the client only that something failed")
+
+
+UNREACHABLE_TEXT = ["127.0.0.1", "refused", "TCP/IP", "OperationalError", "server at"]
+
+
+def test_unreachable_database_is_a_problem_that_leaks_nothing(learner: Any, db: Any) -> None:
+    """The error path of a database that refuses connections (down, restarting): the app
+    gets a DSN whose port has a socket bound but not listening, so connect() fails at once
+    with libpq's message, which names the host and port. A 500 (or 503) problem, none of it
+    in the answer."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: a connection is refused
+        port = closed.getsockname()[1]
+        dsn = make_conninfo(db.dsn, host="127.0.0.1", port=str(port))
+        make_app = learner.function("accounts_api", "make_app")
+        with serve_wsgi(make_app(dsn)) as address:
+            reply = call(address, "GET", "/accounts/1")
+    what = "GET /accounts/1 while the database refuses connections"
+    doc = check_problem(reply, what, "/accounts/1",
+                        reply.status if reply.status in (500, 503) else 500)
+    leaked = leaks(reply, [*UNREACHABLE_TEXT, f"port {port}"])
+    assert not leaked, (
+        f"{what}: the {reply.status} problem tells the client what the connection error "
+        f"said ({', '.join(leaked)}): {json.dumps(doc)[:300]} - libpq's message names the "
+        "database's host and port, which are the server's business: log it, and answer "
+        "with a detail of your own (in no member, no header)")
 
 
 def _lock_waiters(db: Any) -> int:

@@ -250,15 +250,44 @@ def test_an_orders_query_postgres_refuses_is_an_error_not_no_orders(
         "load, and GraphQL reports the error with the fields it could not resolve")
 
 
+def test_a_users_query_postgres_refuses_is_an_error_not_no_user(
+        make_app: Callable[..., Any], proxied_dsn: str, counter: PgStatementProxy,
+        postgres: Any) -> None:
+    """The users batch fails (the test renames the table under the running app): the
+    answer says so with an error. A user shown as null, with no error, would tell the client
+    that no such user exists."""
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute("ALTER TABLE users RENAME TO users_hidden")
+    query = '{ u2: user(id: "2") { id name } u3: user(id: "3") { id } }'
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+        status, document = ask_raw(host, query, timeout=30)
+    data = document.get("data") or {}
+    assert document.get("errors"), (
+        f"the users query failed (the test renamed the table users, so Postgres refused "
+        f"it), and {query} answered {data} with no error (status {status}): the failure was "
+        "swallowed and became null, \"no such user\"\nA client cannot tell it from ids "
+        "that name nobody. Let the batch function (and the resolver) raise: the DataLoader "
+        "fails each key's load, and GraphQL reports the error with the fields it could not "
+        "resolve")
+
+
 def test_first_limits_the_page(make_app: Callable[..., Any], proxied_dsn: str,
                                counter: PgStatementProxy) -> None:
     with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
         data, _ = run(host, counter, "{ users(first: 7) { id } }")
+        empty, _ = run(host, counter, "{ users(first: 0) { id } }")
     ids = [u.get("id") for u in data.get("users") or []]
     assert ids == [str(n) for n in range(1, 8)], (
         f"users(first: 7) returned {len(ids)} users ({ids[:10]}...), expected the first 7 "
         "by id: the resolver receives first as an argument - pass it to the query's LIMIT "
         "instead of a fixed page size")
+    zero = [u.get("id") for u in empty.get("users") or []]
+    assert zero == [], (
+        f"users(first: 0) returned {len(zero)} users ({zero[:5]}...), expected none: 0 was "
+        "taken for 'first not given' (a falsy test, `first or 50`, or `first if first > 0 "
+        "else 50`)\nfirst: 0 asks for an empty page; when first is left out, the schema's "
+        "default (first: Int = 50) already arrives as 50, so the resolver needs no fallback "
+        "of its own")
 
 
 def test_aliased_users_share_one_orders_query(make_app: Callable[..., Any], proxied_dsn: str,

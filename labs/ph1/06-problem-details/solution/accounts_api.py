@@ -28,8 +28,11 @@ PROBLEMS = "https://example.com/problems/"
 VALIDATION = (PROBLEMS + "validation-error", "Your request is not valid.")
 OUT_OF_CREDIT = (PROBLEMS + "out-of-credit", "You do not have enough credit.")
 
-ACCOUNT = re.compile(r"^/accounts/(\d{1,18})$")
-WITHDRAWALS = re.compile(r"^/accounts/(\d{1,18})/withdrawals$")
+# accounts.id is a bigint: an id is 1 to 19 ASCII digits, at most BIGINT_MAX. A longer
+# number names no account (and int() refuses one past 4300 digits).
+BIGINT_MAX = 2**63 - 1
+ACCOUNT = re.compile(r"^/accounts/([0-9]{1,19})$")
+WITHDRAWALS = re.compile(r"^/accounts/([0-9]{1,19})/withdrawals$")
 
 
 class Problem(Exception):
@@ -67,6 +70,14 @@ def read_amount(environ: dict[str, Any]) -> int:
     return amount
 
 
+def account_id(match: re.Match[str]) -> int:
+    """The id in a matched path; one past bigint names no account."""
+    number = int(match.group(1))
+    if number > BIGINT_MAX:
+        raise Problem(404, f"there is no account {number}")
+    return number
+
+
 def make_app(dsn: str) -> WSGIApp:
     def connect() -> psycopg.Connection[dict[str, Any]]:
         return psycopg.connect(dsn, row_factory=dict_row)
@@ -100,12 +111,12 @@ def make_app(dsn: str) -> WSGIApp:
             if method != "GET":
                 raise Problem(405, f"{method} is not supported on an account",
                               headers=[("Allow", "GET")])
-            return 200, get_account(int(match.group(1)))
+            return 200, get_account(account_id(match))
         if (match := WITHDRAWALS.match(path)) is not None:
             if method != "POST":
                 raise Problem(405, f"{method} is not supported on withdrawals",
                               headers=[("Allow", "POST")])
-            return 201, withdraw(int(match.group(1)), read_amount(environ))
+            return 201, withdraw(account_id(match), read_amount(environ))
         raise Problem(404, f"there is nothing at {path}")
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-ACCOUNT = re.compile(r"^/accounts/(\d{1,18})$")
+ACCOUNT = re.compile(r"^/accounts/([0-9]{1,19})$")  # accounts.id: a bigint
 
 
 def make_app(dsn: str) -> WSGIApp:
