@@ -8,6 +8,8 @@ import datetime
 import decimal
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -616,3 +618,18 @@ def test_the_factory_is_ready_before_the_first_tests_timer(
     monkeypatch.setenv(ENV_LEARNER_HOST, "spawn")
     result = run_lab(load_lab(lab_dir), lab_dir / "solution", None, "factory-first")
     assert result.outcome == "passed", result.message
+
+
+def test_starting_the_learner_factory_leaves_no_resource_warning() -> None:
+    """The factory outside grading (``spawn``) is started once and lives as long as the
+    verification: the handle on its process is kept, not dropped while the process runs
+    (which warns 'subprocess N is still running' in the first test that needs a host)."""
+    script = ("import gc, warnings\n"
+              "warnings.simplefilter('always', ResourceWarning)\n"
+              "from labrunner.learner.proxy import _spawn_factory\n"
+              "_spawn_factory()\n"
+              "gc.collect()\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 0, run.stderr[-800:]
+    assert "ResourceWarning" not in run.stderr, run.stderr[-800:]

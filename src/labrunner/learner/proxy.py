@@ -165,7 +165,8 @@ def _spawn_factory() -> int:
                     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                     scratch = tempfile.mkdtemp(prefix="lr-learner-")
                     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-                    subprocess.Popen(
+                    # Kept: a Popen dropped while its process runs warns (ResourceWarning).
+                    _spawned["process"] = subprocess.Popen(
                         [sys.executable, "-I", "-m", "labrunner.learner", "factory",
                          str(theirs.fileno())],
                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
