@@ -49,6 +49,10 @@ MOVED_CNAME_TTL = 40  # www.moved.test CNAME old.moved.test (no such name): 40 s
 # hosted by a DNS provider. Its address is a lookup of its own.
 GLUELESS_NS = "ns1.shop.test."
 HOSTED_ADDRESS = "192.0.2.50"  # www.hosted.test A
+# pool.cdn.test has three A records whose TTLs differ, the shortest in the middle: an RRset
+# ought to share one TTL, and one that does not is treated as if every record had the
+# lowest (RFC 2181 section 5.2).
+POOL = [("192.0.2.60", 90), ("192.0.2.61", 45), ("192.0.2.62", 120)]
 
 
 @dataclass
@@ -235,6 +239,7 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str,
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.20")),
         RR("edge.cdn.test.", QTYPE.A, ttl=EDGE_TTL, rdata=A("192.0.2.21")),
         RR("info.cdn.test.", QTYPE.TXT, ttl=300, rdata=TXT("no address here")),  # NODATA
+        *[RR("pool.cdn.test.", QTYPE.A, ttl=ttl, rdata=A(ip)) for ip, ttl in POOL],
     ], soa_ttl=CDN_SOA_TTL)
     backup_zone = Zone("backup.test.", [
         RR("www.backup.test.", QTYPE.A, ttl=300, rdata=A("192.0.2.30")),
@@ -1057,6 +1062,55 @@ def test_a_cname_loop_ends_with_an_error(resolver: Any, dns: Hierarchy) -> None:
 
 
 # ------------------------------------------------- stray datagrams ahead of the reply
+
+def test_an_rrset_lives_as_long_as_its_shortest_record(resolver: Any, dns: Hierarchy,
+                                                        clock: FakeClock) -> None:
+    """pool.cdn.test's three A records carry TTLs 90, 45 and 120: the set is cached as if
+    all had the lowest (RFC 2181 5.2), whichever record is listed first or last."""
+    answer = _resolve(resolver, dns, "pool.cdn.test")
+    _expect_addresses(answer, [ip for ip, _ in POOL], "pool.cdn.test")
+    ttls = [ttl for _, ttl in POOL]
+    shortest = min(ttls)
+    seen = ("the first record's" if answer.ttl == ttls[0] else
+            "the last record's" if answer.ttl == ttls[-1] else
+            "the longest-lived record's" if answer.ttl == max(ttls) else "no record's")
+    assert answer.ttl == shortest, (
+        f"pool.cdn.test, three A records with TTLs {ttls}, was answered with "
+        f"ttl={answer.ttl} ({seen} TTL), expected {shortest}, the lowest\n"
+        "The records of one name and type form one set, cached and expired together; a set "
+        "whose TTLs differ is treated as if each record had the lowest (RFC 2181 section "
+        "5.2): caching it longer keeps an address its owner allowed for 45 s only.")
+    dns.log.clear()
+    clock.advance(shortest + 1)
+    _resolve(resolver, dns, "pool.cdn.test")
+    assert "pool.cdn.test" in dns.log.names_asked("auth"), (
+        f"{shortest + 1} s later pool.cdn.test (TTLs {ttls}) was answered from the cache "
+        f"without asking again (queries: {_walk(dns.log)}), expected a new query\n"
+        "A set whose TTLs differ expires with its lowest TTL (RFC 2181 section 5.2).")
+
+
+def test_each_query_leaves_from_a_port_of_its_own(resolver: Any, dns: Hierarchy) -> None:
+    """RFC 5452 section 9.2: a resolver MUST send each query from an unpredictable source
+    port. The kernel gives a new socket a random one; a socket kept for every query (or
+    bound to one port) gives a poisoner the port after a single look."""
+    ports: list[tuple[str, int]] = []
+    for label in ("root", "tld", "auth"):
+        def note(request: DNSRecord, handler: Any, label: str = label) -> None:
+            ports.append((f"{label} for {_bare(request.q.qname)}", handler.client_address[1]))
+        dns.servers[label].before_reply = note
+    for name in ("api.shop.test", "www.shop.test", "nope.shop.test"):
+        _resolve(resolver, dns, name)
+    counts = {port: sum(1 for _, p in ports if p == port) for _, port in ports}
+    port, most = max(counts.items(), key=lambda item: item[1], default=(0, 0))
+    assert most <= 2, (
+        f"{most} of the resolver's {len(ports)} queries left from one source port, {port} "
+        f"({', '.join(who for who, p in ports if p == port)}); expected a port of each "
+        "query's own\n"
+        "RFC 5452 section 9.2: a resolver MUST send each query from an unpredictable "
+        "source port. With one socket kept for every query (or bound to one port), an "
+        "attacker who saw one query knows the port and has only the 16-bit id to guess to "
+        "poison the cache; open a new socket per query and let the kernel pick its port.")
+
 
 FORGED_ADDRESS = "6.6.6.6"
 FORGED_TTL = 86400

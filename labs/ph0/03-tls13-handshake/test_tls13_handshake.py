@@ -215,6 +215,14 @@ def test_certificates_form_a_chain(subject: Subject) -> None:
     assert ca_basic is not None and ca_basic.ca, (
         "the CA certificate lacks BasicConstraints(ca=True)\nWithout it, verifiers refuse "
         "to accept anything it signed: only a CA certificate may issue certificates.")
+    ca_basic_ext = ca.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert ca_basic_ext.critical, (
+        "the CA certificate's BasicConstraints(ca=True) is not marked critical, expected "
+        "critical=True\nRFC 5280 4.2.1.9: a CA certificate MUST carry BasicConstraints and "
+        "MUST mark it critical, so that a verifier that cannot read it refuses the "
+        "certificate rather than ignore that it is a CA; strict verifiers (OpenSSL with "
+        "X509_STRICT, Python 3.13's default context) refuse every certificate it signed. "
+        "add_extension(x509.BasicConstraints(ca=True, path_length=...), critical=True).")
     assert ca.issuer == ca.subject, "the CA certificate must be self-signed (issuer == subject)"
     ca_usage = _extension(ca, x509.KeyUsage)
     assert ca_usage is None or ca_usage.key_cert_sign, (
@@ -372,8 +380,22 @@ def test_each_pki_has_key_pairs_of_its_own(subject: Subject) -> None:
 # ---------------------------------------------------------------------------- handshakes
 
 
+def _asked_for_a_client_certificate(result: Handshake) -> bool:
+    """The server refused a client that had no certificate to show (mutual TLS asked)."""
+    said = f"{result.server_error} {result.client_error}".upper()
+    return "PEER_DID_NOT_RETURN_A_CERTIFICATE" in said or "CERTIFICATE_REQUIRED" in said \
+        or "CERTIFICATE REQUIRED" in said
+
+
 def test_handshake_is_tls13_with_an_aead_suite(serve: Any, subject: Subject) -> None:
     result = handshake(serve(subject.server_ctx()), subject.client_ctx())
+    assert result.ok or not _asked_for_a_client_certificate(result), (
+        "your server refused a client that showed no certificate of its own (server side: "
+        f"{result.server_error}), expected the handshake to complete\nserver_context() "
+        "demands client certificates (verify_mode = CERT_REQUIRED on the server side): "
+        "that is mutual TLS, which no browser or ordinary client offers. A server "
+        "authenticates itself with its certificate; leave the server context's verify_mode "
+        "at CERT_NONE (ssl.PROTOCOL_TLS_SERVER's default).")
     assert result.ok, (
         f"the handshake between your server and your client failed: {result.client_error}"
         f"\n(server side: {result.server_error}). Check that the server certificate names "

@@ -517,6 +517,72 @@ def test_a_settings_frame_raising_the_window_resumes_the_body(server: Any) -> No
         client.close()
 
 
+def test_a_window_made_negative_by_settings_waits_for_room(server: Any) -> None:
+    """A client grants each stream 1,000 bytes, then lowers SETTINGS_INITIAL_WINDOW_SIZE to
+    500 while the server waits with the window spent: the stream's window becomes -500
+    (RFC 9113 6.9.2), and the server may send nothing until a WINDOW_UPDATE makes it
+    positive again. A sender that waits only while the window is exactly 0 takes -500 for
+    room."""
+    client = Client(server, {SettingCodes.INITIAL_WINDOW_SIZE: SMALL_WINDOW})
+    client.grant = False  # only the test's own WINDOW_UPDATE below grants more
+    size, lowered, update = 2 * 16_384, SMALL_WINDOW // 2, 40_000
+    try:
+        sid = client.get("/two-frames")
+        client.run_until(lambda: len(client.streams[sid].body) >= SMALL_WINDOW,
+                         f"first {SMALL_WINDOW} bytes of /two-frames (the stream's window)")
+        acked = client.settings_acked
+        client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: lowered})
+        client.flush()
+        client.run_until(lambda: client.settings_acked > acked,
+                         "SETTINGS ACK for the lowered SETTINGS_INITIAL_WINDOW_SIZE")
+        client.h2.increment_flow_control_window(update, sid)
+        client.flush()
+        try:
+            client.run_until(client.ended(sid), "rest of /two-frames")
+        except pytest.fail.Exception as exc:
+            stalled = str(exc)
+        else:
+            stalled = ""
+        if stalled:
+            pytest.fail(
+                f"/two-frames stopped at {len(client.streams[sid].body):,} of {size:,} bytes "
+                f"after the client lowered SETTINGS_INITIAL_WINDOW_SIZE from {SMALL_WINDOW} "
+                f"to {lowered} (the spent stream window became {lowered - SMALL_WINDOW}) and "
+                f"then granted {update:,} more with WINDOW_UPDATE; expected the rest of the "
+                "body\nA lowered SETTINGS_INITIAL_WINDOW_SIZE can make a window negative "
+                "(RFC 9113 6.9.2): the sender MUST NOT send until WINDOW_UPDATEs make it "
+                "positive. Wait while local_flow_control_window() <= 0, not only while it is "
+                f"0: a negative window is no room to send.\n({stalled})", pytrace=False)
+        assert bytes(client.streams[sid].body) == b"f" * size, (
+            f"/two-frames arrived with {len(client.streams[sid].body)} bytes, expected {size}")
+    finally:
+        client.close()
+
+
+def test_a_request_ended_by_trailers_is_answered(server: Any, client: Client) -> None:
+    """A request may end with trailers: HEADERS after its DATA, carrying END_STREAM (RFC
+    9113 8.1; gRPC sends them). The request is complete at StreamEnded, whichever frame
+    carried the flag, and the trailers are no new request."""
+    body = b"checked " * 300  # 2,400 bytes
+    sid = client.h2.get_next_available_stream_id()
+    client.streams[sid] = Stream("/echo")
+    client.h2.send_headers(sid, [(":method", "POST"), (":path", "/echo"), (":scheme", "http"),
+                                 (":authority", "lab.test")])
+    client.h2.send_data(sid, body)
+    client.h2.send_headers(sid, [("x-checksum", "c0ffee")], end_stream=True)
+    client.flush()
+    advice = ("A request's END_STREAM may come on a HEADERS frame of trailers after its "
+              "DATA (RFC 9113 8.1): h2 reports TrailersReceived, then StreamEnded. Start "
+              "the handler on StreamEnded, not on the DATA or HEADERS event's stream_ended, "
+              "and keep the request the first HEADERS began: trailers are no new request.")
+    client.run_until(client.ended(sid), "/echo response to a request ended by trailers "
+                     "(HEADERS with END_STREAM after its DATA)", hint=advice)
+    got = bytes(client.streams[sid].body)
+    assert got == body, (
+        f"/echo, a {len(body):,}-byte body followed by trailers, answered with {len(got):,} "
+        f"bytes ({got[:40]!r}), expected the body\n{advice}")
+
+
 @dataclass(frozen=True)
 class OddValue:
     """A header value that is no ASCII, and what the handler must see of it."""
