@@ -49,6 +49,9 @@ MOVED_CNAME_TTL = 40  # www.moved.test CNAME old.moved.test (no such name): 40 s
 # hosted by a DNS provider. Its address is a lookup of its own.
 GLUELESS_NS = "ns1.shop.test."
 HOSTED_ADDRESS = "192.0.2.50"  # www.hosted.test A
+# spoof.test.'s server answers www.spoof.test (CNAME edge.cdn.test) and adds A records of
+# its own for edge.cdn.test and api.shop.test: names of zones it does not serve.
+PLANTED_ADDRESS = "203.0.113.66"
 # pool.cdn.test has three A records whose TTLs differ, the shortest in the middle: an RRset
 # ought to share one TTL, and one that does not is treated as if every record had the
 # lowest (RFC 2181 section 5.2).
@@ -64,6 +67,7 @@ class Zone:
     delegations: dict[str, tuple[list[RR], list[RR]]] = field(default_factory=dict)
     soa_ttl: int = 3600  # the SOA record's own TTL (its MINIMUM field is NEGATIVE_TTL)
     follows_cnames: bool = False  # answer an alias with its whole in-zone chain
+    plants: list[RR] = field(default_factory=list)  # added to an alias's answer: forgeries
 
     @property
     def soa(self) -> RR:
@@ -139,6 +143,8 @@ class ZoneServer:
                 break
             target = cnames[0].rdata.label
             if not (zone.follows_cnames and target.matchSuffix(zone.origin)) or target in seen:
+                for rr in zone.plants:  # records for other zones' names: not its to give
+                    reply.add_answer(rr)
                 return reply
             qname = target  # RFC 1034 4.3.2 step 3a: go on with the alias's target
         if not exact:  # NODATA when the name exists, NXDOMAIN when it does not (RFC 6604:
@@ -214,6 +220,7 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str,
         "flaky.test.": two_servers("flaky.test.", bad_ips[0], auth_ip),
         "dead.test.": two_servers("dead.test.", *bad_ips),
         "moved.test.": delegation("moved.test.", "ns1.moved.test.", auth_ip, ZONE_NS_TTL),
+        "spoof.test.": delegation("spoof.test.", "ns1.spoof.test.", auth_ip, ZONE_NS_TTL),
         "hosted.test.": ([RR("hosted.test.", QTYPE.NS, ttl=ZONE_NS_TTL, rdata=NS(GLUELESS_NS))],
                          []),  # no glue: ns1.shop.test. is shop.test.'s to give
     })
@@ -251,11 +258,16 @@ def _zones(tld_ip: str, auth_ip: str, silent_ip: str,
         RR("www.moved.test.", QTYPE.CNAME, ttl=MOVED_CNAME_TTL, rdata=CNAME("old.moved.test.")),
         RR("app.moved.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("www.moved.test.")),
     ], follows_cnames=True)
+    spoof = Zone("spoof.test.", [
+        RR("www.spoof.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("edge.cdn.test.")),
+        RR("mirror.spoof.test.", QTYPE.CNAME, ttl=300, rdata=CNAME("edge.cdn.test.")),
+    ], plants=[RR("edge.cdn.test.", QTYPE.A, ttl=86400, rdata=A(PLANTED_ADDRESS)),
+               RR("api.shop.test.", QTYPE.A, ttl=86400, rdata=A(PLANTED_ADDRESS))])
     hosted = Zone("hosted.test.", [
         RR("www.hosted.test.", QTYPE.A, ttl=300, rdata=A(HOSTED_ADDRESS)),
     ])
     return {"root": [root], "tld": [tld],
-            "auth": [shop, cdn, backup_zone, flaky_zone, moved, hosted]}
+            "auth": [shop, cdn, backup_zone, flaky_zone, moved, hosted, spoof]}
 
 
 @pytest.fixture
@@ -434,6 +446,43 @@ def test_requeries_after_ttl(resolver: Any, dns: Hierarchy, clock: FakeClock) ->
         "Once clock() passes the expiry the cached record is stale and must be fetched "
         "again: a cache that ignores the TTL serves outdated addresses forever.")
     _expect_addresses(answer, ["192.0.2.10"], "api.shop.test after expiry")
+
+
+def test_records_for_names_outside_the_answering_zone_are_not_believed(
+        resolver: Any, dns: Hierarchy) -> None:
+    """spoof.test.'s server answers www.spoof.test with its CNAME to edge.cdn.test, and adds
+    A records of its own for edge.cdn.test and api.shop.test. It speaks for spoof.test only
+    (its bailiwick): a resolver that takes its word for other zones' names is poisoned, for
+    as long as the forged TTL says, for every client (RFC 2181 5.4.1; Kaminsky, 2008)."""
+    why = ("A server is believed for names of the zone it was asked as, and nothing else: "
+           "a record the answer section holds for a name outside that zone (past a CNAME "
+           "that leaves it, or any other name) may be forged - it is how a DNS cache is "
+           "poisoned. Follow a CNAME that leaves the zone by asking the target's own "
+           "servers (from the root or the closest delegation you hold), and cache only "
+           "records inside the zone of the server that answered.")
+    answer = _resolve(resolver, dns, "www.spoof.test")
+    got = sorted(getattr(answer, "addresses", None) or [])
+    assert got == ["192.0.2.20", "192.0.2.21"], (
+        f"resolving www.spoof.test gave {got}, expected edge.cdn.test's own addresses "
+        f"['192.0.2.20', '192.0.2.21']{' - the forged one' if PLANTED_ADDRESS in got else ''}"
+        f": spoof.test.'s server answered 'CNAME edge.cdn.test' and added 'edge.cdn.test A "
+        f"{PLANTED_ADDRESS}', a name of cdn.test, which it does not serve\n{why}")
+    for name, want in (("edge.cdn.test", ["192.0.2.20", "192.0.2.21"]),
+                       ("api.shop.test", ["192.0.2.10"])):
+        later = sorted(getattr(_resolve(resolver, dns, name), "addresses", None) or [])
+        assert later == want, (
+            f"after resolving www.spoof.test, resolving {name} gave {later}, expected {want}"
+            f": spoof.test.'s server had added '{name} A {PLANTED_ADDRESS}' to its answer, "
+            f"and the cache kept it\n{why}")
+    # spoof.test.'s delegation is cached now: a walk that starts at its servers is as much
+    # inside spoof.test. as one that came down from the root.
+    mirror = sorted(getattr(_resolve(resolver, dns, "mirror.spoof.test"), "addresses", None)
+                    or [])
+    assert mirror == ["192.0.2.20", "192.0.2.21"], (
+        f"resolving mirror.spoof.test (CNAME edge.cdn.test) once spoof.test.'s delegation "
+        f"was cached gave {mirror}, expected edge.cdn.test's own addresses: a walk that "
+        "starts at a cached delegation's servers took their answer as the root's, which "
+        f"speaks for every name - the zone asked is the delegation's\n{why}")
 
 
 def test_follows_cname_to_another_zone(resolver: Any, dns: Hierarchy) -> None:

@@ -50,6 +50,11 @@ class _Entry:
     values: list[str]       # addresses, a CNAME target, or nameserver addresses
 
 
+def _inside(name: str, zone: str) -> bool:
+    """Whether ``name`` is ``zone`` or below it (both fully qualified)."""
+    return zone == "." or name == zone or name.endswith("." + zone)
+
+
 def _norm(name: str) -> str:
     """Names are case-insensitive and compared fully qualified: 'API.x.test' -> 'api.x.test.'."""
     return name.lower().rstrip(".") + "."
@@ -123,15 +128,16 @@ class Resolver:
         if ttl > 0:  # TTL 0 means "use once, do not cache"
             self._cache[(name, kind)] = _Entry(self.clock() + ttl, values)
 
-    def _closest_servers(self, name: str) -> list[str]:
-        """Nameservers of the deepest zone above ``name`` we hold a fresh delegation for."""
+    def _closest_servers(self, name: str) -> tuple[str, list[str]]:
+        """The deepest zone above ``name`` we hold a fresh delegation for, and its
+        nameservers (the root's when we hold none)."""
         labels = name.rstrip(".").split(".")
         for i in range(len(labels)):
             zone = ".".join(labels[i:]) + "."
             entry = self._cached(zone, "NS")
             if entry is not None:
-                return entry.values
-        return self.root_servers
+                return zone, entry.values
+        return ".", self.root_servers
 
     # ---------------------------------------------------------------- the walk
 
@@ -139,20 +145,19 @@ class Resolver:
         """Follow referrals from the closest known servers until a server answers for
         ``name``; the answer (or the negative answer) lands in the cache. Returns "NX" or
         "NODATA" for a negative answer, None for records."""
-        servers = self._closest_servers(name)
-        zone = "."
+        zone, servers = self._closest_servers(name)
         for _ in range(MAX_REFERRALS):
             reply = self._ask_any(servers, name)
             if reply.header.rcode == RCODE.NXDOMAIN:
                 # The answer section may hold the CNAME chain the server followed: the
                 # rcode is about the chain's last name, not about the alias asked (RFC 6604).
-                last = self._store_answer(name, reply.rr)
+                last = self._store_answer(name, reply.rr, zone)
                 self._store(last, "NX", self._negative_ttl(reply), [])
                 return "NX"
             if reply.header.rcode != RCODE.NOERROR:
                 raise ResolutionError(f"{name}: server answered {RCODE[reply.header.rcode]}")
             if reply.rr:
-                self._store_answer(name, reply.rr)
+                self._store_answer(name, reply.rr, zone)
                 return None
             referral = [rr for rr in reply.auth if rr.rtype == QTYPE.NS]
             if not referral:  # NODATA: the name exists without an A record
@@ -167,9 +172,10 @@ class Resolver:
             zone = child
         raise ResolutionError(f"{name}: more than {MAX_REFERRALS} referrals")
 
-    def _store_answer(self, name: str, answers: list[RR], depth: int = 0) -> str:
+    def _store_answer(self, name: str, answers: list[RR], zone: str, depth: int = 0) -> str:
         """Cache the records the answer section holds for ``name`` and the CNAME chain
-        from it; returns the chain's last name (``name`` itself when it is no alias)."""
+        from it, as far as it stays inside ``zone`` (the zone of the server that answered);
+        returns the chain's last name (``name`` itself when it is no alias)."""
         addresses = [rr for rr in answers if rr.rtype == QTYPE.A and _norm(str(rr.rname)) == name]
         if addresses:
             self._store(name, "A", min(rr.ttl for rr in addresses),
@@ -178,8 +184,13 @@ class Resolver:
         for rr in answers:
             if rr.rtype == QTYPE.CNAME and _norm(str(rr.rname)) == name and depth < MAX_CNAMES:
                 self._store(name, "CNAME", rr.ttl, [_norm(str(rr.rdata.label))])
-                # A server may add the target's records when it also serves that zone.
-                return self._store_answer(_norm(str(rr.rdata.label)), answers, depth + 1)
+                target = _norm(str(rr.rdata.label))
+                # A server speaks for its own zone only (bailiwick, RFC 2181 5.4.1): records
+                # it adds for a target elsewhere may be forged (cache poisoning), so the
+                # chain goes on from the target's own servers.
+                if not _inside(target, zone):
+                    return target
+                return self._store_answer(target, answers, zone, depth + 1)
         return name
 
     def _nameserver_addresses(self, referral: list[RR], additional: list[RR]) -> list[str]:
