@@ -29,6 +29,8 @@ Mistakes a learner makes here, each caught with its own message:
                                                    -> session killed before the credit:
                                                       money lost
 - FOR UPDATE without SKIP LOCKED                   -> a worker seen waiting for a row lock
+- a claim without LIMIT 1 (or every free row locked, the oldest picked in Python)
+                                                   -> one worker holds the whole queue locked
 - the job picked by an unlocked read (or an earlier transaction), then locked by id
                                                    -> A held at each step: a job handled twice
 - claim committed before handling                  -> a failed handler's job is lost
@@ -42,6 +44,8 @@ Mistakes a learner makes here, each caught with its own message:
 - lock_timeout in the wrong unit (0 disables it)   -> still waiting after 10 s
 - the row locked before lock_timeout is set, or SET LOCAL outside the transaction
                                                    -> LockBusy only at the session's own 7 s
+- the balance read (in or before the transaction), then the sum written back
+                                                   -> A held before its write: B's update lost
 - any error turned into LockBusy (except OperationalError, psycopg.Error, Exception, or
   a statement_timeout too)                         -> a 57014, 40P01 or 23514 as LockBusy
 """
@@ -332,6 +336,7 @@ def test_four_workers_take_200_jobs_exactly_once(db: Db, learner: Any) -> None:
                        or bool(waiting()), "the four workers to each hold a job")
             blocked = waiting()
             at_once = sorted(n for n in names if holding[n].is_set())
+            over_locked = "" if blocked else jobs_locked_beyond_those_held(admin, at_once)
             go.set()
             errors = {n: ended(f) for n, f in futures.items() if f.exception(timeout=30)}
         finally:
@@ -342,6 +347,7 @@ def test_four_workers_take_200_jobs_exactly_once(db: Db, learner: Any) -> None:
         f"{', '.join(blocked)} waited for a row lock held by another worker: without SKIP "
         f"LOCKED every worker queues behind the first one's locked job")
     assert not errors, "workers stopped: " + "; ".join(f"{n} {e}" for n, e in errors.items())
+    assert not over_locked, over_locked
     by_job: dict[int, list[str]] = {}
     for name, job_id, _ in handled:
         by_job.setdefault(job_id, []).append(name)
@@ -365,6 +371,26 @@ def test_four_workers_take_200_jobs_exactly_once(db: Db, learner: Any) -> None:
     assert not wrong, (
         f"{len(wrong)} job row(s) not marked done by the worker that handled them, e.g. "
         f"{wrong[0]} (handled by {who.get(wrong[0][0])})")
+
+
+def jobs_locked_beyond_those_held(admin: Conn, holders: list[str]) -> str:
+    """While each worker in ``holders`` is in its handler (one job each) and the others have
+    returned: how many queued jobs are locked, probed with SKIP LOCKED from the test's own
+    connection and rolled back. More than one per holder starves the others; "" if not."""
+    with admin.transaction(force_rollback=True):
+        queued, free = admin.execute(
+            "SELECT (SELECT count(*) FROM jobs WHERE status = 'queued'), count(*) FROM "
+            "(SELECT id FROM jobs WHERE status = 'queued' FOR UPDATE SKIP LOCKED) f"
+        ).fetchone() or (0, 0)
+    locked = queued - free
+    if locked <= len(holders):
+        return ""
+    return (f"{', '.join(holders) or 'no worker'} held {locked} of the {queued} queued jobs "
+            f"row-locked while handling {len(holders)} - the others found {free} free and "
+            f"returned None: the claiming statement locked every row it returned, not "
+            f"only the job taken (FOR UPDATE locks each row the query produces, fetched or "
+            f"not: without LIMIT 1 that is the whole queue). Put ORDER BY id LIMIT 1 in the "
+            f"statement that says FOR UPDATE SKIP LOCKED, so a claim locks one job")
 
 
 def claim_race_story(step: int, held: str, b_waited: bool, handled: list[tuple[str, int]],
@@ -598,6 +624,51 @@ def test_each_connection_keeps_its_own_lock_timeout(db: Db, learner: Any) -> Non
             assert_not_leaked(conn, own, f"after call #{turn}, on the {name} connection")
     assert db.balances()[1] == 10003, (
         f"three updates of +1 left account 1 at {db.balances()[1]}, expected 10003")
+
+
+def test_two_updates_interleaved_at_every_step_lose_neither(db: Db, learner: Any,
+                                                            postgres: Any) -> None:
+    """Update A (+5) is held before each of its statements in turn while update B (+7) runs
+    to its end (or waits for A's row lock): account 1 must end at 10012 every time - a
+    balance read before the write is stale once B commits, and writing it back loses B."""
+    update = api(learner, "update_balance_with_timeout").update_balance_with_timeout
+    with (StatementGate.for_dsn(postgres.dsn) as gate, db.connect() as admin,
+          ThreadPoolExecutor(max_workers=2) as pool):
+        for step in range(1, 30):
+            admin.execute("UPDATE accounts SET balance = 10000 WHERE id = 1")
+            gate.arm(step)
+            with (psycopg.connect(gate.dsn_for(postgres.dsn), autocommit=True) as conn_a,
+                  db.connect() as conn_b):
+                fut_a = pool.submit(update, conn_a, 1, 5, 10_000)
+                wait_until(lambda: gate.held is not None or fut_a.done(),  # noqa: B023
+                           f"update A to send its statement #{step}")
+                held = gate.held
+                if held is None:   # A sent fewer statements: every step was tried
+                    assert ended(fut_a) == "returned", f"the update alone {ended(fut_a)}"
+                    return
+                fut_b = pool.submit(update, conn_b, 1, 7, 10_000)
+                pid_b = conn_b.info.backend_pid
+                wait_until(lambda: fut_b.done() or blocked_on_lock(admin, pid_b),  # noqa: B023
+                           f"update B to finish or wait for a lock while A was held before "
+                           f"{held!r}")
+                b_waited = not fut_b.done()
+                gate.release()
+                results = {"A": ended(fut_a), "B": ended(fut_b)}
+            balance = db.balances()[1]
+            lost = balance in (10005, 10007)
+            assert balance == 10012, (
+                f"account 1 ended at {balance}, expected 10000 + 5 + 7 = 10012"
+                + (f" - {'B' if balance == 10005 else 'A'}'s committed update was lost"
+                   if lost else "")
+                + f": update A (+5) was held before its statement #{step} ({held[:90]!r}) "
+                f"while B (+7) {'waited for a lock' if b_waited else 'ran to its end'}, "
+                f"then went on ({results})"
+                + (". One wrote back a balance it had read before the other committed "
+                   "(read, add in Python, write the sum): a read without a row lock is "
+                   "stale by then. Let the UPDATE do the arithmetic (SET balance = balance "
+                   "+ %s), or read with SELECT ... FOR UPDATE after the SET LOCAL"
+                   if lost else ""))
+    pytest.fail("update_balance_with_timeout sent more than 30 statements for one update")
 
 
 @dataclass(frozen=True)

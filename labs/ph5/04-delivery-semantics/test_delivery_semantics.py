@@ -228,6 +228,37 @@ def stderr_tail(proc: subprocess.Popen[bytes]) -> str:
     return proc.stderr.read().decode(errors="replace").strip()[-1500:]
 
 
+def ended_early(learner: Any, kafka: Any, mode: str, topics: dict[str, str], line: str) -> str:
+    """Why a first run (a new group, no committed offset) ended before the crash point. If
+    it processed nothing, a worker of a group whose committed offset is 0 is run too: one
+    that reads the input then started the new group at the partition's end."""
+    if line == "processed 0":
+        probe = kafka.group(f"probe-{mode}")
+        committer = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": probe,
+                              "log_level": 0})
+        try:
+            committer.commit(offsets=[TopicPartition(topics["input"], 0, 0)],
+                             asynchronous=False)
+        finally:
+            committer.close()
+        worker = start(learner, kafka, mode, topics, probe, crash_after=CRASH_AT)
+        try:
+            then = first_line(worker, 30)
+        finally:
+            worker.kill()
+            worker.wait()
+        if then == f"CRASH-POINT {CRASH_AT}":
+            return (f"{mode}: a worker of a new group (no committed offset) processed nothing "
+                    f"({line!r}) of the 6 payments in the input, while one of a group whose "
+                    f"committed offset is 0 read them: with no committed offset the consumer "
+                    f"starts where auto.offset.reset says, and librdkafka's default (latest) "
+                    f"is the partition's end - the input already there is skipped. Set "
+                    f"auto.offset.reset=earliest: a new group starts at the beginning")
+    return (f"{mode}: the worker ended its run ({line!r}) before the 4th of the 6 payments in "
+            f"the input, so it never reached that record's crash point: it stopped before "
+            f"the end of the input partition. {QUIET_POLL}")
+
+
 def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
     """Run ``mode`` until the crash point of the 4th payment, look, SIGKILL, run again to the
     end of the input, look again."""
@@ -247,10 +278,7 @@ def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
             errors = stderr_tail(first)
             last = errors.splitlines()[-1] if errors else f"first output line {line!r}"
             if line.startswith("processed "):
-                raise AssertionError(
-                    f"{mode}: the worker ended its run ({line!r}) before the 4th of the 6 "
-                    f"payments in the input, so it never reached that record's crash point: "
-                    f"it stopped before the end of the input partition. {QUIET_POLL}")
+                raise AssertionError(ended_early(learner, kafka, mode, topics, line))
             raise AssertionError(
                 f"{mode}: the worker never reached crash_point() for the 4th record (exit "
                 f"{code}: {last}): call crash_point(processed, crash_after) between your two "

@@ -762,6 +762,49 @@ def test_a_timed_out_call_leaves_nothing_behind(world: Any, learner: Any) -> Non
 
 
 
+REFUSED = 10
+# Requests producing refuses on the spot, each with what refuses it: call() raises there,
+# after (rightly) registering its waiter - a call given up, like one that timed out.
+REFUSED_PAYLOADS = [
+    ("a payload of 2 MB, past message.max.bytes: produce() raises KafkaException "
+     "MSG_SIZE_TOO_LARGE", {"blob": "x" * 2_000_000}),
+    ("a payload json cannot encode (a bytes value: json.dumps raises TypeError)",
+     {"blob": b"\x00\x01"}),
+]
+
+
+@pytest.mark.parametrize("what, extra", REFUSED_PAYLOADS, ids=["too-large", "not-json"])
+def test_a_request_refused_on_the_spot_leaves_nothing_behind(world: Any, learner: Any,
+                                                             what: str,
+                                                             extra: dict[str, Any]) -> None:
+    """10 calls whose request is refused before it leaves the client: each must end (with
+    an error), and none may leave its waiter in the pending calls."""
+    mod, kafka, responder, requests, replies = world
+    client = mod.RpcClient(kafka.bootstrap, requests, replies)
+    try:
+        before = int(learner.run_helper(objects_alive, WAITERS))
+        ended = set()
+        for n in range(REFUSED):
+            thread, out = in_thread(client.call, {"n": n, **extra}, timeout=0.5)
+            thread.join(GIVES_UP_WITHIN)
+            assert not thread.is_alive() and "error" in out, (
+                f"a call with {what} was {'still waiting' if thread.is_alive() else 'answered'}"
+                f" {GIVES_UP_WITHIN:.0f} s later (timeout=0.5): a request that cannot be sent "
+                "gets no reply - the call must raise")
+            ended.add(type(out["error"]).__name__)
+        after = int(learner.run_helper(objects_alive, WAITERS))
+        assert after - before < REFUSED, (
+            f"after {REFUSED} calls with {what} (they raised {', '.join(sorted(ended))}), the "
+            f"client keeps {after - before} more waiting objects (Events, Conditions, "
+            "Futures, Queues) alive than before: call() registered the waiter before "
+            "producing, as it should, but left it in the pending calls when producing "
+            "raised - a call given up that way leaks one for the client's lifetime. Take "
+            "the waiter out on every way out of call() (try/finally, or an except that pops "
+            "it and re-raises), not only on RpcTimeout and not only for KafkaException")
+    finally:
+        close_within(client, 10)
+
+
 ANSWERED = 10
 
 

@@ -74,9 +74,16 @@ class RpcClient:
         waiter = _Pending()
         with self._lock:
             self._pending[cid] = waiter
-        self.producer.produce(self.request_topic, json.dumps(payload).encode(),
-                              headers=[("correlation_id", cid.encode()),
-                                       ("reply_to", self.reply_topic.encode())])
+        try:
+            self.producer.produce(self.request_topic, json.dumps(payload).encode(),
+                                  headers=[("correlation_id", cid.encode()),
+                                           ("reply_to", self.reply_topic.encode())])
+        except BaseException:
+            # A request refused on the spot (too large for the broker, a full queue, a
+            # payload json cannot encode) is a call given up: it leaves no waiter behind.
+            with self._lock:
+                self._pending.pop(cid, None)
+            raise
         # The timeout bounds the whole call: a broker slow to acknowledge the request holds
         # the caller no longer than that (what is still queued goes out in the background).
         self.producer.flush(timeout)
