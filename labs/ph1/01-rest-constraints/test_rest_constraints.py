@@ -399,6 +399,75 @@ def test_taken_email_is_409(host: str, postgres: Any) -> None:
                "email" if reply.status >= 500 else ""))
 
 
+# Two clients claim one free email at once. The test holds a third, uncommitted INSERT of
+# that email (its transaction open) while both requests arrive, so whatever each request
+# checks first (a SELECT for the email) it checks before either has written; it lets them
+# go once both wait in Postgres (or have answered). A check and a separate write let both
+# through to the UNIQUE index: the second's UniqueViolation is still a 409.
+RACES = {"POST": [("/users", {"name": "Grace Hopper", "email": "race@example.com"}),
+                  ("/users", {"name": "Grace Murray", "email": "race@example.com"})],
+         "PUT": [("/users/1", {"name": "Ada Lovelace", "email": "race@example.com"}),
+                 ("/users/2", {"name": "Alan Turing", "email": "race@example.com"})]}
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+def test_two_writes_claiming_one_email_one_wins(host: str, postgres: Any,
+                                                method: str) -> None:
+    writes = RACES[method]
+    replies: list[Any] = [None, None]
+
+    def send(i: int) -> None:
+        try:
+            replies[i] = call(host, method, writes[i][0], writes[i][1])
+        except Exception as error:  # noqa: BLE001 - reported below, in the test's words
+            replies[i] = error
+
+    with postgres.connect(autocommit=True) as monitor, postgres.connect() as holder:
+        holder.execute("INSERT INTO users (name, email) VALUES ('Holder', 'race@example.com')")
+        threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        came_true(lambda: blocked_backends(monitor) >= 2
+                  or not any(t.is_alive() for t in threads), timeout=15)
+        holder.rollback()
+    for thread in threads:
+        thread.join(30)
+    sent = f"{method} {writes[0][0]} and {method} {writes[1][0]}, both with email race@example.com"
+    for reply in replies:
+        assert isinstance(reply, HttpReply), f"{sent}, at the same time: no answer ({reply!r})"
+    statuses = sorted(r.status for r in replies)
+    holders = [row for row in user_rows(postgres) if row[2] == "race@example.com"]
+    assert len(holders) == 1 and statuses[0] < 300 and statuses[1] in (409, 422), (
+        f"{sent} (the email is UNIQUE, free when both arrived), at the same time: expected "
+        f"one {'201' if method == 'POST' else '200'} and one 409 Conflict (or 422), saw "
+        f"{statuses} {[r.body[:80] for r in replies]}, users with that email: {holders}"
+        + (": both checked that the email was free before either wrote it, so the loser's "
+           "write met the UNIQUE index and its UniqueViolation became a server error - a "
+           "check made before the write cannot see a write in flight; let the index decide "
+           "and answer 409 for its UniqueViolation (or INSERT ... ON CONFLICT)"
+           if statuses[1] >= 500 else ""))
+
+
+# An id past bigint's range (2**63 - 1) names no user either, however long: 5,000 digits is
+# past what Python's int() reads from a string (4,300 digits, sys.get_int_max_str_digits),
+# so an id taken as a number without a bound becomes a ValueError, and a 500.
+HUGE_IDS = ["9223372036854775808", "9" * 5000]
+
+
+def test_id_beyond_bigint_is_404(host: str) -> None:
+    body = {"name": "Nobody", "email": "nobody@example.com"}
+    for user_id in HUGE_IDS:
+        shown = user_id if len(user_id) < 30 else f"<{len(user_id)} digits>"
+        for method in ("GET", "HEAD", "PUT", "DELETE"):
+            reply = call(host, method, f"/users/{user_id}", body if method == "PUT" else None)
+            assert reply.status in (400, 404), (
+                f"{method} /users/{shown} (past bigint's largest value, 2**63 - 1, so no "
+                f"user has it): expected 404 (or 400), saw {reply.status} {reply.body[:120]!r}"
+                + (": an id of any length is a client's input, never a server error - bound "
+                   "its digits before converting it (int() refuses more than 4300, a bigint "
+                   "holds 19) and answer 404" if reply.status >= 500 else ""))
+
+
 def test_missing_user_is_404(host: str) -> None:
     for method in ("GET", "PUT", "DELETE"):
         missing_user_is_404(host, method)

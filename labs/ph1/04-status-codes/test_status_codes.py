@@ -108,6 +108,16 @@ CASES = [
            "libraries send it in any case", headers={"Authorization": header}, check=has_etag)
       for kind, header in (("lower-case", "bearer writer-token"),
                            ("upper-case", "BEARER writer-token"))),
+    # credentials = auth-scheme [ 1*SP token68 ] (RFC 9110 11.4; RFC 6750 2.1: "Bearer"
+    # 1*SP b64token): one space or more between the scheme and the token.
+    *(Case(f"scheme-then-{kind}", "GET", "/projects/1", 200,
+           f"OK: {header!r} is the Bearer scheme and the token writer-token - the scheme and "
+           "the token are separated by one space or more (RFC 9110 11.4: 1*SP); splitting on "
+           "a single space, or cutting a fixed 7 characters ('Bearer '), keeps a space in the "
+           "token or finds an empty one: take the word after the scheme, its spaces removed",
+           headers={"Authorization": header}, check=has_etag)
+      for kind, header in (("two-spaces", "Bearer  writer-token"),
+                           ("three-spaces", "Bearer   writer-token"))),
     *(Case(f"scheme-{kind}", "GET", "/projects/1", 401,
            f"Unauthorized: {why}, so the request carries no bearer token at all - read the "
            "scheme (the word before the first space), check it is Bearer, then look the "
@@ -752,3 +762,44 @@ def test_concurrent_create_of_one_name_is_409(make_app: Callable[..., Any], db: 
         f"{reply.status} {reply.body[:120]!r}, expected 409 Conflict: {why}. Under "
         "concurrency the unique constraint is the only check that holds: a lookup before "
         "the INSERT is an optimisation, never the decision.")
+
+
+def test_two_deletes_at_once_one_is_404(make_app: Callable[..., Any], db: Any) -> None:
+    """Two clients delete one project at once, through two instances. The test holds the
+    project's row locked until both requests wait in Postgres (or have answered), so
+    whatever each looked up before its DELETE (a SELECT reads through a row lock) it looked up
+    while the project was there. The first to get the row deletes it (204); for the second
+    there is no project any more: 404, never a 204 for a delete that deleted nothing."""
+    apps = [make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=1000) for _ in range(2)]
+    with serve_wsgi(apps[0]) as host_a, serve_wsgi(apps[1]) as host_b, \
+            psycopg.connect(db.admin_dsn, autocommit=True) as admin, \
+            psycopg.connect(db.dsn) as holder:
+        holder.execute("SELECT 1 FROM projects WHERE id = 2 FOR UPDATE")
+        replies: dict[str, HttpReply] = {}
+        threads = [threading.Thread(target=lambda h=host: replies.__setitem__(
+            h, call(h, "DELETE", "/projects/2", headers=WRITER)), daemon=True)
+            for host in (host_a, host_b)]
+        for thread in threads:
+            thread.start()
+        came_true(lambda: _lock_waiters(admin, db.name) >= 2
+                  or not any(t.is_alive() for t in threads), timeout=HOLD)
+        holder.rollback()  # both requests now go on, one after the other
+        for thread in threads:
+            thread.join(HOLD)
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            left = conn.execute("SELECT count(*) FROM projects WHERE id = 2").fetchone()
+    assert len(replies) == 2, (
+        f"of two concurrent DELETE /projects/2 only {len(replies)} got an answer within "
+        f"{HOLD:.0f} s")
+    statuses = sorted(reply.status for reply in replies.values())
+    why = ("both answered 204: each found the project before either deleted it, and the "
+           "second's DELETE then deleted nothing - a lookup that does not lock the row (or a "
+           "lock in the app's own process, which the other instance does not share) cannot "
+           "see a delete in flight: lock the row (SELECT ... FOR UPDATE) in the DELETE's "
+           "transaction, or decide on what the DELETE itself removed (rowcount, RETURNING)"
+           if statuses == [204, 204] else
+           "the second request found no project once the first had deleted it: that is a "
+           "404, not a server error" if statuses[1] >= 500 else "one deletes, one finds none")
+    assert statuses == [204, 404] and left == (0,), (
+        f"two DELETE /projects/2 at once (two instances) answered {statuses}, expected one "
+        f"204 and one 404: {why}")

@@ -624,6 +624,50 @@ def test_numbers_are_ascii_digits(host: str, db: Any, name: str, value: str) -> 
         "refuse the rest with 400, never read it as something else")
 
 
+@pytest.mark.parametrize("before_id", [str(2**63), str(10**30)])
+def test_a_keyset_id_past_bigint_is_no_crash(host: str, db: Any, before_id: str) -> None:
+    """before_id is a whole number in ASCII digits, and nothing says it fits a bigint: one
+    past 2**63 - 1 is after every id there is (every order of that instant and older
+    follows), or a 400 - never Postgres' or psycopg's overflow as a 500."""
+    truth = seed_small(db)
+    params = {"style": "keyset", "limit": PAGE, "before_id": before_id,
+              "before_created_at": "2030-01-01T00:00:00+00:00"}
+    status, doc = get(host, params)
+    assert status in (200, 400), (
+        f"GET /orders?{urlencode(params)}: expected 200 (the first {PAGE} orders: every one "
+        f"is before that position) or 400, saw {status} {str(doc)[:120]}: a before_id past "
+        "bigint's 2**63 - 1 overflowed on its way to Postgres (a ::bigint cast, or a value "
+        "dumped as int8) - the client's number is input: compare it as it is, or refuse it "
+        "with 400")
+    if status == 200:
+        assert ids(doc) == truth[:PAGE], (
+            f"GET /orders?{urlencode(params)}: every order is before that position, so "
+            f"expected ids {truth[:PAGE]}, saw {ids(doc)}")
+
+
+def test_total_count_follows_the_table(host: str, db: Any) -> None:
+    """total_count is what the table holds now: the same request after three inserts counts
+    them (a count kept from an earlier request, in the module or the app, is stale)."""
+    seed_small(db)
+    first = page(host, {"style": "offset", "limit": PAGE})
+    with db.connect(autocommit=True) as conn:
+        for i in range(3):
+            conn.execute("INSERT INTO orders (created_at, customer, total_cents) "
+                         "VALUES (%s, %s, %s)", (BASE - timedelta(days=1, minutes=i), "n", i))
+    again = page(host, {"style": "offset", "limit": PAGE,
+                        "offset": SMALL})
+    assert (first.get("total_count"), again.get("total_count")) == (SMALL, SMALL + 3), (
+        f"offset pages before and after 3 orders were inserted: expected total_count "
+        f"{SMALL}, then {SMALL + 3}, saw {first.get('total_count')!r}, then "
+        f"{again.get('total_count')!r}: the count was kept from an earlier request - the app "
+        "must hold no copy of the data between requests (another instance, or another "
+        "writer, changes the table): count in each request")
+    assert len(again["data"]) == 3 and again.get("next_offset") is None, (
+        f"offset page at offset {SMALL} after 3 inserts: expected the 3 new orders and "
+        f"next_offset null, saw {len(again['data'])} rows, next_offset "
+        f"{again.get('next_offset')!r}")
+
+
 def test_cursor_is_opaque(host: str, db: Any) -> None:
     seed_small(db)
     cursor = page(host, {"style": "cursor", "limit": PAGE}).get("next_cursor")
