@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import pytest
 
-from labrunner.testing import CONNECTION_SETUP, redis_gate, wait_until
+from labrunner.testing import CONNECTION_SETUP, redis_commands, redis_gate, wait_until
 
 CONCURRENT = 200
 LIMIT = 50
@@ -263,6 +263,89 @@ def test_the_log_holds_no_more_than_the_window(learner: Any, redis_db: Any) -> N
         "key refreshed by every request it never expires: memory grows without bound (a "
         "slow OOM of the shared Redis). Remove what left the window in the same atomic "
         "step (ZREMRANGEBYSCORE key -inf now-window), then ZCARD.")
+
+
+
+# A client that keeps coming, for many windows: what the keys its latest request reads and
+# writes hold must not grow with the client's history (those keys' TTL is refreshed by every
+# request, so they never expire while it keeps coming). (class, params, seconds between
+# requests, requests, most entries those keys may hold, what the state is)
+STEADY_CASES = [
+    ("SlidingWindowCounter", {"limit": 3, "window": 1.0}, 0.5, 200, 4,
+     "the counters of the current and the previous window"),
+    ("TokenBucket", {"capacity": 3, "rate": 1.0}, 0.5, 200, 4,
+     "the tokens and the time of the last refill"),
+]
+
+
+def keys_written_by(limiter: Any, redis_db: Any, prefix: str, now: float,
+                    what: str) -> dict[str, int]:
+    """The keys under ``prefix`` that one request at ``now`` names in its Redis commands (in
+    a script or not), with the entries each holds afterwards."""
+    with redis_commands(redis_db) as sent:
+        decide(limiter, "client-a", now, what)
+    named = {c[1] for c in sent if len(c) > 1 and c[1].startswith(prefix)}
+    return {k: n for k, n in held(redis_db, prefix).items() if k in named}
+
+
+@pytest.mark.parametrize("cls,params,every,count,most,state", STEADY_CASES,
+                         ids=[c[0] for c in STEADY_CASES])
+def test_a_steady_client_keeps_bounded_state(
+        learner: Any, redis_db: Any, cls: str, params: dict[str, float], every: float,
+        count: int, most: int, state: str) -> None:
+    limiter = make(learner, redis_db, cls, "steady", **params)
+    for n in range(count):
+        decide(limiter, "client-a", 1000.0 + n * every, f"{cls} at t={1000.0 + n * every}")
+    now = 1000.0 + count * every
+    live = keys_written_by(limiter, redis_db, "steady", now, f"{cls} at t={now}")
+    assert sum(live.values()) <= most, (
+        f"{cls}({params}): one client, a request every {every:g} s for {count * every:g} s; "
+        f"the keys its latest request reads and writes hold {sum(live.values())} entries "
+        f"({live}), expected at most {most} ({state}): state that no longer counts (the "
+        "counts of windows long past) is kept in a key every request refreshes, so it never "
+        "expires while the client keeps coming and grows with its history - a slow leak of "
+        "the shared Redis. Keep only what still counts: a key per window with a TTL of its "
+        "own (INCR, EXPIRE), or delete (HDEL) what left.")
+
+
+def test_each_instance_uses_the_redis_it_was_given(learner: Any, redis_db: Any) -> None:
+    """Two instances of each class in one process, one given Redis's URL and one a gate's in
+    front of the same server: each request must go to the URL its own instance was given,
+    whichever instance was made first."""
+    seen: list[str] = []
+
+    def note(command: list[bytes]) -> None:
+        name = command[0].decode(errors="replace").upper()
+        if name not in CONNECTION_SETUP:
+            seen.append(name)
+
+    params = {"TokenBucket": {"capacity": 2, "rate": 1.0},
+              "SlidingWindowLog": {"limit": 2, "window": 10.0},
+              "SlidingWindowCounter": {"limit": 2, "window": 10.0}}
+    with redis_gate(redis_db.url, note) as gated:
+        for order, module in (("direct first", learner.load("ratelimit")),
+                              ("gate first", learner.load("ratelimit", fresh=True))):
+            for cls, kw in params.items():
+                urls = [redis_db.url, gated] if order == "direct first" else [gated, redis_db.url]
+                first, second = (construct(module, redis_db, cls, "url", u, dict(kw))
+                                 for u in urls)
+                for limiter, url in ((first, urls[0]), (second, urls[1])):
+                    seen.clear()
+                    decide(limiter, f"{order}-{url == gated}", 0.0, f"{cls} ({order})")
+                    went = bool(seen) == (url == gated)
+                    assert went, (
+                        f"{cls}: two instances in one process, made one after the other "
+                        f"({order}) with two Redis URLs; the one given "
+                        f"{'the gate' if url == gated else 'Redis itself'} sent "
+                        f"{'none of its' if url == gated else 'its'} commands "
+                        f"{'there' if url == gated else f'through the other one ({seen})'}: "
+                        "its requests went to the connection of the instance made first. "
+                        "A client, pool or registered script kept in a module global (or a "
+                        "class attribute) is shared by every instance, so an app with "
+                        "limiters on two Redis servers decides them all on one. Keep the "
+                        "client and the script on the instance: self.redis = "
+                        "redis.Redis.from_url(redis_url); self.script = "
+                        "self.redis.register_script(...).")
 
 
 CONCURRENT_CASES = [

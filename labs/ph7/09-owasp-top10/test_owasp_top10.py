@@ -50,6 +50,8 @@ INSERT INTO documents VALUES (10, 1, 'alice notes', 'shopping list'),
                              (20, 2, 'bob review', '{BOB_SECRET}');
 """
 ALICE = {"Authorization": "Bearer tok-alice"}
+# Route statuses of a Site that answer no HTTP response: the connection closed, or garbage.
+DROP, GARBAGE = -1, -2
 
 
 class Site:
@@ -74,6 +76,13 @@ class Site:
                                                         (404, {}, b"not here"))
                 if status == 0:  # an upstream that accepts and never answers
                     site.stop.wait(300)
+                    return
+                if status == DROP:  # closes the connection with no answer at all
+                    self.close_connection = True
+                    return
+                if status == GARBAGE:  # answers with bytes that are not HTTP
+                    self.wfile.write(body)
+                    self.close_connection = True
                     return
                 self.send_response(status)
                 for k, v in headers.items():
@@ -173,6 +182,11 @@ def target(learner: Any, postgres: Any) -> Iterator[Target]:
         "/r1": (302, {"Location": "/ok"}, b""),
         "/hang": (0, {}, b""),  # accepts the request and never answers
         "/to-hang": (302, {"Location": "/hang"}, b""),  # a redirect hop that never answers
+        "/drop": (DROP, {}, b""),
+        "/garbage": (GARBAGE, {}, b"SSH-2.0-OpenSSH_9.6\r\n"),
+        "/to-drop": (302, {"Location": "/drop"}, b""),
+        # an honest page in Latin-1 (no charset declared): 'caf\xe9 cr\xe8me' is not UTF-8
+        "/latin1": (200, {"Content-Type": "text/plain"}, "café crème".encode("latin-1")),
     })
     make_app = learner.function("secure_app", "make_app")
     try:
@@ -559,3 +573,46 @@ def test_fetch_gives_up_on_an_upstream_that_never_answers(target: Target) -> Non
             "without one (the default is none) or with a long one, each slow or silent "
             "upstream holds one of the server's workers, and a few such fetches take the "
             "whole server down.")
+
+
+# Allowed upstreams that fail without a timeout: the fetch is still a 502 (or 504), never the
+# server's own 500. (path, what the partner does)
+FAILING_UPSTREAMS = [
+    ("/drop", "the partner closes the connection without answering"),
+    ("/to-drop", "the partner redirects (302) to its own /drop, which closes the connection "
+                 "without answering"),
+    ("/garbage", "the partner answers with bytes that are not HTTP (an SSH banner)"),
+]
+
+
+def test_fetch_survives_what_an_allowed_upstream_sends(target: Target) -> None:
+    """An allowed partner is still someone else's server: it may close the connection, send
+    something that is not HTTP, or a page that is not UTF-8. A gateway answers for a
+    failed upstream with 502/504 (RFC 9110 15.6.3) - not with its own 500 - and hands back
+    an honest page's bytes, whatever their encoding."""
+    p = target.partner.port
+    for path, what in FAILING_UPSTREAMS:
+        url = f"http://127.0.0.1:{p}{path}"
+        try:
+            reply = call(target, "POST", "/fetch", document={"url": url})
+            seen = f"was answered {reply.status} {reply.body[:150]!r}"
+        except OSError as exc:  # the app's server dropped the connection: an escaped error
+            reply, seen = None, f"got no answer at all ({type(exc).__name__}: {exc})"
+        assert reply is not None and reply.status in (502, 504), (
+            f"POST /fetch of {url!r} ({what}) {seen}, expected 502 or 504: the upstream's "
+            "error escaped the app. An upstream that failed is a bad "
+            "gateway, not a crash of this server. Catch every failure of the outgoing "
+            "request, not only the timeout: OSError (refused, reset, closed: "
+            "RemoteDisconnected) and http.client.HTTPException (BadStatusLine for a reply "
+            "that is not HTTP).")
+    url = f"http://127.0.0.1:{p}/latin1"
+    reply = call(target, "POST", "/fetch", document={"url": url})
+    answer = body_json(reply) if reply.status == 200 else None
+    text = answer.get("body") if isinstance(answer, dict) else None
+    assert isinstance(text, str) and text.startswith("caf") and "me" in text, (
+        f"POST /fetch of {url!r} (an honest partner page in Latin-1, b'caf\\xe9 "
+        f"cr\\xe8me', no charset declared) was answered {reply.status} "
+        f"{reply.body[:150]!r}, expected 200 with the page as text in \"body\": the "
+        "partner's bytes are not UTF-8, and decoding them strictly crashes the fetch of a "
+        "page that is fine. Decode what an upstream sends leniently: "
+        "data.decode('utf-8', 'replace') (or latin-1), whatever a charset claims.")
