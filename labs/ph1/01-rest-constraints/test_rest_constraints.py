@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -414,24 +414,9 @@ RACES = {"POST": [("/users", {"name": "Grace Hopper", "email": "race@example.com
 def test_two_writes_claiming_one_email_one_wins(host: str, postgres: Any,
                                                 method: str) -> None:
     writes = RACES[method]
-    replies: list[Any] = [None, None]
-
-    def send(i: int) -> None:
-        try:
-            replies[i] = call(host, method, writes[i][0], writes[i][1])
-        except Exception as error:  # noqa: BLE001 - reported below, in the test's words
-            replies[i] = error
-
-    with postgres.connect(autocommit=True) as monitor, postgres.connect() as holder:
-        holder.execute("INSERT INTO users (name, email) VALUES ('Holder', 'race@example.com')")
-        threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        came_true(lambda: blocked_backends(monitor) >= 2
-                  or not any(t.is_alive() for t in threads), timeout=15)
-        holder.rollback()
-    for thread in threads:
-        thread.join(30)
+    replies = two_held_in_postgres(
+        postgres, "INSERT INTO users (name, email) VALUES ('Holder', 'race@example.com')",
+        lambda i: call(host, method, writes[i][0], writes[i][1]))
     sent = f"{method} {writes[0][0]} and {method} {writes[1][0]}, both with email race@example.com"
     for reply in replies:
         assert isinstance(reply, HttpReply), f"{sent}, at the same time: no answer ({reply!r})"
@@ -743,6 +728,31 @@ def blocked_backends(monitor: Any) -> int:
     return int(row[0])
 
 
+def two_held_in_postgres(postgres: Any, hold: str, send: Callable[[int], Any]) -> list[Any]:
+    """``send(0)`` and ``send(1)`` at once, each on a thread of its own, while a transaction
+    of the test's holds the lock ``hold`` takes: both are seen waiting in Postgres (or
+    ended) before it is rolled back. What each returned, or the exception it raised."""
+    replies: list[Any] = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            replies[i] = send(i)
+        except Exception as error:  # noqa: BLE001 - reported by the caller, in its words
+            replies[i] = error
+
+    with postgres.connect(autocommit=True) as monitor, postgres.connect() as holder:
+        holder.execute(hold)
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        came_true(lambda: blocked_backends(monitor) >= 2
+                  or not any(t.is_alive() for t in threads), timeout=15)
+        holder.rollback()
+    for thread in threads:
+        thread.join(30)
+    return replies
+
+
 def test_two_puts_holding_one_tag_one_wins(host: str, postgres: Any) -> None:
     """Two clients read user 1 (the same tag) and both PUT with If-Match. The test holds the
     user's row locked (SELECT ... FOR UPDATE) while both requests arrive, and lets them go
@@ -751,24 +761,9 @@ def test_two_puts_holding_one_tag_one_wins(host: str, postgres: Any) -> None:
     tag = get_ok(host, "/users/1").header("ETag") or ""
     bodies = [{"name": "Ada King", "email": "ada@example.com"},
               {"name": "Ada Byron", "email": "ada@example.com"}]
-    replies: list[Any] = [None, None]
-
-    def put(i: int) -> None:
-        try:
-            replies[i] = call(host, "PUT", "/users/1", bodies[i], {"If-Match": tag})
-        except Exception as error:  # noqa: BLE001 - reported below, in the test's words
-            replies[i] = error
-
-    with postgres.connect(autocommit=True) as monitor, postgres.connect() as holder:
-        holder.execute("SELECT 1 FROM users WHERE id = 1 FOR UPDATE")
-        threads = [threading.Thread(target=put, args=(i,), daemon=True) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        came_true(lambda: blocked_backends(monitor) >= 2
-                  or not any(t.is_alive() for t in threads), timeout=15)
-        holder.rollback()
-    for thread in threads:
-        thread.join(30)
+    replies = two_held_in_postgres(
+        postgres, "SELECT 1 FROM users WHERE id = 1 FOR UPDATE",
+        lambda i: call(host, "PUT", "/users/1", bodies[i], {"If-Match": tag}))
     for i, reply in enumerate(replies):
         assert isinstance(reply, HttpReply), (
             f"PUT /users/1 with If-Match: {tag} ({bodies[i]['name']}), sent at the same time "
