@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -480,9 +480,9 @@ def test_bytes_after_the_client_closes_are_counted(learner: Any, running: Server
 
 
 @contextmanager
-def refusing_server() -> Iterator[tuple[str, int]]:
-    """A server that fails every call: it accepts each connection and closes it at once (a
-    service going down): http.client raises RemoteDisconnected, grpc UNAVAILABLE."""
+def failing_server(each: Callable[[socket.socket], None]) -> Iterator[tuple[str, int]]:
+    """A server on a port of its own that hands each connection it accepts to ``each`` (which
+    ends it) and never answers a call."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -491,7 +491,7 @@ def refusing_server() -> Iterator[tuple[str, int]]:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            conn.close()
+            each(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     try:
@@ -499,6 +499,12 @@ def refusing_server() -> Iterator[tuple[str, int]]:
     finally:
         listener.shutdown(socket.SHUT_RDWR)
         listener.close()
+
+
+def refusing_server() -> AbstractContextManager[tuple[str, int]]:
+    """A server that fails every call: it accepts each connection and closes it at once (a
+    service going down): http.client raises RemoteDisconnected, grpc UNAVAILABLE."""
+    return failing_server(lambda conn: conn.close())
 
 
 def still_accepting(address: tuple[str, int]) -> bool:
@@ -644,34 +650,23 @@ def test_a_server_that_is_down_fails_the_measurement_at_once(learner: Any, stubs
         "path too (try/finally)")
 
 
-@contextmanager
-def resetting_server() -> Iterator[tuple[str, int]]:
+def reset_after_reading(conn: socket.socket) -> None:
+    """Read the client's first bytes, then abort: SO_LINGER 0, so the close sends RST."""
+    with conn:
+        conn.settimeout(5)
+        try:
+            conn.recv(65536)
+        except OSError:
+            pass
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def resetting_server() -> AbstractContextManager[tuple[str, int]]:
     """A server that crashes mid-call: it accepts each connection, reads the client's first
     bytes (the request, the HTTP/2 preface) and aborts the connection - SO_LINGER 0, so the
     close sends RST. The relay's recv() from it raises ConnectionResetError (a send to it,
     BrokenPipeError) instead of returning b''."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.recv(65536)
-                except OSError:
-                    pass
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield ("127.0.0.1", listener.getsockname()[1])
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
+    return failing_server(reset_after_reading)
 
 
 @pytest.mark.parametrize("name", ["measure_json", "measure_grpc_unary", "measure_grpc_stream"])
