@@ -56,6 +56,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -393,6 +394,46 @@ def jobs_locked_beyond_those_held(admin: Conn, holders: list[str]) -> str:
             f"statement that says FOR UPDATE SKIP LOCKED, so a claim locks one job")
 
 
+@dataclass(frozen=True)
+class Stepped:
+    """What a race driven one statement at a time needs: the gate in front of Postgres, the
+    test's database and admin connection, a pool of two workers, the database's DSN."""
+
+    gate: StatementGate
+    db: Db
+    admin: Conn
+    pool: ThreadPoolExecutor
+    dsn: str
+
+
+def a_held_while_b_runs(run: Stepped, step: int, call_a: Callable[[Any], Any],
+                        call_b: Callable[[Any], Any], names: tuple[str, str, str]
+                        ) -> tuple[str, bool, dict[str, str]] | None:
+    """``call_a`` on a connection through the gate, held before its statement #``step``,
+    while ``call_b`` runs on a connection of its own until it ends or waits for a lock; then
+    A goes on. (the statement A was held before, whether B waited, how each call ended), or
+    None when A sent fewer statements than ``step`` (it must then have returned).
+    ``names``: A's, B's and A-alone's names, for the messages."""
+    name_a, name_b, alone = names
+    run.gate.arm(step)
+    with (psycopg.connect(run.gate.dsn_for(run.dsn), autocommit=True) as conn_a,
+          run.db.connect() as conn_b):
+        fut_a = run.pool.submit(call_a, conn_a)
+        wait_until(lambda: run.gate.held is not None or fut_a.done(),
+                   f"{name_a} to send its statement #{step}")
+        held = run.gate.held
+        if held is None:
+            assert ended(fut_a) == "returned", f"{alone} {ended(fut_a)}"
+            return None
+        fut_b = run.pool.submit(call_b, conn_b)
+        pid_b = conn_b.info.backend_pid
+        wait_until(lambda: fut_b.done() or blocked_on_lock(run.admin, pid_b),
+                   f"{name_b} to finish or wait for a lock while A was held before {held!r}")
+        b_waited = not fut_b.done()
+        run.gate.release()
+        return held, b_waited, {"A": ended(fut_a), "B": ended(fut_b)}
+
+
 def claim_race_story(step: int, held: str, b_waited: bool, handled: list[tuple[str, int]],
                      results: dict[str, str]) -> str:
     return (f"worker A was held before its statement #{step} ({held[:90]!r}) while worker B "
@@ -413,27 +454,17 @@ def test_a_claim_interleaved_at_every_step_takes_each_job_once(db: Db, learner: 
             admin.execute("DELETE FROM jobs")
             admin.execute("INSERT INTO jobs (id, payload) VALUES (1, 'job-1'), (2, 'job-2')")
             handled.clear()
-            gate.arm(step)
-            with (psycopg.connect(gate.dsn_for(postgres.dsn), autocommit=True) as conn_a,
-                  db.connect() as conn_b):
-                fut_a = pool.submit(take_job, conn_a, "A",
-                                    lambda job_id, _p: handled.append(("A", job_id)))
-                # (each lambda is called within this pass: B023 does not apply)
-                wait_until(lambda: gate.held is not None or fut_a.done(),  # noqa: B023
-                           f"worker A's take_job to send its statement #{step}")
-                held = gate.held
-                if held is None:   # A sent fewer statements: every step was tried
-                    assert ended(fut_a) == "returned", f"take_job alone {ended(fut_a)}"
-                    return
-                fut_b = pool.submit(take_job, conn_b, "B",
-                                    lambda job_id, _p: handled.append(("B", job_id)))
-                pid_b = conn_b.info.backend_pid
-                wait_until(lambda: fut_b.done() or blocked_on_lock(admin, pid_b),  # noqa: B023
-                           f"worker B to finish or wait for a lock while A was held before "
-                           f"{held!r}")
-                b_waited = not fut_b.done()
-                gate.release()
-                results = {"A": ended(fut_a), "B": ended(fut_b)}
+            # (each lambda is called within this pass: B023 does not apply)
+            turn = a_held_while_b_runs(
+                Stepped(gate, db, admin, pool, postgres.dsn), step,
+                lambda conn: take_job(conn, "A", lambda job_id, _p: handled.append(  # noqa: B023
+                    ("A", job_id))),
+                lambda conn: take_job(conn, "B", lambda job_id, _p: handled.append(  # noqa: B023
+                    ("B", job_id))),
+                ("worker A's take_job", "worker B", "take_job alone"))
+            if turn is None:   # A sent fewer statements: every step was tried
+                return
+            held, b_waited, results = turn
             story = claim_race_story(step, held, b_waited, handled, results)
             jobs = sorted(job for _, job in handled)
             assert len(set(jobs)) == len(jobs), (
@@ -636,24 +667,14 @@ def test_two_updates_interleaved_at_every_step_lose_neither(db: Db, learner: Any
           ThreadPoolExecutor(max_workers=2) as pool):
         for step in range(1, 30):
             admin.execute("UPDATE accounts SET balance = 10000 WHERE id = 1")
-            gate.arm(step)
-            with (psycopg.connect(gate.dsn_for(postgres.dsn), autocommit=True) as conn_a,
-                  db.connect() as conn_b):
-                fut_a = pool.submit(update, conn_a, 1, 5, 10_000)
-                wait_until(lambda: gate.held is not None or fut_a.done(),  # noqa: B023
-                           f"update A to send its statement #{step}")
-                held = gate.held
-                if held is None:   # A sent fewer statements: every step was tried
-                    assert ended(fut_a) == "returned", f"the update alone {ended(fut_a)}"
-                    return
-                fut_b = pool.submit(update, conn_b, 1, 7, 10_000)
-                pid_b = conn_b.info.backend_pid
-                wait_until(lambda: fut_b.done() or blocked_on_lock(admin, pid_b),  # noqa: B023
-                           f"update B to finish or wait for a lock while A was held before "
-                           f"{held!r}")
-                b_waited = not fut_b.done()
-                gate.release()
-                results = {"A": ended(fut_a), "B": ended(fut_b)}
+            turn = a_held_while_b_runs(
+                Stepped(gate, db, admin, pool, postgres.dsn), step,
+                lambda conn: update(conn, 1, 5, 10_000),
+                lambda conn: update(conn, 1, 7, 10_000),
+                ("update A", "update B", "the update alone"))
+            if turn is None:   # A sent fewer statements: every step was tried
+                return
+            held, b_waited, results = turn
             balance = db.balances()[1]
             lost = balance in (10005, 10007)
             assert balance == 10012, (
