@@ -226,17 +226,25 @@ def test_users_by_id_are_read_again_in_the_next_request(
         "the cache in the request's loader, never beside it")
 
 
+def asked_with_table_hidden(make_app: Callable[..., Any], dsn: str, postgres: Any, table: str,
+                            query: str) -> tuple[int, dict[str, Any]]:
+    """``query`` asked of a batched app while ``table`` is renamed away (Postgres refuses
+    every query of it): the status and the document it answered."""
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {table} RENAME TO {table}_hidden")
+    with serve_wsgi(make_app(dsn, batched=True)) as host:
+        status, document = ask_raw(host, query, timeout=30)
+    return status, document
+
+
 def test_an_orders_query_postgres_refuses_is_an_error_not_no_orders(
         make_app: Callable[..., Any], proxied_dsn: str, counter: PgStatementProxy,
         postgres: Any) -> None:
     """The orders batch fails (the test renames the table under the running app): the
     answer says so with an error. Users shown with `orders: []` would tell the client
     that they never ordered anything."""
-    with postgres.connect(autocommit=True) as conn:
-        conn.execute("ALTER TABLE orders RENAME TO orders_hidden")
     query = '{ users(first: 5) { id orders { id } } u2: user(id: "2") { id orders { id } } }'
-    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
-        status, document = ask_raw(host, query, timeout=30)
+    status, document = asked_with_table_hidden(make_app, proxied_dsn, postgres, "orders", query)
     data = document.get("data") or {}
     shown = [u for u in [*(data.get("users") or []), data.get("u2")]
              if isinstance(u, dict) and isinstance(u.get("orders"), list)]
@@ -256,11 +264,8 @@ def test_a_users_query_postgres_refuses_is_an_error_not_no_user(
     """The users batch fails (the test renames the table under the running app): the
     answer says so with an error. A user shown as null, with no error, would tell the client
     that no such user exists."""
-    with postgres.connect(autocommit=True) as conn:
-        conn.execute("ALTER TABLE users RENAME TO users_hidden")
     query = '{ u2: user(id: "2") { id name } u3: user(id: "3") { id } }'
-    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
-        status, document = ask_raw(host, query, timeout=30)
+    status, document = asked_with_table_hidden(make_app, proxied_dsn, postgres, "users", query)
     data = document.get("data") or {}
     assert document.get("errors"), (
         f"the users query failed (the test renamed the table users, so Postgres refused "
