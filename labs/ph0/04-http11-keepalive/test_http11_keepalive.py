@@ -415,6 +415,24 @@ def test_header_bytes_past_ascii_are_served(server: Server, client: Client) -> N
     one_connection(server)
 
 
+def next_line(client: Client) -> bytes:
+    """The next line on the wire (b"(nothing)" when none comes in time): after a head that
+    carries no content, the status line of the response behind it."""
+    try:
+        return client.stream.readline(65537)
+    except TimeoutError:
+        return b"(nothing)"
+
+
+def expect_after(client: Client, what: str) -> None:
+    """The rest of GET /after's response, its status line read: its own body, in order."""
+    headers = http.client.parse_headers(client.stream)
+    body = client.stream.read(int(headers.get("Content-Length") or 0))
+    assert body == b"GET /after (0 bytes)", (
+        f"the response after {what}'s held {body!r}, expected GET /after's "
+        "('GET /after (0 bytes)'): responses come back in request order")
+
+
 def test_a_response_to_head_has_no_body(server: Server, client: Client) -> None:
     """HEAD /page, answered by the application like a GET (a body, as WSGI apps do), then GET
     /after pipelined: the server sends HEAD's head alone (RFC 9110 9.3.2), since the client
@@ -425,10 +443,7 @@ def test_a_response_to_head_has_no_body(server: Server, client: Client) -> None:
         f"the response to HEAD /page starts with {line[:80]!r}, expected 'HTTP/1.1 200 ...'"
         "\nA server answers HEAD like GET, without the content (RFC 9110 9.3.2).")
     http.client.parse_headers(client.stream)  # HEAD's head: nothing follows it
-    try:
-        nxt = client.stream.readline(65537)
-    except TimeoutError:
-        nxt = b"(nothing)"
+    nxt = next_line(client)
     assert nxt.startswith(b"HTTP/1."), (
         f"the response to HEAD /page carried a body: where GET /after's status line was "
         f"expected, the client (which reads no content after a HEAD) read {nxt[:80]!r}"
@@ -437,11 +452,7 @@ def test_a_response_to_head_has_no_body(server: Server, client: Client) -> None:
         "GET would have (its Content-Length too), no content, whatever the application "
         "returned. Content sent anyway is read as the start of the next response, and "
         "every response behind it on the connection is garbled.")
-    headers = http.client.parse_headers(client.stream)
-    body = client.stream.read(int(headers.get("Content-Length") or 0))
-    assert body == b"GET /after (0 bytes)", (
-        f"the response after HEAD /page's held {body!r}, expected GET /after's "
-        "('GET /after (0 bytes)'): responses come back in request order")
+    expect_after(client, "HEAD /page")
     assert server.handled[:1] == ["HEAD /page"], (
         f"the handler was called with {server.handled}, expected HEAD /page first")
     one_connection(server)
@@ -468,10 +479,7 @@ def test_a_no_content_status_carries_no_body(server: Server, client: Client,
            "15.4.5) and ends at its blank line whatever its headers say (RFC 9112 6.3): a "
            "client reads no body after it. Whatever the application returned, write the head "
            "alone, as for HEAD; content sent anyway is read as the next response.")
-    try:
-        nxt = client.stream.readline(65537)
-    except TimeoutError:
-        nxt = b"(nothing)"
+    nxt = next_line(client)
     assert nxt.startswith(b"HTTP/1."), (
         f"the {status} response to GET {target} carried a body: where GET /after's status "
         f"line was expected, the client read {nxt[:80]!r}\n{why}")
@@ -481,11 +489,7 @@ def test_a_no_content_status_carries_no_body(server: Server, client: Client,
             f"the 204 response to GET {target} carried 'Content-Length: {length}', expected "
             "no Content-Length: a server MUST NOT send it with 1xx or 204 (RFC 9110 8.6), "
             f"which have no content to measure\n{why}")
-    after = http.client.parse_headers(client.stream)
-    body = client.stream.read(int(after.get("Content-Length") or 0))
-    assert body == b"GET /after (0 bytes)", (
-        f"the response after GET {target}'s held {body!r}, expected GET /after's "
-        "('GET /after (0 bytes)'): responses come back in request order")
+    expect_after(client, f"GET {target}")
     one_connection(server)
 
 
