@@ -767,9 +767,10 @@ CHUNK = 1 << 16    # bytes the leaving client sends between two looks at the ser
 def server_side(port: int, client_port: int) -> tuple[int, int] | None:
     """The server's end of one connection in /proc/net/tcp: (state, bytes received that
     the server has not read yet; a FIN that arrived counts as one), or None when the row
-    was not seen (the table is read in pieces, and a busy table can skip a row)."""
+    was not seen (the table is read in pieces, and a busy table can skip a row). Never a
+    TIME_WAIT row: an earlier connection's, from a client port loopback reused (queues 0)."""
     for sock in tcp_sockets():
-        if (sock.local[1], sock.remote[1]) == (port, client_port):
+        if (sock.local[1], sock.remote[1]) == (port, client_port) and sock.state != TIME_WAIT:
             return sock.state, sock.rx_queue
     return None
 

@@ -44,6 +44,7 @@ import pytest
 from labrunner.testing import (
     CLOSE_WAIT,
     ESTABLISHED,
+    TIME_WAIT,
     Activity,
     asleep_throughout,
     came_true,
@@ -370,10 +371,12 @@ class ServerSide:
 
 
 def server_sides(port: int) -> dict[int, ServerSide]:
-    """The server-side sockets of connections to ``port``, by the client's port."""
+    """The server-side sockets of connections to ``port``, by the client's port. Never a
+    TIME_WAIT row: an earlier connection's, from a client port loopback reused, would
+    stand for the live one."""
     out: dict[int, ServerSide] = {}
     for sock in tcp_sockets():
-        if sock.local[1] != port or sock.remote[1] == 0:
+        if sock.local[1] != port or sock.remote[1] == 0 or sock.state == TIME_WAIT:
             continue
         out[sock.remote[1]] = ServerSide(sock.state, sock.rx_queue, sock.inode)
     return out
