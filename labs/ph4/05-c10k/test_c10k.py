@@ -73,6 +73,7 @@ from labrunner.testing import (
     ESTABLISHED,
     TIME_WAIT,
     Activity,
+    TcpSocket,
     asleep_throughout,
     cpu_burnt_while_idle,
     process_activity,
@@ -718,8 +719,8 @@ def server_holds(conn: Conn, sent: int) -> int | None:
     return None
 
 
-def connection_end(rows: list[Any], local: tuple[str, int],
-                   remote: tuple[str, int]) -> Any:
+def connection_end(rows: list[TcpSocket], local: tuple[str, int],
+                   remote: tuple[str, int]) -> TcpSocket | None:
     """This connection's row at its ``local`` end. Both addresses, and never a TIME_WAIT
     row: an earlier connection from the same client port to another server (loopback
     reuses ports) leaves one whose queues read 0 - taken for this client's, it made the
