@@ -197,6 +197,7 @@ class Running:
     job: str
     restarting: SyntheticService  # the instance that restarts
     address: str                  # its instance label
+    other_job: str                # the service beside it, which never failed a request
 
 
 def _window(prometheus: Any, running: Running) -> tuple[float, str]:
@@ -412,15 +413,37 @@ def service(prometheus: Any) -> Iterator[Running]:
     with ExitStack() as stack:
         token = secrets.token_hex(3)
         ours, other = (name.format(token=token) for name in JOBS)
-        prometheus.scrape(_serve(stack, SyntheticService(other=True)), job=other)
+        other_job = prometheus.scrape(_serve(stack, SyntheticService(other=True)), job=other)
         instances = [SyntheticService(i) for i in range(len(POOLS))]
         addresses = [_serve(stack, instance) for instance in instances]
         job = prometheus.scrape(addresses, job=ours)
         prometheus.wait_for_scrapes(job, count=14)
-        yield Running(job, instances[RESTARTING], addresses[RESTARTING])
+        yield Running(job, instances[RESTARTING], addresses[RESTARTING], other_job)
 
 
 def test_red_and_use_figures(learner: Any, prometheus: Any, service: Running) -> None:
     _check(prometheus, learner, service, "red", WANT_RED)
     # USE in the same test: one synthetic service, scraped once, serves both.
     _check(prometheus, learner, service, "use", WANT_USE)
+    never_failed_reads_zero(prometheus, learner, service)
+
+
+def never_failed_reads_zero(prometheus: Any, learner: Any, running: Running) -> None:
+    """The service beside this one has served only 2xx: it exports no series with a 5xx
+    code at all (a counter's labelled child exists from its first increment). Its error
+    ratio is 0 - one number, as for any service - not no series: sum() over nothing is
+    nothing, and nothing divided by its request rate is nothing too."""
+    end, window = _window(prometheus, running)
+    query = learner.function("red_use", "red")(running.other_job, window)["error_ratio"]
+    result = _evaluate(prometheus, query, end)
+    values = [float(series["values"][-1][1]) for series in result]
+    assert len(values) == 1 and abs(values[0]) < 1e-9, (   # 1 - x may leave a residue
+        f"red()['error_ratio'] of a service that never failed a request (job "
+        f"{running.other_job!r}: {OTHER['requests'][('/orders', '200')]:g} requests per "
+        "second, all 2xx, so no series with a 5xx code exists) gave "
+        + ("no series (empty)" if not values else f"{values}") + ", expected one number, "
+        "0: the share of requests it failed. sum() over no series is no series, not 0, and "
+        "so is that divided by the request rate: a dashboard shows 'no data' for the "
+        "healthiest service, and an alert on the ratio cannot tell it from one that is not "
+        "scraped at all. Make the missing numerator 0 - (sum(rate(...{code=~\"5..\"}[w])) "
+        f"or vector(0)) / sum(rate(...[w])). Query: {query}")

@@ -10,8 +10,11 @@ def red(job: str, window: str) -> dict[str, str]:
     return {
         # Requests per second, all routes and outcomes.
         "rate": f"sum(rate(http_requests_total{{{sel}}}[{window}]))",
-        # The share of requests the service failed: 5xx only (a 404 is the client's).
-        "error_ratio": (f'sum(rate(http_requests_total{{{sel},code=~"5.."}}[{window}]))'
+        # The share of requests the service failed: 5xx only (a 404 is the client's). A
+        # service that never failed has no 5xx series at all, and sum() of nothing is
+        # nothing, not 0: `or vector(0)` makes its ratio 0 rather than no data.
+        "error_ratio": (f'(sum(rate(http_requests_total{{{sel},code=~"5.."}}[{window}]))'
+                        f" or vector(0))"
                         f" / sum(rate(http_requests_total{{{sel}}}[{window}]))"),
         # p99 over all routes: sum the buckets' rates by le, then one quantile.
         "p99": (f"histogram_quantile(0.99, sum by (le) "
