@@ -419,6 +419,11 @@ def test_projector_catches_up_from_its_checkpoint(store: Any) -> None:
     mod.place_order(conn, "o2", "bob", [("pen", 4)])
     mod.place_order(conn, "o3", "alice", [("book", 2)])
     mod.cancel_order(conn, "o2")
+    none = project(mod, conn, max_events=0)
+    assert none == 0, (
+        f"project(max_events=0) applied {none} events; expected 0: a limit of 0 is a limit "
+        "(only None means no limit) - `if max_events` or `while not max_events or ...` reads "
+        "0 as None and runs the projector to the end")
     counts = [project(mod, conn, max_events=2), project(mod, conn), project(mod, conn)]
     assert counts == [2, 2, 0], (
         f"project(max_events=2), project(), project() applied {counts} events; expected "
@@ -750,3 +755,34 @@ def test_two_projectors_at_once_apply_each_event_once(store: Any, postgres: Any)
            "cancellation. Read the checkpoint with SELECT ... FOR UPDATE in the transaction "
            "that applies the event and moves it: a second projector then waits for the "
            "first and sees the moved checkpoint" if twice else ""))
+
+
+def test_two_projector_instances_share_only_the_database(store: Any, postgres: Any,
+                                                         learner: Any) -> None:
+    """Two instances of the service (two copies of cqrs.py sharing no module state, as two
+    processes would) take turns projecting. What one applied is in the read model in
+    Postgres, and only there: a projector that remembers customer names in its own memory
+    (a module-level dict, an lru_cache) gives an order the name it saw before the other
+    instance applied a rename."""
+    mod, conn = store
+    other = learner.load("cqrs", fresh=True)
+    other_conn = postgres.connect(autocommit=True)
+    try:
+        seed(mod, conn)
+        mod.place_order(conn, "o1", "alice", [("book", 1)])
+        project(other, other_conn)  # instance B: the customers, the products, o1
+        mod.rename_customer(conn, "alice", "Alice Liddell")
+        project(mod, conn)  # instance A: the rename
+        mod.place_order(conn, "o2", "alice", [("pen", 2)])
+        project(other, other_conn)  # instance B again: o2
+    finally:
+        other_conn.close()
+    got = mod.order_summary(conn, "o2")
+    name = None if got is None else got.get("customer_name")
+    assert name == "Alice Liddell", (
+        f"two projector instances took turns - B applied CustomerRegistered('Alice') and "
+        f"OrderPlaced(o1), A applied CustomerRenamed('Alice Liddell'), then B applied "
+        f"OrderPlaced(o2) - and order_summary('o2') gives customer_name {name!r}, expected "
+        "'Alice Liddell': instance B took the name from its own memory (a module-level "
+        "cache), which never saw A's rename. Projectors share only the read model in "
+        "Postgres: read the name from customer_stats in the event's transaction")

@@ -375,6 +375,11 @@ CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[st
      [(1000, 0), (1050, 20), (1250, 20)], ["advance", "hold", "rollback"], [5, 20, 0],
      "50 requests since the 20 % step began are too few to judge, even with 20 errors: hold "
      "until the step's own window has min_requests (then 20 of 250, 8 %: rollback)", DEFAULTS),
+    # before the exact-threshold case, whose first window is also exactly min_requests
+    ("too few requests to judge", [(50, 0), (199, 0), (200, 0)], ["hold", "hold", "advance"],
+     [5, 20], "a window of 199 requests is below min_requests (200): hold; 200 is enough "
+     "(only FEWER than min_requests hold: a window of exactly min_requests is judged)",
+     DEFAULTS),
     ("an error rate exactly at the threshold does not cross it", [(200, 10), (400, 20)],
      ["advance", "promoted"], [5, 20, 100],
      "10 errors of 200 is exactly 5 %: only a rate strictly above max_error_rate rolls back",
@@ -382,9 +387,6 @@ CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[st
     ("an error rate just above the threshold (5.5 %)", [(200, 11)], ["rollback"], [5, 0],
      "11 errors of 200 is 5.5 %, above 5 %: compare the real ratio (errors / requests), not "
      "whole percents (11 * 100 // 200 = 5)", DEFAULTS),
-    ("too few requests to judge", [(50, 0), (199, 0), (200, 0)], ["hold", "hold", "advance"],
-     [5, 20], "a window of 199 requests is below min_requests (200): hold; 200 is enough",
-     DEFAULTS),
     ("a restarted canary's counters start again from 0 (a counter reset)",
      [(1000, 0), (150, 20), (400, 40)], ["advance", "hold", "rollback"], [5, 20, 0],
      "the 20 % step began at 1000 requests, then the canary restarted and its counters began "
@@ -392,6 +394,16 @@ CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[st
      "(10 %) - rollback. Taken as 400 - 1000 = -600 requests the window never fills, and a "
      "crash-looping canary holds at 20 % for ever: a total lower than the last one seen is "
      "a reset - count what comes after it on top of the window, as increase() does",
+     DEFAULTS),
+    ("errors before a restart stay in the step's window",
+     [(1000, 0), (1150, 15), (100, 0), (300, 0)], ["advance", "hold", "rollback", "rolled_back"],
+     [5, 20, 0],
+     "the 20 % step began at 1000 requests; 150 requests with 15 errors later the canary "
+     "restarted (its counters began again from 0) and served 100 more without an error: the "
+     "step's window is 250 requests with 15 errors (6 %) - rollback. A window that starts "
+     "again at the reset forgets the errors before it, so a canary that crashes - often for "
+     "the very errors it serves - wipes its own record and is promoted: count what comes "
+     "after a reset ON TOP of the window, as increase() does",
      DEFAULTS),
     ("promoted stays promoted", [(200, 0), (400, 0), (600, 600)],
      ["advance", "promoted", "promoted"], [5, 20, 100],

@@ -482,6 +482,12 @@ CONTEXT_SECRETS: list[tuple[str, Callable[[str], dict[str, Any]]]] = [
     ("a token in an object in a list", lambda s: {"attempts": [{"n": 1}, {"token": s}]}),
     ("a refresh_token in a list in a list", lambda s: {"batches": [[{"refresh_token": s}]]}),
     ("an access_token", lambda s: {"session": {"access_token": s}}),
+    # A secret's key hides its value whatever it holds, not only a string: a token that
+    # came as an object, a password as a list.
+    ("a token whose value is an object (its key hides whatever it holds, not only a "
+     "string)", lambda s: {"oauth": {"token": {"value": s, "expires_in": 3600}}}),
+    ("a password whose value is a list (its key hides whatever it holds, not only a "
+     "string)", lambda s: {"form": {"password": [s]}}),
     # Headers as WSGI servers and ASGI give them, and as a browser's Headers.entries()
     # does: a list of (name, value) pairs, a name repeated. The name names the value as a
     # key would (Sentry's scrubbing treats header pair lists alike); the pairs stay pairs.
@@ -534,6 +540,10 @@ def pairs_kept(sent: list[Any], kept: Any) -> bool:
                     and (names_a_secret(name) or k[1] == v)
                     for (name, v), k in zip(sent, kept, strict=True)))
 CONTEXT_FACTS = {"page": "/checkout", "cart": {"items": 3, "currency": "EUR"}}
+# Keys where a secret's word is not the last word name no secret (the README: alone or the
+# last word): a logger that redacts every key containing "token" or "cookie" loses these.
+CONTEXT_LOOKALIKES = {"token_type": "bearer", "cookie_consent": "granted",
+                      "password_changed_at": "2026-11-02", "secret_question_set": True}
 
 
 def test_secrets_in_nested_fields_are_redacted(serve: Any) -> None:
@@ -545,7 +555,9 @@ def test_secrets_in_nested_fields_are_redacted(serve: Any) -> None:
             trace_id, header = traceparent()
             reply = http_request(host, "POST", "/client-events",
                                  document={"event": "checkout-failed",
-                                           "context": {**CONTEXT_FACTS, **holding(secret)}},
+                                           "context": {**CONTEXT_FACTS,
+                                                       **CONTEXT_LOOKALIKES,
+                                                       **holding(secret)}},
                                  headers={"traceparent": header})
             assert reply.status == 202, (
                 f"POST /client-events (an event and its context) answered {reply.status} "
@@ -564,6 +576,14 @@ def test_secrets_in_nested_fields_are_redacted(serve: Any) -> None:
         if secret in text:
             wrong.append(f"{what} ({json.dumps(context)}) reached the log: the record's "
                          f"context is {json.dumps(kept)[:200]}")
+        elif isinstance(kept, dict) and (lost := {
+                k: kept.get(k) for k, v in CONTEXT_LOOKALIKES.items() if kept.get(k) != v}):
+            wrong.append(f"keys that name no secret were redacted ({lost} in the client "
+                         f"event with {what}), expected them kept as they came: a key names "
+                         "a secret when the word is the whole name or its LAST word "
+                         "(refresh_token, Set-Cookie), not wherever it appears - "
+                         "token_type, cookie_consent, password_changed_at are no secrets, "
+                         "and a log that hides them hides what an operator needs")
         elif not isinstance(kept, dict) or any(kept.get(k) != v for k, v in
                                                CONTEXT_FACTS.items()):
             wrong.append(f"the client event with {what} was logged with the context "
