@@ -239,6 +239,38 @@ def test_lookup_takes_the_service_name_literally(world: Any) -> None:
         "w[ae]b's own). Escape them with a backslash before building the pattern (Redis' "
         "KEYS/SCAN docs: use \\ to match them verbatim)")
 
+
+# A service name may hold a colon (a version, a namespace); an instance id holds none (the
+# README), so the last colon of a key ends the service's name.
+COLON_NAMED = {"api": ("i1", "127.0.0.1:7301"), "api:v2": ("i2", "127.0.0.1:7302"),
+               "api:v2:canary": ("i3", "127.0.0.1:7303")}
+
+
+def test_a_service_name_may_hold_a_colon(world: Any) -> None:
+    """Instances of api, api:v2 and api:v2:canary (the README's format): services:api:*
+    also matches services:api:v2:i2, whose service is api:v2 - its instance id holds no
+    colon. A lookup lists its own service's instances only."""
+    reg, r = world
+    for service, (instance, address) in COLON_NAMED.items():
+        r.set(key(service, instance), json.dumps({"address": address, "healthy": True}),
+              px=30_000)
+    owner = {address: service for service, (_, address) in COLON_NAMED.items()}
+    wrong = []
+    for service, (_, address) in COLON_NAMED.items():
+        got = lookup(reg, service)
+        if got != [address]:
+            others = sorted(owner.get(a, a) for a in got if a != address)
+            wrong.append(f"lookup({service!r}) gave {got}"
+                         + (f" (instances of {others})" if others else "")
+                         + ("" if address in got else f", without its own {address}"))
+    assert not wrong, (
+        f"service names holding a colon were mixed up: {'; '.join(wrong)} - expected each "
+        "service's own instance only. services:api:* matches services:api:v2:i2 too, and "
+        "that key is service api:v2's instance i2 (an instance id holds no colon, a service "
+        "name may): keep the keys whose part after 'services:<service>:' holds no colon, "
+        "and do not split a key at its first colons to find its service")
+
+
 def test_a_registration_is_one_atomic_write(world: Any, redis_db: Any) -> None:
     reg, _ = world
     with redis_commands(redis_db) as seen:
