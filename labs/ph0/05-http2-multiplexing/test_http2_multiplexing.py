@@ -29,7 +29,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
-from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame
 
 WAIT = 2.0
 BIG = 300_000   # bytes: well beyond the default 65,535-byte flow-control window
@@ -71,6 +71,8 @@ class Stream:
     body: bytearray = field(default_factory=bytearray)
     ended: bool = False
     header_block: int = 0   # bytes of HPACK-encoded header block received on the wire
+    method: str = "GET"
+    data_on_wire: int = 0   # bytes of DATA frames' content received on the wire
 
 
 class Client:
@@ -98,10 +100,10 @@ class Client:
             self.fail(f"the server closed the connection ({exc})")
 
     def get(self, path: str, body: bytes = b"", send: bool = True,
-            extra: list[tuple[bytes, bytes]] | None = None) -> int:
+            extra: list[tuple[bytes, bytes]] | None = None, method: str = "") -> int:
         sid = self.h2.get_next_available_stream_id()
-        self.streams[sid] = Stream(path)
-        method = "POST" if body else "GET"
+        method = method or ("POST" if body else "GET")
+        self.streams[sid] = Stream(path, method=method)
         self.h2.send_headers(sid, [(b":method", method.encode()), (b":path", path.encode()),
                                    (b":scheme", b"http"), (b":authority", b"lab.test"),
                                    *(extra or [])], end_stream=not body)
@@ -135,6 +137,7 @@ class Client:
             try:
                 events = self.h2.receive_data(data)
             except ProtocolError as exc:
+                self._head_with_content()
                 self.fail(f"the server broke the HTTP/2 protocol: {type(exc).__name__}: {exc}")
             for event in events:
                 self._on(event)
@@ -182,6 +185,19 @@ class Client:
             if isinstance(frame, HeadersFrame | ContinuationFrame) \
                     and frame.stream_id in self.streams:
                 self.streams[frame.stream_id].header_block += len(frame.data)
+            if isinstance(frame, DataFrame) and frame.stream_id in self.streams:
+                self.streams[frame.stream_id].data_on_wire += len(frame.data)
+
+    def _head_with_content(self) -> None:
+        """Fail, naming it, when a response to HEAD came with content (h2 refuses it)."""
+        for stream in self.streams.values():
+            if stream.method == "HEAD" and stream.data_on_wire:
+                self.fail(
+                    f"the response to HEAD {stream.path} carried {stream.data_on_wire:,} "
+                    "bytes of content in DATA frames; expected none\nA HEAD response is "
+                    "the GET's status and headers without the content (RFC 9110 9.3.2): "
+                    "send no DATA, and end the stream on the HEADERS frame. A client never "
+                    "reads a HEAD body, so the bytes corrupt the stream (h2 refuses them).")
 
     def ended(self, *sids: int) -> Callable[[], bool]:
         return lambda: all(self.streams[s].ended for s in sids)
@@ -270,6 +286,30 @@ def test_every_response_ends_its_stream(server: Any, client: Client, path: str, 
     assert stream.status == status and len(stream.body) == size, (
         f"{path}: status {stream.status}, {len(stream.body):,} body bytes; expected {status} "
         f"and {size:,}")
+
+
+def test_a_head_response_has_no_content(server: Any, client: Client) -> None:
+    """HEAD /two-frames: the status and headers a GET gets, no content, and a
+    content-length, if any, that is the GET body's length (RFC 9110 9.3.2, 8.6)."""
+    size = 2 * 16_384
+    rule = ("A HEAD response is the GET's status and headers without the content (RFC 9110 "
+            "9.3.2): no DATA, END_STREAM on the HEADERS frame. Its content-length, if sent, "
+            "is the length the GET's body would have (RFC 9110 8.6), never 0 for a body "
+            "that is not empty: clients and caches take it as the resource's size.")
+    sid = client.get("/two-frames", method="HEAD")
+    stream = client.streams[sid]
+    client.run_until(client.ended(sid), lambda: (
+        f"END_STREAM on the response to HEAD /two-frames (received "
+        f"{'no HEADERS yet' if stream.status is None else f':status {stream.status}'})"),
+        hint=rule)
+    client._head_with_content()
+    length = stream.headers.get("content-length")
+    assert stream.status == 200 and length in (None, str(size)), (
+        f"HEAD /two-frames (a GET gets 200 and {size:,} bytes) was answered with :status "
+        f"{stream.status}, content-length: {length}; expected 200, and content-length "
+        f"{size} or none\n{rule}")
+    after = client.get("/after-head")
+    client.run_until(client.ended(after), "a response on the same connection afterwards")
 
 
 def test_hpack_shrinks_a_repeated_header_block(server: Any, client: Client) -> None:

@@ -295,6 +295,52 @@ def test_first_limits_the_page(make_app: Callable[..., Any], proxied_dsn: str,
         "of its own")
 
 
+NULL_FIRST = [
+    ("{ users(first: null) { id } }", None),
+    ("query Page($n: Int) { users(first: $n) { id } }", {"n": None}),
+]
+
+
+def ask_with(host: str, query: str, variables: dict[str, Any] | None) -> list[Any]:
+    """The user ids a users query returns, with its variables (a JSON null included)."""
+    document: dict[str, Any] = {"query": query}
+    if variables is not None:
+        document["variables"] = variables
+    reply = http_request(host, "POST", "/graphql", document=document, timeout=15)
+    answer = reply.json()
+    assert reply.status == 200 and not answer.get("errors"), (
+        f"POST /graphql {query} with variables {json.dumps(variables)}: expected 200 and no "
+        f"errors, saw {reply.status} {str(answer.get('errors'))[:300]}\nfirst is a nullable "
+        "Int: null is a value it may take, and it sets no limit")
+    return [u.get("id") for u in (answer.get("data") or {}).get("users") or []]
+
+
+def test_first_null_sets_no_limit(make_app: Callable[..., Any], proxied_dsn: str,
+                                  counter: PgStatementProxy) -> None:
+    """first: null (written, or a variable set to null) is not first left out: the GraphQL
+    spec (CoerceArgumentValues) passes an explicit null as null and uses the default only
+    when no value is given, and a first that is not set limits nothing (Relay's
+    connections; SQL's LIMIT NULL) - every user. A variable left out gets the default."""
+    every = [str(n) for n in range(1, ALL_USERS + 1)]
+    with serve_wsgi(make_app(proxied_dsn, batched=True)) as host:
+        for query, variables in NULL_FIRST:
+            ids = ask_with(host, query, variables)
+            given = (f"{query} with variables {json.dumps(variables)}" if variables
+                     else query)
+            fell_back = (" - the schema's default page (first: Int = 50), as if first had "
+                         "been left out" if ids == every[:USERS] else "")
+            assert ids == every, (
+                f"{given} returned {len(ids)} users{fell_back}; expected all "
+                f"{ALL_USERS}, ids 1 to {ALL_USERS}\nAn explicit null is not an omitted "
+                "argument: GraphQL passes it as null and uses the default (50) only when "
+                "first is not given (spec: CoerceArgumentValues), and null sets no limit "
+                "(LIMIT NULL is LIMIT ALL) - no `if first is None: first = 50`, no COALESCE")
+        ids = ask_with(host, "query Page($n: Int) { users(first: $n) { id } }", {})
+    assert ids == every[:USERS], (
+        f"users(first: $n) with $n not given returned {len(ids)} users, expected the "
+        f"schema's default page of {USERS}: a variable left out is an argument not given")
+
+
 def test_aliased_users_share_one_orders_query(make_app: Callable[..., Any], proxied_dsn: str,
                                               counter: PgStatementProxy,
                                               postgres: Any) -> None:

@@ -646,6 +646,44 @@ def test_a_refused_add_stores_nothing_of_its_batch(learner: Any, postgres: Any,
             store.close()
 
 
+def test_a_refused_redis_write_is_reported(learner: Any, redis_db: Any) -> None:
+    """Redis refuses one write of a batch: the test makes index:tag:<REFUSED_TAG> a string,
+    so the SADD of the batch's last product into it fails inside EXEC with WRONGTYPE.
+    Redis has no rollback - the other commands of the MULTI/EXEC are applied (redis.io,
+    "Errors inside a transaction") - so add_products cannot store nothing; it must raise,
+    never return as if the batch were stored. Then, the database emptied, the same batch
+    loads on the same object."""
+    module = learner.load("catalog")
+    batch = make_products(6, seed=5)
+    marked = [*batch[:-1], dict(batch[-1], tags=sorted([*batch[-1]["tags"], REFUSED_TAG]))]
+    taken = f"index:tag:{REFUSED_TAG}"
+    client = redis_db.client(decode_responses=True)
+    store = catalog_class(module, "RedisCatalog")(redis_db.url)
+    try:
+        client.set(taken, "a string another writer left at a key of the catalog's")
+        refused: BaseException | None = None
+        try:
+            store.add_products(marked)
+        except Exception as exc:  # noqa: BLE001 - any error: the failure was reported
+            refused = exc
+        assert refused is not None, (
+            f"RedisCatalog.add_products returned normally although Redis refused the SADD of "
+            f"product {batch[-1]['id']} into {taken} (WRONGTYPE: the test made that key a "
+            "string); expected the call to raise\nInside EXEC a failing command gets an "
+            "error reply and Redis applies the others - it has no rollback - so the batch is "
+            "stored in part: report it (redis-py's pipeline.execute() raises the first error "
+            "reply; never raise_on_error=False or an except that swallows it)")
+        client.flushdb()  # what Redis applied of the refused batch goes too: no rollback
+        store.add_products(batch)
+        got = [store.get(p["id"]) for p in batch]
+        assert got == batch, (
+            f"RedisCatalog: after the batch was added again to an emptied database, get() "
+            f"returned {got!r}, expected {batch!r}")
+    finally:
+        store.close()
+        client.close()
+
+
 @pytest.mark.parametrize("model", ["RelationalCatalog", "DocumentCatalog"])
 def test_calls_leave_no_transaction_open(learner: Any, postgres: Any, model: str) -> None:
     """Between calls the catalog's sessions are not inside a transaction: a read on a

@@ -148,12 +148,16 @@ class _Connection:
             response = await self.handler(request)
         except Exception:  # noqa: BLE001 - one failing handler must not end the connection
             response = Response(500, [("content-type", "text/plain")], b"internal error\n")
+        # A HEAD response is the GET's status and headers, content-length included (the
+        # length the GET's body would have), and no content (RFC 9110 9.3.2, 8.6): the
+        # HEADERS frame ends the stream.
+        body = b"" if request.method == "HEAD" else response.body
         try:
             headers = [(":status", str(response.status)), *response.headers,
                        ("content-length", str(len(response.body)))]
-            self.h2.send_headers(sid, headers, end_stream=not response.body)
+            self.h2.send_headers(sid, headers, end_stream=not body)
             await self.flush()
-            await self.send_body(sid, response.body)
+            await self.send_body(sid, body)
         except StreamClosedError:
             pass  # the client reset the stream meanwhile
         finally:
