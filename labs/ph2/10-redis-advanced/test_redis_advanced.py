@@ -315,18 +315,36 @@ def test_pubsub_fans_out_to_every_subscriber(learner: Any, redis_db: Any) -> Non
 class SubscribeHold(TcpRelay):
     """A TCP proxy in front of Redis that holds every client->server chunk carrying a
     SUBSCRIBE until release(): the subscription cannot be confirmed before the test says so.
-    Everything else (the connection's HELLO/AUTH/SELECT) passes at once."""
+    Everything else (the connection's HELLO/AUTH/SELECT) passes at once. With
+    ``forever=True`` such a chunk is dropped instead (never confirmed, and the relay goes on
+    reading the client, so it sees the client close its connection and passes that on)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, forever: bool = False) -> None:
         super().__init__((host, port))
         self.held = threading.Event()
         self._released = threading.Event()
+        self._forever = forever
 
     def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
         if b"SUBSCRIBE" in chunk.upper():
             self.held.set()
+            if self._forever:
+                return None
             self._released.wait(30)
         return super().upward(link, chunk)
+
+    def server_ends(self) -> set[str]:
+        """The address (``host:port``) of each connection the relay opened to the server:
+        how CLIENT LIST names them (``addr``)."""
+        with self.lock:
+            ends = set()
+            for link in self.links:
+                try:
+                    host, port = link.upstream.getsockname()[:2]
+                except OSError:
+                    continue   # shut by the relay: gone from the server too
+                ends.add(f"{host}:{port}")
+            return ends
 
     def release(self) -> None:
         self._released.set()
@@ -343,10 +361,10 @@ def subscriber_class(learner: Any) -> type:
     return cls
 
 
-def subscribe_hold(redis_db: Any) -> tuple[SubscribeHold, str]:
+def subscribe_hold(redis_db: Any, forever: bool = False) -> tuple[SubscribeHold, str]:
     """A SubscribeHold in front of the lab's Redis, and the URL that goes through it."""
     url = urlsplit(redis_db.url)
-    proxy = SubscribeHold(url.hostname or "127.0.0.1", url.port or 6379)
+    proxy = SubscribeHold(url.hostname or "127.0.0.1", url.port or 6379, forever)
     return proxy, proxy.url_for(redis_db.url)
 
 
@@ -461,9 +479,11 @@ NEVER_CONFIRMED_S, NEVER_CONFIRMED_WAIT_S = 15, 25
 def test_subscriber_raises_when_never_confirmed(learner: Any, redis_db: Any) -> None:
     """The error path of the confirmation: a SUBSCRIBE the server never answers (held here
     for good) must end the constructor with an exception, not with a Subscriber that is
-    not subscribed. Judged when the constructor ends, not after a fixed wait."""
+    not subscribed. Judged when the constructor ends, not after a fixed wait. Giving up
+    must also give back the connection opened for the SUBSCRIBE (judged on the server,
+    CLIENT LIST), or each failed attempt leaks one."""
     cls = subscriber_class(learner)
-    proxy, via = subscribe_hold(redis_db)
+    proxy, via = subscribe_hold(redis_db, forever=True)
     box, returned = construct_in_thread(cls, via)
     started = time.monotonic()
     try:
@@ -485,11 +505,35 @@ def test_subscriber_raises_when_never_confirmed(learner: Any, redis_db: Any) -> 
             "up and fell through, so the caller holds a subscriber that receives nothing and "
             "believes it is subscribed - when no 'subscribe' confirmation comes in time, "
             "raise (TimeoutError) instead of returning")
+        left = still_open_on_server(redis_db, proxy.server_ends())
+        assert not left, (
+            f"{CLOSED_WITHIN_S:.0f} s after Subscriber() gave up on its SUBSCRIBE (it raised "
+            f"{type(box['error']).__name__}), the connection it opened is still open on the "
+            f"server (CLIENT LIST: {'; '.join(left)}): the constructor raised without closing "
+            "it, and nobody else holds it to close it later - every failed attempt leaks a "
+            "connection until maxclients refuses new ones. On every path that gives up "
+            "(no confirmation in time, an error while subscribing), close the pub/sub "
+            "connection and the client before raising (try/except: close(); raise)")
     finally:
         proxy.release()
         if "sub" in box:
             box["sub"].close()
         proxy.close()
+
+
+def still_open_on_server(redis_db: Any, ends: set[str]) -> list[str]:
+    """The server's connections (CLIENT LIST) whose address is one of ``ends``, once they
+    are gone or CLOSED_WITHIN_S has passed: how CLIENT LIST describes those still open."""
+    admin = redis_db.admin_client(decode_responses=True)
+    try:
+        def open_ones() -> list[str]:
+            return [f"id={c['id']} addr={c['addr']} cmd={c.get('cmd')}"
+                    for c in admin.client_list() if c.get("addr") in ends]
+
+        came_true(lambda: not open_ones(), CLOSED_WITHIN_S)
+        return open_ones()
+    finally:
+        admin.close()
 
 
 # Payloads a subscriber must return exactly as published: text beyond ASCII, quotes and

@@ -298,6 +298,8 @@ def test_trace_id_comes_from_traceparent(serve: Any) -> None:
 # may too). Two traceparents are no trace to join: the W3C trace-context test suite
 # (test_traceparent_duplicated) expects a new trace id, neither of the two.
 DUPLICATED = [f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01" for _ in range(2)]
+VERSION_FF = "version ff (invalid by the spec)"
+VERSION_00_LONGER = "version 00 with a field after the flags"
 MALFORMED_TRACEPARENTS: dict[str, str | list[str]] = {
     "a trace id that is not hex": "00-not-a-trace-id-at-all-0000000000-00f067aa0ba902b7-01",
     "a short trace id": "00-4bf92f3577b34da6-00f067aa0ba902b7-01",
@@ -305,8 +307,18 @@ MALFORMED_TRACEPARENTS: dict[str, str | list[str]] = {
     "the all-zero trace id (invalid by the spec)":
         "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
     "a header of one word": "garbage",
+    VERSION_FF: f"ff-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
+    VERSION_00_LONGER:
+        f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01-{secrets.token_hex(4)}",
     "two traceparent header lines (one field, joined with ',')": DUPLICATED,
     "two traceparents combined in one line, as a proxy may": ",".join(DUPLICATED[::-1]),
+}
+# Why a header with the W3C form's parts, but not as its version allows, names no trace.
+NOT_THIS_VERSION = {
+    VERSION_FF: "version ff is invalid (W3C trace-context 3.2.4): a later version is read as "
+                "far as version 00's fields go, but ff never is",
+    VERSION_00_LONGER: "version 00 is exactly its four fields (W3C trace-context 3.2): only "
+                       "a later version may carry more after the flags",
 }
 
 
@@ -343,13 +355,48 @@ def test_malformed_traceparent_starts_a_new_trace(serve: Any) -> None:
         assert ids and not bad and not lifted, (
             f"a request with traceparent {header!r} ({what}) logged trace id(s) {ids}, "
             "expected a fresh one (32 lowercase hex digits, not all zeros)"
-            + (", not one taken out of the header: the header does not match the W3C form "
-               "as a whole (an unanchored re.match() or a split(',') takes a part of it), "
-               "so it names no trace" if lifted else "") + "\nValidate "
-            "traceparent before trusting it - 00-<32 lowercase hex, not all zeros>-<16 hex>-"
-            "<2 hex> (W3C trace-context) - and start a new trace when it does not match: a "
-            "trace id split out of any header poisons every log query and trace join "
+            + ((f": {NOT_THIS_VERSION[what]}" if what in NOT_THIS_VERSION else
+                ", not one taken out of the header: the header does not match the W3C form "
+                "as a whole (an unanchored re.match() or a split(',') takes a part of it), "
+                "so it names no trace") if lifted else "") + "\nValidate "
+            "traceparent before trusting it - <version>-<32 lowercase hex, not all zeros>-"
+            "<16 hex>-<2 hex>, version 00 exactly so, a later one (not ff) maybe followed by "
+            "'-' and more (W3C trace-context) - and start a new trace when it does not match: "
+            "a trace id split out of any header poisons every log query and trace join "
             "downstream.")
+
+
+# W3C trace-context 3.2.4 ("Versioning of traceparent"): a version above 00 (other than ff)
+# is parsed as far as version 00's fields go - trace id, parent id, flags, the flags being
+# the end of the header or followed by a dash and fields of that later version - so that a
+# caller already on a newer version still joins the trace (the W3C test suite's
+# test_traceparent_version_0xcc).
+FUTURE_VERSIONS = {
+    "version 01, the four fields of version 00": "01-{trace}-{span}-01",
+    "version cc, with fields of its own after the flags":
+        "cc-{trace}-{span}-01-what-the-future-will-be-like",
+}
+
+
+def test_a_later_traceparent_version_joins_the_trace(serve: Any) -> None:
+    server, log = serve()
+    sent = {what: (secrets.token_hex(16), form) for what, form in FUTURE_VERSIONS.items()}
+    headers = {what: form.format(trace=trace_id, span=secrets.token_hex(8))
+               for what, (trace_id, form) in sent.items()}
+    with server as host:
+        for n, header in enumerate(headers.values()):
+            get_status(host, f"/no-such-page-{n}", "traceparent", header)
+    records = log.records()
+    for n, (what, header) in enumerate(headers.items()):
+        ids = {r.get("trace_id") for r in records if r.get("path") == f"/no-such-page-{n}"}
+        assert ids == {sent[what][0]}, (
+            f"a request with traceparent {header!r} ({what}) logged trace id(s) "
+            f"{sorted(map(str, ids))}, expected the caller's {sent[what][0]}: a traceparent "
+            "of a version above 00 was thrown away. W3C trace-context 3.2.4 (Versioning of "
+            "traceparent): a later version is read as far as version 00's fields go "
+            "(<2 hex version, not ff>-<32 hex trace id>-<16 hex parent id>-<2 hex flags>, "
+            "then the end or '-' and more fields), so a caller on a newer version still "
+            "joins the trace; only version 00 must be exactly those four fields")
 
 
 def test_no_secret_is_ever_logged(serve: Any) -> None:

@@ -54,12 +54,19 @@ class Subscriber:
     def __init__(self, redis_url: str, channel: str) -> None:
         self.client = redis.Redis.from_url(redis_url, decode_responses=True)
         self.pubsub = self.client.pubsub()
-        self.pubsub.subscribe(channel)
-        # subscribe() only sends SUBSCRIBE. Wait for the server's confirmation: from then
-        # on, every message published to the channel is certain to reach us.
-        confirmation = self.pubsub.get_message(timeout=5)
-        if confirmation is None or confirmation["type"] != "subscribe":
-            raise TimeoutError(f"no confirmation of SUBSCRIBE {channel}: {confirmation!r}")
+        try:
+            self.pubsub.subscribe(channel)
+            # subscribe() only sends SUBSCRIBE. Wait for the server's confirmation: from
+            # then on, every message published to the channel is certain to reach us.
+            confirmation = self.pubsub.get_message(timeout=5)
+            if confirmation is None or confirmation["type"] != "subscribe":
+                raise TimeoutError(
+                    f"no confirmation of SUBSCRIBE {channel}: {confirmation!r}")
+        except BaseException:
+            # Giving up (no confirmation in time, or the connection failed) must give
+            # back the connection opened for it: nobody else holds it to close it later.
+            self.close()
+            raise
 
     def receive(self, timeout: float) -> str | None:
         """The next message's payload, or None if none arrives within `timeout` seconds."""

@@ -31,7 +31,11 @@ PATTERNS = [
     (re.compile(r"(?i)\b(password|passwd|secret|token|api_key|apikey|access_token)=[^&\s\"]*"),
      r"\1=[REDACTED]"),
 ]
-TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+# version-traceid-parentid-flags (W3C trace-context 3.2). Version 00 is exactly these four
+# fields; a higher version is read as far as version 00's fields go and may carry more after
+# a dash (3.2.4, "Versioning of traceparent"), so a caller on a newer version still joins the
+# trace; version ff is invalid.
+TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?$")
 
 
 def sensitive(key: str) -> bool:
@@ -86,7 +90,9 @@ class JsonLogger:
 def trace_of(environ: dict[str, Any]) -> tuple[str, str]:
     """The caller's trace id (traceparent) or a new one; a new span id for this request."""
     match = TRACEPARENT.match(environ.get("HTTP_TRACEPARENT", "").strip())
-    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
+    version, trace_id, extra = match.group(1, 2, 4) if match else ("ff", "", None)
+    if version == "ff" or (version == "00" and extra) or trace_id == "0" * 32:
+        trace_id = secrets.token_hex(16)   # no traceparent, or an invalid one: a new trace
     return trace_id, secrets.token_hex(8)
 
 
