@@ -48,7 +48,10 @@ def rebase(lab: Path, diff: Path, rev: str) -> str:
         base.mkdir()
         old_solution(lab, rev, base)
         shutil.copytree(base, wrong)
-        done = subprocess.run(["patch", "-p1", "-s", "-d", str(wrong), "-i", str(diff.resolve())],
+        # No .orig backups when a hunk applies with an offset: wrong-to-diff would take
+        # one for a file of the wrong solution.
+        done = subprocess.run(["patch", "-p1", "-s", "--no-backup-if-mismatch", "-d",
+                               str(wrong), "-i", str(diff.resolve())],
                               capture_output=True, text=True)
         if done.returncode:
             return f"does not apply at {rev} either: {done.stdout.strip()}"

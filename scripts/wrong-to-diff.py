@@ -14,13 +14,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# What patch leaves beside a file it changed (a backup, the hunks it could not apply): never
+# a file of the wrong solution. Ten diffs once created a resolver.py.orig in the learner's folder.
+LEFTOVERS = {".orig", ".rej"}
 
 
 def to_diff(lab: Path, wrong: Path) -> str:
     solution = lab / "solution"
     chunks = []
     for file in sorted(p for p in wrong.rglob("*") if p.is_file() and "__pycache__" not in
-                       p.parts):
+                       p.parts and p.suffix not in LEFTOVERS):
         rel = file.relative_to(wrong)
         original = solution / rel
         done = subprocess.run(
