@@ -9,6 +9,7 @@ forwarded, so by the time the learner's call has its answer the count is final.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -21,7 +22,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from labrunner.testing import PgStatementProxy, came_true, redis_commands, redis_gate
+from labrunner.testing import (
+    PgStatementProxy,
+    RelayLink,
+    TcpRelay,
+    came_true,
+    redis_commands,
+    redis_gate,
+    resp_command,
+)
 
 PRODUCTS = [(1, "Espresso cup", 900), (2, "Teapot", 3500), (3, "Kettle", 4900),
             (4, "Mug", 1200), (5, "Saucer", 400)]
@@ -381,6 +390,103 @@ def test_a_read_that_missed_before_a_write_never_caches_the_old_row(
                 f"{'the TTL runs out' if left != -1 else 'the next write'}.\n{case.cure}")
         else:
             pytest.fail(f"{pattern}: get_product(2) sent more than {FILL_STEPS} Redis "
+                        "commands after its SELECT", pytrace=False)
+
+
+class HeldAfterSelect:
+    """A read held just before its first Redis command after its SELECT (its fill), on a
+    thread of its own, until released - the reader another server runs meanwhile."""
+
+    def __init__(self, shop: Shop) -> None:
+        self.shop, self.reads = shop, -1
+        self.held, self.release = threading.Event(), threading.Event()
+        self.result: list[Any] = []
+
+    def before(self, command: list[bytes]) -> None:
+        if self.reads >= 0 and not self.held.is_set() and self.shop.reads() > self.reads:
+            self.held.set()
+            self.release.wait(15)
+
+    def run(self, app: Any) -> threading.Thread:
+        self.reads = self.shop.reads()
+
+        def read() -> None:
+            try:
+                self.result.append(app.get_product(2))
+            finally:
+                self.held.set()   # a read that sends nothing after its SELECT: done
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        return thread
+
+
+def under_anothers_lease(k: int, wrote: str, old: int, got: Any, price: int,
+                         hold: HeldAfterSelect, cached: Any, left: int, after: Any) -> str:
+    return (
+        f"CacheAside: read A of product 2 missed and read the row (price {old}, "
+        f"returned {got and got['price_cents']}); just before A's Redis command no. "
+        f"{k} after that SELECT ({wrote}), another server's update_price(2, {price}) "
+        f"committed and invalidated, and a third server's read B missed, took its "
+        f"lease and read the new row (held before its fill, returned "
+        f"{hold.result[0]['price_cents'] if hold.result and hold.result[0] else None}"
+        f"). A's fill went on under B's lease: product:2 now holds price "
+        f"{cached and cached.get('price_cents')} (TTL {left} s) where the write put "
+        f"{price}, and another server reads {after and after['price_cents']}.\nA "
+        f"lease is one read's: its token must be unique to that read (uuid4, "
+        f"secrets.token_hex), and the fill must compare the lease's VALUE with its "
+        f"own token - a token every read shares, or a check that a lease merely "
+        f"exists, lets a read that missed before a write fill under a later read's "
+        f"lease.")
+
+
+def test_a_read_never_fills_under_another_reads_lease(shop: Shop) -> None:
+    """Two reads and a write: read A misses, takes its lease and reads the row; then, just
+    before A's k-th Redis command after that SELECT, another server's update_price(2) commits
+    and invalidates, and a third server's read B misses, takes a lease of its own and reads
+    the new row - held before its fill. A's fill must see that the lease is no longer ITS
+    lease: a token every read shares (a constant, the product id) or a fill that checks only
+    that some lease exists lets A put the old row in, under B's lease."""
+    writer = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+    other = shop.make("CacheAside", shop.dsn, shop.redis_url, ttl_seconds=300)
+    step: dict[str, Any] = {}
+
+    def before_a(command: list[bytes]) -> None:
+        if "k" not in step or "wrote" in step or shop.reads() == step["reads"]:
+            return   # not armed, done, or A has not read the row yet
+        step["after"] += 1
+        if step["after"] == step["k"]:
+            step["wrote"] = " ".join(c.decode(errors="replace") for c in command[:2])
+            writer.update_price(2, step["price"])
+            step["b"] = step["hold"].run(step["reader_b"])
+            step["hold"].held.wait(15)
+
+    with redis_gate(shop.redis_url, before_a) as url_a:
+        reader_a = shop.make("CacheAside", shop.dsn, url_a, ttl_seconds=300)
+        for k in range(1, FILL_STEPS + 1):
+            for key in shop.redis.scan_iter("product:2*"):   # the entry (and any lease)
+                shop.redis.delete(key)
+            hold = HeldAfterSelect(shop)
+            with redis_gate(shop.redis_url, hold.before) as url_b:
+                old, price = shop.db_price(2), 6000 + k
+                step.clear()
+                step.update(k=k, price=price, after=0, reads=shop.reads(), hold=hold,
+                            reader_b=shop.make("CacheAside", shop.dsn, url_b,
+                                               ttl_seconds=300))
+                got = reader_a.get_product(2)
+                wrote, thread_b = step.pop("wrote", None), step.pop("b", None)
+                step.clear()
+                hold.release.set()
+                if thread_b is not None:
+                    thread_b.join(15)
+            if wrote is None:
+                break   # A sent fewer than k commands after its SELECT: all tried
+            cached, left = shop.cached(2), shop.redis.ttl("product:2")
+            after = other.get_product(2)
+            assert (cached is None or cached.get("price_cents") == price) and \
+                after is not None and after["price_cents"] == price, under_anothers_lease(
+                    k, wrote, old, got, price, hold, cached, left, after)
+        else:
+            pytest.fail(f"CacheAside: get_product(2) sent more than {FILL_STEPS} Redis "
                         "commands after its SELECT", pytrace=False)
 
 
@@ -1104,3 +1210,95 @@ def test_write_behind_worker_sets_a_refused_change_aside_and_goes_on(
         f"update_price long ago and exists nowhere else - dropped (only logged) or left in "
         f"the queue, it is lost or blocks the queue. Keep it aside in {DEAD} (with the "
         f"database's error) for someone to look at.")
+
+
+class CrashGate(TcpRelay):
+    """Redis for a process that dies just before its k-th command: that command is held
+    (the test reads what the process left in Redis), then neither it nor anything after it
+    reaches the server, and the process never connects again."""
+
+    def __init__(self, target: tuple[str, int], k: int) -> None:
+        super().__init__(target)
+        self.k, self.sent, self.down = k, 0, False
+        self.held_at: list[bytes] = []
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def admit(self, client: Any) -> bool:
+        if self.down:
+            client.close()
+        return not self.down
+
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        buf = link.state.get("buf", b"") + chunk
+        while (got := resp_command(buf)) is not None:
+            command, used = got
+            self.sent += 1
+            if self.sent == self.k or self.down:
+                self.held_at = self.held_at or command
+                self.held.set()
+                self.release.wait(15)
+                self.down = True
+                return False
+            link.upstream.sendall(buf[:used])
+            buf = buf[used:]
+        link.state["buf"] = buf
+        return None
+
+
+def test_write_behind_write_cut_off_leaves_cache_and_queue_agreeing(shop: Shop) -> None:
+    """update_price writes two things to Redis: the entry (what every read now serves) and
+    the queued change (what the database will get). The process can die between any two of
+    its commands: each k in turn, the test stops it just before its k-th Redis command for
+    good, a successor's worker then drains the queue, and product 4's entry and row must
+    agree - both the new price or neither. Written apart, the entry can show a price the
+    database never gets (no TTL: for ever), or the database get one the entry never shows."""
+    successor = shop.make("WriteBehind", shop.dsn, shop.redis_url)
+    successor.start()
+    parts = shop.redis.connection_pool.connection_kwargs
+    for k in range(1, FILL_STEPS + 1):
+        shop.redis.delete("product:4")
+        shop.direct.execute("UPDATE products SET price_cents = 1200 WHERE id = 4")
+        price, marker = 7000 + k, 8000 + k
+        with CrashGate((parts.get("host", "127.0.0.1"), int(parts.get("port", 6379))),
+                       k) as gate:
+            doomed = shop.make("WriteBehind", shop.dsn, gate.url_for(shop.redis_url))
+            call = threading.Thread(target=close_quietly_after, daemon=True,
+                                    args=(doomed.update_price, 4, price))
+            call.start()
+            came_true(functools.partial(held_or_returned, gate, call), 15)
+            if not gate.held.is_set():
+                break   # update_price sent fewer than k commands: every step tried
+            cached = shop.cached(4)   # what the dead process left
+            gate.release.set()
+            successor.update_price(5, marker)   # queued behind whatever it left
+            drained = price_reaches(shop, 5, marker, 5)
+            landed = shop.db_price(4)
+            shown = None if cached is None else cached.get("price_cents")
+            leaves = ("a price shown that the database never gets" if shown == price else
+                      "a price the database got that the entry (no TTL) never shows")
+            assert drained and shown in (None, landed), (
+                f"write-behind: update_price(4, {price}) died just before its Redis command "
+                f"no. {k} ({' '.join(c.decode(errors='replace') for c in gate.held_at[:2])})"
+                f": it had left product:4 showing {shown}, and after a successor's worker ran "
+                f"the queue the database holds {landed}"
+                f"{'' if drained else ' (the successor never wrote its own change in 5 s)'}: "
+                f"the cache entry and the queued change were written apart, so a crash "
+                f"between them leaves {leaves}.\nWrite the entry and the queued change in "
+                f"ONE step: a MULTI/EXEC transaction (redis-py pipeline(transaction=True)) "
+                f"or one Lua script.")
+    else:
+        pytest.fail(f"write-behind: update_price sent more than {FILL_STEPS} Redis commands",
+                    pytrace=False)
+
+
+def held_or_returned(gate: CrashGate, call: threading.Thread) -> bool:
+    return gate.held.is_set() or not call.is_alive()
+
+
+def close_quietly_after(call: Callable[..., Any], *args: Any) -> None:
+    """Run a learner call whose process the test pretends is dead: how it ends is not the
+    test's business."""
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001 - the call's Redis is cut off on purpose
+        pass

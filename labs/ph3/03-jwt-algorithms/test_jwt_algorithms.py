@@ -13,7 +13,7 @@ import functools
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -826,3 +826,53 @@ def test_each_call_uses_the_jwks_it_is_given(lib: Lib) -> None:
                          f"JWKS publishes as {kid!r} ({got_last}); expected the claims: "
                          "each call verifies with the JWKS it is given")
     assert not wrong, "\n".join(wrong)
+
+
+def _off_curve(jwk: dict[str, Any]) -> dict[str, Any]:
+    """The EC JWK with y moved by one: (x, y) is then no point of P-256."""
+    y = int.from_bytes(unb64(jwk["y"]), "big")
+    return {**jwk, "y": b64(((y + 1) % 2**256).to_bytes(32, "big"))}
+
+
+# A JWK that no key can be built from: each case, the published JWK it copies, the copy's
+# kid, what was done to it, and how.
+BROKEN_JWKS: list[tuple[str, str, str, Callable[[dict[str, Any]], dict[str, Any]]]] = [
+    ("rsa-2024", "rsa-no-n", "an RSA JWK without its modulus n",
+     lambda jwk: {k: v for k, v in jwk.items() if k != "n"}),
+    ("rsa-2024", "rsa-even-e", "an RSA JWK whose exponent e is even (65536)",
+     lambda jwk: {**jwk, "e": b64((65536).to_bytes(3, "big"))}),
+    ("ec-a", "ec-no-x", "an EC JWK without its x coordinate",
+     lambda jwk: {k: v for k, v in jwk.items() if k != "x"}),
+    ("ec-a", "ec-off-curve", "an EC JWK whose (x, y) is not a point of P-256",
+     _off_curve),
+    ("hs-1", "hs-no-k", "an oct JWK without its key k",
+     lambda jwk: {k: v for k, v in jwk.items() if k != "k"}),
+]
+
+
+def test_a_jwk_no_key_can_be_built_from_refuses_with_invalid_token(lib: Lib) -> None:
+    """A JWKS comes over the network from the issuer, and an issuer publishes a broken key
+    now and then (a field left out in a rotation, a point off the curve): a key that
+    cannot be built verifies nothing. verify() refuses the token with InvalidToken, the one
+    exception its callers catch - not the KeyError or ValueError that building the key
+    raised, which a caller turns into a 500 (or lets end the worker)."""
+    k = keys()
+    private = {"rsa-2024": k.rsa_new, "ec-a": k.ec_a, "hs-1": SECRET}
+    alg_of = {"rsa-2024": "RS256", "ec-a": "ES256", "hs-1": "HS256"}
+    published = k.jwks()["keys"]
+    by_kid = {jwk["kid"]: jwk for jwk in published}
+    jwks = {"keys": published + [{**broken(by_kid[source]), "kid": kid}
+                                 for source, kid, _, broken in BROKEN_JWKS]}
+    wrong = []
+    for source, kid, what, _ in BROKEN_JWKS:
+        token = pyjwt.encode(CLAIMS, private[source], algorithm=alg_of[source],
+                             headers={"kid": kid})
+        verdict, got = lib.verify(token, jwks)
+        if verdict != "refused":
+            wrong.append(
+                f"verify() {'raised ' + got + ' for' if verdict == 'crashed' else 'accepted'}"
+                f" a token naming {kid!r}, {what}, expected InvalidToken: a key that cannot "
+                "be built verifies nothing - turn every failure to build or use the key (KeyError, "
+                "ValueError, TypeError, not only InvalidSignature) into InvalidToken")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(BROKEN_JWKS)} broken JWKs)")

@@ -7,7 +7,9 @@ interleaving is then the same every time, not only when the scheduler says so.
 - put_two_at_once: a consumer woken by the first put has not taken its item when the
   second put finds the queue full;
 - leave_write_then_read: a writer leaves and a reader arrives at that very moment, before
-  the writer that was waiting (and is now woken) gets to run."""
+  the writer that was waiting (and is now woken) gets to run;
+- leave_then_enter: a limiter's permit is given back and taken again at once, before the
+  caller woken by it gets to run."""
 
 from __future__ import annotations
 
@@ -37,6 +39,22 @@ def leave_write_then_read(lock: Any) -> None:
     _keep_the_interpreter()
     lock.release_write()
     lock.acquire_read()
+
+
+def leave_then_enter(limiter: Any) -> bool:
+    """limiter.__exit__() and at once limiter.__enter__() again, with no other thread running
+    between them: a waiter woken by the exit finds the permit taken again (the interval is
+    put back here: the test looks at nothing in between). False if the permit went to the
+    waiter after all (this enter then timed out)."""
+    _keep_the_interpreter()
+    try:
+        limiter.__exit__(None, None, None)
+        limiter.__enter__()
+    except TimeoutError:
+        return False
+    finally:
+        sys.setswitchinterval(_normal)
+    return True
 
 
 def put_two_at_once(queue: Any, first: Any, second: Any) -> threading.Event:

@@ -32,6 +32,7 @@ class Worker(threading.Thread):
         self.entered, self.go, self.done = threading.Event(), threading.Event(), threading.Event()
         self.error: BaseException | None = None
         self.result: Any = None
+        self.ended_at = 0.0
         self.start()
 
     def run(self) -> None:
@@ -43,6 +44,7 @@ class Worker(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - inspected by the test
             self.error = exc
         finally:
+            self.ended_at = time.monotonic()
             self.done.set()
 
 
@@ -186,6 +188,23 @@ def test_writers_are_not_starved_by_new_readers(sync: ModuleType, stage: Stage) 
     stage.expect(["reader 2"], lambda: (
         f"the writer left; inside now: {', '.join(stage.inside()) or 'nobody'}, expected "
         "reader 2: release_write must wake the waiting readers"))
+
+
+def test_each_rwlock_has_writers_of_its_own(sync: ModuleType, stage: Stage) -> None:
+    """Two RWLocks guard two different things (a cache, a config): a writer waiting for one
+    must hold back only that one's new readers. A waiting-writers count kept in a module
+    global or on the class makes every lock of the program wait for every writer."""
+    first, second = sync.RWLock(), sync.RWLock()
+    reader(stage, first, "a reader of the first")
+    writer(stage, first, "a writer of the first")
+    other = reader(stage, second, "a reader of the second")
+    assert other.entered.is_set(), (
+        "two RWLocks: with a reader inside the first and a writer waiting for it, a reader "
+        "of the SECOND lock, held by nobody, waits - the locks share their state\nEach "
+        "RWLock keeps its counts (readers inside, writers waiting) in attributes of its "
+        "own, set in __init__ (self._writers_waiting = 0); a count in a module global or on "
+        "the class (RWLock._writers_waiting += 1) is one count for every lock of the "
+        "program: a writer waiting anywhere holds back readers everywhere.")
 
 
 def two_writers_wait_behind_a_reader(stage: Stage, lock: Any) -> tuple[Worker, Worker, str]:
@@ -439,9 +458,19 @@ def test_the_limiter_admits_at_most_its_limit(sync: ModuleType, stage: Stage) ->
         "A counting semaphore (threading.Semaphore(limit)): acquire in __enter__, release "
         "in __exit__.")
     stage.release(workers[0])
-    stage.expect([w.name for w in workers[1:4]], lambda: (
-        f"one caller left a full Limiter(3) with two waiting; inside now: "
-        f"{', '.join(stage.inside())}, expected callers 2-4 (one waiter admitted)"))
+
+    def one_waiter_admitted() -> bool:
+        # callers 2 and 3 still inside, and ONE of the two waiters: which one is the
+        # limiter's business (threading does not promise who a notify wakes first)
+        now = stage.inside()
+        return len(now) == 3 and now[:2] == ["caller 2", "caller 3"]
+    try:
+        wait_until(one_waiter_admitted, "one waiter to get in", 5)
+    except BaseException:
+        pytest.fail(
+            f"one caller left a full Limiter(3) with two waiting; inside now: "
+            f"{', '.join(stage.inside())}, expected callers 2 and 3 and one of the waiters "
+            "(callers 4 and 5): one waiter admitted", pytrace=False)
     for w in workers:
         stage.release(w)
     boom = sync.Limiter(1)
@@ -544,6 +573,53 @@ def test_a_limiter_with_timeout_zero_only_tries(learner: Any, sync: ModuleType,
     finally:
         late.go.set()
     stage.release(holder)
+
+
+BARGE_TIMEOUT = 1.0   # caller 2's timeout: it must be turned away about this long after it came
+BARGES = (0.3, 0.6, 0.9)   # when the permit is freed and taken back at once, in timeouts
+TURNED_AWAY_BY = 1.5       # in timeouts: the reference at ~1.0, a restarted timeout >= 1.9
+
+
+def test_a_limiter_timeout_bounds_the_whole_wait(learner: Any, sync: ModuleType,
+                                                 stage: Stage) -> None:
+    """A timeout bounds a caller's whole wait, from its arrival. While caller 2 waits, the
+    test frees the permit and takes it back at once, three times (a busy limiter: a permit
+    freed is taken by whoever asks first): each time caller 2 is woken and finds none. A
+    wait that starts its timeout over on every wake-up never ends under such load."""
+    harness = learner.harness()
+    limiter = sync.Limiter(1, timeout=BARGE_TIMEOUT)
+    limiter.__enter__()   # the test's own caller holds the permit
+    held = True
+    try:
+        start = time.monotonic()
+        late = Worker("caller 2", limiter.__enter__, lambda: limiter.__exit__(None, None, None))
+        stage.workers.append(late)
+        stage.settle()
+        for at in BARGES:
+            time.sleep(max(0.0, start + at * BARGE_TIMEOUT - time.monotonic()))
+            if late.done.is_set() or late.entered.is_set():
+                break
+            held = harness.leave_then_enter(limiter)
+            if not held:
+                break   # caller 2 took the permit this time: it is in
+            stage.settle()   # caller 2 is back in its wait
+        if not wait_for_either(late, GIVES_UP_WITHIN):
+            pytest.fail(f"caller 2 of a full Limiter(1, timeout={BARGE_TIMEOUT}) was still "
+                        f"waiting {GIVES_UP_WITHIN:.0f} s later", pytrace=False)
+        waited = late.ended_at - start
+    finally:
+        harness.restore_switch_interval()
+        if held:
+            limiter.__exit__(None, None, None)
+    assert late.entered.is_set() or waited <= TURNED_AWAY_BY * BARGE_TIMEOUT, (
+        f"caller 2 of a full Limiter(1, timeout={BARGE_TIMEOUT}) was turned away "
+        f"{waited:.2f} s after it came, expected about {BARGE_TIMEOUT} s: meanwhile the "
+        f"permit was freed and at once taken back {len(BARGES)} times (at "
+        f"{', '.join(f'{b * BARGE_TIMEOUT:.1f}' for b in BARGES)} s), and each wake-up "
+        "started its timeout over\nA timeout bounds the whole wait: fix the deadline once "
+        "(time.monotonic() + timeout) and after each wake-up wait only for what is left of it "
+        "(Condition.wait_for(predicate, timeout) and Semaphore.acquire(timeout=...) do). On a "
+        "busy limiter a caller woken again and again would otherwise wait for ever.")
 
 
 def limit_after_timeout(inside: list[str]) -> str:
