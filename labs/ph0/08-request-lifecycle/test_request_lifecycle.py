@@ -250,8 +250,11 @@ def test_a_non_ascii_row_is_sent_whole_as_utf8(api: Api) -> None:
         sock.sendall(f"GET /users/{user['id']} HTTP/1.1\r\nHost: lab.test\r\nAuthorization: "
                      f"Bearer {TOKEN}\r\nConnection: close\r\n\r\n".encode())
         raw = b""
-        while chunk := sock.recv(65536):
-            raw += chunk
+        try:
+            while chunk := sock.recv(65536):
+                raw += chunk
+        except TimeoutError:
+            pass  # a server that keeps the connection open: judge what it sent
     recorded = _Recorded(raw)
     reply = http.client.HTTPResponse(recorded)  # type: ignore[arg-type] # a stand-in socket
     try:
