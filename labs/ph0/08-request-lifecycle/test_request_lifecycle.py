@@ -11,6 +11,7 @@ connection the app uses.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import socket
 import threading
@@ -222,6 +223,65 @@ def test_handler_row_comes_from_postgres(api: Api) -> None:
         "\nEach request must query the database: nothing may be cached or made up.")
     expect_reads(api, before, 2, "two GET /users/{id} requests",
                  "One query per request.")
+
+
+class _Kept(io.BytesIO):
+    def close(self) -> None:
+        pass  # http.client closes the file at the body's end: what follows is still read
+
+
+class _Recorded:
+    """A socket stand-in holding the bytes a server sent until it closed: http.client parses
+    the response from them, and what it leaves unread is what the framing left over."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.file = _Kept(raw)
+
+    def makefile(self, mode: str) -> io.BytesIO:
+        return self.file
+
+
+def test_a_non_ascii_row_is_sent_whole_as_utf8(api: Api) -> None:
+    user = {"id": 4243, "name": "Zoë Ωmega-漢字 🚀", "email": "zoë@lab.test"}
+    api.db.execute("INSERT INTO user_rows VALUES (%s, %s, %s)",
+                   (user["id"], user["name"], user["email"]))
+    port = api.start()
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(f"GET /users/{user['id']} HTTP/1.1\r\nHost: lab.test\r\nAuthorization: "
+                     f"Bearer {TOKEN}\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        try:
+            while chunk := sock.recv(65536):
+                raw += chunk
+        except TimeoutError:
+            pass  # a server that keeps the connection open: judge what it sent
+    recorded = _Recorded(raw)
+    reply = http.client.HTTPResponse(recorded)  # type: ignore[arg-type] # a stand-in socket
+    try:
+        reply.begin()
+        body = reply.read()
+    except (http.client.HTTPException, ValueError) as exc:
+        pytest.fail(f"GET /users/{user['id']} (a row with a non-ASCII name): the response "
+                    f"could not be read ({type(exc).__name__}: {exc}): {raw[:300]!r}",
+                    pytrace=False)
+    left = recorded.file.read()
+    assert not left, (
+        f"GET /users/{user['id']} (the name {user['name']!r}): Content-Length said "
+        f"{reply.getheader('Content-Length')} bytes, and {len(left)} more bytes of the body "
+        f"followed ({left[:60]!r}), expected Content-Length to count every byte of the "
+        "body: it was counted in characters, and a non-ASCII character is several bytes in "
+        "UTF-8 - on a kept-alive connection the rest is read as the next response\nCount "
+        "the bytes you send: len(body) of the encoded body, not len() of the text.")
+    try:
+        got = json.loads(body.decode("utf-8"))
+    except ValueError as exc:
+        got = f"not UTF-8 JSON ({type(exc).__name__}: {exc})"
+    assert reply.status == 200 and got == user, (
+        f"GET /users/{user['id']} (the name {user['name']!r}) returned {reply.status} with "
+        f"{body[:200]!r}, read as {got!r}, expected 200 with {user}: JSON on the wire is "
+        "UTF-8 (RFC 8259 8.1)\nEncode the JSON text as UTF-8 (json.dumps(...).encode(), "
+        "whose default escapes non-ASCII as \\uXXXX, or ensure_ascii=False then "
+        ".encode('utf-8')), never Latin-1 or another charset.")
 
 
 def test_missing_token_is_401_before_any_query(api: Api) -> None:
@@ -621,11 +681,13 @@ def test_a_slow_request_does_not_block_others(api: Api) -> None:
     user = add_user(api.db)
     port = api.start()
     slow: list[Any] = []
+    held_id = f"req-held-{uuid.uuid4().hex[:8]}"
 
     def held_request() -> None:
         try:
             slow.append(http_request(f"127.0.0.1:{port}", "GET", f"/users/{user['id']}",
-                                     headers={"Authorization": f"Bearer {TOKEN}"},
+                                     headers={"Authorization": f"Bearer {TOKEN}",
+                                              "X-Request-Id": held_id},
                                      timeout=WAIT * 3))
         except Exception as exc:  # noqa: BLE001 - reported below
             slow.append(exc)
@@ -664,6 +726,20 @@ def test_a_slow_request_does_not_block_others(api: Api) -> None:
     assert slow and isinstance(slow[0], HttpReply) and slow[0].status == 200, (
         f"the GET /users/{user['id']} held by the lock did not complete once released: "
         f"{slow[0] if slow else 'no answer'}")
+    expect_own_request_id(slow[0], f"GET /users/{user['id']}", held_id, reply)
+
+
+def expect_own_request_id(reply: HttpReply, what: str, sent: str, other: HttpReply) -> None:
+    """``reply`` answered a request sent with X-Request-Id ``sent`` while ``other`` was
+    served from start to end."""
+    got, others = reply.header("X-Request-Id"), other.header("X-Request-Id")
+    assert got == sent, (
+        f"{what} sent with X-Request-Id: {sent} was answered with X-Request-Id: {got!r} "
+        f"(GET /health, answered while it waited, got {others!r}), expected {sent}: the "
+        "request id is kept where concurrent requests share it (a module global, an "
+        "attribute of the app or of a middleware object), so the request that finishes "
+        "last takes the id of the one that began last\nKeep the id in the request and in "
+        "the middleware call's local variables: each thread serves its own request.")
 
 
 BREAKS = {  # X-Lab-Break value -> where the test's middleware raises, as a message says it

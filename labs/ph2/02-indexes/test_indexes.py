@@ -185,6 +185,7 @@ def read_indexes(conn: Conn) -> dict[str, Index]:
 def prepare(db: Conn, clean: Conn, learner: Any) -> Workload:
     """Run indexes.sql, VACUUM ANALYZE, and ready the clean connection for EXPLAIN."""
     script = learner.path("indexes.sql").read_text(encoding="utf-8")
+    columns = db.execute(COLUMNS).fetchall()
     try:
         with db.transaction():
             db.execute(script)
@@ -194,6 +195,7 @@ def prepare(db: Conn, clean: Conn, learner: Any) -> Workload:
                if isinstance(exc, psycopg.errors.ActiveSqlTransaction) else "")
         pytest.fail(f"indexes.sql failed: {type(exc).__name__}: "
                     f"{exc.diag.message_primary}{why}", pytrace=False)
+    refuse_changed_columns(columns, db.execute(COLUMNS).fetchall())
     count = db.execute("SELECT count(*) FROM orders").fetchone()
     if count != (ROWS,):
         pytest.fail(f"after indexes.sql the table holds {count[0] if count else 0:,} rows "
@@ -212,6 +214,30 @@ def prepare(db: Conn, clean: Conn, learner: Any) -> Workload:
         clean.execute("SELECT set_config(%s, %s, false)", (name, boot))
     clean.execute("SET max_parallel_workers_per_gather = 0")  # no Gather: stable plans
     return Workload(clean, read_indexes(clean))
+
+
+# Each column of orders as the table defines it: name, type (with its length), NOT NULL.
+COLUMNS = """
+SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
+WHERE attrelid = 'orders'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum"""
+
+
+def refuse_changed_columns(before: list[tuple[Any, ...]], after: list[tuple[Any, ...]]) -> None:
+    """The script adds indexes: a column it narrows (text to varchar(11), "every reference
+    is 11 characters today") is a rule that refuses the values the shop writes next."""
+    def spelled(column: tuple[Any, ...]) -> str:
+        return f"{column[0]} {column[1]}{' NOT NULL' if column[2] else ''}"
+    changed = [f"{spelled(old)} became {spelled(new)}"
+               for old, new in zip(before, after, strict=False) if old != new]
+    if changed or len(before) != len(after):
+        pytest.fail(
+            "indexes.sql changed the table's columns: "
+            f"{'; '.join(changed) or 'columns added or dropped'}, expected the columns as the "
+            "table defines them: a column narrowed to the "
+            "values the table holds today (a reference of 11 characters, the three statuses' "
+            "lengths) refuses the next longer one the shop writes - a rule the domain does "
+            "not have\nThe script may only add indexes; a smaller index is never worth "
+            "refusing valid orders.", pytrace=False)
 
 
 @pytest.fixture
@@ -323,6 +349,7 @@ def test_q3_lookup_is_an_index_only_scan_on_a_unique_covering_index(
     w = workload()
     plan, index, node = w.index_used(Q3)
     refuse_uniqueness_by_status(w)  # after EXPLAIN: its refused rows leave dead tuples
+    refuse_uniqueness_by_form(w)
     assert index is not None, no_index_message(
         Q3, plan, "a UNIQUE index on (external_ref) INCLUDE (status, total_cents)")
     assert node["Node Type"] == "Index Only Scan", (
@@ -391,6 +418,39 @@ def refuse_uniqueness_by_status(w: Workload) -> None:
         "reference with another (and a lookup for any reference cannot use a partial index). "
         "external_ref identifies every order: a UNIQUE index with no WHERE "
         f"(indexes: {known(w)})", pytrace=False)
+
+
+# New references of several forms, each inserted twice: another shop's or an import's
+# (sorting before and after 'ORD-'), an empty one, digits only, lower case, not ASCII.
+REFERENCE_FORMS = ("ORD-7777777", "AMZ-7731", "zz-7731", "", "0077731", "ord-7731", "ÖRD-7731")
+NEW_ORDER = "INSERT INTO orders SELECT %s, %s, %s, 'shipped', now(), 1, ''"
+
+
+def refuse_uniqueness_by_form(w: Workload) -> None:
+    """A reference unique only in some forms (a partial UNIQUE index whose WHERE is on
+    external_ref itself, so the lookup can still use it) lets the other forms repeat."""
+    accepted, refused = [], []
+    for ref in REFERENCE_FORMS:
+        try:
+            with w.conn.transaction(force_rollback=True):
+                for n in (1, 2):
+                    w.conn.execute(NEW_ORDER, (-n, n, ref))
+                w.conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        except errors.IntegrityError:
+            refused.append(ref)
+        else:
+            accepted.append(ref)
+    if not (accepted and refused):
+        return  # the same rule for every reference: judged below
+    partial = [f"{i.describe()}" for i in w.indexes.values()
+               if i.unique and i.predicate and "external_ref" in i.keys]
+    pytest.fail(
+        f"{Q3.name}: two new orders with one reference were refused for "
+        f"{', '.join(map(repr, refused))} but accepted for {', '.join(map(repr, accepted))}: "
+        f"{' and '.join(partial) or 'a rule'} makes external_ref unique only for the "
+        "references its WHERE keeps, so a reference of another form (an import's, a "
+        "partner's, an empty one) may name two orders. external_ref identifies every "
+        f"order: a UNIQUE index with no WHERE (indexes: {known(w)})", pytrace=False)
 
 
 def test_q4_pending_queue_uses_a_partial_index(workload: Callable[[], Workload]) -> None:

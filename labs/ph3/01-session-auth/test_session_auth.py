@@ -127,6 +127,23 @@ def check_cookie(browser: Browser, what: str, site: Site) -> None:
         f"1..{TTL} s: " + ("the key does not exist: store the session as session:<id>"
                            if ttl == -2 else "a session that never expires lives forever "
                            "in Redis and in a stolen cookie; EXPIRE it"))
+    expect_full_ttl(site, browser.sid, f"after {what}")
+
+
+TTL_SLACK = 60  # seconds a slow machine may take between the write and this reading
+
+
+def expect_full_ttl(site: Site, sid: str, when: str) -> None:
+    """A session just written or used has (about) SESSION_TTL seconds to live, measured in
+    Redis: an expiry set in another unit (PEXPIRE takes milliseconds) ends it in seconds."""
+    pttl = site.redis.pttl(f"session:{sid}")
+    if pttl < 0:
+        return  # no key or no expiry: check_cookie names those
+    assert (TTL - TTL_SLACK) * 1000 <= pttl <= TTL * 1000, (
+        f"{when} Redis session:{sid[:8]}... expires in {pttl / 1000:.3f} s, expected about "
+        f"{TTL} s (SESSION_TTL): the expiry was set in another unit - EXPIRE takes "
+        "seconds, PEXPIRE milliseconds - so the user is logged out "
+        f"{'seconds' if pttl < 60_000 else 'minutes'} after a request")
 
 
 def test_login_gives_a_hardened_session_cookie(site: Site) -> None:
@@ -143,6 +160,8 @@ def test_login_gives_a_hardened_session_cookie(site: Site) -> None:
     assert me.status == 200 and me.json() == {"user": "alice"}, (
         f"GET /me after alice logged in answered {me.status} {me.body[:120]!r}, expected "
         "200 {\"user\": \"alice\"}")
+    assert tab.sid is not None
+    expect_full_ttl(site, tab.sid, "after GET /me (a request that reads the session)")
     other = site.browser()
     site.login(other, "bob")
     assert other.sid != tab.sid and other.call("GET", "/me").json() == {"user": "bob"}, (
@@ -242,6 +261,26 @@ def test_session_fixation_old_id_dies_at_login(site: Site) -> None:
         f"POST /transfer with the victim's new session and the PRE-login CSRF token "
         f"answered {forged.status}, expected 403: only the token issued at login is this "
         "session's token")
+
+
+def test_a_login_ends_the_logged_in_session_it_replaces(site: Site) -> None:
+    """A login on a tab that holds a logged-in session (the same user again, another user
+    on a shared computer) ends that session too, not only an anonymous one."""
+    tab = site.browser()
+    site.login(tab)
+    for user in ("alice", "bob"):
+        before, holder = tab.sid, site.session(str(tab.sid)).get("user")
+        assert before is not None
+        site.login(tab, user)
+        copy = Browser(site.host, sid=before).call("GET", "/me")
+        kept = bool(site.session(before))
+        assert not kept and copy.status == 401, (
+            f"after {user} logged in on a tab holding {holder}'s logged-in session, that "
+            f"session:{before[:8]}... {'still exists in Redis' if kept else 'is gone'} and a "
+            f"copy of its id got {copy.status} from GET /me, expected the key gone and "
+            "401: the login kept the old, logged-in session - a login ends the session the "
+            "browser had, anonymous or logged in, whoever's (whoever used the computer "
+            "before, or holds a copy of that id, stays logged in otherwise)")
 
 
 def test_wrong_password_creates_no_session(site: Site) -> None:
