@@ -30,8 +30,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
-from labrunner.testing import came_true, wait_until
+from labrunner.testing import StatementGate, came_true, wait_until
 
 # --------------------------------------------------------------------------------------
 # The runner
@@ -443,9 +444,79 @@ def test_second_deploy_returns_only_once_the_database_is_migrated(
             f"expected all of them - {why}", pytrace=False)
     assert second.error is None and second.result == [], (
         f"the second migrate() gave {second.result!r} / {second.error!r} after waiting for "
-        f"the first, expected [] - everything was applied by the first - {why}")
+        f"the first, expected [] - everything was applied by the first - "
+        + (f"it waited, then applied again what the first had applied: "
+           f"{lock_diagnosis(runner, postgres, migrations)}"
+           if second.error is not None or second.result else why))
     assert first.error is None and first.result == [1, 2, 3], (
         f"the first migrate() gave {first.result!r} / {first.error!r}, expected [1, 2, 3]")
+
+
+RACE_FILES = {name: BASIC[name] for name in ("V001__create_accounts.sql", "V002__seed_admin.sql")}
+
+
+def lock_waits(conn: Any) -> int:
+    """How many sessions of this database wait for a lock (any kind)."""
+    return int(conn.execute(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE NOT l.granted AND a.datname = current_database()").fetchone()[0])
+
+
+def race_at(runner: ModuleType, postgres: Any, migrations: Path, gate: StatementGate,
+            watch: Any, k: int) -> str | None:
+    """The first migrate() held before its k-th statement (BEGIN and COMMIT count) while a
+    second runs to its end or waits for a lock; then the first goes on. Each k on a schema of
+    its own (search_path). None: the first never got to a k-th statement; "" if both came out
+    right; otherwise what went wrong."""
+    schema = f"race_{k}"
+    watch.execute(f"CREATE SCHEMA {schema}")
+    dsn = make_conninfo(postgres.dsn, options=f"-c search_path={schema}")
+    gate.arm(k)
+    first, second = Deploy(runner, gate.dsn_for(dsn), migrations), Deploy(runner, dsn, migrations)
+    first.start()
+    wait_until(lambda: not first.is_alive() or gate.held is not None,
+               f"the first migrate() to run its statement {k}", timeout=30)
+    held = gate.held
+    if held is None:
+        gate.release()
+        first.join(30)
+        return None
+    second.start()
+    wait_until(lambda: not second.is_alive() or lock_waits(watch) > 0,
+               "the second migrate() to end or to wait for a lock", timeout=30)
+    went = "ran to its end" if not second.is_alive() else "waited for a lock"
+    gate.release()
+    for deploy in (first, second):
+        deploy.join(30)
+    outcomes = [d.error if d.error is not None else d.result for d in (first, second)]
+    if any(d.is_alive() for d in (first, second)):
+        return f"held before statement {k} ({held[:80]!r}): a migrate() never returned"
+    results = sorted(tuple(o) for o in outcomes if isinstance(o, list))
+    if results == [(), (1, 2)]:
+        return ""
+    return (f"the first migrate() was held before its statement {k} ({held[:80]!r}) while a "
+            f"second one {went}; then the first went on. They gave {outcomes!r}, expected one "
+            "to apply [1, 2] and the other []")
+
+
+def test_no_statement_of_a_runner_lets_another_in_between_read_and_apply(
+        runner: ModuleType, postgres: Any, migrations: Path) -> None:
+    """Two deploys, one held before each of its statements in turn while the other runs: a
+    runner that reads what is applied before it holds the lock, or lets go between reading
+    and applying, applies a stale list once the other is done."""
+    write(migrations, RACE_FILES)
+    watch = postgres.connect(autocommit=True)
+    try:
+        with StatementGate.for_dsn(postgres.dsn) as gate:
+            for k in range(1, 80):
+                wrong = race_at(runner, postgres, migrations, gate, watch, k)
+                if wrong is None:
+                    break
+                if wrong:
+                    pytest.fail(f"{wrong}: {lock_diagnosis(runner, postgres, migrations)}",
+                                pytrace=False)
+    finally:
+        watch.close()
 
 
 # The first deploy in a process of its own, from its own copy of the migrations (two
@@ -534,27 +605,51 @@ def test_deploys_in_two_processes_share_one_lock(runner: ModuleType, learner: An
 
 
 # A migration that records which advisory locks its own session holds while it runs.
-LOCK_PROBE = ("CREATE TABLE lock_probe AS SELECT count(*) AS held FROM pg_locks "
+LOCK_PROBE = ("CREATE TABLE {table} AS SELECT classid, objid, objsubid FROM pg_locks "
               "WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid();")
+
+STALE_READ = ("each runner holds its advisory lock (the same key every run) while it applies, "
+              "yet both applied migrations: the second read what is applied (and what is "
+              "pending) before it held the lock - or let the lock go between reading and "
+              "applying - then, once the first was done, applied that stale list again. Take "
+              "pg_advisory_lock first, then read schema_migrations, validate and apply, all "
+              "under that one hold")
+
+
+def probe_locks(runner: ModuleType, postgres: Any, migrations: Path,
+                version: int) -> set[tuple[Any, ...]] | None:
+    """The advisory locks the runner's session holds while it applies a probe migration
+    (None: the race left a state the probe cannot run on)."""
+    table = f"lock_probe_{version}"
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+    write(migrations, {f"V{version:03d}__lock_probe.sql": LOCK_PROBE.format(table=table)})
+    try:
+        runner.migrate(postgres.dsn, migrations)
+        with postgres.connect() as conn:
+            return {tuple(row) for row in conn.execute(f"SELECT * FROM {table}").fetchall()}
+    except Exception:  # noqa: BLE001 - the race left a state the probe cannot run on
+        return None
 
 
 def lock_diagnosis(runner: ModuleType, postgres: Any, migrations: Path) -> str:
     """Why two runners were not serialised: does the runner hold an advisory lock while a
-    migration runs at all? A probe migration, applied alone, looks at its own session."""
-    with postgres.connect(autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS lock_probe")
-    write(migrations, {"V099__lock_probe.sql": LOCK_PROBE})
-    try:
-        runner.migrate(postgres.dsn, migrations)
-        held = count(postgres, "SELECT held FROM lock_probe")
-    except Exception:  # noqa: BLE001 - the race left a state the probe cannot run on
-        held = None
-    if held == 0:
+    migration runs at all, and the same one each run? Probe migrations, each applied alone,
+    look at their own session."""
+    held = probe_locks(runner, postgres, migrations, 99)
+    if held is not None and not held:
         return ("while a migration runs, the runner's session holds no advisory lock: a "
                 "lock taken with pg_advisory_xact_lock on an autocommit connection (or "
                 "inside a transaction that ended) is released as soon as that transaction "
                 "ends. Take pg_advisory_lock (session-level) before reading what is applied, "
                 "hold it on the same connection for the whole run, unlock at the end")
+    again = probe_locks(runner, postgres, migrations, 100) if held else None
+    if held and again is not None and again != held:
+        return (f"the runner's advisory lock differs from one run to the next ({sorted(held)} "
+                f"then {sorted(again)}, as (classid, objid, objsubid)): two runners only "
+                "exclude each other on one key - a constant")
+    if held and again == held:
+        return STALE_READ
     return ("serialise runners (pg_advisory_lock) so the second waits and then finds "
             "everything applied")
 
@@ -865,11 +960,18 @@ def test_backfill_commits_in_bounded_batches(runner: ModuleType, learner: Any,
     with postgres.connect(autocommit=True) as conn:
         (left,) = conn.execute("SELECT count(*) FROM users WHERE full_name IS DISTINCT "
                                "FROM name").fetchone()
+        (amid,) = conn.execute("SELECT count(*) FROM users u WHERE full_name IS NULL AND "
+                               "EXISTS (SELECT FROM users d WHERE d.id > u.id AND "
+                               "d.full_name IS NOT NULL)").fetchone()
         groups = conn.execute("SELECT xmin::text, count(*) FROM users GROUP BY 1 "
                               "ORDER BY 2 DESC").fetchall()
     assert left == 0, (
         f"after V003, {left} of {BACKFILL_ROWS} users written before the expand have a "
-        f"full_name that is not their name: the backfill must copy every row")
+        f"full_name that is not their name: the backfill must copy every row"
+        + (f" - {amid} of them lie before rows it did copy: a batch loop that pages with "
+           "OFFSET over the rows still NULL skips a batch each time, since every committed "
+           "batch shrinks that set. Take each next batch WHERE full_name IS NULL with no "
+           "OFFSET (or walk id ranges)" if amid else ""))
     tx, most = groups[0]
     assert most <= BATCH_MAX, (
         f"V003 backfilled {BACKFILL_ROWS} users in {len(groups)} transaction(s), one of "

@@ -42,7 +42,10 @@ Mistakes a learner makes here, each caught with its own message:
   published but not marked: published again by the next relay)       -> a running relay
 - flush() without a bound (or called again until nothing is left) and librdkafka's 5-minute
   message.timeout.ms: the batch's transaction held open past --timeout  -> broker down
-- an idle running relay that looks again at once (no pause)           -> an idle relay
+- an idle running relay that looks again at once (no pause), or only after a long sleep
+  (seconds, or a back-off that grows)                                 -> an idle relay
+- place_order committing the caller's transaction (conn.commit(), SQL BEGIN/COMMIT)
+                                                                        -> a rolled-back order
 - a NUL in a name dropped or replaced to make it fit (an order stored with text nobody
   wrote), '\\u0000' stripped from JSON text (a name holding those six characters broken)
                                                                         -> NUL, \\u0000
@@ -240,9 +243,16 @@ def test_order_and_outbox_row_commit_together(shop: Any) -> None:
         raise Rollback
     leftovers = conn.execute("SELECT count(*) FROM outbox WHERE aggregate_id = 'order-2'"
                              ).fetchone()[0]
+    kept = conn.execute("SELECT count(*) FROM orders WHERE order_id = 'order-2'").fetchone()[0]
     assert leftovers == 0, (
         "an order placed inside a transaction that was rolled back still left its event in "
-        "the outbox: write both rows through the caller's connection, in its transaction")
+        "the outbox: " + (
+            "the order was kept too - place_order committed the caller's transaction (a "
+            "COMMIT of its own: conn.commit(), or BEGIN/COMMIT sent as SQL), so the caller's "
+            "rollback had nothing left to undo. `with conn.transaction():` is a savepoint "
+            "inside the caller's transaction and a transaction of its own in autocommit"
+            if kept else
+            "write both rows through the caller's connection, in its transaction"))
     # the rolled-back row used up an id: ids and the number of rows part ways here
     after = orders_mod.place_order(conn, make_orders(1, start=3)[0])
     row_id = conn.execute("SELECT id FROM outbox WHERE aggregate_id = 'order-3'").fetchone()[0]
@@ -762,20 +772,44 @@ def test_thousand_orders_thousand_events(shop: Any, learner: Any, postgres: Any,
         "not once per row")
 
 
-IDLE_WINDOW = 1.0     # seconds an idle relay is watched
+IDLE_WINDOW = 3.5     # seconds an idle relay is watched
 IDLE_MAX_LOOKS = 250  # outbox statements per second it may send meanwhile: a look every
                       # 10 ms of two statements (the reference: one every 0.2 s); one that asks
                       # again at once sends thousands (2,000-3,000 on a loaded 2-core machine)
+IDLE_MAX_GAP = 1.6    # seconds with no look at the outbox: "looks again within a second",
+                      # with room for a 1 s pause plus a loaded machine's round trip. A relay
+                      # that pauses 2 s or more leaves a gap this long in any 3.5 s window
+
+
+class LookStamps(PgStatementProxy):
+    """A statement proxy that also notes when each statement on the outbox table arrived."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.looks: list[float] = []
+
+    def before_forwarding(self, link: Any, sql: str) -> None:
+        if "outbox" in sql.lower():
+            with self.lock:
+                self.looks.append(time.monotonic())
+
+
+def longest_quiet(looks: list[float], start: float, end: float) -> tuple[float, float]:
+    """The longest stretch of [start, end] with no look in it: (its length, where it began,
+    seconds after start)."""
+    marks = [start] + sorted(t for t in looks if start <= t <= end) + [end]
+    return max((b - a, a - start) for a, b in zip(marks, marks[1:], strict=False))
 
 
 def test_an_idle_relay_waits_between_looks(shop: Any, learner: Any, postgres: Any,
                                            kafka: Any) -> None:
     """A running relay with nothing to publish looks again shortly - after a pause, not at
-    once: the statements it sends on the outbox table are counted at a proxy."""
+    once - and within a second, not after a long sleep: the statements it sends on the outbox
+    table are counted and timed at a proxy."""
     conn, orders_mod = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(3)
-    with PgStatementProxy.for_dsn(postgres.dsn) as proxy:
+    with LookStamps.for_dsn(postgres.dsn) as proxy:
         relay = start_relay(learner, postgres, kafka.bootstrap, topic, batch=10, once=False,
                             dsn=proxy.dsn_for(postgres.dsn))
         try:
@@ -786,6 +820,8 @@ def test_an_idle_relay_waits_between_looks(shop: Any, learner: Any, postgres: An
             time.sleep(IDLE_WINDOW)   # the window measured, nothing awaited
             looks = sum(1 for sql in proxy.take() if "outbox" in sql.lower())
             took = time.monotonic() - started
+            with proxy.lock:
+                quiet, since = longest_quiet(proxy.looks, started, started + took)
         finally:
             relay.send_signal(signal.SIGTERM)
             try:
@@ -800,6 +836,13 @@ def test_an_idle_relay_waits_between_looks(shop: Any, learner: Any, postgres: An
         "database backend and a core kept busy all day for nothing. Wait a moment between "
         "looks when a batch came back empty (stopping.wait(0.2): a SIGTERM still ends the "
         "wait at once)")
+    assert quiet <= IDLE_MAX_GAP, (
+        f"with nothing pending the running relay did not look at the outbox for {quiet:.1f} s "
+        f"(from {since:.1f} s into a {took:.1f} s idle watch; {looks} statement(s) on the "
+        f"outbox in all), expected a look at least every {IDLE_MAX_GAP} s: an idle relay "
+        "looks again within a second - a longer sleep between looks (or a back-off that "
+        "grows) leaves every order written meanwhile unannounced for that long. Pause "
+        "briefly (stopping.wait(0.2))")
     assert_each_order_once(read_events(kafka, topic), orders, allow_duplicates=False)
 
 

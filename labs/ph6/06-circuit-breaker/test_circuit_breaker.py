@@ -202,6 +202,35 @@ def diagnose_not_half_open(mod: Any, cb: Any, clock: Any, backend: Any, host: st
         "from the clock you were given, not from time.monotonic()", pytrace=False)
 
 
+def test_the_timeout_counts_from_the_failure_that_opened(mod: Any, backends: Any) -> None:
+    """Three consecutive failures 10 s apart: the circuit opens at the third, and the
+    reset_timeout counts from then - not from the streak's first failure, nor an earlier one."""
+    backend, host = backends["payments"]
+    clock = Clock()
+    cb = mod.CircuitBreaker(failure_threshold=3, reset_timeout=30.0, clock=clock)
+    backend.mode = "fail"
+    for _ in range(3):
+        trip(mod, cb, caller(host), 1)
+        clock.now += 10
+    clock.now -= 10                      # the third failure, at 1020, opened the circuit
+    assert cb.state == "open", f"3 consecutive failures left the state {cb.state!r}"
+    clock.now += 29
+    state, got = cb.state, outcome(mod, cb, host)
+    assert (state, got) == ("open", "refused"), (
+        f"failures at clock 1000, 1010 and 1020 (threshold 3) opened the circuit at 1020; at "
+        f"1049 the state reads {state!r} and a call was {got}, expected 'open' and refused "
+        "without reaching the backend: reset_timeout counts from the moment the circuit "
+        "opened - the failure that reached the threshold - not from the first failure of "
+        "the streak or an earlier one (a dependency that failed slowly would get its "
+        "probe early, or at once)")
+    clock.now += 1
+    backend.mode = "ok"
+    state, got = cb.state, outcome(mod, cb, host)
+    assert (state, got) == ("half_open", "answered"), (
+        f"30 s after the circuit opened the state read {state!r} and the call was {got}, "
+        "expected 'half_open' and a probe that reaches the backend")
+
+
 def test_a_closed_circuit_lets_calls_run_side_by_side(mod: Any, backends: Any) -> None:
     """Closed, the breaker only counts: two calls to a slow backend are both in flight at
     once - a breaker that runs fn under its lock turns every caller into a queue."""
@@ -562,10 +591,29 @@ def test_a_slow_dependency_does_not_starve_another(mod: Any, backends: Any) -> N
             f"after calls that raised, the slow dependency's bulkhead (2 slots, none in use) "
             f"refused a call: {errors[0]!r}. A slot must be given back when the call raises "
             "too (try/finally), or every failure leaks one until the pool is empty")
+        no_slot_made_by_failures(mod, pool_slow, slow, slow_host)
     finally:
         slow.release.set()
         for thread, _ in again:
             thread.join(60)
+
+
+def no_slot_made_by_failures(mod: Any, pool: Any, backend: Backend, host: str) -> None:
+    """Two calls hold both slots of a Bulkhead(2) that has seen 3 calls raise: a third is
+    refused at once, without reaching the backend."""
+    hits = backend.hits
+    thread, out = run_in_thread(lambda: pool.call(caller(host)))
+    for _ in range(1000):        # refused at once, or it shows up at the backend
+        thread.join(0.01)
+        if not thread.is_alive() or backend.hits > hits:
+            break
+    assert backend.hits == hits and isinstance(out.get("error"), mod.BulkheadFull), (
+        f"after 3 calls that raised, a Bulkhead(2) whose two slots are held let a third call "
+        f"{'reach the backend' if backend.hits > hits else 'end with ' + repr(out)}, expected "
+        "BulkheadFull at once: each failing call gave its slot back more than once (in an "
+        "except and again in finally, on a plain Semaphore or counter), so every failure "
+        "adds a slot and the pool grows past its size - give a slot back exactly once, in "
+        "finally (a BoundedSemaphore raises on a release too many)")
 
 
 BURST, STEP_DELAY = 8, 0.01     # calls into one Bulkhead(2) at once; s per bytecode of yours
