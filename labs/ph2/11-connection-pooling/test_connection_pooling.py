@@ -16,6 +16,9 @@ Mistakes a learner makes here, each caught with its own message:
 - floor / int() instead of ceil, ceil of float noise (14.000000000000002 -> 15)
 - round() (or round to 1 decimal) before ceil: only fractions below .5 show it (1.2, 1.01)
 - no minimum of 1: no traffic still needs a connection
+- the latency counted in whole milliseconds: 0.5 ms becomes 0 (or 1)
+- an acquire timeout stretched: rounded up to whole seconds, or a second try after
+  PoolTimeout                                              -> how long the request took
 - no pool at all, or a pool per query                      -> server connections counted
 - the library's PoolTimeout / TooManyRequests let out      -> the exception's class
 - no acquire timeout, or no wait (fails at once)           -> how long the request took
@@ -39,6 +42,7 @@ Mistakes a learner makes here, each caught with its own message:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -209,6 +213,8 @@ def assert_pool_exhausted(pooling: ModuleType, call: Call, context: str) -> None
     (1000, 0.2, 200),
     (0.5, 0.1, 1),       # almost idle: still one connection
     (0, 0.1, 1),         # no traffic yet: still one connection, never a pool of 0
+    (10000, 0.0005, 5),  # half a millisecond each (a cached read): 5 busy, not 0
+    (5000, 0.0003, 2),   # 0.3 ms each: 1.5 busy
 ])
 def test_pool_size_follows_littles_law(learner: Any, rate: float, latency: float,
                                        want: int) -> None:
@@ -216,8 +222,14 @@ def test_pool_size_follows_littles_law(learner: Any, rate: float, latency: float
     got = pool_size(rate, latency)
     busy = rate * latency
     why = "Little's Law, L = arrival rate x time per request, rounded up (and at least 1)"
+    whole_ms = max(1, math.ceil(round(rate * round(latency * 1000)) / 1000))
     if want == 1 and got == 0:
         why = "a pool of 0 serves nobody: at least 1 connection, whatever the traffic"
+    elif latency < 0.001 and got == whole_ms != want:
+        why = (f"{latency * 1000:g} ms per request is less than a millisecond, not 0 (or 1): "
+               f"{rate}/s x {latency} s keeps {busy:g} connections busy - rounding the "
+               f"latency to whole milliseconds first loses it; keep the product in floating "
+               f"point and round only its noise away (e.g. round(x, 9)), then ceil")
     elif got == round(busy) < want:
         why = (f"{busy!r} busy on average rounds to {got} but needs {want}: round() (or "
                f"any rounding to the nearest) before ceil() drops a fraction below .5 - "
@@ -288,7 +300,7 @@ def test_never_more_server_connections_than_the_pool(pooling: ModuleType, opened
 
 def test_excess_request_waits_then_fails_with_pool_exhausted(
         pooling: ModuleType, opened: list[Any], server: Server, postgres: Any) -> None:
-    db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=0.5)
+    db = open_db(pooling, opened, postgres.dsn, rate=20, latency=0.1, timeout=1.2)
     server.hold()
     busy = start([Call(db.query, HOLD) for _ in range(2)])
     try:
@@ -297,17 +309,23 @@ def test_excess_request_waits_then_fails_with_pool_exhausted(
         extra.start()
         extra.join(5)  # the pool is full: only the acquire timeout ends this wait
         assert not extra.is_alive(), (
-            "a third request on a full pool of 2 with an acquire timeout of 0.5 s was still "
-            "waiting after 5 s, expected PoolExhausted after about 0.5 s: acquire_timeout_s "
+            "a third request on a full pool of 2 with an acquire timeout of 1.2 s was still "
+            "waiting after 5 s, expected PoolExhausted after about 1.2 s: acquire_timeout_s "
             "is in seconds, and so is psycopg_pool's timeout (a value read as milliseconds, "
             "or the pool's default of 30 s, lets requests pile up behind a slow database)")
         assert_pool_exhausted(pooling, extra, "a third request on a full pool of 2")
-        assert extra.elapsed >= 0.4, (
+        assert extra.elapsed >= 0.96, (
             f"the third request failed after {extra.elapsed:.2f} s, expected it to wait for "
-            "the acquire timeout (0.5 s) first: a connection may come free meanwhile")
+            "the acquire timeout (1.2 s) first: a connection may come free meanwhile")
         assert extra.elapsed <= 3, (
             f"the third request waited {extra.elapsed:.1f} s, expected to give up after the "
-            "acquire timeout of 0.5 s")
+            "acquire timeout of 1.2 s")
+        assert extra.elapsed < 1.7, (
+            f"the third request waited {extra.elapsed:.2f} s on a full pool, expected to give "
+            "up after the acquire timeout of 1.2 s: the wait was stretched - a timeout "
+            "rounded up to whole seconds (math.ceil, int seconds as libpq's connect_timeout "
+            "takes) or a second try after PoolTimeout; a caller's "
+            "deadline is acquire_timeout_s, fractions included")
     finally:
         release(server, busy)
     assert_completed(busy)

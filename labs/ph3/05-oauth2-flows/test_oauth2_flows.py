@@ -43,20 +43,20 @@ CLIENTS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
 class Clock:
-    now: float = T0
-    # Armed: the next call stops until `release` is set (a race, driven step by step).
-    hold: bool = False
-    arrived: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
+    """The injected clock, seen from the test: ``now`` reads and sets the time of the
+    harness' HeldClock, which the app calls where it runs (see harness.py)."""
 
-    def __call__(self) -> float:
-        if self.hold:
-            self.hold = False
-            self.arrived.set()
-            self.release.wait(timeout=30)
-        return self.now
+    def __init__(self, held: Any) -> None:
+        self.held = held
+
+    @property
+    def now(self) -> float:
+        return float(self.held.read())
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.held.set(value)
 
 
 def challenge_of(verifier: str) -> str:
@@ -124,9 +124,9 @@ class Server:
 @pytest.fixture
 def server(learner: Any) -> Iterator[Server]:
     module = learner.load("authserver")
-    clock = Clock()
+    clock = Clock(learner.harness().HeldClock(T0))
     try:
-        app = module.make_app({k: dict(v) for k, v in CLIENTS.items()}, KEY, clock)
+        app = module.make_app({k: dict(v) for k, v in CLIENTS.items()}, KEY, clock.held)
     except NotImplementedError as exc:
         pytest.fail(f"make_app() is not implemented yet: {exc}", pytrace=False)
     with serve_wsgi(app) as host:
@@ -278,6 +278,29 @@ def test_the_redirect_gives_state_back_exactly_and_keeps_the_uris_query(
         f"\n({len(wrong)} of {len(REDIRECT_CASES)} redirects wrong)")
 
 
+def test_a_request_without_state_gets_no_state_back(server: Server) -> None:
+    """state is optional (RFC 6749 4.1.1; here PKCE guards the code too): a request
+    without one gets its code and no state at all."""
+    reply = server.authorize(state="")  # an empty value is left out of the request
+    location = reply.header("Location") or ""
+    query = parse_qs(urlsplit(location).query, keep_blank_values=True)
+    assert reply.status in (302, 303) and location.startswith(CB + "?") \
+        and len(query.get("code", [])) == 1, (
+            f"GET /authorize without a state (a valid client, redirect_uri and S256 "
+            f"challenge, a logged-in user) answered {reply.status} Location: {location!r}, "
+            f"expected 302 to {CB}?code=...: state is optional (RFC 6749 4.1.1)")
+    assert "state" not in query, (
+        f"GET /authorize without a state redirected to {location!r}: the client reads back "
+        f"state={query['state'][0]!r}, a state it never sent - expected no state parameter "
+        "at all: RFC 6749 4.1.2 returns state only when the request carried one (a "
+        "missing state printed as 'None', or added empty, makes a client that checks the "
+        "state it gets against the one it sent refuse the answer)")
+    token = server.redeem(query["code"][0], server.verifiers[""])
+    assert token.status == 200, (
+        f"the code from a request without state, redeemed with its verifier, answered "
+        f"{token.status} {token.body[:100]!r}, expected 200 with a token")
+
+
 def utc(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -359,16 +382,20 @@ def test_authorize_never_redirects_where_it_should_not(server: Server) -> None:
         assert reply.status == 400 and not location, (
             f"GET /authorize with {what} (redirect_uri {uri}) answered {reply.status} "
             f"Location: {location!r}, expected 400 without a redirect: {why}")
-    for extra, what in (({"code_challenge": ""}, "without code_challenge"),
-                        ({"code_challenge_method": "plain"}, "with code_challenge_method "
-                                                               "plain")):
+    for extra, what, why in (
+            ({"code_challenge": ""}, "without code_challenge", ""),
+            ({"code_challenge_method": "plain"}, "with code_challenge_method plain", ""),
+            ({"code_challenge_method": ""}, "with a code_challenge but no "
+             "code_challenge_method", " - a challenge without a method is a plain one (RFC "
+             "7636 4.3: the method defaults to plain), so an absent method is not S256; "
+             "never default it to S256 yourself")):
         reply = server.authorize(**extra)
         location = reply.header("Location") or ""
         query = parse_qs(urlsplit(location).query)
         assert "code" not in query and (reply.status >= 400 or "error" in query), (
             f"GET /authorize {what} answered {reply.status} Location: {location!r}: "
             "expected no code (an error redirect with error=invalid_request): this server "
-            "requires PKCE with S256")
+            f"requires PKCE with S256{why}")
 
 
 def test_nothing_is_granted_without_a_logged_in_user(server: Server) -> None:
@@ -516,10 +543,8 @@ def test_a_code_is_used_up_by_its_first_redemption(server: Server) -> None:
             "like")
     # Two redemptions of one code at once: the first is held at its clock() call.
     code, verifier = server.code()
-    clock = server.clock
-    clock.arrived.clear()
-    clock.release.clear()
-    clock.hold = True
+    clock = server.clock.held
+    clock.arm()
     replies: dict[str, HttpReply] = {}
 
     def redeem(name: str) -> None:
@@ -528,15 +553,14 @@ def test_a_code_is_used_up_by_its_first_redemption(server: Server) -> None:
     holder = threading.Thread(target=redeem, args=("first",), daemon=True)
     holder.start()
     try:
-        wait_until(lambda: clock.arrived.is_set() or not holder.is_alive(),
+        wait_until(lambda: clock.arrived() or not holder.is_alive(),
                    "the first redemption to call the clock")
-        clock.hold = False
+        clock.disarm()
         second = threading.Thread(target=redeem, args=("second",), daemon=True)
         second.start()
         second.join(timeout=30)
     finally:
-        clock.hold = False
-        clock.release.set()
+        clock.release()
     holder.join(timeout=30)
     tokens = [n for n, r in replies.items() if r.status == 200]
     assert len(tokens) < 2, (

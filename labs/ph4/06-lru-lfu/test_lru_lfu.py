@@ -257,6 +257,11 @@ KEY_TYPES_RULE = ("1, 1.0 and True are equal and hash alike: a dict holds them a
                   "them is a use of that one entry; key the dict by the key itself, not by "
                   "repr(key) or (type(key), key)")
 
+NONE_KEY_RULE = ("None is a key like any other (lru_cache caches f(None) too): cached, it is "
+                 "found, used and evicted in its turn - tell the list's sentinel or an empty "
+                 "bucket apart by identity (node is self._head) or by emptiness, never by a "
+                 "key of None")
+
 # Named cases first: each is one way these caches are commonly got wrong, so its failure can
 # say which rule was broken. (cache class, capacity, steps, the rule the case checks)
 # A step is ("put", key, value) or ("get", key); every get is compared with the model.
@@ -305,7 +310,8 @@ CASES = [
      "dict.get() returned None"),
     ("LFUCache", 2, [("put", 1, 10), ("put", 1, 11), ("put", 2, 20), ("put", 3, 30),
                      ("get", 1), ("get", 2)],
-     "a put of a cached key counts as a use, like a get"),
+     "a put of a cached key counts as a use, like a get: its count goes up by one and is "
+     "kept (an update is not a new key starting again at 1)"),
     ("LFUCache", 2, [("put", 1, 10), ("put", 2, 20), ("put", 2, 21), ("get", 1), ("get", 2)],
      "updating a key already cached evicts nothing, even in a full cache"),
     ("LRUCache", 0, [("put", 1, 10), ("get", 1), ("put", 2, 20), ("put", 1, 11), ("get", 1),
@@ -320,6 +326,13 @@ CASES = [
     ("LFUCache", 0, [("put", 1, 10), ("get", 1), ("put", 2, 20), ("put", 1, 11), ("get", 1),
                      ("get", 2)],
      ZERO_RULE),
+    ("LRUCache", 2, [("put", None, "n"), ("get", None), ("put", 2, 20), ("put", 3, 30),
+                     ("get", None), ("get", 2), ("put", None, "m"), ("get", None),
+                     ("get", 3)],
+     NONE_KEY_RULE),
+    ("LFUCache", 2, [("put", None, "n"), ("get", None), ("put", 2, 20), ("get", 2),
+                     ("get", 2), ("put", 3, 30), ("get", None), ("get", 2), ("get", 3)],
+     NONE_KEY_RULE),
 ]
 
 
@@ -350,7 +363,7 @@ def test_named_cases(cache: ModuleType, cls: str, capacity: int,
                 pytest.fail(
                     f"{cls}({capacity}): after {'; '.join(done)} the cache holds {size} "
                     f"entries, more than its capacity {capacity}: "
-                    + (f"{rule_text}." if capacity == 0 else
+                    + (f"{rule_text}." if capacity == 0 or rule_text == NONE_KEY_RULE else
                        "a put of a new key into a FULL cache (len == capacity, so test >=, "
                        "not >) evicts one entry first"), pytrace=False)
             continue
