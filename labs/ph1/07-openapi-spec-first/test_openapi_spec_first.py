@@ -726,6 +726,22 @@ def test_the_request_media_type_is_the_specs(host: str, contract: Contract) -> N
                            "refusal's too, is declared for it in openapi.yaml")
 
 
+def test_a_create_without_a_body_is_refused(host: str, contract: Contract) -> None:
+    """A POST /users with no body at all is the client's error (4xx). In OpenAPI a
+    requestBody is optional unless it says 'required: true', so a spec that leaves that
+    out lets the request past openapi-core, and a handler that counts on a NewUser meets
+    None."""
+    ex = exchange(host, "POST", "/users")
+    assert 400 <= ex.status < 500, (
+        f"{ex.label()} (no body, no Content-Type): expected a 4xx (422 or 400), saw "
+        f"{ex.status} {ex.data[:150]!r}: createUser cannot create a user from nothing. "
+        "A requestBody is OPTIONAL in OpenAPI unless it says 'required: true' - without "
+        "it openapi-core accepts the missing body and hands the handler None; declare "
+        "createUser's requestBody 'required: true', so the spec refuses it (a handler "
+        "that checks for None by hand keeps the code and the contract apart)")
+    contract.judge(ex, "no body; every status the code sends for createUser is declared")
+
+
 def test_text_postgres_cannot_store_is_refused(host: str, contract: Contract) -> None:
     """JSON strings may hold a NUL character or a lone surrogate, and a string schema allows
     both; Postgres text stores neither. The request is the client's error (4xx), not a

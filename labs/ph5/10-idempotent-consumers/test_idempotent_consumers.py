@@ -12,7 +12,9 @@ as the event's effect.
 * The consumer program (consumer.py, its own process, reading Kafka) is killed with SIGKILL
   while inside an event's transaction - stopped there by a lock the test holds on the balance
   row, or on the event's dedup key - and restarted: the balances must be exact, and once the
-  restart has read the topic to its end, its group's committed offset must be that end."""
+  restart has read the topic to its end, its group's committed offset must be that end.
+* The consumer program behind a proxy that holds its fetches a few seconds (a broker slow to
+  answer): an empty poll() is not the end of the partition; the partition-EOF event is."""
 
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # typed, not re-exported
+
+from labrunner.testing import KafkaProxy
+from labrunner.testing.kafka_proxy import FETCH
 
 Event = dict[str, Any]
 
@@ -418,11 +423,11 @@ def restart_to_the_end(learner: Any, postgres: Any, kafka: Any, topic: str) -> N
     assert code == 0, f"the restarted consumer exited with {code}: {error_tail(second)}"
 
 
-def start_consumer(learner: Any, postgres: Any, kafka: Any,
-                   topic: str) -> subprocess.Popen[bytes]:
+def start_consumer(learner: Any, postgres: Any, kafka: Any, topic: str,
+                   bootstrap: str | None = None) -> subprocess.Popen[bytes]:
     return cast(subprocess.Popen[bytes],
                 learner.python("consumer", "--dsn", postgres.dsn, "--bootstrap",
-                               kafka.bootstrap, "--topic", topic, "--group",
+                               bootstrap or kafka.bootstrap, "--topic", topic, "--group",
                                kafka.group("payments"), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE))
 
@@ -605,7 +610,9 @@ def diagnose(conn: Any, killed: str) -> None:
             f" never processed (balances {balances(conn)}, expected "
             f"{expected_balances(EVENTS)}): the consumer was killed inside {killed}'s "
             f"transaction and the restart began after it - the Kafka offset had been "
-            f"committed before the event's database transaction. Commit the offset only "
+            f"committed before the event's database transaction (a commit before handle(), "
+            f"or librdkafka's auto-commit: 'enable.auto.commit' left true commits the "
+            f"position poll() returned, in the background). Commit the offset only "
             f"after handle() committed: a crash in between then redelivers the event, and the "
             f"dedup table skips it if it was done", pytrace=False)
 
@@ -648,6 +655,21 @@ def test_killed_while_recording_the_event_id(db: Any, learner: Any, postgres: An
 
 # --- the consumer process, when an event fails ---------------------------------------------
 
+def committed_past_why(code: int) -> str:
+    """What commits an offset past an event whose transaction failed, by how the program
+    ended: exit 0 - run() went on; non-zero - run() did stop, and something else committed."""
+    if code == 0:
+        return ("An event whose transaction failed is not done - no offset for it (not in a "
+                "finally, not after an except that logs and goes on, not after reconnecting): "
+                "let the error end run(), and the restart delivers the event again")
+    return ("run() did let the error end it, yet an offset past the event was committed: by "
+            "a commit in a finally, or by librdkafka itself - 'enable.auto.commit' left at "
+            "its default, true, commits the position poll() returned (in close() and every "
+            "5 s), whether the event's transaction committed or not. Set "
+            "'enable.auto.commit': False and commit each offset yourself, only after its "
+            "transaction committed; the restart then delivers the failed event again")
+
+
 @pytest.mark.parametrize("failure", NOT_DUPLICATES[1:], ids=["trigger", "connection"])
 def test_a_failed_event_is_not_committed_past(db: Any, learner: Any, postgres: Any,
                                               kafka: Any,
@@ -685,10 +707,8 @@ def test_a_failed_event_is_not_committed_past(db: Any, learner: Any, postgres: A
             f"offset at {at}: past the failed event, which is "
             f"{'recorded' if failing['event_id'] in processed else 'not recorded'} as "
             f"processed and not applied (balances {balances(conn)}). Every later start "
-            f"begins after it: the payment is lost for good. An event whose transaction "
-            f"failed is not done - no offset for it (not in a finally, not after an except "
-            f"that logs and goes on, not after reconnecting): let the error end run(), and "
-            f"the restart delivers the event again", pytrace=False)
+            f"begins after it: the payment is lost for good. {committed_past_why(code)}",
+            pytrace=False)
     assert code != 0, (
         f"{failing['event_id']} failed ({what}) and the consumer program exited 0 (offset "
         f"committed: {at}): a failure must not look like success to whatever runs it - let "
@@ -706,3 +726,68 @@ def test_a_failed_event_is_not_committed_past(db: Any, learner: Any, postgres: A
     assert committed_position(kafka, topic) == len(deliveries), (
         f"after the restart read the topic to its end the group's committed offset is "
         f"{committed_position(kafka, topic)}, expected {len(deliveries)}")
+
+
+# --- the consumer process, when the broker is slow -----------------------------------------
+
+FETCH_HOLD = 3.0  # s the test holds the consumer program's fetches: a broker slow to answer
+
+
+def exit_while_fetches_held(proxy: KafkaProxy, proc: subprocess.Popen[bytes]) -> int | None:
+    """Hold ``proc``'s Fetch requests for FETCH_HOLD s from the first one's arrival, then let
+    them go; the program's exit code if it exited meanwhile, else None."""
+    deadline = time.monotonic() + 20
+    while not proxy.requests(FETCH) and proc.poll() is None:
+        if time.monotonic() > deadline:
+            proxy.wait_for(FETCH, timeout=0, what=" from the consumer program (20 s)")
+        time.sleep(0.02)
+    fetches = proxy.requests(FETCH)
+    ends = (fetches[0].at if fetches else time.monotonic()) + FETCH_HOLD
+    while proc.poll() is None and time.monotonic() < ends:
+        time.sleep(0.02)
+    return proc.poll()
+
+
+def test_a_slow_broker_is_not_the_end_of_the_partition(db: Any, learner: Any, postgres: Any,
+                                                       kafka: Any) -> None:
+    """The consumer program runs behind a proxy that holds its Fetch requests for FETCH_HOLD s
+    (a broker slow to answer): its polls return nothing meanwhile. run() reads to the end of
+    the partition, which is the partition-EOF event - a poll() that returned None is only a
+    quiet moment. Released, the program applies all three payments and exits 0."""
+    mod, conn = db
+    deliveries = [payment(500 + n, "acct-slow", 100 * (n + 1)) for n in range(3)]
+    topic = publish(kafka, deliveries)
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        proxy.hold(FETCH)
+        proc = start_consumer(learner, postgres, kafka, topic, bootstrap=proxy.bootstrap)
+        try:
+            code = exit_while_fetches_held(proxy, proc)
+        finally:
+            proxy.release(FETCH)
+        if code is not None:
+            handled = conn.execute("SELECT count(*) FROM processed_events").fetchone()[0]
+            pytest.fail(
+                f"the test held the consumer program's Kafka fetches for {FETCH_HOLD:g} s (a "
+                f"broker slow to answer) and the program exited {code} meanwhile, having "
+                f"handled {handled} of the {len(deliveries)} events on the topic: it took a "
+                f"poll() that returned nothing for the end of the partition. A poll() that "
+                f"returns None (a consume() that returns []) only says no record came within "
+                f"its timeout (a broker slow to answer, a consumer still starting); the end is "
+                f"the partition-EOF event (enable.partition.eof=true, an error "
+                f"_PARTITION_EOF): keep polling until it comes\n{error_tail(proc)}",
+                pytrace=False)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the consumer program did not reach the end of the topic within 30 s "
+                        "of the test letting its fetches go", pytrace=False)
+    assert code == 0, f"the consumer program exited with {code}: {error_tail(proc)}"
+    assert balances(conn) == {"acct-slow": 600}, (
+        f"the consumer program, whose fetches the test held {FETCH_HOLD:g} s, exited 0 "
+        f"leaving the balances {balances(conn)}; expected {{'acct-slow': 600}}")
+    at = committed_position(kafka, topic)
+    assert at == len(deliveries), (
+        f"after the consumer program read the topic to its end the group's committed offset "
+        f"is {at}, expected {len(deliveries)}")

@@ -231,6 +231,36 @@ def _exporter(first: str) -> Iterator[tuple[str, Any]]:
         yield address, publish
 
 
+def _grouping_mistake(text: str) -> str | None:
+    """The format's grouping rules, None if kept: one HELP and one TYPE line per metric name,
+    and a family's lines (its HELP, TYPE and samples) together, no other family's between."""
+    lines = text.split("\n")  # HELP text may hold other line-breaking characters
+    metadata: dict[tuple[str, str], int] = {}
+    for line in lines:
+        if line[:7] in ("# HELP ", "# TYPE "):
+            key = (line[2:6], line[7:].split(" ")[0])
+            metadata[key] = metadata.get(key, 0) + 1
+    declared = {name for _, name in metadata}
+    blocks: list[str] = []  # the metric name of each run of consecutive lines
+    for line in lines:  # a piece of a line broken by a mistake names no declared metric
+        name = line[7:].split(" ")[0] if line[:7] in ("# HELP ", "# TYPE ") else (
+            re.split(r"[{ ]", line, maxsplit=1)[0])
+        if name in declared and (not blocks or blocks[-1] != name):
+            blocks.append(name)
+    rule = ("the text format allows one HELP and one TYPE line per metric name, before its "
+            "first sample, and all of that metric's samples in one group after them - write "
+            "each family's HELP and TYPE once, then all of its samples, then the next family")
+    for (kind, name), count in metadata.items():
+        if count > 1:
+            return f"render() wrote {count} '# {kind} {name}' lines, expected one: {rule}"
+    split = sorted({n for n in blocks if blocks.count(n) > 1})
+    if split:
+        return (f"render() wrote the lines of {', '.join(split)} in {blocks.count(split[0])} "
+                f"groups with other families' lines between them (in order: "
+                f"{' '.join(blocks)}): {rule}")
+    return None
+
+
 def test_the_parser_reads_back_what_was_written(learner: Any) -> None:
     text = _rendered(learner, FAMILIES)
     for family in FAMILIES:
@@ -245,6 +275,9 @@ def test_the_parser_reads_back_what_was_written(learner: Any) -> None:
                    if family["type"] == "counter" else "HELP and TYPE name the metric")
                 + f" ({name}): Prometheus files the type and help under the samples' name, "
                 "and a TYPE for another name leaves the samples untyped")
+    mistake = _grouping_mistake(text)
+    if mistake:
+        pytest.fail(mistake, pytrace=False)
     try:
         parsed = {f.name: f for f in text_string_to_metric_families(text)}
     except Exception as exc:  # noqa: BLE001 - the parser's complaint is the message
