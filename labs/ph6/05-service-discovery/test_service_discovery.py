@@ -214,23 +214,32 @@ GLOB_NAMED = {"web": "127.0.0.1:7201", "web-v2": "127.0.0.1:7202", "web*": "127.
               "we?": "127.0.0.1:7204", "w[ae]b": "127.0.0.1:7205", "wab": "127.0.0.1:7206"}
 
 
-def test_lookup_takes_the_service_name_literally(world: Any) -> None:
-    """Instances of web, web-v2, web*, we?, w[ae]b and wab (written in the README's format by
-    another client): a lookup of each lists that service's instance only - *, ? and [ in a
-    name are characters of the name, not wildcards of the SCAN MATCH pattern."""
+def lookups_mixed_up(world: Any, named: dict[str, tuple[str, str]]) -> list[str]:
+    """Register one instance per service, {service: (instance id, address)}, in the README's
+    format as another client would; then look each service up: what each lookup that did not
+    give its own instance alone gave, and whose instances those were."""
     reg, r = world
-    for n, (service, address) in enumerate(GLOB_NAMED.items()):
-        r.set(key(service, f"i{n}"), json.dumps({"address": address, "healthy": True}),
+    for service, (instance, address) in named.items():
+        r.set(key(service, instance), json.dumps({"address": address, "healthy": True}),
               px=30_000)
-    owner = {address: service for service, address in GLOB_NAMED.items()}
+    owner = {address: service for service, (_, address) in named.items()}
     wrong = []
-    for service, address in GLOB_NAMED.items():
+    for service, (_, address) in named.items():
         got = lookup(reg, service)
         if got != [address]:
             others = sorted(owner.get(a, a) for a in got if a != address)
             wrong.append(f"lookup({service!r}) gave {got}"
                          + (f" (instances of {others})" if others else "")
                          + ("" if address in got else f", without its own {address}"))
+    return wrong
+
+
+def test_lookup_takes_the_service_name_literally(world: Any) -> None:
+    """Instances of web, web-v2, web*, we?, w[ae]b and wab (written in the README's format by
+    another client): a lookup of each lists that service's instance only - *, ? and [ in a
+    name are characters of the name, not wildcards of the SCAN MATCH pattern."""
+    wrong = lookups_mixed_up(world, {service: (f"i{n}", address) for n, (service, address)
+                                     in enumerate(GLOB_NAMED.items())})
     assert not wrong, (
         f"a service name's glob characters were taken for wildcards: {'; '.join(wrong)} - "
         "expected each service's own instance only: the name went into the SCAN MATCH "
@@ -250,19 +259,7 @@ def test_a_service_name_may_hold_a_colon(world: Any) -> None:
     """Instances of api, api:v2 and api:v2:canary (the README's format): services:api:*
     also matches services:api:v2:i2, whose service is api:v2 - its instance id holds no
     colon. A lookup lists its own service's instances only."""
-    reg, r = world
-    for service, (instance, address) in COLON_NAMED.items():
-        r.set(key(service, instance), json.dumps({"address": address, "healthy": True}),
-              px=30_000)
-    owner = {address: service for service, (_, address) in COLON_NAMED.items()}
-    wrong = []
-    for service, (_, address) in COLON_NAMED.items():
-        got = lookup(reg, service)
-        if got != [address]:
-            others = sorted(owner.get(a, a) for a in got if a != address)
-            wrong.append(f"lookup({service!r}) gave {got}"
-                         + (f" (instances of {others})" if others else "")
-                         + ("" if address in got else f", without its own {address}"))
+    wrong = lookups_mixed_up(world, COLON_NAMED)
     assert not wrong, (
         f"service names holding a colon were mixed up: {'; '.join(wrong)} - expected each "
         "service's own instance only. services:api:* matches services:api:v2:i2 too, and "
