@@ -387,6 +387,24 @@ def test_q3_lookup_is_an_index_only_scan_on_a_unique_covering_index(
         f"({', '.join(sorted(Q3_READS))})")
 
 
+def split_by_refusal(w: Workload, cases: dict[str, list[tuple[str, tuple[Any, ...]]]]
+                     ) -> tuple[list[str], list[str]]:
+    """Run each case's inserts in a transaction rolled back after them (constraints checked
+    at once, deferred ones too): (the cases accepted, the cases refused as a duplicate)."""
+    accepted, refused = [], []
+    for name, inserts in cases.items():
+        try:
+            with w.conn.transaction(force_rollback=True):
+                for sql, args in inserts:
+                    w.conn.execute(sql, args)
+                w.conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        except errors.IntegrityError:
+            refused.append(name)
+        else:
+            accepted.append(name)
+    return accepted, refused
+
+
 # A second order with an existing reference, in each status (one the table does not hold
 # yet too): the reference identifies every order, whatever its status.
 DUPLICATE_REF = "INSERT INTO orders SELECT 0, 1, 'ORD-0054321', %s, now(), 1, ''"
@@ -396,16 +414,8 @@ STATUSES = ("pending", "cancelled", "shipped", "refunded")
 def refuse_uniqueness_by_status(w: Workload) -> None:
     """A reference unique among some orders only (a partial UNIQUE index) lets an order
     outside its WHERE share a reference with another."""
-    accepted, refused = [], []
-    for status in STATUSES:
-        try:
-            with w.conn.transaction(force_rollback=True):
-                w.conn.execute(DUPLICATE_REF, (status,))
-                w.conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        except errors.IntegrityError:
-            refused.append(status)
-        else:
-            accepted.append(status)
+    accepted, refused = split_by_refusal(
+        w, {status: [(DUPLICATE_REF, (status,))] for status in STATUSES})
     if not (accepted and refused):
         return  # the same rule for every order: judged below
     partial = [i.describe() for i in w.indexes.values()
@@ -429,17 +439,8 @@ NEW_ORDER = "INSERT INTO orders SELECT %s, %s, %s, 'shipped', now(), 1, ''"
 def refuse_uniqueness_by_form(w: Workload) -> None:
     """A reference unique only in some forms (a partial UNIQUE index whose WHERE is on
     external_ref itself, so the lookup can still use it) lets the other forms repeat."""
-    accepted, refused = [], []
-    for ref in REFERENCE_FORMS:
-        try:
-            with w.conn.transaction(force_rollback=True):
-                for n in (1, 2):
-                    w.conn.execute(NEW_ORDER, (-n, n, ref))
-                w.conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        except errors.IntegrityError:
-            refused.append(ref)
-        else:
-            accepted.append(ref)
+    accepted, refused = split_by_refusal(
+        w, {ref: [(NEW_ORDER, (-n, n, ref)) for n in (1, 2)] for ref in REFERENCE_FORMS})
     if not (accepted and refused):
         return  # the same rule for every reference: judged below
     partial = [f"{i.describe()}" for i in w.indexes.values()
