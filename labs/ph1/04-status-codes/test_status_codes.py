@@ -608,6 +608,26 @@ def _lock_waiters(admin: psycopg.Connection[Any], database: str) -> int:
     return int(row[0]) if row else 0
 
 
+def held_in_postgres(hosts: tuple[str, ...], method: str, path: str,
+                     admin: psycopg.Connection[Any], database: str,
+                     release: Callable[[], object]) -> dict[str, HttpReply]:
+    """The same request to each instance at once, each on a thread of its own, while the test
+    holds a row lock they need: once all wait on a lock in Postgres (or have answered, or
+    HOLD passed), release() ends the test's transaction and the answers are awaited (HOLD).
+    Each instance's answer, by host; one missing did not come in time."""
+    replies: dict[str, HttpReply] = {}
+    threads = [threading.Thread(target=lambda h=host: replies.__setitem__(
+        h, call(h, method, path, headers=WRITER)), daemon=True) for host in hosts]
+    for thread in threads:
+        thread.start()
+    came_true(lambda: _lock_waiters(admin, database) >= len(hosts)
+              or not any(t.is_alive() for t in threads), timeout=HOLD)
+    release()
+    for thread in threads:
+        thread.join(HOLD)
+    return replies
+
+
 def test_concurrent_requests_are_counted_atomically(make_app: Callable[..., Any],
                                                      db: Any) -> None:
     """Two instances, the token with 2 of its 3 requests used, and two requests at once: the
@@ -627,19 +647,9 @@ def test_concurrent_requests_are_counted_atomically(make_app: Callable[..., Any]
                                 "'writer-token' FOR UPDATE").fetchall()
         assert locked, ("after 2 requests request_counts holds no row for the token: count "
                         "each request in request_counts, the table every instance shares")
-        replies: dict[str, HttpReply] = {}
-        threads = [threading.Thread(target=lambda h=host: replies.__setitem__(
-            h, call(h, "GET", "/projects/1", headers=WRITER)), daemon=True)
-            for host in (host_a, host_b)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + HOLD
-        while (time.monotonic() < deadline and any(t.is_alive() for t in threads)
-               and _lock_waiters(admin, db.name) < 2):
-            time.sleep(0.01)
-        holder.commit()  # both requests now go on, one after the other
-        for thread in threads:
-            thread.join(HOLD)
+        # holder commits: both requests now go on, one after the other
+        replies = held_in_postgres((host_a, host_b), "GET", "/projects/1", admin, db.name,
+                                   holder.commit)
         with psycopg.connect(db.dsn, autocommit=True) as conn:
             counted = conn.execute("SELECT coalesce(sum(count), 0) FROM request_counts "
                                    "WHERE token = 'writer-token'").fetchone()
@@ -775,17 +785,9 @@ def test_two_deletes_at_once_one_is_404(make_app: Callable[..., Any], db: Any) -
             psycopg.connect(db.admin_dsn, autocommit=True) as admin, \
             psycopg.connect(db.dsn) as holder:
         holder.execute("SELECT 1 FROM projects WHERE id = 2 FOR UPDATE")
-        replies: dict[str, HttpReply] = {}
-        threads = [threading.Thread(target=lambda h=host: replies.__setitem__(
-            h, call(h, "DELETE", "/projects/2", headers=WRITER)), daemon=True)
-            for host in (host_a, host_b)]
-        for thread in threads:
-            thread.start()
-        came_true(lambda: _lock_waiters(admin, db.name) >= 2
-                  or not any(t.is_alive() for t in threads), timeout=HOLD)
-        holder.rollback()  # both requests now go on, one after the other
-        for thread in threads:
-            thread.join(HOLD)
+        # holder rolls back: both requests now go on, one after the other
+        replies = held_in_postgres((host_a, host_b), "DELETE", "/projects/2", admin, db.name,
+                                   holder.rollback)
         with psycopg.connect(db.dsn, autocommit=True) as conn:
             left = conn.execute("SELECT count(*) FROM projects WHERE id = 2").fetchone()
     assert len(replies) == 2, (
