@@ -116,6 +116,19 @@ class Background:
             pytest.fail(f"{self.what} raised {type(self.error).__name__}: {self.error}",
                         pytrace=False)
 
+    def ended(self, after: str) -> BaseException | None:
+        """For a peer that reset the connection: wait (WAIT) for the function to end, fail
+        when it has not ("... did not return within WAIT s <after>"); the OSError it raised,
+        if any (the reset reaching a recv or send, for the test to judge); any other error
+        fails as check() says."""
+        self.thread.join(WAIT)
+        if self.thread.is_alive():
+            pytest.fail(f"{self.what} did not return within {WAIT:.0f} s {after}",
+                        pytrace=False)
+        if self.error is not None and not isinstance(self.error, OSError):
+            self.check()
+        return self.error
+
     def wait(self) -> Any:
         self.thread.join(WAIT)
         if self.thread.is_alive():
@@ -124,6 +137,12 @@ class Background:
                         pytrace=False)
         self.check()
         return self.result
+
+
+def crash(sock: socket.socket) -> None:
+    """Close with an RST, not a FIN (SO_LINGER on, 0 s): a peer that crashed."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def peer_reads(sock: socket.socket, running: Background) -> str:
@@ -420,15 +439,8 @@ def test_peer_reset_during_drain_still_closes(learner: Any, pair: Pair) -> None:
     running = Background("graceful_close()", closing.graceful_close, pair.client)
     seen = peer_reads(pair.server, running)
     expect_fin(Exchange(seen, None))
-    pair.server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    pair.server.close()  # RST: the peer crashed instead of answering
-    running.thread.join(WAIT)
-    if running.thread.is_alive():
-        pytest.fail("graceful_close() did not return within "
-                    f"{WAIT:.0f} s after the peer reset the connection", pytrace=False)
-    error = running.error
-    if error is not None and not isinstance(error, ConnectionError | OSError):
-        running.check()
+    crash(pair.server)  # RST: the peer crashed instead of answering
+    error = running.ended("after the peer reset the connection")
     fd = pair.client.fileno()
     assert fd == -1, (
         f"the peer reset the connection while graceful_close() was draining; graceful_close() "
@@ -648,15 +660,9 @@ def test_a_reset_mid_request_is_no_request(learner: Any, pair: Pair) -> None:
     part = b"the first part of a request whose client crashes before the rest\n"
     pair.client.sendall(part)
     wait_until_taken(pair.client, pair.server, running)  # read: the server waits for more
-    pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    pair.client.close()  # RST, not FIN: the client crashed in the middle of its request
-    running.thread.join(WAIT)
-    if running.thread.is_alive():
-        pytest.fail(f"serve_until_eof() did not return within {WAIT:.0f} s after the client "
-                    "reset the connection in the middle of its request", pytrace=False)
-    error = running.error
-    if error is not None and not isinstance(error, OSError):
-        running.check()
+    crash(pair.client)  # RST, not FIN: the client crashed in the middle of its request
+    error = running.ended("after the client reset the connection in the middle of its "
+                          "request")
     assert not requests, (
         f"the client sent {len(part)} bytes of its request, then reset the connection (RST, "
         f"no FIN); serve_until_eof() called the handler with {requests[0]!r:.70}, expected "
@@ -703,11 +709,11 @@ def test_client_reset_before_the_answer_still_closes(learner: Any, pair: Pair) -
     """The error path at the last step: the client resets after its request was read, while
     the handler runs. Sending the answer then fails (EPIPE or ECONNRESET); the socket must
     be closed all the same - the send is inside the try whose finally closes it too."""
-    called, reset = threading.Event(), threading.Event()
+    called, answer = threading.Event(), threading.Event()
 
     def handler(request: bytes) -> bytes:
         called.set()
-        reset.wait(WAIT)  # the client aborts meanwhile
+        answer.wait(WAIT)  # the client aborts meanwhile
         return b"an answer nobody will read\n"
 
     closing = learner.load("closing")
@@ -716,19 +722,12 @@ def test_client_reset_before_the_answer_still_closes(learner: Any, pair: Pair) -
     pair.client.shutdown(socket.SHUT_WR)
     assert called.wait(WAIT), (
         f"serve_until_eof() did not call the handler within {WAIT:.0f} s of the client's FIN")
-    pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    pair.client.close()  # RST: the client crashed before it got the answer
+    crash(pair.client)  # RST: the client crashed before it got the answer
     deadline = time.monotonic() + WAIT  # the reset ends the server's end: it leaves the table
     while tcp_state(*pair.server_end()) is not None and time.monotonic() < deadline:
         time.sleep(0.01)
-    reset.set()
-    running.thread.join(WAIT)
-    if running.thread.is_alive():
-        pytest.fail(f"serve_until_eof() did not return within {WAIT:.0f} s after its handler "
-                    "returned on a connection the client had reset", pytrace=False)
-    error = running.error
-    if error is not None and not isinstance(error, OSError):
-        running.check()
+    answer.set()
+    error = running.ended("after its handler returned on a connection the client had reset")
     fd = pair.server.fileno()
     assert fd == -1, (
         f"the client reset the connection while the handler ran; sending the answer "
@@ -884,18 +883,11 @@ def test_peer_reset_before_the_call_still_closes(learner: Any, pair: Pair,
     was called. Whatever raises, and wherever, the socket must be closed."""
     closing = learner.load("closing")
     mine, theirs = case.mine(pair), case.theirs(pair)
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    theirs.close()  # RST: the peer crashed before the learner's code ran
+    crash(theirs)  # RST: the peer crashed before the learner's code ran
     readable, _, _ = select.select([mine], [], [], WAIT)  # the RST has arrived
     assert readable, f"the test's reset did not reach the other end within {WAIT:.0f} s"
     running = Background(case.what, case.call, closing, mine)
-    running.thread.join(WAIT)
-    if running.thread.is_alive():
-        pytest.fail(f"{case.what} did not return within {WAIT:.0f} s on a connection the "
-                    "peer had already reset", pytrace=False)
-    error = running.error
-    if error is not None and not isinstance(error, OSError):
-        running.check()
+    error = running.ended("on a connection the peer had already reset")
     fd = mine.fileno()
     assert fd == -1, (
         f"the peer had reset the connection before {case.what} was called; {case.what} "
