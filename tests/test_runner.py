@@ -100,6 +100,22 @@ def test_early_exit_and_fake_reports_score_failed(run, trick: str) -> None:  # t
     assert not any(t.outcome == "passed" and "answer_comes" in t.nodeid for t in result.tests)
 
 
+def test_a_client_that_crashes_when_freed_at_exit_does_not_cost_the_lab(run) -> None:  # type: ignore[no-untyped-def]
+    # A client of a C library kept for the life of the process (a librdkafka producer per
+    # cluster, as ph5.1's reference keeps one) can crash the interpreter as it is freed
+    # during finalization: SIGSEGV after the session had finished, seen once in CI. The
+    # tests process ends without freeing what is left (tests_main), so such an object,
+    # here one whose destructor crashes for certain, never runs its destructor.
+    result = run(SOLUTION + "\nimport json, os, signal\n"
+                 "class CrashesWhenFreed:\n"
+                 # (what it calls bound now: module globals may be gone by then)
+                 "    def __del__(self, kill=os.kill, me=os.getpid(), sig=signal.SIGSEGV):\n"
+                 "        kill(me, sig)\n"
+                 "if not hasattr(json, 'held_until_exit'):   # once: each test imports afresh\n"
+                 "    json.held_until_exit = CrashesWhenFreed()\n")
+    assert result.outcome == "passed", (result.first_line, result.output[-1500:])
+
+
 def test_a_thread_left_running_costs_the_exit_grace_not_the_budget(run) -> None:  # type: ignore[no-untyped-def]
     # A non-daemon thread keeps the interpreter from exiting after the last test: the
     # runner waits EXIT_GRACE once the session reported its end, then dumps every thread's

@@ -136,7 +136,8 @@ def pytest_command(lab: Lab, src: Path, sandbox: Sandbox, ini: Path) -> list[str
     for extra in sandbox.extra_test_paths:
         tests += [str(p) for p in sorted(extra.glob("test_*.py"))]
     return [
-        sys.executable, "-m", "pytest", *tests,
+        sys.executable, "-m", "labrunner.tests_main", *tests,   # pytest, ended without
+        # tearing the interpreter down (see tests_main)
         "-c", str(ini),             # our config only: no pytest.ini/pyproject from elsewhere
         "--rootdir", str(lab.path),
         "-p", "labrunner.plugin",
@@ -313,7 +314,7 @@ def _run_lab(
     command = pytest_command(lab, src, sandbox, ini)
     proc: TestsProcess | None = None
     if sandbox.forked and _unconfined(sandbox):   # (so no learner factory either)
-        proc = zygote.start(command[3:], workdir, env, pass_fds)   # after "python -m pytest"
+        proc = zygote.start(command[3:], workdir, env, pass_fds)   # after "python -m X"
     if proc is None:
         proc = subprocess.Popen(
             command,

@@ -4,14 +4,14 @@ use, and forks each lab's tests process from itself.
 A lab's tests process spent about 0.45 CPU-seconds before its first test: the interpreter,
 pytest and its plugins, psycopg, redis... imported afresh each time (about 1.8 s of wall time
 on a loaded 2-core machine). The zygote pays it once. Each fork then becomes what
-``python -m pytest`` started in that folder with that environment would be: a session and
-process group of its own, its working folder, its environment, exactly the descriptors it
-was given, and a fresh import of labrunner's own modules (the plugin holds per-process
-state and reads its environment as it loads).
+``python -m labrunner.tests_main`` (pytest's main) started in that folder with that
+environment would be: a session and process group of its own, its working folder, its
+environment, exactly the descriptors it was given, and a fresh import of labrunner's own
+modules (the plugin holds per-process state and reads its environment as it loads).
 
 Used by ``dev check``, and so by CI's checks of every lab, which paid that start-up about
-2,000 times a run. A learner's ``run`` starts its tests process the usual way, with its
-pytest command line in ``ps``; grading starts each one as another uid and under limits.
+2,000 times a run. A learner's ``run`` starts its tests process itself, with its pytest
+command line in ``ps``; grading starts each one as another uid and under limits.
 
 The zygote is not tied to a thread (PR_SET_PDEATHSIG follows the thread that forked): it
 ends when the process that started it closes its end of the control socket, which the
@@ -37,6 +37,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from .tests_main import end_process
 
 # Imported once in the zygote: what most tests processes import, and costly to import
 # (psycopg and redis about 0.25 CPU-s each). Never a module that starts threads or opens
@@ -138,9 +140,9 @@ _zygote_lock = threading.Lock()
 
 def start(args: Sequence[str], cwd: Path, env: dict[str, str],
           pass_fds: Sequence[int]) -> ForkedProcess | None:
-    """``python -m pytest *args`` in ``cwd`` with ``env`` and ``pass_fds``, forked from the
-    zygote (started on first use, again if it died); None when it cannot be (the caller
-    then starts the process itself)."""
+    """``python -m labrunner.tests_main *args`` in ``cwd`` with ``env`` and ``pass_fds``,
+    forked from the zygote (started on first use, again if it died); None when it cannot be
+    (the caller then starts the process itself)."""
     global _zygote
     if os.environ.get(ENV_OFF) == "1" or not hasattr(socket, "send_fds"):
         return None
@@ -274,7 +276,7 @@ def _reap(children: dict[int, socket.socket]) -> None:
 
 
 def _become_tests_process(request: dict[str, Any], given: list[int]) -> None:
-    """In the fork: what ``subprocess.Popen(python -m pytest ...)`` would have made."""
+    """In the fork: what ``Popen(python -m labrunner.tests_main ...)`` would have made."""
     import resource
 
     from .parent_death import die_with_parent
@@ -295,21 +297,8 @@ def _become_tests_process(request: dict[str, Any], given: list[int]) -> None:
     sys.argv = [str(Path(pytest.__file__).parent / "__main__.py"), *request["args"]]
 
     code = pytest.main(request["args"])
-    _exit(int(code))
-
-
-def _exit(code: int) -> None:
-    """What the interpreter does as it exits (non-daemon threads waited for, exit functions
-    run, streams flushed), short of freeing every object: in a fork that would write to,
-    and so copy, every page it still shares with the zygote."""
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    end_process(int(code))   # the objects are left to the exit (see tests_main): in a
+    # fork, freeing them would also write to, and so copy, every page shared with the zygote
 
 
 def _place_descriptors(output: int, given: list[int], targets: list[int]) -> None:
