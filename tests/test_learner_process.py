@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +117,23 @@ def whoami():
 def spin():
     while True:
         pass
+
+
+_threads = []
+
+
+def call_in_threads(fn, count):
+    """A worker pool of the learner's: each new thread calls fn(i); returns at once."""
+    for i in range(count):
+        thread = threading.Thread(target=fn, args=(i,))
+        thread.start()
+        _threads.append(thread)
+
+
+def join_threads():
+    for thread in _threads:
+        thread.join(20)
+    return sum(thread.is_alive() for thread in _threads)
 '''
 
 
@@ -185,6 +203,30 @@ def test_callbacks_run_in_the_verification(module: Any) -> None:
 
     assert module.call_back(record, 4) == 41
     assert seen == [4]
+
+
+def test_callbacks_from_threads_the_learner_made_are_served_side_by_side(module: Any) -> None:
+    # A test that holds the learner's code inside a callback (a clock, a hook) races two of
+    # the learner's threads only if the second thread's call is served while the first is
+    # held. Here each callback waits for the other two, with the test's own thread outside
+    # any call: served one at a time, they would never meet.
+    meet = threading.Barrier(3, timeout=10)
+    met: list[int] = []
+    all_met = threading.Event()
+
+    def hook(i: int) -> None:
+        meet.wait()
+        met.append(i)
+        if len(met) == 3:
+            all_met.set()
+
+    module.call_in_threads(hook, 3)
+    try:
+        assert all_met.wait(15), (
+            f"callbacks from 3 of the learner's threads, each waiting for the others: "
+            f"{sorted(met)} got through - they were served one at a time")
+    finally:
+        module.join_threads()
 
 
 def test_pytest_outcomes_cannot_be_raised_from_the_learner_side(module: Any) -> None:
