@@ -25,6 +25,7 @@ LEARNER = '''
 import os
 import sys
 import threading
+import time
 
 
 class Refused(ValueError):
@@ -122,12 +123,26 @@ def spin():
 _threads = []
 
 
-def call_in_threads(fn, count):
-    """A worker pool of the learner's: each new thread calls fn(i); returns at once."""
+def call_in_threads(fn, count, after=0.0):
+    """A worker pool of the learner's: each new thread calls fn(i) `after` seconds later;
+    returns at once."""
+    def work(i):
+        time.sleep(after)
+        fn(i)
+
     for i in range(count):
-        thread = threading.Thread(target=fn, args=(i,))
+        thread = threading.Thread(target=work, args=(i,))
         thread.start()
         _threads.append(thread)
+
+
+_meetings = {}
+
+
+def meet_others(count):
+    """Returns once `count` callers are in (each call on a thread of the tests' side)."""
+    _meetings.setdefault(count, threading.Barrier(count, timeout=10)).wait()
+    return True
 
 
 def join_threads():
@@ -205,28 +220,51 @@ def test_callbacks_run_in_the_verification(module: Any) -> None:
     assert seen == [4]
 
 
-def test_callbacks_from_threads_the_learner_made_are_served_side_by_side(module: Any) -> None:
-    # A test that holds the learner's code inside a callback (a clock, a hook) races two of
-    # the learner's threads only if the second thread's call is served while the first is
-    # held. Here each callback waits for the other two, with the test's own thread outside
-    # any call: served one at a time, they would never meet.
-    meet = threading.Barrier(3, timeout=10)
+@pytest.mark.parametrize(("threads", "after"), [(2, 0.5), (8, 0.5), (8, 0.0)])
+def test_callbacks_from_threads_the_learner_made_are_served_side_by_side(
+        module: Any, threads: int, after: float) -> None:
+    # A test that holds the learner's code inside a callback (a clock, a hook) races the
+    # learner's threads only if each thread's call is served while the others are held.
+    # Here each callback waits for all the others. Made once the test's thread is out of
+    # the call that started them (after=0.5), they were served by one thread, one at a
+    # time: 2 never met (ph3.5 moved its clock beside the app for this). Made while it is
+    # still in it, RPyC served them on a pool sized for the CPUs (6 here): 8 never met.
+    meet = threading.Barrier(threads, timeout=10)
     met: list[int] = []
     all_met = threading.Event()
 
     def hook(i: int) -> None:
         meet.wait()
         met.append(i)
-        if len(met) == 3:
+        if len(met) == threads:
             all_met.set()
 
-    module.call_in_threads(hook, 3)
+    module.call_in_threads(hook, threads, after)
     try:
         assert all_met.wait(15), (
-            f"callbacks from 3 of the learner's threads, each waiting for the others: "
-            f"{sorted(met)} got through - they were served one at a time")
+            f"callbacks from {threads} of the learner's threads, each waiting for the "
+            f"others: {sorted(met)} got through - they were not all served at once")
     finally:
         module.join_threads()
+
+
+def test_calls_from_many_test_threads_run_in_the_learner_at_once(module: Any) -> None:
+    # A race test fires many calls at once (10 clients at a limiter): each must run in the
+    # learner's process at the same time, as it would in one process, not 6 at a time.
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(module.meet_others(10))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results.append(exc)
+
+    callers = [threading.Thread(target=call) for _ in range(10)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    assert results == [True] * 10, f"10 calls at once, each waiting for the others: {results}"
 
 
 def test_pytest_outcomes_cannot_be_raised_from_the_learner_side(module: Any) -> None:

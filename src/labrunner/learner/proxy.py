@@ -52,6 +52,9 @@ _VERIFIER_CONFIG: dict[str, Any] = {
     "log_exceptions": False,
 }
 
+# Calls from the learner's own threads that the tests' side can serve at once.
+CALLBACKS_HELD_AT_ONCE = 8
+
 # Attributes that lead from an object to code and globals: a frame's, a generator's, a
 # traceback's. Dunders are refused by RPyC already (except its list of safe operators).
 _WITHHELD_PREFIXES = ("f_", "gi_", "cr_", "ag_", "tb_", "co_")
@@ -215,7 +218,14 @@ class LearnerHost:
     def __init__(self, conn: _VerifierConnection, kill: Any) -> None:
         self.conn = conn
         self._kill = kill
-        self._serving = rpyc.BgServingThread(conn)
+        # A call from a thread the learner's code started (its server's, its workers') is
+        # served on whichever of these threads receives it, while the test's own threads are
+        # elsewhere. One alone served a second such call only once the first had returned:
+        # a test that held one inside a callback of its own (a clock, a hook) could never
+        # race a second. Each waits its turn to receive (woken as the one receiving leaves
+        # to serve a call), not RPyC's default of polling every 0.1 s.
+        self._serving = [rpyc.BgServingThread(conn, serve_interval=0.5, sleep_interval=0.0)
+                         for _ in range(CALLBACKS_HELD_AT_ONCE)]
 
     @classmethod
     def start(cls, how: str) -> LearnerHost:
@@ -265,7 +275,8 @@ class LearnerHost:
         a serving thread about to poll the old number would wait on the new socket for ever,
         keeping this process from exiting."""
         self._kill()
-        self._serving._active = False   # its loop ends at the next turn; no join
+        for serving in self._serving:
+            serving._active = False   # its loop ends at the next turn; no join
         self.conn._closed = True
         try:
             sock = self.conn._channel.stream.sock

@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
@@ -15,6 +16,8 @@ from rpyc.core.protocol import Connection
 from .codec import _MAX_PLAIN_ITEMS, _PLAIN_SCALARS, _decode_plain, _encode_plain
 
 _REFUSED_BUILTINS = {"KeyboardInterrupt", "SystemExit", "GeneratorExit"}
+# Calls from threads the other side made, served at once, each on a thread of its own.
+CALLS_SERVED_AT_ONCE = 64
 
 
 class _Shared:
@@ -34,6 +37,17 @@ class _PlainDataConnection(Connection):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        pool = self.__dict__.get("_thread_pool_executor")   # RPyC's, with bind_threads
+        if pool is not None:
+            # RPyC serves a call from a thread this side does not know (one the learner's
+            # code started; a test's own client threads) on a pool sized for the CPUs: 6 on
+            # a 2-core machine. A test that holds 8 of the learner's threads in a callback
+            # until all 8 are in, or fires 10 calls at once at a limiter, would see at most
+            # 6 served: a deadlock, or a race that never runs. Idle, the pool costs nothing
+            # (its threads start on demand).
+            pool.shutdown(wait=False)
+            self.__dict__["_thread_pool_executor"] = ThreadPoolExecutor(
+                max_workers=CALLS_SERVED_AT_ONCE, thread_name_prefix="rpc-calls")
         self.stand_in_exceptions: dict[tuple[str, str], type[BaseException]] = {}
         self._exceptions_lock = threading.RLock()
 
