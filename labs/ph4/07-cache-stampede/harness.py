@@ -97,3 +97,16 @@ def other_key_while_loading(module: ModuleType, url: str,
 
 class _Waited(Exception):
     """B's sleep() was called: it found a lock held, though nobody loads its key."""
+
+
+def tokens_of_one_thread(module: ModuleType, url: str, name: str, ttl_ms: int, times: int,
+                         expire: Callable[[], None]) -> list[str | None]:
+    """``times`` acquire_lock() calls for the lock ``name`` from ONE thread, the way one
+    worker (or one event loop's tasks) takes lock after lock; ``expire()`` (the test's side)
+    deletes the lock between them, as its TTL would. Returns the tokens acquire_lock gave.
+    From the test's side two calls may reach the learner's process on two threads."""
+    tokens: list[str | None] = []
+    for _ in range(times):
+        tokens.append(module.acquire_lock(url, name, ttl_ms))
+        expire()
+    return tokens

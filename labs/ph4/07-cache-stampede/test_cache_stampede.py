@@ -347,7 +347,8 @@ def test_fifty_callers_on_a_missing_key_load_once(learner: Any, stampede: Module
     assert not left, f"keys left behind after the load: {left}: the lock was not released"
 
 
-def test_the_lock_is_released_only_by_its_owner(stampede: ModuleType, redis_db: Any) -> None:
+def test_the_lock_is_released_only_by_its_owner(learner: Any, stampede: ModuleType,
+                                                redis_db: Any) -> None:
     r = redis_db.client(decode_responses=True)
     a = stampede.acquire_lock(redis_db.url, "lock:report", 30_000)
     assert a, "acquire_lock on a free lock returned no token"
@@ -356,7 +357,22 @@ def test_the_lock_is_released_only_by_its_owner(stampede: ModuleType, redis_db: 
     r.delete("lock:report")  # A's lock expires while A is still working
     b = stampede.acquire_lock(redis_db.url, "lock:report", 30_000)
     assert b, "acquire_lock on an expired (deleted) lock returned no token"
-    assert a != b, f"two acquisitions got the same token {a!r}: tokens must be random"
+    assert a != b, (
+        f"two acquisitions of the lock (the first deleted, as an expiry would) got the same "
+        f"token {a!r}, expected two different ones: a token made once - a constant, or per "
+        "process or thread (host, pid, thread id, a random value kept) - is the same for "
+        "every lock its maker takes, so a late release of an expired lock deletes the next "
+        "owner's. Tokens must be random per acquisition (secrets.token_hex(16)).")
+    tokens = learner.harness().tokens_of_one_thread(
+        stampede, redis_db.url, "lock:tokens", 30_000, 3, lambda: r.delete("lock:tokens"))
+    assert None not in tokens and len(set(tokens)) == len(tokens), (
+        f"three acquire_lock() calls from one thread, the lock expiring (deleted) between "
+        f"them, got the tokens {tokens}, expected three different ones: a token made once "
+        "per thread or per process (host, pid, thread id, or a random value kept for the "
+        "thread) is the same for every lock that thread takes - an event loop runs many "
+        "requests on one thread, and a request whose lock expired then releases, with that "
+        "same token, the lock the next request took. Make a new random token for each "
+        "acquisition (secrets.token_hex(16)).")
     with redis_commands(redis_db, with_source=True) as seen:
         released = stampede.release_lock(redis_db.url, "lock:report", a)
     holder = r.get("lock:report")

@@ -136,6 +136,35 @@ def test_a_draw_of_zero_recomputes(stampede: ModuleType, redis_db: Any) -> None:
         "draw that must recompute into one that never does")
 
 
+def test_an_empty_value_is_a_hit(stampede: ModuleType, redis_db: Any) -> None:
+    """A computed value can be empty ("" for "no orders today"): the entry holds it, with
+    its delta and expiry, and a reader far from the expiry serves it. An entry whose value
+    is taken as missing (`if value:` on HMGET's answer) is recomputed by every reader -
+    XFetch's own stampede, on the keys whose answer is "nothing"."""
+    clock = Clock(1_000.0)
+    loads: list[float] = []
+
+    def loader() -> str:
+        loads.append(clock.t)
+        clock.t += 2.0          # delta = 2 s
+        return ""
+
+    got = [stampede.xfetch(redis_db.url, "xf:empty", loader, 100.0, beta=1.0, now=clock,
+                           rand=lambda: 0.5)]
+    for at in (1_010.0, 1_050.0):   # 92 s and 52 s before the logical expiry (1,102)
+        clock.t = at
+        got.append(stampede.xfetch(redis_db.url, "xf:empty", loader, 100.0, beta=1.0,
+                                   now=clock, rand=lambda: 0.5))
+    assert got == ["", "", ""] and len(loads) == 1, (
+        f"the loader returned '' (an empty result), and xfetch of that key 3 times, 92 and "
+        f"52 s before the logical expiry (delta = 2 s, rand() = 0.5: 1.39 s early at most), "
+        f"returned {got} and called the loader {len(loads)} times, expected '' 3 times and "
+        "1 load: the cached entry with an empty value was taken for a miss (`if value:`, "
+        "`if entry['value']:`), so every reader recomputes it. An empty value is a value: "
+        "an entry is there when HGETALL's answer is not empty (or HMGET's value is not "
+        "None), whatever the value holds.")
+
+
 FIELDS = ("value", "delta", "expiry")
 
 

@@ -259,6 +259,54 @@ def placement(ring: Any) -> list[str]:
     return list(ring.nodes_for(KEYS))
 
 
+def test_nodes_for_answers_every_key_in_order(balancer: ModuleType) -> None:
+    """nodes_for() is node_for() for many keys at once: one answer per key, in the order
+    given. A batch repeats keys (a hot key asked for by several requests); the caller zips
+    the answers with its keys, so one answer per DISTINCT key shifts every answer after
+    the first repeat onto another key."""
+    ring = balancer.ConsistentHashRing(NODES)
+    batch = ["user:7", "user:42", "user:7", "user:7", "user:3", "user:42", "user:9"]
+    try:
+        want = [ring.node_for(key) for key in batch]
+    except Exception:  # noqa: BLE001 - node_for itself is judged by the tests below
+        return
+    got = list(ring.nodes_for(batch))
+    assert len(got) == len(batch), (
+        f"nodes_for({batch}) returned {len(got)} nodes {got}, expected {len(batch)} (one per "
+        f"key, in order: {want}): the answers were made once per distinct key (a dict or a "
+        "set of the keys), so a batch that repeats a key gets fewer answers than keys and "
+        "the caller, zipping them with its keys, sends the keys after the first repeat to "
+        "other keys' nodes. Answer every key given, repeats included, in the order given.")
+    assert got == want, (
+        f"nodes_for({batch}) returned {got}, expected {want}, what node_for gives each key "
+        "in turn: nodes_for(keys) is node_for for each key, in the order given (repeats "
+        "included) - not sorted, not deduplicated.")
+
+
+def test_two_rings_in_one_process_keep_their_own_points(balancer: ModuleType) -> None:
+    """Two rings in one process (a client of two cache clusters, or two tests of one app)
+    each place keys on their own nodes: points kept in a list or dict on the class or the
+    module are one object shared by every ring."""
+    sample = KEYS[:2000]
+    first = balancer.ConsistentHashRing(NODES)
+    before = [first.node_for(key) for key in sample]
+    other_nodes = ["10.0.0.1", "10.0.0.2"]
+    second = balancer.ConsistentHashRing(other_nodes)
+    after = [first.node_for(key) for key in sample]
+    theirs = [second.node_for(key) for key in sample]
+    foreign = Counter(node for node in after if node not in NODES)
+    strays = Counter(node for node in theirs if node not in other_nodes)
+    assert not foreign and not strays and after == before, (
+        f"a ring over {NODES} placed {len(sample):,} keys; then a second ring was built over "
+        f"{other_nodes}, and the first now sends {sum(foreign.values())} keys to the "
+        f"second's nodes ({dict(foreign)}) and the second {sum(strays.values())} keys to the "
+        f"first's ({dict(strays)}), expected each ring to place keys on its own nodes only: "
+        "the rings share their points. A list or dict made once on the class (`_points: "
+        "list[int] = []` in the class body), in the module or as a default argument is one "
+        "object for every instance; create the points and owners in __init__ "
+        "(self._points = []).")
+
+
 def test_consistent_hashing_spreads_keys_evenly(balancer: ModuleType) -> None:
     where = placement(balancer.ConsistentHashRing(NODES))
     shares = {node: where.count(node) / len(KEYS) for node in NODES}

@@ -152,10 +152,16 @@ def test_each_instance_counts_only_its_own_jobs(learner: Any) -> None:
         f"two JobMetrics() in one process: the first finished 3 email jobs, the second "
         f"started 1 and finished none, and their /metrics show jobs_total "
         f"{counts[0]} and {counts[1]}, jobs_in_progress {levels[0]} and {levels[1]}, "
-        "expected 3 and 0 (or no series), 0 and 1: the instances share their metrics. "
-        "Create the registry and the metrics in __init__ (self.registry = "
+        "expected 3 and 0 (or no series), 0 and 1: the instances share their metrics"
+        + (" - the second one's started() moved the FIRST one's gauge (it has no series of "
+           "its own), so a labels() child made by the first was reused: a cache of "
+           "children (a dict of labels(...) by queue) kept on the class or the module is "
+           "shared by every instance; keep it on self, or call labels() each time"
+           if levels == (1, None) else "")
+        + ". Create the registry and the metrics in __init__ (self.registry = "
         "CollectorRegistry(), each metric with registry=self.registry), not once at import "
-        "on a module's or the class's registry, which every instance then counts into.")
+        "on a module's or the class's registry, which every instance then counts into, "
+        "and keep anything made from them (their labels() children) on self too.")
 
 
 def test_outcome_follows_any_true_or_false_value(learner: Any) -> None:
@@ -174,6 +180,36 @@ def test_outcome_follows_any_true_or_false_value(learner: Any) -> None:
         "was decided by comparing ok with True or False (`ok is True`, `ok == False`...), "
         "so a true value that is not the bool True (or a false one that is not False) was "
         "counted under the wrong outcome. Decide by its truth: \"ok\" if ok else \"error\".")
+
+
+def test_a_job_of_zero_seconds_is_observed(learner: Any) -> None:
+    """A job can finish within one tick of the clock that timed it (a cache hit, a no-op;
+    time.time() ticks every 15.6 ms on Windows): its duration reads 0.0 s. It finished all
+    the same: counted, the gauge down, and its duration observed (in the lowest bucket) -
+    a 0 taken for "no duration" leaves _count short of jobs_total and the quantiles high."""
+    metrics = learner.load("metrics").JobMetrics()
+    for seconds in (0.0, 0, 0.25):
+        metrics.started("email")
+        metrics.finished("email", seconds, True)
+    with serve_wsgi(metrics.wsgi_app()) as address:
+        count = _exposed(address, "job_duration_seconds_count").get((("queue", "email"),))
+        done = _exposed(address, "jobs_total").get((("outcome", "ok"), ("queue", "email")))
+        level = _exposed(address, "jobs_in_progress").get((("queue", "email"),))
+    shown = (f'jobs_total{{queue="email",outcome="ok"}} = {done}, jobs_in_progress = '
+             f"{level}, job_duration_seconds_count = {count}")
+    # Only the signatures of a 0 taken for "no duration": other mistakes are other tests'.
+    assert not (done == 1 and level == 2), (
+        f"3 email jobs started and finished, two of them in 0.0 s and 0 s, one in 0.25 s, and "
+        f"/metrics shows {shown}, expected 3, 0 and 3: finished() dropped the jobs of 0 "
+        "seconds (`if not seconds: return`, `if seconds <= 0`...). A duration of 0 is a "
+        "value - the job ran within one tick of the clock - not a missing one: count the job, "
+        "bring the gauge down and observe its 0")
+    assert not (count == 1 and done == 3), (
+        f"3 email jobs finished, two of them in 0.0 s and 0 s, one in 0.25 s, and /metrics "
+        f"shows {shown}, expected _count 3: the durations of 0 were not observed "
+        "(`if seconds:` reads 0 as no duration). A job that ran within one tick of the "
+        "clock took 0 s, a value: observe it, or _count falls short of jobs_total and every "
+        "quantile reads high. Observe every finished job's duration, 0 included")
 
 
 def test_counter_and_gauge_follow_the_jobs(learner: Any, prometheus: Any) -> None:
