@@ -453,6 +453,60 @@ def test_handle_one_takes_one_message_and_leaves_the_rest(learner: Any,
         "ready for every consumer of the queue")
 
 
+# Messages handle_one must hand to the handler as they came: (body, what it is, the mistake
+# that loses it). A queue is empty only when basic_get returns no method.
+EVERY_BODY: list[tuple[bytes, str, str]] = [
+    (b"", "an empty body (an event whose data is all in its headers)",
+     "`if not body` takes an empty message for an empty queue"),
+    (b"\xff\xd8\xff\xe0 a jpeg's first bytes", "a body that is not UTF-8 text",
+     "a body is bytes: decoding it (for a log line, a check) fails on binary payloads"),
+]
+
+
+def test_handle_one_hands_every_message_to_the_handler(learner: Any, channels: Any,
+                                                       rabbitmq: Any) -> None:
+    """Whatever a message holds, and however often it was delivered, handle_one runs the
+    handler on it and acks it: an empty or binary body is a message, and a message that
+    comes back because its first worker crashed before settling it (redelivered=True) was
+    never handled - at-least-once delivery means handling it again, never dropping it."""
+    mod = learner.load("patterns")
+    theirs, mine = channels
+    call("setup_dead_lettering", mod.setup_dead_lettering, theirs, "work", "dlx", "dead")
+    for body, what, mistake in EVERY_BODY:
+        mine.basic_publish("", "work", body)
+        handled: list[bytes] = []
+        try:
+            took = call("handle_one", mod.handle_one, theirs, "work", handled.append)
+        except Exception as exc:  # noqa: BLE001 - named to the learner
+            pytest.fail(f"handle_one on a message with {what} ({body!r}) raised "
+                        f"{type(exc).__name__}: {exc}, expected the handler to get it: "
+                        f"{mistake}", pytrace=False)
+        assert took is True and handled == [body], (
+            f"handle_one on a message with {what} ({body!r}) returned {took!r}, and the "
+            f"handler got {handled}; expected True and the handler to get {body!r} as it "
+            f"came: {mistake}. The queue is empty only when basic_get returns no method")
+    # A worker crashes mid-message: it took job-1 (unacked) and its connection dies.
+    mine.basic_publish("", "work", b"job-1")
+    crashed = rabbitmq.connection()
+    try:
+        method, _props, _body = crashed.channel().basic_get("work", auto_ack=False)
+        assert method is not None, "the test's crashing worker found 'work' empty"
+    finally:
+        crashed.close()
+    wait_until(lambda: queue_counts(mine, "work")[0] == 1,
+               "the crashed worker's unacked message to be back in 'work'")
+    handled = []
+    took = call("handle_one", mod.handle_one, theirs, "work", handled.append)
+    dead = drain(mine, "dead")
+    assert took is True and handled == [b"job-1"] and dead == [], (
+        f"job-1 came back to 'work' because the worker that took it crashed before acking "
+        f"(redelivered=True); handle_one returned {took!r}, the handler got {handled} and "
+        f"'dead' holds {dead}; expected True and the handler to get job-1: a redelivered "
+        "message was NOT handled (its worker died first) - at-least-once delivery means "
+        "handling it again (make the handler idempotent), never acking or dead-lettering it "
+        "unseen")
+
+
 def test_setup_run_again_keeps_what_the_queues_hold(learner: Any, channels: Any) -> None:
     """Every instance of a service declares what it needs when it starts, so a setup runs
     again over queues that hold messages. A declare is idempotent: nothing waiting in the

@@ -180,3 +180,72 @@ def reserve_at_the_catalog(sku_prefix: str, quantities: list[Any]) -> list[tuple
             stock = "unchanged"
         seen.append((repr(qty), did, stock))
     return seen
+
+
+def two_orders_at_once(app: Any, sku: str, customers: tuple[str, str]) -> dict[str, Any]:
+    """Two orders placed at once, as a threaded web layer places them: the first held inside
+    billing.charge (its id taken, nothing stored yet) while the second is placed whole, then
+    the first let go. {"ids": [first's id, second's], "kept": [get_order(id)["customer"]
+    for each], "errors": [...], "second_waited": the second could not finish while the first
+    was held (a lock around the whole order: correct, and no interleaving to see)}."""
+    import threading
+
+    billing = sys.modules.get("shop.billing")
+    charge = getattr(billing, "charge", None)
+    if billing is None or not callable(charge):
+        return {"ids": [], "kept": [], "errors": ["shop.billing.charge was not found"],
+                "second_waited": False}
+    arrived, release = threading.Event(), threading.Event()
+    first = threading.Lock()
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if first.acquire(blocking=False):      # the first call only: held until let go
+            arrived.set()
+            release.wait(10)
+        return charge(*args, **kwargs)
+
+    package = Path(str(sys.modules["shop"].__file__)).resolve().parent
+    swapped: list[tuple[types.ModuleType, str, Any]] = []
+    for module in list(sys.modules.values()):
+        if not (isinstance(module, types.ModuleType) and getattr(module, "__file__", None)
+                and package.parent in Path(str(module.__file__)).resolve().parents):
+            continue
+        if module.__name__.startswith("shop.billing") and module is not billing:
+            continue
+        for key, value in list(vars(module).items()):
+            if value is charge:
+                swapped.append((module, key, value))
+                setattr(module, key, held)
+    app.add_product(sku, "A scarf", 1500, 5)
+    results: list[Any] = [None, None]
+    errors: list[str] = []
+
+    def place(n: int) -> None:
+        try:
+            results[n] = app.place_order(customers[n], sku, 1)
+        except Exception as exc:  # noqa: BLE001 - reported to the test as it is
+            errors.append(f"place_order({customers[n]!r}, {sku!r}, 1) raised "
+                          f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=place, args=(n,), daemon=True) for n in (0, 1)]
+    try:
+        threads[0].start()
+        arrived.wait(5)
+        threads[1].start()
+        threads[1].join(2)
+        waited = threads[1].is_alive()
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(10)
+        for module, key, value in reversed(swapped):
+            setattr(module, key, value)
+    ids = [r.get("order_id") if isinstance(r, dict) else None for r in results]
+    kept = []
+    for order_id in ids:
+        try:
+            kept.append(app.get_order(order_id).get("customer") if order_id else None)
+        except Exception as exc:  # noqa: BLE001 - reported to the test as it is
+            kept.append(f"{type(exc).__name__}: {exc}")
+    return {"ids": ids, "kept": kept, "errors": errors, "second_waited": waited,
+            "held": arrived.is_set()}

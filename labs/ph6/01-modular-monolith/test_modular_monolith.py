@@ -242,6 +242,30 @@ def test_an_order_is_priced_reserved_and_charged(app: Any) -> None:
         "get_order() does not carry the invoice id billing returned")
 
 
+def test_the_last_items_in_stock_can_be_ordered(app: Any) -> None:
+    """The edges of a reservation: a single item, and exactly what is left (stock == qty is
+    in stock; only more than the stock is OutOfStock)."""
+    sku, customer = f"vase-{tag()}", f"hal-{tag()}"
+    app.add_product(sku, "A vase", 700, 3)
+    for qty, why in ((1, "a single item, 3 in stock"), (2, "exactly the 2 left")):
+        try:
+            app.place_order(customer, sku, qty)
+        except Exception as exc:  # noqa: BLE001 - named to the learner
+            pytest.fail(
+                f"ordering {qty} x {sku} ({why}) raised {type(exc).__name__}: {exc}, expected "
+                "an order\nA quantity of at least 1 is an order, and a reservation of exactly "
+                "the stock left is in stock: only MORE than the stock is OutOfStock (refuse "
+                "when stock < qty, not stock <= qty; accept qty >= 1, not qty > 1)",
+                pytrace=False)
+    try:
+        extra = app.place_order(customer, sku, 1)
+    except app.OrderRejected:
+        extra = None
+    assert extra is None, (
+        f"after ordering all 3 x {sku} (1, then 2), one more was accepted ({extra}), "
+        "expected OrderRejected: the stock is 0")
+
+
 def test_two_orders_of_one_customer_are_two_orders(app: Any) -> None:
     sku, customer = f"mug-{tag()}", f"cy-{tag()}"
     app.add_product(sku, "A mug", 800, 10)
@@ -292,6 +316,29 @@ def test_orders_of_two_customers_are_two_orders(app: Any) -> None:
         assert refs == mine, (
             f"billing holds invoices of {customer!r} with references {refs}, expected "
             f"their own orders {mine}")
+
+
+def test_two_orders_placed_at_once_are_two_orders(learner: Any, app: Any) -> None:
+    """A monolith serves requests on threads: two orders placed at once, the first held
+    inside billing.charge (its id taken, its record not stored yet) while the second is
+    placed whole. An id counted from the orders stored so far (len(_ORDERS) + 1) is taken
+    twice - the second order gets the first's id and one overwrites the other."""
+    customers = (f"fay-{tag()}", f"gus-{tag()}")
+    seen = learner.harness().two_orders_at_once(app, f"scarf-{tag()}", customers)
+    if seen["errors"]:
+        pytest.fail(f"placing two orders at once: {seen['errors'][0]}, expected two orders",
+                    pytrace=False)
+    ids, kept = seen["ids"], seen["kept"]
+    assert ids[0] != ids[1], (
+        f"two orders placed at once ({customers[0]!r}'s held inside billing.charge while "
+        f"{customers[1]!r}'s was placed) both got the id {ids[0]!r}, expected two ids: the "
+        "id was taken from the orders stored so far, and the first order was not stored yet "
+        "when the second counted them. Take ids from a source that never hands one out "
+        "twice (itertools.count - next() is atomic -, a uuid, or a lock held from taking the "
+        "id to storing the order)")
+    assert kept == list(customers), (
+        f"after two orders placed at once got the ids {ids}, get_order() gave the orders of "
+        f"{kept}, expected {list(customers)}: one order was stored over the other")
 
 
 def test_records_handed_out_are_copies(learner: Any, app: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from shop import billing, catalog
@@ -12,6 +13,11 @@ class OrderRejected(Exception):
 
 
 _ORDERS: dict[str, dict[str, Any]] = {}
+# An id is taken before the order is stored (billing needs it as the reference), and a web
+# layer places orders on threads: count them with a counter that never hands an id out twice
+# (next() on itertools.count is atomic), not len(_ORDERS) + 1, which two orders placed at once
+# both read before either is stored.
+_IDS = itertools.count(1)
 
 
 def place_order(customer: str, sku: str, qty: int) -> dict[str, Any]:
@@ -24,7 +30,7 @@ def place_order(customer: str, sku: str, qty: int) -> dict[str, Any]:
         catalog.reserve(sku, qty)
     except (catalog.UnknownProduct, catalog.OutOfStock) as exc:
         raise OrderRejected(f"order for {qty} x {sku} rejected: {exc}") from exc
-    order_id = f"ord-{len(_ORDERS) + 1}"
+    order_id = f"ord-{next(_IDS)}"
     total = price * qty
     invoice_id = billing.charge(customer, total, reference=order_id)
     order = {"order_id": order_id, "customer": customer, "sku": sku, "qty": qty,
