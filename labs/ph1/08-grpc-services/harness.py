@@ -9,16 +9,20 @@ updates answered."""
 
 from __future__ import annotations
 
+import linecache
+import os
+import sys
 import threading
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from labrunner.slow_steps import asleep_in, learner_folder, step_tracer
 from labrunner.slow_steps import restore_new_threads as unstretch
 from labrunner.slow_steps import slow_new_threads as stretch_lines
 
 __all__ = ["stretch_lines", "unstretch", "trace_allocations", "retained_bytes", "stop_tracing",
-           "AnswersHeld", "handlers_open"]
+           "AnswersHeld", "CreatesHeld", "handlers_open"]
 
 
 # ---- UpdateUsers held between an answer and the next call into the learner's code ------
@@ -54,6 +58,83 @@ class AnswersHeld:
 
     def resume(self) -> None:
         self._go.set()
+
+
+# ---- one CreateUsers held at a line of the learner's code while another runs ------------
+
+class CreatesHeld:
+    """The learner's service, served as it is, except that the first CreateUsers call after
+    ``arm(k)`` runs traced on its grpc thread and waits before its k-th line of the
+    learner's code until ``release()``; any other CreateUsers meanwhile runs as it is.
+    Trying k = 1, 2, ... until the held call ends before its k-th line holds it at every
+    line in turn: between reading a counter and storing it back, between a batch's ids and
+    its store. The test reads what both calls answered."""
+
+    _LONGEST = 30.0  # a test that never calls release() does not hold a thread for ever
+
+    def __init__(self, service: Any, module: ModuleType) -> None:
+        self._service = service
+        self._folder = learner_folder(module)
+        self._cond = threading.Condition()
+        self._armed = False
+        self._k = self._seen = 0
+        self._held_at: tuple[str, int, str] | None = None
+        self._ended = self._go = False
+        self._other: threading.Thread | None = None
+
+    def __getattr__(self, name: str) -> Any:  # GetUser, WatchUser, UpdateUsers: as they are
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._service, name)
+
+    def arm(self, k: int) -> None:
+        with self._cond:
+            self._armed, self._k, self._seen = True, k, 0
+            self._held_at, self._ended, self._go = None, False, False
+
+    def CreateUsers(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        with self._cond:
+            held, self._armed = self._armed, False
+        if not held:
+            self._other = threading.current_thread()
+            return self._service.CreateUsers(request_iterator, context)
+        sys.settrace(step_tracer(self._folder, self._step))
+        try:
+            return self._service.CreateUsers(request_iterator, context)
+        finally:
+            sys.settrace(None)
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def _step(self, frame: Any) -> None:
+        self._seen += 1
+        if self._seen != self._k:
+            return
+        with self._cond:
+            name = frame.f_code.co_filename
+            self._held_at = (os.path.basename(name), frame.f_lineno,
+                             linecache.getline(name, frame.f_lineno).strip())
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._go, self._LONGEST)
+
+    def wait_held(self, timeout: float = 10.0) -> tuple[str, int, str] | None:
+        """Where the armed call is held (file, line, its text), or None once it ended
+        before its k-th line."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._held_at is not None or self._ended, timeout)
+            return self._held_at
+
+    def other_asleep(self) -> bool:
+        """Whether the other CreateUsers sleeps in the learner's code (waiting for a lock
+        the held call holds: it can only go on once that one is released)."""
+        other = self._other
+        return other is not None and asleep_in(other, self._folder)
+
+    def release(self) -> None:
+        with self._cond:
+            self._go = True
+            self._cond.notify_all()
 
 
 # ---- what the learner's code keeps: allocations made under its frames, still alive ------

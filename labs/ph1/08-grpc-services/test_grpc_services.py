@@ -23,7 +23,14 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
-from labrunner.testing import ProtoStubs, drain, generate_stubs, next_message, serve_grpc
+from labrunner.testing import (
+    ProtoStubs,
+    came_true,
+    drain,
+    generate_stubs,
+    next_message,
+    serve_grpc,
+)
 
 RPCS = {  # name -> (client streams, server streams)
     "GetUser": (False, False),
@@ -402,6 +409,112 @@ def test_a_watch_hears_only_its_own_users_updates(stubs: ProtoStubs,
             outgoing.put(None)
             for call, _ in watches.values():
                 call.cancel()
+
+
+def test_a_watch_that_ends_leaves_the_others_subscribed(stubs: ProtoStubs, service_class: Any,
+                                                       learner: Any) -> None:
+    """Two watches of one user; the first is cancelled and its handler has ended (no call
+    into the learner's code left but the second watch's): the second is still a
+    subscription of its own, and receives the next update. Ending a watch removes that
+    rpc's queue, not the user's watchers."""
+    harness = learner.harness()
+    module = learner.load("user_service")
+    with running(stubs, service_class()) as stub:
+        (user_id,) = create(stub, stubs, "ada")
+        request = stubs.pb2.GetUserRequest(user_id=user_id)
+        first = stub.WatchUser(request, timeout=20)
+        next(first)  # the current state: this watch is registered
+        second = stub.WatchUser(request, timeout=20)
+        watched = drain(second)
+        outgoing: queue.Queue[Any] = queue.Queue()
+        try:
+            next_message(watched, "WatchUser #2 of the same user: the current state, sent first")
+            first.cancel()
+            # Its handler has run its way out (a finally included) once only the second
+            # watch is left in the learner's code; a handler that never ends is another
+            # test's failure: go on after a while either way.
+            came_true(lambda: harness.handlers_open(module) <= 1, 5)
+            answers = drain(stub.UpdateUsers(iter(outgoing.get, None), timeout=20))
+            outgoing.put(stubs.pb2.UpdateUserRequest(user_id=user_id, username="ada-1"))
+            next_message(answers, "UpdateUsers: the answer to username 'ada-1'")
+            try:
+                item = watched.get(timeout=ANSWER_WITHIN)
+            except queue.Empty:
+                item = "nothing"
+        finally:
+            outgoing.put(None)
+            second.cancel()
+    if getattr(item, "username", None) == "ada-1":
+        return
+    seen = (f"its stream ended ({item.code().name if item is not None else 'OK'})"
+            if item is None or isinstance(item, grpc.RpcError)
+            else f"it received nothing within {ANSWER_WITHIN:.0f} s of the answer"
+            if isinstance(item, str) else f"it received {item.username!r}")
+    pytest.fail(
+        f"ending one watch unsubscribed another of the same user: the first was cancelled "
+        f"and its handler ended, then an update set username 'ada-1', and the second watch, "
+        f"still open, did not receive it ({seen})\nA watch that ends must remove its own "
+        "queue from the user's watchers "
+        "(watchers[user_id].discard(changes)), and wake only itself; dropping the user's "
+        "whole entry (watchers.pop(user_id)), or ending every queue of the user, "
+        "unsubscribes the watches still open", pytrace=False)
+
+
+HELD_STEPS = 80  # at most this many lines of one CreateUsers to hold it at, in turn
+
+
+def test_two_batches_at_once_get_distinct_ids(stubs: ProtoStubs, service_class: Any,
+                                              learner: Any) -> None:
+    """Two CreateUsers streams in flight at once. The harness holds the first before each
+    line of the learner's code in turn, while the second runs to its end (or until it
+    waits for a lock the first holds): a counter read in one step and stored back in
+    another, or ids made from how many users are stored (neither batch has stored yet),
+    gives two new users one id, and the later store replaces the other batch's user."""
+    harness = learner.harness()
+    service = harness.CreatesHeld(service_class(), learner.load("user_service"))
+    with running(stubs, service) as stub:
+        given: dict[str, str] = {}   # user_id -> username, every id given so far
+        for k in range(1, HELD_STEPS + 1):
+            names = {side: [f"{side}{k}-{n}" for n in (1, 2)] for side in ("a", "b")}
+            requests = {side: [stubs.pb2.CreateUserRequest(username=n, email=f"{n}@example.com")
+                               for n in batch] for side, batch in names.items()}
+            service.arm(k)
+            held = stub.CreateUsers.future(iter(requests["a"]), timeout=20)
+            at = service.wait_held()
+            other = None
+            try:
+                if at is not None:
+                    other = stub.CreateUsers.future(iter(requests["b"]), timeout=20)
+                    came_true(lambda: other.done() or service.other_asleep(), 10)  # noqa: B023
+            finally:
+                service.release()
+            results = [("a", held)] + ([("b", other)] if other is not None else [])
+            for side, call in results:
+                ids = list(call.result(timeout=20).user_ids)
+                taken = [f"{i} (already {given[i]}'s)" for i in ids if i in given]
+                twice = len(set(ids)) != len(ids)
+                where = (f"the first held before line {at[1]} of {at[0]} ({at[2]!r}) while the "
+                         "second ran" if at is not None else "one after the other")
+                assert not taken and not twice, (
+                    f"two CreateUsers streams at once were handed the same user_id: batch "
+                    f"{side} {names[side]} got {ids}, "
+                    + ("; ".join(taken) if taken else "one id twice") + f" ({where})\nA user_id "
+                    "names one user for good, also when batches run at once: a counter read "
+                    "and stored back in two steps outside the lock, or an id made from how "
+                    "many users are stored (a batch stores only at its end), hands two new "
+                    "users one id, and the later store replaces the other's user. Use "
+                    "uuid4().hex, or take the next number under the lock")
+                given.update(zip(ids, names[side], strict=True))
+            if at is None:
+                break
+        replaced = []
+        for user_id, name in given.items():
+            now = stub.GetUser(stubs.pb2.GetUserRequest(user_id=user_id), timeout=5).username
+            if now != name:
+                replaced.append(f"{user_id} ({name}, now {now})")
+        assert not replaced, (
+            f"after pairs of CreateUsers streams ran at once, GetUser finds {replaced[:3]} "
+            "as someone else: the later batch's store replaced them")
 
 
 class FakeClock:

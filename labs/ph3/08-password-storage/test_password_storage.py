@@ -12,7 +12,9 @@ import hashlib
 import os
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import bcrypt
@@ -47,9 +49,12 @@ class Store:
         assert isinstance(got, str), f"hash_password() returned {type(got).__name__}, not str"
         return got
 
-    def login(self, stored: str, password: str, what: str) -> tuple[bool, str | None]:
+    def login(self, stored: str, password: str, what: str,
+              call: Callable[[], Any] | None = None) -> tuple[bool, str | None]:
+        """login(stored, password), or ``call()`` in its place (the same call made where
+        the learner's code runs, for a password the way there cannot carry)."""
         try:
-            got = self.module.login(stored, password)
+            got = call() if call is not None else self.module.login(stored, password)
         except NotImplementedError as exc:
             pytest.fail(f"login() is not implemented yet: {exc}", pytrace=False)
         except Exception as exc:  # noqa: BLE001 - the learner's error, reported plainly
@@ -237,6 +242,44 @@ def test_each_weaker_parameter_rehashed_on_login(store: Store) -> None:
         "the string's prefix alone")
 
 
+def stronger_variants(ours: Parameters) -> list[tuple[str, Parameters]]:
+    """Hashes one parameter stronger than `ours`, each with the rest unchanged: what an
+    earlier release stored with argon2-cffi's defaults (RFC 9106: p=4, t=3) before the
+    parameters were set to these."""
+    return [(f"two more lanes (p={ours.parallelism + 2})",
+             replace(ours, parallelism=ours.parallelism + 2)),
+            ("one iteration more", replace(ours, time_cost=ours.time_cost + 1)),
+            ("a 32-byte salt" if ours.salt_len < 32 else "a salt 8 bytes longer",
+             replace(ours, salt_len=max(32, ours.salt_len + 8)))]
+
+
+def test_each_other_parameter_rehashed_on_login(store: Store) -> None:
+    """'Differ', not 'weaker': a hash made with more lanes, iterations or salt than the
+    current parameters is replaced too (check_needs_rehash compares for equality). The
+    parameters are the operator's to choose - lowered on purpose to bear the login load,
+    or set from argon2-cffi's defaults (p=4) by an earlier release: a comparison that only
+    looks for weaker values keeps those hashes, at their cost, for ever."""
+    ours = extract_parameters(store.hash(PASSWORD))
+    missed = []
+    for what, params in stronger_variants(ours):
+        stored = hash_secret(PASSWORD.encode(), os.urandom(params.salt_len),
+                             params.time_cost, params.memory_cost, params.parallelism,
+                             params.hash_len, Type.ID, params.version).decode()
+        ok, new = store.login(stored, PASSWORD, f"the right password ({what})")
+        assert ok, f"login() refused the right password for an argon2id hash with {what}"
+        if new is None:
+            missed.append(f"{what} ({params_text(params)})")
+    assert not missed, (
+        f"login() accepted the right password but returned no new hash for argon2id hashes "
+        f"with {'; '.join(missed)} - yours are {params_text(ours)}: parameters that differ "
+        "from yours are replaced on a successful login, also when they are stronger. A "
+        "hand-written 'weaker than ours' comparison (or one that leaves a parameter out, "
+        "such as the lanes) keeps them for ever: hashes from argon2-cffi's defaults (p=4), "
+        "or from before you lowered the cost on purpose, each login paying their price. "
+        "Ask PasswordHasher.check_needs_rehash(stored), which compares every parameter "
+        "for equality")
+
+
 @pytest.mark.parametrize("prefix,cost", [(b"2b", 5), (b"2a", 4), (b"2y", 4)])
 def test_legacy_bcrypt_upgraded_only_on_success(store: Store, prefix: bytes,
                                                 cost: int) -> None:
@@ -384,6 +427,41 @@ def test_overlong_wrong_password_against_bcrypt(store: Store) -> None:
         ok, new = store.login(legacy, password, what)
         assert (ok, new) == (False, None), (
             f"login() with {what} returned ({ok}, {str(new)[:20]}), expected (False, None)")
+
+
+# A password no UTF-8 can encode: a lone surrogate, what json.loads makes of a "\\ud800"
+# escape in a login request's body - any client can send one. No one's password: refused.
+# (harness.SURROGATE, "correct horse \ud800 battery", made where the learner's code runs.)
+SURROGATE_WHAT = ("a password holding a lone surrogate U+D800 (what json.loads makes of a "
+                  "\"\\ud800\" escape: any client can send it; UTF-8 cannot encode it)")
+
+
+def surrogate_login(harness: Any, module: Any, stored: str) -> Any:
+    """What harness.login_with_surrogate reported, as the call itself: its result returned,
+    its exception raised again (by type name: a NotImplementedError is one)."""
+    outcome = harness.login_with_surrogate(module, stored)
+    if outcome[0] == "returned":
+        return outcome[1]
+    name, text = outcome[1], outcome[2]
+    raise (NotImplementedError if name == "NotImplementedError"
+           else type(name, (Exception,), {}))(text)
+
+
+def test_a_password_utf8_cannot_encode_is_refused(store: Store, learner: Any) -> None:
+    """A lone surrogate is a str that .encode("utf-8") refuses with UnicodeEncodeError (a
+    ValueError): both ways of checking must take it as the wrong password it is, not let
+    the error escape as a 500 on a login endpoint. The call is made by the harness, where
+    the learner's code runs: the way to a learner's process of its own carries str as UTF-8,
+    which is just what a lone surrogate cannot be."""
+    harness = learner.harness()
+    legacy = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4, b"2b")).decode()
+    for stored, scheme in ((store.hash(PASSWORD), "a current argon2id hash"),
+                           (legacy, "a legacy bcrypt hash")):
+        ok, new = store.login(stored, "", f"{SURROGATE_WHAT}, against {scheme}",
+                              call=partial(surrogate_login, harness, store.module, stored))
+        assert (ok, new) == (False, None), (
+            f"login() with {SURROGATE_WHAT} against {scheme} returned ({ok}, "
+            f"{str(new)[:20]}), expected (False, None)")
 
 
 # Long passphrases of users from before the migration. bcrypt before 5.0 (like PHP's

@@ -3,12 +3,14 @@ stdin/stdout by the test, one JSON line per command and per reply. A client is s
 because the test holds it: it sends the first lines of its request and then nothing until
 the test says "finish". Every connection reads whatever the server sends, until EOF.
 
-    -> {"open": N, "send": "head"|"full"|"none"|"rst", "port": P}   N new connections to
-    <- {"ports": [p, ...]}     127.0.0.1:P; "head" sends the start of a request (no blank
-                               line), "full" the whole request in one write, "none" nothing,
-                               "rst" resets each connection (RST) right as connect() returns,
-                               before the server can have written to it; the reply lists
-                               the clients' own ports
+    -> {"open": N, "send": "head"|"full"|"none"|"rst"|"huge", "port": P}   N new
+    <- {"ports": [p, ...]}     connections to 127.0.0.1:P; "head" sends the start of a
+                               request (no blank line), "full" the whole request in one
+                               write, "none" nothing, "rst" resets each connection (RST)
+                               right as connect() returns, before the server can have
+                               written to it, "huge" a request head of HUGE bytes of
+                               header lines that never ends (handed to the transport,
+                               not waited for); the reply lists the clients' own ports
     -> {"finish": [i, ...]}                 send the rest of those requests
     <- {"ok": true}
     -> {"drop": [i, ...], "how": "fin"|"rst"}   close them (FIN) or abort them (RST)
@@ -30,6 +32,7 @@ import sys
 LIMIT = 64 * 1024
 CONNECT_TIMEOUT = 60.0
 REST = b"X-Slow: released\r\n\r\n"   # the end of a request: "finish" sends it
+HUGE = 1 << 20                        # bytes of header lines a "huge" head sends, no end
 
 
 class Conn:
@@ -82,6 +85,9 @@ async def main() -> None:
             writer.write(f"GET /c/{conn.index} HTTP/1.1\r\nHost: lab\r\n".encode()
                          + (REST if send == "full" else b""))
             await writer.drain()
+        elif send == "huge":   # what the kernel does not take waits in the transport
+            line = b"X-Pad: " + b"a" * 1017 + b"\r\n"
+            writer.write(f"GET /c/{conn.index} HTTP/1.1\r\n".encode() + line * (HUGE // 1026))
         conn.task = asyncio.create_task(conn.read_all())
         return int(writer.get_extra_info("sockname")[1])
 

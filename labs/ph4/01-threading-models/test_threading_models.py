@@ -48,6 +48,7 @@ from labrunner.testing import (
     Activity,
     asleep_throughout,
     came_true,
+    cpu_burnt_while_idle,
     process_activity,
     process_threads,
     tcp_sockets,
@@ -1105,6 +1106,7 @@ def test_asyncio_serves_200_slow_clients_on_one_thread(
             f"of them at once, expected all {DROPPED}\n" + BLOCKED_LOOP)
     load.drop(gone[: DROPPED // 2], "fin")
     load.drop(gone[DROPPED // 2:], "rst")
+    idle_after_clients_left(server)
 
     held = hold(load, server, CLIENTS)
     settle(server, lambda: count(server, held, reading) == CLIENTS,
@@ -1121,6 +1123,58 @@ def test_asyncio_serves_200_slow_clients_on_one_thread(
     server.threads()
     one_thread(f"after answering {CLIENTS} clients")
     dropped_closed(load, server, gone, "asyncio")
+    oversized_heads_closed(load, server)
+
+
+SPIN_LIMIT = 1.0   # CPU seconds an idle server may burn before it is called a busy loop
+
+
+def idle_after_clients_left(server: Server) -> None:
+    """Its only clients gone (half closed, half reset, mid-request), the asyncio server has
+    nothing to do: it must go to sleep, not burn its one thread in a loop that never
+    waits - every other connection would wait behind it for ever."""
+    burnt = cpu_burnt_while_idle(server.activity, SPIN_LIMIT, within=FAIL_WAIT / 3)
+    if burnt is not None:
+        server.fail(
+            f"after its {DROPPED} clients left mid-request (half closed, half reset), the "
+            f"asyncio server burnt {burnt:.1f} s of CPU with no connection left to serve: a "
+            "coroutine loops without ever waiting, and holds the event loop - no other "
+            "client is read again\nAt the end of a stream, reader.readline() and read() "
+            "return b'' at once, every time: a loop that reads until the blank line and "
+            "never checks for b'' spins for ever once the client has closed. Stop at b'' "
+            "(the client left: close), or await reader.readuntil(HEAD_END), which raises "
+            "IncompleteReadError.")
+
+
+OVERSIZED = 2   # clients whose request head grows to clients.HUGE (1 MiB) and never ends
+
+
+def oversized_heads_closed(load: Load, server: Server) -> None:
+    """A request head that outgrows the StreamReader's limit (64 KiB by default) never
+    becomes a request: readuntil() raises LimitOverrunError, and the connection must be
+    closed on that way out too (read_request() ends such a client at MAX_HEAD in the other
+    two models)."""
+    huge = load.open(OVERSIZED, "huge")
+    if settle(server, lambda: all(s.closed for s in load.seen_by(huge))):
+        return
+    left = sum(1 for s in load.seen_by(huge) if not s.closed)
+    # Read to the last byte the client sent (nothing left in the receive queue): the server
+    # is still reading, waiting for a blank line that never comes.
+    still_reading = count(server, huge, reading)
+    why = ("it read all of it and went on waiting for the blank line: nothing limits a "
+           "request head, so any client makes the server buffer as much as it sends - stop "
+           "at a limit (readuntil() raises LimitOverrunError past the StreamReader's 64 KiB; "
+           "read_request() ends such a client at MAX_HEAD) and close"
+           if still_reading else
+           "it stopped reading (the head outgrew the StreamReader's limit and readuntil() "
+           "raised LimitOverrunError, a ValueError) and that way out skipped the close - "
+           "close the writer in a finally, on every way out, not only in the except "
+           "clauses for the errors you expected")
+    server.fail(
+        f"{left} of {OVERSIZED} clients whose request head grew to 1 MiB of header lines "
+        f"without ever ending were never closed by the asyncio server: {why}\nEach such "
+        "connection holds a descriptor and its buffered bytes for good - a cheap way for "
+        "anyone to exhaust the server.")
 
 
 def early(load: Load, server: Server, clients: list[Client]) -> None:

@@ -25,6 +25,8 @@ def login(stored: str, password: str) -> tuple[bool, str | None]:
             HASHER.verify(stored, password)  # constant time inside
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False, None
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no one's password
+            return False, None
         if HASHER.check_needs_rehash(stored):
             return True, HASHER.hash(password)
         return True, None
