@@ -120,6 +120,14 @@ def spin():
         pass
 
 
+def with_surrogate(text):
+    return text + "\\udfff"
+
+
+def encode_strictly(text):
+    return text.encode()
+
+
 _threads = []
 
 
@@ -265,6 +273,30 @@ def test_calls_from_many_test_threads_run_in_the_learner_at_once(module: Any) ->
     for caller in callers:
         caller.join(30)
     assert results == [True] * 10, f"10 calls at once, each waiting for the others: {results}"
+
+
+def test_strings_with_a_lone_surrogate_cross_both_ways(module: Any) -> None:
+    # Python allows a lone surrogate in a str (json.loads('"\\ud800"') makes one); the RPC
+    # carried str as strict UTF-8, so a reply holding one was never sent and the test
+    # waited for ever: each call here runs on a thread of its own, given 10 s.
+    def within(call: Any) -> Any:
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                out["value"] = call()
+            except Exception as exc:  # noqa: BLE001 - compared below
+                out["raised"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "no reply within 10 s: the string did not cross"
+        return out
+
+    assert within(lambda: module.with_surrogate("a\ud800")) == {"value": "a\ud800\udfff"}
+    raised = within(lambda: module.encode_strictly("\ud800"))["raised"]
+    assert isinstance(raised, UnicodeEncodeError) and raised.object == "\ud800", raised
 
 
 def test_pytest_outcomes_cannot_be_raised_from_the_learner_side(module: Any) -> None:
