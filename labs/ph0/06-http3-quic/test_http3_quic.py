@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -152,7 +153,14 @@ class Bodiless:
     Modified is sent."""
 
 
-Body = bytes | tuple[bytes, ...] | Framed | Bodiless
+@dataclass(frozen=True)
+class Closing:
+    """No response: the test's server closes the whole connection (CONNECTION_CLOSE with
+    H3_INTERNAL_ERROR), as a server shutting down or crashing does."""
+
+
+Body = bytes | tuple[bytes, ...] | Framed | Bodiless | Closing
+CLOSING_ERROR = 0x102  # H3_INTERNAL_ERROR (RFC 9114 8.1)
 EARLY_HINTS = [(b":status", b"103"), (b"link", b"</style.css>; rel=preload; as=style")]
 TRAILERS = [(b"server-timing", b"app;dur=12"), (b"x-checksum", b"sha256-none")]
 
@@ -230,6 +238,8 @@ class Gate:
             return 200, Framed(b"/trailed ok", trailers=True)
         if path in BODILESS:
             return BODILESS[path][0], Bodiless()
+        if path == "/closing":
+            return 200, Closing()
         return 200, f"{path} ok".encode()
 
 
@@ -408,6 +418,7 @@ class ProbeServer(QuicConnectionProtocol):
     log: list[Arrival]
     alpns: list[str | None]
     unended: list[str]
+    refused: list[str]  # why a client closed a connection before its handshake completed
     handler: Callable[[str], Awaitable[tuple[int, Body]]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -433,6 +444,8 @@ class ProbeServer(QuicConnectionProtocol):
                 self.h3 = H3Connection(self._quic)
         if isinstance(event, HandshakeCompleted):
             self.handshake_done = True
+        if isinstance(event, ConnectionTerminated) and not self.handshake_done:
+            self.refused.append(f"error {event.error_code}: {event.reason_phrase}")
         if self.h3 is None:
             return
         for h3_event in self.h3.handle_event(event):
@@ -460,6 +473,11 @@ class ProbeServer(QuicConnectionProtocol):
     async def respond(self, sid: int) -> None:
         status, body = await self.handler(self.paths[sid])
         assert self.h3 is not None
+        if isinstance(body, Closing):  # no answer: the whole connection goes
+            self._quic.close(error_code=CLOSING_ERROR,
+                             reason_phrase="the test's server closes the connection")
+            self.transmit()
+            return
         if isinstance(body, Bodiless):  # the HEADERS frame carries the stream's FIN
             self.h3.send_headers(sid, [(b":status", str(status).encode())], end_stream=True)
             self.transmit()
@@ -498,6 +516,7 @@ class Probe:
     log: list[Arrival]
     alpns: list[str | None]
     unended: list[str]  # GETs whose stream the client had not ended while it waited
+    refused: list[str]  # why the client closed a connection during its handshake
 
 
 async def probe_server(certs: Certs, handler: Callable[[str], Awaitable[tuple[int, Body]]]
@@ -505,15 +524,16 @@ async def probe_server(certs: Certs, handler: Callable[[str], Awaitable[tuple[in
     log: list[Arrival] = []
     alpns: list[str | None] = []
     unended: list[str] = []
+    refused: list[str] = []
     protocol = type("BoundProbeServer", (ProbeServer,),
-                    {"log": log, "alpns": alpns, "unended": unended,
+                    {"log": log, "alpns": alpns, "unended": unended, "refused": refused,
                      "handler": staticmethod(handler)})
     config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
     config.load_cert_chain(certs.cert, certs.key)
     store = TicketStore()
     server = await serve(HOST, 0, configuration=config, create_protocol=protocol,
                          session_ticket_fetcher=store.take, session_ticket_handler=store.add)
-    return Probe(server, bound_port(server), log, alpns, unended)
+    return Probe(server, bound_port(server), log, alpns, unended, refused)
 
 
 async def learner_fetch(learner: Any, probe: Probe, certs: Certs, paths: list[str],
@@ -540,6 +560,23 @@ async def learner_fetch(learner: Any, probe: Probe, certs: Certs, paths: list[st
 async def fetched(learner: Any, probe: Probe, certs: Certs, paths: list[str],
                   ticket: Any = None) -> Any:
     kind, value = await learner_fetch(learner, probe, certs, paths, ticket)
+    # A client that closed during the handshake: the server reports it once its draining
+    # period is over (3 PTOs, about a second); only a failed fetch waits for it.
+    until = time.monotonic() + 2 * WAIT
+    while kind != "ok" and not probe.refused and time.monotonic() < until:
+        await asyncio.sleep(0.02)
+    if kind != "ok" and probe.refused:
+        hostname = "hostname" in probe.refused[0]
+        pytest.fail(
+            f"your client closed the connection during its handshake ({probe.refused[0]}): "
+            f"the test's server has a certificate for {SERVER_NAME!r}, the server_name "
+            "fetch() was given, signed by cafile's CA"
+            + (" - your client checked it against the address it connected to, not against "
+               "server_name: set QuicConfiguration(server_name=server_name) (connect() "
+               "falls back on the host when the configuration names none). A client "
+               "reaches a server by address and verifies it by name: the name is what the "
+               "certificate proves" if hostname else "")
+            + f"\n{value}", pytrace=False)
     if kind != "ok":
         pytest.fail(str(value), pytrace=False)
     return value
@@ -998,6 +1035,38 @@ def test_client_takes_a_response_that_ends_on_its_headers(learner: Any,
     assert value.responses.get("/fast") == (200, b"/fast ok"), (
         f"/fast got {value.responses.get('/fast')}, expected (200, b'/fast ok') beside "
         f"{sent}")
+
+
+def test_client_fails_when_the_server_closes_the_connection(learner: Any,
+                                                            certs: Certs) -> None:
+    """The test's server closes the connection (CONNECTION_CLOSE, H3_INTERNAL_ERROR) instead
+    of answering /closing, as a server shutting down does: no response can come any more,
+    so fetch() must end with an error at once - not wait for ever, not make one up."""
+    gate = Gate()
+
+    async def scenario() -> tuple[str, Any]:
+        probe = await probe_server(certs, gate.handler)
+        try:
+            return await learner_fetch(learner, probe, certs, ["/closing"])
+        finally:
+            probe.server.close()
+
+    kind, value = run(scenario())
+    if kind == "not implemented":
+        pytest.fail(str(value), pytrace=False)
+    assert kind != "timed out", (
+        "the test's server closed the connection (CONNECTION_CLOSE, H3_INTERNAL_ERROR) "
+        f"instead of answering /closing, and fetch() was still waiting {WAIT * 2:.0f} s "
+        "later for a response that can no longer come\nOn ConnectionTerminated (after the "
+        "handshake too, not only when it fails), fail every request still waiting - "
+        "future.set_exception(ConnectionError(...)) - so fetch() raises at once: a client "
+        f"that waits for ever on a closed connection hangs its caller.\n{value}")
+    assert kind == "error", (
+        "the test's server closed the connection (CONNECTION_CLOSE, H3_INTERNAL_ERROR) "
+        "instead of answering /closing, yet fetch() returned responses "
+        f"{getattr(value, 'responses', value)}: a response for /closing that never came\n"
+        "A connection that closes before a response is complete is a failed fetch: raise "
+        "(ConnectionError), never report a status or a body the server did not send.")
 
 
 def test_client_resumes_with_0rtt(learner: Any, certs: Certs) -> None:

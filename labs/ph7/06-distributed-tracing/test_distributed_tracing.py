@@ -168,6 +168,9 @@ def stack(learner: Any) -> Iterator[Stack]:
             inv_provider = module.make_provider("inventory", receiver.endpoint)
         except NotImplementedError as exc:
             pytest.fail(f"make_provider is not written yet ({exc})", pytrace=False)
+        for service, provider in (("frontend", front_provider), ("inventory", inv_provider)):
+            reaches_collector(service, provider, receiver)
+        receiver.clear()
         with serve_wsgi(module.make_inventory(inv_provider)) as inventory:
             proxy = RecordingProxy(inventory)
             try:
@@ -178,6 +181,32 @@ def stack(learner: Any) -> Iterator[Stack]:
                 proxy.close()
                 for provider in (front_provider, inv_provider):
                     provider.shutdown()
+
+
+def reaches_collector(service: str, provider: Any, receiver: OtlpTraceReceiver) -> None:
+    """One span ended through the provider make_provider returned, then flushed: it must be
+    at the collector. Checked before any request is served: a provider that exports
+    elsewhere (the exporter's default endpoint) keeps retrying there for seconds on every
+    request's thread, and every test would only time out."""
+    probe = f"labrunner probe {secrets.token_hex(4)}"
+    began = time.monotonic()
+    provider.get_tracer("labrunner.probe").start_span(probe).end()
+    provider.force_flush()
+    took = time.monotonic() - began
+    if any(s.name == probe for s in receiver.snapshot()):
+        return
+    refused = (f"; the collector refused {len(receiver.errors)} export(s): "
+               f"{receiver.errors[:2]}" if receiver.errors else
+               "; no export reached it at all")
+    pytest.fail(
+        f"make_provider({service!r}, {receiver.endpoint!r}): a span ended through the "
+        f"provider and flushed ({took:.1f} s) never reached the collector at "
+        f"{receiver.endpoint}{refused}. The exporter must send to the endpoint it is given, "
+        "exactly as given - OTLPSpanExporter(endpoint=otlp_endpoint), the full URL with its "
+        "/v1/traces: OTLPSpanExporter() with no endpoint sends to its default "
+        "(localhost:4318, or the OTEL_EXPORTER_OTLP_* variables), where no collector of "
+        "this deployment listens, and a SimpleSpanProcessor then holds each request while "
+        "the exporter retries", pytrace=False)
 
 
 def caller(sampled: bool = True) -> tuple[str, str, dict[str, str]]:
@@ -323,6 +352,38 @@ def test_trace_headers_go_with_their_own_request(stack: Stack) -> None:
         "context: tracestate is read only with a valid traceparent and travels with that "
         "trace; let the propagator inject both from the current context, never copy the "
         "incoming header across")
+
+
+def test_span_names_are_routes_not_paths(stack: Stack) -> None:
+    """Two requests for different skus: the same operations, so the same span names. The
+    OpenTelemetry HTTP semantic conventions name an HTTP span "{method} {route}" with the
+    route TEMPLATE (GET /checkout/{sku}), or "{method}" alone, and say instrumentation MUST
+    NOT default to the URI path: a name with an id in it is a name per sku."""
+    names: dict[str, list[tuple[str, str, str]]] = {}
+    for sku in ("KEY-0042", "KEY-0007"):
+        trace_id, _, headers = caller()
+        assert stack.call(f"/checkout/{sku}", headers).status == 200, f"GET /checkout/{sku}"
+        spans = stack.trace(trace_id)
+        one(spans, "frontend", "SERVER", f"GET /checkout/{sku}", stack.receiver.snapshot())
+        names[sku] = sorted((s.service, s.kind, s.name) for s in spans)
+        for service, kind, name in names[sku]:
+            assert sku not in name, (
+                f"GET /checkout/{sku}: the {service} {kind} span is named {name!r} - the "
+                f"request's sku is in the span's name, so every sku makes a span name of its "
+                "own (unbounded cardinality: the tracing backend's list of operations, its "
+                "per-operation latency and error rates, a search by name all split into one "
+                "entry per id). The OpenTelemetry HTTP semantic conventions name an HTTP "
+                "span '{method} {route}' with the route template - 'GET /checkout/{sku}', "
+                "'GET /stock/{sku}' - and MUST NOT default to the URI path: name the span by "
+                "the route (a plain string, not an f-string of the path) and keep the id in "
+                "an attribute (url.path, or sku)")
+    first, second = names["KEY-0042"], names["KEY-0007"]
+    assert first == second, (
+        f"two requests that take the same path through the code (GET /checkout/KEY-0042, "
+        f"then KEY-0007) left spans of different names:\n  {first}\n  {second}\nA span "
+        "name names the operation, not the request: the same route gives the same name "
+        "(OpenTelemetry: the most general string that identifies a class of spans), and "
+        "whatever tells one request from the next goes in attributes")
 
 
 def test_unsampled_caller_is_respected(stack: Stack) -> None:

@@ -93,13 +93,15 @@ def binary(learner: Any) -> Path:
 @dataclass
 class Server:
     proc: subprocess.Popen[bytes]
+    command: str = "graceful_server"
     port: int = 0
     stderr: bytearray = field(default_factory=bytearray)
 
     def __post_init__(self) -> None:
         self._ready = threading.Event()
         threading.Thread(target=self._pump_out, daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self._err_pump = threading.Thread(target=self._pump_err, daemon=True)
+        self._err_pump.start()
 
     def _pump_out(self) -> None:
         assert self.proc.stdout is not None
@@ -121,8 +123,12 @@ class Server:
             if self.proc.poll() is not None:
                 if self._ready.wait(2.0):  # it printed, then exited: its stdout is read last
                     return
-                pytest.fail(f"the server exited with status {self.proc.returncode} before "
-                            f"listening\nstderr: {self.err()[-600:]}", pytrace=False)
+                self._err_pump.join(2.0)  # all it wrote to stderr before it exited
+                line = self.sanitizer_line()
+                pytest.fail(f"`{self.command}` exited with status {self.proc.returncode} "
+                            "before listening"
+                            + (f": the sanitizers stopped it - {line}" if line else "")
+                            + f"\nstderr: {self.err()[-600:]}", pytrace=False)
         pytest.fail(f"the server did not print 'listening on <port>' within {READY:.0f} s: "
                     "after listen(), print the bound port and fflush(stdout)", pytrace=False)
 
@@ -137,6 +143,15 @@ class Server:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def sanitizer_line(self) -> str | None:
+        """The line of stderr where a sanitizer's report begins (what it found), if any."""
+        text = self.stderr.decode(errors="replace")
+        match = SANITIZER_REPORT.search(text)
+        if match is None:
+            return None
+        end = text.find("\n", match.end())
+        return text[text.rfind("\n", 0, match.start()) + 1:end if end >= 0 else None].strip()
 
     def sanitizer_report(self) -> str | None:
         text = self.stderr.decode(errors="replace")
@@ -160,7 +175,7 @@ def launch(learner: Any, binary: Path) -> Iterator[Any]:
         # learner.popen: when grading, the learner's binary runs as the learner's uid.
         argv = [str(binary), "0"] + ([] if drain_ms is None else [str(drain_ms)])
         proc = learner.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        server = Server(proc)
+        server = Server(proc, command=" ".join(["graceful_server"] + argv[1:]))
         started.append(server)
         server.wait_ready()
         return server
@@ -365,6 +380,10 @@ def test_five_in_flight_complete_new_refused_then_exit_zero(learner: Any,
 # deadline, 2 s after the signal: 0.8 s late, every time (later still under load).
 DRAIN_MS = 1200
 LATE = 0.6   # a loaded machine adds to the exit; sleep(1) is 0.8 s late at best
+# How much earlier than DRAIN_MS after the signal a server may end its drain: a coarse
+# clock's tick (CLOCK_MONOTONIC_COARSE: 4 ms). A deadline in whole seconds (time(),
+# DRAIN_MS / 1000) ends 0.2 to 1.2 s early, every time.
+EARLY = 0.05
 
 
 def test_a_stuck_request_does_not_hold_shutdown_past_the_deadline(launch: Any) -> None:
@@ -377,6 +396,7 @@ def test_a_stuck_request_does_not_hold_shutdown_past_the_deadline(launch: Any) -
         # (a lower bound on elapsed time, not a race): the deadline counts from the SIGTERM,
         # so a deadline taken at start-up would already have passed.
         time.sleep(max(0.0, up + 1.8 - time.monotonic()))
+        sent = time.monotonic()   # the server's drain cannot begin before this
         sigterm(server)
         signalled = time.monotonic()
         # Two requests are in flight and the deadline is DRAIN_MS after the signal: whatever
@@ -387,12 +407,27 @@ def test_a_stuck_request_does_not_hold_shutdown_past_the_deadline(launch: Any) -
             f"SIGTERM with 2 requests in flight, before its drain deadline of {DRAIN_MS} ms: "
             f"it had been running {signalled - up:.1f} s - the deadline counts from the "
             "signal (compute now + DRAIN_MS when the flag is seen, after the accept loop); a "
-            f"deadline taken at start-up has already passed{killed_by(status)}")
+            "deadline taken at start-up has already passed, and one in whole seconds "
+            "(time(), DRAIN_MS / 1000) ends up to a second early - it is milliseconds"
+            f"{killed_by(status)}")
         answer = quick.finish()
         assert answer == "DONE quick", (
             "after SIGTERM, a request in flight was not answered: drain before exiting")
         status = server.wait_exit(DRAIN_MS / 1000 + WAIT)
         took = time.monotonic() - signalled
+        # A lower bound, not a race: the drain began after `sent`, and the stuck request
+        # holds it until its deadline, so a correct server exits DRAIN_MS after `sent` at
+        # the earliest (EARLY covers a coarse clock's tick).
+        lasted = time.monotonic() - sent
+        assert status is None or lasted >= DRAIN_MS / 1000 - EARLY, (
+            f"with one request still in flight the server exited {lasted:.2f} s after "
+            f"SIGTERM, {DRAIN_MS / 1000 - lasted:.2f} s BEFORE its drain deadline of "
+            f"{DRAIN_MS} ms: it cut a request the grace period still had time for\nThe "
+            "deadline is in milliseconds: time() counts whole seconds and DRAIN_MS / 1000 "
+            "in integers drops the rest (1200 ms becomes 1 s, ended at the next tick of "
+            "the second: anywhere up to a second early). Take CLOCK_MONOTONIC "
+            "(clock_gettime) at the signal, add DRAIN_MS in ms (or in ns, in 64 bits), and "
+            "wait while now < deadline.")
         assert status is not None, (
             f"one request never finished and the server was still running {took:.1f} s "
             f"after SIGTERM with a drain deadline of {DRAIN_MS} ms (argv[2])\nDrain with a "
@@ -776,5 +811,53 @@ def test_without_drain_ms_the_default_drain_holds_a_request(launch: Any) -> None
             f"started without DRAIN_MS, after its drain the server "
             f"{'was still running' if status is None else f'exited with status {status}'} "
             f"{WAIT:.0f} s later, expected exit 0{killed_by(status)}")
+    finally:
+        request.close()
+
+
+# A grace period of an hour (long batch requests: terminationGracePeriodSeconds: 3600), the
+# longest DRAIN_MS the README allows. In milliseconds it fits an int; in microseconds or
+# nanoseconds (3.6e9, 3.6e12) it does not: computed in int it overflows (UBSan stops the
+# process at once, or unchecked it wraps to a deadline already past).
+HOUR_MS = 3600000
+
+
+def test_an_hour_long_drain_deadline_holds_a_request(launch: Any) -> None:
+    """`graceful_server 0 3600000`: the deadline an hour away, a request in flight at
+    SIGTERM is waited for (well past half a second: a lower bound, not a race), answered,
+    then exit 0 - the deadline's arithmetic holds at the top of DRAIN_MS's range."""
+    server = launch(drain_ms=HOUR_MS, leak_check=False)  # leaks are checked by the idle test
+    request = Slow(server.port, "hour")
+    try:
+        sigterm(server)
+        signalled = time.monotonic()
+        status = server.wait_exit(0.5)
+        report = server.sanitizer_report()
+        assert status is None, (
+            f"with DRAIN_MS {HOUR_MS} (an hour) the server exited (status {status}) "
+            f"{time.monotonic() - signalled:.2f} s after SIGTERM with a request in flight, "
+            "expected it to wait for the request: the deadline's arithmetic overflowed - "
+            f"{HOUR_MS} ms is {HOUR_MS * 1000} us and {HOUR_MS * 1000000} ns, past an "
+            "int's 2147483647, so drain_ms * 1000 in int wraps (a deadline already past) or "
+            "is stopped by UBSan. Compute the deadline in 64 bits ((long long)drain_ms * "
+            "1000, int64_t) or in double ms, or as a timespec (tv_sec += drain_ms / 1000, "
+            f"tv_nsec += drain_ms % 1000 * 1000000){killed_by(status)}"
+            + (f"\nthe sanitizers reported:\n{report}" if report else ""))
+        answer = request.finish()
+        assert answer == "DONE hour", (
+            f"with DRAIN_MS {HOUR_MS}, the request in flight at SIGTERM was answered "
+            f"{answer!r}, expected 'DONE hour': the drain waits for it")
+        status = server.wait_exit(WAIT)
+        report = server.sanitizer_report()
+        assert report is None, (
+            f"with DRAIN_MS {HOUR_MS} (an hour) the sanitizers reported an error after "
+            f"SIGTERM - the drain deadline's arithmetic? {HOUR_MS} ms is {HOUR_MS * 1000} us, "
+            "past an int's 2147483647: compute it in 64 bits ((long long)drain_ms * 1000, "
+            f"int64_t) or in double ms\n{report}")
+        assert status == 0, (
+            f"with DRAIN_MS {HOUR_MS}, after its drain the server "
+            f"{'was still running' if status is None else f'exited with status {status}'} "
+            f"{WAIT:.0f} s later, expected exit 0 once nothing was in flight"
+            f"{killed_by(status)}")
     finally:
         request.close()
