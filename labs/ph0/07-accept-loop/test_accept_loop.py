@@ -217,6 +217,13 @@ def launch_short_writes(short_writes_binary: Path, learner: Any) -> Iterator[Any
     yield from launcher(short_writes_binary, learner)
 
 
+@pytest.fixture
+def launch_thread_refused(binary: Path, learner: Any) -> Iterator[Any]:
+    """The same server.c linked with c_examples/accept_loop/thread_refused.c (ld --wrap):
+    every other pthread_create() of a thread that has accepted a connection fails (EAGAIN)."""
+    yield from launcher(binary.parent / "accept_loop_thread_refused", learner)
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -700,6 +707,105 @@ def test_restarts_on_the_same_port_right_after_stop(launch: Any) -> None:
                ": bind() the port given in argv[1]"), pytrace=False)
     assert echo_once(port, b"again\n") == b"again\n", "the restarted server did not echo"
     stop_cleanly(second)
+
+
+REFUSED_THREAD = re.compile(rb"thread_refused: pthread_create refused")
+
+
+def echoed_or_ended(sock: socket.socket, message: bytes) -> str:
+    """'echoed' (the message came back), 'ended' (EOF or reset first) or 'hung' (neither
+    within WAIT)."""
+    sock.sendall(message)
+    got = bytearray()
+    deadline = time.monotonic() + WAIT
+    while len(got) < len(message) and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(len(message) - len(got))
+        except TimeoutError:
+            break
+        except OSError:   # reset
+            return "ended"
+        if not chunk:
+            return "ended"
+        got += chunk
+    return "echoed" if bytes(got) == message else "hung"
+
+
+def test_a_connection_whose_thread_was_refused_is_closed(launch_thread_refused: Any) -> None:
+    """At the process's thread limit pthread_create() fails (EAGAIN) and no thread will
+    serve the connection just accepted: the server must close it (the client sees its end
+    and can retry) or serve it some other way, and go on accepting - not keep a descriptor
+    nobody reads, with its client waiting for ever."""
+    server = launch_thread_refused()
+    outcomes: list[str] = []
+    for n in range(4):  # the 1st and 3rd pthread_create() fail, the 2nd and 4th start
+        with connect(server.port) as sock:
+            outcomes.append(echoed_or_ended(sock, b"client %d\n" % n))
+        if server.proc.poll() is not None or outcomes[-1] == "hung":
+            break
+    refused = len(REFUSED_THREAD.findall(bytes(server.stderr)))
+    hung = [n for n, outcome in enumerate(outcomes) if outcome == "hung"]
+    assert not (refused and hung), (
+        f"pthread_create() failed (EAGAIN, as at the process's thread limit) {refused} "
+        f"time(s), and client {hung[0]} got neither its echo nor the end of its connection "
+        f"within {WAIT:.0f} s (clients 0-3: {', '.join(outcomes)}): the server kept the "
+        "accepted descriptor open with no thread to read it - its client waits for ever, "
+        "and each such connection leaks a descriptor. When pthread_create() fails, "
+        "close(client) (the client sees the end and can retry) and go on accepting")
+    assert server.proc.poll() is None, (
+        f"pthread_create() failed (EAGAIN, as at the process's thread limit) and the server "
+        f"{_exit_note(server) or 'exited'} (clients 0-{len(outcomes) - 1}: "
+        f"{', '.join(outcomes)}): a failed pthread_create() concerns one connection - close "
+        "it and go on accepting; ending the loop drops every live connection and refuses "
+        "every later client")
+    assert outcomes[1::2] == ["echoed", "echoed"], (
+        f"with every other pthread_create() failing, clients 1 and 3 (whose threads started) "
+        f"saw {' and '.join(outcomes[1::2])}, expected their echo")
+    stop_cleanly(server)
+
+
+def test_a_second_server_on_a_port_in_use_fails(launch: Any, binary: Path,
+                                                learner: Any) -> None:
+    """SO_REUSEADDR lets a restart bind over TIME_WAIT connections; bind() must still fail
+    (EADDRINUSE) while a server listens on the port. SO_REUSEPORT would let a second copy
+    listen beside the first, and the kernel would split the clients between them."""
+    first = launch()
+    port = first.port
+    proc = learner.popen([str(binary), str(port)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, **SANITIZER_ENV})
+    second = Server(proc, learner=learner)
+    try:
+        deadline = time.monotonic() + REFUSE_WAIT
+        while proc.poll() is None and time.monotonic() < deadline:
+            if second.printed_ready(0.05):
+                break
+        status = proc.poll()
+        listening = second.printed_ready(0)
+    finally:
+        second.kill()
+    assert not listening or second.port == port, (
+        f"a second server started as `accept_loop {port}` while the first listens on {port} "
+        f"printed 'listening on {second.port}': asked for a port that is taken, it picked "
+        "another one, where no client looks - it must fail instead (bind() EADDRINUSE: a "
+        "message on stderr and a non-zero exit status), so that the operator sees it")
+    assert not listening, (
+        f"a second server started as `accept_loop {port}` while the first still listens on "
+        f"{port} printed 'listening on {second.port}': it listens on the same port beside the "
+        "first, and the kernel now splits the clients between two servers - a copy started "
+        "by mistake (or any program of the same user) silently takes half of them. That is "
+        "SO_REUSEPORT (also what SO_REUSEADDR | SO_REUSEPORT in one setsockopt() sets: 2 | 15 "
+        "is 15 - options are numbers, not flags); SO_REUSEADDR alone lets a restart bind over "
+        "TIME_WAIT connections and still makes bind() fail (EADDRINUSE) while a server "
+        "listens: set SO_REUSEADDR only")
+    assert status is not None and status > 0, (
+        f"a second server started as `accept_loop {port}` while the first still listens on "
+        f"{port}: expected bind() to fail (EADDRINUSE) and a non-zero exit, saw "
+        + ("it still running" if status is None else f"status {status}")
+        + f"\nstderr: {second.stderr.decode(errors='replace').strip()[-400:]}")
+    assert echo_once(port, b"first\n") == b"first\n", (
+        "after a second server failed to start on its port, the first did not echo")
+    stop_cleanly(first)
 
 
 # argv[1] values that name no port, and what a lax parse makes of each.

@@ -8,6 +8,10 @@ includes that wait; one that starts it after does not.
 Only connections made through Python's socket module are slowed (http.client, urllib, a
 relay of the learner's): grpc opens its connections in its own C core.
 
+It can also hold a relay's pump at the moment it writes a value it shares with the other
+pumps (hold_shared_writes): a thread switch can come between reading a count and writing it
+back, and held there, a count updated without a lock loses what another pump added meanwhile.
+
 It also tells, while a measurement against a server that is down runs, when the relay has
 dealt with its refused connect upstream and left the client's connection open (read from
 /proc/net/tcp): the test then fails at once instead of waiting out its deadline."""
@@ -15,14 +19,17 @@ dealt with its refused connect upstream and left the client's connection open (r
 from __future__ import annotations
 
 import _socket
+import dis
 import socket
 import threading
 import time
+from types import FrameType
 from typing import Any
 
 from labrunner.thread_deaths import thread_deaths, unwatch_thread_deaths, watch_thread_deaths
 
-__all__ = ["normal_connects", "note_listeners", "noted_listeners", "refused_and_moved_on",
+__all__ = ["arm_shared_writes", "hold_shared_writes", "normal_connects", "note_listeners",
+           "noted_listeners", "peek_listeners", "refused_and_moved_on", "released_shared_writes",
            "slow_connects", "thread_deaths", "unwatch_thread_deaths",
            "unwatch_refused_connects", "watch_refused_connects", "watch_thread_deaths"]
 
@@ -93,6 +100,120 @@ def noted_listeners() -> list[tuple[str, int]]:
         delattr(socket.socket, "listen")
     with _lock:
         return list(_listening)
+
+
+def peek_listeners() -> list[tuple[str, int]]:
+    """The addresses noted since note_listeners(), noting on."""
+    with _lock:
+        return list(_listening)
+
+
+# ---- a pump held at its write of shared state -----------------------------------------
+
+# A write of a value other threads can see: an attribute, an item, a global, a nonlocal.
+_SHARED_WRITES = {dis.opmap[name] for name in
+                  ("STORE_ATTR", "STORE_SUBSCR", "STORE_GLOBAL", "STORE_DEREF")}
+_pumping = threading.local()   # .yes: this thread has received bytes (a relay's pump)
+_writes: dict[str, Any] = {}
+_original_recv = socket.socket.recv
+_original_recv_into = socket.socket.recv_into
+
+
+def hold_shared_writes(filename: str, wait: float) -> None:
+    """From now on, in threads started from now on, watch the code of `filename`. Once
+    arm_shared_writes() is called, the first time a thread that has received bytes (a
+    relay's pump) is about to write a shared value (an attribute, an item, a global or a
+    nonlocal) at a place of the code, it waits there - its new value already computed from
+    what it read - until another such thread has written one, or `wait` seconds. That is a
+    thread switch between read and write, made certain: a count updated under a lock keeps
+    the other pump out (it waits on the lock) and loses nothing; one updated without a lock
+    loses what the other pump added meanwhile. Undo with released_shared_writes()."""
+    with _lock:
+        _writes.clear()
+        _writes.update(armed=False, holder=None, other=None, sites=set(), after=set(),
+                       held=0, overtaken=0)
+
+    def recv(sock: socket.socket, *args: Any) -> bytes:
+        data = _original_recv(sock, *args)
+        if data:
+            _pumping.yes = True
+        return data
+
+    def recv_into(sock: socket.socket, *args: Any) -> int:
+        size = _original_recv_into(sock, *args)
+        if size:
+            _pumping.yes = True
+        return size
+
+    def local_trace(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            me = threading.get_ident()
+            if me in _writes["after"]:   # this thread's write is done: the held one may go
+                with _lock:
+                    _writes["after"].discard(me)
+                    if _writes["other"] is not None:
+                        _writes["other"].set()
+            if frame.f_code.co_code[frame.f_lasti] in _SHARED_WRITES and getattr(
+                    _pumping, "yes", False):
+                _shared_write(frame, wait)
+        return local_trace
+
+    def global_trace(frame: FrameType, event: str, arg: Any) -> Any:
+        if not frame.f_code.co_filename.endswith(filename):
+            return None
+        frame.f_trace_opcodes = True
+        return local_trace
+
+    socket.socket.recv = recv  # type: ignore[method-assign, assignment]
+    socket.socket.recv_into = recv_into  # type: ignore[method-assign, assignment]
+    threading.settrace(global_trace)
+
+
+def _shared_write(frame: FrameType, wait: float) -> None:
+    me = threading.get_ident()
+    site = (frame.f_code, frame.f_lasti)
+    with _lock:
+        if not _writes["armed"]:
+            return
+        if _writes["holder"] is not None:
+            if _writes["holder"] != me:   # another pump writes while one is held
+                _writes["after"].add(me)
+                _writes["overtaken"] += 1
+            return
+        if site in _writes["sites"]:
+            return
+        _writes["sites"].add(site)
+        _writes["holder"] = me
+        _writes["held"] += 1
+        other = _writes["other"] = threading.Event()
+    other.wait(wait)
+    with _lock:
+        _writes["holder"] = None
+        _writes["other"] = None
+
+
+def arm_shared_writes(armed: bool = True) -> None:
+    """Start holding (see hold_shared_writes), or stop: a pump held now goes on."""
+    with _lock:
+        _writes["armed"] = armed
+        other = _writes.get("other")
+        if not armed and other is not None:
+            other.set()
+
+
+def released_shared_writes() -> dict[str, int]:
+    """Undo hold_shared_writes(); return how many writes were held and how many writes of
+    other threads came while one was held."""
+    threading.settrace(None)
+    for name in ("recv", "recv_into"):
+        if name in socket.socket.__dict__:
+            delattr(socket.socket, name)
+    with _lock:
+        _writes["armed"] = False
+        other = _writes.get("other")
+        if other is not None:
+            other.set()
+        return {"held": int(_writes.get("held", 0)), "overtaken": int(_writes.get("overtaken", 0))}
 
 
 def watch_refused_connects() -> None:

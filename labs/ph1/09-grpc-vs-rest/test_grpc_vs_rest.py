@@ -40,6 +40,7 @@ from labrunner.testing import (
     generate_stubs,
     serve_wsgi,
     tcp_sockets,
+    wait_until,
 )
 
 USERS = [{"id": i, "username": f"user{i:04d}", "email": f"user{i:04d}@example.com",
@@ -477,6 +478,129 @@ def test_bytes_after_the_client_closes_are_counted(learner: Any, running: Server
             "word and the teardown as latency). Stop it when the last user is decoded, "
             "before closing anything")
     check_report("protobuf over gRPC (unary, server's last word)", seen)
+
+
+class Crowd(CountingProxy):
+    """A CountingProxy whose first connection (the learner's call) waits, before the
+    server's first bytes, until `go` is set; every later connection is one of the test's own
+    clients, whose bytes it counts and drops (they never reach the grpc server)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target)
+        self.go = threading.Event()
+
+    def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        assert isinstance(link, Link)
+        if link.index == 0:
+            return super().upward(link, chunk)
+        self._count_sent(link, chunk)
+        return None
+
+    def downward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        assert isinstance(link, Link)
+        if link.index == 0 and not link.received_log:
+            self.go.wait(10)
+        return super().downward(link, chunk)
+
+
+# The test's own clients that send through the learner's relay while its call waits: each
+# sends CROWD_CHUNKS chunks of CROWD_CHUNK bytes, one every few ms, so their pumps run side by
+# side. One update lost is a chunk, ten times SLACK_BYTES.
+CROWD = 2
+CROWD_CHUNKS = 20
+CROWD_CHUNK = 1000
+# How long the harness holds a pump at its first write of a shared value, at most: another
+# pump's write ends the hold at once; a lock held across the write (the reference) keeps the
+# others out, and this long is waited out, once.
+HOLD_WRITE_SECONDS = 0.4
+
+
+def test_connections_relayed_at_once_are_all_counted(learner: Any, running: Servers) -> None:
+    """Several connections through the relay at once: their pumps update the same counts
+    side by side. The harness holds one pump between reading a count and writing it back (a
+    thread switch can come there); a count updated without a lock loses what the other pump
+    added meanwhile."""
+    measure = learner.function("grpc_vs_rest", "measure_grpc_unary")
+    harness = learner.harness()
+    proxy = Crowd(running.grpc)
+    outcome: dict[str, Any] = {}
+    neighbours: list[socket.socket] = []
+    stats: dict[str, int] = {}
+
+    def call() -> None:
+        try:
+            outcome["report"] = measure(proxy.address)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+    def push(sock: socket.socket) -> None:
+        try:
+            for _ in range(CROWD_CHUNKS):
+                sock.sendall(b"n" * CROWD_CHUNK)
+                time.sleep(0.005)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    caller = threading.Thread(target=call, daemon=True)
+    try:
+        harness.note_listeners()
+        harness.hold_shared_writes("grpc_vs_rest.py", HOLD_WRITE_SECONDS)
+        started = time.perf_counter()
+        caller.start()
+        wait_until(lambda: bool(proxy.links) and bool(harness.peek_listeners()),
+                   "measure_grpc_unary() to connect through its relay")
+        host, port = harness.peek_listeners()[-1]
+        for _ in range(CROWD):
+            sock = socket.create_connection((str(host), int(port)), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            neighbours.append(sock)
+        wait_until(lambda: len(proxy.links) == 1 + CROWD,
+                   f"your relay to relay {CROWD} more connections while its call waits")
+        harness.arm_shared_writes()
+        pushers = [threading.Thread(target=push, args=(sock,), daemon=True)
+                   for sock in neighbours]
+        for pusher in pushers:
+            pusher.start()
+        for pusher in pushers:
+            pusher.join(15)
+        harness.arm_shared_writes(False)  # the crowd is through: the call goes on unheld
+        proxy.go.set()
+        caller.join(30)
+        wall = time.perf_counter() - started
+        closed = proxy.wait_closed(3.0)
+    finally:
+        proxy.go.set()
+        stats = harness.released_shared_writes()
+        harness.noted_listeners()
+        for sock in neighbours:
+            sock.close()
+        proxy.close()
+    assert not caller.is_alive(), "measure_grpc_unary() had not returned 30 s after its call"
+    assert "error" not in outcome, (
+        f"measure_grpc_unary() raised {outcome['error']} while {CROWD} other connections "
+        "went through its relay")
+    assert closed, ("measure_grpc_unary(): a connection was still open 3 s after it "
+                    "returned: close the client inside the measurement")
+    seen = Observed(outcome["report"], list(proxy.links), wall, [], started)
+    report = seen.report
+    assert isinstance(report, dict) and set(report) >= KEYS, (
+        f"measure_grpc_unary() must return a dict with {sorted(KEYS)}, saw {report!r}")
+    lost = seen.sent - report["bytes_sent"]
+    assert lost <= SLACK_BYTES, (
+        f"two pumps updated the same count without a lock and {lost} bytes were lost: "
+        f"with {1 + CROWD} connections relayed at once (your client's and {CROWD} more, each "
+        f"sending {CROWD_CHUNKS} x {CROWD_CHUNK} bytes) the report says "
+        f"bytes_sent={report['bytes_sent']}, the test counted {seen.sent} on the wire. The "
+        f"test held one of your pumps between reading the count and "
+        f"writing it back ({stats.get('held', 0)} hold(s), as a thread switch can), and "
+        f"another pump wrote {stats.get('overtaken', 0)} time(s) meanwhile: its update was "
+        "overwritten. A count updated by several threads without a lock (self.sent += n, "
+        "d[k] = d.get(k, 0) + n) is a read-modify-write, not atomic: take the relay's lock "
+        "around each update")
+    check_report(f"protobuf over gRPC (unary, with {CROWD} more connections at once)", seen)
 
 
 @contextmanager

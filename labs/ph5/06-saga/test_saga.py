@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from textwrap import shorten
 from typing import Any
 
 import pytest
@@ -397,6 +398,87 @@ def test_a_repeated_start_never_restarts_a_saga(world: Any, postgres: Any) -> No
         "repeated start (a retried request) restarted the saga, charging the customer again "
         "for an order it had refunded. The saga's row is its memory: refuse the duplicate "
         "(the primary key) or keep the row as it is (ON CONFLICT DO NOTHING) - never reset it")
+
+
+# An order as a client sends it: more than the fields the saga's rules read, nested, not
+# only ASCII. The participants need all of it (shipping the address, payment the amount).
+RICH_ORDER = {"order_id": "order-ü-1", "amount_cents": 4200, "sku": "book", "qty": 1,
+              "country": "DE", "note": "Zoë's gift, \"fragile\" ✓",
+              "lines": [{"sku": "book", "qty": 1, "price_cents": 4200}],
+              "address": {"name": "Jürgen O'Hara", "city": "Köln"}, "gift": True,
+              "coupon": None}
+
+
+def test_each_participant_gets_the_order_as_started(world: Any, postgres: Any) -> None:
+    """Every do() and undo() receives the order start_saga was given, a dict equal to it -
+    the orchestrator keeps the order in its row and hands it to each participant."""
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    mod.start_saga(postgres.dsn, "s-order", RICH_ORDER)
+    seen: list[tuple[str, Any]] = []
+
+    class Keeping(Service):
+        def do(self, saga_id: str, order: dict[str, Any]) -> None:
+            seen.append((f"do {self.step}", order))
+            super().do(saga_id, order)
+
+        def undo(self, saga_id: str, order: dict[str, Any]) -> None:
+            seen.append((f"undo {self.step}", order))
+            super().undo(saga_id, order)
+
+    parts = {step: Keeping(step, conn, mod.StepFailed, fail=step == STEPS[2]) for step in STEPS}
+    mod.run_saga(postgres.dsn, "s-order", parts)
+    wrong = [(call, order) for call, order in seen if order != RICH_ORDER]
+    if wrong:
+        call, got = wrong[0]
+        as_text = isinstance(got, str | bytes)
+        pytest.fail(
+            (f"the order reached {call} as JSON text ({type(got).__name__}), not decoded: "
+             if as_text else f"{call} received another order than start_saga was given: ")
+            + f"{shorten(repr(got), 120)}; expected the dict {shorten(repr(RICH_ORDER), 120)}"
+            + (" - store it as jsonb (psycopg's Jsonb) and psycopg gives back a dict, or "
+               "json.loads() it on the way out" if as_text else
+               " - store the whole order in the saga's row (a jsonb column) and hand each "
+               "participant the whole of it: the participants need more than the saga's "
+               "rules read (shipping the address, payment the lines)"), pytrace=False)
+    assert [call for call, _ in seen] == do(0, 1, 2) + undo(1, 0), (
+        f"the participants saw {[call for call, _ in seen]}, expected "
+        f"{do(0, 1, 2) + undo(1, 0)}")
+
+
+# Saga ids as clients make them (an order reference, a name): quotes, a semicolon, non-ASCII.
+ODD_IDS = ["s-o'hara", "s-x'; SELECT 1; --", "s-zoë ' OR '1'='1"]
+
+
+def test_a_saga_id_is_data_not_sql(world: Any, postgres: Any) -> None:
+    """Saga ids with quotes in them start, run and report like any other: an id is a value
+    passed to the query as a parameter, never text pasted into the SQL."""
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    for saga_id in ODD_IDS:
+        step, error = "start_saga", ""
+        try:
+            mod.start_saga(postgres.dsn, saga_id, ORDER)
+            step = "run_saga"
+            result = mod.run_saga(postgres.dsn, saga_id, services(mod, conn))
+            step = "saga_status"
+            status = mod.saga_status(postgres.dsn, saga_id)
+        except Exception as exc:  # noqa: BLE001 - reported as the mistake it shows
+            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+        if error:
+            pytest.fail(
+                f"{step}() of the saga {saga_id!r} raised {error} - the saga id was pasted "
+                "into the SQL text (an f-string, % or .format()), so its quote ended the "
+                "string literal: pass every "
+                "value as a query parameter (conn.execute(\"... WHERE saga_id = %s\", "
+                "(saga_id,))) - text pasted into SQL is also how SQL injection happens",
+                pytrace=False)
+        got = calls(conn, saga_id)
+        assert (result, status, got) == ("completed", "completed", do(0, 1, 2, 3)), (
+            f"the saga {saga_id!r}: run_saga returned {result!r}, saga_status {status!r}, "
+            f"its participants saw {got}; expected 'completed' twice after {do(0, 1, 2, 3)} - "
+            "a saga id with quotes in it is read as SQL when it is pasted into the query "
+            "text: pass it as a query parameter (%s)")
 
 
 # --- choreography --------------------------------------------------------------------------
