@@ -16,6 +16,7 @@ import re
 import secrets
 import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 
-from labrunner.testing import PgStatementProxy, timed_redis_commands, verdict, wait_until
+from labrunner.testing import PgStatementProxy, TcpRelay, timed_redis_commands, verdict, wait_until
 
 SECRET = b"ph3.4-access-token-signing-secret-0123456789"
 T0 = 1_700_000_000.0
@@ -416,9 +417,61 @@ def test_redis_unreachable_fails_closed(service: Service) -> None:
             "retried, never swallow it")
 
 
+class RedisOutage(TcpRelay):
+    """A relay in front of Redis that the test takes down: every connection it relayed is
+    cut, and every new one is closed as soon as it is accepted - Redis gone mid-run."""
+
+    down = False
+
+    def admit(self, client: socket.socket) -> bool:
+        if self.down:
+            self.shut(client)
+            return False
+        return True
+
+    def go_down(self) -> None:
+        self.down = True
+        self.cut()
+
+
+def test_redis_dropping_mid_run_fails_closed(service: Service, redis_db: Any) -> None:
+    """Redis answers the service (a service that checked it when it started), then goes
+    away: connections cut, new ones closed at once. authenticate() and logout() must fail
+    as they do with Redis unreachable from the start, not fall back to 'not denylisted'
+    because Redis was fine a moment ago."""
+    where = urllib.parse.urlsplit(redis_db.url)
+    with RedisOutage((where.hostname or "127.0.0.1", where.port or 6379)) as outage:
+        svc = service.module.TokenService(service.postgres.dsn, outage.url_for(redis_db.url),
+                                          SECRET, service.clock)
+        watched = Service(service.module, svc, service.postgres, service.redis,
+                          service.clock)
+        access, refresh = watched.login("alice")
+        seen, got = watched.authenticate(access, "a fresh access token, Redis up")
+        assert seen == "ok", f"authenticate() of a fresh access token: {seen} {got}"
+        outage.go_down()
+        seen, got = verdict("authenticate() after Redis went away", svc.authenticate, access,
+                            refusal=service.module.InvalidToken)
+        assert seen != "ok", (
+            "authenticate() accepted alice's access token after Redis went away MID-RUN (it "
+            "had answered this service a moment before; then its connections were cut and "
+            "new ones closed): it could not read the denylist and let the token in as if it "
+            "were not on it. Redis being up when the service started (or at the last call) "
+            "says nothing about now: fail closed on every Redis error - let it out (503) or "
+            "refuse with InvalidToken, never take 'could not check' for 'not denylisted'")
+        seen, got = verdict("logout() after Redis went away", svc.logout, access, refresh,
+                            refusal=service.module.InvalidToken)
+        assert seen != "ok", (
+            "logout() returned as if done after Redis went away MID-RUN (it had answered "
+            "this service a moment before; then its connections were cut and new ones "
+            "closed): the jti was never denylisted, and the access token works again once "
+            "Redis is back, while the caller told the user they were logged out. Let every "
+            "Redis error out (or raise), whenever it happens, never swallow it")
+
+
 def test_logout_denylists_the_jti_until_it_would_expire(service: Service) -> None:
     access, refresh = service.login("alice")
     other, _ = service.login("bob")
+    _, laptop = service.login("alice")  # alice's other device: another family
     claims = claims_of(access, "the access token")
     service.clock.now = T0 + 100
     verdict, got = service.do("logout()", service.svc.logout, access, refresh)
@@ -443,6 +496,13 @@ def test_logout_denylists_the_jti_until_it_would_expire(service: Service) -> Non
     assert verdict == "refused", (
         "refresh() accepted the refresh token of a session that logged out: logout must "
         "revoke its family, or the next refresh brings the session back")
+    verdict, got = service.refresh(laptop, "alice's other session's refresh token (another "
+                                           "device, another family)")
+    assert verdict == "ok", (
+        f"after alice logged out on one device, her refresh token of ANOTHER login (another "
+        f"device, another family) was refused ({got}): logout ends the session it is "
+        "called for - revoke the family of the refresh token given, not every family of the "
+        "user (a 'log out everywhere' is another operation)")
 
 
 # Logouts at a clock with a fraction of a second: (what is left of the token's life, what).

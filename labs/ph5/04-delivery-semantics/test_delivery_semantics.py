@@ -291,6 +291,16 @@ def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
             first.send_signal(signal.SIGKILL)
             first.wait()
         at_crash = view(kafka, topics, group)
+        # Every mode has committed pay-0..pay-2 (synchronously, or in their committed
+        # transactions) by pay-3's crash point, once their outputs are there.
+        assert at_crash.committed >= 0 or len(at_crash.output) < 3, (
+            f"{mode}: at the crash point of pay-3 the output holds {len(at_crash.output)} "
+            f"records, but the group {group!r} - the --group the worker was given - has no "
+            f"committed offset on the input at all ({at_crash.committed}): the worker "
+            f"commits its progress to ANOTHER group (a group.id of its own), or nowhere. "
+            f"Use the group it is given (group.id = group, which send_offsets_to_transaction "
+            f"takes from consumer_group_metadata() too): the restarted worker, and anyone "
+            f"watching its lag, find its progress there")
         own = {offsets[2]: "pay-2", offsets[3]: "pay-3"}
         assert at_crash.committed not in own, (
             f"{mode}: at the crash point the committed input offset is {at_crash.committed}, "
