@@ -224,7 +224,11 @@ class LearnerHost:
         # a test that held one inside a callback of its own (a clock, a hook) could never
         # race a second. Each waits its turn to receive (woken as the one receiving leaves
         # to serve a call), not RPyC's default of polling every 0.1 s.
-        self._serving = [rpyc.BgServingThread(conn, serve_interval=0.5, sleep_interval=0.0)
+        # A serving thread that meets the connection's end (the host died or was killed)
+        # stops quietly: the call that needed the host reports it (ProcessEnded), and an
+        # exception raised in a thread would only be a warning pytest prints.
+        self._serving = [rpyc.BgServingThread(conn, callback=lambda: None,
+                                              serve_interval=0.5, sleep_interval=0.0)
                          for _ in range(CALLBACKS_HELD_AT_ONCE)]
 
     @classmethod
@@ -274,9 +278,9 @@ class LearnerHost:
         process ends: closed, its number could be reused at once (the next test's host), and
         a serving thread about to poll the old number would wait on the new socket for ever,
         keeping this process from exiting."""
-        self._kill()
         for serving in self._serving:
             serving._active = False   # its loop ends at the next turn; no join
+        self._kill()
         self.conn._closed = True
         try:
             sock = self.conn._channel.stream.sock
