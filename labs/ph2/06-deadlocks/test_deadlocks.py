@@ -630,6 +630,59 @@ def test_a_blocked_update_fails_within_the_lock_timeout(db: Db, learner: Any) ->
     assert db.balances()[1] == 10005, "the refused update changed the balance"
 
 
+ZERO_WAIT_S = 5.0  # a call that must not wait at all, still waiting this long on: it waits
+
+
+def test_a_timeout_of_zero_does_not_wait(db: Db, learner: Any) -> None:
+    """timeout_ms=0 is "wait at most 0 ms": LockBusy at once. Postgres' lock_timeout = 0
+    means no timeout at all, and leaving lock_timeout unset for 0 leaves the session's."""
+    module = api(learner, "update_balance_with_timeout")
+    update, lock_busy = module.update_balance_with_timeout, module.LockBusy
+    with (db.connect() as holder, db.connect() as conn,
+          ThreadPoolExecutor(max_workers=1) as pool):
+        conn.execute("SET lock_timeout = '7s'")  # the caller's session's own, as above
+        default = show_lock_timeout(conn)
+        update(conn, 1, 5, 0)
+        assert db.balances()[1] == 10005, (
+            f"with the row free, update_balance_with_timeout(conn, 1, 5, 0) left the "
+            f"balance at {db.balances()[1]}, expected 10005 (committed): a free row needs "
+            f"no wait")
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1 FROM accounts WHERE id = 1 FOR UPDATE")
+        future = pool.submit(update, conn, 1, 5, 0)
+        try:
+            exc = future.exception(timeout=ZERO_WAIT_S)
+        except TimeoutError:
+            with db.connect() as watch:
+                waiting = blocked_on_lock(watch, conn.info.backend_pid)
+            holder.execute("ROLLBACK")  # let the learner's update finish
+            future.exception(timeout=30)
+            pytest.fail(
+                f"update_balance_with_timeout(conn, 1, 5, timeout_ms=0) on a locked row "
+                f"was still {'waiting for the row lock' if waiting else 'running'} "
+                f"{ZERO_WAIT_S:.0f} s on, expected LockBusy at once: a timeout of 0 ms is "
+                f"no wait at all. Postgres' lock_timeout = 0 means the opposite - no "
+                f"timeout, wait forever - and with no lock_timeout set the caller's session's "
+                f"own (7s here) applies: take the row with SELECT ... FOR UPDATE NOWAIT "
+                f"when timeout_ms is 0 (it fails at once with the same 55P03)",
+                pytrace=False)
+        holder.execute("ROLLBACK")
+        assert isinstance(exc, lock_busy), (
+            "update_balance_with_timeout(conn, 1, 5, timeout_ms=0) on a locked row "
+            + ("returned normally" if exc is None else
+               f"raised {type(exc).__name__}: {exc}")
+            + ", expected LockBusy at once: the row stayed locked for longer than 0 ms")
+        chain = {type(e) for e in (exc.__cause__, exc.__context__) if e is not None}
+        assert psycopg.errors.LockNotAvailable in chain, (
+            f"with timeout_ms=0, LockBusy should be raised from the LockNotAvailable "
+            f"(55P03) that NOWAIT produces; its cause was {chain or 'nothing'}")
+        assert conn.info.transaction_status == TransactionStatus.IDLE, (
+            f"after LockBusy (timeout_ms=0) the connection is "
+            f"{conn.info.transaction_status.name}: roll the failed transaction back")
+        assert_not_leaked(conn, default, "after LockBusy with timeout_ms=0")
+    assert db.balances()[1] == 10005, "the refused update (timeout_ms=0) changed the balance"
+
+
 def test_each_connection_keeps_its_own_lock_timeout(db: Db, learner: Any) -> None:
     """Two callers' sessions with lock_timeouts of their own, calls on them interleaved:
     each must have its own value back - not one remembered from another connection."""

@@ -38,6 +38,8 @@ Mistakes a learner makes here, each caught with its own message:
   database's "timeouts" or lost connections taken for an exhausted pool
                                                            -> each of those, provoked for real
 - close() that leaves the connections open                 -> counted after close()
+- no params passed on as () (or []): psycopg then reads each % as a placeholder
+                                                           -> LIKE 'a%' without params
 """
 
 from __future__ import annotations
@@ -483,6 +485,30 @@ def test_requests_arriving_at_a_new_database_share_one_pool(
         f"Make the pool in __init__, or check and make it under one lock")
     pytest.fail(f"after close() the server still has {left} connections from your pool: "
                 f"close() must close the pool and every connection it opened", pytrace=False)
+
+
+# A query without parameters, holding a literal %: psycopg reads % as a placeholder
+# whenever execute() is given parameters - even () - and refuses "%'".
+LITERAL_PERCENT = ("SELECT s FROM (VALUES ('a%'), ('ab'), ('ba')) AS v (s) "
+                   "WHERE s LIKE 'a%' ORDER BY s")
+
+
+def test_a_query_without_params_runs_as_written(pooling: ModuleType, opened: list[Any],
+                                                postgres: Any) -> None:
+    db = open_db(pooling, opened, postgres.dsn, rate=1, latency=0.5, timeout=5)
+    why = ("query(sql) without params must run sql as written, where a % is a plain "
+           "character: psycopg reads each % as a placeholder (%s) whenever execute() is "
+           "given parameters, even an empty tuple - pass None when there are none, not the "
+           "default ()")
+    try:
+        rows = db.query(LITERAL_PERCENT)
+    except Exception as exc:  # noqa: BLE001 - explained
+        pytest.fail(f"query({LITERAL_PERCENT!r}) with no params raised "
+                    f"{type(exc).__name__}: {exc}; expected [('a%',), ('ab',)]\n{why}",
+                    pytrace=False)
+    assert rows == [("a%",), ("ab",)], (
+        f"query({LITERAL_PERCENT!r}) with no params returned {rows!r}, expected "
+        f"[('a%',), ('ab',)] (LIKE 'a%': the values that start with 'a')\n{why}")
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,87 @@ def test_files_not_named_like_a_migration_are_ignored(runner: ModuleType, postgr
         f"them applied\n{why}")
 
 
+# Migrations whose <name> is more than letters, digits and "_": <name> is any text (as
+# Flyway's description). A pattern that leaves them out applies them nowhere, silently.
+NAMED = {
+    "V004__add-owner-index.sql": "a hyphen",
+    "V005__fix_v1.2_emails.sql": "a dot",
+    "V006__ajoute_prénom.sql": "a letter outside ASCII",
+}
+
+
+def test_any_name_after_the_version_is_a_migration(runner: ModuleType, postgres: Any,
+                                                   migrations: Path) -> None:
+    write(migrations, BASIC)
+    write(migrations, {name: f"CREATE TABLE named_{n} (id int);"
+                       for n, name in enumerate(NAMED)})
+    why = ("A migration is a file named V<n>__<name>.sql where <name> is any text (Flyway's "
+           "description): a pattern that allows only \\w or [A-Za-z0-9_] in <name> skips "
+           "these files, and a skipped migration is never applied, on any database, and "
+           "nothing says so")
+    try:
+        applied = list(runner.migrate(postgres.dsn, migrations))
+    except Exception as exc:  # noqa: BLE001 - explained
+        pytest.fail(f"migrate() on V001..V003 and {', '.join(NAMED)} raised "
+                    f"{type(exc).__name__}: {exc}, expected [1, 2, 3, 4, 5, 6]\n{why}",
+                    pytrace=False)
+    tables = migration_tables(postgres)
+    skipped = [f"{name} ({what})" for n, (name, what) in enumerate(NAMED.items())
+               if f"named_{n}" not in tables]
+    assert not skipped and applied == [1, 2, 3, 4, 5, 6], (
+        f"migrate() on V001..V003 and {', '.join(NAMED)} returned {applied!r}"
+        + (f", and never applied {', '.join(skipped)}" if skipped else "")
+        + f"; expected [1, 2, 3, 4, 5, 6]\n{why}")
+
+
+# Scripts as editors save them: (what comes before the text, the line end). Windows editors
+# put a UTF-8 byte-order mark (EF BB BF) first, and end lines in \r\n.
+SAVED = {
+    "byte-order-mark": ("\ufeff", "\n"),
+    "crlf-line-ends": ("", "\r\n"),
+}
+IMPORT = ["-- migrate:no-transaction",
+          "DO $$",
+          "BEGIN",
+          "    INSERT INTO accounts VALUES (1, 'ada');",
+          "    COMMIT;  -- refused inside a transaction",
+          "    INSERT INTO accounts VALUES (2, 'grace');",
+          "END",
+          "$$;"]
+
+
+@pytest.mark.parametrize("case", list(SAVED))
+def test_scripts_saved_by_a_windows_editor_are_applied(runner: ModuleType, postgres: Any,
+                                                       migrations: Path, case: str) -> None:
+    mark, end = SAVED[case]
+    write(migrations, {"V001__create_accounts.sql": BASIC["V001__create_accounts.sql"]})
+    (migrations / "V002__import_accounts.sql").write_bytes(
+        (mark + end.join(IMPORT) + end).encode("utf-8"))
+    saved = ("with a UTF-8 byte-order mark before its first line, "
+             "`-- migrate:no-transaction`" if mark else
+             "with \\r\\n line ends, its first line `-- migrate:no-transaction\\r\\n`")
+    why = ("A byte-order mark is not part of the script: read the file as utf-8-sig (or drop "
+           "a leading \\ufeff) so that its first line is still the directive, and never "
+           "send the mark to Postgres, which takes it for the start of a word (a syntax "
+           "error)" if mark else
+           "The line end is not part of the line: compare the first line without it "
+           "(splitlines(), strip()); the directive missed, the script runs inside a "
+           "transaction, where its DO block's COMMIT is refused")
+    try:
+        applied = list(runner.migrate(postgres.dsn, migrations))
+    except Exception as exc:  # noqa: BLE001 - explained
+        pytest.fail(f"migrate() on a no-transaction V002 saved {saved} (as Windows editors "
+                    f"save files) raised {type(exc).__name__}: "
+                    f"{(str(exc).strip().splitlines() or [''])[0]}; expected [1, 2], V002 "
+                    f"run outside a transaction\n{why}", pytrace=False)
+    rows = count(postgres, "SELECT count(*) FROM accounts")
+    again = list(runner.migrate(postgres.dsn, migrations))
+    assert applied == [1, 2] and rows == 2 and again == [], (
+        f"migrate() on a no-transaction V002 saved {saved} returned {applied!r} (accounts "
+        f"then had {rows} rows), and a second run {again!r}; expected [1, 2] with 2 rows, "
+        f"then []\n{why}")
+
+
 # (the applied file that is edited, its new text, the target migrate() is then called with)
 CHANGED = [
     ("V002__seed_admin.sql", "INSERT INTO accounts VALUES (1, 'admin'), (2, 'guest');", None),

@@ -70,6 +70,9 @@ def update_balance_with_timeout(conn: Conn, account_id: int, delta: int,
     statement_timeout), and set_config(..., true) is SET LOCAL: the setting ends with
     this transaction instead of staying on the connection for whatever runs next.
     """
+    if timeout_ms <= 0:
+        update_balance_without_waiting(conn, account_id, delta)
+        return
     try:
         with conn.transaction():
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{timeout_ms}ms",))
@@ -78,3 +81,17 @@ def update_balance_with_timeout(conn: Conn, account_id: int, delta: int,
     except psycopg.errors.LockNotAvailable as exc:  # SQLSTATE 55P03
         raise LockBusy(f"account {account_id} stayed locked for more than {timeout_ms} ms"
                        ) from exc
+
+
+def update_balance_without_waiting(conn: Conn, account_id: int, delta: int) -> None:
+    """timeout_ms=0: wait at most 0 ms, that is not at all. lock_timeout = 0 would mean the
+    opposite (Postgres' "no timeout": wait forever), so the row is taken with NOWAIT, which
+    fails at once with the same 55P03 when another transaction holds it."""
+    try:
+        with conn.transaction():
+            conn.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE NOWAIT",
+                         (account_id,))
+            conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s",
+                         (delta, account_id))
+    except psycopg.errors.LockNotAvailable as exc:  # SQLSTATE 55P03
+        raise LockBusy(f"account {account_id} was locked (timeout_ms=0: no wait)") from exc

@@ -55,7 +55,9 @@ class Database:
         try:
             # the context commits (or rolls back on error) and returns the connection
             with self.pool.connection() as conn:
-                cur = conn.execute(sql, params)
+                # no parameters: None, not (): psycopg reads every % as a placeholder
+                # whenever it is given parameters, even none, so LIKE 'a%' would fail
+                cur = conn.execute(sql, params or None)
                 return cur.fetchall() if cur.description else []
         except TooManyRequests as exc:
             raise PoolExhausted(

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import psycopg
 
-FILE_NAME = re.compile(r"^V(\d+)__(\w+)\.sql$")
+# V<version>__<name>.sql, the whole file name; <name> is any text (V005__add-email-index.sql,
+# V006__fix_v1.2_emails.sql): a migration file the pattern skips is never applied anywhere.
+FILE_NAME = re.compile(r"V(\d+)__(.+)\.sql")
 LOCK_KEY = 72_616_001  # any constant the team agrees on: "the migration lock"
 NO_TRANSACTION = "-- migrate:no-transaction"
 
@@ -53,7 +55,7 @@ def discover(directory: str | Path) -> list[Migration]:
     """The migration files in `directory`, by version; other files are ignored."""
     found: dict[int, Migration] = {}
     for path in sorted(Path(directory).iterdir()):
-        match = FILE_NAME.match(path.name)
+        match = FILE_NAME.fullmatch(path.name)
         if not match:
             continue
         version = int(match.group(1))
@@ -61,7 +63,10 @@ def discover(directory: str | Path) -> list[Migration]:
             raise MigrationError(f"two migrations with version {version}: "
                                  f"{found[version].name} and {path.name}")
         data = path.read_bytes()
-        found[version] = Migration(version, path.name, data.decode("utf-8"),
+        # utf-8-sig: a byte-order mark that a Windows editor put before the first line is
+        # not part of the script (its first line is still the directive; Postgres must not
+        # see the mark, which it would take for the start of a word)
+        found[version] = Migration(version, path.name, data.decode("utf-8-sig"),
                                    hashlib.sha256(data).hexdigest())
     return [found[v] for v in sorted(found)]
 

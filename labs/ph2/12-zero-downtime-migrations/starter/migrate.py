@@ -11,7 +11,8 @@ from pathlib import Path
 
 import psycopg  # noqa: F401
 
-FILE_NAME = r"^V(\d+)__(\w+)\.sql$"
+# the whole file name (re.fullmatch); <name> is any text: V005__add-email-index.sql
+FILE_NAME = r"V(\d+)__(.+)\.sql"
 
 
 class MigrationError(Exception):
