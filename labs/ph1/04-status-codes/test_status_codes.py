@@ -155,6 +155,16 @@ CASES = [
          "Unauthorized: with no token nothing else is checked - check 1 (who are you?) "
          "comes before the body (400/422): the client must authenticate first",
          headers={}, body=js({"name": ""}), check=bearer_challenge),
+    # Check 1 before routing and before any lookup: a 404 for an anonymous client (and a 401
+    # where the path exists) tells anyone which paths and project ids exist.
+    *(Case(f"no-token-{kind}", "GET", path, 401,
+           f"Unauthorized: with no token nothing else is checked, not even whether {what} "
+           "exists - check 1 (who are you?) comes before 6 (no such resource, 404): a 404 "
+           "to an anonymous client, and a 401 where something exists, tells anyone which "
+           "paths and ids exist; authenticate before routing or looking anything up",
+           headers={}, check=bearer_challenge)
+      for kind, path, what in (("unknown-path", "/nothing-here", "the path /nothing-here"),
+                               ("missing", "/projects/999", "project 999"))),
     Case("missing", "GET", "/projects/999", 404, "Not Found: no project 999"),
     Case("delete-missing", "DELETE", "/projects/999", 404, "Not Found: no project 999"),
     Case("unknown-path", "GET", "/nothing-here", 404, "Not Found: no such resource"),
@@ -692,6 +702,7 @@ REFUSED_AFTER_THE_COUNT = (
     ("POST", "/projects", js({"name": ""}), 422, "an empty name"),
     ("POST", "/projects", js({"name": "alpha"}), 409, "a taken name"),
     ("GET", "/projects/999999", None, 404, "a missing project"),
+    ("GET", "/nothing-here", None, 404, "an unknown path"),
 )
 
 
@@ -703,8 +714,9 @@ def counted_for(db: Any, token: str) -> int:
 
 
 def test_failed_requests_count_too(make_app: Callable[..., Any], db: Any) -> None:
-    """A writer's requests that end in 400, 422, 409 and 404 use up its budget like any
-    other: the limit is on requests, whatever their outcome."""
+    """A writer's requests that end in 400, 422, 409 and 404 (a missing project, an unknown
+    path) use up its budget like any other: the limit is on requests, whatever their
+    outcome."""
     limit = len(REFUSED_AFTER_THE_COUNT)
     uncounted = []
     with serve_wsgi(make_app(db.dsn, clock=FakeClock(1000.0), rate_limit=limit,

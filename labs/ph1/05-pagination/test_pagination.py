@@ -426,12 +426,29 @@ def without_offset(value: Any) -> Any:
     return value if at.tzinfo is None else at.astimezone(UTC).replace(tzinfo=None).isoformat()
 
 
+def out_of_range_day(value: Any) -> Any:
+    """A time with its date made February 30th (the same shape, no such day); anything
+    else unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return re.sub(r"^\d{4}-\d{2}-\d{2}", "2024-02-30", value)
+
+
 def map_leaves(doc: Any, change: Callable[[Any], Any]) -> Any:
     if isinstance(doc, list):
         return [map_leaves(item, change) for item in doc]
     if isinstance(doc, dict):
         return {key: map_leaves(value, change) for key, value in doc.items()}
     return change(doc)
+
+
+def numbers_as(doc: Any, number: int) -> Any:
+    """The document with each of its numbers replaced by `number`."""
+    return map_leaves(doc, lambda v: number if is_number(v) else v)
 
 
 def content_forgeries(text: str) -> list[tuple[str, str]]:
@@ -450,6 +467,15 @@ def content_forgeries(text: str) -> list[tuple[str, str]]:
     numbers_as_digits = map_leaves(doc, lambda v: str(v) if is_number(v) else v)
     numbers_with_fraction = map_leaves(doc, lambda v: v + 0.5 if is_number(v) else v)
     naive_time = map_leaves(doc, without_offset)
+    # Values no issued cursor holds, in range for JSON and Python but not for the columns:
+    # ids no bigint holds (an overflow as a 500 once they reach Postgres as a bigint, or a
+    # page for a position the API never issued), and a date with a day out of range (Postgres
+    # refuses it: a 500, when the time was only checked by its pattern).
+    past_bigint = [(numbers_as(doc, n), what)
+                   for n, what in ((2**63, "2**63, one past bigint's 2**63 - 1"),
+                                   (10**30, "10**30, past bigint"),
+                                   (-2**63 - 1, "-2**63 - 1, below bigint's -2**63"))]
+    day_out_of_range = map_leaves(doc, out_of_range_day)
     forged = [(numbers_as_text, "its numbers replaced by \"x\""),
               (naive_time, "its time given without a UTC offset: a wall-clock time names no "
                "instant - read by Postgres in the session's TimeZone "
@@ -463,7 +489,14 @@ def content_forgeries(text: str) -> list[tuple[str, str]]:
                "string is not the id the API issued, though int() reads it as one"),
               (numbers_with_fraction, "its numbers given a fraction (.5): no id has one, "
                "though int() quietly drops it"),
-              *FORGED_DOCUMENTS]
+              *FORGED_DOCUMENTS,
+              *((d, f"its numbers replaced by {what}: no order has that id, so the API "
+                 "never issued this cursor - an id past bigint either overflows on its way "
+                 "to Postgres (a 500) or is compared as a position no cursor holds; check "
+                 "that the id fits a bigint (-2**63 .. 2**63 - 1)") for d, what in past_bigint),
+              (day_out_of_range, "its date changed to February 30th: a string shaped like a "
+               "time is not a time - parse it (datetime.fromisoformat) rather than check its "
+               "pattern and let Postgres refuse it (a 500)")]
     return [(json.dumps(d), what) for d, what in forged if d != doc]
 
 

@@ -876,3 +876,76 @@ def test_a_jwk_no_key_can_be_built_from_refuses_with_invalid_token(lib: Lib) -> 
                 "ValueError, TypeError, not only InvalidSignature) into InvalidToken")
     assert not wrong, "\n".join(wrong) + (
         f"\n({len(wrong)} of {len(BROKEN_JWKS)} broken JWKs)")
+
+
+# A key too small for its algorithm verifies nothing (RFC 7518 3.2: "A key of the same size
+# as the hash output (for instance, 256 bits for "HS256") or larger MUST be used"; 3.3: "A
+# key of size 2048 bits or larger MUST be used" for RS256). A short HMAC secret is found
+# offline from one token (hashcat brute-forces JWT secrets), and a 1024-bit modulus is
+# within reach of factoring: a JWKS that publishes either lets whoever breaks it mint
+# tokens. Size is the key's own: the decoded k, the modulus' bit length - not the
+# characters or bytes they are written in. Each case: the kid, the key (secret bytes or an
+# RSA private key), how n is written (None: minimal), what the key is, accepted or not.
+def _hs_secret(size: int) -> bytes:
+    return hashlib.sha256(b"ph3.3 weak keys").digest()[:size]
+
+
+@functools.cache
+def weak_rsa() -> dict[int, Any]:
+    return {bits: rsa.generate_private_key(public_exponent=65537, key_size=bits)
+            for bits in (1024, 2047)}
+
+
+def key_sizes() -> list[tuple[str, Any, int | None, str, bool]]:
+    return [
+        ("hs-6-bytes", b"secret", None, "an oct key of 6 bytes (b'secret')", False),
+        ("hs-31-bytes", _hs_secret(31), None,
+         "an oct key of 31 bytes (248 bits: its base64url k is 42 characters)", False),
+        ("hs-32-bytes", _hs_secret(32), None, "an oct key of 32 bytes (256 bits)", True),
+        ("rsa-1024", weak_rsa()[1024], None, "an RSA key of 1024 bits", False),
+        ("rsa-2047", weak_rsa()[2047], None,
+         "an RSA key of 2047 bits (its n is 256 bytes long)", False),
+        ("rsa-1024-n-256-bytes", weak_rsa()[1024], 256,
+         "an RSA key of 1024 bits whose n is written on 256 bytes (zeros in front)", False),
+        ("rsa-2048", keys().rsa_new, None, "an RSA key of 2048 bits", True),
+    ]
+
+
+def sized_jwk(kid: str, key: Any, n_bytes: int | None) -> dict[str, Any]:
+    if isinstance(key, bytes):
+        return {"kty": "oct", "kid": kid, "alg": "HS256", "use": "sig", "k": b64(key)}
+    jwk = {**RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": kid,
+           "alg": "RS256", "use": "sig"}
+    if n_bytes is not None:
+        jwk["n"] = b64(key.public_key().public_numbers().n.to_bytes(n_bytes, "big"))
+    return jwk
+
+
+def test_a_key_too_small_for_its_alg_verifies_nothing(lib: Lib) -> None:
+    cases = key_sizes()
+    jwks = {"keys": [*keys().jwks()["keys"],
+                     *(sized_jwk(kid, key, n_bytes) for kid, key, n_bytes, _, _ in cases)]}
+    wrong = []
+    for kid, key, _, what, accept in cases:
+        alg = "HS256" if isinstance(key, bytes) else "RS256"
+        verdict, got = lib.verify(signed({"alg": alg, "typ": "JWT", "kid": kid}, key), jwks)
+        if accept and verdict != "ok":
+            wrong.append(
+                f"verify() {'raised ' + got if verdict == 'crashed' else 'refused'} a valid "
+                f"{alg} token signed with {what}, published as {kid!r} ({got}), expected "
+                "the claims: that is the smallest key RFC 7518 allows, and large enough")
+        elif not accept and verdict != "refused":
+            wrong.append(
+                f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} an "
+                f"{alg} token signed with {what}, published as {kid!r}, expected "
+                "InvalidToken: " + (
+                    "RFC 7518 3.2 - an HS256 key is at least as long as the hash, 32 bytes "
+                    "(256 bits), counted on the decoded k, not its base64url text; a "
+                    "shorter secret is brute-forced offline from a single token"
+                    if alg == "HS256" else
+                    "RFC 7518 3.3 - an RS256 key is 2048 bits or larger, counted on the "
+                    "modulus (public_key.key_size, n.bit_length()), not the bytes n is "
+                    "written on; a smaller modulus is within reach of factoring"))
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(cases)} keys by their size): a key too small for its "
+        "algorithm verifies nothing - whoever breaks it mints tokens")

@@ -450,6 +450,67 @@ def test_canary_controller(learner: Any, case: tuple[Any, ...]) -> None:
         f"expected {want} and the weights {weights}")
 
 
+# Parameters that name no rollout: refused with ValueError by __init__, before set_weight is
+# ever called (a controller that refuses its parameters has moved no traffic). Each case:
+# the parameters, what is wrong with them.
+REFUSED_PARAMETERS: list[tuple[dict[str, Any], str]] = [
+    ({"min_requests": 0}, "min_requests=0: a step is then judged on a window of no requests, "
+     "0 errors / 0 requests - no error rate at all (a ZeroDivisionError), and a canary that "
+     "served nothing is no evidence that it works"),
+    ({"steps": ()}, "no steps: there is no first weight to set"),
+    ({"steps": (5, 20)}, "steps that never reach 100: after 20 % there is no next step (an "
+     "IndexError at the advance) and the rollout never ends"),
+    ({"steps": (50, 20, 100)}, "steps that go back (50 then 20): an advance that takes "
+     "traffic away from the canary"),
+]
+
+
+def test_parameters_that_name_no_rollout_are_refused(learner: Any) -> None:
+    mod = learner.load("canary")
+    wrong = []
+    for params, why in REFUSED_PARAMETERS:
+        seen: list[int] = []
+        call = "CanaryController(set_weight, " + ", ".join(
+            f"{name}={value!r}" for name, value in params.items()) + ")"
+        try:
+            mod.CanaryController(seen.append, **params)
+        except ValueError:
+            if seen:
+                wrong.append(f"{call} called set_weight({seen[0]}) before raising ValueError: "
+                             "check the parameters before moving any traffic - the weight "
+                             "stays set though the controller that set it is gone")
+            continue
+        except Exception as exc:  # noqa: BLE001 - any other outcome is the finding
+            wrong.append(f"{call} raised {type(exc).__name__}: {exc}, expected ValueError "
+                         f"({why})")
+            continue
+        wrong.append(f"{call} was accepted (set_weight got {seen}), expected ValueError: "
+                     f"{why}")
+    assert not wrong, "\n".join(wrong) + (
+        f"\n({len(wrong)} of {len(REFUSED_PARAMETERS)} parameter sets): steps rise strictly, "
+        "from at least 1, to 100, and min_requests is at least 1 - refuse anything else in "
+        "__init__ with ValueError, before set_weight is called")
+
+
+def test_a_single_step_of_100_is_promoted_as_it_starts(learner: Any) -> None:
+    mod = learner.load("canary")
+    seen: list[int] = []
+    ctl = mod.CanaryController(seen.append, steps=(100,))
+    got = []
+    for requests, errors in ((0, 0), (1000, 900)):
+        try:
+            got.append(repr(ctl.tick(requests, errors)))
+        except Exception as exc:  # noqa: BLE001 - a crash is the finding
+            got.append(f"raised {type(exc).__name__}: {exc}")
+            break
+    assert (got, seen) == (["'promoted'", "'promoted'"], [100]), (
+        f"CanaryController(set_weight, steps=(100,)): tick(0, 0), tick(1000, 900) answered "
+        f"{', '.join(got)} and the weights set were {seen}; expected 'promoted' both times "
+        "and [100]: a single step of 100 is the whole rollout at once - 100 % is set as the "
+        "controller starts, so it is promoted there (as after any advance to 100), with no "
+        "next step to look for and nothing left to judge")
+
+
 def test_two_controllers_side_by_side(learner: Any) -> None:
     """Two services rolled out at once, each with its own controller, ticked in turn: each
     decides on its own counters and sets its own weights. Checked first alone (so a mistake

@@ -116,12 +116,14 @@ def make_app(dsn: str, *, clock: Callable[[], float] = time.time, rate_limit: in
 
     def handle(environ: dict[str, Any]) -> Outcome:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
-        match = PROJECT_PATH.match(path)
-        if path != "/projects" and match is None:
-            return error(404, f"no resource at {path}")
         with connect() as conn:
+            # Who is asking comes first, whatever the path: a 404 to an anonymous client
+            # would tell it which paths and ids exist. Then the count, for every request.
             token, role = authenticate(conn, environ)
             throttle(conn, token)
+            match = PROJECT_PATH.match(path)
+            if path != "/projects" and match is None:
+                return error(404, f"no resource at {path}")
             if path == "/projects":
                 if method != "POST":
                     return error(405, "POST only", [("Allow", "POST")])

@@ -34,6 +34,7 @@ SELECT = "SELECT id, created_at, customer, total_cents FROM orders"
 NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"  # matches the index orders_newest_first
 MAX_LIMIT = 100
 MAX_OFFSET = 2**63 - 1  # what OFFSET takes (a bigint): past it Postgres refuses
+BIGINT = 2**63  # ids are bigint: -2**63 .. 2**63 - 1
 
 
 class BadRequest(Exception):
@@ -73,6 +74,8 @@ def decode_cursor(cursor: str) -> Position:
         created_at, row_id = json.loads(base64.urlsafe_b64decode(padded))
         if not isinstance(row_id, int) or isinstance(row_id, bool):  # JSON true is no id
             raise TypeError(row_id)
+        if not -BIGINT <= row_id < BIGINT:  # no order has it: this API never issued it
+            raise ValueError(row_id)
         return instant(created_at), row_id
     except (binascii.Error, ValueError, TypeError):
         raise BadRequest("the cursor is not one this API issued") from None

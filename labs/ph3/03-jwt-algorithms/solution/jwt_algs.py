@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 KEY_TYPE = {"HS256": "oct", "RS256": "RSA", "ES256": "EC"}
+HS256_MIN_BYTES = 32  # RFC 7518 3.2: an HMAC key at least as long as the hash (256 bits)
+RSA_MIN_BITS = 2048  # RFC 7518 3.3: RSA keys of 2048 bits or larger
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -73,11 +75,17 @@ def sign(claims: dict[str, Any], alg: str, key: bytes, kid: str) -> str:
 def _check(alg: str, jwk: dict[str, Any], signing_input: bytes, signature: bytes) -> None:
     try:
         if alg == "HS256":
-            expected = hmac.new(b64d(jwk["k"]), signing_input, hashlib.sha256).digest()
+            secret = b64d(jwk["k"])
+            if len(secret) < HS256_MIN_BYTES:  # guessed offline from a single token
+                raise InvalidToken(f"HS256 key of {len(secret)} bytes, under "
+                                   f"{HS256_MIN_BYTES}")
+            expected = hmac.new(secret, signing_input, hashlib.sha256).digest()
             if not hmac.compare_digest(expected, signature):
                 raise InvalidSignature
         elif alg == "RS256":
             public = rsa.RSAPublicNumbers(_int(jwk["e"]), _int(jwk["n"])).public_key()
+            if public.key_size < RSA_MIN_BITS:  # the modulus' bits, however n is written
+                raise InvalidToken(f"RSA key of {public.key_size} bits, under {RSA_MIN_BITS}")
             public.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
         else:
             if jwk.get("crv") != "P-256" or len(signature) != 64:

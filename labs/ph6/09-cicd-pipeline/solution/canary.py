@@ -9,12 +9,19 @@ from collections.abc import Callable, Sequence
 class CanaryController:
     def __init__(self, set_weight: Callable[[int], None], steps: Sequence[int] = (5, 20, 100),
                  max_error_rate: float = 0.05, min_requests: int = 200) -> None:
+        # Refused before any traffic moves: steps that never reach 100 (or go back) are no
+        # rollout, and an error rate over an empty window is 0 / 0 - no judgement at all.
+        if not steps or list(steps) != sorted(set(steps)) or steps[0] < 1 or steps[-1] != 100:
+            raise ValueError(f"steps must rise strictly from 1.. to 100, not {steps!r}")
+        if min_requests < 1:
+            raise ValueError(f"min_requests must be at least 1, not {min_requests!r}")
         self.set_weight = set_weight
         self.steps = list(steps)
         self.max_error_rate = max_error_rate
         self.min_requests = min_requests
         self.index = 0
-        self.status = "running"
+        # A single step of 100 is the whole rollout at once: promoted as it starts.
+        self.status = "promoted" if len(self.steps) == 1 else "running"
         self.weight = self.steps[0]
         # The window of the current step starts at the counters seen when it began.
         self.base_requests = 0
