@@ -183,6 +183,18 @@ def test_two_files_with_one_version_are_refused(runner: ModuleType, postgres: An
         f"anything\n{why}")
 
 
+def migrated(runner: ModuleType, postgres: Any, migrations: Path, on: str, expected: str,
+             why: str) -> list[int]:
+    """What migrate() returned, or the test failed naming what it raised (its first line:
+    Postgres' errors run on), on what, what was expected and why."""
+    try:
+        return list(runner.migrate(postgres.dsn, migrations))
+    except Exception as exc:  # noqa: BLE001 - explained
+        first = (str(exc).strip().splitlines() or [""])[0]
+        pytest.fail(f"migrate() on {on} raised {type(exc).__name__}: {first}; expected "
+                    f"{expected}\n{why}", pytrace=False)
+
+
 # Files beside the migrations that are not named V<n>__<name>.sql (all of it, from the
 # first character to the last), as editors, merges and copies leave them: never applied.
 STRAY = {
@@ -203,11 +215,8 @@ def test_files_not_named_like_a_migration_are_ignored(runner: ModuleType, postgr
            "pattern searched for, or not anchored at its end, also takes "
            + ", ".join(f"{name!r} ({what})" for name, what in STRAY.items())
            + ", and applies it to every database.")
-    try:
-        applied = list(runner.migrate(postgres.dsn, migrations))
-    except Exception as exc:  # noqa: BLE001 - explained
-        pytest.fail(f"migrate() on V001..V003 beside {sorted(STRAY)} raised "
-                    f"{type(exc).__name__}: {exc}, expected [1, 2, 3]\n{why}", pytrace=False)
+    applied = migrated(runner, postgres, migrations, f"V001..V003 beside {sorted(STRAY)}",
+                       "[1, 2, 3]", why)
     tables = migration_tables(postgres)
     taken = [name for n, name in enumerate(STRAY) if f"stray_{n}" in tables]
     assert not taken and applied == [1, 2, 3], (
@@ -234,12 +243,8 @@ def test_any_name_after_the_version_is_a_migration(runner: ModuleType, postgres:
            "description): a pattern that allows only \\w or [A-Za-z0-9_] in <name> skips "
            "these files, and a skipped migration is never applied, on any database, and "
            "nothing says so")
-    try:
-        applied = list(runner.migrate(postgres.dsn, migrations))
-    except Exception as exc:  # noqa: BLE001 - explained
-        pytest.fail(f"migrate() on V001..V003 and {', '.join(NAMED)} raised "
-                    f"{type(exc).__name__}: {exc}, expected [1, 2, 3, 4, 5, 6]\n{why}",
-                    pytrace=False)
+    applied = migrated(runner, postgres, migrations, f"V001..V003 and {', '.join(NAMED)}",
+                       "[1, 2, 3, 4, 5, 6]", why)
     tables = migration_tables(postgres)
     skipped = [f"{name} ({what})" for n, (name, what) in enumerate(NAMED.items())
                if f"named_{n}" not in tables]
@@ -282,13 +287,9 @@ def test_scripts_saved_by_a_windows_editor_are_applied(runner: ModuleType, postg
            "The line end is not part of the line: compare the first line without it "
            "(splitlines(), strip()); the directive missed, the script runs inside a "
            "transaction, where its DO block's COMMIT is refused")
-    try:
-        applied = list(runner.migrate(postgres.dsn, migrations))
-    except Exception as exc:  # noqa: BLE001 - explained
-        pytest.fail(f"migrate() on a no-transaction V002 saved {saved} (as Windows editors "
-                    f"save files) raised {type(exc).__name__}: "
-                    f"{(str(exc).strip().splitlines() or [''])[0]}; expected [1, 2], V002 "
-                    f"run outside a transaction\n{why}", pytrace=False)
+    applied = migrated(runner, postgres, migrations,
+                       f"a no-transaction V002 saved {saved} (as Windows editors save files)",
+                       "[1, 2], V002 run outside a transaction", why)
     rows = count(postgres, "SELECT count(*) FROM accounts")
     again = list(runner.migrate(postgres.dsn, migrations))
     assert applied == [1, 2] and rows == 2 and again == [], (
