@@ -224,6 +224,7 @@ class LearnerHost:
         # a test that held one inside a callback of its own (a clock, a hook) could never
         # race a second. Each waits its turn to receive (woken as the one receiving leaves
         # to serve a call), not RPyC's default of polling every 0.1 s.
+        #
         # A serving thread that meets the connection's end (the host died or was killed)
         # stops quietly: the call that needed the host reports it (ProcessEnded), and an
         # exception raised in a thread would only be a warning pytest prints.
