@@ -258,7 +258,9 @@ def test_callbacks_from_threads_the_learner_made_are_served_side_by_side(
 
 def test_calls_from_many_test_threads_run_in_the_learner_at_once(module: Any) -> None:
     # A race test fires many calls at once (10 clients at a limiter): each must run in the
-    # learner's process at the same time, as it would in one process, not 6 at a time.
+    # learner's process at the same time, as it would in one process. (It passed before
+    # this session's change to the serving threads too: a guard of the property, not a
+    # proof of that change.)
     results: list[object] = []
 
     def call() -> None:

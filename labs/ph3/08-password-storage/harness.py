@@ -14,23 +14,7 @@ import bcrypt
 
 from labrunner.compare_watch import CompareWatch
 
-__all__ = ["HashWatch", "SURROGATE", "login_with_surrogate", "watch"]
-
-# A password with a lone surrogate (json.loads('"\\ud800"') makes one): UTF-8 cannot encode
-# it, so it is made here, beside the learner's code - the way to a learner's process of its
-# own carries str as UTF-8.
-SURROGATE = "correct horse \ud800 battery"
-
-
-def login_with_surrogate(module: Any, stored: str) -> tuple[Any, ...]:
-    """module.login(stored, SURROGATE), called here: ("returned", its result) or ("raised",
-    the exception's type name, its message with any lone surrogate escaped) - an exception
-    whose message holds one could not make the way back either."""
-    try:
-        return ("returned", module.login(stored, SURROGATE))
-    except Exception as exc:  # noqa: BLE001 - handed to the test, which reports it
-        text = str(exc).encode("utf-8", "backslashreplace").decode("utf-8")
-        return ("raised", type(exc).__name__, text)
+__all__ = ["HashWatch", "watch"]
 
 WATCHED = ((bcrypt, ("checkpw", "hashpw")),
            (argon2.low_level, ("hash_secret", "hash_secret_raw", "verify_secret")))
