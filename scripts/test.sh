@@ -65,7 +65,10 @@ fi
 # Stopped if we end early (their own traps unmount, stop the daemon and clean up on TERM).
 trap 'for pid in "${SIDE_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
       echo "test: stages: ${STAGES[*]:-none}" >&2' EXIT
-.venv/bin/python -m pytest tests -p no:cacheprovider --durations=25 "$@" || status=1
+# Every test's time lands in out/pytest-junit.xml (per lab: what to make faster next;
+# tests/slow_tests.txt is refreshed from it).
+.venv/bin/python -m pytest tests -p no:cacheprovider --durations=25 \
+  --junitxml=out/pytest-junit.xml -o junit_duration_report=total "$@" || status=1
 stage_done pytest
 for i in "${!SIDE_PIDS[@]}"; do
   side_status=0
