@@ -25,6 +25,7 @@ def test_facts():
         "cwd": os.getcwd(), "path0": sys.path[0], "env": os.environ.get("ZYGOTE_PROBE"),
         "c_env": os.popen("echo $ZYGOTE_PROBE").read().strip(),
         "tmp": tempfile.gettempdir(), "bytecode": sys.dont_write_bytecode,
+        "pycache_prefix": sys.pycache_prefix,
         "session_leader": os.getsid(0) == os.getpid(), "threads": threading.active_count(),
         "modules": sorted(m for m in sys.modules if m.startswith("labrunner.")),
         "stdout_fd": sys.stdout.fileno(), "stdin": os.readlink("/proc/self/fd/0"),
@@ -57,9 +58,10 @@ def _env(folder: Path, fd: int) -> dict[str, str]:
     return env
 
 
-def _facts(args: list[str], folder: Path, forked: bool) -> tuple[dict[str, object], str, int]:
+def _facts(args: list[str], folder: Path, forked: bool, **settings: str
+           ) -> tuple[dict[str, object], str, int]:
     r, w = os.pipe()
-    env = _env(folder, w)
+    env = {k: v for k, v in {**_env(folder, w), **settings}.items() if v}
     try:
         if forked:
             proc: zygote.ForkedProcess | subprocess.Popen[bytes] | None = zygote.start(
@@ -99,6 +101,21 @@ def test_a_fork_is_what_a_new_pytest_process_would_be(lab_folder: Path, zygote_o
     # labrunner's own modules are imported afresh in each fork, never inherited.
     assert forked["modules"] == spawned["modules"]
     assert "1 passed" in out_forked
+
+
+def test_a_fork_writes_bytecode_where_its_environment_says(lab_folder: Path,
+                                                          zygote_on: None) -> None:
+    """dev check's tests processes share a bytecode cache (PYTHONPYCACHEPREFIX, bytecode
+    written): a fork takes both from the environment it is given, as a new interpreter
+    would, and pytest's rewrite of the tests lands there instead of beside them."""
+    for forked in (False, True):
+        cache = lab_folder / f"pycache-{forked}"
+        facts, out, code = _facts(ARGS, lab_folder, forked, PYTHONDONTWRITEBYTECODE="",
+                                  PYTHONPYCACHEPREFIX=str(cache))
+        assert code == 0, out
+        assert facts["bytecode"] is False and facts["pycache_prefix"] == str(cache), facts
+        assert list(cache.rglob("test_facts.*pytest*.pyc")), sorted(cache.rglob("*"))
+        assert not (lab_folder / "__pycache__").exists()
 
 
 def test_exit_codes_are_the_processes_own(lab_folder: Path, zygote_on: None) -> None:

@@ -54,7 +54,7 @@ PRELOAD = (
 ENV_OFF = "LABRUNNER_NO_ZYGOTE"   # "1": start every tests process with subprocess
 # Read again in each fork (see _as_a_fresh_interpreter); any other PYTHON* variable shapes
 # the interpreter as it starts, so a request that changes one is not forked.
-REREAD = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED")
+REREAD = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPYCACHEPREFIX")
 MAX_MESSAGE = 1 << 20
 
 
@@ -329,6 +329,7 @@ def _as_a_fresh_interpreter(cwd: str) -> None:
 
     env = os.environ
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    sys.pycache_prefix = env.get("PYTHONPYCACHEPREFIX") or None
     sys.path[0] = cwd   # python -m puts its working folder first
     tempfile.tempdir = None   # TMPDIR is read again on first use
     unbuffered = bool(env.get("PYTHONUNBUFFERED"))
