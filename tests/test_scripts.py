@@ -84,3 +84,28 @@ def test_a_diff_the_reference_change_broke_is_left_with_both_sides(tmp_path: Pat
     assert again.returncode == 0, again.stderr
     assert applied(lab, "parse_float", tmp_path) == fixed.replace("int(text.strip())",
                                                                   "int(float(text.strip()))")
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_labs" name="test_lab_expectation[ph2.5-solution]" time="12.5"/>
+<testcase classname="tests.test_labs" name="test_lab_expectation[ph2.5-wrong/a]" time="1.5"/>
+<testcase classname="tests.test_labs"
+          name="test_lab_expectation_with_learner_code_apart[ph1.2-solution-apart]" time="30"/>
+<testcase classname="tests.test_cli" name="test_run" time="4"/>
+</testsuite></testsuites>"""
+
+
+def test_suite_times_sums_per_lab_and_file(tmp_path: Path) -> None:
+    """suite-times.py reads a CI run's JUnit XML: a lab's checks (reference, wrong solutions,
+    apart) add up to the lab's total, a test file's tests to the file's."""
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT)
+    done = run(sys.executable, str(SCRIPTS / "suite-times.py"), str(junit), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [" ".join(line.split()) for line in done.stdout.splitlines()]
+    assert "4 tests, 0.8 test-minutes in all" in lines
+    assert "44 3 91.7% tests/test_labs.py" in lines
+    assert "30 1 62.5% ph1.2" in lines and "14 2 29.2% ph2.5" in lines
+    missing = run(sys.executable, str(SCRIPTS / "suite-times.py"), str(tmp_path / "no.xml"),
+                  cwd=tmp_path)
+    assert missing.returncode != 0 and "no.xml: no such file" in missing.stderr
