@@ -186,6 +186,7 @@ def prepare(db: Conn, clean: Conn, learner: Any) -> Workload:
     """Run indexes.sql, VACUUM ANALYZE, and ready the clean connection for EXPLAIN."""
     script = learner.path("indexes.sql").read_text(encoding="utf-8")
     columns = db.execute(COLUMNS).fetchall()
+    settings: list[tuple[str, str, str]] = db.execute(TABLE_SETTINGS).fetchall()
     try:
         with db.transaction():
             db.execute(script)
@@ -196,6 +197,7 @@ def prepare(db: Conn, clean: Conn, learner: Any) -> Workload:
         pytest.fail(f"indexes.sql failed: {type(exc).__name__}: "
                     f"{exc.diag.message_primary}{why}", pytrace=False)
     refuse_changed_columns(columns, db.execute(COLUMNS).fetchall())
+    refuse_changed_settings(settings, db.execute(TABLE_SETTINGS).fetchall())
     count = db.execute("SELECT count(*) FROM orders").fetchone()
     if count != (ROWS,):
         pytest.fail(f"after indexes.sql the table holds {count[0] if count else 0:,} rows "
@@ -278,6 +280,84 @@ def refuse_changed_columns(before: list[tuple[Any, ...]], after: list[tuple[Any,
             + "\nThe script may only add indexes; a smaller or faster index is never worth "
             "refusing valid orders or changing what the application reads and writes.",
             pytrace=False)
+
+
+# What the table is besides its columns' definitions, one (kind, text) row each: how it is
+# stored (logged or not, its storage parameters, each column's storage and compression) and
+# what runs on its writes and reads (triggers, rules, row security and its policies).
+# Each row: (kind, what it is about, its text); one about the same thing before and after
+# the script is shown as a change.
+TABLE_SETTINGS = """
+SELECT 'persistence', 'table',
+       CASE c.relpersistence WHEN 'u' THEN 'UNLOGGED' WHEN 't' THEN 'TEMPORARY' ELSE 'LOGGED' END
+FROM pg_class c WHERE c.oid = 'orders'::regclass
+UNION ALL
+SELECT 'storage', 'parameters', 'WITH (' || array_to_string(c.reloptions, ', ') || ')'
+FROM pg_class c WHERE c.oid = 'orders'::regclass
+UNION ALL
+SELECT 'storage', 'security', 'ROW LEVEL SECURITY ' || CASE WHEN c.relforcerowsecurity THEN 'FORCED'
+                                           ELSE 'ENABLED' END
+FROM pg_class c WHERE c.oid = 'orders'::regclass AND c.relrowsecurity
+UNION ALL
+SELECT 'storage', a.attname, format('%I SET STORAGE %s%s', a.attname,
+       CASE a.attstorage WHEN 'p' THEN 'PLAIN' WHEN 'e' THEN 'EXTERNAL' WHEN 'm' THEN 'MAIN'
+                         ELSE 'EXTENDED' END,
+       CASE WHEN a.attcompression <> '' THEN ' COMPRESSION '
+            || CASE a.attcompression WHEN 'l' THEN 'lz4' ELSE 'pglz' END ELSE '' END)
+FROM pg_attribute a WHERE a.attrelid = 'orders'::regclass AND a.attnum > 0
+                      AND NOT a.attisdropped
+UNION ALL
+SELECT 'trigger', t.tgname::text, pg_get_triggerdef(t.oid, true)
+FROM pg_trigger t WHERE t.tgrelid = 'orders'::regclass AND NOT t.tgisinternal
+UNION ALL
+SELECT 'rule', r.rulename::text, pg_get_ruledef(r.oid, true)
+FROM pg_rewrite r WHERE r.ev_class = 'orders'::regclass
+UNION ALL
+SELECT 'policy', p.polname::text,
+       format('POLICY %I %s', p.polname, pg_get_expr(p.polqual, p.polrelid))
+FROM pg_policy p WHERE p.polrelid = 'orders'::regclass
+ORDER BY 1, 2, 3"""
+
+# What each kind of change to the table (not to its indexes) does to the application.
+CHANGED_SETTING = {
+    "persistence": "an UNLOGGED table (and every index on it) skips the write-ahead log: "
+                   "after a crash Postgres empties it - every order gone - and no replica or "
+                   "backup by WAL ever holds it; the cost of indexes is paid by having fewer "
+                   "of them, never by giving up durability",
+    "storage": "how every row is stored is the table's, not the workload's indexes': a "
+               "fillfactor leaves part of each page empty (every scan reads more pages), a "
+               "column's STORAGE PLAIN or MAIN keeps values inline (a note too big for a page "
+               "is refused), row security hides rows from the application",
+    "trigger": "a trigger runs on each of the application's writes and fills in, changes or "
+               "refuses what it writes (a status filled in as 'pending' is a default by "
+               "another name: an order whose status the caller forgot enters the pending "
+               "queue) - and it is one more cost on every INSERT, the cost indexes.sql is "
+               "asked to keep low",
+    "rule": "a rule rewrites the application's statements on this table into others",
+    "policy": "a row security policy decides which rows the application may see or write",
+}
+
+
+def refuse_changed_settings(before: list[tuple[str, str, str]],
+                            after: list[tuple[str, str, str]]) -> None:
+    """The script adds indexes: an UNLOGGED table ("no WAL for all those index writes"), a
+    trigger that fills in a forgotten status, a column's storage changed, is the table's
+    behaviour changed under the application."""
+    if before == after:
+        return
+    old = {(kind, about): text for kind, about, text in before}
+    new = {(kind, about): text for kind, about, text in after}
+    changes = [(key[0], f"{old[key]} became {new[key]}" if key in old and key in new
+                else f"{new[key]} added" if key in new else f"{old[key]} removed")
+               for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    kinds = list(dict.fromkeys(kind for kind, _ in changes))
+    pytest.fail(
+        "indexes.sql changed the table itself, not only its indexes: "
+        f"{'; '.join(text for _, text in changes)}, expected the table as it was defined "
+        "(its columns, its storage, no trigger): "
+        + "; ".join(CHANGED_SETTING[k] for k in kinds)
+        + "\nThe script may only add indexes (CREATE INDEX, with the index's own options).",
+        pytrace=False)
 
 
 @pytest.fixture

@@ -368,6 +368,12 @@ LOOK_ALIKE_ATTRIBUTES = [
     LookAlikes(("ratio", "1:2"), ("ratio", "1%3A2"),
                "':' escaped by hand as %3A while '%' itself is left as it is"),
     LookAlikes(("fit:cut", "slim"), ("fit_cut", "slim"), "':' replaced by '_'"),
+    # A length says where a part ends only when what comes before it is unambiguous: put
+    # after the raw name, the value's (or the name's own) length can be part of a name.
+    LookAlikes(("a", "1:b"), ("a:3", "b"),
+               "the value's length stands between the raw name and the value (a:3:1:b)"),
+    LookAlikes(("a", "3:b"), ("a:1", "b"),
+               "the name's length stands after the raw name (a:1:3:b)"),
 ]
 LOOK_ALIKE_FIRST_ID = 9001
 
@@ -421,7 +427,8 @@ def test_look_alike_attributes_are_told_apart(learner: Any, postgres: Any, redis
         "themselves. A key built by joining them raw gives two different pairs one key, and "
         "a lossy rewrite (':' -> '_') merges pairs too: escape each part of the key "
         "(urllib.parse.quote(part, safe=''): ':' -> %3A, '%' -> %25) or length-prefix it, "
-        "so that the key says where each part ends.")
+        "so that the key says where each part ends (a length read after a raw part can be "
+        "part of that part: <len(name)>:<name>:<value>, never <name>:<len>:<value>).")
 
 
 # Values alike but for their letters' case: the sellers' text, told apart by every model.
@@ -646,20 +653,44 @@ def test_a_refused_add_stores_nothing_of_its_batch(learner: Any, postgres: Any,
             store.close()
 
 
+EARLIER_ID_OFFSET = 500
+
+
+def lost_from_redis(store: Any, products: list[Product]) -> list[str]:
+    """What get() and the lookups no longer show of products stored before."""
+    lost = stored_wrongly(store, products)
+    for p in products:
+        lookups: list[tuple[str, Callable[..., Any], tuple[str, ...]]] = [
+            (f"ids_in_category({p['category']!r})", store.ids_in_category, (p["category"],))]
+        lookups += [(f"ids_with_tag({t!r})", store.ids_with_tag, (t,)) for t in p["tags"]]
+        lookups += [(f"ids_with_attribute({k!r}, {v!r})", store.ids_with_attribute, (k, v))
+                    for k, v in p["attributes"].items()]
+        lost += [f"{label} lacks product {p['id']}" for label, lookup, args in lookups
+                 if p["id"] not in lookup(*args)]
+    return lost
+
+
 def test_a_refused_redis_write_is_reported(learner: Any, redis_db: Any) -> None:
     """Redis refuses one write of a batch: the test makes index:tag:<REFUSED_TAG> a string,
     so the SADD of the batch's last product into it fails inside EXEC with WRONGTYPE.
     Redis has no rollback - the other commands of the MULTI/EXEC are applied (redis.io,
     "Errors inside a transaction") - so add_products cannot store nothing; it must raise,
-    never return as if the batch were stored. Then, the database emptied, the same batch
-    loads on the same object."""
+    never return as if the batch were stored, and what it does on that error must leave
+    alone what an earlier call stored (an index set is shared by every product in it) and
+    the key another writer left. Then, the database emptied, the same batch loads on the
+    same object."""
     module = learner.load("catalog")
     batch = make_products(6, seed=5)
     marked = [*batch[:-1], dict(batch[-1], tags=sorted([*batch[-1]["tags"], REFUSED_TAG]))]
+    # Stored by an earlier call: the same categories, tags and attribute values as the
+    # refused batch, so they share its index sets.
+    earlier = [dict(p, id=p["id"] + EARLIER_ID_OFFSET)
+               for p in make_products(12, seed=9)]
     taken = f"index:tag:{REFUSED_TAG}"
     client = redis_db.client(decode_responses=True)
     store = catalog_class(module, "RedisCatalog")(redis_db.url)
     try:
+        store.add_products(earlier)
         client.set(taken, "a string another writer left at a key of the catalog's")
         refused: BaseException | None = None
         try:
@@ -673,6 +704,21 @@ def test_a_refused_redis_write_is_reported(learner: Any, redis_db: Any) -> None:
             "error reply and Redis applies the others - it has no rollback - so the batch is "
             "stored in part: report it (redis-py's pipeline.execute() raises the first error "
             "reply; never raise_on_error=False or an except that swallows it)")
+        lost = lost_from_redis(store, earlier)
+        assert not lost, (
+            f"RedisCatalog.add_products raised ({type(refused).__name__}) for the refused "
+            f"batch, and afterwards {'; '.join(lost[:3])} ({len(lost)} problems): products "
+            "stored by an EARLIER call, which the refused batch never touched, lost data - "
+            "the error path deleted keys those products share with the batch (a category's, "
+            "a tag's, an attribute's index set holds every product that has it). Redis has "
+            "no rollback; undoing a batch by hand may remove only what that batch added "
+            "(SREM its own ids, DEL its own products' keys), or simply report the error")
+        kind = client.type(taken)
+        assert kind == "string", (
+            f"after RedisCatalog.add_products raised, {taken} is "
+            f"{'gone' if kind == 'none' else f'a {kind}'} (it was a string "
+            "another writer left there): the error path deleted or overwrote a key the "
+            "catalog did not write - not the catalog's to undo")
         client.flushdb()  # what Redis applied of the refused batch goes too: no rollback
         store.add_products(batch)
         got = [store.get(p["id"]) for p in batch]

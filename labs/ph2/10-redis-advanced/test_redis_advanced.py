@@ -317,19 +317,26 @@ class SubscribeHold(TcpRelay):
     SUBSCRIBE until release(): the subscription cannot be confirmed before the test says so.
     Everything else (the connection's HELLO/AUTH/SELECT) passes at once. With
     ``forever=True`` such a chunk is dropped instead (never confirmed, and the relay goes on
-    reading the client, so it sees the client close its connection and passes that on)."""
+    reading the client, so it sees the client close its connection and passes that on).
+    With ``refused=True`` the server gets, in its place, a SUBSCRIBE without a channel: the
+    server itself answers it with an error, on a connection that stays open (as a NOPERM
+    refusal does for a user whose ACL does not allow the channel)."""
 
-    def __init__(self, host: str, port: int, forever: bool = False) -> None:
+    def __init__(self, host: str, port: int, forever: bool = False,
+                 refused: bool = False) -> None:
         super().__init__((host, port))
         self.held = threading.Event()
         self._released = threading.Event()
         self._forever = forever
+        self._refused = refused
 
     def upward(self, link: RelayLink, chunk: bytes) -> bool | None:
         if b"SUBSCRIBE" in chunk.upper():
             self.held.set()
             if self._forever:
                 return None
+            if self._refused:
+                return super().upward(link, b"*1\r\n$9\r\nSUBSCRIBE\r\n")
             self._released.wait(30)
         return super().upward(link, chunk)
 
@@ -361,10 +368,11 @@ def subscriber_class(learner: Any) -> type:
     return cls
 
 
-def subscribe_hold(redis_db: Any, forever: bool = False) -> tuple[SubscribeHold, str]:
+def subscribe_hold(redis_db: Any, forever: bool = False,
+                   refused: bool = False) -> tuple[SubscribeHold, str]:
     """A SubscribeHold in front of the lab's Redis, and the URL that goes through it."""
     url = urlsplit(redis_db.url)
-    proxy = SubscribeHold(url.hostname or "127.0.0.1", url.port or 6379, forever)
+    proxy = SubscribeHold(url.hostname or "127.0.0.1", url.port or 6379, forever, refused)
     return proxy, proxy.url_for(redis_db.url)
 
 
@@ -516,6 +524,47 @@ def test_subscriber_raises_when_never_confirmed(learner: Any, redis_db: Any) -> 
             "connection and the client before raising (try/except: close(); raise)")
     finally:
         proxy.release()
+        if "sub" in box:
+            box["sub"].close()
+        proxy.close()
+
+
+def test_subscriber_closes_its_connection_when_subscribe_is_refused(
+        learner: Any, redis_db: Any) -> None:
+    """The other way a constructor gives up: the server answers the SUBSCRIBE with an error
+    (a NOPERM for a channel the user's ACL does not allow, a channel name it refuses) and
+    keeps the connection open. The constructor must raise, and close that connection first
+    (judged on the server, CLIENT LIST): a close() only on the no-confirmation path leaks
+    it here."""
+    cls = subscriber_class(learner)
+    proxy, via = subscribe_hold(redis_db, refused=True)
+    box, returned = construct_in_thread(cls, via)
+    try:
+        ended = returned.wait(NEVER_CONFIRMED_WAIT_S)
+        if not proxy.held.is_set():
+            pytest.fail("Subscriber() sent no SUBSCRIBE on its connection: subscribe in the "
+                        "constructor", pytrace=False)
+        assert ended, (
+            f"Subscriber() was still running {NEVER_CONFIRMED_WAIT_S} s after the server "
+            "answered its SUBSCRIBE with an error: read the reply, and raise when it is not "
+            "the 'subscribe' confirmation")
+        assert "error" in box, (
+            "Subscriber() returned normally although the server answered its SUBSCRIBE with "
+            "an error (ERR wrong number of arguments: the test sent the server a SUBSCRIBE "
+            "without its channel), so the caller holds a subscriber that receives nothing - "
+            "raise when the reply is not the 'subscribe' confirmation")
+        left = still_open_on_server(redis_db, proxy.server_ends())
+        assert not left, (
+            f"{CLOSED_WITHIN_S:.0f} s after Subscriber() raised "
+            f"{type(box['error']).__name__} ({box['error']}) - the server refused its "
+            "SUBSCRIBE and kept the connection open, as it does with NOPERM for a channel "
+            f"the user may not use - that connection is still open (CLIENT LIST: "
+            f"{'; '.join(left)}): the constructor closes what it opened when the "
+            "confirmation does not come, but not when the reply is an error, and nobody "
+            "else holds the half-made subscriber to close it. Close on every way out of "
+            "the constructor that raises (try: subscribe and wait; except BaseException: "
+            "close(); raise)")
+    finally:
         if "sub" in box:
             box["sub"].close()
         proxy.close()

@@ -337,6 +337,32 @@ def test_changed_applied_script_is_refused(runner: ModuleType, postgres: Any,
     assert indexes == 0, (
         f"V004 was applied although {version} was refused: validate every applied "
         "migration's checksum before applying anything")
+    # The refusal is still held here (as a deploy tool that logs it holds it): the runner's
+    # session must have let its lock go on the way out, not when it is collected.
+    held = advisory_locks_left(postgres)
+    assert not held, (
+        f"after {run} raised {type(error).__name__}, a session of the runner still holds "
+        f"its advisory lock ({'; '.join(held)}, pg_locks): the error path left without "
+        "pg_advisory_unlock and without closing its connection, so every later deploy "
+        "waits on that lock for as long as the refused run's connection lives. Unlock (or "
+        "close the connection) on every way out: try/finally, or with psycopg.connect(...)")
+
+
+def advisory_locks_left(postgres: Any) -> list[str]:
+    """The advisory locks other sessions of this database still hold, once none is left or
+    a few seconds have passed (a connection being closed lets them go at once)."""
+    with postgres.connect(autocommit=True) as conn:
+        def held() -> list[str]:
+            return [f"pid {pid} holds key {key} (state {state})"
+                    for pid, key, state in conn.execute(
+                "SELECT l.pid, l.objid, a.state FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid() "
+                "AND l.database = (SELECT oid FROM pg_database "
+                "                  WHERE datname = current_database())").fetchall()]
+
+        came_true(lambda: not held(), 3)
+        return held()
 
 
 def test_forward_only_refuses_an_older_version(runner: ModuleType, postgres: Any,
@@ -349,6 +375,13 @@ def test_forward_only_refuses_an_older_version(runner: ModuleType, postgres: Any
     assert isinstance(error, runner.MigrationError), (
         f"migrate() with a new V002 below the applied V003 raised {type(error).__name__}, "
         "expected MigrationError")
+    held = advisory_locks_left(postgres)
+    assert not held, (
+        f"after migrate() refused the late V002 ({type(error).__name__}), a session of the "
+        f"runner still holds its advisory lock ({'; '.join(held)}, pg_locks): that error "
+        "path left without pg_advisory_unlock and without closing its connection, so every "
+        "later deploy waits on that lock. Unlock (or close the connection) on every way out: "
+        "try/finally, or with psycopg.connect(...)")
     rows = count(postgres, "SELECT count(*) FROM accounts")
     assert rows == 0, (
         "V002 was applied after V003: migrations go forward only; an older version that "
@@ -681,6 +714,12 @@ def test_deploys_in_two_processes_share_one_lock(runner: ModuleType, learner: An
     assert first.returncode == 0 and out.decode().strip() == "[1, 2, 3]", (
         f"the first deploy (its own process) exited {first.returncode} printing "
         f"{out.decode().strip()!r} ({err.decode().strip()[-300:]}), expected [1, 2, 3]")
+    assert not isinstance(second.error, runner.ChecksumMismatch), (
+        f"the second migrate() raised ChecksumMismatch ({second.error}) after the first "
+        "deploy (another process) applied the same files, byte for byte: the checksum of "
+        "one file's bytes came out different in another process. Python's hash() is salted "
+        "per process (PYTHONHASHSEED), so it fingerprints nothing across deploys; record a "
+        "digest of the file's bytes (hashlib.sha256(data).hexdigest())")
     assert second.error is None and second.result == [], (
         f"the second migrate() gave {second.result!r} / {second.error!r} after waiting for "
         "the first deploy (another process), expected []")
