@@ -9,6 +9,7 @@ closes the database to new connections and terminates the app's sessions).
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -455,7 +456,9 @@ def test_rate_limit_is_429_with_retry_after(make_app: Callable[..., Any], db: An
         assert over.headers.get("Retry-After") == "10", (
             f"429 at t=1000.0 with the window ending at 1010: expected Retry-After: 10, saw "
             f"{over.headers.get('Retry-After')!r}: tell the client when to come back, in "
-            "whole seconds")
+            "whole seconds - t=1000.0 is the first instant of the window [1000, 1010) "
+            "(start = floor(now / W) * W, not ceil(now / W) * W - W, which differs exactly at "
+            "a multiple of W), so Retry-After = ceil(1010 - 1000.0)")
         clock.now = 1004.5
         later = call(host, "GET", "/projects/1", headers=WRITER)
         expect(later, 429, "t=1004.5, same window", "the window has not reset")
@@ -488,21 +491,52 @@ MID_WINDOW = (
 )
 
 
-def test_rate_window_is_aligned_to_the_clock(make_app: Callable[..., Any], db: Any) -> None:
-    clock = FakeClock(MID_WINDOW[0][0])
+# A burst across a window's edge: the token spends its budget in the last tenth of a second
+# of [1000, 1010), and at t=1010.0 - 0.1 s later - it has a whole budget again: that burst
+# of twice the limit within 0.1 s is what fixed windows allow (the README's choice), and a
+# window rounded to the nearest multiple (round(now / W)) puts t=1009.9 in [1010, 1020).
+ACROSS_AN_EDGE = (
+    (1009.9, 200, None, "request 1 of 3, at t=1009.9, in the window [1000, 1010)"),
+    (1009.9, 200, None, "request 2 of 3"),
+    (1009.9, 200, None, "request 3 of 3"),
+    (1009.9, 429, "1", "the 4th request at t=1009.9: the aligned window ends at 1010, so "
+     "Retry-After: ceil(1010 - 1009.9) = ceil(0.1) = 1"),
+    (1010.0, 200, None, "t=1010.0, 0.1 s later, opens the window [1010, 1020): request 1 of 3"),
+    (1010.0, 200, None, "request 2 of 3 in [1010, 1020)"),
+    (1010.0, 200, None, "request 3 of 3 in [1010, 1020)"),
+    (1010.0, 429, "10", "the 4th request at t=1010.0: Retry-After: ceil(1020 - 1010.0) = 10"),
+)
+
+
+def walk_windows(make_app: Callable[..., Any], db: Any,
+                 steps: tuple[tuple[float, int, str | None, str], ...]) -> None:
+    """Requests of one token at the steps' times, limit 3 per window of 10 s: each answered
+    with the step's status (and Retry-After on a 429)."""
+    clock = FakeClock(steps[0][0])
+    first = steps[0][0]
     with serve_wsgi(make_app(db.dsn, clock=clock, rate_limit=3, window_seconds=10)) as host:
-        for at, status, retry_after, step in MID_WINDOW:
+        for at, status, retry_after, step in steps:
             clock.now = at
             reply = call(host, "GET", "/projects/1", headers=WRITER)
             seen = reply.headers.get("Retry-After")
             if (reply.status, seen if status == 429 else None) == (status, retry_after):
                 continue
-            if status == 200 or seen == "10":
-                why = ("the token's window was counted from its first request (t=1003.0, so "
-                       "[1003, 1013)) or slides over the last 10 s, where the README's windows "
-                       "are the clock's: aligned to multiples of window_seconds, start = "
-                       "floor(now / W) * W, the same for every token and every instance")
-            elif seen is not None and seen.isdigit() and int(seen) == int(1010 - at):
+            start = math.floor(at / 10) * 10
+            if status == 200 or seen == "10" and at % 10:
+                edge = (f"; t={at} is the first instant of [{start:.0f}, {start + 10:.0f}): a "
+                        "start computed as ceil(now / W) * W - W, or an edge compared with "
+                        "<=, keeps it in the window before" if at % 10 == 0 else "")
+                why = (f"the token's window was counted from its first request (t={first}) or "
+                       "slides over the last 10 s, where the README's windows are the clock's "
+                       f"(here [{start:.0f}, {start + 10:.0f})): aligned to multiples of "
+                       "window_seconds, start = floor(now / W) * W, the same for every token "
+                       f"and every instance{edge}")
+            elif reply.status == 200 or seen is not None and seen.isdigit() and int(seen) > 10:
+                why = (f"t={at} was taken for another window than [{start:.0f}, "
+                       f"{start + 10:.0f}): the window's start must be floor(now / W) * W - "
+                       "rounded to the nearest multiple (round(now / W)) or up (ceil), the "
+                       "window begins early or ends late")
+            elif seen is not None and seen.isdigit() and int(seen) == int(start + 10 - at):
                 why = ("Retry-After was rounded down or to the nearest second: round it up "
                        "(math.ceil), or the client comes back before the window ends and is "
                        "refused again")
@@ -513,6 +547,14 @@ def test_rate_window_is_aligned_to_the_clock(make_app: Callable[..., Any], db: A
                 + (f" with Retry-After: {retry_after}" if retry_after else "")
                 + f", saw {reply.status}" + (f" with Retry-After: {seen}" if seen else "")
                 + f": {why}")
+
+
+def test_rate_window_is_aligned_to_the_clock(make_app: Callable[..., Any], db: Any) -> None:
+    walk_windows(make_app, db, MID_WINDOW)
+
+
+def test_a_burst_across_a_window_edge(make_app: Callable[..., Any], db: Any) -> None:
+    walk_windows(make_app, db, ACROSS_AN_EDGE)
 
 
 def test_database_down_is_503(make_app: Callable[..., Any], db: Any) -> None:

@@ -500,28 +500,48 @@ def content_forgeries(text: str) -> list[tuple[str, str]]:
     return [(json.dumps(d), what) for d, what in forged if d != doc]
 
 
-def forged_cursors(cursor: str) -> list[tuple[str, str]]:
-    """(forged cursor, description) in the issued cursor's own encoding; [] when the cursor
-    is neither base64 nor hex of UTF-8 text (signed or encrypted: nothing to edit)."""
+def cursor_codec(cursor: str) -> tuple[Callable[[str], bytes], Callable[[bytes], str]] | None:
+    """(decode, encode) of the issued cursor's own encoding - hex, or base64 / base64url,
+    padded or not - or None when it is neither."""
     if re.fullmatch(r"(?:[0-9a-fA-F]{2})+", cursor):
-        decode, encode = bytes.fromhex, cast(Callable[[bytes], str], lambda raw: raw.hex())
-    elif re.fullmatch(r"[A-Za-z0-9+/_-]+=*", cursor):
-        url_safe = not re.search(r"[+/]", cursor)
-        padded = cursor.endswith("=")
+        return bytes.fromhex, cast(Callable[[bytes], str], lambda raw: raw.hex())
+    if not re.fullmatch(r"[A-Za-z0-9+/_-]+=*", cursor):
+        return None
+    url_safe = not re.search(r"[+/]", cursor)
+    padded = cursor.endswith("=")
 
-        def decode(token: str) -> bytes:
-            token = token + "=" * (-len(token) % 4)
-            return (base64.urlsafe_b64decode if url_safe else base64.b64decode)(token)
+    def decode(token: str) -> bytes:
+        token = token + "=" * (-len(token) % 4)
+        return (base64.urlsafe_b64decode if url_safe else base64.b64decode)(token)
 
-        def encode(raw: bytes) -> str:
-            token = (base64.urlsafe_b64encode if url_safe else base64.b64encode)(raw).decode()
-            return token if padded else token.rstrip("=")
-    else:
-        return []
+    def encode(raw: bytes) -> str:
+        token = (base64.urlsafe_b64encode if url_safe else base64.b64encode)(raw).decode()
+        return token if padded else token.rstrip("=")
+
+    return decode, encode
+
+
+def cursor_text(cursor: str) -> tuple[str, Callable[[bytes], str]] | None:
+    """What an issued cursor holds, as text, and how to encode an edited one the same way;
+    None when it is neither base64 nor hex of UTF-8 text (signed or encrypted: nothing to
+    edit)."""
+    codec = cursor_codec(cursor)
+    if codec is None:
+        return None
+    decode, encode = codec
     try:
-        text = decode(cursor).decode()
+        return decode(cursor).decode(), encode
     except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def forged_cursors(cursor: str) -> list[tuple[str, str]]:
+    """(forged cursor, description) in the issued cursor's own encoding; [] when there is
+    nothing to edit."""
+    held = cursor_text(cursor)
+    if held is None:
         return []
+    text, encode = held
     return [(encode(content.encode()), f"the issued cursor {cursor!r} decodes to {text!r}; "
              f"this one decodes to {content!r} ({what})")
             for content, what in content_forgeries(text)]
@@ -540,6 +560,66 @@ def test_forged_cursor_is_400(host: str, db: Any) -> None:
             "untrusted input: one the API did not issue is refused with 400 whatever is "
             "wrong inside it - validate what it holds (types, a parseable time, the shape), "
             "not only that it decodes")
+
+
+# Ids at and below zero fit a bigint but are no order's (identity ids start at 1); a cursor
+# holding one is still a position: (t, 0) sorts after every order of instant t, so the page
+# after it starts with the orders older than t. Answered as that page, or refused (400) as a
+# cursor the API never issued - never read as "no position" (the first page), never a 500.
+IDS_BELOW_ONE = [0, -1, -2**63]
+
+
+def id_replaced(doc: Any, old: int, new: int) -> Any:
+    """The document with each number equal to `old` (the id) replaced by `new`."""
+    return map_leaves(doc, lambda v: new if is_number(v) and v == old else v)
+
+
+def test_a_cursor_id_below_one_is_a_position_or_400(host: str, db: Any) -> None:
+    seed_small(db)
+    limit = PAGE - 1  # page 1 ends inside a tie group: the id decides where page 2 starts
+    first = page(host, {"style": "cursor", "limit": limit})
+    cursor = first.get("next_cursor")
+    assert isinstance(cursor, str) and cursor and first["data"], (
+        f"cursor page 1: expected orders and a next_cursor string, saw {cursor!r}")
+    held = cursor_text(cursor)
+    if held is None:
+        return  # sealed: the client cannot edit it
+    text, encode = held
+    try:
+        issued = json.loads(text)
+    except ValueError:
+        return
+    last_id = ids(first)[-1]
+    with db.connect(autocommit=True) as conn:
+        row = conn.execute("SELECT created_at FROM orders WHERE id = %s", (last_id,)).fetchone()
+        assert row is not None
+        at = row[0]
+        for below in IDS_BELOW_ONE:
+            content = json.dumps(id_replaced(issued, last_id, below))
+            if content == text or json.loads(content) == issued:
+                return  # the id is not a number in it
+            expected = [r[0] for r in conn.execute(
+                "SELECT id FROM orders WHERE (created_at, id) < (%s, %s) "
+                "ORDER BY created_at DESC, id DESC LIMIT %s", (at, below, limit)).fetchall()]
+            params = {"style": "cursor", "limit": limit, "cursor": encode(content.encode())}
+            status, doc = get(host, params)
+            what = (f"the issued cursor {cursor!r} decodes to {text!r}; this one to {content!r}, "
+                    f"the id {last_id} replaced by {below}")
+            assert status in (200, 400), (
+                f"GET /orders?{urlencode(params)}: expected 200 or 400, saw {status} "
+                f"{str(doc)[:120]}: {what}. An id below 1 fits a bigint, and no order has "
+                "it: as a position it sorts after every order of that instant, or the cursor "
+                "is refused as one the API never issued (400) - never a crash")
+            if status == 200:
+                got = ids(doc)
+                first_page = " - the first page: the id was read as no position at all" if (
+                    got == ids(first)) else ""
+                assert got == expected, (
+                    f"GET /orders?{urlencode(params)}: {what}; expected the orders after the "
+                    f"position ({at.isoformat()}, {below}): {expected}, or 400, saw "
+                    f"{got}{first_page}. A cursor is a position, whatever id it holds: an id "
+                    "the API never issued is compared as it is or refused (400), never read "
+                    "as something else")
 
 
 @pytest.mark.parametrize(("before_created_at", "before_id"), [
@@ -634,7 +714,7 @@ def test_bad_offset_is_400(host: str, db: Any, offset: str) -> None:
 # Numbers that Python's int() reads but no client writes on purpose: a space, a sign, an
 # underscore, digits of another script. Each is a client's bug to report (400), not a number
 # to guess: "read as something else" is a page the client did not ask for.
-NOT_ASCII_WHOLE = [" 5", "+5", "1_0", "\u0665", "\uff15"]  # ٥ Arabic-Indic, ５ fullwidth
+NOT_ASCII_WHOLE = [" 5", "+5", "1_0", "\u0665", "\uff15", "-5"]  # ٥ Arabic-Indic, ５ fullwidth
 
 
 @pytest.mark.parametrize("name", ["limit", "offset", "before_id"])

@@ -425,13 +425,15 @@ def errors_of(document: dict[str, Any]) -> str:
                      for e in document.get("errors") or [])[:300]
 
 
-# Ids that name no user: not a number, past bigint, negative, and other spellings of a
-# user's number - a user's ID is the decimal string of its id ("2", "20"), and " 2", "+2",
-# "02", "2_0" (int() reads 20), "\u0662" (Arabic-Indic 2, which isdigit() and int() accept)
-# or "\u00b2" (superscript 2: isdigit() yes, int() no) are other strings. Each alias stands
+# Ids that name no user: not a number, past bigint, a number no user has (-7), and other
+# spellings of a user's number - a user's ID is the decimal string of its id ("2", "20",
+# "0"), and " 2", "+2", "02", "-0", "2_0" (int() reads 20), "\u0662" (Arabic-Indic 2, which
+# isdigit() and int() accept) or "\u00b2" (superscript 2: isdigit() yes, int() no) are other
+# strings. Each alias stands
 # beside user 2 in one request, so all of them go to the users loader in one batch.
 NO_SUCH_IDS = [("word", "abc"), ("huge", "99999999999999999999"), ("negative", "-7"),
-               ("spaced", " 2"), ("plus", "+2"), ("padded", "02"), ("underscored", "2_0"),
+               ("spaced", " 2"), ("plus", "+2"), ("padded", "02"), ("minuszero", "-0"),
+               ("underscored", "2_0"),
                ("arabic", "\u0662"), ("superscript", "\u00b2")]
 
 
@@ -468,16 +470,20 @@ def test_an_id_that_names_no_user_is_null_and_spares_the_batch(
 
 
 # Users at the edges of bigint: just past a 32-bit Int, the first 19-digit id, bigint's
-# largest and 0. Every one is a user's id, and its decimal string its ID.
-EDGE_IDS = [2**31, 10**18, 2**63 - 1, 0]
-PAST_BIGINT = ["9223372036854775808", "9" * 5000]  # int() refuses a string past 4300 digits
+# largest, 0, -1 and bigint's smallest. Every one is a user's id (users.id is a bigint, with
+# no CHECK: an id below 0 is as much an id as any), and its decimal string its ID - "-1"
+# with its minus sign, which str.isdigit() refuses.
+EDGE_IDS = [2**31, 10**18, 2**63 - 1, 0, -1, -(2**63)]
+# int() refuses a string past 4300 digits; one below bigint's smallest is past it too.
+PAST_BIGINT = ["9223372036854775808", "9" * 5000, "-9223372036854775809"]
 
 
 def test_every_bigint_is_a_user_id(make_app: Callable[..., Any], proxied_dsn: str,
                                    counter: PgStatementProxy, postgres: Any) -> None:
-    """users.id is a bigint: any of its values is a user's id, up to 2**63 - 1 (19
-    digits) - not only what fits GraphQL's 32-bit Int or 18 digits. One past it, or a
-    number of any length, names no user and fails nothing."""
+    """users.id is a bigint: any of its values is a user's id, from -2**63 to 2**63 - 1
+    (19 digits, a minus sign below 0) - not only what fits GraphQL's 32-bit Int, 18 digits
+    or str.isdigit(). One past it, or a number of any length, names no user and fails
+    nothing."""
     with postgres.connect(autocommit=True) as conn:
         for n, uid in enumerate(EDGE_IDS):
             conn.execute("INSERT INTO users VALUES (%s, %s)", (uid, f"edge {uid}"))
@@ -495,16 +501,17 @@ def test_every_bigint_is_a_user_id(make_app: Callable[..., Any], proxied_dsn: st
     assert not missed, (
         f"user(id:) for users whose ids are {', '.join(map(str, EDGE_IDS))} answered "
         f"{missed} (status {status}, errors: {errors_of(document) or 'none'}); expected each "
-        "user with its order: users.id is a bigint, so every number from 0 to 2**63 - 1 "
-        "(9223372036854775807, 19 digits) is a user's id - bound the ID by bigint, not by "
-        "GraphQL's 32-bit Int or a count of 18 digits")
+        "user with its order: users.id is a bigint, so every number from -2**63 to "
+        "2**63 - 1 (-9223372036854775808 to 9223372036854775807: 19 digits, and a minus "
+        "sign below 0) is a user's id - bound the ID by bigint, not by GraphQL's 32-bit Int, "
+        "a count of 18 digits, or str.isdigit() (which refuses the minus sign)")
     past = {f"{uid[:20]}... ({len(uid)} digits)": data.get(f"p{n}", "missing")
             for n, uid in enumerate(PAST_BIGINT) if data.get(f"p{n}", "missing") is not None}
     assert not past and not document.get("errors"), (
         f"user(id:) with numbers past bigint answered {past or 'null'} with errors: "
         f"{errors_of(document) or 'none'}; expected null and no error: a number past "
-        "2**63 - 1 names no user - check its length before int() (which refuses a string "
-        "of more than 4300 digits) and its value before it reaches SQL")
+        "2**63 - 1 (or below -2**63) names no user - check its length before int() (which "
+        "refuses a string of more than 4300 digits) and its value before it reaches SQL")
 
 
 class HoldFirstUsersRead(PgStatementProxy):

@@ -43,7 +43,7 @@ type Order {
 }
 """
 
-BIGINT_MAX = 2**63 - 1  # the largest users.id
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1  # the smallest and largest users.id
 ORDER_COLUMNS = 'id, total_cents AS "totalCents"'
 
 
@@ -106,11 +106,13 @@ async def resolve_users(_: Any, info: GraphQLResolveInfo, first: int = 50) -> li
 
 async def resolve_user(_: Any, info: GraphQLResolveInfo, id: str) -> dict[str, Any] | None:  # noqa: A002
     # A user's ID is the decimal string of its id: any other string names no user - a word,
-    # a number past bigint, and other spellings of a number (" 2", "+2", "02", "2_0", and
-    # non-ASCII digits, which str.isdigit() and int() accept). Every bigint is an id, up to
-    # 2**63 - 1 (19 digits): the length check first keeps int() off a string of any size.
-    if (not (id.isascii() and id.isdigit()) or len(id) > len(str(BIGINT_MAX))
-            or id != str(int(id)) or int(id) > BIGINT_MAX):
+    # a number past bigint, and other spellings of a number (" 2", "+2", "02", "2_0", "-0",
+    # and non-ASCII digits, which str.isdigit() and int() accept). Every bigint is an id,
+    # from -2**63 to 2**63 - 1 (19 digits, and a minus sign below 0): the length check first
+    # keeps int() off a string of any size.
+    digits = id.removeprefix("-")
+    if (not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(BIGINT_MAX))
+            or id != str(int(id)) or not BIGINT_MIN <= int(id) <= BIGINT_MAX):
         return None
     context: Context = info.context
     if context.batched:
