@@ -161,12 +161,13 @@ class ZoneServer:
 class ErrorServer:
     """A nameserver that is broken or lame: it answers every query with ``rcode`` (SERVFAIL
     when the test says nothing else). With NXDOMAIN it says so as an authoritative server
-    of flaky.test. would, its SOA in the authority section."""
+    of flaky.test. would, its SOA in the authority section (unless ``soa`` is False)."""
 
     def __init__(self, label: str, log: QueryLog) -> None:
         self.label = label
         self.log = log
         self.rcode = RCODE.SERVFAIL
+        self.soa = True
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         self.log.add(self.label, str(request.q.qname).lower(), bool(request.header.rd))
@@ -175,7 +176,8 @@ class ErrorServer:
         reply.header.rcode = self.rcode
         if self.rcode == RCODE.NXDOMAIN:
             reply.header.aa = 1
-            reply.add_auth(Zone("flaky.test.", []).soa)
+            if self.soa:
+                reply.add_auth(Zone("flaky.test.", []).soa)
         return reply
 
 
@@ -742,6 +744,7 @@ def test_nxdomain_with_a_chain_is_about_its_last_name(
             "answer section of an NXDOMAIN reply too: cache the CNAMEs with their TTLs and "
             "the negative answer against the chain's last name, for min(SOA TTL, SOA "
             f"MINIMUM) = {NEGATIVE_TTL} s (RFC 2308).")
+    dns.log.clear()
     answer = _resolve(resolver, dns, name)
     assert answer.nxdomain and not answer.addresses, (
         f"{name} gave nxdomain={answer.nxdomain}, addresses={answer.addresses}; expected "
@@ -755,8 +758,29 @@ def test_nxdomain_with_a_chain_is_about_its_last_name(
         f"{MOVED_CNAME_TTL}: www.moved.test's CNAME lives {MOVED_CNAME_TTL} s, less than the "
         f"negative answer's {NEGATIVE_TTL} s, and the answer may not outlive a record of the "
         f"chain in the NXDOMAIN reply's answer section\n{rule}")
+    asked = dns.log.names_asked("auth")
+    assert "old.moved.test" not in asked, (
+        f"resolving {name} asked moved.test.'s server {asked} (queries: {_walk(dns.log)}), "
+        "expected one question, for the name asked: its NXDOMAIN reply already said, "
+        "through the chain in its answer section, that old.moved.test does not exist - "
+        f"asking for old.moved.test again means that negative answer was not kept\n{rule}")
     dns.log.clear()
     clock.advance(MOVED_CNAME_TTL + 1)
+    # The chain has expired, the negative answer for its last name has not.
+    end = _resolve(resolver, dns, "old.moved.test")
+    left = NEGATIVE_TTL - MOVED_CNAME_TTL - 1
+    assert end.nxdomain and "old.moved.test" not in dns.log.names_asked("auth"), (
+        f"resolve('old.moved.test') {MOVED_CNAME_TTL + 1} s after the NXDOMAIN reply for "
+        f"{name} gave nxdomain={end.nxdomain} (queries: {_walk(dns.log)}), expected "
+        f"nxdomain=True from the cache, no query: the negative answer lives {NEGATIVE_TTL} s "
+        f"(min(SOA TTL, SOA MINIMUM)), {left} s more, whatever the TTL of the CNAMEs that "
+        f"led to it; only the answer for {name}, built through them, expires with them"
+        f"\n{rule}")
+    assert end.ttl == left, (
+        f"resolve('old.moved.test') from the cache {MOVED_CNAME_TTL + 1} s after the "
+        f"NXDOMAIN reply reported ttl={end.ttl}, expected {left}: the negative answer's "
+        f"{NEGATIVE_TTL} s, counted down\n{rule}")
+    dns.log.clear()
     again = _resolve(resolver, dns, name)
     assert _bare(again.canonical_name) == "old.moved.test" and again.nxdomain, (
         f"{name} asked again {MOVED_CNAME_TTL + 1} s later gave canonical_name="
@@ -1079,6 +1103,33 @@ def test_a_failure_is_not_cached_as_an_answer(resolver: Any, dns: Hierarchy,
         "asked again and answered NXDOMAIN; resolve('www.dead.test') "
         f"{'raised ' + type(error).__name__ if error is not None else f'gave {later}'}, "
         f"expected nxdomain=True\n{rule}")
+
+
+def test_a_negative_answer_without_an_soa_is_not_cached(resolver: Any, dns: Hierarchy,
+                                                         clock: FakeClock) -> None:
+    """flaky.test.'s first nameserver answers NXDOMAIN with an empty authority section (no
+    SOA): the name does not exist, but nothing says for how long - RFC 2308 section 5: such
+    an answer SHOULD NOT be cached. It is reported with ttl 0, and asked for again."""
+    dns.failing["bad1"].rcode = RCODE.NXDOMAIN
+    dns.failing["bad1"].soa = False
+    rule = ("A negative answer lives min(SOA TTL, SOA MINIMUM) of the SOA in its authority "
+            "section (RFC 2308 section 5); one without an SOA carries no lifetime, and "
+            "\"negative responses without SOA records SHOULD NOT be cached\" (RFC 2308 "
+            "section 5): use it for this resolve() - nxdomain=True, ttl 0 - and ask again "
+            "next time. A default of your own keeps a name dead that the zone never said "
+            "was dead for that long.")
+    answer = _resolve(resolver, dns, "www.flaky.test")
+    assert answer.nxdomain and answer.ttl == 0, (
+        f"www.flaky.test's nameserver answered NXDOMAIN without an SOA; resolve() gave "
+        f"nxdomain={answer.nxdomain}, ttl={answer.ttl}, expected nxdomain=True, ttl=0: an "
+        f"answer that may not be cached has no time left\n{rule}")
+    dns.log.clear()
+    clock.advance(1)
+    _resolve(resolver, dns, "www.flaky.test")
+    assert "www.flaky.test" in dns.log.names_asked("bad1"), (
+        "www.flaky.test's nameserver answered NXDOMAIN without an SOA, and resolve() a "
+        f"second later answered from the cache (queries: {_walk(dns.log)}), expected the "
+        f"nameserver asked again: the negative answer had no SOA, so no lifetime\n{rule}")
 
 
 @pytest.mark.timeout(15)

@@ -458,16 +458,19 @@ def test_a_response_to_head_has_no_body(server: Server, client: Client) -> None:
     one_connection(server)
 
 
-NO_CONTENT = {204: "No Content", 304: "Not Modified"}
+# Statuses whose response ends at its blank line: status -> (its name, where RFC 9110 says
+# it has no content).
+NO_CONTENT = {204: ("No Content", "15.3.5"), 304: ("Not Modified", "15.4.5"),
+              103: ("Early Hints", "15.2: a 1xx is an interim response, its head alone")}
 
 
 @pytest.mark.parametrize("status", list(NO_CONTENT))
 def test_a_no_content_status_carries_no_body(server: Server, client: Client,
                                             status: int) -> None:
-    """The application answers 204 (or 304) with a body, as a careless app may, then GET
-    /after comes pipelined: the server sends the head alone (RFC 9112 6.3: a 204 or 304 ends
-    at its blank line, whatever its headers say), without Content-Length for 204 (RFC 9110
-    8.6); the next bytes on the wire are GET /after's response."""
+    """The application answers 103 (or 204, or 304) with a body, as a careless app may, then
+    GET /after comes pipelined: the server sends the head alone (RFC 9112 6.3: any 1xx, a 204
+    or a 304 ends at its blank line, whatever its headers say), without Content-Length for
+    1xx and 204 (RFC 9110 8.6); the next bytes on the wire are GET /after's response."""
     target = f"/status-{status}"
     client.send(request("GET", target) + request("GET", "/after"))
     line = client.stream.readline(65537)
@@ -475,8 +478,9 @@ def test_a_no_content_status_carries_no_body(server: Server, client: Client,
         f"the response to GET {target} starts with {line[:80]!r}, expected "
         f"'HTTP/1.1 {status} ...' (the status the application answered)")
     headers = http.client.parse_headers(client.stream)
-    why = (f"A {status} {NO_CONTENT[status]} response has no content (RFC 9110 15.3.5, "
-           "15.4.5) and ends at its blank line whatever its headers say (RFC 9112 6.3): a "
+    name, section = NO_CONTENT[status]
+    why = (f"A {status} {name} response has no content (RFC 9110 {section}) and ends "
+           "at its blank line whatever its headers say (RFC 9112 6.3: any 1xx, 204, 304): a "
            "client reads no body after it. Whatever the application returned, write the head "
            "alone, as for HEAD; content sent anyway is read as the next response.")
     nxt = next_line(client)
@@ -484,10 +488,10 @@ def test_a_no_content_status_carries_no_body(server: Server, client: Client,
         f"the {status} response to GET {target} carried a body: where GET /after's status "
         f"line was expected, the client read {nxt[:80]!r}\n{why}")
     length = headers.get("Content-Length")
-    if status == 204:
+    if status != 304:
         assert length is None, (
-            f"the 204 response to GET {target} carried 'Content-Length: {length}', expected "
-            "no Content-Length: a server MUST NOT send it with 1xx or 204 (RFC 9110 8.6), "
+            f"the {status} response to GET {target} carried 'Content-Length: {length}', "
+            "expected no Content-Length: a server MUST NOT send it with 1xx or 204 (RFC 9110 8.6), "
             f"which have no content to measure\n{why}")
     expect_after(client, f"GET {target}")
     one_connection(server)

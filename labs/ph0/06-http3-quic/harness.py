@@ -138,6 +138,18 @@ def _raised_in(exc: BaseException | None, learner_file: str) -> str | None:
     return None
 
 
+def _idle_until(loop: Any, until: float) -> bool:
+    """Whether ``loop`` has nothing runnable but the caller and no timer due before
+    ``until``: what it runs next, if anything, is a datagram's arrival. False when the loop
+    keeps no such private lists (another implementation): no verdict then."""
+    if not (hasattr(loop, "_ready") and hasattr(loop, "_scheduled")):
+        return False
+    if any(not handle.cancelled() for handle in loop._ready):
+        return False
+    return not any(not timer.cancelled() and timer.when() < until
+                   for timer in loop._scheduled)
+
+
 def fetch(h3: Any, port: int, paths: list[str], cafile: str, server_name: str,
           ticket: Any, seconds: float) -> tuple[str, Any]:
     """The learner's ``fetch()`` run to its end: ``("ok", FetchResult)``, or
@@ -149,10 +161,40 @@ def fetch(h3: Any, port: int, paths: list[str], cafile: str, server_name: str,
     at once, as an "error" naming it and its line, instead of at ``seconds``."""
     learner_file = os.path.abspath(str(getattr(h3, "__file__", "") or ""))
     raised: list[str] = []
+    stuck: list[str] = []
 
     async def bounded() -> Any:
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
+        deadline = loop.time() + seconds
+        # The QUIC connections the learner's fetch() opens: aioquic's connect() makes each
+        # one's protocol with this loop's create_datagram_endpoint (this loop's own method
+        # wrapped, nothing global).
+        protocols: list[Any] = []
+        create = loop.create_datagram_endpoint
+
+        async def recording(*args: Any, **kwargs: Any) -> Any:
+            transport, protocol = await create(*args, **kwargs)
+            protocols.append(protocol)
+            return transport, protocol
+
+        loop.create_datagram_endpoint = recording  # type: ignore[method-assign]
+
+        async def watch() -> None:
+            """Ends the fetch once it can never finish: every connection it opened has
+            ended (aioquic delivered ConnectionTerminated) and the loop has nothing left
+            to run before the deadline, yet fetch() still waits."""
+            while True:
+                await asyncio.sleep(0.05)
+                if protocols and all(getattr(p, "_closed", None) is not None
+                                     and p._closed.is_set() for p in protocols) \
+                        and _idle_until(loop, deadline - 0.1) and main is not None:
+                    stuck.append(f"fetch({list(paths)}) was still waiting after its "
+                                 "connection had closed (ConnectionTerminated delivered), "
+                                 "with nothing left to run: it would have waited until "
+                                 f"the {seconds:.0f} s deadline, and for ever without it")
+                    main.cancel()
+                    return
 
         def unhandled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
             where = _raised_in(context.get("exception"), learner_file)
@@ -162,13 +204,19 @@ def fetch(h3: Any, port: int, paths: list[str], cafile: str, server_name: str,
             loop.default_exception_handler(context)
 
         loop.set_exception_handler(unhandled)
-        return await asyncio.wait_for(
-            h3.fetch("127.0.0.1", port, list(paths), cafile=cafile, server_name=server_name,
-                     session_ticket=ticket), seconds)
+        watcher = asyncio.create_task(watch())
+        try:
+            return await asyncio.wait_for(
+                h3.fetch("127.0.0.1", port, list(paths), cafile=cafile,
+                         server_name=server_name, session_ticket=ticket), seconds)
+        finally:
+            watcher.cancel()
 
     try:
         return "ok", asyncio.run(bounded())
     except asyncio.CancelledError:
+        if stuck and not raised:
+            return "timed out", stuck[0]
         if not raised:
             raise
         return "error", (f"fetch({list(paths)}) stopped: your client raised {raised[0]} "

@@ -20,6 +20,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, unquote
 
 import pytest
 from aioquic.asyncio.client import connect
@@ -185,6 +186,34 @@ LATE_FIN: dict[str, tuple[bytes, bytes, str]] = {
 REQUEST_TRAILERS = {"/trailed-upload": [(b"x-checksum", b"sha256-none")]}
 
 
+# A path with characters outside ASCII: :path is a URI path, ASCII only, so they travel as
+# their UTF-8 bytes percent-encoded (RFC 3986 2.1, RFC 3987 3.1).
+NON_ASCII_PATH = "/menü/crème-brûlée"
+URI_SAFE = "".join(map(chr, range(0x21, 0x7F)))  # ASCII stays as it is
+
+
+def uri_path(path: str) -> bytes:
+    """``path`` as :path carries it: its non-ASCII characters percent-encoded UTF-8."""
+    return quote(path, safe=URI_SAFE).encode("ascii")
+
+
+PATH_WHY = ("A :path is a URI path (RFC 9114 4.3.1), and a URI is ASCII: a character "
+            "outside ASCII travels as its UTF-8 bytes, each percent-encoded (RFC 3986 2.1, "
+            "RFC 3987 3.1): \"/café\" is sent as \"/caf%C3%A9\". The client encodes it "
+            "(urllib.parse.quote), the server decodes it back before the handler sees it "
+            "(urllib.parse.unquote): both as UTF-8, or the two sides name different paths.")
+
+
+def path_mojibake(got: str, sent: bytes) -> str:
+    """What a server that decoded ``sent`` (a percent-encoded :path) into ``got`` did."""
+    text = sent.decode("ascii")
+    if got == text:
+        return "the :path as it came on the wire, still percent-encoded (never decoded)"
+    if got == unquote(text, encoding="latin-1"):
+        return "the percent-encoded bytes decoded as Latin-1, not UTF-8"
+    return "another path"
+
+
 def which_pieces(got: bytes) -> str:
     """What a body that is not the whole of PIECES holds, in words."""
     if not got:
@@ -313,7 +342,7 @@ class ProbeClient(QuicConnectionProtocol):
         method, body, _ = LATE_FIN.get(path, (b"GET", None, ""))
         self.h3.send_headers(sid, [(b":method", method), (b":scheme", b"https"),
                                    (b":authority", SERVER_NAME.encode()),
-                                   (b":path", path.encode())], end_stream=body is None)
+                                   (b":path", uri_path(path))], end_stream=body is None)
         if body is not None:  # the request ends later, in a datagram of its own
             self.transmit()
             self.h3.send_data(sid, body, end_stream=path not in REQUEST_TRAILERS)
@@ -403,6 +432,7 @@ class Arrival:
     path: str
     early: bool        # arrived before the handshake completed: 0-RTT data
     connection: int    # which QUIC connection (1, 2, ...)
+    raw: bytes = b""   # the :path as it came on the wire
 
 
 class ProbeServer(QuicConnectionProtocol):
@@ -450,9 +480,10 @@ class ProbeServer(QuicConnectionProtocol):
             return
         for h3_event in self.h3.handle_event(event):
             if isinstance(h3_event, HeadersReceived):
-                path = dict(h3_event.headers).get(b":path", b"").decode()
+                raw = dict(h3_event.headers).get(b":path", b"")
+                path = unquote(raw.decode("ascii", errors="replace"), errors="replace")
                 self.paths[h3_event.stream_id] = path
-                self.log.append(Arrival(path, not self.handshake_done, self.connection))
+                self.log.append(Arrival(path, not self.handshake_done, self.connection, raw))
                 method = dict(h3_event.headers).get(b":method")
                 if not h3_event.stream_ended and method == b"GET":
                     uid = len(self.pings) + 1000 * h3_event.stream_id
@@ -878,6 +909,26 @@ def test_server_ends_a_response_with_an_empty_body(learner: Any, certs: Certs) -
         f"{fast}, expected (200, b'/fast ok') beside /nothing's 204")
 
 
+def test_server_decodes_a_non_ascii_path(learner: Any, certs: Certs) -> None:
+    """The test's client asks for NON_ASCII_PATH, sent as :path in percent-encoded UTF-8:
+    the handler (which answers f"{path} ok") must get the path decoded, as the client meant
+    it."""
+    with learner_server(learner, certs) as server:
+        seen, _ = run(probe(server.port, certs, [NON_ASCII_PATH]))
+    sent = uri_path(NON_ASCII_PATH)
+    status, body = seen.responses[NON_ASCII_PATH]
+    want = f"{NON_ASCII_PATH} ok".encode()
+    if body != want and body.endswith(b" ok") and valid_utf8(body):
+        got = body[:-3].decode()
+        pytest.fail(f"the test's client asked for {NON_ASCII_PATH!r}, sent as :path {sent!r}, "
+                    f"and your server's handler was called with {got!r}: "
+                    f"{path_mojibake(got, sent)}; expected {NON_ASCII_PATH!r}\n{PATH_WHY}",
+                    pytrace=False)
+    assert (status, body) == (200, want), (
+        f"{NON_ASCII_PATH!r} (sent as :path {sent!r}) got {(status, body)}, expected "
+        f"(200, {want!r})\n{PATH_WHY}")
+
+
 def test_server_resumes_each_clients_ticket(learner: Any, certs: Certs) -> None:
     """Two clients connect, each gets its own session ticket; then each resumes with its
     ticket and sends 0-RTT. The store must hold every ticket it issued until it is used,
@@ -1037,6 +1088,44 @@ def test_client_takes_a_response_that_ends_on_its_headers(learner: Any,
         f"{sent}")
 
 
+def test_client_percent_encodes_a_non_ascii_path(learner: Any, certs: Certs) -> None:
+    """fetch([NON_ASCII_PATH]): the :path the test's server receives must be ASCII, the
+    path's UTF-8 bytes percent-encoded, and the response comes back under the path as
+    given."""
+    gate = Gate()
+
+    async def scenario() -> tuple[tuple[str, Any], list[Arrival]]:
+        probe = await probe_server(certs, gate.handler)
+        try:
+            return await learner_fetch(learner, probe, certs, [NON_ASCII_PATH]), probe.log
+        finally:
+            probe.server.close()
+
+    (kind, value), log = run(scenario())
+    want = uri_path(NON_ASCII_PATH)
+    for raw in {arrival.raw for arrival in log}:
+        if raw == want:
+            continue
+        if not raw.isascii():
+            how = ("as raw UTF-8 bytes" if raw == NON_ASCII_PATH.encode()
+                   else "with bytes outside ASCII")
+            pytest.fail(f"fetch([{NON_ASCII_PATH!r}]) sent :path {raw!r}, {how}; expected "
+                        f"ASCII, {want!r} (percent-encoded UTF-8)\n{PATH_WHY}", pytrace=False)
+        text = raw.decode("ascii")
+        latin1 = unquote(text, encoding="latin-1", errors="strict")
+        how = ("percent-encoded Latin-1 bytes, not UTF-8" if latin1 == NON_ASCII_PATH
+               else "not the path's percent-encoded UTF-8")
+        if unquote(text, errors="replace") != NON_ASCII_PATH or latin1 == NON_ASCII_PATH:
+            pytest.fail(f"fetch([{NON_ASCII_PATH!r}]) sent :path {raw!r}: {how}; expected "
+                        f"{want!r}\n{PATH_WHY}", pytrace=False)
+    if kind != "ok":
+        pytest.fail(str(value), pytrace=False)
+    expected = (200, f"{NON_ASCII_PATH} ok".encode())
+    assert value.responses.get(NON_ASCII_PATH) == expected, (
+        f"fetch([{NON_ASCII_PATH!r}]) returned responses {value.responses}, expected "
+        f"{{{NON_ASCII_PATH!r}: {expected}}}: the response is the given path's")
+
+
 def test_client_fails_when_the_server_closes_the_connection(learner: Any,
                                                             certs: Certs) -> None:
     """The test's server closes the connection (CONNECTION_CLOSE, H3_INTERNAL_ERROR) instead
@@ -1056,8 +1145,9 @@ def test_client_fails_when_the_server_closes_the_connection(learner: Any,
         pytest.fail(str(value), pytrace=False)
     assert kind != "timed out", (
         "the test's server closed the connection (CONNECTION_CLOSE, H3_INTERNAL_ERROR) "
-        f"instead of answering /closing, and fetch() was still waiting {WAIT * 2:.0f} s "
-        "later for a response that can no longer come\nOn ConnectionTerminated (after the "
+        "instead of answering /closing, and fetch() was still waiting for a response that "
+        "can no longer come, once its connection had ended (or after "
+        f"{WAIT * 2:.0f} s)\nOn ConnectionTerminated (after the "
         "handshake too, not only when it fails), fail every request still waiting - "
         "future.set_exception(ConnectionError(...)) - so fetch() raises at once: a client "
         f"that waits for ever on a closed connection hangs its caller.\n{value}")

@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote
 
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -78,8 +79,11 @@ class _ServerProtocol(QuicConnectionProtocol):
         if isinstance(event, HeadersReceived) and event.stream_id not in self.paths:
             # The stream's first HEADERS frame is the request's; a later one holds its
             # trailers (no :path, after the body; RFC 9114 4.1), not a new request.
+            # :path is a URI path, ASCII: a character outside ASCII travels as its UTF-8
+            # bytes percent-encoded (RFC 3986 2.1, RFC 3987 3.1); the handler gets it decoded.
             headers = dict(event.headers)
-            self.paths[event.stream_id] = headers.get(b":path", b"/").decode()
+            raw = headers.get(b":path", b"/").decode("ascii", errors="replace")
+            self.paths[event.stream_id] = unquote(raw, encoding="utf-8", errors="replace")
         if isinstance(event, HeadersReceived | DataReceived) and event.stream_ended:
             # One task per request stream: a slow handler holds only its own stream.
             task = asyncio.create_task(self.respond(event.stream_id,
@@ -113,6 +117,13 @@ async def start_server(host: str, port: int, *, certfile: str, keyfile: str,
 
 
 # ---------------------------------------------------------------------------- client
+
+
+def uri_path(path: str) -> str:
+    """``path`` as :path carries it: a URI path is ASCII, so every other character goes
+    as its UTF-8 bytes percent-encoded (RFC 3986 2.1, RFC 3987 3.1: "/café" is sent as
+    "/caf%C3%A9"); what is already ASCII (reserved characters, "%XX") stays as it is."""
+    return quote(path, safe="".join(map(chr, range(0x21, 0x7f))))
 
 
 class _ClientProtocol(QuicConnectionProtocol):
@@ -163,7 +174,8 @@ class _ClientProtocol(QuicConnectionProtocol):
         self.bodies[sid] = bytearray()
         self.h3.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"https"),
                                    (b":authority", authority.encode()),
-                                   (b":path", path.encode())], end_stream=True)
+                                   (b":path", uri_path(path).encode("ascii"))],
+                           end_stream=True)
         return self.waiters[sid]
 
 
