@@ -1,7 +1,7 @@
 """labrunner.testing.KafkaProxy against the real broker: clients given the proxy's bootstrap
 stay behind it (the broker addresses it announces are rewritten), every request is recorded
 (a Produce's acks, the transaction's requests in order), and held, refused, dropped
-requests and a kill at a request's arrival do what the labs rely on."""
+requests, a kill at a request's arrival and a failed Fetch answer do what the labs rely on."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from labrunner.testing import KafkaProxy, wait_until
 from labrunner.testing.kafka_proxy import (
     ADD_OFFSETS_TO_TXN,
     END_TXN,
+    FETCH,
     OFFSET_COMMIT,
     PRODUCE,
+    TOPIC_AUTHORIZATION_FAILED,
     TXN_OFFSET_COMMIT,
 )
 
@@ -207,3 +209,48 @@ def test_a_process_killed_at_its_commit_stores_nothing(broker: tuple[str, str],
                             if e.request.api_key == OFFSET_COMMIT] == want,
                    f"the proxy to record the commit as {want}")
         assert committed(bootstrap, topic, group) < 0
+
+
+
+def test_a_failed_fetch_reaches_poll_as_an_error_then_the_records_come(
+        broker: tuple[str, str]) -> None:
+    """The first Fetch answer carrying records is failed: poll() returns a consumer error
+    with that code (not the end of the partition), then every record once, then the end.
+    The topic holds an aborted transaction, so the answer lists it (read_committed): the
+    fields after it are found past it."""
+    from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+    bootstrap, prefix = broker
+    topic = make_topic(bootstrap, f"{prefix}.fail")
+    fill(bootstrap, topic, 2)
+    producer = Producer({"bootstrap.servers": bootstrap, "log_level": 0,
+                         "transactional.id": f"{prefix}.tx"})
+    producer.init_transactions(20)
+    for value, commit in ((b"aborted", False), (b"v2", True)):
+        producer.begin_transaction()
+        producer.produce(topic, value=value, partition=0)
+        producer.flush(20)
+        (producer.commit_transaction if commit else producer.abort_transaction)(20)
+    with KafkaProxy(bootstrap) as proxy:
+        proxy.fail_fetches(TOPIC_AUTHORIZATION_FAILED)
+        reader = Consumer({"bootstrap.servers": proxy.bootstrap, "group.id": f"{prefix}.g",
+                           "log_level": 0, "enable.auto.commit": False,
+                           "auto.offset.reset": "earliest", "enable.partition.eof": True,
+                           "isolation.level": "read_committed",
+                           "fetch.error.backoff.ms": 100})
+        seen: list[str] = []
+        try:
+            reader.assign([TopicPartition(topic, 0)])
+            while not seen or seen[-1] != "eof":
+                msg = reader.poll(15)
+                assert msg is not None, f"poll() returned nothing after {seen}"
+                err = msg.error()
+                seen.append((msg.value() or b"").decode() if err is None else
+                            "eof" if err.code() == KafkaError._PARTITION_EOF else
+                            f"error {err.code()}")
+        finally:
+            reader.close()
+        assert seen == [f"error {TOPIC_AUTHORIZATION_FAILED}", "v0", "v1", "v2", "eof"], seen
+        kinds = [e.kind for e in proxy.events() if e.request.api_key == FETCH]
+        assert kinds[:3] == ["request", "failed", "answer"], kinds
+        assert kinds.count("failed") == 1 and not proxy.errors, (kinds, proxy.errors)

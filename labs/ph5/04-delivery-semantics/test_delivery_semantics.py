@@ -29,6 +29,9 @@ Mistakes a learner makes here, each caught with its own message:
   larger than the output topic's max.message.bytes): the offset committed past a lost output
 - taking a poll() that returns nothing for the end of the input: the proxy holds the worker's
   fetches a few seconds (a broker slow to answer), and the worker must still process it all
+- taking any consumer error for the end of the input, or for a record: the proxy fails the
+  first Fetch answer carrying the input (TOPIC_AUTHORIZATION_FAILED), and the worker must
+  raise, or go on to the end - not exit 0 with the input unprocessed
 - exactly-once aborting a failed transaction (the broker refused its output) and going on
   with the next record: a later transaction commits an offset past the lost one
 - exactly-once: offsets committed by the consumer, idempotence without a transaction, a fresh
@@ -76,6 +79,7 @@ from labrunner.testing.kafka_proxy import (
     FETCH,
     OFFSET_COMMIT,
     PRODUCE,
+    TOPIC_AUTHORIZATION_FAILED,
     TXN_OFFSET_COMMIT,
 )
 
@@ -574,6 +578,59 @@ def test_a_broker_slow_to_answer_is_not_the_end_of_the_input(learner: Any,
         f"{mode}: the test held the worker's fetches for {FETCH_HOLD:g} s, then let them "
         f"go; expected the worker to process all 6 payments and exit 0, saw exit status "
         f"{code} and the output {got.output}\n{stderr_tail(worker)}")
+
+
+def test_a_consumer_error_is_not_the_end_of_the_input(learner: Any, kafka: Any) -> None:
+    """The worker runs behind a proxy that fails the first Fetch answer carrying its input:
+    the broker's answer for the partition is TOPIC_AUTHORIZATION_FAILED, no records (as while
+    an ACL denies the read for a moment); the next fetch gets them. poll() returns that
+    consumer error - a message whose error() is not _PARTITION_EOF. A right worker raises (exits
+    with an error, its input left for a restart) or logs it and polls on to the real end; a
+    wrong one takes it for the end (exits 0 with the input unprocessed) or for a record."""
+    mode = "at-least-once"
+    topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
+    group = kafka.group("worker-fetch-error")
+    producer = Producer(kafka.producer_config())
+    for value in PAYMENTS:
+        producer.produce(topics["input"], key=key_of(value), value=value.encode(), partition=0)
+    assert producer.flush(30) == 0, "the test could not write its input"
+    with KafkaProxy(kafka.bootstrap) as proxy:
+        proxy.fail_fetches(TOPIC_AUTHORIZATION_FAILED)
+        worker = start(learner, kafka, mode, topics, group, bootstrap=proxy.bootstrap)
+        code = finished(worker, mode, "whose first fetch of the input the test failed")
+        line = first_line(worker, 5)
+        failed = [e for e in proxy.events() if e.kind == "failed"]
+        assert not proxy.errors, f"the test's Kafka proxy: {proxy.errors}"
+    got = view(kafka, topics, group)
+    want = [f"processed:{v}" for v in PAYMENTS]
+    if not failed:
+        errors = stderr_tail(worker)
+        pytest.fail(
+            f"{mode}: the test meant to fail the worker's first Fetch answer carrying the "
+            f"input, but no Fetch answer of the worker carried records: it exited with status "
+            f"{code} ({line or (errors.splitlines() or ['no output'])[-1]!r}) and "
+            f"{len(got.output)} of 6 outputs - read partition 0 of the input to its end",
+            pytrace=False)
+    error = ("the test failed the first Fetch answer that carried the input's records (the "
+             "proxy answered it TOPIC_AUTHORIZATION_FAILED with no records, as a broker does "
+             "while an ACL denies the read; the next fetch gets them), so poll() returned a "
+             "consumer error: a message whose error() is not _PARTITION_EOF")
+    stray = [v for v in got.output if v not in want]
+    assert not stray, (
+        f"{mode}: {error}; the worker processed that error as a record - the output holds "
+        f"{stray[:2]}, none of them a payment's. A message with error() set carries no record: "
+        f"look at msg.error() first, and treat every error, not only _PARTITION_EOF")
+    assert code != 0 or got.committed == len(PAYMENTS), (
+        f"{mode}: {error}; the worker exited with status 0 ({line or 'no output'!r}), the "
+        f"committed input offset at {got.committed if got.committed >= 0 else 'none'}, not "
+        f"past the last payment ({len(PAYMENTS)}), and {len(got.output)} of 6 outputs - it "
+        f"took a consumer error for the end of the input, and reported success. Only the "
+        f"_PARTITION_EOF event is the end: on any other msg.error() raise (the worker exits "
+        f"with an error, and its restart resumes at the committed offset), or log it and "
+        f"poll on (librdkafka fetches again) - never stop as if done")
+    assert code != 0 or got.output == want, (
+        f"{mode}: {error}; the worker exited 0 with the output {got.output}; expected "
+        f"{want}\n{stderr_tail(worker)}")
 
 
 def idle_throughout(learner: Any, proc: subprocess.Popen[bytes], span: float) -> bool:

@@ -13,7 +13,7 @@ as the event's effect.
   while inside an event's transaction - stopped there by a lock the test holds on the balance
   row, or on the event's dedup key - and restarted: the balances must be exact, and once the
   restart has read the topic to its end, its group's committed offset must be that end.
-* The consumer program behind a proxy that holds its fetches a few seconds (a broker slow to
+* The consumer program behind a proxy that holds its fetches 6.5 s (a broker slow to
   answer): an empty poll() is not the end of the partition; the partition-EOF event is."""
 
 from __future__ import annotations
@@ -730,7 +730,11 @@ def test_a_failed_event_is_not_committed_past(db: Any, learner: Any, postgres: A
 
 # --- the consumer process, when the broker is slow -----------------------------------------
 
-FETCH_HOLD = 3.0  # s the test holds the consumer program's fetches: a broker slow to answer
+# s the test holds the consumer program's fetches: a broker slow to answer. Longer than the
+# quiet spells a consumer is tempted to take for the end (a poll(5) that returned None, four
+# empty poll(1)s in a row), with room for a Postgres connection made after the first fetch:
+# 3 s let both through. Every right consumer waits it out once (its whole cost).
+FETCH_HOLD = 6.5
 
 
 def exit_while_fetches_held(proxy: KafkaProxy, proc: subprocess.Popen[bytes]) -> int | None:
@@ -786,7 +790,10 @@ def test_a_slow_broker_is_not_the_end_of_the_partition(db: Any, learner: Any, po
     assert code == 0, f"the consumer program exited with {code}: {error_tail(proc)}"
     assert balances(conn) == {"acct-slow": 600}, (
         f"the consumer program, whose fetches the test held {FETCH_HOLD:g} s, exited 0 "
-        f"leaving the balances {balances(conn)}; expected {{'acct-slow': 600}}")
+        f"leaving the balances {balances(conn)}; expected {{'acct-slow': 600}}: it stopped "
+        f"before the end of the partition - a poll() that returns None (however long its "
+        f"timeout, however many in a row) is a quiet moment, not the end; the end is the "
+        f"partition-EOF event (enable.partition.eof=true, an error _PARTITION_EOF)")
     at = committed_position(kafka, topic)
     assert at == len(deliveries), (
         f"after the consumer program read the topic to its end the group's committed offset "

@@ -37,7 +37,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   every request a learner's client sends (a Produce's ``acks``, OffsetCommit vs
   TxnOffsetCommit), held, dropped, refused or met with a test's action (a SIGKILL) at the
   moment it arrives - or forwarded with the broker's answer held back (a reply overtaking
-  the acknowledgement of its request);
+  the acknowledgement of its request), or a Fetch answer failed with a partition error (a
+  consumer error reaching ``poll()``);
 * :func:`signals_caught` reads which signals a learner's program handles (a SIGTERM
   handler that never lets it end vs no handler), :func:`objects_alive` counts objects of
   named classes the learner's process keeps alive (waiters left behind by timed-out calls);

@@ -3,7 +3,10 @@
 A verification hands the learner ``proxy.bootstrap`` instead of the broker's address. Every
 request the learner's client sends is recorded (api key, version, when, connection, a
 Produce's ``acks``) and may be held, dropped, refused, or hooked - so a test can kill the
-learner's process at an exact protocol point instead of after a guessed pause."""
+learner's process at an exact protocol point instead of after a guessed pause. A Fetch answer
+carrying records may be failed: its partitions answered with an error code, as a broker
+refusing them would, so a consumer error other than the end of a partition reaches the
+learner's poll()."""
 
 from __future__ import annotations
 
@@ -34,12 +37,17 @@ API_NAMES = {
 _ADDRESS_RESPONSES = (METADATA, FIND_COORDINATOR, DESCRIBE_CLUSTER)
 # First flexible version (compact strings, tagged fields) of the requests whose body is read.
 _FLEXIBLE_FROM = {PRODUCE: 9, OFFSET_COMMIT: 8}
+# First flexible version of the Fetch response (KIP-482), and the first naming topics by id.
+_FETCH_FLEXIBLE_FROM, _FETCH_TOPIC_IDS_FROM = 12, 13
 # A refused OffsetCommit is answered in the broker's place with OFFSET_METADATA_TOO_LARGE for
 # every partition: final to clients (no retry, no rejoin as after ILLEGAL_GENERATION).
 REFUSAL_ERROR = 12
+# A partition error librdkafka hands to the application (poll() returns it as a message whose
+# error() it is) and then recovers from, fetching again after a backoff (5 s for this code).
+TOPIC_AUTHORIZATION_FAILED = 29
 
 Rule = Literal["forward", "hold", "drop", "refuse"]
-EventKind = Literal["request", "answer", "forwarded", "dropped", "refused", "gone"]
+EventKind = Literal["request", "answer", "forwarded", "dropped", "refused", "gone", "failed"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,8 @@ class KafkaEvent:
     """What the proxy saw or did, in order: a request arrived ("request"), its answer left
     for the client ("answer"), or the proxy did not forward it as sent: "dropped",
     "refused" (answered with an error, never forwarded), "gone" (held while its client closed
-    the connection: never forwarded)."""
+    the connection: never forwarded); or its answer left changed: "failed" (a Fetch answer
+    whose records the proxy replaced with an error, recorded before its "answer")."""
 
     kind: EventKind
     request: KafkaRequest
@@ -174,6 +183,63 @@ def offset_commit_refusal(frame: bytes, body: int, version: int,
     return struct.pack(">i", len(out)) + bytes(out)
 
 
+def fetch_failure(frame: bytes, version: int, error: int) -> bytes | None:
+    """A Fetch answer (v4-v17, size included) with every partition that carries records
+    answered ``error`` instead, its records emptied - as a broker refusing the partition
+    answers (high watermark, last stable offset and the rest as they were); None if no
+    partition of it carries records (nothing to fail). Only sizes of records change, and
+    none of the frame's other fields counts bytes: the frame is rebuilt around them."""
+    if not 4 <= version <= 17:
+        raise ValueError(f"Fetch v{version} is not read (v4-v17 are)")
+    flexible = version >= _FETCH_FLEXIBLE_FROM
+    pos, failed = 8, False  # past the size and the correlation id
+    if flexible:
+        pos = _skip_tags(frame, pos)  # the response header's
+    pos += 4 + (6 if version >= 7 else 0)  # throttle time; error code and session id
+    topics, pos = _count(frame, pos, flexible)
+    for _ in range(topics):
+        if version >= _FETCH_TOPIC_IDS_FROM:
+            pos += 16
+        else:
+            _name, pos = _string(frame, pos, flexible)
+        partitions, pos = _count(frame, pos, flexible)
+        for _ in range(partitions):
+            error_at = pos + 4  # after the partition index
+            pos += 4 + 2 + 8 + 8 + (8 if version >= 5 else 0)  # .. last stable, log start
+            aborted, pos = _count(frame, pos, flexible)
+            for _ in range(max(aborted, 0)):
+                pos += 16  # producer id, first offset
+                if flexible:
+                    pos = _skip_tags(frame, pos)
+            if version >= 11:
+                pos += 4  # preferred read replica
+            records_at = pos
+            if flexible:
+                size, pos = _uvarint(frame, pos)
+                size -= 1
+            else:
+                (size,) = struct.unpack_from(">i", frame, pos)
+                pos += 4
+            if size > 0:  # failed: the error in, the records out (empty, not null)
+                empty = _put_count(0, flexible)
+                frame = (frame[:error_at] + struct.pack(">h", error)
+                         + frame[error_at + 2:records_at] + empty + frame[pos + size:])
+                pos, failed = records_at + len(empty), True
+            else:
+                pos += max(size, 0)
+            if flexible:
+                pos = _skip_tags(frame, pos)
+        if flexible:
+            pos = _skip_tags(frame, pos)
+    if flexible:
+        pos = _skip_tags(frame, pos)
+    if pos != len(frame):
+        raise ValueError(f"Fetch v{version} answer read to byte {pos} of {len(frame)}")
+    if not failed:
+        return None
+    return struct.pack(">i", len(frame) - 4) + frame[4:]
+
+
 def _read_frame(sock: socket.socket, buffer: bytearray) -> bytes | None:
     """The next whole frame (size prefix included) from ``sock``; None at end of stream."""
     while True:
@@ -200,7 +266,9 @@ class KafkaProxy:
       until :meth:`release_answers` (forwarded, but the answer waits), :meth:`drop` (never
       forwarded, never answered), :meth:`refuse` (answered with an error), and
       :meth:`on_request` (call a function when such a request arrives, before anything is
-      done with it: kill the learner's process there).
+      done with it: kill the learner's process there);
+    * change answers: :meth:`fail_fetches` (a Fetch answer's records replaced with a
+      partition error).
 
     A held request whose client has closed its connection meanwhile (a killed process) is
     never forwarded. ``with KafkaProxy(kafka.bootstrap) as proxy:`` closes it."""
@@ -215,6 +283,7 @@ class KafkaProxy:
         self._rules: dict[int, tuple[Rule, int | None]] = {}
         self._hooks: dict[int, list[Callable[[KafkaRequest], object]]] = {}
         self._held_answers: set[int] = set()
+        self._failing: tuple[int, int] | None = None  # Fetch: (error, answers left)
         self._held = self._connections = 0
         self._closed = False
         self.errors: list[str] = []
@@ -298,6 +367,17 @@ class KafkaProxy:
         if api_key != OFFSET_COMMIT:
             raise ValueError("only OffsetCommit requests can be refused")
         self._rule(api_key, "refuse", count)
+
+    def fail_fetches(self, error: int = TOPIC_AUTHORIZATION_FAILED, count: int = 1) -> None:
+        """Fail the next ``count`` Fetch answers that carry records: each partition with
+        records is answered ``error`` instead, its records emptied (:func:`fetch_failure`),
+        recorded as a "failed" event before the answer's. The client never sees those
+        records in that answer and fetches them again. librdkafka hands most codes to the
+        application (``poll()`` returns a message whose ``error()`` is it, then goes on),
+        TOPIC_AUTHORIZATION_FAILED among them; retriable ones such as
+        NOT_LEADER_OR_FOLLOWER it handles itself, unseen."""
+        with self._changed:
+            self._failing = (error, count) if count > 0 else None
 
     def on_request(self, api_key: int, action: Callable[[KafkaRequest], object]) -> None:
         """Call ``action(request)`` when a request of ``api_key`` arrives, before it is
@@ -443,6 +523,8 @@ class KafkaProxy:
                     request = pending.get(correlation)
                 if request is not None and request.api_key in _ADDRESS_RESPONSES:
                     frame = self._rewrite_addresses(frame)
+                if request is not None and request.api_key == FETCH:
+                    frame = self._fail_fetch(request, frame)
                 if request is not None:
                     with self._changed:
                         while request.api_key in self._held_answers and not self._closed:
@@ -455,6 +537,25 @@ class KafkaProxy:
                 client.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+    def _fail_fetch(self, request: KafkaRequest, frame: bytes) -> bytes:
+        """``frame`` (the answer to the Fetch ``request``), failed if :meth:`fail_fetches`
+        asks for it and it carries records."""
+        with self._changed:
+            if self._failing is None:
+                return frame
+            error, left = self._failing
+            try:
+                failed = fetch_failure(frame, request.api_version, error)
+            except (ValueError, struct.error, IndexError) as exc:
+                self.errors.append(f"failing a Fetch v{request.api_version} answer: {exc!r}")
+                return frame
+            if failed is None:
+                return frame
+            self._failing = (error, left - 1) if left > 1 else None
+            self._events.append(KafkaEvent("failed", request))
+            self._changed.notify_all()
+            return failed
 
     def _answer(self, client: socket.socket, sending: threading.Lock,
                 pending: dict[int, KafkaRequest], request: KafkaRequest | None,
