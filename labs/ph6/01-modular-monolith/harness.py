@@ -249,3 +249,65 @@ def two_orders_at_once(app: Any, sku: str, customers: tuple[str, str]) -> dict[s
             kept.append(f"{type(exc).__name__}: {exc}")
     return {"ids": ids, "kept": kept, "errors": errors, "second_waited": waited,
             "held": arrived.is_set()}
+
+
+def charge_fails(app: Any, sku: str, customer: str, how: str) -> dict[str, Any]:
+    """An order placed while billing.charge fails: billing's own PaymentDeclined (how=
+    "declined") or an outage (how="down": ConnectionError, as a remote billing call raises).
+    The failing charge stands in for billing.charge wherever code outside billing holds it
+    (its public interface, orders' imported name). A product with 3 in stock, an order for 2;
+    then the stock counted through the catalog's public reserve. {"did": "OrderRejected" |
+    "accepted: <order>" | "<Exception>: <message>", "stock": items left (3: nothing kept),
+    "invoices": what billing holds for the customer, "charged": the failing charge was
+    called, "error": what could not be set up}."""
+    billing = sys.modules.get("shop.billing")
+    catalog = sys.modules.get("shop.catalog")
+    charge = getattr(billing, "charge", None)
+    if billing is None or catalog is None or not callable(charge):
+        return {"error": "shop.billing.charge or shop.catalog was not found"}
+    declined = getattr(billing, "PaymentDeclined", None)
+    if how == "declined" and not (isinstance(declined, type)
+                                  and issubclass(declined, Exception)):
+        return {"error": "shop.billing offers no PaymentDeclined exception (its public "
+                         "interface: PaymentDeclined, charge, invoices_for)"}
+    called: list[tuple[Any, ...]] = []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        called.append(args)
+        if how == "declined" and isinstance(declined, type):
+            raise declined(f"card of {customer} declined")
+        raise ConnectionError("billing is down: connection refused")
+
+    package = Path(str(sys.modules["shop"].__file__)).resolve().parent
+    swapped: list[tuple[types.ModuleType, str, Any]] = []
+    for module in list(sys.modules.values()):
+        if not (isinstance(module, types.ModuleType) and getattr(module, "__file__", None)
+                and package.parent in Path(str(module.__file__)).resolve().parents):
+            continue
+        if module.__name__.startswith("shop.billing") and module is not billing:
+            continue
+        for key, value in list(vars(module).items()):
+            if value is charge:
+                swapped.append((module, key, value))
+                setattr(module, key, failing)
+    app.add_product(sku, "A clock", 2000, 3)
+    try:
+        order = app.place_order(customer, sku, 2)
+        did = f"accepted: {order}"
+    except app.OrderRejected:
+        did = "OrderRejected"
+    except Exception as exc:  # noqa: BLE001 - reported to the test as it is
+        did = f"{type(exc).__name__}: {exc}"
+    finally:
+        for module, key, value in reversed(swapped):
+            setattr(module, key, value)
+    stock = 0
+    for qty in (3, 2, 1):           # the most the catalog still lets one reserve
+        try:
+            catalog.reserve(sku, qty)
+        except catalog.OutOfStock:
+            continue
+        stock = qty
+        break
+    return {"did": did, "stock": stock, "invoices": app.invoices_for(customer),
+            "charged": bool(called), "error": None}

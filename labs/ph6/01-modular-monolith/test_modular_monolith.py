@@ -495,3 +495,45 @@ def test_no_context_hands_out_its_live_data(learner: Any, app: Any) -> None:
             "(dict(record), dataclasses.replace) or just the value asked for, and let the "
             "owner make every change (catalog.reserve)."
             + ("\n" + "\n".join(found[1:5]) if found[1:] else ""), pytrace=False)
+
+
+@pytest.mark.parametrize("how", ["declined", "down"])
+def test_a_failed_charge_keeps_no_stock(learner: Any, app: Any, how: str) -> None:
+    """One use case, one outcome: an order either is placed (stock reserved AND charged) or
+    is not (neither). The stock is reserved before billing charges, so when the charge fails
+    - billing's PaymentDeclined, or billing down (ConnectionError) - orders gives the
+    reservation back through the catalog's public release(). The failing charge stands in
+    for billing.charge (its public interface) while one order for 2 of 3 is placed."""
+    sku, customer = f"clock-{tag()}", f"ida-{tag()}"
+    seen = learner.harness().charge_fails(app, sku, customer, how)
+    if seen["error"]:
+        pytest.fail(f"could not make billing fail: {seen['error']}", pytrace=False)
+    failure = ("billing.charge raised PaymentDeclined (the card was declined)"
+               if how == "declined" else
+               "billing.charge raised ConnectionError (billing is down)")
+    if not seen["charged"]:
+        pytest.fail(f"ordering 2 x {sku} never called billing.charge through billing's "
+                    f"public interface ({seen['did']}), expected it charged", pytrace=False)
+    did = seen["did"]
+    if how == "declined":
+        assert did == "OrderRejected", (
+            f"ordering 2 x {sku} while {failure} ended with {did}, expected OrderRejected: "
+            "a declined payment is a rejected order - catch billing.PaymentDeclined where "
+            "orders charges, give the stock back (catalog.release) and raise OrderRejected "
+            "from it")
+    else:
+        assert not did.startswith("accepted"), (
+            f"ordering 2 x {sku} while {failure} was accepted ({did}), expected the error "
+            "(or OrderRejected): the order was never paid")
+    assert seen["stock"] == 3, (
+        f"ordering 2 x {sku} (3 in stock) failed because {failure}, and the catalog still "
+        f"holds only {seen['stock']} in stock, expected all 3 back: the failed order kept "
+        f"its reservation - stock no order will ever ship. Orders reserved before it "
+        "charged, so when the charge fails (PaymentDeclined or any other error) it must give "
+        "the reservation back through the catalog's public interface "
+        "(catalog.release(sku, qty)) before the error leaves place_order"
+        + (" - also for an error other than PaymentDeclined (try/except BaseException: "
+           "release, then raise)" if how == "down" else ""))
+    assert seen["invoices"] == [], (
+        f"ordering 2 x {sku} failed because {failure}, yet billing holds "
+        f"{seen['invoices']} for {customer}")

@@ -661,7 +661,15 @@ CHUNKED_UPLOADS = {
         "('1A;note=gift'): cut the line at ';' before int(size, 16), which refuses the rest."),
     "a trailer field": (b'A\r\n{"qty": 4}\r\n0\r\nX-Checksum: 7\r\n\r\n', '{"qty": 4}',
                         "Trailer fields may follow the last chunk, up to an empty line."),
+    "the coding named Chunked": (
+        b'A\r\n{"qty": 7}\r\n0\r\n\r\n', '{"qty": 7}',
+        "Transfer coding names are case-insensitive (RFC 9112 7: 'Transfer-Encoding: Chunked' "
+        "is chunked): compare them lowered, both where the framing is checked (a "
+        "case-sensitive check refuses a valid upload) and where the body is decoded (one that "
+        "decodes only 'chunked' forwards this body empty)."),
 }
+# The Transfer-Encoding field each case sends (default: chunked).
+CHUNKED_FRAMING = {"the coding named Chunked": "Chunked"}
 CHUNKED_RULE = ("A chunked body (RFC 9112 7.1) has no Content-Length: the gateway's WSGI "
                 "server hands the chunks over as they came, so read them from wsgi.input - "
                 "each chunk's size is hex, up to an optional ';extension' (ignore it, 7.1.1), "
@@ -704,9 +712,11 @@ def test_a_chunked_body_reaches_the_service_whole(world: World, case: str) -> No
     chunks, body, adds = CHUNKED_UPLOADS[case]
     host = world.gateway(rate_limit=1000)
     stable = world.backends["stable"]
-    what = f"POST /orders/9?via=chunked with a chunked body ({case}: {chunks!r})"
+    coding = CHUNKED_FRAMING.get(case, "chunked")
+    what = (f"POST /orders/9?via=chunked with a chunked body ({case}: {chunks!r})"
+            + ("" if coding == "chunked" else f" (Transfer-Encoding: {coding})"))
     status, doc, got = post_framed(host, stable, "chunked",
-                                   "Transfer-Encoding: chunked\r\n", chunks)
+                                   f"Transfer-Encoding: {coding}\r\n", chunks)
     assert status == 201 and got == body, (
         f"{what}: the client got HTTP {status or ''} {doc!r}, "
         + (f"the service received the body {got!r}" if stable.hits == 1 else

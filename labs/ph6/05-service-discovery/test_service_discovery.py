@@ -210,8 +210,11 @@ def test_lookup_scans_the_whole_keyspace_without_blocking_it(world: Any, redis_d
 
 # Service names holding Redis' glob characters (*, ?, [...]), each beside names they match
 # as a pattern: a lookup must take its name literally.
+# A backslash is one too: unescaped, services:w\eb:* reads as "w, then a literal e, b" and
+# matches web's keys (glob.escape, which brackets *, ? and [, leaves it as it is).
 GLOB_NAMED = {"web": "127.0.0.1:7201", "web-v2": "127.0.0.1:7202", "web*": "127.0.0.1:7203",
-              "we?": "127.0.0.1:7204", "w[ae]b": "127.0.0.1:7205", "wab": "127.0.0.1:7206"}
+              "we?": "127.0.0.1:7204", "w[ae]b": "127.0.0.1:7205", "wab": "127.0.0.1:7206",
+              "w\\eb": "127.0.0.1:7207"}
 
 
 def lookups_mixed_up(world: Any, named: dict[str, tuple[str, str]]) -> list[str]:
@@ -235,9 +238,10 @@ def lookups_mixed_up(world: Any, named: dict[str, tuple[str, str]]) -> list[str]
 
 
 def test_lookup_takes_the_service_name_literally(world: Any) -> None:
-    """Instances of web, web-v2, web*, we?, w[ae]b and wab (written in the README's format by
-    another client): a lookup of each lists that service's instance only - *, ? and [ in a
-    name are characters of the name, not wildcards of the SCAN MATCH pattern."""
+    """Instances of web, web-v2, web*, we?, w[ae]b, wab and w\\eb (written in the README's
+    format by another client): a lookup of each lists that service's instance only - *, ?,
+    [ and \\ in a name are characters of the name, not glob syntax of the SCAN MATCH
+    pattern."""
     wrong = lookups_mixed_up(world, {service: (f"i{n}", address) for n, (service, address)
                                      in enumerate(GLOB_NAMED.items())})
     assert not wrong, (
@@ -245,8 +249,10 @@ def test_lookup_takes_the_service_name_literally(world: Any) -> None:
         "expected each service's own instance only: the name went into the SCAN MATCH "
         "pattern as it is, and *, ? and [...] are glob characters there (services:web*:* "
         "matches web's and web-v2's keys, services:w[ae]b:* matches wab's and web's but not "
-        "w[ae]b's own). Escape them with a backslash before building the pattern (Redis' "
-        "KEYS/SCAN docs: use \\ to match them verbatim)")
+        "w[ae]b's own; the backslash escapes the next character, so services:w\\eb:* "
+        "matches web's keys). Escape each of *, ?, [, ] and \\ with a backslash before "
+        "building the pattern (Redis' KEYS/SCAN docs: use \\ to match them verbatim; "
+        "Python's glob.escape leaves the backslash as it is)")
 
 
 # A service name may hold a colon (a version, a namespace); an instance id holds none (the

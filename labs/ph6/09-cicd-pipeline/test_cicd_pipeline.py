@@ -405,6 +405,11 @@ CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[st
      "the very errors it serves - wipes its own record and is promoted: count what comes "
      "after a reset ON TOP of the window, as increase() does",
      DEFAULTS),
+    ("a threshold of 0 tolerates no error", [(200, 0), (400, 1)], ["advance", "rollback"],
+     [5, 20, 0], "max_error_rate=0.0 is a zero-tolerance gate, a threshold like any other in "
+     "[0, 1): no error in the 5 % step's 200 requests advances, 1 error in the 20 % step's "
+     "200 is above 0 - rollback",
+     {"steps": (5, 20, 100), "max_error_rate": 0.0, "min_requests": 200}),
     ("promoted stays promoted", [(200, 0), (400, 0), (600, 600)],
      ["advance", "promoted", "promoted"], [5, 20, 100],
      "once at 100 % the rollout is over: later errors change nothing", DEFAULTS),
@@ -433,7 +438,14 @@ def test_canary_controller(learner: Any, case: tuple[Any, ...]) -> None:
     def set_weight(percent: int) -> None:
         seen.append(int(percent))
 
-    ctl = mod.CanaryController(set_weight, **params)
+    try:
+        ctl = mod.CanaryController(set_weight, **params)
+    except ValueError as exc:
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        pytest.fail(f"{name}: CanaryController(set_weight, {shown}) raised ValueError: {exc}, "
+                    "expected a controller - steps rising from at least 1 to 100, "
+                    "min_requests of at least 1 and max_error_rate in [0, 1) (0 included: "
+                    f"a zero-tolerance gate) name a rollout: {why}", pytrace=False)
     first = params["steps"][0]
     assert seen == [first], (
         f"after CanaryController(..., steps={params['steps']}) the weights set were {seen}: "
@@ -462,6 +474,16 @@ REFUSED_PARAMETERS: list[tuple[dict[str, Any], str]] = [
      "IndexError at the advance) and the rollout never ends"),
     ({"steps": (50, 20, 100)}, "steps that go back (50 then 20): an advance that takes "
      "traffic away from the canary"),
+    ({"max_error_rate": 5}, "max_error_rate=5, meant as 5 %: the threshold is a fraction "
+     "(0.05), and errors / requests is never above 5 - a canary failing every request is "
+     "promoted"),
+    ({"max_error_rate": 1.0}, "max_error_rate=1.0: errors / requests is at most 1, so it is "
+     "never above it - a gate that can never close"),
+    ({"max_error_rate": -0.01}, "max_error_rate=-0.01: every rate is above it - even a "
+     "canary without one error is rolled back"),
+    ({"max_error_rate": float("nan")}, "max_error_rate=nan: NaN compares false with every "
+     "number, so no error rate is ever above it (and `rate < 0 or rate >= 1` lets it "
+     "through: check `not 0 <= rate < 1`)"),
 ]
 
 
@@ -488,14 +510,21 @@ def test_parameters_that_name_no_rollout_are_refused(learner: Any) -> None:
                      f"{why}")
     assert not wrong, "\n".join(wrong) + (
         f"\n({len(wrong)} of {len(REFUSED_PARAMETERS)} parameter sets): steps rise strictly, "
-        "from at least 1, to 100, and min_requests is at least 1 - refuse anything else in "
-        "__init__ with ValueError, before set_weight is called")
+        "from at least 1, to 100, min_requests is at least 1 and max_error_rate a fraction "
+        "in [0, 1) - refuse anything else in __init__ with ValueError, before set_weight is "
+        "called")
 
 
 def test_a_single_step_of_100_is_promoted_as_it_starts(learner: Any) -> None:
     mod = learner.load("canary")
     seen: list[int] = []
-    ctl = mod.CanaryController(seen.append, steps=(100,))
+    try:
+        ctl = mod.CanaryController(seen.append, steps=(100,))
+    except Exception as exc:  # noqa: BLE001 - a refusal is the finding
+        pytest.fail(f"CanaryController(set_weight, steps=(100,)) raised {type(exc).__name__}: "
+                    f"{exc}, expected a controller: steps=(100,) rises from at least 1 to 100 "
+                    "- it is a rollout, the whole of it at once (set_weight(100), then "
+                    "'promoted'), not a parameter set to refuse", pytrace=False)
     got = []
     for requests, errors in ((0, 0), (1000, 900)):
         try:

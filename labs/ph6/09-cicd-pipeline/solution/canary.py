@@ -15,6 +15,11 @@ class CanaryController:
             raise ValueError(f"steps must rise strictly from 1.. to 100, not {steps!r}")
         if min_requests < 1:
             raise ValueError(f"min_requests must be at least 1, not {min_requests!r}")
+        # The threshold is a fraction of the requests (0.05 is 5 %): 5 (meant as 5 %) or 1.0
+        # can never be crossed (errors / requests is at most 1), a negative one always is,
+        # and NaN compares false with every rate - each a gate that does not gate.
+        if not 0 <= max_error_rate < 1:
+            raise ValueError(f"max_error_rate is a fraction in [0, 1), not {max_error_rate!r}")
         self.set_weight = set_weight
         self.steps = list(steps)
         self.max_error_rate = max_error_rate

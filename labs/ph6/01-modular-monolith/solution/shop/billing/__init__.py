@@ -1,5 +1,5 @@
 """Billing context: invoices. The public interface."""
 
-from shop.billing.internal.ledger import charge, invoices_for
+from shop.billing.internal.ledger import PaymentDeclined, charge, invoices_for
 
-__all__ = ["charge", "invoices_for"]
+__all__ = ["PaymentDeclined", "charge", "invoices_for"]

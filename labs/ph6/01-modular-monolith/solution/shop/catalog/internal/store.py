@@ -49,3 +49,10 @@ def reserve(sku: str, qty: int) -> None:
     if product.stock < qty:
         raise OutOfStock(f"{sku}: {product.stock} left, {qty} asked")
     product.stock -= qty
+
+
+def release(sku: str, qty: int) -> None:
+    """Give back what reserve(sku, qty) took, when the order it was for is not placed."""
+    if type(qty) is not int or qty < 1:
+        raise ValueError(f"{sku}: cannot release {qty!r} - a quantity is an int >= 1")
+    _get(sku).stock += qty

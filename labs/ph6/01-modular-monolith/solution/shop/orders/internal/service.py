@@ -32,7 +32,17 @@ def place_order(customer: str, sku: str, qty: int) -> dict[str, Any]:
         raise OrderRejected(f"order for {qty} x {sku} rejected: {exc}") from exc
     order_id = f"ord-{next(_IDS)}"
     total = price * qty
-    invoice_id = billing.charge(customer, total, reference=order_id)
+    # One use case, one consistent outcome: the stock is reserved before billing charges, so
+    # if the charge fails (declined, or billing down) the order is not placed and the
+    # reservation is given back - a failed order keeps no stock.
+    try:
+        invoice_id = billing.charge(customer, total, reference=order_id)
+    except billing.PaymentDeclined as exc:
+        catalog.release(sku, qty)
+        raise OrderRejected(f"order for {qty} x {sku} rejected: payment declined") from exc
+    except BaseException:
+        catalog.release(sku, qty)
+        raise
     order = {"order_id": order_id, "customer": customer, "sku": sku, "qty": qty,
              "total_cents": total, "invoice_id": invoice_id}
     _ORDERS[order_id] = order
