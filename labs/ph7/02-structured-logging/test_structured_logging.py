@@ -406,6 +406,7 @@ def test_no_secret_is_ever_logged(serve: Any) -> None:
         "an X-Api-Key header": "sk_live_" + secrets.token_hex(12),
         "a session cookie": "sess-" + secrets.token_hex(12),
         "a token in the query string": "qt-" + secrets.token_hex(12),
+        "a password in the query string (password=)": "qp-" + secrets.token_hex(12),
         "an api key in the query string under a percent-encoded name (api%5Fkey=)":
             "qk-" + secrets.token_hex(12),
         "a query parameter named in mixed case (Access_Token=)": "qa-" + secrets.token_hex(12),
@@ -421,7 +422,8 @@ def test_no_secret_is_ever_logged(serve: Any) -> None:
                    "X-Api-Key": planted["an X-Api-Key header"],
                    "Cookie": f"session={planted['a session cookie']}"}
         login(host, "dave", planted["the password in the body"], headers=headers,
-              query=f"?token={planted['a token in the query string']}&lang=en")
+              query=f"?token={planted['a token in the query string']}&lang=en&password="
+                    + planted["a password in the query string (password=)"])
         login(host, "erin", PASSWORD, headers=headers, query=(
             "?api%5Fkey=" + planted["an api key in the query string under a percent-encoded "
                                     "name (api%5Fkey=)"]
@@ -446,7 +448,11 @@ def test_no_secret_is_ever_logged(serve: Any) -> None:
                         for f in forms)]
         named = (": a query parameter's name is read percent-decoded (parse_qsl) and "
                  "compared in any case, as a field's key is - a regex or split over the raw query "
-                 "misses it" if "query parameter" in what or "encoded name" in what else "")
+                 "misses it" if "query parameter" in what or "encoded name" in what else
+                 ": a password is a secret in a query string too (a form sent with GET, a "
+                 "client that puts it there) - redact every name a field's key would be "
+                 "redacted for (password, passwd, secret, token, api_key, ...), not a list of "
+                 "the names a URL is thought to carry" if "password=" in what else "")
         assert not leaked, (
             f"{what} ({secret!r}) appears in the log, in the record(s) {where}{named}\nNever log "
             "secrets - on the error paths neither: a request the app cannot parse is no "
