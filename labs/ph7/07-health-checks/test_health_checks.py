@@ -461,7 +461,7 @@ def test_redis_down_then_both_then_back(host: str, deps: Deps) -> None:
 
 
 # (dependency, its label, proxy mode, the situation, what bounds the check there)
-HANGS = (
+HANGS: tuple[tuple[str, str, str, str, str], ...] = (
     ("redis", "Redis", "hang", "accepting connections but never answering", ""),
     ("postgres", "Postgres", "hang", "accepting connections but never answering", ""),
     ("postgres", "Postgres", "slow", f"logging clients in at once, then taking {STALL} s over "
@@ -470,6 +470,17 @@ HANGS = (
      "query itself ran unbounded - bound it too: statement_timeout (options='-c "
      "statement_timeout=1000' on connect, or SET statement_timeout), or a deadline of the "
      "check's own"),
+    ("postgres", "Postgres", "queue", "behind a pooler (PgBouncer) whose pool is exhausted: it "
+     "logs clients in by itself and queues their queries until a server connection frees up "
+     "(query_wait_timeout: 120 s by default)",
+     "the login came at once (the pooler does it itself) and SELECT 1 waited in the "
+     "pooler's queue, never reaching a server - statement_timeout is the server's, and "
+     "starts counting only when a server runs the query, so it never fired. Bound the check "
+     "on the client, with a deadline of its own that does not rely on the other end: a "
+     "threading.Timer that shuts the connection's socket down after a second "
+     "(socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR): the query "
+     "then fails at once), or the check in a thread whose result you stop waiting for (not "
+     "inside `with ThreadPoolExecutor()`: leaving it waits for the thread)"),
 )
 
 
@@ -477,7 +488,10 @@ def test_a_hung_dependency_is_a_quick_503(host: str, deps: Deps) -> None:
     expect(host, "/health/ready", 200, "before the outage", "both dependencies answer")
     for name, label, mode, how, bound in HANGS:
         proxy = deps.proxies[name]
-        proxy.set(mode)
+        if mode == "queue":
+            proxy.set("answer", postgres_queueing_queries)
+        else:
+            proxy.set(mode)
         situation = f"{label} {how}"
         body = expect(host, "/health/ready", 503, situation,
                       "a dependency that does not answer within the check's timeout is down",
@@ -598,6 +612,30 @@ def postgres_failing_queries(code: str, message: str) -> Answer:
                 out += error
         return out, True
     return answer
+
+
+CANCEL_REQUEST = 80877102
+
+
+def postgres_queueing_queries(pending: bytearray) -> tuple[bytes, bool]:
+    """A pooler whose pool is exhausted: it logs every client in by itself (as PgBouncer
+    does, before it needs a server connection) and queues each query - nothing answers it
+    while the test lasts. A cancel request for a queued query is dropped (connection
+    closed): nothing is running on a server to cancel."""
+    out = b""
+    while len(pending) >= 8 and pending[0] == 0:   # startup-phase messages: length, code
+        size = int.from_bytes(pending[:4], "big")
+        if len(pending) < size:
+            break
+        code = int.from_bytes(pending[4:8], "big")
+        del pending[:size]
+        if code == CANCEL_REQUEST:
+            return out, False
+        out += b"N" if code in SSL_OR_GSS_REQUEST else PG_LOGGED_IN
+    if pending[:1] == b"X":   # Terminate: the client gives up
+        return out, False
+    pending.clear()   # queued: the pooler holds the query, waiting for a server connection
+    return out, True
 
 
 LOGIN_ONLY = ("the login succeeded, every query fails: a check that only connects (or looks "

@@ -272,6 +272,83 @@ def test_scanner_reads_text_that_is_not_utf8(learner: Any) -> None:
         "counted as in any other (one per \\n)")
 
 
+# Line breaks are "\n" (and "\r\n"), as git, grep and editors count lines. Python's
+# str.splitlines() also breaks at a form feed (^L, the page break of GNU and Emacs sources),
+# at U+0085 - which is what the byte 0x85, cp1252's ellipsis, becomes when a Windows file
+# is decoded as Latin-1 - and at other C1/Unicode separators: every line after one is
+# reported one too low. Each file: (path, encoding, [(line, what it holds or None)]).
+NEL_PASSWORD = rand(20)
+NEL_KEY = "AKIA" + rand(16, string.ascii_uppercase + string.digits)
+FF_TOKEN = rand(26)
+SJIS_PASSWORD = rand(19)
+ENCODED_FILES = [
+    ("notes/handover.txt", "cp1252", "a Windows note in cp1252 whose ellipses are the byte "
+     "0x85 (U+0085, NEL, once decoded as Latin-1)", [
+        ("\u201cZugangsdaten f\u00fcr Produktion\u201d \u2013 bitte nicht committen\u2026", None),
+        (f"db_password = {NEL_PASSWORD}", "a random password"),
+        ("Export-Schl\u00fcssel\u2026 (S3) \u2026 siehe unten", None),
+        (f"aws_access_key_id = {NEL_KEY}", "an AWS access key id"),
+    ]),
+    ("tools/deploy.py", "utf-8", "a Python file in UTF-8 with a form feed (^L, a page break) "
+     "on a line of its own", [
+        ("import os", None),
+        ("\f", None),
+        (f"DEPLOY_TOKEN = \"{FF_TOKEN}\"", "a random token"),
+    ]),
+    ("legacy/app.ini", "shift_jis", "an .ini file in Shift_JIS (its Japanese comment, half "
+     "its bytes, has 0x81, 0x8D, 0x8F, 0x90: neither UTF-8 nor cp1252)", [
+        ("; \u672c\u756a\u74b0\u5883\u306e\u30c7\u30fc\u30bf\u30d9\u30fc\u30b9\u63a5"
+         "\u7d9a\u30d1\u30b9\u30ef\u30fc\u30c9\u8a2d\u5b9a\u30fc\uff08\u5909\u66f4\u3057"
+         "\u306a\u3044\u3053\u3068\uff09", None),
+        (f"password={SJIS_PASSWORD}", "a random password"),
+    ]),
+]
+
+
+def test_scanner_counts_lines_by_newline_in_any_encoding(learner: Any) -> None:
+    """A cp1252 note with 0x85 bytes, a UTF-8 source with a form feed, a Shift_JIS .ini:
+    every secret found at its line as git counts it (one per \\n)."""
+    scan_tree = learner.function("secrets_lab", "scan_tree")
+    root = learner.tmp_folder()
+    for rel, encoding, _, lines in ENCODED_FILES:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o755)
+        path.write_bytes("".join(text + "\n" for text, _ in lines).encode(encoding))
+    try:
+        found = {(str(p), int(n)) for p, n in scan_tree(str(root))}
+    except NotImplementedError as exc:
+        pytest.fail(f"scan_tree is not written yet ({exc})", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's scanner failed: say on what
+        pytest.fail(f"scan_tree raised {type(exc).__name__}: {exc} on a tree of "
+                    f"{', '.join(f'{rel} ({e})' for rel, e, _, _ in ENCODED_FILES)}: "
+                    "expected each read as text", pytrace=False)
+    for rel, _, kind, lines in ENCODED_FILES:
+        secrets = {n: what for n, (_, what) in enumerate(lines, 1) if what}
+        seen = sorted(n for p, n in found if p == rel)
+        if seen == sorted(secrets):
+            continue
+        missed = "; ".join(f"{what} at line {n}" for n, what in secrets.items())
+        if not seen:
+            pytest.fail(
+                f"the scanner reported nothing in {rel}, {kind}; expected {missed}: the file "
+                "was skipped - it is text (no NUL byte), in an encoding that is neither UTF-8 "
+                "nor cp1252, and its credentials are plain ASCII. A fallback that can fail "
+                "(cp1252 leaves 0x81, 0x8D, 0x8F, 0x90, 0x9D undefined) skips it: fall back "
+                "to Latin-1, which decodes every byte, or decode with errors='replace'",
+                pytrace=False)
+        shifted = len(seen) == len(secrets) and all(
+            got > want for got, want in zip(seen, sorted(secrets), strict=True))
+        pytest.fail(
+            f"the scanner reported lines {seen} of {rel}, {kind}; expected {missed}"
+            + (": every line after such a character is reported one line further down per "
+               "break - the lines were split with str.splitlines(), which also breaks at a "
+               "form feed, at U+0085 (NEL: the byte 0x85 decoded as Latin-1) and at U+2028. "
+               "A line ends at \\n, as git, grep and editors count: text.split('\\n')"
+               if shifted else ": lines are counted one per \\n, as git and grep count them"),
+            pytrace=False)
+
+
 # ---- configuration ----------------------------------------------------------------------
 
 class Clock:

@@ -40,6 +40,21 @@ EXIT_GRACE = 2.0  # seconds a server that does not drain is given to finish exit
 # sched_yield() loop) runs whenever it is given the CPU: 1.6-1.8 s of the 2 s measured, and
 # still 0.6-0.7 s on the shared 2-core machine at a load average of 15. Far from both.
 SPIN_CPU = 0.2
+# CPU seconds alone are a weak witness on a busy machine: a spinner gets only its share of
+# the cores (0.25 s of the 2 s at a load average of 20, less at 150), and a drain that
+# sleeps microseconds between looks (usleep(5) meant as 5 ms) uses less still. What load
+# does not change is how the drain waits: the test looks at the process every SAMPLE s
+# during those 2 s and counts its threads' voluntary sleeps (/proc/<pid>/task/*/status);
+# the share of looks that found a thread running or runnable, times the time watched, is
+# how long it was awake. Per sleep: the reference is awake for a wake-up's latency (under a
+# ms, a few ms on a crowded machine) and asleep 5 ms; a condition variable sleeps the whole
+# 2 s at once. A spin (an empty loop, sched_yield(), a timed wait whose deadline has passed)
+# never sleeps: awake the whole 2 s for at most a sleep or two; a microsecond sleep sleeps
+# 0.06 ms (estimated 0.1-0.2 ms: the looks themselves take a core). Load stretches the
+# wait for a core after a wake-up, never the sleep itself.
+SAMPLE = 0.02
+MAX_AWAKE = 0.2      # seconds awake per voluntary sleep above which the drain never sleeps
+MIN_SLEEP = 0.001    # seconds asleep per sleep below which the drain hardly pauses
 # An idle server (no client connected, nothing in flight) waits in its accept loop: the
 # reference sleeps in ppoll() with no timeout, so two readings 0.2 s apart see it asleep
 # throughout and the check ends at once. An accept loop that never blocks (a non-blocking
@@ -296,11 +311,51 @@ def test_idle_server_exits_zero_on_sigterm(learner: Any, launch: Any) -> None:
         f"expected 0{killed_by(status)}\nstderr: {server.err()[-400:]}")
 
 
-def cpu_seconds(learner: Any, server: Server) -> float:
-    """CPU seconds the server's threads have used so far, read from its /proc (beside it
-    when grading runs it as the learner's uid); -1 once it is gone."""
-    reading = program_reading(learner, server.proc, process_activity)
-    return -1.0 if reading[1] < 0 else float(reading[1]) / 1e9
+@dataclass
+class Drain:
+    """What the server's threads did while it drained, looked at every SAMPLE s."""
+    cpu: float = 0.0     # CPU seconds used
+    wall: float = 0.0    # seconds watched
+    wakes: int = 0       # voluntary sleeps (context switches) of its threads
+    looks: int = 0       # readings taken
+    asleep: int = 0      # ... of which found no thread running or runnable
+
+    def asleep_per_wake(self) -> float:
+        """Seconds asleep per voluntary sleep (an estimate: the share of looks that found
+        every thread asleep, times the time watched)."""
+        if self.looks == 0:
+            return float("inf")
+        return self.asleep / self.looks * self.wall / max(1, self.wakes)
+
+    def awake_per_wake(self) -> float:
+        """Seconds some thread was running or runnable, per voluntary sleep (an estimate,
+        as above)."""
+        if self.looks == 0:
+            return 0.0
+        return (self.looks - self.asleep) / self.looks * self.wall / max(1, self.wakes)
+
+
+def watch_drain(learner: Any, server: Server, seconds: float) -> Drain:
+    """Look at the server's threads every SAMPLE s for ``seconds`` (or until it exits)."""
+    drain = Drain()
+    first = program_reading(learner, server.proc, process_activity)
+    if first[1] < 0:
+        return drain
+    started = last_time = time.monotonic()
+    last = first
+    while time.monotonic() - started < seconds:
+        time.sleep(SAMPLE)
+        reading = program_reading(learner, server.proc, process_activity)
+        if reading[1] < 0:
+            break
+        drain.looks += 1
+        drain.asleep += reading[0] == 0
+        last, last_time = reading, time.monotonic()
+    before = dict((tid, sleeps) for tid, sleeps, _ in first[2])
+    drain.wakes = sum(sleeps - before.get(tid, 0) for tid, sleeps, _ in last[2])
+    drain.cpu = (last[1] - first[1]) / 1e9
+    drain.wall = last_time - started
+    return drain
 
 
 def test_five_in_flight_complete_new_refused_then_exit_zero(learner: Any,
@@ -322,15 +377,38 @@ def test_five_in_flight_complete_new_refused_then_exit_zero(learner: Any,
         # server is still here after this wait whatever the load, since nothing it waits
         # for has happened yet. Meanwhile it drains with nothing to do: it must wait
         # asleep, not spin on the counter.
-        cpu_before, wall_before = cpu_seconds(learner, server), time.monotonic()
-        status = server.wait_exit(EXIT_GRACE)
+        drain = watch_drain(learner, server, EXIT_GRACE)
+        status = server.wait_exit(0.05)
         assert status is None, (
             f"the server exited (status {status}) while {SLOW} requests were still in "
             f"flight{killed_by(status)}\nAfter SIGTERM, drain: wait until the in-flight "
             "counter is 0 before returning from main(); returning ends every thread.")
-        cpu = cpu_seconds(learner, server) - cpu_before
-        wall = time.monotonic() - wall_before
-        assert cpu_before < 0 or cpu < SPIN_CPU, (
+        cpu, wall = drain.cpu, drain.wall
+        watched = drain.looks > 0   # not when it was gone before the first look
+        seen = (f"the server's threads slept {drain.wakes} times in {wall:.1f} s of its "
+                f"drain, one of them running or runnable at {drain.looks - drain.asleep} of "
+                f"{drain.looks} looks ({cpu:.2f} s of CPU)")
+        assert not watched or drain.awake_per_wake() <= MAX_AWAKE, (
+            f"after SIGTERM, with {SLOW} requests in flight that none could finish (the "
+            f"test's clients held them), {seen}: expected it asleep between looks at the "
+            "counter, or in one long wait on a condition variable - the drain spins, never "
+            "sleeping (an empty loop, sched_yield(), or a timed wait whose deadline has "
+            "already passed: pthread_cond_timedwait measures CLOCK_REALTIME unless the "
+            "condition variable was given CLOCK_MONOTONIC with pthread_condattr_setclock, so "
+            "a monotonic time is decades in its past and the wait returns ETIMEDOUT at "
+            "once)\nWait between looks: sleep a few ms (usleep(5000)), or wait on a "
+            "condition variable until the deadline, on the clock the deadline was taken "
+            "from. A spinning drain takes a core from the requests it waits for.")
+        assert not watched or drain.asleep_per_wake() >= MIN_SLEEP, (
+            f"after SIGTERM, with {SLOW} requests in flight that none could finish (the "
+            f"test's clients held them), {seen}: about "
+            f"{drain.asleep_per_wake() * 1e6:.0f} us asleep each time, expected a few ms "
+            "between looks at the counter - the drain hardly pauses: a sleep of "
+            "microseconds (usleep(5), or nanosleep with tv_nsec = 5000, meant as 5 ms: "
+            "usleep counts microseconds, tv_nsec nanoseconds)\nSleep a few ms between "
+            "looks (usleep(5000), nanosleep of 5000000 ns), or wait on a condition variable "
+            "until the deadline.")
+        assert not watched or cpu < SPIN_CPU, (
             f"after SIGTERM, with {SLOW} requests in flight that none could finish (the "
             f"test's clients held them), the server used {cpu:.2f} s of CPU in {wall:.1f} s "
             "of its drain, expected next to none: the drain spins, looking at the in-flight "

@@ -14,6 +14,9 @@ comes back.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 from typing import Any
 
 import psycopg
@@ -22,15 +25,35 @@ import redis
 CHECK_TIMEOUT = 1  # seconds, per dependency
 
 
+def hang_up(sock: socket.socket) -> None:
+    """The check's deadline: shut the connection's socket down, so that a query still
+    waiting for its answer fails at once, as if the other end had hung up."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass   # the other end hung up first
+
+
 def make_app(pg_dsn: str, redis_url: str) -> Any:
     cache = redis.Redis.from_url(redis_url, socket_timeout=CHECK_TIMEOUT,
                                  socket_connect_timeout=CHECK_TIMEOUT)
 
     def check_postgres() -> str:
         try:
+            # statement_timeout: the server stops a stuck SELECT 1 (and frees its worker);
+            # but a pooler (PgBouncer) may queue the query before any server sees it, so the
+            # check has a deadline of its own: a timer that shuts the socket down (through a
+            # descriptor of its own), and a query still waiting fails at once
             with psycopg.connect(pg_dsn, connect_timeout=max(2, CHECK_TIMEOUT),
-                                 options=f"-c statement_timeout={CHECK_TIMEOUT * 1000}") as conn:
-                conn.execute("SELECT 1").fetchone()
+                                 options=f"-c statement_timeout={CHECK_TIMEOUT * 1000}") as conn, \
+                    socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                watchdog = threading.Timer(CHECK_TIMEOUT, hang_up, args=(sock,))
+                watchdog.start()
+                try:
+                    conn.execute("SELECT 1").fetchone()
+                finally:
+                    watchdog.cancel()
+                    watchdog.join()
             return "ok"
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
             return f"down: {type(exc).__name__}"
