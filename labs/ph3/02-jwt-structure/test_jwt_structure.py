@@ -192,6 +192,9 @@ CLAIM_CASES = [
          "this API requires exp"),
     Case("exp as a string", signed(exp=str(NOW + 300)), NOW, 0, False,
          "exp is a NumericDate (a JSON number)"),
+    Case("nbf as a string, in the past", signed(nbf=str(NOW - 10)), NOW, 0, False,
+         "nbf is a NumericDate (a JSON number): a string of digits is no date, refuse it "
+         "rather than convert it"),
     Case("wrong issuer", signed(iss="https://evil.lab.test"), NOW, 0, False,
          "iss must be the issuer decode() was given"),
     Case("no issuer", signed(iss=None), NOW, 0, False, "iss is required"),

@@ -577,6 +577,10 @@ KEY_USES: list[tuple[str, str, str | None, Any, bool]] = [
     ("rsa-2024", "rsa-enc", "enc", None, False),
     ("ec-a", "ec-enc", "enc", None, False),
     ("hs-1", "hs-enc", "enc", None, False),
+    # "use" is a case-sensitive string and other values may be used (RFC 7517 4.2): only
+    # "sig" says signatures - refusing "enc" alone, or folding case, lets these verify
+    ("rsa-2024", "rsa-use-tls", "tls", None, False),
+    ("ec-a", "ec-use-SIG", "SIG", None, False),
     ("rsa-2024", "rsa-ops-encrypt", None, ["encrypt", "wrapKey"], False),
     ("ec-a", "ec-ops-derive", None, ["deriveKey", "deriveBits"], False),
     ("hs-1", "hs-ops-sign", None, ["sign"], False),
@@ -622,7 +626,11 @@ def test_a_key_not_for_signatures_verifies_nothing(lib: Lib) -> None:
                 f"verify() {'raised ' + got if verdict == 'crashed' else 'accepted'} an "
                 f"{alg} token signed by the private half of the JWK {kid!r} published with "
                 f"{marked} (no alg), expected InvalidToken: "
-                + ("that key is not for signatures" if ops is None or isinstance(ops, list)
+                + ((f"\"use\" is {use!r}, not \"sig\": only the exact, case-sensitive "
+                    "\"sig\" marks a signature key (RFC 7517 4.2: other values may be used, "
+                    "so refusing \"enc\" alone is not enough)")
+                   if use not in (None, "sig", "enc")
+                   else "that key is not for signatures" if ops is None or isinstance(ops, list)
                    else f"key_ops is {type(ops).__name__}, not an array (RFC 7517 4.3), so "
                    "the JWK is malformed and names no operation - check isinstance(key_ops, "
                    "list) before looking for \"verify\" in it: `in` on a string is a "

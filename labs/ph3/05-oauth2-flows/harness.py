@@ -22,12 +22,17 @@ class HeldClock:
         self._now = now
         self._lock = threading.Lock()
         self._armed = False
+        self._skip = 0
         self._arrived = threading.Event()
         self._release = threading.Event()
 
     def __call__(self) -> float:
         with self._lock:
-            held, self._armed = self._armed, False
+            held = self._armed and self._skip == 0
+            if self._armed and self._skip:
+                self._skip -= 1
+            elif held:
+                self._armed = False
         if held:
             self._arrived.set()
             self._release.wait(timeout=30)
@@ -39,12 +44,13 @@ class HeldClock:
     def set(self, now: float) -> None:
         self._now = float(now)
 
-    def arm(self) -> None:
-        """Hold the next call; until then arrived() is False."""
+    def arm(self, skip: int = 0) -> None:
+        """Hold the next call, or the one after ``skip`` more calls (a request's second or
+        third clock() call); until then arrived() is False."""
         self._arrived.clear()
         self._release.clear()
         with self._lock:
-            self._armed = True
+            self._armed, self._skip = True, skip
 
     def disarm(self) -> None:
         with self._lock:

@@ -570,6 +570,46 @@ def test_a_code_is_used_up_by_its_first_redemption(server: Server) -> None:
         "anything, so exactly one redemption ever sees it")
 
 
+def test_a_device_code_gets_one_token_even_when_polled_twice_at_once(server: Server) -> None:
+    """One approval, one token (RFC 8628 3.5: the device code is redeemed once), also when
+    a poll is slow and the next comes an interval later: the first poll is held at its
+    1st, 2nd, 3rd... clock() call (wherever the app reads the time), the clock moves on by
+    the interval, a second poll runs to its end, then the first goes on."""
+    clock = server.clock.held
+    for skip in range(8):  # a poll reading the time up to 8 times
+        data = server.post("/device_authorization", {"client_id": "tv"}).json()
+        approve = server.post("/device", {"user_code": data["user_code"]}, {"X-User": "bob"})
+        assert approve.status == 200, f"POST /device answered {approve.status}"
+        server.clock.now += 60
+        replies: dict[str, HttpReply] = {}
+
+        def run(name: str, code: str = data["device_code"],
+                into: dict[str, HttpReply] = replies) -> None:
+            into[name] = poll(server, code)
+
+        clock.arm(skip)
+        first = threading.Thread(target=run, args=("first",), daemon=True)
+        first.start()
+        try:
+            wait_until(lambda: clock.arrived() or not first.is_alive(),  # noqa: B023
+                       "the first poll to call the clock")
+            if not clock.arrived():  # the poll made fewer clock() calls: all were tried
+                clock.disarm()
+                break
+            server.clock.now += 6  # past the interval: the second poll is not too soon
+            run("second")
+        finally:
+            clock.release()
+        first.join(timeout=30)
+        tokens = sorted(n for n, r in replies.items() if r.status == 200)
+        assert len(tokens) < 2, (
+            f"one approved device code polled twice at once got two tokens (the first poll "
+            f"was held at its clock() call #{skip + 1} while a second poll, 6 s later, ran "
+            "to its end): the code was checked, the token minted, and only then marked "
+            "redeemed - check and mark it (used, or removed) in one step under the lock, "
+            "before minting, so exactly one poll ever gets the token (RFC 8628 3.5)")
+
+
 def test_a_device_code_belongs_to_its_client(server: Server) -> None:
     data = server.post("/device_authorization", {"client_id": "tv"}).json()
     approve = server.post("/device", {"user_code": data["user_code"]}, {"X-User": "bob"})
