@@ -19,6 +19,7 @@ from rpyc.core.stream import SocketStream
 from rpyc.utils.factory import connect_stream
 
 from .loading import LearnerCodeError, import_learner_module, load_harness_module
+from .modes import OWN_THREAD_PREFIX
 from .wire import _PlainDataConnection
 
 # The learner side lets the verification do anything with the learner's objects.
@@ -73,7 +74,11 @@ class _HostService(rpyc.Service):  # type: ignore[misc]
 HOST_SERVING_THREADS = 16
 
 
-def _serve_until_closed(conn: Connection) -> None:
+def _serve_until_closed(conn: Connection, all_started: threading.Event) -> None:
+    # None serves before all have started: a request served by the first while the others
+    # were still starting (seconds apart on a loaded machine) saw threads appear later, as
+    # if the learner's code had started them.
+    all_started.wait()
     try:
         while not conn.closed:
             conn.serve(1)
@@ -84,12 +89,15 @@ def _serve_until_closed(conn: Connection) -> None:
 def serve_host(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # learner code may wait for its children
     conn = connect_stream(SocketStream(sock), service=_HostService, config=_HOST_CONFIG)
+    all_started = threading.Event()
     threading.stack_size(1 << 20)
-    for _ in range(HOST_SERVING_THREADS - 1):
-        threading.Thread(target=_serve_until_closed, args=(conn,), daemon=True).start()
+    for n in range(1, HOST_SERVING_THREADS):
+        threading.Thread(target=_serve_until_closed, args=(conn, all_started), daemon=True,
+                         name=f"{OWN_THREAD_PREFIX}serving-{n}").start()
     threading.stack_size(0)   # the learner's own threads get the default
+    all_started.set()
     try:
-        _serve_until_closed(conn)
+        _serve_until_closed(conn, all_started)
     finally:
         try:
             atexit._run_exitfuncs()   # helpers' clean-ups (generated stubs' folders)

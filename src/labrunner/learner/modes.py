@@ -12,6 +12,11 @@ ENV_SHARED_DIR = "LABRUNNER_SHARED_DIR"
 SPAWN = "spawn"
 FACTORY_PREFIX = "fd:"
 
+# The names of labrunner's own threads in a learner host (its serving threads, the pool that
+# serves calls from the tests' side): a verification that looks at the threads the learner's
+# code started leaves them out (labrunner.testing.learner_threads).
+OWN_THREAD_PREFIX = "labrunner-"
+
 # One request and its reply at a time on a factory's socket (hosts and programs alike).
 FACTORY_LOCK = threading.Lock()
 

@@ -14,6 +14,7 @@ from rpyc.core import brine, consts, netref
 from rpyc.core.protocol import Connection
 
 from .codec import _MAX_PLAIN_ITEMS, _PLAIN_SCALARS, _decode_plain, _encode_plain
+from .modes import OWN_THREAD_PREFIX
 
 _REFUSED_BUILTINS = {"KeyboardInterrupt", "SystemExit", "GeneratorExit"}
 # Calls from threads the other side made, served at once, each on a thread of its own.
@@ -65,7 +66,8 @@ class _PlainDataConnection(Connection):  # type: ignore[misc]
             # (its threads start on demand).
             pool.shutdown(wait=False)
             self.__dict__["_thread_pool_executor"] = ThreadPoolExecutor(
-                max_workers=CALLS_SERVED_AT_ONCE, thread_name_prefix="rpc-calls")
+                max_workers=CALLS_SERVED_AT_ONCE,
+                thread_name_prefix=f"{OWN_THREAD_PREFIX}rpc-calls")
         self.stand_in_exceptions: dict[tuple[str, str], type[BaseException]] = {}
         self._exceptions_lock = threading.RLock()
 

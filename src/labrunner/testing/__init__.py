@@ -21,9 +21,9 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   sleeping for a guessed time, and fails the test saying what never happened;
 * :func:`serve_tls_once` and :func:`tls_exchange` run a TLS server or client with a context
   in the process the context lives in (the learner's own, when grading);
-* :func:`threads_waiting_in` and :func:`file_bytes` observe the learner's process from
-  inside it (:func:`local_timezone` sets its local zone), and :func:`process_threads` /
-  :func:`process_resources` count the threads
+* :func:`threads_waiting_in`, :func:`learner_threads` and :func:`file_bytes` observe the
+  learner's process from inside it (:func:`local_timezone` sets its local zone), and
+  :func:`process_threads` / :func:`process_resources` count the threads
   (descriptors, memory; :func:`process_address_space` its mapped KiB) of a learner's
   program beside it, through ``learner.run_helper``,
   and :func:`process_activity` tells whether it sleeps while work waits for it
@@ -72,6 +72,7 @@ from .beside import (
     cpu_burnt_while_idle,
     epoll_interest,
     file_bytes,
+    learner_threads,
     listening_ports,
     local_timezone,
     open_descriptors,
@@ -158,6 +159,7 @@ __all__ = [
     "LISTEN",
     "process_tcp_sockets",
     "threads_waiting_in",
+    "learner_threads",
     "timed_redis_commands",
     "tls_exchange",
     "verdict",

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..learner.modes import OWN_THREAD_PREFIX
 from ..proc_sockets import LISTEN, process_tcp_sockets
 from ..slow_steps import threading_waits_in
 
@@ -38,6 +40,15 @@ def _entered(context: Any) -> tuple[Any, Callable[[], Any]]:
     value = context.__enter__()
     return value, lambda: context.__exit__(None, None, None)
 
+
+
+def learner_threads() -> list[threading.Thread]:
+    """The threads alive in the process this runs in, labrunner's own left out (a learner
+    host's serving threads and the pool serving the tests' calls, started and grown as the
+    test goes): the main thread and those the learner's code started. Run it where the
+    learner's code runs (a lab's harness, ``learner.run_helper``)."""
+    return [t for t in threading.enumerate()
+            if t.is_alive() and not t.name.startswith(OWN_THREAD_PREFIX)]
 
 
 def threads_waiting_in(folder: str) -> int:
