@@ -308,7 +308,8 @@ def test_an_interrupted_writer_stops_counting_as_waiting(
         "waiting-writers count still counts the writer that is gone\nFrom now on every "
         "reader waits for it, for ever. Give the count back on every way out of the wait: "
         "try: ... cond.wait() ... finally: writers_waiting -= 1 (an except Exception misses "
-        "KeyboardInterrupt)."))
+        "KeyboardInterrupt), and only there - given back in an except as well, the count "
+        "drops below 0, which is true too, and holds readers back all the same."))
     stage.release(stage.workers[-1])
     writer(stage, lock, "writer 2")
     stage.expect(["writer 2"], lambda: (

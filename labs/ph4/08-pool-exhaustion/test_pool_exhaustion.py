@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from types import ModuleType
 from typing import Any, NoReturn, cast
 
@@ -702,6 +703,48 @@ def test_another_pools_connection_is_never_pooled(mod: ModuleType, pools: list[A
     mine.release(got)
     other.release(foreign)
     assert stats(other)["idle"] == 1, "the other pool did not take its own connection back"
+
+
+# A broken connection given back to a pool that must not take it: the pool's check of what
+# it lent comes before any path of release(), the broken connection's too. A release() that
+# frees a dead connection's slot before that check frees one slot per extra call, and the
+# pool then opens more connections than its size. (case id, what is given back, by whom)
+DEAD_RELEASES = [
+    ("twice", "a broken connection given back a second time"),
+    ("foreign", "another pool's broken connection"),
+]
+
+
+def test_a_broken_connection_not_lent_frees_no_slot(mod: ModuleType, pools: list[Any],
+                                                    postgres: Any) -> None:
+    for how, what in DEAD_RELEASES:     # one database for both cases: a pool each
+        pool = make(mod, pools, postgres.dsn, 1, policy="reject")
+        if how == "twice":
+            dead = pool.acquire()
+            dead.close()                # its borrower's connection broke
+            pool.release(dead)          # its slot is free again: right
+        else:
+            dead = make(mod, pools, postgres.dsn, 1, policy="reject").acquire()
+            dead.close()
+        refused_or_ignored(partial(pool.release, dead), what)
+        after = stats(pool)
+        held = [pool.acquire()]
+        try:
+            held.append(pool.acquire())
+        except mod.PoolExhausted:
+            pass
+        pids = [c.execute("SELECT pg_backend_pid()").fetchall()[0][0] for c in held]
+        for c in held:
+            c.rollback()
+            pool.release(c)
+        assert len(held) == 1, (
+            f"release() of {what} freed a slot of a pool of size 1 (stats() then said open "
+            f"{after['open']}, expected 0), and the pool then lent two connections at once "
+            f"(backend pids {pids}) where size 1 allows one: check that the connection is one "
+            "this pool has lent and not yet been given back BEFORE any path of release(), the "
+            "broken connection's too - a dead connection's slot freed again on each extra "
+            "call lets the pool open more connections than its size (and Postgres refuses "
+            "them past max_connections)")
 
 
 def test_reject_policy_fails_at_once(mod: ModuleType, pools: list[Any], postgres: Any,
