@@ -182,6 +182,26 @@ def reserve_at_the_catalog(sku_prefix: str, quantities: list[Any]) -> list[tuple
     return seen
 
 
+def _stand_in_for_charge(billing: types.ModuleType, charge: Any, stand_in: Any
+                         ) -> list[tuple[types.ModuleType, str, Any]]:
+    """Put ``stand_in`` in place of billing.charge wherever the shop's modules outside
+    billing hold it (billing's public interface, an imported name); what was replaced, to
+    put back in reverse."""
+    package = Path(str(sys.modules["shop"].__file__)).resolve().parent
+    swapped: list[tuple[types.ModuleType, str, Any]] = []
+    for module in list(sys.modules.values()):
+        if not (isinstance(module, types.ModuleType) and getattr(module, "__file__", None)
+                and package.parent in Path(str(module.__file__)).resolve().parents):
+            continue
+        if module.__name__.startswith("shop.billing") and module is not billing:
+            continue
+        for key, value in list(vars(module).items()):
+            if value is charge:
+                swapped.append((module, key, value))
+                setattr(module, key, stand_in)
+    return swapped
+
+
 def two_orders_at_once(app: Any, sku: str, customers: tuple[str, str]) -> dict[str, Any]:
     """Two orders placed at once, as a threaded web layer places them: the first held inside
     billing.charge (its id taken, nothing stored yet) while the second is placed whole, then
@@ -204,18 +224,7 @@ def two_orders_at_once(app: Any, sku: str, customers: tuple[str, str]) -> dict[s
             release.wait(10)
         return charge(*args, **kwargs)
 
-    package = Path(str(sys.modules["shop"].__file__)).resolve().parent
-    swapped: list[tuple[types.ModuleType, str, Any]] = []
-    for module in list(sys.modules.values()):
-        if not (isinstance(module, types.ModuleType) and getattr(module, "__file__", None)
-                and package.parent in Path(str(module.__file__)).resolve().parents):
-            continue
-        if module.__name__.startswith("shop.billing") and module is not billing:
-            continue
-        for key, value in list(vars(module).items()):
-            if value is charge:
-                swapped.append((module, key, value))
-                setattr(module, key, held)
+    swapped = _stand_in_for_charge(billing, charge, held)
     app.add_product(sku, "A scarf", 1500, 5)
     results: list[Any] = [None, None]
     errors: list[str] = []
@@ -278,18 +287,7 @@ def charge_fails(app: Any, sku: str, customer: str, how: str) -> dict[str, Any]:
             raise declined(f"card of {customer} declined")
         raise ConnectionError("billing is down: connection refused")
 
-    package = Path(str(sys.modules["shop"].__file__)).resolve().parent
-    swapped: list[tuple[types.ModuleType, str, Any]] = []
-    for module in list(sys.modules.values()):
-        if not (isinstance(module, types.ModuleType) and getattr(module, "__file__", None)
-                and package.parent in Path(str(module.__file__)).resolve().parents):
-            continue
-        if module.__name__.startswith("shop.billing") and module is not billing:
-            continue
-        for key, value in list(vars(module).items()):
-            if value is charge:
-                swapped.append((module, key, value))
-                setattr(module, key, failing)
+    swapped = _stand_in_for_charge(billing, charge, failing)
     app.add_product(sku, "A clock", 2000, 3)
     try:
         order = app.place_order(customer, sku, 2)
