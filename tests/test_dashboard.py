@@ -182,3 +182,42 @@ def test_store_revision_changes_with_each_attempt(tmp_path: Path) -> None:
     store.record(_attempt("ph2.5", "failed", time.time()))
     assert store.revision() != first
     store.close()
+
+
+def test_stopping_while_pages_read_the_store_answers_or_refuses(workspace: Workspace,
+                                                                catalog: Catalog) -> None:
+    """The dashboard stopped while requests read its store: each request gets its answer, a
+    503 or a closed connection, never a query on a closed store. It closed the store under
+    requests still reading it, and sqlite crashed the whole process (SIGSEGV: a CI run's
+    worker, and this test 3 runs of 3 before the fix)."""
+    import http.client
+    import threading
+
+    seen: set[object] = set()
+    for _ in range(20):
+        dash = board.Dashboard(catalog, workspace)
+        server = board.serve(dash)
+        port = server.server_address[1]
+        going = threading.Event()
+
+        def reader(port: int, going: threading.Event) -> None:
+            while not going.is_set():
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                    conn.request("GET", "/state.json")
+                    seen.add(conn.getresponse().status)
+                    conn.close()
+                except OSError as exc:
+                    seen.add(type(exc).__name__)
+
+        readers = [threading.Thread(target=reader, args=(port, going)) for _ in range(4)]
+        for thread in readers:
+            thread.start()
+        time.sleep(0.05)
+        board.stop(server, dash)
+        going.set()
+        for thread in readers:
+            thread.join(10)
+    assert seen <= {200, 503, "ConnectionRefusedError", "ConnectionResetError",
+                    "RemoteDisconnected", "BrokenPipeError"}, seen
+    assert 200 in seen

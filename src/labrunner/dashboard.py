@@ -77,6 +77,8 @@ class Dashboard:
     def _view(self) -> tuple[ProgressView, str]:
         """The progress and its revision, read together (one snapshot of the store)."""
         with self.store.lock:
+            if self.stopping.is_set():
+                raise ConnectionAbortedError("the dashboard is stopping")
             status, attempts = self.store.status(), self.store.attempts()
             revision = self.store.revision()
         return progress_view(self.catalog, status, attempts, self._readme_href), revision
@@ -90,7 +92,7 @@ class Dashboard:
 
     def revision(self) -> str:
         with self.store.lock:
-            return self.store.revision()
+            return "" if self.stopping.is_set() else self.store.revision()
 
     def readme(self, lab_id: str) -> str | None:
         lab = self.labs.get(lab_id)
@@ -108,7 +110,11 @@ class Dashboard:
 
     def close(self) -> None:
         self.stopping.set()
-        self.store.close()
+        # Never while a request's query runs: sqlite would free what that query is using
+        # (a request thread crashed the whole process with SIGSEGV so), and every read
+        # after this one sees the dashboard stopping instead of a closed store.
+        with self.store.lock:
+            self.store.close()
 
 
 def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
@@ -128,7 +134,12 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            path = urllib.parse.urlsplit(self.path).path
+            try:
+                self._route(urllib.parse.urlsplit(self.path).path)
+            except ConnectionAbortedError:   # a request that came as the dashboard stopped
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, "stopping", "text/plain")
+
+        def _route(self, path: str) -> None:
             if path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, dashboard.page(), "text/html; charset=utf-8")
             elif path == "/state.json":
@@ -163,8 +174,8 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
                         self.wfile.flush()
                         quiet_since = time.monotonic()
                     dashboard.stopping.wait(POLL_SECONDS)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the page was closed
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                pass  # the page was closed, or the dashboard is stopping
 
     return Handler
 
