@@ -117,6 +117,16 @@ class Dashboard:
             self.store.close()
 
 
+def _send(handler: BaseHTTPRequestHandler, status: int, body: str, content_type: str) -> None:
+    data = body.encode("utf-8")
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.send_header("Cache-Control", "no-store")
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "labrunner-dashboard"
@@ -125,13 +135,7 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
             pass  # the terminal shows the URL, not a request log
 
         def _send(self, status: int, body: str, content_type: str) -> None:
-            data = body.encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
+            _send(self, status, body, content_type)
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
             try:
