@@ -164,6 +164,24 @@ def test_learner_files_through_symlinks_are_ignored(tmp_path: Path) -> None:
     assert read_learner_file(ws, lab, "norm.py") is None
 
 
+def test_a_lab_with_nothing_of_the_learners_is_not_attempted(tmp_path: Path) -> None:
+    """Its files missing, or each still the starter's byte for byte: nothing to grade (the
+    starter fails by design), so grading does not spend a run on it. Any change of its own,
+    even one byte, is graded."""
+    from labrunner.catalog import load_lab
+    from labrunner.grading.submissions import not_attempted
+
+    lab = load_lab(PROJECT / "labs" / "ph2" / "02-indexes")
+    starter = (lab.starter_dir / "idx.py").read_text()
+    missing = workspace(tmp_path / "missing", {NORM: GOOD_NORM})
+    assert (not_attempted(missing, lab) or "").startswith("not attempted: idx.py is missing")
+    untouched = workspace(tmp_path / "untouched", {IDX: starter})
+    assert not_attempted(untouched, lab)
+    for text in (starter + "\n", GOOD_IDX, ""):
+        assert not_attempted(workspace(tmp_path / secrets.token_hex(4), {IDX: text}),
+                             lab) is None, text
+
+
 def test_shards_partition_the_cohort_stably() -> None:
     students = [f"s{n}" for n in range(200)]
     slices = [{s for s in students if shard_of(s, 3) == i} for i in (1, 2, 3)]
@@ -239,6 +257,11 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
     assert statuses(out, "evil-fork-storm")["ph2.1"] == "timeout"
     assert statuses(out, "evil-sys-exit") == {"ph2.1": "fail", "ph2.2": "fail"}
     assert statuses(out, "bob") == {"ph2.1": "fail", "ph2.2": "fail"}
+    # bob has no idx.py: ph2.2 was not run (no time spent), and says so.
+    (idx,) = [c for c in json.loads((out / "results" / "bob.json").read_text())["concepts"]
+              if c["id"] == "ph2.2"]
+    assert (idx["attempted"], idx["duration"], idx["tests"]) == (False, 0.0, []), idx
+    assert idx["message"].startswith("not attempted: idx.py is missing"), idx["message"]
 
     # Nothing outside the sandboxes changed: the cohort is as it was, no file of a sandbox
     # uid anywhere in it or in the output, no sandbox process left running.

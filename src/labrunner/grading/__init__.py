@@ -64,10 +64,10 @@ from .gradebook import (
 from .grader import (
     PURGE_PLUGIN,
     Grader,
-    concept_record,
     infrastructure_error,
     problem_document,
 )
+from .records import concept_record
 from .sandbox import (
     CLONE_NEWIPC,
     CLONE_NEWNS,

@@ -26,12 +26,11 @@ from ..services.base import ServiceError
 from ..services.local.process import fast_temp_root
 from .config import (
     GRADES_VERSION,
-    HIDDEN_PREFIX,
-    STATUS,
     GradeConfig,
     GradingError,
     use_private_services,
 )
+from .records import concept_record, scrub_paths
 from .sandbox import (
     LEARNER_UID_OFFSET,
     SERVICE_UID_OFFSET,
@@ -51,53 +50,14 @@ from .sandbox import (
     lease_uids,
     namespaces_available,
 )
-from .submissions import Submission, fingerprint, hidden_tests_for, read_learner_file, remove_tree
-
-
-def _test_name(nodeid: str, hidden_dir: Path | None) -> tuple[str, bool]:
-    return nodeid, hidden_dir is not None and nodeid.startswith(HIDDEN_PREFIX)
-
-
-def concept_record(lab: Lab, result: LabResult, hidden_dir: Path | None) -> dict[str, Any]:
-    status = STATUS.get(result.outcome, "error")
-    tests = []
-    for test in result.tests:
-        name, hidden = _test_name(test.nodeid, hidden_dir)
-        tests.append({"name": name, "hidden": hidden, "status": STATUS.get(test.outcome,
-                                                                           "error"),
-                      "message": test.message, "authored": test.authored,
-                      "duration": round(test.duration, 3)})
-    first = next((t for t in tests if t["status"] != "pass"), None)
-    message = result.message
-    return {
-        "id": lab.id, "slug": lab.slug, "title": lab.title,
-        "status": status,
-        "points": lab.points if status == "pass" else 0,
-        "max_points": lab.points,
-        "message": "" if status == "pass" else (message.splitlines() or [""])[0],
-        "failed_test": first["name"] if first else None,
-        "failed_hidden": bool(first and first["hidden"]),
-        "authored": first["authored"] if first else "",
-        "duration": round(result.duration, 3),
-        # False: the learner's Python code shared the verification's interpreter (the lab
-        # does not support a process of its own yet), so this outcome is not tamper-proof.
-        "learner_code_apart": lab.learner_code_apart,
-        "tests": tests,
-    }
-
-
-def _scrub(result: LabResult, replace: dict[str, str]) -> None:
-    """Private paths out of the messages: they differ on every run and mean nothing."""
-
-    def clean(text: str) -> str:
-        for old, new in sorted(replace.items(), key=lambda kv: -len(kv[0])):
-            text = text.replace(old, new)
-        return text
-
-    result.message = clean(result.message)
-    for test in result.tests:
-        test.message = clean(test.message)
-
+from .submissions import (
+    Submission,
+    fingerprint,
+    hidden_tests_for,
+    not_attempted,
+    read_learner_file,
+    remove_tree,
+)
 
 PURGE_PLUGIN = "labrunner.grading_purge"
 
@@ -284,6 +244,13 @@ class Grader:
         for lab in config.labs:
             if cancelled.is_set():
                 return None
+            if untouched := not_attempted(submission.workspace, lab):
+                # The starter fails by design: running it (and starting its services) would
+                # only confirm the 0, at the cost of a whole run per lab left untouched.
+                concepts.append({**concept_record(lab, LabResult(lab, "failed", 0.0, untouched),
+                                                  None, attempted=False),
+                                 "retried": False, "infrastructure_error": False})
+                continue
             result, hidden_dir = self._run_one(submission, lab, slot)
             retried = False
             if infrastructure_error(result) and not cancelled.is_set():
@@ -328,7 +295,7 @@ class Grader:
             memory = self.config.limits.memory_mb * 1024 * 1024
             cgroup = MemoryCgroup.create(memory) if uid is not None else None
             result = self._verify(lab, run, uid, self._sandbox(lab, run, uid, cgroup), slot)
-            _scrub(result, {str(run.src): lab.workspace_dir, str(run.copy): lab.workspace_dir,
+            scrub_paths(result, {str(run.src): lab.workspace_dir, str(run.copy): lab.workspace_dir,
                             str(run_dir): "<sandbox>"})
             return result, run.hidden_dir
         finally:

@@ -224,6 +224,20 @@ def read_learner_file(workspace: Path, lab: Lab, name: str) -> bytes | None:
         return handle.read(MAX_LEARNER_FILE + 1)[:MAX_LEARNER_FILE]
 
 
+def not_attempted(workspace: Path, lab: Lab) -> str | None:
+    """Why the submission holds nothing to grade for ``lab`` (each of its files missing or
+    still the starter's, byte for byte), or None when it holds work of its own."""
+    for name in lab.learner_files:
+        data = read_learner_file(workspace, lab, name)
+        starter = lab.starter_dir / name
+        if data is not None and (not starter.is_file() or data != starter.read_bytes()):
+            return None
+    files = ", ".join(lab.learner_files)
+    return (f"not attempted: {files} {'is' if len(lab.learner_files) == 1 else 'are'} missing "
+            f"from the submission or still the starter's, unchanged - nothing to grade, so "
+            f"{lab.id} was not run")
+
+
 def _sha(*chunks: bytes) -> str:
     digest = hashlib.sha256()
     for chunk in chunks:
