@@ -182,6 +182,21 @@ def test_a_lab_with_nothing_of_the_learners_is_not_attempted(tmp_path: Path) -> 
                              lab) is None, text
 
 
+def test_the_summary_marks_a_lab_not_attempted(capsys: pytest.CaptureFixture[str]) -> None:
+    from labrunner.catalog import load_lab
+    from labrunner.grading.cohort import CohortOutcome
+    from labrunner.grading.summary import print_summary
+
+    labs = [load_lab(PROJECT / "labs" / "ph2" / name)
+            for name in ("01-normalization", "02-indexes")]
+    concepts = [{"id": "ph2.1", "status": "fail", "points": 0, "attempted": True},
+                {"id": "ph2.2", "status": "fail", "points": 0, "attempted": False}]
+    doc = {"student": "bob", "concepts": concepts, "total": 0, "max_total": 10}
+    print_summary(CohortOutcome(["bob"], [], [doc], [], 1.0), labs)
+    row = next(line for line in capsys.readouterr().out.splitlines() if "bob" in line)
+    assert re.search(r"bob\s*│\s*fail 0\s*│\s*-\s*│\s*0/10", row), row
+
+
 def test_shards_partition_the_cohort_stably() -> None:
     students = [f"s{n}" for n in range(200)]
     slices = [{s for s in students if shard_of(s, 3) == i} for i in (1, 2, 3)]

@@ -30,6 +30,9 @@ def print_summary(outcome: CohortOutcome, labs: Sequence[Lab]) -> None:
         if per_concept:
             for lab_id in ids:
                 c = by_id.get(lab_id)
+                if c is not None and c.get("attempted") is False:
+                    cells.append("[dim]-[/]")   # not attempted: nothing of theirs was run
+                    continue
                 cells.append("" if c is None else
                              f"[{colours.get(c['status'], 'white')}]{c['status']}[/] "
                              f"{c['points']}")
