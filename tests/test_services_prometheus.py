@@ -3,6 +3,7 @@ prometheus_client app), and Postgres stopped and started mid-test with its data 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -69,15 +70,23 @@ def test_fixture_scrapes_a_real_app(prometheus: Any, app: tuple[str, Any]) -> No
 def test_fixture_scrapes_instances_of_one_job(prometheus: Any, app: tuple[str, Any],
                                               other_app: tuple[str, Any]) -> None:
     # A service scaled out: two targets, one job, told apart by their instance label; the
-    # wait is for every instance's scrapes.
+    # wait is for every instance's scrapes. This job is scraped every 0.25 s, not every
+    # SCRAPE_INTERVAL (0.5 s): its own interval.
     (target, counter), (other_target, other_counter) = app, other_app
-    job = prometheus.scrape([target, other_target])
+    job = prometheus.scrape([target, other_target], interval=0.25)
     counter.inc(3)
     other_counter.inc(4)
-    prometheus.wait_for_scrapes(job, count=2)
+    prometheus.wait_for_scrapes(job, count=3)
     result = prometheus.query(f'lr_demo_requests_total{{job="{job}"}}')
     assert sorted((r["metric"]["instance"], float(r["value"][1])) for r in result) == sorted(
         [(target, 3.0), (other_target, 4.0)]), result
+    for series in prometheus.query(f'up{{job="{job}"}}[2s]'):  # a tick skipped under load
+        stamps = [float(stamp) for stamp, _ in series["values"]]  # is a 0.5 s gap: the least
+        gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
+        assert gaps and 0.2 < min(gaps) < 0.3, (series["metric"], gaps)
+    for wrong in (0, -1, 0.0001):
+        with pytest.raises(pytest.UsageError, match="whole number of milliseconds"):
+            prometheus.scrape(target, interval=wrong)
 
 
 def test_fixture_scrapes_under_a_job_name_the_test_chose(

@@ -5,9 +5,10 @@ The test's service runs as two instances (a service scaled out: two scrape targe
 job, each with a pool of its own and its own share of each route) whose counters grow at
 known rates: together 40 requests per second, 7 of them 5xx (500, 503 and a 520) and 4 of
 them 404; a duration histogram whose p99 is 0.5 s; pools of 3 and 2 workers, 3.75 busy on
-average, 1.5 requests waiting, 0.5 rejected per second. The first instance restarts every 2
-s (its counters begin again at 0), as a service being deployed or crash-looping does: a
-counter is read with rate() per series, which counts each one's resets, never summed first.
+average, 1.5 requests waiting, 0.5 rejected per second. The first instance restarts every
+half second (its counters begin again at 0), as a service being deployed or crash-looping
+does: a counter is read with rate() per series, which counts each one's resets, never summed
+first.
 Each sample carries the time it was computed for, on a grid both instances share, so
 Prometheus holds exact straight lines (broken only by the restarts, each right after a
 scrape), and the queries are evaluated at a sample time of both instances over a window that
@@ -69,15 +70,24 @@ class OtherService(TypedDict):
 # '-' where the service's has a '.' (JOBS): a job matched as a regex (job=~) reads it too.
 JOBS = ("shop.api-{token}", "shop-api-{token}")
 OTHER: OtherService = {"requests": {("/orders", "200"): 100.0}, "pool": (2, 2.0, 9.0, 7.0)}
-# Every sample is stamped with a multiple of this (both instances scraped each 0.5 s), so
-# the instances' series share sample times the queries are evaluated at.
-GRID = 0.5
+# Every sample is stamped with a multiple of this, and every target is scraped this often
+# (prometheus.scrape(interval=GRID)), so the instances' series share sample times the queries
+# are evaluated at. 1/8 s: short, so that the samples the test needs come in under 2 s, and
+# exact in binary, so that every stamp is a whole number of milliseconds as Prometheus holds
+# it (prometheus_client truncates a stamp to its milliseconds: k * 0.1 would lose one).
+GRID = 0.125
 # The first instance restarts every RESTART seconds (a deploy, a crash loop): right after a
 # scrape, so every counter it exports begins again at 0 and the next sample holds only what
-# it counted since. Each window holds a restart or two. rate() of each series counts the
-# drop as a reset and stays exact; a sum of the instances' counters drops too, and rate() or
-# increase() of that sum takes the other instance's whole total for growth.
-RESTARTING, RESTART = 0, 2.0
+# it counted since. rate() of each series counts the drop as a reset and stays exact; a sum
+# of the instances' counters drops too, and rate() or increase() of that sum takes the other
+# instance's whole total for growth.
+RESTARTING, RESTART = 0, 4 * GRID
+# The window the figures are read over: back from a sample time of every instance to the
+# earliest such time at most WINDOW before it, and at least MIN_WINDOW long, with a restart
+# or more within it (every restart in it kept: _window). SCRAPES scrapes of each instance
+# (the wait) hold such a window, unless some were lost on a loaded machine: then the test
+# waits for more.
+WINDOW, MIN_WINDOW, SCRAPES = 11 * GRID, 8 * GRID, 14
 
 
 def figures(instances: Sequence[int]) -> dict[str, float]:
@@ -200,23 +210,31 @@ class Running:
     other_job: str                # the service beside it, which never failed a request
 
 
-def _window(prometheus: Any, running: Running) -> tuple[float, str]:
+def _window(prometheus: Any, running: Running) -> tuple[float, str] | None:
     """A sample time of every instance, and a window (in ms) back to another such time, in
     which Prometheus holds the sample each restart came right after (and the next one): a
-    scrape lost on a loaded machine would otherwise hide growth from rate() itself."""
-    raw = prometheus.query(f'pool_size{{job="{running.job}"}}[10s]')
+    scrape lost on a loaded machine would otherwise hide growth from rate() itself. The
+    window holds a restart at least (what a sum taken before rate() gets wrong) and two
+    samples of the other service (whose figures a query without its job filter mixes in);
+    None while Prometheus holds no such window yet."""
     stored = {series["metric"]["instance"]: {float(t) for t, _ in series["values"]}
-              for series in raw}
+              for series in prometheus.query(f'pool_size{{job="{running.job}"}}[60s]')}
+    other = {float(t) for series in prometheus.query(
+        f'pool_size{{job="{running.other_job}"}}[60s]') for t, _ in series["values"]}
+    if len(stored) < len(POOLS):
+        return None
     common = set.intersection(*stored.values())
     with running.restarting.lock:
         restarts = list(running.restarting.restarted_at)
     kept = stored[running.address]
-    windows = [(end, min(t for t in common if t >= end - 5.5))
-               for end in sorted(common, reverse=True)]
-    end, start = next(((end, start) for end, start in windows
-                       if all({r, r + GRID} <= kept for r in restarts if start < r < end)),
-                      windows[0])
-    return end, f"{round((end - start) * 1000)}ms"
+    for end in sorted(common, reverse=True):
+        start = min(t for t in common if t >= end - WINDOW)
+        within = [r for r in restarts if start < r < end]
+        if (end - start >= MIN_WINDOW and within and max(within) + GRID <= end
+                and all({r, r + GRID} <= kept for r in within)
+                and len([t for t in other if start <= t <= end]) >= 2):
+            return end, f"{round((end - start) * 1000)}ms"
+    return None
 
 
 def _evaluate(prometheus: Any, query: str, at: float) -> list[dict[str, Any]]:
@@ -234,10 +252,17 @@ def _evaluate(prometheus: Any, query: str, at: float) -> list[dict[str, Any]]:
                     pytrace=False)
 
 
+def _found_window(prometheus: Any, running: Running) -> tuple[float, str]:
+    found = _window(prometheus, running)
+    assert found, ("Prometheus holds no window of the test's service with every restart in "
+                   "it kept, though the fixture found one: samples older than 60 s?")
+    return found
+
+
 def _check(prometheus: Any, learner: Any, running: Running, what: str,
            want: dict[str, tuple[float, str]]) -> None:
     job = running.job
-    end, window = _window(prometheus, running)
+    end, window = _found_window(prometheus, running)
     queries = learner.function("red_use", what)(job, window)
     assert isinstance(queries, dict), f"{what}() returned {type(queries).__name__}, not a dict"
     for name, (expected, why) in want.items():
@@ -256,10 +281,15 @@ def _check(prometheus: Any, learner: Any, running: Running, what: str,
         result = _evaluate(prometheus, query, end)
         labels = [series["metric"] for series in result]
         per_instance = len(result) > 1 and all("instance" in m for m in labels)
+        summed_first = "" if result else _summed_first(query.replace(" ", ""))
         assert len(result) == 1, (
             f"{what}()[{name!r}] = {query!r} gave {len(result)} series {labels}, expected one "
-            "number for the whole service: aggregate"
-            + (f" over its {len(POOLS)} instances" if per_instance else "") + f" ({why})")
+            "number for the whole service: "
+            + ("rate() of a subquery with fewer than two points in the window "
+               f"({window}) is nothing - and whatever its step, {summed_first}"
+               if summed_first else
+               "aggregate" + (f" over its {len(POOLS)} instances" if per_instance else "")
+               + f" ({why})"))
         value = float(result[0]["values"][-1][1])
         assert math.isfinite(value) and abs(value - expected) <= TOLERANCE * expected, (
             f"{what}()[{name!r}] reads {value:.4g}, the load's {name} is {expected:.4g}: "
@@ -275,21 +305,15 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
                 "the window argument in every range selector")
     if found := _job_diagnosis(compact):
         return found
-    restarted = (f"instance {RESTARTING + 1} restarted within the window (a deploy, a crash: "
-                 "every counter it exports began again at 0)")
-    if re.search(r"(rate|increase|delta|deriv)\((sum|avg|max|min|count)\b", compact):
-        return (f"the counters are aggregated before rate(): {restarted}, so their sum "
-                "dropped, and rate()/increase() of that sum took the drop for a counter "
-                "reset and counted the other instance's whole total as growth. Resets are "
-                "per series: rate() each instance's own counter, then sum() the rates - "
-                "sum(rate(counter[window]))")
+    if found := _summed_first(compact):
+        return found
     if re.search(r"(?<!i)(delta|deriv)\(", compact):
-        return (f"delta()/deriv() are for gauges: {restarted}, and they read its counters' "
+        return (f"delta()/deriv() are for gauges: {RESTARTED}, and they read its counters' "
                 "drop as a decrease; rate() (or increase()) counts a drop as a reset and "
                 "keeps the growth on both sides of it")
     if "offset" in compact:
         return (f"a difference of totals (now minus offset) loses the growth before a "
-                f"restart: {restarted} - use rate() over [window], which counts each "
+                f"restart: {RESTARTED} - use rate() over [window], which counts each "
                 "series' resets")
     if "rate(" not in compact and "increase(" not in compact:
         return ("the query reads the counters' totals since the service started (its bad "
@@ -312,6 +336,21 @@ def _diagnosis(name: str, query: str, value: float, window: str) -> str:
                 "utilization. Saturation is the work waiting for a worker: the rate of "
                 "pool_queue_wait_seconds_total, the mean queue length")
     return _one_instance_diagnosis(name, compact, value)
+
+
+RESTARTED = (f"instance {RESTARTING + 1} restarted within the window (a deploy, a crash: "
+             "every counter it exports began again at 0)")
+
+
+def _summed_first(compact: str) -> str:
+    """The counters aggregated before rate() (a subquery over their sum)."""
+    if re.search(r"(rate|increase|delta|deriv)\((sum|avg|max|min|count)\b", compact):
+        return (f"the counters are aggregated before rate(): {RESTARTED}, so their sum "
+                "dropped, and rate()/increase() of that sum took the drop for a counter "
+                "reset and counted the other instance's whole total as growth. Resets are "
+                "per series: rate() each instance's own counter, then sum() the rates - "
+                "sum(rate(counter[window]))")
+    return ""
 
 
 # A selector of one of the service's metrics, with its label matchers (if any).
@@ -408,20 +447,38 @@ def _serve(stack: ExitStack, service: SyntheticService) -> str:
 
 @pytest.fixture
 def service(prometheus: Any) -> Iterator[Running]:
-    """The synthetic service's instances, scraped as one job, with at least 7 s of samples
-    of each in Prometheus; another service scraped beside it."""
+    """The synthetic service's instances, scraped as one job every GRID seconds; another
+    service scraped beside it. Prometheus takes about 5 s to pick new targets up: the test
+    waits for their samples (_scraped) once the learner's code (in a process of its own when
+    graded) has started meanwhile."""
     with ExitStack() as stack:
         token = secrets.token_hex(3)
         ours, other = (name.format(token=token) for name in JOBS)
-        other_job = prometheus.scrape(_serve(stack, SyntheticService(other=True)), job=other)
+        other_job = prometheus.scrape(_serve(stack, SyntheticService(other=True)), job=other,
+                                      interval=GRID)
         instances = [SyntheticService(i) for i in range(len(POOLS))]
         addresses = [_serve(stack, instance) for instance in instances]
-        job = prometheus.scrape(addresses, job=ours)
-        prometheus.wait_for_scrapes(job, count=14)
+        job = prometheus.scrape(addresses, job=ours, interval=GRID)
         yield Running(job, instances[RESTARTING], addresses[RESTARTING], other_job)
 
 
-def test_red_and_use_figures(learner: Any, prometheus: Any, service: Running) -> None:
+def _scraped(prometheus: Any, running: Running) -> None:
+    """Wait for SCRAPES scrapes of each instance, and for more while Prometheus holds no
+    window to read the figures over: scrapes lost on a loaded machine (a timeout, a
+    restart's sample) only cost time."""
+    prometheus.wait_for_scrapes(running.job, count=SCRAPES)
+    for _ in range(4 * SCRAPES):
+        if _window(prometheus, running):
+            return
+        prometheus.wait_for_scrapes(running.job)
+    pytest.fail(f"Prometheus scraped the test's service {5 * SCRAPES} times without a "
+                f"{MIN_WINDOW:g}-{WINDOW:g} s window of samples of both instances with every "
+                "restart's kept: scrapes lost (is the machine overloaded?)", pytrace=False)
+
+
+# The service first (its targets registered), then the learner's code, then the wait.
+def test_red_and_use_figures(service: Running, learner: Any, prometheus: Any) -> None:
+    _scraped(prometheus, service)
     _check(prometheus, learner, service, "red", WANT_RED)
     # USE in the same test: one synthetic service, scraped once, serves both.
     _check(prometheus, learner, service, "use", WANT_USE)
@@ -433,7 +490,7 @@ def never_failed_reads_zero(prometheus: Any, learner: Any, running: Running) -> 
     code at all (a counter's labelled child exists from its first increment). Its error
     ratio is 0 - one number, as for any service - not no series: sum() over nothing is
     nothing, and nothing divided by its request rate is nothing too."""
-    end, window = _window(prometheus, running)
+    end, window = _found_window(prometheus, running)
     query = learner.function("red_use", "red")(running.other_job, window)["error_ratio"]
     result = _evaluate(prometheus, query, end)
     values = [float(series["values"][-1][1]) for series in result]

@@ -169,7 +169,7 @@ class PrometheusServer:
     _jobs: dict[str, tuple[Path, list[str]]] = field(default_factory=dict)  # file, targets
 
     def scrape(self, target: str | Sequence[str], *, path: str = "/metrics",
-               job: str | None = None) -> str:
+               job: str | None = None, interval: float | None = None) -> str:
         """Have Prometheus scrape ``host:port`` (at ``path``) for this test; return the job
         name to filter every query on (``job="<name>"``). Several targets (a list) are the
         instances of one service scaled out: one job, each target's series telling apart
@@ -178,7 +178,13 @@ class PrometheusServer:
         ``job`` registers under that name exactly instead of a fresh one, for a lab whose
         queries must pick one job among look-alikes (names one character or a suffix apart,
         holding quotes or backslashes: ph7.5). Making it unique beyond this test is the
-        caller's part (series outlive their test): put a fresh token in it."""
+        caller's part (series outlive their test): put a fresh token in it.
+
+        ``interval`` (seconds, whole milliseconds) scrapes this job's targets that often
+        instead of every SCRAPE_INTERVAL, each scrape timing out after the same time (the
+        target labels ``__scrape_interval__`` and ``__scrape_timeout__``): for a lab that
+        needs many samples quickly (ph7.4). Prometheus still takes about 5 s to pick a new
+        target up."""
         import pytest
 
         targets = [target] if isinstance(target, str) else list(target)
@@ -189,6 +195,13 @@ class PrometheusServer:
             if not isinstance(one, str) or "/" in one or ":" not in one:
                 raise pytest.UsageError(f"prometheus.scrape({target!r}): give each target "
                                         "as 'host:port' and the path as path=...")
+        labels = {"__metrics_path__": path}
+        if interval is not None:
+            milliseconds = round(interval * 1000)
+            if milliseconds <= 0 or abs(interval * 1000 - milliseconds) > 1e-6:
+                raise pytest.UsageError(f"prometheus.scrape(interval={interval!r}): give "
+                                        "seconds, a positive whole number of milliseconds")
+            labels["__scrape_interval__"] = labels["__scrape_timeout__"] = f"{milliseconds}ms"
         folder = self.endpoint.extra.get("targets_dir")
         if not folder:
             pytest.fail(
@@ -209,7 +222,7 @@ class PrometheusServer:
         file = Path(folder) / f"{fresh}.json"  # the test's name may hold any character
         tmp = file.with_name(file.name + ".tmp")  # not *.json: Prometheus ignores it
         tmp.write_text(json.dumps([{"targets": targets,
-                                    "labels": {"job": job, "__metrics_path__": path}}]),
+                                    "labels": {"job": job, **labels}}]),
                        encoding="utf-8")
         os.chmod(tmp, 0o644)
         os.replace(tmp, file)
