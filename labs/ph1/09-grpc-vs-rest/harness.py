@@ -29,7 +29,7 @@ from typing import Any
 from labrunner.thread_deaths import thread_deaths, unwatch_thread_deaths, watch_thread_deaths
 
 __all__ = ["arm_shared_writes", "hold_shared_writes", "normal_connects", "note_listeners",
-           "noted_listeners", "peek_listeners", "refused_and_moved_on", "released_shared_writes",
+           "noted_listeners", "refused_and_moved_on", "released_shared_writes",
            "slow_connects", "thread_deaths", "unwatch_thread_deaths",
            "unwatch_refused_connects", "watch_refused_connects", "watch_thread_deaths"]
 
@@ -94,16 +94,11 @@ def note_listeners() -> None:
     socket.socket.listen = listen  # type: ignore[method-assign, assignment]
 
 
-def noted_listeners() -> list[tuple[str, int]]:
-    """Stop noting; return the addresses noted since note_listeners()."""
-    if "listen" in socket.socket.__dict__:
+def noted_listeners(stop: bool = True) -> list[tuple[str, int]]:
+    """The addresses noted since note_listeners(); noting ends there unless ``stop`` is
+    False (a look while the measurement still runs)."""
+    if stop and "listen" in socket.socket.__dict__:
         delattr(socket.socket, "listen")
-    with _lock:
-        return list(_listening)
-
-
-def peek_listeners() -> list[tuple[str, int]]:
-    """The addresses noted since note_listeners(), noting on."""
     with _lock:
         return list(_listening)
 

@@ -14,6 +14,7 @@ CONNECT_SECONDS longer, so connection setup is long enough for its absence to sh
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import struct
 import sys
@@ -26,6 +27,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from wsgiref.util import setup_testing_defaults
 
 import grpc
 import pytest
@@ -550,9 +552,9 @@ def test_connections_relayed_at_once_are_all_counted(learner: Any, running: Serv
         harness.hold_shared_writes("grpc_vs_rest.py", HOLD_WRITE_SECONDS)
         started = time.perf_counter()
         caller.start()
-        wait_until(lambda: bool(proxy.links) and bool(harness.peek_listeners()),
+        wait_until(lambda: bool(proxy.links) and bool(harness.noted_listeners(stop=False)),
                    "measure_grpc_unary() to connect through its relay")
-        host, port = harness.peek_listeners()[-1]
+        host, port = harness.noted_listeners(stop=False)[-1]
         for _ in range(CROWD):
             sock = socket.create_connection((str(host), int(port)), timeout=10)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -823,6 +825,104 @@ def test_a_connection_reset_ends_the_measurement(learner: Any, stubs: ProtoStubs
         f"ended without passing the end on to the client{died}, so the client waits for an "
         "answer that cannot come. Catch OSError in the pump and, in a finally, shut the "
         "other socket down (SHUT_WR) as on b'': an error ends a direction as a FIN does")
+
+
+# Users whose names are not ASCII: one character, two to four bytes in UTF-8.
+UNICODE_USERS = [{"id": 1, "username": "zoë", "email": "zoe@example.com", "created_at": 1},
+                 {"id": 2, "username": "Ångström", "email": "a@example.com", "created_at": 2},
+                 {"id": 3, "username": "李雷", "email": "li@example.com", "created_at": 3}]
+
+
+def test_content_length_counts_bytes_not_characters(learner: Any, stubs: ProtoStubs) -> None:
+    """Content-Length is bytes on the wire. With non-ASCII names in the JSON (sent as UTF-8,
+    or escaped), it must be the length of the body as sent, in bytes: a count of characters
+    cuts the response short, and the client reads a truncated JSON document."""
+    app = learner.function("grpc_vs_rest", "make_app")([dict(u) for u in UNICODE_USERS])
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ.update(REQUEST_METHOD="GET", PATH_INFO="/users")
+    answered: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+        answered.update(status=str(status), headers={str(k).lower(): str(v) for k, v in headers})
+
+    body = b"".join(bytes(part) for part in app(environ, start_response))
+    declared = answered.get("headers", {}).get("content-length")
+    names = ", ".join(str(u["username"]) for u in UNICODE_USERS)
+    assert declared is not None and int(declared) == len(body), (
+        f"make_app(): for users with non-ASCII names ({names}), GET /users declared "
+        f"Content-Length {declared} and sent a body of {len(body)} bytes: Content-Length is "
+        "the length in BYTES of the very body sent - not characters ('李' is one character "
+        "and three bytes in UTF-8), not another encoding of it (\\u escapes). Encode the "
+        "body first, then take len() of the bytes you send; a client told fewer bytes reads "
+        "a truncated document, one told more waits for bytes that never come")
+    assert json.loads(body) == UNICODE_USERS, (
+        f"make_app(): GET /users with non-ASCII names sent a body that does not decode to "
+        f"the users: {body[:200]!r}")
+
+
+class Held(CountingProxy):
+    """A CountingProxy that holds the server's first bytes on every connection until `go`
+    is set."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target)
+        self.go = threading.Event()
+
+    def downward(self, link: RelayLink, chunk: bytes) -> bool | None:
+        if not self.go.is_set():
+            self.go.wait(10)
+        return super().downward(link, chunk)
+
+
+def test_two_measurements_at_once_count_each_their_own(learner: Any, running: Servers) -> None:
+    """Two measurements at once (two threads of one program, each measuring): each reports
+    its own connections. measure_json() has sent its request and waits for the answer (the
+    test holds it) while a whole measure_grpc_unary() runs; then the JSON answer comes.
+    Counts kept anywhere the two share (a module or class attribute, reset per measurement
+    or not) mix them: the JSON report then includes the gRPC call's bytes, or lost its own."""
+    measure = learner.function("grpc_vs_rest", "measure_json")
+    held = Held(running.http)
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["report"] = measure(held.address)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+    caller = threading.Thread(target=call, daemon=True)
+    try:
+        caller.start()
+        wait_until(lambda: bool(held.links) and held.links[0].sent > 0,
+                   "measure_json() to send its request through its relay")
+        other = run_case(learner, "measure_grpc_unary", running.grpc)
+    finally:
+        held.go.set()
+        caller.join(30)
+        held.wait_closed(3.0)
+        held.close()
+    assert not caller.is_alive(), "measure_json() had not returned 30 s after its answer came"
+    assert "error" not in outcome, f"measure_json() raised {outcome.get('error')}"
+    report, links = outcome["report"], list(held.links)
+    own = {"bytes_sent": sum(link.sent for link in links),
+           "bytes_received": sum(link.received for link in links),
+           "connections": len(links)}
+    theirs = {"bytes_sent": other.sent, "bytes_received": other.received,
+              "connections": len(other.links)}
+    for case, claimed, actual, besides in (("measure_json", report, own, theirs),
+                                           ("measure_grpc_unary", other.report, theirs, own)):
+        slack = {"bytes_sent": SLACK_BYTES, "bytes_received": SLACK_BYTES, "connections": 0}
+        off = [f"{what}={claimed.get(what)} (its own connections carried {actual[what]})"
+               for what in actual if abs(int(claimed.get(what, -1)) - actual[what]) > slack[what]]
+        assert not off, (
+            f"two measurements ran at once - measure_json() waiting for its answer while "
+            f"measure_grpc_unary() ran from start to end, each through a relay of its own - "
+            f"and {case}() reported {'; '.join(off)}; the other one's carried "
+            f"{besides['bytes_sent']} bytes sent, {besides['bytes_received']} received: the "
+            "two measurements share their counts (a module-level or class-level count, reset "
+            "when a measurement starts or not), so one adds to, or wipes, the other's. Keep "
+            "the counts on the relay instance (self.sent), one relay per measurement")
 
 
 def test_protobuf_is_smaller_on_the_wire(learner: Any, running: Servers) -> None:

@@ -23,7 +23,9 @@
 * a connection given back broken (its backend killed mid-query, or closed by the borrower)
   frees its slot and wakes a borrower waiting for one;
 * a connection the pool has not lent out - given back twice, or another pool's - is never
-  pooled: the pool never hands one connection to two borrowers.
+  pooled: the pool never hands one connection to two borrowers;
+* a stale second release by borrower A, once the pool has lent the same connection to B,
+  neither pools B's connection nor lets A query it (ownership by lease, not by connection).
 """
 
 from __future__ import annotations
@@ -681,6 +683,60 @@ def test_a_connection_given_back_twice_is_never_pooled_twice(
     pool.release(b)
 
 
+STALE_LEASE = ("the pool knows what it lent by the connection itself (a set of connections), "
+               "and that connection IS lent again - to the next borrower - so the stale call "
+               "looks like the right one. Ownership goes by lease, not by connection: "
+               "acquire() hands out a handle of its own each time (a small proxy that forwards "
+               "to the connection, as HikariCP's ProxyConnection does), release() takes back "
+               "only a handle still live, and a handle given back is dead: it refuses to reach "
+               "the session it no longer owns")
+
+
+def test_a_stale_release_never_returns_the_next_borrowers_connection(
+        mod: ModuleType, pools: list[Any], postgres: Any) -> None:
+    """Borrower A gives its connection back, the pool lends the same connection to B, then A
+    gives it back AGAIN (a retry, a second `finally`): that call is A's, stale, and must not
+    take B's connection from B."""
+    pool = make(mod, pools, postgres.dsn, 1, policy="reject")
+    a = pool.acquire()
+    pool.release(a)
+    b = pool.acquire()                  # a pool of 1: the same connection, lent to B now
+    (pid_b,), = b.execute("SELECT pg_backend_pid()").fetchall()
+    b.rollback()
+    refused_or_ignored(lambda: pool.release(a),
+                       "borrower A's connection, given back a second time after the pool "
+                       "had lent it to borrower B")
+    s = stats(pool)
+    try:
+        again = pool.acquire()
+    except mod.PoolExhausted:
+        again = None
+    if again is not None:
+        (pid,), = again.execute("SELECT pg_backend_pid()").fetchall()
+        again.rollback()
+        pytest.fail(
+            f"borrower A gave its connection back, the pool (size 1) lent it to borrower B "
+            f"(backend pid {pid_b}), and A gave it back a second time: that stale release() "
+            f"put B's connection back in the pool (stats() then {s}), and the next acquire() "
+            f"lent it again (pid {pid}) while B still holds it - two borrowers on one "
+            f"session, expected PoolExhausted\nThe second release() came from A, not from "
+            f"B: {STALE_LEASE}.", pytrace=False)
+    try:
+        a.execute("SELECT 1")
+        reached = True
+    except Exception:  # noqa: BLE001 - any refusal will do
+        reached = False
+    assert not reached, (
+        f"borrower A's handle, given back, still ran a query - on the session borrower B now "
+        f"holds (pid {pid_b}): A's stale code runs inside B's transaction\n{STALE_LEASE}.")
+    (pid,), = b.execute("SELECT pg_backend_pid()").fetchall()
+    b.rollback()
+    assert pid == pid_b, f"borrower B's connection changed under it: pid {pid_b}, now {pid}"
+    pool.release(b)
+    assert stats(pool)["idle"] == 1, (
+        f"borrower B gave its connection back; stats() says {stats(pool)}, expected idle 1")
+
+
 def test_another_pools_connection_is_never_pooled(mod: ModuleType, pools: list[Any],
                                                   postgres: Any) -> None:
     mine = make(mod, pools, postgres.dsn, 1, policy="reject")
@@ -832,6 +888,7 @@ def test_backpressure_never_more_than_size(mod: ModuleType, pools: list[Any], se
 def test_a_failing_query_returns_its_connection(mod: ModuleType, pools: list[Any],
                                                 postgres: Any) -> None:
     pool = make(mod, pools, postgres.dsn, 1, policy="reject")
+    (pid,), = pool.execute("SELECT pg_backend_pid()")
     for i in range(3):
         try:
             pool.execute("SELECT * FROM no_such_table")
@@ -850,6 +907,16 @@ def test_a_failing_query_returns_its_connection(mod: ModuleType, pools: list[Any
                     "block, and roll back its failed transaction before another borrower "
                     "gets it.", pytrace=False)
     assert rows == [(42,)]
+    (after,), = pool.execute("SELECT pg_backend_pid()")
+    assert after == pid, (
+        f"after three failing queries on a pool of 1, its connection is a new one (backend "
+        f"pid {after}, was {pid}): a query that fails in SQL (no such table) leaves the "
+        "session healthy, in a failed transaction, and the pool threw it away - closed on "
+        "the error, or given back without that transaction rolled back (rollback() whenever "
+        "the status is not IDLE: INERROR too, not only INTRANS), so that validation on "
+        "borrow found it failing and replaced it. Each failed query then costs a new "
+        "connection: under a burst of errors, a storm of connects on the server. Roll back "
+        "and keep it; drop only a connection that is broken (conn.closed)")
 
 
 def test_execute_commits_a_statement_that_returns_no_rows(mod: ModuleType, pools: list[Any],
@@ -1074,6 +1141,10 @@ def test_close_wakes_waiting_borrowers_and_refuses_new_ones(
         pool.release(conn)
 
 
+def gone_from(server: Server, pid: int) -> bool:
+    return pid not in server.pids()
+
+
 def test_close_closes_idle_now_and_borrowed_on_return(mod: ModuleType, pools: list[Any],
                                                       server: Server, postgres: Any) -> None:
     """psycopg_pool's close() and HikariCP's evict-on-return: the idle connection is closed
@@ -1094,7 +1165,9 @@ def test_close_closes_idle_now_and_borrowed_on_return(mod: ModuleType, pools: li
         pid = conn.info.backend_pid
         pool.release(conn)
         s = stats(pool)
-        assert conn.closed, (
+        # the server's session, not conn.closed: what acquire() hands out may be a lease,
+        # closed to its borrower once given back whatever became of the connection
+        assert s.get("idle") == 0 and came_true(partial(gone_from, server, pid), PROMPTLY), (
             f"borrowed connection {i} of 2 was given back after close() and is still open "
             f"(its session pid {pid}; stats() {s}): the pool kept it, expected it closed\n"
             "A closed pool hands nothing out again, so a connection given back to it is "
@@ -1102,6 +1175,15 @@ def test_close_closes_idle_now_and_borrowed_on_return(mod: ModuleType, pools: li
             "return); pooled, it stays open on the server until the process ends.")
         assert s.get("idle") == 0, (
             f"after close() and a connection given back, stats() said {s}, expected idle 0")
+        still = len(borrowed) - i
+        how = ("close() took from the count connections it did not close (the borrowed ones, "
+               "counted off when they come back)" if int(s.get("open", 0)) < still else
+               "release() after close() closed the connection and did not count it off")
+        assert s.get("open") == still, (
+            f"after close() and {i} of {len(borrowed)} borrowed connections given back, "
+            f"stats() said open {s.get('open')}, expected {still} (the ones still borrowed): "
+            f"{how}, so the count no longer says what the server holds. close() counts off "
+            "the idle ones it closes, each release() after it the one it closes")
     left = server.pids()
     assert came_true(lambda: not server.pids(), PROMPTLY), (
         f"after close() and every borrowed connection given back, pg_stat_activity still "

@@ -20,6 +20,32 @@ class PoolClosed(PoolExhausted):
     PoolClosed). A PoolExhausted too, so a caller shedding load on that sheds it here."""
 
 
+class Lease:
+    """What acquire() hands out: one borrower's hold on a pooled connection. It forwards to
+    the connection until it is given back, then refuses (as HikariCP's ProxyConnection does
+    after close()). The pool knows a release by its lease, not by the connection, which it
+    lends again: a stale second release() - or query - from an earlier borrower never
+    reaches the next borrower's session."""
+
+    __slots__ = ("_conn", "_live")
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn, self._live = conn, True
+
+    def __getattr__(self, name: str) -> Any:
+        if not self._live:
+            raise psycopg.InterfaceError("this connection was given back to the pool")
+        return getattr(self._conn, name)
+
+    @property
+    def closed(self) -> bool:
+        return not self._live or self._conn.closed
+
+    def _give_back(self) -> psycopg.Connection[Any]:
+        self._live = False
+        return self._conn
+
+
 class Pool:
     def __init__(self, dsn: str, size: int, *, policy: str = "queue",
                  acquire_timeout: float = 5.0) -> None:
@@ -29,7 +55,7 @@ class Pool:
         self._idle: deque[psycopg.Connection[Any]] = deque()
         self._open = 0                      # connections that exist: idle + in use
         self._waiting = 0
-        self._lent: set[psycopg.Connection[Any]] = set()   # handed out, not given back yet
+        self._lent: set[Lease] = set()      # leases handed out, not given back yet
         self._closed = False
         self._cond = threading.Condition()
 
@@ -45,7 +71,7 @@ class Pool:
         except psycopg.Error:
             return False
 
-    def acquire(self) -> psycopg.Connection[Any]:
+    def acquire(self) -> Lease:
         deadline = time.monotonic() + self.acquire_timeout
         with self._cond:
             while True:
@@ -83,19 +109,22 @@ class Pool:
                 self._cond.notify()
             raise
 
-    def _lend(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    def _lend(self, conn: psycopg.Connection[Any]) -> Lease:
+        lease = Lease(conn)                 # a new one each time: it, not conn, is the owner
         with self._cond:
-            self._lent.add(conn)
-        return conn
+            self._lent.add(lease)
+        return lease
 
-    def release(self, conn: psycopg.Connection[Any]) -> None:
+    def release(self, lease: Lease) -> None:
         with self._cond:
-            # Given back twice, or never lent by this pool (another pool's): pooling it would
-            # hand one connection to two borrowers. Refused as psycopg_pool's putconn does.
-            if conn not in self._lent:
+            # Given back twice (even once the connection is lent again, to another borrower),
+            # or never lent by this pool (another pool's): pooling it would hand one
+            # connection to two borrowers. Refused as psycopg_pool's putconn does.
+            if lease not in self._lent:
                 raise ValueError("release(): this connection is not lent out by this pool "
                                  "(given back already, or from elsewhere)")
-            self._lent.remove(conn)
+            self._lent.remove(lease)
+        conn = lease._give_back()           # the lease is dead from here: only the pool has conn
         try:
             if not conn.closed:
                 conn.rollback()             # never hand out a connection mid-transaction

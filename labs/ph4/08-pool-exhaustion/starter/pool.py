@@ -22,7 +22,9 @@ class Pool:
         self.dsn, self.size, self.policy, self.acquire_timeout = dsn, size, policy, acquire_timeout
 
     def acquire(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.dsn)  # TODO: a bounded pool, not a new connection each time
+        # TODO: a bounded pool, not a new connection each time; and hand out a lease of your
+        # own per borrow that forwards to the connection, not the connection (README, 11)
+        return psycopg.connect(self.dsn)
 
     def release(self, conn: psycopg.Connection[Any]) -> None:
         conn.close()
