@@ -140,8 +140,17 @@ class World:
         return sum(b.hits for b in self.backends.values())
 
     def close(self) -> None:
-        for server in reversed(self._servers):
+        backends, gateways = self._servers[:len(self.backends)], self._servers[len(self.backends):]
+        for server in reversed(gateways):
             server.__exit__(None, None, None)
+        # The backends, this process's own servers, stop together: each stop waits for its
+        # serving loop's next poll (50 ms), one after the other 0.15 s of every test.
+        stopping = [threading.Thread(target=server.__exit__, args=(None, None, None))
+                    for server in backends]
+        for thread in stopping:
+            thread.start()
+        for thread in stopping:
+            thread.join(10)
 
 
 @pytest.fixture
@@ -323,6 +332,24 @@ def test_the_limit_follows_the_user_not_the_token(world: World) -> None:
         "user - the sub the token proves - not per token or Authorization header: keyed by "
         "the credential, a client that logs in again (or asks for a fresh token) resets its "
         "own limit")
+
+
+def test_each_gateway_keeps_its_own_counts(world: World) -> None:
+    """Two ApiGateway objects in one process (a public entry point and a partners' one, each
+    with its own limit): a user's requests through one never count against the other."""
+    first = world.gateway(rate_limit=5, window=60.0)
+    second = world.gateway(rate_limit=3, window=60.0)
+    used = [http_request(first, "GET", f"/orders/{n}", headers=bearer()).status
+            for n in range(3)]
+    reply = http_request(second, "GET", "/orders/9", headers=bearer())
+    assert reply.status == 200, (
+        f"alice sent 3 requests through one ApiGateway (rate_limit=5: HTTP {used}), then her "
+        f"first through another ApiGateway object (rate_limit=3) got HTTP {reply.status}, "
+        "expected 200: the two gateways share one count. Each gateway keeps its own counts "
+        "(and lock) on the instance, set in __init__: a dict written as a class attribute "
+        "(`_windows = {}` in the class body) or at module level is one dict for every "
+        "instance, so traffic through one entry point throttles users of another, under "
+        "a limit that is not its own")
 
 
 def test_a_concurrent_burst_gets_only_the_limit_through(world: World, learner: Any) -> None:
@@ -679,12 +706,13 @@ CHUNKED_RULE = ("A chunked body (RFC 9112 7.1) has no Content-Length: the gatewa
                 "the chunks left on the connection would be read as the next request.")
 
 def post_framed(host: str, stable: Any, via: str, framing: str, payload: bytes,
-                shut: bool = False) -> tuple[int, Any, Any]:
+                shut: bool = False) -> tuple[int, Any, Any, bool]:
     """POST /orders/9?via=``via`` on a raw socket, with the head lines ``framing`` and the
     bytes ``payload`` after the head, all sent at once (``shut``: then the write side shut,
     so a gateway reading to the end sees it all). Returns the status (0: no answer), the
-    reply's JSON (or its first bytes) and the body the service received (None unless it got
-    exactly one request)."""
+    reply's JSON (or its first bytes), the body the service received (None unless it got
+    exactly one request) and whether the gateway's side ended the connection after that
+    answer (no more bytes came: what follows the body was never read as a request)."""
     address, port = host.rsplit(":", 1)
     with socket.create_connection((address, int(port)), timeout=15) as sock:
         sock.sendall(f"POST /orders/9?via={via} HTTP/1.1\r\nHost: gateway.test\r\n".encode()
@@ -699,11 +727,18 @@ def post_framed(host: str, stable: Any, via: str, framing: str, payload: bytes,
             status, data = reply.status, reply.read()
         except (OSError, http.client.HTTPException) as exc:
             status, data = 0, f"no answer ({type(exc).__name__})".encode()
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False                     # still open 15 s after the answer
+        except OSError:
+            closed = True                      # reset: unread bytes were left at the close
     try:
         doc: Any = json.loads(data)
     except ValueError:
         doc = data[:200]
-    return status, doc, doc.get("body") if isinstance(doc, dict) and stable.hits == 1 else None
+    return (status, doc, doc.get("body") if isinstance(doc, dict) and stable.hits == 1 else None,
+            closed)
 
 
 
@@ -715,7 +750,7 @@ def test_a_chunked_body_reaches_the_service_whole(world: World, case: str) -> No
     coding = CHUNKED_FRAMING.get(case, "chunked")
     what = (f"POST /orders/9?via=chunked with a chunked body ({case}: {chunks!r})"
             + ("" if coding == "chunked" else f" (Transfer-Encoding: {coding})"))
-    status, doc, got = post_framed(host, stable, "chunked",
+    status, doc, got, _ = post_framed(host, stable, "chunked",
                                    f"Transfer-Encoding: {coding}\r\n", chunks)
     assert status == 201 and got == body, (
         f"{what}: the client got HTTP {status or ''} {doc!r}, "
@@ -754,17 +789,46 @@ FRAMING_CASES = {
 }
 
 
+# Behind the body framed two ways, on the same connection: a request of its own, as an
+# attacker smuggles one past a front end that frames by the other header.
+SMUGGLED = "/orders/smuggled"
+SMUGGLING_RULE = (
+    "RFC 9112 6.1: a server that gets a request with both Transfer-Encoding and "
+    "Content-Length MAY frame it by Transfer-Encoding alone, but MUST close the connection "
+    "after responding (or refuse it with 400 and close): whatever follows on that "
+    "connection was framed by someone's guess, and read as the next request it is a "
+    "request smuggled past the gateway's checks (request smuggling, CWE-444).")
+
+
+def smuggled_request() -> bytes:
+    return (f"GET {SMUGGLED} HTTP/1.1\r\nHost: gateway.test\r\n"
+            f"Authorization: {bearer()['Authorization']}\r\n\r\n").encode()
+
+
 @pytest.mark.parametrize("case", list(FRAMING_CASES))
 def test_a_body_framed_two_ways_is_refused_or_decoded(world: World, case: str) -> None:
     framing, payload, refusals, decoded, why = FRAMING_CASES[case]
     host = world.gateway(rate_limit=1000)
     stable = world.backends["stable"]
-    status, doc, got = post_framed(host, stable, "framing", framing, payload, shut=True)
+    both = "Content-Length" in framing
+    status, doc, got, closed = post_framed(host, stable, "framing", framing,
+                                           payload + (smuggled_request() if both else b""),
+                                           shut=True)
+    if both:
+        reached = [t for b in world.backends.values() for t in b.targets
+                   if t.startswith(SMUGGLED)]
+        assert not reached and closed, (
+            f"POST /orders/9 with Transfer-Encoding: chunked and Content-Length: 3, then "
+            f"GET {SMUGGLED} on the same connection: the client got HTTP {status or ''}, "
+            + (f"and the smuggled GET reached the service ({reached})" if reached else
+               "and the connection stayed open after the answer")
+            + f"; expected the connection closed after the answer, nothing after the body "
+            f"ever read as a request\n{SMUGGLING_RULE}")
     refused = status in refusals and stable.hits == 0
     forwarded = decoded is not None and status == 201 and got == decoded
     assert refused or forwarded, (
         f"POST /orders/9 with {framing.strip().replace(chr(13) + chr(10), ' + ')!r} and "
-        f"{payload!r}: the client got HTTP "
+        f"{payload!r}" + (f" (then GET {SMUGGLED})" if both else "") + ": the client got HTTP "
         f"{status or ''} {doc!r}, "
         + (f"the service received the body {got!r}" if stable.hits == 1 else
            f"{stable.hits} request(s) reached the service")
@@ -841,6 +905,62 @@ def cookie_service(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     start_response("200 OK", [("Content-Type", "application/json"),
                               *[("Set-Cookie", value) for value in COOKIES]])
     return [body]
+
+
+# An HTTP/1.1 service that streams its answer (RFC 9112 7.1), writing its field names in
+# lower case as Envoy does (names are case-insensitive, RFC 9110 5.1).
+CHUNKED_ANSWER = [b'{"version": "streamed", ', b'"parts": 2}']
+
+
+class ChunkedService(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("x-served-by", "streamer")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for part in CHUNKED_ANSWER:
+            self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        pass
+
+
+def test_a_chunked_answer_goes_on_with_the_gateways_own_framing(world: World) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChunkedService)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        host = world.gateway(rate_limit=1000, more_routes={"/stream": url})
+        reply = http_request(host, "GET", "/stream/1", headers=bearer())
+    finally:
+        server.shutdown()
+        server.server_close()
+    want = b"".join(CHUNKED_ANSWER)
+    assert reply.status == 200 and reply.body == want, (
+        f"GET /stream/1: the service answered HTTP/1.1 200 with 'transfer-encoding: chunked' "
+        f"(field names in lower case, as Envoy writes them) and {want!r} in "
+        f"{len(CHUNKED_ANSWER)} chunks; the client got HTTP {reply.status} "
+        f"{reply.body[:120]!r}"
+        + (" (wsgiref's answer when an app hands it a hop-by-hop field)"
+           if reply.status == 500 else "")
+        + ": expected the service's 200 with that body, whole. Transfer-Encoding is "
+        "hop-by-hop (RFC 9110 7.6.1, RFC 9112 6.1): http.client has undone the chunks, so "
+        "the service's field describes a framing the body no longer has - drop it, whatever "
+        "the case of its name, and send the body with the gateway's own Content-Length. "
+        "Relayed beside that length it frames the answer twice, the response side of "
+        "request smuggling")
+    assert reply.header("X-Served-By") == "streamer", (
+        f"GET /stream/1: the service answered with 'x-served-by: streamer'; the client got "
+        f"X-Served-By: {reply.header('X-Served-By')!r}: expected the service's end-to-end "
+        "fields relayed, whatever the case of their names")
 
 
 def test_a_repeated_response_field_reaches_the_client_line_by_line(world: World) -> None:

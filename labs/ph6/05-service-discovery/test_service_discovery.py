@@ -181,6 +181,26 @@ def test_registry_records_are_the_shared_format(world: Any) -> None:
         "index only it maintains) remembers")
 
 
+def test_two_services_may_have_an_instance_of_the_same_id(world: Any) -> None:
+    """An instance id is unique within its service only (the key holds both): api's i1 and
+    web's i1 are two instances, and a heartbeat of one writes its own record."""
+    reg, r = world
+    reg.register("api", "i1", "127.0.0.1:7401", 30)
+    reg.register("web", "i1", "127.0.0.1:7402", 30)
+    reg.heartbeat("api", "i1", 30)
+    reg.heartbeat("web", "i1", 30)
+    got = {service: lookup(reg, service) for service in ("api", "web")}
+    want = {"api": ["127.0.0.1:7401"], "web": ["127.0.0.1:7402"]}
+    assert got == want, (
+        f"register('api', 'i1', '127.0.0.1:7401'), register('web', 'i1', '127.0.0.1:7402'), "
+        f"then a heartbeat of each: lookups give {got} ({key('api', 'i1')} holds "
+        f"{r.get(key('api', 'i1'))!r}), expected {want}. An instance id is unique within "
+        "its service only, as the key services:<service>:<id> says: whatever the Registry "
+        "remembers of an instance (its address for the heartbeats) is keyed by (service, "
+        "id) too - by the id alone, or as one attribute, the second registration overwrites "
+        "the first and a heartbeat writes another instance's address into its record")
+
+
 def test_lookup_scans_the_whole_keyspace_without_blocking_it(world: Any, redis_db: Any
                                                              ) -> None:
     reg, r = world
@@ -206,6 +226,42 @@ def test_lookup_scans_the_whole_keyspace_without_blocking_it(world: Any, redis_d
            "the cursor is 0 (scan_iter does)" if "SCAN" in names else
            "every registered instance must be listed"))
 
+
+
+# SCAN guarantees every key present throughout the iteration is returned, not that it is
+# returned once: "a given element may be returned multiple times. It is up to the
+# application to handle the case of duplicated elements" (Redis' SCAN docs; it happens when
+# the table is resized between two calls). A relay answers each SCAN with its real page
+# and, once more, the first instance key on it.
+SCAN_TWICE = (b"local page = redis.call('SCAN', unpack(ARGV)) "
+              b"for _, k in ipairs(page[2]) do "
+              b"if string.sub(k, 1, 9) == 'services:' then table.insert(page[2], k) break end "
+              b"end return page")
+
+
+def test_lookup_lists_an_instance_once_when_scan_repeats_its_key(learner: Any, redis_db: Any
+                                                                 ) -> None:
+    def scan_twice(command: list[bytes]) -> list[bytes] | None:
+        if command[0].upper() != b"SCAN":
+            return None
+        return [b"EVAL", SCAN_TWICE, b"0", *command[1:]]
+
+    with redis_gate(redis_db.url, scan_twice) as url:
+        reg = learner.load("registry").Registry(url)
+        try:
+            for iid, addr in API.items():
+                reg.register("api", iid, addr, 30)
+            got = lookup(reg, "api")
+        finally:
+            reg.close()
+    twice = sorted({a for a in got if got.count(a) > 1})
+    assert got == sorted(API.values()), (
+        f"lookup('api') gave {got}" + (f", listing {twice} more than once" if twice else "")
+        + f"; expected each live instance once, {sorted(API.values())}. SCAN answered with "
+        "one instance key twice, as Redis may: 'a given element may be returned multiple "
+        "times' (its SCAN docs - when the keyspace is resized during the iteration); a "
+        "client that balances over the list then sends that instance twice its share. "
+        "Collect the keys SCAN lists in a set before reading them")
 
 
 # Service names holding Redis' glob characters (*, ?, [...]), each beside names they match
@@ -435,6 +491,12 @@ def start(learner: Any, url: str, iid: str, ttl: str,
 
 
 INTERVAL = 0.2   # the --interval every process is started with
+# Deadlines for a registry.py to get going (an interpreter, redis-py, its first write) and
+# to end after SIGTERM. Waits end as soon as the process is there (or has exited, which
+# fails at once, saying how), so a right one costs nothing more; on a loaded machine (CI,
+# load 48) a start has taken longer than 15 s, and a deadline is not the evidence here.
+START = 60.0
+EXIT = 30.0
 
 
 def stopped(proc: subprocess.Popen[bytes]) -> None:
@@ -458,7 +520,7 @@ def exited_early(proc: subprocess.Popen[bytes], ttl: str, when: str) -> bool:
 
 def wait_registered(proc: subprocess.Popen[bytes], r: Any, iid: str, ttl: str) -> None:
     wait_until(lambda: exited_early(proc, ttl, "before registering") or bool(
-        r.exists(key("pay", iid))), f"registry.py to register pay/{iid}")
+        r.exists(key("pay", iid))), f"registry.py to register pay/{iid}", timeout=START)
 
 
 def renewals(seen: list[tuple[float, list[str]]], name: str) -> list[tuple[float, int]]:
@@ -565,9 +627,9 @@ def test_the_instance_process_heartbeats_and_deregisters_on_sigterm(
             "for the rest of its life")
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(15)
+            code = proc.wait(EXIT)
         except subprocess.TimeoutExpired:
-            pytest.fail("registry.py did not exit within 15 s of SIGTERM")
+            pytest.fail(f"registry.py did not exit within {EXIT:.0f} s of SIGTERM")
         assert code == 0 and not r.exists(key("pay", "p1")), (
             f"after SIGTERM registry.py exited with {code} and pay/p1 is "
             f"{'still registered' if r.exists(key('pay', 'p1')) else 'gone'}: expected exit 0 "
@@ -615,9 +677,10 @@ def test_sigterm_between_heartbeats_deregisters_at_once(learner: Any, redis_db: 
             f"and a grace period shorter than the interval SIGKILLs it before the DEL, leaving "
             f"it listed for its whole TTL")
         try:
-            code = proc.wait(15)
+            code = proc.wait(EXIT)
         except subprocess.TimeoutExpired:
-            pytest.fail("registry.py deregistered but did not exit within 15 s of SIGTERM",
+            pytest.fail(f"registry.py deregistered but did not exit within {EXIT:.0f} s of "
+                        "SIGTERM",
                         pytrace=False)
         assert code == 0, f"after SIGTERM and its DEL registry.py exited with {code}; expected 0"
     finally:
@@ -702,15 +765,16 @@ def test_sigterm_during_a_heartbeat_deregisters_for_good(learner: Any, redis_db:
         try:
             wait_until(lambda: exited_early(proc, "30", "before its first heartbeat")
                        or gate.holding.is_set(),
-                       "registry.py's first heartbeat after registering pay/p3")
+                       "registry.py's first heartbeat after registering pay/p3",
+                       timeout=START)
             proc.send_signal(signal.SIGTERM)
             wait_for_del_or_quiet(learner, proc, gate)
             gate.let_go.set()
             try:
-                code = proc.wait(15)
+                code = proc.wait(EXIT)
             except subprocess.TimeoutExpired:
-                pytest.fail("registry.py did not exit within 15 s of SIGTERM (sent while a "
-                            "heartbeat was on its way to Redis)", pytrace=False)
+                pytest.fail(f"registry.py did not exit within {EXIT:.0f} s of SIGTERM (sent "
+                            "while a heartbeat was on its way to Redis)", pytrace=False)
             # The held heartbeat reaches Redis whatever became of its process.
             wait_until(lambda: sum(1 for _, c in list(seen) if c[1:2] == [name]
                                    and c[0].encode() not in READS | DELETES) >= 2,
@@ -795,7 +859,7 @@ def test_a_failed_heartbeat_is_not_the_last(learner: Any, redis_db: Any) -> None
                 f"after {what}, the next heartbeat came but left {name} "
                 f"{registration_of(r, name)}: expected it written again with --ttl 30")
             proc.send_signal(signal.SIGTERM)
-            code = proc.wait(15)
+            code = proc.wait(EXIT)
             assert code == 0 and not r.exists(name), (
                 f"after {what} and a heartbeat that landed, SIGTERM made registry.py exit "
                 f"with {code} and left pay/p4 {registration_of(r, name)}: expected exit 0 "

@@ -60,9 +60,10 @@ class Registry:
         pattern = instance_key(glob_literal(service), "*")
         # The pattern also matches a longer name's keys (services:api:* holds api:v2's
         # services:api:v2:i2): an instance id has no colon, so the rest must have none.
+        # A set: SCAN may return a key more than once (a resize during the iteration).
         start = len(instance_key(service, ""))
-        keys = sorted(k for k in self.r.scan_iter(match=pattern, count=500)
-                      if ":" not in k[start:])
+        keys = sorted({k for k in self.r.scan_iter(match=pattern, count=500)
+                       if ":" not in k[start:]})
         found = []
         for raw in self.r.mget(keys) if keys else []:
             if raw is None:                  # expired between SCAN and MGET
