@@ -423,6 +423,42 @@ def test_process_tcp_sockets_lists_what_a_process_holds_and_listening_ports_its_
     assert process_tcp_sockets(2 ** 22 + 1) == []   # no such process
 
 
+def test_connection_socket_is_that_pairs_socket_and_never_a_listener_or_time_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """By its exact address pair, each end of a live connection, with the bytes the kernel
+    holds unread; once it is closed, neither the port's listener (the kernel's lookup falls
+    back to it) nor the TIME_WAIT end stands for it. Without netlink, the table says the
+    same."""
+    from labrunner.proc_sockets import ESTABLISHED, connection_socket
+
+    def ends(server: tuple[str, int], mine: tuple[str, int]) -> tuple[Any, Any]:
+        return connection_socket(server, mine), connection_socket(mine, server)
+
+    for netlink in (True, False):
+        if not netlink:   # a family this kernel has not: socket() refuses, as a sandbox may
+            monkeypatch.setattr(socket, "AF_NETLINK", 255)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            accepted, _ = listener.accept()
+            client.sendall(b"x" * 1000)
+            pair = listener.getsockname(), client.getsockname()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                server_end, client_end = ends(*pair)
+                if server_end and server_end.rx_queue == 1000:
+                    break
+                time.sleep(0.01)
+            assert server_end and client_end, netlink
+            assert (server_end.state, server_end.rx_queue, client_end.state) == (
+                ESTABLISHED, 1000, ESTABLISHED), (netlink, server_end, client_end)
+            assert server_end.inode and client_end.inode and server_end.remote == pair[1]
+            accepted.close()    # the server closes first: its end goes to TIME_WAIT
+            client.close()
+            time.sleep(0.05)
+            assert ends(*pair) == (None, None), netlink
+        monkeypatch.undo()
+
+
 def test_program_reading_never_passes_on_an_unread_value_of_a_running_program() -> None:
     """-1 from a /proc helper means "gone or out of sight": for a program still running,
     program_reading raises instead, so no check judges an unread value (ph0.7 compared

@@ -71,11 +71,9 @@ import pytest
 from labrunner.testing import (
     CLOSE_WAIT,
     ESTABLISHED,
-    LISTEN,
-    TIME_WAIT,
     Activity,
-    TcpSocket,
     asleep_throughout,
+    connection_socket,
     cpu_burnt_while_idle,
     process_activity,
     process_resources,
@@ -318,7 +316,7 @@ class Conn:
             self.server.fail(what)
 
     def server_side(self) -> Any:
-        return socket_row(("127.0.0.1", self.server.port), self.local)
+        return connection_socket(("127.0.0.1", self.server.port), self.local)
 
     def read_exact(self, n: int, what: str, sink: bytearray | None = None,
                    fix: str = "") -> bytes:
@@ -704,8 +702,8 @@ def server_holds(conn: Conn, sent: int) -> int | None:
     last, deadline = None, time.monotonic() + READY
     while time.monotonic() < deadline:
         time.sleep(HALF_POLL)
-        side = socket_row(("127.0.0.1", conn.server.port), conn.local)
-        mine = socket_row(conn.local, ("127.0.0.1", conn.server.port))
+        side = connection_socket(("127.0.0.1", conn.server.port), conn.local)
+        mine = connection_socket(conn.local, ("127.0.0.1", conn.server.port))
         if side is None or mine is None:   # a row skipped by a busy table: look again
             continue
         now = (side.rx_queue, side.tx_queue, mine.rx_queue, mine.tx_queue,
@@ -717,51 +715,6 @@ def server_holds(conn: Conn, sent: int) -> int | None:
                 return sent - side.tx_queue - mine.rx_queue
         last = now
     return None
-
-
-def socket_row(local: tuple[str, int], remote: tuple[str, int]) -> TcpSocket | None:
-    """This connection's end at ``local``, looked up by its exact address pair (sock_diag
-    netlink, no dump: the kernel's own lookup of one socket, what `ss` asks) - reading the
-    whole of /proc/net/tcp takes a fifth of a second with the thousands of sockets a loaded
-    machine holds, and the steps that watch a connection read it hundreds of times. Never a
-    TIME_WAIT socket (None then, as connection_end); the table as before where netlink is
-    not allowed."""
-    # inet_diag_req_v2: family, protocol, ext, pad, states; then inet_diag_sockid: sport,
-    # dport (network order), src[4], dst[4], if, cookie (none: ~0 twice).
-    req = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-    req += struct.pack("!HH", local[1], remote[1])
-    req += socket.inet_aton(local[0]) + bytes(12) + socket.inet_aton(remote[0])
-    req += bytes(12) + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:  # SOCK_DIAG
-            nl.settimeout(10)
-            nl.sendall(struct.pack("=IHHII", 16 + len(req), 20, 0x1, 1, 0) + req)  # REQUEST
-            data = nl.recv(65536)
-    except OSError:
-        return connection_end(tcp_sockets(), local, remote)
-    length, kind = struct.unpack_from("=IH", data, 0) if len(data) >= 16 else (0, 2)
-    msg = data[16:length]
-    if kind != 20 or len(msg) < 72:   # NLMSG_ERROR (ENOENT: no such socket, or closed)
-        return None
-    state = msg[1]
-    # The kernel's lookup falls back to the LISTENING socket of that port when the pair is
-    # gone: only the pair asked for, never a TIME_WAIT one.
-    if msg[4:8] + msg[8:12] + msg[24:28] != req[8:12] + req[12:16] + req[28:32] \
-            or state in (TIME_WAIT, LISTEN):
-        return None
-    rx_queue, tx_queue, _uid, inode = struct.unpack_from("=IIII", msg, 56)
-    return TcpSocket(local, remote, state, tx_queue, rx_queue, inode)
-
-
-def connection_end(rows: list[TcpSocket], local: tuple[str, int],
-                   remote: tuple[str, int]) -> TcpSocket | None:
-    """This connection's row at its ``local`` end. Both addresses, and never a TIME_WAIT
-    row: an earlier connection from the same client port to another server (loopback
-    reuses ports) leaves one whose queues read 0 - taken for this client's, it made the
-    kernel seem to hold less than it did, and a server that held nothing seem to hold the
-    rest (the half-close case passed a server that never closes)."""
-    return next((s for s in rows if s.local == local and s.remote == remote
-                 and s.state != TIME_WAIT), None)
 
 
 def settled(conn: Conn) -> None:

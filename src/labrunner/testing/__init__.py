@@ -63,6 +63,7 @@ from ..proc_sockets import (
     TCP_STATES,
     TIME_WAIT,
     TcpSocket,
+    connection_socket,
     process_tcp_sockets,
     tcp_sockets,
 )
@@ -152,6 +153,7 @@ __all__ = [
     "serve_wsgi",
     "signals_caught",
     "tcp_sockets",
+    "connection_socket",
     "TCP_STATES",
     "ESTABLISHED",
     "TIME_WAIT",
