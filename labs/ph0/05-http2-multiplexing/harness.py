@@ -9,11 +9,32 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-from typing import Any
+from typing import Any, cast
 
+SETTLE_ROUNDS = 200  # event-loop rounds a correct server needs to act on bytes it has read
 FRAME = 16_384  # the default SETTINGS_MAX_FRAME_SIZE: DATA frames are at most this long
 # path -> (status, body length): no body at all, and a body of exactly two full frames.
 ENDINGS = {"/no-content": (204, 0), "/empty": (200, 0), "/two-frames": (200, 2 * FRAME)}
+
+
+class _CountingReader(asyncio.StreamReader):
+    """The StreamReader handed to the learner, counting the bytes that reached it: the test
+    knows when everything its client sent is in the learner's hands."""
+
+    fed = 0
+    ended = False  # EOF or a reset reached the reader
+
+    def feed_data(self, data: Any) -> None:
+        self.fed += len(data)
+        super().feed_data(data)
+
+    def feed_eof(self) -> None:
+        self.ended = True
+        super().feed_eof()
+
+    def set_exception(self, exc: Exception) -> None:
+        self.ended = True
+        super().set_exception(exc)
 
 
 class ServerThread:
@@ -50,13 +71,21 @@ class ServerThread:
         gc.collect()  # a failed task is reported when it is collected
         return list(self.errors)
 
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.wait)
+    def _call(self, coro: Any, wait: float = 0.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(wait or self.wait)
 
     async def _start(self) -> int:
         self.gate = asyncio.Event()
         self.writers: list[asyncio.StreamWriter] = []
-        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.readers: list[_CountingReader] = []
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.StreamReaderProtocol:  # what start_server does, counting
+            reader = _CountingReader(limit=2 ** 16, loop=loop)
+            self.readers.append(reader)
+            return asyncio.StreamReaderProtocol(reader, self._connection)
+
+        self.server = await loop.create_server(protocol, "127.0.0.1", 0)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _connection(self, reader: asyncio.StreamReader,
@@ -95,10 +124,34 @@ class ServerThread:
             return response(200, [], ascii(request.headers.get("x-note")).encode())
         if request.path == "/fields":  # a field sent three times, as the handler got it
             return response(200, [], ascii(request.headers.get("x-tag")).encode())
+        if request.path == "/names":  # the header names the handler got
+            return response(200, [], ",".join(sorted(request.headers)).encode())
         if request.path == "/echo":
             return response(200, [("content-type", "application/octet-stream")],
                             request.body)
         return response(200, list(self.headers), f"{request.path} ok".encode())
+
+    def settle(self, sent: int, ended: bool = False) -> dict[str, Any]:
+        """Once the last connection's reader has got all ``sent`` bytes (and its EOF or
+        reset, if ``ended``), let the event loop
+        run up to SETTLE_ROUNDS rounds (no waiting on anything outside: a round is CPU, not
+        time, so a loaded machine changes nothing) until /held's handler is cancelled and
+        the connection closed. What was seen, for the test to judge."""
+        return cast(dict[str, Any], self._call(self._settle(sent, ended), self.wait * 2))
+
+    async def _settle(self, sent: int, ended: bool) -> dict[str, Any]:
+        reader, writer = self.readers[-1], self.writers[-1]
+        deadline = asyncio.get_running_loop().time() + self.wait
+        while (reader.fed < sent or (ended and not reader.ended)) \
+                and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)  # the bytes are still on their way in
+        rounds = 0
+        while rounds < SETTLE_ROUNDS and not ("/held" in self.cancelled
+                                              and writer.is_closing()):
+            await asyncio.sleep(0)
+            rounds += 1
+        return {"fed": reader.fed, "sent": sent, "rounds": rounds, "ended": reader.ended,
+                "cancelled": "/held" in self.cancelled, "closing": writer.is_closing()}
 
     def release_slow(self) -> None:
         self.loop.call_soon_threadsafe(self.gate.set)

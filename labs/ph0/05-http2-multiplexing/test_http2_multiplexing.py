@@ -91,11 +91,14 @@ class Client:
         self.streams: dict[int, Stream] = {}
         self.finished: list[str] = []   # paths, in the order their streams ended
         self.raw = bytearray()          # received bytes not yet split into frames
+        self.sent = 0                   # bytes sent to the server so far
         self.flush()
 
     def flush(self) -> None:
+        data = self.h2.data_to_send()
+        self.sent += len(data)
         try:
-            self.sock.sendall(self.h2.data_to_send())
+            self.sock.sendall(data)
         except OSError as exc:
             self.fail(f"the server closed the connection ({exc})")
 
@@ -649,8 +652,18 @@ def test_a_header_value_is_octets(server: Any, client: Client, odd: OddValue) ->
             "A strict .decode() crashes the connection and every stream on it for one "
             "client's header; errors='replace' and UTF-8-first guesses change the octets.")
     sid = client.get("/note", extra=[(b"x-note", odd.raw)])
-    client.run_until(client.ended(sid), f"response to a request whose x-note header is "
-                     f"{odd.raw!r} ({odd.what})", hint=rule)
+    failed = ""
+    try:
+        client.run_until(client.ended(sid), f"response to a request whose x-note header is "
+                         f"{odd.raw!r} ({odd.what})", hint=rule)
+    except pytest.fail.Exception as exc:
+        failed = str(exc)
+    if failed:  # outside the except block: a clean failure message
+        strict = ("your server decoded the value strictly (UTF-8 or ASCII) and crashed: "
+                  if "UnicodeDecodeError" in failed else "")
+        pytest.fail(f"a request whose x-note header is {odd.raw!r} ({odd.what}) got no "
+                    f"response: {strict}{failed.splitlines()[0]}; expected the handler to see "
+                    f"{ascii(odd.seen)} and a 200\n{rule}", pytrace=False)
     got = bytes(client.streams[sid].body).decode("ascii", "replace")
     assert got == ascii(odd.seen), (
         f"a request's x-note header was {odd.raw!r} ({odd.what}); the handler saw {got}, "
@@ -683,6 +696,17 @@ def test_a_repeated_field_keeps_every_value(server: Any, client: Client) -> None
         "application a single value per name joins them with ', ' (RFC 9110 5.3) - dropping "
         "all but one changes what the request says (h2 already joins a cookie's crumbs "
         "with '; ', RFC 9113 8.2.3).")
+    names = client.get("/names", extra=[(b"accept", b"text/plain")])
+    client.run_until(client.ended(names), "response to /names on the same connection")
+    got_names = bytes(client.streams[names].body).decode("ascii", "replace").split(",")
+    pseudo = [name for name in got_names if name.startswith(":")]
+    assert not pseudo and "accept" in got_names, (
+        f"a request with one regular field (accept) reached the handler with header names "
+        f"{got_names}; expected only regular fields, ['accept'], and never the pseudo-headers "
+        f"{pseudo}\nThe pseudo-headers (:method, :path, :scheme, :authority) are the "
+        "request line's parts, not fields (RFC 9113 8.3): they go to Request.method and "
+        "Request.path, and Request.headers holds the regular fields only - an application "
+        "that copies or forwards its headers would send ':path' as a header.")
 
 
 def test_a_stream_reset_before_its_end_spares_the_others(server: Any,
@@ -755,6 +779,7 @@ def _break_protocol(client: Client) -> None:
     # A DATA frame on stream 0 (length 0, type DATA, no flags): h2 refuses it with a
     # ProtocolError; the server answers GOAWAY and the connection is over.
     client.sock.sendall(b"\x00\x00\x00" b"\x00" b"\x00" b"\x00\x00\x00\x00")
+    client.sent += 9
 
 
 def _goaway(client: Client) -> None:
@@ -765,13 +790,13 @@ def _goaway(client: Client) -> None:
 
 
 GOAWAY = "sent GOAWAY (NO_ERROR)"
+CLOSED, RESET = "closed the TCP connection", "reset the TCP connection (RST)"
 CONNECTION_ENDS = {
-    "closed the TCP connection": _close,
+    CLOSED: _close,
     GOAWAY: _goaway,
     "broke the protocol (a DATA frame on stream 0)": _break_protocol,
-    "reset the TCP connection (RST)": _reset,
+    RESET: _reset,
 }
-GONE = WAIT * 2  # the test's /held handler gives up by itself after WAIT * 3
 GOAWAY_ENDS = (
     "\nA client's GOAWAY (ConnectionTerminated) ends the connection for an h2 server: RFC "
     "9113 6.8 would let the streams in flight finish, but h2 closes its state the moment "
@@ -784,23 +809,39 @@ GOAWAY_ENDS = (
 def test_the_connection_ending_cancels_its_handlers(server: Any, client: Client,
                                                     how: str) -> None:
     """A stream's work belongs to its connection: however the connection ends, the
-    handlers still running for its streams are cancelled, not left to run for nobody."""
+    handlers still running for its streams are cancelled, not left to run for nobody.
+    Once the ending is in the server's hands (every byte the client sent, and the EOF or
+    the reset, reached its reader), with nothing left to wait for outside, a few hundred
+    event-loop rounds are enough to cancel /held's task (and close, after a GOAWAY):
+    rounds, not seconds, so no margin depends on the machine's load."""
     client.get("/held")
     client.h2.ping(b"lab-held")
     client.flush()
     client.run_until(lambda: client.pings_acked == 1, "PING ACK behind the /held request")
     CONNECTION_ENDS[how](client)
-    deadline = time.monotonic() + GONE
-    while "/held" not in server.cancelled_paths() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert "/held" in server.cancelled_paths(), (
-        f"the client {how} while /held's handler was still running, and {GONE:.0f} s later "
-        "that handler was still running: its task outlived the connection\n"
+    seen = server.settle(client.sent, ended=how in (CLOSED, RESET))
+    if seen["fed"] < seen["sent"] or (how in (CLOSED, RESET) and not seen["ended"]):
+        pytest.fail(f"test setup: the server's reader got {seen['fed']} of the "
+                    f"{seen['sent']} bytes the client sent (its end seen: {seen['ended']}) "
+                    f"within {WAIT:.0f} s", pytrace=False)
+    after = (f"the client {how} while /held's handler was running; your server had "
+             f"{'read it' if how not in (CLOSED, RESET) else 'seen it'}, and "
+             f"{seen['rounds']} rounds of its event loop later, with nothing left to wait "
+             "for,")
+    if how == GOAWAY and not seen["cancelled"]:
+        stopped = ("the connection was closed but" if seen["closing"]
+                   else "the connection was still open and")
+        pytest.fail(f"{after} {stopped} /held's handler was still running; expected it "
+                    f"cancelled and the connection closed{GOAWAY_ENDS}", pytrace=False)
+    if how == GOAWAY and not seen["closing"]:
+        pytest.fail(f"{after} /held's handler was cancelled but the connection was still "
+                    f"open; expected it closed{GOAWAY_ENDS}", pytrace=False)
+    assert seen["cancelled"], (
+        f"{after} that handler was still running: its task outlived the connection\n"
         "When the connection ends - EOF, a reset, a protocol error, any way out of your "
         "read loop - cancel every stream task still running (in a finally): nobody is "
         "left to read those answers, and the abandoned work (a query, a lock, a call) "
-        "would run on for nobody, one more per client that goes away."
-        + (GOAWAY_ENDS if how == GOAWAY else ""))
+        "would run on for nobody, one more per client that goes away.")
     if how == GOAWAY:
         try:
             left = client.sock.recv(65536)

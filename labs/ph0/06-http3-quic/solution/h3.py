@@ -13,6 +13,7 @@ is why only idempotent requests belong in it.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,24 @@ class _TicketStore:
         return self.tickets.pop(label, None)  # single use: limits 0-RTT replay
 
 
+_ENCODED_NON_ASCII = re.compile(r"(?:%[89A-Fa-f][0-9A-Fa-f])+")
+
+
+def iri_path(raw: str) -> str:
+    """The :path as the handler gets it (RFC 3987 3.2, URI to IRI). A character outside
+    ASCII travels as its UTF-8 bytes percent-encoded (RFC 3986 2.1, RFC 3987 3.1): those
+    (%80-%FF) are decoded, "/caf%C3%A9" -> "/café". A percent-encoded ASCII character
+    stays as it came: "%2F" is no "/" ("/files/a%2Fb" has one segment, "a/b", and
+    "/files/a/b" two: a reserved character and its encoding are different URIs, RFC 3986
+    2.2), and "%25" stays, or "%252F" (a "%2F" in a name) would turn into that same "%2F"."""
+    def decode(run: re.Match[str]) -> str:
+        try:
+            return unquote(run.group(), encoding="utf-8", errors="strict")
+        except UnicodeDecodeError:
+            return run.group()  # not UTF-8: left encoded (RFC 3987 3.2)
+    return _ENCODED_NON_ASCII.sub(decode, raw)
+
+
 class _ServerProtocol(QuicConnectionProtocol):
     def __init__(self, *args: Any, handler: Handler, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -79,11 +98,9 @@ class _ServerProtocol(QuicConnectionProtocol):
         if isinstance(event, HeadersReceived) and event.stream_id not in self.paths:
             # The stream's first HEADERS frame is the request's; a later one holds its
             # trailers (no :path, after the body; RFC 9114 4.1), not a new request.
-            # :path is a URI path, ASCII: a character outside ASCII travels as its UTF-8
-            # bytes percent-encoded (RFC 3986 2.1, RFC 3987 3.1); the handler gets it decoded.
             headers = dict(event.headers)
             raw = headers.get(b":path", b"/").decode("ascii", errors="replace")
-            self.paths[event.stream_id] = unquote(raw, encoding="utf-8", errors="replace")
+            self.paths[event.stream_id] = iri_path(raw)
         if isinstance(event, HeadersReceived | DataReceived) and event.stream_ended:
             # One task per request stream: a slow handler holds only its own stream.
             task = asyncio.create_task(self.respond(event.stream_id,
