@@ -101,6 +101,22 @@ def place_all(conn: Any, orders_mod: Any, orders: list[dict[str, Any]]) -> None:
             orders_mod.place_order(conn, order)
 
 
+def write_orders(conn: Any, orders: list[dict[str, Any]]) -> None:
+    """Write many orders and their OrderPlaced outbox rows (the rows place_order writes, as
+    the README describes them) in one transaction of two statements: a test of the relay
+    alone, with no call per order into the learner's code (each one, graded, is a few round
+    trips between processes)."""
+    columns = ([o["order_id"] for o in orders], [o["customer"] for o in orders],
+               [o["total_cents"] for o in orders])
+    with conn.transaction():
+        conn.execute("INSERT INTO orders (order_id, customer, total_cents) "
+                     "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])", columns)
+        conn.execute("INSERT INTO outbox (aggregate_id, event_type, payload) "
+                     "SELECT o, 'OrderPlaced', jsonb_build_object('order_id', o, 'customer', c, "
+                     "'total_cents', t) FROM unnest(%s::text[], %s::text[], %s::int[]) "
+                     "WITH ORDINALITY AS u(o, c, t, n) ORDER BY n", columns)
+
+
 def read_events(kafka: Any, topic: str) -> list[dict[str, Any]]:
     """Every event on the topic: its key and decoded value."""
     return [{"key": r.key.decode() if r.key else None, **json.loads(r.value or b"null")}
@@ -757,10 +773,10 @@ def test_relay_marks_only_the_rows_it_claimed(shop: Any, learner: Any, postgres:
 
 def test_thousand_orders_thousand_events(shop: Any, learner: Any, postgres: Any,
                                          kafka: Any) -> None:
-    conn, orders_mod = shop
+    conn, _ = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(1000)
-    place_all(conn, orders_mod, orders)
+    write_orders(conn, orders)   # the relay is timed here, not place_order
     started = time.monotonic()
     run_relay(learner, postgres, kafka, topic, batch=200)
     took = time.monotonic() - started
@@ -817,8 +833,16 @@ def test_an_idle_relay_waits_between_looks(shop: Any, learner: Any, postgres: An
             wait_drained(conn, relay, "orders 0-2")
             proxy.take()
             started = time.monotonic()
-            time.sleep(IDLE_WINDOW)   # the window measured, nothing awaited
-            looks = sum(1 for sql in proxy.take() if "outbox" in sql.lower())
+            looks = 0
+            while time.monotonic() - started < IDLE_WINDOW:   # the window measured
+                time.sleep(0.1)
+                looks += sum(1 for sql in proxy.take() if "outbox" in sql.lower())
+                with proxy.lock:
+                    quiet, _ = longest_quiet(proxy.looks, started, time.monotonic())
+                # Both only grow as the window goes on: a verdict already reached stands
+                if looks > IDLE_MAX_LOOKS * IDLE_WINDOW or quiet > IDLE_MAX_GAP:
+                    break
+            looks += sum(1 for sql in proxy.take() if "outbox" in sql.lower())
             took = time.monotonic() - started
             with proxy.lock:
                 quiet, since = longest_quiet(proxy.looks, started, started + took)
@@ -837,7 +861,7 @@ def test_an_idle_relay_waits_between_looks(shop: Any, learner: Any, postgres: An
         "looks when a batch came back empty (stopping.wait(0.2): a SIGTERM still ends the "
         "wait at once)")
     assert quiet <= IDLE_MAX_GAP, (
-        f"with nothing pending the running relay did not look at the outbox for {quiet:.1f} s "
+        f"with nothing pending the running relay did not look at the outbox for {quiet:.2f} s "
         f"(from {since:.1f} s into a {took:.1f} s idle watch; {looks} statement(s) on the "
         f"outbox in all), expected a look at least every {IDLE_MAX_GAP} s: an idle relay "
         "looks again within a second - a longer sleep between looks (or a back-off that "
