@@ -58,7 +58,7 @@ class Subscriber:
             self.pubsub.subscribe(channel)
             # subscribe() only sends SUBSCRIBE. Wait for the server's confirmation: from
             # then on, every message published to the channel is certain to reach us.
-            confirmation = self.pubsub.get_message(timeout=5)
+            confirmation = self.pubsub.get_message(timeout=3)
             if confirmation is None or confirmation["type"] != "subscribe":
                 raise TimeoutError(
                     f"no confirmation of SUBSCRIBE {channel}: {confirmation!r}")
