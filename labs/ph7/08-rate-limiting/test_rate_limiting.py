@@ -66,6 +66,20 @@ SCRIPTS = [
              "digits) nor whole milliseconds"),
         Step(1700000000.0011, 1, 1, "0.08 ms more: 1.06 tokens, one passes"),
     ]),
+    # Two app instances' clocks differ a little: a request may come stamped before the
+    # bucket's last refill. Elapsed time is then 0, never negative, and the stored time of
+    # the last refill never moves back.
+    Script("token-bucket-clock-behind", "TokenBucket", {"capacity": 2, "rate": 1.0}, [
+        Step(10.0, 1, 1, "a new bucket of 2: one taken, one left"),
+        Step(9.0, 1, 1, "a request stamped 1 s before the last refill (another app "
+             "instance's clock is behind): the token left is still there and it takes it. "
+             "Refused means the refill went negative: (now - last) * rate with now < last "
+             "took a token away. Refill only for time that went forward: "
+             "elapsed = max(0, now - last)"),
+        Step(10.5, 1, 0, "0.5 s after t=10 at 1 token/s is half a token: refused. Allowed "
+             "means the request from behind moved the stored refill time back to t=9, and "
+             "the second from 9 to 10 was refilled twice: keep the latest time"),
+    ]),
     Script("sliding-log", "SlidingWindowLog", {"limit": 3, "window": 10.0}, [
         Step(100.0, 1, 1, "first request in an empty window"),
         Step(101.0, 1, 1, "second"),
