@@ -237,6 +237,29 @@ def test_process_activity_tells_a_sleeping_process_and_what_it_sleeps_in() -> No
     assert process_activity(child.pid) == (-1, -1, ())
 
 
+def test_thread_times_count_how_long_each_sleep_lasts() -> None:
+    from labrunner.testing import thread_times
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; print(1, flush=True)\n"
+                              "while True: time.sleep(0.005)"], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        first = thread_times(child.pid)
+        time.sleep(0.3)
+        last = thread_times(child.pid)
+        assert first[0] > 0 and [t[0] for t in last[1]] == [child.pid], (first, last)
+        (_, ran0, waited0, sleeps0), (_, ran1, waited1, sleeps1) = first[1][0], last[1][0]
+        sleeps = sleeps1 - sleeps0
+        asleep = (last[0] - first[0]) - (ran1 - ran0) - (waited1 - waited0)
+        # each sleep lasts 5 ms at least, however loaded the machine (load delays the wake-up)
+        assert sleeps > 0 and asleep / sleeps >= 0.0045e9, (first, last)
+    finally:
+        child.kill()
+        child.wait()
+    assert thread_times(child.pid) == (-1, ())
+
+
 def test_cpu_burnt_while_idle_tells_a_busy_loop_from_a_sleeper() -> None:
     """A process that sleeps is seen asleep throughout (None); one that spins is reported
     with the CPU seconds it burnt once they pass the limit."""

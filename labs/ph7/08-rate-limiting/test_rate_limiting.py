@@ -8,7 +8,8 @@ Shared state is checked with two limiter instances (two app processes) on one ke
 stays bounded: every key expires, and the log holds no entry that left the window.
 A refused request must never count, not even for a moment: its Redis commands go through a
 gate that holds it before each of its commands in turn while another client's request,
-which fits the budget, is decided.
+which fits the budget, is decided. The same holds after Redis lost its scripts (NOSCRIPT):
+a fallback to separate commands is held between them just the same.
 """
 
 from __future__ import annotations
@@ -64,6 +65,20 @@ SCRIPTS = [
              "precision - string.format('%.17g', x) or repr() - never tostring() (14 "
              "digits) nor whole milliseconds"),
         Step(1700000000.0011, 1, 1, "0.08 ms more: 1.06 tokens, one passes"),
+    ]),
+    # Two app instances' clocks differ a little: a request may come stamped before the
+    # bucket's last refill. Elapsed time is then 0, never negative, and the stored time of
+    # the last refill never moves back.
+    Script("token-bucket-clock-behind", "TokenBucket", {"capacity": 2, "rate": 1.0}, [
+        Step(10.0, 1, 1, "a new bucket of 2: one taken, one left"),
+        Step(9.0, 1, 1, "a request stamped 1 s before the last refill (another app "
+             "instance's clock is behind): the token left is still there and it takes it. "
+             "Refused means the refill went negative: (now - last) * rate with now < last "
+             "took a token away. Refill only for time that went forward: "
+             "elapsed = max(0, now - last)"),
+        Step(10.5, 1, 0, "0.5 s after t=10 at 1 token/s is half a token: refused. Allowed "
+             "means the request from behind moved the stored refill time back to t=9, and "
+             "the second from 9 to 10 was refilled twice: keep the latest time"),
     ]),
     Script("sliding-log", "SlidingWindowLog", {"limit": 3, "window": 10.0}, [
         Step(100.0, 1, 1, "first request in an empty window"),
@@ -424,27 +439,35 @@ IN_FLIGHT_CASES = [
 
 class HoldAt:
     """``before`` of a :func:`redis_gate`: holds the command after the first ``after``
-    commands of a request (a new connection's set-up chatter not counted) until released."""
+    commands of a request (a new connection's set-up chatter not counted) until released.
+    With ``flush``, the request's first EVALSHA also meets a script cache Redis lost
+    (NOSCRIPT, as :class:`FlushScripts`), so what the request does then is held in turn."""
 
-    def __init__(self) -> None:
+    def __init__(self, flush: bool = False) -> None:
         self.after = 0
         self.sent: list[str] = []
         self.held = threading.Event()
         self.release = threading.Event()
+        self.flush = flush
+        self.to_flush = False
 
     def arm(self, after: int) -> None:
-        self.after, self.sent = after, []
+        self.after, self.sent, self.to_flush = after, [], self.flush
         self.held.clear()
         self.release.clear()
 
-    def __call__(self, command: list[bytes]) -> None:
+    def __call__(self, command: list[bytes]) -> list[bytes] | None:
         name = command[0].decode(errors="replace").upper()
         if not self.after or name in CONNECTION_SETUP:
-            return
+            return None
         if len(self.sent) == self.after and not self.held.is_set():
             self.held.set()
             self.release.wait(60)
-        self.sent.append(name)
+        self.sent.append(name + " (NOSCRIPT)" * (self.to_flush and name == "EVALSHA"))
+        if self.to_flush and name == "EVALSHA":
+            self.to_flush = False
+            return [command[0], UNLOADED, *command[2:]]
+        return None
 
 
 # How long B may take while A is held before the test lets A go: B blocked behind A (a
@@ -530,7 +553,12 @@ def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: A
     slot back after deciding (INCR then DECR, ZADD then ZREM, take a token then refund it),
     or decides in Python between round trips, shows A's refusal to B. (Whichever order A
     and B really run in, B passes: A is refused when it runs first.)"""
-    gate = HoldAt()
+    refused_never_counts(learner, redis_db, case, HoldAt())
+
+
+def refused_never_counts(learner: Any, redis_db: Any, case: InFlight, gate: HoldAt) -> None:
+    """The body of :func:`test_a_refused_request_never_counts_even_in_flight`, A behind
+    ``gate``; with ``gate.flush`` each A first meets a flushed script cache."""
     with redis_gate(redis_db.url, gate) as gated:
         a = make(learner, redis_db, case.cls, "f", gated, **case.params)
         b = make_in_another_app(learner, redis_db, case.cls, "f", **case.params)
@@ -548,12 +576,13 @@ def test_a_refused_request_never_counts_even_in_flight(learner: Any, redis_db: A
                 when = f"after A ({' '.join(step.sent)}) had ended"
             assert b_allowed, (
                 f"{case.cls}({case.params}): a refused request was counted, at least for a "
-                f"moment - after requests at t={case.setup}, request A at t={case.a_now} was "
+                f"moment{FLUSHED_A * gate.flush} - after requests at t={case.setup}, request "
+                f"A at t={case.a_now} was "
                 f"refused, and request B at t={case.b_now} from another instance was refused "
                 f"{when}; expected B allowed: {case.why}.\nConcurrent clients are then "
                 "refused on requests that never happened (and for good when the give-back "
                 "never lands). Read, decide and write as one atomic step (one Lua script) and "
-                "write nothing for a refusal.")
+                "write nothing for a refusal." + FALLBACK * gate.flush)
 
 
 # One slot left, and two requests for it at one instant, from two app instances: exactly one
@@ -580,7 +609,14 @@ def test_two_instances_never_both_take_the_last_slot(
     trips (read, decide in Python, write; a pipeline to count and another to add) lets both
     read "one left" - and a lock in the process orders nothing across instances. B blocked
     behind A (a lock A holds in Redis) is atomic: the test lets A go after ALONE seconds."""
-    gate = HoldAt()
+    only_one_takes_the_last_slot(learner, redis_db, cls, params, setup, now, why, HoldAt())
+
+
+def only_one_takes_the_last_slot(learner: Any, redis_db: Any, cls: str,
+                                 params: dict[str, float], setup: list[float], now: float,
+                                 why: str, gate: HoldAt) -> None:
+    """The body of :func:`test_two_instances_never_both_take_the_last_slot`, A behind
+    ``gate``; with ``gate.flush`` each A first meets a flushed script cache."""
     with redis_gate(redis_db.url, gate) as gated:
         a = make(learner, redis_db, cls, "last", gated, **params)
         b = make_in_another_app(learner, redis_db, cls, "last", **params)
@@ -588,7 +624,8 @@ def test_two_instances_never_both_take_the_last_slot(
             if not step.held:
                 break   # A sent fewer than `after` + 1 commands: every point was tried
             assert step.a_allowed != step.b_allowed, (
-                f"{cls}({params}) after requests at t={setup} ({why}): two requests for the "
+                f"{cls}({params}){FLUSHED_A * gate.flush} after requests at t={setup} "
+                f"({why}): two requests for the "
                 f"last slot at t={now}, A from one app instance and B from another, were "
                 f"{'both allowed' if step.a_allowed else 'both refused'} when A was held "
                 f"before its Redis command #{step.after + 1} (it had sent "
@@ -597,6 +634,7 @@ def test_two_instances_never_both_take_the_last_slot(
                    "round trips. A lock in the process (threading.Lock) orders only that "
                    "process's requests - the other instance is another process. Decide in "
                    "one atomic step in Redis: one Lua script, or WATCH/MULTI/EXEC with retry."
+                   + FALLBACK * gate.flush
                    if step.a_allowed else
                    "A slot that was there went to neither: check the comparison, and that a "
                    "request refused or in flight is not counted."))
@@ -669,3 +707,37 @@ def test_a_flushed_script_cache_changes_no_decision(
                 "limit whenever the cache is empty, failing closed refuses everyone. Load "
                 "the script again (SCRIPT LOAD, or EVAL it) and run it: redis-py's "
                 "register_script() does that.")
+
+
+FLUSHED_A = (" with Redis's scripts lost under A (its EVALSHA answered NOSCRIPT) and A "
+             "held between the separate commands of its fallback")
+FALLBACK = ("\nHere A met NOSCRIPT first (SCRIPT FLUSH, a restart or a failover emptied the "
+            "script cache) and then decided in separate commands (HMGET/HSET, ZCARD/ZADD, "
+            "GET/INCR, with or without a lock in the process): that fallback is the same "
+            "non-atomic read-decide-write, run exactly when every app instance meets the "
+            "empty cache at once. On NOSCRIPT load the script again and run it (EVAL, or "
+            "SCRIPT LOAD then EVALSHA: redis-py's register_script() does that).")
+
+
+@pytest.mark.parametrize("cls,params,setup,now,why", LAST_SLOT_CASES,
+                         ids=[c[0] for c in LAST_SLOT_CASES])
+def test_a_flushed_script_cache_keeps_the_last_slot_atomic(
+        learner: Any, redis_db: Any, cls: str, params: dict[str, float], setup: list[float],
+        now: float, why: str) -> None:
+    """:func:`test_two_instances_never_both_take_the_last_slot` with Redis's script cache
+    lost under request A: its first EVALSHA is answered NOSCRIPT, then A is held before each
+    of its later commands in turn (what it does about the NOSCRIPT) while B asks for the
+    same last slot. A limiter that falls back to separate commands on NOSCRIPT races
+    exactly when a flush hits every instance at once. (One that never sends EVALSHA meets
+    no flush, and is the plain test again.)"""
+    only_one_takes_the_last_slot(learner, redis_db, cls, params, setup, now, why,
+                                 HoldAt(flush=True))
+
+
+@pytest.mark.parametrize("case", IN_FLIGHT_CASES, ids=[c.cls for c in IN_FLIGHT_CASES])
+def test_a_flushed_script_cache_never_counts_a_refusal(learner: Any, redis_db: Any,
+                                                       case: InFlight) -> None:
+    """:func:`test_a_refused_request_never_counts_even_in_flight` with Redis's script cache
+    lost under the refused request A (its first EVALSHA answered NOSCRIPT): a fallback that
+    counts first and gives the slot back shows the refusal to B."""
+    refused_never_counts(learner, redis_db, case, HoldAt(flush=True))

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import cpu_burnt_while_idle, process_activity, program_reading
+from labrunner.testing import cpu_burnt_while_idle, process_activity, program_reading, thread_times
 
 READY = 5.0       # seconds for "listening on <port>"
 WAIT = 5.0        # seconds for an answer, or for the process to react
@@ -43,15 +43,21 @@ SPIN_CPU = 0.2
 # CPU seconds alone are a weak witness on a busy machine: a spinner gets only its share of
 # the cores (0.25 s of the 2 s at a load average of 20, less at 150), and a drain that
 # sleeps microseconds between looks (usleep(5) meant as 5 ms) uses less still. What load
-# does not change is how the drain waits: the test looks at the process every SAMPLE s
-# during those 2 s and counts its threads' voluntary sleeps (/proc/<pid>/task/*/status);
-# the share of looks that found a thread running or runnable, times the time watched, is
-# how long it was awake. Per sleep: the reference is awake for a wake-up's latency (under a
-# ms, a few ms on a crowded machine) and asleep 5 ms; a condition variable sleeps the whole
-# 2 s at once. A spin (an empty loop, sched_yield(), a timed wait whose deadline has passed)
-# never sleeps: awake the whole 2 s for at most a sleep or two; a microsecond sleep sleeps
-# 0.06 ms (estimated 0.1-0.2 ms: the looks themselves take a core). Load stretches the
-# wait for a core after a wake-up, never the sleep itself.
+# does not change is how the drain waits: how long each of its sleeps lasts. The scheduler
+# counts it exactly: two readings of each thread's time on a CPU, time runnable waiting for
+# one (/proc/<pid>/task/*/schedstat) and voluntary sleeps (status) during those 2 s give
+# the busiest thread's time asleep (the rest of the 2 s) and awake, per sleep. The
+# reference sleeps 5 ms per look (5.06-5.6 ms measured, at load averages of 10 to 25), a
+# condition variable the whole 2 s at once; a microsecond sleep lasts 0.03-0.06 ms (the
+# timer's slack included) however loaded the machine: 1 ms is 5x below the one and 15x
+# above the other, with no estimate's noise in between (looks every SAMPLE s only estimated
+# it: 0.06-0.11 ms from one run to the next, and by chance more on a crowded machine,
+# where a few dozen looks catch a short sleep only now and then). A spin (an empty loop,
+# sched_yield(), a timed wait whose deadline has passed) never sleeps: awake the whole 2 s
+# for at most a sleep or two, and load only moves that time from running to waiting for a
+# CPU, both awake. Where the kernel keeps no schedstats, the test looks at the threads'
+# states every SAMPLE s instead and estimates both from the share of looks that found one
+# running or runnable.
 SAMPLE = 0.02
 MAX_AWAKE = 0.2      # seconds awake per voluntary sleep above which the drain never sleeps
 MIN_SLEEP = 0.001    # seconds asleep per sleep below which the drain hardly pauses
@@ -296,6 +302,18 @@ def test_idle_server_exits_zero_on_sigterm(learner: Any, launch: Any) -> None:
             pytrace=False)
     sigterm(server)
     status = server.wait_exit(WAIT)
+    if status is None and refused(server.port):
+        pytest.fail(
+            f"an idle server was still running {WAIT:.0f} s after SIGTERM with nothing in "
+            "flight, although it had stopped accepting (new connections refused): it saw "
+            "the signal, and its drain waits out the deadline (30000 ms here) instead of "
+            "ending as soon as the in-flight count is 0 - a loop condition that goes on "
+            "while requests are in flight OR the deadline has not passed, or one that looks "
+            "at the clock only\nDrain while "
+            "in_flight > 0 AND now < deadline: whichever comes first ends it. A supervisor "
+            "waits the whole grace period for a server with nothing left to do (every "
+            "rolling update, every scale-down).",
+            pytrace=False)
     if status is None:
         pytest.fail(
             f"an idle server was still running {WAIT:.0f} s after SIGTERM\nThe accept loop "
@@ -313,48 +331,73 @@ def test_idle_server_exits_zero_on_sigterm(learner: Any, launch: Any) -> None:
 
 @dataclass
 class Drain:
-    """What the server's threads did while it drained, looked at every SAMPLE s."""
-    cpu: float = 0.0     # CPU seconds used
+    """What the server's threads did while it drained: its busiest thread's time awake
+    (running or waiting for a CPU) and asleep, and its voluntary sleeps, as the scheduler
+    counted them - or, without schedstats, as estimated from looks every SAMPLE s."""
+    cpu: float = 0.0     # CPU seconds used (every thread)
     wall: float = 0.0    # seconds watched
-    wakes: int = 0       # voluntary sleeps (context switches) of its threads
-    looks: int = 0       # readings taken
-    asleep: int = 0      # ... of which found no thread running or runnable
+    wakes: int = 0       # voluntary sleeps (context switches) of the busiest thread
+    awake: float = 0.0   # seconds it ran or waited for a CPU
+    looks: int = 0       # readings taken (2 when counted by the scheduler), 0: not watched
+    how: str = "counted by the scheduler"
 
     def asleep_per_wake(self) -> float:
-        """Seconds asleep per voluntary sleep (an estimate: the share of looks that found
-        every thread asleep, times the time watched)."""
-        if self.looks == 0:
-            return float("inf")
-        return self.asleep / self.looks * self.wall / max(1, self.wakes)
+        """Seconds asleep per voluntary sleep."""
+        return max(0.0, self.wall - self.awake) / max(1, self.wakes)
 
     def awake_per_wake(self) -> float:
-        """Seconds some thread was running or runnable, per voluntary sleep (an estimate,
-        as above)."""
-        if self.looks == 0:
-            return 0.0
-        return (self.looks - self.asleep) / self.looks * self.wall / max(1, self.wakes)
+        """Seconds running or runnable per voluntary sleep."""
+        return self.awake / max(1, self.wakes)
 
 
 def watch_drain(learner: Any, server: Server, seconds: float) -> Drain:
-    """Look at the server's threads every SAMPLE s for ``seconds`` (or until it exits)."""
+    """How the server's threads spend ``seconds`` of its drain (or until it exits)."""
+    try:
+        first = program_reading(learner, server.proc, thread_times)
+    except RuntimeError:   # no schedstats in this kernel: estimate from looks
+        return sampled_drain(learner, server, seconds)
     drain = Drain()
+    if first[0] < 0:
+        return drain   # gone already
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and server.alive():
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+    last = program_reading(learner, server.proc, thread_times)
+    if last[0] < 0:
+        return drain   # gone before the end: not watched (the exit is asserted first)
+    before = {tid: (ran, waited, sleeps) for tid, ran, waited, sleeps in first[1]}
+    spent = [(ran - before.get(tid, (0, 0, 0))[0], waited - before.get(tid, (0, 0, 0))[1],
+              sleeps - before.get(tid, (0, 0, 0))[2]) for tid, ran, waited, sleeps in last[1]]
+    ran, waited, sleeps = max(spent, key=lambda t: (t[0] + t[1], t[2]))
+    drain.looks, drain.wall = 2, (last[0] - first[0]) / 1e9
+    drain.cpu = sum(t[0] for t in spent) / 1e9
+    drain.awake, drain.wakes = (ran + waited) / 1e9, sleeps
+    return drain
+
+
+def sampled_drain(learner: Any, server: Server, seconds: float) -> Drain:
+    """:func:`watch_drain` where the kernel keeps no schedstats: look at the threads every
+    SAMPLE s; the share of looks that found one running or runnable, times the time watched,
+    estimates the time awake (every thread's voluntary sleeps counted)."""
+    drain = Drain(how="estimated from looks")
     first = program_reading(learner, server.proc, process_activity)
     if first[1] < 0:
         return drain
     started = last_time = time.monotonic()
-    last = first
+    last, awake_looks = first, 0
     while time.monotonic() - started < seconds:
         time.sleep(SAMPLE)
         reading = program_reading(learner, server.proc, process_activity)
         if reading[1] < 0:
             break
         drain.looks += 1
-        drain.asleep += reading[0] == 0
+        awake_looks += reading[0] != 0
         last, last_time = reading, time.monotonic()
     before = dict((tid, sleeps) for tid, sleeps, _ in first[2])
     drain.wakes = sum(sleeps - before.get(tid, 0) for tid, sleeps, _ in last[2])
     drain.cpu = (last[1] - first[1]) / 1e9
     drain.wall = last_time - started
+    drain.awake = awake_looks / max(1, drain.looks) * drain.wall
     return drain
 
 
@@ -385,9 +428,9 @@ def test_five_in_flight_complete_new_refused_then_exit_zero(learner: Any,
             "counter is 0 before returning from main(); returning ends every thread.")
         cpu, wall = drain.cpu, drain.wall
         watched = drain.looks > 0   # not when it was gone before the first look
-        seen = (f"the server's threads slept {drain.wakes} times in {wall:.1f} s of its "
-                f"drain, one of them running or runnable at {drain.looks - drain.asleep} of "
-                f"{drain.looks} looks ({cpu:.2f} s of CPU)")
+        seen = (f"its busiest thread slept {drain.wakes} times in {wall:.1f} s of its "
+                f"drain, running or waiting for a CPU for {drain.awake:.2f} s of it "
+                f"({drain.how}; {cpu:.2f} s of CPU)")
         assert not watched or drain.awake_per_wake() <= MAX_AWAKE, (
             f"after SIGTERM, with {SLOW} requests in flight that none could finish (the "
             f"test's clients held them), {seen}: expected it asleep between looks at the "
@@ -889,6 +932,32 @@ def test_without_drain_ms_the_default_drain_holds_a_request(launch: Any) -> None
             f"started without DRAIN_MS, after its drain the server "
             f"{'was still running' if status is None else f'exited with status {status}'} "
             f"{WAIT:.0f} s later, expected exit 0{killed_by(status)}")
+    finally:
+        request.close()
+
+
+def test_drain_ms_zero_cuts_at_once(launch: Any) -> None:
+    """`graceful_server 0 0`: a drain of 0 ms (terminationGracePeriodSeconds: 0, a supervisor
+    that gives no grace) - a request in flight at SIGTERM does not hold the process: it stops
+    accepting and exits 0 at once. Not the default of 10 s, not "no deadline". The test waits
+    WAIT s for the exit (far above a loaded machine's exit, far below the default)."""
+    server = launch(drain_ms=0, leak_check=False)  # leaks are checked by the idle test
+    request = Slow(server.port, "zero")
+    try:
+        sigterm(server)
+        signalled = time.monotonic()
+        status = server.wait_exit(WAIT)
+        assert status is not None, (
+            f"started with DRAIN_MS 0, the server was still running {WAIT:.0f} s after "
+            "SIGTERM with a request in flight, expected it to exit at once: 0 is a drain "
+            "deadline of 0 ms (a supervisor that gives no grace), not \"not given\" (the "
+            "default of 10000 ms) nor \"no deadline\"\nTell a missing argv[2] from a 0 "
+            "by argc (or strtol's end pointer), not by the value: `if (!drain_ms) drain_ms = "
+            "10000` makes 0 mean 10 s.")
+        assert status == 0, (
+            f"started with DRAIN_MS 0, the server exited with status {status} "
+            f"{time.monotonic() - signalled:.2f} s after SIGTERM, expected 0"
+            f"{killed_by(status)}\nstderr: {server.err()[-400:]}")
     finally:
         request.close()
 

@@ -27,6 +27,7 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   (descriptors, memory; :func:`process_address_space` its mapped KiB) of a learner's
   program beside it, through ``learner.run_helper``,
   and :func:`process_activity` tells whether it sleeps while work waits for it
+  (:func:`thread_times`: how long and how often each thread slept, as the scheduler counted)
   (:func:`asleep_throughout` two readings; :func:`cpu_burnt_while_idle`: a busy loop);
   :func:`open_descriptors`, :func:`open_files_limit` and :func:`epoll_interest` read which
   descriptors it holds, its limit on them and what its epoll sets watch, and
@@ -84,6 +85,7 @@ from .beside import (
     process_resources,
     process_threads,
     program_reading,
+    thread_times,
     threads_waiting_in,
 )
 from .grpc import DaemonExecutor, ProtoStubs, drain, generate_stubs, next_message, serve_grpc
@@ -144,6 +146,7 @@ __all__ = [
     "process_resources",
     "process_threads",
     "program_reading",
+    "thread_times",
     "read_all",
     "redis_commands",
     "redis_gate",
