@@ -3,6 +3,7 @@ as an instructor runs it: the CLI in a real process, a sandbox per submission.""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -180,6 +181,7 @@ def test_a_lab_with_nothing_of_the_learners_is_not_attempted(tmp_path: Path) -> 
     for text in (starter + "\n", GOOD_IDX, ""):
         assert not_attempted(workspace(tmp_path / secrets.token_hex(4), {IDX: text}),
                              lab) is None, text
+    assert not_attempted(missing, dataclasses.replace(lab, learner_files=[])) is None
 
 
 def test_the_summary_marks_a_lab_not_attempted(capsys: pytest.CaptureFixture[str]) -> None:

@@ -226,7 +226,10 @@ def read_learner_file(workspace: Path, lab: Lab, name: str) -> bytes | None:
 
 def not_attempted(workspace: Path, lab: Lab) -> str | None:
     """Why the submission holds nothing to grade for ``lab`` (each of its files missing or
-    still the starter's, byte for byte), or None when it holds work of its own."""
+    still the starter's, byte for byte), or None when it holds work of its own (or the lab
+    declares no file to tell by: it is run)."""
+    if not lab.learner_files:
+        return None
     for name in lab.learner_files:
         data = read_learner_file(workspace, lab, name)
         starter = lab.starter_dir / name
