@@ -194,11 +194,15 @@ def processes_in_this_network() -> list[dict[str, Any]]:
             uid = next(int(line.split()[1]) for line in
                        (entry / "status").read_text(encoding="ascii", errors="replace")
                        .splitlines() if line.startswith("Uid:"))
+            # The cgroup before the flags: a process leaves its cgroup on its way out only
+            # after PF_EXITING is set, so one that read "/" for that reason reads exiting
+            # next. The other order let a backend that began to exit between the two reads
+            # pass as a live process outside the run's cgroup (CI 46a).
+            groups = (entry / "cgroup").read_text(encoding="utf-8", errors="replace")
             # /proc/<pid>/stat after the command: the state first, the flags 7th.
             stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
             fields = stat.rsplit(")", 1)[1].split()
             state, exiting = fields[0], bool(int(fields[6]) & PF_EXITING)
-            groups = (entry / "cgroup").read_text(encoding="utf-8", errors="replace")
         except (OSError, StopIteration, ValueError, IndexError):
             continue  # gone meanwhile
         # The memory cgroup (v1 "N:memory:/path", or v2's single "0::/path"). A process on
