@@ -295,8 +295,8 @@ class Grader:
             memory = self.config.limits.memory_mb * 1024 * 1024
             cgroup = MemoryCgroup.create(memory) if uid is not None else None
             result = self._verify(lab, run, uid, self._sandbox(lab, run, uid, cgroup), slot)
-            scrub_paths(result, {str(run.src): lab.workspace_dir, str(run.copy): lab.workspace_dir,
-                            str(run_dir): "<sandbox>"})
+            scrub_paths(result, {str(run.src): lab.workspace_dir,
+                                 str(run.copy): lab.workspace_dir, str(run_dir): "<sandbox>"})
             return result, run.hidden_dir
         finally:
             if uid is not None:
