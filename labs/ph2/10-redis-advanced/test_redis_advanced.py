@@ -547,6 +547,24 @@ def test_subscriber_waits_for_its_own_confirmation(learner: Any, redis_db: Any) 
 NEVER_CONFIRMED_S, NEVER_CONFIRMED_WAIT_S = 15, 25
 
 
+def constructor_ended(proxy: Any, box: dict[str, Any], returned: threading.Event,
+                      after: str, fix: str) -> float:
+    """Wait (at most NEVER_CONFIRMED_WAIT_S) for Subscriber() to return or raise, after the
+    test did something to its SUBSCRIBE (``after``); return the seconds waited. A
+    constructor that sent no SUBSCRIBE, or is still running then, fails the test (``fix``:
+    what to do instead)."""
+    started = time.monotonic()
+    ended = returned.wait(NEVER_CONFIRMED_WAIT_S)
+    waited = time.monotonic() - started
+    if not proxy.held.is_set():
+        pytest.fail("Subscriber() sent no SUBSCRIBE on its connection (" + (
+            f"it raised {type(box['error']).__name__}: {box['error']}" if "error" in box
+            else "it returned" if ended else f"still running after {waited:.0f} s")
+            + "): subscribe in the constructor", pytrace=False)
+    assert ended, f"Subscriber() was still running {waited:.0f} s after {after}: {fix}"
+    return waited
+
+
 def test_subscriber_raises_when_never_confirmed(learner: Any, redis_db: Any) -> None:
     """The error path of the confirmation: a SUBSCRIBE the server never answers (held here
     for good) must end the constructor with an exception, not with a Subscriber that is
@@ -556,20 +574,11 @@ def test_subscriber_raises_when_never_confirmed(learner: Any, redis_db: Any) -> 
     cls = subscriber_class(learner)
     proxy, via = subscribe_hold(redis_db, forever=True)
     box, returned = construct_in_thread(cls, via)
-    started = time.monotonic()
     try:
-        ended = returned.wait(NEVER_CONFIRMED_WAIT_S)
-        waited = time.monotonic() - started
-        if not proxy.held.is_set():
-            pytest.fail("Subscriber() sent no SUBSCRIBE on its connection (" + (
-                f"it raised {type(box['error']).__name__}: {box['error']}" if "error" in box
-                else "it returned" if ended else f"still running after {waited:.0f} s")
-                + "): subscribe in the constructor", pytrace=False)
-        assert ended, (
-            f"Subscriber() was still waiting {waited:.0f} s after its SUBSCRIBE, which the "
-            "server never confirmed (the test held it): a constructor that waits for ever "
-            "hangs its caller with no error to act on - wait a bounded time (at most "
-            f"{NEVER_CONFIRMED_S} s) and raise")
+        waited = constructor_ended(
+            proxy, box, returned, "its SUBSCRIBE, which the server never confirmed (the test "
+            "held it)", "a constructor that waits for ever hangs its caller with no error to "
+            f"act on - wait a bounded time (at most {NEVER_CONFIRMED_S} s) and raise")
         assert "error" in box, (
             f"Subscriber() returned normally after {waited:.1f} s although the server never "
             "confirmed its SUBSCRIBE (the test held it): the wait for the confirmation gave "
@@ -603,14 +612,9 @@ def test_subscriber_closes_its_connection_when_subscribe_is_refused(
     proxy, via = subscribe_hold(redis_db, refused=True)
     box, returned = construct_in_thread(cls, via)
     try:
-        ended = returned.wait(NEVER_CONFIRMED_WAIT_S)
-        if not proxy.held.is_set():
-            pytest.fail("Subscriber() sent no SUBSCRIBE on its connection: subscribe in the "
-                        "constructor", pytrace=False)
-        assert ended, (
-            f"Subscriber() was still running {NEVER_CONFIRMED_WAIT_S} s after the server "
-            "answered its SUBSCRIBE with an error: read the reply, and raise when it is not "
-            "the 'subscribe' confirmation")
+        constructor_ended(proxy, box, returned, "the server answered its SUBSCRIBE with an "
+                          "error", "read the reply, and raise when it is not the 'subscribe' "
+                          "confirmation")
         assert "error" in box, (
             "Subscriber() returned normally although the server answered its SUBSCRIBE with "
             "an error (ERR wrong number of arguments: the test sent the server a SUBSCRIBE "
@@ -697,14 +701,9 @@ def test_subscriber_loses_its_connection_while_subscribing(learner: Any,
                         else "once the server took its SUBSCRIBE, before the confirmation "
                              "reached it"))
             try:
-                ended = returned.wait(NEVER_CONFIRMED_WAIT_S)
-                if not proxy.held.is_set():
-                    pytest.fail("Subscriber() sent no SUBSCRIBE on its connection: subscribe "
-                                "in the constructor", pytrace=False)
-                assert ended, (
-                    f"Subscriber() was still running {NEVER_CONFIRMED_WAIT_S} s after {lost}: "
-                    "a lost connection is an error while subscribing - raise (or reconnect "
-                    f"and subscribe again), within {NEVER_CONFIRMED_S} s")
+                constructor_ended(proxy, box, returned, lost, "a lost connection is an error "
+                                  "while subscribing - raise (or reconnect and subscribe "
+                                  f"again), within {NEVER_CONFIRMED_S} s")
                 if "sub" in box:
                     counted = admin.pubsub_numsub(channel)[0][1]
                     assert counted == 1, (

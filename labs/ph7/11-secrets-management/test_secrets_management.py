@@ -166,21 +166,27 @@ def build_corpus(root: Path) -> tuple[dict[tuple[str, int], str], dict[tuple[str
     return secrets, lookalikes
 
 
-def test_scanner_finds_every_planted_secret_and_no_lookalike(learner: Any) -> None:
+def scanned(learner: Any, root: Path, on_error: str) -> list[tuple[str, int]]:
+    """scan_tree(root) as (path, line) pairs. The learner's scanner failing fails the test,
+    its exception followed by ``on_error``: what the tree held, what was expected."""
     scan_tree = learner.function("secrets_lab", "scan_tree")
+    try:
+        return [(str(path), int(line)) for path, line in scan_tree(str(root))]
+    except NotImplementedError as exc:
+        pytest.fail(f"scan_tree is not written yet ({exc})", pytrace=False)
+    except Exception as exc:  # noqa: BLE001 - the learner's scanner failed: say on what
+        pytest.fail(f"scan_tree raised {type(exc).__name__}: {exc}{on_error}", pytrace=False)
+
+
+def test_scanner_finds_every_planted_secret_and_no_lookalike(learner: Any) -> None:
     root = learner.tmp_folder()
     secrets, lookalikes = build_corpus(root)
     for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
         os.chmod(folder, 0o755)
-    try:
-        entries = [(str(path), int(line)) for path, line in scan_tree(str(root))]
-    except NotImplementedError as exc:
-        pytest.fail(f"scan_tree is not written yet ({exc})", pytrace=False)
-    except Exception as exc:  # noqa: BLE001 - the learner's scanner failed: say on what
-        pytest.fail(f"scan_tree raised {type(exc).__name__}: {exc}, expected it to skip what "
-                    "it cannot read: the tree holds a binary file and a dangling symlink "
-                    "(app/old_settings.py -> a file that is gone); a scanner that stops at "
-                    "the first odd file reports nothing at all", pytrace=False)
+    entries = scanned(learner, root, ", expected it to skip what it cannot read: the tree "
+                      "holds a binary file and a dangling symlink (app/old_settings.py -> a "
+                      "file that is gone); a scanner that stops at the first odd file reports "
+                      "nothing at all")
     found = set(entries)
     if found:
         shifted = {(p, n + 1) for p, n in found} & set(secrets)
@@ -237,7 +243,6 @@ def test_scanner_reads_text_that_is_not_utf8(learner: Any) -> None:
     """A text file in ISO-8859-1 (a Java .properties file, whose accented comments are
     not UTF-8) holds two secrets after such a comment: a scanner must find both - it is
     text, not binary (no NUL byte), and the credentials in it are plain ASCII."""
-    scan_tree = learner.function("secrets_lab", "scan_tree")
     root = learner.tmp_folder()
     rel, lines = LATIN1_FILE
     path = root / rel
@@ -245,14 +250,8 @@ def test_scanner_reads_text_that_is_not_utf8(learner: Any) -> None:
     path.write_bytes("".join(text + "\n" for text, _ in lines).encode("latin-1"))
     for folder in (root, path.parent):
         os.chmod(folder, 0o755)
-    try:
-        found = {(str(p), int(n)) for p, n in scan_tree(str(root))}
-    except NotImplementedError as exc:
-        pytest.fail(f"scan_tree is not written yet ({exc})", pytrace=False)
-    except Exception as exc:  # noqa: BLE001 - the learner's scanner failed: say on what
-        pytest.fail(f"scan_tree raised {type(exc).__name__}: {exc} on a tree holding one "
-                    f"text file in ISO-8859-1 ({rel}): expected it read, as text",
-                    pytrace=False)
+    found = set(scanned(learner, root, f" on a tree holding one text file in ISO-8859-1 "
+                                       f"({rel}): expected it read, as text"))
     secrets = {(rel, n): what for n, (_, what) in enumerate(lines, 1) if what}
     missed = [f"{what} at {p}:{n}" for (p, n), what in secrets.items() if (p, n) not in found]
     if missed:
@@ -308,21 +307,14 @@ ENCODED_FILES = [
 def test_scanner_counts_lines_by_newline_in_any_encoding(learner: Any) -> None:
     """A cp1252 note with 0x85 bytes, a UTF-8 source with a form feed, a Shift_JIS .ini:
     every secret found at its line as git counts it (one per \\n)."""
-    scan_tree = learner.function("secrets_lab", "scan_tree")
     root = learner.tmp_folder()
     for rel, encoding, _, lines in ENCODED_FILES:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path.parent, 0o755)
         path.write_bytes("".join(text + "\n" for text, _ in lines).encode(encoding))
-    try:
-        found = {(str(p), int(n)) for p, n in scan_tree(str(root))}
-    except NotImplementedError as exc:
-        pytest.fail(f"scan_tree is not written yet ({exc})", pytrace=False)
-    except Exception as exc:  # noqa: BLE001 - the learner's scanner failed: say on what
-        pytest.fail(f"scan_tree raised {type(exc).__name__}: {exc} on a tree of "
-                    f"{', '.join(f'{rel} ({e})' for rel, e, _, _ in ENCODED_FILES)}: "
-                    "expected each read as text", pytrace=False)
+    tree = ", ".join(f"{rel} ({e})" for rel, e, _, _ in ENCODED_FILES)
+    found = set(scanned(learner, root, f" on a tree of {tree}: expected each read as text"))
     for rel, _, kind, lines in ENCODED_FILES:
         secrets = {n: what for n, (_, what) in enumerate(lines, 1) if what}
         seen = sorted(n for p, n in found if p == rel)

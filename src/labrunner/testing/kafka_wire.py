@@ -184,12 +184,7 @@ def fetch_failure(frame: bytes, version: int, error: int) -> bytes | None:
             if version >= 11:
                 pos += 4  # preferred read replica
             records_at = pos
-            if flexible:
-                size, pos = _uvarint(frame, pos)
-                size -= 1
-            else:
-                (size,) = struct.unpack_from(">i", frame, pos)
-                pos += 4
+            size, pos = _count(frame, pos, flexible)   # nullable bytes: a length read as one
             if size > 0:  # failed: the error in, the records out (empty, not null)
                 empty = _put_count(0, flexible)
                 frame = (frame[:error_at] + struct.pack(">h", error)
