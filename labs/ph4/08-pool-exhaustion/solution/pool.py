@@ -33,6 +33,8 @@ class Lease:
         self._conn, self._live = conn, True
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):   # the object's own protocol (copy, pickle, proxies)
+            raise AttributeError(name)
         if not self._live:
             raise psycopg.InterfaceError("this connection was given back to the pool")
         return getattr(self._conn, name)
