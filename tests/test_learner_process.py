@@ -52,6 +52,25 @@ class AlwaysEqual(dict):
         return True
 
 
+class GivenBack:
+    """A pool's lease once given back: every name it lacks raises the pool's own error,
+    not AttributeError - dunder names too, which rpyc asks every object it sends about."""
+
+    def __init__(self):
+        self.id = 7
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"this lease was given back (asked for {name})")
+
+
+def given_back(pair=False):
+    return (GivenBack(), GivenBack()) if pair else GivenBack()
+
+
+def same(obj):
+    return obj
+
+
 def summary(values):
     return {"n": len(values), "total": sum(values), "tags": {"a", "b"}, "pair": (1, [2])}
 
@@ -217,6 +236,20 @@ def test_classes_instances_and_exceptions_cross(module: Any) -> None:
     with pytest.raises(module.Refused) as wrapped:
         module.wrap_failure(lambda: {}["missing"])
     assert isinstance(wrapped.value.__cause__, KeyError)
+
+
+@pytest.mark.timeout(30)
+def test_an_object_whose_getattr_raises_other_errors_still_crosses(module: Any) -> None:
+    # In one process nothing asks such an object for a name it lacks; rpyc does, to send
+    # it (hasattr(obj, "____id_pack__"), which catches AttributeError only). Its error
+    # once stopped the reply: the test waited for ever instead of seeing the object.
+    lease = module.given_back()
+    assert lease.id == 7
+    with pytest.raises(RuntimeError, match="given back"):
+        _ = lease.execute
+    first, second = module.given_back(pair=True)
+    assert (first.id, second.id) == (7, 7)
+    assert module.same(lease).id == 7
 
 
 def test_callbacks_run_in_the_verification(module: Any) -> None:

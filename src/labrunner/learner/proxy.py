@@ -115,7 +115,7 @@ class _VerifierConnection(_PlainDataConnection):
     def _check_attr(self, obj: Any, name: str, perm: str) -> str:
         if name.startswith(_WITHHELD_PREFIXES):
             raise AttributeError(f"cannot access {name!r}")
-        return super()._check_attr(obj, name, perm)  # type: ignore[no-any-return]
+        return super()._check_attr(obj, name, perm)
 
     def _box(self, obj: Any) -> Any:
         if type(obj) is RemoteModule:   # a module that lives over there goes back as itself
