@@ -6,6 +6,7 @@ run's connections sit in TIME_WAIT, SIGTERM, and no sanitizer report on stderr.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -26,15 +27,14 @@ import pytest
 
 from labrunner.testing import (
     CLOSE_WAIT,
-    TIME_WAIT,
     Activity,
     asleep_throughout,
+    connection_socket,
     listening_ports,
     process_activity,
     process_address_space,
     process_resources,
     program_reading,
-    tcp_sockets,
 )
 
 READY = 3.0      # seconds for the server to print "listening on <port>"
@@ -274,10 +274,19 @@ def stop_cleanly(server: Server) -> None:
            f"\nstderr: {server.stderr.decode(errors='replace').strip()[-400:]}"))
 
 
-def time_wait_on(port: int) -> bool:
-    """Is any TCP socket with local port ``port`` in TIME_WAIT (/proc/net/tcp and tcp6)?"""
-    return any(sock.local[1] == port and sock.state == TIME_WAIT
-               for sock in tcp_sockets(("/proc/net/tcp", "/proc/net/tcp6")))
+def bind_needs_reuseaddr(port: int) -> bool:
+    """Does bind() to ``port`` (any address, as the server binds) without SO_REUSEADDR fail
+    with EADDRINUSE now - a connection on the port (in TIME_WAIT once both ends have closed)
+    holds it? Asked of the kernel directly (a probe socket, bound and closed at once: it
+    never listens, so it leaves nothing behind), not by reading the whole socket table."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
 
 
 # ---------------------------------------------------------------------------- the tests
@@ -689,9 +698,10 @@ def test_restarts_on_the_same_port_right_after_stop(launch: Any) -> None:
     assert sock.recv(1) == b"", "after the server exited, its connection did not end (EOF)"
     sock.close()         # our FIN: the server's end now sits in TIME_WAIT on `port`
     deadline = time.monotonic() + WAIT
-    while not time_wait_on(port) and time.monotonic() < deadline:
+    while not (held := bind_needs_reuseaddr(port)) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert time_wait_on(port), f"test setup: no TIME_WAIT socket on port {port}"
+    assert held, (f"test setup: port {port} could be bound without SO_REUSEADDR right after "
+                  "the connection closed: no TIME_WAIT socket holds it")
     second = launch(port, what=f"restarting on port {port} with a TIME_WAIT connection "
                                 "on it (bind needs SO_REUSEADDR)")
     assert second.port == port, f"restarted on port {second.port}, expected {port}"
@@ -871,27 +881,30 @@ CHUNK = 1 << 16    # bytes the leaving client sends between two looks at the ser
 
 
 def server_side(port: int, client_port: int) -> tuple[int, int] | None:
-    """The server's end of one connection in /proc/net/tcp: (state, bytes received that
-    the server has not read yet; a FIN that arrived counts as one), or None when the row
-    was not seen (the table is read in pieces, and a busy table can skip a row). Never a
-    TIME_WAIT row: an earlier connection's, from a client port loopback reused (queues 0)."""
-    for sock in tcp_sockets():
-        if (sock.local[1], sock.remote[1]) == (port, client_port) and sock.state != TIME_WAIT:
-            return sock.state, sock.rx_queue
-    return None
+    """The server's end of one connection: (state, bytes received that the server has not
+    read yet; a FIN that arrived counts as one), looked up by its address pair alone
+    (sock_diag, as ss asks: never the whole table, a fifth of a second on a loaded machine),
+    or None when there is no such connection. Never a TIME_WAIT socket: an earlier
+    connection's, from a client port loopback reused (queues 0)."""
+    sock = connection_socket(("127.0.0.1", port), ("127.0.0.1", client_port))
+    return None if sock is None else (sock.state, sock.rx_queue)
 
 
-def stalled_side(port: int, client_port: int) -> tuple[int, int] | None:
+def stalled_side(server: Server, client_port: int) -> tuple[int, int] | None:
     """The server's end of the connection when it has stopped reading: the same unread
-    byte count (beyond a FIN) twice, STILL seconds apart. A server that is only slow -
-    descheduled, its send buffer not yet full - moves on between the two looks; a stalled
-    one is blocked in send(), its send buffer full of echo the client does not read."""
-    first = server_side(port, client_port)
+    byte count (beyond a FIN) twice, STILL seconds apart, with the server asleep all along
+    (no thread of it runnable, its CPU time unmoved). A server that is only slow - its
+    send buffer not yet full - moves on between the two looks, or, descheduled on a loaded
+    machine, is runnable; a stalled one sleeps, blocked in send(), its send buffer full of
+    echo the client does not read."""
+    before = server.asleep()
+    first = server_side(server.port, client_port)
     if first is None or first[1] <= 1:
         return None
     time.sleep(STILL)
-    second = server_side(port, client_port)
-    return second if second == first else None
+    second = server_side(server.port, client_port)
+    return (second if second == first and asleep_throughout(before, server.asleep())
+            else None)
 
 
 def unacknowledged(sock: socket.socket) -> int:
@@ -927,7 +940,7 @@ def leave_mid_echo(server: Server) -> bool:
                 time.sleep(0.005)
             side = server_side(server.port, client_port)
             if (side is not None and side[1] >= CHUNK
-                    and stalled_side(server.port, client_port) is not None):
+                    and stalled_side(server, client_port) is not None):
                 break
         leaver.shutdown(socket.SHUT_WR)  # our FIN, behind any data still on its way
         deadline = min(deadline, time.monotonic() + WAIT)
@@ -936,11 +949,11 @@ def leave_mid_echo(server: Server) -> bool:
             if side is not None and side[0] == CLOSE_WAIT:
                 if side[1] <= 1:
                     break  # it caught up: only the FIN is left to read, try again
-                if stalled_side(server.port, client_port) is not None:
+                if stalled_side(server, client_port) is not None:
                     armed = True
                     break
             elif (side is not None and unacknowledged(leaver) > 1
-                    and stalled_side(server.port, client_port) is not None):
+                    and stalled_side(server, client_port) is not None):
                 # Our last data and FIN wait for room in the stalled server's full receive
                 # buffer: read a little echo, so that it sends, reads and makes room.
                 try:
@@ -1027,7 +1040,7 @@ def send_until_stalled(server: Server, sock: socket.socket) -> bytes:
             pass
         side = server_side(server.port, client_port)
         if (side is not None and side[1] >= CHUNK
-                and stalled_side(server.port, client_port) is not None):
+                and stalled_side(server, client_port) is not None):
             break
         time.sleep(0.005)
     return bytes(sent)

@@ -9,7 +9,9 @@
   its own.
 * The AOF test restarts the shared Redis server. It takes a lock (a key in database 0) so
   that two runs of this lab never restart it at the same time, starts from AOF switched
-  off, and puts the persistence settings back as they were when it is done.
+  off, and puts the persistence settings back as they were when it is done. A slowed-down
+  RDB snapshot it starts and that is still running when the test ends (enable_aof() did not
+  wait for it) is ended by a restart then, not left for the next run to wait out.
 """
 
 from __future__ import annotations
@@ -924,7 +926,27 @@ def slow_snapshot(admin: redis.Redis[str], redis_db: Any) -> Iterator[None]:
                 raise
     finally:
         admin.config_set("rdb-key-save-delay", 0)  # later children (the rewrite) run at speed
-    yield
+    try:
+        yield
+    finally:
+        # enable_aof() returned (or raised) before the snapshot ended: a wrong one, or a test
+        # that failed early. Left running, the snapshot would hold up the next run of this
+        # test (above) for the rest of its SNAPSHOT_S. A clean shutdown ends it (Redis kills
+        # the saving child; no other command does but FLUSHALL): unschedule the AOF's first
+        # rewrite (a restart waits for that), and have the shutdown save every key in an RDB
+        # file at full speed (a save point), which the start then loads - with neither AOF
+        # nor a save point, the shared server would come back empty, or with an older
+        # snapshot's keys. exclusive_restarts() puts both settings back.
+        admin = server_admin(redis_db)  # the test may have restarted the server
+        try:
+            running = admin.info("persistence").get("rdb_bgsave_in_progress")
+            if running:
+                admin.config_set("appendonly", "no")
+                admin.config_set("save", "3600 1")
+        finally:
+            admin.close()
+        if running:
+            redis_db.restart()
 
 
 def test_keys_survive_a_restart_with_aof_on(learner: Any, redis_db: Any) -> None:

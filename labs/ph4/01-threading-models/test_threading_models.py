@@ -5,9 +5,10 @@ A client is slow because the test holds it: it sends the first lines of a reques
 nothing until the test releases it, so "200 at once" is a fact, not a timing hope. What the
 server does with them is read from the kernel and from /proc, never from the server's word:
 
-- /proc/net/tcp shows each server-side socket: accepted or still in the listen backlog
-  (inode 0), and whether the server has read what its client sent (rx_queue 0), i.e.
-  whether some thread or coroutine is serving it right now;
+- the kernel shows each server-side socket (looked up by its address pair through
+  sock_diag, as ss does): accepted or still in the listen backlog (inode 0), and whether
+  the server has read what its client sent (rx_queue 0), i.e. whether some thread or
+  coroutine is serving it right now;
 - /proc/<pid>/task counts the server's threads: read here when this process can see it,
   else (grading runs the server as the learner's uid, in a /proc hidden from the
   verification's) by the helper process_threads in the learner's host process;
@@ -16,8 +17,8 @@ server does with them is read from the kernel and from /proc, never from the ser
 Every wait below ends at once for a correct server. A wrong one is given up on as soon as
 nothing can change any more: the server asleep all along (every thread in state S, its CPU
 time unmoved: /proc/<pid>/task/*) and the client processes asleep too, STALLED times in a
-row. A correct server with work waiting for it is never asleep (at worst runnable, state R,
-on a loaded machine); FAIL_WAIT is only a safety net.
+row over STALLED_FOR seconds or more. A correct server with work waiting for it is never
+asleep (at worst runnable, state R, on a loaded machine); FAIL_WAIT is only a safety net.
 """
 
 from __future__ import annotations
@@ -44,14 +45,13 @@ import pytest
 from labrunner.testing import (
     CLOSE_WAIT,
     ESTABLISHED,
-    TIME_WAIT,
     Activity,
     asleep_throughout,
     came_true,
+    connection_socket,
     cpu_burnt_while_idle,
     process_activity,
     process_threads,
-    tcp_sockets,
 )
 
 CLIENTS = 200          # slow clients held at once
@@ -61,6 +61,7 @@ CLIENT_PROCESSES = 2
 READY = 30.0           # for the server to print its port
 FAIL_WAIT = 30.0       # a safety net: a stuck server is seen asleep long before
 STALLED = 8            # consecutive observations of server and clients asleep that end a wait
+STALLED_FOR = 0.5      # ... spanning at least this many seconds (an observation takes ~1 ms)
 REPLY_WAIT = 120.0     # for a client process to answer a command
 HERE = Path(__file__).parent
 
@@ -371,16 +372,14 @@ class ServerSide:
         return self.accepted and self.state == ESTABLISHED and self.rx_queue == 0
 
 
-def server_sides(port: int) -> dict[int, ServerSide]:
-    """The server-side sockets of connections to ``port``, by the client's port. Never a
-    TIME_WAIT row: an earlier connection's, from a client port loopback reused, would
-    stand for the live one."""
-    out: dict[int, ServerSide] = {}
-    for sock in tcp_sockets():
-        if sock.local[1] != port or sock.remote[1] == 0 or sock.state == TIME_WAIT:
-            continue
-        out[sock.remote[1]] = ServerSide(sock.state, sock.rx_queue, sock.inode)
-    return out
+def server_side(port: int, client_port: int) -> ServerSide | None:
+    """The server-side socket of the connection from the client at ``client_port`` to the
+    server at ``port`` (both on 127.0.0.1), looked up by that address pair alone (sock_diag):
+    never the whole table (a fifth of a second with a loaded machine's thousands of
+    sockets), never a TIME_WAIT socket (an earlier connection's, from a client port loopback
+    reused, would stand for the live one). None when there is no such connection."""
+    sock = connection_socket(("127.0.0.1", port), ("127.0.0.1", client_port))
+    return None if sock is None else ServerSide(sock.state, sock.rx_queue, sock.inode)
 
 
 def threads_word(n: int) -> str:
@@ -392,21 +391,21 @@ def reading(side: ServerSide) -> bool:
 
 
 def count(server: Server, clients: list[Client], what: Callable[[ServerSide], bool]) -> int:
-    sides = server_sides(server.port)
-    return sum(1 for c in clients if c.port in sides and what(sides[c.port]))
+    return sum(1 for c in clients
+               if (side := server_side(server.port, c.port)) is not None and what(side))
 
 
 def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = False,
            dying: str = "the server must keep running") -> bool:
     """Poll until ``condition()`` holds (True), or until it cannot come any more (False):
     the server asleep throughout an observation (no thread runnable, CPU time unmoved) while
-    the client processes sleep too, STALLED times in a row with the server's CPU time
-    unmoved all along. Nothing is then on its way to anyone: a correct server would be
-    running. FAIL_WAIT is a safety net. Fail at once if the server process dies. With
-    watch_threads, the thread count is sampled as it goes; ``dying`` is what the server's
-    death is reported against."""
+    the client processes sleep too, STALLED times in a row over STALLED_FOR s or more, with
+    the server's CPU time unmoved all along. Nothing is then on its way to anyone: a
+    correct server would be running. FAIL_WAIT is a safety net. Fail at once if the server
+    process dies. With watch_threads, the thread count is sampled as it goes; ``dying`` is
+    what the server's death is reported against."""
     deadline = time.monotonic() + FAIL_WAIT
-    stalled, frozen = 0, 0
+    stalled, frozen, since = 0, 0, 0.0
     while True:
         if server.gone() is not None:
             server.fail(dying)
@@ -422,8 +421,9 @@ def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = 
         elif stalled and after[1] == frozen:
             stalled += 1
         else:
-            stalled, frozen = 1, after[1]
-        if stalled >= STALLED or time.monotonic() > deadline:
+            stalled, frozen, since = 1, after[1], time.monotonic()
+        if (stalled >= STALLED and time.monotonic() - since >= STALLED_FOR
+                or time.monotonic() > deadline):
             return False
         time.sleep(0.02)
 
