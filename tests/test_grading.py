@@ -454,49 +454,6 @@ raise RuntimeError("spy: the neighbour's database is " + reached)
 
 
 @needs_root
-def test_private_services_restart_for_the_lab_and_hide_everyone_else(tmp_path: Path) -> None:
-    """ph2.4 and ph2.10 restart their server mid-test: the graded process may not signal it,
-    the runner does it through the control socket. A spy that knows the address and admin
-    user of a Postgres running on this machine (a stand-in for a neighbour's, or a shared
-    one) cannot reach it from its private network."""
-    from labrunner.services.manager import ServiceSet
-
-    neighbour = ServiceSet.ephemeral("local")
-    try:
-        endpoint = neighbour.ensure(["postgres"])["postgres"]
-        workspace(tmp_path / "cohort" / "solved", {
-            "ph2/04-acid-transactions/bank.py": solution("ph2/04-acid-transactions", "bank.py"),
-            "ph2/10-redis-advanced/advanced.py": solution("ph2/10-redis-advanced",
-                                                          "advanced.py"),
-        })
-        workspace(tmp_path / "cohort" / "spy", {
-            "ph2/04-acid-transactions/bank.py": SPY.format(dsn=endpoint.url),
-        })
-        out = tmp_path / "out"
-        done = grade_real(str(tmp_path / "cohort"), "--select", "ph2.4", "--select", "ph2.10",
-                          "--out", str(out), "--backend", "local", "--jobs", "2")
-        assert done.returncode == 0, done.stdout + done.stderr
-        solved = json.loads((out / "results" / "solved.json").read_text())
-        # What each concept said: a rare failure here (once in CI, ph2.10 under load) must
-        # leave its reason in the log, not only the status.
-        assert statuses(out, "solved") == {"ph2.4": "pass", "ph2.10": "pass"}, [
-            (c["id"], c.get("message", "")[:1500]) for c in solved["concepts"]]
-        spy = json.loads((out / "results" / "spy.json").read_text())
-        message = spy["concepts"][0]["message"]
-        assert "spy: the neighbour's database is unreachable" in message, message
-        import psycopg
-
-        with psycopg.connect(endpoint.url) as conn:
-            tables = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'pwned'")
-            assert tables.fetchone() == (0,)
-        assert "services shared by all submissions" not in done.stderr
-    finally:
-        neighbour.stop()
-    assert not _sandbox_processes(out)
-    assert not _service_processes(out), "a private service outlived its run"
-
-
-@needs_root
 def test_sanitized_c_lab_grades_despite_the_memory_limit(tmp_path: Path) -> None:
     """AddressSanitizer reserves terabytes of address space: under RLIMIT_AS the server
     could not even start. C labs get their memory cap from a cgroup instead."""
@@ -761,13 +718,16 @@ SERVICE_COMMANDS = {"postgres", "redis-server", "beam.smp", "epmd", "java"}
 
 
 @pytest.fixture(scope="module")
-def service_attacks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def service_attacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One cohort graded once, as an instructor would (--jobs 2, private services): the two
-    attacks on the services and a neighbour with the reference of every lab they attack.
-    Every service process of every run is recorded (LABRUNNER_SERVICE_AUDIT)."""
+    attacks on the services, a spy that knows the address and admin user of a Postgres
+    running on this machine beside the grading (the neighbour, up until the module's tests
+    are done), and a neighbour with the reference of every lab they attack. Every service
+    process of every run is recorded (LABRUNNER_SERVICE_AUDIT)."""
     if os.geteuid() != 0:
         pytest.skip("private services need root")
     from labrunner.services.local.process import runtime_dir
+    from labrunner.services.manager import ServiceSet
 
     root = tmp_path_factory.mktemp("service-attacks")
     cohort = root / "cohort"
@@ -784,12 +744,21 @@ def service_attacks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     audit.mkdir()
     out = root / "out"
     runtime = runtime_dir()
-    done = subprocess.run(
-        [*LABRUNNER, "grade", str(cohort), *SERVICE_LABS, "--out", str(out),
-         "--backend", "local", "--jobs", "2"], capture_output=True, text=True, timeout=1800,
-        env=cli_env(LABRUNNER_HOME=str(REPO), LABRUNNER_SERVICE_AUDIT=str(audit),
-                    LABRUNNER_RUNTIME_DIR=str(runtime)))
-    return {"done": done, "out": out, "audit": audit, "runtime": runtime}
+    neighbour = ServiceSet.ephemeral("local")
+    try:
+        endpoint = neighbour.ensure(["postgres"])["postgres"]
+        workspace(cohort / "spy", {
+            "ph2/04-acid-transactions/bank.py": SPY.format(dsn=endpoint.url)})
+        done = subprocess.run(
+            [*LABRUNNER, "grade", str(cohort), *SERVICE_LABS, "--out", str(out),
+             "--backend", "local", "--jobs", "2"], capture_output=True, text=True,
+            timeout=1800,
+            env=cli_env(LABRUNNER_HOME=str(REPO), LABRUNNER_SERVICE_AUDIT=str(audit),
+                        LABRUNNER_RUNTIME_DIR=str(runtime)))
+        yield {"done": done, "out": out, "audit": audit, "runtime": runtime,
+               "neighbour_url": endpoint.url}
+    finally:
+        neighbour.stop()
 
 
 def _messages(out: Path, student: str, concept: str) -> list[str]:
@@ -886,6 +855,34 @@ def test_services_of_a_graded_run_are_never_root(service_attacks: dict[str, Any]
             assert len(groups) == 1 and "/labrunner-" in groups.pop(), record["processes"]
         assert len({next(p["cgroup"] for p in r["processes"] if not p["exiting"])
                     for r in started}) == len(started)
+
+
+@needs_root
+def test_private_services_restart_for_the_lab_and_hide_everyone_else(
+        service_attacks: dict[str, Any]) -> None:
+    """ph2.4 and ph2.10 restart their server mid-test: the graded process may not signal it,
+    the runner does it through the control socket. A spy that knows the address and admin
+    user of a Postgres running on this machine (a stand-in for a neighbour's, or a shared
+    one) cannot reach it from its private network."""
+    done, out = service_attacks["done"], service_attacks["out"]
+    assert done.returncode == 0, done.stdout + done.stderr
+    solved = json.loads((out / "results" / "solved.json").read_text())
+    # What each concept said: a rare failure here (once in CI, ph2.10 under load) must
+    # leave its reason in the log, not only the status.
+    assert {k: v for k, v in statuses(out, "solved").items() if k in ("ph2.4", "ph2.10")
+            } == {"ph2.4": "pass", "ph2.10": "pass"}, [
+        (c["id"], c.get("message", "")[:1500]) for c in solved["concepts"]]
+    spy = json.loads((out / "results" / "spy.json").read_text())
+    message = next(c for c in spy["concepts"] if c["id"] == "ph2.4")["message"]
+    assert "spy: the neighbour's database is unreachable" in message, message
+    import psycopg
+
+    with psycopg.connect(service_attacks["neighbour_url"]) as conn:
+        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'pwned'")
+        assert tables.fetchone() == (0,)
+    assert "services shared by all submissions" not in done.stderr
+    assert not _sandbox_processes(out)
+    assert not _service_processes(out), "a private service outlived its run"
 
 
 @needs_root
