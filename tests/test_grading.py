@@ -342,18 +342,21 @@ def test_malicious_cohort_scores_what_it_deserves(open_dir: Path) -> None:
 
 @needs_root
 def test_resume_after_ctrl_c_and_sharded_merge_equal_one_run(tmp_path: Path) -> None:
+    """Every kind of concept a gradebook holds (alice passes both labs, carol one, bob fails
+    one and has not attempted the other), in both shards (alice and bob: 1/2, carol: 2/2).
+    Graded one at a time, a Ctrl-C once alice's result is written lands while bob's or
+    carol's labs (three runs) are still to come."""
     cohort = tmp_path / "cohort"
     cohort.mkdir()
-    for name in ("alice", "bob", "carol", "evil-os-exit", "evil-fake-summary"):
+    students = ("alice", "bob", "carol")
+    for name in students:
         shutil.copytree(SUBMISSIONS / name, cohort / name)
-    workspace(cohort / "slowpoke", {
-        NORM: "import time\n\n\ndef add(a, b):\n    time.sleep(1.5)\n    return a + b\n",
-        IDX: GOOD_IDX})
+    count = len(students)
 
     whole = tmp_path / "whole"
     done = grade(str(cohort), *SELECT, "--out", str(whole))
     assert done.returncode == 0, done.stderr
-    assert "6 graded, 0 unchanged" in done.stdout
+    assert f"{count} graded, 0 unchanged" in done.stdout
 
     # Ctrl-C mid-cohort: what finished is kept, the re-run grades only the rest.
     resumed = tmp_path / "resumed"
@@ -367,17 +370,17 @@ def test_resume_after_ctrl_c_and_sharded_merge_equal_one_run(tmp_path: Path) -> 
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     kept = len(list((resumed / "results").glob("*.json")))
-    assert 1 <= kept < 6, output
+    assert 1 <= kept < count, output
     assert not list((resumed / "results").glob(".*tmp"))
     again = grade(str(cohort), *SELECT, "--out", str(resumed))
     assert again.returncode == 0, again.stderr
-    assert f"{6 - kept} graded, {kept} unchanged" in again.stdout
+    assert f"{count - kept} graded, {kept} unchanged" in again.stdout
     assert book(resumed) == book(whole)
 
-    # A changed submission is graded again; --force grades them all.
+    # A changed submission is graded again, and only it.
     (cohort / "bob" / NORM).write_text(GOOD_NORM)
     changed = grade(str(cohort), *SELECT, "--out", str(resumed))
-    assert "1 graded, 5 unchanged" in changed.stdout
+    assert f"1 graded, {count - 1} unchanged" in changed.stdout
     assert totals(resumed)["bob"] == 6
     (cohort / "bob" / NORM).write_text((SUBMISSIONS / "bob" / NORM).read_text())
 
@@ -387,7 +390,7 @@ def test_resume_after_ctrl_c_and_sharded_merge_equal_one_run(tmp_path: Path) -> 
         part = grade(str(cohort), *SELECT, "--out", str(folder), "--shard", f"{n}/2")
         assert part.returncode == 0, part.stderr
     sizes = [len(list((f / "results").glob("*.json"))) for f in shards]
-    assert sum(sizes) == 6 and all(sizes), sizes
+    assert sum(sizes) == count and all(sizes), sizes
     merged = tmp_path / "merged"
     done = subprocess.run([*LABRUNNER, "grade", "merge", *map(str, shards), "--out",
                            str(merged)], capture_output=True, text=True,
