@@ -456,20 +456,6 @@ raise RuntimeError("spy: the neighbour's database is " + reached)
 '''
 
 
-@needs_root
-def test_sanitized_c_lab_grades_despite_the_memory_limit(tmp_path: Path) -> None:
-    """AddressSanitizer reserves terabytes of address space: under RLIMIT_AS the server
-    could not even start. C labs get their memory cap from a cgroup instead."""
-    workspace(tmp_path / "cohort" / "solved", {
-        "ph0/07-accept-loop/server.c": solution("ph0/07-accept-loop", "server.c")})
-    out = tmp_path / "out"
-    done = grade_real(str(tmp_path / "cohort"), "--select", "ph0.7", "--out", str(out),
-                      "--backend", "local")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert statuses(out, "solved") == {"ph0.7": "pass"}, (out / "results" / "solved.json"
-                                                          ).read_text()[:3000]
-
-
 def wrong_solution(lab: str, name: str, wrong: str) -> str:
     """The reference with one of the lab's wrong/ diffs applied."""
     folder = Path(tempfile.mkdtemp(prefix="lr-wrong-"))
@@ -483,34 +469,69 @@ def wrong_solution(lab: str, name: str, wrong: str) -> str:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@needs_root
-def test_c_labs_run_programs_as_the_learner_and_read_their_proc_beside_them(
-        tmp_path: Path) -> None:
-    """When grading, a C lab's programs run as the learner's uid (learner.popen / run), in a
-    /proc the verification's uid cannot see (hidepid): its readings of them (descriptors,
-    threads, the system call they sleep in, epoll sets) go through a host of the learner's
-    uid. A reading that came back empty there once let ph0.7's descriptor leak score full
-    marks; ph3.c, ph4.3, ph4.4 and ph7.12 started the binary as the verification's uid."""
-    cohort = tmp_path / "cohort"
-    labs = {"ph0.7": ("ph0/07-accept-loop", "server.c"),
-            "ph3.c": ("../c_examples/jwt_verify", "jwt_verify.c"),
-            "ph4.3": ("ph4/03-lock-free-cas", "stack.c"),
-            "ph4.4": ("ph4/04-io-multiplexing", "server.c"),
-            "ph7.12": ("ph7/12-graceful-shutdown", "server.c")}
-    workspace(cohort / "solved", {f"{lab.removeprefix('../')}/{name}": solution(lab, name)
-                                  for lab, name in labs.values()})
+# --------------------------------------------------------------------------------------
+# Issue 13 and 23: attacks on the grader itself
+
+
+ATTACKS = FIXTURES / "attacks"
+# The C labs: each starts the learner's binary as the learner (learner.popen / run).
+C_LABS = {"ph0.7": ("ph0/07-accept-loop", "server.c"),
+          "ph3.c": ("../c_examples/jwt_verify", "jwt_verify.c"),
+          "ph4.3": ("ph4/03-lock-free-cas", "stack.c"),
+          "ph4.4": ("ph4/04-io-multiplexing", "server.c"),
+          "ph7.12": ("ph7/12-graceful-shutdown", "server.c")}
+
+
+@pytest.fixture(scope="module")
+def c_programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One cohort graded once (--jobs 2, private services): the reference of every C lab and
+    of ph2.5, two wrong C servers, and the attacks on the tests process from a learner's C
+    binary (evil-c-forge, ph0.7) and through the objects it is handed (evil-class-patch,
+    ph2.5). Each lab a test reads is graded once here, not once per test. The references'
+    student sorts first ("correct"), so that its six labs start at once, beside the attacks,
+    rather than after them."""
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox uids need root")
+    cohort = tmp_path_factory.mktemp("c-programs") / "cohort"
+    for name in ("evil-c-forge", "evil-class-patch"):
+        shutil.copytree(ATTACKS / name, cohort / name)
+    references = {**C_LABS, "ph2.5": ("ph2/05-isolation-levels", "isolation.py")}
+    workspace(cohort / "correct", {f"{lab.removeprefix('../')}/{name}": solution(lab, name)
+                                   for lab, name in references.values()})
     workspace(cohort / "wrong", {
         "ph0/07-accept-loop/server.c": wrong_solution("ph0/07-accept-loop", "server.c",
                                                       "leak_fd_on_reset"),
         "ph4/04-io-multiplexing/server.c": wrong_solution(
             "ph4/04-io-multiplexing", "server.c", "no_epollout_registered")})
-    out = tmp_path / "out"
-    selects = [arg for lab_id in labs for arg in ("--select", lab_id)]
+    out = cohort.parent / "out"
+    selects = [arg for lab_id in references for arg in ("--select", lab_id)]
     done = grade_real(str(cohort), *selects, "--out", str(out), "--backend", "local",
                       "--jobs", "2")
+    return {"done": done, "out": out}
+
+
+def test_sanitized_c_lab_grades_despite_the_memory_limit(c_programs: dict[str, Any]) -> None:
+    """AddressSanitizer reserves terabytes of address space: under RLIMIT_AS the server
+    could not even start. C labs get their memory cap from a cgroup instead (the cohort is
+    graded with the default --memory)."""
+    done, out = c_programs["done"], c_programs["out"]
     assert done.returncode == 0, done.stdout + done.stderr
-    assert statuses(out, "solved") == dict.fromkeys(labs, "pass"), (
-        out / "results" / "solved.json").read_text()[:3000]
+    assert statuses(out, "correct")["ph0.7"] == "pass", (out / "results" / "correct.json"
+                                                         ).read_text()[:3000]
+
+
+def test_c_labs_run_programs_as_the_learner_and_read_their_proc_beside_them(
+        c_programs: dict[str, Any]) -> None:
+    """When grading, a C lab's programs run as the learner's uid (learner.popen / run), in a
+    /proc the verification's uid cannot see (hidepid): its readings of them (descriptors,
+    threads, the system call they sleep in, epoll sets) go through a host of the learner's
+    uid. A reading that came back empty there once let ph0.7's descriptor leak score full
+    marks; ph3.c, ph4.3, ph4.4 and ph7.12 started the binary as the verification's uid."""
+    done, out = c_programs["done"], c_programs["out"]
+    assert done.returncode == 0, done.stdout + done.stderr
+    graded = statuses(out, "correct")
+    assert {lab: graded.get(lab) for lab in C_LABS} == dict.fromkeys(C_LABS, "pass"), (
+        out / "results" / "correct.json").read_text()[:3000]
     wrong = json.loads((out / "results" / "wrong.json").read_text())
     messages = {c["id"]: c["message"] for c in wrong["concepts"] if c["status"] == "fail"}
     assert "descriptors are still open" in messages.get("ph0.7", ""), wrong
@@ -518,15 +539,8 @@ def test_c_labs_run_programs_as_the_learner_and_read_their_proc_beside_them(
     assert not _sandbox_processes(out)
 
 
-# --------------------------------------------------------------------------------------
-# Issue 13 and 23: attacks on the grader itself
-
-
-ATTACKS = FIXTURES / "attacks"
-
-
-@needs_root
-def test_learner_programs_and_proxies_cannot_reach_the_tests_process(tmp_path: Path) -> None:
+def test_learner_programs_and_proxies_cannot_reach_the_tests_process(
+        c_programs: dict[str, Any]) -> None:
     """evil-c-forge: a learner's C binary (started by the tests as learner.popen) looks for
     the tests process up its ancestry and in /proc and tries ptrace attach, /proc/<pid>/mem,
     pidfd_getfd and SIGKILL on it: every one fails, and it scores 0. Its own uid's processes
@@ -535,18 +549,12 @@ def test_learner_programs_and_proxies_cannot_reach_the_tests_process(tmp_path: P
     learner assigns psycopg's Cursor.fetchone (a class of the tests process) through the
     connection it was handed: refused, so it scores 0. The references beside them score
     full marks, graded at the same time (--jobs 2)."""
-    cohort = tmp_path / "cohort"
-    shutil.copytree(ATTACKS / "evil-c-forge", cohort / "evil-c-forge")
-    shutil.copytree(ATTACKS / "evil-class-patch", cohort / "evil-class-patch")
-    workspace(cohort / "solved", {
-        "ph0/07-accept-loop/server.c": solution("ph0/07-accept-loop", "server.c"),
-        "ph2/05-isolation-levels/isolation.py": solution("ph2/05-isolation-levels",
-                                                         "isolation.py")})
-    out = tmp_path / "out"
-    done = grade_real(str(cohort), "--select", "ph0.7", "--select", "ph2.5", "--out", str(out),
-                      "--backend", "local", "--jobs", "2")
+    done, out = c_programs["done"], c_programs["out"]
     assert done.returncode == 0, done.stdout + done.stderr
-    assert totals(out) == {"solved": 20, "evil-c-forge": 0, "evil-class-patch": 0}
+    got = totals(out)
+    assert (got["evil-c-forge"], got["evil-class-patch"]) == (0, 0), got
+    graded = statuses(out, "correct")
+    assert (graded["ph0.7"], graded["ph2.5"]) == ("pass", "pass"), graded
     forge = json.loads((out / "results" / "evil-c-forge.json").read_text())
     c_lab = next(c for c in forge["concepts"] if c["id"] == "ph0.7")
     assert c_lab["status"] == "fail", c_lab
