@@ -42,7 +42,12 @@ SHARED_FIXTURE_TESTS = {
         "test_services_never_trust_a_connection",
         "test_the_postgres_template_is_out_of_reach_and_checked",
         "test_a_run_cannot_take_its_services_from_the_run_beside_it",
-        "test_services_of_a_graded_run_are_never_root")],
+        "test_services_of_a_graded_run_are_never_root",
+        "test_private_services_restart_for_the_lab_and_hide_everyone_else")],
+    "c_programs": [f"tests/test_grading.py::{name}" for name in (
+        "test_c_labs_run_programs_as_the_learner_and_read_their_proc_beside_them",
+        "test_learner_programs_and_proxies_cannot_reach_the_tests_process",
+        "test_sanitized_c_lab_grades_despite_the_memory_limit")],
     "browser": [f"tests/test_dashboard.py::{name}" for name in (
         "test_dashboard_in_chromium_shows_states_and_updates_live",
         "test_cohort_page_in_chromium")],
