@@ -800,6 +800,39 @@ def test_the_factory_is_ready_before_the_first_tests_timer(
     assert result.outcome == "passed", result.message
 
 
+PRELOADED_TEST = '''
+def test_preloaded(learner):
+    assert learner.function("answer", "preloaded")() == [True, False]
+'''
+
+
+def test_the_factory_preloads_the_modules_a_lab_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lab.toml's learner_preload: imported once by the factory before the first test, so
+    the host each test forks has them already (ph1.7's openapi_core: 2 s per test)."""
+    from labrunner.catalog import CatalogError, load_lab
+    from labrunner.learner import ENV_LEARNER_HOST
+    from labrunner.runner import run_lab
+
+    lab_dir = tmp_path / "labs" / "ph2" / "01-first"
+    (lab_dir / "solution").mkdir(parents=True)
+    (lab_dir / "lab.toml").write_text(
+        'id = "ph2.1"\nslug = "first"\nlearner_files = ["answer.py"]\ntimeout = 30\n'
+        'learner_preload = ["colorsys", "not a module"]\n')
+    (lab_dir / "test_first.py").write_text(PRELOADED_TEST)
+    (lab_dir / "solution" / "answer.py").write_text(
+        "import sys\n\n\ndef preloaded():\n"
+        "    return ['colorsys' in sys.modules, 'wave' in sys.modules]\n")
+    with pytest.raises(CatalogError, match="not a module"):
+        load_lab(lab_dir)
+    (lab_dir / "lab.toml").write_text(
+        'id = "ph2.1"\nslug = "first"\nlearner_files = ["answer.py"]\ntimeout = 30\n'
+        'learner_preload = ["colorsys"]\n')
+    monkeypatch.setenv(ENV_LEARNER_HOST, "spawn")
+    result = run_lab(load_lab(lab_dir), lab_dir / "solution", None, "factory-preload")
+    assert result.outcome == "passed", result.message
+
+
 def test_starting_the_learner_factory_leaves_no_resource_warning() -> None:
     """The factory outside grading (``spawn``) is started once and lives as long as the
     verification: the handle on its process is kept, not dropped while the process runs

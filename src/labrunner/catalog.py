@@ -56,6 +56,10 @@ class Lab:
     # A lab whose verification shares live objects that cannot cross a process boundary
     # (sockets, event loops, in-place mutation of what it hands over) says false.
     learner_process: bool = True
+    # Libraries its learners' modules import that are slow to import (ph1.7's openapi_core):
+    # the learner factory imports them once, before the first test, so that the host each
+    # test forks from it has them already (see learner/factory.py).
+    learner_preload: tuple[str, ...] = ()
 
     @property
     def learner_code_in_own_process(self) -> bool:
@@ -295,6 +299,14 @@ def _string_list(data: dict[str, object], key: str, file: Path) -> tuple[str, ..
     return tuple(value)
 
 
+def _module_names(data: dict[str, object], file: Path) -> tuple[str, ...]:
+    names = _string_list(data, "learner_preload", file)
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name, re.ASCII):
+            raise CatalogError(f"{file}: learner_preload: {name!r} is not a module name")
+    return names
+
+
 def _run_fields(data: dict[str, Any], file: Path
                 ) -> tuple[tuple[str, ...], str, int, int | float, tuple[str, ...]]:
     """What running the lab needs: services, language, points, timeout, learner files."""
@@ -380,6 +392,7 @@ def load_lab(lab_dir: Path, concepts: dict[str, dict[str, str]] | None = None,
         draft=draft,
         exclusive=exclusive,
         learner_process=learner_process,
+        learner_preload=_module_names(data, file),
     )
 
 

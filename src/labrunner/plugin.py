@@ -477,9 +477,10 @@ def _ready_the_learner_factory(session: pytest.Session) -> None:
     and on a loaded machine the factory's start (its preloaded libraries) takes seconds."""
     how = os.environ.get(ENV_LEARNER_HOST, "")
     folders = {Path(str(item.fspath)).parent for item in session.items} if how else set()
-    if any(needs_a_host(_lab_for(folder), how) for folder in folders
-           if (folder / "lab.toml").is_file()):
-        wait_for_factory(how)
+    hosted = [lab for lab in (_lab_for(folder) for folder in sorted(folders)
+                              if (folder / "lab.toml").is_file()) if needs_a_host(lab, how)]
+    if hosted:
+        wait_for_factory(how, sorted({name for lab in hosted for name in lab.learner_preload}))
 
 
 # --------------------------------------------------------------------------------------

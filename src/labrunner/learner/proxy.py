@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import (
     BuiltinFunctionType,
@@ -197,14 +198,15 @@ def _factory_socket(how: str) -> socket.socket:
     return socket.socket(fileno=os.dup(fd))
 
 
-def wait_for_factory(how: str) -> None:
+def wait_for_factory(how: str, preload: Sequence[str] = ()) -> None:
     """Start the factory (``spawn``) or wait for grading's to have preloaded its libraries
-    (``fd:N``). Asked before any test runs: on a loaded machine the preload takes seconds,
-    and a test's timeout is the learner's code's budget, not the factory's start-up."""
+    (``fd:N``), and the modules named in ``preload`` too (the labs' ``learner_preload``).
+    Asked before any test runs: on a loaded machine the preload takes seconds, and a test's
+    timeout is the learner's code's budget, not the factory's start-up."""
     factory = _factory_socket(how)
     try:
         with FACTORY_LOCK:
-            factory.sendall(b"ready")
+            factory.sendall(" ".join(("ready", *preload)).encode("ascii", "replace"))
             factory.recv(16)
     except OSError:
         pass   # a factory that died is reported by the first test that needs a host
