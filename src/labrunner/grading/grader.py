@@ -363,12 +363,17 @@ class Grader:
 
         from ..services.isolation import new_run_id
 
+        private = self.private_services and uid is not None
+        # A lab marked exclusive restarts a service it would share with every other run, so
+        # it runs alone; a run's private services are its own, so it runs beside the others.
+        run_as = dataclasses.replace(run.run_as, exclusive=False) if private else run.run_as
+
         def verify(state_file: Path | None) -> LabResult:
-            return run_lab(run.run_as, run.src, state_file, new_run_id(), sandbox,
+            return run_lab(run_as, run.src, state_file, new_run_id(), sandbox,
                            timeout=limits.timeout, on_process=track)
 
         try:
-            if self.private_services and uid is not None:
+            if private and uid is not None:
                 result = self._with_private_services(lab, uid, run.run_dir, sandbox, verify,
                                                      run.prepare_steps)
             else:
