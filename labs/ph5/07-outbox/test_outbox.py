@@ -93,19 +93,13 @@ def shop(postgres: Any, learner: Any) -> Any:
     conn.close()
 
 
-def place_all(conn: Any, orders_mod: Any, orders: list[dict[str, Any]]) -> None:
-    """Place many orders fast: one outer transaction, place_order's own becomes a
-    savepoint."""
-    with conn.transaction():
-        for order in orders:
-            orders_mod.place_order(conn, order)
-
-
 def write_orders(conn: Any, orders: list[dict[str, Any]]) -> None:
     """Write many orders and their OrderPlaced outbox rows (the rows place_order writes, as
-    the README describes them) in one transaction of two statements: a test of the relay
-    alone, with no call per order into the learner's code (each one, graded, is a few round
-    trips between processes)."""
+    the README describes them) in one transaction of two statements: how the tests of the
+    relay write their orders. place_order is judged by the tests of the write side (and
+    carries the awkward names to Kafka); a call per order into the learner's code costs,
+    graded, a few dozen round trips between processes (20-50 ms an order on a loaded
+    machine: 200 orders were a third of this lab's time)."""
     columns = ([o["order_id"] for o in orders], [o["customer"] for o in orders],
                [o["total_cents"] for o in orders])
     with conn.transaction():
@@ -441,10 +435,10 @@ def test_relay_publishes_each_order(shop: Any, learner: Any, postgres: Any,
                                     kafka: Any) -> None:
     """50 orders through the relay (behind a proxy that only reads its requests): each one
     event, nothing pending, and the producer asked for durable, ordered delivery."""
-    conn, orders_mod = shop
+    conn, _ = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(50)
-    place_all(conn, orders_mod, orders)
+    write_orders(conn, orders)
     with KafkaProxy(kafka.bootstrap) as proxy:
         run_relay(learner, postgres, kafka, topic, batch=20, bootstrap=proxy.bootstrap)
         assert_durable_producer(proxy)
@@ -452,7 +446,7 @@ def test_relay_publishes_each_order(shop: Any, learner: Any, postgres: Any,
     assert pending(conn) == 0, f"{pending(conn)} outbox rows still unpublished after the relay"
 
 
-def ship_in_a_transaction_begun_earlier(postgres: Any, conn: Any, orders_mod: Any,
+def ship_in_a_transaction_begun_earlier(postgres: Any, conn: Any,
                                         orders: list[dict[str, Any]]) -> None:
     """Place ``orders`` while another transaction, begun BEFORE they were placed, is open;
     that transaction then writes each order's OrderShipped and commits. Its rows get higher
@@ -460,7 +454,7 @@ def ship_in_a_transaction_begun_earlier(postgres: Any, conn: Any, orders_mod: An
     the inserting transaction)."""
     with postgres.connect() as shipping:   # its transaction begins with its first statement
         shipping.execute("SELECT now()")
-        place_all(conn, orders_mod, orders)
+        write_orders(conn, orders)
         shipping.execute("INSERT INTO outbox (aggregate_id, event_type, payload) "
                          "SELECT aggregate_id, 'OrderShipped', payload FROM outbox "
                          "WHERE aggregate_id = ANY(%s) ORDER BY id",
@@ -476,13 +470,13 @@ def test_an_orders_events_keep_their_order(shop: Any, learner: Any, postgres: An
     Orders 5-9 were shipped by a transaction that began before they were placed (OrderShipped
     has the higher id but the earlier created_at). Claimed oldest first by id, the events of
     one order reach its partition in the order they were written."""
-    conn, orders_mod = shop
+    conn, _ = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(10)
     same_tx, begun_earlier = orders[:5], orders[5:]
     with conn.transaction():
         for order in same_tx:
-            orders_mod.place_order(conn, order)
+            write_orders(conn, [order])
             conn.execute("INSERT INTO outbox (aggregate_id, event_type, payload) "
                          "SELECT aggregate_id, 'OrderShipped', payload FROM outbox "
                          "WHERE aggregate_id = %s", (order["order_id"],))
@@ -490,7 +484,7 @@ def test_an_orders_events_keep_their_order(shop: Any, learner: Any, postgres: An
     # now come after their OrderShipped ones in a scan without ORDER BY.
     conn.execute("UPDATE outbox SET created_at = created_at WHERE event_type = 'OrderPlaced' "
                  "AND aggregate_id = ANY(%s)", ([o["order_id"] for o in same_tx],))
-    ship_in_a_transaction_begun_earlier(postgres, conn, orders_mod, begun_earlier)
+    ship_in_a_transaction_begun_earlier(postgres, conn, begun_earlier)
     # The pending-rows index would hand the rows over in id order whatever the query says:
     # the relay's sessions get no index scans, so only ORDER BY id orders its claim.
     for setting in ("enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan"):
@@ -558,10 +552,10 @@ def test_broker_down_loses_nothing(shop: Any, learner: Any, postgres: Any,
                                    kafka: Any) -> None:
     """The orders are committed but the broker cannot be reached: the relay must not mark
     anything published. When the broker is back, everything goes out."""
-    conn, orders_mod = shop
+    conn, _ = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(20)
-    place_all(conn, orders_mod, orders)
+    write_orders(conn, orders)
 
     dead = start_relay(learner, postgres, f"127.0.0.1:{closed_port()}", topic, batch=10,
                        timeout=1.0)
@@ -595,9 +589,9 @@ def test_a_broker_that_never_acknowledges_gets_nothing_marked(shop: Any, learner
     request: no record is stored, no acknowledgement ever comes. A relay that waits for the
     broker's acks fails its batch (--timeout 1) and marks nothing; the proxy also reads the
     acks each Produce request asked for."""
-    conn, orders_mod = shop
+    conn, _ = shop
     topic = kafka.create_topic("orders", 3)
-    place_all(conn, orders_mod, make_orders(10))
+    write_orders(conn, make_orders(10))
     with KafkaProxy(kafka.bootstrap) as proxy:
         proxy.drop(PRODUCE)
         relay = start_relay(learner, postgres, proxy.bootstrap, topic, batch=10, timeout=1.0)
@@ -625,10 +619,10 @@ def test_relay_killed_before_marking_loses_nothing(shop: Any, learner: Any, post
                                                   kafka: Any) -> None:
     """The relay claims and publishes a batch, then is killed (SIGKILL) while waiting to
     mark it. Its transaction dies with it; the next relay publishes those rows again."""
-    conn, orders_mod = shop
+    conn, _ = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(30)
-    place_all(conn, orders_mod, orders)
+    write_orders(conn, orders)
 
     holder = postgres.connect()
     holder.execute("LOCK TABLE outbox IN SHARE MODE")
@@ -665,7 +659,7 @@ def test_a_row_committed_late_is_still_published(shop: Any, learner: Any, postgr
     try:
         with late.transaction():
             orders_mod.place_order(late, slow[0])
-            place_all(conn, orders_mod, quick)
+            write_orders(conn, quick)
             run_relay(learner, postgres, kafka, topic, batch=10)
         ids = dict(conn.execute("SELECT aggregate_id, id FROM outbox").fetchall())
     finally:
@@ -691,10 +685,10 @@ def test_two_relays_share_the_outbox(shop: Any, learner: Any, postgres: Any,
                                      kafka: Any) -> None:
     """Relay A claims a batch and waits to mark it; relay B must skip A's rows and claim
     others (SKIP LOCKED), not wait for A's rows nor take them too."""
-    conn, orders_mod = shop
+    conn, _ = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(30)
-    place_all(conn, orders_mod, orders)
+    write_orders(conn, orders)
 
     holder = postgres.connect()
     holder.execute("LOCK TABLE outbox IN SHARE MODE")
@@ -731,10 +725,10 @@ def test_relay_marks_only_the_rows_it_claimed(shop: Any, learner: Any, postgres:
     passes over held rows, and a bigserial commits out of order). This relay skips both,
     publishes the others and must mark exactly those: both stay pending, and marking never
     waits for them."""
-    conn, orders_mod = shop
+    conn, _ = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(12)
-    place_all(conn, orders_mod, orders)
+    write_orders(conn, orders)
     holder = postgres.connect()
     first = [r[0] for r in conn.execute("SELECT id FROM outbox ORDER BY id LIMIT 3")]
     held = [first[0], first[2]]   # the oldest, and one amid the first batch's ids
@@ -822,14 +816,14 @@ def test_an_idle_relay_waits_between_looks(shop: Any, learner: Any, postgres: An
     """A running relay with nothing to publish looks again shortly - after a pause, not at
     once - and within a second, not after a long sleep: the statements it sends on the outbox
     table are counted and timed at a proxy."""
-    conn, orders_mod = shop
+    conn, _ = shop
     topic = kafka.create_topic("orders", 3)
     orders = make_orders(3)
     with LookStamps.for_dsn(postgres.dsn) as proxy:
         relay = start_relay(learner, postgres, kafka.bootstrap, topic, batch=10, once=False,
                             dsn=proxy.dsn_for(postgres.dsn))
         try:
-            place_all(conn, orders_mod, orders)
+            write_orders(conn, orders)
             wait_drained(conn, relay, "orders 0-2")
             proxy.take()
             started = time.monotonic()
@@ -935,7 +929,7 @@ def test_a_running_relay_publishes_as_orders_arrive_and_stops_cleanly(
             orders_mod.place_order(late, slow[0])
             for start in (0, 10, 20):
                 batch = make_orders(6, start=start)
-                place_all(conn, orders_mod, batch)
+                write_orders(conn, batch)
                 placed += batch
                 wait_drained(conn, relay, f"orders {start}-{start + 5}")
         placed += slow
@@ -952,14 +946,19 @@ def test_a_running_relay_publishes_as_orders_arrive_and_stops_cleanly(
         try:
             holder.execute("SELECT pg_advisory_lock(%s)", (MARK_GATE,))
             last = make_orders(3, start=50)
-            place_all(conn, orders_mod, last)
+            write_orders(conn, last)
             placed += last
             wait_until_blocked(conn, relay, set(), "the running relay, marking orders 50-52")
             relay.send_signal(signal.SIGTERM)
-            try:   # a relay that dies of SIGTERM does so now; one that handles it stays
-                relay.wait(2)
-            except subprocess.TimeoutExpired:
-                pass
+            # A signal sent to a process of this one's (subprocess.Popen: kill()) is pending
+            # in the relay before the lock is let go: the relay handles it before it runs
+            # another instruction, so before it can COMMIT. Graded, the learner's factory
+            # forwards it to the relay in its own time: give it that time.
+            if type(relay) is not subprocess.Popen:
+                try:   # a relay that dies of SIGTERM does so now; one that handles it stays
+                    relay.wait(2)
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
             holder.close()   # marking may go on
         try:
