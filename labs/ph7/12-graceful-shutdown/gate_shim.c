@@ -26,7 +26,18 @@
  *
  *   SHUTDOWN_TEST_HOLD=ready   no gate: the first fflush(stdout), the one that sends
  *                              "listening on <port>", sends the process SIGTERM right
- *                              after it (see the end of this file). */
+ *                              after it (see the end of this file).
+ *
+ *   SHUTDOWN_TEST_HOLD=nofile  no gate: once a connection has been accepted, the process's
+ *                              RLIMIT_NOFILE (soft) is lowered to its lowest free
+ *                              descriptor, so that every descriptor it may open is in use:
+ *                              the next accept() fails with EMFILE, for real, until some
+ *                              descriptor is closed (the first request's, when it ends).
+ *                              It prints "[test-gate] RLIMIT_NOFILE <n>: no descriptor
+ *                              free" first, "[test-gate] accept fails with EMFILE" at the
+ *                              first failure, and, at the first accept() that succeeds
+ *                              after failing, "[test-gate] accept failed with EMFILE <k>
+ *                              times". */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -39,6 +50,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -134,10 +146,54 @@ static void signal_before(const char *call) {
     syscall(SYS_kill, getpid(), SIGTERM);
 }
 
+static void no_descriptor_left(int fd, int err); /* SHUTDOWN_TEST_HOLD=nofile, below */
+
 static void note_accept(int fd) {
+    int err = errno;
     long none = 0;
     if (fd >= 0 && (holding("signal") || holding("nothread")))
         atomic_compare_exchange_strong(&accepted_by, &none, (long)syscall(SYS_gettid));
+    no_descriptor_left(fd, err);
+    errno = err;
+}
+
+/* ---- SHUTDOWN_TEST_HOLD=nofile: accept() at the descriptor limit ----------------------- */
+
+static atomic_int limited = 0;
+static atomic_long emfile_failures = 0;
+static atomic_int told = 0;
+
+static void no_descriptor_left(int fd, int err) {
+    if (!holding("nofile")) return;
+    char msg[96];
+    if (fd < 0) {
+        if (err == EMFILE && atomic_fetch_add(&emfile_failures, 1) == 0 &&
+            atomic_fetch_add(&told, 1) == 0) {
+            static const char first[] = "[test-gate] accept fails with EMFILE\n";
+            syscall(SYS_write, 2, first, sizeof first - 1);
+        }
+        return;
+    }
+    if (atomic_fetch_add(&limited, 1) == 0) { /* the first connection: no descriptor left */
+        int lowest = 0;
+        while (fcntl(lowest, F_GETFD) != -1) lowest++;
+        struct rlimit lim;
+        if (getrlimit(RLIMIT_NOFILE, &lim) == 0) {
+            lim.rlim_cur = (rlim_t)lowest;
+            if (setrlimit(RLIMIT_NOFILE, &lim) == 0) {
+                int n = snprintf(msg, sizeof msg,
+                                 "[test-gate] RLIMIT_NOFILE %d: no descriptor free\n", lowest);
+                if (n > 0) syscall(SYS_write, 2, msg, (size_t)n);
+            }
+        }
+        return;
+    }
+    long failed = atomic_exchange(&emfile_failures, 0);
+    if (failed > 0) {
+        int n = snprintf(msg, sizeof msg, "[test-gate] accept failed with EMFILE %ld times\n",
+                         failed);
+        if (n > 0) syscall(SYS_write, 2, msg, (size_t)n);
+    }
 }
 
 /* ---- SHUTDOWN_TEST_HOLD=nothread: the first thread for a connection cannot be made ----- */

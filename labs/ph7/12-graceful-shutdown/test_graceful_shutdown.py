@@ -792,6 +792,98 @@ def test_a_connection_whose_thread_could_not_be_made_is_not_counted_for_ever(
         f"expected 0{killed_by(status)}\nstderr: {server.err()[-400:]}")
 
 
+# How long the test watches an accept loop that has run out of descriptors (a connection
+# waiting in the backlog, accept() failing with EMFILE): a loop that retries at once never
+# sleeps, awake the whole time (MAX_AWAKE per sleep is 0.2 s); the reference backs off 5,
+# 10, 20... ms, each a sleep the scheduler counts.
+NOFILE_WATCH = 0.5
+NO_DESCRIPTOR = re.compile(rb"\[test-gate\] RLIMIT_NOFILE (\d+): no descriptor free")
+EMFILE_FIRST = b"[test-gate] accept fails with EMFILE"
+EMFILE_FAILURES = re.compile(rb"\[test-gate\] accept failed with EMFILE (\d+) times")
+EMFILE_RULE = (
+    "accept() fails with EMFILE when the process has no descriptor left (ENFILE: the "
+    "system), and the connection stays in the backlog: ppoll() says 'readable' again at "
+    "once, so a loop that just goes round again spins a core until some request closes "
+    "its socket. Back off before the next accept() - a few ms, doubling (Go's http.Server: "
+    "5 ms up to 1 s; nginx stops accepting for 500 ms) in a wait the stop signal still "
+    "ends (ppoll(NULL, 0, &pause, &old_mask)) - or stop accepting until a request ends; "
+    "never leave the loop: the shortage passes when a connection closes.")
+
+
+def test_accept_out_of_descriptors_backs_off_and_goes_on(
+        learner: Any, launch: Any, gate: tuple[Path, Path]) -> None:
+    """The gate lowers the server's RLIMIT_NOFILE as it accepts its first connection, to
+    the descriptors in use: the next connection waits in the backlog and accept() fails
+    with EMFILE, for real, until the first request's socket is closed."""
+    gate_shim, fifo = gate
+    server = launch(leak_check=False, gate=(gate_shim, "nofile", fifo))
+    first = Slow(server.port, "first")
+    second = socket.socket()
+    second.settimeout(WAIT)
+    try:
+        deadline = time.monotonic() + WAIT   # the line is written before the thread starts
+        while (limited := NO_DESCRIPTOR.search(server.stderr)) is None and server.alive() \
+                and time.monotonic() < deadline:     # and read by the test's pump thread
+            time.sleep(0.01)
+        assert limited, ("the gate did not lower RLIMIT_NOFILE when the server accepted its "
+                         f"first connection (stderr: {server.err()[-300:]})")
+        what = ("with every descriptor in use (RLIMIT_NOFILE "
+                f"{limited.group(1).decode()}) and a second connection waiting in the "
+                "backlog, so that accept() failed with EMFILE")
+        try:
+            second.connect(("127.0.0.1", server.port))
+            second.sendall(b"BEGIN second\n")
+            reset = ""
+        except OSError as error:   # the listener closed with it in the backlog: judged below
+            reset = f" (reset before its request went out: {error})"
+        # the connection is in the backlog: watch once accept() has failed (a server that
+        # stops accepting before it fails, knowing its limit, is watched after 1 s)
+        deadline = time.monotonic() + 1.0
+        while EMFILE_FIRST not in server.stderr and time.monotonic() < deadline:
+            time.sleep(0.01)
+        watch = watch_drain(learner, server, NOFILE_WATCH)
+        alive = server.alive()
+        seen = (f"its busiest thread slept {watch.wakes} times in {watch.wall:.2f} s, running "
+                f"or waiting for a CPU for {watch.awake:.2f} s of it ({watch.how}; "
+                f"{watch.cpu:.2f} s of CPU)")
+        assert not alive or watch.looks == 0 or watch.awake_per_wake() <= MAX_AWAKE, (
+            f"{what}, {seen}: expected it asleep between tries - the accept loop spins, "
+            f"retrying accept() at once\n{EMFILE_RULE}")
+        assert not alive or watch.looks == 0 or watch.asleep_per_wake() >= MIN_SLEEP, (
+            f"{what}, {seen}: about {watch.asleep_per_wake() * 1e6:.0f} us asleep each "
+            "time, expected a few ms between tries - the accept loop hardly pauses (a sleep "
+            f"of microseconds: usleep counts microseconds, tv_nsec nanoseconds)\n{EMFILE_RULE}")
+        answer = first.finish()
+        assert answer == "DONE first", (
+            f"{what}, the first request was answered {answer!r} after END, expected "
+            f"'DONE first'{killed_by(server.proc.poll())}")
+        waiting = Slow.__new__(Slow)
+        waiting.ident, waiting.sock, waiting.buffer = "second", second, b""
+        started = None if reset else waiting.line()
+        failures = EMFILE_FAILURES.search(server.stderr)
+        tried = f" ({failures.group(1).decode()} failures)" if failures else ""
+        assert started == "STARTED second", (
+            f"{what}{tried}, the first request then ended and closed its socket, freeing a "
+            "descriptor; the waiting connection got "
+            + (f"{started!r}" if started else f"no answer (closed, or nothing){reset}")
+            + f" within {WAIT:.0f} s, expected 'STARTED second' - the server stopped "
+            "accepting on EMFILE"
+            + (f" (it exited, status {server.proc.poll()})" if not server.alive() else "")
+            + f"\n{EMFILE_RULE}")
+        assert waiting.finish() == "DONE second", (
+            "the connection accepted once a descriptor was free was not answered "
+            "'DONE second' after END")
+        sigterm(server)
+        status = server.wait_exit(WAIT)
+        assert status == 0, (
+            f"after SIGTERM with nothing in flight the server "
+            f"{'was still running' if status is None else f'exited with status {status}'} "
+            f"{WAIT:.0f} s later, expected exit 0{killed_by(status)}")
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_sigterm_between_the_flag_check_and_the_wait_is_not_lost(
         launch: Any, gate: tuple[Path, Path]) -> None:
     gate_shim, fifo = gate

@@ -168,7 +168,9 @@ class ApiGateway:
         dropped = HOP_BY_HOP | named_by_connection([environ.get("HTTP_CONNECTION", "")])
         headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items()
                    if k.startswith("HTTP_") and k[5:].replace("_", "-").lower() not in dropped}
-        headers["X-User-Id"] = user              # identity asserted by the gateway only
+        # identity asserted by the gateway only; a sub is any string, a header value ASCII:
+        # percent-encoded (RFC 3986), '%' and spaces too, one value per sub
+        headers["X-User-Id"] = quote(user, safe="")
         if path == "/bff/dashboard":
             return self.dashboard(user, headers, answer)
         upstream = self.upstream_for(path)

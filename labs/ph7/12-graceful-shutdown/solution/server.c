@@ -153,6 +153,7 @@ int main(int argc, char **argv) {
     pthread_attr_init(&detached);
     pthread_attr_setdetachstate(&detached, PTHREAD_CREATE_DETACHED);
 
+    long backoff_ms = 0; /* after accept() ran out of descriptors: 5 ms, doubling to 1 s */
     while (!atomic_load(&shutdown_req)) {
         struct pollfd pfd = {.fd = srv, .events = POLLIN};
         if (ppoll(&pfd, 1, NULL, &wait_mask) < 0) {
@@ -161,7 +162,21 @@ int main(int argc, char **argv) {
             break;
         }
         int client = accept4(srv, NULL, NULL, SOCK_CLOEXEC);
-        if (client < 0) continue; /* EAGAIN, ECONNABORTED, EMFILE: keep going */
+        if (client < 0) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* Out of descriptors (or kernel memory): the connection stays in the
+                 * backlog, so ppoll() says "readable" again at once and retrying at once
+                 * spins a core until some request closes its socket. Back off, as Go's
+                 * http.Server does (5 ms, doubling up to 1 s), in a wait the stop signal
+                 * still ends (ppoll with the same mask, no descriptors). */
+                backoff_ms = backoff_ms == 0 ? 5 : (backoff_ms >= 500 ? 1000 : backoff_ms * 2);
+                struct timespec pause = {.tv_sec = backoff_ms / 1000,
+                                         .tv_nsec = backoff_ms % 1000 * 1000000L};
+                if (ppoll(NULL, 0, &pause, &wait_mask) < 0 && errno != EINTR) perror("ppoll");
+            }
+            continue; /* EAGAIN, ECONNABORTED: the next connection, if any */
+        }
+        backoff_ms = 0;
         request_begin(); /* counted before the thread exists: nothing slips past drain */
         pthread_t tid;
         if (pthread_create(&tid, &detached, serve_request, (void *)(intptr_t)client) != 0) {
