@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import http.client
 import json
+import os
 import select
 import signal
 import socket
@@ -59,6 +60,19 @@ def listening(port: int) -> bool:
         return False
 
 
+def holds_a_socket(pid: int) -> bool:
+    """Whether process ``pid`` has a socket among its open descriptors (True when they
+    cannot be read: then its ports are read, and tell)."""
+    try:
+        return any(os.readlink(fd).startswith("socket:[")
+                   for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return True
+
+
+PORTS_EVERY = 0.5   # s between two readings of an app's listening ports while it starts
+
+
 class App:
     def __init__(self, learner: Any, env: dict[str, str], prelude: str = "") -> None:
         self.port = int(env["PORT"]) if env.get("PORT", "").isdigit() else None
@@ -91,7 +105,9 @@ class App:
 
     def ports(self) -> set[int]:
         if self.in_sight:
-            return set(listening_ports(self.proc.pid))
+            # the kernel's socket tables take a fifth of a second to read on a loaded
+            # machine: not read for an app that holds no socket at all
+            return set(listening_ports(self.proc.pid)) if holds_a_socket(self.proc.pid) else set()
         return set(self.learner.run_helper(listening_ports, self.proc.pid))
 
     @staticmethod
@@ -115,15 +131,27 @@ class App:
         return "\n".join(self.out + self.err)
 
     def ready(self) -> None:
+        # Which ports the app listens on is read from the kernel's socket tables, a fifth of
+        # a second with the thousands of sockets a loaded machine holds: read while $PORT
+        # does not answer yet every PORTS_EVERY s (an app listening elsewhere is seen that
+        # much later), and once it answers, to make sure it is this app that does.
+        read_at = [0.0]
+
         def up() -> bool:
             if self.proc.poll() is not None:
+                for reader in self.readers:   # its last words, a traceback, are in the pipes
+                    reader.join(10)
                 pytest.fail(f"app.py exited with status {self.proc.returncode} instead of "
                             f"serving on $PORT={self.port}:\n{self.output()[-1500:]}")
+            answers = self.port is not None and listening(self.port)
+            if not answers and time.monotonic() - read_at[0] < PORTS_EVERY:
+                return False
+            read_at[0] = time.monotonic()
             ports = self.ports()
             if ports and self.port not in ports:
                 pytest.fail(f"app.py listens on {sorted(ports)}, not on $PORT={self.port}: "
                             "the platform chooses the port and passes it in the environment")
-            return self.port is not None and self.port in ports and listening(self.port)
+            return answers and self.port in ports
 
         wait_until(up, f"app.py to listen on 127.0.0.1:$PORT ({self.port}) - the port comes "
                    "from the environment", timeout=30)
@@ -186,10 +214,69 @@ def why_bad(value: str | None) -> str:
     return ""
 
 
+# Learner folders (with their app.py's text) whose every case of BAD was decided at once by
+# all_refused_at_once, in this session: the later cases have nothing left to start.
+REFUSED_AT_ONCE: set[tuple[str, bytes]] = set()
+
+
 @pytest.mark.parametrize(("name", "value"), BAD, ids=[f"{n}={v}" for n, v in BAD])
-def test_bad_config_fails_fast(learner: Any, env: dict[str, str], apps: list[App],
-                               monkeypatch: pytest.MonkeyPatch, name: str,
+def test_bad_config_fails_fast(learner: Any, apps: list[App], monkeypatch: pytest.MonkeyPatch,
+                               request: pytest.FixtureRequest, name: str,
                                value: str | None) -> None:
+    """One case of BAD: app.py must exit at once, non-zero, naming the variable. The first
+    case, once passed, starts all the others at once (each on a port of its own, with backing
+    services that never answer, so no app can meet another): when each of them exits so,
+    having touched nothing, that decides them all and their own tests start nothing. Any
+    other sight decides nothing, and each case is then checked on its own, as a case run
+    alone (a wrong's failing case, run first by `dev check`) always is."""
+    code = (str(learner.dir), Path(learner.path("app.py")).read_bytes())
+    if code in REFUSED_AT_ONCE and (name, value) != BAD[0]:
+        return   # (its database and Redis are not even made: `env` is asked for below)
+    env = request.getfixturevalue("env")
+    refuses_to_start(learner, env, apps, monkeypatch, name, value)
+    if (name, value) == BAD[0] and all_refused_at_once(learner, apps, monkeypatch):
+        REFUSED_AT_ONCE.add(code)
+
+
+def all_refused_at_once(learner: Any, apps: list[App], monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every case of BAD but the first started at the same time, each with a PORT of its
+    own and services that accept and never answer: whether each app exited with a non-zero
+    status naming its variable, with no app listening and no connection made meanwhile
+    (which proves more than one case at a time with the real services would: it touched
+    nothing). Any other sight decides nothing here (apps started at once may meet: a port, a
+    table): each case is then checked by its own test. Leaves no app running."""
+    postgres, redis = SilentService(), SilentService()
+    services = {"DATABASE_URL": f"postgresql://lab:lab@127.0.0.1:{postgres.port}/lab",
+                "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"}
+    started: list[tuple[str, App]] = []
+    try:
+        for name, value in BAD[1:]:
+            app, _ = started_with(learner, apps, monkeypatch,
+                                  {"PORT": str(free_port()), **services}, name, value)
+            started.append((name, app))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (postgres.accepted or redis.accepted):
+            running = [app for _, app in started if app.proc.poll() is None]
+            if not running or any(app.ports() for app in running):
+                break
+            time.sleep(0.05)
+        touched = bool(postgres.accepted or redis.accepted)
+        codes = [app.proc.poll() for _, app in started]   # None: not exited of itself
+    finally:
+        for _, app in started:
+            app.stop()
+        postgres.close()
+        redis.close()
+    for _, app in started:
+        for reader in app.readers:
+            reader.join(10)
+    return not touched and len(codes) == len(BAD) - 1 and all(
+        code not in (0, None) and name in app.output()
+        for code, (name, app) in zip(codes, started, strict=True))
+
+
+def refuses_to_start(learner: Any, env: dict[str, str], apps: list[App],
+                     monkeypatch: pytest.MonkeyPatch, name: str, value: str | None) -> None:
     app, what = started_with(learner, apps, monkeypatch, env, name, value)
     why = why_bad(value)
     deadline = time.monotonic() + 20
@@ -274,14 +361,11 @@ def test_bad_config_is_refused_before_any_backing_service(
         f"(status {app.proc.poll()}): expected it to refuse to start at once")
 
 
-def test_request_data_never_breaks_a_log_line(learner: Any, env: dict[str, str],
-                                              apps: list[App]) -> None:
+def request_data_never_breaks_a_log_line(app: App) -> None:
     """Logs are an event stream, one event per line: a note whose text holds a line break
     must not split its request's log line (the platform's log router reads each line as an
-    event, and request data that starts a line of its own forges one)."""
-    app = App(learner, env)
-    apps.append(app)
-    app.ready()
+    event, and request data that starts a line of its own forges one). Ends ``app`` (its
+    whole stdout is read once it exited)."""
     tag = f"note-{uuid.uuid4().hex[:8]}"
     text = f"{tag}-first\n{tag}-second status=200 forged"
     created = http_request(f"127.0.0.1:{app.port}", "POST", "/notes", document={"text": text})
@@ -330,7 +414,12 @@ HELD_IN_PROCESS = (
 
 
 def test_two_instances_share_state_through_backing_services(
-        learner: Any, env: dict[str, str], apps: list[App], postgres: Any) -> None:
+        learner: Any, env: dict[str, str], apps: list[App], postgres: Any,
+        redis_db: Any) -> None:
+    """Two instances from one config, checked in turn (one pair started for all: each start
+    costs seconds): every write on one is read on both, no file is written, each request is
+    logged on stdout as it happens, concurrent visits on both are each counted, and request
+    data never breaks a log line (this last ends the first instance)."""
     before = {p.name for p in Path(learner.dir).iterdir()}
     first, second = two_instances(learner, env, apps)
     a, b = f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"
@@ -401,6 +490,8 @@ def test_two_instances_share_state_through_backing_services(
         "per request on stdout, flushed as it happens - logs are an event stream the "
         "platform reads from stdout (logging writes to stderr unless told otherwise). "
         f"stdout ends with {first.out[-3:]}")
+    concurrent_visits_are_each_counted(first, second, redis_db, counted=3)
+    request_data_never_breaks_a_log_line(first)
 
 
 # s after SIGTERM a request in flight is held unanswered (at Postgres) unless the app exited
@@ -737,12 +828,12 @@ def exit_status_after_sigterm(app: App) -> int:
     return int(code)
 
 
-def test_concurrent_visits_are_each_counted(learner: Any, env: dict[str, str], apps: list[App],
-                                           redis_db: Any) -> None:
-    """Two instances, each with several requests in flight at once: the shared count must
-    move by exactly one per POST, whichever instance serves it - an increment read, added to
-    and written back by the app loses the visits counted in between."""
-    first, second = two_instances(learner, env, apps)
+def concurrent_visits_are_each_counted(first: App, second: App, redis_db: Any,
+                                       counted: int) -> None:
+    """Two instances, each with several requests in flight at once: the shared count (at
+    ``counted`` before) must move by exactly one per POST, whichever instance serves it - an
+    increment read, added to and written back by the app loses the visits counted in
+    between."""
     hosts = [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
     per_thread, threads = 10, 8
     answers: list[Any] = []
@@ -768,11 +859,11 @@ def test_concurrent_visits_are_each_counted(learner: Any, env: dict[str, str], a
     repeated = sorted({a for a in answers if answers.count(a) > 1}, key=str)
     names = [c[0] for c in commands]
     atomic = {"INCR", "INCRBY", "HINCRBY", "EVAL", "EVALSHA", "FCALL", "EXEC"}
-    assert count == total and not repeated, (
-        f"{total} concurrent POST /visits on two instances left the count at {count} "
-        f"(answers repeated: {repeated[:5]}): visits were lost - reading the count, adding "
-        f"one and writing it back lets two requests read the same value. Let Redis do the "
-        f"increment atomically (INCR)")
+    assert count == counted + total and not repeated, (
+        f"{total} concurrent POST /visits on two instances took the count from {counted} to "
+        f"{count}, expected {counted + total} (answers repeated: {repeated[:5]}): visits were "
+        f"lost - reading the count, adding one and writing it back lets two requests read the "
+        f"same value. Let Redis do the increment atomically (INCR)")
     assert atomic & set(names), (
         f"{total} concurrent POST /visits were counted right this time, but the app sent "
         f"Redis only {sorted(set(names))}: a read, then a write of the new value, loses the "
