@@ -19,6 +19,7 @@ from labrunner.testing.kafka_proxy import (
     ADD_OFFSETS_TO_TXN,
     END_TXN,
     FETCH,
+    INIT_PRODUCER_ID,
     OFFSET_COMMIT,
     PRODUCE,
     TOPIC_AUTHORIZATION_FAILED,
@@ -126,6 +127,9 @@ def test_a_transaction_and_a_commit_are_seen_in_order(broker: tuple[str, str]) -
                         OFFSET_COMMIT], keys
         (produce,) = proxy.requests(PRODUCE)
         assert (produce.acks, produce.transactional_id) == (-1, f"{prefix}.tx")
+        # init_transactions(): its InitProducerId names the transactional.id too
+        inits = {r.transactional_id for r in proxy.requests(INIT_PRODUCER_ID)}
+        assert inits == {f"{prefix}.tx"}, f"InitProducerId transactional ids: {inits}"
 
 
 def test_a_held_commit_is_stored_only_once_released(broker: tuple[str, str]) -> None:

@@ -37,9 +37,13 @@ Mistakes a learner makes here, each caught with its own message:
 - exactly-once aborting a failed transaction (the broker refused its output) and going on
   with the next record: a later transaction commits an offset past the lost one
 - exactly-once: offsets committed by the consumer, idempotence without a transaction, a fresh
-  transactional.id per run (no fencing), reading read_uncommitted (poison records), a
-  transactional.id shared by workers running at once (the group alone, the input alone, a
-  constant: they fence each other - three workers run together, one held mid-transaction)
+  transactional.id per run (no fencing: named from the two runs' InitProducerId requests,
+  read by a proxy that only watches - at once, rather than after the 30 s the restarted
+  worker waits on the open transaction, and also when a short transaction.timeout.ms lets
+  the broker abort it and the restarted run finish), reading read_uncommitted (poison
+  records), a transactional.id shared by workers running at once (the group alone, the
+  input alone, a constant: they fence each other - three workers run together, one held
+  mid-transaction)
 
 Two mistakes hide from a crash at crash_point(), because librdkafka finishes them in the
 background before the kill; a proxy in front of the broker shows them at the protocol point:
@@ -90,6 +94,7 @@ from labrunner.testing.kafka_proxy import (
     TXN_OFFSET_COMMIT,
 )
 
+INIT_PRODUCER_ID = 22   # the API key of init_transactions()'s request (API_NAMES[22])
 PAYMENTS = [f"pay-{n}" for n in range(6)]
 
 
@@ -221,6 +226,9 @@ def transactions_settled(kafka: Any, topic: str, within: float) -> None:
     from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
 
     admin, tp = kafka.admin(), TopicPartition(topic, 0)
+    # A new admin client's first list_offsets() waited 1-3 s now and then (its connection
+    # to the broker was made on a later tick); a metadata request connects it at once.
+    admin.list_topics(topic, timeout=5)
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         ends = [admin.list_offsets({tp: OffsetSpec.latest()},  # type: ignore[no-untyped-call]
@@ -337,11 +345,23 @@ def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
     topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
     group = kafka.group(f"worker-{mode}")
     write_input(kafka, topics["input"])
+    # Exactly-once runs reach the broker through a proxy that only watches: each run's
+    # InitProducerId names its transactional.id, so a restart under another id is named at
+    # once, not after the 30 s the restarted worker waits on the open transaction it left.
+    with contextlib.ExitStack() as stack:
+        proxy = (stack.enter_context(KafkaProxy(kafka.bootstrap)) if mode == "exactly-once"
+                 else None)
+        return crashed_and_restarted(learner, kafka, mode, topics, group, proxy)
+
+
+def crashed_and_restarted(learner: Any, kafka: Any, mode: str, topics: dict[str, str],
+                          group: str, proxy: KafkaProxy | None) -> Run:
     offsets = [o for o, _ in read_topic(kafka, topics["input"], "read_committed")]
     poison_offsets = {o for o, v in read_topic(kafka, topics["input"], "read_uncommitted")
                       if v.startswith("poison")}
-
-    first = start(learner, kafka, mode, topics, group, crash_after=CRASH_AT)
+    bootstrap = proxy.bootstrap if proxy is not None else None
+    first = start(learner, kafka, mode, topics, group, crash_after=CRASH_AT,
+                  bootstrap=bootstrap)
     try:
         line = first_line(first, 30)
         if line != f"CRASH-POINT {CRASH_AT}":
@@ -389,22 +409,53 @@ def crash_and_restart(learner: Any, kafka: Any, mode: str) -> Run:
         first.send_signal(signal.SIGKILL)
         first.wait()
 
-    second = start(learner, kafka, mode, topics, group)
-    try:
-        code = second.wait(30)
-    except subprocess.TimeoutExpired:
-        second.kill()
-        second.wait()
-        raise AssertionError(f"{mode}: the restarted worker did not finish within 30 s (it must "
-                             "stop at the end of the input partition)"
-                             f"{FENCING if mode == 'exactly-once' else ''}") from None
+    since = time.monotonic()
+    second = start(learner, kafka, mode, topics, group, bootstrap=bootstrap)
+    deadline = since + 30
+    while True:
+        status = second.poll()
+        renamed = restarted_under_another_id(proxy, since) if proxy is not None else ""
+        if renamed:
+            second.kill()
+            second.wait()
+            raise AssertionError(renamed)
+        if status is not None:
+            break
+        if time.monotonic() > deadline:
+            second.kill()
+            second.wait()
+            raise AssertionError(
+                f"{mode}: the restarted worker did not finish within 30 s (it must stop at the "
+                f"end of the input partition){FENCING if mode == 'exactly-once' else ''}")
+        time.sleep(0.05)
     hint = FENCING if mode == "exactly-once" else ""
-    assert code == 0, (
-        f"{mode}: the restarted worker exited with {code}{hint}\n{stderr_tail(second)}")
+    assert status == 0, (
+        f"{mode}: the restarted worker exited with {status}{hint}\n{stderr_tail(second)}")
     transactions_settled(kafka, topics["output"], 10)
     keys = [((r.value or b"").decode(), r.key) for r in read_all(
         kafka, topics["output"], isolation="read_committed", partitions=[0])]
     return Run(offsets, at_crash, view(kafka, topics, group), keys)
+
+
+def restarted_under_another_id(proxy: KafkaProxy, since: float) -> str:
+    """Why the restarted exactly-once worker (started at ``since``) is wrong, if its
+    init_transactions() named a transactional.id the killed run never used ('' if not, or
+    not seen yet): read from both runs' InitProducerId requests."""
+    ids = [(r.at >= since, r.transactional_id) for r in proxy.requests(INIT_PRODUCER_ID)
+           if r.transactional_id]
+    killed = {tid for restarted, tid in ids if not restarted}
+    now = {tid for restarted, tid in ids if restarted}
+    if not killed or not now or killed & now:
+        return ""
+    return (f"exactly-once: the restarted worker's init_transactions() named the "
+            f"transactional.id {sorted(now)}, the killed run's was {sorted(killed)}: an id new "
+            f"on every run fences nothing - the killed run's transaction stays open, holding "
+            f"pay-3's output and input offset (the restarted worker's lookup of its committed "
+            f"offset and every read_committed reader wait on it) until its "
+            f"transaction.timeout.ms runs out. Use the SAME transactional.id on every run: the "
+            f"next init_transactions() then fences the dead run and aborts its transaction at "
+            f"once - derive it from the group, the input topic and the partition, never from "
+            f"a random or per-run value")
 
 
 def check_final(run: Run, mode: str, want: list[str], meaning: str) -> None:

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass
 
 PRODUCE, FETCH, LIST_OFFSETS, METADATA, OFFSET_COMMIT, FIND_COORDINATOR = 0, 1, 2, 3, 8, 10
-ADD_OFFSETS_TO_TXN, END_TXN, TXN_OFFSET_COMMIT, DESCRIBE_CLUSTER = 25, 26, 28, 60
+INIT_PRODUCER_ID, ADD_OFFSETS_TO_TXN, END_TXN, TXN_OFFSET_COMMIT = 22, 25, 26, 28
+DESCRIBE_CLUSTER = 60
 JOIN_GROUP, HEARTBEAT, LEAVE_GROUP, SYNC_GROUP, CONSUMER_GROUP_HEARTBEAT = 11, 12, 13, 14, 68
 API_NAMES = {
     0: "Produce", 1: "Fetch", 2: "ListOffsets", 3: "Metadata", 8: "OffsetCommit",
@@ -21,7 +22,7 @@ API_NAMES = {
     60: "DescribeCluster", 68: "ConsumerGroupHeartbeat",
 }
 # First flexible version (compact strings, tagged fields) of the requests whose body is read.
-_FLEXIBLE_FROM = {PRODUCE: 9, OFFSET_COMMIT: 8}
+_FLEXIBLE_FROM = {PRODUCE: 9, OFFSET_COMMIT: 8, INIT_PRODUCER_ID: 2}
 # First flexible version of the Fetch response (KIP-482), and the first naming topics by id.
 _FETCH_FLEXIBLE_FROM, _FETCH_TOPIC_IDS_FROM = 12, 13
 # A refused OffsetCommit is answered in the broker's place with OFFSET_METADATA_TOO_LARGE for
@@ -43,7 +44,8 @@ class KafkaRequest:
     client_id: str | None
     at: float              # time.monotonic() at arrival
     acks: int | None = None               # Produce: 0, 1 or -1 (all)
-    transactional_id: str | None = None   # Produce v3+: the transaction's producer
+    transactional_id: str | None = None   # Produce v3+, InitProducerId: the transaction's
+                                          # producer (None: not transactional)
 
     @property
     def name(self) -> str:
@@ -95,6 +97,8 @@ def parse_request(frame: bytes, connection: int) -> tuple[KafkaRequest, int]:
         if version >= 3:
             txn, body = _string(frame, body, compact=flexible)
         (acks,) = struct.unpack_from(">h", frame, body)
+    elif api_key == INIT_PRODUCER_ID:  # its first field in every version
+        txn, _ = _string(frame, pos, compact=flexible)
     return KafkaRequest(api_key, version, correlation, connection, client_id,
                         time.monotonic(), acks, txn), pos
 
