@@ -88,13 +88,13 @@ from labrunner.testing.kafka_proxy import (
     ADD_OFFSETS_TO_TXN,
     END_TXN,
     FETCH,
+    INIT_PRODUCER_ID,
     OFFSET_COMMIT,
     PRODUCE,
     TOPIC_AUTHORIZATION_FAILED,
     TXN_OFFSET_COMMIT,
 )
 
-INIT_PRODUCER_ID = 22   # the API key of init_transactions()'s request (API_NAMES[22])
 PAYMENTS = [f"pay-{n}" for n in range(6)]
 
 

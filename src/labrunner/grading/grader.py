@@ -363,18 +363,19 @@ class Grader:
 
         from ..services.isolation import new_run_id
 
-        private = self.private_services and uid is not None
+        private_uid = uid if self.private_services else None
         # A lab marked exclusive restarts a service it would share with every other run, so
         # it runs alone; a run's private services are its own, so it runs beside the others.
-        run_as = dataclasses.replace(run.run_as, exclusive=False) if private else run.run_as
+        run_as = (run.run_as if private_uid is None
+                  else dataclasses.replace(run.run_as, exclusive=False))
 
         def verify(state_file: Path | None) -> LabResult:
             return run_lab(run_as, run.src, state_file, new_run_id(), sandbox,
                            timeout=limits.timeout, on_process=track)
 
         try:
-            if private and uid is not None:
-                result = self._with_private_services(lab, uid, run.run_dir, sandbox, verify,
+            if private_uid is not None:
+                result = self._with_private_services(lab, private_uid, run.run_dir, sandbox, verify,
                                                      run.prepare_steps)
             else:
                 result = verify(self.state_file)
