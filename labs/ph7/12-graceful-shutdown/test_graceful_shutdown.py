@@ -224,6 +224,14 @@ class Slow:
             f"request {ident}: expected 'STARTED {ident}' after 'BEGIN {ident}', saw "
             f"{started!r}: answer STARTED as soon as the request line arrived")
 
+    @classmethod
+    def already_sent(cls, sock: socket.socket, ident: str) -> Slow:
+        """The request whose BEGIN the test sent on ``sock`` itself (a connection that may
+        wait in the backlog), its STARTED not read yet."""
+        request = cls.__new__(cls)
+        request.ident, request.sock, request.buffer = ident, sock, b""
+        return request
+
     def line(self) -> str | None:
         """The next line, or None on EOF, reset or timeout."""
         deadline = time.monotonic() + WAIT
@@ -857,8 +865,7 @@ def test_accept_out_of_descriptors_backs_off_and_goes_on(
         assert answer == "DONE first", (
             f"{what}, the first request was answered {answer!r} after END, expected "
             f"'DONE first'{killed_by(server.proc.poll())}")
-        waiting = Slow.__new__(Slow)
-        waiting.ident, waiting.sock, waiting.buffer = "second", second, b""
+        waiting = Slow.already_sent(second, "second")
         started = None if reset else waiting.line()
         failures = EMFILE_FAILURES.search(server.stderr)
         tried = f" ({failures.group(1).decode()} failures)" if failures else ""

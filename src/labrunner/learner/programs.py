@@ -28,6 +28,9 @@ from typing import Any
 from .modes import FACTORY_LOCK, FACTORY_PREFIX
 
 _START_TIMEOUT = 60.0
+# How long send_signal() waits for the monitor's receipt (a loaded machine; never reached
+# when the monitor lives: it forwards a signal at once).
+_SIGNAL_RECEIPT_TIMEOUT = 5.0
 _SEND_LOCK = threading.Lock()
 
 
@@ -52,6 +55,8 @@ class LearnerProgram(subprocess.Popen):  # type: ignore[type-arg]
         self._ctl_w = -1
         self._buffer = b""
         self._status_lock = threading.Lock()
+        self._signals_sent = 0        # written to the monitor
+        self._signals_delivered = 0   # the monitor's "sent" lines: os.kill() done
         super().__init__(*args, **kwargs)
 
     def _execute_child(self, args: Any, executable: Any, preexec_fn: Any, close_fds: Any,
@@ -126,6 +131,16 @@ class LearnerProgram(subprocess.Popen):  # type: ignore[type-arg]
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("ascii", "replace").strip()
 
+    def _next_status(self, timeout: float | None) -> str | None:
+        """The monitor's next line but its signal receipts, which are counted."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            line = self._next_line(left)
+            if line is None or not line.startswith("sent "):
+                return line
+            self._signals_delivered += 1
+
     def _close_status(self) -> None:
         for name in ("_status_r", "_ctl_w"):
             fd = getattr(self, name)
@@ -141,7 +156,7 @@ class LearnerProgram(subprocess.Popen):  # type: ignore[type-arg]
         with self._status_lock:
             if self.returncode is not None:
                 return True
-            line = self._next_line(timeout)
+            line = self._next_status(timeout)
             if line is None:
                 return False
             kind, _, value = line.partition(" ")
@@ -174,7 +189,15 @@ class LearnerProgram(subprocess.Popen):  # type: ignore[type-arg]
         try:
             os.write(self._ctl_w, f"{int(sig)}\n".encode())
         except OSError:
-            pass
+            return
+        self._signals_sent += 1
+        # Returns once the monitor has delivered it (its receipt), as Popen.send_signal
+        # returns after kill(): a test that sends SIGTERM and then lets the program go on
+        # (a lock released, a request answered) must find the signal already pending there.
+        deadline = time.monotonic() + _SIGNAL_RECEIPT_TIMEOUT
+        while self._signals_delivered < self._signals_sent and time.monotonic() < deadline:
+            if self._collect(0.05):
+                return   # it exited (a receipt before its exit status is counted on the way)
 
 
 # --------------------------------------------------------------------------------------
@@ -254,6 +277,10 @@ def _relay(child: int, ctl: int, status: int) -> None:
                 if line.strip().isdigit():
                     try:
                         os.kill(child, int(line))
+                    except OSError:
+                        pass
+                    try:   # the receipt send_signal() waits for
+                        os.write(status, f"sent {int(line)}\n".encode())
                     except OSError:
                         pass
         if pidfd in ready:
