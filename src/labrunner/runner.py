@@ -34,7 +34,7 @@ from .channel import (
     ENV_SERVICES,
     read_signed,
 )
-from .lab_exit import TestsProcess, kill_group, wait_for_exit
+from .lab_exit import CpuWait, TestsProcess, kill_group, wait_for_exit
 from .learner import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN
 from .parent_death import die_with_parent
 from .scoring import Ended, LabResult, TestResult, clean_text, score
@@ -345,8 +345,9 @@ def _run_lab(
     records, output, readers = _read_both(proc, report_r, key, sandbox.max_output)
     timed_out = False
     lingered = [False]
+    cpu_wait = CpuWait(proc.pid)
     try:
-        timed_out = wait_for_exit(proc, budget, records, lingered)
+        timed_out = wait_for_exit(proc, budget, records, lingered, cpu_wait)
     finally:
         kill_group(proc)
         if on_process:
@@ -356,7 +357,8 @@ def _run_lab(
         reader.join(timeout=5)
     text = b"".join(output).decode("utf-8", errors="replace")
     return score(lab, records, Ended(proc.returncode, timed_out, budget, text, started,
-                                     on_its_own=not timed_out and not lingered[0]))
+                                     on_its_own=not timed_out and not lingered[0],
+                                     waited_for_cpu=cpu_wait.allowance))
 
 
 class Readiness(Protocol):

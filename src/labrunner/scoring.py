@@ -61,6 +61,15 @@ class Ended:
     output: str
     started: float
     on_its_own: bool = True   # not killed by the runner (timeout, lingering after finishing)
+    waited_for_cpu: float = 0.0   # seconds added to the budget: the run kept off the CPU
+
+    def timed_out_after(self) -> str:
+        """``timed out after N s``, and the time added for a loaded machine if any."""
+        text = f"timed out after {self.budget:.0f} s"
+        if self.waited_for_cpu >= 1:
+            text += (f" (and {self.waited_for_cpu:.0f} s more, the time the machine kept it "
+                     "waiting for a CPU)")
+        return text
 
 
 def score(lab: Lab, records: list[dict[str, Any]], ended: Ended) -> LabResult:
@@ -76,7 +85,7 @@ def score(lab: Lab, records: list[dict[str, Any]], ended: Ended) -> LabResult:
     collected, outcomes = _reported(records)
     if not collected:
         reason = _collection_problem(ended.output) or (
-            f"timed out after {ended.budget:.0f} s before any test ran" if ended.timed_out
+            f"{ended.timed_out_after()} before any test ran" if ended.timed_out
             else f"the verification could not start (pytest exit {ended.returncode})")
         return LabResult(lab, "timeout" if ended.timed_out else "error", duration, reason,
                          output=ended.output, started_at=ended.started)
@@ -126,7 +135,7 @@ def _unreported(nodeid: str, outcomes: dict[str, TestResult], ended: Ended) -> T
     if first_timeout is not None and not ended.timed_out:
         return TestResult(nodeid, "timeout", f"not run: {first_timeout.name} timed out first")
     if ended.timed_out:
-        return TestResult(nodeid, "timeout", f"timed out after {ended.budget:.0f} s")
+        return TestResult(nodeid, "timeout", ended.timed_out_after())
     return TestResult(nodeid, "failed",
                       "the test process ended before this test reported "
                       f"(exit code {ended.returncode}): the code exited, crashed or was killed")
