@@ -12,6 +12,7 @@ depend on the ports a later start picks.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -418,9 +419,16 @@ class KafkaNS:
         return f"{self.prefix}.{name}"
 
     def admin(self) -> Any:
+        """An AdminClient already connected: a new client's first list_offsets() waited
+        about 1 s one time in two (its broker connection is made on a later tick; measured
+        1.0 s against 0.06 s with a metadata request first, which connects it at once)."""
+        from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
-        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        with contextlib.suppress(KafkaException):   # unreachable: its own calls will say so
+            admin.list_topics(timeout=5)
+        return admin
 
     def create_topic(self, name: str, partitions: int = 1, **config: str) -> str:
         from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
