@@ -377,6 +377,12 @@ def test_resume_after_ctrl_c_and_sharded_merge_equal_one_run(tmp_path: Path) -> 
     assert f"{count - kept} graded, {kept} unchanged" in again.stdout
     assert book(resumed) == book(whole)
 
+    # --force grades every submission again, unchanged or not, to the same gradebook.
+    forced = grade(str(cohort), *SELECT, "--out", str(resumed), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert f"{count} graded, 0 unchanged" in forced.stdout, forced.stdout
+    assert book(resumed) == book(whole)
+
     # A changed submission is graded again, and only it.
     (cohort / "bob" / NORM).write_text(GOOD_NORM)
     changed = grade(str(cohort), *SELECT, "--out", str(resumed))
