@@ -11,10 +11,10 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import IO, Any, Protocol
 
 from .channel import FINISHED
+from .cpu_wait import CpuWait
 
 
 class TestsProcess(Protocol):
@@ -64,60 +64,6 @@ def wait_for_exit(proc: TestsProcess, budget: float, records: list[dict[str, Any
                 _ask_for_stacks(proc)
                 return True
     return False
-
-
-class CpuWait:
-    """How long a run's processes were kept off the CPU: the run-queue wait of every thread
-    in the tree under the tests process (``/proc/<tid>/schedstat``, its second field), as
-    the kernel counts it. On a loaded machine a correct lab can take twice its quiet time;
-    load must not turn it into a timeout (as the grader retries the machine's other
-    failures). A hang that sleeps (a lock, a read) waits for no CPU and still ends at the
-    budget; one that spins, or many threads waiting at once, at one budget more at most."""
-
-    EVERY = 1.0   # seconds between readings: a dozen small files, cheap even under load
-
-    def __init__(self, root: int) -> None:
-        self.root = root
-        self.waited: dict[int, int] = {}   # tid -> nanoseconds of run-queue wait seen
-        self.allowance = 0.0
-
-    def sample(self, budget: float) -> float:
-        """Read the tree again; the seconds added to the deadline (at most ``budget``)."""
-        for pid in self._tree():
-            for tid, waited in _thread_waits(pid):
-                self.waited[tid] = max(self.waited.get(tid, 0), waited)
-        self.allowance = min(budget, sum(self.waited.values()) / 1e9)
-        return self.allowance
-
-    def _tree(self) -> list[int]:
-        found: list[int] = []
-        todo = [self.root]
-        while todo and len(found) < 4096:
-            pid = todo.pop()
-            found.append(pid)
-            for tid in _tids(pid):
-                with contextlib.suppress(OSError, ValueError):
-                    children = Path(f"/proc/{pid}/task/{tid}/children").read_text()
-                    todo.extend(int(child) for child in children.split())
-        return found
-
-
-def _tids(pid: int) -> list[int]:
-    try:
-        return [int(name) for name in os.listdir(f"/proc/{pid}/task")]
-    except (OSError, ValueError):
-        return []
-
-
-def _thread_waits(pid: int) -> Iterator[tuple[int, int]]:
-    """(tid, nanoseconds it waited on a run queue) for each thread of ``pid`` still there;
-    nothing where the kernel keeps no schedstats."""
-    for tid in _tids(pid):
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
-            yield tid, int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
 
 
 def _ask_for_stacks(proc: TestsProcess) -> None:

@@ -66,6 +66,7 @@ from .services.local.process import undumpable
 # learner.python(..., gc=False or prelude=...): runs the script as __main__ after those.
 RUN_LAUNCHER = ("import runpy, sys; sys.argv = sys.argv[1:]; "
                 "runpy.run_path(sys.argv[0], run_name='__main__')")
+pytest_plugins = ["labrunner.load_aware_timeouts"]   # timeouts that count time given the run
 
 # --------------------------------------------------------------------------------------
 # Options
@@ -89,7 +90,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 # --------------------------------------------------------------------------------------
 # Signed outcome channel to the runner
-
 
 _reporter: Reporter | None = None
 # The process's stderr before pytest captures it (plugins named with -p load first).

@@ -34,7 +34,8 @@ from .channel import (
     ENV_SERVICES,
     read_signed,
 )
-from .lab_exit import CpuWait, TestsProcess, kill_group, wait_for_exit
+from .cpu_wait import CpuWait
+from .lab_exit import TestsProcess, kill_group, wait_for_exit
 from .learner import ENV_LEARNER_HOST, FACTORY_PREFIX, SPAWN
 from .parent_death import die_with_parent
 from .scoring import Ended, LabResult, TestResult, clean_text, score
@@ -343,9 +344,7 @@ def _run_lab(
     if on_process:
         on_process(proc)
     records, output, readers = _read_both(proc, report_r, key, sandbox.max_output)
-    timed_out = False
-    lingered = [False]
-    cpu_wait = CpuWait(proc.pid)
+    lingered, cpu_wait = [False], CpuWait(proc.pid)
     try:
         timed_out = wait_for_exit(proc, budget, records, lingered, cpu_wait)
     finally:
