@@ -25,6 +25,9 @@ Mistakes a learner makes here, each caught with its own message:
 - a restarted worker starting from the beginning, not from the committed offset
 - an output record without its input's key (or with another): every payment has a key of its
   own, and each output's key is read back
+- at-least-once waiting for the ack longer than its --ack-timeout (flush(30), flush() with no
+  timeout) while the proxy holds its output: named at that flush() call, which says its
+  timeout on stderr (FLUSH_WATCH) - not 8 s later, when a worker still waiting is seen idle
 - at-least-once trusting flush() returning 0 when the broker REFUSED an output (a record
   larger than the output topic's max.message.bytes): the offset committed past a lost output
 - taking a poll() that returns nothing for the end of the input: the proxy holds the worker's
@@ -65,6 +68,7 @@ background before the kill; a proxy in front of the broker shows them at the pro
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import subprocess
 import threading
@@ -148,6 +152,25 @@ class _WatchedConsumer(_ck.Consumer):
 
 
 _ck.Consumer = _WatchedConsumer
+"""
+FLUSH_MARK = "labrunner-test: flush"
+# Run in the worker's process before its script: confluent_kafka.Producer, as the script
+# imports it, is a subclass whose flush() says on stderr, as it is called, the timeout it was
+# given (None: none, it waits for good) and how many records are still unacknowledged.
+FLUSH_WATCH = f"""
+import sys as _sys
+import confluent_kafka as _ck
+
+
+class _WatchedProducer(_ck.Producer):
+    def flush(self, *args, **kwargs):
+        timeout = args[0] if args else kwargs.get("timeout")
+        _sys.stderr.write(f"\\n{FLUSH_MARK} {{timeout!r}} {{len(self)}}\\n")
+        _sys.stderr.flush()
+        return super().flush(*args, **kwargs)
+
+
+_ck.Producer = _WatchedProducer
 """
 ACK_TIMEOUT = 2.0   # --ack-timeout of the at-least-once worker whose output is never acked
 # How long the test waits for that worker to give up or commit: long, since a right worker
@@ -284,12 +307,15 @@ def stderr_tail(proc: subprocess.Popen[bytes]) -> str:
 
 
 class EmptyPolls:
-    """The worker's stderr, read as it comes (a worker started with POLL_WATCH): how many of
-    its polls came back empty so far, and the rest of what it wrote."""
+    """The worker's stderr, read as it comes (a worker started with POLL_WATCH or
+    FLUSH_WATCH): how many of its polls came back empty so far, its flush() calls (the
+    timeout each was given, None for none, and the records then unacknowledged), and the
+    rest of what it wrote."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stderr is not None
         self.count = 0
+        self.flushes: list[tuple[float | None, int]] = []
         self.lines: list[str] = []
         self._stream = proc.stderr
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -300,12 +326,26 @@ class EmptyPolls:
             line = raw.decode(errors="replace").rstrip("\n")
             if line == EMPTY_POLL_MARK:
                 self.count += 1
+            elif line.startswith(FLUSH_MARK + " "):
+                timeout, pending = line[len(FLUSH_MARK):].split()
+                try:
+                    waits = None if timeout == "None" else float(timeout)
+                except ValueError:   # a timeout of a type of its own: flush() judges it
+                    continue
+                self.flushes.append((None if waits is not None and waits < 0 else waits,
+                                     int(pending)))
             elif line:
                 self.lines.append(line)
 
     def tail(self) -> str:
         self._reader.join(10)
         return "\n".join(self.lines).strip()[-1500:]
+
+    def waits_past(self, limit: float) -> float | None:
+        """The timeout of the worker's first flush() with records unacknowledged, if it is
+        longer than ``limit`` s (math.inf: none given, or a negative one - for good)."""
+        waits = next((timeout for timeout, pending in self.flushes if pending), limit)
+        return math.inf if waits is None else waits if waits > limit else None
 
 
 def ended_early(learner: Any, kafka: Any, mode: str, topics: dict[str, str], line: str) -> str:
@@ -885,14 +925,18 @@ def test_at_least_once_commits_only_after_its_output_is_acknowledged(learner: An
     (raises) once its ack timeout has passed. A wrong one commits anyway: at once (it did not
     wait for the ack), or when its wait timed out (it did not look at what flush() returned)
     - and a crash right there loses that output for good. No timing decides against a right
-    worker: the test only watches for an OffsetCommit until the worker exits (or 45 s)."""
+    worker: the test only watches for an OffsetCommit until the worker exits (or 45 s). A
+    worker that waits for the ack longer than its ack timeout (its first flush() with the
+    output unacknowledged is given more) is named at that call, as flush() says on stderr
+    (FLUSH_WATCH); one seen idle well past its ack timeout, whatever it waits in, is too."""
     topics = {"input": kafka.create_topic("payments"), "output": kafka.create_topic("out")}
     group = kafka.group("worker-alo-ack")
     write_input(kafka, topics["input"])
     with KafkaProxy(kafka.bootstrap) as proxy:
         proxy.hold(PRODUCE)
         worker = start(learner, kafka, "at-least-once", topics, group,
-                       bootstrap=proxy.bootstrap, ack_timeout=ACK_TIMEOUT)
+                       bootstrap=proxy.bootstrap, ack_timeout=ACK_TIMEOUT, prelude=FLUSH_WATCH)
+        said = EmptyPolls(worker)
         try:
             deadline = time.monotonic() + 30
             while (not proxy.requests(PRODUCE) and worker.poll() is None
@@ -902,14 +946,17 @@ def test_at_least_once_commits_only_after_its_output_is_acknowledged(learner: An
                 pytest.fail(
                     f"at-least-once with --ack-timeout {ACK_TIMEOUT:g}: the worker exited "
                     f"(status {worker.returncode}) before sending any output; its stderr: "
-                    f"{stderr_tail(worker) or '(nothing)'}", pytrace=False)
+                    f"{said.tail() or '(nothing)'}", pytrace=False)
             produced = proxy.wait_for(PRODUCE, timeout=max(1.0, deadline - time.monotonic()),
                                       what="the at-least-once worker's first output")
             deadline = time.monotonic() + ACK_WATCH
             look_at = produced.at + ACK_TIMEOUT + GIVE_UP_GRACE
-            idle = False
+            idle, waits = False, None
             while (time.monotonic() < deadline and not proxy.requests(OFFSET_COMMIT)
                    and worker.poll() is None):
+                # More than 1 s over: a right worker's flush(remaining) is never given more.
+                if (waits := said.waits_past(ACK_TIMEOUT + 1)) is not None:
+                    break
                 if time.monotonic() >= look_at:
                     idle = idle_throughout(learner, worker, IDLE_SPAN)
                     if idle and not proxy.requests(OFFSET_COMMIT) and worker.poll() is None:
@@ -923,6 +970,18 @@ def test_at_least_once_commits_only_after_its_output_is_acknowledged(learner: An
             worker.send_signal(signal.SIGKILL)
             worker.wait()
             proxy.release(PRODUCE)
+    if waits is not None and not commits:
+        pytest.fail(
+            f"at-least-once with --ack-timeout {ACK_TIMEOUT:g}: the test held the worker's "
+            f"output (its Produce request) unanswered, and the worker called flush("
+            f"{'' if math.isinf(waits) else f'{waits:g}'}) to wait for its ack - "
+            + ("with no timeout, forever" if math.isinf(waits) else f"up to {waits:g} s")
+            + f", not the --ack-timeout {ACK_TIMEOUT:g} it was given: it gives the broker "
+            f"longer than it was told to. Wait ack_timeout seconds (flush(ack_timeout)), and "
+            f"look at what flush returns: the number of records still unacknowledged - when "
+            f"that is not 0 the output is NOT processed: raise instead of committing (a flush "
+            f"with another timeout whose result is ignored ends in a commit of an output the "
+            f"broker never acknowledged)", pytrace=False)
     if idle and not commits:
         pytest.fail(
             f"at-least-once with --ack-timeout {ACK_TIMEOUT:g}: the test held the worker's "

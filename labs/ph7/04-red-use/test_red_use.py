@@ -1,21 +1,24 @@
 """ph7.4 RED and USE: the learner's PromQL, evaluated by a real Prometheus over a service the
 test runs with a load it knows exactly, must give the figures of that load.
 
-The test's service runs as two instances (a service scaled out: two scrape targets of one
-job, each with a pool of its own and its own share of each route) whose counters grow at
+The test's service runs as two instances (a service scaled out: two instances of one job,
+each with a pool of its own and its own share of each route) whose counters grow at
 known rates: together 40 requests per second, 7 of them 5xx (500, 503 and a 520) and 4 of
 them 404; a duration histogram whose p99 is 0.5 s; pools of 3 and 2 workers, 3.75 busy on
 average, 1.5 requests waiting, 0.5 rejected per second. The first instance restarts every
 half second (its counters begin again at 0), as a service being deployed or crash-looping
 does: a counter is read with rate() per series, which counts each one's resets, never summed
 first.
-Each sample carries the time it was computed for, on a grid both instances share, so
-Prometheus holds exact straight lines (broken only by the restarts, each right after a
-scrape), and the queries are evaluated at a sample time of both instances over a window that
-starts at another: the figures then come out exact, and the test compares them tightly. A
+The test computes each instance's samples itself, on a time grid both instances share, and
+writes them into the real Prometheus (its remote-write receiver), stamped with their times,
+as a scrape at each of those times would have stored them: Prometheus holds exact straight
+lines (broken only by the restarts, each right after a sample), at once - no scrape target
+to wait about 5 s for Prometheus to pick up. The queries are evaluated at a sample time of
+both instances over a window that starts at another: the figures then come out exact, and
+the test compares them tightly. A
 figure that is right for one instance alone (scalar(), an average or maximum over instances,
 a mean of the instances' ratios) is not. Another service with the same metric names is
-scraped beside it, under a job whose name is the service's with a '-' for its '.': a job
+stored beside it, under a job whose name is the service's with a '-' for its '.': a job
 matched as a regex reads it too."""
 
 from __future__ import annotations
@@ -24,18 +27,15 @@ import itertools
 import math
 import re
 import secrets
-import threading
+import struct
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, TypedDict, cast
 
 import pytest
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-from labrunner.testing import serve_wsgi
 
 # Requests per second by (route, code), the whole service. A 5xx is any code 500-599 (RFC
 # 9110 15: the first digit is the class, and a code a client does not know reads as x00 of
@@ -65,29 +65,30 @@ class OtherService(TypedDict):
     pool: tuple[int, float, float, float]     # as one of POOLS
 
 
-# Another service scraped at the same time, with the same metric names and other figures:
+# Another service stored at the same time, with the same metric names and other figures:
 # a query that does not select its job reads both. Its job's name is the service's with a
 # '-' where the service's has a '.' (JOBS): a job matched as a regex (job=~) reads it too.
 JOBS = ("shop.api-{token}", "shop-api-{token}")
 OTHER: OtherService = {"requests": {("/orders", "200"): 100.0}, "pool": (2, 2.0, 9.0, 7.0)}
-# Every sample is stamped with a multiple of this, and every target is scraped this often
-# (prometheus.scrape(interval=GRID)), so the instances' series share sample times the queries
-# are evaluated at. 1/8 s: short, so that the samples the test needs come in under 2 s, and
-# exact in binary, so that every stamp is a whole number of milliseconds as Prometheus holds
-# it (prometheus_client truncates a stamp to its milliseconds: k * 0.1 would lose one).
+# Every sample is stamped with a multiple of this (tick k: k * GRID s since the epoch), as a
+# scrape every GRID s would store them, so the instances' series share sample times the
+# queries are evaluated at. 1/8 s, exact in binary: every stamp is a whole number of
+# milliseconds, as Prometheus holds it.
 GRID = 0.125
-# The first instance restarts every RESTART seconds (a deploy, a crash loop): right after a
-# scrape, so every counter it exports begins again at 0 and the next sample holds only what
+# The first instance restarts every RESTART_TICKS ticks (a deploy, a crash loop): right after a
+# sample, so every counter it exports begins again at 0 and the next sample holds only what
 # it counted since. rate() of each series counts the drop as a reset and stays exact; a sum
 # of the instances' counters drops too, and rate() or increase() of that sum takes the other
 # instance's whole total for growth.
-RESTARTING, RESTART = 0, 4 * GRID
-# The window the figures are read over: back from a sample time of every instance to the
-# earliest such time at most WINDOW before it, and at least MIN_WINDOW long, with a restart
-# or more within it (every restart in it kept: _window). SCRAPES scrapes of each instance
-# (the wait) hold such a window, unless some were lost on a loaded machine: then the test
-# waits for more.
-WINDOW, MIN_WINDOW, SCRAPES = 11 * GRID, 8 * GRID, 14
+RESTARTING, RESTART_TICKS = 0, 4
+# The window the figures are read over: from the last sample time back to the sample time
+# WINDOW_TICKS before it; restarts (every RESTART_TICKS) fall within it, each with the sample
+# after it. SAMPLES samples of each series are written, the last one at most a tick ago; the
+# first ones are older than the window, as in a Prometheus that scraped the service before.
+WINDOW_TICKS, SAMPLES = 11, 14
+# The service started this many ticks before its first sample written (the restarting
+# instance restarted since, the other one has counted since).
+RAN_BEFORE = 40
 
 
 def figures(instances: Sequence[int]) -> dict[str, float]:
@@ -144,97 +145,118 @@ TOLERANCE = 0.01
 
 
 class SyntheticService:
-    """Metrics of one instance of a service under a steady, known load, computed at each
-    scrape from the time since the service started (and stamped with that time)."""
+    """Metrics of one instance of a service under a steady, known load: its series at a tick
+    of the grid, as a scrape at that time would have stored them."""
 
-    def __init__(self, instance: int = 0, other: bool = False) -> None:
-        self.started = time.time()
+    def __init__(self, started: int, instance: int = 0, other: bool = False) -> None:
+        self.started = started  # the tick it started at (its counters at 0, but HISTORY)
         self.restarts = not other and instance == RESTARTING
-        self.next_restart = self.started + RESTART
-        self.restarted_at: list[float] = []  # the sample times it restarted right after
-        self.lock = threading.Lock()
         self.other = other
         self.share = {route: 1.0 for route in DURATIONS} if other else SHARES[instance]
         self.history = not other and instance == len(POOLS) - 1
         self.pool = OTHER["pool"] if other else POOLS[instance]
 
-    def collect(self) -> Iterator[Any]:
-        with self.lock:
-            now = math.floor(time.time() / GRID) * GRID
-            t = now - self.started
-            if self.restarts and now >= self.next_restart:
-                # This scrape still sees the counters as they were; the process restarts
-                # right after it, at time `now`, and counts again from 0.
-                self.started, self.next_restart = now, now + RESTART
-                self.restarted_at.append(now)
-        requests = CounterMetricFamily("http_requests", "HTTP requests served.",
-                                       labels=["route", "code"])
+    def counted(self, tick: int) -> float:
+        """Seconds its counters have counted at ``tick``: since it started, or since its last
+        restart - every RESTART_TICKS, right after the sample then, which still holds what it
+        counted before (the next one holds only what it counted since)."""
+        ticks = tick - self.started
+        if self.restarts and ticks > 0:
+            ticks = (ticks - 1) % RESTART_TICKS + 1
+        return ticks * GRID
+
+    def restarted(self, tick: int) -> bool:
+        """Whether it restarted right after the sample at ``tick``."""
+        ticks = tick - self.started
+        return self.restarts and ticks > 0 and ticks % RESTART_TICKS == 0
+
+    def collect(self, tick: int) -> Iterator[tuple[dict[str, str], float]]:
+        """Its series at ``tick``: (labels with __name__, value)."""
+        t = self.counted(tick)
         mix = OTHER["requests"] if self.other else REQUESTS
         history = HISTORY if self.history else {}
         for (route, code), per_second in mix.items():
-            requests.add_metric([route, code], history.get((route, code), 0.0)
-                                + per_second * self.share[route] * t, timestamp=now)
-        yield requests
-        durations = HistogramMetricFamily("http_request_duration_seconds",
-                                          "HTTP request durations.", labels=["route"])
+            yield ({"__name__": "http_requests_total", "route": route, "code": code},
+                   history.get((route, code), 0.0) + per_second * self.share[route] * t)
         for route, (per_bucket, sum_rate) in DURATIONS.items():
             if self.other:  # all fast
                 per_bucket, sum_rate = (sum(per_bucket), 0.0, 0.0, 0.0, 0.0), sum_rate / 10
             slow = HISTORY_SLOW if route == "/search" and self.history else 0.0
-            share, cumulative, buckets = self.share[route], 0.0, []
+            share, cumulative = self.share[route], 0.0
+            name = "http_request_duration_seconds"
             for bound, rate in zip(BUCKETS, per_bucket, strict=True):
                 cumulative += rate * share
-                buckets.append((bound, cumulative * t + (slow if bound == "2.5" else 0.0)))
-            buckets.append(("+Inf", cumulative * t + slow))
-            durations.add_metric([route], buckets, sum_rate * share * t + slow * 2.0,
-                                 timestamp=now)
-        yield durations
-        size_now, busy, queue_wait, rejections = self.pool
-        for name, per_second, text in (
-                ("pool_busy_seconds", busy, "Worker-seconds spent busy."),
-                ("pool_queue_wait_seconds", queue_wait, "Request-seconds spent queued."),
-                ("pool_rejections", rejections, "Requests the pool turned away.")):
-            family = CounterMetricFamily(name, text)
-            family.add_metric([], per_second * t, timestamp=now)
-            yield family
-        size = GaugeMetricFamily("pool_size", "Workers in the pool.")
-        size.add_metric([], size_now, timestamp=now)
-        yield size
+                yield ({"__name__": f"{name}_bucket", "route": route, "le": bound},
+                       cumulative * t + (slow if bound == "2.5" else 0.0))
+            yield ({"__name__": f"{name}_bucket", "route": route, "le": "+Inf"},
+                   cumulative * t + slow)
+            yield {"__name__": f"{name}_count", "route": route}, cumulative * t + slow
+            yield ({"__name__": f"{name}_sum", "route": route},
+                   sum_rate * share * t + slow * 2.0)
+        size, busy, queue_wait, rejections = self.pool
+        for name, per_second in (("pool_busy_seconds_total", busy),
+                                 ("pool_queue_wait_seconds_total", queue_wait),
+                                 ("pool_rejections_total", rejections)):
+            yield {"__name__": name}, per_second * t
+        yield {"__name__": "pool_size"}, float(size)
 
 
 @dataclass
 class Running:
     job: str
-    restarting: SyntheticService  # the instance that restarts
-    address: str                  # its instance label
-    other_job: str                # the service beside it, which never failed a request
+    other_job: str   # the service beside it, which never failed a request
+    end: float       # the time the figures are read at: every instance's last sample
+    window: str      # back to another sample time, with restarts within it ("1375ms")
 
 
-def _window(prometheus: Any, running: Running) -> tuple[float, str] | None:
-    """A sample time of every instance, and a window (in ms) back to another such time, in
-    which Prometheus holds the sample each restart came right after (and the next one): a
-    scrape lost on a loaded machine would otherwise hide growth from rate() itself. The
-    window holds a restart at least (what a sum taken before rate() gets wrong) and two
-    samples of the other service (whose figures a query without its job filter mixes in);
-    None while Prometheus holds no such window yet."""
-    stored = {series["metric"]["instance"]: {float(t) for t, _ in series["values"]}
-              for series in prometheus.query(f'pool_size{{job="{running.job}"}}[60s]')}
-    other = {float(t) for series in prometheus.query(
-        f'pool_size{{job="{running.other_job}"}}[60s]') for t, _ in series["values"]}
-    if len(stored) < len(POOLS):
-        return None
-    common = set.intersection(*stored.values())
-    with running.restarting.lock:
-        restarts = list(running.restarting.restarted_at)
-    kept = stored[running.address]
-    for end in sorted(common, reverse=True):
-        start = min(t for t in common if t >= end - WINDOW)
-        within = [r for r in restarts if start < r < end]
-        if (end - start >= MIN_WINDOW and within and max(within) + GRID <= end
-                and all({r, r + GRID} <= kept for r in within)
-                and len([t for t in other if start <= t <= end]) >= 2):
-            return end, f"{round((end - start) * 1000)}ms"
-    return None
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _snappy(data: bytes) -> bytes:
+    """Snappy's block format with every byte a literal: valid snappy, uncompressed."""
+    out = bytearray(_varint(len(data)))
+    for at in range(0, len(data), 65536):
+        chunk = data[at:at + 65536]
+        n = len(chunk) - 1
+        out += bytes([n << 2]) if n < 60 else (
+            bytes([60 << 2, n]) if n < 256 else bytes([61 << 2]) + n.to_bytes(2, "little"))
+        out += chunk
+    return bytes(out)
+
+
+def _write(prometheus: Any, series: dict[tuple[tuple[str, str], ...], list[tuple[int, float]]]
+           ) -> None:
+    """Store samples in Prometheus with its remote-write protocol (a WriteRequest of
+    TimeSeries: sorted labels, then (value, ms timestamp) samples; snappy, protobuf)."""
+    body = b"".join(
+        _field(1, b"".join(_field(1, _field(1, name.encode()) + _field(2, value.encode()))
+                           for name, value in labels)
+               + b"".join(_field(2, b"\x09" + struct.pack("<d", value) + b"\x10"
+                                 + _varint(ms)) for ms, value in samples))
+        for labels, samples in series.items())
+    request = urllib.request.Request(
+        f"{prometheus.url}/api/v1/write", data=_snappy(body), method="POST",
+        headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
+                 "X-Prometheus-Remote-Write-Version": "0.1.0"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        pytest.fail(f"Prometheus at {prometheus.url} did not store the test's samples "
+                    f"(HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}); "
+                    "this lab writes them with remote write: start Prometheus with "
+                    "--web.enable-remote-write-receiver", pytrace=False)
 
 
 def _evaluate(prometheus: Any, query: str, at: float) -> list[dict[str, Any]]:
@@ -252,17 +274,9 @@ def _evaluate(prometheus: Any, query: str, at: float) -> list[dict[str, Any]]:
                     pytrace=False)
 
 
-def _found_window(prometheus: Any, running: Running) -> tuple[float, str]:
-    found = _window(prometheus, running)
-    assert found, ("Prometheus holds no window of the test's service with every restart in "
-                   "it kept, though the fixture found one: samples older than 60 s?")
-    return found
-
-
 def _check(prometheus: Any, learner: Any, running: Running, what: str,
            want: dict[str, tuple[float, str]]) -> None:
-    job = running.job
-    end, window = _found_window(prometheus, running)
+    job, end, window = running.job, running.end, running.window
     queries = learner.function("red_use", what)(job, window)
     assert isinstance(queries, dict), f"{what}() returned {type(queries).__name__}, not a dict"
     for name, (expected, why) in want.items():
@@ -439,48 +453,34 @@ def _one_instance_diagnosis(name: str, compact: str, value: float) -> str:
     return ""
 
 
-def _serve(stack: ExitStack, service: SyntheticService) -> str:
-    registry = CollectorRegistry()
-    registry.register(service)
-    return str(stack.enter_context(serve_wsgi(make_wsgi_app(registry))))
-
-
 @pytest.fixture
 def service(prometheus: Any) -> Iterator[Running]:
-    """The synthetic service's instances, scraped as one job every GRID seconds; another
-    service scraped beside it. Prometheus takes about 5 s to pick new targets up: the test
-    waits for their samples (_scraped) once the learner's code (in a process of its own when
-    graded) has started meanwhile."""
-    with ExitStack() as stack:
-        token = secrets.token_hex(3)
-        ours, other = (name.format(token=token) for name in JOBS)
-        other_job = prometheus.scrape(_serve(stack, SyntheticService(other=True)), job=other,
-                                      interval=GRID)
-        instances = [SyntheticService(i) for i in range(len(POOLS))]
-        addresses = [_serve(stack, instance) for instance in instances]
-        job = prometheus.scrape(addresses, job=ours, interval=GRID)
-        yield Running(job, instances[RESTARTING], addresses[RESTARTING], other_job)
+    """The synthetic service's instances, and another service beside it, their samples
+    stored in Prometheus up to the last tick of the grid that has passed."""
+    token = secrets.token_hex(3)
+    ours, other = (name.format(token=token) for name in JOBS)
+    last = math.floor(time.time() / GRID)
+    first = last - SAMPLES + 1
+    services = [(ours, f"instance-{i + 1}:8080", SyntheticService(first - RAN_BEFORE, i))
+                for i in range(len(POOLS))]
+    services.append((other, "instance-1:8080",
+                     SyntheticService(first - RAN_BEFORE, other=True)))
+    series: dict[tuple[tuple[str, str], ...], list[tuple[int, float]]] = {}
+    for job, instance, synthetic in services:
+        for tick in range(first, last + 1):
+            for labels, value in synthetic.collect(tick):
+                key = tuple(sorted({**labels, "job": job, "instance": instance}.items()))
+                series.setdefault(key, []).append((round(tick * GRID * 1000), value))
+    restarting = services[RESTARTING][2]
+    assert any(restarting.restarted(tick) for tick in range(last - WINDOW_TICKS + 1, last)), (
+        "no restart within the window: RESTART_TICKS, WINDOW_TICKS?")
+    _write(prometheus, series)
+    yield Running(ours, other, last * GRID, f"{round(WINDOW_TICKS * GRID * 1000)}ms")
 
 
-def _scraped(prometheus: Any, running: Running) -> None:
-    """Wait for SCRAPES scrapes of each instance, and for more while Prometheus holds no
-    window to read the figures over: scrapes lost on a loaded machine (a timeout, a
-    restart's sample) only cost time."""
-    prometheus.wait_for_scrapes(running.job, count=SCRAPES)
-    for _ in range(4 * SCRAPES):
-        if _window(prometheus, running):
-            return
-        prometheus.wait_for_scrapes(running.job)
-    pytest.fail(f"Prometheus scraped the test's service {5 * SCRAPES} times without a "
-                f"{MIN_WINDOW:g}-{WINDOW:g} s window of samples of both instances with every "
-                "restart's kept: scrapes lost (is the machine overloaded?)", pytrace=False)
-
-
-# The service first (its targets registered), then the learner's code, then the wait.
 def test_red_and_use_figures(service: Running, learner: Any, prometheus: Any) -> None:
-    _scraped(prometheus, service)
     _check(prometheus, learner, service, "red", WANT_RED)
-    # USE in the same test: one synthetic service, scraped once, serves both.
+    # USE in the same test: one synthetic service, stored once, serves both.
     _check(prometheus, learner, service, "use", WANT_USE)
     never_failed_reads_zero(prometheus, learner, service)
 
@@ -490,9 +490,8 @@ def never_failed_reads_zero(prometheus: Any, learner: Any, running: Running) -> 
     code at all (a counter's labelled child exists from its first increment). Its error
     ratio is 0 - one number, as for any service - not no series: sum() over nothing is
     nothing, and nothing divided by its request rate is nothing too."""
-    end, window = _found_window(prometheus, running)
-    query = learner.function("red_use", "red")(running.other_job, window)["error_ratio"]
-    result = _evaluate(prometheus, query, end)
+    query = learner.function("red_use", "red")(running.other_job, running.window)["error_ratio"]
+    result = _evaluate(prometheus, query, running.end)
     values = [float(series["values"][-1][1]) for series in result]
     assert len(values) == 1 and abs(values[0]) < 1e-9, (   # 1 - x may leave a residue
         f"red()['error_ratio'] of a service that never failed a request (job "

@@ -9,7 +9,8 @@ Nothing is scraped statically: the config reads its targets from JSON files in a
 (``file_sd_configs``), which Prometheus watches, so each test registers the targets it wants
 (with a ``job`` label of its own) at run time and removes them at its end. The scrape interval
 is short (labs wait for a few scrapes, not minutes); ``--web.enable-lifecycle`` lets a test or
-the runner ask for a reload or a clean quit over HTTP.
+the runner ask for a reload or a clean quit over HTTP. ``--web.enable-remote-write-receiver``
+lets a test write samples straight into the TSDB (``POST /api/v1/write``), without a target.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def flags(config: str, data: str, port: int) -> list[str]:
         f"--storage.tsdb.path={data}",
         f"--web.listen-address=127.0.0.1:{port}",
         "--web.enable-lifecycle",
+        # POST /api/v1/write: a test may store samples it computed itself, at once, rather
+        # than wait about 5 s for a new scrape target to be picked up (ph7.4).
+        "--web.enable-remote-write-receiver",
         "--storage.tsdb.retention.time=1d",
         "--log.level=warn",
     ]
