@@ -248,10 +248,7 @@ def transactions_settled(kafka: Any, topic: str, within: float) -> None:
     from confluent_kafka import IsolationLevel
     from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
 
-    admin, tp = kafka.admin(), TopicPartition(topic, 0)
-    # A new admin client's first list_offsets() waited 1-3 s now and then (its connection
-    # to the broker was made on a later tick); a metadata request connects it at once.
-    admin.list_topics(topic, timeout=5)
+    admin, tp = kafka.admin(), TopicPartition(topic, 0)   # connected (KafkaNS.admin)
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         ends = [admin.list_offsets({tp: OffsetSpec.latest()},  # type: ignore[no-untyped-call]
