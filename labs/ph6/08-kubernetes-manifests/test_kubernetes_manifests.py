@@ -124,6 +124,15 @@ def test_the_api_server_admits_it(docs: list[dict[str, Any]]) -> None:
                     f"container {c.get('name')!r} requests {what} {ask} but is limited to "
                     f"{cap}: the API server refuses a request above its limit (the request "
                     "is what the pod is guaranteed, the limit its ceiling)")
+    for where, name in port_names(docs):
+        problem = port_name_problem(name)
+        if problem:
+            pytest.fail(
+                f"{where} is {name!r}, a string: Kubernetes reads a port given as a string as "
+                f"a port's NAME, and {problem} - the API server refuses it (a port name is "
+                "an IANA service name: at most 15 lower-case letters, digits and '-', at "
+                "least one letter). A quoted number is such a string: write the number "
+                f"unquoted ({APP_PORT}) or use the container port's name (http)")
     for dep in of_kind(docs, "Deployment"):
         rolling = ((dep["spec"].get("strategy") or {}).get("rollingUpdate") or {})
         if rolling and str(rolling.get("maxSurge", 1)) in ("0", "0%") and str(
@@ -131,6 +140,48 @@ def test_the_api_server_admits_it(docs: list[dict[str, Any]]) -> None:
             pytest.fail(f"Deployment {dep['metadata'].get('name')!r}: maxSurge and "
                         "maxUnavailable are both 0, which the API server refuses: a rollout "
                         "could neither add a new pod nor remove an old one")
+
+
+def port_name_problem(name: str) -> str | None:
+    """Why the API server refuses name as a port name (IsValidPortName), None if it does not."""
+    if not 1 <= len(name) <= 15:
+        return "a name has 1 to 15 characters"
+    if not re.fullmatch(r"[a-z0-9-]+", name):
+        return "a name holds only lower-case letters, digits and '-'"
+    if not re.search(r"[a-z]", name):
+        return "a name must contain at least one letter"
+    if name.startswith("-") or name.endswith("-") or "--" in name:
+        return "a name neither starts nor ends with '-' nor holds '--'"
+    return None
+
+
+def port_names(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Every place where a port may be given by name, with the name given there (the
+    places where a number or a name goes: IntOrString, a string is a name)."""
+    found = []
+    for dep in of_kind(docs, "Deployment"):
+        for c in (dep["spec"].get("template") or {}).get("spec", {}).get("containers") or []:
+            cname = c.get("name")
+            for p in c.get("ports") or []:
+                if "name" in p:
+                    found.append((f"container {cname!r}: ports[].name", p["name"]))
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                port = ((c.get(probe) or {}).get("httpGet") or {}).get("port")
+                if isinstance(port, str):
+                    found.append((f"container {cname!r}: {probe}.httpGet.port", port))
+    for svc in of_kind(docs, "Service"):
+        for p in svc["spec"].get("ports") or []:
+            if isinstance(p.get("targetPort"), str):
+                found.append((f"Service {svc['metadata'].get('name')!r}: targetPort",
+                              p["targetPort"]))
+    for ing in of_kind(docs, "Ingress"):
+        for rule in ing["spec"].get("rules") or []:
+            for path in (rule.get("http") or {}).get("paths") or []:
+                port = ((path.get("backend") or {}).get("service") or {}).get("port") or {}
+                if "name" in port:
+                    found.append((f"the Ingress's backend for {path.get('path')}: port.name",
+                                  port["name"]))
+    return [(where, str(name)) for where, name in found]
 
 
 def namespace(doc: dict[str, Any]) -> str:
@@ -245,6 +296,27 @@ def test_service_and_ingress_reach_a_declared_port(docs: list[dict[str, Any]]) -
                      else want.get("number") == p.get("port") for p in routed["spec"]["ports"])
             assert ok, (f"the Ingress names port {want} of Service {backend['name']!r}, "
                         f"which has {routed['spec']['ports']}")
+
+
+def test_the_pods_are_reached_only_through_the_service(docs: list[dict[str, Any]]) -> None:
+    """A port bound on the node (hostPort, hostNetwork) is the NodePort mistake made in the
+    pod: the app answers on every node's address, beside the Ingress and its TLS."""
+    spec = one(docs, "Deployment")["spec"]["template"].get("spec") or {}
+    assert not spec.get("hostNetwork"), (
+        "the pod template sets hostNetwork: true: the pods share their node's network, so "
+        f"the app listens on port {APP_PORT} of the node's own address - reachable from "
+        "outside the cluster without the Ingress and its TLS - and two replicas cannot "
+        "share a node (the second finds the port taken). Leave hostNetwork unset: the "
+        "pods are reached through the Service")
+    for c in containers(docs):
+        bound = [p for p in c.get("ports") or [] if p.get("hostPort")]
+        assert not bound, (
+            f"container {c.get('name')!r} declares {bound}: hostPort binds that port on the "
+            "node the pod runs on, so the app answers on every such node's address from "
+            "outside the cluster, without the Ingress and its TLS, and the scheduler can "
+            "place only one replica per node (a rollout's extra pod stays Pending where "
+            "the nodes are taken). Declare only containerPort: the Service and the "
+            "Ingress reach the pods without it")
 
 
 # The app's paths that fail while the database is down, and why.
