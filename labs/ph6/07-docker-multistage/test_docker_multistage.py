@@ -278,6 +278,19 @@ def test_a_build_stage_and_a_slim_runtime_stage(
         f"({builders[0].image}) links the server against glibc: the binary does not start "
         "there ('exec ./server: no such file or directory', its loader is missing). Ship it "
         "on the libc it was built for: debian:12.8-slim")
+    shellless = next((w for w in SHELLLESS if w in final.image.split("@")[0].lower()), None)
+    needs_shell = [f"RUN {i['value'][:50]}" for i in final.all("RUN")] + [
+        f"HEALTHCHECK {' '.join(health_argv(i['value'])[0])[:60]}"
+        for i in final.all("HEALTHCHECK")[-1:]
+        if health_argv(i["value"])[1] or posixpath.basename(
+            (health_argv(i["value"])[0] or [""])[0]) in SHELLS]
+    assert not (shellless and needs_shell), (
+        f"the runtime stage starts FROM {final.image}, a {shellless.strip('/.')} image: it "
+        "holds the C library and the program, but no shell, no bash and no useradd (a "
+        "debug/-dev variant at most a busybox sh), and this stage needs them for "
+        f"{needs_shell}: `docker build` fails at its first RUN ('exec: \"/bin/sh\": no such "
+        "file or directory'), and a HEALTHCHECK that runs bash fails on a healthy server. "
+        "Ship it on a slim Debian, which has them: debian:12.8-slim")
     assert static or (final.image != "scratch" and "static" not in repo + tag), (
         f"the runtime stage starts FROM {final.image}, which has no C library, and the "
         "server is linked dynamically: it cannot start there. Use debian:12.8-slim")
@@ -285,6 +298,11 @@ def test_a_build_stage_and_a_slim_runtime_stage(
         f"the runtime stage starts FROM {final.image}, the full Debian image: it only needs "
         "libc, so ship it on the slim variant (debian:12.8-slim), tens of MB smaller and "
         "with fewer packages to patch")
+
+
+# Runtime bases with a C library and nothing to run commands with (no /bin/sh, no bash, no
+# useradd): Google's distroless and Chainguard's images, by a word of their path.
+SHELLLESS = ("distroless", "chainguard")
 
 
 # The C library each glibc-based release ships, by codename, with Debian's and Ubuntu's
@@ -661,6 +679,50 @@ def test_the_binary_runs_on_any_cpu_of_its_platform(
             "-mtune only reorders code and is harmless)")
 
 
+# Flags that link the binary against a runtime library of the compiler's own (the official
+# gcc image installs them in /usr/local/lib64; a slim Debian has none of them): the
+# sanitizers' libasan, libubsan, libtsan, liblsan, OpenMP's libgomp, libquadmath, libitm.
+COMPILER_RUNTIME = re.compile(
+    r"(?<![\w-])(-fsanitize=[\w,-]+|-fopenmp\b|-lgomp\b|-lquadmath\b|-fgnu-tm\b|-litm\b)")
+RUNTIME_LIBRARY = {"address": "libasan.so.8", "undefined": "libubsan.so.1",
+                   "thread": "libtsan.so.2", "leak": "liblsan.so.0", "openmp": "libgomp.so.1",
+                   "gomp": "libgomp.so.1", "quadmath": "libquadmath.so.0",
+                   "gnu-tm": "libitm.so.1", "itm": "libitm.so.1"}
+
+
+def test_the_binary_needs_only_the_libraries_the_runtime_has(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    # The stages the shipped binary is built in: those the runtime copies from, and the
+    # stages they start from (a test stage with a sanitizer, never shipped, is fine).
+    shipped: list[Stage] = []
+    for stage in build_stages(stages):
+        at: Stage | None = stage
+        while at is not None and at not in shipped:
+            shipped.append(at)
+            at = stage_by_ref(stages[:at.index], at.image)
+    for ins in (i for st in sorted(shipped, key=lambda st: st.index) for i in st.lines):
+        if ins["instruction"] not in ("RUN", "ENV", "ARG"):
+            continue
+        flag = COMPILER_RUNTIME.search(ins["value"])
+        if flag is None or "-static" in ins["value"]:
+            continue
+        word = re.split(r"[=,]", flag.group(1).lstrip("-"))
+        builder = build_stages(stages)[0].image
+        libraries = sorted({RUNTIME_LIBRARY.get(w.removeprefix("l").removeprefix("f"), "")
+                            for w in word[1:] or word} - {""})
+        pytest.fail(
+            f"{ins['instruction']} {ins['value'][:90]} compiles with {flag.group(1)}: the "
+            f"binary is then linked against {', '.join(libraries) or 'a runtime library'} of "
+            f"the compiler (in {builder}, under /usr/local/lib64), which the slim runtime "
+            "image does not "
+            "have: the server dies at start ('error while loading shared libraries: "
+            f"{libraries[0] if libraries else 'lib...so'}: cannot open shared object file'), "
+            "though the image builds without a warning. Sanitizers and OpenMP belong "
+            "to a test build; the image's build stage runs make release with plain flags "
+            '(CFLAGS="-O2 -DNDEBUG")')
+
+
 def test_layers_are_ordered_for_the_cache(
         dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
     _, stages = dockerfile
@@ -731,6 +793,17 @@ def test_dockerignore_keeps_the_context_small(learner: Any, tmp_path: Path) -> N
                 if line.strip() and not line.startswith("#")]
     sent = set(exclude_paths(str(ctx), patterns, dockerfile="Dockerfile"))
     leaked = [p for p in MUST_NOT_SEND if p in sent]
+    commented = [p for p in patterns if re.search(r"\s#", p)]
+    if leaked and commented:
+        meant = [re.split(r"\s#", p)[0].strip() for p in patterns]
+        kept = set(exclude_paths(str(ctx), meant, dockerfile="Dockerfile"))
+        hidden = [p for p in leaked if p not in kept]
+        assert not hidden, (
+            f"with this .dockerignore the build context sends {hidden} to the daemon, though "
+            f"a line seems to exclude them: {commented[0]!r} is one pattern, the whole line - "
+            "a .dockerignore has comments only on lines that START with #, never after a "
+            "pattern, so that pattern names a file called exactly that and matches nothing. "
+            "Put the comment on a line of its own above the pattern")
     assert not leaked, (
         f"with this .dockerignore the build context sends {leaked} to the daemon: the git "
         "history, host binaries and object files and the .env secrets end up in the context "
