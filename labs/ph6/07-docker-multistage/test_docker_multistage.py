@@ -61,6 +61,7 @@ class Stage:
     name: str | None
     lines: list[dict[str, Any]] = field(default_factory=list)
     written: str = ""            # the image as the FROM line spells it (ARGs unexpanded)
+    platform: str = ""           # its FROM --platform=..., '' when the target platform
 
     def all(self, instruction: str) -> list[dict[str, Any]]:
         return [i for i in self.lines if i["instruction"] == instruction]
@@ -77,8 +78,12 @@ def parse(path: Path) -> tuple[DockerfileParser, list[Stage]]:
         if ins["instruction"] == "FROM":
             words = [w for w in ins["value"].split() if not w.startswith("--")]
             name = words[2] if len(words) >= 3 and words[1].lower() == "as" else None
+            platform = next((w.split("=", 1)[1] for w in ins["value"].split()
+                             if w.startswith("--platform=")), "")
+            if platform.replace("{", "").replace("}", "") == "$TARGETPLATFORM":
+                platform = ""
             stages.append(Stage(len(stages), next(images, words[0] if words else ""), name,
-                                written=words[0] if words else ""))
+                                written=words[0] if words else "", platform=platform))
         elif stages:
             stages[-1].lines.append(ins)
     if not stages:
@@ -404,12 +409,19 @@ def test_runs_as_a_non_root_user(dockerfile: tuple[DockerfileParser, list[Stage]
 ROOT_NAMES = ("", "root", "0")
 
 
-def others_write(mode: str) -> bool:
-    """Whether a chmod mode (octal or symbolic) gives write to others (o, a or ugo)."""
+def others_write(mode: str, whom: str = "o") -> bool:
+    """Whether a chmod mode (octal or symbolic) gives write to others (o, a or ugo), or with
+    whom="g" to the file's group."""
     if re.fullmatch(r"[0-7]{3,4}", mode):
-        return bool(int(mode, 8) & 0o002)
-    return any(re.fullmatch(r"[ugoa]*", who) and ("o" in who or "a" in who) and "w" in perms
+        return bool(int(mode, 8) & (0o002 if whom == "o" else 0o020))
+    return any(re.fullmatch(r"[ugoa]*", who) and (whom in who or "a" in who) and "w" in perms
                for who, perms in re.findall(r"([ugoa]*)[+=]([rwxXst]*)", mode))
+
+
+def group_of(owner: str) -> str:
+    """The group of a chown/--chown owner spec (user:group, user.group, :group), '' if none."""
+    parts = re.split(r"[:.]", owner, maxsplit=1)
+    return parts[1] if len(parts) == 2 and parts[1] not in ROOT_NAMES else ""
 
 
 def shell_commands(run: str) -> list[list[str]]:
@@ -425,15 +437,37 @@ def writable_by_app(stage: Stage, code: set[str]) -> tuple[str, str] | None:
         target = posixpath.normpath(posixpath.join(cwd, target))
         return any(p == target or p.startswith(target.rstrip("/") + "/") for p in code)
 
+    # A group other than root's handed a path on the binary's path, and a mode giving the
+    # group write there: the app user is in that group (useradd made it its own), so it
+    # may write there as well as an owner could. Either step may come first.
+    grouped: dict[str, str] = {}
+    group_writable: set[str] = set()
+
+    def by_group(targets: list[str], cwd: str, group: str, writes: bool) -> str | None:
+        for t in (posixpath.normpath(posixpath.join(cwd, t)) for t in targets):
+            if not on_path(t, "/"):
+                continue
+            if group:
+                grouped[t] = group
+            if writes:
+                group_writable.add(t)
+            if t in grouped and t in group_writable:
+                return grouped[t]
+        return None
+
     for ins, cwd in zip(stage.lines, workdirs(stage), strict=True):
         what = f"{ins['instruction']} {ins['value'][:90]}"
         if ins["instruction"] in ("COPY", "ADD"):
-            for flag in ins["value"].split():
-                name, _, value = flag.partition("=")
-                if name == "--chown" and value.split(":")[0] not in ROOT_NAMES:
-                    return what, f"makes {value.split(':')[0]} the owner of what it copies"
-                if name == "--chmod" and others_write(value):
-                    return what, f"gives mode {value}: everyone may write what it copies"
+            flags = dict(f.partition("=")[::2] for f in ins["value"].split()
+                         if f.startswith("--"))
+            owner, mode = flags.get("--chown", ""), flags.get("--chmod", "")
+            if owner.split(":")[0] not in ROOT_NAMES:
+                return what, f"makes {owner.split(':')[0]} the owner of what it copies"
+            if mode and others_write(mode):
+                return what, f"gives mode {mode}: everyone may write what it copies"
+            if group_of(owner) and mode and others_write(mode, "g"):
+                return what, (f"makes {group_of(owner)} the group of what it copies and "
+                              f"gives mode {mode}: that group, the app user's, may write it")
         if ins["instruction"] != "RUN":
             continue
         for words in shell_commands(ins["value"]):
@@ -445,6 +479,14 @@ def writable_by_app(stage: Stage, code: set[str]) -> tuple[str, str] | None:
             if words[0] == "chmod" and len(args) >= 2 and others_write(args[0]) and any(
                     on_path(t, cwd) for t in args[1:]):
                 return what, f"gives {args[1:]} mode {args[0]}: everyone may write there"
+            group = (group_of(args[0]) if words[0] == "chown" else
+                     args[0] if words[0] == "chgrp" and args[0] not in ROOT_NAMES else "")
+            writes = words[0] == "chmod" and others_write(args[0] if args else "", "g")
+            if len(args) >= 2 and (group or writes) and (
+                    found := by_group(args[1:], cwd, group, writes)):
+                return what, (f"leaves {args[1:]} writable by the group {found}, the app "
+                              "user's own (group and mode set together by this step and "
+                              "another chgrp/chown/chmod)")
             if words[0] in ("useradd", "adduser") and re.search(
                     r"\s(-m|--create-home)\b", " " + " ".join(words)):
                 home = re.search(r"\s(?:-d|--home-dir|--home)[= ](\S+)", " " + " ".join(words))
@@ -721,6 +763,29 @@ def test_the_binary_needs_only_the_libraries_the_runtime_has(
             "though the image builds without a warning. Sanitizers and OpenMP belong "
             "to a test build; the image's build stage runs make release with plain flags "
             '(CFLAGS="-O2 -DNDEBUG")')
+
+
+def test_the_binary_is_built_for_the_image_platform(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    final = stages[-1]
+    for builder in build_stages(stages):
+        cross = re.search(r"TARGET(PLATFORM|OS|ARCH|VARIANT)", "\n".join(
+            i["value"] for i in builder.lines if i["instruction"] in ("ARG", "ENV", "RUN")))
+        assert builder.platform == final.platform or cross, (
+            f"the build stage starts FROM --platform={builder.platform} {builder.image}, the "
+            "runtime stage FROM "
+            + (f"--platform={final.platform} " if final.platform else "")
+            + f"{final.image}: gcc in the build stage makes a binary for "
+            + ("the machine that runs `docker build`" if "BUILDPLATFORM" in builder.platform
+               else builder.platform)
+            + ", while the runtime image is for "
+            + (final.platform if final.platform else "the platform the image is built for "
+               "(the building machine's, or docker build --platform)")
+            + ": wherever the two differ (an arm64 laptop or server, an amd64 CI runner) the "
+            "image ships a binary of the other architecture and the server dies at start "
+            "('exec format error'). Leave --platform off both stages (or give both the same); "
+            "$BUILDPLATFORM is for a cross-compiler told $TARGETARCH, which this build has not")
 
 
 def test_layers_are_ordered_for_the_cache(
