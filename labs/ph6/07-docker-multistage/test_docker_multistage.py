@@ -61,6 +61,7 @@ class Stage:
     name: str | None
     lines: list[dict[str, Any]] = field(default_factory=list)
     written: str = ""            # the image as the FROM line spells it (ARGs unexpanded)
+    platform: str = ""           # its FROM --platform=..., '' when the target platform
 
     def all(self, instruction: str) -> list[dict[str, Any]]:
         return [i for i in self.lines if i["instruction"] == instruction]
@@ -77,8 +78,12 @@ def parse(path: Path) -> tuple[DockerfileParser, list[Stage]]:
         if ins["instruction"] == "FROM":
             words = [w for w in ins["value"].split() if not w.startswith("--")]
             name = words[2] if len(words) >= 3 and words[1].lower() == "as" else None
+            platform = next((w.split("=", 1)[1] for w in ins["value"].split()
+                             if w.startswith("--platform=")), "")
+            if platform.replace("{", "").replace("}", "") == "$TARGETPLATFORM":
+                platform = ""
             stages.append(Stage(len(stages), next(images, words[0] if words else ""), name,
-                                written=words[0] if words else ""))
+                                written=words[0] if words else "", platform=platform))
         elif stages:
             stages[-1].lines.append(ins)
     if not stages:
@@ -278,6 +283,19 @@ def test_a_build_stage_and_a_slim_runtime_stage(
         f"({builders[0].image}) links the server against glibc: the binary does not start "
         "there ('exec ./server: no such file or directory', its loader is missing). Ship it "
         "on the libc it was built for: debian:12.8-slim")
+    shellless = next((w for w in SHELLLESS if w in final.image.split("@")[0].lower()), None)
+    needs_shell = [f"RUN {i['value'][:50]}" for i in final.all("RUN")] + [
+        f"HEALTHCHECK {' '.join(health_argv(i['value'])[0])[:60]}"
+        for i in final.all("HEALTHCHECK")[-1:]
+        if health_argv(i["value"])[1] or posixpath.basename(
+            (health_argv(i["value"])[0] or [""])[0]) in SHELLS]
+    assert not (shellless and needs_shell), (
+        f"the runtime stage starts FROM {final.image}, a {shellless.strip('/.')} image: it "
+        "holds the C library and the program, but no shell, no bash and no useradd (a "
+        "debug/-dev variant at most a busybox sh), and this stage needs them for "
+        f"{needs_shell}: `docker build` fails at its first RUN ('exec: \"/bin/sh\": no such "
+        "file or directory'), and a HEALTHCHECK that runs bash fails on a healthy server. "
+        "Ship it on a slim Debian, which has them: debian:12.8-slim")
     assert static or (final.image != "scratch" and "static" not in repo + tag), (
         f"the runtime stage starts FROM {final.image}, which has no C library, and the "
         "server is linked dynamically: it cannot start there. Use debian:12.8-slim")
@@ -285,6 +303,11 @@ def test_a_build_stage_and_a_slim_runtime_stage(
         f"the runtime stage starts FROM {final.image}, the full Debian image: it only needs "
         "libc, so ship it on the slim variant (debian:12.8-slim), tens of MB smaller and "
         "with fewer packages to patch")
+
+
+# Runtime bases with a C library and nothing to run commands with (no /bin/sh, no bash, no
+# useradd): Google's distroless and Chainguard's images, by a word of their path.
+SHELLLESS = ("distroless", "chainguard")
 
 
 # The C library each glibc-based release ships, by codename, with Debian's and Ubuntu's
@@ -386,12 +409,19 @@ def test_runs_as_a_non_root_user(dockerfile: tuple[DockerfileParser, list[Stage]
 ROOT_NAMES = ("", "root", "0")
 
 
-def others_write(mode: str) -> bool:
-    """Whether a chmod mode (octal or symbolic) gives write to others (o, a or ugo)."""
+def others_write(mode: str, whom: str = "o") -> bool:
+    """Whether a chmod mode (octal or symbolic) gives write to others (o, a or ugo), or with
+    whom="g" to the file's group."""
     if re.fullmatch(r"[0-7]{3,4}", mode):
-        return bool(int(mode, 8) & 0o002)
-    return any(re.fullmatch(r"[ugoa]*", who) and ("o" in who or "a" in who) and "w" in perms
+        return bool(int(mode, 8) & (0o002 if whom == "o" else 0o020))
+    return any(re.fullmatch(r"[ugoa]*", who) and (whom in who or "a" in who) and "w" in perms
                for who, perms in re.findall(r"([ugoa]*)[+=]([rwxXst]*)", mode))
+
+
+def group_of(owner: str) -> str:
+    """The group of a chown/--chown owner spec (user:group, user.group, :group), '' if none."""
+    parts = re.split(r"[:.]", owner, maxsplit=1)
+    return parts[1] if len(parts) == 2 and parts[1] not in ROOT_NAMES else ""
 
 
 def shell_commands(run: str) -> list[list[str]]:
@@ -407,15 +437,37 @@ def writable_by_app(stage: Stage, code: set[str]) -> tuple[str, str] | None:
         target = posixpath.normpath(posixpath.join(cwd, target))
         return any(p == target or p.startswith(target.rstrip("/") + "/") for p in code)
 
+    # A group other than root's handed a path on the binary's path, and a mode giving the
+    # group write there: the app user is in that group (useradd made it its own), so it
+    # may write there as well as an owner could. Either step may come first.
+    grouped: dict[str, str] = {}
+    group_writable: set[str] = set()
+
+    def by_group(targets: list[str], cwd: str, group: str, writes: bool) -> str | None:
+        for t in (posixpath.normpath(posixpath.join(cwd, t)) for t in targets):
+            if not on_path(t, "/"):
+                continue
+            if group:
+                grouped[t] = group
+            if writes:
+                group_writable.add(t)
+            if t in grouped and t in group_writable:
+                return grouped[t]
+        return None
+
     for ins, cwd in zip(stage.lines, workdirs(stage), strict=True):
         what = f"{ins['instruction']} {ins['value'][:90]}"
         if ins["instruction"] in ("COPY", "ADD"):
-            for flag in ins["value"].split():
-                name, _, value = flag.partition("=")
-                if name == "--chown" and value.split(":")[0] not in ROOT_NAMES:
-                    return what, f"makes {value.split(':')[0]} the owner of what it copies"
-                if name == "--chmod" and others_write(value):
-                    return what, f"gives mode {value}: everyone may write what it copies"
+            flags = dict(f.partition("=")[::2] for f in ins["value"].split()
+                         if f.startswith("--"))
+            owner, mode = flags.get("--chown", ""), flags.get("--chmod", "")
+            if owner.split(":")[0] not in ROOT_NAMES:
+                return what, f"makes {owner.split(':')[0]} the owner of what it copies"
+            if mode and others_write(mode):
+                return what, f"gives mode {mode}: everyone may write what it copies"
+            if group_of(owner) and mode and others_write(mode, "g"):
+                return what, (f"makes {group_of(owner)} the group of what it copies and "
+                              f"gives mode {mode}: that group, the app user's, may write it")
         if ins["instruction"] != "RUN":
             continue
         for words in shell_commands(ins["value"]):
@@ -427,6 +479,14 @@ def writable_by_app(stage: Stage, code: set[str]) -> tuple[str, str] | None:
             if words[0] == "chmod" and len(args) >= 2 and others_write(args[0]) and any(
                     on_path(t, cwd) for t in args[1:]):
                 return what, f"gives {args[1:]} mode {args[0]}: everyone may write there"
+            group = (group_of(args[0]) if words[0] == "chown" else
+                     args[0] if words[0] == "chgrp" and args[0] not in ROOT_NAMES else "")
+            writes = words[0] == "chmod" and others_write(args[0] if args else "", "g")
+            if len(args) >= 2 and (group or writes) and (
+                    found := by_group(args[1:], cwd, group, writes)):
+                return what, (f"leaves {args[1:]} writable by the group {found}, the app "
+                              "user's own (group and mode set together by this step and "
+                              "another chgrp/chown/chmod)")
             if words[0] in ("useradd", "adduser") and re.search(
                     r"\s(-m|--create-home)\b", " " + " ".join(words)):
                 home = re.search(r"\s(?:-d|--home-dir|--home)[= ](\S+)", " " + " ".join(words))
@@ -661,6 +721,73 @@ def test_the_binary_runs_on_any_cpu_of_its_platform(
             "-mtune only reorders code and is harmless)")
 
 
+# Flags that link the binary against a runtime library of the compiler's own (the official
+# gcc image installs them in /usr/local/lib64; a slim Debian has none of them): the
+# sanitizers' libasan, libubsan, libtsan, liblsan, OpenMP's libgomp, libquadmath, libitm.
+COMPILER_RUNTIME = re.compile(
+    r"(?<![\w-])(-fsanitize=[\w,-]+|-fopenmp\b|-lgomp\b|-lquadmath\b|-fgnu-tm\b|-litm\b)")
+RUNTIME_LIBRARY = {"address": "libasan.so.8", "undefined": "libubsan.so.1",
+                   "thread": "libtsan.so.2", "leak": "liblsan.so.0", "openmp": "libgomp.so.1",
+                   "gomp": "libgomp.so.1", "quadmath": "libquadmath.so.0",
+                   "gnu-tm": "libitm.so.1", "itm": "libitm.so.1"}
+
+
+def test_the_binary_needs_only_the_libraries_the_runtime_has(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    # The stages the shipped binary is built in: those the runtime copies from, and the
+    # stages they start from (a test stage with a sanitizer, never shipped, is fine).
+    shipped: list[Stage] = []
+    for stage in build_stages(stages):
+        at: Stage | None = stage
+        while at is not None and at not in shipped:
+            shipped.append(at)
+            at = stage_by_ref(stages[:at.index], at.image)
+    for ins in (i for st in sorted(shipped, key=lambda st: st.index) for i in st.lines):
+        if ins["instruction"] not in ("RUN", "ENV", "ARG"):
+            continue
+        flag = COMPILER_RUNTIME.search(ins["value"])
+        if flag is None or "-static" in ins["value"]:
+            continue
+        word = re.split(r"[=,]", flag.group(1).lstrip("-"))
+        builder = build_stages(stages)[0].image
+        libraries = sorted({RUNTIME_LIBRARY.get(w.removeprefix("l").removeprefix("f"), "")
+                            for w in word[1:] or word} - {""})
+        pytest.fail(
+            f"{ins['instruction']} {ins['value'][:90]} compiles with {flag.group(1)}: the "
+            f"binary is then linked against {', '.join(libraries) or 'a runtime library'} of "
+            f"the compiler (in {builder}, under /usr/local/lib64), which the slim runtime "
+            "image does not "
+            "have: the server dies at start ('error while loading shared libraries: "
+            f"{libraries[0] if libraries else 'lib...so'}: cannot open shared object file'), "
+            "though the image builds without a warning. Sanitizers and OpenMP belong "
+            "to a test build; the image's build stage runs make release with plain flags "
+            '(CFLAGS="-O2 -DNDEBUG")')
+
+
+def test_the_binary_is_built_for_the_image_platform(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    final = stages[-1]
+    for builder in build_stages(stages):
+        cross = re.search(r"TARGET(PLATFORM|OS|ARCH|VARIANT)", "\n".join(
+            i["value"] for i in builder.lines if i["instruction"] in ("ARG", "ENV", "RUN")))
+        assert builder.platform == final.platform or cross, (
+            f"the build stage starts FROM --platform={builder.platform} {builder.image}, the "
+            "runtime stage FROM "
+            + (f"--platform={final.platform} " if final.platform else "")
+            + f"{final.image}: gcc in the build stage makes a binary for "
+            + ("the machine that runs `docker build`" if "BUILDPLATFORM" in builder.platform
+               else builder.platform)
+            + ", while the runtime image is for "
+            + (final.platform if final.platform else "the platform the image is built for "
+               "(the building machine's, or docker build --platform)")
+            + ": wherever the two differ (an arm64 laptop or server, an amd64 CI runner) the "
+            "image ships a binary of the other architecture and the server dies at start "
+            "('exec format error'). Leave --platform off both stages (or give both the same); "
+            "$BUILDPLATFORM is for a cross-compiler told $TARGETARCH, which this build has not")
+
+
 def test_layers_are_ordered_for_the_cache(
         dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
     _, stages = dockerfile
@@ -731,6 +858,17 @@ def test_dockerignore_keeps_the_context_small(learner: Any, tmp_path: Path) -> N
                 if line.strip() and not line.startswith("#")]
     sent = set(exclude_paths(str(ctx), patterns, dockerfile="Dockerfile"))
     leaked = [p for p in MUST_NOT_SEND if p in sent]
+    commented = [p for p in patterns if re.search(r"\s#", p)]
+    if leaked and commented:
+        meant = [re.split(r"\s#", p)[0].strip() for p in patterns]
+        kept = set(exclude_paths(str(ctx), meant, dockerfile="Dockerfile"))
+        hidden = [p for p in leaked if p not in kept]
+        assert not hidden, (
+            f"with this .dockerignore the build context sends {hidden} to the daemon, though "
+            f"a line seems to exclude them: {commented[0]!r} is one pattern, the whole line - "
+            "a .dockerignore has comments only on lines that START with #, never after a "
+            "pattern, so that pattern names a file called exactly that and matches nothing. "
+            "Put the comment on a line of its own above the pattern")
     assert not leaked, (
         f"with this .dockerignore the build context sends {leaked} to the daemon: the git "
         "history, host binaries and object files and the .env secrets end up in the context "

@@ -124,6 +124,24 @@ def test_the_api_server_admits_it(docs: list[dict[str, Any]]) -> None:
                     f"container {c.get('name')!r} requests {what} {ask} but is limited to "
                     f"{cap}: the API server refuses a request above its limit (the request "
                     "is what the pod is guaranteed, the limit its ceiling)")
+    for c in containers(docs):
+        for probe in ("livenessProbe", "startupProbe"):
+            times = (c.get(probe) or {}).get("successThreshold")
+            assert times in (None, 1), (
+                f"the {probe} of {c.get('name')!r} sets successThreshold: {times}: the API "
+                "server refuses it (must be 1 for liveness and startup probes): a probe whose "
+                "failures restart the container takes one success as the answer 'the "
+                "process is up'. Only a readinessProbe may ask for several successes in a "
+                "row before the pod gets traffic again. Leave it unset (1)")
+    for where, name in port_names(docs):
+        problem = port_name_problem(name)
+        if problem:
+            pytest.fail(
+                f"{where} is {name!r}, a string: Kubernetes reads a port given as a string as "
+                f"a port's NAME, and {problem} - the API server refuses it (a port name is "
+                "an IANA service name: at most 15 lower-case letters, digits and '-', at "
+                "least one letter). A quoted number is such a string: write the number "
+                f"unquoted ({APP_PORT}) or use the container port's name (http)")
     for dep in of_kind(docs, "Deployment"):
         rolling = ((dep["spec"].get("strategy") or {}).get("rollingUpdate") or {})
         if rolling and str(rolling.get("maxSurge", 1)) in ("0", "0%") and str(
@@ -133,18 +151,103 @@ def test_the_api_server_admits_it(docs: list[dict[str, Any]]) -> None:
                         "could neither add a new pod nor remove an old one")
 
 
+def port_name_problem(name: str) -> str | None:
+    """Why the API server refuses name as a port name (IsValidPortName), None if it does not."""
+    if not 1 <= len(name) <= 15:
+        return "a name has 1 to 15 characters"
+    if not re.fullmatch(r"[a-z0-9-]+", name):
+        return "a name holds only lower-case letters, digits and '-'"
+    if not re.search(r"[a-z]", name):
+        return "a name must contain at least one letter"
+    if name.startswith("-") or name.endswith("-") or "--" in name:
+        return "a name neither starts nor ends with '-' nor holds '--'"
+    return None
+
+
+def port_names(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Every place where a port may be given by name, with the name given there (the
+    places where a number or a name goes: IntOrString, a string is a name)."""
+    found = []
+    for dep in of_kind(docs, "Deployment"):
+        for c in (dep["spec"].get("template") or {}).get("spec", {}).get("containers") or []:
+            cname = c.get("name")
+            for p in c.get("ports") or []:
+                if "name" in p:
+                    found.append((f"container {cname!r}: ports[].name", p["name"]))
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                port = ((c.get(probe) or {}).get("httpGet") or {}).get("port")
+                if isinstance(port, str):
+                    found.append((f"container {cname!r}: {probe}.httpGet.port", port))
+    for svc in of_kind(docs, "Service"):
+        for p in svc["spec"].get("ports") or []:
+            if isinstance(p.get("targetPort"), str):
+                found.append((f"Service {svc['metadata'].get('name')!r}: targetPort",
+                              p["targetPort"]))
+    for ing in of_kind(docs, "Ingress"):
+        for rule in ing["spec"].get("rules") or []:
+            for path in (rule.get("http") or {}).get("paths") or []:
+                port = ((path.get("backend") or {}).get("service") or {}).get("port") or {}
+                if "name" in port:
+                    found.append((f"the Ingress's backend for {path.get('path')}: port.name",
+                                  port["name"]))
+    return [(where, str(name)) for where, name in found]
+
+
 def namespace(doc: dict[str, Any]) -> str:
     return str((doc.get("metadata") or {}).get("namespace") or "default")
+
+
+def unmet(selector: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """The requirements of a LabelSelector (matchLabels and matchExpressions, all of them
+    must hold) that labels do not meet: [] when it selects them."""
+    out = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()
+           if labels.get(k) != v]
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e.get("key"), e.get("operator"), list(e.get("values") or [])
+        held = {"In": key in labels and labels.get(key) in values,
+                "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}.get(op, False)
+        if not held:
+            out.append(f"{key} {op} {values}" if values else f"{key} {op}")
+    return out
+
+
+def requirements(selector: dict[str, Any]) -> str:
+    """A LabelSelector as kubectl writes it: tier=backend,app in (orders)."""
+    return ",".join([f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()] + [
+        f"{e.get('key')} {str(e.get('operator')).lower()}"
+        + (f" ({', '.join(map(str, e['values']))})" if e.get("values") else "")
+        for e in selector.get("matchExpressions") or []])
+
+
+def names_the_app(selector: dict[str, Any], app: str) -> bool:
+    """Whether a LabelSelector requires a label naming the app (app: orders, or an In whose
+    values all name it): what keeps it from selecting other apps' pods."""
+    return any(app in str(v) for v in (selector.get("matchLabels") or {}).values()) or any(
+        e.get("operator") == "In" and e.get("values")
+        and all(app in str(v) for v in e["values"])
+        for e in selector.get("matchExpressions") or [])
 
 
 def test_selectors_select_the_pods(docs: list[dict[str, Any]]) -> None:
     labels = pod_labels(docs)
     dep = one(docs, "Deployment")
-    match = dep["spec"].get("selector", {}).get("matchLabels") or {}
-    wrong = {k: v for k, v in match.items() if labels.get(k) != v}
-    assert match and not wrong, (
-        f"the Deployment's selector {match} does not match its pod template's labels "
-        f"{labels}: the API server refuses a Deployment whose selector misses its own pods")
+    selector = dep["spec"].get("selector") or {}
+    match = selector.get("matchLabels") or {}
+    missed = unmet(selector, labels)
+    assert (match or selector.get("matchExpressions")) and not missed, (
+        f"the Deployment's selector {selector} does not match its pod template's labels "
+        f"{labels} (unmet: {missed or 'an empty selector'}): the API server refuses a "
+        "Deployment whose selector misses its own pods")
+    app = str(dep["metadata"].get("name", ""))
+    assert names_the_app(selector, app), (
+        f"the Deployment's selector {requirements(selector)} requires no label naming "
+        f"{app!r}: it matches every pod of the namespace with {requirements(selector)}, "
+        "another app's pods too. "
+        "A Deployment owns the pods its selector matches: two Deployments whose selectors "
+        "overlap fight over each other's pods (each ReplicaSet counts, adopts and deletes "
+        "the other's), which Kubernetes' documentation warns against. Select the app's own "
+        f"label: matchLabels {{app: {app}}}")
     spaces: dict[str, list[str]] = {}
     for d in docs:
         spaces.setdefault(namespace(d), []).append(
@@ -247,6 +350,27 @@ def test_service_and_ingress_reach_a_declared_port(docs: list[dict[str, Any]]) -
                         f"which has {routed['spec']['ports']}")
 
 
+def test_the_pods_are_reached_only_through_the_service(docs: list[dict[str, Any]]) -> None:
+    """A port bound on the node (hostPort, hostNetwork) is the NodePort mistake made in the
+    pod: the app answers on every node's address, beside the Ingress and its TLS."""
+    spec = one(docs, "Deployment")["spec"]["template"].get("spec") or {}
+    assert not spec.get("hostNetwork"), (
+        "the pod template sets hostNetwork: true: the pods share their node's network, so "
+        f"the app listens on port {APP_PORT} of the node's own address - reachable from "
+        "outside the cluster without the Ingress and its TLS - and two replicas cannot "
+        "share a node (the second finds the port taken). Leave hostNetwork unset: the "
+        "pods are reached through the Service")
+    for c in containers(docs):
+        bound = [p for p in c.get("ports") or [] if p.get("hostPort")]
+        assert not bound, (
+            f"container {c.get('name')!r} declares {bound}: hostPort binds that port on the "
+            "node the pod runs on, so the app answers on every such node's address from "
+            "outside the cluster, without the Ingress and its TLS, and the scheduler can "
+            "place only one replica per node (a rollout's extra pod stays Pending where "
+            "the nodes are taken). Declare only containerPort: the Service and the "
+            "Ingress reach the pods without it")
+
+
 # The app's paths that fail while the database is down, and why.
 DEPENDS_ON_DATABASE = {"/health/ready": "which checks the database",
                        "/orders": "which reads the database"}
@@ -339,7 +463,14 @@ def test_deployment_rolls_out_safely(docs: list[dict[str, Any]]) -> None:
     assert replicas == REPLICAS, (
         f"the Deployment runs {replicas} replica(s), expected {REPLICAS} (README): with one "
         "pod, a node drain, a crash or a rollout leaves nobody serving")
-    rolling = ((dep["spec"].get("strategy") or {}).get("rollingUpdate") or {})
+    strategy = dep["spec"].get("strategy") or {}
+    assert strategy.get("type", "RollingUpdate") != "Recreate", (
+        f"the Deployment's strategy is Recreate: a rollout stops all {replicas} old pods "
+        "before it starts a new one, so every release takes the service down until the new "
+        "pods are ready (and a new version that never gets ready leaves nobody serving). "
+        "Use type: RollingUpdate, rollingUpdate {maxSurge: 1, maxUnavailable: 0}: a new pod "
+        "must be ready before an old one goes")
+    rolling = strategy.get("rollingUpdate") or {}
     down = rolling.get("maxUnavailable", "25%")
     down_pods = (int(str(down)[:-1]) * replicas // 100 if str(down).endswith("%")
                  else int(down))
