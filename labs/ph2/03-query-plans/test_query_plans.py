@@ -33,7 +33,12 @@ Mistakes a learner makes here, each caught with its own message:
   when the statement starts with DELETE/UPDATE/INSERT (a WITH ... DELETE writes too),
   when its text names INSERT/UPDATE/DELETE (a MERGE ... THEN DELETE, a SELECT of a
   function that deletes) or unless it starts with SELECT
-- index on email (not lower(email)), no index on the foreign key, SET enable_seqscan=off
+- index on email (not lower(email)), no index on the foreign key, SET enable_seqscan=off,
+  customer_id second in a two-column index or only INCLUDEd (a B-tree seeks by its first
+  key column) -> the Seq Scan's message names the index that cannot serve it
+- a BEGIN ... ROLLBACK by hand (or autocommit switched) inside the caller's own
+  transaction: the caller's work is rolled back, or psycopg refuses -> a summary asked
+  inside a conn.transaction() block
 - a BEGIN ... ROLLBACK by hand with no finally (or autocommit switched off and back): a
   statement that fails leaves the connection in an aborted transaction -> a failing
   statement, then the connection's state
@@ -490,9 +495,57 @@ def test_a_statement_that_fails_leaves_the_connection_usable(written: None, post
                 "the error path (a BEGIN ... ROLLBACK without try/finally, or autocommit "
                 "turned off and not restored), so every later use of the connection fails "
                 "('current transaction is aborted') - end it on every path: "
-                "conn.transaction(force_rollback=True), or ROLLBACK in a finally")
+                "conn.transaction(force_rollback=True) does, and nests as a savepoint "
+                "inside a transaction of the caller's")
             left = conn.execute("SELECT count(*) FROM orders").fetchone()
             assert left == (1,), f"after explain_summary(conn, {sql!r}) orders has {left}"
+        conn.execute("RESET statement_timeout")
+        check_callers_transaction_left_open(explain_summary, conn)
+
+
+# The caller may already be inside a transaction of its own when it asks for a summary
+# (autocommit on, `with conn.transaction():` - a migration checking its plan, a test run in
+# a transaction). Its work must survive: a nested conn.transaction() is a SAVEPOINT there,
+# while a bare BEGIN is ignored ("already a transaction in progress") and the ROLLBACK that
+# follows ends the caller's transaction and throws its work away.
+CALLERS_ROW = "INSERT INTO customers VALUES (3)"
+IN_CALLERS_TRANSACTION = ["SELECT count(*) FROM customers",
+                          "DELETE FROM orders WHERE customer_id = 1"]
+
+
+def check_callers_transaction_left_open(explain_summary: Any, conn: Conn) -> None:
+    """On SMALL_SCHEMA: each summary inside a caller's transaction leaves that transaction
+    open, with the caller's row in it, and rolls back only its own statement."""
+    for sql in IN_CALLERS_TRANSACTION:
+        with conn.transaction(force_rollback=True):
+            conn.execute(CALLERS_ROW)
+            asked = (f"the caller, inside its own transaction (autocommit on, with "
+                     f"conn.transaction(): ...) where it has just run {CALLERS_ROW!r}, "
+                     f"called explain_summary(conn, {sql!r})")
+            try:
+                explain_summary(conn, sql)
+            except psycopg.Error as exc:
+                pytest.fail(
+                    f"{asked}, which raised {type(exc).__name__}: {exc} - a summary "
+                    f"must work inside a caller's transaction too: "
+                    f"conn.transaction(force_rollback=True) nests (a savepoint), where "
+                    f"switching autocommit or conn.rollback() is refused",
+                    pytrace=False)
+            status = conn.info.transaction_status
+            kept = conn.execute("SELECT count(*) FROM customers WHERE id = 3").fetchone()
+            orders = conn.execute("SELECT count(*) FROM orders").fetchone()
+            assert status == psycopg.pq.TransactionStatus.INTRANS and kept == (1,), (
+                f"{asked}; afterwards the connection is {status.name}, not inside the "
+                f"caller's transaction, and the caller's row is "
+                f"{'still there' if kept == (1,) else 'gone'}: explain_summary ended a "
+                f"transaction it did not start - a bare BEGIN inside a transaction is "
+                f"ignored (Postgres only warns), so the ROLLBACK after it rolls back the "
+                f"caller's work too. Use conn.transaction(force_rollback=True): a "
+                f"transaction of its own on an idle connection, a savepoint inside the "
+                f"caller's, rolled back either way")
+            assert orders == (1,), (
+                f"{asked}; afterwards orders has {orders}, expected (1,): the summary's "
+                f"statement was not rolled back")
 
 
 def expect_failure(explain_summary: Any, conn: Conn, sql: str) -> None:
@@ -577,7 +630,8 @@ def test_fixed_query_is_an_index_scan_with_the_same_rows(postgres: Any, conn: Co
     assert not seq, (
         f"the fixed query still has {' and '.join(label(n) for n in seq)} on a fresh "
         f"connection (plan: {shape(nodes)}): which column does each scan filter or join "
-        f"on, and does an index cover exactly that (an expression index for lower(email))?")
+        f"on, and does an index cover exactly that (an expression index for lower(email))?"
+        + "".join(index_misfits(conn, n["relation"]) for n in seq))
     assert any(n["node_type"] in INDEX_NODES for n in nodes), (
         f"the fixed query uses no index: plan {shape(nodes)}")
     if sorted(rows) == sorted(expected) and rows != expected:
@@ -605,6 +659,47 @@ def test_fixed_query_is_an_index_scan_with_the_same_rows(postgres: Any, conn: Co
         f"the fixed query returns {len(rows)} rows, the slow one {len(expected)} "
         f"(first: {rows[:1]} vs {expected[:1]}): a fix must not change the answer or its "
         f"order")
+
+
+# What the slow query searches each table by: the key an index must LEAD with to seek.
+SEARCHED_BY = {"orders": "customer_id", "customers": "lower(email)"}
+INDEX_COLUMNS = """
+SELECT i.indexrelid::regclass::text, i.indnkeyatts,
+       array(SELECT pg_get_indexdef(i.indexrelid, k, true)
+             FROM generate_series(1, i.indnatts) AS k ORDER BY k)
+FROM pg_index i WHERE i.indrelid = %s::regclass ORDER BY 1"""
+
+
+def index_misfits(conn: Conn, relation: str | None) -> str:
+    """Why the indexes on a table the fixed query still reads in full cannot serve its
+    search: the searched key is in an index, but not as its first key column, or only
+    INCLUDEd; or an index on email serves no search on lower(email)."""
+    searched = SEARCHED_BY.get(relation or "")
+    if searched is None:
+        return ""
+    why = []
+    for name, keys, columns in conn.execute(INDEX_COLUMNS, (relation,)).fetchall():
+        key, included = list(columns[:keys]), list(columns[keys:])
+        shown = f"{name} ({', '.join(key)})"
+        if included:
+            shown += f" INCLUDE ({', '.join(included)})"
+        if searched in key[1:]:
+            why.append(
+                f" {shown} has {searched} as key column {key.index(searched) + 1}, after "
+                f"{', '.join(key[:key.index(searched)])}: a B-tree is sorted by its first "
+                f"column, then the next within equal firsts, so a search on {searched} alone "
+                f"cannot seek into it (it would read the whole index) - put {searched} first: "
+                f"({searched}), or ({searched}, ...) whose next columns can serve the ORDER BY")
+        elif searched in included:
+            why.append(
+                f" {shown} only INCLUDEs {searched}: included columns are carried in the "
+                f"leaf pages for index-only scans, never searched - make {searched} the "
+                f"first key column")
+        elif searched.startswith("lower(") and key[:1] == [searched[6:-1]]:
+            why.append(
+                f" {shown} indexes {key[0]}, but the query searches {searched}: an index on "
+                f"a column serves no expression of it - index the expression itself")
+    return "".join(why)
 
 
 OUR_INDEXES = "SELECT indexname FROM pg_indexes WHERE tablename IN ('customers', 'orders')"

@@ -5,11 +5,14 @@ default allow, inheritance that is not transitive, an ABAC rule that narrows a r
 that must win whatever the order, attributes that are missing, actions that only share a
 prefix, a role cycle, a subject with several roles (an undefined one or one that grants
 nothing first), `in` over a value that is not a list (a string, a dict), literals with dots
-that are not attribute paths. The policies are data, so an engine written for the README's
-example alone fails the second table."""
+that are not attribute paths, attributes missing on both sides of a condition (None ==
+None is no match), and an engine that edits the caller's subject or policy in place (asked
+in turn about the same objects, beside the engine: learner.harness()). The policies are
+data, so an engine written for the README's example alone fails the second table."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +231,19 @@ HOSPITAL_CASES = [
     Case("doctor without a ward writes", {"id": "dr2", "roles": ["doctor"],
                                           "suspended": False}, "record:write", record(),
          False, "subject.ward is missing: the require rule is not met", DAY),
+    # two missing attributes are not equal: a condition that reads one is unknown
+    Case("a subject without an id reads a record without a patient_id", {"roles": []},
+         "record:read", {k: v for k, v in record().items() if k != "patient_id"}, False,
+         "subject.id and resource.patient_id are both missing: the allow rule "
+         "'resource.patient_id == subject.id' is unknown, so it is not met - an engine that "
+         "reads a missing attribute as None finds None == None true and lets anyone without "
+         "an id read every record without a patient", DAY),
+    Case("doctor without a ward writes a record without a ward",
+         {"id": "dr2", "roles": ["doctor"], "suspended": False}, "record:write",
+         {k: v for k, v in record().items() if k != "ward"}, False,
+         "subject.ward and resource.ward are both missing: the require rule "
+         "'subject.ward == resource.ward' is unknown, so it is not met - two missing "
+         "attributes are not two equal values (None == None holds in Python)", DAY),
     Case("doctor prescribes", doctor(), "prescription:create", record(), True,
          "doctor has it, same ward, not suspended", DAY),
     Case("suspended doctor prescribes", doctor(suspended=True), "prescription:create",
@@ -450,6 +466,41 @@ def test_unknown_operators_are_unknown(learner: Any) -> None:
         "decided wrong)")
 
 
+# One subject, resource, policy and context, asked about several actions in turn by the
+# harness, where the engine runs: as a web app asks about one loaded user, with one live
+# policy. Each decision must be right and no call may change the caller's data.
+DOCS_POLICY_AS_WRITTEN = copy.deepcopy(DOCS_POLICY)  # before any engine has seen it
+IN_TURN = [
+    ({"id": "u3", "roles": ["admin"], "dept": "eng"}, ["doc:read", "doc:write", "doc:delete",
+                                                        "doc:read"], [True, True, True, True]),
+    ({"id": "u1", "roles": ["viewer", "editor"], "dept": "eng"}, ["doc:write", "doc:read"],
+     [True, True]),
+]
+
+
+def test_the_callers_data_is_left_as_it_was(learner: Any) -> None:
+    """The engine reads the subject, resource, policy and context it is given: it never
+    changes them, so the next question about the same objects gets the same answer."""
+    module = learner.load("policy")
+    for subject, actions, expected in IN_TURN:
+        policy = copy.deepcopy(DOCS_POLICY_AS_WRITTEN)
+        seen = learner.harness().decide_in_turn(module, copy.deepcopy(subject),
+                                                list(actions), doc(), policy, {"hour": 10})
+        for number, (step, allow) in enumerate(zip(seen, expected, strict=True), 1):
+            asked = (f"the same subject {subject!r} asked about {', '.join(actions)} in turn, "
+                     f"call {number} ({step['action']})")
+            if step["changed"]:
+                pytest.fail(
+                    f"{asked} changed the caller's data: {'; '.join(step['changed'])} - the "
+                    f"engine must read its arguments, never edit them: a list taken from "
+                    f"them (subject['roles'] as the work list, a role's 'permissions' "
+                    f"extended with inherited ones) is the caller's own - copy it first "
+                    f"(list(...), set(...)), or the next question about the same user, or "
+                    f"under the same policy, gets another answer", pytrace=False)
+            assert step["decision"] is allow, (
+                f"{asked}: is_allowed() returned {step['decision']!r}, expected {allow}")
+
+
 def without_permission(policy: dict[str, Any], role: str, action: str) -> dict[str, Any]:
     """A fresh copy of `policy` in which `role` no longer grants `action`."""
     roles = {name: {**spec, "permissions": [p for p in spec.get("permissions", [])
@@ -472,10 +523,10 @@ def test_a_changed_policy_takes_effect_at_once(learner: Any) -> None:
         (DOCS_POLICY, True, "doc:read is granted again: a cache keyed by role names keeps "
                             "the revoked answer"),
     ]
-    for subject_roles in (["viewer"], ["admin"]):
+    for role in ("viewer", "admin"):
         for number, (policy, allow, why) in enumerate(steps, 1):
-            case = Case(f"{subject_roles[0]} reads, policy change step {number} of "
-                        f"{len(steps)}", {"id": "u1", "roles": subject_roles, "dept": "eng",
+            case = Case(f"{role} reads, policy change step {number} of "
+                        f"{len(steps)}", {"id": "u1", "roles": [role], "dept": "eng",
                                            "clearance": "secret"},
                         "doc:read", doc(), allow, why)
             wrong = decide(module, policy, case)
