@@ -50,69 +50,55 @@ def one_cpu() -> Iterator[int]:
         hog.wait()
 
 
-def test_a_tree_kept_off_the_cpu_has_its_wait_counted(one_cpu: int) -> None:
-    # The grandchild's wait counts: a learner's program, the learner's factory.
-    proc = subprocess.Popen([sys.executable, "-c", BURN, "1.0"], start_new_session=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
+def waited_out(code: str, budget: float, *args: str, cpu: int | None = None
+               ) -> tuple[bool, float, float]:
+    """Run ``code`` in a process of its own (on ``cpu`` if given) under wait_for_exit's
+    ``budget``: whether it timed out, the seconds CpuWait allowed more, the seconds taken."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], start_new_session=True,
+        preexec_fn=None if cpu is None else lambda: os.sched_setaffinity(0, {cpu}))
     cpu_wait = CpuWait(proc.pid)
+    started = time.monotonic()
     try:
-        timed_out = wait_for_exit(proc, 60, [], [False], cpu_wait)
+        timed_out = wait_for_exit(proc, budget, [], [False], cpu_wait)
     finally:
         kill_group(proc)
+    return timed_out, cpu_wait.allowance, time.monotonic() - started
+
+
+def test_a_tree_kept_off_the_cpu_has_its_wait_counted(one_cpu: int) -> None:
+    # The grandchild's wait counts: a learner's program, the learner's factory.
+    timed_out, allowance, _ = waited_out(BURN, 60, "1.0", cpu=one_cpu)
     assert not timed_out
     # Sharing one CPU with a hog, it ran half the time: it waited about 1 s (read every
     # second, so the last second's is not seen).
-    assert cpu_wait.allowance >= 0.5, (
-        f"a process sharing a CPU with a hog for 1 s of CPU waited "
-        f"{cpu_wait.allowance:.2f} s by the count: its run-queue wait was not read")
+    assert allowance >= 0.5, (
+        f"a process sharing a CPU with a hog for 1 s of CPU waited {allowance:.2f} s by the "
+        "count: its run-queue wait was not read")
 
 
 def test_a_run_that_is_its_own_load_gets_no_more_time() -> None:
     # More threads ready to run than CPUs: they wait for each other, not for the machine.
     spinners = 2 * len(os.sched_getaffinity(0)) + 1
-    proc = subprocess.Popen([sys.executable, "-c", STORM, str(spinners)], start_new_session=True)
-    cpu_wait = CpuWait(proc.pid)
-    started = time.monotonic()
-    try:
-        timed_out = wait_for_exit(proc, 2.0, [], [False], cpu_wait)
-    finally:
-        kill_group(proc)
-    took = time.monotonic() - started
-    assert timed_out and cpu_wait.allowance < 0.5, (
-        f"{spinners} spinning processes of the run itself were allowed "
-        f"{cpu_wait.allowance:.2f} s more for waiting on each other")
+    timed_out, allowance, took = waited_out(STORM, 2.0, str(spinners))
+    assert timed_out and allowance < 0.5, (
+        f"{spinners} spinning processes of the run itself were allowed {allowance:.2f} s "
+        "more for waiting on each other")
     assert took < 2.0 + 1 + 3, f"a 2 s budget over a fork storm ended after {took:.1f} s"
 
 
 def test_a_hang_that_sleeps_still_ends_at_the_budget(one_cpu: int) -> None:
     # Asleep, it waits for no CPU however loaded the machine: the budget is not stretched.
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            start_new_session=True)
-    cpu_wait = CpuWait(proc.pid)
-    started = time.monotonic()
-    try:
-        timed_out = wait_for_exit(proc, 1.5, [], [False], cpu_wait)
-    finally:
-        kill_group(proc)
-    took = time.monotonic() - started
+    timed_out, allowance, took = waited_out("import time; time.sleep(60)", 1.5)
     assert timed_out, "a process asleep for 60 s was not timed out at a 1.5 s budget"
-    assert cpu_wait.allowance < 1, (
-        f"a sleeping process was counted {cpu_wait.allowance:.2f} s of waiting for a CPU")
+    assert allowance < 1, f"a sleeping process was counted {allowance:.2f} s of waiting for a CPU"
     assert took < 1.5 + 1 + 3, f"a 1.5 s budget over a sleeping process ended after {took:.1f} s"
 
 
 def test_the_allowance_is_at_most_one_budget_more(one_cpu: int) -> None:
     # A spinning hang on a loaded CPU waits as long as it runs: it ends at twice the budget.
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
-    cpu_wait = CpuWait(proc.pid)
-    started = time.monotonic()
-    try:
-        timed_out = wait_for_exit(proc, 1.0, [], [False], cpu_wait)
-    finally:
-        kill_group(proc)
-    took = time.monotonic() - started
-    assert timed_out and cpu_wait.allowance <= 1.0
+    timed_out, allowance, took = waited_out("while True: pass", 1.0, cpu=one_cpu)
+    assert timed_out and allowance <= 1.0
     assert took < 2.0 + 1 + 3, f"a 1 s budget over a spinning process ended after {took:.1f} s"
 
 
