@@ -19,6 +19,9 @@ nothing can change any more: the server asleep all along (every thread in state 
 time unmoved: /proc/<pid>/task/*) and the client processes asleep too, STALLED times in a
 row over STALLED_FOR seconds or more. A correct server with work waiting for it is never
 asleep (at worst runnable, state R, on a loaded machine); FAIL_WAIT is only a safety net.
+Likewise a server seen asleep while a client it must refuse at once waits in its listen
+backlog (a connection there wakes a thread blocked in accept()) is waiting for something
+else first - room in its queue - and is given up on at once.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ READY = 30.0           # for the server to print its port
 FAIL_WAIT = 30.0       # a safety net: a stuck server is seen asleep long before
 STALLED = 8            # consecutive observations of server and clients asleep that end a wait
 STALLED_FOR = 0.5      # ... spanning at least this many seconds (an observation takes ~1 ms)
+BACKLOG_STALLED = 3    # consecutive observations of the server asleep with the same client
+                       # in its listen backlog that end a wait for a refusal
 REPLY_WAIT = 120.0     # for a client process to answer a command
 HERE = Path(__file__).parent
 
@@ -396,16 +401,26 @@ def count(server: Server, clients: list[Client], what: Callable[[ServerSide], bo
 
 
 def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = False,
-           dying: str = "the server must keep running") -> bool:
+           dying: str = "the server must keep running",
+           backlog: list[Client] | None = None) -> bool:
     """Poll until ``condition()`` holds (True), or until it cannot come any more (False):
     the server asleep throughout an observation (no thread runnable, CPU time unmoved) while
     the client processes sleep too, STALLED times in a row over STALLED_FOR s or more, with
     the server's CPU time unmoved all along. Nothing is then on its way to anyone: a
     correct server would be running. FAIL_WAIT is a safety net. Fail at once if the server
     process dies. With watch_threads, the thread count is sampled as it goes; ``dying`` is
-    what the server's death is reported against."""
+    what the server's death is reported against.
+
+    With ``backlog`` (clients that connected and must be accepted at once), also False as
+    soon as the server is seen asleep throughout BACKLOG_STALLED observations in a row while
+    the same one of them waits in its listen backlog at each: a connection in the backlog
+    wakes a thread blocked in accept() (runnable at once), so a server that sleeps with one
+    there waits for something else first - a timer, room in its queue. The clients' own
+    wakes (a 503 arriving) do not matter here."""
     deadline = time.monotonic() + FAIL_WAIT
     stalled, frozen, since = 0, 0, 0.0
+    idle: list[Client] = []   # the same client seen waiting, at each observation in a row
+    taken: set[Client] = set()
     while True:
         if server.gone() is not None:
             server.fail(dying)
@@ -422,10 +437,43 @@ def settle(server: Server, condition: Callable[[], bool], watch_threads: bool = 
             stalled += 1
         else:
             stalled, frozen, since = 1, after[1], time.monotonic()
+        if backlog:
+            waiting = asleep_with_a_client_waiting(server, backlog, taken)
+            if waiting is None:
+                idle = []
+            elif idle[-1:] != [waiting]:
+                idle = [waiting]
+            else:
+                idle.append(waiting)
         if (stalled >= STALLED and time.monotonic() - since >= STALLED_FOR
+                or len(idle) >= BACKLOG_STALLED
                 or time.monotonic() > deadline):
             return False
         time.sleep(0.02)
+
+
+def asleep_with_a_client_waiting(server: Server, backlog: list[Client],
+                                 taken: set[Client]) -> Client | None:
+    """One of ``backlog`` waiting in the server's listen backlog while no thread of the
+    server ran (two readings around the look, a few ms apart), or None. The last clients
+    are looked at first (the backlog is taken in the order the connections came), and none
+    of ``taken``: those seen out of the backlog already (accepted, or closed), which
+    never go back to it - added to as they are seen."""
+    before = server.activity()
+    waiting = None
+    for c in reversed(backlog):
+        if c in taken or (side := server_side(server.port, c.port)) is None:
+            continue
+        if in_backlog(side):
+            waiting = c
+            break
+        taken.add(c)
+    return waiting if asleep_throughout(before, server.activity()) else None
+
+
+def in_backlog(side: ServerSide) -> bool:
+    """Connected, not accepted yet: the connection waits in the server's listen backlog."""
+    return side.state == ESTABLISHED and side.inode == 0
 
 
 def served(load: Load, server: Server, clients: list[Client], model: str) -> None:
@@ -679,7 +727,8 @@ def test_bounded_pool_queues_then_rejects_with_503(
     # Beyond capacity: 503 at once, and the connection closed.
     gate.touch()   # a thread the server starts now (but one) is held at its start
     extra = load.open(CLIENTS - WORKERS - QUEUE, "none")
-    settle(server, lambda: all(s.closed for s in load.seen_by(extra)), watch_threads=True)
+    settle(server, lambda: all(s.closed for s in load.seen_by(extra)), watch_threads=True,
+           backlog=extra)
     gate.unlink()
     refusals_cost_no_thread(server, len(extra), bound)
     threads_bounded(f"{CLIENTS} clients held open")
@@ -766,17 +815,19 @@ def refused_late(server: Server, extra: list[Client], rejected: int,
                                   "queued") -> None:
     """Clients beyond capacity still in the listen backlog: the accept loop is not
     accepting - it waits for room in the full queue instead of refusing at once."""
-    backlog = count(server, extra, lambda s: s.state == ESTABLISHED and s.inode == 0)
+    backlog = count(server, extra, in_backlog)
     if backlog:
         server.fail(
             f"{situation}, {rejected} of {len(extra)} further clients got 503 and "
-            f"{backlog} were never even accepted (still in the listen backlog): the accept "
-            f"loop stopped accepting while the queue was full\nIt waits for room - a "
-            f"queue.put() or a semaphore's acquire() that blocks (or waits with a timeout), "
-            f"a sleep-and-retry - and every client behind it waits too, for as long as the "
-            f"busy workers take. Refuse at once instead: take a slot without waiting "
-            f"(acquire(blocking=False), put_nowait()) and, with none free, answer BUSY from "
-            f"the accept loop.")
+            f"{backlog} {'was' if backlog == 1 else 'were'} not even accepted yet (still in "
+            f"the listen backlog): the accept loop waited for room in the queue before "
+            f"answering 503, instead of answering at once\nIt waits for room - a queue.put() "
+            f"or a semaphore's acquire() that blocks or waits with a timeout (however short), "
+            f"a sleep-and-retry - and accepts no one meanwhile: every client behind it waits "
+            f"too, each refusal costs that wait again, and a burst of them adds up (or lasts "
+            f"as long as the busy workers take). Refuse at once instead: take a slot without "
+            f"waiting (acquire(blocking=False), put_nowait()) and, with none free, answer BUSY "
+            f"from the accept loop.")
 
 
 def reset_after_full_request(load: Load, server: Server, busy: list[Client]) -> list[Client]:
@@ -867,7 +918,7 @@ def test_bounded_pool_with_queue_0_refuses_at_once_beyond_the_workers(
            or any(s.data or s.closed for s in load.seen_by(busy)))
     workers_take_up(load, server, busy)
     extra = load.open(BEYOND, "none")
-    settle(server, lambda: all(s.closed for s in load.seen_by(extra)))
+    settle(server, lambda: all(s.closed for s in load.seen_by(extra)), backlog=extra)
     no_waiting_room(load, server, busy, extra)
     load.finish(busy)
     served(load, server, busy, "pool, --queue 0")

@@ -72,6 +72,34 @@ def holds_a_socket(pid: int) -> bool:
 
 PORTS_EVERY = 0.5   # s between two readings of an app's listening ports while it starts
 
+# Run first in every app's process: a TCP socket bound to a port other than $PORT (and 0, any
+# free port: a client's) is refused (EACCES), the port written to stderr after
+# BOUND_ELSEWHERE; with no usable $PORT, every such bind is. An app that ignores $PORT thus
+# never listens on a port the test did not hand out: two checks at once (CI's in-process
+# and learner-process workers, grading's parallel submissions) can neither meet on a fixed
+# port (one dying of "address in use") nor talk to each other's app, and the mistake is
+# named from the port asked for, whichever way the app then went (a traceback, a fallback).
+# (Neither line names a variable: a message naming it is what a bad config is judged on.)
+BOUND_ELSEWHERE = "labrunner: app.py bound a TCP socket to port"
+PORT_WATCH = f"""
+import errno as _lr_errno, os as _lr_os, socket as _lr_socket
+try:
+    _lr_given = int(_lr_os.environ.get("PORT", ""))
+except ValueError:
+    _lr_given = None
+
+def _lr_bind_given(self, address, _bind=_lr_socket.socket.bind, _given=_lr_given):
+    port = address[1] if isinstance(address, tuple) and len(address) >= 2 else 0
+    if (self.family in (_lr_socket.AF_INET, _lr_socket.AF_INET6)
+            and self.type == _lr_socket.SOCK_STREAM and isinstance(port, int)
+            and port not in (0, _given)):
+        _lr_os.write(2, ("\\n{BOUND_ELSEWHERE} %s\\n" % port).encode())
+        raise PermissionError(_lr_errno.EACCES, "refused by labrunner: not the port given")
+    return _bind(self, address)
+
+_lr_socket.socket.bind = _lr_bind_given
+"""
+
 
 class App:
     def __init__(self, learner: Any, env: dict[str, str], prelude: str = "") -> None:
@@ -80,7 +108,7 @@ class App:
         # output unbuffered (the runner's own PYTHONUNBUFFERED is not the platform's).
         self.proc = learner.python("app", env={**env, "PYTHONUNBUFFERED": ""},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   prelude=prelude)
+                                   prelude=PORT_WATCH + prelude)
         self.out: list[str] = []
         self.err: list[str] = []
         self.readers = [threading.Thread(target=self._read, args=(stream, sink), daemon=True)
@@ -130,6 +158,21 @@ class App:
     def output(self) -> str:
         return "\n".join(self.out + self.err)
 
+    def bound_elsewhere(self) -> int | None:
+        """The first port other than $PORT the app bound a TCP socket to (PORT_WATCH refused
+        it), or None."""
+        said = [line for line in list(self.err) if line.startswith(BOUND_ELSEWHERE)]
+        return int(said[0].rsplit(" ", 1)[1]) if said else None
+
+    def fail_if_bound_elsewhere(self) -> None:
+        if (port := self.bound_elsewhere()) is not None:
+            pytest.fail(
+                f"app.py ignored $PORT={self.port}: it went to listen on port {port} "
+                "instead, a port the platform did not give it (refused here, so that no "
+                "other app is met there) - the platform chooses the port and passes it in "
+                "the environment (factor VII): bind the port read from $PORT, never a "
+                "number of your own or a default", pytrace=False)
+
     def ready(self) -> None:
         # Which ports the app listens on is read from the kernel's socket tables, a fifth of
         # a second with the thousands of sockets a loaded machine holds: read while $PORT
@@ -138,9 +181,11 @@ class App:
         read_at = [0.0]
 
         def up() -> bool:
+            self.fail_if_bound_elsewhere()
             if self.proc.poll() is not None:
                 for reader in self.readers:   # its last words, a traceback, are in the pipes
                     reader.join(10)
+                self.fail_if_bound_elsewhere()
                 pytest.fail(f"app.py exited with status {self.proc.returncode} instead of "
                             f"serving on $PORT={self.port}:\n{self.output()[-1500:]}")
             answers = self.port is not None and listening(self.port)
@@ -271,7 +316,7 @@ def all_refused_at_once(learner: Any, apps: list[App], monkeypatch: pytest.Monke
         for reader in app.readers:
             reader.join(10)
     return not touched and len(codes) == len(BAD) - 1 and all(
-        code not in (0, None) and name in app.output()
+        code not in (0, None) and name in app.output() and app.bound_elsewhere() is None
         for code, (name, app) in zip(codes, started, strict=True))
 
 
@@ -279,13 +324,20 @@ def refuses_to_start(learner: Any, env: dict[str, str], apps: list[App],
                      monkeypatch: pytest.MonkeyPatch, name: str, value: str | None) -> None:
     app, what = started_with(learner, apps, monkeypatch, env, name, value)
     why = why_bad(value)
+    hides = (why or " - a default or a lazy read hides a broken deployment until the first "
+             "request needs the value")
+
+    def serving_anyway(exited: bool = False) -> None:
+        serving = [] if exited else sorted(app.ports())
+        if (port := app.bound_elsewhere()) is not None:
+            serving = [port]   # refused by PORT_WATCH: the port it would have listened on
+        if serving:
+            pytest.fail(f"with {what}, app.py started serving anyway (listening on "
+                        f"{serving}): expected it to refuse to start{hides}")
+
     deadline = time.monotonic() + 20
     while app.proc.poll() is None and time.monotonic() < deadline:
-        if serving := app.ports():
-            hides = (why or " - a default or a lazy read hides a broken deployment until the "
-                     "first request needs the value")
-            pytest.fail(f"with {what}, app.py started serving anyway (listening on "
-                        f"{sorted(serving)}): expected it to refuse to start{hides}")
+        serving_anyway()
         time.sleep(0.05)
     if app.proc.poll() is None:
         pytest.fail(f"with {what}, app.py is still running after 20 s: expected it to exit "
@@ -295,6 +347,7 @@ def refuses_to_start(learner: Any, env: dict[str, str], apps: list[App],
         f"start failed (and to report it) - 0 means 'done, all is well'{why}")
     for reader in app.readers:
         reader.join(10)
+    serving_anyway(exited=True)
     assert name in app.output(), (
         f"with {what}, app.py exited with status {app.proc.returncode} without naming "
         f"{name}{why}; its output ended with: {app.output()[-400:]!r}. Say which variable "
