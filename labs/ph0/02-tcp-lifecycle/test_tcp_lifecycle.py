@@ -39,6 +39,11 @@ PAUSE = 2.5   # the peer's silence before its last write: only ever slows a righ
 # 1.0-1.5 s of the 2.5 s measured on the shared, loaded 2-core machine (load average
 # about 15), in this process or in the learner's own. Far from both.
 SPIN_CPU = 0.25
+# A TimeoutError counts as a drain that gave up (not a close that never sent its FIN) when
+# the learner's function ran on this long after the peer read its FIN: a function that only
+# sends its FIN as it gives up ends within milliseconds of the peer's read; a drain with a
+# 2 s timeout runs 2 s and more after it.
+DRAINING = 1.0
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -90,6 +95,8 @@ class Background:
         self.blocked = blocked  # what a recv() timing out means for this function
         self.result: Any = None
         self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self.took = 0.0  # seconds the function ran, once it has ended
         self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
         self.thread.start()
 
@@ -98,6 +105,8 @@ class Background:
             self.result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - reported by check()/wait()
             self.error = exc
+        finally:
+            self.took = time.monotonic() - self.started
 
     def check(self) -> None:
         """Fail now if the learner's function already raised."""
@@ -245,6 +254,7 @@ class Exchange:
     seen: str        # what the peer saw when the learner closed
     returned: Any    # what graceful_close() returned
     quiet_cpu: float = 0.0  # CPU seconds the learner's side used in the peer's pause
+    refused: str = ""  # the error the peer's late write met (a reset from the learner's end)
 
 
 def graceful_exchange(learner: Any, pair: Pair, pause: float = 0.0) -> Exchange:
@@ -259,7 +269,8 @@ def graceful_exchange(learner: Any, pair: Pair, pause: float = 0.0) -> Exchange:
                 "for yours\nThe active closer sends its FIN first (sock.shutdown("
                 "socket.SHUT_WR)), then reads until recv() returns b''.")
     seen = peer_reads(pair.server, running)
-    quiet_cpu = 0.0
+    seen_at = time.monotonic()
+    quiet_cpu, refused = 0.0, ""
     if seen == "eof":
         piece = -(-len(LATE) // LATE_WRITES)
         try:
@@ -271,10 +282,23 @@ def graceful_exchange(learner: Any, pair: Pair, pause: float = 0.0) -> Exchange:
                     quiet_cpu = cpu_spent(learner) - before
                 pair.server.sendall(LATE[start:start + piece])  # after the learner's FIN
                 wait_until_read(pair, running)
-        except OSError:
-            pass  # reported through what graceful_close() returns
+        except OSError as exc:  # reported through what graceful_close() returns
+            refused = type(exc).__name__
     pair.server.close()
     running.thread.join(WAIT)
+    # Still running well after the peer read its FIN (a learner that waits for the peer's
+    # FIN first sends its own only once it gives up: it ends right after the peer sees it)
+    draining = running.started + running.took - seen_at > DRAINING
+    if isinstance(running.error, TimeoutError) and seen == "eof" and draining:
+        pytest.fail(
+            f"graceful_close() raised TimeoutError after {running.took:.1f} s: it had sent its "
+            "FIN (the peer read it) and was draining"
+            + (f", and gave up while the peer was silent for {pause:.1f} s before the rest of "
+               "its answer" if pause else "")
+            + ": a timeout on the drain (settimeout(), or a socket timeout shorter than the "
+            "peer takes) turned the peer's silence into an error\nSilence is neither an error "
+            "nor the end of the stream: only the peer's FIN (recv() returning b'') ends it. A "
+            "blocking recv() waits for it asleep, at no CPU cost.", pytrace=False)
     if isinstance(running.error, ConnectionResetError):
         pytest.fail(
             "graceful_close() raised ConnectionResetError, but the peer never reset: it read "
@@ -282,7 +306,7 @@ def graceful_exchange(learner: Any, pair: Pair, pause: float = 0.0) -> Exchange:
             "data with RST because its read direction was already shut (shutdown(SHUT_RDWR), "
             "or close() before draining). Shut only the write side: "
             "sock.shutdown(socket.SHUT_WR), then recv() until b''.", pytrace=False)
-    return Exchange(seen, running.wait(), quiet_cpu)
+    return Exchange(seen, running.wait(), quiet_cpu, refused)
 
 
 def _utf8(data: bytes | bytearray) -> bool:
@@ -300,11 +324,26 @@ def expect_bytes_kept(what: str, got: Any, want: bytes, whose: str) -> None:
     if isinstance(got, str):
         pytest.fail(f"{what} text (str), expected {whose} as bytes\nA TCP connection carries "
                     "bytes: return them as they came, without decoding.", pytrace=False)
-    if isinstance(got, bytes | bytearray) and got != want and _utf8(got) and not _utf8(want):
+    if (isinstance(got, bytes | bytearray) and got and got != want and _utf8(got)
+            and not _utf8(want)):
         pytest.fail(f"{what} {len(got)} bytes, expected the {len(want)} bytes of {whose}: the "
                     "bytes that are no UTF-8 were replaced or dropped, so they went through a "
                     "decode to text\nA TCP connection carries bytes, not characters: keep them "
                     "as they came (b''.join(chunks)).", pytrace=False)
+
+
+def expect_not_the_last_read(what: str, got: Any, want: bytes, whose: str) -> None:
+    """Fail, naming a drain that overwrites instead of collecting, when what came back is
+    the end of ``want`` alone: what the last recv() returned."""
+    if isinstance(got, bytes | bytearray) and got and len(got) < len(want) and \
+            want.endswith(got):
+        pytest.fail(
+            f"{what} the last {len(got)} of the {len(want)} bytes of {whose}, without the "
+            f"first {len(want) - len(got)}: only what the last recv() returned - each read "
+            "replaced the ones before it (data = chunk, not data += chunk)\nOne recv() "
+            "returns whatever has arrived so far, a piece of the stream, never the whole of "
+            "it: collect every piece (chunks.append(chunk)) and join them once the peer's "
+            "FIN (b'') ends the stream.", pytrace=False)
 
 
 def client_reads(pair: Pair, running: Background) -> tuple[bytes, bool, bool]:
@@ -369,6 +408,20 @@ def test_data_after_half_close_still_arrives(learner: Any, pair: Pair) -> None:
         f"{LATE_WRITES} writes of {piece} bytes. A recv() that returns fewer bytes than you "
         "asked for is not the end of the stream; only b'' (the peer's FIN) is: keep "
         "calling recv() until it returns b''.")
+    if got == b"":
+        pytest.fail(
+            f"graceful_close() returned b'', none of the {len(LATE)} bytes the peer sent after "
+            "reading your FIN"
+            + (f" (the peer's send of them failed: {exchange.refused}, your end had answered "
+               "them with RST)" if exchange.refused else "")
+            + ": it stopped reading as soon as its FIN was out - it closed the socket "
+            "(close(), or shutdown then close without draining) or shut its read side "
+            "(shutdown(SHUT_RD) ends reading, not writing: recv() returns b'' at once, and "
+            "close() sends the FIN)\nA half-close ends only your direction: "
+            "shutdown(socket.SHUT_WR) sends the FIN, and the peer's direction stays open until "
+            "its own FIN - read until recv() returns b''.", pytrace=False)
+    expect_not_the_last_read("graceful_close() returned", got, LATE,
+                             "what the peer sent after your FIN")
     expect_bytes_kept("graceful_close() returned", got, LATE,
                       "what the peer sent after your FIN")
     assert got == LATE, (
@@ -594,6 +647,9 @@ def test_server_answers_after_client_half_close(learner: Any, pair: Pair) -> Non
                     "client reads the answer until EOF: send it, then close the socket "
                     "(its FIN ends the answer).", pytrace=False)
     running.wait()
+    if len(requests) == 1:
+        expect_not_the_last_read("the handler was called with", requests[0], head + rest,
+                                 "the request")
     if len(requests) == 1 and len(requests[0]) < len(head + rest):
         pytest.fail(f"the handler was called with the first {len(requests[0])} of the "
                     f"{len(head + rest)} bytes of the request\nThe client marks the end of "

@@ -11,6 +11,7 @@ version read by a second query, before or after the fold, is paired with the wro
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import time
@@ -65,12 +66,29 @@ def expect_conflict(mod: Any, conn: Any, stream: str, expected: int, why: str) -
                 "the stream's current one", pytrace=False)
 
 
+def expect_current_schema(conn: Any, stream: str) -> None:
+    """Fail, naming the tag, when append() stored its (v2) events under another schema
+    version."""
+    tags = [int(v) for (v,) in conn.execute(
+        "SELECT DISTINCT schema_version FROM events WHERE stream_id = %s ORDER BY 1",
+        (stream,)).fetchall()]
+    if tags != [2]:
+        pytest.fail(
+            f"append() stored its events with schema_version {tags}, expected [2]: the events "
+            "it is given are in the v2 schema (amount_cents, currency), and the column says "
+            "which schema a row's data is in - every reader picks its upcaster by it (a v2 row "
+            "tagged 1 is upcast as v1, which looks for 'amount'), today and after the next "
+            "schema change. Store new events with the current schema version "
+            "(CURRENT_SCHEMA = 2)", pytrace=False)
+
+
 # --- appending -----------------------------------------------------------------------------
 
 def test_append_load_and_stale_expected_version(store: Any) -> None:
     mod, conn = store
     version = mod.append(conn, "acc-1", 0, [opened(), deposit(1000), withdraw(300)])
     assert version == 3, f"appending 3 events to a new stream returned version {version}, not 3"
+    expect_current_schema(conn, "acc-1")
     state, at = mod.load(conn, "acc-1")
     assert (state, at) == (account(700, 2), 3), (
         f"load('acc-1') = {(state, at)}; expected {(account(700, 2), 3)}: the state is the fold "
@@ -81,6 +99,33 @@ def test_append_load_and_stale_expected_version(store: Any) -> None:
     assert versions(conn, "acc-1")[-1] == (4, "MoneyDeposited"), (
         "a refused append must write nothing")
     expect_conflict(mod, conn, "acc-new", 5, "the stream does not exist yet (version 0)")
+
+
+def test_every_fold_starts_from_an_empty_account(store: Any) -> None:
+    """Two accounts, no snapshot: each replay and each load folds its stream from nothing.
+    A fold that starts from a state kept in the module (or in a default argument) and
+    changes it in place starts the next fold where the last one ended."""
+    mod, conn = store
+    mod.append(conn, "acc-f1", 0, [opened("ann"), deposit(900), withdraw(100)])
+    mod.append(conn, "acc-f2", 0, [opened("bob"), deposit(40)])
+    want = {"acc-f1": (account(800, 2, "ann"), 3), "acc-f2": (account(40, 1, "bob"), 2)}
+    done: list[str] = []
+    for name, fn in (("replay", mod.replay), ("load", mod.load)):
+        for stream in [*want, *want]:
+            call, got = f"{name}({stream!r})", copy.deepcopy(fn(conn, stream))  # as it is now
+            if got != want[stream]:
+                pytest.fail(
+                    f"{call} = {got}, expected {want[stream]}, the fold of that stream's "
+                    f"events from nothing; folds before it in this test: "
+                    f"{', '.join(done) or 'none'}. "
+                    + ("It is the first fold: the fold itself is wrong" if not done else
+                       "Each fold started where an earlier one ended: the state before the "
+                       "first event lives in the module (an EMPTY dict, a default argument "
+                       "state={...}) and apply() changes it in place, so every replay and "
+                       "load - of any stream, on any connection - adds to the last one's "
+                       "result. Start each fold from a new dict and let apply() return a new "
+                       "state"), pytrace=False)
+            done.append(call)
 
 
 def test_concurrent_appends_with_the_same_expected_version(store: Any, postgres: Any) -> None:
