@@ -44,6 +44,29 @@ def assert_no_keyspace_walk(sent: list[list[str]], label: str) -> None:
         "key of the database; keep the key names you need and address them directly")
 
 
+def assert_text(label: str, value: Any) -> None:
+    """Every name, job and field a call hands back is text: bytes (a client without
+    decode_responses=True) or str() of bytes ("b'job-1'") is not."""
+    stack: list[Any] = [value]
+    undecoded: list[Any] = []
+    while stack and not undecoded:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.items())
+        elif isinstance(item, (bytes, bytearray)) or (
+                isinstance(item, str) and len(item) > 2 and item[:2] in ("b'", 'b"')):
+            undecoded.append(item)
+    assert not undecoded, (
+        f"{label} returned {undecoded[0]!r}, "
+        f"{'bytes' if not isinstance(undecoded[0], str) else 'the text of a bytes object'}"
+        ", where text was expected - redis-py hands back bytes unless the client is made with "
+        "decode_responses=True, and str() of bytes is \"b'...'\", not the decoded text. "
+        "Connect with redis.Redis.from_url(url, decode_responses=True) (or .decode() each "
+        "reply)")
+
+
 def structure(module: ModuleType, name: str, *args: Any) -> Any:
     cls = getattr(module, name, None)
     if not isinstance(cls, type):
@@ -74,6 +97,7 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
 
     ranking = sorted(totals.items(), key=lambda kv: -kv[1])
     top, sent = recorded(redis_db, "top(10)", lambda: board.top(10))
+    assert_text("top(10)", top)
     want = [(p, float(s)) for p, s in ranking[:10]]
     assert [(p, float(s)) for p, s in top] == want, (
         f"top(10) returned {top[:3]}..., expected {want[:3]}...: points added twice for a "
@@ -111,6 +135,7 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
             f"rank({who!r}) returned {got_rank!r}, expected {want_rank} (1 = best, "
             f"{len(ranking)} players)")
     assert board.score(player) == float(total), f"score({player!r}) expected {total}"
+    elsewhere_agrees(learner.load("structures"), redis_db, player, float(total), 42)
     assert board.score("nobody") is None, "score('nobody') must be None"
     board.add_points("newcomer", 0)  # on the board, with nothing scored yet
     zero = board.score("newcomer")
@@ -121,6 +146,21 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
     fractions_add_up(board, "newcomer")
     assert key_types(redis_db).get("scores") == "zset", (
         "the leaderboard is not a sorted set under the key 'scores' (the name passed in)")
+
+
+def elsewhere_agrees(module: ModuleType, redis_db: Any, player: str, total: float,
+                     rank: int) -> None:
+    """Another server of the same app: a Leaderboard of its own on the same key, that added
+    nothing itself, answers from Redis what the first one answers."""
+    other = structure(module, "Leaderboard", redis_db.url, "scores")
+    seen = (other.score(player), other.rank(player))
+    assert seen == (total, rank), (
+        f"a second Leaderboard on the key 'scores' (another server of the same app, which "
+        f"added no points itself) reports score({player!r}) {seen[0]!r} and rank {seen[1]!r}, "
+        f"expected {total} and {rank}, as the one that added the points does: the board lives "
+        "in Redis - a score or a count kept in the Python object (a dict filled by "
+        "add_points) is seen by that object only, and is stale once another server adds "
+        "points. Ask Redis (ZSCORE, ZREVRANK) every time")
 
 
 def fractions_add_up(board: Any, player: str) -> None:
@@ -179,13 +219,17 @@ def race_add_points(module: ModuleType, redis_db: Any, live: Any) -> None:
 
 
 def bounded(command: list[str], limit: int) -> bool:
-    """A ZRANGE-family command that returns at most `limit` entries by index."""
+    """A ZRANGE-family command that returns at most `limit` entries by index: from the start
+    (ZREVRANGE key 0 9) or from the end (ZRANGE key -10 -1, the ten highest, reversed in the
+    client: the same entries, as cheaply). Mixed signs (0 -1: everything) are not bounded."""
     args = [a.upper() for a in command[1:]]
     if command[0] in ("ZRANGE", "ZREVRANGE") and "BYSCORE" not in args and "BYLEX" not in args:
         try:
             start, stop = int(command[2]), int(command[3])
         except (IndexError, ValueError):
             return False
+        if start < 0 and stop < 0:  # counted from the end: ZRANGE key -10 -1, reversed
+            return start <= stop and stop - start + 1 <= limit
         return 0 <= start <= stop and stop - start + 1 <= limit
     if "LIMIT" in args:  # ... BYSCORE ... LIMIT offset count
         at = args.index("LIMIT")
@@ -203,6 +247,7 @@ def test_reliable_queue_keeps_claimed_jobs_until_acked(learner: Any, redis_db: A
     for job in jobs:
         queue.push(job)
     claimed, sent = recorded(redis_db, "claim()", lambda: [queue.claim() for _ in range(3)])
+    assert_text("claim()", claimed)
     assert claimed == jobs[:3], (
         f"three claims returned {claimed}, expected {jobs[:3]}: a queue is first in, first out")
     queue.ack("job-1")
@@ -278,6 +323,7 @@ def test_ack_removes_one_claim_of_a_job_queued_twice(learner: Any, redis_db: Any
     queue.push("email:42")
     queue.push("email:42")
     claims = [queue.claim(), queue.claim()]
+    assert_text("claim()", claims)
     assert claims == ["email:42", "email:42"], f"two claims returned {claims}"
     queue.ack("email:42")  # one worker finished; the other died holding its copy
     recovered = queue.recover()
@@ -384,6 +430,13 @@ def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) 
             "merge into a key kept from an earlier call (PFMERGE adds to what the destination "
             "holds). PFCOUNT k1 k2 merges on the fly and keeps nothing")
 
+    try:
+        nobody = visitors.estimate_across([])
+    except Exception as exc:  # noqa: BLE001 - the learner's error, named in the message
+        pytest.fail(f"estimate_across([]) raised {type(exc).__name__}: {exc} - a report over "
+                    "a date range with no days in it asks for no days: PFCOUNT needs at "
+                    "least one key, so for no days send nothing and return 0", pytrace=False)
+    assert nobody == 0, f"estimate_across([]) returned {nobody!r}, expected 0: no days, no visitors"
     counters_apart(learner.load("structures"), redis_db, visitors, day, len(seen[day]))
 
     client = redis_db.client()
@@ -402,8 +455,18 @@ def test_unique_visitors_exact_set_and_hyperloglog(learner: Any, redis_db: Any) 
 
 def counters_apart(module: ModuleType, redis_db: Any, visitors: Any, day: str,
                    want: int) -> None:
-    """A second counter, of another name (another site), counts the same day: each keeps
-    its own visitors."""
+    """A second counter of the same name (another server of the site) reads the counts the
+    first one recorded; then a counter of another name (another site) counts the same day:
+    each keeps its own visitors."""
+    again = structure(module, "UniqueVisitors", redis_db.url, "visitors")
+    counted = (again.exact(day), again.estimate(day))
+    assert counted[0] == want and abs(counted[1] - want) <= 0.02 * want, (
+        f"a second UniqueVisitors named 'visitors' (another server of the same site, which "
+        f"recorded no visit itself) reports exact({day!r}) {counted[0]} and estimate "
+        f"{counted[1]}, expected {want} (and about {want}), as the one that recorded the "
+        "visits does: the counts live in Redis - a count kept in the Python object (a dict "
+        "bumped when SADD says the visitor is new) is seen by that object only. Ask the set "
+        "(SCARD) and the HyperLogLog (PFCOUNT) every time")
     shop = structure(module, "UniqueVisitors", redis_db.url, "shop")
     for n in range(30):
         shop.visit(day, f"shopper{n}")
@@ -436,6 +499,13 @@ def test_object_is_a_hash_updated_field_by_field(learner: Any, redis_db: Any) ->
     got, _ = recorded(redis_db, "get()", lambda: profiles.get("7"))
     assert got == {"name": "Ada", "city": "Lisbon", "logins": "5"}, f"get('7') returned {got}"
     assert profiles.get("404") == {}, "get() of an unknown user must return {}"
+    try:
+        profiles.save("8", {})  # a sign-up form left empty
+    except Exception as exc:  # noqa: BLE001 - the learner's error, named in the message
+        pytest.fail(f"save('8', {{}}) raised {type(exc).__name__}: {exc} - a profile saved "
+                    "with no fields (a form left empty) changes nothing: HSET needs at least "
+                    "one field, so for none send nothing", pytrace=False)
+    assert profiles.get("8") == {}, "save('8', {}) stored something: get('8') must be {}"
     types = key_types(redis_db)
     assert "hash" in types.values() and "string" not in types.values(), (
         f"the profile is stored as {sorted(set(types.values()))}: an object with fields "

@@ -124,14 +124,19 @@ def test_stored_hash_is_argon2id_with_owasp_parameters(store: Store) -> None:
 
 def test_login_with_a_current_hash(store: Store) -> None:
     stored = store.hash(PASSWORD)
-    for password, want, what in (
-            (PASSWORD, True, "the right password"),
-            (PASSWORD.upper(), False, "the password in upper case"),
-            (PASSWORD + " ", False, "the password with a trailing space"),
-            ("", False, "an empty password")):
+    for password, want, what, why in (
+            (PASSWORD, True, "the right password", ""),
+            (PASSWORD.upper(), False, "the password in upper case",
+             ": case is part of the password - lower() or casefold() on both sides makes "
+             "'Secret' and 'secret' the same password"),
+            (PASSWORD + " ", False, "the password with a trailing space",
+             ": a space is a character of the password like any other - strip() on both "
+             "sides makes 'pw ' and 'pw' the same password (NIST SP 800-63B: accept spaces, "
+             "never silently change what was typed)"),
+            ("", False, "an empty password", "")):
         ok, new = store.login(stored, password, what)
         assert ok is want, (
-            f"login() with {what} returned ok={ok}, expected {want}")
+            f"login() with {what} returned ok={ok}, expected {want}{why}")
         assert new is None, (
             f"login() with {what} returned a new hash for a hash already at the current "
             f"parameters{'' if ok else ' after a FAILED login'}: rehash only when "
@@ -148,7 +153,15 @@ UNNORMALIZED = [("pa\u0308sswo\u0308rd tu\u0308r", "umlauts as a letter plus a c
                  "U+00C5)")]
 
 
+# A password as typed, with the whitespace a form handler's strip() would take away:
+# registered with it, it logs in with it.
+SPACED = ("  correct horse battery staple ", "spaces before and after it (a generated or "
+          "pasted password may have them: spaces are characters of the password)")
+
+
 def normalized_as(stored: str, password: str) -> str:
+    if password.strip() != password and verifies(stored, password.strip()):
+        return "a hash of it with its surrounding whitespace stripped (strip())"
     for form in ("NFKC", "NFC", "NFKD", "NFD"):
         if unicodedata.normalize(form, password) != password \
                 and verifies(stored, unicodedata.normalize(form, password)):
@@ -159,8 +172,9 @@ def normalized_as(stored: str, password: str) -> str:
 def test_login_with_the_password_as_registered(store: Store) -> None:
     """The password a user registered with logs in, whatever Unicode form it came in:
     normalizing (NFKC) when hashing but not when checking, or the other way round, locks
-    out every user whose keyboard sends another form."""
-    for password, what in UNNORMALIZED:
+    out every user whose keyboard sends another form. Stripping whitespace on one side
+    does the same to a password with spaces at its ends."""
+    for password, what in [*UNNORMALIZED, SPACED]:
         stored = store.hash(password)
         ok, new = store.login(stored, password, f"the password it was registered with "
                                                 f"({what})")
@@ -173,9 +187,9 @@ def test_login_with_the_password_as_registered(store: Store) -> None:
                      "login() checked the password as typed")
         assert ok, (
             f"login() refused the password the hash was made from ({what}): {side}. A "
-            "Unicode normalization applied on one side only locks out every user whose "
-            "input is in another form - normalize in hash_password() and login() alike, "
-            "or in neither")
+            "change applied on one side only (a Unicode normalization, a strip() of "
+            "whitespace) locks out every user whose input it changes - normalize in "
+            "hash_password() and login() alike, or in neither; and never strip a password")
         assert new is None, (
             f"login() with the password the hash was just made from ({what}) returned a "
             "new hash: the parameters did not change, nothing needs rehashing")
@@ -389,10 +403,14 @@ def test_long_passphrases_hashed_whole(store: Store) -> None:
     n = len(LONG.encode())
     stored = store.hash(LONG)
     check_owasp(stored, f"hash_password() of a {n}-byte passphrase")
-    assert verifies(stored, LONG), (
-        f"argon2-cffi does not verify the {n}-byte passphrase against the hash "
-        "hash_password() made of it: the hash is of something else than the whole password "
-        "(its first 72 bytes? that is bcrypt's limit, not argon2id's)")
+    if not verifies(stored, LONG):
+        seen = ("its first 72 bytes - that is bcrypt's limit, not argon2id's"
+                if verifies(stored, LONG.encode()[:72]) else
+                "it with its trailing space stripped - strip() changes the password"
+                if verifies(stored, LONG.strip()) else "something else")
+        pytest.fail(f"argon2-cffi does not verify the {n}-byte passphrase (it ends in a space) "
+                    f"against the hash hash_password() made of it: the hash is of {seen}; "
+                    "hash the whole password, exactly as typed", pytrace=False)
     cases = [(LONG, True, f"the right {n}-byte passphrase"),
              (LONG[:72] + "x" * (len(LONG) - 72),
               False, "a passphrase sharing only its first 72 bytes with the right one"),
@@ -442,6 +460,34 @@ def test_a_password_utf8_cannot_encode_is_refused(store: Store) -> None:
         assert (ok, new) == (False, None), (
             f"login() with {SURROGATE_WHAT} against {scheme} returned ({ok}, "
             f"{str(new)[:20]}), expected (False, None)")
+
+
+def test_legacy_bcrypt_of_a_password_as_typed(store: Store) -> None:
+    """The old system hashed the password's UTF-8 as typed, in whatever Unicode form the
+    user's keyboard sent: a login that normalizes (allowed, on both sides, for its own
+    argon2id hashes) must still check a legacy hash with the password as typed, or every
+    such user is locked out by the migration. The upgrade is then stored as
+    hash_password() stores, and logs in again."""
+    password, what = UNNORMALIZED[2]  # the Angstrom sign: changed by NFC, NFKC, NFD, NFKD
+    legacy = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4, b"2b")).decode()
+    ok, new = store.login(legacy, password, f"the right password ({what}) against its legacy "
+                                            "bcrypt hash")
+    assert ok, (
+        f"login() refused the right password ({what}) against a legacy bcrypt hash the old "
+        "system made of it as typed (its UTF-8 bytes, not normalized): a Unicode "
+        "normalization (NFKC, NFC) applied before bcrypt.checkpw checks another string than "
+        "the one the old system hashed, and every user whose keyboard sends such characters "
+        "is locked out by the migration. Normalize for your own argon2id hashes if you like "
+        "(in hash_password() and login() alike), but check a legacy hash with the password "
+        "as typed - then store hash_password(password)")
+    assert new is not None, "login() accepted a legacy bcrypt hash without upgrading it"
+    again = store.login(new, password, f"the right password ({what}) against the argon2id "
+                                       "hash its legacy bcrypt hash was upgraded to")
+    assert again == (True, None), (
+        f"after the upgrade of a legacy bcrypt hash, login() with the same password ({what}) "
+        f"against the new hash returned ({again[0]}, {str(again[1])[:20]}), expected (True, "
+        "None): the upgrade must be hashed as hash_password() hashes (the same normalization, "
+        "if any), so the user logs in again with what they typed")
 
 
 # Long passphrases of users from before the migration. bcrypt before 5.0 (like PHP's

@@ -104,7 +104,10 @@ class UniqueVisitors:
 
     def estimate_across(self, days: list[str]) -> int:
         """Distinct visitors over several days: PFCOUNT of several HLLs merges them on the
-        fly, without ever holding the visitors themselves."""
+        fly, without ever holding the visitors themselves. No days: no visitors (PFCOUNT
+        needs at least one key)."""
+        if not days:
+            return 0
         return int(self.r.pfcount(*[self._hll(day) for day in days]))
 
 
@@ -119,7 +122,8 @@ class Profiles:
         return f"user:{user_id}"
 
     def save(self, user_id: str, fields: dict[str, str]) -> None:
-        self.r.hset(self._key(user_id), mapping=fields)
+        if fields:  # HSET needs at least one field: saving none changes nothing
+            self.r.hset(self._key(user_id), mapping=fields)
 
     def get(self, user_id: str) -> dict[str, str]:
         return dict(self.r.hgetall(self._key(user_id)))  # {} for an unknown user
