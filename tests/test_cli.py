@@ -300,3 +300,42 @@ def test_a_runtime_dir_that_is_a_file_is_named_not_a_traceback(tmp_path: Path) -
         assert f"LABRUNNER_RUNTIME_DIR={taken}" in done.stderr.replace("\n", ""), done.stderr
         assert "Traceback" not in done.stderr, done.stderr
     assert taken.read_text() == "a file where the services' state would go\n"
+
+
+def test_a_wrong_diff_that_drifted_or_does_not_compile_is_refused(tmp_path: Path) -> None:
+    """A wrong solution's diff applies exactly or not at all (a hunk moved by patch's fuzz
+    can land where it makes another mistake), and a Python file it changes must compile
+    (a syntax error would count as a kill that proves nothing)."""
+    import difflib
+    import shutil
+
+    from labrunner.catalog import load_lab
+    from labrunner.devcheck import WrongSolutionError, complete_source
+
+    project = tmp_path / "project"
+    shutil.copytree(FIXTURE_PROJECT, project)
+    folder = project / "labs" / "ph2" / "05-isolation-levels"
+    lab = load_lab(folder)
+    reference = (folder / "solution" / "answer.py").read_text()
+
+    def diff(name: str, before: str, after: str) -> Path:
+        path = folder / "wrong" / f"{name}.diff"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(difflib.unified_diff(
+            before.splitlines(True), after.splitlines(True), "a/answer.py", "b/answer.py")))
+        return path
+
+    wrong = reference.replace("6 * 7", "6 * 6")
+    source, cleanup = complete_source(lab, diff("exact", reference, wrong), tmp_path)
+    assert (source / "answer.py").read_text() == wrong
+    cleanup()
+    # Made against a reference whose def line has since changed: patch's fuzz would apply it.
+    old = "def answer(dsn: str) -> int:  # an older reference"
+    drifted = diff("drifted", reference.replace("def answer(dsn: str) -> int:", old),
+                   wrong.replace("def answer(dsn: str) -> int:", old))
+    with pytest.raises(WrongSolutionError, match="does not apply exactly"):
+        complete_source(lab, drifted, tmp_path)
+    broken = diff("broken", reference, reference.replace("int(row[0])", "int(row[0]"))
+    with pytest.raises(WrongSolutionError, match="answer.py does not compile once applied"):
+        complete_source(lab, broken, tmp_path)
+    assert not list(tmp_path.glob("lrwrong-*")), "a refused wrong left its folder behind"

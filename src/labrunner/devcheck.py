@@ -5,6 +5,7 @@ starter fails it, and each plausible wrong solution in ``wrong/`` fails it (rust
 from __future__ import annotations
 
 import fcntl
+import re
 import shutil
 import subprocess
 import tempfile
@@ -120,14 +121,18 @@ def complete_source(lab: Lab, folder: Path, scratch: Path | None = None
     if folder.suffix == ".diff":
         patched = Path(tempfile.mkdtemp(prefix=f"lrwrong-{lab.slug}-", dir=scratch))
         shutil.copytree(lab.solution_dir, patched, dirs_exist_ok=True)
+        # Exactly (no fuzz): a hunk moved by fuzz can land where it makes another mistake,
+        # or none, or a syntax error that then counts as a kill (154 diffs had drifted so).
         with open(folder, "rb") as diff:
-            done = subprocess.run(["patch", "-p1", "-s", "-f", "-d", str(patched)],
+            done = subprocess.run(["patch", "-p1", "-s", "-f", "-F0", "-d", str(patched)],
                                   stdin=diff, capture_output=True, text=True)
-        if done.returncode != 0:
+        problem = (f"does not apply exactly: {done.stdout}{done.stderr}" if done.returncode
+                   else _syntax_error(patched, folder))
+        if problem:
             shutil.rmtree(patched, ignore_errors=True)
             raise WrongSolutionError(
-                f"{folder}: does not apply to {lab.solution_dir} "
-                f"(regenerate it with scripts/wrong-to-diff.py): {done.stdout}{done.stderr}")
+                f"{folder}: {problem} (rebase it on {lab.solution_dir} with "
+                "scripts/rebase-wrongs.py, or remake it with scripts/wrong-to-diff.py)")
         return patched, lambda: shutil.rmtree(patched, ignore_errors=True)
     missing = [name for name in lab.learner_files if not (folder / name).exists()]
     if not missing:
@@ -136,6 +141,17 @@ def complete_source(lab: Lab, folder: Path, scratch: Path | None = None
     shutil.copytree(lab.solution_dir, merged, dirs_exist_ok=True)
     shutil.copytree(folder, merged, dirs_exist_ok=True)
     return merged, lambda: shutil.rmtree(merged, ignore_errors=True)
+
+
+def _syntax_error(patched: Path, diff: Path) -> str:
+    """Why a Python file the diff changes does not compile, else "": a wrong solution that
+    fails on its own syntax error is killed by nothing the verification checks."""
+    for name in re.findall(r"^\+\+\+ b/(\S+\.py)\s*$", diff.read_text(errors="replace"), re.M):
+        try:
+            compile((patched / name).read_bytes(), name, "exec")
+        except (OSError, SyntaxError, ValueError) as exc:
+            return f"{name} does not compile once applied ({exc})"
+    return ""
 
 
 def check(expectation: Expectation, state_file: Path | None, run_id: str,
