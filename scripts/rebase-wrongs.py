@@ -26,7 +26,8 @@ from pathlib import Path
 def applies(diff: Path, solution: Path) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(solution, tmp, dirs_exist_ok=True)
-        return subprocess.run(["patch", "-p1", "-s", "--dry-run", "-d", tmp, "-i",
+        # Exactly, as dev check applies it: a diff that needs fuzz is rebased too.
+        return subprocess.run(["patch", "-p1", "-s", "-F0", "--dry-run", "-d", tmp, "-i",
                                str(diff.resolve())],
                               capture_output=True).returncode == 0
 
@@ -50,7 +51,7 @@ def rebase(lab: Path, diff: Path, rev: str) -> str:
         shutil.copytree(base, wrong)
         # No .orig backups when a hunk applies with an offset: wrong-to-diff would take
         # one for a file of the wrong solution.
-        done = subprocess.run(["patch", "-p1", "-s", "--no-backup-if-mismatch", "-d",
+        done = subprocess.run(["patch", "-p1", "-s", "-F0", "--no-backup-if-mismatch", "-d",
                                str(wrong), "-i", str(diff.resolve())],
                               capture_output=True, text=True)
         if done.returncode:
