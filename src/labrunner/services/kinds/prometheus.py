@@ -186,10 +186,8 @@ class PrometheusServer:
 
         ``interval`` (seconds, whole milliseconds) scrapes this job's targets that often
         instead of every SCRAPE_INTERVAL, each scrape timing out after the same time (the
-        target labels ``__scrape_interval__`` and ``__scrape_timeout__``): for a lab that
-        needs many samples quickly. Prometheus still takes about 5 s to pick a new target up
-        (its discovery and scrape managers' fixed timers): a lab that needs its samples at
-        once writes them (remote write: ph7.4)."""
+        target labels ``__scrape_interval__`` and ``__scrape_timeout__``). A new target is
+        picked up after about 5 s (fixed timers): samples needed at once are written (ph7.4)."""
         import pytest
 
         targets = [target] if isinstance(target, str) else list(target)
