@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from labrunner.testing import redis_commands, redis_gate, wait_until
+from labrunner.testing import assert_decoded, redis_commands, redis_gate, wait_until
 
 KEYSPACE_WALKS = {"KEYS", "SCAN"}
 
@@ -33,29 +33,6 @@ def recorded(redis_db: Any, label: str,
         f"{label} sent {walks[0]!r}: KEYS and SCAN walk the whole keyspace, O(N) in every "
         "key of the database; keep the key names you need and address them directly")
     return result, sent
-
-
-def assert_text(label: str, value: Any) -> None:
-    """Every name, job and field a call hands back is text: bytes (a client without
-    decode_responses=True) or str() of bytes ("b'job-1'") is not."""
-    stack: list[Any] = [value]
-    undecoded: list[Any] = []
-    while stack and not undecoded:
-        item = stack.pop()
-        if isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.items())
-        elif isinstance(item, (bytes, bytearray)) or (
-                isinstance(item, str) and len(item) > 2 and item[:2] in ("b'", 'b"')):
-            undecoded.append(item)
-    assert not undecoded, (
-        f"{label} returned {undecoded[0]!r}, "
-        f"{'bytes' if not isinstance(undecoded[0], str) else 'the text of a bytes object'}"
-        ", where text was expected - redis-py hands back bytes unless the client is made with "
-        "decode_responses=True, and str() of bytes is \"b'...'\", not the decoded text. "
-        "Connect with redis.Redis.from_url(url, decode_responses=True) (or .decode() each "
-        "reply)")
 
 
 def structure(module: ModuleType, name: str, *args: Any) -> Any:
@@ -159,7 +136,7 @@ def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any
     module = learner.load("structures")
     log = structure(module, "EventLog", read_gate.url, "events")
     appended = [log.append({"type": "order", "n": str(n)}) for n in range(10)]
-    assert_text("append()", appended)
+    assert_decoded("append()", appended)
     assert len(set(appended)) == 10, f"append() returned {appended[:3]}...: ten distinct ids"
     log.create_group("billing")
     log.create_group("billing")  # idempotent: a second worker starting up does the same
@@ -168,7 +145,7 @@ def test_event_log_is_a_stream_with_a_consumer_group(learner: Any, redis_db: Any
                                                     "worker-a", 4))
     second, _ = recorded(redis_db, "read()", partial(read_now, read_gate, log, "billing",
                                                      "worker-b", 10))
-    assert_text("read()", first + second)
+    assert_decoded("read()", first + second)
     got = [fields.get("n") for _, fields in first + second]
     if not got:
         starts_at_end(redis_db, "billing", appended)

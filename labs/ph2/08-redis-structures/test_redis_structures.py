@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from labrunner.testing import CONNECTION_SETUP, redis_commands, redis_gate
+from labrunner.testing import CONNECTION_SETUP, assert_decoded, redis_commands, redis_gate
 
 KEYSPACE_WALKS = {"KEYS", "SCAN"}
 ZRANGE_FAMILY = {"ZRANGE", "ZREVRANGE", "ZRANGEBYSCORE", "ZREVRANGEBYSCORE", "ZRANGESTORE"}
@@ -42,29 +42,6 @@ def assert_no_keyspace_walk(sent: list[list[str]], label: str) -> None:
     assert not walks, (
         f"{label} sent {walks[0]!r}: KEYS and SCAN walk the whole keyspace, O(N) in every "
         "key of the database; keep the key names you need and address them directly")
-
-
-def assert_text(label: str, value: Any) -> None:
-    """Every name, job and field a call hands back is text: bytes (a client without
-    decode_responses=True) or str() of bytes ("b'job-1'") is not."""
-    stack: list[Any] = [value]
-    undecoded: list[Any] = []
-    while stack and not undecoded:
-        item = stack.pop()
-        if isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.items())
-        elif isinstance(item, (bytes, bytearray)) or (
-                isinstance(item, str) and len(item) > 2 and item[:2] in ("b'", 'b"')):
-            undecoded.append(item)
-    assert not undecoded, (
-        f"{label} returned {undecoded[0]!r}, "
-        f"{'bytes' if not isinstance(undecoded[0], str) else 'the text of a bytes object'}"
-        ", where text was expected - redis-py hands back bytes unless the client is made with "
-        "decode_responses=True, and str() of bytes is \"b'...'\", not the decoded text. "
-        "Connect with redis.Redis.from_url(url, decode_responses=True) (or .decode() each "
-        "reply)")
 
 
 def structure(module: ModuleType, name: str, *args: Any) -> Any:
@@ -97,7 +74,7 @@ def test_leaderboard_is_a_sorted_set_read_by_rank(learner: Any, redis_db: Any) -
 
     ranking = sorted(totals.items(), key=lambda kv: -kv[1])
     top, sent = recorded(redis_db, "top(10)", lambda: board.top(10))
-    assert_text("top(10)", top)
+    assert_decoded("top(10)", top)
     want = [(p, float(s)) for p, s in ranking[:10]]
     assert [(p, float(s)) for p, s in top] == want, (
         f"top(10) returned {top[:3]}..., expected {want[:3]}...: points added twice for a "
@@ -247,7 +224,7 @@ def test_reliable_queue_keeps_claimed_jobs_until_acked(learner: Any, redis_db: A
     for job in jobs:
         queue.push(job)
     claimed, sent = recorded(redis_db, "claim()", lambda: [queue.claim() for _ in range(3)])
-    assert_text("claim()", claimed)
+    assert_decoded("claim()", claimed)
     assert claimed == jobs[:3], (
         f"three claims returned {claimed}, expected {jobs[:3]}: a queue is first in, first out")
     queue.ack("job-1")
@@ -323,7 +300,7 @@ def test_ack_removes_one_claim_of_a_job_queued_twice(learner: Any, redis_db: Any
     queue.push("email:42")
     queue.push("email:42")
     claims = [queue.claim(), queue.claim()]
-    assert_text("claim()", claims)
+    assert_decoded("claim()", claims)
     assert claims == ["email:42", "email:42"], f"two claims returned {claims}"
     queue.ack("email:42")  # one worker finished; the other died holding its copy
     recovered = queue.recover()

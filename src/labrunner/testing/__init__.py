@@ -12,7 +12,8 @@ A verification imports what it needs (``from labrunner.testing import serve_wsgi
   Redis database while a block runs (:func:`timed_redis_commands`: with the server's time
   of each); :func:`redis_gate` puts a :class:`RedisGate` between a learner's Redis
   client and the server, calling a hook of the test's before each command (act there,
-  or hold the command: a read-modify-write interleaved step by step);
+  or hold the command: a read-modify-write interleaved step by step); :func:`assert_decoded`
+  fails a reply that is bytes, or the text of bytes, where text was expected;
 * :class:`PgStatementProxy` is a TCP proxy in front of Postgres that reads the frontend
   protocol and records every statement clients ask the server to run, so a verification can
   count queries on the wire instead of trusting the learner's code (:class:`StatementGate`
@@ -96,6 +97,7 @@ from .pg import TRANSACTION_CONTROL, PgStatementProxy, StatementGate
 from .redis import (
     CONNECTION_SETUP,
     RedisGate,
+    assert_decoded,
     redis_commands,
     redis_gate,
     resp_command,
@@ -148,6 +150,7 @@ __all__ = [
     "program_reading",
     "thread_times",
     "read_all",
+    "assert_decoded",
     "redis_commands",
     "redis_gate",
     "resp_command",

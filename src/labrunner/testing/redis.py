@@ -172,3 +172,27 @@ def redis_gate(url: str, before: Before) -> Iterator[str]:
     parts = urllib.parse.urlsplit(url)
     with RedisGate((parts.hostname or "127.0.0.1", parts.port or 6379), before) as gate:
         yield gate.url_for(url)
+
+
+def assert_decoded(label: str, value: Any) -> None:
+    """Every name, job and field ``value`` holds (lists, tuples, dicts walked) is text:
+    bytes (a client made without ``decode_responses=True``) or ``str()`` of bytes
+    ("b'job-1'") fails, naming the call (``label``) and how to connect."""
+    stack: list[Any] = [value]
+    undecoded: list[Any] = []
+    while stack and not undecoded:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.items())
+        elif isinstance(item, (bytes, bytearray)) or (
+                isinstance(item, str) and len(item) > 2 and item[:2] in ("b'", 'b"')):
+            undecoded.append(item)
+    assert not undecoded, (
+        f"{label} returned {undecoded[0]!r}, "
+        f"{'bytes' if not isinstance(undecoded[0], str) else 'the text of a bytes object'}"
+        ", where text was expected - redis-py hands back bytes unless the client is made with "
+        "decode_responses=True, and str() of bytes is \"b'...'\", not the decoded text. "
+        "Connect with redis.Redis.from_url(url, decode_responses=True) (or .decode() each "
+        "reply)")
