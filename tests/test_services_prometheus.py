@@ -171,3 +171,16 @@ def test_postgres_left_stopped_is_started_again(postgres: Any) -> None:
 def test_postgres_answers_after_a_test_left_it_stopped(postgres: Any) -> None:
     with postgres.connect() as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_samples_written_are_queryable_at_once(prometheus: Any) -> None:
+    """write(): samples stored by remote write, stamped with their own times, are read back
+    exactly by a query at one of those times - no scrape target to wait for."""
+    now_ms = int(time.time() * 1000) // 1000 * 1000
+    job = f"lr-write-{now_ms}"
+    labels = (("__name__", "lr_written_total"), ("job", job), ("route", "/ä"))
+    prometheus.write({labels: [(now_ms - 2000, 1.0), (now_ms - 1000, 2.5), (now_ms, 4.0)]})
+    got = prometheus.query_range(f'lr_written_total{{job="{job}"}}', now_ms / 1000 - 2,
+                                 now_ms / 1000, 1)
+    assert [(s["metric"]["route"], [float(v) for _, v in s["values"]]) for s in got] == [
+        ("/ä", [1.0, 2.5, 4.0])], got

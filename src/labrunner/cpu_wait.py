@@ -38,8 +38,8 @@ class CpuWait:
         """Read the tree again; the seconds added to the deadline (at most ``budget``)."""
         now = time.monotonic()
         waited_since, runnable = 0, 0
-        for pid in self._tree():
-            for tid, waited, running in _thread_waits(pid):
+        for pid, tids in self._tree():
+            for tid, waited, running in _thread_waits(pid, tids):
                 waited_since += max(0, waited - self.waited.get(tid, 0))
                 self.waited[tid] = max(self.waited.get(tid, 0), waited)
                 runnable += running
@@ -50,13 +50,15 @@ class CpuWait:
         self.allowance = min(budget, self.allowance)
         return self.allowance
 
-    def _tree(self) -> list[int]:
-        found: list[int] = []
+    def _tree(self) -> list[tuple[int, list[int]]]:
+        """Each process under the root, with its threads' ids."""
+        found: list[tuple[int, list[int]]] = []
         todo = [self.root]
         while todo and len(found) < 4096:
             pid = todo.pop()
-            found.append(pid)
-            for tid in _tids(pid):
+            tids = _tids(pid)
+            found.append((pid, tids))
+            for tid in tids:
                 with contextlib.suppress(OSError, ValueError):
                     children = Path(f"/proc/{pid}/task/{tid}/children").read_text()
                     todo.extend(int(child) for child in children.split())
@@ -70,10 +72,10 @@ def _tids(pid: int) -> list[int]:
         return []
 
 
-def _thread_waits(pid: int) -> Iterator[tuple[int, int, bool]]:
+def _thread_waits(pid: int, tids: list[int]) -> Iterator[tuple[int, int, bool]]:
     """(tid, nanoseconds it waited on a run queue, whether it is ready to run now) for each
-    thread of ``pid`` still there; nothing where the kernel keeps no schedstats."""
-    for tid in _tids(pid):
+    of ``pid``'s threads ``tids`` still there; nothing where the kernel keeps no schedstats."""
+    for tid in tids:
         task = f"/proc/{pid}/task/{tid}"
         try:
             waited = int(Path(f"{task}/schedstat").read_text().split()[1])

@@ -36,7 +36,7 @@ EXIT_GRACE = 10.0
 
 
 def wait_for_exit(proc: TestsProcess, budget: float, records: list[dict[str, Any]],
-                  lingered: list[bool], cpu_wait: CpuWait | None = None) -> bool:
+                  lingered: list[bool], cpu_wait: CpuWait) -> bool:
     """Wait for the verification to exit; True if it ran out of ``budget``. Once it has
     reported the end of its session, it gets EXIT_GRACE seconds more: something still
     running in it (a non-daemon thread of the learner's, a stuck clean-up) then costs those
@@ -44,7 +44,6 @@ def wait_for_exit(proc: TestsProcess, budget: float, records: list[dict[str, Any
 
     The budget is time the machine let the run use: what ``cpu_wait`` counts (its processes
     runnable but waiting for a CPU) is added to the deadline, up to one budget more."""
-    cpu_wait = cpu_wait or CpuWait(proc.pid)
     started = time.monotonic()
     finished_at: float | None = None
     sampled = started

@@ -27,10 +27,7 @@ import itertools
 import math
 import re
 import secrets
-import struct
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict, cast
@@ -207,56 +204,6 @@ class Running:
     other_job: str   # the service beside it, which never failed a request
     end: float       # the time the figures are read at: every instance's last sample
     window: str      # back to another sample time, with restarts within it ("1375ms")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _snappy(data: bytes) -> bytes:
-    """Snappy's block format with every byte a literal: valid snappy, uncompressed."""
-    out = bytearray(_varint(len(data)))
-    for at in range(0, len(data), 65536):
-        chunk = data[at:at + 65536]
-        n = len(chunk) - 1
-        out += bytes([n << 2]) if n < 60 else (
-            bytes([60 << 2, n]) if n < 256 else bytes([61 << 2]) + n.to_bytes(2, "little"))
-        out += chunk
-    return bytes(out)
-
-
-def _write(prometheus: Any, series: dict[tuple[tuple[str, str], ...], list[tuple[int, float]]]
-           ) -> None:
-    """Store samples in Prometheus with its remote-write protocol (a WriteRequest of
-    TimeSeries: sorted labels, then (value, ms timestamp) samples; snappy, protobuf)."""
-    body = b"".join(
-        _field(1, b"".join(_field(1, _field(1, name.encode()) + _field(2, value.encode()))
-                           for name, value in labels)
-               + b"".join(_field(2, b"\x09" + struct.pack("<d", value) + b"\x10"
-                                 + _varint(ms)) for ms, value in samples))
-        for labels, samples in series.items())
-    request = urllib.request.Request(
-        f"{prometheus.url}/api/v1/write", data=_snappy(body), method="POST",
-        headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
-                 "X-Prometheus-Remote-Write-Version": "0.1.0"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            response.read()
-    except urllib.error.HTTPError as exc:
-        pytest.fail(f"Prometheus at {prometheus.url} did not store the test's samples "
-                    f"(HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}); "
-                    "this lab writes them with remote write: start Prometheus with "
-                    "--web.enable-remote-write-receiver", pytrace=False)
 
 
 def _evaluate(prometheus: Any, query: str, at: float) -> list[dict[str, Any]]:
@@ -474,7 +421,7 @@ def service(prometheus: Any) -> Iterator[Running]:
     restarting = services[RESTARTING][2]
     assert any(restarting.restarted(tick) for tick in range(last - WINDOW_TICKS + 1, last)), (
         "no restart within the window: RESTART_TICKS, WINDOW_TICKS?")
-    _write(prometheus, series)
+    prometheus.write(series)
     yield Running(ours, other, last * GRID, f"{round(WINDOW_TICKS * GRID * 1000)}ms")
 
 

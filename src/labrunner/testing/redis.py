@@ -179,8 +179,8 @@ def assert_decoded(label: str, value: Any) -> None:
     bytes (a client made without ``decode_responses=True``) or ``str()`` of bytes
     ("b'job-1'") fails, naming the call (``label``) and how to connect."""
     stack: list[Any] = [value]
-    undecoded: list[Any] = []
-    while stack and not undecoded:
+    undecoded: Any = None
+    while stack and undecoded is None:
         item = stack.pop()
         if isinstance(item, (list, tuple)):
             stack.extend(item)
@@ -188,10 +188,10 @@ def assert_decoded(label: str, value: Any) -> None:
             stack.extend(item.items())
         elif isinstance(item, (bytes, bytearray)) or (
                 isinstance(item, str) and len(item) > 2 and item[:2] in ("b'", 'b"')):
-            undecoded.append(item)
-    assert not undecoded, (
-        f"{label} returned {undecoded[0]!r}, "
-        f"{'bytes' if not isinstance(undecoded[0], str) else 'the text of a bytes object'}"
+            undecoded = item
+    assert undecoded is None, (
+        f"{label} returned {undecoded!r}, "
+        f"{'bytes' if not isinstance(undecoded, str) else 'the text of a bytes object'}"
         ", where text was expected - redis-py hands back bytes unless the client is made with "
         "decode_responses=True, and str() of bytes is \"b'...'\", not the decoded text. "
         "Connect with redis.Redis.from_url(url, decode_responses=True) (or .decode() each "
