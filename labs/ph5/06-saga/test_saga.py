@@ -29,7 +29,7 @@ Mistakes a learner makes here, each caught with its own message:
 - a restarted service re-reading the topic from the start (an offset given to assign(), a
   group of its own per instance)                                    -> a restart, a new order
 - start_saga resetting a saga that exists (upsert, delete + insert) -> a repeated start
-- the steps taken in the participants dict's order, not STEPS'     -> the dict, newest first
+- the steps taken in the participants dict's order, not STEPS      -> the dict, newest first
 - two orchestrators driving one saga (no lock, a lock in the process, FOR UPDATE released
   with its autocommit statement)                                    -> one held, one refused
 - a service committing its input offset before its reactions are acknowledged (flush after
