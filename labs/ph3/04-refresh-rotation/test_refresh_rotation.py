@@ -24,7 +24,7 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 
-from labrunner.testing import PgStatementProxy, TcpRelay, timed_redis_commands, verdict, wait_until
+from labrunner.testing import Outage, PgStatementProxy, timed_redis_commands, verdict, wait_until
 
 SECRET = b"ph3.4-access-token-signing-secret-0123456789"
 T0 = 1_700_000_000.0
@@ -473,30 +473,13 @@ def test_redis_unreachable_fails_closed(service: Service) -> None:
             "retried, never swallow it")
 
 
-class RedisOutage(TcpRelay):
-    """A relay in front of Redis that the test takes down: every connection it relayed is
-    cut, and every new one is closed as soon as it is accepted - Redis gone mid-run."""
-
-    down = False
-
-    def admit(self, client: socket.socket) -> bool:
-        if self.down:
-            self.shut(client)
-            return False
-        return True
-
-    def go_down(self) -> None:
-        self.down = True
-        self.cut()
-
-
 def test_redis_dropping_mid_run_fails_closed(service: Service, redis_db: Any) -> None:
     """Redis answers the service (a service that checked it when it started), then goes
     away: connections cut, new ones closed at once. authenticate() and logout() must fail
     as they do with Redis unreachable from the start, not fall back to 'not denylisted'
     because Redis was fine a moment ago."""
     where = urllib.parse.urlsplit(redis_db.url)
-    with RedisOutage((where.hostname or "127.0.0.1", where.port or 6379)) as outage:
+    with Outage((where.hostname or "127.0.0.1", where.port or 6379)) as outage:
         svc = service.module.TokenService(service.postgres.dsn, outage.url_for(redis_db.url),
                                           SECRET, service.clock)
         watched = Service(service.module, svc, service.postgres, service.redis,
