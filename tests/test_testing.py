@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -355,6 +356,34 @@ def test_tcp_relay_hook_that_returns_false_shuts_the_connection_both_ways() -> N
         client.close()
         assert answer == b"bye" and received == []
         assert relay.wait_closed(5.0)
+
+
+def test_outage_cuts_the_links_refuses_new_ones_and_comes_back() -> None:
+    from labrunner.testing import Outage
+
+    def exchange(port: int) -> bytes:
+        """What a new connection gets back for b"ping" (b"" if it was closed on it: the
+        close may come as a reset when our bytes arrive after it)."""
+        client = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+        answer = b""
+        with client, contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            client.sendall(b"ping")
+            client.shutdown(socket.SHUT_WR)
+            while data := client.recv(65536):
+                answer += data
+        return answer
+
+    listener, _received = _echo_server()
+    with listener, Outage(listener.getsockname()) as outage:
+        held = socket.create_connection(("127.0.0.1", outage.port), timeout=5.0)
+        held.sendall(b"a")
+        assert held.recv(1) == b"A"   # relayed: the link is up
+        outage.go_down()
+        assert held.recv(65536) == b""   # the link relayed before is cut
+        held.close()
+        assert exchange(outage.port) == b""   # a new one is accepted and closed at once
+        outage.come_back()
+        assert exchange(outage.port) == b"PING<END>"
 
 
 def test_resp_command_reads_one_command_and_waits_for_the_rest() -> None:

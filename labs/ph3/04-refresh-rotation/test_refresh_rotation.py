@@ -24,7 +24,7 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 
-from labrunner.testing import PgStatementProxy, TcpRelay, timed_redis_commands, verdict, wait_until
+from labrunner.testing import Outage, PgStatementProxy, timed_redis_commands, verdict, wait_until
 
 SECRET = b"ph3.4-access-token-signing-secret-0123456789"
 T0 = 1_700_000_000.0
@@ -228,6 +228,62 @@ def test_reuse_of_an_older_token_revokes_the_family(service: Service, rotations:
         "the family of the reused token, not every token of the user")
 
 
+def test_a_used_token_that_has_expired_since_still_revokes_its_family(
+        service: Service) -> None:
+    """The thief's copy comes back after its own 30 days: it is refused either way, but a
+    used token presented again is a reuse whatever its age - the family's newest token,
+    issued at the rotation, has 30 days of its own left and is the one the thief may hold."""
+    _, stolen = service.login("alice")
+    service.clock.now = T0 + 10 * DAY
+    verdict, pair = service.refresh(stolen, "the user's refresh token")
+    assert verdict == "ok", f"refresh() refused a fresh token: {pair}"
+    users_new = str(pair[1])
+    service.clock.now = T0 + 30 * DAY + 60  # the used token has expired; the new one has not
+    verdict, got = service.refresh(stolen, "a used refresh token that has since expired "
+                                           "(the thief's copy)")
+    assert verdict == "refused", (
+        "refresh() accepted a refresh token that was used and has expired since")
+    verdict, got = service.refresh(users_new, "the newest token of a family whose used "
+                                              "token came back after it expired")
+    assert verdict == "refused", (
+        "a used refresh token came back after its 30 days and was refused as merely "
+        "expired (or unknown), but the family's newest token (20 days of life left) still "
+        "works: the expiry was checked before the reuse. A used token presented again "
+        "proves a copy exists whatever its age; check `used` first and revoke the family, "
+        "then expiry")
+
+
+def test_a_family_revoked_on_one_instance_is_revoked_on_every_other(
+        learner: Any, service: Service, redis_db: Any) -> None:
+    """Several instances (processes) serve the same users: a family revoked by one - a reuse
+    it detected, a logout it handled - is revoked for all, which only a flag kept in the
+    database, read on every refresh(), does."""
+    other_module = learner.load("tokens", fresh=True)  # another process: no shared state
+    other = Service(other_module, other_module.TokenService(
+        service.postgres.dsn, redis_db.url, SECRET, service.clock), service.postgres,
+        service.redis, service.clock)
+    _, stolen = service.login("alice")
+    verdict, pair = other.refresh(stolen, "the user's refresh token, on another instance")
+    assert verdict == "ok", f"refresh() on another instance refused a fresh token: {pair}"
+    users_new = str(pair[1])
+    verdict, _ = service.refresh(stolen, "a used refresh token (the thief's copy)")
+    assert verdict == "refused", "refresh() accepted a refresh token that was already used"
+    verdict, _ = other.refresh(users_new, "the newest token of a family revoked by a reuse "
+                                          "another instance detected")
+    assert verdict == "refused", (
+        "a reuse detected by one instance revoked the family there only: another instance "
+        "still rotated the family's newest token. The revocation is kept in the process "
+        "(a set of revoked families, or a cache of the database's answer); keep it in the "
+        "database, read by every refresh()")
+    access, refresh = service.login("bob")
+    verdict, _ = service.do("logout()", service.svc.logout, access, refresh)
+    assert verdict == "ok", "logout() failed"
+    verdict, _ = other.refresh(refresh, "a refresh token logged out on another instance")
+    assert verdict == "refused", (
+        "a refresh token logged out on one instance was still rotated by another: the "
+        "logout revoked its family in that process only; revoke it in the database")
+
+
 def test_tokens_it_never_issued_are_refused(service: Service) -> None:
     """Tokens that reach the service without having come from it: a guessed or mistyped
     refresh token, an access token forged, tampered with, unsigned or not a JWT at all,
@@ -417,30 +473,13 @@ def test_redis_unreachable_fails_closed(service: Service) -> None:
             "retried, never swallow it")
 
 
-class RedisOutage(TcpRelay):
-    """A relay in front of Redis that the test takes down: every connection it relayed is
-    cut, and every new one is closed as soon as it is accepted - Redis gone mid-run."""
-
-    down = False
-
-    def admit(self, client: socket.socket) -> bool:
-        if self.down:
-            self.shut(client)
-            return False
-        return True
-
-    def go_down(self) -> None:
-        self.down = True
-        self.cut()
-
-
 def test_redis_dropping_mid_run_fails_closed(service: Service, redis_db: Any) -> None:
     """Redis answers the service (a service that checked it when it started), then goes
     away: connections cut, new ones closed at once. authenticate() and logout() must fail
     as they do with Redis unreachable from the start, not fall back to 'not denylisted'
     because Redis was fine a moment ago."""
     where = urllib.parse.urlsplit(redis_db.url)
-    with RedisOutage((where.hostname or "127.0.0.1", where.port or 6379)) as outage:
+    with Outage((where.hostname or "127.0.0.1", where.port or 6379)) as outage:
         svc = service.module.TokenService(service.postgres.dsn, outage.url_for(redis_db.url),
                                           SECRET, service.clock)
         watched = Service(service.module, svc, service.postgres, service.redis,

@@ -18,6 +18,11 @@
   writes a key, its Redis connection cut there: no key is left without an expiry (a key
   and its TTL in one step: SET ... EX, MULTI/EXEC, a Lua script).
 
+* Redis gone mid-run (a relay in front of it cuts its connections and closes new ones):
+  every request is a 5xx until it is back - not 200 from the process's memory (a count, a
+  session or cart copy kept "for a moment"), not 401 - and afterwards nothing done
+  meanwhile counts.
+
 What the app does in Redis is read with MONITOR (labrunner.testing.redis_commands), so a
 claim is checked at its source: the keys a login and a cart write create must be in Redis
 with an expiry (a session nobody deletes must not live forever), the cart's items must reach
@@ -39,12 +44,13 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
 
-from labrunner.testing import redis_commands, redis_gate, wait_until
+from labrunner.testing import Outage, redis_commands, redis_gate, wait_until
 
 READY = 20.0
 USER = "annabelle-k"
@@ -444,6 +450,59 @@ def unknown_session_401(lb: RoundRobin, redis_db: Any, cookie: str | None) -> No
             pytest.fail(f"{method} {path} with {what} answered 401 but wrote to Redis first "
                         f"({writes[0]}): check the session before you change anything",
                         pytrace=False)
+
+
+# What each request does while Redis is down, and what a 200 or a 401 for it would mean.
+DURING_OUTAGE = (
+    ("POST", "/counter", None, "counted in its own memory"),
+    ("GET", "/counter", None, "answered a count kept in its own memory"),
+    ("GET", "/me", None, "answered from a copy of the session kept in its own memory"),
+    ("POST", "/cart", {"item": "pen"}, "stored the item in its own memory"),
+    ("GET", "/cart", None, "answered from a copy of the cart kept in its own memory"),
+    ("POST", "/login", {"user": "bob"}, "started a session in its own memory"),
+)
+
+
+def test_redis_down_is_an_error_never_state_of_the_instance(learner: Any,
+                                                            redis_db: Any) -> None:
+    """Redis goes away mid-run (its connections cut, new ones closed at once): every
+    request is an error (503) until it is back. An instance that answers from its own
+    memory meanwhile is stateful again - another instance answers otherwise, and what it
+    kept is lost; a 401 logs out a user whose session is fine. Once Redis is back, the
+    session, the cart and the counter are as they were."""
+    where = urllib.parse.urlsplit(redis_db.url)
+    with Outage((where.hostname or "127.0.0.1", where.port or 6379)) as outage, \
+            running(learner, {"A": outage.url_for(redis_db.url)}) as (lb, _):
+        cookie = login(lb, USER)
+        added = lb.request("POST", "/cart", {"item": "book"}, cookie=cookie)
+        assert added.status == 200, f"POST /cart answered {added.status}: {added.body[:200]!r}"
+        counted = lb.request("POST", "/counter")
+        assert counted.status == 200, f"POST /counter answered {counted.status}"
+        before = counted.json().get("value")
+        outage.go_down()
+        for method, path, doc, kept in DURING_OUTAGE:
+            reply = lb.request(method, path, doc, cookie=cookie)
+            if reply.status == 401:
+                pytest.fail(
+                    f"{method} {path} answered 401 while Redis was unreachable: an error "
+                    "reaching Redis is not a missing session - the user's session is fine "
+                    "and comes back with Redis. Let the error answer 503 (Service "
+                    "Unavailable), never 'not logged in'", pytrace=False)
+            assert reply.status >= 500, (
+                f"{method} {path} answered {reply.status} {reply.body[:120]!r} while Redis "
+                f"was unreachable (its connections cut, new ones closed): the instance "
+                f"{kept}. That is state of one instance again - another instance answers "
+                "otherwise, and it is lost when this one dies or Redis comes back. Answer "
+                "503 until Redis is back; never fall back to the process's memory")
+        outage.come_back()
+        wait_until(lambda: lb.request("GET", "/me", cookie=cookie).status == 200,
+                   "GET /me to answer 200 again once Redis was back")
+        cart = cart_items(lb.request("GET", "/cart", cookie=cookie), "GET /cart")
+        value = lb.request("GET", "/counter").json().get("value")
+    assert (cart, value) == (["book"], before), (
+        f"once Redis was back, the cart held {cart} and the counter said {value!r}; "
+        f"expected ['book'] and {before!r}, as they were before the outage: nothing done "
+        "while Redis was down may count")
 
 
 # commands that increment a number in Redis and answer the new value

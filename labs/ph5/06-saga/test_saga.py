@@ -29,6 +29,9 @@ Mistakes a learner makes here, each caught with its own message:
 - a restarted service re-reading the topic from the start (an offset given to assign(), a
   group of its own per instance)                                    -> a restart, a new order
 - start_saga resetting a saga that exists (upsert, delete + insert) -> a repeated start
+- the steps taken in the participants dict's order, not STEPS      -> the dict, newest first
+- two orchestrators driving one saga (no lock, a lock in the process, FOR UPDATE released
+  with its autocommit statement)                                    -> one held, one refused
 - a service committing its input offset before its reactions are acknowledged (flush after
   commit): its reaction's Produce request is held at a proxy until pump() waits in flush()
   (a harness follows its calls); an OffsetCommit arriving before that is the mistake
@@ -45,7 +48,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from labrunner.testing import API_NAMES, KafkaProxy, read_all, wait_until
+from labrunner.testing import API_NAMES, KafkaProxy, came_true, read_all, wait_until
 from labrunner.testing.kafka_proxy import OFFSET_COMMIT, PRODUCE
 
 STEPS = ("create_order", "charge_payment", "reserve_inventory", "schedule_shipping")
@@ -104,7 +107,9 @@ def world(postgres: Any, learner: Any) -> Any:
 
 
 def services(mod: Any, conn: Any, **special: dict[str, Any]) -> dict[str, Service]:
-    return {step: Service(step, conn, mod.StepFailed, **special.get(step, {})) for step in STEPS}
+    # Handed over newest step first: the saga's order is STEPS, whatever the dict's order.
+    return {step: Service(step, conn, mod.StepFailed, **special.get(step, {}))
+            for step in reversed(STEPS)}
 
 
 def calls(conn: Any, saga_id: str) -> list[str]:
@@ -147,7 +152,8 @@ def test_orchestrated_saga_completes(world: Any, postgres: Any) -> None:
     status = mod.run_saga(postgres.dsn, "s-ok", services(mod, conn))
     assert (status, calls(conn, "s-ok")) == ("completed", do(0, 1, 2, 3)), (
         f"run_saga returned {status!r} after the calls {calls(conn, 's-ok')}; expected "
-        f"'completed' after {do(0, 1, 2, 3)}: each step once, in order")
+        f"'completed' after {do(0, 1, 2, 3)}: each step once, in the order of STEPS (the "
+        "participants dict is keyed by step; its own order is not the saga's)")
     assert mod.saga_status(postgres.dsn, "s-ok") == "completed", (
         "saga_status must read the saga's state from Postgres")
 
@@ -373,6 +379,52 @@ def test_two_sagas_keep_their_own_state(world: Any, postgres: Any, learner: Any)
         f"saga s-a resumed after saga s-b ran: its participants saw {got}, run_saga "
         f"returned {result!r}; expected {do(0, 1, 2, 2, 3)} and 'completed' - each saga "
         f"resumes from its own stored position")
+
+
+def test_one_orchestrator_at_a_time(world: Any, postgres: Any, learner: Any) -> None:
+    """A retried request (or a second worker) calls run_saga for a saga another run_saga is
+    still driving: the first is held inside reserve_inventory's do() (a slow inventory
+    service); the second, from another process, finds reserve_inventory refusing. Were both
+    to drive the saga, the second would compensate what the first goes on to build on. The
+    second must wait for the first (a lock on the saga) or refuse; whichever, the saga ends
+    with the participants' effects its status says."""
+    mod, conn = world
+    mod.setup(postgres.dsn)
+    mod.start_saga(postgres.dsn, "s-race", ORDER)
+    harness = learner.harness()
+    gate = harness.Gate("reserve_inventory")
+    first = harness.Call(mod.run_saga, postgres.dsn, "s-race",
+                         gate.participants(services(mod, conn)))
+    second: Any = None
+    try:
+        wait_until(lambda: gate.arrived() or first.done(),
+                   "the first run_saga to reach reserve_inventory")
+        other = learner.load("saga", fresh=True)  # another process: no shared state
+        second = harness.Call(other.run_saga, postgres.dsn, "s-race",
+                              services(other, conn, reserve_inventory={"fail": True}))
+        waits_sql = ("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                     "current_database() AND wait_event_type = 'Lock'")
+        came_true(lambda: second.done() or conn.execute(waits_sql).fetchone()[0] > 0, 20)
+    finally:
+        gate.release()
+    ends = (first.join(30), second.join(30) if second is not None else None)
+    assert None not in ends, (
+        f"two run_saga calls of one saga did not both end within 30 s of the first's "
+        f"release (they ended: {ends})")
+    status = mod.saga_status(postgres.dsn, "s-race")
+    got = effects(conn, "s-race")
+    standing = sorted(e for e in got if e.startswith("do ") and f"un{e}" not in got)
+    consistent = {"completed": sorted(do(0, 1, 2, 3)), "compensated": []}
+    assert standing == consistent.get(status), (
+        f"two run_saga calls drove saga s-race at once - the first held in reserve_inventory's "
+        f"do(), the second (a retried request, from another process) found reserve_inventory "
+        f"refusing - and the saga ended {status!r} with {standing} in effect (every call: "
+        f"{calls(conn, 's-race')}; the runs {ends}): one undid what the other went on to "
+        "build on. Only one orchestrator may drive a saga at a time: take a lock on the saga "
+        "for the whole run - pg_advisory_lock on its id, on the connection that drives it (a "
+        "crash closes it and frees the lock) - so a second call waits for it, or refuses. A "
+        "lock in the process (threading.Lock) does not reach another process, and a SELECT "
+        "... FOR UPDATE on an autocommit connection is released when that statement ends")
 
 
 def test_a_repeated_start_never_restarts_a_saga(world: Any, postgres: Any) -> None:

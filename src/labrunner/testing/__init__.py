@@ -103,7 +103,7 @@ from .redis import (
     resp_command,
     timed_redis_commands,
 )
-from .relay import RelayLink, TcpRelay
+from .relay import Outage, RelayLink, TcpRelay
 from .signals import objects_alive, signals_caught
 from .tls import TlsOnce, serve_tls_once, tls_exchange
 from .verdicts import verdict
@@ -124,6 +124,7 @@ __all__ = [
     "ProtoStubs",
     "RedisGate",
     "RelayLink",
+    "Outage",
     "TcpRelay",
     "TcpSocket",
     "TlsOnce",

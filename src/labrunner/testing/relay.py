@@ -160,3 +160,24 @@ class TcpRelay:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self.close()
+
+
+class Outage(TcpRelay):
+    """A relay the test takes down and brings back: :meth:`go_down` cuts every connection
+    relayed so far and closes each new one as soon as it is accepted (the server gone, as
+    the client sees it mid-run); :meth:`come_back` relays new connections again."""
+
+    down = False
+
+    def admit(self, client: socket.socket) -> bool:
+        if self.down:
+            self.shut(client)
+            return False
+        return True
+
+    def go_down(self) -> None:
+        self.down = True
+        self.cut()
+
+    def come_back(self) -> None:
+        self.down = False

@@ -74,6 +74,15 @@ def app(environ: dict[str, Any], start: Any) -> list[bytes]:
     return reply(start, "404 Not Found", {"error": "no such route"})
 
 
+def stateless(environ: dict[str, Any], start: Any) -> list[bytes]:
+    """``app``, with Redis unreachable answered 503: every bit of state is there, so there
+    is nothing to answer from meanwhile (a copy kept here would be one instance's state)."""
+    try:
+        return app(environ, start)
+    except redis.RedisError:
+        return reply(start, "503 Service Unavailable", {"error": "state store unavailable"})
+
+
 class Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
@@ -84,7 +93,7 @@ class Quiet(WSGIRequestHandler):
 
 
 if __name__ == "__main__":
-    httpd = make_server("127.0.0.1", 0, app, server_class=Server, handler_class=Quiet)
+    httpd = make_server("127.0.0.1", 0, stateless, server_class=Server, handler_class=Quiet)
     print(f"listening on {httpd.server_port}", flush=True)
     sys.stdout.flush()
     httpd.serve_forever()

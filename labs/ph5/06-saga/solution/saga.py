@@ -80,8 +80,13 @@ def run_saga(dsn: str, saga_id: str, participants: dict[str, Participant]) -> st
 
     Each participant call is followed by its own committed state change, so a crash (an
     exception that is not StepFailed, or a killed process) leaves the state at the last
-    completed call; running this again issues the interrupted call again."""
+    completed call; running this again issues the interrupted call again.
+
+    One orchestrator drives a saga at a time: a second call for it (a retried request,
+    another worker) waits here until the first is done. The lock belongs to this
+    connection's session, so a crash that closes the connection frees it."""
     with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (saga_id,))
         while True:
             row = conn.execute("SELECT order_data, status, position FROM sagas "
                                "WHERE saga_id = %s", (saga_id,)).fetchone()
