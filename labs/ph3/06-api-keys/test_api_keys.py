@@ -52,9 +52,10 @@ class Api:
             "secrets.token_hex for the prefix")
         return key
 
-    def call(self, method: str, key: str | None, scheme: str = "Bearer") -> HttpReply:
+    def call(self, method: str, key: str | None, scheme: str = "Bearer",
+             query: str = "") -> HttpReply:
         headers = {"Authorization": f"{scheme} {key}"} if key is not None else {}
-        return http_request(self.host, method, "/reports",
+        return http_request(self.host, method, "/reports" + query,
                             b"{}" if method == "POST" else None, headers, timeout=10)
 
     def at_rest(self) -> str:
@@ -177,6 +178,14 @@ def test_scopes_401_and_403_over_http(api: Api) -> None:
     expect(api, "GET", reader[:-1], 401, "a key missing its last character",
            "not the key")
     expect(api, "GET", "lk_nope_nothing", 401, "an unknown key", "not a key")
+    for name in ("api_key", "key", "access_token"):
+        reply = api.call("GET", None, query=f"?{name}={reader}")
+        assert reply.status == 401, (
+            f"GET /reports?{name}=<a valid key> (no Authorization header) answered "
+            f"{reply.status}, expected 401: a key in the URL is written to access logs, "
+            "proxies' logs and browser history, where anyone who reads them can use it "
+            "(RFC 6750 2.3: only where no header can be sent). Take the key from the "
+            "Authorization header only")
     api.store.revoke(writer)
     expect(api, "POST", writer, 401, "a revoked key", "revoked keys are refused at once")
 
@@ -319,6 +328,19 @@ def test_rotation_overlaps_until_the_grace_ends(api: Api) -> None:
     expect(api, "GET", old, 401, "the old key when the grace period has ended",
            "after the grace period the old key is refused")
     expect(api, "GET", new, 200, "the new key after the grace period", "it stays valid")
+    leaked = api.create("partner", ["reports:read"])
+    try:
+        replacement = api.store.rotate(leaked, 0)   # a leaked key: no overlap at all
+    except Exception as exc:  # noqa: BLE001 - named in the failure
+        pytest.fail(f"rotate(key, 0) raised {type(exc).__name__}: {exc} - a grace of 0 s is "
+                    "valid: the old key ends at once (how a leaked key is rotated)",
+                    pytrace=False)
+    expect(api, "GET", leaked, 401, "a key rotated with a grace of 0 s, at the same instant",
+           "a grace of 0 ends the old key at once (a leaked key is rotated that way): "
+           "neither `grace_seconds or DEFAULT` (0 taken for 'not given') nor a minimum "
+           "grace may keep it alive")
+    expect(api, "GET", replacement, 200, "the key a rotation with a grace of 0 s issued",
+           "the new key works at once")
 
 
 def test_rotating_again_never_extends_the_old_keys_end(api: Api) -> None:
