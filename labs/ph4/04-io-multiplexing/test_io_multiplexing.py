@@ -20,6 +20,7 @@ never hears of them again.
 from __future__ import annotations
 
 import os
+import random
 import re
 import resource
 import selectors
@@ -120,12 +121,12 @@ class Server:
     grading); its /proc is read where it can be seen (see ``read``)."""
 
     def __init__(self, learner: Any, binary: Path, nofile: int | None = None,
-                 asan: str = "") -> None:
+                 asan: str = "", port: int = 0) -> None:
         soft, hard = raise_nofile(NOFILE)
         soft = nofile or soft   # a lower limit of its own, to run it out of descriptors
         self.learner = learner
         self.proc = learner.popen(
-            ["/bin/sh", "-c", WITH_NOFILE, "sh", str(soft), str(hard), str(binary), "0"],
+            ["/bin/sh", "-c", WITH_NOFILE, "sh", str(soft), str(hard), str(binary), str(port)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, **SAN_ENV,
                  "ASAN_OPTIONS": ":".join(filter(None, (SAN_ENV["ASAN_OPTIONS"], asan)))})
@@ -257,6 +258,132 @@ def server(learner: Any, binary: Path) -> Iterator[Server]:
     srv = Server(learner, binary)
     yield srv
     srv.stop()
+
+
+def swapped(port: int) -> int:
+    """The port read in the other byte order."""
+    return ((port & 0xFF) << 8) | (port >> 8)
+
+
+def free_port() -> int:
+    """A port free now, below the ephemeral range (no client's connect() takes it meanwhile),
+    whose two bytes differ (so it is another port in the other byte order, also free and
+    unprivileged): 0 reads the same in both orders, so every other test's port hides a
+    missing htons()."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, 32000)
+        if port >> 8 == port & 0xFF or swapped(port) < 1024:
+            continue
+        try:
+            for candidate in (port, swapped(port)):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    pytest.fail("found no free port to ask the server for (200 tried)", pytrace=False)
+
+
+def answers_on(port: int) -> bool:
+    """Whether an echo server answers on this loopback port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"port?\n")
+            got = b""
+            while len(got) < 6:
+                chunk = sock.recv(6 - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            return got == b"port?\n"
+    except OSError:
+        return False
+
+
+def test_the_port_given_is_the_port_listened_on(learner: Any, binary: Path) -> None:
+    """`epoll_echo <port>`: every other test asks for 0 (any free port), and 0 reads the
+    same in both byte orders - a port given names a missing htons()/ntohs()."""
+    port = free_port()
+    server = Server(learner, binary, port=port)
+    try:
+        printed = server.port
+        on = [p for p in dict.fromkeys((port, swapped(port), printed)) if answers_on(p)]
+        if on == [port] and printed == port:
+            return
+        where = (f"listens on {', '.join(map(str, on))}" if on
+                 else f"answers on none of {port}, {swapped(port)}, {printed}")
+        if on == [swapped(port)]:
+            why = (f"{port} is {port:#06x}; {on[0]} is {on[0]:#06x}, the same two bytes "
+                   "swapped: the port went into sin_port in the host's byte order. "
+                   "sockaddr_in holds it in network byte order (big-endian): "
+                   ".sin_port = htons(port)")
+        elif on == [port] and printed == swapped(port):
+            why = (f"it listens on {port} as asked but prints {printed} ({port:#06x} with "
+                   "its two bytes swapped): sin_port from getsockname() is in network byte "
+                   "order - print ntohs(addr.sin_port)")
+        else:
+            why = "expected it to listen on the port given on its command line and print it"
+        pytest.fail(f"`epoll_echo {port}` printed 'listening on {printed}' and {where}: "
+                    f"{why}. (Port 0, any free port, reads the same in both byte orders: "
+                    "only a port given shows this.)", pytrace=False)
+    finally:
+        server.stop()
+
+
+REUSE_ADVICE = (
+    "A descriptor number is reused at once: the next connection accepted gets the lowest "
+    "number free - the one just closed - and with it that number's slot in your table. "
+    "Clear the WHOLE slot where you close a connection (free() its buffer, then memset the "
+    "slot to 0: pointer, length, capacity and the end-of-file flag), or the new connection "
+    "starts with the old one's state: 'the peer closed', a length or a capacity with no "
+    "buffer behind it.")
+
+
+def test_a_reused_descriptor_starts_a_fresh_connection(server: Server) -> None:
+    """A client sends a line, shuts down its sending side and is closed by the server once
+    echoed; the next client gets the same descriptor number in the server (the lowest
+    free) and must be served as a new connection: its echo, twice, and nothing else."""
+    deadline = time.monotonic() + DEADLINE   # its epoll descriptor is made after it prints
+    while server.asleep_in() not in EPOLL_WAIT and time.monotonic() < deadline:
+        server.alive("starting")
+        time.sleep(0.01)
+    before = set(server.descriptors())
+    first_what = "a client that sends a line, then shuts down its sending side"
+    with socket.create_connection(("127.0.0.1", server.port)) as first:
+        first.sendall(b"first connection\n")
+        first.shutdown(socket.SHUT_WR)
+        pump(server, [first], [b"first connection\n"], first_what, half_closed=True)
+        rest, kept = server_end(server, first)
+        if rest is None:
+            pytest.fail(f"{first_what}: the server echoed it, then kept the connection open "
+                        f"({kept}): read() returning 0 means the peer sends nothing more - "
+                        "finish writing, then close(fd)", pytrace=False)
+    wait_for_descriptors(server, len(before), f"after {first_what} was echoed and closed",
+                         "Close the descriptor once the echo is written.")
+    lowest = min(set(range(len(before) + 1)) - before)   # accept4() takes the lowest free
+    second = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        what = (f"a second client (in the server descriptor {lowest}, the lowest free: the "
+                "number the first connection had)")
+
+        def lost(seen: str) -> str:
+            try:   # a crash closes the connection a moment before its exit can be seen
+                server.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+            gone = server.exited()
+            return (f"{what}: {seen} - it was served as if it were the closed one"
+                    + (f" ({gone})" if gone else "") + f"\n{REUSE_ADVICE}")
+
+        for line in (b"second connection\n", b"and once more\n"):
+            try:
+                second.sendall(line)
+            except OSError as error:
+                pytest.fail(lost(f"sending {line!r} failed ({error})"), pytrace=False)
+            pump(server, [second], [line], what, lost=lost)
+    finally:
+        second.close()
 
 
 def diagnose(server: Server, waiting: str, all_sent: bool = True,

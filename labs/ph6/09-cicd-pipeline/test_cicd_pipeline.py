@@ -261,6 +261,19 @@ def test_pull_requests_never_deploy(learner: Any) -> None:
     doc = workflow(learner)
     triggers = doc.get("on", doc.get(True, {}))      # YAML 1.1 reads a bare `on` as True
     names = ([triggers] if isinstance(triggers, str) else list(triggers or []))
+    # pull_request_target runs in the BASE branch's context: github.ref is refs/heads/main
+    # and github.event_name is not 'pull_request', so neither gate keeps a PR out, and the
+    # run has the repository's secrets and a write token (GitHub's docs warn against
+    # building or testing anything for a PR with it). A pipeline that builds and deploys
+    # has no use for it: its PR runs are `pull_request`, read-only.
+    target = [str(t) for t in names if str(t) == "pull_request_target"]
+    assert not target, (
+        "the workflow runs on `pull_request_target`: that event runs in the base branch's "
+        "context - github.ref is refs/heads/main for it, and github.event_name is not "
+        "'pull_request' - so `if: github.ref == 'refs/heads/main'` does not keep a pull "
+        "request out: anyone's PR starts push and the deployments, with the repository's "
+        "secrets and a write token (and its checkout is main's code, so the PR itself is "
+        "never linted or tested). Use `pull_request`: read-only, on the PR's own code")
     if not any(str(t).startswith("pull_request") for t in names):
         return
     for stage in DEPLOYERS:
@@ -404,6 +417,26 @@ CASES: list[tuple[str, list[tuple[int, int]], list[str], list[int], str, dict[st
      "again at the reset forgets the errors before it, so a canary that crashes - often for "
      "the very errors it serves - wipes its own record and is promoted: count what comes "
      "after a reset ON TOP of the window, as increase() does",
+     DEFAULTS),
+    ("a canary that restarts twice in one step (a crash loop) keeps both restarts' records",
+     [(1000, 0), (1100, 20), (60, 0), (30, 0), (50, 0)],
+     ["advance", "hold", "hold", "hold", "rollback"], [5, 20, 0],
+     "the 20 % step began at 1000 requests; it served 100 with 20 errors, restarted, served "
+     "60, restarted AGAIN (30 is below 60: a second reset) and served 50: its window is "
+     "100 + 60 + 50 = 210 requests with 20 errors (9.5 %) - rollback. What the window held "
+     "before the first restart must survive the second: a crash-looping canary restarts "
+     "again and again, and a window that keeps only what came since the latest restart "
+     "(a carry overwritten at each reset) forgets the errors that made it crash. Add each "
+     "restart's totals to the window, as increase() does",
+     DEFAULTS),
+    ("a restart in the 5 % step is not counted again at 20 %",
+     [(100, 9), (50, 0), (150, 0), (350, 10)], ["hold", "hold", "advance", "promoted"],
+     [5, 20, 100],
+     "the 5 % step served 100 requests with 9 errors, restarted and served 150 more: 250 "
+     "with 9 errors (3.6 %) - advance at (150, 0). The 20 % step's window is then the 200 "
+     "requests with 10 errors since (5 %, not above): promoted. What the 5 % step counted "
+     "before its restart belongs to the 5 % step: carried on into the 20 % step's window it "
+     "makes 300 requests with 19 errors (6.3 %). Start each step's window empty",
      DEFAULTS),
     ("a threshold of 0 tolerates no error", [(200, 0), (400, 1)], ["advance", "rollback"],
      [5, 20, 0], "max_error_rate=0.0 is a zero-tolerance gate, a threshold like any other in "
