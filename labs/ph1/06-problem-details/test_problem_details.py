@@ -172,6 +172,13 @@ CASES = [
     Case("json-sent-as-text", "POST", W, 415, body=js({"amount_cents": 5}),
          content_type="text/plain", why=MEDIA_TYPE_FIRST),
     Case("broken-json", "POST", W, 400, body=b'{"amount_cents": '),
+    *[Case(f"body-{name}", "POST", W, 400, body=sent,
+           why=f": {said} is not JSON - a JSON text is one value at least (RFC 8259 2), so "
+               "this is the 400 problem like any other unparsable body, not the 422 of a "
+               "missing amount_cents: reading no body as {} answers for a document the "
+               "client never sent (a body lost on its way, a client that forgot it)")
+      for name, sent, said in (("empty", b"", "an empty body (Content-Length: 0)"),
+                               ("blank", b" \r\n ", "a body of only white space"))],
     Case("body-not-utf-8", "POST", W, 400, body=b'{"amount_cents": 5\xff}',
          why=": a body whose bytes are not UTF-8 is not JSON (RFC 8259 8.1: JSON is UTF-8), "
              "so it is the 400 problem like any other unparsable body - the decoding failed "
@@ -423,7 +430,17 @@ def test_unreachable_database_is_a_problem_that_leaks_nothing(learner: Any, db: 
         port = closed.getsockname()[1]
         dsn = make_conninfo(db.dsn, host="127.0.0.1", port=str(port))
         make_app = learner.function("accounts_api", "make_app")
-        with serve_wsgi(make_app(dsn)) as address:
+        try:
+            app = make_app(dsn)
+        except Exception as exc:  # noqa: BLE001 - the learner's, named below
+            pytest.fail(
+                f"make_app(dsn) raised {type(exc).__name__} while the database refuses "
+                "connections: the app cannot even start, so no request gets a problem "
+                "document. Connect in the request (a connection of its own, or one taken "
+                "from a pool), not once in make_app: a database that restarts must not "
+                "take the API down with it, and one connection for every request shares "
+                "one transaction among them", pytrace=False)
+        with serve_wsgi(app) as address:
             reply = call(address, "GET", "/accounts/1")
     what = "GET /accounts/1 while the database refuses connections"
     doc = check_problem(reply, what, "/accounts/1",
@@ -457,18 +474,31 @@ def test_concurrent_withdrawals_end_in_409_not_500(host: str, db: Any) -> None:
             replies[i] = exc
 
     threads = [threading.Thread(target=withdraw, args=(i,), daemon=True) for i in (0, 1)]
+    warm = call(host, "GET", "/accounts/1")  # a service that has served before: whatever it
+    assert warm.status == 200, (  # keeps between requests (a connection) is made by now
+        f"GET /accounts/1: expected 200, saw {warm.status} {warm.body[:150]!r}")
     with db.connect() as gate:
         gate.execute("SELECT 1 FROM accounts WHERE id = 1 FOR UPDATE")
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 5
-        while _lock_waiters(db) < 2 and time.monotonic() < deadline:
+        deadline, waiting = time.monotonic() + 10, 0
+        while (waiting := _lock_waiters(db)) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         gate.commit()
     for thread in threads:
         thread.join(20)
     done = [r for r in replies if isinstance(r, HttpReply)]
     assert len(done) == 2, f"two concurrent withdrawals did not both complete: {replies}"
+    assert waiting >= 2, (
+        f"two withdrawals sent at once while the test held account 1's row lock: after 10 s "
+        f"{waiting} of them waited for it inside Postgres (then they answered "
+        f"{sorted(r.status for r in done)}), the other one was held up inside your app - "
+        "the requests share one connection (made once in make_app, or kept in a global), "
+        "so they queue for it, and their transactions are one (the second's BEGIN is a "
+        "savepoint in the first's): the row lock cannot keep them apart, and whichever "
+        "thread gets the connection first decides the outcome. Give each request a "
+        "connection of its own (psycopg.connect per request, or a pool's), and let the "
+        "database's row lock order them")
     statuses = sorted(r.status for r in done)
     assert 500 not in statuses, (
         f"two withdrawals of 3000 from 5000 at once answered {statuses}: the second one broke "

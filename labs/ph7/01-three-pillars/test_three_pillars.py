@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -62,10 +64,21 @@ class App:
 
     def log_records(self) -> list[dict[str, Any]]:
         records = []
-        for line in self.log.read_text(errors="replace").splitlines():
+        lines = self.log.read_text(errors="replace").splitlines()
+        for line in lines:
             try:
                 record = json.loads(line)
             except ValueError:
+                joined = [k for k in lines if ran_together(k)]
+                assert not joined, (
+                    f"two log lines ran together on one line of {self.log.name}: "
+                    f"{joined[0][:110]!r} ... {joined[0][-110:]!r} ({len(joined)} such "
+                    "line(s)): requests handled at once each wrote a piece of their line "
+                    "(e.g. json.dump(), which writes in chunks, then a separate "
+                    "write('\\n')) and the pieces interleaved. Write each line in ONE write() "
+                    "under a lock all the app's requests share (made once, in make_app, not "
+                    "per line), as "
+                    "logging's handlers do")
                 pytest.fail(f"a log line is not JSON: {line[:150]!r}\nOne JSON object per "
                             "line, so the log can be searched by trace_id", pytrace=False)
             if isinstance(record, dict):
@@ -126,6 +139,15 @@ def body_matches_type(text: str, ctype: str, asked: str) -> None:
         "the classic parser fails on OpenMetrics' exemplars (Prometheus then drops the whole "
         "scrape) - send each format with its own type (openmetrics.CONTENT_TYPE_LATEST with "
         "openmetrics.generate_latest, the classic pair otherwise)")
+
+
+def ran_together(line: str) -> bool:
+    """A line that starts with one whole JSON object and goes on with another."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(line)
+    except ValueError:
+        return False
+    return line[end:].lstrip().startswith("{")
 
 
 def new_trace_id() -> str:
@@ -484,3 +506,98 @@ def test_two_apps_keep_their_own_log_and_metrics(learner: Any) -> None:
                 "metrics are kept in the module (made at import, in the default REGISTRY, "
                 "or cached by name), so every app counts every app's requests. Give each "
                 "app its own CollectorRegistry and metrics, made in make_app")
+
+
+# A request's answer must not wait on the collector: the exporter's own timeout is 10 s
+# (and a collector that refuses is retried with backoff for as long), a request here takes
+# milliseconds; 3 s leaves a loaded machine a wide margin on both sides.
+COLLECTOR_STUCK_BOUND = 3.0
+
+
+def test_a_stuck_collector_does_not_hold_the_requests(learner: Any) -> None:
+    """The collector accepts the connection and never answers (overloaded, a network that
+    drops the replies): the service must answer as usual, its spans exported in the
+    background (BatchSpanProcessor), never in the request (SimpleSpanProcessor, or a
+    force_flush per request), or the telemetry backend's outage becomes the service's."""
+    module = learner.load("pillars")
+    log = learner.tmp_folder(learner_writes=True) / "app.log"
+    log.write_text("")
+    os.chmod(log, 0o666)
+    stuck = socket.create_server(("127.0.0.1", 0), backlog=64)  # listens, never accepts
+    provider = module.make_provider(
+        "orders", f"http://127.0.0.1:{stuck.getsockname()[1]}/v1/traces")
+    try:
+        with serve_wsgi(module.make_app(provider, str(log))) as host:
+            trace_id = new_trace_id()
+            started = time.perf_counter()
+            try:
+                reply = http_request(host, "GET", "/orders/1", timeout=COLLECTOR_STUCK_BOUND,
+                                     headers={"traceparent": f"00-{trace_id}-"
+                                              f"{secrets.token_hex(8)}-01"})
+                took = f"answered {reply.status} after {time.perf_counter() - started:.2f} s"
+            except TimeoutError:
+                reply, took = None, f"no answer after {COLLECTOR_STUCK_BOUND:g} s"
+            assert reply is not None and time.perf_counter() - started < \
+                COLLECTOR_STUCK_BOUND, (
+                f"GET /orders/1 with the OTLP collector stuck (it accepts the connection and "
+                f"never answers): {took}, a request takes milliseconds when the collector "
+                "answers. The span was exported in the request, which waited the exporter's "
+                "timeout (10 s): export in the background, in batches "
+                "(BatchSpanProcessor), and never flush in a request - a telemetry backend's "
+                "outage must not become the service's")
+            assert reply.status == 200, (
+                f"GET /orders/1 with the OTLP collector stuck: expected 200, saw {reply.status}")
+            logged = [line for line in log.read_text(errors="replace").splitlines()
+                      if trace_id in line]
+            assert logged, (
+                f"GET /orders/1 with the OTLP collector stuck answered, but no log line has its "
+                f"trace id {trace_id}: the log line is written whatever the span's export "
+                "does")
+    finally:
+        with collector_answering(stuck):  # the collector is back: the export ends at once
+            provider.shutdown()
+
+
+@contextmanager
+def collector_answering(listener: socket.socket) -> Iterator[None]:
+    """Answer every export waiting on ``listener`` (and any new one) with an empty 200, the
+    OTLP/HTTP success, until the block ends; then close it."""
+    listener.settimeout(0.05)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                data = b""
+                try:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), 0)
+                    while len(body) < length:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        body += chunk
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
+                                 b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+
+    server = threading.Thread(target=serve, name="collector-back", daemon=True)
+    server.start()
+    try:
+        yield
+    finally:
+        done.set()
+        server.join(5)
+        listener.close()
