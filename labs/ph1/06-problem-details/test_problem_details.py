@@ -492,12 +492,12 @@ def test_concurrent_withdrawals_end_in_409_not_500(host: str, db: Any) -> None:
     assert waiting >= 2, (
         f"two withdrawals sent at once while the test held account 1's row lock: after 10 s "
         f"{waiting} of them waited for it inside Postgres (then they answered "
-        f"{sorted(r.status for r in done)}), the other one was held up inside your app - "
-        "the requests share one connection (made once in make_app, or kept in a global), "
-        "so they queue for it, and their transactions are one (the second's BEGIN is a "
-        "savepoint in the first's): the row lock cannot keep them apart, and whichever "
-        "thread gets the connection first decides the outcome. Give each request a "
-        "connection of its own (psycopg.connect per request, or a pool's), and let the "
+        f"{sorted(r.status for r in done)}), the other one was held up inside your app. "
+        "Either the requests share one connection (made once in make_app, or kept in a "
+        "global), so they queue for it and their transactions are one (the second's BEGIN "
+        "is a savepoint in the first's): the row lock cannot keep them apart. Or a lock in "
+        "the app orders them, which the API's other processes never see. Give each request "
+        "a connection of its own (psycopg.connect per request, or a pool's), and let the "
         "database's row lock order them")
     statuses = sorted(r.status for r in done)
     assert 500 not in statuses, (
