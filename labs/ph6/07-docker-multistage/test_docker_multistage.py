@@ -57,7 +57,8 @@ KNOWN_USERS = {"nobody", "nonroot", "daemon", "www-data"}   # in the bases alrea
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|API_?KEY|PRIVATE_KEY|"
                          r"CREDENTIAL", re.I)
 SECRET_WORDS = {"PASS", "PW", "PWD", "KEY", "SK", "PAT", "CREDS", "SALT", "DSN"}
-NOT_SECRET_WORDS = {"PUBLIC", "PUB", "FILE", "PATH", "DIR", "TTL", "TIMEOUT", "LENGTH", "LEN"}
+NOT_SECRET_WORDS = {"PUBLIC", "PUB", "FILE", "PATH", "DIR", "TTL", "TIMEOUT", "LENGTH", "LEN",
+                    "ID", "GPG", "PGP", "FINGERPRINT"}   # GPG_KEY: a public key's fingerprint
 # A secret known by its value, whatever the variable is called: what each format is.
 SECRET_VALUES = [
     (re.compile(r"[a-z][a-z0-9+.-]*://[^\s/@:]*:[^\s/@]+@", re.I),
