@@ -128,6 +128,7 @@ def test_every_fold_starts_from_an_empty_account(store: Any) -> None:
             done.append(call)
 
 
+
 def test_concurrent_appends_with_the_same_expected_version(store: Any, postgres: Any) -> None:
     """A and B both read version 3 and append. A's transaction is still open when B tries;
     when A commits, B must get ConcurrencyError: only one decision made on version 3 wins."""
@@ -221,9 +222,45 @@ def test_a_load_with_nothing_after_the_snapshot_is_at_the_snapshots_version(
                         "expected 4")
 
 
+def expect_a_new_account(mod: Any, conn: Any, stream: str) -> None:
+    """Nothing was ever appended to stream (others hold events): its state is the fold of no
+    events (the empty state every fold starts from) and its version 0 - the expected_version
+    of an append to a new stream. A command handler loads, decides, appends with the version
+    it loaded: opening an account begins with the load of an empty stream."""
+    for name, fn in (("replay", mod.replay), ("load", mod.load)):
+        call = f"{name}({stream!r}), a stream with no events (others have some),"
+        try:
+            got = fn(conn, stream)
+        except Exception as exc:  # noqa: BLE001 - any crash here is the mistake being named
+            pytest.fail(
+                f"{call} raised {type(exc).__name__}: {exc} - a stream nothing was appended "
+                "to is a new one, not an error: its state is the fold of no events ({}) and "
+                "its version 0, the expected_version an append to a new stream takes "
+                "(README). The first command on an account loads it before it decides, so a "
+                "crash here means no account can be opened through load/decide/append",
+                pytrace=False)
+        assert got == ({}, 0), (
+            f"{call} = {got!r}; expected ({{}}, 0): the state is the fold of no events - the "
+            "empty dict every fold starts from, as the signature says (tuple[dict, int]: not "
+            "None, which the caller's decision code cannot read) - and the version 0, the "
+            "one an append to a new stream expects (README)")
+    try:
+        version = mod.append(conn, stream, mod.load(conn, stream)[1], [opened()])
+    except mod.ConcurrencyError as exc:
+        pytest.fail(f"append({stream!r}, expected_version=load()'s version, [AccountOpened]) "
+                    f"raised ConcurrencyError ({exc}): the version load() gives a stream with "
+                    "no events must be the one an append to it expects, 0", pytrace=False)
+    seen = mod.load(conn, stream)
+    assert (version, seen) == (1, (account(0, 0), 1)), (
+        f"after opening {stream!r} with the version load() gave, append returned {version} "
+        f"and load() = {seen}; expected 1 and {(account(0, 0), 1)}")
+
+
+
 def test_each_stream_has_its_own_version_and_snapshot(store: Any) -> None:
     """Two accounts in one store: a stream's version is the count of ITS events (a new
-    stream starts at 0 whatever the others hold), and its snapshot is its own."""
+    stream starts at 0 whatever the others hold), and its snapshot is its own. A third,
+    with no events yet, replays and loads as ({}, 0), and an append at 0 opens it."""
     mod, conn = store
     mod.append(conn, "acc-ann", 0, [opened("ann"), deposit(900), deposit(100)])
     mod.save_snapshot(conn, "acc-ann")
@@ -245,6 +282,7 @@ def test_each_stream_has_its_own_version_and_snapshot(store: Any) -> None:
             f"load({stream!r}) = {seen}; expected {want} ('acc-ann' has a snapshot at 3, "
             "'acc-bob' none): a load reads the snapshot and the events of ITS stream only - "
             "WHERE stream_id = ... in every query")
+    expect_a_new_account(mod, conn, "acc-none")
 
 
 # The caller's own transaction, two ways psycopg holds one: an append made inside it is a

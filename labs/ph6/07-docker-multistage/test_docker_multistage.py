@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import posixpath
 import re
+import shlex
 import shutil
 import socket
 import uuid
@@ -51,7 +53,27 @@ MUST_SEND = ["Makefile", "src/server.c"]
 MUST_NOT_SEND = [".git/HEAD", "bin/server", "build/server.o", "src/server.o", ".env"]
 COMPILERS = ("gcc", "clang", "buildpack-deps")
 KNOWN_USERS = {"nobody", "nonroot", "daemon", "www-data"}   # in the bases already
-SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_KEY|CREDENTIAL", re.I)
+# A secret known by its name: a part of it, or one word of it (split at _ and -).
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|API_?KEY|PRIVATE_KEY|"
+                         r"CREDENTIAL", re.I)
+SECRET_WORDS = {"PASS", "PW", "PWD", "KEY", "SK", "PAT", "CREDS", "SALT", "DSN"}
+NOT_SECRET_WORDS = {"PUBLIC", "PUB", "FILE", "PATH", "DIR", "TTL", "TIMEOUT", "LENGTH", "LEN",
+                    "ID", "GPG", "PGP", "FINGERPRINT"}   # GPG_KEY: a public key's fingerprint
+# A secret known by its value, whatever the variable is called: what each format is.
+SECRET_VALUES = [
+    (re.compile(r"[a-z][a-z0-9+.-]*://[^\s/@:]*:[^\s/@]+@", re.I),
+     "a URL with a password in it (scheme://user:password@host)"),
+    (re.compile(r"\b[sr]k_(?:live|test)_[0-9A-Za-z]{10,}"), "a Stripe secret key (sk_live_...)"),
+    (re.compile(r"\b(?:gh[pousr]_[0-9A-Za-z]{20,}|github_pat_\w{20,})"),
+     "a GitHub token (ghp_..., github_pat_...)"),
+    (re.compile(r"\bglpat-[\w-]{20,}"), "a GitLab token (glpat-...)"),
+    (re.compile(r"\bxox[abprs]-[\w-]{10,}"), "a Slack token (xoxb-...)"),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id (AKIA...)"),
+    (re.compile(r"\bAIza[\w-]{35}"), "a Google API key (AIza...)"),
+    (re.compile(r"\bnpm_[0-9A-Za-z]{36}"), "an npm token (npm_...)"),
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY"), "a PEM private key"),
+    (re.compile(r"\beyJ[\w-]{10,}\.eyJ[\w-]{10,}\.[\w-]{10,}"), "a JSON Web Token (eyJ...)"),
+]
 
 
 @dataclass
@@ -511,6 +533,60 @@ def test_the_app_user_cannot_change_the_binary(
         "the image's contents; it needs only to read and execute them") if found else ""
 
 
+
+def set_id(mode: str) -> str:
+    """'setuid', 'setgid' or '' : what a chmod mode (octal or symbolic) sets of those bits."""
+    if re.fullmatch(r"[0-7]{4,5}", mode):
+        bits = int(mode, 8)
+        return "setuid" if bits & 0o4000 else "setgid" if bits & 0o2000 else ""
+    for who, perms in re.findall(r"([ugoa]*)[+=]([rwxXst]*)", mode):
+        if "s" in perms:
+            return "setgid" if who == "g" else "setuid"
+    return ""
+
+
+def setid_steps(stage: Stage) -> list[tuple[str, str]]:
+    """(the instruction, setuid or setgid) of each step of a stage that sets those bits:
+    COPY/ADD --chmod, RUN chmod, RUN install -m."""
+    found = []
+    for ins in stage.lines:
+        if ins["instruction"] in ("COPY", "ADD"):
+            mode = next((f.split("=", 1)[1] for f in ins["value"].split()
+                         if f.startswith("--chmod=")), "")
+            if set_id(mode):
+                found.append((f"{ins['instruction']} {ins['value'][:90]}", set_id(mode)))
+        if ins["instruction"] != "RUN":
+            continue
+        for words in shell_commands(ins["value"]):
+            args = [w for w in words[1:] if not w.startswith("-")]
+            mode = (args[0] if words[0] == "chmod" and args else
+                    next((re.split(r"[= ]", " ".join(words[k:k + 2]))[1]
+                          for k, w in enumerate(words) if re.fullmatch(r"-m|--mode(=.*)?", w)),
+                         "") if words[0] == "install" else "")
+            if set_id(mode):
+                found.append(("RUN ... " + " ".join(words)[:90], set_id(mode)))
+    return found
+
+
+def test_nothing_in_the_image_is_setuid(
+        dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
+    _, stages = dockerfile
+    for stage in build_stages(stages) + [stages[-1]]:
+        for what, bit in setid_steps(stage):
+            where = ("" if stage is stages[-1] else
+                     f" in the build stage {stage.name or stage.index}, whose output the "
+                     "runtime stage copies (COPY --from keeps a file's mode, these bits too)")
+            owner = "user" if bit == "setuid" else "group"
+            pytest.fail(
+                f"{what}{where} sets the {bit} bit: a {bit} program runs with the rights of "
+                f"its file's {owner} - root, who owns what COPY and RUN make - whoever starts "
+                "it, so the server (or anyone with a shell as the app user) runs as root "
+                "again and USER is undone. The server needs no privilege: ship it mode 755 "
+                "(make's own mode; no u+s/g+s, no 4755/2755), and where the runtime allows "
+                "it, also refuse escalation (no-new-privileges, Kubernetes' "
+                "allowPrivilegeEscalation: false)")
+
+
 def health_argv(value: str) -> tuple[list[str], bool]:
     """The HEALTHCHECK's command as Docker runs it, and whether it is the shell form."""
     words = value.split()
@@ -816,18 +892,103 @@ def test_layers_are_ordered_for_the_cache(
                 "packages) before COPY --from, and set modes with COPY --chmod/--chown")
 
 
+def variables(ins: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(name, value) of each variable an ENV or ARG sets; value None for an ARG without a
+    default (it comes from --build-arg). ENV K=V K2="v 2", the old ENV K v w, ARG K[=V]."""
+    value = ins["value"].strip()
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        words = value.split()
+    if ins["instruction"] == "ENV" and words and "=" not in words[0]:
+        return [(words[0], " ".join(words[1:]))]
+    return [(k, v if sep else None) for k, sep, v in (w.partition("=") for w in words)]
+
+
+def random_looking(value: str) -> bool:
+    """A value that looks generated rather than chosen: one word of 20 or more characters
+    from a key's alphabet, upper and lower case and digits mixed, and dense in information
+    (a digest, a hex commit id, a version or a path are none of these)."""
+    if len(value) < 20 or not re.fullmatch(r"[A-Za-z0-9+/=_-]+", value) or not all(
+            re.search(c, value) for c in (r"[a-z]", r"[A-Z]", r"[0-9]")):
+        return False
+    counts = [value.count(c) for c in set(value)]
+    entropy = -sum(n / len(value) * math.log2(n / len(value)) for n in counts)
+    return entropy >= 4.0
+
+
+def secret_value(value: str) -> str:
+    """What kind of secret value is, '' if it looks like none."""
+    for pattern, what in SECRET_VALUES:
+        if pattern.search(value):
+            return what
+    return "a random-looking key (long, mixed case and digits)" if random_looking(value) else ""
+
+
+def secret_name(name: str, value: str | None) -> str:
+    """Why a variable's name says it holds a secret, '' if it does not or its value
+    plainly is no secret (a number, a switch, a path: DB_PASSWORD_FILE=/run/secrets/db)."""
+    words = set(re.split(r"[_-]", name.upper()))
+    if words & NOT_SECRET_WORDS or (value is not None and re.fullmatch(
+            r"|[0-9.]+|true|false|yes|no|on|off|[./~][^\s$]*", value.strip(), re.I)):
+        return ""
+    hit = SECRET_NAME.search(name)
+    word = next(iter(sorted(words & SECRET_WORDS)), "")
+    return hit.group(0) if hit else word
+
+
+def used_as_credential(name: str, run: str) -> str:
+    """The part of a RUN command that hands $name over as a password or token, '' if none."""
+    var = rf"\$\{{?{re.escape(name)}\b\}}?"
+    places = [
+        rf"://[^\s/@]*:?{var}@",                                # scheme://user:$PW@host
+        rf"(?:-u|--user)[\s=]+[^\s:]*:{var}",                   # curl -u user:$PW
+        rf"(?<![\w-])-p{var}",                                  # mysql -p$PW
+        rf"(?i:--pass(?:word)?|--token|--auth\S*|password|passwd|token|secret|bearer|"
+        rf"basic|authorization:|private-token:)[\s=:'\"]*{var}",  # --password $PW ...
+        rf"{var}[^\n;&|]*>>?\s*\S*(?:netrc|npmrc|pypirc|git-credentials|credentials|pgpass|"
+        r"config\.json)",                                       # echo $PW > ~/.netrc
+    ]
+    for place in places:
+        found = re.search(place, run)
+        if found:
+            return found.group(0)
+    return ""
+
+
+def secret_in(ins: dict[str, Any], stage: Stage) -> str:
+    """Why this ENV or ARG puts a secret in the image, '' if it does not: its name, its
+    value or the use a RUN of its stage makes of it."""
+    for name, value in variables(ins):
+        why = secret_value(value or "")
+        if why:
+            return f"{name}'s value is {why}"
+        word = secret_name(name, value)
+        if word:
+            return f"its name {name} says so ({word})"
+        use = used_as_credential(name, runs(stage))
+        if use:
+            return f"a RUN of this stage uses {name} as a credential ({use})"
+    return ""
+
+
 def test_no_secret_baked_into_a_layer(
         dockerfile: tuple[DockerfileParser, list[Stage]]) -> None:
     _, stages = dockerfile
     for stage in stages:
         for ins in stage.all("ENV") + stage.all("ARG"):
-            keys = re.findall(r"(?:^|\s)([A-Za-z_]\w*)=", ins["value"]) or ins["value"].split()[:1]
-            hit = [k for k in keys if SECRET_NAME.search(k)]
-            assert not hit, (
-                f"{ins['instruction']} {ins['value'][:60]} puts a secret ({hit[0]}) into the "
-                "image: ENV and ARG values are kept in its config and `docker history` for "
-                "anyone who pulls it. Pass secrets at run time (docker run -e / --env-file, "
-                "a mounted file) or to a build step with RUN --mount=type=secret")
+            why = secret_in(ins, stage)
+            assert not why, (
+                f"{ins['instruction']} {ins['value'][:60]} puts a secret into the "
+                + ("image" if stage is stages[-1] else
+                   f"build stage {stage.name or stage.index} (cached, pushed with "
+                   "--cache-to, its build args in the image's provenance)")
+                + f": {why}. ENV values are kept in the image's config (docker inspect) for "
+                "anyone who pulls it, and a build ARG that a RUN uses is written into that "
+                "layer's record in `docker history` (|1 NAME=value) and the build cache. "
+                "Pass secrets at run time (docker run -e / --env-file, a mounted file, "
+                "NAME_FILE=/run/secrets/...) or to a build step with RUN "
+                "--mount=type=secret,id=...; ordinary settings (PORT, LOG_LEVEL) stay in ENV")
         for ins in stage.all("COPY") + stage.all("ADD"):
             _, sources, _ = copy_parts(ins)
             env = [s for s in sources if posixpath.basename(s.rstrip("/")).startswith(".env")]

@@ -24,6 +24,8 @@ HOST = "orders.example.com"
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 APP_PORT = 8080                                            # where the app listens (README)
 REPLICAS = 3
+IMAGE = "registry.example.com/shop/orders"                 # the app's image (README)
+NODE_CPUS, NODE_MEMORY = 8, 32 * 2**30                     # what one node offers (README)
 SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 
@@ -307,6 +309,18 @@ def test_service_and_ingress_reach_a_declared_port(docs: list[dict[str, Any]]) -
         f"container {container.get('name')!r} declares the ports {declared}, but the app "
         f"listens on {APP_PORT} (README): the Service and the probes that follow the port "
         f"name reach a port nothing listens on. Declare containerPort: {APP_PORT}")
+    not_tcp = [f"container {container.get('name')!r}: containerPort {p.get('containerPort')}"
+               f" has protocol: {p['protocol']}" for p in container.get("ports") or []
+               if p.get("protocol", "TCP") != "TCP"] + [
+        f"Service {svc['metadata'].get('name')!r}: port {p.get('port')} has protocol: "
+        f"{p['protocol']}" for svc in of_kind(docs, "Service")
+        for p in svc["spec"].get("ports") or [] if p.get("protocol", "TCP") != "TCP"]
+    assert not not_tcp, (
+        f"{'; '.join(not_tcp)}: the app speaks HTTP, which "
+        "runs over TCP - a UDP (or SCTP) Service port forwards only datagrams of that "
+        "protocol, so no HTTP connection ever reaches the pods, and a Service's named "
+        "targetPort matches only a container port of the same protocol (the endpoints stay "
+        "empty). Leave protocol unset (TCP)")
     for svc in of_kind(docs, "Service"):
         kind = svc["spec"].get("type", "ClusterIP")
         assert kind == "ClusterIP", (
@@ -369,6 +383,132 @@ def test_the_pods_are_reached_only_through_the_service(docs: list[dict[str, Any]
             "place only one replica per node (a rollout's extra pod stays Pending where "
             "the nodes are taken). Declare only containerPort: the Service and the "
             "Ingress reach the pods without it")
+
+
+
+# The Pod Security Standards (kubernetes.io/docs/concepts/security/pod-security-standards),
+# the profile the README asks for: restricted, which includes baseline. What each allows.
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
+                         "MKNOD", "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID",
+                         "SYS_CHROOT"}
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+WHY_RESTRICTED = (
+    "The README asks for the Pod Security Standards' restricted profile (a namespace labelled "
+    "pod-security.kubernetes.io/enforce: restricted refuses such a pod): the orders service "
+    "needs no root, no privilege and nothing of its node, so a compromise of the app must "
+    "not be a compromise of the node")
+
+
+def pss_violations(pod: dict[str, Any]) -> list[str]:
+    """Each way the pod spec breaks the restricted profile (baseline included): the field,
+    the value, the profile and the rule that forbids it, and what it opens."""
+    found = []
+    pod_sc = pod.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            found.append(f"the pod sets {field}: true - baseline 'Host Namespaces' forbids "
+                         "it: the pod shares its node's network, processes or IPC")
+    for v in pod.get("volumes") or []:
+        kind = next((k for k in v if k != "name"), "?")
+        if kind == "hostPath":
+            found.append(f"volume {v.get('name')!r} is a hostPath - baseline 'HostPath "
+                         "Volumes' forbids it: the pod reads and writes the node's files")
+        elif kind not in RESTRICTED_VOLUMES:
+            found.append(f"volume {v.get('name')!r} is of type {kind} - restricted 'Volume "
+                         f"Types' allows only {sorted(RESTRICTED_VOLUMES)}")
+    for s in pod_sc.get("sysctls") or []:
+        if s.get("name") not in SAFE_SYSCTLS:
+            found.append(f"securityContext.sysctls sets {s.get('name')} - baseline "
+                         "'Sysctls' allows only the namespaced safe set: it changes the node")
+    listed = [("containers", c) for c in pod.get("containers") or []] + [
+        ("initContainers", c) for c in pod.get("initContainers") or []]
+    for kind, c in listed:
+        sc = c.get("securityContext") or {}
+        where = f"{kind[:-1]} {c.get('name')!r}: securityContext"
+        if sc.get("privileged"):
+            found.append(f"{where}.privileged = true - baseline 'Privileged Containers' "
+                         "forbids it: a privileged container has every capability and the "
+                         "node's devices, root in it is root on the node")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{where}.allowPrivilegeEscalation = "
+                         f"{sc.get('allowPrivilegeEscalation', 'unset (true)')} - restricted "
+                         "'Privilege Escalation' requires false: a setuid binary in the "
+                         "image would give a process more rights than it started with")
+        caps = sc.get("capabilities") or {}
+        added = {str(a).upper().removeprefix("CAP_") for a in caps.get("add") or []}
+        if added - BASELINE_CAPABILITIES:
+            found.append(f"{where}.capabilities.add = {sorted(added)} - baseline "
+                         "'Capabilities' forbids those beyond the runtime's default set")
+        elif added - {"NET_BIND_SERVICE"}:
+            found.append(f"{where}.capabilities.add = {sorted(added)} - restricted "
+                         "'Capabilities' allows adding only NET_BIND_SERVICE")
+        if "ALL" not in {str(d).upper() for d in caps.get("drop") or []}:
+            found.append(f"{where}.capabilities.drop = {caps.get('drop', 'unset')} - "
+                         "restricted 'Capabilities' requires drop: [ALL]: the runtime's "
+                         "default set (CHOWN, SETUID, NET_RAW...) is more than an HTTP "
+                         "service needs")
+        if sc.get("procMount", "Default") != "Default":
+            found.append(f"{where}.procMount = {sc['procMount']!r} - baseline '/proc Mount "
+                         "Type' requires Default: the node's /proc unmasked")
+        if (sc.get("windowsOptions") or {}).get("hostProcess"):
+            found.append(f"{where}.windowsOptions.hostProcess = true - baseline 'HostProcess'"
+                         " forbids it")
+    for kind, c in [("pod", {"name": "", "securityContext": pod_sc})] + listed:
+        sc = c.get("securityContext") or {}
+        where = ("the pod's securityContext" if kind == "pod" else
+                 f"{kind[:-1]} {c.get('name')!r}: securityContext")
+        if sc.get("runAsUser") == 0:
+            found.append(f"{where}.runAsUser = 0 - restricted 'Running as Non-root user' "
+                         "forbids uid 0: root in the container owns every file the image "
+                         "and the mounted volumes hold, and is one kernel or runtime flaw "
+                         "away from the node")
+        if sc.get("runAsNonRoot") is False:
+            found.append(f"{where}.runAsNonRoot = false - restricted 'Running as Non-root' "
+                         "forbids it")
+        selinux = sc.get("seLinuxOptions") or {}
+        if selinux.get("type", "") not in SELINUX_TYPES or selinux.get("user") or \
+                selinux.get("role"):
+            found.append(f"{where}.seLinuxOptions = {selinux} - baseline 'SELinux' allows "
+                         "only the container types, and no user or role")
+        for field in ("seccompProfile", "appArmorProfile"):
+            if (sc.get(field) or {}).get("type") == "Unconfined":
+                found.append(f"{where}.{field}.type = Unconfined - baseline "
+                             f"'{field[:-7].capitalize()}' forbids it: every system call "
+                             "the kernel has is open to the app")
+    if not pod_sc.get("runAsNonRoot") and not all(
+            (c.get("securityContext") or {}).get("runAsNonRoot") for _, c in listed):
+        found.append("runAsNonRoot is set to true neither in the pod's securityContext nor "
+                     "in every container's - restricted 'Running as Non-root' requires it: "
+                     "without it the image's USER decides, and most images run as root "
+                     "(the kubelet refuses to start a container that would run as uid 0 "
+                     "only when runAsNonRoot is true)")
+    allowed = {"RuntimeDefault", "Localhost"}
+    if (pod_sc.get("seccompProfile") or {}).get("type") not in allowed and not all(
+            ((c.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
+            in allowed for _, c in listed):
+        found.append("seccompProfile.type is RuntimeDefault (or Localhost) neither in the "
+                     "pod's securityContext nor in every container's - restricted "
+                     "'Seccomp' requires it: unset, the container runs unconfined, every "
+                     "system call open")
+    return found
+
+
+def test_the_pod_meets_the_restricted_pod_security_standard(
+        docs: list[dict[str, Any]]) -> None:
+    pod = one(docs, "Deployment")["spec"]["template"].get("spec") or {}
+    found = pss_violations(pod)
+    assert not found, (
+        f"the Deployment's pod template breaks the Pod Security Standards: "
+        f"{'; '.join(found)}. {WHY_RESTRICTED}. Set in the pod's securityContext "
+        "runAsNonRoot: true, runAsUser: 10001, seccompProfile {type: RuntimeDefault}, and "
+        "in the container's allowPrivilegeEscalation: false, capabilities {drop: [ALL]}")
 
 
 # The app's paths that fail while the database is down, and why.
@@ -451,10 +591,25 @@ def test_resources_requested_and_limited(docs: list[dict[str, Any]]) -> None:
                 + ": the container would be OOM-killed at start. Write mebibytes: 128Mi")
         for kind in ("requests", "limits"):
             raw = (res.get(kind) or {}).get("cpu")
-            assert (quantity(raw) or 0) <= 64, (
+            assert (quantity(raw) or 0) <= NODE_CPUS, (
                 f"container {c.get('name')!r}: resources.{kind}.cpu = {raw!r} is "
-                f"{quantity(raw):g} CPUs: no node has that many, the pod would stay Pending. "
-                "Millicores are written with m: 500m is half a CPU")
+                f"{quantity(raw):g} CPUs, more than a node has ({NODE_CPUS}, README): "
+                + ("no node can give the request, the pod would stay Pending (FailedScheduling"
+                   ": Insufficient cpu)" if kind == "requests" else
+                   "a limit no node reaches limits nothing")
+                + ". Millicores are written with m: 500m is half a CPU")
+        for kind in ("requests", "limits"):
+            raw = (res.get(kind) or {}).get("memory")
+            amount = quantity(raw) or 0
+            assert amount <= NODE_MEMORY, (
+                f"container {c.get('name')!r}: resources.{kind}.memory = {raw!r} is "
+                f"{amount / 2**30:.4g} GiB, more than a node has ({NODE_MEMORY // 2**30} GiB, "
+                "README): "
+                + ("the scheduler finds no node with that much free, every pod stays Pending "
+                   "(FailedScheduling: Insufficient memory)" if kind == "requests" else
+                   "a limit no node reaches limits nothing, one pod can take its node's "
+                   "memory")
+                + ". Mi is mebibytes (128Mi), Gi gibibytes, G and M powers of ten")
 
 
 def test_deployment_rolls_out_safely(docs: list[dict[str, Any]]) -> None:
@@ -486,6 +641,27 @@ def test_deployment_rolls_out_safely(docs: list[dict[str, Any]]) -> None:
             + ("'latest'" if tag else "no tag (that is 'latest')")
             + " moves, so the pods of one Deployment run different code and a rollback goes "
             "nowhere. Use the release's tag (orders:1.4.2) or a digest")
+
+
+def test_the_nodes_can_pull_the_image(docs: list[dict[str, Any]]) -> None:
+    for c in containers(docs):
+        image = str(c.get("image", "")).partition("@")[0]
+        last = image.rsplit("/", 1)[-1]
+        repository = image[:len(image) - len(last)] + last.partition(":")[0]
+        assert repository == IMAGE, (
+            f"container {c.get('name')!r} runs image {c.get('image')!r}, repository "
+            f"{repository!r}: the app's image is {IMAGE} (README). A name without a "
+            "registry host is looked up on Docker Hub (docker.io/library/...), where no "
+            "such image is, so every pod stays in ImagePullBackOff. Name the image in full: "
+            f"{IMAGE}:1.4.2")
+        policy = c.get("imagePullPolicy")
+        assert policy in (None, "IfNotPresent", "Always"), (
+            f"container {c.get('name')!r} sets imagePullPolicy: {policy}: the kubelet never "
+            "pulls the image, so a pod scheduled on a node that does not already hold it "
+            "(a new node, an autoscaled one, any node after image garbage collection) fails "
+            "with ErrImageNeverPull and never starts - Never is for images loaded onto the "
+            "nodes by hand (kind load, minikube). Leave it unset: a tagged image defaults "
+            "to IfNotPresent")
 
 
 def keys_of(doc: dict[str, Any]) -> set[str]:
