@@ -65,6 +65,7 @@ LOW = shaped([2, 2, 2, 2, 2, 3, 2, 1])              # 2.95 bits/char: not
 COMMENTED_PASSWORD = rand(22)
 COMMENTED_SECRET = rand(26)
 DOLLAR_PASSWORD = rand(9) + "$" + rand(1, string.ascii_uppercase) + rand(9)
+AWS_AFTER_EXAMPLE = "AKIA" + rand(16, string.ascii_uppercase + string.digits)
 
 # (file, [(line text, secret description or None for a look-alike)])
 CORPUS: dict[str, list[tuple[str, str | None]]] = {
@@ -157,6 +158,9 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
     "docs/notes.md": [
         ("Fixed in commit 9fceb02d0ae598e95dc970b74767f19372d61af8.", None),
         (f"Alerts go to Slack with {SLACK}", "a Slack bot token"),
+        (f"Replace the docs' AKIAIOSFODNN7EXAMPLE with our key, {AWS_AFTER_EXAMPLE}.",
+         "an AWS key id after the docs' example key on the same line (the example is "
+         "skipped, not the line: look at every match)"),
         ("Set the password with `export DB_PASSWORD=...` before starting.", None),
     ],
 }
