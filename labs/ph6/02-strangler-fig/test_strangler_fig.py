@@ -8,7 +8,10 @@ must not hold up another one: the second reaches legacy meanwhile, each gets its
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -39,10 +42,12 @@ class Backend:
         if hold is not None:
             hold.wait(HOLD_LIMIT)
         length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
         seen = {"service": self.name, "method": environ["REQUEST_METHOD"],
                 "path": environ.get("PATH_INFO"), "query": environ.get("QUERY_STRING", ""),
                 "raw": environ.get("RAW_URI"),
-                "body": environ["wsgi.input"].read(length).decode() if length else "",
+                "body": body.decode(errors="replace"), "body_length": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
                 "request_id": environ.get("HTTP_X_REQUEST_ID"),
                 "content_type": environ.get("CONTENT_TYPE")}
         path = environ.get("PATH_INFO") or ""
@@ -498,3 +503,133 @@ def test_requests_in_flight_at_once_each_get_their_own_answer(world: Any) -> Non
         "; ".join(problems) + ": with two requests in flight at once, each client must get "
         "the answer to its own request - state shared between requests (one upstream "
         "connection, a reply kept on the gateway) hands one request's answer to another")
+
+
+# Bodies that are bytes, not ASCII text: UTF-8 JSON with letters beyond ASCII (one of them
+# outside Latin-1), and a binary upload (a PNG signature, then every byte value).
+BYTE_BODIES = [
+    ("PATCH", "/orders/7/notes", "new", "application/json",
+     json.dumps({"customer": "J\u00fcrgen M\u00fcller", "total": "12,50 \u20ac"},
+                ensure_ascii=False).encode(), "UTF-8 JSON holding '\u00fc' and '\u20ac'"),
+    ("PUT", "/users/9/avatar", "legacy", "image/png",
+     b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "a PNG upload (every byte value)"),
+]
+
+
+def test_a_body_arrives_byte_for_byte(world: Any) -> None:
+    """A body is bytes: JSON in UTF-8 with letters beyond ASCII, an image upload. The
+    backend must receive exactly the bytes the client sent."""
+    gateway, host, _ = world
+    gateway.route_to_new("/orders")
+    problems = []
+    for method, path, target, content_type, body, what in BYTE_BODIES:
+        reply = http_request(host, method, path, body, content_type=content_type)
+        seen = reply.json() if reply.status == 200 else {}
+        if reply.status != 200:
+            problems.append(f"{method} {path} with {what} ({len(body)} bytes) got HTTP "
+                            f"{reply.status} {reply.body[:80]!r} from the gateway")
+        elif (seen.get("service"), seen.get("body_sha256")) != (
+                target, hashlib.sha256(body).hexdigest()):
+            problems.append(f"{method} {path} with {what} ({len(body)} bytes) reached "
+                            f"{seen.get('service')} as {seen.get('body_length')} other bytes")
+    assert not problems, (
+        "; ".join(problems) + ". A request body is bytes, to forward as read: the body was "
+        "turned into text on the way - decoded (an image is not UTF-8: it fails, or its "
+        "bytes become U+FFFD), or handed to http.client as a str, which encodes it as "
+        "ISO-8859-1 (a UTF-8 '\u00fc' arrives as one other byte, a '\u20ac' cannot be sent "
+        "at all). Pass wsgi.input.read(CONTENT_LENGTH) on as bytes, never .decode() it")
+
+
+class BrokenUpstream:
+    """A listening socket that, per request path, hangs up without answering
+    (``/orders/hangs-up``) or answers something that is not HTTP (``/orders/not-http``,
+    as when a URL names another service's port); and a port bound but not listening, where
+    a connection is refused."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.05)
+        self.refusing = socket.socket()
+        self.refusing.bind(("127.0.0.1", 0))   # bound, never listening: connections refused
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def url(self, which: str) -> str:
+        sock = self.server if which == "listening" else self.refusing
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                conn.settimeout(5)
+                head = b""
+                try:
+                    while b"\r\n\r\n" not in head:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                    if b" /orders/not-http" in head.partition(b"\r\n")[0]:
+                        conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.server.close()
+        self.refusing.close()
+
+
+# (path, what the upstream did, the answers the gateway may give)
+UPSTREAM_FAILURES = [
+    ("/users/1", "legacy refused the connection (nothing listens on its port)", (502, 503)),
+    ("/orders/hangs-up", "the new service closed the connection without answering",
+     (502, 503)),
+    ("/orders/not-http", "the new service answered with something that is not HTTP "
+     "('SSH-2.0-OpenSSH_9.6': the URL names another service's port)", (502,)),
+]
+
+
+def answer(host: str, path: str) -> tuple[int | None, str]:
+    """GET path through the gateway: (status or None, what the client got, in words)."""
+    try:
+        reply = http_request(host, "GET", path)
+    except (OSError, http.client.HTTPException) as exc:
+        why = (": the gateway let the upstream's ConnectionResetError out, and a WSGI server "
+               "takes that for its own client hanging up and drops the connection"
+               if isinstance(exc, (ConnectionResetError, http.client.RemoteDisconnected))
+               else "")
+        return None, f"no answer at all ({type(exc).__name__}: {exc}{why})"
+    return reply.status, f"HTTP {reply.status} {reply.body[:60]!r}"
+
+
+def test_an_upstream_that_fails_is_answered_502(learner: Any) -> None:
+    """Legacy refuses connections, the new service hangs up or answers garbage: each is the
+    upstream's failure, answered 502 Bad Gateway (RFC 9110 15.6.3), as nginx does - not a
+    500, which says the gateway itself is broken."""
+    broken = BrokenUpstream()
+    try:
+        gateway = learner.load("strangler").Gateway(broken.url("refusing"),
+                                                     broken.url("listening"))
+        gateway.route_to_new("/orders")
+        with serve_wsgi(gateway) as host:
+            got = {path: answer(host, path) for path, _, _ in UPSTREAM_FAILURES}
+    finally:
+        broken.close()
+    problems = [f"{what}, and GET {path} got {got[path][1]} from the gateway (expected "
+                f"{' or '.join(map(str, allowed))})"
+                for path, what, allowed in UPSTREAM_FAILURES
+                if got[path][0] not in allowed]
+    assert not problems, (
+        "; ".join(problems) + ". An upstream that refuses, hangs up or does not speak HTTP "
+        "has failed, not the gateway: answer 502 Bad Gateway (RFC 9110 15.6.3; 503 is what "
+        "some proxies give when none can be reached) - a 500 tells the client and the "
+        "on-call that the gateway itself is broken. http.client raises OSError "
+        "(ConnectionRefusedError, RemoteDisconnected) or http.client.HTTPException "
+        "(BadStatusLine): catch both around the forwarding")

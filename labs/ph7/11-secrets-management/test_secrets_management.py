@@ -60,6 +60,12 @@ TOKEN_11 = shaped([1] * 11)                         # 11: too short, however ran
 MODERATE = shaped([2, 2, 2, 2, 2, 2, 2, 1, 1])      # 3.125 bits/char: flagged
 AT_THRESHOLD = shaped([2] * 8)                      # exactly 3.0 bits/char: flagged (>=)
 LOW = shaped([2, 2, 2, 2, 2, 3, 2, 1])              # 2.95 bits/char: not
+# A placeholder is a whole VALUE (${X}, <...>, {{ }}): a comment beside a real secret that
+# mentions one, or a random password that happens to hold a '$', is still a secret.
+COMMENTED_PASSWORD = rand(22)
+COMMENTED_SECRET = rand(26)
+DOLLAR_PASSWORD = rand(9) + "$" + rand(1, string.ascii_uppercase) + rand(9)
+AWS_AFTER_EXAMPLE = "AKIA" + rand(16, string.ascii_uppercase + string.digits)
 
 # (file, [(line text, secret description or None for a look-alike)])
 CORPUS: dict[str, list[tuple[str, str | None]]] = {
@@ -86,6 +92,9 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
         (f"CACHE_TOKEN={LOW}", None),
         (f"WEBHOOK_SECRET={AT_THRESHOLD}",
          "a secret of exactly 3.0 bits/char (the threshold is inclusive: >= 3.0)"),
+        (f"REDIS_PASSWORD={COMMENTED_PASSWORD} # moves to ${{VAULT_REDIS_PATH}} next sprint",
+         "a random password followed by a comment that mentions a placeholder (${...} "
+         "elsewhere on the line does not make the VALUE a placeholder)"),
     ],
     "deploy/values.yaml": [
         ("image: registry.local/shop:1.4.2", None),
@@ -96,6 +105,13 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
         ("db_secret: {{.Values.dbSecretName}}", None),
         (f"auth: {{token_type: bearer, access_token: {FLOW_TOKEN}}}",
          "a random access_token, second assignment on its line"),
+        (f"smtp_secret: {COMMENTED_SECRET}  # TODO: read it from <vault: mail/smtp>",
+         "a random smtp_secret followed by a comment holding <...> (a placeholder is the "
+         "whole value, not something anywhere on the line)"),
+        (f'redis_password: "{DOLLAR_PASSWORD}"',
+         "a random password that holds a '$' followed by a letter (a placeholder is the "
+         "whole value: ${X} or $X from its first character to its last, not a value that "
+         "merely contains one)"),
     ],
     ".github/workflows/ci.yml": [
         ("env:", None),
@@ -142,6 +158,9 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
     "docs/notes.md": [
         ("Fixed in commit 9fceb02d0ae598e95dc970b74767f19372d61af8.", None),
         (f"Alerts go to Slack with {SLACK}", "a Slack bot token"),
+        (f"Replace the docs' AKIAIOSFODNN7EXAMPLE with our key, {AWS_AFTER_EXAMPLE}.",
+         "an AWS key id after the docs' example key on the same line (the example is "
+         "skipped, not the line: look at every match)"),
         ("Set the password with `export DB_PASSWORD=...` before starting.", None),
     ],
 }
@@ -617,6 +636,43 @@ def test_rotation_is_picked_up_after_the_ttl(setup: Any) -> None:
                "whole content, its trailing newline stripped"))
     clock.now += 500
     assert get_after_rotation(config, "DB_PASSWORD") == values[-1], "DB_PASSWORD later on"
+
+
+def test_each_secret_ages_from_its_own_read(setup: Any) -> None:
+    """A busy service calls get() far more often than the TTL, for each secret in turn: each
+    value is read again once IT is older than the TTL, counted from when it was read - not
+    from the last get() (a sliding TTL never expires under load), and not from a time
+    shared by every secret (re-reading one must not make the other look fresh)."""
+    module, folder, log = setup
+    k8s_secret(folder, "2026_01_01", {"db_password": V1 + "\n", "api_token": TOKEN + "\n"})
+    env = {"DATABASE_HOST": "db.internal", "DB_PASSWORD_FILE": str(folder / "db_password"),
+           "API_TOKEN_FILE": str(folder / "api_token")}
+    clock = Clock()
+    config = make_config(module, env, clock, log, "both secrets from files", ttl=60.0)
+    clock.now += 30  # within the TTL: the values read at start, whatever the files hold
+    for name, value in (("DB_PASSWORD", V1), ("API_TOKEN", TOKEN)):
+        got = get_after_rotation(config, name)
+        assert got == value, f"30 s after start (ttl 60), get({name!r}) is its value at start"
+    new_password, new_token = rand(20), rand(32)
+    k8s_secret(folder, "2026_02_01", {"db_password": new_password + "\n",
+                                      "api_token": new_token + "\n"})
+    clock.now += 31  # 61 s after both were read, 31 s after the last get()
+    got = get_after_rotation(config, "API_TOKEN")
+    assert got == new_token, (
+        f"61 s after API_TOKEN was read (ttl 60) and its file rotated, get('API_TOKEN') "
+        f"returned {'the old value' if got == TOKEN else repr(got)}, expected the new one; "
+        "the last get() was 31 s before: the TTL was counted from the last get(), not from "
+        "the read - a value's age is the time since it was READ (store the clock at the "
+        "read, never refresh it on a cache hit), or a service that asks more often than "
+        "the TTL never sees a rotation")
+    got = get_after_rotation(config, "DB_PASSWORD")
+    assert got == new_password, (
+        f"61 s after DB_PASSWORD was read (ttl 60) and its file rotated, right after "
+        f"get('API_TOKEN') re-read its own file, get('DB_PASSWORD') returned "
+        f"{'the old value' if got == V1 else repr(got)}, expected the new one: one "
+        "load time is kept for every secret, and re-reading API_TOKEN reset it - each "
+        "secret's age is its own (keep the read time beside each value, or re-read every "
+        "stale secret together)")
 
 
 # A rotation that leaves a bad secret behind: (variable, its file's new content, what it is).

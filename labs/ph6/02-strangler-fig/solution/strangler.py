@@ -68,9 +68,11 @@ class Gateway:
                          body=body, headers=headers)
             reply = conn.getresponse()
             data = reply.read()
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
+            # the upstream refused, hung up (OSError) or did not answer in HTTP
+            # (HTTPException: BadStatusLine...): its failure, not ours - 502, never a 500
             start_response("502 Bad Gateway", [("Content-Type", "text/plain")])
-            return [f"upstream unreachable: {exc}".encode()]
+            return [f"upstream failed: {type(exc).__name__}: {exc}".encode()]
         finally:
             conn.close()
         out = [(k, v) for k, v in reply.getheaders() if k.lower() not in HOP_BY_HOP]

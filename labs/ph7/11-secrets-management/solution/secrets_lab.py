@@ -48,8 +48,9 @@ def scan_text(text: str) -> list[tuple[int, str]]:
     for number, line in enumerate(text.split("\n"), 1):
         hit = None
         for rule, pattern in RULES:
-            match = pattern.search(line)
-            if match and "EXAMPLE" not in match.group(0):  # the AWS docs' example key
+            # every match: the AWS docs' example key (…EXAMPLE) is no secret, but a real
+            # key after it on the same line is
+            if any("EXAMPLE" not in match.group(0) for match in pattern.finditer(line)):
                 hit = rule
                 break
         if hit is None:
