@@ -8,6 +8,7 @@ sees, and the reference is not copied once per mistake.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -19,12 +20,25 @@ ROOT = Path(__file__).resolve().parents[1]
 LEFTOVERS = {".orig", ".rej"}
 
 
+# What rebase-wrongs.py leaves where the reference's change met a mistake: a file still
+# holding one is half resolved, and as a diff it would fail on its own syntax, not on the
+# mistake (every folder is turned at once, so one unresolved would slip in with the rest).
+CONFLICT = re.compile(r"^(<{7}|={7}|>{7})( |$)", re.MULTILINE)
+
+
 def to_diff(lab: Path, wrong: Path) -> str:
     solution = lab / "solution"
     chunks = []
     for file in sorted(p for p in wrong.rglob("*") if p.is_file() and "__pycache__" not in
                        p.parts and p.suffix not in LEFTOVERS):
         rel = file.relative_to(wrong)
+        marker = CONFLICT.search(file.read_text(encoding="utf-8", errors="replace"))
+        if marker:
+            line = file.read_text(encoding="utf-8", errors="replace")[:marker.start()].count(
+                "\n") + 1
+            raise SystemExit(f"{file}:{line}: a conflict marker ({marker.group(1)}): resolve it "
+                             "(keep the mistake, take the reference's change), then run this "
+                             "again; nothing was turned")
         original = solution / rel
         done = subprocess.run(
             ["diff", "-u", "--label", f"a/{rel}", "--label", f"b/{rel}",
@@ -41,8 +55,10 @@ def main() -> None:
         p.parent for p in (ROOT / "labs").glob("*/*/lab.toml")) + sorted(
         p.parent for p in (ROOT / "c_examples").glob("*/lab.toml"))
     for lab in labs:
-        for wrong in sorted(p for p in (lab / "wrong").glob("*") if p.is_dir()):
-            diff = to_diff(lab, wrong)
+        wrongs = sorted(p for p in (lab / "wrong").glob("*") if p.is_dir())
+        diffs = {wrong: to_diff(lab, wrong) for wrong in wrongs}  # every folder checked first
+        for wrong in wrongs:
+            diff = diffs[wrong]
             if not diff:
                 raise SystemExit(f"{wrong}: identical to the reference: not a wrong solution")
             (lab / "wrong" / f"{wrong.name}.diff").write_text(diff, encoding="utf-8")

@@ -77,6 +77,16 @@ def test_a_diff_the_reference_change_broke_is_left_with_both_sides(tmp_path: Pat
     assert "<<<<<<<" in both and "int(float(text))" in both and "int(text.strip())" in both
     assert applied(lab, "skips_first", tmp_path) == fixed.replace("sum(items)",
                                                                   "sum(items[1:])")
+    # Left unresolved, it is refused, naming the file and line; nothing of the lab is turned.
+    other_folder = lab / "wrong" / "other"
+    other_folder.mkdir()
+    (other_folder / "mod.py").write_text(fixed.replace("sum(items)", "sum(items[2:])"))
+    refused = run(sys.executable, str(SCRIPTS / "wrong-to-diff.py"), str(lab), cwd=tmp_path)
+    assert refused.returncode != 0 and "parse_float/mod.py:" in refused.stderr, refused.stderr
+    assert "conflict marker" in refused.stderr and other_folder.is_dir()
+    assert not (lab / "wrong" / "other.diff").exists()
+    other_folder.joinpath("mod.py").unlink()
+    other_folder.rmdir()
     # Resolved by hand: the mistake kept, the fix taken; wrong-to-diff makes it a diff again.
     (lab / "wrong" / "parse_float" / "mod.py").write_text(
         fixed.replace("int(text.strip())", "int(float(text.strip()))"))

@@ -66,6 +66,7 @@ COMMENTED_PASSWORD = rand(22)
 COMMENTED_SECRET = rand(26)
 DOLLAR_PASSWORD = rand(9) + "$" + rand(1, string.ascii_uppercase) + rand(9)
 AWS_AFTER_EXAMPLE = "AKIA" + rand(16, string.ascii_uppercase + string.digits)
+LOOKUP_DEFAULT = rand(32)  # the default of an environment lookup: hard-coded all the same
 
 # (file, [(line text, secret description or None for a look-alike)])
 CORPUS: dict[str, list[tuple[str, str | None]]] = {
@@ -82,6 +83,13 @@ CORPUS: dict[str, list[tuple[str, str | None]]] = {
         ('API_TOKEN = os.environ.get("API_TOKEN")', None),
         (f'REFRESH_TOKEN = "{SECRET_12}"', "a 12-character random token (the minimum length)"),
         (f'SESSION_TOKEN = "{TOKEN_11}"', None),
+        (f'WEBHOOK_SECRET = os.environ.get("WEBHOOK_SECRET", "{LOOKUP_DEFAULT}")',
+         "a random secret given as the default of an environment lookup (the lookup makes "
+         "it no reference: a hard-coded default is a hard-coded secret - gitleaks counts "
+         "the comma between a quoted name and a quoted value as an assignment)"),
+        ('CACHE_SECRET = os.getenv("CACHE_SECRET", "")', None),
+        ('SIGNING_TOKEN = os.getenv("SIGNING_TOKEN", "${SIGNING_TOKEN}")', None),
+        ("def verify(password, stored_password_hash_hex):", None),
     ],
     ".env": [
         (f"DB_PASSWORD={DOTENV_PASSWORD}", "a random password in .env"),

@@ -29,6 +29,12 @@ RULES = [
 ASSIGNMENT = re.compile(
     r"""(?ix) (?P<name>[\w.-]*(?:password|passwd|secret|token|api_?key)[\w.-]*) ["']? \s*
         [:=] \s* (?P<quote>["']?) (?P<value>[^\s"',;]+) (?P=quote)""")
+# A default handed to a lookup is assigned too - os.getenv("API_TOKEN", "<value>"),
+# settings.get("password", "<value>"): a hard-coded default is a hard-coded secret (gitleaks
+# counts the comma as an assignment). Both quoted, so a call's plain arguments are not.
+LOOKUP_DEFAULT = re.compile(
+    r"""(?ix) (?P<open>["']) (?P<name>[\w.-]*(?:password|passwd|secret|token|api_?key)[\w.-]*)
+        (?P=open) \s* , \s* (?P<quote>["']) (?P<value>[^\s"',;]+) (?P=quote)""")
 PLACEHOLDER = re.compile(r"^(?:\$\{.*\}|\$[A-Z_]+|<.*>|\{\{.*\}\}|%\(.*\)s|os\.environ.*|"
                          r"env\(.*\)|getenv\(.*\))$", re.IGNORECASE)
 MIN_LENGTH = 12
@@ -54,7 +60,7 @@ def scan_text(text: str) -> list[tuple[int, str]]:
                 hit = rule
                 break
         if hit is None:
-            for match in ASSIGNMENT.finditer(line):
+            for match in [*ASSIGNMENT.finditer(line), *LOOKUP_DEFAULT.finditer(line)]:
                 value = match.group("value")
                 if (len(value) >= MIN_LENGTH and entropy(value) >= MIN_ENTROPY
                         and not PLACEHOLDER.match(value)):
