@@ -25,16 +25,40 @@ from labrunner.testing.kafka import read_all
 from labrunner.testing.kafka_proxy import FETCH, PRODUCE
 
 GROUPS = ("billing", "shipping", "analytics")
-ACK_TIMEOUT = 2.0   # the timeout the test gives publish_orders while no ack can come
+ACK_TIMEOUT = 1.0   # the timeout the test gives publish_orders while no ack can come
+#                     (its idempotent producer has its producer id, and sends its first
+#                     Produce request, about 0.5 s after it is made: the hold is seen)
 GIVE_UP_SLACK = 20.0  # how much later than that it may raise (a loaded machine)
-AFTER_SEND_SLACK = 8.0  # how much later than that, from its first Produce (or, reading, Fetch)
-#                         request, likewise
+AFTER_SEND_SLACK = 4.0  # how much later than that, from its first Produce (or, reading, Fetch)
+#                         request, likewise. A right call's own deadline began BEFORE that
+#                         request, so this covers only its return after the deadline (measured
+#                         0.2 s before the request-based one); every wrong that keeps waiting
+#                         pays all of it.
 INIT_PRODUCER_ID = 22  # the request an idempotent producer opens with
 
 
 def make_orders(start: int, count: int) -> list[dict[str, Any]]:
     return [{"order_id": f"order-{n}", "customer": f"customer-{n % 7}", "total_cents": 100 + n}
             for n in range(start, start + count)]
+
+
+def seed(kafka: Any, topic: str, orders: list[dict[str, Any]]) -> None:
+    """OrderPlaced events for ``orders`` written by the test's own producer (keyed by order
+    id, acknowledged by the broker before this returns): the events a read-side test reads.
+    publish_orders itself is checked in the publish tests; its idempotent producer waits
+    about 0.5 s for its producer id every time it is made, which a test that only needs
+    events in the log need not pay."""
+    producer = Producer(kafka.producer_config(acks="all"))
+    try:
+        for order in orders:
+            event = {"type": "OrderPlaced", "event_id": f"seed-{topic}-{order['order_id']}",
+                     **order}
+            producer.produce(topic, key=order["order_id"].encode(),
+                             value=json.dumps(event).encode())
+        left = producer.flush(30)
+    finally:
+        producer.close()
+    assert left == 0, f"the test's producer could not write {left} events to {topic}"
 
 
 def read_log(kafka: Any, topic: str) -> list[dict[str, Any]]:
@@ -107,11 +131,37 @@ def order_ids(events: list[dict[str, Any]]) -> list[str]:
     return [str(e.get("order_id")) for e in events]
 
 
+READ_FIRST_TIMEOUT = 3.0  # consume_exactly's timeout for a read that needs no retry
+READ_FETCHING = 1.0  # how long its consumer must have been fetching for that read to count
+READ_RETRY_TIMEOUT = 8.0  # the timeout of the read again, when it had not
+
+
 def consume_exactly(consume: Callable[..., list[dict[str, Any]]], kafka: Any, topic: str,
-                    group: str, want: list[str], why: str) -> list[dict[str, Any]]:
+                    group: str, want: list[str], why: str,
+                    watched: bool = False) -> list[dict[str, Any]]:
     """Run the learner's consume() for ``group`` and check it got exactly the orders
-    ``want`` (in any order across partitions), each once."""
-    got = consume(kafka.bootstrap, topic, kafka.group(group), len(want), 8.0)
+    ``want`` (in any order across partitions), each once.
+
+    A right read returns as soon as it has them (its consumer joins and fetches in about
+    0.3 s); a read that gets too few waits out its timeout (READ_RETRY_TIMEOUT, for a slow
+    group join on a loaded machine). ``watched``: the read where a wrong that gets too few
+    shows first is watched through a proxy (which costs a right read about 0.1 s) with a
+    short timeout (READ_FIRST_TIMEOUT): when its consumer had been fetching for
+    READ_FETCHING s before it gave up, what it returned is its answer; only when it had not
+    is the rest read again with READ_RETRY_TIMEOUT."""
+    if not watched:
+        got = consume(kafka.bootstrap, topic, kafka.group(group), len(want),
+                      READ_RETRY_TIMEOUT)
+    else:
+        with KafkaProxy(kafka.bootstrap) as proxy:
+            got = consume(proxy.bootstrap, topic, kafka.group(group), len(want),
+                          READ_FIRST_TIMEOUT)
+            returned = time.monotonic()
+            fetched = proxy.requests(FETCH)
+        if len(got) < len(want) and (not fetched
+                                     or returned - fetched[0].at < READ_FETCHING):
+            got = got + consume(kafka.bootstrap, topic, kafka.group(group),
+                                len(want) - len(got), READ_RETRY_TIMEOUT)
     ids = order_ids(got)
     missing = sorted(set(want) - set(ids), key=lambda s: int(s.split("-")[1]))
     extra = sorted(set(ids) - set(want), key=lambda s: int(s.split("-")[1]))
@@ -255,7 +305,7 @@ def test_a_refused_event_is_not_reported_published(learner: Any, kafka: Any) -> 
 def test_unacknowledged_events_are_not_reported_published(learner: Any, kafka: Any) -> None:
     """The broker does not acknowledge in time (a leader election, a partition): the
     learner's producer reaches it through a proxy that holds every Produce request, and
-    publish_orders(..., timeout=2) must raise once its timeout has passed - events still in
+    publish_orders(..., timeout=1) must raise once its timeout has passed - events still in
     flight are not published, and the caller must not move on as if they were."""
     publish = learner.function("events", "publish_orders")
     topic = kafka.create_topic("orders-unacked", 1)
@@ -381,7 +431,7 @@ def test_every_group_gets_every_event(learner: Any, kafka: Any) -> None:
     seen: dict[str, set[str]] = {}
     for group in GROUPS:
         got = consume_exactly(consume, kafka, topic, group, everyone,
-                              "should receive every OrderPlaced event (fan-out)")
+                              "should receive every OrderPlaced event (fan-out)", watched=True)
         seen[group] = {str(e.get("event_id")) for e in got}
     assert seen["billing"] == seen["shipping"] == seen["analytics"], (
         "the three groups saw different event ids: they must read the same stored events")
@@ -398,15 +448,16 @@ def test_every_group_gets_every_event(learner: Any, kafka: Any) -> None:
 
 def test_group_started_later_replays_history(learner: Any, kafka: Any) -> None:
     """Replay: an 'audit' group created after 20 events were published reads all of them
-    from the first offset; billing, which read 10 before, continues after those 10."""
-    publish = learner.function("events", "publish_orders")
+    from the first offset; billing, which read 10 before, continues after those 10. (The
+    events are the test's own, written as publish_orders writes them: what is checked here
+    is the reading side.)"""
     consume = learner.function("events", "consume")
     topic = kafka.create_topic("orders", 3)
 
-    publish(kafka.bootstrap, topic, make_orders(0, 10))
+    seed(kafka, topic, make_orders(0, 10))
     consume_exactly(consume, kafka, topic, "billing", order_ids(make_orders(0, 10)),
                     "is running from the start")
-    publish(kafka.bootstrap, topic, make_orders(10, 10))
+    seed(kafka, topic, make_orders(10, 10))
 
     audit = consume_exactly(consume, kafka, topic, "audit", order_ids(make_orders(0, 20)),
                             "joined after 20 events were published and should replay all of "
@@ -424,15 +475,26 @@ def test_group_started_later_replays_history(learner: Any, kafka: Any) -> None:
                     "read the first 10 events before and should now get only the 10 new ones")
 
 
-ZERO_READ_TIMEOUT = 8.0  # long enough for a read that wrongly takes events to get some
+# consume(max_events=0)'s timeout: long enough for a read that wrongly takes events to get
+# some. Its consumer joins the group and fetches about 0.3 s after the call; a right read
+# returns at once and pays neither. The first try is short; only when the learner's consumer
+# sent no Fetch within it (a slow group join on a loaded machine) is it tried again with the
+# long one, so a wrong read is caught either way.
+ZERO_READ_TIMEOUTS = (2.0, 8.0)
 
 
 def check_a_read_of_none(consume: Callable[..., list[dict[str, Any]]], kafka: Any,
                          topic: str) -> None:
     """consume(max_events=0) with 20 events waiting: up to 0 events is none, and the
     group's position stays where it was (no commit)."""
-    got = consume(kafka.bootstrap, topic, kafka.group("billing"), 0, ZERO_READ_TIMEOUT)
-    committed = committed_offset(kafka, topic, "billing")
+    for timeout in ZERO_READ_TIMEOUTS:
+        # A proxy that only watches tells whether the consumer got as far as fetching.
+        with KafkaProxy(kafka.bootstrap) as proxy:
+            got = consume(proxy.bootstrap, topic, kafka.group("billing"), 0, timeout)
+            fetched = bool(proxy.requests(FETCH))
+        committed = committed_offset(kafka, topic, "billing")
+        if got or committed >= 0 or fetched:
+            break
     assert not got and committed < 0, (
         f"consume(max_events=0) with 20 events waiting returned {len(got)} event(s), and "
         f"group billing committed "
@@ -446,10 +508,9 @@ def check_a_read_of_none(consume: Callable[..., list[dict[str, Any]]], kafka: An
 def test_a_small_read_commits_only_what_it_returns(learner: Any, kafka: Any) -> None:
     """20 events are waiting; billing reads 5, then 5, then the rest: a read commits the
     position after the events it RETURNS, not after everything the client fetched."""
-    publish = learner.function("events", "publish_orders")
     consume = learner.function("events", "consume")
     topic = kafka.create_topic("orders", 1)
-    publish(kafka.bootstrap, topic, make_orders(0, 20))
+    seed(kafka, topic, make_orders(0, 20))
     check_a_read_of_none(consume, kafka, topic)
     got: list[str] = []
     for waiting in (20, 15):
