@@ -99,6 +99,15 @@ def service(learner: Any, postgres: Any, redis_db: Any) -> Iterator[Service]:
         client.close()
 
 
+def another_instance(learner: Any, service: Service, redis_db: Any) -> Service:
+    """The service as another process runs it: a fresh copy of the learner's module (no
+    state shared with ``service``'s), on the same database, Redis and clock."""
+    module = learner.load("tokens", fresh=True)
+    return Service(module, module.TokenService(service.postgres.dsn, redis_db.url, SECRET,
+                                               service.clock),
+                   service.postgres, service.redis, service.clock)
+
+
 def claims_of(token: str, what: str) -> dict[str, Any]:
     try:
         return pyjwt.decode(token, SECRET, algorithms=["HS256"],
@@ -258,10 +267,7 @@ def test_a_family_revoked_on_one_instance_is_revoked_on_every_other(
     """Several instances (processes) serve the same users: a family revoked by one - a reuse
     it detected, a logout it handled - is revoked for all, which only a flag kept in the
     database, read on every refresh(), does."""
-    other_module = learner.load("tokens", fresh=True)  # another process: no shared state
-    other = Service(other_module, other_module.TokenService(
-        service.postgres.dsn, redis_db.url, SECRET, service.clock), service.postgres,
-        service.redis, service.clock)
+    other = another_instance(learner, service, redis_db)
     _, stolen = service.login("alice")
     verdict, pair = other.refresh(stolen, "the user's refresh token, on another instance")
     assert verdict == "ok", f"refresh() on another instance refused a fresh token: {pair}"
@@ -740,10 +746,7 @@ def test_logout_on_one_instance_denies_the_token_on_another(learner: Any, servic
     """The service runs as several instances (processes) behind a load balancer: a logout
     handled by one must deny the access token on every other, which only a denylist kept in
     Redis, read on every authenticate(), does."""
-    other_module = learner.load("tokens", fresh=True)  # another process: no shared state
-    other = Service(other_module, other_module.TokenService(
-        service.postgres.dsn, redis_db.url, SECRET, service.clock), service.postgres,
-        service.redis, service.clock)
+    other = another_instance(learner, service, redis_db)
     access, refresh = service.login("alice")
     verdict, got = other.authenticate(access, "an access token, on another instance")
     assert verdict == "ok", f"another instance refused a fresh access token: {got}"

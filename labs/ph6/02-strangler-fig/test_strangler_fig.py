@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from labrunner.testing import came_true, http_request, serve_wsgi, wait_until
+from labrunner.testing import came_true, http_request, read_http_request, serve_wsgi, wait_until
 
 
 class Backend:
@@ -571,13 +571,8 @@ class BrokenUpstream:
                 continue
             with conn:
                 conn.settimeout(5)
-                head = b""
                 try:
-                    while b"\r\n\r\n" not in head:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        head += chunk
+                    head, _ = read_http_request(conn)
                     if b" /orders/not-http" in head.partition(b"\r\n")[0]:
                         conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
                 except OSError:

@@ -30,7 +30,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from labrunner.otlp import OtlpTraceReceiver, ReceivedSpan
-from labrunner.testing import http_request, serve_wsgi
+from labrunner.testing import http_request, read_http_request, serve_wsgi
 
 # prometheus_client's OpenMetrics parser is unannotated; it yields Metric families, as the
 # text format's parser (annotated) does
@@ -573,21 +573,8 @@ def collector_answering(listener: socket.socket) -> Iterator[None]:
                 continue
             with conn:
                 conn.settimeout(2)
-                data = b""
                 try:
-                    while b"\r\n\r\n" not in data:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                    head, _, body = data.partition(b"\r\n\r\n")
-                    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                                   if line.lower().startswith(b"content-length:")), 0)
-                    while len(body) < length:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        body += chunk
+                    read_http_request(conn)
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
                                  b"Content-Length: 0\r\nConnection: close\r\n\r\n")
                 except OSError:

@@ -90,7 +90,7 @@ from .beside import (
     threads_waiting_in,
 )
 from .grpc import DaemonExecutor, ProtoStubs, drain, generate_stubs, next_message, serve_grpc
-from .http import HttpReply, call, http_request, serve_wsgi
+from .http import HttpReply, call, http_request, read_http_request, serve_wsgi
 from .kafka import KafkaRecord, read_all
 from .kafka_proxy import API_NAMES, KafkaEvent, KafkaProxy, KafkaRequest
 from .pg import TRANSACTION_CONTROL, PgStatementProxy, StatementGate
@@ -134,6 +134,7 @@ __all__ = [
     "file_bytes",
     "generate_stubs",
     "http_request",
+    "read_http_request",
     "listening_ports",
     "local_timezone",
     "next_message",

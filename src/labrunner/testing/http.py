@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -133,6 +134,25 @@ def http_request(host: str, method: str, path: str, body: bytes | None = None,
         return HttpReply(resp.status, resp.headers, resp.read())
     finally:
         conn.close()
+
+
+def read_http_request(conn: socket.socket) -> tuple[bytes, bytes]:
+    """One request read off ``conn`` by hand, for a test that plays a server no WSGI server
+    can be (one that hangs up, answers what is not HTTP, or answers only when told): its
+    head (request line and headers, without the blank line) and its body (Content-Length
+    bytes, b"" without one). A peer that closes early leaves what it sent."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data, b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length and (chunk := conn.recv(65536)):
+        body += chunk
+    return head, body
 
 
 # --------------------------------------------------------------------------------------
