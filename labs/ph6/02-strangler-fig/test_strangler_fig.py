@@ -147,6 +147,20 @@ def test_the_longest_prefix_wins(world: Any) -> None:
                  "with /users moved to new, then /users/export carved out back to legacy")
 
 
+def test_a_prefix_beyond_ascii_owns_its_paths(world: Any) -> None:
+    """A prefix is text: '/café' owns /caf%C3%A9/menu (a path's percent-encoded bytes are
+    UTF-8, RFC 3986 2.5), though WSGI hands PATH_INFO over as those bytes read as Latin-1
+    ('/cafÃ©/menu'): compared as they come, the two never match."""
+    gateway, host, backends = world
+    gateway.route_to_new("/café")
+    gateway.route_to_new("/注文")
+    check_routes(host, backends, {"/caf%C3%A9/menu": "new", "/%E6%B3%A8%E6%96%87/7": "new",
+                                  "/cafe/menu": "legacy"},
+                 "with '/café' and '/注文' moved to new - PATH_INFO holds the path's bytes "
+                 "as Latin-1 characters (PEP 3333), so '/café' arrives as '/cafÃ©': route on "
+                 "the path as text, PATH_INFO.encode('latin-1').decode('utf-8')")
+
+
 def test_a_prefix_written_with_a_slash_and_the_root(world: Any) -> None:
     """The same prefix, written with a trailing slash, moves and rolls back the same paths;
     and "/" - the last step of a migration, everything to the new service - owns every path,

@@ -13,6 +13,17 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
 
 
+def as_text(path: str) -> str:
+    """PATH_INFO holds the path's bytes, one Latin-1 character each (PEP 3333); the text the
+    client meant is those bytes as UTF-8 (RFC 3986 2.5), so a prefix such as /café matches.
+    A path that is no UTF-8 stays as it is: no prefix written as text can name it."""
+    raw = path.encode("latin-1")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return path
+
+
 class Gateway:
     def __init__(self, legacy_url: str, new_url: str) -> None:
         self.upstreams = {"legacy": legacy_url, "new": new_url}
@@ -61,7 +72,7 @@ class Gateway:
         headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
-        upstream = urlsplit(self.upstreams[self.target_for(path)])
+        upstream = urlsplit(self.upstreams[self.target_for(as_text(path))])
         conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
         try:
             conn.request(environ["REQUEST_METHOD"], wire_path + ("?" + query if query else ""),
