@@ -32,10 +32,9 @@ def to_diff(lab: Path, wrong: Path) -> str:
     for file in sorted(p for p in wrong.rglob("*") if p.is_file() and "__pycache__" not in
                        p.parts and p.suffix not in LEFTOVERS):
         rel = file.relative_to(wrong)
-        marker = CONFLICT.search(file.read_text(encoding="utf-8", errors="replace"))
-        if marker:
-            line = file.read_text(encoding="utf-8", errors="replace")[:marker.start()].count(
-                "\n") + 1
+        text = file.read_text(encoding="utf-8", errors="replace")
+        if marker := CONFLICT.search(text):
+            line = text.count("\n", 0, marker.start()) + 1
             raise SystemExit(f"{file}:{line}: a conflict marker ({marker.group(1)}): resolve it "
                              "(keep the mistake, take the reference's change), then run this "
                              "again; nothing was turned")
